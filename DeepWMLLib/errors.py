@@ -1,0 +1,12 @@
+"""The one exception type for problems a user can cause and fix."""
+
+
+class DeepWMLError(Exception):
+    """A bad input, file or setting. The message says what is wrong and what to do.
+
+    The CLI prints it on one line and exits non-zero; the Slicer module shows it in a dialog.
+    """
+
+
+class Cancelled(Exception):
+    """Raised when a cancel check returns True during a long operation."""
