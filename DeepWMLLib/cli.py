@@ -1,0 +1,82 @@
+"""The `deepwml` command line: thin argument parsing over the DeepWMLLib API.
+
+Each sub-command lives next to the code it drives: a module listed in `_COMMAND_MODULES` exposes
+`register(subparsers)`, which adds its parser and sets `func(args) -> int` as the handler. Those
+modules must not import torch at import time, so `deepwml --help` and the metrics commands start fast.
+
+Exit codes: 0 success, 1 a case or input failed (a one-line message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import Cancelled, DeepWMLError
+
+_COMMAND_MODULES = (
+    "DeepWMLLib.segment",
+    "DeepWMLLib.evaluation",
+    "DeepWMLLib.consensus",
+    "DeepWMLLib.synth",
+    "DeepWMLLib.train",
+    "DeepWMLLib.bench",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: one line, exit 2
+        self.exit(2, f"deepwml: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deepwml", description="White matter hyperintensity segmentation on FLAIR MRI.")
+    parser.add_argument("--version", action="version", version=f"deepwml {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a missing dependency inside an existing module is a real error
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except DeepWMLError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"deepwml {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except Cancelled:
+        print(f"deepwml {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"deepwml {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected fault still gets one line; --debug shows where
+        if getattr(args, "debug", False):
+            raise
+        print(f"deepwml {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(rerun with --debug and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
