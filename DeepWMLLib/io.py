@@ -1,0 +1,467 @@
+"""Reading and writing volumes and segmentations, and the canonical axial slice order.
+
+Geometry stays in `SimpleITK.Image` (LPS physical space) everywhere in the library. The 2D network
+works on *axial planes of the voxel grid*: the planes perpendicular to the voxel axis whose
+direction is closest to physical superior (`axial_axis`). For a clinical axial 2D FLAIR that axis
+is the thick acquisition axis, so every network slice is one acquired slice and nothing is
+interpolated across slices. For a sagittal or coronal acquisition (thick axis left-right or
+anterior-posterior) the network still runs on axial planes of the voxel grid; each such plane then
+has the thick spacing along one in-plane direction, which the in-plane resampling to the network
+grid accounts for. That regime was not validated; `acquisition_plane` names it so the report and
+the CLI can warn.
+
+Converting to the axial stack only permutes and flips voxel axes (no interpolation), so
+`from_axial_stack(to_axial_stack(image))` gives back the exact grid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import DeepWMLError
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEGMENTATION_EXTENSION = ".seg.nrrd"
+
+# Two grids count as the same when they differ by less than these (floating point noise from
+# format conversions and the RAS/LPS round trip).
+_SPACING_RTOL = 1e-4
+_ORIGIN_TOL_FRACTION = 1e-2  # of the smallest voxel spacing
+_DIRECTION_TOL = 1e-4
+
+_PLANE_NAMES = ("sagittal", "coronal", "axial")
+
+
+def shared_data_dir() -> Path | None:
+    """The folder of public test data (`DEEPWML_SHARED_DATA`, else `<repo>/../shared/data`), or None."""
+    env = os.environ.get("DEEPWML_SHARED_DATA")
+    candidate = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """A case name: the file name without its image extensions, or a DICOM folder's name."""
+    p = Path(path)
+    name = p.name
+    for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".dcm",):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_dicom_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """SimpleITK zero-fills a truncated NIfTI without a word: check the data is all there."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            total = len(header)
+            while True:
+                chunk = f.read(1 << 22)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
+    if len(header) < 348:
+        raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
+    for endian in "<>":
+        if struct.unpack(endian + "i", header[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            break
+        if struct.unpack(endian + "i", header[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return  # not a NIfTI header SimpleITK understands either; its reader gives the error
+    ndim = max(1, min(int(dims[0]), 7))
+    n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    expected = int(vox_offset) + n_voxels * max(1, bitpix) // 8
+    if total < expected:
+        raise DeepWMLError(
+            f"{path} is truncated: it holds {total} of the {expected} bytes its header announces; "
+            "copy the file again from its source"
+        )
+
+
+def _read_file(path: Path) -> sitk.Image:
+    if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+        raise DeepWMLError(
+            f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+            "MetaImage (.mha, .mhd) or a DICOM series folder"
+        )
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+        return reader.Execute()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "rror" in line or "annot" in line), "unreadable")
+        raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image") from exc
+
+
+def _read_dicom_folder(path: Path) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise DeepWMLError(f"{path} is a folder without a DICOM series or image files")
+    if len(series) > 1:
+        raise DeepWMLError(
+            f"{path} holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
+            "put the FLAIR series in a folder of its own"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise DeepWMLError(f"{path}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from exc
+    _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    return image
+
+
+def _check_layout(path, dimension: int, size, components: int) -> None:
+    if components != 1:
+        raise DeepWMLError(
+            f"{path} has {components} values per voxel (vector/RGB); DeepWML needs a single-channel "
+            "(grey-scale) FLAIR volume"
+        )
+    size = tuple(int(s) for s in size)
+    if dimension == 4 and size[3] == 1:
+        return
+    if dimension == 2 or (dimension == 3 and min(size) == 0):
+        raise DeepWMLError(f"{path} is a 2D image {size}; DeepWML needs a 3D FLAIR volume (all slices of the series)")
+    if dimension != 3:
+        raise DeepWMLError(
+            f"{path} is a {dimension}D image {size}; DeepWML needs one 3D FLAIR volume — "
+            "extract the FLAIR volume first"
+        )
+
+
+def _squeeze_4d(image: sitk.Image) -> sitk.Image:
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        return sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+    return image
+
+
+def read_any(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError."""
+    p = Path(path)
+    if not p.exists():
+        raise DeepWMLError(f"{p} does not exist")
+    if p.is_dir():
+        return _squeeze_4d(_read_dicom_folder(p))
+    if p.stat().st_size == 0:
+        raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
+    return _squeeze_4d(_read_file(p))
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented."""
+    image = sitk.Cast(read_any(path), sitk.sitkFloat32)
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
+    lo, hi = float(array.min()), float(array.max())
+    if lo == hi:
+        raise DeepWMLError(f"{path} is constant (every voxel is {lo:g}); it holds no image — check the export")
+    return image
+
+
+def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:
+    """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
+
+    With `reference`, the mask must lie on the reference's grid (see `check_same_grid`).
+    """
+    image = read_any(path)
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all() or np.any(array < 0) or np.any(array > 255) or np.any(array != np.round(array)):
+        raise DeepWMLError(
+            f"{path} is not a label mask (values must be whole numbers 0–255: 0 background, 1 lesion); "
+            "threshold probability maps first"
+        )
+    mask = sitk.Cast(image, sitk.sitkUInt8)
+    if reference is not None:
+        check_same_grid(mask, reference, str(path), "the image it is compared with")
+    return mask
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image) -> str | None:
+    """A description of how two image grids differ, or None when they match within tolerance."""
+    if a.GetDimension() != b.GetDimension():
+        return f"dimension {a.GetDimension()} vs {b.GetDimension()}"
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0):
+        return f"spacing {tuple(np.round(sa, 5))} vs {tuple(np.round(sb, 5))} mm"
+    tol = _ORIGIN_TOL_FRACTION * float(min(sa.min(), sb.min()))
+    oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
+    if np.abs(oa - ob).max() > tol:
+        return f"origin {tuple(np.round(oa, 3))} vs {tuple(np.round(ob, 3))} mm"
+    da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
+    if np.abs(da - db).max() > _DIRECTION_TOL:
+        return f"direction {tuple(np.round(da, 4))} vs {tuple(np.round(db, 4))}"
+    return None
+
+
+def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:
+    """Raise DeepWMLError when two images do not share a voxel grid."""
+    diff = grid_difference(a, b)
+    if diff:
+        raise DeepWMLError(
+            f"{what_a} and {what_b} are on different voxel grids ({diff}); "
+            "export both on the same grid (resample one onto the other first)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _temporary_sibling(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _extension(path), dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _extension(path: Path) -> str:
+    name = path.name.lower()
+    for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".json", ".csv"):
+        if name.endswith(ext):
+            return ext
+    return path.suffix
+
+
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp_path)` on a temporary name next to `path`, then rename it into place.
+
+    A crash, a full disk or a read-only folder never leaves a partial file under the final name.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DeepWMLError(f"output folder {path.parent} does not exist; create it first")
+    try:
+        tmp = _temporary_sibling(path)
+    except OSError as exc:
+        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); choose a writable output folder") from exc
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
+        raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomically(path, write)
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """The 4×4 matrix from voxel index (i, j, k) to physical LPS millimetres."""
+    matrix = np.eye(4)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix[:3, :3] = direction * np.array(image.GetSpacing())[None, :]
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "WMH",
+                       color=(1.0, 0.9, 0.0)) -> Path:
+    """Write a binary mask as a Slicer `.seg.nrrd` with one segment on the mask's own grid."""
+    import slicerio
+
+    voxels = sitk.GetArrayFromImage(mask).transpose(2, 1, 0) > 0  # numpy (k,j,i) -> (i,j,k)
+    segmentation = slicerio.create_segmentation(voxels.shape, ijk_to_lps(mask))
+    slicerio.add_segment(segmentation, voxels, {"id": name, "name": name, "color": list(color)})
+    segmentation["voxels"] = np.ascontiguousarray(segmentation["voxels"])
+    return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
+
+
+def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> sitk.Image:
+    """Read one segment of a `.seg.nrrd` (by name; the only or first segment when None) as a uint8 mask."""
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # slicerio/pynrrd raise many types for a bad file
+        raise DeepWMLError(f"{path} cannot be read as a Slicer segmentation ({exc})") from exc
+    segments = segmentation.get("segments", [])
+    if not segments:
+        raise DeepWMLError(f"{path} holds no segments")
+    chosen = segments[0]
+    if segment is not None:
+        chosen = next((s for s in segments if s.get("name") == segment), None)
+        if chosen is None:
+            raise DeepWMLError(f"{path} has no segment named {segment!r} (it has {[s.get('name') for s in segments]})")
+    voxels = segmentation["voxels"]
+    layer = voxels[chosen.get("layer", 0)] if voxels.ndim == 4 else voxels
+    mask_ijk = (layer == chosen.get("labelValue", 1)).astype(np.uint8)
+    image = sitk.GetImageFromArray(mask_ijk.transpose(2, 1, 0))
+    matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((matrix[:3, :3] / spacing[None, :]).ravel().tolist())
+    image.SetOrigin(matrix[:3, 3].tolist())
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical axial slices
+
+
+def axial_axis(image: sitk.Image) -> int:
+    """The voxel axis (0, 1, 2 in SimpleITK order) most aligned with physical superior."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return int(np.argmax(np.abs(direction[2, :])))
+
+
+def acquisition_axis(image: sitk.Image) -> int:
+    """The thick (acquisition) axis; for (near-)isotropic volumes, the axial axis."""
+    spacing = np.array(image.GetSpacing())
+    if spacing.max() > 1.2 * spacing.min():
+        return int(np.argmax(spacing))
+    return axial_axis(image)
+
+
+def acquisition_plane(image: sitk.Image) -> str:
+    """'axial', 'coronal' or 'sagittal': the plane of the acquired slices, from the geometry."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return _PLANE_NAMES[int(np.argmax(np.abs(direction[:, acquisition_axis(image)])))]
+
+
+@dataclass(frozen=True)
+class SliceFrame:
+    """How an axial stack maps back onto the voxel grid of the image it came from."""
+
+    size: tuple
+    spacing: tuple
+    origin: tuple
+    direction: tuple
+    slice_axis: int  # SimpleITK axis index of the slices
+    row_axis: int
+    col_axis: int
+    flip_row: bool
+    flip_col: bool
+
+    @property
+    def slice_thickness_mm(self) -> float:
+        return float(self.spacing[self.slice_axis])
+
+    @property
+    def row_spacing_mm(self) -> float:
+        return float(self.spacing[self.row_axis])
+
+    @property
+    def col_spacing_mm(self) -> float:
+        return float(self.spacing[self.col_axis])
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.row_spacing_mm * self.col_spacing_mm
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.size[self.slice_axis])
+
+    @property
+    def _numpy_axes(self) -> tuple:
+        # GetArrayFromImage orders numpy axes (k, j, i): SimpleITK axis s is numpy axis 2 - s.
+        return (2 - self.slice_axis, 2 - self.row_axis, 2 - self.col_axis)
+
+
+def slice_frame(image: sitk.Image) -> SliceFrame:
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    s = axial_axis(image)
+    a, b = [ax for ax in range(3) if ax != s]
+    # Columns run towards patient left (+x in LPS), rows towards posterior (+y): the usual
+    # radiological view, whatever order the file stores its axes in.
+    col = a if abs(direction[0, a]) >= abs(direction[0, b]) else b
+    row = b if col == a else a
+    return SliceFrame(
+        size=tuple(image.GetSize()),
+        spacing=tuple(image.GetSpacing()),
+        origin=tuple(image.GetOrigin()),
+        direction=tuple(image.GetDirection()),
+        slice_axis=s,
+        row_axis=row,
+        col_axis=col,
+        flip_row=bool(direction[1, row] < 0),
+        flip_col=bool(direction[0, col] < 0),
+    )
+
+
+def to_axial_stack(image: sitk.Image, dtype=np.float32) -> tuple[np.ndarray, SliceFrame]:
+    """The image as [slice, row, col] with radiological in-plane orientation (no interpolation)."""
+    frame = slice_frame(image)
+    array = sitk.GetArrayFromImage(image)
+    stack = np.transpose(array, frame._numpy_axes)
+    if frame.flip_row:
+        stack = stack[:, ::-1, :]
+    if frame.flip_col:
+        stack = stack[:, :, ::-1]
+    return np.ascontiguousarray(stack, dtype=dtype), frame
+
+
+def from_axial_stack(stack: np.ndarray, frame: SliceFrame) -> sitk.Image:
+    """Put an axial stack back on the exact voxel grid it came from."""
+    expected = (frame.n_slices, frame.size[frame.row_axis], frame.size[frame.col_axis])
+    if tuple(stack.shape) != expected:
+        raise ValueError(f"stack shape {stack.shape} does not match the frame {expected}")
+    if frame.flip_row:
+        stack = stack[:, ::-1, :]
+    if frame.flip_col:
+        stack = stack[:, :, ::-1]
+    array = np.transpose(stack, np.argsort(frame._numpy_axes))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(frame.spacing)
+    image.SetOrigin(frame.origin)
+    image.SetDirection(frame.direction)
+    return image
