@@ -1,0 +1,153 @@
+"""Intensity normalisation and per-slice resampling to the network grid and back.
+
+Normalisation ("head-median-iqr"): the paper works on FLAIR *without* skull stripping, so the
+statistics come from a *head* mask (everything clearly above background noise: brain, and scalp and
+skull when present), not a brain mask. Voxels are centred on the median of the head and scaled by
+its inter-quartile range (as a robust standard deviation, IQR / 1.349). Lesions are a few per cent
+of the head even at 50 ml, so median and IQR barely move with lesion load; whether scalp is present
+shifts them far less than a mean/std or min/max would. Values are clipped to [-8, 16] so a few
+extreme voxels (fat, vessels, artefacts) cannot dominate.
+
+Network grid: every axial slice is resampled in-plane (bilinear, with a Gaussian anti-alias filter
+when shrinking) to a fixed grid, `grid_size` pixels of `grid_spacing_mm`, centred on the head. A
+fixed physical pixel size keeps the brain the same size in network pixels whatever the scanner's
+field of view and matrix (256–512, 0.4–1.0 mm). With `grid_spacing_mm = None` the whole slice field
+of view is fitted into the grid instead, as the paper's plain resize to 256×256 did (square,
+aspect-preserving). Nothing is interpolated across slices. The network's probabilities are
+resampled back onto the input's own slice grid with the inverse mapping; pixels of the input
+outside the network field of view get probability 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .io import SliceFrame
+
+_CLIP = (-8.0, 16.0)
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    normalisation: str = "head-median-iqr"
+    grid_size: tuple = (256, 256)
+    grid_spacing_mm: float | None = 0.9
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid_size"] = list(self.grid_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessingConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}")
+        cfg = cls(**d)
+        if cfg.normalisation != "head-median-iqr":
+            raise ValueError(f"unknown normalisation {cfg.normalisation!r}")
+        size = tuple(int(v) for v in cfg.grid_size)
+        if len(size) != 2 or min(size) < 16:
+            raise ValueError(f"grid_size must be two integers >= 16, got {cfg.grid_size!r}")
+        spacing = None if cfg.grid_spacing_mm is None else float(cfg.grid_spacing_mm)
+        if spacing is not None and not spacing > 0:
+            raise ValueError(f"grid_spacing_mm must be positive, got {cfg.grid_spacing_mm!r}")
+        return cls(cfg.normalisation, size, spacing)
+
+
+def head_mask(stack: np.ndarray) -> np.ndarray:
+    """Voxels clearly above background: an Otsu threshold on a subsample, robust to hot voxels."""
+    sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else stack.ravel()
+    hi = np.percentile(sample, 99.5)
+    lo = sample.min()
+    if hi <= lo:
+        return stack > lo
+    hist, edges = np.histogram(np.clip(sample, lo, hi), bins=128, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weights = hist.astype(np.float64)
+    w0 = np.cumsum(weights)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(weights * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(weights * centres) - np.cumsum(weights * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    threshold = centres[int(np.argmax(between))]
+    return stack > threshold
+
+
+def normalise_intensity(stack: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Median/IQR normalisation over the head (see module docstring). Returns float32."""
+    stack = np.asarray(stack, dtype=np.float32)
+    if mask is None:
+        mask = head_mask(stack)
+    values = stack[mask] if mask.any() else stack.ravel()
+    if values.size > 1_000_000:
+        values = values[:: values.size // 1_000_000]
+    q25, median, q75 = np.percentile(values, [25, 50, 75])
+    scale = (q75 - q25) / 1.349
+    if not scale > 0:
+        scale = float(values.std()) or 1.0
+    out = (stack - np.float32(median)) / np.float32(scale)
+    return np.clip(out, *_CLIP, out=out)
+
+
+@dataclass(frozen=True)
+class NetworkGrid:
+    """The in-plane affine map between one volume's axial slices and the network grid."""
+
+    input_shape: tuple  # (rows, cols) of the input slices
+    grid_size: tuple  # (rows, cols) of the network grid
+    zoom: tuple  # input pixels per network pixel, (rows, cols)
+    offset: tuple  # input (row, col) coordinate of network pixel (0, 0)
+
+    @classmethod
+    def plan(cls, frame: SliceFrame, config: PreprocessingConfig, mask: np.ndarray | None = None) -> "NetworkGrid":
+        rows = frame.size[frame.row_axis]
+        cols = frame.size[frame.col_axis]
+        spacing = np.array([frame.row_spacing_mm, frame.col_spacing_mm])
+        grid = np.array(config.grid_size, dtype=float)
+        if config.grid_spacing_mm is None:
+            pixel = float(max(rows * spacing[0], cols * spacing[1]) / grid.max())
+            centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
+        else:
+            pixel = float(config.grid_spacing_mm)
+            centre = _head_centre(mask, rows, cols)
+        zoom = pixel / spacing
+        offset = centre - (grid - 1) / 2 * zoom
+        return cls((rows, cols), tuple(int(g) for g in grid), tuple(zoom.tolist()), tuple(offset.tolist()))
+
+    def to_network(self, stack: np.ndarray) -> np.ndarray:
+        """[n, rows, cols] input slices -> [n, H, W] network slices (float32)."""
+        stack = np.asarray(stack, dtype=np.float32)
+        sigma = [0.0] + [0.5 * np.sqrt(z * z - 1) if z > 1.2 else 0.0 for z in self.zoom]
+        if max(sigma) > 0:
+            stack = ndimage.gaussian_filter(stack, sigma, mode="nearest")
+        out = np.empty((stack.shape[0],) + self.grid_size, dtype=np.float32)
+        for i in range(stack.shape[0]):
+            ndimage.affine_transform(stack[i], self.zoom, offset=self.offset, output_shape=self.grid_size,
+                                     output=out[i], order=1, mode="constant", cval=float(stack[i].min()), prefilter=False)
+        return out
+
+    def to_input(self, stack: np.ndarray) -> np.ndarray:
+        """[n, H, W] network maps -> [n, rows, cols] on the input slice grid (float32, 0 outside)."""
+        stack = np.asarray(stack, dtype=np.float32)
+        inv_zoom = 1.0 / np.array(self.zoom)
+        inv_offset = -np.array(self.offset) * inv_zoom
+        out = np.empty((stack.shape[0],) + tuple(self.input_shape), dtype=np.float32)
+        for i in range(stack.shape[0]):
+            ndimage.affine_transform(stack[i], inv_zoom, offset=inv_offset, output_shape=self.input_shape,
+                                     output=out[i], order=1, mode="constant", cval=0.0, prefilter=False)
+        return out
+
+
+def _head_centre(mask: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
+    """Centre of the head's in-plane extent (robust 1st–99th percentile box), else the slice centre."""
+    if mask is None or not mask.any():
+        return np.array([(rows - 1) / 2, (cols - 1) / 2])
+    projection = mask.any(axis=0)
+    rr = np.percentile(np.repeat(np.arange(rows), projection.sum(axis=1)), [1, 99])
+    cc = np.percentile(np.repeat(np.arange(cols), projection.sum(axis=0)), [1, 99])
+    return np.array([rr.mean(), cc.mean()])
