@@ -40,6 +40,9 @@ _DIRECTION_TOL = 1e-4
 
 _PLANE_NAMES = ("sagittal", "coronal", "axial")
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def shared_data_dir() -> Path | None:
     """The folder of public test data (`DEEPWML_SHARED_DATA`, else `<repo>/../shared/data`), or None."""
@@ -280,6 +283,7 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); choose a writable output folder") from exc
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]

@@ -1,0 +1,88 @@
+"""The per-case lesion report: total volume, 3D lesion count, per-slice LV groups, per-lesion table.
+
+Conventions:
+- volumes from the voxel grid: voxel count × product of spacings, in ml (1 ml = 1000 mm³);
+- lesions are 3D 26-connected components of the mask;
+- slices are the axial planes of `io.to_axial_stack`; `index` is the voxel index along that axis
+  in the input file, so it is the slice number a viewer shows;
+- per slice, LV = lesion area × slice thickness (DeepWML paper), and its group G1–G5
+  (`metrics.lv_group`); slices without lesion have `lv_group` null (the paper groups images with lesion);
+- lesion centroids are physical LPS millimetres (the DICOM/ITK convention; Slicer shows RAS,
+  which flips the signs of x and y).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
+from .metrics import lv_group
+from .postprocessing import label_components
+
+
+def voxel_volume_mm3(frame: SliceFrame) -> float:
+    return float(np.prod(frame.spacing))
+
+
+def slice_table(stack: np.ndarray, frame: SliceFrame) -> list[dict]:
+    """Lesion area, LV and LV group of every axial slice of a 0/1 stack."""
+    areas = stack.reshape(stack.shape[0], -1).sum(axis=1) * frame.pixel_area_mm2
+    rows = []
+    for index, area in enumerate(areas):
+        lv_ml = float(area) * frame.slice_thickness_mm / 1000.0
+        rows.append({
+            "index": index,
+            "area_mm2": round(float(area), 4),
+            "lv_ml": round(lv_ml, 6),
+            "lv_group": lv_group(lv_ml) if area > 0 else None,
+        })
+    return rows
+
+
+def index_to_lps(points_ijk: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Continuous voxel indices (N×3, i j k) to physical LPS millimetres."""
+    matrix = ijk_to_lps(image)
+    return np.asarray(points_ijk, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def lesion_table(mask: sitk.Image) -> list[dict]:
+    """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range."""
+    array = sitk.GetArrayViewFromImage(mask) > 0  # numpy (k, j, i)
+    labels, count = label_components(array)
+    if count == 0:
+        return []
+    frame_axis = 2 - axial_axis(mask)
+    voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    centroids_kji = np.array(ndimage.center_of_mass(array, labels, np.arange(1, count + 1)), dtype=float).reshape(-1, 3)
+    centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
+    extents = ndimage.find_objects(labels)
+    order = np.argsort(-sizes, kind="stable")
+    rows = []
+    for rank, j in enumerate(order, start=1):
+        extent = extents[j][frame_axis]
+        rows.append({
+            "id": rank,
+            "volume_ml": round(float(sizes[j]) * voxel_ml, 6),
+            "voxels": int(sizes[j]),
+            "centroid_mm": [round(float(v), 2) for v in centroids_lps[j]],
+            "slice_range": [int(extent.start), int(extent.stop - 1)],
+        })
+    return rows
+
+
+def lesion_report(mask: sitk.Image) -> dict:
+    """The report of a 0/1 mask on its own grid (see module docstring for conventions)."""
+    stack, frame = to_axial_stack(mask, dtype=np.uint8)
+    stack = (stack > 0).astype(np.uint8)
+    lesions = lesion_table(mask)
+    volume_ml = float(stack.sum()) * voxel_volume_mm3(frame) / 1000.0
+    return {
+        "volume_ml": round(volume_ml, 6),
+        "lesion_count": len(lesions),
+        "slice_thickness_mm": round(frame.slice_thickness_mm, 4),
+        "slices": slice_table(stack, frame),
+        "lesions": lesions,
+    }
