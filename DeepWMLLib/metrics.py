@@ -1,14 +1,78 @@
-"""Segmentation metrics: overlap, distance, lesion-wise, volume and per-slice lesion-volume groups."""
+"""Segmentation metrics: overlap, distance, lesion-wise, volume and per-slice lesion-volume groups.
+
+Three families of metrics, each as its paper defines it:
+
+* DeepWML (Zhang et al., Neuroradiology 2021): Dice, sensitivity and precision per case and per 2D
+  image. A 2D image is an axial slice of `io.to_axial_stack`: slice k is voxel index k along
+  `io.axial_axis`. Its lesion volume LV = reference lesion area x slice thickness, and its LV group
+  is G1 < 0.2 ml <= G2 < 0.7 ml <= G3 < 2 ml <= G4 < 5 ml <= G5 (`lv_group`).
+* MICCAI 2017 WMH segmentation challenge (Kuijf et al.), per case: Dice; HD95 in mm (boundary =
+  mask minus its 2D in-plane erosion with a 3x3 square, the image border counting as foreground as
+  in SimpleITK's BinaryErode; boundary voxels placed at their physical LPS positions using origin,
+  spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
+  distances); AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D
+  26-connected components, a lesion counting as detected when any of its voxels overlaps.
+* CSVD-WMH (Tiantan): lesion-wise precision, recall and Dice, where a reference lesion (26-connected
+  component) is found when at least 40 % of its voxels are marked by the prediction, and a predicted
+  lesion is correct when it overlaps a found reference lesion (so a slightly too large outline
+  of a real lesion is not a false detection; voxel precision already penalises it). Lesion-wise Dice =
+  (found reference lesions + correct predicted lesions) / (reference lesions + predicted lesions),
+  which is 2TP / (2TP + FP + FN) when lesions match one to one. Broken down by lesion size: small
+  < 20, medium 20..150 (inclusive), large > 150 voxels by default; bounds are configurable, in
+  voxels or mm3. ROC AUC of a probability map against the reference (ties count one half).
+
+Label conventions. Reference: 0 background, 1 lesion, 2 "ignore" (the challenge's other
+pathology): voxels labelled 2 are removed from prediction and reference alike before any count,
+component, distance, volume or AUC, so a prediction there is neither right nor wrong. Any other
+reference value is an error. Prediction (and both raters in `binary_pair`): a voxel is lesion when
+its value is >= 0.5, i.e. any positive label of an integer mask. Probability maps are scores; only
+their order matters for AUC.
+
+Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1:
+
+    metric                 ref & pred empty   only ref empty   only pred empty
+    Dice                   1                  0                0
+    sensitivity            NaN                NaN              0
+    precision              NaN                0                NaN
+    HD95                   0                  NaN              NaN
+    AVD                    0                  NaN              100
+    lesion recall (MICCAI) 1                  1                0          (challenge convention)
+    lesion F1 (MICCAI)     1                  0                0          (challenge convention)
+    lesion-wise recall     NaN                NaN              0
+    lesion-wise precision  NaN                0                NaN
+    lesion-wise Dice       1                  0                0
+    ROC AUC                NaN (needs lesion and non-lesion voxels)
+
+Grids. Masks (and the probability map) must share one voxel grid within the tolerance of
+`io.check_same_grid`, else DeepWMLError; nothing is resampled behind the user's back. Distances and
+volumes are in physical units from the reference's spacing and direction.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from . import io
 from .errors import DeepWMLError
 
 # Upper bounds (exclusive) of the DeepWML paper's per-image lesion-volume groups G1..G4 in ml;
 # G5 is everything from the last bound up.
 LV_GROUP_BOUNDS_ML = (0.2, 0.7, 2.0, 5.0)
+LV_GROUPS = tuple(f"G{i + 1}" for i in range(len(LV_GROUP_BOUNDS_ML) + 1))
+
+IGNORE_LABEL = 2
+FOUND_FRACTION = 0.4  # CSVD paper: a lesion counts as found when >= 40 % of its voxels are marked
+SIZE_BOUNDS_VOXELS = (20, 150)  # CSVD paper: small < 20 <= medium <= 150 < large
+SIZE_CLASSES = ("small", "medium", "large")
+SIZE_UNITS = ("voxels", "mm3")
+
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as the challenge's components
 
 
 def lv_group(lv_ml: float) -> str:
@@ -20,5 +84,385 @@ def lv_group(lv_ml: float) -> str:
         raise DeepWMLError(f"lesion volume must be a finite number >= 0 ml, got {lv_ml!r}")
     for i, bound in enumerate(LV_GROUP_BOUNDS_ML):
         if lv_ml < bound:
-            return f"G{i + 1}"
-    return f"G{len(LV_GROUP_BOUNDS_ML) + 1}"
+            return LV_GROUPS[i]
+    return LV_GROUPS[-1]
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator) / float(denominator) if denominator else math.nan
+
+
+def _dice(tp: float, n_pred: float, n_ref: float) -> float:
+    return 1.0 if n_pred + n_ref == 0 else 2.0 * tp / (n_pred + n_ref)
+
+
+def _check_volume(image: sitk.Image, what: str) -> None:
+    if not isinstance(image, sitk.Image):
+        raise DeepWMLError(f"{what} must be a SimpleITK image, got {type(image).__name__}; read it with io.read_mask")
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise DeepWMLError(
+            f"{what} must be a 3D single-channel image, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+
+
+def _binary(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayViewFromImage(image) >= 0.5
+
+
+def _reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(lesion, ignore) boolean arrays; refuses label values other than 0, 1, 2."""
+    array = sitk.GetArrayViewFromImage(reference)
+    lesion = array == 1
+    ignore = array == IGNORE_LABEL
+    bad = ~(lesion | ignore | (array == 0))
+    if bad.any():
+        example = array[bad].flat[0]
+        raise DeepWMLError(
+            f"reference has value {example:g} in {int(bad.sum())} voxels; a reference mask may only hold "
+            "0 (background), 1 (lesion) and 2 (ignore) — relabel it first"
+        )
+    return lesion, ignore
+
+
+@dataclass(frozen=True)
+class SizeClasses:
+    """Lesion size classes: small < lo <= medium <= hi < large, in voxels or mm3."""
+
+    bounds: tuple[float, float] = SIZE_BOUNDS_VOXELS
+    unit: str = "voxels"
+
+    def __post_init__(self):
+        if self.unit not in SIZE_UNITS:
+            raise DeepWMLError(f"lesion size unit must be one of {', '.join(SIZE_UNITS)}, got {self.unit!r}")
+        lo, hi = self.bounds
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise DeepWMLError(f"lesion size bounds must satisfy 0 < small/medium <= medium/large, got {self.bounds}")
+
+    def classify(self, sizes: np.ndarray) -> np.ndarray:
+        """Index into SIZE_CLASSES of each size (same unit as `unit`)."""
+        lo, hi = self.bounds
+        return np.where(sizes < lo, 0, np.where(sizes <= hi, 1, 2))
+
+    def describe(self) -> dict:
+        lo, hi = self.bounds
+        unit = self.unit
+        return {"small": f"< {lo:g} {unit}", "medium": f"{lo:g}-{hi:g} {unit}", "large": f"> {hi:g} {unit}"}
+
+
+class MaskPair:
+    """Two binary masks on one grid, prepared once so that every metric reuses the same arrays.
+
+    `prediction` and `reference` are boolean numpy arrays in SimpleITK's (k, j, i) order with
+    ignored voxels already removed; `geometry` is an image carrying the shared grid.
+    """
+
+    def __init__(self, prediction: np.ndarray, reference: np.ndarray, geometry: sitk.Image):
+        self.prediction = prediction
+        self.reference = reference
+        self.spacing = np.array(geometry.GetSpacing(), dtype=float)
+        self.origin = np.array(geometry.GetOrigin(), dtype=float)
+        self.direction = np.array(geometry.GetDirection(), dtype=float).reshape(3, 3)
+        self.axial_axis = io.axial_axis(geometry)
+        self.voxel_volume_mm3 = float(np.prod(self.spacing))
+
+    @classmethod
+    def from_images(cls, prediction: sitk.Image, reference: sitk.Image) -> "MaskPair":
+        """A prediction against a reference with labels 0/1/2 (2 = ignore, removed from both)."""
+        _check_volume(prediction, "prediction")
+        _check_volume(reference, "reference")
+        io.check_same_grid(prediction, reference, "prediction", "reference")
+        lesion, ignore = _reference_labels(reference)
+        predicted = _binary(prediction)
+        if ignore.any():
+            predicted &= ~ignore
+        return cls(predicted, lesion, reference)
+
+    @classmethod
+    def binary_pair(cls, a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> "MaskPair":
+        """Two masks treated alike (any positive label is lesion), e.g. two raters."""
+        _check_volume(a, what_a)
+        _check_volume(b, what_b)
+        io.check_same_grid(a, b, what_a, what_b)
+        return cls(_binary(a), _binary(b), b)
+
+    # -- voxel overlap -----------------------------------------------------------------------
+
+    @cached_property
+    def counts(self) -> tuple[int, int, int]:
+        """(true positives, predicted voxels, reference voxels)."""
+        tp = int(np.count_nonzero(self.prediction & self.reference))
+        return tp, int(np.count_nonzero(self.prediction)), int(np.count_nonzero(self.reference))
+
+    def overlap(self) -> dict:
+        tp, n_pred, n_ref = self.counts
+        return {
+            "dice": _dice(tp, n_pred, n_ref),
+            "sensitivity": _ratio(tp, n_ref),
+            "precision": _ratio(tp, n_pred),
+        }
+
+    def volumes_ml(self) -> dict:
+        _, n_pred, n_ref = self.counts
+        return {
+            "prediction_volume_ml": n_pred * self.voxel_volume_mm3 / 1000.0,
+            "reference_volume_ml": n_ref * self.voxel_volume_mm3 / 1000.0,
+        }
+
+    def avd_percent(self) -> float:
+        _, n_pred, n_ref = self.counts
+        if n_ref == 0:
+            return 0.0 if n_pred == 0 else math.nan
+        return abs(n_pred - n_ref) / n_ref * 100.0
+
+    # -- per 2D image -------------------------------------------------------------------------
+
+    @property
+    def slice_thickness_mm(self) -> float:
+        return float(self.spacing[self.axial_axis])
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return float(np.prod(np.delete(self.spacing, self.axial_axis)))
+
+    def slice_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per axial slice k: (true positives, predicted pixels, reference pixels)."""
+        in_plane = tuple(ax for ax in range(3) if ax != 2 - self.axial_axis)
+        tp = np.count_nonzero(self.prediction & self.reference, axis=in_plane)
+        return tp, np.count_nonzero(self.prediction, axis=in_plane), np.count_nonzero(self.reference, axis=in_plane)
+
+    def slices(self) -> list[dict]:
+        """DeepWML per-image metrics for every axial slice whose reference has lesion."""
+        tp, n_pred, n_ref = self.slice_counts()
+        area = self.pixel_area_mm2
+        rows = []
+        for k in np.flatnonzero(n_ref):
+            # rounded so that floating-point noise cannot move an image across an LV group bound
+            lv_ml = round(n_ref[k] * area * self.slice_thickness_mm / 1000.0, 9)
+            rows.append({
+                "index": int(k),
+                "dice": _dice(tp[k], n_pred[k], n_ref[k]),
+                "sensitivity": _ratio(tp[k], n_ref[k]),
+                "precision": _ratio(tp[k], n_pred[k]),
+                "reference_area_mm2": float(n_ref[k] * area),
+                "prediction_area_mm2": float(n_pred[k] * area),
+                "lv_ml": float(lv_ml),
+                "lv_group": lv_group(lv_ml),
+            })
+        return rows
+
+    # -- distances ----------------------------------------------------------------------------
+
+    def physical_points(self, indices: np.ndarray) -> np.ndarray:
+        """LPS mm of numpy (k, j, i) indices: TransformIndexToPhysicalPoint, vectorised."""
+        ijk = indices[:, ::-1].astype(float)
+        return self.origin + (ijk * self.spacing) @ self.direction.T
+
+    def _boundary_indices(self, mask: np.ndarray) -> np.ndarray:
+        """Indices of mask voxels removed by a 3x3 in-plane erosion (image border = foreground)."""
+        found = np.argwhere(mask)
+        lo = np.maximum(found.min(axis=0) - 1, 0)
+        hi = np.minimum(found.max(axis=0) + 2, mask.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        structure = np.zeros((3, 3, 3), dtype=bool)
+        plane = [slice(None)] * 3
+        plane[2 - self.axial_axis] = 1
+        structure[tuple(plane)] = True
+        crop = mask[box]
+        eroded = ndimage.binary_erosion(crop, structure=structure, border_value=1)
+        return np.argwhere(crop & ~eroded) + lo
+
+    def hd95_mm(self) -> float:
+        _, n_pred, n_ref = self.counts
+        if n_pred == 0 or n_ref == 0:
+            return 0.0 if n_pred == n_ref else math.nan
+        from scipy.spatial import cKDTree
+
+        pred_points = self.physical_points(self._boundary_indices(self.prediction))
+        ref_points = self.physical_points(self._boundary_indices(self.reference))
+        pred_to_ref = cKDTree(ref_points).query(pred_points, k=1)[0]
+        ref_to_pred = cKDTree(pred_points).query(ref_points, k=1)[0]
+        return float(max(np.percentile(pred_to_ref, 95), np.percentile(ref_to_pred, 95)))
+
+    # -- lesions ------------------------------------------------------------------------------
+
+    @cached_property
+    def reference_components(self) -> tuple[np.ndarray, int]:
+        return ndimage.label(self.reference, structure=_FULL_CONNECTIVITY)
+
+    @cached_property
+    def prediction_components(self) -> tuple[np.ndarray, int]:
+        return ndimage.label(self.prediction, structure=_FULL_CONNECTIVITY)
+
+    @staticmethod
+    def _sizes_and_overlap(labels: np.ndarray, n: int, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Voxels of each component 1..n, and how many of them `other` marks."""
+        inside = labels > 0
+        sizes = np.bincount(labels[inside], minlength=n + 1)[1:]
+        covered = np.bincount(labels[inside & other], minlength=n + 1)[1:]
+        return sizes, covered
+
+    @cached_property
+    def reference_lesions(self) -> tuple[np.ndarray, np.ndarray]:
+        labels, n = self.reference_components
+        return self._sizes_and_overlap(labels, n, self.prediction)
+
+    @cached_property
+    def predicted_lesions(self) -> tuple[np.ndarray, np.ndarray]:
+        labels, n = self.prediction_components
+        return self._sizes_and_overlap(labels, n, self.reference)
+
+    def _touches(self, ref_selected: np.ndarray) -> np.ndarray:
+        """For each predicted lesion: does it overlap any of the selected reference lesions?"""
+        ref_labels, _ = self.reference_components
+        pred_labels, n_pred = self.prediction_components
+        both = (ref_labels > 0) & (pred_labels > 0)
+        hits = pred_labels[both][ref_selected[ref_labels[both] - 1]]
+        touched = np.zeros(n_pred + 1, dtype=bool)
+        touched[hits] = True
+        return touched[1:]
+
+    def lesion_detection(self) -> dict:
+        """MICCAI challenge lesion recall and F1 (any overlap detects; its empty-mask conventions)."""
+        ref_sizes, ref_covered = self.reference_lesions
+        pred_sizes, pred_covered = self.predicted_lesions
+        recall = float(np.count_nonzero(ref_covered)) / ref_sizes.size if ref_sizes.size else 1.0
+        precision = float(np.count_nonzero(pred_covered)) / pred_sizes.size if pred_sizes.size else 1.0
+        f1 = 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
+        return {
+            "lesion_recall": recall,
+            "lesion_f1": f1,
+            "n_reference_lesions": int(ref_sizes.size),
+            "n_predicted_lesions": int(pred_sizes.size),
+        }
+
+    def lesionwise(self, found_fraction: float = FOUND_FRACTION, size_classes: SizeClasses | None = None) -> dict:
+        """CSVD-paper lesion-wise precision, recall and Dice, overall and per lesion size class."""
+        if not 0 < found_fraction <= 1:
+            raise DeepWMLError(f"found fraction must be in (0, 1], got {found_fraction}")
+        size_classes = size_classes or SizeClasses()
+        scale = 1.0 if size_classes.unit == "voxels" else self.voxel_volume_mm3
+        ref_sizes, ref_covered = self.reference_lesions
+        pred_sizes, _ = self.predicted_lesions
+        ref_found = ref_covered >= found_fraction * ref_sizes
+        pred_correct = self._touches(ref_found)
+        ref_class = size_classes.classify(ref_sizes * scale)
+        pred_class = size_classes.classify(pred_sizes * scale)
+
+        def summary(ref_in: np.ndarray, pred_in: np.ndarray) -> dict:
+            n_ref, n_pred = int(ref_in.sum()), int(pred_in.sum())
+            n_found, n_correct = int((ref_found & ref_in).sum()), int((pred_correct & pred_in).sum())
+            return {
+                "n_reference": n_ref,
+                "n_found": n_found,
+                "n_predicted": n_pred,
+                "n_correct": n_correct,
+                "recall": _ratio(n_found, n_ref),
+                "precision": _ratio(n_correct, n_pred),
+                "dice": 1.0 if n_ref + n_pred == 0 else (n_found + n_correct) / (n_ref + n_pred),
+            }
+
+        result = summary(np.ones(ref_sizes.size, bool), np.ones(pred_sizes.size, bool))
+        result["found_fraction"] = found_fraction
+        result["size_unit"] = size_classes.unit
+        result["size_bounds"] = list(size_classes.bounds)
+        result["by_size"] = {
+            name: {"range": size_classes.describe()[name], **summary(ref_class == i, pred_class == i)}
+            for i, name in enumerate(SIZE_CLASSES)
+        }
+        return result
+
+    def lesion_table(self, which: str) -> list[dict]:
+        """Lesions of one mask ("prediction" or "reference") that no voxel of the other touches."""
+        labels, n = self.prediction_components if which == "prediction" else self.reference_components
+        sizes, covered = self.predicted_lesions if which == "prediction" else self.reference_lesions
+        lonely = np.flatnonzero(covered == 0) + 1
+        if lonely.size == 0:
+            return []
+        centres = np.array(ndimage.center_of_mass(np.ones(labels.shape, bool), labels, lonely)).reshape(-1, 3)
+        extents = ndimage.find_objects(labels)
+        axis = 2 - self.axial_axis
+        rows = []
+        for label, centre in zip(lonely, self.physical_points(centres)):
+            extent = extents[label - 1][axis]
+            rows.append({
+                "voxels": int(sizes[label - 1]),
+                "volume_mm3": float(sizes[label - 1] * self.voxel_volume_mm3),
+                "centroid_lps_mm": [round(float(c), 2) for c in centre],
+                "slices": [int(extent.start), int(extent.stop - 1)],
+            })
+        return sorted(rows, key=lambda row: -row["voxels"])
+
+
+def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
+    """Area under the ROC curve of voxel scores against the reference (ignored voxels left out)."""
+    _check_volume(probabilities, "probability map")
+    _check_volume(reference, "reference")
+    io.check_same_grid(probabilities, reference, "probability map", "reference")
+    lesion, ignore = _reference_labels(reference)
+    scores = sitk.GetArrayViewFromImage(probabilities)
+    if ignore.any():
+        keep = ~ignore
+        scores, lesion = scores[keep], lesion[keep]
+    scores, lesion = scores.ravel(), lesion.ravel()
+    if not np.isfinite(scores).all():
+        raise DeepWMLError("probability map has NaN or infinite voxels; re-export it from the model")
+    n_pos = int(np.count_nonzero(lesion))
+    n_neg = lesion.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    # Mann-Whitney form: P(score of a lesion voxel > score of a background voxel), ties count 1/2.
+    _, inverse = np.unique(scores, return_inverse=True)
+    positives = np.bincount(inverse.ravel(), weights=lesion, minlength=inverse.max() + 1)
+    negatives = np.bincount(inverse.ravel(), minlength=inverse.max() + 1) - positives
+    below = np.cumsum(negatives) - negatives
+    return float(np.sum(positives * (below + 0.5 * negatives)) / (n_pos * float(n_neg)))
+
+
+def overlap(prediction: sitk.Image, reference: sitk.Image) -> dict:
+    """Case Dice, sensitivity and precision (DeepWML)."""
+    return MaskPair.from_images(prediction, reference).overlap()
+
+
+def slice_metrics(prediction: sitk.Image, reference: sitk.Image) -> list[dict]:
+    """Per 2D image (axial slice with reference lesion): Dice, sensitivity, precision, LV, LV group."""
+    return MaskPair.from_images(prediction, reference).slices()
+
+
+def hd95_mm(prediction: sitk.Image, reference: sitk.Image) -> float:
+    """MICCAI WMH challenge 95th-percentile Hausdorff distance in mm."""
+    return MaskPair.from_images(prediction, reference).hd95_mm()
+
+
+def avd_percent(prediction: sitk.Image, reference: sitk.Image) -> float:
+    """Absolute volume difference in % of the reference volume."""
+    return MaskPair.from_images(prediction, reference).avd_percent()
+
+
+def lesion_detection(prediction: sitk.Image, reference: sitk.Image) -> dict:
+    """MICCAI WMH challenge lesion recall and lesion F1."""
+    return MaskPair.from_images(prediction, reference).lesion_detection()
+
+
+def lesionwise(prediction: sitk.Image, reference: sitk.Image, found_fraction: float = FOUND_FRACTION,
+               size_classes: SizeClasses | None = None) -> dict:
+    """CSVD-paper lesion-wise precision, recall and Dice, overall and by lesion size class."""
+    return MaskPair.from_images(prediction, reference).lesionwise(found_fraction, size_classes)
+
+
+def case_metrics(prediction: sitk.Image, reference: sitk.Image, probabilities: sitk.Image | None = None,
+                 found_fraction: float = FOUND_FRACTION, size_classes: SizeClasses | None = None) -> dict:
+    """Every per-case metric above in one flat dict (plus `lesionwise` and `slices`)."""
+    pair = MaskPair.from_images(prediction, reference)
+    result = {
+        **pair.overlap(),
+        "hd95_mm": pair.hd95_mm(),
+        "avd_percent": pair.avd_percent(),
+        **pair.lesion_detection(),
+        **pair.volumes_ml(),
+        "roc_auc": roc_auc(probabilities, reference) if probabilities is not None else math.nan,
+        "slice_thickness_mm": pair.slice_thickness_mm,
+        "lesionwise": pair.lesionwise(found_fraction, size_classes),
+        "slices": pair.slices(),
+    }
+    return result
