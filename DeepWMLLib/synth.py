@@ -1,0 +1,607 @@
+"""Synthetic clinical 2D axial FLAIR scans with white matter lesion masks, for training.
+
+Each case is drawn from the MNI152 anatomy (nilearn's T1-free tissue probability maps and the
+shared tissue label map), deformed by a random affine and a smooth elastic field, given lesions
+(procedural periventricular caps/bands, punctate and confluent deep lesions, or real lesion shapes
+from the open MS database) and rendered with FLAIR contrast for one of several simulated scanners,
+then "acquired" as thick oblique axial slices.
+
+Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
+then sampled once through the composed (elastic then affine) transform, directly on a working grid
+that shares the output grid's orientation: in-plane about 1 mm, a few sub-slices across each thick
+slice, cropped to the head. The sub-slices are averaged with the slice profile and the result is
+interpolated in-plane by an integer factor to the output matrix.
+
+Mask rule: a voxel is lesion when its lesion partial volume -- the 1 mm lesion fraction averaged with
+the same slice-profile weights as the image, then linearly interpolated in-plane -- is at least 0.5.
+So the mask is what the image shows, and its volume follows the painted lesion volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import Cancelled, DeepWMLError
+
+# The labelled open MS cases are the project's evaluation set: their lesion shapes never go into
+# training data.
+EXCLUDED_PATIENTS = frozenset({"patient07", "patient19", "patient26"})
+
+N_SCANNERS = 12
+DISEASES = ("synth-low", "synth-ms", "synth-csvd")
+MANIFEST_COLUMNS = ("case", "flair", "mask", "centre", "disease", "lesion_ml", "mask_ml",
+                    "slice_thickness_mm", "pixel_spacing_mm", "matrix", "skull", "seed")
+
+_LABEL_CSF, _LABEL_GM, _LABEL_WM, _LABEL_VENTRICLES, _LABEL_INFRATENTORIAL = 1, 2, 3, 4, 5
+_NILEARN_FILES = {tissue: f"mni_icbm152_{tissue}_tal_nlin_sym_09a_converted.nii.gz"
+                  for tissue in ("t1", "gm", "wm")}
+_LABELS_FILE = Path("templates") / "mni152_tissue_labels.nii.gz"
+_LESIONS_DIR = Path("open_ms") / "lesion_masks_mni"
+# Room around the brain in the padded template for the skull and scalp.
+_PAD_MM = 24
+# Sub-slice spacing across a thick slice: fine enough for the 1 mm template's detail to average
+# into the slice profile, coarse enough to keep a case within a few seconds.
+_SUBSLICE_MM = 1.5
+
+
+def _shared_data_dir() -> Optional[Path]:
+    try:
+        from .io import shared_data_dir
+    except ImportError:  # until io.shared_data_dir lands: same rule, env var first
+        env = os.environ.get("DEEPWML_SHARED_DATA")
+        path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+        return path if path.is_dir() else None
+    return shared_data_dir()
+
+
+def _nilearn_data_dir() -> Path:
+    try:
+        import nilearn
+    except ImportError as exc:
+        raise DeepWMLError("the synthetic generator needs nilearn for the MNI152 template: "
+                           "pip install 'deepwml[train]'") from exc
+    return Path(nilearn.__file__).parent / "datasets" / "data"
+
+
+def lesion_library(shared_dir: Optional[Path] = None) -> list[Path]:
+    """Real lesion masks usable for training, evaluation patients excluded."""
+    shared_dir = shared_dir or _shared_data_dir()
+    if shared_dir is None:
+        return []
+    files = sorted((Path(shared_dir) / _LESIONS_DIR).glob("patient*.nii.gz"))
+    return [f for f in files if f.name.split(".")[0] not in EXCLUDED_PATIENTS]
+
+
+class _Atlas:
+    """Template tissue maps on one padded 1 mm grid (numpy order z, y, x), prepared once per process."""
+
+    def __init__(self, shared_dir: Path):
+        nilearn_dir = _nilearn_data_dir()
+        labels_path = shared_dir / _LABELS_FILE
+        missing = [p for p in [labels_path, *(nilearn_dir / f for f in _NILEARN_FILES.values())]
+                   if not p.is_file()]
+        if missing:
+            raise DeepWMLError(f"template file missing: {missing[0]}; set DEEPWML_SHARED_DATA to the "
+                               "shared data folder and install nilearn>=0.10")
+        pad = [_PAD_MM] * 3
+        gm_img = sitk.ConstantPad(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["gm"]), sitk.sitkFloat32),
+                                  pad, pad, 0.0)
+        self.reference = gm_img
+        wm_img = sitk.Resample(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["wm"]), sitk.sitkFloat32),
+                               gm_img, sitk.Transform(), sitk.sitkLinear, 0.0)
+        labels = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(labels_path)), gm_img,
+                                                      sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        self.gm = sitk.GetArrayFromImage(gm_img) / np.float32(255)
+        self.wm = sitk.GetArrayFromImage(wm_img) / np.float32(255)
+        intracranial = ndimage.binary_fill_holes(labels > 0)
+        self.icv = ndimage.gaussian_filter(intracranial.astype(np.float32), 0.6)
+        self.csf = np.clip(self.icv - self.gm - self.wm, 0, 1)
+        self.ventricles = labels == _LABEL_VENTRICLES
+        # Distance outside the intracranial space shapes the skull and scalp layers.
+        self.dist_out = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
+        self.vent_dist = ndimage.distance_transform_edt(~self.ventricles).astype(np.float32)
+        self.allowed = (((self.wm >= 0.4) | ((self.vent_dist <= 2.5) & np.isin(labels, (_LABEL_GM, _LABEL_WM))))
+                        & ~self.ventricles & (labels != _LABEL_CSF) & intracranial)
+        self.supratentorial = labels != _LABEL_INFRATENTORIAL
+        self.box = _bounding_box(self.allowed, margin=3)
+        idx = np.argwhere(intracranial)
+        self.brain_centre = np.array(gm_img.TransformContinuousIndexToPhysicalPoint(
+            idx.mean(axis=0)[::-1].tolist()))
+        surface = intracranial & ~ndimage.binary_erosion(intracranial)
+        pts = np.argwhere(surface)[::7]
+        self.surface_points = _index_to_physical(gm_img, pts)
+        vidx = np.argwhere(self.ventricles)
+        self.ventricle_centre_y = vidx[:, 1].mean()
+        self.ventricle_half_length = (vidx[:, 1].max() - vidx[:, 1].min()) / 2
+
+    @functools.lru_cache(maxsize=None)
+    def real_lesions(self, path: Path) -> np.ndarray:
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(sitk.Resample(image, self.reference, sitk.Transform(),
+                                                    sitk.sitkLinear, 0.0))
+
+
+@functools.lru_cache(maxsize=2)
+def _atlas(shared_dir: Path) -> _Atlas:
+    return _Atlas(shared_dir)
+
+
+def _require_shared_dir() -> Path:
+    shared_dir = _shared_data_dir()
+    if shared_dir is None or not (shared_dir / _LABELS_FILE).is_file():
+        raise DeepWMLError("shared data with templates/mni152_tissue_labels.nii.gz not found: set "
+                           "DEEPWML_SHARED_DATA to the shared data folder")
+    return shared_dir
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, mask.shape)
+    return tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def _index_to_physical(image: sitk.Image, zyx: np.ndarray) -> np.ndarray:
+    spacing = np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return np.array(image.GetOrigin()) + (zyx[:, ::-1] * spacing) @ direction.T
+
+
+def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    """Rotation matrix from angles in degrees about x, y and z."""
+    ax, ay, az = np.radians([rx, ry, rz])
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return mz @ my @ mx
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cell: float) -> np.ndarray:
+    """Smooth random field in [0, 1] with features about `cell` voxels wide."""
+    coarse_shape = tuple(max(2, int(math.ceil(n / cell)) + 1) for n in shape)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 0.7)
+    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1,
+                         grid_mode=True, mode="nearest")[tuple(slice(0, n) for n in shape)]
+    lo, hi = field.min(), field.max()
+    return (field - lo) / max(hi - lo, 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Simulated scanners: each id fixes a contrast, noise and protocol family; cases jitter around it.
+
+def _scanner(scanner_id: int) -> dict:
+    rng = np.random.default_rng([20240601, scanner_id])
+    return {
+        "wm": float(rng.uniform(90, 330)),
+        "gm_ratio": float(rng.uniform(1.08, 1.3)),
+        "csf_ratio": float(rng.uniform(0.12, 0.4)),
+        "fat_ratio": float(rng.uniform(1.0, 1.6)),
+        "marrow_ratio": float(rng.uniform(0.3, 0.9)),
+        "bone_ratio": float(rng.uniform(0.03, 0.12)),
+        "noise": float(rng.uniform(0.015, 0.05)),
+        "bias": float(rng.uniform(0.08, 0.3)),
+        "thickness": float(rng.choice([3.0, 3.0, 3.3, 4.0, 4.0, 5.0, 5.0, 6.0, 7.0, 8.0])),
+        "matrix": int(rng.choice([256, 288, 320, 320, 384, 448, 512])),
+        "fov": float(rng.uniform(205, 255)),
+        "rectangular": bool(rng.random() < 0.3),
+        "zero_background": bool(rng.random() < 0.75),
+        "profile_sigma": float(rng.uniform(0.3, 0.6)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesions, painted on the template grid inside the white matter box.
+
+def _target_volume_ml(rng: np.random.Generator, disease: str) -> float:
+    low, high = {"synth-low": (0.03, 2.0), "synth-ms": (0.5, 40.0), "synth-csvd": (0.3, 80.0)}[disease]
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def _procedural_lesions(rng: np.random.Generator, atlas: _Atlas, volume_ml: float, disease: str) -> np.ndarray:
+    """Binary lesions in the white matter box: a prior favouring the ventricle walls (caps at the
+    horns, bands along the bodies) times smooth noise, thresholded to the target volume, plus
+    punctate deep lesions."""
+    box = atlas.box
+    allowed = atlas.allowed[box] & atlas.supratentorial[box]
+    vent_dist = atlas.vent_dist[box]
+    shape = allowed.shape
+    reach = rng.uniform(3.0, 12.0)
+    prior = np.exp(-vent_dist / reach)
+    # Caps: the frontal and occipital horns collect lesions first.
+    y = np.arange(box[1].start, box[1].stop, dtype=np.float32)
+    horn = np.abs(y - atlas.ventricle_centre_y) / atlas.ventricle_half_length
+    prior = prior * (1 + rng.uniform(0.3, 1.5) * np.clip(horn, 0, 1.5)[None, :, None])
+    deep = rng.uniform(0.05, 0.5) if disease == "synth-csvd" else rng.uniform(0.02, 0.2)
+    prior = prior + deep * atlas.wm[box]
+    score = prior * (0.35 + _smooth_noise(rng, shape, rng.uniform(3, 8)))
+    score[~allowed] = 0
+    lesions = np.zeros(shape, bool)
+    punctate_share = rng.uniform(0.05, 0.4) if disease != "synth-ms" else rng.uniform(0.1, 0.5)
+    n_voxels = int(volume_ml * 1000 * (1 - punctate_share))
+    if n_voxels > 0:
+        threshold = np.partition(score[allowed], -n_voxels)[-n_voxels] if n_voxels < allowed.sum() else 0
+        lesions = score >= max(threshold, 1e-6)
+    _add_punctate(rng, lesions, allowed & (vent_dist > 4), volume_ml * 1000 * punctate_share)
+    return lesions
+
+
+def _add_punctate(rng: np.random.Generator, lesions: np.ndarray, where: np.ndarray, n_voxels: float) -> None:
+    candidates = np.argwhere(where)
+    if n_voxels < 1 or len(candidates) == 0:
+        return
+    painted = 0.0
+    while painted < n_voxels:
+        radii = rng.uniform(0.8, 3.5, size=3) * np.array([1.0, 1.0, 1.0])
+        centre = candidates[rng.integers(len(candidates))]
+        r = int(math.ceil(radii.max()))
+        lo = np.maximum(centre - r, 0)
+        hi = np.minimum(centre + r + 1, lesions.shape)
+        zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        blob = (((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2
+                + ((xx - centre[2]) / radii[2]) ** 2) <= 1
+        lesions[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= blob
+        painted += 4 / 3 * math.pi * radii.prod()
+
+
+def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, library: list[Path]) -> tuple[np.ndarray, dict]:
+    """Lesion fraction (0..1) on the template grid and what went into it."""
+    target = _target_volume_ml(rng, disease)
+    source = "procedural"
+    box = atlas.box
+    lesions = np.zeros(atlas.allowed[box].shape, np.float32)
+    if disease == "synth-ms" and library:
+        path = library[rng.integers(len(library))]
+        real = atlas.real_lesions(path)[box]
+        if rng.random() < 0.5:  # left-right mirror doubles the library; the template is symmetric
+            real = real[:, :, ::-1]
+        lesions = np.maximum(lesions, real)
+        source = path.name.split(".")[0]
+        target = max(target - real.sum() / 1000, 0.0) * rng.uniform(0, 0.5)
+    procedural = _procedural_lesions(rng, atlas, target, disease)
+    lesions = np.maximum(lesions, ndimage.gaussian_filter(procedural.astype(np.float32), 0.5))
+    lesions *= atlas.allowed[box]
+    full = np.zeros(atlas.allowed.shape, np.float32)
+    full[box] = lesions
+    return full, {"lesion_source": source}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering in template space.
+
+def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, lesions: np.ndarray,
+                     skull: bool) -> np.ndarray:
+    jitter = lambda: rng.uniform(0.92, 1.08)  # noqa: E731 - per-case spread around the scanner
+    wm = 1.0
+    gm = scanner["gm_ratio"] * jitter()
+    csf = scanner["csf_ratio"] * jitter()
+    lesion = rng.uniform(1.25, 2.1) * max(gm, 1.0)
+    image = atlas.gm * gm + atlas.wm * wm + atlas.csf * csf
+    box = atlas.box
+    heterogeneity = 0.8 + 0.4 * _smooth_noise(rng, lesions[box].shape, 4)
+    image[box] += lesions[box] * (lesion * heterogeneity - image[box])
+    if skull:
+        image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner)
+    else:
+        image *= atlas.icv
+    return image * np.float32(scanner["wm"] * jitter())
+
+
+def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.ndarray:
+    """Skull and scalp as layers by distance outside the intracranial space: dark inner table,
+    marrow, dark outer table, bright scalp fat with a darker galea, then air."""
+    d = atlas.dist_out * (0.75 + 0.5 * _smooth_noise(rng, atlas.dist_out.shape, 40)).astype(np.float32)
+    bone = rng.uniform(4.5, 8.0)
+    scalp = rng.uniform(4.0, 8.0)
+    marrow_lo, marrow_hi = bone * rng.uniform(0.25, 0.4), bone * rng.uniform(0.6, 0.75)
+    knots_d = [0, 1.0, marrow_lo, marrow_lo + 1, marrow_hi - 1, marrow_hi, bone, bone + 1,
+               bone + scalp * 0.4, bone + scalp * 0.5, bone + scalp * 0.6, bone + scalp, bone + scalp + 1]
+    b, m, f = scanner["bone_ratio"], scanner["marrow_ratio"] * rng.uniform(0.8, 1.2), scanner["fat_ratio"] * rng.uniform(0.85, 1.15)
+    knots_v = [scanner["csf_ratio"], b, b, m, m, b, b, f, f, 0.5 * f, f, f, 0.0]
+    return np.interp(d, knots_d, knots_v).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Acquisition geometry.
+
+def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict:
+    scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
+    pitch = rng.uniform(-12, 12)
+    head_rotation = _rotation(pitch, rng.uniform(-4, 4), rng.uniform(-5, 5))
+    linear = head_rotation @ np.diag(scale)
+    translation = rng.uniform(-10, 10, size=3)
+    centre = atlas.brain_centre
+    # Slices are planned roughly along the head's own axial plane, never exactly.
+    direction = _rotation(pitch * rng.uniform(0, 1) + rng.normal(0, 2), rng.normal(0, 2), rng.normal(0, 3))
+
+    thickness = scanner["thickness"] * rng.choice([1.0, 1.0, rng.uniform(0.9, 1.1)])
+    thickness = float(np.clip(thickness, 3.0, 8.0))
+    matrix = int(scanner["matrix"])
+    fov = scanner["fov"] * rng.uniform(0.95, 1.05)
+    spacing = float(np.clip(fov / matrix, 0.4, 1.0))
+    factor = max(1, int(round(1.0 / spacing)))
+    nx = ny = matrix
+    if scanner["rectangular"]:
+        nx = int(round(matrix * 0.8))
+    nx, ny = (int(math.ceil(n / factor)) * factor for n in (nx, ny))
+
+    # Where the brain lands on the slice axes u = direction^T p.
+    surface = (atlas.surface_points - centre) @ linear.T + centre + translation
+    u = surface @ direction
+    u_centre = u.mean(axis=0) + np.array([rng.uniform(-8, 8), rng.uniform(-12, 12), 0])
+    coverage = rng.uniform(125, 165)
+    nz = max(4, int(round(coverage / thickness)))
+    top = u[:, 2].max() + rng.uniform(3, 15)
+    u0 = np.array([u_centre[0] - (nx - 1) / 2 * spacing, u_centre[1] - (ny - 1) / 2 * spacing,
+                   top - thickness / 2 - (nz - 1) * thickness])
+    return {
+        "linear": linear, "translation": translation, "centre": centre, "direction": direction,
+        "spacing": (spacing, spacing, thickness), "size": (nx, ny, nz), "origin": direction @ u0,
+        "factor": factor, "u_min": u.min(axis=0), "u_max": u.max(axis=0), "u0": u0,
+        "scale_det": float(np.prod(scale)),
+    }
+
+
+def _template_transform(rng: np.random.Generator, geo: dict, crop_origin: np.ndarray, crop_extent: np.ndarray) -> sitk.Transform:
+    """Physical point in the scan -> point in the template: smooth elastic displacement in scan
+    space first, then the inverse of the head's affine placement."""
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter((geo["centre"] + geo["translation"]).tolist())
+    affine.SetMatrix(np.linalg.inv(geo["linear"]).ravel().tolist())
+    affine.SetTranslation((-geo["translation"]).tolist())
+    amplitude = rng.uniform(0.0, 3.0)
+    node = 16.0
+    shape = [int(math.ceil(e / node)) + 3 for e in crop_extent]
+    field = ndimage.gaussian_filter(rng.standard_normal((shape[2], shape[1], shape[0], 3)),
+                                    (0.8, 0.8, 0.8, 0)) * amplitude * 2.5
+    displacement = sitk.GetImageFromArray(field, isVector=True)
+    displacement.SetSpacing([node] * 3)
+    displacement.SetDirection(geo["direction"].ravel().tolist())
+    displacement.SetOrigin((crop_origin - geo["direction"] @ np.full(3, node)).tolist())
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(affine)
+    composite.AddTransform(sitk.DisplacementFieldTransform(displacement))
+    return composite
+
+
+def _profile_weights(k: int, sigma_fraction: float) -> np.ndarray:
+    """Slice profile: Gaussian-shaped weights of the k sub-slices across one slice."""
+    offsets = (np.arange(k) + 0.5) / k - 0.5
+    weights = np.exp(-0.5 * (offsets / sigma_fraction) ** 2)
+    return (weights / weights.sum()).astype(np.float32)
+
+
+def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarray, lesions: np.ndarray,
+             profile_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the template volumes on the scan grid: arrays (z, y, x) of intensity and lesion PV."""
+    sx, _, sz = geo["spacing"]
+    nx, ny, nz = geo["size"]
+    f = geo["factor"]
+    k = max(2, int(math.ceil(sz / _SUBSLICE_MM)))
+    w = sx * f
+    d = geo["direction"]
+    # Working pixel j covers output pixels f*j .. f*j+f-1; sub-slice s sits inside slice s // k.
+    w_u0 = geo["u0"] + np.array([(f - 1) / 2 * sx, (f - 1) / 2 * sx, -sz / 2 + sz / (2 * k)])
+    margin = 28.0
+    lo = np.floor((geo["u_min"][:2] - margin - w_u0[:2]) / w).astype(int)
+    hi = np.ceil((geo["u_max"][:2] + margin - w_u0[:2]) / w).astype(int) + 1
+    lo = np.clip(lo, 0, [nx // f, ny // f])
+    hi = np.clip(hi, lo, [nx // f, ny // f])
+    crop_size = [int(hi[0] - lo[0]), int(hi[1] - lo[1]), nz * k]
+    intensity = np.zeros((nz, ny, nx), np.float32)
+    lesion_pv = np.zeros((nz, ny, nx), np.float32)
+    if min(crop_size) == 0:
+        return intensity, lesion_pv
+    crop_u0 = w_u0 + np.array([lo[0] * w, lo[1] * w, 0.0])
+    crop_origin = d @ crop_u0
+    spacing = np.array([w, w, sz / k])
+    reference = sitk.Image(crop_size, sitk.sitkVectorFloat32, 2)
+    reference.SetSpacing(spacing.tolist())
+    reference.SetDirection(d.ravel().tolist())
+    reference.SetOrigin(crop_origin.tolist())
+    source = sitk.GetImageFromArray(np.stack([image, lesions], axis=-1), isVector=True)
+    source.CopyInformation(atlas.reference)
+    transform = _template_transform(rng, geo, crop_origin, spacing * np.array(crop_size))
+    sampled = sitk.GetArrayFromImage(sitk.Resample(source, reference, transform, sitk.sitkLinear, 0.0))
+    weights = _profile_weights(k, profile_sigma)
+    slices = np.einsum("zkyxc,k->zyxc", sampled.reshape(nz, k, crop_size[1], crop_size[0], 2), weights)
+    if f > 1:
+        slices = ndimage.zoom(slices, (1, f, f, 1), order=1, grid_mode=True, mode="nearest")
+    ys = slice(lo[1] * f, lo[1] * f + slices.shape[1])
+    xs = slice(lo[0] * f, lo[0] * f + slices.shape[2])
+    intensity[:, ys, xs] = slices[..., 0]
+    lesion_pv[:, ys, xs] = slices[..., 1]
+    return intensity, lesion_pv
+
+
+def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
+    coarse = rng.standard_normal((3, 4, 4)).astype(np.float32) * strength
+    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=1, grid_mode=True,
+                         mode="nearest")[: shape[0], : shape[1], : shape[2]]
+    return np.exp(field - field.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+def case_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of case `index` in a data set made with `seed`."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
+                  scanner_id: Optional[int] = None, skull: Optional[bool] = None,
+                  matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
+                  ) -> tuple[sitk.Image, sitk.Image, dict]:
+    """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid.
+
+    Unset options are drawn at random. `matrix` and `slice_thickness` override the scanner's
+    protocol (small matrices keep tests fast). Raises DeepWMLError when the templates are missing.
+    """
+    rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    atlas = _atlas(_require_shared_dir())
+    library = lesion_library()
+    disease = disease or str(rng.choice(DISEASES, p=[0.25, 0.35, 0.4]))
+    if disease not in DISEASES:
+        raise DeepWMLError(f"unknown disease regime {disease!r}: use one of {', '.join(DISEASES)}")
+    scanner_id = int(rng.integers(N_SCANNERS)) if scanner_id is None else int(scanner_id)
+    scanner = dict(_scanner(scanner_id))
+    if matrix is not None:
+        scanner["matrix"] = int(matrix)
+        scanner["fov"] = min(scanner["fov"], matrix * 1.0)
+    if slice_thickness is not None:
+        scanner["thickness"] = float(slice_thickness)
+    skull = bool(rng.random() < 0.8) if skull is None else bool(skull)
+
+    lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
+    template_image = _render_template(rng, atlas, scanner, lesions, skull)
+    geo = _acquisition(rng, atlas, scanner)
+    clean, lesion_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"])
+
+    clean *= _bias_field(rng, clean.shape, scanner["bias"] * rng.uniform(0.6, 1.4))
+    sigma = scanner["noise"] * scanner["wm"] * rng.uniform(0.7, 1.3)
+    noisy = np.hypot(clean + rng.standard_normal(clean.shape, dtype=np.float32) * sigma,
+                     rng.standard_normal(clean.shape, dtype=np.float32) * sigma)
+    if scanner["zero_background"]:
+        noisy[ndimage.uniform_filter(clean, (1, 5, 5)) < 0.03 * scanner["wm"]] = 0
+    flair_array = np.clip(np.rint(noisy), 0, 65535).astype(np.uint16)
+    mask_array = (lesion_pv >= 0.5).astype(np.uint8)
+
+    flair = sitk.GetImageFromArray(flair_array)
+    flair.SetSpacing(geo["spacing"])
+    flair.SetOrigin(geo["origin"].tolist())
+    flair.SetDirection(geo["direction"].ravel().tolist())
+    mask = sitk.GetImageFromArray(mask_array)
+    mask.CopyInformation(flair)
+    voxel_ml = float(np.prod(geo["spacing"])) / 1000
+    meta = {
+        "centre": f"synth-scanner{scanner_id}",
+        "disease": disease,
+        "lesion_ml": round(float(lesions.sum()) / 1000 * geo["scale_det"], 4),
+        "mask_ml": round(float(mask_array.sum()) * voxel_ml, 4),
+        "slice_thickness_mm": round(geo["spacing"][2], 3),
+        "pixel_spacing_mm": round(geo["spacing"][0], 4),
+        "matrix": f"{geo['size'][0]}x{geo['size'][1]}",
+        "skull": int(skull),
+        **lesion_meta,
+    }
+    return flair, mask, meta
+
+
+def _write_case(args: tuple[int, int, str]) -> dict:
+    seed, index, out_dir = args
+    sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
+    flair, mask, meta = generate_case(case_rng(seed, index))
+    name = f"synth{seed}_{index:05d}"
+    out = Path(out_dir)
+    _write_atomic(flair, out / f"{name}_flair.nii.gz")
+    _write_atomic(mask, out / f"{name}_mask.nii.gz")
+    return {"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
+            "seed": f"{seed}:{index}", **meta}
+
+
+def _write_atomic(image: sitk.Image, path: Path) -> None:
+    try:
+        from .io import write_image
+    except ImportError:  # until io.write_image lands
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        sitk.WriteImage(image, str(tmp), True)
+        os.replace(tmp, path)
+        return
+    write_image(image, path)
+
+
+def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
+                     progress: Optional[Callable[[float, str], None]] = None,
+                     cancel: Optional[Callable[[], bool]] = None, workers: int = 1) -> Path:
+    """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
+
+    Case i depends only on (seed, i), whatever `workers` is.
+    """
+    if n < 1:
+        raise DeepWMLError(f"number of cases must be at least 1, got {n}")
+    _require_shared_dir()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(int(seed), i, str(out)) for i in range(n)]
+    rows = []
+    started = time.perf_counter()
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        if progress:
+            elapsed = time.perf_counter() - started
+            progress(len(rows) / n, f"case {len(rows)}/{n} ({elapsed / len(rows):.1f} s/case)")
+        if cancel and cancel():
+            raise Cancelled()
+
+    if workers <= 1:
+        for job in jobs:
+            if cancel and cancel():
+                raise Cancelled()
+            done(_write_case(job))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            try:
+                for row in pool.map(_write_case, jobs):
+                    done(row)
+            except Cancelled:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+    rows.sort(key=lambda r: r["case"])
+    manifest = out / "manifest.csv"
+    tmp = out / ".manifest.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*MANIFEST_COLUMNS, "lesion_source"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
+        description="Write N synthetic 2D axial FLAIR scans (uint16 NIfTI) with lesion masks and a "
+                    "manifest.csv (case,flair,mask,centre,disease,...) for training.")
+    parser.add_argument("-n", "--cases", type=int, required=True, help="number of cases")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
+    parser.add_argument("-j", "--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    def progress(fraction: float, message: str) -> None:
+        print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
+
+    manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers)
+    print(file=sys.stderr)
+    print(manifest)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .cli import main as cli_main
+    return cli_main(["synth", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

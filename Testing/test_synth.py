@@ -1,0 +1,96 @@
+"""Synthetic FLAIR generator: geometry, masks that match the image, determinism, data hygiene, CLI."""
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from DeepWMLLib import synth
+from DeepWMLLib.cli import main as cli_main
+
+needs_shared = pytest.mark.skipif(
+    synth._shared_data_dir() is None,
+    reason="shared data (../shared/data or DEEPWML_SHARED_DATA) not found: synthetic cases need its "
+           "MNI152 label map and lesion library")
+pytestmark = pytest.mark.shared
+
+
+@pytest.fixture(scope="module")
+def csvd_case():
+    return synth.generate_case(11, disease="synth-csvd", matrix=256, slice_thickness=3.0, skull=True)
+
+
+@needs_shared
+def test_flair_and_mask_share_an_oblique_clinical_grid(csvd_case):
+    flair, mask, _ = csvd_case
+    assert flair.GetPixelID() == sitk.sitkUInt16 and mask.GetPixelID() == sitk.sitkUInt8
+    assert flair.GetSize() == mask.GetSize()
+    assert np.allclose(flair.GetOrigin(), mask.GetOrigin())
+    assert np.allclose(flair.GetSpacing(), mask.GetSpacing())
+    assert np.allclose(flair.GetDirection(), mask.GetDirection())
+    sx, sy, sz = flair.GetSpacing()
+    assert 0.4 <= sx == sy <= 1.0 and 3.0 <= sz <= 8.0
+    direction = np.array(flair.GetDirection()).reshape(3, 3)
+    assert np.allclose(direction @ direction.T, np.eye(3), atol=1e-6)
+    assert direction[2, 2] > 0.9  # slices stack from foot to head, nearly axial
+    assert set(np.unique(sitk.GetArrayViewFromImage(mask))) <= {0, 1}
+
+
+@needs_shared
+def test_mask_marks_the_painted_bright_lesions(csvd_case):
+    flair, mask, meta = csvd_case
+    image = sitk.GetArrayFromImage(flair).astype(float)
+    lesions = sitk.GetArrayFromImage(mask).astype(bool)
+    assert meta["lesion_ml"] > 0.3
+    assert meta["mask_ml"] == pytest.approx(meta["lesion_ml"], rel=0.35)
+    around = np.zeros_like(lesions)
+    for z in range(lesions.shape[0]):  # in-plane ring: thick slices differ too much across z
+        around[z] = ndimage.binary_dilation(lesions[z], iterations=4) & ~ndimage.binary_dilation(lesions[z], iterations=1)
+    assert image[lesions].mean() > 1.15 * image[around].mean()
+
+
+@needs_shared
+def test_same_seed_same_case_other_seed_other_case():
+    a = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
+    b = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
+    c = synth.generate_case(synth.case_rng(5, 2), matrix=256, slice_thickness=6.0)
+    for x, y in zip(a[:2], b[:2]):
+        assert np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y))
+        assert x.GetOrigin() == y.GetOrigin() and x.GetDirection() == y.GetDirection()
+    assert a[2] == b[2]
+    assert a[0].GetOrigin() != c[0].GetOrigin()
+
+
+def test_evaluation_patients_never_enter_the_lesion_library(tmp_path):
+    folder = tmp_path / "open_ms" / "lesion_masks_mni"
+    folder.mkdir(parents=True)
+    for number in range(1, 31):
+        (folder / f"patient{number:02d}.nii.gz").touch()
+    names = {p.name for p in synth.lesion_library(tmp_path)}
+    assert len(names) == 27
+    assert not names & {"patient07.nii.gz", "patient19.nii.gz", "patient26.nii.gz"}
+
+
+@needs_shared
+def test_real_lesion_cases_use_training_patients_only():
+    sources = {synth.generate_case(synth.case_rng(0, i), disease="synth-ms", matrix=256,
+                                   slice_thickness=8.0)[2]["lesion_source"] for i in range(3)}
+    assert sources and all(s.startswith("patient") for s in sources)
+    assert not sources & synth.EXCLUDED_PATIENTS
+
+
+@needs_shared
+def test_cli_writes_cases_and_manifest(tmp_path, capsys):
+    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3"]) == 0
+    manifest = tmp_path / "out" / "manifest.csv"
+    with open(manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2
+    assert list(rows[0])[:5] == ["case", "flair", "mask", "centre", "disease"]
+    for row in rows:
+        assert row["centre"].startswith("synth-scanner") and row["disease"] in synth.DISEASES
+        flair = sitk.ReadImage(str(manifest.parent / row["flair"]))
+        mask = sitk.ReadImage(str(manifest.parent / row["mask"]))
+        assert flair.GetSize() == mask.GetSize()
