@@ -65,52 +65,64 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _dicom_series(folder: Path) -> tuple:
+    """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def is_dicom_folder(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+    return p.is_dir() and bool(_dicom_series(p))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """SimpleITK zero-fills a truncated NIfTI without a word: check the data is all there."""
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _check_nifti(path: Path) -> None:
+    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            header = f.read(540)
-            total = len(header)
-            while True:
-                chunk = f.read(1 << 22)
-                if not chunk:
-                    break
-                total += len(chunk)
+            data = f.read()
     except (EOFError, OSError, zlib.error) as exc:
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
-    if len(header) < 348:
+    if len(data) < 348:
         raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
     for endian in "<>":
-        if struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+        if struct.unpack(endian + "i", data[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", data[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
+            vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
             break
-        if struct.unpack(endian + "i", header[:4])[0] == 540:
-            dims = struct.unpack(endian + "8q", header[16:80])
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+        if struct.unpack(endian + "i", data[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
+            dims = struct.unpack(endian + "8q", data[16:80])
+            vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
             break
     else:
         return  # not a NIfTI header SimpleITK understands either; its reader gives the error
     ndim = max(1, min(int(dims[0]), 7))
     n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    expected = int(vox_offset) + n_voxels * max(1, bitpix) // 8
-    if total < expected:
+    expected = vox_offset + n_voxels * max(1, bitpix) // 8
+    if len(data) < expected:
         raise DeepWMLError(
-            f"{path} is truncated: it holds {total} of the {expected} bytes its header announces; "
+            f"{path} is truncated: it holds {len(data)} of the {expected} bytes its header announces; "
             "copy the file again from its source"
         )
+    if datatype in _NIFTI_FLOAT_TYPES:
+        values = np.frombuffer(data, dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=n_voxels, offset=vox_offset)
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
 def _read_file(path: Path) -> sitk.Image:
@@ -120,7 +132,7 @@ def _read_file(path: Path) -> sitk.Image:
             "MetaImage (.mha, .mhd) or a DICOM series folder"
         )
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+        _check_nifti(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -134,7 +146,7 @@ def _read_file(path: Path) -> sitk.Image:
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+    series = _dicom_series(path)
     if not series:
         raise DeepWMLError(f"{path} is a folder without a DICOM series or image files")
     if len(series) > 1:

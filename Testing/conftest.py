@@ -1,0 +1,89 @@
+"""Shared fixtures: synthetic volumes with awkward geometry and a tiny model that runs in milliseconds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepWMLLib.io import shared_data_dir
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rotation(ax: float, ay: float, az: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, origin=(-20.0, 15.0, -30.0),
+                blobs=((0.5, 0.5, 0.5, 4.0),), seed=0, dtype=sitk.sitkFloat32) -> tuple[sitk.Image, sitk.Image]:
+    """A head-like ellipse of tissue with bright spherical lesions; returns (flair, true mask).
+
+    `blobs` are (fx, fy, fz, radius_mm) with positions as fractions of the grid along i, j, k.
+    """
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    sp = np.array(spacing)
+    centre = (np.array(size) - 1) / 2
+    d = ((i - centre[0]) * sp[0]) ** 2 / (0.42 * size[0] * sp[0]) ** 2 + ((j - centre[1]) * sp[1]) ** 2 / (0.42 * size[1] * sp[1]) ** 2
+    head = d < 1
+    flair = np.where(head, 300.0, 20.0) + rng.normal(0, 4, head.shape)
+    mask = np.zeros(head.shape, np.uint8)
+    for fx, fy, fz, radius in blobs:
+        c = np.array([fx, fy, fz]) * (np.array(size) - 1)
+        r2 = ((i - c[0]) * sp[0]) ** 2 + ((j - c[1]) * sp[1]) ** 2 + ((k - c[2]) * sp[2]) ** 2
+        mask |= (r2 <= radius**2).astype(np.uint8)
+    flair[mask > 0] = 700.0
+    image = sitk.GetImageFromArray(flair.astype(np.float32))
+    image = sitk.Cast(image, dtype)
+    truth = sitk.GetImageFromArray(mask)
+    for im in (image, truth):
+        im.SetSpacing(spacing)
+        im.SetOrigin(origin)
+        im.SetDirection(tuple(np.eye(3).ravel() if direction is None else np.asarray(direction, float).ravel()))
+    return image, truth
+
+
+def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0) -> Path:
+    from DeepWMLLib.checkpoint import save_model
+    from DeepWMLLib.model import build_model
+    from DeepWMLLib.preprocessing import PreprocessingConfig
+
+    torch.manual_seed(seed)
+    config = {"base_channels": 4, "depth": 2}
+    save_model(path, build_model(config), config, PreprocessingConfig(grid_size=grid, grid_spacing_mm=spacing_mm),
+               0.5, {"kind": "test fixture"})
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> Path:
+    return tiny_model_file(tmp_path / "tiny.pt")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("../shared/data (or DEEPWML_SHARED_DATA) is absent: real-data tests skipped")
+    return root
+
+
+def oracle_network(monkeypatch, level: float = 3.0) -> None:
+    """Replace the network by 'bright means lesion' so geometry is tested independently of any weights."""
+    import DeepWMLLib.inference as inference
+
+    def predict(slices, loaded, device, batch_size, tta=False, progress=None, cancel=None, done=0.0, share=1.0):
+        return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
+
+    monkeypatch.setattr(inference, "predict_network_slices", predict)

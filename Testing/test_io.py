@@ -1,0 +1,164 @@
+"""Reading: every supported format, and a clear one-line DeepWMLError for every input we refuse."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import io
+from DeepWMLLib.errors import DeepWMLError
+
+from conftest import make_volume, rotation
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+def test_formats_keep_geometry(tmp_path, ext):
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.7, 0.8, 4.0), direction=rotation(0.2, -0.1, 0.3),
+                           dtype=sitk.sitkInt16)
+    path = tmp_path / f"case{ext}"
+    sitk.WriteImage(image, str(path))
+    read = io.read_image(path)
+    assert read.GetPixelID() == sitk.sitkFloat32
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
+
+
+def test_dicom_series_folder(tmp_path):
+    image, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = tmp_path / "FLAIR_series"
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for key, value in {
+            "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": "1.2.3.4.5", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in origin),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+            "0028|0030": "0.8\\0.8", "0018|0050": "5.0",
+        }.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+    assert io.is_dicom_folder(folder)
+    read = io.read_image(folder)
+    assert read.GetSize() == image.GetSize()
+    assert np.allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-3)
+    assert io.case_name(folder) == "FLAIR_series"
+
+
+def _write(path, array, spacing=None):
+    image = sitk.GetImageFromArray(array, isVector=array.ndim == 4 and array.shape[-1] == 3)
+    if spacing:
+        image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def bad_inputs(tmp_path):
+    """(name, path, words the message must contain)."""
+    good, _ = make_volume(size=(20, 16, 6))
+    sitk.WriteImage(good, str(tmp_path / "good.nii.gz"))
+    data = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    raw = gzip.decompress(data)
+    (tmp_path / "truncated_raw.nii").write_bytes(raw[: len(raw) - 500])
+    (tmp_path / "text.nii.gz").write_text("this is not an image\n")
+    (tmp_path / "text.nrrd").write_text("hello\n")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    (tmp_path / "flair.png.txt").write_text("x")
+    nan = sitk.GetArrayFromImage(good)
+    nan[2, 3, 4] = np.nan
+    nan[1, 1, 1] = np.inf
+    return [
+        ("missing", tmp_path / "nope.nii.gz", "does not exist"),
+        ("truncated gzip", tmp_path / "truncated.nii.gz", "truncated"),
+        ("truncated raw", tmp_path / "truncated_raw.nii", "truncated"),
+        ("text as nifti", tmp_path / "text.nii.gz", "truncated or corrupt"),
+        ("text as nrrd", tmp_path / "text.nrrd", "cannot be read"),
+        ("empty file", tmp_path / "empty.nii.gz", "empty file"),
+        ("unsupported extension", tmp_path / "flair.png.txt", "unsupported file type"),
+        ("2D image", _write(tmp_path / "slice.nii.gz", np.ones((30, 40), np.float32)), "2D image"),
+        ("4D image", _write(tmp_path / "dwi.nii.gz", np.random.rand(3, 4, 5, 6).astype(np.float32)), "4D image"),
+        ("RGB image", _write(tmp_path / "rgb.mha", np.random.rand(4, 5, 6, 3).astype(np.float32)), "values per voxel"),
+        ("constant", _write(tmp_path / "zeros.nii.gz", np.zeros((5, 6, 7), np.int16)), "constant"),
+        ("non-finite", _write(tmp_path / "nan.nii.gz", nan), "non-finite"),
+        ("empty folder", tmp_path, "without a DICOM series"),
+    ]
+
+
+def test_bad_inputs_raise_one_clear_line(tmp_path):
+    for name, path, words in bad_inputs(tmp_path):
+        if name == "empty folder":
+            path = tmp_path / "emptydir"
+            path.mkdir()
+        with pytest.raises(DeepWMLError) as info:
+            io.read_image(path)
+        message = str(info.value)
+        assert words in message, f"{name}: {message}"
+        assert "\n" not in message, name
+
+
+def test_four_d_with_one_volume_is_accepted(tmp_path):
+    array = np.random.rand(1, 6, 7, 8).astype(np.float32)
+    path = _write(tmp_path / "one.nii.gz", array)
+    assert io.read_image(path).GetSize() == (8, 7, 6)
+
+
+def test_mask_on_other_grid_is_refused(tmp_path):
+    image, truth = make_volume(size=(20, 16, 6))
+    for change in ("spacing", "origin", "direction", "size"):
+        other = sitk.Image(truth) if change != "size" else truth[:, :, :5]
+        if change == "spacing":
+            other.SetSpacing((0.9, 0.9, 4.0))
+        elif change == "origin":
+            other.SetOrigin((0, 0, 0))
+        elif change == "direction":
+            other.SetDirection(rotation(0.05, 0, 0).ravel())
+        path = tmp_path / f"mask_{change}.nii.gz"
+        sitk.WriteImage(other, str(path))
+        with pytest.raises(DeepWMLError, match=change):
+            io.read_mask(path, reference=image)
+
+
+def test_mask_with_fractional_values_is_refused(tmp_path):
+    path = _write(tmp_path / "prob.nii.gz", np.full((4, 5, 6), 0.3, np.float32))
+    with pytest.raises(DeepWMLError, match="not a label mask"):
+        io.read_mask(path)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    image, _ = make_volume(size=(10, 10, 3))
+    target = tmp_path / "out.nii.gz"
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", broken_write)
+    with pytest.raises(DeepWMLError, match="cannot write"):
+        io.write_image(image, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_into_missing_folder_is_refused(tmp_path):
+    image, _ = make_volume(size=(10, 10, 3))
+    with pytest.raises(DeepWMLError, match="does not exist"):
+        io.write_image(image, tmp_path / "no" / "out.nii.gz")
+
+
+def test_segmentation_file_round_trip_oblique(tmp_path):
+    _, truth = make_volume(size=(24, 20, 7), spacing=(0.6, 0.7, 5.0), direction=rotation(0.3, 0.1, -0.4))
+    path = io.write_segmentation(truth, tmp_path / "case.seg.nrrd")
+    back = io.read_segmentation(path, "WMH")
+    assert io.grid_difference(back, truth) is None
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(truth))
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in seg["segments"]] == ["WMH"]
+    assert np.allclose(seg["ijkToLPS"], io.ijk_to_lps(truth))
