@@ -10,7 +10,7 @@ Three families of metrics, each as its paper defines it:
   mask minus its 2D in-plane erosion with a 3x3 square, the image border counting as foreground as
   in SimpleITK's BinaryErode; boundary voxels placed at their physical LPS positions using origin,
   spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
-  distances); AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D
+  distances; a mask filling whole slices, which has no such boundary, uses all its voxels); AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D
   26-connected components, a lesion counting as detected when any of its voxels overlaps.
 * CSVD-WMH (Tiantan): lesion-wise precision, recall and Dice, where a reference lesion (26-connected
   component) is found when at least 40 % of its voxels are marked by the prediction, and a predicted
@@ -270,7 +270,9 @@ class MaskPair:
         structure[tuple(plane)] = True
         crop = mask[box]
         eroded = ndimage.binary_erosion(crop, structure=structure, border_value=1)
-        return np.argwhere(crop & ~eroded) + lo
+        boundary = np.argwhere(crop & ~eroded) + lo
+        # A mask filling whole slices has no in-plane boundary: then every voxel stands for it.
+        return boundary if len(boundary) else found
 
     def hd95_mm(self) -> float:
         _, n_pred, n_ref = self.counts
