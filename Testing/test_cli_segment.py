@@ -1,0 +1,164 @@
+"""`deepwml segment` end to end: outputs, summary, exit codes, one-line errors, nothing overwritten."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+
+from conftest import make_volume, oracle_network, rotation
+
+
+def write_case(folder, name, **kwargs):
+    image, truth = make_volume(**kwargs)
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    return path, truth
+
+
+def read_summary(out):
+    with open(out / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_outputs_on_input_grid(tmp_path, tiny_model, monkeypatch, capsys):
+    oracle_network(monkeypatch)
+    path, truth = write_case(tmp_path, "oblique_case", size=(60, 50, 9), spacing=(0.8, 0.7, 5.0),
+                             direction=rotation(0.2, 0.1, -0.3), blobs=((0.5, 0.5, 0.5, 8.0),))
+    out = tmp_path / "out"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # input untouched
+    mask = sitk.ReadImage(str(out / "oblique_case_wmh.nii.gz"))
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    assert io.grid_difference(mask, truth) is None
+    assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
+    seg = io.read_segmentation(out / "oblique_case.seg.nrrd", "WMH")
+    assert io.grid_difference(seg, truth) is None
+    assert np.array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(mask))
+    prob = sitk.ReadImage(str(out / "oblique_case_prob.nii.gz"))
+    assert prob.GetPixelID() == sitk.sitkFloat32 and io.grid_difference(prob, truth) is None
+    p = sitk.GetArrayFromImage(prob)
+    assert p.min() >= 0 and p.max() <= 1
+    report = json.loads((out / "oblique_case_report.json").read_text())
+    for key in ("case", "input", "volume_ml", "lesion_count", "slices", "lesions", "model", "device", "seconds"):
+        assert key in report
+    true_ml = sitk.GetArrayFromImage(truth).sum() * np.prod(truth.GetSpacing()) / 1000
+    assert report["volume_ml"] == pytest.approx(true_ml, rel=0.35)
+    assert report["lesion_count"] == 1
+    assert len(report["slices"]) == 9 and report["device"] == "cpu"
+    rows = read_summary(out)
+    assert rows[0]["case"] == "oblique_case" and rows[0]["status"] == "ok"
+
+
+def test_folder_of_cases_with_one_bad_case(tmp_path, tiny_model, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    write_case(cases, "a", size=(32, 32, 4))
+    write_case(cases, "b", size=(32, 32, 4), spacing=(1.0, 1.0, 6.0))
+    (cases / "broken.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    (cases / "notes.txt").write_text("ignored: not an image")
+    out = tmp_path / "out"
+    code = main(["segment", str(cases), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"])
+    assert code == 1
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert set(rows) == {"a", "b", "broken"}
+    assert rows["a"]["status"] == rows["b"]["status"] == "ok"
+    assert rows["broken"]["status"] == "error" and "corrupt" in rows["broken"]["error"]
+    assert (out / "a_wmh.nii.gz").exists() and not (out / "broken_wmh.nii.gz").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(args) == 0
+    mask_file = out / "c_wmh.nii.gz"
+    mask_file.write_bytes(b"user edited")
+    assert main(args) == 0
+    assert mask_file.read_bytes() == b"user edited"
+    assert read_summary(out)[0]["status"] == "skipped"
+    assert main(args + ["--overwrite"]) == 0
+    assert mask_file.read_bytes() != b"user edited"
+
+
+def test_ensemble_and_tta_run(tmp_path):
+    from conftest import tiny_model_file
+
+    models = [str(tiny_model_file(tmp_path / f"m{i}.pt", seed=i)) for i in range(2)]
+    path, _ = write_case(tmp_path, "e", size=(32, 32, 4))
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", *models, "--tta", "--device", "cpu"]) == 0
+    report = json.loads((out / "e_report.json").read_text())
+    assert report["model"] == ["m0.pt", "m1.pt"] and report["tta"] is True
+
+
+def test_ensemble_averages_probabilities(tiny_model, tmp_path):
+    from conftest import tiny_model_file
+    from DeepWMLLib.inference import predict_probabilities
+    from DeepWMLLib.segment import load_models
+
+    image, _ = make_volume(size=(32, 32, 4))
+    m1, m2 = load_models([tiny_model, tiny_model_file(tmp_path / "other.pt", seed=5)])
+    p1, _ = predict_probabilities(image, [m1], "cpu")
+    p2, _ = predict_probabilities(image, [m2], "cpu")
+    both, _ = predict_probabilities(image, [m1, m2], "cpu")
+    assert np.allclose(both, (p1 + p2) / 2, atol=1e-5)
+
+
+def test_progress_and_cancel(tiny_model):
+    from DeepWMLLib.errors import Cancelled
+    from DeepWMLLib.segment import load_models, segment_image
+
+    image, _ = make_volume(size=(32, 32, 12))
+    seen = []
+    segment_image(image, load_models([tiny_model]), "cpu", batch_size=2, progress=lambda f, m: seen.append(f))
+    assert seen[-1] == 1.0 and seen == sorted(seen) and len(seen) > 3
+    with pytest.raises(Cancelled):
+        segment_image(image, load_models([tiny_model]), "cpu", cancel=lambda: True)
+
+
+def test_usage_and_input_errors_are_one_line(tmp_path, tiny_model, capsys):
+    assert main(["segment", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "o"),
+                 "--model", str(tiny_model)]) == 1
+    rows = read_summary(tmp_path / "o")
+    assert rows[0]["status"] == "error" and "does not exist" in rows[0]["error"]
+    with pytest.raises(SystemExit) as info:
+        main(["segment", "x.nii.gz"])  # no -o
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["segment", "x.nii.gz", "-o", "o", "--threshold", "1.5"])
+    assert info.value.code == 2
+    capsys.readouterr()
+    assert main(["segment", "x.nii.gz", "-o", str(tmp_path / "o2"), "--model", str(tmp_path / "nomodel.pt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "Traceback" not in err[0]
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(tmp_path, tiny_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    path, _ = write_case(tmp_path, "g", size=(32, 32, 4))
+    assert main(["segment", str(path), "-o", str(tmp_path / "o"), "--model", str(tiny_model), "--device", "cuda"]) == 1
+    assert "no CUDA GPU" in read_summary(tmp_path / "o")[0]["error"]
+
+
+def test_console_script_runs_as_a_process(tmp_path, tiny_model):
+    path, _ = write_case(tmp_path, "p", size=(32, 32, 4))
+    proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(tmp_path / "o"),
+                           "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1/1 cases done" in proc.stderr

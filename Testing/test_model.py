@@ -1,0 +1,86 @@
+"""The U-Net's shapes and size, and the self-describing model file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from DeepWMLLib.checkpoint import FORMAT_VERSION, load_model, load_payload, save_model
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.model import PAPER_CONFIG, build_model, count_flops
+from DeepWMLLib.preprocessing import PreprocessingConfig
+
+
+def test_paper_unet_shape_and_size():
+    model = build_model(PAPER_CONFIG)
+    # The original U-Net with 64..1024 channels and padded 3x3 convolutions has 31.0 M parameters.
+    assert sum(p.numel() for p in model.parameters()) == 31_030_593
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 1, 64, 64))
+    assert out.shape == (1, 1, 64, 64)
+    assert count_flops(model, (256, 256)) == pytest.approx(96.2e9, rel=0.01)
+
+
+@pytest.mark.parametrize("base,depth,bn", [(8, 2, False), (4, 3, True)])
+def test_config_variants(base, depth, bn):
+    model = build_model({"base_channels": base, "depth": depth, "batch_norm": bn})
+    assert model.head.in_channels == base
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == bn
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+
+
+def test_bad_config_refused():
+    with pytest.raises(ValueError):
+        build_model({"name": "resnet"})
+    with pytest.raises(ValueError):
+        build_model({"base_channels": 0})
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_model_file_round_trip(tmp_path, fp16):
+    torch.manual_seed(1)
+    config = {"base_channels": 4, "depth": 2, "batch_norm": True}
+    model = build_model(config).eval()
+    prep = PreprocessingConfig(grid_size=(128, 96), grid_spacing_mm=1.1)
+    path = save_model(tmp_path / "m.pt", model, config, prep, 0.35, {"epochs": 3}, fp16=fp16)
+    loaded = load_model(path)
+    assert loaded.config["base_channels"] == 4 and loaded.config["batch_norm"] is True
+    assert loaded.preprocessing == prep
+    assert loaded.threshold == 0.35
+    assert loaded.labels["1"] == "WMH"
+    assert loaded.provenance["epochs"] == 3 and "created" in loaded.provenance
+    x = torch.randn(1, 1, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(x), model(x), atol=2e-2 if fp16 else 1e-6)
+    payload = load_payload(path)  # loads with weights_only=True: plain types and tensors only
+    assert payload["format_version"] == FORMAT_VERSION
+
+
+def test_corrupt_and_foreign_model_files(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(DeepWMLError, match="not a readable"):
+        load_model(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(DeepWMLError, match="not a DeepWML model"):
+        load_model(tmp_path / "foreign.pt")
+    with pytest.raises(DeepWMLError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+
+
+def test_newer_format_version_refused(tmp_path):
+    config = {"base_channels": 4, "depth": 1}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig())
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(DeepWMLError, match="update DeepWML"):
+        load_model(path)
+
+
+def test_truncated_model_file(tmp_path):
+    config = {"base_channels": 4, "depth": 1}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DeepWMLError):
+        load_model(path)

@@ -1,0 +1,67 @@
+"""The lesion report's figures on masks whose true values are known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib.report import lesion_report
+
+from conftest import rotation
+
+
+def mask_image(array_kji, spacing=(0.5, 0.8, 5.0), direction=None, origin=(10.0, -20.0, 30.0)):
+    image = sitk.GetImageFromArray(array_kji.astype(np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(tuple(np.eye(3).ravel() if direction is None else np.asarray(direction).ravel()))
+    return image
+
+
+def test_volumes_counts_and_slices_on_oblique_anisotropic_grid():
+    a = np.zeros((6, 40, 50), np.uint8)
+    a[1:4, 10:20, 10:30] = 1  # 3 slices × 200 voxels, voxel 0.5×0.8×5 = 2 mm³
+    a[5, 30:32, 40:41] = 1  # 2 voxels, a separate lesion
+    d = rotation(0.2, -0.1, 0.4)
+    report = lesion_report(mask_image(a, direction=d))
+    assert report["volume_ml"] == pytest.approx(602 * 2.0 / 1000)
+    assert report["lesion_count"] == 2
+    big, small = report["lesions"]
+    assert big["volume_ml"] == pytest.approx(1.2) and small["volume_ml"] == pytest.approx(0.004)
+    assert big["slice_range"] == [1, 3] and small["slice_range"] == [5, 5]
+    # centroid of the big block: index (19.5, 14.5, 2) through the oblique geometry
+    expected = np.array([10.0, -20.0, 30.0]) + d @ (np.array([19.5, 14.5, 2.0]) * np.array([0.5, 0.8, 5.0]))
+    assert np.allclose(big["centroid_mm"], expected, atol=0.01)
+    slices = report["slices"]
+    assert len(slices) == 6
+    assert slices[2]["area_mm2"] == pytest.approx(200 * 0.4)
+    assert slices[2]["lv_ml"] == pytest.approx(200 * 0.4 * 5 / 1000)
+    assert slices[2]["lv_group"] == "G2" and slices[0]["lv_group"] is None
+
+
+@pytest.mark.parametrize("pixels,group", [(99, "G1"), (100, "G2"), (349, "G2"), (350, "G3"), (999, "G3"),
+                                          (1000, "G4"), (2499, "G4"), (2500, "G5")])
+def test_lv_groups_follow_the_paper(pixels, group):
+    # 1 mm² pixels, 2 mm slices: LV (ml) = pixels × 2 / 1000 -> boundaries 0.2, 0.7, 2, 5 ml
+    a = np.zeros((1, 60, 60), np.uint8)
+    a.reshape(-1)[:pixels] = 1
+    report = lesion_report(mask_image(a, spacing=(1.0, 1.0, 2.0)))
+    assert report["slices"][0]["lv_group"] == group
+
+
+def test_empty_mask_reports_zero():
+    report = lesion_report(mask_image(np.zeros((4, 10, 10), np.uint8)))
+    assert report["volume_ml"] == 0 and report["lesion_count"] == 0 and report["lesions"] == []
+    assert all(s["lv_group"] is None for s in report["slices"])
+
+
+def test_slice_index_follows_the_file_axis_for_permuted_files():
+    # the axial axis stored as the file's first axis: slice index = voxel index i
+    a = np.zeros((20, 20, 7), np.uint8)  # numpy (k, j, i): i has 7 voxels
+    a[5:8, 5:8, 4] = 1
+    direction = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], float)  # axis i points superior
+    report = lesion_report(mask_image(a, spacing=(4.0, 1.0, 1.0), direction=direction))
+    assert len(report["slices"]) == 7
+    assert [s["index"] for s in report["slices"] if s["area_mm2"] > 0] == [4]
+    assert report["lesions"][0]["slice_range"] == [4, 4]
