@@ -1,0 +1,1130 @@
+"""Headless training of the 2D U-Net: `deepwml train`, `python -m DeepWMLLib.train`, or `train()`.
+
+The recipe follows the DeepWML paper (Zhang et al. 2021): 2D axial slices on the network grid,
+BCE + Dice loss, Adam at 1e-4, random flips and ±10° rotations, 60/20/20 split of the cases
+stratified by centre and disease, the best epoch chosen on validation Dice. From the MICCAI 2017
+winner (Li et al.): shear and scale augmentation and ensembles of models trained from different
+seeds. From the CSVD-WMH system (Tiantan 2022): intensity augmentation (contrast, gamma, bias
+field, noise), learning-rate reduction on plateau and early stopping.
+
+Slices are prepared exactly as inference prepares them (`prepare_volume` mirrors
+`inference.predict_probabilities`): the same head mask, normalisation, network grid and the same
+rule for skipping slices without head. They are cached once per run folder as .npy memmaps.
+
+Reproducibility: every random choice of an epoch (which slices, crops, augmentations) comes from
+generators seeded by (seed, epoch[, rank]), and `last.pt` (weights, optimiser, scheduler, history,
+early-stopping state) is written atomically after every epoch, so a run killed at any moment and
+resumed gives on CPU bit for bit the weights an uninterrupted run gives (same thread count).
+
+Run folder (single model; with `ensemble` N the per-model files go to model_0 .. model_{N-1}):
+    config.json     the training configuration (a resume must match it)
+    split.csv       case, centre, disease, split (train / val / test)
+    cache/          prepared network-grid slices (float16 images, uint8 labels) per split
+    skipped_cases.csv   cases left out by `skip_bad_cases`, with the reason (only when any)
+    history.csv     one row per epoch
+    last.pt         full training state for resuming
+    best.pt         self-describing model file of the best validation epoch (`deepwml segment --model`)
+
+This module imports torch only inside functions so that `deepwml --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import io
+from .errors import Cancelled, DeepWMLError
+from .preprocessing import PreprocessingConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[float, str], None]
+
+STATE_FORMAT = "deepwml-training-state"
+STATE_VERSION = 1
+SPLITS = ("train", "val", "test")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_dice", "val_sensitivity", "val_precision", "lr", "seconds")
+
+DEFAULT_AUGMENTATION = {
+    "flip": True,  # left-right, p = 0.5 (paper)
+    "rotate_deg": 10.0,  # uniform ± (paper)
+    "shear_deg": 18.0,  # uniform ± (MICCAI winner)
+    "scale": [0.9, 1.1],  # uniform (MICCAI winner)
+    "contrast": [0.75, 1.25],  # multiplies the normalised image, p = 0.5 (CSVD)
+    "gamma": [0.7, 1.5],  # log-uniform, p = 0.5 (CSVD)
+    "bias_field": 0.3,  # max amplitude of a smooth multiplicative field, p = 0.5 (CSVD)
+    "noise_std": 0.1,  # Gaussian noise, std up to this in normalised units, p = 0.5 (CSVD)
+}
+_INTENSITY_P = 0.5
+
+# Settings that may change when a run is resumed: they change where and how long it runs, not what
+# it computes (on CPU the thread count can change the last bits; see the module docstring).
+_RUNTIME_KEYS = ("epochs", "device", "threads", "skip_bad_cases")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    manifest: str = ""
+    split: str | None = None  # a split CSV (case, split) instead of the seeded stratified split
+    architecture: dict = field(default_factory=lambda: {"name": "unet2d", "base_channels": 64, "depth": 4,
+                                                        "batch_norm": False})
+    preprocessing: dict = field(default_factory=lambda: PreprocessingConfig().to_dict())
+    epochs: int = 200
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    samples_per_epoch: int | None = None  # default: the number of training slices
+    lesion_fraction: float | None = None  # share of slices with lesion per epoch; None: as in the data
+    patch_size: int | None = None  # random square crops for cheaper training; None: whole grid
+    augmentation: dict = field(default_factory=lambda: dict(DEFAULT_AUGMENTATION))
+    dice_weight: float = 1.0  # loss = BCE + dice_weight * (1 - soft Dice)
+    threshold: float = 0.5
+    seed: int = 0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    plateau_patience: int | None = None  # ReduceLROnPlateau on val Dice when set
+    plateau_factor: float = 0.5
+    early_stopping_patience: int | None = None  # stop after this many epochs without a better val Dice
+    ensemble: int = 1
+    amp: bool = True  # mixed precision on GPU
+    device: str = "auto"
+    threads: int | None = None
+    skip_bad_cases: bool = False
+
+    @classmethod
+    def coerce(cls, config: "dict | TrainConfig") -> "TrainConfig":
+        if isinstance(config, TrainConfig):
+            config = config.to_dict()
+        config = dict(config or {})
+        unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DeepWMLError(f"unknown training settings {unknown}; see `deepwml train --help`")
+        cfg = cls(**config)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def validate(self) -> None:
+        from .model import size_multiple, validate_config
+
+        if not self.manifest:
+            raise DeepWMLError("no manifest given; pass the manifest CSV (columns case, flair, mask)")
+        self.manifest = str(Path(self.manifest).expanduser().resolve())
+        if self.split:
+            self.split = str(Path(self.split).expanduser().resolve())
+        try:
+            self.architecture = validate_config(self.architecture)
+            self.preprocessing = PreprocessingConfig.from_dict(self.preprocessing).to_dict()
+        except ValueError as exc:
+            raise DeepWMLError(f"{exc}; fix the architecture or preprocessing settings") from exc
+        augmentation = dict(DEFAULT_AUGMENTATION)
+        unknown = sorted(set(self.augmentation) - set(augmentation))
+        if unknown:
+            raise DeepWMLError(f"unknown augmentation settings {unknown}; known: {sorted(augmentation)}")
+        augmentation.update(self.augmentation)
+        self.augmentation = augmentation
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "ensemble": self.ensemble}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise DeepWMLError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not self.learning_rate > 0:
+            raise DeepWMLError(f"learning rate must be positive, got {self.learning_rate!r}")
+        if self.lesion_fraction is not None and not 0 <= self.lesion_fraction <= 1:
+            raise DeepWMLError(f"lesion fraction must be between 0 and 1, got {self.lesion_fraction!r}")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise DeepWMLError("validation and test fractions must leave cases for training (e.g. 0.2 and 0.2)")
+        multiple = size_multiple(self.architecture)
+        grid = self.preprocessing["grid_size"]
+        if any(g % multiple for g in grid):
+            raise DeepWMLError(f"grid size {grid} must be a multiple of {multiple} for a U-Net of depth "
+                               f"{self.architecture['depth']}")
+        if self.patch_size is not None:
+            if self.patch_size % multiple or not multiple <= self.patch_size <= min(grid):
+                raise DeepWMLError(f"patch size {self.patch_size} must be a multiple of {multiple} "
+                                   f"and at most the grid size {min(grid)}")
+            if self.patch_size == min(grid) == max(grid):
+                self.patch_size = None
+
+    def member(self, k: int) -> "TrainConfig":
+        """The configuration of ensemble member k (its own seed)."""
+        return dataclasses.replace(self, seed=self.seed + k, ensemble=1)
+
+
+def _config_differences(stored: dict, current: dict) -> list[str]:
+    keys = sorted((set(stored) | set(current)) - set(_RUNTIME_KEYS))
+    return [k for k in keys if stored.get(k) != current.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and split
+
+
+@dataclass(frozen=True)
+class Case:
+    case: str
+    flair: str
+    mask: str
+    centre: str = ""
+    disease: str = ""
+
+
+def read_manifest(path: str | os.PathLike) -> list[Case]:
+    """Cases of a manifest CSV: columns case, flair, mask (centre, disease optional); paths may be
+    relative to the CSV's folder. Raises DeepWMLError on a missing file, missing column or duplicate."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns case, flair, mask")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+            columns = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DeepWMLError(f"manifest {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
+    missing = [c for c in ("case", "flair", "mask") if c not in columns]
+    if not rows or missing:
+        raise DeepWMLError(f"manifest {path} needs the columns case, flair, mask (missing: {', '.join(missing) or 'all rows'}); "
+                           "add a header line such as 'case,flair,mask'")
+    cases, seen = [], set()
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row["case"] or not row["flair"] or not row["mask"]:
+            raise DeepWMLError(f"manifest {path} line {line}: case, flair and mask must all be filled in")
+        if row["case"] in seen:
+            raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} appears twice; case names must be unique")
+        seen.add(row["case"])
+        cases.append(Case(row["case"], str((path.parent / row["flair"]).resolve()), str((path.parent / row["mask"]).resolve()),
+                          row.get("centre", ""), row.get("disease", "")))
+    return cases
+
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stratified_split(cases: list[Case], seed: int, val_fraction: float = 0.2, test_fraction: float = 0.2) -> dict[str, str]:
+    """case -> 'train' | 'val' | 'test', stratified by (centre, disease), deterministic by seed.
+
+    Cases are shuffled within each stratum and the strata laid end to end; walking that list, each
+    case goes to the set furthest behind its quota. Every stratum is then split within one case of
+    the fractions, and strata too small to split (one or two cases) alternate between the sets
+    instead of all landing in training, so the overall fractions hold too.
+    """
+    rng = np.random.default_rng(seed)
+    strata: dict[tuple, list[str]] = {}
+    for c in sorted(cases, key=lambda c: c.case):
+        strata.setdefault((c.centre, c.disease), []).append(c.case)
+    order = [name for key in sorted(strata) for name in rng.permutation(strata[key]).tolist()]
+    fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    counts = dict.fromkeys(SPLITS, 0)
+    assignment = {}
+    for i, name in enumerate(order, start=1):
+        chosen = max(SPLITS, key=lambda s: (round(i * fractions[s] - counts[s], 9), -SPLITS.index(s)))
+        counts[chosen] += 1
+        assignment[name] = chosen
+    return assignment
+
+
+def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DeepWMLError(f"split file {path} does not exist; pass a CSV with columns case, split")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    if not rows or "case" not in rows[0] or "split" not in rows[0]:
+        raise DeepWMLError(f"split file {path} needs the columns case, split (train, val or test)")
+    known = {c.case for c in cases}
+    assignment = {}
+    for row in rows:
+        if row["split"] not in SPLITS:
+            raise DeepWMLError(f"split file {path}: case {row['case']!r} has split {row['split']!r}; use train, val or test")
+        if row["case"] not in known:
+            raise DeepWMLError(f"split file {path}: case {row['case']!r} is not in the manifest")
+        assignment[row["case"]] = row["split"]
+    absent = sorted(known - set(assignment))
+    if absent:
+        raise DeepWMLError(f"split file {path} does not assign {len(absent)} manifest case(s) ({', '.join(absent[:3])}...)")
+    return assignment
+
+
+def write_split(path: Path, cases: list[Case], assignment: dict[str, str]) -> None:
+    lines = ["case,centre,disease,split"]
+    lines += [",".join(_csv_field(v) for v in (c.case, c.centre, c.disease, assignment[c.case])) for c in cases]
+    io.write_text("\n".join(lines) + "\n", path)
+
+
+def _csv_field(value: str) -> str:
+    return f'"{value}"' if any(ch in value for ch in ',"\n') and not value.startswith('"') else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation (must match inference exactly)
+
+
+def prepare_volume(image, mask, preprocessing: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """Network-grid slices of one case as inference sees them.
+
+    Returns (images float32 [n, H, W], labels bool [n, H, W], lesion voxels on skipped slices):
+    only the slices inference segments (enough head) are kept; lesion on the others can never be
+    found, and validation counts it as missed.
+    """
+    from .inference import MIN_HEAD_FRACTION
+    from .preprocessing import NetworkGrid, head_mask, normalise_intensity
+
+    stack, frame = io.to_axial_stack(image)
+    labels, _ = io.to_axial_stack(mask)
+    lesion = (labels > 0).astype(np.float32)  # any positive label is lesion, as in metrics
+    head = head_mask(stack)
+    normalised = normalise_intensity(stack, head)
+    keep = head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION
+    grid = NetworkGrid.plan(frame, preprocessing, head)
+    images = grid.to_network(normalised[keep])
+    network_labels = grid.to_network(lesion[keep]) > 0.5
+    return images, network_labels, int(lesion[~keep].sum())
+
+
+def _case_key(case: Case, preprocessing: dict) -> str:
+    parts = [case.case, preprocessing]
+    for p in (case.flair, case.mask):
+        st = os.stat(p)
+        parts.append([p, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@dataclass
+class SliceSet:
+    """The cached slices of one split: memmapped arrays plus per-slice facts."""
+
+    images: np.ndarray  # float16 [N, H, W]
+    labels: np.ndarray  # uint8 [N, H, W]
+    case_index: np.ndarray  # int32 [N]
+    lesion_pixels: np.ndarray  # int64 [N]
+    cases: list
+    missed_lesion_voxels: int  # lesion on slices inference skips (counted as missed)
+
+    @classmethod
+    def open(cls, folder: Path, split: str) -> "SliceSet":
+        meta = json.loads((folder / f"{split}.json").read_text())
+        index = np.load(folder / f"{split}_index.npz")
+        return cls(np.load(folder / f"{split}_images.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy", mmap_mode="r"),
+                   index["case_index"], index["lesion_pixels"], meta["cases"], int(meta["missed_lesion_voxels"]))
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: dict, folder: Path,
+                  skip_bad_cases: bool, progress: Progress | None = None, cancel=None) -> list[tuple[str, str]]:
+    """Prepare the train and val cases once into `folder`; returns the skipped (case, reason) pairs.
+
+    Each case is first saved on its own (named by a hash of its files and the preprocessing), so an
+    interrupted preparation continues where it stopped; then each split is gathered into one memmap.
+    """
+    cfg = PreprocessingConfig.from_dict(preprocessing)
+    parts = folder / "cases"
+    parts.mkdir(parents=True, exist_ok=True)
+    wanted = [c for c in cases if assignment[c.case] in ("train", "val")]
+    keys = {c.case: _case_key(c, preprocessing) for c in wanted}
+    signature = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
+    done_file = folder / "cache.json"
+    if done_file.is_file():
+        done = json.loads(done_file.read_text())
+        if done.get("signature") == signature:
+            return [tuple(s) for s in done["skipped"]]
+        done_file.unlink()
+    log.info("preparing %d cases into %s", len(wanted), folder)
+    skipped = []
+    for i, case in enumerate(wanted):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        if progress:
+            progress(i / len(wanted), f"preparing {case.case} ({i + 1}/{len(wanted)})")
+        target = parts / f"{keys[case.case]}.npz"
+        if target.is_file():
+            continue
+        try:
+            image = io.read_image(case.flair)
+            mask = io.read_mask(case.mask, reference=image)
+        except DeepWMLError as exc:
+            if not skip_bad_cases:
+                raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc
+            log.warning("skipping case %s: %s", case.case, exc)
+            skipped.append((case.case, str(exc)))
+            continue
+        images, labels, missed = prepare_volume(image, mask, cfg)
+        if not images.shape[0]:
+            log.warning("case %s has no slice with head; it adds nothing to training", case.case)
+        io.write_atomically(target, lambda tmp: _save_npz(tmp, images=images.astype(np.float16), labels=labels.astype(np.uint8),
+                                                          missed=np.int64(missed)))
+    skipped_names = {s[0] for s in skipped}
+    for split in ("train", "val"):
+        members = [c for c in wanted if assignment[c.case] == split and c.case not in skipped_names]
+        _gather_split(folder, split, members, [parts / f"{keys[c.case]}.npz" for c in members], cfg.grid_size)
+    io.write_text(json.dumps({"signature": signature, "skipped": skipped}), done_file)
+    shutil.rmtree(parts, ignore_errors=True)
+    if progress:
+        progress(1.0, "prepared")
+    return skipped
+
+
+def _save_npz(path, **arrays) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _gather_split(folder: Path, split: str, members: list[Case], files: list[Path], grid_size) -> None:
+    counts = []
+    for f in files:
+        with np.load(f) as z:
+            counts.append(int(z["labels"].shape[0]))
+    total = sum(counts)
+    shape = (total,) + tuple(int(g) for g in grid_size)
+
+    def fill(name, dtype):
+        def write(tmp):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            start = 0
+            for f, n in zip(files, counts):
+                with np.load(f) as z:
+                    out[start:start + n] = z[name]
+                start += n
+            out.flush()
+            del out
+        io.write_atomically(folder / f"{split}_{name}.npy", write)
+
+    fill("images", np.float16)
+    fill("labels", np.uint8)
+    case_index = np.repeat(np.arange(len(files), dtype=np.int32), counts)
+    lesion_pixels, missed = np.zeros(total, dtype=np.int64), 0
+    start = 0
+    for f, n in zip(files, counts):
+        with np.load(f) as z:
+            lesion_pixels[start:start + n] = z["labels"].reshape(n, -1).sum(axis=1)
+            missed += int(z["missed"])
+        start += n
+    io.write_atomically(folder / f"{split}_index.npz", lambda tmp: _save_npz(tmp, case_index=case_index, lesion_pixels=lesion_pixels))
+    io.write_text(json.dumps({"cases": [c.case for c in members], "missed_lesion_voxels": missed}), folder / f"{split}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and augmentation
+
+
+def epoch_samples(train: SliceSet, epoch: int, seed: int, n_samples: int, lesion_fraction: float | None) -> np.ndarray:
+    """The slice indices of one epoch, the same on every rank and on every resume.
+
+    Within each pool (slices with lesion, without) slices are drawn without replacement until the
+    pool is used up, so an epoch sees as many different slices as it can.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    everything = np.arange(len(train))
+    if lesion_fraction is None:
+        return _draw(everything, n_samples, rng)
+    lesion = everything[train.lesion_pixels > 0]
+    clear = everything[train.lesion_pixels == 0]
+    if not len(lesion) or not len(clear):
+        return _draw(everything, n_samples, rng)
+    n_lesion = int(rng.binomial(n_samples, lesion_fraction))
+    chosen = np.concatenate([_draw(lesion, n_lesion, rng), _draw(clear, n_samples - n_lesion, rng)])
+    return rng.permutation(chosen)
+
+
+def _draw(pool: np.ndarray, k: int, rng) -> np.ndarray:
+    if k <= 0:
+        return pool[:0]
+    rounds = -(-k // len(pool))
+    return np.concatenate([rng.permutation(pool) for _ in range(rounds)])[:k]
+
+
+def augment(images, labels, settings: dict, generator):
+    """Random geometry and intensity changes of a batch ([B,1,H,W] image, [B,1,H,W] float label).
+
+    All parameters come from `generator` (CPU) so a batch's augmentation depends only on its seed.
+    Geometry is one affine map per slice (flip, rotation, shear, scale) applied with grid_sample,
+    bilinear for the image (border padding: the border is background) and bilinear then > 0.5 for
+    the label. Intensity changes act on the image above its own minimum, as a scanner's would on
+    raw intensities: bias field and gamma multiply or bend the signal, not the background.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b = images.shape[0]
+    device = images.device
+
+    def uniform(lo, hi, n=b):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    def coin(p=_INTENSITY_P):
+        return torch.rand(b, generator=generator) < p
+
+    flip = torch.where(coin(0.5), -1.0, 1.0) if settings.get("flip") else torch.ones(b)
+    angle = torch.deg2rad(uniform(-1.0, 1.0) * float(settings.get("rotate_deg") or 0.0))
+    shear = torch.tan(torch.deg2rad(uniform(-1.0, 1.0) * float(settings.get("shear_deg") or 0.0)))
+    lo_s, hi_s = settings.get("scale") or (1.0, 1.0)
+    scale = uniform(float(lo_s), float(hi_s))
+    if settings.get("flip") or settings.get("rotate_deg") or settings.get("shear_deg") or lo_s != hi_s:
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        shearing = torch.eye(2).repeat(b, 1, 1)
+        shearing[:, 0, 1] = shear
+        # grid_sample maps output to input coordinates: dividing by the scale zooms in by it.
+        matrix = rotation @ shearing / scale[:, None, None]
+        matrix[:, :, 0] *= flip[:, None]
+        theta = torch.cat([matrix, torch.zeros(b, 2, 1)], dim=2).to(device)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels = (F.grid_sample(labels, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+
+    floor = images.amin(dim=(1, 2, 3), keepdim=True)
+    signal = images - floor
+    if settings.get("bias_field"):
+        amplitude = float(settings["bias_field"]) * coin().float()
+        coarse = torch.randn(b, 1, 4, 4, generator=generator) * amplitude[:, None, None, None]
+        field = F.interpolate(coarse.to(device), size=images.shape[-2:], mode="bicubic", align_corners=False)
+        signal = signal * torch.exp(field)
+    if settings.get("gamma"):
+        lo_g, hi_g = (math.log(float(v)) for v in settings["gamma"])
+        gamma = torch.where(coin(), torch.exp(uniform(lo_g, hi_g)), torch.ones(b)).to(device)[:, None, None, None]
+        top = signal.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        signal = (signal / top) ** gamma * top
+    images = signal + floor
+    if settings.get("contrast"):
+        lo_c, hi_c = (float(v) for v in settings["contrast"])
+        factor = torch.where(coin(), uniform(lo_c, hi_c), torch.ones(b)).to(device)[:, None, None, None]
+        images = images * factor
+    if settings.get("noise_std"):
+        std = (uniform(0.0, float(settings["noise_std"])) * coin().float()).to(device)[:, None, None, None]
+        images = images + std * torch.randn(images.shape, generator=generator).to(device)
+    return images, labels
+
+
+def random_crops(images, labels, size: int, rng: np.random.Generator):
+    """Square crops of `size`; a slice with lesion is cropped around a randomly chosen lesion pixel."""
+    b, _, h, w = images.shape
+    out_i = images.new_empty((b, 1, size, size))
+    out_l = labels.new_empty((b, 1, size, size))
+    for i in range(b):
+        lesion = labels[i, 0].nonzero()
+        if len(lesion):
+            y, x = lesion[int(rng.integers(len(lesion)))].tolist()
+            top = int(rng.integers(max(0, y - size + 1), min(y, h - size) + 1))
+            left = int(rng.integers(max(0, x - size + 1), min(x, w - size) + 1))
+        else:
+            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        out_i[i] = images[i, :, top:top + size, left:left + size]
+        out_l[i] = labels[i, :, top:top + size, left:left + size]
+    return out_i, out_l
+
+
+def _torch_generator(*entropy: int):
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and validation
+
+
+def loss_terms(logits, target, dice_weight: float):
+    """BCE (mean over pixels) + dice_weight × (1 − soft Dice over the whole batch)."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = logits.sigmoid()
+    dice = (2 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
+    return bce + dice_weight * (1 - dice)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def validate(model, val: SliceSet, cfg: TrainConfig, device, rank: int = 0, world: int = 1) -> dict:
+    """Loss and Dice, sensitivity, precision at the model threshold over all validation slices.
+
+    Voxel counts are pooled over the set (one Dice for all validation cases). Across ranks each
+    rank takes every world-th batch and the sums are all-reduced, so every rank gets the same numbers.
+    """
+    import torch
+
+    sums = torch.zeros(5, dtype=torch.float64)  # loss × n, n, tp, fp, fn
+    batch = 2 * cfg.batch_size
+    autocast = _autocast(device, cfg.amp)
+    model.eval()
+    with torch.no_grad():
+        for start in range(rank * batch, len(val), batch * world):
+            x = torch.from_numpy(np.asarray(val.images[start:start + batch], dtype=np.float32)).unsqueeze(1).to(device)
+            y = torch.from_numpy(np.asarray(val.labels[start:start + batch], dtype=np.float32)).unsqueeze(1).to(device)
+            with autocast:
+                logits = model(x)
+            n = x.shape[0]
+            prediction = logits.float().sigmoid() > cfg.threshold
+            truth = y > 0.5
+            sums += torch.tensor([float(loss_terms(logits, y, cfg.dice_weight)) * n, n,
+                                  float((prediction & truth).sum()), float((prediction & ~truth).sum()),
+                                  float((~prediction & truth).sum())], dtype=torch.float64)
+    model.train()
+    if world > 1:
+        import torch.distributed as dist
+
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    loss_n, n, tp, fp, fn = sums.tolist()
+    fn += val.missed_lesion_voxels
+    return {"val_loss": _ratio(loss_n, n), "val_dice": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+            "val_sensitivity": _ratio(tp, tp + fn), "val_precision": _ratio(tp, tp + fp)}
+
+
+def _autocast(device, amp: bool):
+    import torch
+
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed context
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def run_on_main(self, fn):
+        """Run fn on rank 0 only; every rank gets its result, or raises the DeepWMLError it raised."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        message = [None, None]
+        if self.main:
+            try:
+                message = [fn(), None]
+            except DeepWMLError as exc:
+                message = [None, str(exc)]
+        dist.broadcast_object_list(message, src=0)
+        if message[1] is not None:
+            raise DeepWMLError(message[1])
+        return message[0]
+
+
+def _start_distributed(device_name: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    owns = not dist.is_initialized()
+    if owns:
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        # Rank 0 prepares the slice cache while the others wait at a barrier: allow hours for it.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    return _Dist(rank, world, local_rank, owns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Progress | None = None,
+          cancel: Callable[[], bool] | None = None):
+    """Train (or resume) in `run_dir`; returns the best model file (a list of them for an ensemble).
+
+    When `run_dir` already holds a training, its config.json must match `config` except for
+    epochs, device, threads and skip_bad_cases, and training continues from last.pt.
+    """
+    import torch
+
+    cfg = TrainConfig.coerce(config)
+    run_dir = Path(run_dir).expanduser().resolve()
+    dist_ctx = _start_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        from .inference import resolve_device
+
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and dist_ctx.world > 1:
+            device = torch.device("cuda", dist_ctx.local_rank)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        else:
+            torch.backends.cudnn.benchmark = True
+        setup = dist_ctx.run_on_main(lambda: _set_up_run(cfg, run_dir, progress, cancel))
+        dist_ctx.barrier()
+        cache = run_dir / "cache"
+        train_set, val_set = SliceSet.open(cache, "train"), SliceSet.open(cache, "val")
+        if not len(train_set) or not len(val_set):
+            raise DeepWMLError("no training or no validation slice is left after preparation; add cases to the manifest")
+        best = []
+        for k in range(cfg.ensemble):
+            member_dir = run_dir if cfg.ensemble == 1 else run_dir / f"model_{k}"
+            if dist_ctx.main:
+                member_dir.mkdir(exist_ok=True)
+            dist_ctx.barrier()
+            member_progress = None
+            if progress is not None:
+                def member_progress(fraction, message, k=k):
+                    prefix = f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+                    progress((k + fraction) / cfg.ensemble, prefix + message)
+            best.append(_train_member(cfg.member(k), member_dir, train_set, val_set, setup, device, dist_ctx,
+                                      member_progress, cancel))
+        return best[0] if cfg.ensemble == 1 else best
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        if dist_ctx.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
+    """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
+    config_file = run_dir / "config.json"
+    if config_file.is_file():
+        stored = json.loads(config_file.read_text())
+        differences = _config_differences(stored, cfg.to_dict())
+        if differences:
+            detail = "; ".join(f"{k}: {stored.get(k)!r} there, {getattr(cfg, k, None)!r} now" for k in differences[:3])
+            raise DeepWMLError(f"{run_dir} holds a training with other settings ({detail}); "
+                               "use a new run folder, or resume it with `deepwml train --resume RUN_DIR`")
+    io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
+    cases = read_manifest(cfg.manifest)
+    missing = [f"{c.case}: {p}" for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
+    if missing and not cfg.skip_bad_cases:
+        raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
+                           "fix the paths or pass --skip-bad-cases")
+    split_file = run_dir / "split.csv"
+    if split_file.is_file():
+        assignment = read_split(split_file, cases)
+    elif cfg.split:
+        assignment = read_split(cfg.split, cases)
+    else:
+        assignment = stratified_split(cases, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    if not split_file.is_file():
+        write_split(split_file, cases, assignment)
+    absent = {c.case for c in cases if not (Path(c.flair).exists() and Path(c.mask).exists())}
+    for name in sorted(absent):
+        log.warning("skipping case %s: a file does not exist", name)
+    usable = [c for c in cases if c.case not in absent]
+    prepare_progress = (lambda f, m: progress(f, m)) if progress else None
+    skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases,
+                            prepare_progress, cancel)
+    skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
+    if skipped:
+        io.write_text("case,reason\n" + "".join(f"{_csv_field(n)},{_csv_field(r)}\n" for n, r in skipped),
+                      run_dir / "skipped_cases.csv")
+    return {
+        "manifest": cfg.manifest,
+        "manifest_sha256": _sha256_file(cfg.manifest),
+        "split_sha256": _sha256_file(split_file),
+        "cases": {s: sum(1 for v in assignment.values() if v == s) for s in SPLITS},
+        "skipped_cases": [n for n, _ in skipped],
+    }
+
+
+def _new_state(model, optimizer, scheduler, scaler, cfg: TrainConfig) -> dict:
+    return {"format": STATE_FORMAT, "format_version": STATE_VERSION, "config": cfg.to_dict(), "epoch": 0,
+            "history": [], "best_dice": -1.0, "best_epoch": 0, "epochs_since_best": 0, "finished": False,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler else None, "scaler": scaler.state_dict()}
+
+
+def load_state(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise DeepWMLError(f"{path} cannot be read ({type(exc).__name__}); delete it to restart the run from scratch") from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise DeepWMLError(f"{path} is not a DeepWML training state; use another run folder")
+    return state
+
+
+def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set: SliceSet, setup: dict, device,
+                  dist_ctx: _Dist, progress, cancel) -> Path:
+    import torch
+
+    from .model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.architecture)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    scheduler = None
+    if cfg.plateau_patience is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
+                                                               patience=cfg.plateau_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    last, best_file = run_dir / "last.pt", run_dir / "best.pt"
+    if last.is_file():
+        state = load_state(last)
+        differences = _config_differences(state["config"], cfg.to_dict())
+        if differences:
+            raise DeepWMLError(f"{last} was made with other settings ({', '.join(differences[:3])}); use a new run folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if dist_ctx.main:
+            _write_history(run_dir / "history.csv", state["history"])
+            log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    else:
+        state = _new_state(model, optimizer, scheduler, scaler, cfg)
+    net = model
+    if dist_ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    n_samples = cfg.samples_per_epoch or len(train_set)
+    share = n_samples // dist_ctx.world
+    if share < 1:
+        raise DeepWMLError(f"samples per epoch ({n_samples}) must be at least the number of processes ({dist_ctx.world})")
+    batches = [(i, min(i + cfg.batch_size, share)) for i in range(0, share, cfg.batch_size)]
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] < 2:
+        batches.pop()  # a batch of one slice breaks BatchNorm and adds noise, not information
+    autocast = _autocast(device, cfg.amp)
+    first_epoch = state["epoch"]
+    while state["epoch"] < cfg.epochs and not state["finished"]:
+        epoch = state["epoch"] + 1
+        started = time.monotonic()
+        samples = epoch_samples(train_set, epoch, cfg.seed, n_samples, cfg.lesion_fraction)[dist_ctx.rank::dist_ctx.world][:share]
+        crop_rng = np.random.default_rng([cfg.seed, epoch, dist_ctx.rank])
+        generator = _torch_generator(cfg.seed, epoch, dist_ctx.rank)
+        lr = optimizer.param_groups[0]["lr"]
+        total_loss = torch.zeros((), dtype=torch.float64)
+        for step, (a, b) in enumerate(batches):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            index = np.sort(samples[a:b])
+            order = np.argsort(np.argsort(samples[a:b]))  # memmaps read fastest in order; keep the drawn order
+            x = torch.from_numpy(np.asarray(train_set.images[index], dtype=np.float32)[order]).unsqueeze(1)
+            y = torch.from_numpy(np.asarray(train_set.labels[index], dtype=np.float32)[order]).unsqueeze(1)
+            x, y = augment(x.to(device), y.to(device), cfg.augmentation, generator)
+            if cfg.patch_size:
+                x, y = random_crops(x, y, cfg.patch_size, crop_rng)
+            with autocast:
+                logits = net(x)
+            loss = loss_terms(logits, y, cfg.dice_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.detach().double().cpu()
+            if progress is not None and dist_ctx.main:
+                done = (epoch - 1 + (step + 1) / len(batches)) / cfg.epochs
+                progress(done, f"epoch {epoch}/{cfg.epochs} step {step + 1}/{len(batches)} loss {loss.item():.4f}")
+        if dist_ctx.world > 1:
+            import torch.distributed as dist
+
+            for buffer in model.buffers():  # BatchNorm statistics: validate and save rank 0's
+                dist.broadcast(buffer, 0)
+            reduced = total_loss.to(device)
+            dist.all_reduce(reduced)
+            total_loss = reduced.cpu() / dist_ctx.world
+        metrics = validate(model, val_set, cfg, device, dist_ctx.rank, dist_ctx.world)
+        row = {"epoch": epoch, "train_loss": float(total_loss) / len(batches), **metrics, "lr": lr,
+               "seconds": round(time.monotonic() - started, 3)}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        dice = metrics["val_dice"]
+        improved = dice > state["best_dice"]
+        if improved:
+            state["best_dice"], state["best_epoch"], state["epochs_since_best"] = dice, epoch, 0
+        else:
+            state["epochs_since_best"] += 1
+        if scheduler is not None:
+            scheduler.step(dice)
+        if cfg.early_stopping_patience is not None and state["epochs_since_best"] >= cfg.early_stopping_patience:
+            state["finished"] = True
+        state["model"], state["optimizer"] = model.state_dict(), optimizer.state_dict()
+        state["scheduler"] = scheduler.state_dict() if scheduler else None
+        state["scaler"] = scaler.state_dict()
+        if dist_ctx.main:
+            if improved:
+                _save_best(best_file, model, cfg, state, setup, device, dist_ctx.world)
+            io.write_atomically(last, lambda tmp: torch.save(state, tmp))
+            _write_history(run_dir / "history.csv", state["history"])
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f at epoch %d)%s", epoch, cfg.epochs,
+                     row["train_loss"], row["val_loss"], dice, state["best_dice"], state["best_epoch"],
+                     "; early stop" if state["finished"] else "")
+        dist_ctx.barrier()
+    if dist_ctx.main and state["epoch"] == first_epoch:
+        log.info("%s already finished (epoch %d)", run_dir, state["epoch"])
+    if progress is not None:
+        progress(1.0, f"done: best val Dice {state['best_dice']:.4f} at epoch {state['best_epoch']}")
+    return best_file
+
+
+def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, device, world: int) -> None:
+    import torch
+
+    from .checkpoint import save_model
+
+    best_row = state["history"][-1]
+    provenance = {
+        "command": shlex.join(sys.argv),
+        "training_config": cfg.to_dict(),
+        "epoch": state["epoch"],
+        "epochs_planned": cfg.epochs,
+        "metrics": {k: best_row[k] for k in ("val_loss", "val_dice", "val_sensitivity", "val_precision")},
+        "data": setup,
+        "seed": cfg.seed,
+        "device": str(device),
+        "world_size": world,
+        "torch_version": str(torch.__version__),
+    }
+    save_model(path, model, cfg.architecture, cfg.preprocessing, cfg.threshold, provenance)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    lines = [",".join(HISTORY_COLUMNS)]
+    for row in history:
+        lines.append(",".join(str(row[c]) if c == "epoch" else format(float(row[c]), ".6g") for c in HISTORY_COLUMNS))
+    io.write_text("\n".join(lines) + "\n", path)
+
+
+def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True) -> Path:
+    """Write a compact copy of a model file (fp16 weights by default) for shipping."""
+    from .checkpoint import load_model, save_model
+
+    loaded = load_model(source)
+    provenance = dict(loaded.provenance)
+    provenance["exported_from"] = str(Path(source).name)
+    provenance["exported_fp16"] = bool(fp16)
+    return save_model(target, loaded.model, loaded.config, loaded.preprocessing, loaded.threshold, provenance,
+                      loaded.labels, fp16=fp16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Console(logging.Handler):
+    """A one-line progress bar on stderr, with log lines printed above it."""
+
+    def __init__(self, stream=None):
+        super().__init__(logging.INFO)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.line = ""
+        self.last = 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if not self.tty or (now - self.last < 0.2 and fraction < 1):
+            return
+        self.last = now
+        filled = int(30 * min(max(fraction, 0.0), 1.0))
+        self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% {message}"[:160]
+        self.stream.write("\r\033[K" + self.line)
+        self.stream.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        clear = "\r\033[K" if self.tty else ""
+        self.stream.write(f"{clear}deepwml train: {prefix}{record.getMessage()}\n")
+        if self.tty and self.line:
+            self.stream.write(self.line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.line:
+            self.stream.write("\n")
+            self.stream.flush()
+        super().close()
+
+
+def _range(text: str) -> list[float] | None:
+    return None if text.lower() in ("none", "off", "0") else [float(v) for v in text.split(",")]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a U-Net on a manifest of FLAIR volumes and lesion masks",
+        description="Train the 2D U-Net on FLAIR volumes and WMH masks listed in a manifest CSV (columns case, flair, mask; "
+                    "optional centre, disease). Writes split.csv, history.csv, last.pt and best.pt (a model file for "
+                    "`deepwml segment --model`) into the run folder; rerunning the same command resumes. "
+                    "Multi-GPU / multi-node: torchrun --nproc_per_node N -m DeepWMLLib.train ...")
+    p.add_argument("manifest", nargs="?", help="manifest CSV (relative paths are relative to its folder)")
+    p.add_argument("--run-dir", help="run folder (created; holds the cache, checkpoints and history)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its stored settings")
+    p.add_argument("--export", nargs=2, metavar=("MODEL", "OUT"), help="write a compact copy of a model file and exit")
+    p.add_argument("--fp16", action="store_true", help="with --export: store the weights as float16 (half the size)")
+    p.add_argument("--config", metavar="JSON", help="settings from a JSON file (the flags below override it)")
+    g = p.add_argument_group("data")
+    g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
+    g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
+    g.add_argument("--grid-size", type=int, nargs="+", metavar="N", help="network grid (default 256 256)")
+    g.add_argument("--grid-spacing", type=lambda s: None if s.lower() == "none" else float(s), default=argparse.SUPPRESS,
+                   metavar="MM", help="network pixel size in mm, or 'none' to fit the field of view (default 0.9)")
+    g = p.add_argument_group("model")
+    g.add_argument("--base-channels", type=int, help="channels of the first level (paper 64)")
+    g.add_argument("--depth", type=int, help="poolings (paper 4)")
+    g.add_argument("--batch-norm", action="store_true", default=None, help="BatchNorm after each convolution")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="epochs (paper 200)")
+    g.add_argument("--batch-size", type=int, help="slices per step and process (default 8)")
+    g.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate (paper 1e-4)")
+    g.add_argument("--samples-per-epoch", type=int, help="slices drawn per epoch (default: the number of training slices)")
+    g.add_argument("--lesion-fraction", type=float, help="share of drawn slices that contain lesion, e.g. 0.7 (default: as in the data)")
+    g.add_argument("--patch-size", type=int, help="train on random square crops of this size (cheaper on CPU)")
+    g.add_argument("--dice-weight", type=float, help="loss = BCE + w × (1 − Dice) (default 1)")
+    g.add_argument("--threshold", type=float, help="probability threshold for validation and the model file (default 0.5)")
+    g.add_argument("--seed", type=int, help="seed of the split, initialisation and sampling (default 0)")
+    g.add_argument("--plateau-patience", type=int, help="halve the learning rate after this many epochs without a better val Dice")
+    g.add_argument("--early-stopping", type=int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
+    g.add_argument("--ensemble", type=int, help="train N models from seeds seed..seed+N-1 into RUN_DIR/model_k")
+    g = p.add_argument_group("augmentation (0 or 'off' switches one off)")
+    g.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
+    g.add_argument("--no-flip", action="store_true", help="no left-right flips")
+    g.add_argument("--rotate", type=float, dest="rotate_deg", help="max rotation in degrees (default 10)")
+    g.add_argument("--shear", type=float, dest="shear_deg", help="max shear in degrees (default 18)")
+    g.add_argument("--scale", type=_range, help="scale range LO,HI (default 0.9,1.1)")
+    g.add_argument("--contrast", type=_range, help="contrast factor range LO,HI (default 0.75,1.25)")
+    g.add_argument("--gamma", type=_range, help="gamma range LO,HI (default 0.7,1.5)")
+    g.add_argument("--bias-field", type=float, help="bias field amplitude (default 0.3)")
+    g.add_argument("--noise", type=float, dest="noise_std", help="max Gaussian noise std in normalised units (default 0.1)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
+    g.add_argument("--threads", type=int, help="CPU threads")
+    g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.set_defaults(func=_run)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
+    """The training config and run folder a command line asks for."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        stored = run_dir / "config.json"
+        if not stored.is_file():
+            raise DeepWMLError(f"{run_dir} holds no training to resume (no config.json)")
+        config = json.loads(stored.read_text())
+        for key in ("epochs", "device", "threads"):
+            if getattr(args, key, None) is not None:
+                config[key] = getattr(args, key)
+        return config, run_dir
+    if not args.manifest or not args.run_dir:
+        raise DeepWMLError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
+    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    config["manifest"] = args.manifest
+    for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
+                "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble", "device",
+                "threads", "skip_bad_cases"):
+        if getattr(args, key, None) is not None:
+            config[key] = getattr(args, key)
+    if args.no_amp:
+        config["amp"] = False
+    architecture = dict(config.get("architecture", {}))
+    for key in ("base_channels", "depth", "batch_norm"):
+        if getattr(args, key) is not None:
+            architecture[key] = getattr(args, key)
+    config["architecture"] = architecture
+    preprocessing = dict(config.get("preprocessing", PreprocessingConfig().to_dict()))
+    if args.grid_size:
+        preprocessing["grid_size"] = (args.grid_size * 2)[:2]
+    if hasattr(args, "grid_spacing"):
+        preprocessing["grid_spacing_mm"] = args.grid_spacing
+    config["preprocessing"] = preprocessing
+    augmentation = dict(config.get("augmentation", DEFAULT_AUGMENTATION))
+    if args.no_augment:
+        augmentation = {k: (False if k == "flip" else None) for k in DEFAULT_AUGMENTATION}
+    if args.no_flip:
+        augmentation["flip"] = False
+    for key in ("rotate_deg", "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std"):
+        if getattr(args, key, None) is not None:
+            augmentation[key] = getattr(args, key)
+    config["augmentation"] = augmentation
+    return config, Path(args.run_dir)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.export:
+        out = export_model(args.export[0], args.export[1], fp16=args.fp16)
+        print(out)
+        return 0
+    try:
+        config, run_dir = config_from_args(args)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DeepWMLError(f"cannot read the settings ({exc}); check --config / --resume") from exc
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    console = _Console()
+    logger = logging.getLogger("DeepWMLLib")
+    if main_rank:
+        logger.addHandler(console)
+        logger.setLevel(logging.INFO)
+    try:
+        best = train(config, run_dir, progress=console if main_rank else None)
+    finally:
+        logger.removeHandler(console)
+        console.close()
+    if main_rank:
+        for path in best if isinstance(best, list) else [best]:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

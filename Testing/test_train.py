@@ -1,0 +1,294 @@
+"""Training: tiny volumes built here (not the synthetic generator), a tiny U-Net, one CPU thread."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DeepWMLLib import checkpoint, train as training
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.preprocessing import PreprocessingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_volume(array: np.ndarray, path: Path, spacing=(0.9, 0.9, 5.0), origin=(10.0, -20.0, 3.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    # Oblique in-plane direction so the axial stack has to permute and flip axes.
+    image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+
+
+def make_dataset(folder: Path, n_cases: int = 6, slices: int = 8, seed: int = 0) -> Path:
+    """Elliptic 'heads' with bright round 'lesions' on the inner slices; two centres."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    head = ((yy - SIZE / 2) / (0.4 * SIZE)) ** 2 + ((xx - SIZE / 2) / (0.35 * SIZE)) ** 2 < 1
+    rows = ["case,flair,mask,centre,disease"]
+    for i in range(n_cases):
+        image = np.zeros((slices, SIZE, SIZE), np.float32)
+        mask = np.zeros((slices, SIZE, SIZE), np.uint8)
+        for k in range(slices):
+            image[k][head] = 100
+            if 1 <= k < slices - 1:
+                for _ in range(int(rng.integers(1, 4))):
+                    cy, cx = rng.integers(int(SIZE * 0.3), int(SIZE * 0.7), 2)
+                    blob = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(2, 4) ** 2
+                    image[k][blob] = 200
+                    mask[k][blob] = 1
+        image += rng.normal(0, 5, image.shape).astype(np.float32)
+        write_volume(image, folder / f"c{i}_flair.nii.gz")
+        write_volume(mask, folder / f"c{i}_mask.nii.gz")
+        rows.append(f"c{i},c{i}_flair.nii.gz,c{i}_mask.nii.gz,{'AB'[i % 2]},svd")
+    manifest = folder / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def tiny_config(manifest: Path, **overrides) -> dict:
+    config = {
+        "manifest": str(manifest),
+        "architecture": {"name": "unet2d", "base_channels": 4, "depth": 2, "batch_norm": True},
+        "preprocessing": {"grid_size": [SIZE, SIZE], "grid_spacing_mm": None},
+        "epochs": 2,
+        "batch_size": 4,
+        "learning_rate": 0.01,
+        "samples_per_epoch": 32,
+        "lesion_fraction": 0.7,
+        "threads": 1,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    best = training.train(tiny_config(dataset, epochs=4), run)
+    return run, best
+
+
+def read_history(run: Path) -> list[dict]:
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_the_loss_and_its_best_model_segments_lesions(trained, dataset):
+    run, best = trained
+    history = read_history(run)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3, 4]
+    assert list(history[0]) == list(training.HISTORY_COLUMNS)
+    assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
+
+    loaded = checkpoint.load_model(best)
+    assert loaded.provenance["data"]["manifest_sha256"]
+    assert loaded.provenance["epoch"] == max(range(4), key=lambda i: float(history[i]["val_dice"])) + 1
+    assert loaded.preprocessing == PreprocessingConfig.from_dict(tiny_config(dataset)["preprocessing"])
+
+    val_case = next(r["case"] for r in csv.DictReader(open(run / "split.csv")) if r["split"] == "val")
+    folder = dataset.parent
+    image = sitk.ReadImage(str(folder / f"{val_case}_flair.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(folder / f"{val_case}_mask.nii.gz"))
+    slices, labels, _ = training.prepare_volume(image, mask, loaded.preprocessing)
+    with torch.no_grad():
+        probability = torch.sigmoid(loaded.model(torch.from_numpy(slices).unsqueeze(1)))[:, 0].numpy()
+    predicted = probability > loaded.threshold
+    dice = 2 * (predicted & labels).sum() / (predicted.sum() + labels.sum())
+    assert dice > 0.5
+
+
+def test_run_folder_holds_split_cache_and_checkpoints(trained):
+    run, best = trained
+    assert best == run / "best.pt"
+    for name in ("config.json", "split.csv", "history.csv", "last.pt", "best.pt", "cache/train_images.npy"):
+        assert (run / name).is_file(), name
+    images = np.load(run / "cache" / "train_images.npy", mmap_mode="r")
+    labels = np.load(run / "cache" / "train_labels.npy", mmap_mode="r")
+    assert images.dtype == np.float16 and labels.dtype == np.uint8 and images.shape[1:] == (SIZE, SIZE)
+    assert set(np.unique(labels)) == {0, 1}
+
+
+def test_prepared_slices_are_what_inference_sees(dataset):
+    """Orientation and grid: the label must sit on the bright blobs of the prepared image."""
+    folder = dataset.parent
+    image = sitk.ReadImage(str(folder / "c0_flair.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(folder / "c0_mask.nii.gz"))
+    slices, labels, missed = training.prepare_volume(image, mask, PreprocessingConfig(grid_size=(SIZE, SIZE), grid_spacing_mm=None))
+    assert slices.shape == labels.shape and slices.shape[1:] == (SIZE, SIZE)
+    assert missed == 0
+    assert slices[labels].mean() > slices[~labels].mean() + 1.0
+
+
+def test_split_is_stratified_and_deterministic():
+    cases = [training.Case(f"a{i}", "f", "m", "A", "svd") for i in range(10)]
+    cases += [training.Case(f"b{i}", "f", "m", "B", "ms") for i in range(5)]
+    cases += [training.Case(f"c{i}", "f", "m", f"C{i}", "ms") for i in range(5)]  # one-case strata
+    split = training.stratified_split(cases, seed=1)
+    assert split == training.stratified_split(list(reversed(cases)), seed=1)
+    assert split != training.stratified_split(cases, seed=2)
+    counts = {s: sum(v == s for v in split.values()) for s in training.SPLITS}
+    assert counts == {"train": 12, "val": 4, "test": 4}
+    for prefix, n in (("a", 10), ("b", 5)):
+        stratum = [split[f"{prefix}{i}"] for i in range(n)]
+        assert abs(stratum.count("train") - 0.6 * n) <= 1 and abs(stratum.count("val") - 0.2 * n) <= 1
+    assert len({split[f"c{i}"] for i in range(5)}) > 1  # single-case strata do not all go to training
+
+
+def test_given_split_file_is_used(dataset, tmp_path):
+    split = tmp_path / "my_split.csv"
+    split.write_text("case,split\nc0,train\nc1,train\nc2,train\nc3,val\nc4,test\nc5,test\n")
+    run = tmp_path / "run"
+    training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), run)
+    written = {r["case"]: r["split"] for r in csv.DictReader(open(run / "split.csv"))}
+    assert written == {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test", "c5": "test"}
+    assert json.loads((run / "cache" / "val.json").read_text())["cases"] == ["c3"]
+
+
+def test_epoch_sampling_follows_the_lesion_fraction_and_the_seed():
+    lesion = np.array([5] * 20 + [0] * 80)
+    slices = training.SliceSet(np.zeros((100, 1, 1)), np.zeros((100, 1, 1)), np.zeros(100), lesion, [], 0)
+    drawn = training.epoch_samples(slices, epoch=3, seed=0, n_samples=1000, lesion_fraction=0.7)
+    assert 0.65 < np.mean(lesion[drawn] > 0) < 0.75
+    assert np.array_equal(drawn, training.epoch_samples(slices, 3, 0, 1000, 0.7))
+    assert not np.array_equal(drawn, training.epoch_samples(slices, 4, 0, 1000, 0.7))
+    natural = training.epoch_samples(slices, epoch=1, seed=0, n_samples=100, lesion_fraction=None)
+    assert sorted(natural.tolist()) == list(range(100))  # every slice once per epoch
+
+
+def test_augmentation_moves_image_and_label_together():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(16, 1, SIZE, SIZE)
+    labels[:, :, 20:30, 10:25] = 1
+    images = labels * 10.0
+    geometry_only = dict(training.DEFAULT_AUGMENTATION, contrast=None, gamma=None, bias_field=None, noise_std=None)
+    out_images, out_labels = training.augment(images, labels, geometry_only, g)
+    assert set(out_labels.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(out_labels, labels)
+    agree = ((out_images > 5) == (out_labels > 0.5)).float().mean()
+    assert agree > 0.995
+    _, intensity_labels = training.augment(images, labels, dict(training.DEFAULT_AUGMENTATION, flip=False, rotate_deg=0,
+                                                                  shear_deg=0, scale=None), g)
+    assert torch.equal(intensity_labels, labels)
+
+
+def test_patch_crops_contain_lesion_when_the_slice_has_some():
+    labels = torch.zeros(8, 1, SIZE, SIZE)
+    labels[:4, :, 50:53, 3:6] = 1
+    images = torch.randn(8, 1, SIZE, SIZE)
+    crops, crop_labels = training.random_crops(images, labels, 16, np.random.default_rng(0))
+    assert crops.shape == (8, 1, 16, 16)
+    assert all(crop_labels[i].sum() > 0 for i in range(4))
+
+
+def test_export_writes_a_smaller_fp16_model_that_loads(trained, tmp_path):
+    _, best = trained
+    out = training.export_model(best, tmp_path / "shipped.pt", fp16=True)
+    assert out.stat().st_size < best.stat().st_size
+    loaded = checkpoint.load_model(out)
+    assert loaded.provenance["exported_fp16"] is True
+    assert loaded.provenance["data"] == checkpoint.load_model(best).provenance["data"]
+
+
+def test_bad_manifests_stop_before_training(dataset, tmp_path):
+    with pytest.raises(DeepWMLError, match="does not exist"):
+        training.train(tiny_config(tmp_path / "nope.csv"), tmp_path / "r0")
+    bad_columns = tmp_path / "columns.csv"
+    bad_columns.write_text("name,image\nx,y\n")
+    with pytest.raises(DeepWMLError, match="case, flair, mask"):
+        training.train(tiny_config(bad_columns), tmp_path / "r1")
+    missing = tmp_path / "missing.csv"
+    missing.write_text(dataset.read_text().replace("c2_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
+    with pytest.raises(DeepWMLError, match="do not exist"):
+        training.train(tiny_config(missing), tmp_path / "r2")
+    assert not (tmp_path / "r2" / "last.pt").exists()
+
+
+def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path):
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=6)
+    mask = sitk.ReadImage(str(folder / "c1_mask.nii.gz"))
+    mask.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(mask, str(folder / "c1_mask.nii.gz"))
+    with pytest.raises(DeepWMLError, match="case c1.*different voxel grids.*--skip-bad-cases"):
+        training.train(tiny_config(manifest), tmp_path / "stop")
+    assert not (tmp_path / "stop" / "last.pt").exists()
+    run = tmp_path / "skip"
+    training.train(tiny_config(manifest, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
+    assert "c1" in (run / "skipped_cases.csv").read_text()
+    assert (run / "best.pt").is_file()
+
+
+def test_a_run_folder_refuses_other_settings(trained, dataset):
+    run, _ = trained
+    with pytest.raises(DeepWMLError, match="other settings.*learning_rate"):
+        training.train(tiny_config(dataset, learning_rate=0.5), run)
+
+
+def _last_state(run: Path) -> dict:
+    return torch.load(run / "last.pt", weights_only=True)
+
+
+def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path):
+    config = tiny_config(dataset, epochs=4, samples_per_epoch=64)
+    reference = tmp_path / "reference"
+    training.train(config, reference)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "DeepWMLLib.train", str(dataset), "--run-dir", str(killed), "--base-channels", "4",
+               "--depth", "2", "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none", "--epochs", "4",
+               "--batch-size", "4", "--lr", "0.01", "--samples-per-epoch", "64", "--lesion-fraction", "0.7", "--threads", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (killed / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    assert 1 <= _last_state(killed)["epoch"] < 4  # killed mid-run, not after the end
+
+    result = subprocess.run([sys.executable, "-m", "DeepWMLLib.train", "--resume", str(killed)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr
+    a, b = _last_state(reference), _last_state(killed)
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in a["history"]]
+    assert drop_time == [{k: v for k, v in row.items() if k != "seconds"} for row in b["history"]]
+    assert len(read_history(killed)) == 4
+
+
+def test_cli_reports_a_bad_manifest_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "train", str(tmp_path / "none.csv"), "--run-dir",
+                             str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
