@@ -1,0 +1,625 @@
+"""Evaluation of predictions against reference masks: one case, or a cohort with the paper's report.
+
+`evaluate_case` gives every metric of `metrics` for one case. `evaluate_cohort` runs a manifest
+(CSV with columns case, prediction, reference and optionally centre, disease, probabilities;
+relative paths are relative to the CSV's folder) and writes into an output folder:
+
+    per_image.csv        DeepWML per-2D-image metrics (axial slices whose reference has lesion)
+    per_case.csv         every case metric, and the error of any case that could not be evaluated
+    table2.csv           the paper's Table 2: median [IQR] per-image Dice, sensitivity and
+                         precision per centre, per disease and overall (plus per-case medians)
+    lv_groups.csv        the same per lesion-volume group G1..G5 (behind the paper's Fig. 4)
+    statistics.csv       Shapiro-Wilk; Kruskal-Wallis across diseases, centres and LV groups;
+                         pairwise Mann-Whitney U with Bonferroni correction where Kruskal-Wallis
+                         is significant (alpha 0.05)
+    fig3_by_disease.png, fig3_by_centre.png, fig4_by_lv_group.png   box plots
+    report.md            one readable report tying the above together
+    summary.json         all of it, machine readable
+
+The unit of the paper's tables and tests is the 2D image (axial slice with reference lesion), as in
+DeepWML; per-case values (MICCAI challenge and lesion-wise metrics) are reported next to them.
+Undefined values (e.g. precision of an empty prediction) are left out of medians and tests and
+the number of values used is always shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _stdio
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from . import io, metrics
+from .errors import Cancelled, DeepWMLError
+
+ALPHA = 0.05
+MIN_GROUP_SIZE = 3  # fewer values than this and a group is left out of the tests (and said so)
+IMAGE_METRICS = ("dice", "sensitivity", "precision")
+CASE_COLUMNS = (
+    "dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1",
+    "lesionwise_recall", "lesionwise_precision", "lesionwise_dice", "roc_auc",
+    "reference_volume_ml", "prediction_volume_ml", "n_reference_lesions", "n_predicted_lesions",
+    "n_images",
+)
+NOT_GIVEN = "(not given)"
+
+Progress = Callable[[float, str], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small shared helpers (also used by consensus)
+
+
+def json_ready(value):
+    """Replace NaN/inf by None recursively so the result is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_json(data, path: str | os.PathLike) -> Path:
+    return io.write_text(json.dumps(json_ready(data), indent=2) + "\n", path)
+
+
+def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
+    buffer = _stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    return io.write_text(buffer.getvalue(), path)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
+                  path_columns: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a CSV manifest with whitespace stripped and path columns made absolute.
+
+    Relative paths are taken relative to the manifest's folder, so a cohort folder can move.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DeepWMLError(f"manifest {path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc})") from exc
+    missing = [c for c in required if c not in header]
+    if missing:
+        expected = ", ".join(required + tuple(f"[{c}]" for c in optional))
+        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be: {expected}")
+    rows = [r for r in rows if any(r.values())]
+    if not rows:
+        raise DeepWMLError(f"manifest {path} lists no cases")
+    seen = set()
+    for number, row in enumerate(rows, start=2):
+        if not row["case"]:
+            raise DeepWMLError(f"manifest {path}, line {number}: the case name is empty")
+        if row["case"] in seen:
+            raise DeepWMLError(f"manifest {path}: case {row['case']!r} is listed twice; give each case a unique name")
+        seen.add(row["case"])
+        for column in path_columns:
+            if row.get(column):
+                row[column] = str((path.parent / row[column]).resolve())
+    return rows
+
+
+def make_output_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeepWMLError(f"cannot create output folder {out} ({exc.strerror}); choose another -o") from exc
+    return out
+
+
+def case_error(exc: Exception) -> str:
+    """One line describing why a case of a cohort failed."""
+    if isinstance(exc, DeepWMLError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# One case
+
+
+def _as_mask(value, what: str) -> sitk.Image:
+    return value if isinstance(value, sitk.Image) else io.read_mask(_existing(value, what))
+
+
+def _as_scores(value) -> sitk.Image:
+    if isinstance(value, sitk.Image):
+        return value
+    # read_image would refuse an all-zero map, which is a legitimate (if useless) prediction
+    return sitk.Cast(io.read_any(_existing(value, "probability map")), sitk.sitkFloat32)
+
+
+def _existing(path, what: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeepWMLError(f"{what} must be a SimpleITK image or a file path, got {type(path).__name__}")
+    return Path(path)
+
+
+def evaluate_case(prediction, reference, probabilities=None, found_fraction: float = metrics.FOUND_FRACTION,
+                  size_classes: metrics.SizeClasses | None = None) -> dict:
+    """All metrics of one case; each argument is a SimpleITK image or a path to one.
+
+    Keys: dice, sensitivity, precision, hd95_mm, avd_percent, lesion_recall, lesion_f1,
+    n_reference_lesions, n_predicted_lesions, reference_volume_ml, prediction_volume_ml, roc_auc
+    (NaN without probabilities), slice_thickness_mm, lesionwise (dict, see
+    `metrics.MaskPair.lesionwise`) and slices (list of {index, dice, sensitivity, precision,
+    reference_area_mm2, prediction_area_mm2, lv_ml, lv_group} for every axial slice whose
+    reference has lesion). Conventions for empty masks and labels: see `DeepWMLLib.metrics`.
+    """
+    reference = _as_mask(reference, "reference")
+    prediction = _as_mask(prediction, "prediction")
+    scores = _as_scores(probabilities) if probabilities is not None else None
+    return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes)
+
+
+def _case_row(case: dict, result: dict) -> dict:
+    lesionwise = result["lesionwise"]
+    return {
+        **case,
+        **{k: result[k] for k in CASE_COLUMNS if k in result},
+        "lesionwise_recall": lesionwise["recall"],
+        "lesionwise_precision": lesionwise["precision"],
+        "lesionwise_dice": lesionwise["dice"],
+        "n_images": len(result["slices"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort: tables and statistics
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(v)]
+
+
+def _describe(values) -> dict:
+    import numpy as np
+
+    finite = _finite(values)
+    if not finite:
+        return {"n": 0, "median": math.nan, "q1": math.nan, "q3": math.nan}
+    q1, median, q3 = np.percentile(finite, [25, 50, 75])
+    return {"n": len(finite), "median": float(median), "q1": float(q1), "q3": float(q3)}
+
+
+def _groups(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row.get(key) or NOT_GIVEN, []).append(row)
+    return dict(sorted(grouped.items(), key=lambda kv: _group_order(key, kv[0])))
+
+
+def _group_order(key: str, name: str):
+    if key == "lv_group" and name in metrics.LV_GROUPS:
+        return (0, metrics.LV_GROUPS.index(name), name)
+    return (1 if name == NOT_GIVEN else 0, 0, name)
+
+
+def _table2(image_rows: list[dict], case_rows: list[dict]) -> list[dict]:
+    """Median [IQR] per centre, per disease and overall, per image and per case."""
+    table = []
+    for grouping in ("centre", "disease", "overall"):
+        if grouping == "overall":
+            image_groups, case_groups = {"all": image_rows}, {"all": case_rows}
+        else:
+            if all(not r.get(grouping) for r in case_rows):
+                continue
+            image_groups, case_groups = _groups(image_rows, grouping), _groups(case_rows, grouping)
+        for name, cases in case_groups.items():
+            images = image_groups.get(name, [])
+            row = {"grouping": grouping, "group": name, "n_cases": len(cases), "n_images": len(images)}
+            for metric in IMAGE_METRICS:
+                stats = _describe(r[metric] for r in images)
+                row[f"image_{metric}_median"], row[f"image_{metric}_q1"], row[f"image_{metric}_q3"] = (
+                    stats["median"], stats["q1"], stats["q3"])
+                row[f"image_{metric}_n"] = stats["n"]
+            for metric in ("dice", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1", "lesionwise_dice"):
+                row[f"case_{metric}_median"] = _describe(r[metric] for r in cases)["median"]
+            table.append(row)
+    return table
+
+
+def _lv_table(image_rows: list[dict]) -> list[dict]:
+    by_group = _groups(image_rows, "lv_group")
+    table = []
+    bounds = (0.0,) + metrics.LV_GROUP_BOUNDS_ML + (math.inf,)
+    for i, name in enumerate(metrics.LV_GROUPS):
+        images = by_group.get(name, [])
+        upper = "" if math.isinf(bounds[i + 1]) else f"{bounds[i + 1]:g}"
+        row = {"lv_group": name, "lv_range_ml": f"[{bounds[i]:g}, {upper or 'inf'})", "n_images": len(images)}
+        for metric in IMAGE_METRICS:
+            stats = _describe(r[metric] for r in images)
+            row[f"{metric}_median"], row[f"{metric}_q1"], row[f"{metric}_q3"] = stats["median"], stats["q1"], stats["q3"]
+            row[f"{metric}_n"] = stats["n"]
+        table.append(row)
+    return table
+
+
+def _compare_groups(image_rows: list[dict], grouping: str, metric: str) -> list[dict]:
+    """Kruskal-Wallis across the groups, then Bonferroni-corrected Mann-Whitney pairs if significant."""
+    from scipy import stats
+
+    groups = {name: _finite(r[metric] for r in rows) for name, rows in _groups(image_rows, grouping).items()
+              if name != NOT_GIVEN}
+    usable = {name: values for name, values in groups.items() if len(values) >= MIN_GROUP_SIZE}
+    small = [f"{name} (n={len(values)})" for name, values in groups.items() if len(values) < MIN_GROUP_SIZE]
+    base = {"test": "Kruskal-Wallis", "metric": metric, "grouping": grouping,
+            "groups": ", ".join(f"{n} (n={len(v)})" for n, v in usable.items())}
+    note = f"left out with fewer than {MIN_GROUP_SIZE} values: {', '.join(small)}" if small else ""
+    if len(usable) < 2:
+        return [{**base, "statistic": math.nan, "p": math.nan,
+                 "note": "; ".join(filter(None, [f"not run: needs 2 groups with at least {MIN_GROUP_SIZE} values, "
+                                                 f"found {len(usable)}", note]))}]
+    if len({v for values in usable.values() for v in values}) == 1:
+        return [{**base, "statistic": math.nan, "p": math.nan, "note": "not run: every value is identical"}]
+    h, p = stats.kruskal(*usable.values())
+    verdict = "significant: pairwise tests follow" if p < ALPHA else "not significant"
+    results = [{**base, "statistic": float(h), "p": float(p), "note": "; ".join(filter(None, [verdict, note]))}]
+    if p < ALPHA:
+        names = list(usable)
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        for a, b in pairs:
+            u, p_pair = stats.mannwhitneyu(usable[a], usable[b], alternative="two-sided")
+            results.append({
+                "test": "Mann-Whitney U (Bonferroni)", "metric": metric, "grouping": grouping,
+                "groups": f"{a} vs {b}", "statistic": float(u), "p": min(1.0, float(p_pair) * len(pairs)),
+                "note": f"p multiplied by {len(pairs)} pairs",
+            })
+    return results
+
+
+def _normality(image_rows: list[dict], metric: str) -> dict:
+    from scipy import stats
+
+    values = _finite(r[metric] for r in image_rows)
+    row = {"test": "Shapiro-Wilk", "metric": metric, "grouping": "overall", "groups": f"all (n={len(values)})"}
+    if len(values) < MIN_GROUP_SIZE:
+        return {**row, "statistic": math.nan, "p": math.nan,
+                "note": f"not run: needs at least {MIN_GROUP_SIZE} values, found {len(values)}"}
+    if max(values) == min(values):
+        return {**row, "statistic": math.nan, "p": math.nan, "note": "not run: every value is identical"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns that p is approximate above 5000 values
+        w, p = stats.shapiro(values)
+    verdict = "not normal" if p < ALPHA else "no evidence against normality"
+    return {**row, "statistic": float(w), "p": float(p), "note": verdict}
+
+
+def _statistics(image_rows: list[dict], case_rows: list[dict]) -> list[dict]:
+    results = []
+    for metric in IMAGE_METRICS:
+        results.append(_normality(image_rows, metric))
+    for grouping in ("disease", "centre", "lv_group"):
+        if grouping != "lv_group" and all(not r.get(grouping) for r in case_rows):
+            continue
+        for metric in IMAGE_METRICS:
+            results.extend(_compare_groups(image_rows, grouping, metric))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort: figures
+
+
+def _box_plots(image_rows: list[dict], grouping: str, title: str, path: Path) -> Path | None:
+    groups = _groups(image_rows, grouping)
+    if grouping == "lv_group":
+        groups = {name: groups.get(name, []) for name in metrics.LV_GROUPS}
+    if not any(groups.values()):
+        return None
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise DeepWMLError("the box plots need matplotlib: pip install 'deepwml[eval]'") from exc
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(IMAGE_METRICS), figsize=(4 * len(IMAGE_METRICS), 4), sharey=True)
+    names = list(groups)
+    for ax, metric in zip(axes, IMAGE_METRICS):
+        data = [_finite(r[metric] for r in groups[name]) for name in names]
+        positions = [i + 1 for i, values in enumerate(data) if values]
+        if positions:
+            ax.boxplot([values for values in data if values], positions=positions, widths=0.6)
+        ax.set_xticks(range(1, len(names) + 1))
+        ax.set_xticklabels([f"{n}\n(n={len(d)})" for n, d in zip(names, data)], fontsize=8)
+        ax.set_xlim(0.4, len(names) + 0.6)
+        ax.set_title(metric.capitalize())
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("per 2D image")
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        return io.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort: Markdown report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _median_iqr(row: dict, prefix: str) -> str:
+    if not row.get(f"{prefix}_n"):
+        return "–"
+    return f"{_fmt(row[prefix + '_median'])} [{_fmt(row[prefix + '_q1'])}–{_fmt(row[prefix + '_q3'])}]"
+
+
+def _p(value) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _report(summary: dict) -> str:
+    cases, failed = summary["cases"], summary["failed"]
+    lines = [
+        "# DeepWML evaluation report",
+        "",
+        f"Manifest: `{summary['manifest']}`  ",
+        f"Cases evaluated: {len(cases)} of {len(cases) + len(failed)}"
+        + (f" ({len(failed)} failed, listed at the end)" if failed else "") + "  ",
+        f"2D images with reference lesion: {summary['n_images']}  ",
+        f"Lesion-wise rule: a reference lesion is found when >= {summary['found_fraction']:.0%} of its voxels "
+        f"are marked; size classes {summary['size_classes']}.",
+        "",
+        "Values are median [interquartile range]. Per-image values are over the axial slices whose "
+        "reference has lesion (the DeepWML paper's unit); undefined values (precision of an empty "
+        "prediction, metrics of an empty reference) are left out and *n* says how many were used. "
+        "Definitions and empty-mask conventions: `DeepWMLLib/metrics.py`.",
+        "",
+        "## Table 2 — per-image Dice, sensitivity and precision",
+        "",
+    ]
+    header = ["grouping", "group", "cases", "images", "Dice", "sensitivity", "precision"]
+    lines.append(_markdown_table(header, [
+        [r["grouping"], r["group"], r["n_cases"], r["n_images"],
+         *(_median_iqr(r, f"image_{m}") for m in IMAGE_METRICS)] for r in summary["table2"]]))
+    lines += ["", "## Per-case metrics (medians: DeepWML, MICCAI WMH challenge, lesion-wise)", ""]
+    lines.append(_markdown_table(
+        ["grouping", "group", "cases", "Dice", "HD95 mm", "AVD %", "lesion recall", "lesion F1", "lesion-wise Dice"],
+        [[r["grouping"], r["group"], r["n_cases"], _fmt(r["case_dice_median"]), _fmt(r["case_hd95_mm_median"], 2),
+          _fmt(r["case_avd_percent_median"], 1), _fmt(r["case_lesion_recall_median"]),
+          _fmt(r["case_lesion_f1_median"]), _fmt(r["case_lesionwise_dice_median"])] for r in summary["table2"]]))
+    lines += ["", "## Per lesion-volume group (Fig. 4)", "",
+              "LV = reference lesion area of the 2D image x slice thickness.", ""]
+    lines.append(_markdown_table(
+        ["LV group", "LV (ml)", "images", "Dice", "sensitivity", "precision"],
+        [[r["lv_group"], r["lv_range_ml"], r["n_images"], *(_median_iqr(r, m) for m in IMAGE_METRICS)]
+         for r in summary["lv_groups"]]))
+    lines += ["", "## Statistics", "",
+              f"Two-sided tests on per-image values, alpha = {ALPHA}. Groups with fewer than "
+              f"{MIN_GROUP_SIZE} values are left out of a test; a test that cannot run says why.", ""]
+    lines.append(_markdown_table(
+        ["test", "metric", "across", "groups", "statistic", "p", "note"],
+        [[s["test"], s["metric"], s["grouping"], s["groups"], _fmt(s["statistic"]), _p(s["p"]), s["note"]]
+         for s in summary["statistics"]]))
+    lines += ["", "## Figures", ""]
+    if summary["figures"]:
+        lines += [f"![{name}]({name})\n" for name in summary["figures"]]
+    elif summary.get("figure_error"):
+        lines.append(f"No figure: {summary['figure_error']}.")
+    else:
+        lines.append("No figure: no 2D image with reference lesion was evaluated.")
+    lines += ["", "## Cases", ""]
+    lines.append(_markdown_table(
+        ["case", "centre", "disease", "Dice", "sens.", "prec.", "HD95 mm", "AVD %", "lesion recall",
+         "lesion F1", "lesion-wise R / P / Dice", "ref ml", "pred ml", "AUC"],
+        [[c["case"], c.get("centre") or "", c.get("disease") or "", _fmt(c["dice"]), _fmt(c["sensitivity"]),
+          _fmt(c["precision"]), _fmt(c["hd95_mm"], 2), _fmt(c["avd_percent"], 1), _fmt(c["lesion_recall"]),
+          _fmt(c["lesion_f1"]),
+          f"{_fmt(c['lesionwise_recall'])} / {_fmt(c['lesionwise_precision'])} / {_fmt(c['lesionwise_dice'])}",
+          _fmt(c["reference_volume_ml"], 2), _fmt(c["prediction_volume_ml"], 2), _fmt(c["roc_auc"], 4)]
+         for c in cases]))
+    if failed:
+        lines += ["", "## Failed cases", ""]
+        lines += [f"- **{c['case']}**: {c['error']}" for c in failed]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cohort
+
+
+def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
+                    found_fraction: float = metrics.FOUND_FRACTION, size_classes: metrics.SizeClasses | None = None,
+                    progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> dict:
+    """Evaluate every case of a manifest and write the tables, statistics, figures and report.
+
+    A case that cannot be evaluated is recorded with its error and the others still run.
+    Returns the summary (also written as summary.json) with `failed` listing the failed cases.
+    """
+    size_classes = size_classes or metrics.SizeClasses()
+    entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities"),
+                            path_columns=("prediction", "reference", "probabilities"))
+    out = make_output_dir(out_dir)
+    case_rows, image_rows, failed = [], [], []
+    for number, entry in enumerate(entries):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        info = {"case": entry["case"], "centre": entry.get("centre", ""), "disease": entry.get("disease", "")}
+        try:
+            result = evaluate_case(entry["prediction"], entry["reference"], entry.get("probabilities") or None,
+                                   found_fraction, size_classes)
+        except Cancelled:
+            raise
+        except Exception as exc:  # one bad case must not stop the cohort; its error is reported
+            failed.append({**info, "error": case_error(exc)})
+            message = f"{entry['case']}: FAILED ({failed[-1]['error']})"
+        else:
+            case_rows.append(_case_row(info, result))
+            image_rows.extend({**info, **s} for s in result["slices"])
+            message = f"{entry['case']}: Dice {_fmt(result['dice'])}"
+        if progress is not None:
+            progress((number + 1) / len(entries), message)
+
+    summary = {
+        "manifest": str(Path(manifest).resolve()),
+        "found_fraction": found_fraction,
+        "size_classes": ", ".join(f"{k} {v}" for k, v in size_classes.describe().items()),
+        "n_images": len(image_rows),
+        "cases": case_rows,
+        "failed": failed,
+        "table2": _table2(image_rows, case_rows),
+        "lv_groups": _lv_table(image_rows),
+        "statistics": _statistics(image_rows, case_rows),
+        "figures": [],
+    }
+    info_columns = ["case", "centre", "disease"]
+    write_csv(image_rows, info_columns + ["index", *IMAGE_METRICS, "reference_area_mm2", "prediction_area_mm2",
+                                          "lv_ml", "lv_group"], out / "per_image.csv")
+    write_csv(case_rows + failed, info_columns + list(CASE_COLUMNS) + ["error"], out / "per_case.csv")
+    write_csv(summary["table2"], list(summary["table2"][0]), out / "table2.csv")
+    write_csv(summary["lv_groups"], list(summary["lv_groups"][0]), out / "lv_groups.csv")
+    write_csv(summary["statistics"], ["test", "metric", "grouping", "groups", "statistic", "p", "note"],
+              out / "statistics.csv")
+    figures = [("disease", "Fig. 3: per disease", "fig3_by_disease.png"),
+               ("centre", "Fig. 3: per centre", "fig3_by_centre.png"),
+               ("lv_group", "Fig. 4: per lesion-volume group", "fig4_by_lv_group.png")]
+    for grouping, title, name in figures:
+        if grouping != "lv_group" and all(not r.get(grouping) for r in case_rows):
+            continue
+        try:
+            if _box_plots(image_rows, grouping, title, out / name):
+                summary["figures"].append(name)
+        except DeepWMLError as exc:  # tables and report are still worth having without the figures
+            summary["figure_error"] = str(exc)
+            break
+    io.write_text(_report(summary), out / "report.md")
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_lesionwise_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--found-fraction", type=float, default=metrics.FOUND_FRACTION,
+                        help="fraction of a reference lesion's voxels that must be marked for it to count as "
+                             "found (lesion-wise metrics; default %(default)s)")
+    parser.add_argument("--size-bounds", type=float, nargs=2, metavar=("SMALL", "LARGE"),
+                        default=metrics.SIZE_BOUNDS_VOXELS,
+                        help="lesion size classes: small < SMALL <= medium <= LARGE < large (default 20 150)")
+    parser.add_argument("--size-unit", choices=metrics.SIZE_UNITS, default="voxels",
+                        help="unit of --size-bounds (default voxels)")
+
+
+def register(subparsers) -> None:
+    from .cli import add_debug_flag
+
+    parser = subparsers.add_parser(
+        "evaluate", help="compare predicted masks with reference masks (one case or a cohort)",
+        description="One case: --prediction and --reference. A cohort: --manifest CSV (columns case, prediction, "
+                    "reference, optional centre, disease, probabilities) and -o OUTDIR, which receives per-image "
+                    "and per-case CSVs, the paper's Table 2, LV-group table, statistics, box plots and report.md.")
+    parser.add_argument("--prediction", help="predicted mask (any positive label is lesion)")
+    parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore)")
+    parser.add_argument("--probabilities", help="probability map of the prediction, for ROC AUC")
+    parser.add_argument("--json", help="write all metrics of the case to this JSON file")
+    parser.add_argument("--manifest", help="cohort CSV: case, prediction, reference[, centre, disease, probabilities]")
+    parser.add_argument("-o", "--output", help="output folder of the cohort report")
+    add_lesionwise_options(parser)
+    add_debug_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def size_classes_from_args(args) -> metrics.SizeClasses:
+    return metrics.SizeClasses(tuple(args.size_bounds), args.size_unit)
+
+
+def run(args) -> int:
+    size_classes = size_classes_from_args(args)
+    if args.manifest:
+        if args.prediction or args.reference or args.probabilities or args.json:
+            raise DeepWMLError("--manifest evaluates a cohort; leave out --prediction, --reference, --probabilities "
+                               "and --json (each case's results go to the -o folder)")
+        if not args.output:
+            raise DeepWMLError("--manifest needs -o OUTDIR, the folder that receives the report")
+        summary = evaluate_cohort(args.manifest, args.output, args.found_fraction, size_classes,
+                                  progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
+                                                                           file=sys.stderr))
+        overall = next(r for r in summary["table2"] if r["grouping"] == "overall")
+        print(f"{len(summary['cases'])} cases, {summary['n_images']} images with lesion: median image Dice "
+              f"{_median_iqr(overall, 'image_dice')}, sensitivity {_median_iqr(overall, 'image_sensitivity')}, "
+              f"precision {_median_iqr(overall, 'image_precision')}")
+        print(f"report: {Path(args.output) / 'report.md'}")
+        if summary["failed"]:
+            print(f"{len(summary['failed'])} case(s) failed: "
+                  + "; ".join(f"{c['case']}: {c['error']}" for c in summary["failed"]), file=sys.stderr)
+            return 1
+        return 0
+    if not (args.prediction and args.reference):
+        raise DeepWMLError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
+    if args.output:
+        raise DeepWMLError("-o is for --manifest cohorts; use --json FILE to save one case's metrics")
+    result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
+    print(format_case(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def format_case(result: dict) -> str:
+    """A few human-readable lines summarising `evaluate_case`'s result."""
+    lw = result["lesionwise"]
+    per_size = ", ".join(f"{name} {v['n_found']}/{v['n_reference']} found" for name, v in lw["by_size"].items())
+    groups = {}
+    for s in result["slices"]:
+        groups[s["lv_group"]] = groups.get(s["lv_group"], 0) + 1
+    return "\n".join([
+        f"Dice {_fmt(result['dice'])}  sensitivity {_fmt(result['sensitivity'])}  precision {_fmt(result['precision'])}",
+        f"HD95 {_fmt(result['hd95_mm'], 2)} mm  AVD {_fmt(result['avd_percent'], 1)} %  "
+        f"lesion recall {_fmt(result['lesion_recall'])}  lesion F1 {_fmt(result['lesion_f1'])}",
+        f"lesion-wise (>= {lw['found_fraction']:.0%} marked): recall {_fmt(lw['recall'])}  precision "
+        f"{_fmt(lw['precision'])}  Dice {_fmt(lw['dice'])}  ({per_size})",
+        f"volume: reference {_fmt(result['reference_volume_ml'], 2)} ml in {result['n_reference_lesions']} lesions, "
+        f"prediction {_fmt(result['prediction_volume_ml'], 2)} ml in {result['n_predicted_lesions']} lesions"
+        + (f"; ROC AUC {_fmt(result['roc_auc'], 4)}" if math.isfinite(result["roc_auc"]) else ""),
+        f"2D images with lesion: {len(result['slices'])}"
+        + (" (" + ", ".join(f"{g} {groups[g]}" for g in metrics.LV_GROUPS if g in groups) + ")" if groups else ""),
+    ])

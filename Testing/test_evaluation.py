@@ -1,0 +1,227 @@
+"""`deepwml evaluate` and `evaluate_case` / `evaluate_cohort` on small synthetic cohorts written to disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO
+from scipy.stats import mannwhitneyu
+
+from DeepWMLLib import evaluation, io
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import Cancelled
+
+SPACING = (1.0, 1.0, 5.0)  # 1 pixel = 5 mm3, so LV groups are reached with small squares
+# Square sides on slices 1..5: 8x8 -> 0.32 ml (G2); 4x4 -> 0.08 (G1); 14x14 -> 0.98 (G3);
+# 20x20 -> 2.0 (G4); 32x32 -> 5.12 (G5).
+SIDES = {1: 8, 2: 4, 3: 14, 4: 20, 5: 32}
+
+
+def write_mask(array: np.ndarray, path, spacing=SPACING) -> str:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin((-20.0, 10.0, -12.5))
+    io.write_image(image, path)
+    return str(path)
+
+
+def reference_array() -> np.ndarray:
+    ref = np.zeros((7, 40, 40), np.uint8)
+    for k, side in SIDES.items():
+        ref[k, 2:2 + side, 2:2 + side] = 1
+    return ref
+
+
+def prediction_array(kept_columns: float) -> np.ndarray:
+    """The reference with only the left `kept_columns` fraction of every square."""
+    pred = np.zeros((7, 40, 40), np.uint8)
+    for k, side in SIDES.items():
+        pred[k, 2:2 + side, 2:2 + max(1, round(side * kept_columns))] = 1
+    return pred
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """Two centres, two well-sampled diseases (A near perfect, B half missed), a one-case disease C,
+    a case whose prediction file is missing and one on another grid."""
+    folder = tmp_path / "cohort"
+    (folder / "masks").mkdir(parents=True)
+    ref = write_mask(reference_array(), folder / "masks" / "ref.nii.gz")
+    rows = []
+    plan = [("a1", "X", "A", 1.0), ("a2", "Y", "A", 0.9), ("a3", "X", "A", 0.95),
+            ("b1", "Y", "B", 0.5), ("b2", "X", "B", 0.4), ("b3", "Y", "B", 0.45), ("c1", "X", "C", 0.7)]
+    for case, centre, disease, kept in plan:
+        write_mask(prediction_array(kept), folder / "masks" / f"{case}.nii.gz")
+        rows.append([case, f"masks/{case}.nii.gz", "masks/ref.nii.gz", centre, disease])
+    rows.append(["missing", "masks/nothing.nii.gz", "masks/ref.nii.gz", "X", "A"])
+    write_mask(prediction_array(1.0), folder / "masks" / "thick.nii.gz", spacing=(1.0, 1.0, 6.0))
+    rows.append(["other_grid", "masks/thick.nii.gz", "masks/ref.nii.gz", "Y", "B"])
+    manifest = folder / "cases.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "prediction", "reference", "centre", "disease"])
+        writer.writerows(rows)
+    assert ref
+    return manifest
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cohort_writes_the_papers_tables_statistics_figures_and_report(cohort, tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative paths in the manifest are relative to the manifest
+    out = tmp_path / "report"
+    assert main(["evaluate", "--manifest", str(cohort), "-o", str(out)]) == 1  # two cases failed
+    err = capsys.readouterr().err
+    assert "missing" in err and "other_grid" in err and "different voxel grids" in err
+
+    per_case = {r["case"]: r for r in read_csv(out / "per_case.csv")}
+    assert set(per_case) == {"a1", "a2", "a3", "b1", "b2", "b3", "c1", "missing", "other_grid"}
+    assert "does not exist" in per_case["missing"]["error"] and per_case["a1"]["error"] == ""
+    assert float(per_case["a1"]["dice"]) == 1.0 and float(per_case["a1"]["hd95_mm"]) == 0.0
+
+    per_image = read_csv(out / "per_image.csv")
+    assert len(per_image) == 7 * len(SIDES)
+    a1 = {int(r["index"]): r["lv_group"] for r in per_image if r["case"] == "a1"}
+    assert a1 == {1: "G2", 2: "G1", 3: "G3", 4: "G4", 5: "G5"}
+
+    table2 = {(r["grouping"], r["group"]): r for r in read_csv(out / "table2.csv")}
+    assert {k for k in table2} == {("centre", "X"), ("centre", "Y"), ("disease", "A"), ("disease", "B"),
+                                   ("disease", "C"), ("overall", "all")}
+    dice_b = [float(r["dice"]) for r in per_image if r["disease"] == "B"]
+    assert float(table2[("disease", "B")]["image_dice_median"]) == pytest.approx(np.median(dice_b))
+    assert float(table2[("overall", "all")]["image_dice_median"]) == pytest.approx(
+        np.median([float(r["dice"]) for r in per_image]))
+    assert table2[("disease", "C")]["n_cases"] == "1" and table2[("overall", "all")]["n_cases"] == "7"
+
+    lv = {r["lv_group"]: r for r in read_csv(out / "lv_groups.csv")}
+    assert list(lv) == ["G1", "G2", "G3", "G4", "G5"] and all(lv[g]["n_images"] == "7" for g in lv)
+
+    stats = read_csv(out / "statistics.csv")
+    kruskal = next(s for s in stats if s["test"] == "Kruskal-Wallis" and s["grouping"] == "disease"
+                   and s["metric"] == "dice")
+    assert float(kruskal["p"]) < 0.05
+    assert kruskal["groups"] == "A (n=15), B (n=15), C (n=5)"
+    pairs = {s["groups"]: float(s["p"]) for s in stats if s["test"].startswith("Mann-Whitney")
+             and s["grouping"] == "disease" and s["metric"] == "dice"}
+    assert list(pairs) == ["A vs B", "A vs C", "B vs C"]
+    dice = {d: [float(r["dice"]) for r in per_image if r["disease"] == d] for d in "AB"}
+    raw = mannwhitneyu(dice["A"], dice["B"], alternative="two-sided").pvalue
+    assert pairs["A vs B"] == pytest.approx(min(1.0, 3 * raw), rel=1e-5)  # Bonferroni over 3 pairs
+    assert any(s["test"] == "Shapiro-Wilk" for s in stats)
+
+    for name in ("fig3_by_disease.png", "fig3_by_centre.png", "fig4_by_lv_group.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    for text in ("Table 2", "Per lesion-volume group", "Kruskal-Wallis", "![fig4_by_lv_group.png]",
+                 "**missing**", "**other_grid**"):
+        assert text in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["cases"]) == 7 and len(summary["failed"]) == 2
+    assert not [p for p in out.iterdir() if ".part" in p.name]  # atomic writes leave no temporary files
+
+
+def test_groups_too_small_for_a_test_are_reported_not_crashed(tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    ref = np.zeros((4, 12, 12), np.uint8)
+    ref[1, 2:5, 2:5] = 1
+    ref[2, 2:4, 2:4] = 1
+    write_mask(ref, folder / "ref.nii.gz")
+    write_mask(ref, folder / "pred.nii.gz")
+    (folder / "cases.csv").write_text("case,prediction,reference,disease\none,pred.nii.gz,ref.nii.gz,SVD\n")
+    summary = evaluation.evaluate_cohort(folder / "cases.csv", tmp_path / "out")
+    notes = [s["note"] for s in summary["statistics"]]
+    assert any("not run: needs 2 groups" in n for n in notes)
+    assert any("needs at least 3 values" in n for n in notes)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "not run" in report and "| overall | all | 1 | 2 |" in report
+
+
+def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
+    (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Cases evaluated: 0 of 1" in report and "No figure" in report
+
+
+def test_single_case_json_has_the_documented_keys_and_null_for_undefined(tmp_path, capsys):
+    ref = reference_array()
+    pred = np.zeros_like(ref)
+    pred[1, 2:10, 2:10] = 1                      # only the first square found
+    probabilities = sitk.GetImageFromArray(ref.astype(np.float32) * 0.8 + 0.1)
+    probabilities.SetSpacing(SPACING)
+    probabilities.SetOrigin((-20.0, 10.0, -12.5))
+    io.write_image(probabilities, tmp_path / "prob.nii.gz")
+    args = ["evaluate", "--prediction", write_mask(pred, tmp_path / "p.nii.gz"),
+            "--reference", write_mask(ref, tmp_path / "r.nii.gz"),
+            "--probabilities", str(tmp_path / "prob.nii.gz"), "--json", str(tmp_path / "m.json")]
+    assert main(args) == 0
+    assert "Dice" in capsys.readouterr().out
+    result = json.loads((tmp_path / "m.json").read_text())
+    for key in ("dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1",
+                "lesionwise", "slices", "roc_auc"):
+        assert key in result
+    total = sum(side * side for side in SIDES.values())
+    assert result["roc_auc"] == 1.0 and result["precision"] == 1.0
+    assert result["sensitivity"] == pytest.approx(64 / total)
+    assert result["n_reference_lesions"] == 1  # squares on neighbouring slices touch: one 3D lesion
+    assert [s["index"] for s in result["slices"]] == sorted(SIDES)
+    missed = result["slices"][1]
+    assert set(missed) >= {"index", "dice", "sensitivity", "precision", "lv_ml", "lv_group"}
+    assert missed["precision"] is None and missed["dice"] == 0.0  # NaN is written as JSON null
+
+
+def test_evaluate_case_takes_images_or_paths(tmp_path):
+    ref = reference_array()
+    path = write_mask(ref, tmp_path / "r.nii.gz")
+    from_paths = evaluation.evaluate_case(path, path)
+    from_images = evaluation.evaluate_case(io.read_mask(path), io.read_mask(path))
+    assert from_paths["dice"] == from_images["dice"] == 1.0
+    assert math.isnan(from_paths["roc_auc"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("case,prediction\nx,p.nii.gz\n", "lacks column(s) reference"),
+    ("case,prediction,reference\nx,p.nii.gz,r.nii.gz\nx,p.nii.gz,r.nii.gz\n", "listed twice"),
+    ("case,prediction,reference\n", "lists no cases"),
+])
+def test_bad_manifests_give_one_line_errors(tmp_path, capsys, content, message):
+    (tmp_path / "cases.csv").write_text(content)
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate"], "give --prediction and --reference"),
+    (["evaluate", "--manifest", "cases.csv"], "needs -o OUTDIR"),
+    (["evaluate", "--prediction", "p.nii.gz", "--reference", "r.nii.gz", "-o", "out"], "use --json"),
+    (["evaluate", "--manifest", "m.csv", "-o", "o", "--prediction", "p.nii.gz"], "leave out --prediction"),
+])
+def test_wrong_argument_combinations_say_what_to_do(capsys, args, message):
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cancel_stops_a_cohort(cohort, tmp_path):
+    with pytest.raises(Cancelled):
+        evaluation.evaluate_cohort(cohort, tmp_path / "out", cancel=lambda: True)
+
+
+def test_metrics_commands_import_neither_torch_nor_matplotlib():
+    code = ("import sys, DeepWMLLib.evaluation, DeepWMLLib.consensus, DeepWMLLib.metrics; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
