@@ -1,0 +1,201 @@
+"""Agreement of two raters' manual masks, the DeepWML paper's acceptance rule for training labels.
+
+The paper accepted a manual mask when two raters reached Dice >= 0.85. `consensus_check` computes
+that verdict for one pair and says where to look when it fails: the axial slices where the raters
+disagree most (area marked by one rater only) and the lesions (3D 26-connected components) that one
+rater drew and the other did not touch at all. Any positive label of either mask counts as lesion;
+two empty masks agree (Dice 1). Positions are physical LPS millimetres; slice k is voxel index k
+along `io.axial_axis`, as everywhere in DeepWML.
+
+`deepwml consensus` runs it on one pair or on a manifest (columns case, rater_a, rater_b) and
+writes a CSV of every case and the list of cases that need re-labelling. The verdict never changes
+the exit status: it is 0 unless a file could not be read or compared.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from . import io
+from .errors import Cancelled, DeepWMLError
+from .evaluation import case_error, make_output_dir, read_manifest, write_csv, write_json
+from .metrics import MaskPair
+
+DEFAULT_THRESHOLD = 0.85
+WORST_SLICES_SHOWN = 5
+CSV_COLUMNS = ("case", "dice", "threshold", "passed", "volume_a_ml", "volume_b_ml", "n_lesions_a", "n_lesions_b",
+               "n_unmatched_lesions_a", "n_unmatched_lesions_b", "worst_slice", "rater_a", "rater_b", "error")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise DeepWMLError(f"the Dice threshold must be between 0 and 1, got {threshold}")
+
+
+def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """Do two raters agree well enough (Dice >= threshold)? And where do they not?
+
+    Returns dice, threshold, passed, volume_a_ml, volume_b_ml, n_lesions_a, n_lesions_b, slices
+    (every axial slice either rater marked, in slice order: {index, dice, area_a_mm2, area_b_mm2,
+    disagreement_mm2}), worst_slices (indices, largest disagreement first) and
+    unmatched_lesions_a / _b (lesions one rater drew that no voxel of the other touches, largest
+    first: {voxels, volume_mm3, centroid_lps_mm, slices: [first, last]}).
+    """
+    _check_threshold(threshold)
+    pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask")
+    dice = pair.overlap()["dice"]
+    both, area_a, area_b = pair.slice_counts()
+    pixel = pair.pixel_area_mm2
+    slices = []
+    for k in range(len(both)):
+        if area_a[k] or area_b[k]:
+            slices.append({
+                "index": k,
+                "dice": 2.0 * both[k] / (area_a[k] + area_b[k]),
+                "area_a_mm2": float(area_a[k] * pixel),
+                "area_b_mm2": float(area_b[k] * pixel),
+                "disagreement_mm2": float((area_a[k] + area_b[k] - 2 * both[k]) * pixel),
+            })
+    worst = sorted((s for s in slices if s["disagreement_mm2"] > 0), key=lambda s: (-s["disagreement_mm2"], s["index"]))
+    volumes = pair.volumes_ml()
+    return {
+        "dice": dice,
+        "threshold": threshold,
+        "passed": bool(dice >= threshold),
+        "volume_a_ml": volumes["prediction_volume_ml"],
+        "volume_b_ml": volumes["reference_volume_ml"],
+        "n_lesions_a": pair.prediction_components[1],
+        "n_lesions_b": pair.reference_components[1],
+        "slices": slices,
+        "worst_slices": [s["index"] for s in worst],
+        "unmatched_lesions_a": pair.lesion_table("prediction"),
+        "unmatched_lesions_b": pair.lesion_table("reference"),
+    }
+
+
+def format_check(result: dict) -> str:
+    """Human-readable verdict with the slices and lesions to review."""
+    verdict = "PASS" if result["passed"] else "FAIL (re-label)"
+    lines = [
+        f"Dice {result['dice']:.3f} (threshold {result['threshold']:.2f}): {verdict}",
+        f"rater A {result['volume_a_ml']:.2f} ml in {result['n_lesions_a']} lesions; "
+        f"rater B {result['volume_b_ml']:.2f} ml in {result['n_lesions_b']} lesions",
+    ]
+    by_index = {s["index"]: s for s in result["slices"]}
+    worst = [by_index[k] for k in result["worst_slices"][:WORST_SLICES_SHOWN]]
+    if worst:
+        lines.append("slices where the raters disagree most (area marked by one rater only):")
+        lines.append("  slice   Dice   A mm2    B mm2    disagreement mm2")
+        lines += [f"  {s['index']:5d}  {s['dice']:.3f}  {s['area_a_mm2']:7.1f}  {s['area_b_mm2']:7.1f}  "
+                  f"{s['disagreement_mm2']:7.1f}" for s in worst]
+    for rater in ("a", "b"):
+        lesions = result[f"unmatched_lesions_{rater}"]
+        if not lesions:
+            lines.append(f"lesions drawn by rater {rater.upper()} only: none")
+            continue
+        total = sum(lesion["volume_mm3"] for lesion in lesions)
+        lines.append(f"lesions drawn by rater {rater.upper()} only: {len(lesions)} ({total:.1f} mm3), largest:")
+        lines += [f"  {lesion['volume_mm3']:8.1f} mm3 at LPS ({', '.join(f'{c:.1f}' for c in lesion['centroid_lps_mm'])}) "
+                  f"mm, slices {lesion['slices'][0]}-{lesion['slices'][1]}" for lesion in lesions[:3]]
+    return "\n".join(lines)
+
+
+def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD,
+                     progress: Callable[[float, str], None] | None = None,
+                     cancel: Callable[[], bool] | None = None) -> dict:
+    """Check every rater pair of a manifest; writes consensus.csv, relabel.txt and consensus.json.
+
+    A case that cannot be read or compared is recorded with its error and the others still run.
+    """
+    _check_threshold(threshold)
+    entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), path_columns=("rater_a", "rater_b"))
+    out = make_output_dir(out_dir)
+    rows, details = [], {}
+    for number, entry in enumerate(entries):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        row = {"case": entry["case"], "rater_a": entry["rater_a"], "rater_b": entry["rater_b"], "threshold": threshold}
+        try:
+            mask_b = io.read_mask(entry["rater_b"])
+            result = consensus_check(io.read_mask(entry["rater_a"]), mask_b, threshold)
+        except Cancelled:
+            raise
+        except Exception as exc:  # one bad case must not stop the cohort; its error is reported
+            row["error"] = case_error(exc)
+            message = f"{entry['case']}: ERROR ({row['error']})"
+        else:
+            details[entry["case"]] = result
+            row.update({k: result[k] for k in ("dice", "passed", "volume_a_ml", "volume_b_ml", "n_lesions_a",
+                                               "n_lesions_b")})
+            row["n_unmatched_lesions_a"] = len(result["unmatched_lesions_a"])
+            row["n_unmatched_lesions_b"] = len(result["unmatched_lesions_b"])
+            row["worst_slice"] = result["worst_slices"][0] if result["worst_slices"] else ""
+            message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
+        rows.append(row)
+        if progress is not None:
+            progress((number + 1) / len(entries), message)
+    relabel = [r["case"] for r in rows if r.get("passed") is False]
+    failed = [r for r in rows if r.get("error")]
+    write_csv(rows, list(CSV_COLUMNS), out / "consensus.csv")
+    io.write_text("".join(f"{case}\n" for case in relabel), out / "relabel.txt")
+    summary = {"manifest": str(Path(manifest).resolve()), "threshold": threshold, "cases": rows,
+               "relabel": relabel, "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
+               "details": details}
+    write_json(summary, out / "consensus.json")
+    return summary
+
+
+def register(subparsers) -> None:
+    from .cli import add_debug_flag
+
+    parser = subparsers.add_parser(
+        "consensus", help="check two raters' masks agree (Dice >= 0.85), one pair or a cohort",
+        description="One pair: RATER_A RATER_B prints the Dice, PASS or FAIL, the slices where the raters disagree "
+                    "most and lesions drawn by one rater only. A cohort: --manifest CSV (columns case, rater_a, "
+                    "rater_b) and -o OUTDIR, which receives consensus.csv and relabel.txt. The exit status is 0 "
+                    "whatever the verdict, non-zero only when a file cannot be read or compared.")
+    parser.add_argument("rater_a", nargs="?", metavar="RATER_A", help="mask of the first rater")
+    parser.add_argument("rater_b", nargs="?", metavar="RATER_B", help="mask of the second rater")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="Dice at or above which the masks are accepted (default %(default)s)")
+    parser.add_argument("--json", help="write the full result of one pair to this JSON file")
+    parser.add_argument("--manifest", help="cohort CSV with columns case, rater_a, rater_b")
+    parser.add_argument("-o", "--output", help="output folder of the cohort results")
+    add_debug_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    _check_threshold(args.threshold)
+    if args.manifest:
+        if args.rater_a or args.rater_b or args.json:
+            raise DeepWMLError("--manifest checks a cohort; leave out RATER_A, RATER_B and --json")
+        if not args.output:
+            raise DeepWMLError("--manifest needs -o OUTDIR, the folder that receives consensus.csv")
+        summary = consensus_cohort(args.manifest, args.output, args.threshold,
+                                   progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
+                                                                            file=sys.stderr))
+        n_ok = len(summary["cases"]) - len(summary["failed"])
+        print(f"{n_ok} cases checked at Dice >= {args.threshold:.2f}: {n_ok - len(summary['relabel'])} pass, "
+              f"{len(summary['relabel'])} need re-labelling"
+              + (f" ({', '.join(summary['relabel'])})" if summary["relabel"] else ""))
+        print(f"results: {Path(args.output) / 'consensus.csv'}")
+        if summary["failed"]:
+            print(f"{len(summary['failed'])} case(s) could not be checked: "
+                  + "; ".join(f"{c['case']}: {c['error']}" for c in summary["failed"]), file=sys.stderr)
+            return 1
+        return 0
+    if not (args.rater_a and args.rater_b):
+        raise DeepWMLError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
+    if args.output:
+        raise DeepWMLError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
+    result = consensus_check(io.read_mask(args.rater_a), io.read_mask(args.rater_b), args.threshold)
+    print(format_check(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0

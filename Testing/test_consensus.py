@@ -1,0 +1,129 @@
+"""Two-rater consensus: verdict, where the raters disagree, lesions drawn by one rater only, cohorts."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import rotation
+
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+from DeepWMLLib.consensus import consensus_check
+from DeepWMLLib.errors import DeepWMLError
+
+SPACING = (0.6, 0.8, 4.0)
+DIRECTION = rotation(0.2, -0.1, 0.7)
+ORIGIN = (31.0, -12.0, 5.5)
+
+
+def image(array, spacing=SPACING) -> sitk.Image:
+    im = sitk.GetImageFromArray(np.asarray(array, np.uint8))
+    im.SetSpacing(spacing)
+    im.SetDirection(tuple(DIRECTION.ravel()))
+    im.SetOrigin(ORIGIN)
+    return im
+
+
+def raters() -> tuple[np.ndarray, np.ndarray]:
+    """B draws two lesions; A draws them slightly differently and adds a lesion of its own."""
+    b = np.zeros((8, 30, 30), np.uint8)
+    b[2:4, 5:15, 5:15] = 1          # 200 voxels
+    b[6, 20:24, 20:24] = 1          # 16 voxels
+    a = b.copy()
+    a[3, 5:15, 5:15] = 0            # A leaves out one slice of the first lesion (100 voxels)
+    a[6, 2:5, 24:28] = 1            # and draws a lesion B does not have (12 voxels)
+    return a, b
+
+
+def test_consensus_check_reports_dice_slices_and_lesions_of_one_rater_only():
+    a, b = raters()
+    result = consensus_check(image(a), image(b))
+    assert result["dice"] == pytest.approx(2 * 116 / (128 + 216))
+    assert result["passed"] is False and result["threshold"] == 0.85
+    pixel = 0.6 * 0.8
+    assert [s["index"] for s in result["slices"]] == [2, 3, 6]
+    slice3 = result["slices"][1]
+    assert slice3 == {"index": 3, "dice": 0.0, "area_a_mm2": 0.0, "area_b_mm2": pytest.approx(100 * pixel),
+                      "disagreement_mm2": pytest.approx(100 * pixel)}
+    assert result["worst_slices"] == [3, 6]  # slice 2 agrees perfectly
+    assert result["unmatched_lesions_b"] == []
+    [extra] = result["unmatched_lesions_a"]
+    assert extra["voxels"] == 12 and extra["volume_mm3"] == pytest.approx(12 * 0.6 * 0.8 * 4.0)
+    assert extra["slices"] == [6, 6]
+    centre = image(a).TransformContinuousIndexToPhysicalPoint((25.5, 3.0, 6.0))  # (i, j, k) mean
+    assert extra["centroid_lps_mm"] == pytest.approx(centre, abs=0.01)
+
+
+def test_threshold_is_inclusive():
+    b = np.zeros((3, 10, 10), np.uint8)
+    b[1, 0:4, 0:5] = 1    # 20 voxels
+    a = b.copy()
+    a[1, 3, 2:5] = 0      # 17 voxels in common
+    a[1, 5, 0:3] = 1      # 20 voxels each: Dice 34/40 = 0.85 exactly
+    assert consensus_check(image(a), image(b))["passed"] is True
+    assert consensus_check(image(a), image(b), threshold=0.851)["passed"] is False
+
+
+def test_two_empty_masks_agree():
+    empty = np.zeros((3, 5, 5), np.uint8)
+    result = consensus_check(image(empty), image(empty))
+    assert (result["dice"], result["passed"], result["slices"]) == (1.0, True, [])
+
+
+def test_masks_on_different_grids_are_refused():
+    a, b = raters()
+    with pytest.raises(DeepWMLError, match="rater A's mask and rater B's mask are on different voxel grids"):
+        consensus_check(image(a), image(b, spacing=(0.6, 0.8, 5.0)))
+
+
+def test_cli_prints_the_verdict_and_exits_zero_on_fail(tmp_path, capsys):
+    a, b = raters()
+    io.write_image(image(a), tmp_path / "a.nii.gz")
+    io.write_image(image(b), tmp_path / "b.nii.gz")
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "lesions drawn by rater A only: 1" in out and "rater B only: none" in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert {"dice", "threshold", "passed", "slices", "unmatched_lesions_a", "unmatched_lesions_b"} <= set(data)
+    assert set(data["slices"][0]) >= {"index", "dice", "area_a_mm2", "area_b_mm2"}
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--threshold", "0.5"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["consensus", "nowhere_a.nii.gz", "nowhere_b.nii.gz"], "does not exist"),
+    (["consensus", "a", "b", "--threshold", "85"], "between 0 and 1"),
+    (["consensus", "only_one.nii.gz"], "give two masks"),
+    (["consensus", "--manifest", "raters.csv"], "needs -o OUTDIR"),
+])
+def test_cli_errors_exit_non_zero_with_one_line(capsys, args, message):
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys):
+    a, b = raters()
+    for name, array in (("a", a), ("b", b)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "raters.csv").write_text(
+        "case,rater_a,rater_b\n"
+        "agree,b.nii.gz,b.nii.gz\n"
+        "disagree,a.nii.gz,b.nii.gz\n"
+        "broken,a.nii.gz,missing.nii.gz\n")
+    out = tmp_path / "out"
+    assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(out)]) == 1
+    assert "broken" in capsys.readouterr().err
+    with open(out / "consensus.csv", newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert rows["agree"]["passed"] == "True" and rows["disagree"]["passed"] == "False"
+    assert rows["disagree"]["n_unmatched_lesions_a"] == "1" and rows["disagree"]["worst_slice"] == "3"
+    assert "does not exist" in rows["broken"]["error"] and rows["broken"]["dice"] == ""
+    assert (out / "relabel.txt").read_text() == "disagree\n"
+    details = json.loads((out / "consensus.json").read_text())
+    assert details["relabel"] == ["disagree"] and details["failed"][0]["case"] == "broken"
