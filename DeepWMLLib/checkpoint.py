@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .errors import DeepWMLError
 from .io import write_atomically
-from .model import build_model, validate_config
+from .model import build_model, size_multiple, validate_config
 from .preprocessing import PreprocessingConfig
 
 FORMAT = "deepwml-model"
@@ -100,6 +100,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
         model.load_state_dict(state)
         preprocessing = PreprocessingConfig.from_dict(payload["preprocessing"])
+        multiple = size_multiple(config)
+        if any(size % multiple for size in preprocessing.grid_size):
+            raise ValueError(f"grid {preprocessing.grid_size} is not a multiple of {multiple} for depth {config['depth']}")
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise DeepWMLError(f"{path} is a damaged DeepWML model file ({type(exc).__name__}: {str(exc)[:120]})") from exc
     model.eval().to(device)

@@ -67,8 +67,8 @@ class SegmentationResult:
 def segment_image(image: sitk.Image, models: Sequence | None = None, device: str = "auto",
                   threshold: float | None = None, tta: bool = False, min_lesion_mm3: float | None = None,
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
-                  progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None
-                  ) -> SegmentationResult:
+                  progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
+                  backend: str = "auto") -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly."""
     from .inference import predict_probabilities, resolve_device
     from .postprocessing import DEFAULT_MIN_LESION_MM3, postprocess
@@ -81,7 +81,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if not 0 < threshold < 1:
         raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     dev = resolve_device(device)
-    probabilities, frame = predict_probabilities(image, models, dev, batch_size, tta, progress, cancel)
+    probabilities, frame = predict_probabilities(image, models, dev, batch_size, tta, progress, cancel, backend)
     mask_stack = postprocess(probabilities, threshold, float(np.prod(frame.spacing)),
                              DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3,
                              exclude_edge_fraction)
@@ -136,7 +136,7 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool) -> dict:
 def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device: str = "auto",
                  threshold: float | None = None, tta: bool = False, save_probabilities: bool = False,
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
-                 batch_size: int | None = None, progress=None, cancel=None) -> dict:
+                 batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
     paths = output_paths(out_dir, case, save_probabilities)
     existing = [p.name for p in paths.values() if p.exists()]
@@ -147,7 +147,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
     image = io.read_image(path)
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
-                           batch_size, progress, cancel)
+                           batch_size, progress, cancel, backend)
     report = {"case": case, "input": str(path), **result.report}
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
@@ -272,6 +272,8 @@ def register(subparsers) -> None:
     p.add_argument("--exclude-edge-slices", type=_fraction, default=0.0, metavar="FRACTION",
                    help="clear detections in the first/last FRACTION of axial slices (default 0: off)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per network batch")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
+                   help="auto: ONNX Runtime on the CPU when installed, else PyTorch")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -281,7 +283,7 @@ def _run(args) -> int:
         args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(), debug=args.debug,
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
-        exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size)
+        exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

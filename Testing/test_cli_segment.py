@@ -162,3 +162,18 @@ def test_console_script_runs_as_a_process(tmp_path, tiny_model):
                            "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "1/1 cases done" in proc.stderr
+
+
+def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from DeepWMLLib.inference import OnnxRunner, TorchRunner, make_runner, resolve_device
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    cpu = resolve_device("cpu")
+    assert isinstance(make_runner(loaded, cpu, "auto"), OnnxRunner)
+    assert isinstance(make_runner(loaded, cpu, "torch"), TorchRunner)
+    batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    assert np.allclose(OnnxRunner(loaded)(batch), TorchRunner(loaded, cpu)(batch), atol=1e-4)
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
