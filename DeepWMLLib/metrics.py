@@ -381,7 +381,10 @@ class MaskPair:
         lonely = np.flatnonzero(covered == 0) + 1
         if lonely.size == 0:
             return []
-        centres = np.array(ndimage.center_of_mass(np.ones(labels.shape, bool), labels, lonely)).reshape(-1, 3)
+        voxels = np.nonzero(labels)
+        owner = labels[voxels]
+        centres = np.stack([np.bincount(owner, weights=axis, minlength=n + 1)[lonely] for axis in voxels], axis=1)
+        centres /= sizes[lonely - 1][:, None]
         extents = ndimage.find_objects(labels)
         axis = 2 - self.axial_axis
         rows = []
@@ -414,11 +417,14 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     if n_pos == 0 or n_neg == 0:
         return math.nan
     # Mann-Whitney form: P(score of a lesion voxel > score of a background voxel), ties count 1/2.
-    _, inverse = np.unique(scores, return_inverse=True)
-    positives = np.bincount(inverse.ravel(), weights=lesion, minlength=inverse.max() + 1)
-    negatives = np.bincount(inverse.ravel(), minlength=inverse.max() + 1) - positives
-    below = np.cumsum(negatives) - negatives
-    return float(np.sum(positives * (below + 0.5 * negatives)) / (n_pos * float(n_neg)))
+    # Sorting the background scores once and bisecting the few lesion scores is far faster than
+    # ranking every voxel of a brain volume.
+    background = np.sort(scores[~lesion])
+    positives = scores[lesion]
+    below = np.searchsorted(background, positives, side="left")
+    not_above = np.searchsorted(background, positives, side="right")
+    wins = np.sum(below, dtype=np.float64) + 0.5 * np.sum(not_above - below, dtype=np.float64)
+    return float(wins / (n_pos * float(n_neg)))
 
 
 def overlap(prediction: sitk.Image, reference: sitk.Image) -> dict:

@@ -1,0 +1,120 @@
+"""The metrics on a real labelled case (Ljubljana MS, patient07) against perturbed copies of its
+consensus mask, through the command line. Skipped when ../shared/data is absent."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from DeepWMLLib import evaluation, io
+from DeepWMLLib.cli import main
+from conftest import REPO
+
+pytestmark = pytest.mark.shared
+
+PATIENT = "patient07"
+
+
+def _benchmark_module():
+    path = REPO / "Testing" / "benchmarks" / "perturbed_real_cases.py"
+    spec = importlib.util.spec_from_file_location("perturbed_real_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = io.shared_data_dir()
+    if root is None or not (root / "open_ms" / "labelled" / PATIENT).is_dir():
+        pytest.skip("../shared/data/open_ms/labelled (or DEEPWML_SHARED_DATA) is absent: real-data tests skipped")
+    out = tmp_path_factory.mktemp("perturbed")
+    cases, raters = _benchmark_module().write_cohort(root, out, patients=(PATIENT,), probabilities=False)
+    reference = root / "open_ms" / "labelled" / PATIENT / "consensus_mask.nii.gz"
+    return {"out": out, "cases": cases, "raters": raters, "reference": reference,
+            "mask": io.read_mask(reference)}
+
+
+@pytest.fixture(scope="module")
+def per_case(cohort):
+    assert main(["evaluate", "--manifest", str(cohort["cases"]), "-o", str(cohort["out"] / "evaluation")]) == 0
+    with open(cohort["out"] / "evaluation" / "per_case.csv", newline="") as f:
+        return {r["case"].removeprefix(PATIENT + "_"): {k: _number(v) for k, v in r.items()}
+                for r in csv.DictReader(f)}
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def test_perturbations_move_the_metrics_the_way_they_must(per_case, cohort):
+    eroded, dilated = per_case["eroded"], per_case["dilated"]
+    assert eroded["precision"] == 1.0 and eroded["sensitivity"] < 0.8   # a subset of the reference
+    assert dilated["sensitivity"] == 1.0 and dilated["precision"] < 0.8  # a superset
+    assert dilated["lesion_recall"] == 1.0 and dilated["n_predicted_lesions"] <= dilated["n_reference_lesions"]
+    # an in-plane erosion or dilation by one voxel moves every outline by at most one 1 mm voxel
+    assert 0 < dilated["hd95_mm"] <= 1.0 + 1e-9
+    assert per_case["shifted_x1"]["hd95_mm"] == pytest.approx(1.0)
+    assert per_case["shifted_y2"]["hd95_mm"] == pytest.approx(2.0)
+    assert per_case["shifted_x1"]["avd_percent"] == 0.0  # nothing moved out of the field of view
+
+    removed = per_case["lesion_removed"]
+    labels, n = ndimage.label(io_array(cohort["mask"]), structure=np.ones((3, 3, 3)))
+    assert removed["n_reference_lesions"] == n
+    assert removed["lesion_recall"] == pytest.approx((n - 1) / n)
+    assert removed["precision"] == 1.0 and removed["lesionwise_precision"] == 1.0
+    assert removed["lesionwise_recall"] == pytest.approx((n - 1) / n)
+
+    report = (cohort["out"] / "evaluation" / "report.md").read_text()
+    assert "Cases evaluated: 5 of 5" in report and "Kruskal-Wallis" in report
+
+
+def io_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image) > 0
+
+
+def test_single_case_cli_on_a_full_size_volume_is_fast(cohort, tmp_path):
+    prediction = cohort["out"] / "masks" / f"{PATIENT}_shifted_x1.nii.gz"
+    start = time.perf_counter()
+    result = evaluation.evaluate_case(str(prediction), str(cohort["reference"]))
+    assert time.perf_counter() - start < 15.0  # 182 x 218 x 182 voxels; about 1 s on one free core
+    assert main(["evaluate", "--prediction", str(prediction), "--reference", str(cohort["reference"]),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["dice"] == pytest.approx(result["dice"])
+    volume = sum(s["lv_ml"] for s in saved["slices"])
+    assert volume == pytest.approx(saved["reference_volume_ml"]) == pytest.approx(1.3, abs=0.05)
+
+
+def test_consensus_finds_the_removed_lesion(cohort, tmp_path, capsys):
+    removed = cohort["out"] / "masks" / f"{PATIENT}_lesion_removed.nii.gz"
+    assert main(["consensus", str(removed), str(cohort["reference"]), "--json", str(tmp_path / "c.json")]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    missing = io_array(cohort["mask"]) & ~io_array(io.read_mask(removed))
+    assert result["unmatched_lesions_a"] == []
+    [lesion] = result["unmatched_lesions_b"]
+    assert lesion["voxels"] == int(missing.sum())
+    k = np.flatnonzero(missing.any(axis=(1, 2)))  # MNI grid: the axial axis is voxel axis k
+    assert lesion["slices"] == [int(k.min()), int(k.max())]
+    assert "lesions drawn by rater B only: 1" in capsys.readouterr().out
+
+
+def test_consensus_cohort_on_real_perturbations(cohort):
+    lines = cohort["raters"].read_text().splitlines()
+    wanted = [line for line in lines[1:] if line.startswith((f"{PATIENT}_eroded,", f"{PATIENT}_lesion_removed,"))]
+    manifest = cohort["raters"].with_name("two_raters.csv")
+    manifest.write_text("\n".join([lines[0], *wanted]) + "\n")
+    out = cohort["out"] / "consensus"
+    assert main(["consensus", "--manifest", str(manifest), "-o", str(out)]) == 0
+    assert (out / "relabel.txt").read_text() == f"{PATIENT}_eroded\n"  # lesion_removed keeps Dice >= 0.85
