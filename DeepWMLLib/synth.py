@@ -97,32 +97,37 @@ class _Atlas:
             raise DeepWMLError(f"template file missing: {missing[0]}; set DEEPWML_SHARED_DATA to the "
                                "shared data folder and install nilearn>=0.10")
         pad = [_PAD_MM] * 3
-        gm_img = sitk.ConstantPad(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["gm"]), sitk.sitkFloat32),
+        padded = sitk.ConstantPad(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["gm"]), sitk.sitkFloat32),
                                   pad, pad, 0.0)
-        self.reference = gm_img
-        wm_img = sitk.Resample(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["wm"]), sitk.sitkFloat32),
-                               gm_img, sitk.Transform(), sitk.sitkLinear, 0.0)
-        labels = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(labels_path)), gm_img,
+        labels = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(labels_path)), padded,
                                                       sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        self.gm = sitk.GetArrayFromImage(gm_img) / np.float32(255)
-        self.wm = sitk.GetArrayFromImage(wm_img) / np.float32(255)
         intracranial = ndimage.binary_fill_holes(labels > 0)
+        dist_out = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
+        # Everything below is computed on the head's bounding box only: half the padded grid.
+        box = _bounding_box(dist_out <= _PAD_MM - 2, margin=1)
+        self.reference = sitk.RegionOfInterest(padded, [int(b.stop - b.start) for b in box[::-1]],
+                                               [int(b.start) for b in box[::-1]])
+        self.dist_out = dist_out[box]
+        labels, intracranial = labels[box], intracranial[box]
+        wm_img = sitk.Resample(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["wm"]), sitk.sitkFloat32),
+                               self.reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+        # The probability maps are an average of many brains and look blurred; the label map adds
+        # crisp sulci and a sharp grey/white boundary.
+        self.gm = _blend(sitk.GetArrayFromImage(self.reference) / np.float32(255), labels == _LABEL_GM)
+        self.wm = _blend(sitk.GetArrayFromImage(wm_img) / np.float32(255), labels == _LABEL_WM)
         self.icv = ndimage.gaussian_filter(intracranial.astype(np.float32), 0.6)
         self.csf = np.clip(self.icv - self.gm - self.wm, 0, 1)
         self.ventricles = labels == _LABEL_VENTRICLES
-        # Distance outside the intracranial space shapes the skull and scalp layers.
-        self.dist_out = ndimage.distance_transform_edt(~intracranial).astype(np.float32)
         self.vent_dist = ndimage.distance_transform_edt(~self.ventricles).astype(np.float32)
         self.allowed = (((self.wm >= 0.4) | ((self.vent_dist <= 2.5) & np.isin(labels, (_LABEL_GM, _LABEL_WM))))
                         & ~self.ventricles & (labels != _LABEL_CSF) & intracranial)
         self.supratentorial = labels != _LABEL_INFRATENTORIAL
         self.box = _bounding_box(self.allowed, margin=3)
         idx = np.argwhere(intracranial)
-        self.brain_centre = np.array(gm_img.TransformContinuousIndexToPhysicalPoint(
+        self.brain_centre = np.array(self.reference.TransformContinuousIndexToPhysicalPoint(
             idx.mean(axis=0)[::-1].tolist()))
         surface = intracranial & ~ndimage.binary_erosion(intracranial)
-        pts = np.argwhere(surface)[::7]
-        self.surface_points = _index_to_physical(gm_img, pts)
+        self.surface_points = _index_to_physical(self.reference, np.argwhere(surface)[::7])
         vidx = np.argwhere(self.ventricles)
         self.ventricle_centre_y = vidx[:, 1].mean()
         self.ventricle_half_length = (vidx[:, 1].max() - vidx[:, 1].min()) / 2
@@ -145,6 +150,10 @@ def _require_shared_dir() -> Path:
         raise DeepWMLError("shared data with templates/mni152_tissue_labels.nii.gz not found: set "
                            "DEEPWML_SHARED_DATA to the shared data folder")
     return shared_dir
+
+
+def _blend(probability: np.ndarray, label: np.ndarray) -> np.ndarray:
+    return (0.25 * probability + 0.75 * ndimage.gaussian_filter(label.astype(np.float32), 0.5)).astype(np.float32)
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -170,14 +179,49 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     return mz @ my @ mx
 
 
+def _interpolation_matrix(n: int, m: int) -> np.ndarray:
+    """(n, m) weights that linearly interpolate m nodes spread over n samples (node centres as in
+    scipy's grid_mode)."""
+    position = np.clip((np.arange(n) + 0.5) * m / n - 0.5, 0, m - 1)
+    low = np.minimum(np.floor(position).astype(int), m - 2) if m > 1 else np.zeros(n, int)
+    weights = np.zeros((n, m), np.float32)
+    frac = position - low
+    weights[np.arange(n), low] = 1 - frac
+    if m > 1:
+        weights[np.arange(n), low + 1] += frac
+    return weights
+
+
+def _upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Trilinear upsampling of a small grid to `shape`, one axis at a time (matrix products are
+    far cheaper than ndimage.zoom on volumes this size)."""
+    out = coarse.astype(np.float32)
+    for axis, n in enumerate(shape):
+        out = np.moveaxis(np.tensordot(_interpolation_matrix(n, out.shape[axis]), out, axes=(1, axis)), 0, axis)
+    return out
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cell: float) -> np.ndarray:
     """Smooth random field in [0, 1] with features about `cell` voxels wide."""
     coarse_shape = tuple(max(2, int(math.ceil(n / cell)) + 1) for n in shape)
     coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 0.7)
-    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse_shape)], order=1,
-                         grid_mode=True, mode="nearest")[tuple(slice(0, n) for n in shape)]
-    lo, hi = field.min(), field.max()
-    return (field - lo) / max(hi - lo, 1e-6)
+    lo, hi = coarse.min(), coarse.max()
+    return _upsample((coarse - lo) / max(hi - lo, 1e-6), shape)
+
+
+def _zoom_inplane(array: np.ndarray, f: int) -> np.ndarray:
+    """Linear upsampling by an integer factor along axes 1 and 2, pixel edges aligned: output pixel
+    f*j+p lies at input coordinate j + (p + 0.5)/f - 0.5."""
+    for axis in (1, 2):
+        padded = np.concatenate([np.take(array, [0], axis), array, np.take(array, [-1], axis)], axis)
+        n = array.shape[axis]
+        phases = []
+        for p in range(f):
+            delta = (p + 0.5) / f - 0.5
+            neighbour = np.take(padded, np.arange(n) + (2 if delta > 0 else 0), axis)
+            phases.append((1 - abs(delta)) * array + abs(delta) * neighbour)
+        array = np.stack(phases, axis=axis + 1).reshape(array.shape[:axis] + (n * f,) + array.shape[axis + 1:])
+    return array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,12 +231,12 @@ def _scanner(scanner_id: int) -> dict:
     rng = np.random.default_rng([20240601, scanner_id])
     return {
         "wm": float(rng.uniform(90, 330)),
-        "gm_ratio": float(rng.uniform(1.08, 1.3)),
+        "gm_ratio": float(rng.uniform(1.1, 1.4)),
         "csf_ratio": float(rng.uniform(0.12, 0.4)),
         "fat_ratio": float(rng.uniform(1.0, 1.6)),
         "marrow_ratio": float(rng.uniform(0.3, 0.9)),
         "bone_ratio": float(rng.uniform(0.03, 0.12)),
-        "noise": float(rng.uniform(0.015, 0.05)),
+        "noise": float(rng.uniform(0.025, 0.07)),
         "bias": float(rng.uniform(0.08, 0.3)),
         "thickness": float(rng.choice([3.0, 3.0, 3.3, 4.0, 4.0, 5.0, 5.0, 6.0, 7.0, 8.0])),
         "matrix": int(rng.choice([256, 288, 320, 320, 384, 448, 512])),
@@ -229,6 +273,10 @@ def _procedural_lesions(rng: np.random.Generator, atlas: _Atlas, volume_ml: floa
     prior = prior + deep * atlas.wm[box]
     score = prior * (0.35 + _smooth_noise(rng, shape, rng.uniform(3, 8)))
     score[~allowed] = 0
+    # Smoothing turns the one-voxel rims along the ventricle walls, which no rater would outline
+    # on thick slices, into caps and bands a few millimetres thick.
+    score = ndimage.gaussian_filter(score, 1.5)
+    score[~allowed] = 0
     lesions = np.zeros(shape, bool)
     punctate_share = rng.uniform(0.05, 0.4) if disease != "synth-ms" else rng.uniform(0.1, 0.5)
     n_voxels = int(volume_ml * 1000 * (1 - punctate_share))
@@ -245,7 +293,7 @@ def _add_punctate(rng: np.random.Generator, lesions: np.ndarray, where: np.ndarr
         return
     painted = 0.0
     while painted < n_voxels:
-        radii = rng.uniform(0.8, 3.5, size=3) * np.array([1.0, 1.0, 1.0])
+        radii = rng.uniform(1.2, 4.0, size=3)
         centre = candidates[rng.integers(len(candidates))]
         r = int(math.ceil(radii.max()))
         lo = np.maximum(centre - r, 0)
@@ -304,8 +352,8 @@ def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.n
     """Skull and scalp as layers by distance outside the intracranial space: dark inner table,
     marrow, dark outer table, bright scalp fat with a darker galea, then air."""
     d = atlas.dist_out * (0.75 + 0.5 * _smooth_noise(rng, atlas.dist_out.shape, 40)).astype(np.float32)
-    bone = rng.uniform(4.5, 8.0)
-    scalp = rng.uniform(4.0, 8.0)
+    bone = rng.uniform(3.5, 7.0)
+    scalp = rng.uniform(3.0, 6.5)
     marrow_lo, marrow_hi = bone * rng.uniform(0.25, 0.4), bone * rng.uniform(0.6, 0.75)
     knots_d = [0, 1.0, marrow_lo, marrow_lo + 1, marrow_hi - 1, marrow_hi, bone, bone + 1,
                bone + scalp * 0.4, bone + scalp * 0.5, bone + scalp * 0.6, bone + scalp, bone + scalp + 1]
@@ -331,16 +379,18 @@ def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict
     thickness = float(np.clip(thickness, 3.0, 8.0))
     matrix = int(scanner["matrix"])
     fov = scanner["fov"] * rng.uniform(0.95, 1.05)
-    spacing = float(np.clip(fov / matrix, 0.4, 1.0))
-    factor = max(1, int(round(1.0 / spacing)))
-    nx = ny = matrix
-    if scanner["rectangular"]:
-        nx = int(round(matrix * 0.8))
-    nx, ny = (int(math.ceil(n / factor)) * factor for n in (nx, ny))
-
     # Where the brain lands on the slice axes u = direction^T p.
     surface = (atlas.surface_points - centre) @ linear.T + centre + translation
     u = surface @ direction
+    nx = ny = matrix
+    if scanner["rectangular"]:
+        nx = int(round(matrix * 0.8))
+    # The field of view always holds the whole head: brain, up to ~18 mm of skull and scalp each
+    # side, and the off-centre shift below.
+    head_extent = u.max(axis=0) - u.min(axis=0) + 2 * (18 + 12)
+    spacing = float(np.clip(max(fov / matrix, head_extent[0] / nx, head_extent[1] / ny), 0.4, 1.0))
+    factor = max(1, int(round(1.0 / spacing)))
+    nx, ny = (int(math.ceil(n / factor)) * factor for n in (nx, ny))
     u_centre = u.mean(axis=0) + np.array([rng.uniform(-8, 8), rng.uniform(-12, 12), 0])
     coverage = rng.uniform(125, 165)
     nz = max(4, int(round(coverage / thickness)))
@@ -419,7 +469,7 @@ def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarr
     weights = _profile_weights(k, profile_sigma)
     slices = np.einsum("zkyxc,k->zyxc", sampled.reshape(nz, k, crop_size[1], crop_size[0], 2), weights)
     if f > 1:
-        slices = ndimage.zoom(slices, (1, f, f, 1), order=1, grid_mode=True, mode="nearest")
+        slices = _zoom_inplane(slices, f)
     ys = slice(lo[1] * f, lo[1] * f + slices.shape[1])
     xs = slice(lo[0] * f, lo[0] * f + slices.shape[2])
     intensity[:, ys, xs] = slices[..., 0]
@@ -428,9 +478,7 @@ def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarr
 
 
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
-    coarse = rng.standard_normal((3, 4, 4)).astype(np.float32) * strength
-    field = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=1, grid_mode=True,
-                         mode="nearest")[: shape[0], : shape[1], : shape[2]]
+    field = _upsample(rng.standard_normal((3, 4, 4)).astype(np.float32) * strength, shape)
     return np.exp(field - field.mean())
 
 
