@@ -45,6 +45,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Callable
 
@@ -274,13 +275,15 @@ def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
 
 
 def write_split(path: Path, cases: list[Case], assignment: dict[str, str]) -> None:
-    lines = ["case,centre,disease,split"]
-    lines += [",".join(_csv_field(v) for v in (c.case, c.centre, c.disease, assignment[c.case])) for c in cases]
-    io.write_text("\n".join(lines) + "\n", path)
+    _write_csv(path, ["case", "centre", "disease", "split"], [(c.case, c.centre, c.disease, assignment[c.case]) for c in cases])
 
 
-def _csv_field(value: str) -> str:
-    return f'"{value}"' if any(ch in value for ch in ',"\n') and not value.startswith('"') else value
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    text = StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    io.write_text(text.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,6 +735,11 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
 
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
+    cases = read_manifest(cfg.manifest)
+    missing = [f"{c.case}: {p}" for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
+    if missing and not cfg.skip_bad_cases:
+        raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
+                           "fix the paths or pass --skip-bad-cases")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -745,11 +753,6 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
             raise DeepWMLError(f"{run_dir} holds a training with other settings ({detail}); "
                                "use a new run folder, or resume it with `deepwml train --resume RUN_DIR`")
     io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
-    cases = read_manifest(cfg.manifest)
-    missing = [f"{c.case}: {p}" for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
-    if missing and not cfg.skip_bad_cases:
-        raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
-                           "fix the paths or pass --skip-bad-cases")
     split_file = run_dir / "split.csv"
     if split_file.is_file():
         assignment = read_split(split_file, cases)
@@ -763,13 +766,10 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     for name in sorted(absent):
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]
-    prepare_progress = (lambda f, m: progress(f, m)) if progress else None
-    skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases,
-                            prepare_progress, cancel)
+    skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel)
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:
-        io.write_text("case,reason\n" + "".join(f"{_csv_field(n)},{_csv_field(r)}\n" for n, r in skipped),
-                      run_dir / "skipped_cases.csv")
+        _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)
     return {
         "manifest": cfg.manifest,
         "manifest_sha256": _sha256_file(cfg.manifest),

@@ -220,6 +220,7 @@ def test_export_writes_a_smaller_fp16_model_that_loads(trained, tmp_path):
 def test_bad_manifests_stop_before_training(dataset, tmp_path):
     with pytest.raises(DeepWMLError, match="does not exist"):
         training.train(tiny_config(tmp_path / "nope.csv"), tmp_path / "r0")
+    assert not (tmp_path / "r0").exists()
     bad_columns = tmp_path / "columns.csv"
     bad_columns.write_text("name,image\nx,y\n")
     with pytest.raises(DeepWMLError, match="case, flair, mask"):
@@ -256,15 +257,17 @@ def _last_state(run: Path) -> dict:
     return torch.load(run / "last.pt", weights_only=True)
 
 
-def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path):
-    config = tiny_config(dataset, epochs=4, samples_per_epoch=64)
+def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    config = tiny_config(dataset, epochs=3, samples_per_epoch=48)
     reference = tmp_path / "reference"
     training.train(config, reference)
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "DeepWMLLib.train", str(dataset), "--run-dir", str(killed), "--base-channels", "4",
-               "--depth", "2", "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none", "--epochs", "4",
-               "--batch-size", "4", "--lr", "0.01", "--samples-per-epoch", "64", "--lesion-fraction", "0.7", "--threads", "1"]
+               "--depth", "2", "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none", "--epochs", "3",
+               "--batch-size", "4", "--lr", "0.01", "--samples-per-epoch", "48", "--lesion-fraction", "0.7", "--threads", "1"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (killed / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -272,19 +275,17 @@ def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-    assert 1 <= _last_state(killed)["epoch"] < 4  # killed mid-run, not after the end
+    assert 1 <= _last_state(killed)["epoch"] < 3  # killed mid-run, not after the end
 
-    result = subprocess.run([sys.executable, "-m", "DeepWMLLib.train", "--resume", str(killed)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stderr
+    assert main(["train", "--resume", str(killed)]) == 0
+    assert "resuming" in capsys.readouterr().err
     a, b = _last_state(reference), _last_state(killed)
-    assert a["epoch"] == b["epoch"] == 4
+    assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     drop_time = [{k: v for k, v in row.items() if k != "seconds"} for row in a["history"]]
     assert drop_time == [{k: v for k, v in row.items() if k != "seconds"} for row in b["history"]]
-    assert len(read_history(killed)) == 4
+    assert len(read_history(killed)) == 3
 
 
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path):
@@ -292,3 +293,51 @@ def test_cli_reports_a_bad_manifest_in_one_line(tmp_path):
                              str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_early_stopping_and_plateau_follow_the_validation_dice(dataset, tmp_path):
+    run = tmp_path / "run"
+    # A learning rate this small cannot change the validation Dice: every epoch after the first is a plateau.
+    config = tiny_config(dataset, epochs=6, samples_per_epoch=8, learning_rate=1e-12, plateau_patience=0,
+                         early_stopping_patience=2)
+    training.train(config, run)
+    history = read_history(run)
+    assert len(history) == 3
+    assert [float(r["lr"]) for r in history] == pytest.approx([1e-12, 1e-12, 5e-13])
+    state = _last_state(run)
+    assert state["finished"] and state["best_epoch"] == 1
+    training.train(config, run)  # a finished run stays finished
+    assert len(read_history(run)) == 3
+
+
+def test_ensemble_members_differ_and_segment_together(dataset, tmp_path):
+    from DeepWMLLib.cli import main
+
+    run = tmp_path / "ensemble"
+    best = training.train(tiny_config(dataset, ensemble=2, epochs=1, samples_per_epoch=8), run)
+    assert best == [run / "model_0" / "best.pt", run / "model_1" / "best.pt"]
+    a, b = (checkpoint.load_model(p) for p in best)
+    assert (a.provenance["seed"], b.provenance["seed"]) == (0, 1)
+    assert not torch.equal(a.model.state_dict()["head.weight"], b.model.state_dict()["head.weight"])
+    assert a.provenance["data"]["split_sha256"] == b.provenance["data"]["split_sha256"]
+    out = tmp_path / "out"
+    assert main(["segment", str(dataset.parent / "c5_flair.nii.gz"), "-o", str(out), "--model", *map(str, best),
+                 "--device", "cpu"]) == 0
+    mask = sitk.ReadImage(str(out / "c5_flair_wmh.nii.gz"))
+    assert mask.GetSize() == sitk.ReadImage(str(dataset.parent / "c5_flair.nii.gz")).GetSize()
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_cpu_processes(dataset, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "DeepWMLLib.train", str(dataset), "--run-dir", str(run), "--base-channels", "4", "--depth", "2",
+               "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none", "--epochs", "1", "--batch-size", "4",
+               "--samples-per-epoch", "16", "--device", "cpu"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("best.pt") == 1  # only rank 0 reports and writes
+    assert len(read_history(run)) == 1
+    loaded = checkpoint.load_model(run / "best.pt")
+    assert loaded.provenance["world_size"] == 2
