@@ -10,12 +10,15 @@ Three families of metrics, each as its paper defines it:
   mask minus its 2D in-plane erosion with a 3x3 square, the image border counting as foreground as
   in SimpleITK's BinaryErode; boundary voxels placed at their physical LPS positions using origin,
   spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
-  distances; a mask filling whole slices, which has no such boundary, uses all its voxels); AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D
-  26-connected components, a lesion counting as detected when any of its voxels overlaps.
+  distances; a mask filling whole slices, which has no such boundary, uses all its voxels);
+  AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D 26-connected
+  components, a lesion counting as detected when any of its voxels overlaps.
 * CSVD-WMH (Tiantan): lesion-wise precision, recall and Dice, where a reference lesion (26-connected
-  component) is found when at least 40 % of its voxels are marked by the prediction, and a predicted
-  lesion is correct when it overlaps a found reference lesion (so a slightly too large outline
-  of a real lesion is not a false detection; voxel precision already penalises it). Lesion-wise Dice =
+  component) is found when at least 40 % of its voxels are marked by the prediction. A predicted
+  lesion is correct when at least 40 % of its voxels lie in the reference, or when it overlaps a
+  found reference lesion: outlines a voxel too tight or too loose around real lesions are then
+  neither misses nor false detections at the lesion level (voxel metrics already penalise them),
+  while a blob that lies mostly outside every found lesion is a false detection. Lesion-wise Dice =
   (found reference lesions + correct predicted lesions) / (reference lesions + predicted lesions),
   which is 2TP / (2TP + FP + FN) when lesions match one to one. Broken down by lesion size: small
   < 20, medium 20..150 (inclusive), large > 150 voxels by default; bounds are configurable, in
@@ -345,9 +348,9 @@ class MaskPair:
         size_classes = size_classes or SizeClasses()
         scale = 1.0 if size_classes.unit == "voxels" else self.voxel_volume_mm3
         ref_sizes, ref_covered = self.reference_lesions
-        pred_sizes, _ = self.predicted_lesions
+        pred_sizes, pred_covered = self.predicted_lesions
         ref_found = ref_covered >= found_fraction * ref_sizes
-        pred_correct = self._touches(ref_found)
+        pred_correct = (pred_covered >= found_fraction * pred_sizes) | self._touches(ref_found)
         ref_class = size_classes.classify(ref_sizes * scale)
         pred_class = size_classes.classify(pred_sizes * scale)
 

@@ -203,8 +203,18 @@ def test_lesionwise_reference_lesion_is_found_from_40_percent_of_its_voxels(mark
     result = metrics.lesionwise(image(pred), image(ref))
     assert result["n_found"] == int(found)
     assert result["recall"] == float(found)
-    assert result["precision"] == float(found)  # the one predicted lesion sits on a found lesion or not
-    assert result["dice"] == float(found)
+    assert result["precision"] == 1.0  # a too small outline inside a lesion is no false detection
+    assert result["dice"] == (1.0 if found else 0.5)
+
+
+def test_lesionwise_blob_mostly_outside_an_unfound_lesion_is_a_false_detection():
+    ref, pred = zeros(), zeros()
+    ref[3, 4, 2:12] = 1    # 10 voxels, 3 marked: not found
+    pred[3, 4, 9:12] = 1
+    pred[3, 5:9, 9:12] = 1  # 12 more voxels outside: 3 of 15 (20 %) in the reference
+    result = metrics.lesionwise(image(pred), image(ref))
+    assert (result["recall"], result["precision"], result["dice"]) == (0.0, 0.0, 0.0)
+    assert metrics.lesion_detection(image(pred), image(ref))["lesion_recall"] == 1.0  # any overlap detects
 
 
 def test_lesionwise_counts_a_generous_outline_of_a_found_lesion_as_correct():
