@@ -14,16 +14,14 @@ A model file is a `torch.save`d dict of plain types and tensors:
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from . import __version__
 from .errors import DeepWMLError
-from .io import write_atomically
-from .model import build_model, size_multiple, validate_config
+from .io import write_atomically, write_text
 from .preprocessing import PreprocessingConfig
 
 FORMAT = "deepwml-model"
@@ -31,22 +29,47 @@ FORMAT_VERSION = 1
 DEFAULT_LABELS = {"0": "background", "1": "WMH"}
 
 
-@dataclass
+def cache_dir() -> Path:
+    """Per-user cache for derived files (model metadata, ONNX exports): $DEEPWML_CACHE_DIR or ~/.cache/deepwml."""
+    return Path(os.environ.get("DEEPWML_CACHE_DIR") or Path.home() / ".cache" / "deepwml")
+
+
 class LoadedModel:
-    model: torch.nn.Module
-    config: dict
-    preprocessing: PreprocessingConfig
-    threshold: float
-    labels: dict
-    provenance: dict
-    path: str = ""
-    name: str = field(default="")
+    """A model file's settings, with the network itself built on first use of `.model`.
+
+    Reading the settings from the metadata cache lets the ONNX Runtime path run without importing
+    torch at all, which is most of a short job's start-up time.
+    """
+
+    def __init__(self, config: dict, preprocessing: PreprocessingConfig, threshold: float, labels: dict,
+                 provenance: dict, path: str = "", digest: str = "", model=None):
+        self.config = config
+        self.preprocessing = preprocessing
+        self.threshold = threshold
+        self.labels = labels
+        self.provenance = provenance
+        self.path = str(path)
+        self.name = Path(path).name if path else "in-memory model"
+        self.digest = digest
+        self._model = model
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.path)._model
+        return self._model
 
 
-def model_payload(model: torch.nn.Module, config: dict, preprocessing: PreprocessingConfig | dict,
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:24]
+
+
+def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict,
                   threshold: float = 0.5, provenance: dict | None = None, labels: dict | None = None,
                   fp16: bool = False) -> dict:
     """The dict a model file holds (also what training checkpoints embed)."""
+    from .model import validate_config
+
     if isinstance(preprocessing, dict):
         preprocessing = PreprocessingConfig.from_dict(preprocessing)
     state = {k: (v.detach().to("cpu").half() if fp16 and v.is_floating_point() else v.detach().to("cpu").clone())
@@ -66,14 +89,18 @@ def model_payload(model: torch.nn.Module, config: dict, preprocessing: Preproces
     }
 
 
-def save_model(path: str | os.PathLike, model: torch.nn.Module, config: dict,
+def save_model(path: str | os.PathLike, model, config: dict,
                preprocessing: PreprocessingConfig | dict, threshold: float = 0.5,
                provenance: dict | None = None, labels: dict | None = None, fp16: bool = False) -> Path:
+    import torch
+
     payload = model_payload(model, config, preprocessing, threshold, provenance, labels, fp16)
     return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_payload(path: str | os.PathLike) -> dict:
+    import torch
+
     p = Path(path)
     if not p.is_file():
         raise DeepWMLError(f"model file {p} does not exist")
@@ -91,8 +118,10 @@ def load_payload(path: str | os.PathLike) -> dict:
     return payload
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model file for inference (eval mode, fp32 weights)."""
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load a model file for inference (eval mode, fp32 weights) and refresh its metadata cache."""
+    from .model import build_model, size_multiple, validate_config
+
     payload = load_payload(path)
     try:
         config = validate_config(payload["architecture"])
@@ -106,13 +135,39 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise DeepWMLError(f"{path} is a damaged DeepWML model file ({type(exc).__name__}: {str(exc)[:120]})") from exc
     model.eval().to(device)
-    return LoadedModel(
-        model=model,
-        config=config,
-        preprocessing=preprocessing,
-        threshold=float(payload.get("threshold", 0.5)),
-        labels=dict(payload.get("labels", DEFAULT_LABELS)),
-        provenance=dict(payload.get("provenance", {})),
-        path=str(path),
-        name=Path(path).name,
-    )
+    loaded = LoadedModel(config, preprocessing, float(payload.get("threshold", 0.5)),
+                         dict(payload.get("labels", DEFAULT_LABELS)), dict(payload.get("provenance", {})),
+                         str(path), file_digest(path), model)
+    _write_metadata_cache(loaded)
+    return loaded
+
+
+def _metadata_path(digest: str) -> Path:
+    return cache_dir() / "models" / f"{digest}.json"
+
+
+def _write_metadata_cache(loaded: LoadedModel) -> None:
+    target = _metadata_path(loaded.digest)
+    if target.is_file():
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps({"config": loaded.config, "preprocessing": loaded.preprocessing.to_dict(),
+                               "threshold": loaded.threshold, "labels": loaded.labels,
+                               "provenance": loaded.provenance}), target)
+    except (OSError, DeepWMLError):
+        pass  # a read-only home only costs start-up time
+
+
+def load_model_settings(path: str | os.PathLike) -> LoadedModel:
+    """The model's settings without building the network, from the cache when this exact file was seen before."""
+    p = Path(path)
+    if not p.is_file():
+        raise DeepWMLError(f"model file {p} does not exist")
+    digest = file_digest(p)
+    try:
+        meta = json.loads(_metadata_path(digest).read_text())
+        return LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),
+                           meta["labels"], meta["provenance"], str(p), digest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return load_model(p)

@@ -17,14 +17,14 @@ from typing import Sequence
 from . import __version__
 from .errors import Cancelled, DeepWMLError
 
-_COMMAND_MODULES = (
-    "DeepWMLLib.segment",
-    "DeepWMLLib.evaluation",
-    "DeepWMLLib.consensus",
-    "DeepWMLLib.synth",
-    "DeepWMLLib.train",
-    "DeepWMLLib.bench",
-)
+_COMMAND_MODULES = {
+    "segment": "DeepWMLLib.segment",
+    "evaluate": "DeepWMLLib.evaluation",
+    "consensus": "DeepWMLLib.consensus",
+    "synth": "DeepWMLLib.synth",
+    "train": "DeepWMLLib.train",
+    "bench": "DeepWMLLib.bench",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,11 +32,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"deepwml: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that sub-command's module is imported (fast start-up)."""
     parser = _Parser(prog="deepwml", description="White matter hyperintensity segmentation on FLAIR MRI.")
     parser.add_argument("--version", action="version", version=f"deepwml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _COMMAND_MODULES:
+    names = [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else _COMMAND_MODULES.values()
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -52,7 +54,8 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -5,7 +5,6 @@ progress and cancel, ensembles (probabilities averaged, MICCAI winner) and flip 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -13,9 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from .checkpoint import LoadedModel
+from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
 from .io import SliceFrame, to_axial_stack
 from .preprocessing import NetworkGrid, head_mask, normalise_intensity
@@ -27,27 +25,31 @@ Progress = Callable[[float, str], None]
 MIN_HEAD_FRACTION = 0.005
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if isinstance(device, torch.device):
-        return device
+def _cuda_usable() -> bool:
+    # Without an NVIDIA driver there is no CUDA: answer without importing torch (seconds of start-up).
+    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("DEEPWML_PROBE_CUDA"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'cpu' or 'cuda[:N]' from auto/cpu/cuda; a clear error when CUDA is asked for but absent."""
     name = str(device).lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if _cuda_usable() else "cpu"
     if name.startswith("cuda"):
-        if not torch.cuda.is_available():
+        if not _cuda_usable():
             raise DeepWMLError("--device cuda was asked for but no CUDA GPU is usable here; use --device cpu or auto")
-        return torch.device(name)
+        return name
     if name == "cpu":
-        return torch.device("cpu")
+        return "cpu"
     raise DeepWMLError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
-def default_batch_size(device: torch.device) -> int:
-    return 16 if device.type == "cuda" else 4
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DEEPWML_CACHE_DIR") or Path.home() / ".cache" / "deepwml")
+def default_batch_size(device: str) -> int:
+    return 16 if device.startswith("cuda") else 4
 
 
 class TorchRunner:
@@ -55,18 +57,24 @@ class TorchRunner:
 
     name = "torch"
 
-    def __init__(self, loaded: LoadedModel, device: torch.device):
+    def __init__(self, loaded: LoadedModel, device: str):
+        import torch
+
+        self.torch = torch
         self.loaded = loaded
-        self.device = device
-        self.model = loaded.model.to(device).eval()
-        if device.type == "cpu":
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.out_of_memory = (torch.cuda.OutOfMemoryError,)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        if self.device.type == "cpu":
+        cuda = self.device.type == "cuda"
+        if not cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             return self.model(x).float().cpu().numpy()
 
@@ -78,23 +86,25 @@ class OnnxRunner:
     """
 
     name = "onnxruntime"
+    out_of_memory = ()
 
     def __init__(self, loaded: LoadedModel, threads: int | None = None):
         import onnxruntime as ort
 
         path = self._exported(loaded)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = threads or _cpu_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _exported(loaded: LoadedModel) -> Path:
-        digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest()[:24]
-        target = cache_dir() / "onnx" / f"{digest}.onnx"
+        target = cache_dir() / "onnx" / f"{loaded.digest}.onnx"
         if target.is_file():
             return target
+        import torch
+
         target.parent.mkdir(parents=True, exist_ok=True)
         size = tuple(loaded.preprocessing.grid_size)
         model = loaded.model.to("cpu").eval()
@@ -110,11 +120,16 @@ class OnnxRunner:
         return self.session.run(None, {"flair": np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def make_runner(loaded: LoadedModel, device: torch.device, backend: str = "auto"):
+def _cpu_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS")
+    return int(env) if env and env.isdigit() else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_runner(loaded: LoadedModel, device: str, backend: str = "auto"):
     """The fastest available way to run `loaded` on `device` ('auto', 'torch' or 'onnx')."""
     if backend not in ("auto", "torch", "onnx"):
         raise DeepWMLError(f"unknown backend {backend!r}; use auto, torch or onnx")
-    if device.type != "cpu" or backend == "torch" or not loaded.path:
+    if device != "cpu" or backend == "torch" or not loaded.digest:
         if backend == "onnx":
             raise DeepWMLError("the onnx backend runs on the CPU with a model file; use --device cpu")
         return TorchRunner(loaded, device)
@@ -152,14 +167,14 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
             probabilities = _sigmoid(runner(batch))
             if tta:  # left-right flip: the brain is roughly symmetric, the network's errors are not
                 probabilities = (probabilities + _sigmoid(runner(np.ascontiguousarray(batch[..., ::-1])))[..., ::-1]) / 2
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        except runner.out_of_memory:
+            runner.torch.cuda.empty_cache()
             if batch_size > 1:
                 batch_size //= 2
                 warnings.warn(f"GPU out of memory: batch size reduced to {batch_size}", stacklevel=2)
             else:
                 warnings.warn("GPU out of memory even for one slice: continuing on the CPU", stacklevel=2)
-                runner = TorchRunner(runner.loaded, torch.device("cpu"))
+                runner = TorchRunner(runner.loaded, "cpu")
             continue
         out[start:start + batch.shape[0]] = probabilities[:, 0]
         start += batch.shape[0]
@@ -168,7 +183,7 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
     return out
 
 
-def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], device: str | torch.device = "auto",
+def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], device: str = "auto",
                           batch_size: int | None = None, tta: bool = False, progress: Progress | None = None,
                           cancel=None, backend: str = "auto") -> tuple[np.ndarray, SliceFrame]:
     """Probability of WMH for every voxel, as an axial stack on the input grid (see io.to_axial_stack).

@@ -338,7 +338,8 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
     segmentation = slicerio.create_segmentation(voxels.shape, ijk_to_lps(mask))
     slicerio.add_segment(segmentation, voxels, {"id": name, "name": name, "color": list(color)})
     segmentation["voxels"] = np.ascontiguousarray(segmentation["voxels"])
-    return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
+    # gzip level 1: a sparse mask compresses nearly as well as at level 9, in a tenth of the time
+    return write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1))
 
 
 def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> sitk.Image:

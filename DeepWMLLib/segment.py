@@ -50,11 +50,11 @@ def default_model_paths() -> list[str]:
     return [e["path"] for e in default]
 
 
-def load_models(paths: Sequence[str | os.PathLike] | None = None, device: str = "cpu") -> list:
-    """Load model files (None: the shipped default model)."""
-    from .checkpoint import load_model
+def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
+    """Model files' settings (None: the shipped default model); each network is built on first use."""
+    from .checkpoint import load_model_settings
 
-    return [load_model(p, device="cpu") for p in (paths or default_model_paths())]
+    return [load_model_settings(p) for p in (paths or default_model_paths())]
 
 
 @dataclass

@@ -1,0 +1,211 @@
+"""`deepwml bench`: how fast segmentation runs here, against the plain way of running the network.
+
+On one input (a real clinical FLAIR from ../shared when present, else a synthetic one) it measures
+(a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
+(b) DeepWML's inference path (`inference.predict_probabilities`: normalisation, resampling, batched
+    runner — ONNX Runtime or channels-last PyTorch — head-less slices skipped, resampling back);
+(c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
+    infer, post-process, write every output);
+(d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
+(e) peak resident memory of (c);
+plus the agreement (Dice) of the masks from (a) and (b). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path, str]:
+    """A FLAIR file to time, cut to `slices` central axial slices."""
+    import SimpleITK as sitk
+
+    from . import io
+
+    if path is None:
+        shared = io.shared_data_dir()
+        candidate = shared / "open_ms" / "clinical_flair" / "patient20_study2.nii.gz" if shared else None
+        if candidate is not None and candidate.is_file():
+            path, source = str(candidate), "real clinical FLAIR patient20_study2 (256×256, 3 mm)"
+        else:
+            from .synth import generate_case
+
+            flair, _, _ = generate_case(0)
+            path = str(workdir / "synthetic.nii.gz")
+            sitk.WriteImage(flair, path, True)
+            source = "synthetic FLAIR (../shared absent)"
+    else:
+        source = str(path)
+    image = io.read_any(path)
+    axis = io.axial_axis(image)
+    n = image.GetSize()[axis]
+    if slices and slices < n:
+        start = (n - slices) // 2
+        index, size = [0, 0, 0], list(image.GetSize())
+        index[axis], size[axis] = start, slices
+        image = sitk.RegionOfInterest(image, size, index)
+        source += f", central {slices} of {n} slices"
+    out = workdir / "bench_input.nii.gz"
+    sitk.WriteImage(image, str(out), True)
+    return out, source
+
+
+def _time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def run_benchmark(input_path: str | None = None, model_paths=None, slices: int = 25, repeat: int = 3,
+                  threads: int | None = None, backend: str = "auto") -> dict:
+    import torch
+
+    from . import io
+    from .inference import TorchRunner, make_runner, predict_network_slices, predict_probabilities
+    from .model import count_flops
+    from .preprocessing import NetworkGrid, head_mask, normalise_intensity
+    from .segment import default_model_paths, load_models
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_paths = list(model_paths or default_model_paths())
+    workdir = Path(tempfile.mkdtemp(prefix="deepwml-bench-"))
+    path, source = _benchmark_input(input_path, slices, workdir)
+    image = io.read_image(path)
+    models = load_models(model_paths)
+    loaded = models[0]
+    cpu = torch.device("cpu")
+    stack, frame = io.to_axial_stack(image)
+    head = head_mask(stack)
+    grid = NetworkGrid.plan(frame, loaded.preprocessing, head)
+    net = grid.to_network(normalise_intensity(stack, head))
+    flops = count_flops(loaded.model, tuple(loaded.preprocessing.grid_size))
+
+    # (a) the plain way: eager fp32, NCHW, one slice at a time, every slice
+    plain = loaded.model.to(cpu).eval()
+
+    def reference():
+        with torch.inference_mode():
+            return np.concatenate([torch.sigmoid(plain(torch.from_numpy(net[i:i + 1, None]))).numpy()[:, 0]
+                                   for i in range(net.shape[0])])
+
+    reference()  # warm-up
+    t_ref = _time(reference, repeat)
+    ref_prob = grid.to_input(reference())
+
+    # (b) DeepWML's inference path, as `segment` calls it
+    runner_name = make_runner(loaded, cpu, backend).name
+    predict_probabilities(image, models, cpu, backend=backend)  # warm-up (and ONNX export into the cache)
+    t_opt = _time(lambda: predict_probabilities(image, models, cpu, backend=backend), repeat)
+    opt_prob, _ = predict_probabilities(image, models, cpu, backend=backend)
+    slices_run = int((head.reshape(head.shape[0], -1).mean(axis=1) >= 0.005).sum())
+    runner = make_runner(loaded, cpu, backend)
+    net_run = net[head.reshape(head.shape[0], -1).mean(axis=1) >= 0.005]
+    t_net = _time(lambda: predict_network_slices(net_run, runner, 4), repeat)
+    threshold = loaded.threshold
+    mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
+
+    # (c) + (e) end to end in a fresh process
+    out_dir = workdir / "out"
+    command = [sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(out_dir), "--overwrite",
+               "--device", "cpu", "--backend", backend, "--model", *model_paths]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    subprocess.run(command, check=True, capture_output=True, env=env)  # warm the ONNX cache and the disk cache
+    e2e = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        e2e.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise RuntimeError(f"deepwml segment failed: {proc.stderr.strip()[-300:]}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # kB on Linux
+
+    n = net.shape[0]
+    result = {
+        "input": source,
+        "slices": n,
+        "slices_run_by_deepwml": slices_run,
+        "grid": list(loaded.preprocessing.grid_size),
+        "model": [Path(p).name for p in model_paths],
+        "architecture": loaded.config,
+        "runner": runner_name,
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
+        "gflop_per_slice": round(flops / 1e9, 3),
+        "a_reference_s": round(t_ref, 3),
+        "a_reference_s_per_slice": round(t_ref / n, 4),
+        "a_reference_gflops": round(flops * n / t_ref / 1e9, 1),
+        "b_deepwml_inference_s": round(t_opt, 3),
+        "b_network_only_s": round(t_net, 3),
+        "b_network_gflops": round(flops * slices_run / t_net / 1e9, 1),
+        "b_speedup_vs_a": round(t_ref / t_opt, 2),
+        "c_end_to_end_s": round(float(np.median(e2e)), 3),
+        "c_over_b": round(float(np.median(e2e)) / t_opt, 2),
+        "e_peak_rss_mb": round(peak_mb, 1),
+        "mask_dice_b_vs_a": round(mask_dice, 5),
+        "repeat": repeat,
+    }
+    return result
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        ("input", r["input"]),
+        ("model", f"{', '.join(r['model'])} (base {r['architecture']['base_channels']}, depth {r['architecture']['depth']})"),
+        ("machine / threads", f"{r['machine']} / {r['threads']}"),
+        ("network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP"),
+        ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
+        (f"(b) DeepWML inference [{r['runner']}]", f"{r['b_deepwml_inference_s']:.2f} s ({r['b_speedup_vs_a']}x faster than a; {r['slices_run_by_deepwml']}/{r['slices']} slices hold head)"),
+        ("    network only", f"{r['b_network_only_s']:.2f} s ({r['b_network_gflops']} GFLOP/s)"),
+        ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']})"),
+        ("(e) peak memory of (c)", f"{r['e_peak_rss_mb']:.0f} MB"),
+        ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def register(subparsers) -> None:
+    from .cli import add_debug_flag
+
+    p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else synthetic)")
+    p.add_argument("--model", nargs="+", help="model file(s) (default: the shipped default model)")
+    p.add_argument("--slices", type=int, default=25, help="central axial slices to keep (default 25; 0 = all)")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    add_debug_flag(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from . import io
+
+    result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend)
+    print(format_table(result))
+    if args.json:
+        io.write_text(json.dumps(result, indent=1), args.json)
+    return 0
