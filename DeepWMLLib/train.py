@@ -697,7 +697,7 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
             torch.set_num_threads(int(cfg.threads))
         from .inference import resolve_device
 
-        device = resolve_device(cfg.device)
+        device = torch.device(resolve_device(cfg.device))
         if device.type == "cuda" and dist_ctx.world > 1:
             device = torch.device("cuda", dist_ctx.local_rank)
         if device.type == "cpu":
@@ -999,6 +999,8 @@ def _range(text: str) -> list[float] | None:
 
 
 def register(subparsers) -> None:
+    from .cli import add_debug_flag
+
     p = subparsers.add_parser(
         "train", help="train a U-Net on a manifest of FLAIR volumes and lesion masks",
         description="Train the 2D U-Net on FLAIR volumes and WMH masks listed in a manifest CSV (columns case, flair, mask; "
@@ -1048,7 +1050,7 @@ def register(subparsers) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     g.add_argument("--threads", type=int, help="CPU threads")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_flag(p)
     p.set_defaults(func=_run)
 
 

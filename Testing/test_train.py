@@ -288,11 +288,12 @@ def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path, capsys):
     assert len(read_history(killed)) == 3
 
 
-def test_cli_reports_a_bad_manifest_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "train", str(tmp_path / "none.csv"), "--run-dir",
-                             str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+def test_cli_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    assert main(["train", str(tmp_path / "none.csv"), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "none.csv does not exist" in err
 
 
 def test_early_stopping_and_plateau_follow_the_validation_dice(dataset, tmp_path):
@@ -341,3 +342,43 @@ def test_torchrun_with_two_cpu_processes(dataset, tmp_path):
     assert len(read_history(run)) == 1
     loaded = checkpoint.load_model(run / "best.pt")
     assert loaded.provenance["world_size"] == 2
+
+
+def test_command_line_flags_become_the_training_config(tmp_path):
+    from DeepWMLLib.cli import build_parser
+
+    args = build_parser().parse_args(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--base-channels", "16",
+                                      "--depth", "3", "--batch-norm", "--grid-size", "192", "--grid-spacing", "none",
+                                      "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
+                                      "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3"])
+    config, run = training.config_from_args(args)
+    assert run == tmp_path / "r"
+    cfg = training.TrainConfig.coerce(config)
+    assert cfg.architecture == {"name": "unet2d", "in_channels": 1, "base_channels": 16, "depth": 3, "batch_norm": True}
+    assert cfg.preprocessing["grid_size"] == [192, 192] and cfg.preprocessing["grid_spacing_mm"] is None
+    assert (cfg.patch_size, cfg.lesion_fraction, cfg.early_stopping_patience, cfg.ensemble) == (96, 0.7, 20, 3)
+    assert cfg.augmentation["rotate_deg"] == 5 and cfg.augmentation["scale"] == [0.8, 1.2]
+    assert not cfg.augmentation["flip"] and cfg.augmentation["noise_std"] is None
+    with pytest.raises(DeepWMLError, match="multiple of 8"):
+        training.TrainConfig.coerce(dict(config, patch_size=100))
+
+
+def test_cancel_stops_and_a_rerun_finishes(dataset, tmp_path):
+    from DeepWMLLib.errors import Cancelled
+
+    run = tmp_path / "run"
+    calls = []
+    with pytest.raises(Cancelled):
+        training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run,
+                       progress=lambda f, m: calls.append(m), cancel=lambda: len(calls) > 3)
+    assert not (run / "best.pt").exists()
+    assert training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run) == run / "best.pt"
+
+
+def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    _, best = trained
+    assert main(["train", "--export", str(best), str(tmp_path / "small.pt"), "--fp16"]) == 0
+    payload = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert payload["state_dict"]["head.weight"].dtype == torch.float16
