@@ -10,11 +10,12 @@ import time
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from conftest import REPO
 from scipy import ndimage
 
 from DeepWMLLib import evaluation, io
 from DeepWMLLib.cli import main
-from conftest import REPO
 
 pytestmark = pytest.mark.shared
 
@@ -49,6 +50,10 @@ def per_case(cohort):
                 for r in csv.DictReader(f)}
 
 
+def io_array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image) > 0
+
+
 def _number(text: str):
     try:
         return float(text)
@@ -76,12 +81,6 @@ def test_perturbations_move_the_metrics_the_way_they_must(per_case, cohort):
 
     report = (cohort["out"] / "evaluation" / "report.md").read_text()
     assert "Cases evaluated: 5 of 5" in report and "Kruskal-Wallis" in report
-
-
-def io_array(image):
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(image) > 0
 
 
 def test_single_case_cli_on_a_full_size_volume_is_fast(cohort, tmp_path):
