@@ -79,7 +79,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     import torch
 
     from . import io
-    from .inference import TorchRunner, make_runner, predict_network_slices, predict_probabilities
+    from .inference import MIN_HEAD_FRACTION, make_runner, predict_network_slices, predict_probabilities
     from .model import count_flops
     from .preprocessing import NetworkGrid, head_mask, normalise_intensity
     from .segment import default_model_paths, load_models
@@ -92,7 +92,6 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     image = io.read_image(path)
     models = load_models(model_paths)
     loaded = models[0]
-    cpu = torch.device("cpu")
     stack, frame = io.to_axial_stack(image)
     head = head_mask(stack)
     grid = NetworkGrid.plan(frame, loaded.preprocessing, head)
@@ -100,7 +99,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     flops = count_flops(loaded.model, tuple(loaded.preprocessing.grid_size))
 
     # (a) the plain way: eager fp32, NCHW, one slice at a time, every slice
-    plain = loaded.model.to(cpu).eval()
+    plain = loaded.model.to("cpu").eval()
 
     def reference():
         with torch.inference_mode():
@@ -112,13 +111,14 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     ref_prob = grid.to_input(reference())
 
     # (b) DeepWML's inference path, as `segment` calls it
-    runner_name = make_runner(loaded, cpu, backend).name
-    predict_probabilities(image, models, cpu, backend=backend)  # warm-up (and ONNX export into the cache)
-    t_opt = _time(lambda: predict_probabilities(image, models, cpu, backend=backend), repeat)
-    opt_prob, _ = predict_probabilities(image, models, cpu, backend=backend)
-    slices_run = int((head.reshape(head.shape[0], -1).mean(axis=1) >= 0.005).sum())
-    runner = make_runner(loaded, cpu, backend)
-    net_run = net[head.reshape(head.shape[0], -1).mean(axis=1) >= 0.005]
+    runner_name = make_runner(loaded, "cpu", backend).name
+    predict_probabilities(image, models, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
+    t_opt = _time(lambda: predict_probabilities(image, models, "cpu", backend=backend), repeat)
+    opt_prob, _ = predict_probabilities(image, models, "cpu", backend=backend)
+    has_head = head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION
+    slices_run = int(has_head.sum())
+    runner = make_runner(loaded, "cpu", backend)
+    net_run = net[has_head]
     t_net = _time(lambda: predict_network_slices(net_run, runner, 4), repeat)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)

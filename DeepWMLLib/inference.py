@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
 from .io import SliceFrame, to_axial_stack
-from .preprocessing import NetworkGrid, head_mask, normalise_intensity
+from .preprocessing import NetworkGrid, apply_normalisation, head_mask, intensity_reference
 
 Progress = Callable[[float, str], None]
 
@@ -150,11 +150,11 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: bool = False,
-                           progress: Progress | None = None, cancel=None, label: str = "",
-                           done: float = 0.0, share: float = 1.0) -> np.ndarray:
+                           on_batch: Callable[[int], None] | None = None, cancel=None) -> np.ndarray:
     """[n, H, W] normalised network-grid slices -> [n, H, W] probabilities (float32).
 
-    On CUDA out-of-memory the batch is halved; below one slice the runner falls back to the CPU.
+    `on_batch(done)` is called after each batch. On CUDA out-of-memory the batch is halved; when
+    even one slice does not fit, the rest runs on the CPU.
     """
     out = np.zeros(slices.shape, dtype=np.float32)
     n = slices.shape[0]
@@ -178,9 +178,14 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
             continue
         out[start:start + batch.shape[0]] = probabilities[:, 0]
         start += batch.shape[0]
-        if progress is not None:
-            progress(done + share * start / n, f"{label}: slice {start}/{n}")
+        if on_batch is not None:
+            on_batch(start)
     return out
+
+
+# Slices go through preprocessing, the network and back in chunks, so memory stays a small multiple
+# of the input volume however many slices it has.
+CHUNK_SLICES = 32
 
 
 def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], device: str = "auto",
@@ -198,20 +203,28 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
     if progress:
         progress(0.0, "normalising")
     head = head_mask(stack)
-    normalised = normalise_intensity(stack, head)
-    keep = head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION
+    centre, scale = intensity_reference(stack, head)
+    kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
+    grids = {m.preprocessing: NetworkGrid.plan(frame, m.preprocessing, head) for m in models}
+    del head
+    runners = [make_runner(m, dev, backend) for m in models]
     total = np.zeros(stack.shape, dtype=np.float32)
-    prepared: dict = {}
-    for m, loaded in enumerate(models):
-        key = loaded.preprocessing
-        if key not in prepared:  # ensemble members sharing a grid share one resampling
-            grid = NetworkGrid.plan(frame, loaded.preprocessing, head)
-            prepared[key] = (grid, grid.to_network(normalised[keep]))
-        grid, net = prepared[key]
-        share = 1.0 / len(models)
-        runner = make_runner(loaded, dev, backend)
-        probabilities = predict_network_slices(net, runner, batch_size, tta, progress, cancel, loaded.name, m * share, share)
-        total[keep] += grid.to_input(probabilities)
+    work, done = max(1, kept.size * len(models)), 0
+    for first in range(0, kept.size, CHUNK_SLICES):
+        chunk = kept[first:first + CHUNK_SLICES]
+        normalised = apply_normalisation(stack[chunk], centre, scale)
+        networked = {config: grid.to_network(normalised) for config, grid in grids.items()}
+        for loaded, runner in zip(models, runners):
+
+            def on_batch(k: int, loaded=loaded, base=done) -> None:
+                if progress:
+                    progress((base + k) / work, f"{loaded.name}: slice {first + k}/{kept.size}")
+
+            probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
+                                                   on_batch, cancel)
+            total[chunk] += grids[loaded.preprocessing].to_input(probabilities)
+            done += chunk.size
     if progress:
         progress(1.0, "done")
-    return total / len(models), frame
+    total /= len(models)
+    return total, frame

@@ -78,11 +78,8 @@ def head_mask(stack: np.ndarray) -> np.ndarray:
     return stack > threshold
 
 
-def normalise_intensity(stack: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Median/IQR normalisation over the head (see module docstring). Returns float32."""
-    stack = np.asarray(stack, dtype=np.float32)
-    if mask is None:
-        mask = head_mask(stack)
+def intensity_reference(stack: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(centre, scale) of the normalisation: the head's median and IQR / 1.349."""
     values = stack[mask] if mask.any() else stack.ravel()
     if values.size > 1_000_000:
         values = values[:: values.size // 1_000_000]
@@ -90,8 +87,18 @@ def normalise_intensity(stack: np.ndarray, mask: np.ndarray | None = None) -> np
     scale = (q75 - q25) / 1.349
     if not scale > 0:
         scale = float(values.std()) or 1.0
-    out = (stack - np.float32(median)) / np.float32(scale)
+    return float(median), float(scale)
+
+
+def apply_normalisation(stack: np.ndarray, centre: float, scale: float) -> np.ndarray:
+    out = (np.asarray(stack, dtype=np.float32) - np.float32(centre)) / np.float32(scale)
     return np.clip(out, *_CLIP, out=out)
+
+
+def normalise_intensity(stack: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Median/IQR normalisation over the head (see module docstring). Returns float32."""
+    stack = np.asarray(stack, dtype=np.float32)
+    return apply_normalisation(stack, *intensity_reference(stack, head_mask(stack) if mask is None else mask))
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def oracle_network(monkeypatch, level: float = 3.0) -> None:
     """Replace the network by 'bright means lesion' so geometry is tested independently of any weights."""
     import DeepWMLLib.inference as inference
 
-    def predict(slices, runner, batch_size, tta=False, progress=None, cancel=None, label="", done=0.0, share=1.0):
+    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
         return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
 
     monkeypatch.setattr(inference, "predict_network_slices", predict)
