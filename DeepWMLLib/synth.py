@@ -23,10 +23,10 @@ import argparse
 import csv
 import functools
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from io import StringIO
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import Cancelled, DeepWMLError
+from .io import shared_data_dir, write_image, write_text
 
 # The labelled open MS cases are the project's evaluation set: their lesion shapes never go into
 # training data.
@@ -57,16 +58,6 @@ _PAD_MM = 24
 _SUBSLICE_MM = 1.5
 
 
-def _shared_data_dir() -> Optional[Path]:
-    try:
-        from .io import shared_data_dir
-    except ImportError:  # until io.shared_data_dir lands: same rule, env var first
-        env = os.environ.get("DEEPWML_SHARED_DATA")
-        path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-        return path if path.is_dir() else None
-    return shared_data_dir()
-
-
 def _nilearn_data_dir() -> Path:
     try:
         import nilearn
@@ -78,7 +69,7 @@ def _nilearn_data_dir() -> Path:
 
 def lesion_library(shared_dir: Optional[Path] = None) -> list[Path]:
     """Real lesion masks usable for training, evaluation patients excluded."""
-    shared_dir = shared_dir or _shared_data_dir()
+    shared_dir = shared_dir or shared_data_dir()
     if shared_dir is None:
         return []
     files = sorted((Path(shared_dir) / _LESIONS_DIR).glob("patient*.nii.gz"))
@@ -113,8 +104,8 @@ class _Atlas:
                                self.reference, sitk.Transform(), sitk.sitkLinear, 0.0)
         # The probability maps are an average of many brains and look blurred; the label map adds
         # crisp sulci and a sharp grey/white boundary.
-        self.gm = _blend(sitk.GetArrayFromImage(self.reference) / np.float32(255), labels == _LABEL_GM)
-        self.wm = _blend(sitk.GetArrayFromImage(wm_img) / np.float32(255), labels == _LABEL_WM)
+        self.gm = _blend(sitk.GetArrayFromImage(self.reference) / np.float32(255), labels, _LABEL_GM)
+        self.wm = _blend(sitk.GetArrayFromImage(wm_img) / np.float32(255), labels, _LABEL_WM)
         self.icv = ndimage.gaussian_filter(intracranial.astype(np.float32), 0.6)
         self.csf = np.clip(self.icv - self.gm - self.wm, 0, 1)
         self.ventricles = labels == _LABEL_VENTRICLES
@@ -129,6 +120,7 @@ class _Atlas:
         surface = intracranial & ~ndimage.binary_erosion(intracranial)
         self.surface_points = _index_to_physical(self.reference, np.argwhere(surface)[::7])
         vidx = np.argwhere(self.ventricles)
+        self.ventricle_centre = _index_to_physical(self.reference, vidx.mean(axis=0, keepdims=True))[0]
         self.ventricle_centre_y = vidx[:, 1].mean()
         self.ventricle_half_length = (vidx[:, 1].max() - vidx[:, 1].min()) / 2
 
@@ -145,15 +137,19 @@ def _atlas(shared_dir: Path) -> _Atlas:
 
 
 def _require_shared_dir() -> Path:
-    shared_dir = _shared_data_dir()
+    shared_dir = shared_data_dir()
     if shared_dir is None or not (shared_dir / _LABELS_FILE).is_file():
         raise DeepWMLError("shared data with templates/mni152_tissue_labels.nii.gz not found: set "
                            "DEEPWML_SHARED_DATA to the shared data folder")
     return shared_dir
 
 
-def _blend(probability: np.ndarray, label: np.ndarray) -> np.ndarray:
-    return (0.25 * probability + 0.75 * ndimage.gaussian_filter(label.astype(np.float32), 0.5)).astype(np.float32)
+def _blend(probability: np.ndarray, labels: np.ndarray, tissue: int) -> np.ndarray:
+    """Tissue fraction: mostly the crisp label, except below the tentorium, where the label map
+    only says "infratentorial" and the probability map alone tells grey from white."""
+    crisp = ndimage.gaussian_filter((labels == tissue).astype(np.float32), 0.5)
+    weight = 0.75 * ndimage.gaussian_filter((labels != _LABEL_INFRATENTORIAL).astype(np.float32), 1.0)
+    return (probability + weight * (crisp - probability)).astype(np.float32)
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -359,7 +355,8 @@ def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.n
                bone + scalp * 0.4, bone + scalp * 0.5, bone + scalp * 0.6, bone + scalp, bone + scalp + 1]
     b, m, f = scanner["bone_ratio"], scanner["marrow_ratio"] * rng.uniform(0.8, 1.2), scanner["fat_ratio"] * rng.uniform(0.85, 1.15)
     knots_v = [scanner["csf_ratio"], b, b, m, m, b, b, f, f, 0.5 * f, f, f, 0.0]
-    return np.interp(d, knots_d, knots_v).astype(np.float32)
+    texture = 0.7 + 0.6 * _smooth_noise(rng, d.shape, 12)
+    return np.interp(d, knots_d, knots_v).astype(np.float32) * texture
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +372,7 @@ def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict
     # Slices are planned roughly along the head's own axial plane, never exactly.
     direction = _rotation(pitch * rng.uniform(0, 1) + rng.normal(0, 2), rng.normal(0, 2), rng.normal(0, 3))
 
-    thickness = scanner["thickness"] * rng.choice([1.0, 1.0, rng.uniform(0.9, 1.1)])
-    thickness = float(np.clip(thickness, 3.0, 8.0))
+    thickness = scanner["thickness"]
     matrix = int(scanner["matrix"])
     fov = scanner["fov"] * rng.uniform(0.95, 1.05)
     # Where the brain lands on the slice axes u = direction^T p.
@@ -399,9 +395,9 @@ def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict
                    top - thickness / 2 - (nz - 1) * thickness])
     return {
         "linear": linear, "translation": translation, "centre": centre, "direction": direction,
+        "ventricle_centre": linear @ (atlas.ventricle_centre - centre) + centre + translation,
         "spacing": (spacing, spacing, thickness), "size": (nx, ny, nz), "origin": direction @ u0,
         "factor": factor, "u_min": u.min(axis=0), "u_max": u.max(axis=0), "u0": u0,
-        "scale_det": float(np.prod(scale)),
     }
 
 
@@ -413,10 +409,11 @@ def _template_transform(rng: np.random.Generator, geo: dict, crop_origin: np.nda
     affine.SetMatrix(np.linalg.inv(geo["linear"]).ravel().tolist())
     affine.SetTranslation((-geo["translation"]).tolist())
     amplitude = rng.uniform(0.0, 3.0)
-    node = 16.0
+    node = 10.0
     shape = [int(math.ceil(e / node)) + 3 for e in crop_extent]
     field = ndimage.gaussian_filter(rng.standard_normal((shape[2], shape[1], shape[0], 3)),
-                                    (0.8, 0.8, 0.8, 0)) * amplitude * 2.5
+                                    (1.3, 1.3, 1.3, 0)) * amplitude * 4
+    field += _atrophy_displacement(geo, crop_origin - geo["direction"] @ np.full(3, node), node, shape)
     displacement = sitk.GetImageFromArray(field, isVector=True)
     displacement.SetSpacing([node] * 3)
     displacement.SetDirection(geo["direction"].ravel().tolist())
@@ -425,6 +422,16 @@ def _template_transform(rng: np.random.Generator, geo: dict, crop_origin: np.nda
     composite.AddTransform(affine)
     composite.AddTransform(sitk.DisplacementFieldTransform(displacement))
     return composite
+
+
+def _atrophy_displacement(geo: dict, origin: np.ndarray, node: float, shape: list[int]) -> np.ndarray:
+    """Displacement (z, y, x, 3) that draws sampling points towards the ventricles, so that they
+    and the deep CSF spaces look enlarged by about 1 / (1 - atrophy), as in older brains."""
+    u = np.stack(np.meshgrid(*(np.arange(n) * node for n in shape[::-1]), indexing="ij")[::-1], axis=-1)
+    offset = origin + u @ geo["direction"].T - geo["ventricle_centre"]
+    along = offset @ geo["direction"]
+    weight = np.exp(-0.5 * np.sum((along / np.array([22.0, 35.0, 20.0])) ** 2, axis=-1))
+    return -geo["atrophy"] * offset * weight[..., None]
 
 
 def _profile_weights(k: int, sigma_fraction: float) -> np.ndarray:
@@ -508,15 +515,21 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     scanner_id = int(rng.integers(N_SCANNERS)) if scanner_id is None else int(scanner_id)
     scanner = dict(_scanner(scanner_id))
     if matrix is not None:
+        if not 64 <= matrix <= 1024:
+            raise DeepWMLError(f"matrix {matrix} is out of range: use 64 to 1024 (clinical: 256 to 512)")
         scanner["matrix"] = int(matrix)
-        scanner["fov"] = min(scanner["fov"], matrix * 1.0)
     if slice_thickness is not None:
+        if not 0.5 <= slice_thickness <= 10:
+            raise DeepWMLError(f"slice thickness {slice_thickness} mm is out of range: use 0.5 to 10 mm")
         scanner["thickness"] = float(slice_thickness)
+    else:
+        scanner["thickness"] = float(np.clip(scanner["thickness"] * rng.uniform(0.9, 1.1), 3.0, 8.0))
     skull = bool(rng.random() < 0.8) if skull is None else bool(skull)
 
     lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
     template_image = _render_template(rng, atlas, scanner, lesions, skull)
     geo = _acquisition(rng, atlas, scanner)
+    geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
     clean, lesion_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"])
 
     clean *= _bias_field(rng, clean.shape, scanner["bias"] * rng.uniform(0.6, 1.4))
@@ -538,7 +551,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     meta = {
         "centre": f"synth-scanner{scanner_id}",
         "disease": disease,
-        "lesion_ml": round(float(lesions.sum()) / 1000 * geo["scale_det"], 4),
+        "lesion_ml": round(float(lesion_pv.sum()) * voxel_ml, 4),
         "mask_ml": round(float(mask_array.sum()) * voxel_ml, 4),
         "slice_thickness_mm": round(geo["spacing"][2], 3),
         "pixel_spacing_mm": round(geo["spacing"][0], 4),
@@ -549,42 +562,34 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     return flair, mask, meta
 
 
-def _write_case(args: tuple[int, int, str]) -> dict:
-    seed, index, out_dir = args
+def _write_case(args: tuple[int, int, str, dict]) -> dict:
+    seed, index, out_dir, options = args
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
-    flair, mask, meta = generate_case(case_rng(seed, index))
+    flair, mask, meta = generate_case(case_rng(seed, index), **options)
     name = f"synth{seed}_{index:05d}"
     out = Path(out_dir)
-    _write_atomic(flair, out / f"{name}_flair.nii.gz")
-    _write_atomic(mask, out / f"{name}_mask.nii.gz")
+    write_image(flair, out / f"{name}_flair.nii.gz")
+    write_image(mask, out / f"{name}_mask.nii.gz")
     return {"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
             "seed": f"{seed}:{index}", **meta}
 
 
-def _write_atomic(image: sitk.Image, path: Path) -> None:
-    try:
-        from .io import write_image
-    except ImportError:  # until io.write_image lands
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-        return
-    write_image(image, path)
-
-
 def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      progress: Optional[Callable[[float, str], None]] = None,
-                     cancel: Optional[Callable[[], bool]] = None, workers: int = 1) -> Path:
+                     cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
+                     matrix: Optional[int] = None, slice_thickness: Optional[float] = None) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
-    Case i depends only on (seed, i), whatever `workers` is.
+    Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
+    given, replace the simulated scanners' protocols for every case.
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
     _require_shared_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(int(seed), i, str(out)) for i in range(n)]
+    options = {"matrix": matrix, "slice_thickness": slice_thickness}
+    jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
 
@@ -610,20 +615,20 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
     rows.sort(key=lambda r: r["case"])
-    manifest = out / "manifest.csv"
-    tmp = out / ".manifest.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*MANIFEST_COLUMNS, "lesion_source"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, manifest)
-    return manifest
+    table = StringIO()
+    writer = csv.DictWriter(table, fieldnames=[*MANIFEST_COLUMNS, "lesion_source"], extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(table.getvalue(), out / "manifest.csv")
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
 def register(subparsers) -> None:
+    from .cli import add_debug_flag
+
     parser = subparsers.add_parser(
         "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
         description="Write N synthetic 2D axial FLAIR scans (uint16 NIfTI) with lesion masks and a "
@@ -632,7 +637,11 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="parallel processes")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--matrix", type=int, help="in-plane matrix for every case (default: per "
+                        "simulated scanner, 256-512)")
+    parser.add_argument("--thickness", type=float, help="slice thickness in mm for every case "
+                        "(default: per simulated scanner, 3-8)")
+    add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
 
@@ -640,7 +649,8 @@ def _run(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
-    manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers)
+    manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
+                                matrix=args.matrix, slice_thickness=args.thickness)
     print(file=sys.stderr)
     print(manifest)
     return 0

@@ -11,7 +11,7 @@ from DeepWMLLib import synth
 from DeepWMLLib.cli import main as cli_main
 
 needs_shared = pytest.mark.skipif(
-    synth._shared_data_dir() is None,
+    synth.shared_data_dir() is None,
     reason="shared data (../shared/data or DEEPWML_SHARED_DATA) not found: synthetic cases need its "
            "MNI152 label map and lesion library")
 pytestmark = pytest.mark.shared
@@ -76,14 +76,14 @@ def test_evaluation_patients_never_enter_the_lesion_library(tmp_path):
 @needs_shared
 def test_real_lesion_cases_use_training_patients_only():
     sources = {synth.generate_case(synth.case_rng(0, i), disease="synth-ms", matrix=256,
-                                   slice_thickness=8.0)[2]["lesion_source"] for i in range(3)}
+                                   slice_thickness=8.0)[2]["lesion_source"] for i in range(2)}
     assert sources and all(s.startswith("patient") for s in sources)
     assert not sources & synth.EXCLUDED_PATIENTS
 
 
 @needs_shared
 def test_cli_writes_cases_and_manifest(tmp_path, capsys):
-    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3"]) == 0
+    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3", "--matrix", "256"]) == 0
     manifest = tmp_path / "out" / "manifest.csv"
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
