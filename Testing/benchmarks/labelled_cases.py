@@ -1,0 +1,131 @@
+"""Accuracy and runtime of a model on the real labelled MS cases, at 1 mm and as thick axial slices.
+
+    python Testing/benchmarks/labelled_cases.py [--model FILE ...] [--thickness 1 5 8] [--json OUT] [--markdown OUT]
+
+The three Ljubljana cases (../shared/data/open_ms/labelled/patient07, 19, 26: 3T FLAIR, skull-stripped,
+N4-corrected, 1 mm MNI grid, 3-rater consensus masks) are EVALUATION ONLY: nothing in training or
+tuning may look at them. Thick-slice versions imitate a clinical 2D acquisition: each thick slice is
+the average of `thickness` consecutive 1 mm axial slices (a box slice profile) and its reference is
+the consensus mask's slab average thresholded at 0.5 (the lesion fills at least half the slice).
+
+Per case and thickness it reports Dice, sensitivity, precision, HD95, AVD, lesion recall and F1
+(DeepWMLLib.evaluation.evaluate_case) and the segmentation time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from DeepWMLLib import io  # noqa: E402
+
+CASES = ("patient07", "patient19", "patient26")
+METRICS = ("dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1")
+
+
+def thick_slices(image: sitk.Image, thickness: int, mask: bool = False) -> sitk.Image:
+    """Average `thickness` consecutive slices along the axial axis (box profile); masks re-thresholded at 0.5."""
+    if thickness <= 1:
+        return image
+    stack, frame = io.to_axial_stack(image, dtype=np.float32)
+    n = stack.shape[0] // thickness
+    slabs = stack[: n * thickness].reshape(n, thickness, *stack.shape[1:]).mean(axis=1)
+    axis = frame.slice_axis
+    size = list(frame.size)
+    size[axis] = n
+    spacing = list(frame.spacing)
+    spacing[axis] = frame.spacing[axis] * thickness
+    # the new slice k is centred on the old continuous index k*t + (t-1)/2 along the axial axis
+    shift = [0.0, 0.0, 0.0]
+    shift[axis] = (thickness - 1) / 2
+    origin = image.TransformContinuousIndexToPhysicalPoint(shift)
+    thick_frame = io.SliceFrame(tuple(size), tuple(spacing), tuple(origin), frame.direction, axis,
+                                frame.row_axis, frame.col_axis, frame.flip_row, frame.flip_col)
+    out = io.from_axial_stack((slabs >= 0.5).astype(np.uint8) if mask else slabs.astype(np.float32), thick_frame)
+    return out
+
+
+def load_case(root: Path, case: str, thickness: int) -> tuple[sitk.Image, sitk.Image]:
+    flair = io.read_image(root / case / "flair.nii.gz")
+    mask = io.read_mask(root / case / "consensus_mask.nii.gz", reference=flair)
+    return thick_slices(flair, thickness), thick_slices(mask, thickness, mask=True)
+
+
+def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False) -> list[dict]:
+    from DeepWMLLib.evaluation import evaluate_case
+    from DeepWMLLib.segment import load_models, segment_image
+
+    shared = io.shared_data_dir()
+    if shared is None:
+        raise SystemExit("../shared/data is absent: the labelled cases are needed")
+    root = shared / "open_ms" / "labelled"
+    models = load_models(model_paths)
+    rows = []
+    for thickness in thicknesses:
+        for case in cases:
+            flair, reference = load_case(root, case, thickness)
+            start = time.perf_counter()
+            result = segment_image(flair, models, device=device, tta=tta)
+            seconds = time.perf_counter() - start
+            scores = evaluate_case(result.mask, reference)
+            row = {"case": case, "thickness_mm": thickness, "slices": flair.GetSize()[2],
+                   "reference_ml": round(float(sitk.GetArrayViewFromImage(reference).sum()) * np.prod(reference.GetSpacing()) / 1000, 2),
+                   "predicted_ml": round(result.report["volume_ml"], 2), "seconds": round(seconds, 2)}
+            row.update({k: scores[k] for k in METRICS})
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    def f(v, d=3):
+        return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
+
+    return (f"| {row['case']} | {row['thickness_mm']} mm | {row['reference_ml']} | {row['predicted_ml']} | {f(row['dice'])} | "
+            f"{f(row['sensitivity'])} | {f(row['precision'])} | {f(row['hd95_mm'], 2)} | {f(row['avd_percent'], 1)} | "
+            f"{f(row['lesion_recall'])} | {f(row['lesion_f1'])} | {row['seconds']:.1f} |")
+
+
+HEADER = ("| case | slices | reference ml | predicted ml | Dice | sensitivity | precision | HD95 mm | AVD % | "
+          "lesion recall | lesion F1 | seconds |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [HEADER] + [format_row(r) for r in rows]
+    for thickness in sorted({r["thickness_mm"] for r in rows}):
+        dice = [r["dice"] for r in rows if r["thickness_mm"] == thickness]
+        lines.append(f"\nMedian Dice at {thickness} mm: {np.median(dice):.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", nargs="+", help="model file(s) (default: the shipped default model)")
+    parser.add_argument("--thickness", nargs="+", type=int, default=[1, 5, 8])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    print(HEADER)
+    rows = evaluate(args.model, args.thickness, args.device, tta=args.tta)
+    text = markdown(rows)
+    print(text.split("\n\n", 1)[-1] if "\n\n" in text else "")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
