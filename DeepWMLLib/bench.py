@@ -79,9 +79,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     import torch
 
     from . import io
-    from .inference import MIN_HEAD_FRACTION, make_runner, predict_network_slices, predict_probabilities
+    from .inference import make_runner, predict_network_slices, predict_probabilities
     from .model import count_flops
-    from .preprocessing import NetworkGrid, head_mask, normalise_intensity
+    from .preprocessing import plan_volume
     from .segment import default_model_paths, load_models
 
     if threads:
@@ -93,9 +93,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     models = load_models(model_paths)
     loaded = models[0]
     stack, frame = io.to_axial_stack(image)
-    head = head_mask(stack)
-    grid = NetworkGrid.plan(frame, loaded.preprocessing, head)
-    net = grid.to_network(normalise_intensity(stack, head))
+    plan = plan_volume(stack, frame, [loaded.preprocessing])
+    grid = plan.grids[loaded.preprocessing]
+    net = plan.network_slices(stack, np.arange(stack.shape[0]), loaded.preprocessing)
     flops = count_flops(loaded.model, tuple(loaded.preprocessing.grid_size))
 
     # (a) the plain way: eager fp32, NCHW, one slice at a time, every slice
@@ -115,10 +115,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     predict_probabilities(image, models, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
     t_opt = _time(lambda: predict_probabilities(image, models, "cpu", backend=backend), repeat)
     opt_prob, _ = predict_probabilities(image, models, "cpu", backend=backend)
-    has_head = head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION
-    slices_run = int(has_head.sum())
+    slices_run = int(plan.kept.size)
     runner = make_runner(loaded, "cpu", backend)
-    net_run = net[has_head]
+    net_run = net[plan.kept]
     t_net = _time(lambda: predict_network_slices(net_run, runner, 4), repeat)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)

@@ -16,14 +16,9 @@ import SimpleITK as sitk
 from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
 from .io import SliceFrame, to_axial_stack
-from .preprocessing import NetworkGrid, apply_normalisation, head_mask, intensity_reference
+from .preprocessing import plan_volume
 
 Progress = Callable[[float, str], None]
-
-# A slice whose head covers less than this fraction of its pixels holds no brain worth segmenting
-# (air above the vertex, the neck); skipping it saves time and removes noise detections.
-MIN_HEAD_FRACTION = 0.005
-
 
 def _cuda_usable() -> bool:
     # Without an NVIDIA driver there is no CUDA: answer without importing torch (seconds of start-up).
@@ -202,18 +197,14 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
     stack, frame = to_axial_stack(image)
     if progress:
         progress(0.0, "normalising")
-    head = head_mask(stack)
-    centre, scale = intensity_reference(stack, head)
-    kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
-    grids = {m.preprocessing: NetworkGrid.plan(frame, m.preprocessing, head) for m in models}
-    del head
+    plan = plan_volume(stack, frame, {m.preprocessing for m in models})
+    kept = plan.kept
     runners = [make_runner(m, dev, backend) for m in models]
     total = np.zeros(stack.shape, dtype=np.float32)
     work, done = max(1, kept.size * len(models)), 0
     for first in range(0, kept.size, CHUNK_SLICES):
         chunk = kept[first:first + CHUNK_SLICES]
-        normalised = apply_normalisation(stack[chunk], centre, scale)
-        networked = {config: grid.to_network(normalised) for config, grid in grids.items()}
+        networked = {config: plan.network_slices(stack, chunk, config) for config in plan.grids}
         for loaded, runner in zip(models, runners):
 
             def on_batch(k: int, loaded=loaded, base=done) -> None:
@@ -222,7 +213,7 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel)
-            total[chunk] += grids[loaded.preprocessing].to_input(probabilities)
+            total[chunk] += plan.grids[loaded.preprocessing].to_input(probabilities)
             done += chunk.size
     if progress:
         progress(1.0, "done")

@@ -29,6 +29,10 @@ from .io import SliceFrame
 
 _CLIP = (-8.0, 16.0)
 
+# A slice whose head covers less than this fraction of its pixels holds no brain worth segmenting
+# (air above the vertex, the neck): inference skips it, training never sees it.
+MIN_HEAD_FRACTION = 0.005
+
 
 @dataclass(frozen=True)
 class PreprocessingConfig:
@@ -158,3 +162,25 @@ def _head_centre(mask: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
     rr = np.percentile(np.repeat(np.arange(rows), projection.sum(axis=1)), [1, 99])
     cc = np.percentile(np.repeat(np.arange(cols), projection.sum(axis=0)), [1, 99])
     return np.array([rr.mean(), cc.mean()])
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """Everything preprocessing decides once per volume, shared by inference and training."""
+
+    centre: float  # normalisation centre and scale (see intensity_reference)
+    scale: float
+    kept: np.ndarray  # indices of the slices with enough head to segment
+    grids: dict  # PreprocessingConfig -> NetworkGrid
+
+    def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
+        """Normalised slices `indices` of the axial stack on the network grid of `config`."""
+        return self.grids[config].to_network(apply_normalisation(stack[indices], self.centre, self.scale))
+
+
+def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
+    """Head mask, normalisation statistics, slices to keep and network grids for an axial stack."""
+    head = head_mask(stack)
+    centre, scale = intensity_reference(stack, head)
+    kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
+    return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs})

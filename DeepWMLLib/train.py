@@ -297,19 +297,17 @@ def prepare_volume(image, mask, preprocessing: PreprocessingConfig) -> tuple[np.
     only the slices inference segments (enough head) are kept; lesion on the others can never be
     found, and validation counts it as missed.
     """
-    from .inference import MIN_HEAD_FRACTION
-    from .preprocessing import NetworkGrid, head_mask, normalise_intensity
+    from .preprocessing import plan_volume
 
     stack, frame = io.to_axial_stack(image)
     labels, _ = io.to_axial_stack(mask)
     lesion = (labels > 0).astype(np.float32)  # any positive label is lesion, as in metrics
-    head = head_mask(stack)
-    normalised = normalise_intensity(stack, head)
-    keep = head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION
-    grid = NetworkGrid.plan(frame, preprocessing, head)
-    images = grid.to_network(normalised[keep])
-    network_labels = grid.to_network(lesion[keep]) > 0.5
-    return images, network_labels, int(lesion[~keep].sum())
+    plan = plan_volume(stack, frame, [preprocessing])
+    images = plan.network_slices(stack, plan.kept, preprocessing)
+    network_labels = plan.grids[preprocessing].to_network(lesion[plan.kept]) > 0.5
+    skipped = np.ones(lesion.shape[0], bool)
+    skipped[plan.kept] = False
+    return images, network_labels, int(lesion[skipped].sum())
 
 
 def _case_key(case: Case, preprocessing: dict) -> str:
