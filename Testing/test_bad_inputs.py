@@ -1,0 +1,245 @@
+"""Every bad input a user can hand DeepWML gets a one-line, actionable message and a non-zero exit,
+or a documented correct result — never a traceback, a hang, a partial output file or a changed input.
+
+`BAD_INPUTS` is the single list behind both this test and the table in README.md ("What happens
+with bad inputs"); `test_readme_table_matches` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib.cli import main
+
+from conftest import REPO, make_volume, rotation, tiny_model_file
+
+# (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
+BAD_INPUTS = [
+    ("missing file", "segment", 1, "does not exist"),
+    ("empty file (0 bytes)", "segment", 1, "empty file"),
+    ("truncated .nii.gz", "segment", 1, "truncated"),
+    ("truncated .nii", "segment", 1, "truncated"),
+    ("corrupt gzip", "segment", 1, "corrupt"),
+    ("text file named .nii.gz", "segment", 1, "corrupt"),
+    ("text file named .nrrd", "segment", 1, "cannot be read"),
+    ("unsupported extension", "segment", 1, "unsupported file type"),
+    ("2D image", "segment", 1, "2D image"),
+    ("4D image (several volumes)", "segment", 1, "4D image"),
+    ("RGB / vector image", "segment", 1, "values per voxel"),
+    ("all-zero image", "segment", 1, "constant"),
+    ("NaN / Inf voxels", "segment", 1, "non-finite"),
+    ("folder without images", "segment", 1, "without image files"),
+    ("two inputs with one name", "segment", 1, "both named"),
+    ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
+    ("one-slice volume", "segment", 0, "ok: one slice segmented"),
+    ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
+    ("corrupt model file", "segment", 1, "not a readable DeepWML model"),
+    ("model file of a newer format", "segment", 1, "update DeepWML"),
+    ("output folder missing", "segment", 0, "ok: created"),
+    ("output folder read-only", "segment", 1, "not writable"),
+    ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
+    ("--device cuda without a GPU", "segment", 1, "no CUDA GPU"),
+    ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
+    ("reference on another grid", "evaluate", 1, "different voxel grids"),
+    ("reference with labels other than 0/1/2", "evaluate", 1, "label"),
+    ("probability map as mask", "evaluate", 1, "not a label mask"),
+    ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
+    ("rater masks on different grids", "consensus", 1, "different voxel grids"),
+    ("consensus manifest missing columns", "consensus", 1, "column"),
+    ("training manifest missing", "train", 1, "does not exist"),
+    ("training mask on another grid", "train", 1, "different voxel grids"),
+]
+
+
+def _write(path: Path, image: sitk.Image) -> Path:
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _array_image(array, spacing=None, vector=False) -> sitk.Image:
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    if spacing:
+        image.SetSpacing(spacing)
+    return image
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Inputs for every row of BAD_INPUTS, and a model."""
+    d = tmp_path / "in"
+    d.mkdir()
+    good, truth = make_volume(size=(32, 32, 5))
+    paths = {"good": _write(d / "good.nii.gz", good), "truth": _write(d / "truth.nii.gz", truth)}
+    data = paths["good"].read_bytes()
+    raw = gzip.decompress(data)
+    files = {
+        "empty file (0 bytes)": (d / "empty.nii.gz", b""),
+        "truncated .nii.gz": (d / "trunc.nii.gz", data[: len(data) * 2 // 3]),
+        "truncated .nii": (d / "trunc.nii", raw[:-200]),
+        "corrupt gzip": (d / "corrupt.nii.gz", data[:100] + bytes(300) + data[400:]),
+        "text file named .nii.gz": (d / "text.nii.gz", b"patient list\n"),
+        "text file named .nrrd": (d / "text.nrrd", b"patient list\n"),
+        "unsupported extension": (d / "flair.jpg", b"\xff\xd8\xff"),
+    }
+    for key, (path, content) in files.items():
+        path.write_bytes(content)
+        paths[key] = path
+    nan = sitk.GetArrayFromImage(good)
+    nan[1, 2, 3] = np.nan
+    paths["2D image"] = _write(d / "slice.nii.gz", _array_image(np.ones((20, 30), np.float32)))
+    paths["4D image (several volumes)"] = _write(d / "series.nii.gz", _array_image(np.random.rand(2, 4, 5, 6).astype(np.float32)))
+    paths["RGB / vector image"] = _write(d / "rgb.mha", _array_image(np.random.rand(4, 5, 6, 3).astype(np.float32), vector=True))
+    paths["all-zero image"] = _write(d / "zeros.nii.gz", _array_image(np.zeros((5, 6, 7), np.int16)))
+    paths["NaN / Inf voxels"] = _write(d / "nan.nii.gz", _array_image(nan))
+    (d / "emptydir").mkdir()
+    paths["folder without images"] = d / "emptydir"
+    (d / "a").mkdir()
+    (d / "b").mkdir()
+    paths["two inputs with one name"] = [_write(d / "a" / "same.nii.gz", good), _write(d / "b" / "same.nii.gz", good)]
+    extreme = sitk.GetImageFromArray(sitk.GetArrayFromImage(good) * np.float32(1e30))
+    extreme.CopyInformation(good)
+    paths["extreme intensities (1e30)"] = _write(d / "extreme.nii.gz", extreme)
+    paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
+    sagittal = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)
+    paths["sagittal acquisition"] = _write(d / "sag.nii.gz", make_volume(size=(6, 32, 32), spacing=(5.0, 0.9, 0.9), direction=sagittal)[0])
+    other_grid = sitk.Image(truth)
+    other_grid.SetSpacing((0.9, 0.9, 4.0))
+    paths["other grid"] = _write(d / "other_grid.nii.gz", other_grid)
+    labels = sitk.GetArrayFromImage(truth)
+    labels[0, 0, 0] = 7
+    labelled = sitk.GetImageFromArray(labels)
+    labelled.CopyInformation(truth)
+    paths["labels 7"] = _write(d / "labels7.nii.gz", labelled)
+    prob = sitk.GetImageFromArray(sitk.GetArrayFromImage(truth).astype(np.float32) * 0.7)
+    prob.CopyInformation(truth)
+    paths["prob"] = _write(d / "prob.nii.gz", prob)
+    empty = sitk.Image(truth) * 0
+    paths["empty mask"] = _write(d / "empty_mask.nii.gz", empty)
+    model = tiny_model_file(tmp_path / "model.pt")
+    bad_model = tmp_path / "bad_model.pt"
+    bad_model.write_bytes(model.read_bytes()[:500])
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    payload["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    torch.save(payload, newer)
+    paths.update(model=model, bad_model=bad_model, newer_model=newer)
+    (d / "raters.csv").write_text("case,first,second\nx,a.nii.gz,b.nii.gz\n")
+    (d / "train.csv").write_text(f"case,flair,mask\nc1,{paths['good']},{paths['other grid']}\n")
+    return tmp_path, paths
+
+
+def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
+    out = str(tmp / "out")
+    seg = ["segment", "-o", out, "--model", str(p["model"]), "--device", "cpu"]
+    if row_id == "missing file":
+        return seg + [str(tmp / "nope.nii.gz")]
+    if row_id in ("corrupt model file", "model file of a newer format"):
+        return ["segment", str(p["good"]), "-o", out, "--model", str(p["bad_model" if "corrupt" in row_id else "newer_model"])]
+    if row_id == "output folder missing":
+        return ["segment", str(p["good"]), "-o", str(tmp / "new" / "deeper"), "--model", str(p["model"])]
+    if row_id == "output folder read-only":
+        ro = tmp / "readonly"
+        ro.mkdir()
+        os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR)
+        return ["segment", str(p["good"]), "-o", str(ro), "--model", str(p["model"])]
+    if row_id == "existing outputs":
+        (tmp / "out").mkdir()
+        (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
+        return seg + [str(p["good"])]
+    if row_id == "--device cuda without a GPU":
+        return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cuda"]
+    if row_id == "threshold outside (0, 1)":
+        return seg + [str(p["good"]), "--threshold", "1.5"]
+    if row_id == "two inputs with one name":
+        return seg + [str(x) for x in p[row_id]]
+    if row_id == "reference on another grid":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
+    if row_id == "reference with labels other than 0/1/2":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
+    if row_id == "probability map as mask":
+        return ["evaluate", "--prediction", str(p["prob"]), "--reference", str(p["truth"])]
+    if row_id == "empty prediction and reference":
+        return ["evaluate", "--prediction", str(p["empty mask"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
+    if row_id == "rater masks on different grids":
+        return ["consensus", str(p["truth"]), str(p["other grid"])]
+    if row_id == "consensus manifest missing columns":
+        return ["consensus", "--manifest", str(tmp / "in" / "raters.csv"), "-o", out]
+    if row_id == "training manifest missing":
+        return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
+    if row_id == "training mask on another grid":
+        return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--base-channels", "4", "--depth", "2"]
+    return seg + [str(p[row_id])]
+
+
+def _hashes(folder: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("row_id,command,exit_code,words", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input(row_id, command, exit_code, words, world, capsys):
+    import torch
+
+    if row_id == "--device cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    if row_id == "output folder read-only" and os.geteuid() == 0:
+        pytest.skip("root can write into read-only folders")
+    tmp, paths = world
+    argv = _command(row_id, tmp, paths)
+    assert argv[0] == command
+    before = _hashes(tmp / "in")
+    if exit_code == 2:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        code = info.value.code
+    else:
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == exit_code, err
+    assert "Traceback" not in err
+    if not words.startswith("ok"):
+        assert words in err, err
+        problem_lines = [line for line in err.splitlines() if "error" in line]
+        assert problem_lines and all(len(line) < 700 for line in problem_lines)
+    assert _hashes(tmp / "in") == before  # inputs never modified
+    for folder in (tmp / "out", tmp / "new" / "deeper"):
+        if folder.is_dir():
+            assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    if row_id == "existing outputs":
+        assert (tmp / "out" / "good_wmh.nii.gz").read_bytes() == b"earlier result"
+    if row_id == "output folder missing":
+        assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
+    if row_id == "sagittal acquisition":
+        assert "sagittal acquisition" in err
+
+
+def test_readme_table_matches():
+    """README's bad-input table lists exactly the rows tested here."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What happens with bad inputs", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    documented = [line.split("|")[1].strip() for line in rows]
+    assert documented == [f"{r[0]}" for r in BAD_INPUTS]
+    for line, (row_id, command, code, words) in zip(rows, BAD_INPUTS):
+        assert f"`deepwml {command}`" in line and f"exit {code}" in line and words in line, line
+
+
+def render_readme_table() -> str:
+    lines = ["| input | command | result |", "| --- | --- | --- |"]
+    for row_id, command, code, words in BAD_INPUTS:
+        outcome = words if words.startswith("ok") else f'one-line error containing "{words}"'
+        lines.append(f"| {row_id} | `deepwml {command}` | exit {code}; {outcome} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_readme_table())
