@@ -1,10 +1,16 @@
 """Synthetic clinical 2D axial FLAIR scans with white matter lesion masks, for training.
 
-Each case is drawn from the MNI152 anatomy (nilearn's T1-free tissue probability maps and the
-shared tissue label map), deformed by a random affine and a smooth elastic field, given lesions
-(procedural periventricular caps/bands, punctate and confluent deep lesions, or real lesion shapes
-from the open MS database) and rendered with FLAIR contrast for one of several simulated scanners,
-then "acquired" as thick oblique axial slices.
+Each case is drawn from the MNI152 anatomy (nilearn's grey/white matter probability maps and the
+shared tissue label map), deformed by a random affine, a smooth elastic field and a random
+ventricular enlargement, given lesions (procedural periventricular caps/bands, punctate and
+confluent deep lesions, or real lesion shapes from the open MS database, never the evaluation
+patients) and rendered with FLAIR contrast for one of several simulated scanners, then "acquired"
+as thick oblique axial slices with bias field and Rician noise.
+
+Skull and scalp: nilearn's MNI152 T1 is brain-extracted, so there is no head to borrow; they are
+drawn as layers by distance outside the intracranial space (inner table, marrow, outer table,
+scalp fat with a darker galea), with random thickness and texture. About one case in five is
+left skull-stripped, like the evaluation cases.
 
 Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
 then sampled once through the composed (elastic then affine) transform, directly on a working grid
@@ -47,8 +53,7 @@ MANIFEST_COLUMNS = ("case", "flair", "mask", "centre", "disease", "lesion_ml", "
                     "slice_thickness_mm", "pixel_spacing_mm", "matrix", "skull", "seed")
 
 _LABEL_CSF, _LABEL_GM, _LABEL_WM, _LABEL_VENTRICLES, _LABEL_INFRATENTORIAL = 1, 2, 3, 4, 5
-_NILEARN_FILES = {tissue: f"mni_icbm152_{tissue}_tal_nlin_sym_09a_converted.nii.gz"
-                  for tissue in ("t1", "gm", "wm")}
+_NILEARN_FILES = {tissue: f"mni_icbm152_{tissue}_tal_nlin_sym_09a_converted.nii.gz" for tissue in ("gm", "wm")}
 _LABELS_FILE = Path("templates") / "mni152_tissue_labels.nii.gz"
 _LESIONS_DIR = Path("open_ms") / "lesion_masks_mni"
 # Room around the brain in the padded template for the skull and scalp.
@@ -131,11 +136,14 @@ class _Atlas:
         self.ventricle_centre_y = vidx[:, 1].mean()
         self.ventricle_half_length = (vidx[:, 1].max() - vidx[:, 1].min()) / 2
 
-    @functools.lru_cache(maxsize=None)
-    def real_lesions(self, path: Path) -> np.ndarray:
-        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
-        return sitk.GetArrayFromImage(sitk.Resample(image, self.reference, sitk.Transform(),
-                                                    sitk.sitkLinear, 0.0))
+    @functools.lru_cache(maxsize=8)
+    def real_lesions(self, path: Path, mirrored: bool) -> np.ndarray:
+        """A real lesion mask inside the white matter box, optionally mirrored about the MNI
+        midline x = 0 (the template is symmetric, so mirroring doubles the library)."""
+        flip = sitk.ScaleTransform(3, (-1.0, 1.0, 1.0)) if mirrored else sitk.Transform()
+        image = sitk.Resample(sitk.ReadImage(str(path), sitk.sitkUInt8), self.reference, flip,
+                              sitk.sitkNearestNeighbor, 0)
+        return sitk.GetArrayViewFromImage(image)[self.box] > 0
 
 
 @functools.lru_cache(maxsize=2)
@@ -318,11 +326,10 @@ def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, librar
     lesions = np.zeros(atlas.allowed[box].shape, np.float32)
     if disease == "synth-ms" and library:
         path = library[rng.integers(len(library))]
-        real = atlas.real_lesions(path)[box]
-        if rng.random() < 0.5:  # left-right mirror doubles the library; the template is symmetric
-            real = real[:, :, ::-1]
+        mirrored = bool(rng.random() < 0.5)
+        real = atlas.real_lesions(path, mirrored).astype(np.float32)
         lesions = np.maximum(lesions, real)
-        source = path.name.split(".")[0]
+        source = path.name.split(".")[0] + ("-mirrored" if mirrored else "")
         target = max(target - real.sum() / 1000, 0.0) * rng.uniform(0, 0.5)
     procedural = _procedural_lesions(rng, atlas, target, disease)
     lesions = np.maximum(lesions, ndimage.gaussian_filter(procedural.astype(np.float32), 0.5))
@@ -337,20 +344,18 @@ def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, librar
 
 def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, lesions: np.ndarray,
                      skull: bool) -> np.ndarray:
-    jitter = lambda: rng.uniform(0.92, 1.08)  # noqa: E731 - per-case spread around the scanner
-    wm = 1.0
-    gm = scanner["gm_ratio"] * jitter()
-    csf = scanner["csf_ratio"] * jitter()
+    """FLAIR intensities on the template grid; white matter is 1 before the scanner's scaling."""
+    gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
+    gm = scanner["gm_ratio"] * gm_jitter
+    csf = scanner["csf_ratio"] * csf_jitter
     lesion = rng.uniform(1.15, 2.0) * max(gm, 1.0)
-    image = atlas.gm * gm + atlas.wm * wm + atlas.csf * csf
+    image = atlas.gm * gm + atlas.wm + atlas.csf * csf
     box = atlas.box
     heterogeneity = 0.75 + 0.5 * _smooth_noise(rng, lesions[box].shape, 4)
     image[box] += lesions[box] * (lesion * heterogeneity - image[box])
     if skull:
         image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner)
-    else:
-        image *= atlas.icv
-    return image * np.float32(scanner["wm"] * jitter())
+    return image * np.float32(scanner["wm"] * level_jitter)
 
 
 def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.ndarray:
@@ -372,6 +377,7 @@ def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.n
 # Acquisition geometry.
 
 def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict:
+    """Where the head sits (affine template -> scan) and the oblique slice grid planned on it."""
     scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
     pitch = rng.uniform(-12, 12)
     head_rotation = _rotation(pitch, rng.uniform(-4, 4), rng.uniform(-5, 5))

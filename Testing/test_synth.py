@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from DeepWMLLib import synth
 from DeepWMLLib.cli import main as cli_main
+from DeepWMLLib.errors import DeepWMLError
 
 needs_shared = pytest.mark.skipif(
     synth.shared_data_dir() is None,
@@ -94,3 +95,15 @@ def test_cli_writes_cases_and_manifest(tmp_path, capsys):
         flair = sitk.ReadImage(str(manifest.parent / row["flair"]))
         mask = sitk.ReadImage(str(manifest.parent / row["mask"]))
         assert flair.GetSize() == mask.GetSize()
+
+
+def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
+    assert cli_main(["synth", "-n", "0", "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at least 1" in err
+
+
+def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPWML_SHARED_DATA", str(tmp_path))
+    with pytest.raises(DeepWMLError, match="DEEPWML_SHARED_DATA"):
+        synth.generate_case(0)
