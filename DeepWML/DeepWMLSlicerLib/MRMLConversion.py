@@ -1,0 +1,343 @@
+"""MRML nodes <-> SimpleITK images with exact geometry, and the few scene helpers the module needs.
+
+Slicer stores a volume's geometry as IJKToRAS; SimpleITK and DeepWMLLib use LPS:
+IJKToRAS = diag(-1, -1, 1, 1) @ IJKToLPS. Voxel arrays need no reordering: `arrayFromVolume` and
+`sitk.GetArrayFromImage` both index (k, j, i).
+
+A volume under a linear parent transform is converted as if the transform were hardened (its world
+geometry; the node itself is left alone), so results line up with what the slice views show. A
+non-linear transform, or one that shears or scales axes unevenly, cannot be represented on a voxel
+grid and is refused with a message that says to harden and resample first.
+
+Segmentations are read through Slicer's own exporter (`ExportSegmentsToLabelmapNode` onto the
+reference volume), which resamples whatever internal labelmap grid and transform the segmentation
+has onto the volume's voxel grid; labelmap volumes on another grid are resampled with SimpleITK,
+nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+
+import slicer
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.io import axial_axis, grid_difference, ijk_to_lps, read_any
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+WMH_SEGMENT_NAME = "WMH"
+WMH_COLOR = (1.0, 0.9, 0.0)
+_ORTHONORMAL_TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes
+
+
+def worldIJKToRAS(volumeNode) -> np.ndarray:
+    """The 4x4 IJK -> world RAS matrix of a volume, its linear parent transforms applied."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    ijkToRAS = slicer.util.arrayFromVTKMatrix(matrix)
+    transformNode = volumeNode.GetParentTransformNode()
+    if transformNode is None:
+        return ijkToRAS
+    if not transformNode.IsTransformToWorldLinear():
+        raise DeepWMLError(
+            f"'{volumeNode.GetName()}' is under the non-linear transform '{transformNode.GetName()}'; "
+            "harden the transform (Data module: right-click the volume, Harden transform) and try again"
+        )
+    toWorld = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToWorld(toWorld)
+    return slicer.util.arrayFromVTKMatrix(toWorld) @ ijkToRAS
+
+
+def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str) -> sitk.Image:
+    spacing = np.linalg.norm(ijkToLPS[:3, :3], axis=0)
+    if not np.all(spacing > 0):
+        raise DeepWMLError(f"'{name}' has a zero voxel spacing; fix its geometry (Volumes module, Volume information)")
+    direction = ijkToLPS[:3, :3] / spacing
+    if np.abs(direction.T @ direction - np.eye(3)).max() > _ORTHONORMAL_TOL:
+        raise DeepWMLError(
+            f"'{name}' has sheared or unevenly scaled axes (from its parent transform); harden the transform "
+            "and resample the volume (Resample Scalar/Vector/DWI Volume) before segmenting"
+        )
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin(ijkToLPS[:3, 3].tolist())
+    return image
+
+
+def imageFromVolume(volumeNode) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified)."""
+    if volumeNode is None:
+        raise DeepWMLError("no volume selected; choose the FLAIR volume first")
+    name = volumeNode.GetName()
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.GetImageData() is None:
+        raise DeepWMLError(f"'{name}' is not a scalar volume with voxels; choose a loaded FLAIR volume")
+    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise DeepWMLError(f"'{name}' has several values per voxel (vector/RGB); DeepWML needs a grey-scale FLAIR volume")
+    array = slicer.util.arrayFromVolume(volumeNode)
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
+    image = sitk.GetImageFromArray(array)  # copies the voxels
+    return _setGeometry(image, LPS_TO_RAS @ worldIJKToRAS(volumeNode), name)
+
+
+def ijkToRASFromImage(image: sitk.Image) -> np.ndarray:
+    return LPS_TO_RAS @ ijk_to_lps(image)
+
+
+def volumeFromImage(image: sitk.Image, name: str, className: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node in the scene holding a copy of `image` with its geometry."""
+    node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRASFromImage(image)))
+    return node
+
+
+def removeNode(node) -> None:
+    """Remove a node together with its display and storage nodes."""
+    if node is None or node.GetScene() is None:
+        return
+    scene = node.GetScene()
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+        if node.IsA("vtkMRMLDisplayableNode") else []
+    if node.IsA("vtkMRMLStorableNode"):
+        helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            scene.RemoveNode(helper)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentations
+
+
+def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
+    """The segments that make up the lesion mask.
+
+    `segmentId` (an ID or a name) picks one; otherwise the segment named WMH, otherwise the union of
+    all segments, which suits a rater's manual segmentation with one segment of any name.
+    """
+    segmentation = segmentationNode.GetSegmentation()
+    name = segmentationNode.GetName()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise DeepWMLError(f"segmentation '{name}' has no segments")
+    if segmentId is not None:
+        if segmentation.GetSegment(segmentId) is not None:
+            return [segmentId]
+        byName = segmentation.GetSegmentIdBySegmentName(segmentId)
+        if byName:
+            return [byName]
+        names = [segmentation.GetSegment(i).GetName() for i in ids]
+        raise DeepWMLError(f"segmentation '{name}' has no segment '{segmentId}' (it has {names})")
+    wmh = segmentation.GetSegmentIdBySegmentName(WMH_SEGMENT_NAME)
+    return [wmh] if wmh else ids
+
+
+def _stringArray(values) -> vtk.vtkStringArray:
+    array = vtk.vtkStringArray()
+    for value in values:
+        array.InsertNextValue(value)
+    return array
+
+
+def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str | None = None) -> sitk.Image:
+    """The segment(s) as a uint8 0/1 image on the reference volume's grid (world LPS)."""
+    if referenceVolumeNode is None:
+        raise DeepWMLError(f"choose the volume that '{segmentationNode.GetName()}' belongs to")
+    ids = segmentIds(segmentationNode, segmentId)
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DeepWML export")
+    labelmap.SetHideFromEditors(True)
+    try:
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, _stringArray(ids), labelmap, referenceVolumeNode)
+        if not exported or labelmap.GetImageData() is None:
+            raise DeepWMLError(
+                f"segmentation '{segmentationNode.GetName()}' cannot be exported onto '{referenceVolumeNode.GetName()}'; "
+                "check that it has a binary labelmap representation"
+            )
+        # The exporter puts the labelmap on the reference's own IJK grid and under its transform.
+        mask = imageFromVolume(labelmap)
+    finally:
+        removeNode(labelmap)
+    return sitk.Cast(mask > 0, sitk.sitkUInt8)
+
+
+def maskFromLabelmap(labelmapNode, referenceVolumeNode) -> sitk.Image:
+    """A labelmap volume's non-zero voxels as a uint8 0/1 image on the reference volume's grid."""
+    mask = sitk.Cast(imageFromVolume(labelmapNode) > 0, sitk.sitkUInt8)
+    reference = imageFromVolume(referenceVolumeNode)
+    if grid_difference(mask, reference) is None:
+        mask.CopyInformation(reference)
+        return mask
+    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def maskFromNode(node, referenceVolumeNode, segmentId: str | None = None) -> sitk.Image:
+    """A lesion mask from a segmentation node or a labelmap volume node, on the reference grid."""
+    if node is None:
+        raise DeepWMLError("no segmentation selected")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        return maskFromSegmentation(node, referenceVolumeNode, segmentId)
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return maskFromLabelmap(node, referenceVolumeNode)
+    raise DeepWMLError(f"'{node.GetName()}' is neither a segmentation nor a labelmap volume")
+
+
+def referenceVolumeOf(node):
+    """The volume a segmentation was drawn on (its reference geometry node), or None."""
+    if node is not None and node.IsA("vtkMRMLSegmentationNode"):
+        return node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+    return None
+
+
+def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode=None, name: str | None = None,
+                         segmentName: str = WMH_SEGMENT_NAME, color=WMH_COLOR):
+    """Put a 0/1 mask (on the reference volume's world grid) into a segmentation node as one segment.
+
+    A new node is created when `segmentationNode` is None; otherwise its segment `segmentName` is
+    replaced and its other segments are kept.
+    """
+    if segmentationNode is None:
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or segmentName)
+        segmentationNode.CreateDefaultDisplayNodes()
+    segmentation = segmentationNode.GetSegmentation()
+    previous = segmentation.GetSegmentIdBySegmentName(segmentName)
+    if previous:
+        segmentation.RemoveSegment(previous)
+    if referenceVolumeNode.GetParentTransformNode() is None:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
+    before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+    labelmap = volumeFromImage(sitk.Cast(mask > 0, sitk.sitkUInt8), segmentName, "vtkMRMLLabelMapVolumeNode")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
+            raise DeepWMLError(f"the {segmentName} mask could not be imported into '{segmentationNode.GetName()}'")
+    finally:
+        removeNode(labelmap)
+    added = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())
+             if segmentation.GetNthSegmentID(i) not in before]
+    if added:
+        segment = segmentation.GetSegment(added[0])
+    else:  # an empty mask imports nothing; an empty segment still says "segmented, nothing found"
+        segment = segmentation.GetSegment(segmentation.AddEmptySegment("", segmentName))
+    segment.SetName(segmentName)
+    segment.SetColor(*color)
+    return segmentationNode
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and views
+
+
+def loadVolumeFile(path: str, name: str | None = None, labelmap: bool = False):
+    """Load a volume file: through Slicer's IO manager in the application, with the volumes logic
+    (the reader that manager uses) when only slicer-core is present."""
+    properties = {"singleFile": True, "labelmap": labelmap, "show": False}
+    if name:
+        properties["name"] = name
+    if hasattr(slicer, "app"):
+        try:
+            return slicer.util.loadVolume(str(path), properties)
+        except RuntimeError:
+            _raiseWhyUnreadable(path)
+    options = (1 if labelmap else 0) | 4  # bit 0: labelmap, bit 2: this file only
+    warnings = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.SetGlobalWarningDisplay(False)  # each reader tried logs its failure; one message follows
+    try:
+        node = _standaloneVolumesLogic().AddArchetypeVolume(str(path), name or "volume", options)
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings)
+    if node is None:
+        _raiseWhyUnreadable(path)
+    return node
+
+
+def _raiseWhyUnreadable(path) -> None:
+    """DeepWMLLib's reader names the problem (truncated, empty, wrong type...) where Slicer's does not."""
+    read_any(path)
+    raise DeepWMLError(f"{path} cannot be loaded as a volume; check that it is a complete image file")
+
+
+def loadSegmentationFile(path: str):
+    """Load a .seg.nrrd file as a segmentation node."""
+    if hasattr(slicer, "app"):
+        try:
+            return slicer.util.loadSegmentation(str(path))
+        except RuntimeError as exc:
+            raise DeepWMLError(f"{path} cannot be loaded as a segmentation ({str(exc).splitlines()[-1]})") from exc
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        removeNode(node)
+        raise DeepWMLError(f"{path} cannot be loaded as a segmentation")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def writeSegmentationFile(segmentationNode, path: str) -> None:
+    """Write a segmentation node as .seg.nrrd with Slicer's segmentation storage node."""
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetScene(slicer.mrmlScene)
+    storage.SetFileName(str(path))
+    if not storage.WriteData(segmentationNode):
+        raise DeepWMLError(f"cannot write {path}; check free space and permissions")
+
+
+def sliceCenterRAS(volumeNode, sliceIndex: int) -> tuple[float, float, float]:
+    """World RAS position of the centre of axial slice `sliceIndex` (as numbered in DeepWML reports)."""
+    ijkToRAS = worldIJKToRAS(volumeNode)
+    probe = _setGeometry(sitk.Image(1, 1, 1, sitk.sitkUInt8), LPS_TO_RAS @ ijkToRAS, volumeNode.GetName())
+    index = (np.array(volumeNode.GetImageData().GetDimensions(), dtype=float) - 1) / 2
+    index[axial_axis(probe)] = sliceIndex
+    return tuple(float(v) for v in (ijkToRAS @ np.append(index, 1.0))[:3])
+
+
+def jumpSlices(ras) -> None:
+    """Centre every slice view on a RAS position."""
+    slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+
+# ---------------------------------------------------------------------------------------------
+# slicer-core without the application (batch script under plain Python, tests)
+
+_standalone = {}
+
+
+def initializeStandaloneScene():
+    """Give `slicer` a scene and the logic objects volumes and segmentations need, when only
+    slicer-core is present; returns the scene. A no-op inside the Slicer application."""
+    if getattr(slicer, "mrmlScene", None) is not None:
+        return slicer.mrmlScene
+    scene = slicer.vtkMRMLScene()
+    # Segment operations crash without a live application logic; these references keep them alive.
+    applicationLogic = slicer.vtkSlicerApplicationLogic()
+    applicationLogic.SetMRMLScene(scene)
+    logics = {"application": applicationLogic}
+    for name, className in (("Colors", "vtkSlicerColorLogic"), ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+                            ("Volumes", "vtkSlicerVolumesLogic")):
+        logic = getattr(slicer, className)()
+        logic.SetMRMLApplicationLogic(applicationLogic)
+        warnings = vtk.vtkObject.GetGlobalWarningDisplay()
+        # Without an installation the colour logic complains once that it has no colour files to load.
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings and name != "Colors")
+        logic.SetMRMLScene(scene)
+        vtk.vtkObject.SetGlobalWarningDisplay(warnings)
+        applicationLogic.SetModuleLogic(name, logic)
+        logics[name] = logic
+    applicationLogic.SetColorLogic(logics["Colors"])
+    _standalone.update(logics, scene=scene)
+    slicer.mrmlScene = scene
+    return scene
+
+
+def _standaloneVolumesLogic():
+    if _standalone.get("scene") is not slicer.mrmlScene:
+        raise DeepWMLError("no Slicer application and no standalone scene: call initializeStandaloneScene() first")
+    return _standalone["Volumes"]

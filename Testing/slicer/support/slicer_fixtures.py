@@ -1,0 +1,73 @@
+"""Fixtures for the Slicer module's tests (Testing/test_slicer_*.py import them by name).
+
+Why this folder: Testing/ is on sys.path during pytest, and slicer-core's `slicer` package imports
+every module it finds in any `slicer` folder on sys.path, so Testing/slicer/ itself must hold no
+Python module. This sub-folder has no __init__.py, which keeps it out of that scan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+MODULE_DIR = REPO / "DeepWML"
+for folder in (MODULE_DIR, Path(__file__).resolve().parent):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+import slicer  # noqa: E402
+import slicer_standins  # noqa: E402
+from DeepWMLSlicerLib import MRMLConversion  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def onnxCache(tmp_path, monkeypatch):
+    """Keep ONNX exports of throw-away test models out of the user's cache."""
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def scene(monkeypatch):
+    """A fresh standalone MRML scene as slicer.mrmlScene, with an axial 'Red' slice view node."""
+    monkeypatch.setattr(slicer, "mrmlScene", None, raising=False)
+    monkeypatch.setattr(MRMLConversion, "_standalone", {})
+    scene = MRMLConversion.initializeStandaloneScene()
+    sliceNode = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    sliceNode.SetLayoutName("Red")
+    sliceNode.SetOrientationToAxial()
+    yield scene
+    scene.Clear(1)
+
+
+@pytest.fixture
+def module(scene, monkeypatch):
+    """DeepWML.py imported with the qt/ScriptedLoadableModule stand-ins (all removed after the test)."""
+    slicer_standins.install(monkeypatch)
+    monkeypatch.delitem(sys.modules, "DeepWML", raising=False)
+    yield importlib.import_module("DeepWML")
+    sys.modules.pop("DeepWML", None)
+
+
+def blockingSegmentation(monkeypatch) -> threading.Event:
+    """Make segment_image run until cancelled, so a job is reliably still running when a test acts."""
+    import DeepWMLLib.segment
+    from DeepWMLLib.errors import Cancelled
+
+    started = threading.Event()
+
+    def segment(image, models=None, cancel=None, **options):
+        started.set()
+        deadline = time.monotonic() + 10
+        while not cancel():
+            assert time.monotonic() < deadline, "the job was never cancelled"
+            time.sleep(0.005)
+        raise Cancelled()
+
+    monkeypatch.setattr(DeepWMLLib.segment, "segment_image", segment)
+    return started
