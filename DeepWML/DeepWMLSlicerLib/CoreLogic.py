@@ -1,0 +1,351 @@
+"""What the DeepWML module does, without any GUI: segment a volume node, measure the result,
+compare it with a reference, check two raters' agreement, save the results.
+
+`DeepWMLLogic` in DeepWML.py inherits `DeepWMLCoreLogic`; the batch script uses it directly. So one
+code path serves the GUI, scripts and the tests that run on slicer-core. The numbers all come from
+DeepWMLLib; this file moves data between MRML nodes and DeepWMLLib and formats results.
+
+Dialogs (installing PyTorch or missing packages) appear only when `interactive` is True, as in
+SlicerTotalSegmentator; otherwise a missing dependency is a DeepWMLError that says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import slicer
+from DeepWMLLib.errors import Cancelled, DeepWMLError
+
+from . import MRMLConversion as mrml
+
+MODEL_FILE_CHOICE = "Model file..."
+DEFAULT_CONSENSUS_THRESHOLD = 0.85
+RUN_ATTRIBUTE = "DeepWML.run"
+# Facts about the run stored on the segmentation node, so they travel with the scene.
+RUN_KEYS = ("model", "device", "threshold", "tta", "seconds", "acquisition_plane", "warnings")
+DISCORDANT_SLICES_SHOWN = 10
+# Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
+PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
+
+
+class SegmentationJob:
+    """One inference run. `start()` runs it in a worker thread that only ever sees a SimpleITK
+    image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread."""
+
+    def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
+                 progress=None, cancel=None):
+        self.volumeNode = volumeNode
+        self.image = image
+        self.modelPaths = list(modelPaths) if modelPaths else None
+        self.device = device
+        self.threshold = threshold
+        self.tta = tta
+        self.result = None
+        self.error = None
+        self.fraction = 0.0
+        self.message = "starting"
+        self._progress = progress
+        self._cancel = cancel
+        self._cancelRequested = False
+        self._finished = threading.Event()
+
+    def start(self) -> "SegmentationJob":
+        threading.Thread(target=self.run, name="DeepWML inference", daemon=True).start()
+        return self
+
+    def run(self) -> None:
+        try:
+            from DeepWMLLib.segment import load_models, segment_image
+
+            self._report(0.0, "loading the model")
+            models = load_models(self.modelPaths)
+            self._report(0.0, "segmenting")
+            self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
+                                        tta=self.tta, progress=self._report, cancel=self.cancelRequested)
+        except BaseException as exc:  # handed over to the main thread by finishSegmentation
+            self.error = exc
+        finally:
+            self._finished.set()
+
+    def _report(self, fraction: float, message: str) -> None:
+        self.fraction, self.message = float(fraction), message
+        if self._progress is not None:
+            self._progress(self.fraction, message)
+
+    def cancel(self) -> None:
+        self._cancelRequested = True
+
+    def cancelRequested(self) -> bool:
+        return self._cancelRequested or bool(self._cancel is not None and self._cancel())
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, Cancelled)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._finished.wait(timeout)
+
+
+class DeepWMLCoreLogic:
+    def __init__(self):
+        self.interactive = False
+
+    # -----------------------------------------------------------------------------------------
+    # Dependencies
+
+    def ensureDependencies(self, torch: bool = True) -> None:
+        """Make sure PyTorch (when `torch`) and the pip packages DeepWMLLib needs are importable."""
+        if torch and importlib.util.find_spec("torch") is None:
+            self._installTorch()
+        missing = [requirement for module, requirement in PIP_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        if not missing:
+            return
+        names = " ".join(missing)
+        if not self.interactive:
+            raise DeepWMLError(f"the Python packages {names} are missing; install them in Slicer's Python console "
+                               f"with slicer.util.pip_install('{names}') or run the DeepWML module once")
+        if not slicer.util.confirmOkCancelDisplay(
+                f"DeepWML needs the Python packages {names}. Install them now? This needs an internet connection."):
+            raise DeepWMLError(f"DeepWML cannot run without {names}")
+        try:
+            slicer.util.pip_install(names)
+        except Exception as exc:  # pip fails in many ways (network, proxy, permissions)
+            raise DeepWMLError(f"installing {names} failed ({exc}); check the internet connection, or run "
+                               f"slicer.util.pip_install('{names}') in the Python console to see the details") from exc
+        importlib.invalidate_caches()
+
+    def _installTorch(self) -> None:
+        try:
+            import PyTorchUtils
+        except ImportError as exc:
+            raise DeepWMLError("DeepWML needs PyTorch: install the 'PyTorch' extension from the Extensions Manager, "
+                               "restart Slicer and try again") from exc
+        if not self.interactive:
+            raise DeepWMLError("PyTorch is not installed yet: open the PyTorch Utils module and install it, or run "
+                               "the DeepWML module once")
+        try:
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
+        except Exception as exc:  # download or pip failure inside PyTorch Utils
+            raise DeepWMLError(f"installing PyTorch failed ({exc}); open the PyTorch Utils module to install it by hand") from exc
+        if torch is None:
+            raise DeepWMLError("DeepWML cannot run without PyTorch (installation declined or failed; see the PyTorch Utils module)")
+
+    def deviceNote(self, device: str) -> str:
+        """A line for the GUI when the chosen device will not be a GPU."""
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch will be installed on first use."
+        import torch
+
+        if device == "cpu" or torch.cuda.is_available():
+            return ""
+        if device == "cuda":
+            return "No usable GPU here: choose auto or cpu."
+        return "No usable GPU: segmentation runs on the CPU (slower)."
+
+    # -----------------------------------------------------------------------------------------
+    # Models
+
+    def shippedModels(self) -> list[dict]:
+        from DeepWMLLib.segment import shipped_models
+
+        return shipped_models()
+
+    def modelChoices(self) -> list[tuple[str, str]]:
+        """(name, description) for the model selector: the default shipped model first, the others,
+        then MODEL_FILE_CHOICE for a model file of the user's."""
+        entries = sorted(self.shippedModels(), key=lambda entry: not entry.get("default"))
+        return [(entry["name"], entry.get("description", "")) for entry in entries] + \
+            [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]
+
+    def modelPaths(self, modelName: str = "", modelFile=None, ensemble: bool = False) -> list[str] | None:
+        """Model files for a GUI choice; None (no name) means the shipped default model."""
+        if ensemble:
+            return [entry["path"] for entry in self.shippedModels()]
+        if modelName == MODEL_FILE_CHOICE:
+            if not modelFile or not Path(modelFile).is_file():
+                raise DeepWMLError("choose a DeepWML model file (.pt) or pick a shipped model")
+            return [str(modelFile)]
+        if modelName:
+            for entry in self.shippedModels():
+                if entry["name"] == modelName:
+                    return [entry["path"]]
+            raise DeepWMLError(f"no shipped model named '{modelName}'")
+        return None
+
+    # -----------------------------------------------------------------------------------------
+    # Segmentation
+
+    def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False) -> SegmentationJob:
+        """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
+        self.ensureDependencies()
+        import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
+
+        return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta).start()
+
+    def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
+                      cancel=None, segmentationNode=None):
+        """Segment WMH in a volume node; returns a segmentation node with one segment 'WMH'.
+
+        `progress(fraction, message)` and `cancel()` are called in this thread; when cancel() returns
+        True, DeepWMLLib.errors.Cancelled is raised and the scene is left as it was.
+        """
+        self.ensureDependencies()
+        job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
+                              progress, cancel)
+        job.run()
+        return self.finishSegmentation(job, segmentationNode)
+
+    def finishSegmentation(self, job: SegmentationJob, segmentationNode=None):
+        """Put a finished job's mask into a segmentation node (a new one named after the volume)."""
+        if not job.done:
+            raise RuntimeError("finishSegmentation called before the job finished")
+        if job.error is not None:
+            raise job.error
+        volumeNode = job.volumeNode
+        if volumeNode.GetScene() is None:
+            raise DeepWMLError("the volume was removed from the scene while it was being segmented")
+        segmentationNode = mrml.segmentationFromMask(job.result.mask, volumeNode, segmentationNode,
+                                                     name=f"{volumeNode.GetName()} WMH")
+        run = {key: job.result.report[key] for key in RUN_KEYS if key in job.result.report}
+        segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
+        return segmentationNode
+
+    # -----------------------------------------------------------------------------------------
+    # Results
+
+    def lesionStatistics(self, segmentationNode, volumeNode, segmentId=None) -> dict:
+        """Lesion report of a segmentation on the volume's grid: volume_ml, lesion_count, slices, lesions,
+        plus the facts of the DeepWML run that made it (model, device, seconds...) when there was one."""
+        self.ensureDependencies(torch=False)
+        from DeepWMLLib.report import lesion_report
+
+        report = lesion_report(mrml.maskFromNode(segmentationNode, volumeNode, segmentId))
+        run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if segmentationNode.IsA("vtkMRMLSegmentationNode") else None
+        if run:
+            report.update(json.loads(run))
+        report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
+        return report
+
+    def compareSegmentations(self, a, b, referenceVolumeNode=None, segmentIdA=None, segmentIdB=None) -> dict:
+        """Metrics of segmentation `a` (e.g. DeepWML's) against reference `b` (e.g. manual): dice,
+        sensitivity, precision, hd95_mm, avd_percent, lesion-wise metrics and per-slice values.
+        Either may be a segmentation or a labelmap volume; both are taken on the reference volume's grid."""
+        self.ensureDependencies(torch=False)
+        from DeepWMLLib.evaluation import evaluate_case
+
+        reference = self._referenceVolume(a, b, referenceVolumeNode)
+        return evaluate_case(mrml.maskFromNode(a, reference, segmentIdA), mrml.maskFromNode(b, reference, segmentIdB))
+
+    def consensusCheck(self, a, b, threshold: float = DEFAULT_CONSENSUS_THRESHOLD, referenceVolumeNode=None) -> dict:
+        """Do two raters agree (Dice >= threshold)? Also the slices and lesions where they do not."""
+        self.ensureDependencies(torch=False)
+        from DeepWMLLib.consensus import consensus_check
+
+        reference = self._referenceVolume(a, b, referenceVolumeNode)
+        return consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
+
+    @staticmethod
+    def _referenceVolume(a, b, given):
+        for candidate in (given, mrml.referenceVolumeOf(a), mrml.referenceVolumeOf(b)):
+            if candidate is not None:
+                return candidate
+        for node in (a, b):
+            if node is not None and node.IsA("vtkMRMLLabelMapVolumeNode"):
+                return node
+        raise DeepWMLError("choose the FLAIR volume the segmentations were drawn on")
+
+    def jumpToSlice(self, volumeNode, sliceIndex: int) -> None:
+        """Centre the slice views on axial slice `sliceIndex` of the volume (numbered as in the reports)."""
+        mrml.jumpSlices(mrml.sliceCenterRAS(volumeNode, sliceIndex))
+
+    # -----------------------------------------------------------------------------------------
+    # Presenting and saving
+
+    @staticmethod
+    def sliceRecords(results: dict) -> tuple[list[str], list[dict]]:
+        """Per-slice table of the results: columns and one dict per slice worth showing.
+
+        With a consensus check: the slices either rater marked, most discordant first. Otherwise the
+        slices with lesion in the segmentation or the reference, in slice order, with LV and LV group,
+        and Dice, sensitivity and precision where a reference was compared.
+        """
+        if "consensus" in results:
+            consensus = results["consensus"]
+            order = {index: rank for rank, index in enumerate(consensus["worst_slices"])}
+            rows = sorted(consensus["slices"], key=lambda s: (order.get(s["index"], len(order)), s["index"]))
+            return ["index", "dice", "area_a_mm2", "area_b_mm2", "disagreement_mm2"], rows
+        columns = ["index", "area_mm2", "lv_ml", "lv_group"]
+        rows = {s["index"]: dict(s) for s in results.get("report", {}).get("slices", []) if s["area_mm2"] > 0}
+        if "comparison" in results:
+            columns += ["dice", "sensitivity", "precision", "reference_area_mm2"]
+            for s in results["comparison"]["slices"]:
+                row = rows.setdefault(s["index"], {"index": s["index"]})
+                row.update({key: s[key] for key in columns[4:]})
+        return columns, [rows[index] for index in sorted(rows)]
+
+    def sliceTable(self, results: dict) -> tuple[list[str], list[list[str]], list[int]]:
+        """The per-slice table as the GUI shows it: headers, rows of text, and each row's slice index."""
+        columns, records = self.sliceRecords(results)
+        titles = {"index": "Slice", "area_mm2": "Area (mm²)", "lv_ml": "LV (ml)", "lv_group": "LV group",
+                  "dice": "Dice", "sensitivity": "Sensitivity", "precision": "Precision",
+                  "reference_area_mm2": "Reference area (mm²)", "area_a_mm2": "Area A (mm²)",
+                  "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)"}
+        return ([titles[c] for c in columns], [[_text(record.get(c)) for c in columns] for record in records],
+                [record["index"] for record in records])
+
+    @staticmethod
+    def formatReport(report: dict) -> str:
+        lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {report['lesion_count']} lesions"]
+        if "model" in report:
+            models = ", ".join(report["model"]) if isinstance(report["model"], list) else report["model"]
+            lines.append(f"Model {models}, threshold {report['threshold']:.2f}, {report['device']}, "
+                         f"{report['seconds']:.1f} s")
+        lines += [f"Warning: {warning}" for warning in report.get("warnings", [])]
+        return "\n".join(lines)
+
+    @staticmethod
+    def formatComparison(comparison: dict) -> str:
+        return (f"Dice {_text(comparison['dice'])}, sensitivity {_text(comparison['sensitivity'])}, "
+                f"precision {_text(comparison['precision'])}\n"
+                f"Volume {_text(comparison['prediction_volume_ml'])} ml vs reference "
+                f"{_text(comparison['reference_volume_ml'])} ml")
+
+    @staticmethod
+    def formatConsensus(result: dict) -> str:
+        verdict = "PASS" if result["passed"] else "FAIL: re-label"
+        relation = ">=" if result["passed"] else "<"
+        lines = [f"Dice {result['dice']:.3f} {relation} {result['threshold']:.2f}: {verdict}",
+                 f"Rater A {result['volume_a_ml']:.2f} ml ({result['n_lesions_a']} lesions), "
+                 f"rater B {result['volume_b_ml']:.2f} ml ({result['n_lesions_b']} lesions)"]
+        worst = result["worst_slices"][:DISCORDANT_SLICES_SHOWN]
+        if worst:
+            lines.append("Most discordant slices: " + ", ".join(str(index) for index in worst))
+        return "\n".join(lines)
+
+    def saveResults(self, results: dict, path) -> Path:
+        """Save results shown in the GUI: .json holds everything, .csv the per-slice table."""
+        from DeepWMLLib.evaluation import write_csv, write_json
+
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            return write_json(results, path)
+        if path.suffix.lower() == ".csv":
+            columns, records = self.sliceRecords(results)
+            return write_csv(records, columns, path)
+        raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.3f}"
+    return str(value)

@@ -1,0 +1,293 @@
+"""The module's logic without GUI on real MRML nodes: segmentVolume end to end (oracle network, so
+geometry is tested independently of weights), worker-thread jobs and cancel, statistics, comparison,
+rater consensus, saving, slice jumps and dependency checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+
+import slicer  # noqa: E402
+from conftest import REPO, make_volume, oracle_network, rotation  # noqa: E402
+from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
+from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
+from DeepWMLLib.report import lesion_report  # noqa: E402
+from slicer_fixtures import blockingSegmentation, onnxCache, scene  # noqa: E402,F401 (fixtures)
+
+from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
+
+OBLIQUE = dict(direction=rotation(0.2, -0.1, 0.35), spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.65, 0.5, 6.0),))
+
+
+def dice(a: sitk.Image, b: sitk.Image) -> float:
+    x, y = sitk.GetArrayFromImage(a) > 0, sitk.GetArrayFromImage(b) > 0
+    return 2.0 * (x & y).sum() / (x.sum() + y.sum())
+
+
+def test_segment_volume_finds_the_lesion_where_it_is_on_an_oblique_thick_slice_volume(scene, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "Patient FLAIR")
+    fractions = []
+    segmentation = DeepWMLCoreLogic().segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)],
+                                                    progress=lambda f, m: fractions.append(f))
+
+    assert segmentation.GetName() == "Patient FLAIR WMH"
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert dice(mrml.maskFromSegmentation(segmentation, volume), truth) > 0.9
+    report = DeepWMLCoreLogic().lesionStatistics(segmentation, volume)
+    expected = lesion_report(truth)
+    assert report["lesion_count"] == 1
+    assert report["volume_ml"] == pytest.approx(expected["volume_ml"], rel=0.15)
+    np.testing.assert_allclose(report["lesions"][0]["centroid_mm"], expected["lesions"][0]["centroid_mm"], atol=1.0)
+    assert [s["index"] for s in report["slices"]] == [s["index"] for s in expected["slices"]]
+    assert report["device"] == "cpu" and report["model"] == ["tiny.pt"]
+
+
+def test_volume_under_a_transform_is_segmented_in_world_space(scene, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "moved")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation(0.0, 0.1, 0.5)
+    matrix[:3, 3] = (25.0, -10.0, 4.0)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+
+    segmentation = DeepWMLCoreLogic().segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    assert segmentation.GetParentTransformNode() is None
+    moved = mrml.maskFromSegmentation(segmentation, volume)  # exported onto the transformed volume's grid
+    assert dice(moved, truth) > 0.9
+    world = sitk.GetArrayFromImage(moved)
+    hardened = mrml.volumeFromImage(mrml.imageFromVolume(volume), "hardened")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, hardened)), world)
+
+
+def test_cancel_raises_and_leaves_no_segmentation(scene, tiny_model):
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    with pytest.raises(Cancelled):
+        DeepWMLCoreLogic().segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], cancel=lambda: True)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_job_runs_in_a_worker_thread_and_cancel_stops_it(scene, monkeypatch):
+    started = blockingSegmentation(monkeypatch)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    job = logic.startSegmentation(volume, device="cpu")
+    assert started.wait(5)
+    assert not job.done  # startSegmentation returned while the work goes on: the GUI stays responsive
+    job.cancel()
+    assert job.wait(5) and job.cancelled
+    with pytest.raises(Cancelled):
+        logic.finishSegmentation(job)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_rerun_into_an_existing_segmentation_replaces_only_the_wmh_segment(scene, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    segmentation = mrml.segmentationFromMask(truth * 0, volume, name="edited")
+    mrml.segmentationFromMask(truth, volume, segmentation, segmentName="ventricles")
+    result = DeepWMLCoreLogic().segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)],
+                                              segmentationNode=segmentation)
+    assert result is segmentation
+    names = sorted(segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                   for i in range(segmentation.GetSegmentation().GetNumberOfSegments()))
+    assert names == ["WMH", "ventricles"]
+    assert dice(mrml.maskFromSegmentation(segmentation, volume), truth) > 0.9
+
+
+def test_compare_matches_deepwmllib_on_the_same_masks_and_accepts_labelmaps(scene):
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    predicted = sitk.BinaryDilate(truth, [1, 1, 0])
+    prediction = mrml.segmentationFromMask(predicted, volume, name="DeepWML")
+    reference = mrml.segmentationFromMask(truth, volume, name="manual")
+    metrics = DeepWMLCoreLogic().compareSegmentations(prediction, reference, volume)
+    expected = evaluate_case(predicted, truth)
+    for key in ("dice", "sensitivity", "precision"):
+        assert metrics[key] == pytest.approx(expected[key])
+    assert metrics["sensitivity"] == 1.0 and metrics["precision"] < 0.9
+    assert [s["index"] for s in metrics["slices"]] == [s["index"] for s in expected["slices"]]
+
+    labelmap = mrml.volumeFromImage(truth, "manual labelmap", "vtkMRMLLabelMapVolumeNode")
+    # with no volume given, the labelmap's grid is the common grid
+    assert DeepWMLCoreLogic().compareSegmentations(prediction, labelmap)["dice"] == pytest.approx(expected["dice"])
+
+
+def test_consensus_check_pass_fail_threshold_and_discordant_slices(scene):
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    raterA = mrml.segmentationFromMask(truth, volume, name="rater A")
+    shrunk = sitk.BinaryErode(truth, [1, 1, 0])
+    raterB = mrml.segmentationFromMask(shrunk, volume, name="rater B")
+    logic = DeepWMLCoreLogic()
+
+    same = logic.consensusCheck(raterA, raterA, referenceVolumeNode=volume)
+    assert same["passed"] and same["dice"] == 1.0 and same["worst_slices"] == []
+    check = logic.consensusCheck(raterA, raterB, 0.85, volume)
+    assert not check["passed"] and 0 < check["dice"] < 0.85
+    lenient = logic.consensusCheck(raterA, raterB, 0.3, volume)
+    assert lenient["passed"]
+    assert "FAIL" in logic.formatConsensus(check) and "PASS" in logic.formatConsensus(lenient)
+    areas = {s["index"]: s["disagreement_mm2"] for s in check["slices"]}
+    assert check["worst_slices"][0] == max(areas, key=areas.get)
+    assert str(check["worst_slices"][0]) in logic.formatConsensus(check)
+    # the segmentations' reference volume is found without being passed
+    assert logic.consensusCheck(raterA, raterB)["dice"] == pytest.approx(check["dice"])
+
+
+def test_consensus_without_any_volume_says_what_to_choose(scene):
+    raterA = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    raterA.GetSegmentation().AddEmptySegment("", "lesion")
+    with pytest.raises(DeepWMLError, match="choose the FLAIR volume"):
+        DeepWMLCoreLogic().consensusCheck(raterA, raterA)
+
+
+def test_results_save_as_csv_table_and_json(scene, tmp_path):
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    segmentation = mrml.segmentationFromMask(truth, volume, name="seg")
+    logic = DeepWMLCoreLogic()
+    results = {"report": logic.lesionStatistics(segmentation, volume),
+               "comparison": logic.compareSegmentations(segmentation, segmentation, volume)}
+    logic.saveResults(results, tmp_path / "slices.csv")
+    rows = list(csv.DictReader(open(tmp_path / "slices.csv")))
+    lesionSlices = [s["index"] for s in results["report"]["slices"] if s["area_mm2"] > 0]
+    assert [int(r["index"]) for r in rows] == lesionSlices
+    assert {float(r["dice"]) for r in rows} == {1.0} and all(r["lv_group"].startswith("G") for r in rows)
+    logic.saveResults(results, tmp_path / "all.json")
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved["report"]["volume_ml"] == pytest.approx(results["report"]["volume_ml"])
+    with pytest.raises(DeepWMLError, match=r"\.csv.*\.json"):
+        logic.saveResults(results, tmp_path / "results.xlsx")
+
+    headers, table, slices = logic.sliceTable(results)
+    assert headers[:4] == ["Slice", "Area (mm²)", "LV (ml)", "LV group"] and slices == lesionSlices
+    assert [row[0] for row in table] == [str(k) for k in lesionSlices]
+
+
+def test_jump_to_slice_centres_the_views_on_that_slice(scene):
+    flair, _ = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    DeepWMLCoreLogic().jumpToSlice(volume, 7)
+    red = scene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    centre = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    np.testing.assert_allclose(centre, mrml.sliceCenterRAS(volume, 7), atol=1e-6)
+
+
+def test_model_choices(tmp_path):
+    logic = DeepWMLCoreLogic()
+    shipped = logic.shippedModels()
+    assert shipped and all(Path(m["path"]).is_file() for m in shipped)
+    assert logic.modelPaths() is None  # the shipped default
+    assert logic.modelPaths(shipped[0]["name"]) == [shipped[0]["path"]]
+    assert logic.modelPaths(ensemble=True) == [m["path"] for m in shipped]
+    with pytest.raises(DeepWMLError, match="choose a DeepWML model file"):
+        logic.modelPaths(MODEL_FILE_CHOICE, Path("."))
+    model = tmp_path / "mine.pt"
+    model.write_bytes(b"x")
+    assert logic.modelPaths(MODEL_FILE_CHOICE, model) == [str(model)]
+    with pytest.raises(DeepWMLError, match="no shipped model named"):
+        logic.modelPaths("nonexistent")
+
+
+def test_device_note_without_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    logic = DeepWMLCoreLogic()
+    assert logic.deviceNote("cpu") == ""
+    assert "CPU" in logic.deviceNote("auto")
+    assert "choose auto or cpu" in logic.deviceNote("cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies: asked for on first use, never at import
+
+
+def missing(monkeypatch, *modules):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else real(name, *a))
+
+
+def test_missing_pip_package_is_installed_only_after_the_user_agrees(monkeypatch):
+    missing(monkeypatch, "slicerio")
+    installed = []
+    answers = iter([False, True])
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: next(answers))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: installed.append(requirements))
+    logic = DeepWMLCoreLogic()
+    with pytest.raises(DeepWMLError, match="the Python packages slicerio are missing"):
+        logic.ensureDependencies()  # not interactive: no dialog, says what to do
+    logic.interactive = True
+    with pytest.raises(DeepWMLError, match="cannot run without slicerio"):
+        logic.ensureDependencies()
+    assert installed == []
+    logic.ensureDependencies()
+    assert installed == ["slicerio"]
+
+
+def test_failed_pip_install_gives_a_clear_message(monkeypatch):
+    missing(monkeypatch, "scipy")
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True)
+
+    def fail(requirements):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(slicer.util, "pip_install", fail)
+    logic = DeepWMLCoreLogic()
+    logic.interactive = True
+    with pytest.raises(DeepWMLError, match="installing scipy failed.*network unreachable"):
+        logic.ensureDependencies()
+
+
+def test_missing_torch_goes_through_pytorch_utils(monkeypatch):
+    missing(monkeypatch, "torch")
+    logic = DeepWMLCoreLogic()
+    logic.interactive = True
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension not installed
+    with pytest.raises(DeepWMLError, match="install the 'PyTorch' extension"):
+        logic.ensureDependencies()
+    asked = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation):
+            asked.append(askConfirmation)
+            return None  # the user declined
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    with pytest.raises(DeepWMLError, match="cannot run without PyTorch"):
+        logic.ensureDependencies()
+    assert asked == [True]
+    logic.interactive = False
+    with pytest.raises(DeepWMLError, match="PyTorch is not installed yet"):
+        logic.ensureDependencies()
+    assert asked == [True]
+    logic.ensureDependencies(torch=False)  # statistics and comparisons need no torch
+
+
+def test_importing_the_logic_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'DeepWML'); import DeepWMLSlicerLib.CoreLogic; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
