@@ -1,0 +1,378 @@
+"""DeepWML: white matter hyperintensity segmentation on FLAIR MRI (3D Slicer scripted module).
+
+The module is deliberately thin: the widget binds GUI to the parameter node and shows results,
+`DeepWMLSlicerLib.CoreLogic.DeepWMLCoreLogic` moves data between MRML nodes and DeepWMLLib, and DeepWMLLib does
+everything numeric.
+"""
+
+import pathlib
+from typing import Annotated, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from DeepWMLSlicerLib import MRMLConversion
+from DeepWMLSlicerLib.CoreLogic import DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, DeepWMLCoreLogic
+
+POLL_INTERVAL_MS = 200
+SEGMENT_TEXT = "Segment WMH"
+CANCEL_TEXT = "Cancel"
+
+
+class DeepWML(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "DeepWML"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepWML contributors"]
+        self.parent.helpText = """
+Segments white matter hyperintensities (WMH) on a FLAIR volume with a 2D U-Net (DeepWML), reports
+total lesion volume, lesion count and lesion volume per axial slice, compares the result with a
+manual reference (Dice, sensitivity, precision) and checks two raters' agreement (Dice >= 0.85).
+Not a medical device: review every result.
+"""
+        self.parent.acknowledgementText = """
+Method: Zhang et al., DeepWML (2021). Module layout follows SlicerNNUNet, SlicerMONAIAuto3DSeg and
+SlicerTotalSegmentator.
+"""
+
+
+@parameterNodeWrapper
+class DeepWMLParameterNode:
+    """GUI state, saved with the scene. modelName is a shipped model's name, MODEL_FILE_CHOICE for
+    `modelFile`, or empty for the shipped default model."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelName: str = ""
+    modelFile: pathlib.Path
+    ensemble: bool = False
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    useModelThreshold: bool = True
+    threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
+    tta: bool = False
+    outputSegmentation: vtkMRMLSegmentationNode
+    referenceSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    raterB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    consensusThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_CONSENSUS_THRESHOLD
+
+
+class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._results = {}
+        self._tableSlices = []
+        self._deviceNoteFor = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepWML.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DeepWMLLogic()
+        self.logic.interactive = True
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollJob)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.showStatisticsButton.connect("clicked(bool)", self.onShowStatistics)
+        self.ui.compareButton.connect("clicked(bool)", self.onCompare)
+        self.ui.consensusButton.connect("clicked(bool)", self.onConsensus)
+        self.ui.saveResultsButton.connect("clicked(bool)", self.onSaveResults)
+        self.ui.sliceTable.connect("itemSelectionChanged()", self.onSliceSelected)
+
+        with slicer.util.tryWithErrorDisplay("Cannot list the shipped DeepWML models."):
+            for name, description in self.logic.modelChoices():
+                self.ui.modelComboBox.addItem(name)
+                self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        self.ui.modelComboBox.currentIndex = max(self.ui.modelComboBox.findText(p.modelName), 0)
+        self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE and not p.ensemble
+        self.ui.modelComboBox.enabled = not p.ensemble
+        self.ui.thresholdSliderWidget.enabled = not p.useModelThreshold
+        if self._deviceNoteFor != p.device:
+            self._deviceNoteFor = p.device
+            with slicer.util.tryWithErrorDisplay("Cannot check the device."):
+                self.ui.deviceNoteLabel.text = self.logic.deviceNote(p.device)
+        running = self._job is not None
+        self.ui.applyButton.text = CANCEL_TEXT if running else SEGMENT_TEXT
+        self.ui.applyButton.enabled = running or bool(p.inputVolume)
+        self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
+        self.ui.compareButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.referenceSegmentation)
+        self.ui.consensusButton.enabled = bool(p.raterA and p.raterB)
+        self.ui.saveResultsButton.enabled = bool(self._results)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.modelName = self.ui.modelComboBox.itemText(index)
+
+    # -----------------------------------------------------------------------------------------
+    # Segmentation (worker thread, polled)
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+            self._job = self.logic.startSegmentation(
+                p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
+                threshold=None if p.useModelThreshold else p.threshold, tta=p.tta)
+            self.ui.progressBar.value = 0
+            self._timer.start()
+            self.updateGUIFromParameterNode()
+
+    def onPollJob(self) -> None:
+        job = self._job
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.statusLabel.text = job.message
+        if not job.done:
+            return
+        self._timer.stop()
+        self._job = None
+        self.updateGUIFromParameterNode()
+        p = self._parameterNode
+        if job.cancelled or p is None:  # cancelled by the user, or the scene was closed meanwhile
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        with slicer.util.tryWithErrorDisplay("Segmentation failed."):
+            p.outputSegmentation = self.logic.finishSegmentation(job, p.outputSegmentation)
+            slicer.util.setSliceViewerLayers(background=job.volumeNode)
+            self.ui.statusLabel.text = "Done."
+            self.onShowStatistics()
+
+    # -----------------------------------------------------------------------------------------
+    # Results
+
+    def onShowStatistics(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics."):
+            results = {"report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume)}
+            self._showResults(results, self.logic.sliceTable(results))
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+
+    def onCompare(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference."):
+            results = {
+                "report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume),
+                "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
+                                                              p.inputVolume),
+            }
+            self._showResults(results, self.logic.sliceTable(results))
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+            self.ui.comparisonLabel.text = self.logic.formatComparison(results["comparison"])
+
+    def onConsensus(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot check the raters' agreement."):
+            results = {"consensus": self.logic.consensusCheck(p.raterA, p.raterB, p.consensusThreshold, p.inputVolume)}
+            self._showResults(results, self.logic.sliceTable(results))
+            self.ui.consensusLabel.text = self.logic.formatConsensus(results["consensus"])
+
+    def _showResults(self, results: dict, table) -> None:
+        """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row)."""
+        self._results = results
+        headers, rows, self._tableSlices = table
+        view = self.ui.sliceTable
+        view.clearContents()
+        view.setColumnCount(len(headers))
+        view.setHorizontalHeaderLabels(headers)
+        view.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row):
+                view.setItem(r, c, qt.QTableWidgetItem(text))
+        self.updateGUIFromParameterNode()
+
+    def onSliceSelected(self) -> None:
+        row = self.ui.sliceTable.currentRow()
+        volumeNode = self._parameterNode.inputVolume
+        if volumeNode is None or not 0 <= row < len(self._tableSlices):
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot show that slice."):
+            self.logic.jumpToSlice(volumeNode, self._tableSlices[row])
+
+    def onSaveResults(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(None, "Save DeepWML results", "deepwml_results.csv",
+                                              "Per-slice table (*.csv);;All results (*.json)")
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot save the results."):
+            self.logic.saveResults(self._results, path)
+
+
+class DeepWMLLogic(ScriptedLoadableModuleLogic, DeepWMLCoreLogic):
+    """Usable from the Python console and scripts without the GUI, e.g.
+
+        logic = DeepWMLLogic()
+        segmentation = logic.segmentVolume(getNode("FLAIR"))
+        print(logic.lesionStatistics(segmentation, getNode("FLAIR"))["volume_ml"])
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        DeepWMLCoreLogic.__init__(self)
+
+    def getParameterNode(self):
+        return DeepWMLParameterNode(super().getParameterNode())
+
+
+class DeepWMLTest(ScriptedLoadableModuleTest):
+    """Self-test on a synthetic oblique FLAIR volume; needs no download.
+
+    `modelPaths` None runs the shipped default model; the pytest suite sets a tiny model to stay fast.
+    """
+
+    modelPaths = None
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_and_measure()
+        self.setUp()
+        self.test_compare_and_consensus()
+        self.setUp()
+        self.test_cancel_leaves_scene_unchanged()
+
+    def _syntheticFlair(self):
+        """A tilted head-like volume of thick axial slices with one bright lesion; returns (node, lesion RAS)."""
+        import numpy as np
+
+        shape = (12, 64, 56)  # k, j, i
+        k, j, i = np.indices(shape)
+        head = ((i - 27.5) / 24) ** 2 + ((j - 31.5) / 28) ** 2 < 1
+        flair = np.where(head, 300.0, 10.0) + np.random.default_rng(0).normal(0, 5, shape)
+        lesion = ((i - 35) ** 2 + (j - 25) ** 2 < 16) & (abs(k - 6) <= 1)
+        flair[lesion] = 900.0
+        node = slicer.util.addVolumeFromArray(flair.astype(np.float32), name="Synthetic FLAIR")
+        angle = np.deg2rad(12)
+        directions = np.array([[-np.cos(angle), np.sin(angle), 0], [-np.sin(angle), -np.cos(angle), 0], [0, 0, 1]])
+        ijkToRAS = np.eye(4)
+        ijkToRAS[:3, :3] = directions * np.array([0.9, 0.9, 5.0])
+        ijkToRAS[:3, 3] = (20.0, -15.0, -30.0)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRAS))
+        centre = ijkToRAS @ np.append(np.argwhere(lesion).mean(axis=0)[::-1], 1.0)
+        return node, centre[:3], int(lesion.sum())
+
+    def test_segment_and_measure(self):
+        import SimpleITK as sitk
+
+        volumeNode, _, _ = self._syntheticFlair()
+        logic = DeepWMLLogic()
+        fractions = []
+        segmentation = logic.segmentVolume(volumeNode, device="cpu", modelPaths=self.modelPaths,
+                                           progress=lambda fraction, message: fractions.append(fraction))
+        self.assertEqual(segmentation.GetName(), "Synthetic FLAIR WMH")
+        self.assertTrue(segmentation.GetSegmentation().GetSegmentIdBySegmentName("WMH"))
+        self.assertEqual(fractions[-1], 1.0)
+        report = logic.lesionStatistics(segmentation, volumeNode)
+        self.assertEqual(report["device"], "cpu")
+        self.assertEqual([s["index"] for s in report["slices"]], list(range(12)))
+        mask = MRMLConversion.maskFromSegmentation(segmentation, volumeNode)
+        self.assertEqual(mask.GetSize(), (56, 64, 12))
+        voxels = int(sitk.GetArrayViewFromImage(mask).sum())
+        self.assertAlmostEqual(report["volume_ml"], voxels * 0.9 * 0.9 * 5.0 / 1000, places=5)
+
+    def test_compare_and_consensus(self):
+        volumeNode, lesionRAS, lesionVoxels = self._syntheticFlair()
+        logic = DeepWMLLogic()
+        image = MRMLConversion.imageFromVolume(volumeNode)
+        truth = MRMLConversion.segmentationFromMask(image > 800, volumeNode, name="Manual")
+        report = logic.lesionStatistics(truth, volumeNode)
+        self.assertEqual(report["lesion_count"], 1)
+        self.assertAlmostEqual(report["volume_ml"], lesionVoxels * 0.9 * 0.9 * 5.0 / 1000, places=5)
+        centroidLPS = report["lesions"][0]["centroid_mm"]
+        for got, expected in zip((-centroidLPS[0], -centroidLPS[1], centroidLPS[2]), lesionRAS):
+            self.assertAlmostEqual(got, expected, delta=0.05)
+        same = logic.compareSegmentations(truth, truth, volumeNode)
+        self.assertEqual((same["dice"], same["sensitivity"], same["precision"]), (1.0, 1.0, 1.0))
+        empty = MRMLConversion.segmentationFromMask(image > 1e9, volumeNode, name="Empty")
+        check = logic.consensusCheck(truth, empty, 0.85, volumeNode)
+        self.assertFalse(check["passed"])
+        self.assertEqual(check["worst_slices"], [5, 6, 7])
+        logic.jumpToSlice(volumeNode, 6)
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            centre = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, 3]
+            self.assertAlmostEqual(centre[2], lesionRAS[2], places=3)
+
+    def test_cancel_leaves_scene_unchanged(self):
+        from DeepWMLLib.errors import Cancelled
+
+        volumeNode, _, _ = self._syntheticFlair()
+        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+        with self.assertRaises(Cancelled):
+            DeepWMLLogic().segmentVolume(volumeNode, device="cpu", modelPaths=self.modelPaths, cancel=lambda: True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)

@@ -1,0 +1,155 @@
+"""DeepWML.py itself, on real MRML nodes with the qt/ScriptedLoadableModule stand-ins: module metadata,
+the module's own self-test, and the widget's wiring (Segment WMH / Cancel with progress, results,
+per-slice table and slice jumps, reference comparison, rater consensus, saving)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+
+import slicer  # noqa: E402
+import slicer_standins  # noqa: E402
+from conftest import make_volume, oracle_network, rotation  # noqa: E402
+from slicer_fixtures import blockingSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
+
+from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
+
+
+def test_module_metadata(module):
+    parent = type("Parent", (), {})()
+    module.DeepWML(parent)
+    assert parent.title == "DeepWML" and parent.categories == ["Segmentation"]
+    assert "WMH" in parent.helpText
+
+
+def test_the_modules_self_test_passes(module, tiny_model):
+    test = module.DeepWMLTest()
+    test.modelPaths = [str(tiny_model)]
+    test.runTest()
+
+
+def test_the_modules_self_test_runs_the_shipped_default_model(module):
+    module.DeepWMLTest().test_segment_and_measure()
+
+
+@pytest.fixture
+def widget(module, scene, monkeypatch):
+    flair, truth = make_volume(direction=rotation(0.15, 0.0, -0.3), spacing=(0.9, 0.9, 5.0),
+                               blobs=((0.3, 0.6, 0.5, 6.0),))
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    widget = module.DeepWMLWidget()
+    widget.setup()
+    widget.truth, widget.volume = truth, volume
+    yield widget
+    widget.cleanup()  # as Slicer does when the module is closed: observers off, job cancelled
+    if widget._job is not None:
+        widget._job.wait(10)
+
+
+def finishJob(widget) -> None:
+    """What the QTimer does while the job runs: poll until the worker thread is done."""
+    job = widget._job
+    assert job is not None and widget._timer.active
+    assert job.wait(30)
+    widget._timer.fire()
+    assert not widget._timer.active
+
+
+def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
+    ui, p = widget.ui, widget._parameterNode
+    assert p.inputVolume is widget.volume  # the first volume in the scene is preselected
+    shipped = widget.logic.shippedModels()
+    names = [m["name"] for m in shipped]
+    assert sorted(ui.modelComboBox.items[:-1]) == sorted(names) and ui.modelComboBox.items[-1] == module.MODEL_FILE_CHOICE
+    default = next((m["name"] for m in shipped if m.get("default")), names[0])
+    assert ui.modelComboBox.items[0] == default and ui.modelComboBox.currentIndex == 0
+    assert ui.applyButton.text == "Segment WMH" and ui.applyButton.enabled
+    assert not ui.compareButton.enabled and not ui.consensusButton.enabled and not ui.saveResultsButton.enabled
+    ui.modelComboBox.currentIndex = len(names)
+    assert p.modelName == module.MODEL_FILE_CHOICE and ui.modelFilePathLineEdit.visible
+    p.useModelThreshold = False
+    assert ui.thresholdSliderWidget.enabled
+
+
+def test_segment_button_runs_in_background_shows_progress_and_results(widget, module, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert ui.applyButton.text == "Cancel"
+    finishJob(widget)
+
+    assert ui.applyButton.text == "Segment WMH" and ui.progressBar.value == 100
+    segmentation = p.outputSegmentation
+    assert segmentation.GetName() == "FLAIR WMH"
+    assert "Total lesion volume" in ui.resultsLabel.text and "1 lesions" in ui.resultsLabel.text
+    report = widget.logic.lesionStatistics(segmentation, widget.volume)
+    lesionSlices = [s["index"] for s in report["slices"] if s["area_mm2"] > 0]
+    assert [row[0].text for row in ui.sliceTable.rows] == [str(k) for k in lesionSlices]
+    assert ui.sliceTable.headers[:4] == ["Slice", "Area (mm²)", "LV (ml)", "LV group"]
+    composite = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    ui.applyButton.click()  # a second run writes into the same segmentation node
+    finishJob(widget)
+    assert p.outputSegmentation is segmentation
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert composite.GetBackgroundVolumeID() == widget.volume.GetID()  # shown over the FLAIR
+
+    ui.sliceTable.selectRow(len(lesionSlices) - 1)
+    red = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    centre = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, lesionSlices[-1]), atol=1e-6)
+
+
+def test_cancel_button_stops_the_run(widget, monkeypatch):
+    started = blockingSegmentation(monkeypatch)
+    ui = widget.ui
+    ui.applyButton.click()
+    assert started.wait(5)
+    widget._timer.fire()  # a poll while running changes nothing
+    assert ui.applyButton.text == "Cancel"
+    ui.applyButton.click()
+    assert ui.statusLabel.text == "Cancelling..."
+    finishJob(widget)
+    assert ui.statusLabel.text == "Cancelled." and ui.applyButton.text == "Segment WMH"
+    assert widget._parameterNode.outputSegmentation is None
+
+
+def test_errors_reach_the_error_display_and_the_button_recovers(widget, module):
+    p = widget._parameterNode
+    p.modelName = module.MODEL_FILE_CHOICE  # but no model file chosen
+    with pytest.raises(Exception, match="choose a DeepWML model file"):
+        widget.ui.applyButton.click()  # tryWithErrorDisplay shows it, then re-raises (testing mode)
+    assert widget._job is None and widget.ui.applyButton.text == "Segment WMH"
+
+
+def test_compare_consensus_and_save_from_the_gui(widget, tmp_path):
+    ui, p = widget.ui, widget._parameterNode
+    truth = widget.truth
+    p.outputSegmentation = mrml.segmentationFromMask(sitk.BinaryDilate(truth, [1, 1, 0]), widget.volume, name="auto")
+    p.referenceSegmentation = mrml.segmentationFromMask(truth, widget.volume, name="manual")
+    assert ui.compareButton.enabled
+    ui.compareButton.click()
+    assert ui.comparisonLabel.text.startswith("Dice 0.") and "sensitivity 1.000" in ui.comparisonLabel.text
+    assert "Dice" in ui.sliceTable.headers and ui.saveResultsButton.enabled
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "comparison.csv")
+    ui.saveResultsButton.click()
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert rows and all(float(r["sensitivity"]) == 1.0 for r in rows)
+
+    p.raterA, p.raterB = p.referenceSegmentation, p.outputSegmentation
+    p.consensusThreshold = 0.99
+    ui.consensusButton.click()
+    assert "FAIL" in ui.consensusLabel.text and "Most discordant slices" in ui.consensusLabel.text
+    assert ui.sliceTable.headers[-1] == "Disagreement (mm²)"
+    p.consensusThreshold = 0.2
+    ui.consensusButton.click()
+    assert "PASS" in ui.consensusLabel.text
+    slicer_standins.QFileDialog.nextPath = ""  # the user cancels the file dialog
+    ui.saveResultsButton.click()
