@@ -1,0 +1,154 @@
+"""Segment every FLAIR volume in a folder with the DeepWML module's logic, on MRML nodes.
+
+    Slicer --no-main-window --python-script DeepWML/Scripts/segment_batch.py \\
+        --input-dir IN --output-dir OUT [--device auto|cpu|cuda] [--reference-dir REF] [--model FILE ...]
+
+It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
+
+Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) and DICOM series folder in IN is a case; its
+name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz and
+CASE_report.json (the same names as `deepwml segment`), and summary.csv with one row per case. With
+--reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
+label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
+and the summary. One failing case never stops the others. Exit status: 0 when every case succeeded
+or was skipped, 1 when any failed, 2 for a usage error.
+"""
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# The module folder (source checkout) or qt-scripted-modules (installed extension) holds DeepWMLSlicerLib.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import slicer  # noqa: E402
+from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
+from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
+from DeepWMLLib import io  # noqa: E402
+from DeepWMLLib.errors import DeepWMLError  # noqa: E402
+
+SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "dice", "sensitivity",
+                   "precision", "reference", "seconds"]
+
+
+def parseArguments(argv):
+    parser = argparse.ArgumentParser(prog="segment_batch.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input-dir", required=True, type=Path, help="folder of FLAIR volumes (one case each)")
+    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the results (created if needed)")
+    parser.add_argument("--reference-dir", type=Path, help="folder of reference (manual) masks, matched by case name")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--model", nargs="+", metavar="FILE",
+                        help="model file(s); several make an ensemble. Default: the shipped default model")
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
+    return parser.parse_args(argv)
+
+
+def findReference(referenceDir: Path, case: str):
+    """REF/CASE.<ext>, else the only REF/CASE_*.<ext>; None when there is none."""
+    candidates = sorted(p for p in referenceDir.iterdir() if p.is_file() and io.is_image_file(p))
+    exact = [p for p in candidates if io.case_name(p) == case]
+    if exact:
+        return exact[0]
+    prefixed = [p for p in candidates if io.case_name(p).startswith(case + "_")]
+    if len(prefixed) > 1:
+        raise DeepWMLError(f"several references match {case!r} ({', '.join(p.name for p in prefixed)}); "
+                           f"name the right one {case}.nii.gz")
+    return prefixed[0] if prefixed else None
+
+
+def loadFlair(path: Path, case: str):
+    if path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
+        return mrml.volumeFromImage(io.read_image(path), case)
+    return mrml.loadVolumeFile(str(path), case)
+
+
+def loadReference(path: Path):
+    if path.name.lower().endswith(io.SEGMENTATION_EXTENSION):
+        return mrml.loadSegmentationFile(str(path))
+    return mrml.loadVolumeFile(str(path), io.case_name(path) + " reference", labelmap=True)
+
+
+def segmentCase(logic, case: str, path: Path, args) -> dict:
+    from DeepWMLLib.evaluation import write_json
+    from DeepWMLLib.segment import output_paths
+
+    paths = output_paths(args.output_dir, case, False)
+    existing = [p.name for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+    reference = findReference(args.reference_dir, case) if args.reference_dir else None
+    nodes = []
+    try:
+        volumeNode = loadFlair(path, case)
+        nodes.append(volumeNode)
+        segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
+                                               threshold=args.threshold, tta=args.tta)
+        nodes.append(segmentationNode)
+        report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
+        row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"]}
+        if reference is not None:
+            referenceNode = loadReference(reference)
+            nodes.append(referenceNode)
+            comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
+            report.update(reference=str(reference), comparison=comparison)
+            row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
+        io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
+        io.write_image(mrml.maskFromSegmentation(segmentationNode, volumeNode), paths["mask"])
+        write_json(report, paths["report"])
+    finally:
+        for node in nodes:
+            mrml.removeNode(node)
+    return {"status": "ok", "error": "", **row}
+
+
+def main(argv) -> int:
+    args = parseArguments(argv)
+    mrml.initializeStandaloneScene()
+    from DeepWMLLib.evaluation import write_csv
+    from DeepWMLLib.segment import expand_inputs
+
+    logic = DeepWMLCoreLogic()
+    try:
+        if not args.input_dir.is_dir():
+            raise DeepWMLError(f"input folder {args.input_dir} does not exist")
+        if args.reference_dir is not None and not args.reference_dir.is_dir():
+            raise DeepWMLError(f"reference folder {args.reference_dir} does not exist")
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        logic.ensureDependencies()
+    except (DeepWMLError, OSError) as exc:
+        print(f"segment_batch: error: {exc}", file=sys.stderr)
+        return 1
+    rows = []
+    for case, path in expand_inputs([str(args.input_dir)]):
+        start = time.perf_counter()
+        try:
+            row = segmentCase(logic, case, path, args)
+        except Exception as exc:  # one bad case never stops the others
+            if args.debug:
+                traceback.print_exc()
+            message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+            row = {"status": "error", "error": message}
+        row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
+        rows.append(row)
+        detail = f"{row['volume_ml']:.2f} ml, {row['lesion_count']} lesions" if row["status"] == "ok" else row["error"]
+        print(f"{case}: {row['status']} - {detail}", flush=True)
+    write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
+    failed = sum(row["status"] == "error" for row in rows)
+    print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {args.output_dir / 'summary.csv'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    try:
+        status = main(sys.argv[1:])
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        status = exc.code
+    if hasattr(slicer, "app"):
+        slicer.util.exit(status)  # leaves Slicer's event loop with this status
+    else:
+        sys.exit(status)

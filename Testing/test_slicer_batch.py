@@ -1,0 +1,134 @@
+"""DeepWML/Scripts/segment_batch.py: the Slicer batch entry, run under plain Python with slicer-core
+(as a process, the way Slicer runs it, and in-process for the finer cases)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+
+from conftest import REPO, make_volume, oracle_network, rotation  # noqa: E402
+from DeepWMLLib import io  # noqa: E402
+from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
+from slicer_fixtures import onnxCache, scene  # noqa: E402,F401 (fixtures)
+
+SCRIPT = REPO / "DeepWML" / "Scripts" / "segment_batch.py"
+
+
+def summary(folder: Path) -> dict:
+    return {row["case"]: row for row in csv.DictReader(open(folder / "summary.csv"))}
+
+
+def writeCase(folder: Path, name: str, **geometry):
+    flair, truth = make_volume(**geometry)
+    sitk.WriteImage(flair, str(folder / name))
+    return flair, truth
+
+
+@pytest.fixture
+def batchScript():
+    spec = importlib.util.spec_from_file_location("segment_batch", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed(tmp_path, tiny_model):
+    inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    inputs.mkdir()
+    references.mkdir()
+    flair, truth = writeCase(inputs, "p01.nrrd", direction=rotation(0.2, -0.1, 0.3), spacing=(0.9, 0.9, 5.0))
+    sitk.WriteImage(truth, str(references / "p01_manual.nii.gz"))
+    (inputs / "p02.nii.gz").write_bytes(b"not an image")
+    environment = dict(os.environ, DEEPWML_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--input-dir", str(inputs), "--output-dir", str(out),
+                           "--reference-dir", str(references), "--model", str(tiny_model), "--device", "cpu"],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    rows = summary(out)
+    assert rows["p01"]["status"] == "ok" and rows["p02"]["status"] == "error"
+    assert "p02.nii.gz" in rows["p02"]["error"]
+    assert "p01: ok" in done.stdout and "1/2 cases done" in done.stdout
+
+    mask = io.read_mask(out / "p01_wmh.nii.gz", reference=flair)  # on the input's grid
+    fromSlicer = io.read_segmentation(out / "p01.seg.nrrd", "WMH")
+    onGrid = sitk.Resample(fromSlicer, flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(onGrid), sitk.GetArrayFromImage(mask))
+    report = json.loads((out / "p01_report.json").read_text())
+    expected = evaluate_case(mask, truth)
+    assert report["comparison"]["dice"] == pytest.approx(expected["dice"])
+    assert float(rows["p01"]["dice"]) == pytest.approx(expected["dice"], abs=1e-5)
+    assert report["volume_ml"] == pytest.approx(sitk.GetArrayFromImage(mask).sum() * 0.9 * 0.9 * 5.0 / 1000)
+    assert rows["p01"]["reference"].endswith("p01_manual.nii.gz")
+
+
+def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    _, truth = writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.mha", direction=rotation(0.0, 0.0, 1.2))
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 0
+    rows = summary(out)
+    assert {rows["a"]["status"], rows["b"]["status"]} == {"ok"}
+    assert rows["a"]["dice"] == ""  # no reference folder, no metrics
+    mask = sitk.GetArrayFromImage(io.read_mask(out / "a_wmh.nii.gz"))
+    assert 2 * (mask & sitk.GetArrayFromImage(truth)).sum() / (mask.sum() + sitk.GetArrayFromImage(truth).sum()) > 0.9
+    assert float(rows["a"]["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text())["volume_ml"])
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # every case's nodes are removed
+
+    assert batchScript.main(arguments) == 0
+    assert {row["status"] for row in summary(out).values()} == {"skipped"}
+    assert "use --overwrite" in capsys.readouterr().out
+    assert batchScript.main(arguments + ["--overwrite"]) == 0
+    assert {row["status"] for row in summary(out).values()} == {"ok"}
+
+
+def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    inputs.mkdir()
+    references.mkdir()
+    _, truth = writeCase(inputs, "exact.nii.gz")
+    writeCase(inputs, "twice.nii.gz")
+    writeCase(inputs, "none.nii.gz")
+    sitk.WriteImage(truth, str(references / "exact.nii.gz"))
+    io.write_segmentation(truth, references / "twice_rater1.seg.nrrd")
+    sitk.WriteImage(truth, str(references / "twice_rater2.nii.gz"))
+    sitk.WriteImage(truth, str(references / "exact_other.nii.gz"))  # the exact name wins over prefixes
+    status = batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--reference-dir",
+                               str(references), "--model", str(tiny_model), "--device", "cpu"])
+    rows = summary(out)
+    assert status == 1
+    assert rows["exact"]["reference"].endswith("ref/exact.nii.gz") and float(rows["exact"]["dice"]) > 0.9
+    assert rows["twice"]["status"] == "error" and "several references match 'twice'" in rows["twice"]["error"]
+    assert rows["none"]["status"] == "ok" and rows["none"]["dice"] == ""
+
+
+def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    oracle_network(monkeypatch)
+    inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    inputs.mkdir()
+    references.mkdir()
+    _, truth = writeCase(inputs, "c.nii.gz", direction=rotation(0.3, 0.0, 0.0))
+    io.write_segmentation(truth, references / "c.seg.nrrd")
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--reference-dir",
+                             str(references), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    assert float(summary(out)["c"]["dice"]) > 0.9
+
+    assert batchScript.main(["--input-dir", str(tmp_path / "missing"), "--output-dir", str(out)]) == 1
+    assert "input folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        batchScript.main(["--output-dir", str(out)])
+    assert usage.value.code == 2
