@@ -1,8 +1,8 @@
 """DeepWML: white matter hyperintensity segmentation on FLAIR MRI (3D Slicer scripted module).
 
 The module is deliberately thin: the widget binds GUI to the parameter node and shows results,
-`DeepWMLSlicerLib.CoreLogic.DeepWMLCoreLogic` moves data between MRML nodes and DeepWMLLib, and DeepWMLLib does
-everything numeric.
+`DeepWMLSlicerLib.CoreLogic.DeepWMLCoreLogic` moves data between MRML nodes and DeepWMLLib, and
+DeepWMLLib does everything numeric.
 """
 
 import pathlib
@@ -308,7 +308,9 @@ class DeepWMLTest(ScriptedLoadableModuleTest):
         self.test_cancel_leaves_scene_unchanged()
 
     def _syntheticFlair(self):
-        """A tilted head-like volume of thick axial slices with one bright lesion; returns (node, lesion RAS)."""
+        """A tilted head-like volume of thick axial slices with one bright lesion.
+
+        Returns the volume node, the lesion's centre (RAS) and its number of voxels."""
         import numpy as np
 
         shape = (12, 64, 56)  # k, j, i
@@ -322,7 +324,7 @@ class DeepWMLTest(ScriptedLoadableModuleTest):
         directions = np.array([[-np.cos(angle), np.sin(angle), 0], [-np.sin(angle), -np.cos(angle), 0], [0, 0, 1]])
         ijkToRAS = np.eye(4)
         ijkToRAS[:3, :3] = directions * np.array([0.9, 0.9, 5.0])
-        ijkToRAS[:3, 3] = (20.0, -15.0, -30.0)
+        ijkToRAS[:3, 3] = (20.0, -15.0, -27.0)
         node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRAS))
         centre = ijkToRAS @ np.append(np.argwhere(lesion).mean(axis=0)[::-1], 1.0)
         return node, centre[:3], int(lesion.sum())

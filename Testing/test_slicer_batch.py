@@ -72,7 +72,8 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     assert rows["p01"]["reference"].endswith("p01_manual.nii.gz")
 
 
-def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, tmp_path, monkeypatch, tiny_model,
+                                                            capsys):
     oracle_network(monkeypatch)
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()

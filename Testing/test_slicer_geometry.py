@@ -206,7 +206,8 @@ def test_segment_choice_wmh_by_name_else_union_of_all(scene):
     wmh = sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, volume)).sum()
     assert wmh == sitk.GetArrayFromImage(truth).sum()
     assert sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, volume, "vessel")).sum() == 1
-    segmentation.GetSegmentation().GetSegment(segmentation.GetSegmentation().GetSegmentIdBySegmentName("WMH")).SetName("rater 1")
+    segments = segmentation.GetSegmentation()
+    segments.GetSegment(segments.GetSegmentIdBySegmentName("WMH")).SetName("rater 1")
     assert sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, volume)).sum() == wmh + 1
     with pytest.raises(DeepWMLError, match="no segment 'lesion'"):
         mrml.maskFromSegmentation(segmentation, volume, "lesion")

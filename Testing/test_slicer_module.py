@@ -67,7 +67,8 @@ def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
     assert p.inputVolume is widget.volume  # the first volume in the scene is preselected
     shipped = widget.logic.shippedModels()
     names = [m["name"] for m in shipped]
-    assert sorted(ui.modelComboBox.items[:-1]) == sorted(names) and ui.modelComboBox.items[-1] == module.MODEL_FILE_CHOICE
+    assert sorted(ui.modelComboBox.items[:-1]) == sorted(names)
+    assert ui.modelComboBox.items[-1] == module.MODEL_FILE_CHOICE
     default = next((m["name"] for m in shipped if m.get("default")), names[0])
     assert ui.modelComboBox.items[0] == default and ui.modelComboBox.currentIndex == 0
     assert ui.applyButton.text == "Segment WMH" and ui.applyButton.enabled

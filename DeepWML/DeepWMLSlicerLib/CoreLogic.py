@@ -105,7 +105,8 @@ class DeepWMLCoreLogic:
         """Make sure PyTorch (when `torch`) and the pip packages DeepWMLLib needs are importable."""
         if torch and importlib.util.find_spec("torch") is None:
             self._installTorch()
-        missing = [requirement for module, requirement in PIP_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        missing = [requirement for module, requirement in PIP_PACKAGES.items()
+                   if importlib.util.find_spec(module) is None]
         if not missing:
             return
         names = " ".join(missing)
@@ -134,9 +135,11 @@ class DeepWMLCoreLogic:
         try:
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True)
         except Exception as exc:  # download or pip failure inside PyTorch Utils
-            raise DeepWMLError(f"installing PyTorch failed ({exc}); open the PyTorch Utils module to install it by hand") from exc
+            raise DeepWMLError(f"installing PyTorch failed ({exc}); open the PyTorch Utils module to install it "
+                               "by hand") from exc
         if torch is None:
-            raise DeepWMLError("DeepWML cannot run without PyTorch (installation declined or failed; see the PyTorch Utils module)")
+            raise DeepWMLError("DeepWML cannot run without PyTorch (installation declined or failed; "
+                               "see the PyTorch Utils module)")
 
     def deviceNote(self, device: str) -> str:
         """A line for the GUI when the chosen device will not be a GPU."""
@@ -183,7 +186,8 @@ class DeepWMLCoreLogic:
     # -----------------------------------------------------------------------------------------
     # Segmentation
 
-    def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False) -> SegmentationJob:
+    def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
+                          tta=False) -> SegmentationJob:
         """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
         self.ensureDependencies()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)

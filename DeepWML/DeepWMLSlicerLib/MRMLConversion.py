@@ -77,7 +77,8 @@ def imageFromVolume(volumeNode) -> sitk.Image:
     if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.GetImageData() is None:
         raise DeepWMLError(f"'{name}' is not a scalar volume with voxels; choose a loaded FLAIR volume")
     if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise DeepWMLError(f"'{name}' has several values per voxel (vector/RGB); DeepWML needs a grey-scale FLAIR volume")
+        raise DeepWMLError(f"'{name}' has several values per voxel (vector/RGB); "
+                           "DeepWML needs a grey-scale FLAIR volume")
     array = slicer.util.arrayFromVolume(volumeNode)
     if array.ndim != 3 or min(array.shape) < 1:
         raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
@@ -158,7 +159,8 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
             segmentationNode, _stringArray(ids), labelmap, referenceVolumeNode)
         if not exported or labelmap.GetImageData() is None:
             raise DeepWMLError(
-                f"segmentation '{segmentationNode.GetName()}' cannot be exported onto '{referenceVolumeNode.GetName()}'; "
+                f"segmentation '{segmentationNode.GetName()}' cannot be exported onto "
+                f"'{referenceVolumeNode.GetName()}'; "
                 "check that it has a binary labelmap representation"
             )
         # The exporter puts the labelmap on the reference's own IJK grid and under its transform.

@@ -38,9 +38,11 @@ def scene(monkeypatch):
     monkeypatch.setattr(slicer, "mrmlScene", None, raising=False)
     monkeypatch.setattr(MRMLConversion, "_standalone", {})
     scene = MRMLConversion.initializeStandaloneScene()
-    sliceNode = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    sliceNode = slicer.vtkMRMLSliceNode()
     sliceNode.SetLayoutName("Red")
+    sliceNode.SetSingletonTag("Red")  # like the application's view nodes, it survives scene.Clear()
     sliceNode.SetOrientationToAxial()
+    scene.AddNode(sliceNode)
     yield scene
     scene.Clear(1)
 
