@@ -63,6 +63,9 @@ class TorchRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.out_of_memory = (torch.cuda.OutOfMemoryError,)
 
+    def release_memory(self) -> None:
+        self.torch.cuda.empty_cache()
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
@@ -82,6 +85,9 @@ class OnnxRunner:
 
     name = "onnxruntime"
     out_of_memory = ()
+
+    def release_memory(self) -> None:
+        pass
 
     def __init__(self, loaded: LoadedModel, threads: int | None = None):
         import onnxruntime as ort
@@ -163,7 +169,7 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
             if tta:  # left-right flip: the brain is roughly symmetric, the network's errors are not
                 probabilities = (probabilities + _sigmoid(runner(np.ascontiguousarray(batch[..., ::-1])))[..., ::-1]) / 2
         except runner.out_of_memory:
-            runner.torch.cuda.empty_cache()
+            runner.release_memory()
             if batch_size > 1:
                 batch_size //= 2
                 warnings.warn(f"GPU out of memory: batch size reduced to {batch_size}", stacklevel=2)

@@ -47,6 +47,25 @@ def index_to_lps(points_ijk: np.ndarray, image: sitk.Image) -> np.ndarray:
     return np.asarray(points_ijk, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def _sizes_and_centroids(labels: np.ndarray, count: int, voxels_per_chunk: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel count and centroid (numpy k, j, i) of labels 1..count, a few slices at a time.
+
+    ndimage.center_of_mass builds float64 copies of the whole volume per axis; this keeps memory
+    to a few slices however large the scan or the lesion load.
+    """
+    sizes = np.zeros(count + 1)
+    sums = np.zeros((3, count + 1))
+    chunk = max(1, voxels_per_chunk // max(1, labels[0].size))
+    for k0 in range(0, labels.shape[0], chunk):
+        block = labels[k0:k0 + chunk]
+        flat = np.flatnonzero(block)
+        ids = block.ravel()[flat]
+        sizes += np.bincount(ids, minlength=count + 1)
+        for axis, index in enumerate(np.unravel_index(flat, block.shape)):
+            sums[axis] += np.bincount(ids, weights=index + (k0 if axis == 0 else 0), minlength=count + 1)
+    return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T
+
+
 def lesion_table(mask: sitk.Image) -> list[dict]:
     """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range."""
     array = sitk.GetArrayViewFromImage(mask) > 0  # numpy (k, j, i)
@@ -55,8 +74,7 @@ def lesion_table(mask: sitk.Image) -> list[dict]:
         return []
     frame_axis = 2 - axial_axis(mask)
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    centroids_kji = np.array(ndimage.center_of_mass(array, labels, np.arange(1, count + 1)), dtype=float).reshape(-1, 3)
+    sizes, centroids_kji = _sizes_and_centroids(labels, count)
     centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
     extents = ndimage.find_objects(labels)
     order = np.argsort(-sizes, kind="stable")
