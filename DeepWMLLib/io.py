@@ -204,15 +204,27 @@ def read_any(path: str | os.PathLike) -> sitk.Image:
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented."""
-    image = sitk.Cast(read_any(path), sitk.sitkFloat32)
+    return check_volume(sitk.Cast(read_any(path), sitk.sitkFloat32), str(path))
+
+
+def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
+    """Refuse an in-memory volume that cannot be segmented (files get the same checks on reading)."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB); "
+                           "DeepWML needs a single-channel (grey-scale) FLAIR volume")
+    if image.GetDimension() != 3:
+        raise DeepWMLError(f"{name} is a {image.GetDimension()}D image; DeepWML needs a 3D FLAIR volume")
     array = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = int(array.size - np.count_nonzero(finite))
-        raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
+    if array.size == 0:
+        raise DeepWMLError(f"{name} has no voxels")
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(array.size - np.count_nonzero(finite))
+            raise DeepWMLError(f"{name} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
-        raise DeepWMLError(f"{path} is constant (every voxel is {lo:g}); it holds no image — check the export")
+        raise DeepWMLError(f"{name} is constant (every voxel is {lo:g}); it holds no image — check the export")
     return image
 
 

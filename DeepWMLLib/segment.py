@@ -75,6 +75,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     from .report import lesion_report
 
     start = time.perf_counter()
+    io.check_volume(image)
     models = list(models) if models else load_models()
     if threshold is None:
         threshold = float(np.mean([m.threshold for m in models]))

@@ -224,7 +224,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
 
 def test_readme_table_matches():
     """README's bad-input table lists exactly the rows tested here."""
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## What happens with bad inputs", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| input", "| ---"))]
     documented = [line.split("|")[1].strip() for line in rows]

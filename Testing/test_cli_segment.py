@@ -50,7 +50,7 @@ def test_outputs_on_input_grid(tmp_path, tiny_model, monkeypatch, capsys):
     assert prob.GetPixelID() == sitk.sitkFloat32 and io.grid_difference(prob, truth) is None
     p = sitk.GetArrayFromImage(prob)
     assert p.min() >= 0 and p.max() <= 1
-    report = json.loads((out / "oblique_case_report.json").read_text())
+    report = json.loads((out / "oblique_case_report.json").read_text(encoding="utf-8"))
     for key in ("case", "input", "volume_ml", "lesion_count", "slices", "lesions", "model", "device", "seconds"):
         assert key in report
     true_ml = sitk.GetArrayFromImage(truth).sum() * np.prod(truth.GetSpacing()) / 1000
@@ -100,7 +100,7 @@ def test_ensemble_and_tta_run(tmp_path):
     path, _ = write_case(tmp_path, "e", size=(32, 32, 4))
     out = tmp_path / "out"
     assert main(["segment", str(path), "-o", str(out), "--model", *models, "--tta", "--device", "cpu"]) == 0
-    report = json.loads((out / "e_report.json").read_text())
+    report = json.loads((out / "e_report.json").read_text(encoding="utf-8"))
     assert report["model"] == ["m0.pt", "m1.pt"] and report["tta"] is True
 
 

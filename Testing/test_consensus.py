@@ -88,7 +88,7 @@ def test_cli_prints_the_verdict_and_exits_zero_on_fail(tmp_path, capsys):
                  "--json", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "FAIL" in out and "lesions drawn by rater A only: 1" in out and "rater B only: none" in out
-    data = json.loads((tmp_path / "c.json").read_text())
+    data = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
     assert {"dice", "threshold", "passed", "slices", "unmatched_lesions_a", "unmatched_lesions_b"} <= set(data)
     assert set(data["slices"][0]) >= {"index", "dice", "area_a_mm2", "area_b_mm2"}
     assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--threshold", "0.5"]) == 0
@@ -125,5 +125,5 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
     assert rows["disagree"]["n_unmatched_lesions_a"] == "1" and rows["disagree"]["worst_slice"] == "3"
     assert "does not exist" in rows["broken"]["error"] and rows["broken"]["dice"] == ""
     assert (out / "relabel.txt").read_text() == "disagree\n"
-    details = json.loads((out / "consensus.json").read_text())
+    details = json.loads((out / "consensus.json").read_text(encoding="utf-8"))
     assert details["relabel"] == ["disagree"] and details["failed"][0]["case"] == "broken"

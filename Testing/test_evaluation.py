@@ -123,11 +123,11 @@ def test_cohort_writes_the_papers_tables_statistics_figures_and_report(cohort, t
 
     for name in ("fig3_by_disease.png", "fig3_by_centre.png", "fig4_by_lv_group.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     for text in ("Table 2", "Per lesion-volume group", "Kruskal-Wallis", "![fig4_by_lv_group.png]",
                  "**missing**", "**other_grid**"):
         assert text in report
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert len(summary["cases"]) == 7 and len(summary["failed"]) == 2
     assert not [p for p in out.iterdir() if ".part" in p.name]  # atomic writes leave no temporary files
 
@@ -145,14 +145,14 @@ def test_groups_too_small_for_a_test_are_reported_not_crashed(tmp_path):
     notes = [s["note"] for s in summary["statistics"]]
     assert any("not run: needs 2 groups" in n for n in notes)
     assert any("needs at least 3 values" in n for n in notes)
-    report = (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "not run" in report and "| overall | all | 1 | 2 |" in report
 
 
 def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
     (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
-    report = (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "Cases evaluated: 0 of 1" in report and "No figure" in report
 
 
@@ -169,7 +169,7 @@ def test_single_case_json_has_the_documented_keys_and_null_for_undefined(tmp_pat
             "--probabilities", str(tmp_path / "prob.nii.gz"), "--json", str(tmp_path / "m.json")]
     assert main(args) == 0
     assert "Dice" in capsys.readouterr().out
-    result = json.loads((tmp_path / "m.json").read_text())
+    result = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     for key in ("dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1",
                 "lesionwise", "slices", "roc_auc"):
         assert key in result

