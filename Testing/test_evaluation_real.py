@@ -79,7 +79,7 @@ def test_perturbations_move_the_metrics_the_way_they_must(per_case, cohort):
     assert removed["precision"] == 1.0 and removed["lesionwise_precision"] == 1.0
     assert removed["lesionwise_recall"] == pytest.approx((n - 1) / n)
 
-    report = (cohort["out"] / "evaluation" / "report.md").read_text()
+    report = (cohort["out"] / "evaluation" / "report.md").read_text(encoding="utf-8")
     assert "Cases evaluated: 5 of 5" in report and "Kruskal-Wallis" in report
 
 
