@@ -96,7 +96,7 @@ def tiny_models(tmp_path_factory):
 )
 def test_output_grid_always_equals_input_grid(tiny_models, angles, spacing, size, flip, origin):
     direction = rotation(*angles) @ (np.diag([-1.0, 1.0, 1.0]) if flip else np.eye(3))
-    image, _ = make_volume(size=size, spacing=spacing, direction=direction, origin=origin)
+    image, _ = make_volume(size=size, spacing=spacing, direction=direction, origin=origin, blobs=((0.5, 0.5, 0.5, 1.0),))
     result = segment_image(image, tiny_models, device="cpu")
     assert io.grid_difference(result.mask, image) is None
     assert io.grid_difference(result.probabilities, image) is None

@@ -15,8 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
-# median Dice over the 3 cases, per slice thickness (mm): floor = measured - 0.03
-DICE_FLOORS = {5: None, 8: None}
+# median Dice over the 3 cases per slice thickness (mm), measured for the model card
+# (1 mm 0.196, 5 mm 0.253, 8 mm 0.188); floor = measured - 0.03
+DICE_FLOORS = {1: 0.166, 5: 0.223, 8: 0.158}
 
 
 @pytest.mark.shared
@@ -35,4 +36,4 @@ def test_shipped_model_dice_on_real_1mm(shared_data):
     from labelled_cases import evaluate
 
     rows = evaluate(None, thicknesses=(1,))
-    assert np.median([r["dice"] for r in rows]) >= DICE_FLOORS.get(1, 0.0)
+    assert np.median([r["dice"] for r in rows]) >= DICE_FLOORS[1]

@@ -95,7 +95,7 @@ def format_row(row: dict) -> str:
             f"{f(row['lesion_recall'])} | {f(row['lesion_f1'])} | {row['seconds']:.1f} |")
 
 
-HEADER = ("| case | slices | reference ml | predicted ml | Dice | sensitivity | precision | HD95 mm | AVD % | "
+HEADER = ("| case | slice thickness | reference ml | predicted ml | Dice | sensitivity | precision | HD95 mm | AVD % | "
           "lesion recall | lesion F1 | seconds |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
