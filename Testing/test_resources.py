@@ -103,3 +103,11 @@ def test_output_grid_always_equals_input_grid(tiny_models, angles, spacing, size
     assert result.mask.GetSize() == image.GetSize()
     prob = sitk.GetArrayViewFromImage(result.probabilities)
     assert np.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1
+
+
+def test_three_hundred_slices_go_through(tiny_models):
+    """A 300-slice (1 mm, 3D-acquired) volume is segmented slice-wise in chunks, every slice reported."""
+    image, _ = make_volume(size=(48, 48, 300), spacing=(1.0, 1.0, 1.0))
+    result = segment_image(image, tiny_models, device="cpu")
+    assert io.grid_difference(result.mask, image) is None
+    assert len(result.report["slices"]) == 300
