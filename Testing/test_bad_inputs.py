@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib.cli import main
 
-from conftest import REPO, make_volume, rotation, tiny_model_file
+from conftest import REPO, make_volume, tiny_model_file
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
