@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError
-from .evaluation import case_error, make_output_dir, read_manifest, write_csv, write_json
+from .evaluation import case_error, make_output_dir, read_manifest, report_failed_cases, write_csv, write_json
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -185,11 +185,7 @@ def run(args) -> int:
               f"{len(summary['relabel'])} need re-labelling"
               + (f" ({', '.join(summary['relabel'])})" if summary["relabel"] else ""))
         print(f"results: {Path(args.output) / 'consensus.csv'}")
-        if summary["failed"]:
-            print(f"{len(summary['failed'])} case(s) could not be checked: "
-                  + "; ".join(f"{c['case']}: {c['error']}" for c in summary["failed"]), file=sys.stderr)
-            return 1
-        return 0
+        return report_failed_cases(summary["failed"], "could not be checked")
     if not (args.rater_a and args.rater_b):
         raise DeepWMLError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:

@@ -135,6 +135,14 @@ def make_output_dir(out_dir: str | os.PathLike) -> Path:
     return out
 
 
+def report_failed_cases(failed: list[dict], verb: str) -> int:
+    """One stderr line naming the cohort cases that failed; the exit code of a cohort command."""
+    if not failed:
+        return 0
+    print(f"{len(failed)} case(s) {verb}: " + "; ".join(f"{c['case']}: {c['error']}" for c in failed), file=sys.stderr)
+    return 1
+
+
 def case_error(exc: Exception) -> str:
     """One line describing why a case of a cohort failed."""
     if isinstance(exc, DeepWMLError):
@@ -588,11 +596,7 @@ def run(args) -> int:
               f"{_median_iqr(overall, 'image_dice')}, sensitivity {_median_iqr(overall, 'image_sensitivity')}, "
               f"precision {_median_iqr(overall, 'image_precision')}")
         print(f"report: {Path(args.output) / 'report.md'}")
-        if summary["failed"]:
-            print(f"{len(summary['failed'])} case(s) failed: "
-                  + "; ".join(f"{c['case']}: {c['error']}" for c in summary["failed"]), file=sys.stderr)
-            return 1
-        return 0
+        return report_failed_cases(summary["failed"], "failed")
     if not (args.prediction and args.reference):
         raise DeepWMLError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
     if args.output:
