@@ -133,7 +133,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     e2e = []
     for _ in range(repeat):
         start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        proc = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env)
         e2e.append(time.perf_counter() - start)
         if proc.returncode != 0:
             raise RuntimeError(f"deepwml segment failed: {proc.stderr.strip()[-300:]}")

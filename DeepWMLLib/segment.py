@@ -232,7 +232,7 @@ class ProgressBar:
         status = row["status"]
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
-        self.stream.write(f"{row['case']}: {status} — {detail}\n")
+        self.stream.write(f"{row['case']}: {status} - {detail}\n")
         for warning in row.get("warnings", []):
             self.stream.write(f"{row['case']}: warning: {warning}\n")
         self.stream.flush()

@@ -159,7 +159,7 @@ def test_cuda_request_without_gpu_is_a_clear_error(tmp_path, tiny_model, capsys)
 def test_console_script_runs_as_a_process(tmp_path, tiny_model):
     path, _ = write_case(tmp_path, "p", size=(32, 32, 4))
     proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(tmp_path / "o"),
-                           "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+                           "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "1/1 cases done" in proc.stderr
 
@@ -192,8 +192,8 @@ def test_segment_with_warm_cache_does_not_import_torch(tmp_path, tiny_model):
         "assert main(args) == 0\n"
         "print('torch' in sys.modules)\n"
     )
-    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     assert first.stdout.strip() == "True"  # cold cache: the model is read with torch and exported
     assert second.stdout.strip() == "False"

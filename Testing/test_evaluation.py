@@ -223,5 +223,5 @@ def test_cancel_stops_a_cohort(cohort, tmp_path):
 def test_metrics_commands_import_neither_torch_nor_matplotlib():
     code = ("import sys, DeepWMLLib.evaluation, DeepWMLLib.consensus, DeepWMLLib.metrics; "
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert out.stdout.strip() == "[]"

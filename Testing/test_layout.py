@@ -17,12 +17,12 @@ def test_library_never_imports_slicer_qt_vtk_ctk():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('slicer', 'qt', 'vtk', 'ctk', 'vtkmodules')]\n"
         "assert not bad, bad\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_cli_help_lists_every_command():
-    proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "--help"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0
     for command in ("segment", "evaluate", "consensus", "synth", "train", "bench"):
         assert command in proc.stdout

@@ -75,7 +75,7 @@ def test_memory_bounded_for_a_large_matrix(tmp_path):
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
         "sys.exit(code)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr[-1000:]
     peak_mb = int(proc.stdout.strip().splitlines()[-1])
     assert peak_mb < 3500, f"peak {peak_mb} MB"

@@ -53,7 +53,7 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     environment = dict(os.environ, DEEPWML_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(SCRIPT), "--input-dir", str(inputs), "--output-dir", str(out),
                            "--reference-dir", str(references), "--model", str(tiny_model), "--device", "cpu"],
-                          capture_output=True, text=True, env=environment, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=environment, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     rows = summary(out)
     assert rows["p01"]["status"] == "ok" and rows["p02"]["status"] == "error"

@@ -289,5 +289,5 @@ def test_importing_the_logic_does_not_import_torch():
 
     code = ("import sys; sys.path.insert(0, 'DeepWML'); import DeepWMLSlicerLib.CoreLogic; "
             "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout
     assert out.strip().splitlines()[-1] == "False"

@@ -335,7 +335,7 @@ def test_torchrun_with_two_cpu_processes(dataset, tmp_path):
                "-m", "DeepWMLLib.train", str(dataset), "--run-dir", str(run), "--base-channels", "4", "--depth", "2",
                "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none", "--epochs", "1", "--batch-size", "4",
                "--samples-per-epoch", "16", "--device", "cpu"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=240,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("best.pt") == 1  # only rank 0 reports and writes
