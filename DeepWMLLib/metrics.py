@@ -59,7 +59,6 @@ from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from . import io
 from .errors import DeepWMLError
@@ -76,6 +75,14 @@ SIZE_CLASSES = ("small", "medium", "large")
 SIZE_UNITS = ("voxels", "mm3")
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as the challenge's components
+
+
+def _ndimage():
+    """scipy.ndimage, imported on first use: `deepwml segment` needs only `lv_group` from here,
+    and importing scipy.ndimage costs about half a second."""
+    from scipy import ndimage
+
+    return ndimage
 
 
 def lv_group(lv_ml: float) -> str:
@@ -272,7 +279,7 @@ class MaskPair:
         plane[2 - self.axial_axis] = 1
         structure[tuple(plane)] = True
         crop = mask[box]
-        eroded = ndimage.binary_erosion(crop, structure=structure, border_value=1)
+        eroded = _ndimage().binary_erosion(crop, structure=structure, border_value=1)
         boundary = np.argwhere(crop & ~eroded) + lo
         # A mask filling whole slices has no in-plane boundary: then every voxel stands for it.
         return boundary if len(boundary) else found
@@ -293,11 +300,11 @@ class MaskPair:
 
     @cached_property
     def reference_components(self) -> tuple[np.ndarray, int]:
-        return ndimage.label(self.reference, structure=_FULL_CONNECTIVITY)
+        return _ndimage().label(self.reference, structure=_FULL_CONNECTIVITY)
 
     @cached_property
     def prediction_components(self) -> tuple[np.ndarray, int]:
-        return ndimage.label(self.prediction, structure=_FULL_CONNECTIVITY)
+        return _ndimage().label(self.prediction, structure=_FULL_CONNECTIVITY)
 
     @staticmethod
     def _sizes_and_overlap(labels: np.ndarray, n: int, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +395,7 @@ class MaskPair:
         owner = labels[voxels]
         centres = np.stack([np.bincount(owner, weights=axis, minlength=n + 1)[lonely] for axis in voxels], axis=1)
         centres /= sizes[lonely - 1][:, None]
-        extents = ndimage.find_objects(labels)
+        extents = _ndimage().find_objects(labels)
         axis = 2 - self.axial_axis
         rows = []
         for label, centre in zip(lonely, self.physical_points(centres)):

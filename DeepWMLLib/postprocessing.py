@@ -7,17 +7,23 @@ slices" means the ends of the axial axis whatever order the file stores its axes
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+import SimpleITK as sitk
 
-# 26-connectivity in 3D, as the report and the challenge's lesion counts use.
-CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
 DEFAULT_MIN_LESION_MM3 = 5.0
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    labels, count = ndimage.label(mask > 0, structure=CONNECTIVITY_26)
-    return labels, int(count)
+    """26-connected components of a 3D mask, labelled 1..count in raster order (int32).
+
+    The same labels as scipy.ndimage.label with a full 3×3×3 structure; SimpleITK does it
+    without importing scipy, which alone would add half a second to every `deepwml segment`.
+    """
+    binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
+    if binary.ndim != 3:
+        raise ValueError(f"label_components needs a 3D mask, got {binary.ndim}D")
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary), True)).astype(np.int32)
+    return labels, int(labels.max(initial=0))
 
 
 def remove_small_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3: float) -> np.ndarray:

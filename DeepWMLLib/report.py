@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
 from .metrics import lv_group
@@ -66,6 +65,21 @@ def _sizes_and_centroids(labels: np.ndarray, count: int, voxels_per_chunk: int =
     return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T
 
 
+def _axis_extents(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: int = 2_000_000):
+    """First and last index along `axis` of labels 1..count (arrays of length count)."""
+    first = np.full(count + 1, np.iinfo(np.int64).max)
+    last = np.full(count + 1, -1)
+    chunk = max(1, voxels_per_chunk // max(1, labels[0].size))
+    for k0 in range(0, labels.shape[0], chunk):
+        block = labels[k0:k0 + chunk]
+        flat = np.flatnonzero(block)
+        ids = block.ravel()[flat]
+        position = np.unravel_index(flat, block.shape)[axis] + (k0 if axis == 0 else 0)
+        np.minimum.at(first, ids, position)
+        np.maximum.at(last, ids, position)
+    return first[1:], last[1:]
+
+
 def lesion_table(mask: sitk.Image) -> list[dict]:
     """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range."""
     array = sitk.GetArrayViewFromImage(mask) > 0  # numpy (k, j, i)
@@ -76,17 +90,16 @@ def lesion_table(mask: sitk.Image) -> list[dict]:
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
     sizes, centroids_kji = _sizes_and_centroids(labels, count)
     centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
-    extents = ndimage.find_objects(labels)
+    first, last = _axis_extents(labels, count, frame_axis)
     order = np.argsort(-sizes, kind="stable")
     rows = []
     for rank, j in enumerate(order, start=1):
-        extent = extents[j][frame_axis]
         rows.append({
             "id": rank,
             "volume_ml": round(float(sizes[j]) * voxel_ml, 6),
             "voxels": int(sizes[j]),
             "centroid_mm": [round(float(v), 2) for v in centroids_lps[j]],
-            "slice_range": [int(extent.start), int(extent.stop - 1)],
+            "slice_range": [int(first[j]), int(last[j])],
         })
     return rows
 

@@ -112,6 +112,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     skip_bad_cases: bool = False
+    init: str | None = None  # start from the weights of this model file (fine-tuning); same architecture
 
     @classmethod
     def coerce(cls, config: "dict | TrainConfig") -> "TrainConfig":
@@ -136,6 +137,8 @@ class TrainConfig:
         self.manifest = str(Path(self.manifest).expanduser().resolve())
         if self.split:
             self.split = str(Path(self.split).expanduser().resolve())
+        if self.init:
+            self.init = str(Path(self.init).expanduser().resolve())
         try:
             self.architecture = validate_config(self.architecture)
             self.preprocessing = PreprocessingConfig.from_dict(self.preprocessing).to_dict()
@@ -827,6 +830,8 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
             _write_history(run_dir / "history.csv", state["history"])
             log.info("resuming %s after epoch %d", run_dir, state["epoch"])
     else:
+        if cfg.init:
+            _initialise_from(model, cfg)
         state = _new_state(model, optimizer, scheduler, scaler, cfg)
     net = model
     if dist_ctx.world > 1:
@@ -913,6 +918,23 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     return best_file
 
 
+def _initialise_from(model, cfg: TrainConfig) -> None:
+    """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning)."""
+    from .checkpoint import load_model
+
+    if not Path(cfg.init).is_file():
+        raise DeepWMLError(f"--init {cfg.init}: no such model file")
+    source = load_model(cfg.init)
+    if source.config != cfg.architecture:
+        raise DeepWMLError(f"--init {cfg.init} has architecture {source.config}, but this run asks for "
+                           f"{cfg.architecture}; give the same --base-channels/--depth/--batch-norm")
+    if source.preprocessing.to_dict() != cfg.preprocessing:
+        log.warning("--init %s was trained with preprocessing %s; this run uses %s", cfg.init,
+                    source.preprocessing.to_dict(), cfg.preprocessing)
+    model.load_state_dict(source.model.state_dict())
+    log.info("starting from the weights of %s", cfg.init)
+
+
 def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, device, world: int) -> None:
     import torch
 
@@ -931,6 +953,10 @@ def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, de
         "world_size": world,
         "torch_version": str(torch.__version__),
     }
+    if cfg.init:
+        from .checkpoint import file_digest
+
+        provenance["initialised_from"] = {"file": Path(cfg.init).name, "sha256": file_digest(cfg.init)}
     save_model(path, model, cfg.architecture, cfg.preprocessing, cfg.threshold, provenance)
 
 
@@ -1021,6 +1047,7 @@ def register(subparsers) -> None:
     g.add_argument("--base-channels", type=int, help="channels of the first level (paper 64)")
     g.add_argument("--depth", type=int, help="poolings (paper 4)")
     g.add_argument("--batch-norm", action="store_true", default=None, help="BatchNorm after each convolution")
+    g.add_argument("--init", metavar="MODEL", help="start from this model file's weights (fine-tuning; same architecture)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="epochs (paper 200)")
     g.add_argument("--batch-size", type=int, help="slices per step and process (default 8)")
@@ -1070,7 +1097,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     config["manifest"] = args.manifest
     for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
                 "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble", "device",
-                "threads", "skip_bad_cases"):
+                "threads", "skip_bad_cases", "init"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if args.no_amp:

@@ -179,8 +179,9 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
 
 
-def test_segment_with_warm_cache_does_not_import_torch(tmp_path, tiny_model):
-    """Start-up time matters for short jobs: the ONNX path never needs torch once the model was seen."""
+def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model):
+    """Start-up time matters for short jobs: the ONNX path never needs torch once the model was seen,
+    and segmentation never needs scipy (its ndimage import alone costs about half a second)."""
     pytest.importorskip("onnxruntime")
     path, _ = write_case(tmp_path, "t", size=(32, 32, 4))
     env_cache = tmp_path / "cache"
@@ -190,10 +191,10 @@ def test_segment_with_warm_cache_does_not_import_torch(tmp_path, tiny_model):
         "from DeepWMLLib.cli import main\n"
         f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite']\n"
         "assert main(args) == 0\n"
-        "print('torch' in sys.modules)\n"
+        "print('torch' in sys.modules, 'scipy' in sys.modules)\n"
     )
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
-    assert first.stdout.strip() == "True"  # cold cache: the model is read with torch and exported
-    assert second.stdout.strip() == "False"
+    assert first.stdout.strip() == "True False"  # cold cache: the model is read with torch and exported
+    assert second.stdout.strip() == "False False"

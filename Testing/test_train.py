@@ -350,7 +350,8 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     args = build_parser().parse_args(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--base-channels", "16",
                                       "--depth", "3", "--batch-norm", "--grid-size", "192", "--grid-spacing", "none",
                                       "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
-                                      "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3"])
+                                      "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3",
+                                      "--init", "base.pt"])
     config, run = training.config_from_args(args)
     assert run == tmp_path / "r"
     cfg = training.TrainConfig.coerce(config)
@@ -359,6 +360,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     assert (cfg.patch_size, cfg.lesion_fraction, cfg.early_stopping_patience, cfg.ensemble) == (96, 0.7, 20, 3)
     assert cfg.augmentation["rotate_deg"] == 5 and cfg.augmentation["scale"] == [0.8, 1.2]
     assert not cfg.augmentation["flip"] and cfg.augmentation["noise_std"] is None
+    assert cfg.init == str(Path("base.pt").resolve())
     with pytest.raises(DeepWMLError, match="multiple of 8"):
         training.TrainConfig.coerce(dict(config, patch_size=100))
 
@@ -382,3 +384,29 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     assert main(["train", "--export", str(best), str(tmp_path / "small.pt"), "--fp16"]) == 0
     payload = torch.load(tmp_path / "small.pt", weights_only=True)
     assert payload["state_dict"]["head.weight"].dtype == torch.float16
+
+
+def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
+    _, best = trained
+    source_dice = float(checkpoint.load_model(best).provenance["metrics"]["val_dice"])
+    assert source_dice > 0.5
+    # A learning rate this small leaves the weights where they start: from the model, validation
+    # is about as good as the model's own; from scratch it is not.
+    tuned = training.train(tiny_config(dataset, epochs=1, learning_rate=1e-9, init=str(best)), tmp_path / "tuned")
+    fresh = training.train(tiny_config(dataset, epochs=1, learning_rate=1e-9), tmp_path / "fresh")
+    tuned_dice = float(read_history(tmp_path / "tuned")[0]["val_dice"])
+    fresh_dice = float(read_history(tmp_path / "fresh")[0]["val_dice"])
+    assert tuned_dice > source_dice - 0.15 and tuned_dice > fresh_dice + 0.2
+    provenance = checkpoint.load_model(tuned).provenance
+    assert provenance["initialised_from"] == {"file": "best.pt", "sha256": checkpoint.file_digest(best)}
+    assert checkpoint.load_model(fresh).provenance.get("initialised_from") is None
+
+
+def test_fine_tuning_refuses_another_architecture(trained, dataset, tmp_path):
+    _, best = trained
+    wider = tiny_config(dataset, epochs=1, init=str(best))
+    wider["architecture"] = dict(wider["architecture"], base_channels=8)
+    with pytest.raises(DeepWMLError, match="architecture"):
+        training.train(wider, tmp_path / "wider")
+    with pytest.raises(DeepWMLError, match="no such model file"):
+        training.train(tiny_config(dataset, epochs=1, init=str(tmp_path / "missing.pt")), tmp_path / "missing")
