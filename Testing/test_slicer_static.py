@@ -181,3 +181,14 @@ def test_top_level_cmake_is_a_slicer_extension_depending_on_pytorch():
     assert "add_subdirectory(DeepWML)" in text and "include(${Slicer_EXTENSION_CPACK})" in text
     module = (MODULE / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule(" in module and "WITH_GENERIC_TESTS" in module
+
+
+def test_icon_and_screenshot_urls_name_files_of_this_repository():
+    """The catalogue URLs point at files of the published main branch: those files must exist here."""
+    text = (REPO / "CMakeLists.txt").read_text()
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', text).group(1)
+    raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in re.search(rf'set\({variable} "([^"]+)"\)', text).group(1).split():
+            assert url.startswith(raw), url
+            assert (REPO / url[len(raw):]).is_file(), url
