@@ -126,10 +126,27 @@ def _cpu_threads() -> int:
     return int(env) if env and env.isdigit() else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# Runners of recently used model files, so that a cohort or repeated runs in Slicer build each ONNX
+# session or device copy once. Keyed by the file's content hash; small, since each holds a network.
+_RUNNERS: dict = {}
+_RUNNERS_KEPT = 2
+
+
 def make_runner(loaded: LoadedModel, device: str, backend: str = "auto"):
     """The fastest available way to run `loaded` on `device` ('auto', 'torch' or 'onnx')."""
     if backend not in ("auto", "torch", "onnx"):
         raise DeepWMLError(f"unknown backend {backend!r}; use auto, torch or onnx")
+    if not loaded.digest:
+        return _new_runner(loaded, device, backend)
+    key = (loaded.digest, device, backend, os.environ.get("OMP_NUM_THREADS"))
+    runner = _RUNNERS.pop(key, None) or _new_runner(loaded, device, backend)
+    _RUNNERS[key] = runner  # most recently used last
+    while len(_RUNNERS) > _RUNNERS_KEPT:
+        _RUNNERS.pop(next(iter(_RUNNERS)))
+    return runner
+
+
+def _new_runner(loaded: LoadedModel, device: str, backend: str):
     if device != "cpu" or backend == "torch" or not loaded.digest:
         if backend == "onnx":
             raise DeepWMLError("the onnx backend runs on the CPU with a model file; use --device cpu")

@@ -17,6 +17,16 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Model metadata and ONNX exports of test models go to a throw-away cache, not the user's."""
+    import os
+
+    if "DEEPWML_CACHE_DIR" not in os.environ:
+        os.environ["DEEPWML_CACHE_DIR"] = str(tmp_path_factory.mktemp("deepwml-cache"))
+    yield
+
+
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])

@@ -177,6 +177,10 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
     assert np.allclose(OnnxRunner(loaded)(batch), TorchRunner(loaded, cpu)(batch), atol=1e-4)
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
+    # a runner is built once per model file, device and backend, and reused by the next case
+    (again,) = load_models([tiny_model])
+    assert make_runner(again, cpu, "auto") is make_runner(loaded, cpu, "auto")
+    assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "auto")
 
 
 def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model):
