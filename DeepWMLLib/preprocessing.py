@@ -210,11 +210,13 @@ def _apply(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     half = weight[None, :, 0, None] * stack[:, index[:, 0], :]
     for k in range(1, index.shape[1]):
         half += weight[None, :, k, None] * stack[:, index[:, k], :]
+    # the second pass also gathers whole rows (of the transposed array): much faster than columns
+    half = np.ascontiguousarray(half.transpose(0, 2, 1))
     index, weight = _taps(cols)
-    out = weight[None, None, :, 0] * half[:, :, index[:, 0]]
+    out = weight[None, :, 0, None] * half[:, index[:, 0], :]
     for k in range(1, index.shape[1]):
-        out += weight[None, None, :, k] * half[:, :, index[:, k]]
-    return out
+        out += weight[None, :, k, None] * half[:, index[:, k], :]
+    return np.ascontiguousarray(out.transpose(0, 2, 1))
 
 
 def _head_centre(mask: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
