@@ -21,6 +21,7 @@ outside the network field of view get probability 0.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -136,23 +137,32 @@ class NetworkGrid:
         anti-aliasing blur along axes that are shrunk by more than 1.2×.
         """
         stack = np.asarray(stack, dtype=np.float32)
-        sigma = [0.5 * np.sqrt(z * z - 1) if z > 1.2 else 0.0 for z in self.zoom]
-        rows, row_inside = _axis_matrix(self.grid_size[0], self.input_shape[0], self.zoom[0], self.offset[0], sigma[0])
-        cols, col_inside = _axis_matrix(self.grid_size[1], self.input_shape[1], self.zoom[1], self.offset[1], sigma[1])
+        rows, cols, outside = self._network_taps
         out = _apply(stack, rows, cols)
-        outside = ~(row_inside[:, None] & col_inside[None, :])
         if outside.any():
             out[:, outside] = stack.reshape(stack.shape[0], -1).min(axis=1)[:, None]
         return out
 
     def to_input(self, stack: np.ndarray) -> np.ndarray:
         """[n, H, W] network maps -> [n, rows, cols] on the input slice grid (float32, 0 outside)."""
-        stack = np.asarray(stack, dtype=np.float32)
+        rows, cols = self._input_taps
+        return _apply(np.asarray(stack, dtype=np.float32), rows, cols)
+
+    # The sampling taps depend on the grid only: built once per volume, not once per chunk of slices.
+    @cached_property
+    def _network_taps(self):
+        sigma = [0.5 * np.sqrt(z * z - 1) if z > 1.2 else 0.0 for z in self.zoom]
+        rows, row_inside = _axis_matrix(self.grid_size[0], self.input_shape[0], self.zoom[0], self.offset[0], sigma[0])
+        cols, col_inside = _axis_matrix(self.grid_size[1], self.input_shape[1], self.zoom[1], self.offset[1], sigma[1])
+        return _taps(rows), _taps(cols), ~(row_inside[:, None] & col_inside[None, :])
+
+    @cached_property
+    def _input_taps(self):
         inv_zoom = 1.0 / np.array(self.zoom)
         inv_offset = -np.array(self.offset) * inv_zoom
         rows, _ = _axis_matrix(self.input_shape[0], self.grid_size[0], inv_zoom[0], inv_offset[0], 0.0)
         cols, _ = _axis_matrix(self.input_shape[1], self.grid_size[1], inv_zoom[1], inv_offset[1], 0.0)
-        return _apply(stack, rows, cols)
+        return _taps(rows), _taps(cols)
 
 
 def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
@@ -172,8 +182,7 @@ def _axis_matrix(n_out: int, n_in: int, zoom: float, offset: float, sigma: float
     matrix (rows outside the input are zero; `inside` marks the others), after an optional blur.
 
     The same sampling as scipy.ndimage.affine_transform(order=1, mode="constant") along one axis;
-    applying one such matrix per axis is exact for the axis-aligned maps used here, and two small
-    matrix products per slice are faster than any per-pixel loop.
+    applying one such matrix per axis is exact for the axis-aligned maps used here.
     """
     x = offset + zoom * np.arange(n_out, dtype=np.float64)
     inside = (x >= -1e-9) & (x <= n_in - 1 + 1e-9)
@@ -200,24 +209,24 @@ def _taps(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, weight.astype(np.float32)
 
 
-def _apply(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """rows @ slice @ cols.T for every slice of [n, r, c] (float32), as a few gathers.
+def _gather_rows(stack: np.ndarray, taps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """[n, r, c] -> [n, r', c]: each output row the weighted sum of the input rows its taps name."""
+    index, weight = taps
+    out = weight[None, :, 0, None] * stack[:, index[:, 0], :]
+    for k in range(1, index.shape[1]):
+        out += weight[None, :, k, None] * stack[:, index[:, k], :]
+    return out
+
+
+def _apply(stack: np.ndarray, rows: tuple, cols: tuple) -> np.ndarray:
+    """rows @ slice @ cols.T for every slice of [n, r, c] (float32), from the matrices' taps.
 
     The matrices are banded (2 taps, or a short blur kernel), so weighted gathers beat BLAS and
-    need no thread pool of their own next to the network's.
+    need no thread pool of their own next to the network's. Both passes gather whole rows (the
+    second on the transposed array), which is much faster than gathering columns.
     """
-    index, weight = _taps(rows)
-    half = weight[None, :, 0, None] * stack[:, index[:, 0], :]
-    for k in range(1, index.shape[1]):
-        half += weight[None, :, k, None] * stack[:, index[:, k], :]
-    # the second pass also gathers whole rows (of the transposed array): much faster than columns
-    half = np.ascontiguousarray(half.transpose(0, 2, 1))
-    index, weight = _taps(cols)
-    out = weight[None, :, 0, None] * half[:, index[:, 0], :]
-    for k in range(1, index.shape[1]):
-        out += weight[None, :, k, None] * half[:, index[:, k], :]
-    return np.ascontiguousarray(out.transpose(0, 2, 1))
-
+    half = np.ascontiguousarray(_gather_rows(stack, rows).transpose(0, 2, 1))
+    return np.ascontiguousarray(_gather_rows(half, cols).transpose(0, 2, 1))
 
 def _head_centre(mask: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
     """Centre of the head's in-plane extent (robust 1st–99th percentile box), else the slice centre."""

@@ -46,27 +46,15 @@ def index_to_lps(points_ijk: np.ndarray, image: sitk.Image) -> np.ndarray:
     return np.asarray(points_ijk, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-def _sizes_and_centroids(labels: np.ndarray, count: int, voxels_per_chunk: int = 2_000_000) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel count and centroid (numpy k, j, i) of labels 1..count, a few slices at a time.
+def _lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: int = 2_000_000):
+    """Voxel count, centroid (numpy k, j, i) and first/last index along `axis` of labels 1..count,
+    in one pass a few slices at a time.
 
     ndimage.center_of_mass builds float64 copies of the whole volume per axis; this keeps memory
     to a few slices however large the scan or the lesion load.
     """
     sizes = np.zeros(count + 1)
     sums = np.zeros((3, count + 1))
-    chunk = max(1, voxels_per_chunk // max(1, labels[0].size))
-    for k0 in range(0, labels.shape[0], chunk):
-        block = labels[k0:k0 + chunk]
-        flat = np.flatnonzero(block)
-        ids = block.ravel()[flat]
-        sizes += np.bincount(ids, minlength=count + 1)
-        for axis, index in enumerate(np.unravel_index(flat, block.shape)):
-            sums[axis] += np.bincount(ids, weights=index + (k0 if axis == 0 else 0), minlength=count + 1)
-    return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T
-
-
-def _axis_extents(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: int = 2_000_000):
-    """First and last index along `axis` of labels 1..count (arrays of length count)."""
     first = np.full(count + 1, np.iinfo(np.int64).max)
     last = np.full(count + 1, -1)
     chunk = max(1, voxels_per_chunk // max(1, labels[0].size))
@@ -74,10 +62,14 @@ def _axis_extents(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: i
         block = labels[k0:k0 + chunk]
         flat = np.flatnonzero(block)
         ids = block.ravel()[flat]
-        position = np.unravel_index(flat, block.shape)[axis] + (k0 if axis == 0 else 0)
-        np.minimum.at(first, ids, position)
-        np.maximum.at(last, ids, position)
-    return first[1:], last[1:]
+        sizes += np.bincount(ids, minlength=count + 1)
+        positions = list(np.unravel_index(flat, block.shape))
+        positions[0] = positions[0] + k0
+        for a, position in enumerate(positions):
+            sums[a] += np.bincount(ids, weights=position, minlength=count + 1)
+        np.minimum.at(first, ids, positions[axis])
+        np.maximum.at(last, ids, positions[axis])
+    return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T, first[1:], last[1:]
 
 
 def lesion_table(mask: sitk.Image) -> list[dict]:
@@ -88,9 +80,8 @@ def lesion_table(mask: sitk.Image) -> list[dict]:
         return []
     frame_axis = 2 - axial_axis(mask)
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    sizes, centroids_kji = _sizes_and_centroids(labels, count)
+    sizes, centroids_kji, first, last = _lesion_geometry(labels, count, frame_axis)
     centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
-    first, last = _axis_extents(labels, count, frame_axis)
     order = np.argsort(-sizes, kind="stable")
     rows = []
     for rank, j in enumerate(order, start=1):
