@@ -9,8 +9,8 @@ On one input (a real clinical FLAIR from ../shared when present, else a syntheti
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
 (e) peak resident memory of (c), that process's own;
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
-takes only to import numpy, SimpleITK and the runtime, which (c) cannot go below. b and c are
-timed alternately. Prints a table and writes JSON.
+takes only to import numpy, SimpleITK and the runtime and exit, which (c) cannot go below. a, b, c
+and the floor take turns in each repetition; medians are reported. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -59,15 +59,6 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
     out = workdir / "bench_input.nii.gz"
     sitk.WriteImage(image, str(out), True)
     return out, source
-
-
-def _time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def _run_child(command: list[str], env: dict) -> tuple[float, float]:
@@ -121,12 +112,11 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
             return np.concatenate([torch.sigmoid(plain(torch.from_numpy(net[i:i + 1, None]))).numpy()[:, 0]
                                    for i in range(net.shape[0])])
 
-    reference()  # warm-up
-    t_ref = _time(reference, repeat)
-    ref_prob = grid.to_input(reference())
+    ref_prob = grid.to_input(reference())  # also the warm-up
 
     # (b) DeepWML's inference path, as `segment` calls it, and (c) + (e) `deepwml segment` end to end in
-    # a fresh process; b and c alternate so that a busy moment of the machine hits both alike.
+    # a fresh process. a, b, c and the floor take turns in every repetition, so that a busy (or
+    # quiet) moment of a shared machine, which can change speed by half, hits all of them alike.
     runner_name = make_runner(loaded, "cpu", backend).name
     predict_probabilities(image, models, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
     out_dir = workdir / "out"
@@ -136,9 +126,18 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     _run_child(command, env)  # warm the ONNX cache and the disk cache
-    floor_command = [sys.executable, "-c", "import numpy, SimpleITK" + (", onnxruntime" if runner_name == "onnxruntime" else ", torch")]
-    t_opt, e2e, peaks, floor = [], [], [], []
+    floor_command = [sys.executable, "-c", "import os, numpy, SimpleITK" + (", onnxruntime" if runner_name == "onnxruntime" else ", torch")
+                     + "; os._exit(0)"]
+    runner = make_runner(loaded, "cpu", backend)
+    net_run = net[plan.kept]
+    t_refs, t_opt, t_nets, e2e, peaks, floor = [], [], [], [], [], []
     for _ in range(repeat):
+        start = time.perf_counter()
+        predict_network_slices(net_run, runner, 4)
+        t_nets.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reference()
+        t_refs.append(time.perf_counter() - start)
         start = time.perf_counter()
         predict_probabilities(image, models, "cpu", backend=backend)
         t_opt.append(time.perf_counter() - start)
@@ -146,12 +145,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         e2e.append(seconds)
         peaks.append(peak)
         floor.append(_run_child(floor_command, env)[0])
-    t_opt, t_e2e, t_floor = (float(np.median(v)) for v in (t_opt, e2e, floor))
+    t_ref, t_opt, t_net, t_e2e, t_floor = (float(np.median(v)) for v in (t_refs, t_opt, t_nets, e2e, floor))
     opt_prob, _ = predict_probabilities(image, models, "cpu", backend=backend)
     slices_run = int(plan.kept.size)
-    runner = make_runner(loaded, "cpu", backend)
-    net_run = net[plan.kept]
-    t_net = _time(lambda: predict_network_slices(net_run, runner, 4), repeat)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
     peak_mb = max(peaks)
@@ -178,6 +174,8 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         "c_end_to_end_s": round(t_e2e, 3),
         "c_over_b": round(t_e2e / t_opt, 2),
         "c_minus_b_s": round(t_e2e - t_opt, 3),
+        "c_over_b_paired": round(float(np.median(np.array(e2e) / np.array(t_opt))), 2),
+        "b_speedup_vs_a_paired": round(float(np.median(np.array(t_refs) / np.array(t_opt))), 2),
         "startup_floor_s": round(t_floor, 3),
         "e_peak_rss_mb": round(peak_mb, 1),
         "mask_dice_b_vs_a": round(mask_dice, 5),
@@ -195,7 +193,7 @@ def format_table(r: dict) -> str:
         ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
         (f"(b) DeepWML inference [{r['runner']}]", f"{r['b_deepwml_inference_s']:.2f} s ({r['b_speedup_vs_a']}x faster than a; {r['slices_run_by_deepwml']}/{r['slices']} slices hold head)"),
         ("    network only", f"{r['b_network_only_s']:.2f} s ({r['b_network_gflops']} GFLOP/s)"),
-        ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}; c - b = {r['c_minus_b_s']:.2f} s)"),
+        ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}, per repetition {r['c_over_b_paired']}; c - b = {r['c_minus_b_s']:.2f} s)"),
         ("    start-up floor", f"{r['startup_floor_s']:.2f} s (a process that only imports numpy, SimpleITK and the runtime)"),
         ("(e) peak memory of (c)", f"{r['e_peak_rss_mb']:.0f} MB"),
         ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -81,5 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+# Commands that only read and write files: after their outputs are closed, the process ends at once
+# instead of tearing the interpreter down (freeing every module of numpy, SimpleITK and ONNX Runtime
+# takes 0.1 s, a tenth of a whole segmentation on a small CPU).
+_QUICK_EXIT = frozenset({"segment", "evaluate", "consensus"})
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """The `deepwml` console entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = main(argv)
+    if argv and argv[0] in _QUICK_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,8 +9,10 @@ as thick oblique axial slices with bias field and Rician noise.
 
 Skull and scalp: nilearn's MNI152 T1 is brain-extracted, so there is no head to borrow; they are
 drawn as layers by distance outside the intracranial space (inner table, marrow, outer table,
-scalp fat with a darker galea), with random thickness and texture. About one case in five is
-left skull-stripped, like the evaluation cases.
+scalp fat with a darker galea), with random thickness and texture, and strewn with unlabelled
+bright spots as bright as lesions (fat lobules, vessels, marrow islands; more of them low in the
+head, like orbits and skull base on real scans). About one case in five is left skull-stripped,
+like the evaluation cases.
 
 Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
 then sampled once through the composed (elastic then affine) transform, directly on a working grid
@@ -354,23 +356,57 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
     heterogeneity = 0.75 + 0.5 * _smooth_noise(rng, lesions[box].shape, 4)
     image[box] += lesions[box] * (lesion * heterogeneity - image[box])
     if skull:
-        image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner)
+        image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner, lesion)
     return image * np.float32(scanner["wm"] * level_jitter)
 
 
-def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> np.ndarray:
-    """Skull and scalp as layers by distance outside the intracranial space: dark inner table,
-    marrow, dark outer table, bright scalp fat with a darker galea, then air."""
+def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict, bright: float) -> np.ndarray:
+    """Skull and soft tissue as layers by distance outside the intracranial space: dark inner
+    table, marrow, dark outer table, then soft tissue, which is a lobulated mix of bright fat, grey
+    muscle and dark pockets (air, bone), thicker and with more muscle and air low in the head, where
+    real scans cut temporal muscles, skull base, sinuses and neck. Bright spots as bright as lesions
+    (fat lobules, vessels, marrow islands; never labelled) are strewn through bone and soft tissue:
+    on real FLAIR these are what a network that has only seen a smooth scalp mistakes for lesions."""
     d = atlas.dist_out * (0.75 + 0.5 * _smooth_noise(rng, atlas.dist_out.shape, 40)).astype(np.float32)
+    # 0 at and above the middle of the head's height, 1 from 50 mm below it (index 0 is inferior).
+    z = np.arange(d.shape[0], dtype=np.float32)[:, None, None]
+    low = np.clip((d.shape[0] * rng.uniform(0.42, 0.52) - z) / 50.0, 0, 1)
     bone = rng.uniform(3.5, 7.0)
-    scalp = rng.uniform(3.0, 6.5)
+    soft = rng.uniform(3.0, 6.5) * (1 + rng.uniform(1.0, 2.5) * low)
     marrow_lo, marrow_hi = bone * rng.uniform(0.25, 0.4), bone * rng.uniform(0.6, 0.75)
-    knots_d = [0, 1.0, marrow_lo, marrow_lo + 1, marrow_hi - 1, marrow_hi, bone, bone + 1,
-               bone + scalp * 0.4, bone + scalp * 0.5, bone + scalp * 0.6, bone + scalp, bone + scalp + 1]
     b, m, f = scanner["bone_ratio"], scanner["marrow_ratio"] * rng.uniform(0.8, 1.2), scanner["fat_ratio"] * rng.uniform(0.85, 1.15)
-    knots_v = [scanner["csf_ratio"], b, b, m, m, b, b, f, f, 0.5 * f, f, f, 0.0]
-    texture = 0.7 + 0.6 * _smooth_noise(rng, d.shape, 12)
-    return np.interp(d, knots_d, knots_v).astype(np.float32) * texture
+    skull = np.interp(d, [0, 1.0, marrow_lo, marrow_lo + 1, marrow_hi - 1, marrow_hi, bone],
+                      [scanner["csf_ratio"], b, b, m, m, b, b]).astype(np.float32)
+    fatness = np.clip((_smooth_noise(rng, d.shape, 5) - (rng.uniform(0.35, 0.5) + 0.2 * low)) / 0.1 + 0.5, 0, 1)
+    tissue = rng.uniform(0.45, 0.85) + (f - rng.uniform(0.45, 0.85)) * fatness
+    air = _smooth_noise(rng, d.shape, 6) < rng.uniform(0.05, 0.15) + 0.25 * low
+    tissue = np.where(air, b, tissue)
+    # Soft tissue from the outer table outwards, fading to air over 1 mm at the skin.
+    into_soft = np.clip(d - bone, 0, 1)
+    skin = np.clip(bone + soft + 1 - d, 0, 1)
+    layers = skull + (tissue - skull) * into_soft
+    layers *= skin
+    texture = (0.7 + 0.6 * _smooth_noise(rng, d.shape, 12)) * (1 + rng.uniform(0.2, 0.5) * (_smooth_noise(rng, d.shape, 3) - 0.5))
+    layers = (layers * texture).astype(np.float32)
+    return np.maximum(layers, _extracranial_spots(rng, d, bone + soft, bright))
+
+
+def _extracranial_spots(rng: np.random.Generator, d: np.ndarray, depth: np.ndarray, bright: float) -> np.ndarray:
+    """Blurred bright spots, 1-3 mm wide, inside the head but outside the intracranial space."""
+    where = np.flatnonzero(((d > 0.5) & (d < depth)).ravel())
+    spots = np.zeros(d.shape, np.float32)
+    if where.size == 0:
+        return spots
+    # Three times as likely in the lower half of the head (index 0 of the template is inferior).
+    z = where // (d.shape[1] * d.shape[2])
+    weight = np.where(z < d.shape[0] // 2, 3.0, 1.0)
+    for sigma in (0.7, 1.4):
+        n = int(rng.integers(10, 60))
+        seeds = np.zeros(d.shape, np.float32)
+        picked = rng.choice(where, size=n, p=weight / weight.sum())
+        np.put(seeds, picked, bright * rng.uniform(0.6, 1.3, size=n) * (2 * math.pi) ** 1.5 * sigma ** 3)
+        spots = np.maximum(spots, ndimage.gaussian_filter(seeds, sigma, truncate=3.0))
+    return spots
 
 
 # ---------------------------------------------------------------------------------------------

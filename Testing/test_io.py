@@ -162,3 +162,32 @@ def test_segmentation_file_round_trip_oblique(tmp_path):
     seg = slicerio.read_segmentation(str(path))
     assert [s["name"] for s in seg["segments"]] == ["WMH"]
     assert np.allclose(seg["ijkToLPS"], io.ijk_to_lps(truth))
+
+
+def test_segmentation_file_matches_what_slicerio_writes(tmp_path):
+    """DeepWML writes .seg.nrrd itself (no slicerio/pynrrd import on the segment path): the file must
+    parse to the same segment, voxels and geometry as slicerio's own writer gives."""
+    import slicerio
+
+    _, truth = make_volume(size=(24, 20, 7), spacing=(0.6, 0.7, 5.0), direction=rotation(0.3, 0.1, -0.4))
+    ours = slicerio.read_segmentation(str(io.write_segmentation(truth, tmp_path / "ours.seg.nrrd", "WMH", (1.0, 0.9, 0.0))))
+    voxels = sitk.GetArrayFromImage(truth).transpose(2, 1, 0) > 0
+    reference = slicerio.create_segmentation(voxels.shape, io.ijk_to_lps(truth))
+    slicerio.add_segment(reference, voxels, {"id": "WMH", "name": "WMH", "color": [1.0, 0.9, 0.0]})
+    slicerio.write_segmentation(str(tmp_path / "theirs.seg.nrrd"), reference)
+    theirs = slicerio.read_segmentation(str(tmp_path / "theirs.seg.nrrd"))
+    assert ours["segments"] == theirs["segments"]
+    assert np.array_equal(ours["voxels"], theirs["voxels"])
+    assert np.allclose(ours["ijkToLPS"], theirs["ijkToLPS"], atol=1e-12)
+
+
+def test_empty_segmentation_file_reads_back_empty(tmp_path):
+    import slicerio
+
+    _, truth = make_volume(size=(12, 10, 4))
+    empty = sitk.Image(truth.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(truth)
+    path = io.write_segmentation(empty, tmp_path / "empty.seg.nrrd")
+    seg = slicerio.read_segmentation(str(path))
+    assert seg["segments"][0]["extent"] == [0, -1, 0, -1, 0, -1]
+    assert sitk.GetArrayFromImage(io.read_segmentation(path)).sum() == 0

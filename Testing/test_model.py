@@ -84,3 +84,30 @@ def test_truncated_model_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DeepWMLError):
         load_model(path)
+
+
+def test_file_digest_is_remembered_but_follows_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from DeepWMLLib import checkpoint
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(b"first version")
+    first = checkpoint.file_digest(path)
+    assert first == hashlib.sha256(b"first version").hexdigest()[:24]
+    assert checkpoint.file_digest(path) == first  # from the memo
+    memo = list((checkpoint.cache_dir() / "digests").iterdir())
+    assert len(memo) == 1
+    path.write_bytes(b"second version, longer")
+    assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, longer").hexdigest()[:24]
+    # same size, same mtime as recorded, different content: a rewrite in place keeps the inode, so
+    # force the recorded key stale the way an editor would (new mtime) and check it re-hashes
+    path.write_bytes(b"second version, LONGER")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]
+    memo[0].write_text("not json")
+    assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]

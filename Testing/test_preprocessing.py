@@ -140,3 +140,25 @@ def test_lesion_labels_match_scipy_ndimage():
         labels, n = label_components(mask)
         assert n == count and np.array_equal(labels, expected)
     assert label_components(np.zeros((2, 5, 5), bool))[1] == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 12345])
+def test_percentiles_match_numpy(n):
+    from DeepWMLLib.preprocessing import percentiles
+
+    rng = np.random.default_rng(n)
+    for dtype in (np.float32, np.uint16, np.float64):
+        values = (rng.random(n) * 3000).astype(dtype)
+        for q in ([25, 50, 75], [99.5], [0, 100], [1, 99]):
+            assert np.allclose(percentiles(values, q), np.percentile(values, q), rtol=1e-6, atol=1e-6)
+
+
+def test_index_percentiles_match_numpy_on_repeated_indices():
+    from DeepWMLLib.preprocessing import _index_percentiles
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        counts = rng.integers(0, 6, size=int(rng.integers(1, 50)))
+        counts[rng.integers(counts.size)] += 1
+        for q in ([1, 99], [0, 100], [50]):
+            assert np.allclose(_index_percentiles(counts, q), np.percentile(np.repeat(np.arange(counts.size), counts), q))
