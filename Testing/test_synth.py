@@ -107,3 +107,18 @@ def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPWML_SHARED_DATA", str(tmp_path))
     with pytest.raises(DeepWMLError, match="DEEPWML_SHARED_DATA"):
         synth.generate_case(0)
+
+
+def test_extracranial_spots_are_lesion_bright_and_stay_outside_the_skull_inner_surface():
+    """The unlabelled bright spots in scalp and bone: as bright as lesions at their centres, only in
+    the band outside the intracranial space (distance 0.5 mm to the soft tissue's depth, plus blur)."""
+    z, y, x = np.mgrid[:60, :60, :60]
+    d = np.maximum(np.sqrt((z - 30.0) ** 2 + (y - 30.0) ** 2 + (x - 30.0) ** 2) - 15, 0).astype(np.float32)
+    depth = np.full((60, 1, 1), 8.0, np.float32)
+    spots = synth._extracranial_spots(np.random.default_rng(0), d, depth, bright=2.0)
+    assert spots.max() > 0.6 * 2.0
+    blur = 3 * 1.4
+    assert not np.any(spots[d > 8.0 + blur + 1] > 1e-3)  # never beyond the soft tissue
+    # Seeds lie outside the intracranial space; only blur reaches in (and rendering multiplies the
+    # layers by 1 - intracranial fraction), so little of the spots' mass lies inside.
+    assert spots[d == 0].sum() < 0.15 * spots.sum()
