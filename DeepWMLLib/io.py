@@ -394,7 +394,7 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            f.write(header.encode("ascii"))
+            f.write(header.encode("utf-8"))
             f.write(body)
 
     return write_atomically(path, write)
