@@ -23,7 +23,10 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
         assert result[key] > 0, key
     # a fresh process that also reads, segments and writes takes longer than one that only imports
     assert result["c_end_to_end_s"] > result["startup_floor_s"]
-    assert result["c_over_b"] == pytest.approx(result["c_end_to_end_s"] / result["b_deepwml_inference_s"], rel=0.03)
+    # the ratio is taken before the times are rounded to 1 ms (b of this tiny case is a few ms)
+    c, b = result["c_end_to_end_s"], result["b_deepwml_inference_s"]
+    assert c / (b + 0.0005) - 0.01 <= result["c_over_b"] <= c / max(b - 0.0005, 1e-9) + 0.01
+    assert result["c_over_b_paired"] == result["c_over_b"]  # one repetition: the same ratio
     assert 0 <= result["mask_dice_b_vs_a"] <= 1
     assert result["e_peak_rss_mb"] < 4000
     assert "start-up floor" in format_table(result)
