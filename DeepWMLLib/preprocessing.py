@@ -90,16 +90,11 @@ def _index_percentiles(counts: np.ndarray, q) -> np.ndarray:
 
 def head_mask(stack: np.ndarray) -> np.ndarray:
     """Voxels clearly above background: an Otsu threshold on a subsample, robust to hot voxels."""
-    return stack > head_threshold(stack)
-
-
-def head_threshold(stack: np.ndarray) -> float:
-    """The intensity that separates head from background (Otsu on a subsample)."""
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else stack.ravel()
     hi = percentiles(sample, 99.5)[0]
     lo = sample.min()
     if hi <= lo:
-        return float(lo)
+        return stack > lo
     hist, edges = np.histogram(np.clip(sample, lo, hi), bins=128, range=(lo, hi))
     centres = (edges[:-1] + edges[1:]) / 2
     weights = hist.astype(np.float64)
@@ -108,7 +103,8 @@ def head_threshold(stack: np.ndarray) -> float:
     m0 = np.cumsum(weights * centres) / np.maximum(w0, 1)
     m1 = (np.sum(weights * centres) - np.cumsum(weights * centres)) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between))])
+    threshold = centres[int(np.argmax(between))]
+    return stack > threshold
 
 
 def intensity_reference(stack: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

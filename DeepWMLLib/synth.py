@@ -8,10 +8,11 @@ patients) and rendered with FLAIR contrast for one of several simulated scanners
 as thick oblique axial slices with bias field and Rician noise.
 
 Skull and scalp: nilearn's MNI152 T1 is brain-extracted, so there is no head to borrow; they are
-drawn as layers by distance outside the intracranial space (inner table, marrow, outer table,
-scalp fat with a darker galea), with random thickness and texture, and strewn with unlabelled
-bright spots as bright as lesions (fat lobules, vessels, marrow islands; more of them low in the
-head, like orbits and skull base on real scans). About one case in five is left skull-stripped,
+drawn as layers by distance outside the intracranial space (inner table, marrow, outer table, then
+soft tissue: a lobulated mix of fat, muscle and dark air/bone pockets, thicker low in the head),
+with random thickness and texture, and strewn with unlabelled bright spots as bright as lesions
+(fat lobules, vessels, marrow islands; more of them low in the head, like orbits and skull base on
+real scans). About one case in five is left skull-stripped,
 like the evaluation cases.
 
 Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
