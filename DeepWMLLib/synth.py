@@ -15,6 +15,11 @@ with random thickness and texture, and strewn with unlabelled bright spots as br
 real scans). About one case in five is left skull-stripped,
 like the evaluation cases.
 
+Inside the skull, normal FLAIR is not clean either: patches of incompletely nulled CSF in sulci and
+cisterns (stronger low in the head) and vessel or flow spots as bright as lesions in sulci, cisterns
+and cortex are added, never labelled. About three cases in ten have faint lesions, barely brighter
+than cortex.
+
 Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
 then sampled once through the composed (elastic then affine) transform, directly on a working grid
 that shares the output grid's orientation: in-plane about 1 mm, a few sub-slices across each thick
@@ -128,6 +133,14 @@ class _Atlas:
         self.allowed = (((self.wm >= 0.4) | ((self.vent_dist <= 2.5) & np.isin(labels, (_LABEL_GM, _LABEL_WM))))
                         & ~self.ventricles & (labels != _LABEL_CSF) & intracranial)
         self.supratentorial = labels != _LABEL_INFRATENTORIAL
+        # Where normal FLAIR shows bright things that are not lesions: sulcal and cisternal CSF
+        # (flow, incompletely nulled CSF, vessels) and cortex away from the white matter. Kept 2 mm
+        # clear of where lesions may be painted, so a mimic never sits on a lesion's territory.
+        clear = ~ndimage.binary_dilation(self.allowed, iterations=2)
+        sulcal = (labels == _LABEL_CSF) | ((self.csf > 0.5) & ~self.ventricles)
+        cortex = (labels == _LABEL_GM) & (self.wm < 0.1)
+        self.mimic_sites = np.flatnonzero(((sulcal | cortex) & intracranial & clear).ravel())
+        self.sulcal_csf = (self.csf * ~self.ventricles).astype(np.float32)
         self.box = _bounding_box(self.allowed, margin=3)
         idx = np.argwhere(intracranial)
         self.brain_centre = np.array(self.reference.TransformContinuousIndexToPhysicalPoint(
@@ -351,14 +364,49 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
     gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
     gm = scanner["gm_ratio"] * gm_jitter
     csf = scanner["csf_ratio"] * csf_jitter
-    lesion = rng.uniform(1.15, 2.0) * max(gm, 1.0)
     image = atlas.gm * gm + atlas.wm + atlas.csf * csf
     box = atlas.box
     heterogeneity = 0.75 + 0.5 * _smooth_noise(rng, lesions[box].shape, 4)
-    image[box] += lesions[box] * (lesion * heterogeneity - image[box])
+    if rng.random() < 0.3:
+        # Faint lesions, barely brighter than cortex: the heterogeneity scales their contrast over
+        # white matter, so no part of a lesion is darker than the white matter round it.
+        lesion = rng.uniform(1.0, 1.15) * max(gm, 1.0)
+        lesion_value = 1 + (lesion - 1) * heterogeneity
+    else:
+        lesion = rng.uniform(1.15, 2.0) * max(gm, 1.0)
+        lesion_value = lesion * heterogeneity
+    image[box] += lesions[box] * (lesion_value - image[box])
+    image += _intracranial_mimics(rng, atlas, lesion)
     if skull:
         image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner, lesion)
     return image * np.float32(scanner["wm"] * level_jitter)
+
+
+def _intracranial_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -> np.ndarray:
+    """Normal bright things inside the skull that are not lesions (never labelled), added to the
+    image: in about half of the cases patches of incompletely nulled CSF in sulci and cisterns,
+    stronger low in the head (inflow from the unsaturated slab edge, pulsation), and in every case
+    spots 1-3 mm wide as bright as lesions in sulci, cisterns and cortex (vessels, flow). On real
+    scans these, at the skull base, in the temporal lobes and at the vertex, are where a network
+    trained on clean anatomy marks lesions that are not there."""
+    shape = atlas.csf.shape
+    z = np.arange(shape[0], dtype=np.float32)[:, None, None]
+    low = np.clip((shape[0] * rng.uniform(0.35, 0.5) - z) / 40.0, 0, 1)
+    out = np.zeros(shape, np.float32)
+    if rng.random() < 0.5:
+        patches = np.clip((_smooth_noise(rng, shape, rng.uniform(15, 30)) - rng.uniform(0.45, 0.65)) / 0.15, 0, 1)
+        out += atlas.sulcal_csf * patches * (rng.uniform(0.3, 1.0) * (1 + low))
+    sites = atlas.mimic_sites
+    if sites.size:
+        z_site = sites // (shape[1] * shape[2])
+        weight = np.where(z_site < shape[0] * 0.45, 3.0, 1.0)
+        for sigma in (0.6, 1.1):
+            n = int(rng.integers(5, 40))
+            seeds = np.zeros(shape, np.float32)
+            picked = rng.choice(sites, size=n, p=weight / weight.sum())
+            np.put(seeds, picked, bright * rng.uniform(0.5, 1.1, size=n) * (2 * math.pi) ** 1.5 * sigma ** 3)
+            out = np.maximum(out, ndimage.gaussian_filter(seeds, sigma, truncate=3.0))
+    return out
 
 
 def _head_layers(rng: np.random.Generator, atlas: _Atlas, scanner: dict, bright: float) -> np.ndarray:
