@@ -122,3 +122,21 @@ def test_extracranial_spots_are_lesion_bright_and_stay_outside_the_skull_inner_s
     # Seeds lie outside the intracranial space; only blur reaches in (and rendering multiplies the
     # layers by 1 - intracranial fraction), so little of the spots' mass lies inside.
     assert spots[d == 0].sum() < 0.15 * spots.sum()
+
+
+@needs_shared
+def test_intracranial_mimics_are_lesion_bright_and_stay_off_lesion_territory():
+    """The unlabelled mimics inside the skull (CSF patches, vessel and flow spots): some as bright as
+    lesions, seeded only in sulci, cisterns and cortex at least 2 voxels from where lesions may be
+    painted, so only faint blur reaches lesion territory; never in the ventricles' bodies."""
+    atlas = synth._atlas(synth._require_shared_dir())
+    territory = atlas.allowed
+    near = ndimage.binary_dilation(territory, iterations=1)
+    sites = np.zeros(territory.shape, bool)
+    sites.flat[atlas.mimic_sites] = True
+    assert atlas.mimic_sites.size > 10000 and not np.any(sites & near)
+    for seed in range(3):
+        mimics = synth._intracranial_mimics(np.random.default_rng(seed), atlas, bright=2.0)
+        assert mimics.max() > 0.5 * 2.0
+        assert mimics[territory].max() < 0.35 * 2.0
+        assert mimics[territory].sum() < 0.1 * mimics.sum()

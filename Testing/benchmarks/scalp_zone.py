@@ -7,6 +7,9 @@ For every clinical FLAIR of ../shared and every output folder, the volume (ml) o
 in-plane distance to the outside of the head is at most 10 mm: scalp and skull, where no WMH can be.
 Head mask per slice: FLAIR > 10 % of its 99th percentile, closed, holes filled, largest component.
 Marks at the skull base deeper than 10 mm are not counted, so this is a lower bound on them.
+
+Also the volume marked in the lowest quarter of the slices that contain head (skull base, orbits,
+posterior fossa), where white matter hyperintensities are rare and normal bright structures many.
 """
 
 from __future__ import annotations
@@ -45,20 +48,32 @@ def main() -> None:
     if shared is None or len(sys.argv) < 2:
         sys.exit(__doc__)
     flairs = sorted((shared / "open_ms" / "clinical_flair").glob("*.nii.gz"))
-    depths = {p.name[:-len(".nii.gz")]: head_depth(sitk.ReadImage(str(p))) for p in flairs}
+    depths = {}
+    for path in flairs:
+        image = sitk.ReadImage(str(path))
+        depth = head_depth(image)
+        # Lowest quarter below: slices ordered from inferior to superior.
+        depths[path.name[:-len(".nii.gz")]] = depth if image.GetDirection()[8] >= 0 else depth[::-1]
     for folder in sys.argv[1:]:
-        zone_total = all_total = 0.0
+        zone_total = all_total = base_total = 0.0
         per_case = []
         for case, depth in depths.items():
             mask = sitk.ReadImage(str(Path(folder) / f"{case}_wmh.nii.gz"))
             marked = sitk.GetArrayFromImage(mask) > 0
+            if mask.GetDirection()[8] < 0:
+                marked = marked[::-1]
             voxel_ml = float(np.prod(mask.GetSpacing())) / 1000
             zone = float((marked & (depth <= ZONE_MM)).sum() * voxel_ml)
             total = float(marked.sum() * voxel_ml)
+            head_slices = np.flatnonzero(depth.reshape(depth.shape[0], -1).max(axis=1) > 0)
+            base = float(marked[:head_slices[0] + (len(head_slices) + 3) // 4].sum() * voxel_ml) if len(head_slices) else 0.0
             zone_total += zone
             all_total += total
-            per_case.append(f"{case} {zone:.2f}/{total:.2f}")
-        print(f"{folder}: {zone_total:.2f} ml within {ZONE_MM:g} mm of the head surface, of {all_total:.2f} ml marked")
+            base_total += base
+            per_case.append(f"{case} {zone:.2f}/{base:.2f}/{total:.2f}")
+        print(f"{folder}: {zone_total:.2f} ml within {ZONE_MM:g} mm of the head surface, {base_total:.2f} ml in the "
+              f"lowest quarter of the head's slices, of {all_total:.2f} ml marked")
+        print("    per case: surface zone / lowest quarter / all (ml)")
         print("    " + "; ".join(per_case))
 
 
