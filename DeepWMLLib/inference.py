@@ -8,15 +8,17 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
 from .io import SliceFrame, to_axial_stack
 from .preprocessing import plan_volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 Progress = Callable[[float, str], None]
 

@@ -12,6 +12,10 @@ the CLI can warn.
 
 Converting to the axial stack only permutes and flips voxel axes (no interpolation), so
 `from_axial_stack(to_axial_stack(image))` gives back the exact grid.
+
+`read_image(path, light=True)` reads a plain NIfTI file into a numpy `volume.Volume` instead (no
+SimpleITK import: `deepwml segment` uses it); the functions of the segmentation path take either,
+and `from_axial_stack` returns the kind of image the stack came from.
 """
 
 from __future__ import annotations
@@ -24,10 +28,15 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import DeepWMLError
+from .volume import Volume, like, nifti_bytes, parse_nifti, voxels
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_EXTENSION = ".seg.nrrd"
@@ -67,6 +76,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 def _dicom_series(folder: Path) -> tuple:
     """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr."""
+    import SimpleITK as sitk
+
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
@@ -87,14 +98,17 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 
 
-def _check_nifti(path: Path) -> None:
-    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0."""
+def _nifti_data(path: Path) -> bytes:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except (EOFError, OSError, zlib.error) as exc:
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
+
+
+def _check_nifti(path: Path, data: bytes) -> None:
+    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0."""
     if len(data) < 348:
         raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
     for endian in "<>":
@@ -125,14 +139,21 @@ def _check_nifti(path: Path) -> None:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
-def _read_file(path: Path) -> sitk.Image:
+def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
             "MetaImage (.mha, .mhd) or a DICOM series folder"
         )
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti(path)
+        data = _nifti_data(path)
+        _check_nifti(path, data)
+        if light:
+            volume = parse_nifti(data)
+            if volume is not None:
+                return volume
+    import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -146,6 +167,8 @@ def _read_file(path: Path) -> sitk.Image:
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:
+    import SimpleITK as sitk
+
     series = _dicom_series(path)
     if not series:
         raise DeepWMLError(f"{path} is a folder without a DICOM series or image files")
@@ -184,14 +207,18 @@ def _check_layout(path, dimension: int, size, components: int) -> None:
 
 
 def _squeeze_4d(image: sitk.Image) -> sitk.Image:
+    import SimpleITK as sitk
+
     if image.GetDimension() == 4:
         size = list(image.GetSize())
         return sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     return image
 
 
-def read_any(path: str | os.PathLike) -> sitk.Image:
-    """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError."""
+def read_any(path: str | os.PathLike, light: bool = False) -> sitk.Image | Volume:
+    """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError.
+
+    With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py)."""
     p = Path(path)
     if not p.exists():
         raise DeepWMLError(f"{p} does not exist")
@@ -199,22 +226,33 @@ def read_any(path: str | os.PathLike) -> sitk.Image:
         return _squeeze_4d(_read_dicom_folder(p))
     if p.stat().st_size == 0:
         raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
-    return _squeeze_4d(_read_file(p))
+    image = _read_file(p, light)
+    return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented."""
-    return check_volume(sitk.Cast(read_any(path), sitk.sitkFloat32), str(path))
+def read_image(path: str | os.PathLike, light: bool = False) -> sitk.Image | Volume:
+    """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented.
+
+    With `light`, a plain NIfTI file is read without SimpleITK into a `Volume` (the same voxels
+    and geometry; tested), other files as `SimpleITK.Image`."""
+    image = read_any(path, light)
+    if isinstance(image, Volume):
+        image = Volume(image.array.astype(np.float32), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    else:
+        import SimpleITK as sitk
+
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return check_volume(image, str(path))
 
 
-def check_volume(image: sitk.Image, name: str = "the image") -> sitk.Image:
+def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Image | Volume:
     """Refuse an in-memory volume that cannot be segmented (files get the same checks on reading)."""
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB); "
                            "DeepWML needs a single-channel (grey-scale) FLAIR volume")
     if image.GetDimension() != 3:
         raise DeepWMLError(f"{name} is a {image.GetDimension()}D image; DeepWML needs a 3D FLAIR volume")
-    array = sitk.GetArrayViewFromImage(image)
+    array = voxels(image)
     if array.size == 0:
         raise DeepWMLError(f"{name} has no voxels")
     if array.dtype.kind == "f":
@@ -233,6 +271,8 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
 
     With `reference`, the mask must lie on the reference's grid (see `check_same_grid`).
     """
+    import SimpleITK as sitk
+
     image = read_any(path)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array > 255) or np.any(array != np.round(array)):
@@ -318,7 +358,21 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
+    """Write an image, compressed; a `Volume` to NIfTI without SimpleITK."""
+    if isinstance(image, Volume) and str(path).lower().endswith((".nii", ".nii.gz")):
+        level = 1 if str(path).lower().endswith(".gz") else 0
+        data = nifti_bytes(image, compresslevel=level)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        return write_atomically(path, write)
+    import SimpleITK as sitk
+
+    if isinstance(image, Volume):
+        image = image.to_sitk()
     return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
 
 
@@ -355,12 +409,12 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
     through slicerio and pynrrd, whose imports alone cost about 40 ms of every `deepwml segment`;
     slicerio and Slicer read it back (tested).
     """
-    voxels = np.ascontiguousarray(sitk.GetArrayViewFromImage(mask) > 0, dtype=np.uint8)  # (k, j, i)
-    if voxels.ndim != 3:
-        raise DeepWMLError(f"a segmentation needs a 3D mask, got {voxels.ndim}D")
+    labelmap = np.ascontiguousarray(voxels(mask) > 0, dtype=np.uint8)  # (k, j, i)
+    if labelmap.ndim != 3:
+        raise DeepWMLError(f"a segmentation needs a 3D mask, got {labelmap.ndim}D")
     matrix = ijk_to_lps(mask)
-    if voxels.any():
-        k, j, i = (np.flatnonzero(voxels.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    if labelmap.any():
+        k, j, i = (np.flatnonzero(labelmap.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
         extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k[0]), int(k[-1])]
     else:
         extent = [0, -1, 0, -1, 0, -1]
@@ -368,7 +422,7 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
         ("type", "uint8"),
         ("dimension", "3"),
         ("space", "left-posterior-superior"),
-        ("sizes", " ".join(str(n) for n in voxels.shape[::-1])),
+        ("sizes", " ".join(str(n) for n in labelmap.shape[::-1])),
         ("space directions", " ".join(_nrrd_vector(matrix[:3, axis]) for axis in range(3))),
         ("kinds", "domain domain domain"),
         ("encoding", "gzip"),
@@ -390,7 +444,7 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
         + "".join(f"{k}:={v}\n" for k, v in keys) + "\n"
     # NRRD's first axis varies fastest: numpy's (k, j, i) C order is exactly that. gzip level 1: a
     # sparse mask compresses nearly as well as at level 9, in a tenth of the time.
-    body = gzip.compress(memoryview(voxels).cast("B"), compresslevel=1, mtime=0)  # no copy of the voxels
+    body = gzip.compress(memoryview(labelmap).cast("B"), compresslevel=1, mtime=0)  # no copy of the voxels
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -402,6 +456,7 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
 
 def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> sitk.Image:
     """Read one segment of a `.seg.nrrd` (by name; the only or first segment when None) as a uint8 mask."""
+    import SimpleITK as sitk
     import slicerio
 
     try:
@@ -465,6 +520,7 @@ class SliceFrame:
     col_axis: int
     flip_row: bool
     flip_col: bool
+    kind: type | None = None  # Volume when the stack came from one; None: SimpleITK.Image
 
     @property
     def slice_thickness_mm(self) -> float:
@@ -510,19 +566,21 @@ def slice_frame(image: sitk.Image) -> SliceFrame:
         col_axis=col,
         flip_row=bool(direction[1, row] < 0),
         flip_col=bool(direction[0, col] < 0),
+        kind=Volume if isinstance(image, Volume) else None,
     )
 
 
 def to_axial_stack(image: sitk.Image, dtype=np.float32) -> tuple[np.ndarray, SliceFrame]:
     """The image as [slice, row, col] with radiological in-plane orientation (no interpolation)."""
     frame = slice_frame(image)
-    array = sitk.GetArrayFromImage(image)
+    array = voxels(image)
     stack = np.transpose(array, frame._numpy_axes)
     if frame.flip_row:
         stack = stack[:, ::-1, :]
     if frame.flip_col:
         stack = stack[:, :, ::-1]
-    return np.ascontiguousarray(stack, dtype=dtype), frame
+    out = np.ascontiguousarray(stack, dtype=dtype)
+    return (out.copy() if np.shares_memory(out, array) else out), frame  # never a view of the image
 
 
 def from_axial_stack(stack: np.ndarray, frame: SliceFrame) -> sitk.Image:
@@ -534,9 +592,5 @@ def from_axial_stack(stack: np.ndarray, frame: SliceFrame) -> sitk.Image:
         stack = stack[:, ::-1, :]
     if frame.flip_col:
         stack = stack[:, :, ::-1]
-    array = np.transpose(stack, np.argsort(frame._numpy_axes))
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(frame.spacing)
-    image.SetOrigin(frame.origin)
-    image.SetDirection(frame.direction)
-    return image
+    array = np.ascontiguousarray(np.transpose(stack, np.argsort(frame._numpy_axes)))
+    return like(array, frame.spacing, frame.origin, frame.direction, frame.kind)

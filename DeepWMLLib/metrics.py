@@ -57,11 +57,16 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from . import io
 from .errors import DeepWMLError
+from .volume import Volume, voxels
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 # Upper bounds (exclusive) of the DeepWML paper's per-image lesion-volume groups G1..G4 in ml;
 # G5 is everything from the last bound up.
@@ -107,7 +112,9 @@ def _dice(tp: float, n_pred: float, n_ref: float) -> float:
 
 
 def _check_volume(image: sitk.Image, what: str) -> None:
-    if not isinstance(image, sitk.Image):
+    import SimpleITK as sitk
+
+    if not isinstance(image, (sitk.Image, Volume)):
         raise DeepWMLError(f"{what} must be a SimpleITK image, got {type(image).__name__}; read it with io.read_mask")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(
@@ -117,12 +124,12 @@ def _check_volume(image: sitk.Image, what: str) -> None:
 
 
 def _binary(image: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(image) >= 0.5
+    return voxels(image) >= 0.5
 
 
 def _reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """(lesion, ignore) boolean arrays; refuses label values other than 0, 1, 2."""
-    array = sitk.GetArrayViewFromImage(reference)
+    array = voxels(reference)
     lesion = array == 1
     ignore = array == IGNORE_LABEL
     bad = ~(lesion | ignore | (array == 0))
@@ -415,7 +422,7 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     _check_volume(reference, "reference")
     io.check_same_grid(probabilities, reference, "probability map", "reference")
     lesion, ignore = _reference_labels(reference)
-    scores = sitk.GetArrayViewFromImage(probabilities)
+    scores = voxels(probabilities)
     if ignore.any():
         keep = ~ignore
         scores, lesion = scores[keep], lesion[keep]

@@ -7,23 +7,100 @@ slices" means the ends of the axial axis whatever order the file stores its axes
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 
 DEFAULT_MIN_LESION_MM3 = 5.0
 
 
+def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The foreground as runs along the last axis: row number (k * rows + j), first and last
+    column of each run, in raster order."""
+    n_k, n_j, n_i = binary.shape
+    padded = np.zeros((n_k, n_j, n_i + 2), np.int8)
+    padded[:, :, 1:-1] = binary
+    steps = np.diff(padded.reshape(-1, n_i + 2), axis=1)
+    row, start = np.nonzero(steps == 1)
+    _, stop = np.nonzero(steps == -1)  # one past the run's last column; same raster order
+    return row, start, stop - 1
+
+
+def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, n_j: int, n_i: int):
+    """Pairs (p, q) of runs that touch in 26-connectivity, q in one of the four rows after p's
+    (same slice next row; next slice rows j-1, j, j+1)."""
+    width = n_i + 2
+    key_start = row * width + start
+    key_end = row * width + end
+    k, j = np.divmod(row, n_j)
+    pairs_p, pairs_q = [], []
+    for dk, dj in ((0, 1), (1, -1), (1, 0), (1, 1)):
+        ok = (j + dj >= 0) & (j + dj < n_j)
+        p = np.flatnonzero(ok)
+        target = row[p] + dk * n_j + dj
+        # Runs of the target row that touch [start - 1, end + 1]: a contiguous range, since the
+        # runs of a row are disjoint and sorted.
+        lo = np.searchsorted(key_end, target * width + start[p] - 1, side="left")
+        hi = np.searchsorted(key_start, target * width + end[p] + 1, side="right")
+        count = np.maximum(hi - lo, 0)
+        if count.sum() == 0:
+            continue
+        p_rep = np.repeat(p, count)
+        offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        pairs_p.append(p_rep)
+        pairs_q.append(np.repeat(lo, count) + offsets)
+    if not pairs_p:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(pairs_p), np.concatenate(pairs_q)
+
+
+def _union(n: int, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """For each of n nodes, the smallest node of its connected component (edges p-q)."""
+    root = np.arange(n)
+    while True:
+        rp, rq = root[p], root[q]
+        differ = rp != rq
+        if not differ.any():
+            return root
+        low = np.minimum(rp[differ], rq[differ])
+        np.minimum.at(root, rp[differ], low)
+        np.minimum.at(root, rq[differ], low)
+        while True:  # path compression: every node points at its root
+            jumped = root[root]
+            if np.array_equal(jumped, root):
+                break
+            root = jumped
+
+
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """26-connected components of a 3D mask, labelled 1..count in raster order (int32).
 
-    The same labels as scipy.ndimage.label with a full 3×3×3 structure; SimpleITK does it
-    without importing scipy, which alone would add half a second to every `deepwml segment`.
+    The same labels as scipy.ndimage.label with a full 3×3×3 structure (tested), in numpy alone:
+    importing scipy.ndimage (or SimpleITK) would add 0.1-0.5 s to every `deepwml segment`. Works on
+    runs along the rows, so the cost follows the number of runs, not of voxels.
     """
-    binary = np.ascontiguousarray(mask > 0, dtype=np.uint8)
+    binary = np.asarray(mask) > 0
     if binary.ndim != 3:
         raise ValueError(f"label_components needs a 3D mask, got {binary.ndim}D")
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary), True)).astype(np.int32)
-    return labels, int(labels.max(initial=0))
+    labels = np.zeros(binary.shape, np.int32)
+    box = tuple(np.flatnonzero(binary.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    if box[0].size == 0:
+        return labels, 0
+    box = tuple(slice(int(b[0]), int(b[-1]) + 1) for b in box)  # work on the lesions' bounding box
+    binary = binary[box]
+    n_k, n_j, n_i = binary.shape
+    row, start, end = _runs(binary)
+    p, q = _touching_runs(row, start, end, n_j, n_i)
+    root = _union(row.size, p, q)
+    # Roots are the raster-first run of each component, so numbering roots in order numbers the
+    # components in raster order of their first voxel.
+    is_root = root == np.arange(row.size)
+    number = np.cumsum(is_root).astype(np.int32)
+    run_label = number[root]
+    # Paint the runs: +label at each run's first column, -label after its last, summed along rows.
+    edges = np.zeros((n_k * n_j, n_i + 1), np.int32)
+    edges[row, start] = run_label
+    edges[row, end + 1] -= run_label
+    labels[box] = np.cumsum(edges, axis=1, dtype=np.int32)[:, :n_i].reshape(binary.shape)
+    return labels, int(number[-1])
 
 
 def remove_small_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3: float) -> np.ndarray:

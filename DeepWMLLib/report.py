@@ -13,12 +13,17 @@ Conventions:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
 from .metrics import lv_group
 from .postprocessing import label_components
+from .volume import voxels
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 
 def voxel_volume_mm3(frame: SliceFrame) -> float:
@@ -74,7 +79,7 @@ def _lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk
 
 def lesion_table(mask: sitk.Image) -> list[dict]:
     """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range."""
-    array = sitk.GetArrayViewFromImage(mask) > 0  # numpy (k, j, i)
+    array = voxels(mask) > 0  # numpy (k, j, i)
     labels, count = label_components(array)
     if count == 0:
         return []

@@ -16,13 +16,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from . import io
 from .errors import DeepWMLError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
 SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds")
@@ -146,7 +148,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                 "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
     if path.is_dir() and not io.is_dicom_folder(path):
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
-    image = io.read_image(path)
+    image = io.read_image(path, light=True)  # a plain NIfTI file: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            batch_size, progress, cancel, backend)
     report = {"case": case, "input": str(path), **result.report}

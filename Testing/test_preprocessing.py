@@ -140,6 +140,12 @@ def test_lesion_labels_match_scipy_ndimage():
         labels, n = label_components(mask)
         assert n == count and np.array_equal(labels, expected)
     assert label_components(np.zeros((2, 5, 5), bool))[1] == 0
+    full = label_components(np.ones((3, 4, 5), bool))
+    assert full[1] == 1 and np.all(full[0] == 1)
+    corners = np.zeros((4, 5, 6), bool)
+    corners[0, 0, 0] = corners[-1, -1, -1] = corners[1, 1, 1] = True  # the first two touch diagonally
+    labels, n = label_components(corners)
+    assert n == 2 and labels[0, 0, 0] == labels[1, 1, 1] == 1 and labels[-1, -1, -1] == 2
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 12345])

@@ -1,0 +1,192 @@
+"""The SimpleITK-free NIfTI path of `deepwml segment`: the same voxels and geometry as SimpleITK,
+files SimpleITK reads back exactly, a fall-back to SimpleITK for every file outside its subset, and
+the same outputs as the SimpleITK path."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import io
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.segment import load_models, segment_image
+from DeepWMLLib.volume import Volume, nifti_bytes, parse_nifti
+
+from conftest import make_volume, oracle_network, rotation, tiny_model_file
+
+
+def _same_geometry(a, b, atol=0.0) -> bool:
+    return (tuple(a.GetSize()) == tuple(b.GetSize())
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=0, atol=atol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=atol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=atol))
+
+
+def _nifti_bytes_of(path) -> bytes:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("pixel", [sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkFloat32, sitk.sitkFloat64])
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_files_simpleitk_writes_read_the_same(tmp_path, pixel, ext):
+    for n, direction in enumerate([None, rotation(0.3, -0.2, 0.4), rotation(0.1, 0.2, -0.3) @ np.diag([1, 1, -1]),
+                                   np.eye(3)[:, [1, 2, 0]] * [1, -1, 1]]):
+        image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=direction, dtype=pixel)
+        path = tmp_path / f"v{n}{ext}"
+        sitk.WriteImage(image, str(path))
+        volume = parse_nifti(_nifti_bytes_of(path))
+        reference = sitk.ReadImage(str(path))
+        assert volume is not None
+        assert _same_geometry(volume, reference)
+        assert volume.array.dtype == sitk.GetArrayViewFromImage(reference).dtype
+        assert np.array_equal(volume.array, sitk.GetArrayViewFromImage(reference))
+
+
+def test_written_files_read_back_the_same_in_simpleitk(tmp_path):
+    rng = np.random.default_rng(7)
+    for n in range(40):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        if n % 2:
+            q[:, 2] *= -1  # left-handed voxel axes: qfac -1
+        array = rng.integers(0, 200, size=tuple(rng.integers(2, 9, size=3))).astype(
+            [np.uint8, np.int16, np.float32, np.uint16, np.float64][n % 5])
+        volume = Volume(array, rng.uniform(0.3, 8, 3), rng.uniform(-200, 200, 3), q.ravel())
+        path = tmp_path / f"w{n}.nii.gz"
+        path.write_bytes(nifti_bytes(volume))
+        read = sitk.ReadImage(str(path))
+        assert np.array_equal(sitk.GetArrayViewFromImage(read), array)
+        assert sitk.GetArrayViewFromImage(read).dtype == array.dtype
+        assert _same_geometry(read, volume, atol=2e-5)  # float32 header fields
+        assert _same_geometry(parse_nifti(_nifti_bytes_of(path)), read)
+
+
+def test_sform_wins_like_simpleitk_when_both_are_set(tmp_path):
+    image = sitk.Image(6, 5, 4, sitk.sitkFloat32)
+    image.SetOrigin((10.0, 20.0, 30.0))
+    sitk.WriteImage(image, str(tmp_path / "a.nii"))
+    data = bytearray((tmp_path / "a.nii").read_bytes())
+    x = struct.unpack_from("<f", data, 292)[0]
+    struct.pack_into("<f", data, 292, x + 5e-5)  # sform's x offset a hair away from the qform's
+    (tmp_path / "b.nii").write_bytes(data)
+    volume = parse_nifti(bytes(data))
+    assert volume.GetOrigin() == sitk.ReadImage(str(tmp_path / "b.nii")).GetOrigin() != (10.0, 20.0, 30.0)
+
+
+def _edited(data: bytes, fmt: str, offset: int, *values) -> bytes:
+    out = bytearray(data)
+    struct.pack_into("<" + fmt, out, offset, *values)
+    return bytes(out)
+
+
+def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
+    image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=rotation(0.2, 0.1, 0.3),
+                           dtype=sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "ok.nii"))
+    data = (tmp_path / "ok.nii").read_bytes()
+    assert parse_nifti(data) is not None
+    odd = {
+        "scaled": _edited(data, "2f", 112, 2.0, 5.0),
+        "qform and sform disagree": _edited(data, "f", 292, struct.unpack_from("<f", data, 292)[0] + 3.0),
+        "sheared sform": _edited(data, "f", 284, struct.unpack_from("<f", data, 284)[0] + 0.3),
+        "no orientation": _edited(data, "2h", 252, 0, 0),
+        "two time points": _edited(data, "8h", 40, 4, 12, 10, 5, 2, 1, 1, 1),
+    }
+    for name, bad in odd.items():
+        assert parse_nifti(bad) is None, name
+        path = tmp_path / f"{name.replace(' ', '_')}.nii"
+        path.write_bytes(bad)
+        if name == "two time points":
+            continue  # not a volume DeepWML takes; read_image refuses it either way
+        light = io.read_image(path, light=True)
+        assert isinstance(light, sitk.Image), name  # SimpleITK's rules decide
+        heavy = io.read_image(path)
+        assert io.grid_difference(light, heavy) is None
+        assert np.array_equal(sitk.GetArrayViewFromImage(light), sitk.GetArrayViewFromImage(heavy)), name
+
+
+def test_light_reading_refuses_bad_files_like_the_simpleitk_path(tmp_path):
+    from test_io import bad_inputs
+
+    for name, path, words in bad_inputs(tmp_path):
+        if name == "empty folder":
+            path = tmp_path / "emptydir"
+            path.mkdir(exist_ok=True)
+        for light in (False, True):
+            with pytest.raises(DeepWMLError) as info:
+                io.read_image(path, light=light)
+            assert words in str(info.value) and "\n" not in str(info.value), f"{name} (light={light}): {info.value}"
+
+
+def test_axial_stack_of_a_volume_is_a_copy_and_comes_back_as_a_volume():
+    image, _ = make_volume(size=(12, 10, 5), direction=rotation(0.1, 0.2, 0.3), dtype=sitk.sitkFloat32)
+    volume = Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stack, frame = io.to_axial_stack(volume)
+    before, untouched = volume.array.copy(), stack.copy()
+    stack += 1
+    assert np.array_equal(volume.array, before)
+    back = io.from_axial_stack(untouched, frame)
+    assert isinstance(back, Volume) and _same_geometry(back, image)
+    assert np.array_equal(back.array, before)
+    assert isinstance(io.from_axial_stack(*io.to_axial_stack(image)), sitk.Image)
+
+
+def test_segmenting_a_volume_gives_what_the_simpleitk_image_gives(tmp_path, monkeypatch):
+    oracle_network(monkeypatch)
+    image, _ = make_volume(size=(40, 36, 8), spacing=(0.9, 0.8, 5.0), direction=rotation(0.1, -0.2, 0.15))
+    path = tmp_path / "case.nii.gz"
+    sitk.WriteImage(image, str(path))
+    models = load_models([tiny_model_file(tmp_path / "m.pt", grid=(64, 64))])
+    light, heavy = io.read_image(path, light=True), io.read_image(path)
+    assert isinstance(light, Volume) and isinstance(heavy, sitk.Image)
+    a, b = segment_image(light, models, "cpu"), segment_image(heavy, models, "cpu")
+    assert isinstance(a.mask, Volume) and isinstance(b.mask, sitk.Image)
+    assert b.report["volume_ml"] > 0
+    assert np.array_equal(a.mask.array, sitk.GetArrayViewFromImage(b.mask))
+    assert np.array_equal(a.probabilities.array, sitk.GetArrayViewFromImage(b.probabilities))
+    for report in (a.report, b.report):
+        report.pop("seconds")
+    assert a.report == b.report
+    io.write_image(a.mask, tmp_path / "a.nii.gz")
+    io.write_image(b.mask, tmp_path / "b.nii.gz")
+    io.write_segmentation(a.mask, tmp_path / "a.seg.nrrd")
+    io.write_segmentation(b.mask, tmp_path / "b.seg.nrrd")
+    assert (tmp_path / "a.seg.nrrd").read_bytes() == (tmp_path / "b.seg.nrrd").read_bytes()
+    written = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    assert written.GetPixelID() == sitk.sitkUInt8 and _same_geometry(written, image, atol=1e-6)
+    assert np.array_equal(sitk.GetArrayViewFromImage(written), a.mask.array)
+
+
+def test_segment_command_on_nifti_imports_neither_simpleitk_nor_scipy(tmp_path):
+    image, _ = make_volume(size=(40, 36, 6))
+    sitk.WriteImage(image, str(tmp_path / "case.nii.gz"))
+    model = tiny_model_file(tmp_path / "m.pt", grid=(64, 64))
+    code = ("import sys; from DeepWMLLib.cli import main; "
+            f"rc = main(['segment', {str(tmp_path / 'case.nii.gz')!r}, '-o', {str(tmp_path / 'out')!r}, "
+            f"'--model', {str(model)!r}, '--device', 'cpu']); "
+            "print(rc, sorted(m for m in ('SimpleITK', 'scipy', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("0 ") and "SimpleITK" not in last and "scipy" not in last, result.stdout
+    report = json.loads((tmp_path / "out" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["lesion_count"] >= 0 and (tmp_path / "out" / "case_wmh.nii.gz").is_file()
+
+
+def test_real_files_read_the_same_as_simpleitk(shared_data):
+    paths = sorted((shared_data / "open_ms" / "clinical_flair").glob("*.nii.gz"))
+    paths += sorted((shared_data / "open_ms" / "labelled").glob("*/*.nii.gz"))
+    assert paths
+    for path in paths:
+        volume = parse_nifti(_nifti_bytes_of(path))
+        reference = sitk.ReadImage(str(path))
+        assert volume is not None, path.name
+        assert _same_geometry(volume, reference), path.name
+        assert np.array_equal(volume.array, sitk.GetArrayViewFromImage(reference)), path.name
