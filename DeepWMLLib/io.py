@@ -27,7 +27,6 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
