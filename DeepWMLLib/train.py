@@ -967,16 +967,22 @@ def _write_history(path: Path, history: list[dict]) -> None:
     io.write_text("\n".join(lines) + "\n", path)
 
 
-def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True) -> Path:
-    """Write a compact copy of a model file (fp16 weights by default) for shipping."""
+def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True,
+                 threshold: float | None = None) -> Path:
+    """Write a compact copy of a model file (fp16 weights by default) for shipping, optionally with
+    another probability threshold (e.g. one chosen on validation data after training)."""
     from .checkpoint import load_model, save_model
 
     loaded = load_model(source)
     provenance = dict(loaded.provenance)
     provenance["exported_from"] = str(Path(source).name)
     provenance["exported_fp16"] = bool(fp16)
-    return save_model(target, loaded.model, loaded.config, loaded.preprocessing, loaded.threshold, provenance,
-                      loaded.labels, fp16=fp16)
+    if threshold is not None:
+        if not 0 < threshold < 1:
+            raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
+        provenance["threshold_during_training"] = loaded.threshold
+    return save_model(target, loaded.model, loaded.config, loaded.preprocessing,
+                      loaded.threshold if threshold is None else float(threshold), provenance, loaded.labels, fp16=fp16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1056,7 +1062,8 @@ def register(subparsers) -> None:
     g.add_argument("--lesion-fraction", type=float, help="share of drawn slices that contain lesion, e.g. 0.7 (default: as in the data)")
     g.add_argument("--patch-size", type=int, help="train on random square crops of this size (cheaper on CPU)")
     g.add_argument("--dice-weight", type=float, help="loss = BCE + w × (1 − Dice) (default 1)")
-    g.add_argument("--threshold", type=float, help="probability threshold for validation and the model file (default 0.5)")
+    g.add_argument("--threshold", type=float, help="probability threshold for validation and the model file (default 0.5; with --export: "
+                        "the exported file's threshold, default the source's)")
     g.add_argument("--seed", type=int, help="seed of the split, initialisation and sampling (default 0)")
     g.add_argument("--plateau-patience", type=int, help="halve the learning rate after this many epochs without a better val Dice")
     g.add_argument("--early-stopping", type=int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
@@ -1127,7 +1134,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
 
 def _run(args: argparse.Namespace) -> int:
     if args.export:
-        out = export_model(args.export[0], args.export[1], fp16=args.fp16)
+        out = export_model(args.export[0], args.export[1], fp16=args.fp16, threshold=args.threshold)
         print(out)
         return 0
     try:

@@ -384,6 +384,14 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     assert main(["train", "--export", str(best), str(tmp_path / "small.pt"), "--fp16"]) == 0
     payload = torch.load(tmp_path / "small.pt", weights_only=True)
     assert payload["state_dict"]["head.weight"].dtype == torch.float16
+    assert checkpoint.load_model(tmp_path / "small.pt").threshold == checkpoint.load_model(best).threshold
+    # A threshold chosen after training goes into the exported file; the training one is kept on record.
+    assert main(["train", "--export", str(best), str(tmp_path / "t.pt"), "--threshold", "0.35"]) == 0
+    exported = checkpoint.load_model(tmp_path / "t.pt")
+    assert exported.threshold == pytest.approx(0.35)
+    assert exported.provenance["threshold_during_training"] == checkpoint.load_model(best).threshold
+    assert main(["train", "--export", str(best), str(tmp_path / "u.pt"), "--threshold", "1.5"]) == 1
+    assert not (tmp_path / "u.pt").exists()
 
 
 def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):

@@ -1,12 +1,17 @@
 """Dice of models on synthetic validation cases, end to end (each case segmented on its own grid).
 
-    python Testing/benchmarks/synthetic_validation.py MANIFEST SPLIT --model A.pt [B.pt ...] [--split-name val] [--json OUT]
+    python Testing/benchmarks/synthetic_validation.py MANIFEST SPLIT --model A.pt [B.pt ...] [--split-name val]
+        [--thresholds 0.3 0.4 0.5 ...] [--json OUT]
 
 MANIFEST is a `deepwml synth` manifest (paths relative to its folder), SPLIT a CSV (case, split);
 the cases of MANIFEST whose split is --split-name are segmented with each model (threshold and
 post-processing as `deepwml segment`) and compared with their painted masks. Prints per model the
 median and mean per-case Dice and the Dice of all voxels pooled. This is how the shipped model was
 chosen (see Resources/Models/README.md): on synthetic validation cases only.
+
+With --thresholds, the same figures at each probability threshold as well (the same probability
+maps, thresholded and cleaned of small components as `deepwml segment` does): how a model's
+threshold can be chosen on synthetic validation data.
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from DeepWMLLib.postprocessing import DEFAULT_MIN_LESION_MM3, postprocess  # noqa: E402
 from DeepWMLLib.segment import load_models, segment_image  # noqa: E402
 
 
-def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val") -> dict:
+def _summary(dices: list, tp: int, fp: int, fn: int) -> dict:
+    return {"median_dice": float(np.median(dices)), "mean_dice": float(np.mean(dices)),
+            "pooled_dice": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
+             thresholds: list[float] = ()) -> dict:
     assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline=""))}
     rows = [r for r in csv.DictReader(open(manifest, newline="")) if assignment.get(r["case"]) == split_name]
     if not rows:
@@ -33,18 +45,27 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
     results = {}
     for model in models:
         loaded = load_models([model])
-        dices, tp, fp, fn = [], 0, 0, 0
+        counts = {t: ([], 0, 0, 0) for t in (None, *thresholds)}  # None: the model's own threshold
         for r in rows:
             image = sitk.ReadImage(str(manifest.parent / r["flair"]), sitk.sitkFloat32)
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"]))) > 0
-            predicted = sitk.GetArrayFromImage(segment_image(image, loaded, device="cpu").mask) > 0
-            overlap = int((predicted & reference).sum())
-            tp, fp, fn = tp + overlap, fp + int((predicted & ~reference).sum()), fn + int((~predicted & reference).sum())
-            total = int(predicted.sum() + reference.sum())
-            dices.append(1.0 if total == 0 else 2 * overlap / total)
-        results[model] = {"cases": len(rows), "median_dice": float(np.median(dices)), "mean_dice": float(np.mean(dices)),
-                          "pooled_dice": 2 * tp / max(1, 2 * tp + fp + fn),
-                          "per_case": dict(zip((r["case"] for r in rows), dices))}
+            result = segment_image(image, loaded, device="cpu")
+            probabilities = sitk.GetArrayFromImage(result.probabilities)
+            voxel_mm3 = float(np.prod(image.GetSpacing()))
+            for t, (dices, tp, fp, fn) in counts.items():
+                if t is None:
+                    predicted = sitk.GetArrayFromImage(result.mask) > 0
+                else:
+                    predicted = postprocess(probabilities, t, voxel_mm3, DEFAULT_MIN_LESION_MM3) > 0
+                overlap = int((predicted & reference).sum())
+                total = int(predicted.sum() + reference.sum())
+                dices.append(1.0 if total == 0 else 2 * overlap / total)
+                counts[t] = (dices, tp + overlap, fp + int((predicted & ~reference).sum()),
+                             fn + int((~predicted & reference).sum()))
+        dices = counts[None][0]
+        results[model] = {"cases": len(rows), **_summary(*counts[None]),
+                          "per_case": dict(zip((r["case"] for r in rows), dices)),
+                          "by_threshold": {str(t): _summary(*counts[t]) for t in thresholds}}
     return results
 
 
@@ -54,12 +75,16 @@ def main() -> None:
     parser.add_argument("split", type=Path)
     parser.add_argument("--model", nargs="+", required=True)
     parser.add_argument("--split-name", default="val")
+    parser.add_argument("--thresholds", type=float, nargs="*", default=[])
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = evaluate(args.manifest, args.split, args.model, args.split_name)
+    results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds)
     for model, r in results.items():
         print(f"{Path(model).name}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
               f"mean {r['mean_dice']:.3f}, pooled {r['pooled_dice']:.3f}")
+        for t, figures in r["by_threshold"].items():
+            print(f"    threshold {t}: median {figures['median_dice']:.3f}, mean {figures['mean_dice']:.3f}, "
+                  f"pooled {figures['pooled_dice']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
