@@ -15,13 +15,16 @@ DEFAULT_MIN_LESION_MM3 = 5.0
 def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The foreground as runs along the last axis: row number (k * rows + j), first and last
     column of each run, in raster order."""
-    n_k, n_j, n_i = binary.shape
-    padded = np.zeros((n_k, n_j, n_i + 2), np.int8)
-    padded[:, :, 1:-1] = binary
-    steps = np.diff(padded.reshape(-1, n_i + 2), axis=1)
-    row, start = np.nonzero(steps == 1)
-    _, stop = np.nonzero(steps == -1)  # one past the run's last column; same raster order
-    return row, start, stop - 1
+    n_i = binary.shape[2]
+    rows = binary.reshape(-1, n_i)
+    # Where a row changes between background and foreground (a virtual background column on each
+    # side): the changes of a row alternate run start, run end + 1.
+    change = np.empty((rows.shape[0], n_i + 1), bool)
+    change[:, 0] = rows[:, 0]
+    np.not_equal(rows[:, 1:], rows[:, :-1], out=change[:, 1:-1])
+    change[:, -1] = rows[:, -1]
+    row, column = np.nonzero(change)
+    return row[0::2], column[0::2], column[1::2] - 1
 
 
 def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, n_j: int, n_i: int):
@@ -95,11 +98,21 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     is_root = root == np.arange(row.size)
     number = np.cumsum(is_root).astype(np.int32)
     run_label = number[root]
-    # Paint the runs: +label at each run's first column, -label after its last, summed along rows.
-    edges = np.zeros((n_k * n_j, n_i + 1), np.int32)
-    edges[row, start] = run_label
-    edges[row, end + 1] -= run_label
-    labels[box] = np.cumsum(edges, axis=1, dtype=np.int32)[:, :n_i].reshape(binary.shape)
+    # Paint: the cropped volume, flattened, is gap, run, gap, run, ..., gap; one np.repeat writes it.
+    first = row * n_i + start
+    last = row * n_i + end
+    lengths = np.empty(2 * row.size + 1, np.int64)
+    lengths[0] = first[0]
+    lengths[2:-1:2] = first[1:] - last[:-1] - 1
+    lengths[-1] = binary.size - last[-1] - 1
+    lengths[1::2] = end - start + 1
+    values = np.zeros(2 * row.size + 1, np.int32)
+    values[1::2] = run_label
+    painted = np.repeat(values, lengths).reshape(binary.shape)
+    if painted.shape == labels.shape:
+        labels = painted
+    else:
+        labels[box] = painted
     return labels, int(number[-1])
 
 
