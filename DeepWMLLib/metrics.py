@@ -56,7 +56,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -115,7 +114,8 @@ def _check_volume(image: sitk.Image, what: str) -> None:
     import SimpleITK as sitk
 
     if not isinstance(image, (sitk.Image, Volume)):
-        raise DeepWMLError(f"{what} must be a SimpleITK image, got {type(image).__name__}; read it with io.read_mask")
+        raise DeepWMLError(f"{what} must be an image (SimpleITK or DeepWML Volume), got {type(image).__name__}; "
+                           "read it with io.read_mask")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(
             f"{what} must be a 3D single-channel image, got {image.GetDimension()}D with "
