@@ -145,7 +145,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     _run_child(command, env)  # warm the ONNX cache and the disk cache
     # The floor: the interpreter plus what `deepwml segment` cannot do without on this input (a NIfTI
     # file is read without SimpleITK; other formats need it).
-    light = Path(path).name.lower().endswith((".nii", ".nii.gz"))
+    light = io.is_nifti(path)
     floor_command = [sys.executable, "-c", "import os, numpy" + ("" if light else ", SimpleITK")
                      + (", onnxruntime" if runner_name == "onnxruntime" else ", torch") + "; os._exit(0)"]
     runner = make_runner(loaded, "cpu", backend)

@@ -69,6 +69,10 @@ def case_name(path: str | os.PathLike) -> str:
     return name
 
 
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith((".nii", ".nii.gz"))
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -144,7 +148,7 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
             "MetaImage (.mha, .mhd) or a DICOM series folder"
         )
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if is_nifti(path):
         data = _nifti_data(path)
         _check_nifti(path, data)
         if light:
@@ -359,7 +363,7 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
 
 def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
     """Write an image, compressed; a `Volume` to NIfTI without SimpleITK."""
-    if isinstance(image, Volume) and str(path).lower().endswith((".nii", ".nii.gz")):
+    if isinstance(image, Volume) and is_nifti(path):
         level = 1 if str(path).lower().endswith(".gz") else 0
         data = nifti_bytes(image, compresslevel=level)
 

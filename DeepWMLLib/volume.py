@@ -64,18 +64,8 @@ class Volume:
     def GetNumberOfComponentsPerPixel(self) -> int:
         return 1
 
-    def TransformContinuousIndexToPhysicalPoint(self, index) -> tuple:
-        d = np.array(self._direction).reshape(3, 3)
-        return tuple(float(v) for v in np.array(self._origin) + d @ (np.asarray(index, float) * self._spacing))
-
     def to_sitk(self):
-        import SimpleITK as sitk
-
-        image = sitk.GetImageFromArray(self.array)
-        image.SetSpacing(self._spacing)
-        image.SetOrigin(self._origin)
-        image.SetDirection(self._direction)
-        return image
+        return like(self.array, self._spacing, self._origin, self._direction)
 
     def __repr__(self) -> str:
         return f"Volume(size={self.GetSize()}, dtype={self.array.dtype}, spacing={self._spacing})"
