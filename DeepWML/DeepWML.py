@@ -62,6 +62,7 @@ class DeepWMLParameterNode:
     useModelThreshold: bool = True
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     tta: bool = False
+    brainMask: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
     raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
@@ -188,7 +189,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
-                threshold=None if p.useModelThreshold else p.threshold, tta=p.tta)
+                threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask)
             self.ui.progressBar.value = 0
             self._timer.start()
             self.updateGUIFromParameterNode()
@@ -209,7 +210,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Segmentation failed."):
             p.outputSegmentation = self.logic.finishSegmentation(job, p.outputSegmentation)
             slicer.util.setSliceViewerLayers(background=job.volumeNode)
-            self.ui.statusLabel.text = "Done."
+            self.ui.statusLabel.text = self.logic.describeRun(job.result.report)
             self.onShowStatistics()
 
     # -----------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 On one input (a real clinical FLAIR from ../shared when present, else a synthetic one) it measures
 (a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
-(b) DeepWML's inference path (`inference.predict_probabilities`: normalisation, resampling, batched
+(b) DeepWML's inference path (`inference.predict_maps`: normalisation, resampling, batched
     runner — ONNX Runtime or channels-last PyTorch — head-less slices skipped, resampling back);
+when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 (c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
     infer, post-process, write every output);
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
@@ -97,14 +98,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_benchmark(input_path: str | None = None, model_paths=None, slices: int = 25, repeat: int = 3,
-                  threads: int | None = None, backend: str = "auto") -> dict:
+                  threads: int | None = None, backend: str = "auto", brain_model="default") -> dict:
+    """`brain_model` as in `segment_image` ("default": the shipped brain-mask network, if any; None:
+    none; or a file): when one is used, (a), (b) and (c) all run it as well as the WMH network."""
     import torch
 
     from . import io
-    from .inference import make_runner, predict_network_slices, predict_probabilities
+    from .inference import make_runner, predict_maps, predict_network_slices
     from .model import count_flops
     from .preprocessing import plan_volume
-    from .segment import default_model_paths, load_models
+    from .segment import default_model_paths, load_brain_model, load_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -114,30 +117,34 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     image = io.read_image(path)
     models = load_models(model_paths)
     loaded = models[0]
+    brain = load_brain_model(brain_model)
+    networks = [loaded] + ([brain] if brain is not None else [])
     stack, frame = io.to_axial_stack(image)
-    plan = plan_volume(stack, frame, [loaded.preprocessing])
-    grid = plan.grids[loaded.preprocessing]
-    net = plan.network_slices(stack, np.arange(stack.shape[0]), loaded.preprocessing)
-    flops = count_flops(loaded.model, tuple(loaded.preprocessing.grid_size))
+    plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
+    nets = [plan.network_slices(stack, np.arange(stack.shape[0]), m.preprocessing) for m in networks]
+    flops_each = [count_flops(m.model, tuple(m.preprocessing.grid_size)) for m in networks]
+    flops = sum(flops_each)
 
-    # (a) the plain way: eager fp32, NCHW, one slice at a time, every slice
-    plain = loaded.model.to("cpu").eval()
+    # (a) the plain way: eager fp32, NCHW, one slice at a time, every slice, each network
+    plains = [m.model.to("cpu").eval() for m in networks]
 
     def reference():
         with torch.inference_mode():
-            return np.concatenate([torch.sigmoid(plain(torch.from_numpy(net[i:i + 1, None]))).numpy()[:, 0]
-                                   for i in range(net.shape[0])])
+            return [plan.grids[m.preprocessing].to_input(np.concatenate(
+                [torch.sigmoid(plain(torch.from_numpy(net[i:i + 1, None]))).numpy()[:, 0] for i in range(net.shape[0])]))
+                for m, plain, net in zip(networks, plains, nets)]
 
-    ref_prob = grid.to_input(reference())  # also the warm-up
+    ref_maps = reference()  # also the warm-up
 
     # (b) DeepWML's inference path, as `segment` calls it, and (c) + (e) `deepwml segment` end to end in
     # a fresh process. a, b, c and the floor take turns in every repetition, so that a busy (or
     # quiet) moment of a shared machine, which can change speed by half, hits all of them alike.
     runner_name = make_runner(loaded, "cpu", backend).name
-    predict_probabilities(image, models, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
+    predict_maps(image, models, brain, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
     out_dir = workdir / "out"
     command = [sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(out_dir), "--overwrite",
                "--device", "cpu", "--backend", backend, "--model", *model_paths]
+    command += ["--no-brain-mask"] if brain is None else ["--brain-model", brain.path]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -148,31 +155,32 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     light = io.is_nifti(path)
     floor_command = [sys.executable, "-c", "import os, numpy" + ("" if light else ", SimpleITK")
                      + (", onnxruntime" if runner_name == "onnxruntime" else ", torch") + "; os._exit(0)"]
-    runner = make_runner(loaded, "cpu", backend)
-    net_run = net[plan.kept]
+    runners = [make_runner(m, "cpu", backend) for m in networks]
+    nets_run = [net[plan.kept] for net in nets]
     t_refs, t_opt, t_nets, e2e, peaks, floor = [], [], [], [], [], []
     for _ in range(repeat):
         start = time.perf_counter()
-        predict_network_slices(net_run, runner, 4)
+        for runner, net_run in zip(runners, nets_run):
+            predict_network_slices(net_run, runner, 4)
         t_nets.append(time.perf_counter() - start)
         start = time.perf_counter()
         reference()
         t_refs.append(time.perf_counter() - start)
         start = time.perf_counter()
-        predict_probabilities(image, models, "cpu", backend=backend)
+        predict_maps(image, models, brain, "cpu", backend=backend)
         t_opt.append(time.perf_counter() - start)
         seconds, peak = _run_child(command, env)
         e2e.append(seconds)
         peaks.append(peak)
         floor.append(_run_child(floor_command, env)[0])
     t_ref, t_opt, t_net, t_e2e, t_floor = (float(np.median(v)) for v in (t_refs, t_opt, t_nets, e2e, floor))
-    opt_prob, _ = predict_probabilities(image, models, "cpu", backend=backend)
+    opt_prob, opt_brain, _ = predict_maps(image, models, brain, "cpu", backend=backend)
     slices_run = int(plan.kept.size)
     threshold = loaded.threshold
-    mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
+    mask_dice = _dice(ref_maps[0] >= threshold, opt_prob >= threshold)
     peak_mb = max(peaks)
 
-    n = net.shape[0]
+    n = stack.shape[0]
     result = {
         "input": source,
         "slices": n,
@@ -180,10 +188,14 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         "grid": list(loaded.preprocessing.grid_size),
         "model": [Path(p).name for p in model_paths],
         "architecture": loaded.config,
+        "brain_model": None if brain is None else brain.name,
+        "brain_architecture": None if brain is None else brain.config,
+        "brain_grid": None if brain is None else list(brain.preprocessing.grid_size),
         "runner": runner_name,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
         "gflop_per_slice": round(flops / 1e9, 3),
+        "gflop_per_slice_each": [round(f / 1e9, 3) for f in flops_each],
         "a_reference_s": round(t_ref, 3),
         "a_reference_s_per_slice": round(t_ref / n, 4),
         "a_reference_gflops": round(flops * n / t_ref / 1e9, 1),
@@ -199,6 +211,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         "startup_floor_s": round(t_floor, 3),
         "e_peak_rss_mb": round(peak_mb, 1),
         "mask_dice_b_vs_a": round(mask_dice, 5),
+        "brain_mask_dice_b_vs_a": None if brain is None else round(_dice(ref_maps[1] >= 0.5, opt_brain >= 0.5), 5),
         "repeat": repeat,
         "bytecode_cached": bytecode_cached,
     }
@@ -209,15 +222,19 @@ def format_table(r: dict) -> str:
     rows = [
         ("input", r["input"]),
         ("model", f"{', '.join(r['model'])} (base {r['architecture']['base_channels']}, depth {r['architecture']['depth']})"),
+        ("brain-mask model", "none" if not r.get("brain_model") else
+         f"{r['brain_model']} (base {r['brain_architecture']['base_channels']}, grid {r['brain_grid'][0]}×{r['brain_grid'][1]})"),
         ("machine / threads", f"{r['machine']} / {r['threads']}"),
-        ("network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP"),
+        ("network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP" + (
+            f" ({' + '.join(str(f) for f in r['gflop_per_slice_each'])})" if len(r["gflop_per_slice_each"]) > 1 else "")),
         ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
         (f"(b) DeepWML inference [{r['runner']}]", f"{r['b_deepwml_inference_s']:.2f} s ({r['b_speedup_vs_a']}x faster than a; {r['slices_run_by_deepwml']}/{r['slices']} slices hold head)"),
         ("    network only", f"{r['b_network_only_s']:.2f} s ({r['b_network_gflops']} GFLOP/s)"),
         ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}, per repetition {r['c_over_b_paired']}; c - b = {r['c_minus_b_s']:.2f} s)"),
         ("    start-up floor", f"{r['startup_floor_s']:.2f} s (a process that only imports what (c) cannot do without, then exits)"),
         ("(e) peak memory of (c)", f"{r['e_peak_rss_mb']:.0f} MB"),
-        ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}"),
+        ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}" + (
+            "" if r.get("brain_mask_dice_b_vs_a") is None else f" (brain mask {r['brain_mask_dice_b_vs_a']:.4f})")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -234,6 +251,8 @@ def register(subparsers) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--brain-model", metavar="FILE", help="brain-mask model (default: the shipped one, if any)")
+    p.add_argument("--no-brain-mask", action="store_true", help="time the WMH network alone, without the brain mask")
     p.add_argument("--json", help="also write the figures to this JSON file")
     add_debug_flag(p)
     p.set_defaults(func=_run)
@@ -242,7 +261,8 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from . import io
 
-    result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend)
+    brain = None if args.no_brain_mask else (args.brain_model or "default")
+    result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend, brain)
     print(format_table(result))
     if args.json:
         io.write_text(json.dumps(result, indent=1), args.json)

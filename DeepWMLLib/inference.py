@@ -94,12 +94,39 @@ class OnnxRunner:
     def __init__(self, loaded: LoadedModel, threads: int | None = None):
         import onnxruntime as ort
 
+        self.loaded = loaded
         path = self._exported(loaded)
+        # The graph as ONNX Runtime optimises it for this CPU is saved next to the export the first
+        # time and loaded as it is afterwards: building a session then skips the optimisation passes
+        # (about 30 ms of every `deepwml segment`). Some passes depend on the CPU's instruction set, so
+        # the saved graph is keyed by the runtime's version and the CPU's feature flags.
+        optimised = path.with_name(f"{path.stem}.{_machine_key(ort.__version__)}.opt.onnx")
+        self.session = None
+        if optimised.is_file():
+            try:
+                self.session = self._session(ort, optimised, threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            except Exception:  # unreadable (a partial copy, a foreign runtime): optimise afresh
+                self.session = None
+        if self.session is None:
+            tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.part")
+            try:
+                self.session = self._session(ort, path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp)
+                os.replace(tmp, optimised)
+            except Exception:  # a read-only cache only costs the optimisation next time
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                if self.session is None:
+                    self.session = self._session(ort, path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+
+    @staticmethod
+    def _session(ort, path: Path, threads: int | None, level, save_to: Path | None = None):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or _cpu_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = level
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if save_to is not None:
+            options.optimized_model_filepath = str(save_to)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def _exported(loaded: LoadedModel) -> Path:
@@ -121,6 +148,24 @@ class OnnxRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"flair": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+def _machine_key(runtime_version: str) -> str:
+    """Short key of the runtime version and this CPU's model and feature flags (Linux: /proc/cpuinfo)."""
+    import hashlib
+    import platform
+
+    facts = [runtime_version, platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    facts.append(line.strip())
+                if line.startswith(("flags", "Features")):
+                    break  # the first processor's are enough
+    except OSError:
+        facts.append(platform.processor())
+    return hashlib.sha1("\n".join(facts).encode()).hexdigest()[:12]
 
 
 def _cpu_threads() -> int:
@@ -215,6 +260,17 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
 
     With several models, each model's map is resampled back to the input grid and the maps are averaged.
     """
+    lesion, _, frame = predict_maps(image, models, None, device, batch_size, tta, progress, cancel, backend)
+    return lesion, frame
+
+
+def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
+                 device: str = "auto", batch_size: int | None = None, tta: bool = False,
+                 progress: Progress | None = None, cancel=None,
+                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray | None, SliceFrame]:
+    """The WMH probability map (models averaged, as `predict_probabilities`) and, with a
+    `brain_model`, its intracranial probability map; both axial stacks on the input grid. Slices
+    outside the head get 0 in both."""
     if not models:
         raise DeepWMLError("no model given")
     dev = resolve_device(device)
@@ -222,15 +278,17 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
     stack, frame = to_axial_stack(image)
     if progress:
         progress(0.0, "normalising")
-    plan = plan_volume(stack, frame, {m.preprocessing for m in models})
+    networks = list(models) + ([brain_model] if brain_model is not None else [])
+    plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
     kept = plan.kept
-    runners = [make_runner(m, dev, backend) for m in models]
+    runners = [make_runner(m, dev, backend) for m in networks]
     total = np.zeros(stack.shape, dtype=np.float32)
-    work, done = max(1, kept.size * len(models)), 0
+    brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None
+    work, done = max(1, kept.size * len(networks)), 0
     for first in range(0, kept.size, CHUNK_SLICES):
         chunk = kept[first:first + CHUNK_SLICES]
         networked = {config: plan.network_slices(stack, chunk, config) for config in plan.grids}
-        for loaded, runner in zip(models, runners):
+        for number, (loaded, runner) in enumerate(zip(networks, runners)):
 
             def on_batch(k: int, loaded=loaded, base=done) -> None:
                 if progress:
@@ -238,9 +296,13 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel)
-            total[chunk] += plan.grids[loaded.preprocessing].to_input(probabilities)
+            on_input = plan.grids[loaded.preprocessing].to_input(probabilities)
+            if number < len(models):
+                total[chunk] += on_input
+            else:
+                brain[chunk] = on_input
             done += chunk.size
     if progress:
         progress(1.0, "done")
     total /= len(models)
-    return total, frame
+    return total, brain, frame

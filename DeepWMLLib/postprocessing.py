@@ -1,4 +1,5 @@
-"""From a probability map to the final mask: threshold, small components, edge slices.
+"""From a probability map to the final mask: threshold, edge slices, small components, and
+components outside the brain mask.
 
 All steps work on the axial stack (slice, row, col) of `io.to_axial_stack`, so "first/last
 slices" means the ends of the axial axis whatever order the file stores its axes in.
@@ -127,6 +128,24 @@ def remove_small_components(mask: np.ndarray, voxel_volume_mm3: float, min_volum
     return keep[labels].astype(mask.dtype)
 
 
+def keep_inside(mask: np.ndarray, inside: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
+    """Drop 3D components with less than `min_fraction` of their voxels in `inside` (the brain
+    mask): marks in scalp, muscle, orbits and neck go; a lesion that touches the brain's edge, or
+    that the brain mask clips by a voxel or two, stays whole."""
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"inside fraction must be in (0, 1], got {min_fraction}")
+    if inside.shape != mask.shape:
+        raise ValueError(f"brain mask shape {inside.shape} differs from the lesion mask's {mask.shape}")
+    if not mask.any():
+        return mask
+    labels, count = label_components(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    within = np.bincount(labels.ravel(), weights=(np.asarray(inside) > 0).ravel(), minlength=count + 1)
+    keep = within >= min_fraction * sizes
+    keep[0] = False
+    return keep[labels].astype(mask.dtype)
+
+
 def exclude_edge_slices(mask: np.ndarray, fraction: float) -> np.ndarray:
     """Clear the first and last `fraction` of axial slices (MICCAI winner: false positives there).
 
@@ -143,11 +162,20 @@ def exclude_edge_slices(mask: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
+# A voxel is intracranial when the brain-mask network gives it at least this probability.
+BRAIN_THRESHOLD = 0.5
+
+
 def postprocess(probabilities: np.ndarray, threshold: float, voxel_volume_mm3: float,
-                min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3, exclude_edge_fraction: float = 0.0) -> np.ndarray:
-    """Axial probability stack -> uint8 0/1 mask stack."""
+                min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3, exclude_edge_fraction: float = 0.0,
+                brain_probabilities: np.ndarray | None = None) -> np.ndarray:
+    """Axial probability stack -> uint8 0/1 mask stack. With `brain_probabilities` (the brain-mask
+    network's map on the same stack), components mostly outside the brain are dropped last."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     mask = (probabilities >= threshold).astype(np.uint8)
     mask = exclude_edge_slices(mask, exclude_edge_fraction)
-    return remove_small_components(mask, voxel_volume_mm3, min_lesion_mm3)
+    mask = remove_small_components(mask, voxel_volume_mm3, min_lesion_mm3)
+    if brain_probabilities is not None:
+        mask = keep_inside(mask, brain_probabilities >= BRAIN_THRESHOLD)
+    return mask

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
 SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds")
+BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
 
 
 def models_dir() -> Path:
@@ -35,28 +36,65 @@ def models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
-def shipped_models() -> list[dict]:
-    """The model registry (Resources/Models/models.json): name, file, version, description, default."""
+def shipped_models(role: str | None = "wmh") -> list[dict]:
+    """The model registry (Resources/Models/models.json): name, file, version, description, default,
+    role ("wmh", the default, or "intracranial" for a brain-mask network). `role` None: every entry."""
     registry = models_dir() / "models.json"
     if not registry.is_file():
         raise DeepWMLError(f"no model registry at {registry}; pass --model FILE or set {MODELS_DIR_ENV}")
     entries = json.loads(registry.read_text())["models"]
     for entry in entries:
         entry["path"] = str(models_dir() / entry["file"])
-    return entries
+    return [e for e in entries if role is None or e.get("role", "wmh") == role]
 
 
 def default_model_paths() -> list[str]:
+    """The shipped default WMH model(s)."""
     entries = shipped_models()
     default = [e for e in entries if e.get("default")] or entries[:1]
     return [e["path"] for e in default]
+
+
+def default_brain_model_path() -> str | None:
+    """The shipped default brain-mask model, or None when the registry has none."""
+    entries = [e for e in shipped_models(BRAIN_ROLE) if e.get("default")]
+    return entries[0]["path"] if entries else None
+
+
+def is_brain_model(loaded) -> bool:
+    """Whether a model file segments the intracranial space (a brain-mask network) rather than WMH."""
+    return str(loaded.labels.get("1", "")).strip().lower() == BRAIN_ROLE
 
 
 def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
     """Model files' settings (None: the shipped default model); each network is built on first use."""
     from .checkpoint import load_model_settings
 
-    return [load_model_settings(p) for p in (paths or default_model_paths())]
+    models = [load_model_settings(p) for p in (paths or default_model_paths())]
+    for m in models:
+        if is_brain_model(m):
+            raise DeepWMLError(f"{m.name} is a brain-mask model, not a WMH model; pass it as the brain model "
+                               "(--brain-model) and give a WMH model with --model")
+    return models
+
+
+def load_brain_model(spec="default"):
+    """The brain-mask model to gate with: "default" (the shipped one, if any), None (no gating), a
+    model file path, or an already loaded model. Raises DeepWMLError for a model of another kind."""
+    from .checkpoint import LoadedModel, load_model_settings
+
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, str) and spec == "default":
+        path = default_brain_model_path()
+        if path is None:
+            return None
+        spec = path
+    loaded = spec if isinstance(spec, LoadedModel) else load_model_settings(spec)
+    if not is_brain_model(loaded):
+        raise DeepWMLError(f"{loaded.name} is not a brain-mask model (its label 1 is "
+                           f"{loaded.labels.get('1', '?')!r}, not 'intracranial')")
+    return loaded
 
 
 @dataclass
@@ -64,33 +102,52 @@ class SegmentationResult:
     mask: sitk.Image  # uint8 0/1 on the input grid
     probabilities: sitk.Image  # float32 0–1 on the input grid
     report: dict
+    brain: sitk.Image | None = None  # uint8 0/1 intracranial mask on the input grid, when gated by one
 
 
 def segment_image(image: sitk.Image, models: Sequence | None = None, device: str = "auto",
                   threshold: float | None = None, tta: bool = False, min_lesion_mm3: float | None = None,
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
                   progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-                  backend: str = "auto") -> SegmentationResult:
-    """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly."""
-    from .inference import predict_probabilities, resolve_device
-    from .postprocessing import DEFAULT_MIN_LESION_MM3, postprocess
+                  backend: str = "auto", brain_model="default") -> SegmentationResult:
+    """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
+
+    `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
+    model) gates the result: lesion components mostly outside its intracranial mask are dropped.
+    """
+    from .inference import predict_maps, resolve_device
+    from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
 
     start = time.perf_counter()
     io.check_volume(image)
     models = list(models) if models else load_models()
+    brain_model = load_brain_model(brain_model)
     if threshold is None:
         threshold = float(np.mean([m.threshold for m in models]))
     if not 0 < threshold < 1:
         raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     dev = resolve_device(device)
-    probabilities, frame = predict_probabilities(image, models, dev, batch_size, tta, progress, cancel, backend)
-    mask_stack = postprocess(probabilities, threshold, float(np.prod(frame.spacing)),
-                             DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3,
-                             exclude_edge_fraction)
+    probabilities, brain, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
+                                               cancel, backend)
+    voxel_mm3 = float(np.prod(frame.spacing))
+    min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
+    mask_stack = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain)
     mask = io.from_axial_stack(mask_stack, frame)
     prob_image = io.from_axial_stack(probabilities, frame)
+    brain_image = None
     report = lesion_report(mask)
+    if brain is not None:
+        ungated = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction)
+        brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
+        brain_image = io.from_axial_stack(brain_stack, frame)
+        report.update({
+            "brain_model": brain_model.name,
+            "intracranial_ml": round(float(brain_stack.sum()) * voxel_mm3 / 1000, 3),
+            "outside_brain_removed_ml": round(float(ungated.sum() - mask_stack.sum()) * voxel_mm3 / 1000, 4),
+        })
+    else:
+        report["brain_model"] = None
     plane = io.acquisition_plane(image)
     report.update({
         "acquisition_plane": plane,
@@ -103,7 +160,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "device": str(dev),
         "seconds": round(time.perf_counter() - start, 3),
     })
-    return SegmentationResult(mask, prob_image, report)
+    return SegmentationResult(mask, prob_image, report, brain_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +182,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
     return cases
 
 
-def output_paths(out_dir: Path, case: str, save_probabilities: bool) -> dict:
+def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False) -> dict:
     paths = {
         "mask": out_dir / f"{case}_wmh.nii.gz",
         "segmentation": out_dir / f"{case}.seg.nrrd",
@@ -133,15 +190,18 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool) -> dict:
     }
     if save_probabilities:
         paths["probabilities"] = out_dir / f"{case}_prob.nii.gz"
+    if save_brain_mask:
+        paths["brain"] = out_dir / f"{case}_brain.nii.gz"
     return paths
 
 
 def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device: str = "auto",
                  threshold: float | None = None, tta: bool = False, save_probabilities: bool = False,
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
-                 batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None) -> dict:
+                 batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
+                 brain_model="default", save_brain_mask: bool = False) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
-    paths = output_paths(out_dir, case, save_probabilities)
+    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         return {"case": case, "input": str(path), "status": "skipped",
@@ -150,12 +210,16 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
     image = io.read_image(path, light=True)  # a plain NIfTI file: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
-                           batch_size, progress, cancel, backend)
+                           batch_size, progress, cancel, backend, brain_model)
+    if save_brain_mask and result.brain is None:
+        raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     report = {"case": case, "input": str(path), **result.report}
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
         io.write_image(result.probabilities, paths["probabilities"])
+    if save_brain_mask:
+        io.write_image(result.brain, paths["brain"])
     io.write_text(json.dumps(report, indent=1), paths["report"])
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
@@ -173,6 +237,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     if not os.access(out, os.W_OK):
         raise DeepWMLError(f"output folder {out} is not writable; choose another with -o")
     models = load_models(model_paths)
+    options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     cases = expand_inputs(inputs)
     rows, seen = [], set()
     for number, (case, path) in enumerate(cases, start=1):
@@ -274,6 +339,10 @@ def register(subparsers) -> None:
                    help="remove 3D lesions smaller than this (default 5 mm³; 0 keeps all)")
     p.add_argument("--exclude-edge-slices", type=_fraction, default=0.0, metavar="FRACTION",
                    help="clear detections in the first/last FRACTION of axial slices (default 0: off)")
+    p.add_argument("--brain-model", metavar="FILE", help="brain-mask model file: lesion components mostly outside "
+                   "its intracranial mask are dropped (default: the shipped brain-mask model)")
+    p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
+    p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used)")
     p.add_argument("--batch-size", type=int, default=None, help="slices per network batch")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
                    help="auto: ONNX Runtime on the CPU when installed, else PyTorch")
@@ -282,11 +351,14 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
+        raise DeepWMLError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
     rows = segment_cases(
         args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(), debug=args.debug,
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
-        exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend)
+        exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
+        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

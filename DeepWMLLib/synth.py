@@ -542,8 +542,10 @@ def _profile_weights(k: int, sigma_fraction: float) -> np.ndarray:
 
 
 def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarray, lesions: np.ndarray,
-             profile_sigma: float, sharpen: float) -> tuple[np.ndarray, np.ndarray]:
-    """Sample the template volumes on the scan grid: arrays (z, y, x) of intensity and lesion PV."""
+             profile_sigma: float, sharpen: float, intracranial: bool = False) -> tuple[np.ndarray, ...]:
+    """Sample the template volumes on the scan grid: arrays (z, y, x) of intensity and lesion PV,
+    and with `intracranial` a third, the partial volume of the intracranial space. The extra
+    channel is sampled by the same transform and changes nothing in the other two."""
     sx, _, sz = geo["spacing"]
     nx, ny, nz = geo["size"]
     f = geo["factor"]
@@ -558,23 +560,23 @@ def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarr
     lo = np.clip(lo, 0, [nx // f, ny // f])
     hi = np.clip(hi, lo, [nx // f, ny // f])
     crop_size = [int(hi[0] - lo[0]), int(hi[1] - lo[1]), nz * k]
-    intensity = np.zeros((nz, ny, nx), np.float32)
-    lesion_pv = np.zeros((nz, ny, nx), np.float32)
+    channels = [image, lesions] + ([atlas.icv] if intracranial else [])
+    out = [np.zeros((nz, ny, nx), np.float32) for _ in channels]
     if min(crop_size) == 0:
-        return intensity, lesion_pv
+        return tuple(out)
     crop_u0 = w_u0 + np.array([lo[0] * w, lo[1] * w, 0.0])
     crop_origin = d @ crop_u0
     spacing = np.array([w, w, sz / k])
-    reference = sitk.Image(crop_size, sitk.sitkVectorFloat32, 2)
+    reference = sitk.Image(crop_size, sitk.sitkVectorFloat32, len(channels))
     reference.SetSpacing(spacing.tolist())
     reference.SetDirection(d.ravel().tolist())
     reference.SetOrigin(crop_origin.tolist())
-    source = sitk.GetImageFromArray(np.stack([image, lesions], axis=-1), isVector=True)
+    source = sitk.GetImageFromArray(np.stack(channels, axis=-1), isVector=True)
     source.CopyInformation(atlas.reference)
     transform = _template_transform(rng, geo, crop_origin, spacing * np.array(crop_size))
     sampled = sitk.GetArrayFromImage(sitk.Resample(source, reference, transform, sitk.sitkLinear, 0.0))
     weights = _profile_weights(k, profile_sigma)
-    slices = np.einsum("zkyxc,k->zyxc", sampled.reshape(nz, k, crop_size[1], crop_size[0], 2), weights)
+    slices = np.einsum("zkyxc,k->zyxc", sampled.reshape(nz, k, crop_size[1], crop_size[0], len(channels)), weights)
     # Scanners sharpen their reconstructions; an in-plane unsharp mask also offsets the blur of
     # interpolating a 1 mm template.
     blurred = ndimage.gaussian_filter(slices[..., 0], (0, 1.0, 1.0))
@@ -583,9 +585,9 @@ def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarr
         slices = _zoom_inplane(slices, f)
     ys = slice(lo[1] * f, lo[1] * f + slices.shape[1])
     xs = slice(lo[0] * f, lo[0] * f + slices.shape[2])
-    intensity[:, ys, xs] = slices[..., 0]
-    lesion_pv[:, ys, xs] = slices[..., 1]
-    return intensity, lesion_pv
+    for c, array in enumerate(out):
+        array[:, ys, xs] = slices[..., c]
+    return tuple(out)
 
 
 def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int], strength: float) -> np.ndarray:
@@ -604,8 +606,11 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
 def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                  ) -> tuple[sitk.Image, sitk.Image, dict]:
-    """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid.
+                  intracranial: bool = False) -> tuple:
+    """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid,
+    and the case's metadata: (flair, mask, meta). With `intracranial` a fourth item, the mask of
+    the intracranial space (brain, CSF and ventricles inside the skull; uint8 0/1, same grid), the
+    target of the brain-mask network; the first three are the same with or without it.
 
     Unset options are drawn at random. `matrix` and `slice_thickness` override the scanner's
     protocol (small matrices keep tests fast). Raises DeepWMLError when the templates are missing.
@@ -634,8 +639,8 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     template_image = _render_template(rng, atlas, scanner, lesions, skull)
     geo = _acquisition(rng, atlas, scanner)
     geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
-    clean, lesion_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
-                                scanner["sharpen"])
+    clean, lesion_pv, *icv_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
+                                         scanner["sharpen"], intracranial)
 
     clean *= _bias_field(rng, clean.shape, scanner["bias"] * rng.uniform(0.6, 1.4))
     sigma = scanner["noise"] * scanner["wm"] * rng.uniform(0.7, 1.3)
@@ -664,36 +669,47 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
         "skull": int(skull),
         **lesion_meta,
     }
-    return flair, mask, meta
+    if not intracranial:
+        return flair, mask, meta
+    brain = sitk.GetImageFromArray((icv_pv[0] >= 0.5).astype(np.uint8))
+    brain.CopyInformation(flair)
+    return flair, mask, meta, brain
 
 
 def _write_case(args: tuple[int, int, str, dict]) -> dict:
     seed, index, out_dir, options = args
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
-    flair, mask, meta = generate_case(case_rng(seed, index), **options)
+    flair, mask, meta, *brain = generate_case(case_rng(seed, index), **options)
     name = f"synth{seed}_{index:05d}"
     out = Path(out_dir)
     write_image(flair, out / f"{name}_flair.nii.gz")
     write_image(mask, out / f"{name}_mask.nii.gz")
-    return {"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
-            "seed": f"{seed}:{index}", **meta}
+    row = {"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
+           "seed": f"{seed}:{index}", **meta}
+    if brain:
+        write_image(brain[0], out / f"{name}_intracranial.nii.gz")
+        row["intracranial"] = f"{name}_intracranial.nii.gz"
+    return row
 
 
 def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      progress: Optional[Callable[[float, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
-                     matrix: Optional[int] = None, slice_thickness: Optional[float] = None) -> Path:
+                     matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
+                     intracranial: bool = False) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
     Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
-    given, replace the simulated scanners' protocols for every case.
+    given, replace the simulated scanners' protocols for every case. With `intracranial`, each case
+    also gets `<case>_intracranial.nii.gz` (manifest column `intracranial`), for the brain-mask
+    network (`deepwml train --mask-column intracranial`).
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
     _require_shared_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"matrix": matrix, "slice_thickness": slice_thickness}
+    options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
@@ -721,7 +737,8 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                 raise
     rows.sort(key=lambda r: r["case"])
     table = StringIO()
-    writer = csv.DictWriter(table, fieldnames=[*MANIFEST_COLUMNS, "lesion_source"], extrasaction="ignore",
+    columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else [])
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -746,6 +763,8 @@ def register(subparsers) -> None:
                         "simulated scanner, 256-512)")
     parser.add_argument("--thickness", type=float, help="slice thickness in mm for every case "
                         "(default: per simulated scanner, 3-8)")
+    parser.add_argument("--intracranial", action="store_true", help="also write each case's intracranial "
+                        "mask (the brain-mask network's target; manifest column intracranial)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -755,7 +774,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
-                                matrix=args.matrix, slice_thickness=args.thickness)
+                                matrix=args.matrix, slice_thickness=args.thickness,
+                                intracranial=args.intracranial)
     print(file=sys.stderr)
     print(manifest)
     return 0

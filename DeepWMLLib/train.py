@@ -113,6 +113,8 @@ class TrainConfig:
     threads: int | None = None
     skip_bad_cases: bool = False
     init: str | None = None  # start from the weights of this model file (fine-tuning); same architecture
+    mask_column: str = "mask"  # the manifest column of the target masks (e.g. intracranial, for the brain mask)
+    label_name: str = "WMH"  # what label 1 of the trained model means (written into the model file)
 
     @classmethod
     def coerce(cls, config: "dict | TrainConfig") -> "TrainConfig":
@@ -178,8 +180,10 @@ class TrainConfig:
 
 
 def _config_differences(stored: dict, current: dict) -> list[str]:
+    """Settings that differ; one a stored config lacks (written before it existed) counts as its default."""
+    defaults = TrainConfig().to_dict()
     keys = sorted((set(stored) | set(current)) - set(_RUNTIME_KEYS))
-    return [k for k in keys if stored.get(k) != current.get(k)]
+    return [k for k in keys if stored.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,9 +199,10 @@ class Case:
     disease: str = ""
 
 
-def read_manifest(path: str | os.PathLike) -> list[Case]:
+def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Case]:
     """Cases of a manifest CSV: columns case, flair, mask (centre, disease optional); paths may be
-    relative to the CSV's folder. Raises DeepWMLError on a missing file, missing column or duplicate."""
+    relative to the CSV's folder. `mask_column` names another column to take the masks from (the
+    target of training). Raises DeepWMLError on a missing file, missing column or duplicate."""
     path = Path(path)
     if not path.is_file():
         raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns case, flair, mask")
@@ -207,19 +212,20 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
             columns = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"manifest {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
-    missing = [c for c in ("case", "flair", "mask") if c not in columns]
+    mask_column = mask_column.strip().lower()
+    missing = [c for c in ("case", "flair", mask_column) if c not in columns]
     if not rows or missing:
-        raise DeepWMLError(f"manifest {path} needs the columns case, flair, mask (missing: {', '.join(missing) or 'all rows'}); "
-                           "add a header line such as 'case,flair,mask'")
+        raise DeepWMLError(f"manifest {path} needs the columns case, flair, {mask_column} (missing: {', '.join(missing) or 'all rows'}); "
+                           f"add a header line such as 'case,flair,{mask_column}'")
     cases, seen = [], set()
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if not row["case"] or not row["flair"] or not row["mask"]:
-            raise DeepWMLError(f"manifest {path} line {line}: case, flair and mask must all be filled in")
+        if not row["case"] or not row["flair"] or not row[mask_column]:
+            raise DeepWMLError(f"manifest {path} line {line}: case, flair and {mask_column} must all be filled in")
         if row["case"] in seen:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} appears twice; case names must be unique")
         seen.add(row["case"])
-        cases.append(Case(row["case"], str((path.parent / row["flair"]).resolve()), str((path.parent / row["mask"]).resolve()),
+        cases.append(Case(row["case"], str((path.parent / row["flair"]).resolve()), str((path.parent / row[mask_column]).resolve()),
                           row.get("centre", ""), row.get("disease", "")))
     return cases
 
@@ -736,7 +742,7 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
 
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
-    cases = read_manifest(cfg.manifest)
+    cases = read_manifest(cfg.manifest, cfg.mask_column)
     missing = [f"{c.case}: {p}" for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
     if missing and not cfg.skip_bad_cases:
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
@@ -957,7 +963,8 @@ def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, de
         from .checkpoint import file_digest
 
         provenance["initialised_from"] = {"file": Path(cfg.init).name, "sha256": file_digest(cfg.init)}
-    save_model(path, model, cfg.architecture, cfg.preprocessing, cfg.threshold, provenance)
+    save_model(path, model, cfg.architecture, cfg.preprocessing, cfg.threshold, provenance,
+               {"0": "background", "1": cfg.label_name})
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -1044,6 +1051,10 @@ def register(subparsers) -> None:
     p.add_argument("--fp16", action="store_true", help="with --export: store the weights as float16 (half the size)")
     p.add_argument("--config", metavar="JSON", help="settings from a JSON file (the flags below override it)")
     g = p.add_argument_group("data")
+    g.add_argument("--mask-column", metavar="NAME", help="manifest column of the target masks (default mask; "
+                   "intracranial trains the brain-mask network on `deepwml synth --intracranial` data)")
+    g.add_argument("--label-name", metavar="NAME", help="what the trained label means, written into the model file "
+                   "(default WMH; intracranial for a brain-mask network)")
     g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
     g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
     g.add_argument("--grid-size", type=int, nargs="+", metavar="N", help="network grid (default 256 256)")
@@ -1104,7 +1115,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     config["manifest"] = args.manifest
     for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
                 "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble", "device",
-                "threads", "skip_bad_cases", "init"):
+                "threads", "skip_bad_cases", "init", "mask_column", "label_name"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if args.no_amp:

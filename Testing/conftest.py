@@ -64,7 +64,7 @@ def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, orig
     return image, truth
 
 
-def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0) -> Path:
+def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0, labels=None) -> Path:
     from DeepWMLLib.checkpoint import save_model
     from DeepWMLLib.model import build_model
     from DeepWMLLib.preprocessing import PreprocessingConfig
@@ -72,7 +72,7 @@ def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0) -> Path:
     torch.manual_seed(seed)
     config = {"base_channels": 4, "depth": 2}
     save_model(path, build_model(config), config, PreprocessingConfig(grid_size=grid, grid_spacing_mm=spacing_mm),
-               0.5, {"kind": "test fixture"})
+               0.5, {"kind": "test fixture"}, labels)
     return path
 
 
@@ -94,6 +94,24 @@ def oracle_network(monkeypatch, level: float = 3.0) -> None:
     import DeepWMLLib.inference as inference
 
     def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+        return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
+
+    monkeypatch.setattr(inference, "predict_network_slices", predict)
+
+
+BRAIN_LABELS = {"0": "background", "1": "intracranial"}
+
+
+def oracle_networks_with_brain(monkeypatch, level: float = 3.0) -> None:
+    """As oracle_network for WMH models; a brain-mask model (label 1 "intracranial") instead marks
+    the left half of its network grid, so gating has something to drop."""
+    import DeepWMLLib.inference as inference
+
+    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+        if runner.loaded.labels.get("1") == "intracranial":
+            out = np.zeros(slices.shape, np.float32)
+            out[..., : slices.shape[-1] // 2] = 1.0
+            return out
         return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
 
     monkeypatch.setattr(inference, "predict_network_slices", predict)

@@ -7,7 +7,7 @@ import json
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_volume
+from conftest import make_volume, tiny_model_file
 from DeepWMLLib.bench import format_table, run_benchmark
 from DeepWMLLib.cli import main
 
@@ -16,7 +16,7 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     image, _ = make_volume(size=(48, 40, 8))
     path = tmp_path / "flair.nii.gz"
     sitk.WriteImage(image, str(path), True)
-    result = run_benchmark(str(path), [str(tiny_model)], slices=6, repeat=1, threads=1)
+    result = run_benchmark(str(path), [str(tiny_model)], slices=6, repeat=1, threads=1, brain_model=None)
     assert result["slices"] == 6 and 0 < result["slices_run_by_deepwml"] <= 6
     for key in ("a_reference_s", "b_deepwml_inference_s", "b_network_only_s", "c_end_to_end_s", "startup_floor_s",
                 "e_peak_rss_mb", "gflop_per_slice"):
@@ -30,9 +30,18 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     assert 0 <= result["mask_dice_b_vs_a"] <= 1
     assert result["e_peak_rss_mb"] < 4000
     assert "start-up floor" in format_table(result)
+    assert result["brain_model"] is None and len(result["gflop_per_slice_each"]) == 1
 
+    # With a brain-mask network (on a coarser grid), every timing runs both networks.
+    brain = tiny_model_file(tmp_path / "brain.pt", grid=(32, 32), spacing_mm=2.0,
+                            labels={"0": "background", "1": "intracranial"})
     out = tmp_path / "bench.json"
     assert main(["bench", "--input", str(path), "--model", str(tiny_model), "--slices", "4", "--repeat", "1",
-                 "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["slices"] == 4
-    assert "(c) deepwml segment end to end" in capsys.readouterr().out
+                 "--brain-model", str(brain), "--json", str(out)]) == 0
+    both = json.loads(out.read_text())
+    assert both["slices"] == 4 and both["brain_model"] == "brain.pt"
+    wmh_flops, brain_flops = both["gflop_per_slice_each"]
+    assert wmh_flops == result["gflop_per_slice_each"][0] and 0 < brain_flops < wmh_flops
+    assert 0 <= both["brain_mask_dice_b_vs_a"] <= 1
+    table = capsys.readouterr().out
+    assert "(c) deepwml segment end to end" in table and "brain.pt" in table

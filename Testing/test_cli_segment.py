@@ -183,6 +183,27 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "auto")
 
 
+def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model, tmp_path, monkeypatch):
+    """The first session saves ONNX Runtime's optimised graph; later ones load it (no optimisation
+    passes) and compute bit for bit the same. A damaged saved graph is rebuilt, not fatal."""
+    pytest.importorskip("onnxruntime")
+    from DeepWMLLib.inference import OnnxRunner
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    batch = np.random.default_rng(1).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    first = OnnxRunner(loaded)(batch)
+    (saved,) = (tmp_path / "cache" / "onnx").glob("*.opt.onnx")
+    stamp = saved.stat().st_mtime_ns
+    assert np.array_equal(OnnxRunner(loaded)(batch), first)
+    assert saved.stat().st_mtime_ns == stamp  # loaded, not written again
+    saved.write_bytes(b"not a model")
+    assert np.array_equal(OnnxRunner(loaded)(batch), first)
+    assert saved.stat().st_size > 100  # rebuilt
+    assert not list(saved.parent.glob("*.part"))
+
+
 def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model):
     """Start-up time matters for short jobs: the ONNX path never needs torch once the model was seen,
     and segmentation never needs scipy (its ndimage import alone costs about half a second)."""

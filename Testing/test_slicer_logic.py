@@ -291,3 +291,35 @@ def test_importing_the_logic_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monkeypatch, tmp_path, tiny_model):
+    """With a brain-mask model in the registry, segmentVolume gates by default (the GUI's checkbox,
+    on) and keeps everything with brainMask=False; the run facts on the node say which."""
+    import shutil
+
+    from conftest import BRAIN_LABELS, oracle_networks_with_brain, tiny_model_file
+
+    oracle_networks_with_brain(monkeypatch)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model, models / "wmh.pt")
+    tiny_model_file(models / "brain.pt", labels=BRAIN_LABELS)
+    (models / "models.json").write_text(json.dumps({"format_version": 1, "models": [
+        {"name": "wmh", "file": "wmh.pt", "version": "1", "default": True, "description": "test"},
+        {"name": "brain", "file": "brain.pt", "version": "1", "default": True, "role": "intracranial",
+         "description": "test"}]}))
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(models))
+    flair, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.72, 0.5, 0.5, 5.0)))
+    volume = mrml.volumeFromImage(flair, "two")
+    logic = DeepWMLCoreLogic()
+    assert [m["name"] for m in logic.shippedModels()] == ["wmh"]  # the brain model is no WMH choice
+    gated = logic.segmentVolume(volume, device="cpu")
+    plain = logic.segmentVolume(volume, device="cpu", brainMask=False)
+    assert logic.lesionStatistics(gated, volume)["lesion_count"] == 1
+    assert logic.lesionStatistics(plain, volume)["lesion_count"] == 2
+    run = json.loads(gated.GetAttribute("DeepWML.run"))
+    assert run["brain_model"] == "brain.pt" and run["outside_brain_removed_ml"] > 0
+    assert "outside the brain ignored" in logic.describeRun(run)
+    assert json.loads(plain.GetAttribute("DeepWML.run"))["brain_model"] is None
+    assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."

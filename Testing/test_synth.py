@@ -84,7 +84,8 @@ def test_real_lesion_cases_use_training_patients_only():
 
 @needs_shared
 def test_cli_writes_cases_and_manifest(tmp_path, capsys):
-    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3", "--matrix", "256"]) == 0
+    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3", "--matrix", "256",
+                     "--intracranial"]) == 0
     manifest = tmp_path / "out" / "manifest.csv"
     with open(manifest, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -94,7 +95,28 @@ def test_cli_writes_cases_and_manifest(tmp_path, capsys):
         assert row["centre"].startswith("synth-scanner") and row["disease"] in synth.DISEASES
         flair = sitk.ReadImage(str(manifest.parent / row["flair"]))
         mask = sitk.ReadImage(str(manifest.parent / row["mask"]))
-        assert flair.GetSize() == mask.GetSize()
+        brain = sitk.ReadImage(str(manifest.parent / row["intracranial"]))
+        assert flair.GetSize() == mask.GetSize() == brain.GetSize()
+        assert np.allclose(brain.GetOrigin(), flair.GetOrigin()) and np.allclose(brain.GetDirection(), flair.GetDirection())
+
+
+@needs_shared
+def test_intracranial_mask_holds_brain_and_lesions_but_not_the_scalp():
+    """The brain-mask target: asking for it changes nothing else; every lesion lies inside it; the
+    scalp and skull of a skull-on case lie outside; its volume is an adult's intracranial volume."""
+    plain = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True)
+    flair, mask, meta, brain = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0,
+                                                   skull=True, intracranial=True)
+    image, lesion, icv = (sitk.GetArrayFromImage(x) for x in (flair, mask, brain))
+    assert np.array_equal(image, sitk.GetArrayFromImage(plain[0]))
+    assert np.array_equal(lesion, sitk.GetArrayFromImage(plain[1])) and meta == plain[2]
+    assert brain.GetPixelID() == sitk.sitkUInt8 and set(np.unique(icv)) == {0, 1}
+    assert np.allclose(brain.GetOrigin(), flair.GetOrigin()) and np.allclose(brain.GetSpacing(), flair.GetSpacing())
+    assert lesion.sum() > 0 and (icv[lesion > 0] > 0).mean() > 0.99
+    head = image > 0.2 * np.percentile(image, 99)
+    assert (head & (icv == 0)).sum() > 0.1 * head.sum()  # scalp and marrow: head, not intracranial
+    ml = icv.sum() * np.prod(flair.GetSpacing()) / 1000
+    assert 900 < ml < 2200, ml
 
 
 def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):

@@ -418,3 +418,29 @@ def test_fine_tuning_refuses_another_architecture(trained, dataset, tmp_path):
         training.train(wider, tmp_path / "wider")
     with pytest.raises(DeepWMLError, match="no such model file"):
         training.train(tiny_config(dataset, epochs=1, init=str(tmp_path / "missing.pt")), tmp_path / "missing")
+
+
+def test_another_mask_column_trains_a_brain_mask_model(dataset, tmp_path):
+    """--mask-column picks the target (here the whole head, as a brain-mask network learns the
+    intracranial space); --label-name says in the model file what label 1 is."""
+    folder = dataset.parent
+    lines = dataset.read_text().splitlines()
+    rows = [lines[0] + ",head"]
+    for line in lines[1:]:
+        case = line.split(",")[0]
+        flair = sitk.ReadImage(str(folder / f"{case}_flair.nii.gz"))
+        head = sitk.Cast(flair > 50, sitk.sitkUInt8)
+        sitk.WriteImage(head, str(tmp_path / f"{case}_head.nii.gz"))
+        rows.append(f"{line.replace(case + '_', str(folder) + '/' + case + '_')},{tmp_path}/{case}_head.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    best = training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, mask_column="head",
+                                      label_name="intracranial"), run)
+    labels = np.load(run / "cache" / "train_labels.npy", mmap_mode="r")
+    assert labels.mean() > 0.3  # the head, not the few lesion pixels
+    loaded = checkpoint.load_model(best)
+    assert loaded.labels == {"0": "background", "1": "intracranial"}
+    assert loaded.provenance["training_config"]["mask_column"] == "head"
+    with pytest.raises(DeepWMLError, match="columns case, flair, brain"):
+        training.train(tiny_config(manifest, epochs=1, mask_column="brain"), tmp_path / "missing")

@@ -26,7 +26,8 @@ MODEL_FILE_CHOICE = "Model file..."
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
 # Facts about the run stored on the segmentation node, so they travel with the scene.
-RUN_KEYS = ("model", "device", "threshold", "tta", "seconds", "acquisition_plane", "warnings")
+RUN_KEYS = ("model", "device", "threshold", "tta", "brain_model", "outside_brain_removed_ml", "seconds",
+            "acquisition_plane", "warnings")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
@@ -37,13 +38,14 @@ class SegmentationJob:
     image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread."""
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
-                 progress=None, cancel=None):
+                 progress=None, cancel=None, brainMask=True):
         self.volumeNode = volumeNode
         self.image = image
         self.modelPaths = list(modelPaths) if modelPaths else None
         self.device = device
         self.threshold = threshold
         self.tta = tta
+        self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped)
         self.result = None
         self.error = None
         self.fraction = 0.0
@@ -65,7 +67,8 @@ class SegmentationJob:
             models = load_models(self.modelPaths)
             self._report(0.0, "segmenting")
             self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
-                                        tta=self.tta, progress=self._report, cancel=self.cancelRequested)
+                                        tta=self.tta, progress=self._report, cancel=self.cancelRequested,
+                                        brain_model="default" if self.brainMask else None)
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
             self.error = exc
         finally:
@@ -187,15 +190,16 @@ class DeepWMLCoreLogic:
     # Segmentation
 
     def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
-                          tta=False) -> SegmentationJob:
+                          tta=False, brainMask=True) -> SegmentationJob:
         """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
         self.ensureDependencies()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
-        return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta).start()
+        return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
+                               brainMask=brainMask).start()
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
-                      cancel=None, segmentationNode=None):
+                      cancel=None, segmentationNode=None, brainMask=True):
         """Segment WMH in a volume node; returns a segmentation node with one segment 'WMH'.
 
         `progress(fraction, message)` and `cancel()` are called in this thread; when cancel() returns
@@ -203,7 +207,7 @@ class DeepWMLCoreLogic:
         """
         self.ensureDependencies()
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
-                              progress, cancel)
+                              progress, cancel, brainMask)
         job.run()
         return self.finishSegmentation(job, segmentationNode)
 
@@ -221,6 +225,13 @@ class DeepWMLCoreLogic:
         run = {key: job.result.report[key] for key in RUN_KEYS if key in job.result.report}
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         return segmentationNode
+
+    @staticmethod
+    def describeRun(report: dict) -> str:
+        """The status line after a segmentation: done, and what the brain mask left out."""
+        if not report.get("brain_model"):
+            return "Done (no brain mask)."
+        return f"Done. {report.get('outside_brain_removed_ml', 0):.2f} ml marked outside the brain ignored (brain mask)."
 
     # -----------------------------------------------------------------------------------------
     # Results

@@ -43,6 +43,8 @@ def parseArguments(argv):
                         help="model file(s); several make an ensemble. Default: the shipped default model")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
+    parser.add_argument("--no-brain-mask", action="store_true",
+                        help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
     return parser.parse_args(argv)
@@ -87,7 +89,8 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
         volumeNode = loadFlair(path, case)
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
-                                               threshold=args.threshold, tta=args.tta)
+                                               threshold=args.threshold, tta=args.tta,
+                                               brainMask=not args.no_brain_mask)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
         row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"]}

@@ -9,7 +9,8 @@ Head mask per slice: FLAIR > 10 % of its 99th percentile, closed, holes filled, 
 Marks at the skull base deeper than 10 mm are not counted, so this is a lower bound on them.
 
 Also the volume marked in the lowest quarter of the slices that contain head (skull base, orbits,
-posterior fossa), where white matter hyperintensities are rare and normal bright structures many.
+posterior fossa), where white matter hyperintensities are rare and normal bright structures many,
+and the volume marked elsewhere (deeper than 10 mm, above the lowest quarter): where WMH are.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
         # Lowest quarter below: slices ordered from inferior to superior.
         depths[path.name[:-len(".nii.gz")]] = depth if image.GetDirection()[8] >= 0 else depth[::-1]
     for folder in sys.argv[1:]:
-        zone_total = all_total = base_total = 0.0
+        zone_total = all_total = base_total = deep_total = 0.0
         per_case = []
         for case, depth in depths.items():
             mask = sitk.ReadImage(str(Path(folder) / f"{case}_wmh.nii.gz"))
@@ -63,17 +64,23 @@ def main() -> None:
             if mask.GetDirection()[8] < 0:
                 marked = marked[::-1]
             voxel_ml = float(np.prod(mask.GetSpacing())) / 1000
-            zone = float((marked & (depth <= ZONE_MM)).sum() * voxel_ml)
+            surface = depth <= ZONE_MM
+            zone = float((marked & surface).sum() * voxel_ml)
             total = float(marked.sum() * voxel_ml)
             head_slices = np.flatnonzero(depth.reshape(depth.shape[0], -1).max(axis=1) > 0)
-            base = float(marked[:head_slices[0] + (len(head_slices) + 3) // 4].sum() * voxel_ml) if len(head_slices) else 0.0
+            low = np.zeros(marked.shape[0], bool)
+            if len(head_slices):
+                low[:head_slices[0] + (len(head_slices) + 3) // 4] = True
+            base = float(marked[low].sum() * voxel_ml)
+            deep = float((marked & ~surface & ~low[:, None, None]).sum() * voxel_ml)
             zone_total += zone
             all_total += total
             base_total += base
-            per_case.append(f"{case} {zone:.2f}/{base:.2f}/{total:.2f}")
+            deep_total += deep
+            per_case.append(f"{case} {zone:.2f}/{base:.2f}/{deep:.2f}/{total:.2f}")
         print(f"{folder}: {zone_total:.2f} ml within {ZONE_MM:g} mm of the head surface, {base_total:.2f} ml in the "
-              f"lowest quarter of the head's slices, of {all_total:.2f} ml marked")
-        print("    per case: surface zone / lowest quarter / all (ml)")
+              f"lowest quarter of the head's slices, {deep_total:.2f} ml elsewhere, of {all_total:.2f} ml marked")
+        print("    per case: surface zone / lowest quarter / elsewhere / all (ml)")
         print("    " + "; ".join(per_case))
 
 

@@ -1,7 +1,7 @@
 """Dice of models on synthetic validation cases, end to end (each case segmented on its own grid).
 
     python Testing/benchmarks/synthetic_validation.py MANIFEST SPLIT --model A.pt [B.pt ...] [--split-name val]
-        [--thresholds 0.3 0.4 0.5 ...] [--json OUT]
+        [--thresholds 0.3 0.4 0.5 ...] [--brain-model default|none|FILE] [--json OUT]
 
 MANIFEST is a `deepwml synth` manifest (paths relative to its folder), SPLIT a CSV (case, split);
 the cases of MANIFEST whose split is --split-name are segmented with each model (threshold and
@@ -12,6 +12,9 @@ chosen (see Resources/Models/README.md): on synthetic validation cases only.
 With --thresholds, the same figures at each probability threshold as well (the same probability
 maps, thresholded and cleaned of small components as `deepwml segment` does): how a model's
 threshold can be chosen on synthetic validation data.
+
+--brain-model: the brain-mask gate, as `deepwml segment` (default: the shipped one, if any; none:
+no gate; or a brain-mask model file).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from DeepWMLLib.postprocessing import DEFAULT_MIN_LESION_MM3, postprocess  # noqa: E402
-from DeepWMLLib.segment import load_models, segment_image  # noqa: E402
+from DeepWMLLib.segment import load_brain_model, load_models, segment_image  # noqa: E402
 
 
 def _summary(dices: list, tp: int, fp: int, fn: int) -> dict:
@@ -37,7 +40,7 @@ def _summary(dices: list, tp: int, fp: int, fn: int) -> dict:
 
 
 def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
-             thresholds: list[float] = ()) -> dict:
+             thresholds: list[float] = (), brain_model: str = "default") -> dict:
     assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline=""))}
     rows = [r for r in csv.DictReader(open(manifest, newline="")) if assignment.get(r["case"]) == split_name]
     if not rows:
@@ -45,18 +48,21 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
     results = {}
     for model in models:
         loaded = load_models([model])
+        brain = load_brain_model(None if brain_model == "none" else brain_model)
         counts = {t: ([], 0, 0, 0) for t in (None, *thresholds)}  # None: the model's own threshold
         for r in rows:
             image = sitk.ReadImage(str(manifest.parent / r["flair"]), sitk.sitkFloat32)
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"]))) > 0
-            result = segment_image(image, loaded, device="cpu")
+            result = segment_image(image, loaded, device="cpu", brain_model=brain)
             probabilities = sitk.GetArrayFromImage(result.probabilities)
+            inside = None if result.brain is None else sitk.GetArrayFromImage(result.brain).astype(np.float32)
             voxel_mm3 = float(np.prod(image.GetSpacing()))
             for t, (dices, tp, fp, fn) in counts.items():
                 if t is None:
                     predicted = sitk.GetArrayFromImage(result.mask) > 0
                 else:
-                    predicted = postprocess(probabilities, t, voxel_mm3, DEFAULT_MIN_LESION_MM3) > 0
+                    predicted = postprocess(probabilities, t, voxel_mm3, DEFAULT_MIN_LESION_MM3,
+                                            brain_probabilities=inside) > 0
                 overlap = int((predicted & reference).sum())
                 total = int(predicted.sum() + reference.sum())
                 dices.append(1.0 if total == 0 else 2 * overlap / total)
@@ -65,7 +71,8 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
         dices = counts[None][0]
         results[model] = {"cases": len(rows), **_summary(*counts[None]),
                           "per_case": dict(zip((r["case"] for r in rows), dices)),
-                          "by_threshold": {str(t): _summary(*counts[t]) for t in thresholds}}
+                          "by_threshold": {str(t): _summary(*counts[t]) for t in thresholds},
+                          "brain_model": None if brain is None else brain.name}
     return results
 
 
@@ -76,9 +83,10 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", required=True)
     parser.add_argument("--split-name", default="val")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[])
+    parser.add_argument("--brain-model", default="default")
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds)
+    results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds, args.brain_model)
     for model, r in results.items():
         print(f"{Path(model).name}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
               f"mean {r['mean_dice']:.3f}, pooled {r['pooled_dice']:.3f}")

@@ -1,0 +1,107 @@
+"""Brain-mask gating: lesion components mostly outside the intracranial mask are dropped; the brain
+mask is a model of its own (label 1 "intracranial"), shipped or given, and can be switched off."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.postprocessing import keep_inside, postprocess
+
+from conftest import BRAIN_LABELS, make_volume, oracle_networks_with_brain, tiny_model_file
+
+
+def test_keep_inside_drops_components_mostly_outside():
+    mask = np.zeros((4, 20, 20), np.uint8)
+    mask[1:3, 2:6, 2:6] = 1  # 32 voxels, 24 inside below
+    mask[1:3, 12:16, 12:16] = 1  # 32 voxels, 8 inside below
+    inside = np.zeros(mask.shape, bool)
+    inside[:, :, :5] = True  # columns 2-4 of the first (3 of 4), none of the second...
+    inside[1:3, 12:16, 12] = True  # ...except its first column (1 of 4)
+    kept = keep_inside(mask, inside)
+    assert kept[1:3, 2:6, 2:6].all() and not kept[:, 10:].any()
+    assert keep_inside(mask, inside, min_fraction=0.8).sum() == 0
+    assert keep_inside(mask, np.ones(mask.shape, bool)).sum() == mask.sum()
+    with pytest.raises(ValueError):
+        keep_inside(mask, inside[:2])
+    with pytest.raises(ValueError):
+        keep_inside(mask, inside, min_fraction=0)
+    # In postprocess, the gate comes after the threshold and the small-component removal.
+    prob = mask.astype(np.float32) * 0.9
+    assert np.array_equal(postprocess(prob, 0.5, 1.0, 0.0, brain_probabilities=inside.astype(np.float32)), kept)
+
+
+def two_lesion_case(folder):
+    image, truth = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.72, 0.5, 0.5, 5.0)))
+    path = folder / "two.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    return path, truth
+
+
+def components(array):
+    from DeepWMLLib.postprocessing import label_components
+
+    labels, count = label_components(array)
+    return [labels == k for k in range(1, count + 1)]
+
+
+def test_segment_drops_the_lesion_outside_the_brain_mask(tmp_path, tiny_model, monkeypatch):
+    oracle_networks_with_brain(monkeypatch)
+    brain_model = tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)
+    path, truth = two_lesion_case(tmp_path)
+    gated, plain = tmp_path / "gated", tmp_path / "plain"
+    assert main(["segment", str(path), "-o", str(gated), "--model", str(tiny_model), "--device", "cpu",
+                 "--brain-model", str(brain_model), "--save-brain-mask"]) == 0
+    assert main(["segment", str(path), "-o", str(plain), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask"]) == 0
+    both = sitk.GetArrayFromImage(sitk.ReadImage(str(plain / "two_wmh.nii.gz")))
+    one = sitk.GetArrayFromImage(sitk.ReadImage(str(gated / "two_wmh.nii.gz")))
+    brain_image = sitk.ReadImage(str(gated / "two_brain.nii.gz"))
+    brain = sitk.GetArrayFromImage(brain_image)
+    assert brain_image.GetPixelID() == sitk.sitkUInt8 and np.allclose(brain_image.GetOrigin(), truth.GetOrigin())
+    assert len(components(both)) == 2 and len(components(one)) == 1
+    kept = components(one)[0]
+    dropped = [c for c in components(both) if not (c & kept).any()][0]
+    assert brain[kept].mean() > 0.5 > brain[dropped].mean()
+    assert np.array_equal(one > 0, (both > 0) & ~dropped)
+    report = json.loads((gated / "two_report.json").read_text())
+    voxel_ml = np.prod(truth.GetSpacing()) / 1000
+    assert report["brain_model"] == "brain.pt"
+    assert report["outside_brain_removed_ml"] == pytest.approx(dropped.sum() * voxel_ml, abs=1e-3)
+    assert report["intracranial_ml"] == pytest.approx(brain.sum() * voxel_ml, abs=1e-2)
+    assert json.loads((plain / "two_report.json").read_text())["brain_model"] is None
+
+
+def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model, capsys):
+    from DeepWMLLib.segment import load_brain_model, load_models
+
+    brain_model = tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)
+    with pytest.raises(DeepWMLError, match="brain-mask model, not a WMH model"):
+        load_models([brain_model])
+    with pytest.raises(DeepWMLError, match="not a brain-mask model"):
+        load_brain_model(str(tiny_model))
+    assert load_brain_model(None) is None
+    path, _ = two_lesion_case(tmp_path)
+    assert main(["segment", str(path), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
+                 "--no-brain-mask", "--save-brain-mask"]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):
+    """A brain network with a coarser grid than the WMH network: both maps come back on the input grid."""
+    from DeepWMLLib.inference import predict_maps, predict_probabilities
+    from DeepWMLLib.segment import load_brain_model, load_models
+
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "b.pt", grid=(32, 32), spacing_mm=2.0, labels=BRAIN_LABELS)))
+    image, _ = make_volume(size=(40, 36, 5))
+    models = load_models([tiny_model])
+    lesion, brain_map, frame = predict_maps(image, models, brain, "cpu")
+    alone, _ = predict_probabilities(image, models, "cpu")
+    assert brain_map.shape == lesion.shape == alone.shape
+    assert np.allclose(lesion, alone, atol=1e-6)  # the brain network does not touch the WMH map
+    assert 0 <= brain_map.min() and brain_map.max() <= 1 and brain_map.std() > 0
