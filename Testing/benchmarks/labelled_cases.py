@@ -1,6 +1,7 @@
 """Accuracy and runtime of a model on the real labelled MS cases, at 1 mm and as thick axial slices.
 
-    python Testing/benchmarks/labelled_cases.py [--model FILE ...] [--thickness 1 5 8] [--json OUT] [--markdown OUT]
+    python Testing/benchmarks/labelled_cases.py [--model FILE ...] [--brain-model default|none|FILE]
+        [--thickness 1 5 8] [--json OUT] [--markdown OUT]
 
 The three Ljubljana cases (../shared/data/open_ms/labelled/patient07, 19, 26: 3T FLAIR, skull-stripped,
 N4-corrected, 1 mm MNI grid, 3-rater consensus masks) are EVALUATION ONLY: nothing in training or
@@ -9,7 +10,8 @@ the average of `thickness` consecutive 1 mm axial slices (a box slice profile) a
 the consensus mask's slab average thresholded at 0.5 (the lesion fills at least half the slice).
 
 Per case and thickness it reports Dice, sensitivity, precision, HD95, AVD, lesion recall and F1
-(DeepWMLLib.evaluation.evaluate_case) and the segmentation time.
+(DeepWMLLib.evaluation.evaluate_case) and the segmentation time. The brain-mask gate is as in
+`deepwml segment`: the shipped one by default, `--brain-model none` for none.
 """
 
 from __future__ import annotations
@@ -60,21 +62,23 @@ def load_case(root: Path, case: str, thickness: int) -> tuple[sitk.Image, sitk.I
     return thick_slices(flair, thickness), thick_slices(mask, thickness, mask=True)
 
 
-def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False) -> list[dict]:
+def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False,
+             brain_model="default") -> list[dict]:
     from DeepWMLLib.evaluation import evaluate_case
-    from DeepWMLLib.segment import load_models, segment_image
+    from DeepWMLLib.segment import load_brain_model, load_models, segment_image
 
     shared = io.shared_data_dir()
     if shared is None:
         raise SystemExit("../shared/data is absent: the labelled cases are needed")
     root = shared / "open_ms" / "labelled"
     models = load_models(model_paths)
+    brain = load_brain_model(None if brain_model == "none" else brain_model)
     rows = []
     for thickness in thicknesses:
         for case in cases:
             flair, reference = load_case(root, case, thickness)
             start = time.perf_counter()
-            result = segment_image(flair, models, device=device, tta=tta)
+            result = segment_image(flair, models, device=device, tta=tta, brain_model=brain)
             seconds = time.perf_counter() - start
             scores = evaluate_case(result.mask, reference)
             row = {"case": case, "thickness_mm": thickness, "slices": flair.GetSize()[2],
@@ -113,11 +117,12 @@ def main(argv=None) -> int:
     parser.add_argument("--thickness", nargs="+", type=int, default=[1, 5, 8])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--brain-model", default="default", help="brain-mask gate: default (the shipped one), none, or a file")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     print(HEADER)
-    rows = evaluate(args.model, args.thickness, args.device, tta=args.tta)
+    rows = evaluate(args.model, args.thickness, args.device, tta=args.tta, brain_model=args.brain_model)
     text = markdown(rows)
     print(text.split("\n\n", 1)[-1] if "\n\n" in text else "")
     if args.json:
