@@ -117,33 +117,46 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(number[-1])
 
 
+def filter_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3: float = 0.0,
+                      inside: np.ndarray | None = None, min_fraction: float = 0.5,
+                      inside_level: float = 0.5) -> tuple[np.ndarray, int]:
+    """Drop 3D components smaller than `min_volume_mm3`, then, with `inside` (the brain mask: a bool
+    mask, or probabilities where >= `inside_level` is inside; same shape), those with less than
+    `min_fraction` of their voxels inside it. One labelling for both, and `inside` is only read at
+    the marked voxels. Returns the mask and the number of voxels the `inside` rule removed."""
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"inside fraction must be in (0, 1], got {min_fraction}")
+    if inside is not None and inside.shape != mask.shape:
+        raise ValueError(f"brain mask shape {inside.shape} differs from the lesion mask's {mask.shape}")
+    if (min_volume_mm3 <= 0 and inside is None) or not mask.any():
+        return mask, 0
+    labels, count = label_components(mask)
+    voxels = labels > 0
+    component = labels[voxels]
+    sizes = np.bincount(component, minlength=count + 1)
+    keep = sizes * voxel_volume_mm3 >= min_volume_mm3 if min_volume_mm3 > 0 else np.ones(count + 1, bool)
+    keep[0] = False
+    removed = 0
+    if inside is not None:
+        within = np.bincount(component, weights=inside[voxels] >= inside_level, minlength=count + 1)
+        gated = keep & (within >= min_fraction * sizes)
+        removed = int(sizes[keep & ~gated].sum())
+        keep = gated
+    out = np.zeros(mask.shape, mask.dtype)
+    out[voxels] = keep[component]
+    return out, removed
+
+
 def remove_small_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3: float) -> np.ndarray:
     """Drop 3D components smaller than `min_volume_mm3` (noise specks, single hot voxels)."""
-    if min_volume_mm3 <= 0 or not mask.any():
-        return mask
-    labels, count = label_components(mask)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1) * voxel_volume_mm3
-    keep = sizes >= min_volume_mm3
-    keep[0] = False
-    return keep[labels].astype(mask.dtype)
+    return filter_components(mask, voxel_volume_mm3, min_volume_mm3)[0]
 
 
 def keep_inside(mask: np.ndarray, inside: np.ndarray, min_fraction: float = 0.5) -> np.ndarray:
     """Drop 3D components with less than `min_fraction` of their voxels in `inside` (the brain
     mask): marks in scalp, muscle, orbits and neck go; a lesion that touches the brain's edge, or
     that the brain mask clips by a voxel or two, stays whole."""
-    if not 0 < min_fraction <= 1:
-        raise ValueError(f"inside fraction must be in (0, 1], got {min_fraction}")
-    if inside.shape != mask.shape:
-        raise ValueError(f"brain mask shape {inside.shape} differs from the lesion mask's {mask.shape}")
-    if not mask.any():
-        return mask
-    labels, count = label_components(mask)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    within = np.bincount(labels.ravel(), weights=(np.asarray(inside) > 0).ravel(), minlength=count + 1)
-    keep = within >= min_fraction * sizes
-    keep[0] = False
-    return keep[labels].astype(mask.dtype)
+    return filter_components(mask, 1.0, 0.0, inside, min_fraction)[0]
 
 
 def exclude_edge_slices(mask: np.ndarray, fraction: float) -> np.ndarray:
@@ -168,14 +181,16 @@ BRAIN_THRESHOLD = 0.5
 
 def postprocess(probabilities: np.ndarray, threshold: float, voxel_volume_mm3: float,
                 min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3, exclude_edge_fraction: float = 0.0,
-                brain_probabilities: np.ndarray | None = None) -> np.ndarray:
+                brain_probabilities: np.ndarray | None = None, return_removed: bool = False):
     """Axial probability stack -> uint8 0/1 mask stack. With `brain_probabilities` (the brain-mask
-    network's map on the same stack), components mostly outside the brain are dropped last."""
+    network's map on the same stack), components mostly outside the brain (probability below
+    BRAIN_THRESHOLD) are dropped after the small ones; `return_removed` also returns how many
+    voxels that removed: (mask, voxels)."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     mask = (probabilities >= threshold).astype(np.uint8)
     mask = exclude_edge_slices(mask, exclude_edge_fraction)
-    mask = remove_small_components(mask, voxel_volume_mm3, min_lesion_mm3)
-    if brain_probabilities is not None:
-        mask = keep_inside(mask, brain_probabilities >= BRAIN_THRESHOLD)
-    return mask
+    mask, removed = filter_components(mask, voxel_volume_mm3, min_lesion_mm3, brain_probabilities,
+                                      inside_level=BRAIN_THRESHOLD)
+    return (mask, removed) if return_removed else mask
+

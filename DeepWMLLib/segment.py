@@ -132,19 +132,19 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                                                cancel, backend)
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
-    mask_stack = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain)
+    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
+                                      return_removed=True)
     mask = io.from_axial_stack(mask_stack, frame)
     prob_image = io.from_axial_stack(probabilities, frame)
     brain_image = None
     report = lesion_report(mask)
     if brain is not None:
-        ungated = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction)
         brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
         brain_image = io.from_axial_stack(brain_stack, frame)
         report.update({
             "brain_model": brain_model.name,
-            "intracranial_ml": round(float(brain_stack.sum()) * voxel_mm3 / 1000, 3),
-            "outside_brain_removed_ml": round(float(ungated.sum() - mask_stack.sum()) * voxel_mm3 / 1000, 4),
+            "intracranial_ml": round(float(np.count_nonzero(brain_stack)) * voxel_mm3 / 1000, 3),
+            "outside_brain_removed_ml": round(removed * voxel_mm3 / 1000, 4),
         })
     else:
         report["brain_model"] = None

@@ -105,3 +105,26 @@ def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):
     assert brain_map.shape == lesion.shape == alone.shape
     assert np.allclose(lesion, alone, atol=1e-6)  # the brain network does not touch the WMH map
     assert 0 <= brain_map.min() and brain_map.max() <= 1 and brain_map.std() > 0
+
+
+def test_one_pass_filter_equals_size_then_brain_filter_on_random_masks():
+    """filter_components (one labelling) = small-component removal, then the brain rule, and the
+    removed count is what the brain rule took away."""
+    from DeepWMLLib.postprocessing import filter_components, label_components, remove_small_components
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        mask = (rng.random((6, 24, 24)) < rng.uniform(0.05, 0.3)).astype(np.uint8)
+        brain = rng.random(mask.shape).astype(np.float32)
+        small = remove_small_components(mask, 1.0, 3.0)
+        labels, count = label_components(small)
+        expected = np.zeros_like(small)
+        for k in range(1, count + 1):
+            part = labels == k
+            if (brain[part] >= 0.5).mean() >= 0.5:
+                expected[part] = 1
+        got, removed = filter_components(mask, 1.0, 3.0, brain, inside_level=0.5)
+        assert np.array_equal(got, expected)
+        assert removed == int(small.sum() - expected.sum())
+        gated, n = postprocess(mask.astype(np.float32), 0.5, 1.0, 3.0, brain_probabilities=brain, return_removed=True)
+        assert np.array_equal(gated, expected) and n == removed
