@@ -247,6 +247,14 @@ def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path
     assert (run / "best.pt").is_file()
 
 
+def test_settings_added_later_count_as_their_defaults_when_resuming():
+    """A run folder written before a setting existed resumes: the missing key is its default."""
+    current = training.TrainConfig(manifest="m.csv").to_dict()
+    stored = {k: v for k, v in current.items() if k not in ("mask_column", "label_name")}
+    assert training._config_differences(stored, current) == []
+    assert training._config_differences(stored, dict(current, mask_column="intracranial")) == ["mask_column"]
+
+
 def test_a_run_folder_refuses_other_settings(trained, dataset):
     run, _ = trained
     with pytest.raises(DeepWMLError, match="other settings.*learning_rate"):
@@ -351,7 +359,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
                                       "--depth", "3", "--batch-norm", "--grid-size", "192", "--grid-spacing", "none",
                                       "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
                                       "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3",
-                                      "--init", "base.pt"])
+                                      "--init", "base.pt", "--mask-column", "intracranial", "--label-name", "intracranial"])
     config, run = training.config_from_args(args)
     assert run == tmp_path / "r"
     cfg = training.TrainConfig.coerce(config)
@@ -361,6 +369,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     assert cfg.augmentation["rotate_deg"] == 5 and cfg.augmentation["scale"] == [0.8, 1.2]
     assert not cfg.augmentation["flip"] and cfg.augmentation["noise_std"] is None
     assert cfg.init == str(Path("base.pt").resolve())
+    assert (cfg.mask_column, cfg.label_name) == ("intracranial", "intracranial")
     with pytest.raises(DeepWMLError, match="multiple of 8"):
         training.TrainConfig.coerce(dict(config, patch_size=100))
 
