@@ -16,8 +16,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
 # median Dice over the 3 cases per slice thickness (mm), measured for the model card of
-# deepwml_unet16_synth_v3.pt (1 mm 0.511, 5 mm 0.695, 8 mm 0.618); floor = measured - 0.03
-DICE_FLOORS = {1: 0.481, 5: 0.665, 8: 0.588}
+# deepwml_unet16_synth_v4.pt with the shipped brain mask (1 mm 0.383, 5 mm 0.607, 8 mm 0.520);
+# floor = measured - 0.03. (v3 measured 0.511, 0.695, 0.618: v4 was chosen by a rule fixed before
+# these cases were looked at, on synthetic and label-free checks; see the model card.)
+DICE_FLOORS = {1: 0.353, 5: 0.577, 8: 0.490}
 
 
 @pytest.mark.shared
