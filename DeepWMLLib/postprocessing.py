@@ -11,6 +11,8 @@ import numpy as np
 
 
 DEFAULT_MIN_LESION_MM3 = 5.0
+# A voxel is intracranial when the brain-mask network gives it at least this probability.
+BRAIN_THRESHOLD = 0.5
 
 
 def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,10 +177,6 @@ def exclude_edge_slices(mask: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
-# A voxel is intracranial when the brain-mask network gives it at least this probability.
-BRAIN_THRESHOLD = 0.5
-
-
 def postprocess(probabilities: np.ndarray, threshold: float, voxel_volume_mm3: float,
                 min_lesion_mm3: float = DEFAULT_MIN_LESION_MM3, exclude_edge_fraction: float = 0.0,
                 brain_probabilities: np.ndarray | None = None, return_removed: bool = False):
@@ -193,4 +191,3 @@ def postprocess(probabilities: np.ndarray, threshold: float, voxel_volume_mm3: f
     mask, removed = filter_components(mask, voxel_volume_mm3, min_lesion_mm3, brain_probabilities,
                                       inside_level=BRAIN_THRESHOLD)
     return (mask, removed) if return_removed else mask
-
