@@ -271,11 +271,12 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
 
 def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
                  device: str = "auto", batch_size: int | None = None, tta: bool = False,
-                 progress: Progress | None = None, cancel=None,
-                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray | None, SliceFrame]:
+                 progress: Progress | None = None, cancel=None, backend: str = "auto",
+                 facts: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, SliceFrame]:
     """The WMH probability map (models averaged, as `predict_probabilities`) and, with a
     `brain_model`, its intracranial probability map; both axial stacks on the input grid. Slices
-    outside the head get 0 in both."""
+    outside the head get 0 in both. `facts`, when given, receives `head_voxels` (the
+    normalisation's head mask) and `slices_run`."""
     if not models:
         raise DeepWMLError("no model given")
     dev = resolve_device(device)
@@ -286,6 +287,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     networks = list(models) + ([brain_model] if brain_model is not None else [])
     plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
     kept = plan.kept
+    if facts is not None:
+        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size))
     runners = [make_runner(m, dev, backend) for m in networks]
     total = np.zeros(stack.shape, dtype=np.float32)
     brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None

@@ -271,6 +271,7 @@ class VolumePlan:
     scale: float
     kept: np.ndarray  # indices of the slices with enough head to segment
     grids: dict  # PreprocessingConfig -> NetworkGrid
+    head_voxels: int = 0  # voxels of the head mask (brain, and scalp and skull when present)
 
     def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
         """Normalised slices `indices` of the axial stack on the network grid of `config`."""
@@ -282,4 +283,5 @@ def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
     head = head_mask(stack)
     centre, scale = intensity_reference(stack, head)
     kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
-    return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs})
+    return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs},
+                      int(np.count_nonzero(head)))

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
 SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds")
 BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
+# Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
+# labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
+BRAIN_COVERAGE = (0.5, 2.0)
 
 
 def models_dir() -> Path:
@@ -128,8 +131,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if not 0 < threshold < 1:
         raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     dev = resolve_device(device)
+    facts: dict = {}
     probabilities, brain, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
-                                               cancel, backend)
+                                               cancel, backend, facts)
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
@@ -138,22 +142,30 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     prob_image = io.from_axial_stack(probabilities, frame)
     brain_image = None
     report = lesion_report(mask)
+    plane = io.acquisition_plane(image)
+    warnings = [] if plane == "axial" else [
+        f"{plane} acquisition: DeepWML segmented the axial planes of the volume; accuracy was only validated on axial acquisitions"
+    ]
     if brain is not None:
         brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
         brain_image = io.from_axial_stack(brain_stack, frame)
+        intracranial = np.count_nonzero(brain_stack)
         report.update({
             "brain_model": brain_model.name,
-            "intracranial_ml": round(float(np.count_nonzero(brain_stack)) * voxel_mm3 / 1000, 3),
+            "intracranial_ml": round(float(intracranial) * voxel_mm3 / 1000, 3),
             "outside_brain_removed_ml": round(removed * voxel_mm3 / 1000, 4),
         })
+        coverage = intracranial / max(1, facts.get("head_voxels", 0))
+        if not BRAIN_COVERAGE[0] <= coverage <= BRAIN_COVERAGE[1]:
+            warnings.append(
+                f"the brain mask covers {coverage:.0%} of the head mask (85-120 % on the scans it was checked on): "
+                f"it may have failed on this scan, and {report['outside_brain_removed_ml']:.2f} ml marked outside it "
+                "were dropped; compare with --no-brain-mask")
     else:
         report["brain_model"] = None
-    plane = io.acquisition_plane(image)
     report.update({
         "acquisition_plane": plane,
-        "warnings": [] if plane == "axial" else [
-            f"{plane} acquisition: DeepWML segmented the axial planes of the volume; accuracy was only validated on axial acquisitions"
-        ],
+        "warnings": warnings,
         "model": [m.name for m in models],
         "threshold": threshold,
         "tta": bool(tta),

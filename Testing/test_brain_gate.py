@@ -128,3 +128,28 @@ def test_one_pass_filter_equals_size_then_brain_filter_on_random_masks():
         assert removed == int(small.sum() - expected.sum())
         gated, n = postprocess(mask.astype(np.float32), 0.5, 1.0, 3.0, brain_probabilities=brain, return_removed=True)
         assert np.array_equal(gated, expected) and n == removed
+
+
+@pytest.mark.parametrize("brain_found, warned", [("nothing", True), ("head", False)])
+def test_a_brain_mask_that_finds_no_brain_is_reported(tmp_path, tiny_model, monkeypatch, brain_found, warned):
+    """A brain mask far smaller than the head (a failure on an unusual scan) drops every lesion: the
+    report and the command line then say so; a brain mask like the head raises nothing."""
+    import DeepWMLLib.inference as inference
+    from DeepWMLLib.segment import load_brain_model, load_models, segment_image
+
+    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+        if runner.loaded.labels.get("1") == "intracranial":
+            return np.zeros(slices.shape, np.float32) if brain_found == "nothing" else (slices > -1.5).astype(np.float32)
+        return 1.0 / (1.0 + np.exp(-4.0 * (slices - 3.0)))
+
+    monkeypatch.setattr(inference, "predict_network_slices", predict)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.4, 0.5, 0.5, 5.0),))
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)))
+    result = segment_image(image, load_models([tiny_model]), "cpu", brain_model=brain)
+    messages = [w for w in result.report["warnings"] if "brain mask" in w]
+    assert bool(messages) == warned
+    if warned:
+        assert result.report["volume_ml"] == 0 and result.report["outside_brain_removed_ml"] > 0
+        assert "--no-brain-mask" in messages[0]
+    else:
+        assert result.report["lesion_count"] == 1
