@@ -4,11 +4,11 @@ On one input (a real clinical FLAIR from ../shared when present, else a syntheti
 (a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
 (b) DeepWML's inference path (`inference.predict_maps`: normalisation, resampling, batched
     runner — ONNX Runtime or channels-last PyTorch — head-less slices skipped, resampling back);
-when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 (c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
     infer, post-process, write every output);
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
 (e) peak resident memory of (c), that process's own;
+when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
 takes only to import numpy and the runtime (and SimpleITK, for inputs other than NIfTI) and exit,
 which (c) cannot go below. a, b, c and the floor take turns in each repetition; medians are
