@@ -90,10 +90,14 @@ def shared_data() -> Path:
 
 
 def oracle_network(monkeypatch, level: float = 3.0) -> None:
-    """Replace the network by 'bright means lesion' so geometry is tested independently of any weights."""
+    """Replace the network by 'bright means lesion' so geometry is tested independently of any
+    weights. A brain-mask model (the shipped one gates by default) marks the head instead: every
+    voxel clearly above the background, as a brain mask on a skull-stripped image would."""
     import DeepWMLLib.inference as inference
 
     def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+        if getattr(runner, "loaded", None) is not None and runner.loaded.labels.get("1") == "intracranial":
+            return (slices > -1.5).astype(np.float32)
         return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
 
     monkeypatch.setattr(inference, "predict_network_slices", predict)
