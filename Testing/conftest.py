@@ -89,33 +89,29 @@ def shared_data() -> Path:
     return root
 
 
-def oracle_network(monkeypatch, level: float = 3.0) -> None:
+BRAIN_LABELS = {"0": "background", "1": "intracranial"}
+
+
+def oracle_network(monkeypatch, level: float = 3.0, brain: str = "head") -> None:
     """Replace the network by 'bright means lesion' so geometry is tested independently of any
-    weights. A brain-mask model (the shipped one gates by default) marks the head instead: every
-    voxel clearly above the background, as a brain mask on a skull-stripped image would."""
+    weights. A brain-mask model (the shipped one gates by default) marks, by `brain`: "head", every
+    voxel clearly above the background (as on a skull-stripped image); "left half", the left half
+    of its network grid (so gating has something to drop); "nothing" (a failed brain mask)."""
     import DeepWMLLib.inference as inference
 
     def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
         if getattr(runner, "loaded", None) is not None and runner.loaded.labels.get("1") == "intracranial":
-            return (slices > -1.5).astype(np.float32)
-        return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
-
-    monkeypatch.setattr(inference, "predict_network_slices", predict)
-
-
-BRAIN_LABELS = {"0": "background", "1": "intracranial"}
-
-
-def oracle_networks_with_brain(monkeypatch, level: float = 3.0) -> None:
-    """As oracle_network for WMH models; a brain-mask model (label 1 "intracranial") instead marks
-    the left half of its network grid, so gating has something to drop."""
-    import DeepWMLLib.inference as inference
-
-    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
-        if runner.loaded.labels.get("1") == "intracranial":
+            if brain == "head":
+                return (slices > -1.5).astype(np.float32)
             out = np.zeros(slices.shape, np.float32)
-            out[..., : slices.shape[-1] // 2] = 1.0
+            if brain == "left half":
+                out[..., : slices.shape[-1] // 2] = 1.0
             return out
         return 1.0 / (1.0 + np.exp(-4.0 * (slices - level)))
 
     monkeypatch.setattr(inference, "predict_network_slices", predict)
+
+
+def oracle_networks_with_brain(monkeypatch, level: float = 3.0) -> None:
+    """oracle_network whose brain-mask model marks the left half of its grid."""
+    oracle_network(monkeypatch, level, brain="left half")

@@ -13,7 +13,7 @@ from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.postprocessing import keep_inside, postprocess
 
-from conftest import BRAIN_LABELS, make_volume, oracle_networks_with_brain, tiny_model_file
+from conftest import BRAIN_LABELS, make_volume, oracle_network, oracle_networks_with_brain, tiny_model_file
 
 
 def test_keep_inside_drops_components_mostly_outside():
@@ -134,15 +134,9 @@ def test_one_pass_filter_equals_size_then_brain_filter_on_random_masks():
 def test_a_brain_mask_that_finds_no_brain_is_reported(tmp_path, tiny_model, monkeypatch, brain_found, warned):
     """A brain mask far smaller than the head (a failure on an unusual scan) drops every lesion: the
     report and the command line then say so; a brain mask like the head raises nothing."""
-    import DeepWMLLib.inference as inference
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
 
-    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
-        if runner.loaded.labels.get("1") == "intracranial":
-            return np.zeros(slices.shape, np.float32) if brain_found == "nothing" else (slices > -1.5).astype(np.float32)
-        return 1.0 / (1.0 + np.exp(-4.0 * (slices - 3.0)))
-
-    monkeypatch.setattr(inference, "predict_network_slices", predict)
+    oracle_network(monkeypatch, brain=brain_found)
     image, _ = make_volume(size=(64, 48, 8), blobs=((0.4, 0.5, 0.5, 5.0),))
     brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)))
     result = segment_image(image, load_models([tiny_model]), "cpu", brain_model=brain)
