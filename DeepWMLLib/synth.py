@@ -18,7 +18,8 @@ like the evaluation cases.
 Inside the skull, normal FLAIR is not clean either: patches of incompletely nulled CSF in sulci and
 cisterns (stronger low in the head) and vessel or flow spots as bright as lesions in sulci, cisterns
 and cortex are added, never labelled. About three cases in ten have faint lesions, barely brighter
-than cortex.
+than cortex. With `--graded-rims P`, the other cases' lesions are, with probability P, brighter in
+their core than at their edge (drawn from a stream of their own, so nothing else in a case changes).
 
 Speed: the 1 mm template volumes are combined once into an intensity and a lesion fraction volume,
 then sampled once through the composed (elastic then affine) transform, directly on a working grid
@@ -359,14 +360,22 @@ def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, librar
 # Rendering in template space.
 
 def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, lesions: np.ndarray,
-                     skull: bool) -> np.ndarray:
-    """FLAIR intensities on the template grid; white matter is 1 before the scanner's scaling."""
+                     skull: bool, graded_rims: float = 0.0,
+                     rim_rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, bool]:
+    """FLAIR intensities on the template grid; white matter is 1 before the scanner's scaling.
+
+    With probability `graded_rims` (not for faint cases) the lesions' contrast over white matter
+    rises from their edge to their core, as on real scans where the outer millimetres of a lesion
+    are clearly but less bright than its centre and raters still include them. Those draws come from
+    `rim_rng`, so the rest of the case (anatomy, lesions, scanner, mask) is the same with or without
+    rims. Returns the image and whether the rims were graded."""
     gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
     gm = scanner["gm_ratio"] * gm_jitter
     csf = scanner["csf_ratio"] * csf_jitter
     image = atlas.gm * gm + atlas.wm + atlas.csf * csf
     box = atlas.box
     heterogeneity = 0.75 + 0.5 * _smooth_noise(rng, lesions[box].shape, 4)
+    graded = False
     if rng.random() < 0.3:
         # Faint lesions, barely brighter than cortex: the heterogeneity scales their contrast over
         # white matter, so no part of a lesion is darker than the white matter round it.
@@ -375,11 +384,23 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
     else:
         lesion = rng.uniform(1.15, 2.0) * max(gm, 1.0)
         lesion_value = lesion * heterogeneity
+        graded = bool(graded_rims > 0 and rim_rng.random() < graded_rims)
+        if graded:
+            lesion_value = 1 + (lesion_value - 1) * _rim_grade(rim_rng, lesions[box])
     image[box] += lesions[box] * (lesion_value - image[box])
     image += _intracranial_mimics(rng, atlas, lesion)
     if skull:
         image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner, lesion)
-    return image * np.float32(scanner["wm"] * level_jitter)
+    return image * np.float32(scanner["wm"] * level_jitter), graded
+
+
+def _rim_grade(rng: np.random.Generator, lesions: np.ndarray) -> np.ndarray:
+    """A factor on lesion contrast: `floor` at a lesion's edge, rising linearly over `ramp` mm of
+    depth (1 mm template grid) to 1 in its core. Lesions thinner than the ramp stay fainter all
+    through, like small real lesions."""
+    floor, ramp = rng.uniform(0.35, 0.65), rng.uniform(1.5, 4.0)
+    depth = ndimage.distance_transform_edt(lesions >= 0.5).astype(np.float32)
+    return floor + (1 - floor) * np.clip((depth - 0.5) / ramp, 0, 1)
 
 
 def _intracranial_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -> np.ndarray:
@@ -606,14 +627,17 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
 def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                  intracranial: bool = False) -> tuple:
+                  intracranial: bool = False, graded_rims: float = 0.0) -> tuple:
     """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid,
     and the case's metadata: (flair, mask, meta). With `intracranial` a fourth item, the mask of
     the intracranial space (brain, CSF and ventricles inside the skull; uint8 0/1, same grid), the
     target of the brain-mask network; the first three are the same with or without it.
 
     Unset options are drawn at random. `matrix` and `slice_thickness` override the scanner's
-    protocol (small matrices keep tests fast). Raises DeepWMLError when the templates are missing.
+    protocol (small matrices keep tests fast). `graded_rims` is the probability that a case's
+    lesions are brighter in their core than at their edge; it changes only lesion intensities, so
+    the mask and everything else are the same for any value (and 0 gives the data sets made before
+    it existed). Raises DeepWMLError when the templates are missing.
     """
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     atlas = _atlas(_require_shared_dir())
@@ -636,7 +660,10 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     skull = bool(rng.random() < 0.8) if skull is None else bool(skull)
 
     lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
-    template_image = _render_template(rng, atlas, scanner, lesions, skull)
+    if not 0 <= graded_rims <= 1:
+        raise DeepWMLError(f"graded_rims is a probability: use 0 to 1, got {graded_rims}")
+    rim_rng = rng.spawn(1)[0]  # its own stream: rims change nothing else in the case
+    template_image, graded = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng)
     geo = _acquisition(rng, atlas, scanner)
     geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
     clean, lesion_pv, *icv_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
@@ -668,6 +695,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
         "matrix": f"{geo['size'][0]}x{geo['size'][1]}",
         "skull": int(skull),
         **lesion_meta,
+        **({"graded_rims": int(graded)} if graded_rims > 0 else {}),
     }
     if not intracranial:
         return flair, mask, meta
@@ -696,20 +724,23 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      progress: Optional[Callable[[float, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
                      matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                     intracranial: bool = False) -> Path:
+                     intracranial: bool = False, graded_rims: float = 0.0) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
     Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
     given, replace the simulated scanners' protocols for every case. With `intracranial`, each case
     also gets `<case>_intracranial.nii.gz` (manifest column `intracranial`), for the brain-mask
-    network (`deepwml train --mask-column intracranial`).
+    network (`deepwml train --mask-column intracranial`). `graded_rims`: see `generate_case`.
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
+    if not 0 <= graded_rims <= 1:
+        raise DeepWMLError(f"--graded-rims is a probability: use 0 to 1, got {graded_rims}")
     _require_shared_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial}
+    options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
+               "graded_rims": graded_rims}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
@@ -737,7 +768,8 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                 raise
     rows.sort(key=lambda r: r["case"])
     table = StringIO()
-    columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else [])
+    columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else []) \
+        + (["graded_rims"] if graded_rims > 0 else [])
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
@@ -765,6 +797,9 @@ def register(subparsers) -> None:
                         "(default: per simulated scanner, 3-8)")
     parser.add_argument("--intracranial", action="store_true", help="also write each case's intracranial "
                         "mask (the brain-mask network's target; manifest column intracranial)")
+    parser.add_argument("--graded-rims", type=float, default=0.0, metavar="P",
+                        help="probability that a case's lesions are brighter in their core than at "
+                        "their edge (default 0, as the data sets behind models v1-v4)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -775,7 +810,7 @@ def _run(args: argparse.Namespace) -> int:
 
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                 matrix=args.matrix, slice_thickness=args.thickness,
-                                intracranial=args.intracranial)
+                                intracranial=args.intracranial, graded_rims=args.graded_rims)
     print(file=sys.stderr)
     print(manifest)
     return 0

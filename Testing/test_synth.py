@@ -52,6 +52,47 @@ def test_mask_marks_the_painted_bright_lesions(csvd_case):
     assert image[lesions].mean() > 1.15 * image[around].mean()
 
 
+def test_rim_grade_rises_from_the_lesion_edge_to_its_core():
+    z, y, x = np.mgrid[:40, :40, :40]
+    ball = (np.sqrt((z - 20.0) ** 2 + (y - 20.0) ** 2 + (x - 20.0) ** 2) <= 9).astype(np.float32)
+    for seed in range(5):
+        grade = synth._rim_grade(np.random.default_rng(seed), ball)
+        inside = ball > 0
+        edge = inside & ~ndimage.binary_erosion(inside)
+        assert 0.35 <= grade[edge].min() and grade[edge].max() <= 0.65 + 0.35 * 0.5 / 1.5
+        assert grade[20, 20, 20] == 1.0 and grade.max() == 1.0
+        profile = grade[20, 20, 11:21]  # edge to centre along one axis
+        assert np.all(np.diff(profile) >= 0) and profile[0] < profile[-1]
+
+
+@needs_shared
+def test_graded_rims_change_only_lesion_intensities_and_darken_edges_more_than_cores(csvd_case):
+    """The same case with graded rims: same mask and, away from the lesions, the same image (but for
+    painted lesion traces too thin to reach the mask); inside the lesions the edge loses more
+    brightness than the core."""
+    flair, mask, meta = csvd_case
+    assert "graded_rims" not in meta
+    rim_flair, rim_mask, rim_meta = synth.generate_case(11, disease="synth-csvd", matrix=256, slice_thickness=3.0,
+                                                        skull=True, graded_rims=1.0)
+    assert rim_meta["graded_rims"] == 1  # this case's lesions are not of the faint kind
+    lesions = sitk.GetArrayFromImage(mask).astype(bool)
+    assert np.array_equal(lesions, sitk.GetArrayFromImage(rim_mask))
+    plain = sitk.GetArrayFromImage(flair).astype(float)
+    graded = sitk.GetArrayFromImage(rim_flair).astype(float)
+    far = ~ndimage.binary_dilation(lesions, iterations=8)
+    assert np.mean(plain[far] != graded[far]) < 1e-4
+    edge, core = np.zeros_like(lesions), np.zeros_like(lesions)
+    for z in range(lesions.shape[0]):
+        edge[z] = lesions[z] & ~ndimage.binary_erosion(lesions[z])
+        core[z] = ndimage.binary_erosion(lesions[z], iterations=3)
+    assert edge.sum() > 100 and core.sum() > 20
+    edge_ratio = graded[edge].mean() / plain[edge].mean()
+    core_ratio = graded[core].mean() / plain[core].mean()
+    assert edge_ratio < core_ratio - 0.03 and core_ratio <= 1.0
+    with pytest.raises(DeepWMLError, match="probability"):
+        synth.generate_case(11, matrix=64, graded_rims=1.5)
+
+
 @needs_shared
 def test_same_seed_same_case_other_seed_other_case():
     a = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
@@ -123,6 +164,10 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     assert cli_main(["synth", "-n", "0", "-o", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 1" in err
+    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--graded-rims", "1.5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "probability" in err and "1.5" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
