@@ -7,7 +7,8 @@ On one input (a real clinical FLAIR from ../shared when present, else a syntheti
 (c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
     infer, post-process, write every output);
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
-(e) peak resident memory of (c), that process's own;
+(e) peak resident memory of (c), that process's own (started from a small launcher process, as
+    Linux would otherwise count the benchmark's own memory in it);
 when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
 takes only to import numpy and the runtime (and SimpleITK, for inputs other than NIfTI) and exit,
@@ -78,18 +79,48 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
     return out, source
 
 
-def _run_child(command: list[str], env: dict) -> tuple[float, float]:
-    """Run a command; its wall time (s) and its own peak resident memory (MB)."""
+# Linux counts, in a child's peak resident memory, the memory of the process it was forked from
+# (the kernel records the old address space's high-water mark at exec). Started from this process,
+# which holds PyTorch, the model and the inputs (several hundred MB), every child would report at
+# least that. So the timed commands are started by a small launcher process instead; its children
+# start from its few MB. It times each command the same way (fork, exec, wait) and answers in JSON.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    command = json.loads(line)
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     proc.stderr.close()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command[3:5]} failed: {stderr.decode('utf-8', 'replace').strip()[-300:]}")
-    return seconds, usage.ru_maxrss / 1024  # kB on Linux
+    print(json.dumps([seconds, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status),
+                      stderr.decode("utf-8", "replace").strip()[-300:]]), flush=True)
+"""
+
+
+class _Launcher:
+    """Runs commands in fresh processes started by a small helper process (see above)."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, text=True)
+
+    def run(self, command: list[str]) -> tuple[float, float]:
+        """Wall time (s) and the command's own peak resident memory (MB, kB on Linux)."""
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        if not answer:
+            raise RuntimeError("the benchmark's launcher process stopped")
+        seconds, peak_mb, returncode, stderr = json.loads(answer)
+        if returncode != 0:
+            raise RuntimeError(f"{command[3:5]} failed: {stderr}")
+        return seconds, peak_mb
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -149,7 +180,8 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     bytecode_cached = _cache_bytecode()
-    _run_child(command, env)  # warm the ONNX cache and the disk cache
+    launcher = _Launcher(env)
+    launcher.run(command)  # warm the ONNX cache and the disk cache
     # The floor: the interpreter plus what `deepwml segment` cannot do without on this input (a NIfTI
     # file is read without SimpleITK; other formats need it).
     light = io.is_nifti(path)
@@ -169,10 +201,11 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         start = time.perf_counter()
         predict_maps(image, models, brain, "cpu", backend=backend)
         t_opt.append(time.perf_counter() - start)
-        seconds, peak = _run_child(command, env)
+        seconds, peak = launcher.run(command)
         e2e.append(seconds)
         peaks.append(peak)
-        floor.append(_run_child(floor_command, env)[0])
+        floor.append(launcher.run(floor_command)[0])
+    launcher.close()
     t_ref, t_opt, t_net, t_e2e, t_floor = (float(np.median(v)) for v in (t_refs, t_opt, t_nets, e2e, floor))
     opt_prob, opt_brain, _ = predict_maps(image, models, brain, "cpu", backend=backend)
     slices_run = int(plan.kept.size)

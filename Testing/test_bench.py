@@ -45,3 +45,26 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     assert 0 <= both["brain_mask_dice_b_vs_a"] <= 1
     table = capsys.readouterr().out
     assert "(c) deepwml segment end to end" in table and "brain.pt" in table
+
+
+def test_peak_memory_is_the_commands_own_not_the_benchmarks():
+    """Linux charges a child with the memory of the process it was forked from; the launcher keeps
+    the benchmark's own memory (here 300 MB held by the test) out of (e)."""
+    import os
+    import sys
+
+    import numpy as np
+
+    from DeepWMLLib.bench import _Launcher
+
+    held = np.ones(300 * 2**20 // 8)  # 300 MB, touched
+    launcher = _Launcher(dict(os.environ))
+    try:
+        _, idle = launcher.run([sys.executable, "-c", "pass"])
+        seconds, busy = launcher.run([sys.executable, "-c", "import numpy; a = numpy.ones(200 * 2**20 // 8)"])
+        with pytest.raises(RuntimeError, match="failed"):
+            launcher.run([sys.executable, "-c", "import sys; sys.exit(3)"])
+    finally:
+        launcher.close()
+    assert idle < 100 and busy > 200 and seconds > 0
+    assert held.sum() > 0
