@@ -193,7 +193,8 @@ def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model,
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
     (loaded,) = load_models([tiny_model])
     batch = np.random.default_rng(1).normal(size=(2, 1, 64, 64)).astype(np.float32)
-    first = OnnxRunner(loaded)(batch)
+    first_runner = OnnxRunner(loaded)
+    first = first_runner(batch)
     (saved,) = (tmp_path / "cache" / "onnx").glob("*.opt.onnx")
     stamp = saved.stat().st_mtime_ns
     assert np.array_equal(OnnxRunner(loaded)(batch), first)
@@ -202,6 +203,11 @@ def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model,
     assert np.array_equal(OnnxRunner(loaded)(batch), first)
     assert saved.stat().st_size > 100  # rebuilt
     assert not list(saved.parent.glob("*.part"))
+    # both ways of building a session keep the settings the timings were taken with
+    for runner in (OnnxRunner(loaded), first_runner):
+        options = runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert not options.enable_mem_pattern
 
 
 def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model):
