@@ -129,12 +129,6 @@ class OnnxRunner:
         # tracing was pure cost: 0.13 s against 0.04 s of first-run overhead (median of 8 fresh
         # processes each), with warm runs as fast as before (the arena still recycles buffers).
         options.enable_mem_pattern = False
-        # No spinning: idle pool threads would busy-wait for more work, and DeepWML holds two sessions
-        # (the WMH and the brain-mask networks), each with its own pool, on as few as 2 cores; one
-        # pool's spinning slowed the other's start. Building both sessions took 53 ms with spinning
-        # and 22 ms without (medians of 10 fresh processes each, 2 cores); warm runs were within
-        # 2 % (1.14 against 1.17 s, inside this machine's noise).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if save_to is not None:
             options.optimized_model_filepath = str(save_to)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
