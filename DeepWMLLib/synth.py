@@ -369,6 +369,7 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
     are clearly but less bright than its centre and raters still include them. Those draws come from
     `rim_rng`, so the rest of the case (anatomy, lesions, scanner, mask) is the same with or without
     rims. Returns the image and whether the rims were graded."""
+    rim_rng = rng if rim_rng is None else rim_rng
     gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
     gm = scanner["gm_ratio"] * gm_jitter
     csf = scanner["csf_ratio"] * csf_jitter
@@ -639,6 +640,8 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     the mask and everything else are the same for any value (and 0 gives the data sets made before
     it existed). Raises DeepWMLError when the templates are missing.
     """
+    if not 0 <= graded_rims <= 1:
+        raise DeepWMLError(f"graded_rims is a probability: use 0 to 1, got {graded_rims}")
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     atlas = _atlas(_require_shared_dir())
     library = lesion_library()
@@ -660,8 +663,6 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     skull = bool(rng.random() < 0.8) if skull is None else bool(skull)
 
     lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
-    if not 0 <= graded_rims <= 1:
-        raise DeepWMLError(f"graded_rims is a probability: use 0 to 1, got {graded_rims}")
     rim_rng = rng.spawn(1)[0]  # its own stream: rims change nothing else in the case
     template_image, graded = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng)
     geo = _acquisition(rng, atlas, scanner)
