@@ -625,6 +625,11 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
+def _check_graded_rims(graded_rims: float) -> None:
+    if not 0 <= graded_rims <= 1:
+        raise DeepWMLError(f"--graded-rims is a probability: use 0 to 1, got {graded_rims}")
+
+
 def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
@@ -640,8 +645,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     the mask and everything else are the same for any value (and 0 gives the data sets made before
     it existed). Raises DeepWMLError when the templates are missing.
     """
-    if not 0 <= graded_rims <= 1:
-        raise DeepWMLError(f"graded_rims is a probability: use 0 to 1, got {graded_rims}")
+    _check_graded_rims(graded_rims)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     atlas = _atlas(_require_shared_dir())
     library = lesion_library()
@@ -735,8 +739,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
-    if not 0 <= graded_rims <= 1:
-        raise DeepWMLError(f"--graded-rims is a probability: use 0 to 1, got {graded_rims}")
+    _check_graded_rims(graded_rims)
     _require_shared_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
