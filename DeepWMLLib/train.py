@@ -992,6 +992,40 @@ def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: boo
                       loaded.threshold if threshold is None else float(threshold), provenance, loaded.labels, fp16=fp16)
 
 
+def average_models(sources: list, target: str | os.PathLike, weights: list | None = None,
+                   fp16: bool = False) -> Path:
+    """Write a model whose weights are the weighted mean of several model files of one architecture
+    (a "model soup"; Wortsman et al. 2022). Meant for models fine-tuned from one start, e.g. a model
+    and its fine-tuned copy: unlike an ensemble, the result costs one network at inference."""
+    from .checkpoint import load_model, save_model
+
+    if len(sources) < 2:
+        raise DeepWMLError(f"averaging needs at least two model files, got {len(sources)}")
+    if weights is None:
+        weights = [1.0 / len(sources)] * len(sources)
+    if len(weights) != len(sources):
+        raise DeepWMLError(f"give one weight per model: {len(sources)} models, {len(weights)} weights")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+        raise DeepWMLError(f"weights must be non-negative and sum to 1, got {list(weights)}")
+    loaded = [load_model(s) for s in sources]
+    first = loaded[0]
+    for source, other in zip(sources[1:], loaded[1:]):
+        for what, a, b in (("architecture", first.config, other.config),
+                           ("preprocessing", first.preprocessing.to_dict(), other.preprocessing.to_dict()),
+                           ("labels", first.labels, other.labels), ("threshold", first.threshold, other.threshold)):
+            if a != b:
+                raise DeepWMLError(f"{source} has another {what} than {sources[0]} ({b} vs {a}); only models of one kind can be averaged")
+    states = [m.model.state_dict() for m in loaded]
+    mean = {k: sum(w * s[k].double() for w, s in zip(weights, states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    first.model.load_state_dict(mean)
+    provenance = {"averaged_from": [{"file": Path(s).name, "digest": m.digest, "weight": float(w), "provenance": m.provenance}
+                                    for s, m, w in zip(sources, loaded, weights)],
+                  "exported_fp16": bool(fp16)}
+    return save_model(target, first.model, first.config, first.preprocessing, first.threshold, provenance,
+                      first.labels, fp16=fp16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -1048,7 +1082,12 @@ def register(subparsers) -> None:
     p.add_argument("--run-dir", help="run folder (created; holds the cache, checkpoints and history)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its stored settings")
     p.add_argument("--export", nargs=2, metavar=("MODEL", "OUT"), help="write a compact copy of a model file and exit")
-    p.add_argument("--fp16", action="store_true", help="with --export: store the weights as float16 (half the size)")
+    p.add_argument("--average", nargs="+", metavar="MODEL", help="write the weight average of these model files "
+                   "(one architecture, e.g. a model and its fine-tuned copy) to --out and exit")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="with --average: one weight per model, summing to 1 "
+                   "(default equal)")
+    p.add_argument("--out", metavar="OUT", help="with --average: the model file to write")
+    p.add_argument("--fp16", action="store_true", help="with --export or --average: store the weights as float16 (half the size)")
     p.add_argument("--config", metavar="JSON", help="settings from a JSON file (the flags below override it)")
     g = p.add_argument_group("data")
     g.add_argument("--mask-column", metavar="NAME", help="manifest column of the target masks (default mask; "
@@ -1144,6 +1183,13 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.average:
+        if not args.out:
+            raise DeepWMLError("--average needs --out OUT, the model file to write")
+        print(average_models(args.average, args.out, args.weights, fp16=args.fp16))
+        return 0
+    if args.weights:
+        raise DeepWMLError("--weights goes with --average")
     if args.export:
         out = export_model(args.export[0], args.export[1], fp16=args.fp16, threshold=args.threshold)
         print(out)

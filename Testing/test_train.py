@@ -217,6 +217,50 @@ def test_export_writes_a_smaller_fp16_model_that_loads(trained, tmp_path):
     assert loaded.provenance["data"] == checkpoint.load_model(best).provenance["data"]
 
 
+def test_average_of_two_models_is_their_weight_mean_and_refuses_mixed_kinds(trained, tmp_path):
+    _, best = trained
+    first = checkpoint.load_model(best)
+    # A second model of the same kind with other weights: every tensor shifted by a known amount.
+    other = {k: (v + 0.5 if v.is_floating_point() else v) for k, v in first.model.state_dict().items()}
+    first.model.load_state_dict(other)
+    shifted = checkpoint.save_model(tmp_path / "shifted.pt", first.model, first.config, first.preprocessing,
+                                    first.threshold, {}, first.labels)
+    out = training.average_models([best, shifted], tmp_path / "soup.pt", [0.75, 0.25])
+    soup = checkpoint.load_model(out).model.state_dict()
+    original = checkpoint.load_model(best).model.state_dict()
+    for key, value in original.items():
+        expected = value + 0.125 if value.is_floating_point() else value
+        assert torch.allclose(soup[key], expected, atol=1e-6), key
+    provenance = checkpoint.load_model(out).provenance
+    assert [p["weight"] for p in provenance["averaged_from"]] == [0.75, 0.25]
+    assert provenance["averaged_from"][0]["provenance"]["data"] == checkpoint.load_model(best).provenance["data"]
+
+    with pytest.raises(DeepWMLError, match="sum to 1"):
+        training.average_models([best, shifted], tmp_path / "bad.pt", [0.5, 0.6])
+    with pytest.raises(DeepWMLError, match="one weight per model"):
+        training.average_models([best, shifted], tmp_path / "bad.pt", [1.0])
+    wider = dict(first.config, base_channels=first.config["base_channels"] * 2)
+    from DeepWMLLib.model import build_model
+    other_kind = checkpoint.save_model(tmp_path / "wider.pt", build_model(wider), wider, first.preprocessing,
+                                       first.threshold, {}, first.labels)
+    with pytest.raises(DeepWMLError, match="another architecture"):
+        training.average_models([best, other_kind], tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_average_on_the_command_line(trained, tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    _, best = trained
+    assert main(["train", "--average", str(best), str(best), "--out", str(tmp_path / "same.pt"), "--fp16"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == tmp_path / "same.pt"
+    same = checkpoint.load_model(tmp_path / "same.pt").model.state_dict()
+    for key, value in checkpoint.load_model(best).model.state_dict().items():
+        assert torch.allclose(same[key], value, atol=2e-3 * (1 + value.abs().max().item())), key
+    assert main(["train", "--average", str(best), str(best)]) == 1
+    assert "--average needs --out" in capsys.readouterr().err
+
+
 def test_bad_manifests_stop_before_training(dataset, tmp_path):
     with pytest.raises(DeepWMLError, match="does not exist"):
         training.train(tiny_config(tmp_path / "nope.csv"), tmp_path / "r0")
