@@ -141,6 +141,12 @@ class _Atlas:
         sulcal = (labels == _LABEL_CSF) | ((self.csf > 0.5) & ~self.ventricles)
         cortex = (labels == _LABEL_GM) & (self.wm < 0.1)
         self.mimic_sites = np.flatnonzero(((sulcal | cortex) & intracranial & clear).ravel())
+        # Cortex in the lowest 35 % of the intracranial space and within 12 mm of its surface:
+        # temporal poles, inferior temporal and orbitofrontal cortex next to the skull base, where
+        # real FLAIR is often bright (inflow, susceptibility, partial volume with bone and CSF).
+        z_idx = np.flatnonzero(intracranial.any(axis=(1, 2)))
+        low = np.arange(labels.shape[0])[:, None, None] < z_idx[0] + 0.35 * (z_idx[-1] - z_idx[0])
+        self.base_sites = np.flatnonzero((cortex & clear & intracranial & low & (signed > -12)).ravel())
         self.sulcal_csf = (self.csf * ~self.ventricles).astype(np.float32)
         self.box = _bounding_box(self.allowed, margin=3)
         idx = np.argwhere(intracranial)
@@ -361,15 +367,19 @@ def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, librar
 
 def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, lesions: np.ndarray,
                      skull: bool, graded_rims: float = 0.0,
-                     rim_rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, bool]:
+                     rim_rng: Optional[np.random.Generator] = None, skull_base_mimics: float = 0.0,
+                     base_rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, bool, bool]:
     """FLAIR intensities on the template grid; white matter is 1 before the scanner's scaling.
 
     With probability `graded_rims` (not for faint cases) the lesions' contrast over white matter
     rises from their edge to their core, as on real scans where the outer millimetres of a lesion
     are clearly but less bright than its centre and raters still include them. Those draws come from
     `rim_rng`, so the rest of the case (anatomy, lesions, scanner, mask) is the same with or without
-    rims. Returns the image and whether the rims were graded."""
+    rims. With probability `skull_base_mimics` bright patches are added to cortex next to the skull
+    base (`_skull_base_mimics`), drawn from `base_rng` for the same reason. Returns the image,
+    whether the rims were graded and whether the patches were added."""
     rim_rng = rng if rim_rng is None else rim_rng
+    base_rng = rng if base_rng is None else base_rng
     gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
     gm = scanner["gm_ratio"] * gm_jitter
     csf = scanner["csf_ratio"] * csf_jitter
@@ -390,9 +400,12 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
             lesion_value = 1 + (lesion_value - 1) * _rim_grade(rim_rng, lesions[box])
     image[box] += lesions[box] * (lesion_value - image[box])
     image += _intracranial_mimics(rng, atlas, lesion)
+    based = bool(skull_base_mimics > 0 and base_rng.random() < skull_base_mimics)
+    if based:
+        image += _skull_base_mimics(base_rng, atlas, lesion)
     if skull:
         image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner, lesion)
-    return image * np.float32(scanner["wm"] * level_jitter), graded
+    return image * np.float32(scanner["wm"] * level_jitter), graded, based
 
 
 def _rim_grade(rng: np.random.Generator, lesions: np.ndarray) -> np.ndarray:
@@ -428,6 +441,28 @@ def _intracranial_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float)
             picked = rng.choice(sites, size=n, p=weight / weight.sum())
             np.put(seeds, picked, bright * rng.uniform(0.5, 1.1, size=n) * (2 * math.pi) ** 1.5 * sigma ** 3)
             out = np.maximum(out, ndimage.gaussian_filter(seeds, sigma, truncate=3.0))
+    return out
+
+
+def _skull_base_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -> np.ndarray:
+    """1-4 smooth bright patches 4-10 mm wide on cortex next to the skull base (see
+    `_Atlas.base_sites`), following the cortex and the CSF beside it, peaking 0.3-0.8 of the
+    lesions' brightness above it; never labelled. On real FLAIR the temporal poles and inferior
+    temporal and frontal cortex are often this bright; networks trained without them mark them."""
+    shape = atlas.gm.shape
+    out = np.zeros(shape, np.float32)
+    if atlas.base_sites.size == 0:
+        return out
+    tissue = atlas.gm + 0.5 * atlas.csf
+    for site in rng.choice(atlas.base_sites, size=int(rng.integers(1, 5))):
+        centre = np.unravel_index(site, shape)
+        sigma = rng.uniform(2.0, 5.0, size=3)
+        reach = np.ceil(3 * sigma).astype(int)
+        window = tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, shape))
+        axes = np.ogrid[window]
+        blob = np.exp(-0.5 * sum(((a - c) / w) ** 2 for a, c, w in zip(axes, centre, sigma))).astype(np.float32)
+        patch = bright * rng.uniform(0.3, 0.8) * blob * tissue[window]
+        out[window] = np.maximum(out[window], patch)
     return out
 
 
@@ -625,15 +660,16 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(index)])
 
 
-def _check_graded_rims(graded_rims: float) -> None:
-    if not 0 <= graded_rims <= 1:
-        raise DeepWMLError(f"--graded-rims is a probability: use 0 to 1, got {graded_rims}")
+def _check_probabilities(**options: float) -> None:
+    for name, value in options.items():
+        if not 0 <= value <= 1:
+            raise DeepWMLError(f"--{name.replace('_', '-')} is a probability: use 0 to 1, got {value}")
 
 
 def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                  intracranial: bool = False, graded_rims: float = 0.0) -> tuple:
+                  intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0) -> tuple:
     """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid,
     and the case's metadata: (flair, mask, meta). With `intracranial` a fourth item, the mask of
     the intracranial space (brain, CSF and ventricles inside the skull; uint8 0/1, same grid), the
@@ -643,9 +679,11 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     protocol (small matrices keep tests fast). `graded_rims` is the probability that a case's
     lesions are brighter in their core than at their edge; it changes only lesion intensities, so
     the mask and everything else are the same for any value (and 0 gives the data sets made before
-    it existed). Raises DeepWMLError when the templates are missing.
+    it existed). `skull_base_mimics` is the probability that bright, unlabelled patches are added to
+    cortex next to the skull base; likewise it changes nothing else. Raises DeepWMLError when the
+    templates are missing.
     """
-    _check_graded_rims(graded_rims)
+    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     atlas = _atlas(_require_shared_dir())
     library = lesion_library()
@@ -667,8 +705,11 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     skull = bool(rng.random() < 0.8) if skull is None else bool(skull)
 
     lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
-    rim_rng = rng.spawn(1)[0]  # its own stream: rims change nothing else in the case
-    template_image, graded = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng)
+    # Streams of their own: rims and skull-base patches change nothing else in the case (and the
+    # first child is the one rims had before the second existed).
+    rim_rng, base_rng = rng.spawn(2)
+    template_image, graded, based = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng,
+                                                     skull_base_mimics, base_rng)
     geo = _acquisition(rng, atlas, scanner)
     geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
     clean, lesion_pv, *icv_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
@@ -701,6 +742,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
         "skull": int(skull),
         **lesion_meta,
         **({"graded_rims": int(graded)} if graded_rims > 0 else {}),
+        **({"skull_base_mimics": int(based)} if skull_base_mimics > 0 else {}),
     }
     if not intracranial:
         return flair, mask, meta
@@ -729,22 +771,23 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      progress: Optional[Callable[[float, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
                      matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                     intracranial: bool = False, graded_rims: float = 0.0) -> Path:
+                     intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
     Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
     given, replace the simulated scanners' protocols for every case. With `intracranial`, each case
     also gets `<case>_intracranial.nii.gz` (manifest column `intracranial`), for the brain-mask
-    network (`deepwml train --mask-column intracranial`). `graded_rims`: see `generate_case`.
+    network (`deepwml train --mask-column intracranial`). `graded_rims`, `skull_base_mimics`: see
+    `generate_case`.
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
-    _check_graded_rims(graded_rims)
+    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics)
     _require_shared_dir()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
-               "graded_rims": graded_rims}
+               "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
@@ -773,7 +816,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     rows.sort(key=lambda r: r["case"])
     table = StringIO()
     columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else []) \
-        + (["graded_rims"] if graded_rims > 0 else [])
+        + (["graded_rims"] if graded_rims > 0 else []) + (["skull_base_mimics"] if skull_base_mimics > 0 else [])
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
@@ -804,6 +847,9 @@ def register(subparsers) -> None:
     parser.add_argument("--graded-rims", type=float, default=0.0, metavar="P",
                         help="probability that a case's lesions are brighter in their core than at "
                         "their edge (default 0, as the data sets behind models v1-v4)")
+    parser.add_argument("--skull-base-mimics", type=float, default=0.0, metavar="P",
+                        help="probability that a case gets bright, unlabelled patches on the cortex "
+                        "next to the skull base, as real FLAIR often shows (default 0)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -814,7 +860,8 @@ def _run(args: argparse.Namespace) -> int:
 
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                 matrix=args.matrix, slice_thickness=args.thickness,
-                                intracranial=args.intracranial, graded_rims=args.graded_rims)
+                                intracranial=args.intracranial, graded_rims=args.graded_rims,
+                                skull_base_mimics=args.skull_base_mimics)
     print(file=sys.stderr)
     print(manifest)
     return 0

@@ -167,6 +167,9 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--graded-rims", "1.5"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "probability" in err and "1.5" in err
+    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--skull-base-mimics", "-0.1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--skull-base-mimics is a probability" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -207,3 +210,37 @@ def test_intracranial_mimics_are_lesion_bright_and_stay_off_lesion_territory():
         assert mimics.max() > 0.5 * 2.0
         assert mimics[territory].max() < 0.35 * 2.0
         assert mimics[territory].sum() < 0.1 * mimics.sum()
+
+
+@needs_shared
+def test_skull_base_mimics_sit_on_low_cortex_and_change_nothing_else(csvd_case):
+    """The unlabelled skull-base patches: seeded on cortex in the lowest 35 % of the intracranial
+    space within 12 mm of its surface, off lesion territory, as bright as lesions at their peak; the
+    same case with them has the same mask and, above the skull base, the same image."""
+    atlas = synth._atlas(synth._require_shared_dir())
+    sites = np.zeros(atlas.gm.shape, bool)
+    sites.flat[atlas.base_sites] = True
+    z_sites = np.nonzero(sites.any(axis=(1, 2)))[0]
+    z_head = np.nonzero(atlas.icv.max(axis=(1, 2)) > 0.5)[0]
+    assert atlas.base_sites.size > 1000
+    assert z_sites.max() < z_head.min() + 0.4 * (z_head.max() - z_head.min())
+    assert not np.any(sites & atlas.allowed)
+    patches = synth._skull_base_mimics(np.random.default_rng(3), atlas, bright=2.0)
+    assert 0.3 * 2.0 * 0.5 < patches.max() <= 0.8 * 2.0 * 1.5
+    assert patches[atlas.allowed].sum() < 0.2 * patches.sum()
+
+    flair, mask, meta = csvd_case
+    assert "skull_base_mimics" not in meta
+    with_flair, with_mask, with_meta = synth.generate_case(11, disease="synth-csvd", matrix=256, slice_thickness=3.0,
+                                                           skull=True, skull_base_mimics=1.0)
+    assert with_meta["skull_base_mimics"] == 1
+    assert np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(with_mask))
+    plain = sitk.GetArrayFromImage(flair).astype(float)
+    changed = np.abs(sitk.GetArrayFromImage(with_flair).astype(float) - plain) > 0.5
+    assert changed.sum() > 50
+    rows = np.nonzero(changed.any(axis=(1, 2)))[0]
+    head = np.nonzero(plain.max(axis=(1, 2)) > 0)[0]
+    # On this 3 mm axial case the changes stay in the lower half of the slices that hold the head.
+    assert rows.max() < head.min() + 0.5 * (head.max() - head.min())
+    with pytest.raises(DeepWMLError, match="probability"):
+        synth.generate_case(11, matrix=64, skull_base_mimics=2.0)
