@@ -445,7 +445,7 @@ def _intracranial_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float)
 
 
 def _skull_base_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -> np.ndarray:
-    """1-4 smooth bright patches 4-10 mm wide on cortex next to the skull base (see
+    """1-4 smooth bright patches 5-12 mm wide (FWHM) on cortex next to the skull base (see
     `_Atlas.base_sites`), following the cortex and the CSF beside it, peaking 0.3-0.8 of the
     lesions' brightness above it; never labelled. On real FLAIR the temporal poles and inferior
     temporal and frontal cortex are often this bright; networks trained without them mark them."""
