@@ -453,7 +453,6 @@ def _skull_base_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -
     out = np.zeros(shape, np.float32)
     if atlas.base_sites.size == 0:
         return out
-    tissue = atlas.gm + 0.5 * atlas.csf
     for site in rng.choice(atlas.base_sites, size=int(rng.integers(1, 5))):
         centre = np.unravel_index(site, shape)
         sigma = rng.uniform(2.0, 5.0, size=3)
@@ -461,7 +460,8 @@ def _skull_base_mimics(rng: np.random.Generator, atlas: _Atlas, bright: float) -
         window = tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, shape))
         axes = np.ogrid[window]
         blob = np.exp(-0.5 * sum(((a - c) / w) ** 2 for a, c, w in zip(axes, centre, sigma))).astype(np.float32)
-        patch = bright * rng.uniform(0.3, 0.8) * blob * tissue[window]
+        tissue = atlas.gm[window] + np.float32(0.5) * atlas.csf[window]  # only where the patch lies
+        patch = bright * rng.uniform(0.3, 0.8) * blob * tissue
         out[window] = np.maximum(out[window], patch)
     return out
 

@@ -1188,8 +1188,8 @@ def _run(args: argparse.Namespace) -> int:
             raise DeepWMLError("--average needs --out OUT, the model file to write")
         print(average_models(args.average, args.out, args.weights, fp16=args.fp16))
         return 0
-    if args.weights:
-        raise DeepWMLError("--weights goes with --average")
+    if args.weights or args.out:
+        raise DeepWMLError("--weights and --out go with --average")
     if args.export:
         out = export_model(args.export[0], args.export[1], fp16=args.fp16, threshold=args.threshold)
         print(out)
