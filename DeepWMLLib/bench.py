@@ -193,7 +193,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     for _ in range(repeat):
         start = time.perf_counter()
         for runner, net_run in zip(runners, nets_run):
-            predict_network_slices(net_run, runner, 4)
+            predict_network_slices(net_run, runner, runner.default_batch_size)
         t_nets.append(time.perf_counter() - start)
         start = time.perf_counter()
         reference()

@@ -46,6 +46,7 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def default_batch_size(device: str) -> int:
+    """PyTorch's batch: 16 slices on a GPU (halved on out-of-memory), 4 on the CPU."""
     return 16 if device.startswith("cuda") else 4
 
 
@@ -64,6 +65,7 @@ class TorchRunner:
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.out_of_memory = (torch.cuda.OutOfMemoryError,)
+        self.default_batch_size = default_batch_size(device)
 
     def release_memory(self) -> None:
         self.torch.cuda.empty_cache()
@@ -87,6 +89,13 @@ class OnnxRunner:
 
     name = "onnxruntime"
     out_of_memory = ()
+    # One slice per run. A fresh process pays for every new buffer ONNX Runtime touches (page faults
+    # and the kernel zeroing the pages), and a batch of 4 256x256 slices touches four times the
+    # memory of one. In fresh processes the WMH network's first 4 slices took 49 ms longer than the
+    # next 4 in batches of 4 (103 ms of system time, 33 600 page faults) and 13 ms longer one by one
+    # (26 ms, 8 400 faults), while the next 4 took 199-203 ms either way (medians of 6 fresh
+    # processes each: Testing/benchmarks/first_run.py).
+    default_batch_size = 1
 
     def release_memory(self) -> None:
         pass
@@ -280,7 +289,6 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     if not models:
         raise DeepWMLError("no model given")
     dev = resolve_device(device)
-    batch_size = batch_size or default_batch_size(dev)
     stack, frame = to_axial_stack(image)
     if progress:
         progress(0.0, "normalising")
@@ -290,6 +298,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     if facts is not None:
         facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size))
     runners = [make_runner(m, dev, backend) for m in networks]
+    batch_size = batch_size or min(r.default_batch_size for r in runners)
     total = np.zeros(stack.shape, dtype=np.float32)
     brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None
     work, done = max(1, kept.size * len(networks)), 0

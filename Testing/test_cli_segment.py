@@ -183,6 +183,29 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "auto")
 
 
+def test_default_batch_is_one_slice_with_onnx_runtime_and_four_with_pytorch_on_cpu(tiny_model, tmp_path, monkeypatch):
+    """ONNX Runtime runs one slice at a time (a fresh process then touches a quarter of the new
+    memory, at the same warm speed); PyTorch on the CPU keeps batches of 4; --batch-size overrides."""
+    pytest.importorskip("onnxruntime")
+    from DeepWMLLib import inference
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    real = inference.predict_network_slices
+
+    def spy(slices, runner, batch_size, *args, **kwargs):
+        seen.append((runner.name, batch_size))
+        return real(slices, runner, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_network_slices", spy)
+    (loaded,) = load_models([tiny_model])
+    image, _ = make_volume(size=(40, 36, 3))
+    for backend, batch in (("onnx", None), ("torch", None), ("onnx", 3)):
+        inference.predict_maps(image, [loaded], None, "cpu", batch, backend=backend)
+    assert seen == [("onnxruntime", 1), ("torch", 4), ("onnxruntime", 3)]
+
+
 def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model, tmp_path, monkeypatch):
     """The first session saves ONNX Runtime's optimised graph; later ones load it (no optimisation
     passes) and compute bit for bit the same. A damaged saved graph is rebuilt, not fatal."""
