@@ -115,6 +115,7 @@ class TrainConfig:
     init: str | None = None  # start from the weights of this model file (fine-tuning); same architecture
     mask_column: str = "mask"  # the manifest column of the target masks (e.g. intracranial, for the brain mask)
     label_name: str = "WMH"  # what label 1 of the trained model means (written into the model file)
+    ignore_label: int | None = None  # mask value left out of the loss and validation (uncertain or unlabelled voxels)
 
     @classmethod
     def coerce(cls, config: "dict | TrainConfig") -> "TrainConfig":
@@ -173,6 +174,10 @@ class TrainConfig:
                                    f"and at most the grid size {min(grid)}")
             if self.patch_size == min(grid) == max(grid):
                 self.patch_size = None
+        if self.ignore_label is not None and (isinstance(self.ignore_label, bool) or not isinstance(self.ignore_label, int)
+                                              or not 2 <= self.ignore_label <= 255):
+            raise DeepWMLError(f"ignore label must be a mask value from 2 to 255 (0 is background, 1 lesion), "
+                               f"got {self.ignore_label!r}")
 
     def member(self, k: int) -> "TrainConfig":
         """The configuration of ensemble member k (its own seed)."""
@@ -299,28 +304,40 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 # Data preparation (must match inference exactly)
 
 
-def prepare_volume(image, mask, preprocessing: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray, int]:
+# Cached label values: 0 background, 1 lesion, IGNORED for voxels left out of loss and validation.
+IGNORED = 2
+
+
+def prepare_volume(image, mask, preprocessing: PreprocessingConfig,
+                   ignore_label: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Network-grid slices of one case as inference sees them.
 
-    Returns (images float32 [n, H, W], labels bool [n, H, W], lesion voxels on skipped slices):
+    Returns (images float32 [n, H, W], labels uint8 [n, H, W], lesion voxels on skipped slices):
     only the slices inference segments (enough head) are kept; lesion on the others can never be
-    found, and validation counts it as missed.
+    found, and validation counts it as missed. Labels are 1 for lesion (any positive mask value but
+    `ignore_label`), IGNORED where the mask holds `ignore_label` (and no lesion), 0 elsewhere; each is
+    resampled to the network grid and kept where it covers at least half a pixel.
     """
     from .preprocessing import plan_volume
 
     stack, frame = io.to_axial_stack(image)
     labels, _ = io.to_axial_stack(mask)
-    lesion = (labels > 0).astype(np.float32)  # any positive label is lesion, as in metrics
+    ignore = labels == ignore_label if ignore_label is not None else None
+    lesion = ((labels > 0) if ignore is None else (labels > 0) & ~ignore).astype(np.float32)  # as in metrics
     plan = plan_volume(stack, frame, [preprocessing])
     images = plan.network_slices(stack, plan.kept, preprocessing)
-    network_labels = plan.grids[preprocessing].to_network(lesion[plan.kept]) > 0.5
+    grid = plan.grids[preprocessing]
+    network_labels = (grid.to_network(lesion[plan.kept]) > 0.5).astype(np.uint8)
+    if ignore is not None and ignore.any():
+        left_out = (grid.to_network(ignore[plan.kept].astype(np.float32)) > 0.5) & (network_labels == 0)
+        network_labels[left_out] = IGNORED
     skipped = np.ones(lesion.shape[0], bool)
     skipped[plan.kept] = False
     return images, network_labels, int(lesion[skipped].sum())
 
 
-def _case_key(case: Case, preprocessing: dict) -> str:
-    parts = [case.case, preprocessing]
+def _case_key(case: Case, preprocessing: dict, ignore_label: int | None = None) -> str:
+    parts = [case.case, preprocessing] + ([{"ignore_label": ignore_label}] if ignore_label is not None else [])
     for p in (case.flair, case.mask):
         st = os.stat(p)
         parts.append([p, st.st_size, st.st_mtime_ns])
@@ -350,7 +367,8 @@ class SliceSet:
 
 
 def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: dict, folder: Path,
-                  skip_bad_cases: bool, progress: Progress | None = None, cancel=None) -> list[tuple[str, str]]:
+                  skip_bad_cases: bool, progress: Progress | None = None, cancel=None,
+                  ignore_label: int | None = None) -> list[tuple[str, str]]:
     """Prepare the train and val cases once into `folder`; returns the skipped (case, reason) pairs.
 
     Each case is first saved on its own (named by a hash of its files and the preprocessing), so an
@@ -360,7 +378,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     parts = folder / "cases"
     parts.mkdir(parents=True, exist_ok=True)
     wanted = [c for c in cases if assignment[c.case] in ("train", "val")]
-    keys = {c.case: _case_key(c, preprocessing) for c in wanted}
+    keys = {c.case: _case_key(c, preprocessing, ignore_label) for c in wanted}
     signature = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
     done_file = folder / "cache.json"
     if done_file.is_file():
@@ -387,7 +405,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             log.warning("skipping case %s: %s", case.case, exc)
             skipped.append((case.case, str(exc)))
             continue
-        images, labels, missed = prepare_volume(image, mask, cfg)
+        images, labels, missed = prepare_volume(image, mask, cfg, ignore_label)
         if not images.shape[0]:
             log.warning("case %s has no slice with head; it adds nothing to training", case.case)
         io.write_atomically(target, lambda tmp: _save_npz(tmp, images=images.astype(np.float16), labels=labels.astype(np.uint8),
@@ -435,7 +453,7 @@ def _gather_split(folder: Path, split: str, members: list[Case], files: list[Pat
     start = 0
     for f, n in zip(files, counts):
         with np.load(f) as z:
-            lesion_pixels[start:start + n] = z["labels"].reshape(n, -1).sum(axis=1)
+            lesion_pixels[start:start + n] = (z["labels"] == 1).reshape(n, -1).sum(axis=1)
             missed += int(z["missed"])
         start += n
     io.write_atomically(folder / f"{split}_index.npz", lambda tmp: _save_npz(tmp, case_index=case_index, lesion_pixels=lesion_pixels))
@@ -535,10 +553,11 @@ def augment(images, labels, settings: dict, generator):
 
 
 def random_crops(images, labels, size: int, rng: np.random.Generator):
-    """Square crops of `size`; a slice with lesion is cropped around a randomly chosen lesion pixel."""
+    """Square crops of `size`; a slice with lesion is cropped around a randomly chosen lesion pixel
+    (channel 0 of `labels`; any further channel, such as the ignored pixels, is cropped alike)."""
     b, _, h, w = images.shape
     out_i = images.new_empty((b, 1, size, size))
-    out_l = labels.new_empty((b, 1, size, size))
+    out_l = labels.new_empty((b, labels.shape[1], size, size))
     for i in range(b):
         lesion = labels[i, 0].nonzero()
         if len(lesion):
@@ -564,15 +583,31 @@ def _torch_generator(*entropy: int):
 # Loss and validation
 
 
-def loss_terms(logits, target, dice_weight: float):
-    """BCE (mean over pixels) + dice_weight × (1 − soft Dice over the whole batch)."""
+def loss_terms(logits, target, dice_weight: float, weight=None):
+    """BCE (mean over pixels) + dice_weight × (1 − soft Dice over the whole batch).
+
+    `weight` (0 or 1 per pixel) leaves pixels out: the BCE is the mean over the others, and the soft
+    Dice counts neither their predictions nor their targets."""
     import torch.nn.functional as F
 
     logits = logits.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
     p = logits.sigmoid()
+    if weight is None:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+    else:
+        weight = weight.float()
+        bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight.sum().clamp_min(1.0)
+        p, target = p * weight, target * weight
     dice = (2 * (p * target).sum() + 1.0) / (p.sum() + target.sum() + 1.0)
     return bce + dice_weight * (1 - dice)
+
+
+def _split_labels(labels):
+    """Cached labels [B,1,H,W] (0, 1, IGNORED) -> (lesion [B,1,H,W] float, kept [B,1,H,W] float or None)."""
+    lesion = (labels == 1).float()
+    if not bool((labels == IGNORED).any()):
+        return lesion, None
+    return lesion, (labels != IGNORED).float()
 
 
 def _ratio(num: float, den: float) -> float:
@@ -594,13 +629,15 @@ def validate(model, val: SliceSet, cfg: TrainConfig, device, rank: int = 0, worl
     with torch.no_grad():
         for start in range(rank * batch, len(val), batch * world):
             x = torch.from_numpy(np.asarray(val.images[start:start + batch], dtype=np.float32)).unsqueeze(1).to(device)
-            y = torch.from_numpy(np.asarray(val.labels[start:start + batch], dtype=np.float32)).unsqueeze(1).to(device)
+            y, kept = _split_labels(torch.from_numpy(np.array(val.labels[start:start + batch])).unsqueeze(1).to(device))
             with autocast:
                 logits = model(x)
             n = x.shape[0]
             prediction = logits.float().sigmoid() > cfg.threshold
             truth = y > 0.5
-            sums += torch.tensor([float(loss_terms(logits, y, cfg.dice_weight)) * n, n,
+            if kept is not None:  # ignored pixels count as neither found, missed nor false
+                prediction &= kept > 0.5
+            sums += torch.tensor([float(loss_terms(logits, y, cfg.dice_weight, kept)) * n, n,
                                   float((prediction & truth).sum()), float((prediction & ~truth).sum()),
                                   float((~prediction & truth).sum())], dtype=torch.float64)
     model.train()
@@ -773,7 +810,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     for name in sorted(absent):
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]
-    skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel)
+    skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
+                            cfg.ignore_label)
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)
@@ -868,12 +906,17 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
             order = np.argsort(np.argsort(samples[a:b]))  # memmaps read fastest in order; keep the drawn order
             x = torch.from_numpy(np.asarray(train_set.images[index], dtype=np.float32)[order]).unsqueeze(1)
             y = torch.from_numpy(np.asarray(train_set.labels[index], dtype=np.float32)[order]).unsqueeze(1)
+            if cfg.ignore_label is not None:  # lesion and ignored pixels as two channels through augmentation
+                y = torch.cat([(y == 1).float(), (y == IGNORED).float()], dim=1)
             x, y = augment(x.to(device), y.to(device), cfg.augmentation, generator)
             if cfg.patch_size:
                 x, y = random_crops(x, y, cfg.patch_size, crop_rng)
+            kept = None
+            if cfg.ignore_label is not None:
+                y, kept = y[:, :1], 1 - y[:, 1:]
             with autocast:
                 logits = net(x)
-            loss = loss_terms(logits, y, cfg.dice_weight)
+            loss = loss_terms(logits, y, cfg.dice_weight, kept)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -1094,6 +1137,8 @@ def register(subparsers) -> None:
                    "intracranial trains the brain-mask network on `deepwml synth --intracranial` data)")
     g.add_argument("--label-name", metavar="NAME", help="what the trained label means, written into the model file "
                    "(default WMH; intracranial for a brain-mask network)")
+    g.add_argument("--ignore-label", type=int, metavar="N", help="mask value N marks voxels to leave out of the loss and "
+                   "validation (uncertain or unlabelled regions); other positive values are lesion")
     g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
     g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
     g.add_argument("--grid-size", type=int, nargs="+", metavar="N", help="network grid (default 256 256)")
@@ -1154,7 +1199,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     config["manifest"] = args.manifest
     for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
                 "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble", "device",
-                "threads", "skip_bad_cases", "init", "mask_column", "label_name"):
+                "threads", "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label"):
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if args.no_amp:

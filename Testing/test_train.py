@@ -121,7 +121,8 @@ def test_training_lowers_the_loss_and_its_best_model_segments_lesions(trained, d
     with torch.no_grad():
         probability = torch.sigmoid(loaded.model(torch.from_numpy(slices).unsqueeze(1)))[:, 0].numpy()
     predicted = probability > loaded.threshold
-    dice = 2 * (predicted & labels).sum() / (predicted.sum() + labels.sum())
+    lesion = labels == 1
+    dice = 2 * (predicted & lesion).sum() / (predicted.sum() + lesion.sum())
     assert dice > 0.5
 
 
@@ -144,7 +145,9 @@ def test_prepared_slices_are_what_inference_sees(dataset):
     slices, labels, missed = training.prepare_volume(image, mask, PreprocessingConfig(grid_size=(SIZE, SIZE), grid_spacing_mm=None))
     assert slices.shape == labels.shape and slices.shape[1:] == (SIZE, SIZE)
     assert missed == 0
-    assert slices[labels].mean() > slices[~labels].mean() + 1.0
+    assert set(np.unique(labels)) == {0, 1}
+    lesion = labels == 1
+    assert slices[lesion].mean() > slices[~lesion].mean() + 1.0
 
 
 def test_split_is_stratified_and_deterministic():
@@ -403,7 +406,8 @@ def test_command_line_flags_become_the_training_config(tmp_path):
                                       "--depth", "3", "--batch-norm", "--grid-size", "192", "--grid-spacing", "none",
                                       "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
                                       "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3",
-                                      "--init", "base.pt", "--mask-column", "intracranial", "--label-name", "intracranial"])
+                                      "--init", "base.pt", "--mask-column", "intracranial", "--label-name", "intracranial",
+                                      "--ignore-label", "9"])
     config, run = training.config_from_args(args)
     assert run == tmp_path / "r"
     cfg = training.TrainConfig.coerce(config)
@@ -413,7 +417,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     assert cfg.augmentation["rotate_deg"] == 5 and cfg.augmentation["scale"] == [0.8, 1.2]
     assert not cfg.augmentation["flip"] and cfg.augmentation["noise_std"] is None
     assert cfg.init == str(Path("base.pt").resolve())
-    assert (cfg.mask_column, cfg.label_name) == ("intracranial", "intracranial")
+    assert (cfg.mask_column, cfg.label_name, cfg.ignore_label) == ("intracranial", "intracranial", 9)
     with pytest.raises(DeepWMLError, match="multiple of 8"):
         training.TrainConfig.coerce(dict(config, patch_size=100))
 
@@ -497,3 +501,83 @@ def test_another_mask_column_trains_a_brain_mask_model(dataset, tmp_path):
     assert loaded.provenance["training_config"]["mask_column"] == "head"
     with pytest.raises(DeepWMLError, match="columns case, flair, brain"):
         training.train(tiny_config(manifest, epochs=1, mask_column="brain"), tmp_path / "missing")
+
+
+def _with_unlabelled_blobs(dataset: Path, folder: Path, value: int) -> Path:
+    """The dataset's cases plus one more bright blob per inner slice, marked `value` in the mask
+    (as an unlabelled lesion a generator could not vouch for would be)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    blob = (yy - SIZE // 2) ** 2 + (xx - int(SIZE * 0.36)) ** 2 < 9
+    lines = dataset.read_text().splitlines()
+    rows = [lines[0]]
+    for line in lines[1:]:
+        case = line.split(",")[0]
+        image = sitk.ReadImage(str(dataset.parent / f"{case}_flair.nii.gz"))
+        mask = sitk.ReadImage(str(dataset.parent / f"{case}_mask.nii.gz"))
+        a, m = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask)
+        a[1:-1][:, blob] = 200
+        m[1:-1][:, blob & (m[1:-1] == 0).all(axis=0)] = value
+        for array, src, name in ((a, image, "flair"), (m, mask, "mask")):
+            out = sitk.GetImageFromArray(array)
+            out.CopyInformation(src)
+            sitk.WriteImage(out, str(folder / f"{case}_{name}.nii.gz"))
+        rows.append(line)
+    manifest = folder / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def test_ignore_label_marks_pixels_left_out_of_loss_and_validation(dataset, tmp_path):
+    """--ignore-label N: mask voxels N are neither lesion nor background for training; without the
+    option they are lesion, as any positive label is."""
+    manifest = _with_unlabelled_blobs(dataset, tmp_path / "data", 3)
+    image = sitk.ReadImage(str(tmp_path / "data" / "c0_flair.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(tmp_path / "data" / "c0_mask.nii.gz"))
+    config = PreprocessingConfig(grid_size=(SIZE, SIZE), grid_spacing_mm=None)
+    _, plain, _ = training.prepare_volume(image, mask, config)
+    _, left_out, _ = training.prepare_volume(image, mask, config, ignore_label=3)
+    assert set(np.unique(plain)) == {0, 1} and set(np.unique(left_out)) == {0, 1, training.IGNORED}
+    assert ((left_out == 1) == ((plain == 1) & (left_out != training.IGNORED))).all()
+    assert (left_out == training.IGNORED).sum() > 50
+
+    # the loss does not see ignored pixels: changing the logits there changes nothing
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:4, 2:4] = 1
+    kept = torch.ones(1, 1, 8, 8)
+    kept[..., 5:, 5:] = 0
+    logits = torch.randn(1, 1, 8, 8, requires_grad=True)
+    loss = training.loss_terms(logits, target, 1.0, kept)
+    loss.backward()
+    assert float(logits.grad[..., 5:, 5:].abs().max()) == 0.0 and float(logits.grad.abs().max()) > 0
+    changed = logits.detach().clone()
+    changed[..., 5:, 5:] += 50
+    assert torch.isclose(training.loss_terms(changed, target, 1.0, kept), loss.detach())
+    assert not torch.isclose(training.loss_terms(changed, target, 1.0), training.loss_terms(logits.detach(), target, 1.0))
+
+    # validation: a network that marks everything is charged for background, not for ignored pixels
+    labels = np.zeros((2, 16, 16), np.uint8)
+    labels[:, 2:6, 2:6] = 1
+    labels[:, 8:, 8:] = training.IGNORED
+    val = training.SliceSet(np.zeros((2, 16, 16), np.float16), labels, np.zeros(2, np.int32),
+                            (labels == 1).reshape(2, -1).sum(1), ["v"], 0)
+
+    class Everywhere(torch.nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, 10.0)
+
+    cfg = training.TrainConfig.coerce(tiny_config(manifest, ignore_label=3))
+    metrics = training.validate(Everywhere(), val, cfg, torch.device("cpu"))
+    tp, fp = 2 * 16, 2 * (256 - 16 - 64)
+    assert metrics["val_dice"] == pytest.approx(2 * tp / (2 * tp + fp))
+    assert metrics["val_precision"] == pytest.approx(tp / (tp + fp))
+
+    # a run with the option trains, caches the ignored pixels and records the setting
+    run = tmp_path / "run"
+    best = training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, ignore_label=3), run)
+    cached = np.load(run / "cache" / "train_labels.npy", mmap_mode="r")
+    assert (cached == training.IGNORED).any() and (cached == 1).any()
+    assert checkpoint.load_model(best).provenance["training_config"]["ignore_label"] == 3
+    for bad in (0, 1, 256, True, 2.5):
+        with pytest.raises(DeepWMLError, match="ignore label"):
+            training.TrainConfig.coerce(tiny_config(manifest, ignore_label=bad))
