@@ -850,6 +850,10 @@ def register(subparsers) -> None:
     parser.add_argument("--skull-base-mimics", type=float, default=0.0, metavar="P",
                         help="probability that a case gets bright, unlabelled patches on the cortex "
                         "next to the skull base, as real FLAIR often shows (default 0)")
+    parser.add_argument("--backgrounds", nargs="+", type=Path, metavar="FLAIR",
+                        help="insert the synthetic lesions into these real FLAIR scans (files or folders) "
+                        "instead of drawing whole images; masks mark the scans' own probable lesions 2 "
+                        "(train with --ignore-label 2); see DeepWMLLib/realbg.py")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -858,6 +862,19 @@ def _run(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
+    if args.backgrounds:
+        from .realbg import generate_on_backgrounds
+
+        other = [flag for flag, value in (("--intracranial", args.intracranial), ("--graded-rims", args.graded_rims),
+                                          ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
+                                          ("--thickness", args.thickness)) if value]
+        if other:
+            raise DeepWMLError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
+                               "their own anatomy, head and acquisition)")
+        manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress)
+        print(file=sys.stderr)
+        print(manifest)
+        return 0
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                 matrix=args.matrix, slice_thickness=args.thickness,
                                 intracranial=args.intracranial, graded_rims=args.graded_rims,

@@ -1,0 +1,87 @@
+"""Synthetic lesions inserted into a real clinical FLAIR (DeepWMLLib/realbg.py); needs ../shared."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from DeepWMLLib import io
+
+pytestmark = pytest.mark.shared
+
+SCAN = "open_ms/clinical_flair/patient01_study1.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    from DeepWMLLib import realbg
+    from DeepWMLLib.segment import default_model_paths, load_brain_model, load_models
+    from DeepWMLLib.synth import _atlas, lesion_library
+
+    shared = io.shared_data_dir()
+    if shared is None or not (shared / SCAN).is_file():
+        pytest.skip("needs ../shared/data (set DEEPWML_SHARED_DATA)")
+    pytest.importorskip("nilearn")
+    atlas = _atlas(shared)
+    background = realbg.analyse_background(shared / SCAN, atlas, load_models(default_model_paths()),
+                                           load_brain_model("default"))
+    return background, atlas, lesion_library(shared)
+
+
+def test_inserted_lesions_keep_the_scan_its_grid_texture_and_own_lesions_apart(prepared):
+    from DeepWMLLib import realbg
+    from DeepWMLLib.synth import case_rng
+
+    background, atlas, library = prepared
+    assert background.overlap >= realbg.MIN_OVERLAP  # the template registered onto the scan
+    original = sitk.ReadImage(str(io.shared_data_dir() / SCAN), sitk.sitkFloat32)
+    cases = [realbg.insert_case(case_rng(5, i), background, atlas, library) for i in range(4)]
+    image, mask, meta = max(cases, key=lambda c: c[2]["lesion_ml"])
+    assert meta["lesion_ml"] > 0.5 and meta["background"] == "patient01_study1"
+    for out in (image, mask):  # the scan's exact grid
+        assert out.GetSize() == original.GetSize() and out.GetSpacing() == original.GetSpacing()
+        assert out.GetOrigin() == original.GetOrigin() and out.GetDirection() == original.GetDirection()
+    before = io.to_axial_stack(original)[0]
+    after, labels = io.to_axial_stack(image)[0], io.to_axial_stack(mask, np.uint8)[0]
+    assert set(np.unique(labels)) <= {0, 1, realbg.IGNORE_VALUE}
+    lesion = labels == 1
+    # brighter where labelled, by a lesion's contrast; untouched away from the inserted lesions
+    ratio = after[lesion] / np.maximum(before[lesion], 1e-3)
+    assert ratio.min() > 1.0 and 1.1 < np.median(ratio) < 2.1
+    # away from the labelled lesion only the faint partial-volume edges of lesions too thin to fill
+    # half a thick slice change (unlabelled, as in `synth`), by less than the labelled lesion's contrast
+    rise = after / np.maximum(before, 1e-3) - 1
+    changed = after != before
+    far = changed & ~ndimage.binary_dilation(lesion, iterations=4)
+    assert np.percentile(rise[far], 95) < np.median(rise[lesion])
+    assert not (changed & ~background.intracranial).any()
+    # the scan's own probable lesions are left out, never labelled lesion
+    ignored = labels == realbg.IGNORE_VALUE
+    assert ignored.any() and not (ignored & ~background.marked).any() and not (lesion & background.marked).any()
+    # the same seed gives the same case
+    again = realbg.insert_case(case_rng(5, cases.index((image, mask, meta))), background, atlas, library)
+    assert np.array_equal(sitk.GetArrayFromImage(again[0]), sitk.GetArrayFromImage(image))
+
+
+def test_synth_command_with_backgrounds_writes_a_training_manifest(prepared, tmp_path):
+    out = tmp_path / "real"
+    scan = io.shared_data_dir() / SCAN
+    proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "2", "-o", str(out), "--seed", "3",
+                           "--backgrounds", str(scan)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    assert [r["case"] for r in rows] == ["real3_00000", "real3_00001"]
+    assert all(r["centre"] == "real-patient01_study1" for r in rows)
+    for r in rows:
+        mask = sitk.ReadImage(str(out / r["mask"]))
+        assert io.grid_difference(mask, sitk.ReadImage(str(out / r["flair"]))) is None
+    bad = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "1", "-o", str(tmp_path / "x"),
+                          "--graded-rims", "0.5", "--backgrounds", str(scan)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "cannot be combined with --backgrounds" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
