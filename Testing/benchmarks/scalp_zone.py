@@ -1,7 +1,7 @@
 """Label-free check of false positives outside the brain on the unlabelled clinical FLAIRs (skull on).
 
     deepwml segment ../shared/data/open_ms/clinical_flair -o out_v3 --model MODEL
-    python Testing/benchmarks/scalp_zone.py out_v2 out_v3 [...]
+    python Testing/benchmarks/scalp_zone.py out_v2 out_v3 [...] [--cases patient09_study2 ...]
 
 For every clinical FLAIR of ../shared and every output folder, the volume (ml) of marked voxels whose
 in-plane distance to the outside of the head is at most 10 mm: scalp and skull, where no WMH can be.
@@ -11,6 +11,9 @@ Marks at the skull base deeper than 10 mm are not counted, so this is a lower bo
 Also the volume marked in the lowest quarter of the slices that contain head (skull base, orbits,
 posterior fossa), where white matter hyperintensities are rare and normal bright structures many,
 and the volume marked elsewhere (deeper than 10 mm, above the lowest quarter): where WMH are.
+
+--cases restricts the sums to these clinical FLAIRs (e.g. those a model never saw as training
+backgrounds); the output folders need only those.
 """
 
 from __future__ import annotations
@@ -45,17 +48,28 @@ def head_depth(image: sitk.Image) -> np.ndarray:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", help="output folders of deepwml segment over the clinical FLAIRs")
+    parser.add_argument("--cases", nargs="+", help="only these clinical FLAIRs (names without .nii.gz)")
+    args = parser.parse_args()
     shared = shared_data_dir()
-    if shared is None or len(sys.argv) < 2:
-        sys.exit(__doc__)
+    if shared is None:
+        sys.exit("needs ../shared/data (or DEEPWML_SHARED_DATA)")
     flairs = sorted((shared / "open_ms" / "clinical_flair").glob("*.nii.gz"))
+    if args.cases:
+        unknown = sorted(set(args.cases) - {p.name[:-len(".nii.gz")] for p in flairs})
+        if unknown:
+            sys.exit(f"not a clinical FLAIR of ../shared: {', '.join(unknown)}")
+        flairs = [p for p in flairs if p.name[:-len(".nii.gz")] in args.cases]
     depths = {}
     for path in flairs:
         image = sitk.ReadImage(str(path))
         depth = head_depth(image)
         # Lowest quarter below: slices ordered from inferior to superior.
         depths[path.name[:-len(".nii.gz")]] = depth if image.GetDirection()[8] >= 0 else depth[::-1]
-    for folder in sys.argv[1:]:
+    for folder in args.folders:
         zone_total = all_total = base_total = deep_total = 0.0
         per_case = []
         for case, depth in depths.items():
