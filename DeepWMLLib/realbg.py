@@ -27,8 +27,8 @@ Outputs keep each background's exact grid (size, spacing, origin, direction), as
 from __future__ import annotations
 
 import csv
-import math
 import time
+import warnings
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -47,7 +47,7 @@ MARK_THRESHOLD = 0.2
 MIN_OVERLAP = 0.8  # Dice of the registered template intracranial space with the scan's
 
 MANIFEST_COLUMNS = ("case", "flair", "mask", "centre", "disease", "lesion_ml", "ignored_ml", "background",
-                    "lesion_source", "contrast", "graded_rims")
+                    "lesion_source", "contrast", "graded_rims", "marked_by")
 
 
 @dataclass
@@ -226,11 +226,19 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
             raise Cancelled()
         if progress:
             progress(0.0, f"analysing background {i + 1}/{len(files)} ({f.name})")
-        bg = analyse_background(f, atlas, models, brain_model)
+        try:
+            bg = analyse_background(f, atlas, models, brain_model)
+        except DeepWMLError as exc:
+            warnings.warn(f"background left out: {exc}", stacklevel=2)
+            continue
         if bg.overlap < MIN_OVERLAP:
-            raise DeepWMLError(f"{f}: the template did not register onto it (intracranial overlap {bg.overlap:.2f} "
-                               f"< {MIN_OVERLAP}); leave it out")
+            warnings.warn(f"background left out: {f}: the template did not register onto it (intracranial "
+                          f"overlap {bg.overlap:.2f} < {MIN_OVERLAP})", stacklevel=2)
+            continue
         analysed.append(bg)
+    if not analysed:
+        raise DeepWMLError(f"none of the {len(files)} background scan(s) could be used (see the warnings above)")
+    marked_by = models[0].name
     rows = []
     for i in range(n):
         if cancel and cancel():
@@ -241,7 +249,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         io.write_image(image, out / f"{name}_flair.nii.gz")
         io.write_image(mask, out / f"{name}_mask.nii.gz")
         rows.append({"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
-                     "centre": f"real-{bg.name}", **meta})
+                     "centre": f"real-{bg.name}", **meta, "marked_by": marked_by})
         if progress:
             elapsed = time.perf_counter() - started
             progress((i + 1) / n, f"case {i + 1}/{n} ({elapsed / (i + 1):.1f} s/case)")

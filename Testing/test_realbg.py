@@ -85,3 +85,15 @@ def test_synth_command_with_backgrounds_writes_a_training_manifest(prepared, tmp
                           "--graded-rims", "0.5", "--backgrounds", str(scan)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "cannot be combined with --backgrounds" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_scan_that_cannot_serve_as_background_is_left_out_with_a_warning(prepared, tmp_path):
+    from DeepWMLLib import realbg
+    from DeepWMLLib.errors import DeepWMLError
+
+    blank = sitk.Image([64, 64, 6], sitk.sitkFloat32)  # no head at all
+    blank.SetSpacing((0.9, 0.9, 5.0))
+    path = tmp_path / "blank.nii.gz"
+    sitk.WriteImage(blank, str(path))
+    with pytest.warns(UserWarning, match="background left out"), pytest.raises(DeepWMLError, match="none of the 1"):
+        realbg.generate_on_backgrounds([path], 1, tmp_path / "out")
