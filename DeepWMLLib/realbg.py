@@ -193,9 +193,9 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
 def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out_dir: Union[str, Path], seed: int = 0,
                             progress: Optional[Callable[[float, str], None]] = None,
                             cancel: Optional[Callable[[], bool]] = None) -> Path:
-    """Write `n` cases (case i on background i mod len(backgrounds), lesions from (seed, i)) and
-    `manifest.csv` into `out_dir`; the centre column names the background, so a stratified split
-    spreads each scan's cases."""
+    """Write `n` cases and `manifest.csv` into `out_dir`. Case i goes on usable background i modulo
+    their number (scans that cannot serve are left out with a warning), with lesions drawn from
+    (seed, i); the centre column names the background, so a stratified split spreads each scan's cases."""
     from .segment import default_model_paths, load_brain_model, load_models
     from .synth import _atlas, _require_shared_dir, case_rng, lesion_library
 
