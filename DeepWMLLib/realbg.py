@@ -65,13 +65,6 @@ class Background:
     overlap: float  # Dice of the registered template intracranial space with the scan's
 
 
-def _stack_image(stack: np.ndarray, frame: io.SliceFrame) -> sitk.Image:
-    from .volume import Volume, like
-
-    out = io.from_axial_stack(stack, frame)
-    return like(out.array, out.GetSpacing(), out.GetOrigin(), out.GetDirection()) if isinstance(out, Volume) else out
-
-
 def _register(scan_icv: sitk.Image, template_icv: sitk.Image) -> sitk.Transform:
     """Affine from the scan's to the template's physical space, matching intracranial masks."""
     fixed = sitk.SmoothingRecursiveGaussian(scan_icv, 2.0)
@@ -119,7 +112,7 @@ def analyse_background(path: Union[str, Path], atlas, models, brain_model) -> Ba
 
     template_icv = sitk.GetImageFromArray((atlas.icv > 0.5).astype(np.float32))
     template_icv.CopyInformation(atlas.reference)
-    scan_icv = _stack_image(intracranial.astype(np.float32), frame)
+    scan_icv = io.from_axial_stack(intracranial.astype(np.float32), frame)
     transform = _register(scan_icv, template_icv)
     back = sitk.Resample(template_icv, scan_icv, transform, sitk.sitkLinear, 0.0)
     registered = io.to_axial_stack(back)[0] > 0.5
@@ -157,17 +150,17 @@ def lesion_fraction_on_scan(lesions: np.ndarray, atlas, background: Background) 
     return io.to_axial_stack(on_scan)[0]
 
 
-def _rim_grade(rng: np.random.Generator, label: np.ndarray, frame: io.SliceFrame) -> np.ndarray:
-    floor, ramp = rng.uniform(0.35, 0.65), rng.uniform(1.5, 4.0)
+def _depth_in_plane(label: np.ndarray, frame: io.SliceFrame) -> np.ndarray:
+    """Each lesion voxel's in-plane distance (mm) to the lesion's edge, slice by slice (thick slices)."""
     depth = np.zeros(label.shape, np.float32)
     for k in np.flatnonzero(label.any(axis=(1, 2))):
         depth[k] = ndimage.distance_transform_edt(label[k], sampling=(frame.row_spacing_mm, frame.col_spacing_mm))
-    return floor + (1 - floor) * np.clip((depth - 0.5) / ramp, 0, 1)
+    return depth
 
 
 def insert_case(rng: np.random.Generator, background: Background, atlas, library: Sequence[Path]) -> tuple:
     """(image, mask, meta) of one case on `background`: synthetic lesions painted into the scan."""
-    from .synth import DISEASES, _paint_lesions, _smooth_noise
+    from .synth import DISEASES, _paint_lesions, _rim_factor, _smooth_noise
 
     disease = str(rng.choice(DISEASES, p=[0.25, 0.35, 0.4]))
     lesions, meta = _paint_lesions(rng, atlas, disease, list(library))
@@ -178,15 +171,15 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
     gain = (contrast - 1) * (0.8 + 0.4 * _smooth_noise(rng, fraction.shape, 4))
     graded = (not faint) and bool(rng.random() < 0.6)
     if graded:
-        gain = gain * _rim_grade(rng, label, background.frame)
+        gain = gain * _rim_factor(rng, _depth_in_plane(label, background.frame))
     stack = background.stack * (1 + fraction * gain)
     mask = np.where(label, 1, np.where(background.marked, IGNORE_VALUE, 0)).astype(np.uint8)
     voxel_ml = background.frame.slice_thickness_mm * background.frame.pixel_area_mm2 / 1000
     meta.update(disease=disease, lesion_ml=round(float(label.sum()) * voxel_ml, 3),
                 ignored_ml=round(float((mask == IGNORE_VALUE).sum()) * voxel_ml, 3), background=background.name,
                 contrast=round(float(contrast), 3), graded_rims=int(graded))
-    image = _stack_image(stack.astype(np.float32), background.frame)
-    mask_image = _stack_image(mask, background.frame)
+    image = io.from_axial_stack(stack.astype(np.float32), background.frame)
+    mask_image = io.from_axial_stack(mask, background.frame)
     return image, mask_image, meta
 
 

@@ -412,8 +412,12 @@ def _rim_grade(rng: np.random.Generator, lesions: np.ndarray) -> np.ndarray:
     """A factor on lesion contrast: `floor` at a lesion's edge, rising linearly over `ramp` mm of
     depth (1 mm template grid) to 1 in its core. Lesions thinner than the ramp stay fainter all
     through, like small real lesions."""
+    return _rim_factor(rng, ndimage.distance_transform_edt(lesions >= 0.5).astype(np.float32))
+
+
+def _rim_factor(rng: np.random.Generator, depth: np.ndarray) -> np.ndarray:
+    """The rim grade from each voxel's depth inside its lesion (mm), `floor` and `ramp` drawn here."""
     floor, ramp = rng.uniform(0.35, 0.65), rng.uniform(1.5, 4.0)
-    depth = ndimage.distance_transform_edt(lesions >= 0.5).astype(np.float32)
     return floor + (1 - floor) * np.clip((depth - 0.5) / ramp, 0, 1)
 
 
