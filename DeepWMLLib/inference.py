@@ -188,9 +188,10 @@ def _cpu_threads() -> int:
 
 
 # Runners of recently used model files, so that a cohort or repeated runs in Slicer build each ONNX
-# session or device copy once. Keyed by the file's content hash; small, since each holds a network.
+# session or device copy once. Keyed by the file's content hash; small, since each holds a network,
+# but room for an ensemble of up to five members plus the brain-mask network.
 _RUNNERS: dict = {}
-_RUNNERS_KEPT = 2
+_RUNNERS_KEPT = 6
 
 
 def make_runner(loaded: LoadedModel, device: str, backend: str = "auto"):

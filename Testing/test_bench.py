@@ -68,3 +68,18 @@ def test_peak_memory_is_the_commands_own_not_the_benchmarks():
         launcher.close()
     assert idle < 100 and busy > 200 and seconds > 0
     assert held.sum() > 0
+
+
+def test_bench_runs_every_member_of_an_ensemble_in_the_reference_too(tmp_path, tiny_model):
+    """(a) must do the same work as (b): with an ensemble, every member, averaged as segment does,
+    so that the masks of (a) and (b) agree and the FLOPs count both members."""
+    image, _ = make_volume(size=(48, 40, 8))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    other = tiny_model_file(tmp_path / "other.pt", seed=1)
+    one = run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=None)
+    two = run_benchmark(str(path), [str(tiny_model), str(other)], slices=4, repeat=1, threads=1, brain_model=None)
+    assert two["model"] == ["tiny.pt", "other.pt"]
+    assert two["gflop_per_slice_each"] == one["gflop_per_slice_each"] * 2
+    assert two["gflop_per_slice"] == pytest.approx(2 * one["gflop_per_slice"], abs=0.002)
+    assert two["mask_dice_b_vs_a"] >= 0.99

@@ -183,6 +183,20 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "auto")
 
 
+def test_runners_of_an_ensemble_and_its_brain_model_are_all_kept_between_cases(tmp_path):
+    """An ensemble of three members and the brain-mask network: the next case reuses all four
+    runners (none is evicted and rebuilt, which would cost a session build per network per case)."""
+    from conftest import tiny_model_file
+    from DeepWMLLib.inference import make_runner, resolve_device
+    from DeepWMLLib.segment import load_models
+
+    files = [tiny_model_file(tmp_path / f"m{i}.pt", seed=i) for i in range(4)]
+    cpu = resolve_device("cpu")
+    first = [make_runner(m, cpu, "torch") for m in load_models(files)]
+    again = [make_runner(m, cpu, "torch") for m in load_models(files)]
+    assert all(a is b for a, b in zip(first, again))
+
+
 def test_default_batch_is_one_slice_with_onnx_runtime_and_four_with_pytorch_on_cpu(tiny_model, tmp_path, monkeypatch):
     """ONNX Runtime runs one slice at a time (a fresh process then touches a quarter of the new
     memory, at the same warm speed); PyTorch on the CPU keeps batches of 4; --batch-size overrides."""

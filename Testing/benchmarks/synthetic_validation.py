@@ -3,6 +3,9 @@
     python Testing/benchmarks/synthetic_validation.py MANIFEST SPLIT --model A.pt [B.pt ...] [--split-name val]
         [--thresholds 0.3 0.4 0.5 ...] [--brain-model default|none|FILE] [--json OUT]
 
+Each --model entry is evaluated on its own; files joined with "+" (A.pt+B.pt) are one ensemble, their
+probabilities averaged as `deepwml segment --model A.pt B.pt` does.
+
 MANIFEST is a `deepwml synth` manifest (paths relative to its folder), SPLIT a CSV (case, split);
 the cases of MANIFEST whose split is --split-name are segmented with each model (threshold and
 post-processing as `deepwml segment`) and compared with their painted masks. Prints per model the
@@ -47,7 +50,7 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
         raise SystemExit(f"no case of {manifest} is in split {split_name!r} of {split}")
     results = {}
     for model in models:
-        loaded = load_models([model])
+        loaded = load_models(model.split("+"))
         brain = load_brain_model(None if brain_model == "none" else brain_model)
         counts = {t: ([], 0, 0, 0) for t in (None, *thresholds)}  # None: the model's own threshold
         for r in rows:
@@ -88,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds, args.brain_model)
     for model, r in results.items():
-        print(f"{Path(model).name}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
+        print(f"{'+'.join(Path(m).name for m in model.split('+'))}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
               f"mean {r['mean_dice']:.3f}, pooled {r['pooled_dice']:.3f}")
         for t, figures in r["by_threshold"].items():
             print(f"    threshold {t}: median {figures['median_dice']:.3f}, mean {figures['mean_dice']:.3f}, "
