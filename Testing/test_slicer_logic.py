@@ -207,6 +207,22 @@ def test_model_choices(tmp_path):
         logic.modelPaths("nonexistent")
 
 
+def test_a_default_ensemble_is_the_selectors_first_choice(monkeypatch):
+    """With several shipped models marked default (an ensemble, as `deepwml segment` runs by
+    default), the selector offers that ensemble first and it gives every default model; each member
+    stays selectable alone. With one default there is no ensemble entry."""
+    entries = [{"name": "a", "path": "/m/a.pt", "default": True}, {"name": "old", "path": "/m/old.pt"},
+               {"name": "b", "path": "/m/b.pt", "default": True}]
+    logic = DeepWMLCoreLogic()
+    monkeypatch.setattr(logic, "shippedModels", lambda: entries)
+    names = [name for name, _ in logic.modelChoices()]
+    assert names == ["default ensemble (a + b)", "a", "b", "old", MODEL_FILE_CHOICE]
+    assert logic.modelPaths(names[0]) == ["/m/a.pt", "/m/b.pt"]
+    assert logic.modelPaths("b") == ["/m/b.pt"]
+    entries[2]["default"] = False
+    assert logic.defaultEnsembleChoice() is None and logic.modelChoices()[0][0] == "a"
+
+
 def test_device_note_without_gpu(monkeypatch):
     import torch
 

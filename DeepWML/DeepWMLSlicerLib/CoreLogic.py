@@ -164,11 +164,20 @@ class DeepWMLCoreLogic:
 
         return shipped_models()
 
+    def defaultEnsembleChoice(self) -> str | None:
+        """The selector's name for the shipped default when it is an ensemble (several models marked
+        default, probabilities averaged as `deepwml segment` does by default); None for one model."""
+        defaults = [entry["name"] for entry in self.shippedModels() if entry.get("default")]
+        return f"default ensemble ({' + '.join(defaults)})" if len(defaults) > 1 else None
+
     def modelChoices(self) -> list[tuple[str, str]]:
-        """(name, description) for the model selector: the default shipped model first, the others,
-        then MODEL_FILE_CHOICE for a model file of the user's."""
+        """(name, description) for the model selector: the shipped default first (the ensemble of the
+        default models when there are several, then each of them), the others, then
+        MODEL_FILE_CHOICE for a model file of the user's."""
         entries = sorted(self.shippedModels(), key=lambda entry: not entry.get("default"))
-        return [(entry["name"], entry.get("description", "")) for entry in entries] + \
+        ensemble = self.defaultEnsembleChoice()
+        first = [(ensemble, "The shipped default: these models' probabilities averaged")] if ensemble else []
+        return first + [(entry["name"], entry.get("description", "")) for entry in entries] + \
             [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]
 
     def modelPaths(self, modelName: str = "", modelFile=None, ensemble: bool = False) -> list[str] | None:
@@ -179,6 +188,8 @@ class DeepWMLCoreLogic:
             if not modelFile or not Path(modelFile).is_file():
                 raise DeepWMLError("choose a DeepWML model file (.pt) or pick a shipped model")
             return [str(modelFile)]
+        if modelName and modelName == self.defaultEnsembleChoice():
+            return [entry["path"] for entry in self.shippedModels() if entry.get("default")]
         if modelName:
             for entry in self.shippedModels():
                 if entry["name"] == modelName:
