@@ -6,8 +6,8 @@ real scanner's texture. Here the image is a real scan and only the lesions are s
 
 - Each background is analysed once: the shipped brain-mask network gives its intracranial space,
   an affine registration of that space to the template's maps the template (MNI) into the scan,
-  and the shipped WMH model, at a low threshold (0.2), marks where the scan probably has lesions
-  of its own, which nobody labelled.
+  and the shipped WMH model (or default ensemble), at a low threshold (0.2), marks where the scan
+  probably has lesions of its own, which nobody labelled.
 - Each case draws lesions exactly as `synth` does (real lesion shapes from the open MS library,
   never the evaluation patients, plus procedural caps, bands and punctate lesions), carries them
   through the registration onto the scan's grid with its slice profile (5 sub-slices averaged per
@@ -231,7 +231,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         analysed.append(bg)
     if not analysed:
         raise DeepWMLError(f"none of the {len(files)} background scan(s) could be used (see the warnings above)")
-    marked_by = models[0].name
+    marked_by = "+".join(m.name for m in models)  # the default model, or every member of a default ensemble
     rows = []
     for i in range(n):
         if cancel and cancel():
