@@ -306,6 +306,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     for first in range(0, kept.size, CHUNK_SLICES):
         chunk = kept[first:first + CHUNK_SLICES]
         networked = {config: plan.network_slices(stack, chunk, config) for config in plan.grids}
+        summed = {}  # ensemble members' maps summed on their network grid: resampling is linear, so once is enough
         for number, (loaded, runner) in enumerate(zip(networks, runners)):
 
             def on_batch(k: int, loaded=loaded, base=done) -> None:
@@ -314,12 +315,14 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel)
-            on_input = plan.grids[loaded.preprocessing].to_input(probabilities)
             if number < len(models):
-                total[chunk] += on_input
+                config = loaded.preprocessing
+                summed[config] = probabilities if config not in summed else summed[config] + probabilities
             else:
-                brain[chunk] = on_input
+                brain[chunk] = plan.grids[loaded.preprocessing].to_input(probabilities)
             done += chunk.size
+        for config, probabilities in summed.items():
+            total[chunk] += plan.grids[config].to_input(probabilities)
     if progress:
         progress(1.0, "done")
     total /= len(models)

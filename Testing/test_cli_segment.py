@@ -115,6 +115,11 @@ def test_ensemble_averages_probabilities(tiny_model, tmp_path):
     p2, _ = predict_probabilities(image, [m2], "cpu")
     both, _ = predict_probabilities(image, [m1, m2], "cpu")
     assert np.allclose(both, (p1 + p2) / 2, atol=1e-5)
+    # members on different network grids: each grid's sum is resampled to the input once
+    (m3,) = load_models([tiny_model_file(tmp_path / "coarse.pt", grid=(48, 48), seed=6)])
+    p3, _ = predict_probabilities(image, [m3], "cpu")
+    mixed, _ = predict_probabilities(image, [m1, m3, m2], "cpu")
+    assert np.allclose(mixed, (p1 + p2 + p3) / 3, atol=1e-5)
 
 
 def test_progress_and_cancel(tiny_model):
