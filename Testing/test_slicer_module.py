@@ -67,13 +67,16 @@ def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
     assert p.inputVolume is widget.volume  # the first volume in the scene is preselected
     shipped = widget.logic.shippedModels()
     names = [m["name"] for m in shipped]
-    assert sorted(ui.modelComboBox.items[:-1]) == sorted(names)
+    listed = [name for name in ui.modelComboBox.items[:-1] if name != widget.logic.defaultEnsembleChoice()]
+    assert sorted(listed) == sorted(names)
     assert ui.modelComboBox.items[-1] == module.MODEL_FILE_CHOICE
-    default = next((m["name"] for m in shipped if m.get("default")), names[0])
+    # the shipped default first: the default ensemble when several models are default, else that model
+    ensemble = widget.logic.defaultEnsembleChoice()
+    default = ensemble or next((m["name"] for m in shipped if m.get("default")), names[0])
     assert ui.modelComboBox.items[0] == default and ui.modelComboBox.currentIndex == 0
     assert ui.applyButton.text == "Segment WMH" and ui.applyButton.enabled
     assert not ui.compareButton.enabled and not ui.consensusButton.enabled and not ui.saveResultsButton.enabled
-    ui.modelComboBox.currentIndex = len(names)
+    ui.modelComboBox.currentIndex = len(ui.modelComboBox.items) - 1
     assert p.modelName == module.MODEL_FILE_CHOICE and ui.modelFilePathLineEdit.visible
     p.useModelThreshold = False
     assert ui.thresholdSliderWidget.enabled
