@@ -68,11 +68,14 @@ def test_memory_bounded_for_a_large_matrix(tmp_path):
     path = tmp_path / "big.nii.gz"
     sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
     model = tiny_model_file(tmp_path / "m.pt")
+    # The child's own peak: VmHWM of its address space. Its ru_maxrss would also count the memory of
+    # this pytest worker at the fork (Linux charges it at exec), which grows with the runners and
+    # models earlier tests left in the worker.
     code = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from DeepWMLLib.cli import main\n"
         f"code = main(['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(model)!r}, '--device', 'cpu'])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024)\n"
         "sys.exit(code)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
