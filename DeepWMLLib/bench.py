@@ -3,7 +3,8 @@
 On one input (a real clinical FLAIR from ../shared when present, else a synthetic one) it measures
 (a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
 (b) DeepWML's inference path (`inference.predict_maps`: normalisation, resampling, batched
-    runner — ONNX Runtime or channels-last PyTorch — head-less slices skipped, resampling back);
+    runner — OpenVINO (bf16 where the CPU computes it natively), ONNX Runtime or channels-last PyTorch —
+    head-less slices skipped, resampling back);
 (c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
     infer, post-process, write every output);
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
@@ -129,7 +130,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_benchmark(input_path: str | None = None, model_paths=None, slices: int = 25, repeat: int = 3,
-                  threads: int | None = None, backend: str = "auto", brain_model="default") -> dict:
+                  threads: int | None = None, backend: str = "auto", brain_model="default",
+                  precision: str = "auto") -> dict:
     """`brain_model` as in `segment_image` ("default": the shipped brain-mask network, if any; None:
     none; or a file): when one is used, (a), (b) and (c) all run it as well as the WMH network."""
     import torch
@@ -171,11 +173,11 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     # (b) DeepWML's inference path, as `segment` calls it, and (c) + (e) `deepwml segment` end to end in
     # a fresh process. a, b, c and the floor take turns in every repetition, so that a busy (or
     # quiet) moment of a shared machine, which can change speed by half, hits all of them alike.
-    runner_name = make_runner(loaded, "cpu", backend).name
-    predict_maps(image, models, brain, "cpu", backend=backend)  # warm-up (and ONNX export into the cache)
+    runner_name = make_runner(loaded, "cpu", backend, precision).name
+    predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)  # warm-up (and ONNX export)
     out_dir = workdir / "out"
     command = [sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(out_dir), "--overwrite",
-               "--device", "cpu", "--backend", backend, "--model", *model_paths]
+               "--device", "cpu", "--backend", backend, "--precision", precision, "--model", *model_paths]
     command += ["--no-brain-mask"] if brain is None else ["--brain-model", brain.path]
     env = dict(os.environ)
     if threads:
@@ -187,8 +189,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     # file is read without SimpleITK; other formats need it).
     light = io.is_nifti(path)
     floor_command = [sys.executable, "-c", "import os, numpy" + ("" if light else ", SimpleITK")
-                     + (", onnxruntime" if runner_name == "onnxruntime" else ", torch") + "; os._exit(0)"]
-    runners = [make_runner(m, "cpu", backend) for m in networks]
+                     + {"openvino": ", openvino", "onnxruntime": ", onnxruntime"}.get(runner_name.split()[0], ", torch")
+                     + "; os._exit(0)"]
+    runners = [make_runner(m, "cpu", backend, precision) for m in networks]
     nets_run = [net[plan.kept] for net in nets]
     t_refs, t_opt, t_nets, e2e, peaks, floor = [], [], [], [], [], []
     for _ in range(repeat):
@@ -200,7 +203,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         reference()
         t_refs.append(time.perf_counter() - start)
         start = time.perf_counter()
-        predict_maps(image, models, brain, "cpu", backend=backend)
+        predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
         t_opt.append(time.perf_counter() - start)
         seconds, peak = launcher.run(command)
         e2e.append(seconds)
@@ -208,7 +211,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
         floor.append(launcher.run(floor_command)[0])
     launcher.close()
     t_ref, t_opt, t_net, t_e2e, t_floor = (float(np.median(v)) for v in (t_refs, t_opt, t_nets, e2e, floor))
-    opt_prob, opt_brain, _ = predict_maps(image, models, brain, "cpu", backend=backend)
+    opt_prob, opt_brain, _ = predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
     slices_run = int(plan.kept.size)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
@@ -284,7 +287,9 @@ def register(subparsers) -> None:
     p.add_argument("--slices", type=int, default=25, help="central axial slices to keep (default 25; 0 = all)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively)")
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model (default: the shipped one, if any)")
     p.add_argument("--no-brain-mask", action="store_true", help="time the WMH network alone, without the brain mask")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -296,7 +301,8 @@ def _run(args) -> int:
     from . import io
 
     brain = None if args.no_brain_mask else (args.brain_model or "default")
-    result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend, brain)
+    result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend, brain,
+                           args.precision)
     print(format_table(result))
     if args.json:
         io.write_text(json.dumps(result, indent=1), args.json)

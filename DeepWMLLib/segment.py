@@ -112,7 +112,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                   threshold: float | None = None, tta: bool = False, min_lesion_mm3: float | None = None,
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
                   progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-                  backend: str = "auto", brain_model="default") -> SegmentationResult:
+                  backend: str = "auto", brain_model="default", precision: str = "auto") -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
 
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
@@ -133,7 +133,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     dev = resolve_device(device)
     facts: dict = {}
     probabilities, brain, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
-                                               cancel, backend, facts)
+                                               cancel, backend, facts, precision)
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
@@ -170,6 +170,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "threshold": threshold,
         "tta": bool(tta),
         "device": str(dev),
+        "runner": facts.get("runner"),
         "seconds": round(time.perf_counter() - start, 3),
     })
     return SegmentationResult(mask, prob_image, report, brain_image)
@@ -211,7 +212,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  threshold: float | None = None, tta: bool = False, save_probabilities: bool = False,
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
-                 brain_model="default", save_brain_mask: bool = False) -> dict:
+                 brain_model="default", save_brain_mask: bool = False, precision: str = "auto") -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask)
     existing = [p.name for p in paths.values() if p.exists()]
@@ -222,7 +223,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
     image = io.read_image(path, light=True)  # a plain NIfTI file: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
-                           batch_size, progress, cancel, backend, brain_model)
+                           batch_size, progress, cancel, backend, brain_model, precision)
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     report = {"case": case, "input": str(path), **result.report}
@@ -356,9 +357,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
     p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="slices per network batch (default: 1 with ONNX Runtime on the CPU, 4 with PyTorch on the CPU, 16 on a GPU)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
-                   help="auto: ONNX Runtime on the CPU when installed, else PyTorch")
+                   help="slices per network batch (default: 1 with OpenVINO or ONNX Runtime on the CPU, 4 with PyTorch on the CPU, 16 on a GPU)")
+    p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"),
+                   help="auto: on the CPU OpenVINO when installed, else ONNX Runtime, else PyTorch")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 with OpenVINO on a CPU that computes bf16 natively (AMX or AVX512-BF16; the same "
+                        "masks as fp32 on the real scans checked, see README), fp16 autocast on a GPU, else fp32")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -371,7 +375,7 @@ def _run(args) -> int:
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
-        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
+        precision=args.precision, brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

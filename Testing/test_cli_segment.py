@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import importlib.util
 import subprocess
 import sys
 
@@ -177,15 +178,92 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
     (loaded,) = load_models([tiny_model])
     cpu = resolve_device("cpu")
-    assert isinstance(make_runner(loaded, cpu, "auto"), OnnxRunner)
+    assert isinstance(make_runner(loaded, cpu, "onnx"), OnnxRunner)
     assert isinstance(make_runner(loaded, cpu, "torch"), TorchRunner)
     batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
     assert np.allclose(OnnxRunner(loaded)(batch), TorchRunner(loaded, cpu)(batch), atol=1e-4)
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
     # a runner is built once per model file, device and backend, and reused by the next case
     (again,) = load_models([tiny_model])
-    assert make_runner(again, cpu, "auto") is make_runner(loaded, cpu, "auto")
-    assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "auto")
+    assert make_runner(again, cpu, "onnx") is make_runner(loaded, cpu, "onnx")
+    assert make_runner(again, cpu, "torch") is not make_runner(loaded, cpu, "onnx")
+
+
+def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_model, tmp_path, monkeypatch):
+    """OpenVINO is the automatic choice on the CPU when installed; in fp32 it computes what PyTorch
+    does, and bf16 (only where the CPU computes it natively) stays close. Runners are kept per precision."""
+    pytest.importorskip("openvino")
+    from DeepWMLLib.inference import OpenVinoRunner, TorchRunner, _openvino_core, make_runner, resolve_device
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    cpu = resolve_device("cpu")
+    auto = make_runner(loaded, cpu, "auto")
+    assert isinstance(auto, OpenVinoRunner)
+    batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    reference = TorchRunner(loaded, cpu)(batch)
+    fp32 = make_runner(loaded, cpu, "openvino", "fp32")
+    assert fp32.name == "openvino fp32" and fp32 is not auto
+    assert np.allclose(fp32(batch), reference, atol=1e-4)
+    first = fp32(batch[:1])
+    fp32(batch[1:2])  # the next run reuses the request's output buffer: the first result must not change
+    assert np.array_equal(first, fp32(batch[:1])) and np.allclose(first, reference[:1], atol=1e-4)
+    native = "BF16" in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert auto.name == ("openvino bf16" if native else "openvino fp32")
+    if native:
+        bf16 = make_runner(loaded, cpu, "openvino", "bf16")
+        difference = np.abs(1 / (1 + np.exp(-bf16(batch))) - 1 / (1 + np.exp(-reference)))
+        assert 0 < difference.max() < 0.05  # rounded, so not identical, but close
+    assert list((tmp_path / "cache" / "openvino").iterdir())  # compiled networks cached for the next process
+
+
+def test_precision_choices_and_their_errors(tiny_model, tmp_path, monkeypatch):
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.inference import _openvino_precision, make_runner
+
+    class Core:
+        def __init__(self, capabilities):
+            self.capabilities = capabilities
+
+        def get_property(self, device, name):
+            assert (device, name) == ("CPU", "OPTIMIZATION_CAPABILITIES")
+            return self.capabilities
+
+    assert _openvino_precision(Core(["FP32", "BF16", "INT8"]), "auto") == "bf16"
+    assert _openvino_precision(Core(["FP32", "INT8"]), "auto") == "fp32"
+    assert _openvino_precision(Core(["FP32", "BF16"]), "fp32") == "fp32"
+    with pytest.raises(DeepWMLError, match="native bf16"):
+        _openvino_precision(Core(["FP32"]), "bf16")
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    for backend in ("onnx", "torch"):
+        with pytest.raises(DeepWMLError, match="bf16 runs with the openvino backend"):
+            make_runner(loaded, "cpu", backend, "bf16")
+    with pytest.raises(DeepWMLError, match="unknown precision"):
+        make_runner(loaded, "cpu", "auto", "fp8")
+    with pytest.raises(DeepWMLError, match="unknown backend"):
+        make_runner(loaded, "cpu", "tensorrt")
+
+
+def test_auto_backend_falls_back_to_onnx_runtime_without_openvino(tiny_model, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from DeepWMLLib import inference
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import load_models
+
+    def missing():
+        raise ImportError("No module named 'openvino'")
+
+    monkeypatch.setattr(inference, "_openvino_core", missing)
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    assert isinstance(inference.make_runner(loaded, "cpu", "auto"), inference.OnnxRunner)
+    with pytest.raises(DeepWMLError, match="pip install openvino"):
+        inference.make_runner(loaded, "cpu", "openvino")
 
 
 def test_runners_of_an_ensemble_and_its_brain_model_are_all_kept_between_cases(tmp_path):
@@ -223,6 +301,9 @@ def test_default_batch_is_one_slice_with_onnx_runtime_and_four_with_pytorch_on_c
     for backend, batch in (("onnx", None), ("torch", None), ("onnx", 3)):
         inference.predict_maps(image, [loaded], None, "cpu", batch, backend=backend)
     assert seen == [("onnxruntime", 1), ("torch", 4), ("onnxruntime", 3)]
+    if importlib.util.find_spec("openvino") is not None:
+        inference.predict_maps(image, [loaded], None, "cpu", None, backend="openvino", precision="fp32")
+        assert seen[-1] == ("openvino fp32", 1)
 
 
 def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model, tmp_path, monkeypatch):
@@ -250,17 +331,18 @@ def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model,
         assert not runner.session.get_session_options().enable_mem_pattern
 
 
-def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model):
-    """Start-up time matters for short jobs: the ONNX path never needs torch once the model was seen,
-    and segmentation never needs scipy (its ndimage import alone costs about half a second)."""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model, backend):
+    """Start-up time matters for short jobs: the OpenVINO and ONNX paths never need torch once the
+    model was seen, and segmentation never needs scipy (its ndimage import alone costs about half a second)."""
+    pytest.importorskip({"onnx": "onnxruntime"}.get(backend, backend))
     path, _ = write_case(tmp_path, "t", size=(32, 32, 4))
     env_cache = tmp_path / "cache"
     code = (
         "import sys, os\n"
         f"os.environ['DEEPWML_CACHE_DIR'] = {str(env_cache)!r}\n"
         "from DeepWMLLib.cli import main\n"
-        f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite']\n"
+        f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite', '--backend', {backend!r}]\n"
         "assert main(args) == 0\n"
         "print('torch' in sys.modules, 'scipy' in sys.modules, 'slicerio' in sys.modules, 'numpy.ma' in sys.modules)\n"
     )
@@ -268,9 +350,11 @@ def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_m
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     # cold cache: the model is read with torch and exported. Never: scipy, slicerio/pynrrd (the
-    # .seg.nrrd is written directly), numpy.ma (np.percentile pulls it in; 20 ms)
-    assert first.stdout.strip() == "True False False False"
-    assert second.stdout.strip() == "False False False False"
+    # .seg.nrrd is written directly), numpy.ma (np.percentile pulls it in; 20 ms) — except that
+    # OpenVINO's own import brings numpy.ma with it
+    ma = "True" if backend == "openvino" else "False"
+    assert first.stdout.strip() == f"True False False {ma}"
+    assert second.stdout.strip() == f"False False False {ma}"
 
 
 def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_code(tmp_path, tiny_model):
