@@ -109,6 +109,7 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # stop after this many epochs without a better val Dice
     ensemble: int = 1
     amp: bool = True  # mixed precision on GPU
+    cpu_bf16: bool = False  # on the CPU: bf16 autocast and channels-last (needs native bf16: AMX or AVX512-BF16)
     device: str = "auto"
     threads: int | None = None
     skip_bad_cases: bool = False
@@ -624,7 +625,7 @@ def validate(model, val: SliceSet, cfg: TrainConfig, device, rank: int = 0, worl
 
     sums = torch.zeros(5, dtype=torch.float64)  # loss × n, n, tp, fp, fn
     batch = 2 * cfg.batch_size
-    autocast = _autocast(device, cfg.amp)
+    autocast = _autocast(device, cfg)
     model.eval()
     with torch.no_grad():
         for start in range(rank * batch, len(val), batch * world):
@@ -653,12 +654,25 @@ def validate(model, val: SliceSet, cfg: TrainConfig, device, rank: int = 0, worl
             "val_sensitivity": _ratio(tp, tp + fn), "val_precision": _ratio(tp, tp + fp)}
 
 
-def _autocast(device, amp: bool):
+def _autocast(device, cfg: TrainConfig):
     import torch
 
-    if amp and device.type == "cuda":
+    if cfg.amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if cfg.cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether PyTorch's CPU kernels (oneDNN) compute bf16 natively here (AMX or AVX512-BF16)."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # an old or unusual build: treat as absent
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,6 +867,14 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.architecture)
     model.to(device)
+    if cfg.cpu_bf16 and device.type == "cpu":
+        if not cpu_has_native_bf16():
+            raise DeepWMLError("--cpu-bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16); "
+                               "this one does not: train without it")
+        # Convolutions in channels-last are oneDNN's fast layout on the CPU. On a 2-core Xeon with
+        # AMX, a training step of the 16-channel U-Net (8 crops of 128x128) took 91 ms this way
+        # against 250 ms in fp32 (see the model card).
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     scheduler = None
     if cfg.plateau_patience is not None:
@@ -889,7 +911,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     batches = [(i, min(i + cfg.batch_size, share)) for i in range(0, share, cfg.batch_size)]
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()  # a batch of one slice breaks BatchNorm and adds noise, not information
-    autocast = _autocast(device, cfg.amp)
+    autocast = _autocast(device, cfg)
     first_epoch = state["epoch"]
     while state["epoch"] < cfg.epochs and not state["finished"]:
         epoch = state["epoch"] + 1
@@ -1177,6 +1199,8 @@ def register(subparsers) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
     g.add_argument("--threads", type=int, help="CPU threads")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    g.add_argument("--cpu-bf16", action="store_true", help="on the CPU: bf16 autocast and channels-last, about 2.7x "
+                   "faster per step on CPUs with AMX (needs native bf16: AMX or AVX512-BF16); off by default")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -1204,6 +1228,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
             config[key] = getattr(args, key)
     if args.no_amp:
         config["amp"] = False
+    if args.cpu_bf16:
+        config["cpu_bf16"] = True
     architecture = dict(config.get("architecture", {}))
     for key in ("base_channels", "depth", "batch_norm"):
         if getattr(args, key) is not None:

@@ -336,6 +336,8 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert logic.lesionStatistics(plain, volume)["lesion_count"] == 2
     run = json.loads(gated.GetAttribute("DeepWML.run"))
     assert run["brain_model"] == "brain.pt" and run["outside_brain_removed_ml"] > 0
+    assert run["runner"].split()[0] in ("openvino", "onnxruntime", "torch")  # which way the networks ran
+    assert f"cpu ({run['runner']})" in logic.formatReport(logic.lesionStatistics(gated, volume))
     assert "outside the brain ignored" in logic.describeRun(run)
     assert json.loads(plain.GetAttribute("DeepWML.run"))["brain_model"] is None
     assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."

@@ -407,7 +407,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
                                       "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
                                       "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3",
                                       "--init", "base.pt", "--mask-column", "intracranial", "--label-name", "intracranial",
-                                      "--ignore-label", "9"])
+                                      "--ignore-label", "9", "--cpu-bf16"])
     config, run = training.config_from_args(args)
     assert run == tmp_path / "r"
     cfg = training.TrainConfig.coerce(config)
@@ -418,6 +418,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     assert not cfg.augmentation["flip"] and cfg.augmentation["noise_std"] is None
     assert cfg.init == str(Path("base.pt").resolve())
     assert (cfg.mask_column, cfg.label_name, cfg.ignore_label) == ("intracranial", "intracranial", 9)
+    assert cfg.cpu_bf16 and not training.TrainConfig().cpu_bf16
     with pytest.raises(DeepWMLError, match="multiple of 8"):
         training.TrainConfig.coerce(dict(config, patch_size=100))
 
@@ -581,3 +582,22 @@ def test_ignore_label_marks_pixels_left_out_of_loss_and_validation(dataset, tmp_
     for bad in (0, 1, 256, True, 2.5):
         with pytest.raises(DeepWMLError, match="ignore label"):
             training.TrainConfig.coerce(tiny_config(manifest, ignore_label=bad))
+
+
+def test_cpu_bf16_training_lowers_the_loss_and_its_model_runs_in_fp32(dataset, tmp_path, monkeypatch):
+    """--cpu-bf16 (bf16 autocast, channels-last) where the CPU computes bf16 natively; a clear error elsewhere."""
+    if not training.cpu_has_native_bf16():
+        with pytest.raises(DeepWMLError, match="natively"):
+            training.train(tiny_config(dataset, cpu_bf16=True), tmp_path / "run")
+        return
+    run = tmp_path / "run"
+    best = training.train(tiny_config(dataset, epochs=4, cpu_bf16=True), run)
+    history = read_history(run)
+    assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
+    assert json.loads((run / "config.json").read_text())["cpu_bf16"] is True
+    loaded = checkpoint.load_model(best)  # an ordinary fp32 model file
+    assert all(t.dtype == torch.float32 for t in loaded.model.state_dict().values() if t.is_floating_point())
+    assert max(float(r["val_dice"]) for r in history) > 0.5
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(DeepWMLError, match="natively"):
+        training.train(tiny_config(dataset, cpu_bf16=True), tmp_path / "other")

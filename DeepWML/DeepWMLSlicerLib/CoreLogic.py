@@ -26,7 +26,7 @@ MODEL_FILE_CHOICE = "Model file..."
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
 # Facts about the run stored on the segmentation node, so they travel with the scene.
-RUN_KEYS = ("model", "device", "threshold", "tta", "brain_model", "outside_brain_removed_ml", "seconds",
+RUN_KEYS = ("model", "device", "runner", "threshold", "tta", "brain_model", "outside_brain_removed_ml", "seconds",
             "acquisition_plane", "warnings")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
@@ -332,7 +332,8 @@ class DeepWMLCoreLogic:
         lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {report['lesion_count']} lesions"]
         if "model" in report:
             models = ", ".join(report["model"]) if isinstance(report["model"], list) else report["model"]
-            lines.append(f"Model {models}, threshold {report['threshold']:.2f}, {report['device']}, "
+            runner = f" ({report['runner']})" if report.get("runner") else ""
+            lines.append(f"Model {models}, threshold {report['threshold']:.2f}, {report['device']}{runner}, "
                          f"{report['seconds']:.1f} s")
         lines += [f"Warning: {warning}" for warning in report.get("warnings", [])]
         return "\n".join(lines)

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base-channels", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--model", help="time this model file instead of a random-weight one")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
     args = parser.parse_args(argv)
     shared = shared_data_dir()
     if shared is None:
