@@ -1,7 +1,7 @@
 """Dice of models on synthetic validation cases, end to end (each case segmented on its own grid).
 
     python Testing/benchmarks/synthetic_validation.py MANIFEST SPLIT --model A.pt [B.pt ...] [--split-name val]
-        [--thresholds 0.3 0.4 0.5 ...] [--brain-model default|none|FILE] [--json OUT]
+        [--thresholds 0.3 0.4 0.5 ...] [--brain-model default|none|FILE] [--tta] [--json OUT]
 
 Each --model entry is evaluated on its own; files joined with "+" (A.pt+B.pt) are one ensemble, their
 probabilities averaged as `deepwml segment --model A.pt B.pt` does.
@@ -18,6 +18,9 @@ threshold can be chosen on synthetic validation data.
 
 --brain-model: the brain-mask gate, as `deepwml segment` (default: the shipped one, if any; none:
 no gate; or a brain-mask model file).
+
+--tta: each model is evaluated twice, without and with test-time flipping (`deepwml segment --tta`),
+reported as MODEL and MODEL@tta.
 """
 
 from __future__ import annotations
@@ -43,20 +46,21 @@ def _summary(dices: list, tp: int, fp: int, fn: int) -> dict:
 
 
 def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
-             thresholds: list[float] = (), brain_model: str = "default") -> dict:
+             thresholds: list[float] = (), brain_model: str = "default", tta: bool = False) -> dict:
     assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline=""))}
     rows = [r for r in csv.DictReader(open(manifest, newline="")) if assignment.get(r["case"]) == split_name]
     if not rows:
         raise SystemExit(f"no case of {manifest} is in split {split_name!r} of {split}")
     results = {}
-    for model in models:
+    runs = [(model, False) for model in models] + ([(model, True) for model in models] if tta else [])
+    for model, flipped in runs:
         loaded = load_models(model.split("+"))
         brain = load_brain_model(None if brain_model == "none" else brain_model)
         counts = {t: ([], 0, 0, 0) for t in (None, *thresholds)}  # None: the model's own threshold
         for r in rows:
             image = sitk.ReadImage(str(manifest.parent / r["flair"]), sitk.sitkFloat32)
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"]))) > 0
-            result = segment_image(image, loaded, device="cpu", brain_model=brain)
+            result = segment_image(image, loaded, device="cpu", brain_model=brain, tta=flipped)
             probabilities = sitk.GetArrayFromImage(result.probabilities)
             inside = None if result.brain is None else sitk.GetArrayFromImage(result.brain).astype(np.float32)
             voxel_mm3 = float(np.prod(image.GetSpacing()))
@@ -72,7 +76,7 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
                 counts[t] = (dices, tp + overlap, fp + int((predicted & ~reference).sum()),
                              fn + int((~predicted & reference).sum()))
         dices = counts[None][0]
-        results[model] = {"cases": len(rows), **_summary(*counts[None]),
+        results[model + ("@tta" if flipped else "")] = {"cases": len(rows), **_summary(*counts[None]),
                           "per_case": dict(zip((r["case"] for r in rows), dices)),
                           "by_threshold": {str(t): _summary(*counts[t]) for t in thresholds},
                           "brain_model": None if brain is None else brain.name}
@@ -87,9 +91,11 @@ def main() -> None:
     parser.add_argument("--split-name", default="val")
     parser.add_argument("--thresholds", type=float, nargs="*", default=[])
     parser.add_argument("--brain-model", default="default")
+    parser.add_argument("--tta", action="store_true", help="also evaluate each model with test-time flipping")
     parser.add_argument("--json")
     args = parser.parse_args()
-    results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds, args.brain_model)
+    results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds, args.brain_model,
+                       args.tta)
     for model, r in results.items():
         print(f"{'+'.join(Path(m).name for m in model.split('+'))}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
               f"mean {r['mean_dice']:.3f}, pooled {r['pooled_dice']:.3f}")
