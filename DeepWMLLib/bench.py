@@ -13,7 +13,8 @@ On one input (a real clinical FLAIR from ../shared when present, else a syntheti
 when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
 takes only to import numpy and the runtime (and SimpleITK, for inputs other than NIfTI) and exit,
-which (c) cannot go below. a, b, c and the floor take turns in each repetition; medians are
+which (c) cannot go below (OpenVINO imported as the command line imports it: through DeepWML's
+inference module, without OpenVINO's model converter). a, b, c and the floor take turns in each repetition; medians are
 reported. Prints a table and writes JSON.
 
 Before timing (c), DeepWML's own bytecode cache is written (`compileall`), as the first import does
@@ -188,8 +189,9 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     # The floor: the interpreter plus what `deepwml segment` cannot do without on this input (a NIfTI
     # file is read without SimpleITK; other formats need it).
     light = io.is_nifti(path)
-    floor_command = [sys.executable, "-c", "import os, numpy" + ("" if light else ", SimpleITK")
-                     + {"openvino": ", openvino", "onnxruntime": ", onnxruntime"}.get(runner_name.split()[0], ", torch")
+    runtime = {"openvino": "; from DeepWMLLib import cli, inference; cli.OWN_PROCESS = True; inference._import_openvino()",
+               "onnxruntime": "; import onnxruntime"}.get(runner_name.split()[0], "; import torch")
+    floor_command = [sys.executable, "-c", "import os, numpy" + ("" if light else ", SimpleITK") + runtime
                      + "; os._exit(0)"]
     runners = [make_runner(m, "cpu", backend, precision) for m in networks]
     nets_run = [net[plan.kept] for net in nets]

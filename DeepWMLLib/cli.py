@@ -88,8 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 _QUICK_EXIT = frozenset({"segment", "evaluate", "consensus"})
 
 
+# True in a process started as the `deepwml` command (run() below), which owns the whole process;
+# False when DeepWMLLib is used as a library (e.g. inside Slicer). See inference._import_openvino.
+OWN_PROCESS = False
+
+
 def run(argv: Sequence[str] | None = None) -> None:
     """The `deepwml` console entry point."""
+    global OWN_PROCESS
+    OWN_PROCESS = True
     argv = list(sys.argv[1:] if argv is None else argv)
     code = main(argv)
     if argv and argv[0] in _QUICK_EXIT:
@@ -100,4 +107,8 @@ def run(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run()
+    # `python -m DeepWMLLib.cli` runs this file as __main__; the package's own module is the one the
+    # rest of DeepWML sees (OWN_PROCESS), so run through it
+    from DeepWMLLib import cli
+
+    cli.run()

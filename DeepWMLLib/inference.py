@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -206,10 +207,39 @@ _OPENVINO_CORE = None
 def _openvino_core():
     global _OPENVINO_CORE
     if _OPENVINO_CORE is None:
-        import openvino
-
-        _OPENVINO_CORE = openvino.Core()
+        _OPENVINO_CORE = _import_openvino().Core()
     return _OPENVINO_CORE
+
+
+_OPENVINO_CONVERTER = "openvino.tools.ovc"
+
+
+def _import_openvino():
+    """`import openvino`; in a `deepwml` command-line process without OpenVINO's model converter.
+
+    OpenVINO's package imports its model converter (and with it its telemetry and numpy.ma) when it
+    is imported, if it can: 0.09 s against 0.03 s without it here, a sixth of what a fresh
+    `deepwml segment` spends besides the networks. DeepWML never converts models with it (it reads
+    the ONNX export), so the command line, which is a process of its own, blocks that import; as a
+    library (in Slicer, say), where other code may want the converter, it imports OpenVINO whole.
+    A version of OpenVINO that cannot do without the converter is imported whole as well.
+    """
+    cli = sys.modules.get(f"{__package__}.cli")
+    if getattr(cli, "OWN_PROCESS", False) and "openvino" not in sys.modules and _OPENVINO_CONVERTER not in sys.modules:
+        sys.modules[_OPENVINO_CONVERTER] = None  # importing it now raises ImportError, which openvino allows
+        try:
+            import openvino
+
+            return openvino
+        except ImportError:
+            for name in [n for n in sys.modules if n == "openvino" or n.startswith("openvino.")]:
+                del sys.modules[name]  # a partial import: start again below
+        finally:
+            if _OPENVINO_CONVERTER in sys.modules and sys.modules[_OPENVINO_CONVERTER] is None:
+                del sys.modules[_OPENVINO_CONVERTER]  # a later explicit import of the converter still works
+    import openvino
+
+    return openvino
 
 
 def _openvino_precision(core, precision: str) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import importlib.util
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,20 +343,25 @@ def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_m
     code = (
         "import sys, os\n"
         f"os.environ['DEEPWML_CACHE_DIR'] = {str(env_cache)!r}\n"
-        "from DeepWMLLib.cli import main\n"
+        "from DeepWMLLib import cli\n"
+        "cli.OWN_PROCESS = True  # as cli.run(), the console entry point, sets it\n"
+        "main = cli.main\n"
         f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite', '--backend', {backend!r}]\n"
         "assert main(args) == 0\n"
         "print('torch' in sys.modules, 'scipy' in sys.modules, 'slicerio' in sys.modules, 'numpy.ma' in sys.modules)\n"
     )
+    if backend == "openvino":  # without OpenVINO's model converter, which stays importable for others
+        code += ("print('openvino.tools.ovc' in sys.modules, 'openvino' in sys.modules)\n"
+                 "from openvino.tools.ovc import convert_model\n")
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     # cold cache: the model is read with torch and exported. Never: scipy, slicerio/pynrrd (the
-    # .seg.nrrd is written directly), numpy.ma (np.percentile pulls it in; 20 ms) — except that
-    # OpenVINO's own import brings numpy.ma with it
-    ma = "True" if backend == "openvino" else "False"
-    assert first.stdout.strip() == f"True False False {ma}"
-    assert second.stdout.strip() == f"False False False {ma}"
+    # .seg.nrrd is written directly), numpy.ma (np.percentile pulls it in; 20 ms; so does OpenVINO's
+    # model converter)
+    expected = "\nFalse True" if backend == "openvino" else ""
+    assert first.stdout.strip() == "True False False False" + expected
+    assert second.stdout.strip() == "False False False False" + expected
 
 
 def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_code(tmp_path, tiny_model):
@@ -376,3 +383,24 @@ def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_co
                          "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True,
                         encoding="utf-8", errors="replace", timeout=300)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_lean_openvino_import_falls_back_to_a_whole_import_when_the_converter_is_required(tmp_path):
+    """The command line blocks OpenVINO's model converter at import; a version whose package cannot
+    import without it is then imported whole, not broken (a stand-in package shows both)."""
+    package = tmp_path / "fake" / "openvino"
+    (package / "tools" / "ovc").mkdir(parents=True)
+    (package / "tools" / "__init__.py").write_text("")
+    (package / "tools" / "ovc" / "__init__.py").write_text("def convert_model():\n    return 'converted'\n")
+    required = "from openvino.tools.ovc import convert_model\nclass Core:\n    pass\n"
+    optional = "try:\n    from openvino.tools.ovc import convert_model\nexcept ImportError:\n    pass\nclass Core:\n    pass\n"
+    code = ("import sys\nfrom DeepWMLLib import cli, inference\ncli.OWN_PROCESS = True\n"
+            "ov = inference._import_openvino()\n"
+            "print(hasattr(ov, 'convert_model'), 'openvino.tools.ovc' in sys.modules, ov.__file__.startswith(sys.argv[1]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "fake"), str(Path(__file__).resolve().parents[1])]))
+    for init, expected in ((required, "True True True"), (optional, "False False True")):
+        (package / "__init__.py").write_text(init)
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
