@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -195,10 +196,13 @@ class OpenVinoRunner:
             compiled = core.compile_model(path, "CPU", config)
         self.request = compiled.create_infer_request()
         self.name = f"openvino {self.precision}"
+        # Runners are kept and shared between calls (_RUNNERS); an infer request must not run twice at
+        # once, so two segmentations in two threads (e.g. in Slicer) take turns on it.
+        self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        # The request's output buffer is reused by its next run: copy it out.
-        return np.array(self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0], copy=True)
+        with self._lock:  # the request's output buffer is reused by its next run: copy it out
+            return np.array(self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0], copy=True)
 
 
 _OPENVINO_CORE = None

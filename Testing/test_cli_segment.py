@@ -218,6 +218,13 @@ def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_mod
         difference = np.abs(1 / (1 + np.exp(-bf16(batch))) - 1 / (1 + np.exp(-reference)))
         assert 0 < difference.max() < 0.05  # rounded, so not identical, but close
     assert list((tmp_path / "cache" / "openvino").iterdir())  # compiled networks cached for the next process
+    # one kept runner used by two threads at once (two segmentations): each gets its own slices' answer
+    from concurrent.futures import ThreadPoolExecutor
+
+    singles = [fp32(batch[i:i + 1]) for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: fp32(batch[i % 3:i % 3 + 1]), range(60)))
+    assert all(np.array_equal(a, singles[i % 3]) for i, a in enumerate(answers))
 
 
 def test_precision_choices_and_their_errors(tiny_model, tmp_path, monkeypatch):
