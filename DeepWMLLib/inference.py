@@ -52,20 +52,42 @@ def default_batch_size(device: str) -> int:
     return 16 if device.startswith("cuda") else 4
 
 
+def torch_cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively for PyTorch (AVX512-BF16 or AMX); False when unknown."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(check()) for check in checks if check is not None)
+    except Exception:  # an old or unusual build: treat as absent
+        return False
+
+
 class TorchRunner:
-    """Eager PyTorch: channels-last on CPU (faster convolutions), fp16 autocast on CUDA."""
+    """Eager PyTorch: channels-last on CPU (faster convolutions), bf16 autocast on CPUs that compute
+    bf16 natively (precision auto or bf16), fp16 autocast on CUDA (unless precision is fp32)."""
 
     name = "torch"
 
-    def __init__(self, loaded: LoadedModel, device: str):
+    def __init__(self, loaded: LoadedModel, device: str, precision: str = "auto"):
         import torch
 
         self.torch = torch
         self.loaded = loaded
         self.device = torch.device(device)
         self.model = loaded.model.to(self.device).eval()
+        self.bf16 = False
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
+            native = torch_cpu_has_native_bf16()
+            if precision == "bf16" and not native:
+                raise DeepWMLError("--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto")
+            self.bf16 = precision == "bf16" or (precision == "auto" and native)
+        elif precision == "bf16":
+            raise DeepWMLError("--precision bf16 is for the CPU; on a GPU PyTorch runs with fp16 autocast")
+        self.fp16 = self.device.type == "cuda" and precision != "fp32"  # fp16 autocast on a GPU unless fp32 is asked
+        if self.bf16 or self.fp16:
+            self.name = "torch bf16" if self.bf16 else "torch fp16"
         self.out_of_memory = (torch.cuda.OutOfMemoryError,)
         self.default_batch_size = default_batch_size(device)
 
@@ -78,7 +100,12 @@ class TorchRunner:
         cuda = self.device.type == "cuda"
         if not cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+        if self.fp16:
+            autocast = torch.autocast("cuda", dtype=torch.float16)
+        elif self.bf16:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        else:
+            autocast = contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             return self.model(x).float().cpu().numpy()
 
@@ -294,15 +321,15 @@ def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precisi
     """The fastest available way to run `loaded` on `device`.
 
     backend: 'auto' (on the CPU: OpenVINO, else ONNX Runtime, else PyTorch), 'openvino', 'onnx' or
-    'torch'. precision: 'auto' (bf16 with OpenVINO on a CPU that computes bf16 natively, fp16
-    autocast on CUDA, else fp32), 'fp32' or 'bf16' (OpenVINO only).
+    'torch'. precision: 'auto' (bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively,
+    fp32 with ONNX Runtime, fp16 autocast on CUDA), 'fp32', or 'bf16' (OpenVINO or PyTorch on such a CPU).
     """
     if backend not in BACKENDS:
         raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise DeepWMLError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if precision == "bf16" and backend not in ("auto", "openvino"):
-        raise DeepWMLError(f"--precision bf16 runs with the openvino backend, not {backend}")
+    if precision == "bf16" and backend == "onnx":
+        raise DeepWMLError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
     if not loaded.digest:
         return _new_runner(loaded, device, backend, precision)
     key = (loaded.digest, device, backend, precision, os.environ.get("OMP_NUM_THREADS"))
@@ -317,22 +344,22 @@ def _new_runner(loaded: LoadedModel, device: str, backend: str, precision: str =
     if device != "cpu" or backend == "torch" or not loaded.digest:
         if backend in ("onnx", "openvino"):
             raise DeepWMLError(f"the {backend} backend runs on the CPU with a model file; use --device cpu")
-        if precision == "bf16":
-            raise DeepWMLError("--precision bf16 runs with OpenVINO on the CPU with a model file")
-        return TorchRunner(loaded, device)
+        return TorchRunner(loaded, device, precision)
     if backend in ("auto", "openvino"):
         try:
             return OpenVinoRunner(loaded, precision)
         except ImportError:
-            if backend == "openvino" or precision == "bf16":
+            if backend == "openvino":
                 raise DeepWMLError("the openvino backend needs OpenVINO: pip install openvino") from None
         except DeepWMLError:
             raise
         except Exception as exc:  # a runtime problem must not stop a segmentation
             if backend == "openvino":
                 raise DeepWMLError(f"OpenVINO could not run {loaded.name} ({type(exc).__name__}: {exc})") from exc
-            warnings.warn(f"OpenVINO unavailable for {loaded.name} ({type(exc).__name__}); using ONNX Runtime",
+            warnings.warn(f"OpenVINO unavailable for {loaded.name} ({type(exc).__name__}); using the next runtime",
                           stacklevel=2)
+    if precision == "bf16":  # ONNX Runtime computes in fp32 only
+        return TorchRunner(loaded, device, precision)
     try:
         return OnnxRunner(loaded)
     except ImportError:
@@ -342,7 +369,7 @@ def _new_runner(loaded: LoadedModel, device: str, backend: str, precision: str =
         if backend == "onnx":
             raise DeepWMLError(f"ONNX Runtime could not run {loaded.name} ({type(exc).__name__}: {exc})") from exc
         warnings.warn(f"ONNX Runtime unavailable for {loaded.name} ({type(exc).__name__}); using PyTorch", stacklevel=2)
-    return TorchRunner(loaded, device)
+    return TorchRunner(loaded, device, precision)
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:

@@ -361,8 +361,9 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"),
                    help="auto: on the CPU OpenVINO when installed, else ONNX Runtime, else PyTorch")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 with OpenVINO on a CPU that computes bf16 natively (AMX or AVX512-BF16; the same "
-                        "masks as fp32 on the real scans checked, see README), fp16 autocast on a GPU, else fp32")
+                   help="auto: bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively (AMX or "
+                        "AVX512-BF16; masks Dice >= 0.99 against fp32's on the real scans checked, see README), fp32 "
+                        "with ONNX Runtime, fp16 autocast on a GPU; fp32: exact fp32 everywhere")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 

@@ -665,14 +665,10 @@ def _autocast(device, cfg: TrainConfig):
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether PyTorch's CPU kernels (oneDNN) compute bf16 natively here (AMX or AVX512-BF16)."""
-    import torch
+    """Whether PyTorch computes bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    from .inference import torch_cpu_has_native_bf16
 
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except Exception:  # an old or unusual build: treat as absent
-        return False
+    return torch_cpu_has_native_bf16()
 
 
 # ---------------------------------------------------------------------------------------------

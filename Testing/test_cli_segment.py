@@ -183,7 +183,7 @@ def test_onnx_and_torch_backends_agree(tiny_model, tmp_path, monkeypatch):
     assert isinstance(make_runner(loaded, cpu, "onnx"), OnnxRunner)
     assert isinstance(make_runner(loaded, cpu, "torch"), TorchRunner)
     batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
-    assert np.allclose(OnnxRunner(loaded)(batch), TorchRunner(loaded, cpu)(batch), atol=1e-4)
+    assert np.allclose(OnnxRunner(loaded)(batch), TorchRunner(loaded, cpu, "fp32")(batch), atol=1e-4)
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached
     # a runner is built once per model file, device and backend, and reused by the next case
     (again,) = load_models([tiny_model])
@@ -204,7 +204,7 @@ def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_mod
     auto = make_runner(loaded, cpu, "auto")
     assert isinstance(auto, OpenVinoRunner)
     batch = np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32)
-    reference = TorchRunner(loaded, cpu)(batch)
+    reference = TorchRunner(loaded, cpu, "fp32")(batch)
     fp32 = make_runner(loaded, cpu, "openvino", "fp32")
     assert fp32.name == "openvino fp32" and fp32 is not auto
     assert np.allclose(fp32(batch), reference, atol=1e-4)
@@ -248,9 +248,8 @@ def test_precision_choices_and_their_errors(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
     (loaded,) = load_models([tiny_model])
-    for backend in ("onnx", "torch"):
-        with pytest.raises(DeepWMLError, match="bf16 runs with the openvino backend"):
-            make_runner(loaded, "cpu", backend, "bf16")
+    with pytest.raises(DeepWMLError, match="not onnx"):
+        make_runner(loaded, "cpu", "onnx", "bf16")
     with pytest.raises(DeepWMLError, match="unknown precision"):
         make_runner(loaded, "cpu", "auto", "fp8")
     with pytest.raises(DeepWMLError, match="unknown backend"):
@@ -301,7 +300,7 @@ def test_default_batch_is_one_slice_with_onnx_runtime_and_four_with_pytorch_on_c
     real = inference.predict_network_slices
 
     def spy(slices, runner, batch_size, *args, **kwargs):
-        seen.append((runner.name, batch_size))
+        seen.append((runner.name.split()[0], batch_size))
         return real(slices, runner, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(inference, "predict_network_slices", spy)
@@ -312,7 +311,7 @@ def test_default_batch_is_one_slice_with_onnx_runtime_and_four_with_pytorch_on_c
     assert seen == [("onnxruntime", 1), ("torch", 4), ("onnxruntime", 3)]
     if importlib.util.find_spec("openvino") is not None:
         inference.predict_maps(image, [loaded], None, "cpu", None, backend="openvino", precision="fp32")
-        assert seen[-1] == ("openvino fp32", 1)
+        assert seen[-1] == ("openvino", 1)
 
 
 def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model, tmp_path, monkeypatch):
@@ -411,3 +410,28 @@ def test_lean_openvino_import_falls_back_to_a_whole_import_when_the_converter_is
                                 env=env, timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
+
+
+def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_model, tmp_path, monkeypatch):
+    """Without OpenVINO and ONNX Runtime (e.g. in Slicer before they are installed) PyTorch is the
+    runtime: bf16 autocast on CPUs with AVX512-BF16 or AMX (auto), exact fp32 on request, and a clear
+    error for bf16 on a CPU without it."""
+    from DeepWMLLib import inference
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    (loaded,) = load_models([tiny_model])
+    batch = np.random.default_rng(2).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    fp32 = inference.TorchRunner(loaded, "cpu", "fp32")
+    assert fp32.name == "torch"
+    native = inference.torch_cpu_has_native_bf16()
+    auto = inference.TorchRunner(loaded, "cpu")
+    assert auto.name == ("torch bf16" if native else "torch")
+    if native:
+        difference = np.abs(1 / (1 + np.exp(-auto(batch))) - 1 / (1 + np.exp(-fp32(batch))))
+        assert 0 < difference.max() < 0.05
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    assert inference.TorchRunner(loaded, "cpu").name == "torch"
+    with pytest.raises(DeepWMLError, match="native bf16"):
+        inference.TorchRunner(loaded, "cpu", "bf16")
