@@ -99,3 +99,75 @@ def count_flops(model: nn.Module, size: tuple[int, int] = (256, 256)) -> int:
         for h in handles:
             h.remove()
     return 2 * macs
+
+
+def widen(narrow: UNet2D, noise: float = 0.0, seed: int = 0) -> UNet2D:
+    """The same U-Net with twice the channels at every level, computing the same function
+    (Net2WiderNet, Chen et al. 2016): a way to grow a trained network's width, then fine-tune it.
+
+    Every channel becomes two copies with the same incoming weights; each consumer of a copied
+    channel splits the original weight between the copies in a random proportion (a, 1 - a), a in
+    [0.25, 0.75], which keeps the output exactly as it was. `noise` (relative to each layer's weight
+    spread) perturbs the second copies' incoming weights so that training can tell the copies apart:
+    with Adam, copies that start equal would stay equal. With noise > 0 the function changes slightly.
+    """
+    base, depth = narrow.head.in_channels, narrow.depth
+    in_channels = narrow.encoders[0][0].in_channels
+    batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in narrow.modules())
+    wide = UNet2D(in_channels, 2 * base, depth, batch_norm)
+    generator = torch.Generator().manual_seed(seed)
+
+    def new_activation(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wide channel -> narrow channel, consumer weight share) of a copied activation of n channels."""
+        share = 0.25 + 0.5 * torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.arange(2 * n) % n, torch.cat([share, 1 - share])
+
+    def copy_conv(source, target, inputs, outputs) -> None:
+        (in_index, in_share), out_index = inputs, outputs
+        with torch.no_grad():
+            transposed = isinstance(source, nn.ConvTranspose2d)
+            w = source.weight.double()
+            if transposed:  # [in, out, k, k]
+                weight = w[in_index][:, out_index] * in_share[:, None, None, None]
+            else:  # [out, in, k, k]
+                weight = w[out_index][:, in_index] * in_share[None, :, None, None]
+                if noise > 0:
+                    second = torch.arange(len(out_index)) >= source.out_channels
+                    jitter = torch.randn(weight.shape, generator=generator, dtype=torch.float64) * noise * float(w.std())
+                    weight[second] += jitter[second]
+            target.weight.copy_(weight.to(target.weight.dtype))
+            if source.bias is not None:
+                target.bias.copy_(source.bias[out_index])
+
+    def copy_block(source, target, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A double convolution (conv, [BN], ReLU, conv, [BN], ReLU); returns its output activation."""
+        convs = [m for m in source if isinstance(m, nn.Conv2d)]
+        wide_convs = [m for m in target if isinstance(m, nn.Conv2d)]
+        norms = [m for m in source if isinstance(m, nn.BatchNorm2d)]
+        wide_norms = [m for m in target if isinstance(m, nn.BatchNorm2d)]
+        activation = inputs
+        for k, (conv, wide_conv) in enumerate(zip(convs, wide_convs)):
+            out = new_activation(conv.out_channels)
+            copy_conv(conv, wide_conv, activation, out[0])
+            if norms:
+                with torch.no_grad():
+                    for name in ("weight", "bias", "running_mean", "running_var"):
+                        getattr(wide_norms[k], name).copy_(getattr(norms[k], name)[out[0]])
+                    wide_norms[k].num_batches_tracked.copy_(norms[k].num_batches_tracked)
+            activation = out
+        return activation
+
+    activation = (torch.arange(in_channels), torch.ones(in_channels, dtype=torch.float64))
+    skips = []
+    for level, (source, target) in enumerate(zip(narrow.encoders, wide.encoders)):
+        activation = copy_block(source, target, activation)
+        if level < depth:
+            skips.append(activation)
+    for up, wide_up, decoder, wide_decoder, skip in zip(narrow.ups, wide.ups, narrow.decoders, wide.decoders,
+                                                         reversed(skips)):
+        upsampled = new_activation(up.out_channels)
+        copy_conv(up, wide_up, activation, upsampled[0])
+        joined = (torch.cat([upsampled[0], up.out_channels + skip[0]]), torch.cat([upsampled[1], skip[1]]))
+        activation = copy_block(decoder, wide_decoder, joined)
+    copy_conv(narrow.head, wide.head, activation, torch.zeros(1, dtype=torch.long))
+    return wide

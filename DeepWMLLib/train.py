@@ -1087,6 +1087,22 @@ def average_models(sources: list, target: str | os.PathLike, weights: list | Non
                       first.labels, fp16=fp16)
 
 
+def widen_model(source: str | os.PathLike, target: str | os.PathLike, noise: float = 0.01, seed: int = 0) -> Path:
+    """Write a copy of a model file with twice the channels at every level (`model.widen`): the same
+    function up to `noise`, a start for fine-tuning a wider network (`deepwml train --init`)."""
+    from .checkpoint import load_model, save_model
+    from .model import widen
+
+    if not 0 <= noise < 1:
+        raise DeepWMLError(f"widening noise must be in [0, 1), got {noise}")
+    loaded = load_model(source)
+    wide = widen(loaded.model.float().eval(), noise=noise, seed=seed)
+    config = dict(loaded.config, base_channels=2 * loaded.config["base_channels"])
+    provenance = {"widened_from": {"file": Path(source).name, "digest": loaded.digest, "noise": noise, "seed": seed,
+                                   "provenance": loaded.provenance}}
+    return save_model(target, wide, config, loaded.preprocessing, loaded.threshold, provenance, loaded.labels)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -1147,7 +1163,11 @@ def register(subparsers) -> None:
                    "(one architecture, e.g. a model and its fine-tuned copy) to --out and exit")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="with --average: one weight per model, summing to 1 "
                    "(default equal)")
-    p.add_argument("--out", metavar="OUT", help="with --average: the model file to write")
+    p.add_argument("--widen", metavar="MODEL", help="write a copy of MODEL with twice the channels at every level, "
+                   "computing the same function (a start for a wider network: --init); needs --out")
+    p.add_argument("--widen-noise", type=float, default=0.01, metavar="S", help="with --widen: noise on the copied "
+                   "channels' weights, relative to each layer's spread, so that training can separate them (default 0.01)")
+    p.add_argument("--out", metavar="OUT", help="with --average or --widen: the model file to write")
     p.add_argument("--fp16", action="store_true", help="with --export or --average: store the weights as float16 (half the size)")
     p.add_argument("--config", metavar="JSON", help="settings from a JSON file (the flags below override it)")
     g = p.add_argument_group("data")
@@ -1255,8 +1275,13 @@ def _run(args: argparse.Namespace) -> int:
             raise DeepWMLError("--average needs --out OUT, the model file to write")
         print(average_models(args.average, args.out, args.weights, fp16=args.fp16))
         return 0
+    if args.widen:
+        if not args.out:
+            raise DeepWMLError("--widen needs --out OUT, the model file to write")
+        print(widen_model(args.widen, args.out, args.widen_noise, args.seed or 0))
+        return 0
     if args.weights or args.out:
-        raise DeepWMLError("--weights and --out go with --average")
+        raise DeepWMLError("--weights and --out go with --average or --widen")
     if args.export:
         out = export_model(args.export[0], args.export[1], fp16=args.fp16, threshold=args.threshold)
         print(out)
