@@ -111,3 +111,44 @@ def test_file_digest_is_remembered_but_follows_changes(tmp_path, monkeypatch):
     assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]
     memo[0].write_text("not json")
     assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]
+
+
+@pytest.mark.parametrize("depth,bn", [(2, True), (3, False)])
+def test_widen_doubles_every_width_and_keeps_the_function(depth, bn):
+    from DeepWMLLib.model import widen
+
+    torch.manual_seed(0)
+    narrow = build_model({"base_channels": 4, "depth": depth, "batch_norm": bn})
+    if bn:  # trained-looking BatchNorm statistics, so that copying them matters
+        for m in narrow.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+    narrow.eval()
+    x = torch.randn(3, 1, 32, 32)
+    wide = widen(narrow, noise=0.0, seed=1).eval()
+    assert wide.head.in_channels == 8 and [e[0].out_channels for e in wide.encoders] == [8 * 2**k for k in range(depth + 1)]
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in narrow.parameters())
+    with torch.no_grad():
+        reference = narrow(x)
+        assert torch.allclose(wide(x), reference, atol=1e-4)
+        noisy = widen(narrow, noise=0.05, seed=1).eval()(x)
+    assert not torch.allclose(noisy, reference, atol=1e-4)  # the copies differ, so training can separate them
+    assert torch.allclose(noisy, reference, atol=0.5 * float(reference.abs().max()))
+
+
+def test_widen_on_the_command_line_writes_the_wider_model_file(tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    torch.manual_seed(0)
+    source = save_model(tmp_path / "narrow.pt", build_model({"base_channels": 4, "depth": 2, "batch_norm": True}),
+                        {"base_channels": 4, "depth": 2, "batch_norm": True}, PreprocessingConfig(grid_size=(32, 32)))
+    assert main(["train", "--widen", str(source), "--out", str(tmp_path / "wide.pt"), "--widen-noise", "0"]) == 0
+    wide = load_model(tmp_path / "wide.pt")
+    assert wide.config["base_channels"] == 8 and wide.provenance["widened_from"]["file"] == "narrow.pt"
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wide.model.eval()(x), load_model(source).model.eval()(x), atol=1e-4)
+    assert main(["train", "--widen", str(source)]) == 1  # --out is required
+    assert "--widen needs --out" in capsys.readouterr().err

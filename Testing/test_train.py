@@ -601,3 +601,20 @@ def test_cpu_bf16_training_lowers_the_loss_and_its_model_runs_in_fp32(dataset, t
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(DeepWMLError, match="natively"):
         training.train(tiny_config(dataset, cpu_bf16=True), tmp_path / "other")
+
+
+def test_a_widened_model_fine_tunes_as_a_wider_network(trained, dataset, tmp_path):
+    """`deepwml train --widen` then `--init`: training starts from the narrow model's function at
+    twice the width (the first epoch's validation is close to the narrow model's, not a random start's)."""
+    run, best = trained
+    wide = training.widen_model(best, tmp_path / "wide.pt", noise=0.01, seed=0)
+    narrow_config = tiny_config(dataset)
+    config = tiny_config(dataset, epochs=1, init=str(wide), learning_rate=1e-4,
+                         architecture=dict(narrow_config["architecture"], base_channels=8))
+    finetuned = checkpoint.load_model(training.train(config, tmp_path / "run"))
+    assert finetuned.config["base_channels"] == 8
+    history = read_history(tmp_path / "run")
+    narrow_best = max(float(r["val_dice"]) for r in read_history(run))
+    assert float(history[0]["val_dice"]) > narrow_best - 0.1
+    with pytest.raises(DeepWMLError, match="another architecture|architecture"):
+        training.train(tiny_config(dataset, epochs=1, init=str(wide)), tmp_path / "refused")
