@@ -869,7 +869,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
                                "this one does not: train without it")
         # Convolutions in channels-last are oneDNN's fast layout on the CPU. On a 2-core Xeon with
         # AMX, a training step of the 16-channel U-Net (8 crops of 128x128) took 91 ms this way
-        # against 250 ms in fp32 (see the model card).
+        # against 250 ms in fp32 (README, training).
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     scheduler = None
