@@ -444,11 +444,9 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     networks = list(models) + ([brain_model] if brain_model is not None else [])
     plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
     kept = plan.kept
-    if facts is not None:
-        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size))
     runners = [make_runner(m, dev, backend, precision) for m in networks]
     if facts is not None:
-        facts["runner"] = runners[0].name
+        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size), runner=runners[0].name)
     batch_size = batch_size or min(r.default_batch_size for r in runners)
     total = np.zeros(stack.shape, dtype=np.float32)
     brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None

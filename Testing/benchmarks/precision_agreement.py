@@ -29,11 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from DeepWMLLib import io  # noqa: E402
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
 def _way(text: str) -> tuple[str, str]:
     backend, _, precision = text.partition(":")
     return backend, precision or "auto"
@@ -61,6 +56,7 @@ def compare(model_paths=None, reference=("onnx", "fp32"), candidate=("openvino",
     import SimpleITK as sitk
 
     from DeepWMLLib.evaluation import evaluate_case
+    from DeepWMLLib.metrics import overlap
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
 
     models = load_models(model_paths)
@@ -79,7 +75,7 @@ def compare(model_paths=None, reference=("onnx", "fp32"), candidate=("openvino",
         probs = [sitk.GetArrayViewFromImage(r.probabilities) for r in results]
         row = {
             "scan": name,
-            "mask_dice": round(_dice(*masks), 5),
+            "mask_dice": round(overlap(results[1].mask, results[0].mask)["dice"], 5),
             "voxels_differing": int(np.logical_xor(*masks).sum()),
             "ml": [r.report["volume_ml"] for r in results],
             "lesions": [r.report["lesion_count"] for r in results],
