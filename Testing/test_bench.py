@@ -27,6 +27,9 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     c, b = result["c_end_to_end_s"], result["b_deepwml_inference_s"]
     assert c / (b + 0.0005) - 0.01 <= result["c_over_b"] <= c / max(b - 0.0005, 1e-9) + 0.01
     assert result["c_over_b_paired"] == result["c_over_b"]  # one repetition: the same ratio
+    # five cases in one process: each costs less than a fresh process for one
+    assert result["c_batch_cases"] == 5 and 0 < result["c_batch_per_case_s"] < c
+    assert "5 cases in one run" in format_table(result)
     assert 0 <= result["mask_dice_b_vs_a"] <= 1
     assert result["e_peak_rss_mb"] < 4000
     assert "start-up floor" in format_table(result)

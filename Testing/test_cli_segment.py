@@ -435,3 +435,97 @@ def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_mode
     assert inference.TorchRunner(loaded, "cpu").name == "torch"
     with pytest.raises(DeepWMLError, match="native bf16"):
         inference.TorchRunner(loaded, "cpu", "bf16")
+
+
+class _SlowRunner:
+    """A stand-in runner whose building takes a while; it records what it is run on."""
+
+    default_batch_size = 1
+    out_of_memory = ()
+    name = "slow"
+
+    def __init__(self, loaded):
+        self.loaded, self.calls = loaded, []
+
+    def __call__(self, batch):
+        self.calls.append(batch.copy())
+        return np.zeros(batch.shape, np.float32)
+
+
+def test_prepared_runner_is_built_once_run_once_and_taken_by_the_caller(tiny_model, monkeypatch):
+    """prepare_runners builds in a background thread; make_runner in the meantime waits for that
+    runner instead of building a second one, and gets it after its one warm-up run on an empty slice."""
+    import threading
+    import time
+
+    from DeepWMLLib import inference
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    monkeypatch.setattr(inference, "_BUILDING", {})
+    built, started = [], threading.Event()
+
+    def slow_build(loaded, device, backend, precision="auto"):
+        started.set()
+        time.sleep(0.3)
+        built.append(_SlowRunner(loaded))
+        return built[-1]
+
+    monkeypatch.setattr(inference, "_new_runner", slow_build)
+    (loaded,) = load_models([tiny_model])
+    thread = inference.prepare_runners([loaded], "cpu")
+    assert started.wait(5)
+    runner = inference.make_runner(loaded, "cpu")  # while the thread is still building it
+    thread.join(5)
+    assert len(built) == 1 and runner is built[0]
+    (warm,) = runner.calls
+    assert warm.shape == (1, 1, 64, 64) and not warm.any()
+    assert inference.make_runner(loaded, "cpu") is runner and len(runner.calls) == 1  # kept, not warmed again
+
+
+def test_a_runner_that_fails_in_the_background_fails_again_where_the_caller_sees_it(tiny_model, monkeypatch):
+    from DeepWMLLib import inference
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    monkeypatch.setattr(inference, "_BUILDING", {})
+    attempts = []
+
+    def broken(loaded, device, backend, precision="auto"):
+        attempts.append(device)
+        raise DeepWMLError("the openvino backend needs OpenVINO: pip install openvino")
+
+    monkeypatch.setattr(inference, "_new_runner", broken)
+    (loaded,) = load_models([tiny_model])
+    inference.prepare_runners([loaded, loaded], "cpu").join(5)
+    assert attempts == ["cpu"]  # the thread stops at the first failure
+    with pytest.raises(DeepWMLError, match="pip install openvino"):
+        inference.make_runner(loaded, "cpu")
+    assert attempts == ["cpu", "cpu"] and not inference._BUILDING
+
+
+def test_segment_loads_networks_in_the_background_with_the_same_results(tmp_path, monkeypatch):
+    """`deepwml segment` prepares every network (an ensemble of two and the brain mask) while the
+    first case is read; the outputs are those of a run without it, and no thread outlives the run."""
+    import threading
+
+    from conftest import tiny_model_file
+    from DeepWMLLib import inference, segment
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    files = [str(tiny_model_file(tmp_path / f"m{i}.pt", seed=i)) for i in range(2)]
+    brain = str(tiny_model_file(tmp_path / "brain.pt", seed=5, labels={"0": "background", "1": "intracranial"}))
+    path, _ = write_case(tmp_path, "case", size=(48, 40, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    prepared = []
+    real_prepare = inference.prepare_runners
+    monkeypatch.setattr(inference, "prepare_runners", lambda nets, *a: prepared.append(len(nets)) or real_prepare(nets, *a))
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    rows = segment.segment_cases([str(path)], tmp_path / "with", files, "cpu", brain_model=brain, backend="torch")
+    assert prepared == [3] and rows[0]["status"] == "ok"
+    assert not [t for t in threading.enumerate() if t.name == "deepwml-prepare-runners"]
+    monkeypatch.setattr(segment, "_prepare_networks", lambda *a: None)
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    segment.segment_cases([str(path)], tmp_path / "without", files, "cpu", brain_model=brain, backend="torch")
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / run / "case_wmh.nii.gz"))) for run in ("with", "without"))
+    assert a.any() and np.array_equal(a, b)
