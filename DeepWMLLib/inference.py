@@ -311,22 +311,18 @@ def _cpu_threads() -> int:
 # but room for an ensemble of up to five members plus the brain-mask network.
 _RUNNERS: dict = {}
 _RUNNERS_KEPT = 6
-_RUNNERS_LOCK = threading.Lock()
-_BUILDING: dict = {}  # key -> Event set when the thread building that runner is done
 
 
 BACKENDS = ("auto", "openvino", "onnx", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precision: str = "auto",
-                warm: bool = False):
+def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precision: str = "auto"):
     """The fastest available way to run `loaded` on `device`.
 
     backend: 'auto' (on the CPU: OpenVINO, else ONNX Runtime, else PyTorch), 'openvino', 'onnx' or
     'torch'. precision: 'auto' (bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively,
     fp32 with ONNX Runtime, fp16 autocast on CUDA), 'fp32', or 'bf16' (OpenVINO or PyTorch on such a CPU).
-    warm: run a newly built runner once on an empty slice before handing it out.
     """
     if backend not in BACKENDS:
         raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
@@ -337,59 +333,11 @@ def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precisi
     if not loaded.digest:
         return _new_runner(loaded, device, backend, precision)
     key = (loaded.digest, device, backend, precision, os.environ.get("OMP_NUM_THREADS"))
-    while True:
-        with _RUNNERS_LOCK:
-            runner = _RUNNERS.pop(key, None)
-            if runner is not None:
-                _RUNNERS[key] = runner  # most recently used last
-                return runner
-            building = _BUILDING.get(key)
-            if building is None:
-                building = _BUILDING[key] = threading.Event()
-                break
-        # Another thread (prepare_runners) is building this runner: take it when it is there, or
-        # build it here if that failed, so that the error is raised where the caller sees it.
-        building.wait()
-    try:
-        runner = _new_runner(loaded, device, backend, precision)
-        if warm:
-            _warm_up(runner, loaded)
-        with _RUNNERS_LOCK:
-            _RUNNERS[key] = runner
-            while len(_RUNNERS) > _RUNNERS_KEPT:
-                _RUNNERS.pop(next(iter(_RUNNERS)))
-        return runner
-    finally:
-        with _RUNNERS_LOCK:
-            _BUILDING.pop(key).set()
-
-
-def _warm_up(runner, loaded: LoadedModel) -> None:
-    """Run the network once on an empty slice: a runtime sets up its kernels on the first run."""
-    runner(np.zeros((1, 1, *loaded.preprocessing.grid_size), dtype=np.float32))
-
-
-def prepare_runners(models: Sequence[LoadedModel], device: str, backend: str = "auto",
-                    precision: str = "auto") -> threading.Thread:
-    """Build (and run once) the runners of `models` in a background thread and return it.
-
-    A fresh process (`deepwml segment`) would otherwise import the runtime, load each compiled
-    network and set up its kernels only once the image has been read and prepared; this does that
-    meanwhile, and `predict_maps` takes each runner as soon as it is ready (`make_runner` waits for a
-    runner that is being built rather than building it twice). Errors are not raised here: the
-    runner is then built again where it is needed, and the error raised there.
-    """
-
-    def build() -> None:
-        for loaded in models:
-            try:
-                make_runner(loaded, device, backend, precision, warm=True)
-            except Exception:  # noqa: BLE001 - raised again, to the caller, by predict_maps
-                return
-
-    thread = threading.Thread(target=build, name="deepwml-prepare-runners", daemon=True)
-    thread.start()
-    return thread
+    runner = _RUNNERS.pop(key, None) or _new_runner(loaded, device, backend, precision)
+    _RUNNERS[key] = runner  # most recently used last
+    while len(_RUNNERS) > _RUNNERS_KEPT:
+        _RUNNERS.pop(next(iter(_RUNNERS)))
+    return runner
 
 
 def _new_runner(loaded: LoadedModel, device: str, backend: str, precision: str = "auto"):
@@ -496,11 +444,10 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     networks = list(models) + ([brain_model] if brain_model is not None else [])
     plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
     kept = plan.kept
-    # Each network's runner is taken when it is first needed, so that with prepare_runners the first
-    # network runs while the next ones are still loading.
-    runners: list = [None] * len(networks)
+    runners = [make_runner(m, dev, backend, precision) for m in networks]
     if facts is not None:
-        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size))
+        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size), runner=runners[0].name)
+    batch_size = batch_size or min(r.default_batch_size for r in runners)
     total = np.zeros(stack.shape, dtype=np.float32)
     brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None
     work, done = max(1, kept.size * len(networks)), 0
@@ -508,19 +455,14 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
         chunk = kept[first:first + CHUNK_SLICES]
         networked = {config: plan.network_slices(stack, chunk, config) for config in plan.grids}
         summed = {}  # ensemble members' maps summed on their network grid: resampling is linear, so once is enough
-        for number, loaded in enumerate(networks):
-            if runners[number] is None:
-                runners[number] = make_runner(loaded, dev, backend, precision)
-                if number == 0 and facts is not None:
-                    facts["runner"] = runners[0].name
-            runner = runners[number]
+        for number, (loaded, runner) in enumerate(zip(networks, runners)):
 
             def on_batch(k: int, loaded=loaded, base=done) -> None:
                 if progress:
                     progress((base + k) / work, f"{loaded.name}: slice {first + k}/{kept.size}")
 
-            probabilities = predict_network_slices(networked[loaded.preprocessing], runner,
-                                                   batch_size or runner.default_batch_size, tta, on_batch, cancel)
+            probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
+                                                   on_batch, cancel)
             if number < len(models):
                 config = loaded.preprocessing
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities

@@ -252,7 +252,6 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     cases = expand_inputs(inputs)
-    preparing = _prepare_networks(models, options["brain_model"], device, options) if cases else None
     rows, seen = [], set()
     for number, (case, path) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
@@ -271,24 +270,8 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
         rows.append(row)
         if progress_factory:
             progress_factory.finish(row)
-    if preparing is not None:
-        preparing.join()  # done by now, unless every case failed before its networks ran
     write_summary(rows, out / "summary.csv")
     return rows
-
-
-def _prepare_networks(models: Sequence, brain_model, device: str, options: dict):
-    """Load every network (and run it once) in the background while the first case is read and
-    prepared (inference.prepare_runners); the thread, or None when the device cannot be used (the
-    case reports that)."""
-    from .inference import prepare_runners, resolve_device
-
-    try:
-        dev = resolve_device(device)
-    except DeepWMLError:
-        return None
-    networks = list(models) + ([brain_model] if brain_model is not None else [])
-    return prepare_runners(networks, dev, options.get("backend", "auto"), options.get("precision", "auto"))
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
