@@ -182,16 +182,17 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     runner_name = make_runner(loaded, "cpu", backend, precision).name
     predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)  # warm-up (and ONNX export)
     out_dir = workdir / "out"
-    command = [sys.executable, "-m", "DeepWMLLib.cli", "segment", str(path), "-o", str(out_dir), "--overwrite",
-               "--device", "cpu", "--backend", backend, "--precision", precision, "--model", *model_paths]
-    command += ["--no-brain-mask"] if brain is None else ["--brain-model", brain.path]
+    options = ["--overwrite", "--device", "cpu", "--backend", backend, "--precision", precision, "--model", *model_paths]
+    options += ["--no-brain-mask"] if brain is None else ["--brain-model", brain.path]
+    segment = [sys.executable, "-m", "DeepWMLLib.cli", "segment"]
+    command = [*segment, str(path), "-o", str(out_dir), *options]
     # (c) for a folder of BATCH_CASES scans in one process: what each scan costs in a cohort, where
     # start-up and loading the networks are paid once
     batch_dir = workdir / "batch"
     batch_dir.mkdir()
     for i in range(BATCH_CASES):
         shutil.copyfile(path, batch_dir / f"case{i + 1}.nii.gz")
-    batch_command = [*command[:4], str(batch_dir), "-o", str(workdir / "out_batch"), *command[7:]]
+    batch_command = [*segment, str(batch_dir), "-o", str(workdir / "out_batch"), *options]
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

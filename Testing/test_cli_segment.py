@@ -435,4 +435,3 @@ def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_mode
     assert inference.TorchRunner(loaded, "cpu").name == "torch"
     with pytest.raises(DeepWMLError, match="native bf16"):
         inference.TorchRunner(loaded, "cpu", "bf16")
-
