@@ -16,13 +16,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
 # median Dice over the 3 cases per slice thickness (mm), measured for the model card of the shipped
-# default, the v6 ensemble (deepwml_unet16_synth_v5.pt + deepwml_unet16_realbg_o.pt +
-# deepwml_unet16_realbg_p.pt, probabilities averaged) with the shipped brain mask (1 mm 0.541, 5 mm
-# 0.740, 8 mm 0.726 in fp32; 0.542, 0.741, 0.727 in session 10 in bf16, the default on CPUs with AMX);
-# floor = the fp32 figure - 0.03. It was chosen by a rule fixed before these cases were
-# looked at, on synthetic and label-free checks (see the model card); v5 alone measured 0.429, 0.671,
-# 0.638, v4 0.383, 0.607, 0.520.
-DICE_FLOORS = {1: 0.511, 5: 0.710, 8: 0.696}
+# default, the v7 ensemble (deepwml_unet16_synth_v5.pt + deepwml_unet16_realbg_o.pt +
+# deepwml_unet16_realbg_p.pt + deepwml_unet16_realbg_t.pt, probabilities averaged) with the shipped
+# brain mask, in session 11 in bf16 (the default on CPUs with AMX): 1 mm 0.547, 5 mm 0.739, 8 mm 0.736;
+# floor = that figure - 0.03 (bf16 and fp32 masks agreed within Dice 0.0014 on these cases for v6).
+# It was chosen by a rule fixed before these cases were looked at, on synthetic and label-free checks
+# (see the model card); v6 measured 0.542, 0.741, 0.727, v5 alone 0.429, 0.671, 0.638, v4 0.383,
+# 0.607, 0.520.
+DICE_FLOORS = {1: 0.517, 5: 0.709, 8: 0.706}
 
 
 @pytest.mark.shared
