@@ -52,6 +52,9 @@ def default_batch_size(device: str) -> int:
     return 16 if device.startswith("cuda") else 4
 
 
+_NO_NATIVE_BF16 = "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto"
+
+
 def torch_cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively for PyTorch (AVX512-BF16 or AMX); False when unknown."""
     import torch
@@ -81,7 +84,7 @@ class TorchRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
             native = torch_cpu_has_native_bf16()
             if precision == "bf16" and not native:
-                raise DeepWMLError("--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto")
+                raise DeepWMLError(_NO_NATIVE_BF16)
             self.bf16 = precision == "bf16" or (precision == "auto" and native)
         elif precision == "bf16":
             raise DeepWMLError("--precision bf16 is for the CPU; on a GPU PyTorch runs with fp16 autocast")
@@ -279,7 +282,7 @@ def _openvino_precision(core, precision: str) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        raise DeepWMLError("--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto")
+        raise DeepWMLError(_NO_NATIVE_BF16)
     return precision
 
 
