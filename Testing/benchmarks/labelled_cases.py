@@ -85,6 +85,9 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
                    "reference_ml": round(float(sitk.GetArrayViewFromImage(reference).sum()) * np.prod(reference.GetSpacing()) / 1000, 2),
                    "predicted_ml": round(result.report["volume_ml"], 2), "seconds": round(seconds, 2)}
             row.update({k: scores[k] for k in METRICS})
+            # the paper's unit: every axial 2D image whose reference has lesion
+            row["images"] = [{k: image[k] for k in ("index", "dice", "sensitivity", "precision", "lv_ml")}
+                             for image in scores["slices"]]
             rows.append(row)
             print(format_row(row), flush=True)
     return rows
@@ -108,6 +111,27 @@ def markdown(rows: list[dict]) -> str:
     for thickness in sorted({r["thickness_mm"] for r in rows}):
         dice = [r["dice"] for r in rows if r["thickness_mm"] == thickness]
         lines.append(f"\nMedian Dice at {thickness} mm: {np.median(dice):.3f}")
+    lines += ["", per_image_table(rows)]
+    return "\n".join(lines)
+
+
+def per_image_table(rows: list[dict]) -> str:
+    """The DeepWML paper's unit: median [IQR] Dice, sensitivity and precision over the 2D images (axial
+    slices) whose reference has lesion, the three cases pooled, per slice thickness."""
+    lines = ["| slice thickness | 2D images (07 / 19 / 26) | Dice | sensitivity | precision |", "|---|---|---|---|---|"]
+    for thickness in sorted({r["thickness_mm"] for r in rows}):
+        chosen = [r for r in rows if r["thickness_mm"] == thickness]
+        images = [image for r in chosen for image in r.get("images", [])]
+        if not images:
+            continue
+        cells = []
+        for key in ("dice", "sensitivity", "precision"):
+            values = np.array([image[key] for image in images], float)
+            values = values[np.isfinite(values)]
+            q1, q2, q3 = np.percentile(values, [25, 50, 75])
+            cells.append(f"{q2:.3f} [{q1:.3f}-{q3:.3f}]")
+        counts = " / ".join(str(len(r.get("images", []))) for r in chosen)
+        lines.append(f"| {thickness} mm | {len(images)} ({counts}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ probabilities averaged as `deepwml segment --model A.pt B.pt` does.
 MANIFEST is a `deepwml synth` manifest (paths relative to its folder), SPLIT a CSV (case, split);
 the cases of MANIFEST whose split is --split-name are segmented with each model (threshold and
 post-processing as `deepwml segment`) and compared with their painted masks. Prints per model the
-median and mean per-case Dice and the Dice of all voxels pooled. This is how the shipped model was
+median and mean per-case Dice and the Dice of all voxels pooled. Mask value 2 (a real background's
+own probable lesions, `deepwml synth --backgrounds`) is ignored: neither lesion nor background. This is how the shipped model was
 chosen (see Resources/Models/README.md): on synthetic validation cases only.
 
 With --thresholds, the same figures at each probability threshold as well (the same probability
@@ -36,6 +37,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from DeepWMLLib.metrics import IGNORE_LABEL  # noqa: E402
 from DeepWMLLib.postprocessing import DEFAULT_MIN_LESION_MM3, postprocess  # noqa: E402
 from DeepWMLLib.segment import load_brain_model, load_models, segment_image  # noqa: E402
 
@@ -43,6 +45,20 @@ from DeepWMLLib.segment import load_brain_model, load_models, segment_image  # n
 def _summary(dices: list, tp: int, fp: int, fn: int) -> dict:
     return {"median_dice": float(np.median(dices)), "mean_dice": float(np.mean(dices)),
             "pooled_dice": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+def case_counts(predicted: np.ndarray, mask: np.ndarray) -> tuple[float, int, int, int]:
+    """(Dice, true positive, false positive, false negative voxels) of a prediction against a painted
+    mask with the labels of `DeepWMLLib.metrics`: 1 lesion, 2 ignore (a real background's own probable
+    lesions, `deepwml synth --backgrounds`), removed from prediction and reference alike."""
+    keep = mask != IGNORE_LABEL
+    reference = mask == 1
+    predicted = predicted & keep
+    tp = int((predicted & reference).sum())
+    fp = int((predicted & ~reference).sum())
+    fn = int((~predicted & reference).sum())
+    total = 2 * tp + fp + fn
+    return (1.0 if total == 0 else 2 * tp / total), tp, fp, fn
 
 
 def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
@@ -59,7 +75,7 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
         counts = {t: ([], 0, 0, 0) for t in (None, *thresholds)}  # None: the model's own threshold
         for r in rows:
             image = sitk.ReadImage(str(manifest.parent / r["flair"]), sitk.sitkFloat32)
-            reference = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"]))) > 0
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"])))
             result = segment_image(image, loaded, device="cpu", brain_model=brain, tta=flipped)
             probabilities = sitk.GetArrayFromImage(result.probabilities)
             inside = None if result.brain is None else sitk.GetArrayFromImage(result.brain).astype(np.float32)
@@ -70,11 +86,9 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
                 else:
                     predicted = postprocess(probabilities, t, voxel_mm3, DEFAULT_MIN_LESION_MM3,
                                             brain_probabilities=inside) > 0
-                overlap = int((predicted & reference).sum())
-                total = int(predicted.sum() + reference.sum())
-                dices.append(1.0 if total == 0 else 2 * overlap / total)
-                counts[t] = (dices, tp + overlap, fp + int((predicted & ~reference).sum()),
-                             fn + int((~predicted & reference).sum()))
+                dice, case_tp, case_fp, case_fn = case_counts(predicted, mask)
+                dices.append(dice)
+                counts[t] = (dices, tp + case_tp, fp + case_fp, fn + case_fn)
         dices = counts[None][0]
         results[model + ("@tta" if flipped else "")] = {"cases": len(rows), **_summary(*counts[None]),
                           "per_case": dict(zip((r["case"] for r in rows), dices)),
