@@ -44,10 +44,13 @@ from .errors import Cancelled, DeepWMLError
 IGNORE_VALUE = 2
 SUBSLICES = 5
 MARK_THRESHOLD = 0.2
+FAINT_RATIO = 1.12  # white matter this much brighter than the local normal white matter is marked too
+CORE_WHITE = 0.9  # template white matter probability of the core white matter, where faint marks may go
+FAINT_DEPTH_MM = 15.0  # ... and this deep inside the intracranial space (away from the cortex)
 MIN_OVERLAP = 0.8  # Dice of the registered template intracranial space with the scan's
 
 MANIFEST_COLUMNS = ("case", "flair", "mask", "centre", "disease", "lesion_ml", "ignored_ml", "background",
-                    "lesion_source", "contrast", "graded_rims", "marked_by")
+                    "lesion_source", "contrast", "graded_rims", "marked_by", "faint_ratio")
 
 
 @dataclass
@@ -86,8 +89,11 @@ def _register(scan_icv: sitk.Image, template_icv: sitk.Image) -> sitk.Transform:
     return method.Execute(fixed, moving)
 
 
-def analyse_background(path: Union[str, Path], atlas, models, brain_model) -> Background:
-    """Read a real FLAIR and prepare it as a background (see the module docstring)."""
+def analyse_background(path: Union[str, Path], atlas, models, brain_model,
+                       faint_ratio: Optional[float] = FAINT_RATIO) -> Background:
+    """Read a real FLAIR and prepare it as a background (see the module docstring). `faint_ratio`:
+    white matter this much brighter than the local normal-appearing white matter is marked as well
+    (None or 0: only what the WMH model marks)."""
     from .inference import predict_maps
 
     path = Path(path)
@@ -97,19 +103,6 @@ def analyse_background(path: Union[str, Path], atlas, models, brain_model) -> Ba
     intracranial = brain > 0.5
     if intracranial.sum() < 1000:
         raise DeepWMLError(f"{path}: the brain-mask network found no intracranial space; not usable as a background")
-    marked = ndimage.binary_dilation((lesion > MARK_THRESHOLD) & intracranial,
-                                     structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool), iterations=1)
-    marked &= intracranial
-    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-    depth = ndimage.distance_transform_edt(intracranial, sampling=spacing)
-    deep = (depth >= 10) & ~marked
-    tissue = float(np.median(stack[deep])) if deep.any() else float(np.median(stack[intracranial]))
-    # Judged on the image smoothed in-plane, so that noise does not punch holes into a lesion, and
-    # softened at its edges, so that an inserted lesion fades out where the white matter ends.
-    smooth = ndimage.gaussian_filter(stack, sigma=(0, 1.5, 1.5))
-    allowed = intracranial & ~marked & (depth >= 3) & (smooth >= 0.85 * tissue)
-    plausible = np.clip(ndimage.gaussian_filter(allowed.astype(np.float32), sigma=(0, 0.7, 0.7)), 0, 1) * allowed
-
     template_icv = sitk.GetImageFromArray((atlas.icv > 0.5).astype(np.float32))
     template_icv.CopyInformation(atlas.reference)
     scan_icv = io.from_axial_stack(intracranial.astype(np.float32), frame)
@@ -117,7 +110,38 @@ def analyse_background(path: Union[str, Path], atlas, models, brain_model) -> Ba
     back = sitk.Resample(template_icv, scan_icv, transform, sitk.sitkLinear, 0.0)
     registered = io.to_axial_stack(back)[0] > 0.5
     overlap = 2 * float((registered & intracranial).sum()) / max(1.0, float(registered.sum() + intracranial.sum()))
+
+    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+    depth = ndimage.distance_transform_edt(intracranial, sampling=spacing)
+    # Judged on the image smoothed in-plane, so that noise does not punch holes into a lesion.
+    smooth = ndimage.gaussian_filter(stack, sigma=(0, 1.5, 1.5))
+    marked = (lesion > MARK_THRESHOLD) & intracranial
+    if faint_ratio:
+        white = template_on_scan(atlas.wm, atlas, image, transform)
+        marked |= faint_hyperintensities(stack, smooth, intracranial & (depth >= FAINT_DEPTH_MM), marked, white, spacing,
+                                         faint_ratio)
+    marked = ndimage.binary_dilation(marked, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool),
+                                     iterations=1)
+    marked &= intracranial
+    deep = (depth >= 10) & ~marked
+    tissue = float(np.median(stack[deep])) if deep.any() else float(np.median(stack[intracranial]))
+    # Softened at its edges, so that an inserted lesion fades out where the white matter ends.
+    allowed = intracranial & ~marked & (depth >= 3) & (smooth >= 0.85 * tissue)
+    plausible = np.clip(ndimage.gaussian_filter(allowed.astype(np.float32), sigma=(0, 0.7, 0.7)), 0, 1) * allowed
     return Background(io.case_name(path), image, stack, frame, intracranial, marked, plausible, transform, overlap)
+
+
+def faint_hyperintensities(stack: np.ndarray, smooth: np.ndarray, inside: np.ndarray, marked: np.ndarray,
+                           white: np.ndarray, spacing: Sequence[float], ratio: float) -> np.ndarray:
+    """White matter (template probability >= 0.3 on the scan) whose in-plane smoothed intensity is at
+    least `ratio` times the local normal-appearing white matter (template white matter >= 0.9, not
+    marked; a Gaussian-weighted mean over about 15 mm, so that a bias field does not count): faint
+    hyperintensities the WMH model may not mark, which a rater may well call lesion."""
+    normal = inside & (white >= CORE_WHITE) & ~marked
+    sigma = tuple(15.0 / s for s in spacing)
+    weight = ndimage.gaussian_filter(normal.astype(np.float32), sigma)
+    local = ndimage.gaussian_filter(np.where(normal, stack, 0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
+    return inside & (white >= CORE_WHITE) & (weight > 0.05) & (smooth >= ratio * local)
 
 
 def _fine_reference(image: sitk.Image) -> tuple[sitk.Image, int]:
@@ -137,16 +161,21 @@ def _fine_reference(image: sitk.Image) -> tuple[sitk.Image, int]:
 
 def lesion_fraction_on_scan(lesions: np.ndarray, atlas, background: Background) -> np.ndarray:
     """A template-grid lesion fraction carried onto the scan's slices (axial stack), slice profile included."""
-    template = sitk.GetImageFromArray(lesions.astype(np.float32))
+    return template_on_scan(lesions, atlas, background.image, background.to_template)
+
+
+def template_on_scan(values: np.ndarray, atlas, image: sitk.Image, to_template: sitk.Transform) -> np.ndarray:
+    """A template-grid map carried onto the slices of `image` (axial stack), slice profile included."""
+    template = sitk.GetImageFromArray(values.astype(np.float32))
     template.CopyInformation(atlas.reference)
-    fine, axis = _fine_reference(background.image)
-    sampled = sitk.GetArrayFromImage(sitk.Resample(template, fine, background.to_template, sitk.sitkLinear, 0.0))
+    fine, axis = _fine_reference(image)
+    sampled = sitk.GetArrayFromImage(sitk.Resample(template, fine, to_template, sitk.sitkLinear, 0.0))
     numpy_axis = 2 - axis
     shape = list(sampled.shape)
     shape[numpy_axis:numpy_axis + 1] = [shape[numpy_axis] // SUBSLICES, SUBSLICES]
     averaged = sampled.reshape(shape).mean(axis=numpy_axis + 1)
     on_scan = sitk.GetImageFromArray(averaged.astype(np.float32))
-    on_scan.CopyInformation(background.image)
+    on_scan.CopyInformation(image)
     return io.to_axial_stack(on_scan)[0]
 
 
@@ -185,7 +214,8 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
 
 def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out_dir: Union[str, Path], seed: int = 0,
                             progress: Optional[Callable[[float, str], None]] = None,
-                            cancel: Optional[Callable[[], bool]] = None) -> Path:
+                            cancel: Optional[Callable[[], bool]] = None,
+                            faint_ratio: Optional[float] = FAINT_RATIO) -> Path:
     """Write `n` cases and `manifest.csv` into `out_dir`. Case i goes on usable background i modulo
     their number (scans that cannot serve are left out with a warning), with lesions drawn from
     (seed, i); the centre column names the background, so a stratified split spreads each scan's cases."""
@@ -220,7 +250,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         if progress:
             progress(0.0, f"analysing background {i + 1}/{len(files)} ({f.name})")
         try:
-            bg = analyse_background(f, atlas, models, brain_model)
+            bg = analyse_background(f, atlas, models, brain_model, faint_ratio)
         except DeepWMLError as exc:
             warnings.warn(f"background left out: {exc}", stacklevel=2)
             continue
@@ -242,7 +272,8 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         io.write_image(image, out / f"{name}_flair.nii.gz")
         io.write_image(mask, out / f"{name}_mask.nii.gz")
         rows.append({"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
-                     "centre": f"real-{bg.name}", **meta, "marked_by": marked_by})
+                     "centre": f"real-{bg.name}", **meta, "marked_by": marked_by,
+                     "faint_ratio": faint_ratio or 0})
         if progress:
             elapsed = time.perf_counter() - started
             progress((i + 1) / n, f"case {i + 1}/{n} ({elapsed / (i + 1):.1f} s/case)")

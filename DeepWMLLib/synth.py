@@ -858,6 +858,10 @@ def register(subparsers) -> None:
                         help="insert the synthetic lesions into these real FLAIR scans (files or folders) "
                         "instead of drawing whole images; masks mark the scans' own probable lesions 2 "
                         "(train with --ignore-label 2); see DeepWMLLib/realbg.py")
+    parser.add_argument("--faint-ignore", type=float, default=None, metavar="RATIO",
+                        help="with --backgrounds: also mark 2 the deep white matter at least RATIO times as "
+                        "bright as the local normal white matter (faint lesions the WMH model may miss; "
+                        "default 1.12; 0: only what the WMH model marks, as the sets behind models v6 and v7)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -872,10 +876,14 @@ def _run(args: argparse.Namespace) -> int:
         other = [flag for flag, value in (("--intracranial", args.intracranial), ("--graded-rims", args.graded_rims),
                                           ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
                                           ("--thickness", args.thickness)) if value]
+        if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
+            raise DeepWMLError(f"--faint-ignore must be above 1 (a brightness ratio) or 0 (off), got {args.faint_ignore:g}")
         if other:
             raise DeepWMLError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
                                "their own anatomy, head and acquisition)")
-        manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress)
+        faint = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
+        manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
+                                           **faint)
         print(file=sys.stderr)
         print(manifest)
         return 0
