@@ -7,7 +7,10 @@ real scanner's texture. Here the image is a real scan and only the lesions are s
 - Each background is analysed once: the shipped brain-mask network gives its intracranial space,
   an affine registration of that space to the template's maps the template (MNI) into the scan,
   and the shipped WMH model (or default ensemble), at a low threshold (0.2), marks where the scan
-  probably has lesions of its own, which nobody labelled.
+  probably has lesions of its own, which nobody labelled; so does deep white matter (template white
+  matter >= 0.9, >= 15 mm inside the intracranial space) at least 1.12 x as bright as the local
+  normal-appearing white matter (`faint_hyperintensities`): faint lesions that model may not mark,
+  which must not train as background next to painted faint lesions that train as lesion.
 - Each case draws lesions exactly as `synth` does (real lesion shapes from the open MS library,
   never the evaluation patients, plus procedural caps, bands and punctate lesions), carries them
   through the registration onto the scan's grid with its slice profile (5 sub-slices averaged per

@@ -97,3 +97,27 @@ def test_a_scan_that_cannot_serve_as_background_is_left_out_with_a_warning(prepa
     sitk.WriteImage(blank, str(path))
     with pytest.warns(UserWarning, match="background left out"), pytest.raises(DeepWMLError, match="none of the 1"):
         realbg.generate_on_backgrounds([path], 1, tmp_path / "out")
+
+
+def test_faint_white_matter_hyperintensities_are_marked_despite_a_bias_field():
+    """Pure arrays (no ../shared needed at run time, but the module's marker applies): a faint blob in
+    deep white matter is marked, the same white matter brightened smoothly by a bias field is not,
+    nor is bright tissue outside the core white matter."""
+    from DeepWMLLib.realbg import faint_hyperintensities
+
+    shape = (12, 64, 64)
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    bias = 1 + 0.3 * x / shape[2]  # 30 % brighter on one side, slowly
+    stack = 100.0 * bias
+    white = np.zeros(shape, np.float32)
+    white[:, 8:56, 8:48] = 1.0
+    blob = ((y - 30) ** 2 + (x - 40) ** 2 <= 16) & (np.abs(z - 6) <= 1)
+    stack = np.where(blob, stack * 1.25, stack)
+    cortex = (white == 0) & (x >= 50) & (x < 58) & (y > 20) & (y < 40)
+    stack = np.where(cortex, stack * 1.3, stack)
+    inside = np.ones(shape, bool)
+    smooth = ndimage.gaussian_filter(stack, sigma=(0, 1.5, 1.5))
+    found = faint_hyperintensities(stack, smooth, inside, np.zeros(shape, bool), white, (3.0, 1.0, 1.0), 1.12)
+    assert found[blob].mean() > 0.5  # the faint lesion's core
+    assert not found[~ndimage.binary_dilation(blob, iterations=3)].any()  # not the bias field, not the cortex
+    assert not faint_hyperintensities(stack, smooth, inside, np.zeros(shape, bool), white, (3.0, 1.0, 1.0), 1.3).any()
