@@ -49,11 +49,12 @@ SUBSLICES = 5
 MARK_THRESHOLD = 0.2
 FAINT_RATIO = 1.12  # white matter this much brighter than the local normal white matter is marked too
 CORE_WHITE = 0.9  # template white matter probability of the core white matter, where faint marks may go
+OWN_RIM_MM = 2.0  # how far (in-plane) a confident own lesion's faint rim may reach
 FAINT_DEPTH_MM = 15.0  # ... and this deep inside the intracranial space (away from the cortex)
 MIN_OVERLAP = 0.8  # Dice of the registered template intracranial space with the scan's
 
 MANIFEST_COLUMNS = ("case", "flair", "mask", "centre", "disease", "lesion_ml", "ignored_ml", "background",
-                    "lesion_source", "contrast", "graded_rims", "marked_by", "faint_ratio")
+                    "lesion_source", "contrast", "graded_rims", "marked_by", "faint_ratio", "own_lesion_ml")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Background:
     plausible: np.ndarray  # float stack in [0, 1]: where inserted lesions may go
     to_template: sitk.Transform  # scan physical point -> template physical point
     overlap: float  # Dice of the registered template intracranial space with the scan's
+    own: Optional[np.ndarray] = None  # bool stack: the scan's own lesions labelled lesion (pseudo-labels), if asked
 
 
 def _register(scan_icv: sitk.Image, template_icv: sitk.Image) -> sitk.Transform:
@@ -93,10 +95,11 @@ def _register(scan_icv: sitk.Image, template_icv: sitk.Image) -> sitk.Transform:
 
 
 def analyse_background(path: Union[str, Path], atlas, models, brain_model,
-                       faint_ratio: Optional[float] = FAINT_RATIO) -> Background:
+                       faint_ratio: Optional[float] = FAINT_RATIO, own_lesions: bool = False) -> Background:
     """Read a real FLAIR and prepare it as a background (see the module docstring). `faint_ratio`:
     white matter this much brighter than the local normal-appearing white matter is marked as well
-    (None or 0: only what the WMH model marks)."""
+    (None or 0: only what the WMH model marks). `own_lesions`: the scan's confident lesions and their
+    faint rims (`own_lesion_labels`) become lesion labels (pseudo-labels) instead of being ignored."""
     from .inference import predict_maps
 
     path = Path(path)
@@ -119,31 +122,59 @@ def analyse_background(path: Union[str, Path], atlas, models, brain_model,
     # Judged on the image smoothed in-plane, so that noise does not punch holes into a lesion.
     smooth = ndimage.gaussian_filter(stack, sigma=(0, 1.5, 1.5))
     marked = (lesion > MARK_THRESHOLD) & intracranial
+    white = template_on_scan(atlas.wm, atlas, image, transform) if (faint_ratio or own_lesions) else None
+    own = (own_lesion_labels(lesion, stack, smooth, intracranial, depth, marked, white, spacing,
+                             faint_ratio or FAINT_RATIO) if own_lesions else None)
     if faint_ratio:
-        white = template_on_scan(atlas.wm, atlas, image, transform)
         marked |= faint_hyperintensities(stack, smooth, intracranial & (depth >= FAINT_DEPTH_MM), marked, white, spacing,
                                          faint_ratio)
     marked = ndimage.binary_dilation(marked, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool),
                                      iterations=1)
     marked &= intracranial
+    if own is not None:
+        marked |= own
     deep = (depth >= 10) & ~marked
     tissue = float(np.median(stack[deep])) if deep.any() else float(np.median(stack[intracranial]))
     # Softened at its edges, so that an inserted lesion fades out where the white matter ends.
     allowed = intracranial & ~marked & (depth >= 3) & (smooth >= 0.85 * tissue)
     plausible = np.clip(ndimage.gaussian_filter(allowed.astype(np.float32), sigma=(0, 0.7, 0.7)), 0, 1) * allowed
-    return Background(io.case_name(path), image, stack, frame, intracranial, marked, plausible, transform, overlap)
+    return Background(io.case_name(path), image, stack, frame, intracranial, marked, plausible, transform, overlap,
+                      own)
+
+
+def _local_level(stack: np.ndarray, normal: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(level, weight): the Gaussian-weighted mean intensity of the `normal` voxels over about 15 mm
+    around each voxel (so that a bias field does not count), and how much normal tissue backs it."""
+    sigma = tuple(15.0 / s for s in spacing)
+    weight = ndimage.gaussian_filter(normal.astype(np.float32), sigma)
+    level = ndimage.gaussian_filter(np.where(normal, stack, 0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
+    return level, weight
+
+
+def own_lesion_labels(lesion: np.ndarray, stack: np.ndarray, smooth: np.ndarray, intracranial: np.ndarray,
+                      depth: np.ndarray, marked: np.ndarray, white: np.ndarray, spacing: Sequence[float],
+                      ratio: float) -> np.ndarray:
+    """Pseudo-labels of a scan's own lesions: where the WMH model is confident (>= 0.5), grown by their
+    faint rims (voxels within OWN_RIM_MM in-plane of one, 3 mm or more inside the intracranial space,
+    whose smoothed intensity is at least `ratio` x the local normal-appearing white matter), which
+    raters outline and a model trained on drawn lesions tends to leave out."""
+    seeds = (lesion >= 0.5) & intracranial
+    inside = intracranial & (depth >= 3)
+    level, weight = _local_level(stack, inside & (white >= CORE_WHITE) & ~marked, spacing)
+    bright = inside & (weight > 0.05) & (smooth >= ratio * level)
+    near = np.zeros_like(seeds)
+    for k in np.flatnonzero(seeds.any(axis=(1, 2))):
+        near[k] = ndimage.distance_transform_edt(~seeds[k], sampling=spacing[1:]) <= OWN_RIM_MM
+    return seeds | (bright & near)
 
 
 def faint_hyperintensities(stack: np.ndarray, smooth: np.ndarray, inside: np.ndarray, marked: np.ndarray,
                            white: np.ndarray, spacing: Sequence[float], ratio: float) -> np.ndarray:
-    """White matter (template probability >= 0.3 on the scan) whose in-plane smoothed intensity is at
-    least `ratio` times the local normal-appearing white matter (template white matter >= 0.9, not
-    marked; a Gaussian-weighted mean over about 15 mm, so that a bias field does not count): faint
-    hyperintensities the WMH model may not mark, which a rater may well call lesion."""
-    normal = inside & (white >= CORE_WHITE) & ~marked
-    sigma = tuple(15.0 / s for s in spacing)
-    weight = ndimage.gaussian_filter(normal.astype(np.float32), sigma)
-    local = ndimage.gaussian_filter(np.where(normal, stack, 0).astype(np.float32), sigma) / np.maximum(weight, 1e-6)
+    """Core white matter (template probability >= CORE_WHITE on the scan) whose in-plane smoothed
+    intensity is at least `ratio` times the local normal-appearing white matter (core white matter, not
+    marked; `_local_level`): faint hyperintensities the WMH model may not mark, which a rater may well
+    call lesion."""
+    local, weight = _local_level(stack, inside & (white >= CORE_WHITE) & ~marked, spacing)
     return inside & (white >= CORE_WHITE) & (weight > 0.05) & (smooth >= ratio * local)
 
 
@@ -197,17 +228,19 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
     disease = str(rng.choice(DISEASES, p=[0.25, 0.35, 0.4]))
     lesions, meta = _paint_lesions(rng, atlas, disease, list(library))
     fraction = lesion_fraction_on_scan(lesions, atlas, background) * background.plausible
-    label = fraction >= 0.5
+    painted = fraction >= 0.5
     faint = bool(rng.random() < 0.3)
     contrast = rng.uniform(1.12, 1.3) if faint else rng.uniform(1.3, 2.0)
     gain = (contrast - 1) * (0.8 + 0.4 * _smooth_noise(rng, fraction.shape, 4))
     graded = (not faint) and bool(rng.random() < 0.6)
     if graded:
-        gain = gain * _rim_factor(rng, _depth_in_plane(label, background.frame))
+        gain = gain * _rim_factor(rng, _depth_in_plane(painted, background.frame))
     stack = background.stack * (1 + fraction * gain)
+    label = painted if background.own is None else painted | background.own
     mask = np.where(label, 1, np.where(background.marked, IGNORE_VALUE, 0)).astype(np.uint8)
     voxel_ml = background.frame.slice_thickness_mm * background.frame.pixel_area_mm2 / 1000
-    meta.update(disease=disease, lesion_ml=round(float(label.sum()) * voxel_ml, 3),
+    meta.update(disease=disease, lesion_ml=round(float(painted.sum()) * voxel_ml, 3),
+                own_lesion_ml=round(float(background.own.sum()) * voxel_ml, 3) if background.own is not None else 0.0,
                 ignored_ml=round(float((mask == IGNORE_VALUE).sum()) * voxel_ml, 3), background=background.name,
                 contrast=round(float(contrast), 3), graded_rims=int(graded))
     image = io.from_axial_stack(stack.astype(np.float32), background.frame)
@@ -218,7 +251,7 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
 def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out_dir: Union[str, Path], seed: int = 0,
                             progress: Optional[Callable[[float, str], None]] = None,
                             cancel: Optional[Callable[[], bool]] = None,
-                            faint_ratio: Optional[float] = FAINT_RATIO) -> Path:
+                            faint_ratio: Optional[float] = FAINT_RATIO, own_lesions: bool = False) -> Path:
     """Write `n` cases and `manifest.csv` into `out_dir`. Case i goes on usable background i modulo
     their number (scans that cannot serve are left out with a warning), with lesions drawn from
     (seed, i); the centre column names the background, so a stratified split spreads each scan's cases."""
@@ -253,7 +286,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         if progress:
             progress(0.0, f"analysing background {i + 1}/{len(files)} ({f.name})")
         try:
-            bg = analyse_background(f, atlas, models, brain_model, faint_ratio)
+            bg = analyse_background(f, atlas, models, brain_model, faint_ratio, own_lesions)
         except DeepWMLError as exc:
             warnings.warn(f"background left out: {exc}", stacklevel=2)
             continue

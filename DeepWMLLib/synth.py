@@ -862,6 +862,9 @@ def register(subparsers) -> None:
                         help="with --backgrounds: also mark 2 the deep white matter at least RATIO times as "
                         "bright as the local normal white matter (faint lesions the WMH model may miss; "
                         "default 1.12; 0: only what the WMH model marks, as the sets behind models v6 and v7)")
+    parser.add_argument("--own-lesions", action="store_true",
+                        help="with --backgrounds: label the scans' own confident lesions (the WMH model >= 0.5) "
+                        "and their faint rims as lesion (pseudo-labels) instead of leaving them out")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -882,11 +885,15 @@ def _run(args: argparse.Namespace) -> int:
             raise DeepWMLError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
                                "their own anatomy, head and acquisition)")
         faint = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
+        if args.own_lesions:
+            faint["own_lesions"] = True
         manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
                                            **faint)
         print(file=sys.stderr)
         print(manifest)
         return 0
+    if args.own_lesions or args.faint_ignore is not None:
+        raise DeepWMLError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                 matrix=args.matrix, slice_thickness=args.thickness,
                                 intracranial=args.intracranial, graded_rims=args.graded_rims,
