@@ -121,3 +121,43 @@ def test_faint_white_matter_hyperintensities_are_marked_despite_a_bias_field():
     assert found[blob].mean() > 0.5  # the faint lesion's core
     assert not found[~ndimage.binary_dilation(blob, iterations=3)].any()  # not the bias field, not the cortex
     assert not faint_hyperintensities(stack, smooth, inside, np.zeros(shape, bool), white, (3.0, 1.0, 1.0), 1.3).any()
+
+
+def test_own_lesions_become_labels_with_their_faint_rims_only():
+    """Pseudo-labels: a confident lesion plus the bright rim next to it; not a bright patch farther away,
+    not a dim neighbourhood, not what the model is unsure of."""
+    from DeepWMLLib.realbg import OWN_RIM_MM, own_lesion_labels
+
+    shape = (5, 64, 64)
+    z, y, x = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    r = np.sqrt((y - 32.0) ** 2 + (x - 32.0) ** 2)
+    stack = np.full(shape, 100.0)
+    stack[r <= 7] = 118.0  # a faint rim: 1.18 x the white matter
+    stack[r <= 4] = 160.0  # the bright core
+    far = (np.abs(y - 10) <= 2) & (np.abs(x - 54) <= 2)
+    stack[far] = 130.0  # a faint patch away from any confident lesion
+    lesion = np.where(r <= 4, 0.9, 0.05)
+    lesion[far] = 0.3  # unsure
+    white = np.ones(shape, np.float32)
+    inside = np.ones(shape, bool)
+    depth = np.full(shape, 20.0)
+    smooth = ndimage.gaussian_filter(stack, sigma=(0, 1.5, 1.5))
+    own = own_lesion_labels(lesion, stack, smooth, inside, depth, lesion > 0.2, white, (3.0, 1.0, 1.0), 1.12)
+    assert own[r <= 4].all()  # the core
+    assert own[(r > 4.5) & (r <= 4 + OWN_RIM_MM - 0.5)].mean() > 0.9  # the rim next to it
+    assert not own[r > 4 + OWN_RIM_MM + 0.5].any()  # nothing farther: not the faint patch, not the dim tissue
+    # a dim neighbourhood is not grown into
+    dim = np.where(r <= 4, 160.0, 100.0)
+    own = own_lesion_labels(lesion, dim, ndimage.gaussian_filter(dim, sigma=(0, 0.3, 0.3)), inside, depth,
+                            lesion > 0.2, white, (3.0, 1.0, 1.0), 1.12)
+    assert own.sum() == (r <= 4).sum()
+
+
+def test_synth_refuses_real_background_options_without_backgrounds(tmp_path):
+    for extra in (["--own-lesions"], ["--faint-ignore", "1.12"]):
+        result = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "1", "-o", str(tmp_path / "x"),
+                                 *extra], capture_output=True, text=True)
+        assert result.returncode != 0 and "--backgrounds" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "1", "-o", str(tmp_path / "y"),
+                             "--backgrounds", str(tmp_path), "--faint-ignore", "0.9"], capture_output=True, text=True)
+    assert result.returncode != 0 and "above 1" in result.stderr
