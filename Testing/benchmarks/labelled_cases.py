@@ -118,7 +118,9 @@ def markdown(rows: list[dict]) -> str:
 def per_image_table(rows: list[dict]) -> str:
     """The DeepWML paper's unit: median [IQR] Dice, sensitivity and precision over the 2D images (axial
     slices) whose reference has lesion, the three cases pooled, per slice thickness."""
-    lines = ["| slice thickness | 2D images (07 / 19 / 26) | Dice | sensitivity | precision |", "|---|---|---|---|---|"]
+    names = list(dict.fromkeys(r["case"].replace("patient", "") for r in rows))
+    lines = [f"| slice thickness | 2D images ({' / '.join(names)}) | Dice | sensitivity | precision |",
+             "|---|---|---|---|---|"]
     for thickness in sorted({r["thickness_mm"] for r in rows}):
         chosen = [r for r in rows if r["thickness_mm"] == thickness]
         images = [image for r in chosen for image in r.get("images", [])]
@@ -127,7 +129,10 @@ def per_image_table(rows: list[dict]) -> str:
         cells = []
         for key in ("dice", "sensitivity", "precision"):
             values = np.array([image[key] for image in images], float)
-            values = values[np.isfinite(values)]
+            values = values[np.isfinite(values)]  # precision is undefined (NaN) on an image with no prediction
+            if values.size == 0:
+                cells.append("n/a")
+                continue
             q1, q2, q3 = np.percentile(values, [25, 50, 75])
             cells.append(f"{q2:.3f} [{q1:.3f}-{q3:.3f}]")
         counts = " / ".join(str(len(r.get("images", []))) for r in chosen)
