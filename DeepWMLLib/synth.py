@@ -884,11 +884,9 @@ def _run(args: argparse.Namespace) -> int:
         if other:
             raise DeepWMLError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
                                "their own anatomy, head and acquisition)")
-        faint = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
-        if args.own_lesions:
-            faint["own_lesions"] = True
+        options = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
         manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
-                                           **faint)
+                                           own_lesions=args.own_lesions, **options)
         print(file=sys.stderr)
         print(manifest)
         return 0
