@@ -1,0 +1,129 @@
+"""Session 13's AdaBN experiment (Testing/benchmarks/adapt_bn.py): batch-norm statistics re-estimated on
+unlabelled scans, layer by layer, weights unchanged."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import make_volume
+from DeepWMLLib.checkpoint import load_model, save_model
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.model import build_model
+from DeepWMLLib.preprocessing import PreprocessingConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+
+from adapt_bn import adapt_batch_norm, adapt_model_file, main  # noqa: E402
+
+CONFIG = {"base_channels": 4, "depth": 2, "batch_norm": True}
+
+
+def _bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(CONFIG)
+    with torch.no_grad():  # statistics far from what the test slices give, so adapting must move them
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(5.0)
+                m.running_var.fill_(0.01)
+    return model.eval()
+
+
+def _inputs_seen(model, slices):
+    """Every batch-norm layer's inputs over all slices, with the model in eval mode."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.setdefault(mod, []).append(inp[0].double()))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.inference_mode():
+        model(torch.from_numpy(slices[:, None]))
+    for h in hooks:
+        h.remove()
+    return {m: torch.cat(v) for m, v in seen.items()}
+
+
+def test_statistics_are_the_population_figures_of_every_layer_in_turn():
+    rng = np.random.default_rng(0)
+    slices = (rng.normal(0.3, 1.2, (10, 32, 32))).astype(np.float32)
+    model = _bn_model()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    layers = adapt_batch_norm(model, slices, batch_size=3)  # batches of 3, 3, 3, 1: not the population
+    assert layers == 10  # depth 2: five double convolutions, two batch norms each
+    # after adapting, what each layer sees over all slices (earlier layers adapted) has exactly its stored mean
+    # and (population) variance
+    for layer, x in _inputs_seen(model, slices).items():
+        np.testing.assert_allclose(layer.running_mean.numpy(), x.mean(dim=(0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.running_var.numpy(), x.var(dim=(0, 2, 3), unbiased=False).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), f"{k} changed"
+    # the output is normalised: the last layer's normalised input has mean ~0 and variance ~1 per channel
+    last = list(_inputs_seen(model, slices).items())[-1]
+    normed = (last[1] - last[0].running_mean.double()[None, :, None, None]) / torch.sqrt(
+        last[0].running_var.double()[None, :, None, None] + last[0].eps)
+    assert abs(float(normed.mean())) < 1e-3 and abs(float(normed.var(unbiased=False)) - 1) < 1e-2
+
+
+def test_a_model_without_batch_norm_is_refused():
+    model = build_model({"base_channels": 4, "depth": 2})
+    with pytest.raises(DeepWMLError, match="no batch normalisation"):
+        adapt_batch_norm(model, np.zeros((2, 32, 32), np.float32))
+
+
+def _scans(tmp_path, n=2):
+    paths = []
+    for seed in range(n):
+        image, _ = make_volume(size=(64, 64, 6), spacing=(0.9, 0.9, 5.0), seed=seed)
+        path = tmp_path / f"scan{seed}.nii.gz"
+        sitk.WriteImage(image, str(path))
+        paths.append(path)
+    return paths
+
+
+def test_model_file_round_trip_records_what_it_was_adapted_on(tmp_path):
+    source = tmp_path / "bn.pt"
+    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.4, {"kind": "test"})
+    scans = _scans(tmp_path)
+    summary = adapt_model_file(source, scans, tmp_path / "out.pt", fp16=False)
+    adapted = load_model(tmp_path / "out.pt")
+    record = adapted.provenance["adapted_batch_norm"]
+    assert record["from_model"] == "bn.pt" and record["layers"] == 10
+    assert [s["scan"] for s in record["scans"]] == ["scan0.nii.gz", "scan1.nii.gz"]
+    assert record["slices"] == summary["slices"] == sum(s["slices"] for s in record["scans"]) > 0
+    assert adapted.threshold == 0.4 and adapted.config == load_model(source).config
+    original = load_model(source).model.state_dict()
+    for k, v in adapted.model.state_dict().items():
+        if "running_mean" in k:
+            assert not torch.allclose(v, original[k]), f"{k} was not re-estimated"
+        elif "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, original[k])
+
+
+def test_scans_without_head_are_refused(tmp_path):
+    source = tmp_path / "bn.pt"
+    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"})
+    empty = sitk.Image(64, 64, 4, sitk.sitkFloat32)
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    with pytest.raises(DeepWMLError):
+        adapt_model_file(source, [tmp_path / "empty.nii.gz"], tmp_path / "out.pt")
+
+
+def test_script_writes_adapted_files_and_keeps_existing_ones(tmp_path, capsys):
+    source = tmp_path / "bn.pt"
+    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"})
+    scans = [str(p) for p in _scans(tmp_path, 1)]
+    out = tmp_path / "adapted"
+    args = ["--model", str(source), "--scans", *scans, "-o", str(out)]
+    assert main(args) == 0
+    written = out / "bn-adapted.pt"
+    assert written.is_file() and "adapted_batch_norm" in load_model(written).provenance
+    assert "only" in capsys.readouterr().err  # 6 slices: the few-slices warning
+    with pytest.raises(DeepWMLError, match="--overwrite"):
+        main(args)
+    assert main(args + ["--overwrite"]) == 0
