@@ -59,6 +59,48 @@ def network_slices(paths: Sequence[str | Path], preprocessing) -> tuple[np.ndarr
     return np.concatenate(chunks), facts
 
 
+def pseudo_lesions(slices: np.ndarray, model_paths: Sequence[str | Path], threshold: float = 0.5,
+                   batch_size: int = 8) -> np.ndarray:
+    """[n, H, W] bool: where the given models' averaged probability is at least `threshold` (the
+    unlabelled scans' own probable lesions, to centre crops on as training centred them on lesions)."""
+    import torch
+
+    from DeepWMLLib.checkpoint import load_model
+
+    total = np.zeros(slices.shape, np.float32)
+    for path in model_paths:
+        model = load_model(path).model.eval()
+        with torch.inference_mode():
+            for start in range(0, slices.shape[0], batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size, None]))
+                total[start:start + batch_size] += torch.sigmoid(model(x))[:, 0].numpy()
+    return total / len(model_paths) >= threshold
+
+
+def matched_crops(slices: np.ndarray, lesions: np.ndarray, size: int, per_slice: int = 4,
+                  lesion_share: float = 0.5, seed: int = 0) -> np.ndarray:
+    """Crops drawn as `deepwml train --patch-size SIZE --lesion-fraction SHARE` draws them: a share of
+    the crops from slices with lesion, each centred as training centres it (on a random lesion pixel),
+    the rest from slices without, placed at random. [per_slice * n, size, size] float32."""
+    import torch
+
+    from DeepWMLLib.train import random_crops
+
+    rng = np.random.default_rng(seed)
+    with_lesion = np.flatnonzero(lesions.reshape(lesions.shape[0], -1).any(axis=1))
+    without = np.setdiff1d(np.arange(slices.shape[0]), with_lesion)
+    n = per_slice * slices.shape[0]
+    n_lesion = int(round(n * lesion_share)) if with_lesion.size else 0
+    if not without.size:
+        n_lesion = n
+    picks = np.concatenate([rng.choice(with_lesion, n_lesion) if n_lesion else np.zeros(0, int),
+                            rng.choice(without, n - n_lesion) if n > n_lesion else np.zeros(0, int)])
+    images = torch.from_numpy(np.ascontiguousarray(slices[picks, None]))
+    labels = torch.from_numpy(np.ascontiguousarray(lesions[picks, None]).astype(np.float32))
+    crops, _ = random_crops(images, labels, size, rng)
+    return crops[:, 0].numpy()
+
+
 def _norm_layers_in_run_order(model, sample) -> list:
     import torch
     from torch import nn
@@ -129,12 +171,26 @@ def adapt_batch_norm(model, slices: np.ndarray, batch_size: int = 8,
 
 
 def adapt_model_file(model_path: str | Path, scans: Sequence[str | Path], out_path: str | Path,
-                     fp16: bool = True, batch_size: int = 8, progress=None) -> dict:
-    """Adapt one model file on `scans` and write the result to `out_path`; returns a summary."""
+                     fp16: bool = True, batch_size: int = 8, progress=None, crop: int | None = None,
+                     pseudo_models: Sequence[str | Path] = (), per_slice: int = 4, lesion_share: float = 0.5,
+                     seed: int = 0) -> dict:
+    """Adapt one model file on `scans` and write the result to `out_path`; returns a summary.
+
+    crop: None measures whole slices (run A); a size measures crops drawn as training drew them
+    (`matched_crops`), centred on the lesions that `pseudo_models` find (run A2)."""
     from DeepWMLLib.checkpoint import file_digest, load_model, save_model
 
     loaded = load_model(model_path)
     slices, facts = network_slices(scans, loaded.preprocessing)
+    n_slices = int(slices.shape[0])
+    how = "whole slices"
+    if crop:
+        if not pseudo_models:
+            raise DeepWMLError("crops need the models whose marks centre them (pseudo_models)")
+        lesions = pseudo_lesions(slices, pseudo_models)
+        slices = matched_crops(slices, lesions, crop, per_slice, lesion_share, seed)
+        how = (f"{slices.shape[0]} crops of {crop} px, {lesion_share:.0%} centred on pseudo-lesions of "
+               f"{', '.join(Path(p).name for p in pseudo_models)} (seed {seed})")
     layers = adapt_batch_norm(loaded.model, slices, batch_size, progress)
     provenance = dict(loaded.provenance)
     provenance["adapted_batch_norm"] = {
@@ -142,12 +198,13 @@ def adapt_model_file(model_path: str | Path, scans: Sequence[str | Path], out_pa
         "from_model": loaded.name,
         "from_digest": file_digest(model_path),
         "scans": facts,
-        "slices": int(slices.shape[0]),
+        "slices": n_slices,
+        "measured_on": how,
         "layers": layers,
     }
     save_model(out_path, loaded.model, loaded.config, loaded.preprocessing, loaded.threshold, provenance,
                loaded.labels, fp16=fp16)
-    return {"model": loaded.name, "output": str(out_path), "slices": int(slices.shape[0]), "layers": layers,
+    return {"model": loaded.name, "output": str(out_path), "slices": n_slices, "layers": layers,
             "scans": facts}
 
 
@@ -163,6 +220,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--crop", type=int, help="measure on crops of this size drawn as training drew them (run A2)")
+    p.add_argument("--pseudo-models", nargs="+", default=[], metavar="FILE",
+                   help="with --crop: models whose averaged marks (>= 0.5) centre the lesion crops")
+    p.add_argument("--per-slice", type=int, default=4, help="with --crop: crops per slice (default 4)")
+    p.add_argument("--lesion-share", type=float, default=0.5, help="with --crop: share of lesion-centred crops")
+    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -188,7 +251,8 @@ def main(argv=None) -> int:
             print(f"\r{name}: layer {k}/{n}", end="" if k < n else "\n", file=sys.stderr, flush=True)
 
         summary = adapt_model_file(model, args.scans, out, fp16=not args.fp32, batch_size=args.batch_size,
-                                   progress=progress)
+                                   progress=progress, crop=args.crop, pseudo_models=args.pseudo_models,
+                                   per_slice=args.per_slice, lesion_share=args.lesion_share, seed=args.seed)
         if summary["slices"] < FEW_SLICES:
             print(f"warning: only {summary['slices']} slices with head; the statistics of the deepest layers "
                   f"may be noisy (use more scans, {FEW_SLICES}+ slices)", file=sys.stderr)
