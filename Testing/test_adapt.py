@@ -19,7 +19,7 @@ from DeepWMLLib.preprocessing import PreprocessingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
-from adapt_bn import adapt_batch_norm, adapt_model_file, main  # noqa: E402
+from adapt_bn import adapt_batch_norm, adapt_model_file, main, matched_crops  # noqa: E402
 
 CONFIG = {"base_channels": 4, "depth": 2, "batch_norm": True}
 
@@ -127,3 +127,24 @@ def test_script_writes_adapted_files_and_keeps_existing_ones(tmp_path, capsys):
     with pytest.raises(DeepWMLError, match="--overwrite"):
         main(args)
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_matched_crops_are_drawn_as_training_draws_them():
+    rng = np.random.default_rng(1)
+    slices = rng.normal(0, 1, (6, 64, 64)).astype(np.float32)
+    lesions = np.zeros(slices.shape, bool)
+    lesions[1, 40:44, 50:54] = True  # two slices with a lesion, four without
+    lesions[4, 5:7, 5:7] = True
+    slices[lesions] = 100.0  # lesion pixels recognisable in the crops
+    crops = matched_crops(slices, lesions, 32, per_slice=4, lesion_share=0.5, seed=3)
+    assert crops.shape == (24, 32, 32)
+    with_lesion = (crops == 100.0).any(axis=(1, 2))
+    assert with_lesion.sum() == 12  # half of the crops, each holding its lesion
+    # every crop is a piece of one of the slices
+    for crop in crops:
+        assert any((crop == s[i:i + 32, j:j + 32]).all() for s in slices for i in range(33) for j in range(33)
+                   if s[i, j] == crop[0, 0])
+    np.testing.assert_array_equal(crops, matched_crops(slices, lesions, 32, 4, 0.5, seed=3))
+    # no slice with lesion: every crop is placed at random, on any slice
+    plain = matched_crops(slices, np.zeros_like(lesions), 32, 2, 0.5, seed=0)
+    assert plain.shape == (12, 32, 32) and 0 < (plain == 100.0).any(axis=(1, 2)).sum() < 12
