@@ -51,8 +51,10 @@ def main() -> None:
         ax.set_title(f"slice {k}: LV {row['lv_ml']:.2f} ml ({row['lv_group']})", color="white", fontsize=10)
         ax.axis("off")
     report = result.report
+    names = report["model"]
+    model = names[0] if len(names) == 1 else f"ensemble of {len(names)}" + (" (the default)" if not args.model else "")
     fig.suptitle(f"DeepWML - WMH {report['volume_ml']:.1f} ml, {report['lesion_count']} lesions "
-                 f"(synthetic sample; model {', '.join(report['model'])})",
+                 f"(synthetic sample; model: {model})",
                  color="white", fontsize=11)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
