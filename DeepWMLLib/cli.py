@@ -25,6 +25,7 @@ _COMMAND_MODULES = {
     "synth": "DeepWMLLib.synth",
     "train": "DeepWMLLib.train",
     "bench": "DeepWMLLib.bench",
+    "adapt": "DeepWMLLib.adapt",
 }
 
 

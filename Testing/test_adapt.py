@@ -1,10 +1,7 @@
-"""Session 13's AdaBN experiment (Testing/benchmarks/adapt_bn.py): batch-norm statistics re-estimated on
-unlabelled scans, layer by layer, weights unchanged."""
+"""`deepwml adapt` (AdaBN): batch-norm statistics re-estimated on unlabelled scans, layer by layer, on
+crops drawn as training drew them; weights unchanged."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,14 +9,12 @@ import SimpleITK as sitk
 import torch
 
 from conftest import make_volume
+from DeepWMLLib import cli
+from DeepWMLLib.adapt import adapt_batch_norm, adapt_models, crop_settings, matched_crops
 from DeepWMLLib.checkpoint import load_model, save_model
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.model import build_model
 from DeepWMLLib.preprocessing import PreprocessingConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-
-from adapt_bn import adapt_batch_norm, adapt_model_file, main, matched_crops  # noqa: E402
 
 CONFIG = {"base_channels": 4, "depth": 2, "batch_norm": True}
 
@@ -79,54 +74,81 @@ def test_a_model_without_batch_norm_is_refused():
 def _scans(tmp_path, n=2):
     paths = []
     for seed in range(n):
-        image, _ = make_volume(size=(64, 64, 6), spacing=(0.9, 0.9, 5.0), seed=seed)
+        image, _ = make_volume(size=(64, 64, 6), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),), seed=seed)
         path = tmp_path / f"scan{seed}.nii.gz"
         sitk.WriteImage(image, str(path))
         paths.append(path)
     return paths
 
 
-def test_model_file_round_trip_records_what_it_was_adapted_on(tmp_path):
-    source = tmp_path / "bn.pt"
-    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.4, {"kind": "test"})
+def _model_file(path, seed=0, patch_size=32, lesion_fraction=0.25):
+    provenance = {"kind": "test", "training_config": {"patch_size": patch_size, "lesion_fraction": lesion_fraction}}
+    save_model(path, _bn_model(seed), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.4, provenance)
+    return path
+
+
+def test_crops_follow_the_training_recorded_in_the_model(tmp_path):
+    assert crop_settings(load_model(_model_file(tmp_path / "a.pt", patch_size=32, lesion_fraction=0.25))) == (32, 0.25)
+    # unknown training: whole slices, half of them with lesion
+    save_model(tmp_path / "b.pt", _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"})
+    assert crop_settings(load_model(tmp_path / "b.pt")) == (64, 0.5)
+
+
+def test_model_files_round_trip_and_record_what_they_were_adapted_on(tmp_path):
+    sources = [_model_file(tmp_path / "bn1.pt", 0), _model_file(tmp_path / "bn2.pt", 1)]
     scans = _scans(tmp_path)
-    summary = adapt_model_file(source, scans, tmp_path / "out.pt", fp16=False)
-    adapted = load_model(tmp_path / "out.pt")
-    record = adapted.provenance["adapted_batch_norm"]
-    assert record["from_model"] == "bn.pt" and record["layers"] == 10
-    assert [s["scan"] for s in record["scans"]] == ["scan0.nii.gz", "scan1.nii.gz"]
-    assert record["slices"] == summary["slices"] == sum(s["slices"] for s in record["scans"]) > 0
-    assert adapted.threshold == 0.4 and adapted.config == load_model(source).config
-    original = load_model(source).model.state_dict()
-    for k, v in adapted.model.state_dict().items():
-        if "running_mean" in k:
-            assert not torch.allclose(v, original[k]), f"{k} was not re-estimated"
-        elif "running" not in k and "num_batches" not in k:
-            assert torch.equal(v, original[k])
+    outs = [tmp_path / "out1.pt", tmp_path / "out2.pt"]
+    summaries = adapt_models(sources, scans, outs, per_slice=2, fp16=False)
+    for source, out, summary in zip(sources, outs, summaries):
+        adapted = load_model(out)
+        record = adapted.provenance["adapted_batch_norm"]
+        assert record["from_model"] == source.name and record["layers"] == 10
+        assert [s["scan"] for s in record["scans"]] == ["scan0.nii.gz", "scan1.nii.gz"]
+        assert record["slices"] == summary["slices"] == sum(s["slices"] for s in record["scans"]) > 0
+        assert summary["crops"] == 2 * summary["slices"] and summary["crop_size"] == 32
+        assert "bn1.pt, bn2.pt" in record["measured_on"]  # the models themselves found the lesions
+        assert adapted.threshold == 0.4 and adapted.provenance["training_config"]["patch_size"] == 32
+        original = load_model(source).model.state_dict()
+        for k, v in adapted.model.state_dict().items():
+            if "running_mean" in k:
+                assert not torch.allclose(v, original[k]), f"{k} was not re-estimated"
+            elif "running" not in k and "num_batches" not in k:
+                assert torch.equal(v, original[k])
+    # the same draw gives the same statistics
+    again = adapt_models(sources[:1], scans, [tmp_path / "again.pt"], pseudo_models=sources, per_slice=2, fp16=False)
+    assert again[0]["crops"] == summaries[0]["crops"]
+    for k, v in load_model(tmp_path / "again.pt").model.state_dict().items():
+        assert torch.equal(v, load_model(outs[0]).model.state_dict()[k])
 
 
-def test_scans_without_head_are_refused(tmp_path):
-    source = tmp_path / "bn.pt"
-    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"})
+def test_models_of_different_grids_and_scans_without_head_are_refused(tmp_path):
+    source = _model_file(tmp_path / "bn.pt")
+    other = tmp_path / "other.pt"
+    save_model(other, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(32, 32)), 0.5, {"kind": "test"})
+    scans = _scans(tmp_path, 1)
+    with pytest.raises(DeepWMLError, match="preprocessing"):
+        adapt_models([source, other], scans, [tmp_path / "o1.pt", tmp_path / "o2.pt"])
     empty = sitk.Image(64, 64, 4, sitk.sitkFloat32)
     sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
-    with pytest.raises(DeepWMLError):
-        adapt_model_file(source, [tmp_path / "empty.nii.gz"], tmp_path / "out.pt")
+    with pytest.raises(DeepWMLError, match="constant"):  # check_volume: a clear message, before any network
+        adapt_models([source], [tmp_path / "empty.nii.gz"], [tmp_path / "out.pt"])
 
 
-def test_script_writes_adapted_files_and_keeps_existing_ones(tmp_path, capsys):
-    source = tmp_path / "bn.pt"
-    save_model(source, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"})
+def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, capsys):
+    source = _model_file(tmp_path / "bn.pt")
     scans = [str(p) for p in _scans(tmp_path, 1)]
     out = tmp_path / "adapted"
-    args = ["--model", str(source), "--scans", *scans, "-o", str(out)]
-    assert main(args) == 0
+    args = ["adapt", "--model", str(source), "--scans", *scans, "-o", str(out), "--crops-per-slice", "2"]
+    assert cli.main(args) == 0
     written = out / "bn-adapted.pt"
     assert written.is_file() and "adapted_batch_norm" in load_model(written).provenance
-    assert "only" in capsys.readouterr().err  # 6 slices: the few-slices warning
-    with pytest.raises(DeepWMLError, match="--overwrite"):
-        main(args)
-    assert main(args + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "only" in err and "--model" in err  # 6 slices: the few-slices warning; how to use the result
+    assert cli.main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite"]) == 0
+    assert cli.main(["adapt", "--scans", *scans, "-o", str(out), "--model", str(source), "--crops-per-slice", "0",
+                     "--overwrite"]) == 1
 
 
 def test_matched_crops_are_drawn_as_training_draws_them():
