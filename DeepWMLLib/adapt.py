@@ -201,8 +201,13 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("one output path per model is needed")
     if per_slice < 1:
         raise DeepWMLError("crops per slice must be at least 1")
+    from .segment import is_brain_model
+
     pseudo_models = list(pseudo_models or model_paths)
     settings = [load_model_settings(p) for p in [*model_paths, *pseudo_models]]
+    for s in settings:
+        if is_brain_model(s):
+            raise DeepWMLError(f"{s.name} is a brain-mask model; adapt WMH models, whose marks centre the crops")
     configs = {s.preprocessing for s in settings}
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")

@@ -128,6 +128,11 @@ def test_models_of_different_grids_and_scans_without_head_are_refused(tmp_path):
     scans = _scans(tmp_path, 1)
     with pytest.raises(DeepWMLError, match="preprocessing"):
         adapt_models([source, other], scans, [tmp_path / "o1.pt", tmp_path / "o2.pt"])
+    brain = tmp_path / "brain.pt"
+    save_model(brain, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"},
+               {"0": "background", "1": "intracranial"})
+    with pytest.raises(DeepWMLError, match="brain-mask"):
+        adapt_models([brain], scans, [tmp_path / "o3.pt"])
     empty = sitk.Image(64, 64, 4, sitk.sitkFloat32)
     sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
     with pytest.raises(DeepWMLError, match="constant"):  # check_volume: a clear message, before any network
