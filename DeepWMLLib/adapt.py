@@ -254,7 +254,8 @@ def register(subparsers) -> None:
                     "default ensemble (v8) was made from v7 on five clinical FLAIRs. Check the adapted models on "
                     "cases you can judge before relying on them.")
     p.add_argument("--scans", nargs="+", required=True, metavar="FILE",
-                   help="unlabelled FLAIR volumes (NIfTI, NRRD, MHA or DICOM folders); every slice with head is "
+                   help="unlabelled FLAIR volumes (NIfTI, NRRD, MHA, DICOM folders, or folders of such files); every slice "
+                        "with head is "
                         f"used ({FEW_SLICES}+ slices advised)")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the adapted model files (<name>-adapted.pt)")
     p.add_argument("--model", nargs="+", metavar="FILE",
@@ -275,7 +276,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     import torch
 
-    from .segment import default_model_paths
+    from .segment import default_model_paths, expand_inputs
 
     if args.batch_size < 1:
         raise DeepWMLError("--batch-size must be at least 1")
@@ -297,7 +298,8 @@ def _run(args) -> int:
     def progress(name: str, k: int, n: int) -> None:
         print(f"\r{name}: batch-norm layer {k}/{n}", end="" if k < n else "\n", file=sys.stderr, flush=True)
 
-    summaries = adapt_models(models, args.scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
+    scans = [path for _, path in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
+    summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                              fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
                              log=lambda text: print(text, file=sys.stderr, flush=True))
     if summaries[0]["slices"] < FEW_SLICES:

@@ -152,6 +152,9 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
+    # a folder stands for the scans in it
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(tmp_path), "-o", str(out), "--overwrite"]) == 0
+    assert [s["scan"] for s in load_model(written).provenance["adapted_batch_norm"]["scans"]] == ["scan0.nii.gz"]
     assert cli.main(["adapt", "--scans", *scans, "-o", str(out), "--model", str(source), "--crops-per-slice", "0",
                      "--overwrite"]) == 1
 
