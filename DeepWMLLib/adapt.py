@@ -254,9 +254,8 @@ def register(subparsers) -> None:
                     "default ensemble (v8) was made from v7 on five clinical FLAIRs. Check the adapted models on "
                     "cases you can judge before relying on them.")
     p.add_argument("--scans", nargs="+", required=True, metavar="FILE",
-                   help="unlabelled FLAIR volumes (NIfTI, NRRD, MHA, DICOM folders, or folders of such files); every slice "
-                        "with head is "
-                        f"used ({FEW_SLICES}+ slices advised)")
+                   help="unlabelled FLAIR volumes (NIfTI, NRRD, MHA, DICOM folders, or folders of such files); "
+                        f"every slice with head is used ({FEW_SLICES}+ slices advised)")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the adapted model files (<name>-adapted.pt)")
     p.add_argument("--model", nargs="+", metavar="FILE",
                    help="model file(s) to adapt (default: the shipped default ensemble's members)")
