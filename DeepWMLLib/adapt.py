@@ -64,7 +64,7 @@ def network_slices(paths: Sequence[str | Path], preprocessing) -> tuple[np.ndarr
 
 
 def pseudo_lesions(slices: np.ndarray, model_paths: Sequence[str | Path], threshold: float = 0.5,
-                   batch_size: int = 8) -> np.ndarray:
+                   batch_size: int = 8, progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
     """[n, H, W] bool: where the given models' averaged probability is at least `threshold` (the
     unlabelled scans' own probable lesions, to centre crops on as training centred them on lesions)."""
     import torch
@@ -78,6 +78,9 @@ def pseudo_lesions(slices: np.ndarray, model_paths: Sequence[str | Path], thresh
             for start in range(0, slices.shape[0], batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size, None]))
                 total[start:start + batch_size] += torch.sigmoid(model(x))[:, 0].numpy()
+                if progress:
+                    progress(f"finding lesions with {Path(path).name}", min(start + batch_size, slices.shape[0]),
+                             slices.shape[0])
     return total / len(model_paths) >= threshold
 
 
@@ -194,7 +197,8 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
 
     pseudo_models: the models whose averaged marks (>= 0.5) are the scans' lesions for centring crops
     (None: the models being adapted). All must share one preprocessing (grid); the slices and the
-    lesions are computed once."""
+    lesions are computed once. progress(what, done, total) is called as the lesions are found ("finding
+    lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
     from .checkpoint import file_digest, load_model, load_model_settings, save_model
 
     if len(model_paths) != len(out_paths):
@@ -216,7 +220,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if log:
         log(f"{slices.shape[0]} head slices from {len(facts)} scans; finding their probable lesions with "
             f"{len(pseudo_models)} model(s)")
-    lesions = pseudo_lesions(slices, pseudo_models, batch_size=batch_size)
+    lesions = pseudo_lesions(slices, pseudo_models, batch_size=batch_size, progress=progress)
     summaries = []
     for path, out in zip(model_paths, out_paths):
         loaded = load_model(path)
@@ -295,7 +299,8 @@ def _run(args) -> int:
         raise DeepWMLError(f"cannot create output folder {out_dir} ({exc.strerror})") from exc
 
     def progress(name: str, k: int, n: int) -> None:
-        print(f"\r{name}: batch-norm layer {k}/{n}", end="" if k < n else "\n", file=sys.stderr, flush=True)
+        what = name if name.startswith("finding") else f"{name}: batch-norm layer"
+        print(f"\r{what} {k}/{n}", end="" if k < n else "\n", file=sys.stderr, flush=True)
 
     scans = [path for _, path in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
     summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,

@@ -149,6 +149,7 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     assert written.is_file() and "adapted_batch_norm" in load_model(written).provenance
     err = capsys.readouterr().err
     assert "only" in err and "--model" in err  # 6 slices: the few-slices warning; how to use the result
+    assert "finding lesions with bn.pt 6/6" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
