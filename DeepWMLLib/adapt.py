@@ -217,6 +217,9 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
     slices, facts = network_slices(scans, preprocessing)
+    if log and slices.shape[0] < FEW_SLICES:  # said before the minutes of work, not after
+        log(f"warning: only {slices.shape[0]} slices with head; the deepest layers' statistics may be noisy "
+            f"(use more scans, {FEW_SLICES}+ slices)")
     if log:
         log(f"{slices.shape[0]} head slices from {len(facts)} scans; finding their probable lesions with "
             f"{len(pseudo_models)} model(s)")
@@ -306,9 +309,6 @@ def _run(args) -> int:
     summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                              fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
                              log=lambda text: print(text, file=sys.stderr, flush=True))
-    if summaries[0]["slices"] < FEW_SLICES:
-        print(f"warning: only {summaries[0]['slices']} slices with head; the deepest layers' statistics may be "
-              f"noisy (use more scans, {FEW_SLICES}+ slices)", file=sys.stderr)
     for s in summaries:
         print(f"{s['model']}: {s['layers']} batch-norm layers set from {s['crops']} crops of {s['crop_size']} px "
               f"({s['lesion_share']:.0%} on lesions) -> {s['output']}", file=sys.stderr)
