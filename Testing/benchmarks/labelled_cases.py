@@ -1,7 +1,7 @@
 """Accuracy and runtime of a model on the real labelled MS cases, at 1 mm and as thick axial slices.
 
     python Testing/benchmarks/labelled_cases.py [--model FILE ...] [--brain-model default|none|FILE]
-        [--thickness 1 5 8] [--json OUT] [--markdown OUT]
+        [--thickness 1 5 8] [--threshold T] [--json OUT] [--markdown OUT]
 
 The three Ljubljana cases (../shared/data/open_ms/labelled/patient07, 19, 26: 3T FLAIR, skull-stripped,
 N4-corrected, 1 mm MNI grid, 3-rater consensus masks) are EVALUATION ONLY: nothing in training or
@@ -63,7 +63,7 @@ def load_case(root: Path, case: str, thickness: int) -> tuple[sitk.Image, sitk.I
 
 
 def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False,
-             brain_model="default") -> list[dict]:
+             brain_model="default", threshold: float | None = None) -> list[dict]:
     from DeepWMLLib.evaluation import evaluate_case
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
 
@@ -78,7 +78,7 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
         for case in cases:
             flair, reference = load_case(root, case, thickness)
             start = time.perf_counter()
-            result = segment_image(flair, models, device=device, tta=tta, brain_model=brain)
+            result = segment_image(flair, models, device=device, threshold=threshold, tta=tta, brain_model=brain)
             seconds = time.perf_counter() - start
             scores = evaluate_case(result.mask, reference)
             row = {"case": case, "thickness_mm": thickness, "slices": flair.GetSize()[2],
@@ -146,12 +146,14 @@ def main(argv=None) -> int:
     parser.add_argument("--thickness", nargs="+", type=int, default=[1, 5, 8])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the models' own, as deepwml segment)")
     parser.add_argument("--brain-model", default="default", help="brain-mask gate: default (the shipped one), none, or a file")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     print(HEADER)
-    rows = evaluate(args.model, args.thickness, args.device, tta=args.tta, brain_model=args.brain_model)
+    rows = evaluate(args.model, args.thickness, args.device, tta=args.tta, brain_model=args.brain_model,
+                    threshold=args.threshold)
     text = markdown(rows)
     print(text.split("\n\n", 1)[-1] if "\n\n" in text else "")
     if args.json:
