@@ -1,13 +1,16 @@
 """Accuracy and runtime of a model on the real labelled MS cases, at 1 mm and as thick axial slices.
 
     python Testing/benchmarks/labelled_cases.py [--model FILE ...] [--brain-model default|none|FILE]
-        [--thickness 1 5 8] [--threshold T] [--json OUT] [--markdown OUT]
+        [--thickness 1 5 8] [--threshold T] [--all-offsets] [--json OUT] [--markdown OUT]
 
 The three Ljubljana cases (../shared/data/open_ms/labelled/patient07, 19, 26: 3T FLAIR, skull-stripped,
 N4-corrected, 1 mm MNI grid, 3-rater consensus masks) are EVALUATION ONLY: nothing in training or
 tuning may look at them. Thick-slice versions imitate a clinical 2D acquisition: each thick slice is
 the average of `thickness` consecutive 1 mm axial slices (a box slice profile) and its reference is
 the consensus mask's slab average thresholded at 0.5 (the lesion fills at least half the slice).
+The slabs start at the first 1 mm slice; --all-offsets repeats the thick-slice figures with the slab
+boundaries moved by 1, 2, ... mm, as another head position would place them, and prints how far the
+median moves (the table and per-image figures stay those of offset 0).
 
 Per case and thickness it reports Dice, sensitivity, precision, HD95, AVD, lesion recall and F1
 (DeepWMLLib.evaluation.evaluate_case) and the segmentation time. The brain-mask gate is as in
@@ -34,13 +37,18 @@ CASES = ("patient07", "patient19", "patient26")
 METRICS = ("dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1")
 
 
-def thick_slices(image: sitk.Image, thickness: int, mask: bool = False) -> sitk.Image:
-    """Average `thickness` consecutive slices along the axial axis (box profile); masks re-thresholded at 0.5."""
+def thick_slices(image: sitk.Image, thickness: int, mask: bool = False, offset: int = 0) -> sitk.Image:
+    """Average `thickness` consecutive slices along the axial axis (box profile); masks re-thresholded at 0.5.
+
+    offset: the first thick slice starts at that 1 mm slice (0 <= offset < thickness): where the slab
+    boundaries fall, as a different head position in the scanner would place them."""
     if thickness <= 1:
         return image
+    if not 0 <= offset < thickness:
+        raise ValueError(f"offset must be in [0, {thickness}), got {offset}")
     stack, frame = io.to_axial_stack(image, dtype=np.float32)
-    n = stack.shape[0] // thickness
-    slabs = stack[: n * thickness].reshape(n, thickness, *stack.shape[1:]).mean(axis=1)
+    n = (stack.shape[0] - offset) // thickness
+    slabs = stack[offset: offset + n * thickness].reshape(n, thickness, *stack.shape[1:]).mean(axis=1)
     axis = frame.slice_axis
     size = list(frame.size)
     size[axis] = n
@@ -48,7 +56,7 @@ def thick_slices(image: sitk.Image, thickness: int, mask: bool = False) -> sitk.
     spacing[axis] = frame.spacing[axis] * thickness
     # the new slice k is centred on the old continuous index k*t + (t-1)/2 along the axial axis
     shift = [0.0, 0.0, 0.0]
-    shift[axis] = (thickness - 1) / 2
+    shift[axis] = offset + (thickness - 1) / 2
     origin = image.TransformContinuousIndexToPhysicalPoint(shift)
     thick_frame = io.SliceFrame(tuple(size), tuple(spacing), tuple(origin), frame.direction, axis,
                                 frame.row_axis, frame.col_axis, frame.flip_row, frame.flip_col)
@@ -56,14 +64,16 @@ def thick_slices(image: sitk.Image, thickness: int, mask: bool = False) -> sitk.
     return out
 
 
-def load_case(root: Path, case: str, thickness: int) -> tuple[sitk.Image, sitk.Image]:
+def load_case(root: Path, case: str, thickness: int, offset: int = 0) -> tuple[sitk.Image, sitk.Image]:
     flair = io.read_image(root / case / "flair.nii.gz")
     mask = io.read_mask(root / case / "consensus_mask.nii.gz", reference=flair)
-    return thick_slices(flair, thickness), thick_slices(mask, thickness, mask=True)
+    return thick_slices(flair, thickness, offset=offset), thick_slices(mask, thickness, mask=True, offset=offset)
 
 
 def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False,
-             brain_model="default", threshold: float | None = None) -> list[dict]:
+             brain_model="default", threshold: float | None = None, all_offsets: bool = False) -> list[dict]:
+    """Rows per thickness and case, at slab offset 0; with all_offsets, at every offset 0..thickness-1
+    (rows carry "offset"; the 1 mm rows have only 0)."""
     from DeepWMLLib.evaluation import evaluate_case
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
 
@@ -74,14 +84,14 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
     models = load_models(model_paths)
     brain = load_brain_model(None if brain_model == "none" else brain_model)
     rows = []
-    for thickness in thicknesses:
+    for thickness, offset in [(t, o) for t in thicknesses for o in (range(t) if all_offsets else [0])]:
         for case in cases:
-            flair, reference = load_case(root, case, thickness)
+            flair, reference = load_case(root, case, thickness, offset)
             start = time.perf_counter()
             result = segment_image(flair, models, device=device, threshold=threshold, tta=tta, brain_model=brain)
             seconds = time.perf_counter() - start
             scores = evaluate_case(result.mask, reference)
-            row = {"case": case, "thickness_mm": thickness, "slices": flair.GetSize()[2],
+            row = {"case": case, "thickness_mm": thickness, "offset": offset, "slices": flair.GetSize()[2],
                    "reference_ml": round(float(sitk.GetArrayViewFromImage(reference).sum()) * np.prod(reference.GetSpacing()) / 1000, 2),
                    "predicted_ml": round(result.report["volume_ml"], 2), "seconds": round(seconds, 2)}
             row.update({k: scores[k] for k in METRICS})
@@ -89,7 +99,8 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
             row["images"] = [{k: image[k] for k in ("index", "dice", "sensitivity", "precision", "lv_ml")}
                              for image in scores["slices"]]
             rows.append(row)
-            print(format_row(row), flush=True)
+            if offset == 0:
+                print(format_row(row), flush=True)
     return rows
 
 
@@ -107,12 +118,37 @@ HEADER = ("| case | slice thickness | reference ml | predicted ml | Dice | sensi
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [HEADER] + [format_row(r) for r in rows]
-    for thickness in sorted({r["thickness_mm"] for r in rows}):
-        dice = [r["dice"] for r in rows if r["thickness_mm"] == thickness]
+    """The table, medians and per-image figures at slab offset 0; with other offsets, their table after."""
+    first = [r for r in rows if r.get("offset", 0) == 0]
+    lines = [HEADER] + [format_row(r) for r in first]
+    for thickness in sorted({r["thickness_mm"] for r in first}):
+        dice = [r["dice"] for r in first if r["thickness_mm"] == thickness]
         lines.append(f"\nMedian Dice at {thickness} mm: {np.median(dice):.3f}")
-    lines += ["", per_image_table(rows)]
+    lines += ["", per_image_table(first)]
+    if len(first) < len(rows):
+        lines += ["", offsets_table(rows)]
     return "\n".join(lines)
+
+
+def offsets_table(rows: list[dict]) -> str:
+    """Per thickness and slab offset, each case's Dice and the median over cases; then, per thickness,
+    the mean and range of that median over the offsets: how much the figure owes to where the slab
+    boundaries happen to fall."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    lines = ["| slice thickness | offset | " + " | ".join(cases) + " | median |",
+             "|---|---|" + "---|" * len(cases) + "---|"]
+    summary = []
+    for thickness in sorted({r["thickness_mm"] for r in rows if r["thickness_mm"] > 1}):
+        medians = []
+        for offset in sorted({r.get("offset", 0) for r in rows if r["thickness_mm"] == thickness}):
+            by_case = {r["case"]: r["dice"] for r in rows if r["thickness_mm"] == thickness and r.get("offset", 0) == offset}
+            median = float(np.median(list(by_case.values())))
+            medians.append(median)
+            lines.append(f"| {thickness} mm | {offset} mm | " + " | ".join(f"{by_case.get(c, float('nan')):.3f}" for c in cases)
+                         + f" | {median:.3f} |")
+        summary.append(f"Median Dice at {thickness} mm over {len(medians)} slab offsets: mean {np.mean(medians):.3f}, "
+                       f"range {min(medians):.3f}-{max(medians):.3f}")
+    return "\n".join(lines + [""] + summary)
 
 
 def per_image_table(rows: list[dict]) -> str:
@@ -147,13 +183,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tta", action="store_true")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the models' own, as deepwml segment)")
+    parser.add_argument("--all-offsets", action="store_true",
+                        help="also every other slab offset of the thick slices (where their boundaries fall)")
     parser.add_argument("--brain-model", default="default", help="brain-mask gate: default (the shipped one), none, or a file")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     print(HEADER)
     rows = evaluate(args.model, args.thickness, args.device, tta=args.tta, brain_model=args.brain_model,
-                    threshold=args.threshold)
+                    threshold=args.threshold, all_offsets=args.all_offsets)
     text = markdown(rows)
     print(text.split("\n\n", 1)[-1] if "\n\n" in text else "")
     if args.json:
