@@ -177,6 +177,85 @@ def adapt_batch_norm(model, slices: np.ndarray, batch_size: int = 8,
     return len(layers)
 
 
+def adapt_batch_norm_one_pass(model, crops: np.ndarray) -> int:
+    """`adapt_batch_norm` in a single forward pass: all `crops` ([n, H, W]) go through the network as one
+    batch, and each batch-norm layer, just before it runs, takes the mean and variance of its input over
+    the whole batch. Layers run in order, so every layer sees the earlier ones already set: the same
+    population figures as layer by layer, at the cost of one pass instead of one per layer, and of
+    holding the whole batch's activations (meant for one scan's crops, not a cohort's)."""
+    import torch
+    from torch import nn
+
+    model.eval()
+    if crops.ndim != 3 or crops.shape[0] == 0:
+        raise DeepWMLError("adapting needs at least one slice")
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        raise DeepWMLError("the model has no batch normalisation; there are no statistics to adapt")
+
+    def set_statistics(module, inputs):
+        x = inputs[0].detach().double()
+        mean = x.mean(dim=(0, 2, 3))
+        var = torch.clamp((x * x).mean(dim=(0, 2, 3)) - mean * mean, min=0.0)
+        module.running_mean.copy_(mean.to(module.running_mean.dtype))
+        module.running_var.copy_(var.to(module.running_var.dtype))
+        if module.num_batches_tracked is not None:
+            module.num_batches_tracked.zero_()
+
+    handles = [layer.register_forward_pre_hook(set_statistics) for layer in layers]
+    try:
+        with torch.inference_mode():
+            model(torch.from_numpy(np.ascontiguousarray(crops[:, None], dtype=np.float32)))
+    finally:
+        for h in handles:
+            h.remove()
+    return len(layers)
+
+
+def adapt_to_scan(image, models, per_slice: int = 4, seed: int = 0, threshold: float = 0.5,
+                  device: str = "cpu", backend: str = "auto", precision: str = "auto") -> list:
+    """Copies of `models` (LoadedModel) with their batch-norm statistics re-estimated on this scan alone
+    (test-time AdaBN): as `deepwml adapt` on the one scan, crops drawn as each model's training drew
+    them, centred on the scan's own probable lesions (the models' averaged probability >= `threshold`
+    on the network grid). The copies live in memory (no file, so they run with PyTorch) and leave the
+    given models untouched. Experimental: see Resources/Models/README.md, session 14."""
+    import copy
+
+    from . import io
+    from .checkpoint import LoadedModel
+    from .inference import make_runner, predict_network_slices
+    from .preprocessing import plan_volume
+
+    configs = {m.preprocessing for m in models}
+    if len(configs) > 1:
+        raise DeepWMLError("the models do not share one preprocessing (grid and spacing)")
+    config = configs.pop()
+    stack, frame = io.to_axial_stack(image)
+    plan = plan_volume(stack, frame, {config})
+    if not plan.kept.size:
+        raise DeepWMLError("the scan has no slice with head in it; nothing to adapt on")
+    slices = plan.network_slices(stack, plan.kept, config).astype(np.float32, copy=False)
+    total = np.zeros(slices.shape, np.float32)
+    for loaded in models:
+        runner = make_runner(loaded, device, backend, precision)
+        total += predict_network_slices(slices, runner, runner.default_batch_size)
+    lesions = total / len(models) >= threshold
+    adapted = []
+    for loaded in models:
+        size, share = crop_settings(loaded)
+        crops = matched_crops(slices, lesions, size, per_slice, share, seed)
+        network = copy.deepcopy(loaded.model)
+        adapt_batch_norm_one_pass(network, crops)
+        provenance = dict(loaded.provenance)
+        provenance["adapted_to_scan"] = {"from_model": loaded.name, "slices": int(slices.shape[0]),
+                                         "crops": int(crops.shape[0]), "crop_size": size, "lesion_share": share}
+        copy_ = LoadedModel(loaded.config, loaded.preprocessing, loaded.threshold, loaded.labels, provenance,
+                            model=network)
+        copy_.name = f"{loaded.name} (adapted to the scan)"
+        adapted.append(copy_)
+    return adapted
+
+
 def crop_settings(loaded) -> tuple[int, float]:
     """(crop size, share of lesion-centred crops) as the model's training drew its samples: its recorded
     `patch_size` (None: whole slices) and `lesion_fraction` (None: 0.5)."""

@@ -20,6 +20,9 @@ threshold can be chosen on synthetic validation data.
 --brain-model: the brain-mask gate, as `deepwml segment` (default: the shipped one, if any; none:
 no gate; or a brain-mask model file).
 
+--adapt-to-scan: each case first re-estimates the models' batch-norm statistics on itself
+(`DeepWMLLib.adapt.adapt_to_scan`, experimental; the networks then run in PyTorch).
+
 --tta: each model is evaluated twice, without and with test-time flipping (`deepwml segment --tta`),
 reported as MODEL and MODEL@tta.
 """
@@ -37,6 +40,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from DeepWMLLib.adapt import adapt_to_scan as scan_adapted  # noqa: E402
 from DeepWMLLib.metrics import IGNORE_LABEL  # noqa: E402
 from DeepWMLLib.postprocessing import DEFAULT_MIN_LESION_MM3, postprocess  # noqa: E402
 from DeepWMLLib.segment import load_brain_model, load_models, segment_image  # noqa: E402
@@ -62,7 +66,8 @@ def case_counts(predicted: np.ndarray, mask: np.ndarray) -> tuple[float, int, in
 
 
 def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
-             thresholds: list[float] = (), brain_model: str = "default", tta: bool = False) -> dict:
+             thresholds: list[float] = (), brain_model: str = "default", tta: bool = False,
+             adapt_to_scan: bool = False) -> dict:
     assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline=""))}
     rows = [r for r in csv.DictReader(open(manifest, newline="")) if assignment.get(r["case"]) == split_name]
     if not rows:
@@ -76,7 +81,8 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
         for r in rows:
             image = sitk.ReadImage(str(manifest.parent / r["flair"]), sitk.sitkFloat32)
             mask = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / r["mask"])))
-            result = segment_image(image, loaded, device="cpu", brain_model=brain, tta=flipped)
+            networks = scan_adapted(image, loaded) if adapt_to_scan else loaded
+            result = segment_image(image, networks, device="cpu", brain_model=brain, tta=flipped)
             probabilities = sitk.GetArrayFromImage(result.probabilities)
             inside = None if result.brain is None else sitk.GetArrayFromImage(result.brain).astype(np.float32)
             voxel_mm3 = float(np.prod(image.GetSpacing()))
@@ -90,7 +96,7 @@ def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "
                 dices.append(dice)
                 counts[t] = (dices, tp + case_tp, fp + case_fp, fn + case_fn)
         dices = counts[None][0]
-        results[model + ("@tta" if flipped else "")] = {"cases": len(rows), **_summary(*counts[None]),
+        results[model + ("@tta" if flipped else "") + ("@scan" if adapt_to_scan else "")] = {"cases": len(rows), **_summary(*counts[None]),
                           "per_case": dict(zip((r["case"] for r in rows), dices)),
                           "by_threshold": {str(t): _summary(*counts[t]) for t in thresholds},
                           "brain_model": None if brain is None else brain.name}
@@ -106,10 +112,12 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="*", default=[])
     parser.add_argument("--brain-model", default="default")
     parser.add_argument("--tta", action="store_true", help="also evaluate each model with test-time flipping")
+    parser.add_argument("--adapt-to-scan", action="store_true",
+                        help="re-estimate the models' batch-norm statistics on each case first (adapt.adapt_to_scan)")
     parser.add_argument("--json")
     args = parser.parse_args()
     results = evaluate(args.manifest, args.split, args.model, args.split_name, args.thresholds, args.brain_model,
-                       args.tta)
+                       args.tta, args.adapt_to_scan)
     for model, r in results.items():
         print(f"{'+'.join(Path(m).name for m in model.split('+'))}: {r['cases']} cases, median Dice {r['median_dice']:.3f}, "
               f"mean {r['mean_dice']:.3f}, pooled {r['pooled_dice']:.3f}")
