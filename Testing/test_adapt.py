@@ -179,3 +179,38 @@ def test_matched_crops_are_drawn_as_training_draws_them():
     # no slice with lesion: every crop is placed at random, on any slice
     plain = matched_crops(slices, np.zeros_like(lesions), 32, 2, 0.5, seed=0)
     assert plain.shape == (12, 32, 32) and 0 < (plain == 100.0).any(axis=(1, 2)).sum() < 12
+
+
+def test_one_pass_statistics_equal_the_layer_by_layer_ones():
+    from DeepWMLLib.adapt import adapt_batch_norm_one_pass
+
+    slices = np.random.default_rng(2).normal(0.3, 1.2, (7, 32, 32)).astype(np.float32)
+    by_layer, one_pass = _bn_model(), _bn_model()
+    assert adapt_batch_norm(by_layer, slices, batch_size=3) == adapt_batch_norm_one_pass(one_pass, slices) == 10
+    for (k, v), (_, w) in zip(by_layer.state_dict().items(), one_pass.state_dict().items()):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
+    means = [v for k, v in one_pass.state_dict().items() if k.endswith("running_mean")]
+    assert len(means) == 10 and not any(torch.allclose(v, torch.full_like(v, 5.0)) for v in means)  # all re-set
+
+
+def test_adapting_to_a_scan_leaves_the_given_models_alone(tmp_path):
+    from DeepWMLLib.adapt import adapt_to_scan
+    from DeepWMLLib.segment import segment_image
+
+    models = [load_model(_model_file(tmp_path / "bn1.pt", 0)), load_model(_model_file(tmp_path / "bn2.pt", 1))]
+    before = [{k: v.clone() for k, v in m.model.state_dict().items()} for m in models]
+    image = sitk.ReadImage(str(_scans(tmp_path, 1)[0]), sitk.sitkFloat32)
+    adapted = adapt_to_scan(image, models, per_slice=2)
+    for m, saved, a in zip(models, before, adapted):
+        for k, v in m.model.state_dict().items():
+            assert torch.equal(v, saved[k]), f"{k} of the given model changed"
+        new = a.model.state_dict()
+        for k, v in saved.items():
+            if k.endswith("running_mean"):
+                assert not torch.allclose(new[k], v), f"{k} was not re-estimated"
+            elif "running" not in k and "num_batches" not in k:
+                assert torch.equal(new[k], v)
+        assert a.provenance["adapted_to_scan"]["crops"] == 2 * a.provenance["adapted_to_scan"]["slices"] > 0
+        assert a.threshold == m.threshold and a.preprocessing == m.preprocessing and not a.digest
+    result = segment_image(image, adapted, device="cpu", brain_model=None)  # runs in memory, on the scan's grid
+    assert result.mask.GetSize() == image.GetSize() and result.mask.GetSpacing() == image.GetSpacing()
