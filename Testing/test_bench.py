@@ -33,6 +33,11 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     assert 0 <= result["mask_dice_b_vs_a"] <= 1
     assert result["e_peak_rss_mb"] < 4000
     assert "start-up floor" in format_table(result)
+    # the floor with the networks loaded and run once, and the lowest c/b it leaves for one fresh case
+    ready = result["startup_floor_networks_ready_s"]
+    assert ready > 0 and "with the networks ready" in format_table(result)
+    lowest = result["c_over_b_lowest_possible"]  # from times before rounding, as c/b above
+    assert (b + ready - 0.001) / (b + 0.0005) - 0.01 <= lowest <= (b + ready + 0.001) / max(b - 0.0005, 1e-9) + 0.01
     assert result["brain_model"] is None and len(result["gflop_per_slice_each"]) == 1
 
     # With a brain-mask network (on a coarser grid), every timing runs both networks.
