@@ -15,8 +15,10 @@ when a brain-mask network is used (the shipped one by default), (a), (b) and (c)
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
 takes only to import numpy and the runtime (and SimpleITK, for inputs other than NIfTI) and exit,
 which (c) cannot go below (OpenVINO imported as the command line imports it: through DeepWML's
-inference module, without OpenVINO's model converter). a, b, c and the floor take turns in each repetition; medians are
-reported. Prints a table and writes JSON.
+inference module, without OpenVINO's model converter); and that floor with the networks ready (the same
+process also loads every network as `segment` does and runs each once on a blank slice): with (b), the
+lowest c/b any fresh process could reach for one case. a, b, c and the floors take turns in each
+repetition; medians are reported. Prints a table and writes JSON.
 
 Before timing (c), DeepWML's own bytecode cache is written (`compileall`), as the first import does
 on an ordinary machine and `pip install` does for a regular install. Where Python is told never to
