@@ -44,20 +44,30 @@ class _Stop(Exception):
     """Raised inside a forward pass once the layer being measured has been reached."""
 
 
+def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
+    """The image's slices with head, as the network sees them ([n, H, W] float32), and its slice count."""
+    from . import io
+    from .preprocessing import plan_volume
+
+    stack, frame = io.to_axial_stack(image)
+    plan = plan_volume(stack, frame, {preprocessing})
+    if not plan.kept.size:
+        return np.zeros((0, *preprocessing.grid_size), np.float32), int(stack.shape[0])
+    return plan.network_slices(stack, plan.kept, preprocessing).astype(np.float32, copy=False), int(stack.shape[0])
+
+
 def network_slices(paths: Sequence[str | Path], preprocessing) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts."""
     from . import io
-    from .preprocessing import plan_volume
 
     chunks, facts = [], []
     for path in paths:
         image = io.read_image(path)
         io.check_volume(image)
-        stack, frame = io.to_axial_stack(image)
-        plan = plan_volume(stack, frame, {preprocessing})
-        if plan.kept.size:
-            chunks.append(plan.network_slices(stack, plan.kept, preprocessing).astype(np.float32, copy=False))
-        facts.append({"scan": Path(path).name, "slices": int(plan.kept.size), "of": int(stack.shape[0])})
+        slices, total = _head_slices(image, preprocessing)
+        if slices.shape[0]:
+            chunks.append(slices)
+        facts.append({"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total})
     if not chunks:
         raise DeepWMLError("none of the scans has a slice with head in it; nothing to adapt on")
     return np.concatenate(chunks), facts
@@ -221,20 +231,16 @@ def adapt_to_scan(image, models, per_slice: int = 4, seed: int = 0, threshold: f
     given models untouched. Experimental: see Resources/Models/README.md, session 14."""
     import copy
 
-    from . import io
     from .checkpoint import LoadedModel
     from .inference import make_runner, predict_network_slices
-    from .preprocessing import plan_volume
 
     configs = {m.preprocessing for m in models}
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing)")
     config = configs.pop()
-    stack, frame = io.to_axial_stack(image)
-    plan = plan_volume(stack, frame, {config})
-    if not plan.kept.size:
+    slices, _ = _head_slices(image, config)
+    if not slices.shape[0]:
         raise DeepWMLError("the scan has no slice with head in it; nothing to adapt on")
-    slices = plan.network_slices(stack, plan.kept, config).astype(np.float32, copy=False)
     total = np.zeros(slices.shape, np.float32)
     for loaded in models:
         runner = make_runner(loaded, device, backend, precision)
