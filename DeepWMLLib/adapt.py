@@ -335,6 +335,29 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     return summaries
 
 
+class StageProgress:
+    """Progress of `deepwml adapt` on a stream: one line rewritten in place on a terminal; in a log (not
+    a terminal), a plain line per quarter of each stage, so that logs stay short and readable."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._stage, self._quarter = None, -1
+
+    def __call__(self, name: str, k: int, n: int) -> None:
+        what = name if name.startswith("finding") else f"{name}: batch-norm layer"
+        if self.tty:
+            self.stream.write(f"\r{what} {k}/{n}" + ("\n" if k >= n else ""))
+        else:
+            if what != self._stage:
+                self._stage, self._quarter = what, -1
+            quarter = 4 * k // max(n, 1)
+            if quarter > self._quarter and (quarter > 0 or k >= n):
+                self._quarter = quarter
+                self.stream.write(f"{what} {k}/{n}\n")
+        self.stream.flush()
+
+
 def register(subparsers) -> None:
     from .cli import add_debug_flag
 
@@ -386,9 +409,7 @@ def _run(args) -> int:
     except OSError as exc:
         raise DeepWMLError(f"cannot create output folder {out_dir} ({exc.strerror})") from exc
 
-    def progress(name: str, k: int, n: int) -> None:
-        what = name if name.startswith("finding") else f"{name}: batch-norm layer"
-        print(f"\r{what} {k}/{n}", end="" if k < n else "\n", file=sys.stderr, flush=True)
+    progress = StageProgress(sys.stderr)
 
     scans = [path for _, path in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
     summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,

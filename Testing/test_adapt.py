@@ -214,3 +214,33 @@ def test_adapting_to_a_scan_leaves_the_given_models_alone(tmp_path):
         assert a.threshold == m.threshold and a.preprocessing == m.preprocessing and not a.digest
     result = segment_image(image, adapted, device="cpu", brain_model=None)  # runs in memory, on the scan's grid
     assert result.mask.GetSize() == image.GetSize() and result.mask.GetSpacing() == image.GetSpacing()
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_a_line_in_place_on_a_terminal_and_a_few_plain_lines_in_a_log():
+    from DeepWMLLib.adapt import StageProgress
+
+    log, tty = _Stream(False), _Stream(True)
+    for stream in (log, tty):
+        progress = StageProgress(stream)
+        for k in range(1, 101):
+            progress("finding lesions with m.pt", k, 100)
+        for k in range(1, 19):
+            progress("m.pt", k, 18)
+    lines = log.text.splitlines()
+    assert "\r" not in log.text and len(lines) == 8  # a quarter at a time, each stage ending on its total
+    assert lines[3] == "finding lesions with m.pt 100/100" and lines[-1] == "m.pt: batch-norm layer 18/18"
+    assert tty.text.count("\r") == 118 and tty.text.count("\n") == 2
