@@ -352,7 +352,7 @@ class StageProgress:
             if what != self._stage:
                 self._stage, self._quarter = what, -1
             quarter = 4 * k // max(n, 1)
-            if quarter > self._quarter and (quarter > 0 or k >= n):
+            if quarter > max(self._quarter, 0):  # the first line at a quarter done
                 self._quarter = quarter
                 self.stream.write(f"{what} {k}/{n}\n")
         self.stream.flush()

@@ -63,7 +63,6 @@ def minimise_entropy(model, crops: np.ndarray, epochs: int = 1, lr: float = 1e-3
     predictions on `crops` ([n, H, W]) have less entropy; returns the mean entropy of each epoch."""
     import torch
 
-    torch.manual_seed(seed)
     model.eval()
     params = affine_parameters(model)
     if not params:
