@@ -64,16 +64,15 @@ class DeepWMLParameterNode:
     tta: bool = False
     brainMask: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
-    referenceSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    raterB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    referenceSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
+    raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
+    raterB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
     consensusThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_CONSENSUS_THRESHOLD
 
 
 class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
+        # set before the base __init__, which calls setup() at once when there is no parent
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -81,6 +80,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._results = {}
         self._tableSlices = []
         self._deviceNoteFor = None
+        VTKObservationMixin.__init__(self)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -139,9 +140,11 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            # GetFirstNodeByClass would also return labelmaps and vector volumes, which the selector hides
+            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                    self._parameterNode.inputVolume = node
+                    break
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:

@@ -359,7 +359,7 @@ class StageProgress:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import add_debug_flag, positive_int
 
     p = subparsers.add_parser(
         "adapt", help="fit a model's batch-norm statistics to your own unlabelled scans (AdaBN)",
@@ -380,8 +380,8 @@ def register(subparsers) -> None:
     p.add_argument("--crops-per-slice", type=int, default=4, help="crops drawn per head slice (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crop draw (default 0)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16, half the size)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_debug_flag(p)
     p.set_defaults(func=_run)
@@ -390,10 +390,9 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     import torch
 
+    from . import io
     from .segment import default_model_paths, expand_inputs
 
-    if args.batch_size < 1:
-        raise DeepWMLError("--batch-size must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = list(args.model or default_model_paths())
@@ -404,10 +403,7 @@ def _run(args) -> int:
     existing = [str(o) for o in outputs if o.exists()]
     if existing and not args.overwrite:
         raise DeepWMLError(f"{', '.join(existing)} already exist(s); use --overwrite to replace")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DeepWMLError(f"cannot create output folder {out_dir} ({exc.strerror})") from exc
+    io.make_output_dir(out_dir)
 
     progress = StageProgress(sys.stderr)
 

@@ -317,15 +317,15 @@ def format_table(r: dict) -> str:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import add_debug_flag, positive_int
 
     p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else synthetic)")
     p.add_argument("--model", nargs="+", help="model file(s) (default: the shipped default model)")
     p.add_argument("--slices", type=int, default=25, help="central axial slices to keep (default 25; 0 = all)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively)")
@@ -339,6 +339,8 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from . import io
 
+    if args.json:
+        io.check_output_file(args.json)  # before minutes of timing, not after
     brain = None if args.no_brain_mask else (args.brain_model or "default")
     result = run_benchmark(args.input, args.model, args.slices, args.repeat, args.threads, args.backend, brain,
                            args.precision)

@@ -128,7 +128,8 @@ def load_payload(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); download or copy it again") from exc
+        raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); "
+                           "check that it is the .pt file you meant, or copy it again if it was cut short") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DeepWMLError(f"{p} is not a DeepWML model file (no '{FORMAT}' header)")
     version = payload.get("format_version")

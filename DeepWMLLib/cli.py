@@ -13,10 +13,11 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from . import __version__
-from .errors import Cancelled, DeepWMLError
+from .errors import Cancelled, DeepWMLError, UsageError
 
 _COMMAND_MODULES = {
     "segment": "DeepWMLLib.segment",
@@ -51,6 +52,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
@@ -62,8 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    shown = warnings.showwarning
+    if not getattr(args, "debug", False):  # a warning is one line too (--debug: where it came from)
+        def one_line(message, category, filename, lineno, file=None, line=None):
+            print(f"deepwml {args.command}: warning: {message}", file=file or sys.stderr)
+
+        warnings.showwarning = one_line
     try:
         return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"deepwml {args.command}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
+        return 2
     except DeepWMLError as exc:
         if getattr(args, "debug", False):
             raise
@@ -81,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deepwml {args.command}: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
 
 
 # Commands that only read and write files: after their outputs are closed, the process ends at once

@@ -22,8 +22,8 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io
-from .errors import Cancelled, DeepWMLError
-from .evaluation import case_error, make_output_dir, read_manifest, report_failed_cases, write_csv, write_json
+from .errors import Cancelled, DeepWMLError, UsageError
+from .evaluation import case_error, read_manifest, report_failed_cases, write_csv, write_json
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -114,13 +114,16 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     """
     _check_threshold(threshold)
     entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), path_columns=("rater_a", "rater_b"))
-    out = make_output_dir(out_dir)
+    out = io.make_output_dir(out_dir)
     rows, details = [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
         row = {"case": entry["case"], "rater_a": entry["rater_a"], "rater_b": entry["rater_b"], "threshold": threshold}
         try:
+            missing = [entry[k] for k in ("rater_a", "rater_b") if not Path(entry[k]).exists()]
+            if missing:  # both named when both are missing, not only the first one read
+                raise DeepWMLError(f"{' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist")
             mask_b = io.read_mask(entry["rater_b"])
             result = consensus_check(io.read_mask(entry["rater_a"]), mask_b, threshold)
         except Cancelled:
@@ -151,17 +154,17 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import add_debug_flag, unit_interval
 
     parser = subparsers.add_parser(
         "consensus", help="check two raters' masks agree (Dice >= 0.85), one pair or a cohort",
         description="One pair: RATER_A RATER_B prints the Dice, PASS or FAIL, the slices where the raters disagree "
                     "most and lesions drawn by one rater only. A cohort: --manifest CSV (columns case, rater_a, "
-                    "rater_b) and -o OUTDIR, which receives consensus.csv and relabel.txt. The exit status is 0 "
+                    "rater_b) and -o OUTDIR, which receives consensus.csv, relabel.txt and consensus.json. The exit status is 0 "
                     "whatever the verdict, non-zero only when a file cannot be read or compared.")
     parser.add_argument("rater_a", nargs="?", metavar="RATER_A", help="mask of the first rater")
     parser.add_argument("rater_b", nargs="?", metavar="RATER_B", help="mask of the second rater")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+    parser.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD,
                         help="Dice at or above which the masks are accepted (default %(default)s)")
     parser.add_argument("--json", help="write the full result of one pair to this JSON file")
     parser.add_argument("--manifest", help="cohort CSV with columns case, rater_a, rater_b")
@@ -174,9 +177,9 @@ def run(args) -> int:
     _check_threshold(args.threshold)
     if args.manifest:
         if args.rater_a or args.rater_b or args.json:
-            raise DeepWMLError("--manifest checks a cohort; leave out RATER_A, RATER_B and --json")
+            raise UsageError("--manifest checks a cohort; leave out RATER_A, RATER_B and --json")
         if not args.output:
-            raise DeepWMLError("--manifest needs -o OUTDIR, the folder that receives consensus.csv")
+            raise UsageError("--manifest needs -o OUTDIR, the folder that receives consensus.csv")
         summary = consensus_cohort(args.manifest, args.output, args.threshold,
                                    progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
                                                                             file=sys.stderr))
@@ -187,9 +190,9 @@ def run(args) -> int:
         print(f"results: {Path(args.output) / 'consensus.csv'}")
         return report_failed_cases(summary["failed"], "could not be checked")
     if not (args.rater_a and args.rater_b):
-        raise DeepWMLError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
+        raise UsageError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:
-        raise DeepWMLError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
+        raise UsageError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
     result = consensus_check(io.read_mask(args.rater_a), io.read_mask(args.rater_b), args.threshold)
     print(format_check(result))
     if args.json:

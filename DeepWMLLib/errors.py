@@ -8,5 +8,9 @@ class DeepWMLError(Exception):
     """
 
 
+class UsageError(DeepWMLError):
+    """Options that cannot go together, or a missing one: the command line exits 2, as argparse does."""
+
+
 class Cancelled(Exception):
     """Raised when a cancel check returns True during a long operation."""

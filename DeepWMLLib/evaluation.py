@@ -38,7 +38,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io, metrics
-from .errors import Cancelled, DeepWMLError
+from .errors import Cancelled, DeepWMLError, UsageError
 
 ALPHA = 0.05
 MIN_GROUP_SIZE = 3  # fewer values than this and a group is left out of the tests (and said so)
@@ -124,15 +124,6 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
             if row.get(column):
                 row[column] = str((path.parent / row[column]).resolve())
     return rows
-
-
-def make_output_dir(out_dir: str | os.PathLike) -> Path:
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DeepWMLError(f"cannot create output folder {out} ({exc.strerror}); choose another -o") from exc
-    return out
 
 
 def report_failed_cases(failed: list[dict], verb: str) -> int:
@@ -484,7 +475,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     size_classes = size_classes or metrics.SizeClasses()
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities"),
                             path_columns=("prediction", "reference", "probabilities"))
-    out = make_output_dir(out_dir)
+    out = io.make_output_dir(out_dir)
     case_rows, image_rows, failed = [], [], []
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
@@ -584,10 +575,10 @@ def run(args) -> int:
     size_classes = size_classes_from_args(args)
     if args.manifest:
         if args.prediction or args.reference or args.probabilities or args.json:
-            raise DeepWMLError("--manifest evaluates a cohort; leave out --prediction, --reference, --probabilities "
-                               "and --json (each case's results go to the -o folder)")
+            raise UsageError("--manifest evaluates a cohort; leave out --prediction, --reference, --probabilities "
+                             "and --json (each case's results go to the -o folder)")
         if not args.output:
-            raise DeepWMLError("--manifest needs -o OUTDIR, the folder that receives the report")
+            raise UsageError("--manifest needs -o OUTDIR, the folder that receives the report")
         summary = evaluate_cohort(args.manifest, args.output, args.found_fraction, size_classes,
                                   progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
                                                                            file=sys.stderr))
@@ -598,9 +589,9 @@ def run(args) -> int:
         print(f"report: {Path(args.output) / 'report.md'}")
         return report_failed_cases(summary["failed"], "failed")
     if not (args.prediction and args.reference):
-        raise DeepWMLError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
+        raise UsageError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
     if args.output:
-        raise DeepWMLError("-o is for --manifest cohorts; use --json FILE to save one case's metrics")
+        raise UsageError("-o is for --manifest cohorts; use --json FILE to save one case's metrics")
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
     print(format_case(result))
     if args.json:

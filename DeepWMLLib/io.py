@@ -266,7 +266,31 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
         raise DeepWMLError(f"{name} is constant (every voxel is {lo:g}); it holds no image — check the export")
+    labels = _few_values(array)
+    if labels is not None:
+        shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if len(labels) > 6 else "")
+        raise DeepWMLError(f"{name} holds only {len(labels)} distinct values ({shown}): it looks like a label mask or "
+                           "segmentation, not a FLAIR scan; give the FLAIR image")
     return image
+
+
+MAX_LABEL_VALUES = 16  # a label map has a handful of values; a real FLAIR has hundreds or thousands
+
+
+def _few_values(array: np.ndarray) -> np.ndarray | None:
+    """The distinct values when there are at most MAX_LABEL_VALUES of them (a label map), else None.
+
+    A strided sample decides first, so a real scan costs a few milliseconds; only a sample with few
+    values gets the whole volume checked."""
+    def distinct(values: np.ndarray) -> np.ndarray:  # np.unique would import numpy.ma (20 ms of start-up)
+        values = np.sort(values)
+        return values[np.concatenate(([True], values[1:] != values[:-1]))]
+
+    flat = array.reshape(-1)
+    if len(distinct(flat[:: max(1, flat.size // 200_000)])) > MAX_LABEL_VALUES:
+        return None
+    values = distinct(flat)
+    return values if len(values) <= MAX_LABEL_VALUES else None
 
 
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:
@@ -336,14 +360,36 @@ def _extension(path: Path) -> str:
     return path.suffix
 
 
+def make_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create an output folder (and its parents) or raise a one-line DeepWMLError saying why not."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "a file of that name exists" if out.exists() and not out.is_dir() else exc.strerror
+        raise DeepWMLError(f"cannot create output folder {out} ({reason}); choose another") from exc
+    if not os.access(out, os.W_OK):
+        raise DeepWMLError(f"output folder {out} is not writable; choose another")
+    return out
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail early, before long work, when `path` could not be written: its folder missing or not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise DeepWMLError(f"{path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist; create it first"
+        raise DeepWMLError(f"output folder {path.parent} {what}")
+    return path
+
+
 def write_atomically(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` on a temporary name next to `path`, then rename it into place.
 
     A crash, a full disk or a read-only folder never leaves a partial file under the final name.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise DeepWMLError(f"output folder {path.parent} does not exist; create it first")
+    path = check_output_file(path)
     try:
         tmp = _temporary_sibling(path)
     except OSError as exc:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from . import io
-from .errors import DeepWMLError
+from .errors import DeepWMLError, UsageError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -242,13 +242,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,
                   device: str = "auto", progress_factory=None, debug: bool = False, **options) -> list[dict]:
     """Run every case; a failing case is recorded (status error) and the others still run."""
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DeepWMLError(f"cannot create output folder {out} ({exc.strerror})") from exc
-    if not os.access(out, os.W_OK):
-        raise DeepWMLError(f"output folder {out} is not writable; choose another with -o")
+    out = io.make_output_dir(out_dir)
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     cases = expand_inputs(inputs)
@@ -333,13 +327,13 @@ def _probability(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import add_debug_flag, non_negative_float, positive_int
 
     p = subparsers.add_parser(
         "segment", help="segment WMH in FLAIR volumes",
-        description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, .nrrd, .mha, .mhd), "
+        description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), "
                     "a DICOM series folder, or a folder of image files (each a case).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "
                    "Default: the shipped default model")
@@ -348,7 +342,7 @@ def register(subparsers) -> None:
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.nii.gz")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them, skip the case)")
-    p.add_argument("--min-lesion-mm3", type=float, default=None,
+    p.add_argument("--min-lesion-mm3", type=non_negative_float, default=None,
                    help="remove 3D lesions smaller than this (default 5 mm³; 0 keeps all)")
     p.add_argument("--exclude-edge-slices", type=_fraction, default=0.0, metavar="FRACTION",
                    help="clear detections in the first/last FRACTION of axial slices (default 0: off)")
@@ -356,7 +350,7 @@ def register(subparsers) -> None:
                    "its intracranial mask are dropped (default: the shipped brain-mask model)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
     p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="slices per network batch (default: 1 with OpenVINO or ONNX Runtime on the CPU, 4 with PyTorch on the CPU, 16 on a GPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"),
                    help="auto: on the CPU OpenVINO when installed, else ONNX Runtime, else PyTorch")
@@ -369,8 +363,14 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    if not args.inputs:
+        hint = (f"; --model takes every file after it, so it took {args.model[-1]}: put INPUT before --model"
+                if args.model else "")
+        raise UsageError(f"no INPUT given{hint}")
     if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
-        raise DeepWMLError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
+        raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
+    if args.precision == "bf16" and args.backend == "onnx":
+        raise UsageError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
     rows = segment_cases(
         args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(), debug=args.debug,
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,

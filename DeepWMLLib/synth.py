@@ -50,6 +50,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import Cancelled, DeepWMLError
+from . import io
 from .io import shared_data_dir, write_image, write_text
 
 # The labelled open MS cases are the project's evaluation set: their lesion shapes never go into
@@ -787,9 +788,8 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
     _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics)
+    out = io.make_output_dir(out_dir)
     _require_shared_dir()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
                "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
@@ -832,7 +832,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
 # Command line.
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import add_debug_flag, positive_int
 
     parser = subparsers.add_parser(
         "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
@@ -841,7 +841,7 @@ def register(subparsers) -> None:
     parser.add_argument("-n", "--cases", type=int, required=True, help="number of cases")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
-    parser.add_argument("-j", "--workers", type=int, default=1, help="parallel processes")
+    parser.add_argument("-j", "--workers", type=positive_int, default=1, help="parallel processes")
     parser.add_argument("--matrix", type=int, help="in-plane matrix for every case (default: per "
                         "simulated scanner, 256-512)")
     parser.add_argument("--thickness", type=float, help="slice thickness in mm for every case "

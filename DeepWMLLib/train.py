@@ -794,6 +794,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     if missing and not cfg.skip_bad_cases:
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
                            "fix the paths or pass --skip-bad-cases")
+    if cfg.init:
+        _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -985,8 +987,8 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     return best_file
 
 
-def _initialise_from(model, cfg: TrainConfig) -> None:
-    """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning)."""
+def _init_source(cfg: TrainConfig):
+    """The model file `cfg.init`, loaded, or a DeepWMLError when it is missing or of another architecture."""
     from .checkpoint import load_model
 
     if not Path(cfg.init).is_file():
@@ -995,6 +997,12 @@ def _initialise_from(model, cfg: TrainConfig) -> None:
     if source.config != cfg.architecture:
         raise DeepWMLError(f"--init {cfg.init} has architecture {source.config}, but this run asks for "
                            f"{cfg.architecture}; give the same --base-channels/--depth/--batch-norm")
+    return source
+
+
+def _initialise_from(model, cfg: TrainConfig) -> None:
+    """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning)."""
+    source = _init_source(cfg)
     if source.preprocessing.to_dict() != cfg.preprocessing:
         log.warning("--init %s was trained with preprocessing %s; this run uses %s", cfg.init,
                     source.preprocessing.to_dict(), cfg.preprocessing)

@@ -88,7 +88,7 @@ def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model, 
     assert load_brain_model(None) is None
     path, _ = two_lesion_case(tmp_path)
     assert main(["segment", str(path), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
-                 "--no-brain-mask", "--save-brain-mask"]) == 1
+                 "--no-brain-mask", "--save-brain-mask"]) == 2  # a usage error
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

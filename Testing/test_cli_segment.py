@@ -435,3 +435,22 @@ def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_mode
     assert inference.TorchRunner(loaded, "cpu").name == "torch"
     with pytest.raises(DeepWMLError, match="native bf16"):
         inference.TorchRunner(loaded, "cpu", "bf16")
+
+
+def test_warnings_are_one_line(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    from DeepWMLLib import segment
+
+    def warn_and_finish(*args, **kwargs):
+        warnings.warn("background left out: a test warning", stacklevel=2)
+        return []
+
+    monkeypatch.setattr(segment, "segment_cases", warn_and_finish)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        assert main(["segment", "x.nii.gz", "-o", str(tmp_path / "o")]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == "deepwml segment: warning: background left out: a test warning"
+        assert warnings.showwarning is before  # the library's callers keep their own warning display

@@ -95,14 +95,17 @@ def test_cli_prints_the_verdict_and_exits_zero_on_fail(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["consensus", "nowhere_a.nii.gz", "nowhere_b.nii.gz"], "does not exist"),
-    (["consensus", "a", "b", "--threshold", "85"], "between 0 and 1"),
-    (["consensus", "only_one.nii.gz"], "give two masks"),
-    (["consensus", "--manifest", "raters.csv"], "needs -o OUTDIR"),
+@pytest.mark.parametrize("args, message, code", [
+    (["consensus", "nowhere_a.nii.gz", "nowhere_b.nii.gz"], "does not exist", 1),
+    (["consensus", "a", "b", "--threshold", "85"], "between 0 and 1", 2),  # usage errors exit 2
+    (["consensus", "only_one.nii.gz"], "give two masks", 2),
+    (["consensus", "--manifest", "raters.csv"], "needs -o OUTDIR", 2),
 ])
-def test_cli_errors_exit_non_zero_with_one_line(capsys, args, message):
-    assert main(args) == 1
+def test_cli_errors_exit_non_zero_with_one_line(capsys, args, message, code):
+    try:
+        assert main(args) == code
+    except SystemExit as exc:  # argparse's own
+        assert exc.code == code
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -115,7 +118,8 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
         "case,rater_a,rater_b\n"
         "agree,b.nii.gz,b.nii.gz\n"
         "disagree,a.nii.gz,b.nii.gz\n"
-        "broken,a.nii.gz,missing.nii.gz\n")
+        "broken,a.nii.gz,missing.nii.gz\n"
+        "both,gone_a.nii.gz,gone_b.nii.gz\n")
     out = tmp_path / "out"
     assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(out)]) == 1
     assert "broken" in capsys.readouterr().err
@@ -124,6 +128,7 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
     assert rows["agree"]["passed"] == "True" and rows["disagree"]["passed"] == "False"
     assert rows["disagree"]["n_unmatched_lesions_a"] == "1" and rows["disagree"]["worst_slice"] == "3"
     assert "does not exist" in rows["broken"]["error"] and rows["broken"]["dice"] == ""
+    assert "gone_a.nii.gz and " in rows["both"]["error"] and "gone_b.nii.gz do not exist" in rows["both"]["error"]
     assert (out / "relabel.txt").read_text() == "disagree\n"
     details = json.loads((out / "consensus.json").read_text(encoding="utf-8"))
     assert details["relabel"] == ["disagree"] and details["failed"][0]["case"] == "broken"

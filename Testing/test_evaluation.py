@@ -211,7 +211,7 @@ def test_bad_manifests_give_one_line_errors(tmp_path, capsys, content, message):
     (["evaluate", "--manifest", "m.csv", "-o", "o", "--prediction", "p.nii.gz"], "leave out --prediction"),
 ])
 def test_wrong_argument_combinations_say_what_to_do(capsys, args, message):
-    assert main(args) == 1
+    assert main(args) == 2  # usage errors exit 2, as argparse's own do
     assert message in capsys.readouterr().err
 
 

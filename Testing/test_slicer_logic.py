@@ -130,6 +130,21 @@ def test_compare_matches_deepwmllib_on_the_same_masks_and_accepts_labelmaps(scen
     assert DeepWMLCoreLogic().compareSegmentations(prediction, labelmap)["dice"] == pytest.approx(expected["dice"])
 
 
+def test_comparing_leaves_no_node_behind(scene):
+    # exporting a segment without a colour table makes Slicer add "<segmentation>_ColorTable" each time
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    prediction = mrml.segmentationFromMask(sitk.BinaryDilate(truth, [1, 1, 0]), volume, name="DeepWML")
+    reference = mrml.segmentationFromMask(truth, volume, name="manual")
+    before = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    logic = DeepWMLCoreLogic()
+    for _ in range(3):
+        logic.compareSegmentations(prediction, reference, volume)
+        logic.consensusCheck(prediction, reference, referenceVolumeNode=volume)
+    after = sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+    assert after == before
+
+
 def test_consensus_check_pass_fail_threshold_and_discordant_slices(scene):
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

@@ -43,9 +43,9 @@ def test_the_modules_self_test_runs_the_shipped_default_model(module):
 def widget(module, scene, monkeypatch):
     flair, truth = make_volume(direction=rotation(0.15, 0.0, -0.3), spacing=(0.9, 0.9, 5.0),
                                blobs=((0.3, 0.6, 0.5, 6.0),))
+    mrml.volumeFromImage(flair > 1e9, "a labelmap first", "vtkMRMLLabelMapVolumeNode")  # the selector hides it
     volume = mrml.volumeFromImage(flair, "FLAIR")
-    widget = module.DeepWMLWidget()
-    widget.setup()
+    widget = module.DeepWMLWidget()  # no parent: set up at once, as Slicer does
     widget.truth, widget.volume = truth, volume
     yield widget
     widget.cleanup()  # as Slicer does when the module is closed: observers off, job cancelled
@@ -64,7 +64,10 @@ def finishJob(widget) -> None:
 
 def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
     ui, p = widget.ui, widget._parameterNode
-    assert p.inputVolume is widget.volume  # the first volume in the scene is preselected
+    assert p.inputVolume is widget.volume  # the first scalar volume in the scene (not a labelmap) is preselected
+    assert widget.logic is not None and widget.ui.applyButton is not None
+    p.referenceSegmentation = None  # a selector set back to "None" (Slicer refuses this for a Union without None)
+    p.raterA = p.raterB = None
     shipped = widget.logic.shippedModels()
     names = [m["name"] for m in shipped]
     listed = [name for name in ui.modelComboBox.items[:-1] if name != widget.logic.defaultEnsembleChoice()]

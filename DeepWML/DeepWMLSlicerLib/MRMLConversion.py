@@ -154,6 +154,7 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
     ids = segmentIds(segmentationNode, segmentId)
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DeepWML export")
     labelmap.SetHideFromEditors(True)
+    colorsBefore = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorNode")}
     try:
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
             segmentationNode, _stringArray(ids), labelmap, referenceVolumeNode)
@@ -166,7 +167,12 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
         # The exporter puts the labelmap on the reference's own IJK grid and under its transform.
         mask = imageFromVolume(labelmap)
     finally:
+        # without a colour table the exporter adds a new one ("<segmentation>_ColorTable") to the scene
+        display = labelmap.GetDisplayNode()
+        colors = display.GetColorNode() if display is not None else None
         removeNode(labelmap)
+        if colors is not None and colors.GetID() not in colorsBefore:
+            removeNode(colors)
     return sitk.Cast(mask > 0, sitk.sitkUInt8)
 
 

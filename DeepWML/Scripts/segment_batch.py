@@ -151,6 +151,9 @@ if __name__ == "__main__":
         status = main(sys.argv[1:])
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         status = exc.code
+    except Exception as exc:  # e.g. summary.csv cannot be written: say so, and still leave Slicer below
+        print(f"segment_batch: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        status = 1
     if hasattr(slicer, "app"):
         slicer.util.exit(status)  # leaves Slicer's event loop with this status
     else:

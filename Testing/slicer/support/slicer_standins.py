@@ -222,6 +222,8 @@ class ScriptedLoadableModuleWidget:
         self.parent = parent or types.SimpleNamespace(isEntered=True)
         self.moduleName = type(self).__name__[: -len("Widget")]
         self.layout = Layout()
+        if not parent:  # as Slicer's: a widget made without a parent (console, tests) is set up at once
+            self.setup()
 
     def setup(self) -> None:
         pass
@@ -263,12 +265,19 @@ class WithinRange:
         self.minimum, self.maximum = minimum, maximum
 
 
+class _NoNone:
+    """Marks a Union without None: real Slicer's UnionSerializer cannot write None for it (a TypeError
+    when the wrapper writes its default, or when a selector is set back to None)."""
+
+
 def baseType(annotation):
     """(type, annotations) of a possibly Annotated type; a Union of nodes becomes vtkMRMLNode."""
     extras = ()
     if typing.get_origin(annotation) is typing.Annotated:
         annotation, *extras = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Union:
+        if type(None) not in typing.get_args(annotation):
+            extras = (*extras, _NoNone())
         annotation = slicer.vtkMRMLNode
     return annotation, tuple(extras)
 
@@ -307,6 +316,8 @@ def parameterNodeWrapper(cls):
             for extra in extras:
                 if isinstance(extra, Choice) and value not in extra.choices:
                     raise ValueError(f"{value!r} is not one of {extra.choices}")
+                if isinstance(extra, _NoNone) and value is None:
+                    raise TypeError(f"Unable to write value 'None' of parameter {name}: its Union has no None")
             if issubclass(kind, slicer.vtkMRMLNode):
                 self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
             else:
