@@ -77,6 +77,27 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+OUTPUT_FORMATS = ("same", "nii.gz", "nrrd", "mha")
+
+
+def output_extension(input_path: str | os.PathLike, output_format: str = "same") -> str:
+    """The extension of the image outputs for an input: `output_format`, or with "same" the input's
+    own format (.nii.gz for NIfTI, .nrrd for NRRD, .mha for MetaImage) and .nrrd for a DICOM series.
+    NIfTI keeps the origin and directions in single precision, so a mask written as NIfTI for an input
+    read in double precision (NRRD, MetaImage, DICOM) sits a few micrometres off the input's grid,
+    enough for SimpleITK to call them different spaces; in its own format the grid is exact."""
+    if output_format not in OUTPUT_FORMATS:
+        raise DeepWMLError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format != "same":
+        return "." + output_format
+    name = Path(input_path).name.lower()
+    if is_nifti(name):
+        return ".nii.gz"
+    if name.endswith((".mha", ".mhd")):
+        return ".mha"
+    return ".nrrd"
+
+
 def _dicom_series(folder: Path) -> tuple:
     """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr."""
     import SimpleITK as sitk
@@ -296,7 +317,8 @@ def _few_values(array: np.ndarray) -> np.ndarray | None:
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
-    With `reference`, the mask must lie on the reference's grid (see `check_same_grid`).
+    With `reference`, the mask must lie on the reference's grid (see `check_same_grid`); a mask that
+    stores the same grid in another voxel order is reordered onto it (`align_voxel_order`).
     """
     import SimpleITK as sitk
 
@@ -309,6 +331,7 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
         )
     mask = sitk.Cast(image, sitk.sitkUInt8)
     if reference is not None:
+        mask = align_voxel_order(mask, reference)
         check_same_grid(mask, reference, str(path), "the image it is compared with")
     return mask
 
@@ -330,6 +353,19 @@ def grid_difference(a: sitk.Image, b: sitk.Image) -> str | None:
     if np.abs(da - db).max() > _DIRECTION_TOL:
         return f"direction {tuple(np.round(da, 4))} vs {tuple(np.round(db, 4))}"
     return None
+
+
+def align_voxel_order(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """`image` with its voxel axes permuted and flipped onto the reference's when that puts it on the
+    reference's grid (the same voxels stored in another order, e.g. LPS against RAS, or sagittal
+    slices first); nothing is interpolated. Otherwise `image` itself, for `check_same_grid` to judge."""
+    if grid_difference(image, reference) is None or image.GetDimension() != 3 or reference.GetDimension() != 3:
+        return image
+    import SimpleITK as sitk
+
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
+    reordered = sitk.DICOMOrient(image.to_sitk() if isinstance(image, Volume) else image, orientation)
+    return reordered if grid_difference(reordered, reference) is None else image
 
 
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:
@@ -543,11 +579,15 @@ def axial_axis(image: sitk.Image) -> int:
 
 
 def acquisition_axis(image: sitk.Image) -> int:
-    """The thick (acquisition) axis; for (near-)isotropic volumes, the axial axis."""
+    """The slice (acquisition) axis: the axis whose spacing stands apart from the other two, which is
+    the thickest for a thick-slice scan (0.9 x 0.9 x 5 mm) and the thinnest for slices thinner than
+    their pixels (1 x 1 x 0.8 mm); for (near-)isotropic volumes, the axial axis."""
     spacing = np.array(image.GetSpacing())
-    if spacing.max() > 1.2 * spacing.min():
-        return int(np.argmax(spacing))
-    return axial_axis(image)
+    if spacing.max() <= 1.2 * spacing.min():
+        return axial_axis(image)
+    order = np.argsort(spacing, kind="stable")
+    thin, middle, thick = spacing[order]
+    return int(order[2] if thick / middle >= middle / thin else order[0])
 
 
 def acquisition_plane(image: sitk.Image) -> str:

@@ -47,8 +47,10 @@ Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1:
     ROC AUC                NaN (needs lesion and non-lesion voxels)
 
 Grids. Masks (and the probability map) must share one voxel grid within the tolerance of
-`io.check_same_grid`, else DeepWMLError; nothing is resampled behind the user's back. Distances and
-volumes are in physical units from the reference's spacing and direction.
+`io.check_same_grid`, else DeepWMLError; nothing is resampled behind the user's back (a mask that
+stores the reference's grid in another voxel order, LPS against RAS say, is only reordered onto it,
+`io.align_voxel_order`; slice indices are then the reference's). Distances and volumes are in physical
+units from the reference's spacing and direction.
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ class MaskPair:
         """A prediction against a reference with labels 0/1/2 (2 = ignore, removed from both)."""
         _check_volume(prediction, "prediction")
         _check_volume(reference, "reference")
+        prediction = io.align_voxel_order(prediction, reference)
         io.check_same_grid(prediction, reference, "prediction", "reference")
         lesion, ignore = _reference_labels(reference)
         predicted = _binary(prediction)
@@ -200,6 +203,7 @@ class MaskPair:
         """Two masks treated alike (any positive label is lesion), e.g. two raters."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
+        a = io.align_voxel_order(a, b)
         io.check_same_grid(a, b, what_a, what_b)
         return cls(_binary(a), _binary(b), b)
 
@@ -420,6 +424,7 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     """Area under the ROC curve of voxel scores against the reference (ignored voxels left out)."""
     _check_volume(probabilities, "probability map")
     _check_volume(reference, "reference")
+    probabilities = io.align_voxel_order(probabilities, reference)
     io.check_same_grid(probabilities, reference, "probability map", "reference")
     lesion, ignore = _reference_labels(reference)
     scores = voxels(probabilities)

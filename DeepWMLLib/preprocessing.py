@@ -279,9 +279,15 @@ class VolumePlan:
 
 
 def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
-    """Head mask, normalisation statistics, slices to keep and network grids for an axial stack."""
-    head = head_mask(stack)
-    centre, scale = intensity_reference(stack, head)
+    """Head mask, normalisation statistics, slices to keep and network grids for an axial stack.
+
+    The statistics subsample large volumes; they are taken with the slices running inferior to
+    superior whatever order the file stores them in, so a scan stored upside down gives the same result."""
+    ascending = frame.direction[6 + frame.slice_axis] >= 0  # the slice axis' superior component
+    ordered = stack if ascending else stack[::-1]
+    head = head_mask(ordered)
+    centre, scale = intensity_reference(ordered, head)
+    head = head if ascending else head[::-1]
     kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
     return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs},
                       int(np.count_nonzero(head)))

@@ -27,11 +27,14 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
-SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds")
+SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds", "warnings")
 BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
 BRAIN_COVERAGE = (0.5, 2.0)
+# A sagittal or coronal acquisition is warned about when its slices are at least this thick: the
+# axial planes the network sees then run across the thick slices. Thinner slices sample every plane.
+THICK_NON_AXIAL_MM = 2.0
 
 
 def models_dir() -> Path:
@@ -143,8 +146,10 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     brain_image = None
     report = lesion_report(mask)
     plane = io.acquisition_plane(image)
-    warnings = [] if plane == "axial" else [
-        f"{plane} acquisition: DeepWML segmented the axial planes of the volume; accuracy was only validated on axial acquisitions"
+    slice_mm = float(image.GetSpacing()[io.acquisition_axis(image)])
+    warnings = [] if plane == "axial" or slice_mm < THICK_NON_AXIAL_MM else [
+        f"{plane} acquisition with {slice_mm:g} mm slices: DeepWML segmented the axial planes of the volume, "
+        "across the thick slices; accuracy was only validated on axial acquisitions (expect lesions to be under-called)"
     ]
     if brain is not None:
         brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
@@ -195,16 +200,18 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
     return cases
 
 
-def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False) -> dict:
+def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
+                 extension: str = ".nii.gz") -> dict:
+    """The output files of a case; `extension` of the image outputs from `io.output_extension`."""
     paths = {
-        "mask": out_dir / f"{case}_wmh.nii.gz",
+        "mask": out_dir / f"{case}_wmh{extension}",
         "segmentation": out_dir / f"{case}.seg.nrrd",
         "report": out_dir / f"{case}_report.json",
     }
     if save_probabilities:
-        paths["probabilities"] = out_dir / f"{case}_prob.nii.gz"
+        paths["probabilities"] = out_dir / f"{case}_prob{extension}"
     if save_brain_mask:
-        paths["brain"] = out_dir / f"{case}_brain.nii.gz"
+        paths["brain"] = out_dir / f"{case}_brain{extension}"
     return paths
 
 
@@ -212,9 +219,10 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  threshold: float | None = None, tta: bool = False, save_probabilities: bool = False,
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
-                 brain_model="default", save_brain_mask: bool = False, precision: str = "auto") -> dict:
+                 brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
+                 output_format: str = "same") -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
-    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask)
+    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format))
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         return {"case": case, "input": str(path), "status": "skipped",
@@ -273,7 +281,9 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: row.get(k, "") for k in SUMMARY_COLUMNS})
+        values = {k: row.get(k, "") for k in SUMMARY_COLUMNS}
+        values["warnings"] = " | ".join(row.get("warnings") or [])
+        writer.writerow(values)
     io.write_text(buffer.getvalue(), path)
 
 
@@ -340,7 +350,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=_probability, help="probability threshold (default: from the model file)")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
-    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.nii.gz")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.nii.gz (or .nrrd, .mha: see --output-format)")
+    p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,
+                   help="format of the image outputs: same (default): the input's own (.nii.gz for NIfTI, .nrrd for "
+                        "NRRD and DICOM, .mha for MetaImage), so they lie on the input's exact grid; NIfTI keeps "
+                        "the geometry in single precision")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them, skip the case)")
     p.add_argument("--min-lesion-mm3", type=non_negative_float, default=None,
                    help="remove 3D lesions smaller than this (default 5 mm³; 0 keeps all)")
@@ -349,7 +363,8 @@ def register(subparsers) -> None:
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model file: lesion components mostly outside "
                    "its intracranial mask are dropped (default: the shipped brain-mask model)")
     p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
-    p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used)")
+    p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used; "
+                   "or .nrrd, .mha)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="slices per network batch (default: 1 with OpenVINO or ONNX Runtime on the CPU, 4 with PyTorch on the CPU, 16 on a GPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"),
@@ -376,7 +391,7 @@ def _run(args) -> int:
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
-        precision=args.precision, brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
+        precision=args.precision, output_format=args.output_format, brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import stat
 from pathlib import Path
@@ -41,6 +42,7 @@ BAD_INPUTS = [
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
+    ("axial slices thinner than their pixels (1 x 1 x 0.8 mm)", "segment", 0, "ok: called axial, no warning"),
     ("corrupt model file", "segment", 1, "not a readable DeepWML model"),
     ("model file of a newer format", "segment", 1, "update DeepWML"),
     ("output folder missing", "segment", 0, "ok: created"),
@@ -54,6 +56,7 @@ BAD_INPUTS = [
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
+    ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference with labels other than 0/1/2", "evaluate", 1, "label"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
@@ -118,6 +121,9 @@ def world(tmp_path):
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
     sagittal = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)
     paths["sagittal acquisition"] = _write(d / "sag.nii.gz", make_volume(size=(6, 32, 32), spacing=(5.0, 0.9, 0.9), direction=sagittal)[0])
+    paths["axial slices thinner than their pixels (1 x 1 x 0.8 mm)"] = _write(
+        d / "thin.nii.gz", make_volume(size=(32, 32, 12), spacing=(1.0, 1.0, 0.8))[0])
+    paths["reordered"] = _write(d / "reordered.nii.gz", sitk.DICOMOrient(truth, "PIR"))
     other_grid = sitk.Image(truth)
     other_grid.SetSpacing((0.9, 0.9, 4.0))
     paths["other grid"] = _write(d / "other_grid.nii.gz", other_grid)
@@ -190,6 +196,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(x) for x in p[row_id]]
     if row_id == "reference on another grid":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
+    if row_id == "reference storing the same grid in another voxel order":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["reordered"]), "--json", str(tmp / "e.json")]
     if row_id == "reference with labels other than 0/1/2":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
     if row_id == "probability map as mask":
@@ -245,7 +253,15 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     if row_id == "--init model of another architecture":
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
     if row_id == "sagittal acquisition":
-        assert "sagittal acquisition" in err
+        assert "sagittal acquisition with 5 mm slices" in err
+        summary = (tmp / "out" / "summary.csv").read_text().splitlines()
+        assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
+    if row_id.startswith("axial slices thinner"):
+        assert "acquisition" not in err
+        report = json.loads((tmp / "out" / "thin_report.json").read_text())
+        assert report["acquisition_plane"] == "axial" and report["warnings"] == []
+    if row_id == "reference storing the same grid in another voxel order":
+        assert json.loads((tmp / "e.json").read_text())["dice"] == 1.0
 
 
 def test_readme_table_matches():

@@ -64,6 +64,30 @@ def test_outputs_on_input_grid(tmp_path, tiny_model, monkeypatch, capsys):
     assert rows[0]["case"] == "oblique_case" and rows[0]["status"] == "ok"
 
 
+def test_image_outputs_keep_the_input_format_so_the_grid_is_exact(tmp_path, tiny_model):
+    """NIfTI stores the origin in single precision: a NRRD, MetaImage or DICOM input's mask written as
+    NIfTI would sit micrometres off its grid, and SimpleITK would call them different spaces."""
+    image, _ = make_volume(size=(32, 32, 4), direction=rotation(0.2, 0.1, -0.3))
+    image.SetOrigin((-101.123456789, 87.987654321, -33.333333333))
+    for name in ("n.nrrd", "m.mha"):
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(tmp_path / name))
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "n.nrrd"), str(tmp_path / "m.mha"), "-o", str(out), "--model",
+                 str(tiny_model), "--device", "cpu", "--save-probabilities"]) == 0
+    for written in ("n_wmh.nrrd", "n_prob.nrrd", "m_wmh.mha", "m_prob.mha"):
+        result = sitk.ReadImage(str(out / written))
+        assert result.GetOrigin() == image.GetOrigin(), written
+        assert np.allclose(result.GetDirection(), image.GetDirection(), rtol=0, atol=1e-12), written
+        sitk.Mask(image, sitk.Cast(result > 0.5, sitk.sitkUInt8))  # SimpleITK's own same-space check
+    # asked for NIfTI, the grid is only as exact as single precision (and grid_difference accepts it)
+    assert main(["segment", str(tmp_path / "n.nrrd"), "-o", str(tmp_path / "nii"), "--model", str(tiny_model),
+                 "--device", "cpu", "--output-format", "nii.gz"]) == 0
+    as_nifti = sitk.ReadImage(str(tmp_path / "nii" / "n_wmh.nii.gz"))
+    assert 0 < np.abs(np.subtract(as_nifti.GetOrigin(), image.GetOrigin())).max() < 1e-4
+    assert io.grid_difference(as_nifti, image) is None
+    assert io.output_extension("scan.nii") == ".nii.gz" and io.output_extension("dicom_folder") == ".nrrd"
+
+
 def test_folder_of_cases_with_one_bad_case(tmp_path, tiny_model, capsys):
     cases = tmp_path / "cases"
     cases.mkdir()

@@ -168,3 +168,28 @@ def test_index_percentiles_match_numpy_on_repeated_indices():
         counts[rng.integers(counts.size)] += 1
         for q in ([1, 99], [0, 100], [50]):
             assert np.allclose(_index_percentiles(counts, q), np.percentile(np.repeat(np.arange(counts.size), counts), q))
+
+
+def test_volume_plan_does_not_depend_on_the_order_the_file_stores_its_slices_in():
+    """Large volumes are subsampled for the head mask and the normalisation statistics; a scan stored
+    superior to inferior must still get the statistics of the same scan stored the other way."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.preprocessing import plan_volume
+
+    rng = np.random.default_rng(3)
+    z, y, x = np.mgrid[:100, :200, :200]
+    head = ((x - 100) / 98.0) ** 2 + ((y - 100) / 98.0) ** 2 + ((z - 50) / 60.0) ** 2 < 1  # 2.2 M voxels
+    array = np.where(head, 100 + 30 * np.sin(z / 3.0) + rng.normal(0, 15, head.shape), rng.normal(5, 3, head.shape))
+    image = sitk.GetImageFromArray(array.astype(np.float32))  # 4 M voxels: both subsampled
+    image.SetSpacing((0.9, 0.9, 1.5))
+    upside_down = sitk.DICOMOrient(image, "LPI")
+    plans = []
+    for volume in (image, upside_down):
+        stack, frame = io.to_axial_stack(volume)
+        plans.append((stack, frame, plan_volume(stack, frame, [PreprocessingConfig()])))
+    (stack_a, _, a), (stack_b, frame_b, b) = plans
+    assert frame_b.n_slices == 100 and np.array_equal(stack_a, stack_b[::-1])
+    assert (a.centre, a.scale, a.head_voxels) == (b.centre, b.scale, b.head_voxels)
+    assert np.array_equal(np.sort(100 - 1 - b.kept), a.kept)

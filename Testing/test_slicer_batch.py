@@ -60,7 +60,8 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     assert "p02.nii.gz" in rows["p02"]["error"]
     assert "p01: ok" in done.stdout and "1/2 cases done" in done.stdout
 
-    mask = io.read_mask(out / "p01_wmh.nii.gz", reference=flair)  # on the input's grid
+    mask = io.read_mask(out / "p01_wmh.nrrd", reference=flair)  # on the input's grid, in its format
+    assert np.allclose(mask.GetOrigin(), flair.GetOrigin(), rtol=0, atol=1e-9)
     fromSlicer = io.read_segmentation(out / "p01.seg.nrrd", "WMH")
     onGrid = sitk.Resample(fromSlicer, flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(onGrid), sitk.GetArrayFromImage(mask))

@@ -6,8 +6,8 @@
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
 Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) and DICOM series folder in IN is a case; its
-name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz and
-CASE_report.json (the same names as `deepwml segment`), and summary.csv with one row per case. With
+name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
+and DICOM inputs, .mha for MetaImage) and CASE_report.json (the same names as `deepwml segment`), and summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. One failing case never stops the others. Exit status: 0 when every case succeeded
@@ -79,7 +79,7 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
     from DeepWMLLib.evaluation import write_json
     from DeepWMLLib.segment import output_paths
 
-    paths = output_paths(args.output_dir, case, False)
+    paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path))
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
