@@ -94,7 +94,8 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
                   path_columns: tuple[str, ...] = ()) -> list[dict]:
     """Rows of a CSV manifest with whitespace stripped and path columns made absolute.
 
-    Relative paths are taken relative to the manifest's folder, so a cohort folder can move.
+    Relative paths are taken relative to the manifest's folder, so a cohort folder can move. Column
+    names are matched whatever their case ("Case" is "case").
     """
     path = Path(path)
     if not path.is_file():
@@ -102,8 +103,9 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if not isinstance(v, list)}
+                    for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc})") from exc
     missing = [c for c in required if c not in header]

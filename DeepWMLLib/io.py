@@ -343,15 +343,18 @@ def grid_difference(a: sitk.Image, b: sitk.Image) -> str | None:
     if a.GetSize() != b.GetSize():
         return f"size {a.GetSize()} vs {b.GetSize()}"
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
+    def show(values, digits: int) -> str:
+        return "(" + ", ".join(f"{float(v):.{digits}f}".rstrip("0").rstrip(".") for v in values) + ")"
+
     if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0):
-        return f"spacing {tuple(np.round(sa, 5))} vs {tuple(np.round(sb, 5))} mm"
+        return f"spacing {show(sa, 5)} vs {show(sb, 5)} mm"
     tol = _ORIGIN_TOL_FRACTION * float(min(sa.min(), sb.min()))
     oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
     if np.abs(oa - ob).max() > tol:
-        return f"origin {tuple(np.round(oa, 3))} vs {tuple(np.round(ob, 3))} mm"
+        return f"origin {show(oa, 3)} vs {show(ob, 3)} mm"
     da, db = np.array(a.GetDirection()), np.array(b.GetDirection())
     if np.abs(da - db).max() > _DIRECTION_TOL:
-        return f"direction {tuple(np.round(da, 4))} vs {tuple(np.round(db, 4))}"
+        return f"direction {show(da, 4)} vs {show(db, 4)}"
     return None
 
 

@@ -838,7 +838,7 @@ def register(subparsers) -> None:
         "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
         description="Write N synthetic 2D axial FLAIR scans (uint16 NIfTI) with lesion masks and a "
                     "manifest.csv (case,flair,mask,centre,disease,...) for training.")
-    parser.add_argument("-n", "--cases", type=int, required=True, help="number of cases")
+    parser.add_argument("-n", "--cases", type=positive_int, required=True, help="number of cases")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
     parser.add_argument("-j", "--workers", type=positive_int, default=1, help="parallel processes")

@@ -52,7 +52,7 @@ from typing import Callable
 import numpy as np
 
 from . import io
-from .errors import Cancelled, DeepWMLError
+from .errors import Cancelled, DeepWMLError, UsageError
 from .preprocessing import PreprocessingConfig
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,18 @@ class TrainConfig:
     def coerce(cls, config: "dict | TrainConfig") -> "TrainConfig":
         if isinstance(config, TrainConfig):
             config = config.to_dict()
+        if config is not None and not isinstance(config, dict):
+            raise DeepWMLError(f"training settings must be a JSON object of name: value, got {type(config).__name__}")
         config = dict(config or {})
         unknown = sorted(set(config) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise DeepWMLError(f"unknown training settings {unknown}; see `deepwml train --help`")
         cfg = cls(**config)
-        cfg.validate()
+        try:
+            cfg.validate()
+        except (TypeError, AttributeError) as exc:  # e.g. "learning_rate": "1e-3" in a --config file
+            raise DeepWMLError(f"a training setting has the wrong type ({exc}); numbers must be JSON numbers, "
+                               "not strings") from exc
         return cfg
 
     def to_dict(self) -> dict:
@@ -158,8 +164,25 @@ class TrainConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise DeepWMLError(f"{name} must be a whole number >= 1, got {value!r}")
+        optional = {"samples_per_epoch": (self.samples_per_epoch, 1), "plateau_patience": (self.plateau_patience, 0),
+                    "early_stopping_patience": (self.early_stopping_patience, 1), "threads": (self.threads, 1)}
+        for name, (value, least) in optional.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise DeepWMLError(f"{name} must be a whole number >= {least} (or left out), got {value!r}")
         if not self.learning_rate > 0:
             raise DeepWMLError(f"learning rate must be positive, got {self.learning_rate!r}")
+        if not 0 < self.threshold < 1:
+            raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold!r}")
+        if not 0 <= self.dice_weight < float("inf"):
+            raise DeepWMLError(f"Dice weight must be 0 or more, got {self.dice_weight!r}")
+        for name in ("scale", "contrast", "gamma"):
+            value = self.augmentation.get(name)
+            if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1]):
+                raise DeepWMLError(f"augmentation {name} must be a range LO,HI with 0 < LO <= HI, got {value!r}")
+        for name in ("rotate_deg", "shear_deg", "bias_field", "noise_std"):
+            value = self.augmentation.get(name)
+            if value is not None and not value >= 0:
+                raise DeepWMLError(f"augmentation {name} must be 0 or more, got {value!r}")
         if self.lesion_fraction is not None and not 0 <= self.lesion_fraction <= 1:
             raise DeepWMLError(f"lesion fraction must be between 0 and 1, got {self.lesion_fraction!r}")
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
@@ -210,28 +233,42 @@ def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Ca
     relative to the CSV's folder. `mask_column` names another column to take the masks from (the
     target of training). Raises DeepWMLError on a missing file, missing column or duplicate."""
     path = Path(path)
+    if path.is_dir():
+        raise DeepWMLError(f"manifest {path} is a folder; pass the CSV file (columns case, flair, mask) "
+                           "(deepwml synth writes one as manifest.csv)")
     if not path.is_file():
         raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns case, flair, mask")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-            columns = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"manifest {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
     mask_column = mask_column.strip().lower()
     missing = [c for c in ("case", "flair", mask_column) if c not in columns]
-    if not rows or missing:
-        raise DeepWMLError(f"manifest {path} needs the columns case, flair, {mask_column} (missing: {', '.join(missing) or 'all rows'}); "
-                           f"add a header line such as 'case,flair,{mask_column}'")
-    cases, seen = [], set()
+    if missing:
+        hint = (" (its header holds ';': separate the columns with commas)" if len(columns) == 1 and ";" in columns[0]
+                else "")
+        raise DeepWMLError(f"manifest {path} needs the columns case, flair, {mask_column} (missing: {', '.join(missing)})"
+                           f"{hint}; add a header line such as 'case,flair,{mask_column}'")
+    rows = [row for row in rows if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    if not rows:
+        raise DeepWMLError(f"manifest {path} has its header but no case rows")
+    cases, seen, scans = [], set(), {}
     for line, row in enumerate(rows, start=2):
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-        if not row["case"] or not row["flair"] or not row[mask_column]:
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+        if not row.get("case") or not row.get("flair") or not row.get(mask_column):
             raise DeepWMLError(f"manifest {path} line {line}: case, flair and {mask_column} must all be filled in")
         if row["case"] in seen:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} appears twice; case names must be unique")
         seen.add(row["case"])
-        cases.append(Case(row["case"], str((path.parent / row["flair"]).resolve()), str((path.parent / row[mask_column]).resolve()),
+        flair = str((path.parent / row["flair"]).resolve())
+        if flair in scans:
+            raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} has the FLAIR of case {scans[flair]!r}; "
+                               "one scan in two cases can land in training and validation at once: list it once")
+        scans[flair] = row["case"]
+        cases.append(Case(row["case"], flair, str((path.parent / row[mask_column]).resolve()),
                           row.get("centre", ""), row.get("disease", "")))
     return cases
 
@@ -278,6 +315,8 @@ def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
     known = {c.case for c in cases}
     assignment = {}
     for row in rows:
+        if row["case"] in assignment:
+            raise DeepWMLError(f"split file {path}: case {row['case']!r} is listed twice; give each case one split")
         if row["split"] not in SPLITS:
             raise DeepWMLError(f"split file {path}: case {row['case']!r} has split {row['split']!r}; use train, val or test")
         if row["case"] not in known:
@@ -313,7 +352,7 @@ def prepare_volume(image, mask, preprocessing: PreprocessingConfig,
                    ignore_label: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Network-grid slices of one case as inference sees them.
 
-    Returns (images float32 [n, H, W], labels uint8 [n, H, W], lesion voxels on skipped slices):
+    Returns (images float32 [n, H, W], labels uint8 [n, H, W], lesion on skipped slices in network pixels):
     only the slices inference segments (enough head) are kept; lesion on the others can never be
     found, and validation counts it as missed. Labels are 1 for lesion (any positive mask value but
     `ignore_label`), IGNORED where the mask holds `ignore_label` (and no lesion), 0 elsewhere; each is
@@ -334,7 +373,8 @@ def prepare_volume(image, mask, preprocessing: PreprocessingConfig,
         network_labels[left_out] = IGNORED
     skipped = np.ones(lesion.shape[0], bool)
     skipped[plan.kept] = False
-    return images, network_labels, int(lesion[skipped].sum())
+    # in network pixels, the unit validation counts everything else in
+    return images, network_labels, int(round(float(lesion[skipped].sum()) / float(np.prod(grid.zoom))))
 
 
 def _case_key(case: Case, preprocessing: dict, ignore_label: int | None = None) -> str:
@@ -354,7 +394,7 @@ class SliceSet:
     case_index: np.ndarray  # int32 [N]
     lesion_pixels: np.ndarray  # int64 [N]
     cases: list
-    missed_lesion_voxels: int  # lesion on slices inference skips (counted as missed)
+    missed_lesion_voxels: int  # lesion on slices inference skips (counted as missed), in network pixels
 
     @classmethod
     def open(cls, folder: Path, split: str) -> "SliceSet":
@@ -379,7 +419,8 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     parts = folder / "cases"
     parts.mkdir(parents=True, exist_ok=True)
     wanted = [c for c in cases if assignment[c.case] in ("train", "val")]
-    keys = {c.case: _case_key(c, preprocessing, ignore_label) for c in wanted}
+    tested = [c for c in cases if assignment[c.case] == "test"]  # read and checked, not prepared
+    keys = {c.case: _case_key(c, preprocessing, ignore_label) for c in wanted + tested}
     signature = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
     done_file = folder / "cache.json"
     if done_file.is_file():
@@ -387,13 +428,16 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         if done.get("signature") == signature:
             return [tuple(s) for s in done["skipped"]]
         done_file.unlink()
-    log.info("preparing %d cases into %s", len(wanted), folder)
-    skipped = []
-    for i, case in enumerate(wanted):
+    log.info("preparing %d cases into %s%s", len(wanted), folder,
+             f" (and checking the {len(tested)} test case(s))" if tested else "")
+    skipped, several_values = [], []
+    everything = wanted + tested
+    for i, case in enumerate(everything):
         if cancel is not None and cancel():
             raise Cancelled()
         if progress:
-            progress(i / len(wanted), f"preparing {case.case} ({i + 1}/{len(wanted)})")
+            verb = "preparing" if i < len(wanted) else "checking test case"
+            progress(i / len(everything), f"{verb} {case.case} ({i + 1}/{len(everything)})")
         target = parts / f"{keys[case.case]}.npz"
         if target.is_file():
             continue
@@ -406,11 +450,22 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             log.warning("skipping case %s: %s", case.case, exc)
             skipped.append((case.case, str(exc)))
             continue
+        if i >= len(wanted):
+            io.write_atomically(target, lambda tmp: tmp.write_bytes(b""))  # checked (an interrupted run skips it)
+            continue
+        if ignore_label is None:
+            values = np.bincount(io.voxels(mask).ravel(), minlength=256)[1:]
+            if np.count_nonzero(values) > 1:
+                several_values.append(f"{case.case} ({', '.join(str(v + 1) for v in np.flatnonzero(values)[:4])})")
         images, labels, missed = prepare_volume(image, mask, cfg, ignore_label)
         if not images.shape[0]:
             log.warning("case %s has no slice with head; it adds nothing to training", case.case)
         io.write_atomically(target, lambda tmp: _save_npz(tmp, images=images.astype(np.float16), labels=labels.astype(np.uint8),
                                                           missed=np.int64(missed)))
+    if several_values:
+        log.warning("the masks of %d case(s) hold several lesion values (%s); every positive value trains as lesion. "
+                    "If one of them marks voxels to leave out, pass --ignore-label with it", len(several_values),
+                    "; ".join(several_values[:3]))
     skipped_names = {s[0] for s in skipped}
     for split in ("train", "val"):
         members = [c for c in wanted if assignment[c.case] == split and c.case not in skipped_names]
@@ -764,6 +819,12 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
         train_set, val_set = SliceSet.open(cache, "train"), SliceSet.open(cache, "val")
         if not len(train_set) or not len(val_set):
             raise DeepWMLError("no training or no validation slice is left after preparation; add cases to the manifest")
+        if not train_set.lesion_pixels.any():
+            raise DeepWMLError("no training mask holds lesion on a slice the network sees (all empty, or the label "
+                               f"is another column: --mask-column); there is nothing to learn from {cfg.manifest}")
+        if dist_ctx.main and not val_set.lesion_pixels.any() and not val_set.missed_lesion_voxels:
+            log.warning("no validation mask holds lesion: val Dice is 1 for predicting nothing, so it cannot choose "
+                        "the best epoch; put cases with lesion in val")
         best = []
         for k in range(cfg.ensemble):
             member_dir = run_dir if cfg.ensemble == 1 else run_dir / f"model_{k}"
@@ -776,15 +837,40 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
                     prefix = f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
                     progress((k + fraction) / cfg.ensemble, prefix + message)
             best.append(_train_member(cfg.member(k), member_dir, train_set, val_set, setup, device, dist_ctx,
-                                      member_progress, cancel))
+                                      member_progress, cancel, f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""))
         return best[0] if cfg.ensemble == 1 else best
     finally:
+        _unlock_run_dir(run_dir)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         if dist_ctx.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+_RUN_LOCKS: dict = {}  # run folder -> the open lock file of the training running in it
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """Hold an exclusive lock on the run folder while training runs in it (not on systems without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DeepWMLError(f"another deepwml train is running in {run_dir}; wait for it to end or use another run folder") from None
+    _RUN_LOCKS[str(run_dir)] = handle
+
+
+def _unlock_run_dir(run_dir: Path) -> None:
+    handle = _RUN_LOCKS.pop(str(run_dir), None)
+    if handle is not None:
+        handle.close()
 
 
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
@@ -800,23 +886,34 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
+    _lock_run_dir(run_dir)
     config_file = run_dir / "config.json"
-    if config_file.is_file():
+    # A folder whose run never finished an epoch (it failed on its data, say) holds nothing to keep:
+    # its settings and split are made again, so a corrected manifest or command just works.
+    started = (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
+    if config_file.is_file() and started:
         stored = json.loads(config_file.read_text())
         differences = _config_differences(stored, cfg.to_dict())
         if differences:
             detail = "; ".join(f"{k}: {stored.get(k)!r} there, {getattr(cfg, k, None)!r} now" for k in differences[:3])
             raise DeepWMLError(f"{run_dir} holds a training with other settings ({detail}); "
                                "use a new run folder, or resume it with `deepwml train --resume RUN_DIR`")
-    io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
     split_file = run_dir / "split.csv"
-    if split_file.is_file():
+    if split_file.is_file() and started:
         assignment = read_split(split_file, cases)
+        source = f"the run's {split_file}"
     elif cfg.split:
         assignment = read_split(cfg.split, cases)
+        source = f"the split file {cfg.split}"
     else:
         assignment = stratified_split(cases, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    if not split_file.is_file():
+        source = f"the 60/20/20 split of {len(cases)} case(s)"
+    counts = {s: sum(1 for v in assignment.values() if v == s) for s in SPLITS}
+    if not counts["train"] or not counts["val"]:
+        raise DeepWMLError(f"{source} puts {counts['train']} case(s) in train and {counts['val']} in val; training needs "
+                           "at least one of each" + ("" if len(cases) > 1 else ": add cases to the manifest"))
+    io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
+    if not (split_file.is_file() and started):
         write_split(split_file, cases, assignment)
     absent = {c.case for c in cases if not (Path(c.flair).exists() and Path(c.mask).exists())}
     for name in sorted(absent):
@@ -827,11 +924,15 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)
+        left = {s: sum(1 for c, v in assignment.items() if v == s and c not in {n for n, _ in skipped}) for s in SPLITS}
+        log.warning("%d case(s) skipped (see skipped_cases.csv); training on %d, validating on %d, %d kept for test",
+                    len(skipped), left["train"], left["val"], left["test"])
+    skipped_names = {n for n, _ in skipped}
     return {
         "manifest": cfg.manifest,
         "manifest_sha256": _sha256_file(cfg.manifest),
         "split_sha256": _sha256_file(split_file),
-        "cases": {s: sum(1 for v in assignment.values() if v == s) for s in SPLITS},
+        "cases": {s: sum(1 for c, v in assignment.items() if v == s and c not in skipped_names) for s in SPLITS},
         "skipped_cases": [n for n, _ in skipped],
     }
 
@@ -856,7 +957,7 @@ def load_state(path: Path) -> dict:
 
 
 def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set: SliceSet, setup: dict, device,
-                  dist_ctx: _Dist, progress, cancel) -> Path:
+                  dist_ctx: _Dist, progress, cancel, label: str = "") -> Path:
     import torch
 
     from .model import build_model
@@ -892,7 +993,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
         scaler.load_state_dict(state["scaler"])
         if dist_ctx.main:
             _write_history(run_dir / "history.csv", state["history"])
-            log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+            log.info("%sresuming %s after epoch %d", label, run_dir, state["epoch"])
     else:
         if cfg.init:
             _initialise_from(model, cfg)
@@ -976,7 +1077,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
                 _save_best(best_file, model, cfg, state, setup, device, dist_ctx.world)
             io.write_atomically(last, lambda tmp: torch.save(state, tmp))
             _write_history(run_dir / "history.csv", state["history"])
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f at epoch %d)%s", epoch, cfg.epochs,
+            log.info("%sepoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f at epoch %d)%s", label, epoch, cfg.epochs,
                      row["train_loss"], row["val_loss"], dice, state["best_dice"], state["best_epoch"],
                      "; early stop" if state["finished"] else "")
         dist_ctx.barrier()
@@ -1151,11 +1252,21 @@ class _Console(logging.Handler):
 
 
 def _range(text: str) -> list[float] | None:
-    return None if text.lower() in ("none", "off", "0") else [float(v) for v in text.split(",")]
+    """argparse type: LO,HI with 0 < LO <= HI, or none/off/0."""
+    if text.lower() in ("none", "off", "0"):
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not 0 < values[0] <= values[1]:
+        raise argparse.ArgumentTypeError(f"must be LO,HI with 0 < LO <= HI (or off), got {text}")
+    return values
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag
+    from .cli import (add_debug_flag, non_negative_float, non_negative_int, open_unit_interval, positive_float, positive_int,
+                      unit_interval)
 
     p = subparsers.add_parser(
         "train", help="train a U-Net on a manifest of FLAIR volumes and lesion masks",
@@ -1187,46 +1298,58 @@ def register(subparsers) -> None:
                    "validation (uncertain or unlabelled regions); other positive values are lesion")
     g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
     g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
-    g.add_argument("--grid-size", type=int, nargs="+", metavar="N", help="network grid (default 256 256)")
+    g.add_argument("--grid-size", type=positive_int, nargs="+", metavar="N", help="network grid (default 256 256)")
     g.add_argument("--grid-spacing", type=lambda s: None if s.lower() == "none" else float(s), default=argparse.SUPPRESS,
                    metavar="MM", help="network pixel size in mm, or 'none' to fit the field of view (default 0.9)")
     g = p.add_argument_group("model")
-    g.add_argument("--base-channels", type=int, help="channels of the first level (paper 64)")
-    g.add_argument("--depth", type=int, help="poolings (paper 4)")
+    g.add_argument("--base-channels", type=positive_int, help="channels of the first level (paper 64)")
+    g.add_argument("--depth", type=positive_int, help="poolings (paper 4)")
     g.add_argument("--batch-norm", action="store_true", default=None, help="BatchNorm after each convolution")
     g.add_argument("--init", metavar="MODEL", help="start from this model file's weights (fine-tuning; same architecture)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="epochs (paper 200)")
-    g.add_argument("--batch-size", type=int, help="slices per step and process (default 8)")
-    g.add_argument("--lr", type=float, dest="learning_rate", help="Adam learning rate (paper 1e-4)")
-    g.add_argument("--samples-per-epoch", type=int, help="slices drawn per epoch (default: the number of training slices)")
-    g.add_argument("--lesion-fraction", type=float, help="share of drawn slices that contain lesion, e.g. 0.7 (default: as in the data)")
-    g.add_argument("--patch-size", type=int, help="train on random square crops of this size (cheaper on CPU)")
-    g.add_argument("--dice-weight", type=float, help="loss = BCE + w × (1 − Dice) (default 1)")
-    g.add_argument("--threshold", type=float, help="probability threshold for validation and the model file (default 0.5; with --export: "
+    g.add_argument("--epochs", type=positive_int, help="epochs (paper 200)")
+    g.add_argument("--batch-size", type=positive_int, help="slices per step and process (default 8)")
+    g.add_argument("--lr", type=positive_float, dest="learning_rate", help="Adam learning rate (paper 1e-4)")
+    g.add_argument("--samples-per-epoch", type=positive_int, help="slices drawn per epoch (default: the number of training slices)")
+    g.add_argument("--lesion-fraction", type=unit_interval, help="share of drawn slices that contain lesion, e.g. 0.7 (default: as in the data)")
+    g.add_argument("--patch-size", type=positive_int, help="train on random square crops of this size (cheaper on CPU)")
+    g.add_argument("--dice-weight", type=non_negative_float, help="loss = BCE + w × (1 − Dice) (default 1)")
+    g.add_argument("--threshold", type=open_unit_interval, help="probability threshold for validation and the model file (default 0.5; with --export: "
                         "the exported file's threshold, default the source's)")
     g.add_argument("--seed", type=int, help="seed of the split, initialisation and sampling (default 0)")
-    g.add_argument("--plateau-patience", type=int, help="halve the learning rate after this many epochs without a better val Dice")
-    g.add_argument("--early-stopping", type=int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
-    g.add_argument("--ensemble", type=int, help="train N models from seeds seed..seed+N-1 into RUN_DIR/model_k")
+    g.add_argument("--plateau-patience", type=non_negative_int, help="halve the learning rate after this many epochs without a better val Dice")
+    g.add_argument("--early-stopping", type=positive_int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
+    g.add_argument("--ensemble", type=positive_int, help="train N models from seeds seed..seed+N-1 into RUN_DIR/model_k")
     g = p.add_argument_group("augmentation (0 or 'off' switches one off)")
     g.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
     g.add_argument("--no-flip", action="store_true", help="no left-right flips")
-    g.add_argument("--rotate", type=float, dest="rotate_deg", help="max rotation in degrees (default 10)")
-    g.add_argument("--shear", type=float, dest="shear_deg", help="max shear in degrees (default 18)")
+    g.add_argument("--rotate", type=non_negative_float, dest="rotate_deg", help="max rotation in degrees (default 10)")
+    g.add_argument("--shear", type=non_negative_float, dest="shear_deg", help="max shear in degrees (default 18)")
     g.add_argument("--scale", type=_range, help="scale range LO,HI (default 0.9,1.1)")
     g.add_argument("--contrast", type=_range, help="contrast factor range LO,HI (default 0.75,1.25)")
     g.add_argument("--gamma", type=_range, help="gamma range LO,HI (default 0.7,1.5)")
-    g.add_argument("--bias-field", type=float, help="bias field amplitude (default 0.3)")
-    g.add_argument("--noise", type=float, dest="noise_std", help="max Gaussian noise std in normalised units (default 0.1)")
+    g.add_argument("--bias-field", type=non_negative_float, help="bias field amplitude (default 0.3)")
+    g.add_argument("--noise", type=non_negative_float, dest="noise_std", help="max Gaussian noise std in normalised units (default 0.1)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto")
-    g.add_argument("--threads", type=int, help="CPU threads")
+    g.add_argument("--threads", type=positive_int, help="CPU threads")
     g.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     g.add_argument("--cpu-bf16", action="store_true", help="on the CPU: bf16 autocast and channels-last, about 2.7x "
                    "faster per step on CPUs with AMX (needs native bf16: AMX or AVX512-BF16); off by default")
     add_debug_flag(p)
     p.set_defaults(func=_run)
+
+
+# Options that set a training setting (argparse dest names); --resume refuses them but epochs, device, threads.
+_SETTING_OPTIONS = ("split", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
+                    "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble",
+                    "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label", "no_amp", "cpu_bf16",
+                    "base_channels", "depth", "batch_norm", "grid_size", "no_augment", "no_flip", "rotate_deg",
+                    "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std")
+
+
+_OPTION_NAMES = {"learning_rate": "lr", "early_stopping_patience": "early_stopping", "rotate_deg": "rotate",
+                 "shear_deg": "shear", "noise_std": "noise"}  # argparse dest -> option, where they differ
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
@@ -1236,13 +1359,21 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         stored = run_dir / "config.json"
         if not stored.is_file():
             raise DeepWMLError(f"{run_dir} holds no training to resume (no config.json)")
+        given = [name for name in _SETTING_OPTIONS if getattr(args, name, None) not in (None, False)]
+        given += ["grid_spacing"] if hasattr(args, "grid_spacing") else []
+        if args.manifest or args.run_dir or args.config or given:
+            extra = ", ".join(["a manifest"] * bool(args.manifest) + ["--run-dir"] * bool(args.run_dir)
+                              + ["--config"] * bool(args.config)
+                              + [f"--{_OPTION_NAMES.get(n, n).replace('_', '-')}" for n in given])
+            raise UsageError(f"--resume continues with the run's stored settings; only --epochs, --device and --threads "
+                             f"may change ({extra} given); start a new run folder to change the others")
         config = json.loads(stored.read_text())
         for key in ("epochs", "device", "threads"):
             if getattr(args, key, None) is not None:
                 config[key] = getattr(args, key)
         return config, run_dir
     if not args.manifest or not args.run_dir:
-        raise DeepWMLError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
+        raise UsageError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
     config = json.loads(Path(args.config).read_text()) if args.config else {}
     config["manifest"] = args.manifest
     for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
@@ -1278,18 +1409,26 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if sum(map(bool, (args.average, args.widen, args.export))) > 1:
+        raise UsageError("--export, --average and --widen each make one model file; give one of them")
+    if (args.average or args.widen or args.export) and (args.manifest or args.run_dir or args.resume):
+        raise UsageError("--export, --average and --widen only write a model file; no manifest, --run-dir or --resume "
+                         f"goes with them{f' (got {args.manifest})' if args.manifest else ''}")
+    target = args.export[1] if args.export else args.out
+    if (args.average or args.widen or args.export) and target:
+        io.make_output_dir(Path(target).expanduser().parent)  # as segment makes its output folder
     if args.average:
         if not args.out:
-            raise DeepWMLError("--average needs --out OUT, the model file to write")
+            raise UsageError("--average needs --out OUT, the model file to write")
         print(average_models(args.average, args.out, args.weights, fp16=args.fp16))
         return 0
     if args.widen:
         if not args.out:
-            raise DeepWMLError("--widen needs --out OUT, the model file to write")
+            raise UsageError("--widen needs --out OUT, the model file to write")
         print(widen_model(args.widen, args.out, args.widen_noise, args.seed or 0))
         return 0
     if args.weights or args.out:
-        raise DeepWMLError("--weights and --out go with --average or --widen")
+        raise UsageError("--weights and --out go with --average or --widen")
     if args.export:
         out = export_model(args.export[0], args.export[1], fp16=args.fp16, threshold=args.threshold)
         print(out)

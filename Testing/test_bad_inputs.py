@@ -65,6 +65,8 @@ BAD_INPUTS = [
     ("training manifest missing", "train", 1, "does not exist"),
     ("training mask on another grid", "train", 1, "different voxel grids"),
     ("--init model of another architecture", "train", 1, "has architecture"),
+    ("one scan under two case names", "train", 1, "has the FLAIR of case"),
+    ("training option out of range (--epochs 0)", "train", 2, "must be at least 1"),
     ("evaluate without a case", "evaluate", 2, "give --prediction and --reference"),
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
 ]
@@ -148,7 +150,8 @@ def world(tmp_path):
     torch.save(payload, newer)
     paths.update(model=model, bad_model=bad_model, newer_model=newer)
     (d / "raters.csv").write_text("case,first,second\nx,a.nii.gz,b.nii.gz\n")
-    (d / "train.csv").write_text(f"case,flair,mask\nc1,{paths['good']},{paths['other grid']}\n")
+    (d / "train.csv").write_text(f"case,flair,mask\nc1,{paths['good']},{paths['other grid']}\n"
+                                 f"c2,{paths['extreme intensities (1e30)']},{paths['truth']}\n")
     return tmp_path, paths
 
 
@@ -190,6 +193,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "--init model of another architecture":
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--base-channels", "8",
                 "--depth", "2", "--init", str(p["model"])]
+    if row_id == "one scan under two case names":
+        (tmp / "twice.csv").write_text(f"case,flair,mask\nc1,{p['good']},{p['truth']}\nc2,{p['good']},{p['truth']}\n")
+        return ["train", str(tmp / "twice.csv"), "--run-dir", str(tmp / "run")]
+    if row_id == "training option out of range (--epochs 0)":
+        return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--epochs", "0"]
     if row_id == "evaluate without a case":
         return ["evaluate", "--json", str(tmp / "e.json")]
     if row_id == "two inputs with one name":

@@ -150,5 +150,5 @@ def test_widen_on_the_command_line_writes_the_wider_model_file(tmp_path, capsys)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(wide.model.eval()(x), load_model(source).model.eval()(x), atol=1e-4)
-    assert main(["train", "--widen", str(source)]) == 1  # --out is required
+    assert main(["train", "--widen", str(source)]) == 2  # --out is required: a usage error
     assert "--widen needs --out" in capsys.readouterr().err

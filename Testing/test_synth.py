@@ -161,7 +161,9 @@ def test_intracranial_mask_holds_brain_and_lesions_but_not_the_scalp():
 
 
 def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
-    assert cli_main(["synth", "-n", "0", "-o", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as usage:  # a usage error: argparse exits 2
+        cli_main(["synth", "-n", "0", "-o", str(tmp_path)])
+    assert usage.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 1" in err
     assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--graded-rims", "1.5"]) == 1

@@ -260,7 +260,7 @@ def test_average_on_the_command_line(trained, tmp_path, capsys):
     same = checkpoint.load_model(tmp_path / "same.pt").model.state_dict()
     for key, value in checkpoint.load_model(best).model.state_dict().items():
         assert torch.allclose(same[key], value, atol=2e-3 * (1 + value.abs().max().item())), key
-    assert main(["train", "--average", str(best), str(best)]) == 1
+    assert main(["train", "--average", str(best), str(best)]) == 2  # a usage error
     assert "--average needs --out" in capsys.readouterr().err
 
 
@@ -448,8 +448,12 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     exported = checkpoint.load_model(tmp_path / "t.pt")
     assert exported.threshold == pytest.approx(0.35)
     assert exported.provenance["threshold_during_training"] == checkpoint.load_model(best).threshold
-    assert main(["train", "--export", str(best), str(tmp_path / "u.pt"), "--threshold", "1.5"]) == 1
+    with pytest.raises(SystemExit) as usage:  # out of range: a usage error, exit 2
+        main(["train", "--export", str(best), str(tmp_path / "u.pt"), "--threshold", "1.5"])
+    assert usage.value.code == 2
     assert not (tmp_path / "u.pt").exists()
+    with pytest.raises(DeepWMLError, match="between 0 and 1"):  # the API refuses it too
+        training.export_model(best, tmp_path / "u.pt", threshold=1.5)
 
 
 def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
@@ -618,3 +622,141 @@ def test_a_widened_model_fine_tunes_as_a_wider_network(trained, dataset, tmp_pat
     assert float(history[0]["val_dice"]) > narrow_best - 0.1
     with pytest.raises(DeepWMLError, match="another architecture|architecture"):
         training.train(tiny_config(dataset, epochs=1, init=str(wide)), tmp_path / "refused")
+
+
+def _split_file(path: Path, assignment: dict) -> Path:
+    path.write_text("case,split\n" + "".join(f"{case},{split}\n" for case, split in assignment.items()))
+    return path
+
+
+def test_test_split_cases_are_checked_too(tmp_path):
+    """The test cases are the ones a user evaluates on: a bad one is refused like any other."""
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=4)
+    mask = sitk.ReadImage(str(folder / "c3_mask.nii.gz"))
+    mask.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(mask, str(folder / "c3_mask.nii.gz"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "val", "c3": "test"})
+    with pytest.raises(DeepWMLError, match="case c3.*different voxel grids"):
+        training.train(tiny_config(manifest, split=str(split), epochs=1), tmp_path / "run")
+    run = tmp_path / "skip"
+    training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, skip_bad_cases=True), run)
+    assert "c3" in (run / "skipped_cases.csv").read_text()
+    data = checkpoint.load_model(run / "best.pt").provenance["data"]
+    assert data["cases"] == {"train": 2, "val": 1, "test": 0} and data["skipped_cases"] == ["c3"]
+
+
+def test_lesion_on_slices_inference_skips_counts_in_network_pixels():
+    """Validation counts everything in network pixels; lesion on a slice without head must too."""
+    array = np.zeros((3, SIZE, SIZE), np.float32)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    array[:2][:, ((yy - SIZE / 2) / 25.0) ** 2 + ((xx - SIZE / 2) / 22.0) ** 2 < 1] = 100
+    labels = np.zeros(array.shape, np.uint8)
+    labels[2, 20:40, 20:40] = 1  # 400 voxels on the slice without head
+    image, mask = sitk.GetImageFromArray(array), sitk.GetImageFromArray(labels)
+    for volume in (image, mask):
+        volume.SetSpacing((0.45, 0.45, 5.0))
+    config = PreprocessingConfig(grid_size=(32, 32), grid_spacing_mm=1.8)  # 4 x 4 input pixels per network pixel
+    images, network_labels, missed = training.prepare_volume(image, mask, config)
+    assert images.shape[0] == 2 and not network_labels.any()
+    assert missed == 25
+
+
+def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, tmp_path):
+    twice = _split_file(tmp_path / "twice.csv", {f"c{i}": "train" for i in range(6)})
+    twice.write_text(twice.read_text() + "c4,val\n")
+    with pytest.raises(DeepWMLError, match="'c4' is listed twice"):
+        training.train(tiny_config(dataset, split=str(twice)), tmp_path / "r0")
+    no_val = _split_file(tmp_path / "noval.csv", {f"c{i}": "train" for i in range(5)} | {"c5": "test"})
+    with pytest.raises(DeepWMLError, match="5 case.s. in train and 0 in val"):
+        training.train(tiny_config(dataset, split=str(no_val)), tmp_path / "r1")
+    assert not (tmp_path / "r1" / "cache").exists()
+    same_scan = tmp_path / "same.csv"
+    same_scan.write_text(dataset.read_text().replace(",c", f",{dataset.parent}/c")
+                         + f"c9,{dataset.parent}/c2_flair.nii.gz,{dataset.parent}/c2_mask.nii.gz,A,svd\n")
+    with pytest.raises(DeepWMLError, match="'c9' has the FLAIR of case 'c2'"):
+        training.read_manifest(same_scan)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("case,flair,mask\n")
+    with pytest.raises(DeepWMLError, match="header but no case rows"):
+        training.read_manifest(header_only)
+    semicolons = tmp_path / "semi.csv"
+    semicolons.write_text("case;flair;mask\nc0;a;b\n")
+    with pytest.raises(DeepWMLError, match="separate the columns with commas"):
+        training.read_manifest(semicolons)
+    with pytest.raises(DeepWMLError, match="is a folder"):
+        training.read_manifest(tmp_path)
+
+
+def test_a_run_that_failed_on_its_data_can_be_rerun_with_the_manifest_fixed(tmp_path):
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=5)
+    good = manifest.read_text()
+    manifest.write_text(good + "c9,c1_mask.nii.gz,c1_flair.nii.gz,B,svd\n")  # columns swapped: refused
+    run = tmp_path / "run"
+    with pytest.raises(DeepWMLError, match="case c9"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
+    assert (run / "split.csv").is_file() and not (run / "last.pt").exists()
+    manifest.write_text(good)
+    training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, learning_rate=0.02), run)  # other settings too
+    assert (run / "last.pt").is_file() and "c9" not in (run / "split.csv").read_text()
+    with pytest.raises(DeepWMLError, match="other settings"):  # once an epoch is done, the run is kept as it is
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
+
+
+def test_masks_without_lesion_or_with_several_values_are_pointed_out(tmp_path, caplog):
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=5)
+    for i in range(5):
+        path = folder / f"c{i}_mask.nii.gz"
+        mask = sitk.ReadImage(str(path))
+        sitk.WriteImage(mask * 0, str(path))
+    with pytest.raises(DeepWMLError, match="nothing to learn"):
+        training.train(tiny_config(manifest, epochs=1), tmp_path / "empty")
+    several = make_dataset(tmp_path / "several", n_cases=5)
+    path = several.parent / "c0_mask.nii.gz"
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    array[array == 1] = 2
+    array[0, :4, :4] = 1
+    relabelled = sitk.GetImageFromArray(array)
+    relabelled.CopyInformation(sitk.ReadImage(str(path)))
+    sitk.WriteImage(relabelled, str(path))
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(several, epochs=1, samples_per_epoch=8), tmp_path / "several_run")
+    assert "several lesion values (c0 (1, 2))" in caplog.text and "--ignore-label" in caplog.text
+
+
+def test_a_run_folder_in_use_is_refused(dataset, tmp_path):
+    pytest.importorskip("fcntl")
+    run = tmp_path / "run"
+    run.mkdir()
+    training._lock_run_dir(run)  # as a training running in it holds it
+    try:
+        with pytest.raises(DeepWMLError, match="another deepwml train is running"):
+            training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run)
+    finally:
+        training._unlock_run_dir(run)
+    training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run)  # released: it runs
+
+
+def test_training_options_out_of_range_are_usage_errors(dataset, tmp_path, capsys):
+    from DeepWMLLib.cli import main
+
+    base = ["train", str(dataset), "--run-dir", str(tmp_path / "r")]
+    for option in (["--epochs", "0"], ["--lr", "-1"], ["--threshold", "1.5"], ["--dice-weight", "-1"],
+                   ["--early-stopping", "0"], ["--threads", "0"], ["--samples-per-epoch", "0"], ["--scale", "1.2,0.8"]):
+        with pytest.raises(SystemExit) as usage:
+            main(base + option)
+        assert usage.value.code == 2, option
+        assert option[0] in capsys.readouterr().err
+    assert main(["train", str(dataset)]) == 2  # no --run-dir
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(tiny_config(dataset)))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"]) == 2
+    assert "--lr given" in capsys.readouterr().err
+    assert main(["train", "--export", "a.pt", "b.pt", "c.pt"]) == 2
+    with pytest.raises(DeepWMLError, match="wrong type"):
+        training.TrainConfig.coerce(tiny_config(dataset, learning_rate="1e-3"))
+    with pytest.raises(DeepWMLError, match="JSON object"):
+        training.TrainConfig.coerce([1])
