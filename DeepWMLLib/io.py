@@ -375,10 +375,11 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", wh
     """Raise DeepWMLError when two images do not share a voxel grid."""
     diff = grid_difference(a, b)
     if diff:
-        raise DeepWMLError(
-            f"{what_a} and {what_b} are on different voxel grids ({diff}); "
-            "export both on the same grid (resample one onto the other first)"
-        )
+        same_voxels = diff.startswith(("origin", "direction"))  # same size and spacing: a header changed
+        advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
+                  "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other"
+                  if same_voxels else "export both on the same grid (resample one onto the other first)")
+        raise DeepWMLError(f"{what_a} and {what_b} are on different voxel grids ({diff}); {advice}")
 
 
 # ---------------------------------------------------------------------------------------------

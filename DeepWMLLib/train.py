@@ -1144,14 +1144,36 @@ def _write_history(path: Path, history: list[dict]) -> None:
     io.write_text("\n".join(lines) + "\n", path)
 
 
+def shareable_provenance(provenance: dict) -> dict:
+    """A model file's provenance fit to leave the hospital: absolute paths (in the command line too)
+    become file names, and the names of skipped cases, which may be patient identifiers, their count."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: (len(v) if k == "skipped_cases" and isinstance(v, list) else clean(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            return " ".join(_file_name(token) for token in value.split(" "))
+        return value
+
+    return clean(provenance)
+
+
+def _file_name(token: str) -> str:
+    if "/" not in token and "\\" not in token:
+        return token
+    return token.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
 def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True,
                  threshold: float | None = None) -> Path:
     """Write a compact copy of a model file (fp16 weights by default) for shipping, optionally with
-    another probability threshold (e.g. one chosen on validation data after training)."""
+    another probability threshold (e.g. one chosen on validation data after training). Its provenance
+    keeps no path to the training data and no case name (`shareable_provenance`)."""
     from .checkpoint import load_model, save_model
 
     loaded = load_model(source)
-    provenance = dict(loaded.provenance)
+    provenance = shareable_provenance(loaded.provenance)
     provenance["exported_from"] = str(Path(source).name)
     provenance["exported_fp16"] = bool(fp16)
     if threshold is not None:

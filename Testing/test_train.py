@@ -454,6 +454,17 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     assert not (tmp_path / "u.pt").exists()
     with pytest.raises(DeepWMLError, match="between 0 and 1"):  # the API refuses it too
         training.export_model(best, tmp_path / "u.pt", threshold=1.5)
+    # the exported file names no folder of the training data and no case
+    source = checkpoint.load_model(best).provenance
+    assert str(Path(source["training_config"]["manifest"]).parent) in json.dumps(source)
+    shared = checkpoint.load_model(tmp_path / "small.pt").provenance
+    text = json.dumps(shared)
+    assert str(Path(source["training_config"]["manifest"]).parent) not in text and str(tmp_path) not in text
+    assert shared["training_config"]["manifest"] == "manifest.csv" and shared["data"]["skipped_cases"] == 0
+    assert shared["metrics"] == source["metrics"] and shared["training_config"]["epochs"] == 4
+    assert training.shareable_provenance({"data": {"skipped_cases": ["MRN123", "MRN456"]},
+                                          "command": "deepwml train /h/cohort.csv --run-dir /h/r --lr 1e-4"}) == {
+        "data": {"skipped_cases": 2}, "command": "deepwml train cohort.csv --run-dir r --lr 1e-4"}
 
 
 def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
