@@ -49,7 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import Cancelled, DeepWMLError
+from .errors import Cancelled, DeepWMLError, UsageError
 from . import io
 from .io import shared_data_dir, write_image, write_text
 
@@ -832,7 +832,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
 # Command line.
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag, positive_int
+    from .cli import add_debug_flag, positive_float, positive_int, unit_interval
 
     parser = subparsers.add_parser(
         "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
@@ -842,16 +842,16 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
     parser.add_argument("-j", "--workers", type=positive_int, default=1, help="parallel processes")
-    parser.add_argument("--matrix", type=int, help="in-plane matrix for every case (default: per "
+    parser.add_argument("--matrix", type=positive_int, help="in-plane matrix for every case (default: per "
                         "simulated scanner, 256-512)")
-    parser.add_argument("--thickness", type=float, help="slice thickness in mm for every case "
+    parser.add_argument("--thickness", type=positive_float, help="slice thickness in mm for every case "
                         "(default: per simulated scanner, 3-8)")
     parser.add_argument("--intracranial", action="store_true", help="also write each case's intracranial "
                         "mask (the brain-mask network's target; manifest column intracranial)")
-    parser.add_argument("--graded-rims", type=float, default=0.0, metavar="P",
+    parser.add_argument("--graded-rims", type=unit_interval, default=0.0, metavar="P",
                         help="probability that a case's lesions are brighter in their core than at "
                         "their edge (default 0, as the data sets behind models v1-v4)")
-    parser.add_argument("--skull-base-mimics", type=float, default=0.0, metavar="P",
+    parser.add_argument("--skull-base-mimics", type=unit_interval, default=0.0, metavar="P",
                         help="probability that a case gets bright, unlabelled patches on the cortex "
                         "next to the skull base, as real FLAIR often shows (default 0)")
     parser.add_argument("--backgrounds", nargs="+", type=Path, metavar="FLAIR",
@@ -865,6 +865,8 @@ def register(subparsers) -> None:
     parser.add_argument("--own-lesions", action="store_true",
                         help="with --backgrounds: label the scans' own confident lesions (the WMH model >= 0.5) "
                         "and their faint rims as lesion (pseudo-labels) instead of leaving them out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the data set an output folder already holds (default: refuse)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
 
@@ -873,6 +875,9 @@ def _run(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
+    if (args.output / "manifest.csv").is_file() and not args.overwrite:
+        raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or pass "
+                           "--overwrite to replace it")
     if args.backgrounds:
         from .realbg import generate_on_backgrounds
 
@@ -880,9 +885,9 @@ def _run(args: argparse.Namespace) -> int:
                                           ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
                                           ("--thickness", args.thickness)) if value]
         if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
-            raise DeepWMLError(f"--faint-ignore must be above 1 (a brightness ratio) or 0 (off), got {args.faint_ignore:g}")
+            raise UsageError(f"--faint-ignore must be above 1 (a brightness ratio) or 0 (off), got {args.faint_ignore:g}")
         if other:
-            raise DeepWMLError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
+            raise UsageError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
                                "their own anatomy, head and acquisition)")
         options = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
         manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
@@ -891,7 +896,7 @@ def _run(args: argparse.Namespace) -> int:
         print(manifest)
         return 0
     if args.own_lesions or args.faint_ignore is not None:
-        raise DeepWMLError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
+        raise UsageError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
     manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                 matrix=args.matrix, slice_thickness=args.thickness,
                                 intracranial=args.intracranial, graded_rims=args.graded_rims,

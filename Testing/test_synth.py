@@ -166,13 +166,24 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     assert usage.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 1" in err
-    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--graded-rims", "1.5"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "probability" in err and "1.5" in err
-    assert cli_main(["synth", "-n", "2", "-o", str(tmp_path), "--skull-base-mimics", "-0.1"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--skull-base-mimics is a probability" in err
+    for option, value in (("--graded-rims", "1.5"), ("--skull-base-mimics", "-0.1")):
+        with pytest.raises(SystemExit) as usage:
+            cli_main(["synth", "-n", "2", "-o", str(tmp_path), option, value])
+        assert usage.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and option in err and "between 0 and 1" in err and value in err
+    with pytest.raises(DeepWMLError, match="--skull-base-mimics is a probability"):  # the API checks it too
+        synth.generate_dataset(2, tmp_path, skull_base_mimics=-0.1)
     assert not any(tmp_path.iterdir())
+
+
+def test_synth_refuses_to_write_over_a_data_set_unless_asked(tmp_path, capsys, monkeypatch):
+    (tmp_path / "manifest.csv").write_text("case,flair,mask\n")
+    assert cli_main(["synth", "-n", "1", "-o", str(tmp_path)]) == 1
+    assert "holds a data set already" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(synth, "generate_dataset", lambda *a, **k: calls.append(a) or tmp_path / "manifest.csv")
+    assert cli_main(["synth", "-n", "1", "-o", str(tmp_path), "--overwrite"]) == 0 and len(calls) == 1
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
