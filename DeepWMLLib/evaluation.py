@@ -16,6 +16,7 @@ relative paths are relative to the CSV's folder) and writes into an output folde
     report.md            one readable report tying the above together
     summary.json         all of it, machine readable
 
+Quartiles are numpy's linear interpolation (Hyndman-Fan type 7; SPSS's type 6 can differ on small groups).
 The unit of the paper's tables and tests is the 2D image (axial slice with reference lesion), as in
 DeepWML; per-case values (MICCAI challenge and lesion-wise metrics) are reported next to them.
 Undefined values (e.g. precision of an empty prediction) are left out of medians and tests and
@@ -406,9 +407,11 @@ def _report(summary: dict) -> str:
         + (f" ({len(failed)} failed, listed at the end)" if failed else "") + "  ",
         f"2D images with reference lesion: {summary['n_images']}  ",
         f"Lesion-wise rule: a reference lesion is found when >= {summary['found_fraction']:.0%} of its voxels "
-        f"are marked; size classes {summary['size_classes']}.",
+        f"are marked, a predicted lesion correct when >= {summary['found_fraction']:.0%} of its voxels lie in "
+        f"the reference; size classes {summary['size_classes']}.",
         "",
-        "Values are median [interquartile range]. Per-image values are over the axial slices whose "
+        "Values are median [interquartile range] (quartiles by linear interpolation between order "
+        "statistics, numpy's default, Hyndman-Fan type 7). Per-image values are over the axial slices whose "
         "reference has lesion (the DeepWML paper's unit); undefined values (precision of an empty "
         "prediction, metrics of an empty reference) are left out and *n* says how many were used. "
         "Definitions and empty-mask conventions: `DeepWMLLib/metrics.py`.",

@@ -5,22 +5,26 @@ Three families of metrics, each as its paper defines it:
 * DeepWML (Zhang et al., Neuroradiology 2021): Dice, sensitivity and precision per case and per 2D
   image. A 2D image is an axial slice of `io.to_axial_stack`: slice k is voxel index k along
   `io.axial_axis`. Its lesion volume LV = reference lesion area x slice thickness, and its LV group
-  is G1 < 0.2 ml <= G2 < 0.7 ml <= G3 < 2 ml <= G4 < 5 ml <= G5 (`lv_group`).
+  is G1 < 0.2 ml <= G2 < 0.7 ml <= G3 < 2 ml <= G4 < 5 ml <= G5 (`lv_group`). The slice thickness is
+  the voxel spacing along that axis (a gap between acquired slices counts towards it), so on 1 mm
+  volumes the images' LV are small and G3-G5 rare: compare groups across the paper's 3-8 mm slices.
 * MICCAI 2017 WMH segmentation challenge (Kuijf et al.), per case: Dice; HD95 in mm (boundary =
-  mask minus its 2D in-plane erosion with a 3x3 square, the image border counting as foreground as
-  in SimpleITK's BinaryErode; boundary voxels placed at their physical LPS positions using origin,
+  mask minus its 2D erosion with a 3x3 square in the axial planes above, the image border counting
+  as foreground as in SimpleITK's BinaryErode; the challenge code erodes in the planes of the
+  stored voxel index instead, the same for axially stored volumes, so here HD95 does not change
+  when a file stores its axes in another order; boundary voxels placed at their physical LPS positions using origin,
   spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
   distances; a mask filling whole slices, which has no such boundary, uses all its voxels);
   AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D 26-connected
   components, a lesion counting as detected when any of its voxels overlaps.
 * CSVD-WMH (Tiantan): lesion-wise precision, recall and Dice, where a reference lesion (26-connected
-  component) is found when at least 40 % of its voxels are marked by the prediction. A predicted
-  lesion is correct when at least 40 % of its voxels lie in the reference, or when it overlaps a
-  found reference lesion: outlines a voxel too tight or too loose around real lesions are then
-  neither misses nor false detections at the lesion level (voxel metrics already penalise them),
-  while a blob that lies mostly outside every found lesion is a false detection. Lesion-wise Dice =
-  (found reference lesions + correct predicted lesions) / (reference lesions + predicted lesions),
-  which is 2TP / (2TP + FP + FN) when lesions match one to one. Broken down by lesion size: small
+  component) is found when at least 40 % of its voxels are marked by the prediction, and the same
+  rule from the other side: a predicted lesion is correct when at least 40 % of its voxels lie in
+  the reference. So an outline far too generous (a 108-voxel blob around a 4-voxel lesion) finds its
+  lesion but is itself a false detection, and one blob over a whole hemisphere cannot score as
+  precise. Lesion-wise Dice = (found reference lesions + correct predicted lesions) / (reference
+  lesions + predicted lesions), which is 2TP / (2TP + FP + FN) when lesions match one to one (it
+  counts each side's lesions, so it is not the F1 of lesion-wise precision and recall when they do not). Broken down by lesion size: small
   < 20, medium 20..150 (inclusive), large > 150 voxels by default; bounds are configurable, in
   voxels or mm3. ROC AUC of a probability map against the reference (ties count one half).
 
@@ -28,8 +32,9 @@ Label conventions. Reference: 0 background, 1 lesion, 2 "ignore" (the challenge'
 pathology): voxels labelled 2 are removed from prediction and reference alike before any count,
 component, distance, volume or AUC, so a prediction there is neither right nor wrong. Any other
 reference value is an error. Prediction (and both raters in `binary_pair`): a voxel is lesion when
-its value is >= 0.5, i.e. any positive label of an integer mask. Probability maps are scores; only
-their order matters for AUC.
+its value is >= 0.5, i.e. any positive label of an integer mask (files are read with `io.read_mask`,
+which refuses non-integer values: threshold a probability map first). Probability maps are scores;
+only their order matters for AUC.
 
 Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1:
 
@@ -335,16 +340,6 @@ class MaskPair:
         labels, n = self.prediction_components
         return self._sizes_and_overlap(labels, n, self.reference)
 
-    def _touches(self, ref_selected: np.ndarray) -> np.ndarray:
-        """For each predicted lesion: does it overlap any of the selected reference lesions?"""
-        ref_labels, _ = self.reference_components
-        pred_labels, n_pred = self.prediction_components
-        both = (ref_labels > 0) & (pred_labels > 0)
-        hits = pred_labels[both][ref_selected[ref_labels[both] - 1]]
-        touched = np.zeros(n_pred + 1, dtype=bool)
-        touched[hits] = True
-        return touched[1:]
-
     def lesion_detection(self) -> dict:
         """MICCAI challenge lesion recall and F1 (any overlap detects; its empty-mask conventions)."""
         ref_sizes, ref_covered = self.reference_lesions
@@ -368,7 +363,7 @@ class MaskPair:
         ref_sizes, ref_covered = self.reference_lesions
         pred_sizes, pred_covered = self.predicted_lesions
         ref_found = ref_covered >= found_fraction * ref_sizes
-        pred_correct = (pred_covered >= found_fraction * pred_sizes) | self._touches(ref_found)
+        pred_correct = pred_covered >= found_fraction * pred_sizes
         ref_class = size_classes.classify(ref_sizes * scale)
         pred_class = size_classes.classify(pred_sizes * scale)
 

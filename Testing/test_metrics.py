@@ -217,13 +217,23 @@ def test_lesionwise_blob_mostly_outside_an_unfound_lesion_is_a_false_detection()
     assert metrics.lesion_detection(image(pred), image(ref))["lesion_recall"] == 1.0  # any overlap detects
 
 
-def test_lesionwise_counts_a_generous_outline_of_a_found_lesion_as_correct():
+def test_lesionwise_a_far_too_generous_outline_finds_its_lesion_but_is_a_false_detection():
+    """The 40 % rule from both sides: a blob that is mostly outside the reference is not precise, even
+    when it covers a lesion (a box over every lesion would otherwise score recall, precision and Dice 1)."""
     ref, pred = zeros(), zeros()
     ref[3, 8:10, 8:10] = 1
-    pred[2:5, 6:12, 6:12] = 1  # 108 voxels around a 4-voxel lesion
+    pred[2:5, 6:12, 6:12] = 1  # 108 voxels around a 4-voxel lesion: 4 % in the reference
     pred[7, 0, 0] = 1          # and one false positive
     result = metrics.lesionwise(image(pred), image(ref))
-    assert (result["recall"], result["precision"], result["dice"]) == (1.0, 0.5, pytest.approx(2 / 3))
+    assert (result["recall"], result["precision"], result["dice"]) == (1.0, 0.0, pytest.approx(1 / 3))
+    ref[3, 2:4, 2:4] = 1       # a second lesion, both under one box
+    box = zeros()
+    box[:, 1:12, 1:12] = 1
+    result = metrics.lesionwise(image(box), image(ref))
+    assert (result["n_found"], result["n_correct"], result["precision"]) == (2, 0, 0.0)
+    tight = zeros()
+    tight[3, 8:10, 7:10] = 1   # 6 voxels, 4 in the lesion: correct
+    assert metrics.lesionwise(image(tight), image(ref))["n_correct"] == 1
 
 
 def _line_lesions(sizes) -> np.ndarray:
