@@ -30,7 +30,7 @@ from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "dice", "sensitivity",
-                   "precision", "reference", "seconds"]
+                   "precision", "reference", "seconds", "warnings"]
 
 
 def parseArguments(argv):
@@ -93,7 +93,8 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
                                                brainMask=not args.no_brain_mask)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
-        row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"]}
+        row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"],
+               "warnings": " | ".join(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)
             nodes.append(referenceNode)
@@ -140,6 +141,8 @@ def main(argv) -> int:
         rows.append(row)
         detail = f"{row['volume_ml']:.2f} ml, {row['lesion_count']} lesions" if row["status"] == "ok" else row["error"]
         print(f"{case}: {row['status']} - {detail}", flush=True)
+        if row.get("warnings"):
+            print(f"{case}: warning: {row['warnings']}", flush=True)
     write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
     failed = sum(row["status"] == "error" for row in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {args.output_dir / 'summary.csv'}", flush=True)
