@@ -298,12 +298,12 @@ def format_table(r: dict) -> str:
         ("brain-mask model", "none" if not r.get("brain_model") else
          f"{r['brain_model']} (base {r['brain_architecture']['base_channels']}, grid {r['brain_grid'][0]}×{r['brain_grid'][1]})"),
         ("machine / threads", f"{r['machine']} / {r['threads']}"),
-        ("network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP" + (
+        ("(d) network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP" + (
             f" ({' + '.join(str(f) for f in r['gflop_per_slice_each'])})" if len(r["gflop_per_slice_each"]) > 1 else "")),
         ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
         (f"(b) DeepWML inference [{r['runner']}]", f"{r['b_deepwml_inference_s']:.2f} s ({r['b_speedup_vs_a']}x faster than a; {r['slices_run_by_deepwml']}/{r['slices']} slices hold head)"),
         ("    network only", f"{r['b_network_only_s']:.2f} s ({r['b_network_gflops']} GFLOP/s)"),
-        ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}, per repetition {r['c_over_b_paired']}; c - b = {r['c_minus_b_s']:.2f} s)"),
+        ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}, median of each repetition's own c/b {r['c_over_b_paired']}; c - b = {r['c_minus_b_s']:.2f} s)"),
         (f"    per case, {r['c_batch_cases']} cases in one run", f"{r['c_batch_per_case_s']:.2f} s (= {r['c_batch_per_case_over_b']} x b; start-up and loading paid once)"),
         ("    start-up floor", f"{r['startup_floor_s']:.2f} s (a process that only imports what (c) cannot do without, then exits)"),
         ("    ... with the networks ready", f"{r['startup_floor_networks_ready_s']:.2f} s (also loads every network and runs "
@@ -317,14 +317,14 @@ def format_table(r: dict) -> str:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag, positive_int
+    from .cli import add_debug_flag, non_negative_int, positive_int
 
     p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else synthetic)")
     p.add_argument("--model", nargs="+", help="model file(s) (default: the shipped default model)")
-    p.add_argument("--slices", type=int, default=25, help="central axial slices to keep (default 25; 0 = all)")
-    p.add_argument("--repeat", type=positive_int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--slices", type=non_negative_int, default=25, help="central axial slices to keep (default 25; 0 = all)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed repetitions (median reported; default 3)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),

@@ -110,13 +110,22 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
     }
 
 
+def save_torch(obj, path) -> None:
+    """torch.save through an open file: the archive inside is then named "archive", not after the
+    (temporary, random) file name, so the same content gives the same bytes."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_model(path: str | os.PathLike, model, config: dict,
                preprocessing: PreprocessingConfig | dict, threshold: float = 0.5,
                provenance: dict | None = None, labels: dict | None = None, fp16: bool = False) -> Path:
     import torch
 
     payload = model_payload(model, config, preprocessing, threshold, provenance, labels, fp16)
-    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    return write_atomically(path, lambda tmp: save_torch(payload, tmp))
 
 
 def load_payload(path: str | os.PathLike) -> dict:

@@ -78,11 +78,19 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     }
 
 
+def _shown(dice: float, threshold: float) -> str:
+    """Dice with enough digits that its comparison with the threshold reads as the verdict says."""
+    digits = 3
+    while digits < 8 and (round(dice, digits) >= threshold) != (dice >= threshold):
+        digits += 1
+    return f"{dice:.{digits}f}"
+
+
 def format_check(result: dict) -> str:
     """Human-readable verdict with the slices and lesions to review."""
     verdict = "PASS" if result["passed"] else "FAIL (re-label)"
     lines = [
-        f"Dice {result['dice']:.3f} (threshold {result['threshold']:.2f}): {verdict}",
+        f"Dice {_shown(result['dice'], result['threshold'])} (threshold {result['threshold']:g}): {verdict}",
         f"rater A {result['volume_a_ml']:.2f} ml in {result['n_lesions_a']} lesions; "
         f"rater B {result['volume_b_ml']:.2f} ml in {result['n_lesions_b']} lesions",
     ]
@@ -160,7 +168,8 @@ def register(subparsers) -> None:
         "consensus", help="check two raters' masks agree (Dice >= 0.85), one pair or a cohort",
         description="One pair: RATER_A RATER_B prints the Dice, PASS or FAIL, the slices where the raters disagree "
                     "most and lesions drawn by one rater only. A cohort: --manifest CSV (columns case, rater_a, "
-                    "rater_b) and -o OUTDIR, which receives consensus.csv, relabel.txt and consensus.json. The exit status is 0 "
+                    "rater_b) and -o OUTDIR, which receives consensus.csv, relabel.txt and consensus.json. Any non-zero "
+                    "voxel of a rater's mask is lesion (labels 2, 3, ... too). The exit status is 0 "
                     "whatever the verdict, non-zero only when a file cannot be read or compared.")
     parser.add_argument("rater_a", nargs="?", metavar="RATER_A", help="mask of the first rater")
     parser.add_argument("rater_b", nargs="?", metavar="RATER_B", help="mask of the second rater")
@@ -184,7 +193,7 @@ def run(args) -> int:
                                    progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
                                                                             file=sys.stderr))
         n_ok = len(summary["cases"]) - len(summary["failed"])
-        print(f"{n_ok} cases checked at Dice >= {args.threshold:.2f}: {n_ok - len(summary['relabel'])} pass, "
+        print(f"{n_ok} case{'s' * (n_ok != 1)} checked at Dice >= {args.threshold:g}: {n_ok - len(summary['relabel'])} pass, "
               f"{len(summary['relabel'])} need re-labelling"
               + (f" ({', '.join(summary['relabel'])})" if summary["relabel"] else ""))
         print(f"results: {Path(args.output) / 'consensus.csv'}")
@@ -193,6 +202,8 @@ def run(args) -> int:
         raise UsageError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
+    if args.json:
+        io.check_output_file(args.json)  # before the work, not after
     result = consensus_check(io.read_mask(args.rater_a), io.read_mask(args.rater_b), args.threshold)
     print(format_check(result))
     if args.json:

@@ -960,6 +960,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
                   dist_ctx: _Dist, progress, cancel, label: str = "") -> Path:
     import torch
 
+    from .checkpoint import save_torch
     from .model import build_model
 
     with torch.random.fork_rng(devices=[]):
@@ -1075,7 +1076,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
         if dist_ctx.main:
             if improved:
                 _save_best(best_file, model, cfg, state, setup, device, dist_ctx.world)
-            io.write_atomically(last, lambda tmp: torch.save(state, tmp))
+            io.write_atomically(last, lambda tmp: save_torch(state, tmp))
             _write_history(run_dir / "history.csv", state["history"])
             log.info("%sepoch %d/%d: train loss %.4f, val loss %.4f, val Dice %.4f (best %.4f at epoch %d)%s", label, epoch, cfg.epochs,
                      row["train_loss"], row["val_loss"], dice, state["best_dice"], state["best_epoch"],

@@ -71,10 +71,10 @@ def test_a_model_without_batch_norm_is_refused():
         adapt_batch_norm(model, np.zeros((2, 32, 32), np.float32))
 
 
-def _scans(tmp_path, n=2):
+def _scans(tmp_path, n=2, slices=12):
     paths = []
     for seed in range(n):
-        image, _ = make_volume(size=(64, 64, 6), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),), seed=seed)
+        image, _ = make_volume(size=(64, 64, slices), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),), seed=seed)
         path = tmp_path / f"scan{seed}.nii.gz"
         sitk.WriteImage(image, str(path))
         paths.append(path)
@@ -141,23 +141,64 @@ def test_models_of_different_grids_and_scans_without_head_are_refused(tmp_path):
 
 def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, capsys):
     source = _model_file(tmp_path / "bn.pt")
-    scans = [str(p) for p in _scans(tmp_path, 1)]
+    scans = [str(p) for p in _scans(tmp_path, 2)]
     out = tmp_path / "adapted"
     args = ["adapt", "--model", str(source), "--scans", *scans, "-o", str(out), "--crops-per-slice", "2"]
     assert cli.main(args) == 0
     written = out / "bn-adapted.pt"
     assert written.is_file() and "adapted_batch_norm" in load_model(written).provenance
     err = capsys.readouterr().err
-    assert "only" in err and "--model" in err  # 6 slices: the few-slices warning; how to use the result
-    assert "finding lesions with bn.pt 6/6" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
+    assert "only" in err and "--model" in err  # 24 slices: the few-slices warning; how to use the result
+    assert "finding lesions with bn.pt 24/24" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
     # a folder stands for the scans in it
     assert cli.main(["adapt", "--model", str(source), "--scans", str(tmp_path), "-o", str(out), "--overwrite"]) == 0
-    assert [s["scan"] for s in load_model(written).provenance["adapted_batch_norm"]["scans"]] == ["scan0.nii.gz"]
-    assert cli.main(["adapt", "--scans", *scans, "-o", str(out), "--model", str(source), "--crops-per-slice", "0",
-                     "--overwrite"]) == 1
+    record = load_model(written).provenance["adapted_batch_norm"]
+    assert [s["scan"] for s in record["scans"]] == ["scan0.nii.gz", "scan1.nii.gz"]
+    assert "earlier" not in record
+    assert cli.main(["adapt", "--model", str(written), "--scans", *scans, "-o", str(tmp_path / "again")]) == 0
+    again = load_model(tmp_path / "again" / "bn-adapted-adapted.pt").provenance["adapted_batch_norm"]
+    assert again["from_model"] == "bn-adapted.pt" and again["earlier"]["from_model"] == "bn.pt"  # history kept
+    with pytest.raises(SystemExit) as usage:  # out of range: a usage error
+        cli.main(["adapt", "--scans", *scans, "-o", str(out), "--model", str(source), "--crops-per-slice", "0",
+                  "--overwrite"])
+    assert usage.value.code == 2
+
+
+def test_too_few_slices_and_a_scan_given_twice_are_refused_and_leave_nothing(tmp_path, capsys):
+    source = _model_file(tmp_path / "bn.pt")
+    one, two = _scans(tmp_path, 2)
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(one), "-o", str(out)]) == 1  # 12 slices
+    assert "only 12 slice(s) with head" in capsys.readouterr().err
+    copy = tmp_path / "copy.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(one)), str(copy))  # the same scan in another format
+    for twice in ([one, one], [one, two, copy]):
+        assert cli.main(["adapt", "--model", str(source), "--scans", *map(str, twice), "-o", str(out)]) == 1
+        assert "holds the same scan as" in capsys.readouterr().err
+    assert not out.exists()  # refused runs leave no empty folder
+
+
+def test_an_ensemble_is_written_only_when_every_member_is_adapted(tmp_path, monkeypatch):
+    import DeepWMLLib.adapt as adapt
+
+    sources = [_model_file(tmp_path / "bn1.pt", 0), _model_file(tmp_path / "bn2.pt", 1)]
+    calls = []
+    real = adapt.adapt_batch_norm
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C during the second member
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapt, "adapt_batch_norm", second_fails)
+    outs = [tmp_path / "out1.pt", tmp_path / "out2.pt"]
+    with pytest.raises(KeyboardInterrupt):
+        adapt_models(sources, _scans(tmp_path), outs, per_slice=2)
+    assert not any(o.exists() for o in outs)
 
 
 def test_matched_crops_are_drawn_as_training_draws_them():
@@ -244,3 +285,17 @@ def test_progress_is_a_line_in_place_on_a_terminal_and_a_few_plain_lines_in_a_lo
     assert "\r" not in log.text and len(lines) == 8  # a quarter at a time, each stage ending on its total
     assert lines[3] == "finding lesions with m.pt 100/100" and lines[-1] == "m.pt: batch-norm layer 18/18"
     assert tty.text.count("\r") == 118 and tty.text.count("\n") == 2
+
+
+def test_the_same_adaptation_gives_the_same_bytes(tmp_path):
+    """A model file's bytes depend on its content only (torch.save would name its archive after the
+    temporary file), so a checksum can tell whether two runs agree."""
+    import hashlib
+
+    source = _model_file(tmp_path / "bn.pt")
+    scans = _scans(tmp_path)
+    outs = [tmp_path / "a" / "x.pt", tmp_path / "b" / "x.pt"]
+    for out in outs:
+        out.parent.mkdir()
+        adapt_models([source], scans, [out], per_slice=2)
+    assert len({hashlib.sha256(out.read_bytes()).hexdigest() for out in outs}) == 1

@@ -93,3 +93,11 @@ def test_bench_runs_every_member_of_an_ensemble_in_the_reference_too(tmp_path, t
     assert two["gflop_per_slice_each"] == one["gflop_per_slice_each"] * 2
     assert two["gflop_per_slice"] == pytest.approx(2 * one["gflop_per_slice"], abs=0.002)
     assert two["mask_dice_b_vs_a"] >= 0.99
+
+
+def test_negative_slice_count_is_a_usage_error(capsys):
+    from DeepWMLLib.cli import main
+
+    with pytest.raises(SystemExit) as usage:
+        main(["bench", "--slices", "-3", "--repeat", "1"])
+    assert usage.value.code == 2 and "--slices" in capsys.readouterr().err

@@ -95,6 +95,21 @@ def test_cli_prints_the_verdict_and_exits_zero_on_fail(tmp_path, capsys):
     assert "PASS" in capsys.readouterr().out
 
 
+def test_cli_shows_dice_and_threshold_so_that_they_read_as_the_verdict(tmp_path, capsys):
+    a, b = raters()  # Dice 2 * 116 / (128 + 216) = 0.6744...
+    io.write_image(image(a), tmp_path / "a.nii.gz")
+    io.write_image(image(b), tmp_path / "b.nii.gz")
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--threshold", "0.6744"]) == 0
+    assert "Dice 0.6744 (threshold 0.6744): PASS" in capsys.readouterr().out  # not "0.674 (threshold 0.67)"
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--threshold", "0.6745"]) == 0
+    assert "Dice 0.674 (threshold 0.6745): FAIL" in capsys.readouterr().out  # 3 digits already read right
+    # a --json that cannot be written is said before the check, which prints nothing
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"),
+                 "--json", str(tmp_path / "missing" / "c.json")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "does not exist" in captured.err
+
+
 @pytest.mark.parametrize("args, message, code", [
     (["consensus", "nowhere_a.nii.gz", "nowhere_b.nii.gz"], "does not exist", 1),
     (["consensus", "a", "b", "--threshold", "85"], "between 0 and 1", 2),  # usage errors exit 2
