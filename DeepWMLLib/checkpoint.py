@@ -122,8 +122,6 @@ def save_torch(obj, path) -> None:
 def save_model(path: str | os.PathLike, model, config: dict,
                preprocessing: PreprocessingConfig | dict, threshold: float = 0.5,
                provenance: dict | None = None, labels: dict | None = None, fp16: bool = False) -> Path:
-    import torch
-
     payload = model_payload(model, config, preprocessing, threshold, provenance, labels, fp16)
     return write_atomically(path, lambda tmp: save_torch(payload, tmp))
 

@@ -12,8 +12,8 @@ Three families of metrics, each as its paper defines it:
   mask minus its 2D erosion with a 3x3 square in the axial planes above, the image border counting
   as foreground as in SimpleITK's BinaryErode; the challenge code erodes in the planes of the
   stored voxel index instead, the same for axially stored volumes, so here HD95 does not change
-  when a file stores its axes in another order; boundary voxels placed at their physical LPS positions using origin,
-  spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
+  when a file stores its axes in another order; boundary voxels placed at their physical LPS
+  positions using origin, spacing and direction; the larger of the two directed 95th percentiles of nearest-boundary
   distances; a mask filling whole slices, which has no such boundary, uses all its voxels);
   AVD = |V_pred - V_ref| / V_ref in %; lesion recall and lesion F1 on 3D 26-connected
   components, a lesion counting as detected when any of its voxels overlaps.
@@ -24,7 +24,8 @@ Three families of metrics, each as its paper defines it:
   lesion but is itself a false detection, and one blob over a whole hemisphere cannot score as
   precise. Lesion-wise Dice = (found reference lesions + correct predicted lesions) / (reference
   lesions + predicted lesions), which is 2TP / (2TP + FP + FN) when lesions match one to one (it
-  counts each side's lesions, so it is not the F1 of lesion-wise precision and recall when they do not). Broken down by lesion size: small
+  counts each side's lesions, so it is not the F1 of lesion-wise precision and recall when they do
+  not). Broken down by lesion size: small
   < 20, medium 20..150 (inclusive), large > 150 voxels by default; bounds are configurable, in
   voxels or mm3. ROC AUC of a probability map against the reference (ties count one half).
 

@@ -391,7 +391,8 @@ def _run(args) -> int:
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
-        precision=args.precision, output_format=args.output_format, brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
+        precision=args.precision, output_format=args.output_format,
+        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

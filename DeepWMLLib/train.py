@@ -831,13 +831,11 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
             if dist_ctx.main:
                 member_dir.mkdir(exist_ok=True)
             dist_ctx.barrier()
-            member_progress = None
-            if progress is not None:
-                def member_progress(fraction, message, k=k):
-                    prefix = f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
-                    progress((k + fraction) / cfg.ensemble, prefix + message)
+            label = f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+            member_progress = None if progress is None else (
+                lambda fraction, message, k=k, label=label: progress((k + fraction) / cfg.ensemble, label + message))
             best.append(_train_member(cfg.member(k), member_dir, train_set, val_set, setup, device, dist_ctx,
-                                      member_progress, cancel, f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""))
+                                      member_progress, cancel, label))
         return best[0] if cfg.ensemble == 1 else best
     finally:
         _unlock_run_dir(run_dir)

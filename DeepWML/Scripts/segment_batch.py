@@ -7,7 +7,8 @@ It also runs under plain Python with slicer-core installed (python DeepWML/Scrip
 
 Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) and DICOM series folder in IN is a case; its
 name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
-and DICOM inputs, .mha for MetaImage) and CASE_report.json (the same names as `deepwml segment`), and summary.csv with one row per case. With
+and DICOM inputs, .mha for MetaImage) and CASE_report.json (the same names as `deepwml segment`), and
+summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. One failing case never stops the others. Exit status: 0 when every case succeeded
