@@ -866,18 +866,36 @@ def register(subparsers) -> None:
                         help="with --backgrounds: label the scans' own confident lesions (the WMH model >= 0.5) "
                         "and their faint rims as lesion (pseudo-labels) instead of leaving them out")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the data set an output folder already holds (default: refuse)")
+                        help="replace the data set an output folder already holds: delete the files its "
+                        "manifest lists, then write the new one (default: refuse)")
     add_debug_flag(parser)
     parser.set_defaults(func=_run)
+
+
+def _remove_data_set(folder: Path) -> None:
+    """Delete the files an earlier data set's manifest lists inside `folder`, then the manifest."""
+    manifest = folder / "manifest.csv"
+    root = folder.resolve()
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for column in ("flair", "mask", "intracranial"):
+            if row.get(column):
+                path = (folder / row[column]).resolve()
+                if path.parent == root and path.is_file():  # only files of the data set itself
+                    path.unlink()
+    manifest.unlink()
 
 
 def _run(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
-    if (args.output / "manifest.csv").is_file() and not args.overwrite:
-        raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or pass "
-                           "--overwrite to replace it")
+    if (args.output / "manifest.csv").is_file():
+        if not args.overwrite:
+            raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or "
+                               "pass --overwrite to replace it")
+        _remove_data_set(args.output)
     if args.backgrounds:
         from .realbg import generate_on_backgrounds
 

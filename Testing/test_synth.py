@@ -178,12 +178,17 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
 
 
 def test_synth_refuses_to_write_over_a_data_set_unless_asked(tmp_path, capsys, monkeypatch):
-    (tmp_path / "manifest.csv").write_text("case,flair,mask\n")
+    (tmp_path / "old_flair.nii.gz").write_text("x")
+    (tmp_path / "old_mask.nii.gz").write_text("x")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    (tmp_path / "manifest.csv").write_text("case,flair,mask\nold,old_flair.nii.gz,old_mask.nii.gz\n")
     assert cli_main(["synth", "-n", "1", "-o", str(tmp_path)]) == 1
     assert "holds a data set already" in capsys.readouterr().err
+    assert (tmp_path / "old_flair.nii.gz").exists()
     calls = []
     monkeypatch.setattr(synth, "generate_dataset", lambda *a, **k: calls.append(a) or tmp_path / "manifest.csv")
     assert cli_main(["synth", "-n", "1", "-o", str(tmp_path), "--overwrite"]) == 0 and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the old set's files went, nothing else
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
