@@ -420,8 +420,6 @@ def _run(args) -> int:
     if existing and not args.overwrite:
         raise DeepWMLError(f"{', '.join(existing)} {'already exists' if len(existing) == 1 else 'already exist'}; "
                            "use --overwrite to replace")
-    if out_dir.exists() and not out_dir.is_dir():
-        io.make_output_dir(out_dir)  # says that a file of that name exists
     made = not out_dir.exists()
     progress = StageProgress(sys.stderr)
 

@@ -891,6 +891,18 @@ def _run(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
 
+    # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
+    if args.backgrounds:
+        other = [flag for flag, value in (("--intracranial", args.intracranial), ("--graded-rims", args.graded_rims),
+                                          ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
+                                          ("--thickness", args.thickness)) if value]
+        if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
+            raise UsageError(f"--faint-ignore must be above 1 (a brightness ratio) or 0 (off), got {args.faint_ignore:g}")
+        if other:
+            raise UsageError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
+                             "their own anatomy, head and acquisition)")
+    elif args.own_lesions or args.faint_ignore is not None:
+        raise UsageError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
     if (args.output / "manifest.csv").is_file():
         if not args.overwrite:
             raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or "
@@ -899,26 +911,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.backgrounds:
         from .realbg import generate_on_backgrounds
 
-        other = [flag for flag, value in (("--intracranial", args.intracranial), ("--graded-rims", args.graded_rims),
-                                          ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
-                                          ("--thickness", args.thickness)) if value]
-        if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
-            raise UsageError(f"--faint-ignore must be above 1 (a brightness ratio) or 0 (off), got {args.faint_ignore:g}")
-        if other:
-            raise UsageError(f"{', '.join(other)} cannot be combined with --backgrounds (the scans bring "
-                               "their own anatomy, head and acquisition)")
         options = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
         manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
                                            own_lesions=args.own_lesions, **options)
-        print(file=sys.stderr)
-        print(manifest)
-        return 0
-    if args.own_lesions or args.faint_ignore is not None:
-        raise UsageError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
-    manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
-                                matrix=args.matrix, slice_thickness=args.thickness,
-                                intracranial=args.intracranial, graded_rims=args.graded_rims,
-                                skull_base_mimics=args.skull_base_mimics)
+    else:
+        manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
+                                    matrix=args.matrix, slice_thickness=args.thickness,
+                                    intracranial=args.intracranial, graded_rims=args.graded_rims,
+                                    skull_base_mimics=args.skull_base_mimics)
     print(file=sys.stderr)
     print(manifest)
     return 0
