@@ -32,7 +32,8 @@ Three families of metrics, each as its paper defines it:
 Label conventions. Reference: 0 background, 1 lesion, 2 "ignore" (the challenge's other
 pathology): voxels labelled 2 are removed from prediction and reference alike before any count,
 component, distance, volume or AUC, so a prediction there is neither right nor wrong. Any other
-reference value is an error. Prediction (and both raters in `binary_pair`): a voxel is lesion when
+reference value is an error, except in a two-valued mask (0 and one positive whole number other than
+2, e.g. 0/255 as many tools export), whose non-zero value is read as lesion. Prediction (and both raters in `binary_pair`): a voxel is lesion when
 its value is >= 0.5, i.e. any positive label of an integer mask (files are read with `io.read_mask`,
 which refuses non-integer values: threshold a probability map first). Probability maps are scores;
 only their order matters for AUC.
@@ -136,16 +137,27 @@ def _binary(image: sitk.Image) -> np.ndarray:
 
 
 def _reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(lesion, ignore) boolean arrays; refuses label values other than 0, 1, 2."""
+    """(lesion, ignore) boolean arrays.
+
+    Labels 0, 1 and 2 as the module docstring says; a binary mask that marks lesion with another single
+    value (0/255, as many tools export) is read as 0/1. Any other mix of values is refused."""
     array = voxels(reference)
-    lesion = array == 1
+    lesion_value = 1
+    positive = array[array != 0]
+    if positive.size and not np.any(positive == 1) and not np.any(positive == IGNORE_LABEL):
+        first = positive.flat[0]
+        if np.all(positive == first) and first > 0 and first == round(float(first)):
+            lesion_value = first  # a two-valued mask: its non-zero value is lesion
+    lesion = array == lesion_value
     ignore = array == IGNORE_LABEL
     bad = ~(lesion | ignore | (array == 0))
     if bad.any():
-        example = array[bad].flat[0]
+        found = np.unique(array[bad])
+        shown = ", ".join(f"{v:g}" for v in found[:5]) + (", ..." if len(found) > 5 else "")
         raise DeepWMLError(
-            f"reference has value {example:g} in {int(bad.sum())} voxels; a reference mask may only hold "
-            "0 (background), 1 (lesion) and 2 (ignore) — relabel it first"
+            f"reference has value{'s' if len(found) > 1 else ''} {shown} in {int(bad.sum())} voxels; a reference mask may only hold "
+            "0 (background), 1 (lesion) and 2 (ignore), or be two-valued (0 and one lesion value such as 255) "
+            "— relabel it first"
         )
     return lesion, ignore
 

@@ -58,6 +58,7 @@ BAD_INPUTS = [
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference with labels other than 0/1/2", "evaluate", 1, "label"),
+    ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
     ("rater masks on different grids", "consensus", 1, "different voxel grids"),
@@ -134,6 +135,7 @@ def world(tmp_path):
     labelled = sitk.GetImageFromArray(labels)
     labelled.CopyInformation(truth)
     paths["labels 7"] = _write(d / "labels7.nii.gz", labelled)
+    paths["0/255"] = _write(d / "mask255.nii.gz", truth * 255)
     prob = sitk.GetImageFromArray(sitk.GetArrayFromImage(truth).astype(np.float32) * 0.7)
     prob.CopyInformation(truth)
     paths["prob"] = _write(d / "prob.nii.gz", prob)
@@ -208,6 +210,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["reordered"]), "--json", str(tmp / "e.json")]
     if row_id == "reference with labels other than 0/1/2":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
+    if row_id == "two-valued 0/255 reference":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/255"]), "--json", str(tmp / "e.json")]
     if row_id == "probability map as mask":
         return ["evaluate", "--prediction", str(p["prob"]), "--reference", str(p["truth"])]
     if row_id == "empty prediction and reference":
@@ -268,7 +272,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text())
         assert report["acquisition_plane"] == "axial" and report["warnings"] == []
-    if row_id == "reference storing the same grid in another voxel order":
+    if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference"):
         assert json.loads((tmp / "e.json").read_text())["dice"] == 1.0
 
 

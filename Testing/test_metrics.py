@@ -318,8 +318,26 @@ def test_ignore_label_removes_voxels_from_both_masks():
 def test_unknown_reference_labels_are_refused_with_a_clear_message():
     ref = zeros()
     ref[1, 1, 1] = 255
+    ref[2, 2, 2] = 1  # 1 and 255 together: which is lesion is not knowable
     with pytest.raises(DeepWMLError, match="0 \\(background\\), 1 \\(lesion\\) and 2 \\(ignore\\)"):
         metrics.overlap(image(zeros()), image(ref))
+    ref[2, 2, 2] = 3  # two lesion values other than 1
+    with pytest.raises(DeepWMLError, match="values 3, 255 in 2 voxels"):
+        metrics.overlap(image(zeros()), image(ref))
+
+
+def test_a_two_valued_0_255_reference_is_read_as_lesion():
+    ref, pred = zeros(), zeros()
+    ref[2, 2:4, 2:4] = 255
+    ref[5, 8:12, 8:12] = 255
+    pred[2, 2:4, 2:4] = 1
+    as_255 = metrics.case_metrics(image(pred), image(ref))
+    as_1 = metrics.case_metrics(image(pred), image((ref > 0).astype(np.uint8)))
+    assert as_255["dice"] == as_1["dice"] == pytest.approx(2 * 4 / (4 + 20))
+    assert as_255["reference_volume_ml"] == as_1["reference_volume_ml"] > 0
+    assert as_255["lesion_recall"] == as_1["lesion_recall"] == 0.5
+    probabilities = sitk.Cast(image(pred), sitk.sitkFloat32)
+    assert metrics.roc_auc(probabilities, image(ref)) == metrics.roc_auc(probabilities, image((ref > 0).astype(np.uint8)))
 
 
 def test_prediction_probability_images_count_from_one_half():
