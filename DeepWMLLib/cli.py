@@ -117,15 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deepwml {args.command}: warning: {message}", file=file or sys.stderr)
 
         warnings.showwarning = one_line
+    # Under torchrun every process reads the same options and files and meets the same input error:
+    # rank 0 alone says it. An unexpected fault may be one process's own, so each says which it is.
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else None
+    quiet = rank not in (None, "0")
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"deepwml {args.command}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
+        if not quiet:
+            print(f"deepwml {args.command}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
         return 2
     except DeepWMLError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"deepwml {args.command}: error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"deepwml {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except Cancelled:
         print(f"deepwml {args.command}: cancelled", file=sys.stderr)
@@ -136,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected fault still gets one line; --debug shows where
         if getattr(args, "debug", False):
             raise
-        print(f"deepwml {args.command}: internal error: {type(exc).__name__}: {exc} "
+        where = f" (process {rank})" if rank is not None else ""
+        print(f"deepwml {args.command}{where}: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1
     finally:

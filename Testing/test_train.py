@@ -400,6 +400,20 @@ def test_torchrun_with_two_cpu_processes(dataset, tmp_path):
     assert loaded.provenance["world_size"] == 2
 
 
+@pytest.mark.parametrize("rank,shown", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_an_input_error(rank, shown, tmp_path, monkeypatch, capsys):
+    from DeepWMLLib.cli import main
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--out", "x.pt"]) == 2  # every rank fails alike
+    err = capsys.readouterr().err
+    assert ("--weights and --out go with --average" in err) is shown
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not distributed: always said
+    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--out", "x.pt"]) == 2
+    assert "--weights and --out go with --average" in capsys.readouterr().err
+
+
 def test_command_line_flags_become_the_training_config(tmp_path):
     from DeepWMLLib.cli import build_parser
 
