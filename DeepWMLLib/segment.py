@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from . import io
+from . import __version__, io
 from .errors import DeepWMLError, UsageError
 
 if TYPE_CHECKING:
@@ -157,6 +157,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         intracranial = np.count_nonzero(brain_stack)
         report.update({
             "brain_model": brain_model.name,
+            "brain_model_sha256": brain_model.digest,
             "intracranial_ml": round(float(intracranial) * voxel_mm3 / 1000, 3),
             "outside_brain_removed_ml": round(removed * voxel_mm3 / 1000, 4),
         })
@@ -167,11 +168,13 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 f"it may have failed on this scan, and {report['outside_brain_removed_ml']:.2f} ml marked outside it "
                 "were dropped; compare with --no-brain-mask")
     else:
-        report["brain_model"] = None
+        report.update({"brain_model": None, "brain_model_sha256": None})
     report.update({
         "acquisition_plane": plane,
         "warnings": warnings,
         "model": [m.name for m in models],
+        "model_sha256": [m.digest for m in models],  # first 24 hex digits: which exact weights made this mask
+        "deepwml_version": __version__,
         "threshold": threshold,
         "tta": bool(tta),
         "device": str(dev),

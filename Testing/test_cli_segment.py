@@ -129,6 +129,12 @@ def test_ensemble_and_tta_run(tmp_path):
     assert main(["segment", str(path), "-o", str(out), "--model", *models, "--tta", "--device", "cpu"]) == 0
     report = json.loads((out / "e_report.json").read_text(encoding="utf-8"))
     assert report["model"] == ["m0.pt", "m1.pt"] and report["tta"] is True
+    # which exact weights made the mask: each file's SHA-256 (24 hex digits), and the program's version
+    import hashlib
+    from DeepWMLLib import __version__
+    assert report["model_sha256"] == [hashlib.sha256(open(m, "rb").read()).hexdigest()[:24] for m in models]
+    assert report["model_sha256"][0] != report["model_sha256"][1]
+    assert report["deepwml_version"] == __version__
 
 
 def test_ensemble_averages_probabilities(tiny_model, tmp_path):
