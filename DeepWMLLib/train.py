@@ -1362,11 +1362,15 @@ def register(subparsers) -> None:
 
 
 # Options that set a training setting (argparse dest names); --resume refuses them but epochs, device, threads.
-_SETTING_OPTIONS = ("split", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
-                    "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble",
-                    "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label", "no_amp", "cpu_bf16",
-                    "base_channels", "depth", "batch_norm", "grid_size", "no_augment", "no_flip", "rotate_deg",
-                    "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std")
+# Command-line options that set the training config, by where they go in it (argparse dest names).
+_RESUMABLE_OPTIONS = ("epochs", "device", "threads")  # the only ones --resume may change
+_TOP_OPTIONS = ("split", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
+                "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble",
+                "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label")
+_ARCHITECTURE_OPTIONS = ("base_channels", "depth", "batch_norm")
+_AUGMENTATION_OPTIONS = ("rotate_deg", "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std")
+_SETTING_OPTIONS = (_TOP_OPTIONS + ("no_amp", "cpu_bf16") + _ARCHITECTURE_OPTIONS + ("grid_size", "no_augment", "no_flip")
+                    + _AUGMENTATION_OPTIONS)  # (and grid_spacing, present only when given) fixed by a run's config
 
 
 _OPTION_NAMES = {"learning_rate": "lr", "early_stopping_patience": "early_stopping", "rotate_deg": "rotate",
@@ -1389,7 +1393,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
             raise UsageError(f"--resume continues with the run's stored settings; only --epochs, --device and --threads "
                              f"may change ({extra} given); start a new run folder to change the others")
         config = json.loads(stored.read_text())
-        for key in ("epochs", "device", "threads"):
+        for key in _RESUMABLE_OPTIONS:
             if getattr(args, key, None) is not None:
                 config[key] = getattr(args, key)
         return config, run_dir
@@ -1397,9 +1401,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         raise UsageError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
     config = json.loads(Path(args.config).read_text()) if args.config else {}
     config["manifest"] = args.manifest
-    for key in ("split", "epochs", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
-                "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble", "device",
-                "threads", "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label"):
+    for key in _TOP_OPTIONS + _RESUMABLE_OPTIONS:
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
     if args.no_amp:
@@ -1407,7 +1409,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.cpu_bf16:
         config["cpu_bf16"] = True
     architecture = dict(config.get("architecture", {}))
-    for key in ("base_channels", "depth", "batch_norm"):
+    for key in _ARCHITECTURE_OPTIONS:
         if getattr(args, key) is not None:
             architecture[key] = getattr(args, key)
     config["architecture"] = architecture
@@ -1422,7 +1424,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         augmentation = {k: (False if k == "flip" else None) for k in DEFAULT_AUGMENTATION}
     if args.no_flip:
         augmentation["flip"] = False
-    for key in ("rotate_deg", "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std"):
+    for key in _AUGMENTATION_OPTIONS:
         if getattr(args, key, None) is not None:
             augmentation[key] = getattr(args, key)
     config["augmentation"] = augmentation

@@ -414,6 +414,19 @@ def test_under_torchrun_only_rank_0_prints_an_input_error(rank, shown, tmp_path,
     assert "--weights and --out go with --average" in capsys.readouterr().err
 
 
+def test_every_training_option_is_either_fixed_by_a_run_or_may_change_on_resume():
+    """A new option must be sorted into one of the lists, or --resume would silently ignore it."""
+    from DeepWMLLib.cli import build_parser
+
+    parser = build_parser("train")
+    sub = next(a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)).choices["train"]
+    not_settings = {"help", "debug", "manifest", "run_dir", "resume", "config", "grid_spacing",  # grid_spacing: see _SETTING_OPTIONS
+                    "export", "average", "weights", "widen", "widen_noise", "out", "fp16"}  # these write a model file, no run
+    dests = {a.dest for a in sub._actions}
+    assert dests - not_settings == set(training._SETTING_OPTIONS) | set(training._RESUMABLE_OPTIONS)
+    assert not set(training._SETTING_OPTIONS) & set(training._RESUMABLE_OPTIONS)
+
+
 def test_command_line_flags_become_the_training_config(tmp_path):
     from DeepWMLLib.cli import build_parser
 
