@@ -204,7 +204,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
-                 extension: str = ".nii.gz") -> dict:
+                 extension: str = ".nii.gz", qc: bool = False) -> dict:
     """The output files of a case; `extension` of the image outputs from `io.output_extension`."""
     paths = {
         "mask": out_dir / f"{case}_wmh{extension}",
@@ -215,6 +215,8 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_
         paths["probabilities"] = out_dir / f"{case}_prob{extension}"
     if save_brain_mask:
         paths["brain"] = out_dir / f"{case}_brain{extension}"
+    if qc:
+        paths["qc"] = out_dir / f"{case}_qc.png"
     return paths
 
 
@@ -223,9 +225,9 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
-                 output_format: str = "same") -> dict:
+                 output_format: str = "same", qc: bool = False) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
-    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format))
+    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         return {"case": case, "input": str(path), "status": "skipped",
@@ -244,6 +246,10 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         io.write_image(result.probabilities, paths["probabilities"])
     if save_brain_mask:
         io.write_image(result.brain, paths["brain"])
+    if qc:
+        from .qc import write_qc
+
+        write_qc(image, result.mask, paths["qc"])
     io.write_text(json.dumps(report, indent=1), paths["report"])
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
@@ -376,6 +382,8 @@ def register(subparsers) -> None:
                    help="auto: bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively (AMX or "
                         "AVX512-BF16; masks Dice >= 0.99 against fp32's on the real scans checked, see README), fp32 "
                         "with ONNX Runtime, fp16 autocast on a GPU; fp32: exact fp32 everywhere")
+    p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined in red, "
+                   "to look a batch over without Slicer")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -394,7 +402,7 @@ def _run(args) -> int:
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
-        precision=args.precision, output_format=args.output_format,
+        precision=args.precision, output_format=args.output_format, qc=args.qc,
         brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)

@@ -1,0 +1,146 @@
+"""A quality-control picture of one segmentation: axial FLAIR slices with the WMH mask outlined.
+
+`deepwml segment --qc` writes it as CASE_qc.png next to the mask, so a batch of cases can be looked
+over in an image viewer without opening each in Slicer. It is for checking, not for diagnosis: the
+mask file is the result.
+
+How it is drawn:
+- the axial planes of `io.to_axial_stack`, in the radiological view (patient left on the image right,
+  anterior at the top), each resampled (nearest neighbour) to square millimetre pixels so a scan
+  with anisotropic pixels is not stretched;
+- the slices from the first to the last that hold head, all of them when there are at most
+  `max_tiles`; else every slice with lesion and evenly spaced others up to `max_tiles` (and when more
+  than `max_tiles` slices have lesion, evenly spaced ones of those);
+- grey levels: FLAIR from its 1st to its 99.5th percentile within the head (voxels above a tenth of the
+  99.5th percentile), the same window on every slice;
+- lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
+  FLAIR signal under it stays visible;
+- each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first).
+
+Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+
+MAX_TILES = 40
+TILE_PX = 192  # the longer side of each slice's tile
+COLUMNS = 8
+GAP_PX = 2
+LESION_RGB = (255, 40, 40)
+LABEL_RGB = (255, 220, 0)
+
+# 3 x 5 pixel digits for the slice labels (rows top to bottom, 1 = ink).
+_DIGITS = {
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "011", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+}
+
+
+def choose_slices(head: np.ndarray, lesion_per_slice: np.ndarray, max_tiles: int) -> list[int]:
+    """Indices of the slices to show (see the module docstring), in order."""
+    with_head = np.flatnonzero(head)
+    first, last = (int(with_head[0]), int(with_head[-1])) if with_head.size else (0, len(head) - 1)
+    candidates = np.arange(first, last + 1)
+    if candidates.size <= max_tiles:
+        return candidates.tolist()
+    lesion_slices = [int(k) for k in np.flatnonzero(lesion_per_slice)]
+    if len(lesion_slices) >= max_tiles:  # more slices with lesion than tiles: evenly spaced ones of them
+        return [lesion_slices[i] for i in np.round(np.linspace(0, len(lesion_slices) - 1, max_tiles)).astype(int)]
+    rest = [int(k) for k in candidates if not lesion_per_slice[k]]
+    picks = np.round(np.linspace(0, len(rest) - 1, max_tiles - len(lesion_slices))).astype(int) if rest else []
+    return sorted(set(lesion_slices) | {rest[i] for i in picks})
+
+
+def _resample_indices(n: int, spacing: float, pixel_mm: float) -> np.ndarray:
+    count = max(1, int(round(n * spacing / pixel_mm)))
+    centres = (np.arange(count) + 0.5) * pixel_mm / spacing - 0.5
+    return np.clip(np.round(centres).astype(int), 0, n - 1)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    inside = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return mask & ~inside
+
+
+def _draw_number(tile: np.ndarray, number: int, scale: int = 2) -> None:
+    x = 3
+    for char in str(number):
+        glyph = np.array([[c == "1" for c in row] for row in _DIGITS[char]])
+        big = np.kron(glyph, np.ones((scale, scale), bool))
+        h, w = big.shape
+        if 3 + h > tile.shape[0] or x + w > tile.shape[1]:
+            return
+        region = tile[3:3 + h, x:x + w]
+        region[big] = LABEL_RGB
+        x += w + scale
+
+
+def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
+    """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array."""
+    stack, frame = io.to_axial_stack(image)
+    lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
+    finite = stack[np.isfinite(stack)]
+    sample = finite[:: max(1, finite.size // 2_000_000)]
+    top = float(np.percentile(sample, 99.5)) if sample.size else 1.0
+    head_values = sample[sample > 0.1 * top] if top > 0 else sample
+    low, high = (np.percentile(head_values, [1, 99.5]) if head_values.size else (0.0, 1.0))
+    if not high > low:
+        low, high = float(np.min(sample, initial=0)), float(np.max(sample, initial=1))
+        high = high if high > low else low + 1
+    head = (stack > 0.1 * top).reshape(stack.shape[0], -1).mean(axis=1) > 0.01 if top > 0 else np.ones(len(stack), bool)
+    lesion_per_slice = lesion.reshape(lesion.shape[0], -1).any(axis=1)
+    slices = choose_slices(head, lesion_per_slice, max_tiles)
+
+    rows_n, cols_n = stack.shape[1:]
+    extent_rows, extent_cols = rows_n * frame.row_spacing_mm, cols_n * frame.col_spacing_mm
+    pixel_mm = max(extent_rows, extent_cols) / tile_px
+    row_index = _resample_indices(rows_n, frame.row_spacing_mm, pixel_mm)
+    col_index = _resample_indices(cols_n, frame.col_spacing_mm, pixel_mm)
+    th, tw = len(row_index), len(col_index)
+    columns = max(1, min(columns, len(slices)))
+    grid_rows = -(-len(slices) // columns)
+    canvas = np.zeros((grid_rows * (th + GAP_PX) + GAP_PX, columns * (tw + GAP_PX) + GAP_PX, 3), np.uint8)
+    for n, k in enumerate(slices):
+        grey = stack[k][np.ix_(row_index, col_index)]
+        grey = np.nan_to_num((grey - low) / (high - low), nan=0.0)
+        tile = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+        outline = _outline(lesion[k][np.ix_(row_index, col_index)] > 0)
+        tile[outline] = LESION_RGB
+        _draw_number(tile, k)
+        y, x = GAP_PX + (n // columns) * (th + GAP_PX), GAP_PX + (n % columns) * (tw + GAP_PX)
+        canvas[y:y + th, x:x + tw] = tile
+    return canvas
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An RGB uint8 array (rows, columns, 3) as PNG file bytes (8-bit truecolour, no filter)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected rows x columns x 3, got {rgb.shape}")
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, w * 3)], axis=1).tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def write_qc(image, mask, path: str | os.PathLike, **options) -> None:
+    """Render the QC mosaic and write it as a PNG (atomically, as every output)."""
+    data = png_bytes(render(image, mask, **options))
+    io.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
