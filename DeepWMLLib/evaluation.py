@@ -478,8 +478,8 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     Returns the summary (also written as summary.json) with `failed` listing the failed cases.
     """
     size_classes = size_classes or metrics.SizeClasses()
-    entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities"),
-                            path_columns=("prediction", "reference", "probabilities"))
+    entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
+                            path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
     case_rows, image_rows, failed = [], [], []
     for number, entry in enumerate(entries):
@@ -489,6 +489,10 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         try:
             result = evaluate_case(entry["prediction"], entry["reference"], entry.get("probabilities") or None,
                                    found_fraction, size_classes)
+            if entry.get("flair"):
+                io.make_output_dir(out / "qc")
+                write_comparison_picture(entry["flair"], entry["prediction"], entry["reference"],
+                                         out / "qc" / f"{entry['case']}_qc.png")
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -565,7 +569,11 @@ def register(subparsers) -> None:
     parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore; a two-valued 0/255 mask is read as 0/1)")
     parser.add_argument("--probabilities", help="probability map of the prediction, for ROC AUC")
     parser.add_argument("--json", help="write all metrics of the case to this JSON file")
-    parser.add_argument("--manifest", help="cohort CSV: case, prediction, reference[, centre, disease, probabilities]")
+    parser.add_argument("--flair", help="the FLAIR both masks were drawn on, for --qc")
+    parser.add_argument("--qc", metavar="PNG", help="write a picture of the case: the FLAIR's axial slices with "
+                        "agreement green, prediction only red, reference only blue (needs --flair)")
+    parser.add_argument("--manifest", help="cohort CSV: case, prediction, reference[, centre, disease, probabilities, "
+                        "flair]; with flair, OUTDIR/qc/CASE_qc.png pictures each case as --qc does")
     parser.add_argument("-o", "--output", help="output folder of the cohort report")
     add_lesionwise_options(parser)
     add_debug_flag(parser)
@@ -579,9 +587,10 @@ def size_classes_from_args(args) -> metrics.SizeClasses:
 def run(args) -> int:
     size_classes = size_classes_from_args(args)
     if args.manifest:
-        if args.prediction or args.reference or args.probabilities or args.json:
-            raise UsageError("--manifest evaluates a cohort; leave out --prediction, --reference, --probabilities "
-                             "and --json (each case's results go to the -o folder)")
+        if args.prediction or args.reference or args.probabilities or args.json or args.flair or args.qc:
+            raise UsageError("--manifest evaluates a cohort; leave out --prediction, --reference, --probabilities, "
+                             "--json, --flair and --qc (each case's results go to the -o folder; a flair column "
+                             "adds pictures)")
         if not args.output:
             raise UsageError("--manifest needs -o OUTDIR, the folder that receives the report")
         summary = evaluate_cohort(args.manifest, args.output, args.found_fraction, size_classes,
@@ -597,11 +606,29 @@ def run(args) -> int:
         raise UsageError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one case's metrics")
+    if bool(args.flair) != bool(args.qc):
+        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
+    for target in filter(None, (args.json, args.qc)):
+        io.check_output_file(target)  # before the work, not after it
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
     print(format_case(result))
     if args.json:
         write_json(result, args.json)
+    if args.qc:
+        write_comparison_picture(args.flair, args.prediction, args.reference, args.qc)
     return 0
+
+
+def write_comparison_picture(flair, prediction, reference, path) -> None:
+    """`qc.render_comparison` of a case, as a PNG; the FLAIR must lie on the reference's grid (a FLAIR
+    storing it in another voxel order is reordered, as the prediction is)."""
+    from .qc import write_qc
+
+    reference = _as_mask(reference, "reference")
+    prediction = io.read_mask(_existing(prediction, "prediction"), reference=reference)
+    image = io.align_voxel_order(io.read_image(_existing(flair, "FLAIR")), reference)
+    io.check_same_grid(image, reference, f"FLAIR {flair}", "the reference")
+    write_qc(image, prediction, path, reference=reference)
 
 
 def format_case(result: dict) -> str:

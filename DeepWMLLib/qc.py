@@ -6,8 +6,8 @@ mask file is the result.
 
 How it is drawn:
 - the axial planes of `io.to_axial_stack`, in the radiological view (patient left on the image right,
-  anterior at the top), each resampled (nearest neighbour) to square millimetre pixels so a scan
-  with anisotropic pixels is not stretched;
+  anterior at the top), cropped to the head's in-plane box over all slices (plus 5 mm) and resampled
+  (nearest neighbour) to square pixels, so a scan with anisotropic pixels is not stretched;
 - the slices from the first to the last that hold head, all of them when there are at most
   `max_tiles`; else every slice with lesion and evenly spaced others up to `max_tiles` (and when more
   than `max_tiles` slices have lesion, evenly spaced ones of those);
@@ -16,6 +16,10 @@ How it is drawn:
 - lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
   FLAIR signal under it stays visible;
 - each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first).
+
+`deepwml evaluate --flair FLAIR --qc PNG` (and a cohort manifest's `flair` column) draws a prediction
+against a reference instead: both masks filled, half transparent, green where they agree, red where
+only the prediction marks lesion, blue where only the reference does.
 
 Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
 """
@@ -30,13 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from . import io
+from .volume import like, voxels
 
 MAX_TILES = 40
-TILE_PX = 192  # the longer side of each slice's tile
+TILE_PX = 224  # the longer side of each slice's tile
+CROP_MARGIN_MM = 5.0
 COLUMNS = 8
 GAP_PX = 2
 LESION_RGB = (255, 40, 40)
 LABEL_RGB = (255, 220, 0)
+COMPARISON_RGB = {1: (40, 220, 40), 2: (255, 40, 40), 3: (40, 120, 255)}  # both, prediction only, reference only
 
 # 3 x 5 pixel digits for the slice labels (rows top to bottom, 1 = ink).
 _DIGITS = {
@@ -69,6 +76,15 @@ def _resample_indices(n: int, spacing: float, pixel_mm: float) -> np.ndarray:
     return np.clip(np.round(centres).astype(int), 0, n - 1)
 
 
+def _box(present: np.ndarray, spacing_mm: float) -> tuple[int, int]:
+    """[first, last + 1) of the True entries widened by CROP_MARGIN_MM; the whole axis when none."""
+    where = np.flatnonzero(present)
+    if where.size == 0:
+        return 0, len(present)
+    margin = int(np.ceil(CROP_MARGIN_MM / spacing_mm))
+    return max(0, int(where[0]) - margin), min(len(present), int(where[-1]) + 1 + margin)
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     padded = np.pad(mask, 1)
     inside = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
@@ -89,9 +105,38 @@ def _draw_number(tile: np.ndarray, number: int, scale: int = 2) -> None:
 
 
 def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
-    """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array."""
-    stack, frame = io.to_axial_stack(image)
+    """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array: the mask outlined."""
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
+    return _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
+                   columns=columns)
+
+
+def render_comparison(image, prediction, reference, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX,
+                      columns: int = COLUMNS) -> np.ndarray:
+    """The mosaic of a prediction against a reference (both on the image's grid), filled by agreement:
+    both (true positive) green, prediction only (false positive) red, reference only (false negative)
+    blue, half transparent over the FLAIR. Reference labels as in `metrics` (2 = ignore: coloured in
+    neither), and every slice with either mask's lesion counts as a lesion slice."""
+    from .metrics import _reference_labels
+
+    lesion, ignore = _reference_labels(reference)
+    predicted = (voxels(prediction) >= 0.5) & ~ignore
+    lesion = lesion & ~ignore
+    categories = np.zeros(lesion.shape, np.uint8)
+    categories[predicted & lesion] = 1
+    categories[predicted & ~lesion] = 2
+    categories[~predicted & lesion] = 3
+    stack, _ = io.to_axial_stack(like(categories, reference.GetSpacing(), reference.GetOrigin(),
+                                      reference.GetDirection()), dtype=np.uint8)
+    return _mosaic(image, stack, COMPARISON_RGB, outline=False, max_tiles=max_tiles, tile_px=tile_px,
+                   columns=columns)
+
+
+def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
+            columns: int) -> np.ndarray:
+    stack, frame = io.to_axial_stack(image)
+    if labels.shape != stack.shape:
+        raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
     finite = stack[np.isfinite(stack)]
     sample = finite[:: max(1, finite.size // 2_000_000)]
     top = float(np.percentile(sample, 99.5)) if sample.size else 1.0
@@ -101,14 +146,16 @@ def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, colu
         low, high = float(np.min(sample, initial=0)), float(np.max(sample, initial=1))
         high = high if high > low else low + 1
     head = (stack > 0.1 * top).reshape(stack.shape[0], -1).mean(axis=1) > 0.01 if top > 0 else np.ones(len(stack), bool)
-    lesion_per_slice = lesion.reshape(lesion.shape[0], -1).any(axis=1)
-    slices = choose_slices(head, lesion_per_slice, max_tiles)
+    slices = choose_slices(head, labels.reshape(labels.shape[0], -1).any(axis=1), max_tiles)
 
-    rows_n, cols_n = stack.shape[1:]
+    # the tiles show the head's in-plane box over all slices (and CROP_MARGIN_MM around it), not the empty field
+    voxel_head = stack > 0.1 * top if top > 0 else np.ones(stack.shape, bool)
+    (r0, r1), (c0, c1) = _box(voxel_head.any(axis=(0, 2)), frame.row_spacing_mm), _box(voxel_head.any(axis=(0, 1)), frame.col_spacing_mm)
+    rows_n, cols_n = r1 - r0, c1 - c0
     extent_rows, extent_cols = rows_n * frame.row_spacing_mm, cols_n * frame.col_spacing_mm
     pixel_mm = max(extent_rows, extent_cols) / tile_px
-    row_index = _resample_indices(rows_n, frame.row_spacing_mm, pixel_mm)
-    col_index = _resample_indices(cols_n, frame.col_spacing_mm, pixel_mm)
+    row_index = r0 + _resample_indices(rows_n, frame.row_spacing_mm, pixel_mm)
+    col_index = c0 + _resample_indices(cols_n, frame.col_spacing_mm, pixel_mm)
     th, tw = len(row_index), len(col_index)
     columns = max(1, min(columns, len(slices)))
     grid_rows = -(-len(slices) // columns)
@@ -117,8 +164,13 @@ def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, colu
         grey = stack[k][np.ix_(row_index, col_index)]
         grey = np.nan_to_num((grey - low) / (high - low), nan=0.0)
         tile = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-        outline = _outline(lesion[k][np.ix_(row_index, col_index)] > 0)
-        tile[outline] = LESION_RGB
+        label_tile = labels[k][np.ix_(row_index, col_index)]
+        for value, rgb in colours.items():
+            where = label_tile == value
+            if outline:
+                tile[_outline(where)] = rgb
+            else:
+                tile[where] = (0.45 * tile[where] + 0.55 * np.array(rgb)).astype(np.uint8)
         _draw_number(tile, k)
         y, x = GAP_PX + (n // columns) * (th + GAP_PX), GAP_PX + (n % columns) * (tw + GAP_PX)
         canvas[y:y + th, x:x + tw] = tile
@@ -140,7 +192,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def write_qc(image, mask, path: str | os.PathLike, **options) -> None:
-    """Render the QC mosaic and write it as a PNG (atomically, as every output)."""
-    data = png_bytes(render(image, mask, **options))
+def write_qc(image, mask, path: str | os.PathLike, reference=None, **options) -> None:
+    """Render the QC mosaic (with `reference`: the comparison) and write it as a PNG, atomically."""
+    data = png_bytes(render(image, mask, **options) if reference is None
+                     else render_comparison(image, mask, reference, **options))
     io.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))

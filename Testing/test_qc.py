@@ -102,3 +102,52 @@ def test_segment_qc_writes_the_picture_and_counts_it_as_an_output(tmp_path, tiny
     assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--qc", "--device", "cpu"]) == 0
     assert "case_qc.png" in capsys.readouterr().err  # an earlier picture is kept: the case is skipped
     assert (out / "case_qc.png").read_bytes() == before and not (out / "case_wmh.nii.gz").exists()
+
+
+def test_comparison_colours_agreement_and_each_kind_of_error_and_leaves_ignored_voxels_alone():
+    flair, _ = head_with_marker()
+    reference = np.zeros(flair.shape, np.uint8)
+    prediction = np.zeros(flair.shape, np.uint8)
+    reference[2, 14:17, 10:13] = 1  # found: green (clear of the slice label, top left)
+    prediction[2, 14:17, 10:13] = 1
+    reference[2, 18:21, 10:13] = 1  # missed: blue
+    prediction[2, 18:21, 14:17] = 1  # marked only by the prediction: red
+    reference[2, 14:16, 15:17] = 2   # ignore, marked by the prediction: neither
+    prediction[2, 14:16, 15:17] = 1
+    canvas = qc.render_comparison(volume(flair), volume(prediction), volume(reference), tile_px=24)
+    marked = tile(canvas, 2, 24, 20).astype(int)
+    grey = tile(qc.render(volume(flair), volume(np.zeros_like(prediction)), tile_px=24), 2, 24, 20).astype(int)
+    for (rows, cols), colour in (((slice(14, 17), slice(10, 13)), qc.COMPARISON_RGB[1]),
+                                 ((slice(18, 21), slice(10, 13)), qc.COMPARISON_RGB[3]),
+                                 ((slice(18, 21), slice(14, 17)), qc.COMPARISON_RGB[2])):
+        expected = (0.45 * grey[rows, cols] + 0.55 * np.array(colour)).astype(np.uint8)
+        assert np.array_equal(marked[rows, cols], expected)
+    changed = np.any(marked != grey, axis=2)
+    assert changed.sum() == 9 + 9 + 9  # nothing else: not the ignored voxels
+
+
+def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
+    flair, mask = head_with_marker()
+    flair = flair + np.random.default_rng(0).normal(0, 1, flair.shape).astype(np.float32)  # a scan, not a label map
+    files = {}
+    for name, array in (("flair", flair), ("pred", mask), ("ref", mask)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(volume(array), str(files[name]))
+    common = ["evaluate", "--prediction", str(files["pred"]), "--reference", str(files["ref"])]
+    assert main(common + ["--qc", str(tmp_path / "a.png")]) == 2
+    assert "--qc PNG and --flair FLAIR go together" in capsys.readouterr().err
+    assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "missing" / "a.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err  # refused before the work
+    assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "a.png")]) == 0
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.png")))
+    assert np.any(np.all(picture == (0.45 * 255 + 0.55 * np.array(qc.COMPARISON_RGB[1])).astype(np.uint8), axis=2))
+    shifted = volume(flair)
+    shifted.SetOrigin((0.0, 0.0, 1.0))
+    sitk.WriteImage(shifted, str(tmp_path / "other_grid.nii.gz"))
+    assert main(common + ["--flair", str(tmp_path / "other_grid.nii.gz"), "--qc", str(tmp_path / "b.png")]) == 1
+    assert "grid" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"case,prediction,reference,flair\nc1,{files['pred']},{files['ref']},{files['flair']}\n"
+                        f"c2,{files['pred']},{files['ref']},\n")
+    assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
+    assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["c1_qc.png"]
