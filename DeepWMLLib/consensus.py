@@ -121,7 +121,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     A case that cannot be read or compared is recorded with its error and the others still run.
     """
     _check_threshold(threshold)
-    entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), path_columns=("rater_a", "rater_b"))
+    entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), ("flair",), path_columns=("rater_a", "rater_b", "flair"))
     out = io.make_output_dir(out_dir)
     rows, details = [], {}
     for number, entry in enumerate(entries):
@@ -132,8 +132,11 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             missing = [entry[k] for k in ("rater_a", "rater_b") if not Path(entry[k]).exists()]
             if missing:  # both named when both are missing, not only the first one read
                 raise DeepWMLError(f"{' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist")
-            mask_b = io.read_mask(entry["rater_b"])
-            result = consensus_check(io.read_mask(entry["rater_a"]), mask_b, threshold)
+            mask_a, mask_b = io.read_mask(entry["rater_a"]), io.read_mask(entry["rater_b"])
+            result = consensus_check(mask_a, mask_b, threshold)
+            if entry.get("flair"):
+                io.make_output_dir(out / "qc")
+                write_pair_picture(entry["flair"], mask_a, mask_b, out / "qc" / f"{entry['case']}_qc.png")
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -176,7 +179,11 @@ def register(subparsers) -> None:
     parser.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD,
                         help="Dice at or above which the masks are accepted (default %(default)s)")
     parser.add_argument("--json", help="write the full result of one pair to this JSON file")
-    parser.add_argument("--manifest", help="cohort CSV with columns case, rater_a, rater_b")
+    parser.add_argument("--flair", help="the FLAIR both raters drew on, for --qc")
+    parser.add_argument("--qc", metavar="PNG", help="write a picture of the pair: the FLAIR's axial slices with both "
+                        "raters' lesion green, rater A only red, rater B only blue (needs --flair)")
+    parser.add_argument("--manifest", help="cohort CSV with columns case, rater_a, rater_b[, flair]; with flair, "
+                        "OUTDIR/qc/CASE_qc.png pictures each pair as --qc does")
     parser.add_argument("-o", "--output", help="output folder of the cohort results")
     add_debug_flag(parser)
     parser.set_defaults(func=run)
@@ -185,8 +192,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     _check_threshold(args.threshold)
     if args.manifest:
-        if args.rater_a or args.rater_b or args.json:
-            raise UsageError("--manifest checks a cohort; leave out RATER_A, RATER_B and --json")
+        if args.rater_a or args.rater_b or args.json or args.flair or args.qc:
+            raise UsageError("--manifest checks a cohort; leave out RATER_A, RATER_B, --json, --flair and --qc "
+                             "(a flair column adds pictures)")
         if not args.output:
             raise UsageError("--manifest needs -o OUTDIR, the folder that receives consensus.csv")
         summary = consensus_cohort(args.manifest, args.output, args.threshold,
@@ -202,10 +210,28 @@ def run(args) -> int:
         raise UsageError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
-    if args.json:
-        io.check_output_file(args.json)  # before the work, not after
-    result = consensus_check(io.read_mask(args.rater_a), io.read_mask(args.rater_b), args.threshold)
+    if bool(args.flair) != bool(args.qc):
+        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
+    for target in filter(None, (args.json, args.qc)):
+        io.check_output_file(target)  # before the work, not after
+    mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
+    result = consensus_check(mask_a, mask_b, args.threshold)
     print(format_check(result))
     if args.json:
         write_json(result, args.json)
+    if args.qc:
+        write_pair_picture(args.flair, mask_a, mask_b, args.qc)
     return 0
+
+
+def write_pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, path) -> None:
+    """`qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only red, B only
+    blue. The FLAIR must lie on rater B's grid (another voxel order is reordered, as rater A's mask is)."""
+    from .qc import write_qc
+
+    b = sitk.Cast(mask_b != 0, sitk.sitkUInt8)
+    a = io.align_voxel_order(sitk.Cast(mask_a != 0, sitk.sitkUInt8), b)
+    io.check_same_grid(a, b, "rater A's mask", "rater B's")
+    image = io.align_voxel_order(io.read_image(flair), b)
+    io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
+    write_qc(image, a, path, reference=b)

@@ -151,3 +151,35 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
                         f"c2,{files['pred']},{files['ref']},\n")
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
     assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["c1_qc.png"]
+
+
+def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
+    flair, _ = head_with_marker()
+    flair = flair + np.random.default_rng(1).normal(0, 1, flair.shape).astype(np.float32)
+    rater_a = np.zeros(flair.shape, np.uint8)
+    rater_b = np.zeros(flair.shape, np.uint8)
+    rater_a[2, 14:17, 10:13] = 1
+    rater_b[2, 14:17, 10:13] = 3  # any non-zero voxel is lesion for a rater
+    rater_a[2, 18:21, 14:17] = 1  # rater A only: red
+    files = {}
+    for name, array in (("flair", flair), ("a", rater_a), ("b", rater_b)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(volume(array), str(files[name]))
+    pair = ["consensus", str(files["a"]), str(files["b"])]
+    assert main(pair + ["--flair", str(files["flair"])]) == 2
+    assert main(pair + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "pair.png")]) == 0
+    capsys.readouterr()
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pair.png")))
+    expected = qc.render_comparison(volume(flair), volume(rater_a), volume((rater_b > 0).astype(np.uint8)))
+    assert np.array_equal(picture, expected)
+    assert np.any(np.all(tile(picture, 2, *tile_shape(picture)) != tile(qc.render(volume(flair), volume(rater_a * 0)),
+                                                                          2, *tile_shape(picture)), axis=2))
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(f"case,rater_a,rater_b,flair\np1,{files['a']},{files['b']},{files['flair']}\n")
+    assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png"))), expected)
+
+
+def tile_shape(canvas: np.ndarray, n_tiles: int = 5) -> tuple[int, int]:
+    """(rows, columns) of each tile of a one-row mosaic of n_tiles."""
+    return canvas.shape[0] - 2 * qc.GAP_PX, (canvas.shape[1] - qc.GAP_PX) // n_tiles - qc.GAP_PX
