@@ -111,12 +111,22 @@ def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tin
     sitk.WriteImage(truth, str(references / "twice_rater2.nii.gz"))
     sitk.WriteImage(truth, str(references / "exact_other.nii.gz"))  # the exact name wins over prefixes
     status = batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--reference-dir",
-                               str(references), "--model", str(tiny_model), "--device", "cpu"])
+                               str(references), "--model", str(tiny_model), "--device", "cpu", "--qc"])
     rows = summary(out)
     assert status == 1
     assert rows["exact"]["reference"].endswith("ref/exact.nii.gz") and float(rows["exact"]["dice"]) > 0.9
     assert rows["twice"]["status"] == "error" and "several references match 'twice'" in rows["twice"]["error"]
     assert rows["none"]["status"] == "ok" and rows["none"]["dice"] == ""
+    from DeepWMLLib import qc
+
+    def colours(name):
+        picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))).reshape(-1, 3)
+        return {tuple(c) for c in np.unique(picture, axis=0)}
+
+    assert qc.LESION_RGB in colours("none_qc.png")  # no reference: the mask outlined
+    exact = colours("exact_qc.png")  # a reference: agreement filled green over the grey FLAIR
+    assert qc.LESION_RGB not in exact and any(g > r + 60 and g > b + 60 for r, g, b in exact)
+    assert not (out / "twice_qc.png").exists()
 
 
 def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):

@@ -7,8 +7,8 @@ It also runs under plain Python with slicer-core installed (python DeepWML/Scrip
 
 Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) and DICOM series folder in IN is a case; its
 name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
-and DICOM inputs, .mha for MetaImage) and CASE_report.json (the same names as `deepwml segment`), and
-summary.csv with one row per case. With
+and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.png (the same names as
+`deepwml segment`), and summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. One failing case never stops the others. Exit status: 0 when every case succeeded
@@ -47,6 +47,9 @@ def parseArguments(argv):
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
+    parser.add_argument("--qc", action="store_true", help="also write CASE_qc.png: the axial slices with the mask "
+                        "outlined in red, or with --reference-dir filled green where it agrees with the reference, "
+                        "red where only it marks lesion, blue where only the reference does")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
     return parser.parse_args(argv)
 
@@ -80,12 +83,12 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
     from DeepWMLLib.evaluation import write_json
     from DeepWMLLib.segment import output_paths
 
-    paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path))
+    paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
     reference = findReference(args.reference_dir, case) if args.reference_dir else None
-    nodes = []
+    nodes, referenceNode = [], None
     try:
         volumeNode = loadFlair(path, case)
         nodes.append(volumeNode)
@@ -103,7 +106,15 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
         io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
-        io.write_image(mrml.maskFromSegmentation(segmentationNode, volumeNode), paths["mask"])
+        mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
+        io.write_image(mask, paths["mask"])
+        if args.qc:
+            import SimpleITK as sitk
+            from DeepWMLLib.qc import write_qc
+
+            referenceMask = None if referenceNode is None else sitk.Cast(
+                mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)  # any non-zero voxel is lesion
+            write_qc(mrml.imageFromVolume(volumeNode), mask, paths["qc"], reference=referenceMask)
         write_json(report, paths["report"])
     finally:
         for node in nodes:
