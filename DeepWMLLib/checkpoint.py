@@ -62,11 +62,13 @@ class LoadedModel:
 
 def file_digest(path: str | os.PathLike) -> str:
     """Content hash of a file (sha256, 24 hex digits). Remembered in the cache against the file's
-    size, modification time and inode, so an unchanged model file is not re-read and hashed on
-    every run (20-30 ms of each `deepwml segment` on a small CPU); any change to the file re-hashes it."""
+    size, modification time, inode and status-change time, so an unchanged model file is not re-read
+    and hashed on every run (20-30 ms of each `deepwml segment` on a small CPU); any change to the file
+    re-hashes it, even one of the same size whose modification time was set back (the status-change
+    time cannot be set)."""
     p = Path(path).resolve()
     stat = p.stat()
-    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
     memo = cache_dir() / "digests" / f"{hashlib.sha1(str(p).encode('utf-8')).hexdigest()}.json"
     try:
         saved = json.loads(memo.read_text())

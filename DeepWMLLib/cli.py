@@ -30,9 +30,24 @@ _COMMAND_MODULES = {
 }
 
 
+def _distributed_process() -> tuple[str | None, bool]:
+    """(this process's rank, whether it stays quiet about input and usage errors) under torchrun;
+    (None, False) otherwise.
+
+    The processes of one node read the same options and files and meet the same input error, so
+    only the node's first process (LOCAL_RANK 0) says it, and a process other than rank 0 names
+    itself. An error rank 0 met and shared with every process (`DeepWMLError.from_rank_0`) is said
+    by rank 0 alone."""
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return None, False
+    return os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors: one line, exit 2
-        self.exit(2, f"deepwml: error: {message} (see --help)\n")
+        rank, quiet = _distributed_process()
+        where = f" (process {rank})" if rank not in (None, "0") else ""
+        self.exit(2, "" if quiet else f"deepwml{where}: error: {message} (see --help)\n")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -117,22 +132,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"deepwml {args.command}: warning: {message}", file=file or sys.stderr)
 
         warnings.showwarning = one_line
-    # Under torchrun every process reads the same options and files and meets the same input error:
-    # rank 0 alone says it. An unexpected fault may be one process's own, so each says which it is.
-    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") else None
-    quiet = rank not in (None, "0")
+    # Under torchrun: see _distributed_process. An unexpected fault may be one process's own, so every
+    # process reports it, naming itself.
+    rank, quiet = _distributed_process()
+    where = f" (process {rank})" if rank not in (None, "0") else ""
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
         if not quiet:
-            print(f"deepwml {args.command}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
+            print(f"deepwml {args.command}{where}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
         return 2
     except DeepWMLError as exc:
         if getattr(args, "debug", False):
             raise
-        if not quiet:
-            print(f"deepwml {args.command}: error: {exc}", file=sys.stderr)
+        if not (quiet or (where and getattr(exc, "from_rank_0", False))):
+            print(f"deepwml {args.command}{where}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the output went into a pipe whose reader stopped (| head): nothing to say
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, as a command killed by the closed pipe would end
     except Cancelled:
         print(f"deepwml {args.command}: cancelled", file=sys.stderr)
         return 130
@@ -142,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected fault still gets one line; --debug shows where
         if getattr(args, "debug", False):
             raise
-        where = f" (process {rank})" if rank is not None else ""
+        where = f" (process {rank})" if rank is not None else ""  # rank 0 named too: every process reports
         print(f"deepwml {args.command}{where}: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1

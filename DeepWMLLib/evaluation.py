@@ -566,7 +566,7 @@ def register(subparsers) -> None:
                     "reference, optional centre, disease, probabilities) and -o OUTDIR, which receives per-image "
                     "and per-case CSVs, the paper's Table 2, LV-group table, statistics, box plots and report.md.")
     parser.add_argument("--prediction", help="predicted mask (any positive label is lesion)")
-    parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore; a two-valued 0/255 mask is read as 0/1)")
+    parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore; a two-valued mask such as 0/255 is read as 0/1)")
     parser.add_argument("--probabilities", help="probability map of the prediction, for ROC AUC")
     parser.add_argument("--json", help="write all metrics of the case to this JSON file")
     parser.add_argument("--flair", help="the FLAIR both masks were drawn on, for --qc")

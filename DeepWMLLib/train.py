@@ -761,7 +761,9 @@ class _Dist:
                 message = [None, str(exc)]
         dist.broadcast_object_list(message, src=0)
         if message[1] is not None:
-            raise DeepWMLError(message[1])
+            error = DeepWMLError(message[1])
+            error.from_rank_0 = True  # every process raises it; rank 0 alone says it (cli.main)
+            raise error
         return message[0]
 
 
@@ -792,7 +794,9 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
     """Train (or resume) in `run_dir`; returns the best model file (a list of them for an ensemble).
 
     When `run_dir` already holds a training, its config.json must match `config` except for
-    epochs, device, threads and skip_bad_cases, and training continues from last.pt.
+    epochs, device, threads and skip_bad_cases, and training continues from last.pt (the command
+    line's --resume lets only --epochs, --device and --threads change: rerun the full command to
+    change --skip-bad-cases).
     """
     import torch
 
@@ -1272,10 +1276,13 @@ class _Console(logging.Handler):
         super().close()
 
 
-def _range(text: str) -> list[float] | None:
-    """argparse type: LO,HI with 0 < LO <= HI, or none/off/0."""
+_OFF = "off"  # what _range gives for none/off/0: the range switched off (None in the config; None here = not given)
+
+
+def _range(text: str) -> list[float] | str:
+    """argparse type: LO,HI with 0 < LO <= HI, or none/off/0 (`_OFF`)."""
     if text.lower() in ("none", "off", "0"):
-        return None
+        return _OFF
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -1341,7 +1348,7 @@ def register(subparsers) -> None:
     g.add_argument("--plateau-patience", type=non_negative_int, help="halve the learning rate after this many epochs without a better val Dice")
     g.add_argument("--early-stopping", type=positive_int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
     g.add_argument("--ensemble", type=positive_int, help="train N models from seeds seed..seed+N-1 into RUN_DIR/model_k")
-    g = p.add_argument_group("augmentation (0 or 'off' switches one off)")
+    g = p.add_argument_group("augmentation (0 switches rotate, shear, bias field or noise off; 'off' a range)")
     g.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
     g.add_argument("--no-flip", action="store_true", help="no left-right flips")
     g.add_argument("--rotate", type=non_negative_float, dest="rotate_deg", help="max rotation in degrees (default 10)")
@@ -1384,7 +1391,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         stored = run_dir / "config.json"
         if not stored.is_file():
             raise DeepWMLError(f"{run_dir} holds no training to resume (no config.json)")
-        given = [name for name in _SETTING_OPTIONS if getattr(args, name, None) not in (None, False)]
+        given = [name for name in _SETTING_OPTIONS if getattr(args, name, None) is not None  # 0 is a value too
+                 and getattr(args, name, None) is not False]
         given += ["grid_spacing"] if hasattr(args, "grid_spacing") else []
         if args.manifest or args.run_dir or args.config or given:
             extra = ", ".join(["a manifest"] * bool(args.manifest) + ["--run-dir"] * bool(args.run_dir)
@@ -1425,8 +1433,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     if args.no_flip:
         augmentation["flip"] = False
     for key in _AUGMENTATION_OPTIONS:
-        if getattr(args, key, None) is not None:
-            augmentation[key] = getattr(args, key)
+        value = getattr(args, key, None)
+        if value is not None:
+            augmentation[key] = None if value == _OFF else value
     config["augmentation"] = augmentation
     return config, Path(args.run_dir)
 

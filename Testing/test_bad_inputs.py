@@ -57,7 +57,7 @@ BAD_INPUTS = [
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
-    ("reference with labels other than 0/1/2", "evaluate", 1, "label"),
+    ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
     ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
@@ -208,7 +208,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
     if row_id == "reference storing the same grid in another voxel order":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["reordered"]), "--json", str(tmp / "e.json")]
-    if row_id == "reference with labels other than 0/1/2":
+    if row_id == "reference mixing lesion labels (1 and 7)":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
     if row_id == "two-valued 0/255 reference":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/255"]), "--json", str(tmp / "e.json")]

@@ -147,3 +147,23 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
     assert (out / "relabel.txt").read_text() == "disagree\n"
     details = json.loads((out / "consensus.json").read_text(encoding="utf-8"))
     assert details["relabel"] == ["disagree"] and details["failed"][0]["case"] == "broken"
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
+    """`deepwml consensus A B | head -1`: the reader leaving is no internal error."""
+    import sys
+
+    mask = sitk.Image(8, 8, 3, sitk.sitkUInt8)
+    mask[2, 2, 1] = 1
+    sitk.WriteImage(mask, str(tmp_path / "a.nii.gz"))
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "a.nii.gz")]) == 141
+    assert "error" not in capsys.readouterr().err

@@ -111,6 +111,14 @@ def test_file_digest_is_remembered_but_follows_changes(tmp_path, monkeypatch):
     assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]
     memo[0].write_text("not json")
     assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, LONGER").hexdigest()[:24]
+    # same size, and the modification time set back to the recorded one (a copy that keeps times):
+    # the status-change time still tells, so the new content is hashed, not the memo's digest returned
+    recorded = path.stat()
+    path.write_bytes(b"second version, lonGER")
+    os.utime(path, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (
+        recorded.st_size, recorded.st_mtime_ns, recorded.st_ino)
+    assert checkpoint.file_digest(path) == hashlib.sha256(b"second version, lonGER").hexdigest()[:24]
 
 
 @pytest.mark.parametrize("depth,bn", [(2, True), (3, False)])

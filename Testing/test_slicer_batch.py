@@ -72,6 +72,13 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     assert float(rows["p01"]["dice"]) == pytest.approx(expected["dice"], abs=1e-5)
     assert report["volume_ml"] == pytest.approx(sitk.GetArrayFromImage(mask).sum() * 0.9 * 0.9 * 5.0 / 1000)
     assert rows["p01"]["reference"].endswith("p01_manual.nii.gz")
+    # the same report keys as `deepwml segment` (README: "the same names"), with the comparison added
+    from DeepWMLLib.cli import main as cli
+    assert cli(["segment", str(inputs / "p01.nrrd"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
+                "--device", "cpu"]) == 0
+    cli_report = json.loads((tmp_path / "cli" / "p01_report.json").read_text())
+    assert set(report) - {"reference", "comparison", "segmentation", "volume"} == set(cli_report)  # + node names
+    assert report["model_sha256"] == cli_report["model_sha256"] and report["deepwml_version"]
 
 
 def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, tmp_path, monkeypatch, tiny_model,

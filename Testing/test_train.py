@@ -400,18 +400,46 @@ def test_torchrun_with_two_cpu_processes(dataset, tmp_path):
     assert loaded.provenance["world_size"] == 2
 
 
-@pytest.mark.parametrize("rank,shown", [("0", True), ("1", False)])
-def test_under_torchrun_only_rank_0_prints_an_input_error(rank, shown, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("rank,local_rank,shown", [("0", "0", "deepwml train: error"), ("1", "1", None),
+                                                    ("2", "0", "deepwml train (process 2): error")])
+def test_under_torchrun_each_node_prints_an_input_error_once(rank, local_rank, shown, tmp_path, monkeypatch, capsys):
+    """Rank 0 says it; the other processes of its node keep quiet; another node's first process says
+    it too (its files may differ), naming itself. An error rank 0 shared with everyone: rank 0 only."""
     from DeepWMLLib.cli import main
 
     monkeypatch.setenv("RANK", rank)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--out", "x.pt"]) == 2  # every rank fails alike
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    argv = ["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--out", "x.pt"]
+    assert main(argv) == 2  # every process fails alike
     err = capsys.readouterr().err
-    assert ("--weights and --out go with --average" in err) is shown
+    assert (err.startswith(shown) and "--weights and --out go with --average" in err) if shown else err == ""
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage errors alike
+        main(["train", "m.csv", "--epochs", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("--epochs: must be at least 1" in err) if shown else err == ""
+
+    def shared_failure(args):
+        error = DeepWMLError("the manifest lists no cases")
+        error.from_rank_0 = True  # as _Dist.run_on_main raises rank 0's error on every process
+        raise error
+
+    monkeypatch.setattr(training, "_run", shared_failure)
+    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r")]) == 1
+    assert ("no cases" in capsys.readouterr().err) is (rank == "0")
     monkeypatch.setenv("WORLD_SIZE", "1")  # not distributed: always said
-    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--out", "x.pt"]) == 2
-    assert "--weights and --out go with --average" in capsys.readouterr().err
+    assert main(["train", "m.csv", "--run-dir", str(tmp_path / "r")]) == 1 and "no cases" in capsys.readouterr().err
+
+
+def test_off_switches_a_range_augmentation_off_in_the_config(tmp_path):
+    from DeepWMLLib.cli import build_parser
+
+    args = build_parser().parse_args(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--scale", "off",
+                                      "--contrast", "0", "--rotate", "0"])
+    augmentation = training.config_from_args(args)[0]["augmentation"]
+    assert (augmentation["scale"], augmentation["contrast"], augmentation["rotate_deg"]) == (None, None, 0.0)
+    assert augmentation["gamma"] == training.DEFAULT_AUGMENTATION["gamma"] is not None  # not given: the default
 
 
 def test_every_training_option_is_either_fixed_by_a_run_or_may_change_on_resume():
@@ -794,6 +822,9 @@ def test_training_options_out_of_range_are_usage_errors(dataset, tmp_path, capsy
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"]) == 2
     assert "--lr given" in capsys.readouterr().err
+    for option in (["--rotate", "0"], ["--noise", "0.0"], ["--scale", "off"], ["--ignore-label", "0"]):
+        assert main(["train", "--resume", str(tmp_path / "r"), *option]) == 2, option  # 0 and off are values too
+        assert f"{option[0]} given" in capsys.readouterr().err
     assert main(["train", "--export", "a.pt", "b.pt", "c.pt"]) == 2
     with pytest.raises(DeepWMLError, match="wrong type"):
         training.TrainConfig.coerce(tiny_config(dataset, learning_rate="1e-3"))

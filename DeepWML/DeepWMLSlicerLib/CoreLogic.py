@@ -26,8 +26,8 @@ MODEL_FILE_CHOICE = "Model file..."
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
 # Facts about the run stored on the segmentation node, so they travel with the scene.
-RUN_KEYS = ("model", "device", "runner", "threshold", "tta", "brain_model", "outside_brain_removed_ml", "seconds",
-            "acquisition_plane", "warnings")
+RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
+            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "warnings")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
