@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import case_error, read_manifest, report_failed_cases, write_csv, write_json
+from .evaluation import case_error, read_manifest, report_failed_cases, write_bytes, write_csv, write_json
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -123,7 +123,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     _check_threshold(threshold)
     entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), ("flair",), path_columns=("rater_a", "rater_b", "flair"))
     out = io.make_output_dir(out_dir)
-    rows, details = [], {}
+    rows, details, unpictured = [], {}, []
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -134,9 +134,6 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
                 raise DeepWMLError(f"{' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist")
             mask_a, mask_b = io.read_mask(entry["rater_a"]), io.read_mask(entry["rater_b"])
             result = consensus_check(mask_a, mask_b, threshold)
-            if entry.get("flair"):
-                io.make_output_dir(out / "qc")
-                write_pair_picture(entry["flair"], mask_a, mask_b, out / "qc" / f"{entry['case']}_qc.png")
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -150,6 +147,15 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             row["n_unmatched_lesions_b"] = len(result["unmatched_lesions_b"])
             row["worst_slice"] = result["worst_slices"][0] if result["worst_slices"] else ""
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
+            if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
+                try:
+                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b),
+                                io.make_output_dir(out / "qc") / f"{entry['case']}_qc.png")
+                except Cancelled:
+                    raise
+                except Exception as exc:
+                    unpictured.append({"case": entry["case"], "error": case_error(exc)})
+                    message += f" (no picture: {unpictured[-1]['error']})"
         rows.append(row)
         if progress is not None:
             progress((number + 1) / len(entries), message)
@@ -159,7 +165,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     io.write_text("".join(f"{case}\n" for case in relabel), out / "relabel.txt")
     summary = {"manifest": str(Path(manifest).resolve()), "threshold": threshold, "cases": rows,
                "relabel": relabel, "failed": [{"case": r["case"], "error": r["error"]} for r in failed],
-               "details": details}
+               "unpictured": unpictured, "details": details}
     write_json(summary, out / "consensus.json")
     return summary
 
@@ -205,7 +211,8 @@ def run(args) -> int:
               f"{len(summary['relabel'])} need re-labelling"
               + (f" ({', '.join(summary['relabel'])})" if summary["relabel"] else ""))
         print(f"results: {Path(args.output) / 'consensus.csv'}")
-        return report_failed_cases(summary["failed"], "could not be checked")
+        return max(report_failed_cases(summary["failed"], "could not be checked"),
+                   report_failed_cases(summary["unpictured"], "could not be pictured (their verdicts stand)"))
     if not (args.rater_a and args.rater_b):
         raise UsageError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:
@@ -215,23 +222,25 @@ def run(args) -> int:
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
+    picture = pair_picture(args.flair, mask_a, mask_b) if args.qc else None  # a bad FLAIR: before any output
     result = consensus_check(mask_a, mask_b, args.threshold)
     print(format_check(result))
     if args.json:
         write_json(result, args.json)
-    if args.qc:
-        write_pair_picture(args.flair, mask_a, mask_b, args.qc)
+    if picture is not None:
+        write_bytes(picture, args.qc)
     return 0
 
 
-def write_pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, path) -> None:
-    """`qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only red, B only
-    blue. The FLAIR must lie on rater B's grid (another voxel order is reordered, as rater A's mask is)."""
-    from .qc import write_qc
+def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image) -> bytes:
+    """PNG bytes of `qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only
+    red, B only blue. The FLAIR must lie on rater B's grid (another voxel order is reordered, as rater A's
+    mask is)."""
+    from .qc import png_bytes, render_comparison
 
     b = sitk.Cast(mask_b != 0, sitk.sitkUInt8)
     a = io.align_voxel_order(sitk.Cast(mask_a != 0, sitk.sitkUInt8), b)
     io.check_same_grid(a, b, "rater A's mask", "rater B's")
     image = io.align_voxel_order(io.read_image(flair), b)
     io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
-    write_qc(image, a, path, reference=b)
+    return png_bytes(render_comparison(image, a, b))

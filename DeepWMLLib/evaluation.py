@@ -481,7 +481,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
                             path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
-    case_rows, image_rows, failed = [], [], []
+    case_rows, image_rows, failed, unpictured = [], [], [], []
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -489,10 +489,6 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         try:
             result = evaluate_case(entry["prediction"], entry["reference"], entry.get("probabilities") or None,
                                    found_fraction, size_classes)
-            if entry.get("flair"):
-                io.make_output_dir(out / "qc")
-                write_comparison_picture(entry["flair"], entry["prediction"], entry["reference"],
-                                         out / "qc" / f"{entry['case']}_qc.png")
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -502,6 +498,15 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             case_rows.append(_case_row(info, result))
             image_rows.extend({**info, **s} for s in result["slices"])
             message = f"{entry['case']}: Dice {_fmt(result['dice'])}"
+            if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the case's figures
+                try:
+                    write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"]),
+                                io.make_output_dir(out / "qc") / f"{entry['case']}_qc.png")
+                except Cancelled:
+                    raise
+                except Exception as exc:
+                    unpictured.append({**info, "error": case_error(exc)})
+                    message += f" (no picture: {unpictured[-1]['error']})"
         if progress is not None:
             progress((number + 1) / len(entries), message)
 
@@ -512,6 +517,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         "n_images": len(image_rows),
         "cases": case_rows,
         "failed": failed,
+        "unpictured": unpictured,  # cases whose flair could not be pictured (their figures are in)
         "table2": _table2(image_rows, case_rows),
         "lv_groups": _lv_table(image_rows),
         "statistics": _statistics(image_rows, case_rows),
@@ -601,7 +607,8 @@ def run(args) -> int:
               f"{_median_iqr(overall, 'image_dice')}, sensitivity {_median_iqr(overall, 'image_sensitivity')}, "
               f"precision {_median_iqr(overall, 'image_precision')}")
         print(f"report: {Path(args.output) / 'report.md'}")
-        return report_failed_cases(summary["failed"], "failed")
+        return max(report_failed_cases(summary["failed"], "failed"),
+                   report_failed_cases(summary["unpictured"], "could not be pictured (their figures are in the report)"))
     if not (args.prediction and args.reference):
         raise UsageError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
     if args.output:
@@ -610,25 +617,30 @@ def run(args) -> int:
         raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after it
+    picture = comparison_picture(args.flair, args.prediction, args.reference) if args.qc else None  # a bad FLAIR: before any output
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
     print(format_case(result))
     if args.json:
         write_json(result, args.json)
-    if args.qc:
-        write_comparison_picture(args.flair, args.prediction, args.reference, args.qc)
+    if picture is not None:
+        write_bytes(picture, args.qc)
     return 0
 
 
-def write_comparison_picture(flair, prediction, reference, path) -> None:
-    """`qc.render_comparison` of a case, as a PNG; the FLAIR must lie on the reference's grid (a FLAIR
+def comparison_picture(flair, prediction, reference) -> bytes:
+    """PNG bytes of `qc.render_comparison` of a case; the FLAIR must lie on the reference's grid (a FLAIR
     storing it in another voxel order is reordered, as the prediction is)."""
-    from .qc import write_qc
+    from .qc import png_bytes, render_comparison
 
     reference = _as_mask(reference, "reference")
     prediction = io.read_mask(_existing(prediction, "prediction"), reference=reference)
     image = io.align_voxel_order(io.read_image(_existing(flair, "FLAIR")), reference)
     io.check_same_grid(image, reference, f"FLAIR {flair}", "the reference")
-    write_qc(image, prediction, path, reference=reference)
+    return png_bytes(render_comparison(image, prediction, reference))
+
+
+def write_bytes(data: bytes, path) -> Path:
+    return io.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def format_case(result: dict) -> str:

@@ -6,16 +6,19 @@ mask file is the result.
 
 How it is drawn:
 - the axial planes of `io.to_axial_stack`, in the radiological view (patient left on the image right,
-  anterior at the top), cropped to the head's in-plane box over all slices (plus 5 mm) and resampled
-  (nearest neighbour) to square pixels, so a scan with anisotropic pixels is not stretched;
-- the slices from the first to the last that hold head, all of them when there are at most
+  anterior at the top), from the bottom of the head up whatever order the file stores its slices in,
+  cropped to the head's in-plane box over all slices (plus 5 mm) and resampled to square pixels, so a
+  scan with anisotropic pixels is not stretched (FLAIR: nearest neighbour; the masks: a display pixel
+  is marked when any voxel under it is, so a lesion smaller than a display pixel still shows);
+- the slices from the first to the last that hold head or lesion, all of them when there are at most
   `max_tiles`; else every slice with lesion and evenly spaced others up to `max_tiles` (and when more
   than `max_tiles` slices have lesion, evenly spaced ones of those);
 - grey levels: FLAIR from its 1st to its 99.5th percentile within the head (voxels above a tenth of the
   99.5th percentile), the same window on every slice;
 - lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
   FLAIR signal under it stays visible;
-- each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first).
+- each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first),
+  yellow on black in the top left corner (left out on a tile too small to hold it whole).
 
 `deepwml evaluate --flair FLAIR --qc PNG` (and a cohort manifest's `flair` column) draws a prediction
 against a reference instead: both masks filled, half transparent, green where they agree, red where
@@ -26,10 +29,8 @@ Only numpy and zlib are used (the PNG is written here), so the picture costs no 
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -57,8 +58,8 @@ _DIGITS = {
 
 def choose_slices(head: np.ndarray, lesion_per_slice: np.ndarray, max_tiles: int) -> list[int]:
     """Indices of the slices to show (see the module docstring), in order."""
-    with_head = np.flatnonzero(head)
-    first, last = (int(with_head[0]), int(with_head[-1])) if with_head.size else (0, len(head) - 1)
+    shown = np.flatnonzero(head | lesion_per_slice)  # a lesion on a slice with little head is shown too
+    first, last = (int(shown[0]), int(shown[-1])) if shown.size else (0, len(head) - 1)
     candidates = np.arange(first, last + 1)
     if candidates.size <= max_tiles:
         return candidates.tolist()
@@ -70,10 +71,19 @@ def choose_slices(head: np.ndarray, lesion_per_slice: np.ndarray, max_tiles: int
     return sorted(set(lesion_slices) | {rest[i] for i in picks})
 
 
-def _resample_indices(n: int, spacing: float, pixel_mm: float) -> np.ndarray:
+def _resample_indices(n: int, spacing: float, pixel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """(the voxel at each display pixel's centre, the first voxel of each display pixel's footprint)."""
     count = max(1, int(round(n * spacing / pixel_mm)))
     centres = (np.arange(count) + 0.5) * pixel_mm / spacing - 0.5
-    return np.clip(np.round(centres).astype(int), 0, n - 1)
+    starts = np.floor(np.arange(count) * pixel_mm / spacing + 1e-9).astype(int)
+    return np.clip(np.round(centres).astype(int), 0, n - 1), np.clip(starts, 0, n - 1)
+
+
+def _pooled(mask: np.ndarray, row_starts: np.ndarray, col_starts: np.ndarray) -> np.ndarray:
+    """A 2D mask on the display grid: a display pixel is set when any voxel of its footprint is, so no
+    lesion is lost when the tile has fewer pixels than the slice (a pixel that enlarges a voxel shows it)."""
+    rows = np.maximum.reduceat(mask.astype(np.uint8), row_starts, axis=0)
+    return np.maximum.reduceat(rows, col_starts, axis=1).astype(bool)
 
 
 def _box(present: np.ndarray, spacing_mm: float) -> tuple[int, int]:
@@ -91,17 +101,24 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inside
 
 
-def _draw_number(tile: np.ndarray, number: int, scale: int = 2) -> None:
-    x = 3
-    for char in str(number):
+def _draw_number(tile: np.ndarray, number: int) -> bool:
+    """Draw `number` in the tile's top left corner on a black backing, at 2x or, when that does not fit,
+    1x; a tile too small for the whole number gets none (never a cut-off, wrong one). Whether drawn."""
+    text = str(number)
+    for scale in (2, 1):
+        width, height = len(text) * 4 * scale - scale, 5 * scale
+        if 2 + height + 1 <= tile.shape[0] and 2 + width + 1 <= tile.shape[1]:
+            break
+    else:
+        return False
+    tile[1:3 + height, 1:3 + width] = 0
+    x = 2
+    for char in text:
         glyph = np.array([[c == "1" for c in row] for row in _DIGITS[char]])
         big = np.kron(glyph, np.ones((scale, scale), bool))
-        h, w = big.shape
-        if 3 + h > tile.shape[0] or x + w > tile.shape[1]:
-            return
-        region = tile[3:3 + h, x:x + w]
-        region[big] = LABEL_RGB
-        x += w + scale
+        tile[2:2 + height, x:x + 3 * scale][big] = LABEL_RGB
+        x += 4 * scale
+    return True
 
 
 def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
@@ -139,23 +156,29 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
         raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
     finite = stack[np.isfinite(stack)]
     sample = finite[:: max(1, finite.size // 2_000_000)]
-    top = float(np.percentile(sample, 99.5)) if sample.size else 1.0
-    head_values = sample[sample > 0.1 * top] if top > 0 else sample
-    low, high = (np.percentile(head_values, [1, 99.5]) if head_values.size else (0.0, 1.0))
+    # head: above a tenth of the way from the background (0.5th percentile) to the bright end (99.5th),
+    # which holds for images offset or scaled anyhow
+    floor, top = (np.percentile(sample, [0.5, 99.5]) if sample.size else (0.0, 1.0))
+    threshold = floor + 0.1 * (top - floor)
+    head_values = sample[sample > threshold]
+    low, high = (np.percentile(head_values, [1, 99.5]) if head_values.size else (floor, top))
     if not high > low:
         low, high = float(np.min(sample, initial=0)), float(np.max(sample, initial=1))
         high = high if high > low else low + 1
-    head = (stack > 0.1 * top).reshape(stack.shape[0], -1).mean(axis=1) > 0.01 if top > 0 else np.ones(len(stack), bool)
+    voxel_head = stack > threshold if top > floor else np.ones(stack.shape, bool)
+    head = voxel_head.reshape(stack.shape[0], -1).mean(axis=1) > 0.01
     slices = choose_slices(head, labels.reshape(labels.shape[0], -1).any(axis=1), max_tiles)
+    direction = np.array(frame.direction).reshape(3, 3)
+    if direction[2, frame.slice_axis] < 0:  # stored superior to inferior: shown from the bottom up all the same
+        slices = slices[::-1]
 
     # the tiles show the head's in-plane box over all slices (and CROP_MARGIN_MM around it), not the empty field
-    voxel_head = stack > 0.1 * top if top > 0 else np.ones(stack.shape, bool)
     (r0, r1), (c0, c1) = _box(voxel_head.any(axis=(0, 2)), frame.row_spacing_mm), _box(voxel_head.any(axis=(0, 1)), frame.col_spacing_mm)
     rows_n, cols_n = r1 - r0, c1 - c0
     extent_rows, extent_cols = rows_n * frame.row_spacing_mm, cols_n * frame.col_spacing_mm
     pixel_mm = max(extent_rows, extent_cols) / tile_px
-    row_index = r0 + _resample_indices(rows_n, frame.row_spacing_mm, pixel_mm)
-    col_index = c0 + _resample_indices(cols_n, frame.col_spacing_mm, pixel_mm)
+    row_index, row_starts = (r0 + i for i in _resample_indices(rows_n, frame.row_spacing_mm, pixel_mm))
+    col_index, col_starts = (c0 + i for i in _resample_indices(cols_n, frame.col_spacing_mm, pixel_mm))
     th, tw = len(row_index), len(col_index)
     columns = max(1, min(columns, len(slices)))
     grid_rows = -(-len(slices) // columns)
@@ -164,9 +187,8 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
         grey = stack[k][np.ix_(row_index, col_index)]
         grey = np.nan_to_num((grey - low) / (high - low), nan=0.0)
         tile = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-        label_tile = labels[k][np.ix_(row_index, col_index)]
-        for value, rgb in colours.items():
-            where = label_tile == value
+        for value, rgb in colours.items():  # in order: later colours (the errors) over earlier ones
+            where = _pooled(labels[k][r0:r1, c0:c1] == value, row_starts - r0, col_starts - c0)
             if outline:
                 tile[_outline(where)] = rgb
             else:
@@ -190,10 +212,3 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
-
-
-def write_qc(image, mask, path: str | os.PathLike, reference=None, **options) -> None:
-    """Render the QC mosaic (with `reference`: the comparison) and write it as a PNG, atomically."""
-    data = png_bytes(render(image, mask, **options) if reference is None
-                     else render_comparison(image, mask, reference, **options))
-    io.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))

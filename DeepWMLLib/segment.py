@@ -240,6 +240,10 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     report = {"case": case, "input": str(path), **result.report}
+    if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
+        from .qc import png_bytes, render
+
+        picture = png_bytes(render(image, result.mask))
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
@@ -247,9 +251,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if save_brain_mask:
         io.write_image(result.brain, paths["brain"])
     if qc:
-        from .qc import write_qc
-
-        write_qc(image, result.mask, paths["qc"])
+        io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
     io.write_text(json.dumps(report, indent=1), paths["report"])
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],

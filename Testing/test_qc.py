@@ -61,9 +61,15 @@ def test_radiological_view_whatever_the_voxel_order_and_the_outline_is_exact():
     ring[4:6, 14:16] = False  # the outline: mask voxels next to a voxel outside
     assert np.array_equal(red, ring)  # anterior at the top, patient left on the right
     assert not np.any(np.all(tile(canvas, 1, 24, 20) == qc.LESION_RGB, axis=2))
-    for order in ("RAS", "PIR", "SLA"):  # the same grid stored in another voxel order
+    for order in ("RAS", "SLA"):  # the same grid stored in another voxel order: the same picture
         assert np.array_equal(qc.render(sitk.DICOMOrient(image, order), sitk.DICOMOrient(lesion, order), tile_px=24),
                               canvas), order
+    # slices stored from the top down (PIR): still shown from the bottom up; only the labels (the file's
+    # own slice indices, 4 - k) differ
+    flipped = qc.render(sitk.DICOMOrient(image, "PIR"), sitk.DICOMOrient(lesion, "PIR"), tile_px=24)
+    below_labels = slice(qc.GAP_PX + 14, None)
+    assert np.array_equal(flipped[below_labels], canvas[below_labels])
+    assert not np.array_equal(flipped, canvas)
 
 
 def test_pixels_are_square_millimetres():
@@ -98,6 +104,13 @@ def test_segment_qc_writes_the_picture_and_counts_it_as_an_output(tmp_path, tiny
     assert picture.ndim == 3 and picture.shape[2] == 3
     assert np.any(np.all(picture == qc.LESION_RGB, axis=2))  # the oracle's lesion is outlined
     before = (out / "case_qc.png").read_bytes()
+    # a picture that fails is drawn before anything is written: no half set of outputs is left
+    monkeypatch.setattr(qc, "render", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    assert main(["segment", str(path), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--qc",
+                 "--device", "cpu"]) == 1
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["summary.csv"]
+    monkeypatch.undo()
+    oracle_network(monkeypatch)
     (out / "case_wmh.nii.gz").unlink()
     assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--qc", "--device", "cpu"]) == 0
     assert "case_qc.png" in capsys.readouterr().err  # an earlier picture is kept: the case is skipped
@@ -141,16 +154,26 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
     assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "a.png")]) == 0
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.png")))
     assert np.any(np.all(picture == (0.45 * 255 + 0.55 * np.array(qc.COMPARISON_RGB[1])).astype(np.uint8), axis=2))
+    capsys.readouterr()
     shifted = volume(flair)
     shifted.SetOrigin((0.0, 0.0, 1.0))
     sitk.WriteImage(shifted, str(tmp_path / "other_grid.nii.gz"))
-    assert main(common + ["--flair", str(tmp_path / "other_grid.nii.gz"), "--qc", str(tmp_path / "b.png")]) == 1
-    assert "grid" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+    assert main(common + ["--flair", str(tmp_path / "other_grid.nii.gz"), "--qc", str(tmp_path / "b.png"),
+                          "--json", str(tmp_path / "b.json")]) == 1
+    out = capsys.readouterr()
+    assert "grid" in out.err and "Dice" not in out.out  # refused before any figure or file
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "b.json").exists()
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f"case,prediction,reference,flair\nc1,{files['pred']},{files['ref']},{files['flair']}\n"
                         f"c2,{files['pred']},{files['ref']},\n")
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
     assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["c1_qc.png"]
+    # a FLAIR that cannot be pictured costs the picture, not the case's figures
+    manifest.write_text(f"case,prediction,reference,flair\nc1,{files['pred']},{files['ref']},{tmp_path / 'other_grid.nii.gz'}\n")
+    assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort2")]) == 1
+    assert "c1: " in capsys.readouterr().err
+    per_case = (tmp_path / "cohort2" / "per_case.csv").read_text().splitlines()
+    assert len(per_case) == 2 and per_case[1].startswith("c1,") and not (tmp_path / "cohort2" / "qc" / "c1_qc.png").exists()
 
 
 def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
@@ -175,11 +198,50 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
     assert np.any(np.all(tile(picture, 2, *tile_shape(picture)) != tile(qc.render(volume(flair), volume(rater_a * 0)),
                                                                           2, *tile_shape(picture)), axis=2))
     manifest = tmp_path / "pairs.csv"
-    manifest.write_text(f"case,rater_a,rater_b,flair\np1,{files['a']},{files['b']},{files['flair']}\n")
-    assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 0
+    manifest.write_text(f"case,rater_a,rater_b,flair\np1,{files['a']},{files['b']},{files['flair']}\n"
+                        f"p2,{files['a']},{files['b']},{files['a']}\n")  # p2's "FLAIR" is a mask: no picture
+    assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 1
+    assert "could not be pictured (their verdicts stand)" in capsys.readouterr().err
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png"))), expected)
+    rows = (tmp_path / "out" / "consensus.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["p1", "p2"] and rows[2].split(",")[3] == "False"  # verdict stands
 
 
 def tile_shape(canvas: np.ndarray, n_tiles: int = 5) -> tuple[int, int]:
     """(rows, columns) of each tile of a one-row mosaic of n_tiles."""
     return canvas.shape[0] - 2 * qc.GAP_PX, (canvas.shape[1] - qc.GAP_PX) // n_tiles - qc.GAP_PX
+
+
+def test_a_lesion_smaller_than_a_display_pixel_still_shows():
+    flair = np.zeros((3, 40, 400), np.float32)
+    flair[:, 5:-5, 10:-10] = 100
+    mask = np.zeros(flair.shape, np.uint8)
+    mask[1, 20, 201] = 1  # one voxel; the tile has a quarter of the slice's columns
+    canvas = qc.render(volume(flair, spacing=(0.5, 0.5, 5.0)), volume(mask, spacing=(0.5, 0.5, 5.0)), tile_px=100)
+    shown = np.all(canvas == qc.LESION_RGB, axis=2)
+    assert shown.sum() >= 1
+    width = canvas.shape[1] // 3  # three tiles side by side
+    assert np.flatnonzero(shown.any(axis=0))[0] // width == 1  # on the middle slice's tile
+
+
+def test_slice_labels_are_whole_or_absent_and_negative_images_crop_alike():
+    flair, mask = head_with_marker(nk=3)
+    image = volume(flair)
+    for tile_px, expected in ((24, True), (6, False)):
+        canvas = qc.render(image, volume(mask), tile_px=tile_px)
+        assert bool(np.any(np.all(canvas == qc.LABEL_RGB, axis=2))) is expected
+    tile_rgb = np.zeros((12, 16, 3), np.uint8)
+    assert qc._draw_number(tile_rgb, 123)  # 1x: 11 pixels wide, fits
+    assert not qc._draw_number(np.zeros((12, 12, 3), np.uint8), 123)  # would be cut: not drawn at all
+    offset = qc.render(volume(flair - 1000), volume(mask), tile_px=24)
+    assert np.array_equal(offset, qc.render(image, volume(mask), tile_px=24))
+
+
+def test_a_lesion_on_a_slice_with_little_head_is_shown():
+    flair = np.zeros((6, 24, 20), np.float32)
+    flair[:4, 2:-2, 2:-2] = 100 + np.arange(4)[:, None, None]
+    mask = np.zeros(flair.shape, np.uint8)
+    mask[5, 10, 10] = 1  # the top slice holds no head (e.g. the vertex, faint), but a mark
+    canvas = qc.render(volume(flair), volume(mask), tile_px=24)
+    assert canvas.shape[1] == 6 * (20 + qc.GAP_PX) + qc.GAP_PX
+    assert np.any(np.all(tile(canvas, 5, 24, 20) == qc.LESION_RGB, axis=2))

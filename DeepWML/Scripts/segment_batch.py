@@ -105,16 +105,18 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
-        io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
+        if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
+            import SimpleITK as sitk
+            from DeepWMLLib.qc import png_bytes, render, render_comparison
+
+            image = mrml.imageFromVolume(volumeNode)
+            picture = png_bytes(render(image, mask) if referenceNode is None else render_comparison(
+                image, mask, sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)))
+        io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
         io.write_image(mask, paths["mask"])
         if args.qc:
-            import SimpleITK as sitk
-            from DeepWMLLib.qc import write_qc
-
-            referenceMask = None if referenceNode is None else sitk.Cast(
-                mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)  # any non-zero voxel is lesion
-            write_qc(mrml.imageFromVolume(volumeNode), mask, paths["qc"], reference=referenceMask)
+            io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
         write_json(report, paths["report"])
     finally:
         for node in nodes:
