@@ -253,6 +253,11 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if qc:
         io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
     io.write_text(json.dumps(report, indent=1), paths["report"])
+    if overwrite:  # an earlier run's optional outputs that this one did not write would not match it
+        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True)
+        for key, stale in every.items():
+            if key not in paths and stale.is_file():
+                stale.unlink()
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
             "warnings": report["warnings"]}

@@ -118,6 +118,13 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     assert read_summary(out)[0]["status"] == "skipped"
     assert main(args + ["--overwrite"]) == 0
     assert mask_file.read_bytes() != b"user edited"
+    # an earlier run's optional outputs go when a run that does not make them overwrites the case
+    assert main(args + ["--overwrite", "--qc", "--save-probabilities"]) == 0
+    assert (out / "c_qc.png").is_file() and (out / "c_prob.nii.gz").is_file()
+    (out / "other_qc.png").write_bytes(b"another case's")
+    assert main(args + ["--overwrite", "--save-probabilities"]) == 0
+    assert not (out / "c_qc.png").exists() and (out / "c_prob.nii.gz").is_file()
+    assert (out / "other_qc.png").read_bytes() == b"another case's"
 
 
 def test_ensemble_and_tta_run(tmp_path):

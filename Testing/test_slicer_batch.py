@@ -101,8 +101,10 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     assert batchScript.main(arguments) == 0
     assert {row["status"] for row in summary(out).values()} == {"skipped"}
     assert "use --overwrite" in capsys.readouterr().out
-    assert batchScript.main(arguments + ["--overwrite"]) == 0
-    assert {row["status"] for row in summary(out).values()} == {"ok"}
+    assert batchScript.main(arguments + ["--overwrite", "--qc"]) == 0
+    assert {row["status"] for row in summary(out).values()} == {"ok"} and (out / "a_qc.png").is_file()
+    assert batchScript.main(arguments + ["--overwrite"]) == 0  # the earlier picture goes with its result
+    assert {row["status"] for row in summary(out).values()} == {"ok"} and not (out / "a_qc.png").exists()
 
 
 def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tiny_model):

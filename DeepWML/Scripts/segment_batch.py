@@ -118,6 +118,9 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
         if args.qc:
             io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
         write_json(report, paths["report"])
+        stale = args.output_dir / f"{case}_qc.png"
+        if args.overwrite and not args.qc and stale.is_file():  # an earlier run's picture of an older result
+            stale.unlink()
     finally:
         for node in nodes:
             mrml.removeNode(node)
