@@ -449,19 +449,27 @@ def _report(summary: dict) -> str:
         lines.append(f"No figure: {summary['figure_error']}.")
     else:
         lines.append("No figure: no 2D image with reference lesion was evaluated.")
+    pictured = set(summary.get("pictured", []))
     lines += ["", "## Cases", ""]
+    if pictured:
+        lines += ["Pictures (a manifest's flair column): the FLAIR's axial slices, green where prediction and "
+                  "reference agree, red prediction only, blue reference only.", ""]
     lines.append(_markdown_table(
         ["case", "centre", "disease", "Dice", "sens.", "prec.", "HD95 mm", "AVD %", "lesion recall",
-         "lesion F1", "lesion-wise R / P / Dice", "ref ml", "pred ml", "AUC"],
+         "lesion F1", "lesion-wise R / P / Dice", "ref ml", "pred ml", "AUC"] + (["picture"] if pictured else []),
         [[c["case"], c.get("centre") or "", c.get("disease") or "", _fmt(c["dice"]), _fmt(c["sensitivity"]),
           _fmt(c["precision"]), _fmt(c["hd95_mm"], 2), _fmt(c["avd_percent"], 1), _fmt(c["lesion_recall"]),
           _fmt(c["lesion_f1"]),
           f"{_fmt(c['lesionwise_recall'])} / {_fmt(c['lesionwise_precision'])} / {_fmt(c['lesionwise_dice'])}",
           _fmt(c["reference_volume_ml"], 2), _fmt(c["prediction_volume_ml"], 2), _fmt(c["roc_auc"], 4)]
+         + ([f"[qc/{c['case']}_qc.png](qc/{c['case']}_qc.png)" if c["case"] in pictured else ""] if pictured else [])
          for c in cases]))
     if failed:
         lines += ["", "## Failed cases", ""]
         lines += [f"- **{c['case']}**: {c['error']}" for c in failed]
+    if summary.get("unpictured"):
+        lines += ["", "## Cases without a picture (their figures are above)", ""]
+        lines += [f"- **{c['case']}**: {c['error']}" for c in summary["unpictured"]]
     return "\n".join(lines) + "\n"
 
 
@@ -481,7 +489,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
                             path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
-    case_rows, image_rows, failed, unpictured = [], [], [], []
+    case_rows, image_rows, failed, pictured, unpictured = [], [], [], [], []
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -502,6 +510,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                 try:
                     write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"]),
                                 io.make_output_dir(out / "qc") / f"{entry['case']}_qc.png")
+                    pictured.append(entry["case"])
                 except Cancelled:
                     raise
                 except Exception as exc:
@@ -517,6 +526,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         "n_images": len(image_rows),
         "cases": case_rows,
         "failed": failed,
+        "pictured": pictured,  # cases with OUT/qc/CASE_qc.png
         "unpictured": unpictured,  # cases whose flair could not be pictured (their figures are in)
         "table2": _table2(image_rows, case_rows),
         "lv_groups": _lv_table(image_rows),
