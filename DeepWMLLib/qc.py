@@ -13,8 +13,8 @@ How it is drawn:
 - the slices from the first to the last that hold head or lesion, all of them when there are at most
   `max_tiles`; else every slice with lesion and evenly spaced others up to `max_tiles` (and when more
   than `max_tiles` slices have lesion, evenly spaced ones of those);
-- grey levels: FLAIR from its 1st to its 99.5th percentile within the head (voxels above a tenth of the
-  99.5th percentile), the same window on every slice;
+- grey levels: FLAIR from its 1st to its 99.5th percentile within the head (voxels more than a tenth
+  of the way from the 0.5th percentile, the background, to the 99.5th), the same window on every slice;
 - lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
   FLAIR signal under it stays visible;
 - each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first),
@@ -22,7 +22,9 @@ How it is drawn:
 
 `deepwml evaluate --flair FLAIR --qc PNG` (and a cohort manifest's `flair` column) draws a prediction
 against a reference instead: both masks filled, half transparent, green where they agree, red where
-only the prediction marks lesion, blue where only the reference does.
+only the prediction marks lesion, blue where only the reference does; `deepwml consensus` draws two
+raters the same way (rater A as the prediction), and the Slicer batch script its result against a
+reference.
 
 Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
 """
