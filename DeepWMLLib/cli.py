@@ -107,6 +107,19 @@ def open_unit_interval(text: str) -> float:
     return value
 
 
+def number_in(low: float, high: float, kind=float, low_open: bool = False):
+    """argparse type: a `kind` number from `low` to `high` (above `low` when `low_open`)."""
+    def parse(text: str):
+        value = kind(text)
+        if not ((low < value) if low_open else (low <= value)) or not value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be {'above' if low_open else 'from'} {low:g} {'and at most' if low_open else 'to'} {high:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
 def unit_interval(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     value = float(text)

@@ -563,10 +563,12 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def add_lesionwise_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--found-fraction", type=float, default=metrics.FOUND_FRACTION,
+    from .cli import number_in
+
+    parser.add_argument("--found-fraction", type=number_in(0, 1, low_open=True), default=metrics.FOUND_FRACTION,
                         help="fraction of a reference lesion's voxels that must be marked for it to count as "
                              "found (lesion-wise metrics; default %(default)s)")
-    parser.add_argument("--size-bounds", type=float, nargs=2, metavar=("SMALL", "LARGE"),
+    parser.add_argument("--size-bounds", type=number_in(0, float("inf"), low_open=True), nargs=2, metavar=("SMALL", "LARGE"),
                         default=metrics.SIZE_BOUNDS_VOXELS,
                         help="lesion size classes: small < SMALL <= medium <= LARGE < large (default 20 150)")
     parser.add_argument("--size-unit", choices=metrics.SIZE_UNITS, default="voxels",
@@ -579,7 +581,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="compare predicted masks with reference masks (one case or a cohort)",
         description="One case: --prediction and --reference. A cohort: --manifest CSV (columns case, prediction, "
-                    "reference, optional centre, disease, probabilities) and -o OUTDIR, which receives per-image "
+                    "reference, optional centre, disease, probabilities, flair) and -o OUTDIR, which receives per-image "
                     "and per-case CSVs, the paper's Table 2, LV-group table, statistics, box plots and report.md.")
     parser.add_argument("--prediction", help="predicted mask (any positive label is lesion)")
     parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore; a two-valued mask such as 0/255 is read as 0/1)")
@@ -597,6 +599,9 @@ def register(subparsers) -> None:
 
 
 def size_classes_from_args(args) -> metrics.SizeClasses:
+    small, large = args.size_bounds
+    if small > large:
+        raise UsageError(f"--size-bounds SMALL LARGE needs SMALL <= LARGE, got {small:g} {large:g}")
     return metrics.SizeClasses(tuple(args.size_bounds), args.size_unit)
 
 

@@ -164,7 +164,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         coverage = intracranial / max(1, facts.get("head_voxels", 0))
         if not BRAIN_COVERAGE[0] <= coverage <= BRAIN_COVERAGE[1]:
             warnings.append(
-                f"the brain mask covers {coverage:.0%} of the head mask (85-120 % on the scans it was checked on): "
+                f"the brain mask covers {coverage:.0%} of the head mask (84-118 % on the scans it was checked on): "
                 f"it may have failed on this scan, and {report['outside_brain_removed_ml']:.2f} ml marked outside it "
                 "were dropped; compare with --no-brain-mask")
     else:
@@ -230,6 +230,9 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
+        if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
+            raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
+                               f"{paths['report'].name}); rerun with --overwrite to replace them")
         return {"case": case, "input": str(path), "status": "skipped",
                 "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
     if path.is_dir() and not io.is_dicom_folder(path):

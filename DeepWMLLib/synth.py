@@ -832,7 +832,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
 # Command line.
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag, positive_float, positive_int, unit_interval
+    from .cli import add_debug_flag, number_in, positive_int, unit_interval
 
     parser = subparsers.add_parser(
         "synth", help="generate synthetic clinical FLAIR scans with lesion masks",
@@ -842,9 +842,9 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="data set seed (case i uses seed, i)")
     parser.add_argument("-j", "--workers", type=positive_int, default=1, help="parallel processes")
-    parser.add_argument("--matrix", type=positive_int, help="in-plane matrix for every case (default: per "
-                        "simulated scanner, 256-512)")
-    parser.add_argument("--thickness", type=positive_float, help="slice thickness in mm for every case "
+    parser.add_argument("--matrix", type=number_in(64, 1024, int), help="in-plane matrix for every case, 64 to 1024 "
+                        "(default: per simulated scanner, 256-512)")
+    parser.add_argument("--thickness", type=number_in(0.5, 10), help="slice thickness in mm for every case, 0.5 to 10 "
                         "(default: per simulated scanner, 3-8)")
     parser.add_argument("--intracranial", action="store_true", help="also write each case's intracranial "
                         "mask (the brain-mask network's target; manifest column intracranial)")

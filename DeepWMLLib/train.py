@@ -1293,8 +1293,8 @@ def _range(text: str) -> list[float] | str:
 
 
 def register(subparsers) -> None:
-    from .cli import (add_debug_flag, non_negative_float, non_negative_int, open_unit_interval, positive_float, positive_int,
-                      unit_interval)
+    from .cli import (add_debug_flag, non_negative_float, non_negative_int, number_in, open_unit_interval, positive_float,
+                      positive_int, unit_interval)
 
     p = subparsers.add_parser(
         "train", help="train a U-Net on a manifest of FLAIR volumes and lesion masks",
@@ -1322,8 +1322,8 @@ def register(subparsers) -> None:
                    "intracranial trains the brain-mask network on `deepwml synth --intracranial` data)")
     g.add_argument("--label-name", metavar="NAME", help="what the trained label means, written into the model file "
                    "(default WMH; intracranial for a brain-mask network)")
-    g.add_argument("--ignore-label", type=int, metavar="N", help="mask value N marks voxels to leave out of the loss and "
-                   "validation (uncertain or unlabelled regions); other positive values are lesion")
+    g.add_argument("--ignore-label", type=number_in(2, 255, int), metavar="N", help="mask value N (2 to 255) marks voxels "
+                   "to leave out of the loss and validation (uncertain or unlabelled regions); other positive values are lesion")
     g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
     g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
     g.add_argument("--grid-size", type=positive_int, nargs="+", metavar="N", help="network grid (default 256 256)")

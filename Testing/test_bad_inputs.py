@@ -48,6 +48,7 @@ BAD_INPUTS = [
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
+    ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
     ("--device cuda without a GPU", "segment", 1, "no CUDA GPU"),
     ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
     ("batch size 0", "segment", 2, "must be at least 1"),
@@ -174,6 +175,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "existing outputs":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
+        (tmp / "out" / "good_report.json").write_text("{}")
+        return seg + [str(p["good"])]
+    if row_id.startswith("an earlier run's outputs without its report"):
+        (tmp / "out").mkdir()
+        (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
         return seg + [str(p["good"])]
     if row_id == "--device cuda without a GPU":
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cuda"]
@@ -258,7 +264,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     for folder in (tmp / "out", tmp / "new" / "deeper"):
         if folder.is_dir():
             assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    if row_id == "existing outputs":
+    if row_id == "existing outputs" or row_id.startswith("an earlier run's outputs without its report"):
         assert (tmp / "out" / "good_wmh.nii.gz").read_bytes() == b"earlier result"
     if row_id == "output folder missing":
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()

@@ -389,7 +389,7 @@ def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_m
         "from DeepWMLLib import cli\n"
         "cli.OWN_PROCESS = True  # as cli.run(), the console entry point, sets it\n"
         "main = cli.main\n"
-        f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite', '--backend', {backend!r}]\n"
+        f"args = ['segment', {str(path)!r}, '-o', {str(tmp_path / 'o')!r}, '--model', {str(tiny_model)!r}, '--device', 'cpu', '--overwrite', '--backend', {backend!r}, '--qc']\n"
         "assert main(args) == 0\n"
         "print('torch' in sys.modules, 'scipy' in sys.modules, 'slicerio' in sys.modules, 'numpy.ma' in sys.modules)\n"
     )

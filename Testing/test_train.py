@@ -822,7 +822,7 @@ def test_training_options_out_of_range_are_usage_errors(dataset, tmp_path, capsy
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "r"), "--lr", "0.5"]) == 2
     assert "--lr given" in capsys.readouterr().err
-    for option in (["--rotate", "0"], ["--noise", "0.0"], ["--scale", "off"], ["--ignore-label", "0"]):
+    for option in (["--rotate", "0"], ["--noise", "0.0"], ["--scale", "off"], ["--dice-weight", "0"]):
         assert main(["train", "--resume", str(tmp_path / "r"), *option]) == 2, option  # 0 and off are values too
         assert f"{option[0]} given" in capsys.readouterr().err
     assert main(["train", "--export", "a.pt", "b.pt", "c.pt"]) == 2

@@ -86,6 +86,9 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
     paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
+        if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
+            raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
+                               f"{paths['report'].name}); rerun with --overwrite to replace them")
         return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
     reference = findReference(args.reference_dir, case) if args.reference_dir else None
     nodes, referenceNode = [], None
