@@ -71,7 +71,7 @@ def file_digest(path: str | os.PathLike) -> str:
     key = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
     memo = cache_dir() / "digests" / f"{hashlib.sha1(str(p).encode('utf-8')).hexdigest()}.json"
     try:
-        saved = json.loads(memo.read_text())
+        saved = json.loads(memo.read_text(encoding="utf-8"))
         if saved["key"] == key and len(saved["digest"]) == 24:
             return saved["digest"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -80,7 +80,7 @@ def file_digest(path: str | os.PathLike) -> str:
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.part")
-        tmp.write_text(json.dumps({"path": str(p), "key": key, "digest": digest}))
+        tmp.write_text(json.dumps({"path": str(p), "key": key, "digest": digest}), encoding="utf-8")
         os.replace(tmp, memo)
     except OSError:
         pass  # a read-only cache only costs the hashing next time
@@ -197,7 +197,7 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
         raise DeepWMLError(f"model file {p} does not exist")
     digest = file_digest(p)
     try:
-        meta = json.loads(_metadata_path(digest).read_text())
+        meta = json.loads(_metadata_path(digest).read_text(encoding="utf-8"))
         return LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),
                            meta["labels"], meta["provenance"], str(p), digest)
     except (OSError, ValueError, KeyError, TypeError):

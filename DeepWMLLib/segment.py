@@ -48,7 +48,7 @@ def shipped_models(role: str | None = "wmh") -> list[dict]:
     registry = models_dir() / "models.json"
     if not registry.is_file():
         raise DeepWMLError(f"no model registry at {registry}; pass --model FILE or set {MODELS_DIR_ENV}")
-    entries = json.loads(registry.read_text())["models"]
+    entries = json.loads(registry.read_text(encoding="utf-8"))["models"]
     for entry in entries:
         entry["path"] = str(models_dir() / entry["file"])
     return [e for e in entries if role is None or e.get("role", "wmh") == role]

@@ -398,7 +398,7 @@ class SliceSet:
 
     @classmethod
     def open(cls, folder: Path, split: str) -> "SliceSet":
-        meta = json.loads((folder / f"{split}.json").read_text())
+        meta = json.loads((folder / f"{split}.json").read_text(encoding="utf-8"))
         index = np.load(folder / f"{split}_index.npz")
         return cls(np.load(folder / f"{split}_images.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy", mmap_mode="r"),
                    index["case_index"], index["lesion_pixels"], meta["cases"], int(meta["missed_lesion_voxels"]))
@@ -424,7 +424,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     signature = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
     done_file = folder / "cache.json"
     if done_file.is_file():
-        done = json.loads(done_file.read_text())
+        done = json.loads(done_file.read_text(encoding="utf-8"))
         if done.get("signature") == signature:
             return [tuple(s) for s in done["skipped"]]
         done_file.unlink()
@@ -894,7 +894,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     # its settings and split are made again, so a corrected manifest or command just works.
     started = (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
     if config_file.is_file() and started:
-        stored = json.loads(config_file.read_text())
+        stored = json.loads(config_file.read_text(encoding="utf-8"))
         differences = _config_differences(stored, cfg.to_dict())
         if differences:
             detail = "; ".join(f"{k}: {stored.get(k)!r} there, {getattr(cfg, k, None)!r} now" for k in differences[:3])
@@ -1400,14 +1400,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
                               + [f"--{_OPTION_NAMES.get(n, n).replace('_', '-')}" for n in given])
             raise UsageError(f"--resume continues with the run's stored settings; only --epochs, --device and --threads "
                              f"may change ({extra} given); start a new run folder to change the others")
-        config = json.loads(stored.read_text())
+        config = json.loads(stored.read_text(encoding="utf-8"))
         for key in _RESUMABLE_OPTIONS:
             if getattr(args, key, None) is not None:
                 config[key] = getattr(args, key)
         return config, run_dir
     if not args.manifest or not args.run_dir:
         raise UsageError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
-    config = json.loads(Path(args.config).read_text()) if args.config else {}
+    config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
     config["manifest"] = args.manifest
     for key in _TOP_OPTIONS + _RESUMABLE_OPTIONS:
         if getattr(args, key, None) is not None:

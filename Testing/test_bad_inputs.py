@@ -272,14 +272,14 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
     if row_id == "sagittal acquisition":
         assert "sagittal acquisition with 5 mm slices" in err
-        summary = (tmp / "out" / "summary.csv").read_text().splitlines()
+        summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()
         assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
-        report = json.loads((tmp / "out" / "thin_report.json").read_text())
+        report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))
         assert report["acquisition_plane"] == "axial" and report["warnings"] == []
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference"):
-        assert json.loads((tmp / "e.json").read_text())["dice"] == 1.0
+        assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 
 
 def test_readme_table_matches():

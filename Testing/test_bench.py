@@ -48,7 +48,7 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--input", str(path), "--model", str(tiny_model), "--slices", "4", "--repeat", "1",
                  "--brain-model", str(brain), "--json", str(out)]) == 0
-    both = json.loads(out.read_text())
+    both = json.loads(out.read_text(encoding="utf-8"))
     assert both["slices"] == 4 and both["brain_model"] == "brain.pt"
     wmh_flops, brain_flops = both["gflop_per_slice_each"]
     assert wmh_flops == result["gflop_per_slice_each"][0] and 0 < brain_flops < wmh_flops

@@ -69,12 +69,12 @@ def test_segment_drops_the_lesion_outside_the_brain_mask(tmp_path, tiny_model, m
     dropped = [c for c in components(both) if not (c & kept).any()][0]
     assert brain[kept].mean() > 0.5 > brain[dropped].mean()
     assert np.array_equal(one > 0, (both > 0) & ~dropped)
-    report = json.loads((gated / "two_report.json").read_text())
+    report = json.loads((gated / "two_report.json").read_text(encoding="utf-8"))
     voxel_ml = np.prod(truth.GetSpacing()) / 1000
     assert report["brain_model"] == "brain.pt"
     assert report["outside_brain_removed_ml"] == pytest.approx(dropped.sum() * voxel_ml, abs=1e-3)
     assert report["intracranial_ml"] == pytest.approx(brain.sum() * voxel_ml, abs=1e-2)
-    assert json.loads((plain / "two_report.json").read_text())["brain_model"] is None
+    assert json.loads((plain / "two_report.json").read_text(encoding="utf-8"))["brain_model"] is None
 
 
 def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model, capsys):

@@ -421,7 +421,7 @@ def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_co
     assert result.stderr.rstrip().endswith(f"1/2 cases done, summary in {out / 'summary.csv'}")
     assert io.read_mask(out / "good_wmh.nii.gz").GetSize() == (32, 32, 4)
     assert io.read_segmentation(out / "good.seg.nrrd").GetSize() == (32, 32, 4)
-    assert "missing" in (out / "summary.csv").read_text()
+    assert "missing" in (out / "summary.csv").read_text(encoding="utf-8")
     ok = subprocess.run([sys.executable, "-c", code, "segment", str(path), "-o", str(out), "--overwrite",
                          "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True,
                         encoding="utf-8", errors="replace", timeout=300)

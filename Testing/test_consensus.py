@@ -144,7 +144,7 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
     assert rows["disagree"]["n_unmatched_lesions_a"] == "1" and rows["disagree"]["worst_slice"] == "3"
     assert "does not exist" in rows["broken"]["error"] and rows["broken"]["dice"] == ""
     assert "gone_a.nii.gz and " in rows["both"]["error"] and "gone_b.nii.gz do not exist" in rows["both"]["error"]
-    assert (out / "relabel.txt").read_text() == "disagree\n"
+    assert (out / "relabel.txt").read_text(encoding="utf-8") == "disagree\n"
     details = json.loads((out / "consensus.json").read_text(encoding="utf-8"))
     assert details["relabel"] == ["disagree"] and details["failed"][0]["case"] == "broken"
 

@@ -90,7 +90,7 @@ def test_single_case_cli_on_a_full_size_volume_is_fast(cohort, tmp_path):
     assert time.perf_counter() - start < 15.0  # 182 x 218 x 182 voxels; about 1 s on one free core
     assert main(["evaluate", "--prediction", str(prediction), "--reference", str(cohort["reference"]),
                  "--json", str(tmp_path / "m.json")]) == 0
-    saved = json.loads((tmp_path / "m.json").read_text())
+    saved = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert saved["dice"] == pytest.approx(result["dice"])
     volume = sum(s["lv_ml"] for s in saved["slices"])
     assert volume == pytest.approx(saved["reference_volume_ml"]) == pytest.approx(1.3, abs=0.05)
@@ -99,7 +99,7 @@ def test_single_case_cli_on_a_full_size_volume_is_fast(cohort, tmp_path):
 def test_consensus_finds_the_removed_lesion(cohort, tmp_path, capsys):
     removed = cohort["out"] / "masks" / f"{PATIENT}_lesion_removed.nii.gz"
     assert main(["consensus", str(removed), str(cohort["reference"]), "--json", str(tmp_path / "c.json")]) == 0
-    result = json.loads((tmp_path / "c.json").read_text())
+    result = json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))
     missing = io_array(cohort["mask"]) & ~io_array(io.read_mask(removed))
     assert result["unmatched_lesions_a"] == []
     [lesion] = result["unmatched_lesions_b"]
@@ -110,10 +110,10 @@ def test_consensus_finds_the_removed_lesion(cohort, tmp_path, capsys):
 
 
 def test_consensus_cohort_on_real_perturbations(cohort):
-    lines = cohort["raters"].read_text().splitlines()
+    lines = cohort["raters"].read_text(encoding="utf-8").splitlines()
     wanted = [line for line in lines[1:] if line.startswith((f"{PATIENT}_eroded,", f"{PATIENT}_lesion_removed,"))]
     manifest = cohort["raters"].with_name("two_raters.csv")
     manifest.write_text("\n".join([lines[0], *wanted]) + "\n")
     out = cohort["out"] / "consensus"
     assert main(["consensus", "--manifest", str(manifest), "-o", str(out)]) == 0
-    assert (out / "relabel.txt").read_text() == f"{PATIENT}_eroded\n"  # lesion_removed keeps Dice >= 0.85
+    assert (out / "relabel.txt").read_text(encoding="utf-8") == f"{PATIENT}_eroded\n"  # lesion_removed keeps Dice >= 0.85

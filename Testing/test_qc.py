@@ -168,14 +168,14 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
                         f"c2,{files['pred']},{files['ref']},\n")
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
     assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["c1_qc.png"]
-    report = (tmp_path / "cohort" / "report.md").read_text()
+    report = (tmp_path / "cohort" / "report.md").read_text(encoding="utf-8")
     assert "[qc/c1_qc.png](qc/c1_qc.png)" in report and "qc/c2_qc.png" not in report
     # a FLAIR that cannot be pictured costs the picture, not the case's figures
     manifest.write_text(f"case,prediction,reference,flair\nc1,{files['pred']},{files['ref']},{tmp_path / 'other_grid.nii.gz'}\n")
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort2")]) == 1
     assert "c1: " in capsys.readouterr().err
-    assert "## Cases without a picture" in (tmp_path / "cohort2" / "report.md").read_text()
-    per_case = (tmp_path / "cohort2" / "per_case.csv").read_text().splitlines()
+    assert "## Cases without a picture" in (tmp_path / "cohort2" / "report.md").read_text(encoding="utf-8")
+    per_case = (tmp_path / "cohort2" / "per_case.csv").read_text(encoding="utf-8").splitlines()
     assert len(per_case) == 2 and per_case[1].startswith("c1,") and not (tmp_path / "cohort2" / "qc" / "c1_qc.png").exists()
 
 
@@ -206,7 +206,7 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
     assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 1
     assert "could not be pictured (their verdicts stand)" in capsys.readouterr().err
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png"))), expected)
-    rows = (tmp_path / "out" / "consensus.csv").read_text().splitlines()
+    rows = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8").splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["p1", "p2"] and rows[2].split(",")[3] == "False"  # verdict stands
 
 

@@ -28,7 +28,7 @@ def test_clinical_flairs_end_to_end(shared_data, tmp_path):
         image = sitk.ReadImage(str(path))
         mask = sitk.ReadImage(str(out / f"{case}_wmh.nii.gz"))
         assert io.grid_difference(mask, image) is None, case
-        report = json.loads((out / f"{case}_report.json").read_text())
+        report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
         assert report["acquisition_plane"] == "axial"
         assert len(report["slices"]) == image.GetSize()[2]
         # a plausible WMH load for an MS patient, not a segmented head

@@ -66,7 +66,7 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     fromSlicer = io.read_segmentation(out / "p01.seg.nrrd", "WMH")
     onGrid = sitk.Resample(fromSlicer, flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(onGrid), sitk.GetArrayFromImage(mask))
-    report = json.loads((out / "p01_report.json").read_text())
+    report = json.loads((out / "p01_report.json").read_text(encoding="utf-8"))
     expected = evaluate_case(mask, truth)
     assert report["comparison"]["dice"] == pytest.approx(expected["dice"])
     assert float(rows["p01"]["dice"]) == pytest.approx(expected["dice"], abs=1e-5)
@@ -76,7 +76,7 @@ def test_batch_process_segments_every_case_evaluates_and_exits_1_when_one_failed
     from DeepWMLLib.cli import main as cli
     assert cli(["segment", str(inputs / "p01.nrrd"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
                 "--device", "cpu"]) == 0
-    cli_report = json.loads((tmp_path / "cli" / "p01_report.json").read_text())
+    cli_report = json.loads((tmp_path / "cli" / "p01_report.json").read_text(encoding="utf-8"))
     assert set(report) - {"reference", "comparison", "segmentation", "volume"} == set(cli_report)  # + node names
     assert report["model_sha256"] == cli_report["model_sha256"] and report["deepwml_version"]
 
@@ -95,7 +95,7 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     assert rows["a"]["dice"] == ""  # no reference folder, no metrics
     mask = sitk.GetArrayFromImage(io.read_mask(out / "a_wmh.nii.gz"))
     assert 2 * (mask & sitk.GetArrayFromImage(truth)).sum() / (mask.sum() + sitk.GetArrayFromImage(truth).sum()) > 0.9
-    assert float(rows["a"]["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text())["volume_ml"])
+    assert float(rows["a"]["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text(encoding="utf-8"))["volume_ml"])
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # every case's nodes are removed
 
     assert batchScript.main(arguments) == 0

@@ -187,7 +187,7 @@ def test_results_save_as_csv_table_and_json(scene, tmp_path):
     assert [int(r["index"]) for r in rows] == lesionSlices
     assert {float(r["dice"]) for r in rows} == {1.0} and all(r["lv_group"].startswith("G") for r in rows)
     logic.saveResults(results, tmp_path / "all.json")
-    saved = json.loads((tmp_path / "all.json").read_text())
+    saved = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))
     assert saved["report"]["volume_ml"] == pytest.approx(results["report"]["volume_ml"])
     with pytest.raises(DeepWMLError, match=r"\.csv.*\.json"):
         logic.saveResults(results, tmp_path / "results.xlsx")

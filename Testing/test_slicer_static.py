@@ -14,7 +14,7 @@ from conftest import REPO
 
 MODULE = REPO / "DeepWML"
 UI = MODULE / "Resources" / "UI" / "DeepWML.ui"
-SOURCE = (MODULE / "DeepWML.py").read_text()
+SOURCE = (MODULE / "DeepWML.py").read_text(encoding="utf-8")
 TREE = ast.parse(SOURCE)
 
 # Which widget class Slicer's parameterNodeWrapper can bind to which parameter type
@@ -139,7 +139,7 @@ def test_icon_is_a_128_pixel_png():
 
 
 def cmakeList(path, variable: str) -> list[str]:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     match = re.search(r"set\(\s*" + re.escape(variable) + r"\s+(.*?)\)", text, re.S)
     assert match, f"{path} does not set {variable}"
     return [item.replace("${MODULE_NAME}", "DeepWML") for item in match.group(1).split()]
@@ -166,26 +166,26 @@ def test_cmake_packages_every_file_and_only_existing_ones(variable, folder, patt
 def test_shipped_models_of_the_registry_are_packaged():
     import json
 
-    registry = json.loads((REPO / "Resources" / "Models" / "models.json").read_text())
+    registry = json.loads((REPO / "Resources" / "Models" / "models.json").read_text(encoding="utf-8"))
     listed = set(cmakeList(MODULE / "CMakeLists.txt", "DeepWMLLib_PYTHON_RESOURCES"))
     assert {f"Resources/Models/{m['file']}" for m in registry["models"]} <= listed
 
 
 def test_top_level_cmake_is_a_slicer_extension_depending_on_pytorch():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                      "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "add_subdirectory(DeepWML)" in text and "include(${Slicer_EXTENSION_CPACK})" in text
-    module = (MODULE / "CMakeLists.txt").read_text()
+    module = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in module and "WITH_GENERIC_TESTS" in module
 
 
 def test_icon_and_screenshot_urls_name_files_of_this_repository():
     """The catalogue URLs point at files of the published main branch: those files must exist here."""
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"]+)"\)', text).group(1)
     raw = homepage.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
     for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):

@@ -172,7 +172,7 @@ def test_given_split_file_is_used(dataset, tmp_path):
     training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), run)
     written = {r["case"]: r["split"] for r in csv.DictReader(open(run / "split.csv"))}
     assert written == {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test", "c5": "test"}
-    assert json.loads((run / "cache" / "val.json").read_text())["cases"] == ["c3"]
+    assert json.loads((run / "cache" / "val.json").read_text(encoding="utf-8"))["cases"] == ["c3"]
 
 
 def test_epoch_sampling_follows_the_lesion_fraction_and_the_seed():
@@ -274,7 +274,7 @@ def test_bad_manifests_stop_before_training(dataset, tmp_path):
     with pytest.raises(DeepWMLError, match="case, flair, mask"):
         training.train(tiny_config(bad_columns), tmp_path / "r1")
     missing = tmp_path / "missing.csv"
-    missing.write_text(dataset.read_text().replace("c2_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
+    missing.write_text(dataset.read_text(encoding="utf-8").replace("c2_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
     with pytest.raises(DeepWMLError, match="do not exist"):
         training.train(tiny_config(missing), tmp_path / "r2")
     assert not (tmp_path / "r2" / "last.pt").exists()
@@ -291,7 +291,7 @@ def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path
     assert not (tmp_path / "stop" / "last.pt").exists()
     run = tmp_path / "skip"
     training.train(tiny_config(manifest, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
-    assert "c1" in (run / "skipped_cases.csv").read_text()
+    assert "c1" in (run / "skipped_cases.csv").read_text(encoding="utf-8")
     assert (run / "best.pt").is_file()
 
 
@@ -553,7 +553,7 @@ def test_another_mask_column_trains_a_brain_mask_model(dataset, tmp_path):
     """--mask-column picks the target (here the whole head, as a brain-mask network learns the
     intracranial space); --label-name says in the model file what label 1 is."""
     folder = dataset.parent
-    lines = dataset.read_text().splitlines()
+    lines = dataset.read_text(encoding="utf-8").splitlines()
     rows = [lines[0] + ",head"]
     for line in lines[1:]:
         case = line.split(",")[0]
@@ -581,7 +581,7 @@ def _with_unlabelled_blobs(dataset: Path, folder: Path, value: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     blob = (yy - SIZE // 2) ** 2 + (xx - int(SIZE * 0.36)) ** 2 < 9
-    lines = dataset.read_text().splitlines()
+    lines = dataset.read_text(encoding="utf-8").splitlines()
     rows = [lines[0]]
     for line in lines[1:]:
         case = line.split(",")[0]
@@ -665,7 +665,7 @@ def test_cpu_bf16_training_lowers_the_loss_and_its_model_runs_in_fp32(dataset, t
     best = training.train(tiny_config(dataset, epochs=4, cpu_bf16=True), run)
     history = read_history(run)
     assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
-    assert json.loads((run / "config.json").read_text())["cpu_bf16"] is True
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["cpu_bf16"] is True
     loaded = checkpoint.load_model(best)  # an ordinary fp32 model file
     assert all(t.dtype == torch.float32 for t in loaded.model.state_dict().values() if t.is_floating_point())
     assert max(float(r["val_dice"]) for r in history) > 0.5
@@ -708,7 +708,7 @@ def test_test_split_cases_are_checked_too(tmp_path):
         training.train(tiny_config(manifest, split=str(split), epochs=1), tmp_path / "run")
     run = tmp_path / "skip"
     training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, skip_bad_cases=True), run)
-    assert "c3" in (run / "skipped_cases.csv").read_text()
+    assert "c3" in (run / "skipped_cases.csv").read_text(encoding="utf-8")
     data = checkpoint.load_model(run / "best.pt").provenance["data"]
     assert data["cases"] == {"train": 2, "val": 1, "test": 0} and data["skipped_cases"] == ["c3"]
 
@@ -731,7 +731,7 @@ def test_lesion_on_slices_inference_skips_counts_in_network_pixels():
 
 def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, tmp_path):
     twice = _split_file(tmp_path / "twice.csv", {f"c{i}": "train" for i in range(6)})
-    twice.write_text(twice.read_text() + "c4,val\n")
+    twice.write_text(twice.read_text(encoding="utf-8") + "c4,val\n")
     with pytest.raises(DeepWMLError, match="'c4' is listed twice"):
         training.train(tiny_config(dataset, split=str(twice)), tmp_path / "r0")
     no_val = _split_file(tmp_path / "noval.csv", {f"c{i}": "train" for i in range(5)} | {"c5": "test"})
@@ -739,7 +739,7 @@ def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, 
         training.train(tiny_config(dataset, split=str(no_val)), tmp_path / "r1")
     assert not (tmp_path / "r1" / "cache").exists()
     same_scan = tmp_path / "same.csv"
-    same_scan.write_text(dataset.read_text().replace(",c", f",{dataset.parent}/c")
+    same_scan.write_text(dataset.read_text(encoding="utf-8").replace(",c", f",{dataset.parent}/c")
                          + f"c9,{dataset.parent}/c2_flair.nii.gz,{dataset.parent}/c2_mask.nii.gz,A,svd\n")
     with pytest.raises(DeepWMLError, match="'c9' has the FLAIR of case 'c2'"):
         training.read_manifest(same_scan)
@@ -758,7 +758,7 @@ def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, 
 def test_a_run_that_failed_on_its_data_can_be_rerun_with_the_manifest_fixed(tmp_path):
     folder = tmp_path / "data"
     manifest = make_dataset(folder, n_cases=5)
-    good = manifest.read_text()
+    good = manifest.read_text(encoding="utf-8")
     manifest.write_text(good + "c9,c1_mask.nii.gz,c1_flair.nii.gz,B,svd\n")  # columns swapped: refused
     run = tmp_path / "run"
     with pytest.raises(DeepWMLError, match="case c9"):
@@ -766,7 +766,7 @@ def test_a_run_that_failed_on_its_data_can_be_rerun_with_the_manifest_fixed(tmp_
     assert (run / "split.csv").is_file() and not (run / "last.pt").exists()
     manifest.write_text(good)
     training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, learning_rate=0.02), run)  # other settings too
-    assert (run / "last.pt").is_file() and "c9" not in (run / "split.csv").read_text()
+    assert (run / "last.pt").is_file() and "c9" not in (run / "split.csv").read_text(encoding="utf-8")
     with pytest.raises(DeepWMLError, match="other settings"):  # once an epoch is done, the run is kept as it is
         training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
 
