@@ -23,7 +23,8 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import case_error, read_manifest, report_failed_cases, write_bytes, write_csv, write_json
+from .evaluation import (case_error, picture_path, read_manifest, report_failed_cases, write_bytes, write_csv,
+                         write_json)
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -149,8 +150,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:
-                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b),
-                                io.make_output_dir(out / "qc") / f"{entry['case']}_qc.png")
+                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b), picture_path(out, entry["case"]))
                 except Cancelled:
                     raise
                 except Exception as exc:

@@ -31,6 +31,7 @@ import io as _stdio
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -127,6 +128,17 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
             if row.get(column):
                 row[column] = str((path.parent / row[column]).resolve())
     return rows
+
+
+def picture_path_name(case: str) -> str:
+    """CASE_qc.png, the case name made a plain file name (a manifest's name may hold '/' or '..')."""
+    name = re.sub(r"[^\w.-]+", "_", case).strip(".") or "case"
+    return f"{name}_qc.png"
+
+
+def picture_path(out_dir: Path, case: str) -> Path:
+    """OUT/qc/CASE_qc.png (see `picture_path_name`), its folder made."""
+    return io.make_output_dir(Path(out_dir) / "qc") / picture_path_name(case)
 
 
 def report_failed_cases(failed: list[dict], verb: str) -> int:
@@ -462,7 +474,8 @@ def _report(summary: dict) -> str:
           _fmt(c["lesion_f1"]),
           f"{_fmt(c['lesionwise_recall'])} / {_fmt(c['lesionwise_precision'])} / {_fmt(c['lesionwise_dice'])}",
           _fmt(c["reference_volume_ml"], 2), _fmt(c["prediction_volume_ml"], 2), _fmt(c["roc_auc"], 4)]
-         + ([f"[qc/{c['case']}_qc.png](qc/{c['case']}_qc.png)" if c["case"] in pictured else ""] if pictured else [])
+         + ([f"[qc/{picture_path_name(c['case'])}](qc/{picture_path_name(c['case'])})" if c["case"] in pictured else ""]
+            if pictured else [])
          for c in cases]))
     if failed:
         lines += ["", "## Failed cases", ""]
@@ -509,7 +522,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the case's figures
                 try:
                     write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"]),
-                                io.make_output_dir(out / "qc") / f"{entry['case']}_qc.png")
+                                picture_path(out, entry["case"]))
                     pictured.append(entry["case"])
                 except Cancelled:
                     raise

@@ -165,9 +165,11 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "b.json").exists()
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(f"case,prediction,reference,flair\nc1,{files['pred']},{files['ref']},{files['flair']}\n"
-                        f"c2,{files['pred']},{files['ref']},\n")
+                        f"c2,{files['pred']},{files['ref']},\n../up/c3,{files['pred']},{files['ref']},{files['flair']}\n")
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
-    assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["c1_qc.png"]
+    # a case name is made a plain file name: nothing is written outside OUTDIR/qc
+    assert sorted(p.name for p in (tmp_path / "cohort" / "qc").iterdir()) == ["_up_c3_qc.png", "c1_qc.png"]
+    assert not (tmp_path / "up").exists()
     report = (tmp_path / "cohort" / "report.md").read_text(encoding="utf-8")
     assert "[qc/c1_qc.png](qc/c1_qc.png)" in report and "qc/c2_qc.png" not in report
     # a FLAIR that cannot be pictured costs the picture, not the case's figures
