@@ -147,3 +147,21 @@ def test_a_brain_mask_that_finds_no_brain_is_reported(tmp_path, tiny_model, monk
         assert "--no-brain-mask" in messages[0]
     else:
         assert result.report["lesion_count"] == 1
+
+
+@pytest.mark.parametrize("radius_mm, warned", [(5.0, False), (14.0, True)])
+def test_a_lesion_load_no_flair_gives_is_questioned(tmp_path, tiny_model, monkeypatch, radius_mm, warned):
+    """More than 5 % of the intracranial volume marked (a T2 series, whose CSF is bright, got 8.9 %;
+    real FLAIRs at most 1.6 %): a warning that asks to check the input is a FLAIR. Smaller: none."""
+    from DeepWMLLib.segment import IMPLAUSIBLE_LOAD, load_brain_model, load_models, segment_image
+
+    oracle_network(monkeypatch, brain="head")
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.5, 0.5, 0.5, radius_mm),))
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)))
+    report = segment_image(image, load_models([tiny_model]), "cpu", brain_model=brain).report
+    load = report["volume_ml"] / report["intracranial_ml"]
+    assert (load > IMPLAUSIBLE_LOAD) is warned
+    messages = [w for w in report["warnings"] if "of the intracranial volume" in w]
+    assert bool(messages) == warned
+    if warned:
+        assert "check that the input is a FLAIR" in messages[0] and f"{load:.1%}" in messages[0]
