@@ -178,7 +178,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
             warnings.append(
                 f"{report['volume_ml']:.1f} ml marked, {load:.1%} of the intracranial volume (up to 3.2 % on the real "
                 "FLAIRs it was checked on; a 50 ml lesion load is about 4.5 %): check that the input is a FLAIR (on T2 "
-                "the bright CSF is marked) and look at the result (--qc)")
+                "the bright CSF is marked) and look at the result (in Slicer, or the picture of deepwml segment --qc)")
     else:
         report.update({"brain_model": None, "brain_model_sha256": None})
     report.update({
