@@ -150,7 +150,8 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:
-                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b), picture_path(out, entry["case"]))
+                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b,
+                                             f"{entry['case']}: Dice {result['dice']:.3f}"), picture_path(out, entry["case"]))
                 except Cancelled:
                     raise
                 except Exception as exc:
@@ -222,7 +223,7 @@ def run(args) -> int:
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
-    picture = pair_picture(args.flair, mask_a, mask_b) if args.qc else None  # a bad FLAIR: before any output
+    picture = pair_picture(args.flair, mask_a, mask_b) if args.qc else None  # a bad FLAIR: refused before any output
     result = consensus_check(mask_a, mask_b, args.threshold)
     print(format_check(result))
     if args.json:
@@ -232,7 +233,7 @@ def run(args) -> int:
     return 0
 
 
-def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image) -> bytes:
+def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, title: str | None = None) -> bytes:
     """PNG bytes of `qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only
     red, B only blue. The FLAIR must lie on rater B's grid (another voxel order is reordered, as rater A's
     mask is)."""
@@ -243,4 +244,4 @@ def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image) -> bytes:
     io.check_same_grid(a, b, "rater A's mask", "rater B's")
     image = io.align_voxel_order(io.read_image(flair), b)
     io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
-    return png_bytes(render_comparison(image, a, b))
+    return png_bytes(render_comparison(image, a, b, title, names=("rater A", "rater B")))

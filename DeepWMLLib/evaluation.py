@@ -521,7 +521,8 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             message = f"{entry['case']}: Dice {_fmt(result['dice'])}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the case's figures
                 try:
-                    write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"]),
+                    write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"],
+                                                   f"{entry['case']}: Dice {_fmt(result['dice'])}"),
                                 picture_path(out, entry["case"]))
                     pictured.append(entry["case"])
                 except Cancelled:
@@ -645,7 +646,8 @@ def run(args) -> int:
         raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after it
-    picture = comparison_picture(args.flair, args.prediction, args.reference) if args.qc else None  # a bad FLAIR: before any output
+    picture = (comparison_picture(args.flair, args.prediction, args.reference, io.case_name(args.prediction))
+               if args.qc else None)  # a bad FLAIR: refused before any output
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
     print(format_case(result))
     if args.json:
@@ -655,7 +657,7 @@ def run(args) -> int:
     return 0
 
 
-def comparison_picture(flair, prediction, reference) -> bytes:
+def comparison_picture(flair, prediction, reference, title: str | None = None) -> bytes:
     """PNG bytes of `qc.render_comparison` of a case; the FLAIR must lie on the reference's grid (a FLAIR
     storing it in another voxel order is reordered, as the prediction is)."""
     from .qc import png_bytes, render_comparison
@@ -664,7 +666,7 @@ def comparison_picture(flair, prediction, reference) -> bytes:
     prediction = io.read_mask(_existing(prediction, "prediction"), reference=reference)
     image = io.align_voxel_order(io.read_image(_existing(flair, "FLAIR")), reference)
     io.check_same_grid(image, reference, f"FLAIR {flair}", "the reference")
-    return png_bytes(render_comparison(image, prediction, reference))
+    return png_bytes(render_comparison(image, prediction, reference, title))
 
 
 def write_bytes(data: bytes, path) -> Path:

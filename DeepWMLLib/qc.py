@@ -18,7 +18,9 @@ How it is drawn:
 - lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
   FLAIR signal under it stays visible;
 - each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first),
-  yellow on black in the top left corner (left out on a tile too small to hold it whole).
+  yellow on black in the top left corner (left out on a tile too small to hold it whole);
+- a band above the tiles names the case with its volume and lesion count (`deepwml segment`), and a
+  comparison's legend, so a picture read on its own still says what it shows.
 
 `deepwml evaluate --flair FLAIR --qc PNG` (and a cohort manifest's `flair` column) draws a prediction
 against a reference instead: both masks filled, half transparent, green where they agree, red where
@@ -48,14 +50,40 @@ LESION_RGB = (255, 40, 40)
 LABEL_RGB = (255, 220, 0)
 COMPARISON_RGB = {1: (40, 220, 40), 2: (255, 40, 40), 3: (40, 120, 255)}  # both, prediction only, reference only
 
-# 3 x 5 pixel digits for the slice labels (rows top to bottom, 1 = ink).
-_DIGITS = {
-    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
-    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "011", "001", "111"),
-    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
-    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
-    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+# A 3 x 5 pixel font (rows top to bottom, 1 = ink) for slice labels, titles and legends; capitals only.
+_GLYPHS = {
+    "0": "111 101 101 101 111", "1": "010 110 010 010 111", "2": "111 001 111 100 111", "3": "111 001 011 001 111",
+    "4": "101 101 111 001 001", "5": "111 100 111 001 111", "6": "111 100 111 101 111", "7": "111 001 010 010 010",
+    "8": "111 101 111 101 111", "9": "111 101 111 001 111",
+    "A": "010 101 111 101 101", "B": "110 101 110 101 110", "C": "011 100 100 100 011", "D": "110 101 101 101 110",
+    "E": "111 100 110 100 111", "F": "111 100 110 100 100", "G": "011 100 101 101 011", "H": "101 101 111 101 101",
+    "I": "111 010 010 010 111", "J": "001 001 001 101 010", "K": "101 101 110 101 101", "L": "100 100 100 100 111",
+    "M": "101 111 111 101 101", "N": "110 101 101 101 101", "O": "010 101 101 101 010", "P": "110 101 110 100 100",
+    "Q": "010 101 101 110 011", "R": "110 101 110 101 101", "S": "011 100 010 001 110", "T": "111 010 010 010 010",
+    "U": "101 101 101 101 111", "V": "101 101 101 101 010", "W": "101 101 111 111 101", "X": "101 101 010 101 101",
+    "Y": "101 101 010 010 010", "Z": "111 001 010 100 111", " ": "000 000 000 000 000", ".": "000 000 000 000 010",
+    ",": "000 000 000 010 100", ":": "000 010 000 010 000", "-": "000 000 111 000 000", "%": "101 001 010 100 101",
+    "/": "001 001 010 100 100", "(": "010 100 100 100 010", ")": "010 001 001 001 010", "_": "000 000 000 000 111",
+    "=": "000 111 000 111 000", "?": "111 001 010 000 010", "+": "000 010 111 010 000",
 }
+_GLYPH_MASKS = {char: np.array([[c == "1" for c in row] for row in rows.split()]) for char, rows in _GLYPHS.items()}
+HEADER_RGB = (235, 235, 235)
+
+
+def text_width(text: str, scale: int) -> int:
+    return max(0, len(text) * 4 * scale - scale)
+
+
+def draw_text(canvas: np.ndarray, y: int, x: int, text: str, rgb, scale: int = 2) -> int:
+    """Draw `text` (capitals; unknown characters as '?') with its top left at (y, x), glyph by glyph
+    while whole glyphs fit; returns the x after the last one drawn."""
+    for char in text.upper():
+        glyph = np.kron(_GLYPH_MASKS.get(char, _GLYPH_MASKS["?"]), np.ones((scale, scale), bool))
+        if y + glyph.shape[0] > canvas.shape[0] or x + glyph.shape[1] > canvas.shape[1]:
+            break
+        canvas[y:y + glyph.shape[0], x:x + glyph.shape[1]][glyph] = rgb
+        x += 4 * scale
+    return x
 
 
 def choose_slices(head: np.ndarray, lesion_per_slice: np.ndarray, max_tiles: int) -> list[int]:
@@ -115,34 +143,59 @@ def _draw_number(tile: np.ndarray, number: int) -> bool:
     1x; a tile too small for the whole number gets none (never a cut-off, wrong one). Whether drawn."""
     text = str(number)
     for scale in (2, 1):
-        width, height = len(text) * 4 * scale - scale, 5 * scale
+        width, height = text_width(text, scale), 5 * scale
         if 2 + height + 1 <= tile.shape[0] and 2 + width + 1 <= tile.shape[1]:
             break
     else:
         return False
     tile[1:3 + height, 1:3 + width] = 0
-    x = 2
-    for char in text:
-        glyph = np.array([[c == "1" for c in row] for row in _DIGITS[char]])
-        big = np.kron(glyph, np.ones((scale, scale), bool))
-        tile[2:2 + height, x:x + 3 * scale][big] = LABEL_RGB
-        x += 4 * scale
+    draw_text(tile, 2, 2, text, LABEL_RGB, scale)
     return True
 
 
-def render(image, mask, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
-    """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array: the mask outlined."""
+HEADER_PX = 5 * 2 + 8  # the band above the mosaic that holds its title and legend (one line of them)
+
+
+def _with_header(canvas: np.ndarray, parts) -> np.ndarray:
+    """The mosaic under a black band holding `parts`, (text, colour) pairs written one after another,
+    a part that does not fit the line starting the next one (so a narrow mosaic keeps its whole
+    legend); a part wider than the mosaic is cut a whole character at a time."""
+    parts = [(text, rgb) for text, rgb in parts if text]
+    if not parts:
+        return canvas
+    scale, gap, width = 2, 2 * 4 * 2, canvas.shape[1]
+    lines, x = [[]], 4
+    for text, rgb in parts:
+        if lines[-1] and x + text_width(text, scale) > width - 4:
+            lines.append([])
+            x = 4
+        lines[-1].append((x, text, rgb))
+        x += text_width(text, scale) + gap
+    band = np.zeros((HEADER_PX + (len(lines) - 1) * (HEADER_PX - 4), width, 3), np.uint8)
+    for number, line in enumerate(lines):
+        for x, text, rgb in line:
+            draw_text(band, 4 + number * (HEADER_PX - 4), x, text, rgb, scale)
+    return np.concatenate([band, canvas], axis=0)
+
+
+def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX,
+           columns: int = COLUMNS) -> np.ndarray:
+    """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array: the mask
+    outlined; with `title`, a band above it says it (e.g. the case and its volume)."""
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
-    return _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
-                   columns=columns)
+    canvas = _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
+                     columns=columns)
+    return _with_header(canvas, [(title, HEADER_RGB)])
 
 
-def render_comparison(image, prediction, reference, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX,
-                      columns: int = COLUMNS) -> np.ndarray:
+def render_comparison(image, prediction, reference, title: str | None = None,
+                      names: tuple[str, str] = ("prediction", "reference"), max_tiles: int = MAX_TILES,
+                      tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
     """The mosaic of a prediction against a reference (both on the image's grid), filled by agreement:
     both (true positive) green, prediction only (false positive) red, reference only (false negative)
-    blue, half transparent over the FLAIR. Reference labels as in `metrics` (2 = ignore: coloured in
-    neither), and every slice with either mask's lesion counts as a lesion slice."""
+    blue, half transparent over the FLAIR, under a band with `title` and the legend (the two masks
+    called `names`). Reference labels as in `metrics` (2 = ignore: coloured in neither), and every
+    slice with either mask's lesion counts as a lesion slice."""
     from .metrics import _reference_labels
 
     lesion, ignore = _reference_labels(reference)
@@ -154,8 +207,10 @@ def render_comparison(image, prediction, reference, max_tiles: int = MAX_TILES, 
     categories[~predicted & lesion] = 3
     stack, _ = io.to_axial_stack(like(categories, reference.GetSpacing(), reference.GetOrigin(),
                                       reference.GetDirection()), dtype=np.uint8)
-    return _mosaic(image, stack, COMPARISON_RGB, outline=False, max_tiles=max_tiles, tile_px=tile_px,
-                   columns=columns)
+    canvas = _mosaic(image, stack, COMPARISON_RGB, outline=False, max_tiles=max_tiles, tile_px=tile_px,
+                     columns=columns)
+    legend = [("both", COMPARISON_RGB[1]), (f"{names[0]} only", COMPARISON_RGB[2]), (f"{names[1]} only", COMPARISON_RGB[3])]
+    return _with_header(canvas, [(title, HEADER_RGB), *legend])
 
 
 def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,

@@ -258,7 +258,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
-        picture = png_bytes(render(image, result.mask))
+        picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report)))
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
@@ -276,6 +276,12 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
             "warnings": report["warnings"]}
+
+
+def picture_title(case: str, report: dict) -> str:
+    """The QC picture's title: the case, its lesion volume and count."""
+    count = report["lesion_count"]
+    return f"{case}: {report['volume_ml']:.2f} ml, {count} lesion{'s' * (count != 1)}"
 
 
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,

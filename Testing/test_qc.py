@@ -127,7 +127,11 @@ def test_comparison_colours_agreement_and_each_kind_of_error_and_leaves_ignored_
     prediction[2, 18:21, 14:17] = 1  # marked only by the prediction: red
     reference[2, 14:16, 15:17] = 2   # ignore, marked by the prediction: neither
     prediction[2, 14:16, 15:17] = 1
-    canvas = qc.render_comparison(volume(flair), volume(prediction), volume(reference), tile_px=24)
+    picture = qc.render_comparison(volume(flair), volume(prediction), volume(reference), tile_px=24)
+    band = picture.shape[0] - (24 + 2 * qc.GAP_PX)  # the band above the tiles: the whole legend, in its colours,
+    legend = picture[:band]  # on as many lines as a narrow mosaic needs
+    assert band > qc.HEADER_PX and all(np.any(np.all(legend == rgb, axis=2)) for rgb in qc.COMPARISON_RGB.values())
+    canvas = picture[band:]
     marked = tile(canvas, 2, 24, 20).astype(int)
     grey = tile(qc.render(volume(flair), volume(np.zeros_like(prediction)), tile_px=24), 2, 24, 20).astype(int)
     for (rows, cols), colour in (((slice(14, 17), slice(10, 13)), qc.COMPARISON_RGB[1]),
@@ -198,16 +202,20 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
     assert main(pair + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "pair.png")]) == 0
     capsys.readouterr()
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pair.png")))
-    expected = qc.render_comparison(volume(flair), volume(rater_a), volume((rater_b > 0).astype(np.uint8)))
+    expected = qc.render_comparison(volume(flair), volume(rater_a), volume((rater_b > 0).astype(np.uint8)),
+                                    names=("rater A", "rater B"))
     assert np.array_equal(picture, expected)
-    assert np.any(np.all(tile(picture, 2, *tile_shape(picture)) != tile(qc.render(volume(flair), volume(rater_a * 0)),
-                                                                          2, *tile_shape(picture)), axis=2))
+    tiles = picture[qc.HEADER_PX:]
+    assert np.any(np.all(tile(tiles, 2, *tile_shape(tiles)) != tile(qc.render(volume(flair), volume(rater_a * 0)),
+                                                                      2, *tile_shape(tiles)), axis=2))
     manifest = tmp_path / "pairs.csv"
     manifest.write_text(f"case,rater_a,rater_b,flair\np1,{files['a']},{files['b']},{files['flair']}\n"
                         f"p2,{files['a']},{files['b']},{files['a']}\n")  # p2's "FLAIR" is a mask: no picture
     assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 1
     assert "could not be pictured (their verdicts stand)" in capsys.readouterr().err
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png"))), expected)
+    cohort_picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png")))
+    assert np.array_equal(cohort_picture[qc.HEADER_PX:], expected[qc.HEADER_PX:])  # the band adds the case and Dice
+    assert not np.array_equal(cohort_picture[:qc.HEADER_PX], expected[:qc.HEADER_PX])
     rows = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8").splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["p1", "p2"] and rows[2].split(",")[3] == "False"  # verdict stands
 

@@ -128,8 +128,8 @@ def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tin
     assert rows["none"]["status"] == "ok" and rows["none"]["dice"] == ""
     from DeepWMLLib import qc
 
-    def colours(name):
-        picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name))).reshape(-1, 3)
+    def colours(name):  # of the tiles, below the band with the title and legend
+        picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name)))[qc.HEADER_PX:].reshape(-1, 3)
         return {tuple(c) for c in np.unique(picture, axis=0)}
 
     assert qc.LESION_RGB in colours("none_qc.png")  # no reference: the mask outlined

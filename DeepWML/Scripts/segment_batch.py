@@ -113,9 +113,12 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
             import SimpleITK as sitk
             from DeepWMLLib.qc import png_bytes, render, render_comparison
 
-            image = mrml.imageFromVolume(volumeNode)
-            picture = png_bytes(render(image, mask) if referenceNode is None else render_comparison(
-                image, mask, sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)))
+            from DeepWMLLib.segment import picture_title
+
+            image, title = mrml.imageFromVolume(volumeNode), picture_title(case, report)
+            picture = png_bytes(render(image, mask, title) if referenceNode is None else render_comparison(
+                image, mask, sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8), title,
+                names=("DeepWML", "reference")))
         io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
         io.write_image(mask, paths["mask"])
         if args.qc:
