@@ -258,3 +258,17 @@ def test_a_lesion_on_a_slice_with_little_head_is_shown():
     canvas = qc.render(volume(flair), volume(mask), tile_px=24)
     assert canvas.shape[1] == 6 * (20 + qc.GAP_PX) + qc.GAP_PX
     assert np.any(np.all(tile(canvas, 5, 24, 20) == qc.LESION_RGB, axis=2))
+
+
+def test_the_font_and_the_title_band():
+    assert all(mask.shape == (5, 3) for mask in qc._GLYPH_MASKS.values())
+    band = np.zeros((12, 40, 3), np.uint8)
+    end = qc.draw_text(band, 1, 1, "a~", qc.HEADER_RGB, 2)  # capitals; an unknown character drawn as '?'
+    question = np.zeros((12, 40, 3), np.uint8)
+    qc.draw_text(question, 1, 9, "?", qc.HEADER_RGB, 2)
+    assert end == 1 + 2 * 8 and np.array_equal(band[:, 9:15], question[:, 9:15])
+    flair, mask = head_with_marker()
+    plain = qc.render(volume(flair), volume(mask), tile_px=24)
+    titled = qc.render(volume(flair), volume(mask), title="case: 1.00 ml, 1 lesion", tile_px=24)
+    assert titled.shape[0] == plain.shape[0] + qc.HEADER_PX and np.array_equal(titled[qc.HEADER_PX:], plain)
+    assert np.any(np.all(titled[:qc.HEADER_PX] == qc.HEADER_RGB, axis=2))
