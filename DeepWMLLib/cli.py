@@ -112,8 +112,9 @@ def number_in(low: float, high: float, kind=float, low_open: bool = False):
     def parse(text: str):
         value = kind(text)
         if not ((low < value) if low_open else (low <= value)) or not value <= high:
-            raise argparse.ArgumentTypeError(
-                f"must be {'above' if low_open else 'from'} {low:g} {'and at most' if low_open else 'to'} {high:g}, got {text}")
+            bound = (f"above {low:g}" if low_open else f"at least {low:g}") if high == float("inf") else (
+                f"above {low:g} and at most {high:g}" if low_open else f"from {low:g} to {high:g}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
