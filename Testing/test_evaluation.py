@@ -215,6 +215,17 @@ def test_wrong_argument_combinations_say_what_to_do(capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, says", [(["--found-fraction", "1.5"], "above 0 and at most 1"),
+                                          (["--size-bounds", "-1", "100"], "above 0"),
+                                          (["--size-bounds", "200", "100"], "SMALL <= LARGE")])
+def test_lesionwise_options_out_of_range_are_usage_errors(capsys, option, says):
+    try:
+        code = main(["evaluate", "--prediction", "p.nii.gz", "--reference", "r.nii.gz", *option])
+    except SystemExit as exc:  # argparse's own
+        code = exc.code
+    assert code == 2 and says in capsys.readouterr().err
+
+
 def test_cancel_stops_a_cohort(cohort, tmp_path):
     with pytest.raises(Cancelled):
         evaluation.evaluate_cohort(cohort, tmp_path / "out", cancel=lambda: True)

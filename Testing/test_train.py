@@ -811,7 +811,8 @@ def test_training_options_out_of_range_are_usage_errors(dataset, tmp_path, capsy
 
     base = ["train", str(dataset), "--run-dir", str(tmp_path / "r")]
     for option in (["--epochs", "0"], ["--lr", "-1"], ["--threshold", "1.5"], ["--dice-weight", "-1"],
-                   ["--early-stopping", "0"], ["--threads", "0"], ["--samples-per-epoch", "0"], ["--scale", "1.2,0.8"]):
+                   ["--early-stopping", "0"], ["--threads", "0"], ["--samples-per-epoch", "0"], ["--scale", "1.2,0.8"],
+                   ["--ignore-label", "1"]):
         with pytest.raises(SystemExit) as usage:
             main(base + option)
         assert usage.value.code == 2, option
