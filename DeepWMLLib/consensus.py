@@ -23,8 +23,7 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import (case_error, picture_path, read_manifest, report_failed_cases, write_bytes, write_csv,
-                         write_json)
+from .evaluation import case_error, picture_path, read_manifest, report_failed_cases, write_csv, write_json
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -150,8 +149,8 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:
-                    write_bytes(pair_picture(entry["flair"], mask_a, mask_b,
-                                             f"{entry['case']}: Dice {result['dice']:.3f}"), picture_path(out, entry["case"]))
+                    picture = pair_picture(entry["flair"], mask_a, mask_b, f"{entry['case']}: Dice {result['dice']:.3f}")
+                    io.write_bytes(picture, picture_path(out, entry["case"]))
                 except Cancelled:
                     raise
                 except Exception as exc:
@@ -229,7 +228,7 @@ def run(args) -> int:
     if args.json:
         write_json(result, args.json)
     if picture is not None:
-        write_bytes(picture, args.qc)
+        io.write_bytes(picture, args.qc)
     return 0
 
 

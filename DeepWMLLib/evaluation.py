@@ -508,8 +508,8 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             raise Cancelled()
         info = {"case": entry["case"], "centre": entry.get("centre", ""), "disease": entry.get("disease", "")}
         try:
-            result = evaluate_case(entry["prediction"], entry["reference"], entry.get("probabilities") or None,
-                                   found_fraction, size_classes)
+            reference, prediction = _as_mask(entry["reference"], "reference"), _as_mask(entry["prediction"], "prediction")
+            result = evaluate_case(prediction, reference, entry.get("probabilities") or None, found_fraction, size_classes)
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -521,9 +521,9 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             message = f"{entry['case']}: Dice {_fmt(result['dice'])}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the case's figures
                 try:
-                    write_bytes(comparison_picture(entry["flair"], entry["prediction"], entry["reference"],
-                                                   f"{entry['case']}: Dice {_fmt(result['dice'])}"),
-                                picture_path(out, entry["case"]))
+                    picture = comparison_picture(entry["flair"], prediction, reference,
+                                                 f"{entry['case']}: Dice {_fmt(result['dice'])}")
+                    io.write_bytes(picture, picture_path(out, entry["case"]))
                     pictured.append(entry["case"])
                 except Cancelled:
                     raise
@@ -653,7 +653,7 @@ def run(args) -> int:
     if args.json:
         write_json(result, args.json)
     if picture is not None:
-        write_bytes(picture, args.qc)
+        io.write_bytes(picture, args.qc)
     return 0
 
 
@@ -663,14 +663,12 @@ def comparison_picture(flair, prediction, reference, title: str | None = None) -
     from .qc import png_bytes, render_comparison
 
     reference = _as_mask(reference, "reference")
-    prediction = io.read_mask(_existing(prediction, "prediction"), reference=reference)
+    prediction = io.align_voxel_order(_as_mask(prediction, "prediction"), reference)
+    io.check_same_grid(prediction, reference, "prediction", "reference")
     image = io.align_voxel_order(io.read_image(_existing(flair, "FLAIR")), reference)
     io.check_same_grid(image, reference, f"FLAIR {flair}", "the reference")
     return png_bytes(render_comparison(image, prediction, reference, title))
 
-
-def write_bytes(data: bytes, path) -> Path:
-    return io.write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def format_case(result: dict) -> str:

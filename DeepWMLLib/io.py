@@ -447,6 +447,11 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes (e.g. a PNG) atomically, as every output."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
     """Write an image, compressed; a `Volume` to NIfTI without SimpleITK."""
     if isinstance(image, Volume) and is_nifti(path):

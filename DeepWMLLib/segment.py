@@ -266,7 +266,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if save_brain_mask:
         io.write_image(result.brain, paths["brain"])
     if qc:
-        io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
+        io.write_bytes(picture, paths["qc"])
     io.write_text(json.dumps(report, indent=1), paths["report"])
     if overwrite:  # an earlier run's optional outputs that this one did not write would not match it
         every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True)

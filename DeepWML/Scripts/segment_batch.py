@@ -122,9 +122,9 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
         io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
         io.write_image(mask, paths["mask"])
         if args.qc:
-            io.write_atomically(paths["qc"], lambda tmp: Path(tmp).write_bytes(picture))
+            io.write_bytes(picture, paths["qc"])
         write_json(report, paths["report"])
-        stale = args.output_dir / f"{case}_qc.png"
+        stale = output_paths(args.output_dir, case, False, qc=True)["qc"]
         if args.overwrite and not args.qc and stale.is_file():  # an earlier run's picture of an older result
             stale.unlink()
     finally:
