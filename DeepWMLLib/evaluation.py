@@ -646,9 +646,10 @@ def run(args) -> int:
         raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after it
-    picture = (comparison_picture(args.flair, args.prediction, args.reference, io.case_name(args.prediction))
-               if args.qc else None)  # a bad FLAIR: refused before any output
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
+    picture = (comparison_picture(args.flair, args.prediction, args.reference,
+                                  f"{io.case_name(args.prediction)}: Dice {_fmt(result['dice'])}")
+               if args.qc else None)  # a bad FLAIR: refused before anything is printed or written
     print(format_case(result))
     if args.json:
         write_json(result, args.json)

@@ -137,7 +137,7 @@ def _binary(image: sitk.Image) -> np.ndarray:
     return voxels(image) >= 0.5
 
 
-def _reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+def reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """(lesion, ignore) boolean arrays.
 
     Labels 0, 1 and 2 as the module docstring says; a binary mask that marks lesion with another single
@@ -211,7 +211,7 @@ class MaskPair:
         _check_volume(reference, "reference")
         prediction = io.align_voxel_order(prediction, reference)
         io.check_same_grid(prediction, reference, "prediction", "reference")
-        lesion, ignore = _reference_labels(reference)
+        lesion, ignore = reference_labels(reference)
         predicted = _binary(prediction)
         if ignore.any():
             predicted &= ~ignore
@@ -435,7 +435,7 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     _check_volume(reference, "reference")
     probabilities = io.align_voxel_order(probabilities, reference)
     io.check_same_grid(probabilities, reference, "probability map", "reference")
-    lesion, ignore = _reference_labels(reference)
+    lesion, ignore = reference_labels(reference)
     scores = voxels(probabilities)
     if ignore.any():
         keep = ~ignore

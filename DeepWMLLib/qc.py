@@ -196,9 +196,9 @@ def render_comparison(image, prediction, reference, title: str | None = None,
     blue, half transparent over the FLAIR, under a band with `title` and the legend (the two masks
     called `names`). Reference labels as in `metrics` (2 = ignore: coloured in neither), and every
     slice with either mask's lesion counts as a lesion slice."""
-    from .metrics import _reference_labels
+    from .metrics import reference_labels
 
-    lesion, ignore = _reference_labels(reference)
+    lesion, ignore = reference_labels(reference)
     predicted = (voxels(prediction) >= 0.5) & ~ignore
     lesion = lesion & ~ignore
     categories = np.zeros(lesion.shape, np.uint8)

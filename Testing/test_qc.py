@@ -158,6 +158,8 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
     assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "a.png")]) == 0
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.png")))
     assert np.any(np.all(picture == (0.45 * 255 + 0.55 * np.array(qc.COMPARISON_RGB[1])).astype(np.uint8), axis=2))
+    titled = qc.render_comparison(volume(flair), volume(mask), volume(mask), "pred: Dice 1.000")
+    assert np.array_equal(picture, titled)  # the band names the case and its Dice, as a cohort's pictures do
     capsys.readouterr()
     shifted = volume(flair)
     shifted.SetOrigin((0.0, 0.0, 1.0))
