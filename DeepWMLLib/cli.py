@@ -27,6 +27,7 @@ _COMMAND_MODULES = {
     "train": "DeepWMLLib.train",
     "bench": "DeepWMLLib.bench",
     "adapt": "DeepWMLLib.adapt",
+    "change": "DeepWMLLib.change",
 }
 
 

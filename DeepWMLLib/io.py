@@ -27,7 +27,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -496,22 +496,32 @@ def _nrrd_vector(values) -> str:
 def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "WMH",
                        color=(1.0, 0.9, 0.0)) -> Path:
     """Write a binary mask as a Slicer `.seg.nrrd` with one segment (label 1, layer 0) on the
-    mask's own grid.
+    mask's own grid (every non-zero voxel is the segment)."""
+    binary = like_image(np.ascontiguousarray(voxels(mask) > 0, dtype=np.uint8), mask)
+    return write_label_segmentation(binary, path, [(1, name, color)])
 
-    The file is what Slicer's segmentation storage node writes for one segment: a gzip NRRD in LPS
-    space with the Segmentation_* and Segment0_* fields. It is written here directly rather than
-    through slicerio and pynrrd, whose imports alone cost about 40 ms of every `deepwml segment`;
-    slicerio and Slicer read it back (tested).
+
+def like_image(array: np.ndarray, image) -> sitk.Image | Volume:
+    """`array` (numpy k, j, i) on the grid of `image`."""
+    return like(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                Volume if isinstance(image, Volume) else None)
+
+
+def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike,
+                             segments: Sequence[tuple[int, str, tuple]]) -> Path:
+    """Write a label map as a Slicer `.seg.nrrd` on its own grid: one segment per (label value,
+    name, RGB colour 0-1), all in layer 0 (labels not listed are written as they are but named by
+    no segment).
+
+    The file is what Slicer's segmentation storage node writes: a gzip NRRD in LPS space with the
+    Segmentation_* and SegmentN_* fields. It is written here directly rather than through slicerio
+    and pynrrd, whose imports alone cost about 40 ms of every `deepwml segment`; slicerio and Slicer
+    read it back (tested).
     """
-    labelmap = np.ascontiguousarray(voxels(mask) > 0, dtype=np.uint8)  # (k, j, i)
+    labelmap = np.ascontiguousarray(voxels(labelmap_image), dtype=np.uint8)  # (k, j, i)
     if labelmap.ndim != 3:
         raise DeepWMLError(f"a segmentation needs a 3D mask, got {labelmap.ndim}D")
-    matrix = ijk_to_lps(mask)
-    if labelmap.any():
-        k, j, i = (np.flatnonzero(labelmap.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-        extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k[0]), int(k[-1])]
-    else:
-        extent = [0, -1, 0, -1, 0, -1]
+    matrix = ijk_to_lps(labelmap_image)
     fields = [
         ("type", "uint8"),
         ("dimension", "3"),
@@ -526,14 +536,23 @@ def write_segmentation(mask: sitk.Image, path: str | os.PathLike, name: str = "W
         ("Segmentation_MasterRepresentation", "Binary labelmap"),
         ("Segmentation_ContainedRepresentationNames", "Binary labelmap|"),
         ("Segmentation_ReferenceImageExtentOffset", "0 0 0"),
-        ("Segment0_ID", name),
-        ("Segment0_Name", name),
-        ("Segment0_Color", " ".join(repr(float(c)) for c in color)),
-        ("Segment0_LabelValue", "1"),
-        ("Segment0_Layer", "0"),
-        ("Segment0_Extent", " ".join(str(v) for v in extent)),
-        ("Segment0_Tags", "|"),
     ]
+    for number, (value, name, color) in enumerate(segments):
+        where = labelmap == value
+        if where.any():
+            k, j, i = (np.flatnonzero(where.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+            extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k[0]), int(k[-1])]
+        else:
+            extent = [0, -1, 0, -1, 0, -1]
+        keys += [
+            (f"Segment{number}_ID", name),
+            (f"Segment{number}_Name", name),
+            (f"Segment{number}_Color", " ".join(repr(float(c)) for c in color)),
+            (f"Segment{number}_LabelValue", str(int(value))),
+            (f"Segment{number}_Layer", "0"),
+            (f"Segment{number}_Extent", " ".join(str(v) for v in extent)),
+            (f"Segment{number}_Tags", "|"),
+        ]
     header = "NRRD0005\n# Written by DeepWML\n" + "".join(f"{k}: {v}\n" for k, v in fields) \
         + "".join(f"{k}:={v}\n" for k, v in keys) + "\n"
     # NRRD's first axis varies fastest: numpy's (k, j, i) C order is exactly that. gzip level 1: a

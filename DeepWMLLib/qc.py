@@ -26,7 +26,8 @@ How it is drawn:
 against a reference instead: both masks filled, half transparent, green where they agree, red where
 only the prediction marks lesion, blue where only the reference does; `deepwml consensus` draws two
 raters the same way (rater A as the prediction), and the Slicer batch script its result against a
-reference.
+reference. `deepwml change --qc` fills its change labels (new, enlarging, stable, gone, not assessable)
+over the follow-up FLAIR (`render_labels`).
 
 Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
 """
@@ -210,6 +211,17 @@ def render_comparison(image, prediction, reference, title: str | None = None,
     canvas = _mosaic(image, stack, COMPARISON_RGB, outline=False, max_tiles=max_tiles, tile_px=tile_px,
                      columns=columns)
     legend = [("both", COMPARISON_RGB[1]), (f"{names[0]} only", COMPARISON_RGB[2]), (f"{names[1]} only", COMPARISON_RGB[3])]
+    return _with_header(canvas, [(title, HEADER_RGB), *legend])
+
+
+def render_labels(image, labels, colours: dict, legend, title: str | None = None, max_tiles: int = MAX_TILES,
+                  tile_px: int = TILE_PX, columns: int = COLUMNS) -> np.ndarray:
+    """The mosaic of a label map on the image's grid, each label in `colours` (value -> RGB) filled half
+    transparent over the FLAIR, under a band with `title` and `legend` ((text, RGB) pairs); every slice
+    with a non-zero label counts as a lesion slice (`deepwml change` draws its change labels so)."""
+    stack, _ = io.to_axial_stack(labels, dtype=np.uint8)
+    stack = np.where(np.isin(stack, list(colours)), stack, 0).astype(np.uint8)
+    canvas = _mosaic(image, stack, colours, outline=False, max_tiles=max_tiles, tile_px=tile_px, columns=columns)
     return _with_header(canvas, [(title, HEADER_RGB), *legend])
 
 

@@ -1,0 +1,246 @@
+"""`deepwml change`: two scans of one head on different grids, with lesions whose fate is known.
+
+The phantom is a head defined in continuous millimetres (skull, brain, a ventricle, asymmetric
+blobs so a rigid registration has something to hold on to), sampled at the voxel centres of a
+baseline grid (1.5 x 1.5 x 4 mm) and, after a known head movement, of an oblique follow-up grid
+(1.8 x 1.8 x 3 mm). Its lesions: one in both scans (stable), one only in the follow-up (new), one
+that doubles its radius (enlarging), one only in the baseline (gone), and one above the baseline's
+field of view (not assessable).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import change, io
+from DeepWMLLib.cli import main
+
+from conftest import rotation
+
+# the head movement between the scans: a follow-up point q shows the anatomy at baseline point MOVE(q)
+MOVE_ANGLES = (np.radians(4.0), np.radians(-3.0), np.radians(6.0))
+MOVE_SHIFT = np.array([5.0, -8.0, 10.0])
+
+# lesions in baseline coordinates (mm): centre, radius at baseline (0: absent), radius at follow-up
+LESIONS = {
+    "stable": ((20.0, 10.0, 15.0), 5.0, 5.0),
+    "new": ((-25.0, -10.0, 20.0), 0.0, 4.0),
+    "enlarging": ((-15.0, 35.0, -5.0), 3.5, 7.0),
+    "gone": ((30.0, -30.0, -10.0), 5.0, 0.0),
+    "not assessable": ((0.0, 0.0, 56.0), 0.0, 4.0),  # above the baseline's last slice (50 mm)
+}
+
+
+def move(points: np.ndarray) -> np.ndarray:
+    """Follow-up physical points (N x 3) -> the baseline points showing the same anatomy."""
+    euler = sitk.Euler3DTransform((0.0, 0.0, 0.0), *MOVE_ANGLES, tuple(MOVE_SHIFT))
+    matrix = np.array(euler.GetMatrix()).reshape(3, 3)
+    return points @ matrix.T + MOVE_SHIFT
+
+
+def inside(points: np.ndarray, centre, radii) -> np.ndarray:
+    return np.sum(((points - np.asarray(centre)) / np.asarray(radii)) ** 2, axis=1)
+
+
+def anatomy(points: np.ndarray, when: str) -> tuple[np.ndarray, np.ndarray]:
+    """(FLAIR-like intensity, lesion mask) of the phantom at baseline-space points; `when` baseline/follow-up."""
+    head = inside(points, (0, 0, 0), (70, 85, 62))
+    value = np.where(head < 1.0, 100.0, np.where(head < 1.25, 170.0, 0.0))  # brain, then skull and scalp
+    value[inside(points, (8, -5, 5), (7, 22, 12)) < 1] = 25.0  # a ventricle
+    value[inside(points, (-30, 30, 10), (12, 12, 12)) < 1] = 145.0
+    value[inside(points, (25, 45, -20), (10, 14, 9)) < 1] = 60.0
+    value[inside(points, (-20, -50, -30), (15, 8, 10)) < 1] = 130.0
+    lesion = np.zeros(len(points), bool)
+    for centre, r_base, r_follow in LESIONS.values():
+        r = r_base if when == "baseline" else r_follow
+        if r > 0:
+            lesion |= inside(points, centre, (r, r, r)) < 1
+    value[lesion] = 230.0
+    return value, lesion
+
+
+SLICE_PROFILE = (-0.375, -0.125, 0.0, 0.125, 0.375)  # in voxels along the slice axis
+
+
+def sample(size, spacing, origin, direction, when: str) -> tuple[sitk.Image, sitk.Image]:
+    image = sitk.Image(size, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(tuple(np.asarray(direction, float).ravel()))
+    k, j, i = np.indices(size[::-1]).reshape(3, -1).astype(float)
+    value = 0.0
+    for offset in SLICE_PROFILE:  # a thick slice averages the anatomy across its thickness
+        points = np.stack([i, j, k + offset, np.ones_like(i)], axis=1) @ io.ijk_to_lps(image)[:3].T
+        if when == "follow-up":
+            points = move(points)
+        part, lesion_part = anatomy(points, when)
+        value = value + part / len(SLICE_PROFILE)
+        if offset == 0.0:
+            lesion = lesion_part
+    value = value.reshape(size[::-1]) + np.random.default_rng(len(when)).normal(0, 3, size[::-1])
+    flair = sitk.GetImageFromArray(value.astype(np.float32))
+    flair.CopyInformation(image)
+    mask = sitk.GetImageFromArray(lesion.reshape(size[::-1]).astype(np.uint8))
+    mask.CopyInformation(image)
+    return flair, mask
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    baseline = sample((128, 128, 34), (1.5, 1.5, 4.0), (-95.0, -95.0, -82.0), np.eye(3), "baseline")
+    followup = sample((112, 112, 52), (1.8, 1.8, 3.0), (-96.0, -110.0, -75.0), rotation(np.radians(5), 0, 0),
+                      "follow-up")
+    folder = tmp_path_factory.mktemp("pair")
+    files = {}
+    for name, image in (("baseline", baseline[0]), ("baseline_mask", baseline[1]),
+                        ("followup", followup[0]), ("followup_mask", followup[1])):
+        files[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(files[name]))
+    return {"baseline": baseline, "followup": followup, "files": files}
+
+
+def by_status(rows):
+    out = {}
+    for row in rows:
+        out.setdefault(row["status"], []).append(row)
+    return out
+
+
+def nearest_lesion(centroid_followup) -> str:
+    """Which phantom lesion a follow-up-space centroid belongs to."""
+    point = move(np.asarray([centroid_followup], float))[0]
+    return min(LESIONS, key=lambda name: np.linalg.norm(point - np.asarray(LESIONS[name][0])))
+
+
+def test_registration_recovers_the_head_movement(pair):
+    registration = change.align(pair["followup"][0], pair["baseline"][0])
+    points = np.array([[x, y, z] for x in (-40.0, 0.0, 40.0) for y in (-50.0, 0.0, 50.0) for z in (-30.0, 0.0, 30.0)])
+    found = np.array([registration.transform.TransformPoint(tuple(p)) for p in points])
+    error = np.linalg.norm(found - move(points), axis=1)
+    assert error.max() < 1.0, error  # under a voxel of either grid
+    assert registration.correlation > change.MIN_CORRELATION
+
+
+def test_every_lesion_gets_its_known_fate(pair):
+    result = change.lesion_change(pair["baseline"][0], pair["followup"][0], pair["baseline"][1], pair["followup"][1])
+    report = result.report
+    groups = by_status(report["lesions"])
+    assert {k: len(v) for k, v in groups.items()} == {"stable": 1, "new": 1, "enlarging": 1, "gone": 1,
+                                                      "not assessable": 1}
+    for status, rows in groups.items():
+        assert nearest_lesion(rows[0]["centroid_mm"]) == status  # gone: its baseline position carried over
+    assert report["warnings"] == []
+    # volumes: each scan's own, close to the spheres'
+    sphere_ml = {name: 4 / 3 * np.pi * r ** 3 / 1000 for name, (_, _, r) in LESIONS.items()}
+    assert groups["new"][0]["volume_ml"] == pytest.approx(sphere_ml["new"], rel=0.25)
+    assert groups["enlarging"][0]["volume_ml"] == pytest.approx(sphere_ml["enlarging"], rel=0.2)
+    assert groups["enlarging"][0]["baseline_ml"] == pytest.approx(4 / 3 * np.pi * 3.5 ** 3 / 1000, rel=0.5)
+    assert groups["gone"][0]["volume_ml"] == pytest.approx(4 / 3 * np.pi * 5 ** 3 / 1000, rel=0.25)
+    for name, mask in (("baseline", pair["baseline"][1]), ("followup", pair["followup"][1])):
+        ml = np.count_nonzero(sitk.GetArrayViewFromImage(mask)) * np.prod(mask.GetSpacing()) / 1000
+        assert report[f"{name}_volume_ml"] == pytest.approx(ml, abs=1e-4)
+    assert report["n_new"] == 1 and report["new_ml"] == pytest.approx(groups["new"][0]["volume_ml"], abs=1e-4)
+    # the label map lies on the follow-up's grid and holds each fate where its lesion is
+    labels = result.labels
+    assert io.grid_difference(labels, pair["followup"][0]) is None
+    array = sitk.GetArrayViewFromImage(labels)
+    follow = sitk.GetArrayViewFromImage(pair["followup"][1]) > 0
+    assert set(np.unique(array[follow])) == {1, 2, 3, 4}  # every follow-up lesion voxel has its fate
+    assert np.count_nonzero(array == 5) > 0 and not np.any(follow & (array == 5))
+    assert io.grid_difference(result.baseline_registered, pair["followup"][0]) is None
+
+
+def test_tolerance_and_enlargement_thresholds_move_the_calls(pair):
+    strict = change.classify(pair["followup"][1], pair["baseline"][1],
+                             change.align(pair["followup"][0], pair["baseline"][0]).transform,
+                             enlarge_fraction=20.0)[1]  # growth of 8x in volume is not 21x
+    assert "enlarging" not in {r["status"] for r in strict}
+    with pytest.raises(change.DeepWMLError, match="cannot be negative"):
+        change.classify(pair["followup"][1], pair["baseline"][1], sitk.Euler3DTransform(), tolerance_mm=-1)
+
+
+def test_a_lesion_moved_by_the_scan_not_the_disease_is_not_new(pair):
+    """The identity instead of the registration: the head movement alone makes lesions look new and gone."""
+    rows = change.classify(pair["followup"][1], pair["baseline"][1], sitk.Euler3DTransform())[1]
+    assert by_status(rows).get("new", []).__len__() > 1  # why registration matters
+
+
+def test_command_line_with_both_masks(pair, tmp_path, capsys):
+    files = pair["files"]
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out),
+            "--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--qc"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "new: 1 lesion" in printed.out and "gone: 1 lesion" in printed.out and "not assessable" in printed.out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"followup_{suffix}" for suffix in (
+        "baseline_registered.nii.gz", "baseline_to_followup.tfm", "change.csv", "change.json", "change.nii.gz",
+        "change.seg.nrrd", "change_qc.png"))
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["n_enlarging"] == 1 and report["masks"]["baseline"] == {"mask": str(files["baseline_mask"])}
+    labels = sitk.ReadImage(str(out / "followup_change.nii.gz"))
+    assert io.grid_difference(labels, sitk.ReadImage(str(files["followup"]))) is None
+    # the transform file maps follow-up points onto the baseline as the registration did
+    transform = sitk.ReadTransform(str(out / "followup_baseline_to_followup.tfm"))
+    point = (10.0, -20.0, 5.0)
+    assert np.allclose(transform.TransformPoint(point), move(np.array([point]))[0], atol=1.0)
+    # Slicer's segmentation: one named segment per fate, on the same grid as the label map
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(out / "followup_change.seg.nrrd"))
+    assert [(s["name"], s["labelValue"]) for s in segmentation["segments"]] == [
+        (name, value) for value, name in change.LABELS.items()]
+    assert np.array_equal(np.asarray(segmentation["voxels"]).transpose(2, 1, 0), sitk.GetArrayFromImage(labels))
+    rows = (out / "followup_change.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == ",".join(change.CSV_COLUMNS) and len(rows) == 1 + 5
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change_qc.png")))
+    assert picture.ndim == 3 and picture.shape[2] == 3
+    # a second run does not overwrite; --overwrite does
+    assert main(args) == 1
+    assert "outputs exist" in capsys.readouterr().err
+    assert main(args[:-1] + ["--overwrite"]) == 0  # without --qc: the earlier picture is removed
+    assert not (out / "followup_change_qc.png").exists()
+
+
+def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model, capsys):
+    files = pair["files"]
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--case", "p1",
+                 "--followup-mask", str(files["followup_mask"]), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    mask = sitk.ReadImage(str(out / "p1_baseline_wmh.nii.gz"))
+    assert io.grid_difference(mask, sitk.ReadImage(str(files["baseline"]))) is None  # on the baseline's own grid
+    report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+    assert report["masks"]["baseline"]["model"] and report["masks"]["follow-up"] == {"mask": str(files["followup_mask"])}
+
+
+def test_bad_inputs_are_refused_clearly(pair, tmp_path, capsys):
+    files = pair["files"]
+    both = ["--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    base = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(tmp_path / "o")]
+    assert main(base + both + ["--model", "x.pt"]) == 2
+    assert "nothing is segmented" in capsys.readouterr().err
+    # a mask on the other scan's grid
+    assert main(base + ["--baseline-mask", str(files["followup_mask"]), "--followup-mask",
+                        str(files["followup_mask"])]) == 1
+    assert "grid" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "followup_change.json").exists()
+    with pytest.raises(SystemExit) as stop:
+        main(base + both + ["--tolerance-mm", "-1"])
+    assert stop.value.code == 2 and "--tolerance-mm: must be 0 or more" in capsys.readouterr().err
+
+
+def test_scans_of_different_heads_are_warned_about(pair):
+    other = sitk.GetImageFromArray(np.random.default_rng(3).normal(100, 40, (30, 90, 90)).astype(np.float32))
+    other.SetSpacing((2.0, 2.0, 4.0))
+    other.SetOrigin((-90.0, -90.0, -60.0))
+    empty = sitk.Image(other.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(other)
+    report = change.lesion_change(other, pair["followup"][0], empty, pair["followup"][1]).report
+    assert any("different heads" in w for w in report["warnings"])
+    assert report["n_new"] + report["n_not_assessable"] == 4  # nothing at baseline: every lesion new or unassessable
