@@ -18,9 +18,12 @@ How (`lesion_change`):
    - `not assessable`: some of it lies outside the baseline's field of view, where nothing can be said.
 4. The other way round, on the baseline's grid, each baseline lesion wholly inside the follow-up's
    field of view with nothing of the follow-up's within `tolerance_mm` (the same test) is `gone`.
+5. A new or gone lesion smaller than `min_change_ml` is `small new` or `small gone`: listed and drawn,
+   not counted as a change (the segmentation's own flicker between two acquisitions is mostly there).
 
 The label map of the result lies on the follow-up's grid (the scan being read): 1 stable, 2 new,
-3 enlarging, 4 not assessable, 5 gone (a baseline lesion carried onto the follow-up's grid). Lesion
+3 enlarging, 4 not assessable, 5 gone (a baseline lesion carried onto the follow-up's grid), 6 small
+new, 7 small gone. Lesion
 volumes are each scan's own: a follow-up lesion's from the follow-up grid, a gone lesion's from the
 baseline's. Positions are physical LPS millimetres of the follow-up scan.
 
@@ -60,7 +63,7 @@ DEFAULT_TOLERANCE_MM = 2.0
 DEFAULT_ENLARGE_FRACTION = 0.5
 DEFAULT_ENLARGE_MIN_ML = 0.05
 DEFAULT_PRESENCE = 0.15  # chosen by Testing/benchmarks/change_simulated.py's rule 1 (README, Lesion change)
-DEFAULT_MIN_CHANGE_ML = 0.0  # rule 2 of the same
+DEFAULT_MIN_CHANGE_ML = 0.02  # rule 2 of the same
 MIN_CORRELATION = 0.80
 MAX_MUTUAL_INFORMATION = -0.65  # Mattes' metric value: the negative mutual information
 MAX_INCONSISTENCY_MM = 2.0  # 95th percentile of `inverse_consistency` (same-patient pairs <= 0.17, others >= 3.6)
@@ -229,7 +232,7 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
              tolerance_mm: float = DEFAULT_TOLERANCE_MM, enlarge_fraction: float = DEFAULT_ENLARGE_FRACTION,
              enlarge_min_ml: float = DEFAULT_ENLARGE_MIN_ML, followup_probabilities: sitk.Image | None = None,
              baseline_probabilities: sitk.Image | None = None,
-             presence: float | None = None, min_change_ml: float = 0.0) -> tuple[np.ndarray, list[dict]]:
+             presence: float | None = None, min_change_ml: float = DEFAULT_MIN_CHANGE_ML) -> tuple[np.ndarray, list[dict]]:
     """The change label map on the follow-up's grid (numpy k, j, i, uint8, values of LABELS) and one
     row per lesion (follow-up lesions, largest first, then gone baseline lesions, largest first).
 
@@ -375,7 +378,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, enlarge_fraction: float = DEFAULT_ENLARGE_FRACTION,
                   enlarge_min_ml: float = DEFAULT_ENLARGE_MIN_ML, baseline_probabilities: sitk.Image | None = None,
                   followup_probabilities: sitk.Image | None = None, presence: float | None = None,
-                  min_change_ml: float = 0.0, check: bool = True) -> ChangeResult:
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True) -> ChangeResult:
     """Register `baseline` to `followup` and classify every lesion (module docstring). Each mask (and
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
     reordered). With `check`, the registration is also run the other way round and the two compared
@@ -484,28 +487,34 @@ def format_summary(case: str, report: dict) -> str:
         f"  new: {lesions(report['n_new'])}, {report['new_ml']:.2f} ml; enlarging: {lesions(report['n_enlarging'])}, "
         f"{report['enlarging_growth_ml']:+.2f} ml; stable: {lesions(report['n_stable'])}; gone: "
         f"{lesions(report['n_gone'])}, {report['gone_ml']:.2f} ml",
-        f"  registration: rotation {', '.join(f'{a:.1f}' for a in registration['rotation_deg'])} deg, translation "
-        f"{', '.join(f'{t:.1f}' for t in registration['translation_mm'])} mm, correlation {registration['correlation']:.2f}",
     ]
+    if report["n_small_new"] or report["n_small_gone"]:
+        lines.append(f"  not counted, under {report['min_change_ml']:g} ml: {report['n_small_new']} small new, "
+                     f"{report['n_small_gone']} small gone")
     if report["n_not_assessable"]:
-        lines.insert(2, f"  not assessable (partly outside the baseline's field of view): {lesions(report['n_not_assessable'])}, "
-                        f"{report['not_assessable_ml']:.2f} ml")
+        lines.append(f"  not assessable (partly outside the baseline's field of view): "
+                     f"{lesions(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
+    consistency = registration.get("inverse_consistency")
+    lines.append(
+        f"  registration: rotation {', '.join(f'{a:.1f}' for a in registration['rotation_deg'])} deg, translation "
+        f"{', '.join(f'{t:.1f}' for t in registration['translation_mm'])} mm, correlation {registration['correlation']:.2f}"
+        + (f", both ways agree within {consistency['p95_mm']:.2f} mm" if consistency else ""))
     return "\n".join(lines)
 
 
 def picture_title(case: str, report: dict) -> str:
-    return (f"{case}: {report['n_new']} new, {report['n_enlarging']} enlarging, {report['n_gone']} gone; "
+    return (f"{case}: {report['n_new']} new, {report['n_enlarging']} enlarging, {report['n_gone']} gone, "
             f"{report['volume_change_ml']:+.2f} ml")
 
 
 def change_picture(followup: sitk.Image, labels: sitk.Image, title: str | None = None) -> bytes:
     """PNG bytes: the follow-up's axial slices with the change labels filled (new red, enlarging orange,
-    stable yellow, gone blue, not assessable grey)."""
+    stable yellow, gone blue, not assessable grey, small new pink, small gone pale blue)."""
     from .qc import png_bytes, render_labels
 
-    order = (1, 5, 4, 3, 2)  # new drawn last, over the others
+    order = (1, 7, 5, 4, 6, 3, 2)  # new drawn last, over the others
     colours = {value: tuple(int(round(255 * c)) for c in COLOURS[value]) for value in order}
-    legend = [(LABELS[value], colours[value]) for value in (2, 3, 1, 5, 4)]
+    legend = [(LABELS[value], colours[value]) for value in (2, 3, 1, 5, 6, 7, 4)]
     return png_bytes(render_labels(followup, labels, colours, legend, title))
 
 
@@ -568,6 +577,9 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
                    help=f"for a scan segmented here, a voxel whose lesion probability reaches this counts as marked "
                         f"when deciding whether the other scan's lesion is new or gone (default {DEFAULT_PRESENCE:g}; "
                         "off: the masks alone)")
+    p.add_argument("--min-change-ml", type=non_negative_float, default=DEFAULT_MIN_CHANGE_ML,
+                   help=f"a new lesion, or a gone one, smaller than this is listed as small new / small gone and not "
+                        f"counted as a change (default {DEFAULT_MIN_CHANGE_ML:g} ml; 0 counts all)")
     p.add_argument("--model", nargs="+", metavar="FILE", help="segmentation model file(s) (default: the shipped model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
@@ -617,7 +629,7 @@ def _run(args) -> int:
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
-                           None if args.presence == "off" else float(args.presence))
+                           None if args.presence == "off" else float(args.presence), args.min_change_ml)
     report = {"case": case, "baseline": str(args.baseline), "followup": str(args.followup), **result.report,
               "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None

@@ -100,7 +100,8 @@ def pair(tmp_path_factory):
                         ("followup", followup[0]), ("followup_mask", followup[1])):
         files[name] = folder / f"{name}.nii.gz"
         sitk.WriteImage(image, str(files[name]))
-    return {"baseline": baseline, "followup": followup, "files": files}
+    return {"baseline": baseline, "followup": followup, "files": files,
+            "registration": change.align(followup[0], baseline[0])}
 
 
 def by_status(rows):
@@ -117,7 +118,7 @@ def nearest_lesion(centroid_followup) -> str:
 
 
 def test_registration_recovers_the_head_movement(pair):
-    registration = change.align(pair["followup"][0], pair["baseline"][0])
+    registration = pair["registration"]
     points = np.array([[x, y, z] for x in (-40.0, 0.0, 40.0) for y in (-50.0, 0.0, 50.0) for z in (-30.0, 0.0, 30.0)])
     found = np.array([registration.transform.TransformPoint(tuple(p)) for p in points])
     error = np.linalg.norm(found - move(points), axis=1)
@@ -155,12 +156,36 @@ def test_every_lesion_gets_its_known_fate(pair):
 
 
 def test_tolerance_and_enlargement_thresholds_move_the_calls(pair):
-    strict = change.classify(pair["followup"][1], pair["baseline"][1],
-                             change.align(pair["followup"][0], pair["baseline"][0]).transform,
-                             enlarge_fraction=20.0)[1]  # growth of 8x in volume is not 21x
+    strict = change.classify(pair["followup"][1], pair["baseline"][1], pair["registration"].transform, enlarge_fraction=20.0)[1]  # growth of 8x in volume is not 21x
     assert "enlarging" not in {r["status"] for r in strict}
     with pytest.raises(change.DeepWMLError, match="cannot be negative"):
         change.classify(pair["followup"][1], pair["baseline"][1], sitk.Euler3DTransform(), tolerance_mm=-1)
+
+
+def test_small_changes_are_listed_not_counted(pair):
+    labels, rows = change.classify(pair["followup"][1], pair["baseline"][1], pair["registration"].transform, min_change_ml=0.6)
+    statuses = sorted(r["status"] for r in rows)  # new 0.27 ml and gone 0.52 ml are under 0.6 ml
+    assert statuses == ["enlarging", "not assessable", "small gone", "small new", "stable"]
+    assert {6, 7} <= set(np.unique(labels).tolist()) and not {2, 5} & set(np.unique(labels).tolist())
+    report = change._summary(rows, 1.0, 1.0)
+    assert report["n_new"] == 0 and report["n_small_new"] == 1 and report["n_small_gone"] == 1
+
+
+def test_a_lesion_faintly_there_before_is_not_new_with_its_probabilities(pair):
+    """The 'new' lesion, at probability 0.2 in the baseline (under the mask's threshold): new when the
+    masks alone decide, not new once a probability of 0.15 counts as present."""
+    baseline = pair["baseline"][0]
+    k, j, i = np.indices(sitk.GetArrayViewFromImage(baseline).shape).reshape(3, -1)
+    points = np.stack([i, j, k, np.ones_like(i)], axis=1) @ io.ijk_to_lps(baseline)[:3].T
+    centre, _, radius = LESIONS["new"]
+    faint = (inside(points, centre, (radius,) * 3) < 1).reshape(sitk.GetArrayViewFromImage(baseline).shape) * 0.2
+    probabilities = sitk.GetImageFromArray(faint.astype(np.float32))
+    probabilities.CopyInformation(baseline)
+    transform = pair["registration"].transform
+    for presence, expected in ((None, 1), (0.15, 0)):
+        rows = change.classify(pair["followup"][1], pair["baseline"][1], transform,
+                               baseline_probabilities=probabilities, presence=presence)[1]
+        assert sum(r["status"] == "new" for r in rows) == expected
 
 
 def test_a_lesion_moved_by_the_scan_not_the_disease_is_not_new(pair):

@@ -64,17 +64,21 @@ def main() -> int:
     if args.change:
         from DeepWMLLib.segment import segment_image
 
-        print("\n| pair | baseline ml | follow-up ml | new | enlarging | stable | gone | not assessable | seconds |")
+        print("\n| pair | baseline ml | follow-up ml | new | enlarging | stable | gone | small new / gone | seconds |")
         print("|---|---|---|---|---|---|---|---|---|")
         for base_name, follow_name in SAME:
             baseline, followup = (io.read_image(folder / f"{n}.nii.gz") for n in (base_name, follow_name))
             start = time.perf_counter()
-            masks = [segment_image(image).mask for image in (baseline, followup)]
-            report = change.lesion_change(baseline, followup, *masks).report
+            base, follow = (segment_image(image) for image in (baseline, followup))
+            report = change.lesion_change(baseline, followup, base.mask, follow.mask,
+                                          baseline_probabilities=base.probabilities,
+                                          followup_probabilities=follow.probabilities,
+                                          presence=change.DEFAULT_PRESENCE).report  # as deepwml change does
             print(f"| {base_name} -> {follow_name} | {report['baseline_volume_ml']:.2f} | {report['followup_volume_ml']:.2f} "
                   f"| {report['n_new']} ({report['new_ml']:.2f} ml) | {report['n_enlarging']} "
                   f"(+{report['enlarging_growth_ml']:.2f} ml) | {report['n_stable']} | {report['n_gone']} "
-                  f"({report['gone_ml']:.2f} ml) | {report['n_not_assessable']} | {time.perf_counter() - start:.1f} |")
+                  f"({report['gone_ml']:.2f} ml) | {report['n_small_new']} / {report['n_small_gone']} | "
+                  f"{time.perf_counter() - start:.1f} |")
     return 0
 
 
