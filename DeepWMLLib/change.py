@@ -616,6 +616,10 @@ def _run(args) -> int:
     given = bool(args.baseline_mask), bool(args.followup_mask)
     if all(given) and (args.model or args.threshold is not None or args.no_brain_mask):
         raise UsageError("--model, --threshold and --no-brain-mask segment a scan; with both masks given nothing is segmented")
+    if Path(args.baseline).resolve() == Path(args.followup).resolve():
+        raise UsageError("BASELINE and FOLLOWUP are the same file; give the earlier scan first, then the later one")
+    if args.case is not None and (not args.case.strip() or args.case in (".", "..") or any(c in args.case for c in "/\\")):
+        raise UsageError(f"--case {args.case!r} must be a plain file name (no folders)")
     case = args.case or io.case_name(args.followup)
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(args.followup, args.output_format)

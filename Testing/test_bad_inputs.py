@@ -71,6 +71,9 @@ BAD_INPUTS = [
     ("training option out of range (--epochs 0)", "train", 2, "must be at least 1"),
     ("evaluate without a case", "evaluate", 2, "give --prediction and --reference"),
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
+    ("baseline and follow-up the same file", "change", 2, "the same file"),
+    ("a baseline mask on another grid", "change", 1, "different voxel grids"),
+    ("both masks given with --model", "change", 2, "nothing is segmented"),
 ]
 
 
@@ -226,6 +229,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["consensus", str(p["truth"]), str(p["other grid"])]
     if row_id == "consensus manifest missing columns":
         return ["consensus", "--manifest", str(tmp / "in" / "raters.csv"), "-o", out]
+    if row_id == "baseline and follow-up the same file":
+        return ["change", str(p["good"]), str(p["good"]), "-o", out]
+    if row_id == "a baseline mask on another grid":
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
+                str(p["other grid"]), "--followup-mask", str(p["truth"])]
+    if row_id == "both masks given with --model":
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
+                str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
     if row_id == "training mask on another grid":

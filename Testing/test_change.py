@@ -255,6 +255,10 @@ def test_bad_inputs_are_refused_clearly(pair, tmp_path, capsys):
                         str(files["followup_mask"])]) == 1
     assert "grid" in capsys.readouterr().err
     assert not (tmp_path / "o" / "followup_change.json").exists()
+    assert main(["change", str(files["baseline"]), str(files["baseline"]), "-o", str(tmp_path / "o")]) == 2
+    assert "the same file" in capsys.readouterr().err
+    assert main(base + both + ["--case", "../up"]) == 2
+    assert "plain file name" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(base + both + ["--tolerance-mm", "-1"])
     assert stop.value.code == 2 and "--tolerance-mm: must be 0 or more" in capsys.readouterr().err
