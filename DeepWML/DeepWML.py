@@ -40,7 +40,8 @@ class DeepWML(ScriptedLoadableModule):
         self.parent.helpText = """
 Segments white matter hyperintensities (WMH) on a FLAIR volume with a 2D U-Net (DeepWML), reports
 total lesion volume, lesion count and lesion volume per axial slice, compares the result with a
-manual reference (Dice, sensitivity, precision) and checks two raters' agreement (Dice >= 0.85).
+manual reference (Dice, sensitivity, precision), checks two raters' agreement (Dice >= 0.85) and
+compares a follow-up with an earlier scan (new, enlarging, stable and gone lesions).
 Not a medical device: review every result.
 """
         self.parent.acknowledgementText = """
@@ -68,6 +69,8 @@ class DeepWMLParameterNode:
     raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
     raterB: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
     consensusThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_CONSENSUS_THRESHOLD
+    baselineVolume: vtkMRMLScalarVolumeNode  # an earlier scan of the same patient, for "Lesion change"
+    baselineSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
 
 
 class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -104,6 +107,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showStatisticsButton.connect("clicked(bool)", self.onShowStatistics)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.consensusButton.connect("clicked(bool)", self.onConsensus)
+        self.ui.changeButton.connect("clicked(bool)", self.onLesionChange)
         self.ui.saveResultsButton.connect("clicked(bool)", self.onSaveResults)
         self.ui.sliceTable.connect("itemSelectionChanged()", self.onSliceSelected)
 
@@ -174,6 +178,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
         self.ui.compareButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.referenceSegmentation)
         self.ui.consensusButton.enabled = bool(p.raterA and p.raterB)
+        self.ui.changeButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.baselineVolume
+                                            and p.baselineSegmentation)
         self.ui.saveResultsButton.enabled = bool(self._results)
 
     def onModelChanged(self, index: int) -> None:
@@ -244,6 +250,16 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             results = {"consensus": self.logic.consensusCheck(p.raterA, p.raterB, p.consensusThreshold, p.inputVolume)}
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.consensusLabel.text = self.logic.formatConsensus(results["consensus"])
+
+    def onLesionChange(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the earlier scan.", waitCursor=True):
+            changeNode, registered, report = self.logic.lesionChange(p.baselineVolume, p.baselineSegmentation,
+                                                                     p.inputVolume, p.outputSegmentation)
+            results = {"change": report}
+            self._showResults(results, self.logic.sliceTable(results))
+            self.ui.changeLabel.text = self.logic.formatChange(report)
+            slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=registered, foregroundOpacity=0.0)
 
     def _showResults(self, results: dict, table) -> None:
         """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row)."""

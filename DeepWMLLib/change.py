@@ -71,7 +71,8 @@ MAX_INCONSISTENCY_MM = 2.0  # 95th percentile of `inverse_consistency` (same-pat
 LABELS = {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new", 7: "small gone"}
 COLOURS = {1: (1.0, 0.9, 0.0), 2: (1.0, 0.1, 0.1), 3: (1.0, 0.5, 0.0), 4: (0.6, 0.6, 0.6), 5: (0.2, 0.5, 1.0),
            6: (1.0, 0.6, 0.8), 7: (0.6, 0.85, 1.0)}
-CSV_COLUMNS = ("id", "status", "scan", "volume_ml", "baseline_ml", "change_ml", "centroid_mm", "slice_range")
+CSV_COLUMNS = ("id", "status", "scan", "volume_ml", "baseline_ml", "change_ml", "centroid_mm", "slice_range",
+               "followup_slice")
 
 
 @dataclass
@@ -418,6 +419,10 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
             f"{MIN_CORRELATION:.2f} warns), mutual information {registration.mutual_information:.2f} (-0.70 to -0.90; "
             f"above {MAX_MUTUAL_INFORMATION:.2f} warns){consistency}; look at the registered baseline over the "
             "follow-up before trusting new or gone lesions")
+    axis = io.axial_axis(followup)
+    for row in rows:  # the follow-up's axial slice through each lesion's centre, for viewers to go to
+        index = followup.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in row["centroid_mm"]))[axis]
+        row["followup_slice"] = int(min(max(round(index), 0), followup.GetSize()[axis] - 1))
     registered = sitk.Resample(baseline, followup, registration.transform, sitk.sitkLinear, 0.0,
                                baseline.GetPixelID())
     labels_image = sitk.Cast(io.like_image(labels, followup_mask), sitk.sitkUInt8)

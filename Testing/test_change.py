@@ -89,11 +89,17 @@ def sample(size, spacing, origin, direction, when: str) -> tuple[sitk.Image, sit
     return flair, mask
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def change_pair_images():
+    """((baseline FLAIR, mask), (follow-up FLAIR, mask)) of the phantom."""
     baseline = sample((128, 128, 34), (1.5, 1.5, 4.0), (-95.0, -95.0, -82.0), np.eye(3), "baseline")
     followup = sample((112, 112, 52), (1.8, 1.8, 3.0), (-96.0, -110.0, -75.0), rotation(np.radians(5), 0, 0),
                       "follow-up")
+    return baseline, followup
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    baseline, followup = change_pair_images()
     folder = tmp_path_factory.mktemp("pair")
     files = {}
     for name, image in (("baseline", baseline[0]), ("baseline_mask", baseline[1]),

@@ -356,3 +356,44 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert "outside the brain ignored" in logic.describeRun(run)
     assert json.loads(plain.GetAttribute("DeepWML.run"))["brain_model"] is None
     assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."
+
+
+def test_lesion_change_between_two_volume_nodes(scene):
+    """The phantom pair of test_change.py as Slicer nodes: the same calls as DeepWMLLib makes on the
+    files, a segment per call on the follow-up's grid, the registered baseline, nodes reused on a rerun."""
+    from test_change import change_pair_images
+
+    from DeepWMLLib import change
+
+    (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
+    baseline = mrml.volumeFromImage(base_flair, "FLAIR 2024")
+    followup = mrml.volumeFromImage(follow_flair, "FLAIR 2026")
+    base_seg = mrml.segmentationFromMask(base_mask, baseline, name="2024 WMH")
+    follow_seg = mrml.segmentationFromMask(follow_mask, followup, name="2026 WMH")
+    logic = DeepWMLCoreLogic()
+    node, registered, report = logic.lesionChange(baseline, base_seg, followup, follow_seg)
+    assert (report["n_new"], report["n_enlarging"], report["n_stable"], report["n_gone"], report["n_not_assessable"]) \
+        == (1, 1, 1, 1, 1)
+    expected = change.lesion_change(base_flair, follow_flair, base_mask, follow_mask)
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == list(change.LABELS.values())
+    labels = sitk.GetArrayFromImage(expected.labels)
+    for value, name in change.LABELS.items():  # each segment, exported on the follow-up's grid, is that call's voxels
+        exported = sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, followup, segmentation.GetSegmentIdBySegmentName(name)))
+        assert np.array_equal(exported > 0, labels == value), name
+    assert registered.GetName() == "FLAIR 2024 (registered)"
+    assert np.allclose(slicer.util.arrayFromVolume(registered), sitk.GetArrayFromImage(expected.baseline_registered))
+    assert json.loads(node.GetAttribute("DeepWML.change"))["n_new"] == 1
+    headers, rows, slices = logic.sliceTable({"change": report})
+    assert headers[:2] == ["Slice", "Change"] and sorted(r[1] for r in rows) == sorted(change.LABELS[v] for v in (1, 2, 3, 4, 5))
+    assert all(0 <= s < followup.GetImageData().GetDimensions()[2] for s in slices)
+    text = logic.formatChange(report)
+    assert "new: 1 lesion" in text and "gone: 1 lesion" in text
+    again, registered_again, _ = logic.lesionChange(baseline, base_seg, followup, follow_seg)
+    assert again is node and len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 3
+    assert registered.GetScene() is None and registered_again.GetScene() is not None  # replaced, not piled up
+    with pytest.raises(DeepWMLError, match="same volume"):
+        logic.lesionChange(followup, follow_seg, followup, follow_seg)
+    with pytest.raises(DeepWMLError, match="segment the earlier scan first"):
+        logic.lesionChange(baseline, None, followup, follow_seg)

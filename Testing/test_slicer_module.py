@@ -160,3 +160,25 @@ def test_compare_consensus_and_save_from_the_gui(widget, tmp_path):
     assert "PASS" in ui.consensusLabel.text
     slicer_standins.QFileDialog.nextPath = ""  # the user cancels the file dialog
     ui.saveResultsButton.click()
+
+
+def test_lesion_change_from_the_gui(widget, tmp_path):
+    from test_change import change_pair_images
+
+    (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
+    ui, p = widget.ui, widget._parameterNode
+    baseline = mrml.volumeFromImage(base_flair, "earlier FLAIR")
+    p.inputVolume = mrml.volumeFromImage(follow_flair, "follow-up FLAIR")
+    p.outputSegmentation = mrml.segmentationFromMask(follow_mask, p.inputVolume, name="follow-up WMH")
+    assert not ui.changeButton.enabled
+    p.baselineVolume = baseline
+    p.baselineSegmentation = mrml.segmentationFromMask(base_mask, baseline, name="earlier WMH")
+    assert ui.changeButton.enabled
+    ui.changeButton.click()
+    assert "new: 1 lesion" in ui.changeLabel.text and "gone: 1 lesion" in ui.changeLabel.text
+    assert ui.sliceTable.headers[:2] == ["Slice", "Change"] and ui.saveResultsButton.enabled
+    assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is not None
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "change.csv")
+    ui.saveResultsButton.click()
+    rows = list(csv.DictReader(open(tmp_path / "change.csv")))
+    assert sorted(r["status"] for r in rows) == ["enlarging", "gone", "new", "not assessable", "stable"]

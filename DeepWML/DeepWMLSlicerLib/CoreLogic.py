@@ -1,5 +1,6 @@
 """What the DeepWML module does, without any GUI: segment a volume node, measure the result,
-compare it with a reference, check two raters' agreement, save the results.
+compare it with a reference, check two raters' agreement, compare a follow-up with an earlier scan,
+save the results.
 
 `DeepWMLLogic` in DeepWML.py inherits `DeepWMLCoreLogic`; the batch script uses it directly. So one
 code path serves the GUI, scripts and the tests that run on slicer-core. The numbers all come from
@@ -25,6 +26,9 @@ from . import MRMLConversion as mrml
 MODEL_FILE_CHOICE = "Model file..."
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
+CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
+CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
+REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "warnings")
@@ -278,6 +282,50 @@ class DeepWMLCoreLogic:
         reference = self._referenceVolume(a, b, referenceVolumeNode)
         return consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
 
+    def lesionChange(self, baselineVolume, baselineSegmentation, followupVolume, followupSegmentation):
+        """New, enlarging, stable and gone lesions between an earlier scan (baseline) and the follow-up
+        (`DeepWMLLib.change`): each segmentation is taken on its own volume's grid, the baseline is
+        registered rigidly to the follow-up. Returns (the change segmentation on the follow-up's grid, one
+        segment per call; the baseline volume resampled onto the follow-up's grid; the report). Run again
+        for the same follow-up, both nodes are reused."""
+        self.ensureDependencies(torch=False)
+        from DeepWMLLib import change
+
+        if baselineVolume is None or followupVolume is None:
+            raise DeepWMLError("choose both FLAIR volumes: the earlier scan and the follow-up")
+        if baselineSegmentation is None or followupSegmentation is None:
+            raise DeepWMLError("choose a lesion segmentation for each scan (segment the earlier scan first)")
+        if baselineVolume is followupVolume:
+            raise DeepWMLError("the earlier scan and the follow-up are the same volume; choose the earlier scan")
+        result = change.lesion_change(
+            mrml.imageFromVolume(baselineVolume), mrml.imageFromVolume(followupVolume),
+            mrml.maskFromNode(baselineSegmentation, baselineVolume), mrml.maskFromNode(followupSegmentation, followupVolume))
+        import SimpleITK as sitk
+
+        changeNode = self._nodeMadeFor(CHANGE_ATTRIBUTE, followupVolume, "vtkMRMLSegmentationNode")
+        if changeNode is None:
+            changeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{followupVolume.GetName()} change")
+            changeNode.CreateDefaultDisplayNodes()
+            changeNode.SetAttribute(CHANGE_ATTRIBUTE, followupVolume.GetID())
+        for value, name in change.LABELS.items():
+            mrml.segmentationFromMask(sitk.Cast(result.labels == value, sitk.sitkUInt8), followupVolume, changeNode,
+                                      segmentName=name, color=change.COLOURS[value])
+        registered = self._nodeMadeFor(REGISTERED_ATTRIBUTE, followupVolume, "vtkMRMLScalarVolumeNode")
+        if registered is not None:
+            mrml.removeNode(registered)
+        registered = mrml.volumeFromImage(result.baseline_registered, f"{baselineVolume.GetName()} (registered)")
+        registered.SetAttribute(REGISTERED_ATTRIBUTE, followupVolume.GetID())
+        report = {**result.report, "baseline": baselineVolume.GetName(), "followup": followupVolume.GetName()}
+        changeNode.SetAttribute(CHANGE_REPORT_ATTRIBUTE, json.dumps({k: v for k, v in report.items() if k != "lesions"}))
+        return changeNode, registered, report
+
+    @staticmethod
+    def _nodeMadeFor(attribute: str, volumeNode, className: str):
+        for node in slicer.util.getNodesByClass(className):
+            if node.GetAttribute(attribute) == volumeNode.GetID():
+                return node
+        return None
+
     @staticmethod
     def _referenceVolume(a, b, given):
         for candidate in (given, mrml.referenceVolumeOf(a), mrml.referenceVolumeOf(b)):
@@ -303,6 +351,9 @@ class DeepWMLCoreLogic:
         slices with lesion in the segmentation or the reference, in slice order, with LV and LV group,
         and Dice, sensitivity and precision where a reference was compared.
         """
+        if "change" in results:  # one row per lesion, in the follow-up's slices
+            rows = [{**lesion, "index": lesion["followup_slice"]} for lesion in results["change"]["lesions"]]
+            return ["index", "status", "volume_ml", "change_ml", "id"], rows
         if "consensus" in results:
             consensus = results["consensus"]
             order = {index: rank for rank, index in enumerate(consensus["worst_slices"])}
@@ -323,7 +374,8 @@ class DeepWMLCoreLogic:
         titles = {"index": "Slice", "area_mm2": "Area (mm²)", "lv_ml": "LV (ml)", "lv_group": "LV group",
                   "dice": "Dice", "sensitivity": "Sensitivity", "precision": "Precision",
                   "reference_area_mm2": "Reference area (mm²)", "area_a_mm2": "Area A (mm²)",
-                  "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)"}
+                  "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)", "status": "Change",
+                  "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion"}
         return ([titles[c] for c in columns], [[_text(record.get(c)) for c in columns] for record in records],
                 [record["index"] for record in records])
 
@@ -356,6 +408,14 @@ class DeepWMLCoreLogic:
         if worst:
             lines.append("Most discordant slices: " + ", ".join(str(index) for index in worst))
         return "\n".join(lines)
+
+    @staticmethod
+    def formatChange(report: dict) -> str:
+        from DeepWMLLib.change import format_summary
+
+        lines = format_summary(report.get("followup", "follow-up"), report).splitlines()
+        lines += [f"Warning: {warning}" for warning in report.get("warnings", [])]
+        return "\n".join(line.strip() for line in lines)
 
     def saveResults(self, results: dict, path) -> Path:
         """Save results shown in the GUI: .json holds everything, .csv the per-slice table."""
