@@ -142,7 +142,7 @@ def align(followup: sitk.Image, baseline: sitk.Image, seed: int = 1) -> Registra
     resampling direction), so `sitk.Resample(baseline, followup, transform)` puts the baseline on the
     follow-up's grid."""
     start = time.perf_counter()
-    fixed, moving = _float(followup), _float(baseline)
+    fixed, moving = _working(followup), _working(baseline)
     try:
         initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(),
                                                     sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -170,6 +170,18 @@ def align(followup: sitk.Image, baseline: sitk.Image, seed: int = 1) -> Registra
         correlation = float((a * b).sum() / denominator) if denominator > 0 else float("nan")
     return Registration(transform, correlation, float(method.GetMetricValue()),
                         int(method.GetOptimizerIteration()), time.perf_counter() - start)
+
+
+WORKING_MM = 1.0  # finer images are averaged down to about this before registration
+
+
+def _working(image: sitk.Image) -> sitk.Image:
+    """The image as float32, with voxels finer than WORKING_MM along an axis averaged in whole numbers
+    (0.5 mm pixels: 2 x 2), the same physical space: the fit needs no finer detail, and a 0.5 mm matrix
+    of 30 million voxels took 24 s and 1.4 GB to register at full size."""
+    factors = [max(1, int(WORKING_MM // s)) for s in image.GetSpacing()]
+    image = _float(image)
+    return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
 def _euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
