@@ -11,13 +11,18 @@ How (`lesion_change`):
    each follow-up lesion (a 3D 26-connected component) is
    - `new`: nothing of the baseline's within `tolerance_mm` of it: no voxel it marked, even in part,
      and (when its probability map is known) none whose probability reaches `presence`;
-   - `enlarging`: its volume exceeds the baseline lesion volume nearest to it (baseline voxels at
-     least half marked whose nearest follow-up lesion, within `tolerance_mm`, is this one) by
-     `enlarge_fraction` of that volume and by `enlarge_min_ml` at least;
+   - `enlarging`: its volume exceeds its baseline volume by `enlarge_fraction` of that volume and by
+     `enlarge_min_ml` at least. Its baseline volume: the baseline lesions it matches, each whole and
+     measured on the baseline's own grid (a baseline lesion matches the follow-up lesion nearest to
+     any of its voxels carried onto the follow-up's grid, within `tolerance_mm`; one that split
+     matches each part, two that merged add up); with only partly marked voxels there, the partial
+     volume carried over;
    - `stable`: otherwise present at baseline (shrunken lesions included);
    - `not assessable`: some of it lies outside the baseline's field of view, where nothing can be said.
 4. The other way round, on the baseline's grid, each baseline lesion wholly inside the follow-up's
-   field of view with nothing of the follow-up's within `tolerance_mm` (the same test) is `gone`.
+   field of view with nothing of the follow-up's within `tolerance_mm` (the same test) is `gone`; one
+   partly outside it with nothing of the follow-up's near it is `not assessable` (a warning says how
+   much lesion volume the follow-up did not cover).
 5. A new or gone lesion smaller than `min_change_ml` is `small new` or `small gone`: listed and drawn,
    not counted as a change (the segmentation's own flicker between two acquisitions is mostly there).
 
@@ -67,6 +72,7 @@ DEFAULT_PRESENCE = 0.15  # chosen by Testing/benchmarks/change_simulated.py's ru
 DEFAULT_MIN_CHANGE_ML = 0.02  # rule 2 of the same
 MIN_CORRELATION = 0.80
 MAX_MUTUAL_INFORMATION = -0.65  # Mattes' metric value: the negative mutual information
+MIN_SLICES = 4  # the registration's coarsest level shrinks 4 times
 MAX_INCONSISTENCY_MM = 2.0  # 95th percentile of `inverse_consistency` (same-patient pairs <= 0.17, others >= 3.6)
 
 LABELS = {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new", 7: "small gone"}
@@ -202,6 +208,13 @@ def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, li
     return sitk.GetArrayFromImage(out)
 
 
+def _resample_labels(labels: np.ndarray, image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Component numbers (numpy k, j, i on `image`'s grid) at `grid`'s voxel centres, nearest neighbour."""
+    source = sitk.GetImageFromArray(labels.astype(np.int32))
+    source.CopyInformation(image)
+    return sitk.GetArrayFromImage(sitk.Resample(source, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32))
+
+
 def _coverage(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """Which voxels of `grid` lie inside `image`'s field of view (its voxels' extent)."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
@@ -269,6 +282,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     if presence is not None and baseline_probabilities is not None:
         base_zone |= _resample(baseline_probabilities, followup_mask, transform) >= presence
     base_covers = _coverage(baseline_mask, followup_mask, transform)
+    base_labels, base_count = label_components(base)
+    base_volumes = np.bincount(base_labels.ravel(), minlength=base_count + 1)[1:] * base_ml  # each one's own ml
     labels, count = label_components(follow)
     out = np.zeros(follow.shape, np.uint8)
     rows = []
@@ -282,15 +297,25 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         ids = np.arange(1, count + 1)
         nearest_base = np.atleast_1d(ndimage.minimum(distance_zone, labels[box], ids))
         outside = np.atleast_1d(ndimage.sum(~base_covers[box], labels[box], ids)) > 0
-        # each baseline voxel (at least half marked) is given to its nearest follow-up lesion within tolerance
+        # A follow-up lesion's baseline volume: the baseline lesions (whole, each measured on its own grid)
+        # with a voxel, carried onto the follow-up's grid, whose nearest follow-up lesion within the
+        # tolerance is this one; where only partly marked voxels show there (no whole voxel), the
+        # carried partial volume instead.
         distance_follow, nearest = _distance_to(follow[box], spacing, return_indices=True)
         owner = labels[box][tuple(nearest)]
-        counted = (base_on_follow[box] >= 0.5) & (distance_follow <= tolerance_mm)
-        base_voxels = np.bincount(owner[counted], minlength=count + 1)[1:]
+        near = (base_on_follow[box] > 0) & (distance_follow <= tolerance_mm)
+        base_ids = _resample_labels(base_labels, baseline_mask, followup_mask, transform)[box]
+        pairs = np.unique(np.stack([owner[near & (base_ids > 0)], base_ids[near & (base_ids > 0)]]), axis=1)
+        before_ml = np.zeros(count + 1)
+        np.add.at(before_ml, pairs[0], base_volumes[pairs[1] - 1])
+        partial = np.bincount(owner[near], weights=base_on_follow[box][near], minlength=count + 1) * follow_ml
+        matched = np.zeros(count + 1, bool)
+        matched[pairs[0]] = True
+        before_ml = np.where(matched, before_ml, partial)[1:]
         sizes, centroids, ranges = _component_geometry(labels, count, followup_mask)
         status = np.full(count, 1, np.uint8)
         for n in range(count):
-            volume, before = sizes[n] * follow_ml, base_voxels[n] * follow_ml
+            volume, before = sizes[n] * follow_ml, before_ml[n]
             if outside[n]:
                 status[n] = 4
             elif nearest_base[n] > tolerance_mm:
@@ -302,7 +327,7 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         for n in np.argsort(-sizes, kind="stable"):
             volume = float(sizes[n] * follow_ml)
             assessed = status[n] != 4
-            before = float(base_voxels[n] * follow_ml) if status[n] in (1, 3) else (0.0 if status[n] in (2, 6) else None)
+            before = float(before_ml[n]) if status[n] in (1, 3) else (0.0 if status[n] in (2, 6) else None)
             rows.append({
                 "status": LABELS[int(status[n])], "scan": "follow-up", "volume_ml": round(volume, 6),
                 "baseline_ml": None if before is None else round(before, 6),
@@ -311,8 +336,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                 "slice_range": [int(v) for v in ranges[n]],
             })
 
-    # Baseline lesions against the follow-up carried onto the baseline grid: the gone ones.
-    base_labels, base_count = label_components(base)
+    # Baseline lesions against the follow-up carried onto the baseline grid: the gone ones, and those
+    # (partly) outside the follow-up's field of view that left no trace inside it.
     if base_count:
         follow_zone = _resample(sitk.Cast(followup_mask > 0, sitk.sitkUInt8), baseline_mask, inverse) > 0
         if presence is not None and followup_probabilities is not None:
@@ -328,24 +353,24 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                                                        base_labels[box], ids))
         uncovered = np.atleast_1d(ndimage.sum(~follow_covers[box], base_labels[box], ids)) > 0
         gone = (nearest_follow > tolerance_mm) & ~uncovered
-        if gone.any():
-            sizes, _, ranges = _component_geometry(base_labels, base_count, baseline_mask)
+        unseen = (nearest_follow > tolerance_mm) & uncovered  # not assessable: outside the follow-up's view
+        if gone.any() or unseen.any():
+            sizes, base_centroids, ranges = _component_geometry(base_labels, base_count, baseline_mask)
             small = sizes * base_ml < min_change_ml
             for value, which in ((5, gone & ~small), (7, gone & small)):
                 gone_mask = np.concatenate([[False], which])[base_labels].astype(np.uint8)
                 carried = _resample(io.like_image(gone_mask, baseline_mask), followup_mask, transform) >= 0.5
                 out[carried & (out == 0)] = value
-            # a gone lesion's position, said in the follow-up's space (where the picture and label map are)
-            base_geometry = _component_geometry(base_labels, base_count, baseline_mask)[1]
+            # a baseline lesion's position, said in the follow-up's space (where the picture and label map are)
             for n in np.argsort(-sizes, kind="stable"):
-                if not gone[n]:
+                if not (gone[n] or unseen[n]):
                     continue
-                where = inverse.TransformPoint(tuple(float(v) for v in base_geometry[n]))
+                where = inverse.TransformPoint(tuple(float(v) for v in base_centroids[n]))
+                volume = float(sizes[n] * base_ml)
                 rows.append({
-                    "status": "small gone" if small[n] else "gone", "scan": "baseline",
-                    "volume_ml": round(float(sizes[n] * base_ml), 6),
-                    "baseline_ml": round(float(sizes[n] * base_ml), 6),
-                    "change_ml": round(-float(sizes[n] * base_ml), 6),
+                    "status": "not assessable" if unseen[n] else "small gone" if small[n] else "gone",
+                    "scan": "baseline", "volume_ml": round(volume, 6), "baseline_ml": round(volume, 6),
+                    "change_ml": None if unseen[n] else round(-volume, 6),
                     "centroid_mm": [round(float(v), 2) for v in where],
                     "slice_range": [int(v) for v in ranges[n]],  # the baseline's slice indices
                 })
@@ -388,6 +413,15 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     return {"median_mm": round(float(np.median(errors)), 3), "p95_mm": round(float(np.percentile(errors, 95)), 3)}
 
 
+def check_scans(baseline: sitk.Image, followup: sitk.Image) -> None:
+    """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register)."""
+    for image, what in ((baseline, "the baseline FLAIR"), (followup, "the follow-up FLAIR")):
+        io.check_volume(image, what)
+        if min(image.GetSize()) < MIN_SLICES:
+            raise DeepWMLError(f"{what} has only {min(image.GetSize())} voxels along one axis; comparing two scans "
+                               f"needs volumes of at least {MIN_SLICES} slices")
+
+
 def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sitk.Image, followup_mask: sitk.Image,
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, enlarge_fraction: float = DEFAULT_ENLARGE_FRACTION,
                   enlarge_min_ml: float = DEFAULT_ENLARGE_MIN_ML, baseline_probabilities: sitk.Image | None = None,
@@ -397,8 +431,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
     reordered). With `check`, the registration is also run the other way round and the two compared
     (`inverse_consistency`; twice the registration time)."""
-    for image, what in ((baseline, "the baseline FLAIR"), (followup, "the follow-up FLAIR")):
-        io.check_volume(image, what)
+    check_scans(baseline, followup)
     baseline_mask = io.align_voxel_order(baseline_mask, baseline)
     followup_mask = io.align_voxel_order(followup_mask, followup)
     io.check_same_grid(baseline_mask, baseline, "the baseline mask", "the baseline FLAIR")
@@ -417,6 +450,11 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     for name, mask in (("baseline", baseline_mask), ("followup", followup_mask)):
         volume[name] = float(np.count_nonzero(voxels(mask))) * float(np.prod(mask.GetSpacing())) / 1000.0
     warnings = []
+    unseen = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "baseline"]
+    if unseen:
+        warnings.append(
+            f"{sum(r['volume_ml'] for r in unseen):.2f} ml of the baseline's lesions ({len(unseen)}) lie partly or wholly "
+            "outside the follow-up's field of view (listed as not assessable): the two loads cover different extents")
     facts = registration.facts()
     if check:
         facts["inverse_consistency"] = inverse_consistency(registration, align(baseline, followup), followup)
@@ -438,7 +476,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
         row["followup_slice"] = int(min(max(round(index), 0), followup.GetSize()[axis] - 1))
     registered = sitk.Resample(baseline, followup, registration.transform, sitk.sitkLinear, 0.0,
                                baseline.GetPixelID())
-    labels_image = sitk.Cast(io.like_image(labels, followup_mask), sitk.sitkUInt8)
+    labels_image = sitk.Cast(io.like_image(labels, followup), sitk.sitkUInt8)  # the follow-up's own header
     report = {
         **_summary(rows, volume["baseline"], volume["followup"]),
         "tolerance_mm": tolerance_mm,
@@ -478,6 +516,14 @@ def output_paths(out_dir: Path, case: str, extension: str, baseline_extension: s
         paths["qc"] = out_dir / f"{case}_change_qc.png"
     paths["report"] = out_dir / f"{case}_change.json"
     return paths
+
+
+def _earlier_outputs(out_dir: Path, case: str) -> list[Path]:
+    """The files an earlier `deepwml change` run for `case` left in `out_dir`, whatever its output format."""
+    found = []
+    for extension in (".nii.gz", ".nrrd", ".mha"):
+        found += [p for p in output_paths(out_dir, case, extension, extension, (True, True), True).values() if p.is_file()]
+    return sorted(set(found))
 
 
 def lesions_csv(rows: list[dict]) -> str:
@@ -639,14 +685,15 @@ def _run(args) -> int:
     if args.case is not None and (not args.case.strip() or args.case in (".", "..") or any(c in args.case for c in "/\\")):
         raise UsageError(f"--case {args.case!r} must be a plain file name (no folders)")
     case = args.case or io.case_name(args.followup)
+    baseline, followup = (io.read_image(path) for path in (args.baseline, args.followup))
+    check_scans(baseline, followup)
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(args.followup, args.output_format)
     paths = output_paths(out, case, extension, io.output_extension(args.baseline, args.output_format),
                          (not given[0], not given[1]), args.qc)
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise DeepWMLError(f"outputs exist ({', '.join(existing)}); use --overwrite to replace them")
-    baseline, followup = (io.read_image(path) for path in (args.baseline, args.followup))
+    earlier = _earlier_outputs(out, case)  # in any image format, optional ones included
+    if earlier and not args.overwrite:
+        raise DeepWMLError(f"outputs exist ({', '.join(p.name for p in earlier)}); use --overwrite to replace them")
     mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup)
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
@@ -655,6 +702,8 @@ def _run(args) -> int:
     report = {"case": case, "baseline": str(args.baseline), "followup": str(args.followup), **result.report,
               "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
+    for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
+        stale.unlink()
     io.write_image(result.labels, paths["labels"])
     io.write_label_segmentation(result.labels, paths["segmentation"],
                                 [(value, name, COLOURS[value]) for value, name in LABELS.items()])
@@ -668,12 +717,6 @@ def _run(args) -> int:
     if picture is not None:
         io.write_bytes(picture, paths["qc"])
     io.write_text(json.dumps(report, indent=1), paths["report"])
-    if args.overwrite:  # an earlier run's optional outputs that this one did not write would not match it
-        every = output_paths(out, case, extension, io.output_extension(args.baseline, args.output_format),
-                             (True, True), True)
-        for key, stale in every.items():
-            if key not in paths and stale.is_file():
-                stale.unlink()
     print(format_summary(case, report))
     for warning in report["warnings"]:
         print(f"{case}: warning: {warning}", file=sys.stderr)

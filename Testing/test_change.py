@@ -279,3 +279,54 @@ def test_scans_of_different_heads_are_warned_about(pair):
     report = change.lesion_change(other, pair["followup"][0], empty, pair["followup"][1]).report
     assert any("different heads" in w for w in report["warnings"])
     assert report["n_new"] + report["n_not_assessable"] == 4  # nothing at baseline: every lesion new or unassessable
+
+
+def test_roles_reversed_a_baseline_lesion_outside_the_follow_ups_view_is_not_assessable(pair):
+    """The phantom read backwards (the follow-up as the earlier scan): what was new is gone, what was
+    gone is new, the lesion above the other scan's last slice is a baseline lesion nobody can judge."""
+    report = change.lesion_change(pair["followup"][0], pair["baseline"][0], pair["followup"][1],
+                                  pair["baseline"][1], check=False).report
+    groups = by_status(report["lesions"])
+    assert {k: len(v) for k, v in groups.items()} == {"stable": 2, "new": 1, "gone": 1, "not assessable": 1}
+    assert groups["not assessable"][0]["scan"] == "baseline" and groups["not assessable"][0]["change_ml"] is None
+    assert any("outside the follow-up's field of view" in w for w in report["warnings"])
+
+
+def test_a_lesion_that_did_not_change_keeps_its_own_baseline_volume(pair):
+    """Baseline volume of the stable lesion: the whole baseline lesion measured on the baseline's own
+    4 mm grid, not what survives of it on the follow-up's 3 mm grid."""
+    rows = change.classify(pair["followup"][1], pair["baseline"][1], pair["registration"].transform)[1]
+    stable = by_status(rows)["stable"][0]
+    base = sitk.GetArrayViewFromImage(pair["baseline"][1])
+    labels, count = change.label_components(base > 0)
+    own = [np.count_nonzero(labels == n) * np.prod(pair["baseline"][1].GetSpacing()) / 1000 for n in range(1, count + 1)]
+    assert any(stable["baseline_ml"] == pytest.approx(v, rel=1e-6) for v in own)
+
+
+def test_outputs_carry_the_follow_ups_own_header_and_reruns_leave_nothing_stale(pair, tmp_path, capsys):
+    files = pair["files"]
+    followup_nrrd = tmp_path / "fu.nrrd"
+    sitk.WriteImage(pair["followup"][0], str(followup_nrrd))  # a NIfTI mask beside it differs by ~1e-6 mm
+    out = tmp_path / "out"
+    base = ["change", str(files["baseline"]), str(followup_nrrd), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(base) == 0
+    labels = sitk.ReadImage(str(out / "fu_change.nrrd"))
+    reference = sitk.ReadImage(str(followup_nrrd))
+    assert np.allclose(labels.GetOrigin(), reference.GetOrigin(), rtol=0, atol=1e-9)
+    assert np.allclose(labels.GetDirection(), reference.GetDirection(), rtol=0, atol=1e-12)
+    sitk.Mask(reference, labels > 0)  # SimpleITK's own test of one physical space (it raised with the mask's header)
+    assert main(base + ["--overwrite", "--output-format", "nii.gz"]) == 0  # the .nrrd outputs of the first run go
+    assert not list(out.glob("*.nrrd")) or sorted(p.name for p in out.glob("*.nrrd")) == ["fu_change.seg.nrrd"]
+    assert main(base) == 1 and "outputs exist" in capsys.readouterr().err
+
+
+def test_too_few_slices_and_a_missing_input_are_refused_before_any_output(pair, tmp_path, capsys):
+    files = pair["files"]
+    thin = pair["followup"][0][:, :, 20:23]
+    sitk.WriteImage(thin, str(tmp_path / "thin.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(tmp_path / "thin.nii.gz"), "-o", str(out)]) == 1
+    assert "at least 4 slices" in capsys.readouterr().err
+    assert main(["change", str(files["baseline"]), str(tmp_path / "missing.nii.gz"), "-o", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
