@@ -403,8 +403,7 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     `forward` and back by `backward` (the registration run the other way round): median and 95th
     percentile in mm over every `every`-th head voxel. Two registrations that found the same
     alignment agree to a small fraction of a millimetre; when they disagree, at least one is wrong."""
-    array = np.asarray(sitk.GetArrayViewFromImage(followup), float)
-    index = np.argwhere(_head_values(array))[::every]
+    index = np.argwhere(_head_values(sitk.GetArrayViewFromImage(followup)))[::every]
     if index.size == 0:
         return {"median_mm": float("nan"), "p95_mm": float("nan")}
     points = np.stack([index[:, 2], index[:, 1], index[:, 0], np.ones(len(index))], axis=1) @ io.ijk_to_lps(followup)[:3].T
@@ -556,7 +555,7 @@ def format_summary(case: str, report: dict) -> str:
         lines.append(f"  not counted, under {report['min_change_ml']:g} ml: {report['n_small_new']} small new, "
                      f"{report['n_small_gone']} small gone")
     if report["n_not_assessable"]:
-        lines.append(f"  not assessable (partly outside the baseline's field of view): "
+        lines.append(f"  not assessable (partly outside the other scan's field of view): "
                      f"{lesions(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
     consistency = registration.get("inverse_consistency")
     lines.append(
@@ -588,15 +587,13 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image) -> tuple:
     models (with progress)."""
     masks, maps, source = {}, {}, {}
     needed = [name for name, given in (("baseline", args.baseline_mask), ("follow-up", args.followup_mask)) if not given]
-    models = brain = None
     if needed:
         from .segment import ProgressBar, load_brain_model, load_models, segment_image
 
         models = load_models(args.model)
         brain = load_brain_model(None if args.no_brain_mask else "default")
         bar = ProgressBar()
-    for number, (name, given, image) in enumerate((("baseline", args.baseline_mask, baseline),
-                                                   ("follow-up", args.followup_mask, followup))):
+    for name, given, image in (("baseline", args.baseline_mask, baseline), ("follow-up", args.followup_mask, followup)):
         if given:
             masks[name] = io.read_mask(given, image)
             maps[name] = None
