@@ -397,3 +397,28 @@ def test_lesion_change_between_two_volume_nodes(scene):
         logic.lesionChange(followup, follow_seg, followup, follow_seg)
     with pytest.raises(DeepWMLError, match="segment the earlier scan first"):
         logic.lesionChange(baseline, None, followup, follow_seg)
+
+
+def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, tmp_path):
+    """README: Slicer applies CASE_baseline_to_followup.tfm to the baseline volume as it is. Slicer's
+    transform storage node reads the ITK file; a baseline point moved by it lands on the follow-up point
+    that shows the same anatomy."""
+    import vtk
+    from test_change import change_pair_images
+
+    from DeepWMLLib import change
+
+    (base_flair, _), (follow_flair, _) = change_pair_images()
+    transform = change.align(follow_flair, base_flair).transform
+    sitk.WriteTransform(transform, str(tmp_path / "t.tfm"))
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    storage.SetFileName(str(tmp_path / "t.tfm"))
+    assert storage.ReadData(node)
+    matrix = vtk.vtkMatrix4x4()
+    node.GetMatrixTransformToParent(matrix)
+    to_parent = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+    for follow_lps in ([10.0, -20.0, 5.0], [-40.0, 30.0, -25.0]):
+        base_lps = transform.TransformPoint(tuple(follow_lps))
+        moved_ras = to_parent @ np.array([-base_lps[0], -base_lps[1], base_lps[2], 1.0])
+        np.testing.assert_allclose(moved_ras[:3], [-follow_lps[0], -follow_lps[1], follow_lps[2]], atol=1e-6)
