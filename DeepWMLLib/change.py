@@ -52,6 +52,7 @@ import csv
 import io as _stringio
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, io
-from .errors import DeepWMLError, UsageError
+from .errors import Cancelled, DeepWMLError, UsageError
 from .postprocessing import label_components
 from .volume import voxels
 
@@ -581,27 +582,29 @@ def change_picture(followup: sitk.Image, labels: sitk.Image, title: str | None =
     return png_bytes(render_labels(followup, labels, colours, legend, title))
 
 
-def _masks_for(args, baseline: sitk.Image, followup: sitk.Image) -> tuple:
+def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict) -> tuple:
     """(baseline mask, follow-up mask, baseline probabilities, follow-up probabilities, their sources): a
-    mask is read when given (no probabilities then), else the scan is segmented here with the chosen
-    models (with progress)."""
+    mask is read when its path is given (no probabilities then), else the scan is segmented here with
+    the chosen models (loaded once into `loaded` for a whole cohort; with progress)."""
     masks, maps, source = {}, {}, {}
-    needed = [name for name, given in (("baseline", args.baseline_mask), ("follow-up", args.followup_mask)) if not given]
-    if needed:
-        from .segment import ProgressBar, load_brain_model, load_models, segment_image
+    needed = [name for name, given in zip(("baseline", "follow-up"), mask_paths) if not given]
+    if needed and "models" not in loaded:
+        from .segment import load_brain_model, load_models
 
-        models = load_models(args.model)
-        brain = load_brain_model(None if args.no_brain_mask else "default")
-        bar = ProgressBar()
-    for name, given, image in (("baseline", args.baseline_mask, baseline), ("follow-up", args.followup_mask, followup)):
+        loaded["models"] = load_models(args.model)
+        loaded["brain"] = load_brain_model(None if args.no_brain_mask else "default")
+    for name, given, image in zip(("baseline", "follow-up"), mask_paths, (baseline, followup)):
         if given:
             masks[name] = io.read_mask(given, image)
             maps[name] = None
             source[name] = {"mask": str(given)}
             continue
+        from .segment import ProgressBar, segment_image
+
+        bar = ProgressBar()
         update = bar(needed.index(name) + 1, len(needed), f"segmenting the {name}")
-        result = segment_image(image, models, args.device, args.threshold, backend=args.backend,
-                               brain_model=brain, progress=update, precision=args.precision)
+        result = segment_image(image, loaded["models"], args.device, args.threshold, backend=args.backend,
+                               brain_model=loaded["brain"], progress=update, precision=args.precision)
         bar.finish({"case": f"the {name}", "status": "ok", **result.report})
         masks[name] = result.mask
         maps[name] = result.probabilities
@@ -619,8 +622,12 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
                     "registered rigidly to the follow-up, each scan is segmented (or its mask given), and every "
                     "follow-up lesion is called new, enlarging, stable or not assessable, every baseline lesion "
                     "that left no trace gone. Outputs lie on the follow-up's grid.")
-    p.add_argument("baseline", metavar="BASELINE", help="the earlier FLAIR (file or DICOM folder)")
-    p.add_argument("followup", metavar="FOLLOWUP", help="the later FLAIR (file or DICOM folder)")
+    p.add_argument("baseline", metavar="BASELINE", nargs="?", help="the earlier FLAIR (file or DICOM folder)")
+    p.add_argument("followup", metavar="FOLLOWUP", nargs="?", help="the later FLAIR (file or DICOM folder)")
+    p.add_argument("--manifest", metavar="CSV", help="many pairs: a CSV with columns case, baseline, followup "
+                   "[, baseline_mask, followup_mask] (paths relative to its folder); each pair's outputs go to OUTDIR "
+                   "under its case name, one row per pair to OUTDIR/change_summary.csv; a failing pair is recorded "
+                   "and the others still run")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--case", help="the name of the outputs (default: the follow-up's file name)")
     p.add_argument("--baseline-mask", metavar="MASK", help="the baseline's lesion mask on its grid (any non-zero "
@@ -670,10 +677,21 @@ def _presence(text: str) -> str:
     return text
 
 
+SUMMARY_COLUMNS = ("case", "status", "error", "baseline_volume_ml", "followup_volume_ml", "volume_change_ml",
+                   "n_new", "new_ml", "n_enlarging", "enlarging_growth_ml", "n_stable", "n_gone", "gone_ml",
+                   "n_small_new", "n_small_gone", "n_not_assessable", "correlation", "warnings", "seconds")
+
+
 def _run(args) -> int:
-    start = time.perf_counter()
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UsageError("--threshold must be between 0 and 1 (exclusive)")
+    if args.manifest:
+        if args.baseline or args.followup or args.case or args.baseline_mask or args.followup_mask:
+            raise UsageError("--manifest lists the pairs; leave out BASELINE, FOLLOWUP, --case and the mask options "
+                             "(baseline_mask and followup_mask columns give masks)")
+        return _run_cohort(args)
+    if not (args.baseline and args.followup):
+        raise UsageError("give BASELINE and FOLLOWUP (the earlier scan first), or --manifest for many pairs")
     given = bool(args.baseline_mask), bool(args.followup_mask)
     if all(given) and (args.model or args.threshold is not None or args.no_brain_mask):
         raise UsageError("--model, --threshold and --no-brain-mask segment a scan; with both masks given nothing is segmented")
@@ -682,21 +700,84 @@ def _run(args) -> int:
     if args.case is not None and (not args.case.strip() or args.case in (".", "..") or any(c in args.case for c in "/\\")):
         raise UsageError(f"--case {args.case!r} must be a plain file name (no folders)")
     case = args.case or io.case_name(args.followup)
-    baseline, followup = (io.read_image(path) for path in (args.baseline, args.followup))
+    report = run_case(args, case, args.baseline, args.followup, (args.baseline_mask, args.followup_mask), {})
+    print(format_summary(case, report))
+    for warning in report["warnings"]:
+        print(f"{case}: warning: {warning}", file=sys.stderr)
+    print(f"outputs in {args.output_dir} ({report['seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _run_cohort(args) -> int:
+    from .evaluation import case_error, read_manifest, report_failed_cases
+
+    entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
+                            ("baseline", "followup", "baseline_mask", "followup_mask"))
+    out = io.make_output_dir(args.output_dir)
+    loaded, rows, failed = {}, [], []
+    for number, entry in enumerate(entries, start=1):
+        start = time.perf_counter()
+        case = re.sub(r"[^\w.-]+", "_", entry["case"]).strip(".") or "case"  # a plain file name
+        print(f"[{number}/{len(entries)}] {entry['case']}", file=sys.stderr)
+        earlier = _earlier_outputs(out, case)
+        if earlier and not args.overwrite and (out / f"{case}_change.json").is_file():  # done before: resumable
+            rows.append({"case": entry["case"], "status": "skipped", "error": "outputs exist (use --overwrite to redo)"})
+            print(f"{entry['case']}: skipped, its outputs exist", file=sys.stderr)
+            continue
+        try:
+            if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
+                raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(p.name for p in earlier)}; "
+                                   "no report); rerun with --overwrite to replace them")
+            if Path(entry["baseline"]).resolve() == Path(entry["followup"]).resolve():
+                raise DeepWMLError("baseline and followup are the same file")
+            report = run_case(args, case, entry["baseline"], entry["followup"],
+                              (entry.get("baseline_mask") or None, entry.get("followup_mask") or None), loaded)
+        except Cancelled:
+            raise
+        except Exception as exc:  # one bad pair never stops the others
+            failed.append({"case": entry["case"], "error": case_error(exc)})
+            rows.append({"case": entry["case"], "status": "error", "error": failed[-1]["error"],
+                         "seconds": round(time.perf_counter() - start, 3)})
+            print(f"{entry['case']}: FAILED ({failed[-1]['error']})", file=sys.stderr)
+            continue
+        rows.append({**{k: report.get(k) for k in SUMMARY_COLUMNS}, "case": entry["case"], "status": "ok", "error": "",
+                     "correlation": report["registration"]["correlation"], "warnings": " | ".join(report["warnings"])})
+        print(format_summary(entry["case"], report))
+        for warning in report["warnings"]:
+            print(f"{entry['case']}: warning: {warning}", file=sys.stderr)
+    buffer = _stringio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
+    io.write_text(buffer.getvalue(), out / "change_summary.csv")
+    done = sum(r["status"] == "ok" for r in rows)
+    print(f"{done}/{len(rows)} pairs done ({len(failed)} failed, {len(rows) - done - len(failed)} skipped), summary in "
+          f"{out / 'change_summary.csv'}", file=sys.stderr)
+    return report_failed_cases(failed, "failed")
+
+
+def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:
+    """One pair, end to end: read, check, segment what has no mask, compare, write every output (the
+    report last); returns the report. `loaded` keeps the models between the pairs of a cohort."""
+    start = time.perf_counter()
+    given = bool(mask_paths[0]), bool(mask_paths[1])
+    baseline, followup = (io.read_image(path) for path in (baseline_path, followup_path))
     check_scans(baseline, followup)
     out = io.make_output_dir(args.output_dir)
-    extension = io.output_extension(args.followup, args.output_format)
-    paths = output_paths(out, case, extension, io.output_extension(args.baseline, args.output_format),
+    extension = io.output_extension(followup_path, args.output_format)
+    paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),
                          (not given[0], not given[1]), args.qc)
     earlier = _earlier_outputs(out, case)  # in any image format, optional ones included
     if earlier and not args.overwrite:
         raise DeepWMLError(f"outputs exist ({', '.join(p.name for p in earlier)}); use --overwrite to replace them")
-    mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup)
+    mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup,
+                                                                                  mask_paths, loaded)
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
                            None if args.presence == "off" else float(args.presence), args.min_change_ml)
-    report = {"case": case, "baseline": str(args.baseline), "followup": str(args.followup), **result.report,
+    report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **result.report,
               "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
@@ -714,8 +795,4 @@ def _run(args) -> int:
     if picture is not None:
         io.write_bytes(picture, paths["qc"])
     io.write_text(json.dumps(report, indent=1), paths["report"])
-    print(format_summary(case, report))
-    for warning in report["warnings"]:
-        print(f"{case}: warning: {warning}", file=sys.stderr)
-    print(f"outputs in {out} ({report['seconds']:.1f} s)", file=sys.stderr)
-    return 0
+    return report

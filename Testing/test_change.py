@@ -10,6 +10,7 @@ field of view (not assessable).
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -330,3 +331,30 @@ def test_too_few_slices_and_a_missing_input_are_refused_before_any_output(pair, 
     assert "at least 4 slices" in capsys.readouterr().err
     assert main(["change", str(files["baseline"]), str(tmp_path / "missing.nii.gz"), "-o", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
+    files = pair["files"]
+    other_grid = tmp_path / "other.nii.gz"
+    sitk.WriteImage(pair["baseline"][1], str(other_grid))
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1/visit2,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n"
+                        f"p2,missing.nii.gz,{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n"
+                        f"p3,{files['baseline']},{files['followup']},{files['baseline_mask']},{other_grid}\n",
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 1  # two pairs failed, one done
+    err = capsys.readouterr().err
+    assert "2 case(s) failed" in err and "does not exist" in err and "grid" in err
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8")))
+    assert [(r["case"], r["status"]) for r in rows] == [("p1/visit2", "ok"), ("p2", "error"), ("p3", "error")]
+    assert rows[0]["n_new"] == "1" and rows[0]["n_gone"] == "1"
+    assert (out / "p1_visit2_change.json").is_file()  # a plain file name; nothing outside OUTDIR
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("p3")) == []  # refused before writing
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1/visit2,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
+                        encoding="utf-8")
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0  # done before: skipped
+    assert "skipped" in capsys.readouterr().err
+    assert main(["change", str(files["baseline"]), "--manifest", str(manifest), "-o", str(out)]) == 2
