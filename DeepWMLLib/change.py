@@ -714,11 +714,18 @@ def _run_cohort(args) -> int:
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
     out = io.make_output_dir(args.output_dir)
-    loaded, rows, failed = {}, [], []
+    loaded, rows, failed, names = {}, [], [], {}
     for number, entry in enumerate(entries, start=1):
         start = time.perf_counter()
         case = re.sub(r"[^\w.-]+", "_", entry["case"]).strip(".") or "case"  # a plain file name
         print(f"[{number}/{len(entries)}] {entry['case']}", file=sys.stderr)
+        if case in names:  # "a/b" and "a_b" would write the same files
+            failed.append({"case": entry["case"], "error": f"its outputs would be named {case}_*, as case "
+                                                            f"{names[case]!r}'s are; rename one of them"})
+            rows.append({"case": entry["case"], "status": "error", "error": failed[-1]["error"]})
+            print(f"{entry['case']}: FAILED ({failed[-1]['error']})", file=sys.stderr)
+            continue
+        names[case] = entry["case"]
         earlier = _earlier_outputs(out, case)
         if earlier and not args.overwrite and (out / f"{case}_change.json").is_file():  # done before: resumable
             rows.append({"case": entry["case"], "status": "skipped", "error": "outputs exist (use --overwrite to redo)"})

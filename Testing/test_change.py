@@ -358,3 +358,11 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0  # done before: skipped
     assert "skipped" in capsys.readouterr().err
     assert main(["change", str(files["baseline"]), "--manifest", str(manifest), "-o", str(out)]) == 2
+    capsys.readouterr()
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n" + "".join(
+        f"{name},{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n"
+        for name in ("q/1", "q_1")), encoding="utf-8")  # one file name for two cases: the second is refused
+    assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "out2")]) == 1
+    assert "would be named q_1_*" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "out2" / "change_summary.csv", encoding="utf-8")))
+    assert [(r["case"], r["status"]) for r in rows] == [("q/1", "ok"), ("q_1", "error")]
