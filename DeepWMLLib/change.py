@@ -727,11 +727,20 @@ def _run_cohort(args) -> int:
             continue
         names[case] = entry["case"]
         earlier = _earlier_outputs(out, case)
-        if earlier and not args.overwrite and (out / f"{case}_change.json").is_file():  # done before: resumable
-            rows.append({"case": entry["case"], "status": "skipped", "error": "outputs exist (use --overwrite to redo)"})
-            print(f"{entry['case']}: skipped, its outputs exist", file=sys.stderr)
-            continue
+        report_path = out / f"{case}_change.json"
         try:
+            if earlier and not args.overwrite and report_path.is_file():  # done before: resumable, if it is this pair
+                done = json.loads(report_path.read_text(encoding="utf-8"))
+                same = all(Path(str(done.get(key, ""))).resolve() == Path(entry[key]).resolve()
+                           for key in ("baseline", "followup"))
+                if not same:
+                    raise DeepWMLError(f"{report_path.name} holds another pair ({done.get('baseline')} -> "
+                                       f"{done.get('followup')}); rename the case or use --overwrite")
+                rows.append({**_summary_row(entry["case"], done), "status": "skipped",
+                             "error": "done before (use --overwrite to redo)"})
+                print(f"{entry['case']}: skipped, done before", file=sys.stderr)
+                _write_summary(rows, out)
+                continue
             if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
                 raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(p.name for p in earlier)}; "
                                    "no report); rerun with --overwrite to replace them")
@@ -747,21 +756,31 @@ def _run_cohort(args) -> int:
                          "seconds": round(time.perf_counter() - start, 3)})
             print(f"{entry['case']}: FAILED ({failed[-1]['error']})", file=sys.stderr)
             continue
-        rows.append({**{k: report.get(k) for k in SUMMARY_COLUMNS}, "case": entry["case"], "status": "ok", "error": "",
-                     "correlation": report["registration"]["correlation"], "warnings": " | ".join(report["warnings"])})
+        rows.append({**_summary_row(entry["case"], report), "status": "ok", "error": ""})
         print(format_summary(entry["case"], report))
         for warning in report["warnings"]:
             print(f"{entry['case']}: warning: {warning}", file=sys.stderr)
+        _write_summary(rows, out)  # after every pair: an interrupted cohort keeps what it did
+    _write_summary(rows, out)
+    done = sum(r["status"] == "ok" for r in rows)
+    print(f"{done}/{len(rows)} pairs done ({len(failed)} failed, {len(rows) - done - len(failed)} skipped), summary in "
+          f"{out / 'change_summary.csv'}", file=sys.stderr)
+    return report_failed_cases(failed, "failed")
+
+
+def _summary_row(case: str, report: dict) -> dict:
+    return {**{k: report.get(k) for k in SUMMARY_COLUMNS}, "case": case,
+            "correlation": report.get("registration", {}).get("correlation"),
+            "warnings": " | ".join(report.get("warnings", []))}
+
+
+def _write_summary(rows: list[dict], out: Path) -> None:
     buffer = _stringio.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
     io.write_text(buffer.getvalue(), out / "change_summary.csv")
-    done = sum(r["status"] == "ok" for r in rows)
-    print(f"{done}/{len(rows)} pairs done ({len(failed)} failed, {len(rows) - done - len(failed)} skipped), summary in "
-          f"{out / 'change_summary.csv'}", file=sys.stderr)
-    return report_failed_cases(failed, "failed")
 
 
 def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:

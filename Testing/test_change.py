@@ -357,6 +357,13 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
                         encoding="utf-8")
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0  # done before: skipped
     assert "skipped" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8")))
+    assert rows[0]["status"] == "skipped" and rows[0]["n_new"] == "1"  # its figures kept from its report
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"  # the same name, another pair
+                        f"p1/visit2,{files['followup']},{files['baseline']},{files['followup_mask']},{files['baseline_mask']}\n",
+                        encoding="utf-8")
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 1
+    assert "holds another pair" in capsys.readouterr().err
     assert main(["change", str(files["baseline"]), "--manifest", str(manifest), "-o", str(out)]) == 2
     capsys.readouterr()
     manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n" + "".join(

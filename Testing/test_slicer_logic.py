@@ -382,7 +382,7 @@ def test_lesion_change_between_two_volume_nodes(scene):
     for value, name in change.LABELS.items():  # each segment, exported on the follow-up's grid, is that call's voxels
         exported = sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, followup, segmentation.GetSegmentIdBySegmentName(name)))
         assert np.array_equal(exported > 0, labels == value), name
-    assert registered.GetName() == "FLAIR 2024 (registered)"
+    assert registered.GetName() == "FLAIR 2024 (registered to FLAIR 2026)"
     assert np.allclose(slicer.util.arrayFromVolume(registered), sitk.GetArrayFromImage(expected.baseline_registered))
     assert json.loads(node.GetAttribute("DeepWML.change"))["n_new"] == 1
     headers, rows, slices = logic.sliceTable({"change": report})
@@ -390,9 +390,12 @@ def test_lesion_change_between_two_volume_nodes(scene):
     assert all(0 <= s < followup.GetImageData().GetDimensions()[2] for s in slices)
     text = logic.formatChange(report)
     assert "new: 1 lesion" in text and "gone: 1 lesion" in text
+    assert report["warnings"] == []
     again, registered_again, _ = logic.lesionChange(baseline, base_seg, followup, follow_seg)
-    assert again is node and len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 3
-    assert registered.GetScene() is None and registered_again.GetScene() is not None  # replaced, not piled up
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 3  # replaced, not piled up
+    assert node.GetScene() is None and registered.GetScene() is None and registered_again.GetScene() is not None
+    _, _, swapped = logic.lesionChange(baseline, follow_seg, followup, follow_seg)  # the follow-up's as the baseline's
+    assert any("was drawn on 'FLAIR 2026', not on 'FLAIR 2024'" in w for w in swapped["warnings"])
     with pytest.raises(DeepWMLError, match="same volume"):
         logic.lesionChange(followup, follow_seg, followup, follow_seg)
     with pytest.raises(DeepWMLError, match="segment the earlier scan first"):

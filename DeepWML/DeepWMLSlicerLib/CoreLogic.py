@@ -287,7 +287,8 @@ class DeepWMLCoreLogic:
         (`DeepWMLLib.change`): each segmentation is taken on its own volume's grid, the baseline is
         registered rigidly to the follow-up. Returns (the change segmentation on the follow-up's grid, one
         segment per call; the baseline volume resampled onto the follow-up's grid; the report). Run again
-        for the same follow-up, both nodes are reused."""
+        for the same follow-up, both nodes are replaced. Both are made in world coordinates, where the
+        volumes are displayed (transforms included), under no transform."""
         self.ensureDependencies(torch=False)
         from DeepWMLLib import change
 
@@ -302,20 +303,25 @@ class DeepWMLCoreLogic:
             mrml.maskFromNode(baselineSegmentation, baselineVolume), mrml.maskFromNode(followupSegmentation, followupVolume))
         import SimpleITK as sitk
 
-        changeNode = self._nodeMadeFor(CHANGE_ATTRIBUTE, followupVolume, "vtkMRMLSegmentationNode")
-        if changeNode is None:
-            changeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{followupVolume.GetName()} change")
-            changeNode.CreateDefaultDisplayNodes()
-            changeNode.SetAttribute(CHANGE_ATTRIBUTE, followupVolume.GetID())
+        for attribute, className in ((CHANGE_ATTRIBUTE, "vtkMRMLSegmentationNode"),
+                                     (REGISTERED_ATTRIBUTE, "vtkMRMLScalarVolumeNode")):
+            mrml.removeNode(self._nodeMadeFor(attribute, followupVolume, className))  # an earlier run's, replaced
+        changeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{followupVolume.GetName()} change")
+        changeNode.CreateDefaultDisplayNodes()
+        changeNode.SetAttribute(CHANGE_ATTRIBUTE, followupVolume.GetID())
         for value, name in change.LABELS.items():
             mrml.segmentationFromMask(sitk.Cast(result.labels == value, sitk.sitkUInt8), followupVolume, changeNode,
                                       segmentName=name, color=change.COLOURS[value])
-        registered = self._nodeMadeFor(REGISTERED_ATTRIBUTE, followupVolume, "vtkMRMLScalarVolumeNode")
-        if registered is not None:
-            mrml.removeNode(registered)
-        registered = mrml.volumeFromImage(result.baseline_registered, f"{baselineVolume.GetName()} (registered)")
+        registered = mrml.volumeFromImage(result.baseline_registered,
+                                          f"{baselineVolume.GetName()} (registered to {followupVolume.GetName()})")
         registered.SetAttribute(REGISTERED_ATTRIBUTE, followupVolume.GetID())
         report = {**result.report, "baseline": baselineVolume.GetName(), "followup": followupVolume.GetName()}
+        for segmentationNode, volumeNode in ((baselineSegmentation, baselineVolume), (followupSegmentation, followupVolume)):
+            drawnOn = mrml.referenceVolumeOf(segmentationNode)
+            if drawnOn is not None and drawnOn is not volumeNode:  # maybe a resampled copy; maybe the other scan
+                report["warnings"] = report["warnings"] + [
+                    f"'{segmentationNode.GetName()}' was drawn on '{drawnOn.GetName()}', not on "
+                    f"'{volumeNode.GetName()}': check that it is that scan's segmentation"]
         changeNode.SetAttribute(CHANGE_REPORT_ATTRIBUTE, json.dumps({k: v for k, v in report.items() if k != "lesions"}))
         return changeNode, registered, report
 
