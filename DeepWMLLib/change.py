@@ -52,7 +52,6 @@ import csv
 import io as _stringio
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -269,6 +268,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     `presence` also counts as marked in that scan when deciding whether the other scan's lesion was
     there (new) or is still there (gone): a lesion just under the threshold in one scan and just over it
     in the other is then not called new or gone."""
+    from scipy import ndimage
+
     if tolerance_mm < 0 or enlarge_fraction < 0 or enlarge_min_ml < 0:
         raise DeepWMLError("the tolerance and the enlargement thresholds cannot be negative")
     follow = np.asarray(voxels(followup_mask)) > 0
@@ -293,8 +294,6 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         margin = [int(math.ceil(tolerance_mm / s)) + 1 for s in spacing]
         box = _box([follow, base_zone], margin)
         distance_zone = _distance_to(base_zone[box], spacing)
-        from scipy import ndimage
-
         ids = np.arange(1, count + 1)
         nearest_base = np.atleast_1d(ndimage.minimum(distance_zone, labels[box], ids))
         outside = np.atleast_1d(ndimage.sum(~base_covers[box], labels[box], ids)) > 0
@@ -347,8 +346,6 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         spacing = _spacing_kji(baseline_mask)
         margin = [int(math.ceil(tolerance_mm / s)) + 1 for s in spacing]
         box = _box([base, follow_zone], margin)
-        from scipy import ndimage
-
         ids = np.arange(1, base_count + 1)
         nearest_follow = np.atleast_1d(ndimage.minimum(_distance_to(follow_zone[box], spacing),
                                                        base_labels[box], ids))
@@ -709,7 +706,7 @@ def _run(args) -> int:
 
 
 def _run_cohort(args) -> int:
-    from .evaluation import case_error, read_manifest, report_failed_cases
+    from .evaluation import case_error, plain_name, read_manifest, report_failed_cases
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
@@ -717,7 +714,7 @@ def _run_cohort(args) -> int:
     loaded, rows, failed, names = {}, [], [], {}
     for number, entry in enumerate(entries, start=1):
         start = time.perf_counter()
-        case = re.sub(r"[^\w.-]+", "_", entry["case"]).strip(".") or "case"  # a plain file name
+        case = plain_name(entry["case"])
         print(f"[{number}/{len(entries)}] {entry['case']}", file=sys.stderr)
         if case in names:  # "a/b" and "a_b" would write the same files
             failed.append({"case": entry["case"], "error": f"its outputs would be named {case}_*, as case "

@@ -130,10 +130,14 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
     return rows
 
 
+def plain_name(case: str) -> str:
+    """A manifest's case name made a plain file name (it may hold '/' or '..')."""
+    return re.sub(r"[^\w.-]+", "_", case).strip(".") or "case"
+
+
 def picture_path_name(case: str) -> str:
-    """CASE_qc.png, the case name made a plain file name (a manifest's name may hold '/' or '..')."""
-    name = re.sub(r"[^\w.-]+", "_", case).strip(".") or "case"
-    return f"{name}_qc.png"
+    """CASE_qc.png, CASE the case name made a plain file name."""
+    return f"{plain_name(case)}_qc.png"
 
 
 def picture_path(out_dir: Path, case: str) -> Path:

@@ -206,12 +206,9 @@ def render_comparison(image, prediction, reference, title: str | None = None,
     categories[predicted & lesion] = 1
     categories[predicted & ~lesion] = 2
     categories[~predicted & lesion] = 3
-    stack, _ = io.to_axial_stack(like(categories, reference.GetSpacing(), reference.GetOrigin(),
-                                      reference.GetDirection()), dtype=np.uint8)
-    canvas = _mosaic(image, stack, COMPARISON_RGB, outline=False, max_tiles=max_tiles, tile_px=tile_px,
-                     columns=columns)
     legend = [("both", COMPARISON_RGB[1]), (f"{names[0]} only", COMPARISON_RGB[2]), (f"{names[1]} only", COMPARISON_RGB[3])]
-    return _with_header(canvas, [(title, HEADER_RGB), *legend])
+    return render_labels(image, like(categories, reference.GetSpacing(), reference.GetOrigin(), reference.GetDirection()),
+                         COMPARISON_RGB, legend, title, max_tiles, tile_px, columns)
 
 
 def render_labels(image, labels, colours: dict, legend, title: str | None = None, max_tiles: int = MAX_TILES,
