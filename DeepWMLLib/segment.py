@@ -127,6 +127,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
     model) gates the result: lesion components mostly outside its intracranial mask are dropped.
     """
+    from .contrast import contrast_warnings, flair_contrast
     from .inference import predict_maps, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
@@ -173,6 +174,10 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 f"the brain mask covers {coverage:.0%} of the head mask (84-118 % on the scans it was checked on): "
                 f"it may have failed on this scan, and {report['outside_brain_removed_ml']:.2f} ml marked outside it "
                 "were dropped; compare with --no-brain-mask")
+        check = flair_contrast(io.to_axial_stack(image)[0], brain_stack > 0, mask_stack > 0,
+                               (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
+        report["contrast"] = check
+        warnings += contrast_warnings(check)
         load = report["volume_ml"] / max(report["intracranial_ml"], 1e-9)
         if load > IMPLAUSIBLE_LOAD:
             warnings.append(
@@ -180,7 +185,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 "FLAIRs it was checked on; a 50 ml lesion load is about 4.5 %): check that the input is a FLAIR (on T2 "
                 "the bright CSF is marked) and look at the result (in Slicer, or the picture of deepwml segment --qc)")
     else:
-        report.update({"brain_model": None, "brain_model_sha256": None})
+        report.update({"brain_model": None, "brain_model_sha256": None, "contrast": None})
     report.update({
         "acquisition_plane": plane,
         "warnings": warnings,
