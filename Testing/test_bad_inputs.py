@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
+    ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
@@ -196,6 +197,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
     if row_id == "a lesion mask given as the FLAIR":
         return seg + [str(p["truth"])]
+    if row_id == "a T1-weighted scan given as the FLAIR":  # the shipped models: the check judges what they mark
+        return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu"]
     if row_id in ("output folder is a file", "synthetic data into a file"):
         (tmp / "afile").write_text("not a folder")
         if row_id.startswith("synthetic"):
@@ -244,6 +247,20 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     return seg + [str(p[row_id])]
 
 
+def _t1_scan(folder: Path) -> Path:
+    """nilearn's MNI152 T1 template (real T1 contrast) on 5 mm axial slices."""
+    nilearn = pytest.importorskip("nilearn")
+    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not template.is_file():
+        pytest.skip("nilearn without its MNI152 template")
+    t1 = sitk.ReadImage(str(template), sitk.sitkFloat32)
+    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.0, 5.0))
+    grid.SetOrigin(t1.GetOrigin())
+    grid.SetDirection(t1.GetDirection())
+    return _write(folder / "t1.nii.gz", sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear))
+
+
 def _hashes(folder: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
@@ -285,6 +302,10 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()
         assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
+    if row_id == "a T1-weighted scan given as the FLAIR":
+        assert "does not look like a FLAIR" in err and "T1-weighted" in err
+        report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))
+        assert report["contrast"]["looks_like"] == "T1-weighted"
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))

@@ -30,6 +30,9 @@ def test_clinical_flairs_end_to_end(shared_data, tmp_path):
         assert io.grid_difference(mask, image) is None, case
         report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
         assert report["acquisition_plane"] == "axial"
+        # the contrast check calls every real FLAIR a FLAIR (DeepWMLLib/contrast.py)
+        assert report["contrast"]["looks_like"] == "FLAIR", (case, report["contrast"])
+        assert not [w for w in report["warnings"] if "does not look like a FLAIR" in w], case
         assert len(report["slices"]) == image.GetSize()[2]
         # a plausible WMH load for an MS patient, not a segmented head
         head_ml = np.count_nonzero(sitk.GetArrayViewFromImage(image) > 100) * np.prod(image.GetSpacing()) / 1000

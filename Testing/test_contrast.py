@@ -1,0 +1,111 @@
+"""The check that a scan looks like a FLAIR (DeepWMLLib/contrast.py): on phantoms with known tissue
+contrast, its distance map against scipy's, and on a real T1-weighted template through segment_image.
+(Every real clinical FLAIR is called a FLAIR: Testing/test_real_clinical.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from DeepWMLLib import contrast
+
+SPACING = (5.0, 2.0, 2.0)  # slice, row, col (mm)
+
+
+def _head(cortex: float, ventricle: float, radius_mm=(70.0, 85.0, 70.0), lesion_core: bool = False):
+    """An ellipsoidal intracranial space: white matter 1, a cortical layer (outer 8 mm) and
+    ventricles (a central ellipsoid) at the given levels relative to it, plus mild noise."""
+    shape = (32, 110, 90)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    centre = [(n - 1) / 2 for n in shape]
+    r = np.sqrt(((z - centre[0]) * SPACING[0] / radius_mm[0]) ** 2 + ((y - centre[1]) * SPACING[1] / radius_mm[1]) ** 2
+                + ((x - centre[2]) * SPACING[2] / radius_mm[2]) ** 2)
+    inside = r < 1
+    depth = ndimage.distance_transform_edt(np.pad(inside, ((1, 1), (0, 0), (0, 0))), sampling=SPACING)[1:-1]
+    stack = np.zeros(shape, np.float32)
+    stack[inside] = 1.0
+    stack[inside & (depth < 8)] = cortex
+    ventricles = (((z - centre[0]) * SPACING[0] / 25) ** 2 + ((y - centre[1]) * SPACING[1] / 35) ** 2
+                  + ((x - centre[2]) * SPACING[2] / 12) ** 2) < 1
+    stack[ventricles] = ventricle
+    stack += np.random.default_rng(0).normal(0, 0.03, shape).astype(np.float32) * inside
+    lesion = np.zeros(shape, bool)
+    if lesion_core:  # the model marked most of the deep brain (as on T2, where it marks CSF)
+        lesion = inside & (depth >= 15)
+    return stack * 300, inside, lesion
+
+
+@pytest.mark.parametrize("cortex,ventricle,expected", [
+    (1.25, 0.3, "FLAIR"),
+    (1.1, 0.45, "FLAIR"),  # low grey/white contrast, poorly nulled CSF: still a FLAIR
+    (0.7, 0.3, "T1-weighted"),
+    (1.2, 3.0, "T2- or PD-weighted"),
+    (1.15, 1.2, "T2- or PD-weighted"),  # PD: CSF a little brighter than white matter
+])
+def test_phantom_contrasts(cortex, ventricle, expected):
+    stack, inside, lesion = _head(cortex, ventricle)
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] == expected, check
+    assert check["deep_ml"] > contrast.MIN_DEEP_ML
+    warnings = contrast.contrast_warnings(check)
+    if expected == "FLAIR":
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "does not look like a FLAIR" in warnings[0]
+        assert expected.split("-")[0] in warnings[0]
+
+
+def test_t2_with_the_deep_brain_marked_as_lesion():
+    """On T2 the model marks CSF and much of the deep brain: the white matter's level then comes from
+    all of the deep brain, and the bright ventricles still give the scan away."""
+    stack, inside, lesion = _head(1.2, 3.0, lesion_core=True)
+    assert contrast.flair_contrast(stack, inside, lesion, SPACING)["looks_like"] == "T2- or PD-weighted"
+
+
+def test_not_judged_without_enough_deep_brain():
+    """A small head (or a failed brain mask, or a few slices) has no deep brain to judge by."""
+    stack, inside, lesion = _head(0.7, 0.3, radius_mm=(30.0, 35.0, 30.0))
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] is None and check["dark_fraction"] is None
+    assert contrast.contrast_warnings(check) == []
+
+
+def test_holes_in_the_brain_mask_are_filled():
+    """A brain mask that left the ventricles out (as the network may on a scan that is not a FLAIR)
+    is measured from the skull inwards all the same."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    holed = inside & (stack > 0.5 * 300)
+    assert (contrast.flair_contrast(stack, holed, lesion, SPACING)["deep_ml"]
+            == contrast.flair_contrast(stack, inside, lesion, SPACING)["deep_ml"])
+
+
+def test_depth_is_the_exact_euclidean_distance():
+    rng = np.random.default_rng(3)
+    mask = ndimage.gaussian_filter(rng.random((12, 40, 36)), 3) > 0.5
+    spacing = (3.3, 0.9, 1.1)
+    expected = ndimage.distance_transform_edt(np.pad(mask, ((1, 1), (0, 0), (0, 0))), sampling=spacing)[1:-1]
+    np.testing.assert_allclose(contrast._depth_mm(mask, spacing), expected, atol=1e-4)
+
+
+def test_a_real_t1_template_is_called_t1_weighted():
+    """nilearn's MNI152 T1 (a real T1-weighted average, brain-extracted) re-sliced to 5 mm axial slices,
+    through segment_image with the shipped models: warned about."""
+    nilearn = pytest.importorskip("nilearn")
+    from pathlib import Path
+
+    from DeepWMLLib.segment import segment_image
+
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not path.is_file():
+        pytest.skip("nilearn without its MNI152 template")
+    t1 = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.0, 5.0))
+    grid.SetOrigin(t1.GetOrigin())
+    grid.SetDirection(t1.GetDirection())
+    thick = sitk.Resample(sitk.SmoothingRecursiveGaussian(t1, (0.1, 0.1, 2.0)), grid, sitk.Transform(), sitk.sitkLinear)
+    report = segment_image(thick, device="cpu").report
+    assert report["contrast"]["looks_like"] == "T1-weighted", report["contrast"]
+    assert any("does not look like a FLAIR" in w and "T1-weighted" in w for w in report["warnings"])
