@@ -248,10 +248,10 @@ def _distance_to(mask: np.ndarray, spacing, return_indices: bool = False):
 
 def _component_geometry(labels: np.ndarray, count: int, image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Voxel count, LPS centroid and (first, last) slice along the axial axis of components 1..count."""
-    from .report import _lesion_geometry, index_to_lps
+    from .report import lesion_geometry, index_to_lps
 
     axis = 2 - io.axial_axis(image)
-    sizes, centroids_kji, first, last = _lesion_geometry(labels, count, axis)
+    sizes, centroids_kji, first, last = lesion_geometry(labels, count, axis)
     return sizes, index_to_lps(centroids_kji[:, ::-1], image), np.stack([first, last], axis=1)
 
 

@@ -51,7 +51,7 @@ def index_to_lps(points_ijk: np.ndarray, image: sitk.Image) -> np.ndarray:
     return np.asarray(points_ijk, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
 
 
-def _lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: int = 2_000_000):
+def lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk: int = 2_000_000):
     """Voxel count, centroid (numpy k, j, i) and first/last index along `axis` of labels 1..count,
     in one pass a few slices at a time.
 
@@ -85,7 +85,7 @@ def lesion_table(mask: sitk.Image) -> list[dict]:
         return []
     frame_axis = 2 - axial_axis(mask)
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
-    sizes, centroids_kji, first, last = _lesion_geometry(labels, count, frame_axis)
+    sizes, centroids_kji, first, last = lesion_geometry(labels, count, frame_axis)
     centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
     order = np.argsort(-sizes, kind="stable")
     rows = []
