@@ -21,6 +21,7 @@ and `from_axial_stack` returns the kind of image the stack came from.
 from __future__ import annotations
 
 import gzip
+import re
 import os
 import struct
 import tempfile
@@ -190,20 +191,108 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
         raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image") from exc
 
 
-def _read_dicom_folder(path: Path) -> sitk.Image:
+# A series description that names a FLAIR (Siemens: "t2_tirm_tra_dark-fluid", GE / Philips: "AX T2 FLAIR").
+_FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|tirm|fluid[\s_-]*att", re.IGNORECASE)
+# FLAIR nulls CSF with a long inversion time (about 1.8-2.8 s) and a long repetition time; T1-weighted
+# inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s and STIR 0.15-0.25 s.
+FLAIR_MIN_INVERSION_MS = 1500.0
+FLAIR_MIN_REPETITION_MS = 4000.0
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, as its first file's header describes it."""
+
+    uid: str
+    description: str
+    files: tuple
+    inversion_ms: float | None = None
+    repetition_ms: float | None = None
+    echo_ms: float | None = None
+
+    @property
+    def looks_like_flair(self) -> bool:
+        if _FLAIR_DESCRIPTION.search(self.description):
+            return True
+        return (self.inversion_ms is not None and self.inversion_ms >= FLAIR_MIN_INVERSION_MS
+                and (self.repetition_ms or 0) >= FLAIR_MIN_REPETITION_MS)
+
+    def label(self) -> str:
+        extra = f", TI {self.inversion_ms:g} ms" if self.inversion_ms is not None else ""
+        return f"'{self.description or '(no description)'}' ({len(self.files)} images{extra})"
+
+    def as_dict(self, chosen_by: str) -> dict:
+        return {"uid": self.uid, "description": self.description, "images": len(self.files),
+                "inversion_ms": self.inversion_ms, "repetition_ms": self.repetition_ms, "echo_ms": self.echo_ms,
+                "chosen_by": chosen_by}
+
+
+def _header_number(reader, key: str) -> float | None:
+    if not reader.HasMetaDataKey(key):
+        return None
+    try:
+        return float(reader.GetMetaData(key).strip().split("\\")[0])
+    except ValueError:
+        return None
+
+
+def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """Every DICOM series in a folder (not its subfolders), described from the headers."""
     import SimpleITK as sitk
 
-    series = _dicom_series(path)
+    folder = Path(folder)
+    found = []
+    for uid in _dicom_series(folder):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        description = ""
+        inversion = repetition = echo = None
+        try:
+            reader.ReadImageInformation()
+            if reader.HasMetaDataKey("0008|103e"):
+                description = reader.GetMetaData("0008|103e").strip()
+            inversion, repetition, echo = (_header_number(reader, key) for key in ("0018|0082", "0018|0080", "0018|0081"))
+        except RuntimeError:
+            pass  # an unreadable header: the series is still listed, reading it will say what is wrong
+        found.append(DicomSeries(uid, description, files, inversion, repetition, echo))
+    return found
+
+
+def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None) -> tuple[DicomSeries, str]:
+    """The series to read from a DICOM folder and how it was chosen: the only one; with several, the
+    one `choice` names (its UID, or a part of its description, case-insensitive), else the only one
+    that looks like a FLAIR (its description, or a long inversion and repetition time). Raises
+    DeepWMLError, listing the series, when that is not exactly one."""
+    folder = Path(folder)
+    series = dicom_series(folder)
     if not series:
-        raise DeepWMLError(f"{path} is a folder without a DICOM series or image files")
-    if len(series) > 1:
-        raise DeepWMLError(
-            f"{path} holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
-            "put the FLAIR series in a folder of its own"
-        )
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
+    if len(series) == 1:
+        return series[0], "the only series in the folder"
+    listed = "; ".join(s.label() for s in series[:8]) + ("; ..." if len(series) > 8 else "")
+    how = "choose one with --series TEXT (a part of its description, or its series UID)"
+    if choice:
+        matches = [s for s in series if s.uid == choice] or [s for s in series if choice.lower() in s.description.lower()]
+        if len(matches) == 1:
+            return matches[0], f"--series {choice}"
+        found = "none" if not matches else f"{len(matches)}"
+        raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match --series {choice!r}: "
+                           f"{listed}; {how}")
+    flair = [s for s in series if s.looks_like_flair]
+    if len(flair) == 1:
+        return flair[0], f"the only one of {len(series)} series that looks like a FLAIR"
+    found = "none looks" if not flair else f"{len(flair)} look"
+    raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} like a FLAIR by its description or "
+                       f"inversion time: {listed}; {how}")
+
+
+def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> sitk.Image:
+    import SimpleITK as sitk
+
+    series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice)[0]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    reader.SetFileNames(list(series.files))
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -239,27 +328,28 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def read_any(path: str | os.PathLike, light: bool = False) -> sitk.Image | Volume:
+def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None) -> sitk.Image | Volume:
     """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError.
 
-    With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py)."""
+    With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py). `series`: which
+    series of a DICOM folder that holds several (`choose_dicom_series`)."""
     p = Path(path)
     if not p.exists():
         raise DeepWMLError(f"{p} does not exist")
     if p.is_dir():
-        return _squeeze_4d(_read_dicom_folder(p))
+        return _squeeze_4d(_read_dicom_folder(p, series))
     if p.stat().st_size == 0:
         raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
     image = _read_file(p, light)
     return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 
-def read_image(path: str | os.PathLike, light: bool = False) -> sitk.Image | Volume:
+def read_image(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None) -> sitk.Image | Volume:
     """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented.
 
     With `light`, a plain NIfTI file is read without SimpleITK into a `Volume` (the same voxels
     and geometry; tested), other files as `SimpleITK.Image`."""
-    image = read_any(path, light)
+    image = read_any(path, light, series)
     if isinstance(image, Volume):
         image = Volume(image.array.astype(np.float32), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     else:

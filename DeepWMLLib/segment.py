@@ -242,8 +242,9 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
-                 output_format: str = "same", qc: bool = False) -> dict:
-    """Segment one case and write its outputs; returns its summary row (status ok/skipped)."""
+                 output_format: str = "same", qc: bool = False, series: str | None = None) -> dict:
+    """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
+    DICOM folder that holds several series, which one (io.choose_dicom_series)."""
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
@@ -254,12 +255,18 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                 "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
     if path.is_dir() and not io.is_dicom_folder(path):
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
-    image = io.read_image(path, light=True)  # a plain NIfTI file: no SimpleITK import
+    chosen = io.choose_dicom_series(path, series) if path.is_dir() else None
+    image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            batch_size, progress, cancel, backend, brain_model, precision)
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     report = {"case": case, "input": str(path), **result.report}
+    if chosen:
+        report["dicom_series"] = chosen[0].as_dict(chosen[1])
+        if chosen[1].startswith("the only one of"):  # picked for the user: say which, so it can be checked
+            report["warnings"] = [f"read DICOM series {chosen[0].label()}, {chosen[1]}; name another with --series",
+                                  *report["warnings"]]
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
@@ -417,6 +424,9 @@ def register(subparsers) -> None:
                         "with ONNX Runtime, fp16 autocast on a GPU; fp32: exact fp32 everywhere")
     p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined in red, "
                    "to look a batch over without Slicer")
+    p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the one whose description "
+                   "contains TEXT (case-insensitive) or whose series UID is TEXT (default: the only one that looks like a "
+                   "FLAIR by its description or inversion time)")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -435,7 +445,7 @@ def _run(args) -> int:
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
-        precision=args.precision, output_format=args.output_format, qc=args.qc,
+        precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,
         brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)

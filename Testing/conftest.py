@@ -64,6 +64,36 @@ def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, orig
     return image, truth
 
 
+def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", description: str | None = None,
+                       inversion_ms: float | None = None, repetition_ms: float | None = None, prefix: str = "slice") -> Path:
+    """Write a 3D image as a DICOM MR series (one file per slice) into `folder`, with its own series
+    UID and, when given, description, inversion and repetition time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    spacing = image.GetSpacing()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        tags = {
+            "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": uid, "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}",
+        }
+        if description is not None:
+            tags["0008|103e"] = description
+        if inversion_ms is not None:
+            tags["0018|0082"] = f"{inversion_ms:g}"
+        if repetition_ms is not None:
+            tags["0018|0080"] = f"{repetition_ms:g}"
+        for key, value in tags.items():
+            piece.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(piece)
+    return folder
+
+
 def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0, labels=None) -> Path:
     from DeepWMLLib.checkpoint import save_model
     from DeepWMLLib.model import build_model

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib.cli import main
 
-from conftest import REPO, make_volume, tiny_model_file
+from conftest import REPO, make_volume, tiny_model_file, write_dicom_series
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
+    ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
@@ -197,6 +198,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
     if row_id == "a lesion mask given as the FLAIR":
         return seg + [str(p["truth"])]
+    if row_id == "a DICOM study folder with two FLAIR-like series":
+        for number, description in enumerate(("AX FLAIR", "AX FLAIR post"), start=1):
+            write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                               uid=f"1.2.{number}", description=description, prefix=f"s{number}_")
+        return seg + [str(tmp / "in" / "study")]
     if row_id == "a T1-weighted scan given as the FLAIR":  # the shipped models: the check judges what they mark
         return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu"]
     if row_id in ("output folder is a file", "synthetic data into a file"):

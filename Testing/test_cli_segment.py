@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
-from conftest import make_volume, oracle_network, rotation
+from conftest import make_volume, oracle_network, rotation, write_dicom_series
 
 
 def write_case(folder, name, **kwargs):
@@ -104,6 +104,42 @@ def test_folder_of_cases_with_one_bad_case(tmp_path, tiny_model, capsys):
     assert rows["broken"]["status"] == "error" and "corrupt" in rows["broken"]["error"]
     assert (out / "a_wmh.nii.gz").exists() and not (out / "broken_wmh.nii.gz").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_dicom_study_folder_segments_its_flair_and_says_which(tmp_path, tiny_model, capsys):
+    """A study folder with T1, T2 and FLAIR series: the FLAIR is segmented, on its own grid, the report
+    names the series and a warning says it was picked; --series picks another; with two FLAIR-like
+    series the case fails with the list, and the other cases still run."""
+    study = tmp_path / "studies" / "patient_a"
+    for number, (description, inversion, slices) in enumerate((("AX T1 SE", None, 3), ("AX T2 FLAIR", 2500, 5),
+                                                               ("AX T2 TSE", None, 4)), start=1):
+        image, _ = make_volume(size=(32, 32, slices), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+        write_dicom_series(study, image, uid=f"1.2.3.{number}", description=description, inversion_ms=inversion,
+                           repetition_ms=9000 if inversion else 600, prefix=f"s{number}_")
+        if description == "AX T2 FLAIR":
+            flair = image
+    out = tmp_path / "out"
+    assert main(["segment", str(study), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    report = json.loads((out / "patient_a_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"]["description"] == "AX T2 FLAIR" and report["dicom_series"]["uid"] == "1.2.3.2"
+    assert report["dicom_series"]["chosen_by"] == "the only one of 3 series that looks like a FLAIR"
+    assert report["warnings"][0].startswith("read DICOM series 'AX T2 FLAIR' (5 images, TI 2500 ms)")
+    assert "read DICOM series 'AX T2 FLAIR'" in capsys.readouterr().err
+    mask = sitk.ReadImage(str(out / "patient_a_wmh.nrrd"))
+    assert io.grid_difference(mask, flair) is None
+    assert main(["segment", str(study), "-o", str(tmp_path / "t2"), "--model", str(tiny_model), "--device", "cpu",
+                 "--series", "tse"]) == 0
+    report = json.loads((tmp_path / "t2" / "patient_a_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"]["chosen_by"] == "--series tse" and report["slices"][-1]["index"] == 3
+    assert not [w for w in report["warnings"] if w.startswith("read DICOM series")]
+    image, _ = make_volume(size=(32, 32, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(study, image, uid="1.2.3.9", description="AX T2 FLAIR post", inversion_ms=2500, prefix="s9_")
+    write_case(tmp_path / "studies", "plain", size=(32, 32, 4))
+    assert main(["segment", str(tmp_path / "studies"), "-o", str(tmp_path / "both"), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 1
+    rows = {r["case"]: r for r in read_summary(tmp_path / "both")}
+    assert rows["plain"]["status"] == "ok" and rows["patient_a"]["status"] == "error"
+    assert "2 look like a FLAIR" in rows["patient_a"]["error"] and "'AX T2 FLAIR post' (4 images" in rows["patient_a"]["error"]
 
 
 def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):

@@ -81,12 +81,26 @@ def test_holes_in_the_brain_mask_are_filled():
             == contrast.flair_contrast(stack, inside, lesion, SPACING)["deep_ml"])
 
 
-def test_depth_is_the_exact_euclidean_distance():
+@pytest.mark.parametrize("spacing", [(3.3, 0.9, 1.1), (1.0, 1.0, 1.0), (6.0, 0.45, 0.45)])
+def test_depth_is_the_exact_euclidean_distance_below_its_limit(spacing):
+    """numpy alone (segment must not import scipy), the same as scipy's exact transform wherever it is
+    under the limit, and at least the limit elsewhere."""
     rng = np.random.default_rng(3)
-    mask = ndimage.gaussian_filter(rng.random((12, 40, 36)), 3) > 0.5
-    spacing = (3.3, 0.9, 1.1)
+    mask = ndimage.gaussian_filter(rng.random((14, 60, 50)), 3) > 0.5
+    mask[:, 20:40, 15:35] = True
     expected = ndimage.distance_transform_edt(np.pad(mask, ((1, 1), (0, 0), (0, 0))), sampling=spacing)[1:-1]
-    np.testing.assert_allclose(contrast._depth_mm(mask, spacing), expected, atol=1e-4)
+    depth = contrast._depth_mm(mask, spacing, 12.0)
+    below = expected < 12.0
+    np.testing.assert_allclose(depth[below], expected[below], atol=1e-3)
+    assert (depth[~below] >= 12.0 - 1e-3).all()
+
+
+def test_holes_are_filled_as_scipy_fills_them_slice_by_slice():
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((6, 70, 64)), 2) > 0.48
+    expected = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])
+    assert np.array_equal(contrast._fill_holes_in_plane(mask), expected)
+    assert (expected & ~mask).any()  # there were holes to fill
 
 
 def test_a_real_t1_template_is_called_t1_weighted():

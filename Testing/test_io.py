@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, rotation
+from conftest import make_volume, rotation, write_dicom_series
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
@@ -28,28 +28,54 @@ def test_formats_keep_geometry(tmp_path, ext):
 
 def test_dicom_series_folder(tmp_path):
     image, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
-    folder = tmp_path / "FLAIR_series"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = image.GetDirection()
-    for k in range(image.GetDepth()):
-        piece = image[:, :, k]
-        origin = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for key, value in {
-            "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": "1.2.3.4.5", "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.4f}" for v in origin),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
-            "0028|0030": "0.8\\0.8", "0018|0050": "5.0",
-        }.items():
-            piece.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(piece)
+    folder = write_dicom_series(tmp_path / "FLAIR_series", image)
     assert io.is_dicom_folder(folder)
     read = io.read_image(folder)
     assert read.GetSize() == image.GetSize()
     assert np.allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-3)
     assert io.case_name(folder) == "FLAIR_series"
+
+
+def _study(folder, *series):
+    """A folder holding several DICOM series: (description, inversion ms, repetition ms, slices) each,
+    told apart by their number of slices."""
+    for number, (description, inversion, repetition, slices) in enumerate(series, start=1):
+        image, _ = make_volume(size=(20, 16, slices), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+        write_dicom_series(folder, image, uid=f"1.2.3.4.{number}", description=description, inversion_ms=inversion,
+                           repetition_ms=repetition, prefix=f"s{number}_")
+    return folder
+
+
+def test_dicom_study_folder_reads_its_flair(tmp_path):
+    """A study exported as one folder (T1, T2 and FLAIR series side by side): the FLAIR is read, by
+    its description; without descriptions by its long inversion time."""
+    study = _study(tmp_path / "study", ("AX T1 SE", None, 500, 4), ("AX T2 TSE", None, 4000, 3),
+                   ("AX T2 FLAIR", 2500, 9000, 5))
+    assert io.is_dicom_folder(study)
+    chosen, how = io.choose_dicom_series(study)
+    assert chosen.description == "AX T2 FLAIR" and chosen.inversion_ms == 2500 and len(chosen.files) == 5
+    assert how == "the only one of 3 series that looks like a FLAIR"
+    assert io.read_image(study).GetSize()[2] == 5
+    assert io.read_image(study, series="t2 tse").GetSize()[2] == 3  # a part of the description, any case
+    assert io.read_image(study, series="1.2.3.4.1").GetSize()[2] == 4  # or the series UID
+    plain = _study(tmp_path / "plain", (None, 900, 2000, 4), (None, 2200, 9000, 5), (None, 150, 5000, 3))
+    assert io.read_image(plain).GetSize()[2] == 5  # not T1-FLAIR (TI 900 ms), not STIR (150 ms)
+
+
+@pytest.mark.parametrize("series,choice,words", [
+    ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), None, "2 look like a FLAIR"),
+    ((("AX T1", None, 500, 4), ("AX T2", None, 4000, 3)), None, "none looks like a FLAIR"),
+    ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), "flair", "2 match --series 'flair'"),
+    ((("AX FLAIR", 2500, 9000, 5), ("AX T1", None, 500, 4)), "dwi", "none match --series 'dwi'"),
+])
+def test_dicom_study_folder_that_needs_a_choice(tmp_path, series, choice, words):
+    """Several candidates, none, or an ambiguous choice: refused, listing every series and the way out."""
+    study = _study(tmp_path / "study", *series)
+    with pytest.raises(DeepWMLError) as error:
+        io.read_image(study, series=choice)
+    message = str(error.value)
+    assert words in message and "--series" in message
+    assert all(f"'{description}' ({slices} images" in message for description, _, _, slices in series)
 
 
 def _write(path, array, spacing=None):
