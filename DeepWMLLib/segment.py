@@ -291,9 +291,14 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
 
 
 def picture_title(case: str, report: dict) -> str:
-    """The QC picture's title: the case, its lesion volume and count."""
+    """The QC picture's title: the case, its lesion volume and count, and whether the scan does not look
+    like a FLAIR (contrast.py), so that a batch looked over by its pictures shows it."""
     count = report["lesion_count"]
-    return f"{case}: {report['volume_ml']:.2f} ml, {count} lesion{'s' * (count != 1)}"
+    title = f"{case}: {report['volume_ml']:.2f} ml, {count} lesion{'s' * (count != 1)}"
+    looks_like = (report.get("contrast") or {}).get("looks_like")
+    if looks_like and looks_like != "FLAIR":
+        title += f" - not a FLAIR? looks {looks_like}"
+    return title
 
 
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,

@@ -123,3 +123,6 @@ def test_a_real_t1_template_is_called_t1_weighted():
     report = segment_image(thick, device="cpu").report
     assert report["contrast"]["looks_like"] == "T1-weighted", report["contrast"]
     assert any("does not look like a FLAIR" in w and "T1-weighted" in w for w in report["warnings"])
+    from DeepWMLLib.segment import picture_title
+
+    assert picture_title("t1", report).endswith("- not a FLAIR? looks T1-weighted")  # a batch's pictures show it
