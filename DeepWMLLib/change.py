@@ -785,7 +785,11 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     report last); returns the report. `loaded` keeps the models between the pairs of a cohort."""
     start = time.perf_counter()
     given = bool(mask_paths[0]), bool(mask_paths[1])
-    baseline, followup = (io.read_image(path) for path in (baseline_path, followup_path))
+    # A DICOM folder holding a whole study: its one FLAIR-like series (io.choose_dicom_series), named in the report.
+    chosen = {name: io.choose_dicom_series(path) if Path(path).is_dir() else None
+              for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
+    baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
+                          for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
     check_scans(baseline, followup)
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
@@ -802,6 +806,10 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            None if args.presence == "off" else float(args.presence), args.min_change_ml)
     report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **result.report,
               "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
+    if any(chosen.values()):
+        report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
+        report["warnings"] = [f"{name}: read DICOM series {c[0].label()}, {c[1]}" for name, c in chosen.items()
+                              if c and c[1].startswith("the only one of")] + report["warnings"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
         stale.unlink()

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from DeepWMLLib import change, io
 from DeepWMLLib.cli import main
 
-from conftest import rotation
+from conftest import rotation, write_dicom_series
 
 # the head movement between the scans: a follow-up point q shows the anatomy at baseline point MOVE(q)
 MOVE_ANGLES = (np.radians(4.0), np.radians(-3.0), np.radians(6.0))
@@ -237,6 +237,23 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
     assert "outputs exist" in capsys.readouterr().err
     assert main(args[:-1] + ["--overwrite"]) == 0  # without --qc: the earlier picture is removed
     assert not (out / "followup_change_qc.png").exists()
+
+
+def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
+    """A baseline exported as a whole study (a T1 series beside the FLAIR): its FLAIR is read, the report
+    and a warning name it, and the calls are those of the same scan given as a file."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 1000, sitk.sitkInt16)
+    study = tmp_path / "study"
+    write_dicom_series(study, flair[:, :, :20], uid="1.2.3.1", description="AX T1 SE", prefix="t1_")
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_")
+    out = tmp_path / "out"
+    assert main(["change", str(study), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    assert "baseline: read DICOM series 'AX T2 FLAIR'" in capsys.readouterr().err
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"]["baseline"]["uid"] == "1.2.3.2" and "follow-up" not in report["dicom_series"]
+    assert (report["n_new"], report["n_enlarging"], report["n_gone"]) == (1, 1, 1)
 
 
 def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model, capsys):
