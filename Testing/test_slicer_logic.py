@@ -426,3 +426,24 @@ def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, 
         base_lps = transform.TransformPoint(tuple(follow_lps))
         moved_ras = to_parent @ np.array([-base_lps[0], -base_lps[1], base_lps[2], 1.0])
         np.testing.assert_allclose(moved_ras[:3], [-follow_lps[0], -follow_lps[1], follow_lps[2]], atol=1e-6)
+
+
+def test_a_t1_weighted_volume_is_warned_about_in_the_module(scene):
+    """The contrast check reaches the module: a real T1-weighted volume (nilearn's MNI152 template on 5 mm
+    slices) segmented with the shipped models shows the warning under the result, and the verdict
+    travels with the segmentation node."""
+    nilearn = pytest.importorskip("nilearn")
+    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not template.is_file():
+        pytest.skip("nilearn without its MNI152 template")
+    t1 = sitk.ReadImage(str(template), sitk.sitkFloat32)
+    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.0, 5.0))
+    grid.SetOrigin(t1.GetOrigin())
+    grid.SetDirection(t1.GetDirection())
+    volume = mrml.volumeFromImage(sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear), "T1 by mistake")
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu")
+    assert json.loads(segmentation.GetAttribute("DeepWML.run"))["contrast"]["looks_like"] == "T1-weighted"
+    shown = logic.formatReport(logic.lesionStatistics(segmentation, volume))
+    assert "Warning: this does not look like a FLAIR" in shown and "T1-weighted" in shown
