@@ -94,6 +94,23 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
     return folder
 
 
+def mni_t1_thick(thickness_mm: int = 5, smooth: bool = False) -> sitk.Image:
+    """nilearn's MNI152 T1 template (a real T1-weighted average, brain-extracted) on axial slices of
+    `thickness_mm` (with `smooth`, averaged across each slice first, like a slice profile); skips the
+    test when nilearn or its template is missing."""
+    nilearn = pytest.importorskip("nilearn")
+    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    if not template.is_file():
+        pytest.skip("nilearn without its MNI152 template")
+    t1 = sitk.ReadImage(str(template), sitk.sitkFloat32)
+    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // thickness_mm], sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.0, float(thickness_mm)))
+    grid.SetOrigin(t1.GetOrigin())
+    grid.SetDirection(t1.GetDirection())
+    source = sitk.SmoothingRecursiveGaussian(t1, (0.1, 0.1, thickness_mm / 2.5)) if smooth else t1
+    return sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear)
+
+
 def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0, labels=None) -> Path:
     from DeepWMLLib.checkpoint import save_model
     from DeepWMLLib.model import build_model

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib.cli import main
 
-from conftest import REPO, make_volume, tiny_model_file, write_dicom_series
+from conftest import REPO, make_volume, mni_t1_thick, tiny_model_file, write_dicom_series
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -255,16 +255,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
 
 def _t1_scan(folder: Path) -> Path:
     """nilearn's MNI152 T1 template (real T1 contrast) on 5 mm axial slices."""
-    nilearn = pytest.importorskip("nilearn")
-    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    if not template.is_file():
-        pytest.skip("nilearn without its MNI152 template")
-    t1 = sitk.ReadImage(str(template), sitk.sitkFloat32)
-    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
-    grid.SetSpacing((1.0, 1.0, 5.0))
-    grid.SetOrigin(t1.GetOrigin())
-    grid.SetDirection(t1.GetDirection())
-    return _write(folder / "t1.nii.gz", sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear))
+    return _write(folder / "t1.nii.gz", mni_t1_thick(5))
 
 
 def _hashes(folder: Path) -> dict:

@@ -11,6 +11,8 @@ from scipy import ndimage
 
 from DeepWMLLib import contrast
 
+from conftest import mni_t1_thick
+
 SPACING = (5.0, 2.0, 2.0)  # slice, row, col (mm)
 
 
@@ -106,20 +108,9 @@ def test_holes_are_filled_as_scipy_fills_them_slice_by_slice():
 def test_a_real_t1_template_is_called_t1_weighted():
     """nilearn's MNI152 T1 (a real T1-weighted average, brain-extracted) re-sliced to 5 mm axial slices,
     through segment_image with the shipped models: warned about."""
-    nilearn = pytest.importorskip("nilearn")
-    from pathlib import Path
-
     from DeepWMLLib.segment import segment_image
 
-    path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    if not path.is_file():
-        pytest.skip("nilearn without its MNI152 template")
-    t1 = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
-    grid.SetSpacing((1.0, 1.0, 5.0))
-    grid.SetOrigin(t1.GetOrigin())
-    grid.SetDirection(t1.GetDirection())
-    thick = sitk.Resample(sitk.SmoothingRecursiveGaussian(t1, (0.1, 0.1, 2.0)), grid, sitk.Transform(), sitk.sitkLinear)
+    thick = mni_t1_thick(5, smooth=True)
     report = segment_image(thick, device="cpu").report
     assert report["contrast"]["looks_like"] == "T1-weighted", report["contrast"]
     assert any("does not look like a FLAIR" in w and "T1-weighted" in w for w in report["warnings"])

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 import slicer  # noqa: E402
-from conftest import REPO, make_volume, oracle_network, rotation  # noqa: E402
+from conftest import REPO, make_volume, mni_t1_thick, oracle_network, rotation  # noqa: E402
 from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from DeepWMLLib.report import lesion_report  # noqa: E402
@@ -432,16 +432,7 @@ def test_a_t1_weighted_volume_is_warned_about_in_the_module(scene):
     """The contrast check reaches the module: a real T1-weighted volume (nilearn's MNI152 template on 5 mm
     slices) segmented with the shipped models shows the warning under the result, and the verdict
     travels with the segmentation node."""
-    nilearn = pytest.importorskip("nilearn")
-    template = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    if not template.is_file():
-        pytest.skip("nilearn without its MNI152 template")
-    t1 = sitk.ReadImage(str(template), sitk.sitkFloat32)
-    grid = sitk.Image([t1.GetSize()[0], t1.GetSize()[1], t1.GetSize()[2] // 5], sitk.sitkFloat32)
-    grid.SetSpacing((1.0, 1.0, 5.0))
-    grid.SetOrigin(t1.GetOrigin())
-    grid.SetDirection(t1.GetDirection())
-    volume = mrml.volumeFromImage(sitk.Resample(t1, grid, sitk.Transform(), sitk.sitkLinear), "T1 by mistake")
+    volume = mrml.volumeFromImage(mni_t1_thick(5), "T1 by mistake")
     logic = DeepWMLCoreLogic()
     segmentation = logic.segmentVolume(volume, device="cpu")
     assert json.loads(segmentation.GetAttribute("DeepWML.run"))["contrast"]["looks_like"] == "T1-weighted"
