@@ -630,6 +630,10 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
     p.add_argument("--baseline-mask", metavar="MASK", help="the baseline's lesion mask on its grid (any non-zero "
                    "voxel is lesion; default: segment the baseline)")
     p.add_argument("--followup-mask", metavar="MASK", help="the follow-up's lesion mask (default: segment it)")
+    p.add_argument("--baseline-series", metavar="TEXT", help="a DICOM folder holding several series as the baseline: "
+                   "which one (its series number, description or a part of it, or UID; default: the only one that "
+                   "looks like a FLAIR)")
+    p.add_argument("--followup-series", metavar="TEXT", help="the same for the follow-up")
     p.add_argument("--tolerance-mm", type=non_negative_float, default=DEFAULT_TOLERANCE_MM,
                    help=f"a lesion with the other scan's lesion within this distance was present in both "
                         f"(default {DEFAULT_TOLERANCE_MM:g} mm)")
@@ -683,9 +687,10 @@ def _run(args) -> int:
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UsageError("--threshold must be between 0 and 1 (exclusive)")
     if args.manifest:
-        if args.baseline or args.followup or args.case or args.baseline_mask or args.followup_mask:
-            raise UsageError("--manifest lists the pairs; leave out BASELINE, FOLLOWUP, --case and the mask options "
-                             "(baseline_mask and followup_mask columns give masks)")
+        if (args.baseline or args.followup or args.case or args.baseline_mask or args.followup_mask
+                or args.baseline_series or args.followup_series):
+            raise UsageError("--manifest lists the pairs; leave out BASELINE, FOLLOWUP, --case and the mask and series "
+                             "options (baseline_mask and followup_mask columns give masks)")
         return _run_cohort(args)
     if not (args.baseline and args.followup):
         raise UsageError("give BASELINE and FOLLOWUP (the earlier scan first), or --manifest for many pairs")
@@ -786,7 +791,10 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     start = time.perf_counter()
     given = bool(mask_paths[0]), bool(mask_paths[1])
     # A DICOM folder holding a whole study: its one FLAIR-like series (io.choose_dicom_series), named in the report.
-    chosen = {name: io.choose_dicom_series(path) if Path(path).is_dir() else None
+    single = not getattr(args, "manifest", None)  # a cohort has no series options: its folders must be plain
+    choices = {"baseline": (getattr(args, "baseline_series", None), "--baseline-series" if single else None),
+               "follow-up": (getattr(args, "followup_series", None), "--followup-series" if single else None)}
+    chosen = {name: io.choose_dicom_series(path, *choices[name]) if Path(path).is_dir() else None
               for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
     baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
                           for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
@@ -808,7 +816,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
               "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
     if any(chosen.values()):
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
-        report["warnings"] = [f"{name}: read DICOM series {c[0].label()}, {c[1]}" for name, c in chosen.items()
+        report["warnings"] = [f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
                               if c and c[1].startswith("the only one of")] + report["warnings"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way

@@ -111,9 +111,18 @@ def _dicom_series(folder: Path) -> tuple:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+# Files that are never DICOM: a folder holding nothing else is not probed (no SimpleITK import, no scan).
+_NOT_DICOM_SUFFIXES = IMAGE_EXTENSIONS + (SEGMENTATION_EXTENSION, ".csv", ".txt", ".json", ".png", ".jpg", ".md",
+                                          ".tfm", ".pt", ".log")
+
+
 def is_dicom_folder(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and bool(_dicom_series(p))
+    if not p.is_dir():
+        return False
+    if all(f.name.startswith(".") or f.is_dir() or f.name.lower().endswith(_NOT_DICOM_SUFFIXES) for f in p.iterdir()):
+        return False
+    return bool(_dicom_series(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +200,30 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
         raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image") from exc
 
 
-# A series description that names a FLAIR (Siemens: "t2_tirm_tra_dark-fluid", GE / Philips: "AX T2 FLAIR").
+# A series description that names a FLAIR (Siemens: "t2_tirm_tra_dark-fluid", GE / Philips: "AX T2 FLAIR"),
+# and words that rule one out: T1-weighted inversion recovery ("T1 FLAIR", "t1_tirm"), STIR, double inversion
+# recovery (DIR), MPRAGE, diffusion.
 _FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|tirm|fluid[\s_-]*att", re.IGNORECASE)
-# FLAIR nulls CSF with a long inversion time (about 1.8-2.8 s) and a long repetition time; T1-weighted
-# inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s and STIR 0.15-0.25 s.
-FLAIR_MIN_INVERSION_MS = 1500.0
+_NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?rage|dwi|adc|swi)(?![a-z])"
+                                    r"|double[\s_-]*inv|diffusion", re.IGNORECASE)
+# FLAIR nulls CSF with a long inversion time (about 1.8-2.9 s at 1.5-3 T) and a long repetition time;
+# T1-weighted inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s, STIR 0.15-0.25 s, and the second
+# inversion of double inversion recovery 3 s or more. A known inversion time outside this range rules a
+# series out whatever its description says.
+FLAIR_INVERSION_MS = (1500.0, 3000.0)
 FLAIR_MIN_REPETITION_MS = 4000.0
+_LISTING_CHARS = 330  # the series listed in an error, so that the one-line message stays readable
+
+
+def _header_text(raw: str, charset: str = "") -> str:
+    """A header string as text: SimpleITK hands bytes that are not UTF-8 (Latin-1 and the other ISO_IR
+    character sets of European exports) over as lone surrogates, which no UTF-8 file can hold."""
+    data = raw.encode("utf-8", "surrogateescape")
+    try:  # UTF-8 (ISO_IR 192, and what many exports write undeclared), else Latin-1 (ISO_IR 100)
+        text = data.decode("latin-1" if "ISO_IR 100" in charset else "utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
 
 
 @dataclass(frozen=True)
@@ -209,20 +236,26 @@ class DicomSeries:
     inversion_ms: float | None = None
     repetition_ms: float | None = None
     echo_ms: float | None = None
+    number: int | None = None  # the series number (0020,0011), as PACS and the console show it
 
     @property
     def looks_like_flair(self) -> bool:
-        if _FLAIR_DESCRIPTION.search(self.description):
-            return True
-        return (self.inversion_ms is not None and self.inversion_ms >= FLAIR_MIN_INVERSION_MS
-                and (self.repetition_ms or 0) >= FLAIR_MIN_REPETITION_MS)
+        if _NOT_FLAIR_DESCRIPTION.search(self.description):
+            return False
+        if self.inversion_ms is not None:  # the sequence's own timing rules over its name
+            return (FLAIR_INVERSION_MS[0] <= self.inversion_ms <= FLAIR_INVERSION_MS[1]
+                    and (self.repetition_ms is None or self.repetition_ms >= FLAIR_MIN_REPETITION_MS))
+        return bool(_FLAIR_DESCRIPTION.search(self.description))
 
     def label(self) -> str:
-        extra = f", TI {self.inversion_ms:g} ms" if self.inversion_ms is not None else ""
-        return f"'{self.description or '(no description)'}' ({len(self.files)} images{extra})"
+        name = self.description if len(self.description) <= 40 else self.description[:39] + "~"
+        which = f"series {self.number}" if self.number is not None else f"UID ...{self.uid[-10:]}"
+        timing = "".join(f", {key} {value:g} ms" for key, value in (("TI", self.inversion_ms), ("TR", self.repetition_ms))
+                         if value is not None)
+        return f"{which} '{name or '(no description)'}' ({len(self.files)} images{timing})"
 
     def as_dict(self, chosen_by: str) -> dict:
-        return {"uid": self.uid, "description": self.description, "images": len(self.files),
+        return {"uid": self.uid, "number": self.number, "description": self.description, "images": len(self.files),
                 "inversion_ms": self.inversion_ms, "repetition_ms": self.repetition_ms, "echo_ms": self.echo_ms,
                 "chosen_by": chosen_by}
 
@@ -237,7 +270,7 @@ def _header_number(reader, key: str) -> float | None:
 
 
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """Every DICOM series in a folder (not its subfolders), described from the headers."""
+    """Every DICOM series in a folder (not its subfolders), described from the headers, in series-number order."""
     import SimpleITK as sitk
 
     folder = Path(folder)
@@ -247,50 +280,72 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         reader = sitk.ImageFileReader()
         reader.SetFileName(files[0])
         description = ""
-        inversion = repetition = echo = None
+        inversion = repetition = echo = number = None
         try:
             reader.ReadImageInformation()
+            charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
             if reader.HasMetaDataKey("0008|103e"):
-                description = reader.GetMetaData("0008|103e").strip()
-            inversion, repetition, echo = (_header_number(reader, key) for key in ("0018|0082", "0018|0080", "0018|0081"))
+                description = _header_text(reader.GetMetaData("0008|103e"), charset)
+            inversion, repetition, echo, number = (_header_number(reader, key) for key in
+                                                   ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
         except RuntimeError:
             pass  # an unreadable header: the series is still listed, reading it will say what is wrong
-        found.append(DicomSeries(uid, description, files, inversion, repetition, echo))
-    return found
+        found.append(DicomSeries(uid, description, files, inversion, repetition, echo,
+                                 None if number is None else int(number)))
+    return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
-def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None) -> tuple[DicomSeries, str]:
-    """The series to read from a DICOM folder and how it was chosen: the only one; with several, the
-    one `choice` names (its UID, or a part of its description, case-insensitive), else the only one
-    that looks like a FLAIR (its description, or a long inversion and repetition time). Raises
-    DeepWMLError, listing the series, when that is not exactly one."""
+def _listing(first: list, rest: list) -> str:
+    """The series named in an error, `first` ahead, cut to about _LISTING_CHARS."""
+    parts, shown = [], 0
+    for series in first + rest:
+        label = series.label()
+        if parts and shown + len(label) > _LISTING_CHARS:
+            break
+        parts.append(label)
+        shown += len(label) + 2
+    more = len(first) + len(rest) - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more else "")
+
+
+def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
+                        option: str | None = "--series") -> tuple[DicomSeries, str]:
+    """The series to read from a DICOM folder and how it was chosen. `choice` (given as `option` on the
+    command line; None where a command has no such option) names it: its series UID, its series number,
+    its description (case-insensitive; whole, else a part); without one, the only series, else the only
+    one that looks like a FLAIR (an inversion time of 1.5-3 s, or without one a FLAIR description; never
+    T1, STIR or DIR). Raises DeepWMLError, listing the series (candidates first), when that is not exactly one."""
     folder = Path(folder)
     series = dicom_series(folder)
     if not series:
         raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
+    how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
+           if option else "put the FLAIR series in a folder of its own (deepwml segment --series chooses one)")
+    if choice:
+        text = choice.strip().lower()
+        matches = ([s for s in series if s.uid == choice.strip()]
+                   or [s for s in series if text.isdigit() and s.number == int(text)]
+                   or [s for s in series if s.description.lower() == text]
+                   or [s for s in series if text in s.description.lower()])
+        if len(matches) == 1:
+            return matches[0], f"{option or 'series'} {choice}"
+        found = "none" if not matches else f"{len(matches)}"
+        raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
+                           f"{choice!r}: {_listing(matches, [s for s in series if s not in matches])}; {how}")
     if len(series) == 1:
         return series[0], "the only series in the folder"
-    listed = "; ".join(s.label() for s in series[:8]) + ("; ..." if len(series) > 8 else "")
-    how = "choose one with --series TEXT (a part of its description, or its series UID)"
-    if choice:
-        matches = [s for s in series if s.uid == choice] or [s for s in series if choice.lower() in s.description.lower()]
-        if len(matches) == 1:
-            return matches[0], f"--series {choice}"
-        found = "none" if not matches else f"{len(matches)}"
-        raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match --series {choice!r}: "
-                           f"{listed}; {how}")
     flair = [s for s in series if s.looks_like_flair]
     if len(flair) == 1:
         return flair[0], f"the only one of {len(series)} series that looks like a FLAIR"
     found = "none looks" if not flair else f"{len(flair)} look"
-    raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} like a FLAIR by its description or "
-                       f"inversion time: {listed}; {how}")
+    raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} like a FLAIR by its inversion time "
+                       f"or description: {_listing(flair, [s for s in series if s not in flair])}; {how}")
 
 
 def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> sitk.Image:
     import SimpleITK as sitk
 
-    series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice)[0]
+    series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     try:

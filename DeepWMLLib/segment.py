@@ -265,7 +265,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
         if chosen[1].startswith("the only one of"):  # picked for the user: say which, so it can be checked
-            report["warnings"] = [f"read DICOM series {chosen[0].label()}, {chosen[1]}; name another with --series",
+            report["warnings"] = [f"read DICOM {chosen[0].label()}, {chosen[1]}; name another with --series",
                                   *report["warnings"]]
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render

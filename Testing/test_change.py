@@ -246,14 +246,24 @@ def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
     flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 1000, sitk.sitkInt16)
     study = tmp_path / "study"
     write_dicom_series(study, flair[:, :, :20], uid="1.2.3.1", description="AX T1 SE", prefix="t1_")
-    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_")
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_", number=2)
     out = tmp_path / "out"
     assert main(["change", str(study), str(files["followup"]), "-o", str(out), "--baseline-mask",
                  str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
-    assert "baseline: read DICOM series 'AX T2 FLAIR'" in capsys.readouterr().err
+    assert "baseline: read DICOM series 2 'AX T2 FLAIR'" in capsys.readouterr().err
     report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
     assert report["dicom_series"]["baseline"]["uid"] == "1.2.3.2" and "follow-up" not in report["dicom_series"]
     assert (report["n_new"], report["n_enlarging"], report["n_gone"]) == (1, 1, 1)
+    # a second FLAIR-like series: refused with the list, then chosen with --baseline-series
+    write_dicom_series(study, flair[:, :, :24], uid="1.2.3.3", description="AX T2 FLAIR post", inversion_ms=2500,
+                       prefix="post_", number=3)
+    again = ["change", str(study), str(files["followup"]), "-o", str(tmp_path / "again"), "--baseline-mask",
+             str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(again) == 1
+    assert "2 look like a FLAIR" in capsys.readouterr().err
+    assert main(again + ["--baseline-series", "ax t2 flair"]) == 0
+    assert json.loads((tmp_path / "again" / "followup_change.json").read_text(encoding="utf-8"))[
+        "dicom_series"]["baseline"]["chosen_by"] == "--baseline-series ax t2 flair"
 
 
 def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model, capsys):

@@ -115,7 +115,7 @@ def test_dicom_study_folder_segments_its_flair_and_says_which(tmp_path, tiny_mod
                                                                ("AX T2 TSE", None, 4)), start=1):
         image, _ = make_volume(size=(32, 32, slices), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
         write_dicom_series(study, image, uid=f"1.2.3.{number}", description=description, inversion_ms=inversion,
-                           repetition_ms=9000 if inversion else 600, prefix=f"s{number}_")
+                           repetition_ms=9000 if inversion else 600, prefix=f"s{number}_", number=number)
         if description == "AX T2 FLAIR":
             flair = image
     out = tmp_path / "out"
@@ -123,15 +123,15 @@ def test_dicom_study_folder_segments_its_flair_and_says_which(tmp_path, tiny_mod
     report = json.loads((out / "patient_a_report.json").read_text(encoding="utf-8"))
     assert report["dicom_series"]["description"] == "AX T2 FLAIR" and report["dicom_series"]["uid"] == "1.2.3.2"
     assert report["dicom_series"]["chosen_by"] == "the only one of 3 series that looks like a FLAIR"
-    assert report["warnings"][0].startswith("read DICOM series 'AX T2 FLAIR' (5 images, TI 2500 ms)")
-    assert "read DICOM series 'AX T2 FLAIR'" in capsys.readouterr().err
+    assert report["warnings"][0].startswith("read DICOM series 2 'AX T2 FLAIR' (5 images, TI 2500 ms, TR 9000 ms)")
+    assert "read DICOM series 2 'AX T2 FLAIR'" in capsys.readouterr().err
     mask = sitk.ReadImage(str(out / "patient_a_wmh.nrrd"))
     assert io.grid_difference(mask, flair) is None
     assert main(["segment", str(study), "-o", str(tmp_path / "t2"), "--model", str(tiny_model), "--device", "cpu",
                  "--series", "tse"]) == 0
     report = json.loads((tmp_path / "t2" / "patient_a_report.json").read_text(encoding="utf-8"))
     assert report["dicom_series"]["chosen_by"] == "--series tse" and report["slices"][-1]["index"] == 3
-    assert not [w for w in report["warnings"] if w.startswith("read DICOM series")]
+    assert not [w for w in report["warnings"] if w.startswith("read DICOM")]
     image, _ = make_volume(size=(32, 32, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
     write_dicom_series(study, image, uid="1.2.3.9", description="AX T2 FLAIR post", inversion_ms=2500, prefix="s9_")
     write_case(tmp_path / "studies", "plain", size=(32, 32, 4))

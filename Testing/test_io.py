@@ -65,17 +65,67 @@ def test_dicom_study_folder_reads_its_flair(tmp_path):
 @pytest.mark.parametrize("series,choice,words", [
     ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), None, "2 look like a FLAIR"),
     ((("AX T1", None, 500, 4), ("AX T2", None, 4000, 3)), None, "none looks like a FLAIR"),
-    ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), "flair", "2 match --series 'flair'"),
-    ((("AX FLAIR", 2500, 9000, 5), ("AX T1", None, 500, 4)), "dwi", "none match --series 'dwi'"),
+    ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), "flair post", None),  # whole description
+    ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), "fla", "2 match series 'fla'"),
+    ((("AX FLAIR", 2500, 9000, 5), ("AX T1", None, 500, 4)), "dwi", "none match series 'dwi'"),
+    ((("AX T1 FLAIR", 860, 2000, 5), ("t2_tirm_cor STIR", 160, 5000, 4), ("3D DIR", 3400, 7500, 3)), None,
+     "none looks like a FLAIR"),  # T1-weighted inversion recovery, STIR and double inversion recovery are not FLAIR
 ])
 def test_dicom_study_folder_that_needs_a_choice(tmp_path, series, choice, words):
     """Several candidates, none, or an ambiguous choice: refused, listing every series and the way out."""
     study = _study(tmp_path / "study", *series)
+    if words is None:  # an exact description wins over the longer ones that contain it
+        assert io.read_image(study, series=choice).GetSize()[2] == 4
+        assert io.read_image(study, series="ax flair").GetSize()[2] == 5
+        return
     with pytest.raises(DeepWMLError) as error:
         io.read_image(study, series=choice)
     message = str(error.value)
     assert words in message and "--series" in message
     assert all(f"'{description}' ({slices} images" in message for description, _, _, slices in series)
+
+
+def test_dicom_series_chosen_by_timing_number_and_the_listing_of_a_long_study(tmp_path):
+    """A T1-FLAIR beside the FLAIR does not make it ambiguous; a series number chooses; a choice that the
+    only series does not match is refused; thirty long-named series keep the error short, candidates first."""
+    study = _study(tmp_path / "ge", ("AX T1 FLAIR", 860, 2000, 4), ("AX T2 FLAIR", 2400, 9000, 5), ("AX T2 FSE", None, 4000, 3))
+    chosen, how = io.choose_dicom_series(study)
+    assert chosen.description == "AX T2 FLAIR" and how == "the only one of 3 series that looks like a FLAIR"
+    numbered = tmp_path / "numbered"
+    for number, slices in ((7, 3), (12, 4)):
+        image, _ = make_volume(size=(20, 16, slices), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+        write_dicom_series(numbered, image, uid=f"1.9.{number}", description="FLAIR", number=number, prefix=f"n{number}_")
+    assert io.read_image(numbered, series="12").GetSize()[2] == 4
+    assert io.choose_dicom_series(numbered, "7", "--series")[0].label() == "series 7 'FLAIR' (3 images)"
+    single = _study(tmp_path / "single", ("AX T1 SE", None, 500, 4))
+    with pytest.raises(DeepWMLError, match="none match series 'flair'"):
+        io.read_image(single, series="flair")
+    many = tmp_path / "many"
+    image, _ = make_volume(size=(8, 8, 2), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    for number in range(30):
+        flair = number in (27, 28)
+        write_dicom_series(many, image, uid=f"1.8.{number}", number=number, prefix=f"m{number}_",
+                           description=f"{'FLAIR' if flair else 'localizer'} protocol with a very long name {number:02d} xxxxxxxxx",
+                           inversion_ms=2500 if flair else None)
+    with pytest.raises(DeepWMLError) as error:
+        io.read_image(many)
+    message = str(error.value)
+    assert len(message) < 600 and "2 look like a FLAIR" in message and "more" in message
+    assert message.index("series 27") < message.index("series 0 ")  # the candidates first
+
+
+def test_a_latin1_series_description_is_text(tmp_path):
+    """European exports write descriptions in Latin-1 (ISO_IR 100): read as text, written to UTF-8 files."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "latin", image, description="FLAIR Sch@del\nax", inversion_ms=2500)
+    for path in folder.iterdir():
+        path.write_bytes(path.read_bytes().replace(b"Sch@del", b"Sch\xe4del"))
+    other, _ = make_volume(size=(20, 16, 3), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(folder, other, uid="1.2.9", description="T1", prefix="t1_")
+    chosen, _ = io.choose_dicom_series(folder)
+    assert chosen.description == "FLAIR Sch\u00e4del ax"  # one line, no control characters
+    chosen.label().encode("utf-8")
+    assert io.read_image(folder, series="schädel").GetSize()[2] == 4
 
 
 def _write(path, array, spacing=None):

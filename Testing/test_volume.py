@@ -164,12 +164,16 @@ def test_segmenting_a_volume_gives_what_the_simpleitk_image_gives(tmp_path, monk
     assert np.array_equal(sitk.GetArrayViewFromImage(written), a.mask.array)
 
 
-def test_segment_command_on_nifti_imports_neither_simpleitk_nor_scipy(tmp_path):
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_segment_command_on_nifti_imports_neither_simpleitk_nor_scipy(tmp_path, as_folder):
+    """A NIfTI file, or a folder of them (not probed for DICOM series)."""
     image, _ = make_volume(size=(40, 36, 6))
     sitk.WriteImage(image, str(tmp_path / "case.nii.gz"))
+    (tmp_path / "notes.txt").write_text("a folder of cases may hold notes")
     model = tiny_model_file(tmp_path / "m.pt", grid=(64, 64))
+    given = tmp_path if as_folder else tmp_path / "case.nii.gz"
     code = ("import sys; from DeepWMLLib.cli import main; "
-            f"rc = main(['segment', {str(tmp_path / 'case.nii.gz')!r}, '-o', {str(tmp_path / 'out')!r}, "
+            f"rc = main(['segment', {str(given)!r}, '-o', {str(tmp_path / 'out')!r}, "
             f"'--model', {str(model)!r}, '--device', 'cpu']); "
             "print(rc, sorted(m for m in ('SimpleITK', 'scipy', 'torch') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", timeout=300)
