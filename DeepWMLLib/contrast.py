@@ -10,7 +10,9 @@ then still marks something, so DeepWML looks at the scan's own contrast and warn
   deep white matter) almost no voxel is darker than half the deep median (`DARK_FRACTION_MIN`).
 * On T1-weighted scans the cortex is darker than the white matter: in the cortical shell
   (`SHELL_MM` under the surface) few voxels are brighter than the deep median (`CORTEX_BRIGHTER_MIN`),
-  where on FLAIR about half or more are.
+  where on FLAIR about half or more are. A scan much brighter at its centre than at its edge (3 T's
+  dielectric effect without correction) lowers that share: README ("Is it a FLAIR?") gives what an
+  audit measured, and why comparing the cortex with the white matter just under it was not taken.
 
 Depths are Euclidean distances in mm to the surface of the intracranial mask with its holes filled
 slice by slice, measured on in-plane blocks of about 2 mm with numpy alone (`deepwml segment` on a
@@ -122,8 +124,10 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     deep = depth >= DEEP_MM
     deep_ml = float(np.count_nonzero(deep)) * voxel_ml
     result = {"deep_ml": round(deep_ml, 1), "dark_fraction": None, "cortex_brighter_fraction": None,
-              "looks_like": None}
+              "looks_like": None, "not_judged": None}
     if deep_ml < MIN_DEEP_ML:
+        result["not_judged"] = (f"{deep_ml:.0f} ml of brain 20 mm or more under the brain mask's surface (under "
+                                f"{MIN_DEEP_ML:g} ml: a brain mask that failed, or a partial field of view)")
         return result
     # The white matter's level: the deep brain the model did not mark (all of it when the model marked
     # most of it, as it does on T2, where CSF is bright).
@@ -132,6 +136,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     reference = float(np.median(stack[normal] if np.count_nonzero(normal) * voxel_ml >= MIN_DEEP_ML else values))
     shell = (depth >= SHELL_MM[0]) & (depth <= SHELL_MM[1]) & ~lesion
     if reference <= 0 or not shell.any():
+        result["not_judged"] = "no intensity level to judge by (an image whose black is not 0, e.g. z-scored?)"
         return result
     dark = float(np.mean(values < DARK_RATIO * reference))
     brighter = float(np.mean(stack[shell] > reference))
@@ -147,7 +152,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
 def contrast_warnings(check: dict) -> list[str]:
     """The warning for a scan that does not look like a FLAIR (none otherwise)."""
     if check.get("looks_like") == "T2- or PD-weighted":
-        return [f"this does not look like a FLAIR: the ventricles are not dark ({check['dark_fraction']:.1%} of the "
+        return [f"this does not look like a FLAIR: the ventricles are not dark ({check['dark_fraction']:.2%} of the "
                 f"deep brain is darker than half its median; {FLAIR_DARK_RANGE} on the real FLAIRs checked), as on a "
                 "T2- or PD-weighted scan, where DeepWML marks CSF as lesion: check the series"]
     if check.get("looks_like") == "T1-weighted":

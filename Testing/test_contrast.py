@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from scipy import ndimage
 
 from DeepWMLLib import contrast
@@ -70,7 +69,7 @@ def test_not_judged_without_enough_deep_brain():
     """A small head (or a failed brain mask, or a few slices) has no deep brain to judge by."""
     stack, inside, lesion = _head(0.7, 0.3, radius_mm=(30.0, 35.0, 30.0))
     check = contrast.flair_contrast(stack, inside, lesion, SPACING)
-    assert check["looks_like"] is None and check["dark_fraction"] is None
+    assert check["looks_like"] is None and check["dark_fraction"] is None and "under 50 ml" in check["not_judged"]
     assert contrast.contrast_warnings(check) == []
 
 

@@ -351,7 +351,8 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert logic.lesionStatistics(plain, volume)["lesion_count"] == 2
     run = json.loads(gated.GetAttribute("DeepWML.run"))
     assert run["brain_model"] == "brain.pt" and run["outside_brain_removed_ml"] > 0
-    assert set(run["contrast"]) == {"deep_ml", "dark_fraction", "cortex_brighter_fraction", "looks_like"}  # travels with the scene
+    assert set(run["contrast"]) == {"deep_ml", "dark_fraction", "cortex_brighter_fraction", "looks_like",
+                                    "not_judged"}  # travels with the scene
     assert run["runner"].split()[0] in ("openvino", "onnxruntime", "torch")  # which way the networks ran
     assert f"cpu ({run['runner']})" in logic.formatReport(logic.lesionStatistics(gated, volume))
     assert "outside the brain ignored" in logic.describeRun(run)
