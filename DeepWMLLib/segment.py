@@ -172,8 +172,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         if not BRAIN_COVERAGE[0] <= coverage <= BRAIN_COVERAGE[1]:
             warnings.append(
                 f"the brain mask covers {coverage:.0%} of the head mask (84-118 % on the scans it was checked on): "
-                f"it may have failed on this scan (it does on T2-weighted scans: check that the input is a FLAIR), and {report['outside_brain_removed_ml']:.2f} ml marked outside it "
-                "were dropped; compare with --no-brain-mask")
+                "it may have failed on this scan (it does on T2-weighted scans: check that the input is a FLAIR), "
+                f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
+                "--no-brain-mask")
         check = flair_contrast(io.to_axial_stack(image)[0], brain_stack > 0, mask_stack > 0,
                                (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
         report["contrast"] = check
