@@ -21,8 +21,8 @@ and `from_axial_stack` returns the kind of image the stack came from.
 from __future__ import annotations
 
 import gzip
-import re
 import os
+import re
 import struct
 import tempfile
 import zlib
