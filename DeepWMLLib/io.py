@@ -832,15 +832,25 @@ def slice_frame(image: sitk.Image) -> SliceFrame:
     )
 
 
-def to_axial_stack(image: sitk.Image, dtype=np.float32) -> tuple[np.ndarray, SliceFrame]:
-    """The image as [slice, row, col] with radiological in-plane orientation (no interpolation)."""
-    frame = slice_frame(image)
-    array = voxels(image)
-    stack = np.transpose(array, frame._numpy_axes)
+def axial_view(image: sitk.Image, frame: SliceFrame | None = None) -> np.ndarray:
+    """The image's voxels as [slice, row, col] like `to_axial_stack`, but a read-only view of them (no
+    copy; valid while the image lives), for measuring without a second copy of the volume."""
+    frame = frame or slice_frame(image)
+    stack = np.transpose(voxels(image), frame._numpy_axes)
     if frame.flip_row:
         stack = stack[:, ::-1, :]
     if frame.flip_col:
         stack = stack[:, :, ::-1]
+    view = stack.view()
+    view.flags.writeable = False
+    return view
+
+
+def to_axial_stack(image: sitk.Image, dtype=np.float32) -> tuple[np.ndarray, SliceFrame]:
+    """The image as [slice, row, col] with radiological in-plane orientation (no interpolation)."""
+    frame = slice_frame(image)
+    array = voxels(image)
+    stack = axial_view(image, frame)
     out = np.ascontiguousarray(stack, dtype=dtype)
     return (out.copy() if np.shares_memory(out, array) else out), frame  # never a view of the image
 

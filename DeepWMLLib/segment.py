@@ -175,7 +175,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 "it may have failed on this scan (it does on T2-weighted scans: check that the input is a FLAIR), "
                 f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
                 "--no-brain-mask")
-        check = flair_contrast(io.to_axial_stack(image)[0], brain_stack > 0, mask_stack > 0,
+        check = flair_contrast(io.axial_view(image), brain_stack > 0, mask_stack > 0,
                                (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
         report["contrast"] = check
         warnings += contrast_warnings(check)
