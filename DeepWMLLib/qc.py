@@ -133,7 +133,8 @@ def _box(present: np.ndarray, spacing_mm: float) -> tuple[int, int]:
     return max(0, int(where[0]) - margin), min(len(present), int(where[-1]) + 1 + margin)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
+def in_plane_outline(mask: np.ndarray) -> np.ndarray:
+    """The in-plane outline of a 2D mask: its voxels next to one outside it (4-neighbours; the image edge is outside)."""
     padded = np.pad(mask, 1)
     inside = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
     return mask & ~inside
@@ -222,15 +223,12 @@ def render_labels(image, labels, colours: dict, legend, title: str | None = None
     return _with_header(canvas, [(title, HEADER_RGB), *legend])
 
 
-def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
-            columns: int) -> np.ndarray:
-    stack, frame = io.to_axial_stack(image)
-    if labels.shape != stack.shape:
-        raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
-    finite = stack[np.isfinite(stack)]
+def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
+    """(the head threshold, or None when the image is flat; the grey window's low and high end): the head
+    is above a tenth of the way from the background (0.5th percentile) to the bright end (99.5th), which
+    holds for images offset or scaled anyhow; the window runs from the head's 1st to its 99.5th percentile."""
+    finite = voxels[np.isfinite(voxels)]
     sample = finite[:: max(1, finite.size // 2_000_000)]
-    # head: above a tenth of the way from the background (0.5th percentile) to the bright end (99.5th),
-    # which holds for images offset or scaled anyhow
     floor, top = _quantiles(sample, (0.005, 0.995)) if sample.size else (0.0, 1.0)
     threshold = floor + 0.1 * (top - floor)
     head_values = sample[sample > threshold]
@@ -238,7 +236,16 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
     if not high > low:
         low, high = float(np.min(sample, initial=0)), float(np.max(sample, initial=1))
         high = high if high > low else low + 1
-    voxel_head = stack > threshold if top > floor else np.ones(stack.shape, bool)
+    return (threshold if top > floor else None), low, high
+
+
+def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
+            columns: int) -> np.ndarray:
+    stack, frame = io.to_axial_stack(image)
+    if labels.shape != stack.shape:
+        raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
+    threshold, low, high = grey_levels(stack)
+    voxel_head = stack > threshold if threshold is not None else np.ones(stack.shape, bool)
     head = voxel_head.reshape(stack.shape[0], -1).mean(axis=1) > 0.01
     slices = choose_slices(head, labels.reshape(labels.shape[0], -1).any(axis=1), max_tiles)
     direction = np.array(frame.direction).reshape(3, 3)
@@ -263,7 +270,7 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
         for value, rgb in colours.items():  # in order: later colours (the errors) over earlier ones
             where = _pooled(labels[k][r0:r1, c0:c1] == value, row_starts - r0, col_starts - c0)
             if outline:
-                tile[_outline(where)] = rgb
+                tile[in_plane_outline(where)] = rgb
             else:
                 tile[where] = (0.45 * tile[where] + 0.55 * np.array(rgb)).astype(np.uint8)
         _draw_number(tile, k)

@@ -222,8 +222,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
-                 extension: str = ".nii.gz", qc: bool = False) -> dict:
-    """The output files of a case; `extension` of the image outputs from `io.output_extension`."""
+                 extension: str = ".nii.gz", qc: bool = False, dicom_outline: bool = False) -> dict:
+    """The output files (and the outline series' folder) of a case; `extension` of the image outputs
+    from `io.output_extension`."""
     paths = {
         "mask": out_dir / f"{case}_wmh{extension}",
         "segmentation": out_dir / f"{case}.seg.nrrd",
@@ -235,6 +236,8 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_
         paths["brain"] = out_dir / f"{case}_brain{extension}"
     if qc:
         paths["qc"] = out_dir / f"{case}_qc.png"
+    if dicom_outline:
+        paths["dicom_outline"] = out_dir / f"{case}_outline_dicom"
     return paths
 
 
@@ -243,10 +246,14 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  overwrite: bool = False, min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
-                 output_format: str = "same", qc: bool = False, series: str | None = None) -> dict:
+                 output_format: str = "same", qc: bool = False, series: str | None = None,
+                 dicom_outline: bool = False) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
-    DICOM folder that holds several series, which one (io.choose_dicom_series)."""
-    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc)
+    DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
+    DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py)."""
+    outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
+    paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
+                         outline)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
@@ -254,6 +261,10 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
         return {"case": case, "input": str(path), "status": "skipped",
                 "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+    if outline:
+        from .dicom_outline import check_outline_folder
+
+        check_outline_folder(paths["dicom_outline"], overwrite)
     if path.is_dir() and not io.is_dicom_folder(path):
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
     chosen = io.choose_dicom_series(path, series) if path.is_dir() else None
@@ -268,10 +279,17 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         if chosen[1].startswith("the only one of"):  # picked for the user: say which, so it can be checked
             report["warnings"] = [f"read DICOM {chosen[0].label()}, {chosen[1]}; name another with --series",
                                   *report["warnings"]]
+    if dicom_outline and not outline:
+        report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
+                              "patient or study to write one into (--dicom-outline needs a DICOM series)"]
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
         picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report)))
+    if outline:  # made before anything is written too
+        from .dicom_outline import outline_series
+
+        prepared = outline_series(image, result.mask, chosen[0], report)
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
@@ -280,12 +298,20 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         io.write_image(result.brain, paths["brain"])
     if qc:
         io.write_bytes(picture, paths["qc"])
+    if outline:
+        from .dicom_outline import write_outline_series
+
+        report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
     io.write_text(json.dumps(report, indent=1), paths["report"])
     if overwrite:  # an earlier run's optional outputs that this one did not write would not match it
-        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True)
+        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True, True)
         for key, stale in every.items():
             if key not in paths and stale.is_file():
                 stale.unlink()
+            elif key not in paths and stale.is_dir() and key == "dicom_outline":
+                from .dicom_outline import remove_outline_series
+
+                remove_outline_series(stale)
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
             "warnings": report["warnings"]}
@@ -430,6 +456,9 @@ def register(subparsers) -> None:
                         "with ONNX Runtime, fp16 autocast on a GPU; fp32: exact fp32 everywhere")
     p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined in red, "
                    "to look a batch over without Slicer")
+    p.add_argument("--dicom-outline", action="store_true", help="for a DICOM input, also write CASE_outline_dicom/: "
+                   "the FLAIR with the lesions outlined in red as a new series of the same study (Secondary Capture, "
+                   "on the input's slices), to read the result in a PACS viewer")
     p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the one whose description "
                    "contains TEXT (case-insensitive) or whose series UID is TEXT (default: the only one that looks like a "
                    "FLAIR by its description or inversion time)")
@@ -452,6 +481,7 @@ def _run(args) -> int:
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
         precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,
+        dicom_outline=args.dicom_outline,
         brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)

@@ -66,9 +66,9 @@ def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, orig
 
 def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", description: str | None = None,
                        inversion_ms: float | None = None, repetition_ms: float | None = None, prefix: str = "slice",
-                       number: int | None = None) -> Path:
+                       number: int | None = None, extra: dict | None = None) -> Path:
     """Write a 3D image as a DICOM MR series (one file per slice) into `folder`, with its own series
-    UID and, when given, description, inversion and repetition time and series number."""
+    UID and, when given, description, inversion and repetition time, series number and `extra` tags."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -90,6 +90,7 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
             tags["0018|0080"] = f"{repetition_ms:g}"
         if number is not None:
             tags["0020|0011"] = str(number)
+        tags.update(extra or {})
         for key, value in tags.items():
             piece.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))

@@ -58,6 +58,8 @@ BAD_INPUTS = [
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
+    ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
+    ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
@@ -203,6 +205,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                uid=f"1.2.{number}", description=description, prefix=f"s{number}_")
         return seg + [str(tmp / "in" / "study")]
+    if row_id == "--dicom-outline with a NIfTI input":
+        return seg + [str(p["good"]), "--dicom-outline"]
+    if row_id == "--dicom-outline where the outline folder holds other files":
+        write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                           description="AX FLAIR")
+        (tmp / "out" / "flair_outline_dicom").mkdir(parents=True)
+        (tmp / "out" / "flair_outline_dicom" / "notes.txt").write_text("mine")
+        return seg + [str(tmp / "in" / "flair"), "--dicom-outline", "--overwrite"]
     if row_id == "a T1-weighted scan given as the FLAIR":  # the shipped models: the check judges what they mark
         return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu"]
     if row_id in ("output folder is a file", "synthetic data into a file"):
@@ -303,6 +313,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "does not look like a FLAIR" in err and "T1-weighted" in err
         report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))
         assert report["contrast"]["looks_like"] == "T1-weighted"
+    if row_id == "--dicom-outline with a NIfTI input":
+        assert "the input is not DICOM" in err and not [p for p in (tmp / "out").iterdir() if p.is_dir()]
+    if row_id == "--dicom-outline where the outline folder holds other files":
+        assert (tmp / "out" / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
+        assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))

@@ -1,0 +1,249 @@
+"""The result as a DICOM series for a PACS viewer: `deepwml segment --dicom-outline` on a DICOM input.
+
+Radiologists read in their PACS viewer, not in Slicer. This writes the FLAIR series once more with the
+lesions outlined in red, as a new series of the same study and patient, so the result can be sent to
+PACS (or opened in any DICOM viewer) and read next to the original:
+
+- one image per slice of the input, on its exact grid: each image keeps the source slice's position,
+  orientation and pixel spacing (Image Plane attributes) and the source's Frame of Reference, so a
+  viewer links it to the FLAIR and scrolls the two together;
+- the FLAIR in grey (the window of the QC picture: its 1st to 99.5th percentile within the head, the
+  same on every slice), each lesion's in-plane outline in red (the voxels of the mask next to one
+  outside it, as in `qc.py`), and "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS" burned into the bottom left
+  corner, so a picture seen on its own says what it is;
+- Secondary Capture Image Storage (RGB is not allowed in the MR Image IOD), Modality copied, Image
+  Type DERIVED\\SECONDARY, a new Series Instance UID and SOP Instance UIDs (under the 2.25 root, from
+  random UUIDs), Series Number the source's + 1000, Series Description "DeepWML WMH outline" with the
+  source's, and a Derivation Description naming DeepWML's version, the models' checksums, the volume
+  and lesion count;
+- patient and study attributes copied from the source's first image (name, ID, birth date, sex, age,
+  study UID, date, time, ID, accession number, referring physician, study description), text read in
+  the source's character set and written as UTF-8 (Specific Character Set ISO_IR 192).
+
+Nothing from the source's private tags, and no other attribute, is copied. The outline is for reading
+the result, not a measurement: the mask files and the report are the result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import io, qc
+from .errors import DeepWMLError
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SERIES_NUMBER_OFFSET = 1000
+CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
+FILE_PATTERN = "IM{:05d}.dcm"
+# Attributes of the patient and the study copied from the source: (tag, is text in the source's character set)
+COPIED = (
+    ("0010|0010", True), ("0010|0020", True), ("0010|0021", True), ("0010|0030", False), ("0010|0040", False),
+    ("0010|1010", False), ("0020|000d", False), ("0008|0020", False), ("0008|0030", False), ("0020|0010", True),
+    ("0008|0050", True), ("0008|0090", True), ("0008|1030", True), ("0020|0052", False), ("0008|0060", False),
+    ("0018|0015", True), ("0018|0050", False),
+)
+_LONG_STRING = 64  # the VR LO limit (Series Description)
+
+
+def new_uid() -> str:
+    """A DICOM UID under the 2.25 root (ISO/IEC 9834-8: the decimal value of a random UUID)."""
+    return f"2.25.{uuid.uuid4().int}"
+
+
+def _decimal(value: float) -> str:
+    """A DS value: at most 16 characters."""
+    for digits in (12, 10, 8, 6):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.4e}"
+
+
+def source_attributes(series: io.DicomSeries) -> dict[str, str]:
+    """The copied patient and study attributes of a series' first image, as text (see COPIED)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(series.files[0]))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise DeepWMLError(f"{series.files[0]}: its DICOM header cannot be read for the outline series "
+                           f"({str(exc).strip().splitlines()[-1][:120]})") from exc
+    charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
+    found = {}
+    for tag, is_text in COPIED:
+        if reader.HasMetaDataKey(tag):
+            raw = reader.GetMetaData(tag)
+            value = io._header_text(raw, charset) if is_text else io._header_text(raw).replace(" ", "")
+            if value:
+                found[tag] = value
+    return found
+
+
+def outline_images(image, mask) -> np.ndarray:
+    """[slice, row, column, RGB] uint8 in the input's own voxel order (its slices as the series stores
+    them): the FLAIR in grey with the mask's in-plane outline in red and the caption."""
+    voxels = _array(image).astype(np.float32, copy=False)
+    marked = _array(mask) > 0
+    if marked.shape != voxels.shape:
+        raise ValueError(f"mask {marked.shape} and image {voxels.shape} differ")
+    _, low, high = qc.grey_levels(voxels)
+    grey = (np.clip(np.nan_to_num((voxels - low) / (high - low), nan=0.0), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=3)
+    for k in range(rgb.shape[0]):
+        if marked[k].any():
+            rgb[k][qc.in_plane_outline(marked[k])] = qc.LESION_RGB
+    rows, columns = rgb.shape[1:3]
+    scale = 2 if columns >= 2 * (qc.text_width(CAPTION, 1) + 8) else 1
+    for text in (CAPTION, "DEEPWML - NOT FOR DIAGNOSIS", "DEEPWML"):
+        width, height = qc.text_width(text, scale), 5 * scale
+        if width + 4 <= columns and height + 4 <= rows:
+            y = rows - height - 2
+            rgb[:, y - 1:y + height + 1, 1:width + 3] = 0
+            for k in range(rgb.shape[0]):
+                qc.draw_text(rgb[k], y, 2, text, qc.HEADER_RGB, scale)
+            break
+    return rgb
+
+
+def _array(image) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    if hasattr(image, "array"):  # volume.Volume
+        return image.array
+    import SimpleITK as sitk
+
+    return sitk.GetArrayViewFromImage(image)
+
+
+def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an outline folder that may not be written: one that exists (without
+    `overwrite`), or one holding files other than an outline series' images (never deleted)."""
+    folder = Path(folder)
+    if folder.exists() and not (overwrite and folder.is_dir()):
+        raise DeepWMLError(f"{folder} exists; remove it or rerun with --overwrite")
+    if folder.is_dir() and any(not f.match("IM*.dcm") for f in folder.iterdir()):
+        raise DeepWMLError(f"{folder} holds files DeepWML did not write there; move them before replacing the series")
+    return folder
+
+
+@dataclass
+class OutlineSeries:
+    """An outline series made in memory (`outline_series`), to be written with `write_outline_series`."""
+
+    images: list  # SimpleITK 2D RGB images, one per slice, their DICOM attributes set
+    series_uid: str
+    series_number: int
+
+
+def outline_series(image, mask, series: io.DicomSeries, report: dict) -> OutlineSeries:
+    """The outline series of a segmentation (module docstring), every image and attribute made before
+    anything is written, so that a failure here leaves no output behind. `report`: the segmentation's
+    (its models' checksums, volume and lesion count go into the Derivation Description)."""
+    import SimpleITK as sitk
+
+    if image.GetDimension() != 3:
+        raise DeepWMLError(f"the outline series needs a 3D image, got {image.GetDimension()}D")
+    attributes = source_attributes(series)
+    pictures = outline_images(image, mask)
+    spacing, direction = image.GetSpacing(), image.GetDirection()
+    now = time.localtime()
+    date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
+    series_uid = new_uid()
+    number = (series.number or 0) + SERIES_NUMBER_OFFSET
+    description = "DeepWML WMH outline" + (f" ({series.description})" if series.description else "")
+    if len(description) > _LONG_STRING:
+        description = description[:_LONG_STRING - 2] + "~)"
+    from . import __version__
+
+    derivation = (f"WMH outlined in red by DeepWML {__version__} (models {', '.join(report.get('model_sha256') or [])}): "
+                  f"{report.get('volume_ml', 0):.2f} ml, {report.get('lesion_count', 0)} lesions. Research use, "
+                  "not for diagnosis.")[:1024]
+    common = {
+        "0008|0060": "MR",
+        **attributes,
+        "0008|0005": "ISO_IR 192",
+        "0008|0016": SECONDARY_CAPTURE,
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0008|0064": "WSD",
+        "0008|0021": date, "0008|0031": clock, "0008|0023": date, "0008|0033": clock,
+        "0008|103e": description,
+        "0008|2111": derivation,
+        "0018|1016": "DeepWML", "0018|1019": str(__version__),
+        "0020|000e": series_uid,
+        "0020|0011": str(number),
+        "0020|0037": "\\".join(_decimal(v) for v in (direction[0], direction[3], direction[6],
+                                                     direction[1], direction[4], direction[7])),
+        "0020|4000": CAPTION.capitalize(),
+    }  # Pixel Spacing: GDCM writes it from the image's spacing
+    images = []
+    for k in range(pictures.shape[0]):
+        picture = sitk.GetImageFromArray(pictures[k:k + 1], isVector=True)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        picture.SetOrigin(position)
+        picture.SetSpacing(spacing)
+        picture.SetDirection(direction)
+        tags = {**common, "0008|0018": new_uid(), "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(_decimal(v) for v in position)}
+        for key, value in tags.items():
+            picture.SetMetaData(key, value)
+        images.append(picture)
+    return OutlineSeries(images, series_uid, number)
+
+
+def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write an outline series into `folder`; built under a temporary name beside it and renamed, so an
+    interrupted run leaves no half series under the name. An existing `folder` is refused, or with
+    `overwrite` replaced once the new series is complete (`check_outline_folder`). Returns what the
+    report records of it: folder, series UID and number, images."""
+    import SimpleITK as sitk
+
+    folder = check_outline_folder(folder, overwrite)
+    try:
+        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+    except OSError as exc:
+        raise DeepWMLError(f"cannot write in {folder.parent} ({exc.strerror}); choose a writable output folder") from exc
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    try:
+        for k, picture in enumerate(prepared.images):
+            writer.SetFileName(str(building / FILE_PATTERN.format(k + 1)))
+            writer.Execute(picture)
+        os.chmod(building, 0o777 & ~io._UMASK)
+        if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(building, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(building, folder)
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
+        raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions") from exc
+    finally:
+        if building.exists():
+            shutil.rmtree(building, ignore_errors=True)
+    return {"folder": folder.name, "series_uid": prepared.series_uid, "series_number": prepared.series_number,
+            "images": len(prepared.images)}
+
+
+def remove_outline_series(folder: str | os.PathLike) -> None:
+    """Delete an earlier run's outline series: its images, then the folder if nothing else is in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for image in folder.glob("IM*.dcm"):
+        image.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something else was put there: left alone

@@ -1,0 +1,128 @@
+"""`deepwml segment --dicom-outline`: the FLAIR with the lesions outlined as a new DICOM series of the
+same study, on the input's own slices (DeepWMLLib/dicom_outline.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from DeepWMLLib import dicom_outline, io, qc
+from DeepWMLLib.cli import main
+
+from conftest import make_volume, rotation, write_dicom_series
+
+PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
+           "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
+
+
+def read_series(folder):
+    """(the image, the per-file header dictionaries in slice order) of the one series in `folder`."""
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    headers = [{key: reader.GetMetaData(k, key).strip() for key in reader.GetMetaDataKeys(k)} for k in range(len(files))]
+    return image, headers
+
+
+def oblique_flair(tmp_path, slices=6):
+    direction = rotation(0.12, -0.08, 0.3).ravel().tolist()
+    image, truth = make_volume(size=(40, 36, slices), spacing=(0.7, 0.8, 5.0), direction=direction,
+                               blobs=((0.4, 0.5, 0.5, 6.0), (0.7, 0.3, 0.3, 3.0)), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                inversion_ms=2500, repetition_ms=9000, extra=PATIENT)
+    return folder, truth
+
+
+def test_the_outline_series_lies_on_the_input_slices_in_the_same_study(tmp_path):
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    report = {"model_sha256": ["abc123"], "volume_ml": 1.5, "lesion_count": 2}
+    prepared = dicom_outline.outline_series(flair, truth, series, report)
+    written = dicom_outline.write_outline_series(prepared, tmp_path / "out_dicom")
+    assert written["folder"] == "out_dicom" and written["images"] == 6 and written["series_number"] == 1007
+    image, headers = read_series(tmp_path / "out_dicom")
+    assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == flair.GetSize()
+    assert np.allclose(image.GetOrigin(), flair.GetOrigin(), atol=1e-4)
+    assert np.allclose(image.GetSpacing(), flair.GetSpacing(), atol=1e-4)
+    assert np.allclose(image.GetDirection(), flair.GetDirection(), atol=1e-6)
+    for k, header in enumerate(headers):
+        for tag, value in PATIENT.items():
+            assert header[tag] == value, tag
+        assert header["0020|000d"] == "1.2.3.4"  # the source's study
+        assert header["0020|000e"] == written["series_uid"] != "1.2.3.4.5"
+        assert header["0008|0016"] == dicom_outline.SECONDARY_CAPTURE and header["0008|0060"] == "MR"
+        assert header["0008|0008"] == "DERIVED\\SECONDARY" and header["0020|0011"] == "1007"
+        assert header["0008|103e"] == "DeepWML WMH outline (AX T2 FLAIR)" and header["0008|0005"] == "ISO_IR 192"
+        assert "abc123" in header["0008|2111"] and "not for diagnosis" in header["0008|2111"]
+        assert int(header["0020|0013"]) == k + 1
+    uids = {h["0008|0018"] for h in headers}
+    assert len(uids) == 6 and all(u.startswith("2.25.") and len(u) <= 64 for u in uids)
+    pixels = sitk.GetArrayFromImage(image)
+    marked = sitk.GetArrayFromImage(truth) > 0
+    red = np.all(pixels == np.array(qc.LESION_RGB, np.uint8), axis=-1)
+    caption_rows = slice(pixels.shape[1] - 9, None)
+    for k in range(pixels.shape[0]):
+        assert np.array_equal(red[k][:caption_rows.start], qc.in_plane_outline(marked[k])[:caption_rows.start])
+    grey = ~red
+    assert np.array_equal(pixels[..., 0][grey], pixels[..., 1][grey])  # the FLAIR in grey elsewhere
+    assert marked.any() and red.any()
+    # the FLAIR's grey levels follow the FLAIR: brighter voxels never darker
+    flat = sitk.GetArrayFromImage(flair)[:, :caption_rows.start][grey[:, :caption_rows.start]]
+    shown = pixels[:, :caption_rows.start][grey[:, :caption_rows.start]][:, 0]
+    order = np.argsort(flat, kind="stable")
+    assert np.all(np.diff(shown[order].astype(int)) >= 0)
+
+
+def test_a_latin1_patient_name_is_written_as_utf8(tmp_path):
+    image, truth = make_volume(size=(24, 20, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "latin", image, description="FLAIR",
+                                extra={"0008|0005": "ISO_IR 100", "0010|0010": "M@ller^J@rg"})
+    for path in folder.iterdir():
+        path.write_bytes(path.read_bytes().replace(b"M@ller^J@rg", b"M\xfcller^J\xf6rg"))
+    series, _ = io.choose_dicom_series(folder)
+    dicom_outline.write_outline_series(dicom_outline.outline_series(io.read_image(folder), truth, series, {}), tmp_path / "o")
+    _, headers = read_series(tmp_path / "o")
+    assert headers[0]["0010|0010"] == "M\u00fcller^J\u00f6rg" and headers[0]["0008|0005"] == "ISO_IR 192"
+
+
+def test_segment_writes_it_for_dicom_inputs_and_says_why_not_for_others(tmp_path, tiny_model, capsys):
+    folder, _ = oblique_flair(tmp_path)
+    plain, _ = make_volume(size=(32, 32, 4))
+    sitk.WriteImage(sitk.Cast(plain, sitk.sitkUInt16), str(tmp_path / "plain.nii.gz"))
+    out = tmp_path / "out"
+    args = ["segment", str(folder), str(tmp_path / "plain.nii.gz"), "-o", str(out), "--model", str(tiny_model),
+            "--device", "cpu"]
+    assert main(args + ["--dicom-outline"]) == 0
+    report = json.loads((out / "flair_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_outline"]["folder"] == "flair_outline_dicom" and report["dicom_outline"]["images"] == 6
+    image, headers = read_series(out / "flair_outline_dicom")
+    mask = sitk.ReadImage(str(out / "flair_wmh.nrrd"))
+    assert io.grid_difference(sitk.VectorIndexSelectionCast(image, 0), mask) is None
+    assert headers[0]["0020|000e"] == report["dicom_outline"]["series_uid"]
+    assert f"{report['volume_ml']:.2f} ml" in headers[0]["0008|2111"]
+    plain_report = json.loads((out / "plain_report.json").read_text(encoding="utf-8"))
+    assert "dicom_outline" not in plain_report and not (out / "plain_outline_dicom").exists()
+    assert any(w.startswith("no DICOM outline series: the input is not DICOM") for w in plain_report["warnings"])
+    assert "no DICOM outline series" in capsys.readouterr().err
+    # replaced by a rerun with --overwrite (a new series), removed by one that does not ask for it
+    first = report["dicom_outline"]["series_uid"]
+    assert main(args + ["--dicom-outline", "--overwrite"]) == 0
+    report = json.loads((out / "flair_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_outline"]["series_uid"] != first
+    assert read_series(out / "flair_outline_dicom")[1][0]["0020|000e"] == report["dicom_outline"]["series_uid"]
+    assert sorted(p.name for p in (out / "flair_outline_dicom").iterdir()) == [f"IM{k:05d}.dcm" for k in range(1, 7)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "flair_outline_dicom").exists()
+    # a folder of that name holding someone else's files is never deleted
+    (out / "flair_outline_dicom").mkdir()
+    (out / "flair_outline_dicom" / "notes.txt").write_text("mine")
+    mask_time = (out / "flair_wmh.nrrd").stat().st_mtime_ns
+    assert main(args + ["--dicom-outline", "--overwrite"]) == 1
+    assert (out / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
+    assert (out / "flair_wmh.nrrd").stat().st_mtime_ns == mask_time  # refused before anything was written
