@@ -269,30 +269,75 @@ def _header_number(reader, key: str) -> float | None:
         return None
 
 
+def _series_header(reader) -> tuple:
+    """(description, inversion, repetition, echo, series number) from a file's header already read."""
+    charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
+    description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
+    inversion, repetition, echo, number = (_header_number(reader, key) for key in
+                                           ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
+    return description, inversion, repetition, echo, None if number is None else int(number)
+
+
+def _headers_by_series(folder: Path) -> dict:
+    """One pass over a folder's files: {series UID: (its files in name order, its first file's
+    `_series_header`)}. Asking GDCM for each series' files instead rescans the whole folder per series
+    (a study of 15 series in 2877 files: 6 s against 2 s)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    groups: dict = {}
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith(".") or f.name.lower().endswith(_NOT_DICOM_SUFFIXES) or not f.is_file():
+                continue
+            reader.SetFileName(str(f))
+            try:
+                reader.ReadImageInformation()
+                uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else None
+            except RuntimeError:
+                continue  # not DICOM, or no image: GDCM leaves it out of its series too
+            if uid:
+                if uid in groups:
+                    groups[uid][0].append(str(f))
+                else:
+                    groups[uid] = ([str(f)], _series_header(reader))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    return groups
+
+
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """Every DICOM series in a folder (not its subfolders), described from the headers, in series-number order."""
+    """Every DICOM series in a folder (not its subfolders), described from the headers, in series-number
+    order. A series' `files` are in name order; reading one sorts them by position (`sorted_series_files`)."""
     import SimpleITK as sitk
 
     folder = Path(folder)
+    groups = _headers_by_series(folder)
     found = []
-    for uid in _dicom_series(folder):
-        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(files[0])
-        description = ""
-        inversion = repetition = echo = number = None
-        try:
-            reader.ReadImageInformation()
-            charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
-            if reader.HasMetaDataKey("0008|103e"):
-                description = _header_text(reader.GetMetaData("0008|103e"), charset)
-            inversion, repetition, echo, number = (_header_number(reader, key) for key in
-                                                   ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
-        except RuntimeError:
-            pass  # an unreadable header: the series is still listed, reading it will say what is wrong
-        found.append(DicomSeries(uid, description, files, inversion, repetition, echo,
-                                 None if number is None else int(number)))
+    for uid in _dicom_series(folder):  # GDCM decides what is a series, as when reading
+        files, header = groups.get(uid, ((), None))
+        if header is None:  # a series the header pass did not group (its UID written otherwise): GDCM's own list
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            header = ("", None, None, None, None)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            try:
+                reader.ReadImageInformation()
+                header = _series_header(reader)
+            except RuntimeError:
+                pass  # an unreadable header: the series is still listed, reading it will say what is wrong
+        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:]))
     return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def sorted_series_files(series: DicomSeries) -> list[str]:
+    """A series' files in slice order (GDCM sorts them by position along the slice normal)."""
+    import SimpleITK as sitk
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(series.files[0]).parent), series.uid)
+    return list(files) or list(series.files)
 
 
 def _listing(first: list, rest: list) -> str:
@@ -347,7 +392,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(series.files))
+    reader.SetFileNames(sorted_series_files(series))
     try:
         image = reader.Execute()
     except RuntimeError as exc:

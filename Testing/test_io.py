@@ -62,6 +62,25 @@ def test_dicom_study_folder_reads_its_flair(tmp_path):
     assert io.read_image(plain).GetSize()[2] == 5  # not T1-FLAIR (TI 900 ms), not STIR (150 ms)
 
 
+def test_a_study_is_read_in_slice_order_whatever_its_file_names(tmp_path):
+    """The series are listed from one pass over the files' headers (in name order); the series read is
+    sorted by slice position, so files named against their slice order, interleaved with another
+    series' and beside files that are not DICOM, still give the series' own volume."""
+    flair, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16, seed=3)
+    other, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16, seed=4)
+    study = write_dicom_series(tmp_path / "study", flair, uid="1.2.3.4.1", description="AX FLAIR", inversion_ms=2500)
+    write_dicom_series(study, other, uid="1.2.3.4.2", description="AX T1", prefix="t")
+    for k in range(6):  # slice 0 gets the last name, and every name sits between the other series' names
+        (study / f"slice{k:03d}.dcm").rename(study / f"t{5 - k:03d}x.dcm")
+    (study / "DICOMDIR").write_bytes(b"not an image")
+    (study / "notes.txt").write_text("exported by PACS")
+    chosen, _ = io.choose_dicom_series(study)
+    assert chosen.description == "AX FLAIR" and len(chosen.files) == 6
+    read = io.read_image(study)
+    assert io.grid_difference(read, flair) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(flair).astype(np.float32))
+
+
 @pytest.mark.parametrize("series,choice,words", [
     ((("AX FLAIR", 2500, 9000, 5), ("AX FLAIR post", 2500, 9000, 4)), None, "2 look like a FLAIR"),
     ((("AX T1", None, 500, 4), ("AX T2", None, 4000, 3)), None, "none looks like a FLAIR"),
