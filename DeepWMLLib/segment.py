@@ -131,6 +131,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     from .inference import predict_maps, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
+    from .volume import voxels
 
     start = time.perf_counter()
     io.check_volume(image)
@@ -151,7 +152,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     mask = io.from_axial_stack(mask_stack, frame)
     prob_image = io.from_axial_stack(probabilities, frame)
     brain_image = None
-    report = lesion_report(mask)
+    report = lesion_report(mask, voxels(prob_image))
     plane = io.acquisition_plane(image)
     slice_mm = float(image.GetSpacing()[io.acquisition_axis(image)])
     warnings = [] if plane == "axial" or slice_mm < THICK_NON_AXIAL_MM else [

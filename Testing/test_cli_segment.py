@@ -59,6 +59,10 @@ def test_outputs_on_input_grid(tmp_path, tiny_model, monkeypatch, capsys):
     true_ml = sitk.GetArrayFromImage(truth).sum() * np.prod(truth.GetSpacing()) / 1000
     assert report["volume_ml"] == pytest.approx(true_ml, rel=0.35)
     assert report["lesion_count"] == 1
+    lesion = report["lesions"][0]  # its probabilities are those of the saved map over its voxels
+    marked = sitk.GetArrayFromImage(mask) > 0
+    assert lesion["mean_probability"] == pytest.approx(float(p[marked].mean()), abs=1e-3)
+    assert report["threshold"] <= lesion["mean_probability"] <= lesion["max_probability"] == pytest.approx(float(p[marked].max()), abs=1e-3)
     assert len(report["slices"]) == 9 and report["device"] == "cpu"
     rows = read_summary(out)
     assert rows[0]["case"] == "oblique_case" and rows[0]["status"] == "ok"

@@ -65,3 +65,26 @@ def test_slice_index_follows_the_file_axis_for_permuted_files():
     assert len(report["slices"]) == 7
     assert [s["index"] for s in report["slices"] if s["area_mm2"] > 0] == [4]
     assert report["lesions"][0]["slice_range"] == [4, 4]
+
+
+def test_each_lesion_carries_its_mean_and_highest_probability():
+    """With the probability map, every lesion row gets the mean and the highest probability over its own
+    voxels (a confident lesion against one only just over the threshold), whatever its rank."""
+    array = np.zeros((4, 12, 12), np.uint8)
+    probabilities = np.zeros(array.shape, np.float32)
+    array[1, 2:5, 2:5] = 1  # 9 voxels: the larger lesion, id 1
+    probabilities[1, 2:5, 2:5] = 0.9
+    probabilities[1, 3, 3] = 1.0
+    array[2, 8:10, 8:10] = 1  # 4 voxels, id 2
+    probabilities[2, 8:10, 8:10] = [[0.5, 0.6], [0.7, 0.8]]
+    probabilities[0, 0, 0] = 0.99  # outside every lesion: counts for none
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.5, 4.0))
+    lesions = lesion_report(mask, probabilities)["lesions"]
+    assert [x["voxels"] for x in lesions] == [9, 4]
+    assert lesions[0]["mean_probability"] == pytest.approx((8 * 0.9 + 1.0) / 9, abs=1e-3)
+    assert lesions[0]["max_probability"] == 1.0
+    assert lesions[1]["mean_probability"] == pytest.approx(0.65, abs=1e-3) and lesions[1]["max_probability"] == 0.8
+    assert "mean_probability" not in lesion_report(mask)["lesions"][0]  # a mask alone has none
+    with pytest.raises(ValueError, match="do not match"):
+        lesion_report(mask, probabilities[:3])
