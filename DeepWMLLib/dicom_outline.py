@@ -5,8 +5,8 @@ lesions outlined in red, as a new series of the same study and patient, so the r
 PACS (or opened in any DICOM viewer) and read next to the original:
 
 - one image per slice of the input, on its exact grid: each image keeps the source slice's position,
-  orientation and pixel spacing (Image Plane attributes) and the source's Frame of Reference, so a
-  viewer links it to the FLAIR and scrolls the two together;
+  orientation, pixel spacing (Image Plane attributes) and Instance Number, and the source's Frame of
+  Reference, so a viewer that reads them links it to the FLAIR and scrolls the two together;
 - the FLAIR in grey (the window of the QC picture: its 1st to 99.5th percentile within the head, the
   same on every slice), each lesion's in-plane outline in red (the voxels of the mask next to one
   outside it, as in `qc.py`), and "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS" burned into the bottom left
@@ -16,9 +16,11 @@ PACS (or opened in any DICOM viewer) and read next to the original:
   random UUIDs), Series Number the source's + 1000, Series Description "DeepWML WMH outline" with the
   source's, and a Derivation Description naming DeepWML's version, the models' checksums, the volume
   and lesion count;
-- patient and study attributes copied from the source's first image (name, ID, birth date, sex, age,
-  study UID, date, time, ID, accession number, referring physician, study description), text read in
-  the source's character set and written as UTF-8 (Specific Character Set ISO_IR 192).
+- patient and study attributes copied from the source's first image (COPIED: name, ID, birth date, sex,
+  age, study UID, date, time, ID, accession number, referring physician, study description...), text
+  read in the source's character set (`io.header_value`) and written as UTF-8 (Specific Character Set
+  ISO_IR 192), nothing changed but the padding; those the source leaves empty or out are written empty
+  (Type 2), never made up. A character set that cannot be read, or no Study Instance UID, is refused.
 
 Nothing from the source's private tags, and no other attribute, is copied. The outline is for reading
 the result, not a measurement: the mask files and the report are the result.
@@ -43,12 +45,14 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SERIES_NUMBER_OFFSET = 1000
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
 FILE_PATTERN = "IM{:05d}.dcm"
-# Attributes of the patient and the study copied from the source: (tag, is text in the source's character set)
+# Attributes of the patient and the study copied from the source: (tag, is text in the source's character set,
+# written empty when the source lacks it: the IOD's Type 2, which GDCM would otherwise fill with today's date)
 COPIED = (
-    ("0010|0010", True), ("0010|0020", True), ("0010|0021", True), ("0010|0030", False), ("0010|0040", False),
-    ("0010|1010", False), ("0020|000d", False), ("0008|0020", False), ("0008|0030", False), ("0020|0010", True),
-    ("0008|0050", True), ("0008|0090", True), ("0008|1030", True), ("0020|0052", False), ("0008|0060", False),
-    ("0018|0015", True), ("0018|0050", False),
+    ("0010|0010", True, True), ("0010|0020", True, True), ("0010|0021", True, False), ("0010|0030", False, True),
+    ("0010|0040", False, True), ("0010|1010", False, False), ("0020|000d", False, False), ("0008|0020", False, True),
+    ("0008|0030", False, True), ("0020|0010", True, True), ("0008|0050", True, True), ("0008|0090", True, True),
+    ("0008|1030", True, False), ("0020|0052", False, False), ("0008|0060", False, False), ("0018|0015", True, False),
+    ("0018|0050", False, False),
 )
 _LONG_STRING = 64  # the VR LO limit (Series Description)
 
@@ -67,31 +71,66 @@ def _decimal(value: float) -> str:
     return f"{value:.4e}"
 
 
-def source_attributes(series: io.DicomSeries) -> dict[str, str]:
-    """The copied patient and study attributes of a series' first image, as text (see COPIED)."""
+def _reader(path: str):
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(series.files[0]))
+    reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise DeepWMLError(f"{series.files[0]}: its DICOM header cannot be read for the outline series "
+        raise DeepWMLError(f"{path}: its DICOM header cannot be read for the outline series "
                            f"({str(exc).strip().splitlines()[-1][:120]})") from exc
+    return reader
+
+
+def source_attributes(series: io.DicomSeries) -> dict[str, str]:
+    """The copied patient and study attributes of a series' first image, as text (see COPIED): decoded in
+    the series' character set, padding stripped, nothing else changed. Refused (DeepWMLError) when the
+    series has no Study Instance UID, or names in a character set DeepWML cannot read (the patient's name
+    would be written wrong, and a PACS might file the series under another patient)."""
+    reader = _reader(series.files[0])
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     found = {}
-    for tag, is_text in COPIED:
+    for tag, is_text, type2 in COPIED:
         if reader.HasMetaDataKey(tag):
             raw = reader.GetMetaData(tag)
-            value = io._header_text(raw, charset) if is_text else io._header_text(raw).replace(" ", "")
-            if value:
+            value = io.header_value(raw, charset) if is_text else raw.strip(" \0")
+            if value is None:
+                raise DeepWMLError(f"the FLAIR series' character set ({charset.strip()!r}) is not one DeepWML can "
+                                   "read, so the outline series would carry the patient's name wrongly; rerun "
+                                   "without --dicom-outline")
+            if value or type2:
                 found[tag] = value
+        elif type2:
+            found[tag] = ""
+    if not found.get("0020|000d"):
+        raise DeepWMLError("the FLAIR series has no Study Instance UID, so the outline series cannot join its study; "
+                           "rerun without --dicom-outline")
     return found
 
 
+def source_instance_numbers(series: io.DicomSeries, slices: int) -> list[int]:
+    """The source's Instance Number of each slice in the order the image was read (by position), so that
+    the outline series numbers its images as the FLAIR does; 1, 2, ... when the source's are missing,
+    repeated, or not one per file (a multi-frame file)."""
+    files = io.sorted_series_files(series)
+    numbers = []
+    if len(files) == slices:
+        for path in files:
+            reader = _reader(path)
+            try:
+                numbers.append(int(reader.GetMetaData("0020|0013").strip(" \0")))
+            except (RuntimeError, ValueError):
+                break
+    if len(numbers) != slices or len(set(numbers)) != slices:
+        return list(range(1, slices + 1))
+    return numbers
+
+
 def outline_images(image, mask) -> np.ndarray:
-    """[slice, row, column, RGB] uint8 in the input's own voxel order (its slices as the series stores
-    them): the FLAIR in grey with the mask's in-plane outline in red and the caption."""
+    """[slice, row, column, RGB] uint8 in the image's voxel order (slices by position, as the series was
+    read): the FLAIR in grey with the mask's in-plane outline in red and the caption."""
     voxels = _array(image).astype(np.float32, copy=False)
     marked = _array(mask) > 0
     if marked.shape != voxels.shape:
@@ -161,6 +200,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict) -> Outline
     series_uid = new_uid()
     number = (series.number or 0) + SERIES_NUMBER_OFFSET
     description = "DeepWML WMH outline" + (f" ({series.description})" if series.description else "")
+    description = description.replace("\\", "/")  # one value: a backslash would split it in two
     if len(description) > _LONG_STRING:
         description = description[:_LONG_STRING - 2] + "~)"
     from . import __version__
@@ -183,8 +223,10 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict) -> Outline
         "0020|0011": str(number),
         "0020|0037": "\\".join(_decimal(v) for v in (direction[0], direction[3], direction[6],
                                                      direction[1], direction[4], direction[7])),
-        "0020|4000": CAPTION.capitalize(),
+        "0020|4000": "DeepWML WMH outline - not for diagnosis",
+        "0028|0301": "NO",  # the caption burned in does not identify the patient
     }  # Pixel Spacing: GDCM writes it from the image's spacing
+    numbers = source_instance_numbers(series, pictures.shape[0])
     images = []
     for k in range(pictures.shape[0]):
         picture = sitk.GetImageFromArray(pictures[k:k + 1], isVector=True)
@@ -192,7 +234,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict) -> Outline
         picture.SetOrigin(position)
         picture.SetSpacing(spacing)
         picture.SetDirection(direction)
-        tags = {**common, "0008|0018": new_uid(), "0020|0013": str(k + 1),
+        tags = {**common, "0008|0018": new_uid(), "0020|0013": str(numbers[k]),
                 "0020|0032": "\\".join(_decimal(v) for v in position)}
         for key, value in tags.items():
             picture.SetMetaData(key, value)
@@ -214,6 +256,7 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
         raise DeepWMLError(f"cannot write in {folder.parent} ({exc.strerror}); choose a writable output folder") from exc
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    old = None
     try:
         for k, picture in enumerate(prepared.images):
             writer.SetFileName(str(building / FILE_PATTERN.format(k + 1)))
@@ -222,16 +265,17 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
         if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
             os.replace(folder, old / folder.name)
-            os.replace(building, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(building, folder)
+        os.replace(building, folder)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
         raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions") from exc
-    finally:
+    finally:  # also on Ctrl-C: no temporary folder stays, and an earlier series not replaced goes back
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
+        if old is not None:
+            if not folder.exists() and (old / folder.name).exists():
+                os.replace(old / folder.name, folder)
+            shutil.rmtree(old, ignore_errors=True)
     return {"folder": folder.name, "series_uid": prepared.series_uid, "series_number": prepared.series_number,
             "images": len(prepared.images)}
 

@@ -215,14 +215,52 @@ FLAIR_MIN_REPETITION_MS = 4000.0
 _LISTING_CHARS = 330  # the series listed in an error, so that the one-line message stays readable
 
 
-def _header_text(raw: str, charset: str = "") -> str:
-    """A header string as text: SimpleITK hands bytes that are not UTF-8 (Latin-1 and the other ISO_IR
-    character sets of European exports) over as lone surrogates, which no UTF-8 file can hold."""
+# DICOM's character sets (Specific Character Set, PS3.3 C.12.1.1.2) and Python's codecs for them. The
+# multi-byte ISO 2022 sets (Japanese, Korean, Chinese) switch with escape sequences, which iso2022_jp_2 reads.
+_SINGLE_BYTE_CODECS = {"IR 6": "ascii", "IR 100": "latin_1", "IR 101": "iso8859_2", "IR 109": "iso8859_3",
+                       "IR 110": "iso8859_4", "IR 144": "iso8859_5", "IR 127": "iso8859_6", "IR 126": "iso8859_7",
+                       "IR 138": "iso8859_8", "IR 148": "iso8859_9", "IR 203": "iso8859_15", "IR 166": "iso8859_11",
+                       "IR 13": "shift_jis"}
+_OTHER_CODECS = {"ISO_IR 192": "utf_8", "GB18030": "gb18030", "GBK": "gbk"}
+_ISO2022_MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58")
+_ESCAPE = re.compile(rb"\x1b[\x24-\x2f]{1,2}[\x40-\x7e]")
+
+
+def header_value(raw: str, charset: str = "") -> str | None:
+    """A header string decoded in the series' character set (`charset`: the value of Specific Character
+    Set), its padding stripped and nothing else changed; None when the character set is not one DeepWML
+    knows or the bytes are not valid in it. SimpleITK hands bytes that are not UTF-8 over as lone surrogates."""
     data = raw.encode("utf-8", "surrogateescape")
-    try:  # UTF-8 (ISO_IR 192, and what many exports write undeclared), else Latin-1 (ISO_IR 100)
-        text = data.decode("latin-1" if "ISO_IR 100" in charset else "utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("latin-1")
+    terms = [t.strip() for t in charset.split("\\")] if charset.strip() else []
+    try:
+        if not terms or terms == [""]:  # undeclared: UTF-8, as many exports write, else Latin-1
+            try:
+                text = data.decode("utf_8")
+            except UnicodeDecodeError:
+                text = data.decode("latin_1")
+        elif any(t in _ISO2022_MULTI_BYTE for t in terms):
+            text = data.decode("iso2022_jp_2")
+        else:
+            first = terms[0] or (terms[1] if len(terms) > 1 else "")
+            if first in _OTHER_CODECS:
+                codec = _OTHER_CODECS[first]
+            elif first.startswith(("ISO_IR ", "ISO 2022 IR ")) and first.replace("ISO_", "").replace("ISO 2022 ", "") in _SINGLE_BYTE_CODECS:
+                codec = _SINGLE_BYTE_CODECS[first.replace("ISO_", "").replace("ISO 2022 ", "")]
+                data = _ESCAPE.sub(b"", data)  # an ISO 2022 designation of that one set
+            else:
+                return None
+            text = data.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return None
+    return text.strip(" \0")
+
+
+def _header_text(raw: str, charset: str = "") -> str:
+    """A header string as one line of text, for naming a series (a character set DeepWML does not know,
+    or bytes not valid in it, are read as Latin-1 rather than refused)."""
+    text = header_value(raw, charset)
+    if text is None:
+        text = raw.encode("utf-8", "surrogateescape").decode("latin_1")
     return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
 
 

@@ -291,6 +291,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         from .dicom_outline import outline_series
 
         prepared = outline_series(image, result.mask, chosen[0], report)
+    if overwrite and paths["report"].exists():  # the report goes first: a run that fails part way leaves
+        paths["report"].unlink()                 # outputs without one (rerun asked for), never old and new mixed
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
 
 from conftest import make_volume, rotation, write_dicom_series
 
@@ -126,3 +128,109 @@ def test_segment_writes_it_for_dicom_inputs_and_says_why_not_for_others(tmp_path
     assert main(args + ["--dicom-outline", "--overwrite"]) == 1
     assert (out / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
     assert (out / "flair_wmh.nrrd").stat().st_mtime_ns == mask_time  # refused before anything was written
+
+
+def _series_with(tmp_path, name, replace: dict | None = None, **kwargs):
+    """A small FLAIR series whose header bytes are then edited (`replace`: placeholder bytes -> bytes of the
+    same length), for character sets SimpleITK cannot write itself."""
+    image, truth = make_volume(size=(24, 20, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / name, image, description="FLAIR", **kwargs)
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        for old, new in (replace or {}).items():
+            data = data.replace(old, new)
+        path.write_bytes(data)
+    return folder, truth
+
+
+def _outline(folder, truth, out):
+    series, _ = io.choose_dicom_series(folder)
+    return dicom_outline.write_outline_series(
+        dicom_outline.outline_series(io.read_image(folder), truth, series, {}), out)
+
+
+def test_names_in_other_character_sets_and_what_is_refused(tmp_path):
+    """Cyrillic and Latin-2 names are decoded in their own character set; spaces inside a value are kept;
+    a character set DeepWML does not know, or a series without a study, is refused before anything is written."""
+    name = "\u0418\u0432\u0430\u043d\u043e\u0432^\u0418\u0432\u0430\u043d"  # Ivanov^Ivan in Cyrillic
+    folder, truth = _series_with(tmp_path, "cyrillic", {b"PLACEHOLDER": name.encode("iso8859_5")},
+                                 extra={"0008|0005": "ISO_IR 144", "0010|0010": "PLACEHOLDER", "0010|0020": "AB  0042"})
+    _outline(folder, truth, tmp_path / "o1")
+    header = read_series(tmp_path / "o1")[1][0]
+    assert header["0010|0010"] == name and header["0010|0020"] == "AB  0042"
+    name = "Dvo\u0159\u00e1k^Ji\u0159\u00ed"
+    folder, truth = _series_with(tmp_path, "latin2", {b"PLACEHOLDER": name.encode("iso8859_2")},
+                                 extra={"0008|0005": "ISO_IR 101", "0010|0010": "PLACEHOLDER"})
+    _outline(folder, truth, tmp_path / "o2")
+    assert read_series(tmp_path / "o2")[1][0]["0010|0010"] == name
+    folder, truth = _series_with(tmp_path, "unknown", extra={"0008|0005": "ISO_IR 999", "0010|0010": "X"})
+    with pytest.raises(DeepWMLError, match="character set .*ISO_IR 999"):
+        _outline(folder, truth, tmp_path / "o3")
+    assert not (tmp_path / "o3").exists()
+
+
+def test_type2_attributes_stay_empty_and_a_series_needs_its_study(tmp_path):
+    """A de-identified source with empty or missing patient and study attributes: written empty (GDCM would
+    put today's date in, a different time on each image), never made up; no Study Instance UID: refused."""
+    folder, truth = _series_with(tmp_path, "anon", extra={"0010|0010": "", "0008|0020": "", "0008|0030": ""})
+    _outline(folder, truth, tmp_path / "o")
+    headers = read_series(tmp_path / "o")[1]
+    for tag in ("0010|0010", "0008|0020", "0008|0030", "0010|0030", "0008|0050"):
+        assert {h.get(tag) for h in headers} == {""}, tag
+    series, _ = io.choose_dicom_series(folder)
+    attributes = dicom_outline.source_attributes(series)
+    assert attributes["0020|000d"] == "1.2.3.4"
+    folder, truth = _series_with(tmp_path, "nostudy", {b"1.2.3.4\x00": b"\x00" * 8},
+                                 extra={"0020|000d": "1.2.3.4"})
+    with pytest.raises(DeepWMLError, match="no Study Instance UID"):
+        _outline(folder, truth, tmp_path / "o2")
+
+
+def test_images_keep_the_sources_instance_numbers_and_description_is_one_value(tmp_path):
+    """A series stored from the top of the head down (Instance Number 1 the highest slice): each outline
+    image gets the number of the source image at its position, so both series scroll alike."""
+    image, truth = make_volume(size=(24, 20, 5), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16,
+                               direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    folder = write_dicom_series(tmp_path / "down", image, description="FLAIR\\AX")
+    _outline(folder, truth, tmp_path / "o")
+    _, source = read_series(folder)
+    _, out = read_series(tmp_path / "o")
+    by_position = {h["0020|0032"]: h["0020|0013"] for h in source}
+    numbers = [(h["0020|0013"], by_position[h["0020|0032"]]) for h in out]
+    assert all(a == b for a, b in numbers) and numbers[0][0] != "1"
+    assert out[0]["0008|103e"] == "DeepWML WMH outline (FLAIR/AX)"
+
+
+def test_a_failed_replacement_keeps_the_earlier_series_and_the_report_goes(tmp_path, tiny_model, monkeypatch):
+    """--overwrite: when the new series cannot be put in place, the earlier one stays whole and no
+    temporary folder is left; the case's old report is gone, so the next run asks for --overwrite
+    instead of skipping a case whose outputs are half old, half new."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-outline"]
+    assert main(args) == 0
+    first = read_series(out / "flair_outline_dicom")[1][0]["0020|000e"]
+    real_replace = dicom_outline.os.replace
+
+    def failing(source, target):
+        if str(source).endswith(".part"):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(dicom_outline.os, "replace", failing)
+    assert main(args + ["--overwrite"]) == 1
+    monkeypatch.setattr(dicom_outline.os, "replace", real_replace)
+    assert read_series(out / "flair_outline_dicom")[1][0]["0020|000e"] == first
+    assert len(list((out / "flair_outline_dicom").iterdir())) == 6
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not (out / "flair_report.json").exists()
+    assert main(args) == 1  # the incomplete case is not skipped
+    assert "incomplete set of outputs" in read_summary_error(out)
+    assert main(args + ["--overwrite"]) == 0 and (out / "flair_report.json").is_file()
+
+
+def read_summary_error(out):
+    import csv
+
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        return next(csv.DictReader(f))["error"]
