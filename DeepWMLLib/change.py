@@ -579,6 +579,30 @@ def change_picture(followup: sitk.Image, labels: sitk.Image, title: str | None =
     return png_bytes(render_labels(followup, labels, colours, legend, title))
 
 
+OUTLINE_ORDER = (1, 7, 5, 4, 6, 3, 2)  # drawing order: new last, over the others (as change_picture)
+LEGEND_ORDER = (2, 3, 1, 5, 6, 7, 4)
+
+
+def outline_path(out_dir: Path, case: str) -> Path:
+    return out_dir / f"{case}_change_outline_dicom"
+
+
+def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dict):
+    """The follow-up's outline series (dicom_outline.py): each lesion outlined in its call's colour,
+    with a legend of the calls present."""
+    from .dicom_outline import outline_series
+
+    colours = {value: tuple(int(round(255 * c)) for c in COLOURS[value]) for value in OUTLINE_ORDER}
+    present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+    legend = [(LABELS[value], colours[value]) for value in LEGEND_ORDER if value in present]
+    derivation = (f"Lesion change by DeepWML {__version__} against an earlier scan (baseline): {report['n_new']} new, "
+                  f"{report['n_enlarging']} enlarging, {report['n_gone']} gone, {report['volume_change_ml']:+.2f} ml. "
+                  "Research use, not for diagnosis.")
+    return outline_series(followup, labels, series, report.get("masks", {}).get("follow-up", {}),
+                          title="DeepWML lesion change", derivation=derivation, colours=colours,
+                          caption="DEEPWML LESION CHANGE - NOT FOR DIAGNOSIS", legend=legend)
+
+
 def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict) -> tuple:
     """(baseline mask, follow-up mask, baseline probabilities, follow-up probabilities, their sources): a
     mask is read when its path is given (no probabilities then), else the scan is segmented here with
@@ -659,6 +683,9 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
                    help="format of the image outputs (default: the follow-up's own; the baseline's mask: the baseline's)")
     p.add_argument("--qc", action="store_true", help="also write CASE_change_qc.png: the follow-up's axial slices with "
                    "new lesions red, enlarging orange, stable yellow, gone blue")
+    p.add_argument("--dicom-outline", action="store_true", help="for a DICOM follow-up, also write "
+                   "CASE_change_outline_dicom/: the follow-up FLAIR with each lesion outlined in its call's colour as a "
+                   "new series of its study, to read the change in a PACS viewer")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_debug_flag(p)
     p.set_defaults(func=_run)
@@ -804,8 +831,15 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),
                          (not given[0], not given[1]), args.qc)
     earlier = _earlier_outputs(out, case)  # in any image format, optional ones included
-    if earlier and not args.overwrite:
-        raise DeepWMLError(f"outputs exist ({', '.join(p.name for p in earlier)}); use --overwrite to replace them")
+    earlier_outline = outline_path(out, case) if outline_path(out, case).exists() else None
+    if (earlier or earlier_outline) and not args.overwrite:
+        names = [p.name for p in earlier] + ([earlier_outline.name + "/"] if earlier_outline else [])
+        raise DeepWMLError(f"outputs exist ({', '.join(names)}); use --overwrite to replace them")
+    outline = getattr(args, "dicom_outline", False) and chosen["follow-up"] is not None
+    if outline or earlier_outline:
+        from .dicom_outline import check_outline_folder
+
+        check_outline_folder(outline_path(out, case), args.overwrite)
     mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup,
                                                                                   mask_paths, loaded)
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
@@ -818,9 +852,18 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
         report["warnings"] = [f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
                               if c and c[1].startswith("the only one of")] + report["warnings"]
+    if getattr(args, "dicom_outline", False) and not outline:
+        report["warnings"] = report["warnings"] + [
+            "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "
+            "(--dicom-outline needs a DICOM follow-up)"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
+    prepared = change_outline(followup, result.labels, chosen["follow-up"][0], report) if outline else None
     for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
         stale.unlink()
+    if earlier_outline and not outline:
+        from .dicom_outline import remove_outline_series
+
+        remove_outline_series(earlier_outline)
     io.write_image(result.labels, paths["labels"])
     io.write_label_segmentation(result.labels, paths["segmentation"],
                                 [(value, name, COLOURS[value]) for value, name in LABELS.items()])
@@ -833,5 +876,9 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         io.write_image(mask_followup, paths["followup_mask"])
     if picture is not None:
         io.write_bytes(picture, paths["qc"])
+    if prepared is not None:
+        from .dicom_outline import write_outline_series
+
+        report["dicom_outline"] = write_outline_series(prepared, outline_path(out, case), overwrite=True)
     io.write_text(json.dumps(report, indent=1), paths["report"])
     return report

@@ -128,29 +128,53 @@ def source_instance_numbers(series: io.DicomSeries, slices: int) -> list[int]:
     return numbers
 
 
-def outline_images(image, mask) -> np.ndarray:
+def outline_images(image, labels, colours: dict | None = None, caption: str = CAPTION,
+                   legend: list | None = None) -> np.ndarray:
     """[slice, row, column, RGB] uint8 in the image's voxel order (slices by position, as the series was
-    read): the FLAIR in grey with the mask's in-plane outline in red and the caption."""
+    read): the FLAIR in grey with each label's in-plane outline in its colour (`colours`: value -> RGB, in
+    drawing order; default: any non-zero voxel, red) and the caption burned into the bottom left corner,
+    with `legend` ((text, RGB) pairs) on the line above it when it fits."""
     voxels = _array(image).astype(np.float32, copy=False)
-    marked = _array(mask) > 0
-    if marked.shape != voxels.shape:
-        raise ValueError(f"mask {marked.shape} and image {voxels.shape} differ")
+    values = _array(labels)
+    if values.shape != voxels.shape:
+        raise ValueError(f"labels {values.shape} and image {voxels.shape} differ")
+    if colours is None:
+        values, colours = values > 0, {True: qc.LESION_RGB}
     _, low, high = qc.grey_levels(voxels)
     grey = (np.clip(np.nan_to_num((voxels - low) / (high - low), nan=0.0), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=3)
     for k in range(rgb.shape[0]):
-        if marked[k].any():
-            rgb[k][qc.in_plane_outline(marked[k])] = qc.LESION_RGB
+        for value, colour in colours.items():
+            where = values[k] == value
+            if where.any():
+                rgb[k][qc.in_plane_outline(where)] = colour
     rows, columns = rgb.shape[1:3]
-    scale = 2 if columns >= 2 * (qc.text_width(CAPTION, 1) + 8) else 1
-    for text in (CAPTION, "DEEPWML - NOT FOR DIAGNOSIS", "DEEPWML"):
-        width, height = qc.text_width(text, scale), 5 * scale
+    scale = 2 if columns >= 2 * (qc.text_width(caption, 1) + 8) else 1
+    height = 5 * scale
+    for text in (caption, "DEEPWML - NOT FOR DIAGNOSIS", "DEEPWML"):
+        width = qc.text_width(text, scale)
         if width + 4 <= columns and height + 4 <= rows:
             y = rows - height - 2
             rgb[:, y - 1:y + height + 1, 1:width + 3] = 0
             for k in range(rgb.shape[0]):
                 qc.draw_text(rgb[k], y, 2, text, qc.HEADER_RGB, scale)
             break
+    lines: list = []  # the legend's entries, as many to a line as fit, the lines stacked above the caption
+    for text, colour in legend or []:
+        if lines and qc.text_width("  ".join(t for t, _ in lines[-1] + [(text, colour)]), scale) + 4 <= columns:
+            lines[-1].append((text, colour))
+        elif qc.text_width(text, scale) + 4 <= columns:
+            lines.append([(text, colour)])
+    for n, line in enumerate(lines, start=1):
+        y = rows - (n + 1) * (height + 4) + 2
+        if y < 2:
+            break
+        width = qc.text_width("  ".join(t for t, _ in line), scale)
+        rgb[:, y - 1:y + height + 1, 1:width + 3] = 0
+        for k in range(rgb.shape[0]):
+            x = 2
+            for text, colour in line:
+                x = qc.draw_text(rgb[k], y, x, text, colour, scale) + 2 * 4 * scale
     return rgb
 
 
@@ -184,28 +208,32 @@ class OutlineSeries:
     series_number: int
 
 
-def outline_series(image, mask, series: io.DicomSeries, report: dict) -> OutlineSeries:
+def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str = "DeepWML WMH outline",
+                   derivation: str | None = None, **drawing) -> OutlineSeries:
     """The outline series of a segmentation (module docstring), every image and attribute made before
     anything is written, so that a failure here leaves no output behind. `report`: the segmentation's
-    (its models' checksums, volume and lesion count go into the Derivation Description)."""
+    (its models' checksums, volume and lesion count go into the Derivation Description, unless `derivation`
+    gives another). `title` begins the Series Description; `drawing`: `outline_images`' colours, caption
+    and legend, for a label map (`deepwml change`)."""
     import SimpleITK as sitk
 
     if image.GetDimension() != 3:
         raise DeepWMLError(f"the outline series needs a 3D image, got {image.GetDimension()}D")
     attributes = source_attributes(series)
-    pictures = outline_images(image, mask)
+    pictures = outline_images(image, mask, **drawing)
     spacing, direction = image.GetSpacing(), image.GetDirection()
     now = time.localtime()
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid = new_uid()
     number = (series.number or 0) + SERIES_NUMBER_OFFSET
-    description = "DeepWML WMH outline" + (f" ({series.description})" if series.description else "")
+    description = title + (f" ({series.description})" if series.description else "")
     description = description.replace("\\", "/")  # one value: a backslash would split it in two
     if len(description) > _LONG_STRING:
         description = description[:_LONG_STRING - 2] + "~)"
     from . import __version__
 
-    derivation = (f"WMH outlined in red by DeepWML {__version__} (models {', '.join(report.get('model_sha256') or [])}): "
+    derivation = (derivation or
+                  f"WMH outlined in red by DeepWML {__version__} (models {', '.join(report.get('model_sha256') or [])}): "
                   f"{report.get('volume_ml', 0):.2f} ml, {report.get('lesion_count', 0)} lesions. Research use, "
                   "not for diagnosis.")[:1024]
     common = {
@@ -223,7 +251,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict) -> Outline
         "0020|0011": str(number),
         "0020|0037": "\\".join(_decimal(v) for v in (direction[0], direction[3], direction[6],
                                                      direction[1], direction[4], direction[7])),
-        "0020|4000": "DeepWML WMH outline - not for diagnosis",
+        "0020|4000": f"{title} - not for diagnosis",
         "0028|0301": "NO",  # the caption burned in does not identify the patient
     }  # Pixel Spacing: GDCM writes it from the image's spacing
     numbers = source_instance_numbers(series, pictures.shape[0])

@@ -400,3 +400,48 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert "would be named q_1_*" in capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "out2" / "change_summary.csv", encoding="utf-8")))
     assert [(r["case"], r["status"]) for r in rows] == [("q/1", "ok"), ("q_1", "error")]
+
+
+def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, capsys):
+    """--dicom-outline with a DICOM follow-up: the follow-up FLAIR with each lesion outlined in its call's
+    colour (new red, drawn last) and a legend, as a new series of the follow-up's study; a follow-up
+    file gets a warning instead; a rerun with --overwrite without the option removes the series."""
+    from DeepWMLLib import qc
+    from DeepWMLLib.dicom_outline import SECONDARY_CAPTURE
+
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 1000, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR", number=4,
+                                extra={"0010|0020": "P-7", "0020|000d": "1.2.3.70"})
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(args + ["--dicom-outline"]) == 0
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["dicom_outline"]["folder"] == "followup_change_outline_dicom"
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out / "followup_change_outline_dicom"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    outline = reader.Execute()
+    assert outline.GetSize() == flair.GetSize() and np.allclose(outline.GetOrigin(), flair.GetOrigin(), atol=1e-3)
+    assert reader.GetMetaData(0, "0008|0016") == SECONDARY_CAPTURE and reader.GetMetaData(0, "0010|0020").strip() == "P-7"
+    assert reader.GetMetaData(0, "0020|000d").strip() == "1.2.3.70"
+    assert reader.GetMetaData(0, "0008|103e").strip() == "DeepWML lesion change (AX FLAIR)"
+    assert "1 new, 1 enlarging, 1 gone" in reader.GetMetaData(0, "0008|2111")
+    pixels = sitk.GetArrayFromImage(outline)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change.nrrd")))
+    new_rgb = tuple(int(round(255 * c)) for c in change.COLOURS[2])
+    drawn = np.all(pixels == np.array(new_rgb, np.uint8), axis=-1)
+    image_rows = slice(0, pixels.shape[1] - 20)  # above the caption and legend
+    expected = np.stack([qc.in_plane_outline(labels[k] == 2) for k in range(labels.shape[0])])
+    assert expected.any() and np.array_equal(drawn[:, image_rows], expected[:, image_rows])
+    assert drawn[:, pixels.shape[1] - 20:].any()  # "NEW" in the legend, in its colour
+    # the same case again from the follow-up's NIfTI file: no series to write into, so a warning, and the
+    # earlier run's series goes with the rest of its outputs
+    capsys.readouterr()
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-outline",
+                 "--overwrite"]) == 0
+    assert "no DICOM outline series: the follow-up is not DICOM" in capsys.readouterr().err
+    assert not (out / "followup_change_outline_dicom").exists()
