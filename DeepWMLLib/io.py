@@ -275,6 +275,7 @@ class DicomSeries:
     repetition_ms: float | None = None
     echo_ms: float | None = None
     number: int | None = None  # the series number (0020,0011), as PACS and the console show it
+    study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
 
     @property
     def looks_like_flair(self) -> bool:
@@ -308,12 +309,13 @@ def _header_number(reader, key: str) -> float | None:
 
 
 def _series_header(reader) -> tuple:
-    """(description, inversion, repetition, echo, series number) from a file's header already read."""
+    """(description, inversion, repetition, echo, series number, study UID) from a file's header already read."""
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
                                            ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
-    return description, inversion, repetition, echo, None if number is None else int(number)
+    study = reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
+    return description, inversion, repetition, echo, None if number is None else int(number), study or None
 
 
 def _headers_by_series(folder: Path) -> dict:
@@ -358,7 +360,7 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         files, header = groups.get(uid, ((), None))
         if header is None:  # a series the header pass did not group (its UID written otherwise): GDCM's own list
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-            header = ("", None, None, None, None)
+            header = ("", None, None, None, None, None)
             reader = sitk.ImageFileReader()
             reader.SetFileName(files[0])
             try:
@@ -368,6 +370,74 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
                 pass  # an unreadable header: the series is still listed, reading it will say what is wrong
         found.append(DicomSeries(uid, header[0], tuple(files), *header[1:]))
     return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+
+def _looks_dicom(name: str) -> bool:
+    return not name.startswith(".") and not name.lower().endswith(_NOT_DICOM_SUFFIXES)
+
+
+def _folder_study(folder: Path) -> str | None:
+    """The Study Instance UID of the first DICOM image file directly in `folder` ("" when it has none);
+    None when the folder holds no DICOM image file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        for f in sorted(folder.iterdir()):
+            if not _looks_dicom(f.name) or not f.is_file():
+                continue
+            reader.SetFileName(str(f))
+            try:
+                reader.ReadImageInformation()
+            except RuntimeError:
+                continue
+            if reader.HasMetaDataKey("0020|000e"):
+                return reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    return None
+
+
+def dicom_folders(root: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(folder, its Study Instance UID) of every folder under `root` (itself included) that holds DICOM
+    image files directly, in path order; hidden folders are skipped."""
+    found = []
+    for current, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if any(_looks_dicom(f) for f in files):
+            study = _folder_study(Path(current))
+            if study is not None:
+                found.append((Path(current), study))
+    return found
+
+
+def dicom_studies(root: str | os.PathLike) -> list[tuple[str, Path, str | None]]:
+    """The DICOM studies found under `root`, as cases: (name, folder, study UID or None). A PACS export
+    nests patient / study / series folders: the series folders of one study (one Study Instance UID) make
+    one case, read from the folder they share, the FLAIR chosen among them as in a study folder; its name
+    is that folder's path under `root` joined with "_" (`root`'s own name when it is `root`), with "_1",
+    "_2", ... when studies share the folder. A study in one folder of its own gets no UID filter (it is
+    read as any DICOM folder)."""
+    root = Path(root)
+    groups: dict = {}
+    for folder, study in dicom_folders(root):
+        groups.setdefault(study or f"(no study UID) {folder}", []).append(folder)
+    found = [(Path(os.path.commonpath(folders)), key, len(folders) > 1) for key, folders in groups.items()]
+    shared = {}
+    for folder, _, _ in found:
+        shared[folder] = shared.get(folder, 0) + 1
+    cases, seen = [], {}
+    for folder, key, several in found:
+        relative = folder.relative_to(root)
+        name = case_name(root) if relative == Path(".") else "_".join(relative.parts)
+        if shared[folder] > 1:
+            seen[folder] = seen.get(folder, 0) + 1
+            name = f"{name}_{seen[folder]}"
+        whole = several or shared[folder] > 1  # the folder's subtree may hold other studies' series
+        cases.append((name, folder, None if not whole or key.startswith("(no study UID)") else key))
+    return cases
 
 
 def sorted_series_files(series: DicomSeries) -> list[str]:
@@ -392,14 +462,20 @@ def _listing(first: list, rest: list) -> str:
 
 
 def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
-                        option: str | None = "--series") -> tuple[DicomSeries, str]:
+                        option: str | None = "--series", study: str | None = None) -> tuple[DicomSeries, str]:
     """The series to read from a DICOM folder and how it was chosen. `choice` (given as `option` on the
     command line; None where a command has no such option) names it: its series UID, its series number,
     its description (case-insensitive; whole, else a part); without one, the only series, else the only
     one that looks like a FLAIR (an inversion time of 1.5-3 s, or without one a FLAIR description; never
-    T1, STIR or DIR). Raises DeepWMLError, listing the series (candidates first), when that is not exactly one."""
+    T1, STIR or DIR). A folder without DICOM files of its own (a study exported as one folder per series)
+    offers the series of every folder below it; `study` (a Study Instance UID) keeps those of that study
+    only. Raises DeepWMLError, listing the series (candidates first), when that is not exactly one."""
     folder = Path(folder)
     series = dicom_series(folder)
+    if not series or study:  # a study exported as one folder per series: the series of the folders below
+        series = [s for f, _ in dicom_folders(folder) for s in dicom_series(f)]
+        series = sorted((s for s in series if study is None or s.study_uid == study),
+                        key=lambda s: (s.number is None, s.number or 0, s.uid))
     if not series:
         raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"

@@ -207,18 +207,21 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
 # Batch of cases (the CLI)
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
-    """(case name, path) for each image file, DICOM folder, or image file inside a plain folder."""
+def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path, str | None]]:
+    """(case name, path, study UID or None) for each image file, DICOM folder, or image file inside a plain
+    folder; the DICOM series folders anywhere below a plain folder are grouped by study (io.dicom_studies:
+    a PACS export's patient / study / series folders give one case per study)."""
     cases = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir() and not io.is_dicom_folder(path):
-            members = sorted(p for p in path.iterdir() if (p.is_file() and io.is_image_file(p)) or io.is_dicom_folder(p))
-            if not members:
-                cases.append((io.case_name(path), path))  # reported as an error for that input
-            cases.extend((io.case_name(p), p) for p in members)
+            images = [(io.case_name(p), p, None) for p in path.iterdir() if p.is_file() and io.is_image_file(p)]
+            studies = io.dicom_studies(path) if any(p.is_dir() for p in path.iterdir()) else []
+            if not images and not studies:
+                cases.append((io.case_name(path), path, None))  # reported as an error for that input
+            cases.extend(sorted(images + studies, key=lambda c: str(c[1])))
         else:
-            cases.append((io.case_name(path), path))
+            cases.append((io.case_name(path), path, None))
     return cases
 
 
@@ -248,10 +251,11 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
-                 dicom_outline: bool = False) -> dict:
+                 dicom_outline: bool = False, study: str | None = None) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
-    DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py)."""
+    DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
+    the Study Instance UID of a study whose series lie in the folders below `path` (expand_inputs)."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline)
@@ -266,9 +270,9 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         from .dicom_outline import check_outline_folder
 
         check_outline_folder(paths["dicom_outline"], overwrite)
-    if path.is_dir() and not io.is_dicom_folder(path):
+    if path.is_dir() and study is None and not io.is_dicom_folder(path):
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
-    chosen = io.choose_dicom_series(path, series) if path.is_dir() else None
+    chosen = io.choose_dicom_series(path, series, study=study) if path.is_dir() else None
     image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            batch_size, progress, cancel, backend, brain_model, precision)
@@ -339,14 +343,14 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     cases = expand_inputs(inputs)
     rows, seen = [], set()
-    for number, (case, path) in enumerate(cases, start=1):
+    for number, (case, path, study) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
         try:
             if case in seen:
                 raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
             seen.add(case)
-            row = segment_case(case, path, out, models, device, progress=progress, **options)
+            row = segment_case(case, path, out, models, device, progress=progress, study=study, **options)
         except Exception as exc:  # one bad case never stops the others
             if debug:
                 traceback.print_exc()
@@ -426,7 +430,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "segment", help="segment WMH in FLAIR volumes",
         description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), "
-                    "a DICOM series folder, or a folder of image files (each a case).")
+                    "a DICOM folder (a series, or a whole study: its FLAIR is picked), or a folder of image files "
+                    "and DICOM folders, nested any depth as PACS exports are (each image file, and each DICOM study, "
+                    "a case).")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "

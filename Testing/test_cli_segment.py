@@ -531,3 +531,50 @@ def test_warnings_are_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.splitlines()
         assert err[0] == "deepwml segment: warning: background left out: a test warning"
         assert warnings.showwarning is before  # the library's callers keep their own warning display
+
+
+def _export_series(folder, study, description, inversion=None, slices=4, seed=0):
+    image, _ = make_volume(size=(28, 24, slices), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16, seed=seed)
+    uid = f"{study}.{abs(hash((str(folder), description))) % 10**6}"
+    write_dicom_series(folder, image, uid=uid, description=description, inversion_ms=inversion,
+                       repetition_ms=9000 if inversion else 600, extra={"0020|000d": study})
+    return image
+
+
+def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_model):
+    """A PACS export nests patient / study / series folders: every study below the input is one case,
+    named by its folder's path, its FLAIR picked among its series folders; a study with another study's
+    series beside it is told apart by its Study Instance UID; two studies sharing one folder get _1, _2."""
+    export = tmp_path / "export"
+    flairs = {
+        "PAT1_STU1": _export_series(export / "PAT1" / "STU1" / "SER2", "1.1", "AX T2 FLAIR", 2500, slices=5),
+        "PAT2_STU1": _export_series(export / "PAT2" / "STU1" / "SER1", "2.1", "t2_tirm_tra_dark-fluid", slices=6),
+        "PAT2_STU2_SER1": _export_series(export / "PAT2" / "STU2" / "SER1", "2.2", "FLAIR", slices=3),
+        "PAT3": _export_series(export / "PAT3" / "FL_A", "3.1", "FLAIR", 2500, slices=7),
+        "PAT3_FL_B": _export_series(export / "PAT3" / "FL_B", "3.2", "FLAIR", 2500, slices=8),
+    }
+    _export_series(export / "PAT1" / "STU1" / "SER1", "1.1", "AX T1 SE", slices=3)
+    _export_series(export / "PAT1" / "STU1" / "SER3", "1.1", "AX T2 TSE", slices=3)
+    _export_series(export / "PAT2" / "STU1" / "SER2", "2.1", "sag T1 mprage", slices=3)
+    _export_series(export / "PAT3" / "T1_A", "3.1", "T1", slices=3)
+    (export / "README.txt").write_text("exported by PACS")
+    out = tmp_path / "out"
+    assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    rows = read_summary(out)
+    assert sorted(r["case"] for r in rows) == sorted(flairs) and all(r["status"] == "ok" for r in rows)
+    for case, flair in flairs.items():
+        report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
+        assert len(report["slices"]) == flair.GetSize()[2], case
+        assert io.grid_difference(sitk.ReadImage(str(out / f"{case}_wmh.nrrd")), flair) is None, case
+        assert "T1" not in report["dicom_series"]["description"]
+    # two studies in one patient folder, their series side by side: _1 and _2, each with its own FLAIR
+    flat = tmp_path / "flat"
+    first = _export_series(flat / "P" / "FL_A", "5.1", "FLAIR", 2500, slices=4)
+    second = _export_series(flat / "P" / "FL_B", "5.2", "FLAIR", 2500, slices=6)
+    _export_series(flat / "P" / "T1_A", "5.1", "T1", slices=3)
+    _export_series(flat / "P" / "T1_B", "5.2", "T1", slices=3)
+    studies = io.dicom_studies(flat)
+    assert [(name, folder.name, study) for name, folder, study in studies] == [("P_1", "P", "5.1"), ("P_2", "P", "5.2")]
+    assert main(["segment", str(flat), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    for name, image in (("P_1", first), ("P_2", second)):
+        assert io.grid_difference(sitk.ReadImage(str(tmp_path / "out2" / f"{name}_wmh.nrrd")), image) is None
