@@ -296,7 +296,7 @@ class DicomSeries:
     def as_dict(self, chosen_by: str) -> dict:
         return {"uid": self.uid, "number": self.number, "description": self.description, "images": len(self.files),
                 "inversion_ms": self.inversion_ms, "repetition_ms": self.repetition_ms, "echo_ms": self.echo_ms,
-                "chosen_by": chosen_by}
+                "study_uid": self.study_uid, "chosen_by": chosen_by}
 
 
 def _header_number(reader, key: str) -> float | None:

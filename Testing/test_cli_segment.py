@@ -567,6 +567,8 @@ def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_mo
         assert len(report["slices"]) == flair.GetSize()[2], case
         assert io.grid_difference(sitk.ReadImage(str(out / f"{case}_wmh.nrrd")), flair) is None, case
         assert "T1" not in report["dicom_series"]["description"]
+        assert report["dicom_series"]["study_uid"] == {"PAT1_STU1": "1.1", "PAT2_STU1": "2.1", "PAT2_STU2_SER1": "2.2",
+                                                       "PAT3": "3.1", "PAT3_FL_B": "3.2"}[case]
     # two studies in one patient folder, their series side by side: _1 and _2, each with its own FLAIR
     flat = tmp_path / "flat"
     first = _export_series(flat / "P" / "FL_A", "5.1", "FLAIR", 2500, slices=4)
