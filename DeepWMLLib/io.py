@@ -63,7 +63,7 @@ def shared_data_dir() -> Path | None:
 def case_name(path: str | os.PathLike) -> str:
     """A case name: the file name without its image extensions, or a DICOM folder's name."""
     p = Path(path)
-    name = p.name
+    name = p.name if p.name not in ("", ".", "..") else Path(os.path.abspath(p)).name  # "deepwml segment ."
     for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".dcm",):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -276,6 +276,7 @@ class DicomSeries:
     echo_ms: float | None = None
     number: int | None = None  # the series number (0020,0011), as PACS and the console show it
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
+    in_slice_order: bool = False  # files already sorted by position (a catalogue's series, maybe over several folders)
 
     @property
     def looks_like_flair(self) -> bool:
@@ -376,74 +377,121 @@ def _looks_dicom(name: str) -> bool:
     return not name.startswith(".") and not name.lower().endswith(_NOT_DICOM_SUFFIXES)
 
 
-def _folder_study(folder: Path) -> str | None:
-    """The Study Instance UID of the first DICOM image file directly in `folder` ("" when it has none);
-    None when the folder holds no DICOM image file."""
+@dataclass(frozen=True)
+class DicomStudy:
+    """One study (one Study Instance UID) found under a folder by `dicom_catalogue`, as a case."""
+
+    name: str  # the case name: the folder its files share, as a path under the searched folder
+    folder: Path
+    uid: str | None
+    series: tuple  # DicomSeries, files in slice order
+    date: str = ""
+
+
+def _slice_key(reader, path: str) -> tuple:
+    """Sort key of a file within its series: position along the slice normal, else instance number, else name."""
+    try:
+        position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        normal = np.cross(cosines[:3], cosines[3:6])
+        return (0, float(np.dot(position, normal)), path)
+    except (RuntimeError, ValueError, IndexError):
+        pass
+    number = _header_number(reader, "0020|0013")
+    return (1, number if number is not None else 0.0, path)
+
+
+def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
+    """Every DICOM image file under `root` (symbolic links followed, each folder once; hidden ones and
+    known non-DICOM files skipped), its header read once, grouped into series (Series Instance UID,
+    wherever their files lie) and studies (Study Instance UID; files without one make a study of their
+    folder's). Returns (the studies, in name order; the folders that could not be read). Each study is
+    named by the folder its files share, as a path under `root` joined with "_" (`root`'s own name when
+    it is `root`); studies that would share a name get their study date, then the end of their UID."""
     import SimpleITK as sitk
 
+    root = Path(os.path.abspath(root))
+    problems: list[str] = []
+    series: dict = {}  # series UID -> {"files": [(key, path)], "header": ..., "study": ...}
+    visited = set()
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        for f in sorted(folder.iterdir()):
-            if not _looks_dicom(f.name) or not f.is_file():
+        walk = os.walk(root, followlinks=True,
+                       onerror=lambda exc: problems.append(f"{exc.filename} cannot be read ({exc.strerror})"))
+        for current, dirs, files in walk:
+            real = os.path.realpath(current)
+            if real in visited:  # a link back into the tree: each folder once
+                dirs[:] = []
                 continue
-            reader.SetFileName(str(f))
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError:
-                continue
-            if reader.HasMetaDataKey("0020|000e"):
-                return reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
+            visited.add(real)
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                path = os.path.join(current, name)
+                if not _looks_dicom(name) or not os.path.isfile(path):
+                    continue
+                reader.SetFileName(path)
+                try:
+                    reader.ReadImageInformation()
+                    uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else ""
+                except RuntimeError:
+                    continue  # not DICOM, or no image
+                if not uid:
+                    continue
+                entry = series.get(uid)
+                if entry is None:
+                    header = _series_header(reader)
+                    study = header[5] or f"(no study UID) {current}"
+                    date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
+                    entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
+                entry["files"].append((_slice_key(reader, path), path))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-    return None
-
-
-def dicom_folders(root: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(folder, its Study Instance UID) of every folder under `root` (itself included) that holds DICOM
-    image files directly, in path order; hidden folders are skipped."""
+    studies: dict = {}
+    for uid, entry in series.items():
+        files = tuple(path for _, path in sorted(entry["files"]))
+        header = entry["header"]
+        studies.setdefault(entry["study"], []).append(
+            (DicomSeries(uid, header[0], files, *header[1:5], header[5], True), entry["date"]))
     found = []
-    for current, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if any(_looks_dicom(f) for f in files):
-            study = _folder_study(Path(current))
-            if study is not None:
-                found.append((Path(current), study))
-    return found
-
-
-def dicom_studies(root: str | os.PathLike) -> list[tuple[str, Path, str | None]]:
-    """The DICOM studies found under `root`, as cases: (name, folder, study UID or None). A PACS export
-    nests patient / study / series folders: the series folders of one study (one Study Instance UID) make
-    one case, read from the folder they share, the FLAIR chosen among them as in a study folder; its name
-    is that folder's path under `root` joined with "_" (`root`'s own name when it is `root`), with "_1",
-    "_2", ... when studies share the folder. A study in one folder of its own gets no UID filter (it is
-    read as any DICOM folder)."""
-    root = Path(root)
-    groups: dict = {}
-    for folder, study in dicom_folders(root):
-        groups.setdefault(study or f"(no study UID) {folder}", []).append(folder)
-    found = [(Path(os.path.commonpath(folders)), key, len(folders) > 1) for key, folders in groups.items()]
-    shared = {}
-    for folder, _, _ in found:
-        shared[folder] = shared.get(folder, 0) + 1
-    cases, seen = [], {}
-    for folder, key, several in found:
+    for key, members in studies.items():
+        folder = Path(os.path.commonpath([os.path.dirname(f) for s, _ in members for f in s.files]))
         relative = folder.relative_to(root)
         name = case_name(root) if relative == Path(".") else "_".join(relative.parts)
-        if shared[folder] > 1:
-            seen[folder] = seen.get(folder, 0) + 1
-            name = f"{name}_{seen[folder]}"
-        whole = several or shared[folder] > 1  # the folder's subtree may hold other studies' series
-        cases.append((name, folder, None if not whole or key.startswith("(no study UID)") else key))
-    return cases
+        ordered = tuple(sorted((s for s, _ in members), key=lambda s: (s.number is None, s.number or 0, s.uid)))
+        uid = None if key.startswith("(no study UID)") else key
+        found.append(DicomStudy(name, folder, uid, ordered, members[0][1]))
+    counts: dict = {}
+    for study in found:
+        counts[study.name] = counts.get(study.name, 0) + 1
+    named = []
+    for study in found:  # names that stay when more studies are added: the date, then the UID's end
+        if counts[study.name] > 1:
+            same_day = sum(1 for other in found if other.name == study.name and other.date == study.date)
+            suffix = study.date or "nodate"
+            if same_day > 1:
+                suffix += "_" + (study.uid or "nouid").replace(".", "")[-8:]
+            study = DicomStudy(f"{study.name}_{suffix}", study.folder, study.uid, study.series, study.date)
+        named.append(study)
+    return sorted(named, key=lambda s: s.name), problems
+
+
+def has_dicom_below(folder: str | os.PathLike) -> bool:
+    """Whether a folder's subfolders (at any depth) hold files that may be DICOM."""
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if current != str(folder) and any(_looks_dicom(f) for f in files):
+            return True
+    return False
 
 
 def sorted_series_files(series: DicomSeries) -> list[str]:
     """A series' files in slice order (GDCM sorts them by position along the slice normal)."""
     import SimpleITK as sitk
 
+    if series.in_slice_order:
+        return list(series.files)
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(series.files[0]).parent), series.uid)
     return list(files) or list(series.files)
 
@@ -461,20 +509,27 @@ def _listing(first: list, rest: list) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more else "")
 
 
+class NoFlairSeries(DeepWMLError):
+    """A study found in an export without a FLAIR-like series: skipped, not failed (other exams are expected)."""
+
+
 def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
-                        option: str | None = "--series", study: str | None = None) -> tuple[DicomSeries, str]:
+                        option: str | None = "--series", candidates: Sequence[DicomSeries] | None = None,
+                        strict: bool = False) -> tuple[DicomSeries, str]:
     """The series to read from a DICOM folder and how it was chosen. `choice` (given as `option` on the
     command line; None where a command has no such option) names it: its series UID, its series number,
     its description (case-insensitive; whole, else a part); without one, the only series, else the only
     one that looks like a FLAIR (an inversion time of 1.5-3 s, or without one a FLAIR description; never
     T1, STIR or DIR). A folder without DICOM files of its own (a study exported as one folder per series)
-    offers the series of every folder below it; `study` (a Study Instance UID) keeps those of that study
-    only. Raises DeepWMLError, listing the series (candidates first), when that is not exactly one."""
+    offers the series of every folder below it (`dicom_catalogue`); `candidates` gives the series instead
+    (a study of a catalogue). `strict`: a lone series is taken only if it looks like a FLAIR (a study found
+    in an export; raises NoFlairSeries otherwise). Raises DeepWMLError, listing the series (candidates
+    first), when that is not exactly one."""
     folder = Path(folder)
-    series = dicom_series(folder)
-    if not series or study:  # a study exported as one folder per series: the series of the folders below
-        series = [s for f, _ in dicom_folders(folder) for s in dicom_series(f)]
-        series = sorted((s for s in series if study is None or s.study_uid == study),
+    series = list(candidates) if candidates is not None else dicom_series(folder)
+    if not series and candidates is None:  # a study exported as one folder per series: those below
+        studies, _ = dicom_catalogue(folder)
+        series = sorted((s for study in studies for s in study.series),
                         key=lambda s: (s.number is None, s.number or 0, s.uid))
     if not series:
         raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
@@ -491,12 +546,15 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         found = "none" if not matches else f"{len(matches)}"
         raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
                            f"{choice!r}: {_listing(matches, [s for s in series if s not in matches])}; {how}")
-    if len(series) == 1:
+    if len(series) == 1 and not strict:
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]
     if len(flair) == 1:
         return flair[0], f"the only one of {len(series)} series that looks like a FLAIR"
     found = "none looks" if not flair else f"{len(flair)} look"
+    if strict and not flair:
+        raise NoFlairSeries(f"{folder} holds {len(series)} DICOM series and none looks like a FLAIR by its inversion "
+                            f"time or description: {_listing([], series)}; {how}")
     raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} like a FLAIR by its inversion time "
                        f"or description: {_listing(flair, [s for s in series if s not in flair])}; {how}")
 

@@ -207,21 +207,29 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
 # Batch of cases (the CLI)
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path, str | None]]:
-    """(case name, path, study UID or None) for each image file, DICOM folder, or image file inside a plain
-    folder; the DICOM series folders anywhere below a plain folder are grouped by study (io.dicom_studies:
-    a PACS export's patient / study / series folders give one case per study)."""
+def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
+    """(case name, path, DICOM study or None) for each image file, DICOM folder, or image file inside a
+    plain folder. A folder whose subfolders hold DICOM files is searched whole (io.dicom_catalogue: a PACS
+    export's patient / study / series folders, any depth): each study below it is a case, its FLAIR picked
+    among its series (a study without one is skipped). A folder that cannot be read is a failing case."""
     cases = []
     for raw in inputs:
         path = Path(raw)
-        if path.is_dir() and not io.is_dicom_folder(path):
-            images = [(io.case_name(p), p, None) for p in path.iterdir() if p.is_file() and io.is_image_file(p)]
-            studies = io.dicom_studies(path) if any(p.is_dir() for p in path.iterdir()) else []
-            if not images and not studies:
-                cases.append((io.case_name(path), path, None))  # reported as an error for that input
-            cases.extend(sorted(images + studies, key=lambda c: str(c[1])))
-        else:
-            cases.append((io.case_name(path), path, None))
+        try:
+            export = path.is_dir() and io.has_dicom_below(path)
+            if path.is_dir() and (export or not io.is_dicom_folder(path)):
+                images = [(io.case_name(p), p, None) for p in path.iterdir() if p.is_file() and io.is_image_file(p)]
+                studies, problems = io.dicom_catalogue(path) if export else ([], [])
+                found = images + [(study.name, study.folder, study) for study in studies]
+                if not found and not problems:
+                    cases.append((io.case_name(path), path, None))  # reported as an error for that input
+                cases.extend(sorted(found, key=lambda c: (str(c[1]), c[0])))
+                cases.extend((f"{io.case_name(path)} (unreadable folder)", Path(problem.split(" cannot be read")[0]),
+                              DeepWMLError(problem)) for problem in problems)
+            else:
+                cases.append((io.case_name(path), path, None))
+        except OSError as exc:
+            cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
     return cases
 
 
@@ -251,11 +259,12 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
-                 dicom_outline: bool = False, study: str | None = None) -> dict:
+                 dicom_outline: bool = False, study: io.DicomStudy | None = None) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
-    the Study Instance UID of a study whose series lie in the folders below `path` (expand_inputs)."""
+    a study found in an export (expand_inputs): its series are the candidates, and it is skipped
+    (NoFlairSeries) when none looks like a FLAIR."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline)
@@ -272,7 +281,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         check_outline_folder(paths["dicom_outline"], overwrite)
     if path.is_dir() and study is None and not io.is_dicom_folder(path):
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series")
-    chosen = io.choose_dicom_series(path, series, study=study) if path.is_dir() else None
+    chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
+              if path.is_dir() else None)
     image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            batch_size, progress, cancel, backend, brain_model, precision)
@@ -350,7 +360,12 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
             if case in seen:
                 raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
             seen.add(case)
+            if isinstance(study, DeepWMLError):  # a folder of the input that could not be read
+                raise study
             row = segment_case(case, path, out, models, device, progress=progress, study=study, **options)
+        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
+            row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
+                   "seconds": round(time.perf_counter() - start, 3)}
         except Exception as exc:  # one bad case never stops the others
             if debug:
                 traceback.print_exc()
@@ -468,9 +483,10 @@ def register(subparsers) -> None:
     p.add_argument("--dicom-outline", action="store_true", help="for a DICOM input, also write CASE_outline_dicom/: "
                    "the FLAIR with the lesions outlined in red as a new series of the same study (Secondary Capture, "
                    "on the input's slices), to read the result in a PACS viewer")
-    p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the one whose description "
-                   "contains TEXT (case-insensitive) or whose series UID is TEXT (default: the only one that looks like a "
-                   "FLAIR by its description or inversion time)")
+    p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the one whose series "
+                   "number is TEXT, whose description is or contains TEXT (case-insensitive) or whose series UID is TEXT "
+                   "(default: the only one that looks like a FLAIR by its description or inversion time); for an "
+                   "export of several studies, it applies to every study")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 

@@ -533,18 +533,19 @@ def test_warnings_are_one_line(tmp_path, monkeypatch, capsys):
         assert warnings.showwarning is before  # the library's callers keep their own warning display
 
 
-def _export_series(folder, study, description, inversion=None, slices=4, seed=0):
+def _export_series(folder, study, description, inversion=None, slices=4, seed=0, date="20260110", prefix="slice"):
     image, _ = make_volume(size=(28, 24, slices), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16, seed=seed)
-    uid = f"{study}.{abs(hash((str(folder), description))) % 10**6}"
-    write_dicom_series(folder, image, uid=uid, description=description, inversion_ms=inversion,
-                       repetition_ms=9000 if inversion else 600, extra={"0020|000d": study})
+    uid = f"{study}.{sum(map(ord, str(folder) + description)) % 10**6}"
+    write_dicom_series(folder, image, uid=uid, description=description, inversion_ms=inversion, prefix=prefix,
+                       repetition_ms=9000 if inversion else 600, extra={"0020|000d": study, "0008|0020": date})
     return image
 
 
 def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_model):
-    """A PACS export nests patient / study / series folders: every study below the input is one case,
-    named by its folder's path, its FLAIR picked among its series folders; a study with another study's
-    series beside it is told apart by its Study Instance UID; two studies sharing one folder get _1, _2."""
+    """A PACS export nests patient / study / series folders: every study below the input (its Study
+    Instance UID, wherever its files lie) is one case, named by the folder its files share, its FLAIR
+    picked among its series; a study without a FLAIR-like series is skipped, not failed; a stray image at
+    the top does not hide the studies below; symbolic links are followed."""
     export = tmp_path / "export"
     flairs = {
         "PAT1_STU1": _export_series(export / "PAT1" / "STU1" / "SER2", "1.1", "AX T2 FLAIR", 2500, slices=5),
@@ -557,26 +558,48 @@ def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_mo
     _export_series(export / "PAT1" / "STU1" / "SER3", "1.1", "AX T2 TSE", slices=3)
     _export_series(export / "PAT2" / "STU1" / "SER2", "2.1", "sag T1 mprage", slices=3)
     _export_series(export / "PAT3" / "T1_A", "3.1", "T1", slices=3)
+    _export_series(export / "PAT4" / "STU1" / "SER1", "4.1", "sag T1 mprage", slices=3)  # no FLAIR: skipped
+    _export_series(export, "9.9", "key image", slices=1, prefix="key")  # a stray image at the top: skipped
     (export / "README.txt").write_text("exported by PACS")
+    (tmp_path / "elsewhere").mkdir()
+    flairs["PAT5_FLAIR"] = _export_series(tmp_path / "elsewhere" / "FLAIR", "5.1", "FLAIR", 2500, slices=4)
+    (export / "PAT5").symlink_to(tmp_path / "elsewhere")
     out = tmp_path / "out"
     assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
-    rows = read_summary(out)
-    assert sorted(r["case"] for r in rows) == sorted(flairs) and all(r["status"] == "ok" for r in rows)
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert sorted(rows) == sorted([*flairs, "PAT4_STU1_SER1", "export"])
+    for skipped in ("PAT4_STU1_SER1", "export"):
+        assert rows[skipped]["status"] == "skipped" and "none looks like a FLAIR" in rows[skipped]["error"]
+    assert all(rows[case]["status"] == "ok" for case in flairs)
+    studies = {"PAT1_STU1": "1.1", "PAT2_STU1": "2.1", "PAT2_STU2_SER1": "2.2", "PAT3": "3.1", "PAT3_FL_B": "3.2",
+               "PAT5_FLAIR": "5.1"}
     for case, flair in flairs.items():
         report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
         assert len(report["slices"]) == flair.GetSize()[2], case
         assert io.grid_difference(sitk.ReadImage(str(out / f"{case}_wmh.nrrd")), flair) is None, case
-        assert "T1" not in report["dicom_series"]["description"]
-        assert report["dicom_series"]["study_uid"] == {"PAT1_STU1": "1.1", "PAT2_STU1": "2.1", "PAT2_STU2_SER1": "2.2",
-                                                       "PAT3": "3.1", "PAT3_FL_B": "3.2"}[case]
-    # two studies in one patient folder, their series side by side: _1 and _2, each with its own FLAIR
+        assert "T1" not in report["dicom_series"]["description"] and report["dicom_series"]["study_uid"] == studies[case]
+
+
+def test_studies_sharing_folders_and_series_split_over_folders(tmp_path, tiny_model):
+    """Two visits' files in one folder are two cases, named by their study dates (names that stay when a
+    third visit is added); a series whose files lie in two folders is read whole, in slice order."""
     flat = tmp_path / "flat"
-    first = _export_series(flat / "P" / "FL_A", "5.1", "FLAIR", 2500, slices=4)
-    second = _export_series(flat / "P" / "FL_B", "5.2", "FLAIR", 2500, slices=6)
-    _export_series(flat / "P" / "T1_A", "5.1", "T1", slices=3)
-    _export_series(flat / "P" / "T1_B", "5.2", "T1", slices=3)
-    studies = io.dicom_studies(flat)
-    assert [(name, folder.name, study) for name, folder, study in studies] == [("P_1", "P", "5.1"), ("P_2", "P", "5.2")]
-    assert main(["segment", str(flat), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu"]) == 0
-    for name, image in (("P_1", first), ("P_2", second)):
-        assert io.grid_difference(sitk.ReadImage(str(tmp_path / "out2" / f"{name}_wmh.nrrd")), image) is None
+    first = _export_series(flat / "P", "6.1", "FLAIR", 2500, slices=4, date="20250101", prefix="a")
+    second = _export_series(flat / "P", "6.2", "FLAIR", 2500, slices=6, date="20260101", prefix="b")
+    _export_series(flat / "P", "6.1", "T1", slices=3, date="20250101", prefix="c")
+    names = [study.name for study in io.dicom_catalogue(flat)[0]]
+    assert names == ["P_20250101", "P_20260101"]
+    _export_series(flat / "P", "6.0", "FLAIR", 2500, slices=3, date="20240101", prefix="d")
+    assert [study.name for study in io.dicom_catalogue(flat)[0]] == ["P_20240101", "P_20250101", "P_20260101"]
+    out = tmp_path / "out"
+    assert main(["segment", str(flat), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    for name, image in (("P_20250101", first), ("P_20260101", second)):
+        assert io.grid_difference(sitk.ReadImage(str(out / f"{name}_wmh.nrrd")), image) is None
+    split = tmp_path / "split" / "STU"
+    whole = _export_series(split / "SER1", "7.1", "FLAIR", 2500, slices=6)
+    for k in (1, 3, 5):  # every other slice moved to a second folder, as some exports split large series
+        (split / "SER2").mkdir(exist_ok=True)
+        (split / "SER1" / f"slice{k:03d}.dcm").rename(split / "SER2" / f"slice{k:03d}.dcm")
+    assert main(["segment", str(tmp_path / "split"), "-o", str(tmp_path / "out2"), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    assert io.grid_difference(sitk.ReadImage(str(tmp_path / "out2" / "STU_wmh.nrrd")), whole) is None
