@@ -603,3 +603,25 @@ def test_studies_sharing_folders_and_series_split_over_folders(tmp_path, tiny_mo
     assert main(["segment", str(tmp_path / "split"), "-o", str(tmp_path / "out2"), "--model", str(tiny_model),
                  "--device", "cpu"]) == 0
     assert io.grid_difference(sitk.ReadImage(str(tmp_path / "out2" / "STU_wmh.nrrd")), whole) is None
+
+
+def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, tiny_model, monkeypatch):
+    """A subfolder the user may not read (a permission problem; simulated, since tests may run as root) is
+    named in summary.csv as a failing case, and the readable studies still run."""
+    export = tmp_path / "export"
+    _export_series(export / "PAT1" / "SER1", "1.1", "FLAIR", 2500)
+    _export_series(export / "PAT2" / "SER1", "2.1", "FLAIR", 2500)
+    locked = str(export / "PAT2")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    rows = read_summary(out)
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[0]["case"] == "PAT1_SER1"
+    assert rows[1]["error"] == f"{locked} cannot be read (Permission denied)"
