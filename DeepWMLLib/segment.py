@@ -357,11 +357,11 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
         try:
+            if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
+                raise study
             if case in seen:
                 raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
             seen.add(case)
-            if isinstance(study, DeepWMLError):  # a folder of the input that could not be read
-                raise study
             row = segment_case(case, path, out, models, device, progress=progress, study=study, **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),

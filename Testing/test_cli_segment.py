@@ -611,11 +611,12 @@ def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, 
     export = tmp_path / "export"
     _export_series(export / "PAT1" / "SER1", "1.1", "FLAIR", 2500)
     _export_series(export / "PAT2" / "SER1", "2.1", "FLAIR", 2500)
-    locked = str(export / "PAT2")
+    _export_series(export / "PAT3" / "SER1", "3.1", "FLAIR", 2500)
+    locked, also = str(export / "PAT2"), str(export / "PAT3")
     real_scandir = os.scandir
 
     def scandir(path="."):
-        if str(path) == locked:
+        if str(path) in (locked, also):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
@@ -623,5 +624,5 @@ def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, 
     out = tmp_path / "out"
     assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
     rows = read_summary(out)
-    assert [r["status"] for r in rows] == ["ok", "error"] and rows[0]["case"] == "PAT1_SER1"
-    assert rows[1]["error"] == f"{locked} cannot be read (Permission denied)"
+    assert [r["status"] for r in rows] == ["ok", "error", "error"] and rows[0]["case"] == "PAT1_SER1"
+    assert [r["error"] for r in rows[1:]] == [f"{folder} cannot be read (Permission denied)" for folder in (locked, also)]
