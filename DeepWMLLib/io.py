@@ -478,8 +478,15 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
 
 
 def has_dicom_below(folder: str | os.PathLike) -> bool:
-    """Whether a folder's subfolders (at any depth) hold files that may be DICOM."""
+    """Whether a folder's subfolders (at any depth, symbolic links followed, each folder once) hold files
+    that may be DICOM."""
+    visited = set()
     for current, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         if current != str(folder) and any(_looks_dicom(f) for f in files):
             return True

@@ -564,6 +564,7 @@ def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_mo
     (tmp_path / "elsewhere").mkdir()
     flairs["PAT5_FLAIR"] = _export_series(tmp_path / "elsewhere" / "FLAIR", "5.1", "FLAIR", 2500, slices=4)
     (export / "PAT5").symlink_to(tmp_path / "elsewhere")
+    (export / "PAT1" / "loop").symlink_to(export)  # a link back up the tree: followed once, no endless walk
     out = tmp_path / "out"
     assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
     rows = {r["case"]: r for r in read_summary(out)}

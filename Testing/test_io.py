@@ -286,3 +286,12 @@ def test_empty_segmentation_file_reads_back_empty(tmp_path):
     seg = slicerio.read_segmentation(str(path))
     assert seg["segments"][0]["extent"] == [0, -1, 0, -1, 0, -1]
     assert sitk.GetArrayFromImage(io.read_segmentation(path)).sum() == 0
+
+
+def test_searching_a_tree_with_a_link_loop_ends(tmp_path):
+    """A symbolic link back up the tree (as some exports and mounts have) is followed once, not forever."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "up").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("no DICOM here")
+    assert not io.has_dicom_below(tmp_path / "a")
+    assert io.dicom_catalogue(tmp_path / "a") == ([], [])
