@@ -423,7 +423,7 @@ def _run(args) -> int:
     made = not out_dir.exists()
     progress = StageProgress(sys.stderr)
 
-    scans = [path for _, path in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
+    scans = [case[1] for case in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
     io.make_output_dir(out_dir)  # checked (writable) before the minutes of work
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,

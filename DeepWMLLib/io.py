@@ -277,10 +277,17 @@ class DicomSeries:
     number: int | None = None  # the series number (0020,0011), as PACS and the console show it
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
     in_slice_order: bool = False  # files already sorted by position (a catalogue's series, maybe over several folders)
+    modality: str | None = None  # (0008,0060): MR for a FLAIR
+
+    @property
+    def unlabelled(self) -> bool:
+        """Nothing in the header says what it is (no description, no inversion time; MR or no modality),
+        as in exports that strip descriptions."""
+        return not self.description and self.inversion_ms is None and self.modality in (None, "MR")
 
     @property
     def looks_like_flair(self) -> bool:
-        if _NOT_FLAIR_DESCRIPTION.search(self.description):
+        if _NOT_FLAIR_DESCRIPTION.search(self.description) or self.modality not in (None, "MR"):
             return False
         if self.inversion_ms is not None:  # the sequence's own timing rules over its name
             return (FLAIR_INVERSION_MS[0] <= self.inversion_ms <= FLAIR_INVERSION_MS[1]
@@ -316,7 +323,9 @@ def _series_header(reader) -> tuple:
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
                                            ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
     study = reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
-    return description, inversion, repetition, echo, None if number is None else int(number), study or None
+    modality = reader.GetMetaData("0008|0060").strip(" \0").upper() if reader.HasMetaDataKey("0008|0060") else ""
+    return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
+            modality or None)
 
 
 def _headers_by_series(folder: Path) -> dict:
@@ -361,7 +370,7 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         files, header = groups.get(uid, ((), None))
         if header is None:  # a series the header pass did not group (its UID written otherwise): GDCM's own list
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-            header = ("", None, None, None, None, None)
+            header = ("", None, None, None, None, None, None)
             reader = sitk.ImageFileReader()
             reader.SetFileName(files[0])
             try:
@@ -369,7 +378,7 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
                 header = _series_header(reader)
             except RuntimeError:
                 pass  # an unreadable header: the series is still listed, reading it will say what is wrong
-        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:]))
+        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:6], modality=header[6]))
     return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
@@ -453,7 +462,7 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
         files = tuple(path for _, path in sorted(entry["files"]))
         header = entry["header"]
         studies.setdefault(entry["study"], []).append(
-            (DicomSeries(uid, header[0], files, *header[1:5], header[5], True), entry["date"]))
+            (DicomSeries(uid, header[0], files, *header[1:6], in_slice_order=True, modality=header[6]), entry["date"]))
     found = []
     for key, members in studies.items():
         folder = Path(os.path.commonpath([os.path.dirname(f) for s, _ in members for f in s.files]))
@@ -529,8 +538,8 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
     one that looks like a FLAIR (an inversion time of 1.5-3 s, or without one a FLAIR description; never
     T1, STIR or DIR). A folder without DICOM files of its own (a study exported as one folder per series)
     offers the series of every folder below it (`dicom_catalogue`); `candidates` gives the series instead
-    (a study of a catalogue). `strict`: a lone series is taken only if it looks like a FLAIR (a study found
-    in an export; raises NoFlairSeries otherwise). Raises DeepWMLError, listing the series (candidates
+    (a study of a catalogue). `strict`: a lone series is taken only if it looks like a FLAIR or nothing
+    says what it is (a study found in an export; raises NoFlairSeries otherwise). Raises DeepWMLError, listing the series (candidates
     first), when that is not exactly one."""
     folder = Path(folder)
     series = list(candidates) if candidates is not None else dicom_series(folder)
@@ -553,7 +562,7 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         found = "none" if not matches else f"{len(matches)}"
         raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
                            f"{choice!r}: {_listing(matches, [s for s in series if s not in matches])}; {how}")
-    if len(series) == 1 and not strict:
+    if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]
     if len(flair) == 1:

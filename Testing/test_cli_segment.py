@@ -565,20 +565,26 @@ def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_mo
     flairs["PAT5_FLAIR"] = _export_series(tmp_path / "elsewhere" / "FLAIR", "5.1", "FLAIR", 2500, slices=4)
     (export / "PAT5").symlink_to(tmp_path / "elsewhere")
     (export / "PAT1" / "loop").symlink_to(export)  # a link back up the tree: followed once, no endless walk
+    unlabelled, _ = make_volume(size=(28, 24, 5), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(export / "PAT6" / "S1", unlabelled, uid="6.1.1", extra={"0020|000d": "6.1"})  # stripped header
+    flairs["PAT6_S1"] = unlabelled
+    write_dicom_series(export / "PAT7" / "S1", unlabelled, uid="7.1.1", description="Head 5mm",
+                       extra={"0020|000d": "7.1", "0008|0060": "CT"})  # another exam: skipped
     out = tmp_path / "out"
     assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
     rows = {r["case"]: r for r in read_summary(out)}
-    assert sorted(rows) == sorted([*flairs, "PAT4_STU1_SER1", "export"])
-    for skipped in ("PAT4_STU1_SER1", "export"):
+    assert sorted(rows) == sorted([*flairs, "PAT4_STU1_SER1", "export", "PAT7_S1"])
+    for skipped in ("PAT4_STU1_SER1", "export", "PAT7_S1"):
         assert rows[skipped]["status"] == "skipped" and "none looks like a FLAIR" in rows[skipped]["error"]
     assert all(rows[case]["status"] == "ok" for case in flairs)
     studies = {"PAT1_STU1": "1.1", "PAT2_STU1": "2.1", "PAT2_STU2_SER1": "2.2", "PAT3": "3.1", "PAT3_FL_B": "3.2",
-               "PAT5_FLAIR": "5.1"}
+               "PAT5_FLAIR": "5.1", "PAT6_S1": "6.1"}
     for case, flair in flairs.items():
         report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
         assert len(report["slices"]) == flair.GetSize()[2], case
         assert io.grid_difference(sitk.ReadImage(str(out / f"{case}_wmh.nrrd")), flair) is None, case
-        assert "T1" not in report["dicom_series"]["description"] and report["dicom_series"]["study_uid"] == studies[case]
+        assert "T1" not in (report["dicom_series"]["description"] or "")
+        assert report["dicom_series"]["study_uid"] == studies[case]
 
 
 def test_studies_sharing_folders_and_series_split_over_folders(tmp_path, tiny_model):

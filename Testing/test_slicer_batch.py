@@ -154,3 +154,25 @@ def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_p
     with pytest.raises(SystemExit) as usage:
         batchScript.main(["--output-dir", str(out)])
     assert usage.value.code == 2
+
+
+def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """DICOM below the input folder, nested as PACS exports are: one case per study, its FLAIR read on its
+    own grid; a study without a FLAIR-like series is skipped, not failed."""
+    from conftest import write_dicom_series
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    other, _ = make_volume(size=(40, 36, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "PAT1" / "STU1" / "SER1", other, uid="1.1.1", description="AX T1", extra={"0020|000d": "1.1"})
+    write_dicom_series(inputs / "PAT1" / "STU1" / "SER2", flair, uid="1.1.2", description="AX FLAIR",
+                       extra={"0020|000d": "1.1"})
+    write_dicom_series(inputs / "PAT2" / "STU1" / "SER1", other, uid="2.1.1", description="sag T1 mprage",
+                       extra={"0020|000d": "2.1"})
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    rows = summary(out)
+    assert rows["PAT1_STU1"]["status"] == "ok" and rows["PAT2_STU1_SER1"]["status"] == "skipped"
+    assert "none looks like a FLAIR" in rows["PAT2_STU1_SER1"]["error"]
+    assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None

@@ -5,8 +5,9 @@
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
-Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) and DICOM series folder in IN is a case; its
-name without extension is CASE. OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
+Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
+CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per study named as `deepwml
+segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
 and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.png (the same names as
 `deepwml segment`), and summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
@@ -67,7 +68,10 @@ def findReference(referenceDir: Path, case: str):
     return prefixed[0] if prefixed else None
 
 
-def loadFlair(path: Path, case: str):
+def loadFlair(path: Path, case: str, study=None):
+    if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
+        series, _ = io.choose_dicom_series(path, candidates=study.series, strict=True)
+        return mrml.volumeFromImage(io.read_image(path, series=series), case)
     if path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
         return mrml.volumeFromImage(io.read_image(path), case)
     return mrml.loadVolumeFile(str(path), case)
@@ -79,7 +83,7 @@ def loadReference(path: Path):
     return mrml.loadVolumeFile(str(path), io.case_name(path) + " reference", labelmap=True)
 
 
-def segmentCase(logic, case: str, path: Path, args) -> dict:
+def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
     from DeepWMLLib.evaluation import write_json
     from DeepWMLLib.segment import output_paths
 
@@ -93,7 +97,7 @@ def segmentCase(logic, case: str, path: Path, args) -> dict:
     reference = findReference(args.reference_dir, case) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
-        volumeNode = loadFlair(path, case)
+        volumeNode = loadFlair(path, case, study)
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta,
@@ -151,10 +155,14 @@ def main(argv) -> int:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
     rows = []
-    for case, path in expand_inputs([str(args.input_dir)]):
+    for case, path, study in expand_inputs([str(args.input_dir)]):
         start = time.perf_counter()
         try:
-            row = segmentCase(logic, case, path, args)
+            if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
+                raise study
+            row = segmentCase(logic, case, path, args, study)
+        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
+            row = {"status": "skipped", "error": str(exc)}
         except Exception as exc:  # one bad case never stops the others
             if args.debug:
                 traceback.print_exc()
