@@ -580,13 +580,50 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sorted_series_files(series))
+    files = sorted_series_files(series)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "missing slices" warning: checked and said below
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise DeepWMLError(f"{path}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
+        _check_slice_spacing(path, [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
+                                    for k in range(len(files))], image)
     return image
+
+
+def _check_slice_spacing(path, positions: list[str], image) -> None:
+    """Refuse a series whose slices are not evenly spaced: an incomplete transfer (slices missing) or two
+    images at one position would be put on a regular grid with a wrong position for every slice after it,
+    and wrong volumes."""
+    try:
+        points = np.array([[float(v) for v in text.split("\\")] for text in positions])
+    except ValueError:
+        return  # positions not given: nothing to check against
+    if points.shape != (len(positions), 3):
+        return
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    along = points @ direction[:, 2]
+    steps = np.diff(along)
+    typical = float(np.median(np.abs(steps)))
+    if typical <= 0:
+        raise DeepWMLError(f"{path}: the DICOM series has several images at each slice position (echoes or "
+                           "repeats?); export the FLAIR series alone")
+    odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > 0.2 * typical)
+    if odd.size:
+        k = int(odd[0])
+        missing = int(round(abs(steps[k]) / typical)) - 1
+        what = (f"about {missing} slice(s) missing" if missing >= 1 else
+                "two images at one position" if abs(steps[k]) < 0.2 * typical else "uneven slice spacing")
+        raise DeepWMLError(f"{path}: the slices of the DICOM series are not evenly spaced ({abs(steps[k]):.2f} mm between "
+                           f"images {k + 1} and {k + 2}, {typical:.2f} mm elsewhere: {what}); the transfer may be "
+                           "incomplete: export the series again")
 
 
 def _check_layout(path, dimension: int, size, components: int) -> None:

@@ -58,6 +58,7 @@ BAD_INPUTS = [
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
+    ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -205,6 +206,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                uid=f"1.2.{number}", description=description, prefix=f"s{number}_")
         return seg + [str(tmp / "in" / "study")]
+    if row_id.startswith("a DICOM series with a slice missing"):
+        folder = write_dicom_series(tmp / "in" / "gap", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        (folder / "slice002.dcm").unlink()
+        return seg + [str(folder)]
     if row_id == "--dicom-outline with a NIfTI input":
         return seg + [str(p["good"]), "--dicom-outline"]
     if row_id == "--dicom-outline where the outline folder holds other files":

@@ -295,3 +295,15 @@ def test_searching_a_tree_with_a_link_loop_ends(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("no DICOM here")
     assert not io.has_dicom_below(tmp_path / "a")
     assert io.dicom_catalogue(tmp_path / "a") == ([], [])
+
+
+def test_a_series_with_a_slice_missing_is_refused(tmp_path):
+    """An incomplete transfer (a slice file missing) would be read onto a regular grid with every later
+    slice misplaced: refused, saying where the gap is."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    folder = write_dicom_series(tmp_path / "gap", image, description="FLAIR")
+    assert io.read_image(folder).GetSize()[2] == 8  # whole: read
+    (folder / "slice004.dcm").unlink()
+    with pytest.raises(DeepWMLError, match=r"10.00 mm between images 4 and 5, 5.00 mm elsewhere: about 1 slice\(s\) missing"):
+        io.read_image(folder)
