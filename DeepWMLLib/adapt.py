@@ -60,13 +60,15 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
     return plan.network_slices(stack, plan.kept, preprocessing).astype(np.float32, copy=False), int(stack.shape[0])
 
 
-def network_slices(paths: Sequence[str | Path], preprocessing) -> tuple[np.ndarray, list[dict]]:
-    """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts."""
+def network_slices(paths: Sequence, preprocessing) -> tuple[np.ndarray, list[dict]]:
+    """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts.
+    A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it)."""
     from . import io
 
     chunks, facts, seen = [], [], {}
-    for path in paths:
-        image = io.read_image(path)
+    for item in paths:
+        path, series = item if isinstance(item, tuple) else (item, None)
+        image = io.read_image(path, series=series)
         io.check_volume(image)
         digest = hashlib.sha256(np.ascontiguousarray(io.voxels(image)).tobytes()).hexdigest()
         if digest in seen:  # the same voxels twice (one file listed twice, or in two formats)
@@ -423,7 +425,17 @@ def _run(args) -> int:
     made = not out_dir.exists()
     progress = StageProgress(sys.stderr)
 
-    scans = [case[1] for case in expand_inputs(args.scans)]  # a folder stands for the images in it, as in segment
+    scans = []  # a folder stands for the images in it, and each DICOM study below it for its FLAIR, as in segment
+    for case, path, study in expand_inputs(args.scans):
+        if isinstance(study, DeepWMLError):  # a folder that could not be read
+            raise study
+        if study is None:
+            scans.append(path)
+            continue
+        try:
+            scans.append((path, io.choose_dicom_series(path, candidates=study.series, strict=True)[0]))
+        except io.NoFlairSeries as exc:
+            print(f"{case}: skipped - {exc}", file=sys.stderr)
     io.make_output_dir(out_dir)  # checked (writable) before the minutes of work
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,

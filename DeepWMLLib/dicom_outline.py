@@ -41,7 +41,7 @@ import numpy as np
 from . import io, qc
 from .errors import DeepWMLError
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = io.SECONDARY_CAPTURE_CLASS  # Secondary Capture Image Storage
 SERIES_NUMBER_OFFSET = 1000
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
 FILE_PATTERN = "IM{:05d}.dcm"

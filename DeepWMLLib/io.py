@@ -210,6 +210,7 @@ _NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|d
 # T1-weighted inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s, STIR 0.15-0.25 s, and the second
 # inversion of double inversion recovery 3 s or more. A known inversion time outside this range rules a
 # series out whatever its description says.
+SECONDARY_CAPTURE_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # SOP classes of Secondary Capture images (and .1-.4)
 FLAIR_INVERSION_MS = (1500.0, 3000.0)
 FLAIR_MIN_REPETITION_MS = 4000.0
 _LISTING_CHARS = 330  # the series listed in an error, so that the one-line message stays readable
@@ -226,6 +227,24 @@ _ISO2022_MULTI_BYTE = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "
 _ESCAPE = re.compile(rb"\x1b[\x24-\x2f]{1,2}[\x40-\x7e]")
 
 
+def _decode_iso2022(data: bytes, katakana: bool) -> str:
+    """ISO 2022 text with escape sequences (Japanese, Korean, Chinese); with `katakana` (ISO 2022 IR 13 in
+    G1, as Japanese DICOM usually writes), bytes 0xA1-0xDF are half-width katakana between the escaped runs."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("iso2022_jp_2")()
+    parts, run = [], bytearray()
+    for byte in data:
+        if katakana and 0xA1 <= byte <= 0xDF:
+            parts.append(decoder.decode(bytes(run)))
+            run.clear()
+            parts.append(chr(0xFF61 + byte - 0xA1))
+        else:
+            run.append(byte)
+    parts.append(decoder.decode(bytes(run), final=True))
+    return "".join(parts)
+
+
 def header_value(raw: str, charset: str = "") -> str | None:
     """A header string decoded in the series' character set (`charset`: the value of Specific Character
     Set), its padding stripped and nothing else changed; None when the character set is not one DeepWML
@@ -239,7 +258,7 @@ def header_value(raw: str, charset: str = "") -> str | None:
             except UnicodeDecodeError:
                 text = data.decode("latin_1")
         elif any(t in _ISO2022_MULTI_BYTE for t in terms):
-            text = data.decode("iso2022_jp_2")
+            text = _decode_iso2022(data, katakana="ISO 2022 IR 13" in terms)
         else:
             first = terms[0] or (terms[1] if len(terms) > 1 else "")
             if first in _OTHER_CODECS:
@@ -266,7 +285,7 @@ def _header_text(raw: str, charset: str = "") -> str:
 
 @dataclass(frozen=True)
 class DicomSeries:
-    """One DICOM series of a folder, as its first file's header describes it."""
+    """One DICOM series (of a folder, or of a catalogue's study), as its first file's header describes it."""
 
     uid: str
     description: str
@@ -278,16 +297,19 @@ class DicomSeries:
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
     in_slice_order: bool = False  # files already sorted by position (a catalogue's series, maybe over several folders)
     modality: str | None = None  # (0008,0060): MR for a FLAIR
+    secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
 
     @property
     def unlabelled(self) -> bool:
         """Nothing in the header says what it is (no description, no inversion time; MR or no modality),
         as in exports that strip descriptions."""
-        return not self.description and self.inversion_ms is None and self.modality in (None, "MR")
+        return (not self.description and self.inversion_ms is None and self.modality in (None, "MR")
+                and not self.secondary_capture)
 
     @property
     def looks_like_flair(self) -> bool:
-        if _NOT_FLAIR_DESCRIPTION.search(self.description) or self.modality not in (None, "MR"):
+        if (_NOT_FLAIR_DESCRIPTION.search(self.description) or self.modality not in (None, "MR")
+                or self.secondary_capture):
             return False
         if self.inversion_ms is not None:  # the sequence's own timing rules over its name
             return (FLAIR_INVERSION_MS[0] <= self.inversion_ms <= FLAIR_INVERSION_MS[1]
@@ -317,15 +339,17 @@ def _header_number(reader, key: str) -> float | None:
 
 
 def _series_header(reader) -> tuple:
-    """(description, inversion, repetition, echo, series number, study UID) from a file's header already read."""
+    """(description, inversion, repetition, echo, series number, study UID, modality, whether Secondary
+    Capture) from a file's header already read."""
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
                                            ("0018|0082", "0018|0080", "0018|0081", "0020|0011"))
     study = reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
     modality = reader.GetMetaData("0008|0060").strip(" \0").upper() if reader.HasMetaDataKey("0008|0060") else ""
+    sop_class = reader.GetMetaData("0008|0016").strip(" \0") if reader.HasMetaDataKey("0008|0016") else ""
     return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
-            modality or None)
+            modality or None, sop_class.startswith(SECONDARY_CAPTURE_CLASS))
 
 
 def _headers_by_series(folder: Path) -> dict:
@@ -370,7 +394,7 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         files, header = groups.get(uid, ((), None))
         if header is None:  # a series the header pass did not group (its UID written otherwise): GDCM's own list
             files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-            header = ("", None, None, None, None, None, None)
+            header = ("", None, None, None, None, None, None, False)
             reader = sitk.ImageFileReader()
             reader.SetFileName(files[0])
             try:
@@ -378,7 +402,8 @@ def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
                 header = _series_header(reader)
             except RuntimeError:
                 pass  # an unreadable header: the series is still listed, reading it will say what is wrong
-        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:6], modality=header[6]))
+        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:6], modality=header[6],
+                                 secondary_capture=header[7]))
     return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
 
 
@@ -462,7 +487,8 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
         files = tuple(path for _, path in sorted(entry["files"]))
         header = entry["header"]
         studies.setdefault(entry["study"], []).append(
-            (DicomSeries(uid, header[0], files, *header[1:6], in_slice_order=True, modality=header[6]), entry["date"]))
+            (DicomSeries(uid, header[0], files, *header[1:6], in_slice_order=True, modality=header[6],
+                         secondary_capture=header[7]), entry["date"]))
     found = []
     for key, members in studies.items():
         folder = Path(os.path.commonpath([os.path.dirname(f) for s, _ in members for f in s.files]))
@@ -557,10 +583,13 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
                    or [s for s in series if text.isdigit() and s.number == int(text)]
                    or [s for s in series if s.description.lower() == text]
                    or [s for s in series if text in s.description.lower()])
+        if len(matches) > 1:  # a description shared with a picture of it (an outline series): the images
+            matches = [s for s in matches if not s.secondary_capture] or matches
         if len(matches) == 1:
             return matches[0], f"{option or 'series'} {choice}"
         found = "none" if not matches else f"{len(matches)}"
-        raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
+        error = NoFlairSeries if strict and not matches else DeepWMLError  # in an export: another exam, skipped
+        raise error(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
                            f"{choice!r}: {_listing(matches, [s for s in series if s not in matches])}; {how}")
     if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"

@@ -299,3 +299,26 @@ def test_the_same_adaptation_gives_the_same_bytes(tmp_path):
         out.parent.mkdir()
         adapt_models([source], scans, [out], per_slice=2)
     assert len({hashlib.sha256(out.read_bytes()).hexdigest() for out in outs}) == 1
+
+
+def test_a_pacs_export_adapts_on_each_studys_flair(tmp_path, capsys):
+    """--scans EXPORT: each study below it gives its FLAIR series (as segment picks it); a study without a
+    FLAIR-like series is skipped with a line saying why, never adapted on."""
+    from conftest import write_dicom_series
+
+    source = _model_file(tmp_path / "bn.pt")
+    export = tmp_path / "export"
+    for number, seed in ((1, 0), (2, 1)):
+        flair, _ = make_volume(size=(64, 64, 12), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),), seed=seed,
+                               dtype=sitk.sitkInt16)
+        write_dicom_series(export / f"PAT{number}" / "SER1", flair, uid=f"{number}.1.1", description="AX FLAIR",
+                           extra={"0020|000d": f"{number}.1"})
+        t1, _ = make_volume(size=(64, 64, 5), spacing=(0.9, 0.9, 5.0), seed=seed + 5, dtype=sitk.sitkInt16)
+        write_dicom_series(export / f"PAT{number}" / "SER2", t1, uid=f"{number}.1.2", description="AX T1",
+                           extra={"0020|000d": f"{number}.1"})
+    write_dicom_series(export / "PAT3" / "SER1", t1, uid="3.1.1", description="sag T1 mprage", extra={"0020|000d": "3.1"})
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(export), "-o", str(out), "--crops-per-slice", "2"]) == 0
+    record = load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]
+    assert [(s["scan"], s["of"]) for s in record["scans"]] == [("PAT1", 12), ("PAT2", 12)]
+    assert "PAT3_SER1: skipped - " in capsys.readouterr().err

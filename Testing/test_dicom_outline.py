@@ -234,3 +234,31 @@ def read_summary_error(out):
 
     with open(out / "summary.csv", newline="", encoding="utf-8") as f:
         return next(csv.DictReader(f))["error"]
+
+
+def test_an_outline_series_back_in_its_study_is_never_taken_for_the_flair(tmp_path):
+    """Sent to PACS and exported again with its study (or written inside the input's folder), the outline
+    series, whose description holds the FLAIR's, is a Secondary Capture: never a FLAIR candidate."""
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    written = dicom_outline.write_outline_series(
+        dicom_outline.outline_series(io.read_image(folder), truth, series, {}), tmp_path / "outline")
+    for path in (tmp_path / "outline").iterdir():
+        path.rename(folder / f"outline_{path.name}")
+    chosen, how = io.choose_dicom_series(folder)
+    assert chosen.uid == series.uid and how == "the only one of 2 series that looks like a FLAIR"
+    assert io.choose_dicom_series(folder, "flair")[0].uid == series.uid  # its description shared: the FLAIR
+    assert io.choose_dicom_series(folder, str(written["series_number"]))[0].uid == written["series_uid"]
+    studies, _ = io.dicom_catalogue(tmp_path / "flair")
+    assert io.choose_dicom_series(folder, candidates=studies[0].series, strict=True)[0].uid == series.uid
+
+
+def test_japanese_names_with_half_width_katakana(tmp_path):
+    """ISO 2022 IR 13 with IR 87, as Japanese DICOM writes names: half-width katakana as 8-bit bytes,
+    kanji and hiragana behind escape sequences (DICOM PS3.5 annex H)."""
+    raw = (bytes([0xD4, 0xCF, 0xC0, 0xDE]) + b"^" + bytes([0xC0, 0xDB, 0xB3]) + b"="
+           + "\u5c71\u7530".encode("iso2022_jp") + b"^" + "\u592a\u90ce".encode("iso2022_jp"))
+    text = io.header_value(raw.decode("utf-8", "surrogateescape"), "ISO 2022 IR 13\\ISO 2022 IR 87")
+    assert text == "\uff94\uff8f\uff80\uff9e^\uff80\uff9b\uff73=\u5c71\u7530^\u592a\u90ce"
+    assert io.header_value("\udcff".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape"),
+                           "ISO 2022 IR 13\\ISO 2022 IR 87") is None  # not valid there: None, never garbled

@@ -154,12 +154,15 @@ def main(argv) -> int:
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
-    rows = []
+    rows, seen = [], set()
     for case, path, study in expand_inputs([str(args.input_dir)]):
         start = time.perf_counter()
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
                 raise study
+            if case in seen:
+                raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
+            seen.add(case)
             row = segmentCase(logic, case, path, args, study)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"status": "skipped", "error": str(exc)}
