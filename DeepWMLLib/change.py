@@ -725,7 +725,11 @@ def _run(args) -> int:
     if all(given) and (args.model or args.threshold is not None or args.no_brain_mask):
         raise UsageError("--model, --threshold and --no-brain-mask segment a scan; with both masks given nothing is segmented")
     if Path(args.baseline).resolve() == Path(args.followup).resolve():
-        raise UsageError("BASELINE and FOLLOWUP are the same file; give the earlier scan first, then the later one")
+        if not Path(args.baseline).is_dir():
+            raise UsageError("BASELINE and FOLLOWUP are the same file; give the earlier scan first, then the later one")
+        if not (args.baseline_series and args.followup_series):  # one DICOM folder holding both visits
+            raise UsageError("BASELINE and FOLLOWUP are the same folder: name each visit's FLAIR series with "
+                             "--baseline-series and --followup-series, or give each visit's folder")
     if args.case is not None and (not args.case.strip() or args.case in (".", "..") or any(c in args.case for c in "/\\")):
         raise UsageError(f"--case {args.case!r} must be a plain file name (no folders)")
     case = args.case or io.case_name(args.followup)
@@ -823,6 +827,9 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                "follow-up": (getattr(args, "followup_series", None), "--followup-series" if single else None)}
     chosen = {name: io.choose_dicom_series(path, *choices[name]) if Path(path).is_dir() else None
               for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
+    if chosen["baseline"] and chosen["follow-up"] and chosen["baseline"][0].uid == chosen["follow-up"][0].uid:
+        raise DeepWMLError(f"the baseline and the follow-up are the same DICOM series ({chosen['baseline'][0].label()}); "
+                           "name the earlier visit's FLAIR with --baseline-series and the later one's with --followup-series")
     baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
                           for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
     check_scans(baseline, followup)

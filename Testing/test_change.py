@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from DeepWMLLib import change, io
 from DeepWMLLib.cli import main
 
-from conftest import rotation, write_dicom_series
+from conftest import make_volume, rotation, write_dicom_series
 
 # the head movement between the scans: a follow-up point q shows the anatomy at baseline point MOVE(q)
 MOVE_ANGLES = (np.radians(4.0), np.radians(-3.0), np.radians(6.0))
@@ -445,3 +445,24 @@ def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, 
                  "--overwrite"]) == 0
     assert "no DICOM outline series: the follow-up is not DICOM" in capsys.readouterr().err
     assert not (out / "followup_change_outline_dicom").exists()
+
+
+def test_two_visits_in_one_dicom_folder_are_compared_by_their_series(tmp_path, capsys):
+    """Both visits' series in one folder (a patient's flattened export): refused without the series
+    options, and when they name one series; with one each, each visit's FLAIR is read (here the later
+    one is too thin to register, which is said before anything is registered)."""
+    earlier, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    later, _ = make_volume(size=(32, 32, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16, seed=1)
+    folder = tmp_path / "PAT1"
+    write_dicom_series(folder, earlier, uid="1.1.1", description="AX FLAIR", number=3, prefix="a",
+                       extra={"0020|000d": "1.1", "0008|0020": "20250101"})
+    write_dicom_series(folder, later, uid="1.2.1", description="AX FLAIR", number=7, prefix="b",
+                       extra={"0020|000d": "1.2", "0008|0020": "20260101"})
+    args = ["change", str(folder), str(folder), "-o", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--baseline-series and --followup-series" in capsys.readouterr().err
+    assert main(args + ["--baseline-series", "3", "--followup-series", "3"]) == 1
+    assert "the same DICOM series" in capsys.readouterr().err
+    assert main(args + ["--baseline-series", "3", "--followup-series", "7"]) == 1
+    assert "the follow-up FLAIR has only 3 voxels along one axis" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
