@@ -349,7 +349,7 @@ def _series_header(reader) -> tuple:
     modality = reader.GetMetaData("0008|0060").strip(" \0").upper() if reader.HasMetaDataKey("0008|0060") else ""
     sop_class = reader.GetMetaData("0008|0016").strip(" \0") if reader.HasMetaDataKey("0008|0016") else ""
     return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
-            modality or None, sop_class.startswith(SECONDARY_CAPTURE_CLASS))
+            modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."))  # SC and its multi-frame kinds
 
 
 def _headers_by_series(folder: Path) -> dict:
