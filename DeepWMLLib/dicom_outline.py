@@ -114,16 +114,8 @@ def source_instance_numbers(series: io.DicomSeries, slices: int) -> list[int]:
     """The source's Instance Number of each slice in the order the image was read (by position), so that
     the outline series numbers its images as the FLAIR does; 1, 2, ... when the source's are missing,
     repeated, or not one per file (a multi-frame file)."""
-    files = io.sorted_series_files(series)
-    numbers = []
-    if len(files) == slices:
-        for path in files:
-            reader = _reader(path)
-            try:
-                numbers.append(int(reader.GetMetaData("0020|0013").strip(" \0")))
-            except (RuntimeError, ValueError):
-                break
-    if len(numbers) != slices or len(set(numbers)) != slices:
+    numbers = list(series.instance_numbers)
+    if len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
         return list(range(1, slices + 1))
     return numbers
 

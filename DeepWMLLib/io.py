@@ -289,13 +289,13 @@ class DicomSeries:
 
     uid: str
     description: str
-    files: tuple
+    files: tuple  # in slice order (by position along the slice normal, else instance number, else name)
     inversion_ms: float | None = None
     repetition_ms: float | None = None
     echo_ms: float | None = None
     number: int | None = None  # the series number (0020,0011), as PACS and the console show it
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
-    in_slice_order: bool = False  # files already sorted by position (a catalogue's series, maybe over several folders)
+    instance_numbers: tuple = ()  # (0020,0013) of each file, in the order of `files` (slice order)
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
 
@@ -352,59 +352,15 @@ def _series_header(reader) -> tuple:
             modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."))  # SC and its multi-frame kinds
 
 
-def _headers_by_series(folder: Path) -> dict:
-    """One pass over a folder's files: {series UID: (its files in name order, its first file's
-    `_series_header`)}. Asking GDCM for each series' files instead rescans the whole folder per series
-    (a study of 15 series in 2877 files: 6 s against 2 s)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    groups: dict = {}
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        for f in sorted(folder.iterdir()):
-            if f.name.startswith(".") or f.name.lower().endswith(_NOT_DICOM_SUFFIXES) or not f.is_file():
-                continue
-            reader.SetFileName(str(f))
-            try:
-                reader.ReadImageInformation()
-                uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else None
-            except RuntimeError:
-                continue  # not DICOM, or no image: GDCM leaves it out of its series too
-            if uid:
-                if uid in groups:
-                    groups[uid][0].append(str(f))
-                else:
-                    groups[uid] = ([str(f)], _series_header(reader))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-    return groups
-
-
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """Every DICOM series in a folder (not its subfolders), described from the headers, in series-number
-    order. A series' `files` are in name order; reading one sorts them by position (`sorted_series_files`)."""
-    import SimpleITK as sitk
+    """Every DICOM series in a folder (not its subfolders), described from the headers (one pass over the
+    files, as `dicom_catalogue` reads a tree), in series-number order, each one's files in slice order."""
+    entries, _ = _read_series(Path(folder), recursive=False)
+    return sorted((_series_of(uid, entry) for uid, entry in entries.items()), key=_by_number)
 
-    folder = Path(folder)
-    groups = _headers_by_series(folder)
-    found = []
-    for uid in _dicom_series(folder):  # GDCM decides what is a series, as when reading
-        files, header = groups.get(uid, ((), None))
-        if header is None:  # a series the header pass did not group (its UID written otherwise): GDCM's own list
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-            header = ("", None, None, None, None, None, None, False)
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(files[0])
-            try:
-                reader.ReadImageInformation()
-                header = _series_header(reader)
-            except RuntimeError:
-                pass  # an unreadable header: the series is still listed, reading it will say what is wrong
-        found.append(DicomSeries(uid, header[0], tuple(files), *header[1:6], modality=header[6],
-                                 secondary_capture=header[7]))
-    return sorted(found, key=lambda s: (s.number is None, s.number or 0, s.uid))
+
+def _by_number(series: DicomSeries) -> tuple:
+    return series.number is None, series.number or 0, series.uid
 
 
 def _looks_dicom(name: str) -> bool:
@@ -435,18 +391,15 @@ def _slice_key(reader, path: str) -> tuple:
     return (1, number if number is not None else 0.0, path)
 
 
-def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
-    """Every DICOM image file under `root` (symbolic links followed, each folder once; hidden ones and
-    known non-DICOM files skipped), its header read once, grouped into series (Series Instance UID,
-    wherever their files lie) and studies (Study Instance UID; files without one make a study of their
-    folder's). Returns (the studies, in name order; the folders that could not be read). Each study is
-    named by the folder its files share, as a path under `root` joined with "_" (`root`'s own name when
-    it is `root`); studies that would share a name get their study date, then the end of their UID."""
+def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
+    """The one pass over DICOM files behind `dicom_series` and `dicom_catalogue`: every file's header read
+    once (symbolic links followed, each folder once; hidden ones and known non-DICOM files skipped), grouped
+    by Series Instance UID. Returns ({series UID: {"files": [(slice key, path, instance number)], "header",
+    "study", "date"}}, the folders that could not be read)."""
     import SimpleITK as sitk
 
-    root = Path(os.path.abspath(root))
     problems: list[str] = []
-    series: dict = {}  # series UID -> {"files": [(key, path)], "header": ..., "study": ...}
+    series: dict = {}
     visited = set()
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -456,11 +409,11 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
                        onerror=lambda exc: problems.append(f"{exc.filename} cannot be read ({exc.strerror})"))
         for current, dirs, files in walk:
             real = os.path.realpath(current)
-            if real in visited:  # a link back into the tree: each folder once
+            if real in visited or not recursive and current != str(root):  # a link back into the tree: once
                 dirs[:] = []
                 continue
             visited.add(real)
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
             for name in sorted(files):
                 path = os.path.join(current, name)
                 if not _looks_dicom(name) or not os.path.isfile(path):
@@ -479,29 +432,44 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
-                entry["files"].append((_slice_key(reader, path), path))
+                number = _header_number(reader, "0020|0013")
+                entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    return series, problems
+
+
+def _series_of(uid: str, entry: dict) -> DicomSeries:
+    ordered = sorted(entry["files"], key=lambda f: f[0])
+    header = entry["header"]
+    return DicomSeries(uid, header[0], tuple(path for _, path, _ in ordered), *header[1:6], modality=header[6],
+                       secondary_capture=header[7], instance_numbers=tuple(n for _, _, n in ordered))
+
+
+def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
+    """Every DICOM image file under `root` (`_read_series`), grouped into series (Series Instance UID,
+    wherever their files lie) and studies (Study Instance UID; files without one make a study of their
+    folder's). Returns (the studies, in name order; the folders that could not be read). Each study is
+    named by the folder its files share, as a path under `root` joined with "_" (`root`'s own name when
+    it is `root`); studies that would share a name get their study date, then the end of their UID."""
+    root = Path(os.path.abspath(root))
+    series, problems = _read_series(root, recursive=True)
     studies: dict = {}
     for uid, entry in series.items():
-        files = tuple(path for _, path in sorted(entry["files"]))
-        header = entry["header"]
-        studies.setdefault(entry["study"], []).append(
-            (DicomSeries(uid, header[0], files, *header[1:6], in_slice_order=True, modality=header[6],
-                         secondary_capture=header[7]), entry["date"]))
+        studies.setdefault(entry["study"], []).append((_series_of(uid, entry), entry["date"]))
     found = []
     for key, members in studies.items():
         folder = Path(os.path.commonpath([os.path.dirname(f) for s, _ in members for f in s.files]))
         relative = folder.relative_to(root)
         name = case_name(root) if relative == Path(".") else "_".join(relative.parts)
-        ordered = tuple(sorted((s for s, _ in members), key=lambda s: (s.number is None, s.number or 0, s.uid)))
+        ordered = tuple(sorted((s for s, _ in members), key=_by_number))
         uid = None if key.startswith("(no study UID)") else key
         found.append(DicomStudy(name, folder, uid, ordered, members[0][1]))
     counts: dict = {}
     for study in found:
         counts[study.name] = counts.get(study.name, 0) + 1
     named = []
-    for study in found:  # names that stay when more studies are added: the date, then the UID's end
+    for study in found:  # names that clash: the study date, then the UID's end
         if counts[study.name] > 1:
             same_day = sum(1 for other in found if other.name == study.name and other.date == study.date)
             suffix = study.date or "nodate"
@@ -526,16 +494,6 @@ def has_dicom_below(folder: str | os.PathLike) -> bool:
         if current != str(folder) and any(_looks_dicom(f) for f in files):
             return True
     return False
-
-
-def sorted_series_files(series: DicomSeries) -> list[str]:
-    """A series' files in slice order (GDCM sorts them by position along the slice normal)."""
-    import SimpleITK as sitk
-
-    if series.in_slice_order:
-        return list(series.files)
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(series.files[0]).parent), series.uid)
-    return list(files) or list(series.files)
 
 
 def _listing(first: list, rest: list) -> str:
@@ -571,8 +529,7 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
     series = list(candidates) if candidates is not None else dicom_series(folder)
     if not series and candidates is None:  # a study exported as one folder per series: those below
         studies, _ = dicom_catalogue(folder)
-        series = sorted((s for study in studies for s in study.series),
-                        key=lambda s: (s.number is None, s.number or 0, s.uid))
+        series = sorted((s for study in studies for s in study.series), key=_by_number)
     if not series:
         raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
@@ -609,7 +566,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
     reader = sitk.ImageSeriesReader()
-    files = sorted_series_files(series)
+    files = list(series.files)  # in slice order
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
