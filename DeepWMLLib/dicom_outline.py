@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io, qc
+from .volume import voxels
 from .errors import DeepWMLError
 
 SECONDARY_CAPTURE = io.SECONDARY_CAPTURE_CLASS  # Secondary Capture Image Storage
@@ -126,14 +127,14 @@ def outline_images(image, labels, colours: dict | None = None, caption: str = CA
     read): the FLAIR in grey with each label's in-plane outline in its colour (`colours`: value -> RGB, in
     drawing order; default: any non-zero voxel, red) and the caption burned into the bottom left corner,
     with `legend` ((text, RGB) pairs) on the line above it when it fits."""
-    voxels = _array(image).astype(np.float32, copy=False)
+    flair = _array(image).astype(np.float32, copy=False)
     values = _array(labels)
-    if values.shape != voxels.shape:
-        raise ValueError(f"labels {values.shape} and image {voxels.shape} differ")
+    if values.shape != flair.shape:
+        raise ValueError(f"labels {values.shape} and image {flair.shape} differ")
     if colours is None:
         values, colours = values > 0, {True: qc.LESION_RGB}
-    _, low, high = qc.grey_levels(voxels)
-    grey = (np.clip(np.nan_to_num((voxels - low) / (high - low), nan=0.0), 0, 1) * 255).astype(np.uint8)
+    _, low, high = qc.grey_levels(flair)
+    grey = (np.clip(np.nan_to_num((flair - low) / (high - low), nan=0.0), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=3)
     for k in range(rgb.shape[0]):
         for value, colour in colours.items():
@@ -171,13 +172,7 @@ def outline_images(image, labels, colours: dict | None = None, caption: str = CA
 
 
 def _array(image) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return image
-    if hasattr(image, "array"):  # volume.Volume
-        return image.array
-    import SimpleITK as sitk
-
-    return sitk.GetArrayViewFromImage(image)
+    return image if isinstance(image, np.ndarray) else voxels(image)  # a Volume or a SimpleITK image
 
 
 def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
