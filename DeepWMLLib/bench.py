@@ -241,7 +241,7 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     launcher.close()
     t_ref, t_opt, t_net, t_e2e, t_floor, t_batch, t_ready = (float(np.median(v)) for v in
                                                              (t_refs, t_opt, t_nets, e2e, floor, batch, ready_floor))
-    opt_prob, opt_brain, _ = predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
+    opt_prob, opt_brain, _, _ = predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
     slices_run = int(plan.kept.size)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)

@@ -425,18 +425,20 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
 
     With several models, each model's map is resampled back to the input grid and the maps are averaged.
     """
-    lesion, _, frame = predict_maps(image, models, None, device, batch_size, tta, progress, cancel, backend,
-                                     precision=precision)
+    lesion, _, _, frame = predict_maps(image, models, None, device, batch_size, tta, progress, cancel, backend,
+                                        precision=precision)
     return lesion, frame
 
 
 def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
                  device: str = "auto", batch_size: int | None = None, tta: bool = False,
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
-                 facts: dict | None = None, precision: str = "auto") -> tuple[np.ndarray, np.ndarray | None, SliceFrame]:
-    """The WMH probability map (models averaged, as `predict_probabilities`) and, with a
-    `brain_model`, its intracranial probability map; both axial stacks on the input grid. Slices
-    outside the head get 0 in both. `facts`, when given, receives `head_voxels` (the
+                 facts: dict | None = None, precision: str = "auto", ventricle_model: LoadedModel | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, SliceFrame]:
+    """(lesion, brain, ventricles, frame): the WMH probability map (models averaged, as
+    `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
+    `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
+    grid. Slices outside the head get 0 in all. `facts`, when given, receives `head_voxels` (the
     normalisation's head mask), `slices_run` and `runner` (how the first network ran)."""
     if not models:
         raise DeepWMLError("no model given")
@@ -444,7 +446,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     stack, frame = to_axial_stack(image)
     if progress:
         progress(0.0, "normalising")
-    networks = list(models) + ([brain_model] if brain_model is not None else [])
+    helpers = [m for m in (brain_model, ventricle_model) if m is not None]  # one map each, not averaged
+    networks = list(models) + helpers
     plan = plan_volume(stack, frame, {m.preprocessing for m in networks})
     kept = plan.kept
     runners = [make_runner(m, dev, backend, precision) for m in networks]
@@ -452,7 +455,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
         facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size), runner=runners[0].name)
     batch_size = batch_size or min(r.default_batch_size for r in runners)
     total = np.zeros(stack.shape, dtype=np.float32)
-    brain = np.zeros(stack.shape, dtype=np.float32) if brain_model is not None else None
+    helper_maps = [np.zeros(stack.shape, dtype=np.float32) for _ in helpers]
     work, done = max(1, kept.size * len(networks)), 0
     for first in range(0, kept.size, CHUNK_SLICES):
         chunk = kept[first:first + CHUNK_SLICES]
@@ -470,11 +473,14 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                 config = loaded.preprocessing
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities
             else:
-                brain[chunk] = plan.grids[loaded.preprocessing].to_input(probabilities)
+                helper_maps[number - len(models)][chunk] = plan.grids[loaded.preprocessing].to_input(probabilities)
             done += chunk.size
         for config, probabilities in summed.items():
             total[chunk] += plan.grids[config].to_input(probabilities)
     if progress:
         progress(1.0, "done")
     total /= len(models)
-    return total, brain, frame
+    maps = iter(helper_maps)
+    brain = next(maps) if brain_model is not None else None
+    ventricles = next(maps) if ventricle_model is not None else None
+    return total, brain, ventricles, frame

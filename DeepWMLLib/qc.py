@@ -48,6 +48,7 @@ CROP_MARGIN_MM = 5.0
 COLUMNS = 8
 GAP_PX = 2
 LESION_RGB = (255, 40, 40)
+VENTRICLE_RGB = (60, 160, 255)  # the lateral ventricles of the periventricular/deep split, outlined
 LABEL_RGB = (255, 220, 0)
 COMPARISON_RGB = {1: (40, 220, 40), 2: (255, 40, 40), 3: (40, 120, 255)}  # both, prediction only, reference only
 
@@ -181,13 +182,21 @@ def _with_header(canvas: np.ndarray, parts) -> np.ndarray:
 
 
 def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX,
-           columns: int = COLUMNS) -> np.ndarray:
+           columns: int = COLUMNS, ventricles=None) -> np.ndarray:
     """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array: the mask
-    outlined; with `title`, a band above it says it (e.g. the case and its volume)."""
+    outlined; with `title`, a band above it says it (e.g. the case and its volume). With `ventricles` (a
+    0/1 mask on the grid: the lateral ventricles the periventricular/deep split measured from), those
+    outlined in blue under the lesions, with a legend; the slices shown are chosen by the lesions alone."""
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
-    canvas = _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
-                     columns=columns)
-    return _with_header(canvas, [(title, HEADER_RGB)])
+    if ventricles is None:
+        canvas = _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
+                         columns=columns)
+        return _with_header(canvas, [(title, HEADER_RGB)])
+    inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
+    labels = np.where(lesion > 0, 1, np.where(inside > 0, 2, 0)).astype(np.uint8)
+    canvas = _mosaic(image, labels, {2: VENTRICLE_RGB, 1: LESION_RGB}, outline=True, max_tiles=max_tiles,
+                     tile_px=tile_px, columns=columns, chosen_by=1)
+    return _with_header(canvas, [(title, HEADER_RGB), ("WMH", LESION_RGB), ("lateral ventricles", VENTRICLE_RGB)])
 
 
 def render_comparison(image, prediction, reference, title: str | None = None,
@@ -240,14 +249,16 @@ def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
 
 
 def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
-            columns: int) -> np.ndarray:
+            columns: int, chosen_by: int | None = None) -> np.ndarray:
+    """The mosaic; the lesion slices it favours are those with any label, or with `chosen_by` only that one."""
     stack, frame = io.to_axial_stack(image)
     if labels.shape != stack.shape:
         raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
     threshold, low, high = grey_levels(stack)
     voxel_head = stack > threshold if threshold is not None else np.ones(stack.shape, bool)
     head = voxel_head.reshape(stack.shape[0], -1).mean(axis=1) > 0.01
-    slices = choose_slices(head, labels.reshape(labels.shape[0], -1).any(axis=1), max_tiles)
+    marked = labels if chosen_by is None else labels == chosen_by
+    slices = choose_slices(head, marked.reshape(labels.shape[0], -1).any(axis=1), max_tiles)
     direction = np.array(frame.direction).reshape(3, 3)
     if direction[2, frame.slice_axis] < 0:  # stored superior to inferior: shown from the bottom up all the same
         slices = slices[::-1]

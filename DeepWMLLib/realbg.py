@@ -104,7 +104,7 @@ def analyse_background(path: Union[str, Path], atlas, models, brain_model,
 
     path = Path(path)
     image = sitk.Cast(io.read_image(path), sitk.sitkFloat32)
-    lesion, brain, frame = predict_maps(image, models, brain_model, "cpu")
+    lesion, brain, _, frame = predict_maps(image, models, brain_model, "cpu")
     stack, frame = io.to_axial_stack(image)
     intracranial = brain > 0.5
     if intracranial.sum() < 1000:

@@ -77,24 +77,38 @@ def lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk:
     return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T, first[1:], last[1:]
 
 
-def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None) -> list[dict]:
+def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, lowest and highest of `values` (numpy (k, j, i) like `labels`) over each lesion 1..count."""
+    if values.shape != labels.shape:
+        raise ValueError(f"{name} {values.shape} do not match the mask {labels.shape}")
+    flat = np.flatnonzero(labels)
+    ids, picked = labels.ravel()[flat], np.asarray(values).ravel()[flat].astype(np.float64)
+    mean = np.bincount(ids, weights=picked, minlength=count + 1)[1:] / np.maximum(1, np.bincount(ids, minlength=count + 1)[1:])
+    low, high = np.full(count + 1, np.inf), np.full(count + 1, -np.inf)
+    np.minimum.at(low, ids, picked)
+    np.maximum.at(high, ids, picked)
+    return mean, low[1:], high[1:]
+
+
+def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
+                 ventricle_distance: np.ndarray | None = None) -> list[dict]:
     """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range; with
     `probabilities` (numpy (k, j, i) on the mask's grid: the network's map), the mean and the highest
-    probability over the lesion's voxels, which tell a confident lesion from one only just over the threshold."""
+    probability over the lesion's voxels, which tell a confident lesion from one only just over the threshold;
+    with `ventricle_distance` (the same layout, mm to the lateral ventricles: location.py), the lesion's
+    shortest distance to them and the share of its voxels within the periventricular distance."""
+    from .location import PERIVENTRICULAR_MM
+
     array = voxels(mask) > 0  # numpy (k, j, i)
     labels, count = label_components(array)
     if count == 0:
         return []
     if probabilities is not None:
-        if probabilities.shape != labels.shape:
-            raise ValueError(f"probabilities {probabilities.shape} do not match the mask {labels.shape}")
-        flat = np.flatnonzero(labels)
-        ids, values = labels.ravel()[flat], np.asarray(probabilities).ravel()[flat].astype(np.float64)
-        mean_probability = np.bincount(ids, weights=values, minlength=count + 1)[1:] / np.maximum(
-            1, np.bincount(ids, minlength=count + 1)[1:])
-        max_probability = np.zeros(count + 1)
-        np.maximum.at(max_probability, ids, values)
-        max_probability = max_probability[1:]
+        mean_probability, _, max_probability = _per_lesion(labels, count, probabilities, "probabilities")
+    if ventricle_distance is not None:
+        _, nearest, _ = _per_lesion(labels, count, ventricle_distance, "ventricle distances")
+        near_share, _, _ = _per_lesion(labels, count, np.asarray(ventricle_distance) <= PERIVENTRICULAR_MM,
+                                       "ventricle distances")
     frame_axis = 2 - axial_axis(mask)
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
     sizes, centroids_kji, first, last = lesion_geometry(labels, count, frame_axis)
@@ -112,15 +126,19 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None) -> l
         if probabilities is not None:
             rows[-1].update(mean_probability=round(float(mean_probability[j]), 3),
                             max_probability=round(float(max_probability[j]), 3))
+        if ventricle_distance is not None:
+            rows[-1].update(ventricle_distance_mm=round(float(nearest[j]), 1),
+                            periventricular_share=round(float(near_share[j]), 3))
     return rows
 
 
-def lesion_report(mask: sitk.Image, probabilities: np.ndarray | None = None) -> dict:
+def lesion_report(mask: sitk.Image, probabilities: np.ndarray | None = None,
+                  ventricle_distance: np.ndarray | None = None) -> dict:
     """The report of a 0/1 mask on its own grid (see module docstring for conventions); `probabilities`
-    as for `lesion_table`."""
+    and `ventricle_distance` as for `lesion_table`."""
     stack, frame = to_axial_stack(mask, dtype=np.uint8)
     stack = (stack > 0).astype(np.uint8)
-    lesions = lesion_table(mask, probabilities)
+    lesions = lesion_table(mask, probabilities, ventricle_distance)
     volume_ml = float(stack.sum()) * voxel_volume_mm3(frame) / 1000.0
     return {
         "volume_ml": round(volume_ml, 6),

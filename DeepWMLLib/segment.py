@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
-SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "status", "error", "seconds", "warnings")
+SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml", "status", "error",
+                   "seconds", "warnings")
 BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
+VENTRICLE_ROLE = "ventricles"  # the role of a lateral-ventricle model in models.json ...
+VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
 BRAIN_COVERAGE = (0.5, 2.0)
@@ -50,7 +53,8 @@ def models_dir() -> Path:
 
 def shipped_models(role: str | None = "wmh") -> list[dict]:
     """The model registry (Resources/Models/models.json): name, file, version, description, default,
-    role ("wmh", the default, or "intracranial" for a brain-mask network). `role` None: every entry."""
+    role ("wmh", the default, "intracranial" for a brain-mask network, "ventricles" for the lateral-ventricle
+    network). `role` None: every entry."""
     registry = models_dir() / "models.json"
     if not registry.is_file():
         raise DeepWMLError(f"no model registry at {registry}; pass --model FILE or set {MODELS_DIR_ENV}")
@@ -67,15 +71,21 @@ def default_model_paths() -> list[str]:
     return [e["path"] for e in default]
 
 
-def default_brain_model_path() -> str | None:
-    """The shipped default brain-mask model, or None when the registry has none."""
-    entries = [e for e in shipped_models(BRAIN_ROLE) if e.get("default")]
+def default_brain_model_path(role: str = BRAIN_ROLE) -> str | None:
+    """The shipped default brain-mask model (or, with `role`, the default model of that role), or None
+    when the registry has none."""
+    entries = [e for e in shipped_models(role) if e.get("default")]
     return entries[0]["path"] if entries else None
 
 
 def is_brain_model(loaded) -> bool:
     """Whether a model file segments the intracranial space (a brain-mask network) rather than WMH."""
     return str(loaded.labels.get("1", "")).strip().lower() == BRAIN_ROLE
+
+
+def is_ventricle_model(loaded) -> bool:
+    """Whether a model file segments the lateral ventricles rather than WMH."""
+    return str(loaded.labels.get("1", "")).strip().lower() == VENTRICLE_LABEL
 
 
 def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
@@ -87,6 +97,9 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
         if is_brain_model(m):
             raise DeepWMLError(f"{m.name} is a brain-mask model, not a WMH model; pass it as the brain model "
                                "(--brain-model) and give a WMH model with --model")
+        if is_ventricle_model(m):
+            raise DeepWMLError(f"{m.name} is a ventricle model, not a WMH model; pass it as the ventricle model "
+                               "(--ventricle-model) and give a WMH model with --model")
     return models
 
 
@@ -109,23 +122,46 @@ def load_brain_model(spec="default"):
     return loaded
 
 
+def load_ventricle_model(spec="default"):
+    """The lateral-ventricle model for the periventricular/deep split (location.py): "default" (the
+    shipped one, if any), None (no split), a model file path, or an already loaded model. Raises
+    DeepWMLError for a model of another kind."""
+    from .checkpoint import LoadedModel, load_model_settings
+
+    if spec is None or spec is False:
+        return None
+    if isinstance(spec, str) and spec == "default":
+        spec = default_brain_model_path(VENTRICLE_ROLE)
+        if spec is None:
+            return None
+    loaded = spec if isinstance(spec, LoadedModel) else load_model_settings(spec)
+    if not is_ventricle_model(loaded):
+        raise DeepWMLError(f"{loaded.name} is not a ventricle model (its label 1 is "
+                           f"{loaded.labels.get('1', '?')!r}, not {VENTRICLE_LABEL!r})")
+    return loaded
+
+
 @dataclass
 class SegmentationResult:
     mask: sitk.Image  # uint8 0/1 on the input grid
     probabilities: sitk.Image  # float32 0–1 on the input grid
     report: dict
     brain: sitk.Image | None = None  # uint8 0/1 intracranial mask on the input grid, when gated by one
+    ventricles: sitk.Image | None = None  # uint8 0/1 lateral ventricles on the input grid, with a ventricle model
 
 
 def segment_image(image: sitk.Image, models: Sequence | None = None, device: str = "auto",
                   threshold: float | None = None, tta: bool = False, min_lesion_mm3: float | None = None,
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
                   progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
-                  backend: str = "auto", brain_model="default", precision: str = "auto") -> SegmentationResult:
+                  backend: str = "auto", brain_model="default", precision: str = "auto",
+                  ventricle_model="default") -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
 
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
     model) gates the result: lesion components mostly outside its intracranial mask are dropped.
+    `ventricle_model` (the same choices) finds the lateral ventricles, and the report splits the lesion
+    volume into periventricular and deep (location.py).
     """
     from .contrast import contrast_warnings, flair_contrast
     from .inference import predict_maps, resolve_device
@@ -137,28 +173,43 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     io.check_volume(image)
     models = list(models) if models else load_models()
     brain_model = load_brain_model(brain_model)
+    ventricle_model = load_ventricle_model(ventricle_model)
     if threshold is None:
         threshold = float(np.mean([m.threshold for m in models]))
     if not 0 < threshold < 1:
         raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     dev = resolve_device(device)
     facts: dict = {}
-    probabilities, brain, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
-                                               cancel, backend, facts, precision)
+    probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
+                                                              cancel, backend, facts, precision, ventricle_model)
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
                                       return_removed=True)
     mask = io.from_axial_stack(mask_stack, frame)
     prob_image = io.from_axial_stack(probabilities, frame)
-    brain_image = None
-    report = lesion_report(mask, voxels(prob_image))
+    brain_image = ventricle_image = None
+    location = distance = None
+    if ventricle_model is not None:
+        from .location import locate, ventricle_mask
+
+        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD)
+        spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+        location, distance = locate(mask_stack > 0, ventricles, spacing)
+        location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
+        ventricle_image = io.from_axial_stack(ventricles.astype(np.uint8), frame)
+        if distance is not None:
+            distance = voxels(io.from_axial_stack(distance, frame))
+    report = lesion_report(mask, voxels(prob_image), distance)
+    report["location"] = location
     plane = io.acquisition_plane(image)
     slice_mm = float(image.GetSpacing()[io.acquisition_axis(image)])
     warnings = [] if plane == "axial" or slice_mm < THICK_NON_AXIAL_MM else [
         f"{plane} acquisition with {slice_mm:g} mm slices: DeepWML segmented the axial planes of the volume, "
         "across the thick slices; accuracy was only validated on axial acquisitions (expect lesions to be under-called)"
     ]
+    if location is not None and not location["judged"]:
+        warnings.append(location["why"])
     if brain is not None:
         brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
         brain_image = io.from_axial_stack(brain_stack, frame)
@@ -200,7 +251,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "runner": facts.get("runner"),
         "seconds": round(time.perf_counter() - start, 3),
     })
-    return SegmentationResult(mask, prob_image, report, brain_image)
+    return SegmentationResult(mask, prob_image, report, brain_image, ventricle_image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +285,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
-                 extension: str = ".nii.gz", qc: bool = False, dicom_outline: bool = False) -> dict:
+                 extension: str = ".nii.gz", qc: bool = False, dicom_outline: bool = False,
+                 save_ventricle_mask: bool = False) -> dict:
     """The output files (and the outline series' folder) of a case; `extension` of the image outputs
     from `io.output_extension`."""
     paths = {
@@ -246,6 +298,8 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_
         paths["probabilities"] = out_dir / f"{case}_prob{extension}"
     if save_brain_mask:
         paths["brain"] = out_dir / f"{case}_brain{extension}"
+    if save_ventricle_mask:
+        paths["ventricles"] = out_dir / f"{case}_ventricles{extension}"
     if qc:
         paths["qc"] = out_dir / f"{case}_qc.png"
     if dicom_outline:
@@ -259,7 +313,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  batch_size: int | None = None, backend: str = "auto", progress=None, cancel=None,
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
-                 dicom_outline: bool = False, study: io.DicomStudy | None = None) -> dict:
+                 dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
+                 save_ventricle_mask: bool = False) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
@@ -267,7 +322,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     (NoFlairSeries) when none looks like a FLAIR."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
-                         outline)
+                         outline, save_ventricle_mask)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
@@ -285,9 +340,11 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
               if path.is_dir() else None)
     image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
-                           batch_size, progress, cancel, backend, brain_model, precision)
+                           batch_size, progress, cancel, backend, brain_model, precision, ventricle_model)
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
+    if save_ventricle_mask and result.ventricles is None:
+        raise DeepWMLError("--save-ventricle-mask needs a ventricle model; none is shipped or given (--ventricle-model)")
     report = {"case": case, "input": str(path), **result.report}
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
@@ -300,7 +357,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
-        picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report)))
+        picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report), ventricles=result.ventricles))
     if outline:  # made before anything is written too
         from .dicom_outline import outline_series
 
@@ -313,6 +370,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         io.write_image(result.probabilities, paths["probabilities"])
     if save_brain_mask:
         io.write_image(result.brain, paths["brain"])
+    if save_ventricle_mask:
+        io.write_image(result.ventricles, paths["ventricles"])
     if qc:
         io.write_bytes(picture, paths["qc"])
     if outline:
@@ -321,7 +380,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
     io.write_text(json.dumps(report, indent=1), paths["report"])
     if overwrite:  # an earlier run's optional outputs that this one did not write would not match it
-        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True, True)
+        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True, True, True)
         for key, stale in every.items():
             if key not in paths and stale.is_file():
                 stale.unlink()
@@ -329,8 +388,10 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                 from .dicom_outline import remove_outline_series
 
                 remove_outline_series(stale)
+    split = report.get("location") or {}
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
-            "lesion_count": report["lesion_count"], "status": "ok", "error": "", "seconds": report["seconds"],
+            "lesion_count": report["lesion_count"], "periventricular_ml": split.get("periventricular_ml"),
+            "deep_ml": split.get("deep_ml"), "status": "ok", "error": "", "seconds": report["seconds"],
             "warnings": report["warnings"]}
 
 
@@ -351,6 +412,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     out = io.make_output_dir(out_dir)
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
+    options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))
     cases = expand_inputs(inputs)
     rows, seen = [], set()
     for number, (case, path, study) in enumerate(cases, start=1):
@@ -384,7 +446,7 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        values = {k: row.get(k, "") for k in SUMMARY_COLUMNS}
+        values = {k: "" if row.get(k) is None else row[k] for k in SUMMARY_COLUMNS}
         values["warnings"] = " | ".join(row.get("warnings") or [])
         writer.writerow(values)
     io.write_text(buffer.getvalue(), path)
@@ -470,6 +532,11 @@ def register(subparsers) -> None:
     p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
     p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used; "
                    "or .nrrd, .mha)")
+    p.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model file for the periventricular/deep "
+                   "split of the lesion volume (10 mm rule; default: the shipped ventricle model)")
+    p.add_argument("--no-location", action="store_true", help="no periventricular/deep split (no ventricle model run)")
+    p.add_argument("--save-ventricle-mask", action="store_true", help="also write CASE_ventricles.nii.gz (the lateral "
+                   "ventricles the split measured from; or .nrrd, .mha)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="slices per network batch (default: 1 with OpenVINO or ONNX Runtime on the CPU, 4 with PyTorch on the CPU, 16 on a GPU)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"),
@@ -498,6 +565,8 @@ def _run(args) -> int:
         raise UsageError(f"no INPUT given{hint}")
     if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
         raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
+    if args.no_location and (args.ventricle_model or args.save_ventricle_mask):
+        raise UsageError("--no-location cannot go with --ventricle-model or --save-ventricle-mask")
     if args.precision == "bf16" and args.backend == "onnx":
         raise UsageError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
     rows = segment_cases(
@@ -507,7 +576,9 @@ def _run(args) -> int:
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
         precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,
         dicom_outline=args.dicom_outline,
-        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask)
+        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask,
+        ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
+        save_ventricle_mask=args.save_ventricle_mask)
     failed = sum(r["status"] == "error" for r in rows)
     print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
     return 1 if failed else 0

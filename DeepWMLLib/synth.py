@@ -604,10 +604,10 @@ def _profile_weights(k: int, sigma_fraction: float) -> np.ndarray:
 
 
 def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarray, lesions: np.ndarray,
-             profile_sigma: float, sharpen: float, intracranial: bool = False) -> tuple[np.ndarray, ...]:
+             profile_sigma: float, sharpen: float, extra: tuple[np.ndarray, ...] = ()) -> tuple[np.ndarray, ...]:
     """Sample the template volumes on the scan grid: arrays (z, y, x) of intensity and lesion PV,
-    and with `intracranial` a third, the partial volume of the intracranial space. The extra
-    channel is sampled by the same transform and changes nothing in the other two."""
+    then one partial-volume array per template map in `extra` (e.g. the intracranial space). The
+    extra channels are sampled by the same transform and change nothing in the first two."""
     sx, _, sz = geo["spacing"]
     nx, ny, nz = geo["size"]
     f = geo["factor"]
@@ -622,7 +622,7 @@ def _acquire(rng: np.random.Generator, atlas: _Atlas, geo: dict, image: np.ndarr
     lo = np.clip(lo, 0, [nx // f, ny // f])
     hi = np.clip(hi, lo, [nx // f, ny // f])
     crop_size = [int(hi[0] - lo[0]), int(hi[1] - lo[1]), nz * k]
-    channels = [image, lesions] + ([atlas.icv] if intracranial else [])
+    channels = [image, lesions, *extra]
     out = [np.zeros((nz, ny, nx), np.float32) for _ in channels]
     if min(crop_size) == 0:
         return tuple(out)
@@ -674,11 +674,14 @@ def _check_probabilities(**options: float) -> None:
 def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optional[str] = None,
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                  intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0) -> tuple:
+                  intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0,
+                  ventricles: bool = False) -> tuple:
     """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid,
-    and the case's metadata: (flair, mask, meta). With `intracranial` a fourth item, the mask of
+    and the case's metadata: (flair, mask, meta). With `intracranial` a further item, the mask of
     the intracranial space (brain, CSF and ventricles inside the skull; uint8 0/1, same grid), the
-    target of the brain-mask network; the first three are the same with or without it.
+    target of the brain-mask network; with `ventricles` a further item after it, the mask of the
+    lateral ventricles (uint8 0/1, same grid, the ventricle network's target; the enlargement of
+    older brains included). The first three items are the same with or without either.
 
     Unset options are drawn at random. `matrix` and `slice_thickness` override the scanner's
     protocol (small matrices keep tests fast). `graded_rims` is the probability that a case's
@@ -717,8 +720,9 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
                                                      skull_base_mimics, base_rng)
     geo = _acquisition(rng, atlas, scanner)
     geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
-    clean, lesion_pv, *icv_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
-                                         scanner["sharpen"], intracranial)
+    extra = ([atlas.icv] if intracranial else []) + ([atlas.ventricles.astype(np.float32)] if ventricles else [])
+    clean, lesion_pv, *extra_pv = _acquire(rng, atlas, geo, template_image, lesions, scanner["profile_sigma"],
+                                           scanner["sharpen"], tuple(extra))
 
     clean *= _bias_field(rng, clean.shape, scanner["bias"] * rng.uniform(0.6, 1.4))
     sigma = scanner["noise"] * scanner["wm"] * rng.uniform(0.7, 1.3)
@@ -749,26 +753,29 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
         **({"graded_rims": int(graded)} if graded_rims > 0 else {}),
         **({"skull_base_mimics": int(based)} if skull_base_mimics > 0 else {}),
     }
-    if not intracranial:
-        return flair, mask, meta
-    brain = sitk.GetImageFromArray((icv_pv[0] >= 0.5).astype(np.uint8))
-    brain.CopyInformation(flair)
-    return flair, mask, meta, brain
+    masks = []
+    for pv in extra_pv:
+        image = sitk.GetImageFromArray((pv >= 0.5).astype(np.uint8))
+        image.CopyInformation(flair)
+        masks.append(image)
+    return (flair, mask, meta, *masks)
 
 
 def _write_case(args: tuple[int, int, str, dict]) -> dict:
     seed, index, out_dir, options = args
     sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
-    flair, mask, meta, *brain = generate_case(case_rng(seed, index), **options)
+    flair, mask, meta, *extra = generate_case(case_rng(seed, index), **options)
     name = f"synth{seed}_{index:05d}"
     out = Path(out_dir)
     write_image(flair, out / f"{name}_flair.nii.gz")
     write_image(mask, out / f"{name}_mask.nii.gz")
     row = {"case": name, "flair": f"{name}_flair.nii.gz", "mask": f"{name}_mask.nii.gz",
            "seed": f"{seed}:{index}", **meta}
-    if brain:
-        write_image(brain[0], out / f"{name}_intracranial.nii.gz")
-        row["intracranial"] = f"{name}_intracranial.nii.gz"
+    columns = [c for c, wanted in (("intracranial", options["intracranial"]), ("ventricles", options["ventricles"]))
+               if wanted]
+    for column, image in zip(columns, extra):
+        write_image(image, out / f"{name}_{column}.nii.gz")
+        row[column] = f"{name}_{column}.nii.gz"
     return row
 
 
@@ -776,14 +783,16 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      progress: Optional[Callable[[float, str], None]] = None,
                      cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
                      matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
-                     intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0) -> Path:
+                     intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0,
+                     ventricles: bool = False) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
     Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
     given, replace the simulated scanners' protocols for every case. With `intracranial`, each case
     also gets `<case>_intracranial.nii.gz` (manifest column `intracranial`), for the brain-mask
-    network (`deepwml train --mask-column intracranial`). `graded_rims`, `skull_base_mimics`: see
-    `generate_case`.
+    network (`deepwml train --mask-column intracranial`); with `ventricles`, `<case>_ventricles.nii.gz`
+    (column `ventricles`), the lateral ventricles, for the ventricle network. `graded_rims`,
+    `skull_base_mimics`: see `generate_case`.
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
@@ -791,7 +800,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     out = io.make_output_dir(out_dir)
     _require_shared_dir()
     options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
-               "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics}
+               "ventricles": ventricles, "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
@@ -820,6 +829,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     rows.sort(key=lambda r: r["case"])
     table = StringIO()
     columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else []) \
+        + (["ventricles"] if ventricles else []) \
         + (["graded_rims"] if graded_rims > 0 else []) + (["skull_base_mimics"] if skull_base_mimics > 0 else [])
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
@@ -848,6 +858,8 @@ def register(subparsers) -> None:
                         "(default: per simulated scanner, 3-8)")
     parser.add_argument("--intracranial", action="store_true", help="also write each case's intracranial "
                         "mask (the brain-mask network's target; manifest column intracranial)")
+    parser.add_argument("--ventricles", action="store_true", help="also write each case's lateral-ventricle "
+                        "mask (the ventricle network's target; manifest column ventricles)")
     parser.add_argument("--graded-rims", type=unit_interval, default=0.0, metavar="P",
                         help="probability that a case's lesions are brighter in their core than at "
                         "their edge (default 0, as the data sets behind models v1-v4)")
@@ -879,7 +891,7 @@ def _remove_data_set(folder: Path) -> None:
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for column in ("flair", "mask", "intracranial"):
+        for column in ("flair", "mask", "intracranial", "ventricles"):
             if row.get(column):
                 path = (folder / row[column]).resolve()
                 if path.parent == root and path.is_file():  # only files of the data set itself
@@ -893,7 +905,8 @@ def _run(args: argparse.Namespace) -> int:
 
     # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
     if args.backgrounds:
-        other = [flag for flag, value in (("--intracranial", args.intracranial), ("--graded-rims", args.graded_rims),
+        other = [flag for flag, value in (("--intracranial", args.intracranial), ("--ventricles", args.ventricles),
+                                          ("--graded-rims", args.graded_rims),
                                           ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
                                           ("--thickness", args.thickness)) if value]
         if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
@@ -917,7 +930,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                     matrix=args.matrix, slice_thickness=args.thickness,
-                                    intracranial=args.intracranial, graded_rims=args.graded_rims,
+                                    intracranial=args.intracranial, ventricles=args.ventricles,
+                                    graded_rims=args.graded_rims,
                                     skull_base_mimics=args.skull_base_mimics)
     print(file=sys.stderr)
     print(manifest)

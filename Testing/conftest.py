@@ -147,10 +147,16 @@ def oracle_network(monkeypatch, level: float = 3.0, brain: str = "head") -> None
     """Replace the network by 'bright means lesion' so geometry is tested independently of any
     weights. A brain-mask model (the shipped one gates by default) marks, by `brain`: "head", every
     voxel clearly above the background (as on a skull-stripped image); "left half", the left half
-    of its network grid (so gating has something to drop); "nothing" (a failed brain mask)."""
+    of its network grid (so gating has something to drop); "nothing" (a failed brain mask). A
+    ventricle model marks the central sixteenth of its grid."""
     import DeepWMLLib.inference as inference
 
     def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+        if getattr(runner, "loaded", None) is not None and runner.loaded.labels.get("1") == "lateral_ventricles":
+            out = np.zeros(slices.shape, np.float32)  # a ventricle model: the central sixteenth of its grid
+            rows, cols = slices.shape[-2:]
+            out[..., rows * 3 // 8: rows * 5 // 8, cols * 3 // 8: cols * 5 // 8] = 1.0
+            return out
         if getattr(runner, "loaded", None) is not None and runner.loaded.labels.get("1") == "intracranial":
             if brain == "head":
                 return (slices > -1.5).astype(np.float32)

@@ -54,6 +54,8 @@ BAD_INPUTS = [
     ("batch size 0", "segment", 2, "must be at least 1"),
     ("INPUT after --model (taken as a model file)", "segment", 2, "put INPUT before --model"),
     ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
+    ("--no-location with --ventricle-model", "segment", 2, "cannot go with"),
+    ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
@@ -199,6 +201,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["segment", "-o", out, "--model", str(p["model"]), str(p["good"])]
     if row_id == "--no-brain-mask with --brain-model":
         return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
+    if row_id == "--no-location with --ventricle-model":
+        return seg + [str(p["good"]), "--no-location", "--ventricle-model", str(p["model"])]
+    if row_id == "a ventricle model given as the WMH model":
+        vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+        return ["segment", str(p["good"]), "-o", out, "--model", str(vent)]
     if row_id == "a lesion mask given as the FLAIR":
         return seg + [str(p["truth"])]
     if row_id == "a DICOM study folder with two FLAIR-like series":

@@ -100,7 +100,7 @@ def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):
     brain = load_brain_model(str(tiny_model_file(tmp_path / "b.pt", grid=(32, 32), spacing_mm=2.0, labels=BRAIN_LABELS)))
     image, _ = make_volume(size=(40, 36, 5))
     models = load_models([tiny_model])
-    lesion, brain_map, frame = predict_maps(image, models, brain, "cpu")
+    lesion, brain_map, _, frame = predict_maps(image, models, brain, "cpu")
     alone, _ = predict_probabilities(image, models, "cpu")
     assert brain_map.shape == lesion.shape == alone.shape
     assert np.allclose(lesion, alone, atol=1e-6)  # the brain network does not touch the WMH map

@@ -439,3 +439,61 @@ def test_a_t1_weighted_volume_is_warned_about_in_the_module(scene):
     assert json.loads(segmentation.GetAttribute("DeepWML.run"))["contrast"]["looks_like"] == "T1-weighted"
     shown = logic.formatReport(logic.lesionStatistics(segmentation, volume))
     assert "Warning: this does not look like a FLAIR" in shown and "T1-weighted" in shown
+
+
+def test_the_ventricle_segment_gives_the_split_and_edits_to_it_count(scene, monkeypatch, tmp_path, tiny_model):
+    """With a ventricle model in the registry, segmentVolume adds a hidden 'Lateral ventricles' segment;
+    lesionStatistics measures the periventricular/deep split from it as the command line does from its
+    mask, follows edits to it, and a rerun replaces it rather than adding a second."""
+    import shutil
+
+    from conftest import tiny_model_file
+    from DeepWMLLib.segment import segment_image
+
+    oracle_network(monkeypatch)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model, models / "wmh.pt")
+    tiny_model_file(models / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    (models / "models.json").write_text(json.dumps({"format_version": 1, "models": [
+        {"name": "wmh", "file": "wmh.pt", "default": True},
+        {"name": "vent", "file": "vent.pt", "role": "ventricles", "default": True}]}), encoding="utf-8")
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(models))
+    flair, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu")
+    content = segmentation.GetSegmentation()
+    ventricle_id = content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+    assert content.GetNumberOfSegments() == 2 and ventricle_id
+    assert not segmentation.GetDisplayNode().GetSegmentVisibility(ventricle_id)
+    report = logic.lesionStatistics(segmentation, volume)
+    expected = segment_image(mrml.imageFromVolume(volume), device="cpu").report
+    split = report["location"]
+    assert split["judged"] and split["ventricle_model"] == "vent.pt"
+    for key in ("periventricular_ml", "deep_ml", "ventricles_ml"):
+        assert split[key] == pytest.approx(expected["location"][key], abs=2e-3), key
+    assert report["volume_ml"] == pytest.approx(expected["volume_ml"], abs=1e-3)
+    assert [lesion["ventricle_distance_mm"] for lesion in report["lesions"]] == pytest.approx(
+        [lesion["ventricle_distance_mm"] for lesion in expected["lesions"]], abs=0.1)
+    assert "Periventricular" in logic.formatReport(report)
+
+    # Edited: the ventricle segment emptied -> too little ventricle, not judged; removed -> no split at all
+    mrml.segmentationFromMask(mrml.maskFromSegmentation(segmentation, volume) * 0, volume, segmentation,
+                              segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    emptied = logic.lesionStatistics(segmentation, volume)["location"]
+    assert emptied["judged"] is False and emptied["ventricles_ml"] == 0
+    assert "No periventricular/deep split" in logic.formatReport(logic.lesionStatistics(segmentation, volume))
+    content.RemoveSegment(content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME))
+    assert logic.lesionStatistics(segmentation, volume)["location"] is None
+    # The lesion mask never takes the ventricles in, even without a WMH segment to name it
+    logic.segmentVolume(volume, device="cpu", segmentationNode=segmentation)
+    assert content.GetNumberOfSegments() == 2
+    content.RemoveSegment(content.GetSegmentIdBySegmentName("WMH"))
+    with pytest.raises(DeepWMLError, match="no lesion segment"):
+        mrml.maskFromSegmentation(segmentation, volume)
+    # location=False: no ventricle segment, and the earlier one is not left behind
+    mrml.segmentationFromMask(mrml.maskFromSegmentation(segmentation, volume, mrml.VENTRICLE_SEGMENT_NAME), volume,
+                              segmentation, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    logic.segmentVolume(volume, device="cpu", segmentationNode=segmentation, location=False)
+    assert [content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())] == ["WMH"]

@@ -160,6 +160,26 @@ def test_intracranial_mask_holds_brain_and_lesions_but_not_the_scalp():
     assert 900 < ml < 2200, ml
 
 
+@needs_shared
+def test_ventricle_mask_lies_inside_the_brain_is_dark_and_changes_nothing_else():
+    """The ventricle network's target: asking for it changes nothing else; it lies inside the intracranial
+    space, holds no lesion, is darker than the white matter on the FLAIR (CSF), and has an adult's volume."""
+    plain = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True)
+    flair, mask, meta, brain, vent = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0,
+                                                         skull=True, intracranial=True, ventricles=True)
+    image, lesion, icv, inside = (sitk.GetArrayFromImage(x) for x in (flair, mask, brain, vent))
+    assert np.array_equal(image, sitk.GetArrayFromImage(plain[0])) and np.array_equal(lesion, sitk.GetArrayFromImage(plain[1]))
+    assert meta == plain[2] and vent.GetPixelID() == sitk.sitkUInt8 and set(np.unique(inside)) == {0, 1}
+    assert np.allclose(vent.GetOrigin(), flair.GetOrigin()) and np.allclose(vent.GetDirection(), flair.GetDirection())
+    assert icv[inside > 0].all() and not (lesion[inside > 0]).any()
+    assert np.median(image[inside > 0]) < 0.6 * np.median(image[(icv > 0) & (inside == 0)])
+    ml = inside.sum() * np.prod(flair.GetSpacing()) / 1000
+    assert 5 < ml < 150, ml
+    _, _, _, only_vent = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True,
+                                             ventricles=True)
+    assert np.array_equal(sitk.GetArrayFromImage(only_vent), inside)  # without the intracranial mask too
+
+
 def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:  # a usage error: argparse exits 2
         cli_main(["synth", "-n", "0", "-o", str(tmp_path)])

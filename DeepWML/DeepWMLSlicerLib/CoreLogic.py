@@ -31,7 +31,8 @@ CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its repo
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
-            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings")
+            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
+            "ventricle_model", "ventricle_model_sha256")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
@@ -42,7 +43,7 @@ class SegmentationJob:
     image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread."""
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
-                 progress=None, cancel=None, brainMask=True):
+                 progress=None, cancel=None, brainMask=True, location=True):
         self.volumeNode = volumeNode
         self.image = image
         self.modelPaths = list(modelPaths) if modelPaths else None
@@ -50,6 +51,7 @@ class SegmentationJob:
         self.threshold = threshold
         self.tta = tta
         self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped)
+        self.location = location  # find the lateral ventricles (shipped ventricle model) for the periventricular/deep split
         self.result = None
         self.error = None
         self.fraction = 0.0
@@ -72,7 +74,8 @@ class SegmentationJob:
             self._report(0.0, "segmenting")
             self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
                                         tta=self.tta, progress=self._report, cancel=self.cancelRequested,
-                                        brain_model="default" if self.brainMask else None)
+                                        brain_model="default" if self.brainMask else None,
+                                        ventricle_model="default" if self.location else None)
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
             self.error = exc
         finally:
@@ -205,24 +208,26 @@ class DeepWMLCoreLogic:
     # Segmentation
 
     def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
-                          tta=False, brainMask=True) -> SegmentationJob:
+                          tta=False, brainMask=True, location=True) -> SegmentationJob:
         """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
         self.ensureDependencies()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
         return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
-                               brainMask=brainMask).start()
+                               brainMask=brainMask, location=location).start()
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
-                      cancel=None, segmentationNode=None, brainMask=True):
-        """Segment WMH in a volume node; returns a segmentation node with one segment 'WMH'.
+                      cancel=None, segmentationNode=None, brainMask=True, location=True):
+        """Segment WMH in a volume node; returns a segmentation node with the segment 'WMH' and, with
+        `location` and a ventricle model shipped, the hidden segment 'Lateral ventricles' that the
+        periventricular/deep split is measured from (lesionStatistics).
 
         `progress(fraction, message)` and `cancel()` are called in this thread; when cancel() returns
         True, DeepWMLLib.errors.Cancelled is raised and the scene is left as it was.
         """
         self.ensureDependencies()
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
-                              progress, cancel, brainMask)
+                              progress, cancel, brainMask, location)
         job.run()
         return self.finishSegmentation(job, segmentationNode)
 
@@ -237,7 +242,19 @@ class DeepWMLCoreLogic:
             raise DeepWMLError("the volume was removed from the scene while it was being segmented")
         segmentationNode = mrml.segmentationFromMask(job.result.mask, volumeNode, segmentationNode,
                                                      name=f"{volumeNode.GetName()} WMH")
+        segmentation = segmentationNode.GetSegmentation()
+        stale = segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+        if stale:  # from an earlier run into this node: it would not match this one
+            segmentation.RemoveSegment(stale)
+        if job.result.ventricles is not None:
+            mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,
+                                      segmentName=mrml.VENTRICLE_SEGMENT_NAME, color=mrml.VENTRICLE_COLOR)
+            display = segmentationNode.GetDisplayNode()
+            if display is not None:  # hidden: shown to check the split, from the Segmentations module
+                display.SetSegmentVisibility(segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME), False)
         run = {key: job.result.report[key] for key in RUN_KEYS if key in job.result.report}
+        location = job.result.report.get("location") or {}
+        run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         return segmentationNode
 
@@ -253,14 +270,30 @@ class DeepWMLCoreLogic:
 
     def lesionStatistics(self, segmentationNode, volumeNode, segmentId=None) -> dict:
         """Lesion report of a segmentation on the volume's grid: volume_ml, lesion_count, slices, lesions,
-        plus the facts of the DeepWML run that made it (model, device, seconds...) when there was one."""
+        plus the facts of the DeepWML run that made it (model, device, seconds...) when there was one.
+        When the segmentation also has a 'Lateral ventricles' segment (DeepWML adds it), `location` holds
+        the periventricular/deep split measured from it as it is now (edits to either segment count) and
+        each lesion its distance to the ventricles; else `location` is None."""
         self.ensureDependencies(torch=False)
+        from DeepWMLLib.location import locate_images
         from DeepWMLLib.report import lesion_report
 
-        report = lesion_report(mrml.maskFromNode(segmentationNode, volumeNode, segmentId))
+        mask = mrml.maskFromNode(segmentationNode, volumeNode, segmentId)
+        location = distance = None
+        if segmentationNode.IsA("vtkMRMLSegmentationNode") and segmentId != mrml.VENTRICLE_SEGMENT_NAME and \
+                segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME):
+            ventricles = mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
+            location, distance = locate_images(mask, ventricles)
+            location["ventricles"] = f"segment '{mrml.VENTRICLE_SEGMENT_NAME}' of '{segmentationNode.GetName()}'"
+        report = lesion_report(mask, None, distance)
+        report["location"] = location
         run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if segmentationNode.IsA("vtkMRMLSegmentationNode") else None
         if run:
-            report.update(json.loads(run))
+            facts = json.loads(run)
+            if location is not None and facts.get("ventricle_model"):
+                location.update(ventricle_model=facts.pop("ventricle_model"),
+                                ventricle_model_sha256=facts.pop("ventricle_model_sha256", None))
+            report.update(facts)
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
         return report
 
@@ -388,6 +421,13 @@ class DeepWMLCoreLogic:
     @staticmethod
     def formatReport(report: dict) -> str:
         lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {report['lesion_count']} lesions"]
+        location = report.get("location")
+        if location and location.get("judged"):
+            lines.append(f"Periventricular {location['periventricular_ml']:.2f} ml, deep {location['deep_ml']:.2f} ml "
+                         f"(within 10 mm of the lateral ventricles or further; ventricles: hidden segment "
+                         f"'Lateral ventricles', {location['ventricles_ml']:.1f} ml)")
+        elif location and location["why"] not in report.get("warnings", []):
+            lines.append(f"No periventricular/deep split: {location['why']}")
         if "model" in report:
             models = ", ".join(report["model"]) if isinstance(report["model"], list) else report["model"]
             runner = f" ({report['runner']})" if report.get("runner") else ""

@@ -28,6 +28,8 @@ from DeepWMLLib.io import axial_axis, grid_difference, ijk_to_lps, read_any
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 WMH_SEGMENT_NAME = "WMH"
 WMH_COLOR = (1.0, 0.9, 0.0)
+VENTRICLE_SEGMENT_NAME = "Lateral ventricles"  # added by DeepWML for the periventricular/deep split (hidden)
+VENTRICLE_COLOR = (0.35, 0.65, 1.0)
 _ORTHONORMAL_TOL = 1e-4
 
 
@@ -121,7 +123,8 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
     """The segments that make up the lesion mask.
 
     `segmentId` (an ID or a name) picks one; otherwise the segment named WMH, otherwise the union of
-    all segments, which suits a rater's manual segmentation with one segment of any name.
+    all segments, which suits a rater's manual segmentation with one segment of any name (DeepWML's
+    'Lateral ventricles' segment never counts as lesion).
     """
     segmentation = segmentationNode.GetSegmentation()
     name = segmentationNode.GetName()
@@ -137,7 +140,12 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
         names = [segmentation.GetSegment(i).GetName() for i in ids]
         raise DeepWMLError(f"segmentation '{name}' has no segment '{segmentId}' (it has {names})")
     wmh = segmentation.GetSegmentIdBySegmentName(WMH_SEGMENT_NAME)
-    return [wmh] if wmh else ids
+    if wmh:
+        return [wmh]
+    lesions = [i for i in ids if segmentation.GetSegment(i).GetName() != VENTRICLE_SEGMENT_NAME]
+    if not lesions:
+        raise DeepWMLError(f"segmentation '{name}' has no lesion segment (only '{VENTRICLE_SEGMENT_NAME}')")
+    return lesions
 
 
 def _stringArray(values) -> vtk.vtkStringArray:

@@ -7,7 +7,8 @@ It also runs under plain Python with slicer-core installed (python DeepWML/Scrip
 
 Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
 CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per study named as `deepwml
-segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case, CASE.seg.nrrd, CASE_wmh.nii.gz (.nrrd for NRRD
+segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case,
+CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
 and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.png (the same names as
 `deepwml segment`), and summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
@@ -31,8 +32,8 @@ from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
-SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "dice", "sensitivity",
-                   "precision", "reference", "seconds", "warnings"]
+SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
+                   "dice", "sensitivity", "precision", "reference", "seconds", "warnings"]
 
 
 def parseArguments(argv):
@@ -104,7 +105,9 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
                                                brainMask=not args.no_brain_mask)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
+        split = report.get("location") or {}
         row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"],
+               "periventricular_ml": split.get("periventricular_ml"), "deep_ml": split.get("deep_ml"),
                "warnings": " | ".join(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)

@@ -1,0 +1,111 @@
+"""Where the lesions lie: periventricular or deep white matter, by the 10 mm rule.
+
+Radiologists grade WMH separately next to the ventricles and in the deep white matter (Fazekas et al.
+1987); automated pipelines split the volume by distance to the lateral ventricles, a voxel within 10 mm
+of them being periventricular (the "10 mm distance rule", one of the rules compared by Griffanti et al.,
+NeuroImage: Clinical 2018). Here:
+
+- the lateral ventricles come from the shipped ventricle network (role "ventricles" in models.json,
+  trained on synthetic FLAIR only: its card in Resources/Models/README.md), probability >= 0.5 inside the
+  intracranial mask; 3D components under a tenth of the largest are dropped (a dark spot in the white
+  matter must not make the lesions around it periventricular);
+- distances are Euclidean, in mm, between voxel centres on the scan's own grid (thick slices count
+  their full spacing across slices);
+- totals are voxel-wise (a confluent lesion reaching from the ventricle wall into the deep white matter
+  counts in both); each lesion also gets its shortest distance to the ventricles and the share of it
+  within 10 mm;
+- no ventricles found (a scan not covering them, or a network failure), or implausibly little of them:
+  the split is not made and the report says why; nothing else changes.
+
+The figures are estimates: the network was checked on synthetic scans and by eye on real ones, not
+against manual ventricle outlines (its card), so a location is a pointer for reading, not a grade.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+PERIVENTRICULAR_MM = 10.0
+VENTRICLE_THRESHOLD = 0.5
+# Components smaller than this share of the largest are not taken for ventricle.
+MIN_COMPONENT_SHARE = 0.1
+# Less lateral ventricle than this (ml) and the split is not made: adult lateral ventricles hold about
+# 7-70 ml; a scan that shows under 1 ml of them does not cover them, or the network failed on it.
+MIN_VENTRICLES_ML = 1.0
+RULE = f"periventricular: within {PERIVENTRICULAR_MM:g} mm of the lateral ventricles (voxel-wise); deep: further"
+
+
+def ventricle_mask(probabilities: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
+    """The lateral ventricles (bool stack) from the ventricle network's probability map: >= 0.5,
+    inside `brain` (bool, the intracranial mask) when given, small stray components dropped."""
+    from scipy import ndimage
+
+    mask = probabilities >= VENTRICLE_THRESHOLD
+    if brain is not None:
+        mask &= brain
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.zeros(count + 1, bool)
+    keep[1:] = sizes >= MIN_COMPONENT_SHARE * sizes.max()
+    return keep[labels]
+
+
+def ventricle_distance(ventricles: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Distance in mm from every voxel to the nearest ventricle voxel (0 inside); `spacing` (slice, row,
+    col) in mm. Needs at least one ventricle voxel."""
+    import SimpleITK as sitk
+
+    if not ventricles.any():
+        raise ValueError("no ventricle voxel to measure distances from")
+    image = sitk.GetImageFromArray(ventricles.astype(np.uint8))
+    image.SetSpacing([float(spacing[2]), float(spacing[1]), float(spacing[0])])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return np.maximum(sitk.GetArrayViewFromImage(distance), 0).astype(np.float32)
+
+
+def split_volumes(lesion: np.ndarray, distance: np.ndarray, voxel_mm3: float) -> dict:
+    """Periventricular and deep lesion volume (ml) of a bool lesion stack, by the 10 mm rule."""
+    near = np.count_nonzero(lesion & (distance <= PERIVENTRICULAR_MM))
+    total = np.count_nonzero(lesion)
+    return {"periventricular_ml": round(near * voxel_mm3 / 1000, 6),
+            "deep_ml": round((total - near) * voxel_mm3 / 1000, 6)}
+
+
+def locate(lesion: np.ndarray, ventricles: np.ndarray, spacing: tuple[float, float, float]) -> tuple[dict, np.ndarray | None]:
+    """The report's `location` entry for a bool lesion stack and a bool ventricle stack (same shape,
+    `spacing` (slice, row, col) in mm), and the distance map (None when the split is not made)."""
+    voxel_mm3 = float(np.prod(spacing))
+    ventricles_ml = np.count_nonzero(ventricles) * voxel_mm3 / 1000
+    entry = {"rule": RULE, "ventricles_ml": round(ventricles_ml, 3)}
+    if ventricles_ml < MIN_VENTRICLES_ML:
+        entry.update(judged=False, periventricular_ml=None, deep_ml=None,
+                     why=f"{ventricles_ml:.2f} ml of lateral ventricle found (under {MIN_VENTRICLES_ML:g} ml): the scan "
+                         "may not cover them, or the ventricle network failed on it; no periventricular/deep split")
+        return entry, None
+    distance = ventricle_distance(ventricles, spacing)
+    entry.update(judged=True, **split_volumes(lesion, distance, voxel_mm3))
+    return entry, distance
+
+
+def locate_images(mask: sitk.Image, ventricles: sitk.Image) -> tuple[dict, np.ndarray | None]:
+    """`locate` for a lesion mask and a ventricle mask on one grid (images, e.g. a Slicer segmentation's
+    two segments): the `location` entry, and the distance map as `volume.voxels` of that grid (numpy
+    (k, j, i), for `report.lesion_report`), None when the split is not made."""
+    from . import io
+    from .volume import voxels
+
+    if ventricles.GetSize() != mask.GetSize():
+        raise ValueError(f"the ventricle mask {ventricles.GetSize()} is not on the lesion mask's grid {mask.GetSize()}")
+    lesion, frame = io.to_axial_stack(mask, dtype=np.uint8)
+    inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
+    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+    entry, distance = locate(lesion > 0, inside > 0, spacing)
+    return entry, None if distance is None else voxels(io.from_axial_stack(distance, frame))

@@ -1,0 +1,167 @@
+"""Periventricular / deep split (location.py) on shapes whose distances are known."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import location
+from DeepWMLLib.report import lesion_report
+from DeepWMLLib.volume import voxels
+
+
+def _stack_with_ventricle(shape=(12, 80, 80)):
+    ventricles = np.zeros(shape, bool)
+    ventricles[4:8, 30:50, 28:44] = True  # 4 slices x 20 x 16 voxels: 1.6 ml at 5 x 0.5 x 0.5 mm
+    return ventricles
+
+
+def test_distances_are_in_mm_across_anisotropic_slices():
+    ventricles = _stack_with_ventricle()
+    spacing = (5.0, 0.5, 0.5)
+    distance = location.ventricle_distance(ventricles, spacing)
+    assert distance[5, 40, 40] == 0  # inside
+    assert distance[5, 40, 44 + 10] == pytest.approx(10 * 0.5 + 0.5, abs=1e-4)  # 11 columns out: 5.5 mm
+    assert distance[7 + 3, 40, 40] == pytest.approx(3 * 5.0, abs=1e-4)  # 3 slices above the top ventricle slice
+
+
+def test_split_counts_voxels_within_10_mm_as_periventricular():
+    ventricles = _stack_with_ventricle()
+    spacing = (5.0, 0.5, 0.5)
+    lesion = np.zeros(ventricles.shape, bool)
+    lesion[5, 40, 44:64] = True  # columns 44..63: 0.5 to 10 mm from the wall (periventricular)
+    lesion[5, 40, 64:70] = True  # 10.5 to 13 mm: deep
+    lesion[0, 10, 10] = True  # far away: deep
+    entry, distance = location.locate(lesion, ventricles, spacing)
+    voxel_ml = np.prod(spacing) / 1000
+    assert entry["judged"] is True and entry["rule"] == location.RULE
+    assert entry["periventricular_ml"] == pytest.approx(20 * voxel_ml)
+    assert entry["deep_ml"] == pytest.approx(7 * voxel_ml)
+    assert entry["ventricles_ml"] == pytest.approx(round(ventricles.sum() * voxel_ml, 3))
+    assert distance.shape == lesion.shape
+
+
+def test_too_little_ventricle_is_not_judged_and_says_why():
+    ventricles = np.zeros((10, 40, 40), bool)
+    ventricles[5, 20, 20] = True
+    lesion = np.zeros_like(ventricles)
+    lesion[5, 22, 22] = True
+    entry, distance = location.locate(lesion, ventricles, (5.0, 1.0, 1.0))
+    assert entry["judged"] is False and distance is None
+    assert entry["periventricular_ml"] is None and entry["deep_ml"] is None
+    assert "lateral ventricle" in entry["why"] and "under 1 ml" in entry["why"]
+
+
+def test_ventricle_mask_drops_stray_specks_and_what_lies_outside_the_brain():
+    probabilities = np.zeros((12, 80, 80), np.float32)
+    probabilities[4:8, 30:50, 36:44] = 0.9  # the ventricles
+    probabilities[2, 5:7, 5:7] = 0.8  # a dark speck elsewhere: under a tenth of the largest component
+    probabilities[4:8, 30:50, 10:18] = 0.7  # as large, but outside the brain below
+    brain = np.ones(probabilities.shape, bool)
+    brain[..., :20] = False
+    mask = location.ventricle_mask(probabilities, brain)
+    assert mask[4:8, 30:50, 36:44].all()
+    assert mask.sum() == 4 * 20 * 8
+    assert location.ventricle_mask(probabilities)[4:8, 30:50, 10:18].all()  # no brain given: kept
+
+
+def test_each_lesion_gets_its_nearest_distance_and_periventricular_share():
+    ventricles = _stack_with_ventricle()
+    lesion = np.zeros(ventricles.shape, np.uint8)
+    lesion[5, 40, 44:64] = 1  # periventricular band, touching the wall (0.5 mm)
+    lesion[5, 40, 64:70] = 1  # ... carried into the deep white matter
+    lesion[1, 10:14, 10:14] = 1  # a deep lesion
+    image = sitk.GetImageFromArray(lesion)
+    image.SetSpacing((0.5, 0.5, 5.0))
+    distance = location.ventricle_distance(ventricles, (5.0, 0.5, 0.5))
+    distance_image = sitk.GetImageFromArray(distance)
+    distance_image.CopyInformation(image)
+    report = lesion_report(image, None, voxels(distance_image))
+    band, deep = report["lesions"]
+    assert band["voxels"] == 26 and band["ventricle_distance_mm"] == pytest.approx(0.5, abs=0.05)
+    assert band["periventricular_share"] == pytest.approx(20 / 26, abs=1e-3)
+    assert deep["periventricular_share"] == 0 and deep["ventricle_distance_mm"] > 15
+    assert "ventricle_distance_mm" not in lesion_report(image)["lesions"][0]  # none without distances
+    with pytest.raises(ValueError, match="ventricle distances"):
+        lesion_report(image, None, voxels(distance_image)[:3])
+
+
+VENTRICLE_LABELS = {"0": "background", "1": "lateral_ventricles"}
+
+
+def test_segment_reports_the_split_measured_on_the_saved_ventricle_mask(tmp_path, tiny_model, monkeypatch):
+    """End to end with the oracle networks: the ventricle mask is written on the input's grid, and the
+    report's split and per-lesion distances are what that mask and the lesion mask give."""
+    import csv
+    import json
+
+    from conftest import make_volume, oracle_network, tiny_model_file
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels=VENTRICLE_LABELS)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    path = tmp_path / "case.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--ventricle-model", str(ventricle_model), "--save-ventricle-mask"]) == 0
+    vent_image = sitk.ReadImage(str(out / "case_ventricles.nii.gz"))
+    assert vent_image.GetSize() == image.GetSize() and np.allclose(vent_image.GetOrigin(), image.GetOrigin())
+    ventricles = sitk.GetArrayFromImage(vent_image) > 0  # (z, y, x): axial slices first
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_wmh.nii.gz"))) > 0
+    report = json.loads((out / "case_report.json").read_text(encoding="utf-8"))
+    split = report["location"]
+    spacing = image.GetSpacing()[::-1]
+    distance = location.ventricle_distance(ventricles, spacing)
+    voxel_ml = np.prod(spacing) / 1000
+    assert split["judged"] and split["ventricle_model"] == "vent.pt" and split["ventricle_model_sha256"]
+    assert split["ventricles_ml"] == pytest.approx(ventricles.sum() * voxel_ml, abs=1e-3)
+    assert split["periventricular_ml"] == pytest.approx((lesion & (distance <= 10)).sum() * voxel_ml, abs=1e-5)
+    assert split["periventricular_ml"] + split["deep_ml"] == pytest.approx(report["volume_ml"], abs=1e-5)
+    assert 0 < split["periventricular_ml"] and 0 < split["deep_ml"]  # one lesion near the centre, one far
+    near, far = sorted(report["lesions"], key=lambda lesion: lesion["ventricle_distance_mm"])
+    assert near["periventricular_share"] > 0.5 and far["periventricular_share"] < 0.5
+    row = next(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
+    assert float(row["periventricular_ml"]) == pytest.approx(split["periventricular_ml"])
+    assert float(row["deep_ml"]) == pytest.approx(split["deep_ml"])
+
+    plain = tmp_path / "plain"
+    assert main(["segment", str(path), "-o", str(plain), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-location"]) == 0
+    report = json.loads((plain / "case_report.json").read_text(encoding="utf-8"))
+    assert report["location"] is None and "ventricle_distance_mm" not in report["lesions"][0]
+    row = next(csv.DictReader(open(plain / "summary.csv", encoding="utf-8")))
+    assert row["periventricular_ml"] == row["deep_ml"] == ""
+
+
+def test_ventricle_options_refused_in_one_line(tmp_path, tiny_model, capsys):
+    from conftest import BRAIN_LABELS, tiny_model_file
+    from DeepWMLLib.cli import main
+
+    brain = tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels=VENTRICLE_LABELS)
+    path = tmp_path / "x.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8, 4], sitk.sitkUInt16), str(path))
+    assert main(["segment", str(path), "-o", str(tmp_path / "o1"), "--ventricle-model", str(brain)]) == 1
+    assert "is not a ventricle model" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", str(tmp_path / "o2"), "--model", str(ventricle_model)]) == 1
+    assert "is a ventricle model, not a WMH model" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", str(tmp_path / "o3"), "--no-location", "--save-ventricle-mask"]) == 2
+    assert "--no-location cannot go with" in capsys.readouterr().err
+
+
+def test_qc_picture_outlines_the_ventricles_in_blue_on_the_lesion_slices():
+    from conftest import make_volume
+    from DeepWMLLib.qc import LESION_RGB, VENTRICLE_RGB, render
+
+    image, truth = make_volume(size=(64, 48, 10), blobs=((0.3, 0.5, 0.5, 5.0),))
+    ventricles = sitk.GetArrayFromImage(truth) * 0
+    ventricles[:, 20:28, 28:36] = 1  # every slice, lesion or not
+    vent_image = sitk.GetImageFromArray(ventricles)
+    vent_image.CopyInformation(truth)
+    plain = render(image, truth, "case", max_tiles=4)
+    both = render(image, truth, "case", max_tiles=4, ventricles=vent_image)
+    blue = np.all(both == VENTRICLE_RGB, axis=-1)
+    assert blue.any() and not np.all(plain == VENTRICLE_RGB, axis=-1).any()
+    assert both.shape[1] == plain.shape[1]  # the same tiles: chosen by the lesions, not the ventricles
+    assert np.all(both == LESION_RGB, axis=-1).sum() >= np.all(plain == LESION_RGB, axis=-1).sum() > 0
