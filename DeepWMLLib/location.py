@@ -97,10 +97,11 @@ def locate(lesion: np.ndarray, ventricles: np.ndarray, spacing: tuple[float, flo
 
 def locate_images(mask: sitk.Image, ventricles: sitk.Image) -> tuple[dict, np.ndarray | None]:
     """`locate` for a lesion mask and a ventricle mask on one grid (images, e.g. a Slicer segmentation's
-    two segments): the `location` entry, and the distance map as `volume.voxels` of that grid (numpy
-    (k, j, i), for `report.lesion_report`), None when the split is not made."""
+    two segments): the `location` entry, and the distance map as the voxels of that grid (numpy (k, j, i),
+    as `volume.voxels` gives them, for `report.lesion_report`), None when the split is not made."""
+    import SimpleITK as sitk
+
     from . import io
-    from .volume import voxels
 
     if ventricles.GetSize() != mask.GetSize():
         raise ValueError(f"the ventricle mask {ventricles.GetSize()} is not on the lesion mask's grid {mask.GetSize()}")
@@ -108,4 +109,4 @@ def locate_images(mask: sitk.Image, ventricles: sitk.Image) -> tuple[dict, np.nd
     inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
     entry, distance = locate(lesion > 0, inside > 0, spacing)
-    return entry, None if distance is None else voxels(io.from_axial_stack(distance, frame))
+    return entry, None if distance is None else sitk.GetArrayFromImage(io.from_axial_stack(distance, frame))

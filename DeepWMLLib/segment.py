@@ -71,9 +71,8 @@ def default_model_paths() -> list[str]:
     return [e["path"] for e in default]
 
 
-def default_brain_model_path(role: str = BRAIN_ROLE) -> str | None:
-    """The shipped default brain-mask model (or, with `role`, the default model of that role), or None
-    when the registry has none."""
+def default_role_model_path(role: str) -> str | None:
+    """The shipped default model of a role (BRAIN_ROLE, VENTRICLE_ROLE), or None when the registry has none."""
     entries = [e for e in shipped_models(role) if e.get("default")]
     return entries[0]["path"] if entries else None
 
@@ -111,7 +110,7 @@ def load_brain_model(spec="default"):
     if spec is None or spec is False:
         return None
     if isinstance(spec, str) and spec == "default":
-        path = default_brain_model_path()
+        path = default_role_model_path(BRAIN_ROLE)
         if path is None:
             return None
         spec = path
@@ -131,7 +130,7 @@ def load_ventricle_model(spec="default"):
     if spec is None or spec is False:
         return None
     if isinstance(spec, str) and spec == "default":
-        spec = default_brain_model_path(VENTRICLE_ROLE)
+        spec = default_role_model_path(VENTRICLE_ROLE)
         if spec is None:
             return None
     loaded = spec if isinstance(spec, LoadedModel) else load_model_settings(spec)
@@ -193,13 +192,14 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if ventricle_model is not None:
         from .location import locate, ventricle_mask
 
-        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD)
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD)
         location, distance = locate(mask_stack > 0, ventricles, spacing)
         location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
         ventricle_image = io.from_axial_stack(ventricles.astype(np.uint8), frame)
         if distance is not None:
-            distance = voxels(io.from_axial_stack(distance, frame))
+            distance_image = io.from_axial_stack(distance, frame)  # held: voxels() is a view of its buffer
+            distance = voxels(distance_image)
     report = lesion_report(mask, voxels(prob_image), distance)
     report["location"] = location
     plane = io.acquisition_plane(image)

@@ -149,6 +149,16 @@ class _Atlas:
         low = np.arange(labels.shape[0])[:, None, None] < z_idx[0] + 0.35 * (z_idx[-1] - z_idx[0])
         self.base_sites = np.flatnonzero((cortex & clear & intracranial & low & (signed > -12)).ravel())
         self.sulcal_csf = (self.csf * ~self.ventricles).astype(np.float32)
+        # Deep grey matter (basal ganglia, thalami): the grey matter of the MNI box that holds them (|x| <= 32,
+        # -38 <= y <= 28, -12 <= z <= 22 mm, RAS), so not the insula or the cingulate cortex. Real FLAIR
+        # often shows the pallidum and putamen dark (iron).
+        k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in labels.shape), indexing="ij", sparse=True)
+        origin, spacing = np.array(self.reference.GetOrigin()), np.array(self.reference.GetSpacing())
+        direction = np.array(self.reference.GetDirection()).reshape(3, 3)
+        x, y, z = (origin[a] + direction[a, 0] * spacing[0] * i + direction[a, 1] * spacing[1] * j
+                   + direction[a, 2] * spacing[2] * k for a in range(3))  # LPS: RAS x, y are -x, -y
+        nuclei = (np.abs(x) <= 32) & (-y >= -38) & (-y <= 28) & (z >= -12) & (z <= 22)
+        self.deep_grey = (self.gm * (nuclei & (labels != _LABEL_INFRATENTORIAL) & ~self.ventricles)).astype(np.float32)
         self.box = _bounding_box(self.allowed, margin=3)
         idx = np.argwhere(intracranial)
         self.brain_centre = np.array(self.reference.TransformContinuousIndexToPhysicalPoint(
@@ -369,7 +379,8 @@ def _paint_lesions(rng: np.random.Generator, atlas: _Atlas, disease: str, librar
 def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, lesions: np.ndarray,
                      skull: bool, graded_rims: float = 0.0,
                      rim_rng: Optional[np.random.Generator] = None, skull_base_mimics: float = 0.0,
-                     base_rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, bool, bool]:
+                     base_rng: Optional[np.random.Generator] = None, dark_deep_grey: float = 0.0,
+                     grey_rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, bool, bool, bool]:
     """FLAIR intensities on the template grid; white matter is 1 before the scanner's scaling.
 
     With probability `graded_rims` (not for faint cases) the lesions' contrast over white matter
@@ -377,14 +388,23 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
     are clearly but less bright than its centre and raters still include them. Those draws come from
     `rim_rng`, so the rest of the case (anatomy, lesions, scanner, mask) is the same with or without
     rims. With probability `skull_base_mimics` bright patches are added to cortex next to the skull
-    base (`_skull_base_mimics`), drawn from `base_rng` for the same reason. Returns the image,
-    whether the rims were graded and whether the patches were added."""
+    base (`_skull_base_mimics`), drawn from `base_rng` for the same reason. With probability
+    `dark_deep_grey` the deep grey matter (basal ganglia, thalami) is drawn darker than white matter,
+    as iron makes the pallidum and putamen on many real FLAIRs (from `grey_rng`: nothing else changes).
+    Returns the image, whether the rims were graded, whether the patches were added and whether the
+    deep grey matter was darkened."""
     rim_rng = rng if rim_rng is None else rim_rng
     base_rng = rng if base_rng is None else base_rng
+    grey_rng = rng if grey_rng is None else grey_rng
     gm_jitter, csf_jitter, level_jitter = rng.uniform(0.92, 1.08, size=3)  # cases spread round their scanner
     gm = scanner["gm_ratio"] * gm_jitter
     csf = scanner["csf_ratio"] * csf_jitter
     image = atlas.gm * gm + atlas.wm + atlas.csf * csf
+    darkened = bool(dark_deep_grey > 0 and grey_rng.random() < dark_deep_grey)
+    if darkened:  # deep grey at 0.55-0.95 of white matter, unevenly (the pallidum darkest on real scans)
+        level = grey_rng.uniform(0.55, 0.95)
+        patchy = 0.6 + 0.4 * _smooth_noise(grey_rng, atlas.deep_grey.shape, 6)
+        image += atlas.deep_grey * (level - gm) * patchy
     box = atlas.box
     heterogeneity = 0.75 + 0.5 * _smooth_noise(rng, lesions[box].shape, 4)
     graded = False
@@ -406,7 +426,7 @@ def _render_template(rng: np.random.Generator, atlas: _Atlas, scanner: dict, les
         image += _skull_base_mimics(base_rng, atlas, lesion)
     if skull:
         image += (1 - atlas.icv) * _head_layers(rng, atlas, scanner, lesion)
-    return image * np.float32(scanner["wm"] * level_jitter), graded, based
+    return image * np.float32(scanner["wm"] * level_jitter), graded, based, darkened
 
 
 def _rim_grade(rng: np.random.Generator, lesions: np.ndarray) -> np.ndarray:
@@ -675,7 +695,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
                   scanner_id: Optional[int] = None, skull: Optional[bool] = None,
                   matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
                   intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0,
-                  ventricles: bool = False) -> tuple:
+                  ventricles: bool = False, dark_deep_grey: float = 0.0) -> tuple:
     """One synthetic clinical FLAIR (uint16) and its lesion mask (uint8 0/1) on the same grid,
     and the case's metadata: (flair, mask, meta). With `intracranial` a further item, the mask of
     the intracranial space (brain, CSF and ventricles inside the skull; uint8 0/1, same grid), the
@@ -688,10 +708,11 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     lesions are brighter in their core than at their edge; it changes only lesion intensities, so
     the mask and everything else are the same for any value (and 0 gives the data sets made before
     it existed). `skull_base_mimics` is the probability that bright, unlabelled patches are added to
-    cortex next to the skull base; likewise it changes nothing else. Raises DeepWMLError when the
-    templates are missing.
+    cortex next to the skull base; likewise it changes nothing else, as `dark_deep_grey`, the
+    probability that the basal ganglia and thalami are darker than white matter. Raises DeepWMLError
+    when the templates are missing.
     """
-    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics)
+    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics, dark_deep_grey=dark_deep_grey)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     atlas = _atlas(_require_shared_dir())
     library = lesion_library()
@@ -715,9 +736,9 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
     lesions, lesion_meta = _paint_lesions(rng, atlas, disease, library)
     # Streams of their own: rims and skull-base patches change nothing else in the case (and the
     # first child is the one rims had before the second existed).
-    rim_rng, base_rng = rng.spawn(2)
-    template_image, graded, based = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng,
-                                                     skull_base_mimics, base_rng)
+    rim_rng, base_rng, grey_rng = rng.spawn(3)
+    template_image, graded, based, darkened = _render_template(rng, atlas, scanner, lesions, skull, graded_rims, rim_rng,
+                                                               skull_base_mimics, base_rng, dark_deep_grey, grey_rng)
     geo = _acquisition(rng, atlas, scanner)
     geo["atrophy"] = rng.uniform(0.0, 0.3) if disease == "synth-csvd" else rng.uniform(0.0, 0.15)
     extra = ([atlas.icv] if intracranial else []) + ([atlas.ventricles.astype(np.float32)] if ventricles else [])
@@ -752,6 +773,7 @@ def generate_case(rng_or_seed: Union[np.random.Generator, int], disease: Optiona
         **lesion_meta,
         **({"graded_rims": int(graded)} if graded_rims > 0 else {}),
         **({"skull_base_mimics": int(based)} if skull_base_mimics > 0 else {}),
+        **({"dark_deep_grey": int(darkened)} if dark_deep_grey > 0 else {}),
     }
     masks = []
     for pv in extra_pv:
@@ -784,7 +806,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                      cancel: Optional[Callable[[], bool]] = None, workers: int = 1,
                      matrix: Optional[int] = None, slice_thickness: Optional[float] = None,
                      intracranial: bool = False, graded_rims: float = 0.0, skull_base_mimics: float = 0.0,
-                     ventricles: bool = False) -> Path:
+                     ventricles: bool = False, dark_deep_grey: float = 0.0) -> Path:
     """Write `n` synthetic cases and `manifest.csv` (paths relative to it) into `out_dir`.
 
     Case i depends only on (seed, i), whatever `workers` is. `matrix` and `slice_thickness`, when
@@ -792,15 +814,16 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     also gets `<case>_intracranial.nii.gz` (manifest column `intracranial`), for the brain-mask
     network (`deepwml train --mask-column intracranial`); with `ventricles`, `<case>_ventricles.nii.gz`
     (column `ventricles`), the lateral ventricles, for the ventricle network. `graded_rims`,
-    `skull_base_mimics`: see `generate_case`.
+    `skull_base_mimics`, `dark_deep_grey`: see `generate_case`.
     """
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
-    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics)
+    _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics, dark_deep_grey=dark_deep_grey)
     out = io.make_output_dir(out_dir)
     _require_shared_dir()
     options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
-               "ventricles": ventricles, "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics}
+               "ventricles": ventricles, "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics,
+               "dark_deep_grey": dark_deep_grey}
     jobs = [(int(seed), i, str(out), options) for i in range(n)]
     rows = []
     started = time.perf_counter()
@@ -830,7 +853,8 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     table = StringIO()
     columns = [*MANIFEST_COLUMNS, "lesion_source"] + (["intracranial"] if intracranial else []) \
         + (["ventricles"] if ventricles else []) \
-        + (["graded_rims"] if graded_rims > 0 else []) + (["skull_base_mimics"] if skull_base_mimics > 0 else [])
+        + (["graded_rims"] if graded_rims > 0 else []) + (["skull_base_mimics"] if skull_base_mimics > 0 else []) \
+        + (["dark_deep_grey"] if dark_deep_grey > 0 else [])
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore",
                             lineterminator="\n")
     writer.writeheader()
@@ -866,6 +890,9 @@ def register(subparsers) -> None:
     parser.add_argument("--skull-base-mimics", type=unit_interval, default=0.0, metavar="P",
                         help="probability that a case gets bright, unlabelled patches on the cortex "
                         "next to the skull base, as real FLAIR often shows (default 0)")
+    parser.add_argument("--dark-deep-grey", type=unit_interval, default=0.0, metavar="P",
+                        help="probability that a case's basal ganglia and thalami are darker than white matter, "
+                        "as iron makes them on many real FLAIRs (default 0)")
     parser.add_argument("--backgrounds", nargs="+", type=Path, metavar="FLAIR",
                         help="insert the synthetic lesions into these real FLAIR scans (files or folders) "
                         "instead of drawing whole images; masks mark the scans' own probable lesions 2 "
@@ -906,7 +933,7 @@ def _run(args: argparse.Namespace) -> int:
     # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
     if args.backgrounds:
         other = [flag for flag, value in (("--intracranial", args.intracranial), ("--ventricles", args.ventricles),
-                                          ("--graded-rims", args.graded_rims),
+                                          ("--graded-rims", args.graded_rims), ("--dark-deep-grey", args.dark_deep_grey),
                                           ("--skull-base-mimics", args.skull_base_mimics), ("--matrix", args.matrix),
                                           ("--thickness", args.thickness)) if value]
         if args.faint_ignore is not None and args.faint_ignore != 0 and args.faint_ignore <= 1:
@@ -931,7 +958,7 @@ def _run(args: argparse.Namespace) -> int:
         manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                     matrix=args.matrix, slice_thickness=args.thickness,
                                     intracranial=args.intracranial, ventricles=args.ventricles,
-                                    graded_rims=args.graded_rims,
+                                    graded_rims=args.graded_rims, dark_deep_grey=args.dark_deep_grey,
                                     skull_base_mimics=args.skull_base_mimics)
     print(file=sys.stderr)
     print(manifest)

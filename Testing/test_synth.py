@@ -180,6 +180,27 @@ def test_ventricle_mask_lies_inside_the_brain_is_dark_and_changes_nothing_else()
     assert np.array_equal(sitk.GetArrayFromImage(only_vent), inside)  # without the intracranial mask too
 
 
+@needs_shared
+def test_dark_deep_grey_darkens_only_the_deep_grey_matter():
+    """--dark-deep-grey: the basal ganglia and thalami drawn darker than white matter; the masks, the
+    metadata but its flag, and the image away from the deep grey matter stay as without it."""
+    plain = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True, ventricles=True)
+    dark = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True, ventricles=True,
+                               dark_deep_grey=1.0)
+    off = synth.generate_case(synth.case_rng(7, 3), matrix=256, slice_thickness=5.0, skull=True, ventricles=True,
+                              dark_deep_grey=1e-9)  # drawn, never darkened: the same image
+    a, b = (sitk.GetArrayFromImage(x[0]).astype(float) for x in (plain, dark))
+    assert np.array_equal(sitk.GetArrayFromImage(off[0]), sitk.GetArrayFromImage(plain[0])) and off[2]["dark_deep_grey"] == 0
+    for k in (1, 3):
+        assert np.array_equal(sitk.GetArrayFromImage(plain[k]), sitk.GetArrayFromImage(dark[k]))
+    assert dark[2]["dark_deep_grey"] == 1 and {**dark[2], "dark_deep_grey": None} == {**plain[2], "dark_deep_grey": None}
+    changed = np.abs(b - a) > 0.05 * np.percentile(a, 99)
+    assert changed.any() and (b[changed] < a[changed]).mean() > 0.8  # darker where changed ...
+    assert changed.mean() < 0.02  # ... and only in a small central part of the volume
+    rows, cols = np.nonzero(changed.any(axis=0))
+    assert abs(rows.mean() / a.shape[1] - 0.5) < 0.15 and abs(cols.mean() / a.shape[2] - 0.5) < 0.15
+
+
 def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:  # a usage error: argparse exits 2
         cli_main(["synth", "-n", "0", "-o", str(tmp_path)])
