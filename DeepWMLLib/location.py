@@ -5,10 +5,11 @@ Radiologists grade WMH separately next to the ventricles and in the deep white m
 of them being periventricular (the "10 mm distance rule", one of the rules compared by Griffanti et al.,
 NeuroImage: Clinical 2018). Here:
 
-- the lateral ventricles come from the shipped ventricle network (role "ventricles" in models.json,
-  trained on synthetic FLAIR only: its card in Resources/Models/README.md), probability >= 0.5 inside the
-  intracranial mask; 3D components under a tenth of the largest are dropped (a dark spot in the white
-  matter must not make the lesions around it periventricular);
+- the lateral ventricles come from a ventricle network (`deepwml segment --ventricle-model`; role
+  "ventricles" in models.json; the shipped one, trained on synthetic FLAIR only, is not on by default:
+  it marks too little of real ventricles, its card in Resources/Models/README.md), probability >= 0.5
+  inside the intracranial mask; 3D components under a tenth of the largest are dropped (a dark spot in
+  the white matter must not make the lesions around it periventricular);
 - distances are Euclidean, in mm, between voxel centres on the scan's own grid (thick slices count
   their full spacing across slices);
 - totals are voxel-wise (a confluent lesion reaching from the ventricle wall into the deep white matter
@@ -17,8 +18,8 @@ NeuroImage: Clinical 2018). Here:
 - no ventricles found (a scan not covering them, or a network failure), or implausibly little of them:
   the split is not made and the report says why; nothing else changes.
 
-The figures are estimates: the network was checked on synthetic scans and by eye on real ones, not
-against manual ventricle outlines (its card), so a location is a pointer for reading, not a grade.
+The figures are estimates: no ventricle network here was measured against manual ventricle outlines
+(none are available), so a location is a pointer for reading, not a grade.
 """
 
 from __future__ import annotations

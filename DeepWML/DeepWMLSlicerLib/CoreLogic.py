@@ -51,7 +51,9 @@ class SegmentationJob:
         self.threshold = threshold
         self.tta = tta
         self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped)
-        self.location = location  # find the lateral ventricles (shipped ventricle model) for the periventricular/deep split
+        # the periventricular/deep split: True with the shipped default ventricle model (when the registry
+        # marks one default), a ventricle model file's path, or False for none
+        self.location = location
         self.result = None
         self.error = None
         self.fraction = 0.0
@@ -75,7 +77,7 @@ class SegmentationJob:
             self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
                                         tta=self.tta, progress=self._report, cancel=self.cancelRequested,
                                         brain_model="default" if self.brainMask else None,
-                                        ventricle_model="default" if self.location else None)
+                                        ventricle_model=_ventricleModel(self.location))
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
             self.error = exc
         finally:
@@ -218,9 +220,10 @@ class DeepWMLCoreLogic:
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
                       cancel=None, segmentationNode=None, brainMask=True, location=True):
-        """Segment WMH in a volume node; returns a segmentation node with the segment 'WMH' and, with
-        `location` and a ventricle model shipped, the hidden segment 'Lateral ventricles' that the
-        periventricular/deep split is measured from (lesionStatistics).
+        """Segment WMH in a volume node; returns a segmentation node with the segment 'WMH' and, with a
+        ventricle model (`location`: a model file, or True for the registry's default one if it marks one),
+        the hidden segment 'Lateral ventricles' that the periventricular/deep split is measured from
+        (lesionStatistics).
 
         `progress(fraction, message)` and `cancel()` are called in this thread; when cancel() returns
         True, DeepWMLLib.errors.Cancelled is raised and the scene is left as it was.
@@ -474,6 +477,13 @@ class DeepWMLCoreLogic:
             columns, records = self.sliceRecords(results)
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+def _ventricleModel(location):
+    """segment_image's ventricle_model for the `location` choice of the logic's methods."""
+    if location is True:
+        return "default"
+    return str(location) if location else None
 
 
 def _text(value) -> str:

@@ -48,6 +48,8 @@ def parseArguments(argv):
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
+    parser.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
+                        "split (10 mm rule; default: the registry's default ventricle model, if it marks one)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
     parser.add_argument("--qc", action="store_true", help="also write CASE_qc.png: the axial slices with the mask "
                         "outlined in red, or with --reference-dir filled green where it agrees with the reference, "
@@ -102,7 +104,8 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta,
-                                               brainMask=not args.no_brain_mask)
+                                               brainMask=not args.no_brain_mask,
+                                               location=args.ventricle_model or True)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
         split = report.get("location") or {}
