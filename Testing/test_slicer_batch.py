@@ -176,3 +176,29 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert rows["PAT1_STU1"]["status"] == "ok" and rows["PAT2_STU1_SER1"]["status"] == "skipped"
     assert "none looks like a FLAIR" in rows["PAT2_STU1_SER1"]["error"]
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
+
+
+def test_batch_with_a_ventricle_model_splits_the_volume_as_the_command_line_does(scene, batchScript, tmp_path,
+                                                                                monkeypatch, tiny_model):
+    from conftest import tiny_model_file
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    inputs, out, cli_out = tmp_path / "in", tmp_path / "out", tmp_path / "cli"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz", size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu", "--ventricle-model", str(ventricle_model)]) == 0
+    assert cli_main(["segment", str(inputs / "a.nii.gz"), "-o", str(cli_out), "--model", str(tiny_model), "--device",
+                     "cpu", "--ventricle-model", str(ventricle_model)]) == 0
+    row = summary(out)["a"]
+    expected = json.loads((cli_out / "a_report.json").read_text(encoding="utf-8"))["location"]
+    assert expected["judged"] and float(row["periventricular_ml"]) > 0 and float(row["deep_ml"]) > 0
+    assert float(row["periventricular_ml"]) == pytest.approx(expected["periventricular_ml"], abs=2e-3)
+    assert float(row["deep_ml"]) == pytest.approx(expected["deep_ml"], abs=2e-3)
+    ventricles = io.read_segmentation(out / "a.seg.nrrd", "Lateral ventricles")  # the split's reference, saved
+    assert sitk.GetArrayFromImage(ventricles).sum() > 0
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(tmp_path / "plain"), "--model",
+                             str(tiny_model), "--device", "cpu"]) == 0
+    assert summary(tmp_path / "plain")["a"]["periventricular_ml"] == ""  # no ventricle model: no split
