@@ -188,15 +188,15 @@ def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, ti
     0/1 mask on the grid: the lateral ventricles the periventricular/deep split measured from), those
     outlined in blue under the lesions, with a legend; the slices shown are chosen by the lesions alone."""
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
-    if ventricles is None:
-        canvas = _mosaic(image, lesion > 0, {1: LESION_RGB}, outline=True, max_tiles=max_tiles, tile_px=tile_px,
-                         columns=columns)
-        return _with_header(canvas, [(title, HEADER_RGB)])
-    inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
-    labels = np.where(lesion > 0, 1, np.where(inside > 0, 2, 0)).astype(np.uint8)
-    canvas = _mosaic(image, labels, {2: VENTRICLE_RGB, 1: LESION_RGB}, outline=True, max_tiles=max_tiles,
-                     tile_px=tile_px, columns=columns, chosen_by=1)
-    return _with_header(canvas, [(title, HEADER_RGB), ("WMH", LESION_RGB), ("lateral ventricles", VENTRICLE_RGB)])
+    labels = (lesion > 0).astype(np.uint8)
+    colours, legend = {1: LESION_RGB}, []
+    if ventricles is not None:
+        inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
+        labels[(labels == 0) & (inside > 0)] = 2
+        colours, legend = {2: VENTRICLE_RGB, 1: LESION_RGB}, [("WMH", LESION_RGB), ("lateral ventricles", VENTRICLE_RGB)]
+    canvas = _mosaic(image, labels, colours, outline=True, max_tiles=max_tiles, tile_px=tile_px, columns=columns,
+                     chosen_by=1)
+    return _with_header(canvas, [(title, HEADER_RGB), *legend])
 
 
 def render_comparison(image, prediction, reference, title: str | None = None,

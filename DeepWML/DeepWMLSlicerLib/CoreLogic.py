@@ -31,8 +31,7 @@ CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its repo
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
-            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
-            "ventricle_model", "ventricle_model_sha256")
+            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
@@ -257,7 +256,8 @@ class DeepWMLCoreLogic:
                 display.SetSegmentVisibility(segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME), False)
         run = {key: job.result.report[key] for key in RUN_KEYS if key in job.result.report}
         location = job.result.report.get("location") or {}
-        run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
+        run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})  # moved
+        # back into `location` by lesionStatistics, which measures the split again from the segments as they are
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         return segmentationNode
 
