@@ -208,6 +208,7 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "at least 1" in err
     for option, value, says in (("--graded-rims", "1.5", "between 0 and 1"), ("--skull-base-mimics", "-0.1", "between 0 and 1"),
+                                ("--dark-deep-grey", "2", "between 0 and 1"),
                                 ("--matrix", "2000", "from 64 to 1024"), ("--thickness", "20", "from 0.5 to 10")):
         with pytest.raises(SystemExit) as usage:
             cli_main(["synth", "-n", "2", "-o", str(tmp_path), option, value])
@@ -216,6 +217,12 @@ def test_cli_rejects_an_empty_data_set_in_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and option in err and says in err and value in err
     with pytest.raises(DeepWMLError, match="--skull-base-mimics is a probability"):  # the API checks it too
         synth.generate_dataset(2, tmp_path, skull_base_mimics=-0.1)
+    with pytest.raises(DeepWMLError, match="--dark-deep-grey is a probability"):
+        synth.generate_dataset(2, tmp_path, dark_deep_grey=1.5)
+    for option in (["--ventricles"], ["--dark-deep-grey", "0.5"]):  # real scans bring their own anatomy
+        assert cli_main(["synth", "-n", "1", "-o", str(tmp_path / "x"), *option, "--backgrounds", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and option[0] in err and "cannot be combined with --backgrounds" in err
     assert not any(tmp_path.iterdir())
 
 
