@@ -102,42 +102,35 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
     return models
 
 
-def load_brain_model(spec="default"):
-    """The brain-mask model to gate with: "default" (the shipped one, if any), None (no gating), a
-    model file path, or an already loaded model. Raises DeepWMLError for a model of another kind."""
+def _load_role_model(spec, role: str, label: str, kind: str):
+    """A helper network's model: "default" (the registry's default of `role`, None when it has none), None
+    or False (none), a model file path, or an already loaded model whose label 1 must be `label`."""
     from .checkpoint import LoadedModel, load_model_settings
 
     if spec is None or spec is False:
         return None
     if isinstance(spec, str) and spec == "default":
-        path = default_role_model_path(BRAIN_ROLE)
-        if path is None:
+        spec = default_role_model_path(role)
+        if spec is None:
             return None
-        spec = path
     loaded = spec if isinstance(spec, LoadedModel) else load_model_settings(spec)
-    if not is_brain_model(loaded):
-        raise DeepWMLError(f"{loaded.name} is not a brain-mask model (its label 1 is "
-                           f"{loaded.labels.get('1', '?')!r}, not 'intracranial')")
+    if str(loaded.labels.get("1", "")).strip().lower() != label:
+        raise DeepWMLError(f"{loaded.name} is not a {kind} model (its label 1 is "
+                           f"{loaded.labels.get('1', '?')!r}, not {label!r})")
     return loaded
+
+
+def load_brain_model(spec="default"):
+    """The brain-mask model to gate with: "default" (the shipped one, if any), None (no gating), a
+    model file path, or an already loaded model. Raises DeepWMLError for a model of another kind."""
+    return _load_role_model(spec, BRAIN_ROLE, BRAIN_ROLE, "brain-mask")
 
 
 def load_ventricle_model(spec="default"):
     """The lateral-ventricle model for the periventricular/deep split (location.py): "default" (the
-    shipped one, if any), None (no split), a model file path, or an already loaded model. Raises
-    DeepWMLError for a model of another kind."""
-    from .checkpoint import LoadedModel, load_model_settings
-
-    if spec is None or spec is False:
-        return None
-    if isinstance(spec, str) and spec == "default":
-        spec = default_role_model_path(VENTRICLE_ROLE)
-        if spec is None:
-            return None
-    loaded = spec if isinstance(spec, LoadedModel) else load_model_settings(spec)
-    if not is_ventricle_model(loaded):
-        raise DeepWMLError(f"{loaded.name} is not a ventricle model (its label 1 is "
-                           f"{loaded.labels.get('1', '?')!r}, not {VENTRICLE_LABEL!r})")
-    return loaded
+    registry's default one, if it marks one), None (no split), a model file path, or an already loaded
+    model. Raises DeepWMLError for a model of another kind."""
+    return _load_role_model(spec, VENTRICLE_ROLE, VENTRICLE_LABEL, "ventricle")
 
 
 @dataclass
