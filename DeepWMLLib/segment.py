@@ -526,8 +526,11 @@ def register(subparsers) -> None:
     p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used; "
                    "or .nrrd, .mha)")
     p.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model file for the periventricular/deep "
-                   "split of the lesion volume (10 mm rule; default: the shipped ventricle model)")
-    p.add_argument("--no-location", action="store_true", help="no periventricular/deep split (no ventricle model run)")
+                   "split of the lesion volume (10 mm rule). Default: none runs; the shipped one, "
+                   "Resources/Models/deepwml_vent8_synth_v1.pt, is opt-in (it marks too little of real ventricles: "
+                   "README)")
+    p.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even when the model "
+                   "registry marks a ventricle model default")
     p.add_argument("--save-ventricle-mask", action="store_true", help="also write CASE_ventricles.nii.gz (the lateral "
                    "ventricles the split measured from; or .nrrd, .mha)")
     p.add_argument("--batch-size", type=positive_int, default=None,
