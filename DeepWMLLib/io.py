@@ -719,11 +719,12 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
     With `reference`, the mask must lie on the reference's grid (see `check_same_grid`); a mask that
-    stores the same grid in another voxel order is reordered onto it (`align_voxel_order`).
+    stores the same grid in another voxel order is reordered onto it (`align_voxel_order`). A Slicer
+    `.seg.nrrd` of several segments is read by segment (`lesion_segments`), not as a label image.
     """
     import SimpleITK as sitk
 
-    image = read_any(path)
+    image = lesion_segments(path) if len(segment_names(path)) > 1 else read_any(path)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array > 255) or np.any(array != np.round(array)):
         raise DeepWMLError(
@@ -966,6 +967,46 @@ def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike
             f.write(body)
 
     return write_atomically(path, write)
+
+
+# DeepWML's segment of the lateral ventricles (the periventricular/deep split's reference), never lesion.
+VENTRICLE_SEGMENT = "Lateral ventricles"
+
+
+def segment_names(path: str | os.PathLike) -> list[str]:
+    """The segment names a `.seg.nrrd` header lists, in order ([] for any other file)."""
+    import SimpleITK as sitk
+
+    if not str(path).lower().endswith(SEGMENTATION_EXTENSION) or not Path(path).is_file():
+        return []
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return []  # read_any says what is wrong with it
+    found = {}
+    for key in reader.GetMetaDataKeys():
+        match = re.fullmatch(r"Segment(\d+)_Name", key)
+        if match:
+            found[int(match.group(1))] = reader.GetMetaData(key)
+    return [found[k] for k in sorted(found)]
+
+
+def lesion_segments(path: str | os.PathLike) -> sitk.Image:
+    """The lesion of a `.seg.nrrd` of several segments as a 0/1 mask: its segment named WMH, else every
+    segment but DeepWML's ventricles (a rater's segments of any names)."""
+    import SimpleITK as sitk
+
+    names = segment_names(path)
+    chosen = ["WMH"] if "WMH" in names else [n for n in names if n != VENTRICLE_SEGMENT]
+    if not chosen:
+        raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
+    masks = [read_segmentation(path, name) for name in chosen]
+    union = masks[0]
+    for mask in masks[1:]:
+        union = sitk.Or(union, mask)
+    return union
 
 
 def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> sitk.Image:

@@ -7,14 +7,16 @@ NeuroImage: Clinical 2018). Here:
 
 - the lateral ventricles come from a ventricle network (`deepwml segment --ventricle-model`; role
   "ventricles" in models.json; the shipped one, trained on synthetic FLAIR only, is not on by default:
-  it marks too little of real ventricles, its card in Resources/Models/README.md), probability >= 0.5
-  inside the intracranial mask; 3D components under a tenth of the largest are dropped (a dark spot in
+  it marks too little of real ventricles, its card in Resources/Models/README.md), probability >= the
+  model's threshold (0.5) inside the intracranial mask; 3D components under a tenth of the largest are dropped (a dark spot in
   the white matter must not make the lesions around it periventricular);
 - distances are Euclidean, in mm, between voxel centres on the scan's own grid (thick slices count
   their full spacing across slices);
 - totals are voxel-wise (a confluent lesion reaching from the ventricle wall into the deep white matter
-  counts in both); each lesion also gets its shortest distance to the ventricles and the share of it
-  within 10 mm;
+  counts in both); each lesion also gets its shortest distance to the ventricles (0 where it overlaps
+  them) and the share of it within 10 mm;
+- lesions below the tentorium (brainstem, cerebellum) more than 10 mm from the ventricles count as deep:
+  the split is meant for the supratentorial white matter;
 - no ventricles found (a scan not covering them, or a network failure), or implausibly little of them:
   the split is not made and the report says why; nothing else changes.
 
@@ -41,12 +43,14 @@ MIN_VENTRICLES_ML = 1.0
 RULE = f"periventricular: within {PERIVENTRICULAR_MM:g} mm of the lateral ventricles (voxel-wise); deep: further"
 
 
-def ventricle_mask(probabilities: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
-    """The lateral ventricles (bool stack) from the ventricle network's probability map: >= 0.5,
-    inside `brain` (bool, the intracranial mask) when given, small stray components dropped."""
+def ventricle_mask(probabilities: np.ndarray, brain: np.ndarray | None = None,
+                   threshold: float = VENTRICLE_THRESHOLD) -> np.ndarray:
+    """The lateral ventricles (bool stack) from the ventricle network's probability map: >= `threshold`
+    (the model file's; 0.5 for the shipped one), inside `brain` (bool, the intracranial mask) when given,
+    small stray components dropped."""
     from scipy import ndimage
 
-    mask = probabilities >= VENTRICLE_THRESHOLD
+    mask = probabilities >= threshold
     if brain is not None:
         mask &= brain
     labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))

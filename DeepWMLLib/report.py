@@ -127,7 +127,7 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
             rows[-1].update(mean_probability=round(float(mean_probability[j]), 3),
                             max_probability=round(float(max_probability[j]), 3))
         if ventricle_distance is not None:
-            rows[-1].update(ventricle_distance_mm=round(float(nearest[j]), 1),
+            rows[-1].update(ventricle_distance_mm=round(float(nearest[j]), 2),
                             periventricular_share=round(float(near_share[j]), 3))
     return rows
 

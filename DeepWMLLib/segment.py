@@ -32,6 +32,8 @@ SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "periventricula
 BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
 VENTRICLE_ROLE = "ventricles"  # the role of a lateral-ventricle model in models.json ...
 VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
+VENTRICLE_MODEL_NEEDED = ("--save-ventricle-mask needs a ventricle model: none runs by default; give one with "
+                          "--ventricle-model (the shipped, opt-in one: Resources/Models/deepwml_vent8_synth_v1.pt)")
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
 BRAIN_COVERAGE = (0.5, 2.0)
@@ -186,7 +188,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         from .location import locate, ventricle_mask
 
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD)
+        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD,
+                                    ventricle_model.threshold)
         location, distance = locate(mask_stack > 0, ventricles, spacing)
         location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
         ventricle_image = io.from_axial_stack(ventricles.astype(np.uint8), frame)
@@ -337,7 +340,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
-        raise DeepWMLError("--save-ventricle-mask needs a ventricle model; none is shipped or given (--ventricle-model)")
+        raise DeepWMLError(VENTRICLE_MODEL_NEEDED)
     report = {"case": case, "input": str(path), **result.report}
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
@@ -402,10 +405,12 @@ def picture_title(case: str, report: dict) -> str:
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,
                   device: str = "auto", progress_factory=None, debug: bool = False, **options) -> list[dict]:
     """Run every case; a failing case is recorded (status error) and the others still run."""
-    out = io.make_output_dir(out_dir)
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))
+    if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
+        raise UsageError(VENTRICLE_MODEL_NEEDED)
+    out = io.make_output_dir(out_dir)
     cases = expand_inputs(inputs)
     rows, seen = [], set()
     for number, (case, path, study) in enumerate(cases, start=1):

@@ -56,6 +56,7 @@ BAD_INPUTS = [
     ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
     ("--no-location with --ventricle-model", "segment", 2, "cannot go with"),
     ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
+    ("--save-ventricle-mask without a ventricle model", "segment", 2, "needs a ventricle model"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
@@ -203,6 +204,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
     if row_id == "--no-location with --ventricle-model":
         return seg + [str(p["good"]), "--no-location", "--ventricle-model", str(p["model"])]
+    if row_id == "--save-ventricle-mask without a ventricle model":
+        return seg + [str(p["good"]), "--save-ventricle-mask"]
     if row_id == "a ventricle model given as the WMH model":
         vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
         return ["segment", str(p["good"]), "-o", out, "--model", str(vent)]

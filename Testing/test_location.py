@@ -192,3 +192,29 @@ def test_shipped_ventricle_model_keeps_its_measured_ventricle_volumes(shared_dat
         flair, _ = load_case(shared_data / "open_ms" / "labelled", case, 5)
         split = segment_image(flair, models, device="cpu", ventricle_model=entry["path"]).report["location"]
         assert split["judged"] and 0.8 * expected <= split["ventricles_ml"] <= 1.2 * expected, (case, split)
+
+
+def test_a_seg_nrrd_with_the_ventricle_segment_is_read_as_its_lesion(tmp_path):
+    """evaluate, consensus and change read masks with io.read_mask: a DeepWML .seg.nrrd that also holds
+    'Lateral ventricles' gives its WMH segment, a rater's of several segments their union without the
+    ventricles, one with the ventricles alone is refused."""
+    from DeepWMLLib import io
+    from DeepWMLLib.errors import DeepWMLError
+
+    labels = np.zeros((6, 20, 20), np.uint8)
+    labels[2:4, 5:8, 5:8] = 1
+    labels[2:4, 12:16, 12:16] = 2
+    image = sitk.GetImageFromArray(labels)
+    image.SetSpacing((0.9, 0.9, 5.0))
+    red, blue = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
+    io.write_label_segmentation(image, tmp_path / "deepwml.seg.nrrd", [(1, "WMH", red), (2, io.VENTRICLE_SEGMENT, blue)])
+    io.write_label_segmentation(image, tmp_path / "rater.seg.nrrd", [(1, "frontal", red), (2, "parietal", blue)])
+    io.write_label_segmentation(image, tmp_path / "vent.seg.nrrd", [(2, io.VENTRICLE_SEGMENT, blue)])
+    assert io.segment_names(tmp_path / "deepwml.seg.nrrd") == ["WMH", io.VENTRICLE_SEGMENT]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "deepwml.seg.nrrd")), labels == 1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.seg.nrrd")), labels > 0)
+    io.write_label_segmentation(image, tmp_path / "two.seg.nrrd", [(1, "Lateral ventricles", red), (2, io.VENTRICLE_SEGMENT, blue)])
+    with pytest.raises(DeepWMLError, match="no lesion segment"):
+        io.read_mask(tmp_path / "two.seg.nrrd")
+    single = sitk.GetArrayFromImage(io.read_mask(tmp_path / "vent.seg.nrrd"))  # one segment: a label file, as before
+    np.testing.assert_array_equal(single, labels)

@@ -199,6 +199,20 @@ def test_batch_with_a_ventricle_model_splits_the_volume_as_the_command_line_does
     assert float(row["deep_ml"]) == pytest.approx(expected["deep_ml"], abs=2e-3)
     ventricles = io.read_segmentation(out / "a.seg.nrrd", "Lateral ventricles")  # the split's reference, saved
     assert sitk.GetArrayFromImage(ventricles).sum() > 0
+    # ... and never read as lesion: the two-segment file is its WMH segment to evaluate, consensus and change
+    wmh = io.read_mask(out / "a_wmh.nii.gz")
+    from_seg = io.read_mask(out / "a.seg.nrrd")
+    on_grid = sitk.Resample(from_seg, wmh, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid), sitk.GetArrayFromImage(wmh))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(tmp_path / "pictured"), "--model",
+                             str(tiny_model), "--device", "cpu", "--ventricle-model", str(ventricle_model), "--qc"]) == 0
+    from DeepWMLLib.qc import VENTRICLE_RGB
+
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pictured" / "a_qc.png")))
+    assert np.all(picture[..., :3] == VENTRICLE_RGB, axis=-1).any()  # outlined as deepwml segment --qc does
+    with pytest.raises(SystemExit):
+        batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--no-location", "--ventricle-model",
+                          str(ventricle_model)])
     assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(tmp_path / "plain"), "--model",
                              str(tiny_model), "--device", "cpu"]) == 0
     assert summary(tmp_path / "plain")["a"]["periventricular_ml"] == ""  # no ventricle model: no split

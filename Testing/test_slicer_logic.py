@@ -485,15 +485,49 @@ def test_the_ventricle_segment_gives_the_split_and_edits_to_it_count(scene, monk
     assert emptied["judged"] is False and emptied["ventricles_ml"] == 0
     assert "No periventricular/deep split" in logic.formatReport(logic.lesionStatistics(segmentation, volume))
     content.RemoveSegment(content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME))
-    assert logic.lesionStatistics(segmentation, volume)["location"] is None
+    removed = logic.lesionStatistics(segmentation, volume)
+    assert removed["location"] is None and "ventricle_model" not in removed  # the model does not leak to the top
     # The lesion mask never takes the ventricles in, even without a WMH segment to name it
     logic.segmentVolume(volume, device="cpu", segmentationNode=segmentation)
     assert content.GetNumberOfSegments() == 2
     content.RemoveSegment(content.GetSegmentIdBySegmentName("WMH"))
     with pytest.raises(DeepWMLError, match="no lesion segment"):
         mrml.maskFromSegmentation(segmentation, volume)
-    # location=False: no ventricle segment, and the earlier one is not left behind
-    mrml.segmentationFromMask(mrml.maskFromSegmentation(segmentation, volume, mrml.VENTRICLE_SEGMENT_NAME), volume,
-                              segmentation, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    # A rerun without a ventricle model keeps the ventricle segment there (perhaps edited by hand) as it is
+    edited = mrml.maskFromSegmentation(segmentation, volume, mrml.VENTRICLE_SEGMENT_NAME)
+    edited_array = sitk.GetArrayFromImage(edited)
+    edited_array[:, :, : edited_array.shape[2] // 2] = 0
+    edited_image = sitk.GetImageFromArray(edited_array)
+    edited_image.CopyInformation(edited)
+    mrml.segmentationFromMask(edited_image, volume, segmentation, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
     logic.segmentVolume(volume, device="cpu", segmentationNode=segmentation, location=False)
-    assert [content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())] == ["WMH"]
+    assert sorted(content.GetNthSegment(i).GetName() for i in range(content.GetNumberOfSegments())) == \
+        [mrml.VENTRICLE_SEGMENT_NAME, "WMH"]
+    kept = sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, volume, mrml.VENTRICLE_SEGMENT_NAME))
+    assert np.array_equal(kept > 0, edited_array > 0)
+    # Asked for by its ID, the ventricle segment is measured as a segment, not against itself
+    ventricle_id = content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+    assert logic.lesionStatistics(segmentation, volume, ventricle_id)["location"] is None
+
+
+def test_a_run_that_found_too_little_ventricle_stops_saying_so_once_they_are_drawn(scene, monkeypatch, tmp_path,
+                                                                                  tiny_model):
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    flair, truth = make_volume(size=(24, 20, 2), blobs=((0.3, 0.5, 0.5, 3.0),))
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricle_model))
+    report = logic.lesionStatistics(segmentation, volume)
+    assert report["location"]["judged"] is False
+    assert "No periventricular/deep split" in logic.formatReport(report)
+    drawn = sitk.GetArrayFromImage(truth) * 0 + 1  # the user draws the ventricles (here: everywhere)
+    drawn_image = sitk.GetImageFromArray(drawn.astype(np.uint8))
+    drawn_image.CopyInformation(truth)
+    mrml.segmentationFromMask(drawn_image, volume, segmentation, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    report = logic.lesionStatistics(segmentation, volume)
+    assert report["location"]["judged"] and report["location"]["ventricle_model"] == "vent.pt"
+    text = logic.formatReport(report)
+    assert "Periventricular" in text and "No periventricular" not in text and "lateral ventricle found" not in text

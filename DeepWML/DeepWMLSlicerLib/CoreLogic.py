@@ -245,19 +245,18 @@ class DeepWMLCoreLogic:
         segmentationNode = mrml.segmentationFromMask(job.result.mask, volumeNode, segmentationNode,
                                                      name=f"{volumeNode.GetName()} WMH")
         segmentation = segmentationNode.GetSegmentation()
-        stale = segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
-        if stale:  # from an earlier run into this node: it would not match this one
-            segmentation.RemoveSegment(stale)
-        if job.result.ventricles is not None:
-            mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,
+        if job.result.ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
+            mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,  # edited) is kept
                                       segmentName=mrml.VENTRICLE_SEGMENT_NAME, color=mrml.VENTRICLE_COLOR)
             display = segmentationNode.GetDisplayNode()
             if display is not None:  # hidden: shown to check the split, from the Segmentations module
                 display.SetSegmentVisibility(segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME), False)
         run = {key: job.result.report[key] for key in RUN_KEYS if key in job.result.report}
         location = job.result.report.get("location") or {}
-        run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})  # moved
-        # back into `location` by lesionStatistics, which measures the split again from the segments as they are
+        # lesionStatistics measures the split again from the segments as they are: the model goes back into its
+        # `location`, and the run's "no split" warning is not kept (the ventricles may be drawn in later)
+        run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
+        run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         return segmentationNode
 
@@ -283,19 +282,21 @@ class DeepWMLCoreLogic:
 
         mask = mrml.maskFromNode(segmentationNode, volumeNode, segmentId)
         location = distance = None
-        if segmentationNode.IsA("vtkMRMLSegmentationNode") and segmentId != mrml.VENTRICLE_SEGMENT_NAME and \
-                segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME):
+        isSegmentation = segmentationNode.IsA("vtkMRMLSegmentationNode")
+        ventricleId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME) \
+            if isSegmentation else ""
+        if ventricleId and ventricleId not in mrml.segmentIds(segmentationNode, segmentId):
             ventricles = mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
             location, distance = locate_images(mask, ventricles)
             location["ventricles"] = f"segment '{mrml.VENTRICLE_SEGMENT_NAME}' of '{segmentationNode.GetName()}'"
         report = lesion_report(mask, None, distance)
         report["location"] = location
-        run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if segmentationNode.IsA("vtkMRMLSegmentationNode") else None
+        run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if isSegmentation else None
         if run:
             facts = json.loads(run)
-            if location is not None and facts.get("ventricle_model"):
-                location.update(ventricle_model=facts.pop("ventricle_model"),
-                                ventricle_model_sha256=facts.pop("ventricle_model_sha256", None))
+            model = {key: facts.pop(key) for key in ("ventricle_model", "ventricle_model_sha256") if key in facts}
+            if location is not None:
+                location.update(model)
             report.update(facts)
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
         return report

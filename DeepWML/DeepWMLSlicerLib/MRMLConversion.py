@@ -23,12 +23,12 @@ import vtk
 
 import slicer
 from DeepWMLLib.errors import DeepWMLError
-from DeepWMLLib.io import axial_axis, grid_difference, ijk_to_lps, read_any
+from DeepWMLLib.io import VENTRICLE_SEGMENT, axial_axis, grid_difference, ijk_to_lps, read_any
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 WMH_SEGMENT_NAME = "WMH"
 WMH_COLOR = (1.0, 0.9, 0.0)
-VENTRICLE_SEGMENT_NAME = "Lateral ventricles"  # added by DeepWML for the periventricular/deep split (hidden)
+VENTRICLE_SEGMENT_NAME = VENTRICLE_SEGMENT  # added by DeepWML for the periventricular/deep split (hidden)
 VENTRICLE_COLOR = (0.35, 0.65, 1.0)
 _ORTHONORMAL_TOL = 1e-4
 

@@ -49,13 +49,19 @@ def parseArguments(argv):
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
     parser.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
-                        "split (10 mm rule; default: the registry's default ventricle model, if it marks one)")
+                        "split (10 mm rule; default: none runs, unless the model registry marks a ventricle model "
+                        "default; the shipped one is opt-in: Resources/Models/deepwml_vent8_synth_v1.pt)")
+    parser.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even with a "
+                        "default ventricle model")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
     parser.add_argument("--qc", action="store_true", help="also write CASE_qc.png: the axial slices with the mask "
                         "outlined in red, or with --reference-dir filled green where it agrees with the reference, "
                         "red where only it marks lesion, blue where only the reference does")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.no_location and args.ventricle_model:
+        parser.error("--no-location cannot go with --ventricle-model")
+    return args
 
 
 def findReference(referenceDir: Path, case: str):
@@ -105,7 +111,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta,
                                                brainMask=not args.no_brain_mask,
-                                               location=args.ventricle_model or True)
+                                               location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
         split = report.get("location") or {}
@@ -126,9 +132,13 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
             from DeepWMLLib.segment import picture_title
 
             image, title = mrml.imageFromVolume(volumeNode), picture_title(case, report)
-            picture = png_bytes(render(image, mask, title) if referenceNode is None else render_comparison(
-                image, mask, sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8), title,
-                names=("DeepWML", "reference")))
+            ventricles = (mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
+                          if report.get("location") else None)  # outlined as `deepwml segment --qc` does
+            if referenceNode is None:
+                picture = png_bytes(render(image, mask, title, ventricles=ventricles))
+            else:
+                reference = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
+                picture = png_bytes(render_comparison(image, mask, reference, title, names=("DeepWML", "reference")))
         io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
         io.write_image(mask, paths["mask"])
         if args.qc:
