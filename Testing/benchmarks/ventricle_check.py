@@ -36,7 +36,7 @@ from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.io import shared_data_dir  # noqa: E402
 from DeepWMLLib.location import PERIVENTRICULAR_MM, ventricle_distance  # noqa: E402
 from DeepWMLLib.segment import default_model_paths, load_models, segment_image  # noqa: E402
-from labelled_cases import CASES, load_case  # noqa: E402
+from labelled_cases import CASES, load_case, thick_slices  # noqa: E402
 
 ATLAS_VENTRICLE_LABEL = 4
 
@@ -79,20 +79,14 @@ def labelled(root: Path, atlas_path: Path, models, ventricle_model) -> list[dict
     atlas = sitk.ReadImage(str(atlas_path), sitk.sitkUInt8)
     rows = []
     for case in CASES:
+        one_mm, _ = load_case(root, case, 1)
+        resampled = sitk.Resample(atlas, one_mm, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        atlas_ventricles = sitk.Cast(resampled == ATLAS_VENTRICLE_LABEL, sitk.sitkUInt8)
         for thickness in (1, 5):
             flair, reference = load_case(root, case, thickness)
             result = segment_image(flair, models, device="cpu", ventricle_model=ventricle_model)
             found, spacing = stack(result.ventricles)
-            atlas_on_case = sitk.Resample(atlas, flair, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-            if thickness > 1:  # the atlas at 1 mm first, then slabbed like the case
-                one_mm, _ = load_case(root, case, 1)
-                atlas_1mm = sitk.Resample(atlas, one_mm, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-                from labelled_cases import thick_slices
-
-                atlas_on_case = thick_slices(sitk.Cast(atlas_1mm == ATLAS_VENTRICLE_LABEL, sitk.sitkUInt8), thickness,
-                                             mask=True)
-            else:
-                atlas_on_case = sitk.Cast(atlas_on_case == ATLAS_VENTRICLE_LABEL, sitk.sitkUInt8)
+            atlas_on_case = thick_slices(atlas_ventricles, thickness, mask=True)  # slabbed like the case
             expected, _ = stack(atlas_on_case)
             lesion, _ = stack(reference)
             total = float(lesion.sum() * np.prod(spacing) / 1000)
