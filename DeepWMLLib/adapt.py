@@ -20,8 +20,8 @@ figures, not running averages over batches). Each adapted model is written as a 
 provenance records the scans, the crops and the model it came from.
 
 This is how the ensemble v8 (the default before v9) was made from v7 (run A2): on five real clinical
-FLAIRs, median Dice on the labelled cases rose from 0.739 to 0.762 at 5 mm. Check an adapted model on cases you can
-judge before relying on it.
+FLAIRs, median Dice on the labelled cases rose from 0.739 to 0.762 at 5 mm. Check an adapted model on
+cases you can judge before relying on it.
 """
 
 from __future__ import annotations
@@ -384,14 +384,15 @@ def register(subparsers) -> None:
         description="Re-estimate the batch-norm statistics of model files on unlabelled FLAIR scans of the kind "
                     "you will segment (your scanner and protocol); weights stay as they are. Writes one adapted "
                     "model file per model into the output folder, for `deepwml segment --model`. This is how the "
-                    "ensemble v8 (the default before v9) was made from v7 on five clinical FLAIRs. Check the adapted models on "
-                    "cases you can judge before relying on them.")
+                    "ensemble v8 (the default before v9) was made from v7 on five clinical FLAIRs. Check the "
+                    "adapted models on cases you can judge before relying on them.")
     p.add_argument("--scans", nargs="+", required=True, metavar="FILE",
                    help="unlabelled FLAIR volumes (NIfTI, NRRD, MHA, DICOM folders, or folders of such files); "
                         f"every slice with head is used ({FEW_SLICES}+ slices advised)")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the adapted model files (<name>-adapted.pt)")
     p.add_argument("--model", nargs="+", metavar="FILE",
-                   help="model file(s) to adapt (default: the shipped default model, or each member of a default ensemble)")
+                   help="model file(s) to adapt (default: the shipped default model, or each member of a "
+                        "default ensemble)")
     p.add_argument("--pseudo-models", nargs="+", metavar="FILE",
                    help="models whose averaged marks (>= 0.5) are the scans' lesions for centring crops "
                         "(default: the models being adapted)")
