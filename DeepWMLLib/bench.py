@@ -144,16 +144,28 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
     none; or a file): when one is used, (a), (b) and (c) all run it as well as the WMH network."""
     import torch
 
-    from . import io
-    from .inference import make_runner, predict_maps, predict_network_slices
-    from .model import count_flops
-    from .preprocessing import plan_volume
-    from .segment import default_model_paths, load_brain_model, load_models
+    from .segment import default_model_paths
 
     if threads:
         torch.set_num_threads(threads)
     model_paths = list(model_paths or default_model_paths())
     workdir = Path(tempfile.mkdtemp(prefix="deepwml-bench-"))
+    try:  # the input, the copies and every output are written here; none is left behind
+        return _measure(workdir, input_path, model_paths, slices, repeat, threads, backend, brain_model, precision)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: int, threads, backend: str,
+             brain_model, precision: str) -> dict:
+    import torch
+
+    from . import io
+    from .inference import make_runner, predict_maps, predict_network_slices
+    from .model import count_flops
+    from .preprocessing import plan_volume
+    from .segment import load_brain_model, load_models
+
     path, source = _benchmark_input(input_path, slices, workdir)
     image = io.read_image(path)
     models = load_models(model_paths)

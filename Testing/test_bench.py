@@ -12,11 +12,17 @@ from DeepWMLLib.bench import format_table, run_benchmark
 from DeepWMLLib.cli import main
 
 
-def test_bench_reports_every_figure(tmp_path, tiny_model, capsys):
+def test_bench_reports_every_figure(tmp_path, tiny_model, capsys, monkeypatch):
+    import tempfile
+
     image, _ = make_volume(size=(48, 40, 8))
     path = tmp_path / "flair.nii.gz"
     sitk.WriteImage(image, str(path), True)
+    scratch = tmp_path / "scratch"  # the benchmark's temporary folder goes here, and must be gone after
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = run_benchmark(str(path), [str(tiny_model)], slices=6, repeat=1, threads=1, brain_model=None)
+    assert list(scratch.iterdir()) == []
     assert result["slices"] == 6 and 0 < result["slices_run_by_deepwml"] <= 6
     for key in ("a_reference_s", "b_deepwml_inference_s", "b_network_only_s", "c_end_to_end_s", "startup_floor_s",
                 "e_peak_rss_mb", "gflop_per_slice"):
