@@ -86,10 +86,12 @@ def _depth_mm(inside: np.ndarray, spacing: tuple[float, float, float], limit: fl
         padded = np.pad(squared, widths, constant_values=np.inf)  # the image's in-plane edge is not outside
         size = squared.shape[axis]
         best = squared.copy()
+        window = [slice(None)] * 3
         for k in range(1, w + 1):
             cost = np.float32((k * spacing[axis]) ** 2)
             for start in (w + k, w - k):
-                np.minimum(best, padded.take(range(start, start + size), axis=axis) + cost, out=best)
+                window[axis] = slice(start, start + size)
+                np.minimum(best, padded[tuple(window)] + cost, out=best)
         squared = best
     return np.sqrt(squared)
 
@@ -103,7 +105,12 @@ def _region_depth(intracranial: np.ndarray, spacing: tuple[float, float, float])
     r, c = rows // fr * fr, cols // fc * fc
     if r == 0 or c == 0:
         return np.zeros(intracranial.shape, np.float32)
-    blocks = intracranial[:, :r, :c].reshape(n, r // fr, fr, c // fc, fc).mean(axis=(2, 4)) >= 0.5
+    inside = intracranial[:, :r, :c].view(np.uint8)
+    counts = np.zeros((n, r // fr, c // fc), np.int32)
+    for i in range(fr):  # each block's voxels inside, added one offset at a time (strided sums are slow)
+        for j in range(fc):
+            counts += inside[:, i::fr, j::fc]
+    blocks = 2 * counts >= fr * fc  # at least half of the block inside
     depth = _depth_mm(_fill_holes_in_plane(blocks), (spacing[0], spacing[1] * fr, spacing[2] * fc), DEEP_MM + 1)
     full = np.zeros(intracranial.shape, np.float32)
     full[:, :r, :c] = np.repeat(np.repeat(depth, fr, axis=1), fc, axis=2)

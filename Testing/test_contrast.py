@@ -116,3 +116,21 @@ def test_a_real_t1_template_is_called_t1_weighted():
     from DeepWMLLib.segment import picture_title
 
     assert picture_title("t1", report).endswith("- not a FLAIR? looks T1-weighted")  # a batch's pictures show it
+
+
+@pytest.mark.parametrize("shape, spacing", [((5, 101, 77), (3.0, 0.45, 0.7)), ((4, 90, 91), (5.0, 0.9, 0.62))])
+def test_region_depth_takes_a_block_as_inside_when_half_of_it_is(shape, spacing):
+    """The coarse blocks (summed one offset at a time) are those whose mean is at least one half, on
+    grids that do not divide into whole blocks; the depth is spread back over each block's voxels."""
+    rng = np.random.default_rng(11)
+    mask = ndimage.gaussian_filter(rng.random(shape), (0, 4, 4)) > 0.49
+    n, rows, cols = shape
+    fr, fc = (max(1, int(contrast.COARSE_MM / s + 1e-6)) for s in spacing[1:])
+    r, c = rows // fr * fr, cols // fc * fc
+    blocks = mask[:, :r, :c].reshape(n, r // fr, fr, c // fc, fc).mean(axis=(2, 4)) >= 0.5
+    depth = contrast._depth_mm(contrast._fill_holes_in_plane(blocks), (spacing[0], spacing[1] * fr, spacing[2] * fc),
+                               contrast.DEEP_MM + 1)
+    expected = np.zeros(shape, np.float32)
+    expected[:, :r, :c] = np.repeat(np.repeat(depth, fr, axis=1), fc, axis=2)
+    result = contrast._region_depth(mask, spacing)
+    assert np.array_equal(result, expected) and result.max() > 0
