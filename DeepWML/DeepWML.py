@@ -64,6 +64,9 @@ class DeepWMLParameterNode:
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     tta: bool = False
     brainMask: bool = True
+    # the periventricular/deep split with the shipped lateral-ventricle model; off as in `deepwml segment`,
+    # where that model is opt-in (it under-marks real ventricles; Resources/Models/README.md)
+    ventricleSplit: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     referenceSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
     raterA: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
@@ -198,7 +201,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
-                threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask)
+                threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,
+                location=self.logic.locationChoice(p.ventricleSplit))
             self.ui.progressBar.value = 0
             self._timer.start()
             self.updateGUIFromParameterNode()

@@ -114,6 +114,36 @@ def test_segment_button_runs_in_background_shows_progress_and_results(widget, mo
     np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, lesionSlices[-1]), atol=1e-6)
 
 
+def test_the_periventricular_option_runs_the_ventricle_model_only_when_ticked(widget, module, monkeypatch, tiny_model,
+                                                                             tmp_path):
+    """Off (as in `deepwml segment`, where the ventricle model is opt-in): no ventricle segment. Ticked:
+    the shipped ventricle model runs, its hidden segment is added and the results speak of the split."""
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    assert p.ventricleSplit is False and Path(widget.logic.ventricleModelPath()).is_file()  # the shipped, opt-in one
+    ventricles = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: str(ventricles))  # tiny, to stay fast
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    finishJob(widget)
+    content = p.outputSegmentation.GetSegmentation()
+    assert not content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+    assert "periventricular" not in ui.resultsLabel.text.lower()
+
+    p.ventricleSplit = True
+    ui.applyButton.click()
+    finishJob(widget)
+    assert content.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+    assert "periventricular" in ui.resultsLabel.text.lower()
+
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: None)  # a build that ships none
+    with pytest.raises(Exception, match="needs a lateral-ventricle model"):
+        ui.applyButton.click()
+    assert widget._job is None and ui.applyButton.text == "Segment WMH"
+
+
 def test_cancel_button_stops_the_run(widget, monkeypatch):
     started = blockingSegmentation(monkeypatch)
     ui = widget.ui

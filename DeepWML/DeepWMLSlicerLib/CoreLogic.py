@@ -188,6 +188,25 @@ class DeepWMLCoreLogic:
         return first + [(entry["name"], entry.get("description", "")) for entry in entries] + \
             [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]
 
+    def ventricleModelPath(self) -> str | None:
+        """The lateral-ventricle model the GUI's periventricular/deep option runs: the registry's default
+        one, else the shipped opt-in one (`deepwml segment --ventricle-model`); None when none is shipped."""
+        from DeepWMLLib.segment import VENTRICLE_ROLE, shipped_models
+
+        entries = sorted(shipped_models(VENTRICLE_ROLE), key=lambda entry: not entry.get("default"))
+        return entries[0]["path"] if entries else None
+
+    def locationChoice(self, split: bool):
+        """`location` for startSegmentation from the GUI's periventricular/deep checkbox: the ventricle
+        model file when it is ticked, else False (no split)."""
+        if not split:
+            return False
+        path = self.ventricleModelPath()
+        if path is None or not Path(path).is_file():
+            raise DeepWMLError("the periventricular/deep split needs a lateral-ventricle model and none is shipped "
+                               "here; untick it, or run deepwml segment --ventricle-model FILE")
+        return path
+
     def modelPaths(self, modelName: str = "", modelFile=None, ensemble: bool = False) -> list[str] | None:
         """Model files for a GUI choice; None (no name) means the shipped default model."""
         if ensemble:
