@@ -10,9 +10,9 @@ spacing and origin in voxel axis order (i, j, k); direction as 9 numbers, row-ma
 are the voxel axes; the numpy array in (k, j, i) order like `sitk.GetArrayFromImage`.
 
 Reading covers the unambiguous NIfTI-1 files clinical software writes: one 3D volume (or 4D with
-one time point), a plain integer or float data type, no intensity scaling, and a qform and/or
-sform that describe the same rigid grid with the header's voxel sizes. Anything else returns None,
-and the caller reads the file with SimpleITK, whose rules then decide.
+one time point), a plain integer or float data type, no intensity scaling, lengths in mm (or units
+unset), and a qform and/or sform that describe the same rigid grid with the header's voxel sizes.
+Anything else returns None, and the caller reads the file with SimpleITK, whose rules then decide.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def parse_nifti(data: bytes) -> Volume | None:
     if datatype not in _DTYPES or not (dims[0] == 3 or (dims[0] == 4 and dims[4] == 1)):
         return None
     if not (slope == 0 or (slope == 1 and inter == 0)) or math.isnan(slope) or math.isnan(inter):
+        return None
+    if data[123] & 0x07 not in (0, 2):  # lengths in metres or microns: SimpleITK converts them to mm
         return None
     size = [int(n) for n in dims[1:4]]
     spacing = np.array(pixdim[1:4], float)

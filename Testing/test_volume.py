@@ -98,6 +98,9 @@ def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
         "sheared sform": _edited(data, "f", 284, struct.unpack_from("<f", data, 284)[0] + 0.3),
         "no orientation": _edited(data, "2h", 252, 0, 0),
         "two time points": _edited(data, "8h", 40, 4, 12, 10, 5, 2, 1, 1, 1),
+        # lengths in metres / microns (xyzt_units): the same head 1000 times smaller / larger in numbers
+        "in metres": _edited(data, "B", 123, (data[123] & 0xF8) | 1),
+        "in microns": _edited(data, "B", 123, (data[123] & 0xF8) | 3),
     }
     for name, bad in odd.items():
         assert parse_nifti(bad) is None, name
