@@ -93,6 +93,13 @@ def head_mask(stack: np.ndarray) -> np.ndarray:
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else stack.ravel()
     hi = percentiles(sample, 99.5)[0]
     lo = sample.min()
+    above = sample[sample > lo]
+    if above.size:
+        # Reslice padding (e.g. -32768 in a band of rows) or a stray voxel far below everything else would
+        # squeeze the whole scan into the histogram's top bins: then the range starts at the rest's bottom.
+        floor = percentiles(above, 0.5)[0]
+        if floor - lo > hi - floor:
+            lo = floor
     if hi <= lo:
         return stack > lo
     hist, edges = np.histogram(np.clip(sample, lo, hi), bins=128, range=(lo, hi))

@@ -53,6 +53,24 @@ def test_head_mask_ignores_background():
     assert mask[:, 48, 48].all()
 
 
+@pytest.mark.parametrize("where", ["padded rows", "padded slice", "one stray voxel"])
+def test_head_mask_and_normalisation_ignore_values_far_below_the_scan(where):
+    """Reslice padding (-32768) or one voxel far below the rest must not squeeze the scan into the top
+    of the threshold's histogram: the head mask and the normalised head stay as without them."""
+    vol = phantom(skull=True)
+    odd = vol.copy()
+    if where == "padded rows":
+        odd[:, :6, :] = -32768
+    elif where == "padded slice":
+        odd[0] = -32768
+    else:
+        odd[3, 2, 2] = -1e5
+    touched = odd != vol
+    expected = head_mask(vol)
+    assert np.array_equal(head_mask(odd)[~touched], expected[~touched])
+    np.testing.assert_allclose(normalise_intensity(odd)[~touched], normalise_intensity(vol)[~touched], atol=0.05)
+
+
 def test_preprocessing_config_validation():
     assert PreprocessingConfig.from_dict({"grid_size": [128, 128], "grid_spacing_mm": None}).grid_spacing_mm is None
     with pytest.raises(ValueError):
