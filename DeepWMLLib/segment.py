@@ -375,15 +375,19 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
 
         report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
     io.write_text(json.dumps(report, indent=1), paths["report"])
-    if overwrite:  # an earlier run's optional outputs that this one did not write would not match it
-        every = output_paths(out_dir, case, True, True, io.output_extension(path, output_format), True, True, True)
-        for key, stale in every.items():
-            if key not in paths and stale.is_file():
-                stale.unlink()
-            elif key not in paths and stale.is_dir() and key == "dicom_outline":
-                from .dicom_outline import remove_outline_series
+    if overwrite:  # an earlier run's outputs that this one did not write (other options, or another
+        # --output-format) would not match it
+        for extension in ["." + kind for kind in io.OUTPUT_FORMATS if kind != "same"]:
+            every = output_paths(out_dir, case, True, True, extension, True, True, True)
+            for key, stale in every.items():
+                if stale == paths.get(key):
+                    continue
+                if stale.is_file():
+                    stale.unlink()
+                elif stale.is_dir() and key == "dicom_outline":
+                    from .dicom_outline import remove_outline_series
 
-                remove_outline_series(stale)
+                    remove_outline_series(stale)
     split = report.get("location") or {}
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "periventricular_ml": split.get("periventricular_ml"),

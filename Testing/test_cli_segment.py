@@ -165,6 +165,14 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     assert main(args + ["--overwrite", "--save-probabilities"]) == 0
     assert not (out / "c_qc.png").exists() and (out / "c_prob.nii.gz").is_file()
     assert (out / "other_qc.png").read_bytes() == b"another case's"
+    # ... and so do those of another --output-format (the same case's mask in .mha beside a new .nii.gz)
+    assert main(args + ["--overwrite", "--save-probabilities", "--output-format", "mha"]) == 0
+    assert (out / "c_wmh.mha").is_file() and (out / "c_prob.mha").is_file() and not (out / "c_wmh.nii.gz").exists()
+    (out / "other_wmh.mha").write_bytes(b"another case's")
+    assert main(args + ["--overwrite"]) == 0
+    assert sorted(f.name for f in out.iterdir() if f.name.startswith("c")) == ["c.seg.nrrd", "c_report.json",
+                                                                                "c_wmh.nii.gz"]
+    assert (out / "other_wmh.mha").read_bytes() == b"another case's"
 
 
 def test_ensemble_and_tta_run(tmp_path):
