@@ -416,6 +416,7 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
 # Slices go through preprocessing, the network and back in chunks, so memory stays a small multiple
 # of the input volume however many slices it has.
 CHUNK_SLICES = 32
+MIN_INPLANE_PIXELS = 4  # an axial slice narrower than this is no cross-section of a head (one to three sagittal slices)
 
 
 def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], device: str = "auto",
@@ -444,6 +445,10 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
         raise DeepWMLError("no model given")
     dev = resolve_device(device)
     stack, frame = to_axial_stack(image)
+    if min(stack.shape[1:]) < MIN_INPLANE_PIXELS:
+        raise DeepWMLError(f"the image's axial slices are only {stack.shape[1]} x {stack.shape[2]} pixels, too narrow to "
+                           "segment (one sagittal or coronal slice, or a few?); DeepWML segments axial slices and "
+                           "needs the head's whole cross-section: give the full volume")
     if progress:
         progress(0.0, "normalising")
     helpers = [m for m in (brain_model, ventricle_model) if m is not None]  # one map each, not averaged

@@ -41,6 +41,7 @@ BAD_INPUTS = [
     ("two inputs with one name", "segment", 1, "both named"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
+    ("one sagittal slice cut from an axial scan (axial slices 1 pixel wide)", "segment", 1, "too narrow to segment"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
     ("axial slices thinner than their pixels (1 x 1 x 0.8 mm)", "segment", 0, "ok: called axial, no warning"),
     ("corrupt model file", "segment", 1, "not a readable DeepWML model"),
@@ -134,6 +135,8 @@ def world(tmp_path):
     extreme.CopyInformation(good)
     paths["extreme intensities (1e30)"] = _write(d / "extreme.nii.gz", extreme)
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
+    paths["one sagittal slice cut from an axial scan (axial slices 1 pixel wide)"] = _write(
+        d / "strip.nii.gz", make_volume(size=(32, 32, 8), spacing=(0.9, 0.9, 5.0))[0][16:17, :, :])
     sagittal = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)
     paths["sagittal acquisition"] = _write(d / "sag.nii.gz", make_volume(size=(6, 32, 32), spacing=(5.0, 0.9, 0.9), direction=sagittal)[0])
     paths["axial slices thinner than their pixels (1 x 1 x 0.8 mm)"] = _write(
