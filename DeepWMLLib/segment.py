@@ -265,7 +265,9 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
         try:
             export = path.is_dir() and io.has_dicom_below(path)
             if path.is_dir() and (export or not io.is_dicom_folder(path)):
-                images = [(io.case_name(p), p, None) for p in path.iterdir() if p.is_file() and io.is_image_file(p)]
+                written = _outputs_of_earlier_runs(path)  # OUTDIR may be the input folder itself
+                images = [(io.case_name(p), p, None) for p in path.iterdir()
+                          if p.is_file() and io.is_image_file(p) and p.name not in written]
                 studies, problems = io.dicom_catalogue(path) if export else ([], [])
                 found = images + [(study.name, study.folder, study) for study in studies]
                 if not found and not problems:
@@ -278,6 +280,19 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
         except OSError as exc:
             cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
     return cases
+
+
+def _outputs_of_earlier_runs(folder: Path) -> set[str]:
+    """Names of the image outputs DeepWML wrote into `folder` for the cases whose report is there (a
+    case's mask, probability map, .seg.nrrd... in any output format): a rerun with OUTDIR the input folder
+    must not take them for new scans."""
+    names = set()
+    for report in folder.glob("*_report.json"):
+        case = report.name[:-len("_report.json")]
+        for extension in ["." + kind for kind in io.OUTPUT_FORMATS if kind != "same"]:
+            paths = output_paths(folder, case, True, True, extension, True, False, True)
+            names.update(p.name for key, p in paths.items() if key != "report")
+    return names
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,

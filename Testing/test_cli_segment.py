@@ -175,6 +175,26 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     assert (out / "other_wmh.mha").read_bytes() == b"another case's"
 
 
+def test_outdir_inside_the_input_folder_does_not_turn_outputs_into_cases(tmp_path, tiny_model):
+    """-o the input folder itself: a rerun skips the case (its outputs exist) instead of segmenting its
+    own mask, probability map and .seg.nrrd as new scans; an image merely named like an output, without
+    a report beside it, is still a case."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_case(folder, "a", size=(32, 32, 4))
+    args = ["segment", str(folder), "-o", str(folder), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(args + ["--save-probabilities"]) == 0
+    assert (folder / "a_prob.nii.gz").is_file() and (folder / "a.seg.nrrd").is_file()
+    assert main(args) == 0
+    rows = read_summary(folder)
+    assert [(r["case"], r["status"]) for r in rows] == [("a", "skipped")]
+    assert main(args + ["--overwrite", "--output-format", "mha"]) == 0  # its .nii.gz outputs are no case either
+    assert [(r["case"], r["status"]) for r in read_summary(folder)] == [("a", "ok")]
+    write_case(folder, "b_wmh", size=(32, 32, 4))  # no b_report.json: a scan of its own
+    assert main(args) == 0
+    assert sorted((r["case"], r["status"]) for r in read_summary(folder)) == [("a", "skipped"), ("b_wmh", "ok")]
+
+
 def test_ensemble_and_tta_run(tmp_path):
     from conftest import tiny_model_file
 
