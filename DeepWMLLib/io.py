@@ -459,7 +459,10 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
         studies.setdefault(entry["study"], []).append((_series_of(uid, entry), entry["date"]))
     found = []
     for key, members in studies.items():
-        folder = Path(os.path.commonpath([os.path.dirname(f) for s, _ in members for f in s.files]))
+        # the study's folder is where its images lie: a secondary capture of it (DeepWML's outline series,
+        # written into an OUTDIR inside the export) must not move it, or rename the case on the next run
+        images = [s for s, _ in members if not s.secondary_capture] or [s for s, _ in members]
+        folder = Path(os.path.commonpath([os.path.dirname(f) for s in images for f in s.files]))
         relative = folder.relative_to(root)
         name = case_name(root) if relative == Path(".") else "_".join(relative.parts)
         ordered = tuple(sorted((s for s, _ in members), key=_by_number))

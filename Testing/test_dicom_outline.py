@@ -3,6 +3,7 @@ same study, on the input's own slices (DeepWMLLib/dicom_outline.py)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -251,6 +252,22 @@ def test_an_outline_series_back_in_its_study_is_never_taken_for_the_flair(tmp_pa
     assert io.choose_dicom_series(folder, str(written["series_number"]))[0].uid == written["series_uid"]
     studies, _ = io.dicom_catalogue(tmp_path / "flair")
     assert io.choose_dicom_series(folder, candidates=studies[0].series, strict=True)[0].uid == series.uid
+
+
+def test_an_outline_series_written_inside_the_export_leaves_the_case_as_it_was(tmp_path, tiny_model):
+    """-o inside a PACS export with --dicom-outline: the outline series joins the study on disk, yet the
+    next run finds the same case (named by the folder of its images), whose outputs exist: skipped."""
+    export = tmp_path / "export"
+    oblique_flair(export / "patientA")
+    out = export / "results"
+    args = ["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-outline"]
+    assert main(args) == 0
+    assert (out / "patientA_flair_outline_dicom").is_dir()
+    studies, _ = io.dicom_catalogue(export)
+    assert [s.name for s in studies] == ["patientA_flair"] and len(studies[0].series) == 2
+    assert main(args) == 0
+    with open(out / "summary.csv", newline="") as f:
+        assert [(r["case"], r["status"]) for r in csv.DictReader(f)] == [("patientA_flair", "skipped")]
 
 
 def test_japanese_names_with_half_width_katakana(tmp_path):
