@@ -40,6 +40,7 @@ BAD_INPUTS = [
     ("folder without images", "segment", 1, "without image files"),
     ("two inputs with one name", "segment", 1, "both named"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
+    ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
     ("one sagittal slice cut from an axial scan (axial slices 1 pixel wide)", "segment", 1, "too narrow to segment"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
@@ -134,6 +135,13 @@ def world(tmp_path):
     extreme = sitk.GetImageFromArray(sitk.GetArrayFromImage(good) * np.float32(1e30))
     extreme.CopyInformation(good)
     paths["extreme intensities (1e30)"] = _write(d / "extreme.nii.gz", extreme)
+    metres = sitk.Image(good)  # the same head, its lengths written in metres (xyzt_units 1)
+    metres.SetSpacing([x / 1000 for x in good.GetSpacing()])
+    metres.SetOrigin([x / 1000 for x in good.GetOrigin()])
+    header = bytearray(gzip.decompress(_write(d / "metres.nii.gz", metres).read_bytes()))
+    header[123] = (header[123] & 0xF8) | 1
+    (d / "metres.nii.gz").write_bytes(gzip.compress(bytes(header)))
+    paths["NIfTI whose header gives lengths in metres"] = d / "metres.nii.gz"
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
     paths["one sagittal slice cut from an axial scan (axial slices 1 pixel wide)"] = _write(
         d / "strip.nii.gz", make_volume(size=(32, 32, 8), spacing=(0.9, 0.9, 5.0))[0][16:17, :, :])
@@ -337,6 +345,12 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     if row_id == "--dicom-outline where the outline folder holds other files":
         assert (tmp / "out" / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
         assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written
+    if row_id == "NIfTI whose header gives lengths in metres":
+        report = json.loads((tmp / "out" / "metres_report.json").read_text(encoding="utf-8"))
+        mask = sitk.ReadImage(str(tmp / "out" / "metres_wmh.nii.gz"))
+        assert np.allclose(mask.GetSpacing(), sitk.ReadImage(str(tmp / "in" / "good.nii.gz")).GetSpacing(), atol=1e-4)
+        voxel_ml = np.prod(mask.GetSpacing()) / 1000
+        assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))
