@@ -723,17 +723,29 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
 
     With `reference`, the mask must lie on the reference's grid (see `check_same_grid`); a mask that
     stores the same grid in another voxel order is reordered onto it (`align_voxel_order`). A Slicer
-    `.seg.nrrd` of several segments is read by segment (`lesion_segments`), not as a label image.
+    `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image. A two-valued mask whose
+    lesion value is above 255 (0/65535) is read as 0/1.
     """
     import SimpleITK as sitk
 
-    image = lesion_segments(path) if len(segment_names(path)) > 1 else read_any(path)
+    # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
+    # Slicer, say) is no label of the mask conventions
+    image = lesion_segments(path) if segment_names(path) else read_any(path)
     array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all() or np.any(array < 0) or np.any(array > 255) or np.any(array != np.round(array)):
+    if not np.isfinite(array).all() or np.any(array < 0) or np.any(array != np.round(array)):
         raise DeepWMLError(
             f"{path} is not a label mask (values must be whole numbers 0–255: 0 background, 1 lesion); "
             "threshold probability maps first"
         )
+    if np.any(array > 255):
+        values = np.unique(array[array != 0])
+        if values.size > 1:
+            shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if values.size > 5 else "")
+            raise DeepWMLError(f"{path} holds values above 255 among several labels ({shown}); a mask holds 0 "
+                               "background, 1 lesion and 2 ignore, or is two-valued (0 and one lesion value): relabel it")
+        binary = sitk.GetImageFromArray((np.asarray(array) != 0).astype(np.uint8))  # two-valued, e.g. 0/65535
+        binary.CopyInformation(image)
+        image = binary
     mask = sitk.Cast(image, sitk.sitkUInt8)
     if reference is not None:
         mask = align_voxel_order(mask, reference)
@@ -1002,7 +1014,9 @@ def lesion_segments(path: str | os.PathLike) -> sitk.Image:
     import SimpleITK as sitk
 
     names = segment_names(path)
-    chosen = ["WMH"] if "WMH" in names else [n for n in names if n != VENTRICLE_SEGMENT]
+    # names compared regardless of case, as Slicer's GetSegmentIdBySegmentName does (the module's reading)
+    wmh = [n for n in names if n.lower() == "wmh"][:1]
+    chosen = wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
     if not chosen:
         raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
     masks = [read_segmentation(path, name) for name in chosen]

@@ -307,3 +307,50 @@ def test_a_series_with_a_slice_missing_is_refused(tmp_path):
     (folder / "slice004.dcm").unlink()
     with pytest.raises(DeepWMLError, match=r"10.00 mm between images 4 and 5, 5.00 mm elsewhere: about 1 slice\(s\) missing"):
         io.read_image(folder)
+
+
+def _slicer_file(path, truth, segments):
+    """A .seg.nrrd as slicerio writes it: `segments` (name, mask array in k, j, i order, label value)."""
+    import slicerio
+
+    seg = slicerio.create_segmentation(truth.GetSize(), io.ijk_to_lps(truth))
+    for name, mask, _ in segments:
+        slicerio.add_segment(seg, mask.transpose(2, 1, 0), {"id": name, "name": name, "color": [1.0, 0.0, 0.0]})
+    for entry, (_, _, value) in zip(seg["segments"], segments):  # e.g. 2 after a segment was deleted in Slicer
+        seg["voxels"][seg["voxels"] == entry["labelValue"]] = value
+        entry["labelValue"] = value
+    slicerio.write_segmentation(str(path), seg)
+    return path
+
+
+def test_a_slicer_file_is_read_by_segment_whatever_its_label_values_and_name_case(tmp_path):
+    """One segment stored with label value 2 is lesion (not the masks' 'ignore' label); a segment named
+    'wmh' in another case is the WMH segment, as the Slicer module (GetSegmentIdBySegmentName) takes it."""
+    _, truth = make_volume(size=(24, 20, 6), blobs=((0.3, 0.6, 0.5, 5.0), (0.7, 0.3, 0.5, 4.0)))
+    lesion = sitk.GetArrayFromImage(truth) > 0
+    left, right = lesion.copy(), lesion.copy()
+    left[:, :, 12:], right[:, :, :12] = False, False
+    one = io.read_mask(_slicer_file(tmp_path / "one.seg.nrrd", truth, [("WMH", lesion, 2)]))
+    assert np.array_equal(sitk.GetArrayFromImage(one), lesion.astype(np.uint8))
+    named = io.read_mask(_slicer_file(tmp_path / "named.seg.nrrd", truth, [("wmh", left, 1), ("other", right, 2)]))
+    assert np.array_equal(sitk.GetArrayFromImage(named) > 0, left)
+    both = io.read_mask(_slicer_file(tmp_path / "both.seg.nrrd", truth, [("rater 1", left, 1), ("rater 2", right, 2)]))
+    assert np.array_equal(sitk.GetArrayFromImage(both) > 0, lesion)
+
+
+def test_a_two_valued_mask_above_255_reads_as_lesion_and_a_many_valued_one_is_refused(tmp_path):
+    _, truth = make_volume(size=(16, 14, 4))
+    lesion = sitk.GetArrayFromImage(truth) > 0
+    for value in (256, 1000, 65535):
+        image = sitk.GetImageFromArray(lesion.astype(np.uint16) * value)
+        image.CopyInformation(truth)
+        sitk.WriteImage(image, str(tmp_path / f"m{value}.nii.gz"))
+        mask = io.read_mask(tmp_path / f"m{value}.nii.gz", truth)
+        assert np.array_equal(sitk.GetArrayFromImage(mask), lesion.astype(np.uint8)), value
+    mixed = lesion.astype(np.uint16) * 300
+    mixed[0, 0, 0] = 1
+    image = sitk.GetImageFromArray(mixed)
+    image.CopyInformation(truth)
+    sitk.WriteImage(image, str(tmp_path / "mixed.nii.gz"))
+    with pytest.raises(DeepWMLError, match="above 255 among several labels"):
+        io.read_mask(tmp_path / "mixed.nii.gz")
