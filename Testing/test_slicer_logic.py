@@ -398,6 +398,11 @@ def test_lesion_change_between_two_volume_nodes(scene):
     assert node.GetScene() is None and registered.GetScene() is None and registered_again.GetScene() is not None
     _, _, swapped = logic.lesionChange(baseline, follow_seg, followup, follow_seg)  # the follow-up's as the baseline's
     assert any("was drawn on 'FLAIR 2026', not on 'FLAIR 2024'" in w for w in swapped["warnings"])
+    # the registered copy chosen as the earlier scan (it is listed among the volumes): kept, not replaced
+    _, newest, _ = logic.lesionChange(baseline, base_seg, followup, follow_seg)
+    on_copy = mrml.segmentationFromMask(follow_mask, newest, name="drawn on the copy")
+    _, made, _ = logic.lesionChange(newest, on_copy, followup, follow_seg)
+    assert newest.GetScene() is not None and made is not newest and made.GetScene() is not None
     with pytest.raises(DeepWMLError, match="same volume"):
         logic.lesionChange(followup, follow_seg, followup, follow_seg)
     with pytest.raises(DeepWMLError, match="segment the earlier scan first"):

@@ -359,9 +359,14 @@ class DeepWMLCoreLogic:
             mrml.maskFromNode(baselineSegmentation, baselineVolume), mrml.maskFromNode(followupSegmentation, followupVolume))
         import SimpleITK as sitk
 
+        inputs = (baselineVolume, baselineSegmentation, followupVolume, followupSegmentation)
         for attribute, className in ((CHANGE_ATTRIBUTE, "vtkMRMLSegmentationNode"),
                                      (REGISTERED_ATTRIBUTE, "vtkMRMLScalarVolumeNode")):
-            mrml.removeNode(self._nodeMadeFor(attribute, followupVolume, className))  # an earlier run's, replaced
+            earlier = self._nodeMadeFor(attribute, followupVolume, className)
+            if any(earlier is node for node in inputs):  # chosen as an input now: the user's, kept
+                earlier.RemoveAttribute(attribute)
+            else:
+                mrml.removeNode(earlier)  # an earlier run's, replaced
         changeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{followupVolume.GetName()} change")
         changeNode.CreateDefaultDisplayNodes()
         changeNode.SetAttribute(CHANGE_ATTRIBUTE, followupVolume.GetID())
