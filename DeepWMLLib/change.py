@@ -18,7 +18,9 @@ How (`lesion_change`):
      matches each part, two that merged add up); with only partly marked voxels there, the partial
      volume carried over;
    - `stable`: otherwise present at baseline (shrunken lesions included);
-   - `not assessable`: some of it lies outside the baseline's field of view, where nothing can be said.
+   - `not assessable`: some of it lies outside the baseline's field of view, where nothing can be said,
+     or a baseline lesion it matches does outside the follow-up's (its change would be a cut, not a
+     shrinkage; the row keeps that baseline volume and a warning says so).
 4. The other way round, on the baseline's grid, each baseline lesion wholly inside the follow-up's
    field of view with nothing of the follow-up's within `tolerance_mm` (the same test) is `gone`; one
    partly outside it with nothing of the follow-up's near it is `not assessable` (a warning says how
@@ -289,6 +291,11 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     labels, count = label_components(follow)
     out = np.zeros(follow.shape, np.uint8)
     rows = []
+    # baseline lesions partly outside the follow-up's field of view: their change cannot be measured
+    base_cut = np.zeros(0, bool)
+    if base_count:
+        follow_covers = _coverage(followup_mask, baseline_mask, inverse)
+        base_cut = np.atleast_1d(ndimage.sum(~follow_covers, base_labels, np.arange(1, base_count + 1))) > 0
     if count:
         spacing = _spacing_kji(followup_mask)
         margin = [int(math.ceil(tolerance_mm / s)) + 1 for s in spacing]
@@ -312,11 +319,13 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         matched = np.zeros(count + 1, bool)
         matched[pairs[0]] = True
         before_ml = np.where(matched, before_ml, partial)[1:]
+        cut = np.zeros(count + 1, bool)  # matched to a baseline lesion the follow-up does not wholly cover
+        cut[pairs[0][base_cut[pairs[1] - 1]]] = True
         sizes, centroids, ranges = _component_geometry(labels, count, followup_mask)
         status = np.full(count, 1, np.uint8)
         for n in range(count):
             volume, before = sizes[n] * follow_ml, before_ml[n]
-            if outside[n]:
+            if outside[n] or cut[n + 1]:
                 status[n] = 4
             elif nearest_base[n] > tolerance_mm:
                 status[n] = 2 if volume >= min_change_ml else 6
@@ -327,7 +336,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         for n in np.argsort(-sizes, kind="stable"):
             volume = float(sizes[n] * follow_ml)
             assessed = status[n] != 4
-            before = float(before_ml[n]) if status[n] in (1, 3) else (0.0 if status[n] in (2, 6) else None)
+            # a lesion whose baseline lesion is cut by the follow-up's view keeps that (incomplete) baseline volume
+            before = float(before_ml[n]) if status[n] in (1, 3) or cut[n + 1] else (0.0 if status[n] in (2, 6) else None)
             rows.append({
                 "status": LABELS[int(status[n])], "scan": "follow-up", "volume_ml": round(volume, 6),
                 "baseline_ml": None if before is None else round(before, 6),
@@ -342,14 +352,13 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         follow_zone = _resample(sitk.Cast(followup_mask > 0, sitk.sitkUInt8), baseline_mask, inverse) > 0
         if presence is not None and followup_probabilities is not None:
             follow_zone |= _resample(followup_probabilities, baseline_mask, inverse) >= presence
-        follow_covers = _coverage(followup_mask, baseline_mask, inverse)
         spacing = _spacing_kji(baseline_mask)
         margin = [int(math.ceil(tolerance_mm / s)) + 1 for s in spacing]
         box = _box([base, follow_zone], margin)
         ids = np.arange(1, base_count + 1)
         nearest_follow = np.atleast_1d(ndimage.minimum(_distance_to(follow_zone[box], spacing),
                                                        base_labels[box], ids))
-        uncovered = np.atleast_1d(ndimage.sum(~follow_covers[box], base_labels[box], ids)) > 0
+        uncovered = base_cut
         gone = (nearest_follow > tolerance_mm) & ~uncovered
         unseen = (nearest_follow > tolerance_mm) & uncovered  # not assessable: outside the follow-up's view
         if gone.any() or unseen.any():
@@ -452,6 +461,13 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
         warnings.append(
             f"{sum(r['volume_ml'] for r in unseen):.2f} ml of the baseline's lesions ({len(unseen)}) lie partly or wholly "
             "outside the follow-up's field of view (listed as not assessable): the two loads cover different extents")
+    cut = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and r["baseline_ml"] is not None]
+    if cut:
+        warnings.append(
+            f"{len(cut)} follow-up lesion{'s' if len(cut) > 1 else ''} ({sum(r['volume_ml'] for r in cut):.2f} ml) "
+            f"match{'' if len(cut) > 1 else 'es'} baseline lesions ({sum(r['baseline_ml'] for r in cut):.2f} ml) that lie "
+            "partly outside the follow-up's field of view (listed as not assessable): their change, and the total "
+            "volume change, cannot be measured there")
     facts = registration.facts()
     if check:
         facts["inverse_consistency"] = inverse_consistency(registration, align(baseline, followup), followup)

@@ -466,3 +466,22 @@ def test_two_visits_in_one_dicom_folder_are_compared_by_their_series(tmp_path, c
     assert main(args + ["--baseline-series", "3", "--followup-series", "7"]) == 1
     assert "the follow-up FLAIR has only 3 voxels along one axis" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_lesion_the_follow_up_cuts_off_is_not_assessable_not_shrunken(pair):
+    """The same scan as follow-up, its top slices cut off through the highest lesion: that lesion is
+    not called stable with a false shrinkage but not assessable (its baseline volume kept), and a
+    warning says the total change cannot be measured there; the others stay stable."""
+    flair, mask = pair["baseline"]
+    lesions = sitk.GetArrayFromImage(sitk.ConnectedComponent(mask > 0))
+    highest = lesions[np.nonzero(lesions.any(axis=(1, 2)))[0][-1]].max()
+    slices = np.nonzero((lesions == highest).any(axis=(1, 2)))[0]
+    assert slices.size >= 2
+    keep = int(slices[-1])  # the follow-up ends inside the highest lesion
+    report = change.lesion_change(flair, flair[:, :, :keep], mask, mask[:, :, :keep], check=False).report
+    cut = [r for r in report["lesions"] if r["status"] == "not assessable"]
+    assert len(cut) == 1 and cut[0]["scan"] == "follow-up" and cut[0]["change_ml"] is None
+    assert cut[0]["baseline_ml"] > cut[0]["volume_ml"]
+    assert report["n_new"] == report["n_gone"] == report["n_enlarging"] == 0 and report["n_stable"] >= 1
+    assert all(abs(r["change_ml"]) < 0.05 for r in report["lesions"] if r["status"] == "stable")
+    assert any("cannot be measured" in w for w in report["warnings"])
