@@ -23,7 +23,8 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import case_error, picture_path, read_manifest, report_failed_cases, write_csv, write_json
+from .evaluation import (case_error, claim_picture_name, picture_path, read_manifest, report_failed_cases, write_csv,
+                         write_json)
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -123,7 +124,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     _check_threshold(threshold)
     entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), ("flair",), path_columns=("rater_a", "rater_b", "flair"))
     out = io.make_output_dir(out_dir)
-    rows, details, unpictured = [], {}, []
+    rows, details, unpictured, picture_names = [], {}, [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -149,6 +150,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:
+                    claim_picture_name(picture_names, entry["case"])
                     picture = pair_picture(entry["flair"], mask_a, mask_b, f"{entry['case']}: Dice {result['dice']:.3f}")
                     io.write_bytes(picture, picture_path(out, entry["case"]))
                 except Cancelled:

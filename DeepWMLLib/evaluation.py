@@ -140,6 +140,14 @@ def picture_path_name(case: str) -> str:
     return f"{plain_name(case)}_qc.png"
 
 
+def claim_picture_name(taken: dict, case: str) -> None:
+    """Record that `case` draws OUT/qc/`picture_path_name(case)` in this run; DeepWMLError when another case
+    of it already does ("a/b" and "a_b" make the same plain name), so that neither picture is overwritten."""
+    name = picture_path_name(case)
+    if taken.setdefault(name, case) != case:
+        raise DeepWMLError(f"its picture would be qc/{name}, as case {taken[name]!r}'s is; rename one of them")
+
+
 def picture_path(out_dir: Path, case: str) -> Path:
     """OUT/qc/CASE_qc.png (see `picture_path_name`), its folder made."""
     return io.make_output_dir(Path(out_dir) / "qc") / picture_path_name(case)
@@ -506,7 +514,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
                             path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
-    case_rows, image_rows, failed, pictured, unpictured = [], [], [], [], []
+    case_rows, image_rows, failed, pictured, unpictured, picture_names = [], [], [], [], [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
             raise Cancelled()
@@ -525,6 +533,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             message = f"{entry['case']}: Dice {_fmt(result['dice'])}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the case's figures
                 try:
+                    claim_picture_name(picture_names, entry["case"])
                     picture = comparison_picture(entry["flair"], prediction, reference,
                                                  f"{entry['case']}: Dice {_fmt(result['dice'])}")
                     io.write_bytes(picture, picture_path(out, entry["case"]))
