@@ -34,10 +34,10 @@ pathology): voxels labelled 2 are removed from prediction and reference alike be
 component, distance, volume or AUC, so a prediction there is neither right nor wrong. Any other
 reference value is an error, except in a two-valued mask (0 and one positive whole number other than
 2, e.g. 0/255 as many tools export; `io.read_mask` reads files of 0-255, and a two-valued one above
-255 such as 0/65535 as 0/1), whose non-zero value is read as lesion. Prediction (and both raters in `binary_pair`): a voxel is lesion when
-its value is >= 0.5, i.e. any positive label of an integer mask (files are read with `io.read_mask`,
-which refuses non-integer values: threshold a probability map first). Probability maps are scores;
-only their order matters for AUC.
+255 such as 0/65535 as 0/1), whose non-zero value is read as lesion. Prediction (and both raters in
+`binary_pair`): a voxel is lesion when its value is >= 0.5, i.e. any positive label of an integer mask
+(files are read with `io.read_mask`, which refuses non-integer values: threshold a probability map
+first). Probability maps are scores; only their order matters for AUC.
 
 Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1:
 
