@@ -93,10 +93,11 @@ def head_mask(stack: np.ndarray) -> np.ndarray:
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else stack.ravel()
     hi = percentiles(sample, 99.5)[0]
     lo = sample.min()
-    above = sample[sample > lo]
+    above = sample[sample > lo] if lo < 0 else sample[:0]
     if above.size:
         # Reslice padding (e.g. -32768 in a band of rows) or a stray voxel far below everything else would
         # squeeze the whole scan into the histogram's top bins: then the range starts at the rest's bottom.
+        # Only below zero, where MR intensities are not: a background of exactly 0 is the scan's own.
         floor = percentiles(above, 0.5)[0]
         if floor - lo > hi - floor:
             lo = floor
