@@ -421,7 +421,10 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     wanted = [c for c in cases if assignment[c.case] in ("train", "val")]
     tested = [c for c in cases if assignment[c.case] == "test"]  # read and checked, not prepared
     keys = {c.case: _case_key(c, preprocessing, ignore_label) for c in wanted + tested}
-    signature = hashlib.sha256(json.dumps(sorted(keys.items())).encode()).hexdigest()
+    # which split each case is in belongs to the signature: a run set up again with another split (or
+    # seed) must not train on the old split's cases
+    signature = hashlib.sha256(json.dumps(sorted((case, key, assignment[case]) for case, key in keys.items())
+                                          ).encode()).hexdigest()
     done_file = folder / "cache.json"
     if done_file.is_file():
         done = json.loads(done_file.read_text(encoding="utf-8"))

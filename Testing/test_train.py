@@ -831,3 +831,20 @@ def test_training_options_out_of_range_are_usage_errors(dataset, tmp_path, capsy
         training.TrainConfig.coerce(tiny_config(dataset, learning_rate="1e-3"))
     with pytest.raises(DeepWMLError, match="JSON object"):
         training.TrainConfig.coerce([1])
+
+
+def test_the_prepared_cache_follows_the_split_it_was_made_for(tmp_path):
+    """A run set up again with another split (or seed) into the same folder must not train on the old
+    split's cases: the cache is made anew when any case changes split."""
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=4)
+    cases = training.read_manifest(manifest)
+    preprocessing = {"grid_size": [SIZE, SIZE], "grid_spacing_mm": None}
+    cache = tmp_path / "cache"
+    first = {"c0": "train", "c1": "train", "c2": "val", "c3": "test"}
+    second = {"c0": "test", "c1": "val", "c2": "train", "c3": "train"}
+    for assignment in (first, second, first):
+        training.prepare_cache(cases, assignment, preprocessing, cache, skip_bad_cases=False)
+        for split in ("train", "val"):
+            listed = json.loads((cache / f"{split}.json").read_text(encoding="utf-8"))["cases"]
+            assert sorted(listed) == sorted(c for c, s in assignment.items() if s == split), (assignment, split)
