@@ -128,12 +128,20 @@ def save_model(path: str | os.PathLike, model, config: dict,
     return write_atomically(path, lambda tmp: save_torch(payload, tmp))
 
 
+def _not_a_model_file(p: Path) -> str:
+    """Why `p` cannot be read as a model file: missing, or a folder (a training run's: name its best.pt)."""
+    if p.is_dir():
+        run = any((p / name).is_file() for name in ("best.pt", "last.pt"))
+        return f"{p} is a folder, not a model file" + (" (a training run folder: give its best.pt or last.pt)" if run else "")
+    return f"model file {p} does not exist"
+
+
 def load_payload(path: str | os.PathLike) -> dict:
     import torch
 
     p = Path(path)
     if not p.is_file():
-        raise DeepWMLError(f"model file {p} does not exist")
+        raise DeepWMLError(_not_a_model_file(p))
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
@@ -194,7 +202,7 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
     """The model's settings without building the network, from the cache when this exact file was seen before."""
     p = Path(path)
     if not p.is_file():
-        raise DeepWMLError(f"model file {p} does not exist")
+        raise DeepWMLError(_not_a_model_file(p))
     digest = file_digest(p)
     try:
         meta = json.loads(_metadata_path(digest).read_text(encoding="utf-8"))

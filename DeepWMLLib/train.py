@@ -198,6 +198,10 @@ class TrainConfig:
                                    f"and at most the grid size {min(grid)}")
             if self.patch_size == min(grid) == max(grid):
                 self.patch_size = None
+        smallest = (self.patch_size or min(grid)) // multiple  # pixels across at the U-Net's bottom
+        if self.architecture.get("batch_norm") and self.batch_size == 1 and smallest < 2:
+            raise DeepWMLError(f"with batch norm, a batch of 1 slice needs more than one pixel at the U-Net's bottom: "
+                               f"use a batch size of 2 or more, or patches of at least {2 * multiple} pixels")
         if self.ignore_label is not None and (isinstance(self.ignore_label, bool) or not isinstance(self.ignore_label, int)
                                               or not 2 <= self.ignore_label <= 255):
             raise DeepWMLError(f"ignore label must be a mask value from 2 to 255 (0 is background, 1 lesion), "
@@ -241,7 +245,7 @@ def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Ca
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
+            numbered = [(reader.line_num, row) for row in reader]  # the file's own line numbers, blank lines counted
             columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"manifest {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
@@ -252,11 +256,12 @@ def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Ca
                 else "")
         raise DeepWMLError(f"manifest {path} needs the columns case, flair, {mask_column} (missing: {', '.join(missing)})"
                            f"{hint}; add a header line such as 'case,flair,{mask_column}'")
-    rows = [row for row in rows if any((v or "").strip() for v in row.values() if isinstance(v, str))]
-    if not rows:
+    numbered = [(line, row) for line, row in numbered
+                if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    if not numbered:
         raise DeepWMLError(f"manifest {path} has its header but no case rows")
     cases, seen, scans = [], set(), {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in numbered:
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
         if not row.get("case") or not row.get("flair") or not row.get(mask_column):
             raise DeepWMLError(f"manifest {path} line {line}: case, flair and {mask_column} must all be filled in")
@@ -304,12 +309,31 @@ def stratified_split(cases: list[Case], seed: int, val_fraction: float = 0.2, te
     return assignment
 
 
+def _read_config(path: str) -> dict:
+    """The settings of `--config`: a JSON object (DeepWMLError for anything else)."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DeepWMLError(f"--config {path} cannot be read ({exc.strerror or exc})") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DeepWMLError(f"--config {path} is not JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise DeepWMLError(f"--config {path} holds a JSON {type(config).__name__}; it must hold an object of settings "
+                           '(e.g. {"epochs": 50, "batch_size": 16})')
+    return config
+
+
 def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DeepWMLError(f"split file {path} does not exist; pass a CSV with columns case, split")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+                    for row in csv.DictReader(f)]  # extra fields on a row (a list under no column) are left out
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DeepWMLError(f"split file {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
+    rows = [row for row in rows if any(row.values())]
     if not rows or "case" not in rows[0] or "split" not in rows[0]:
         raise DeepWMLError(f"split file {path} needs the columns case, split (train, val or test)")
     known = {c.case for c in cases}
@@ -1348,7 +1372,8 @@ def register(subparsers) -> None:
     g.add_argument("--threshold", type=open_unit_interval, help="probability threshold for validation and the model file (default 0.5; with --export: "
                         "the exported file's threshold, default the source's)")
     g.add_argument("--seed", type=int, help="seed of the split, initialisation and sampling (default 0)")
-    g.add_argument("--plateau-patience", type=non_negative_int, help="halve the learning rate after this many epochs without a better val Dice")
+    g.add_argument("--plateau-patience", type=non_negative_int, help="halve the learning rate when more than this many epochs in a row bring no better "
+                   "val Dice (PyTorch's ReduceLROnPlateau patience: with 3, the 4th such epoch halves it)")
     g.add_argument("--early-stopping", type=positive_int, dest="early_stopping_patience", help="stop after this many epochs without a better val Dice")
     g.add_argument("--ensemble", type=positive_int, help="train N models from seeds seed..seed+N-1 into RUN_DIR/model_k")
     g = p.add_argument_group("augmentation (0 switches rotate, shear, bias field or noise off; 'off' a range)")
@@ -1410,7 +1435,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         return config, run_dir
     if not args.manifest or not args.run_dir:
         raise UsageError("give a manifest and --run-dir (or --resume RUN_DIR, or --export MODEL OUT)")
-    config = json.loads(Path(args.config).read_text(encoding="utf-8")) if args.config else {}
+    config = _read_config(args.config) if args.config else {}
     config["manifest"] = args.manifest
     for key in _TOP_OPTIONS + _RESUMABLE_OPTIONS:
         if getattr(args, key, None) is not None:

@@ -848,3 +848,37 @@ def test_the_prepared_cache_follows_the_split_it_was_made_for(tmp_path):
         for split in ("train", "val"):
             listed = json.loads((cache / f"{split}.json").read_text(encoding="utf-8"))["cases"]
             assert sorted(listed) == sorted(c for c, s in assignment.items() if s == split), (assignment, split)
+
+
+def test_odd_split_config_and_manifest_files_get_one_line_errors(tmp_path, capsys):
+    """A split row with an extra field is read (the field left out); a split file that is not UTF-8, a
+    --config that is not a JSON object, batch norm on one-pixel bottoms with a batch of 1, a run folder
+    given as a model file: each a clear error, no traceback. A manifest's line numbers count blank lines."""
+    from DeepWMLLib.cli import main
+
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=4)
+    cases = training.read_manifest(manifest)
+    extra = tmp_path / "extra.csv"
+    extra.write_text("case,split\nc0,train,x\nc1,train\nc2,val\nc3,test\n")
+    assert training.read_split(extra, cases) == {"c0": "train", "c1": "train", "c2": "val", "c3": "test"}
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfecase,split\n")
+    with pytest.raises(DeepWMLError, match="not a readable CSV"):
+        training.read_split(binary, cases)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert main(["train", str(manifest), "--run-dir", str(tmp_path / "r"), "--config", str(listed)]) == 1
+    err = capsys.readouterr().err
+    assert "must hold an object of settings" in err and "Traceback" not in err and "internal error" not in err
+    with pytest.raises(DeepWMLError, match="a batch of 1 slice needs more than one pixel"):
+        training.TrainConfig.coerce(tiny_config(manifest, batch_size=1, patch_size=4))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    assert main(["train", "--export", str(tmp_path / "run"), str(tmp_path / "out.pt")]) == 1
+    assert "is a folder, not a model file (a training run folder: give its best.pt" in capsys.readouterr().err
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    gapped = tmp_path / "gapped.csv"
+    gapped.write_text("\n".join([lines[0], "", ",,", *lines[1:], lines[1]]) + "\n", encoding="utf-8")
+    with pytest.raises(DeepWMLError, match=f"line {len(lines) + 3}: case 'c0' appears twice"):
+        training.read_manifest(gapped)
