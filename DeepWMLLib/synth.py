@@ -567,6 +567,8 @@ def _acquisition(rng: np.random.Generator, atlas: _Atlas, scanner: dict) -> dict
     # side, and the off-centre shift below.
     head_extent = u.max(axis=0) - u.min(axis=0) + 2 * (18 + 12)
     spacing = float(np.clip(max(fov / matrix, head_extent[0] / nx, head_extent[1] / ny), 0.4, 1.0))
+    if matrix < 256:  # a matrix below the clinical range (--matrix 64-255): coarser pixels, still the whole head
+        spacing = max(spacing, head_extent[0] / nx, head_extent[1] / ny)
     factor = max(1, int(round(1.0 / spacing)))
     nx, ny = (int(math.ceil(n / factor)) * factor for n in (nx, ny))
     u_centre = u.mean(axis=0) + np.array([rng.uniform(-8, 8), rng.uniform(-12, 12), 0])

@@ -94,6 +94,22 @@ def test_graded_rims_change_only_lesion_intensities_and_darken_edges_more_than_c
 
 
 @needs_shared
+@pytest.mark.parametrize("matrix", [64, 128])
+def test_a_small_matrix_takes_coarser_pixels_not_a_cropped_head(matrix):
+    """--matrix below the clinical 256: the field of view still holds the whole head (skull included),
+    with pixels over 1 mm, and the intracranial volume is an adult's, as at 256."""
+    flair, _, meta, brain = synth.generate_case(synth.case_rng(7, 3), matrix=matrix, slice_thickness=8.0, skull=True,
+                                                intracranial=True)
+    image, icv = sitk.GetArrayFromImage(flair), sitk.GetArrayFromImage(brain)
+    assert flair.GetSize()[0] <= matrix + 8 and flair.GetSpacing()[0] > 1.0
+    head = image > 0.2 * np.percentile(image, 99)
+    border = np.concatenate([head[:, 0, :], head[:, -1, :], head[:, :, 0], head[:, :, -1]], axis=1)
+    assert border.mean() < 0.02  # nothing of the head cut by the image's edge
+    ml = icv.sum() * np.prod(flair.GetSpacing()) / 1000
+    assert 900 < ml < 2200, ml
+
+
+@needs_shared
 def test_same_seed_same_case_other_seed_other_case():
     a = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
     b = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
