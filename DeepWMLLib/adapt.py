@@ -63,6 +63,8 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
 def network_slices(paths: Sequence, preprocessing) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts.
     A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it)."""
+    import SimpleITK as sitk
+
     from . import io
 
     chunks, facts, seen = [], [], {}
@@ -70,8 +72,9 @@ def network_slices(paths: Sequence, preprocessing) -> tuple[np.ndarray, list[dic
         path, series = item if isinstance(item, tuple) else (item, None)
         image = io.read_image(path, series=series)
         io.check_volume(image)
-        digest = hashlib.sha256(np.ascontiguousarray(io.voxels(image)).tobytes()).hexdigest()
-        if digest in seen:  # the same voxels twice (one file listed twice, or in two formats)
+        canonical = sitk.DICOMOrient(image, "LPS") if isinstance(image, sitk.Image) else image  # voxel order aside
+        digest = hashlib.sha256(np.ascontiguousarray(io.voxels(canonical)).tobytes()).hexdigest()
+        if digest in seen:  # the same voxels twice (one file listed twice, or in two formats or voxel orders)
             raise DeepWMLError(f"{path} holds the same scan as {seen[digest]}; give each scan once")
         seen[digest] = path
         slices, total = _head_slices(image, preprocessing)

@@ -175,7 +175,9 @@ def test_too_few_slices_and_a_scan_given_twice_are_refused_and_leave_nothing(tmp
     assert "only 12 slice(s) with head" in capsys.readouterr().err
     copy = tmp_path / "copy.nrrd"
     sitk.WriteImage(sitk.ReadImage(str(one)), str(copy))  # the same scan in another format
-    for twice in ([one, one], [one, two, copy]):
+    reordered = tmp_path / "reordered.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(one)), "RAS"), str(reordered))  # ... in another voxel order
+    for twice in ([one, one], [one, two, copy], [reordered, two, one]):
         assert cli.main(["adapt", "--model", str(source), "--scans", *map(str, twice), "-o", str(out)]) == 1
         assert "holds the same scan as" in capsys.readouterr().err
     assert not out.exists()  # refused runs leave no empty folder
