@@ -494,9 +494,29 @@ def has_dicom_below(folder: str | os.PathLike) -> bool:
             continue
         visited.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if current != str(folder) and any(_looks_dicom(f) for f in files):
+        if current != str(folder) and any(_dicom_candidate(os.path.join(current, f)) for f in files):
             return True
     return False
+
+
+_DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+
+
+def _dicom_candidate(path: str) -> bool:
+    """Whether a file below an input folder may be DICOM: a name DICOM exports use (no extension, .dcm,
+    .ima, a number such as a UID's last part), or any other name with the DICOM file preamble ('DICM' at
+    byte 128); a report.pdf or notes.docx beside the images is not."""
+    name = os.path.basename(path)
+    if not _looks_dicom(name):
+        return False
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in _DICOM_SUFFIXES or suffix[1:].isdigit():
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _listing(first: list, rest: list) -> str:

@@ -275,8 +275,13 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
                 cases.extend(sorted(found, key=lambda c: (str(c[1]), c[0])))
                 cases.extend((f"{io.case_name(path)} (unreadable folder)", Path(problem.split(" cannot be read")[0]),
                               DeepWMLError(problem)) for problem in problems)
-            else:
+            else:  # a file, or a DICOM series folder; image files beside the series are cases of their own
                 cases.append((io.case_name(path), path, None))
+                if path.is_dir():
+                    written = _outputs_of_earlier_runs(path)
+                    cases.extend(sorted(((io.case_name(p), p, None) for p in path.iterdir()
+                                         if p.is_file() and io.is_image_file(p) and p.name not in written),
+                                        key=lambda c: (str(c[1]), c[0])))
         except OSError as exc:
             cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
     return cases

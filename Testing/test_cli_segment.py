@@ -569,6 +569,29 @@ def _export_series(folder, study, description, inversion=None, slices=4, seed=0,
     return image
 
 
+def test_image_files_beside_a_dicom_series_and_documents_below_it_change_nothing(tmp_path, tiny_model):
+    """A folder of NIfTI scans with one stray DICOM file: every scan is still a case (the DICOM file one
+    more). A one-series folder with a report.pdf in a subfolder is still that series (no PACS export,
+    whose strict choice would skip an unlabelled series), and a .pdf is no DICOM file."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    write_case(folder, "a", size=(32, 32, 4))
+    write_case(folder, "b", size=(32, 32, 4))
+    image, _ = make_volume(size=(32, 32, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "series", image, uid="1.2.3.77")
+    next(series.iterdir()).rename(folder / "screenshot.dcm")
+    args = ["--model", str(tiny_model), "--device", "cpu"]
+    main(["segment", str(folder), "-o", str(tmp_path / "out1"), *args])
+    assert {"a", "b"} <= {r["case"] for r in read_summary(tmp_path / "out1") if r["status"] == "ok"}
+
+    plain = write_dicom_series(tmp_path / "plain", image, uid="1.2.3.78")  # no description, no timing
+    (plain / "docs").mkdir()
+    (plain / "docs" / "report.pdf").write_bytes(b"%PDF-1.4 not an image")
+    assert not io.has_dicom_below(plain)
+    assert main(["segment", str(plain), "-o", str(tmp_path / "out2"), *args]) == 0
+    assert [(r["case"], r["status"]) for r in read_summary(tmp_path / "out2")] == [("plain", "ok")]
+
+
 def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_model):
     """A PACS export nests patient / study / series folders: every study below the input (its Study
     Instance UID, wherever its files lie) is one case, named by the folder its files share, its FLAIR
