@@ -298,6 +298,7 @@ class DicomSeries:
     instance_numbers: tuple = ()  # (0020,0013) of each file, in the order of `files` (slice order)
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
+    damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
 
     @property
     def unlabelled(self) -> bool:
@@ -400,6 +401,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
 
     problems: list[str] = []
     series: dict = {}
+    damaged: dict = {}  # folder -> names of its files that are empty, or DICOM that cannot be read
     visited = set()
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -422,8 +424,10 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 try:
                     reader.ReadImageInformation()
                     uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else ""
-                except RuntimeError:
-                    continue  # not DICOM, or no image
+                except RuntimeError:  # not DICOM, or no image; or a damaged one (a transfer cut short)
+                    if name.upper() != "DICOMDIR" and (os.path.getsize(path) == 0 or _dicom_preamble(path)):
+                        damaged.setdefault(current, []).append(name)
+                    continue
                 if not uid:
                     continue
                 entry = series.get(uid)
@@ -436,6 +440,9 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    for entry in series.values():
+        folders = sorted({os.path.dirname(path) for _, path, _ in entry["files"]})
+        entry["damaged"] = tuple(os.path.join(f, n) for f in folders for n in damaged.get(f, []))
     return series, problems
 
 
@@ -443,7 +450,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
     ordered = sorted(entry["files"], key=lambda f: f[0])
     header = entry["header"]
     return DicomSeries(uid, header[0], tuple(path for _, path, _ in ordered), *header[1:6], modality=header[6],
-                       secondary_capture=header[7], instance_numbers=tuple(n for _, _, n in ordered))
+                       secondary_capture=header[7], instance_numbers=tuple(n for _, _, n in ordered),
+                       damaged=entry.get("damaged", ()))
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
@@ -502,6 +510,15 @@ def has_dicom_below(folder: str | os.PathLike) -> bool:
 _DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
 
 
+def _dicom_preamble(path: str) -> bool:
+    """Whether a file starts as a DICOM file does ('DICM' at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _dicom_candidate(path: str) -> bool:
     """Whether a file below an input folder may be DICOM: a name DICOM exports use (no extension, .dcm,
     .ima, a number such as a UID's last part), or any other name with the DICOM file preamble ('DICM' at
@@ -510,13 +527,7 @@ def _dicom_candidate(path: str) -> bool:
     if not _looks_dicom(name):
         return False
     suffix = os.path.splitext(name)[1].lower()
-    if suffix in _DICOM_SUFFIXES or suffix[1:].isdigit():
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+    return suffix in _DICOM_SUFFIXES or suffix[1:].isdigit() or _dicom_preamble(path)
 
 
 def _listing(first: list, rest: list) -> str:

@@ -364,6 +364,11 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     report = {"case": case, "input": str(path), **result.report}
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
+        if chosen[0].damaged:  # a transfer cut short loses slices at an end, where no gap shows
+            names = ", ".join(Path(p).name for p in chosen[0].damaged[:3]) + (", ..." if len(chosen[0].damaged) > 3 else "")
+            report["warnings"] = [f"{len(chosen[0].damaged)} file(s) beside the series could not be read (empty or "
+                                  f"damaged: {names}); if they are its slices, the series is incomplete: copy it again",
+                                  *report["warnings"]]
         if chosen[1].startswith("the only one of"):  # picked for the user: say which, so it can be checked
             report["warnings"] = [f"read DICOM {chosen[0].label()}, {chosen[1]}; name another with --series",
                                   *report["warnings"]]

@@ -592,6 +592,21 @@ def test_image_files_beside_a_dicom_series_and_documents_below_it_change_nothing
     assert [(r["case"], r["status"]) for r in read_summary(tmp_path / "out2")] == [("plain", "ok")]
 
 
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_file_at_the_end_of_a_series_is_reported(tmp_path, tiny_model, damage):
+    """A transfer cut short leaves the last slice file empty or truncated: no gap shows, so the series'
+    other slices are segmented, and the report and summary say a file beside it could not be read."""
+    image, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, uid="1.2.3.79", description="AX FLAIR")
+    last = sorted(folder.iterdir())[-1]
+    last.write_bytes(b"" if damage == "empty" else last.read_bytes()[:400])
+    assert main(["segment", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "series_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"]["images"] == 5
+    assert any(w.startswith("1 file(s) beside the series could not be read") and last.name in w for w in report["warnings"])
+    assert "could not be read" in read_summary(tmp_path / "out")[0]["warnings"]
+
+
 def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_model):
     """A PACS export nests patient / study / series folders: every study below the input (its Study
     Instance UID, wherever its files lie) is one case, named by the folder its files share, its FLAIR
