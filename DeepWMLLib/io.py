@@ -595,6 +595,31 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
                        f"or description: {_listing(flair, [s for s in series if s not in flair])}; {how}")
 
 
+def _series_read_error(path: Path, files: list, exc: Exception) -> str:
+    """Why ITK could not read a series, said so that the user can act: images of different sizes (a
+    localizer or a screenshot sharing the series UID) are named; else ITK's own words, condensed."""
+    import SimpleITK as sitk
+
+    sizes: dict = {}
+    reader = sitk.ImageFileReader()
+    for name in files:
+        reader.SetFileName(str(name))
+        try:
+            reader.ReadImageInformation()
+            sizes.setdefault(tuple(reader.GetSize()[:2]), []).append(Path(name).name)
+        except RuntimeError:
+            continue
+    if len(sizes) > 1:
+        common = max(sizes, key=lambda k: len(sizes[k]))
+        odd = [f"{n} ({k[0]}x{k[1]})" for k, names in sizes.items() if k != common for n in names]
+        return (f"{path}: the series' images differ in size ({len(sizes[common])} of {common[0]}x{common[1]}, and "
+                f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}): another image shares its series UID (a "
+                "localizer or screenshot?); move it out of the folder")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = next((line for line in lines if "ERROR" in line or "rror" in line), lines[-1] if lines else str(exc))
+    return f"{path}: the DICOM series cannot be read ({said[:200]})"
+
+
 def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> sitk.Image:
     import SimpleITK as sitk
 
@@ -608,7 +633,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise DeepWMLError(f"{path}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1][:160]})") from exc
+        raise DeepWMLError(_series_read_error(path, files, exc)) from exc
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())

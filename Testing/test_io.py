@@ -354,3 +354,17 @@ def test_a_two_valued_mask_above_255_reads_as_lesion_and_a_many_valued_one_is_re
     sitk.WriteImage(image, str(tmp_path / "mixed.nii.gz"))
     with pytest.raises(DeepWMLError, match="above 255 among several labels"):
         io.read_mask(tmp_path / "mixed.nii.gz")
+
+
+def test_a_series_with_an_image_of_another_size_names_it(tmp_path):
+    """A localizer (or screenshot) sharing the FLAIR's series UID: ITK's own error is a fragment
+    ("Size: [128, 128, 1]"); the message names the odd image and says what to do."""
+    from conftest import write_dicom_series
+
+    image, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.80", description="AX FLAIR")
+    small, _ = make_volume(size=(16, 16, 1), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    for path in write_dicom_series(tmp_path / "loc", small, uid="1.2.3.80", description="AX FLAIR", prefix="loc").iterdir():
+        path.rename(folder / path.name)
+    with pytest.raises(DeepWMLError, match=r"images differ in size \(6 of 32x32, and loc\w*\.dcm \(16x16\)\).*move it out"):
+        io.read_image(folder)
