@@ -533,8 +533,10 @@ def _dicom_candidate(path: str) -> bool:
 def _listing(first: list, rest: list) -> str:
     """The series named in an error, `first` ahead, cut to about _LISTING_CHARS."""
     parts, shown = [], 0
-    for series in first + rest:
-        label = series.label()
+    labels = [series.label() for series in first + rest]
+    for series, label in zip(first + rest, labels):
+        if labels.count(label) > 1:  # two visits' series alike in number and name: their UIDs tell them apart
+            label += f" UID {series.uid}"
         if parts and shown + len(label) > _LISTING_CHARS:
             break
         parts.append(label)

@@ -368,3 +368,19 @@ def test_a_series_with_an_image_of_another_size_names_it(tmp_path):
         path.rename(folder / path.name)
     with pytest.raises(DeepWMLError, match=r"images differ in size \(6 of 32x32, and loc\w*\.dcm \(16x16\)\).*move it out"):
         io.read_image(folder)
+
+
+def test_two_visits_alike_in_one_folder_are_listed_with_their_uids_and_chosen_by_one(tmp_path):
+    """Two visits' FLAIRs with one series number and name in one folder: the refusal lists each with its
+    Series UID, which --series then takes."""
+    from conftest import write_dicom_series
+
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = tmp_path / "P1"
+    for prefix, study, uid in (("a", "1.2.3.4", "1.2.3.4.5"), ("b", "1.2.3.9", "1.2.3.9.5")):
+        write_dicom_series(folder, image, uid=uid, description="AX FLAIR", inversion_ms=2500, repetition_ms=9000,
+                           number=5, prefix=prefix, extra={"0020|000d": study})
+    with pytest.raises(DeepWMLError) as refused:
+        io.choose_dicom_series(folder)
+    assert "UID 1.2.3.4.5" in str(refused.value) and "UID 1.2.3.9.5" in str(refused.value)
+    assert io.choose_dicom_series(folder, "1.2.3.9.5")[0].uid == "1.2.3.9.5"
