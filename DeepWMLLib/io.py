@@ -79,6 +79,7 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 OUTPUT_FORMATS = ("same", "nii.gz", "nrrd", "mha")
+OUTPUT_EXTENSIONS = tuple("." + kind for kind in OUTPUT_FORMATS if kind != "same")  # what image outputs end in
 
 
 def output_extension(input_path: str | os.PathLike, output_format: str = "same") -> str:

@@ -265,9 +265,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
         try:
             export = path.is_dir() and io.has_dicom_below(path)
             if path.is_dir() and (export or not io.is_dicom_folder(path)):
-                written = _outputs_of_earlier_runs(path)  # OUTDIR may be the input folder itself
-                images = [(io.case_name(p), p, None) for p in path.iterdir()
-                          if p.is_file() and io.is_image_file(p) and p.name not in written]
+                images = _image_files(path)
                 studies, problems = io.dicom_catalogue(path) if export else ([], [])
                 found = images + [(study.name, study.folder, study) for study in studies]
                 if not found and not problems:
@@ -278,13 +276,18 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
             else:  # a file, or a DICOM series folder; image files beside the series are cases of their own
                 cases.append((io.case_name(path), path, None))
                 if path.is_dir():
-                    written = _outputs_of_earlier_runs(path)
-                    cases.extend(sorted(((io.case_name(p), p, None) for p in path.iterdir()
-                                         if p.is_file() and io.is_image_file(p) and p.name not in written),
-                                        key=lambda c: (str(c[1]), c[0])))
+                    cases.extend(sorted(_image_files(path), key=lambda c: (str(c[1]), c[0])))
         except OSError as exc:
             cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
     return cases
+
+
+def _image_files(folder: Path) -> list[tuple]:
+    """(case name, path, None) for each image file in a folder, not those DeepWML wrote there for a case
+    of an earlier run (OUTDIR may be the input folder itself)."""
+    written = _outputs_of_earlier_runs(folder)
+    return [(io.case_name(p), p, None) for p in folder.iterdir()
+            if p.is_file() and io.is_image_file(p) and p.name not in written]
 
 
 def _outputs_of_earlier_runs(folder: Path) -> set[str]:
@@ -294,7 +297,7 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
     names = set()
     for report in folder.glob("*_report.json"):
         case = report.name[:-len("_report.json")]
-        for extension in ["." + kind for kind in io.OUTPUT_FORMATS if kind != "same"]:
+        for extension in io.OUTPUT_EXTENSIONS:
             paths = output_paths(folder, case, True, True, extension, True, False, True)
             names.update(p.name for key, p in paths.items() if key != "report")
     return names
@@ -402,7 +405,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     io.write_text(json.dumps(report, indent=1), paths["report"])
     if overwrite:  # an earlier run's outputs that this one did not write (other options, or another
         # --output-format) would not match it
-        for extension in ["." + kind for kind in io.OUTPUT_FORMATS if kind != "same"]:
+        for extension in io.OUTPUT_EXTENSIONS:
             every = output_paths(out_dir, case, True, True, extension, True, True, True)
             for key, stale in every.items():
                 if stale == paths.get(key):
