@@ -112,6 +112,21 @@ def test_rerun_into_an_existing_segmentation_replaces_only_the_wmh_segment(scene
     assert dice(mrml.maskFromSegmentation(segmentation, volume), truth) > 0.9
 
 
+def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scene(scene, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    chosen = mrml.segmentationFromMask(truth * 0, volume, name="chosen")
+    logic = DeepWMLCoreLogic()
+    job = logic.startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)])
+    scene.RemoveNode(chosen)  # the user deletes the output node while the worker runs
+    assert job.wait(60)
+    result = logic.finishSegmentation(job, chosen)
+    assert result is not chosen and result.GetScene() is scene
+    assert result.GetName() == "flair WMH"
+    assert dice(mrml.maskFromSegmentation(result, volume), truth) > 0.9
+
+
 def test_compare_matches_deepwmllib_on_the_same_masks_and_accepts_labelmaps(scene):
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

@@ -261,6 +261,8 @@ class DeepWMLCoreLogic:
         volumeNode = job.volumeNode
         if volumeNode.GetScene() is None:
             raise DeepWMLError("the volume was removed from the scene while it was being segmented")
+        if segmentationNode is not None and segmentationNode.GetScene() is None:
+            segmentationNode = None  # the chosen output was deleted during the run: a new node, not a detached one
         segmentationNode = mrml.segmentationFromMask(job.result.mask, volumeNode, segmentationNode,
                                                      name=f"{volumeNode.GetName()} WMH")
         segmentation = segmentationNode.GetSegmentation()
