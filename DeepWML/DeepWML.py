@@ -139,6 +139,18 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         self.setParameterNode(None)
+        self._clearResults()  # the closed scene's patient: nothing of it may stay on show or be saved
+        self.ui.statusLabel.text = ""
+        self.ui.progressBar.value = 0
+
+    def _clearResults(self, keepConsensus: bool = False) -> None:
+        self._results = {}
+        self._tableSlices = []
+        self.ui.sliceTable.clearContents()
+        self.ui.sliceTable.setRowCount(0)
+        labels = [self.ui.resultsLabel, self.ui.comparisonLabel, self.ui.changeLabel]
+        for label in labels if keepConsensus else labels + [self.ui.consensusLabel]:
+            label.text = ""
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -167,7 +179,13 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        self.ui.modelComboBox.currentIndex = max(self.ui.modelComboBox.findText(p.modelName), 0)
+        index = self.ui.modelComboBox.findText(p.modelName)
+        if index < 0 and p.modelName:  # e.g. a scene saved with a model this version no longer ships
+            self.ui.statusLabel.text = (f"The model '{p.modelName}' saved with the scene is not shipped with this "
+                                        f"version; the default model is selected.")
+            p.modelName = self.ui.modelComboBox.itemText(0)  # what the box shows is what runs (updates again)
+            return
+        self.ui.modelComboBox.currentIndex = max(index, 0)
         self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE and not p.ensemble
         self.ui.modelComboBox.enabled = not p.ensemble
         self.ui.thresholdSliderWidget.enabled = not p.useModelThreshold
@@ -176,6 +194,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Cannot check the device."):
                 self.ui.deviceNoteLabel.text = self.logic.deviceNote(p.device)
         running = self._job is not None
+        # the volume being segmented and the node its result goes into stay as they are until the run ends
+        self.ui.inputVolumeSelector.enabled = not running
+        self.ui.outputSegmentationSelector.enabled = not running
         self.ui.applyButton.text = CANCEL_TEXT if running else SEGMENT_TEXT
         self.ui.applyButton.enabled = running or bool(p.inputVolume)
         self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
@@ -199,10 +220,12 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+            output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
                 threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,
                 location=self.logic.locationChoice(p.ventricleSplit))
+            self._job.outputNode = output
             self.ui.progressBar.value = 0
             self._timer.start()
             self.updateGUIFromParameterNode()
@@ -221,9 +244,17 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelled."
             return
         with slicer.util.tryWithErrorDisplay("Segmentation failed."):
-            p.outputSegmentation = self.logic.finishSegmentation(job, p.outputSegmentation)
+            try:
+                segmentation = self.logic.finishSegmentation(job, job.outputNode)
+            except Exception as exc:
+                self.ui.statusLabel.text = f"Failed: {exc}"
+                self.ui.progressBar.value = 0
+                raise
+            # the results are those of the volume that was segmented, whatever is selected now
+            p.inputVolume, p.outputSegmentation = job.volumeNode, segmentation
             slicer.util.setSliceViewerLayers(background=job.volumeNode)
             self.ui.statusLabel.text = self.logic.describeRun(job.result.report)
+            self._clearResults(keepConsensus=True)  # an earlier Dice or change readout is of an older result
             self.onShowStatistics()
 
     # -----------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     }
 
 
-def _shown(dice: float, threshold: float) -> str:
+def dice_shown(dice: float, threshold: float) -> str:
     """Dice with enough digits that its comparison with the threshold reads as the verdict says."""
     digits = 3
     while digits < 8 and (round(dice, digits) >= threshold) != (dice >= threshold):
@@ -91,7 +91,7 @@ def format_check(result: dict) -> str:
     """Human-readable verdict with the slices and lesions to review."""
     verdict = "PASS" if result["passed"] else "FAIL (re-label)"
     lines = [
-        f"Dice {_shown(result['dice'], result['threshold'])} (threshold {result['threshold']:g}): {verdict}",
+        f"Dice {dice_shown(result['dice'], result['threshold'])} (threshold {result['threshold']:g}): {verdict}",
         f"rater A {result['volume_a_ml']:.2f} ml in {result['n_lesions_a']} lesions; "
         f"rater B {result['volume_b_ml']:.2f} ml in {result['n_lesions_b']} lesions",
     ]

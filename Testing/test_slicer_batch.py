@@ -138,6 +138,27 @@ def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tin
     assert not (out / "twice_qc.png").exists()
 
 
+def test_batch_references_of_longer_case_names_are_theirs(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """p2 beside p2_fu, sub1 beside sub1_fu: a follow-up's reference is never the baseline's."""
+    oracle_network(monkeypatch)
+    inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    inputs.mkdir()
+    references.mkdir()
+    for name in ("p2", "p2_fu", "sub1", "sub1_fu"):
+        _, truth = writeCase(inputs, f"{name}.nii.gz")
+    sitk.WriteImage(truth, str(references / "p2_fu.nii.gz"))
+    sitk.WriteImage(truth, str(references / "sub1_manual.nii.gz"))
+    sitk.WriteImage(truth, str(references / "sub1_fu_manual.nii.gz"))
+    status = batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--reference-dir",
+                               str(references), "--model", str(tiny_model), "--device", "cpu"])
+    rows = summary(out)
+    assert status == 0
+    assert rows["p2"]["reference"] == "" and rows["p2"]["dice"] == ""
+    assert rows["p2_fu"]["reference"].endswith("ref/p2_fu.nii.gz")
+    assert rows["sub1"]["reference"].endswith("ref/sub1_manual.nii.gz")
+    assert rows["sub1_fu"]["reference"].endswith("ref/sub1_fu_manual.nii.gz")
+
+
 def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     oracle_network(monkeypatch)
     inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"

@@ -127,6 +127,23 @@ def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scen
     assert dice(mrml.maskFromSegmentation(result, volume), truth) > 0.9
 
 
+def test_consensus_line_never_contradicts_its_verdict():
+    base = dict(volume_a_ml=1.0, volume_b_ml=1.0, n_lesions_a=1, n_lesions_b=1, worst_slices=[])
+    fail = DeepWMLCoreLogic.formatConsensus(dict(base, dice=3398 / 4000, threshold=0.85, passed=False))
+    assert fail.startswith("Dice 0.8495 < 0.85: FAIL")
+    passed = DeepWMLCoreLogic.formatConsensus(dict(base, dice=0.8751, threshold=0.875, passed=True))
+    assert passed.startswith("Dice 0.875 >= 0.875: PASS")  # was "0.875 >= 0.88"
+
+
+def test_a_labelmap_is_not_segmented(scene, tiny_model):
+    flair, truth = make_volume()
+    labelmap = mrml.volumeFromImage(truth, "manual mask", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(DeepWMLError, match="'manual mask' is a labelmap"):
+        DeepWMLCoreLogic().segmentVolume(labelmap, device="cpu", modelPaths=[str(tiny_model)])
+    with pytest.raises(DeepWMLError, match="is a labelmap"):
+        DeepWMLCoreLogic().startSegmentation(labelmap, device="cpu", modelPaths=[str(tiny_model)])
+
+
 def test_compare_matches_deepwmllib_on_the_same_masks_and_accepts_labelmaps(scene):
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")
@@ -275,20 +292,28 @@ def missing(monkeypatch, *modules):
 
 
 def test_missing_pip_package_is_installed_only_after_the_user_agrees(monkeypatch):
-    missing(monkeypatch, "slicerio")
+    missing(monkeypatch, "scipy")
     installed = []
     answers = iter([False, True])
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: next(answers))
     monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: installed.append(requirements))
     logic = DeepWMLCoreLogic()
-    with pytest.raises(DeepWMLError, match="the Python packages slicerio are missing"):
+    with pytest.raises(DeepWMLError, match="the Python packages scipy are missing"):
         logic.ensureDependencies()  # not interactive: no dialog, says what to do
     logic.interactive = True
-    with pytest.raises(DeepWMLError, match="cannot run without slicerio"):
+    with pytest.raises(DeepWMLError, match="cannot run without scipy"):
         logic.ensureDependencies()
     assert installed == []
     logic.ensureDependencies()
-    assert installed == ["slicerio"]
+    assert installed == ["scipy"]
+
+
+def test_slicerio_is_not_asked_for_in_slicer(monkeypatch):
+    """Only the command line reads .seg.nrrd with slicerio; Slicer's own readers serve the module, so an
+    offline workstation without it must not be blocked."""
+    missing(monkeypatch, "slicerio")
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: pytest.fail("asked to install"))
+    DeepWMLCoreLogic().ensureDependencies()
 
 
 def test_failed_pip_install_gives_a_clear_message(monkeypatch):

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 import slicer  # noqa: E402
 import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
+from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from slicer_fixtures import blockingSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
@@ -212,3 +213,96 @@ def test_lesion_change_from_the_gui(widget, tmp_path):
     ui.saveResultsButton.click()
     rows = list(csv.DictReader(open(tmp_path / "change.csv")))
     assert sorted(r["status"] for r in rows) == ["enlarging", "gone", "new", "not assessable", "stable"]
+
+
+def test_another_volume_gets_its_own_segmentation_and_no_ones_ventricles(widget, module, monkeypatch, tiny_model,
+                                                                         tmp_path):
+    """The output selector still holds volume A's result when B is chosen: B's run must not overwrite A's
+    result, carry A's name, or measure its periventricular split from A's ventricles."""
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    ventricles = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: str(ventricles))
+    p.modelName, p.modelFile, p.device, p.ventricleSplit = module.MODEL_FILE_CHOICE, tiny_model, "cpu", True
+    ui.applyButton.click()
+    finishJob(widget)
+    first = p.outputSegmentation
+    before = widget.logic.lesionStatistics(first, widget.volume)["volume_ml"]
+
+    flair, _ = make_volume(blobs=((0.7, 0.3, 0.5, 8.0),), seed=3)
+    other = mrml.volumeFromImage(flair, "B")
+    p.inputVolume, p.ventricleSplit = other, False
+    ui.applyButton.click()
+    finishJob(widget)
+    second = p.outputSegmentation
+    assert second is not first and second.GetName() == "B WMH"
+    assert not second.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+    assert "periventricular" not in ui.resultsLabel.text.lower()
+    assert first.GetName() == "FLAIR WMH"
+    assert widget.logic.lesionStatistics(first, widget.volume)["volume_ml"] == before  # A's result kept
+    ui.applyButton.click()  # B again: its own result is rewritten in place
+    finishJob(widget)
+    assert p.outputSegmentation is second
+
+
+def test_results_are_those_of_the_volume_segmented_and_selectors_wait(widget, module, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    flair, _ = make_volume(blobs=(), seed=5)
+    other = mrml.volumeFromImage(flair, "B (no lesion)")
+    ui.applyButton.click()
+    assert not ui.inputVolumeSelector.enabled and not ui.outputSegmentationSelector.enabled
+    p.inputVolume = other  # e.g. from a script while the run goes on
+    finishJob(widget)
+    assert ui.inputVolumeSelector.enabled and ui.outputSegmentationSelector.enabled
+    assert p.inputVolume is widget.volume and p.outputSegmentation.GetName() == "FLAIR WMH"
+    expected = widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)
+    assert expected["lesion_count"] == 1
+    assert ui.resultsLabel.text == widget.logic.formatReport(expected)
+
+
+def test_a_rerun_clears_an_older_dice_and_closing_the_scene_clears_everything(widget, module, monkeypatch,
+                                                                              tiny_model):
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    finishJob(widget)
+    p.referenceSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    ui.compareButton.click()
+    assert ui.comparisonLabel.text.startswith("Dice")
+    p.useModelThreshold, p.threshold = False, 0.99
+    ui.applyButton.click()
+    finishJob(widget)
+    assert ui.comparisonLabel.text == "" and "Total lesion volume" in ui.resultsLabel.text
+
+    slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)
+    assert ui.resultsLabel.text == "" and ui.sliceTable.rows == [] and widget._results == {}
+    assert ui.statusLabel.text == "" and ui.progressBar.value == 0
+
+
+def test_a_failed_run_says_so_in_the_status_line(widget, module, monkeypatch, tiny_model):
+    import DeepWMLLib.segment
+
+    def fails(image, models=None, progress=None, **kwargs):
+        progress(0.4, "segmenting: slice 4/10")
+        raise DeepWMLError("out of memory")
+
+    monkeypatch.setattr(DeepWMLLib.segment, "segment_image", fails)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    with pytest.raises(DeepWMLError, match="out of memory"):
+        finishJob(widget)
+    assert ui.statusLabel.text == "Failed: out of memory" and ui.progressBar.value == 0
+    assert ui.applyButton.text == "Segment WMH"
+
+
+def test_a_saved_model_no_longer_shipped_falls_back_to_the_default_shown(widget):
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName = "a model of an older version"
+    assert p.modelName == ui.modelComboBox.items[0] and ui.modelComboBox.currentIndex == 0
+    assert "not shipped with this version" in ui.statusLabel.text

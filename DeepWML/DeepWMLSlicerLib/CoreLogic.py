@@ -26,6 +26,7 @@ from . import MRMLConversion as mrml
 MODEL_FILE_CHOICE = "Model file..."
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
+SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
 CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
 CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
@@ -34,7 +35,7 @@ RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "thr
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings")
 DISCORDANT_SLICES_SHOWN = 10
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
-PIP_PACKAGES = {"scipy": "scipy", "slicerio": "slicerio"}
+PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.nrrd with it; Slicer reads its own
 
 
 class SegmentationJob:
@@ -53,6 +54,7 @@ class SegmentationJob:
         # the periventricular/deep split: True with the shipped default ventricle model (when the registry
         # marks one default), a ventricle model file's path, or False for none
         self.location = location
+        self.outputNode = None  # the segmentation node the GUI finishes the job into (None: a new one)
         self.result = None
         self.error = None
         self.fraction = 0.0
@@ -103,6 +105,14 @@ class SegmentationJob:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._finished.wait(timeout)
+
+
+def checkInputVolume(volumeNode) -> None:
+    """A volume node to segment: not a labelmap (a mask is no scan; vector images are refused on reading)."""
+    if volumeNode is None:
+        raise DeepWMLError("choose a FLAIR volume to segment")
+    if volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise DeepWMLError(f"'{volumeNode.GetName()}' is a labelmap (a mask), not a FLAIR scan")
 
 
 class DeepWMLCoreLogic:
@@ -231,6 +241,7 @@ class DeepWMLCoreLogic:
                           tta=False, brainMask=True, location=True) -> SegmentationJob:
         """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
         self.ensureDependencies()
+        checkInputVolume(volumeNode)
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
         return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
@@ -247,6 +258,7 @@ class DeepWMLCoreLogic:
         True, DeepWMLLib.errors.Cancelled is raised and the scene is left as it was.
         """
         self.ensureDependencies()
+        checkInputVolume(volumeNode)
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
                               progress, cancel, brainMask, location)
         job.run()
@@ -279,7 +291,18 @@ class DeepWMLCoreLogic:
         run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
+        segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
         return segmentationNode
+
+    @staticmethod
+    def outputFor(segmentationNode, volumeNode):
+        """The segmentation node a run on `volumeNode` should write into: the one chosen, unless it is
+        DeepWML's result for another volume (then None: a new node), which a rerun must neither overwrite
+        nor lend its ventricles to."""
+        if segmentationNode is None or segmentationNode.GetScene() is None:
+            return None
+        source = segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE)
+        return None if source is not None and source is not volumeNode else segmentationNode
 
     @staticmethod
     def describeRun(report: dict) -> str:
@@ -477,7 +500,9 @@ class DeepWMLCoreLogic:
     def formatConsensus(result: dict) -> str:
         verdict = "PASS" if result["passed"] else "FAIL: re-label"
         relation = ">=" if result["passed"] else "<"
-        lines = [f"Dice {result['dice']:.3f} {relation} {result['threshold']:.2f}: {verdict}",
+        from DeepWMLLib.consensus import dice_shown  # enough digits that the comparison reads as the verdict says
+
+        lines = [f"Dice {dice_shown(result['dice'], result['threshold'])} {relation} {result['threshold']:g}: {verdict}",
                  f"Rater A {result['volume_a_ml']:.2f} ml ({result['n_lesions_a']} lesions), "
                  f"rater B {result['volume_b_ml']:.2f} ml ({result['n_lesions_b']} lesions)"]
         worst = result["worst_slices"][:DISCORDANT_SLICES_SHOWN]

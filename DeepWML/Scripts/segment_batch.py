@@ -64,13 +64,16 @@ def parseArguments(argv):
     return args
 
 
-def findReference(referenceDir: Path, case: str):
-    """REF/CASE.<ext>, else the only REF/CASE_*.<ext>; None when there is none."""
+def findReference(referenceDir: Path, case: str, cases=()):
+    """REF/CASE.<ext>, else the only REF/CASE_*.<ext>; None when there is none. A reference named after a
+    longer case of IN that begins CASE_ (p2_fu beside p2; sub1_fu_manual beside sub1) is that case's."""
     candidates = sorted(p for p in referenceDir.iterdir() if p.is_file() and io.is_image_file(p))
     exact = [p for p in candidates if io.case_name(p) == case]
     if exact:
         return exact[0]
-    prefixed = [p for p in candidates if io.case_name(p).startswith(case + "_")]
+    longer = [c for c in cases if c.startswith(case + "_")]
+    prefixed = [p for p in candidates if io.case_name(p).startswith(case + "_")
+                and not any(io.case_name(p) == c or io.case_name(p).startswith(c + "_") for c in longer)]
     if len(prefixed) > 1:
         raise DeepWMLError(f"several references match {case!r} ({', '.join(p.name for p in prefixed)}); "
                            f"name the right one {case}.nii.gz")
@@ -103,7 +106,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
         return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
-    reference = findReference(args.reference_dir, case) if args.reference_dir else None
+    reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
         volumeNode = loadFlair(path, case, study)
@@ -171,7 +174,9 @@ def main(argv) -> int:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
     rows, seen = [], set()
-    for case, path, study in expand_inputs([str(args.input_dir)]):
+    inputs = list(expand_inputs([str(args.input_dir)]))
+    args.cases = [case for case, _, _ in inputs]  # to tell CASE_* references from those of longer case names
+    for case, path, study in inputs:
         start = time.perf_counter()
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
