@@ -284,8 +284,8 @@ class MaskPair:
                 "dice": _dice(tp[k], n_pred[k], n_ref[k]),
                 "sensitivity": _ratio(tp[k], n_ref[k]),
                 "precision": _ratio(tp[k], n_pred[k]),
-                "reference_area_mm2": float(n_ref[k] * area),
-                "prediction_area_mm2": float(n_pred[k] * area),
+                "reference_area_mm2": round(float(n_ref[k] * area), 4),  # as the segment report writes areas
+                "prediction_area_mm2": round(float(n_pred[k] * area), 4),
                 "lv_ml": float(lv_ml),
                 "lv_group": lv_group(lv_ml),
             })

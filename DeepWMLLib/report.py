@@ -35,7 +35,8 @@ def slice_table(stack: np.ndarray, frame: SliceFrame) -> list[dict]:
     areas = stack.reshape(stack.shape[0], -1).sum(axis=1) * frame.pixel_area_mm2
     rows = []
     for index, area in enumerate(areas):
-        lv_ml = float(area) * frame.slice_thickness_mm / 1000.0
+        # rounded as metrics.slices does, so that floating-point noise cannot move a slice across a group bound
+        lv_ml = round(float(area) * frame.slice_thickness_mm / 1000.0, 9)
         rows.append({
             "index": index,
             "area_mm2": round(float(area), 4),

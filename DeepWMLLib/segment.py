@@ -347,8 +347,15 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
-        return {"case": case, "input": str(path), "status": "skipped",
-                "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        row = {"case": case, "input": str(path), "status": "skipped",
+               "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        try:  # the earlier result stays in summary.csv, which this run writes anew
+            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
+            row.update({key: value for key, value in summary_row(case, path, earlier).items()
+                        if key not in ("status", "error", "input", "seconds")})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a report that cannot be read: the row says skipped without figures
+        return row
     if outline:
         from .dicom_outline import check_outline_folder
 
@@ -416,11 +423,16 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                     from .dicom_outline import remove_outline_series
 
                     remove_outline_series(stale)
+    return summary_row(case, path, report)
+
+
+def summary_row(case: str, path: Path, report: dict) -> dict:
+    """A case's summary.csv row from its report."""
     split = report.get("location") or {}
     return {"case": case, "input": str(path), "volume_ml": report["volume_ml"],
             "lesion_count": report["lesion_count"], "periventricular_ml": split.get("periventricular_ml"),
-            "deep_ml": split.get("deep_ml"), "status": "ok", "error": "", "seconds": report["seconds"],
-            "warnings": report["warnings"]}
+            "deep_ml": split.get("deep_ml"), "status": "ok", "error": "", "seconds": report.get("seconds"),
+            "warnings": report.get("warnings") or []}
 
 
 def picture_title(case: str, report: dict) -> str:
@@ -512,7 +524,7 @@ class ProgressBar:
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
         self.stream.write(f"{row['case']}: {status} - {detail}\n")
-        for warning in row.get("warnings", []):
+        for warning in row.get("warnings", []) if status == "ok" else []:  # a skipped case's are its earlier run's
             self.stream.write(f"{row['case']}: warning: {warning}\n")
         self.stream.flush()
 

@@ -153,9 +153,15 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     assert main(args) == 0
     mask_file = out / "c_wmh.nii.gz"
     mask_file.write_bytes(b"user edited")
+    first = read_summary(out)[0]
     assert main(args) == 0
     assert mask_file.read_bytes() == b"user edited"
-    assert read_summary(out)[0]["status"] == "skipped"
+    skipped = read_summary(out)[0]
+    assert skipped["status"] == "skipped"
+    # the rewritten summary keeps the earlier result's figures, read from its report
+    for key in ("volume_ml", "lesion_count", "periventricular_ml", "deep_ml", "warnings"):
+        assert skipped[key] == first[key], key
+    assert skipped["volume_ml"] != ""
     assert main(args + ["--overwrite"]) == 0
     assert mask_file.read_bytes() != b"user edited"
     # an earlier run's optional outputs go when a run that does not make them overwrites the case

@@ -50,6 +50,19 @@ def test_lv_groups_follow_the_paper(pixels, group):
     assert report["slices"][0]["lv_group"] == group
 
 
+def test_a_group_bound_reached_through_float_spacings_is_the_upper_group_as_in_evaluate():
+    """250 pixels of 0.8 x 0.7 mm at 5 mm is exactly 0.7 ml (G3), though the product in floats is 0.69999..."""
+    from DeepWMLLib.evaluation import evaluate_case
+
+    a = np.zeros((1, 20, 20), np.uint8)
+    a.reshape(-1)[:250] = 1
+    mask = mask_image(a, spacing=(0.8, 0.7, 5.0))
+    row = lesion_report(mask)["slices"][0]
+    assert (row["area_mm2"], row["lv_ml"], row["lv_group"]) == (140.0, 0.7, "G3")
+    evaluated = evaluate_case(mask, mask)["slices"][0]
+    assert (evaluated["reference_area_mm2"], evaluated["lv_group"]) == (140.0, "G3")
+
+
 def test_empty_mask_reports_zero():
     report = lesion_report(mask_image(np.zeros((4, 10, 10), np.uint8)))
     assert report["volume_ml"] == 0 and report["lesion_count"] == 0 and report["lesions"] == []

@@ -98,8 +98,13 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     assert float(rows["a"]["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text(encoding="utf-8"))["volume_ml"])
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0  # every case's nodes are removed
 
+    first = rows
     assert batchScript.main(arguments) == 0
-    assert {row["status"] for row in summary(out).values()} == {"skipped"}
+    rows = summary(out)
+    assert {row["status"] for row in rows.values()} == {"skipped"}
+    for case in ("a", "b"):  # the rewritten summary keeps the earlier results' figures
+        assert [rows[case][key] for key in ("volume_ml", "lesion_count", "warnings")] == \
+            [first[case][key] for key in ("volume_ml", "lesion_count", "warnings")]
     assert "use --overwrite" in capsys.readouterr().out
     assert batchScript.main(arguments + ["--overwrite", "--qc"]) == 0
     assert {row["status"] for row in summary(out).values()} == {"ok"} and (out / "a_qc.png").is_file()

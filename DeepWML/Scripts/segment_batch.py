@@ -18,6 +18,7 @@ or was skipped, 1 when any failed, 2 for a usage error.
 """
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -80,6 +81,19 @@ def findReference(referenceDir: Path, case: str, cases=()):
     return prefixed[0] if prefixed else None
 
 
+def summaryFigures(report: dict) -> dict:
+    """A case's figures in summary.csv, from its report (the one just made, or an earlier run's)."""
+    split = report.get("location") or {}
+    comparison = report.get("comparison") or {}
+    row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"],
+           "periventricular_ml": split.get("periventricular_ml"), "deep_ml": split.get("deep_ml"),
+           "warnings": " | ".join(report.get("warnings") or [])}
+    if comparison:
+        row.update({key: comparison.get(key) for key in ("dice", "sensitivity", "precision")},
+                   reference=report.get("reference"))
+    return row
+
+
 def loadFlair(path: Path, case: str, study=None):
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
         series, _ = io.choose_dicom_series(path, candidates=study.series, strict=True)
@@ -105,7 +119,12 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
-        return {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        row = {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        try:  # the earlier result's figures stay in summary.csv, which this run writes anew
+            row.update(summaryFigures(json.loads(paths["report"].read_text(encoding="utf-8"))))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a report that cannot be read: the row says skipped without figures
+        return row
     reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
@@ -117,10 +136,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
                                                location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
-        split = report.get("location") or {}
-        row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"],
-               "periventricular_ml": split.get("periventricular_ml"), "deep_ml": split.get("deep_ml"),
-               "warnings": " | ".join(report.get("warnings") or [])}
+        row = summaryFigures(report)
         if reference is not None:
             referenceNode = loadReference(reference)
             nodes.append(referenceNode)
