@@ -7,7 +7,8 @@ mask file is the result.
 How it is drawn:
 - the axial planes of `io.to_axial_stack`, in the radiological view (patient left on the image right,
   anterior at the top), from the bottom of the head up whatever order the file stores its slices in,
-  cropped to the head's in-plane box over all slices (plus 5 mm) and resampled to square pixels, so a
+  cropped to the in-plane box of the head and of every mark over all slices (plus 5 mm; a mark in the
+  background stays in view) and resampled to square pixels, so a
   scan with anisotropic pixels is not stretched (FLAIR: nearest neighbour; the masks: a display pixel
   is marked when any voxel under it is, so a lesion smaller than a display pixel still shows);
 - the slices from the first to the last that hold head or lesion, all of them when there are at most
@@ -159,14 +160,28 @@ def _draw_number(tile: np.ndarray, number: int) -> bool:
 HEADER_PX = 5 * 2 + 8  # the band above the mosaic that holds its title and legend (one line of them)
 
 
+def _word_lines(text: str, rgb, width: int, scale: int) -> list:
+    """`text` as (line, rgb) pieces, each at most `width` pixels wide where its words allow, broken at spaces."""
+    if text_width(text, scale) <= width:
+        return [(text, rgb)]
+    lines = []
+    for word in text.split(" "):
+        if lines and text_width(lines[-1] + " " + word, scale) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return [(line, rgb) for line in lines if line]
+
+
 def _with_header(canvas: np.ndarray, parts) -> np.ndarray:
     """The mosaic under a black band holding `parts`, (text, colour) pairs written one after another,
     a part that does not fit the line starting the next one (so a narrow mosaic keeps its whole
-    legend); a part wider than the mosaic is cut a whole character at a time."""
-    parts = [(text, rgb) for text, rgb in parts if text]
+    legend); a part wider than the mosaic is broken between words over lines (a title's figures are never
+    cut), and only a single word wider than the mosaic is cut a whole character at a time."""
+    scale, gap, width = 2, 2 * 4 * 2, canvas.shape[1]
+    parts = [piece for text, rgb in parts if text for piece in _word_lines(text, rgb, width - 8, scale)]
     if not parts:
         return canvas
-    scale, gap, width = 2, 2 * 4 * 2, canvas.shape[1]
     lines, x = [[]], 4
     for text, rgb in parts:
         if lines[-1] and x + text_width(text, scale) > width - 4:
@@ -263,8 +278,10 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
     if direction[2, frame.slice_axis] < 0:  # stored superior to inferior: shown from the bottom up all the same
         slices = slices[::-1]
 
-    # the tiles show the head's in-plane box over all slices (and CROP_MARGIN_MM around it), not the empty field
-    (r0, r1), (c0, c1) = _box(voxel_head.any(axis=(0, 2)), frame.row_spacing_mm), _box(voxel_head.any(axis=(0, 1)), frame.col_spacing_mm)
+    # the tiles show the in-plane box of the head and every label over all slices (and CROP_MARGIN_MM around
+    # it), not the empty field: a mark outside the head (a false positive in the background) stays in view
+    shown = voxel_head | (labels > 0)
+    (r0, r1), (c0, c1) = _box(shown.any(axis=(0, 2)), frame.row_spacing_mm), _box(shown.any(axis=(0, 1)), frame.col_spacing_mm)
     rows_n, cols_n = r1 - r0, c1 - c0
     extent_rows, extent_cols = rows_n * frame.row_spacing_mm, cols_n * frame.col_spacing_mm
     pixel_mm = max(extent_rows, extent_cols) / tile_px

@@ -285,5 +285,36 @@ def test_the_font_and_the_title_band():
     flair, mask = head_with_marker()
     plain = qc.render(volume(flair), volume(mask), tile_px=24)
     titled = qc.render(volume(flair), volume(mask), title="case: 1.00 ml, 1 lesion", tile_px=24)
-    assert titled.shape[0] == plain.shape[0] + qc.HEADER_PX and np.array_equal(titled[qc.HEADER_PX:], plain)
+    band = titled.shape[0] - plain.shape[0]  # a title wider than the mosaic takes more than one line
+    assert band >= qc.HEADER_PX and np.array_equal(titled[band:], plain)
     assert np.any(np.all(titled[:qc.HEADER_PX] == qc.HEADER_RGB, axis=2))
+
+
+def test_a_mark_outside_the_head_stays_in_the_picture():
+    """The tiles are cropped to the head, widened to every mark: a false positive in the background
+    (the kind the picture is there to catch) is not cut away."""
+    flair = np.zeros((3, 60, 60), np.float32)
+    flair[:, 20:40, 20:40] = 100
+    mask = np.zeros(flair.shape, np.uint8)
+    mask[1, 25:28, 25:28] = 1  # in the head
+    mask[1, 2:5, 54:57] = 1  # in the background corner
+    canvas = qc.render(volume(flair), volume(mask), tile_px=60)
+    red = np.all(tile(canvas, 1, 60, 60) == qc.LESION_RGB, axis=2)
+    from scipy import ndimage
+
+    assert ndimage.label(red, np.ones((3, 3)))[1] == 2  # both outlined
+
+
+def test_a_long_title_wraps_between_words_and_keeps_its_figures():
+    flair, mask = head_with_marker(nk=3)
+    title = "PT0001_AX_FLAIR_2MM_X: 4.46 ml, 3 lesions"
+    canvas = qc.render(volume(flair), volume(mask), title=title, tile_px=24)
+    width = canvas.shape[1]
+    lines = qc._word_lines(title, qc.HEADER_RGB, width - 8, 2)
+    assert " ".join(text for text, _ in lines) == title  # nothing cut
+    assert all(qc.text_width(text, 2) <= width - 8 for text, _ in lines[1:])
+    assert canvas.shape[0] > qc.HEADER_PX + 24  # more than one line in the band
+    # the last line, "LESIONS", is drawn whole: its band row holds the width of 7 glyphs
+    last_row = canvas[4 + (len(lines) - 1) * (qc.HEADER_PX - 4):][:10]
+    lit = np.flatnonzero(np.all(last_row == qc.HEADER_RGB, axis=2).any(axis=0))
+    assert lit[-1] - lit[0] + 1 == qc.text_width(lines[-1][0], 2)
