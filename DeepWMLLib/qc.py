@@ -18,7 +18,8 @@ How it is drawn:
   of the way from the 0.5th percentile, the background, to the 99.5th), the same window on every slice;
 - lesion: its in-plane outline in red (the voxels inside the mask next to one outside it), so the
   FLAIR signal under it stays visible;
-- each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first),
+- each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first;
+  for a DICOM input, its Instance Number, the image number PACS shows, `dicom_instance` in the report),
   yellow on black in the top left corner (left out on a tile too small to hold it whole);
 - a band above the tiles names the case with its volume and lesion count (`deepwml segment`), and a
   comparison's legend, so a picture read on its own still says what it shows.
@@ -197,11 +198,13 @@ def _with_header(canvas: np.ndarray, parts) -> np.ndarray:
 
 
 def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, tile_px: int = TILE_PX,
-           columns: int = COLUMNS, ventricles=None) -> np.ndarray:
+           columns: int = COLUMNS, ventricles=None, slice_labels=None) -> np.ndarray:
     """The QC mosaic of an image and its 0/1 mask on the same grid, as an RGB uint8 array: the mask
     outlined; with `title`, a band above it says it (e.g. the case and its volume). With `ventricles` (a
     0/1 mask on the grid: the lateral ventricles the periventricular/deep split measured from), those
-    outlined in blue under the lesions, with a legend; the slices shown are chosen by the lesions alone."""
+    outlined in blue under the lesions, with a legend; the slices shown are chosen by the lesions alone.
+    `slice_labels`: the number to write on each axial slice (e.g. a DICOM series' Instance Numbers) instead
+    of its index."""
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
     labels = (lesion > 0).astype(np.uint8)
     colours, legend = {1: LESION_RGB}, []
@@ -210,7 +213,7 @@ def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, ti
         labels[(labels == 0) & (inside > 0)] = 2
         colours, legend = {2: VENTRICLE_RGB, 1: LESION_RGB}, [("WMH", LESION_RGB), ("lateral ventricles", VENTRICLE_RGB)]
     canvas = _mosaic(image, labels, colours, outline=True, max_tiles=max_tiles, tile_px=tile_px, columns=columns,
-                     chosen_by=1)
+                     chosen_by=1, slice_labels=slice_labels)
     return _with_header(canvas, [(title, HEADER_RGB), *legend])
 
 
@@ -264,7 +267,7 @@ def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
 
 
 def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
-            columns: int, chosen_by: int | None = None) -> np.ndarray:
+            columns: int, chosen_by: int | None = None, slice_labels=None) -> np.ndarray:
     """The mosaic; the lesion slices it favours are those with any label, or with `chosen_by` only that one."""
     stack, frame = io.to_axial_stack(image)
     if labels.shape != stack.shape:
@@ -301,7 +304,7 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
                 tile[in_plane_outline(where)] = rgb
             else:
                 tile[where] = (0.45 * tile[where] + 0.55 * np.array(rgb)).astype(np.uint8)
-        _draw_number(tile, k)
+        _draw_number(tile, k if slice_labels is None else slice_labels[k])
         y, x = GAP_PX + (n // columns) * (th + GAP_PX), GAP_PX + (n % columns) * (tw + GAP_PX)
         canvas[y:y + th, x:x + tw] = tile
     return canvas

@@ -4,7 +4,9 @@ Conventions:
 - volumes from the voxel grid: voxel count × product of spacings, in ml (1 ml = 1000 mm³);
 - lesions are 3D 26-connected components of the mask;
 - slices are the axial planes of `io.to_axial_stack`; `index` is the voxel index along that axis
-  in the input file, so it is the slice number a viewer shows;
+  in the input file (0 first, as Slicer and ITK count); for a DICOM input, `deepwml segment` adds each
+  slice's Instance Number (`dicom_instance`, the image number PACS shows) and each lesion's
+  `dicom_instance_range`;
 - per slice, LV = lesion area × slice thickness (DeepWML paper), and its group G1–G5
   (`metrics.lv_group`); slices without lesion have `lv_group` null (the paper groups images with lesion);
 - lesion centroids are physical LPS millimetres (the DICOM/ITK convention; Slicer shows RAS,

@@ -372,6 +372,12 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if save_ventricle_mask and result.ventricles is None:
         raise DeepWMLError(VENTRICLE_MODEL_NEEDED)
     report = {"case": case, "input": str(path), **result.report}
+    instances = dicom_instances(chosen[0], result.mask) if chosen else None
+    if instances:  # the image numbers PACS shows, beside the voxel indices
+        for row in report["slices"]:
+            row["dicom_instance"] = instances[row["index"]]
+        for lesion in report["lesions"]:
+            lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
         if chosen[0].damaged:  # a transfer cut short loses slices at an end, where no gap shows
@@ -388,7 +394,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
-        picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report), ventricles=result.ventricles))
+        picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report), ventricles=result.ventricles,
+                                   slice_labels=instances))
     if outline:  # made before anything is written too
         from .dicom_outline import outline_series
 
@@ -424,6 +431,17 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
 
                     remove_outline_series(stale)
     return summary_row(case, path, report)
+
+
+def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
+    """The Instance Number of each axial slice of a DICOM input read from `series` (slice k of the volume is
+    the series' k-th file), or None when they do not name the slices: the slices are not the volume's third
+    axis (a sagittal or coronal series), or the numbers are missing, repeated or not one per file."""
+    numbers = list(series.instance_numbers)
+    slices = mask.GetSize()[2]
+    if io.axial_axis(mask) != 2 or len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
+        return None
+    return [int(n) for n in numbers]
 
 
 def summary_row(case: str, path: Path, report: dict) -> dict:

@@ -66,9 +66,10 @@ def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, orig
 
 def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", description: str | None = None,
                        inversion_ms: float | None = None, repetition_ms: float | None = None, prefix: str = "slice",
-                       number: int | None = None, extra: dict | None = None) -> Path:
+                       number: int | None = None, extra: dict | None = None, instance_numbers=None) -> Path:
     """Write a 3D image as a DICOM MR series (one file per slice) into `folder`, with its own series
-    UID and, when given, description, inversion and repetition time, series number and `extra` tags."""
+    UID and, when given, description, inversion and repetition time, series number and `extra` tags;
+    slice k's Instance Number is k + 1, or `instance_numbers[k]`."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -77,7 +78,8 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
     for k in range(image.GetDepth()):
         piece = image[:, :, k]
         tags = {
-            "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": uid, "0020|0013": str(k + 1),
+            "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": uid,
+            "0020|0013": str(k + 1 if instance_numbers is None else instance_numbers[k]),
             "0020|0032": "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
             "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}",

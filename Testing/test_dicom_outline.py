@@ -279,3 +279,29 @@ def test_japanese_names_with_half_width_katakana(tmp_path):
     assert text == "\uff94\uff8f\uff80\uff9e^\uff80\uff9b\uff73=\u5c71\u7530^\u592a\u90ce"
     assert io.header_value("\udcff".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape"),
                            "ISO 2022 IR 13\\ISO 2022 IR 87") is None  # not valid there: None, never garbled
+
+
+def test_report_and_picture_name_dicom_slices_by_their_instance_numbers(tmp_path, monkeypatch, tiny_model):
+    """Many scanners number a series from the top down: the report's `dicom_instance` (and the QC tiles)
+    give the image number PACS shows beside the voxel index."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    image, truth = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), blobs=((0.5, 0.5, 0.35, 5.0),),
+                               dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, description="AX FLAIR",
+                                instance_numbers=[60, 50, 40, 30, 20, 10])  # slice 0 (inferior) is image 60
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--qc"]) == 0
+    report = json.loads((out / "flair_report.json").read_text(encoding="utf-8"))
+    assert [row["dicom_instance"] for row in report["slices"]] == [60 - 10 * row["index"] for row in report["slices"]]
+    lesion = report["lesions"][0]
+    assert lesion["dicom_instance_range"] == [60 - 10 * k for k in lesion["slice_range"]]
+    numbered = qc.render(image, truth, slice_labels=[60, 50, 40, 30, 20, 10])
+    assert not np.array_equal(numbered, qc.render(image, truth))  # the tiles carry other numbers
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(image, str(plain))
+    assert main(["segment", str(plain), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask"]) == 0
+    assert "dicom_instance" not in json.loads((out / "plain_report.json").read_text(encoding="utf-8"))["slices"][0]
