@@ -4,7 +4,9 @@ Each sub-command lives next to the code it drives: a module listed in `_COMMAND_
 `register(subparsers)`, which adds its parser and sets `func(args) -> int` as the handler. Those
 modules must not import torch at import time, so `deepwml --help` and the metrics commands start fast.
 
-Exit codes: 0 success, 1 a case or input failed (a one-line message on stderr), 2 usage error.
+Exit codes: 0 success, 1 a case or input failed (a one-line message on stderr), 2 usage error, 130 when
+interrupted (Ctrl-C), 128 + the signal's number when stopped by SIGTERM or SIGHUP (a scheduler's time limit,
+`timeout`, a closed ssh session), which clean up as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Sequence
 
@@ -134,6 +138,30 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+def _catch_stop_signals() -> dict:
+    """Handle SIGTERM and SIGHUP as Ctrl-C (only the main thread may); returns the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) in (signal.SIG_DFL, None):
+            replaced[number] = signal.signal(number, _stop)
+    return replaced
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
@@ -151,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process reports it, naming itself.
     rank, quiet = _distributed_process()
     where = f" (process {rank})" if rank not in (None, "0") else ""
+    replaced = _catch_stop_signals()
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
@@ -172,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Cancelled:
         print(f"deepwml {args.command}: cancelled", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"deepwml {args.command}: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"deepwml {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -184,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = shown
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
 
 
 # Commands that only read and write files: after their outputs are closed, the process ends at once

@@ -20,6 +20,7 @@ and `from_axial_stack` returns the kind of image the stack came from.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
@@ -100,6 +101,19 @@ def output_extension(input_path: str | os.PathLike, output_format: str = "same")
     return ".nrrd"
 
 
+def text_path(path: str | os.PathLike) -> str:
+    """`str(path)` for SimpleITK, refused with a one-line DeepWMLError when it is not UTF-8 text (a Latin-1
+    byte in a file or folder name): ITK aborts the whole process on such a name, every other case with it."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+        raise DeepWMLError(f"{shown}: its name holds bytes that are not UTF-8 text, which the image library "
+                           f"cannot open; rename it") from None
+    return text
+
+
 def _dicom_series(folder: Path) -> tuple:
     """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr."""
     import SimpleITK as sitk
@@ -107,7 +121,7 @@ def _dicom_series(folder: Path) -> tuple:
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(text_path(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
@@ -138,6 +152,8 @@ def _nifti_data(path: Path) -> bytes:
     try:
         with opener(path, "rb") as f:
             return f.read()
+    except PermissionError as exc:
+        raise DeepWMLError(f"{path} cannot be read (permission denied); ask for read access to it") from exc
     except (EOFError, OSError, zlib.error) as exc:
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
 
@@ -190,7 +206,7 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(text_path(path))
     try:
         reader.ReadImageInformation()
         _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
@@ -400,9 +416,10 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     "study", "date"}}, the folders that could not be read)."""
     import SimpleITK as sitk
 
+    text_path(root)
     problems: list[str] = []
     series: dict = {}
-    damaged: dict = {}  # folder -> names of its files that are empty, or DICOM that cannot be read
+    damaged: dict = {}  # folder -> names of its files that are empty, unreadable, or DICOM that cannot be read
     visited = set()
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -421,12 +438,17 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 path = os.path.join(current, name)
                 if not _looks_dicom(name) or not os.path.isfile(path):
                     continue
-                reader.SetFileName(path)
+                try:
+                    reader.SetFileName(text_path(path))
+                except DeepWMLError as exc:  # ITK would abort the process on this name
+                    problems.append(f"{path!r} cannot be read ({str(exc).split(': ', 1)[-1]})")
+                    continue
                 try:
                     reader.ReadImageInformation()
                     uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else ""
                 except RuntimeError:  # not DICOM, or no image; or a damaged one (a transfer cut short)
-                    if name.upper() != "DICOMDIR" and (os.path.getsize(path) == 0 or _dicom_preamble(path)):
+                    if name.upper() != "DICOMDIR" and (os.path.getsize(path) == 0 or not os.access(path, os.R_OK)
+                                                       or _dicom_preamble(path)):
                         damaged.setdefault(current, []).append(name)
                     continue
                 if not uid:
@@ -495,8 +517,10 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
 def has_dicom_below(folder: str | os.PathLike) -> bool:
     """Whether a folder's subfolders (at any depth, symbolic links followed, each folder once) hold files
     that may be DICOM."""
-    visited = set()
-    for current, dirs, files in os.walk(folder, followlinks=True):
+    visited, unreadable = set(), []
+    for current, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
+        if unreadable and str(unreadable[0].filename) != str(folder):
+            return True  # a folder below that cannot be read: searched as an export, which names it as a failing case
         real = os.path.realpath(current)
         if real in visited:
             dirs[:] = []
@@ -505,7 +529,7 @@ def has_dicom_below(folder: str | os.PathLike) -> bool:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         if current != str(folder) and any(_dicom_candidate(os.path.join(current, f)) for f in files):
             return True
-    return False
+    return bool(unreadable) and str(unreadable[0].filename) != str(folder)
 
 
 _DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
@@ -708,6 +732,8 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
     series of a DICOM folder that holds several (`choose_dicom_series`)."""
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            raise DeepWMLError(f"{p} is a link to {os.readlink(p)}, which cannot be reached (a share not mounted?)")
         raise DeepWMLError(f"{p} does not exist")
     if p.is_dir():
         return _squeeze_4d(_read_dicom_folder(p, series))
@@ -862,8 +888,14 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", wh
 # Writing
 
 
+def temporary_prefix(path: Path) -> str:
+    """The start of the temporary names `path` is written under (hidden; short enough that a long output
+    name still leaves room for mkstemp's letters and the suffix within the 255-byte name limit)."""
+    return f".{path.name[:200]}."
+
+
 def _temporary_sibling(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _extension(path), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".part" + _extension(path), dir=path.parent)
     os.close(fd)
     return Path(tmp)
 
@@ -898,6 +930,44 @@ def check_output_file(path: str | os.PathLike) -> Path:
         what = "is not a folder" if path.parent.exists() else "does not exist; create it first"
         raise DeepWMLError(f"output folder {path.parent} {what}")
     return path
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str):
+    """Hold an exclusive lock on the file `lock` (made, and removed after) while the block runs; a second
+    process asking for it meanwhile gets a DeepWMLError at once, naming `what`. The operating system drops
+    the lock of a process that dies, so none is ever left held. Without fcntl (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise DeepWMLError(f"cannot write in {lock.parent} ({exc.strerror}); choose a writable output folder") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DeepWMLError(f"{what} is being written by another DeepWML process now; wait for it to finish, "
+                               f"or choose another OUTDIR") from None
+        try:
+            held = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:  # removed by the process that held it just before: lock the new one
+            held = False
+        if held:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def write_atomically(path: str | os.PathLike, write) -> Path:
@@ -943,12 +1013,12 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
 
     if isinstance(image, Volume):
         image = image.to_sitk()
-    return write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
+    return write_atomically(path, lambda tmp: sitk.WriteImage(image, text_path(tmp), True))
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
     def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:  # a non-UTF-8 file name
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

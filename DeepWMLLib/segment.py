@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io as _stringio
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -279,28 +281,69 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
                     cases.extend(sorted(_image_files(path), key=lambda c: (str(c[1]), c[0])))
         except OSError as exc:
             cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
-    return cases
+        except DeepWMLError as exc:  # e.g. a name that is not UTF-8 text
+            cases.append((io.case_name(path), path, exc))
+    unique, seen = [], set()
+    for case in cases:  # the same scan given twice (or a folder and a file in it) is one case
+        try:  # (studies of an export may share a folder: the case name tells them apart)
+            key = (case[1].resolve(), case[0])
+        except (OSError, RuntimeError):
+            key = (case[1], case[0])
+        if key not in seen:
+            seen.add(key)
+            unique.append(case)
+    return unique
 
 
 def _image_files(folder: Path) -> list[tuple]:
     """(case name, path, None) for each image file in a folder, not those DeepWML wrote there for a case
     of an earlier run (OUTDIR may be the input folder itself)."""
     written = _outputs_of_earlier_runs(folder)
+    # hidden files are none: a write cut short leaves `.NAME.xxxx.part.nii.gz`, macOS leaves `._NAME`; a
+    # link whose target cannot be reached is a case (it fails, saying so) rather than left out unsaid
     return [(io.case_name(p), p, None) for p in folder.iterdir()
-            if p.is_file() and io.is_image_file(p) and p.name not in written]
+            if not p.name.startswith(".") and (p.is_file() or p.is_symlink() and not p.exists())
+            and io.is_image_file(p) and p.name not in written]
 
 
 def _outputs_of_earlier_runs(folder: Path) -> set[str]:
-    """Names of the image outputs DeepWML wrote into `folder` for the cases whose report is there (a
-    case's mask, probability map, .seg.nrrd... in any output format): a rerun with OUTDIR the input folder
-    must not take them for new scans."""
+    """Names of the image outputs DeepWML wrote into `folder` for the cases whose report is there (the
+    files its `outputs` lists; for a report of an older version without that list, a case's mask,
+    probability map, .seg.nrrd... in any output format): a rerun with OUTDIR the input folder must not take
+    them for new scans."""
     names = set()
     for report in folder.glob("*_report.json"):
         case = report.name[:-len("_report.json")]
-        for extension in io.OUTPUT_EXTENSIONS:
-            paths = output_paths(folder, case, True, True, extension, True, False, True)
-            names.update(p.name for key, p in paths.items() if key != "report")
+        listed = _listed_outputs(report)
+        names.update(listed if listed is not None else (p.name for p in _possible_outputs(folder, case)))
     return names
+
+
+def _listed_outputs(report: Path) -> list[str] | None:
+    """The file names a case's report says its run wrote, or None (no list: an older version; unreadable)."""
+    try:
+        listed = json.loads(report.read_text(encoding="utf-8")).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [name for name in listed if isinstance(name, str)] if isinstance(listed, list) else None
+
+
+def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
+    """Every output a run could write for a case, in every output format (the report last)."""
+    paths = {}
+    for extension in io.OUTPUT_EXTENSIONS:
+        paths.update({p: None for p in output_paths(out_dir, case, True, True, extension, True, True, True).values()})
+    return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
+
+
+def same_input(earlier: dict, path: Path) -> bool:
+    """Whether an earlier report was made from this input (its absolute path; for an older report, the path
+    as given, or what it resolves to from here)."""
+    absolute = earlier.get("input_absolute")
+    if absolute:
+        return Path(absolute) == path.resolve()
+    given = earlier.get("input")
+    return not given or given == str(path) or Path(given).resolve() == path.resolve()
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
@@ -333,28 +376,69 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
-                 save_ventricle_mask: bool = False) -> dict:
+                 save_ventricle_mask: bool = False, protected=frozenset()) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
     a study found in an export (expand_inputs): its series are the candidates, and it is skipped
-    (NoFlairSeries) when none looks like a FLAIR."""
+    (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
+    are never written over or deleted (OUTDIR may be the input folder)."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
+    longest = max(len(os.fsencode(p.name)) for p in paths.values())
+    if longest > 255:
+        raise DeepWMLError(f"the case name is too long for its output files ({longest} bytes, where a file name may "
+                           f"have 255); copy the scan under a shorter name")
+    inputs = [p.name for p in paths.values() if p.resolve() in protected]
+    if inputs:
+        raise DeepWMLError(f"{', '.join(inputs)} in {out_dir} would be written over, and is one of the scans given; "
+                           f"choose another OUTDIR")
+    with io.exclusive(out_dir / f".{case[:200]}.deepwml-lock", f"case {case!r} in {out_dir}"):
+        return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
+                             overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
+                             brain_model, save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model,
+                             save_ventricle_mask, protected)
+
+
+def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
+                  min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
+                  save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
+                  protected) -> dict:
+    """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
+    for possible in _possible_outputs(out_dir, case):  # a run killed while writing left its temporary files
+        for left in out_dir.glob(glob.escape(io.temporary_prefix(possible)) + "*.part*"):
+            shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
+        try:
+            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DeepWMLError(f"{paths['report'].name} cannot be read ({exc}); rerun with --overwrite to redo the "
+                               f"case") from exc
+        if not isinstance(earlier, dict) or not same_input(earlier, path):
+            given = earlier.get("input") if isinstance(earlier, dict) else None
+            raise DeepWMLError(f"{out_dir} holds the results of another scan named {case!r} ({given}); choose "
+                               f"another OUTDIR, or --overwrite to replace them with this scan's")
+        listed = earlier.get("outputs")
+        if isinstance(listed, list):  # the files its run wrote (in whatever --output-format it was given)
+            missing = [name for name in listed if isinstance(name, str) and not (out_dir / name).exists()]
+        else:  # an older report: its mask in some format
+            masks = [output_paths(out_dir, case, False, extension=e)["mask"] for e in io.OUTPUT_EXTENSIONS]
+            missing = [] if any(m.exists() for m in masks) else [paths["mask"].name]
+        if missing:
+            raise DeepWMLError(f"an earlier run's {paths['report'].name} is here but not its {', '.join(missing)} "
+                               f"(deleted?); rerun with --overwrite to make them again")
         row = {"case": case, "input": str(path), "status": "skipped",
                "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
         try:  # the earlier result stays in summary.csv, which this run writes anew
-            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
             row.update({key: value for key, value in summary_row(case, path, earlier).items()
                         if key not in ("status", "error", "input", "seconds")})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # a report that cannot be read: the row says skipped without figures
+        except (KeyError, TypeError, AttributeError):
+            pass  # a report without the figures: the row says skipped without them
         return row
     if outline:
         from .dicom_outline import check_outline_folder
@@ -400,8 +484,24 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
         from .dicom_outline import outline_series
 
         prepared = outline_series(image, result.mask, chosen[0], report)
-    if overwrite and paths["report"].exists():  # the report goes first: a run that fails part way leaves
-        paths["report"].unlink()                 # outputs without one (rerun asked for), never old and new mixed
+    if overwrite:  # the report goes first: a run that fails part way leaves outputs without one (rerun asked
+        # for), never old and new mixed
+        listed = _listed_outputs(paths["report"]) if paths["report"].exists() else None
+        paths["report"].unlink(missing_ok=True)
+        # then the earlier run's outputs that this one will not write (other options, or another --output-format)
+        # would not match it: they go before anything new is written; only files DeepWML wrote (its report
+        # lists them; older reports: its output names) and never a scan given to this run
+        for stale in _possible_outputs(out_dir, case):
+            if stale in paths.values() or (listed is not None and stale.name not in listed) or stale.resolve() in protected:
+                continue
+            if stale.is_file():
+                stale.unlink()
+            elif stale.is_dir() and stale.name == f"{case}_outline_dicom":
+                from .dicom_outline import remove_outline_series
+
+                remove_outline_series(stale)
+    report["input_absolute"] = str(path.resolve())
+    report["outputs"] = sorted(p.name for p in paths.values())
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
@@ -417,19 +517,6 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
 
         report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
     io.write_text(json.dumps(report, indent=1), paths["report"])
-    if overwrite:  # an earlier run's outputs that this one did not write (other options, or another
-        # --output-format) would not match it
-        for extension in io.OUTPUT_EXTENSIONS:
-            every = output_paths(out_dir, case, True, True, extension, True, True, True)
-            for key, stale in every.items():
-                if stale == paths.get(key):
-                    continue
-                if stale.is_file():
-                    stale.unlink()
-                elif stale.is_dir() and key == "dicom_outline":
-                    from .dicom_outline import remove_outline_series
-
-                    remove_outline_series(stale)
     return summary_row(case, path, report)
 
 
@@ -474,7 +561,22 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
         raise UsageError(VENTRICLE_MODEL_NEEDED)
     out = io.make_output_dir(out_dir)
     cases = expand_inputs(inputs)
+    protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     rows, seen = [], set()
+    finished = False
+    try:
+        _run_cases(cases, out, models, device, progress_factory, debug, protected, rows, seen, options)
+        finished = True
+    finally:  # also when interrupted: the cases done so far, not an earlier run's summary
+        try:
+            write_summary(rows, out / "summary.csv")
+        except DeepWMLError:
+            if finished:
+                raise
+    return rows
+
+
+def _run_cases(cases, out, models, device, progress_factory, debug, protected, rows, seen, options) -> None:
     for number, (case, path, study) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
@@ -484,7 +586,8 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
             if case in seen:
                 raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
             seen.add(case)
-            row = segment_case(case, path, out, models, device, progress=progress, study=study, **options)
+            row = segment_case(case, path, out, models, device, progress=progress, study=study, protected=protected,
+                               **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3)}
@@ -497,8 +600,6 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
         rows.append(row)
         if progress_factory:
             progress_factory.finish(row)
-    write_summary(rows, out / "summary.csv")
-    return rows
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
@@ -512,11 +613,25 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
     io.write_text(buffer.getvalue(), path)
 
 
+class _Printable:
+    """A text stream that writes a name that is not UTF-8 text (a Latin-1 byte in a file name) escaped, as
+    Python's own stderr does, whatever stream it is given."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        self._stream.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 class ProgressBar:
     """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal)."""
 
     def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
+        self.stream = _Printable(stream or sys.stderr)
         self.width = width
         self.tty = self.stream.isatty()
 
@@ -643,5 +758,6 @@ def _run(args) -> int:
         ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
         save_ventricle_mask=args.save_ventricle_mask)
     failed = sum(r["status"] == "error" for r in rows)
-    print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {Path(args.output_dir) / 'summary.csv'}", file=sys.stderr)
+    _Printable(sys.stderr).write(f"{len(rows) - failed}/{len(rows)} cases done, summary in "
+                                 f"{Path(args.output_dir) / 'summary.csv'}\n")
     return 1 if failed else 0

@@ -51,6 +51,11 @@ BAD_INPUTS = [
     ("output folder read-only", "segment", 1, "not writable"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
+    ("outputs of another scan of the same name in OUTDIR", "segment", 1, "holds the results of another scan"),
+    ("an output name taken by a scan given (OUTDIR the input folder)", "segment", 1, "is one of the scans given"),
+    ("a file name that is not UTF-8 text", "segment", 1, "not UTF-8 text"),
+    ("a case name too long for its output file names", "segment", 1, "too long for its output files"),
+    ("a link to a file that cannot be reached", "segment", 1, "cannot be reached"),
     ("--device cuda without a GPU", "segment", 1, "no CUDA GPU"),
     ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
     ("batch size 0", "segment", 2, "must be at least 1"),
@@ -199,6 +204,33 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
         (tmp / "out" / "good_report.json").write_text("{}")
         return seg + [str(p["good"])]
+    if row_id == "outputs of another scan of the same name in OUTDIR":
+        (tmp / "out").mkdir()
+        (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
+        (tmp / "out" / "good_report.json").write_text(json.dumps({"input": "/elsewhere/good.nii.gz",
+                                                                  "input_absolute": "/elsewhere/good.nii.gz"}))
+        return seg + [str(p["good"])]
+    if row_id == "an output name taken by a scan given (OUTDIR the input folder)":
+        own = tmp / "own"
+        own.mkdir()
+        for name in ("x.nii.gz", "x_wmh.nii.gz"):  # the second: the user's own file of DeepWML's output name
+            (own / name).write_bytes(p["good"].read_bytes())
+        return ["segment", str(own), "-o", str(own), "--model", str(p["model"]), "--device", "cpu"]
+    if row_id == "a file name that is not UTF-8 text":
+        latin = tmp / "latin"
+        latin.mkdir()
+        sitk.WriteImage(sitk.ReadImage(str(p["good"])), str(latin / "plain.nrrd"))
+        name = os.path.join(os.fsencode(latin), b"caf\xe9.nrrd")  # from a Latin-1 system: ITK would abort on it
+        os.rename(os.fsencode(latin / "plain.nrrd"), name)
+        return seg + [os.fsdecode(name)]
+    if row_id == "a case name too long for its output file names":
+        long = tmp / "long"
+        long.mkdir()
+        return seg + [str(_write(long / ("b" * 246 + ".nii.gz"), sitk.ReadImage(str(p["good"]))))]
+    if row_id == "a link to a file that cannot be reached":
+        (tmp / "links").mkdir()
+        (tmp / "links" / "scan.nii.gz").symlink_to(tmp / "unmounted share" / "scan.nii.gz")
+        return seg + [str(tmp / "links" / "scan.nii.gz")]
     if row_id.startswith("an earlier run's outputs without its report"):
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -326,8 +358,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     for folder in (tmp / "out", tmp / "new" / "deeper"):
         if folder.is_dir():
             assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
-    if row_id == "existing outputs" or row_id.startswith("an earlier run's outputs without its report"):
+    if row_id == "existing outputs" or row_id.startswith("an earlier run's outputs without its report") \
+            or row_id == "outputs of another scan of the same name in OUTDIR":
         assert (tmp / "out" / "good_wmh.nii.gz").read_bytes() == b"earlier result"
+    if row_id == "an output name taken by a scan given (OUTDIR the input folder)":
+        assert (tmp / "own" / "x_wmh.nii.gz").read_bytes() == paths["good"].read_bytes()
     if row_id == "output folder missing":
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
     if row_id == "--init model of another architecture":

@@ -111,9 +111,13 @@ def test_segment_qc_writes_the_picture_and_counts_it_as_an_output(tmp_path, tiny
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["summary.csv"]
     monkeypatch.undo()
     oracle_network(monkeypatch)
-    (out / "case_wmh.nii.gz").unlink()
+    capsys.readouterr()
     assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--qc", "--device", "cpu"]) == 0
     assert "case_qc.png" in capsys.readouterr().err  # an earlier picture is kept: the case is skipped
+    assert (out / "case_qc.png").read_bytes() == before
+    (out / "case_wmh.nii.gz").unlink()  # a result whose mask is gone is not skipped as done: redone when asked
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--qc", "--device", "cpu"]) == 1
+    assert "is here but not its case_wmh.nii.gz" in capsys.readouterr().err
     assert (out / "case_qc.png").read_bytes() == before and not (out / "case_wmh.nii.gz").exists()
 
 

@@ -119,11 +119,20 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
+        from DeepWMLLib.segment import same_input
+
         row = {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        try:
+            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return row  # a report that cannot be read: the row says skipped without figures
+        if isinstance(earlier, dict) and not same_input(earlier, path):
+            raise DeepWMLError(f"{args.output_dir} holds the results of another scan named {case!r} "
+                               f"({earlier.get('input')}); choose another output folder, or --overwrite")
         try:  # the earlier result's figures stay in summary.csv, which this run writes anew
-            row.update(summaryFigures(json.loads(paths["report"].read_text(encoding="utf-8"))))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # a report that cannot be read: the row says skipped without figures
+            row.update(summaryFigures(earlier))
+        except (KeyError, TypeError, AttributeError):
+            pass
         return row
     reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
@@ -143,6 +152,8 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
+        report.update(input_absolute=str(path.resolve()),
+                      outputs=sorted(p.name for p in paths.values()))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
             import SimpleITK as sitk

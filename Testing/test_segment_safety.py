@@ -1,0 +1,217 @@
+"""`deepwml segment` when its surroundings misbehave: OUTDIR is the input folder, another scan of the same
+name was done there, another process writes the same case, a run is interrupted or stopped, names are
+too long or not UTF-8, files cannot be read. Inputs are never written over nor deleted, and no earlier or
+foreign result is taken for this scan's."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import SimpleITK as sitk
+
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+
+from conftest import make_volume, write_dicom_series
+
+
+def write_case(folder, name, size=(32, 32, 4), **kwargs):
+    folder.mkdir(parents=True, exist_ok=True)
+    image, _ = make_volume(size=size, **kwargs)
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    return path
+
+
+def summary(out):
+    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def segment(tiny_model, *arguments):
+    return main(["segment", *map(str, arguments), "--model", str(tiny_model), "--device", "cpu"])
+
+
+def test_overwrite_in_the_input_folder_never_deletes_a_scan_named_like_an_output(tmp_path, tiny_model):
+    """FSL's brain extraction names its result X_brain.nii.gz, as DeepWML names a brain mask: with OUTDIR the
+    input folder, that scan stays a case on every rerun and --overwrite leaves it alone."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    scan = write_case(folder, "a_brain", seed=4)
+    content = scan.read_bytes()
+    assert segment(tiny_model, folder, "-o", folder) == 0
+    assert set(summary(folder)) == {"a", "a_brain"}
+    assert segment(tiny_model, folder, "-o", folder) == 0
+    assert {case: row["status"] for case, row in summary(folder).items()} == {"a": "skipped", "a_brain": "skipped"}
+    assert segment(tiny_model, folder, "-o", folder, "--overwrite") == 0
+    assert scan.read_bytes() == content
+    assert {case: row["status"] for case, row in summary(folder).items()} == {"a": "ok", "a_brain": "ok"}
+    assert json.loads((folder / "a_report.json").read_text())["outputs"] == ["a.seg.nrrd", "a_report.json",
+                                                                             "a_wmh.nii.gz"]
+
+
+def test_an_output_name_taken_by_a_scan_given_is_refused_not_written_over(tmp_path, tiny_model, capsys):
+    folder = tmp_path / "scans"
+    write_case(folder, "p1")
+    mine = write_case(folder, "p1_wmh", seed=2)  # the user's own file of that name, no report beside it
+    content = mine.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert segment(tiny_model, folder, "-o", folder, *extra) == 1
+        assert mine.read_bytes() == content
+        assert "p1_wmh.nii.gz in" in capsys.readouterr().err
+        assert summary(folder)["p1"]["status"] == "error"
+
+
+def test_a_rerun_with_another_scan_of_the_same_name_is_not_skipped_as_done(tmp_path, tiny_model, capsys):
+    first = write_case(tmp_path / "p1", "FLAIR")
+    second = write_case(tmp_path / "p2", "FLAIR", seed=9, blobs=())
+    out = tmp_path / "out"
+    assert segment(tiny_model, first, "-o", out) == 0
+    report = json.loads((out / "FLAIR_report.json").read_text())
+    assert report["input_absolute"] == str(first.resolve())
+    assert segment(tiny_model, first, "-o", out) == 0  # the same scan: skipped
+    assert summary(out)["FLAIR"]["status"] == "skipped"
+    capsys.readouterr()
+    assert segment(tiny_model, second, "-o", out) == 1
+    assert "holds the results of another scan named 'FLAIR'" in capsys.readouterr().err
+    assert summary(out)["FLAIR"]["volume_ml"] == ""  # not the other scan's figures
+    assert segment(tiny_model, second, "-o", out, "--overwrite") == 0
+    assert json.loads((out / "FLAIR_report.json").read_text())["input"] == str(second)
+
+
+def test_a_case_another_process_is_writing_is_refused_and_the_lock_goes_after(tmp_path, tiny_model, capsys):
+    path = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    out.mkdir()
+    with io.exclusive(out / ".a.deepwml-lock", "the other run"):
+        assert segment(tiny_model, path, "-o", out) == 1
+        assert "is being written by another DeepWML process" in capsys.readouterr().err
+        assert not (out / "a_report.json").exists()
+    assert segment(tiny_model, path, "-o", out) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock file left
+
+
+def test_temporary_and_hidden_files_are_no_cases_and_a_killed_runs_are_swept(tmp_path, tiny_model):
+    folder = tmp_path / "scans"
+    scan = write_case(folder, "a")
+    left = folder / ".a_prob.nii.gz.k3j9x0aa.part.nii.gz"  # what a run killed while writing leaves
+    shutil.copy(scan, left)
+    (folder / "._a.nii.gz").write_bytes(b"\0\5\26\7 macOS resource fork")
+    assert segment(tiny_model, folder, "-o", folder) == 0
+    assert set(summary(folder)) == {"a"}
+    assert not left.exists() and (folder / "._a.nii.gz").exists()  # DeepWML's own leftover only
+
+
+def test_an_interrupted_overwrite_leaves_no_old_output_beside_the_new(tmp_path, tiny_model, monkeypatch):
+    """The earlier run's outputs that the new one does not make go before anything new is written; and
+    summary.csv then holds the cases this run finished, not the earlier run's figures."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out, "--save-probabilities", "--qc") == 0
+    assert (out / "a_prob.nii.gz").exists() and (out / "a_qc.png").exists()
+    real = io.write_segmentation
+    calls = []
+
+    def interrupted(mask, path):
+        calls.append(path)
+        if len(calls) == 2:  # case b, part way
+            raise KeyboardInterrupt
+        return real(mask, path)
+
+    monkeypatch.setattr(io, "write_segmentation", interrupted)
+    assert segment(tiny_model, folder, "-o", out, "--overwrite") == 130
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("a")) == ["a.seg.nrrd", "a_report.json",
+                                                                                "a_wmh.nii.gz"]
+    assert not (out / "b_prob.nii.gz").exists() and not (out / "b_qc.png").exists()
+    assert not (out / "b_report.json").exists()  # incomplete: the next run says so
+    assert set(summary(out)) == {"a"} and summary(out)["a"]["status"] == "ok"
+
+
+def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys):
+    import DeepWMLLib.segment as segment_module
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(segment_module, "_run", killed)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["segment", str(tmp_path / "x.nii.gz"), "-o", str(tmp_path / "o")]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler  # given back
+
+
+def test_names_too_long_or_not_utf8_fail_alone_with_a_message(tmp_path, tiny_model, capsys):
+    folder = tmp_path / "scans"
+    write_case(folder, "a" * 223)  # its outputs' names fit (up to 235 bytes); temporary names must too
+    write_case(folder, "b" * 246)  # "b..._report.json" would be 258 bytes
+    image, _ = make_volume(size=(32, 32, 4))
+    sitk.WriteImage(image, str(folder / "plain.nrrd"))
+    latin1 = os.path.join(os.fsencode(folder), b"caf\xe9.nrrd")
+    os.rename(os.fsencode(folder / "plain.nrrd"), latin1)  # a name from a Latin-1 system
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 1
+    err = capsys.readouterr().err
+    rows = summary(out)
+    assert rows["a" * 223]["status"] == "ok"
+    assert rows["b" * 246]["status"] == "error" and "too long for its output files (258 bytes" in err
+    latin = next(row for case, row in rows.items() if case.startswith("caf"))
+    assert latin["status"] == "error" and "not UTF-8 text" in latin["error"]
+
+
+def test_the_same_scan_given_twice_is_one_case(tmp_path, tiny_model):
+    path = write_case(tmp_path / "in", "a")
+    out = tmp_path / "out"
+    assert segment(tiny_model, path, path, tmp_path / "in", "-o", out) == 0
+    assert list(summary(out)) == ["a"]
+
+
+def test_files_that_cannot_be_read_are_named(tmp_path, tiny_model, monkeypatch, capsys):
+    """A scan without read permission, a link to a share not mounted, a folder below that cannot be listed
+    (simulated: tests may run as root), and a DICOM slice that cannot be read at an end of its series."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    locked = write_case(folder, "locked")
+    (folder / "gone.nii.gz").symlink_to(tmp_path / "unmounted" / "scan.nii.gz")
+    (folder / "sub").mkdir()
+    real_scandir, real_open = os.scandir, io.gzip.open
+
+    def scandir(path="."):
+        if str(path) == str(folder / "sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def gzip_open(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(io.gzip, "open", gzip_open)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 1
+    rows = summary(out)
+    assert rows["a"]["status"] == "ok"
+    assert "cannot be read (permission denied)" in rows["locked"]["error"]
+    assert "is a link to" in rows["gone"]["error"] and "cannot be reached" in rows["gone"]["error"]
+    assert any(row["status"] == "error" and "Permission denied" in row["error"] for row in rows.values()
+               if row["input"].endswith("sub"))
+    monkeypatch.undo()
+
+    image, _ = make_volume(size=(32, 32, 6), dtype=sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "dicom", image, description="AX FLAIR", inversion_ms=2500)
+    last = sorted(series.iterdir())[-1]
+    last.write_bytes(b"\0" * 64)  # stands for a file this user may not read
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(last) else real_access(p, mode, **k))
+    assert segment(tiny_model, series, "-o", tmp_path / "out2") == 0
+    report = json.loads((tmp_path / "out2" / "dicom_report.json").read_text())
+    assert any(last.name in warning for warning in report["warnings"])
+    assert np.isclose(report["slice_thickness_mm"], 5.0)
