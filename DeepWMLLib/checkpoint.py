@@ -132,8 +132,26 @@ def _not_a_model_file(p: Path) -> str:
     """Why `p` cannot be read as a model file: missing, or a folder (a training run's: name its best.pt)."""
     if p.is_dir():
         run = any((p / name).is_file() for name in ("best.pt", "last.pt"))
-        return f"{p} is a folder, not a model file" + (" (a training run folder: give its best.pt or last.pt)" if run else "")
+        return f"{p} is a folder, not a model file" + (" (a training run folder: give its best.pt)" if run else "")
     return f"model file {p} does not exist"
+
+
+TRAINING_STATE = "deepwml-training-state"  # train.STATE_FORMAT: a run's last.pt
+
+
+def check_settings(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` itself, or a DeepWMLError naming its file when its settings cannot segment (a stored
+    threshold outside (0, 1), a network that does not read one channel)."""
+    from .model import validate_config
+
+    try:
+        validate_config(loaded.config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DeepWMLError(f"{loaded.path} holds a network DeepWML cannot run ({exc})") from exc
+    if not 0 < loaded.threshold < 1:  # also NaN
+        raise DeepWMLError(f"{loaded.path} stores the probability threshold {loaded.threshold}, not between 0 and 1 "
+                           "(exclusive): the model file was written wrongly")
+    return loaded
 
 
 def load_payload(path: str | os.PathLike) -> dict:
@@ -147,6 +165,9 @@ def load_payload(path: str | os.PathLike) -> dict:
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); "
                            "check that it is the .pt file you meant, or copy it again if it was cut short") from exc
+    if isinstance(payload, dict) and payload.get("format") == TRAINING_STATE:
+        raise DeepWMLError(f"{p} is a training checkpoint (for `deepwml train --resume`), not a model file: give the "
+                           "run folder's best.pt (`deepwml train --export` makes a compact copy of it)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DeepWMLError(f"{p} is not a DeepWML model file (no '{FORMAT}' header)")
     version = payload.get("format_version")
@@ -162,6 +183,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     from .model import build_model, size_multiple, validate_config
 
     payload = load_payload(path)
+    if isinstance(payload.get("architecture"), dict):  # else the generic "damaged" below
+        try:
+            validate_config(payload["architecture"])
+        except (ValueError, TypeError) as exc:
+            raise DeepWMLError(f"{path} holds a network DeepWML cannot run ({exc})") from exc
     try:
         config = validate_config(payload["architecture"])
         model = build_model(config)
@@ -174,9 +200,12 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise DeepWMLError(f"{path} is a damaged DeepWML model file ({type(exc).__name__}: {str(exc)[:120]})") from exc
     model.eval().to(device)
-    loaded = LoadedModel(config, preprocessing, float(payload.get("threshold", 0.5)),
-                         dict(payload.get("labels", DEFAULT_LABELS)), dict(payload.get("provenance", {})),
-                         str(path), file_digest(path), model)
+    try:
+        threshold = float(payload.get("threshold", 0.5))
+    except (TypeError, ValueError) as exc:
+        raise DeepWMLError(f"{path} is a damaged DeepWML model file (threshold {payload.get('threshold')!r})") from exc
+    loaded = check_settings(LoadedModel(config, preprocessing, threshold, dict(payload.get("labels", DEFAULT_LABELS)),
+                                        dict(payload.get("provenance", {})), str(path), file_digest(path), model))
     _write_metadata_cache(loaded)
     return loaded
 
@@ -206,7 +235,8 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
     digest = file_digest(p)
     try:
         meta = json.loads(_metadata_path(digest).read_text(encoding="utf-8"))
-        return LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),
-                           meta["labels"], meta["provenance"], str(p), digest)
+        loaded = LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),
+                             meta["labels"], meta["provenance"], str(p), digest)
     except (OSError, ValueError, KeyError, TypeError):
         return load_model(p)
+    return check_settings(loaded)

@@ -66,6 +66,20 @@ def torch_cpu_has_native_bf16() -> bool:
         return False
 
 
+def _network_on(loaded: LoadedModel, device):
+    """`loaded`'s network on `device` (a torch.device): the network itself when it is there already, else
+    a copy there, so that runners on other devices (kept in _RUNNERS) keep theirs where it is."""
+    model = loaded.model
+    current = next(model.parameters()).device
+    if current.type == device.type and (device.index is None or current.index == device.index):
+        return model
+    from .model import build_model
+
+    copy = build_model(loaded.config)  # built on the CPU: copying to the CPU needs no room on the GPU
+    copy.load_state_dict({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+    return copy.to(device)
+
+
 class TorchRunner:
     """Eager PyTorch: channels-last on CPU (faster convolutions), bf16 autocast on CPUs that compute
     bf16 natively (precision auto or bf16), fp16 autocast on CUDA (unless precision is fp32)."""
@@ -77,8 +91,9 @@ class TorchRunner:
 
         self.torch = torch
         self.loaded = loaded
+        self.precision = precision
         self.device = torch.device(device)
-        self.model = loaded.model.to(self.device).eval()
+        self.model = _network_on(loaded, self.device).eval()
         self.bf16 = False
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -183,7 +198,7 @@ class OnnxRunner:
 
         target.parent.mkdir(parents=True, exist_ok=True)
         size = tuple(loaded.preprocessing.grid_size)
-        model = loaded.model.to("cpu").eval()
+        model = _network_on(loaded, torch.device("cpu")).eval()
         tmp = target.with_suffix(f".{os.getpid()}.part")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -379,13 +394,34 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
 
 
+def check_batch_size(batch_size) -> None:
+    """A DeepWMLError unless `batch_size` is None (the runner's default) or a positive whole number."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise DeepWMLError(f"batch size must be a positive whole number of slices (or None for the default), "
+                           f"got {batch_size!r}")
+
+
+CPU_FALLBACK = "CPU after GPU out of memory"  # in the name of the runner that took over
+
+
+def _cpu_fallback(runner) -> TorchRunner:
+    """PyTorch on the CPU, at `runner`'s precision, with a network of its own (`runner` keeps its GPU copy)."""
+    fallback = TorchRunner(runner.loaded, "cpu", getattr(runner, "precision", "auto"))
+    fallback.name = f"{fallback.name} ({CPU_FALLBACK})"
+    return fallback
+
+
 def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: bool = False,
-                           on_batch: Callable[[int], None] | None = None, cancel=None) -> np.ndarray:
+                           on_batch: Callable[[int], None] | None = None, cancel=None,
+                           ran: list | None = None) -> np.ndarray:
     """[n, H, W] normalised network-grid slices -> [n, H, W] probabilities (float32).
 
     `on_batch(done)` is called after each batch. On CUDA out-of-memory the batch is halved; when
-    even one slice does not fit, the rest runs on the CPU.
+    even one slice does not fit, the rest runs on the CPU. `ran`, when given, receives the name of
+    each runner that ran a batch (once each).
     """
+    check_batch_size(batch_size)
     out = np.zeros(slices.shape, dtype=np.float32)
     n = slices.shape[0]
     start = 0
@@ -404,8 +440,10 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
                 warnings.warn(f"GPU out of memory: batch size reduced to {batch_size}", stacklevel=2)
             else:
                 warnings.warn("GPU out of memory even for one slice: continuing on the CPU", stacklevel=2)
-                runner = TorchRunner(runner.loaded, "cpu")
+                runner = _cpu_fallback(runner)
             continue
+        if ran is not None and runner.name not in ran:
+            ran.append(runner.name)
         out[start:start + batch.shape[0]] = probabilities[:, 0]
         start += batch.shape[0]
         if on_batch is not None:
@@ -440,9 +478,11 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
     `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
     grid. Slices outside the head get 0 in all. `facts`, when given, receives `head_voxels` (the
-    normalisation's head mask), `slices_run` and `runner` (how the first network ran)."""
+    normalisation's head mask), `slices_run` and `runner` (how the networks ran: the runners' distinct
+    names, joined by ", ")."""
     if not models:
         raise DeepWMLError("no model given")
+    check_batch_size(batch_size)
     dev = resolve_device(device)
     stack, frame = to_axial_stack(image)
     if min(stack.shape[1:]) < MIN_INPLANE_PIXELS:
@@ -457,8 +497,11 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     kept = plan.kept
     runners = [make_runner(m, dev, backend, precision) for m in networks]
     if facts is not None:
-        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size), runner=runners[0].name)
-    batch_size = batch_size or min(r.default_batch_size for r in runners)
+        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size),
+                     runner=", ".join(dict.fromkeys(r.name for r in runners)))
+    if batch_size is None:
+        batch_size = min(r.default_batch_size for r in runners)
+    ran: list = []  # names of the runners that ran batches, a CPU fallback's included
     total = np.zeros(stack.shape, dtype=np.float32)
     helper_maps = [np.zeros(stack.shape, dtype=np.float32) for _ in helpers]
     work, done = max(1, kept.size * len(networks)), 0
@@ -473,7 +516,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                     progress((base + k) / work, f"{loaded.name}: slice {first + k}/{kept.size}")
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
-                                                   on_batch, cancel)
+                                                   on_batch, cancel, ran=ran)
             if number < len(models):
                 config = loaded.preprocessing
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities
@@ -482,6 +525,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
             done += chunk.size
         for config, probabilities in summed.items():
             total[chunk] += plan.grids[config].to_input(probabilities)
+    if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)
+        facts["runner"] = ", ".join(ran)
     if progress:
         progress(1.0, "done")
     total /= len(models)

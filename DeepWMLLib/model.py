@@ -64,6 +64,9 @@ def validate_config(config: dict) -> dict:
     for key in ("in_channels", "base_channels", "depth"):
         if not isinstance(merged[key], int) or merged[key] < (0 if key == "depth" else 1):
             raise ValueError(f"architecture {key} must be a positive integer, got {merged[key]!r}")
+    if merged["in_channels"] != 1:
+        raise ValueError(f"architecture in_channels must be 1 (DeepWML networks read one FLAIR channel), "
+                         f"got {merged['in_channels']}")
     merged["batch_norm"] = bool(merged["batch_norm"])
     return merged
 

@@ -12,10 +12,10 @@ Network grid: every axial slice is resampled in-plane (bilinear, with a Gaussian
 when shrinking) to a fixed grid, `grid_size` pixels of `grid_spacing_mm`, centred on the head. A
 fixed physical pixel size keeps the brain the same size in network pixels whatever the scanner's
 field of view and matrix (256–512, 0.4–1.0 mm). With `grid_spacing_mm = None` the whole slice field
-of view is fitted into the grid instead, as the paper's plain resize to 256×256 did (square,
-aspect-preserving). Nothing is interpolated across slices. The network's probabilities are
-resampled back onto the input's own slice grid with the inverse mapping; pixels of the input
-outside the network field of view get probability 0.
+of view is fitted into the grid instead, as the paper's plain resize to 256×256 did (aspect-preserving;
+on a non-square grid the axis with the least room sets the pixel size). Nothing is interpolated
+across slices. The network's probabilities are resampled back onto the input's own slice grid with
+the inverse mapping; pixels of the input outside the network field of view get probability 0.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class NetworkGrid:
         spacing = np.array([frame.row_spacing_mm, frame.col_spacing_mm])
         grid = np.array(config.grid_size, dtype=float)
         if config.grid_spacing_mm is None:
-            pixel = float(max(rows * spacing[0], cols * spacing[1]) / grid.max())
+            pixel = float(max(rows * spacing[0] / grid[0], cols * spacing[1] / grid[1]))  # the whole slice fits
             centre = np.array([(rows - 1) / 2, (cols - 1) / 2])
         else:
             pixel = float(config.grid_spacing_mm)

@@ -157,17 +157,39 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
     model) gates the result: lesion components mostly outside its intracranial mask are dropped.
     `ventricle_model` (the same choices) finds the lateral ventricles, and the report splits the lesion
-    volume into periventricular and deep (location.py).
+    volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
+    the shipped default).
     """
+    from .checkpoint import LoadedModel
     from .contrast import contrast_warnings, flair_contrast
-    from .inference import predict_maps, resolve_device
+    from .inference import check_batch_size, predict_maps, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
     from .volume import voxels
 
     start = time.perf_counter()
+    number = (int, float, np.integer, np.floating)
+    if isinstance(exclude_edge_fraction, bool) or not isinstance(exclude_edge_fraction, number) \
+            or not 0 <= exclude_edge_fraction < 0.5:
+        raise DeepWMLError(f"exclude_edge_fraction must be in [0, 0.5), got {exclude_edge_fraction!r}")
+    if min_lesion_mm3 is not None and (isinstance(min_lesion_mm3, bool) or not isinstance(min_lesion_mm3, number)
+                                       or not 0 <= min_lesion_mm3 < float("inf")):
+        raise DeepWMLError(f"min_lesion_mm3 must be a number of mm³ >= 0 (or None for the default), got {min_lesion_mm3!r}")
+    check_batch_size(batch_size)
     io.check_volume(image)
-    models = list(models) if models else load_models()
+    if models is None:
+        models = load_models()
+    else:
+        models = [models] if isinstance(models, (str, os.PathLike, LoadedModel)) else list(models)
+        if not models:
+            raise DeepWMLError("models is empty: give model files or loaded models (load_models), or None for the "
+                               "shipped default")
+        paths = [m for m in models if isinstance(m, (str, os.PathLike))]
+        files = iter(load_models(paths) if paths else [])  # load_models([]) would be the default model
+        models = [next(files) if isinstance(m, (str, os.PathLike)) else m for m in models]
+        for m in models:
+            if not isinstance(m, LoadedModel):
+                raise DeepWMLError(f"models must be model files or loaded models (load_models), got a {type(m).__name__}")
     brain_model = load_brain_model(brain_model)
     ventricle_model = load_ventricle_model(ventricle_model)
     if threshold is None:

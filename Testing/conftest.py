@@ -153,7 +153,7 @@ def oracle_network(monkeypatch, level: float = 3.0, brain: str = "head") -> None
     ventricle model marks the central sixteenth of its grid."""
     import DeepWMLLib.inference as inference
 
-    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None):
+    def predict(slices, runner, batch_size, tta=False, on_batch=None, cancel=None, ran=None):
         if getattr(runner, "loaded", None) is not None and runner.loaded.labels.get("1") == "lateral_ventricles":
             out = np.zeros(slices.shape, np.float32)  # a ventricle model: the central sixteenth of its grid
             rows, cols = slices.shape[-2:]

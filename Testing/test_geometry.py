@@ -96,3 +96,16 @@ def test_integer_input_gives_same_mask_as_float(tiny_model, monkeypatch):
     a = segment_image(image_f, models, device="cpu").mask
     b = segment_image(image_u, models, device="cpu").mask
     assert dice(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)) > 0.95
+
+
+@pytest.mark.parametrize("grid_size", [(64, 128), (128, 64)])
+def test_fitted_non_square_grid_covers_the_whole_slice(grid_size):
+    """grid_spacing_mm None fits the whole slice into a non-square grid too: no input pixel falls
+    outside the network's field of view (which would give it probability 0), but for the outermost
+    half network pixel of a shrunk slice (pixel centres map onto pixel centres)."""
+    image, _ = make_volume(size=(120, 100, 4), spacing=(0.45, 0.6, 5.0))
+    stack, frame = io.to_axial_stack(image)
+    grid = NetworkGrid.plan(frame, PreprocessingConfig(grid_size=grid_size, grid_spacing_mm=None), head_mask(stack))
+    back = grid.to_input(np.ones((1, *grid_size), np.float32))
+    assert back.shape == (1, *stack.shape[1:])
+    assert back[:, 1:-1, 1:-1].min() > 0.99

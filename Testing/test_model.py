@@ -160,3 +160,71 @@ def test_widen_on_the_command_line_writes_the_wider_model_file(tmp_path, capsys)
         assert torch.allclose(wide.model.eval()(x), load_model(source).model.eval()(x), atol=1e-4)
     assert main(["train", "--widen", str(source)]) == 2  # --out is required: a usage error
     assert "--widen needs --out" in capsys.readouterr().err
+
+
+def test_training_checkpoint_given_as_model_file_says_what_it_is(tmp_path):
+    """A run's last.pt (training state) is named as such, with best.pt as the file to give; a run
+    folder's hint names best.pt only."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"format": "deepwml-training-state", "format_version": 1, "epoch": 3}, run / "last.pt")
+    with pytest.raises(DeepWMLError, match=r"last\.pt is a training checkpoint \(for `deepwml train --resume`\), "
+                                           r"not a model file: give the run folder's best\.pt") as info:
+        load_model(run / "last.pt")
+    assert "no 'deepwml-model' header" not in str(info.value)
+    with pytest.raises(DeepWMLError, match=r"a training run folder: give its best\.pt\)") as info:
+        load_model(run)
+    assert "last.pt" not in str(info.value)
+
+
+def _payload_file(path, in_channels: int = 1, threshold: float = 0.5):
+    """A model file as save_model writes one, with another input channel count or stored threshold."""
+    from DeepWMLLib.checkpoint import model_payload
+    from DeepWMLLib.model import UNet2D
+
+    config = {"base_channels": 4, "depth": 1}
+    payload = model_payload(build_model(config), config, PreprocessingConfig(grid_size=(32, 32)), 0.5)
+    if in_channels != 1:
+        payload["architecture"]["in_channels"] = in_channels
+        payload["state_dict"] = UNet2D(in_channels, 4, 1).state_dict()
+    payload["threshold"] = threshold
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("channels", [2, 3])
+def test_model_file_with_more_than_one_input_channel_refused_at_load(tmp_path, channels):
+    """DeepWML feeds one FLAIR channel: a network that reads more is refused when the file is loaded,
+    naming the file, not with an internal error on every case."""
+    from DeepWMLLib.segment import load_models
+
+    path = _payload_file(tmp_path / f"rgb{channels}.pt", in_channels=channels)
+    for load in (load_model, lambda p: load_models([p])):
+        with pytest.raises(DeepWMLError, match=rf"rgb{channels}\.pt holds a network DeepWML cannot run .*in_channels must be 1"):
+            load(path)
+    with pytest.raises(ValueError, match="in_channels must be 1"):
+        build_model({"in_channels": channels, "base_channels": 4, "depth": 1})
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, float("nan")])
+def test_model_file_with_a_threshold_outside_0_1_refused_at_load(tmp_path, monkeypatch, threshold):
+    """A stored threshold of 0, 1 or NaN is refused at load, naming the file; also when the model's
+    settings come from the metadata cache (written for the file by an earlier version)."""
+    import json
+
+    from DeepWMLLib import checkpoint
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    path = _payload_file(tmp_path / "bad_threshold.pt", threshold=threshold)
+    for load in (load_model, lambda p: load_models([p])):
+        with pytest.raises(DeepWMLError, match=r"bad_threshold\.pt stores the probability threshold"):
+            load(path)
+    good = _payload_file(tmp_path / "good.pt")
+    cached = checkpoint._metadata_path(checkpoint.file_digest(good))
+    load_model(good)
+    meta = json.loads(cached.read_text(encoding="utf-8"))
+    meta["threshold"] = threshold
+    cached.write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(DeepWMLError, match=r"good\.pt stores the probability threshold"):
+        load_models([good])

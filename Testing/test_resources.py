@@ -121,3 +121,112 @@ def test_three_hundred_slices_go_through(tiny_models):
     result = segment_image(image, tiny_models, device="cpu")
     assert io.grid_difference(result.mask, image) is None
     assert len(result.report["slices"]) == 300
+
+
+class FullGPU(inference.TorchRunner):
+    """A PyTorch runner on a second device ("meta" stands in for the GPU) with no memory left at all."""
+
+    def __init__(self, loaded, device="meta", precision="auto"):
+        super().__init__(loaded, device, precision)
+        self.out_of_memory = (FakeOOM,)
+
+    def release_memory(self):
+        pass
+
+    def __call__(self, batch):
+        raise FakeOOM()
+
+
+def test_cpu_fallback_runs_its_own_copy_of_the_network_at_the_asked_precision(tmp_path, monkeypatch):
+    """After a GPU out-of-memory at one slice the CPU runner has a network of its own: the GPU runner's
+    stays on its device for the next block and case (runners are kept in _RUNNERS). The fallback keeps
+    the asked precision, and the report's runner says the CPU ran."""
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    slices = np.random.default_rng(0).normal(size=(3, 64, 64)).astype(np.float32)
+    cpu = inference.TorchRunner(loaded, "cpu", "fp32")
+    expected = inference.predict_network_slices(slices, cpu, batch_size=1)
+    gpu = FullGPU(loaded, precision="fp32")
+    assert gpu.model is not cpu.model and next(cpu.model.parameters()).device.type == "cpu"
+    ran = []
+    with pytest.warns(UserWarning, match="continuing on the CPU"):
+        out = inference.predict_network_slices(slices, gpu, batch_size=1, ran=ran)
+    assert np.allclose(out, expected, atol=1e-6)  # fp32 as asked, not bf16 (CPUs with native bf16 would take that)
+    assert ran == [f"torch ({inference.CPU_FALLBACK})"]
+    assert next(gpu.model.parameters()).device.type == "meta"  # the GPU runner's network did not move
+    assert np.allclose(inference.predict_network_slices(slices, cpu, batch_size=1), expected)
+
+    monkeypatch.setattr(inference, "make_runner", lambda m, device, backend, precision: FullGPU(m, precision=precision))
+    facts = {}
+    image, _ = make_volume(size=(40, 36, 3))
+    with pytest.warns(UserWarning, match="continuing on the CPU"):
+        inference.predict_maps(image, [loaded], None, "cpu", 1, facts=facts, precision="fp32")
+    assert facts["runner"] == f"torch ({inference.CPU_FALLBACK})"
+
+
+def test_report_names_every_runtime_that_ran(tmp_path):
+    """An ensemble whose members ran on different runtimes (a model file with ONNX Runtime or
+    OpenVINO, an in-memory copy with PyTorch) names them all; one runtime stays one name."""
+    from DeepWMLLib.checkpoint import LoadedModel
+
+    pytest.importorskip("onnxruntime")
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    copy = LoadedModel(loaded.config, loaded.preprocessing, loaded.threshold, loaded.labels, {}, model=loaded.model)
+    image, _ = make_volume(size=(40, 36, 3))
+    facts = {}
+    inference.predict_maps(image, [loaded, copy], None, "cpu", facts=facts, precision="fp32")
+    names = facts["runner"].split(", ")
+    assert len(names) == 2 and names[0].split()[0] in ("openvino", "onnxruntime") and names[1] == "torch"
+    facts = {}
+    inference.predict_maps(image, [loaded, loaded], None, "cpu", facts=facts, backend="torch", precision="fp32")
+    assert facts["runner"] == "torch"
+
+
+def _stop_after(calls: int):
+    """A cancel check that stops a run after `calls` checks (an endless loop ends as Cancelled)."""
+    count = iter(range(calls))
+    return lambda: next(count, None) is None
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, 2.5, True])
+def test_batch_size_must_be_a_positive_whole_number(tmp_path, batch_size):
+    """A batch size of 0 is not the default and a negative one does not loop for ever: both refused."""
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    image, _ = make_volume(size=(40, 36, 3))
+    with pytest.raises(DeepWMLError, match="batch size must be a positive whole number"):
+        segment_image(image, [loaded], "cpu", batch_size=batch_size, backend="torch", brain_model=None,
+                      ventricle_model=None, cancel=_stop_after(1000))
+    with pytest.raises(DeepWMLError, match="batch size must be a positive whole number"):
+        inference.predict_network_slices(np.zeros((3, 64, 64), np.float32), inference.TorchRunner(loaded, "cpu"),
+                                         batch_size, cancel=_stop_after(1000))
+
+
+@pytest.mark.parametrize("settings,words", [
+    ({"exclude_edge_fraction": 0.5}, "exclude_edge_fraction must be in [0, 0.5), got 0.5"),
+    ({"exclude_edge_fraction": -0.1}, "exclude_edge_fraction must be in [0, 0.5), got -0.1"),
+    ({"min_lesion_mm3": -1.0}, "min_lesion_mm3 must be a number of mm³ >= 0"),
+    ({"models": []}, "models is empty"),
+])
+def test_python_api_refuses_bad_settings_clearly(tmp_path, settings, words):
+    """segment_image's own checks: a DeepWMLError saying what is wrong, before any network runs (an
+    empty list of models is not the default model)."""
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    image, _ = make_volume(size=(40, 36, 3))
+    arguments = {"models": [loaded], "device": "cpu", "brain_model": None, "ventricle_model": None,
+                 "cancel": lambda: True, **settings}
+    with pytest.raises(DeepWMLError) as info:
+        segment_image(image, **arguments)
+    assert words in str(info.value)
+
+
+def test_python_api_takes_model_files_as_paths(tmp_path):
+    """models may name model files (str or Path, alone or in a list, mixed with loaded models)."""
+    path = tiny_model_file(tmp_path / "m.pt")
+    (loaded,) = load_models([path])
+    image, _ = make_volume(size=(40, 36, 3))
+    expected = segment_image(image, [loaded], "cpu", brain_model=None, ventricle_model=None)
+    for models in ([str(path)], path, [path, loaded]):
+        result = segment_image(image, models, "cpu", brain_model=None, ventricle_model=None)
+        assert result.report["model"] == ["m.pt"] * (2 if isinstance(models, list) and len(models) == 2 else 1)
+        assert np.array_equal(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(expected.mask))
+    with pytest.raises(DeepWMLError, match="models must be model files or loaded models"):
+        segment_image(image, [42], "cpu", brain_model=None, ventricle_model=None)
