@@ -141,13 +141,12 @@ TRAINING_STATE = "deepwml-training-state"  # train.STATE_FORMAT: a run's last.pt
 
 def check_settings(loaded: LoadedModel) -> LoadedModel:
     """`loaded` itself, or a DeepWMLError naming its file when its settings cannot segment (a stored
-    threshold outside (0, 1), a network that does not read one channel)."""
-    from .model import validate_config
-
-    try:
-        validate_config(loaded.config)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise DeepWMLError(f"{loaded.path} holds a network DeepWML cannot run ({exc})") from exc
+    threshold outside (0, 1), a network that does not read one channel). Without torch (model.py
+    imports it): the settings may come from the metadata cache."""
+    channels = loaded.config.get("in_channels", 1)
+    if channels != 1:  # as model.validate_config, for settings an older version cached
+        raise DeepWMLError(f"{loaded.path} holds a network DeepWML cannot run (architecture in_channels must be 1 "
+                           f"(DeepWML networks read one FLAIR channel), got {channels!r})")
     if not 0 < loaded.threshold < 1:  # also NaN
         raise DeepWMLError(f"{loaded.path} stores the probability threshold {loaded.threshold}, not between 0 and 1 "
                            "(exclusive): the model file was written wrongly")
