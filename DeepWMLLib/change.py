@@ -461,6 +461,12 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
         warnings.append(
             f"{sum(r['volume_ml'] for r in unseen):.2f} ml of the baseline's lesions ({len(unseen)}) lie partly or wholly "
             "outside the follow-up's field of view (listed as not assessable): the two loads cover different extents")
+    beyond = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and r["baseline_ml"] is None]
+    if beyond:
+        warnings.append(
+            f"{sum(r['volume_ml'] for r in beyond):.2f} ml of the follow-up's lesions ({len(beyond)}) lie partly or wholly "
+            "outside the baseline's field of view (listed as not assessable): the two loads cover different extents, so "
+            "the total volume change counts lesions the baseline could not show")
     cut = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and r["baseline_ml"] is not None]
     if cut:
         warnings.append(

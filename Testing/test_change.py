@@ -141,7 +141,9 @@ def test_every_lesion_gets_its_known_fate(pair):
                                                       "not assessable": 1}
     for status, rows in groups.items():
         assert nearest_lesion(rows[0]["centroid_mm"]) == status  # gone: its baseline position carried over
-    assert report["warnings"] == []
+    # the lesion above the baseline's last slice: the total change counts what the baseline could not show
+    assert len(report["warnings"]) == 1 and "outside the baseline's field of view" in report["warnings"][0]
+    assert f"{groups['not assessable'][0]['volume_ml']:.2f} ml of the follow-up's lesions (1)" in report["warnings"][0]
     # volumes: each scan's own, close to the spheres'
     sphere_ml = {name: 4 / 3 * np.pi * r ** 3 / 1000 for name, (_, _, r) in LESIONS.items()}
     assert groups["new"][0]["volume_ml"] == pytest.approx(sphere_ml["new"], rel=0.25)
