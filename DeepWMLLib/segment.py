@@ -612,16 +612,33 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, r
                                **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
-                   "seconds": round(time.perf_counter() - start, 3)}
+                   "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
         except Exception as exc:  # one bad case never stops the others
             if debug:
                 traceback.print_exc()
             message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
             row = {"case": case, "input": str(path), "status": "error", "error": message,
                    "seconds": round(time.perf_counter() - start, 3)}
+        row["_study"] = isinstance(study, io.DicomStudy)
         rows.append(row)
         if progress_factory:
             progress_factory.finish(row)
+    _series_matched_nothing(rows, options.get("series"))
+
+
+def _series_matched_nothing(rows: list[dict], series: str | None) -> None:
+    """With --series, studies it matches nothing in are skipped; when it matches nothing in any study of the
+    run (a mistyped choice), those are errors, so the run does not end 'done' with no result."""
+    studies = [row for row in rows if row.pop("_study", False)]
+    unmatched = [row for row in studies if row.pop("_no_flair", False)]
+    for row in rows:
+        row.pop("_no_flair", None)
+    if not series or not unmatched or len(unmatched) < len(studies):
+        return
+    for row in unmatched:
+        row.update(status="error", error=f"{row['error']}; --series {series!r} matches no series in any study given")
+    print(f"deepwml segment: error: --series {series!r} matches no series in any of the {len(unmatched)} DICOM "
+          f"stud{'ies' if len(unmatched) > 1 else 'y'} given; see summary.csv for their series", file=sys.stderr)
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
@@ -705,8 +722,8 @@ def register(subparsers) -> None:
         "segment", help="segment WMH in FLAIR volumes",
         description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), "
                     "a DICOM folder (a series, or a whole study: its FLAIR is picked), or a folder of image files "
-                    "and DICOM folders, nested any depth as PACS exports are (each image file, and each DICOM study, "
-                    "a case).")
+                    "(directly inside it) and DICOM folders (nested any depth as PACS exports are); each image file, "
+                    "and each DICOM study, is a case.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "

@@ -1176,10 +1176,12 @@ def _write_history(path: Path, history: list[dict]) -> None:
 
 def shareable_provenance(provenance: dict) -> dict:
     """A model file's provenance fit to leave the hospital: absolute paths (in the command line too)
-    become file names, and the names of skipped cases, which may be patient identifiers, their count."""
+    become file names, and the names of skipped cases and of the scans batch norm was adapted on (`deepwml
+    adapt`), which may be patient identifiers, their count."""
     def clean(value):
         if isinstance(value, dict):
-            return {k: (len(v) if k == "skipped_cases" and isinstance(v, list) else clean(v)) for k, v in value.items()}
+            return {k: (len(v) if k in ("skipped_cases", "scans") and isinstance(v, list) else clean(v))
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [clean(v) for v in value]
         if isinstance(value, str) and ("/" in value or "\\" in value):

@@ -705,3 +705,24 @@ def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, 
     rows = read_summary(out)
     assert [r["status"] for r in rows] == ["ok", "error", "error"] and rows[0]["case"] == "PAT1_SER1"
     assert [r["error"] for r in rows[1:]] == [f"{folder} cannot be read (Permission denied)" for folder in (locked, also)]
+
+
+def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path, tiny_model, capsys):
+    """--series applies to every study of an export, one it matches nothing in skipped; when it matches
+    nothing in any study (a typo), the run does not end 'done' with no result."""
+    export = tmp_path / "export"
+    _export_series(export / "STU" / "s3", "5.1", "AX FLAIR", 2500, slices=4)
+    _export_series(export / "STU" / "s5", "5.1", "SAG T1", slices=3, prefix="t")
+    out = tmp_path / "out"
+    args = ["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(args + ["--series", "nomatch"]) == 1
+    rows = read_summary(out)
+    assert [r["status"] for r in rows] == ["error"] and "matches no series in any study" in rows[0]["error"]
+    assert "--series 'nomatch' matches no series" in capsys.readouterr().err
+    assert main(args + ["--series", "FLAIR"]) == 0 and read_summary(out)[0]["status"] == "ok"
+    other = tmp_path / "other"  # two studies, the choice in one of them: the other skipped, as before
+    _export_series(other / "A" / "s1", "6.1", "AX FLAIR", 2500, slices=4)
+    _export_series(other / "B" / "s1", "6.2", "SAG T1", slices=3)
+    assert main(["segment", str(other), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu",
+                 "--series", "FLAIR"]) == 0
+    assert sorted(r["status"] for r in read_summary(tmp_path / "out2")) == ["ok", "skipped"]

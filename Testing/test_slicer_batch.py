@@ -180,6 +180,10 @@ def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_p
     with pytest.raises(SystemExit) as usage:
         batchScript.main(["--output-dir", str(out)])
     assert usage.value.code == 2
+    for threshold in ("2", "0", "nan", "high"):  # as `deepwml segment --threshold`: a usage error, nothing run
+        with pytest.raises(SystemExit) as usage:
+            batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--threshold", threshold])
+        assert usage.value.code == 2
 
 
 def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, monkeypatch, tiny_model):

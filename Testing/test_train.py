@@ -521,6 +521,10 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     assert training.shareable_provenance({"data": {"skipped_cases": ["MRN123", "MRN456"]},
                                           "command": "deepwml train /h/cohort.csv --run-dir /h/r --lr 1e-4"}) == {
         "data": {"skipped_cases": 2}, "command": "deepwml train cohort.csv --run-dir r --lr 1e-4"}
+    adapted = {"adapted_batch_norm": {"scans": [{"scan": "DOE_JOHN", "slices": 20}, {"scan": "p01.nii.gz"}],
+                                      "earlier": {"scans": [{"scan": "MRN123"}]}, "slices": 40}}
+    assert training.shareable_provenance(adapted) == {"adapted_batch_norm": {"scans": 2, "earlier": {"scans": 1},
+                                                                             "slices": 40}}
 
 
 def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):

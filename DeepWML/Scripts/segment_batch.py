@@ -37,6 +37,17 @@ SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_coun
                    "dice", "sensitivity", "precision", "reference", "seconds", "warnings"]
 
 
+def probability(text: str) -> float:
+    """argparse type: a probability threshold strictly between 0 and 1 (else a usage error, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def parseArguments(argv):
     parser = argparse.ArgumentParser(prog="segment_batch.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input-dir", required=True, type=Path, help="folder of FLAIR volumes (one case each)")
@@ -45,7 +56,7 @@ def parseArguments(argv):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--model", nargs="+", metavar="FILE",
                         help="model file(s); several make an ensemble. Default: the shipped default model")
-    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
+    parser.add_argument("--threshold", type=probability, help="probability threshold (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
