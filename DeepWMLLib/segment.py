@@ -305,9 +305,15 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
             cases.append((io.case_name(path), path, DeepWMLError(f"{path} cannot be read ({exc.strerror})")))
         except DeepWMLError as exc:  # e.g. a name that is not UTF-8 text
             cases.append((io.case_name(path), path, exc))
+    return cases
+
+
+def _once_each(cases: list[tuple]) -> list[tuple]:
+    """The cases with the same scan given twice (or a folder and a file in it) kept once (studies of an
+    export may share a folder: the case name tells them apart)."""
     unique, seen = [], set()
-    for case in cases:  # the same scan given twice (or a folder and a file in it) is one case
-        try:  # (studies of an export may share a folder: the case name tells them apart)
+    for case in cases:
+        try:
             key = (case[1].resolve(), case[0])
         except (OSError, RuntimeError):
             key = (case[1], case[0])
@@ -582,7 +588,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
         raise UsageError(VENTRICLE_MODEL_NEEDED)
     out = io.make_output_dir(out_dir)
-    cases = expand_inputs(inputs)
+    cases = _once_each(expand_inputs(inputs))
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     rows, seen = [], set()
     finished = False
