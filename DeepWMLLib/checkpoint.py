@@ -30,8 +30,11 @@ DEFAULT_LABELS = {"0": "background", "1": "WMH"}
 
 
 def cache_dir() -> Path:
-    """Per-user cache for derived files (model metadata, ONNX exports): $DEEPWML_CACHE_DIR or ~/.cache/deepwml."""
-    return Path(os.environ.get("DEEPWML_CACHE_DIR") or Path.home() / ".cache" / "deepwml")
+    """Per-user cache for derived files (model metadata, ONNX exports): $DEEPWML_CACHE_DIR, else
+    $XDG_CACHE_HOME/deepwml, else ~/.cache/deepwml."""
+    if os.environ.get("DEEPWML_CACHE_DIR"):
+        return Path(os.environ["DEEPWML_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepwml"
 
 
 class LoadedModel:

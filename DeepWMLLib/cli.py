@@ -238,6 +238,9 @@ def run(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     code = main(argv)
     if argv and argv[0] in _QUICK_EXIT:
+        inference = sys.modules.get("DeepWMLLib.inference")
+        if inference is not None:  # os._exit runs no atexit handler
+            inference.remove_process_folder()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -194,6 +194,15 @@ class OnnxRunner:
         target = cache_dir() / "onnx" / f"{loaded.digest}.onnx"
         if target.is_file():
             return target
+        try:
+            return OnnxRunner._export(loaded, target)
+        except OSError as exc:  # the cache cannot be written: export for this process alone
+            warnings.warn(f"the model cache {cache_dir()} cannot be written ({exc.strerror or exc}): the network is "
+                          f"exported anew in each run; set DEEPWML_CACHE_DIR to a writable folder", stacklevel=2)
+            return OnnxRunner._export(loaded, _process_folder() / f"{loaded.digest}.onnx")
+
+    @staticmethod
+    def _export(loaded: LoadedModel, target: Path) -> Path:
         import torch
 
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +218,30 @@ class OnnxRunner:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"flair": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+_PROCESS_FOLDER = None
+
+
+def _process_folder() -> Path:
+    """A temporary folder of this process (removed at exit), for exports when the cache cannot be written."""
+    global _PROCESS_FOLDER
+    if _PROCESS_FOLDER is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _PROCESS_FOLDER = Path(tempfile.mkdtemp(prefix="deepwml-"))
+        atexit.register(shutil.rmtree, _PROCESS_FOLDER, ignore_errors=True)
+    return _PROCESS_FOLDER
+
+
+def remove_process_folder() -> None:
+    """Remove `_process_folder` now (the command line ends its process with os._exit, past atexit)."""
+    if _PROCESS_FOLDER is not None:
+        import shutil
+
+        shutil.rmtree(_PROCESS_FOLDER, ignore_errors=True)
 
 
 class OpenVinoRunner:

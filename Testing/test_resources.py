@@ -230,3 +230,31 @@ def test_python_api_takes_model_files_as_paths(tmp_path):
         assert np.array_equal(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(expected.mask))
     with pytest.raises(DeepWMLError, match="models must be model files or loaded models"):
         segment_image(image, [42], "cpu", brain_model=None, ventricle_model=None)
+
+
+def test_an_unwritable_cache_costs_the_export_not_the_run(tmp_path, monkeypatch):
+    """--backend onnx (or openvino) with a cache folder that cannot be written: the network is exported
+    into a folder of the process (removed at its end), with a warning that names the cache."""
+    pytest.importorskip("onnxruntime")
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(blocked / "cache"))  # under a file: unwritable even for root
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    image, _ = make_volume(size=(40, 36, 3))
+    with pytest.warns(UserWarning, match=r"model cache .*a file/cache cannot be written"):
+        maps = inference.predict_maps(image, [loaded], None, "cpu", backend="onnx", precision="fp32")
+    assert np.isfinite(maps[0]).all()
+    folder = inference._PROCESS_FOLDER
+    assert folder is not None and (folder / f"{loaded.digest}.onnx").is_file()
+    inference.remove_process_folder()
+    assert not folder.exists()
+
+
+def test_the_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from DeepWMLLib.checkpoint import cache_dir
+
+    monkeypatch.delenv("DEEPWML_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "deepwml"
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "own"))
+    assert cache_dir() == tmp_path / "own"
