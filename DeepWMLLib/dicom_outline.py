@@ -266,7 +266,7 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
 
     folder = check_outline_folder(folder, overwrite)
     try:
-        building = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+        building = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".part", dir=folder.parent))
     except OSError as exc:
         raise DeepWMLError(f"cannot write in {folder.parent} ({exc.strerror}); choose a writable output folder") from exc
     writer = sitk.ImageFileWriter()
@@ -278,7 +278,7 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
             writer.Execute(picture)
         os.chmod(building, 0o777 & ~io._UMASK)
         if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            old = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".old", dir=folder.parent))
             os.replace(folder, old / folder.name)
         os.replace(building, folder)
     except (OSError, RuntimeError) as exc:

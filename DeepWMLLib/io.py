@@ -426,7 +426,8 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         walk = os.walk(root, followlinks=True,
-                       onerror=lambda exc: problems.append(f"{exc.filename} cannot be read ({exc.strerror})"))
+                       onerror=lambda exc: None if os.path.basename(str(exc.filename)) in SYSTEM_FOLDERS else
+                       problems.append(f"{exc.filename} cannot be read ({exc.strerror})"))
         for current, dirs, files in walk:
             real = os.path.realpath(current)
             if real in visited or not recursive and current != str(root):  # a link back into the tree: once
@@ -514,11 +515,20 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
     return sorted(named, key=lambda s: s.name), problems
 
 
+# Folders a file system or an operating system keeps, unreadable to users and never anyone's scans
+SYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN", "$Recycle.Bin"})
+
+
 def has_dicom_below(folder: str | os.PathLike) -> bool:
     """Whether a folder's subfolders (at any depth, symbolic links followed, each folder once) hold files
     that may be DICOM."""
     visited, unreadable = set(), []
-    for current, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
+
+    def failed(exc: OSError) -> None:
+        if os.path.basename(str(exc.filename)) not in SYSTEM_FOLDERS:
+            unreadable.append(exc)
+
+    for current, dirs, files in os.walk(folder, followlinks=True, onerror=failed):
         if unreadable and str(unreadable[0].filename) != str(folder):
             return True  # a folder below that cannot be read: searched as an export, which names it as a failing case
         real = os.path.realpath(current)
@@ -888,10 +898,17 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", wh
 # Writing
 
 
+def shortened(name: str, limit: int = 200) -> str:
+    """`name` cut, whole characters at a time, to at most `limit` bytes in the file system's encoding."""
+    while len(os.fsencode(name)) > limit:
+        name = name[:-1]
+    return name
+
+
 def temporary_prefix(path: Path) -> str:
     """The start of the temporary names `path` is written under (hidden; short enough that a long output
     name still leaves room for mkstemp's letters and the suffix within the 255-byte name limit)."""
-    return f".{path.name[:200]}."
+    return f".{shortened(path.name)}."
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -949,10 +966,16 @@ def exclusive(lock: Path, what: str):
             raise DeepWMLError(f"cannot write in {lock.parent} ({exc.strerror}); choose a writable output folder") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             raise DeepWMLError(f"{what} is being written by another DeepWML process now; wait for it to finish, "
                                f"or choose another OUTDIR") from None
+        except OSError:  # a file system without locks (some network shares): run as without fcntl
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            yield
+            return
         try:
             held = os.path.samestat(os.fstat(fd), os.stat(lock))
         except FileNotFoundError:  # removed by the process that held it just before: lock the new one

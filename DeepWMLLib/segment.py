@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io as _stringio
 import json
 import os
@@ -364,14 +363,56 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
     return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
 
 
+def input_fingerprint(path: Path) -> str | None:
+    """What tells one scan file from another whatever its folder is called: its size and the SHA-256 of its
+    first MiB (None for a DICOM folder, known by its place alone)."""
+    if not path.is_file():
+        return None
+    import hashlib
+
+    with open(path, "rb") as f:
+        return f"{path.stat().st_size}:{hashlib.sha256(f.read(1 << 20)).hexdigest()[:24]}"
+
+
 def same_input(earlier: dict, path: Path) -> bool:
-    """Whether an earlier report was made from this input (its absolute path; for an older report, the path
-    as given, or what it resolves to from here)."""
+    """Whether an earlier report was made from this input: a scan file by its content (`input_fingerprint`:
+    a folder moved, renamed or mounted elsewhere keeps its results; a file replaced by another of the same
+    name does not), a DICOM folder by its place (the same file, however it is reached). A report of a
+    version before these were recorded is taken as this input's, as it always was."""
     absolute = earlier.get("input_absolute")
-    if absolute:
+    if not absolute:
+        return True
+    fingerprint = earlier.get("input_fingerprint")
+    if fingerprint and path.is_file():
+        return input_fingerprint(path) == fingerprint
+    try:
+        return os.path.samefile(absolute, path)
+    except OSError:
         return Path(absolute) == path.resolve()
-    given = earlier.get("input")
-    return not given or given == str(path) or Path(given).resolve() == path.resolve()
+
+
+def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path, mask_names) -> dict:
+    """The report of an earlier run of `case` in `out_dir`, checked before the case is skipped as done: made
+    from this same scan (`same_input`), its mask and segmentation still there (its optional outputs, a QC
+    picture or a probability map, may have been deleted). Else a DeepWMLError that says what to do."""
+    try:
+        earlier = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeepWMLError(f"{report_path.name} cannot be read ({exc}); rerun with --overwrite to redo the case") from exc
+    if not isinstance(earlier, dict) or not same_input(earlier, path):
+        given = earlier.get("input") if isinstance(earlier, dict) else None
+        raise DeepWMLError(f"{out_dir} holds the results of another scan named {case!r} ({given}), or this scan has "
+                           f"changed since; choose another OUTDIR, or --overwrite to replace them with this scan's")
+    listed = earlier.get("outputs")
+    if isinstance(listed, list):  # its mask and segmentation, in whatever --output-format it was given
+        required = [n for n in listed if isinstance(n, str) and (n == f"{case}.seg.nrrd" or n.startswith(f"{case}_wmh"))]
+        missing = [n for n in required if not (out_dir / n).exists()]
+    else:  # an older report: its mask in some format
+        missing = [] if any((out_dir / n).exists() for n in mask_names) else [mask_names[0]]
+    if missing:
+        raise DeepWMLError(f"an earlier run's {report_path.name} is here but not its {', '.join(missing)} (deleted?); "
+                           f"rerun with --overwrite to make them again")
+    return earlier
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
@@ -404,13 +445,14 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
-                 save_ventricle_mask: bool = False, protected=frozenset()) -> dict:
+                 save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
     a study found in an export (expand_inputs): its series are the candidates, and it is skipped
     (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
-    are never written over or deleted (OUTDIR may be the input folder)."""
+    are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
+    (`temporary_leftovers`, listed once for a whole run; None: listed here)."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
@@ -422,44 +464,40 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if inputs:
         raise DeepWMLError(f"{', '.join(inputs)} in {out_dir} would be written over, and is one of the scans given; "
                            f"choose another OUTDIR")
-    with io.exclusive(out_dir / f".{case[:200]}.deepwml-lock", f"case {case!r} in {out_dir}"):
+    with io.exclusive(out_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {out_dir}"):
         return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
                              overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
                              brain_model, save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model,
-                             save_ventricle_mask, protected)
+                             save_ventricle_mask, protected, leftovers)
+
+
+def temporary_leftovers(out_dir: Path) -> list[Path]:
+    """OUTDIR's temporary files (`.NAME.xxxx.part...`): a run killed while writing leaves them; the run that
+    next writes their case removes them, with its lock held."""
+    try:
+        return [p for p in out_dir.iterdir() if p.name.startswith(".") and ".part" in p.name]
+    except OSError:
+        return []
 
 
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
-                  protected) -> dict:
+                  protected, leftovers) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
-    for possible in _possible_outputs(out_dir, case):  # a run killed while writing left its temporary files
-        for left in out_dir.glob(glob.escape(io.temporary_prefix(possible)) + "*.part*"):
+    hidden = leftovers if leftovers is not None else temporary_leftovers(out_dir)
+    prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
+    for left in hidden:  # a run killed while writing this case left its temporary files
+        if left.name.startswith(prefixes):
             shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
-        try:
-            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DeepWMLError(f"{paths['report'].name} cannot be read ({exc}); rerun with --overwrite to redo the "
-                               f"case") from exc
-        if not isinstance(earlier, dict) or not same_input(earlier, path):
-            given = earlier.get("input") if isinstance(earlier, dict) else None
-            raise DeepWMLError(f"{out_dir} holds the results of another scan named {case!r} ({given}); choose "
-                               f"another OUTDIR, or --overwrite to replace them with this scan's")
-        listed = earlier.get("outputs")
-        if isinstance(listed, list):  # the files its run wrote (in whatever --output-format it was given)
-            missing = [name for name in listed if isinstance(name, str) and not (out_dir / name).exists()]
-        else:  # an older report: its mask in some format
-            masks = [output_paths(out_dir, case, False, extension=e)["mask"] for e in io.OUTPUT_EXTENSIONS]
-            missing = [] if any(m.exists() for m in masks) else [paths["mask"].name]
-        if missing:
-            raise DeepWMLError(f"an earlier run's {paths['report'].name} is here but not its {', '.join(missing)} "
-                               f"(deleted?); rerun with --overwrite to make them again")
+        earlier = check_earlier_result(out_dir, case, path, paths["report"],
+                                       [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
+                                                               for e in io.OUTPUT_EXTENSIONS])
         row = {"case": case, "input": str(path), "status": "skipped",
                "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
         try:  # the earlier result stays in summary.csv, which this run writes anew
@@ -514,7 +552,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         prepared = outline_series(image, result.mask, chosen[0], report)
     if overwrite:  # the report goes first: a run that fails part way leaves outputs without one (rerun asked
         # for), never old and new mixed
-        listed = _listed_outputs(paths["report"]) if paths["report"].exists() else None
+        # which: what its report lists (one of an older version, without a list: DeepWML's output names);
+        # without a report (a run stopped part way, or none ever), nothing beyond this run's own files
+        listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
         paths["report"].unlink(missing_ok=True)
         # then the earlier run's outputs that this one will not write (other options, or another --output-format)
         # would not match it: they go before anything new is written; only files DeepWML wrote (its report
@@ -529,6 +569,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
                 remove_outline_series(stale)
     report["input_absolute"] = str(path.resolve())
+    report["input_fingerprint"] = input_fingerprint(path)
     report["outputs"] = sorted(p.name for p in paths.values())
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
@@ -590,6 +631,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     out = io.make_output_dir(out_dir)
     cases = _once_each(expand_inputs(inputs))
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
+    options["leftovers"] = temporary_leftovers(out)
     rows, seen = [], set()
     finished = False
     try:

@@ -215,3 +215,64 @@ def test_files_that_cannot_be_read_are_named(tmp_path, tiny_model, monkeypatch, 
     report = json.loads((tmp_path / "out2" / "dicom_report.json").read_text())
     assert any(last.name in warning for warning in report["warnings"])
     assert np.isclose(report["slice_thickness_mm"], 5.0)
+
+
+def test_overwrite_without_an_earlier_report_deletes_nothing_but_its_own_files(tmp_path, tiny_model):
+    """No report, nothing to say which files DeepWML wrote: a scan named like an output and a picture of the
+    user's own stay, though this run does not make them."""
+    folder = tmp_path / "in"
+    scan = write_case(folder, "X")
+    shutil.copy(scan, folder / "X_brain.nii.gz")
+    (folder / "X_qc.png").write_bytes(b"precious")
+    assert segment(tiny_model, scan, "-o", folder, "--overwrite") == 0
+    assert (folder / "X_brain.nii.gz").read_bytes() == scan.read_bytes()
+    assert (folder / "X_qc.png").read_bytes() == b"precious"
+
+
+def test_a_moved_folder_keeps_its_results_and_a_replaced_scan_does_not(tmp_path, tiny_model, capsys):
+    first = write_case(tmp_path / "in", "a")
+    out = tmp_path / "out"
+    assert segment(tiny_model, first, "-o", out, "--qc") == 0
+    (out / "a_qc.png").unlink()  # optional outputs may be deleted after review: still done
+    (tmp_path / "in").rename(tmp_path / "moved")
+    assert segment(tiny_model, tmp_path / "moved", "-o", out) == 0
+    assert summary(out)["a"]["status"] == "skipped"
+    write_case(tmp_path / "moved", "a", seed=7, blobs=())  # the file replaced by another scan of that name
+    capsys.readouterr()
+    assert segment(tiny_model, tmp_path / "moved", "-o", out) == 1
+    assert "or this scan has changed since" in capsys.readouterr().err
+
+
+def test_a_file_system_without_locks_still_runs(tmp_path, tiny_model, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert segment(tiny_model, write_case(tmp_path, "a"), "-o", tmp_path / "out") == 0
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_system_folder_below_the_input_is_not_a_failing_case(tmp_path, tiny_model, monkeypatch):
+    folder = tmp_path / "disk"
+    write_case(folder, "a")
+    (folder / "lost+found").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path) == str(folder / "lost+found"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert segment(tiny_model, folder, "-o", tmp_path / "out") == 0
+    assert list(summary(tmp_path / "out")) == ["a"]
+
+
+def test_a_long_name_in_a_multibyte_script_fits_its_temporary_names(tmp_path, tiny_model):
+    name = "é" * 118  # 236 bytes: its outputs (up to 248 bytes) fit, and so must their temporary names
+    path = write_case(tmp_path / "in", name)
+    assert segment(tiny_model, path, "-o", tmp_path / "out") == 0
+    assert (tmp_path / "out" / f"{name}_report.json").is_file()

@@ -246,3 +246,19 @@ def test_batch_with_a_ventricle_model_splits_the_volume_as_the_command_line_does
     assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(tmp_path / "plain"), "--model",
                              str(tiny_model), "--device", "cpu"]) == 0
     assert summary(tmp_path / "plain")["a"]["periventricular_ml"] == ""  # no ventricle model: no split
+
+
+def test_batch_never_writes_over_a_scan_given(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """The input folder as the output folder, with the user's own X_wmh.nii.gz among the scans: X is refused
+    (as `deepwml segment` refuses it), even with --overwrite, and that file stays as it was."""
+    oracle_network(monkeypatch)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "X.nii.gz")
+    writeCase(inputs, "X_wmh.nii.gz", seed=3)
+    before = (inputs / "X_wmh.nii.gz").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(inputs), "--model", str(tiny_model),
+                                 "--device", "cpu", *extra]) == 1
+        assert (inputs / "X_wmh.nii.gz").read_bytes() == before
+        assert "is one of the scans given" in summary(inputs)["X"]["error"]

@@ -18,7 +18,6 @@ or was skipped, 1 when any failed, 2 for a usage error.
 """
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -121,25 +120,30 @@ def loadReference(path: Path):
 
 
 def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
-    from DeepWMLLib.evaluation import write_json
+    """One case, as `deepwml segment` does it: a scan given is never written over, and another DeepWML
+    process writing the same case at once is refused (a lock on it)."""
     from DeepWMLLib.segment import output_paths
 
     paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
+    taken = [p.name for p in paths.values() if p.resolve() in args.protected]
+    if taken:
+        raise DeepWMLError(f"{', '.join(taken)} in {args.output_dir} would be written over, and is one of the scans "
+                           f"given; choose another output folder")
+    with io.exclusive(args.output_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {args.output_dir}"):
+        return _segmentCase(logic, case, path, args, study, paths)
+
+
+def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
+    from DeepWMLLib.evaluation import write_json
+    from DeepWMLLib.segment import check_earlier_result, input_fingerprint, output_paths
+
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
-        from DeepWMLLib.segment import same_input
-
+        earlier = check_earlier_result(args.output_dir, case, path, paths["report"], [paths["mask"].name])
         row = {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
-        try:
-            earlier = json.loads(paths["report"].read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return row  # a report that cannot be read: the row says skipped without figures
-        if isinstance(earlier, dict) and not same_input(earlier, path):
-            raise DeepWMLError(f"{args.output_dir} holds the results of another scan named {case!r} "
-                               f"({earlier.get('input')}); choose another output folder, or --overwrite")
         try:  # the earlier result's figures stay in summary.csv, which this run writes anew
             row.update(summaryFigures(earlier))
         except (KeyError, TypeError, AttributeError):
@@ -163,7 +167,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
-        report.update(input_absolute=str(path.resolve()),
+        report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path),
                       outputs=sorted(p.name for p in paths.values()))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
@@ -214,6 +218,7 @@ def main(argv) -> int:
     rows, seen = [], set()
     inputs = list(expand_inputs([str(args.input_dir)]))
     args.cases = [case for case, _, _ in inputs]  # to tell CASE_* references from those of longer case names
+    args.protected = frozenset(path.resolve() for _, path, _ in inputs)  # never written over
     for case, path, study in inputs:
         start = time.perf_counter()
         try:
@@ -234,7 +239,7 @@ def main(argv) -> int:
         rows.append(row)
         detail = f"{row['volume_ml']:.2f} ml, {row['lesion_count']} lesions" if row["status"] == "ok" else row["error"]
         print(f"{case}: {row['status']} - {detail}", flush=True)
-        if row.get("warnings"):
+        if row.get("warnings") and row["status"] == "ok":  # a skipped case's are its earlier run's
             print(f"{case}: warning: {row['warnings']}", flush=True)
     write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
     failed = sum(row["status"] == "error" for row in rows)
