@@ -756,7 +756,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _probability(text: str) -> float:
+def probability(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError("must be between 0 and 1")
@@ -777,7 +777,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "
                    "Default: the shipped default model")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threshold", type=_probability, help="probability threshold (default: from the model file)")
+    p.add_argument("--threshold", type=probability, help="probability threshold (default: from the model file)")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.nii.gz (or .nrrd, .mha: see --output-format)")
     p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,

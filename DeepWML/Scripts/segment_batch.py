@@ -29,22 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
 from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
-from DeepWMLLib import io  # noqa: E402
+from DeepWMLLib import io, segment  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
                    "dice", "sensitivity", "precision", "reference", "seconds", "warnings"]
-
-
-def probability(text: str) -> float:
-    """argparse type: a probability threshold strictly between 0 and 1 (else a usage error, exit 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
 
 
 def parseArguments(argv):
@@ -55,7 +44,7 @@ def parseArguments(argv):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--model", nargs="+", metavar="FILE",
                         help="model file(s); several make an ensemble. Default: the shipped default model")
-    parser.add_argument("--threshold", type=probability, help="probability threshold (default: the model's)")
+    parser.add_argument("--threshold", type=segment.probability, help="probability threshold (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
