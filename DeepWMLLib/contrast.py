@@ -168,4 +168,10 @@ def contrast_warnings(check: dict) -> list[str]:
                 f"{check['cortex_brighter_fraction']:.0%} of it is brighter than the deep white matter; "
                 f"{FLAIR_CORTEX_RANGE} on the real FLAIRs checked), as on a T1-weighted scan, where lesions are not "
                 "bright and the figures mean nothing: check the series"]
+    if check.get("not_judged"):  # silence would read as "a FLAIR"; the brain outline fails on T2-weighted scans
+        deep = check.get("deep_ml")
+        why = (f"only {deep:.0f} ml of brain lies 20 mm or more inside its outline (under {MIN_DEEP_ML:g} ml: a "
+               "partial field of view, or an outline that failed, as it does on T2-weighted scans)"
+               if deep is not None and deep < MIN_DEEP_ML else check["not_judged"])
+        return [f"whether this scan is a FLAIR could not be checked: {why}; make sure the series is a FLAIR"]
     return []

@@ -44,7 +44,7 @@ BAD_INPUTS = [
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
     ("one sagittal slice cut from an axial scan (axial slices 1 pixel wide)", "segment", 1, "too narrow to segment"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
-    ("axial slices thinner than their pixels (1 x 1 x 0.8 mm)", "segment", 0, "ok: called axial, no warning"),
+    ("axial slices thinner than their pixels (1 x 1 x 0.8 mm)", "segment", 0, "ok: called axial, no plane warning"),
     ("corrupt model file", "segment", 1, "not a readable DeepWML model"),
     ("model file of a newer format", "segment", 1, "update DeepWML"),
     ("output folder missing", "segment", 0, "ok: created"),
@@ -389,7 +389,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))
-        assert report["acquisition_plane"] == "axial" and report["warnings"] == []
+        assert report["acquisition_plane"] == "axial"
+        assert [w for w in report["warnings"] if "could not be checked" not in w] == []  # a small phantom's head
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference"):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 

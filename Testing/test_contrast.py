@@ -70,7 +70,11 @@ def test_not_judged_without_enough_deep_brain():
     stack, inside, lesion = _head(0.7, 0.3, radius_mm=(30.0, 35.0, 30.0))
     check = contrast.flair_contrast(stack, inside, lesion, SPACING)
     assert check["looks_like"] is None and check["dark_fraction"] is None and "under 50 ml" in check["not_judged"]
-    assert contrast.contrast_warnings(check) == []
+    (warning,) = contrast.contrast_warnings(check)  # said, not silent: silence would read as "a FLAIR"
+    assert "could not be checked" in warning and f"only {check['deep_ml']:.0f} ml" in warning
+    check["not_judged"] = "no intensity level to judge by (an image whose black is not 0, e.g. z-scored?)"
+    check["deep_ml"] = 400.0
+    assert "z-scored" in contrast.contrast_warnings(check)[0]
 
 
 def test_holes_in_the_brain_mask_are_filled():
