@@ -41,6 +41,7 @@ import SimpleITK as sitk
 
 from . import io, metrics
 from .errors import Cancelled, DeepWMLError, UsageError
+from .volume import Volume
 
 ALPHA = 0.05
 MIN_GROUP_SIZE = 3  # fewer values than this and a group is left out of the tests (and said so)
@@ -173,10 +174,14 @@ def case_error(exc: Exception) -> str:
 
 
 def _as_mask(value, what: str) -> sitk.Image:
+    if isinstance(value, Volume):  # what segment_image returns for a Volume input
+        value = value.to_sitk()
     return value if isinstance(value, sitk.Image) else io.read_mask(_existing(value, what))
 
 
 def _as_scores(value) -> sitk.Image:
+    if isinstance(value, Volume):
+        value = value.to_sitk()
     if isinstance(value, sitk.Image):
         return value
     # read_image would refuse an all-zero map, which is a legitimate (if useless) prediction

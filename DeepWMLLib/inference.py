@@ -384,11 +384,17 @@ def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precisi
     if not loaded.digest:
         return _new_runner(loaded, device, backend, precision)
     key = (loaded.digest, device, backend, precision, os.environ.get("OMP_NUM_THREADS"))
-    runner = _RUNNERS.pop(key, None) or _new_runner(loaded, device, backend, precision)
-    _RUNNERS[key] = runner  # most recently used last
-    while len(_RUNNERS) > _RUNNERS_KEPT:
-        _RUNNERS.pop(next(iter(_RUNNERS)))
+    with _RUNNERS_LOCK:  # two segmentations at once (threads, Slicer) build one runner, not two that may differ
+        runner = _RUNNERS.pop(key, None) or _new_runner(loaded, device, backend, precision)
+        _RUNNERS[key] = runner  # most recently used last
+        while len(_RUNNERS) > _RUNNERS_KEPT:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
     return runner
+
+
+# Building a runner may export the network to ONNX (torch.onnx.export is not thread-safe) into one temporary
+# file per process: one thread at a time.
+_RUNNERS_LOCK = threading.RLock()
 
 
 def _new_runner(loaded: LoadedModel, device: str, backend: str, precision: str = "auto"):

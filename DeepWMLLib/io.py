@@ -770,6 +770,9 @@ def read_image(path: str | os.PathLike, light: bool = False, series: str | Dicom
 
 def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Image | Volume:
     """Refuse an in-memory volume that cannot be segmented (files get the same checks on reading)."""
+    if not hasattr(image, "GetNumberOfComponentsPerPixel"):
+        raise DeepWMLError(f"{name} is a {type(image).__name__}, not an image: pass a SimpleITK image (e.g. "
+                           "io.read_image(path)), which carries the spacing and orientation the volumes need")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB); "
                            "DeepWML needs a single-channel (grey-scale) FLAIR volume")

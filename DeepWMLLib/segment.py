@@ -94,6 +94,8 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
     """Model files' settings (None: the shipped default model); each network is built on first use."""
     from .checkpoint import load_model_settings
 
+    if isinstance(paths, (str, os.PathLike)):  # one file, not a string of one-letter paths
+        paths = [paths]
     models = [load_model_settings(p) for p in (paths or default_model_paths())]
     for m in models:
         if is_brain_model(m):

@@ -258,3 +258,44 @@ def test_the_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "deepwml"
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "own"))
     assert cache_dir() == tmp_path / "own"
+
+
+def test_two_threads_on_a_models_first_use_build_one_runner_and_agree(tmp_path, monkeypatch):
+    """The first use of a model exports it (torch.onnx.export is not thread-safe): two segmentations started
+    together in threads (a script, two Slicer jobs) must run on the same runtime and give the same masks."""
+    import threading
+    import warnings
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "fresh cache"))
+    (loaded,) = load_models([tiny_model_file(tmp_path / "m.pt")])
+    image, _ = make_volume(size=(40, 36, 4))
+    results, facts = {}, {0: {}, 1: {}}
+    barrier = threading.Barrier(2)
+
+    def run(k):
+        barrier.wait()
+        results[k] = inference.predict_maps(image, [loaded], None, "cpu", facts=facts[k], precision="fp32")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not [w for w in caught if "unavailable" in str(w.message)]
+    assert facts[0]["runner"] == facts[1]["runner"]
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+
+
+def test_library_calls_take_what_a_script_naturally_passes(tmp_path):
+    from DeepWMLLib.evaluation import evaluate_case
+    from DeepWMLLib.volume import Volume
+
+    path = tiny_model_file(tmp_path / "m.pt")
+    assert [m.digest for m in load_models(str(path))] == [m.digest for m in load_models([path])]  # one path
+    image, truth = make_volume(size=(40, 36, 4))
+    with pytest.raises(DeepWMLError, match="not an image: pass a SimpleITK image"):
+        segment_image(sitk.GetArrayFromImage(image), load_models([path]))
+    as_volume = Volume(sitk.GetArrayFromImage(truth), truth.GetSpacing(), truth.GetOrigin(), truth.GetDirection())
+    assert evaluate_case(as_volume, truth)["dice"] == 1.0  # what segment_image returns for a Volume input
