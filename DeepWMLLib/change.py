@@ -329,8 +329,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                 status[n] = 4
             elif nearest_base[n] > tolerance_mm:
                 status[n] = 2 if volume >= min_change_ml else 6
-            elif volume - before >= enlarge_min_ml and volume >= (1.0 + enlarge_fraction) * before:
-                status[n] = 3
+            elif before > 0 and volume - before >= enlarge_min_ml and volume >= (1.0 + enlarge_fraction) * before:
+                status[n] = 3  # (no baseline volume matched, e.g. only `presence` near it: not enlarging, stable)
         lookup = np.concatenate([[0], status]).astype(np.uint8)
         out = lookup[labels]
         for n in np.argsort(-sizes, kind="stable"):
@@ -338,6 +338,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
             assessed = status[n] != 4
             # a lesion whose baseline lesion is cut by the follow-up's view keeps that (incomplete) baseline volume
             before = float(before_ml[n]) if status[n] in (1, 3) or cut[n + 1] else (0.0 if status[n] in (2, 6) else None)
+            if status[n] == 1 and before == 0.0:  # there before (its probability, a lesion just beside it) but
+                before = None                    # no baseline volume of its own to measure a change against
             rows.append({
                 "status": LABELS[int(status[n])], "scan": "follow-up", "volume_ml": round(volume, 6),
                 "baseline_ml": None if before is None else round(before, 6),
@@ -368,6 +370,12 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                 gone_mask = np.concatenate([[False], which])[base_labels].astype(np.uint8)
                 carried = _resample(io.like_image(gone_mask, baseline_mask), followup_mask, transform) >= 0.5
                 out[carried & (out == 0)] = value
+                # a lesion smaller than the follow-up's slice gap reaches 0.5 nowhere: drawn at its centre at least
+                for n in np.flatnonzero(which):
+                    centre = inverse.TransformPoint(tuple(float(v) for v in base_centroids[n]))
+                    i, j, k = followup_mask.TransformPhysicalPointToIndex(centre)
+                    if all(0 <= a < b for a, b in zip((i, j, k), followup_mask.GetSize())) and out[k, j, i] == 0:
+                        out[k, j, i] = value
             # a baseline lesion's position, said in the follow-up's space (where the picture and label map are)
             for n in np.argsort(-sizes, kind="stable"):
                 if not (gone[n] or unseen[n]):

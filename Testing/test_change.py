@@ -298,6 +298,9 @@ def test_bad_inputs_are_refused_clearly(pair, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(base + both + ["--tolerance-mm", "-1"])
     assert stop.value.code == 2 and "--tolerance-mm: must be 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(base + both + ["--tolerance-mm", "inf"])  # (before: accepted, then a crash after segmenting)
+    assert stop.value.code == 2 and "--tolerance-mm: must be 0 or more (and finite)" in capsys.readouterr().err
 
 
 def test_scans_of_different_heads_are_warned_about(pair):
@@ -487,3 +490,36 @@ def test_a_lesion_the_follow_up_cuts_off_is_not_assessable_not_shrunken(pair):
     assert report["n_new"] == report["n_gone"] == report["n_enlarging"] == 0 and report["n_stable"] >= 1
     assert all(abs(r["change_ml"]) < 0.05 for r in report["lesions"] if r["status"] == "stable")
     assert any("cannot be measured" in w for w in report["warnings"])
+
+
+def _grid(size, spacing, array=None):
+    image = sitk.GetImageFromArray(np.zeros(size[::-1], np.uint8) if array is None else array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((0.0, 0.0, 0.0))
+    return image
+
+
+def test_a_gone_lesion_smaller_than_the_follow_ups_slice_gap_is_still_drawn():
+    """A gone lesion between two 6 mm slices' centres never reaches half a voxel there: it is counted in
+    the report and must show in the label map (and so in the picture and the Slicer segments) too."""
+    base = np.zeros((40, 40, 40), np.uint8)
+    base[2:5, 18:22, 18:22] = 1  # 0.048 ml between the follow-up's slice centres at z = 0 and 6 mm
+    baseline = _grid((40, 40, 40), (1.0, 1.0, 1.0), base)
+    followup = _grid((40, 40, 7), (1.0, 1.0, 6.0))
+    labels, rows = change.classify(followup, baseline, sitk.Transform(3, sitk.sitkIdentity))
+    assert [r["status"] for r in rows] == ["gone"]
+    assert np.count_nonzero(labels == 5) >= 1
+
+
+def test_a_lesion_with_no_baseline_volume_is_not_enlarging_from_nothing():
+    """Kept from 'new' only by the baseline's probability (--presence), a follow-up lesion has no baseline
+    volume to have grown from: stable, with no change given (before: enlarging by its whole volume)."""
+    follow = np.zeros((20, 40, 40), np.uint8)
+    follow[8:12, 15:25, 15:25] = 1  # 0.4 ml
+    followup = _grid((40, 40, 20), (1.0, 1.0, 1.0), follow)
+    baseline = _grid((40, 40, 20), (1.0, 1.0, 1.0))
+    probability = sitk.Cast(followup, sitk.sitkFloat32) * 0.3  # just under the baseline's threshold there
+    labels, rows = change.classify(followup, baseline, sitk.Transform(3, sitk.sitkIdentity),
+                                   baseline_probabilities=probability, presence=0.15)
+    assert [r["status"] for r in rows] == ["stable"]
+    assert rows[0]["baseline_ml"] is None and rows[0]["change_ml"] is None
