@@ -523,3 +523,15 @@ def test_a_lesion_with_no_baseline_volume_is_not_enlarging_from_nothing():
                                    baseline_probabilities=probability, presence=0.15)
     assert [r["status"] for r in rows] == ["stable"]
     assert rows[0]["baseline_ml"] is None and rows[0]["change_ml"] is None
+
+
+def test_a_follow_up_that_is_a_thin_slab_of_the_head_registers(shared_data):
+    """An 8-slice (24 mm) slab of a real head, unmoved: matching its centre of mass to the whole head's
+    started 12 cm off and never recovered (correlation 0.41, the warning fired); the scanner's own frame,
+    tried then, lands on it."""
+    base = sitk.ReadImage(str(shared_data / "open_ms" / "clinical_flair" / "patient01_study2.nii.gz"), sitk.sitkFloat32)
+    follow = base[:, :, 32:40]
+    registration = change.align(follow, base)
+    points = [follow.TransformIndexToPhysicalPoint((i, j, k)) for i in (60, 190) for j in (60, 190) for k in (0, 7)]
+    error = max(np.linalg.norm(np.subtract(registration.transform.TransformPoint(p), p)) for p in points)
+    assert error < 0.5 and registration.correlation > 0.95
