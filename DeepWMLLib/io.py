@@ -977,8 +977,8 @@ def exclusive(lock: Path, what: str):
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(lock)
-            yield
-            return
+            fd = None
+            break
         try:
             held = os.path.samestat(os.fstat(fd), os.stat(lock))
         except FileNotFoundError:  # removed by the process that held it just before: lock the new one
@@ -986,6 +986,9 @@ def exclusive(lock: Path, what: str):
         if held:
             break
         os.close(fd)
+    if fd is None:  # (outside the except clause: an error in the block is not chained to the lock's)
+        yield
+        return
     try:
         yield
     finally:
