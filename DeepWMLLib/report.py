@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
-from .metrics import lv_group
+from .metrics import image_lv_ml, lv_group
 from .postprocessing import label_components
 from .volume import voxels
 
@@ -37,8 +37,7 @@ def slice_table(stack: np.ndarray, frame: SliceFrame) -> list[dict]:
     areas = stack.reshape(stack.shape[0], -1).sum(axis=1) * frame.pixel_area_mm2
     rows = []
     for index, area in enumerate(areas):
-        # rounded as metrics.slices does, so that floating-point noise cannot move a slice across a group bound
-        lv_ml = round(float(area) * frame.slice_thickness_mm / 1000.0, 9)
+        lv_ml = image_lv_ml(area, frame.slice_thickness_mm)
         rows.append({
             "index": index,
             "area_mm2": round(float(area), 4),

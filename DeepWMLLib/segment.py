@@ -458,6 +458,17 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
+    with case_guard(out_dir, case, paths, protected):
+        return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
+                             overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
+                             brain_model, save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model,
+                             save_ventricle_mask, protected, leftovers)
+
+
+def case_guard(out_dir: Path, case: str, paths: dict, protected=frozenset()):
+    """Checks before a case's outputs are written, and the lock held while they are (`deepwml segment` and the
+    Slicer batch script alike): names that fit the file system, no output on a scan given to the run
+    (`protected`), and no other DeepWML process writing the same case now."""
     longest = max(len(os.fsencode(p.name)) for p in paths.values())
     if longest > 255:
         raise DeepWMLError(f"the case name is too long for its output files ({longest} bytes, where a file name may "
@@ -466,11 +477,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     if inputs:
         raise DeepWMLError(f"{', '.join(inputs)} in {out_dir} would be written over, and is one of the scans given; "
                            f"choose another OUTDIR")
-    with io.exclusive(out_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {out_dir}"):
-        return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
-                             overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
-                             brain_model, save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model,
-                             save_ventricle_mask, protected, leftovers)
+    return io.exclusive(out_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {out_dir}")
 
 
 def temporary_leftovers(out_dir: Path) -> list[Path]:

@@ -114,11 +114,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
     from DeepWMLLib.segment import output_paths
 
     paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
-    taken = [p.name for p in paths.values() if p.resolve() in args.protected]
-    if taken:
-        raise DeepWMLError(f"{', '.join(taken)} in {args.output_dir} would be written over, and is one of the scans "
-                           f"given; choose another output folder")
-    with io.exclusive(args.output_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {args.output_dir}"):
+    with segment.case_guard(args.output_dir, case, paths, args.protected):
         return _segmentCase(logic, case, path, args, study, paths)
 
 
