@@ -313,6 +313,7 @@ class DicomSeries:
     number: int | None = None  # the series number (0020,0011), as PACS and the console show it
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
     instance_numbers: tuple = ()  # (0020,0013) of each file, in the order of `files` (slice order)
+    instance_uids: tuple = ()  # (0008,0018) of each file ("" where it has none), in the order of `files`
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
@@ -412,7 +413,8 @@ def _slice_key(reader, path: str) -> tuple:
 def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     """The one pass over DICOM files behind `dicom_series` and `dicom_catalogue`: every file's header read
     once (symbolic links followed, each folder once; hidden ones and known non-DICOM files skipped), grouped
-    by Series Instance UID. Returns ({series UID: {"files": [(slice key, path, instance number)], "header",
+    by Series Instance UID. Returns ({series UID: {"files": [(slice key, path, instance number, SOP Instance
+    UID)], "header",
     "study", "date"}}, the folders that could not be read)."""
     import SimpleITK as sitk
 
@@ -461,11 +463,13 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
                 number = _header_number(reader, "0020|0013")
-                entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number)))
+                instance = reader.GetMetaData("0008|0018").strip(" \0") if reader.HasMetaDataKey("0008|0018") else ""
+                entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number),
+                                       instance))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     for entry in series.values():
-        folders = sorted({os.path.dirname(path) for _, path, _ in entry["files"]})
+        folders = sorted({os.path.dirname(f[1]) for f in entry["files"]})
         entry["damaged"] = tuple(os.path.join(f, n) for f in folders for n in damaged.get(f, []))
     return series, problems
 
@@ -473,9 +477,9 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
 def _series_of(uid: str, entry: dict) -> DicomSeries:
     ordered = sorted(entry["files"], key=lambda f: f[0])
     header = entry["header"]
-    return DicomSeries(uid, header[0], tuple(path for _, path, _ in ordered), *header[1:6], modality=header[6],
-                       secondary_capture=header[7], instance_numbers=tuple(n for _, _, n in ordered),
-                       damaged=entry.get("damaged", ()))
+    return DicomSeries(uid, header[0], tuple(f[1] for f in ordered), *header[1:6], modality=header[6],
+                       secondary_capture=header[7], instance_numbers=tuple(f[2] for f in ordered),
+                       instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()))
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
@@ -483,7 +487,8 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
     wherever their files lie) and studies (Study Instance UID; files without one make a study of their
     folder's). Returns (the studies, in name order; the folders that could not be read). Each study is
     named by the folder its files share, as a path under `root` joined with "_" (`root`'s own name when
-    it is `root`); studies that would share a name get their study date, then the end of their UID."""
+    it is `root`); studies that would share a name, upper and lower case alike, get their study date, then
+    the end of their UID."""
     root = Path(os.path.abspath(root))
     series, problems = _read_series(root, recursive=True)
     studies: dict = {}
@@ -501,12 +506,13 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
         uid = None if key.startswith("(no study UID)") else key
         found.append(DicomStudy(name, folder, uid, ordered, members[0][1]))
     counts: dict = {}
-    for study in found:
-        counts[study.name] = counts.get(study.name, 0) + 1
+    for study in found:  # names alike but for upper/lower case clash too: one file on macOS and Windows
+        counts[study.name.casefold()] = counts.get(study.name.casefold(), 0) + 1
     named = []
     for study in found:  # names that clash: the study date, then the UID's end
-        if counts[study.name] > 1:
-            same_day = sum(1 for other in found if other.name == study.name and other.date == study.date)
+        if counts[study.name.casefold()] > 1:
+            same_day = sum(1 for other in found if other.name.casefold() == study.name.casefold()
+                           and other.date == study.date)
             suffix = study.date or "nodate"
             if same_day > 1:
                 suffix += "_" + (study.uid or "nouid").replace(".", "")[-8:]

@@ -138,6 +138,106 @@ def load_ventricle_model(spec="default"):
     return _load_role_model(spec, VENTRICLE_ROLE, VENTRICLE_LABEL, "ventricle")
 
 
+def loaded_models(models) -> list:
+    """segment_image's `models` (None: the shipped default; model files or loaded models) as loaded models."""
+    from .checkpoint import LoadedModel
+
+    if models is None:
+        return load_models()
+    models = [models] if isinstance(models, (str, os.PathLike, LoadedModel)) else list(models)
+    if not models:
+        raise DeepWMLError("models is empty: give model files or loaded models (load_models), or None for the "
+                           "shipped default")
+    paths = [m for m in models if isinstance(m, (str, os.PathLike))]
+    files = iter(load_models(paths) if paths else [])  # load_models([]) would be the default model
+    models = [next(files) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    for m in models:
+        if not isinstance(m, LoadedModel):
+            raise DeepWMLError(f"models must be model files or loaded models (load_models), got a {type(m).__name__}")
+    return models
+
+
+# The settings that shape a case's result (its mask, its figures, its split), by the option that sets them.
+# The report records them (`settings`), and a rerun into the same OUTDIR skips a case only when they are the
+# same. How a run goes (device, backend, batch size) and the optional outputs it adds do not count.
+RESULT_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "tta": "--tta",
+                   "min_lesion_mm3": "--min-lesion-mm3", "exclude_edge_fraction": "--exclude-edge-slices",
+                   "brain_model_sha256": "--brain-model/--no-brain-mask",
+                   "ventricle_model_sha256": "--ventricle-model/--no-location", "precision": "--precision"}
+
+
+def result_settings(models: Sequence, threshold: float | None, tta: bool, min_lesion_mm3: float | None,
+                    exclude_edge_fraction: float, brain_model, ventricle_model, precision: str | None) -> dict:
+    """The settings that shape a result (RESULT_SETTINGS) and the models' names, from loaded models
+    (`threshold`, `min_lesion_mm3` None: their defaults). `precision`: what the networks computed in
+    (`computed_precision`); for a run not yet made, the one asked for, None for auto (any)."""
+    from .postprocessing import DEFAULT_MIN_LESION_MM3
+
+    pairs = sorted((m.digest, m.name) for m in models)  # an ensemble is averaged: its order does not matter
+    return {
+        "model": [name for _, name in pairs], "model_sha256": [digest for digest, _ in pairs],
+        "threshold": float(np.mean([m.threshold for m in models])) if threshold is None else float(threshold),
+        "tta": bool(tta),
+        "min_lesion_mm3": float(DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3),
+        "exclude_edge_fraction": float(exclude_edge_fraction),
+        "brain_model": None if brain_model is None else brain_model.name,
+        "brain_model_sha256": None if brain_model is None else brain_model.digest,
+        "ventricle_model": None if ventricle_model is None else ventricle_model.name,
+        "ventricle_model_sha256": None if ventricle_model is None else ventricle_model.digest,
+        "precision": precision,
+    }
+
+
+def computed_precision(runner: str | None) -> str:
+    """What the networks computed in, from the report's `runner` ("openvino bf16, torch"): fp32, bf16 or fp16,
+    joined by "+" when runners differed (a GPU run finished on the CPU)."""
+    kinds = {"bf16" if "bf16" in name else "fp16" if "fp16" in name else "fp32"
+             for name in (runner or "").split(", ") if name}
+    return "+".join(sorted(kinds)) or "fp32"
+
+
+def planned_settings(models=None, threshold: float | None = None, tta: bool = False,
+                     min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
+                     brain_model="default", ventricle_model="default", precision: str = "auto") -> dict:
+    """The result settings a run given these (as segment_image takes them) will record, before it runs."""
+    return result_settings(loaded_models(models), threshold, tta, min_lesion_mm3, exclude_edge_fraction,
+                           load_brain_model(brain_model), load_ventricle_model(ventricle_model),
+                           None if precision == "auto" else precision)
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_differences(earlier: dict, wanted: dict) -> list[str]:
+    """The result settings in which an earlier report's `settings` and `wanted` (planned_settings) differ,
+    each as "OPTION (THEN then, NOW now)". A setting the earlier report lacks is not compared, nor the
+    precision when `wanted` leaves it to the machine (auto)."""
+    found = []
+    for key, option in RESULT_SETTINGS.items():
+        if key not in earlier or (key == "precision" and wanted[key] is None):
+            continue
+        then, now = earlier[key], wanted[key]
+        if isinstance(now, float) and isinstance(then, (int, float)) and not isinstance(then, bool):
+            same = abs(then - now) <= 1e-9 * max(1.0, abs(now))
+        else:
+            same = then == now
+        if same:
+            continue
+        if key.endswith("_sha256"):  # the models by name; the same name with other weights says so
+            then, now = earlier.get(key[:-7]), wanted.get(key[:-7])
+            if then == now:
+                then, now = f"{_shown(then)} (other weights)", _shown(now)
+        found.append(f"{option} ({_shown(then)} then, {_shown(now)} now)")
+    return found
+
+
 @dataclass
 class SegmentationResult:
     mask: sitk.Image  # uint8 0/1 on the input grid
@@ -161,7 +261,6 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
     the shipped default).
     """
-    from .checkpoint import LoadedModel
     from .contrast import contrast_warnings, flair_contrast
     from .inference import check_batch_size, predict_maps, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
@@ -178,19 +277,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         raise DeepWMLError(f"min_lesion_mm3 must be a number of mm³ >= 0 (or None for the default), got {min_lesion_mm3!r}")
     check_batch_size(batch_size)
     io.check_volume(image)
-    if models is None:
-        models = load_models()
-    else:
-        models = [models] if isinstance(models, (str, os.PathLike, LoadedModel)) else list(models)
-        if not models:
-            raise DeepWMLError("models is empty: give model files or loaded models (load_models), or None for the "
-                               "shipped default")
-        paths = [m for m in models if isinstance(m, (str, os.PathLike))]
-        files = iter(load_models(paths) if paths else [])  # load_models([]) would be the default model
-        models = [next(files) if isinstance(m, (str, os.PathLike)) else m for m in models]
-        for m in models:
-            if not isinstance(m, LoadedModel):
-                raise DeepWMLError(f"models must be model files or loaded models (load_models), got a {type(m).__name__}")
+    models = loaded_models(models)
     brain_model = load_brain_model(brain_model)
     ventricle_model = load_ventricle_model(ventricle_model)
     if threshold is None:
@@ -271,6 +358,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "device": str(dev),
         "runner": facts.get("runner"),
         "seconds": round(time.perf_counter() - start, 3),
+        "settings": result_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
+                                    ventricle_model, computed_precision(facts.get("runner"))),
     })
     return SegmentationResult(mask, prob_image, report, brain_image, ventricle_image)
 
@@ -311,17 +400,31 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
 
 def _once_each(cases: list[tuple]) -> list[tuple]:
     """The cases with the same scan given twice (or a folder and a file in it) kept once (studies of an
-    export may share a folder: the case name tells them apart)."""
+    export may share a folder: the case name tells them apart, upper and lower case alike as on macOS)."""
     unique, seen = [], set()
     for case in cases:
         try:
-            key = (case[1].resolve(), case[0])
+            key = (case[1].resolve(), case[0].casefold())
         except (OSError, RuntimeError):
-            key = (case[1], case[0])
+            key = (case[1], case[0].casefold())
         if key not in seen:
             seen.add(key)
             unique.append(case)
     return unique
+
+
+def check_new_name(case: str, seen: dict) -> None:
+    """A DeepWMLError when an earlier case of the run (`seen`: casefolded name -> name, this one added) has
+    this name, or one that differs only in upper/lower case: on macOS and Windows their outputs would be
+    the same files."""
+    other = seen.get(case.casefold())
+    if other is None:
+        seen[case.casefold()] = case
+        return
+    if other == case:
+        raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
+    raise DeepWMLError(f"two inputs are named {other!r} and {case!r}, alike but for upper/lower case: on macOS and "
+                       f"Windows their outputs would be the same files; rename one")
 
 
 def _image_files(folder: Path) -> list[tuple]:
@@ -365,26 +468,54 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
     return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
 
 
-def input_fingerprint(path: Path) -> str | None:
-    """What tells one scan file from another whatever its folder is called: its size and the SHA-256 of its
-    first MiB (None for a DICOM folder, known by its place alone)."""
-    if not path.is_file():
-        return None
+def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:
+    """What tells one scan from another wherever it lies. A scan file: its size and the SHA-256 of its first
+    MiB. A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
+    UIDs (a file without one: its size and hash), hashed, as "dicom:FILES:HASH". None for a folder without
+    `series`."""
+    import hashlib
+
+    if series is not None:
+        uids = series.instance_uids or ("",) * len(series.files)
+        keys = sorted(uid or _file_fingerprint(Path(f)) for f, uid in zip(series.files, uids))
+        digest = hashlib.sha256("\n".join([series.uid, *keys]).encode("utf-8"))
+        return f"dicom:{len(series.files)}:{digest.hexdigest()[:24]}"
+    return _file_fingerprint(path) if path.is_file() else None
+
+
+def _file_fingerprint(path: Path) -> str:
     import hashlib
 
     with open(path, "rb") as f:
         return f"{path.stat().st_size}:{hashlib.sha256(f.read(1 << 20)).hexdigest()[:24]}"
 
 
-def same_input(earlier: dict, path: Path) -> bool:
-    """Whether an earlier report was made from this input: a scan file by its content (`input_fingerprint`:
-    a folder moved, renamed or mounted elsewhere keeps its results; a file replaced by another of the same
-    name does not), a DICOM folder by its place (the same file, however it is reached). A report of a
-    version before these were recorded is taken as this input's, as it always was."""
+def _dicom_candidates(path: Path, study: io.DicomStudy | None = None) -> list:
+    """The DICOM series a folder input offers (those of `study`, for a study of an export), as
+    io.choose_dicom_series finds them."""
+    if study is not None:
+        return list(study.series)
+    found = io.dicom_series(path)
+    return found or [s for below in io.dicom_catalogue(path)[0] for s in below.series]
+
+
+def same_input(earlier: dict, path: Path, study: io.DicomStudy | None = None) -> bool:
+    """Whether an earlier report was made from this input, known by its content (`input_fingerprint`) so
+    that a folder moved, renamed or mounted elsewhere keeps its results and a scan replaced by another of the
+    same name does not: a scan file by its bytes, a DICOM series by its UIDs (that series among the folder's,
+    or `study`'s). A report of a DICOM folder made before its series had a fingerprint: by its place (the same
+    folder, however it is reached). A report of a version before these were recorded is taken as this
+    input's, as it always was."""
     absolute = earlier.get("input_absolute")
     if not absolute:
         return True
     fingerprint = earlier.get("input_fingerprint")
+    if isinstance(fingerprint, str) and fingerprint.startswith("dicom:"):
+        if not path.is_dir():
+            return False
+        uid = (earlier.get("dicom_series") or {}).get("uid")
+        return any(input_fingerprint(path, series) == fingerprint for series in _dicom_candidates(path, study)
+                   if uid in (None, series.uid))
     if fingerprint and path.is_file():
         return input_fingerprint(path) == fingerprint
     try:
@@ -393,18 +524,33 @@ def same_input(earlier: dict, path: Path) -> bool:
         return Path(absolute) == path.resolve()
 
 
-def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path, mask_names) -> dict:
+def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path, mask_names, settings: dict | None = None,
+                         study: io.DicomStudy | None = None, series: str | None = None) -> dict:
     """The report of an earlier run of `case` in `out_dir`, checked before the case is skipped as done: made
-    from this same scan (`same_input`), its mask and segmentation still there (its optional outputs, a QC
-    picture or a probability map, may have been deleted). Else a DeepWMLError that says what to do."""
+    from this same scan (`same_input`; with `series`, the --series choice, the series it names), with the same
+    result settings as `settings` (planned_settings; a report that does not record them is not checked), its
+    mask and segmentation still there (its optional outputs, a QC picture or a probability map, may have been
+    deleted). Else a DeepWMLError that says what to do."""
     try:
         earlier = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DeepWMLError(f"{report_path.name} cannot be read ({exc}); rerun with --overwrite to redo the case") from exc
-    if not isinstance(earlier, dict) or not same_input(earlier, path):
+    if not isinstance(earlier, dict) or not same_input(earlier, path, study):
         given = earlier.get("input") if isinstance(earlier, dict) else None
         raise DeepWMLError(f"{out_dir} holds the results of another scan named {case!r} ({given}), or this scan has "
                            f"changed since; choose another OUTDIR, or --overwrite to replace them with this scan's")
+    differences = []
+    if series and path.is_dir() and isinstance(earlier.get("dicom_series"), dict):
+        chosen, _ = io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
+        if chosen.uid != earlier["dicom_series"].get("uid"):
+            then = earlier["dicom_series"]
+            which = f"series {then['number']}" if then.get("number") is not None else f"UID {then.get('uid')}"
+            differences.append(f"--series ({which} '{then.get('description') or ''}' then, {chosen.label()} now)")
+    if settings is not None and isinstance(earlier.get("settings"), dict):
+        differences += settings_differences(earlier["settings"], settings)
+    if differences:
+        raise DeepWMLError(f"{out_dir} holds {case!r} made with other settings: {'; '.join(differences)}; use "
+                           f"--overwrite to replace it with this run's, or another OUTDIR to keep both")
     listed = earlier.get("outputs")
     if isinstance(listed, list):  # its mask and segmentation, in whatever --output-format it was given
         required = [n for n in listed if isinstance(n, str) and (n == f"{case}.seg.nrrd" or n.startswith(f"{case}_wmh"))]
@@ -415,6 +561,15 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
         raise DeepWMLError(f"an earlier run's {report_path.name} is here but not its {', '.join(missing)} (deleted?); "
                            f"rerun with --overwrite to make them again")
     return earlier
+
+
+def skip_message(existing: Sequence[str], earlier: dict) -> str:
+    """The summary's word on a case skipped because an earlier run's outputs are here (check_earlier_result)."""
+    message = f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"
+    if not isinstance(earlier.get("settings"), dict):  # an older version's report: its settings were not all kept
+        message += ("; made by an older DeepWML whose report does not record all its settings (e.g. "
+                    "--min-lesion-mm3), so this run's may differ: --overwrite makes it with them")
+    return message
 
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
@@ -504,11 +659,13 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
+        planned = planned_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
+                                   ventricle_model, precision)
         earlier = check_earlier_result(out_dir, case, path, paths["report"],
                                        [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
-                                                               for e in io.OUTPUT_EXTENSIONS])
-        row = {"case": case, "input": str(path), "status": "skipped",
-               "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+                                                               for e in io.OUTPUT_EXTENSIONS],
+                                       planned, study, series)
+        row = {"case": case, "input": str(path), "status": "skipped", "error": skip_message(existing, earlier)}
         try:  # the earlier result stays in summary.csv, which this run writes anew
             row.update({key: value for key, value in summary_row(case, path, earlier).items()
                         if key not in ("status", "error", "input", "seconds")})
@@ -578,7 +735,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
                 remove_outline_series(stale)
     report["input_absolute"] = str(path.resolve())
-    report["input_fingerprint"] = input_fingerprint(path)
+    report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
     report["outputs"] = sorted(p.name for p in paths.values())
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
@@ -641,7 +798,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     cases = _once_each(expand_inputs(inputs))
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     options["leftovers"] = temporary_leftovers(out)
-    rows, seen = [], set()
+    rows, seen = [], {}
     finished = False
     try:
         _run_cases(cases, out, models, device, progress_factory, debug, protected, rows, seen, options)
@@ -662,9 +819,7 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, r
         try:
             if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
                 raise study
-            if case in seen:
-                raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
-            seen.add(case)
+            check_new_name(case, seen)
             row = segment_case(case, path, out, models, device, progress=progress, study=study, protected=protected,
                                **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure

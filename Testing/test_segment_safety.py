@@ -276,3 +276,94 @@ def test_a_long_name_in_a_multibyte_script_fits_its_temporary_names(tmp_path, ti
     path = write_case(tmp_path / "in", name)
     assert segment(tiny_model, path, "-o", tmp_path / "out") == 0
     assert (tmp_path / "out" / f"{name}_report.json").is_file()
+
+
+def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tiny_model, capsys):
+    """A rerun into the same OUTDIR with settings that change the result must not pass the earlier result
+    off as this run's; optional outputs asked for now, and how the run goes, do not block the skip."""
+    from conftest import tiny_model_file
+
+    path = write_case(tmp_path / "in", "a")
+    out = tmp_path / "out"
+    assert segment(tiny_model, path, "-o", out) == 0
+    settings = json.loads((out / "a_report.json").read_text())["settings"]
+    assert (settings["threshold"], settings["tta"], settings["min_lesion_mm3"], settings["exclude_edge_fraction"]) \
+        == (0.5, False, 5.0, 0.0)
+    assert settings["model"] == ["tiny.pt"] and settings["precision"] in ("fp32", "bf16")
+    capsys.readouterr()
+    for extra, said in ((["--threshold", "0.3"], "--threshold (0.5 then, 0.3 now)"),
+                        (["--tta"], "--tta (off then, on now)"),
+                        (["--min-lesion-mm3", "0"], "--min-lesion-mm3 (5 then, 0 now)"),
+                        (["--exclude-edge-slices", "0.1"], "--exclude-edge-slices (0 then, 0.1 now)"),
+                        (["--no-brain-mask"], "--brain-model/--no-brain-mask (")):
+        assert segment(tiny_model, path, "-o", out, *extra) == 1, extra
+        err = capsys.readouterr().err
+        assert "made with other settings" in err and said in err and "--overwrite" in err, (extra, err)
+        assert summary(out)["a"]["status"] == "error" and summary(out)["a"]["volume_ml"] == ""
+    (tmp_path / "models").mkdir()
+    other = tiny_model_file(tmp_path / "models" / "tiny.pt", seed=3)  # the same name, other weights
+    assert main(["segment", str(path), "-o", str(out), "--model", str(other), "--device", "cpu"]) == 1
+    assert "--model (tiny.pt (other weights) then, tiny.pt now)" in capsys.readouterr().err
+    for extra in (["--qc", "--save-probabilities"], ["--batch-size", "2", "--backend", "torch"], ["--threshold", "0.5"]):
+        assert segment(tiny_model, path, "-o", out, *extra) == 0, extra
+        assert summary(out)["a"]["status"] == "skipped"
+    report = json.loads((out / "a_report.json").read_text())
+    report["settings"]["precision"] = "bf16"  # made where bf16 is native; fp32 asked for now
+    (out / "a_report.json").write_text(json.dumps(report))
+    assert segment(tiny_model, path, "-o", out, "--precision", "fp32") == 1
+    assert "--precision (bf16 then, fp32 now)" in capsys.readouterr().err
+    assert segment(tiny_model, path, "-o", out) == 0  # auto: whatever the machine computes in
+    assert segment(tiny_model, path, "-o", out, "--tta", "--overwrite") == 0
+    assert json.loads((out / "a_report.json").read_text())["settings"]["tta"] is True
+    del report["settings"]  # a report of an older version: skipped as before, saying its settings are unknown
+    (out / "a_report.json").write_text(json.dumps(report))
+    assert segment(tiny_model, path, "-o", out, "--threshold", "0.3") == 0
+    assert summary(out)["a"]["status"] == "skipped" and "does not record all its settings" in summary(out)["a"]["error"]
+
+
+def test_a_moved_dicom_series_keeps_its_results_and_another_series_of_that_name_does_not(tmp_path, tiny_model, capsys):
+    image, _ = make_volume(size=(28, 24, 4), dtype=sitk.sitkInt16)
+    write_dicom_series(tmp_path / "in" / "FLAIR", image, uid="1.2.3.7", description="AX FLAIR", inversion_ms=2500)
+    out = tmp_path / "out"
+    assert segment(tiny_model, tmp_path / "in" / "FLAIR", "-o", out) == 0
+    assert json.loads((out / "FLAIR_report.json").read_text())["input_fingerprint"].startswith("dicom:4:")
+    (tmp_path / "in").rename(tmp_path / "moved")  # the export moved (another disk, a renamed folder above)
+    assert segment(tiny_model, tmp_path / "moved" / "FLAIR", "-o", out) == 0
+    assert summary(out)["FLAIR"]["status"] == "skipped"
+    other, _ = make_volume(size=(28, 24, 4), dtype=sitk.sitkInt16, seed=5)
+    write_dicom_series(tmp_path / "p2" / "FLAIR", other, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500)
+    capsys.readouterr()
+    assert segment(tiny_model, tmp_path / "p2" / "FLAIR", "-o", out) == 1
+    assert "holds the results of another scan named 'FLAIR'" in capsys.readouterr().err
+    # the same series UID written again (new files: new SOP Instance UIDs) is not the scan done either
+    write_dicom_series(tmp_path / "p3" / "FLAIR", other, uid="1.2.3.7", description="AX FLAIR", inversion_ms=2500)
+    assert segment(tiny_model, tmp_path / "p3" / "FLAIR", "-o", out) == 1
+    # in a folder of two FLAIR-like series, --series naming the other one is a setting that differs
+    write_dicom_series(tmp_path / "moved" / "FLAIR", other, uid="1.2.3.9", description="AX FLAIR 2",
+                       inversion_ms=2500, prefix="second", number=2)
+    assert segment(tiny_model, tmp_path / "moved" / "FLAIR", "-o", out, "--series", "AX FLAIR") == 0
+    assert segment(tiny_model, tmp_path / "moved" / "FLAIR", "-o", out, "--series", "2") == 1
+    assert "--series (UID 1.2.3.7 'AX FLAIR' then, series 2 'AX FLAIR 2'" in capsys.readouterr().err
+
+
+def test_case_names_alike_but_for_upper_and_lower_case_never_share_outputs(tmp_path, tiny_model, capsys):
+    """On macOS and Windows A_wmh.nii.gz and a_wmh.nii.gz are one file: such names are told apart as equal
+    names are (checked here on a file system that tells them apart)."""
+    from DeepWMLLib.segment import expand_inputs
+
+    first = write_case(tmp_path / "x", "A")
+    second = write_case(tmp_path / "y", "a", seed=2)
+    out = tmp_path / "out"
+    assert segment(tiny_model, first, second, "-o", out) == 1
+    rows = summary(out)
+    assert rows["A"]["status"] == "ok" and rows["a"]["status"] == "error"
+    assert "'A' and 'a', alike but for upper/lower case" in rows["a"]["error"]
+    assert not (out / "a_report.json").exists()
+    export = tmp_path / "export"  # two studies whose folders differ only in case: named apart by their dates
+    for folder, study, date in (("P1", "8.1", "20250101"), ("p1", "8.2", "20260101")):
+        image, _ = make_volume(size=(28, 24, 3), dtype=sitk.sitkInt16)
+        write_dicom_series(export / folder / "S", image, uid=study + ".1", description="FLAIR", inversion_ms=2500,
+                           extra={"0020|000d": study, "0008|0020": date})
+    names = [case for case, _, _ in expand_inputs([str(export)])]
+    assert sorted(names) == ["P1_S_20250101", "p1_S_20260101"]
+    assert len({name.casefold() for name in names}) == 2

@@ -262,3 +262,34 @@ def test_batch_never_writes_over_a_scan_given(scene, batchScript, tmp_path, monk
                                  "--device", "cpu", *extra]) == 1
         assert (inputs / "X_wmh.nii.gz").read_bytes() == before
         assert "is one of the scans given" in summary(inputs)["X"]["error"]
+
+
+def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(scene, batchScript, tmp_path,
+                                                                                monkeypatch, tiny_model):
+    """The batch script keeps `deepwml segment`'s rules for a rerun: a case done with other result settings
+    is refused, naming them; a DICOM series moved elsewhere keeps its result; a case done by `deepwml segment`
+    with the same settings is skipped."""
+    from conftest import write_dicom_series
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    image, _ = make_volume(size=(28, 24, 4), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "S", image, uid="1.2.3.7", description="AX FLAIR", inversion_ms=2500)
+    base = ["--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(["--input-dir", str(inputs), *base]) == 0
+    assert json.loads((out / "S_report.json").read_text())["input_fingerprint"].startswith("dicom:4:")
+    assert batchScript.main(["--input-dir", str(inputs), *base, "--threshold", "0.3"]) == 1
+    rows = summary(out)
+    assert {row["status"] for row in rows.values()} == {"error"}
+    assert "made with other settings: --threshold (0.5 then, 0.3 now)" in rows["a"]["error"]
+    inputs.rename(tmp_path / "moved")
+    assert batchScript.main(["--input-dir", str(tmp_path / "moved"), *base, "--qc"]) == 0
+    assert {row["status"] for row in summary(out).values()} == {"skipped"}
+    cli_out = tmp_path / "cli"
+    assert cli_main(["segment", str(tmp_path / "moved"), "-o", str(cli_out), "--model", str(tiny_model),
+                     "--device", "cpu"]) == 0
+    assert batchScript.main(["--input-dir", str(tmp_path / "moved"), "--output-dir", str(cli_out), *base[2:]]) == 0
+    assert {row["status"] for row in summary(cli_out).values()} == {"skipped"}

@@ -94,12 +94,14 @@ def summaryFigures(report: dict) -> dict:
 
 
 def loadFlair(path: Path, case: str, study=None):
+    """The FLAIR's volume node, and the DICOM series it was read from (None for an image file)."""
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
         series, _ = io.choose_dicom_series(path, candidates=study.series, strict=True)
-        return mrml.volumeFromImage(io.read_image(path, series=series), case)
-    if path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
-        return mrml.volumeFromImage(io.read_image(path), case)
-    return mrml.loadVolumeFile(str(path), case)
+    elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
+        series, _ = io.choose_dicom_series(path, option=None)
+    else:
+        return mrml.loadVolumeFile(str(path), case), None
+    return mrml.volumeFromImage(io.read_image(path, series=series), case), series
 
 
 def loadReference(path: Path):
@@ -127,8 +129,9 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
-        earlier = check_earlier_result(args.output_dir, case, path, paths["report"], [paths["mask"].name])
-        row = {"status": "skipped", "error": f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"}
+        earlier = check_earlier_result(args.output_dir, case, path, paths["report"], [paths["mask"].name],
+                                       args.settings, study)
+        row = {"status": "skipped", "error": segment.skip_message(existing, earlier)}
         try:  # the earlier result's figures stay in summary.csv, which this run writes anew
             row.update(summaryFigures(earlier))
         except (KeyError, TypeError, AttributeError):
@@ -137,7 +140,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
     reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
-        volumeNode = loadFlair(path, case, study)
+        volumeNode, series = loadFlair(path, case, study)
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta,
@@ -152,7 +155,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
-        report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path),
+        report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
                       outputs=sorted(p.name for p in paths.values()))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
@@ -197,10 +200,15 @@ def main(argv) -> int:
             raise DeepWMLError(f"reference folder {args.reference_dir} does not exist")
         args.output_dir.mkdir(parents=True, exist_ok=True)
         logic.ensureDependencies()
+        # what a case done before must have been made with to be skipped (the settings segmentVolume uses)
+        args.settings = segment.planned_settings(args.model, args.threshold, args.tta,
+                                                 brain_model=None if args.no_brain_mask else "default",
+                                                 ventricle_model=None if args.no_location else
+                                                 (args.ventricle_model or "default"))
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
-    rows, seen = [], set()
+    rows, seen = [], {}
     inputs = list(expand_inputs([str(args.input_dir)]))
     args.cases = [case for case, _, _ in inputs]  # to tell CASE_* references from those of longer case names
     args.protected = frozenset(path.resolve() for _, path, _ in inputs)  # never written over
@@ -209,9 +217,7 @@ def main(argv) -> int:
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
                 raise study
-            if case in seen:
-                raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
-            seen.add(case)
+            segment.check_new_name(case, seen)
             row = segmentCase(logic, case, path, args, study)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"status": "skipped", "error": str(exc)}
