@@ -477,17 +477,10 @@ def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str |
 
     if series is not None:
         uids = series.instance_uids or ("",) * len(series.files)
-        keys = sorted(uid or _file_fingerprint(Path(f)) for f, uid in zip(series.files, uids))
+        keys = sorted(uid or io.file_fingerprint(f) for f, uid in zip(series.files, uids))
         digest = hashlib.sha256("\n".join([series.uid, *keys]).encode("utf-8"))
         return f"dicom:{len(series.files)}:{digest.hexdigest()[:24]}"
-    return _file_fingerprint(path) if path.is_file() else None
-
-
-def _file_fingerprint(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return f"{path.stat().st_size}:{hashlib.sha256(f.read(1 << 20)).hexdigest()[:24]}"
+    return io.file_fingerprint(path) if path.is_file() else None
 
 
 def _dicom_candidates(path: Path, study: io.DicomStudy | None = None) -> list:

@@ -19,6 +19,7 @@ resumed gives on CPU bit for bit the weights an uninterrupted run gives (same th
 Run folder (single model; with `ensemble` N the per-model files go to model_0 .. model_{N-1}):
     config.json     the training configuration (a resume must match it)
     split.csv       case, centre, disease, split (train / val / test)
+    data.json       the train and val cases' files by content (a resume must train on the same)
     cache/          prepared network-grid slices (float16 images, uint8 labels) per split
     skipped_cases.csv   cases left out by `skip_bad_cases`, with the reason (only when any)
     history.csv     one row per epoch
@@ -941,9 +942,14 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     if not counts["train"] or not counts["val"]:
         raise DeepWMLError(f"{source} puts {counts['train']} case(s) in train and {counts['val']} in val; training needs "
                            "at least one of each" + ("" if len(cases) > 1 else ": add cases to the manifest"))
+    data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment)
+    if data_file.is_file() and started:
+        _check_same_data(json.loads(data_file.read_text(encoding="utf-8")), data, run_dir)
     io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
     if not (split_file.is_file() and started):
         write_split(split_file, cases, assignment)
+    if not (data_file.is_file() and started):  # a run of a version before data.json: what it trains on from now
+        io.write_text(json.dumps(data, indent=1) + "\n", data_file)
     absent = {c.case for c in cases if not (Path(c.flair).exists() and Path(c.mask).exists())}
     for name in sorted(absent):
         log.warning("skipping case %s: a file does not exist", name)
@@ -964,6 +970,25 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         "cases": {s: sum(1 for c, v in assignment.items() if v == s and c not in skipped_names) for s in SPLITS},
         "skipped_cases": [n for n, _ in skipped],
     }
+
+
+def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
+    """Each train and val case's FLAIR and mask by content (io.file_fingerprint; None for a missing file)."""
+    def content(path: str) -> str | None:
+        return io.file_fingerprint(path) if Path(path).is_file() else None
+
+    return {c.case: [content(c.flair), content(c.mask)] for c in cases if assignment[c.case] in ("train", "val")}
+
+
+def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
+    """A DeepWMLError when a train or val case's files differ from those the run started on (data.json): a
+    resumed run that prepared them again would go on training on other data, unsaid."""
+    changed = sorted(case for case in set(stored) | set(now) if stored.get(case) != now.get(case))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise DeepWMLError(f"the training data changed since {run_dir} started (changed: {shown}): a resumed run "
+                           f"goes on with the data it started on; put those files back as they were, or train in "
+                           f"a new run folder (--init {run_dir / 'best.pt'} starts from its weights)")
 
 
 def _new_state(model, optimizer, scheduler, scaler, cfg: TrainConfig) -> dict:

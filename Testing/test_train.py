@@ -886,3 +886,27 @@ def test_odd_split_config_and_manifest_files_get_one_line_errors(tmp_path, capsy
     gapped.write_text("\n".join([lines[0], "", ",,", *lines[1:], lines[1]]) + "\n", encoding="utf-8")
     with pytest.raises(DeepWMLError, match=f"line {len(lines) + 3}: case 'c0' appears twice"):
         training.read_manifest(gapped)
+
+
+def test_a_resumed_run_refuses_training_data_changed_since_it_started(tmp_path, capsys):
+    """--resume continues on the data the run started with: a case whose file changed since (same manifest,
+    same names) is refused, naming it, rather than prepared again and trained on unsaid. The same content
+    written again (a copy: a new modification time) resumes."""
+    from DeepWMLLib.cli import main
+
+    manifest = make_dataset(tmp_path / "data", n_cases=4)
+    run = tmp_path / "run"
+    training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
+    with open(run / "split.csv", newline="") as f:
+        name = next(row["case"] for row in csv.DictReader(f) if row["split"] == "train")
+    mask_file = tmp_path / "data" / f"{name}_mask.nii.gz"
+    original = mask_file.read_bytes()
+    write_volume(np.zeros((8, SIZE, SIZE), np.uint8), mask_file)  # the labels redrawn (here: emptied)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"the training data changed since {run} started (changed: {name})" in err and "new run folder" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    mask_file.write_bytes(original)
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
