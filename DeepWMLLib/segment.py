@@ -205,6 +205,23 @@ def planned_settings(models=None, threshold: float | None = None, tta: bool = Fa
                            None if precision == "auto" else precision)
 
 
+def recorded_settings(report: dict) -> dict:
+    """The result settings a report records: its `settings`, or for a report of a version before them those
+    its other fields give (the models, threshold, tta, brain and ventricle models; not the rest)."""
+    if isinstance(report.get("settings"), dict):
+        return report["settings"]
+    found = {key: report[key] for key in ("threshold", "tta", "brain_model", "brain_model_sha256") if key in report}
+    names, digests = report.get("model"), report.get("model_sha256")
+    if isinstance(names, list) and isinstance(digests, list) and len(names) == len(digests):
+        pairs = sorted(zip(digests, names))
+        found.update(model=[name for _, name in pairs], model_sha256=[digest for digest, _ in pairs])
+    if "location" in report:
+        location = report["location"] if isinstance(report["location"], dict) else {}
+        found.update(ventricle_model=location.get("ventricle_model"),
+                     ventricle_model_sha256=location.get("ventricle_model_sha256"))
+    return found
+
+
 def _shown(value) -> str:
     if value is None:
         return "none"
@@ -521,7 +538,7 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
                          study: io.DicomStudy | None = None, series: str | None = None) -> dict:
     """The report of an earlier run of `case` in `out_dir`, checked before the case is skipped as done: made
     from this same scan (`same_input`; with `series`, the --series choice, the series it names), with the same
-    result settings as `settings` (planned_settings; a report that does not record them is not checked), its
+    result settings as `settings` (planned_settings; those a report of an older version records), its
     mask and segmentation still there (its optional outputs, a QC picture or a probability map, may have been
     deleted). Else a DeepWMLError that says what to do."""
     try:
@@ -539,8 +556,8 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
             then = earlier["dicom_series"]
             which = f"series {then['number']}" if then.get("number") is not None else f"UID {then.get('uid')}"
             differences.append(f"--series ({which} '{then.get('description') or ''}' then, {chosen.label()} now)")
-    if settings is not None and isinstance(earlier.get("settings"), dict):
-        differences += settings_differences(earlier["settings"], settings)
+    if settings is not None:
+        differences += settings_differences(recorded_settings(earlier), settings)
     if differences:
         raise DeepWMLError(f"{out_dir} holds {case!r} made with other settings: {'; '.join(differences)}; use "
                            f"--overwrite to replace it with this run's, or another OUTDIR to keep both")
@@ -560,8 +577,8 @@ def skip_message(existing: Sequence[str], earlier: dict) -> str:
     """The summary's word on a case skipped because an earlier run's outputs are here (check_earlier_result)."""
     message = f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"
     if not isinstance(earlier.get("settings"), dict):  # an older version's report: its settings were not all kept
-        message += ("; made by an older DeepWML whose report does not record all its settings (e.g. "
-                    "--min-lesion-mm3), so this run's may differ: --overwrite makes it with them")
+        message += ("; made by an older DeepWML whose report does not record all its settings (--min-lesion-mm3, "
+                    "--exclude-edge-slices, --precision), so this run's may differ: --overwrite makes it with them")
     return message
 
 

@@ -315,10 +315,15 @@ def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tin
     assert segment(tiny_model, path, "-o", out) == 0  # auto: whatever the machine computes in
     assert segment(tiny_model, path, "-o", out, "--tta", "--overwrite") == 0
     assert json.loads((out / "a_report.json").read_text())["settings"]["tta"] is True
-    del report["settings"]  # a report of an older version: skipped as before, saying its settings are unknown
+    del report["settings"]  # a report of an older version: what it records is checked, the rest said unknown
     (out / "a_report.json").write_text(json.dumps(report))
-    assert segment(tiny_model, path, "-o", out, "--threshold", "0.3") == 0
+    assert segment(tiny_model, path, "-o", out, "--min-lesion-mm3", "0") == 0
     assert summary(out)["a"]["status"] == "skipped" and "does not record all its settings" in summary(out)["a"]["error"]
+    capsys.readouterr()
+    assert segment(tiny_model, path, "-o", out, "--threshold", "0.3") == 1
+    assert "--threshold (0.5 then, 0.3 now)" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", str(out), "--model", str(other), "--device", "cpu"]) == 1
+    assert "--model (tiny.pt (other weights) then, tiny.pt now)" in capsys.readouterr().err
 
 
 def test_a_moved_dicom_series_keeps_its_results_and_another_series_of_that_name_does_not(tmp_path, tiny_model, capsys):
