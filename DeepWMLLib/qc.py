@@ -31,6 +31,10 @@ raters the same way (rater A as the prediction), and the Slicer batch script its
 reference. `deepwml change --qc` fills its change labels (new, enlarging, stable, gone, not assessable)
 over the follow-up FLAIR (`render_labels`).
 
+Every mask drawn must lie on the FLAIR's voxel grid (size, spacing, origin and direction, within the
+tolerance of `io.grid_difference`); one that does not is refused with a DeepWMLError naming the
+difference, never drawn over the wrong voxels.
+
 Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
 """
 
@@ -204,7 +208,8 @@ def render(image, mask, title: str | None = None, max_tiles: int = MAX_TILES, ti
     0/1 mask on the grid: the lateral ventricles the periventricular/deep split measured from), those
     outlined in blue under the lesions, with a legend; the slices shown are chosen by the lesions alone.
     `slice_labels`: the number to write on each axial slice (e.g. a DICOM series' Instance Numbers) instead
-    of its index."""
+    of its index. Raises DeepWMLError when a mask is not on the image's grid."""
+    check_on_grid(image, {"the mask": mask, "the ventricle mask": ventricles})
     lesion, _ = io.to_axial_stack(mask, dtype=np.uint8)
     labels = (lesion > 0).astype(np.uint8)
     colours, legend = {1: LESION_RGB}, []
@@ -227,6 +232,7 @@ def render_comparison(image, prediction, reference, title: str | None = None,
     slice with either mask's lesion counts as a lesion slice."""
     from .metrics import reference_labels
 
+    check_on_grid(image, {f"the {names[0]} mask": prediction, f"the {names[1]} mask": reference})
     lesion, ignore = reference_labels(reference)
     predicted = (voxels(prediction) >= 0.5) & ~ignore
     lesion = lesion & ~ignore
@@ -244,10 +250,19 @@ def render_labels(image, labels, colours: dict, legend, title: str | None = None
     """The mosaic of a label map on the image's grid, each label in `colours` (value -> RGB) filled half
     transparent over the FLAIR, under a band with `title` and `legend` ((text, RGB) pairs); every slice
     with a non-zero label counts as a lesion slice (`deepwml change` draws its change labels so)."""
+    check_on_grid(image, {"the label map": labels})
     stack, _ = io.to_axial_stack(labels, dtype=np.uint8)
     stack = np.where(np.isin(stack, list(colours)), stack, 0).astype(np.uint8)
     canvas = _mosaic(image, stack, colours, outline=False, max_tiles=max_tiles, tile_px=tile_px, columns=columns)
     return _with_header(canvas, [(title, HEADER_RGB), *legend])
+
+
+def check_on_grid(image, overlays: dict) -> None:
+    """Raise DeepWMLError when an overlay ({name: image}; None: none) is not on the image's voxel grid
+    (within io's tolerance): drawn anyway, it would mark the wrong voxels, or fail on its shape."""
+    for name, overlay in overlays.items():
+        if overlay is not None:
+            io.check_same_grid(overlay, image, name, "the FLAIR image drawn under it")
 
 
 def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
@@ -270,8 +285,6 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
             columns: int, chosen_by: int | None = None, slice_labels=None) -> np.ndarray:
     """The mosaic; the lesion slices it favours are those with any label, or with `chosen_by` only that one."""
     stack, frame = io.to_axial_stack(image)
-    if labels.shape != stack.shape:
-        raise ValueError(f"labels {labels.shape} do not match the image's axial stack {stack.shape}")
     threshold, low, high = grey_levels(stack)
     voxel_head = stack > threshold if threshold is not None else np.ones(stack.shape, bool)
     head = voxel_head.reshape(stack.shape[0], -1).mean(axis=1) > 0.01

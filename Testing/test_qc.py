@@ -322,3 +322,36 @@ def test_a_long_title_wraps_between_words_and_keeps_its_figures():
     last_row = canvas[4 + (len(lines) - 1) * (qc.HEADER_PX - 4):][:10]
     lit = np.flatnonzero(np.all(last_row == qc.HEADER_RGB, axis=2).any(axis=0))
     assert lit[-1] - lit[0] + 1 == qc.text_width(lines[-1][0], 2)
+
+
+def test_a_mask_off_the_image_grid_is_refused_naming_the_difference():
+    from DeepWMLLib.errors import DeepWMLError
+
+    flair, mask = head_with_marker()
+    image = volume(flair)
+    rotated = (np.cos(0.1), -np.sin(0.1), 0, np.sin(0.1), np.cos(0.1), 0, 0, 0, 1)
+    off = {
+        "size": volume(mask[:, :-1]),
+        "spacing": volume(mask, spacing=(1.0, 1.0, 4.0)),
+        "origin": volume(mask),
+        "direction": volume(mask, direction=rotated),
+    }
+    off["origin"].SetOrigin((0.0, 0.0, 2.5))  # half a slice
+    for what, lesion in off.items():
+        drawers = {
+            "render": lambda: qc.render(image, lesion, tile_px=24),
+            "render with ventricles": lambda: qc.render(image, volume(mask), tile_px=24, ventricles=lesion),
+            "comparison": lambda: qc.render_comparison(image, lesion, volume(mask), tile_px=24),
+            "comparison reference": lambda: qc.render_comparison(image, volume(mask), lesion, tile_px=24),
+            "labels": lambda: qc.render_labels(image, lesion, {1: qc.LESION_RGB}, [], tile_px=24),
+        }
+        for name, draw in drawers.items():
+            with pytest.raises(DeepWMLError, match=f"different voxel grids \\({what} ") as info:
+                draw()
+            assert "\n" not in str(info.value), name
+    assert "the ventricle mask and the FLAIR image" in str(pytest.raises(DeepWMLError, qc.render, image, volume(mask),
+                                                                        ventricles=off["size"]).value)
+    # floating point noise from a format conversion is the same grid, as everywhere else
+    noisy = volume(mask, spacing=(1.0 + 1e-6, 1.0, 5.0))
+    noisy.SetOrigin((1e-4, 0.0, 0.0))
+    assert np.array_equal(qc.render(image, noisy, tile_px=24), qc.render(image, volume(mask), tile_px=24))
