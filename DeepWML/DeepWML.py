@@ -250,6 +250,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"Failed: {exc}"
                 self.ui.progressBar.value = 0
                 raise
+            self.ui.progressBar.value = int(round(100 * job.fraction))  # 100 % now that the result is in the scene
             # the results are those of the volume that was segmented, whatever is selected now
             p.inputVolume, p.outputSegmentation = job.volumeNode, segmentation
             slicer.util.setSliceViewerLayers(background=job.volumeNode)

@@ -24,6 +24,15 @@ if TYPE_CHECKING:
 
 Progress = Callable[[float, str], None]
 
+
+def progress_part(progress: Progress | None, start: float, end: float) -> Progress | None:
+    """`progress` for one part of a longer job: the part's fractions 0-1 reported as `start`-`end`, so
+    the job's 1.0 comes when its last part is done, not when this one is (None: None)."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + (end - start) * min(1.0, max(0.0, fraction)), message)
+
+
 def _cuda_usable() -> bool:
     # Without an NVIDIA driver there is no CUDA: answer without importing torch (seconds of start-up).
     if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("DEEPWML_PROBE_CUDA"):
@@ -567,7 +576,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)
         facts["runner"] = ", ".join(ran)
     if progress:
-        progress(1.0, "done")
+        progress(1.0, "networks done")
     total /= len(models)
     maps = iter(helper_maps)
     brain = next(maps) if brain_model is not None else None

@@ -47,6 +47,10 @@ IMPLAUSIBLE_LOAD = 0.05
 # A sagittal or coronal acquisition is warned about when its slices are at least this thick: the
 # axial planes the network sees then run across the thick slices. Thinner slices sample every plane.
 THICK_NON_AXIAL_MM = 2.0
+# Shares of the progress reported: the networks are most of a segmentation (the rest: post-processing, the
+# report); segmenting is most of a case (the rest: the QC picture, the DICOM outline, writing the files).
+NETWORK_SHARE = 0.85
+SEGMENTING_SHARE = 0.9
 
 
 def models_dir() -> Path:
@@ -276,10 +280,10 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     model) gates the result: lesion components mostly outside its intracranial mask are dropped.
     `ventricle_model` (the same choices) finds the lateral ventricles, and the report splits the lesion
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
-    the shipped default).
+    the shipped default). `progress(fraction, message)` rises to 1.0 when all of it is done.
     """
     from .contrast import contrast_warnings, flair_contrast
-    from .inference import check_batch_size, predict_maps, resolve_device
+    from .inference import check_batch_size, predict_maps, progress_part, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
     from .volume import voxels
@@ -303,8 +307,11 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         raise DeepWMLError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     dev = resolve_device(device)
     facts: dict = {}
-    probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta, progress,
-                                                              cancel, backend, facts, precision, ventricle_model)
+    tell = progress or (lambda fraction, message: None)
+    probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta,
+                                                              progress_part(progress, 0.0, NETWORK_SHARE), cancel,
+                                                              backend, facts, precision, ventricle_model)
+    tell(NETWORK_SHARE + 0.03, "post-processing")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
@@ -316,6 +323,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if ventricle_model is not None:
         from .location import locate, ventricle_mask
 
+        tell(NETWORK_SHARE + 0.06, "periventricular/deep split")
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
         ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD,
                                     ventricle_model.threshold)
@@ -325,6 +333,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         if distance is not None:
             distance_image = io.from_axial_stack(distance, frame)  # held: voxels() is a view of its buffer
             distance = voxels(distance_image)
+    tell(NETWORK_SHARE + 0.1, "lesion report")
     report = lesion_report(mask, voxels(prob_image), distance)
     report["location"] = location
     plane = io.acquisition_plane(image)
@@ -378,6 +387,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "settings": result_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
                                     ventricle_model, computed_precision(facts.get("runner"))),
     })
+    tell(1.0, "segmented")
     return SegmentationResult(mask, prob_image, report, brain_image, ventricle_image)
 
 
@@ -619,7 +629,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     a study found in an export (expand_inputs): its series are the candidates, and it is skipped
     (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
     are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
-    (`temporary_leftovers`, listed once for a whole run; None: listed here)."""
+    (`temporary_leftovers`, listed once for a whole run; None: listed here). `progress(fraction, message)`
+    reaches 1.0 when the case's outputs are all written."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
@@ -691,8 +702,12 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
-    result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
-                           batch_size, progress, cancel, backend, brain_model, precision, ventricle_model)
+    from .inference import progress_part
+
+    tell = progress or (lambda fraction, message: None)
+    result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,
+                           progress_part(progress, 0.0, SEGMENTING_SHARE), cancel, backend, brain_model, precision,
+                           ventricle_model)
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
@@ -720,11 +735,13 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
+        tell(SEGMENTING_SHARE + 0.02, "drawing the QC picture")
         picture = png_bytes(render(image, result.mask, title=picture_title(case, result.report), ventricles=result.ventricles,
                                    slice_labels=instances))
     if outline:  # made before anything is written too
         from .dicom_outline import outline_series
 
+        tell(SEGMENTING_SHARE + 0.04, "making the DICOM outline")
         prepared = outline_series(image, result.mask, chosen[0], report)
     if overwrite:  # the report goes first: a run that fails part way leaves outputs without one (rerun asked
         # for), never old and new mixed
@@ -747,6 +764,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     report["input_absolute"] = str(path.resolve())
     report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
     report["outputs"] = sorted(p.name for p in paths.values())
+    tell(SEGMENTING_SHARE + 0.06, "writing the outputs")
     io.write_image(result.mask, paths["mask"])
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
@@ -762,6 +780,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
         report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
     io.write_text(json.dumps(report, indent=1), paths["report"])
+    tell(1.0, "done")
     return summary_row(case, path, report)
 
 

@@ -248,6 +248,36 @@ def test_progress_and_cancel(tiny_model):
         segment_image(image, load_models([tiny_model]), "cpu", cancel=lambda: True)
 
 
+def test_progress_reaches_100_percent_only_when_the_case_is_written(tmp_path, tiny_model):
+    """A real run (the tiny network, no oracle): the network's progress is a part of the case's, so 1.0 comes
+    last, once, after every output is written; never backwards."""
+    from DeepWMLLib.segment import segment_cases
+
+    path, _ = write_case(tmp_path, "case", size=(32, 32, 12), blobs=((0.5, 0.5, 0.5, 5.0),))
+    out = tmp_path / "out"
+    calls = []
+
+    class Recorder:
+        def __call__(self, number, total, case):
+            return lambda fraction, message: calls.append((fraction, message, sorted(p.name for p in out.iterdir())))
+
+        def finish(self, row):
+            calls.append(("finished", row["status"], None))
+
+    rows = segment_cases([str(path)], out, [str(tiny_model)], "cpu", progress_factory=Recorder(), batch_size=2,
+                         qc=True, save_probabilities=True, brain_model=None, ventricle_model=None)
+    assert rows[0]["status"] == "ok" and calls[-1] == ("finished", "ok", None)
+    fractions = [f for f, _, _ in calls[:-1]]
+    assert fractions == sorted(fractions) and len(fractions) > 5
+    assert fractions[-1] == 1.0 and fractions.count(1.0) == 1
+    assert max(fractions[:-1]) < 1.0
+    written = calls[-2][2]
+    assert {"case_wmh.nii.gz", "case.seg.nrrd", "case_prob.nii.gz", "case_qc.png", "case_report.json"} <= set(written)
+    assert all("case_report.json" not in files for _, _, files in calls[:-2])  # the report is written last
+    messages = [m for _, m, _ in calls[:-1]]
+    assert messages.index("drawing the QC picture") < messages.index("writing the outputs") < messages.index("done")
+
+
 def test_usage_and_input_errors_are_one_line(tmp_path, tiny_model, capsys):
     assert main(["segment", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "o"),
                  "--model", str(tiny_model)]) == 1

@@ -127,6 +127,28 @@ def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scen
     assert dice(mrml.maskFromSegmentation(result, volume), truth) > 0.9
 
 
+def test_progress_reaches_100_percent_only_once_the_segmentation_is_in_the_scene(scene, tiny_model):
+    """A real run (the tiny network): 1.0 comes last, once, with the segmentation node made; never backwards."""
+    flair, _ = make_volume(size=(32, 32, 12))
+    volume = mrml.volumeFromImage(flair, "flair")
+    calls = []
+
+    def record(fraction, message):
+        calls.append((fraction, scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()))
+
+    logic = DeepWMLCoreLogic()
+    logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], progress=record, brainMask=False,
+                        location=False)
+    fractions = [f for f, _ in calls]
+    assert fractions == sorted(fractions) and len(fractions) > 5
+    assert fractions[-1] == 1.0 and fractions.count(1.0) == 1 and calls[-1][1] == 1
+    assert all(nodes == 0 for _, nodes in calls[:-1])
+    job = logic.startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
+    assert job.wait(60) and job.done and job.fraction < 1.0  # the GUI's bar is not full before the node is made
+    logic.finishSegmentation(job)
+    assert job.fraction == 1.0 and job.message == "done"
+
+
 def test_consensus_line_never_contradicts_its_verdict():
     base = dict(volume_a_ml=1.0, volume_b_ml=1.0, n_lesions_a=1, n_lesions_b=1, worst_slices=[])
     fail = DeepWMLCoreLogic.formatConsensus(dict(base, dice=3398 / 4000, threshold=0.85, passed=False))

@@ -35,13 +35,16 @@ RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "thr
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
             "settings")
 DISCORDANT_SLICES_SHOWN = 10
+SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making the segmentation node is the rest
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.nrrd with it; Slicer reads its own
 
 
 class SegmentationJob:
     """One inference run. `start()` runs it in a worker thread that only ever sees a SimpleITK
-    image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread."""
+    image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread.
+    Its progress stops short of 1.0 (SEGMENTED_FRACTION): finishSegmentation reports 1.0 once the result
+    is in the scene."""
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
                  progress=None, cancel=None, brainMask=True, location=True):
@@ -71,13 +74,15 @@ class SegmentationJob:
 
     def run(self) -> None:
         try:
+            from DeepWMLLib.inference import progress_part
             from DeepWMLLib.segment import load_models, segment_image
 
             self._report(0.0, "loading the model")
             models = load_models(self.modelPaths)
             self._report(0.0, "segmenting")
             self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
-                                        tta=self.tta, progress=self._report, cancel=self.cancelRequested,
+                                        tta=self.tta, progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
+                                        cancel=self.cancelRequested,
                                         brain_model="default" if self.brainMask else None,
                                         ventricle_model=_ventricleModel(self.location))
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
@@ -293,6 +298,7 @@ class DeepWMLCoreLogic:
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
+        job._report(1.0, "done")
         return segmentationNode
 
     @staticmethod
