@@ -741,6 +741,63 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
     return image
 
 
+@dataclass(frozen=True)
+class TimeAxis:
+    """The fourth axis of an image file stored 4D with one time point (X, Y, Z, 1), as some converters write
+    a volume (`read_time_axis`): it is read as 3D, and its image outputs are written 4D the same way
+    (`write_image`). A NIfTI file's time step may be 0 (unset)."""
+    origin: float = 0.0
+    spacing: float = 1.0
+
+
+# NIfTI-1 and NIfTI-2 (by header size): the dim array's format and offset, the format of reals, the offsets of
+# pixdim[4] (the time step) and toffset (the time origin)
+_NIFTI_TIME_FIELDS = {348: ("8h", 40, "f", 92, 132), 540: ("8q", 16, "d", 136, 216)}
+
+
+def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
+    """The TimeAxis of an image file stored X, Y, Z, 1, or None (a 3D file, a DICOM folder, and a file that
+    cannot be read: read_image says what is wrong with it). Reads the header alone."""
+    p = Path(path)
+    if p.is_dir():
+        return None
+    if is_nifti(p):
+        opener = gzip.open if p.name.lower().endswith(".gz") else open
+        try:
+            with opener(p, "rb") as f:
+                header = f.read(540)
+        except (EOFError, OSError, zlib.error):
+            return None
+        for endian in "<>":
+            layout = _NIFTI_TIME_FIELDS.get(struct.unpack_from(endian + "i", header)[0]) if len(header) >= 348 else None
+            if layout:
+                break
+        else:
+            return None
+        dim_format, dim_at, real_format, step_at, start_at = layout
+        dims = struct.unpack_from(endian + dim_format, header, dim_at)
+        if dims[0] != 4 or dims[4] != 1:
+            return None
+        step, start = (struct.unpack_from(endian + real_format, header, at)[0] for at in (step_at, start_at))
+        return TimeAxis(float(start), float(step))
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(text_path(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if reader.GetDimension() != 4 or reader.GetSize()[3] != 1:
+        return None
+    return TimeAxis(float(reader.GetOrigin()[3]), float(reader.GetSpacing()[3]))
+
+
+def stored_size(image, time_axis: TimeAxis | None) -> list[int]:
+    """The size of an image as its file stores it: X, Y, Z, or X, Y, Z, 1 with a time axis."""
+    return [*image.GetSize(), *([1] if time_axis else [])]
+
+
 def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None) -> sitk.Image | Volume:
     """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError.
 
@@ -1043,11 +1100,13 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
-    """Write an image, compressed; a `Volume` to NIfTI without SimpleITK."""
+def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: TimeAxis | None = None) -> Path:
+    """Write an image, compressed; a `Volume` to NIfTI without SimpleITK. With `time_axis` (the input's,
+    `read_time_axis`), a 3D image is written 4D with one time point, X, Y, Z, 1, as the input was stored."""
     if isinstance(image, Volume) and is_nifti(path):
         level = 1 if str(path).lower().endswith(".gz") else 0
-        data = nifti_bytes(image, compresslevel=level)
+        data = nifti_bytes(image, compresslevel=level,
+                           time=None if time_axis is None else (time_axis.origin, time_axis.spacing))
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -1058,6 +1117,8 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike) -> Path:
 
     if isinstance(image, Volume):
         image = image.to_sitk()
+    if time_axis is not None:
+        image = sitk.JoinSeries(image, time_axis.origin, time_axis.spacing if time_axis.spacing > 0 else 1.0)
     return write_atomically(path, lambda tmp: sitk.WriteImage(image, text_path(tmp), True))
 
 

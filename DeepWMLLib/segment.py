@@ -712,7 +712,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
         raise DeepWMLError(VENTRICLE_MODEL_NEEDED)
-    report = {"case": case, "input": str(path), **result.report}
+    time_axis = io.read_time_axis(path)  # X, Y, Z, 1: the image outputs are stored so too
+    report = {"case": case, "input": str(path), "input_size": io.stored_size(image, time_axis), **result.report}
     instances = dicom_instances(chosen[0], result.mask) if chosen else None
     if instances:  # the image numbers PACS shows, beside the voxel indices
         for row in report["slices"]:
@@ -765,14 +766,14 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
     report["outputs"] = sorted(p.name for p in paths.values())
     tell(SEGMENTING_SHARE + 0.06, "writing the outputs")
-    io.write_image(result.mask, paths["mask"])
+    io.write_image(result.mask, paths["mask"], time_axis)
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
-        io.write_image(result.probabilities, paths["probabilities"])
+        io.write_image(result.probabilities, paths["probabilities"], time_axis)
     if save_brain_mask:
-        io.write_image(result.brain, paths["brain"])
+        io.write_image(result.brain, paths["brain"], time_axis)
     if save_ventricle_mask:
-        io.write_image(result.ventricles, paths["ventricles"])
+        io.write_image(result.ventricles, paths["ventricles"], time_axis)
     if qc:
         io.write_bytes(picture, paths["qc"])
     if outline:

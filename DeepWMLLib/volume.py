@@ -202,9 +202,10 @@ def parse_nifti(data: bytes) -> Volume | None:
     return Volume(array, spacing, origin, direction.ravel())
 
 
-def nifti_bytes(image, compresslevel: int = 1) -> bytes:
+def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None = None) -> bytes:
     """A NIfTI-1 file (gzip-compressed when compresslevel > 0) of a Volume or SimpleITK.Image,
-    with qform and sform both set (scanner anatomical), millimetres, like SimpleITK writes it."""
+    with qform and sform both set (scanner anatomical), millimetres, like SimpleITK writes it.
+    With `time` (origin, spacing), stored 4D with one time point: X, Y, Z, 1."""
     array = np.ascontiguousarray(voxels(image))
     if array.ndim != 3:
         raise ValueError(f"NIfTI writing here covers 3D images, got {array.ndim}D")
@@ -225,9 +226,11 @@ def nifti_bytes(image, compresslevel: int = 1) -> bytes:
     srow = np.column_stack([rotation * spacing[None, :], offset])
     header = bytearray(352)
     struct.pack_into("<i", header, 0, 348)
-    struct.pack_into("<8h", header, 40, 3, *array.shape[::-1], 1, 1, 1, 1)
+    struct.pack_into("<8h", header, 40, 3 if time is None else 4, *array.shape[::-1], 1, 1, 1, 1)
     struct.pack_into("<2h", header, 70, code, array.dtype.itemsize * 8)
-    struct.pack_into("<8f", header, 76, qfac, *spacing, 1.0, 1.0, 1.0, 1.0)
+    struct.pack_into("<8f", header, 76, qfac, *spacing, 1.0 if time is None else time[1], 1.0, 1.0, 1.0)
+    if time is not None:
+        struct.pack_into("<f", header, 132, time[0])  # toffset
     struct.pack_into("<f", header, 108, 352.0)
     struct.pack_into("<2f", header, 112, 1.0, 0.0)
     header[123] = 2 | 8  # xyzt_units: millimetres, seconds

@@ -756,3 +756,72 @@ def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path,
     assert main(["segment", str(other), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu",
                  "--series", "FLAIR"]) == 0
     assert sorted(r["status"] for r in read_summary(tmp_path / "out2")) == ["ok", "skipped"]
+
+
+def nifti_header(path: Path) -> dict:
+    """The geometry fields of a NIfTI-1 file's header: dim, pixdim, qform/sform codes, quaternion, offsets, srows."""
+    import gzip
+
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        data = f.read(352)
+    return {"dim": struct_unpack("<8h", data, 40), "pixdim": struct_unpack("<8f", data, 76)[:5],
+            "codes": struct_unpack("<2h", data, 252), "quaternion": struct_unpack("<6f", data, 256),
+            "srow": struct_unpack("<12f", data, 280)}
+
+
+def struct_unpack(fmt, data, offset):
+    import struct
+
+    return struct.unpack_from(fmt, data, offset)
+
+
+def test_a_4d_input_with_one_time_point_gets_4d_outputs_on_its_exact_grid(tmp_path, tiny_model, monkeypatch):
+    """A volume stored X, Y, Z, 1 (as some converters write one): its mask and probability map are X, Y, Z, 1
+    too, with the input's header geometry, and the report gives the size; two time points stay refused."""
+    oracle_network(monkeypatch)
+    image, _ = make_volume(size=(40, 36, 8), direction=rotation(0.2, 0.1, -0.3), blobs=((0.5, 0.5, 0.5, 7.0),))
+    four = sitk.JoinSeries(sitk.Cast(image, sitk.sitkInt16), 0.0, 2.0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = {"gz": "gz.nii.gz", "raw": "raw.nii", "nrrd": "nrrd.nrrd", "mha": "mha.mha"}  # case: input file
+    for name in names.values():
+        sitk.WriteImage(four, str(inputs / name))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(inputs / "three.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    three = sitk.GetArrayFromImage(io.read_mask(out / "three_wmh.nii.gz", reference=image))
+    for case, name in names.items():
+        source, extension = inputs / name, io.output_extension(inputs / name)
+        report = json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))
+        assert report["input_size"] == [40, 36, 8, 1], case
+        for output in (f"{case}_wmh", f"{case}_prob"):
+            written = out / f"{output}{extension}"
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(written))
+            reader.ReadImageInformation()
+            if written.name.endswith((".nii", ".nii.gz")):  # SimpleITK reads X, Y, Z, 1 NIfTI as 3D: the header
+                got, given = nifti_header(written), nifti_header(source)
+                assert got["dim"][:5] == given["dim"][:5] == (4, 40, 36, 8, 1), output
+                for field in ("pixdim", "codes", "quaternion", "srow"):
+                    np.testing.assert_allclose(got[field], given[field], rtol=0, atol=1e-5, err_msg=f"{output} {field}")
+            else:
+                assert (reader.GetDimension(), reader.GetSize()) == (4, (40, 36, 8, 1)), output
+                np.testing.assert_allclose(reader.GetSpacing(), four.GetSpacing(), rtol=1e-6)
+                np.testing.assert_allclose(reader.GetOrigin(), four.GetOrigin(), atol=1e-6)
+                np.testing.assert_allclose(reader.GetDirection(), four.GetDirection(), atol=1e-6)
+        mask = io.read_mask(out / f"{case}_wmh{extension}", reference=image)
+        assert np.array_equal(sitk.GetArrayViewFromImage(mask), three) and three.any(), case  # the 3D input's mask
+        assert io.read_segmentation(out / f"{case}.seg.nrrd").GetDimension() == 3  # Slicer's segmentation: 3D
+    # a 3D input keeps 3D outputs
+    assert nifti_header(out / "three_wmh.nii.gz")["dim"][:4] == (3, 40, 36, 8)
+    assert json.loads((out / "three_report.json").read_text(encoding="utf-8"))["input_size"] == [40, 36, 8]
+    # asked for another format, still X, Y, Z, 1
+    assert main(["segment", str(inputs / "nrrd.nrrd"), "-o", str(tmp_path / "as_nifti"), "--model", str(tiny_model),
+                 "--device", "cpu", "--output-format", "nii.gz"]) == 0
+    assert nifti_header(tmp_path / "as_nifti" / "nrrd_wmh.nii.gz")["dim"][:5] == (4, 40, 36, 8, 1)
+    # two time points are no volume to segment: refused, saying so
+    sitk.WriteImage(sitk.JoinSeries([sitk.Cast(image, sitk.sitkInt16)] * 2), str(tmp_path / "two.nii.gz"))
+    assert main(["segment", str(tmp_path / "two.nii.gz"), "-o", str(tmp_path / "two"), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 1
+    assert "is a 4D image" in (tmp_path / "two" / "summary.csv").read_text(encoding="utf-8")

@@ -112,6 +112,24 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     assert {row["status"] for row in summary(out).values()} == {"ok"} and not (out / "a_qc.png").exists()
 
 
+def test_batch_writes_the_mask_of_an_input_stored_with_one_time_point_the_same_way(scene, batchScript, tmp_path,
+                                                                                  monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    flair, _ = make_volume(direction=rotation(0.1, 0.0, 0.3))
+    sitk.WriteImage(sitk.JoinSeries(flair, 0.0, 2.0), str(inputs / "a.mha"))  # X, Y, Z, 1
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(out / "a_wmh.mha"))
+    reader.ReadImageInformation()
+    assert (reader.GetDimension(), reader.GetSize()) == (4, (*flair.GetSize(), 1))
+    np.testing.assert_allclose(reader.GetDirection(), sitk.JoinSeries(flair, 0.0, 2.0).GetDirection(), atol=1e-6)
+    assert json.loads((out / "a_report.json").read_text(encoding="utf-8"))["input_size"] == [*flair.GetSize(), 1]
+    assert io.read_mask(out / "a_wmh.mha", reference=flair).GetDimension() == 3  # read back onto the scan's grid
+
+
 def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"

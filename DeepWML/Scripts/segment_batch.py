@@ -99,6 +99,8 @@ def loadFlair(path: Path, case: str, study=None):
         series, _ = io.choose_dicom_series(path, candidates=study.series, strict=True)
     elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
         series, _ = io.choose_dicom_series(path, option=None)
+    elif io.read_time_axis(path):  # a NRRD or MetaImage file stored X, Y, Z, 1: Slicer's reader loses its
+        return mrml.volumeFromImage(io.read_image(path), case), None  # orientation (identity directions), SimpleITK keeps it
     else:
         return mrml.loadVolumeFile(str(path), case), None
     return mrml.volumeFromImage(io.read_image(path, series=series), case), series
@@ -155,9 +157,10 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
-        report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
-                      outputs=sorted(p.name for p in paths.values()))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
+        timeAxis = io.read_time_axis(path)  # an input stored X, Y, Z, 1: its mask is written so too
+        report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
+                      outputs=sorted(p.name for p in paths.values()), input_size=io.stored_size(mask, timeAxis))
         if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
             import SimpleITK as sitk
             from DeepWMLLib.qc import png_bytes, render, render_comparison
@@ -173,7 +176,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
                 reference = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
                 picture = png_bytes(render_comparison(image, mask, reference, title, names=("DeepWML", "reference")))
         io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
-        io.write_image(mask, paths["mask"])
+        io.write_image(mask, paths["mask"], timeAxis)
         if args.qc:
             io.write_bytes(picture, paths["qc"])
         write_json(report, paths["report"])
