@@ -232,9 +232,10 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPollJob(self) -> None:
         job = self._job
+        finished = job.done  # first: a worker process's job reads its progress then
         self.ui.progressBar.value = int(round(100 * job.fraction))
         self.ui.statusLabel.text = job.message
-        if not job.done:
+        if not finished:
             return
         self._timer.stop()
         self._job = None

@@ -115,6 +115,23 @@ def test_segment_button_runs_in_background_shows_progress_and_results(widget, mo
     np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, lesionSlices[-1]), atol=1e-6)
 
 
+def test_segment_button_with_a_worker_process_shows_progress_results_and_cancels(widget, module, tiny_model):
+    ui, p = widget.ui, widget._parameterNode
+    widget.logic.workerPython = sys.executable  # as in Slicer, where it is PythonSlicer
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert ui.applyButton.text == "Cancel" and widget._job.python == sys.executable
+    finishJob(widget)
+    assert ui.applyButton.text == "Segment WMH" and ui.progressBar.value == 100
+    assert p.outputSegmentation.GetName() == "FLAIR WMH" and "Total lesion volume" in ui.resultsLabel.text
+    ui.applyButton.click()
+    job = widget._job
+    ui.applyButton.click()  # Cancel: the process is ended at once
+    assert job.wait(5) and job.cancelled
+    widget._timer.fire()
+    assert widget._job is None and ui.statusLabel.text == "Cancelled." and ui.applyButton.text == "Segment WMH"
+
+
 def test_the_periventricular_option_runs_the_ventricle_model_only_when_ticked(widget, module, monkeypatch, tiny_model,
                                                                              tmp_path):
     """Off (as in `deepwml segment`, where the ventricle model is opt-in): no ventricle segment. Ticked:

@@ -15,7 +15,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import pickle
+import shutil
+import subprocess
+import tempfile
 import threading
+import types
 from pathlib import Path
 
 import slicer
@@ -38,6 +44,8 @@ DISCORDANT_SLICES_SHOWN = 10
 SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making the segmentation node is the rest
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.nrrd with it; Slicer reads its own
+IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # set (to 1) to run GUI segmentations in a thread of Slicer's process
+LOG_LINES_SHOWN = 5  # of a worker process that ended without a result
 
 
 class SegmentationJob:
@@ -113,6 +121,128 @@ class SegmentationJob:
         return self._finished.wait(timeout)
 
 
+class ProcessSegmentationJob(SegmentationJob):
+    """The same run in a separate Python process (`python -m DeepWMLLib.worker`; in Slicer its own
+    PythonSlicer). A thread of Slicer's process gets Python's global lock only while Slicer's main thread
+    lets it go; a process never waits for it. Cancel ends the process at once, and a runtime that crashes
+    (out of memory, a driver) ends the run, not Slicer. The image goes to the process, and the mask,
+    ventricles and report come back, as files in a private temporary folder that is removed at the end.
+    `done`, `fraction` and `message` are brought up to date by `poll()`, which `done` calls."""
+
+    def __init__(self, *args, python: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.python = python
+        self._folder = None
+        self._process = None
+        self._log = None
+
+    def start(self) -> "ProcessSegmentationJob":
+        import DeepWMLLib
+
+        self._folder = Path(tempfile.mkdtemp(prefix="DeepWML-"))  # readable by this user only: it holds a scan
+        try:
+            options = dict(device=self.device, threshold=self.threshold, tta=self.tta,
+                           brain_model="default" if self.brainMask else None,
+                           ventricle_model=_ventricleModel(self.location))
+            (self._folder / "job.pkl").write_bytes(pickle.dumps(
+                {"image": self.image, "model_paths": self.modelPaths, "options": options},
+                protocol=pickle.HIGHEST_PROTOCOL))
+            environment = os.environ.copy()  # DeepWMLLib importable from where this one was imported
+            root = str(Path(DeepWMLLib.__file__).resolve().parent.parent)
+            environment["PYTHONPATH"] = os.pathsep.join(p for p in (root, environment.get("PYTHONPATH")) if p)
+            self._log = open(self._folder / "log.txt", "wb")
+            hidden = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+            self._process = subprocess.Popen([self.python, "-m", "DeepWMLLib.worker", str(self._folder)],
+                                             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                             env=environment, **hidden)
+        except BaseException:
+            self._cleanUp()
+            raise
+        self._report(0.0, "starting")
+        return self
+
+    def run(self) -> None:
+        self.start()
+        self.wait()
+
+    def poll(self) -> None:
+        """Read the worker's progress; when it has ended, collect its result or error (once)."""
+        if self._finished.is_set() or self._folder is None:
+            return
+        try:
+            progress = json.loads((self._folder / "progress.json").read_text(encoding="utf-8"))
+            fraction = SEGMENTED_FRACTION * min(max(float(progress["fraction"]), 0.0), 1.0)
+            if fraction != self.fraction or progress["message"] != self.message:
+                self._report(fraction, str(progress["message"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not written yet
+        code = self._process.poll()
+        if code is None:
+            return
+        try:
+            self._collect(code)
+        finally:
+            self._cleanUp()
+            self._finished.set()
+
+    def _collect(self, code: int) -> None:
+        from DeepWMLLib.errors import Cancelled, DeepWMLError
+
+        result, error = self._folder / "result.pkl", self._folder / "error.pkl"
+        if self._cancelRequested:
+            self.error = Cancelled("cancelled")
+        elif result.is_file():
+            self.result = types.SimpleNamespace(**pickle.loads(result.read_bytes()))
+        elif error.is_file():
+            self.error = pickle.loads(error.read_bytes())
+        else:
+            self._log.flush()
+            lines = (self._folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            tail = " | ".join(lines[-LOG_LINES_SHOWN:])
+            self.error = DeepWMLError(f"the segmentation process ended without a result (exit code {code}; too "
+                                      f"little memory?)" + (f": {tail}" if tail else ""))
+
+    def _cleanUp(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    @property
+    def done(self) -> bool:
+        self.poll()
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        self._cancelRequested = True
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()  # it writes only into its own temporary folder
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._process is None:
+            return self._finished.is_set()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.poll()
+            return False
+        self.poll()
+        return self._finished.is_set()
+
+
+def workerPython() -> str | None:
+    """The Python that runs a GUI segmentation in a process of its own: Slicer's PythonSlicer, which
+    Slicer puts on PATH. None (a worker thread instead) outside Slicer, without it, or when the
+    environment variable DEEPWML_IN_PROCESS is set to anything but 0 or nothing."""
+    if os.environ.get(IN_PROCESS_VARIABLE, "0").strip() not in ("", "0"):
+        return None
+    if getattr(slicer, "app", None) is None:
+        return None
+    return shutil.which("PythonSlicer")
+
+
 def checkInputVolume(volumeNode) -> None:
     """A volume node to segment: not a labelmap (a mask is no scan; vector images are refused on reading)."""
     if volumeNode is None:
@@ -124,6 +254,7 @@ def checkInputVolume(volumeNode) -> None:
 class DeepWMLCoreLogic:
     def __init__(self):
         self.interactive = False
+        self.workerPython = "auto"  # startSegmentation's worker process: see there
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -245,12 +376,18 @@ class DeepWMLCoreLogic:
 
     def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
                           tta=False, brainMask=True, location=True) -> SegmentationJob:
-        """Start segmenting in a worker thread; poll `job.done`, then call finishSegmentation(job)."""
+        """Start segmenting in a worker process (`self.workerPython`: "auto" for workerPython(), a Python
+        executable, or None) or else a worker thread; poll `job.done`, then call finishSegmentation(job)."""
         self.ensureDependencies()
         checkInputVolume(volumeNode)
+        python = workerPython() if self.workerPython == "auto" else self.workerPython
+        image = mrml.imageFromVolume(volumeNode)
+        if python:
+            return ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
+                                          location=location, python=python).start()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
-        return SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
+        return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta,
                                brainMask=brainMask, location=location).start()
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,

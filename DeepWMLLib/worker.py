@@ -1,0 +1,90 @@
+"""One segmentation run for another process: `python -m DeepWMLLib.worker FOLDER`.
+
+The Slicer module runs its GUI segmentations this way, in Slicer's own Python (PythonSlicer), so that
+the networks never wait for Python's global lock while Slicer's main thread holds it, Cancel stops the
+run at once, and a crash of a runtime (out of memory, a driver) ends the run rather than Slicer.
+
+FOLDER holds `job.pkl`: {"image": a SimpleITK image, "model_paths": list or None, "options": keyword
+arguments of segment.segment_image}. The worker writes `progress.json` ({"fraction", "message"}) as it
+goes, stops (Cancelled) when a file named `cancel` appears or its parent process has gone, and ends
+with `result.pkl` ({"mask", "ventricles", "report"}) or `error.pkl` (the exception). Each file is
+written under a temporary name and then renamed, so the other side never reads half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import Cancelled, DeepWMLError
+
+PROGRESS_EVERY_S = 0.1
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
+
+
+def _picklable(exc: BaseException) -> bytes:
+    """The exception pickled, or a DeepWMLError with its text when it cannot travel."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return pickle.dumps(DeepWMLError(f"{type(exc).__name__}: {exc}"))
+
+
+def run(folder: Path) -> int:
+    folder = Path(folder)
+    parent = os.getppid()
+    last = [0.0]
+
+    def progress(fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
+            last[0] = now
+            write_whole(folder / "progress.json",
+                        json.dumps({"fraction": float(fraction), "message": str(message)}).encode("utf-8"))
+
+    def cancel() -> bool:
+        return (folder / "cancel").exists() or (os.name != "nt" and os.getppid() != parent)
+
+    try:
+        job = pickle.loads((folder / "job.pkl").read_bytes())
+        from .segment import load_models, segment_image
+
+        progress(0.0, "loading the model")
+        models = load_models(job["model_paths"])
+        if cancel():
+            raise Cancelled("cancelled")
+        progress(0.0, "segmenting")
+        result = segment_image(job["image"], models, progress=progress, cancel=cancel, **job["options"])
+        write_whole(folder / "result.pkl", pickle.dumps(
+            {"mask": result.mask, "ventricles": result.ventricles, "report": result.report},
+            protocol=pickle.HIGHEST_PROTOCOL))
+        return 0
+    except BaseException as exc:  # every failure goes back to the caller, which shows it
+        if not isinstance(exc, (DeepWMLError, Cancelled)):
+            traceback.print_exc()  # into the log the caller keeps for an unexpected error
+        write_whole(folder / "error.pkl", _picklable(exc))
+        return 1
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m DeepWMLLib.worker FOLDER", file=sys.stderr)
+        return 2
+    return run(Path(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

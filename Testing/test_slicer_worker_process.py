@@ -1,0 +1,130 @@
+"""The module's GUI segmentations in a worker process (python -m DeepWMLLib.worker, in Slicer its
+PythonSlicer): the same result as in a thread, progress, an at-once cancel, and errors and crashes of
+the process shown, never a frozen job. Real processes on real MRML nodes; this venv's Python stands in
+for PythonSlicer."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+
+import slicer  # noqa: E402
+from conftest import make_volume  # noqa: E402
+from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
+from slicer_fixtures import scene  # noqa: E402,F401 (fixture)
+
+from DeepWMLSlicerLib import CoreLogic  # noqa: E402
+from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic, ProcessSegmentationJob  # noqa: E402
+
+
+def processLogic(python=sys.executable) -> DeepWMLCoreLogic:
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = str(python)
+    return logic
+
+
+def pollUntilDone(job, timeout=120.0) -> list:
+    """What the GUI's timer does: read job.done, then the progress, until done; the fractions seen."""
+    seen, end = [], time.monotonic() + timeout
+    while not job.done:
+        seen.append(job.fraction)
+        assert time.monotonic() < end, "the worker process did not finish"
+        time.sleep(0.05)
+    return seen
+
+
+def test_a_worker_process_gives_the_same_mask_as_a_thread_with_progress_and_leaves_nothing_behind(
+        scene, tiny_model):
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    job = processLogic().startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)])
+    assert isinstance(job, ProcessSegmentationJob)
+    folder = job._folder
+    assert folder.is_dir() and not job.done  # started, not yet finished: the GUI goes on meanwhile
+    seen = pollUntilDone(job)
+    assert not folder.exists()  # the scan's copy and the results are removed
+    assert seen == sorted(seen) and max(seen) <= CoreLogic.SEGMENTED_FRACTION
+    assert job.fraction == pytest.approx(CoreLogic.SEGMENTED_FRACTION)
+    inProcess = processLogic(None).segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    fromProcess = processLogic().finishSegmentation(job)
+    assert job.fraction == 1.0
+    a = sitk.GetArrayFromImage(mrml.maskFromSegmentation(fromProcess, volume))
+    b = sitk.GetArrayFromImage(mrml.maskFromSegmentation(inProcess, volume))
+    assert a.sum() > 0 and np.array_equal(a, b)
+    facts = [json.loads(node.GetAttribute(CoreLogic.RUN_ATTRIBUTE)) for node in (fromProcess, inProcess)]
+    for run in facts:
+        run.pop("seconds")
+    assert facts[0] == facts[1] and facts[0]["model"]  # the run's facts travel back whole
+
+
+def test_cancel_ends_the_worker_process_at_once(scene, tmp_path):
+    slow = tmp_path / "python"  # a worker that would take a minute
+    slow.write_text("#!/bin/sh\nsleep 60\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = processLogic(slow)
+    job = logic.startSegmentation(volume, device="cpu")
+    folder = job._folder
+    time.sleep(0.3)
+    assert not job.done
+    started = time.monotonic()
+    job.cancel()
+    assert job.wait(5) and job.cancelled
+    assert time.monotonic() - started < 5 and job._process.returncode is not None and not folder.exists()
+    with pytest.raises(Cancelled):
+        logic.finishSegmentation(job)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_a_worker_process_that_dies_gives_an_error_with_its_last_words(scene, tmp_path):
+    dying = tmp_path / "python"
+    dying.write_text("#!/bin/sh\necho 'out of memory in the runtime' >&2\nexit 137\n")
+    dying.chmod(dying.stat().st_mode | stat.S_IEXEC)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = processLogic(dying)
+    job = logic.startSegmentation(volume, device="cpu")
+    pollUntilDone(job, 30)
+    with pytest.raises(DeepWMLError, match="exit code 137.*out of memory in the runtime"):
+        logic.finishSegmentation(job)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_an_error_in_the_worker_process_comes_back_as_the_thread_would_raise_it(scene, tmp_path):
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    missing = [str(tmp_path / "no such model.pt")]
+    with pytest.raises(DeepWMLError) as inThread:
+        processLogic(None).segmentVolume(volume, device="cpu", modelPaths=missing)
+    logic = processLogic()
+    job = logic.startSegmentation(volume, device="cpu", modelPaths=missing)
+    pollUntilDone(job, 60)
+    with pytest.raises(DeepWMLError) as inProcess:
+        logic.finishSegmentation(job)
+    assert type(inProcess.value) is type(inThread.value) and str(inProcess.value) == str(inThread.value)
+
+
+def test_slicer_runs_gui_segmentations_in_its_own_python_unless_told_not_to(monkeypatch, tmp_path):
+    assert CoreLogic.workerPython() is None  # no Slicer application: a worker thread
+    pythonSlicer = tmp_path / "PythonSlicer"
+    pythonSlicer.write_text("#!/bin/sh\n")
+    pythonSlicer.chmod(pythonSlicer.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(slicer, "app", object(), raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ.get("PATH", ""))
+    assert CoreLogic.workerPython() == str(pythonSlicer)
+    monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "1")
+    assert CoreLogic.workerPython() is None
+    monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "0")
+    assert CoreLogic.workerPython() == str(pythonSlicer)
