@@ -12,27 +12,33 @@ How (`lesion_change`):
    - `new`: nothing of the baseline's within `tolerance_mm` of it: no voxel it marked, even in part,
      and (when its probability map is known) none whose probability reaches `presence`;
    - `enlarging`: its volume exceeds its baseline volume by `enlarge_fraction` of that volume and by
-     `enlarge_min_ml` at least. Its baseline volume: the baseline lesions it matches, each whole and
+     `enlarge_min_ml` at least. Its baseline volume: its share of the baseline lesions it matches,
      measured on the baseline's own grid (a baseline lesion matches the follow-up lesion nearest to
-     any of its voxels carried onto the follow-up's grid, within `tolerance_mm`; one that split
-     matches each part, two that merged add up); with only partly marked voxels there, the partial
-     volume carried over;
-   - `stable`: otherwise present at baseline (shrunken lesions included);
+     any of its voxels carried onto the follow-up's grid, partly marked ones included, within
+     `tolerance_mm`). One that merged with others adds its whole volume; one that split is shared
+     out among its parts, each of its voxels to the part nearest to it in the follow-up's space. So
+     each baseline lesion is counted once;
+   - `stable`: otherwise present at baseline (shrunken lesions included; with no share of a baseline
+     lesion, e.g. there only by the baseline's probability, its baseline volume and change are blank);
    - `not assessable`: some of it lies outside the baseline's field of view, where nothing can be said,
      or a baseline lesion it matches does outside the follow-up's (its change would be a cut, not a
      shrinkage; the row keeps that baseline volume and a warning says so).
 4. The other way round, on the baseline's grid, each baseline lesion wholly inside the follow-up's
    field of view with nothing of the follow-up's within `tolerance_mm` (the same test) is `gone`; one
    partly outside it with nothing of the follow-up's near it is `not assessable` (a warning says how
-   much lesion volume the follow-up did not cover).
+   much lesion volume the follow-up did not cover). One that no follow-up lesion matched but that is
+   still there (the follow-up's probability reaches `presence` near it, or a lesion lies just beside it)
+   is listed `stable` from the baseline's side (`not assessable` when partly outside the follow-up's
+   view), its change blank. So every lesion of either scan has one row, and the rows' baseline volumes
+   add up to the baseline's lesion volume, the follow-up rows' volumes to the follow-up's.
 5. A new or gone lesion smaller than `min_change_ml` is `small new` or `small gone`: listed and drawn,
    not counted as a change (the segmentation's own flicker between two acquisitions is mostly there).
 
 The label map of the result lies on the follow-up's grid (the scan being read): 1 stable, 2 new,
 3 enlarging, 4 not assessable, 5 gone (a baseline lesion carried onto the follow-up's grid), 6 small
-new, 7 small gone. Lesion
-volumes are each scan's own: a follow-up lesion's from the follow-up grid, a gone lesion's from the
-baseline's. Positions are physical LPS millimetres of the follow-up scan.
+new, 7 small gone; a baseline lesion's own row (gone, or kept as above) is drawn where it lay. Lesion
+volumes are each scan's own: a follow-up lesion's from the follow-up grid, a baseline lesion's row
+(scan "baseline") gives its baseline volume. Positions are physical LPS millimetres of the follow-up scan.
 
 How far to trust it. The registration is checked three ways: the normalised correlation of the two
 FLAIRs inside the follow-up's head, the final mutual information, and (`check`) the registration run
@@ -232,18 +238,23 @@ def _resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform, li
     return sitk.GetArrayFromImage(out)
 
 
-def _resample_labels(labels: np.ndarray, image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    """Component numbers (numpy k, j, i on `image`'s grid) at `grid`'s voxel centres, nearest neighbour."""
-    source = sitk.GetImageFromArray(labels.astype(np.int32))
-    source.CopyInformation(image)
-    return sitk.GetArrayFromImage(sitk.Resample(source, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32))
-
-
 def _coverage(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     """Which voxels of `grid` lie inside `image`'s field of view (its voxels' extent)."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
     return _resample(ones, grid, transform, linear=False) > 0.5
+
+
+def _physical(index_kji: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """The physical LPS points (N x 3) of voxel indices (N x 3, numpy k, j, i) of `image`."""
+    return np.c_[index_kji[:, ::-1], np.ones(len(index_kji))] @ io.ijk_to_lps(image)[:3].T
+
+
+def _carry(points: np.ndarray, transform: sitk.Transform) -> np.ndarray:
+    """Points (N x 3) through a rigid (or any affine) transform, all at once."""
+    origin = np.array(transform.TransformPoint((0.0, 0.0, 0.0)))
+    matrix = np.array([np.array(transform.TransformPoint(tuple(axis))) - origin for axis in np.eye(3)]).T
+    return points @ matrix.T + origin
 
 
 def _spacing_kji(image: sitk.Image) -> tuple[float, float, float]:
@@ -293,6 +304,7 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     there (new) or is still there (gone): a lesion just under the threshold in one scan and just over it
     in the other is then not called new or gone."""
     from scipy import ndimage
+    from scipy.spatial import cKDTree
 
     if tolerance_mm < 0 or enlarge_fraction < 0 or enlarge_min_ml < 0:
         raise DeepWMLError("the tolerance and the enlargement thresholds cannot be negative")
@@ -318,6 +330,7 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     if base_count:
         follow_covers = _coverage(followup_mask, baseline_mask, inverse)
         base_cut = np.atleast_1d(ndimage.sum(~follow_covers, base_labels, np.arange(1, base_count + 1))) > 0
+    pairs = np.zeros((2, 0), int)  # (follow-up lesion, the baseline lesion it matches)
     if count:
         spacing = _spacing_kji(followup_mask)
         margin = [int(math.ceil(tolerance_mm / s)) + 1 for s in spacing]
@@ -326,21 +339,35 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         ids = np.arange(1, count + 1)
         nearest_base = np.atleast_1d(ndimage.minimum(distance_zone, labels[box], ids))
         outside = np.atleast_1d(ndimage.sum(~base_covers[box], labels[box], ids)) > 0
-        # A follow-up lesion's baseline volume: the baseline lesions (whole, each measured on its own grid)
-        # with a voxel, carried onto the follow-up's grid, whose nearest follow-up lesion within the
-        # tolerance is this one; where only partly marked voxels show there (no whole voxel), the
-        # carried partial volume instead.
+        # Which baseline lesions each follow-up lesion matches: those with a voxel, carried onto the
+        # follow-up's grid (partly marked counts), whose nearest follow-up lesion within the tolerance is
+        # this one. A carried voxel shows the baseline lesion with the nearest voxel (a partly marked one
+        # has no label of its own on this grid).
         distance_follow, nearest = _distance_to(follow[box], spacing, return_indices=True)
         owner = labels[box][tuple(nearest)]
         near = (base_on_follow[box] > 0) & (distance_follow <= tolerance_mm)
-        base_ids = _resample_labels(base_labels, baseline_mask, followup_mask, transform)[box]
-        pairs = np.unique(np.stack([owner[near & (base_ids > 0)], base_ids[near & (base_ids > 0)]]), axis=1)
+        corner = np.array([s.start for s in box])
+        if near.any():
+            carried = _carry(_physical(np.argwhere(near) + corner, followup_mask), transform)
+            base_ids = base_labels[base][cKDTree(_physical(np.argwhere(base), baseline_mask)).query(carried)[1]]
+            pairs = np.unique(np.stack([owner[near], base_ids]), axis=1).astype(int)
+        # A follow-up lesion's baseline volume: what it holds of the baseline lesions it matches, each
+        # measured on the baseline's own grid. A baseline lesion that split into several follow-up lesions
+        # is shared out: each of its voxels goes to the part nearest to it, in the follow-up's space; one
+        # that merged with others into one lesion adds its own volume there. So every baseline lesion is
+        # counted once, and the baseline volumes of the rows add up to the baseline's lesion volume.
         before_ml = np.zeros(count + 1)
-        np.add.at(before_ml, pairs[0], base_volumes[pairs[1] - 1])
-        partial = np.bincount(owner[near], weights=base_on_follow[box][near], minlength=count + 1) * follow_ml
-        matched = np.zeros(count + 1, bool)
-        matched[pairs[0]] = True
-        before_ml = np.where(matched, before_ml, partial)[1:]
+        for number in np.unique(pairs[1]):
+            parts = pairs[0][pairs[1] == number]
+            if parts.size == 1:
+                before_ml[parts[0]] += base_volumes[number - 1]
+                continue
+            follow_index = np.argwhere(np.isin(labels[box], parts)) + corner
+            tree = cKDTree(_physical(follow_index, followup_mask))
+            points = _carry(_physical(np.argwhere(base_labels == number), baseline_mask), inverse)
+            part = labels[tuple(follow_index[tree.query(points)[1]].T)]
+            before_ml += np.bincount(part, minlength=count + 1) * base_ml
+        before_ml = before_ml[1:]
         cut = np.zeros(count + 1, bool)  # matched to a baseline lesion the follow-up does not wholly cover
         cut[pairs[0][base_cut[pairs[1] - 1]]] = True
         sizes, centroids, ranges = _component_geometry(labels, count, followup_mask)
@@ -358,10 +385,11 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         for n in np.argsort(-sizes, kind="stable"):
             volume = float(sizes[n] * follow_ml)
             assessed = status[n] != 4
-            # a lesion whose baseline lesion is cut by the follow-up's view keeps that (incomplete) baseline volume
-            before = float(before_ml[n]) if status[n] in (1, 3) or cut[n + 1] else (0.0 if status[n] in (2, 6) else None)
-            if status[n] == 1 and before == 0.0:  # there before (its probability, a lesion just beside it) but
-                before = None                    # no baseline volume of its own to measure a change against
+            # A lesion matched to baseline lesions keeps its share of their volume, even an incomplete one (not
+            # assessable). One there before only by the baseline's probability, or beside a lesion (a part of a
+            # split lesion whose every voxel lay nearer another part), has no baseline volume of its own to measure
+            # a change against.
+            before = float(before_ml[n]) if before_ml[n] > 0 else (0.0 if status[n] in (2, 6) else None)
             rows.append({
                 "status": LABELS[int(status[n])], "scan": "follow-up", "volume_ml": round(volume, 6),
                 "baseline_ml": None if before is None else round(before, 6),
@@ -369,9 +397,13 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                 "centroid_mm": [round(float(v), 2) for v in centroids[n]],
                 "slice_range": [int(v) for v in ranges[n]],
             })
+            if cut[n + 1]:
+                rows[-1]["_cut"] = True  # for lesion_change's warnings, then dropped
 
-    # Baseline lesions against the follow-up carried onto the baseline grid: the gone ones, and those
-    # (partly) outside the follow-up's field of view that left no trace inside it.
+    # Baseline lesions against the follow-up carried onto the baseline grid: the gone ones, those
+    # (partly) outside the follow-up's field of view that left no trace inside it, and those still there
+    # with no follow-up lesion of their own (by the follow-up's probability, or just beside a lesion):
+    # every baseline lesion no follow-up lesion matched gets a row of its own.
     if base_count:
         follow_zone = _resample(sitk.Cast(followup_mask > 0, sitk.sitkUInt8), baseline_mask, inverse) > 0
         if presence is not None and followup_probabilities is not None:
@@ -383,14 +415,19 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         nearest_follow = np.atleast_1d(ndimage.minimum(_distance_to(follow_zone[box], spacing),
                                                        base_labels[box], ids))
         uncovered = base_cut
-        gone = (nearest_follow > tolerance_mm) & ~uncovered
-        unseen = (nearest_follow > tolerance_mm) & uncovered  # not assessable: outside the follow-up's view
-        if gone.any() or unseen.any():
+        claimed = np.zeros(base_count, bool)  # in a follow-up lesion's row
+        claimed[pairs[1] - 1] = True
+        gone = (nearest_follow > tolerance_mm) & ~uncovered & ~claimed
+        unseen = (nearest_follow > tolerance_mm) & uncovered & ~claimed  # not assessable: outside the follow-up's view
+        kept = (nearest_follow <= tolerance_mm) & ~claimed  # stable, or not assessable when partly outside the view
+        if gone.any() or unseen.any() or kept.any():
             sizes, base_centroids, ranges = _component_geometry(base_labels, base_count, baseline_mask)
             small = sizes * base_ml < min_change_ml
-            for value, which in ((5, gone & ~small), (7, gone & small)):
-                gone_mask = np.concatenate([[False], which])[base_labels].astype(np.uint8)
-                carried = _resample(io.like_image(gone_mask, baseline_mask), followup_mask, transform) >= 0.5
+            for value, which in ((5, gone & ~small), (7, gone & small), (1, kept & ~uncovered), (4, kept & uncovered)):
+                if not which.any():
+                    continue
+                drawn = np.concatenate([[False], which])[base_labels].astype(np.uint8)
+                carried = _resample(io.like_image(drawn, baseline_mask), followup_mask, transform) >= 0.5
                 out[carried & (out == 0)] = value
                 # a lesion smaller than the follow-up's slice gap reaches 0.5 nowhere: drawn at its centre at least
                 for n in np.flatnonzero(which):
@@ -400,14 +437,15 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                         out[k, j, i] = value
             # a baseline lesion's position, said in the follow-up's space (where the picture and label map are)
             for n in np.argsort(-sizes, kind="stable"):
-                if not (gone[n] or unseen[n]):
+                if not (gone[n] or unseen[n] or kept[n]):
                     continue
                 where = inverse.TransformPoint(tuple(float(v) for v in base_centroids[n]))
                 volume = float(sizes[n] * base_ml)
-                rows.append({
-                    "status": "not assessable" if unseen[n] else "small gone" if small[n] else "gone",
-                    "scan": "baseline", "volume_ml": round(volume, 6), "baseline_ml": round(volume, 6),
-                    "change_ml": None if unseen[n] else round(-volume, 6),
+                call = ("not assessable" if uncovered[n] else "stable") if kept[n] else \
+                    "not assessable" if unseen[n] else "small gone" if small[n] else "gone"
+                rows.append({  # the volume: the baseline's; kept, its follow-up extent is under the mask's threshold
+                    "status": call, "scan": "baseline", "volume_ml": round(volume, 6), "baseline_ml": round(volume, 6),
+                    "change_ml": round(-volume, 6) if gone[n] else None,
                     "centroid_mm": [round(float(v), 2) for v in where],
                     "slice_range": [int(v) for v in ranges[n]],  # the baseline's slice indices
                 })
@@ -491,17 +529,17 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
         warnings.append(
             f"{sum(r['volume_ml'] for r in unseen):.2f} ml of the baseline's lesions ({len(unseen)}) lie partly or wholly "
             "outside the follow-up's field of view (listed as not assessable): the two loads cover different extents")
-    beyond = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and r["baseline_ml"] is None]
+    beyond = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and not r.get("_cut")]
     if beyond:
         warnings.append(
             f"{sum(r['volume_ml'] for r in beyond):.2f} ml of the follow-up's lesions ({len(beyond)}) lie partly or wholly "
             "outside the baseline's field of view (listed as not assessable): the two loads cover different extents, so "
             "the total volume change counts lesions the baseline could not show")
-    cut = [r for r in rows if r["status"] == "not assessable" and r["scan"] == "follow-up" and r["baseline_ml"] is not None]
+    cut = [r for r in rows if r.pop("_cut", False)]
     if cut:
         warnings.append(
             f"{len(cut)} follow-up lesion{'s' if len(cut) > 1 else ''} ({sum(r['volume_ml'] for r in cut):.2f} ml) "
-            f"match{'' if len(cut) > 1 else 'es'} baseline lesions ({sum(r['baseline_ml'] for r in cut):.2f} ml) that lie "
+            f"match{'' if len(cut) > 1 else 'es'} baseline lesions ({sum(r['baseline_ml'] or 0.0 for r in cut):.2f} ml) that lie "
             "partly outside the follow-up's field of view (listed as not assessable): their change, and the total "
             "volume change, cannot be measured there")
     facts = registration.facts()

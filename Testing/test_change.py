@@ -535,3 +535,100 @@ def test_a_follow_up_that_is_a_thin_slab_of_the_head_registers(shared_data):
     points = [follow.TransformIndexToPhysicalPoint((i, j, k)) for i in (60, 190) for j in (60, 190) for k in (0, 7)]
     error = max(np.linalg.norm(np.subtract(registration.transform.TransformPoint(p), p)) for p in points)
     assert error < 0.5 and registration.correlation > 0.95
+
+
+def test_a_baseline_lesion_kept_only_by_the_follow_ups_probability_has_its_row():
+    """The mirror case: a baseline lesion with no follow-up lesion, kept from 'gone' only by the follow-up's
+    probability (--presence). Before, it had no row at all: it vanished from the table, the label map and the
+    counts. Now it is listed as stable from the baseline's side, its baseline volume kept, its change blank."""
+    base = np.zeros((20, 40, 40), np.uint8)
+    base[8:12, 15:25, 15:25] = 1  # 0.4 ml
+    baseline = _grid((40, 40, 20), (1.0, 1.0, 1.0), base)
+    followup = _grid((40, 40, 20), (1.0, 1.0, 1.0))
+    probability = sitk.Cast(baseline, sitk.sitkFloat32) * 0.3  # just under the follow-up's threshold there
+    labels, rows = change.classify(followup, baseline, sitk.Transform(3, sitk.sitkIdentity),
+                                   followup_probabilities=probability, presence=0.15)
+    assert [(r["status"], r["scan"], r["baseline_ml"], r["change_ml"]) for r in rows] == [
+        ("stable", "baseline", 0.4, None)]
+    assert np.count_nonzero(labels == 1) == 400  # drawn where it was, as stable
+    summary = change._summary(rows, 0.4, 0.0)
+    assert summary["n_stable"] == 1 and summary["n_gone"] == 0
+
+
+def test_a_lesion_that_split_shares_its_baseline_volume_and_merged_ones_add_up_once():
+    """A 0.48 ml baseline bar split in two (13 and 15 voxels long, 2 apart): each part got the whole 0.48 ml
+    as its baseline volume (0.96 ml in the table). Now each baseline voxel goes to the nearer part (14 and 16
+    columns: 0.224 and 0.256 ml). Two baseline bars merged into one lesion count each once (0.448 ml)."""
+    identity = sitk.Transform(3, sitk.sitkIdentity)
+    base = np.zeros((20, 40, 40), np.uint8)
+    base[8:12, 10:14, 5:35] = 1
+    follow = np.zeros((20, 40, 40), np.uint8)
+    follow[8:12, 10:14, 5:18] = 1
+    follow[8:12, 10:14, 20:35] = 1
+    rows = change.classify(_grid((40, 40, 20), (1.0, 1.0, 1.0), follow), _grid((40, 40, 20), (1.0, 1.0, 1.0), base),
+                           identity)[1]
+    assert [(r["volume_ml"], r["baseline_ml"], r["change_ml"]) for r in rows] == [
+        (0.24, 0.256, -0.016), (0.208, 0.224, -0.016)]
+    # the same split seen by a follow-up of 2 mm slices: the shares still add up to the baseline lesion
+    coarse = _grid((40, 40, 10), (1.0, 1.0, 2.0), follow[::2])
+    rows = change.classify(coarse, _grid((40, 40, 20), (1.0, 1.0, 1.0), base), identity)[1]
+    assert len(rows) == 2 and sum(r["baseline_ml"] for r in rows) == pytest.approx(0.48, abs=1e-6)
+    base, follow = follow.copy(), base.copy()  # the other way round: two lesions merged into one
+    rows = change.classify(_grid((40, 40, 20), (1.0, 1.0, 1.0), follow), _grid((40, 40, 20), (1.0, 1.0, 1.0), base),
+                           identity)[1]
+    assert [(r["status"], r["volume_ml"], r["baseline_ml"]) for r in rows] == [("stable", 0.48, 0.448)]
+
+
+def _paint(size, spacing, boxes) -> sitk.Image:
+    """A mask on a grid at the origin, marked where the voxel centre lies in one of the boxes (x, y, z mm)."""
+    k, j, i = np.indices(size[::-1])
+    centre = [i * spacing[0], j * spacing[1], k * spacing[2]]
+    mask = np.zeros(size[::-1], bool)
+    for box in boxes:
+        mask |= np.logical_and.reduce([(low <= c) & (c < high) for c, (low, high) in zip(centre, box)])
+    return _grid(size, spacing, mask.astype(np.uint8))
+
+
+def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it(monkeypatch):
+    """A scene of every fate at once (a split, a merge, a baseline lesion kept by the follow-up's probability,
+    a new and a gone one, a stable one), the baseline on 2 mm slices, the follow-up on 1 mm: the rows' baseline
+    volumes add up to the baseline's lesion volume, the follow-up rows' volumes to the follow-up's, the counts
+    and volumes of the summary to the rows', and every row shows in the label map with its call."""
+    stable = ((5, 12), (5, 12), (4, 12))
+    kept = ((34, 40), (5, 11), (14, 20))
+    base_boxes = [stable, ((5, 40), (20, 24), (4, 10)),  # split below
+                  ((5, 14), (32, 36), (4, 10)), ((18, 28), (32, 36), (4, 10)),  # merged below
+                  kept, ((40, 46), (40, 46), (2, 8))]  # kept by the follow-up's probability; gone
+    follow_boxes = [stable, ((5, 18), (20, 24), (4, 10)), ((22, 40), (20, 24), (4, 10)),
+                    ((5, 28), (32, 36), (4, 10)), ((34, 40), (36, 42), (14, 20))]  # ...; new
+    baseline_mask = _paint((48, 48, 12), (1.0, 1.0, 2.0), base_boxes)
+    followup_mask = _paint((48, 48, 24), (1.0, 1.0, 1.0), follow_boxes)
+    probability = sitk.Cast(_paint((48, 48, 24), (1.0, 1.0, 1.0), [kept]), sitk.sitkFloat32) * 0.3
+    flairs = []
+    for mask in (baseline_mask, followup_mask):
+        flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, mask.GetSize()[::-1]).astype(np.float32))
+        flair.CopyInformation(mask)
+        flairs.append(flair)
+    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
+        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    result = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=probability,
+                                  presence=0.15, check=False)
+    report, rows = result.report, result.report["lesions"]
+    assert sorted((r["status"], r["scan"]) for r in rows) == [
+        ("gone", "baseline"), ("new", "follow-up"), ("stable", "baseline"), ("stable", "follow-up"),
+        ("stable", "follow-up"), ("stable", "follow-up"), ("stable", "follow-up")]
+    assert report["baseline_volume_ml"] == pytest.approx(sum(r["baseline_ml"] or 0 for r in rows), abs=1e-4)
+    assert report["followup_volume_ml"] == pytest.approx(sum(r["volume_ml"] for r in rows if r["scan"] == "follow-up"),
+                                                         abs=1e-4)
+    for status in change.LABELS.values():
+        key = status.replace(" ", "_")
+        assert report[f"n_{key}"] == sum(r["status"] == status for r in rows)
+        assert report[f"{key}_ml"] == pytest.approx(sum(r["volume_ml"] for r in rows if r["status"] == status), abs=1e-4)
+    changed = [r["change_ml"] for r in rows if r["change_ml"] is not None]
+    kept_row = [r for r in rows if r["scan"] == "baseline" and r["status"] == "stable"][0]
+    assert sum(changed) - kept_row["baseline_ml"] == pytest.approx(report["volume_change_ml"], abs=1e-4)
+    labels = sitk.GetArrayViewFromImage(result.labels)
+    code = {name: value for value, name in change.LABELS.items()}
+    for row in rows:
+        i, j, k = result.labels.TransformPhysicalPointToIndex(tuple(row["centroid_mm"]))
+        assert labels[k, j, i] == code[row["status"]], row
