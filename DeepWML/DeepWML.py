@@ -5,6 +5,7 @@ The module is deliberately thin: the widget binds GUI to the parameter node and 
 DeepWMLLib does everything numeric.
 """
 
+import logging
 import pathlib
 from typing import Annotated, Union
 
@@ -114,10 +115,15 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveResultsButton.connect("clicked(bool)", self.onSaveResults)
         self.ui.sliceTable.connect("itemSelectionChanged()", self.onSliceSelected)
 
-        with slicer.util.tryWithErrorDisplay("Cannot list the shipped DeepWML models."):
-            for name, description in self.logic.modelChoices():
-                self.ui.modelComboBox.addItem(name)
-                self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        try:  # not tryWithErrorDisplay: it raises again after its dialog, and set-up must go on
+            choices = self.logic.modelChoices()
+        except Exception as exc:
+            choices = [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]  # what is left to choose
+            logging.error(f"Cannot list the shipped DeepWML models: {exc}")
+            self.ui.statusLabel.text = f"Cannot list the shipped models: {exc}"
+        for name, description in choices:
+            self.ui.modelComboBox.addItem(name)
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -191,8 +197,11 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.enabled = not p.useModelThreshold
         if self._deviceNoteFor != p.device:
             self._deviceNoteFor = p.device
-            with slicer.util.tryWithErrorDisplay("Cannot check the device."):
+            try:  # a note only: the buttons below must still follow the parameters
                 self.ui.deviceNoteLabel.text = self.logic.deviceNote(p.device)
+            except Exception as exc:
+                logging.error(f"Cannot check the device: {exc}")
+                self.ui.deviceNoteLabel.text = f"Cannot check the device: {exc}"
         running = self._job is not None
         # the volume being segmented and the node its result goes into stay as they are until the run ends
         self.ui.inputVolumeSelector.enabled = not running

@@ -162,6 +162,35 @@ def test_the_periventricular_option_runs_the_ventricle_model_only_when_ticked(wi
     assert widget._job is None and ui.applyButton.text == "Segment WMH"
 
 
+def test_a_device_check_that_fails_is_shown_and_the_buttons_still_follow(widget, monkeypatch):
+    ui = widget.ui
+
+    def broken(device):
+        raise RuntimeError("torch cannot be imported")
+
+    monkeypatch.setattr(widget.logic, "deviceNote", broken)
+    widget._deviceNoteFor = None
+    ui.applyButton.enabled = False
+    widget.updateGUIFromParameterNode()  # real Slicer's tryWithErrorDisplay raised here, after its dialog
+    assert ui.deviceNoteLabel.text == "Cannot check the device: torch cannot be imported"
+    assert ui.applyButton.enabled  # a FLAIR is chosen: Segment WMH is not left disabled
+
+
+def test_models_that_cannot_be_listed_leave_the_module_set_up(module, scene, monkeypatch):
+    def broken(self):
+        raise OSError("models.json: permission denied")
+
+    monkeypatch.setattr(module.DeepWMLLogic, "modelChoices", broken)
+    mrml.volumeFromImage(make_volume()[0], "FLAIR")
+    widget = module.DeepWMLWidget()
+    try:
+        assert widget._parameterNode is not None  # set-up went on to the parameter node
+        assert "permission denied" in widget.ui.statusLabel.text
+        assert widget.ui.modelComboBox.items == [module.MODEL_FILE_CHOICE]  # a model file can still be chosen
+    finally:
+        widget.cleanup()
+
+
 def test_cancel_button_stops_the_run(widget, monkeypatch):
     started = blockingSegmentation(monkeypatch)
     ui = widget.ui
@@ -180,7 +209,7 @@ def test_errors_reach_the_error_display_and_the_button_recovers(widget, module):
     p = widget._parameterNode
     p.modelName = module.MODEL_FILE_CHOICE  # but no model file chosen
     with pytest.raises(Exception, match="choose a DeepWML model file"):
-        widget.ui.applyButton.click()  # tryWithErrorDisplay shows it, then re-raises (testing mode)
+        widget.ui.applyButton.click()  # tryWithErrorDisplay shows it, then raises it again (so does real Slicer)
     assert widget._job is None and widget.ui.applyButton.text == "Segment WMH"
 
 

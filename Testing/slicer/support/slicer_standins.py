@@ -195,7 +195,7 @@ def _qtModule():
 class App:
     applicationName = "Slicer"
 
-    def testingEnabled(self) -> bool:  # tryWithErrorDisplay then re-raises instead of showing a dialog
+    def testingEnabled(self) -> bool:  # tryWithErrorDisplay logs instead of a dialog (and raises again, as always)
         return True
 
     def processEvents(self) -> None:
