@@ -6,8 +6,9 @@ run at once, and a crash of a runtime (out of memory, a driver) ends the run rat
 
 FOLDER holds `job.pkl`: {"image": a SimpleITK image, "model_paths": list or None, "options": keyword
 arguments of segment.segment_image}. The worker writes `progress.json` ({"fraction", "message"}) as it
-goes, stops (Cancelled) when a file named `cancel` appears or its parent process has gone, and ends
-with `result.pkl` ({"mask", "ventricles", "report"}) or `error.pkl` (the exception). Each file is
+goes, stops (Cancelled) when a file named `cancel` appears or its parent process has gone (then it
+removes FOLDER: nobody will collect it), and ends with `result.pkl` ({"mask", "ventricles", "report"})
+or `error.pkl` (the exception). Each file is
 written under a temporary name and then renamed, so the other side never reads half of one.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import sys
 import time
 import traceback
@@ -54,8 +56,11 @@ def run(folder: Path) -> int:
             write_whole(folder / "progress.json",
                         json.dumps({"fraction": float(fraction), "message": str(message)}).encode("utf-8"))
 
+    def orphaned() -> bool:  # the process that started this one has gone (not known on Windows)
+        return os.name != "nt" and os.getppid() != parent
+
     def cancel() -> bool:
-        return (folder / "cancel").exists() or (os.name != "nt" and os.getppid() != parent)
+        return (folder / "cancel").exists() or orphaned()
 
     try:
         job = pickle.loads((folder / "job.pkl").read_bytes())
@@ -76,6 +81,9 @@ def run(folder: Path) -> int:
             traceback.print_exc()  # into the log the caller keeps for an unexpected error
         write_whole(folder / "error.pkl", _picklable(exc))
         return 1
+    finally:
+        if orphaned():  # nobody will collect the results: the scan's copy must not stay behind
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv=None) -> int:

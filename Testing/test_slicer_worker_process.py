@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,3 +130,37 @@ def test_slicer_runs_gui_segmentations_in_its_own_python_unless_told_not_to(monk
     assert CoreLogic.workerPython() is None
     monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "0")
     assert CoreLogic.workerPython() == str(pythonSlicer)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a parent's end is seen on POSIX only")
+def test_a_worker_whose_slicer_has_gone_stops_and_removes_the_scans_copy(tmp_path):
+    folder = tmp_path / "DeepWML-job-orphan"
+    folder.mkdir()
+    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
+    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None, "options": {"device": "cpu"}}))
+    # a stand-in for Slicer: it starts the worker, waits until it runs, and ends without collecting anything
+    parent = ("import subprocess, sys, time, pathlib\n"
+              f"subprocess.Popen([sys.executable, '-m', 'DeepWMLLib.worker', {str(folder)!r}])\n"
+              f"while not pathlib.Path({str(folder)!r}, 'progress.json').exists(): time.sleep(0.01)\n")
+    subprocess.run([sys.executable, "-c", parent], check=True, timeout=120)
+    end = time.monotonic() + 60
+    while folder.exists():
+        assert time.monotonic() < end, "the orphaned worker left the scan's copy behind"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX only")
+def test_job_folders_of_a_slicer_that_crashed_are_swept_and_no_others(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folders = {name: tmp_path / f"{CoreLogic.JOB_FOLDER_PREFIX}{name}" for name in ("crashed", "running", "new")}
+    for folder in folders.values():
+        folder.mkdir()
+        (folder / "job.pkl").write_bytes(b"a scan")
+    (folders["crashed"] / "owner").write_text(str(gone.pid))
+    (folders["running"] / "owner").write_text(str(os.getpid()))
+    other = tmp_path / "someone-else"
+    other.mkdir()
+    CoreLogic.sweepOrphanedJobFolders(tmp_path)
+    assert not folders["crashed"].exists()
+    assert folders["running"].exists() and folders["new"].exists() and other.exists()

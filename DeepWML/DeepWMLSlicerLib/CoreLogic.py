@@ -46,6 +46,7 @@ SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making
 PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.nrrd with it; Slicer reads its own
 IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # set (to 1) to run GUI segmentations in a thread of Slicer's process
 LOG_LINES_SHOWN = 5  # of a worker process that ended without a result
+JOB_FOLDER_PREFIX = "DeepWML-job-"  # a worker process's temporary folder
 
 
 class SegmentationJob:
@@ -139,8 +140,10 @@ class ProcessSegmentationJob(SegmentationJob):
     def start(self) -> "ProcessSegmentationJob":
         import DeepWMLLib
 
-        self._folder = Path(tempfile.mkdtemp(prefix="DeepWML-"))  # readable by this user only: it holds a scan
+        sweepOrphanedJobFolders()
+        self._folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))  # readable by this user only: a scan
         try:
+            (self._folder / "owner").write_text(str(os.getpid()), encoding="utf-8")
             options = dict(device=self.device, threshold=self.threshold, tta=self.tta,
                            brain_model="default" if self.brainMask else None,
                            ventricle_model=_ventricleModel(self.location))
@@ -230,6 +233,21 @@ class ProcessSegmentationJob(SegmentationJob):
             return False
         self.poll()
         return self._finished.is_set()
+
+
+def sweepOrphanedJobFolders(folder=None) -> None:
+    """Remove the job folders of worker processes whose owner (a Slicer that crashed) has gone: they
+    hold a copy of a scan. POSIX only (os.kill(pid, 0) asks whether a process exists)."""
+    if os.name == "nt":
+        return
+    for path in Path(folder or tempfile.gettempdir()).glob(JOB_FOLDER_PREFIX + "*"):
+        try:
+            owner = int((path / "owner").read_text(encoding="utf-8"))
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # another user's, being made, or not ours
 
 
 def workerPython() -> str | None:
