@@ -169,10 +169,14 @@ def align(followup: sitk.Image, baseline: sitk.Image, seed: int = 1) -> Registra
         # and the better fit is kept.
         scanner = sitk.Euler3DTransform()
         scanner.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
-        other, other_method = _fit(fixed, moving, scanner, seed)
-        other_correlation = _correlation(fixed, moving, other)
-        if other_correlation > correlation or not correlation == correlation:
-            transform, method, correlation = other, other_method, other_correlation
+        try:
+            other, other_method = _fit(fixed, moving, scanner, seed)
+        except DeepWMLError:  # the scanner's frames hardly overlap (another scanner, another patient): the first
+            other = None      # fit stands, and its low correlation is reported as it is
+        if other is not None:
+            other_correlation = _correlation(fixed, moving, other)
+            if other_correlation > correlation or not correlation == correlation:
+                transform, method, correlation = other, other_method, other_correlation
     return Registration(transform, correlation, float(method.GetMetricValue()),
                         int(method.GetOptimizerIteration()), time.perf_counter() - start)
 

@@ -633,3 +633,12 @@ def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it
     for row in rows:
         i, j, k = result.labels.TransformPhysicalPointToIndex(tuple(row["centroid_mm"]))
         assert labels[k, j, i] == code[row["status"]], row
+
+
+def test_a_poor_fit_whose_second_start_has_no_overlap_keeps_the_first(monkeypatch):
+    (base, _), (follow, _) = change_pair_images()
+    base = sitk.Image(base)
+    base.SetOrigin([x + 1000.0 for x in base.GetOrigin()])  # another scanner's frame: a metre away
+    monkeypatch.setattr(change, "_correlation", lambda fixed, moving, transform: 0.1)  # a poor first fit
+    registration = change.align(follow, base)  # the retry from the scanner's frame cannot start: no overlap
+    assert registration.correlation == 0.1  # the first fit kept and reported, not "registration failed"
