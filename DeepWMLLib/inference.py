@@ -517,6 +517,13 @@ def predict_probabilities(image: sitk.Image, models: Sequence[LoadedModel], devi
     return lesion, frame
 
 
+def network_cost(loaded: LoadedModel) -> float:
+    """A network's relative cost per slice, for the progress bar: a U-Net's convolutions cost about
+    base_channels squared times the grid's pixels at every level (channels double as the sides halve)."""
+    config, (rows, columns) = loaded.config, loaded.preprocessing.grid_size
+    return float(config.get("base_channels", 1)) ** 2 * rows * columns * (int(config.get("depth", 0)) + 1)
+
+
 def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
                  device: str = "auto", batch_size: int | None = None, tta: bool = False,
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
@@ -552,16 +559,17 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     ran: list = []  # names of the runners that ran batches, a CPU fallback's included
     total = np.zeros(stack.shape, dtype=np.float32)
     helper_maps = [np.zeros(stack.shape, dtype=np.float32) for _ in helpers]
-    work, done = max(1, kept.size * len(networks)), 0
+    costs = [network_cost(m) for m in networks]  # each network's share of the progress bar
+    work, done = max(1e-9, kept.size * sum(costs)), 0.0
     for first in range(0, kept.size, CHUNK_SLICES):
         chunk = kept[first:first + CHUNK_SLICES]
         networked = {config: plan.network_slices(stack, chunk, config) for config in plan.grids}
         summed = {}  # ensemble members' maps summed on their network grid: resampling is linear, so once is enough
-        for number, (loaded, runner) in enumerate(zip(networks, runners)):
+        for number, (loaded, runner, cost) in enumerate(zip(networks, runners, costs)):
 
-            def on_batch(k: int, loaded=loaded, base=done) -> None:
+            def on_batch(k: int, loaded=loaded, base=done, cost=cost) -> None:
                 if progress:
-                    progress((base + k) / work, f"{loaded.name}: slice {first + k}/{kept.size}")
+                    progress(min(1.0, (base + k * cost) / work), f"{loaded.name}: slice {first + k}/{kept.size}")
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel, ran=ran)
@@ -570,7 +578,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities
             else:
                 helper_maps[number - len(models)][chunk] = plan.grids[loaded.preprocessing].to_input(probabilities)
-            done += chunk.size
+            done += chunk.size * cost
         for config, probabilities in summed.items():
             total[chunk] += plan.grids[config].to_input(probabilities)
     if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)

@@ -248,6 +248,23 @@ def test_progress_and_cancel(tiny_model):
         segment_image(image, load_models([tiny_model]), "cpu", cancel=lambda: True)
 
 
+def test_progress_gives_each_network_its_share_of_the_work():
+    from DeepWMLLib.segment import load_models, segment_image
+
+    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
+    seen = []
+    segment_image(image, load_models(None), "cpu", progress=lambda f, m: seen.append((f, m)), ventricle_model=None)
+    share = {}
+    for (before, _), (after, message) in zip(seen, seen[1:]):
+        if ".pt: slice" in message:
+            name = message.split(":")[0]
+            share[name] = share.get(name, 0.0) + after - before
+    lesion, brain = share["deepwml_unet32_v9.pt"], share["deepwml_brain8_synth_v1.pt"]
+    # the 8-channel brain network on a 128-pixel grid costs about 1/64 of the 32-channel one on 256 by
+    # network_cost: it must not fill half of the bar (before: each network an equal share per slice)
+    assert brain < 0.1 * lesion and lesion > 0.6
+
+
 def test_progress_reaches_100_percent_only_when_the_case_is_written(tmp_path, tiny_model):
     """A real run (the tiny network, no oracle): the network's progress is a part of the case's, so 1.0 comes
     last, once, after every output is written; never backwards."""
