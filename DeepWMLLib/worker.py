@@ -53,8 +53,11 @@ def run(folder: Path) -> int:
         now = time.monotonic()
         if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
             last[0] = now
-            write_whole(folder / "progress.json",
-                        json.dumps({"fraction": float(fraction), "message": str(message)}).encode("utf-8"))
+            try:
+                write_whole(folder / "progress.json",
+                            json.dumps({"fraction": float(fraction), "message": str(message)}).encode("utf-8"))
+            except OSError:  # on Windows a file being read cannot be replaced: this update is skipped, not the run
+                pass
 
     def orphaned() -> bool:  # the process that started this one has gone (not known on Windows)
         return os.name != "nt" and os.getppid() != parent

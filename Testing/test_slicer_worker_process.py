@@ -164,3 +164,22 @@ def test_job_folders_of_a_slicer_that_crashed_are_swept_and_no_others(tmp_path):
     CoreLogic.sweepOrphanedJobFolders(tmp_path)
     assert not folders["crashed"].exists()
     assert folders["running"].exists() and folders["new"].exists() and other.exists()
+
+
+def test_a_progress_file_that_cannot_be_replaced_skips_that_update_not_the_run(tmp_path, monkeypatch, tiny_model):
+    from DeepWMLLib import worker
+
+    flair, _ = make_volume()
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps({"image": flair, "model_paths": [str(tiny_model)],
+                                                     "options": {"device": "cpu"}}))
+    replace = os.replace
+
+    def busy(source, target):  # Windows: the caller is reading progress.json at that moment
+        if str(target).endswith("progress.json"):
+            raise PermissionError(13, "The process cannot access the file", str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(worker.os, "replace", busy)
+    assert worker.run(tmp_path) == 0
+    result = pickle.loads((tmp_path / "result.pkl").read_bytes())
+    assert result["mask"].GetSize() == flair.GetSize() and not (tmp_path / "error.pkl").exists()
