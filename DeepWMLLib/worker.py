@@ -6,8 +6,8 @@ run at once, and a crash of a runtime (out of memory, a driver) ends the run rat
 
 FOLDER holds `job.pkl`: {"image": a SimpleITK image, "model_paths": list or None, "options": keyword
 arguments of segment.segment_image}. The worker writes `progress.json` ({"fraction", "message"}) as it
-goes, stops (Cancelled) when a file named `cancel` appears or its parent process has gone (then it
-removes FOLDER: nobody will collect it), and ends with `result.pkl` ({"mask", "ventricles", "report"})
+goes, stops (Cancelled) when a file named `cancel` appears, `job.pkl` is removed (the caller gave up on
+it) or its parent process has gone (then it removes FOLDER: nobody will collect it), and ends with `result.pkl` ({"mask", "ventricles", "report"})
 or `error.pkl` (the exception). Each file is
 written under a temporary name and then renamed, so the other side never reads half of one.
 """
@@ -62,8 +62,11 @@ def run(folder: Path) -> int:
     def orphaned() -> bool:  # the process that started this one has gone (not known on Windows)
         return os.name != "nt" and os.getppid() != parent
 
+    def abandoned() -> bool:  # the caller removed its folder (Cancel: it killed PythonSlicer, a launcher, not this)
+        return not (folder / "job.pkl").exists()
+
     def cancel() -> bool:
-        return (folder / "cancel").exists() or orphaned()
+        return (folder / "cancel").exists() or orphaned() or abandoned()
 
     try:
         job = pickle.loads((folder / "job.pkl").read_bytes())
@@ -85,7 +88,7 @@ def run(folder: Path) -> int:
         write_whole(folder / "error.pkl", _picklable(exc))
         return 1
     finally:
-        if orphaned():  # nobody will collect the results: the scan's copy must not stay behind
+        if orphaned() or abandoned():  # nobody will collect the results: the scan's copy must not stay behind
             shutil.rmtree(folder, ignore_errors=True)
 
 

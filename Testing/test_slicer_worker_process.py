@@ -183,3 +183,38 @@ def test_a_progress_file_that_cannot_be_replaced_skips_that_update_not_the_run(t
     assert worker.run(tmp_path) == 0
     result = pickle.loads((tmp_path / "result.pkl").read_bytes())
     assert result["mask"].GetSize() == flair.GetSize() and not (tmp_path / "error.pkl").exists()
+
+
+def test_a_cancel_with_no_poll_after_it_leaves_no_copy_of_the_scan(scene, tmp_path):
+    # the widget's cleanup (Slicer closing, the module reloaded) cancels the job and stops its timer: no poll follows
+    slow = tmp_path / "python"
+    slow.write_text("#!/bin/sh\nsleep 60\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    flair, _ = make_volume()
+    job = processLogic(slow).startSegmentation(mrml.volumeFromImage(flair, "flair"), device="cpu")
+    folder = job._folder
+    assert (folder / "job.pkl").is_file()
+    job.cancel()
+    assert not folder.exists() and job._process.returncode is not None and job.cancelled
+
+
+def test_a_worker_whose_job_folder_was_removed_stops_and_leaves_nothing(tmp_path):
+    # PythonSlicer is a launcher: Cancel kills it and removes the folder, and the Python it started (its child,
+    # which on Windows does not see its parent go) must stop too, not run the segmentation to its end
+    folder = tmp_path / "DeepWML-job-abandoned"
+    folder.mkdir()
+    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
+    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None,
+                                                   "options": {"device": "cpu", "tta": True}}))
+    worker = subprocess.Popen([sys.executable, "-m", "DeepWMLLib.worker", str(folder)])
+    try:
+        end = time.monotonic() + 120
+        while not (folder / "progress.json").exists():
+            assert time.monotonic() < end and worker.poll() is None
+            time.sleep(0.01)
+        (folder / "job.pkl").unlink()  # what the module's clean-up removes first
+        assert worker.wait(120) == 1
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert not folder.exists()

@@ -47,6 +47,7 @@ PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.
 IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # set (to 1) to run GUI segmentations in a thread of Slicer's process
 LOG_LINES_SHOWN = 5  # of a worker process that ended without a result
 JOB_FOLDER_PREFIX = "DeepWML-job-"  # a worker process's temporary folder
+CANCEL_WAIT_S = 5.0  # for a killed worker process to end, so that its folder can be removed at once
 
 
 class SegmentationJob:
@@ -219,9 +220,15 @@ class ProcessSegmentationJob(SegmentationJob):
         return self._finished.is_set()
 
     def cancel(self) -> None:
+        """End the process and remove its folder now: the widget's clean-up (Slicer closing) polls no more."""
         self._cancelRequested = True
         if self._process is not None and self._process.poll() is None:
             self._process.kill()  # it writes only into its own temporary folder
+            try:
+                self._process.wait(CANCEL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass  # removed by a later poll
+        self.poll()  # the folder goes: a Python that PythonSlicer (a launcher) started stops when it sees that
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._process is None:
