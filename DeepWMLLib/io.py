@@ -752,7 +752,7 @@ class TimeAxis:
 
 # NIfTI-1 and NIfTI-2 (by header size): the dim array's format and offset, the format of reals, the offsets of
 # pixdim[4] (the time step) and toffset (the time origin)
-_NIFTI_TIME_FIELDS = {348: ("8h", 40, "f", 92, 132), 540: ("8q", 16, "d", 136, 216)}
+_NIFTI_TIME_FIELDS = {348: ("8h", 40, "f", 92, 136), 540: ("8q", 16, "d", 136, 216)}
 
 
 def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:

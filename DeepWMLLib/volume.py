@@ -230,7 +230,7 @@ def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None 
     struct.pack_into("<2h", header, 70, code, array.dtype.itemsize * 8)
     struct.pack_into("<8f", header, 76, qfac, *spacing, 1.0 if time is None else time[1], 1.0, 1.0, 1.0)
     if time is not None:
-        struct.pack_into("<f", header, 132, time[0])  # toffset
+        struct.pack_into("<f", header, 136, time[0])  # toffset (132 is slice_duration)
     struct.pack_into("<f", header, 108, 352.0)
     struct.pack_into("<2f", header, 112, 1.0, 0.0)
     header[123] = 2 | 8  # xyzt_units: millimetres, seconds

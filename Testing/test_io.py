@@ -384,3 +384,27 @@ def test_two_visits_alike_in_one_folder_are_listed_with_their_uids_and_chosen_by
         io.choose_dicom_series(folder)
     assert "UID 1.2.3.4.5" in str(refused.value) and "UID 1.2.3.9.5" in str(refused.value)
     assert io.choose_dicom_series(folder, "1.2.3.9.5")[0].uid == "1.2.3.9.5"
+
+
+def test_the_time_axis_of_a_volume_stored_with_one_time_point_is_read_and_written_where_nifti_keeps_it(tmp_path):
+    # NIfTI-1 keeps the time origin in toffset (byte 136); byte 132 is slice_duration, which says nothing of it
+    import struct
+
+    image, _ = make_volume(size=(12, 10, 6))
+    source = tmp_path / "four.nii"
+    sitk.WriteImage(sitk.JoinSeries(image, 7.0, 2.5), str(source))
+    header = source.read_bytes()[:348]
+    assert struct.unpack_from("<2f", header, 132) == (0.0, 7.0)  # as ITK writes it: slice_duration, toffset
+    axis = io.read_time_axis(source)
+    assert axis == io.TimeAxis(7.0, 2.5)
+    light = io.read_image(source, light=True)
+    for name, mask in (("light.nii", light), ("itk.nii.gz", image)):  # without SimpleITK, and with it
+        io.write_image(mask, tmp_path / name, axis)
+        assert io.read_time_axis(tmp_path / name) == axis, name
+    written = (tmp_path / "light.nii").read_bytes()
+    assert struct.unpack_from("<2f", written, 132) == (0.0, 7.0)
+    io.write_image(image, tmp_path / "other.nrrd", axis)  # another format: its fourth origin and spacing
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp_path / "other.nrrd"))
+    reader.ReadImageInformation()
+    assert (reader.GetOrigin()[3], reader.GetSpacing()[3]) == (7.0, 2.5)
