@@ -7,8 +7,9 @@ run at once, and a crash of a runtime (out of memory, a driver) ends the run rat
 FOLDER holds `job.pkl`: {"image": a SimpleITK image, "model_paths": list or None, "options": keyword
 arguments of segment.segment_image}. The worker writes `progress.json` ({"fraction", "message"}) as it
 goes, stops (Cancelled) when a file named `cancel` appears, `job.pkl` is removed (the caller gave up on
-it) or its parent process has gone (then it removes FOLDER: nobody will collect it), and ends with `result.pkl` ({"mask", "ventricles", "report"})
-or `error.pkl` (the exception). Each file is
+it), or its parent process or the process named in FOLDER's `owner` file (Slicer's own: PythonSlicer is a
+launcher, which lives on when Slicer crashes) has gone (then it removes FOLDER: nobody will collect it), and
+ends with `result.pkl` ({"mask", "ventricles", "report"}) or `error.pkl` (the exception). Each file is
 written under a temporary name and then renamed, so the other side never reads half of one.
 """
 
@@ -44,9 +45,46 @@ def _picklable(exc: BaseException) -> bytes:
         return pickle.dumps(DeepWMLError(f"{type(exc).__name__}: {exc}"))
 
 
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id is running (True when that cannot be told, e.g. another user's)."""
+    if os.name == "nt":
+        import ctypes
+        from ctypes import wintypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        kernel32.OpenProcess.argtypes = (wintypes.DWORD, wintypes.BOOL, wintypes.DWORD)
+        kernel32.GetExitCodeProcess.argtypes = (wintypes.HANDLE, ctypes.POINTER(wintypes.DWORD))
+        kernel32.CloseHandle.argtypes = (wintypes.HANDLE,)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+        try:
+            code = wintypes.DWORD()
+            return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def owner_of(folder: Path) -> int | None:
+    """The process id in a job folder's `owner` file (the Slicer that made it), or None."""
+    try:
+        return int((folder / "owner").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def run(folder: Path) -> int:
     folder = Path(folder)
     parent = os.getppid()
+    owner = owner_of(folder)
     last = [0.0]
 
     def progress(fraction: float, message: str) -> None:
@@ -59,8 +97,8 @@ def run(folder: Path) -> int:
             except OSError:  # on Windows a file being read cannot be replaced: this update is skipped, not the run
                 pass
 
-    def orphaned() -> bool:  # the process that started this one has gone (not known on Windows)
-        return os.name != "nt" and os.getppid() != parent
+    def orphaned() -> bool:  # the process that started this one, or the Slicer it works for, has gone
+        return (os.name != "nt" and os.getppid() != parent) or (owner is not None and not process_exists(owner))
 
     def abandoned() -> bool:  # the caller removed its folder (Cancel: it killed PythonSlicer, a launcher, not this)
         return not (folder / "job.pkl").exists()

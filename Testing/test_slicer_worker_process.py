@@ -149,7 +149,6 @@ def test_a_worker_whose_slicer_has_gone_stops_and_removes_the_scans_copy(tmp_pat
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(os.name == "nt", reason="POSIX only")
 def test_job_folders_of_a_slicer_that_crashed_are_swept_and_no_others(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -218,3 +217,26 @@ def test_a_worker_whose_job_folder_was_removed_stops_and_leaves_nothing(tmp_path
         if worker.poll() is None:
             worker.kill()
     assert not folder.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shell stands in for the PythonSlicer launcher")
+def test_a_worker_started_through_a_launcher_stops_when_its_slicer_has_gone(tmp_path):
+    # PythonSlicer is a launcher that starts the real Python as its child and waits for it: when Slicer crashes,
+    # the worker's parent (the launcher) lives on, so only Slicer's own process id (the `owner` file) tells
+    folder = tmp_path / "DeepWML-job-launched"
+    folder.mkdir()
+    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
+    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None,
+                                                   "options": {"device": "cpu", "tta": True}}))
+    slicerStandIn = ("import os, subprocess, sys, time, pathlib\n"
+                     f"folder = pathlib.Path({str(folder)!r})\n"
+                     "(folder / 'owner').write_text(str(os.getpid()))\n"
+                     "subprocess.Popen(['/bin/sh', '-c', '\"$0\" -m DeepWMLLib.worker \"$1\"; true', sys.executable,"
+                     " str(folder)])\n"
+                     "while not (folder / 'progress.json').exists(): time.sleep(0.01)\n")
+    subprocess.run([sys.executable, "-c", slicerStandIn], check=True, timeout=120)  # then it 'crashes' (ends)
+    end = time.monotonic() + 60
+    while folder.exists():
+        assert time.monotonic() < end, "the worker left the scan's copy behind"
+        assert not (folder / "result.pkl").exists(), "the worker ran on for a Slicer that had gone"
+        time.sleep(0.05)

@@ -244,17 +244,13 @@ class ProcessSegmentationJob(SegmentationJob):
 
 def sweepOrphanedJobFolders(folder=None) -> None:
     """Remove the job folders of worker processes whose owner (a Slicer that crashed) has gone: they
-    hold a copy of a scan. POSIX only (os.kill(pid, 0) asks whether a process exists)."""
-    if os.name == "nt":
-        return
+    hold a copy of a scan. A folder without an owner (being made, or not ours) is left alone."""
+    from DeepWMLLib.worker import owner_of, process_exists
+
     for path in Path(folder or tempfile.gettempdir()).glob(JOB_FOLDER_PREFIX + "*"):
-        try:
-            owner = int((path / "owner").read_text(encoding="utf-8"))
-            os.kill(owner, 0)
-        except ProcessLookupError:
+        owner = owner_of(path)
+        if owner is not None and not process_exists(owner):
             shutil.rmtree(path, ignore_errors=True)
-        except (OSError, ValueError):
-            continue  # another user's, being made, or not ours
 
 
 def workerPython() -> str | None:
