@@ -32,8 +32,8 @@ reference. `deepwml change --qc` fills its change labels (new, enlarging, stable
 over the follow-up FLAIR (`render_labels`).
 
 Every mask drawn must lie on the FLAIR's voxel grid (size, spacing, origin and direction, within the
-tolerance of `io.grid_difference`); one that does not is refused with a DeepWMLError naming the
-difference, never drawn over the wrong voxels.
+tolerance of `io.grid_difference`; a comparison's prediction on its reference's, as the metrics take it);
+one that does not is refused with a DeepWMLError naming the difference, never drawn over the wrong voxels.
 
 Only numpy and zlib are used (the PNG is written here), so the picture costs no extra dependency.
 """
@@ -232,7 +232,10 @@ def render_comparison(image, prediction, reference, title: str | None = None,
     slice with either mask's lesion counts as a lesion slice."""
     from .metrics import reference_labels
 
-    check_on_grid(image, {f"the {names[0]} mask": prediction, f"the {names[1]} mask": reference})
+    # each against the one it is checked against by the metrics and the commands: io's tolerance does not
+    # add up, so two grids each within it of the reference's may be twice it apart
+    check_on_grid(image, {f"the {names[1]} mask": reference})
+    check_on_grid(reference, {f"the {names[0]} mask": prediction})
     lesion, ignore = reference_labels(reference)
     predicted = (voxels(prediction) >= 0.5) & ~ignore
     lesion = lesion & ~ignore

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib import qc
 from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
 
 from conftest import make_volume, oracle_network
 
@@ -355,3 +356,23 @@ def test_a_mask_off_the_image_grid_is_refused_naming_the_difference():
     noisy = volume(mask, spacing=(1.0 + 1e-6, 1.0, 5.0))
     noisy.SetOrigin((1e-4, 0.0, 0.0))
     assert np.array_equal(qc.render(image, noisy, tile_px=24), qc.render(image, volume(mask), tile_px=24))
+
+
+def test_evaluate_draws_a_prediction_and_flair_each_on_the_references_grid_within_tolerance(tmp_path):
+    # io's tolerance (a hundredth of a voxel here) is met by each against the reference, not by the two together
+    from DeepWMLLib import io
+    from DeepWMLLib.evaluation import comparison_picture
+
+    flair, mask = make_volume(size=(30, 30, 10))
+    step = 0.8 * io._ORIGIN_TOL_FRACTION * min(flair.GetSpacing())
+
+    def moved(image, by):
+        image = sitk.Image(image)
+        image.SetOrigin([o + by for o in image.GetOrigin()])
+        return image
+
+    sitk.WriteImage(moved(flair, step), str(tmp_path / "flair.nii.gz"))
+    picture = comparison_picture(tmp_path / "flair.nii.gz", moved(mask, -step), mask)
+    assert picture.startswith(b"\x89PNG")
+    with pytest.raises(DeepWMLError, match="origin"):  # off the grid by more: still refused
+        qc.render_comparison(flair, moved(mask, 3 * step), mask)
