@@ -130,6 +130,10 @@ def test_slicer_runs_gui_segmentations_in_its_own_python_unless_told_not_to(monk
     assert CoreLogic.workerPython() is None
     monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "0")
     assert CoreLogic.workerPython() == str(pythonSlicer)
+    monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "false")  # read as written, not as "set"
+    assert CoreLogic.workerPython() == str(pythonSlicer)
+    monkeypatch.setenv(CoreLogic.IN_PROCESS_VARIABLE, "True")
+    assert CoreLogic.workerPython() is None
 
 
 @pytest.mark.skipif(os.name == "nt", reason="a parent's end is seen on POSIX only")

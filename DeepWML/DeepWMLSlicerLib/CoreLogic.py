@@ -256,8 +256,8 @@ def sweepOrphanedJobFolders(folder=None) -> None:
 def workerPython() -> str | None:
     """The Python that runs a GUI segmentation in a process of its own: Slicer's PythonSlicer, which
     Slicer puts on PATH. None (a worker thread instead) outside Slicer, without it, or when the
-    environment variable DEEPWML_IN_PROCESS is set to anything but 0 or nothing."""
-    if os.environ.get(IN_PROCESS_VARIABLE, "0").strip() not in ("", "0"):
+    environment variable DEEPWML_IN_PROCESS is 1, true, yes or on."""
+    if os.environ.get(IN_PROCESS_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on"):
         return None
     if getattr(slicer, "app", None) is None:
         return None
