@@ -244,3 +244,16 @@ def test_a_worker_started_through_a_launcher_stops_when_its_slicer_has_gone(tmp_
         assert time.monotonic() < end, "the worker left the scan's copy behind"
         assert not (folder / "result.pkl").exists(), "the worker ran on for a Slicer that had gone"
         time.sleep(0.05)
+
+
+def test_a_result_that_cannot_be_read_is_an_error_that_says_so(scene, tmp_path):
+    garbling = tmp_path / "python"  # a worker that writes a result of another Python's making
+    garbling.write_text('#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
+    garbling.chmod(garbling.stat().st_mode | stat.S_IEXEC)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = processLogic(garbling)
+    job = logic.startSegmentation(volume, device="cpu")
+    pollUntilDone(job, 30)  # done, not an exception out of the GUI's timer
+    with pytest.raises(DeepWMLError, match="result could not be read"):
+        logic.finishSegmentation(job)

@@ -195,10 +195,16 @@ class ProcessSegmentationJob(SegmentationJob):
         result, error = self._folder / "result.pkl", self._folder / "error.pkl"
         if self._cancelRequested:
             self.error = Cancelled("cancelled")
-        elif result.is_file():
-            self.result = types.SimpleNamespace(**pickle.loads(result.read_bytes()))
-        elif error.is_file():
-            self.error = pickle.loads(error.read_bytes())
+        elif result.is_file() or error.is_file():
+            try:
+                if result.is_file():
+                    self.result = types.SimpleNamespace(**pickle.loads(result.read_bytes()))
+                else:
+                    self.error = pickle.loads(error.read_bytes())
+            except Exception as exc:  # another DeepWML or Python in the process than in Slicer?
+                self.result = None
+                self.error = DeepWMLError(f"the segmentation process's {'result' if result.is_file() else 'error'} "
+                                          f"could not be read ({type(exc).__name__}: {exc})")
         else:
             self._log.flush()
             lines = (self._folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
