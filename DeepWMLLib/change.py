@@ -427,7 +427,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
         if gone.any() or unseen.any() or kept.any():
             sizes, base_centroids, ranges = _component_geometry(base_labels, base_count, baseline_mask)
             small = sizes * base_ml < min_change_ml
-            for value, which in ((5, gone & ~small), (7, gone & small), (1, kept & ~uncovered), (4, kept & uncovered)):
+            for value, which in ((5, gone & ~small), (7, gone & small), (1, kept & ~uncovered),
+                                 (4, (kept & uncovered) | unseen)):  # not assessable: drawn where the view reaches
                 if not which.any():
                     continue
                 drawn = np.concatenate([[False], which])[base_labels].astype(np.uint8)

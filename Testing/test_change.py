@@ -642,3 +642,14 @@ def test_a_poor_fit_whose_second_start_has_no_overlap_keeps_the_first(monkeypatc
     monkeypatch.setattr(change, "_correlation", lambda fixed, moving, transform: 0.1)  # a poor first fit
     registration = change.align(follow, base)  # the retry from the scanner's frame cannot start: no overlap
     assert registration.correlation == 0.1  # the first fit kept and reported, not "registration failed"
+
+
+def test_a_baseline_lesion_half_outside_the_follow_ups_view_is_drawn_where_it_can_be_judged_not():
+    """A baseline lesion across the follow-up's last slice, with no trace inside its view: not assessable,
+    and drawn as such in the label map where the follow-up does cover it (before: a row, nothing drawn)."""
+    baseline_mask = _paint((40, 40, 20), (1.0, 1.0, 2.0), [((10, 20), (10, 20), (14, 30))])  # z 14-28 mm
+    followup_mask = _paint((40, 40, 10), (1.0, 1.0, 2.0), [])  # ends at z 18 mm (slices 0-9)
+    labels, rows = change.classify(followup_mask, baseline_mask, sitk.Euler3DTransform())
+    assert [(r["status"], r["scan"]) for r in rows] == [("not assessable", "baseline")]
+    drawn = np.argwhere(labels == 4)
+    assert drawn.size and set(drawn[:, 0]) == {7, 8, 9}  # the follow-up's slices the lesion reaches
