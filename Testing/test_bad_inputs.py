@@ -39,6 +39,8 @@ BAD_INPUTS = [
     ("NaN / Inf voxels", "segment", 1, "non-finite"),
     ("folder without images", "segment", 1, "without image files"),
     ("two inputs with one name", "segment", 1, "both named"),
+    ("two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)", "segment", 1,
+     "alike but for upper/lower case"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
@@ -50,6 +52,7 @@ BAD_INPUTS = [
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
+    ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
     ("outputs of another scan of the same name in OUTDIR", "segment", 1, "holds the results of another scan"),
     ("an output name taken by a scan given (OUTDIR the input folder)", "segment", 1, "is one of the scans given"),
@@ -137,6 +140,10 @@ def world(tmp_path):
     (d / "a").mkdir()
     (d / "b").mkdir()
     paths["two inputs with one name"] = [_write(d / "a" / "same.nii.gz", good), _write(d / "b" / "same.nii.gz", good)]
+    (d / "x").mkdir()
+    (d / "y").mkdir()
+    paths["two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)"] = [
+        _write(d / "x" / "A.nii.gz", good), _write(d / "y" / "a.nii.gz", good)]
     extreme = sitk.GetImageFromArray(sitk.GetArrayFromImage(good) * np.float32(1e30))
     extreme.CopyInformation(good)
     paths["extreme intensities (1e30)"] = _write(d / "extreme.nii.gz", extreme)
@@ -204,6 +211,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
         (tmp / "out" / "good_report.json").write_text("{}")
         return seg + [str(p["good"])]
+    if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
+        assert main(seg + [str(p["good"])]) == 0  # a real earlier run, at the model's threshold
+        return seg + [str(p["good"]), "--threshold", "0.3"]
     if row_id == "outputs of another scan of the same name in OUTDIR":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -289,7 +299,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--epochs", "0"]
     if row_id == "evaluate without a case":
         return ["evaluate", "--json", str(tmp / "e.json")]
-    if row_id == "two inputs with one name":
+    if row_id in ("two inputs with one name",
+                  "two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)"):
         return seg + [str(x) for x in p[row_id]]
     if row_id == "reference on another grid":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
@@ -367,6 +378,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
     if row_id == "--init model of another architecture":
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
+    if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
+        assert "--threshold (0.5 then, 0.3 now)" in err  # the setting named, with both values
     if row_id == "sagittal acquisition":
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()

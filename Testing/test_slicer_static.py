@@ -114,9 +114,20 @@ def test_widget_does_no_numerics_and_no_file_io():
 
 
 def test_widget_calls_logic_only_inside_try_with_error_display():
+    """Every call of the logic from the widget is inside tryWithErrorDisplay, or inside a try whose
+    handler catches Exception and shows it itself (where set-up or an update must go on)."""
+    def catchesAll(node) -> bool:
+        return any(h.type is None or ast.unparse(h.type) in ("Exception", "BaseException") for h in node.handlers)
+
     def guarded(node, inside=False):
         if isinstance(node, ast.With) and any("tryWithErrorDisplay" in ast.unparse(i.context_expr) for i in node.items):
             inside = True
+        if isinstance(node, ast.Try) and catchesAll(node):
+            for child in node.body:
+                yield from guarded(child, True)
+            for child in [*node.handlers, *node.orelse, *node.finalbody]:
+                yield from guarded(child, inside)
+            return
         if isinstance(node, ast.Call) and ast.unparse(node.func).startswith("self.logic."):
             method = ast.unparse(node.func).split(".")[2]
             if method != "getParameterNode" and not inside:
