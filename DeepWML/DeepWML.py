@@ -14,7 +14,6 @@ import vtk
 
 import slicer
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,6 +24,14 @@ from slicer.util import VTKObservationMixin
 
 from DeepWMLSlicerLib import MRMLConversion
 from DeepWMLSlicerLib.CoreLogic import DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, DeepWMLCoreLogic
+
+# slicer.parameterNodeWrapper (with Union node types, Choice and WithinRange) is new in Slicer 5.4.
+MINIMUM_SLICER = "5.4"
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError as error:
+    raise ImportError(f"DeepWML needs 3D Slicer {MINIMUM_SLICER} or newer (it uses slicer.parameterNodeWrapper); "
+                      f"this is Slicer {getattr(slicer.app, 'applicationVersion', 'of an unknown version')}") from error
 
 POLL_INTERVAL_MS = 200
 SEGMENT_TEXT = "Segment WMH"

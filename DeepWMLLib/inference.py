@@ -5,6 +5,7 @@ progress and cancel, ensembles (probabilities averaged, MICCAI winner) and flip 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 import threading
@@ -218,10 +219,12 @@ class OnnxRunner:
         size = tuple(loaded.preprocessing.grid_size)
         model = _network_on(loaded, torch.device("cpu")).eval()
         tmp = target.with_suffix(f".{os.getpid()}.part")
+        # torch 2.9 and later export with dynamo by default; torch before 2.5 has no dynamo argument.
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, torch.zeros(1, 1, *size), str(tmp), input_names=["flair"], output_names=["logits"],
-                              dynamic_axes={"flair": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+                              dynamic_axes={"flair": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, **legacy)
         os.replace(tmp, target)
         return target
 

@@ -747,6 +747,16 @@ def _autocast(device, cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+def grad_scaler(enabled: bool):
+    """fp16 loss scaling for CUDA training. torch.amp.GradScaler is new in torch 2.3; older torch has only
+    torch.cuda.amp.GradScaler."""
+    import torch
+
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether PyTorch computes bf16 natively on this CPU (AVX512-BF16 or AMX)."""
     from .inference import torch_cpu_has_native_bf16
@@ -1034,7 +1044,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     if cfg.plateau_patience is not None:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
                                                                patience=cfg.plateau_patience)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    scaler = grad_scaler(cfg.amp and device.type == "cuda")
     last, best_file = run_dir / "last.pt", run_dir / "best.pt"
     if last.is_file():
         state = load_state(last)
