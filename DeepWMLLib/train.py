@@ -659,7 +659,8 @@ def _torch_generator(*entropy: int):
     import torch
 
     g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0] >> 1))
+    # Shifted as a Python int: numpy 1.x refuses uint64 >> int (TypeError).
+    g.manual_seed(int(np.random.SeedSequence(list(entropy)).generate_state(1, dtype=np.uint64)[0]) >> 1)
     return g
 
 

@@ -149,6 +149,18 @@ def test_training_runs_with_a_torch_before_2_3(tmp_path, monkeypatch):
         assert not train.grad_scaler(False).is_enabled()
 
 
+def test_training_seeds_its_generators_with_numpy_1():
+    """Before: with numpy 1.x (1.25 and 1.26 are allowed by pyproject) `deepwml train` stopped at its first
+    epoch with TypeError: ufunc 'right_shift' not supported (a uint64 shifted by a Python int). The seed
+    is the same as before under numpy 2."""
+    import numpy as np
+
+    from DeepWMLLib.train import _torch_generator
+
+    expected = int(np.random.SeedSequence([3, 1, 0]).generate_state(1, dtype=np.uint64)[0]) >> 1
+    assert _torch_generator(3, 1, 0).initial_seed() == expected
+
+
 def test_an_older_slicer_is_told_which_slicer_the_module_needs(monkeypatch):
     """Before: Slicer 5.2 and older failed to load the module with "No module named
     'slicer.parameterNodeWrapper'"."""
