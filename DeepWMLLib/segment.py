@@ -908,15 +908,32 @@ class _Printable:
         return getattr(self._stream, name)
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal)."""
+def _duration(seconds: float) -> str:
+    """A rough duration for people: '40 s', '3 min', '2 h 05 min'."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
-    def __init__(self, stream=None, width: int = 30):
+
+class ProgressBar:
+    """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal). With `eta`,
+    each finished case of a run of several also says about how long the rest will take (the mean time of
+    the cases so far, skipped ones included, times the cases left)."""
+
+    def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
         self.width = width
         self.tty = self.stream.isatty()
+        self.eta = eta
+        self._started = None
+        self._position = (0, 0)
 
     def __call__(self, number: int, total: int, case: str):
+        if self._started is None:
+            self._started = time.monotonic()
+        self._position = (number, total)
         prefix = f"[{number}/{total}] {case}"
         last = [-1]
 
@@ -937,7 +954,12 @@ class ProgressBar:
         status = row["status"]
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
-        self.stream.write(f"{row['case']}: {status} - {detail}\n")
+        number, total = self._position
+        left = ""
+        if self.eta and self._started is not None and 0 < number < total:
+            left = f" ({_duration((time.monotonic() - self._started) / number * (total - number))} left for " \
+                   f"{total - number} more)"
+        self.stream.write(f"{row['case']}: {status} - {detail}{left}\n")
         for warning in row.get("warnings", []) if status == "ok" else []:  # a skipped case's are its earlier run's
             self.stream.write(f"{row['case']}: warning: {warning}\n")
         self.stream.flush()
@@ -1029,7 +1051,7 @@ def _run(args) -> int:
     if args.precision == "bf16" and args.backend == "onnx":
         raise UsageError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
     rows = segment_cases(
-        args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(), debug=args.debug,
+        args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(eta=True), debug=args.debug,
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,

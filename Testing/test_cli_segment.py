@@ -842,3 +842,22 @@ def test_a_4d_input_with_one_time_point_gets_4d_outputs_on_its_exact_grid(tmp_pa
     assert main(["segment", str(tmp_path / "two.nii.gz"), "-o", str(tmp_path / "two"), "--model", str(tiny_model),
                  "--device", "cpu"]) == 1
     assert "is a 4D image" in (tmp_path / "two" / "summary.csv").read_text(encoding="utf-8")
+
+
+def test_a_run_of_several_cases_says_about_how_long_the_rest_will_take(monkeypatch):
+    import io as stringio
+
+    from DeepWMLLib import segment
+
+    clock = iter([0.0, 10.0, 20.0, 30.0])  # the first case starts, then each finishes 10 s after the last
+    monkeypatch.setattr(segment.time, "monotonic", lambda: next(clock))
+    stream = stringio.StringIO()
+    bar = segment.ProgressBar(stream, eta=True)
+    for number, case in enumerate(("p1", "p2", "p3"), start=1):
+        bar(number, 3, case)
+        bar.finish({"case": case, "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0})
+    lines = [line for line in stream.getvalue().splitlines() if ": ok - " in line]
+    assert lines == ["p1: ok - 1.00 ml, 2 lesions, 10.0 s (20 s left for 2 more)",
+                     "p2: ok - 1.00 ml, 2 lesions, 10.0 s (10 s left for 1 more)",
+                     "p3: ok - 1.00 ml, 2 lesions, 10.0 s"]
+    assert segment._duration(3 * 3600 + 5 * 60) == "3 h 05 min" and segment._duration(600) == "10 min"
