@@ -30,6 +30,16 @@ from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic, ProcessSegmentationJob  # noqa: E402
 
 
+def sampleJobFolder(parent: Path, name: str, **options) -> Path:
+    """A worker's job folder, as the module makes it, holding the bundled sample and segment_image's options."""
+    folder = parent / name
+    folder.mkdir()
+    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
+    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None,
+                                                   "options": {"device": "cpu", **options}}))
+    return folder
+
+
 def processLogic(python=sys.executable) -> DeepWMLCoreLogic:
     logic = DeepWMLCoreLogic()
     logic.workerPython = str(python)
@@ -138,10 +148,7 @@ def test_slicer_runs_gui_segmentations_in_its_own_python_unless_told_not_to(monk
 
 @pytest.mark.skipif(os.name == "nt", reason="a parent's end is seen on POSIX only")
 def test_a_worker_whose_slicer_has_gone_stops_and_removes_the_scans_copy(tmp_path):
-    folder = tmp_path / "DeepWML-job-orphan"
-    folder.mkdir()
-    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
-    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None, "options": {"device": "cpu"}}))
+    folder = sampleJobFolder(tmp_path, "DeepWML-job-orphan")
     # a stand-in for Slicer: it starts the worker, waits until it runs, and ends without collecting anything
     parent = ("import subprocess, sys, time, pathlib\n"
               f"subprocess.Popen([sys.executable, '-m', 'DeepWMLLib.worker', {str(folder)!r}])\n"
@@ -204,11 +211,7 @@ def test_a_cancel_with_no_poll_after_it_leaves_no_copy_of_the_scan(scene, tmp_pa
 def test_a_worker_whose_job_folder_was_removed_stops_and_leaves_nothing(tmp_path):
     # PythonSlicer is a launcher: Cancel kills it and removes the folder, and the Python it started (its child,
     # which on Windows does not see its parent go) must stop too, not run the segmentation to its end
-    folder = tmp_path / "DeepWML-job-abandoned"
-    folder.mkdir()
-    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
-    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None,
-                                                   "options": {"device": "cpu", "tta": True}}))
+    folder = sampleJobFolder(tmp_path, "DeepWML-job-abandoned", tta=True)
     worker = subprocess.Popen([sys.executable, "-m", "DeepWMLLib.worker", str(folder)])
     try:
         end = time.monotonic() + 120
@@ -227,11 +230,7 @@ def test_a_worker_whose_job_folder_was_removed_stops_and_leaves_nothing(tmp_path
 def test_a_worker_started_through_a_launcher_stops_when_its_slicer_has_gone(tmp_path):
     # PythonSlicer is a launcher that starts the real Python as its child and waits for it: when Slicer crashes,
     # the worker's parent (the launcher) lives on, so only Slicer's own process id (the `owner` file) tells
-    folder = tmp_path / "DeepWML-job-launched"
-    folder.mkdir()
-    image = sitk.ReadImage(str(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"))
-    (folder / "job.pkl").write_bytes(pickle.dumps({"image": image, "model_paths": None,
-                                                   "options": {"device": "cpu", "tta": True}}))
+    folder = sampleJobFolder(tmp_path, "DeepWML-job-launched", tta=True)
     slicerStandIn = ("import os, subprocess, sys, time, pathlib\n"
                      f"folder = pathlib.Path({str(folder)!r})\n"
                      "(folder / 'owner').write_text(str(os.getpid()))\n"
