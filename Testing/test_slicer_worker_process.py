@@ -40,6 +40,14 @@ def sampleJobFolder(parent: Path, name: str, **options) -> Path:
     return folder
 
 
+def fakePython(folder: Path, script: str) -> Path:
+    """An executable named python that runs `script` (sh) instead of the worker."""
+    path = folder / "python"
+    path.write_text(script)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
 def processLogic(python=sys.executable) -> DeepWMLCoreLogic:
     logic = DeepWMLCoreLogic()
     logic.workerPython = str(python)
@@ -81,9 +89,7 @@ def test_a_worker_process_gives_the_same_mask_as_a_thread_with_progress_and_leav
 
 
 def test_cancel_ends_the_worker_process_at_once(scene, tmp_path):
-    slow = tmp_path / "python"  # a worker that would take a minute
-    slow.write_text("#!/bin/sh\nsleep 60\n")
-    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    slow = fakePython(tmp_path, "#!/bin/sh\nsleep 60\n")  # a worker that would take a minute
     flair, _ = make_volume()
     volume = mrml.volumeFromImage(flair, "flair")
     logic = processLogic(slow)
@@ -101,9 +107,7 @@ def test_cancel_ends_the_worker_process_at_once(scene, tmp_path):
 
 
 def test_a_worker_process_that_dies_gives_an_error_with_its_last_words(scene, tmp_path):
-    dying = tmp_path / "python"
-    dying.write_text("#!/bin/sh\necho 'out of memory in the runtime' >&2\nexit 137\n")
-    dying.chmod(dying.stat().st_mode | stat.S_IEXEC)
+    dying = fakePython(tmp_path, "#!/bin/sh\necho 'out of memory in the runtime' >&2\nexit 137\n")
     flair, _ = make_volume()
     volume = mrml.volumeFromImage(flair, "flair")
     logic = processLogic(dying)
@@ -197,9 +201,7 @@ def test_a_progress_file_that_cannot_be_replaced_skips_that_update_not_the_run(t
 
 def test_a_cancel_with_no_poll_after_it_leaves_no_copy_of_the_scan(scene, tmp_path):
     # the widget's cleanup (Slicer closing, the module reloaded) cancels the job and stops its timer: no poll follows
-    slow = tmp_path / "python"
-    slow.write_text("#!/bin/sh\nsleep 60\n")
-    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    slow = fakePython(tmp_path, "#!/bin/sh\nsleep 60\n")
     flair, _ = make_volume()
     job = processLogic(slow).startSegmentation(mrml.volumeFromImage(flair, "flair"), device="cpu")
     folder = job._folder
@@ -246,9 +248,8 @@ def test_a_worker_started_through_a_launcher_stops_when_its_slicer_has_gone(tmp_
 
 
 def test_a_result_that_cannot_be_read_is_an_error_that_says_so(scene, tmp_path):
-    garbling = tmp_path / "python"  # a worker that writes a result of another Python's making
-    garbling.write_text('#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
-    garbling.chmod(garbling.stat().st_mode | stat.S_IEXEC)
+    # a worker that writes a result of another Python's making
+    garbling = fakePython(tmp_path, '#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
     flair, _ = make_volume()
     volume = mrml.volumeFromImage(flair, "flair")
     logic = processLogic(garbling)
