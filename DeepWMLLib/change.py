@@ -827,6 +827,9 @@ def _run(args) -> int:
                              "--baseline-series and --followup-series, or give each visit's folder")
     if args.case is not None and (not args.case.strip() or args.case in (".", "..") or any(c in args.case for c in "/\\")):
         raise UsageError(f"--case {args.case!r} must be a plain file name (no folders)")
+    if args.case is not None and io.WINDOWS and any(c in args.case for c in io.WINDOWS_ILLEGAL):
+        # "a:b" would write to the folder of drive A: (or a stream of file "a"), not to OUTDIR
+        raise UsageError(f"--case {args.case!r} must be a plain file name: Windows allows none of {io.WINDOWS_ILLEGAL} in one")
     case = args.case or io.case_name(args.followup)
     report = run_case(args, case, args.baseline, args.followup, (args.baseline_mask, args.followup_mask), {})
     print(format_summary(case, report))

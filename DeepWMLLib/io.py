@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ _PLANE_NAMES = ("sagittal", "coronal", "axial")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+WINDOWS = os.name == "nt"
+WINDOWS_ILLEGAL = '<>:"|?*'  # characters Windows refuses in a file name (a colon names a drive or a stream)
+
 
 def shared_data_dir() -> Path | None:
     """The folder of public test data (`DEEPWML_SHARED_DATA`, else `<repo>/../shared/data`), or None."""
@@ -62,9 +66,15 @@ def shared_data_dir() -> Path | None:
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """A case name: the file name without its image extensions, or a DICOM folder's name."""
+    """A case name: the file name without its image extensions, or a DICOM folder's name; for the root of
+    a drive (E:\\ on Windows: `drive_E`) or of a network share (`server_share`), that name, `root` for /."""
     p = Path(path)
     name = p.name if p.name not in ("", ".", "..") else Path(os.path.abspath(p)).name  # "deepwml segment ."
+    if not name:  # a drive's root (a hospital CD) or a network share's: named after the drive or share, not ""
+        drive = Path(os.path.abspath(p)).drive
+        if len(drive) == 2 and drive[1] == ":":
+            return f"drive_{drive[0].upper()}"
+        return re.sub(r"[^\w.-]+", "_", drive).strip("_.") or "root"
     for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".dcm",):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
@@ -1072,6 +1082,22 @@ def exclusive(lock: Path, what: str):
         os.close(fd)
 
 
+REPLACE_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # Windows: the waits between tries of a rename that is refused
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """os.replace. On Windows a file that another program has open cannot be renamed or replaced: a virus
+    scanner or the search indexer that opens a new file for a moment refuses it briefly, so it is tried again
+    for about 1.5 s; a file kept open (the summary in Excel) still fails."""
+    for wait in REPLACE_TRIES_S if WINDOWS else ():
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    os.replace(tmp, path)
+
+
 def write_atomically(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` on a temporary name next to `path`, then rename it into place.
 
@@ -1085,9 +1111,12 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
+        if WINDOWS and isinstance(exc, PermissionError) and path.exists():
+            raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
+                               f"viewer)? close it there and run again") from exc
         raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions") from exc
     finally:
         if tmp.exists():

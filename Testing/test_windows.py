@@ -1,0 +1,73 @@
+"""What differs on Windows, checked on any system: names of drive roots, renames that Windows refuses
+while another program has the file open, and names Windows does not allow (io.WINDOWS set by the test)."""
+
+from __future__ import annotations
+
+import ntpath
+import os
+from pathlib import PureWindowsPath
+
+import pytest
+
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
+
+
+def test_a_drive_root_has_a_case_name(monkeypatch):
+    # `deepwml segment E:\ OUT` on a hospital CD: the case was named "" (outputs _wmh.nrrd, .seg.nrrd)
+    assert io.case_name("/") == "root"
+    monkeypatch.setattr(io, "Path", PureWindowsPath)
+    monkeypatch.setattr(io.os.path, "abspath", ntpath.abspath)
+    assert io.case_name("E:\\") == "drive_E"
+    assert io.case_name("e:/") == "drive_E"
+    assert io.case_name("\\\\server\\scans\\") == "server_scans"
+    assert io.case_name("E:\\DICOM\\P1") == "P1"
+    assert io.case_name("C:\\data\\sub-01_FLAIR.nii.gz") == "sub-01_FLAIR"
+
+
+def _refusing_replace(monkeypatch, refusals: int) -> list:
+    """os.replace refused with Windows' PermissionError `refusals` times (a file open elsewhere), then done."""
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) <= refusals:
+            raise PermissionError(13, "Access is denied", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    monkeypatch.setattr(io, "REPLACE_TRIES_S", (0.0,) * 5, raising=False)
+    monkeypatch.setattr(io.os, "replace", replace)
+    return calls
+
+
+def test_a_rename_refused_for_a_moment_is_tried_again(tmp_path, monkeypatch):
+    # a virus scanner or the search indexer opening the new file: the output failed at once
+    path = tmp_path / "summary.csv"
+    path.write_text("old\n", encoding="utf-8")
+    calls = _refusing_replace(monkeypatch, 2)
+    io.write_text("case\np1\n", path)
+    assert path.read_text(encoding="utf-8") == "case\np1\n" and len(calls) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+def test_a_file_kept_open_says_so(tmp_path, monkeypatch):
+    # the summary open in Excel: "Access is denied; check free space and permissions" named neither
+    path = tmp_path / "summary.csv"
+    path.write_text("old\n", encoding="utf-8")
+    _refusing_replace(monkeypatch, 100)
+    with pytest.raises(DeepWMLError, match="open in another program"):
+        io.write_text("case\np1\n", path)
+    assert path.read_text(encoding="utf-8") == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]  # no temporary file left
+
+
+def test_change_case_names_windows_refuses(tmp_path, monkeypatch, capsys):
+    # --case a:b wrote to drive A:'s folder (or a stream of the file "a"), not to OUTDIR
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    base = ["change", str(tmp_path / "v1.nii.gz"), str(tmp_path / "v2.nii.gz"), "-o", str(tmp_path / "o")]
+    for name in ("a:b", "p1?", "x|y"):
+        assert main(base + ["--case", name]) == 2
+        assert "Windows allows none of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
