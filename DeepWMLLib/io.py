@@ -111,6 +111,24 @@ def output_extension(input_path: str | os.PathLike, output_format: str = "same")
     return ".nrrd"
 
 
+def windows_path_hint(path: str | os.PathLike) -> str:
+    """On Windows, for a path with letters outside ASCII while the process's code page is not UTF-8: a hint
+    to add to an error of the image library (SimpleITK opens files by a narrow name, in that code page, and
+    fails on them, saying only that it cannot read or write). Else ""."""
+    if not WINDOWS or str(path).isascii():
+        return ""
+    try:
+        import ctypes
+
+        if ctypes.windll.kernel32.GetACP() == 65001:
+            return ""
+    except (AttributeError, OSError):
+        pass
+    return ("; on Windows the image library fails on some paths with letters outside ASCII (é, ü, ...): move "
+            "the files to a folder whose path has none, or turn on Windows' 'Use Unicode UTF-8 for worldwide "
+            "language support' (Region settings)")
+
+
 def text_path(path: str | os.PathLike) -> str:
     """`str(path)` for SimpleITK, refused with a one-line DeepWMLError when it is not UTF-8 text (a Latin-1
     byte in a file or folder name): ITK aborts the whole process on such a name, every other case with it."""
@@ -224,7 +242,8 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "rror" in line or "annot" in line), "unreadable")
-        raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image") from exc
+        raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image"
+                           f"{windows_path_hint(path)}") from exc
 
 
 # A series description that names a FLAIR (Siemens: "t2_tirm_tra_dark-fluid", GE / Philips: "AX T2 FLAIR"),
@@ -1117,7 +1136,8 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         if WINDOWS and isinstance(exc, PermissionError) and path.exists():
             raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
                                f"viewer)? close it there and run again") from exc
-        raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions") from exc
+        hint = windows_path_hint(path) if isinstance(exc, RuntimeError) else ""
+        raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions{hint}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

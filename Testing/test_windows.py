@@ -71,3 +71,32 @@ def test_change_case_names_windows_refuses(tmp_path, monkeypatch, capsys):
         assert main(base + ["--case", name]) == 2
         assert "Windows allows none of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_image_library_errors_on_a_non_ascii_path_say_why(tmp_path, monkeypatch):
+    # SimpleITK opens files by a narrow name in Windows' code page: a path with "ü" failed with "cannot be read
+    # as an image" (a scan), "folder without image files or a DICOM series" (a DICOM folder) or "cannot write"
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    folder = tmp_path / "Müller"
+    folder.mkdir()
+    scan = folder / "flair.nrrd"
+    scan.write_text("not an image\n", encoding="utf-8")
+    with pytest.raises(DeepWMLError, match="letters outside ASCII"):
+        io.read_image(scan)
+
+    def refused(tmp):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: Could not create IO object")
+
+    with pytest.raises(DeepWMLError, match="letters outside ASCII"):
+        io.write_atomically(folder / "flair_wmh.nrrd", refused)
+    from DeepWMLLib import segment
+
+    dicom = folder / "DICOM"
+    dicom.mkdir()
+    with pytest.raises(DeepWMLError, match="without image files or a DICOM series; on Windows"):
+        segment.segment_case("DICOM", dicom, tmp_path, models=[])
+    plain = tmp_path / "scan.nrrd"  # a plain path: the message as before
+    plain.write_text("not an image\n", encoding="utf-8")
+    with pytest.raises(DeepWMLError) as refusal:
+        io.read_image(plain)
+    assert "ASCII" not in str(refusal.value)
