@@ -6,7 +6,7 @@ modules must not import torch at import time, so `deepwml --help` and the metric
 
 Exit codes: 0 success, 1 a case or input failed (a one-line message on stderr), 2 usage error, 130 when
 interrupted (Ctrl-C), 128 + the signal's number when stopped by SIGTERM or SIGHUP (a scheduler's time limit,
-`timeout`, a closed ssh session), which clean up as Ctrl-C does.
+`timeout`, a closed ssh session) or, on Windows, SIGBREAK (Ctrl-Break), which clean up as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -151,11 +151,12 @@ def _stop(signum, frame):
 
 
 def _catch_stop_signals() -> dict:
-    """Handle SIGTERM and SIGHUP as Ctrl-C (only the main thread may); returns the handlers replaced."""
+    """Handle SIGTERM, SIGHUP and (Windows) SIGBREAK as Ctrl-C (only the main thread may); returns the
+    handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     replaced = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGTERM", "SIGHUP", "SIGBREAK"):  # SIGBREAK: Ctrl-Break in a Windows console
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) in (signal.SIG_DFL, None):
             replaced[number] = signal.signal(number, _stop)

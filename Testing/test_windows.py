@@ -100,3 +100,32 @@ def test_image_library_errors_on_a_non_ascii_path_say_why(tmp_path, monkeypatch)
     with pytest.raises(DeepWMLError) as refusal:
         io.read_image(plain)
     assert "ASCII" not in str(refusal.value)
+
+
+def test_ctrl_break_cleans_up_as_ctrl_c(monkeypatch, capsys):
+    # Windows' Ctrl-Break (SIGBREAK; SIGUSR2 stands in for it here) ended the process at once: no clean-up of
+    # temporary files and locks, no message
+    import signal
+
+    from DeepWMLLib import cli
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR2, raising=False)
+    def run(args):  # the signal sent only when it is caught: left at its default it would end pytest
+        if signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL:
+            return 0
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    monkeypatch.setattr(cli, "build_parser", lambda first: _Parser(run))
+    assert cli.main(["segment"]) == 128 + signal.SIGUSR2
+    assert "stopped by SIGUSR2" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # given back
+
+
+class _Parser:
+    def __init__(self, func):
+        self.func = func
+
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(func=self.func, command="segment", debug=False)
