@@ -1117,6 +1117,18 @@ def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+WINDOWS_MAX_PATH = 260  # characters of a whole path, unless long paths are turned on (LongPathsEnabled)
+
+
+def _long_path_hint(path: Path) -> str:
+    """On Windows, for a path (with its temporary name, `temporary_prefix` and mkstemp's letters, up to 20
+    characters longer) at or past the 260-character limit: a hint to add to the error. Else ""."""
+    if not WINDOWS or len(os.path.abspath(path)) + 20 < WINDOWS_MAX_PATH:
+        return ""
+    return (f"; its path is near or past Windows' limit of {WINDOWS_MAX_PATH} characters: choose an output folder "
+            f"with a shorter path, or turn on long paths in Windows (LongPathsEnabled)")
+
+
 def write_atomically(path: str | os.PathLike, write) -> Path:
     """Call `write(tmp_path)` on a temporary name next to `path`, then rename it into place.
 
@@ -1126,7 +1138,8 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     try:
         tmp = _temporary_sibling(path)
     except OSError as exc:
-        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); choose a writable output folder") from exc
+        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); choose a writable output folder"
+                           f"{_long_path_hint(path)}") from exc
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
@@ -1136,7 +1149,7 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         if WINDOWS and isinstance(exc, PermissionError) and path.exists():
             raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
                                f"viewer)? close it there and run again") from exc
-        hint = windows_path_hint(path) if isinstance(exc, RuntimeError) else ""
+        hint = (windows_path_hint(path) if isinstance(exc, RuntimeError) else "") + _long_path_hint(path)
         raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions{hint}") from exc
     finally:
         if tmp.exists():

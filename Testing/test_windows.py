@@ -129,3 +129,20 @@ class _Parser:
         import argparse
 
         return argparse.Namespace(func=self.func, command="segment", debug=False)
+
+
+def test_a_path_past_windows_limit_says_so(tmp_path, monkeypatch):
+    # past 260 characters (long paths off) Windows answers "No such file or directory" for a folder that exists
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", missing)
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    with pytest.raises(DeepWMLError, match="limit of 260 characters"):
+        io.write_text("{}", deep / "p1_report.json")
+    with pytest.raises(DeepWMLError) as refusal:
+        io.write_text("{}", tmp_path / "p1_report.json")
+    assert "260" not in str(refusal.value)  # a short path: the message as before
