@@ -100,11 +100,14 @@ for line in sys.stdin:
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    if hasattr(os, "wait4"):
+        _, status, usage = os.wait4(proc.pid, 0)
+        code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+    else:  # Windows: no os.wait4, so no peak memory of the child
+        code, peak = proc.wait(), None
     seconds = time.perf_counter() - start
     proc.stderr.close()
-    print(json.dumps([seconds, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status),
-                      stderr.decode("utf-8", "replace").strip()[-300:]]), flush=True)
+    print(json.dumps([seconds, peak, code, stderr.decode("utf-8", "replace").strip()[-300:]]), flush=True)
 """
 
 
@@ -116,7 +119,7 @@ class _Launcher:
                                      stdout=subprocess.PIPE, env=env, text=True)
 
     def run(self, command: list[str]) -> tuple[float, float]:
-        """Wall time (s) and the command's own peak resident memory (MB, kB on Linux)."""
+        """Wall time (s) and the command's own peak resident memory (MB, kB on Linux; None on Windows)."""
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -257,7 +260,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     slices_run = int(plan.kept.size)
     threshold = loaded.threshold
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
-    peak_mb = max(peaks)
+    peak_mb = None if None in peaks else max(peaks)
 
     n = stack.shape[0]
     result = {
@@ -294,7 +297,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "c_batch_cases": BATCH_CASES,
         "c_batch_per_case_s": round(t_batch, 3),
         "c_batch_per_case_over_b": round(t_batch / t_opt, 2),
-        "e_peak_rss_mb": round(peak_mb, 1),
+        "e_peak_rss_mb": None if peak_mb is None else round(peak_mb, 1),
         "mask_dice_b_vs_a": round(mask_dice, 5),
         "brain_mask_dice_b_vs_a": None if brain is None else round(_dice(ref_maps[-1] >= 0.5, opt_brain >= 0.5), 5),
         "repeat": repeat,
@@ -320,7 +323,8 @@ def format_table(r: dict) -> str:
         ("    start-up floor", f"{r['startup_floor_s']:.2f} s (a process that only imports what (c) cannot do without, then exits)"),
         ("    ... with the networks ready", f"{r['startup_floor_networks_ready_s']:.2f} s (also loads every network and runs "
          f"each once on a blank slice; so c/b >= {r['c_over_b_lowest_possible']} for one case in a fresh process)"),
-        ("(e) peak memory of (c)", f"{r['e_peak_rss_mb']:.0f} MB"),
+        ("(e) peak memory of (c)", "not measured on this system (no os.wait4: Windows)" if r["e_peak_rss_mb"] is None
+         else f"{r['e_peak_rss_mb']:.0f} MB"),
         ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}" + (
             "" if r.get("brain_mask_dice_b_vs_a") is None else f" (brain mask {r['brain_mask_dice_b_vs_a']:.4f})")),
     ]

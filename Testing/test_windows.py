@@ -146,3 +146,28 @@ def test_a_path_past_windows_limit_says_so(tmp_path, monkeypatch):
     with pytest.raises(DeepWMLError) as refusal:
         io.write_text("{}", tmp_path / "p1_report.json")
     assert "260" not in str(refusal.value)  # a short path: the message as before
+
+
+def test_bench_launcher_runs_without_wait4(monkeypatch):
+    # `deepwml bench` on Windows: the launcher process died on os.wait4 (none there), and the benchmark
+    # stopped with "internal error: RuntimeError: the benchmark's launcher process stopped"
+    import sys
+
+    from DeepWMLLib import bench
+
+    monkeypatch.setattr(bench, "_LAUNCHER", "import os\ndel os.wait4\n" + bench._LAUNCHER)
+    launcher = bench._Launcher(dict(os.environ))
+    try:
+        seconds, peak = launcher.run([sys.executable, "-c", "pass"])
+    finally:
+        launcher.close()
+    assert seconds > 0 and peak is None
+
+
+    class Figures(dict):  # every other figure 1
+        def __missing__(self, key):
+            return 1
+
+    figures = Figures(e_peak_rss_mb=None, model=["m.pt"], architecture={"base_channels": 8, "depth": 2},
+                      gflop_per_slice_each=[1])
+    assert "not measured on this system" in bench.format_table(figures)
