@@ -34,9 +34,20 @@ def progress_part(progress: Progress | None, start: float, end: float) -> Progre
     return lambda fraction, message: progress(start + (end - start) * min(1.0, max(0.0, fraction)), message)
 
 
+_WINDOWS = os.name == "nt"
+
+
+def _gpu_driver_present() -> bool:
+    """Whether a driver that may offer CUDA is installed: NVIDIA's on Linux, WSL 2's GPU device, or
+    NVIDIA's CUDA driver library on Windows (System32/nvcuda.dll, installed with the display driver)."""
+    if _WINDOWS:
+        return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
+
+
 def _cuda_usable() -> bool:
-    # Without an NVIDIA driver there is no CUDA: answer without importing torch (seconds of start-up).
-    if not os.path.exists("/proc/driver/nvidia/version") and not os.environ.get("DEEPWML_PROBE_CUDA"):
+    # Without a GPU driver there is no CUDA: answer without importing torch (seconds of start-up).
+    if not _gpu_driver_present() and not os.environ.get("DEEPWML_PROBE_CUDA"):
         return False
     import torch
 

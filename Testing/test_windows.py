@@ -171,3 +171,25 @@ def test_bench_launcher_runs_without_wait4(monkeypatch):
     figures = Figures(e_peak_rss_mb=None, model=["m.pt"], architecture={"base_channels": 8, "depth": 2},
                       gflop_per_slice_each=[1])
     assert "not measured on this system" in bench.format_table(figures)
+
+
+def test_a_windows_gpu_is_found(tmp_path, monkeypatch):
+    # CUDA was looked for only where Linux's NVIDIA driver shows (/proc/driver/nvidia): on Windows --device
+    # auto ran on the CPU and --device cuda failed with "no CUDA GPU is usable here", the GPU unused
+    import sys
+    import types
+
+    from DeepWMLLib import inference
+
+    torch = types.ModuleType("torch")
+    torch.cuda = types.SimpleNamespace(is_available=lambda: True)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.delenv("DEEPWML_PROBE_CUDA", raising=False)
+    monkeypatch.setattr(inference, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(inference.os.path, "exists", lambda p: str(p).endswith("nvcuda.dll"))  # no /proc here
+    monkeypatch.setenv("SystemRoot", str(tmp_path))
+    assert inference.resolve_device("auto") == "cuda"
+    assert inference.resolve_device("cuda") == "cuda"
+    monkeypatch.setattr(inference.os.path, "exists", lambda p: False)  # no NVIDIA driver: torch not asked
+    torch.cuda.is_available = lambda: pytest.fail("torch asked without a driver")
+    assert inference.resolve_device("auto") == "cpu"
