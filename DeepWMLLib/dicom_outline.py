@@ -283,7 +283,9 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
         os.replace(building, folder)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
-        raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions") from exc
+        hint = io.windows_path_hint(folder) if isinstance(exc, RuntimeError) else ""
+        raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions"
+                           f"{hint}") from exc
     finally:  # also on Ctrl-C: no temporary folder stays, and an earlier series not replaced goes back
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)

@@ -95,6 +95,20 @@ def test_image_library_errors_on_a_non_ascii_path_say_why(tmp_path, monkeypatch)
     dicom.mkdir()
     with pytest.raises(DeepWMLError, match="without image files or a DICOM series; on Windows"):
         segment.segment_case("DICOM", dicom, tmp_path, models=[])
+    import types
+
+    import SimpleITK as sitk
+
+    from DeepWMLLib import dicom_outline
+
+    def no_io(self, image):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute: Could not create IO object")
+
+    monkeypatch.setattr(sitk.ImageFileWriter, "Execute", no_io)
+    prepared = types.SimpleNamespace(images=[sitk.Image(4, 4, sitk.sitkUInt8)], series_uid="2.25.1", series_number=1)
+    with pytest.raises(DeepWMLError, match="cannot write the outline series .*letters outside ASCII"):
+        dicom_outline.write_outline_series(prepared, folder / "p1_outline_dicom")
+    assert {p.name for p in folder.iterdir()} == {"flair.nrrd", "DICOM"}  # no temporary folder left
     plain = tmp_path / "scan.nrrd"  # a plain path: the message as before
     plain.write_text("not an image\n", encoding="utf-8")
     with pytest.raises(DeepWMLError) as refusal:
