@@ -1054,28 +1054,53 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def exclusive(lock: Path, what: str):
-    """Hold an exclusive lock on the file `lock` (made, and removed after) while the block runs; a second
-    process asking for it meanwhile gets a DeepWMLError at once, naming `what`. The operating system drops
-    the lock of a process that dies, so none is ever left held. Without fcntl (Windows) there is no lock."""
+def try_lock(fd: int) -> bool | None:
+    """Lock the open file `fd` for this process, without waiting: True when locked, False when another
+    process holds it, None when there are no locks here (a file system without them, or neither fcntl
+    nor msvcrt). POSIX: fcntl.flock; Windows: msvcrt.locking of the file's first byte. The operating
+    system drops either when the file is closed or the process dies, so none is ever left held."""
     try:
         import fcntl
     except ImportError:
-        yield
-        return
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError:  # a file system without locks (some network shares)
+            return None
+    try:
+        import msvcrt
+    except ImportError:
+        return None
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except PermissionError:  # EACCES: locked by another process
+        return False
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str):
+    """Hold an exclusive lock on the file `lock` (made, and removed after) while the block runs; a second
+    process asking for it meanwhile gets a DeepWMLError at once, naming `what` (`try_lock`: on POSIX and
+    Windows; where there are no locks, nothing is guarded)."""
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
             raise DeepWMLError(f"cannot write in {lock.parent} ({exc.strerror}); choose a writable output folder") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        locked = try_lock(fd)
+        if locked is False:
             os.close(fd)
             raise DeepWMLError(f"{what} is being written by another DeepWML process now; wait for it to finish, "
-                               f"or choose another OUTDIR") from None
-        except OSError:  # a file system without locks (some network shares): run as without fcntl
+                               f"or choose another OUTDIR")
+        if locked is None:  # run as without locks
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(lock)
@@ -1088,17 +1113,20 @@ def exclusive(lock: Path, what: str):
         if held:
             break
         os.close(fd)
-    if fd is None:  # (outside the except clause: an error in the block is not chained to the lock's)
+    if fd is None:
         yield
         return
     try:
         yield
     finally:
-        try:
-            os.unlink(lock)
-        except OSError:
-            pass
-        os.close(fd)
+        if WINDOWS:  # an open file cannot be removed there: closed (unlocked) first; one another process
+            os.close(fd)  # has opened meanwhile stays, and is that process's lock
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
 
 
 REPLACE_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # Windows: the waits between tries of a rename that is refused

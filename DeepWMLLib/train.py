@@ -894,17 +894,15 @@ _RUN_LOCKS: dict = {}  # run folder -> the open lock file of the training runnin
 
 
 def _lock_run_dir(run_dir: Path) -> None:
-    """Hold an exclusive lock on the run folder while training runs in it (not on systems without fcntl)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return
-    handle = open(run_dir / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    """Hold an exclusive lock on the run folder while training runs in it (io.try_lock: POSIX and Windows;
+    on a file system without locks, unguarded)."""
+    handle = open(run_dir / ".lock", "w", encoding="utf-8")
+    locked = io.try_lock(handle.fileno())
+    if not locked:
         handle.close()
-        raise DeepWMLError(f"another deepwml train is running in {run_dir}; wait for it to end or use another run folder") from None
+        if locked is False:
+            raise DeepWMLError(f"another deepwml train is running in {run_dir}; wait for it to end or use another run folder")
+        return
     _RUN_LOCKS[str(run_dir)] = handle
 
 

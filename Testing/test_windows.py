@@ -207,3 +207,52 @@ def test_a_windows_gpu_is_found(tmp_path, monkeypatch):
     monkeypatch.setattr(inference.os.path, "exists", lambda p: False)  # no NVIDIA driver: torch not asked
     torch.cuda.is_available = lambda: pytest.fail("torch asked without a driver")
     assert inference.resolve_device("auto") == "cpu"
+
+
+def _windows_locks(monkeypatch):
+    """No fcntl, and an msvcrt whose locking (as Windows': EACCES when another holder has the byte) is
+    played by flock."""
+    import errno
+    import fcntl
+    import sys
+    import types
+
+    def locking(fd, mode, nbytes):
+        assert mode == msvcrt.LK_NBLCK and nbytes == 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+
+    msvcrt = types.SimpleNamespace(LK_NBLCK=2, locking=locking)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl: ImportError, as on Windows
+    monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+
+
+def test_two_runs_on_one_case_are_kept_apart_on_windows(tmp_path, monkeypatch):
+    # without fcntl nothing was locked: two runs writing one case of one OUTDIR (or two trainings in one
+    # run folder) both went ahead, each writing over the other's files
+    _windows_locks(monkeypatch)
+    lock = tmp_path / ".p1.deepwml-lock"
+    with io.exclusive(lock, "case 'p1'"):
+        with pytest.raises(DeepWMLError, match="being written by another DeepWML process"):
+            with io.exclusive(lock, "case 'p1'"):
+                pass
+    with io.exclusive(lock, "case 'p1'"):  # released
+        pass
+    assert not lock.exists()
+    from DeepWMLLib import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    train._lock_run_dir(run)
+    try:
+        other = open(run / ".lock", "w", encoding="utf-8")  # a second training's own open file
+        try:
+            assert io.try_lock(other.fileno()) is False
+        finally:
+            other.close()
+    finally:
+        train._unlock_run_dir(run)
+    train._lock_run_dir(run)  # released: the next one gets it
+    train._unlock_run_dir(run)
