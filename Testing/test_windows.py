@@ -256,3 +256,18 @@ def test_two_runs_on_one_case_are_kept_apart_on_windows(tmp_path, monkeypatch):
         train._unlock_run_dir(run)
     train._lock_run_dir(run)  # released: the next one gets it
     train._unlock_run_dir(run)
+
+
+def test_a_run_folder_without_locks_is_not_called_busy(tmp_path, monkeypatch):
+    # (Linux) a file system without locks (ENOLCK) made deepwml train say "another deepwml train is running"
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+    from DeepWMLLib import train
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    train._lock_run_dir(tmp_path)
+    train._unlock_run_dir(tmp_path)
