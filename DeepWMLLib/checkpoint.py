@@ -27,13 +27,17 @@ from .preprocessing import PreprocessingConfig
 FORMAT = "deepwml-model"
 FORMAT_VERSION = 1
 DEFAULT_LABELS = {"0": "background", "1": "WMH"}
+_WINDOWS = os.name == "nt"
 
 
 def cache_dir() -> Path:
     """Per-user cache for derived files (model metadata, ONNX exports): $DEEPWML_CACHE_DIR, else
-    $XDG_CACHE_HOME/deepwml, else ~/.cache/deepwml."""
+    $XDG_CACHE_HOME/deepwml, else on Windows %LOCALAPPDATA%\\deepwml (the profile's local part: a roaming
+    profile on a server does not carry it), else ~/.cache/deepwml."""
     if os.environ.get("DEEPWML_CACHE_DIR"):
         return Path(os.environ["DEEPWML_CACHE_DIR"])
+    if not os.environ.get("XDG_CACHE_HOME") and _WINDOWS and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "deepwml"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepwml"
 
 

@@ -271,3 +271,16 @@ def test_a_run_folder_without_locks_is_not_called_busy(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     train._lock_run_dir(tmp_path)
     train._unlock_run_dir(tmp_path)
+
+
+def test_the_model_cache_is_in_local_app_data_on_windows(tmp_path, monkeypatch):
+    # it was ~/.cache/deepwml: a folder Windows does not know, carried with a roaming profile to a server
+    from DeepWMLLib import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_WINDOWS", True, raising=False)
+    for name in ("DEEPWML_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    assert checkpoint.cache_dir() == tmp_path / "Local" / "deepwml"
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "mine"))  # still first
+    assert checkpoint.cache_dir() == tmp_path / "mine"
