@@ -465,7 +465,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 dirs[:] = []
                 continue
             visited.add(real)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS) if recursive else []
             for name in sorted(files):
                 path = os.path.join(current, name)
                 if not _looks_dicom(name) or not os.path.isfile(path):
@@ -550,7 +550,8 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
     return sorted(named, key=lambda s: s.name), problems
 
 
-# Folders a file system or an operating system keeps, unreadable to users and never anyone's scans
+# Folders a file system or an operating system keeps, never anyone's scans: not searched (a USB stick's
+# recycle bin, readable to its owner, holds the files deleted from it)
 SYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN", "$Recycle.Bin"})
 
 
@@ -571,7 +572,7 @@ def has_dicom_below(folder: str | os.PathLike) -> bool:
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS]
         if current != str(folder) and any(_dicom_candidate(os.path.join(current, f)) for f in files):
             return True
     return bool(unreadable) and str(unreadable[0].filename) != str(folder)

@@ -284,3 +284,21 @@ def test_the_model_cache_is_in_local_app_data_on_windows(tmp_path, monkeypatch):
     assert checkpoint.cache_dir() == tmp_path / "Local" / "deepwml"
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "mine"))  # still first
     assert checkpoint.cache_dir() == tmp_path / "mine"
+
+
+def test_a_drives_recycle_bin_is_not_searched(tmp_path):
+    # `deepwml segment E:\`: the scans deleted from a USB stick ($RECYCLE.BIN, readable to its owner) were cases
+    import SimpleITK as sitk
+
+    from conftest import make_volume, write_dicom_series
+
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(tmp_path / "P1", image, uid="1.2.3.4.1", description="t2_tirm_tra_dark-fluid")
+    write_dicom_series(tmp_path / "$RECYCLE.BIN" / "S-1-5-21-1" / "$R0AB12C", image, uid="1.2.3.4.2",
+                       description="t2_tirm_tra_dark-fluid")
+    studies, problems = io.dicom_catalogue(tmp_path)
+    assert [s.name for s in studies] == ["P1"] and not problems
+    import shutil
+
+    shutil.rmtree(tmp_path / "P1")
+    assert not io.has_dicom_below(tmp_path)  # only the recycle bin holds DICOM
