@@ -110,11 +110,14 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
             rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if not isinstance(v, list)}
                     for row in reader]
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc})") from exc
+        raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc}); save it as UTF-8 CSV "
+                           f"(Excel: 'CSV UTF-8')") from exc
     missing = [c for c in required if c not in header]
     if missing:
         expected = ", ".join(required + tuple(f"[{c}]" for c in optional))
-        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be: {expected}")
+        hint = (" (its header holds ';': separate the columns with commas)" if len(header) == 1 and ";" in header[0]
+                else "")
+        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}{hint}; its header must be: {expected}")
     rows = [r for r in rows if any(r.values())]
     if not rows:
         raise DeepWMLError(f"manifest {path} lists no cases")

@@ -302,3 +302,18 @@ def test_a_drives_recycle_bin_is_not_searched(tmp_path):
 
     shutil.rmtree(tmp_path / "P1")
     assert not io.has_dicom_below(tmp_path)  # only the recycle bin holds DICOM
+
+
+def test_a_manifest_from_excel_is_refused_with_what_to_do(tmp_path):
+    # Excel on Windows saves "CSV" in the ANSI code page (cp1252), and with ';' in many languages: the error
+    # said "not a readable CSV file ('utf-8' codec can't decode...)" or "lacks column(s) case, ..."
+    from DeepWMLLib.evaluation import read_manifest
+
+    ansi = tmp_path / "ansi.csv"
+    ansi.write_bytes("case,prediction,reference\nRené,a.nii.gz,b.nii.gz\n".encode("cp1252"))
+    with pytest.raises(DeepWMLError, match="save it as UTF-8 CSV"):
+        read_manifest(ansi, ("case", "prediction", "reference"))
+    semicolons = tmp_path / "semicolons.csv"
+    semicolons.write_text("case;prediction;reference\np1;a.nii.gz;b.nii.gz\n", encoding="utf-8")
+    with pytest.raises(DeepWMLError, match="separate the columns with commas"):
+        read_manifest(semicolons, ("case", "prediction", "reference"))
