@@ -73,6 +73,20 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+def _let_go_of_log() -> None:
+    """Point stdout and stderr at the null device: they write into the folder's log file, which Windows
+    does not remove while this process holds it open."""
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        try:
+            if stream is not None:
+                stream.flush()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+
+
 def owner_of(folder: Path) -> int | None:
     """The process id in a job folder's `owner` file (the Slicer that made it), or None."""
     try:
@@ -127,6 +141,7 @@ def run(folder: Path) -> int:
         return 1
     finally:
         if orphaned() or abandoned():  # nobody will collect the results: the scan's copy must not stay behind
+            _let_go_of_log()
             shutil.rmtree(folder, ignore_errors=True)
 
 

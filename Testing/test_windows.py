@@ -317,3 +317,53 @@ def test_a_manifest_from_excel_is_refused_with_what_to_do(tmp_path):
     semicolons.write_text("case;prediction;reference\np1;a.nii.gz;b.nii.gz\n", encoding="utf-8")
     with pytest.raises(DeepWMLError, match="separate the columns with commas"):
         read_manifest(semicolons, ("case", "prediction", "reference"))
+
+
+_WINDOWS_RMTREE = """
+import os, shutil, sys
+from pathlib import Path
+
+def rmtree(path, ignore_errors=False):  # as Windows: a file this process holds open is not removed
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held.add(os.path.realpath(os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            pass
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            if os.path.realpath(os.path.join(root, name)) not in held:
+                os.unlink(os.path.join(root, name))
+        for name in dirs:
+            try:
+                os.rmdir(os.path.join(root, name))
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+shutil.rmtree = rmtree
+from DeepWMLLib import worker
+sys.exit(worker.run(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to play Windows' rule")
+def test_a_cancelled_worker_leaves_no_folder_on_windows(tmp_path):
+    # Slicer's Cancel removes job.pkl and the worker then removes the folder, but the worker's stdout is
+    # the folder's log.txt: on Windows that file, still open, stayed, and with it the folder (its owner
+    # file gone, so no later sweep removed it either)
+    import subprocess
+    import sys
+
+    folder = tmp_path / "deepwml-job-x"
+    folder.mkdir()
+    (folder / "owner").write_text(str(os.getpid()), encoding="utf-8")  # no job.pkl: the caller gave up
+    with open(folder / "log.txt", "wb") as log:
+        code = subprocess.run([sys.executable, "-c", _WINDOWS_RMTREE, str(folder)], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(io.__file__)),
+                              timeout=120).returncode
+    assert code == 1
+    assert not folder.exists()
