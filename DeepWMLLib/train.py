@@ -819,8 +819,10 @@ def _start_distributed(device_name: str) -> _Dist:
         use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        # Rank 0 prepares the slice cache while the others wait at a barrier: allow hours for it.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        # Rank 0 prepares the slice cache while the others wait at a barrier: allow hours for it. NCCL where
+        # PyTorch has it; Windows' PyTorch has not, and gloo carries CUDA tensors too (more slowly).
+        backend = "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
     return _Dist(rank, world, local_rank, owns)
 
 

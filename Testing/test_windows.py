@@ -367,3 +367,24 @@ def test_a_cancelled_worker_leaves_no_folder_on_windows(tmp_path):
                               timeout=120).returncode
     assert code == 1
     assert not folder.exists()
+
+
+def test_gpus_train_together_without_nccl(monkeypatch):
+    # torchrun on a Windows computer with GPUs: PyTorch there has no NCCL, and deepwml train stopped with
+    # "internal error: RuntimeError: Distributed package doesn't have NCCL built in"
+    torch = pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    from DeepWMLLib import train
+
+    asked = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: asked.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    train._start_distributed("cuda")
+    assert asked == ["gloo"]
