@@ -227,7 +227,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelName = self.ui.modelComboBox.itemText(index)
 
     # -----------------------------------------------------------------------------------------
-    # Segmentation (worker thread, polled)
+    # Segmentation (a worker process, or thread, polled by a timer)
 
     def onApplyButton(self) -> None:
         if self._job is not None:

@@ -44,7 +44,7 @@ DISCORDANT_SLICES_SHOWN = 10
 SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making the segmentation node is the rest
 # Importable module -> pip requirement, for what Slicer's Python may lack (torch comes from PyTorch Utils).
 PIP_PACKAGES = {"scipy": "scipy"}  # slicerio: only the command line reads .seg.nrrd with it; Slicer reads its own
-IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # set (to 1) to run GUI segmentations in a thread of Slicer's process
+IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # 1 (true, yes, on): GUI segmentations in a thread of Slicer's process
 LOG_LINES_SHOWN = 5  # of a worker process that ended without a result
 JOB_FOLDER_PREFIX = "DeepWML-job-"  # a worker process's temporary folder
 CANCEL_WAIT_S = 5.0  # for a killed worker process to end, so that its folder can be removed at once
