@@ -17,7 +17,8 @@ the scans' own probable ones, where the models' averaged probability is at least
 batch-norm layers are set one after the other, in the order the network runs them: each layer's mean
 and variance over all crops and pixels, with every earlier layer already set (the exact population
 figures, not running averages over batches). Each adapted model is written as a new model file whose
-provenance records the scans, the crops and the model it came from.
+provenance records the scans' slice counts (not their names: a scan's file or folder name may be the
+patient's, and model files are shared), the crops and the model it came from.
 
 This is how the ensemble v8 (the default before v9) was made from v7 (run A2): on five real clinical
 FLAIRs, median Dice on the labelled cases rose from 0.739 to 0.762 at 5 mm. Check an adapted model on
@@ -339,7 +340,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             "method": "AdaBN: population statistics of every batch-norm layer, layer by layer, weights unchanged",
             "from_model": loaded.name,
             "from_digest": file_digest(path),
-            "scans": facts,
+            "scans": [{"slices": f["slices"], "of": f["of"]} for f in facts],  # no names: they may be patients'
             "slices": int(slices.shape[0]),
             "measured_on": (f"{crops.shape[0]} crops of {size} px, {share:.0%} centred on pseudo-lesions of "
                             f"{', '.join(Path(p).name for p in pseudo_models)} (seed {seed})"),
