@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -526,6 +527,17 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     assert training.shareable_provenance(adapted) == {"adapted_batch_norm": {"scans": 2, "earlier": {"scans": 1},
                                                                              "slices": 40}}
 
+
+
+def test_shareable_provenance_drops_every_folder_of_paths_with_spaces():
+    """A path with spaces in it (quoted in the command line, or a setting's value) lost only its last folder
+    but one: the folders named 'Smith Anna 1960' and 'Doe John' stayed in part in an exported model file."""
+    command = shlex.join(["deepwml", "train", "/data/Smith Anna 1960/cases.csv", "--run-dir", "/runs/Doe John/r1",
+                          "--split=C:\\Users\\Doe John\\split.csv", "--lr", "1e-4"])
+    shared = training.shareable_provenance({"command": command,
+                                            "training_config": {"manifest": "/data/Smith Anna 1960/cases.csv"}})
+    assert shared == {"command": "deepwml train cases.csv --run-dir r1 --split=split.csv --lr 1e-4",
+                      "training_config": {"manifest": "cases.csv"}}
 
 def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
     _, best = trained
