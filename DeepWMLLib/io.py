@@ -710,10 +710,26 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
+        _check_one_patient(path, reader, len(files))
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_slice_spacing(path, [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
                                     for k in range(len(files))], image)
     return image
+
+
+IDENTITY_TAGS = {"0020|000d": "Study Instance UID", "0010|0020": "Patient ID"}
+
+
+def _check_one_patient(path, reader, files: int) -> None:
+    """Refuse a series whose images belong to more than one study or patient (one Series Instance UID in
+    files of two: a mixed-up export or anonymisation): it would be segmented as one scan, and its outline
+    series would file the other patient's images under the first one's name. The values are not said."""
+    for tag, name in IDENTITY_TAGS.items():
+        values = {reader.GetMetaData(k, tag).strip(" \0") if reader.HasMetaDataKey(k, tag) else "" for k in range(files)}
+        if len(values) > 1:
+            raise DeepWMLError(f"{path}: the images of one series differ in {name} ({len(values)} values): they belong "
+                               f"to more than one study or patient; sort the files out before segmenting them")
 
 
 def _check_slice_spacing(path, positions: list[str], image) -> None:

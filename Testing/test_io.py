@@ -309,6 +309,22 @@ def test_a_series_with_a_slice_missing_is_refused(tmp_path):
         io.read_image(folder)
 
 
+
+@pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
+def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
+    """One Series Instance UID in the files of two studies or patients (a mixed-up export) was read as one
+    scan, and --dicom-outline filed the second patient's slices under the first one's name."""
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    extra = {"0010|0010": "ALPHA^ANN", "0010|0020": "PIDA", "0020|000d": "1.1.1"}
+    folder = write_dicom_series(tmp_path / "mixed", image, description="FLAIR", extra=extra)
+    assert io.read_image(folder).GetSize()[2] == 6
+    other = write_dicom_series(tmp_path / "other", image, description="FLAIR", extra={**extra, tag: "2.2.2"})
+    for k in (3, 4, 5):
+        (other / f"slice{k:03d}.dcm").replace(folder / f"slice{k:03d}.dcm")
+    with pytest.raises(DeepWMLError, match="differ in .* more than one study or patient") as refused:
+        io.read_image(folder)
+    assert "PIDA" not in str(refused.value) and "2.2.2" not in str(refused.value)
+
 def _slicer_file(path, truth, segments):
     """A .seg.nrrd as slicerio writes it: `segments` (name, mask array in k, j, i order, label value)."""
     import slicerio
