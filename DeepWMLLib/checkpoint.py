@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from . import __version__
@@ -216,6 +217,47 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     return loaded
 
 
+def shareable_provenance(provenance: dict) -> dict:
+    """A model file's provenance fit to leave the hospital (`deepwml train --export`; also all the metadata
+    cache keeps of it, which outlives the model file): absolute paths (in the command line too)
+    become file names, and the names of skipped cases and of the scans batch norm was adapted on (`deepwml
+    adapt`), which may be patient identifiers, their count. A path with spaces loses its folders whole: in
+    the command line each argument as the shell quoted it, elsewhere the whole value."""
+    def clean(value, key=None):
+        if isinstance(value, dict):
+            return {k: (len(v) if k in ("skipped_cases", "scans") and isinstance(v, list) else clean(v, k))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, key) for v in value]
+        if isinstance(value, str) and ("/" in value or "\\" in value):
+            return _shareable_command(value) if key == "command" else _file_name(value)
+        return value
+
+    return clean(provenance)
+
+
+def _shareable_command(command: str) -> str:
+    """A command line (shlex.join of sys.argv) with each argument's folders left out (`--opt=PATH` too)."""
+    try:
+        arguments = shlex.split(command)
+    except ValueError:  # not one shlex.join wrote
+        arguments = command.split(" ")
+    kept = []
+    for argument in arguments:
+        option, equals, path = argument.partition("=")
+        if equals and option.startswith("-") and "/" not in option and "\\" not in option:
+            kept.append(f"{option}={_file_name(path)}")
+        else:
+            kept.append(_file_name(argument))
+    return shlex.join(kept)
+
+
+def _file_name(token: str) -> str:
+    if "/" not in token and "\\" not in token:
+        return token
+    return token.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
 def _metadata_path(digest: str) -> Path:
     return cache_dir() / "models" / f"{digest}.json"
 
@@ -228,7 +270,7 @@ def _write_metadata_cache(loaded: LoadedModel) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps({"config": loaded.config, "preprocessing": loaded.preprocessing.to_dict(),
                                "threshold": loaded.threshold, "labels": loaded.labels,
-                               "provenance": loaded.provenance}), target)
+                               "provenance": shareable_provenance(loaded.provenance)}), target)
     except (OSError, DeepWMLError):
         pass  # a read-only home only costs start-up time
 

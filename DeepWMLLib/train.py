@@ -53,6 +53,7 @@ from typing import Callable
 import numpy as np
 
 from . import io
+from .checkpoint import shareable_provenance
 from .errors import Cancelled, DeepWMLError, UsageError
 from .preprocessing import PreprocessingConfig
 
@@ -1208,46 +1209,6 @@ def _write_history(path: Path, history: list[dict]) -> None:
     for row in history:
         lines.append(",".join(str(row[c]) if c == "epoch" else format(float(row[c]), ".6g") for c in HISTORY_COLUMNS))
     io.write_text("\n".join(lines) + "\n", path)
-
-
-def shareable_provenance(provenance: dict) -> dict:
-    """A model file's provenance fit to leave the hospital: absolute paths (in the command line too)
-    become file names, and the names of skipped cases and of the scans batch norm was adapted on (`deepwml
-    adapt`), which may be patient identifiers, their count. A path with spaces loses its folders whole: in
-    the command line each argument as the shell quoted it, elsewhere the whole value."""
-    def clean(value, key=None):
-        if isinstance(value, dict):
-            return {k: (len(v) if k in ("skipped_cases", "scans") and isinstance(v, list) else clean(v, k))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v, key) for v in value]
-        if isinstance(value, str) and ("/" in value or "\\" in value):
-            return _shareable_command(value) if key == "command" else _file_name(value)
-        return value
-
-    return clean(provenance)
-
-
-def _shareable_command(command: str) -> str:
-    """A command line (shlex.join of sys.argv) with each argument's folders left out (`--opt=PATH` too)."""
-    try:
-        arguments = shlex.split(command)
-    except ValueError:  # not one shlex.join wrote
-        arguments = command.split(" ")
-    kept = []
-    for argument in arguments:
-        option, equals, path = argument.partition("=")
-        if equals and option.startswith("-") and "/" not in option and "\\" not in option:
-            kept.append(f"{option}={_file_name(path)}")
-        else:
-            kept.append(_file_name(argument))
-    return shlex.join(kept)
-
-
-def _file_name(token: str) -> str:
-    if "/" not in token and "\\" not in token:
-        return token
-    return token.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True,

@@ -228,3 +228,23 @@ def test_model_file_with_a_threshold_outside_0_1_refused_at_load(tmp_path, monke
     cached.write_text(json.dumps(meta), encoding="utf-8")
     with pytest.raises(DeepWMLError, match=r"good\.pt stores the probability threshold"):
         load_models([good])
+
+
+def test_the_metadata_cache_keeps_no_case_name_or_path_of_a_model_file(tmp_path, monkeypatch):
+    """Loading a model copied its provenance into the per-user cache, which outlives the model file: the
+    training data's folders and the names of skipped cases (patient identifiers, maybe) stayed there."""
+    from DeepWMLLib import checkpoint
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    config = {"base_channels": 4, "depth": 2}
+    provenance = {"command": "deepwml train '/data/Doe John/cases.csv' --run-dir /data/runs/a",
+                  "training_config": {"manifest": "/data/Doe John/cases.csv", "patch_size": 32},
+                  "data": {"skipped_cases": ["MRN123"]}}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig(grid_size=(64, 64)),
+                      provenance=provenance)
+    assert load_model(path).provenance.items() >= provenance.items()  # the file itself keeps it all
+    cached = (tmp_path / "cache" / "models").glob("*.json")
+    text = "".join(p.read_text(encoding="utf-8") for p in cached)
+    assert '"patch_size": 32' in text and "MRN123" not in text and "Doe" not in text and "/data" not in text
+    settings = checkpoint.load_model_settings(path)  # read from the cache
+    assert settings.config["base_channels"] == 4 and settings.provenance["training_config"]["manifest"] == "cases.csv"
