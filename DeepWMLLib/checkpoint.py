@@ -264,15 +264,25 @@ def _metadata_path(digest: str) -> Path:
 
 def _write_metadata_cache(loaded: LoadedModel) -> None:
     target = _metadata_path(loaded.digest)
-    if target.is_file():
+    if _shareable_entry(target) is not None:
         return
-    try:
+    try:  # new, or written by an older DeepWML with the whole provenance (case names, data paths): replaced
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps({"config": loaded.config, "preprocessing": loaded.preprocessing.to_dict(),
                                "threshold": loaded.threshold, "labels": loaded.labels,
-                               "provenance": shareable_provenance(loaded.provenance)}), target)
+                               "provenance": shareable_provenance(loaded.provenance), "shareable": True}), target)
     except (OSError, DeepWMLError):
         pass  # a read-only home only costs start-up time
+
+
+def _shareable_entry(target: Path) -> dict | None:
+    """A metadata cache entry written with the shareable provenance, or None (none, unreadable, or an
+    older DeepWML's with the whole provenance)."""
+    try:
+        meta = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("shareable") is True else None
 
 
 def load_model_settings(path: str | os.PathLike) -> LoadedModel:
@@ -282,7 +292,7 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
         raise DeepWMLError(_not_a_model_file(p))
     digest = file_digest(p)
     try:
-        meta = json.loads(_metadata_path(digest).read_text(encoding="utf-8"))
+        meta = _shareable_entry(_metadata_path(digest))  # an older entry: loaded from the file, and replaced
         loaded = LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),
                              meta["labels"], meta["provenance"], str(p), digest)
     except (OSError, ValueError, KeyError, TypeError):

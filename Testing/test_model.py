@@ -248,3 +248,26 @@ def test_the_metadata_cache_keeps_no_case_name_or_path_of_a_model_file(tmp_path,
     assert '"patch_size": 32' in text and "MRN123" not in text and "Doe" not in text and "/data" not in text
     settings = checkpoint.load_model_settings(path)  # read from the cache
     assert settings.config["base_channels"] == 4 and settings.provenance["training_config"]["manifest"] == "cases.csv"
+
+
+def test_a_metadata_cache_entry_of_an_older_version_is_replaced_without_its_case_names(tmp_path, monkeypatch):
+    """Entries written before the cache kept only the shareable provenance would have stayed for good."""
+    import json
+
+    from DeepWMLLib import checkpoint
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    config = {"base_channels": 4, "depth": 2}
+    provenance = {"training_config": {"manifest": "/data/Doe John/cases.csv"}, "data": {"skipped_cases": ["MRN123"]}}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig(grid_size=(64, 64)),
+                      provenance=provenance)
+    entry = checkpoint._metadata_path(checkpoint.file_digest(path))
+    entry.parent.mkdir(parents=True)
+    entry.write_text(json.dumps({"config": {**config, "name": "unet2d", "in_channels": 1, "batch_norm": False},
+                                 "preprocessing": PreprocessingConfig(grid_size=(64, 64)).to_dict(),
+                                 "threshold": 0.5, "labels": checkpoint.DEFAULT_LABELS,
+                                 "provenance": provenance}), encoding="utf-8")  # as an older DeepWML wrote it
+    settings = checkpoint.load_model_settings(path)
+    assert settings.config["base_channels"] == 4
+    text = entry.read_text(encoding="utf-8")
+    assert "MRN123" not in text and "Doe" not in text and json.loads(text)["shareable"] is True
