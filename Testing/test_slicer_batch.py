@@ -182,6 +182,20 @@ def test_batch_references_of_longer_case_names_are_theirs(scene, batchScript, tm
     assert rows["sub1_fu"]["reference"].endswith("ref/sub1_fu_manual.nii.gz")
 
 
+def test_batch_references_named_in_other_upper_and_lower_case_are_found(batchScript, tmp_path):
+    """A reference folder written on Windows or macOS (P1_Manual.nii.gz for p1) gave p1 no Dice, silently."""
+    references = tmp_path / "ref"
+    references.mkdir()
+    _, truth = make_volume()
+    for name in ("P1_Manual.nii.gz", "SUB1.nii.gz", "sub1_FU_manual.nii.gz", "q.nii.gz", "Q.nii.gz"):
+        sitk.WriteImage(truth, str(references / name))
+    cases = ["p1", "sub1", "sub1_fu", "q"]
+    assert batchScript.findReference(references, "p1", cases).name == "P1_Manual.nii.gz"
+    assert batchScript.findReference(references, "sub1", cases).name == "SUB1.nii.gz"
+    assert batchScript.findReference(references, "sub1_fu", cases).name == "sub1_FU_manual.nii.gz"
+    assert batchScript.findReference(references, "q", cases).name == "q.nii.gz"  # the exact match first
+
+
 def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     oracle_network(monkeypatch)
     inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"

@@ -66,14 +66,21 @@ def parseArguments(argv):
 
 def findReference(referenceDir: Path, case: str, cases=()):
     """REF/CASE.<ext>, else the only REF/CASE_*.<ext>; None when there is none. A reference named after a
-    longer case of IN that begins CASE_ (p2_fu beside p2; sub1_fu_manual beside sub1) is that case's."""
+    longer case of IN that begins CASE_ (p2_fu beside p2; sub1_fu_manual beside sub1) is that case's.
+    Upper and lower case are alike (P1_Manual.nii.gz is p1's, as on Windows and macOS), an exact match first."""
     candidates = sorted(p for p in referenceDir.iterdir() if p.is_file() and io.is_image_file(p))
-    exact = [p for p in candidates if io.case_name(p) == case]
+    fold = case.casefold()
+    exact = [p for p in candidates if io.case_name(p) == case] or \
+        [p for p in candidates if io.case_name(p).casefold() == fold]
+    if len(exact) > 1 and io.case_name(exact[0]) != case:
+        raise DeepWMLError(f"several references match {case!r} ({', '.join(p.name for p in exact)}); "
+                           f"name the right one {case}.nii.gz")
     if exact:
         return exact[0]
-    longer = [c for c in cases if c.startswith(case + "_")]
-    prefixed = [p for p in candidates if io.case_name(p).startswith(case + "_")
-                and not any(io.case_name(p) == c or io.case_name(p).startswith(c + "_") for c in longer)]
+    longer = [c.casefold() for c in cases if c.casefold().startswith(fold + "_")]
+    prefixed = [p for p in candidates if io.case_name(p).casefold().startswith(fold + "_")
+                and not any(io.case_name(p).casefold() == c or io.case_name(p).casefold().startswith(c + "_")
+                            for c in longer)]
     if len(prefixed) > 1:
         raise DeepWMLError(f"several references match {case!r} ({', '.join(p.name for p in prefixed)}); "
                            f"name the right one {case}.nii.gz")
