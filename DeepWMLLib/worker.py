@@ -6,8 +6,7 @@ run at once, and a crash of a runtime (out of memory, a driver) ends the run rat
 
 FOLDER holds `job.pkl`: {"image": a SimpleITK image, "model_paths": list or None, "options": keyword
 arguments of segment.segment_image}. The worker writes `progress.json` ({"fraction", "message"}) as it
-goes, stops (Cancelled) when a file named `cancel` appears, `job.pkl` is removed (the caller gave up on
-it), or its parent process or the process named in FOLDER's `owner` file (Slicer's own: PythonSlicer is a
+goes, stops (Cancelled) when `job.pkl` is removed (the caller gave up on it), or its parent process or the process named in FOLDER's `owner` file (Slicer's own: PythonSlicer is a
 launcher, which lives on when Slicer crashes) has gone (then it removes FOLDER: nobody will collect it), and
 ends with `result.pkl` ({"mask", "ventricles", "report"}) or `error.pkl` (the exception). Each file is
 written under a temporary name and then renamed, so the other side never reads half of one.
@@ -118,7 +117,7 @@ def run(folder: Path) -> int:
         return not (folder / "job.pkl").exists()
 
     def cancel() -> bool:
-        return (folder / "cancel").exists() or orphaned() or abandoned()
+        return orphaned() or abandoned()
 
     try:
         job = pickle.loads((folder / "job.pkl").read_bytes())

@@ -106,13 +106,17 @@ def test_cancel_ends_the_worker_process_at_once(scene, tmp_path):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
-def test_a_worker_process_that_dies_gives_an_error_with_its_last_words(scene, tmp_path):
-    dying = fakePython(tmp_path, "#!/bin/sh\necho 'out of memory in the runtime' >&2\nexit 137\n")
+def finishedFakeJob(folder: Path, script: str):
+    """(logic, job) of a GUI run whose worker is a fake Python running `script`, polled until done."""
     flair, _ = make_volume()
-    volume = mrml.volumeFromImage(flair, "flair")
-    logic = processLogic(dying)
-    job = logic.startSegmentation(volume, device="cpu")
-    pollUntilDone(job, 30)
+    logic = processLogic(fakePython(folder, script))
+    job = logic.startSegmentation(mrml.volumeFromImage(flair, "flair"), device="cpu")
+    pollUntilDone(job, 30)  # done, not an exception out of the GUI's timer
+    return logic, job
+
+
+def test_a_worker_process_that_dies_gives_an_error_with_its_last_words(scene, tmp_path):
+    logic, job = finishedFakeJob(tmp_path, "#!/bin/sh\necho 'out of memory in the runtime' >&2\nexit 137\n")
     with pytest.raises(DeepWMLError, match="exit code 137.*out of memory in the runtime"):
         logic.finishSegmentation(job)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
@@ -249,11 +253,6 @@ def test_a_worker_started_through_a_launcher_stops_when_its_slicer_has_gone(tmp_
 
 def test_a_result_that_cannot_be_read_is_an_error_that_says_so(scene, tmp_path):
     # a worker that writes a result of another Python's making
-    garbling = fakePython(tmp_path, '#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
-    flair, _ = make_volume()
-    volume = mrml.volumeFromImage(flair, "flair")
-    logic = processLogic(garbling)
-    job = logic.startSegmentation(volume, device="cpu")
-    pollUntilDone(job, 30)  # done, not an exception out of the GUI's timer
+    logic, job = finishedFakeJob(tmp_path, '#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
     with pytest.raises(DeepWMLError, match="result could not be read"):
         logic.finishSegmentation(job)
