@@ -911,7 +911,7 @@ def _write_summary(rows: list[dict], out: Path) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
-    io.write_text(buffer.getvalue(), out / "change_summary.csv")
+    io.write_csv_text(buffer.getvalue(), out / "change_summary.csv")
 
 
 def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:
@@ -974,7 +974,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                                 [(value, name, COLOURS[value]) for value, name in LABELS.items()])
     io.write_image(result.baseline_registered, paths["registered"])
     io.write_atomically(paths["transform"], lambda tmp: sitk.WriteTransform(result.registration.transform, str(tmp)))
-    io.write_text(lesions_csv(report["lesions"]), paths["lesions"])
+    io.write_csv_text(lesions_csv(report["lesions"]), paths["lesions"])
     if not given[0]:
         io.write_image(mask_baseline, paths["baseline_mask"])
     if not given[1]:

@@ -82,7 +82,7 @@ def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> 
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _cell(row.get(k)) for k in columns})
-    return io.write_text(buffer.getvalue(), path)
+    return io.write_csv_text(buffer.getvalue(), path)
 
 
 def _cell(value) -> str:

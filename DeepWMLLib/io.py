@@ -1239,6 +1239,13 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return write_atomically(path, write)
 
 
+def write_csv_text(text: str, path: str | os.PathLike) -> Path:
+    """Write a table's CSV text, UTF-8 behind a byte-order mark: Excel, which opens a CSV by a double-click in
+    the system's code page (Windows-1252 in Western Europe), reads it as UTF-8 only so, and shows "Müller"
+    rather than "MÃ¼ller". DeepWML reads its CSVs back with or without the mark (encoding utf-8-sig)."""
+    return write_text("\ufeff" + text, path)
+
+
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
     """The 4×4 matrix from voxel index (i, j, k) to physical LPS millimetres."""
     matrix = np.eye(4)

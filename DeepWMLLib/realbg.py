@@ -317,4 +317,4 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
     writer = csv.DictWriter(table, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return io.write_text(table.getvalue(), out / "manifest.csv")
+    return io.write_csv_text(table.getvalue(), out / "manifest.csv")

@@ -891,7 +891,7 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
         values = {k: "" if row.get(k) is None else row[k] for k in SUMMARY_COLUMNS}
         values["warnings"] = " | ".join(row.get("warnings") or [])
         writer.writerow(values)
-    io.write_text(buffer.getvalue(), path)
+    io.write_csv_text(buffer.getvalue(), path)
 
 
 class _Printable:

@@ -51,7 +51,7 @@ from scipy import ndimage
 
 from .errors import Cancelled, DeepWMLError, UsageError
 from . import io
-from .io import shared_data_dir, write_image, write_text
+from .io import shared_data_dir, write_image
 
 # The labelled open MS cases are the project's evaluation set: their lesion shapes never go into
 # training data.
@@ -861,7 +861,7 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return write_text(table.getvalue(), out / "manifest.csv")
+    return io.write_csv_text(table.getvalue(), out / "manifest.csv")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    io.write_text(text.getvalue(), path)
+    io.write_csv_text(text.getvalue(), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1208,7 +1208,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
     lines = [",".join(HISTORY_COLUMNS)]
     for row in history:
         lines.append(",".join(str(row[c]) if c == "epoch" else format(float(row[c]), ".6g") for c in HISTORY_COLUMNS))
-    io.write_text("\n".join(lines) + "\n", path)
+    io.write_csv_text("\n".join(lines) + "\n", path)
 
 
 def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True,

@@ -382,7 +382,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "--threshold (0.5 then, 0.3 now)" in err  # the setting named, with both values
     if row_id == "sagittal acquisition":
         assert "sagittal acquisition with 5 mm slices" in err
-        summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8").splitlines()
+        summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
     if row_id == "a T1-weighted scan given as the FLAIR":
         assert "does not look like a FLAIR" in err and "T1-weighted" in err

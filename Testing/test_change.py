@@ -230,7 +230,7 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
     assert [(s["name"], s["labelValue"]) for s in segmentation["segments"]] == [
         (name, value) for value, name in change.LABELS.items()]
     assert np.array_equal(np.asarray(segmentation["voxels"]).transpose(2, 1, 0), sitk.GetArrayFromImage(labels))
-    rows = (out / "followup_change.csv").read_text(encoding="utf-8").splitlines()
+    rows = (out / "followup_change.csv").read_text(encoding="utf-8-sig").splitlines()
     assert rows[0] == ",".join(change.CSV_COLUMNS) and len(rows) == 1 + 5
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change_qc.png")))
     assert picture.ndim == 3 and picture.shape[2] == 3
@@ -379,7 +379,7 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 1  # two pairs failed, one done
     err = capsys.readouterr().err
     assert "2 case(s) failed" in err and "does not exist" in err and "grid" in err
-    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8")))
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
     assert [(r["case"], r["status"]) for r in rows] == [("p1/visit2", "ok"), ("p2", "error"), ("p3", "error")]
     assert rows[0]["n_new"] == "1" and rows[0]["n_gone"] == "1"
     assert (out / "p1_visit2_change.json").is_file()  # a plain file name; nothing outside OUTDIR
@@ -389,7 +389,7 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
                         encoding="utf-8")
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0  # done before: skipped
     assert "skipped" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8")))
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
     assert rows[0]["status"] == "skipped" and rows[0]["n_new"] == "1"  # its figures kept from its report
     manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"  # the same name, another pair
                         f"p1/visit2,{files['followup']},{files['baseline']},{files['followup_mask']},{files['baseline_mask']}\n",
@@ -403,7 +403,7 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
         for name in ("q/1", "q_1")), encoding="utf-8")  # one file name for two cases: the second is refused
     assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "out2")]) == 1
     assert "would be named q_1_*" in capsys.readouterr().err
-    rows = list(csv.DictReader(open(tmp_path / "out2" / "change_summary.csv", encoding="utf-8")))
+    rows = list(csv.DictReader(open(tmp_path / "out2" / "change_summary.csv", encoding="utf-8-sig")))
     assert [(r["case"], r["status"]) for r in rows] == [("q/1", "ok"), ("q_1", "error")]
 
 

@@ -29,7 +29,7 @@ def write_case(folder, name, **kwargs):
 
 
 def read_summary(out):
-    with open(out / "summary.csv", newline="") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -542,7 +542,7 @@ def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_co
     assert result.stderr.rstrip().endswith(f"1/2 cases done, summary in {out / 'summary.csv'}")
     assert io.read_mask(out / "good_wmh.nii.gz").GetSize() == (32, 32, 4)
     assert io.read_segmentation(out / "good.seg.nrrd").GetSize() == (32, 32, 4)
-    assert "missing" in (out / "summary.csv").read_text(encoding="utf-8")
+    assert "missing" in (out / "summary.csv").read_text(encoding="utf-8-sig")
     ok = subprocess.run([sys.executable, "-c", code, "segment", str(path), "-o", str(out), "--overwrite",
                          "--model", str(tiny_model), "--device", "cpu"], capture_output=True, text=True,
                         encoding="utf-8", errors="replace", timeout=300)
@@ -841,7 +841,7 @@ def test_a_4d_input_with_one_time_point_gets_4d_outputs_on_its_exact_grid(tmp_pa
     sitk.WriteImage(sitk.JoinSeries([sitk.Cast(image, sitk.sitkInt16)] * 2), str(tmp_path / "two.nii.gz"))
     assert main(["segment", str(tmp_path / "two.nii.gz"), "-o", str(tmp_path / "two"), "--model", str(tiny_model),
                  "--device", "cpu"]) == 1
-    assert "is a 4D image" in (tmp_path / "two" / "summary.csv").read_text(encoding="utf-8")
+    assert "is a 4D image" in (tmp_path / "two" / "summary.csv").read_text(encoding="utf-8-sig")
 
 
 def test_a_run_of_several_cases_says_about_how_long_the_rest_will_take(monkeypatch):

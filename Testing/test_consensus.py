@@ -138,7 +138,7 @@ def test_cohort_lists_cases_to_relabel_and_records_broken_cases(tmp_path, capsys
     out = tmp_path / "out"
     assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(out)]) == 1
     assert "broken" in capsys.readouterr().err
-    with open(out / "consensus.csv", newline="") as f:
+    with open(out / "consensus.csv", newline="", encoding="utf-8-sig") as f:
         rows = {r["case"]: r for r in csv.DictReader(f)}
     assert rows["agree"]["passed"] == "True" and rows["disagree"]["passed"] == "False"
     assert rows["disagree"]["n_unmatched_lesions_a"] == "1" and rows["disagree"]["worst_slice"] == "3"

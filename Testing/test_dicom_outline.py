@@ -233,7 +233,7 @@ def test_a_failed_replacement_keeps_the_earlier_series_and_the_report_goes(tmp_p
 def read_summary_error(out):
     import csv
 
-    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         return next(csv.DictReader(f))["error"]
 
 
@@ -266,7 +266,7 @@ def test_an_outline_series_written_inside_the_export_leaves_the_case_as_it_was(t
     studies, _ = io.dicom_catalogue(export)
     assert [s.name for s in studies] == ["patientA_flair"] and len(studies[0].series) == 2
     assert main(args) == 0
-    with open(out / "summary.csv", newline="") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         assert [(r["case"], r["status"]) for r in csv.DictReader(f)] == [("patientA_flair", "skipped")]
 
 

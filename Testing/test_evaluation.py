@@ -73,7 +73,7 @@ def cohort(tmp_path):
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 

@@ -45,7 +45,7 @@ def cohort(tmp_path_factory):
 @pytest.fixture(scope="module")
 def per_case(cohort):
     assert main(["evaluate", "--manifest", str(cohort["cases"]), "-o", str(cohort["out"] / "evaluation")]) == 0
-    with open(cohort["out"] / "evaluation" / "per_case.csv", newline="") as f:
+    with open(cohort["out"] / "evaluation" / "per_case.csv", newline="", encoding="utf-8-sig") as f:
         return {r["case"].removeprefix(PATIENT + "_"): {k: _number(v) for k, v in r.items()}
                 for r in csv.DictReader(f)}
 

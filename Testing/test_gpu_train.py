@@ -34,7 +34,7 @@ def test_quantise_round_trip_is_within_half_a_step():
 def packed(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu")
     manifest = make_dataset(root / "data", n_cases=5, slices=8)
-    with open(manifest, newline="") as f:
+    with open(manifest, newline="", encoding="utf-8-sig") as f:
         cases = [r["case"] for r in csv.DictReader(f)]
     split = root / "split.csv"
     split.write_text("case,split\n" + "".join(f"{c},{'val' if i == 0 else 'train'}\n" for i, c in enumerate(cases)))
@@ -85,7 +85,7 @@ def test_run_trains_a_job_from_the_packed_slices(packed, tmp_path):
     out.mkdir()
     assert gpu_train.main(["run", "--data", str(packed / "packed"), "--extra", str(stash), "--jobs", str(jobs),
                            "--minutes", "5", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
-    with open(out / "T_history.csv", newline="") as f:
+    with open(out / "T_history.csv", newline="", encoding="utf-8-sig") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
     model = checkpoint.load_model(out / "T.pt")
     assert model.config["base_channels"] == 4

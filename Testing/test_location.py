@@ -121,7 +121,7 @@ def test_segment_reports_the_split_measured_on_the_saved_ventricle_mask(tmp_path
     assert 0 < split["periventricular_ml"] and 0 < split["deep_ml"]  # one lesion near the centre, one far
     near, far = sorted(report["lesions"], key=lambda lesion: lesion["ventricle_distance_mm"])
     assert near["periventricular_share"] > 0.5 and far["periventricular_share"] < 0.5
-    row = next(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
+    row = next(csv.DictReader(open(out / "summary.csv", encoding="utf-8-sig")))
     assert float(row["periventricular_ml"]) == pytest.approx(split["periventricular_ml"])
     assert float(row["deep_ml"]) == pytest.approx(split["deep_ml"])
 
@@ -130,7 +130,7 @@ def test_segment_reports_the_split_measured_on_the_saved_ventricle_mask(tmp_path
                  "--no-location"]) == 0
     report = json.loads((plain / "case_report.json").read_text(encoding="utf-8"))
     assert report["location"] is None and "ventricle_distance_mm" not in report["lesions"][0]
-    row = next(csv.DictReader(open(plain / "summary.csv", encoding="utf-8")))
+    row = next(csv.DictReader(open(plain / "summary.csv", encoding="utf-8-sig")))
     assert row["periventricular_ml"] == row["deep_ml"] == ""
 
 

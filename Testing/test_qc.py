@@ -188,7 +188,7 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
     assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "cohort2")]) == 1
     assert "c1: " in capsys.readouterr().err
     assert "## Cases without a picture" in (tmp_path / "cohort2" / "report.md").read_text(encoding="utf-8")
-    per_case = (tmp_path / "cohort2" / "per_case.csv").read_text(encoding="utf-8").splitlines()
+    per_case = (tmp_path / "cohort2" / "per_case.csv").read_text(encoding="utf-8-sig").splitlines()
     assert len(per_case) == 2 and per_case[1].startswith("c1,") and not (tmp_path / "cohort2" / "qc" / "c1_qc.png").exists()
     # two names that make one file name ("site A/p1", "site A_p1"): the second gets no picture, and says why
     manifest.write_text(f"case,prediction,reference,flair\nsite A/p1,{files['pred']},{files['ref']},{files['flair']}\n"
@@ -231,7 +231,7 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
     cohort_picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png")))
     assert np.array_equal(cohort_picture[qc.HEADER_PX:], expected[qc.HEADER_PX:])  # the band adds the case and Dice
     assert not np.array_equal(cohort_picture[:qc.HEADER_PX], expected[:qc.HEADER_PX])
-    rows = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8").splitlines()
+    rows = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8-sig").splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["p1", "p2"] and rows[2].split(",")[3] == "False"  # verdict stands
     manifest.write_text(f"case,rater_a,rater_b,flair\nx/p1,{files['a']},{files['b']},{files['flair']}\n"
                         f"x_p1,{files['a']},{files['b']},{files['flair']}\n")  # one picture name for both

@@ -20,7 +20,7 @@ def test_clinical_flairs_end_to_end(shared_data, tmp_path):
     assert len(inputs) == 11
     out = tmp_path / "out"
     assert main(["segment", str(folder), "-o", str(out), "--device", "cpu"]) == 0
-    with open(out / "summary.csv", newline="") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["ok"] * 11
     for path in inputs:

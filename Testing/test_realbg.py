@@ -75,7 +75,7 @@ def test_synth_command_with_backgrounds_writes_a_training_manifest(prepared, tmp
     proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "2", "-o", str(out), "--seed", "3",
                            "--backgrounds", str(scan)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+    rows = list(csv.DictReader(open(out / "manifest.csv", newline="", encoding="utf-8-sig")))
     assert [r["case"] for r in rows] == ["real3_00000", "real3_00001"]
     assert all(r["centre"] == "real-patient01_study1" for r in rows)
     for r in rows:

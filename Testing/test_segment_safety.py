@@ -29,7 +29,7 @@ def write_case(folder, name, size=(32, 32, 4), **kwargs):
 
 
 def summary(out):
-    with open(out / "summary.csv", newline="", encoding="utf-8") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         return {row["case"]: row for row in csv.DictReader(f)}
 
 

@@ -26,7 +26,7 @@ SCRIPT = REPO / "DeepWML" / "Scripts" / "segment_batch.py"
 
 
 def summary(folder: Path) -> dict:
-    return {row["case"]: row for row in csv.DictReader(open(folder / "summary.csv"))}
+    return {row["case"]: row for row in csv.DictReader(open(folder / "summary.csv", encoding="utf-8-sig"))}
 
 
 def writeCase(folder: Path, name: str, **geometry):

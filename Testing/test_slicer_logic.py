@@ -236,7 +236,7 @@ def test_results_save_as_csv_table_and_json(scene, tmp_path):
     results = {"report": logic.lesionStatistics(segmentation, volume),
                "comparison": logic.compareSegmentations(segmentation, segmentation, volume)}
     logic.saveResults(results, tmp_path / "slices.csv")
-    rows = list(csv.DictReader(open(tmp_path / "slices.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "slices.csv", encoding="utf-8-sig")))
     lesionSlices = [s["index"] for s in results["report"]["slices"] if s["area_mm2"] > 0]
     assert [int(r["index"]) for r in rows] == lesionSlices
     assert {float(r["dice"]) for r in rows} == {1.0} and all(r["lv_group"].startswith("G") for r in rows)

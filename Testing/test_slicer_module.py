@@ -224,7 +224,7 @@ def test_compare_consensus_and_save_from_the_gui(widget, tmp_path):
     assert "Dice" in ui.sliceTable.headers and ui.saveResultsButton.enabled
     slicer_standins.QFileDialog.nextPath = str(tmp_path / "comparison.csv")
     ui.saveResultsButton.click()
-    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv", encoding="utf-8-sig")))
     assert rows and all(float(r["sensitivity"]) == 1.0 for r in rows)
 
     p.raterA, p.raterB = p.referenceSegmentation, p.outputSegmentation
@@ -257,7 +257,7 @@ def test_lesion_change_from_the_gui(widget, tmp_path):
     assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is not None
     slicer_standins.QFileDialog.nextPath = str(tmp_path / "change.csv")
     ui.saveResultsButton.click()
-    rows = list(csv.DictReader(open(tmp_path / "change.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "change.csv", encoding="utf-8-sig")))
     assert sorted(r["status"] for r in rows) == ["enlarging", "gone", "new", "not assessable", "stable"]
 
 

@@ -144,7 +144,7 @@ def test_cli_writes_cases_and_manifest(tmp_path, capsys):
     assert cli_main(["synth", "-n", "2", "-o", str(tmp_path / "out"), "--seed", "3", "--matrix", "256",
                      "--intracranial"]) == 0
     manifest = tmp_path / "out" / "manifest.csv"
-    with open(manifest, newline="") as fh:
+    with open(manifest, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2
     assert list(rows[0])[:5] == ["case", "flair", "mask", "centre", "disease"]

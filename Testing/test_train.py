@@ -98,7 +98,7 @@ def trained(dataset, tmp_path_factory):
 
 
 def read_history(run: Path) -> list[dict]:
-    with open(run / "history.csv", newline="") as f:
+    with open(run / "history.csv", newline="", encoding="utf-8-sig") as f:
         return list(csv.DictReader(f))
 
 
@@ -114,7 +114,7 @@ def test_training_lowers_the_loss_and_its_best_model_segments_lesions(trained, d
     assert loaded.provenance["epoch"] == max(range(4), key=lambda i: float(history[i]["val_dice"])) + 1
     assert loaded.preprocessing == PreprocessingConfig.from_dict(tiny_config(dataset)["preprocessing"])
 
-    val_case = next(r["case"] for r in csv.DictReader(open(run / "split.csv")) if r["split"] == "val")
+    val_case = next(r["case"] for r in csv.DictReader(open(run / "split.csv", encoding="utf-8-sig")) if r["split"] == "val")
     folder = dataset.parent
     image = sitk.ReadImage(str(folder / f"{val_case}_flair.nii.gz"), sitk.sitkFloat32)
     mask = sitk.ReadImage(str(folder / f"{val_case}_mask.nii.gz"))
@@ -171,7 +171,7 @@ def test_given_split_file_is_used(dataset, tmp_path):
     split.write_text("case,split\nc0,train\nc1,train\nc2,train\nc3,val\nc4,test\nc5,test\n")
     run = tmp_path / "run"
     training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), run)
-    written = {r["case"]: r["split"] for r in csv.DictReader(open(run / "split.csv"))}
+    written = {r["case"]: r["split"] for r in csv.DictReader(open(run / "split.csv", encoding="utf-8-sig"))}
     assert written == {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test", "c5": "test"}
     assert json.loads((run / "cache" / "val.json").read_text(encoding="utf-8"))["cases"] == ["c3"]
 
@@ -292,7 +292,7 @@ def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path
     assert not (tmp_path / "stop" / "last.pt").exists()
     run = tmp_path / "skip"
     training.train(tiny_config(manifest, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
-    assert "c1" in (run / "skipped_cases.csv").read_text(encoding="utf-8")
+    assert "c1" in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
     assert (run / "best.pt").is_file()
 
 
@@ -724,7 +724,7 @@ def test_test_split_cases_are_checked_too(tmp_path):
         training.train(tiny_config(manifest, split=str(split), epochs=1), tmp_path / "run")
     run = tmp_path / "skip"
     training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, skip_bad_cases=True), run)
-    assert "c3" in (run / "skipped_cases.csv").read_text(encoding="utf-8")
+    assert "c3" in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
     data = checkpoint.load_model(run / "best.pt").provenance["data"]
     assert data["cases"] == {"train": 2, "val": 1, "test": 0} and data["skipped_cases"] == ["c3"]
 
@@ -782,7 +782,7 @@ def test_a_run_that_failed_on_its_data_can_be_rerun_with_the_manifest_fixed(tmp_
     assert (run / "split.csv").is_file() and not (run / "last.pt").exists()
     manifest.write_text(good)
     training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, learning_rate=0.02), run)  # other settings too
-    assert (run / "last.pt").is_file() and "c9" not in (run / "split.csv").read_text(encoding="utf-8")
+    assert (run / "last.pt").is_file() and "c9" not in (run / "split.csv").read_text(encoding="utf-8-sig")
     with pytest.raises(DeepWMLError, match="other settings"):  # once an epoch is done, the run is kept as it is
         training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
 
@@ -909,7 +909,7 @@ def test_a_resumed_run_refuses_training_data_changed_since_it_started(tmp_path, 
     manifest = make_dataset(tmp_path / "data", n_cases=4)
     run = tmp_path / "run"
     training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
-    with open(run / "split.csv", newline="") as f:
+    with open(run / "split.csv", newline="", encoding="utf-8-sig") as f:
         name = next(row["case"] for row in csv.DictReader(f) if row["split"] == "train")
     mask_file = tmp_path / "data" / f"{name}_mask.nii.gz"
     original = mask_file.read_bytes()

@@ -319,6 +319,29 @@ def test_a_manifest_from_excel_is_refused_with_what_to_do(tmp_path):
         read_manifest(semicolons, ("case", "prediction", "reference"))
 
 
+def test_tables_open_in_excel_with_their_letters(tmp_path):
+    # Excel opens a CSV by a double-click in Windows' code page unless it starts with UTF-8's byte-order mark:
+    # patient "Müller" showed as "MÃ¼ller" in summary.csv (and the evaluation's, training's, ... tables)
+    import codecs
+
+    from DeepWMLLib import evaluation, segment, train
+
+    segment.write_summary([{"case": "Müller", "input": "C:\\Scans\\Müller", "status": "ok"}], tmp_path / "summary.csv")
+    evaluation.write_csv([{"case": "Müller", "dice": 0.5}], ["case", "dice"], tmp_path / "per_case.csv")
+    cases = [train.Case("Müller", "m.nii.gz", "m_mask.nii.gz"), train.Case("Zoë", "z.nii.gz", "z_mask.nii.gz")]
+    train.write_split(tmp_path / "split.csv", cases, {"Müller": "train", "Zoë": "val"})
+    for name in ("summary.csv", "per_case.csv", "split.csv"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(codecs.BOM_UTF8) and "Müller" in data.decode("utf-8-sig"), name
+        assert data.count(codecs.BOM_UTF8) == 1
+    # DeepWML's own readers take its tables with the mark, and those of older versions without it
+    assert train.read_split(tmp_path / "split.csv", cases) == {"Müller": "train", "Zoë": "val"}
+    (tmp_path / "old_split.csv").write_bytes((tmp_path / "split.csv").read_bytes()[len(codecs.BOM_UTF8):])
+    assert train.read_split(tmp_path / "old_split.csv", cases) == {"Müller": "train", "Zoë": "val"}
+    rows = evaluation.read_manifest(tmp_path / "per_case.csv", ("case", "dice"))
+    assert [(r["case"], r["dice"]) for r in rows] == [("Müller", "0.5")]
+
+
 _WINDOWS_RMTREE = """
 import os, shutil, sys
 from pathlib import Path

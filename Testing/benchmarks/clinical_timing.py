@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
         return 1
-    with open(out / "summary.csv", newline="") as f:
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
     print("| case | seconds |\n|---|---|")
     for row in rows:

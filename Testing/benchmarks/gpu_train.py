@@ -234,7 +234,7 @@ def run(args) -> int:
     for name, run_dir, _ in procs:
         if (run_dir / "history.csv").is_file():
             shutil.copy(run_dir / "history.csv", out / f"{name}_history.csv")
-            print(name, "\n" + (run_dir / "history.csv").read_text(), flush=True)
+            print(name, "\n" + (run_dir / "history.csv").read_text(encoding="utf-8-sig"), flush=True)
         if (run_dir / "best.pt").is_file() and returns[name]:
             train.export_model(run_dir / "best.pt", out / f"{name}.pt", fp16=True)
     print(f"all done in {time.time() - started:.0f} s", flush=True)

@@ -68,8 +68,8 @@ def case_counts(predicted: np.ndarray, mask: np.ndarray) -> tuple[float, int, in
 def evaluate(manifest: Path, split: Path, models: list[str], split_name: str = "val",
              thresholds: list[float] = (), brain_model: str = "default", tta: bool = False,
              adapt_to_scan: bool = False) -> dict:
-    assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline=""))}
-    rows = [r for r in csv.DictReader(open(manifest, newline="")) if assignment.get(r["case"]) == split_name]
+    assignment = {r["case"]: r["split"] for r in csv.DictReader(open(split, newline="", encoding="utf-8-sig"))}
+    rows = [r for r in csv.DictReader(open(manifest, newline="", encoding="utf-8-sig")) if assignment.get(r["case"]) == split_name]
     if not rows:
         raise SystemExit(f"no case of {manifest} is in split {split_name!r} of {split}")
     results = {}

@@ -51,9 +51,9 @@ def stack(image: sitk.Image) -> tuple[np.ndarray, tuple[float, float, float]]:
 
 
 def synthetic(manifest: Path, split: Path, models, ventricle_model) -> list[dict]:
-    chosen = {row["case"] for row in csv.DictReader(open(split, encoding="utf-8")) if row["split"] == "test"}
+    chosen = {row["case"] for row in csv.DictReader(open(split, encoding="utf-8-sig")) if row["split"] == "test"}
     rows = []
-    for row in csv.DictReader(open(manifest, encoding="utf-8")):
+    for row in csv.DictReader(open(manifest, encoding="utf-8-sig")):
         if row["case"] not in chosen:
             continue
         image = io.read_image(manifest.parent / row["flair"])
