@@ -68,15 +68,24 @@ class LoadedModel:
         return self._model
 
 
+_DIGEST_TAIL = 65536  # bytes at the end of a file that file_digest's cache key covers
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """Content hash of a file (sha256, 24 hex digits). Remembered in the cache against the file's
-    size, modification time, inode and status-change time, so an unchanged model file is not re-read
-    and hashed on every run (20-30 ms of each `deepwml segment` on a small CPU); any change to the file
-    re-hashes it, even one of the same size whose modification time was set back (the status-change
-    time cannot be set)."""
+    size, modification time, inode, status-change time and last 64 KiB, so an unchanged model file is not
+    re-read and hashed on every run (20-30 ms of each `deepwml segment` on a small CPU); any change to the
+    file re-hashes it. The times and inode alone do not tell on Windows: st_ctime is the creation time there,
+    which a file copied over another in place keeps (shutil.copy2, robocopy, Explorer), FAT and exFAT keep
+    times in steps of up to 2 s and give st_ino 0, and models of one architecture have one size. A model
+    file's tail is its zip directory, which holds every record's CRC-32 and the save's serialization id:
+    another file has another tail."""
     p = Path(path).resolve()
     stat = p.stat()
-    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+    with open(p, "rb") as f:
+        f.seek(max(0, stat.st_size - _DIGEST_TAIL))
+        tail = hashlib.sha1(f.read()).hexdigest()
+    key = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns, tail]
     memo = cache_dir() / "digests" / f"{hashlib.sha1(str(p).encode('utf-8')).hexdigest()}.json"
     try:
         saved = json.loads(memo.read_text(encoding="utf-8"))

@@ -286,6 +286,41 @@ def test_the_model_cache_is_in_local_app_data_on_windows(tmp_path, monkeypatch):
     assert checkpoint.cache_dir() == tmp_path / "mine"
 
 
+def test_a_model_file_copied_over_another_is_hashed_anew(tmp_path, monkeypatch):
+    # Windows: a model copied over the one a run uses (robocopy, shutil.copy2: the same file, its times copied)
+    # keeps its creation time, which is st_ctime there; on a USB stick (FAT, exFAT) st_ino is 0 and times have
+    # 2 s steps; models of one architecture have one size. The cache gave the old file's digest: the old
+    # network's ONNX export and settings ran for the new model file
+    import hashlib
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from DeepWMLLib import checkpoint
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    old, new, used = tmp_path / "old.pt", tmp_path / "new.pt", tmp_path / "stick" / "model.pt"
+    old.write_bytes(b"weights of version 1" * 5000)
+    new.write_bytes(b"weights of version 2" * 5000)
+    os.utime(new, ns=(old.stat().st_atime_ns, old.stat().st_mtime_ns))
+    real_stat = Path.stat
+
+    def windows_stat(self, *args, **kwargs):  # st_ctime the creation time, st_ino 0 (FAT)
+        found = real_stat(self, *args, **kwargs)
+        if self != used:
+            return found
+        return SimpleNamespace(st_size=found.st_size, st_mtime_ns=found.st_mtime_ns, st_ino=0,
+                               st_ctime_ns=1_700_000_000_000_000_000, st_mode=found.st_mode)
+
+    monkeypatch.setattr(Path, "stat", windows_stat)
+    used.parent.mkdir()
+    shutil.copy2(old, used)
+    assert checkpoint.file_digest(used) == hashlib.sha256(old.read_bytes()).hexdigest()[:24]
+    shutil.copy2(new, used)
+    assert checkpoint.file_digest(used) == hashlib.sha256(new.read_bytes()).hexdigest()[:24]
+    assert checkpoint.file_digest(used) == hashlib.sha256(new.read_bytes()).hexdigest()[:24]  # remembered
+
+
 def test_a_drives_recycle_bin_is_not_searched(tmp_path):
     # `deepwml segment E:\`: the scans deleted from a USB stick ($RECYCLE.BIN, readable to its owner) were cases
     import SimpleITK as sitk
