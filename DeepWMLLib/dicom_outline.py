@@ -279,10 +279,14 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
         os.chmod(building, 0o777 & ~io._UMASK)
         if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
             old = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".old", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-        os.replace(building, folder)
+            io._replace(folder, old / folder.name)
+        io._replace(building, folder)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
+        if io.WINDOWS and isinstance(exc, PermissionError):
+            raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); is it, or the series before it, "
+                               f"open in another program (Explorer, a DICOM viewer)? close it there and run "
+                               f"again") from exc
         hint = io.windows_path_hint(folder) if isinstance(exc, RuntimeError) else ""
         raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions"
                            f"{hint}") from exc
@@ -291,7 +295,7 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
             shutil.rmtree(building, ignore_errors=True)
         if old is not None:
             if not folder.exists() and (old / folder.name).exists():
-                os.replace(old / folder.name, folder)
+                io._replace(old / folder.name, folder)
             shutil.rmtree(old, ignore_errors=True)
     return {"folder": folder.name, "series_uid": prepared.series_uid, "series_number": prepared.series_number,
             "images": len(prepared.images)}

@@ -1150,9 +1150,9 @@ REPLACE_TRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8)  # Windows: the waits between tries
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    """os.replace. On Windows a file that another program has open cannot be renamed or replaced: a virus
-    scanner or the search indexer that opens a new file for a moment refuses it briefly, so it is tried again
-    for about 1.5 s; a file kept open (the summary in Excel) still fails."""
+    """os.replace. On Windows a file that another program has open, or a folder holding one, cannot be renamed
+    or replaced: a virus scanner or the search indexer that opens a new file for a moment refuses it briefly,
+    so it is tried again for about 1.5 s; a file kept open (the summary in Excel) still fails."""
     for wait in REPLACE_TRIES_S if WINDOWS else ():
         try:
             os.replace(tmp, path)

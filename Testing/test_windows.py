@@ -63,6 +63,32 @@ def test_a_file_kept_open_says_so(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]  # no temporary file left
 
 
+def test_an_outline_series_refused_for_a_moment_is_put_in_place(tmp_path, monkeypatch):
+    # --dicom-outline: a virus scanner reading the new series' images, or a viewer with the earlier series open,
+    # refuses the folder's rename for a moment: the case failed with "cannot write the outline series"
+    import SimpleITK as sitk
+
+    from conftest import make_volume, write_dicom_series
+    from DeepWMLLib import dicom_outline
+
+    image, truth = make_volume(size=(24, 20, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, description="FLAIR")
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder, series=series), truth, series, {})
+    out = tmp_path / "out"
+    out.mkdir()
+    calls = _refusing_replace(monkeypatch, 2)
+    assert dicom_outline.write_outline_series(prepared, out / "P1_outline_dicom")["images"] == 3
+    assert len(calls) == 3 and len(list((out / "P1_outline_dicom").iterdir())) == 3
+    calls = _refusing_replace(monkeypatch, 2)  # --overwrite: the earlier series moved aside, the new one put in
+    assert dicom_outline.write_outline_series(prepared, out / "P1_outline_dicom", overwrite=True)["images"] == 3
+    assert len(calls) == 4 and [p.name for p in out.iterdir()] == ["P1_outline_dicom"]
+    _refusing_replace(monkeypatch, 100)
+    with pytest.raises(DeepWMLError, match="open in another program"):
+        dicom_outline.write_outline_series(prepared, out / "P1_outline_dicom", overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["P1_outline_dicom"] and len(list((out / "P1_outline_dicom").iterdir())) == 3
+
+
 def test_change_case_names_windows_refuses(tmp_path, monkeypatch, capsys):
     # --case a:b wrote to drive A:'s folder (or a stream of the file "a"), not to OUTDIR
     monkeypatch.setattr(io, "WINDOWS", True, raising=False)
