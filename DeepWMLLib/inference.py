@@ -175,8 +175,10 @@ class OnnxRunner:
         path = self._exported(loaded)
         # The graph as ONNX Runtime optimises it for this CPU is saved next to the export the first
         # time and loaded as it is afterwards: building a session then skips the optimisation passes
-        # (about 30 ms of every `deepwml segment`). Some passes depend on the CPU's instruction set, so
-        # the saved graph is keyed by the runtime's version and the CPU's feature flags.
+        # (about 30 ms of every `deepwml segment`). Some passes depend on the CPU's instruction set (the
+        # convolution weights are stored in blocks of its vector width: 16 channels with AVX-512, 8 with AVX2,
+        # which another CPU reads wrongly, without an error), so the saved graph is keyed by the runtime's
+        # version and the CPU's instruction sets (_machine_key).
         optimised = path.with_name(f"{path.stem}.{_machine_key(ort.__version__)}.opt.onnx")
         self.session = None
         if optimised.is_file():
@@ -358,7 +360,10 @@ def _openvino_precision(core, precision: str) -> str:
 
 
 def _machine_key(runtime_version: str) -> str:
-    """Short key of the runtime version and this CPU's model and feature flags (Linux: /proc/cpuinfo)."""
+    """Short key of the runtime version and this CPU's model and instruction sets: Linux's /proc/cpuinfo
+    flags, elsewhere the ones numpy finds at run time. The processor's name (Windows' "Intel64 Family 6 Model
+    85 Stepping 7, GenuineIntel", macOS's "i386" for every Intel Mac) does not tell them: a virtual machine,
+    the BIOS or the system may turn AVX-512 off on the same model."""
     import hashlib
     import platform
 
@@ -372,7 +377,21 @@ def _machine_key(runtime_version: str) -> str:
                     break  # the first processor's are enough
     except OSError:
         facts.append(platform.processor())
+        facts.extend(sorted(name for name, found in _numpy_cpu_features().items() if found))
     return hashlib.sha1("\n".join(facts).encode()).hexdigest()[:12]
+
+
+def _numpy_cpu_features() -> dict:
+    """{instruction set: found} as numpy detects them at run time (what the CPU has and the system allows);
+    {} where this numpy does not say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__  # numpy 2
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__  # numpy 1.20 and later
+        except ImportError:
+            return {}
+    return __cpu_features__
 
 
 def _cpu_threads() -> int:

@@ -347,6 +347,37 @@ def test_a_model_file_copied_over_another_is_hashed_anew(tmp_path, monkeypatch):
     assert checkpoint.file_digest(used) == hashlib.sha256(new.read_bytes()).hexdigest()[:24]  # remembered
 
 
+def test_the_optimised_graph_is_kept_apart_for_cpus_of_one_name(monkeypatch):
+    # ONNX Runtime's saved graph holds the convolution weights in blocks of the CPU's vector width (16 channels
+    # with AVX-512, 8 with AVX2): without /proc/cpuinfo (Windows, macOS) it was keyed by the processor's name,
+    # which a CPU with AVX-512 turned off (a virtual machine, the BIOS) shares, so a cache in a shared or
+    # roaming home gave one workstation the other's graph, read wrongly without an error
+    import builtins
+    import platform
+
+    from DeepWMLLib import inference
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel")
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # what numpy found on this CPU
+    except ImportError:
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    keys = set()
+    for avx512 in (True, False):
+        monkeypatch.setitem(features, "AVX512F", avx512)
+        keys.add(inference._machine_key("1.20.1"))
+        assert inference._machine_key("1.20.1") in keys  # the same machine: the same key
+    assert len(keys) == 2
+
+
 def test_a_drives_recycle_bin_is_not_searched(tmp_path):
     # `deepwml segment E:\`: the scans deleted from a USB stick ($RECYCLE.BIN, readable to its owner) were cases
     import SimpleITK as sitk
