@@ -70,7 +70,7 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
 
             flair, _, _ = generate_case(0)
             path = str(workdir / "synthetic.nii.gz")
-            sitk.WriteImage(flair, path, True)
+            io.write_image(flair, path)
             source = "synthetic FLAIR (../shared absent)"
     else:
         source = str(path)
@@ -84,7 +84,7 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
         image = sitk.RegionOfInterest(image, size, index)
         source += f", central {slices} of {n} slices"
     out = workdir / "bench_input.nii.gz"
-    sitk.WriteImage(image, str(out), True)
+    io.write_image(image, out)
     return out, source
 
 

@@ -914,6 +914,11 @@ def _write_summary(rows: list[dict], out: Path) -> None:
     io.write_csv_text(buffer.getvalue(), out / "change_summary.csv")
 
 
+def _write_transform(transform: sitk.Transform, path: Path) -> None:
+    with io.itk_names(path, write=True) as (name,):
+        sitk.WriteTransform(transform, name)
+
+
 def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:
     """One pair, end to end: read, check, segment what has no mask, compare, write every output (the
     report last); returns the report. `loaded` keeps the models between the pairs of a cohort."""
@@ -973,7 +978,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     io.write_label_segmentation(result.labels, paths["segmentation"],
                                 [(value, name, COLOURS[value]) for value, name in LABELS.items()])
     io.write_image(result.baseline_registered, paths["registered"])
-    io.write_atomically(paths["transform"], lambda tmp: sitk.WriteTransform(result.registration.transform, str(tmp)))
+    io.write_atomically(paths["transform"], lambda tmp: _write_transform(result.registration.transform, tmp))
     io.write_csv_text(lesions_csv(report["lesions"]), paths["lesions"])
     if not given[0]:
         io.write_image(mask_baseline, paths["baseline_mask"])

@@ -76,9 +76,10 @@ def _reader(path: str):
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with io.itk_names(path) as (name,):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise DeepWMLError(f"{path}: its DICOM header cannot be read for the outline series "
                            f"({str(exc).strip().splitlines()[-1][:120]})") from exc
@@ -273,9 +274,11 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
     writer.KeepOriginalImageUIDOn()
     old = None
     try:
-        for k, picture in enumerate(prepared.images):
-            writer.SetFileName(str(building / FILE_PATTERN.format(k + 1)))
-            writer.Execute(picture)
+        files = [building / FILE_PATTERN.format(k + 1) for k in range(len(prepared.images))]
+        with io.itk_names(*files, write=True) as names:
+            for name, picture in zip(names, prepared.images):
+                writer.SetFileName(name)
+                writer.Execute(picture)
         os.chmod(building, 0o777 & ~io._UMASK)
         if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
             old = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".old", dir=folder.parent))

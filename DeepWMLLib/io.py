@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -111,22 +112,160 @@ def output_extension(input_path: str | os.PathLike, output_format: str = "same")
     return ".nrrd"
 
 
-def windows_path_hint(path: str | os.PathLike) -> str:
-    """On Windows, for a path with letters outside ASCII while the process's code page is not UTF-8: a hint
-    to add to an error of the image library (SimpleITK opens files by a narrow name, in that code page, and
-    fails on them, saying only that it cannot read or write). Else ""."""
-    if not WINDOWS or str(path).isascii():
-        return ""
+def _utf8_code_page() -> bool:
+    """Whether this Windows process's ANSI code page is UTF-8 (65001: Windows' 'Use Unicode UTF-8 for worldwide
+    language support', or an application's manifest, as 3D Slicer's): SimpleITK's file names then reach
+    Windows whole."""
     try:
         import ctypes
 
-        if ctypes.windll.kernel32.GetACP() == 65001:
-            return ""
+        return ctypes.windll.kernel32.GetACP() == 65001
     except (AttributeError, OSError):
-        pass
-    return ("; on Windows the image library fails on some paths with letters outside ASCII (é, ü, ...): move "
-            "the files to a folder whose path has none, or turn on Windows' 'Use Unicode UTF-8 for worldwide "
-            "language support' (Region settings)")
+        return False
+
+
+def _narrow_name_fails(text: str) -> bool:
+    """Whether SimpleITK cannot open `text` by name: on Windows, a path with letters outside ASCII while the
+    code page is not UTF-8. ITK opens files by narrow (char) names, which Windows reads in the ANSI code page,
+    so the UTF-8 bytes SimpleITK hands over name another file (SimpleITK #651, #795, #1255; ITK #4388, #6739)."""
+    return WINDOWS and not text.isascii() and not _utf8_code_page()
+
+
+def _short_path(path: str) -> str | None:
+    """Windows' short (8.3) name of an existing file or folder (C:\\DONNE~1 for C:\\Données), or None. Where a
+    volume makes no short names (most volumes but the system's since Windows 8, many network shares) Windows
+    gives the long name back."""
+    try:
+        import ctypes
+
+        get = ctypes.windll.kernel32.GetShortPathNameW
+    except (AttributeError, OSError):
+        return None
+    size = get(path, None, 0)
+    buffer = ctypes.create_unicode_buffer(size or 1)
+    return buffer.value if size and get(path, buffer, size) else None
+
+
+def _ascii_temp_folders() -> list[str]:
+    """Folders with ASCII paths for SimpleITK's private copies: the user's temporary folder (TEMP), or its short
+    name (C:\\Users\\ZO8A1~1\\... for Zoë's); else Windows' own Temp, where a user's files are readable to that
+    user alone. Not C:\\Users\\Public or ProgramData: every user of the computer can read those, no place for a
+    patient's scan."""
+    temp = tempfile.gettempdir()
+    root = os.environ.get("SystemRoot")
+    found = []
+    for folder in (temp, _short_path(temp), os.path.join(root, "Temp") if root else None):
+        if folder and folder.isascii() and folder not in found and os.path.isdir(folder):
+            found.append(folder)
+    return found
+
+
+def windows_path_hint(path: str | os.PathLike) -> str:
+    """For a path SimpleITK cannot open by name (`_narrow_name_fails`) that `itk_names` could not route either
+    (no temporary folder with an ASCII path): a hint to add to an error of the image library, which says only
+    that it cannot read or write. Else ""."""
+    if not _narrow_name_fails(str(path)) or _ascii_temp_folders():
+        return ""
+    return ("; on Windows the image library cannot open paths with letters outside ASCII (é, ü, ...), and the "
+            "temporary folder DeepWML copies such files to has them too: set TEMP to a folder whose path has none, "
+            "move the files to such a folder, or turn on Windows' 'Use Unicode UTF-8 for worldwide language "
+            "support' (Region settings)")
+
+
+def _detached_data_files(header: Path) -> list[str]:
+    """The data files a detached header (.mhd, .nhdr) names relative to its folder (one, or a LIST): they
+    travel with it."""
+    if not header.name.lower().endswith((".mhd", ".nhdr")):
+        return []
+    try:
+        text = header.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return []
+    field = re.search(r"^[ \t]*(?:ElementDataFile[ \t]*=|data ?file[ \t]*:)[ \t]*(.*?)[ \t]*$", text,
+                      re.IGNORECASE | re.MULTILINE)
+    if field is None:
+        return []
+    value = field.group(1)
+    names = text[field.end():].splitlines() if value.upper().startswith("LIST") else [value]
+    return [n.strip() for n in names if n.strip() and not os.path.isabs(n.strip())
+            and (header.parent / n.strip()).is_file()]
+
+
+def _stage(source: Path, place: Path, write: bool) -> str:
+    """`itk_names`' second way: the name in `place` (a new folder with an ASCII path) for `source`, which is
+    copied there first unless it is to be written."""
+    place.mkdir()
+    if write:
+        return str(place / (source.name if source.name.isascii() else "image" + _extension(source)))
+    try:
+        if source.is_dir():  # for GDCM to search: the folder's own files (their names mean nothing to DICOM)
+            for number, f in enumerate(sorted(source.iterdir())):
+                if not f.name.startswith(".") and f.is_file():
+                    shutil.copyfile(f, place / (f.name if f.name.isascii() else f"file{number}"))
+            return str(place)
+        name = source.name if source.name.isascii() else "image" + _extension(source)
+        shutil.copyfile(source, place / name)
+        for companion in _detached_data_files(source):
+            (place / companion).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / companion, place / companion)
+        return str(place / name)
+    except OSError as exc:
+        raise DeepWMLError(f"{source}: the image library cannot open a path with letters outside ASCII on this Windows, "
+                           f"and copying it to {place.parent} failed ({exc.strerror or exc}); free space there, or "
+                           f"move the files to a folder whose path has none") from exc
+
+
+@contextlib.contextmanager
+def itk_names(*paths: str | os.PathLike, write: bool = False):
+    """The names to give SimpleITK for `paths` (files; for reading also a folder, for GDCM to search), as a
+    list; with `write`, the files SimpleITK writes under those names within the block end up at `paths`.
+
+    Where SimpleITK cannot open a path by name (`_narrow_name_fails`: Windows, letters outside ASCII),
+    1. the path through the short (8.3) name of its folder (of itself, a folder), when that is ASCII and so is
+       the file's own name: kept whole, as ITK chooses its reader or writer by the extension, which a short
+       name cuts to three letters (FLAIR~1.NRR). Read and written in place, nothing copied. Else
+    2. a private folder with an ASCII path (`_ascii_temp_folders`): each file read is copied into it first
+       (with the data files a .mhd or .nhdr names; a folder's files), each file written is copied to its path
+       when the block ends. A copy rather than a link: a hard link needs the same volume (the scans are often
+       on another drive or a share) and a symbolic link needs rights users lack. It is removed, also on error.
+    3. Else (TEMP under a user name with such letters, on a volume without short names) the names as they are:
+       SimpleITK fails, and `windows_path_hint` says what to do."""
+    texts = [text_path(p) for p in paths]
+    if not any(_narrow_name_fails(t) for t in texts):
+        yield texts
+        return
+    names: list[str | None] = [t if not _narrow_name_fails(t) else None for t in texts]
+    for k, text in enumerate(texts):
+        if names[k] is None:
+            full = os.path.abspath(text)
+            folder, name = (full, "") if os.path.isdir(full) else os.path.split(full)
+            short = _short_path(folder) if name.isascii() else None
+            if short and short.isascii():
+                names[k] = os.path.join(short, name) if name else short
+    if all(names):
+        yield names
+        return
+    staging = None
+    for folder in _ascii_temp_folders():
+        try:
+            staging = Path(tempfile.mkdtemp(prefix="deepwml-", dir=folder))
+            break
+        except OSError:
+            continue
+    if staging is None:
+        yield texts
+        return
+    staged = {}
+    try:
+        for k, text in enumerate(texts):
+            if names[k] is None:
+                names[k] = staged[k] = _stage(Path(text), staging / str(k), write)
+        yield names
+        for k, name in staged.items() if write else ():
+            if os.path.exists(name):
+                shutil.copyfile(name, texts[k])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def text_path(path: str | os.PathLike) -> str:
@@ -149,7 +288,8 @@ def _dicom_series(folder: Path) -> tuple:
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(text_path(folder)))
+        with itk_names(folder) as (name,):
+            return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
@@ -234,11 +374,12 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(text_path(path))
     try:
-        reader.ReadImageInformation()
-        _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
-        return reader.Execute()
+        with itk_names(path) as (name,):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
+            _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+            return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "rror" in line or "annot" in line), "unreadable")
@@ -471,13 +612,13 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 if not _looks_dicom(name) or not os.path.isfile(path):
                     continue
                 try:
-                    reader.SetFileName(text_path(path))
-                except DeepWMLError as exc:  # ITK would abort the process on this name
+                    with itk_names(path) as (itk_name,):
+                        reader.SetFileName(itk_name)
+                        reader.ReadImageInformation()
+                    uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else ""
+                except DeepWMLError as exc:  # a name ITK would abort the process on, or one it cannot be given
                     problems.append(f"{path!r} cannot be read ({str(exc).split(': ', 1)[-1]})")
                     continue
-                try:
-                    reader.ReadImageInformation()
-                    uid = reader.GetMetaData("0020|000e").strip(" \0") if reader.HasMetaDataKey("0020|000e") else ""
                 except RuntimeError:  # not DICOM, or no image; or a damaged one (a transfer cut short)
                     if name.upper() != "DICOMDIR" and (os.path.getsize(path) == 0 or not os.access(path, os.R_OK)
                                                        or _dicom_preamble(path)):
@@ -676,11 +817,12 @@ def _series_read_error(path: Path, files: list, exc: Exception) -> str:
     sizes: dict = {}
     reader = sitk.ImageFileReader()
     for name in files:
-        reader.SetFileName(str(name))
         try:
-            reader.ReadImageInformation()
+            with itk_names(name) as (itk_name,):
+                reader.SetFileName(itk_name)
+                reader.ReadImageInformation()
             sizes.setdefault(tuple(reader.GetSize()[:2]), []).append(Path(name).name)
-        except RuntimeError:
+        except (RuntimeError, DeepWMLError):
             continue
     if len(sizes) > 1:
         common = max(sizes, key=lambda k: len(sizes[k]))
@@ -699,12 +841,13 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
-    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "missing slices" warning: checked and said below
     try:
-        image = reader.Execute()
+        with itk_names(*files) as names:
+            reader.SetFileNames(names)
+            image = reader.Execute()
     except RuntimeError as exc:
         raise DeepWMLError(_series_read_error(path, files, exc)) from exc
     finally:
@@ -829,10 +972,11 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
-    reader.SetFileName(text_path(p))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        with itk_names(p) as (name,):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
+    except (RuntimeError, DeepWMLError):
         return None
     if reader.GetDimension() != 4 or reader.GetSize()[3] != 1:
         return None
@@ -1226,7 +1370,11 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
         image = image.to_sitk()
     if time_axis is not None:
         image = sitk.JoinSeries(image, time_axis.origin, time_axis.spacing if time_axis.spacing > 0 else 1.0)
-    return write_atomically(path, lambda tmp: sitk.WriteImage(image, text_path(tmp), True))
+    def write(tmp: Path) -> None:
+        with itk_names(tmp, write=True) as (name,):
+            sitk.WriteImage(image, name, True)
+
+    return write_atomically(path, write)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
@@ -1344,10 +1492,11 @@ def segment_names(path: str | os.PathLike) -> list[str]:
     if not str(path).lower().endswith(SEGMENTATION_EXTENSION) or not Path(path).is_file():
         return []
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        with itk_names(path) as (name,):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
+    except (RuntimeError, DeepWMLError):
         return []  # read_any says what is wrong with it
     found = {}
     for key in reader.GetMetaDataKeys():

@@ -91,6 +91,12 @@ def lesion_library(shared_dir: Optional[Path] = None) -> list[Path]:
     return [f for f in files if f.name.split(".")[0] not in EXCLUDED_PATIENTS]
 
 
+def _read(path: Path, pixel_type: int) -> sitk.Image:
+    """A template file (nilearn's data folder lies under the user's name, which may hold letters ITK cannot open)."""
+    with io.itk_names(path) as (name,):
+        return sitk.ReadImage(name, pixel_type)
+
+
 class _Atlas:
     """Template tissue maps on one padded 1 mm grid (numpy order z, y, x), prepared once per process."""
 
@@ -103,9 +109,9 @@ class _Atlas:
             raise DeepWMLError(f"template file missing: {missing[0]}; set DEEPWML_SHARED_DATA to the "
                                "shared data folder and install nilearn>=0.10")
         pad = [_PAD_MM] * 3
-        padded = sitk.ConstantPad(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["gm"]), sitk.sitkFloat32),
+        padded = sitk.ConstantPad(_read(nilearn_dir / _NILEARN_FILES["gm"], sitk.sitkFloat32),
                                   pad, pad, 0.0)
-        label_img = sitk.Resample(sitk.ReadImage(str(labels_path), sitk.sitkUInt8), padded,
+        label_img = sitk.Resample(_read(labels_path, sitk.sitkUInt8), padded,
                                   sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         labels = sitk.GetArrayFromImage(label_img)
         intracranial_img = sitk.BinaryFillhole(label_img > 0)
@@ -120,7 +126,7 @@ class _Atlas:
                                                [int(b.start) for b in box[::-1]])
         self.dist_out = dist_out[box]
         labels, intracranial, signed = labels[box], intracranial[box], signed[box]
-        wm_img = sitk.Resample(sitk.ReadImage(str(nilearn_dir / _NILEARN_FILES["wm"]), sitk.sitkFloat32),
+        wm_img = sitk.Resample(_read(nilearn_dir / _NILEARN_FILES["wm"], sitk.sitkFloat32),
                                self.reference, sitk.Transform(), sitk.sitkLinear, 0.0)
         # The probability maps are an average of many brains and look blurred; the label map adds
         # crisp sulci and a sharp grey/white boundary.
@@ -175,7 +181,7 @@ class _Atlas:
         """A real lesion mask inside the white matter box, optionally mirrored about the MNI
         midline x = 0 (the template is symmetric, so mirroring doubles the library)."""
         flip = sitk.ScaleTransform(3, (-1.0, 1.0, 1.0)) if mirrored else sitk.Transform()
-        image = sitk.Resample(sitk.ReadImage(str(path), sitk.sitkUInt8), self.reference, flip,
+        image = sitk.Resample(_read(path, sitk.sitkUInt8), self.reference, flip,
                               sitk.sitkNearestNeighbor, 0)
         return sitk.GetArrayViewFromImage(image)[self.box] > 0
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ntpath
 import os
-from pathlib import PureWindowsPath
+from pathlib import Path, PureWindowsPath
 
+import numpy as np
 import pytest
 
 from DeepWMLLib import io
@@ -101,8 +102,14 @@ def test_change_case_names_windows_refuses(tmp_path, monkeypatch, capsys):
 
 def test_image_library_errors_on_a_non_ascii_path_say_why(tmp_path, monkeypatch):
     # SimpleITK opens files by a narrow name in Windows' code page: a path with "ü" failed with "cannot be read
-    # as an image" (a scan), "folder without image files or a DICOM series" (a DICOM folder) or "cannot write"
+    # as an image" (a scan), "folder without image files or a DICOM series" (a DICOM folder) or "cannot write".
+    # Such files are now opened through an ASCII name (itk_names); where there is none (TEMP under C:\Users\Zoë,
+    # on a volume without short names) the error says what to do
     monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    monkeypatch.setattr(io, "_short_path", lambda path: None, raising=False)
+    monkeypatch.delenv("SystemRoot", raising=False)
+    (tmp_path / "Zoë").mkdir()
+    monkeypatch.setattr(io.tempfile, "tempdir", str(tmp_path / "Zoë"))
     folder = tmp_path / "Müller"
     folder.mkdir()
     scan = folder / "flair.nrrd"
@@ -135,6 +142,11 @@ def test_image_library_errors_on_a_non_ascii_path_say_why(tmp_path, monkeypatch)
     with pytest.raises(DeepWMLError, match="cannot write the outline series .*letters outside ASCII"):
         dicom_outline.write_outline_series(prepared, folder / "p1_outline_dicom")
     assert {p.name for p in folder.iterdir()} == {"flair.nrrd", "DICOM"}  # no temporary folder left
+    monkeypatch.setenv("SystemRoot", str(tmp_path))  # Windows' own Temp (C:\Windows\Temp) takes the copy
+    (tmp_path / "Temp").mkdir()
+    with pytest.raises(DeepWMLError) as refusal:
+        io.read_image(scan)
+    assert "ASCII" not in str(refusal.value) and not os.listdir(tmp_path / "Temp")
     plain = tmp_path / "scan.nrrd"  # a plain path: the message as before
     plain.write_text("not an image\n", encoding="utf-8")
     with pytest.raises(DeepWMLError) as refusal:
@@ -503,3 +515,151 @@ def test_gpus_train_together_without_nccl(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
     train._start_distributed("cuda")
     assert asked == ["gloo"]
+
+
+def _narrow_names(monkeypatch, tmp_path, short_names: bool) -> Path:
+    """Windows with a code page that is not UTF-8, as SimpleITK meets it: every file name with letters outside
+    ASCII fails, in ITK's own words (GDCM finds no series in such a folder). With `short_names`, Windows' 8.3
+    names are played by ASCII links to each path asked for; without, the volume makes none. Returns the
+    temporary folder (TEMP), which must be left empty."""
+    import SimpleITK as sitk
+
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    monkeypatch.delenv("SystemRoot", raising=False)
+    temp = tmp_path / "Temp"
+    temp.mkdir()
+    monkeypatch.setattr(io.tempfile, "tempdir", str(temp))
+
+    def refuse(name, what):
+        if not str(name).isascii():
+            raise RuntimeError(f"Exception thrown in SimpleITK {what}: D:\\a\\itk\\ITK\\Modules\\IO\\ImageBase\\src\\"
+                               f"itkImageIOFactory.cxx:47:\nITK ERROR: Could not create IO object for file {name}")
+
+    for cls, method in ((sitk.ImageFileReader, "ReadImageInformation"), (sitk.ImageFileReader, "Execute"),
+                        (sitk.ImageFileWriter, "Execute")):
+        def checked(self, *args, _real=getattr(cls, method), _what=f"{cls.__name__}_{method}"):
+            refuse(self.GetFileName(), _what)
+            return _real(self, *args)
+
+        monkeypatch.setattr(cls, method, checked)
+    real_series, real_ids, real_transform = (sitk.ImageSeriesReader.Execute, sitk.ImageSeriesReader.GetGDCMSeriesIDs,
+                                             sitk.WriteTransform)
+
+    def series(self):
+        for name in self.GetFileNames():
+            refuse(name, "ImageSeriesReader_Execute")
+        return real_series(self)
+
+    def transform(transform, name):
+        refuse(name, "WriteTransform")
+        return real_transform(transform, name)
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", series)
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesIDs",
+                        staticmethod(lambda folder, *args: real_ids(folder, *args) if str(folder).isascii() else ()))
+    monkeypatch.setattr(sitk, "WriteTransform", transform)
+    links = tmp_path / "short"
+    links.mkdir()
+
+    def short_path(path):
+        if not os.path.exists(path):
+            return None  # as Windows: only for what exists
+        if str(path).isascii():
+            return str(path)
+        link = links / f"SHORT{len(os.listdir(links))}~1"
+        link.symlink_to(os.path.abspath(path))
+        return str(link)
+
+    monkeypatch.setattr(io, "_short_path", short_path if short_names else lambda path: None, raising=False)
+    return temp
+
+
+def _scans_in(folder: Path):
+    """A FLAIR as NIfTI (one under a name with letters outside ASCII), NRRD, MetaImage (.mhd + .zraw) and a DICOM
+    series, written into `folder` before SimpleITK is made to fail."""
+    import SimpleITK as sitk
+
+    from conftest import make_volume, write_dicom_series
+
+    image, _ = make_volume(size=(24, 20, 5), spacing=(0.9, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder.mkdir()
+    files = [folder / name for name in ("flair.nii.gz", "Zoë_flair.nii.gz", "flair.nrrd", "flair.mhd")]
+    for path in files:
+        sitk.WriteImage(image, str(path), True)
+    assert (folder / "flair.zraw").is_file()  # the .mhd's data, in a file of its own
+    dicom = write_dicom_series(folder / "Série_3", image, uid="1.2.3.4.7", description="AX T2 FLAIR")
+    return image, files + [dicom]
+
+
+@pytest.mark.parametrize("short_names", [True, False], ids=["short-names", "copies"])
+def test_scans_in_a_folder_with_letters_outside_ascii_are_read(tmp_path, monkeypatch, short_names):
+    # Windows, a code page that is not UTF-8: every scan under C:\Données or D:\Zoë failed ("cannot be read as an
+    # image", or "a folder without image files or a DICOM series") with a hint to move the files
+    import SimpleITK as sitk
+
+    image, paths = _scans_in(tmp_path / "Données_Zoë")
+    temp = _narrow_names(monkeypatch, tmp_path, short_names)
+    for path in paths:
+        read = io.read_any(path)
+        assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)), path.name
+        assert io.grid_difference(read, image) is None, path.name
+    assert io.is_dicom_folder(paths[-1])
+    studies, problems = io.dicom_catalogue(tmp_path / "Données_Zoë")
+    assert [s.name for s in studies] == ["Série_3"] and not problems
+    assert io.read_time_axis(paths[2]) is None
+    broken = tmp_path / "Données_Zoë" / "broken.nrrd"  # an unreadable scan there still says what is wrong with it
+    broken.write_text("NRRD0004\ntype: float\n", encoding="utf-8")
+    with pytest.raises(DeepWMLError, match="broken.nrrd cannot be read as an image"):
+        io.read_any(broken)
+    assert not os.listdir(temp)  # no copy left behind, also after the error
+    assert bool(os.listdir(tmp_path / "short")) == short_names  # the short names were used where there were some
+
+
+@pytest.mark.parametrize("short_names", [True, False], ids=["short-names", "copies"])
+def test_segment_writes_into_a_folder_with_letters_outside_ascii(tmp_path, tiny_model, monkeypatch, short_names):
+    # `deepwml segment ... -o D:\Résultats`: no mask, probability map or DICOM outline could be written there
+    # ("cannot write ...; check free space and permissions"), nor for a case named after its patient (Zoë)
+    import json
+
+    import SimpleITK as sitk
+
+    from conftest import make_volume, write_dicom_series
+
+    image, _ = make_volume(size=(24, 20, 5), spacing=(0.9, 0.8, 5.0), dtype=sitk.sitkInt16)
+    scans = tmp_path / "scans"  # read from plain paths but one: the writing is what is tried
+    write_dicom_series(scans / "S4", image, uid="1.2.3.4.8", description="AX T2 FLAIR",
+                       extra={"0010|0010": "Zoe^A", "0010|0020": "P4"})
+    sitk.WriteImage(image, str(scans / "flair.nrrd"), True)
+    (tmp_path / "Zoë").mkdir()
+    zoe = tmp_path / "Zoë" / "Zoë.nrrd"  # a case named after its patient
+    sitk.WriteImage(image, str(zoe), True)
+    temp = _narrow_names(monkeypatch, tmp_path, short_names)
+    out = tmp_path / "Résultats_Zoë"
+    args = ["segment", str(scans / "flair.nrrd"), str(zoe), str(scans / "S4"), "-o", str(out), "--model",
+            str(tiny_model), "--device", "cpu", "--save-probabilities", "--dicom-outline"]
+    assert main(args) == 0
+    for case in ("flair", "Zoë", "S4"):
+        for suffix in ("_wmh.nrrd", "_prob.nrrd"):
+            written = io.read_any(out / (case + suffix))
+            assert io.grid_difference(written, image) is None, case + suffix
+        assert json.loads((out / f"{case}_report.json").read_text(encoding="utf-8"))["case"] == case
+    outline = out / "S4_outline_dicom"
+    (series,) = io.dicom_series(outline)
+    assert len(series.files) == len(os.listdir(outline)) == image.GetDepth() and series.secondary_capture
+    assert not [p for p in out.iterdir() if p.name.startswith(".")] and not os.listdir(temp)
+
+
+def test_a_transform_is_written_into_a_folder_with_letters_outside_ascii(tmp_path, monkeypatch):
+    # `deepwml change` wrote none of its outputs into such a folder; its registration's transform is ITK's to write
+    import SimpleITK as sitk
+
+    from DeepWMLLib import change
+
+    temp = _narrow_names(monkeypatch, tmp_path, short_names=False)
+    folder = tmp_path / "Müller"
+    folder.mkdir()
+    path = folder / "p1_transform.tfm"
+    transform = sitk.Euler3DTransform((0, 0, 0), 0.1, 0.0, 0.0, (1.0, 2.0, 3.0))
+    io.write_atomically(path, lambda tmp: change._write_transform(transform, tmp))
+    assert "Euler3DTransform" in path.read_text(encoding="utf-8")
+    assert [p.name for p in folder.iterdir()] == ["p1_transform.tfm"] and not os.listdir(temp)
