@@ -178,7 +178,8 @@ def _detached_data_files(header: Path) -> list[str]:
     if not header.name.lower().endswith((".mhd", ".nhdr")):
         return []
     try:
-        text = header.read_bytes().decode("utf-8", "replace")
+        with open(header, "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")  # a header, or the start of data stored after it
     except OSError:
         return []
     field = re.search(r"^[ \t]*(?:ElementDataFile[ \t]*=|data ?file[ \t]*:)[ \t]*(.*?)[ \t]*$", text,

@@ -575,18 +575,18 @@ def _narrow_names(monkeypatch, tmp_path, short_names: bool) -> Path:
 
 
 def _scans_in(folder: Path):
-    """A FLAIR as NIfTI (one under a name with letters outside ASCII), NRRD, MetaImage (.mhd + .zraw) and a DICOM
-    series, written into `folder` before SimpleITK is made to fail."""
+    """A FLAIR as NIfTI (one under a name with letters outside ASCII), NRRD, MetaImage (.mhd + .zraw), a detached
+    NRRD header (.nhdr + .raw.gz) and a DICOM series, written into `folder` before SimpleITK is made to fail."""
     import SimpleITK as sitk
 
     from conftest import make_volume, write_dicom_series
 
     image, _ = make_volume(size=(24, 20, 5), spacing=(0.9, 0.8, 5.0), dtype=sitk.sitkInt16)
     folder.mkdir()
-    files = [folder / name for name in ("flair.nii.gz", "Zoë_flair.nii.gz", "flair.nrrd", "flair.mhd")]
+    files = [folder / name for name in ("flair.nii.gz", "Zoë_flair.nii.gz", "flair.nrrd", "flair.mhd", "flair.nhdr")]
     for path in files:
         sitk.WriteImage(image, str(path), True)
-    assert (folder / "flair.zraw").is_file()  # the .mhd's data, in a file of its own
+    assert {"flair.zraw", "flair.raw.gz"} <= set(os.listdir(folder))  # the .mhd's and .nhdr's data, in files of their own
     dicom = write_dicom_series(folder / "Série_3", image, uid="1.2.3.4.7", description="AX T2 FLAIR")
     return image, files + [dicom]
 
@@ -613,6 +613,9 @@ def test_scans_in_a_folder_with_letters_outside_ascii_are_read(tmp_path, monkeyp
         io.read_any(broken)
     assert not os.listdir(temp)  # no copy left behind, also after the error
     assert bool(os.listdir(tmp_path / "short")) == short_names  # the short names were used where there were some
+    monkeypatch.setattr(io, "_utf8_code_page", lambda: True)  # Windows set to UTF-8: SimpleITK gets the names as they are
+    with io.itk_names(paths[1], paths[-1]) as names:
+        assert names == [str(paths[1]), str(paths[-1])]
 
 
 @pytest.mark.parametrize("short_names", [True, False], ids=["short-names", "copies"])
