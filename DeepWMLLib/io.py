@@ -133,8 +133,8 @@ def _narrow_name_fails(text: str) -> bool:
 
 def _short_path(path: str) -> str | None:
     """Windows' short (8.3) name of an existing file or folder (C:\\DONNE~1 for C:\\Données), or None. Where a
-    volume makes no short names (most volumes but the system's since Windows 8, many network shares) Windows
-    gives the long name back."""
+    volume makes no short names (often turned off on volumes other than the system's; many network shares)
+    Windows gives the long name back, and a short name may keep letters of the OEM code page (É)."""
     try:
         import ctypes
 
@@ -148,7 +148,7 @@ def _short_path(path: str) -> str | None:
 
 def _ascii_temp_folders() -> list[str]:
     """Folders with ASCII paths for SimpleITK's private copies: the user's temporary folder (TEMP), or its short
-    name (C:\\Users\\ZO8A1~1\\... for Zoë's); else Windows' own Temp, where a user's files are readable to that
+    name (C:\\Users\\ZO~1\\... for Zoë's); else Windows' own Temp, where a user's files are readable to that
     user alone. Not C:\\Users\\Public or ProgramData: every user of the computer can read those, no place for a
     patient's scan."""
     temp = tempfile.gettempdir()

@@ -666,3 +666,27 @@ def test_a_transform_is_written_into_a_folder_with_letters_outside_ascii(tmp_pat
     io.write_atomically(path, lambda tmp: change._write_transform(transform, tmp))
     assert "Euler3DTransform" in path.read_text(encoding="utf-8")
     assert [p.name for p in folder.iterdir()] == ["p1_transform.tfm"] and not os.listdir(temp)
+
+
+def test_windows_is_asked_for_short_names_and_its_code_page(monkeypatch):
+    # the two calls itk_names makes of Windows (kernel32), played here: the short name's length, then the name
+    import ctypes
+    import types
+
+    def short_name(path, buffer, size):
+        name = {"C:\\Données": "C:\\DONNE~1", "D:\\Zoë": "D:\\Zoë"}.get(path)  # D: makes no short names
+        if name is None:
+            return 0  # no such file
+        if buffer is None or size <= len(name):
+            return len(name) + 1
+        buffer.value = name
+        return len(name)
+
+    kernel32 = types.SimpleNamespace(GetShortPathNameW=short_name, GetACP=lambda: 1252)
+    monkeypatch.setattr(ctypes, "windll", types.SimpleNamespace(kernel32=kernel32), raising=False)
+    monkeypatch.setattr(io, "WINDOWS", True, raising=False)
+    assert io._short_path("C:\\Données") == "C:\\DONNE~1"
+    assert io._short_path("D:\\Zoë") == "D:\\Zoë" and io._short_path("E:\\none") is None
+    assert io._narrow_name_fails("C:\\Données\\flair.nrrd") and not io._narrow_name_fails("C:\\data\\flair.nrrd")
+    kernel32.GetACP = lambda: 65001  # Windows set to UTF-8
+    assert not io._narrow_name_fails("C:\\Données\\flair.nrrd")
