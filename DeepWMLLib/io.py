@@ -219,7 +219,8 @@ def _stage(source: Path, place: Path, write: bool) -> str:
 @contextlib.contextmanager
 def itk_names(*paths: str | os.PathLike, write: bool = False):
     """The names to give SimpleITK for `paths` (files; for reading also a folder, for GDCM to search), as a
-    list; with `write`, the files SimpleITK writes under those names within the block end up at `paths`.
+    list; with `write`, the files SimpleITK writes under those names within the block (single-file formats: the
+    outputs are NIfTI, NRRD, MetaImage .mha, DICOM and transforms) end up at `paths`.
 
     Where SimpleITK cannot open a path by name (`_narrow_name_fails`: Windows, letters outside ASCII),
     1. the path through the short (8.3) name of its folder (of itself, a folder), when that is ASCII and so is
@@ -249,7 +250,7 @@ def itk_names(*paths: str | os.PathLike, write: bool = False):
     staging = None
     for folder in _ascii_temp_folders():
         try:
-            staging = Path(tempfile.mkdtemp(prefix="deepwml-", dir=folder))
+            staging = Path(tempfile.mkdtemp(prefix="deepwml-itk-", dir=folder))
             break
         except OSError:
             continue
