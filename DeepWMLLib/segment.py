@@ -920,7 +920,9 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal). With `eta`,
     each finished case of a run of several also says about how long the rest will take (the mean time of
-    the cases so far, skipped ones included, times the cases left)."""
+    the cases segmented so far times the cases left; a case skipped because it was done before takes no
+    time and says nothing of the others, so it is not counted, and until one case has been segmented no
+    time is said: a rerun after adding scans would otherwise promise "0 s left")."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
@@ -929,10 +931,12 @@ class ProgressBar:
         self.eta = eta
         self._started = None
         self._position = (0, 0)
+        self._last = None  # when the last case ended (or the first began)
+        self._skipped = (0, 0.0)  # cases skipped so far and the time they took
 
     def __call__(self, number: int, total: int, case: str):
         if self._started is None:
-            self._started = time.monotonic()
+            self._started = self._last = time.monotonic()
         self._position = (number, total)
         prefix = f"[{number}/{total}] {case}"
         last = [-1]
@@ -956,9 +960,15 @@ class ProgressBar:
             if status == "ok" else row.get("error", "")
         number, total = self._position
         left = ""
-        if self.eta and self._started is not None and 0 < number < total:
-            left = f" ({_duration((time.monotonic() - self._started) / number * (total - number))} left for " \
-                   f"{total - number} more)"
+        if self.eta and self._started is not None:
+            now = time.monotonic()
+            if status == "skipped":
+                self._skipped = (self._skipped[0] + 1, self._skipped[1] + now - self._last)
+            self._last = now
+            segmented = number - self._skipped[0]
+            if 0 < number < total and segmented > 0:
+                mean = (now - self._started - self._skipped[1]) / segmented
+                left = f" ({_duration(mean * (total - number))} left for {total - number} more)"
         self.stream.write(f"{row['case']}: {status} - {detail}{left}\n")
         for warning in row.get("warnings", []) if status == "ok" else []:  # a skipped case's are its earlier run's
             self.stream.write(f"{row['case']}: warning: {warning}\n")

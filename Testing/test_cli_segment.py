@@ -861,3 +861,26 @@ def test_a_run_of_several_cases_says_about_how_long_the_rest_will_take(monkeypat
                      "p2: ok - 1.00 ml, 2 lesions, 10.0 s (10 s left for 1 more)",
                      "p3: ok - 1.00 ml, 2 lesions, 10.0 s"]
     assert segment._duration(3 * 3600 + 5 * 60) == "3 h 05 min" and segment._duration(600) == "10 min"
+
+
+def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_before(monkeypatch):
+    """A rerun after adding scans: the cases done before are skipped in a moment. Their lines promised
+    '0 s left for 3 more' and the first new case's line a third of its real time per case left."""
+    import io as stringio
+
+    from DeepWMLLib import segment
+
+    clock = iter([0.0, 0.1, 0.2, 10.2, 20.2])  # two skipped in 0.1 s each, then two of 10 s
+    monkeypatch.setattr(segment.time, "monotonic", lambda: next(clock))
+    stream = stringio.StringIO()
+    bar = segment.ProgressBar(stream, eta=True)
+    rows = [{"case": "p1", "status": "skipped", "error": "outputs exist"},
+            {"case": "p2", "status": "skipped", "error": "outputs exist"},
+            {"case": "p3", "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0},
+            {"case": "p4", "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0}]
+    for number, row in enumerate(rows, start=1):
+        bar(number, len(rows), row["case"])
+        bar.finish(row)
+    assert stream.getvalue().splitlines() == ["p1: skipped - outputs exist", "p2: skipped - outputs exist",
+                                              "p3: ok - 1.00 ml, 2 lesions, 10.0 s (10 s left for 1 more)",
+                                              "p4: ok - 1.00 ml, 2 lesions, 10.0 s"]
