@@ -921,8 +921,8 @@ class ProgressBar:
     """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal). With `eta`,
     each finished case of a run of several also says about how long the rest will take (the mean time of
     the cases segmented so far times the cases left; a case skipped because it was done before takes no
-    time and says nothing of the others, so it is not counted, and until one case has been segmented no
-    time is said: a rerun after adding scans would otherwise promise "0 s left")."""
+    time and says nothing of the others, so it is not counted and its line says no time, nor does any
+    line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left")."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
@@ -966,7 +966,7 @@ class ProgressBar:
                 self._skipped = (self._skipped[0] + 1, self._skipped[1] + now - self._last)
             self._last = now
             segmented = number - self._skipped[0]
-            if 0 < number < total and segmented > 0:
+            if 0 < number < total and segmented > 0 and status != "skipped":
                 mean = (now - self._started - self._skipped[1]) / segmented
                 left = f" ({_duration(mean * (total - number))} left for {total - number} more)"
         self.stream.write(f"{row['case']}: {status} - {detail}{left}\n")

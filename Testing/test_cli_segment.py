@@ -870,17 +870,18 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
 
     from DeepWMLLib import segment
 
-    clock = iter([0.0, 0.1, 0.2, 10.2, 20.2])  # two skipped in 0.1 s each, then two of 10 s
+    clock = iter([0.0, 0.1, 0.2, 10.2, 10.3, 20.3])  # skipped in 0.1 s, skipped, 10 s, skipped, 10 s
     monkeypatch.setattr(segment.time, "monotonic", lambda: next(clock))
     stream = stringio.StringIO()
     bar = segment.ProgressBar(stream, eta=True)
+    done = {"status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0}
     rows = [{"case": "p1", "status": "skipped", "error": "outputs exist"},
             {"case": "p2", "status": "skipped", "error": "outputs exist"},
-            {"case": "p3", "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0},
-            {"case": "p4", "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0}]
+            {"case": "p3", **done}, {"case": "p4", "status": "skipped", "error": "outputs exist"}, {"case": "p5", **done}]
     for number, row in enumerate(rows, start=1):
         bar(number, len(rows), row["case"])
         bar.finish(row)
     assert stream.getvalue().splitlines() == ["p1: skipped - outputs exist", "p2: skipped - outputs exist",
-                                              "p3: ok - 1.00 ml, 2 lesions, 10.0 s (10 s left for 1 more)",
-                                              "p4: ok - 1.00 ml, 2 lesions, 10.0 s"]
+                                              "p3: ok - 1.00 ml, 2 lesions, 10.0 s (20 s left for 2 more)",
+                                              "p4: skipped - outputs exist",
+                                              "p5: ok - 1.00 ml, 2 lesions, 10.0 s"]
