@@ -50,9 +50,11 @@ def _distributed_process() -> tuple[str | None, bool]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors: one line, exit 2
+        # named after the sub-command whose option it is (`deepwml segment`), as the errors main() prints
+        # are: a bare `deepwml --help` lists the commands, not the option the message is about
         rank, quiet = _distributed_process()
         where = f" (process {rank})" if rank not in (None, "0") else ""
-        self.exit(2, "" if quiet else f"deepwml{where}: error: {message} (see --help)\n")
+        self.exit(2, "" if quiet else f"{self.prog}{where}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

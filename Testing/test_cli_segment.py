@@ -885,3 +885,17 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
                                               "p3: ok - 1.00 ml, 2 lesions, 10.0 s (20 s left for 2 more)",
                                               "p4: skipped - outputs exist",
                                               "p5: ok - 1.00 ml, 2 lesions, 10.0 s"]
+
+
+@pytest.mark.parametrize("argv,prefix", [
+    (["segment", "scan.nii.gz", "-o", "out", "--threshold", "1.5"], "deepwml segment: error: argument --threshold"),
+    (["synth", "-n", "1", "-o", "s", "--matrix", "32"], "deepwml synth: error: argument --matrix"),
+    (["frobnicate"], "deepwml: error: argument COMMAND")])
+def test_an_option_out_of_range_is_named_with_its_command_and_the_help_to_read(argv, prefix, capsys):
+    """argparse's own errors said 'deepwml: error: ... (see --help)', and `deepwml --help` lists the
+    commands, not the option; they now name the command, as the errors main() prints do."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith(prefix), err
+    assert err.endswith(f"(see {prefix.split(': error')[0]} --help)") and len(err.splitlines()) == 1, err
