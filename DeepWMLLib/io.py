@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import DeepWMLError
-from .volume import Volume, like, nifti_bytes, parse_nifti, voxels
+from .volume import Volume, like, nifti_bytes, nifti_version, parse_nifti, voxels
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -317,8 +318,22 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 
 
+def _gzipped(path: Path) -> bool:
+    """Whether a file is gzip-compressed, by its first bytes: a NIfTI file's name may say otherwise (a
+    compressed file named .nii, a plain one named .nii.gz, renamed by hand or by a PACS export), and
+    SimpleITK reads by content too. By the name when the file cannot be opened, and for a file named .gz that is
+    no NIfTI either (gzip then calls it corrupt)."""
+    named = path.name.lower().endswith(".gz")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return named
+    return head[:2] == b"\x1f\x8b" or (named and nifti_version(head) is None)
+
+
 def _nifti_data(path: Path) -> bytes:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opener = gzip.open if _gzipped(path) else open
     try:
         with opener(path, "rb") as f:
             return f.read()
@@ -336,16 +351,27 @@ def _check_nifti(path: Path, data: bytes) -> None:
         if struct.unpack(endian + "i", data[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", data[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
+            pixdim = struct.unpack(endian + "8f", data[76:108])
             vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
             break
-        if struct.unpack(endian + "i", data[:4])[0] == 540:
+        if struct.unpack(endian + "i", data[:4])[0] == 540 and len(data) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
             dims = struct.unpack(endian + "8q", data[16:80])
+            pixdim = struct.unpack(endian + "8d", data[104:168])
             vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
             break
     else:
         return  # not a NIfTI header SimpleITK understands either; its reader gives the error
     ndim = max(1, min(int(dims[0]), 7))
+    # A voxel size of 0, below 0 or NaN: SimpleITK reads 0 as 1 mm (a 6 mm slice counted as 1 mm: the lesion
+    # volume 6 times too small, silently) and a negative one as a flipped axis, which other software (FSL,
+    # nibabel) reads unflipped: left and right would differ between viewers. Refused.
+    for axis in range(1, min(ndim, 3) + 1):
+        if not (math.isfinite(pixdim[axis]) and pixdim[axis] > 0):
+            raise DeepWMLError(
+                f"{path}: its header gives a voxel size of {pixdim[axis]:g} mm along axis {axis} (pixdim[{axis}]), "
+                "which software reads in different ways, so neither lesion volumes nor left and right could be "
+                "trusted; export the image again from the scanner or PACS")
     n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
     expected = vox_offset + n_voxels * max(1, bitpix) // 8
     if len(data) < expected:
@@ -369,10 +395,20 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     if is_nifti(path):
         data = _nifti_data(path)
         _check_nifti(path, data)
-        if light:
+        # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`
+        nifti_2 = (nifti_version(data) or (1,))[0] == 2
+        misnamed = _gzipped(path) and not path.name.lower().endswith(".gz")
+        if light or nifti_2 or misnamed:
             volume = parse_nifti(data)
             if volume is not None:
-                return volume
+                return volume if light else volume.to_sitk()
+        if nifti_2:
+            raise DeepWMLError(f"{path} is a NIfTI-2 file the image library cannot read (DeepWML reads plain NIfTI-2 "
+                               "volumes: no intensity scaling, lengths in mm, a rigid orientation); save it as "
+                               "NIfTI-1 (.nii.gz)")
+        if misnamed:
+            raise DeepWMLError(f"{path} is gzip-compressed but named .nii, which the image library cannot read; "
+                               "rename it to .nii.gz")
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -384,7 +420,10 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
             return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "rror" in line or "annot" in line), "unreadable")
+        detail = next((line.strip() for line in first if "rror" in line.lower() or "annot" in line), "unreadable")
+        if "orthonormal" in detail:  # a sheared (or scaled) orientation: a complete file SimpleITK will not place
+            raise DeepWMLError(f"{path}: its header places the voxels on a sheared grid (axes not at right angles), "
+                               "which the image library cannot read; resample it onto a regular grid first") from exc
         raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image"
                            f"{windows_path_hint(path)}") from exc
 
@@ -953,7 +992,7 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     if p.is_dir():
         return None
     if is_nifti(p):
-        opener = gzip.open if p.name.lower().endswith(".gz") else open
+        opener = gzip.open if _gzipped(p) else open
         try:
             with opener(p, "rb") as f:
                 header = f.read(540)

@@ -1,4 +1,4 @@
-"""A 3D image held in numpy (`Volume`) and NIfTI-1 reading and writing without SimpleITK.
+"""A 3D image held in numpy (`Volume`) and NIfTI reading (NIfTI-1 and -2) and writing (NIfTI-1) without SimpleITK.
 
 `deepwml segment` on a NIfTI file reads it into a `Volume`, runs, and writes its NIfTI and
 `.seg.nrrd` outputs from it, so the command never imports SimpleITK: that import alone is about
@@ -9,10 +9,12 @@ Geometry follows SimpleITK exactly (tested on real and synthetic files): LPS phy
 spacing and origin in voxel axis order (i, j, k); direction as 9 numbers, row-major, whose columns
 are the voxel axes; the numpy array in (k, j, i) order like `sitk.GetArrayFromImage`.
 
-Reading covers the unambiguous NIfTI-1 files clinical software writes: one 3D volume (or 4D with
+Reading covers the unambiguous NIfTI-1 (and NIfTI-2) files clinical software writes: one 3D volume (or 4D with
 one time point), a plain integer or float data type, no intensity scaling, lengths in mm (or units
 unset), and a qform and/or sform that describe the same rigid grid with the header's voxel sizes.
 Anything else returns None, and the caller reads the file with SimpleITK, whose rules then decide.
+SimpleITK cannot read NIfTI-2 at all (ITK 5.4), so for NIfTI-2 this reader is the only one: the same
+rules applied to its wider fields.
 """
 
 from __future__ import annotations
@@ -135,47 +137,73 @@ def _orthonormal(direction: np.ndarray) -> bool:
     return bool(np.allclose(direction.T @ direction, np.eye(3), atol=_TOLERANCE))
 
 
+# Where NIfTI-1 and NIfTI-2 keep the fields read here: (format, offset); NIfTI-2 has the same fields in
+# 64-bit integers and doubles, in another order (nifti2.h)
+_LAYOUTS = {
+    348: {"magic": (344, b"n+1\0"), "dims": ("8h", 40), "datatype": ("h", 70), "pixdim": ("8f", 76),
+          "vox_offset": ("f", 108), "scaling": ("2f", 112), "units": ("B", 123), "codes": ("2h", 252),
+          "quatern": ("3f", 256), "qoffset": ("3f", 268), "srow": ("4f", 280)},
+    540: {"magic": (4, b"n+2\0"), "dims": ("8q", 16), "datatype": ("h", 12), "pixdim": ("8d", 104),
+          "vox_offset": ("q", 168), "scaling": ("2d", 176), "units": ("i", 500), "codes": ("2i", 344),
+          "quatern": ("3d", 352), "qoffset": ("3d", 376), "srow": ("4d", 400)},
+}
+
+
+def nifti_version(data: bytes) -> tuple[int, str] | None:
+    """(1 or 2, the byte order "<" or ">") of a NIfTI header, by its size field; None when it is neither."""
+    if len(data) >= 4:
+        for endian in "<>":
+            size = struct.unpack(endian + "i", data[:4])[0]
+            if size in _LAYOUTS:
+                return (1 if size == 348 else 2), endian
+    return None
+
+
 def parse_nifti(data: bytes) -> Volume | None:
-    """A NIfTI-1 single-file image (.nii bytes) as a Volume, or None when it is outside the
+    """A NIfTI-1 or NIfTI-2 single-file image (.nii bytes) as a Volume, or None when it is outside the
     unambiguous subset this reader covers (see the module docstring)."""
-    if len(data) < 352:
+    version = nifti_version(data)
+    if version is None:
         return None
-    for endian in "<>":
-        if struct.unpack(endian + "i", data[:4])[0] == 348:
-            break
-    else:
-        return None  # NIfTI-2 or not NIfTI
-    if data[344:348] != b"n+1\0":
+    layout = _LAYOUTS[348 if version[0] == 1 else 540]
+    endian = version[1]
+    at, magic = layout["magic"]
+    if len(data) < (352 if version[0] == 1 else 544) or data[at:at + 4] != magic:
         return None
 
-    def field(fmt: str, offset: int):
-        return struct.unpack_from(endian + fmt, data, offset)
+    def field(name: str, offset: int = 0):
+        fmt, at = layout[name]
+        return struct.unpack_from(endian + fmt, data, at + offset)
 
-    dims = field("8h", 40)
-    datatype = field("h", 70)[0]
-    pixdim = field("8f", 76)
-    vox_offset = int(field("f", 108)[0])
-    slope, inter = field("2f", 112)
-    qform_code, sform_code = field("2h", 252)
+    dims = field("dims")
+    datatype = field("datatype")[0]
+    pixdim = field("pixdim")
+    vox_offset = int(field("vox_offset")[0])
+    slope, inter = field("scaling")
+    qform_code, sform_code = field("codes")
+    units = field("units")[0]
     if datatype not in _DTYPES or not (dims[0] == 3 or (dims[0] == 4 and dims[4] == 1)):
         return None
     if not (slope == 0 or (slope == 1 and inter == 0)) or math.isnan(slope) or math.isnan(inter):
         return None
-    if data[123] & 0x07 not in (0, 2):  # lengths in metres or microns: SimpleITK converts them to mm
+    if units & 0x07 not in (0, 2):  # lengths in metres or microns: SimpleITK converts them to mm
         return None
     size = [int(n) for n in dims[1:4]]
     spacing = np.array(pixdim[1:4], float)
     if min(size) < 1 or not np.all(np.isfinite(spacing)) or spacing.min() <= 0:
         return None
+    if vox_offset < (352 if version[0] == 1 else 544):
+        return None  # voxels inside the header: SimpleITK's rules decide
     affines = []
     if qform_code > 0:
-        b, c, d = field("3f", 256)
+        b, c, d = field("quatern")
         qfac = -1.0 if pixdim[0] < 0 else 1.0
         rotation = _quaternion_matrix(b, c, d)
         rotation[:, 2] *= qfac
-        affines.append((rotation, np.array(field("3f", 268), float)))
+        affines.append((rotation, np.array(field("qoffset"), float)))
     if sform_code > 0:
-        rows = np.array([field("4f", 280), field("4f", 296), field("4f", 312)], float)
+        step = struct.calcsize(layout["srow"][0])
+        rows = np.array([field("srow", step * row) for row in range(3)], float)
         norms = np.linalg.norm(rows[:, :3], axis=0)
         if not np.allclose(norms, spacing, rtol=_TOLERANCE) or norms.min() <= 0:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,28 @@ def make_volume(size=(48, 40, 10), spacing=(0.9, 0.9, 5.0), direction=None, orig
         im.SetOrigin(origin)
         im.SetDirection(tuple(np.eye(3).ravel() if direction is None else np.asarray(direction, float).ravel()))
     return image, truth
+
+
+def nifti2_of(nifti1: bytes) -> bytes:
+    """The NIfTI-2 file (uncompressed, little-endian) of an uncompressed little-endian NIfTI-1 file without
+    extensions: the same header fields, widened and moved where nifti2.h puts them (written by hand, as
+    SimpleITK cannot write NIfTI-2)."""
+    def get(fmt: str, offset: int) -> tuple:
+        return struct.unpack_from("<" + fmt, nifti1, offset)
+
+    header = bytearray(544)  # 540 and the 4-byte extension flag
+    struct.pack_into("<i", header, 0, 540)
+    header[4:12] = b"n+2\0\r\n\x1a\n"
+    struct.pack_into("<2h", header, 12, *get("2h", 70))  # datatype, bitpix
+    struct.pack_into("<8q", header, 16, *get("8h", 40))  # dim
+    struct.pack_into("<8d", header, 104, *get("8f", 76))  # pixdim
+    struct.pack_into("<q", header, 168, 544)  # vox_offset
+    struct.pack_into("<2d", header, 176, *get("2f", 112))  # scl_slope, scl_inter
+    struct.pack_into("<2i", header, 344, *get("2h", 252))  # qform_code, sform_code
+    struct.pack_into("<6d", header, 352, *get("6f", 256))  # quatern_b..d, qoffset_x..z
+    struct.pack_into("<12d", header, 400, *get("12f", 280))  # srow_x, srow_y, srow_z
+    struct.pack_into("<i", header, 500, nifti1[123])  # xyzt_units
+    return bytes(header) + nifti1[int(get("f", 108)[0]):]
 
 
 def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", description: str | None = None,

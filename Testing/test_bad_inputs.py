@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib.cli import main
 
-from conftest import REPO, make_volume, mni_t1_thick, tiny_model_file, write_dicom_series
+from conftest import REPO, make_volume, mni_t1_thick, nifti2_of, tiny_model_file, write_dicom_series
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -43,6 +44,10 @@ BAD_INPUTS = [
      "alike but for upper/lower case"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
+    ("NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)", "segment", 1, "voxel size of 0"),
+    ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
+    ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
+    ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
     ("one sagittal slice cut from an axial scan (axial slices 1 pixel wide)", "segment", 1, "too narrow to segment"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
@@ -154,6 +159,19 @@ def world(tmp_path):
     header[123] = (header[123] & 0xF8) | 1
     (d / "metres.nii.gz").write_bytes(gzip.compress(bytes(header)))
     paths["NIfTI whose header gives lengths in metres"] = d / "metres.nii.gz"
+    zero = bytearray(raw)
+    struct.pack_into("<f", zero, 88, 0.0)  # pixdim[3]: the slice thickness
+    paths["NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)"] = d / "zero.nii"
+    (d / "zero.nii").write_bytes(zero)
+    sheared = bytearray(raw)
+    struct.pack_into("<h", sheared, 252, 0)  # no qform: the sform alone places the voxels
+    struct.pack_into("<f", sheared, 284, 0.3)  # and it leans the j axis along x
+    paths["a grid whose axes are not at right angles (sheared)"] = d / "sheared.nii"
+    (d / "sheared.nii").write_bytes(sheared)
+    paths["NIfTI-2 file"] = d / "two.nii.gz"
+    (d / "two.nii.gz").write_bytes(gzip.compress(nifti2_of(raw)))
+    paths["gzip-compressed NIfTI named .nii"] = d / "packed.nii"
+    (d / "packed.nii").write_bytes(data)
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
     paths["one sagittal slice cut from an axial scan (axial slices 1 pixel wide)"] = _write(
         d / "strip.nii.gz", make_volume(size=(32, 32, 8), spacing=(0.9, 0.9, 5.0))[0][16:17, :, :])
@@ -397,6 +415,16 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         report = json.loads((tmp / "out" / "metres_report.json").read_text(encoding="utf-8"))
         mask = sitk.ReadImage(str(tmp / "out" / "metres_wmh.nii.gz"))
         assert np.allclose(mask.GetSpacing(), sitk.ReadImage(str(tmp / "in" / "good.nii.gz")).GetSpacing(), atol=1e-4)
+        voxel_ml = np.prod(mask.GetSpacing()) / 1000
+        assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
+    if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii"):  # on the input's grid, in ml of it
+        case = "two" if row_id == "NIfTI-2 file" else "packed"
+        report = json.loads((tmp / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
+        mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh.nii.gz"))
+        good = sitk.ReadImage(str(tmp / "in" / "good.nii.gz"))
+        for a, b in ((mask.GetSize(), good.GetSize()), (mask.GetSpacing(), good.GetSpacing()),
+                     (mask.GetOrigin(), good.GetOrigin()), (mask.GetDirection(), good.GetDirection())):
+            assert np.allclose(a, b, rtol=0, atol=1e-6)
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
     if row_id.startswith("axial slices thinner"):

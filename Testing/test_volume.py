@@ -19,7 +19,7 @@ from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.segment import load_models, segment_image
 from DeepWMLLib.volume import Volume, nifti_bytes, parse_nifti
 
-from conftest import make_volume, oracle_network, rotation, tiny_model_file
+from conftest import make_volume, nifti2_of, oracle_network, rotation, tiny_model_file
 
 
 def _same_geometry(a, b, atol=0.0) -> bool:
@@ -126,6 +126,63 @@ def test_light_reading_refuses_bad_files_like_the_simpleitk_path(tmp_path):
             with pytest.raises(DeepWMLError) as info:
                 io.read_image(path, light=light)
             assert words in str(info.value) and "\n" not in str(info.value), f"{name} (light={light}): {info.value}"
+
+
+@pytest.mark.parametrize("pixel", [sitk.sitkInt16, sitk.sitkFloat32])
+def test_nifti_2_reads_as_the_nifti_1_file_it_was_made_from(tmp_path, pixel):
+    """SimpleITK cannot open NIfTI-2 (ITK 5.4): it is read by parse_nifti, light or not, to the same voxels
+    and grid as the NIfTI-1 file with the same header fields."""
+    for n, direction in enumerate([rotation(0.3, -0.2, 0.4), rotation(0.1, 0.2, -0.3) @ np.diag([1, 1, -1])]):
+        image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=direction, dtype=pixel)
+        sitk.WriteImage(image, str(tmp_path / f"one{n}.nii"))
+        reference = sitk.ReadImage(str(tmp_path / f"one{n}.nii"))
+        path = tmp_path / f"two{n}.nii.gz"
+        path.write_bytes(gzip.compress(nifti2_of((tmp_path / f"one{n}.nii").read_bytes())))
+        for light in (True, False):
+            read = io.read_any(path, light=light)
+            assert isinstance(read, Volume if light else sitk.Image)
+            assert _same_geometry(read, reference)
+            assert np.array_equal(io.voxels(read), sitk.GetArrayViewFromImage(reference))
+    scaled = bytearray(nifti2_of((tmp_path / "one0.nii").read_bytes()))
+    struct.pack_into("<2d", scaled, 176, 2.0, 5.0)  # outside the subset read here: said so, not "cannot be read"
+    (tmp_path / "scaled.nii").write_bytes(scaled)
+    with pytest.raises(DeepWMLError, match="NIfTI-2 file .* save it as NIfTI-1"):
+        io.read_image(tmp_path / "scaled.nii", light=True)
+
+
+def test_nifti_compression_is_read_from_the_content_not_the_name(tmp_path):
+    """A compressed file named .nii and a plain one named .nii.gz (renamed by hand or by an export): both
+    read like the file correctly named, light or not; SimpleITK itself cannot open the first."""
+    image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=rotation(0.2, 0.1, 0.3),
+                           dtype=sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "right.nii"))
+    plain = (tmp_path / "right.nii").read_bytes()
+    reference = sitk.ReadImage(str(tmp_path / "right.nii"))
+    (tmp_path / "packed.nii").write_bytes(gzip.compress(plain))
+    (tmp_path / "plain.nii.gz").write_bytes(plain)
+    scaled = bytearray(plain)
+    struct.pack_into("<2f", scaled, 112, 2.0, 0.0)  # outside parse_nifti's subset: SimpleITK's to read
+    (tmp_path / "scaled_packed.nii").write_bytes(gzip.compress(bytes(scaled)))
+    for name in ("packed.nii", "plain.nii.gz"):
+        for light in (True, False):
+            read = io.read_any(tmp_path / name, light=light)
+            assert _same_geometry(read, reference), (name, light)
+            assert np.array_equal(io.voxels(read), sitk.GetArrayViewFromImage(reference)), (name, light)
+    with pytest.raises(DeepWMLError, match="gzip-compressed but named .nii.*rename it to .nii.gz"):
+        io.read_image(tmp_path / "scaled_packed.nii")
+
+
+@pytest.mark.parametrize("axis,size", [(3, 0.0), (1, -0.9), (2, float("nan"))])
+def test_a_voxel_size_of_zero_or_below_is_refused(tmp_path, axis, size):
+    """SimpleITK reads pixdim 0 as 1 mm (a 4.5 mm slice counted as 1 mm: the volume 4.5 times too small) and a
+    negative one as a flipped axis (other software reads it unflipped); both readers refuse them."""
+    image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), dtype=sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "ok.nii"))
+    path = tmp_path / "bad.nii"
+    path.write_bytes(_edited((tmp_path / "ok.nii").read_bytes(), "f", 76 + 4 * axis, size))
+    for light in (True, False):
+        with pytest.raises(DeepWMLError, match=f"voxel size of {size:g} mm along axis {axis}"):
+            io.read_image(path, light=light)
 
 
 def test_axial_stack_of_a_volume_is_a_copy_and_comes_back_as_a_volume():
