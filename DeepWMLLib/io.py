@@ -386,6 +386,50 @@ def _check_nifti(path: Path, data: bytes) -> None:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
+def _header_fields(path: Path) -> dict[str, str]:
+    """The fields of an NRRD ('key: value') or MetaImage ('Key = Value') header, keys in lower case; {} when
+    the file cannot be read (SimpleITK's reader says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return {}
+    fields = {}
+    nrrd = path.name.lower().endswith((".nrrd", ".nhdr"))
+    for line in head.splitlines()[1 if nrrd else 0:]:
+        if nrrd and not line.strip():
+            break  # the data follows
+        if line.startswith("#"):
+            continue
+        key, sep, value = line.partition(":" if nrrd else "=")
+        if sep and not (nrrd and value.startswith("=")):  # NRRD 'key:=value' pairs are free text
+            fields[key.strip().lower()] = value.strip()
+        if not nrrd and key.strip().lower() == "elementdatafile":
+            break
+    return fields
+
+
+def _unknown_voxel_size(path: Path) -> str | None:
+    """What an NRRD or MetaImage header lacks to give the voxel size, or None. SimpleITK reads a missing size
+    (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted as 1 mm, the lesion volume 6 times too small."""
+    fields = _header_fields(path)
+    if not fields:
+        return None
+    if path.name.lower().endswith((".nrrd", ".nhdr")):
+        if "space directions" in fields:
+            return None
+        spacings = fields.get("spacings", "").split()[:3]
+        try:
+            if len(spacings) == 3 and all(math.isfinite(float(v)) for v in spacings):
+                return None
+        except ValueError:
+            pass
+        return "neither 'space directions' nor 'spacings' with three lengths"
+    if "elementspacing" in fields or "elementsize" in fields:
+        return None
+    return "no ElementSpacing"
+
+
 def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
@@ -417,6 +461,10 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
             reader.SetFileName(name)
             reader.ReadImageInformation()
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+            missing = None if is_nifti(path) else _unknown_voxel_size(path)
+            if missing:
+                raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library reads "
+                                   "as 1 mm, so lesion volumes in ml would be wrong; export it again with its spacing")
             return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()

@@ -46,6 +46,7 @@ BAD_INPUTS = [
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
     ("NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)", "segment", 1, "voxel size of 0"),
     ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
+    ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
@@ -168,6 +169,10 @@ def world(tmp_path):
     struct.pack_into("<f", sheared, 284, 0.3)  # and it leans the j axis along x
     paths["a grid whose axes are not at right angles (sheared)"] = d / "sheared.nii"
     (d / "sheared.nii").write_bytes(sheared)
+    voxels = sitk.GetArrayFromImage(good)  # float32, (k, j, i)
+    nrrd = "NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nendian: little\nencoding: raw\n\n"
+    paths["NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)"] = d / "nospacing.nrrd"
+    (d / "nospacing.nrrd").write_bytes(nrrd.format(*voxels.shape[::-1]).encode() + voxels.astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     (d / "two.nii.gz").write_bytes(gzip.compress(nifti2_of(raw)))
     paths["gzip-compressed NIfTI named .nii"] = d / "packed.nii"

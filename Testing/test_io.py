@@ -205,6 +205,31 @@ def test_four_d_with_one_volume_is_accepted(tmp_path):
     assert io.read_image(path).GetSize() == (8, 7, 6)
 
 
+@pytest.mark.parametrize("name,header,known", [
+    ("none.nrrd", "", False),
+    ("unknown.nrrd", "spacings: 0.9 0.8 nan\n", False),  # NRRD's 'nan': a length not known
+    ("spacings.nrrd", "spacings: 0.9 0.8 5\n", True),
+    ("directions.nrrd", "space: left-posterior-superior\nspace directions: (0.9,0,0) (0,0.8,0) (0,0,5)\n", True),
+    ("none.mha", "", False),
+    ("spacing.mha", "ElementSpacing = 0.9 0.8 5\n", True),
+])
+def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
+    """SimpleITK reads an NRRD or MetaImage header without a voxel size (or NRRD's 'nan') as 1 mm: the lesion
+    volume of 5 mm slices would come out 5 times too small, silently."""
+    voxels = np.random.default_rng(0).integers(0, 400, size=(3, 4, 5)).astype("<u2")
+    if name.endswith(".nrrd"):
+        text = f"NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\n{header}endian: little\nencoding: raw\n\n"
+    else:
+        text = f"ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\n{header}ElementType = MET_USHORT\nElementDataFile = LOCAL\n"
+    path = tmp_path / name
+    path.write_bytes(text.encode() + voxels.tobytes())
+    if known:
+        assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
+    else:
+        with pytest.raises(DeepWMLError, match="gives no voxel size .* lesion volumes in ml would be wrong"):
+            io.read_image(path)
+
+
 def test_mask_on_other_grid_is_refused(tmp_path):
     image, truth = make_volume(size=(20, 16, 6))
     for change in ("spacing", "origin", "direction", "size"):
