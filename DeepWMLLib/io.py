@@ -944,6 +944,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_patient(path, reader, len(files))
+    _check_pixel_spacing(path, reader)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_slice_spacing(path, [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
                                     for k in range(len(files))], image)
@@ -951,6 +952,22 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
 
 
 IDENTITY_TAGS = {"0020|000d": "Study Instance UID", "0010|0020": "Patient ID"}
+
+
+def _check_pixel_spacing(path, reader) -> None:
+    """Refuse a series of single-frame images without Pixel Spacing (0028,0030), which MR images must carry
+    (a screen capture or a broken export): GDCM reads the pixels as 1 x 1 mm, so the mask would be drawn at
+    another scale and every volume in ml would be wrong, silently. Multi-frame (enhanced) files keep it in
+    their functional groups, out of this check's sight."""
+    def has(tag: str) -> bool:
+        return reader.HasMetaDataKey(0, tag) and bool(reader.GetMetaData(0, tag).strip(" \0"))
+
+    frames = reader.GetMetaData(0, "0028|0008").strip(" \0") if reader.HasMetaDataKey(0, "0028|0008") else ""
+    if frames not in ("", "1") or has("0028|0030"):
+        return
+    raise DeepWMLError(f"{path}: the DICOM images give no Pixel Spacing (0028,0030) (a screen capture or an "
+                       "incomplete export?), so the pixel size and every volume in ml would be wrong; export "
+                       "the original FLAIR series")
 
 
 def _check_one_patient(path, reader, files: int) -> None:

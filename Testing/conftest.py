@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -121,6 +122,16 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(piece)
     return folder
+
+
+def drop_pixel_spacing(folder: Path) -> None:
+    """Rename Pixel Spacing (0028,0030) to Zoom Factor (0028,0031), the next tag, in every file of a series
+    `write_dicom_series` wrote (implicit VR little endian), so the images lose it as a screen capture lacks it."""
+    for path in folder.iterdir():
+        data, count = re.subn(rb"\x28\x00\x30\x00(....)(?=[0-9.])", lambda m: b"\x28\x00\x31\x00" + m.group(1),
+                              path.read_bytes(), count=1, flags=re.S)
+        assert count == 1, path
+        path.write_bytes(data)
 
 
 def mni_t1_thick(thickness_mm: int = 5, smooth: bool = False) -> sitk.Image:

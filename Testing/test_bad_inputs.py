@@ -21,7 +21,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib.cli import main
 
-from conftest import REPO, make_volume, mni_t1_thick, nifti2_of, tiny_model_file, write_dicom_series
+from conftest import REPO, drop_pixel_spacing, make_volume, mni_t1_thick, nifti2_of, tiny_model_file, write_dicom_series
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -78,6 +78,7 @@ BAD_INPUTS = [
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
+    ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -296,6 +297,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "gap", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         (folder / "slice002.dcm").unlink()
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series without Pixel Spacing"):
+        folder = write_dicom_series(tmp / "in" / "capture", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        drop_pixel_spacing(folder)
         return seg + [str(folder)]
     if row_id == "--dicom-outline with a NIfTI input":
         return seg + [str(p["good"]), "--dicom-outline"]

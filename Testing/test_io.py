@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, rotation, write_dicom_series
+from conftest import drop_pixel_spacing, make_volume, rotation, write_dicom_series
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
@@ -334,6 +334,16 @@ def test_a_series_with_a_slice_missing_is_refused(tmp_path):
         io.read_image(folder)
 
 
+
+def test_a_series_without_pixel_spacing_is_refused(tmp_path):
+    """GDCM reads images without Pixel Spacing (a screen capture) as 1 x 1 mm: the volumes would be off by the
+    square of the true pixel size (0.6 x 0.7 mm here: read as 2.4 times larger), silently."""
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.6, 0.7, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "capture", image, description="AX FLAIR")
+    assert io.read_image(folder).GetSpacing()[:2] == pytest.approx((0.6, 0.7))
+    drop_pixel_spacing(folder)
+    with pytest.raises(DeepWMLError, match="no Pixel Spacing"):
+        io.read_image(folder)
 
 @pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
 def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
