@@ -386,6 +386,23 @@ def _check_nifti(path: Path, data: bytes) -> None:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
+_IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+              ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+
+
+def _file_reader(path: Path):
+    """A SimpleITK reader of an image file. SimpleITK picks its reader by the extension in lower case only (a
+    MetaImage named SCAN.MHA, as Windows tools write it, 'cannot be read'): the reader is named for it then."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(text_path(path))
+    ext = next((e for e in _IMAGE_IOS if path.name.lower().endswith(e)), None)
+    if ext and not path.name.endswith(ext):
+        reader.SetImageIO(_IMAGE_IOS[ext])
+    return reader
+
+
 def _header_fields(path: Path) -> dict[str, str]:
     """The fields of an NRRD ('key: value') or MetaImage ('Key = Value') header, keys in lower case; {} when
     the file cannot be read (SimpleITK's reader says why)."""
@@ -453,9 +470,7 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
         if misnamed:
             raise DeepWMLError(f"{path} is gzip-compressed but named .nii, which the image library cannot read; "
                                "rename it to .nii.gz")
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
+    reader = _file_reader(path)
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
@@ -1075,9 +1090,7 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
             return None
         step, start = (struct.unpack_from(endian + real_format, header, at)[0] for at in (step_at, start_at))
         return TimeAxis(float(start), float(step))
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
+    reader = _file_reader(p)
     try:
         with itk_names(p) as (name,):
             reader.SetFileName(name)

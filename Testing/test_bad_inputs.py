@@ -49,6 +49,7 @@ BAD_INPUTS = [
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
+    ("a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)", "segment", 0, "ok: read as in lower case"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
     ("one sagittal slice cut from an axial scan (axial slices 1 pixel wide)", "segment", 1, "too narrow to segment"),
     ("sagittal acquisition", "segment", 0, "ok: axial planes segmented, warning printed"),
@@ -176,6 +177,9 @@ def world(tmp_path):
     (d / "nospacing.nrrd").write_bytes(nrrd.format(*voxels.shape[::-1]).encode() + voxels.astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     (d / "two.nii.gz").write_bytes(gzip.compress(nifti2_of(raw)))
+    paths["a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"] = d / "SCAN.MHA"
+    sitk.WriteImage(good, str(d / "scan.mha"))
+    (d / "scan.mha").rename(d / "SCAN.MHA")
     paths["gzip-compressed NIfTI named .nii"] = d / "packed.nii"
     (d / "packed.nii").write_bytes(data)
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])
@@ -428,10 +432,12 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert np.allclose(mask.GetSpacing(), sitk.ReadImage(str(tmp / "in" / "good.nii.gz")).GetSpacing(), atol=1e-4)
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
-    if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii"):  # on the input's grid, in ml of it
-        case = "two" if row_id == "NIfTI-2 file" else "packed"
+    if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii", "a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"):
+        # on the input's grid, in ml of it
+        case, ext = {"NIfTI-2 file": ("two", ".nii.gz"), "gzip-compressed NIfTI named .nii": ("packed", ".nii.gz")}.get(
+            row_id, ("SCAN", ".mha"))
         report = json.loads((tmp / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
-        mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh.nii.gz"))
+        mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh{ext}"))
         good = sitk.ReadImage(str(tmp / "in" / "good.nii.gz"))
         for a, b in ((mask.GetSize(), good.GetSize()), (mask.GetSpacing(), good.GetSpacing()),
                      (mask.GetOrigin(), good.GetOrigin()), (mask.GetDirection(), good.GetDirection())):

@@ -26,6 +26,30 @@ def test_formats_keep_geometry(tmp_path, ext):
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
 
 
+@pytest.mark.parametrize("ext", [".NII.GZ", ".NII", ".NRRD", ".MHA", ".MHD", ".Mha"])
+def test_extensions_in_upper_case_read_the_same(tmp_path, ext):
+    """SimpleITK picks its reader by the lower-case extension: SCAN.MHA (Windows tools) 'could not be read'.
+    The NIfTI files are scaled, which takes them to SimpleITK too (outside the SimpleITK-free subset)."""
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.7, 0.8, 4.0), direction=rotation(0.2, -0.1, 0.3),
+                           dtype=sitk.sitkInt16)
+    path = tmp_path / f"case{ext.lower()}"
+    sitk.WriteImage(image, str(path))
+    if "nii" in ext.lower():
+        data = bytearray(gzip.decompress(path.read_bytes()) if ext.lower().endswith(".gz") else path.read_bytes())
+        data[112:120] = np.array([2.0, 10.0], "<f4").tobytes()  # scl_slope, scl_inter
+        path.write_bytes(gzip.compress(bytes(data)) if ext.lower().endswith(".gz") else bytes(data))
+    upper = tmp_path / f"CASE{ext}"
+    for name in [f for f in tmp_path.iterdir() if f.name.startswith("case")]:  # an .mhd's .raw goes along
+        name.rename(upper if name == path else tmp_path / ("CASE" + name.name[4:]))
+    if ext.lower() == ".mhd":
+        upper.write_text(upper.read_text().replace("case.raw", "CASE.raw"))
+    for light in (False, True):
+        read = io.read_image(upper, light=light)
+        assert io.grid_difference(read, image) is None
+        expected = sitk.GetArrayFromImage(image).astype(np.float32) * (2 if "nii" in ext.lower() else 1)
+        assert np.array_equal(io.voxels(read), expected + (10 if "nii" in ext.lower() else 0))
+
+
 def test_dicom_series_folder(tmp_path):
     image, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "FLAIR_series", image)
