@@ -210,6 +210,12 @@ def parse_nifti(data: bytes) -> Volume | None:
         affines.append((rows[:, :3] / norms, rows[:, 3]))
     if not affines:
         return None
+    if qform_code > 0 and sform_code > 1:
+        # both set, the sform aligned to another scan or a template (codes 2-5): ITK takes the sform only when
+        # a comparison of the two (element-wise, then by SVD) says they match, else the qform, whose float32
+        # quaternion gives directions a few 1e-6 away: beyond SimpleITK's 1e-6 same-space tolerance, so a mask
+        # written on the other one would not be on the FLAIR's grid for ITK. SimpleITK decides.
+        return None
     rotation, offset = affines[0]
     for other_rotation, other_offset in affines[1:]:
         if not (np.allclose(other_rotation, rotation, atol=_TOLERANCE)
@@ -217,7 +223,7 @@ def parse_nifti(data: bytes) -> Volume | None:
             return None  # qform and sform disagree: SimpleITK's rules decide
     if not _orthonormal(rotation):
         return None
-    # ITK takes the sform when it has one (and it is a rotation), else the qform.
+    # ITK takes a scanner-anatomical sform (code 1) when it is a rotation, or the only one set.
     rotation, offset = affines[-1]
     n = size[0] * size[1] * size[2]
     dtype = np.dtype(endian + _DTYPES[datatype])

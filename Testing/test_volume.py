@@ -80,6 +80,25 @@ def test_sform_wins_like_simpleitk_when_both_are_set(tmp_path):
     assert volume.GetOrigin() == sitk.ReadImage(str(tmp_path / "b.nii")).GetOrigin() != (10.0, 20.0, 30.0)
 
 
+@pytest.mark.parametrize("sform_code", [2, 3, 4])
+def test_an_aligned_sform_beside_a_qform_reads_like_simpleitk(tmp_path, sform_code):
+    """Both set, the sform 'aligned' (2), Talairach (3) or MNI (4): ITK may take the qform, whose directions
+    differ from the sform's by a few 1e-6 (float32 quaternion; 2e-6 here). The light reader took the sform, so
+    the mask it wrote sat off the FLAIR's grid by more than SimpleITK's same-space tolerance (sitk.Mask refused
+    the two)."""
+    image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=rotation(0.05, -0.03, 0.02),
+                           dtype=sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "scanner.nii"))
+    path = tmp_path / "aligned.nii"
+    path.write_bytes(_edited((tmp_path / "scanner.nii").read_bytes(), "h", 254, sform_code))
+    reference = sitk.ReadImage(str(path))
+    light = io.read_image(path, light=True)
+    assert _same_geometry(light, reference, atol=1e-9)
+    mask = io.from_axial_stack((io.to_axial_stack(light)[0] > 300).astype(np.uint8), io.slice_frame(light))
+    io.write_image(mask, tmp_path / "mask.nii.gz")
+    sitk.Mask(reference, sitk.Cast(sitk.ReadImage(str(tmp_path / "mask.nii.gz")), sitk.sitkUInt8))  # same space
+
+
 def _edited(data: bytes, fmt: str, offset: int, *values) -> bytes:
     out = bytearray(data)
     struct.pack_into("<" + fmt, out, offset, *values)
