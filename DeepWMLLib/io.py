@@ -353,12 +353,16 @@ def _check_nifti(path: Path, data: bytes) -> None:
             datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
             pixdim = struct.unpack(endian + "8f", data[76:108])
             vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
+            sform_code = struct.unpack(endian + "h", data[254:256])[0]
+            srow = struct.unpack(endian + "12f", data[280:328])
             break
         if struct.unpack(endian + "i", data[:4])[0] == 540 and len(data) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
             dims = struct.unpack(endian + "8q", data[16:80])
             pixdim = struct.unpack(endian + "8d", data[104:168])
             vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
+            sform_code = struct.unpack(endian + "i", data[348:352])[0]
+            srow = struct.unpack(endian + "12d", data[400:496])
             break
     else:
         return  # not a NIfTI header SimpleITK understands either; its reader gives the error
@@ -372,6 +376,20 @@ def _check_nifti(path: Path, data: bytes) -> None:
                 f"{path}: its header gives a voxel size of {pixdim[axis]:g} mm along axis {axis} (pixdim[{axis}]), "
                 "which software reads in different ways, so neither lesion volumes nor left and right could be "
                 "trusted; export the image again from the scanner or PACS")
+    # An sform whose voxel sizes disagree with pixdim (a slice of 6 mm in one, 5 mm in the other): SimpleITK
+    # takes pixdim, FSL and nibabel the sform, so the volume depends on the software and the mask written on
+    # SimpleITK's grid would not lie on the FLAIR in the others. Refused beyond 1% (float32 rounding is far less).
+    if ndim >= 3 and sform_code > 0:
+        lengths = np.linalg.norm(np.array(srow, float).reshape(3, 4)[:, :3], axis=0)
+        sizes = np.array(pixdim[1:4], float)
+        if np.all(np.isfinite(lengths)) and np.any(np.abs(lengths - sizes) > 0.01 * sizes):
+            def show(values) -> str:
+                return " x ".join(f"{v:.3g}" for v in values)
+
+            raise DeepWMLError(
+                f"{path}: its header gives two voxel sizes, {show(sizes)} mm (pixdim) and {show(lengths)} mm (the "
+                "sform), which software reads in different ways, so lesion volumes and the mask's place could be "
+                "wrong; export the image again from the scanner or PACS")
     n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
     expected = vox_offset + n_voxels * max(1, bitpix) // 8
     if len(data) < expected:
@@ -1150,6 +1168,10 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
                            "DeepWML needs a single-channel (grey-scale) FLAIR volume")
     if image.GetDimension() != 3:
         raise DeepWMLError(f"{name} is a {image.GetDimension()}D image; DeepWML needs a 3D FLAIR volume")
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):  # NRRD keeps sheared space directions
+        raise DeepWMLError(f"{name}: its header places the voxels on a sheared grid (axes not at right angles), on "
+                           "which voxel volumes and slices are not what they seem; resample it onto a regular grid first")
     array = voxels(image)
     if array.size == 0:
         raise DeepWMLError(f"{name} has no voxels")

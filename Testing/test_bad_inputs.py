@@ -46,6 +46,8 @@ BAD_INPUTS = [
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
     ("NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)", "segment", 1, "voxel size of 0"),
     ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
+    ("NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)", "segment", 1,
+     "two voxel sizes"),
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
@@ -166,12 +168,18 @@ def world(tmp_path):
     struct.pack_into("<f", zero, 88, 0.0)  # pixdim[3]: the slice thickness
     paths["NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)"] = d / "zero.nii"
     (d / "zero.nii").write_bytes(zero)
-    sheared = bytearray(raw)
-    struct.pack_into("<h", sheared, 252, 0)  # no qform: the sform alone places the voxels
-    struct.pack_into("<f", sheared, 284, 0.3)  # and it leans the j axis along x
-    paths["a grid whose axes are not at right angles (sheared)"] = d / "sheared.nii"
-    (d / "sheared.nii").write_bytes(sheared)
+    two_sizes = bytearray(raw)
+    struct.pack_into("<f", two_sizes, 320, struct.unpack_from("<f", two_sizes, 320)[0] * 1.2)  # sform: 6 mm slices
+    paths["NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)"] = \
+        d / "two_sizes.nii"
+    (d / "two_sizes.nii").write_bytes(two_sizes)
     voxels = sitk.GetArrayFromImage(good)  # float32, (k, j, i)
+    lean = np.array([0.3, 0.9]) / np.hypot(0.3, 0.9) * good.GetSpacing()[1]  # the j axis leans along x
+    sheared = ("NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nspace: left-posterior-superior\n"
+               "space directions: ({},0,0) ({},{},0) (0,0,{})\nendian: little\nencoding: raw\n\n").format(
+        *voxels.shape[::-1], good.GetSpacing()[0], *lean, good.GetSpacing()[2])
+    paths["a grid whose axes are not at right angles (sheared)"] = d / "sheared.nrrd"
+    (d / "sheared.nrrd").write_bytes(sheared.encode() + voxels.astype("<f4").tobytes())
     nrrd = "NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nendian: little\nencoding: raw\n\n"
     paths["NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)"] = d / "nospacing.nrrd"
     (d / "nospacing.nrrd").write_bytes(nrrd.format(*voxels.shape[::-1]).encode() + voxels.astype("<f4").tobytes())
