@@ -488,11 +488,16 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
         if misnamed:
             raise DeepWMLError(f"{path} is gzip-compressed but named .nii, which the image library cannot read; "
                                "rename it to .nii.gz")
+    import SimpleITK as sitk
+
     reader = _file_reader(path)
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
             reader.ReadImageInformation()
+            if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):  # 2 per voxel, not vector/RGB
+                raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
+                                   "magnitude FLAIR image: export that one")
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
             missing = None if is_nifti(path) else _unknown_voxel_size(path)
             if missing:

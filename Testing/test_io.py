@@ -223,6 +223,18 @@ def test_bad_inputs_raise_one_clear_line(tmp_path):
         assert "\n" not in message, name
 
 
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_a_complex_image_is_named_so(tmp_path, ext):
+    """Two values per voxel, but real and imaginary parts, not a vector or RGB: the user is told to export the
+    magnitude image (MetaImage stores them as two channels, which reads as a vector)."""
+    values = np.random.default_rng(0).random((4, 5, 6)) * (1 + 1j)
+    path = tmp_path / f"complex{ext}"
+    sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.complex64)), str(path))
+    for light in (False, True):
+        with pytest.raises(DeepWMLError, match="complex values .* magnitude"):
+            io.read_image(path, light=light)
+
+
 def test_four_d_with_one_volume_is_accepted(tmp_path):
     array = np.random.rand(1, 6, 7, 8).astype(np.float32)
     path = _write(tmp_path / "one.nii.gz", array)
