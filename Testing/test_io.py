@@ -381,6 +381,16 @@ def test_a_series_without_pixel_spacing_is_refused(tmp_path):
     with pytest.raises(DeepWMLError, match="no Pixel Spacing"):
         io.read_image(folder)
 
+
+def test_a_multi_frame_file_keeps_its_pixel_spacing_in_its_functional_groups(tmp_path):
+    """GDCM writes a 3D image as one multi-frame file whose Pixel Spacing lies in the functional groups, not at
+    the top level: read with its spacing, not refused by the check above."""
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.6, 0.7, 5.0), dtype=sitk.sitkUInt16)  # GDCM: unsigned only
+    (tmp_path / "frames").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "frames" / "frames.dcm"))
+    read = io.read_image(tmp_path / "frames")
+    assert read.GetSpacing() == pytest.approx((0.6, 0.7, 5.0)) and read.GetSize() == (24, 20, 4)
+
 @pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
 def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
     """One Series Instance UID in the files of two studies or patients (a mixed-up export) was read as one
