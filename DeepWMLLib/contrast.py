@@ -143,10 +143,14 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     values = stack[deep]
     reference = float(np.median(stack[normal] if np.count_nonzero(normal) * voxel_ml >= MIN_DEEP_ML else values))
     shell = (depth >= SHELL_MM[0]) & (depth <= SHELL_MM[1]) & ~lesion
-    if reference <= 0 or not shell.any():
+    # Levels are measured from black: 0, or the image's least value when all voxels lie above 0 (a FLAIR
+    # stored with an offset, +1000 say, whose ventricles are then far above half the white matter's level:
+    # it was called T2-weighted). A scan with 0 in it, as magnitude images have, is judged as before.
+    black = max(0.0, float(stack.min()))
+    if reference - black <= 0 or not shell.any():
         result["not_judged"] = "no intensity level to judge by (an image whose black is not 0, e.g. z-scored?)"
         return result
-    dark = float(np.mean(values < DARK_RATIO * reference))
+    dark = float(np.mean(values - black < DARK_RATIO * (reference - black)))
     brighter = float(np.mean(stack[shell] > reference))
     looks_like = "FLAIR"
     if dark < DARK_FRACTION_MIN:

@@ -58,6 +58,18 @@ def test_phantom_contrasts(cortex, ventricle, expected):
         assert expected.split("-")[0] in warnings[0]
 
 
+@pytest.mark.parametrize("cortex,ventricle,expected", [(1.25, 0.3, "FLAIR"), (1.2, 3.0, "T2- or PD-weighted"),
+                                                       (0.7, 0.3, "T1-weighted")])
+def test_an_intensity_offset_does_not_change_the_verdict(cortex, ventricle, expected):
+    """A scan stored with an offset (+1000: black is 1000, not 0): the dark ventricles of a FLAIR were
+    measured against half of 1000 + the white matter's level, found bright, and the FLAIR called T2-weighted."""
+    stack, inside, lesion = _head(cortex, ventricle)
+    plain = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    shifted = contrast.flair_contrast(stack - stack.min() + 1000, inside, lesion, SPACING)
+    assert plain["looks_like"] == shifted["looks_like"] == expected, shifted
+    assert shifted["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
+
+
 def test_t2_with_the_deep_brain_marked_as_lesion():
     """On T2 the model marks CSF and much of the deep brain: the white matter's level then comes from
     all of the deep brain, and the bright ventricles still give the scan away."""
