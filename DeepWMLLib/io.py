@@ -444,6 +444,16 @@ def _header_fields(path: Path) -> dict[str, str]:
     return fields
 
 
+def _nrrd_length_unit(path: Path) -> str | None:
+    """The length unit an NRRD header gives ('space units') when it is not mm, else None. SimpleITK ignores
+    the field: lengths in m or cm are read as mm, the head 1000 or 10 times too small (nothing segmented)."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return None
+    units = re.findall(r'"([^"]*)"', _header_fields(path).get("space units", ""))
+    odd = [u for u in units if u.strip().lower() not in ("", "mm", "millimeter", "millimeters", "millimetre", "millimetres")]
+    return odd[0] if odd else None
+
+
 def _unknown_voxel_size(path: Path) -> str | None:
     """What an NRRD or MetaImage header lacks to give the voxel size, or None. SimpleITK reads a missing size
     (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted as 1 mm, the lesion volume 6 times too small."""
@@ -501,8 +511,12 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
             missing = None if is_nifti(path) else _unknown_voxel_size(path)
             if missing:
-                raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library reads "
-                                   "as 1 mm, so lesion volumes in ml would be wrong; export it again with its spacing")
+                raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library reads as "
+                                   "1 mm, so lesion volumes in ml would be wrong; export it again with its spacing")
+            unit = _nrrd_length_unit(path)
+            if unit:
+                raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image library "
+                                   "reads as mm, so the head would be measured at the wrong scale; save it with lengths in mm")
             return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()

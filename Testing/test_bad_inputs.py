@@ -49,6 +49,7 @@ BAD_INPUTS = [
     ("NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)", "segment", 1,
      "two voxel sizes"),
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
+    ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
     ("a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)", "segment", 0, "ok: read as in lower case"),
@@ -183,6 +184,11 @@ def world(tmp_path):
     nrrd = "NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nendian: little\nencoding: raw\n\n"
     paths["NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)"] = d / "nospacing.nrrd"
     (d / "nospacing.nrrd").write_bytes(nrrd.format(*voxels.shape[::-1]).encode() + voxels.astype("<f4").tobytes())
+    metres_nrrd = ("NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nspace: left-posterior-superior\n"
+                   "space directions: (0.0009,0,0) (0,0.0009,0) (0,0,0.005)\nspace units: \"m\" \"m\" \"m\"\n"
+                   "endian: little\nencoding: raw\n\n").format(*voxels.shape[::-1])
+    paths["NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)"] = d / "metres.nrrd"
+    (d / "metres.nrrd").write_bytes(metres_nrrd.encode() + voxels.astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     (d / "two.nii.gz").write_bytes(gzip.compress(nifti2_of(raw)))
     paths["a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"] = d / "SCAN.MHA"

@@ -266,6 +266,22 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
             io.read_image(path)
 
 
+@pytest.mark.parametrize("units,refused", [('"m" "m" "m"', True), ('"cm" "cm" "cm"', True), ('"mm" "mm" "mm"', False)])
+def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
+    """SimpleITK ignores NRRD's 'space units': a head given in metres was read as 1000 times too small and came
+    out with 0 ml and no lesions (exit 0, a brain-mask warning only)."""
+    voxels = np.random.default_rng(0).integers(0, 400, size=(3, 4, 5)).astype("<u2")
+    path = tmp_path / "units.nrrd"
+    path.write_bytes(("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nspace: left-posterior-superior\n"
+                      f"space directions: (0.9,0,0) (0,0.8,0) (0,0,5)\nspace units: {units}\nendian: little\n"
+                      "encoding: raw\n\n").encode() + voxels.tobytes())
+    if refused:
+        with pytest.raises(DeepWMLError, match=f"lengths in '{units.split()[0].strip(chr(34))}' .* save it with lengths in mm"):
+            io.read_image(path)
+    else:
+        assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
+
+
 def test_mask_on_other_grid_is_refused(tmp_path):
     image, truth = make_volume(size=(20, 16, 6))
     for change in ("spacing", "origin", "direction", "size"):
