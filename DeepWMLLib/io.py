@@ -463,7 +463,11 @@ def _unknown_voxel_size(path: Path) -> str | None:
     if path.name.lower().endswith((".nrrd", ".nhdr")):
         if "space directions" in fields:
             return None
-        spacings = fields.get("spacings", "").split()[:3]
+        spacings = fields.get("spacings", "").split()
+        kinds = fields.get("kinds", "").split()
+        if len(kinds) == len(spacings) and any(k in ("domain", "space") for k in kinds):  # a list or time axis too
+            spacings = [v for v, kind in zip(spacings, kinds) if kind in ("domain", "space")]
+        spacings = spacings[:3]
         try:
             if len(spacings) == 3 and all(math.isfinite(float(v)) for v in spacings):
                 return None
@@ -517,7 +521,11 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
             if unit:
                 raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image library "
                                    "reads as mm, so the head would be measured at the wrong scale; save it with lengths in mm")
-            return reader.Execute()
+            image = reader.Execute()
+            if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
+                # NRRD with a leading axis of size 1 (kinds: list ...): a vector of one value, which nothing casts
+                image = sitk.VectorIndexSelectionCast(image, 0)
+            return image
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "rror" in line.lower() or "annot" in line), "unreadable")

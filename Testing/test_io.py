@@ -245,6 +245,7 @@ def test_four_d_with_one_volume_is_accepted(tmp_path):
     ("none.nrrd", "", False),
     ("unknown.nrrd", "spacings: 0.9 0.8 nan\n", False),  # NRRD's 'nan': a length not known
     ("spacings.nrrd", "spacings: 0.9 0.8 5\n", True),
+    ("time.nrrd", "spacings: 0.9 0.8 5 nan\nkinds: domain domain domain time\n", True),  # the 4th axis: no length
     ("directions.nrrd", "space: left-posterior-superior\nspace directions: (0.9,0,0) (0,0.8,0) (0,0,5)\n", True),
     ("none.mha", "", False),
     ("spacing.mha", "ElementSpacing = 0.9 0.8 5\n", True),
@@ -254,7 +255,8 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
     volume of 5 mm slices would come out 5 times too small, silently."""
     voxels = np.random.default_rng(0).integers(0, 400, size=(3, 4, 5)).astype("<u2")
     if name.endswith(".nrrd"):
-        text = f"NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\n{header}endian: little\nencoding: raw\n\n"
+        layout = "dimension: 4\nsizes: 5 4 3 1" if "time" in name else "dimension: 3\nsizes: 5 4 3"
+        text = f"NRRD0004\ntype: uint16\n{layout}\n{header}endian: little\nencoding: raw\n\n"
     else:
         text = f"ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\n{header}ElementType = MET_USHORT\nElementDataFile = LOCAL\n"
     path = tmp_path / name
@@ -264,6 +266,21 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
     else:
         with pytest.raises(DeepWMLError, match="gives no voxel size .* lesion volumes in ml would be wrong"):
             io.read_image(path)
+
+
+def test_an_nrrd_with_a_leading_axis_of_one_value_reads_as_a_scalar_volume(tmp_path):
+    """'sizes: 1 5 4 3' with 'kinds: list domain domain domain' (one value per voxel stored as a list):
+    SimpleITK reads a vector image of one component, which its Cast refused with a traceback ('internal
+    error' in `deepwml segment`); its 'spacings' name no length for the list axis (nan)."""
+    voxels = np.random.default_rng(0).integers(0, 400, size=(3, 4, 5)).astype("<u2")
+    for name, geometry in (("directions", "space: left-posterior-superior\nspace directions: none (0.9,0,0) (0,0.8,0) "
+                                          "(0,0,5)\n"), ("spacings", "spacings: nan 0.9 0.8 5\n")):
+        path = tmp_path / f"{name}.nrrd"
+        path.write_bytes(("NRRD0004\ntype: uint16\ndimension: 4\nsizes: 1 5 4 3\nkinds: list domain domain domain\n"
+                          f"{geometry}endian: little\nencoding: raw\n\n").encode() + voxels.tobytes())
+        read = io.read_image(path)
+        assert read.GetPixelID() == sitk.sitkFloat32 and read.GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
+        assert np.array_equal(sitk.GetArrayFromImage(read), voxels.astype(np.float32))
 
 
 @pytest.mark.parametrize("units,refused", [('"m" "m" "m"', True), ('"cm" "cm" "cm"', True), ('"mm" "mm" "mm"', False)])
