@@ -529,6 +529,9 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "rror" in line.lower() or "annot" in line), "unreadable")
+        teem = [line.strip()[len("[nrrd]"):].strip() for line in first if line.strip().startswith("[nrrd]")]
+        if teem:  # the NRRD library says what is wrong on its last line ("couldn't open \"x.raw\"", "bzip2 ...")
+            detail = re.sub(r"^_?\w+: ", "", teem[-1]) or detail
         if "orthonormal" in detail:  # a sheared (or scaled) orientation: a complete file SimpleITK will not place
             raise DeepWMLError(f"{path}: its header places the voxels on a sheared grid (axes not at right angles), "
                                "which the image library cannot read; resample it onto a regular grid first") from exc

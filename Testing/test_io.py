@@ -283,6 +283,18 @@ def test_an_nrrd_with_a_leading_axis_of_one_value_reads_as_a_scalar_volume(tmp_p
         assert np.array_equal(sitk.GetArrayFromImage(read), voxels.astype(np.float32))
 
 
+def test_an_nrrd_that_cannot_be_read_says_why(tmp_path):
+    """SimpleITK's first line is 'Error reading x.nhdr:'; the NRRD library's last one says what is wrong
+    (the data file missing beside a detached header, an encoding it lacks): that is what the user reads."""
+    header = "NRRD0004\ntype: int16\ndimension: 3\nsizes: 5 4 3\nspacings: 0.9 0.8 5\nendian: little\n"
+    (tmp_path / "detached.nhdr").write_text(header + "encoding: raw\ndata file: slices.raw\n")
+    (tmp_path / "packed.nrrd").write_bytes((header + "encoding: bzip2\n\n").encode() + bytes(120))
+    with pytest.raises(DeepWMLError, match=r"couldn't open .*slices\.raw"):
+        io.read_image(tmp_path / "detached.nhdr")
+    with pytest.raises(DeepWMLError, match="bzip2 encoding not available"):
+        io.read_image(tmp_path / "packed.nrrd")
+
+
 @pytest.mark.parametrize("units,refused", [('"m" "m" "m"', True), ('"cm" "cm" "cm"', True), ('"mm" "mm" "mm"', False)])
 def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
     """SimpleITK ignores NRRD's 'space units': a head given in metres was read as 1000 times too small and came
