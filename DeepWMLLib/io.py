@@ -1335,6 +1335,19 @@ def file_fingerprint(path: str | os.PathLike) -> str:
         return f"{os.fstat(f.fileno()).st_size}:{hashlib.sha256(f.read(1 << 20)).hexdigest()[:24]}"
 
 
+def detached_data_file(path: str | os.PathLike) -> Path | None:
+    """The voxel file a detached header names (MetaImage .mhd: ElementDataFile; NRRD .nhdr: data file), or
+    None (voxels in the file itself, a list or pattern of files, or another format)."""
+    p = Path(path)
+    if not p.name.lower().endswith((".mhd", ".nhdr")):
+        return None
+    fields = _header_fields(p)
+    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile") or ""
+    if not name or name.upper() in ("LOCAL", "LIST") or name.upper().startswith("LIST") or "%" in name:
+        return None
+    return p.parent / name
+
+
 def shortened(name: str, limit: int = 200) -> str:
     """`name` cut, whole characters at a time, to at most `limit` bytes in the file system's encoding."""
     while len(os.fsencode(name)) > limit:

@@ -497,7 +497,8 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
 
 def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:
     """What tells one scan from another wherever it lies. A scan file: its size and the SHA-256 of its first
-    MiB. A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
+    MiB; a detached header (.mhd, .nhdr): that of its voxel file too, after a '+' (two patients' scans
+    resampled to one template grid have byte-identical headers). A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
     UIDs (a file without one: its size and hash), hashed, as "dicom:FILES:HASH". None for a folder without
     `series`."""
     import hashlib
@@ -507,7 +508,10 @@ def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str |
         keys = sorted(uid or io.file_fingerprint(f) for f, uid in zip(series.files, uids))
         digest = hashlib.sha256("\n".join([series.uid, *keys]).encode("utf-8"))
         return f"dicom:{len(series.files)}:{digest.hexdigest()[:24]}"
-    return io.file_fingerprint(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = io.detached_data_file(path)  # a .mhd or .nhdr holds the geometry alone: the voxels count too
+    return io.file_fingerprint(path) + (f"+{io.file_fingerprint(data)}" if data is not None and data.is_file() else "")
 
 
 def _dicom_candidates(path: Path, study: io.DicomStudy | None = None) -> list:
@@ -537,7 +541,9 @@ def same_input(earlier: dict, path: Path, study: io.DicomStudy | None = None) ->
         return any(input_fingerprint(path, series) == fingerprint for series in _dicom_candidates(path, study)
                    if uid in (None, series.uid))
     if fingerprint and path.is_file():
-        return input_fingerprint(path) == fingerprint
+        current = input_fingerprint(path)
+        # a report of a version that fingerprinted a detached header alone: by the header, as it was judged then
+        return current == fingerprint or ("+" not in fingerprint and current.split("+")[0] == fingerprint)
     try:
         return os.path.samefile(absolute, path)
     except OSError:

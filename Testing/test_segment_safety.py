@@ -229,6 +229,28 @@ def test_overwrite_without_an_earlier_report_deletes_nothing_but_its_own_files(t
     assert (folder / "X_qc.png").read_bytes() == b"precious"
 
 
+def test_another_scan_behind_an_identical_detached_header_is_not_skipped_as_done(tmp_path, tiny_model, capsys):
+    """Two patients' scans on one grid (resampled to a template) written as scan.mhd + scan.raw: the headers
+    are byte for byte the same. The second was skipped as done, its report and summary the first patient's."""
+    for patient, seed in (("p1", 0), ("p2", 9)):
+        (tmp_path / patient).mkdir()
+        image, _ = make_volume(size=(32, 32, 4), seed=seed, blobs=() if seed else ((0.5, 0.5, 0.5, 4.0),))
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(tmp_path / patient / "scan.mhd"))
+    assert (tmp_path / "p1" / "scan.mhd").read_bytes() == (tmp_path / "p2" / "scan.mhd").read_bytes()
+    out = tmp_path / "out"
+    assert segment(tiny_model, tmp_path / "p1" / "scan.mhd", "-o", out) == 0
+    assert segment(tiny_model, tmp_path / "p1" / "scan.mhd", "-o", out) == 0  # the same scan: skipped
+    assert summary(out)["scan"]["status"] == "skipped"
+    capsys.readouterr()
+    assert segment(tiny_model, tmp_path / "p2" / "scan.mhd", "-o", out) == 1
+    assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
+    report = json.loads((out / "scan_report.json").read_text())  # a report that fingerprinted the header alone
+    report["input_fingerprint"] = report["input_fingerprint"].split("+")[0]
+    (out / "scan_report.json").write_text(json.dumps(report))
+    assert segment(tiny_model, tmp_path / "p1" / "scan.mhd", "-o", out) == 0  # judged as it was then: skipped
+    assert summary(out)["scan"]["status"] == "skipped"
+
+
 def test_a_moved_folder_keeps_its_results_and_a_replaced_scan_does_not(tmp_path, tiny_model, capsys):
     first = write_case(tmp_path / "in", "a")
     out = tmp_path / "out"
