@@ -10,6 +10,7 @@ import argparse
 import csv
 import io as _stringio
 import json
+import re
 import os
 import shutil
 import sys
@@ -496,9 +497,10 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
 
 
 def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:
-    """What tells one scan from another wherever it lies. A scan file: its size and the SHA-256 of its first
-    MiB; a detached header (.mhd, .nhdr): that of its voxel file too, after a '+' (two patients' scans
-    resampled to one template grid have byte-identical headers). A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
+    """What tells one scan from another wherever it lies. A scan file: its size, the SHA-256 of its first
+    MiB and, after a '~', of blocks spread over the rest (`io.spread_digest`); a detached header (.mhd,
+    .nhdr): that of its voxel file too, after a '+' (two patients' scans resampled to one template grid have
+    byte-identical headers, and uncompressed, the same first MiB). A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
     UIDs (a file without one: its size and hash), hashed, as "dicom:FILES:HASH". None for a folder without
     `series`."""
     import hashlib
@@ -510,8 +512,19 @@ def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str |
         return f"dicom:{len(series.files)}:{digest.hexdigest()[:24]}"
     if not path.is_file():
         return None
+
+    def key(file: Path) -> str:
+        return f"{io.file_fingerprint(file)}~{io.spread_digest(file)}"
+
     data = io.detached_data_file(path)  # a .mhd or .nhdr holds the geometry alone: the voxels count too
-    return io.file_fingerprint(path) + (f"+{io.file_fingerprint(data)}" if data is not None and data.is_file() else "")
+    return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
+
+
+def _older_fingerprints(current: str) -> set:
+    """What an earlier version recorded for the scan file whose fingerprint is now `current`: the first MiB
+    alone (no '~' part), of the header alone for a detached header (no '+' part)."""
+    alone = re.sub(r"~[0-9a-f]+", "", current)
+    return {alone, alone.split("+")[0]}
 
 
 def _dicom_candidates(path: Path, study: io.DicomStudy | None = None) -> list:
@@ -542,8 +555,8 @@ def same_input(earlier: dict, path: Path, study: io.DicomStudy | None = None) ->
                    if uid in (None, series.uid))
     if fingerprint and path.is_file():
         current = input_fingerprint(path)
-        # a report of a version that fingerprinted a detached header alone: by the header, as it was judged then
-        return current == fingerprint or ("+" not in fingerprint and current.split("+")[0] == fingerprint)
+        # a report of an earlier version (first MiB only; a detached header alone): judged as it was then
+        return current == fingerprint or ("~" not in fingerprint and fingerprint in _older_fingerprints(current))
     try:
         return os.path.samefile(absolute, path)
     except OSError:

@@ -245,10 +245,35 @@ def test_another_scan_behind_an_identical_detached_header_is_not_skipped_as_done
     assert segment(tiny_model, tmp_path / "p2" / "scan.mhd", "-o", out) == 1
     assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
     report = json.loads((out / "scan_report.json").read_text())  # a report that fingerprinted the header alone
-    report["input_fingerprint"] = report["input_fingerprint"].split("+")[0]
+    report["input_fingerprint"] = report["input_fingerprint"].split("~")[0]
     (out / "scan_report.json").write_text(json.dumps(report))
     assert segment(tiny_model, tmp_path / "p1" / "scan.mhd", "-o", out) == 0  # judged as it was then: skipped
     assert summary(out)["scan"]["status"] == "skipped"
+
+
+def test_another_uncompressed_scan_with_the_same_first_mebibyte_is_not_skipped_as_done(tmp_path, tiny_model, capsys):
+    """Scans on one template grid saved uncompressed (SPM's wFLAIR.nii) start with the same empty slices below
+    the head: the fingerprint's first MiB was all it hashed, and a follow-up scan of that name was skipped as
+    done with the baseline's figures."""
+    for patient, seed in (("baseline", 0), ("followup", 9)):
+        image, _ = make_volume(size=(64, 64, 6), seed=seed)
+        voxels = np.zeros((140, 64, 64), np.uint16)  # 140 empty slices of 8 KiB before the head: 1.1 MiB
+        volume = sitk.GetImageFromArray(np.concatenate([voxels, sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkUInt16))]))
+        volume.SetSpacing((0.9, 0.9, 5.0))
+        (tmp_path / patient).mkdir()
+        sitk.WriteImage(volume, str(tmp_path / patient / "wFLAIR.nii"))
+    first_mib = [(tmp_path / patient / "wFLAIR.nii").read_bytes()[: 1 << 20] for patient in ("baseline", "followup")]
+    assert first_mib[0] == first_mib[1]
+    out = tmp_path / "out"
+    assert segment(tiny_model, tmp_path / "baseline" / "wFLAIR.nii", "-o", out) == 0
+    capsys.readouterr()
+    assert segment(tiny_model, tmp_path / "followup" / "wFLAIR.nii", "-o", out) == 1
+    assert "holds the results of another scan named 'wFLAIR'" in capsys.readouterr().err
+    report = json.loads((out / "wFLAIR_report.json").read_text())  # a report of an earlier version: judged so
+    report["input_fingerprint"] = report["input_fingerprint"].split("~")[0]
+    (out / "wFLAIR_report.json").write_text(json.dumps(report))
+    assert segment(tiny_model, tmp_path / "baseline" / "wFLAIR.nii", "-o", out) == 0
+    assert summary(out)["wFLAIR"]["status"] == "skipped"
 
 
 def test_a_moved_folder_keeps_its_results_and_a_replaced_scan_does_not(tmp_path, tiny_model, capsys):
