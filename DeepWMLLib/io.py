@@ -450,7 +450,8 @@ def _nrrd_length_unit(path: Path) -> str | None:
     if not path.name.lower().endswith((".nrrd", ".nhdr")):
         return None
     units = re.findall(r'"([^"]*)"', _header_fields(path).get("space units", ""))
-    odd = [u for u in units if u.strip().lower() not in ("", "mm", "millimeter", "millimeters", "millimetre", "millimetres")]
+    mm = ("", "mm", "millimeter", "millimeters", "millimetre", "millimetres")
+    odd = [u for u in units if u.strip().lower() not in mm]
     return odd[0] if odd else None
 
 
@@ -509,18 +510,21 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
             reader.ReadImageInformation()
-            if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):  # 2 per voxel, not vector/RGB
+            # complex: 2 values per voxel, not vector/RGB
+            if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
             missing = None if is_nifti(path) else _unknown_voxel_size(path)
             if missing:
-                raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library reads as "
-                                   "1 mm, so lesion volumes in ml would be wrong; export it again with its spacing")
+                raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "
+                                   "reads as 1 mm, so lesion volumes in ml would be wrong; export it again with its "
+                                   "spacing")
             unit = _nrrd_length_unit(path)
             if unit:
-                raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image library "
-                                   "reads as mm, so the head would be measured at the wrong scale; save it with lengths in mm")
+                raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image "
+                                   "library reads as mm, so the head would be measured at the wrong scale; save it "
+                                   "with lengths in mm")
             image = reader.Execute()
             if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
                 # NRRD with a leading axis of size 1 (kinds: list ...): a vector of one value, which nothing casts
@@ -1201,7 +1205,8 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     direction = np.array(image.GetDirection(), float).reshape(3, 3)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):  # NRRD keeps sheared space directions
         raise DeepWMLError(f"{name}: its header places the voxels on a sheared grid (axes not at right angles), on "
-                           "which voxel volumes and slices are not what they seem; resample it onto a regular grid first")
+                           "which voxel volumes and slices are not what they seem; resample it onto a regular grid "
+                           "first")
     array = voxels(image)
     if array.size == 0:
         raise DeepWMLError(f"{name} has no voxels")

@@ -500,9 +500,9 @@ def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str |
     """What tells one scan from another wherever it lies. A scan file: its size, the SHA-256 of its first
     MiB and, after a '~', of blocks spread over the rest (`io.spread_digest`); a detached header (.mhd,
     .nhdr): that of its voxel file too, after a '+' (two patients' scans resampled to one template grid have
-    byte-identical headers, and uncompressed, the same first MiB). A DICOM series read from a folder (`series`): its Series Instance UID and its files' SOP Instance
-    UIDs (a file without one: its size and hash), hashed, as "dicom:FILES:HASH". None for a folder without
-    `series`."""
+    byte-identical headers, and uncompressed, the same first MiB). A DICOM series read from a folder
+    (`series`): its Series Instance UID and its files' SOP Instance UIDs (a file without one: its size and
+    hash), hashed, as "dicom:FILES:HASH". None for a folder without `series`."""
     import hashlib
 
     if series is not None:
