@@ -985,9 +985,18 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
-    """Each train and val case's FLAIR and mask by content (io.file_fingerprint; None for a missing file)."""
+    """Each train and val case's FLAIR and mask by content (None for a missing file): the size and first MiB
+    (io.file_fingerprint), after a '~' blocks spread over the rest (io.spread_digest: scans on one template
+    grid stored uncompressed share their first MiB), and for a detached header (.mhd, .nhdr) its voxel file's
+    after a '+'."""
+    def key(path) -> str:
+        return f"{io.file_fingerprint(path)}~{io.spread_digest(path)}"
+
     def content(path: str) -> str | None:
-        return io.file_fingerprint(path) if Path(path).is_file() else None
+        if not Path(path).is_file():
+            return None
+        data = io.detached_data_file(path)
+        return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
 
     return {c.case: [content(c.flair), content(c.mask)] for c in cases if assignment[c.case] in ("train", "val")}
 
@@ -995,7 +1004,17 @@ def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
 def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
     """A DeepWMLError when a train or val case's files differ from those the run started on (data.json): a
     resumed run that prepared them again would go on training on other data, unsaid."""
-    changed = sorted(case for case in set(stored) | set(now) if stored.get(case) != now.get(case))
+    def older(value):  # data.json of a version before spread blocks and voxel files: the first MiB alone
+        return value if value is None else value.split("+")[0].split("~")[0]
+
+    def same(before: list | None, after: list | None) -> bool:
+        if before == after:
+            return True
+        if before is None or after is None or len(before) != len(after):
+            return False
+        return all(b == a or (b is not None and "~" not in b and b == older(a)) for b, a in zip(before, after))
+
+    changed = sorted(case for case in set(stored) | set(now) if not same(stored.get(case), now.get(case)))
     if changed:
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise DeepWMLError(f"the training data changed since {run_dir} started (changed: {shown}): a resumed run "

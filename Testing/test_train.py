@@ -922,3 +922,23 @@ def test_a_resumed_run_refuses_training_data_changed_since_it_started(tmp_path, 
     mask_file.write_bytes(original)
     assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_changed_data_is_seen_beyond_the_first_mib_and_older_runs_still_resume(tmp_path):
+    """Two uncompressed scans on one template grid (SPM's wFLAIR.nii) share their size and first MiB, the empty
+    slices below the head: a scan replaced by another such one is 'changed data' for a resume. A data.json an
+    earlier version wrote (first MiB alone) still matches the unchanged files."""
+    empty = bytes(3 << 20)
+    flair = tmp_path / "wFLAIR.nii"
+    flair.write_bytes(empty[: 2 << 20] + b"\x01" * (1 << 20))
+    mask = tmp_path / "mask.nii"
+    mask.write_bytes(b"\x00" * 1000)
+    cases = [training.Case("c0", str(flair), str(mask))]
+    started = training._data_fingerprints(cases, {"c0": "train"})
+    older = {case: [value.split("~")[0] for value in values] for case, values in started.items()}
+    training._check_same_data(older, started, tmp_path)  # an earlier version's data.json, nothing changed
+    training._check_same_data(started, started, tmp_path)
+    flair.write_bytes(empty[: 2 << 20] + b"\x02" * (1 << 20))  # another patient, same grid
+    now = training._data_fingerprints(cases, {"c0": "train"})
+    with pytest.raises(DeepWMLError, match=r"the training data changed .*\(changed: c0\)"):
+        training._check_same_data(started, now, tmp_path)
