@@ -17,6 +17,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
+from . import io
 from .io import SliceFrame, to_axial_stack
 from .preprocessing import plan_volume
 
@@ -190,7 +191,7 @@ class OnnxRunner:
             tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.part")
             try:
                 self.session = self._session(ort, path, threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, tmp)
-                os.replace(tmp, optimised)
+                io._replace(tmp, optimised)
             except Exception:  # a read-only cache only costs the optimisation next time
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -238,7 +239,15 @@ class OnnxRunner:
             warnings.simplefilter("ignore")
             torch.onnx.export(model, torch.zeros(1, 1, *size), str(tmp), input_names=["flair"], output_names=["logits"],
                               dynamic_axes={"flair": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, **legacy)
-        os.replace(tmp, target)
+        try:
+            io._replace(tmp, target)  # retried on Windows (a virus scanner holding the new file a moment)
+        except OSError:
+            if not target.is_file():
+                raise
+            # another DeepWML process exported the same network meanwhile and holds it open (Windows refuses
+            # to replace an open file): its copy is the same network
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         return target
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -29,9 +29,11 @@ PROGRESS_EVERY_S = 0.1
 
 
 def write_whole(path: Path, data: bytes) -> None:
+    from . import io
+
     part = path.with_name(path.name + ".part")
     part.write_bytes(data)
-    os.replace(part, path)
+    io._replace(part, path)  # retried on Windows, where a virus scanner may hold the fresh file a moment
 
 
 def _picklable(exc: BaseException) -> bytes:

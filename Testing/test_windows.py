@@ -690,3 +690,31 @@ def test_windows_is_asked_for_short_names_and_its_code_page(monkeypatch):
     assert io._narrow_name_fails("C:\\Données\\flair.nrrd") and not io._narrow_name_fails("C:\\data\\flair.nrrd")
     kernel32.GetACP = lambda: 65001  # Windows set to UTF-8
     assert not io._narrow_name_fails("C:\\Données\\flair.nrrd")
+
+
+def test_the_workers_result_refused_for_a_moment_is_handed_back(tmp_path, monkeypatch):
+    """The Slicer module's worker process hands back its result by a rename; a virus scanner holding the
+    fresh file a moment made it fail on Windows (the segmentation lost, 'worker failed'). Tried again now."""
+    from DeepWMLLib import worker
+
+    calls = _refusing_replace(monkeypatch, 2)
+    worker.write_whole(tmp_path / "result.pkl", b"mask")
+    assert (tmp_path / "result.pkl").read_bytes() == b"mask" and len(calls) == 3
+    assert not (tmp_path / "result.pkl.part").exists()
+
+
+def test_an_export_another_process_holds_open_is_used(tmp_path, monkeypatch, tiny_model):
+    """Two DeepWML runs that export one network to the model cache at once: on Windows the second cannot
+    replace the first's file while that one is open, which stopped the run with a misleading 'the model
+    cache cannot be written' warning and an export of its own. The first's copy is the same network: used."""
+    from DeepWMLLib import inference
+    from DeepWMLLib.checkpoint import load_model
+
+    loaded = load_model(tiny_model)
+    target = tmp_path / "cache" / "tiny.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"the other process's export")
+    _refusing_replace(monkeypatch, 99)
+    assert inference.OnnxRunner._export(loaded, target) == target
+    assert target.read_bytes() == b"the other process's export"
+    assert list(target.parent.iterdir()) == [target]  # no .part left behind
