@@ -79,7 +79,8 @@ def case_name(path: str | os.PathLike) -> str:
         return re.sub(r"[^\w.-]+", "_", drive).strip("_.") or "root"
     for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".dcm",):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
+            # a file named only by its extension (".nii.gz"): its folder's name, not "" (outputs "_wmh.nii.gz")
+            return name[: -len(ext)] or case_name(Path(os.path.abspath(p)).parent)
     return name
 
 

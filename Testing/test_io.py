@@ -550,3 +550,10 @@ def test_the_time_axis_of_a_volume_stored_with_one_time_point_is_read_and_writte
     reader.SetFileName(str(tmp_path / "other.nrrd"))
     reader.ReadImageInformation()
     assert (reader.GetOrigin()[3], reader.GetSpacing()[3]) == (7.0, 2.5)
+
+
+def test_a_file_named_only_by_its_extension_takes_its_folders_name(tmp_path):
+    """'P1/.nii.gz' (a file saved with no name) was case '': outputs '_wmh.nii.gz' and a hidden '.seg.nrrd'."""
+    assert io.case_name(tmp_path / "P1" / ".nii.gz") == "P1"
+    assert io.case_name(tmp_path / "P2" / ".NRRD") == "P2"
+    assert io.case_name(tmp_path / "P3" / "scan.nii.gz") == "scan"
