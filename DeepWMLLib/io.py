@@ -956,8 +956,9 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
     if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]
-    if len(flair) == 1:
-        return flair[0], f"the only one of {len(series)} series that looks like a FLAIR"
+    if len(flair) == 1:  # one series in all (a study's folder a level up): nothing was chosen among others
+        return flair[0], ("the only series in the folder" if len(series) == 1 else
+                          f"the only one of {len(series)} series that looks like a FLAIR")
     found = "none looks" if not flair else f"{len(flair)} look"
     if strict and not flair:
         raise NoFlairSeries(f"{folder} holds {len(series)} DICOM series and none looks like a FLAIR by its inversion "

@@ -899,3 +899,13 @@ def test_an_option_out_of_range_is_named_with_its_command_and_the_help_to_read(a
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith(prefix), err
     assert err.endswith(f"(see {prefix.split(': error')[0]} --help)") and len(err.splitlines()) == 1, err
+
+
+def test_a_nested_folder_of_one_flair_series_is_not_called_a_choice(tmp_path, tiny_model):
+    """A folder holding one FLAIR series a level down (STUDY/SER1) was read with the warning 'the only one of 1
+    series that looks like a FLAIR; name another with --series', though there is nothing else to name."""
+    _export_series(tmp_path / "STUDY" / "SER1", "9.1", "AX T2 FLAIR", 2500, slices=4)
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "STUDY"), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    report = json.loads(next(out.glob("*_report.json")).read_text(encoding="utf-8"))
+    assert report["dicom_series"] and not any("name another with --series" in w for w in report["warnings"])
