@@ -194,6 +194,12 @@ def _detached_data_files(header: Path) -> list[str]:
             and (header.parent / n.strip()).is_file()]
 
 
+def _leading_ups(name: str) -> int:
+    """How many folders up a relative file name first goes ("../../v.raw": 2)."""
+    parts = Path(os.path.normpath(name)).parts
+    return next((k for k, part in enumerate(parts) if part != ".."), len(parts))
+
+
 def _stage(source: Path, place: Path, write: bool) -> str:
     """`itk_names`' second way: the name in `place` (a new folder with an ASCII path) for `source`, which is
     copied there first unless it is to be written."""
@@ -207,11 +213,18 @@ def _stage(source: Path, place: Path, write: bool) -> str:
                     shutil.copyfile(f, place / (f.name if f.name.isascii() else f"file{number}"))
             return str(place)
         name = source.name if source.name.isascii() else "image" + _extension(source)
-        shutil.copyfile(source, place / name)
-        for companion in _detached_data_files(source):
-            (place / companion).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.parent / companion, place / companion)
-        return str(place / name)
+        companions = _detached_data_files(source)
+        # a data file named from a folder above ("../raw/v.raw"): the header goes as many folders down, so
+        # that every copy stays inside `place` (and goes with it) instead of landing beside it in TEMP
+        ups = max((_leading_ups(c) for c in companions), default=0)
+        base = place.joinpath(*[f"h{k}" for k in range(ups)])
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, base / name)
+        for companion in companions:
+            target = Path(os.path.normpath(base / companion))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / companion, target)
+        return str(base / name)
     except OSError as exc:
         raise DeepWMLError(f"{source}: the image library cannot open a path with letters outside ASCII on this Windows, "
                            f"and copying it to {place.parent} failed ({exc.strerror or exc}); free space there, or "

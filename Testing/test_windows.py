@@ -718,3 +718,22 @@ def test_an_export_another_process_holds_open_is_used(tmp_path, monkeypatch, tin
     assert inference.OnnxRunner._export(loaded, target) == target
     assert target.read_bytes() == b"the other process's export"
     assert list(target.parent.iterdir()) == [target]  # no .part left behind
+
+
+def test_a_detached_headers_data_file_above_it_is_copied_inside_the_private_folder(tmp_path, monkeypatch):
+    """A .nhdr naming its voxels folders up ('data file: ../../v.raw'), read from a folder with letters outside
+    ASCII by copy: two folders up, the voxel file was copied beside the private folder, into TEMP itself, and
+    left there (a copy of a patient's scan, and a file of that name in TEMP overwritten)."""
+    import SimpleITK as sitk
+
+    folder = tmp_path / "Données" / "P1" / "hdr"
+    folder.mkdir(parents=True)
+    voxels = (np.arange(4 * 5 * 6) % 50).astype("<f4").reshape(4, 5, 6)
+    (tmp_path / "Données" / "v.raw").write_bytes(voxels.tobytes())
+    header = folder / "h.nhdr"
+    header.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 6 5 4\nspacings: 0.9 0.9 5\nendian: little\n"
+                       b"encoding: raw\ndata file: ../../v.raw\n")
+    temp = _narrow_names(monkeypatch, tmp_path, short_names=False)
+    read = io.read_any(header)
+    assert np.array_equal(sitk.GetArrayFromImage(read), voxels)
+    assert not os.listdir(temp)
