@@ -555,8 +555,19 @@ def same_input(earlier: dict, path: Path, study: io.DicomStudy | None = None) ->
                    if uid in (None, series.uid))
     if fingerprint and path.is_file():
         current = input_fingerprint(path)
-        # a report of an earlier version (first MiB only; a detached header alone): judged as it was then
-        return current == fingerprint or ("~" not in fingerprint and fingerprint in _older_fingerprints(current))
+        if current == fingerprint:
+            return True
+        if "~" in fingerprint or fingerprint not in _older_fingerprints(current):
+            return False
+        # a report of an earlier version (first MiB only; a detached header alone): judged as it was then, but
+        # where that could not tell two scans apart (a detached header; an uncompressed file past its first
+        # MiB: two patients on one template grid) only for the very file it was made from
+        if io.detached_data_file(path) is None and path.stat().st_size <= 1 << 20:
+            return True
+        try:
+            return os.path.samefile(absolute, path)
+        except OSError:
+            return False
     try:
         return os.path.samefile(absolute, path)
     except OSError:

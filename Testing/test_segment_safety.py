@@ -249,6 +249,9 @@ def test_another_scan_behind_an_identical_detached_header_is_not_skipped_as_done
     (out / "scan_report.json").write_text(json.dumps(report))
     assert segment(tiny_model, tmp_path / "p1" / "scan.mhd", "-o", out) == 0  # judged as it was then: skipped
     assert summary(out)["scan"]["status"] == "skipped"
+    # but that report cannot tell the other patient's scan from it: only the very file it was made from counts
+    assert segment(tiny_model, tmp_path / "p2" / "scan.mhd", "-o", out) == 1
+    assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
 
 
 def test_another_uncompressed_scan_with_the_same_first_mebibyte_is_not_skipped_as_done(tmp_path, tiny_model, capsys):
@@ -274,6 +277,9 @@ def test_another_uncompressed_scan_with_the_same_first_mebibyte_is_not_skipped_a
     (out / "wFLAIR_report.json").write_text(json.dumps(report))
     assert segment(tiny_model, tmp_path / "baseline" / "wFLAIR.nii", "-o", out) == 0
     assert summary(out)["wFLAIR"]["status"] == "skipped"
+    capsys.readouterr()  # the follow-up, which that report cannot tell from the baseline, is not its
+    assert segment(tiny_model, tmp_path / "followup" / "wFLAIR.nii", "-o", out) == 1
+    assert "holds the results of another scan named 'wFLAIR'" in capsys.readouterr().err
 
 
 def test_a_moved_folder_keeps_its_results_and_a_replaced_scan_does_not(tmp_path, tiny_model, capsys):
