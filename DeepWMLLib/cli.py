@@ -62,6 +62,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="deepwml", description="White matter hyperintensity segmentation on FLAIR MRI.")
     parser.add_argument("--version", action="version", version=f"deepwml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = subparsers.choices  # for main(): an unknown option is the sub-command's error
     names = [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else _COMMAND_MODULES.values()
     for name in names:
         try:
@@ -168,7 +169,10 @@ def _catch_stop_signals() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named after the sub-command (`deepwml segment: error: unrecognized arguments: --thread 2`)
+        commands = getattr(parser, "commands", None) or {}
+        commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -890,6 +890,7 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
 @pytest.mark.parametrize("argv,prefix", [
     (["segment", "scan.nii.gz", "-o", "out", "--threshold", "1.5"], "deepwml segment: error: argument --threshold"),
     (["synth", "-n", "1", "-o", "s", "--matrix", "32"], "deepwml synth: error: argument --matrix"),
+    (["segment", "scan.nii.gz", "-o", "out", "--thread", "2"], "deepwml segment: error: unrecognized arguments"),
     (["frobnicate"], "deepwml: error: argument COMMAND")])
 def test_an_option_out_of_range_is_named_with_its_command_and_the_help_to_read(argv, prefix, capsys):
     """argparse's own errors said 'deepwml: error: ... (see --help)', and `deepwml --help` lists the
