@@ -210,7 +210,7 @@ def parse_nifti(data: bytes) -> Volume | None:
         affines.append((rows[:, :3] / norms, rows[:, 3]))
     if not affines:
         return None
-    if qform_code > 0 and sform_code > 1:
+    if qform_code > 0 and sform_code > 1 and version[0] == 1:  # (NIfTI-2: SimpleITK cannot read it at all)
         # both set, the sform aligned to another scan or a template (codes 2-5): ITK takes the sform only when
         # a comparison of the two (element-wise, then by SVD) says they match, else the qform, whose float32
         # quaternion gives directions a few 1e-6 away: beyond SimpleITK's 1e-6 same-space tolerance, so a mask
