@@ -1036,16 +1036,22 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
 IDENTITY_TAGS = {"0020|000d": "Study Instance UID", "0010|0020": "Patient ID"}
 
 
+_ENHANCED_MR = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.3", "1.2.840.10008.5.1.4.1.1.4.4")
+
+
 def _check_pixel_spacing(path, reader) -> None:
     """Refuse a series of single-frame images without Pixel Spacing (0028,0030), which MR images must carry
     (a screen capture or a broken export): GDCM reads the pixels as 1 x 1 mm, so the mask would be drawn at
-    another scale and every volume in ml would be wrong, silently. Multi-frame (enhanced) files keep it in
-    their functional groups, out of this check's sight."""
+    another scale and every volume in ml would be wrong, silently. Multi-frame and enhanced files (also of one
+    frame each) keep it in their functional groups, out of this check's sight."""
     def has(tag: str) -> bool:
         return reader.HasMetaDataKey(0, tag) and bool(reader.GetMetaData(0, tag).strip(" \0"))
 
-    frames = reader.GetMetaData(0, "0028|0008").strip(" \0") if reader.HasMetaDataKey(0, "0028|0008") else ""
-    if frames not in ("", "1") or has("0028|0030"):
+    def value(tag: str) -> str:
+        return reader.GetMetaData(0, tag).strip(" \0") if reader.HasMetaDataKey(0, tag) else ""
+
+    # enhanced and legacy-converted enhanced MR images keep it in their functional groups, one frame or many
+    if value("0028|0008") not in ("", "1") or value("0008|0016") in _ENHANCED_MR or has("0028|0030"):
         return
     raise DeepWMLError(f"{path}: the DICOM images give no Pixel Spacing (0028,0030) (a screen capture or an "
                        "incomplete export?), so the pixel size and every volume in ml would be wrong; export "

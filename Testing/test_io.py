@@ -557,3 +557,22 @@ def test_a_file_named_only_by_its_extension_takes_its_folders_name(tmp_path):
     assert io.case_name(tmp_path / "P1" / ".nii.gz") == "P1"
     assert io.case_name(tmp_path / "P2" / ".NRRD") == "P2"
     assert io.case_name(tmp_path / "P3" / "scan.nii.gz") == "scan"
+
+
+def test_single_frame_enhanced_mr_images_are_not_taken_for_images_without_pixel_spacing():
+    """A series of enhanced MR objects of one frame each keeps Pixel Spacing in its functional groups, as
+    multi-frame files do: it was refused as 'no Pixel Spacing'. A plain MR image without it still is."""
+    class Reader:
+        def __init__(self, tags):
+            self.tags = tags
+
+        def HasMetaDataKey(self, index, tag):
+            return tag in self.tags
+
+        def GetMetaData(self, index, tag):
+            return self.tags[tag]
+
+    io._check_pixel_spacing("series", Reader({"0008|0016": "1.2.840.10008.5.1.4.1.1.4.1", "0028|0008": "1"}))
+    io._check_pixel_spacing("series", Reader({"0008|0016": "1.2.840.10008.5.1.4", "0028|0030": "0.9\\0.9"}))
+    with pytest.raises(DeepWMLError, match="no Pixel Spacing"):
+        io._check_pixel_spacing("series", Reader({"0008|0016": "1.2.840.10008.5.1.4", "0028|0008": "1"}))
