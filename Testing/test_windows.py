@@ -177,10 +177,10 @@ class _Parser:
     def __init__(self, func):
         self.func = func
 
-    def parse_args(self, argv):
+    def parse_known_args(self, argv):
         import argparse
 
-        return argparse.Namespace(func=self.func, command="segment", debug=False)
+        return argparse.Namespace(func=self.func, command="segment", debug=False), []
 
 
 def test_a_path_past_windows_limit_says_so(tmp_path, monkeypatch):
