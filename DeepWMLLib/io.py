@@ -174,24 +174,30 @@ def windows_path_hint(path: str | os.PathLike) -> str:
             "support' (Region settings)")
 
 
-def _detached_data_files(header: Path) -> list[str]:
-    """The data files a detached header (.mhd, .nhdr) names relative to its folder (one, or a LIST): they
-    travel with it."""
+def _data_file_field(header: Path) -> tuple[str, list[str]] | None:
+    """A detached header's (.mhd: ElementDataFile; .nhdr: data file) field as written and the file names it
+    gives (one, or those of a LIST); None for another format, an unreadable file or no such field."""
     if not header.name.lower().endswith((".mhd", ".nhdr")):
-        return []
+        return None
     try:
         with open(header, "rb") as f:
             text = f.read(1 << 20).decode("utf-8", "replace")  # a header, or the start of data stored after it
     except OSError:
-        return []
+        return None
     field = re.search(r"^[ \t]*(?:ElementDataFile[ \t]*=|data ?file[ \t]*:)[ \t]*(.*?)[ \t]*$", text,
                       re.IGNORECASE | re.MULTILINE)
     if field is None:
-        return []
+        return None
     value = field.group(1)
     names = text[field.end():].splitlines() if value.upper().startswith("LIST") else [value]
-    return [n.strip() for n in names if n.strip() and not os.path.isabs(n.strip())
-            and (header.parent / n.strip()).is_file()]
+    return value, [n.strip() for n in names if n.strip()]
+
+
+def _detached_data_files(header: Path) -> list[str]:
+    """The data files a detached header (.mhd, .nhdr) names relative to its folder (one, or a LIST): they
+    travel with it."""
+    value, names = _data_file_field(header) or ("", [])
+    return [n for n in names if not os.path.isabs(n) and (header.parent / n).is_file()]
 
 
 def _leading_ups(name: str) -> int:
@@ -1376,15 +1382,23 @@ def spread_digest(path: str | os.PathLike, chunks: int = 16, chunk: int = 1 << 1
     return digest.hexdigest()[:16]
 
 
+def content_fingerprint(path: str | os.PathLike) -> str:
+    """A scan file by its content: `file_fingerprint`, after a '~' `spread_digest`, and for a detached header
+    (.mhd, .nhdr, which holds the geometry alone: two patients' scans on one template grid have byte-identical
+    headers) the same of its voxel file after a '+'."""
+    def key(file) -> str:
+        return f"{file_fingerprint(file)}~{spread_digest(file)}"
+
+    data = detached_data_file(path)
+    return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
+
+
 def detached_data_file(path: str | os.PathLike) -> Path | None:
     """The voxel file a detached header names (MetaImage .mhd: ElementDataFile; NRRD .nhdr: data file), or
     None (voxels in the file itself, a list or pattern of files, or another format)."""
     p = Path(path)
-    if not p.name.lower().endswith((".mhd", ".nhdr")):
-        return None
-    fields = _header_fields(p)
-    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile") or ""
-    if not name or name.upper() in ("LOCAL", "LIST") or name.upper().startswith("LIST") or "%" in name:
+    name = (_data_file_field(p) or ("",))[0]
+    if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
         return None
     return p.parent / name
 

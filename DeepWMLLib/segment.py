@@ -510,14 +510,7 @@ def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str |
         keys = sorted(uid or io.file_fingerprint(f) for f, uid in zip(series.files, uids))
         digest = hashlib.sha256("\n".join([series.uid, *keys]).encode("utf-8"))
         return f"dicom:{len(series.files)}:{digest.hexdigest()[:24]}"
-    if not path.is_file():
-        return None
-
-    def key(file: Path) -> str:
-        return f"{io.file_fingerprint(file)}~{io.spread_digest(file)}"
-
-    data = io.detached_data_file(path)  # a .mhd or .nhdr holds the geometry alone: the voxels count too
-    return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
+    return io.content_fingerprint(path) if path.is_file() else None
 
 
 def _older_fingerprints(current: str) -> set:

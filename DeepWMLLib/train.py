@@ -985,18 +985,10 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
-    """Each train and val case's FLAIR and mask by content (None for a missing file): the size and first MiB
-    (io.file_fingerprint), after a '~' blocks spread over the rest (io.spread_digest: scans on one template
-    grid stored uncompressed share their first MiB), and for a detached header (.mhd, .nhdr) its voxel file's
-    after a '+'."""
-    def key(path) -> str:
-        return f"{io.file_fingerprint(path)}~{io.spread_digest(path)}"
-
+    """Each train and val case's FLAIR and mask by content (io.content_fingerprint: scans on one template grid
+    share their size, first MiB and, detached, their header; None for a missing file)."""
     def content(path: str) -> str | None:
-        if not Path(path).is_file():
-            return None
-        data = io.detached_data_file(path)
-        return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
+        return io.content_fingerprint(path) if Path(path).is_file() else None
 
     return {c.case: [content(c.flair), content(c.mask)] for c in cases if assignment[c.case] in ("train", "val")}
 
