@@ -409,12 +409,13 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
             if path.is_dir() and (export or not io.is_dicom_folder(path)):
                 images = _image_files(path)
                 studies, problems = io.dicom_catalogue(path) if export else ([], [])
-                found = images + [(study.name, study.folder, study) for study in studies]
+                found = images + [(study.name, _as_given(path, study.folder), study) for study in studies]
                 if not found and not problems:
                     cases.append((io.case_name(path), path, None))  # reported as an error for that input
                 cases.extend(sorted(found, key=lambda c: (str(c[1]), c[0])))
-                cases.extend((f"{io.case_name(path)} (unreadable folder)", Path(problem.split(" cannot be read")[0]),
-                              DeepWMLError(problem)) for problem in problems)
+                cases.extend((f"{io.case_name(path)} (unreadable folder)",
+                               _as_given(path, Path(problem.split(" cannot be read")[0])), DeepWMLError(problem))
+                              for problem in problems)
             else:  # a file, or a DICOM series folder; image files beside the series are cases of their own
                 cases.append((io.case_name(path), path, None))
                 if path.is_dir():
@@ -424,6 +425,17 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
         except DeepWMLError as exc:  # e.g. a name that is not UTF-8 text
             cases.append((io.case_name(path), path, exc))
     return cases
+
+
+def _as_given(given: Path, folder: Path) -> Path:
+    """A folder io.dicom_catalogue found below `given` (it answers absolute paths) as a path below `given` as
+    it was typed, as an image file in a folder is: summary.csv's and the report's `input` then name every
+    case the same way, relative to where the run was started when the input was typed so (the report's
+    `input_absolute` holds the absolute path)."""
+    try:
+        return given / folder.relative_to(os.path.abspath(given))
+    except ValueError:
+        return folder
 
 
 def _once_each(cases: list[tuple]) -> list[tuple]:

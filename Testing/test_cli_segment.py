@@ -706,6 +706,26 @@ def test_a_pacs_export_gives_one_case_per_study_with_its_flair(tmp_path, tiny_mo
         assert report["dicom_series"]["study_uid"] == studies[case]
 
 
+def test_summary_input_is_the_path_as_typed_for_files_series_and_studies(tmp_path, tiny_model, monkeypatch):
+    """summary.csv's `input` names every case as it was typed, so that a script joining the rows to its own
+    list of inputs (or opening them from where the run started) finds each: a study found in an export was
+    given as an absolute path while files and DICOM series folders were as typed. Its absolute path is the
+    report's `input_absolute`, from wherever the run was started."""
+    image, _ = make_volume(size=(28, 24, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    sitk.WriteImage(image, str(tmp_path / "scan.nii.gz"))
+    _export_series(tmp_path / "series", "1.1", "AX FLAIR", 2500)
+    _export_series(tmp_path / "export" / "PAT1" / "STU1" / "SER1", "2.1", "AX FLAIR", 2500)
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "scan.nii.gz", "series", "export", "-o", "out", "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    rows = {row["case"]: row for row in read_summary(tmp_path / "out")}
+    expected = {"scan": "scan.nii.gz", "series": "series", "PAT1_STU1_SER1": os.path.join("export", "PAT1", "STU1", "SER1")}
+    assert {case: row["input"] for case, row in rows.items()} == expected
+    for case, given in expected.items():
+        report = json.loads((tmp_path / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
+        assert report["input"] == given and report["input_absolute"] == str((tmp_path / given).resolve())
+
+
 def test_studies_sharing_folders_and_series_split_over_folders(tmp_path, tiny_model):
     """Two visits' files in one folder are two cases, named by their study dates (names that stay when a
     third visit is added); a series whose files lie in two folders is read whole, in slice order."""
