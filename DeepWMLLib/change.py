@@ -841,6 +841,7 @@ def _run(args) -> int:
 
 def _run_cohort(args) -> int:
     from .evaluation import case_error, plain_name, read_manifest, report_failed_cases
+    from .segment import batch_total
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
@@ -854,7 +855,7 @@ def _run_cohort(args) -> int:
             failed.append({"case": entry["case"], "error": f"its outputs would be named {case}_*, as case "
                                                             f"{names[case]!r}'s are; rename one of them"})
             rows.append({"case": entry["case"], "status": "error", "error": failed[-1]["error"]})
-            print(f"{entry['case']}: FAILED ({failed[-1]['error']})", file=sys.stderr)
+            print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
             continue
         names[case] = entry["case"]
         earlier = _earlier_outputs(out, case)
@@ -869,7 +870,7 @@ def _run_cohort(args) -> int:
                                        f"{done.get('followup')}); rename the case or use --overwrite")
                 rows.append({**_summary_row(entry["case"], done), "status": "skipped",
                              "error": "done before (use --overwrite to redo)"})
-                print(f"{entry['case']}: skipped, done before", file=sys.stderr)
+                print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
                 _write_summary(rows, out)
                 continue
             if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
@@ -885,7 +886,7 @@ def _run_cohort(args) -> int:
             failed.append({"case": entry["case"], "error": case_error(exc)})
             rows.append({"case": entry["case"], "status": "error", "error": failed[-1]["error"],
                          "seconds": round(time.perf_counter() - start, 3)})
-            print(f"{entry['case']}: FAILED ({failed[-1]['error']})", file=sys.stderr)
+            print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
             continue
         rows.append({**_summary_row(entry["case"], report), "status": "ok", "error": ""})
         print(format_summary(entry["case"], report))
@@ -893,9 +894,7 @@ def _run_cohort(args) -> int:
             print(f"{entry['case']}: warning: {warning}", file=sys.stderr)
         _write_summary(rows, out)  # after every pair: an interrupted cohort keeps what it did
     _write_summary(rows, out)
-    done = sum(r["status"] == "ok" for r in rows)
-    print(f"{done}/{len(rows)} pairs done ({len(failed)} failed, {len(rows) - done - len(failed)} skipped), summary in "
-          f"{out / 'change_summary.csv'}", file=sys.stderr)
+    print(batch_total(rows, "pairs", out / "change_summary.csv"), file=sys.stderr)
     return report_failed_cases(failed, "failed")
 
 

@@ -918,6 +918,15 @@ def _series_matched_nothing(rows: list[dict], series: str | None) -> None:
           f"stud{'ies' if len(unmatched) > 1 else 'y'} given; see summary.csv for their series", file=sys.stderr)
 
 
+def batch_total(rows: Sequence[dict], noun: str, summary: Path) -> str:
+    """A batch's last line, worded alike by `deepwml segment`, the Slicer batch script and `deepwml change
+    --manifest`: what this run did, failed and skipped (done before, or a study without a FLAIR), so that a
+    rerun that only skipped does not read as all done."""
+    done = sum(r["status"] == "ok" for r in rows)
+    failed = sum(r["status"] == "error" for r in rows)
+    return f"{done}/{len(rows)} {noun} done ({failed} failed, {len(rows) - done - failed} skipped), summary in {summary}"
+
+
 def write_summary(rows: Sequence[dict], path: Path) -> None:
     buffer = _stringio.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -1105,7 +1114,5 @@ def _run(args) -> int:
         brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask,
         ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
         save_ventricle_mask=args.save_ventricle_mask)
-    failed = sum(r["status"] == "error" for r in rows)
-    _Printable(sys.stderr).write(f"{len(rows) - failed}/{len(rows)} cases done, summary in "
-                                 f"{Path(args.output_dir) / 'summary.csv'}\n")
-    return 1 if failed else 0
+    _Printable(sys.stderr).write(batch_total(rows, "cases", Path(args.output_dir) / "summary.csv") + "\n")
+    return 1 if any(r["status"] == "error" for r in rows) else 0

@@ -379,6 +379,7 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 1  # two pairs failed, one done
     err = capsys.readouterr().err
     assert "2 case(s) failed" in err and "does not exist" in err and "grid" in err
+    assert "p2: error - " in err and "1/3 pairs done (2 failed, 0 skipped)" in err
     rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
     assert [(r["case"], r["status"]) for r in rows] == [("p1/visit2", "ok"), ("p2", "error"), ("p3", "error")]
     assert rows[0]["n_new"] == "1" and rows[0]["n_gone"] == "1"
@@ -388,7 +389,9 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
                         f"p1/visit2,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
                         encoding="utf-8")
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0  # done before: skipped
-    assert "skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err  # worded as `deepwml segment` words its cases
+    assert "p1/visit2: skipped - done before (use --overwrite to redo)" in err
+    assert err.rstrip().endswith(f"0/1 pairs done (0 failed, 1 skipped), summary in {out / 'change_summary.csv'}")
     rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
     assert rows[0]["status"] == "skipped" and rows[0]["n_new"] == "1"  # its figures kept from its report
     manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"  # the same name, another pair

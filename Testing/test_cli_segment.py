@@ -539,7 +539,7 @@ def test_console_entry_point_exits_quickly_with_outputs_written_and_the_right_co
                             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 1, result.stderr
     assert "good: ok" in result.stderr and "missing: error" in result.stderr
-    assert result.stderr.rstrip().endswith(f"1/2 cases done, summary in {out / 'summary.csv'}")
+    assert result.stderr.rstrip().endswith(f"1/2 cases done (1 failed, 0 skipped), summary in {out / 'summary.csv'}")
     assert io.read_mask(out / "good_wmh.nii.gz").GetSize() == (32, 32, 4)
     assert io.read_segmentation(out / "good.seg.nrrd").GetSize() == (32, 32, 4)
     assert "missing" in (out / "summary.csv").read_text(encoding="utf-8-sig")
@@ -905,6 +905,21 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
                                               "p3: ok - 1.00 ml, 2 lesions, 10.0 s (20 s left for 2 more)",
                                               "p4: skipped - outputs exist",
                                               "p5: ok - 1.00 ml, 2 lesions, 10.0 s"]
+
+
+def test_the_last_line_counts_cases_skipped_apart_from_those_done_as_change_does(tmp_path, tiny_model, capsys):
+    """A rerun that only skipped said '2/2 cases done' where `deepwml change --manifest` says '0/2 pairs done
+    (0 failed, 2 skipped)': both now count what the run did, failed and skipped, in the same words."""
+    first, _ = write_case(tmp_path, "p1", size=(32, 32, 4))
+    second, _ = write_case(tmp_path, "p2", size=(32, 32, 4))
+    out = tmp_path / "out"
+    argv = ["segment", str(first), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.rstrip().endswith(f"1/1 cases done (0 failed, 0 skipped), summary in {out / 'summary.csv'}")
+    assert main(argv[:2] + [str(second)] + argv[2:]) == 0
+    err = capsys.readouterr().err
+    assert "p1: skipped - outputs exist" in err and "p2: ok" in err
+    assert err.rstrip().endswith(f"1/2 cases done (0 failed, 1 skipped), summary in {out / 'summary.csv'}")
 
 
 @pytest.mark.parametrize("argv,prefix", [

@@ -243,9 +243,8 @@ def main(argv) -> int:
         if row.get("warnings") and row["status"] == "ok":  # a skipped case's are its earlier run's
             print(f"{case}: warning: {row['warnings']}", flush=True)
     write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
-    failed = sum(row["status"] == "error" for row in rows)
-    print(f"{len(rows) - failed}/{len(rows)} cases done, summary in {args.output_dir / 'summary.csv'}", flush=True)
-    return 1 if failed else 0
+    print(segment.batch_total(rows, "cases", args.output_dir / "summary.csv"), flush=True)
+    return 1 if any(row["status"] == "error" for row in rows) else 0
 
 
 if __name__ == "__main__":
