@@ -283,7 +283,7 @@ class OpenVinoRunner:
 
     It reads the same cached ONNX export as `OnnxRunner`. On a 2-core Xeon with AMX the WMH network
     took 4.8 ms per 256x256 slice in bf16 against 24 ms with ONNX Runtime (fp32) and 21 ms with
-    OpenVINO in fp32 (README, Performance, session 10, where the masks are compared with fp32's).
+    OpenVINO in fp32 (Testing/benchmarks/README.md, session 10, where the masks are compared with fp32's).
     """
 
     name = "openvino"
