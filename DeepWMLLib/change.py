@@ -711,7 +711,7 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
         loaded["brain"] = load_brain_model(None if args.no_brain_mask else "default")
     for name, given, image in zip(("baseline", "follow-up"), mask_paths, (baseline, followup)):
         if given:
-            masks[name] = io.read_mask(given, image)
+            masks[name] = io.read_mask(given, image, f"the {name} FLAIR")
             maps[name] = None
             source[name] = {"mask": str(given)}
             continue

@@ -1272,10 +1272,12 @@ def _few_values(array: np.ndarray) -> np.ndarray | None:
     return values if len(values) <= MAX_LABEL_VALUES else None
 
 
-def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> sitk.Image:
+def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
+              reference_name: str = "the image it is compared with") -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
-    With `reference`, the mask must lie on the reference's grid (see `check_same_grid`); a mask that
+    With `reference` (named `reference_name` in an error), the mask must lie on the reference's grid
+    (see `check_same_grid`); a mask that
     stores the same grid in another voxel order is reordered onto it (`align_voxel_order`). A Slicer
     `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image. A two-valued mask whose
     lesion value is above 255 (0/65535) is read as 0/1.
@@ -1287,9 +1289,18 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
     image = lesion_segments(path) if segment_names(path) else read_any(path)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array != np.round(array)):
+        finite = np.asarray(array)[np.isfinite(array)]
+        if finite.size < array.size:
+            found = f"{array.size - finite.size} voxels that are not numbers (NaN or Inf)"
+        elif np.any(finite < 0):
+            found = f"negative values (down to {float(finite.min()):g})"
+        else:  # fractions: a probability map, or a mask resampled with linear interpolation
+            fractions = finite[finite != np.round(finite)]
+            found = (f"values that are not whole numbers ({fractions.size} voxels between {float(fractions.min()):.3g} and "
+                     f"{float(fractions.max()):.3g}: a probability map, or a mask resampled with interpolation?)")
         raise DeepWMLError(
-            f"{path} is not a label mask (values must be whole numbers 0–255: 0 background, 1 lesion); "
-            "threshold probability maps first"
+            f"{path} is not a label mask: it holds {found}; a mask holds whole numbers 0–255 (0 background, "
+            "1 lesion): threshold a probability map first, resample masks with nearest neighbour"
         )
     if np.any(array > 255):
         values = np.unique(array[array != 0])
@@ -1303,7 +1314,7 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None) -> s
     mask = sitk.Cast(image, sitk.sitkUInt8)
     if reference is not None:
         mask = align_voxel_order(mask, reference)
-        check_same_grid(mask, reference, str(path), "the image it is compared with")
+        check_same_grid(mask, reference, str(path), reference_name)
     return mask
 
 
@@ -1311,14 +1322,15 @@ def grid_difference(a: sitk.Image, b: sitk.Image) -> str | None:
     """A description of how two image grids differ, or None when they match within tolerance."""
     if a.GetDimension() != b.GetDimension():
         return f"dimension {a.GetDimension()} vs {b.GetDimension()}"
-    if a.GetSize() != b.GetSize():
-        return f"size {a.GetSize()} vs {b.GetSize()}"
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
     def show(values, digits: int) -> str:
         return "(" + ", ".join(f"{float(v):.{digits}f}".rstrip("0").rstrip(".") for v in values) + ")"
 
-    if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0):
-        return f"spacing {show(sa, 5)} vs {show(sb, 5)} mm"
+    spacing = None if np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0) else f"spacing {show(sa, 5)} vs {show(sb, 5)} mm"
+    if a.GetSize() != b.GetSize():  # both grids in full: a size alone does not say which was resampled
+        return f"size {a.GetSize()} vs {b.GetSize()}" + (f", {spacing}" if spacing else "")
+    if spacing:
+        return spacing
     tol = _ORIGIN_TOL_FRACTION * float(min(sa.min(), sb.min()))
     oa, ob = np.array(a.GetOrigin()), np.array(b.GetOrigin())
     if np.abs(oa - ob).max() > tol:

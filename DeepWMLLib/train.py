@@ -472,7 +472,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             continue
         try:
             image = io.read_image(case.flair)
-            mask = io.read_mask(case.mask, reference=image)
+            mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}")
         except DeepWMLError as exc:
             if not skip_bad_cases:
                 raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc

@@ -656,3 +656,12 @@ def test_a_baseline_lesion_half_outside_the_follow_ups_view_is_drawn_where_it_ca
     assert [(r["status"], r["scan"]) for r in rows] == [("not assessable", "baseline")]
     drawn = np.argwhere(labels == 4)
     assert drawn.size and set(drawn[:, 0]) == {7, 8, 9}  # the follow-up's slices the lesion reaches
+
+
+def test_a_given_mask_on_another_grid_names_the_scan_it_belongs_to(tmp_path):
+    """'--baseline-mask m.nii.gz' on the wrong grid said 'm.nii.gz and the image it is compared with are on
+    different voxel grids': which scan, baseline or follow-up, went unsaid."""
+    baseline, followup = sitk.Image([8, 9, 10], sitk.sitkFloat32), sitk.Image([8, 9, 12], sitk.sitkFloat32)
+    io.write_image(sitk.Image([8, 9, 12], sitk.sitkUInt8), tmp_path / "m.nii.gz")
+    with pytest.raises(change.DeepWMLError, match="m.nii.gz and the baseline FLAIR are on different voxel grids"):
+        change._masks_for(None, baseline, followup, (tmp_path / "m.nii.gz", tmp_path / "m.nii.gz"), {})

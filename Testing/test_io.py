@@ -576,3 +576,39 @@ def test_single_frame_enhanced_mr_images_are_not_taken_for_images_without_pixel_
     io._check_pixel_spacing("series", Reader({"0008|0016": "1.2.840.10008.5.1.4", "0028|0030": "0.9\\0.9"}))
     with pytest.raises(DeepWMLError, match="no Pixel Spacing"):
         io._check_pixel_spacing("series", Reader({"0008|0016": "1.2.840.10008.5.1.4", "0028|0008": "1"}))
+
+
+def test_a_grid_of_another_size_names_both_spacings(tmp_path):
+    """A mask resampled to 0.5 mm against a 1 mm reference was refused as 'size (40, 40, 20) vs (20, 20, 10)'
+    alone: which one was resampled, and to what, went unsaid."""
+    fine = sitk.Image([40, 40, 20], sitk.sitkUInt8)
+    fine.SetSpacing((0.5, 0.5, 0.5))
+    coarse = sitk.Image([20, 20, 10], sitk.sitkUInt8)
+    with pytest.raises(DeepWMLError, match=r"size \(40, 40, 20\) vs \(20, 20, 10\), spacing \(0\.5, 0\.5, 0\.5\) vs "
+                                           r"\(1, 1, 1\) mm"):
+        io.check_same_grid(fine, coarse)
+    cropped = sitk.Image([20, 20, 8], sitk.sitkUInt8)  # same spacing: only the sizes are said
+    with pytest.raises(DeepWMLError, match=r"size \(20, 20, 8\) vs \(20, 20, 10\)\)"):
+        io.check_same_grid(cropped, coarse)
+
+
+@pytest.mark.parametrize("values, dtype, words", [
+    ([0, -1], np.int16, "negative values (down to -1)"),
+    ([0, 0.25, 0.75], np.float32, "values that are not whole numbers (2 voxels between 0.25 and 0.75: a probability map"),
+])
+def test_read_mask_says_what_is_wrong_with_the_values(tmp_path, values, dtype, words):
+    """A mask of int16 with -1 was told to 'threshold probability maps first'; now the message says what it holds."""
+    array = np.zeros((4, 5, 6), dtype)
+    array.flat[:len(values)] = values
+    path = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(DeepWMLError) as caught:
+        io.read_mask(path)
+    assert str(path) in str(caught.value) and words in str(caught.value)
+
+
+def test_read_mask_names_the_image_it_is_checked_against(tmp_path):
+    path = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkUInt8), str(path))
+    with pytest.raises(DeepWMLError, match="mask.nii.gz and the baseline FLAIR are on different voxel grids"):
+        io.read_mask(path, sitk.Image([4, 5, 7], sitk.sitkFloat32), "the baseline FLAIR")
