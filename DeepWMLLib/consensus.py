@@ -45,7 +45,8 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     (every axial slice either rater marked, in slice order: {index, dice, area_a_mm2, area_b_mm2,
     disagreement_mm2}), worst_slices (indices, largest disagreement first) and
     unmatched_lesions_a / _b (lesions one rater drew that no voxel of the other touches, largest
-    first: {voxels, volume_mm3, centroid_lps_mm, slices: [first, last]}).
+    first: {voxels, volume_mm3, centroid_lps_mm, slices: [first, last]}) and notes (an empty mask said in
+    words: two empty masks pass by convention).
     """
     _check_threshold(threshold)
     pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask")
@@ -64,6 +65,9 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
             })
     worst = sorted((s for s in slices if s["disagreement_mm2"] > 0), key=lambda s: (-s["disagreement_mm2"], s["index"]))
     volumes = pair.volumes_ml()
+    empty = [f"rater {name}'s" for name, mask in (("A", pair.prediction), ("B", pair.reference)) if not mask.any()]
+    notes = (["both raters' masks are empty: they agree by convention (Dice 1)"] if len(empty) == 2 else
+             [f"{empty[0]} mask is empty: Dice 0"] if empty else [])
     return {
         "dice": dice,
         "threshold": threshold,
@@ -76,6 +80,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
         "worst_slices": [s["index"] for s in worst],
         "unmatched_lesions_a": pair.lesion_table("prediction"),
         "unmatched_lesions_b": pair.lesion_table("reference"),
+        "notes": notes,
     }
 
 
@@ -94,6 +99,7 @@ def format_check(result: dict) -> str:
         f"Dice {dice_shown(result['dice'], result['threshold'])} (threshold {result['threshold']:g}): {verdict}",
         f"rater A {result['volume_a_ml']:.2f} ml in {result['n_lesions_a']} lesions; "
         f"rater B {result['volume_b_ml']:.2f} ml in {result['n_lesions_b']} lesions",
+        *(f"note: {note}" for note in result.get("notes", [])),
     ]
     by_index = {s["index"]: s for s in result["slices"]}
     worst = [by_index[k] for k in result["worst_slices"][:WORST_SLICES_SHOWN]]

@@ -206,12 +206,15 @@ def evaluate_case(prediction, reference, probabilities=None, found_fraction: flo
     (NaN without probabilities), slice_thickness_mm, lesionwise (dict, see
     `metrics.MaskPair.lesionwise`) and slices (list of {index, dice, sensitivity, precision,
     reference_area_mm2, prediction_area_mm2, lv_ml, lv_group} for every axial slice whose
-    reference has lesion). Conventions for empty masks and labels: see `DeepWMLLib.metrics`.
+    reference has lesion), notes (plain-language notes: which metrics an empty mask leaves undefined,
+    voxels the ignore label left out). Conventions for empty masks and labels: see `DeepWMLLib.metrics`.
     """
+    names = tuple(what if isinstance(value, (sitk.Image, Volume)) else f"{what} {value}"  # a file: named in errors
+                  for what, value in (("prediction", prediction), ("reference", reference)))
     reference = _as_mask(reference, "reference")
     prediction = _as_mask(prediction, "prediction")
     scores = _as_scores(probabilities) if probabilities is not None else None
-    return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes)
+    return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes, names)
 
 
 def _case_row(case: dict, result: dict) -> dict:
@@ -223,6 +226,7 @@ def _case_row(case: dict, result: dict) -> dict:
         "lesionwise_precision": lesionwise["precision"],
         "lesionwise_dice": lesionwise["dice"],
         "n_images": len(result["slices"]),
+        "notes": " | ".join(result.get("notes", [])),
     }
 
 
@@ -571,7 +575,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     info_columns = ["case", "centre", "disease"]
     write_csv(image_rows, info_columns + ["index", *IMAGE_METRICS, "reference_area_mm2", "prediction_area_mm2",
                                           "lv_ml", "lv_group"], out / "per_image.csv")
-    write_csv(case_rows + failed, info_columns + list(CASE_COLUMNS) + ["error"], out / "per_case.csv")
+    write_csv(case_rows + failed, info_columns + list(CASE_COLUMNS) + ["notes", "error"], out / "per_case.csv")
     write_csv(summary["table2"], list(summary["table2"][0]), out / "table2.csv")
     write_csv(summary["lv_groups"], list(summary["lv_groups"][0]), out / "lv_groups.csv")
     write_csv(summary["statistics"], ["test", "metric", "grouping", "groups", "statistic", "p", "note"],
@@ -711,4 +715,6 @@ def format_case(result: dict) -> str:
         + (f"; ROC AUC {_fmt(result['roc_auc'], 4)}" if math.isfinite(result["roc_auc"]) else ""),
         f"2D images with lesion: {len(result['slices'])}"
         + (" (" + ", ".join(f"{g} {groups[g]}" for g in metrics.LV_GROUPS if g in groups) + ")" if groups else ""),
+        *(f"note: {note} (–; null in the JSON)" if "undefined" in note else f"note: {note}"
+          for note in result.get("notes", [])),
     ])

@@ -34,12 +34,14 @@ pathology): voxels labelled 2 are removed from prediction and reference alike be
 component, distance, volume or AUC, so a prediction there is neither right nor wrong. Any other
 reference value is an error, except in a two-valued mask (0 and one positive whole number other than
 2, e.g. 0/255 as many tools export; `io.read_mask` reads files of 0-255, and a two-valued one above
-255 such as 0/65535 as 0/1), whose non-zero value is read as lesion. Prediction (and both raters in
+255 such as 0/65535 as 0/1), whose non-zero value is read as lesion. A reference of 0 and 2 alone is refused: nothing in it
+would be lesion, and it is more likely a mask whose lesion value is 2. Prediction (and both raters in
 `binary_pair`): a voxel is lesion when its value is >= 0.5, i.e. any positive label of an integer mask
 (files are read with `io.read_mask`, which refuses non-integer values: threshold a probability map
 first). Probability maps are scores; only their order matters for AUC.
 
-Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1:
+Empty masks. Undefined values are NaN (JSON null), never silently 0 or 1, and `case_metrics`'s `notes`
+say in words which ones and why (what `deepwml evaluate` prints under the figures):
 
     metric                 ref & pred empty   only ref empty   only pred empty
     Dice                   1                  0                0
@@ -143,8 +145,8 @@ def _binary(image: sitk.Image) -> np.ndarray:
     return voxels(image) >= 0.5
 
 
-def reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(lesion, ignore) boolean arrays.
+def reference_labels(reference: sitk.Image, what: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """(lesion, ignore) boolean arrays; `what` names the reference in an error.
 
     Labels 0, 1 and 2 as the module docstring says; a binary mask that marks lesion with another single
     value (0/255, as many tools export) is read as 0/1. Any other mix of values is refused."""
@@ -157,12 +159,18 @@ def reference_labels(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
             lesion_value = first  # a two-valued mask: its non-zero value is lesion
     lesion = array == lesion_value
     ignore = array == IGNORE_LABEL
+    if ignore.any() and not lesion.any():
+        raise DeepWMLError(
+            f"{what} holds only 0 and 2 ({int(ignore.sum())} voxels of 2): 2 means 'ignore' (MICCAI's other "
+            "pathology, judged neither way), so it would hold no lesion at all and the prediction be judged "
+            "nowhere; if 2 marks lesion in this file, relabel it 1"
+        )
     bad = ~(lesion | ignore | (array == 0))
     if bad.any():
         found = np.unique(array[bad])
         shown = ", ".join(f"{v:g}" for v in found[:5]) + (", ..." if len(found) > 5 else "")
         raise DeepWMLError(
-            f"reference has value{'s' if len(found) > 1 else ''} {shown} in {int(bad.sum())} voxels; a reference mask may only hold "
+            f"{what} has value{'s' if len(found) > 1 else ''} {shown} in {int(bad.sum())} voxels; a reference mask may only hold "
             "0 (background), 1 (lesion) and 2 (ignore), or be two-valued (0 and one lesion value such as 255) "
             "— relabel it first"
         )
@@ -209,19 +217,24 @@ class MaskPair:
         self.direction = np.array(geometry.GetDirection(), dtype=float).reshape(3, 3)
         self.axial_axis = io.axial_axis(geometry)
         self.voxel_volume_mm3 = float(np.prod(self.spacing))
+        self.ignored_voxels = 0  # reference voxels labelled 2, left out of both masks (`from_images`)
 
     @classmethod
-    def from_images(cls, prediction: sitk.Image, reference: sitk.Image) -> "MaskPair":
-        """A prediction against a reference with labels 0/1/2 (2 = ignore, removed from both)."""
-        _check_volume(prediction, "prediction")
-        _check_volume(reference, "reference")
+    def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
+                    names: tuple[str, str] = ("prediction", "reference")) -> "MaskPair":
+        """A prediction against a reference with labels 0/1/2 (2 = ignore, removed from both); `names`
+        name them in an error (e.g. with their files)."""
+        _check_volume(prediction, names[0])
+        _check_volume(reference, names[1])
         prediction = io.align_voxel_order(prediction, reference)
-        io.check_same_grid(prediction, reference, "prediction", "reference")
-        lesion, ignore = reference_labels(reference)
+        io.check_same_grid(prediction, reference, *names)
+        lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
         if ignore.any():
             predicted &= ~ignore
-        return cls(predicted, lesion, reference)
+        pair = cls(predicted, lesion, reference)
+        pair.ignored_voxels = int(np.count_nonzero(ignore))
+        return pair
 
     @classmethod
     def binary_pair(cls, a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> "MaskPair":
@@ -254,6 +267,25 @@ class MaskPair:
             "prediction_volume_ml": n_pred * self.voxel_volume_mm3 / 1000.0,
             "reference_volume_ml": n_ref * self.voxel_volume_mm3 / 1000.0,
         }
+
+    def notes(self) -> list[str]:
+        """Plain-language notes on what the figures mean for this pair: why a metric is undefined (an empty
+        mask) or fixed by convention (both empty), and how many voxels the ignore label left out."""
+        _, n_pred, n_ref = self.counts
+        notes = []
+        if n_pred == 0 and n_ref == 0:
+            notes.append("prediction and reference are both empty: Dice 1, HD95 0 mm, AVD 0 %, lesion recall and F1 1 "
+                         "by convention; sensitivity, precision and lesion-wise recall and precision are undefined")
+        elif n_ref == 0:
+            notes.append("the reference is empty (no lesion): sensitivity, HD95, AVD and lesion-wise recall are "
+                         "undefined; Dice, precision and lesion F1 are 0, as every marked voxel is false (lesion "
+                         "recall 1: the challenge's convention)")
+        elif n_pred == 0:
+            notes.append("the prediction is empty: precision, HD95 and lesion-wise precision are undefined; Dice, "
+                         "sensitivity and lesion recall are 0, AVD 100 %")
+        if self.ignored_voxels:
+            notes.append(f"{self.ignored_voxels} reference voxels labelled 2 (ignore) were left out of both masks")
+        return notes
 
     def avd_percent(self) -> float:
         _, n_pred, n_ref = self.counts
@@ -495,9 +527,11 @@ def lesionwise(prediction: sitk.Image, reference: sitk.Image, found_fraction: fl
 
 
 def case_metrics(prediction: sitk.Image, reference: sitk.Image, probabilities: sitk.Image | None = None,
-                 found_fraction: float = FOUND_FRACTION, size_classes: SizeClasses | None = None) -> dict:
-    """Every per-case metric above in one flat dict (plus `lesionwise` and `slices`)."""
-    pair = MaskPair.from_images(prediction, reference)
+                 found_fraction: float = FOUND_FRACTION, size_classes: SizeClasses | None = None,
+                 names: tuple[str, str] = ("prediction", "reference")) -> dict:
+    """Every per-case metric above in one flat dict (plus `lesionwise`, `slices` and `notes`); `names`
+    name the two masks in an error."""
+    pair = MaskPair.from_images(prediction, reference, names)
     result = {
         **pair.overlap(),
         "hd95_mm": pair.hd95_mm(),
@@ -508,5 +542,6 @@ def case_metrics(prediction: sitk.Image, reference: sitk.Image, probabilities: s
         "slice_thickness_mm": pair.slice_thickness_mm,
         "lesionwise": pair.lesionwise(found_fraction, size_classes),
         "slices": pair.slices(),
+        "notes": pair.notes(),
     }
     return result

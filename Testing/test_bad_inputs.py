@@ -91,6 +91,9 @@ BAD_INPUTS = [
     ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
+    ("a reference of 0 and 2 only (2 is ignore: no lesion left)", "evaluate", 1, "holds only 0 and 2"),
+    ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
+    ("an empty reference", "evaluate", 0, "ok: the printed note says which metrics are undefined and why"),
     ("rater masks on different grids", "consensus", 1, "different voxel grids"),
     ("consensus manifest missing columns", "consensus", 1, "column"),
     ("training manifest missing", "train", 1, "does not exist"),
@@ -218,6 +221,9 @@ def world(tmp_path):
     paths["prob"] = _write(d / "prob.nii.gz", prob)
     empty = sitk.Image(truth) * 0
     paths["empty mask"] = _write(d / "empty_mask.nii.gz", empty)
+    paths["0/2"] = _write(d / "mask02.nii.gz", truth * 2)
+    negative = sitk.Cast(truth, sitk.sitkInt16) - 1  # background -1, lesion 0
+    paths["negative"] = _write(d / "negative.nii.gz", negative)
     model = tiny_model_file(tmp_path / "model.pt")
     bad_model = tmp_path / "bad_model.pt"
     bad_model.write_bytes(model.read_bytes()[:500])
@@ -363,6 +369,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["empty mask"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
     if row_id == "rater masks on different grids":
         return ["consensus", str(p["truth"]), str(p["other grid"])]
+    if row_id.startswith("a reference of 0 and 2 only"):
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/2"])]
+    if row_id == "a mask with negative values (int16)":
+        return ["evaluate", "--prediction", str(p["negative"]), "--reference", str(p["truth"])]
+    if row_id == "an empty reference":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
     if row_id == "consensus manifest missing columns":
         return ["consensus", "--manifest", str(tmp / "in" / "raters.csv"), "-o", out]
     if row_id == "baseline and follow-up the same file":
@@ -405,7 +417,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err, printed = captured.err, captured.out
     assert code == exit_code, err
     assert "Traceback" not in err
     if not words.startswith("ok"):
@@ -463,6 +476,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))
         assert report["acquisition_plane"] == "axial"
         assert [w for w in report["warnings"] if "could not be checked" not in w] == []  # a small phantom's head
+    if row_id == "an empty reference":
+        assert "note: the reference is empty" in printed and "undefined" in printed
+        result = json.loads((tmp / "e.json").read_text(encoding="utf-8"))
+        assert result["sensitivity"] is None and result["hd95_mm"] is None and result["dice"] == 0.0
+        assert any("reference is empty" in note for note in result["notes"])
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference"):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 

@@ -167,3 +167,15 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "a.nii.gz")]) == 141
     assert "error" not in capsys.readouterr().err
+
+
+def test_an_empty_mask_is_said_in_words(tmp_path, capsys):
+    """Two empty masks printed 'Dice 1.000: PASS' with nothing saying that neither rater drew anything."""
+    empty, (a, _) = np.zeros((3, 5, 5), np.uint8), raters()
+    assert consensus_check(image(empty), image(empty))["notes"] == [
+        "both raters' masks are empty: they agree by convention (Dice 1)"]
+    assert consensus_check(image(a), image(np.zeros_like(a)))["notes"] == ["rater B's mask is empty: Dice 0"]
+    for name, array in (("a", empty), ("b", empty)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]) == 0
+    assert "note: both raters' masks are empty" in capsys.readouterr().out

@@ -236,3 +236,27 @@ def test_metrics_commands_import_neither_torch_nor_matplotlib():
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_empty_mask_is_explained_in_the_text_and_per_case_csv(tmp_path, capsys):
+    """An empty reference printed 'sensitivity –  HD95 – mm  AVD – %' and per_case.csv 'nan' with no word of why."""
+    ref = write_mask(reference_array(), tmp_path / "ref.nii.gz")
+    empty = write_mask(np.zeros((7, 40, 40)), tmp_path / "empty.nii.gz")
+    assert main(["evaluate", "--prediction", empty, "--reference", ref]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the prediction is empty: precision, HD95 and lesion-wise precision are undefined" in printed
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("case,prediction,reference\nnone,empty.nii.gz,ref.nii.gz\nall,ref.nii.gz,ref.nii.gz\n")
+    evaluation.evaluate_cohort(manifest, tmp_path / "out")
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert per_case["none"]["precision"] == "nan" and "the prediction is empty" in per_case["none"]["notes"]
+    assert per_case["all"]["notes"] == ""
+
+
+def test_a_grid_error_of_one_case_names_both_files(tmp_path):
+    """'prediction and reference are on different voxel grids' did not say which files."""
+    ref = write_mask(reference_array(), tmp_path / "manual.nii.gz")
+    pred = write_mask(reference_array(), tmp_path / "thick_wmh.nii.gz", spacing=(1.0, 1.0, 6.0))
+    with pytest.raises(evaluation.DeepWMLError, match=r"prediction .*thick_wmh.nii.gz and reference .*manual.nii.gz "
+                                                      r"are on different voxel grids \(spacing"):
+        evaluation.evaluate_case(pred, ref)

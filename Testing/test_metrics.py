@@ -386,3 +386,40 @@ def test_two_dimensional_images_are_refused():
     flat = sitk.Image(10, 10, sitk.sitkUInt8)
     with pytest.raises(DeepWMLError, match="3D"):
         metrics.overlap(flat, flat)
+
+
+def test_a_reference_of_0_and_2_alone_is_refused_not_read_as_all_ignore():
+    """A mask whose lesion value is 2 (a second label in ITK-SNAP, a segment exported as label 2) was read as
+    'ignore' everywhere: no lesion left, the prediction masked away there, Dice 0 with nothing said."""
+    ref, pred = zeros(), zeros()
+    ref[2, 2:6, 2:6] = 2
+    pred[2, 2:6, 2:6] = 1
+    with pytest.raises(DeepWMLError, match="holds only 0 and 2.*relabel it 1"):
+        metrics.case_metrics(image(pred), image(ref))
+    ref[5, 10, 10] = 1  # with a lesion beside it, 2 is the challenge's ignore label as before
+    assert metrics.case_metrics(image(pred), image(ref))["dice"] == 0.0
+
+
+@pytest.mark.parametrize("pred_has, ref_has, words, undefined", [
+    (True, False, "the reference is empty", ("sensitivity", "hd95_mm", "avd_percent")),
+    (False, True, "the prediction is empty", ("precision", "hd95_mm")),
+    (False, False, "both empty", ("sensitivity", "precision")),
+])
+def test_notes_say_which_metrics_an_empty_mask_leaves_undefined(pred_has, ref_has, words, undefined):
+    ref, pred = zeros(), zeros()
+    ref[2, 2:6, 2:6] = ref_has
+    pred[3, 8:10, 8:10] = pred_has
+    result = metrics.case_metrics(image(pred), image(ref))
+    assert all(math.isnan(result[key]) for key in undefined)
+    assert len(result["notes"]) == 1 and words in result["notes"][0]
+    assert all(key.split("_")[0] in result["notes"][0].lower() for key in undefined)
+
+
+def test_notes_count_the_voxels_the_ignore_label_left_out_and_are_empty_otherwise():
+    ref, pred = zeros(), zeros()
+    ref[2, 2:6, 2:6] = 1
+    pred[2, 2:6, 2:6] = 1
+    assert metrics.case_metrics(image(pred), image(ref))["notes"] == []
+    ref[5, 10:12, 10:13] = metrics.IGNORE_LABEL
+    assert metrics.case_metrics(image(pred), image(ref))["notes"] == [
+        "6 reference voxels labelled 2 (ignore) were left out of both masks"]

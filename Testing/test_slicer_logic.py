@@ -157,6 +157,18 @@ def test_consensus_line_never_contradicts_its_verdict():
     assert passed.startswith("Dice 0.875 >= 0.875: PASS")  # was "0.875 >= 0.88"
 
 
+def test_an_empty_mask_is_explained_in_the_panel(scene):
+    """The panel showed "Dice 0.000, sensitivity 0.000, precision n/a" for an empty segmentation, with no word of why."""
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    empty = mrml.segmentationFromMask(sitk.Image(truth) * 0, volume, name="empty")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    logic = DeepWMLCoreLogic()
+    shown = logic.formatComparison(logic.compareSegmentations(empty, manual, volume))
+    assert "precision n/a" in shown and "Note: the prediction is empty: precision, HD95" in shown
+    assert "Note: both raters' masks are empty" in logic.formatConsensus(logic.consensusCheck(empty, empty, 0.85, volume))
+
+
 def test_a_labelmap_is_not_segmented(scene, tiny_model):
     flair, truth = make_volume()
     labelmap = mrml.volumeFromImage(truth, "manual mask", "vtkMRMLLabelMapVolumeNode")

@@ -665,7 +665,8 @@ class DeepWMLCoreLogic:
         return (f"Dice {_text(comparison['dice'])}, sensitivity {_text(comparison['sensitivity'])}, "
                 f"precision {_text(comparison['precision'])}\n"
                 f"Volume {_text(comparison['prediction_volume_ml'])} ml vs reference "
-                f"{_text(comparison['reference_volume_ml'])} ml")
+                f"{_text(comparison['reference_volume_ml'])} ml"
+                + "".join(f"\nNote: {note}" for note in comparison.get("notes", [])))  # an empty mask: why "–"
 
     @staticmethod
     def formatConsensus(result: dict) -> str:
@@ -679,6 +680,7 @@ class DeepWMLCoreLogic:
         worst = result["worst_slices"][:DISCORDANT_SLICES_SHOWN]
         if worst:
             lines.append("Most discordant slices: " + ", ".join(str(index) for index in worst))
+        lines += [f"Note: {note}" for note in result.get("notes", [])]
         return "\n".join(lines)
 
     @staticmethod
