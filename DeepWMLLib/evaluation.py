@@ -501,6 +501,10 @@ def _report(summary: dict) -> str:
          + ([f"[qc/{picture_path_name(c['case'])}](qc/{picture_path_name(c['case'])})" if c["case"] in pictured else ""]
             if pictured else [])
          for c in cases]))
+    noted = [c for c in cases if c.get("notes")]
+    if noted:  # an empty mask: which of its figures are undefined, and why (per_case.csv's notes)
+        lines += ["", "## Notes on cases", ""]
+        lines += [f"- **{c['case']}**: {c['notes']}" for c in noted]
     if failed:
         lines += ["", "## Failed cases", ""]
         lines += [f"- **{c['case']}**: {c['error']}" for c in failed]

@@ -251,6 +251,8 @@ def test_an_empty_mask_is_explained_in_the_text_and_per_case_csv(tmp_path, capsy
     per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
     assert per_case["none"]["precision"] == "nan" and "the prediction is empty" in per_case["none"]["notes"]
     assert per_case["all"]["notes"] == ""
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## Notes on cases\n\n- **none**: the prediction is empty" in report and "**all**" not in report
 
 
 def test_a_grid_error_of_one_case_names_both_files(tmp_path):
