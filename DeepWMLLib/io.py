@@ -1354,14 +1354,48 @@ def align_voxel_order(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return reordered if grid_difference(reordered, reference) is None else image
 
 
+def lattice_offset(a: sitk.Image, b: sitk.Image) -> tuple[int, ...] | None:
+    """The index on `b`'s grid of `a`'s first voxel when `a` lies on the same voxel lattice (same spacing and
+    direction, origin a whole number of voxels away: one is a crop or an extension of the other), else None."""
+    if a.GetDimension() != b.GetDimension():
+        return None
+    sa, sb = np.array(a.GetSpacing(), float), np.array(b.GetSpacing(), float)
+    da, db = np.array(a.GetDirection(), float), np.array(b.GetDirection(), float)
+    if not np.allclose(sa, sb, rtol=_SPACING_RTOL, atol=0) or np.abs(da - db).max() > _DIRECTION_TOL:
+        return None
+    n = b.GetDimension()
+    shift = np.array(a.GetOrigin(), float) - np.array(b.GetOrigin(), float)
+    index = db.reshape(n, n).T @ shift / sb
+    whole = np.round(index)
+    if np.abs((index - whole) * sb).max() > _ORIGIN_TOL_FRACTION * float(sb.min()):
+        return None
+    return tuple(int(v) for v in whole)
+
+
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:
     """Raise DeepWMLError when two images do not share a voxel grid."""
     diff = grid_difference(a, b)
     if diff:
         same_voxels = diff.startswith(("origin", "direction"))  # same size and spacing: a header changed
-        advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
-                  "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other"
-                  if same_voxels else "export both on the same grid (resample one onto the other first)")
+        offset, stored = None, a
+        if diff.startswith("size") and a.GetDimension() == b.GetDimension() == 3:
+            import SimpleITK as sitk
+
+            orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(b.GetDirection())
+            stored = sitk.DICOMOrient(a.to_sitk() if isinstance(a, Volume) else a, orientation)  # b's voxel order
+            offset = lattice_offset(stored, b)
+        if offset is not None:  # the same voxels over another extent: say which part of b's grid a covers
+            covered = ", ".join(f"{o} to {o + n - 1}" for o, n in zip(offset, stored.GetSize()))
+            whole = ", ".join(f"0 to {n - 1}" for n in b.GetSize())
+            advice = (f"{what_a} covers voxels ({covered}) of {what_b}'s ({whole}): the same voxels over another "
+                      "extent, one of them cropped (a Slicer segmentation saved with 'Crop to minimum extent', say); "
+                      "pad or crop it onto the other's grid, no interpolation needed (in Slicer: save it without "
+                      "cropping, or export it with the FLAIR as reference volume)")
+        elif same_voxels:
+            advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
+                      "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other")
+        else:
+            advice = "export both on the same grid (resample one onto the other first)"
         raise DeepWMLError(f"{what_a} and {what_b} are on different voxel grids ({diff}); {advice}")
 
 

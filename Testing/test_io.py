@@ -612,3 +612,22 @@ def test_read_mask_names_the_image_it_is_checked_against(tmp_path):
     sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkUInt8), str(path))
     with pytest.raises(DeepWMLError, match="mask.nii.gz and the baseline FLAIR are on different voxel grids"):
         io.read_mask(path, sitk.Image([4, 5, 7], sitk.sitkFloat32), "the baseline FLAIR")
+
+
+def test_a_cropped_mask_on_the_same_voxels_is_told_which_part_it_covers():
+    """A segmentation saved cropped (Slicer's 'Crop to minimum extent') lies on the scan's very voxels over a smaller
+    extent; it was refused as 'size ... vs ...; resample one onto the other', though no resampling is needed."""
+    scan = sitk.Image([30, 40, 12], sitk.sitkUInt8)
+    scan.SetSpacing((0.9, 0.8, 5.0))
+    scan.SetOrigin((10.0, -20.0, 3.0))
+    scan.SetDirection(tuple(rotation(0.2, -0.1, 0.3).ravel()))
+    cropped = sitk.DICOMOrient(scan[4:20, 7:39, 2:11], "RAS")  # and stored in another voxel order
+    with pytest.raises(DeepWMLError, match=r"the mask covers voxels \(4 to 19, 7 to 38, 2 to 10\) of the scan's "
+                                           r"\(0 to 29, 0 to 39, 0 to 11\): the same voxels over another extent.*"
+                                           r"no interpolation needed"):
+        io.check_same_grid(cropped, scan, "the mask", "the scan")
+    shifted = scan[4:20, 7:39, 2:11]
+    shifted.SetOrigin(tuple(np.array(shifted.GetOrigin()) + 0.3))  # off the lattice: resampling is needed
+    with pytest.raises(DeepWMLError) as caught:
+        io.check_same_grid(shifted, scan, "the mask", "the scan")
+    assert "covers voxels" not in str(caught.value) and "resample one onto the other" in str(caught.value)
