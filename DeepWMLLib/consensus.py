@@ -30,7 +30,7 @@ from .metrics import MaskPair
 DEFAULT_THRESHOLD = 0.85
 WORST_SLICES_SHOWN = 5
 CSV_COLUMNS = ("case", "dice", "threshold", "passed", "volume_a_ml", "volume_b_ml", "n_lesions_a", "n_lesions_b",
-               "n_unmatched_lesions_a", "n_unmatched_lesions_b", "worst_slice", "rater_a", "rater_b", "error")
+               "n_unmatched_lesions_a", "n_unmatched_lesions_b", "worst_slice", "rater_a", "rater_b", "notes", "error")
 
 
 def _check_threshold(threshold: float) -> None:
@@ -153,6 +153,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             row["n_unmatched_lesions_a"] = len(result["unmatched_lesions_a"])
             row["n_unmatched_lesions_b"] = len(result["unmatched_lesions_b"])
             row["worst_slice"] = result["worst_slices"][0] if result["worst_slices"] else ""
+            row["notes"] = " | ".join(result["notes"])  # an empty mask, said in words
             message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:

@@ -179,3 +179,7 @@ def test_an_empty_mask_is_said_in_words(tmp_path, capsys):
         io.write_image(image(array), tmp_path / f"{name}.nii.gz")
     assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]) == 0
     assert "note: both raters' masks are empty" in capsys.readouterr().out
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b\nnone,a.nii.gz,b.nii.gz\n")
+    main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["notes"] == "both raters' masks are empty: they agree by convention (Dice 1)"
