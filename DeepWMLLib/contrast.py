@@ -21,6 +21,9 @@ NIfTI file imports neither SciPy nor SimpleITK): 0.03-0.21 s from the sample to 
 The deep median stands for the white matter (the deep brain is mostly white matter; voxels the model
 marked as lesion are left out). Nothing is judged when the deep brain is under `MIN_DEEP_ML` (a brain
 mask that failed, a partial field of view) or when there is no brain mask.
+Levels are measured from the image's black (`image_black`: the air, or the zeros around a stripped
+brain), so a FLAIR stored with an offset or a scale, or z-scored, gets the same figures as the scanner's
+own; an image with no black around the brain (z-scored inside it, 0 outside) is not judged.
 
 How the bounds were set and checked (`python Testing/benchmarks/contrast_check.py`, 5.5 min): they were
 chosen on 21 real FLAIRs (the 11 clinical scans, the sample, the 3 labelled cases at 1 / 5 / 8 mm),
@@ -44,6 +47,10 @@ CORTEX_BRIGHTER_MIN = 0.35
 FLAIR_DARK_RANGE = "1.1-16 %"  # what the real FLAIRs above gave, quoted in the warnings
 FLAIR_CORTEX_RANGE = "47-77 %"
 
+
+OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away)
+BLACK_PERCENTILE = 0.5  # the image's black: this low percentile of its voxels (a few stray ones below it)
+PADDING_GAP = 10.0  # ... unless it lies this many times the rest's range below the rest (reslice padding)
 
 COARSE_MM = 2.0  # the depth is measured on in-plane blocks of about this size
 
@@ -118,6 +125,25 @@ def _region_depth(intracranial: np.ndarray, spacing: tuple[float, float, float])
     return full
 
 
+def image_black(stack: np.ndarray) -> float:
+    """The image's black, where its levels are measured from: the BLACK_PERCENTILE-th percentile of its
+    voxels, i.e. the air around the head or the zeros around a stripped brain (0 on the scanner's own
+    images; an offset, a scale or a z-score moves it with the tissue, so the figures do not change). A few
+    voxels below it (interpolation's undershoot, -20 on the labelled scans) do not move it, and neither does
+    padding far below the rest (a band of -32768 from a reslice: a gap under the rest more than PADDING_GAP
+    times the rest's range; not head_mask's 1 time, which a stripped brain's narrow range, as on PD, can pass)."""
+    from .preprocessing import percentiles
+
+    sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else np.ravel(stack)
+    black, top = percentiles(sample, [BLACK_PERCENTILE, 99.5])
+    above = sample[sample > black]
+    if above.size:
+        floor = percentiles(above, 0.5)[0]
+        if floor - black > PADDING_GAP * (top - floor):
+            black = floor
+    return float(black)
+
+
 def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarray,
                    spacing: tuple[float, float, float]) -> dict:
     """Figures of the check and its verdict for an axial stack ([slice, row, col]) with its
@@ -143,12 +169,17 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     values = stack[deep]
     reference = float(np.median(stack[normal] if np.count_nonzero(normal) * voxel_ml >= MIN_DEEP_ML else values))
     shell = (depth >= SHELL_MM[0]) & (depth <= SHELL_MM[1]) & ~lesion
-    # Levels are measured from black: 0, or the image's least value when all voxels lie above 0 (a FLAIR
-    # stored with an offset, +1000 say, whose ventricles are then far above half the white matter's level:
-    # it was called T2-weighted). A scan with 0 in it, as magnitude images have, is judged as before.
-    black = max(0.0, float(stack.min()))
+    # Levels are measured from the image's black (its air and the zeros around the brain): the same
+    # figures for a scan stored with an offset or a scale, or z-scored, as for the scanner's own.
+    black = image_black(stack)
     if reference - black <= 0 or not shell.any():
-        result["not_judged"] = "no intensity level to judge by (an image whose black is not 0, e.g. z-scored?)"
+        result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
+        return result
+    outside = ~np.asarray(intracranial, bool)
+    if outside.any() and np.mean(stack[outside] - black < DARK_RATIO * (reference - black)) < OUTSIDE_DARK_MIN:
+        result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "
+                                "dark (a scan whose background was filled with another value, e.g. z-scored inside "
+                                "the brain with 0 outside?)")
         return result
     dark = float(np.mean(values - black < DARK_RATIO * (reference - black)))
     brighter = float(np.mean(stack[shell] > reference))

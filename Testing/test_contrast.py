@@ -4,6 +4,8 @@ contrast, its distance map against scipy's, and on a real T1-weighted template t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -70,6 +72,88 @@ def test_an_intensity_offset_does_not_change_the_verdict(cortex, ventricle, expe
     assert shifted["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
 
 
+@pytest.mark.parametrize("cortex,ventricle,expected", [(1.25, 0.3, "FLAIR"), (1.2, 3.0, "T2- or PD-weighted"),
+                                                       (0.7, 0.3, "T1-weighted")])
+@pytest.mark.parametrize("stored", ["z-scored", "minus 1000", "scaled by 0.01"])
+def test_a_z_score_or_a_negative_offset_does_not_change_the_verdict(cortex, ventricle, expected, stored):
+    """A scan whose black lies below 0 (z-scored, as research pipelines save FLAIRs, or stored with a
+    negative offset): levels were measured from 0, not from its black, so a z-scored FLAIR got other
+    figures and one 1000 below the scanner's was not judged at all. Now the same verdict and figures."""
+    stack, inside, lesion = _head(cortex, ventricle)
+    plain = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    changed = {"z-scored": (stack - stack.mean()) / stack.std(), "minus 1000": stack - 1000,
+               "scaled by 0.01": stack * 0.01}[stored]
+    check = contrast.flair_contrast(changed, inside, lesion, SPACING)
+    assert plain["looks_like"] == check["looks_like"] == expected, check
+    assert check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=1e-4)
+    assert check["cortex_brighter_fraction"] == pytest.approx(plain["cortex_brighter_fraction"], abs=1e-3)
+
+
+def test_a_few_voxels_or_padding_below_black_do_not_move_it():
+    """Interpolation's undershoot (a few voxels at -20, as on the labelled scans) and a band of reslice
+    padding at -32768 leave the black at the air's level."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    plain = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    undershoot, padded = stack.copy(), stack.copy()
+    undershoot.reshape(-1)[::2000] = -20.0
+    padded[:, :4, :] = -32768.0
+    assert contrast.image_black(undershoot) == 0.0
+    assert contrast.image_black(padded) == pytest.approx(0.0, abs=1.0)
+    for changed in (undershoot, padded):
+        check = contrast.flair_contrast(changed, inside, lesion, SPACING)
+        assert check["looks_like"] == "FLAIR" and check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
+
+
+@pytest.mark.parametrize("cortex,ventricle", [(1.25, 0.3), (1.2, 3.0), (0.7, 0.3)])
+def test_a_background_filled_with_another_level_is_not_judged(cortex, ventricle):
+    """z-scored inside the brain with 0 (the brain's mean) written outside: the image has no black to
+    measure from, so no verdict (and a warning that says why), rather than one measured from the wrong level."""
+    stack, inside, lesion = _head(cortex, ventricle)
+    brain = stack[inside]
+    masked = np.where(inside, (stack - brain.mean()) / brain.std(), 0).astype(np.float32)
+    check = contrast.flair_contrast(masked, inside, lesion, SPACING)
+    assert check["looks_like"] is None and "no black background" in check["not_judged"], check
+    (warning,) = contrast.contrast_warnings(check)
+    assert "could not be checked" in warning and "z-scored inside the brain" in warning
+
+
+def test_the_sample_z_scored_or_minus_1000_is_judged_and_segmented_as_the_sample(tmp_path):
+    """The bundled sample, z-scored and 1000 below: the same check figures and the same mask."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.segment import segment_image
+
+    image = io.read_image(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz")
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    results = []
+    for changed in (voxels, (voxels - voxels.mean()) / voxels.std(), voxels - 1000):
+        other = sitk.GetImageFromArray(changed)
+        other.CopyInformation(image)
+        result = segment_image(other, device="cpu")
+        results.append((result.report["contrast"], sitk.GetArrayFromImage(result.mask)))
+    (plain, mask), *others = results
+    assert plain["looks_like"] == "FLAIR"
+    for check, other_mask in others:
+        assert check["looks_like"] == "FLAIR" and check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=1e-3)
+        assert check["cortex_brighter_fraction"] == pytest.approx(plain["cortex_brighter_fraction"], abs=1e-3)
+        assert np.count_nonzero(other_mask != mask) <= 0.001 * np.count_nonzero(mask)
+
+
+def test_a_real_t1_template_z_scored_is_still_called_t1_weighted():
+    """The MNI152 T1 at 5 mm, z-scored (its black now below 0): still warned about as T1-weighted."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib.segment import segment_image
+
+    thick = mni_t1_thick(5, smooth=True)
+    voxels = sitk.GetArrayFromImage(thick)
+    z = sitk.GetImageFromArray(((voxels - voxels.mean()) / voxels.std()).astype(np.float32))
+    z.CopyInformation(thick)
+    report = segment_image(z, device="cpu").report
+    assert report["contrast"]["looks_like"] == "T1-weighted", report["contrast"]
+
+
 def test_t2_with_the_deep_brain_marked_as_lesion():
     """On T2 the model marks CSF and much of the deep brain: the white matter's level then comes from
     all of the deep brain, and the bright ventricles still give the scan away."""
@@ -84,9 +168,9 @@ def test_not_judged_without_enough_deep_brain():
     assert check["looks_like"] is None and check["dark_fraction"] is None and "under 50 ml" in check["not_judged"]
     (warning,) = contrast.contrast_warnings(check)  # said, not silent: silence would read as "a FLAIR"
     assert "could not be checked" in warning and f"only {check['deep_ml']:.0f} ml" in warning
-    check["not_judged"] = "no intensity level to judge by (an image whose black is not 0, e.g. z-scored?)"
+    check["not_judged"] = "no black background to measure levels from"
     check["deep_ml"] = 400.0
-    assert "z-scored" in contrast.contrast_warnings(check)[0]
+    assert "no black background" in contrast.contrast_warnings(check)[0]
 
 
 def test_holes_in_the_brain_mask_are_filled():
