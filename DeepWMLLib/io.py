@@ -42,7 +42,7 @@ from .volume import Volume, like, nifti_bytes, nifti_version, parse_nifti, voxel
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")  # .hdr: a NIfTI-1 pair's header
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 
 # Two grids count as the same when they differ by less than these (floating point noise from
@@ -88,6 +88,11 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith((".nii", ".nii.gz"))
 
 
+def is_nifti_pair(path: str | os.PathLike) -> bool:
+    """A header of a two-file NIfTI-1 (`.hdr` + `.img`, as SPM writes), or of an Analyze 7.5 pair (refused)."""
+    return str(path).lower().endswith(".hdr")
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -107,7 +112,7 @@ def output_extension(input_path: str | os.PathLike, output_format: str = "same")
     if output_format != "same":
         return "." + output_format
     name = Path(input_path).name.lower()
-    if is_nifti(name):
+    if is_nifti(name) or is_nifti_pair(name):  # a pair's outputs: one .nii.gz file each
         return ".nii.gz"
     if name.endswith((".mha", ".mhd")):
         return ".mha"
@@ -174,9 +179,23 @@ def windows_path_hint(path: str | os.PathLike) -> str:
             "support' (Region settings)")
 
 
+def _pair_data_name(header: Path) -> str | None:
+    """The name of a NIfTI/Analyze `.hdr`'s voxel file: its own name with `.img` (in the header's case, else the
+    other), or None when there is none."""
+    stem = header.name[:-4]
+    for ext in ((".IMG", ".img") if header.name.endswith(".HDR") else (".img", ".IMG")):
+        if (header.parent / (stem + ext)).is_file():
+            return stem + ext
+    return None
+
+
 def _data_file_field(header: Path) -> tuple[str, list[str]] | None:
     """A detached header's (.mhd: ElementDataFile; .nhdr: data file) field as written and the file names it
-    gives (one, or those of a LIST); None for another format, an unreadable file or no such field."""
+    gives (one, or those of a LIST); for a NIfTI pair's .hdr its .img; None for another format, an unreadable
+    file or no such field."""
+    if is_nifti_pair(header):
+        name = _pair_data_name(header)
+        return (name, [name]) if name else None
     if not header.name.lower().endswith((".mhd", ".nhdr")):
         return None
     try:
@@ -220,6 +239,10 @@ def _stage(source: Path, place: Path, write: bool) -> str:
             return str(place)
         name = source.name if source.name.isascii() else "image" + _extension(source)
         companions = _detached_data_files(source)
+        if is_nifti_pair(source) and companions:  # found by its name beside the header: renamed with it
+            shutil.copyfile(source, place / name)
+            shutil.copyfile(source.parent / companions[0], place / (name[:-4] + companions[0][-4:]))
+            return str(place / name)
         # a data file named from a folder above ("../raw/v.raw"): the header goes as many folders down, so
         # that every copy stays inside `place` (and goes with it) instead of landing beside it in TEMP
         ups = max((_leading_ups(c) for c in companions), default=0)
@@ -363,8 +386,9 @@ def _nifti_data(path: Path) -> bytes:
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
 
 
-def _check_nifti(path: Path, data: bytes) -> None:
-    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0."""
+def _check_nifti(path: Path, data: bytes, pair: bytes | None = None) -> None:
+    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0. `pair`: the
+    voxel file (.img) of a two-file NIfTI-1 whose header (.hdr) is `data`."""
     if len(data) < 348:
         raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
     for endian in "<>":
@@ -412,6 +436,8 @@ def _check_nifti(path: Path, data: bytes) -> None:
                 "wrong; export the image again from the scanner or PACS")
     n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
     expected = vox_offset + n_voxels * max(1, bitpix) // 8
+    if pair is not None:
+        data, path = pair, path.parent / (_pair_data_name(path) or path.name)
     if len(data) < expected:
         raise DeepWMLError(
             f"{path} is truncated: it holds {len(data)} of the {expected} bytes its header announces; "
@@ -424,7 +450,44 @@ def _check_nifti(path: Path, data: bytes) -> None:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
-_IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+def _check_nifti_pair(path: Path) -> None:
+    """A `.hdr` + `.img` pair: read (by SimpleITK, as a .nii) when the header is NIfTI-1's ("ni1"), with the
+    checks of `_check_nifti`. A plain Analyze 7.5 header (no NIfTI mark) is refused: it has no orientation, and
+    software reads its left and right in different ways (SPM's flip setting, radiological or neurological)."""
+    def read(file: Path, size: int | None = None) -> bytes:
+        try:
+            with open(file, "rb") as f:
+                return f.read() if size is None else f.read(size)
+        except PermissionError as exc:
+            raise DeepWMLError(f"{file} cannot be read (permission denied); ask for read access to it") from exc
+        except OSError as exc:
+            raise DeepWMLError(f"{file} cannot be read ({exc.strerror or exc}); copy it again from its source") from exc
+
+    header = read(path, 348)
+    if len(header) < 348 or 348 not in (struct.unpack("<i", header[:4])[0], struct.unpack(">i", header[:4])[0]):
+        raise DeepWMLError(f"{path} is not a NIfTI or Analyze header (.hdr of 348 bytes); use NIfTI (.nii, .nii.gz), "
+                           "NRRD, MetaImage or a DICOM series folder")
+    magic = header[344:348]
+    if magic == b"n+1\0":
+        raise DeepWMLError(f"{path} is a one-file NIfTI (header and voxels together) named .hdr; rename it to .nii")
+    if magic != b"ni1\0":
+        raise DeepWMLError(f"{path} is an Analyze 7.5 header (.hdr/.img without the NIfTI mark), which stores no "
+                           "orientation: software reads its left and right in different ways, so the mask's sides "
+                           "could not be trusted; convert it to NIfTI (.nii.gz) where its orientation is known "
+                           "(e.g. FSL: fslchfiletype NIFTI_GZ FILE.hdr, then check left and right), or export the "
+                           "scan again from the scanner or PACS")
+    data = _pair_data_name(path)
+    if data is None:
+        raise DeepWMLError(f"{path} is the header of a NIfTI pair, and its voxel file {path.name[:-4]}.img is not "
+                           "beside it; copy both files")
+    wanted = path.name[:-4] + (".IMG" if path.name.endswith(".HDR") else ".img")
+    if data != wanted or not path.name.endswith((".hdr", ".HDR")):  # the image library looks for that name alone
+        raise DeepWMLError(f"{path}: the image library finds a pair's voxel file only as NAME.img beside NAME.hdr, or "
+                           f"NAME.IMG beside NAME.HDR, not {data}; rename the two files so that their extensions match")
+    _check_nifti(path, header, read(path.parent / data))
+
+
+_IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".hdr": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
               ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 
 
@@ -503,9 +566,11 @@ def _unknown_voxel_size(path: Path) -> str | None:
 def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
-            f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+            f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair), NRRD (.nrrd, .nhdr), "
             "MetaImage (.mha, .mhd) or a DICOM series folder"
         )
+    if is_nifti_pair(path):
+        _check_nifti_pair(path)
     if is_nifti(path):
         data = _nifti_data(path)
         _check_nifti(path, data)
@@ -535,7 +600,7 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
-            missing = None if is_nifti(path) else _unknown_voxel_size(path)
+            missing = None if is_nifti(path) or is_nifti_pair(path) else _unknown_voxel_size(path)
             if missing:
                 raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "
                                    "reads as 1 mm, so lesion volumes in ml would be wrong; export it again with its "
@@ -1150,8 +1215,8 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     p = Path(path)
     if p.is_dir():
         return None
-    if is_nifti(p):
-        opener = gzip.open if _gzipped(p) else open
+    if is_nifti(p) or is_nifti_pair(p):
+        opener = gzip.open if is_nifti(p) and _gzipped(p) else open
         try:
             with opener(p, "rb") as f:
                 header = f.read(540)

@@ -51,6 +51,9 @@ BAD_INPUTS = [
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
+    ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
+    ("Analyze 7.5 pair (`.hdr` + `.img` without the NIfTI mark: no orientation, left and right ambiguous)", "segment", 1,
+     "Analyze 7.5 header"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
     ("a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)", "segment", 0, "ok: read as in lower case"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
@@ -193,6 +196,13 @@ def world(tmp_path):
     paths["NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)"] = d / "metres.nrrd"
     (d / "metres.nrrd").write_bytes(metres_nrrd.encode() + voxels.astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
+    sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
+    paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"
+    analyze = bytearray((d / "pair.hdr").read_bytes()[:348])
+    analyze[344:348] = bytes(4)  # no "ni1": Analyze 7.5
+    (d / "analyze.hdr").write_bytes(bytes(analyze))
+    (d / "analyze.img").write_bytes((d / "pair.img").read_bytes())
+    paths["Analyze 7.5 pair (`.hdr` + `.img` without the NIfTI mark: no orientation, left and right ambiguous)"] = d / "analyze.hdr"
     (d / "two.nii.gz").write_bytes(gzip.compress(nifti2_of(raw)))
     paths["a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"] = d / "SCAN.MHA"
     sitk.WriteImage(good, str(d / "scan.mha"))
@@ -459,10 +469,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert np.allclose(mask.GetSpacing(), sitk.ReadImage(str(tmp / "in" / "good.nii.gz")).GetSpacing(), atol=1e-4)
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
-    if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii", "a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"):
+    if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii", "a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)",
+                  "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"):
         # on the input's grid, in ml of it
-        case, ext = {"NIfTI-2 file": ("two", ".nii.gz"), "gzip-compressed NIfTI named .nii": ("packed", ".nii.gz")}.get(
-            row_id, ("SCAN", ".mha"))
+        case, ext = {"NIfTI-2 file": ("two", ".nii.gz"), "gzip-compressed NIfTI named .nii": ("packed", ".nii.gz"),
+                     "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)": ("pair", ".nii.gz")}.get(row_id, ("SCAN", ".mha"))
         report = json.loads((tmp / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
         mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh{ext}"))
         good = sitk.ReadImage(str(tmp / "in" / "good.nii.gz"))

@@ -14,7 +14,7 @@ from DeepWMLLib.errors import DeepWMLError
 from conftest import drop_pixel_spacing, make_volume, rotation, write_dicom_series
 
 
-@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"])
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
 def test_formats_keep_geometry(tmp_path, ext):
     image, _ = make_volume(size=(20, 16, 6), spacing=(0.7, 0.8, 4.0), direction=rotation(0.2, -0.1, 0.3),
                            dtype=sitk.sitkInt16)
@@ -26,7 +26,7 @@ def test_formats_keep_geometry(tmp_path, ext):
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
 
 
-@pytest.mark.parametrize("ext", [".NII.GZ", ".NII", ".NRRD", ".MHA", ".MHD", ".Mha"])
+@pytest.mark.parametrize("ext", [".NII.GZ", ".NII", ".NRRD", ".MHA", ".MHD", ".Mha", ".HDR"])
 def test_extensions_in_upper_case_read_the_same(tmp_path, ext):
     """SimpleITK picks its reader by the lower-case extension: SCAN.MHA (Windows tools) 'could not be read'.
     The NIfTI files are scaled, which takes them to SimpleITK too (outside the SimpleITK-free subset)."""
@@ -43,11 +43,73 @@ def test_extensions_in_upper_case_read_the_same(tmp_path, ext):
         name.rename(upper if name == path else tmp_path / ("CASE" + name.name[4:]))
     if ext.lower() == ".mhd":
         upper.write_text(upper.read_text().replace("case.raw", "CASE.raw"))
+    if ext == ".HDR":  # the pair's voxel file in the same case: the only name the image library looks for
+        (tmp_path / "CASE.img").rename(tmp_path / "CASE.IMG")
     for light in (False, True):
         read = io.read_image(upper, light=light)
         assert io.grid_difference(read, image) is None
         expected = sitk.GetArrayFromImage(image).astype(np.float32) * (2 if "nii" in ext.lower() else 1)
         assert np.array_equal(io.voxels(read), expected + (10 if "nii" in ext.lower() else 0))
+
+
+def _pair(folder, name="case", seed=0):
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.7, 0.8, 4.0), direction=rotation(0.2, -0.1, 0.3),
+                           dtype=sitk.sitkInt16, seed=seed)
+    sitk.WriteImage(image, str(folder / f"{name}.hdr"))  # a NIfTI-1 pair: "ni1" in the header
+    return image, folder / f"{name}.hdr", folder / f"{name}.img"
+
+
+def test_a_nifti_pair_is_read_as_its_nii_is(tmp_path):
+    """SPM's .hdr + .img (NIfTI-1, 'ni1'): refused as an unsupported file type, though the image library reads
+    it exactly as the same scan saved as .nii.gz; now read, its outputs named and written as for a .nii."""
+    image, header, voxel_file = _pair(tmp_path)
+    assert header.read_bytes()[344:348] == b"ni1\0" and voxel_file.is_file()
+    sitk.WriteImage(image, str(tmp_path / "same.nii.gz"))
+    pair, nii = io.read_image(header), io.read_image(tmp_path / "same.nii.gz")
+    assert io.grid_difference(pair, nii) is None
+    for a, b in ((pair.GetOrigin(), nii.GetOrigin()), (pair.GetDirection(), nii.GetDirection()),
+                 (pair.GetSpacing(), nii.GetSpacing())):
+        assert np.allclose(a, b, rtol=0, atol=1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(pair), sitk.GetArrayFromImage(nii))
+    assert io.case_name(header) == "case" and io.output_extension(header) == ".nii.gz"
+    assert io.is_image_file(header) and not io.is_image_file(voxel_file)
+
+
+def test_an_analyze_pair_and_broken_nifti_pairs_are_refused_saying_why(tmp_path):
+    """Analyze 7.5 (no NIfTI mark) has no orientation: left and right are read in different ways by different
+    software, so it is refused with how to convert it; a pair without its .img, or a truncated .img, says so."""
+    _, header, voxel_file = _pair(tmp_path)
+    analyze = tmp_path / "old.hdr"
+    data = bytearray(header.read_bytes()[:348])
+    data[344:348] = bytes(4)
+    analyze.write_bytes(bytes(data))
+    (tmp_path / "old.img").write_bytes(voxel_file.read_bytes())
+    lonely = tmp_path / "lonely.hdr"
+    lonely.write_bytes(header.read_bytes())
+    short = tmp_path / "short.hdr"
+    short.write_bytes(header.read_bytes())
+    (tmp_path / "short.img").write_bytes(voxel_file.read_bytes()[:-100])
+    one_file = tmp_path / "one.hdr"
+    sitk.WriteImage(sitk.ReadImage(str(header)), str(tmp_path / "one.nii"))
+    (tmp_path / "one.nii").rename(one_file)
+    mixed = tmp_path / "mixed.HDR"
+    mixed.write_bytes(header.read_bytes())
+    (tmp_path / "mixed.img").write_bytes(voxel_file.read_bytes())
+    for path, words in ((mixed, "rename the two files"), (analyze, "Analyze 7.5"), (analyze, "fslchfiletype"), (lonely, "lonely.img is not beside it"),
+                        (short, "short.img is truncated"), (one_file, "rename it to .nii")):
+        with pytest.raises(DeepWMLError, match=words):
+            io.read_image(path)
+
+
+def test_a_nifti_pairs_fingerprint_covers_its_voxel_file(tmp_path):
+    """Two patients' pairs on one grid have byte-identical .hdr files: the skip check's fingerprint must see
+    the .img, or a follow-up scan of that name would be skipped as done."""
+    for folder, seed in (("p1", 0), ("p2", 9)):
+        (tmp_path / folder).mkdir()
+        _pair(tmp_path / folder, seed=seed)
+    assert (tmp_path / "p1" / "case.hdr").read_bytes() == (tmp_path / "p2" / "case.hdr").read_bytes()
+    assert io.content_fingerprint(tmp_path / "p1" / "case.hdr") != io.content_fingerprint(tmp_path / "p2" / "case.hdr")
+    assert io.detached_data_file(tmp_path / "p1" / "case.hdr") == tmp_path / "p1" / "case.img"
 
 
 def test_dicom_series_folder(tmp_path):

@@ -130,6 +130,25 @@ def test_batch_writes_the_mask_of_an_input_stored_with_one_time_point_the_same_w
     assert io.read_mask(out / "a_wmh.mha", reference=flair).GetDimension() == 3  # read back onto the scan's grid
 
 
+def test_batch_reads_a_nifti_pair_and_refuses_an_analyze_one(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """A NIfTI-1 pair (.hdr + .img) is a case as its .nii would be, its mask on its grid; an Analyze 7.5 pair
+    (no orientation), which Slicer's reader would load with a guessed left and right, fails saying why."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    flair, _ = writeCase(inputs, "pair.hdr", direction=rotation(0.1, 0.0, 0.3))
+    header = bytearray((inputs / "pair.hdr").read_bytes()[:348])
+    header[344:348] = bytes(4)
+    (inputs / "old.hdr").write_bytes(bytes(header))
+    (inputs / "old.img").write_bytes((inputs / "pair.img").read_bytes())
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 1
+    rows = summary(out)
+    assert set(rows) == {"pair", "old"} and rows["pair"]["status"] == "ok"
+    assert "Analyze 7.5 header" in rows["old"]["error"], rows["old"]
+    assert io.grid_difference(io.read_mask(out / "pair_wmh.nii.gz"), flair) is None
+
+
 def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"

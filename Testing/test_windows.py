@@ -576,7 +576,7 @@ def _narrow_names(monkeypatch, tmp_path, short_names: bool) -> Path:
 
 def _scans_in(folder: Path):
     """A FLAIR as NIfTI (one under a name with letters outside ASCII), NRRD, MetaImage (.mhd + .zraw), a detached
-    NRRD header (.nhdr + .raw.gz) and a DICOM series, written into `folder` before SimpleITK is made to fail."""
+    NRRD header (.nhdr + .raw.gz), NIfTI-1 pairs (.hdr + .img, one named with such letters) and a DICOM series, written into `folder` before SimpleITK is made to fail."""
     import SimpleITK as sitk
 
     from conftest import make_volume, write_dicom_series
@@ -587,6 +587,9 @@ def _scans_in(folder: Path):
     for path in files:
         sitk.WriteImage(image, str(path), True)
     assert {"flair.zraw", "flair.raw.gz"} <= set(os.listdir(folder))  # the .mhd's and .nhdr's data, in files of their own
+    for name in ("flair.hdr", "Zoë_pair.hdr"):  # NIfTI-1 pairs: the .img goes along, renamed with its header
+        sitk.WriteImage(image, str(folder / name))
+        files.append(folder / name)
     dicom = write_dicom_series(folder / "Série_3", image, uid="1.2.3.4.7", description="AX T2 FLAIR")
     return image, files + [dicom]
 

@@ -5,7 +5,7 @@
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
-Every image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
+Every image file (.nii, .nii.gz, .hdr + .img, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
 CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per study named as `deepwml
 segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case,
 CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
@@ -108,6 +108,8 @@ def loadFlair(path: Path, case: str, study=None):
         series, _ = io.choose_dicom_series(path, option=None)
     elif io.read_time_axis(path):  # a NRRD or MetaImage file stored X, Y, Z, 1: Slicer's reader loses its
         return mrml.volumeFromImage(io.read_image(path), case), None  # orientation (identity directions), SimpleITK keeps it
+    elif io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
+        return mrml.volumeFromImage(io.read_image(path), case), None  # with a guessed left and right
     else:
         return mrml.loadVolumeFile(str(path), case), None
     return mrml.volumeFromImage(io.read_image(path, series=series), case), series
