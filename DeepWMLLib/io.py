@@ -167,6 +167,33 @@ def _ascii_temp_folders() -> list[str]:
     return found
 
 
+COPIES_PREFIX = "deepwml-itk-"  # `itk_names`' private folders in TEMP
+STALE_COPIES_S = 24 * 3600  # such a folder this long untouched was left by a run that was killed
+_swept: set[str] = set()
+
+
+def _sweep_stale_copies(folder: str) -> None:
+    """Remove the private copies (`COPIES_PREFIX` folders) an earlier run left in `folder` when it was killed
+    outright (Task Manager's End task, a power cut: no clean-up runs), untouched for over STALE_COPIES_S: scans
+    of patients would stay in TEMP for good. Folders of that prefix alone; once per folder and process, before
+    `itk_names` makes one there; what cannot be removed (another user's, one in use) is left, silently."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    cutoff = time.time() - STALE_COPIES_S
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if (entry.name.startswith(COPIES_PREFIX) and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def windows_path_hint(path: str | os.PathLike) -> str:
     """For a path SimpleITK cannot open by name (`_narrow_name_fails`) that `itk_names` could not route either
     (no temporary folder with an ASCII path): a hint to add to an error of the image library, which says only
@@ -273,7 +300,8 @@ def itk_names(*paths: str | os.PathLike, write: bool = False):
     2. a private folder with an ASCII path (`_ascii_temp_folders`): each file read is copied into it first
        (with the data files a .mhd or .nhdr names; a folder's files), each file written is copied to its path
        when the block ends. A copy rather than a link: a hard link needs the same volume (the scans are often
-       on another drive or a share) and a symbolic link needs rights users lack. It is removed, also on error.
+       on another drive or a share) and a symbolic link needs rights users lack. It is removed, also on error;
+       those a killed run left behind are swept the next time one is made there (`_sweep_stale_copies`).
     3. Else (TEMP under a user name with such letters, on a volume without short names) the names as they are:
        SimpleITK fails, and `windows_path_hint` says what to do."""
     texts = [text_path(p) for p in paths]
@@ -293,8 +321,9 @@ def itk_names(*paths: str | os.PathLike, write: bool = False):
         return
     staging = None
     for folder in _ascii_temp_folders():
+        _sweep_stale_copies(folder)
         try:
-            staging = Path(tempfile.mkdtemp(prefix="deepwml-itk-", dir=folder))
+            staging = Path(tempfile.mkdtemp(prefix=COPIES_PREFIX, dir=folder))
             break
         except OSError:
             continue

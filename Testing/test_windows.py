@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ntpath
 import os
+import time
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -619,6 +620,30 @@ def test_scans_in_a_folder_with_letters_outside_ascii_are_read(tmp_path, monkeyp
     monkeypatch.setattr(io, "_utf8_code_page", lambda: True)  # Windows set to UTF-8: SimpleITK gets the names as they are
     with io.itk_names(paths[1], paths[-1]) as names:
         assert names == [str(paths[1]), str(paths[-1])]
+
+
+def test_copies_a_killed_run_left_in_temp_are_swept(tmp_path, monkeypatch):
+    """A run killed outright (End task, a power cut) leaves its private copy of a scan in TEMP for good: the
+    next copy made there first removes those untouched for over a day, and nothing else."""
+    import SimpleITK as sitk
+
+    image, paths = _scans_in(tmp_path / "Données_Zoë")
+    temp = _narrow_names(monkeypatch, tmp_path, short_names=False)
+    monkeypatch.setattr(io, "_swept", set(), raising=False)
+    old = time.time() - 2 * 24 * 3600
+    for name in ("deepwml-itk-left1", "deepwml-itk-recent", "mine-deepwml-itk-old", "other"):
+        (temp / name / "0").mkdir(parents=True)
+        (temp / name / "0" / "flair.nii.gz").write_bytes(b"a patient's scan")
+    (temp / "deepwml-itk-a-file").write_bytes(b"not a folder")
+    for name in ("deepwml-itk-left1", "mine-deepwml-itk-old", "other", "deepwml-itk-a-file"):
+        os.utime(temp / name, (old, old))
+    read = io.read_any(paths[1])  # a name with letters outside ASCII: copied to TEMP
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image))
+    assert sorted(os.listdir(temp)) == ["deepwml-itk-a-file", "deepwml-itk-recent", "mine-deepwml-itk-old", "other"]
+    (temp / "deepwml-itk-left2").mkdir()
+    os.utime(temp / "deepwml-itk-left2", (old, old))
+    io.read_any(paths[1])
+    assert (temp / "deepwml-itk-left2").is_dir()  # once per process: not a scan of TEMP for every file read
 
 
 @pytest.mark.parametrize("short_names", [True, False], ids=["short-names", "copies"])
