@@ -567,6 +567,26 @@ def _nrrd_length_unit(path: Path) -> str | None:
     return odd[0] if odd else None
 
 
+def _nrrd_slice_in_space(path: Path) -> tuple[int, ...] | None:
+    """The sizes of an NRRD whose header places fewer than 3 axes in 3D space (one slice: 'space dimension: 3'
+    or a named 3D space, two 'space directions'), else None. SimpleITK cannot read such a file ('number of domain
+    axes ... doesn't match dimension of space')."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return None
+    fields = _header_fields(path)
+    space = fields.get("space", "").lower()
+    try:
+        dimension = int(fields.get("space dimension") or (4 if "time" in space else 3 if space else 0))
+        sizes = [int(v) for v in fields.get("sizes", "").split()]
+    except ValueError:
+        return None
+    axes = re.findall(r"\([^)]*\)|none", fields.get("space directions", ""))
+    domain = [size for size, axis in zip(sizes, axes) if axis != "none"]
+    if len(axes) != len(sizes) or not 0 < len(domain) < min(3, dimension):
+        return None
+    return tuple(domain)
+
+
 def _unknown_voxel_size(path: Path) -> str | None:
     """What an NRRD or MetaImage header lacks to give the voxel size, or None. SimpleITK reads a missing size
     (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted as 1 mm, the lesion volume 6 times too small."""
@@ -623,6 +643,10 @@ def _read_file(path: Path, light: bool = False) -> sitk.Image | Volume:
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
+            flat = _nrrd_slice_in_space(path)
+            if flat:
+                raise DeepWMLError(f"{path} is a 2D image {flat} (one slice placed in 3D space); DeepWML needs a 3D "
+                                   "FLAIR volume (all slices of the series)")
             reader.ReadImageInformation()
             # complex: 2 values per voxel, not vector/RGB
             if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):

@@ -34,6 +34,7 @@ BAD_INPUTS = [
     ("text file named .nrrd", "segment", 1, "cannot be read"),
     ("unsupported extension", "segment", 1, "unsupported file type"),
     ("2D image", "segment", 1, "2D image"),
+    ("2D NRRD slice placed in 3D space (`space dimension: 3`, two axes)", "segment", 1, "2D image"),
     ("4D image (several volumes)", "segment", 1, "4D image"),
     ("RGB / vector image", "segment", 1, "values per voxel"),
     ("all-zero image", "segment", 1, "constant"),
@@ -148,6 +149,10 @@ def world(tmp_path):
     nan = sitk.GetArrayFromImage(good)
     nan[1, 2, 3] = np.nan
     paths["2D image"] = _write(d / "slice.nii.gz", _array_image(np.ones((20, 30), np.float32)))
+    placed = ("NRRD0004\ntype: float\ndimension: 2\nsizes: 30 20\nspace: left-posterior-superior\n"
+              "space directions: (0.9,0,0) (0,0.9,0)\nspace origin: (-10,20,35)\nendian: little\nencoding: raw\n\n")
+    paths["2D NRRD slice placed in 3D space (`space dimension: 3`, two axes)"] = d / "placed_slice.nrrd"
+    (d / "placed_slice.nrrd").write_bytes(placed.encode() + np.ones((20, 30), "<f4").tobytes())
     paths["4D image (several volumes)"] = _write(d / "series.nii.gz", _array_image(np.random.rand(2, 4, 5, 6).astype(np.float32)))
     paths["RGB / vector image"] = _write(d / "rgb.mha", _array_image(np.random.rand(4, 5, 6, 3).astype(np.float32), vector=True))
     paths["all-zero image"] = _write(d / "zeros.nii.gz", _array_image(np.zeros((5, 6, 7), np.int16)))

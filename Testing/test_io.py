@@ -345,6 +345,24 @@ def test_an_nrrd_with_a_leading_axis_of_one_value_reads_as_a_scalar_volume(tmp_p
         assert np.array_equal(sitk.GetArrayFromImage(read), voxels.astype(np.float32))
 
 
+@pytest.mark.parametrize("space", ["space: left-posterior-superior", "space dimension: 3"])
+def test_an_nrrd_slice_placed_in_3d_space_is_called_a_2d_image(tmp_path, space):
+    """One slice saved with its place in the scanner (2 axes, 3D space directions): the image library's own
+    words came through ('number of domain axes in the NRRD file (2) doesn't match dimension of space...')."""
+    header = ("NRRD0004\ntype: float\ndimension: 2\nsizes: 40 30\n{}\nspace directions: (0.9,0,0) (0,0.9,0)\n"
+              "space origin: (-10,20,35)\nendian: little\nencoding: raw\n\n").format(space)
+    path = tmp_path / "slice.nrrd"
+    path.write_bytes(header.encode() + np.zeros((30, 40), "<f4").tobytes())
+    with pytest.raises(DeepWMLError, match=r"slice.nrrd is a 2D image \(40, 30\) \(one slice placed in 3D space\); "
+                                           "DeepWML needs a 3D FLAIR volume") as caught:
+        io.read_image(path)
+    assert "ITK" not in str(caught.value) and "domain axes" not in str(caught.value)
+    volume = ("NRRD0004\ntype: float\ndimension: 3\nsizes: 40 30 2\n{}\nspace directions: (0.9,0,0) (0,0.9,0) "
+              "(0,0,5)\nendian: little\nencoding: raw\n\n").format(space)
+    path.write_bytes(volume.encode() + np.arange(2 * 30 * 40, dtype="<f4").tobytes())
+    assert io.read_image(path).GetSize() == (40, 30, 2)  # a volume in the same space: read
+
+
 def test_an_nrrd_that_cannot_be_read_says_why(tmp_path):
     """SimpleITK's first line is 'Error reading x.nhdr:'; the NRRD library's last one says what is wrong
     (the data file missing beside a detached header, an encoding it lacks): that is what the user reads."""
