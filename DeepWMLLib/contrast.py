@@ -51,7 +51,8 @@ FLAIR_CORTEX_RANGE = "47-77 %"
 OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away):
 # 91-100 % on the 11 clinical scans, the sample and the 3 labelled ones (black 0 on each of them)
 BLACK_PERCENTILE = 0.5  # the image's black: this low percentile of its voxels (a few stray ones below it)
-PADDING_GAP = 10.0  # ... unless it lies this many times the rest's range below the rest (reslice padding)
+PADDING_GAP = 10.0  # ... unless it lies this many times the rest's range below the rest (reslice padding),
+OWN_BLACK = (0.05, 0.1)  # or over the range below a rest with a black of its own: a tenth of it in its lowest 5 %
 
 COARSE_MM = 2.0  # the depth is measured on in-plane blocks of about this size
 
@@ -131,8 +132,10 @@ def image_black(stack: np.ndarray) -> float:
     voxels, i.e. the air around the head or the zeros around a stripped brain (0 on the scanner's own
     images; an offset, a scale or a z-score moves it with the tissue, so the figures do not change). A few
     voxels below it (interpolation's undershoot, -20 on the labelled scans) do not move it, and neither does
-    padding far below the rest (a band of -32768 from a reslice: a gap under the rest more than PADDING_GAP
-    times the rest's range; not head_mask's 1 time, which a stripped brain's narrow range, as on PD, can pass)."""
+    padding below the rest (a band of -32768 or -1024 from a reslice): a gap under the rest more than PADDING_GAP
+    times the rest's range, or more than its range where the rest has a black of its own (its air or zeros: at
+    least OWN_BLACK[1] of it in the lowest OWN_BLACK[0] of its range). Not head_mask's gap of one range alone: a
+    stripped brain's narrow range, as on PD, passes it, and the brain has no such dense floor."""
     from .preprocessing import percentiles
 
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else np.ravel(stack)
@@ -140,7 +143,8 @@ def image_black(stack: np.ndarray) -> float:
     above = sample[sample > black]
     if above.size:
         floor = percentiles(above, 0.5)[0]
-        if floor - black > PADDING_GAP * (top - floor):
+        gap, span = floor - black, top - floor
+        if gap > PADDING_GAP * span or (gap > span and np.mean(above <= floor + OWN_BLACK[0] * span) >= OWN_BLACK[1]):
             black = floor
     return float(black)
 

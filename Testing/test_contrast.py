@@ -73,7 +73,7 @@ def test_an_intensity_offset_does_not_change_the_verdict(cortex, ventricle, expe
 
 
 @pytest.mark.parametrize("cortex,ventricle,expected", [(1.25, 0.3, "FLAIR"), (1.2, 3.0, "T2- or PD-weighted"),
-                                                       (0.7, 0.3, "T1-weighted")])
+                                                       (1.15, 1.2, "T2- or PD-weighted"), (0.7, 0.3, "T1-weighted")])
 @pytest.mark.parametrize("stored", ["z-scored", "minus 1000", "scaled by 0.01"])
 def test_a_z_score_or_a_negative_offset_does_not_change_the_verdict(cortex, ventricle, expected, stored):
     """A scan whose black lies below 0 (z-scored, as research pipelines save FLAIRs, or stored with a
@@ -91,15 +91,18 @@ def test_a_z_score_or_a_negative_offset_does_not_change_the_verdict(cortex, vent
 
 def test_a_few_voxels_or_padding_below_black_do_not_move_it():
     """Interpolation's undershoot (a few voxels at -20, as on the labelled scans) and a band of reslice
-    padding at -32768 leave the black at the air's level."""
+    padding (-32768, or -1024 as some tools write) leave the black at the air's level."""
     stack, inside, lesion = _head(1.25, 0.3)
     plain = contrast.flair_contrast(stack, inside, lesion, SPACING)
-    undershoot, padded = stack.copy(), stack.copy()
+    undershoot = stack.copy()
     undershoot.reshape(-1)[::2000] = -20.0
-    padded[:, :4, :] = -32768.0
     assert contrast.image_black(undershoot) == 0.0
-    assert contrast.image_black(padded) == pytest.approx(0.0, abs=1.0)
-    for changed in (undershoot, padded):
+    padded = []
+    for value in (-32768.0, -3000.0, -1024.0):  # far below, or below a rest with its own black (the air at 0)
+        padded.append(stack.copy())
+        padded[-1][:, :4, :] = value
+        assert contrast.image_black(padded[-1]) == pytest.approx(0.0, abs=1.0)
+    for changed in [undershoot] + padded:
         check = contrast.flair_contrast(changed, inside, lesion, SPACING)
         assert check["looks_like"] == "FLAIR" and check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
 
