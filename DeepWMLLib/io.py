@@ -1232,6 +1232,13 @@ def _check_layout(path, dimension: int, size, components: int) -> None:
         return
     if dimension == 2 or (dimension == 3 and min(size) == 0):
         raise DeepWMLError(f"{path} is a 2D image {size}; DeepWML needs a 3D FLAIR volume (all slices of the series)")
+    if dimension == 4:  # echoes of a multi-echo FLAIR, or time points: which one is the FLAIR is the user's call
+        raise DeepWMLError(
+            f"{path} is a 4D image {size}: {size[3]} volumes (echoes or time points) in one file; DeepWML segments "
+            "one 3D FLAIR volume: save the one to segment as its own file and give that (3D Slicer: load the file, "
+            "pick the volume in the Sequences toolbar, then File > Save Data; FSL: fslroi IN OUT N 1 keeps volume N, "
+            "counting from 0; dcm2niix writes each echo of a DICOM series to its own file)"
+        )
     if dimension != 3:
         raise DeepWMLError(
             f"{path} is a {dimension}D image {size}; DeepWML needs one 3D FLAIR volume — "

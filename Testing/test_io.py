@@ -285,6 +285,18 @@ def test_bad_inputs_raise_one_clear_line(tmp_path):
         assert "\n" not in message, name
 
 
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha"])
+def test_a_4d_file_of_several_volumes_says_how_to_choose_one(tmp_path, ext):
+    """Three echoes (or time points) in one file: the one-line error counts them and names ways to save the
+    one to segment as its own file; the old message only said to extract the FLAIR volume."""
+    path = _write(tmp_path / f"echoes{ext}", np.random.rand(3, 4, 5, 6).astype(np.float32))
+    with pytest.raises(DeepWMLError) as info:
+        io.read_image(path, light=True)
+    message = str(info.value)
+    assert "4D image" in message and "3 volumes" in message and "\n" not in message
+    assert "Sequences" in message and "fslroi" in message
+
+
 @pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
 def test_a_complex_image_is_named_so(tmp_path, ext):
     """Two values per voxel, but real and imaginary parts, not a vector or RGB: the user is told to export the
