@@ -106,15 +106,19 @@ def _depth_mm(inside: np.ndarray, spacing: tuple[float, float, float], limit: fl
     return np.sqrt(squared)
 
 
-def _region_depth(intracranial: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Depth in mm under the surface of the intracranial mask with its holes filled, for every voxel of
-    the stack (0 outside), measured on in-plane blocks of about COARSE_MM (numpy alone, a few tenths of a
-    second for a 512 x 512 x 48 scan; the regions it bounds are tens of mm across)."""
+def _region_bands(intracranial: np.ndarray, spacing: tuple[float, float, float],
+                  bands: tuple[tuple[float, float], ...]) -> list[np.ndarray]:
+    """For each (low, high) of `bands`, the voxels of the stack whose depth in mm under the surface of the
+    intracranial mask with its holes filled lies in [low, high] (bool, same shape). The depth is measured on
+    in-plane blocks of about COARSE_MM (numpy alone, a few tenths of a second for a 512 x 512 x 48 scan; the
+    regions it bounds are tens of mm across) and compared there, so only the answers are brought back to
+    every voxel: a byte each, not a float32 map of the whole volume and its copies (over 5 GB at 1024 x 1024
+    x 400 voxels). Voxels in the last rows or columns left over by the blocks are in no band."""
     n, rows, cols = intracranial.shape
     fr, fc = (max(1, int(COARSE_MM / s + 1e-6)) for s in spacing[1:])
     r, c = rows // fr * fr, cols // fc * fc
     if r == 0 or c == 0:
-        return np.zeros(intracranial.shape, np.float32)
+        return [np.zeros(intracranial.shape, bool) for _ in bands]
     inside = intracranial[:, :r, :c].view(np.uint8)
     counts = np.zeros((n, r // fr, c // fc), np.int32)
     for i in range(fr):  # each block's voxels inside, added one offset at a time (strided sums are slow)
@@ -122,9 +126,16 @@ def _region_depth(intracranial: np.ndarray, spacing: tuple[float, float, float])
             counts += inside[:, i::fr, j::fc]
     blocks = 2 * counts >= fr * fc  # at least half of the block inside
     depth = _depth_mm(_fill_holes_in_plane(blocks), (spacing[0], spacing[1] * fr, spacing[2] * fc), DEEP_MM + 1)
-    full = np.zeros(intracranial.shape, np.float32)
-    full[:, :r, :c] = np.repeat(np.repeat(depth, fr, axis=1), fc, axis=2)
-    return full
+    out = []
+    for low, high in bands:
+        band = (depth >= low) & (depth <= high)
+        full = np.zeros(intracranial.shape, bool)
+        step = full.strides  # the first r x c of each slice as blocks of fr x fc voxels: a view, written in place
+        blocks_of_full = np.lib.stride_tricks.as_strided(full, (n, r // fr, fr, c // fc, fc),
+                                                         (step[0], step[1] * fr, step[1], step[2] * fc, step[2]))
+        blocks_of_full[...] = band[:, :, None, :, None]
+        out.append(full)
+    return out
 
 
 def image_black(stack: np.ndarray) -> float:
@@ -149,6 +160,20 @@ def image_black(stack: np.ndarray) -> float:
     return float(black)
 
 
+def _dark_share_outside(stack: np.ndarray, intracranial: np.ndarray, black: float, level: float,
+                        voxels: int = 1 << 24) -> float | None:
+    """The share of the voxels outside `intracranial` less than `level` above `black` (None when there are
+    none), counted a slab of slices at a time: no mask and no float copy of everything outside the brain
+    (2 GB at 1024 x 1024 x 400 voxels)."""
+    step = max(1, voxels // max(1, stack[0].size))
+    dark = total = 0
+    for k in range(0, stack.shape[0], step):
+        outside = stack[k:k + step][~intracranial[k:k + step]]
+        dark += int(np.count_nonzero(outside - black < level))
+        total += outside.size
+    return dark / total if total else None
+
+
 def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarray,
                    spacing: tuple[float, float, float]) -> dict:
     """Figures of the check and its verdict for an axial stack ([slice, row, col]) with its
@@ -157,10 +182,9 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", or None when not judged."""
     # Holes filled slice by slice: on a scan that is not a FLAIR the brain-mask network may leave out
     # the ventricles or cut the brain into pieces, and the depth is measured from the skull inwards.
-    depth = _region_depth(np.asarray(intracranial, bool), spacing)
+    deep, shell = _region_bands(np.asarray(intracranial, bool), spacing, ((DEEP_MM, np.inf), SHELL_MM))
     lesion = np.asarray(lesion, bool)
     voxel_ml = float(np.prod(spacing)) / 1000
-    deep = depth >= DEEP_MM
     deep_ml = float(np.count_nonzero(deep)) * voxel_ml
     result = {"deep_ml": round(deep_ml, 1), "dark_fraction": None, "cortex_brighter_fraction": None,
               "looks_like": None, "not_judged": None}
@@ -170,18 +194,18 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         return result
     # The white matter's level: the deep brain the model did not mark (all of it when the model marked
     # most of it, as it does on T2, where CSF is bright).
-    normal = deep & ~lesion
     values = stack[deep]
-    reference = float(np.median(stack[normal] if np.count_nonzero(normal) * voxel_ml >= MIN_DEEP_ML else values))
-    shell = (depth >= SHELL_MM[0]) & (depth <= SHELL_MM[1]) & ~lesion
+    normal = values[~lesion[deep]]  # picked from the deep voxels: no more masks of the whole volume
+    reference = float(np.median(normal if normal.size * voxel_ml >= MIN_DEEP_ML else values))
+    shell[lesion] = False
     # Levels are measured from the image's black (its air and the zeros around the brain): the same
     # figures for a scan stored with an offset or a scale, or z-scored, as for the scanner's own.
     black = image_black(stack)
     if reference - black <= 0 or not shell.any():
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
-    outside = ~np.asarray(intracranial, bool)
-    if outside.any() and np.mean(stack[outside] - black < DARK_RATIO * (reference - black)) < OUTSIDE_DARK_MIN:
+    outside_dark = _dark_share_outside(stack, np.asarray(intracranial, bool), black, DARK_RATIO * (reference - black))
+    if outside_dark is not None and outside_dark < OUTSIDE_DARK_MIN:
         result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "
                                 "dark (a scan whose background was filled with another value, e.g. z-scored inside "
                                 "the brain with 0 outside?)")

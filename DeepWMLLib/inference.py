@@ -581,7 +581,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
         raise DeepWMLError("no model given")
     check_batch_size(batch_size)
     dev = resolve_device(device)
-    stack, frame = to_axial_stack(image)
+    stack, frame = to_axial_stack(image, copy=False)  # only read, slices at a time: no copy of a float32 volume
     if min(stack.shape[1:]) < MIN_INPLANE_PIXELS:
         raise DeepWMLError(f"the image's axial slices are only {stack.shape[1]} x {stack.shape[2]} pixels, too narrow to "
                            "segment (one sagittal or coronal slice, or a few?); DeepWML segments axial slices and "

@@ -13,6 +13,7 @@ import numpy as np
 DEFAULT_MIN_LESION_MM3 = 5.0
 # A voxel is intracranial when the brain-mask network gives it at least this probability.
 BRAIN_THRESHOLD = 0.5
+PAINT_VOXELS = 1 << 24  # label_components paints its labels this many voxels (whole slices) at a time
 
 
 def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,21 +102,27 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     is_root = root == np.arange(row.size)
     number = np.cumsum(is_root).astype(np.int32)
     run_label = number[root]
-    # Paint: the cropped volume, flattened, is gap, run, gap, run, ..., gap; one np.repeat writes it.
-    first = row * n_i + start
-    last = row * n_i + end
-    lengths = np.empty(2 * row.size + 1, np.int64)
-    lengths[0] = first[0]
-    lengths[2:-1:2] = first[1:] - last[:-1] - 1
-    lengths[-1] = binary.size - last[-1] - 1
-    lengths[1::2] = end - start + 1
-    values = np.zeros(2 * row.size + 1, np.int32)
-    values[1::2] = run_label
-    painted = np.repeat(values, lengths).reshape(binary.shape)
-    if painted.shape == labels.shape:
-        labels = painted
-    else:
-        labels[box] = painted
+    # Paint, a slab of slices at a time (a whole painted box beside `labels` was 1.6 GB more at 1024 x 1024 x
+    # 400 voxels): a slab, flattened, is gap, run, gap, run, ..., gap; one np.repeat writes it.
+    target = labels[box]
+    plane = n_j * n_i
+    slab = max(1, PAINT_VOXELS // plane)
+    bounds = np.searchsorted(row, np.arange(0, n_k + slab, slab) * n_j)  # the runs of each slab (raster order)
+    for number_of_slab, k0 in enumerate(range(0, n_k, slab)):
+        a, b = bounds[number_of_slab], bounds[number_of_slab + 1]
+        if a == b:
+            continue
+        k1 = min(k0 + slab, n_k)
+        first = row[a:b] * n_i + start[a:b] - k0 * plane
+        last = row[a:b] * n_i + end[a:b] - k0 * plane
+        lengths = np.empty(2 * (b - a) + 1, np.int64)
+        lengths[0] = first[0]
+        lengths[2:-1:2] = first[1:] - last[:-1] - 1
+        lengths[-1] = (k1 - k0) * plane - last[-1] - 1
+        lengths[1::2] = end[a:b] - start[a:b] + 1
+        values = np.zeros(2 * (b - a) + 1, np.int32)
+        values[1::2] = run_label[a:b]
+        target[k0:k1] = np.repeat(values, lengths).reshape(k1 - k0, n_j, n_i)
     return labels, int(number[-1])
 
 

@@ -138,9 +138,9 @@ def lesion_report(mask: sitk.Image, probabilities: np.ndarray | None = None,
                   ventricle_distance: np.ndarray | None = None) -> dict:
     """The report of a 0/1 mask on its own grid (see module docstring for conventions); `probabilities`
     and `ventricle_distance` as for `lesion_table`."""
-    stack, frame = to_axial_stack(mask, dtype=np.uint8)
-    stack = (stack > 0).astype(np.uint8)
-    lesions = lesion_table(mask, probabilities, ventricle_distance)
+    lesions = lesion_table(mask, probabilities, ventricle_distance)  # first: its labels need no stack beside them
+    stack, frame = to_axial_stack(mask, dtype=np.uint8, copy=False)
+    stack = (stack > 0).astype(np.uint8)  # one copy of the mask, not two
     volume_ml = float(stack.sum()) * voxel_volume_mm3(frame) / 1000.0
     return {
         "volume_ml": round(volume_ml, 6),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io as _stringio
 import json
 import re
@@ -52,6 +53,55 @@ THICK_NON_AXIAL_MM = 2.0
 # report); segmenting is most of a case (the rest: the QC picture, the DICOM outline, writing the files).
 NETWORK_SHARE = 0.85
 SEGMENTING_SHARE = 0.9
+# Peak memory of `deepwml segment` per voxel of the scan, with the brain mask: 5.7 GB for a 1024 x 1024 x 400
+# scan stored as float64 (13.6 bytes a voxel), 1.0 GB for a 363 x 435 x 363 one (README "Large scans");
+# rounded up for the out-of-memory message.
+PEAK_BYTES_PER_VOXEL = 14
+
+
+def physical_memory_bytes() -> int | None:
+    """This computer's memory (RAM) in bytes, or None when the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    if sys.platform == "win32":
+        import ctypes
+
+        class _Status(ctypes.Structure):
+            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                (name, ctypes.c_ulonglong) for name in ("total", "free", "page_total", "page_free", "virtual_total",
+                                                        "virtual_free", "extended")]
+
+        status = _Status()
+        status.length = ctypes.sizeof(_Status)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return int(status.total)
+    return None
+
+
+def out_of_memory(size=None) -> DeepWMLError:
+    """The one-line error for a scan that did not fit in memory (`size`: its voxels along each axis, when
+    known), in place of numpy's "Unable to allocate ..." reported as an internal error."""
+    scan = ""
+    if size:
+        need = float(np.prod([int(n) for n in size], dtype=np.float64)) * PEAK_BYTES_PER_VOXEL
+        scan = f" for this scan ({' x '.join(str(int(n)) for n in size)} voxels, which needs about {need / 1e9:.1f} GB)"
+    memory = physical_memory_bytes()
+    have = f" this computer has {memory / 1e9:.1f} GB in all;" if memory else ""
+    return DeepWMLError(f"not enough memory{scan}:{have} close other programs (other DeepWML runs, a viewer holding "
+                        "large scans) and run it again, or run it on a computer with more memory")
+
+
+def _explains_running_out_of_memory(function):
+    """`function(image, ...)` with a MemoryError turned into `out_of_memory`'s one-line error."""
+    @functools.wraps(function)
+    def guarded(image, *args, **kwargs):
+        try:
+            return function(image, *args, **kwargs)
+        except MemoryError as exc:
+            raise out_of_memory(image.GetSize() if hasattr(image, "GetSize") else None) from exc
+    return guarded
 
 
 def models_dir() -> Path:
@@ -269,6 +319,7 @@ class SegmentationResult:
     ventricles: sitk.Image | None = None  # uint8 0/1 lateral ventricles on the input grid, with a ventricle model
 
 
+@_explains_running_out_of_memory
 def segment_image(image: sitk.Image, models: Sequence | None = None, device: str = "auto",
                   threshold: float | None = None, tta: bool = False, min_lesion_mm3: float | None = None,
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
@@ -315,10 +366,15 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     tell(NETWORK_SHARE + 0.03, "post-processing")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
-    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain,
+    # Only the brain mask is needed, not the brain network's float32 map (1.6 GB at 1024 x 1024 x 400 voxels);
+    # postprocess reads it as the map, inside where >= BRAIN_THRESHOLD.
+    brain_stack = None if brain is None else (brain >= BRAIN_THRESHOLD).astype(np.uint8)
+    del brain
+    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain_stack,
                                       return_removed=True)
     mask = io.from_axial_stack(mask_stack, frame)
     prob_image = io.from_axial_stack(probabilities, frame)
+    del probabilities  # a copy when the file's axes are not the axial stack's: one map on the input grid is enough
     brain_image = ventricle_image = None
     location = distance = None
     if ventricle_model is not None:
@@ -326,7 +382,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
 
         tell(NETWORK_SHARE + 0.06, "periventricular/deep split")
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-        ventricles = ventricle_mask(ventricle_map, None if brain is None else brain >= BRAIN_THRESHOLD,
+        ventricles = ventricle_mask(ventricle_map, None if brain_stack is None else brain_stack > 0,
                                     ventricle_model.threshold)
         location, distance = locate(mask_stack > 0, ventricles, spacing)
         location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
@@ -345,8 +401,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     ]
     if location is not None and not location["judged"]:
         warnings.append(location["why"])
-    if brain is not None:
-        brain_stack = (brain >= BRAIN_THRESHOLD).astype(np.uint8)
+    if brain_stack is not None:
         brain_image = io.from_axial_stack(brain_stack, frame)
         intracranial = np.count_nonzero(brain_stack)
         report.update({
@@ -362,7 +417,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 "it may have failed on this scan (it does on T2-weighted scans: check that the input is a FLAIR), "
                 f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
                 "--no-brain-mask")
-        check = flair_contrast(io.axial_view(image), brain_stack > 0, mask_stack > 0,
+        check = flair_contrast(io.axial_view(image), brain_stack.view(bool), mask_stack.view(bool),  # 0/1: no copies
                                (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
         report["contrast"] = check
         warnings += contrast_warnings(check)
@@ -669,11 +724,14 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
-    with case_guard(out_dir, case, paths, protected):
-        return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
-                             overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
-                             brain_model, save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model,
-                             save_ventricle_mask, protected, leftovers)
+    try:
+        with case_guard(out_dir, case, paths, protected):
+            return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
+                                 overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
+                                 brain_model, save_brain_mask, precision, qc, series, dicom_outline, study,
+                                 ventricle_model, save_ventricle_mask, protected, leftovers)
+    except MemoryError as exc:  # reading or writing (segment_image explains its own, with the scan's size)
+        raise out_of_memory() from exc
 
 
 def case_guard(out_dir: Path, case: str, paths: dict, protected=frozenset()):
@@ -736,10 +794,11 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         raise DeepWMLError(f"{path} is a folder without image files or a DICOM series{io.windows_path_hint(path)}")
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
+    tell = progress or (lambda fraction, message: None)
+    tell(0.0, "reading the scan")  # half a minute for a 1024 x 1024 x 400 .nii.gz: the bar shows what it waits for
     image = io.read_image(path, light=True, series=chosen[0] if chosen else None)  # plain NIfTI: no SimpleITK import
     from .inference import progress_part
 
-    tell = progress or (lambda fraction, message: None)
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,
                            progress_part(progress, 0.0, SEGMENTING_SHARE), cancel, backend, brain_model, precision,
                            ventricle_model)

@@ -222,9 +222,9 @@ def test_a_real_t1_template_is_called_t1_weighted():
 
 
 @pytest.mark.parametrize("shape, spacing", [((5, 101, 77), (3.0, 0.45, 0.7)), ((4, 90, 91), (5.0, 0.9, 0.62))])
-def test_region_depth_takes_a_block_as_inside_when_half_of_it_is(shape, spacing):
+def test_region_bands_take_a_block_as_inside_when_half_of_it_is(shape, spacing):
     """The coarse blocks (summed one offset at a time) are those whose mean is at least one half, on
-    grids that do not divide into whole blocks; the depth is spread back over each block's voxels."""
+    grids that do not divide into whole blocks; each band of depth is spread back over each block's voxels."""
     rng = np.random.default_rng(11)
     mask = ndimage.gaussian_filter(rng.random(shape), (0, 4, 4)) > 0.49
     n, rows, cols = shape
@@ -235,5 +235,8 @@ def test_region_depth_takes_a_block_as_inside_when_half_of_it_is(shape, spacing)
                                contrast.DEEP_MM + 1)
     expected = np.zeros(shape, np.float32)
     expected[:, :r, :c] = np.repeat(np.repeat(depth, fr, axis=1), fc, axis=2)
-    result = contrast._region_depth(mask, spacing)
-    assert np.array_equal(result, expected) and result.max() > 0
+    assert expected.max() > 0
+    bands = ((contrast.DEEP_MM, np.inf), contrast.SHELL_MM, (0.5, 2.5))
+    for (low, high), result in zip(bands, contrast._region_bands(mask, spacing, bands)):
+        assert result.dtype == bool and np.array_equal(result, (expected >= low) & (expected <= high)), (low, high)
+    assert contrast._region_bands(mask, spacing, bands)[2].any()

@@ -1,0 +1,178 @@
+"""Large scans (1024 x 1024 in-plane, hundreds of slices, float64): `deepwml segment` keeps one copy of
+what it must hold, not several, and a scan that does not fit in memory fails with one clear line. The
+figures measured on a 1024 x 1024 x 400 float64 scan are in README ("Large scans")."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import tracemalloc
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import contrast, inference, io, postprocessing
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.segment import segment_cases, segment_image
+from DeepWMLLib.volume import nifti_bytes
+
+from conftest import make_volume
+
+
+def _peak_bytes(function, *args):
+    """(result, the most memory Python and numpy held at once during the call, beyond what they held before)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = function(*args)
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_compressed_nifti_is_read_into_one_buffer_not_pieces_then_joined(tmp_path, monkeypatch):
+    """gzip's read() collects the decompressed pieces and joins them: for a moment the voxels twice (6.4 GB of
+    the 9.3 GB peak on a 1024 x 1024 x 400 float64 scan). They are read into one buffer the header sizes, a
+    piece at a time (16 MiB; 1 MiB here, for a test file of 5 MB)."""
+    monkeypatch.setattr(io, "READ_PIECE", 1 << 20, raising=False)
+    rng = np.random.default_rng(0)
+    array = np.round(rng.random((40, 128, 128)) * 1000)  # float64, 5.2 MB, compresses to a few MB
+    image = sitk.GetImageFromArray(array)
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(gzip.compress(nifti_bytes(image, compresslevel=0), compresslevel=1))
+    data, peak = _peak_bytes(io._nifti_data, path)
+    assert len(data) == 352 + array.nbytes
+    assert np.array_equal(np.frombuffer(data, "<f8", offset=352).reshape(array.shape), array)
+    assert peak < 1.25 * len(data), f"{peak / len(data):.2f} times the file's bytes held at once"
+    volume = io.read_image(path, light=True)
+    assert np.array_equal(volume.array, array.astype(np.float32))
+
+
+def test_a_truncated_compressed_nifti_is_still_named_so(tmp_path):
+    image = sitk.GetImageFromArray(np.arange(4 * 30 * 30, dtype=np.float64).reshape(4, 30, 30))
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(gzip.compress(nifti_bytes(image, compresslevel=0)[:-500]))
+    with pytest.raises(DeepWMLError, match="truncated"):
+        io.read_image(path, light=True)
+
+
+def test_a_header_announcing_more_than_the_file_holds_gets_no_buffer_of_that_size(tmp_path):
+    """A header that says 30000 x 30000 x 30000 float64 (216 TB) over a few kB: the truncation message, not an
+    attempt to make room for it (the file is read as it is, as before)."""
+    import struct
+
+    raw = bytearray(nifti_bytes(sitk.GetImageFromArray(np.ones((4, 5, 6))), compresslevel=0))
+    struct.pack_into("<3h", raw, 42, 30000, 30000, 30000)
+    for name, content in (("huge.nii", bytes(raw)), ("huge.nii.gz", gzip.compress(bytes(raw)))):
+        (tmp_path / name).write_bytes(content)
+        assert len(io._nifti_data(tmp_path / name)) == len(raw)
+        with pytest.raises(DeepWMLError, match="truncated"):
+            io.read_image(tmp_path / name, light=True)
+
+
+def test_the_networks_read_a_float32_scan_where_it_lies():
+    """The axial stack the networks read is a read-only view of a float32 scan's voxels (the volume twice
+    before: 1.6 GB more at 1024 x 1024 x 400); other types still come as one float32 copy."""
+    image, _ = make_volume(size=(20, 24, 6))
+    array = sitk.GetArrayViewFromImage(image)
+    view, frame = io.to_axial_stack(image, copy=False)
+    copied, _ = io.to_axial_stack(image)
+    assert np.shares_memory(view, array) and not view.flags.writeable
+    assert np.array_equal(view, copied) and not np.shares_memory(copied, array)
+    as_int, _ = io.to_axial_stack(sitk.Cast(image, sitk.sitkUInt16), copy=False)
+    assert as_int.dtype == np.float32 and as_int.flags.writeable
+
+
+def test_the_contrast_check_holds_no_float_map_of_the_whole_volume():
+    """The depth under the brain's surface is measured on 2 mm blocks; only the bands it decides (deep brain,
+    cortical shell) come back to every voxel, a byte each: the float32 map of the whole volume and its
+    copies were 8.6 bytes a voxel at 0.25 mm pixels (3.2 GB at 1024 x 1024 x 400)."""
+    n, rows, cols = 48, 400, 400
+    k, j, i = np.ogrid[:n, :rows, :cols]
+    r2 = ((k - 24) * 2.0) ** 2 + ((j - 200) * 0.25) ** 2 + ((i - 200) * 0.25) ** 2
+    inside = r2 < 46 ** 2
+    stack = np.where(inside, 100 + np.sin(i * 0.3) * 5, 0).astype(np.float32)
+    stack[r2 < 12 ** 2] = 20  # dark ventricles
+    check, peak = _peak_bytes(contrast.flair_contrast, stack, inside, np.zeros_like(inside), (2.0, 0.25, 0.25))
+    assert check["looks_like"] == "FLAIR", check
+    assert peak < 6 * stack.size, f"{peak / stack.size:.1f} bytes a voxel"
+
+
+def test_running_out_of_memory_is_one_clear_line_naming_the_scan_size(monkeypatch):
+    """numpy's MemoryError ("Unable to allocate 1.56 GiB ...") reached the user as an internal error."""
+    image, _ = make_volume(size=(48, 40, 10))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.56 GiB for an array with shape (400, 1024, 1024) and data type float32")
+
+    monkeypatch.setattr(inference, "predict_maps", no_memory)
+    with pytest.raises(DeepWMLError) as info:
+        segment_image(image, brain_model=None, ventricle_model=None)
+    message = str(info.value)
+    assert message.startswith("not enough memory for this scan (48 x 40 x 10 voxels") and "\n" not in message
+    assert "more memory" in message
+
+
+def test_running_out_of_memory_while_reading_fails_the_case_with_that_said(tmp_path, tiny_model, monkeypatch):
+    image, _ = make_volume(size=(32, 32, 4))
+    path = tmp_path / "big.nii.gz"
+    sitk.WriteImage(image, str(path))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(io, "read_image", no_memory)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "error" and row["error"].startswith("not enough memory"), row["error"]
+    assert "internal error" not in row["error"]
+
+
+def test_the_progress_bar_says_the_scan_is_being_read(tmp_path, tiny_model):
+    """Reading and checking a 1024 x 1024 x 400 .nii.gz takes half a minute (2 cores), which the bar spent
+    silent before its first message ("normalising")."""
+    image, _ = make_volume(size=(32, 32, 4))
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(image, str(path))
+    messages = []
+
+    def factory(number, total, case):
+        return lambda fraction, message: messages.append((fraction, message))
+
+    factory.finish = lambda row: None
+    rows = segment_cases([str(path)], tmp_path / "out", [str(tiny_model)], "cpu", progress_factory=factory)
+    assert rows[0]["status"] == "ok", rows
+    assert messages[0] == (0.0, "reading the scan"), messages[:3]
+
+
+@pytest.mark.parametrize("slab_voxels", [1, 700, 1 << 24])
+def test_lesion_labels_painted_a_slab_at_a_time_match_scipy(monkeypatch, slab_voxels):
+    """Labels painted one slice, a few slices or the whole box at a time are scipy's, boxes cropped or not."""
+    from scipy import ndimage
+
+    monkeypatch.setattr(postprocessing, "PAINT_VOXELS", slab_voxels, raising=False)
+    rng = np.random.default_rng(5)
+    for density in (0.02, 0.2, 0.5):
+        mask = np.zeros((14, 30, 26), bool)
+        mask[2:13, 3:28, 1:24] = rng.random((11, 25, 23)) < density
+        for case in (mask, mask[2:13, 3:28, 1:24]):
+            expected, count = ndimage.label(case, structure=np.ones((3, 3, 3)))
+            labels, n = postprocessing.label_components(case)
+            assert n == count and np.array_equal(labels, expected)
+
+
+def test_lesion_labels_need_no_second_volume_of_labels(monkeypatch):
+    """The labels were painted into a new array as large as the lesions' bounding box and then copied into the
+    label volume: both at once, 3.4 GB of int32 at 1024 x 1024 x 400 when lesions spread over the brain. They
+    are painted 16 M voxels at a time (64 K here, for a volume of 2.4 M)."""
+    monkeypatch.setattr(postprocessing, "PAINT_VOXELS", 1 << 16, raising=False)
+    mask = np.zeros((60, 200, 200), bool)
+    mask[1:59:4, 2:198:5, 2:198:3] = True  # specks all over: a box of nearly the whole volume
+    (labels, count), peak = _peak_bytes(postprocessing.label_components, mask)
+    assert count > 1000 and labels.dtype == np.int32
+    assert peak < 2.2 * labels.nbytes, f"{peak / labels.nbytes:.2f} label volumes held at once"  # the masks: a byte each
