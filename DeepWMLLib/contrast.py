@@ -55,6 +55,7 @@ PADDING_GAP = 10.0  # ... unless it lies this many times the rest's range below 
 OWN_BLACK = (0.05, 0.1)  # or over the range below a rest with a black of its own: a tenth of it in its lowest 5 %
 
 COARSE_MM = 2.0  # the depth is measured on in-plane blocks of about this size
+SLAB_VOXELS = 1 << 24  # the voxels outside the brain are counted this many (whole slices) at a time
 
 
 def _fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
@@ -160,12 +161,11 @@ def image_black(stack: np.ndarray) -> float:
     return float(black)
 
 
-def _dark_share_outside(stack: np.ndarray, intracranial: np.ndarray, black: float, level: float,
-                        voxels: int = 1 << 24) -> float | None:
+def _dark_share_outside(stack: np.ndarray, intracranial: np.ndarray, black: float, level: float) -> float | None:
     """The share of the voxels outside `intracranial` less than `level` above `black` (None when there are
     none), counted a slab of slices at a time: no mask and no float copy of everything outside the brain
     (2 GB at 1024 x 1024 x 400 voxels)."""
-    step = max(1, voxels // max(1, stack[0].size))
+    step = max(1, SLAB_VOXELS // max(1, stack[0].size))
     dark = total = 0
     for k in range(0, stack.shape[0], step):
         outside = stack[k:k + step][~intracranial[k:k + step]]
