@@ -508,13 +508,12 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
                   min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True) -> ChangeResult:
     """Register `baseline` to `followup` and classify every lesion (module docstring). Each mask (and
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
-    reordered). With `check`, the registration is also run the other way round and the two compared
-    (`inverse_consistency`; twice the registration time)."""
+    reordered; a mask cropped on the FLAIR's voxels is padded onto it, `io.onto_grid`). With `check`, the
+    registration is also run the other way round and the two compared (`inverse_consistency`; twice the
+    registration time)."""
     check_scans(baseline, followup)
-    baseline_mask = io.align_voxel_order(baseline_mask, baseline)
-    followup_mask = io.align_voxel_order(followup_mask, followup)
-    io.check_same_grid(baseline_mask, baseline, "the baseline mask", "the baseline FLAIR")
-    io.check_same_grid(followup_mask, followup, "the follow-up mask", "the follow-up FLAIR")
+    baseline_mask = io.onto_grid(baseline_mask, baseline, "the baseline mask", "the baseline FLAIR")
+    followup_mask = io.onto_grid(followup_mask, followup, "the follow-up mask", "the follow-up FLAIR")
     maps = []
     for probabilities, image, what in ((baseline_probabilities, baseline, "baseline"),
                                        (followup_probabilities, followup, "follow-up")):

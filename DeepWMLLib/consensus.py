@@ -243,13 +243,12 @@ def run(args) -> int:
 
 def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, title: str | None = None) -> bytes:
     """PNG bytes of `qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only
-    red, B only blue. The FLAIR must lie on rater B's grid (another voxel order is reordered, as rater A's
-    mask is)."""
+    red, B only blue. The FLAIR must lie on the masks' grid (`io.onto_common_grid`: rater B's, or A's when B's
+    was saved cropped; another voxel order is reordered)."""
     from .qc import png_bytes, render_comparison
 
-    b = sitk.Cast(mask_b != 0, sitk.sitkUInt8)
-    a = io.align_voxel_order(sitk.Cast(mask_a != 0, sitk.sitkUInt8), b)
-    io.check_same_grid(a, b, "rater A's mask", "rater B's")
+    a, b = io.onto_common_grid(sitk.Cast(mask_a != 0, sitk.sitkUInt8), sitk.Cast(mask_b != 0, sitk.sitkUInt8),
+                               "rater A's mask", "rater B's")
     image = io.align_voxel_order(io.read_image(flair), b)
     io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
     return png_bytes(render_comparison(image, a, b, title, names=("rater A", "rater B")))

@@ -1475,9 +1475,8 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
               reference_name: str = "the image it is compared with") -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
-    With `reference` (named `reference_name` in an error), the mask must lie on the reference's grid
-    (see `check_same_grid`); a mask that
-    stores the same grid in another voxel order is reordered onto it (`align_voxel_order`). A Slicer
+    With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
+    (`onto_grid`: reordered, or padded when cropped to its lesions; nothing interpolated). A Slicer
     `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image. A two-valued mask whose
     lesion value is above 255 (0/65535) is read as 0/1.
     """
@@ -1512,8 +1511,7 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
         image = binary
     mask = sitk.Cast(image, sitk.sitkUInt8)
     if reference is not None:
-        mask = align_voxel_order(mask, reference)
-        check_same_grid(mask, reference, str(path), reference_name)
+        mask = onto_grid(mask, reference, str(path), reference_name)
     return mask
 
 
@@ -1571,25 +1569,91 @@ def lattice_offset(a: sitk.Image, b: sitk.Image) -> tuple[int, ...] | None:
     return tuple(int(v) for v in whole)
 
 
+def _lattice_placement(image: sitk.Image, reference: sitk.Image):
+    """(`image` in the reference's voxel order, the index on the reference's grid of its first voxel) when it
+    lies on the reference's voxel lattice over another extent, else None."""
+    if image.GetDimension() != 3 or reference.GetDimension() != 3:
+        return None
+    import SimpleITK as sitk
+
+    orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
+    stored = sitk.DICOMOrient(image.to_sitk() if isinstance(image, Volume) else image, orientation)
+    offset = lattice_offset(stored, reference)
+    return None if offset is None else (stored, offset)
+
+
+def _coverage(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image, whose: str) -> str:
+    """'voxels (4 to 19, ...) of WHOSE (0 to 29, ...)': the part of the reference's grid that an image on its
+    lattice (`_lattice_placement`) covers."""
+    covered = ", ".join(f"{o} to {o + n - 1}" for o, n in zip(offset, stored.GetSize()))
+    return f"voxels ({covered}) of {whose} ({', '.join(f'0 to {n - 1}' for n in reference.GetSize())})"
+
+
+def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
+              reference_name: str = "the reference") -> sitk.Image:
+    """`mask` on the reference's grid, nothing interpolated: as it is; reordered (`align_voxel_order`); or,
+    when it lies on the reference's voxel lattice over a smaller extent inside it (a Slicer segmentation saved
+    with 'Crop to minimum extent', a mask cropped by another tool), padded with zeros onto the reference's
+    extent: the very voxels of the scan, so exact.
+
+    Raises DeepWMLError otherwise (`check_same_grid`'s message), saying how many of its non-zero voxels lie
+    beyond the reference's grid when it lies on the lattice over a larger extent (drawn on another scan)."""
+    mask = align_voxel_order(mask, reference)
+    diff = grid_difference(mask, reference)
+    if diff is None:
+        return mask
+    # a grid of the same size a whole number of voxels off is a changed header, not a crop: refused
+    placement = _lattice_placement(mask, reference) if diff.startswith("size") else None
+    if placement is not None:
+        import SimpleITK as sitk
+
+        stored, offset = placement
+        array = sitk.GetArrayViewFromImage(stored)  # k, j, i: the offset and sizes reversed
+        start, full = offset[::-1], reference.GetSize()[::-1]
+        if all(0 <= o and o + n <= m for o, n, m in zip(start, array.shape, full)):
+            padded = np.zeros(full, dtype=array.dtype)
+            padded[tuple(slice(o, o + n) for o, n in zip(start, array.shape))] = array
+            result = sitk.GetImageFromArray(padded)
+            result.CopyInformation(reference)
+            return result
+        inside = tuple(slice(max(0, -o), max(0, min(n, m - o))) for o, n, m in zip(start, array.shape, full))
+        outside = int(np.count_nonzero(array)) - int(np.count_nonzero(array[inside]))
+        if outside:
+            raise DeepWMLError(
+                f"{what} and {reference_name} are on different voxel grids ({diff}): {what} lies on its voxels over "
+                f"another extent ({_coverage(stored, offset, reference, 'its')}), and {outside} of its non-zero voxels "
+                f"{'lie' if outside > 1 else 'lies'} outside {reference_name}'s grid, where it has no voxels: drawn on "
+                "another, larger scan? Give a mask on the scan's whole grid (in Slicer: save it without cropping, or "
+                "export it with the FLAIR as reference volume)")
+    check_same_grid(mask, reference, what, reference_name)  # raises: the grids do not match
+    return mask
+
+
+def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> tuple[sitk.Image, sitk.Image]:
+    """Two masks on one grid (`onto_grid`): `b`'s, or `a`'s when `b` is a crop of it (a reference saved
+    cropped to its lesions against a prediction on the whole scan), so neither loses a voxel."""
+    a = align_voxel_order(a, b)
+    if grid_difference(a, b) is not None:
+        placement = _lattice_placement(b, a)
+        if placement is not None and all(0 <= o and o + n <= m for o, n, m in
+                                         zip(placement[1], placement[0].GetSize(), a.GetSize())):
+            return a, onto_grid(b, a, what_b, what_a)
+    return onto_grid(a, b, what_a, what_b), b
+
+
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:
     """Raise DeepWMLError when two images do not share a voxel grid."""
     diff = grid_difference(a, b)
     if diff:
         same_voxels = diff.startswith(("origin", "direction"))  # same size and spacing: a header changed
-        offset, stored = None, a
-        if diff.startswith("size") and a.GetDimension() == b.GetDimension() == 3:
-            import SimpleITK as sitk
-
-            orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(b.GetDirection())
-            stored = sitk.DICOMOrient(a.to_sitk() if isinstance(a, Volume) else a, orientation)  # b's voxel order
-            offset = lattice_offset(stored, b)
-        if offset is not None:  # the same voxels over another extent: say which part of b's grid a covers
-            covered = ", ".join(f"{o} to {o + n - 1}" for o, n in zip(offset, stored.GetSize()))
-            whole = ", ".join(f"0 to {n - 1}" for n in b.GetSize())
-            advice = (f"{what_a} covers voxels ({covered}) of {what_b}'s ({whole}): the same voxels over another "
-                      "extent, one of them cropped (a Slicer segmentation saved with 'Crop to minimum extent', say); "
-                      "pad or crop it onto the other's grid, no interpolation needed (in Slicer: save it without "
-                      "cropping, or export it with the FLAIR as reference volume)")
+        placement = _lattice_placement(a, b) if diff.startswith("size") else None
+        if placement is not None:
+            stored, offset = placement  # the same voxels over another extent: say which part of b's grid a covers
+            covered = _coverage(stored, offset, b, f"{what_b}'s")
+            advice = (f"{what_a} covers {covered}: the same voxels over another extent, one of them cropped (a "
+                      "Slicer segmentation saved with 'Crop to minimum extent', say); pad or crop it onto the other's "
+                      "grid, no interpolation needed (in Slicer: save it without cropping, or export it with the FLAIR "
+                      "as reference volume)")
         elif same_voxels:
             advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
                       "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other")

@@ -59,8 +59,10 @@ say in words which ones and why (what `deepwml evaluate` prints under the figure
 Grids. Masks (and the probability map) must share one voxel grid within the tolerance of
 `io.check_same_grid`, else DeepWMLError; nothing is resampled behind the user's back (a mask that
 stores the reference's grid in another voxel order, LPS against RAS say, is only reordered onto it,
-`io.align_voxel_order`; slice indices are then the reference's). Distances and volumes are in physical
-units from the reference's spacing and direction.
+`io.align_voxel_order`; slice indices are then the reference's); a mask on the other's very voxels
+over a smaller extent (saved cropped to its lesions) is padded with zeros onto the other's grid, which
+is exact (`io.onto_common_grid`). Distances and volumes are in physical units from the reference's
+spacing and direction.
 """
 
 from __future__ import annotations
@@ -226,8 +228,7 @@ class MaskPair:
         name them in an error (e.g. with their files)."""
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
-        prediction = io.align_voxel_order(prediction, reference)
-        io.check_same_grid(prediction, reference, *names)
+        prediction, reference = io.onto_common_grid(prediction, reference, *names)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
         if ignore.any():
@@ -241,8 +242,7 @@ class MaskPair:
         """Two masks treated alike (any positive label is lesion), e.g. two raters."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
-        a = io.align_voxel_order(a, b)
-        io.check_same_grid(a, b, what_a, what_b)
+        a, b = io.onto_common_grid(a, b, what_a, what_b)
         return cls(_binary(a), _binary(b), b)
 
     # -- voxel overlap -----------------------------------------------------------------------
@@ -470,8 +470,7 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     """Area under the ROC curve of voxel scores against the reference (ignored voxels left out)."""
     _check_volume(probabilities, "probability map")
     _check_volume(reference, "reference")
-    probabilities = io.align_voxel_order(probabilities, reference)
-    io.check_same_grid(probabilities, reference, "probability map", "reference")
+    probabilities, reference = io.onto_common_grid(probabilities, reference, "probability map", "reference")
     lesion, ignore = reference_labels(reference)
     scores = voxels(probabilities)
     if ignore.any():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
 from conftest import REPO, drop_pixel_spacing, make_volume, mni_t1_thick, nifti2_of, tiny_model_file, write_dicom_series
@@ -91,6 +92,8 @@ BAD_INPUTS = [
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
+    ("reference saved cropped to its lesions on the same voxels (Slicer's 'Crop to minimum extent')", "evaluate", 0,
+     "ok: padded with zeros onto the prediction's grid, nothing interpolated"),
     ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
     ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
@@ -109,6 +112,10 @@ BAD_INPUTS = [
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
     ("baseline and follow-up the same file", "change", 2, "the same file"),
     ("a baseline mask on another grid", "change", 1, "different voxel grids"),
+    ("a baseline mask on the scan's voxels with lesion voxels beyond the scan's extent", "change", 1,
+     "non-zero voxels lie outside"),
+    ("a follow-up mask saved cropped to its lesions on the follow-up's voxels", "change", 0,
+     "ok: padded with zeros onto the follow-up's grid"),
     ("both masks given with --model", "change", 2, "nothing is segmented"),
 ]
 
@@ -225,6 +232,13 @@ def world(tmp_path):
     other_grid = sitk.Image(truth)
     other_grid.SetSpacing((0.9, 0.9, 4.0))
     paths["other grid"] = _write(d / "other_grid.nii.gz", other_grid)
+    box = sitk.LabelShapeStatisticsImageFilter()
+    box.Execute(truth)
+    i, j, k, ni, nj, nk = box.GetBoundingBox(1)
+    paths["cropped seg"] = io.write_segmentation(truth[i:i + ni, j:j + nj, k:k + nk], d / "truth_cropped.seg.nrrd")
+    beyond = sitk.ConstantPad(truth, (0, 0, 0), (0, 0, 2))  # two slices more above the scan, two voxels marked there
+    beyond[3, 3, truth.GetSize()[2] + 1] = beyond[4, 3, truth.GetSize()[2] + 1] = 1
+    paths["beyond"] = _write(d / "beyond.nii.gz", beyond)
     labels = sitk.GetArrayFromImage(truth)
     labels[0, 0, 0] = 7
     labelled = sitk.GetImageFromArray(labels)
@@ -374,6 +388,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
     if row_id == "reference storing the same grid in another voxel order":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["reordered"]), "--json", str(tmp / "e.json")]
+    if row_id.startswith("reference saved cropped to its lesions"):
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["cropped seg"]), "--json", str(tmp / "e.json")]
     if row_id == "reference mixing lesion labels (1 and 7)":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
     if row_id == "two-valued 0/255 reference":
@@ -397,6 +413,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "a baseline mask on another grid":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
                 str(p["other grid"]), "--followup-mask", str(p["truth"])]
+    if row_id == "a baseline mask on the scan's voxels with lesion voxels beyond the scan's extent":
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
+                str(p["beyond"]), "--followup-mask", str(p["truth"])]
+    if row_id == "a follow-up mask saved cropped to its lesions on the follow-up's voxels":
+        return ["change", str(p["extreme intensities (1e30)"]), str(p["good"]), "-o", out, "--baseline-mask",
+                str(p["truth"]), "--followup-mask", str(p["cropped seg"])]
     if row_id == "both masks given with --model":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
                 str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]
@@ -497,7 +519,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         result = json.loads((tmp / "e.json").read_text(encoding="utf-8"))
         assert result["sensitivity"] is None and result["hd95_mm"] is None and result["dice"] == 0.0
         assert any("reference is empty" in note for note in result["notes"])
-    if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference"):
+    if row_id == "a follow-up mask saved cropped to its lesions on the follow-up's voxels":
+        report = json.loads((tmp / "out" / "good_change.json").read_text(encoding="utf-8"))
+        assert report["followup_volume_ml"] > 0 and report["followup_volume_ml"] == pytest.approx(report["baseline_volume_ml"])
+    if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference") \
+            or row_id.startswith("reference saved cropped to its lesions"):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 
 

@@ -117,3 +117,32 @@ def test_consensus_cohort_on_real_perturbations(cohort):
     out = cohort["out"] / "consensus"
     assert main(["consensus", "--manifest", str(manifest), "-o", str(out)]) == 0
     assert (out / "relabel.txt").read_text(encoding="utf-8") == f"{PATIENT}_eroded\n"  # lesion_removed keeps Dice >= 0.85
+
+
+def test_a_reference_saved_cropped_gives_the_whole_references_figures(tmp_path, capsys):
+    """patient07's consensus mask saved as a .seg.nrrd cropped to its lesions (Slicer's 'Crop to minimum extent')
+    was refused by evaluate and consensus ('different voxel grids'); padded onto the scan's grid, it gives the very
+    figures of the whole mask, slice numbers included."""
+    root = io.shared_data_dir()
+    if root is None or not (root / "open_ms" / "labelled" / PATIENT).is_dir():
+        pytest.skip("../shared/data/open_ms/labelled (or DEEPWML_SHARED_DATA) is absent: real-data tests skipped")
+    whole = root / "open_ms" / "labelled" / PATIENT / "consensus_mask.nii.gz"
+    mask = sitk.ReadImage(str(whole))
+    box = sitk.LabelShapeStatisticsImageFilter()
+    box.Execute(mask != 0)
+    i, j, k, ni, nj, nk = box.GetBoundingBox(1)
+    cropped = io.write_segmentation(mask[i:i + ni, j:j + nj, k:k + nk], tmp_path / "cropped.seg.nrrd")
+    grown = sitk.BinaryDilate(sitk.Cast(mask != 0, sitk.sitkUInt8), (1, 1, 0))
+    prediction = tmp_path / "prediction.nii.gz"
+    sitk.WriteImage(grown, str(prediction))
+    results = []
+    for reference in (whole, cropped):
+        assert main(["evaluate", "--prediction", str(prediction), "--reference", str(reference),
+                     "--json", str(tmp_path / "e.json")]) == 0
+        results.append(json.loads((tmp_path / "e.json").read_text(encoding="utf-8")))
+        (tmp_path / "e.json").unlink()
+    assert results[0]["dice"] < 1 and results[1] == results[0]
+    for pair in ((str(cropped), str(prediction)), (str(prediction), str(cropped))):
+        assert main(["consensus", *pair, "--json", str(tmp_path / "c.json")]) == 0
+        assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["dice"] == pytest.approx(results[0]["dice"])
+        (tmp_path / "c.json").unlink()

@@ -407,7 +407,9 @@ def test_mask_on_other_grid_is_refused(tmp_path):
     image, truth = make_volume(size=(20, 16, 6))
     for change in ("spacing", "origin", "direction", "size"):
         other = sitk.Image(truth) if change != "size" else truth[:, :, :5]
-        if change == "spacing":
+        if change == "size":  # off the scan's lattice too (a crop on it is padded: below)
+            other.SetOrigin(tuple(np.array(other.GetOrigin()) + 0.3))
+        elif change == "spacing":
             other.SetSpacing((0.9, 0.9, 4.0))
         elif change == "origin":
             other.SetOrigin((0, 0, 0))
@@ -701,7 +703,7 @@ def test_read_mask_says_what_is_wrong_with_the_values(tmp_path, values, dtype, w
 
 def test_read_mask_names_the_image_it_is_checked_against(tmp_path):
     path = tmp_path / "mask.nii.gz"
-    sitk.WriteImage(sitk.Image([4, 5, 6], sitk.sitkUInt8), str(path))
+    sitk.WriteImage(sitk.Image([4, 5, 8], sitk.sitkUInt8), str(path))  # beyond the scan (a crop inside it is padded)
     with pytest.raises(DeepWMLError, match="mask.nii.gz and the baseline FLAIR are on different voxel grids"):
         io.read_mask(path, sitk.Image([4, 5, 7], sitk.sitkFloat32), "the baseline FLAIR")
 
@@ -723,3 +725,60 @@ def test_a_cropped_mask_on_the_same_voxels_is_told_which_part_it_covers():
     with pytest.raises(DeepWMLError) as caught:
         io.check_same_grid(shifted, scan, "the mask", "the scan")
     assert "covers voxels" not in str(caught.value) and "resample one onto the other" in str(caught.value)
+
+
+def _scan_and_lesions():
+    """An oblique scan grid and a mask on it with two lesions well inside."""
+    scan = sitk.Image([30, 40, 12], sitk.sitkFloat32)
+    scan.SetSpacing((0.9, 0.8, 5.0))
+    scan.SetOrigin((10.0, -20.0, 3.0))
+    scan.SetDirection(tuple(rotation(0.2, -0.1, 0.3).ravel()))
+    mask = sitk.Image(scan.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(scan)
+    mask[6:9, 10:14, 3:5] = 1
+    mask[15:19, 30:37, 8:10] = 1
+    return scan, mask
+
+
+def test_a_cropped_mask_on_the_scans_voxels_is_padded_onto_its_grid(tmp_path):
+    """A mask saved cropped to its lesions (Slicer's 'Crop to minimum extent', stored here in another voxel order
+    too) was refused, though it lies on the scan's very voxels; now it is padded with zeros onto the scan's grid:
+    every voxel where it was, nothing interpolated. As a real .seg.nrrd read against the scan, too."""
+    scan, mask = _scan_and_lesions()
+    cropped = sitk.DICOMOrient(mask[4:20, 7:39, 2:11], "RAS")
+    padded = io.onto_grid(cropped, scan, "the mask", "the scan")
+    assert io.grid_difference(padded, scan) is None
+    assert np.array_equal(sitk.GetArrayFromImage(padded), sitk.GetArrayFromImage(mask))
+    seg = io.write_segmentation(mask[6:19, 10:37, 3:10], tmp_path / "cropped.seg.nrrd")  # the lesions' own extent
+    read = io.read_mask(seg, scan, "the scan")
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(mask))
+
+
+def test_a_mask_with_lesion_beyond_the_scans_grid_is_refused_with_how_many_voxels():
+    """On the scan's lattice over a larger extent: refused (only a mask inside the scan's extent is padded), and
+    when lesion voxels lie beyond the scan (the mask of another, larger scan) the message says how many; a grid of
+    the scan's size a whole number of voxels off is a changed header, not a crop, and is refused as before."""
+    scan, mask = _scan_and_lesions()
+    larger = sitk.ConstantPad(mask, (2, 0, 0), (0, 0, 3))
+    with pytest.raises(DeepWMLError, match=r"the mask covers voxels \(-2 to 29, 0 to 39, 0 to 14\) of the scan's"):
+        io.onto_grid(larger, scan, "the mask", "the scan")
+    larger[0, 5, 5] = larger[1, 5, 5] = larger[5, 5, 13] = 1  # two voxels before the scan's first column, one above it
+    with pytest.raises(DeepWMLError, match=r"different voxel grids .*3 of its non-zero voxels lie outside the scan's "
+                                           r"grid"):
+        io.onto_grid(larger, scan, "the mask", "the scan")
+    shifted = sitk.Image(mask)
+    shifted.SetOrigin(scan.TransformIndexToPhysicalPoint((1, 0, 0)))
+    with pytest.raises(DeepWMLError, match="different voxel grids"):
+        io.onto_grid(shifted, scan, "the mask", "the scan")
+
+
+def test_two_masks_one_cropped_are_compared_on_the_larger_grid():
+    """A reference saved cropped against a prediction on the whole scan, either way round: both end on the whole
+    scan's grid (slice numbers the scan's), neither loses a voxel."""
+    _, mask = _scan_and_lesions()
+    cropped = mask[6:19, 10:37, 3:10]
+    for a, b in ((mask, cropped), (cropped, mask)):
+        a2, b2 = io.onto_common_grid(a, b, "prediction", "reference")
+        for image in (a2, b2):
+            assert io.grid_difference(image, mask) is None
+            assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask))
