@@ -47,7 +47,9 @@ millimetre when both found the true alignment. On four real same-patient pairs o
 collection: correlation 0.84-0.94, mutual information -0.70 to -0.90, disagreement 0.06-0.17 mm (95th
 percentile); on four pairs of different patients: 0.02-0.80, -0.44 to -0.59, 3.6-16.6 mm
 (`Testing/benchmarks/change_pairs.py`). Outside `MIN_CORRELATION`, `MAX_MUTUAL_INFORMATION` or
-`MAX_INCONSISTENCY_MM` the report warns. The calls are only as steady as the segmentation between
+`MAX_INCONSISTENCY_MM` (any one of them) the registration is not reliable: the report's
+`registration.reliable` is false, its first warning and the printed summary's first line say so, and
+so do the picture's title and an outline series. The calls are only as steady as the segmentation between
 two acquisitions: on simulated follow-ups of the 11 real clinical scans (a moved head on a new grid,
 six painted new lesions and three grown ones each, nothing else changed; a draw the defaults were not
 chosen on), 62 of 66 new lesions were called new and 28 of 33 grown ones enlarging, with about 4.2
@@ -82,6 +84,7 @@ MIN_CORRELATION = 0.80
 MAX_MUTUAL_INFORMATION = -0.65  # Mattes' metric value: the negative mutual information
 MIN_SLICES = 4  # the registration's coarsest level shrinks 4 times
 MAX_INCONSISTENCY_MM = 2.0  # 95th percentile of `inverse_consistency` (same-patient pairs <= 0.17, others >= 3.6)
+UNRELIABLE = "REGISTRATION NOT RELIABLE"  # leads the warning, the summary and the picture when a check fails
 
 LABELS = {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new", 7: "small gone"}
 COLOURS = {1: (1.0, 0.9, 0.0), 2: (1.0, 0.1, 0.1), 3: (1.0, 0.5, 0.0), 4: (0.6, 0.6, 0.6), 5: (0.2, 0.5, 1.0),
@@ -549,18 +552,21 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     facts = registration.facts()
     if check:
         facts["inverse_consistency"] = inverse_consistency(registration, align(baseline, followup), followup)
+    # Each check alone: two scans of different heads can be registered alike both ways (two brains in one
+    # template space: both fits stay near where they started, 0.89 mm apart) and still not correlate at all.
     suspect = not (registration.correlation >= MIN_CORRELATION) or \
         registration.mutual_information > MAX_MUTUAL_INFORMATION or \
         (check and not facts["inverse_consistency"]["p95_mm"] <= MAX_INCONSISTENCY_MM)
+    facts["reliable"] = not suspect
     if suspect:
         consistency = (f", the registration run both ways disagrees by {facts['inverse_consistency']['p95_mm']:.2f} mm "
                        f"(95th percentile; up to 0.17 mm on those pairs, {MAX_INCONSISTENCY_MM:g} warns)" if check else "")
-        warnings.append(
-            f"the registration may have failed or the scans may be of different heads: correlation "
+        warnings.insert(0,  # first: it undoes every call after it
+            f"{UNRELIABLE}: the scans may be of different patients, or the registration failed: correlation "
             f"{registration.correlation:.2f} (0.84-0.94 on the same-patient pairs it was checked on; below "
             f"{MIN_CORRELATION:.2f} warns), mutual information {registration.mutual_information:.2f} (-0.70 to -0.90; "
-            f"above {MAX_MUTUAL_INFORMATION:.2f} warns){consistency}; look at the registered baseline over the "
-            "follow-up before trusting new or gone lesions")
+            f"above {MAX_MUTUAL_INFORMATION:.2f} warns){consistency}; check that both scans are of this patient and "
+            "look at the registered baseline over the follow-up; no new, enlarging or gone lesion can be trusted")
     axis = io.axial_axis(followup)
     for row in rows:  # the follow-up's axial slice through each lesion's centre, for viewers to go to
         index = followup.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in row["centroid_mm"]))[axis]
@@ -650,15 +656,21 @@ def format_summary(case: str, report: dict) -> str:
         lines.append(f"  not assessable (partly outside the other scan's field of view): "
                      f"{lesions(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
     consistency = registration.get("inverse_consistency")
+    reliable = registration.get("reliable", True)  # reports written before the verdict was recorded
     lines.append(
         f"  registration: rotation {', '.join(f'{a:.1f}' for a in registration['rotation_deg'])} deg, translation "
         f"{', '.join(f'{t:.1f}' for t in registration['translation_mm'])} mm, correlation {registration['correlation']:.2f}"
-        + (f", both ways agree within {consistency['p95_mm']:.2f} mm" if consistency else ""))
+        + ((f", both ways agree within {consistency['p95_mm']:.2f} mm" if reliable else
+            f", both ways {consistency['p95_mm']:.2f} mm apart") if consistency else ""))
+    if not reliable:  # said first, before any figure is read
+        lines.insert(0, f"{case}: {UNRELIABLE} (correlation {registration['correlation']:.2f}; 0.84-0.94 on scans of "
+                        "one patient): different patients, or a failed registration? The calls below cannot be trusted")
     return "\n".join(lines)
 
 
 def picture_title(case: str, report: dict) -> str:
-    return (f"{case}: {report['n_new']} new, {report['n_enlarging']} enlarging, {report['n_gone']} gone, "
+    unreliable = "" if report.get("registration", {}).get("reliable", True) else f"{UNRELIABLE} - "
+    return (f"{unreliable}{case}: {report['n_new']} new, {report['n_enlarging']} enlarging, {report['n_gone']} gone, "
             f"{report['volume_change_ml']:+.2f} ml")
 
 
@@ -689,12 +701,16 @@ def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dic
     colours = {value: tuple(int(round(255 * c)) for c in COLOURS[value]) for value in OUTLINE_ORDER}
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
     legend = [(LABELS[value], colours[value]) for value in LEGEND_ORDER if value in present]
+    reliable = report.get("registration", {}).get("reliable", True)
     derivation = (f"Lesion change by DeepWML {__version__} against an earlier scan (baseline): {report['n_new']} new, "
                   f"{report['n_enlarging']} enlarging, {report['n_gone']} gone, {report['volume_change_ml']:+.2f} ml. "
-                  "Research use, not for diagnosis.")
+                  + ("" if reliable else f"{UNRELIABLE} (correlation {report['registration']['correlation']:.2f}): "
+                     "different patients or a failed registration? ") + "Research use, not for diagnosis.")
     return outline_series(followup, labels, series, report.get("masks", {}).get("follow-up", {}),
                           title="DeepWML lesion change", derivation=derivation, colours=colours,
-                          caption="DEEPWML LESION CHANGE - NOT FOR DIAGNOSIS", legend=legend)
+                          caption=("DEEPWML LESION CHANGE" if reliable else f"DEEPWML: {UNRELIABLE}")
+                          + " - NOT FOR DIAGNOSIS",
+                          legend=legend)
 
 
 def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict) -> tuple:
@@ -801,7 +817,8 @@ def _presence(text: str) -> str:
 
 SUMMARY_COLUMNS = ("case", "status", "error", "baseline_volume_ml", "followup_volume_ml", "volume_change_ml",
                    "n_new", "new_ml", "n_enlarging", "enlarging_growth_ml", "n_stable", "n_gone", "gone_ml",
-                   "n_small_new", "n_small_gone", "n_not_assessable", "correlation", "warnings", "seconds")
+                   "n_small_new", "n_small_gone", "n_not_assessable", "correlation", "registration_reliable",
+                   "warnings", "seconds")
 
 
 def _run(args) -> int:
@@ -893,6 +910,10 @@ def _run_cohort(args) -> int:
             print(f"{entry['case']}: warning: {warning}", file=sys.stderr)
         _write_summary(rows, out)  # after every pair: an interrupted cohort keeps what it did
     _write_summary(rows, out)
+    unreliable = [row["case"] for row in rows if row.get("registration_reliable") is False]
+    if unreliable:  # repeated at the end, where a long cohort's output is read
+        print(f"{len(unreliable)} pair(s) with {UNRELIABLE.lower()} (different patients, or a failed registration?): "
+              f"{', '.join(unreliable)}", file=sys.stderr)
     print(batch_total(rows, "pairs", out / "change_summary.csv"), file=sys.stderr)
     return report_failed_cases(failed, "failed")
 
@@ -900,6 +921,7 @@ def _run_cohort(args) -> int:
 def _summary_row(case: str, report: dict) -> dict:
     return {**{k: report.get(k) for k in SUMMARY_COLUMNS}, "case": case,
             "correlation": report.get("registration", {}).get("correlation"),
+            "registration_reliable": report.get("registration", {}).get("reliable"),
             "warnings": " | ".join(report.get("warnings", []))}
 
 

@@ -215,8 +215,10 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
     assert names == sorted(f"followup_{suffix}" for suffix in (
         "baseline_registered.nii.gz", "baseline_to_followup.tfm", "change.csv", "change.json", "change.nii.gz",
         "change.seg.nrrd", "change_qc.png"))
+    assert "both ways agree within" in printed.out and "NOT RELIABLE" not in printed.out + printed.err
     report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
     assert report["n_enlarging"] == 1 and report["masks"]["baseline"] == {"mask": str(files["baseline_mask"])}
+    assert report["registration"]["reliable"] is True
     labels = sitk.ReadImage(str(out / "followup_change.nii.gz"))
     assert io.grid_difference(labels, sitk.ReadImage(str(files["followup"]))) is None
     # the transform file maps follow-up points onto the baseline as the registration did
@@ -310,8 +312,42 @@ def test_scans_of_different_heads_are_warned_about(pair):
     empty = sitk.Image(other.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(other)
     report = change.lesion_change(other, pair["followup"][0], empty, pair["followup"][1]).report
-    assert any("different heads" in w for w in report["warnings"])
+    assert report["registration"]["reliable"] is False and report["warnings"][0].startswith("REGISTRATION NOT RELIABLE")
+    assert "different patients" in report["warnings"][0]
     assert report["n_new"] + report["n_not_assessable"] == 4  # nothing at baseline: every lesion new or unassessable
+
+
+def test_scans_that_do_not_line_up_are_flagged_not_said_to_agree(pair, tmp_path, capsys, monkeypatch):
+    """deepwml change on two patients' scans (labelled patient26 against patient07, both in MNI space) printed its
+    lesion calls and 'correlation -0.00, both ways agree within 0.89 mm', as if the registration were sound: both
+    fits stayed near their start, so they agreed with each other while the scans did not correlate at all. The one
+    warning came last, on stderr, and nothing in the JSON or change_summary.csv said the calls were void. Now the
+    summary opens with REGISTRATION NOT RELIABLE, so does the first warning and the picture's title, the report
+    has registration.reliable false, the cohort's summary a registration_reliable column and a closing line."""
+    monkeypatch.setattr(change, "_correlation", lambda fixed, moving, transform: -0.001)  # two heads that differ
+    files = pair["files"]
+    masks = ["--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), *masks]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith("followup: REGISTRATION NOT RELIABLE (correlation -0.00; 0.84-0.94 on scans of "
+                                  "one patient): different patients, or a failed registration?")
+    assert "agree within" not in printed.out and "both ways" in printed.out
+    assert "followup: warning: REGISTRATION NOT RELIABLE: the scans may be of different patients" in printed.err
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["registration"]["reliable"] is False
+    assert report["registration"]["inverse_consistency"]["p95_mm"] < change.MAX_INCONSISTENCY_MM  # it alone passed
+    assert report["warnings"][0].startswith("REGISTRATION NOT RELIABLE")
+    assert change.picture_title("followup", report).startswith("REGISTRATION NOT RELIABLE - followup: ")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
+                        encoding="utf-8")
+    assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
+    assert "1 pair(s) with registration not reliable (different patients, or a failed registration?): p1" in \
+        capsys.readouterr().err
+    rows = list(csv.DictReader(open(tmp_path / "cohort" / "change_summary.csv", encoding="utf-8-sig")))
+    assert rows[0]["registration_reliable"] == "False"
 
 
 def test_roles_reversed_a_baseline_lesion_outside_the_follow_ups_view_is_not_assessable(pair):

@@ -465,7 +465,9 @@ def test_lesion_change_between_two_volume_nodes(scene):
     assert headers[:2] == ["Slice", "Change"] and sorted(r[1] for r in rows) == sorted(change.LABELS[v] for v in (1, 2, 3, 4, 5))
     assert all(0 <= s < followup.GetImageData().GetDimensions()[2] for s in slices)
     text = logic.formatChange(report)
-    assert "new: 1 lesion" in text and "gone: 1 lesion" in text
+    assert "new: 1 lesion" in text and "gone: 1 lesion" in text and "NOT RELIABLE" not in text
+    unreliable = {**report, "registration": {**report["registration"], "reliable": False}}  # two patients' scans
+    assert logic.formatChange(unreliable).startswith(f"{report['followup']}: REGISTRATION NOT RELIABLE")
     # the phantom's lesion above the earlier scan's last slice: its volume is warned about, as the CLI does
     assert len(report["warnings"]) == 1 and "outside the baseline's field of view" in report["warnings"][0]
     assert "Warning: " in text
