@@ -175,11 +175,14 @@ def _dark_share_outside(stack: np.ndarray, intracranial: np.ndarray, black: floa
 
 
 def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarray,
-                   spacing: tuple[float, float, float]) -> dict:
+                   spacing: tuple[float, float, float], progress=None) -> dict:
     """Figures of the check and its verdict for an axial stack ([slice, row, col]) with its
     intracranial and lesion masks (same shape, bool) and spacing (slice, row, col) in mm.
+    `progress(fraction, message)`, when given, hears of its steps (seconds each on a large scan).
 
     `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", or None when not judged."""
+    tell = progress or (lambda fraction, message: None)
+    tell(0.0, "FLAIR check: depth inside the brain")
     # Holes filled slice by slice: on a scan that is not a FLAIR the brain-mask network may leave out
     # the ventricles or cut the brain into pieces, and the depth is measured from the skull inwards.
     deep, shell = _region_bands(np.asarray(intracranial, bool), spacing, ((DEEP_MM, np.inf), SHELL_MM))
@@ -192,6 +195,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         result["not_judged"] = (f"{deep_ml:.0f} ml of brain 20 mm or more under the brain mask's surface (under "
                                 f"{MIN_DEEP_ML:g} ml: a brain mask that failed, or a partial field of view)")
         return result
+    tell(0.65, "FLAIR check: white matter and black levels")
     # The white matter's level: the deep brain the model did not mark (all of it when the model marked
     # most of it, as it does on T2, where CSF is bright).
     values = stack[deep]
@@ -204,6 +208,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     if reference - black <= 0 or not shell.any():
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
+    tell(0.8, "FLAIR check: background outside the brain")
     outside_dark = _dark_share_outside(stack, np.asarray(intracranial, bool), black, DARK_RATIO * (reference - black))
     if outside_dark is not None and outside_dark < OUTSIDE_DARK_MIN:
         result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "

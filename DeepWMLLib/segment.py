@@ -50,8 +50,12 @@ IMPLAUSIBLE_LOAD = 0.05
 # axial planes the network sees then run across the thick slices. Thinner slices sample every plane.
 THICK_NON_AXIAL_MM = 2.0
 # Shares of the progress reported: the networks are most of a segmentation (the rest: post-processing, the
-# report); segmenting is most of a case (the rest: the QC picture, the DICOM outline, writing the files).
-NETWORK_SHARE = 0.85
+# report, the FLAIR check); segmenting is most of a case (the rest: the QC picture, the DICOM outline, writing
+# the files). After the networks, each step says so as it starts, at about its share of the time: at 1024 x 1024
+# x 400 voxels on a CPU, networks 33 s, post-processing 3 s, the report 3 s, the FLAIR check 6 s (twice that on
+# a busy machine; on a GPU the networks take a few seconds, the rest as long): 0.85 left a bar at 76 % for all of it.
+NETWORK_SHARE = 0.7
+POSTPROCESSING_AT, LOCATION_AT, REPORT_AT, FLAIR_CHECK_AT = 0.7, 0.76, 0.78, 0.84
 SEGMENTING_SHARE = 0.9
 # Peak memory of `deepwml segment` per voxel of the scan, with the brain mask: 5.7 GB for a 1024 x 1024 x 400
 # scan stored as float64 (13.6 bytes a voxel), 1.0 GB for a 363 x 435 x 363 one (README "Large scans");
@@ -363,7 +367,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta,
                                                               progress_part(progress, 0.0, NETWORK_SHARE), cancel,
                                                               backend, facts, precision, ventricle_model)
-    tell(NETWORK_SHARE + 0.03, "post-processing")
+    tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     # Only the brain mask is needed, not the brain network's float32 map (1.6 GB at 1024 x 1024 x 400 voxels);
@@ -380,7 +384,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if ventricle_model is not None:
         from .location import locate, ventricle_mask
 
-        tell(NETWORK_SHARE + 0.06, "periventricular/deep split")
+        tell(LOCATION_AT, "periventricular/deep split")
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
         ventricles = ventricle_mask(ventricle_map, None if brain_stack is None else brain_stack > 0,
                                     ventricle_model.threshold)
@@ -390,7 +394,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         if distance is not None:
             distance_image = io.from_axial_stack(distance, frame)  # held: voxels() is a view of its buffer
             distance = voxels(distance_image)
-    tell(NETWORK_SHARE + 0.1, "lesion report")
+    tell(REPORT_AT, "lesion report")
     report = lesion_report(mask, voxels(prob_image), distance)
     report["location"] = location
     plane = io.acquisition_plane(image)
@@ -418,7 +422,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
                 "--no-brain-mask")
         check = flair_contrast(io.axial_view(image), brain_stack.view(bool), mask_stack.view(bool),  # 0/1: no copies
-                               (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
+                               (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm),
+                               progress_part(progress, FLAIR_CHECK_AT, 0.99))
         report["contrast"] = check
         warnings += contrast_warnings(check)
         load = report["volume_ml"] / max(report["intracranial_ml"], 1e-9)
@@ -859,14 +864,18 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     report["input_absolute"] = str(path.resolve())
     report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
     report["outputs"] = sorted(p.name for p in paths.values())
-    tell(SEGMENTING_SHARE + 0.06, "writing the outputs")
+    tell(SEGMENTING_SHARE + 0.05, "writing the mask")  # a second or more each on a large scan
     io.write_image(result.mask, paths["mask"], time_axis)
+    tell(SEGMENTING_SHARE + 0.07, "writing the segmentation")
     io.write_segmentation(result.mask, paths["segmentation"])
     if save_probabilities:
+        tell(SEGMENTING_SHARE + 0.08, "writing the probability map")
         io.write_image(result.probabilities, paths["probabilities"], time_axis)
     if save_brain_mask:
+        tell(SEGMENTING_SHARE + 0.09, "writing the brain mask")
         io.write_image(result.brain, paths["brain"], time_axis)
     if save_ventricle_mask:
+        tell(SEGMENTING_SHARE + 0.095, "writing the ventricle mask")
         io.write_image(result.ventricles, paths["ventricles"], time_axis)
     if qc:
         io.write_bytes(picture, paths["qc"])
@@ -1021,7 +1030,9 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal). With `eta`,
+    """A one-line progress bar on stderr per case (plain lines when stderr is not a terminal: at each quarter, and
+    when a step begins that had no line yet, so a log shows the steps after the networks rather than stopping at
+    75 %; a network's "NAME: slice 84/255" is one step whatever its numbers). With `eta`,
     each finished case of a run of several also says about how long the rest will take (the mean time of
     the cases segmented so far times the cases left; a case skipped because it was done before takes no
     time and says nothing of the others, so it is not counted and its line says no time, nor does any
@@ -1043,15 +1054,19 @@ class ProgressBar:
         self._position = (number, total)
         prefix = f"[{number}/{total}] {case}"
         last = [-1]
+        steps: set = set()  # the steps with a line (their messages without digits)
 
         def update(fraction: float, message: str) -> None:
             if self.tty:
                 filled = int(self.width * fraction)
                 self.stream.write(f"\r{prefix} |{'#' * filled}{'.' * (self.width - filled)}| {fraction:4.0%} {message[:40]:<40}")
                 self.stream.flush()
-            elif int(fraction * 4) > last[0]:  # quarter steps keep logs short
-                last[0] = int(fraction * 4)
-                self.stream.write(f"{prefix}: {fraction:4.0%} {message}\n")
+            else:  # quarter steps and new steps keep logs short
+                step = re.sub(r"\d+", "", message)
+                if int(fraction * 4) > last[0] or step not in steps:
+                    last[0] = max(last[0], int(fraction * 4))
+                    steps.add(step)
+                    self.stream.write(f"{prefix}: {fraction:4.0%} {message}\n")
 
         return update
 

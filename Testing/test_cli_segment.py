@@ -292,7 +292,7 @@ def test_progress_reaches_100_percent_only_when_the_case_is_written(tmp_path, ti
     assert {"case_wmh.nii.gz", "case.seg.nrrd", "case_prob.nii.gz", "case_qc.png", "case_report.json"} <= set(written)
     assert all("case_report.json" not in files for _, _, files in calls[:-2])  # the report is written last
     messages = [m for _, m, _ in calls[:-1]]
-    assert messages.index("drawing the QC picture") < messages.index("writing the outputs") < messages.index("done")
+    assert messages.index("drawing the QC picture") < messages.index("writing the mask") < messages.index("done")
 
 
 def test_usage_and_input_errors_are_one_line(tmp_path, tiny_model, capsys):
