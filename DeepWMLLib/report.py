@@ -101,8 +101,7 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
     shortest distance to them and the share of its voxels within the periventricular distance."""
     from .location import PERIVENTRICULAR_MM
 
-    array = voxels(mask) > 0  # numpy (k, j, i)
-    labels, count = label_components(array)
+    labels, count = label_components(voxels(mask) > 0, compact=True)  # numpy (k, j, i)
     if count == 0:
         return []
     if probabilities is not None:

@@ -371,8 +371,10 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     # Only the brain mask is needed, not the brain network's float32 map (1.6 GB at 1024 x 1024 x 400 voxels);
-    # postprocess reads it as the map, inside where >= BRAIN_THRESHOLD.
-    brain_stack = None if brain is None else (brain >= BRAIN_THRESHOLD).astype(np.uint8)
+    # postprocess reads it as the map, inside where >= BRAIN_THRESHOLD. Written as bytes: no bool array beside.
+    brain_stack = None
+    if brain is not None:
+        brain_stack = np.greater_equal(brain, BRAIN_THRESHOLD, out=np.empty(brain.shape, np.uint8))
     del brain
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain_stack,
                                       return_removed=True)

@@ -245,3 +245,51 @@ def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
         assert any(line.endswith(step) for line in logged), (step, lines)
     assert len(logged) < 30, lines  # a line per step, not per slice
 
+
+def test_the_small_marks_are_removed_without_an_int32_label_volume():
+    """filter_components labelled the marks in int32 over their bounding box (1.1 GB at 1024 x 1024 x 400, the
+    peak of a large scan's memory) and kept the labels while it wrote the result. Fewer than 256 marks need a
+    byte each; the result is the same."""
+    mask = np.zeros((40, 200, 200), np.uint8)
+    mask[1:39:10, 2:198:30, 2:198:30] = 1  # 196 specks (one voxel, too small) spread over the whole volume
+    mask[10:14, 50:54, 60:64] = 1  # two lesions that stay
+    mask[20:26, 100:103, 100:104] = 1
+    inside = np.ones(mask.shape, bool)
+    (out, removed), peak = _peak_bytes(postprocessing.filter_components, mask, 1.0, 5.0, inside)
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    assert 2 < count < 256
+    sizes = np.bincount(labels.ravel())
+    expected = (sizes >= 5)[labels] & (labels > 0)
+    assert np.array_equal(out, expected.astype(np.uint8)) and removed == 0
+    assert peak < 3.2 * mask.nbytes, f"{peak / mask.nbytes:.2f} bytes a voxel held at once"
+
+
+@pytest.mark.parametrize("count", [3, 300, 70000])
+def test_compact_labels_are_the_same_numbers_in_a_smaller_type(count):
+    """label_components(compact=True): the same labels, in uint8 up to 255 marks, uint16 up to 65535."""
+    mask = np.zeros((2, 2 * ((count + 99) // 100) + 1, 201), bool)
+    flat = mask[0, ::2, ::2].ravel()
+    flat[:count] = True
+    mask[0, ::2, ::2] = flat.reshape(mask[0, ::2, ::2].shape)
+    labels, n = postprocessing.label_components(mask)
+    small, m = postprocessing.label_components(mask, compact=True)
+    assert n == m == count and np.array_equal(labels, small)
+    assert small.dtype == (np.uint8 if count < 256 else np.uint16 if count < 65536 else np.uint32)
+
+
+def test_the_report_labels_its_lesions_in_a_byte_each_when_it_can():
+    """lesion_table labelled the mask in int32 (1.1 GB over the lesions' box at 1024 x 1024 x 400); with
+    fewer than 256 lesions a byte each, and the same table."""
+    from DeepWMLLib.report import lesion_table
+
+    array = np.zeros((40, 200, 200), np.uint8)
+    array[2:38:10, 3:197:30, 3:197:30] = 1  # 196 specks spread over the whole volume
+    array[5:9, 40:44, 40:50] = 1  # and a lesion
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.5, 1.0))
+    rows, peak = _peak_bytes(lesion_table, mask)
+    assert 2 < len(rows) < 256 and sum(r["voxels"] for r in rows) == int(array.sum())
+    assert peak < 3.2 * array.nbytes, f"{peak / array.nbytes:.2f} bytes a voxel held at once"
+
