@@ -53,6 +53,7 @@ OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be
 BLACK_PERCENTILE = 0.5  # the image's black: this low percentile of its voxels (a few stray ones below it)
 PADDING_GAP = 10.0  # ... unless it lies this many times the rest's range below the rest (reslice padding),
 OWN_BLACK = (0.05, 0.1)  # or over the range below a rest with a black of its own: a tenth of it in its lowest 5 %
+# (or, when that black is the scanner's 0, any way below it: -1024 lies under a FLAIR of 0-1500 or 0-4095)
 
 COARSE_MM = 2.0  # the depth is measured on in-plane blocks of about this size
 SLAB_VOXELS = 1 << 24  # the voxels outside the brain are counted this many (whole slices) at a time
@@ -146,8 +147,10 @@ def image_black(stack: np.ndarray) -> float:
     voxels below it (interpolation's undershoot, -20 on the labelled scans) do not move it, and neither does
     padding below the rest (a band of -32768 or -1024 from a reslice): a gap under the rest more than PADDING_GAP
     times the rest's range, or more than its range where the rest has a black of its own (its air or zeros: at
-    least OWN_BLACK[1] of it in the lowest OWN_BLACK[0] of its range). Not head_mask's gap of one range alone: a
-    stripped brain's narrow range, as on PD, passes it, and the brain has no such dense floor."""
+    least OWN_BLACK[1] of it in the lowest OWN_BLACK[0] of its range), or by any gap when that black is 0 (a
+    magnitude image holds nothing below 0 but padding and undershoot: -1024 lies less than one range under a
+    scanner's FLAIR of 0-1500 or 0-4095). Not head_mask's gap of one range alone: a stripped brain's narrow range, as
+    on PD, passes it, and the brain has no such dense floor (and does not start at 0)."""
     from .preprocessing import percentiles
 
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else np.ravel(stack)
@@ -156,7 +159,9 @@ def image_black(stack: np.ndarray) -> float:
     if above.size:
         floor = percentiles(above, 0.5)[0]
         gap, span = floor - black, top - floor
-        if gap > PADDING_GAP * span or (gap > span and np.mean(above <= floor + OWN_BLACK[0] * span) >= OWN_BLACK[1]):
+        own_black = np.mean(above <= floor + OWN_BLACK[0] * span) >= OWN_BLACK[1]
+        at_zero = black < 0 <= floor <= OWN_BLACK[0] * span  # below a rest whose black is the scanner's 0
+        if gap > PADDING_GAP * span or ((gap > span or at_zero) and own_black):
             black = floor
     return float(black)
 

@@ -107,6 +107,23 @@ def test_a_few_voxels_or_padding_below_black_do_not_move_it():
         assert check["looks_like"] == "FLAIR" and check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
 
 
+@pytest.mark.parametrize("white_matter", [1200.0, 3000.0])
+def test_padding_at_minus_1024_under_a_scanner_range_of_thousands_does_not_move_the_black(white_matter):
+    """A FLAIR stored as the scanner does (white matter at 1200, cortex 1500; or a 12-bit range up to 3750) with
+    a band of reslice padding at -1024: the padding lies less than the rest's range below it, and was taken as
+    the image's black; its levels were then measured from -1024, the ventricles no longer counted dark, and a
+    real FLAIR (patient03_study1 x 3 gave the same) was called 'T2- or PD-weighted'."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    stack *= white_matter / 300
+    plain = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    padded = stack.copy()
+    padded[:, :4, :] = -1024.0
+    assert contrast.image_black(padded) == pytest.approx(0.0, abs=white_matter / 300)
+    check = contrast.flair_contrast(padded, inside, lesion, SPACING)
+    assert plain["looks_like"] == "FLAIR" and check["looks_like"] == "FLAIR", check
+    assert check["dark_fraction"] == pytest.approx(plain["dark_fraction"], abs=0.002)
+
+
 @pytest.mark.parametrize("cortex,ventricle", [(1.25, 0.3), (1.2, 3.0), (0.7, 0.3)])
 def test_a_background_filled_with_another_level_is_not_judged(cortex, ventricle):
     """z-scored inside the brain with 0 (the brain's mean) written outside: the image has no black to
