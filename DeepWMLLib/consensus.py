@@ -248,7 +248,7 @@ def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, title: str | Non
     from .qc import png_bytes, render_comparison
 
     a, b = io.onto_common_grid(sitk.Cast(mask_a != 0, sitk.sitkUInt8), sitk.Cast(mask_b != 0, sitk.sitkUInt8),
-                               "rater A's mask", "rater B's")
+                               "rater A's mask", "rater B's mask")
     image = io.align_voxel_order(io.read_image(flair), b)
     io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
     return png_bytes(render_comparison(image, a, b, title, names=("rater A", "rater B")))

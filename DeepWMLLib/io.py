@@ -1662,12 +1662,26 @@ def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
 def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> tuple[sitk.Image, sitk.Image]:
     """Two masks on one grid (`onto_grid`): `b`'s, or `a`'s when `b` is a crop of it (a reference saved
     cropped to its lesions against a prediction on the whole scan), so neither loses a voxel."""
+    def inside(placement, grid) -> bool:
+        return all(0 <= o and o + n <= m for o, n, m in zip(placement[1], placement[0].GetSize(), grid.GetSize()))
+
     a = align_voxel_order(a, b)
-    if grid_difference(a, b) is not None:
+    diff = grid_difference(a, b)
+    if diff is not None:
         placement = _lattice_placement(b, a)
-        if placement is not None and all(0 <= o and o + n <= m for o, n, m in
-                                         zip(placement[1], placement[0].GetSize(), a.GetSize())):
+        if placement is not None and inside(placement, a):
             return a, onto_grid(b, a, what_b, what_a)
+        reverse = _lattice_placement(a, b) if diff.startswith("size") else None
+        if placement is not None and reverse is not None and not inside(reverse, b):
+            # each over a part of the other's extent: both cropped (onto_grid would ask whether one was drawn on
+            # another, larger scan), and neither gives the scan's grid to put them on
+            covered = _coverage(*reverse, b, what_b + "'s")
+            raise DeepWMLError(
+                f"{what_a} and {what_b} are on different voxel grids ({diff}): they lie on the same voxels, but "
+                f"each covers only part of the other's extent ({what_a} covers {covered}): "
+                "both saved cropped to their lesions (a Slicer segmentation saved with 'Crop to minimum extent', say)? "
+                "Give masks on the scan's whole grid (in Slicer: save them without cropping, or export them with the "
+                "FLAIR as reference volume)")
     return onto_grid(a, b, what_a, what_b), b
 
 

@@ -782,3 +782,22 @@ def test_two_masks_one_cropped_are_compared_on_the_larger_grid():
         for image in (a2, b2):
             assert io.grid_difference(image, mask) is None
             assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask))
+
+
+def test_two_masks_both_cropped_are_refused_as_both_cropped_not_as_from_a_larger_scan():
+    """Two raters' segmentations both saved cropped to their own lesions (Slicer's 'Crop to minimum extent'),
+    each covering part of the other's extent: refused (neither gives the scan's grid, so slice numbers would not
+    be the scan's), but the message asked whether one was 'drawn on another, larger scan?'; it now says that
+    both look cropped and how to save them whole."""
+    _, mask = _scan_and_lesions()
+    first, second = mask[4:12, 8:16, 2:7], mask[13:21, 28:39, 7:11]  # each around one lesion
+    for a, b in ((first, second), (second, first)):
+        with pytest.raises(DeepWMLError) as caught:
+            io.onto_common_grid(a, b, "rater A's mask", "rater B's mask")
+        message = str(caught.value)
+        assert "larger scan" not in message and "both saved cropped" in message, message
+        assert "save them without cropping" in message
+    shifted = sitk.Image(mask)  # the scan's size a whole number of voxels off: a changed header, told as before
+    shifted.SetOrigin(mask.TransformIndexToPhysicalPoint((1, 0, 0)))
+    with pytest.raises(DeepWMLError, match="a conversion changed one header"):
+        io.onto_common_grid(shifted, mask, "rater A's mask", "rater B's mask")
