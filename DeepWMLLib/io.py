@@ -1643,9 +1643,8 @@ def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
         if all(0 <= o and o + n <= m for o, n, m in zip(start, array.shape, full)):
             padded = np.zeros(full, dtype=array.dtype)
             padded[tuple(slice(o, o + n) for o, n in zip(start, array.shape))] = array
-            result = sitk.GetImageFromArray(padded)
-            result.CopyInformation(reference)
-            return result
+            # the reference's geometry (a Volume's too: what segment_image gives for a NIfTI read without SimpleITK)
+            return like(padded, reference.GetSpacing(), reference.GetOrigin(), reference.GetDirection())
         inside = tuple(slice(max(0, -o), max(0, min(n, m - o))) for o, n, m in zip(start, array.shape, full))
         outside = int(np.count_nonzero(array)) - int(np.count_nonzero(array[inside]))
         if outside:

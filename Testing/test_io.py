@@ -801,3 +801,20 @@ def test_two_masks_both_cropped_are_refused_as_both_cropped_not_as_from_a_larger
     shifted.SetOrigin(mask.TransformIndexToPhysicalPoint((1, 0, 0)))
     with pytest.raises(DeepWMLError, match="a conversion changed one header"):
         io.onto_common_grid(shifted, mask, "rater A's mask", "rater B's mask")
+
+
+def test_a_cropped_mask_is_padded_onto_a_volume_read_without_simpleitk():
+    """The scan or the prediction as a `Volume` (a NIfTI read with light=True, and what segment_image returns for
+    it) against a mask saved cropped: padding copied the geometry with SimpleITK's CopyInformation, which takes
+    no Volume, and failed with a TypeError (an internal error) instead of padding."""
+    from DeepWMLLib import metrics
+    from DeepWMLLib.volume import Volume
+
+    scan, mask = _scan_and_lesions()
+    as_volume = Volume(sitk.GetArrayFromImage(mask), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection())
+    cropped = mask[4:20, 7:39, 2:11]
+    padded = io.onto_grid(cropped, as_volume, "the mask", "the scan")
+    assert io.grid_difference(padded, mask) is None
+    assert np.array_equal(sitk.GetArrayFromImage(padded), sitk.GetArrayFromImage(mask))
+    result = metrics.case_metrics(as_volume, cropped)
+    assert result["dice"] == 1.0 and result["reference_volume_ml"] == result["prediction_volume_ml"] > 0
