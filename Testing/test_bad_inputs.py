@@ -102,6 +102,7 @@ BAD_INPUTS = [
     ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
     ("an empty reference", "evaluate", 0, "ok: the printed note says which metrics are undefined and why"),
     ("rater masks on different grids", "consensus", 1, "different voxel grids"),
+    ("two rater masks each saved cropped to its own lesions", "consensus", 1, "both saved cropped"),
     ("consensus manifest missing columns", "consensus", 1, "column"),
     ("training manifest missing", "train", 1, "does not exist"),
     ("training mask on another grid", "train", 1, "different voxel grids"),
@@ -236,6 +237,10 @@ def world(tmp_path):
     box.Execute(truth)
     i, j, k, ni, nj, nk = box.GetBoundingBox(1)
     paths["cropped seg"] = io.write_segmentation(truth[i:i + ni, j:j + nj, k:k + nk], d / "truth_cropped.seg.nrrd")
+    other_rater = sitk.Image(truth)  # two lesion voxels past the first one's box; its own box starts a column on
+    other_rater[i + ni, j, k] = other_rater[i + ni + 1, j, k] = 1
+    paths["cropped other rater"] = io.write_segmentation(other_rater[i + 1:i + ni + 2, j:j + nj, k:k + nk],
+                                                         d / "other_rater_cropped.seg.nrrd")
     beyond = sitk.ConstantPad(truth, (0, 0, 0), (0, 0, 2))  # two slices more above the scan, two voxels marked there
     beyond[3, 3, truth.GetSize()[2] + 1] = beyond[4, 3, truth.GetSize()[2] + 1] = 1
     paths["beyond"] = _write(d / "beyond.nii.gz", beyond)
@@ -400,6 +405,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["empty mask"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
     if row_id == "rater masks on different grids":
         return ["consensus", str(p["truth"]), str(p["other grid"])]
+    if row_id == "two rater masks each saved cropped to its own lesions":
+        return ["consensus", str(p["cropped seg"]), str(p["cropped other rater"])]
     if row_id.startswith("a reference of 0 and 2 only"):
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/2"])]
     if row_id == "a mask with negative values (int16)":
