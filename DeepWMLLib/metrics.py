@@ -220,6 +220,7 @@ class MaskPair:
         self.axial_axis = io.axial_axis(geometry)
         self.voxel_volume_mm3 = float(np.prod(self.spacing))
         self.ignored_voxels = 0  # reference voxels labelled 2, left out of both masks (`from_images`)
+        self.predicted_ignored = 0  # of them, those the prediction marked
 
     @classmethod
     def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
@@ -231,10 +232,12 @@ class MaskPair:
         prediction, reference = io.onto_common_grid(prediction, reference, *names)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
-        if ignore.any():
+        predicted_ignored = int(np.count_nonzero(predicted & ignore))
+        if predicted_ignored:
             predicted &= ~ignore
         pair = cls(predicted, lesion, reference)
         pair.ignored_voxels = int(np.count_nonzero(ignore))
+        pair.predicted_ignored = predicted_ignored
         return pair
 
     @classmethod
@@ -281,8 +284,11 @@ class MaskPair:
                          "undefined; Dice, precision and lesion F1 are 0, as every marked voxel is false (lesion "
                          "recall 1: the challenge's convention)")
         elif n_pred == 0:
-            notes.append("the prediction is empty: precision, HD95 and lesion-wise precision are undefined; Dice, "
-                         "sensitivity and lesion recall are 0, AVD 100 %")
+            # not empty when it marked voxels the reference says to ignore (a reference with label 2 has lesion)
+            counted = (f"all {self.predicted_ignored} voxels of the prediction lie in the reference's ignored region "
+                       "(label 2), so none is counted" if self.predicted_ignored else "the prediction is empty")
+            notes.append(f"{counted}: precision, HD95 and lesion-wise precision are undefined; Dice, sensitivity and "
+                         "lesion recall are 0, AVD 100 %")
         if self.ignored_voxels:
             notes.append(f"{self.ignored_voxels} reference voxels labelled 2 (ignore) were left out of both masks")
         return notes

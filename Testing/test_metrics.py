@@ -416,6 +416,21 @@ def test_notes_say_which_metrics_an_empty_mask_leaves_undefined(pred_has, ref_ha
     assert all(key.split("_")[0] in result["notes"][0].lower() for key in undefined)
 
 
+def test_a_prediction_only_inside_the_ignored_region_is_not_called_empty():
+    """deepwml evaluate said 'the prediction is empty' of a prediction whose voxels all lie in the reference's
+    label 2: it says they were marked there and not counted, with how many."""
+    ref, pred = zeros(), zeros()
+    ref[2, 2:6, 2:6] = 1
+    ref[5, 10:12, 10:13] = metrics.IGNORE_LABEL
+    pred[5, 10:12, 10:12] = 1
+    result = metrics.case_metrics(image(pred), image(ref))
+    assert math.isnan(result["precision"]) and result["dice"] == 0.0
+    assert result["notes"][0].startswith("all 4 voxels of the prediction lie in the reference's ignored region (label 2)")
+    assert "is empty" not in " ".join(result["notes"])
+    assert result["notes"][0].endswith("precision, HD95 and lesion-wise precision are undefined; Dice, sensitivity "
+                                       "and lesion recall are 0, AVD 100 %")
+
+
 def test_notes_count_the_voxels_the_ignore_label_left_out_and_are_empty_otherwise():
     ref, pred = zeros(), zeros()
     ref[2, 2:6, 2:6] = 1
