@@ -705,7 +705,12 @@ def _float32_in_its_buffer(data) -> Volume | None:
     return Volume(np.frombuffer(data, np.float32, count=n).reshape(shape), *geometry)
 
 
-def _read_file(path: Path, light: bool = False, float32: bool = False) -> sitk.Image | Volume:
+def _needs(mask: bool) -> str:
+    """What DeepWML needs, said in a refusal of a file: a FLAIR to segment, or a mask (evaluate, consensus)."""
+    return "a 3D mask (one label image over all slices of its scan)" if mask else "a 3D FLAIR volume (all slices of the series)"
+
+
+def _read_file(path: Path, light: bool = False, float32: bool = False, mask: bool = False) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair), NRRD (.nrrd, .nhdr), "
@@ -738,14 +743,14 @@ def _read_file(path: Path, light: bool = False, float32: bool = False) -> sitk.I
             reader.SetFileName(name)
             flat = _nrrd_slice_in_space(path)
             if flat:
-                raise DeepWMLError(f"{path} is a 2D image {flat} (one slice placed in 3D space); DeepWML needs a 3D "
-                                   "FLAIR volume (all slices of the series)")
+                raise DeepWMLError(f"{path} is a 2D image {flat} (one slice placed in 3D space); DeepWML needs "
+                                   f"{_needs(mask)}")
             reader.ReadImageInformation()
             # complex: 2 values per voxel, not vector/RGB
             if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
-            _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents())
+            _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), mask)
             missing = None if is_nifti(path) or is_nifti_pair(path) else _unknown_voxel_size(path)
             if missing:
                 raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "
@@ -1314,17 +1319,20 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
                            "incomplete: export the series again")
 
 
-def _check_layout(path, dimension: int, size, components: int) -> None:
+def _check_layout(path, dimension: int, size, components: int, mask: bool = False) -> None:
     if components != 1:
         raise DeepWMLError(
             f"{path} has {components} values per voxel (vector/RGB); DeepWML needs a single-channel "
-            "(grey-scale) FLAIR volume"
+            + ("label mask (0 background, 1 lesion)" if mask else "(grey-scale) FLAIR volume")
         )
     size = tuple(int(s) for s in size)
     if dimension == 4 and size[3] == 1:
         return
     if dimension == 2 or (dimension == 3 and min(size) == 0):
-        raise DeepWMLError(f"{path} is a 2D image {size}; DeepWML needs a 3D FLAIR volume (all slices of the series)")
+        raise DeepWMLError(f"{path} is a 2D image {size}; DeepWML needs {_needs(mask)}")
+    if dimension == 4 and mask:
+        raise DeepWMLError(f"{path} is a 4D image {size}: {size[3]} volumes in one file; DeepWML needs {_needs(mask)}: "
+                           "save the one to use as its own file and give that")
     if dimension == 4:  # echoes of a multi-echo FLAIR, or time points: which one is the FLAIR is the user's call
         raise DeepWMLError(
             f"{path} is a 4D image {size}: {size[3]} volumes (echoes or time points) in one file; DeepWML segments "
@@ -1333,10 +1341,8 @@ def _check_layout(path, dimension: int, size, components: int) -> None:
             "counting from 0; dcm2niix writes each echo of a DICOM series to its own file)"
         )
     if dimension != 3:
-        raise DeepWMLError(
-            f"{path} is a {dimension}D image {size}; DeepWML needs one 3D FLAIR volume — "
-            "extract the FLAIR volume first"
-        )
+        what = "mask" if mask else "FLAIR volume"
+        raise DeepWMLError(f"{path} is a {dimension}D image {size}; DeepWML needs one 3D {what} — extract the {what} first")
 
 
 def _squeeze_4d(image: sitk.Image) -> sitk.Image:
@@ -1405,11 +1411,12 @@ def stored_size(image, time_axis: TimeAxis | None) -> list[int]:
 
 
 def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None,
-             float32: bool = False) -> sitk.Image | Volume:
+             float32: bool = False, mask: bool = False) -> sitk.Image | Volume:
     """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError.
 
     With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py), with `float32` as float32
-    voxels (read_image). `series`: which series of a DICOM folder that holds several (`choose_dicom_series`)."""
+    voxels (read_image). `series`: which series of a DICOM folder that holds several (`choose_dicom_series`).
+    `mask`: the file is a mask (read_mask), and a refusal says a mask is needed, not a FLAIR."""
     p = Path(path)
     if not p.exists():
         if p.is_symlink():
@@ -1419,7 +1426,7 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
         return _squeeze_4d(_read_dicom_folder(p, series))
     if p.stat().st_size == 0:
         raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
-    image = _read_file(p, light, float32)
+    image = _read_file(p, light, float32, mask)
     return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 
@@ -1514,7 +1521,7 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
 
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
     # Slicer, say) is no label of the mask conventions
-    image = lesion_segments(path) if segment_names(path) else read_any(path)
+    image = lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array != np.round(array)):
         finite = np.asarray(array)[np.isfinite(array)]

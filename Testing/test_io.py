@@ -375,6 +375,21 @@ def test_an_nrrd_slice_placed_in_3d_space_is_called_a_2d_image(tmp_path, space):
     assert io.read_image(path).GetSize() == (40, 30, 2)  # a volume in the same space: read
 
 
+@pytest.mark.parametrize("placed", [False, True])
+def test_a_2d_mask_is_refused_as_a_mask_not_as_a_flair(tmp_path, placed):
+    """A one-slice reference given to evaluate or consensus was told 'DeepWML needs a 3D FLAIR volume', as if
+    the FLAIR were wrong: a mask read as a mask is called one."""
+    space = "space: left-posterior-superior\nspace directions: (0.9,0,0) (0,0.9,0)\n" if placed else "spacings: 0.9 0.9\n"
+    path = tmp_path / "reference.nrrd"
+    path.write_bytes(f"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 40 30\n{space}encoding: raw\n\n".encode()
+                     + np.ones((30, 40), np.uint8).tobytes())
+    with pytest.raises(DeepWMLError, match=r"reference.nrrd is a 2D image \(40, 30\).*; DeepWML needs a 3D mask") as caught:
+        io.read_mask(path)
+    assert "FLAIR" not in str(caught.value)
+    with pytest.raises(DeepWMLError, match="DeepWML needs a 3D FLAIR volume"):
+        io.read_image(path)
+
+
 def test_an_nrrd_that_cannot_be_read_says_why(tmp_path):
     """SimpleITK's first line is 'Error reading x.nhdr:'; the NRRD library's last one says what is wrong
     (the data file missing beside a detached header, an encoding it lacks): that is what the user reads."""
