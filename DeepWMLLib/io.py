@@ -480,9 +480,9 @@ def _nifti_data(path: Path) -> bytes | bytearray:
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
 
 
-def _check_nifti(path: Path, data: bytes, pair: bytes | None = None) -> None:
-    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0. `pair`: the
-    voxel file (.img) of a two-file NIfTI-1 whose header (.hdr) is `data`."""
+def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> None:
+    """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0. `voxel_file`: the
+    .img of a two-file NIfTI-1 whose header `path` is, `data` the pair as one file (`_nifti_pair_data`)."""
     if len(data) < 348:
         raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
     for endian in "<>":
@@ -530,12 +530,11 @@ def _check_nifti(path: Path, data: bytes, pair: bytes | None = None) -> None:
                 "wrong; export the image again from the scanner or PACS")
     n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
     expected = vox_offset + n_voxels * max(1, bitpix) // 8
-    if pair is not None:
-        data, path = pair, path.parent / (_pair_data_name(path) or path.name)
     if len(data) < expected:
+        before = PAIR_HEADER if voxel_file else 0  # a pair's .img holds the bytes after the header
         raise DeepWMLError(
-            f"{path} is truncated: it holds {len(data)} of the {expected} bytes its header announces; "
-            "copy the file again from its source"
+            f"{voxel_file or path} is truncated: it holds {len(data) - before} of the {expected - before} bytes its "
+            "header announces; copy the file again from its source"
         )
     if datatype in _NIFTI_FLOAT_TYPES:
         values = np.frombuffer(data, dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=n_voxels, offset=vox_offset)
@@ -544,20 +543,34 @@ def _check_nifti(path: Path, data: bytes, pair: bytes | None = None) -> None:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
 
 
-def _check_nifti_pair(path: Path) -> None:
-    """A `.hdr` + `.img` pair: read (by SimpleITK, as a .nii) when the header is NIfTI-1's ("ni1"), with the
-    checks of `_check_nifti`. A plain Analyze 7.5 header (no NIfTI mark) is refused: it has no orientation, and
-    software reads its left and right in different ways (SPM's flip setting, radiological or neurological)."""
-    def read(file: Path, size: int | None = None) -> bytes:
+PAIR_HEADER = 352  # bytes before a pair's voxels in its one-file form: the header and 4 of no extension
+
+
+def _nifti_pair_data(path: Path) -> bytearray:
+    """A `.hdr` + `.img` pair whose header is NIfTI-1's ("ni1") as the bytes of one .nii file (the header marked
+    so, then the .img's bytes, read into the same buffer): read once, then checked and parsed like a .nii. Its
+    .img was read whole for the checks and then again by SimpleITK, which holds two copies while it reads.
+    A plain Analyze 7.5 header (no NIfTI mark) is refused: it has no orientation, and software reads its left
+    and right in different ways (SPM's flip setting, radiological or neurological)."""
+    def read(file: Path, into: memoryview | None = None) -> bytes | int:
+        """The header's 348 bytes, or the count of bytes of `file` read into `into` (all it holds, or fills)."""
         try:
             with open(file, "rb") as f:
-                return f.read() if size is None else f.read(size)
+                if into is None:
+                    return f.read(348)
+                filled = 0
+                while filled < len(into):
+                    got = f.readinto(into[filled:])
+                    if not got:
+                        break
+                    filled += got
+                return filled
         except PermissionError as exc:
             raise DeepWMLError(f"{file} cannot be read (permission denied); ask for read access to it") from exc
         except OSError as exc:
             raise DeepWMLError(f"{file} cannot be read ({exc.strerror or exc}); copy it again from its source") from exc
 
-    header = read(path, 348)
+    header = read(path)
     if len(header) < 348 or 348 not in (struct.unpack("<i", header[:4])[0], struct.unpack(">i", header[:4])[0]):
         raise DeepWMLError(f"{path} is not a NIfTI or Analyze header (.hdr of 348 bytes); use NIfTI (.nii, .nii.gz), "
                            "NRRD, MetaImage or a DICOM series folder")
@@ -578,7 +591,21 @@ def _check_nifti_pair(path: Path) -> None:
     if data != wanted or not path.name.endswith((".hdr", ".HDR")):  # the image library looks for that name alone
         raise DeepWMLError(f"{path}: the image library finds a pair's voxel file only as NAME.img beside NAME.hdr, or "
                            f"NAME.IMG beside NAME.HDR, not {data}; rename the two files so that their extensions match")
-    _check_nifti(path, header, read(path.parent / data))
+    voxel_file = path.parent / data
+    try:
+        size = voxel_file.stat().st_size
+    except OSError as exc:
+        raise DeepWMLError(f"{voxel_file} cannot be read ({exc.strerror or exc}); copy it again from its source") from exc
+    one = bytearray(PAIR_HEADER + size)
+    one[:348] = header
+    one[344:348] = b"n+1\0"
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    offset = struct.unpack_from(endian + "f", header, 108)[0]  # where the voxels start in the .img
+    struct.pack_into(endian + "f", one, 108, PAIR_HEADER + offset)
+    with memoryview(one) as view:
+        got = read(voxel_file, into=view[PAIR_HEADER:])
+    del one[PAIR_HEADER + got:]  # (shorter than it was a moment ago: the checks say it is truncated)
+    return one
 
 
 _IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".hdr": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
@@ -688,12 +715,12 @@ def _float32_in_its_buffer(data) -> Volume | None:
     source = volume.array
     geometry = (volume.GetSpacing(), volume.GetOrigin(), volume.GetDirection())
     if not isinstance(data, bytearray) or source.dtype.itemsize != 8 or not source.flags.c_contiguous:
-        return Volume(source.astype(np.float32), *geometry)
+        return Volume(source.astype(np.float32, copy=False), *geometry)
     whole = np.frombuffer(data, np.uint8)
     start = source.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
     if not 0 <= start <= len(data) - source.nbytes:  # not a view of `data` (a copy of swapped bytes)
         del whole
-        return Volume(source.astype(np.float32), *geometry)
+        return Volume(source.astype(np.float32, copy=False), *geometry)
     shape, n = source.shape, source.size
     flat = source.reshape(-1)
     out = whole[:4 * n].view(np.float32)  # the header is read: the float32 voxels go first
@@ -716,18 +743,19 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair), NRRD (.nrrd, .nhdr), "
             "MetaImage (.mha, .mhd) or a DICOM series folder"
         )
-    if is_nifti_pair(path):
-        _check_nifti_pair(path)
-    if is_nifti(path):
-        data = _nifti_data(path)
-        _check_nifti(path, data)
-        # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`
+    pair = is_nifti_pair(path)
+    if pair or is_nifti(path):
+        data = _nifti_pair_data(path) if pair else _nifti_data(path)
+        _check_nifti(path, data, path.parent / _pair_data_name(path) if pair else None)
+        # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`;
+        # a pair, read once already, too (SimpleITK holds its voxels twice while it reads)
         nifti_2 = (nifti_version(data) or (1,))[0] == 2
-        misnamed = _gzipped(path) and not path.name.lower().endswith(".gz")
-        if light or nifti_2 or misnamed:
+        misnamed = not pair and _gzipped(path) and not path.name.lower().endswith(".gz")
+        if light or nifti_2 or misnamed or pair:
             volume = _float32_in_its_buffer(data) if light and float32 else parse_nifti(data)
             if volume is not None:
                 return volume if light else volume.to_sitk()
+        del data  # not held beside SimpleITK's copies of the voxels
         if nifti_2:
             raise DeepWMLError(f"{path} is a NIfTI-2 file the image library cannot read (DeepWML reads plain NIfTI-2 "
                                "volumes: no intensity scaling, lengths in mm, a rigid orientation); save it as "

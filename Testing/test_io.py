@@ -75,6 +75,25 @@ def test_a_nifti_pair_is_read_as_its_nii_is(tmp_path):
     assert io.is_image_file(header) and not io.is_image_file(voxel_file)
 
 
+@pytest.mark.parametrize("pixel", [sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkFloat32, sitk.sitkFloat64])
+def test_a_nifti_pair_read_once_gives_what_the_image_library_reads(tmp_path, pixel):
+    """A pair is read once into one buffer and parsed like a .nii (not checked, then read again by SimpleITK):
+    the very voxels and geometry SimpleITK reads from the pair, oblique and flipped, read light or not."""
+    for n, direction in enumerate([rotation(0.3, -0.2, 0.4), rotation(0.1, 0.2, -0.3) @ np.diag([1, 1, -1])]):
+        image, _ = make_volume(size=(20, 16, 6), spacing=(0.7, 0.8, 4.0), direction=direction, dtype=pixel, seed=n)
+        header = tmp_path / f"p{n}.hdr"
+        sitk.WriteImage(image, str(header))
+        reference = sitk.ReadImage(str(header))
+        for light in (False, True):
+            read = io.read_any(header, light=light)
+            assert tuple(read.GetSize()) == reference.GetSize() and read.GetSpacing() == reference.GetSpacing()
+            assert read.GetOrigin() == reference.GetOrigin() and read.GetDirection() == reference.GetDirection()
+            assert io.voxels(read).dtype == sitk.GetArrayViewFromImage(reference).dtype
+            assert np.array_equal(io.voxels(read), sitk.GetArrayViewFromImage(reference))
+            flair = io.read_image(header, light=light)
+            assert np.array_equal(io.voxels(flair), sitk.GetArrayViewFromImage(reference).astype(np.float32))
+
+
 def test_an_analyze_pair_and_broken_nifti_pairs_are_refused_saying_why(tmp_path):
     """Analyze 7.5 (no NIfTI mark) has no orientation: left and right are read in different ways by different
     software, so it is refused with how to convert it; a pair without its .img, or a truncated .img, says so."""
