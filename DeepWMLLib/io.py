@@ -42,7 +42,8 @@ from .volume import Volume, like, nifti_bytes, nifti_version, parse_nifti, voxel
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")  # .hdr: a NIfTI-1 pair's header
+# .hdr (.hdr.gz): a NIfTI-1 pair's header, beside its .img (.img.gz)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr", ".hdr.gz")
 SEGMENTATION_EXTENSION = ".seg.nrrd"
 
 # Two grids count as the same when they differ by less than these (floating point noise from
@@ -89,8 +90,17 @@ def is_nifti(path: str | os.PathLike) -> bool:
 
 
 def is_nifti_pair(path: str | os.PathLike) -> bool:
-    """A header of a two-file NIfTI-1 (`.hdr` + `.img`, as SPM writes), or of an Analyze 7.5 pair (refused)."""
-    return str(path).lower().endswith(".hdr")
+    """A header of a two-file NIfTI-1 (`.hdr` + `.img`, as SPM writes; `.hdr.gz` + `.img.gz` compressed), or of
+    an Analyze 7.5 pair (refused)."""
+    return str(path).lower().endswith((".hdr", ".hdr.gz"))
+
+
+def _pair_parts(header: Path) -> tuple[str, str, str]:
+    """A pair's header name in three: its stem, '.hdr' (as written: '.HDR'...) and '.gz' when compressed, else ''."""
+    name = header.name
+    gz = name[-3:] if name.lower().endswith(".gz") else ""
+    stem = name[:len(name) - len(gz) - 4]
+    return stem, name[len(stem):len(stem) + 4], gz
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -208,11 +218,11 @@ def windows_path_hint(path: str | os.PathLike) -> str:
 
 def _pair_data_name(header: Path) -> str | None:
     """The name of a NIfTI/Analyze `.hdr`'s voxel file: its own name with `.img` (in the header's case, else the
-    other), or None when there is none."""
-    stem = header.name[:-4]
-    for ext in ((".IMG", ".img") if header.name.endswith(".HDR") else (".img", ".IMG")):
-        if (header.parent / (stem + ext)).is_file():
-            return stem + ext
+    other; `.img.gz` for a `.hdr.gz`), or None when there is none."""
+    stem, hdr, gz = _pair_parts(header)
+    for ext in ((".IMG", ".img") if hdr == ".HDR" else (".img", ".IMG")):
+        if (header.parent / (stem + ext + gz)).is_file():
+            return stem + ext + gz
     return None
 
 
@@ -268,7 +278,8 @@ def _stage(source: Path, place: Path, write: bool) -> str:
         companions = _detached_data_files(source)
         if is_nifti_pair(source) and companions:  # found by its name beside the header: renamed with it
             shutil.copyfile(source, place / name)
-            shutil.copyfile(source.parent / companions[0], place / (name[:-4] + companions[0][-4:]))
+            stem, hdr, gz = _pair_parts(Path(name))
+            shutil.copyfile(source.parent / companions[0], place / (stem + companions[0][-4 - len(gz):]))
             return str(place / name)
         # a data file named from a folder above ("../raw/v.raw"): the header goes as many folders down, so
         # that every copy stays inside `place` (and goes with it) instead of landing beside it in TEMP
@@ -552,12 +563,13 @@ def _nifti_pair_data(path: Path) -> bytearray:
     .img was read whole for the checks and then again by SimpleITK, which holds two copies while it reads.
     A plain Analyze 7.5 header (no NIfTI mark) is refused: it has no orientation, and software reads its left
     and right in different ways (SPM's flip setting, radiological or neurological)."""
-    def read(file: Path, into: memoryview | None = None) -> bytes | int:
-        """The header's 348 bytes, or the count of bytes of `file` read into `into` (all it holds, or fills)."""
+    def read(file: Path, into: memoryview | None = None, size: int = 348) -> bytes | int:
+        """`size` bytes of `file` (-1: all), or the count of its bytes read into `into` (all it holds, or fills);
+        decompressed when gzip-compressed (`.hdr.gz` + `.img.gz`)."""
         try:
-            with open(file, "rb") as f:
+            with (gzip.open if _gzipped(file) else open)(file, "rb") as f:
                 if into is None:
-                    return f.read(348)
+                    return f.read(size)
                 filled = 0
                 while filled < len(into):
                     got = f.readinto(into[filled:])
@@ -567,6 +579,8 @@ def _nifti_pair_data(path: Path) -> bytearray:
                 return filled
         except PermissionError as exc:
             raise DeepWMLError(f"{file} cannot be read (permission denied); ask for read access to it") from exc
+        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise DeepWMLError(f"{file} is truncated or corrupt ({exc}); copy the file again from its source") from exc
         except OSError as exc:
             raise DeepWMLError(f"{file} cannot be read ({exc.strerror or exc}); copy it again from its source") from exc
 
@@ -574,9 +588,11 @@ def _nifti_pair_data(path: Path) -> bytearray:
     if len(header) < 348 or 348 not in (struct.unpack("<i", header[:4])[0], struct.unpack(">i", header[:4])[0]):
         raise DeepWMLError(f"{path} is not a NIfTI or Analyze header (.hdr of 348 bytes); use NIfTI (.nii, .nii.gz), "
                            "NRRD, MetaImage or a DICOM series folder")
+    stem, hdr, gz = _pair_parts(path)
     magic = header[344:348]
     if magic == b"n+1\0":
-        raise DeepWMLError(f"{path} is a one-file NIfTI (header and voxels together) named .hdr; rename it to .nii")
+        raise DeepWMLError(f"{path} is a one-file NIfTI (header and voxels together) named .hdr{gz}; rename it to "
+                           f".nii{gz}")
     if magic != b"ni1\0":
         raise DeepWMLError(f"{path} is an Analyze 7.5 header (.hdr/.img without the NIfTI mark), which stores no "
                            "orientation: software reads its left and right in different ways, so the mask's sides "
@@ -585,30 +601,37 @@ def _nifti_pair_data(path: Path) -> bytearray:
                            "scan again from the scanner or PACS")
     data = _pair_data_name(path)
     if data is None:
-        raise DeepWMLError(f"{path} is the header of a NIfTI pair, and its voxel file {path.name[:-4]}.img is not "
+        raise DeepWMLError(f"{path} is the header of a NIfTI pair, and its voxel file {stem}.img{gz} is not "
                            "beside it; copy both files")
-    wanted = path.name[:-4] + (".IMG" if path.name.endswith(".HDR") else ".img")
-    if data != wanted or not path.name.endswith((".hdr", ".HDR")):  # the image library looks for that name alone
+    wanted = stem + (".IMG" if hdr == ".HDR" else ".img") + gz
+    if data != wanted or hdr not in (".hdr", ".HDR"):  # the image library looks for that name alone
         raise DeepWMLError(f"{path}: the image library finds a pair's voxel file only as NAME.img beside NAME.hdr, or "
                            f"NAME.IMG beside NAME.HDR, not {data}; rename the two files so that their extensions match")
     voxel_file = path.parent / data
+    header = bytearray(header)
+    header[344:348] = b"n+1\0"
+    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+    offset = struct.unpack_from(endian + "f", header, 108)[0]  # where the voxels start in the .img
+    struct.pack_into(endian + "f", header, 108, PAIR_HEADER + offset)
+    header += bytes(PAIR_HEADER - 348)
     try:
         size = voxel_file.stat().st_size
     except OSError as exc:
         raise DeepWMLError(f"{voxel_file} cannot be read ({exc.strerror or exc}); copy it again from its source") from exc
+    if _gzipped(voxel_file):  # the bytes its header announces, when the .img.gz holds that many
+        size = (_nifti_length(bytes(header).ljust(540, b"\0")) or PAIR_HEADER) - PAIR_HEADER
+        if not _file_holds(voxel_file, True, size):  # truncated, or a header that announces too much: as it is
+            return header + read(voxel_file, size=-1)
     one = bytearray(PAIR_HEADER + size)
-    one[:348] = header
-    one[344:348] = b"n+1\0"
-    endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-    offset = struct.unpack_from(endian + "f", header, 108)[0]  # where the voxels start in the .img
-    struct.pack_into(endian + "f", one, 108, PAIR_HEADER + offset)
+    one[:PAIR_HEADER] = header
     with memoryview(one) as view:
         got = read(voxel_file, into=view[PAIR_HEADER:])
     del one[PAIR_HEADER + got:]  # (shorter than it was a moment ago: the checks say it is truncated)
     return one
 
 
-_IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".hdr": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+_IMAGE_IOS = {".nii.gz": "NiftiImageIO", ".nii": "NiftiImageIO", ".hdr.gz": "NiftiImageIO", ".hdr": "NiftiImageIO",
+              ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
               ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 
 
@@ -734,14 +757,15 @@ def _float32_in_its_buffer(data) -> Volume | None:
 
 def _needs(mask: bool) -> str:
     """What DeepWML needs, said in a refusal of a file: a FLAIR to segment, or a mask (evaluate, consensus)."""
-    return "a 3D mask (one label image over all slices of its scan)" if mask else "a 3D FLAIR volume (all slices of the series)"
+    return ("a 3D mask (one label image over all slices of its scan)" if mask
+            else "a 3D FLAIR volume (all slices of the series)")
 
 
 def _read_file(path: Path, light: bool = False, float32: bool = False, mask: bool = False) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
-            f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair), NRRD (.nrrd, .nhdr), "
-            "MetaImage (.mha, .mhd) or a DICOM series folder"
+            f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair, compressed or not), "
+            "NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
         )
     pair = is_nifti_pair(path)
     if pair or is_nifti(path):
@@ -1403,7 +1427,7 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     if p.is_dir():
         return None
     if is_nifti(p) or is_nifti_pair(p):
-        opener = gzip.open if is_nifti(p) and _gzipped(p) else open
+        opener = gzip.open if _gzipped(p) else open
         try:
             with opener(p, "rb") as f:
                 header = f.read(540)

@@ -54,6 +54,7 @@ BAD_INPUTS = [
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
+    ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
     ("Analyze 7.5 pair (`.hdr` + `.img` without the NIfTI mark: no orientation, left and right ambiguous)", "segment", 1,
      "Analyze 7.5 header"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
@@ -211,6 +212,9 @@ def world(tmp_path):
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"
+    for ext in (".hdr", ".img"):
+        (d / f"zipped{ext}.gz").write_bytes(gzip.compress((d / f"pair{ext}").read_bytes()))
+    paths["compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)"] = d / "zipped.hdr.gz"
     analyze = bytearray((d / "pair.hdr").read_bytes()[:348])
     analyze[344:348] = bytes(4)  # no "ni1": Analyze 7.5
     (d / "analyze.hdr").write_bytes(bytes(analyze))
@@ -504,10 +508,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
     if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii", "a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)",
-                  "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"):
+                  "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)"):
         # on the input's grid, in ml of it
         case, ext = {"NIfTI-2 file": ("two", ".nii.gz"), "gzip-compressed NIfTI named .nii": ("packed", ".nii.gz"),
-                     "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)": ("pair", ".nii.gz")}.get(row_id, ("SCAN", ".mha"))
+                     "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)": ("pair", ".nii.gz"),
+                     "compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)": ("zipped", ".nii.gz")}.get(row_id, ("SCAN", ".mha"))
         report = json.loads((tmp / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
         mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh{ext}"))
         good = sitk.ReadImage(str(tmp / "in" / "good.nii.gz"))

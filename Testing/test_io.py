@@ -94,6 +94,42 @@ def test_a_nifti_pair_read_once_gives_what_the_image_library_reads(tmp_path, pix
             assert np.array_equal(io.voxels(flair), sitk.GetArrayViewFromImage(reference).astype(np.float32))
 
 
+def test_a_compressed_nifti_pair_is_read_as_its_nii_gz_is(tmp_path):
+    """A .hdr.gz + .img.gz pair (SPM and FSL write them) was refused as an unsupported file type, though the image
+    library reads it exactly as the same scan saved as .nii.gz; now read like an uncompressed pair, its outputs
+    named and written as for a .nii, with what is wrong with a broken one said."""
+    import shutil
+
+    image, header, voxel_file = _pair(tmp_path)
+    for plain, packed in ((header, tmp_path / "zip.hdr.gz"), (voxel_file, tmp_path / "zip.img.gz")):
+        packed.write_bytes(gzip.compress(plain.read_bytes()))
+    sitk.WriteImage(image, str(tmp_path / "same.nii.gz"))
+    nii = io.read_image(tmp_path / "same.nii.gz")
+    packed = tmp_path / "zip.hdr.gz"
+    assert sitk.ReadImage(str(packed)).GetDirection() == nii.GetDirection()  # the image library reads it so too
+    for light in (False, True):
+        read = io.read_image(packed, light=light)
+        assert read.GetSpacing() == nii.GetSpacing() and read.GetOrigin() == nii.GetOrigin()
+        assert read.GetDirection() == nii.GetDirection() and tuple(read.GetSize()) == nii.GetSize()
+        assert np.array_equal(io.voxels(read), sitk.GetArrayViewFromImage(nii))
+    assert io.case_name(packed) == "zip" and io.output_extension(packed) == ".nii.gz" and io.is_image_file(packed)
+    assert io.detached_data_file(packed) == tmp_path / "zip.img.gz" and not io.is_image_file(tmp_path / "zip.img.gz")
+    assert io.read_time_axis(packed) is None
+    # a .img.gz of another pair changes the fingerprint (the skip check), as for an uncompressed pair
+    before = io.content_fingerprint(packed)
+    (tmp_path / "zip.img.gz").write_bytes(gzip.compress(voxel_file.read_bytes()[:-2] + b"\1\1"))
+    assert io.content_fingerprint(packed) != before
+    (tmp_path / "zip.img.gz").write_bytes(gzip.compress(voxel_file.read_bytes())[:-200])  # cut short
+    with pytest.raises(DeepWMLError, match="zip.img.gz is truncated"):
+        io.read_image(packed)
+    (tmp_path / "zip.img.gz").unlink()
+    with pytest.raises(DeepWMLError, match="zip.img.gz is not beside it"):
+        io.read_image(packed)
+    shutil.copyfile(voxel_file, tmp_path / "zip.img")  # an uncompressed .img beside a .hdr.gz: not its voxel file
+    with pytest.raises(DeepWMLError, match="zip.img.gz is not beside it"):
+        io.read_image(packed)
+
+
 def test_an_analyze_pair_and_broken_nifti_pairs_are_refused_saying_why(tmp_path):
     """Analyze 7.5 (no NIfTI mark) has no orientation: left and right are read in different ways by different
     software, so it is refused with how to convert it; a pair without its .img, or a truncated .img, says so."""

@@ -5,7 +5,7 @@
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
-Every image file (.nii, .nii.gz, .hdr + .img, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
+Every image file (.nii, .nii.gz, .hdr + .img or .hdr.gz + .img.gz, .nrrd, .nhdr, .mha, .mhd) in IN is a case; its name without extension is
 CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per study named as `deepwml
 segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case,
 CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
