@@ -1707,11 +1707,12 @@ def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
         inside = tuple(slice(max(0, -o), max(0, min(n, m - o))) for o, n, m in zip(start, array.shape, full))
         outside = int(np.count_nonzero(array)) - int(np.count_nonzero(array[inside]))
         if outside:
-            grid = f"{reference_name}'s grid"  # named, not 'its': whose grid the voxel numbers count is said
+            grid = f"{reference_name}'s grid"
+            # whose grid the voxel numbers count is named (it said 'voxels ... of its ...'), each name said twice
             raise DeepWMLError(
-                f"{what} and {reference_name} are on different voxel grids ({diff}): {what} lies on {reference_name}'s "
-                f"voxels over another extent ({what} covers {_coverage(stored, offset, reference, grid)}), and "
-                f"{outside} of {what}'s non-zero voxels {'lie' if outside > 1 else 'lies'} outside {grid}, where it "
+                f"{what} and {reference_name} are on different voxel grids ({diff}): on the same voxel lattice over "
+                f"another extent, {what} covers {_coverage(stored, offset, reference, grid)}, "
+                f"and {outside} of its non-zero voxels {'lie' if outside > 1 else 'lies'} outside that grid, where it "
                 "has no voxels: drawn on another, larger scan? Give a mask on the scan's whole grid (in Slicer: save "
                 "it without cropping, or export it with the FLAIR as reference volume)")
     check_same_grid(mask, reference, what, reference_name)  # raises: the grids do not match

@@ -833,13 +833,13 @@ def test_a_mask_with_lesion_beyond_the_scans_grid_is_refused_with_how_many_voxel
     with pytest.raises(DeepWMLError, match=r"the mask covers voxels \(-2 to 29, 0 to 39, 0 to 14\) of the scan's"):
         io.onto_grid(larger, scan, "the mask", "the scan")
     larger[0, 5, 5] = larger[1, 5, 5] = larger[5, 5, 13] = 1  # two voxels before the scan's first column, one above it
-    with pytest.raises(DeepWMLError, match=r"different voxel grids .*3 of the mask's non-zero voxels lie outside the "
-                                           r"scan's grid") as caught:
+    with pytest.raises(DeepWMLError, match=r"different voxel grids .*3 of its non-zero voxels lie outside that "
+                                           r"grid") as caught:
         io.onto_grid(larger, scan, "the mask", "the scan")
-    # whose voxels and whose grid the numbers count are named, not 'its' (the mask's? the scan's?)
-    assert ("the mask lies on the scan's voxels over another extent (the mask covers voxels (-2 to 29, 0 to 39, 0 to "
-            "14) of the scan's grid (0 to 29, 0 to 39, 0 to 11))") in str(caught.value)
-    assert " its " not in str(caught.value)
+    # whose grid the voxel numbers count is named: it said '(voxels (-2 to 29, ...) of its (0 to 29, ...))'
+    assert ("on the same voxel lattice over another extent, the mask covers voxels (-2 to 29, 0 to 39, 0 to 14) of the "
+            "scan's grid (0 to 29, 0 to 39, 0 to 11), and 3 of its") in str(caught.value)
+    assert " of its (" not in str(caught.value)
     shifted = sitk.Image(mask)
     shifted.SetOrigin(scan.TransformIndexToPhysicalPoint((1, 0, 0)))
     with pytest.raises(DeepWMLError, match="different voxel grids"):
