@@ -278,7 +278,7 @@ def _stage(source: Path, place: Path, write: bool) -> str:
         companions = _detached_data_files(source)
         if is_nifti_pair(source) and companions:  # found by its name beside the header: renamed with it
             shutil.copyfile(source, place / name)
-            stem, hdr, gz = _pair_parts(Path(name))
+            stem, _, gz = _pair_parts(Path(name))
             shutil.copyfile(source.parent / companions[0], place / (stem + companions[0][-4 - len(gz):]))
             return str(place / name)
         # a data file named from a folder above ("../raw/v.raw"): the header goes as many folders down, so

@@ -588,7 +588,7 @@ def _scans_in(folder: Path):
     for path in files:
         sitk.WriteImage(image, str(path), True)
     assert {"flair.zraw", "flair.raw.gz"} <= set(os.listdir(folder))  # the .mhd's and .nhdr's data, in files of their own
-    for name in ("flair.hdr", "Zoë_pair.hdr"):  # NIfTI-1 pairs: the .img goes along, renamed with its header
+    for name in ("flair.hdr", "Zoë_pair.hdr", "Zoë_zip.hdr.gz"):  # NIfTI-1 pairs: the .img (.img.gz) goes along
         sitk.WriteImage(image, str(folder / name))
         files.append(folder / name)
     dicom = write_dicom_series(folder / "Série_3", image, uid="1.2.3.4.7", description="AX T2 FLAIR")
