@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -100,12 +101,14 @@ def run(folder: Path) -> int:
     folder = Path(folder)
     parent = os.getppid()
     owner = owner_of(folder)
-    last = [0.0]
+    last = [0.0, None]  # when progress.json was last written, and its step (the message without its digits)
 
     def progress(fraction: float, message: str) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
-            last[0] = now
+        # A new step is always written: one that begins within PROGRESS_EVERY_S of the last update (post-processing
+        # right after a network's last slice) would otherwise show the old step's words for all its seconds.
+        now, step = time.monotonic(), re.sub(r"\d+", "", str(message))
+        if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0 or step != last[1]:
+            last[0], last[1] = now, step
             try:
                 write_whole(folder / "progress.json",
                             json.dumps({"fraction": float(fraction), "message": str(message)}).encode("utf-8"))

@@ -256,3 +256,29 @@ def test_a_result_that_cannot_be_read_is_an_error_that_says_so(scene, tmp_path):
     logic, job = finishedFakeJob(tmp_path, '#!/bin/sh\nprintf "not a pickle" > "$3/result.pkl"\n')
     with pytest.raises(DeepWMLError, match="result could not be read"):
         logic.finishSegmentation(job)
+
+
+def test_a_step_that_begins_right_after_an_update_is_written_to_the_progress_file(tmp_path, monkeypatch):
+    """progress.json was written at most every PROGRESS_EVERY_S: 'post-processing: lesion mask', told right
+    after a network's last slice, was dropped, and Slicer showed the network's words for all the seconds
+    post-processing, the report and the FLAIR check take on a large scan. A new step is always written; the
+    slices of one step still are not (a clock that stands still: every update within the interval)."""
+    from types import SimpleNamespace
+
+    from DeepWMLLib import segment, worker
+
+    flair, _ = make_volume()
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps({"image": flair, "model_paths": None, "options": {}}))
+    seen = []
+
+    def fake_segment_image(image, models, progress, cancel, **options):
+        for message in ("lesion model: slice 1/2", "lesion model: slice 2/2", "post-processing: lesion mask"):
+            progress(0.7, message)
+            seen.append(json.loads((tmp_path / "progress.json").read_text(encoding="utf-8"))["message"])
+        return SimpleNamespace(mask=image, ventricles=None, report={})
+
+    monkeypatch.setattr(worker, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(segment, "load_models", lambda paths: [])
+    monkeypatch.setattr(segment, "segment_image", fake_segment_image)
+    assert worker.run(tmp_path) == 0
+    assert seen == ["lesion model: slice 1/2", "lesion model: slice 1/2", "post-processing: lesion mask"]
