@@ -200,7 +200,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         result["not_judged"] = (f"{deep_ml:.0f} ml of brain 20 mm or more under the brain mask's surface (under "
                                 f"{MIN_DEEP_ML:g} ml: a brain mask that failed, or a partial field of view)")
         return result
-    tell(0.65, "FLAIR check: white matter and black levels")
+    tell(0.65, "FLAIR check: white matter, black levels")
     # The white matter's level: the deep brain the model did not mark (all of it when the model marked
     # most of it, as it does on T2, where CSF is bright).
     values = stack[deep]
@@ -213,7 +213,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     if reference - black <= 0 or not shell.any():
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
-    tell(0.8, "FLAIR check: background outside the brain")
+    tell(0.8, "FLAIR check: background outside brain")
     outside_dark = _dark_share_outside(stack, np.asarray(intracranial, bool), black, DARK_RATIO * (reference - black))
     if outside_dark is not None and outside_dark < OUTSIDE_DARK_MIN:
         result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "

@@ -61,6 +61,8 @@ SEGMENTING_SHARE = 0.9
 # scan stored as float64 (12.6 bytes a voxel), 1.0 GB for a 363 x 435 x 363 one (README "Large scans");
 # rounded up for the out-of-memory message.
 PEAK_BYTES_PER_VOXEL = 13
+# The terminal progress bar shows this many characters of a step's message: the steps' own words fit in it.
+BAR_MESSAGE_WIDTH = 40
 
 
 def physical_memory_bytes() -> int | None:
@@ -1061,7 +1063,7 @@ class ProgressBar:
         def update(fraction: float, message: str) -> None:
             if self.tty:
                 filled = int(self.width * fraction)
-                self.stream.write(f"\r{prefix} |{'#' * filled}{'.' * (self.width - filled)}| {fraction:4.0%} {message[:40]:<40}")
+                self.stream.write(f"\r{prefix} |{'#' * filled}{'.' * (self.width - filled)}| {fraction:4.0%} {message[:BAR_MESSAGE_WIDTH]:<{BAR_MESSAGE_WIDTH}}")
                 self.stream.flush()
             else:  # quarter steps and new steps keep logs short
                 step = re.sub(r"\d+", "", message)

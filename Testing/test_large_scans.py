@@ -207,7 +207,7 @@ def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
     import io as stringio
     from pathlib import Path
 
-    from DeepWMLLib.segment import ProgressBar
+    from DeepWMLLib.segment import BAR_MESSAGE_WIDTH, ProgressBar
 
     sample = Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"
     calls = []
@@ -230,7 +230,7 @@ def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
     after = calls[last_network + 1:]
     steps = [message for _, message in after]
     for step in ("post-processing: lesion mask", "lesion report", "FLAIR check: depth inside the brain",
-                 "FLAIR check: background outside the brain", "writing the mask", "writing the segmentation",
+                 "FLAIR check: background outside brain", "writing the mask", "writing the segmentation",
                  "writing the brain mask", "done"):
         assert step in steps, (step, steps)
     fractions = [fraction for fraction, _ in after]
@@ -238,6 +238,8 @@ def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
     assert len(set(fractions)) >= 8, after  # each step its own fraction, not all at one
     assert fractions[0] <= 0.7, after  # the steps after the networks have their share of the bar
     assert max(b - a for a, b in zip(fractions, fractions[1:])) <= 0.1, after  # no step jumps a tenth of it
+    too_long = [message for message in steps if len(message) > BAR_MESSAGE_WIDTH]  # a terminal's bar cut them
+    assert not too_long, too_long
     lines = log.getvalue().splitlines()
     logged = [line for line in lines if "%" in line]
     for step in ("post-processing: lesion mask", "lesion report", "FLAIR check: depth inside the brain",
