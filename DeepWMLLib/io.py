@@ -731,8 +731,9 @@ def _float32_in_its_buffer(data) -> Volume | None:
     """parse_nifti(data) with float32 voxels (None: as parse_nifti). Voxels of 8 bytes (float64: a 1024 x 1024 x
     400 scan's 3.2 GB) in `data`, the bytearray the file was read into, are converted into the front of that
     buffer a piece at a time, and the rest of it is let go: float32 voxels beside the raw ones were 4.8 GB. The
-    same values as astype (tested)."""
-    volume = parse_nifti(data)
+    same values as astype, whichever the file's byte order (tested: a big-endian file's were swapped into a copy
+    first, 8 GB at once)."""
+    volume = parse_nifti(data, native=False)  # a big-endian file's voxels too: swapped as they are converted
     if volume is None:
         return None
     source = volume.array
@@ -741,7 +742,7 @@ def _float32_in_its_buffer(data) -> Volume | None:
         return Volume(source.astype(np.float32, copy=False), *geometry)
     whole = np.frombuffer(data, np.uint8)
     start = source.__array_interface__["data"][0] - whole.__array_interface__["data"][0]
-    if not 0 <= start <= len(data) - source.nbytes:  # not a view of `data` (a copy of swapped bytes)
+    if not 0 <= start <= len(data) - source.nbytes:  # not a view of `data`
         del whole
         return Volume(source.astype(np.float32, copy=False), *geometry)
     shape, n = source.shape, source.size

@@ -160,9 +160,10 @@ def nifti_version(data: bytes) -> tuple[int, str] | None:
     return None
 
 
-def parse_nifti(data: bytes) -> Volume | None:
+def parse_nifti(data: bytes, native: bool = True) -> Volume | None:
     """A NIfTI-1 or NIfTI-2 single-file image (.nii bytes) as a Volume, or None when it is outside the
-    unambiguous subset this reader covers (see the module docstring)."""
+    unambiguous subset this reader covers (see the module docstring). With `native` False, a big-endian file's
+    voxels stay a view of `data` in their byte order (no copy), for a caller that converts them anyway."""
     version = nifti_version(data)
     if version is None:
         return None
@@ -231,7 +232,8 @@ def parse_nifti(data: bytes) -> Volume | None:
     if len(data) < vox_offset + n * dtype.itemsize:
         return None  # truncated: the caller's checks explain it
     array = np.frombuffer(data, dtype=dtype, count=n, offset=vox_offset).reshape(size[::-1])
-    array = array.astype(dtype.newbyteorder("="), copy=False)
+    if native:
+        array = array.astype(dtype.newbyteorder("="), copy=False)
     direction = _LPS @ rotation
     origin = _LPS @ offset
     return Volume(array, spacing, origin, direction.ravel())
