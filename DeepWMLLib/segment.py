@@ -1062,8 +1062,7 @@ class ProgressBar:
 
         def update(fraction: float, message: str) -> None:
             if self.tty:
-                filled = int(self.width * fraction)
-                self.stream.write(f"\r{prefix} |{'#' * filled}{'.' * (self.width - filled)}| {fraction:4.0%} {message[:BAR_MESSAGE_WIDTH]:<{BAR_MESSAGE_WIDTH}}")
+                self.stream.write("\r" + self._line(prefix, fraction, message))
                 self.stream.flush()
             else:  # quarter steps and new steps keep logs short
                 step = re.sub(r"\d+", "", message)
@@ -1074,9 +1073,28 @@ class ProgressBar:
 
         return update
 
+    @staticmethod
+    def _columns() -> int:
+        """The characters a line may take: one fewer than the terminal is wide (a line that fills the last column
+        wraps on some terminals, Windows' console among them)."""
+        return max(1, shutil.get_terminal_size((80, 24)).columns - 1)
+
+    def _line(self, prefix: str, fraction: float, message: str) -> str:
+        """The bar's line, fitted to the terminal: a line wider than it wrapped, and each update then began a new
+        line instead of overwriting the last (97 characters on an 80-column terminal). The bar is shortened first
+        (to 10 characters), then the message, then the line is cut."""
+        columns = self._columns()
+        prefix = prefix.encode("utf-8", "backslashreplace").decode("utf-8")  # as the stream writes it
+        fixed = len(prefix) + len(" || 100% ")  # all but the bar and the message
+        bar = max(min(self.width, 10), min(self.width, columns - fixed - BAR_MESSAGE_WIDTH))
+        room = max(0, min(BAR_MESSAGE_WIDTH, columns - fixed - bar))
+        filled = int(bar * fraction)
+        line = f"{prefix} |{'#' * filled}{'.' * (bar - filled)}| {fraction:4.0%} {message[:room]:<{room}}"
+        return line[:columns]
+
     def finish(self, row: dict) -> None:
         if self.tty:
-            self.stream.write("\r" + " " * (self.width + 100) + "\r")
+            self.stream.write("\r" + " " * self._columns() + "\r")
         status = row["status"]
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")

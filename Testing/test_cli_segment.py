@@ -883,6 +883,46 @@ def test_a_run_of_several_cases_says_about_how_long_the_rest_will_take(monkeypat
     assert segment._duration(3 * 3600 + 5 * 60) == "3 h 05 min" and segment._duration(600) == "10 min"
 
 
+@pytest.mark.parametrize("columns", [40, 80, 120])
+def test_the_bar_fits_the_terminal_and_never_wraps(monkeypatch, columns):
+    """The bar's line (case, a 30-character bar and 40 of the message) was 97 characters: on an 80-column terminal
+    it wrapped, and each update began a new line instead of overwriting the last. It now fits the terminal's
+    width, the bar shortened first, then the message."""
+    import os
+    import re
+
+    from DeepWMLLib import segment
+
+    class Terminal:
+        def __init__(self):
+            self.text = ""
+
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(segment.shutil, "get_terminal_size", lambda fallback=(80, 24): os.terminal_size((columns, 24)))
+    stream = Terminal()
+    bar = segment.ProgressBar(stream)
+    for case in ("p1", "sub-0042_ses-01_FLAIR", "x" * 200):
+        update = bar(1, 12, case)
+        for fraction, message in ((0.0, "reading the scan"), (0.5, "model.pt: slice 120/255"),
+                                  (0.84, "FLAIR check: background outside brain"), (1.0, "done")):
+            update(fraction, message)
+        bar.finish({"case": case, "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0})
+    drawn = [piece for piece in stream.text.split("\r") if "\n" not in piece]  # drawn in place (a case's result
+    assert len(drawn) > 12  # line, which ends its own line, may wrap)
+    assert max(len(piece) for piece in drawn) < columns, max(drawn, key=len)
+    assert "|  50% model.pt" in stream.text  # the message still shown
+    if columns >= 80:  # room for all of a step's words beside a short case name
+        assert re.search(r"p1 \|#+\.+\|  84% FLAIR check: background outside brain", stream.text)
+
+
 def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_before(monkeypatch):
     """A rerun after adding scans: the cases done before are skipped in a moment. Their lines promised
     '0 s left for 3 more' and the first new case's line a third of its real time per case left."""
