@@ -32,7 +32,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -451,12 +451,14 @@ def _file_holds(path: Path, gzipped: bool, length: int) -> bool:
         return False
 
 
-def _read_whole(f, holds=lambda length: True, head_size: int = 540) -> bytes | bytearray:
+def _read_whole(f, holds=lambda length: True, head_size: int = 540,
+                reading: Callable[[float], None] | None = None) -> bytes | bytearray:
     """All of an open file's bytes. A NIfTI file's are read into one buffer of the size its header
     announces (when `holds(size)` says the file has them), READ_PIECE bytes at a time: read() collects the
     decompressed pieces of a .nii.gz and then joins them, and gzip's readinto decompresses into a new bytes
     object as large as it is asked for before copying it, so either way the voxels were held twice for a
-    moment (6.7 GB for a 1024 x 1024 x 400 float64 scan)."""
+    moment (6.7 GB for a 1024 x 1024 x 400 float64 scan). `reading(fraction)` is told after each piece the
+    fraction of those bytes read (a bar sat at 0 % for the 14 s a 1024 x 1024 x 400 .nii.gz takes)."""
     head = f.read(head_size)
     expected = _nifti_length(head)
     if expected is None or expected <= len(head) or not holds(expected):
@@ -469,6 +471,8 @@ def _read_whole(f, holds=lambda length: True, head_size: int = 540) -> bytes | b
         if not got:
             break
         filled += got
+        if reading is not None:
+            reading(filled / expected)
     view.release()
     if filled < expected:  # truncated: the checks explain it
         del data[filled:]
@@ -479,12 +483,12 @@ def _read_whole(f, holds=lambda length: True, head_size: int = 540) -> bytes | b
     return data
 
 
-def _nifti_data(path: Path) -> bytes | bytearray:
+def _nifti_data(path: Path, reading: Callable[[float], None] | None = None) -> bytes | bytearray:
     gzipped = _gzipped(path)
     opener = gzip.open if gzipped else open
     try:
         with opener(path, "rb") as f:
-            return _read_whole(f, lambda length: _file_holds(path, gzipped, length))
+            return _read_whole(f, lambda length: _file_holds(path, gzipped, length), reading=reading)
     except PermissionError as exc:
         raise DeepWMLError(f"{path} cannot be read (permission denied); ask for read access to it") from exc
     except (EOFError, OSError, zlib.error) as exc:
@@ -762,7 +766,8 @@ def _needs(mask: bool) -> str:
             else "a 3D FLAIR volume (all slices of the series)")
 
 
-def _read_file(path: Path, light: bool = False, float32: bool = False, mask: bool = False) -> sitk.Image | Volume:
+def _read_file(path: Path, light: bool = False, float32: bool = False, mask: bool = False,
+               reading: Callable[[float], None] | None = None) -> sitk.Image | Volume:
     if not path.name.lower().endswith(IMAGE_EXTENSIONS):
         raise DeepWMLError(
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair, compressed or not), "
@@ -770,7 +775,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
         )
     pair = is_nifti_pair(path)
     if pair or is_nifti(path):
-        data = _nifti_pair_data(path) if pair else _nifti_data(path)
+        data = _nifti_pair_data(path) if pair else _nifti_data(path, reading)
         _check_nifti(path, data, path.parent / _pair_data_name(path) if pair else None)
         # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`;
         # a pair, read once already, too (SimpleITK holds its voxels twice while it reads)
@@ -1464,12 +1469,14 @@ def stored_size(image, time_axis: TimeAxis | None) -> list[int]:
 
 
 def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None,
-             float32: bool = False, mask: bool = False) -> sitk.Image | Volume:
+             float32: bool = False, mask: bool = False, reading: Callable[[float], None] | None = None
+             ) -> sitk.Image | Volume:
     """Read a 3D scalar image file or DICOM folder, keeping its pixel type. Raises DeepWMLError.
 
     With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py), with `float32` as float32
     voxels (read_image). `series`: which series of a DICOM folder that holds several (`choose_dicom_series`).
-    `mask`: the file is a mask (read_mask), and a refusal says a mask is needed, not a FLAIR."""
+    `mask`: the file is a mask (read_mask), and a refusal says a mask is needed, not a FLAIR. `reading(fraction)`:
+    told the fraction of a single-file NIfTI's bytes read as it is read, a piece at a time (other files: not told)."""
     p = Path(path)
     if not p.exists():
         if p.is_symlink():
@@ -1479,16 +1486,17 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
         return _squeeze_4d(_read_dicom_folder(p, series))
     if p.stat().st_size == 0:
         raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
-    image = _read_file(p, light, float32, mask)
+    image = _read_file(p, light, float32, mask, reading)
     return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 
-def read_image(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None) -> sitk.Image | Volume:
+def read_image(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None,
+               reading: Callable[[float], None] | None = None) -> sitk.Image | Volume:
     """Read a FLAIR volume as float32 with its geometry, refusing what cannot be segmented.
 
     With `light`, a plain NIfTI file is read without SimpleITK into a `Volume` (the same voxels
-    and geometry; tested), other files as `SimpleITK.Image`."""
-    image = read_any(path, light, series, float32=True)
+    and geometry; tested), other files as `SimpleITK.Image`. `reading`: see read_any."""
+    image = read_any(path, light, series, float32=True, reading=reading)
     if isinstance(image, Volume):
         if image.array.dtype != np.float32:  # (a float64 NIfTI's come float32: converted as they were read)
             image = Volume(image.array.astype(np.float32), image.GetSpacing(), image.GetOrigin(), image.GetDirection())

@@ -153,6 +153,47 @@ def test_the_progress_bar_says_the_scan_is_being_read(tmp_path, tiny_model):
     assert messages[0] == (0.0, "reading the scan"), messages[:3]
 
 
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii"])
+def test_the_bar_moves_while_the_scan_is_read(tmp_path, monkeypatch, name):
+    """A 1024 x 1024 x 400 .nii.gz showed 0 % "reading the scan" for the 14 s it took to read, not moving. The
+    reading is told the fraction of the file's bytes read after each piece (16 MiB; 64 KiB here), and
+    `deepwml segment` shows it in the reading's share of the bar."""
+    from DeepWMLLib import segment
+
+    monkeypatch.setattr(io, "READ_PIECE", 1 << 16, raising=False)
+    rng = np.random.default_rng(5)
+    array = np.round(rng.random((16, 64, 64)) * 1000)  # float64, 512 KiB: 8 pieces
+    raw = nifti_bytes(sitk.GetImageFromArray(array), compresslevel=0)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw, compresslevel=1) if name.endswith(".gz") else raw)
+    told = []
+    volume = io.read_image(path, light=True, reading=told.append)
+    assert np.array_equal(volume.array, array.astype(np.float32))
+    assert len(told) >= 7 and told == sorted(told) and len(set(told)) == len(told), told
+    assert 0 < told[0] < 0.2 and told[-1] == 1.0, told
+
+    messages = []
+
+    def read_image(*args, **kwargs):
+        kwargs["reading"](0.5)  # halfway through the file
+        raise DeepWMLError("stop after reading")
+
+    monkeypatch.setattr(io, "read_image", read_image)
+    rows = segment.segment_cases([str(path)], tmp_path / "out", None, "cpu", ventricle_model=None,
+                                 progress_factory=_recorder(messages))
+    assert rows[0]["status"] == "error", rows
+    assert messages[:2] == [(0.0, "reading the scan"), (segment.READING_SHARE * 0.5, "reading the scan")], messages
+    assert 0 < segment.READING_SHARE < segment.SEGMENTING_SHARE
+
+
+def _recorder(messages):
+    def factory(number, total, case):
+        return lambda fraction, message: messages.append((fraction, message))
+
+    factory.finish = lambda row: None
+    return factory
+
+
 @pytest.mark.parametrize("slab_voxels", [1, 700, 1 << 24])
 def test_lesion_labels_painted_a_slab_at_a_time_match_scipy(monkeypatch, slab_voxels):
     """Labels painted one slice, a few slices or the whole box at a time are scipy's, boxes cropped or not."""
