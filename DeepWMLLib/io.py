@@ -451,6 +451,21 @@ def _file_holds(path: Path, gzipped: bool, length: int) -> bool:
         return False
 
 
+def _read_into(f, into: memoryview, reading: Callable[[int], None] | None = None) -> int:
+    """Fill `into` from the open file `f`, READ_PIECE bytes at a time (gzip's readinto decompresses into a new
+    bytes object as large as it is asked for, so a single call would hold the voxels twice); the count of bytes
+    read (fewer at the file's end). `reading(count)` is told after each piece."""
+    filled = 0
+    while filled < len(into):
+        got = f.readinto(into[filled:filled + READ_PIECE])
+        if not got:
+            break
+        filled += got
+        if reading is not None:
+            reading(filled)
+    return filled
+
+
 def _read_whole(f, holds=lambda length: True, head_size: int = 540,
                 reading: Callable[[float], None] | None = None) -> bytes | bytearray:
     """All of an open file's bytes. A NIfTI file's are read into one buffer of the size its header
@@ -465,15 +480,9 @@ def _read_whole(f, holds=lambda length: True, head_size: int = 540,
         return head + f.read()
     data = bytearray(expected)
     data[:len(head)] = head
-    view, filled = memoryview(data), len(head)
-    while filled < expected:
-        got = f.readinto(view[filled:filled + READ_PIECE])
-        if not got:
-            break
-        filled += got
-        if reading is not None:
-            reading(filled / expected)
-    view.release()
+    told = None if reading is None else (lambda count: reading((len(head) + count) / expected))
+    with memoryview(data) as view, view[len(head):] as body:
+        filled = len(head) + _read_into(f, body, told)
     if filled < expected:  # truncated: the checks explain it
         del data[filled:]
         return data
@@ -572,15 +581,7 @@ def _nifti_pair_data(path: Path) -> bytearray:
         decompressed when gzip-compressed (`.hdr.gz` + `.img.gz`)."""
         try:
             with (gzip.open if _gzipped(file) else open)(file, "rb") as f:
-                if into is None:
-                    return f.read(size)
-                filled = 0
-                while filled < len(into):
-                    got = f.readinto(into[filled:])
-                    if not got:
-                        break
-                    filled += got
-                return filled
+                return f.read(size) if into is None else _read_into(f, into)
         except PermissionError as exc:
             raise DeepWMLError(f"{file} cannot be read (permission denied); ask for read access to it") from exc
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
