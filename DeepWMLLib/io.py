@@ -8,7 +8,7 @@ interpolated across slices. For a sagittal or coronal acquisition (thick axis le
 anterior-posterior) the network still runs on axial planes of the voxel grid; each such plane then
 has the thick spacing along one in-plane direction, which the in-plane resampling to the network
 grid accounts for. That regime was not validated; `acquisition_plane` names it so the report and
-the CLI can warn.
+the CLI can warn (a (near-)isotropic volume, whose geometry cannot tell its plane, is named ISOTROPIC).
 
 Converting to the axial stack only permutes and flips voxel axes (no interpolation), so
 `from_axial_stack(to_axial_stack(image))` gives back the exact grid.
@@ -53,6 +53,10 @@ _ORIGIN_TOL_FRACTION = 1e-2  # of the smallest voxel spacing
 _DIRECTION_TOL = 1e-4
 
 _PLANE_NAMES = ("sagittal", "coronal", "axial")
+# `acquisition_plane` of a volume whose voxel sizes are within NEAR_ISOTROPIC of each other: a 3D acquisition
+# (or a volume resampled so), whose plane of acquisition the geometry cannot tell
+ISOTROPIC = "isotropic"
+NEAR_ISOTROPIC = 1.2
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -2230,15 +2234,24 @@ def acquisition_axis(image: sitk.Image) -> int:
     the thickest for a thick-slice scan (0.9 x 0.9 x 5 mm) and the thinnest for slices thinner than
     their pixels (1 x 1 x 0.8 mm); for (near-)isotropic volumes, the axial axis."""
     spacing = np.array(image.GetSpacing())
-    if spacing.max() <= 1.2 * spacing.min():
+    if _near_isotropic(image):
         return axial_axis(image)
     order = np.argsort(spacing, kind="stable")
     thin, middle, thick = spacing[order]
     return int(order[2] if thick / middle >= middle / thin else order[0])
 
 
+def _near_isotropic(image: sitk.Image) -> bool:
+    spacing = image.GetSpacing()
+    return max(spacing) <= NEAR_ISOTROPIC * min(spacing)
+
+
 def acquisition_plane(image: sitk.Image) -> str:
-    """'axial', 'coronal' or 'sagittal': the plane of the acquired slices, from the geometry."""
+    """'axial', 'coronal' or 'sagittal': the plane of the acquired slices, from the geometry; ISOTROPIC for a
+    (near-)isotropic volume, whose voxels do not tell how it was acquired: a 1 mm sagittal 3D FLAIR was called
+    axial (segmented on its axial planes all the same, see `acquisition_axis`)."""
+    if _near_isotropic(image):
+        return ISOTROPIC
     direction = np.array(image.GetDirection()).reshape(3, 3)
     return _PLANE_NAMES[int(np.argmax(np.abs(direction[:, acquisition_axis(image)])))]
 

@@ -406,7 +406,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     report["location"] = location
     plane = io.acquisition_plane(image)
     slice_mm = float(image.GetSpacing()[io.acquisition_axis(image)])
-    warnings = [] if plane == "axial" or slice_mm < THICK_NON_AXIAL_MM else [
+    warnings = [] if plane in ("axial", io.ISOTROPIC) or slice_mm < THICK_NON_AXIAL_MM else [
         f"{plane} acquisition with {slice_mm:g} mm slices: DeepWML segmented the axial planes of the volume, "
         "across the thick slices; accuracy was only validated on axial acquisitions (expect lesions to be under-called)"
     ]

@@ -89,6 +89,26 @@ def test_segment_output_on_input_grid_and_in_place(name, spacing, direction, tin
     assert bool(plane_warnings) == (expected_plane != "axial")
 
 
+SAGITTAL = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # slices along left-right, as a sagittal 3D FLAIR
+
+
+@pytest.mark.parametrize("spacing,direction", [((1.0, 1.0, 1.0), SAGITTAL), ((3.0, 3.0, 3.0), SAGITTAL),
+                                               ((1.0, 1.1, 1.0), rotation(0.0, 0.0, 1.5708) @ SAGITTAL),
+                                               ((0.9, 0.9, 1.0), np.eye(3))],
+                         ids=["1mm-sagittal", "3mm-sagittal", "near-isotropic-coronal", "near-isotropic-axial"])
+def test_isotropic_volume_is_not_called_axial(spacing, direction, tiny_model, monkeypatch):
+    """A 1 mm isotropic sagittal 3D FLAIR was reported as an axial acquisition: its voxels do not tell the plane
+    it was acquired in, and the report now says so; it is segmented on its axial planes, without the warning
+    of thick sagittal or coronal slices (nothing is thick)."""
+    oracle_network(monkeypatch)
+    image, _ = make_volume(size=(24, 40, 40), spacing=spacing, direction=direction, blobs=((0.5, 0.5, 0.5, 4.0),))
+    assert io.acquisition_plane(image) == "isotropic"
+    report = segment_image(image, load_models([tiny_model]), device="cpu", min_lesion_mm3=0).report
+    assert report["acquisition_plane"] == "isotropic"
+    assert [w for w in report["warnings"] if "acquisition" in w] == []
+    assert io.acquisition_plane(make_volume(size=(24, 40, 40), spacing=(1.0, 1.0, 0.8))[0]) == "axial"  # 1.25: thin slices
+
+
 def test_integer_input_gives_same_mask_as_float(tiny_model, monkeypatch):
     oracle_network(monkeypatch)
     image_f, _ = make_volume(dtype=sitk.sitkFloat32)
