@@ -574,18 +574,19 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
 PAIR_HEADER = 352  # bytes before a pair's voxels in its one-file form: the header and 4 of no extension
 
 
-def _nifti_pair_data(path: Path) -> bytearray:
+def _nifti_pair_data(path: Path, reading: Callable[[float], None] | None = None) -> bytearray:
     """A `.hdr` + `.img` pair whose header is NIfTI-1's ("ni1") as the bytes of one .nii file (the header marked
     so, then the .img's bytes, read into the same buffer): read once, then checked and parsed like a .nii. Its
     .img was read whole for the checks and then again by SimpleITK, which holds two copies while it reads.
     A plain Analyze 7.5 header (no NIfTI mark) is refused: it has no orientation, and software reads its left
-    and right in different ways (SPM's flip setting, radiological or neurological)."""
-    def read(file: Path, into: memoryview | None = None, size: int = 348) -> bytes | int:
-        """`size` bytes of `file` (-1: all), or the count of its bytes read into `into` (all it holds, or fills);
-        decompressed when gzip-compressed (`.hdr.gz` + `.img.gz`)."""
+    and right in different ways (SPM's flip setting, radiological or neurological). `reading(fraction)`: told
+    the fraction of the .img's bytes read after each piece."""
+    def read(file: Path, into: memoryview | None = None, size: int = 348, told=None) -> bytes | int:
+        """`size` bytes of `file` (-1: all), or the count of its bytes read into `into` (all it holds, or fills;
+        `told(count)` after each piece); decompressed when gzip-compressed (`.hdr.gz` + `.img.gz`)."""
         try:
             with (gzip.open if _gzipped(file) else open)(file, "rb") as f:
-                return f.read(size) if into is None else _read_into(f, into)
+                return f.read(size) if into is None else _read_into(f, into, told)
         except PermissionError as exc:
             raise DeepWMLError(f"{file} cannot be read (permission denied); ask for read access to it") from exc
         except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -631,10 +632,11 @@ def _nifti_pair_data(path: Path) -> bytearray:
         size = (_nifti_length(bytes(header).ljust(540, b"\0")) or PAIR_HEADER) - PAIR_HEADER
         if not _file_holds(voxel_file, True, size):  # truncated, or a header that announces too much: as it is
             return header + read(voxel_file, size=-1)
+    told = None if reading is None or not size else (lambda count: reading(count / size))
     one = bytearray(PAIR_HEADER + size)
     one[:PAIR_HEADER] = header
     with memoryview(one) as view:
-        got = read(voxel_file, into=view[PAIR_HEADER:])
+        got = read(voxel_file, into=view[PAIR_HEADER:], told=told)
     del one[PAIR_HEADER + got:]  # (shorter than it was a moment ago: the checks say it is truncated)
     return one
 
@@ -655,6 +657,23 @@ def _file_reader(path: Path):
     if ext and not path.name.endswith(ext):
         reader.SetImageIO(_IMAGE_IOS[ext])
     return reader
+
+
+@contextlib.contextmanager
+def _telling(reader, reading: Callable[[float], None] | None):
+    """Within the block, `reader` (SimpleITK's) tells `reading(fraction)` its progress: a DICOM series' file by
+    file, a single file's (NRRD, MetaImage: ITK 5.4's readers of those formats say nothing in between) only as
+    it begins and ends."""
+    if reading is None:
+        yield
+        return
+    import SimpleITK as sitk
+
+    reader.AddCommand(sitk.sitkProgressEvent, lambda: reading(reader.GetProgress()))
+    try:
+        yield
+    finally:
+        reader.RemoveAllCommands()  # the command refers to the reader: a cycle Python's collector cannot see
 
 
 def _header_fields(path: Path) -> dict[str, str]:
@@ -780,7 +799,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
         )
     pair = is_nifti_pair(path)
     if pair or is_nifti(path):
-        data = _nifti_pair_data(path) if pair else _nifti_data(path, reading)
+        data = _nifti_pair_data(path, reading) if pair else _nifti_data(path, reading)
         _check_nifti(path, data, path.parent / _pair_data_name(path) if pair else None)
         # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`;
         # a pair, read once already, too (SimpleITK holds its voxels twice while it reads)
@@ -824,7 +843,8 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image "
                                    "library reads as mm, so the head would be measured at the wrong scale; save it "
                                    "with lengths in mm")
-            image = reader.Execute()
+            with _telling(reader, reading):
+                image = reader.Execute()
             if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
                 # NRRD with a leading axis of size 1 (kinds: list ...): a vector of one value, which nothing casts
                 image = sitk.VectorIndexSelectionCast(image, 0)
@@ -1291,7 +1311,8 @@ def _series_read_error(path: Path, files: list, exc: Exception) -> str:
     return f"{path}: the DICOM series cannot be read ({said[:200]})"
 
 
-def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> sitk.Image:
+def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
+                       reading: Callable[[float], None] | None = None) -> sitk.Image:
     import SimpleITK as sitk
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
@@ -1303,7 +1324,8 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None) -> s
     try:
         with itk_names(*files) as names:
             reader.SetFileNames(names)
-            image = reader.Execute()
+            with _telling(reader, reading):
+                image = reader.Execute()
     except RuntimeError as exc:
         raise DeepWMLError(_series_read_error(path, files, exc)) from exc
     finally:
@@ -1473,6 +1495,21 @@ def stored_size(image, time_axis: TimeAxis | None) -> list[int]:
     return [*image.GetSize(), *([1] if time_axis else [])]
 
 
+def _forwards(reading: Callable[[float], None] | None) -> Callable[[float], None] | None:
+    """`reading` told only fractions (at most 1) above the last it was told: a NIfTI file SimpleITK reads after
+    its bytes were read for the checks would begin again at 0."""
+    if reading is None:
+        return None
+    last = [-1.0]
+
+    def told(fraction: float) -> None:
+        if min(1.0, fraction) > last[0]:
+            last[0] = min(1.0, fraction)
+            reading(last[0])
+
+    return told
+
+
 def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSeries | None = None,
              float32: bool = False, mask: bool = False, reading: Callable[[float], None] | None = None
              ) -> sitk.Image | Volume:
@@ -1481,14 +1518,17 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
     With `light`, a plain NIfTI file comes back as a numpy `Volume` (see volume.py), with `float32` as float32
     voxels (read_image). `series`: which series of a DICOM folder that holds several (`choose_dicom_series`).
     `mask`: the file is a mask (read_mask), and a refusal says a mask is needed, not a FLAIR. `reading(fraction)`:
-    told the fraction of a single-file NIfTI's bytes read as it is read, a piece at a time (other files: not told)."""
+    told the fraction read as it is read, never less than before: of a single-file NIfTI's bytes, a piece at a
+    time; of a DICOM series' files, one at a time; of an NRRD or MetaImage file only 0 and 1 (SimpleITK reads it
+    in one call that says nothing in between); of a NIfTI pair's .img, a piece at a time."""
     p = Path(path)
     if not p.exists():
         if p.is_symlink():
             raise DeepWMLError(f"{p} is a link to {os.readlink(p)}, which cannot be reached (a share not mounted?)")
         raise DeepWMLError(f"{p} does not exist")
+    reading = _forwards(reading)
     if p.is_dir():
-        return _squeeze_4d(_read_dicom_folder(p, series))
+        return _squeeze_4d(_read_dicom_folder(p, series, reading))
     if p.stat().st_size == 0:
         raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
     image = _read_file(p, light, float32, mask, reading)

@@ -7,6 +7,7 @@ runs a list of files and folders the way `deepwml segment` does; `register` adds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io as _stringio
@@ -15,6 +16,7 @@ import re
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -58,8 +60,12 @@ NETWORK_SHARE = 0.7
 POSTPROCESSING_AT, LOCATION_AT, REPORT_AT, FLAIR_CHECK_AT = 0.7, 0.76, 0.78, 0.84
 SEGMENTING_SHARE = 0.9
 # Reading the scan, the first part of segmenting's share: 14-30 s for a 1024 x 1024 x 400 .nii.gz, beside the
-# networks' 33 s on a CPU (a few seconds on a GPU); the bar moves as a NIfTI file's bytes are read.
+# networks' 33 s on a CPU (a few seconds on a GPU); the bar moves as a NIfTI file's bytes or a DICOM series'
+# files are read.
 READING_SHARE = 0.15
+# While the reading tells nothing for this long, the bar's message counts its seconds: SimpleITK reads an NRRD
+# or MetaImage file in one call that says nothing until it ends (io.read_any).
+READING_TICK_S = 1.0
 # Peak memory of `deepwml segment` per voxel of the scan, with the brain mask: 5.2 GB for a 1024 x 1024 x 400
 # scan stored as float64 (12.6 bytes a voxel), 1.0 GB for a 363 x 435 x 363 one (README "Large scans");
 # rounded up for the out-of-memory message.
@@ -807,9 +813,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     tell = progress or (lambda fraction, message: None)
-    tell(0.0, "reading the scan")  # half a minute for a 1024 x 1024 x 400 .nii.gz: the bar shows what it waits for
-    image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import
-                          reading=lambda done: tell(READING_SHARE * done, "reading the scan"))
+    with reading_progress(tell) as reading:
+        image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import
+                              reading=reading)
     from .inference import progress_part
 
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,
@@ -905,6 +911,42 @@ def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
     if io.axial_axis(mask) != 2 or len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
         return None
     return [int(n) for n in numbers]
+
+
+@contextlib.contextmanager
+def reading_progress(tell):
+    """`reading(fraction)` for io.read_image, told to `tell` in the reading's share of the bar, "reading the scan"
+    (from 0 at once: half a minute for a 1024 x 1024 x 400 .nii.gz, the bar shows what it waits for). While
+    nothing is told for READING_TICK_S, another thread tells the seconds spent so far ("reading the scan (12 s)"),
+    the bar where it stood: one that waits on a read saying nothing until it ends (an NRRD or MetaImage file,
+    seconds for a large one) looked frozen at 0 %. `tell` is called by one thread at a time, never after the block."""
+    lock = threading.Lock()
+    stop = threading.Event()
+    start = time.monotonic()
+    state = {"at": 0.0, "said": start}
+
+    def say(fraction: float, message: str) -> None:
+        state["at"], state["said"] = fraction, time.monotonic()
+        tell(fraction, message)
+
+    def reading(done: float) -> None:
+        with lock:
+            say(max(state["at"], READING_SHARE * min(1.0, done)), "reading the scan")
+
+    def tick() -> None:
+        while not stop.wait(READING_TICK_S / 4):
+            with lock:
+                if not stop.is_set() and time.monotonic() - state["said"] >= READING_TICK_S:
+                    say(state["at"], f"reading the scan ({time.monotonic() - start:.0f} s)")
+
+    say(0.0, "reading the scan")
+    ticker = threading.Thread(target=tick, name="deepwml-reading", daemon=True)
+    ticker.start()
+    try:
+        yield reading
+    finally:
+        stop.set()
+        ticker.join()
 
 
 def summary_row(case: str, path: Path, report: dict) -> dict:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 import struct
+import time
 import tracemalloc
 
 import numpy as np
@@ -19,7 +21,7 @@ from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.segment import segment_cases, segment_image
 from DeepWMLLib.volume import Volume, nifti_bytes, parse_nifti
 
-from conftest import make_volume
+from conftest import make_volume, write_dicom_series
 
 
 def _peak_bytes(function, *args):
@@ -184,6 +186,64 @@ def test_the_bar_moves_while_the_scan_is_read(tmp_path, monkeypatch, name):
     assert rows[0]["status"] == "error", rows
     assert messages[:2] == [(0.0, "reading the scan"), (segment.READING_SHARE * 0.5, "reading the scan")], messages
     assert 0 < segment.READING_SHARE < segment.SEGMENTING_SHARE
+
+
+def test_the_bar_moves_while_a_dicom_series_is_read(tmp_path):
+    """A DICOM series read through SimpleITK told the bar nothing until all its files were read: it is told
+    file by file now, never backwards, ending at 1."""
+    image = make_volume(size=(32, 32, 12), dtype=sitk.sitkInt16)[0]
+    folder = write_dicom_series(tmp_path / "series", image)
+    told = []
+    volume = io.read_image(folder, reading=told.append)
+    assert volume.GetSize() == (32, 32, 12)
+    assert len(told) >= 12 and told == sorted(told) and len(set(told)) == len(told), told
+    assert 0 <= told[0] < 0.2 and told[-1] == 1.0, told
+
+
+@pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha", "scan.hdr"])
+def test_other_files_tell_their_reading_too(tmp_path, monkeypatch, name):
+    """NRRD and MetaImage files (read by SimpleITK, whose readers of them say nothing between their start and
+    end) and NIfTI pairs (read a piece at a time, 64 KiB here) told the bar nothing: now their start and end, the
+    pair's every piece, never backwards, ending at 1."""
+    monkeypatch.setattr(io, "READ_PIECE", 1 << 16, raising=False)
+    image = make_volume(size=(64, 64, 16))[0]  # float32, 256 KiB: 4 pieces
+    sitk.WriteImage(image, str(tmp_path / name))
+    told = []
+    io.read_image(tmp_path / name, light=True, reading=told.append)
+    assert told == sorted(told) and len(set(told)) == len(told) and told[-1] == 1.0, told
+    assert len(told) >= (4 if name.endswith(".hdr") else 2) and told[0] < 0.5, told
+
+
+def test_a_reading_that_says_nothing_still_shows_it_is_reading(tmp_path, monkeypatch):
+    """While the reading tells nothing (SimpleITK reading a large NRRD or MetaImage file: seconds), the bar said
+    "reading the scan" at 0 %, frozen; now its message counts the seconds, the bar where the reading left it, in
+    the reading's share, never backwards, and nothing is told once the reading has ended."""
+    from DeepWMLLib import segment
+
+    monkeypatch.setattr(segment, "READING_TICK_S", 0.05, raising=False)
+    path = tmp_path / "scan.nrrd"
+    sitk.WriteImage(make_volume()[0], str(path))
+    messages = []
+
+    def read_image(*args, **kwargs):
+        time.sleep(0.4)  # a read that says nothing
+        kwargs["reading"](0.3)
+        time.sleep(0.4)
+        raise DeepWMLError("stop after reading")
+
+    monkeypatch.setattr(io, "read_image", read_image)
+    rows = segment.segment_cases([str(path)], tmp_path / "out", None, "cpu", ventricle_model=None,
+                                 progress_factory=_recorder(messages))
+    assert rows[0]["status"] == "error", rows
+    count = len(messages)
+    time.sleep(0.3)
+    assert len(messages) == count, messages[count:]  # the ticking stopped with the reading
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and max(fractions) <= segment.READING_SHARE, messages
+    assert messages[0] == (0.0, "reading the scan"), messages
+    ticks = [(f, m) for f, m in messages if re.fullmatch(r"reading the scan \(\d+ s\)", m)]
+    assert [f for f, _ in ticks if f == 0.0] and [f for f, _ in ticks if f == segment.READING_SHARE * 0.3], messages
+    assert set(m for _, m in messages) <= {"reading the scan"} | {m for _, m in ticks}, messages
 
 
 def _recorder(messages):
