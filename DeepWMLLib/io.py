@@ -699,24 +699,24 @@ def _header_fields(path: Path) -> dict[str, str]:
     return fields
 
 
-def _nrrd_length_unit(path: Path) -> str | None:
-    """The length unit an NRRD header gives ('space units') when it is not mm, else None. SimpleITK ignores
-    the field: lengths in m or cm are read as mm, the head 1000 or 10 times too small (nothing segmented)."""
+def _nrrd_length_unit(path: Path, fields: dict[str, str]) -> str | None:
+    """The length unit an NRRD header gives ('space units'; `fields`: `_header_fields(path)`) when it is not mm,
+    else None. SimpleITK ignores the field: lengths in m or cm are read as mm, the head 1000 or 10 times too small
+    (nothing segmented)."""
     if not path.name.lower().endswith((".nrrd", ".nhdr")):
         return None
-    units = re.findall(r'"([^"]*)"', _header_fields(path).get("space units", ""))
+    units = re.findall(r'"([^"]*)"', fields.get("space units", ""))
     mm = ("", "mm", "millimeter", "millimeters", "millimetre", "millimetres")
     odd = [u for u in units if u.strip().lower() not in mm]
     return odd[0] if odd else None
 
 
-def _nrrd_slice_in_space(path: Path) -> tuple[int, ...] | None:
-    """The sizes of an NRRD whose header places fewer than 3 axes in 3D space (one slice: 'space dimension: 3'
-    or a named 3D space, two 'space directions'), else None. SimpleITK cannot read such a file ('number of domain
-    axes ... doesn't match dimension of space')."""
+def _nrrd_slice_in_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] | None:
+    """The sizes of an NRRD whose header (`fields`: `_header_fields(path)`) places fewer than 3 axes in 3D space
+    (one slice: 'space dimension: 3' or a named 3D space, two 'space directions'), else None. SimpleITK cannot
+    read such a file ('number of domain axes ... doesn't match dimension of space')."""
     if not path.name.lower().endswith((".nrrd", ".nhdr")):
         return None
-    fields = _header_fields(path)
     space = fields.get("space", "").lower()
     try:
         dimension = int(fields.get("space dimension") or (4 if "time" in space else 3 if space else 0))
@@ -730,10 +730,10 @@ def _nrrd_slice_in_space(path: Path) -> tuple[int, ...] | None:
     return tuple(domain)
 
 
-def _unknown_voxel_size(path: Path) -> str | None:
-    """What an NRRD or MetaImage header lacks to give the voxel size, or None. SimpleITK reads a missing size
-    (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted as 1 mm, the lesion volume 6 times too small."""
-    fields = _header_fields(path)
+def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
+    """What an NRRD or MetaImage header (`fields`: `_header_fields(path)`) lacks to give the voxel size, or None
+    (also for no fields). SimpleITK reads a missing size (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted
+    as 1 mm, the lesion volume 6 times too small."""
     if not fields:
         return None
     if path.name.lower().endswith((".nrrd", ".nhdr")):
@@ -823,7 +823,9 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
-            flat = _nrrd_slice_in_space(path)
+            # an NRRD or MetaImage header, read once for the checks SimpleITK lacks
+            fields = {} if is_nifti(path) or is_nifti_pair(path) else _header_fields(path)
+            flat = _nrrd_slice_in_space(path, fields)
             if flat:
                 raise DeepWMLError(f"{path} is a 2D image {flat} (one slice placed in 3D space); DeepWML needs "
                                    f"{_needs(mask)}")
@@ -833,12 +835,12 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), mask)
-            missing = None if is_nifti(path) or is_nifti_pair(path) else _unknown_voxel_size(path)
+            missing = _unknown_voxel_size(path, fields)
             if missing:
                 raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "
                                    "reads as 1 mm, so lesion volumes in ml would be wrong; export it again with its "
                                    "spacing")
-            unit = _nrrd_length_unit(path)
+            unit = _nrrd_length_unit(path, fields)
             if unit:
                 raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image "
                                    "library reads as mm, so the head would be measured at the wrong scale; save it "

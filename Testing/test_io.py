@@ -473,6 +473,19 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
 
 
+@pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha"])
+def test_a_header_is_read_once_for_the_checks_simpleitk_lacks(tmp_path, monkeypatch, name):
+    """An NRRD's header was opened and parsed three times for the checks SimpleITK lacks (a slice placed in
+    space, no voxel size, lengths not in mm: 0.9 ms of a 182 x 218 x 182 .nrrd's 27 ms read); once now, with
+    the same answers (the tests above)."""
+    sitk.WriteImage(make_volume()[0], str(tmp_path / name))
+    read = []
+    fields = io._header_fields
+    monkeypatch.setattr(io, "_header_fields", lambda path: read.append(path) or fields(path))
+    assert io.read_image(tmp_path / name).GetSize() == (48, 40, 10)
+    assert len(read) == 1, read
+
+
 def test_mask_on_other_grid_is_refused(tmp_path):
     image, truth = make_volume(size=(20, 16, 6))
     for change in ("spacing", "origin", "direction", "size"):
