@@ -46,7 +46,8 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     disagreement_mm2}), worst_slices (indices, largest disagreement first) and
     unmatched_lesions_a / _b (lesions one rater drew that no voxel of the other touches, largest
     first: {voxels, volume_mm3, centroid_lps_mm, slices: [first, last]}) and notes (an empty mask said in
-    words: two empty masks pass by convention).
+    words: two empty masks pass by convention; slice numbers counted from the extent of both masks when both were
+    saved cropped, `MaskPair.grid_notes`).
     """
     _check_threshold(threshold)
     pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask")
@@ -67,7 +68,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     volumes = pair.volumes_ml()
     empty = [f"rater {name}'s" for name, mask in (("A", pair.prediction), ("B", pair.reference)) if not mask.any()]
     notes = (["both raters' masks are empty: they agree by convention (Dice 1)"] if len(empty) == 2 else
-             [f"{empty[0]} mask is empty: Dice 0"] if empty else [])
+             [f"{empty[0]} mask is empty: Dice 0"] if empty else []) + pair.grid_notes()
     return {
         "dice": dice,
         "threshold": threshold,
@@ -243,12 +244,11 @@ def run(args) -> int:
 
 def pair_picture(flair, mask_a: sitk.Image, mask_b: sitk.Image, title: str | None = None) -> bytes:
     """PNG bytes of `qc.render_comparison` of two raters (any non-zero voxel is lesion): both green, A only
-    red, B only blue. The FLAIR must lie on the masks' grid (`io.onto_common_grid`: rater B's, or A's when B's
-    was saved cropped; another voxel order is reordered)."""
+    red, B only blue, on the FLAIR's grid (`io.onto_scan`: masks saved cropped on its voxels are padded onto it;
+    another voxel order is reordered)."""
     from .qc import png_bytes, render_comparison
 
-    a, b = io.onto_common_grid(sitk.Cast(mask_a != 0, sitk.sitkUInt8), sitk.Cast(mask_b != 0, sitk.sitkUInt8),
-                               "rater A's mask", "rater B's mask")
-    image = io.align_voxel_order(io.read_image(flair), b)
-    io.check_same_grid(image, b, f"FLAIR {flair}", "rater B's mask")
+    image, a, b = io.onto_scan(io.read_image(flair), sitk.Cast(mask_a != 0, sitk.sitkUInt8),
+                               sitk.Cast(mask_b != 0, sitk.sitkUInt8), f"FLAIR {flair}", "rater A's mask",
+                               "rater B's mask")
     return png_bytes(render_comparison(image, a, b, title, names=("rater A", "rater B")))

@@ -688,15 +688,13 @@ def run(args) -> int:
 
 
 def comparison_picture(flair, prediction, reference, title: str | None = None) -> bytes:
-    """PNG bytes of `qc.render_comparison` of a case; the FLAIR must lie on the masks' grid (`io.onto_common_grid`:
-    the reference's, or the prediction's when the reference was saved cropped; a FLAIR storing it in another
-    voxel order is reordered)."""
+    """PNG bytes of `qc.render_comparison` of a case, on the FLAIR's grid (`io.onto_scan`: masks saved cropped on
+    its voxels are padded onto it; a FLAIR storing the masks' grid in another voxel order is reordered)."""
     from .qc import png_bytes, render_comparison
 
-    prediction, reference = io.onto_common_grid(_as_mask(prediction, "prediction"), _as_mask(reference, "reference"),
-                                                "prediction", "reference")
-    image = io.align_voxel_order(io.read_image(_existing(flair, "FLAIR")), reference)
-    io.check_same_grid(image, reference, f"FLAIR {flair}", "the reference")
+    image, prediction, reference = io.onto_scan(io.read_image(_existing(flair, "FLAIR")), _as_mask(prediction, "prediction"),
+                                                _as_mask(reference, "reference"), f"FLAIR {flair}", "prediction",
+                                                "reference")
     return png_bytes(render_comparison(image, prediction, reference, title))
 
 

@@ -1734,40 +1734,77 @@ def _coverage(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image
     return f"voxels ({covered}) of {whose} ({', '.join(f'0 to {n - 1}' for n in reference.GetSize())})"
 
 
+def _fills_its_extent(array: np.ndarray) -> bool:
+    """Whether non-zero voxels reach both ends of every axis: the mark of a mask cropped to its lesions (Slicer's
+    'Crop to minimum extent'), which a mask on a whole scan's grid (lesions inside the head) does not bear."""
+    for axis in range(array.ndim):
+        marked = np.any(array, axis=tuple(a for a in range(array.ndim) if a != axis))
+        if not (marked[0] and marked[-1]):
+            return False
+    return True
+
+
+def _window(start, shape, full):
+    """(the array's part, the grid's part) where an array whose first voxel lies at index `start` of a grid of shape
+    `full` meets it (numpy order, slices), or None when they do not meet."""
+    own = tuple(slice(max(0, -o), min(n, m - o)) for o, n, m in zip(start, shape, full))
+    if any(s.stop <= s.start for s in own):
+        return None
+    return own, tuple(slice(s.start + o, s.stop + o) for o, s in zip(start, own))
+
+
+def _nonzero_outside(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image) -> int | None:
+    """How many non-zero voxels of an image on the reference's lattice (`_lattice_placement`) lie beyond the
+    reference's grid; None when it does not meet that grid at all."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(stored)
+    window = _window(offset[::-1], array.shape, reference.GetSize()[::-1])
+    return None if window is None else int(np.count_nonzero(array)) - int(np.count_nonzero(array[window[0]]))
+
+
+def _is_crop(stored: sitk.Image, reference: sitk.Image) -> bool:
+    """Whether an image on the reference's lattice over another extent may be told a crop (or an extension) of it:
+    a grid of the reference's very size a whole number of voxels off is a changed header, unless the mask fills
+    it as one cropped to its lesions does."""
+    import SimpleITK as sitk
+
+    return (tuple(stored.GetSize()) != tuple(reference.GetSize())
+            or _fills_its_extent(sitk.GetArrayViewFromImage(stored)))
+
+
 def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
               reference_name: str = "the reference") -> sitk.Image:
     """`mask` on the reference's grid, nothing interpolated: as it is; reordered (`align_voxel_order`); or,
-    when it lies on the reference's voxel lattice over a smaller extent inside it (a Slicer segmentation saved
-    with 'Crop to minimum extent', a mask cropped by another tool), padded with zeros onto the reference's
-    extent: the very voxels of the scan, so exact.
+    when it lies on the reference's voxel lattice over another extent (a Slicer segmentation saved with 'Crop to
+    minimum extent', a mask cropped or padded by another tool), cut and padded with zeros onto the reference's
+    extent: the very voxels of the scan, so exact, as long as no non-zero voxel lies beyond the reference's grid.
 
     Raises DeepWMLError otherwise (`check_same_grid`'s message), saying how many of its non-zero voxels lie
-    beyond the reference's grid when it lies on the lattice over a larger extent (drawn on another scan)."""
+    beyond the reference's grid when some do (drawn on another, larger scan)."""
     mask = align_voxel_order(mask, reference)
     diff = grid_difference(mask, reference)
     if diff is None:
         return mask
-    # a grid of the same size a whole number of voxels off is a changed header, not a crop: refused
-    placement = _lattice_placement(mask, reference) if diff.startswith("size") else None
-    if placement is not None:
+    placement = _lattice_placement(mask, reference)
+    if placement is not None and _is_crop(placement[0], reference):
         import SimpleITK as sitk
 
         stored, offset = placement
-        array = sitk.GetArrayViewFromImage(stored)  # k, j, i: the offset and sizes reversed
-        start, full = offset[::-1], reference.GetSize()[::-1]
-        if all(0 <= o and o + n <= m for o, n, m in zip(start, array.shape, full)):
-            padded = np.zeros(full, dtype=array.dtype)
-            padded[tuple(slice(o, o + n) for o, n in zip(start, array.shape))] = array
+        outside = _nonzero_outside(stored, offset, reference)
+        if outside == 0:
+            array = sitk.GetArrayViewFromImage(stored)  # k, j, i: the offset and sizes reversed
+            own, grid = _window(offset[::-1], array.shape, reference.GetSize()[::-1])
+            placed = np.zeros(reference.GetSize()[::-1], dtype=array.dtype)
+            placed[grid] = array[own]
             # the reference's geometry (a Volume's too: what segment_image gives for a NIfTI read without SimpleITK)
-            return like(padded, reference.GetSpacing(), reference.GetOrigin(), reference.GetDirection())
-        inside = tuple(slice(max(0, -o), max(0, min(n, m - o))) for o, n, m in zip(start, array.shape, full))
-        outside = int(np.count_nonzero(array)) - int(np.count_nonzero(array[inside]))
+            return like(placed, reference.GetSpacing(), reference.GetOrigin(), reference.GetDirection())
         if outside:
-            grid = f"{reference_name}'s grid"
+            grid_name = f"{reference_name}'s grid"
             # whose grid the voxel numbers count is named (it said 'voxels ... of its ...'), each name said twice
             raise DeepWMLError(
                 f"{what} and {reference_name} are on different voxel grids ({diff}): on the same voxel lattice over "
-                f"another extent, {what} covers {_coverage(stored, offset, reference, grid)}, "
+                f"another extent, {what} covers {_coverage(stored, offset, reference, grid_name)}, "
                 f"and {outside} of its non-zero voxels {'lie' if outside > 1 else 'lies'} outside that grid, where it "
                 "has no voxels: drawn on another, larger scan? Give a mask on the scan's whole grid (in Slicer: save "
                 "it without cropping, or export it with the FLAIR as reference volume)")
@@ -1775,30 +1812,72 @@ def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
     return mask
 
 
-def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> tuple[sitk.Image, sitk.Image]:
-    """Two masks on one grid (`onto_grid`): `b`'s, or `a`'s when `b` is a crop of it (a reference saved
-    cropped to its lesions against a prediction on the whole scan), so neither loses a voxel."""
-    def inside(placement, grid) -> bool:
-        return all(0 <= o and o + n <= m for o, n, m in zip(placement[1], placement[0].GetSize(), grid.GetSize()))
+def _holds(grid: sitk.Image, stored: sitk.Image, offset: tuple[int, ...]) -> bool:
+    """Whether the grid's extent holds the whole extent of an image on its lattice at `offset`."""
+    return all(0 <= o and o + n <= m for o, n, m in zip(offset, stored.GetSize(), grid.GetSize()))
 
+
+def _joint_grid(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image):
+    """An empty image (a geometry) over the extent of both `reference` and an image on its lattice at `offset`, and
+    a voxel around it: no lesion then touches its border, which HD95's outline counts as lesion (`metrics`)."""
+    size = np.array(reference.GetSize())
+    low = np.minimum(offset, 0) - 1
+    high = np.maximum(np.add(offset, stored.GetSize()), size) + 1
+    n = len(size)
+    spacing = np.array(reference.GetSpacing(), float)
+    direction = np.array(reference.GetDirection(), float).reshape(n, n)
+    origin = np.array(reference.GetOrigin(), float) + direction @ (low * spacing)
+    return like(np.zeros(tuple(int(v) for v in (high - low)[::-1]), np.uint8), spacing, origin,
+                reference.GetDirection(), Volume)
+
+
+def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> tuple[sitk.Image, sitk.Image]:
+    """Two masks on one grid, nothing interpolated (`onto_grid`), so that neither loses a non-zero voxel: `b`'s,
+    or `a`'s when `b` is a crop of it (a reference saved cropped to its lesions against a prediction on the whole
+    scan) or only `a`'s holds every non-zero voxel of `b`. When they lie on one voxel lattice and neither grid will
+    do (both saved cropped to their lesions: two raters' Slicer segmentations, say; a grid cropped to its own
+    lesions would cut their outline at its border, and HD95 with it), the extent of both and a voxel around it
+    (`on_joint_extent` tells it: slice numbers are then not the scan's). The scan's size a whole number of voxels
+    off is refused as a changed header (`check_same_grid`), unless both masks fill their extents as crops do."""
     a = align_voxel_order(a, b)
-    diff = grid_difference(a, b)
-    if diff is not None:
-        placement = _lattice_placement(b, a)
-        if placement is not None and inside(placement, a):
-            return a, onto_grid(b, a, what_b, what_a)
-        reverse = _lattice_placement(a, b) if diff.startswith("size") else None
-        if placement is not None and reverse is not None and not inside(reverse, b):
-            # each over a part of the other's extent: both cropped (onto_grid would ask whether one was drawn on
-            # another, larger scan), and neither gives the scan's grid to put them on
-            covered = _coverage(*reverse, b, what_b + "'s")
-            raise DeepWMLError(
-                f"{what_a} and {what_b} are on different voxel grids ({diff}): they lie on the same voxels, but "
-                f"each covers only part of the other's extent ({what_a} covers {covered}): "
-                "both saved cropped to their lesions (a Slicer segmentation saved with 'Crop to minimum extent', say)? "
-                "Give masks on the scan's whole grid (in Slicer: save them without cropping, or export them with the "
-                "FLAIR as reference volume)")
-    return onto_grid(a, b, what_a, what_b), b
+    if grid_difference(a, b) is None:
+        return a, b
+    forward = _lattice_placement(a, b)  # a on b's grid
+    backward = _lattice_placement(b, a) if forward is not None else None
+    if backward is None:
+        return onto_grid(a, b, what_a, what_b), b  # raises: not on one lattice
+    if not (_is_crop(forward[0], b) and _is_crop(backward[0], a)):
+        check_same_grid(a, b, what_a, what_b)  # raises
+    for holds in (_holds, lambda grid, stored, offset: _nonzero_outside(stored, offset, grid) == 0):
+        for placement, grid in ((forward, b), (backward, a)):
+            if holds(grid, *placement) and not _fills_its_extent(voxels(grid)):
+                return (onto_grid(a, b, what_a, what_b), b) if grid is b else (a, onto_grid(b, a, what_b, what_a))
+    joint = _joint_grid(*forward, b)
+    return onto_grid(a, joint, what_a, "their joint extent"), onto_grid(b, joint, what_b, "their joint extent")
+
+
+def onto_scan(scan: sitk.Image, a: sitk.Image, b: sitk.Image, scan_name: str, what_a: str,
+              what_b: str) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """(scan, a, b) on one grid for a picture: the masks' (`onto_common_grid`), the scan reordered onto it; or, when
+    that is not the scan's grid (both masks saved cropped, or one over a larger extent), the scan's, each mask put
+    onto it (`onto_grid`). DeepWMLError when a mask cannot be put there."""
+    a, b = onto_common_grid(a, b, what_a, what_b)
+    scan = align_voxel_order(scan, b)
+    if grid_difference(scan, b) is not None:
+        a, b = onto_grid(a, scan, what_a, scan_name), onto_grid(b, scan, what_b, scan_name)
+    return scan, a, b
+
+
+def on_joint_extent(common: sitk.Image, a: sitk.Image, b: sitk.Image) -> bool:
+    """Whether `onto_common_grid` put `a` and `b` on `common`, the extent of both, which is neither's grid: slice
+    numbers then count from its first slice, not the scan's."""
+    return grid_difference(common, b) is not None and grid_difference(common, align_voxel_order(a, common)) is not None
+
+
+JOINT_EXTENT_NOTE = ("both masks were saved cropped to their lesions: they were compared on the extent of both (and "
+                     "a voxel around it) on their voxel lattice, which is exact (nothing interpolated: the figures are "
+                     "those of the whole scan), but slice numbers count from its first slice, not the scan's; masks "
+                     "saved on the scan's whole grid give the scan's slice numbers")
 
 
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:

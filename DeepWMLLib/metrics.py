@@ -61,7 +61,8 @@ Grids. Masks (and the probability map) must share one voxel grid within the tole
 stores the reference's grid in another voxel order, LPS against RAS say, is only reordered onto it,
 `io.align_voxel_order`; slice indices are then the reference's); a mask on the other's very voxels
 over a smaller extent (saved cropped to its lesions) is padded with zeros onto the other's grid, which
-is exact (`io.onto_common_grid`). Distances and volumes are in physical units from the reference's
+is exact (`io.onto_common_grid`); two masks each saved cropped over part of the other's extent are both
+padded onto the extent of both, and a note says that slice numbers then count from its first slice. Distances and volumes are in physical units from the reference's
 spacing and direction.
 """
 
@@ -221,6 +222,7 @@ class MaskPair:
         self.voxel_volume_mm3 = float(np.prod(self.spacing))
         self.ignored_voxels = 0  # reference voxels labelled 2, left out of both masks (`from_images`)
         self.predicted_ignored = 0  # of them, those the prediction marked
+        self.joint_extent = False  # both saved cropped: on the extent of both, not the scan's (`io.on_joint_extent`)
 
     @classmethod
     def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
@@ -229,6 +231,7 @@ class MaskPair:
         name them in an error (e.g. with their files)."""
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
+        given = prediction, reference
         prediction, reference = io.onto_common_grid(prediction, reference, *names)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
@@ -238,6 +241,7 @@ class MaskPair:
         pair = cls(predicted, lesion, reference)
         pair.ignored_voxels = int(np.count_nonzero(ignore))
         pair.predicted_ignored = predicted_ignored
+        pair.joint_extent = io.on_joint_extent(reference, *given)
         return pair
 
     @classmethod
@@ -245,8 +249,10 @@ class MaskPair:
         """Two masks treated alike (any positive label is lesion), e.g. two raters."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
-        a, b = io.onto_common_grid(a, b, what_a, what_b)
-        return cls(_binary(a), _binary(b), b)
+        common_a, common_b = io.onto_common_grid(a, b, what_a, what_b)
+        pair = cls(_binary(common_a), _binary(common_b), common_b)
+        pair.joint_extent = io.on_joint_extent(common_b, a, b)
+        return pair
 
     # -- voxel overlap -----------------------------------------------------------------------
 
@@ -291,7 +297,11 @@ class MaskPair:
                          "lesion recall are 0, AVD 100 %")
         if self.ignored_voxels:
             notes.append(f"{self.ignored_voxels} reference voxels labelled 2 (ignore) were left out of both masks")
-        return notes
+        return notes + self.grid_notes()
+
+    def grid_notes(self) -> list[str]:
+        """What the grid the masks were compared on means for slice numbers (`io.JOINT_EXTENT_NOTE`)."""
+        return [io.JOINT_EXTENT_NOTE] if self.joint_extent else []
 
     def avd_percent(self) -> float:
         _, n_pred, n_ref = self.counts

@@ -103,7 +103,8 @@ BAD_INPUTS = [
     ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
     ("an empty reference", "evaluate", 0, "ok: the printed note says which metrics are undefined and why"),
     ("rater masks on different grids", "consensus", 1, "different voxel grids"),
-    ("two rater masks each saved cropped to its own lesions", "consensus", 1, "both saved cropped"),
+    ("two rater masks each saved cropped to its own lesions", "consensus", 0,
+     "ok: compared on the extent of both, nothing interpolated (the whole scan's Dice); a note says slice numbers are not the scan's"),
     ("consensus manifest missing columns", "consensus", 1, "column"),
     ("training manifest missing", "train", 1, "does not exist"),
     ("training mask on another grid", "train", 1, "different voxel grids"),
@@ -241,8 +242,12 @@ def world(tmp_path):
     box.Execute(truth)
     i, j, k, ni, nj, nk = box.GetBoundingBox(1)
     paths["cropped seg"] = io.write_segmentation(truth[i:i + ni, j:j + nj, k:k + nk], d / "truth_cropped.seg.nrrd")
-    other_rater = sitk.Image(truth)  # two lesion voxels past the first one's box; its own box starts a column on
-    other_rater[i + ni, j, k] = other_rater[i + ni + 1, j, k] = 1
+    drawn = sitk.GetArrayFromImage(truth)  # two lesion voxels past the first one's box; its own box starts a column on
+    drawn[:, :, i] = 0
+    drawn[k, j, i + ni] = drawn[k, j, i + ni + 1] = 1
+    other_rater = sitk.GetImageFromArray(drawn)
+    other_rater.CopyInformation(truth)
+    paths["other rater"] = _write(d / "other_rater.nii.gz", other_rater)
     paths["cropped other rater"] = io.write_segmentation(other_rater[i + 1:i + ni + 2, j:j + nj, k:k + nk],
                                                          d / "other_rater_cropped.seg.nrrd")
     beyond = sitk.ConstantPad(truth, (0, 0, 0), (0, 0, 2))  # two slices more above the scan, two voxels marked there
@@ -410,7 +415,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "rater masks on different grids":
         return ["consensus", str(p["truth"]), str(p["other grid"])]
     if row_id == "two rater masks each saved cropped to its own lesions":
-        return ["consensus", str(p["cropped seg"]), str(p["cropped other rater"])]
+        return ["consensus", str(p["cropped seg"]), str(p["cropped other rater"]), "--json", str(tmp / "c.json")]
     if row_id.startswith("a reference of 0 and 2 only"):
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/2"])]
     if row_id == "a mask with negative values (int16)":
@@ -531,6 +536,16 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         result = json.loads((tmp / "e.json").read_text(encoding="utf-8"))
         assert result["sensitivity"] is None and result["hd95_mm"] is None and result["dice"] == 0.0
         assert any("reference is empty" in note for note in result["notes"])
+    if row_id == "two rater masks each saved cropped to its own lesions":
+        from DeepWMLLib.consensus import consensus_check
+
+        result = json.loads((tmp / "c.json").read_text(encoding="utf-8"))
+        whole = consensus_check(io.read_mask(paths["truth"]), io.read_mask(paths["other rater"]))
+        assert 0 < result["dice"] < 1 and result["dice"] == whole["dice"]
+        # the NIfTI's spacing is float32, the .seg.nrrd's written in full: volumes the same to a millionth
+        assert [result["volume_a_ml"], result["volume_b_ml"]] == pytest.approx([whole["volume_a_ml"], whole["volume_b_ml"]],
+                                                                                rel=1e-6)
+        assert io.JOINT_EXTENT_NOTE in result["notes"] and "slice numbers" in printed
     if row_id == "a follow-up mask saved cropped to its lesions on the follow-up's voxels":
         report = json.loads((tmp / "out" / "good_change.json").read_text(encoding="utf-8"))
         assert report["followup_volume_ml"] > 0 and report["followup_volume_ml"] == pytest.approx(report["baseline_volume_ml"])

@@ -786,7 +786,9 @@ def test_read_mask_says_what_is_wrong_with_the_values(tmp_path, values, dtype, w
 
 def test_read_mask_names_the_image_it_is_checked_against(tmp_path):
     path = tmp_path / "mask.nii.gz"
-    sitk.WriteImage(sitk.Image([4, 5, 8], sitk.sitkUInt8), str(path))  # beyond the scan (a crop inside it is padded)
+    beyond = sitk.Image([4, 5, 8], sitk.sitkUInt8)  # a lesion voxel beyond the scan (an empty slice there is cut off)
+    beyond[1, 1, 7] = 1
+    sitk.WriteImage(beyond, str(path))
     with pytest.raises(DeepWMLError, match="mask.nii.gz and the baseline FLAIR are on different voxel grids"):
         io.read_mask(path, sitk.Image([4, 5, 7], sitk.sitkFloat32), "the baseline FLAIR")
 
@@ -837,14 +839,26 @@ def test_a_cropped_mask_on_the_scans_voxels_is_padded_onto_its_grid(tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(mask))
 
 
-def test_a_mask_with_lesion_beyond_the_scans_grid_is_refused_with_how_many_voxels():
-    """On the scan's lattice over a larger extent: refused (only a mask inside the scan's extent is padded), and
-    when lesion voxels lie beyond the scan (the mask of another, larger scan) the message says how many; a grid of
-    the scan's size a whole number of voxels off is a changed header, not a crop, and is refused as before."""
+def test_a_mask_over_a_larger_or_shifted_extent_with_nothing_beyond_the_scan_is_cut_onto_its_grid():
+    """On the scan's lattice over a larger extent, or a shifted one that only partly overlaps it, with every voxel
+    beyond the scan zero: refused before ('pad or crop it onto the other's grid'), though cutting and padding is
+    exact; now put onto the scan's grid, voxel for voxel (stored in another voxel order too)."""
     scan, mask = _scan_and_lesions()
     larger = sitk.ConstantPad(mask, (2, 0, 0), (0, 0, 3))
-    with pytest.raises(DeepWMLError, match=r"the mask covers voxels \(-2 to 29, 0 to 39, 0 to 14\) of the scan's"):
-        io.onto_grid(larger, scan, "the mask", "the scan")
+    shifted = sitk.ConstantPad(mask, (3, 0, 0), (0, 0, 0))[0:25, 5:40, 1:12]  # 3 columns before the scan, ends inside
+    for other in (larger, sitk.DICOMOrient(shifted, "RAS")):
+        placed = io.onto_grid(other, scan, "the mask", "the scan")
+        for got, want in ((placed.GetSize(), scan.GetSize()), (placed.GetSpacing(), scan.GetSpacing()),
+                          (placed.GetOrigin(), scan.GetOrigin()), (placed.GetDirection(), scan.GetDirection())):
+            assert np.allclose(got, want, rtol=0, atol=1e-9)
+        assert np.array_equal(sitk.GetArrayFromImage(placed), sitk.GetArrayFromImage(mask))
+
+
+def test_a_mask_with_lesion_beyond_the_scans_grid_is_refused_with_how_many_voxels():
+    """When lesion voxels lie beyond the scan (the mask of another, larger scan) the message says how many; a grid
+    of the scan's size a whole number of voxels off is a changed header, not a crop, and is refused as before."""
+    scan, mask = _scan_and_lesions()
+    larger = sitk.ConstantPad(mask, (2, 0, 0), (0, 0, 3))
     larger[0, 5, 5] = larger[1, 5, 5] = larger[5, 5, 13] = 1  # two voxels before the scan's first column, one above it
     with pytest.raises(DeepWMLError, match=r"different voxel grids .*3 of its non-zero voxels lie outside that "
                                            r"grid") as caught:
@@ -855,7 +869,7 @@ def test_a_mask_with_lesion_beyond_the_scans_grid_is_refused_with_how_many_voxel
     assert " of its (" not in str(caught.value)
     shifted = sitk.Image(mask)
     shifted.SetOrigin(scan.TransformIndexToPhysicalPoint((1, 0, 0)))
-    with pytest.raises(DeepWMLError, match="different voxel grids"):
+    with pytest.raises(DeepWMLError, match="a conversion changed one header"):
         io.onto_grid(shifted, scan, "the mask", "the scan")
 
 
@@ -871,23 +885,75 @@ def test_two_masks_one_cropped_are_compared_on_the_larger_grid():
             assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(mask))
 
 
-def test_two_masks_both_cropped_are_refused_as_both_cropped_not_as_from_a_larger_scan():
-    """Two raters' segmentations both saved cropped to their own lesions (Slicer's 'Crop to minimum extent'),
-    each covering part of the other's extent: refused (neither gives the scan's grid, so slice numbers would not
-    be the scan's), but the message asked whether one was 'drawn on another, larger scan?'; it now says that
-    both look cropped and how to save them whole."""
+def test_two_masks_both_cropped_are_compared_on_the_extent_of_both_with_the_whole_scans_figures():
+    """Two raters' segmentations both saved cropped to their own lesions (Slicer's 'Crop to minimum extent'), each
+    over part of the other's extent, or of one size at two offsets: refused before ('both saved cropped', or for
+    the same size 'a conversion changed one header'), though they lie on one voxel lattice; now both are padded onto
+    the extent of both, nothing interpolated: Dice, volumes and lesion counts those of the masks on the whole scan,
+    and a note says that slice numbers count from that extent."""
+    from DeepWMLLib import metrics
+
     _, mask = _scan_and_lesions()
-    first, second = mask[4:12, 8:16, 2:7], mask[13:21, 28:39, 7:11]  # each around one lesion
-    for a, b in ((first, second), (second, first)):
-        with pytest.raises(DeepWMLError) as caught:
-            io.onto_common_grid(a, b, "rater A's mask", "rater B's mask")
-        message = str(caught.value)
-        assert "larger scan" not in message and "both saved cropped" in message, message
-        assert "save them without cropping" in message
-    shifted = sitk.Image(mask)  # the scan's size a whole number of voxels off: a changed header, told as before
+    other = sitk.Image(mask.GetSize(), sitk.sitkUInt8)  # a second rater: one lesion drawn larger, one more beyond
+    other.CopyInformation(mask)
+    other[14:20, 29:38, 7:10] = 1
+    other[22:25, 36:39, 10:12] = 1
+    whole = metrics.case_metrics(other, mask)
+    first, second = other[14:25, 29:39, 7:12], mask[6:19, 10:37, 3:10]  # each cropped to its own lesions
+    twin = sitk.Image(mask)  # a lesion of the other's size: crops to their lesions of one size at two offsets
+    twin[6:12, 10:19, 3:6] = 1
+    same_size = twin[6:12, 10:19, 3:6], other[14:20, 29:38, 7:10]
+    assert same_size[0].GetSize() == same_size[1].GetSize()
+    nested = other[14:25, 29:39, 7:12], other[22:25, 36:39, 10:12]  # one rater's crop holding the other's
+    for a, b in ((first, second), (second, first), same_size, (sitk.DICOMOrient(first, "RAS"), second), nested,
+                 nested[::-1]):
+        common_a, common_b = io.onto_common_grid(a, b, "rater A's mask", "rater B's mask")
+        assert io.grid_difference(common_a, common_b) is None and io.on_joint_extent(common_b, a, b)
+        for common, own in ((common_a, a), (common_b, b)):  # every marked voxel where it was
+            assert sitk.GetArrayViewFromImage(common).sum() == sitk.GetArrayViewFromImage(own).sum()
+    cropped = metrics.case_metrics(first, second)
+    for key in ("dice", "sensitivity", "precision", "hd95_mm", "reference_volume_ml", "prediction_volume_ml",
+                "n_reference_lesions", "n_predicted_lesions"):
+        assert cropped[key] == whole[key], key
+    assert io.JOINT_EXTENT_NOTE in cropped["notes"] and io.JOINT_EXTENT_NOTE not in whole["notes"]
+
+
+def test_two_masks_not_on_one_lattice_or_of_the_scans_size_shifted_are_still_refused():
+    """Off the lattice (half a voxel), another spacing, or the scan's very size a voxel off with lesions inside
+    (a changed header, not two crops): refused, each with its own advice."""
+    _, mask = _scan_and_lesions()
+    first, second = mask[4:12, 8:16, 2:7], mask[13:21, 28:39, 7:11]
+    off = sitk.Image(second)
+    off.SetOrigin(tuple(np.array(second.GetOrigin()) + 0.4))
+    with pytest.raises(DeepWMLError, match="resample one onto the other"):
+        io.onto_common_grid(first, off, "rater A's mask", "rater B's mask")
+    coarse = sitk.Image(second)
+    coarse.SetSpacing((0.9, 0.8, 2.5))
+    with pytest.raises(DeepWMLError, match="different voxel grids"):
+        io.onto_common_grid(first, coarse, "rater A's mask", "rater B's mask")
+    shifted = sitk.Image(mask)
     shifted.SetOrigin(mask.TransformIndexToPhysicalPoint((1, 0, 0)))
     with pytest.raises(DeepWMLError, match="a conversion changed one header"):
         io.onto_common_grid(shifted, mask, "rater A's mask", "rater B's mask")
+
+
+def test_two_masks_one_over_a_shifted_extent_with_nothing_beyond_the_other_end_on_one_of_their_grids():
+    """A prediction on the scan's grid against a reference on the same lattice over a larger extent, or a shifted
+    one over part of it, nothing marked beyond the scan: refused before when the extents only partly overlapped;
+    now compared on one of their own grids (the larger when one holds the other), every marked voxel kept."""
+    from DeepWMLLib import metrics
+
+    _, mask = _scan_and_lesions()
+    larger = sitk.ConstantPad(mask, (2, 0, 0), (0, 0, 3))
+    partly = sitk.ConstantPad(mask, (3, 0, 0), (0, 0, 0))[0:25, 5:40, 1:12]  # 3 columns before the scan, ends inside
+    for other in (larger, partly):
+        for a, b in ((mask, other), (other, mask)):
+            common_a, common_b = io.onto_common_grid(a, b, "prediction", "reference")
+            assert io.grid_difference(common_a, common_b) is None and not io.on_joint_extent(common_b, a, b)
+            assert io.grid_difference(common_b, other if other is larger else b) is None
+            for common in (common_a, common_b):
+                assert sitk.GetArrayViewFromImage(common).sum() == sitk.GetArrayViewFromImage(mask).sum()
+            assert metrics.case_metrics(a, b)["dice"] == 1.0
 
 
 def test_a_cropped_mask_is_padded_onto_a_volume_read_without_simpleitk():

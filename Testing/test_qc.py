@@ -376,3 +376,31 @@ def test_evaluate_draws_a_prediction_and_flair_each_on_the_references_grid_withi
     assert picture.startswith(b"\x89PNG")
     with pytest.raises(DeepWMLError, match="origin"):  # off the grid by more: still refused
         qc.render_comparison(flair, moved(mask, 3 * step), mask)
+
+
+def test_pictures_of_two_masks_saved_cropped_are_drawn_on_the_flairs_grid_as_the_whole_masks_are(tmp_path):
+    """Two masks each saved cropped to their lesions (Slicer's 'Crop to minimum extent'), each over part of the
+    other's extent, drawn with the FLAIR: refused before ('both saved cropped'); now each is padded onto the FLAIR's
+    grid, and the picture is the very picture of the masks saved whole, for consensus and evaluate alike."""
+    from DeepWMLLib import io
+    from DeepWMLLib.consensus import pair_picture
+    from DeepWMLLib.evaluation import comparison_picture
+
+    flair, truth = make_volume(size=(40, 40, 8), blobs=((0.3, 0.3, 0.3, 5.0), (0.7, 0.7, 0.7, 5.0)))
+    sitk.WriteImage(flair, str(tmp_path / "flair.nii.gz"))
+    drawn = sitk.GetArrayFromImage(truth)  # rater B: the second lesion, and one beyond it that rater A has not
+    drawn[:, :, :20] = 0
+    drawn[7, 34:37, 35:38] = 1
+    other = sitk.GetImageFromArray(drawn)
+    other.CopyInformation(truth)
+    box = sitk.LabelShapeStatisticsImageFilter()
+    cropped = []
+    for mask in (truth, other):
+        box.Execute(mask)
+        i, j, k, ni, nj, nk = box.GetBoundingBox(1)
+        cropped.append(mask[i:i + ni, j:j + nj, k:k + nk])
+    placed = [io._lattice_placement(a, b) for a, b in (cropped, cropped[::-1])]  # each over part of the other's
+    assert not any(io._holds(b, *placement) for placement, b in zip(placed, cropped[::-1]))
+    for draw in (pair_picture, comparison_picture):
+        whole = draw(tmp_path / "flair.nii.gz", truth, other)
+        assert draw(tmp_path / "flair.nii.gz", *cropped) == whole
