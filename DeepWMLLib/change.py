@@ -513,7 +513,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
                   min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True) -> ChangeResult:
     """Register `baseline` to `followup` and classify every lesion (module docstring). Each mask (and
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
-    reordered; a mask cropped on the FLAIR's voxels is padded onto it, `io.onto_grid`). With `check`, the
+    reordered; one cropped on the FLAIR's voxels is padded onto it with zeros, `io.onto_grid`). With `check`, the
     registration is also run the other way round and the two compared (`inverse_consistency`; twice the
     registration time)."""
     check_scans(baseline, followup)
@@ -522,9 +522,8 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     maps = []
     for probabilities, image, what in ((baseline_probabilities, baseline, "baseline"),
                                        (followup_probabilities, followup, "follow-up")):
-        if probabilities is not None:
-            probabilities = io.align_voxel_order(probabilities, image)
-            io.check_same_grid(probabilities, image, f"the {what} probabilities", f"the {what} FLAIR")
+        if probabilities is not None:  # one cropped on the FLAIR's voxels is padded with 0 (no lesion), as a mask is
+            probabilities = io.onto_grid(probabilities, image, f"the {what} probabilities", f"the {what} FLAIR")
         maps.append(probabilities)
     registration = align(followup, baseline)
     labels, rows = classify(followup_mask, baseline_mask, registration.transform, tolerance_mm,

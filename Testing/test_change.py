@@ -629,11 +629,10 @@ def _paint(size, spacing, boxes) -> sitk.Image:
     return _grid(size, spacing, mask.astype(np.uint8))
 
 
-def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it(monkeypatch):
-    """A scene of every fate at once (a split, a merge, a baseline lesion kept by the follow-up's probability,
-    a new and a gone one, a stable one), the baseline on 2 mm slices, the follow-up on 1 mm: the rows' baseline
-    volumes add up to the baseline's lesion volume, the follow-up rows' volumes to the follow-up's, the counts
-    and volumes of the summary to the rows', and every row shows in the label map with its call."""
+def _every_fate(monkeypatch):
+    """(FLAIRs, baseline mask, follow-up mask, follow-up probabilities) of a scene of every fate at once (a split,
+    a merge, a baseline lesion kept by the follow-up's probability, a new and a gone one, a stable one), the
+    baseline on 2 mm slices, the follow-up on 1 mm; registration left out (the scans are not moved)."""
     stable = ((5, 12), (5, 12), (4, 12))
     kept = ((34, 40), (5, 11), (14, 20))
     base_boxes = [stable, ((5, 40), (20, 24), (4, 10)),  # split below
@@ -651,6 +650,14 @@ def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it
         flairs.append(flair)
     monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
         sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    return flairs, baseline_mask, followup_mask, probability
+
+
+def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it(monkeypatch):
+    """In a scene of every fate at once (`_every_fate`), the rows' baseline volumes add up to the baseline's lesion
+    volume, the follow-up rows' volumes to the follow-up's, the counts and volumes of the summary to the rows',
+    and every row shows in the label map with its call."""
+    flairs, baseline_mask, followup_mask, probability = _every_fate(monkeypatch)
     result = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=probability,
                                   presence=0.15, check=False)
     report, rows = result.report, result.report["lesions"]
@@ -672,6 +679,28 @@ def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it
     for row in rows:
         i, j, k = result.labels.TransformPhysicalPointToIndex(tuple(row["centroid_mm"]))
         assert labels[k, j, i] == code[row["status"]], row
+
+
+def test_a_probability_map_saved_cropped_on_the_scans_voxels_is_padded_as_a_mask_is(monkeypatch):
+    """A follow-up probability map saved cropped to where it is above zero (on the FLAIR's very voxels, stored in
+    another voxel order too) was refused ('different voxel grids') where a mask cropped so is padded; now it is
+    padded with 0 (no lesion) onto the FLAIR's grid: the very calls and volumes of the whole map. One reaching
+    beyond the FLAIR is still refused."""
+    flairs, baseline_mask, followup_mask, probability = _every_fate(monkeypatch)
+    whole = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=probability,
+                                 presence=0.15, check=False)
+    box = sitk.LabelShapeStatisticsImageFilter()
+    box.Execute(sitk.Cast(probability > 0, sitk.sitkUInt8))
+    i, j, k, ni, nj, nk = box.GetBoundingBox(1)
+    cropped = sitk.DICOMOrient(probability[i:i + ni, j:j + nj, k:k + nk], "RAS")
+    result = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=cropped,
+                                  presence=0.15, check=False)
+    assert result.report == whole.report
+    assert np.array_equal(sitk.GetArrayViewFromImage(result.labels), sitk.GetArrayViewFromImage(whole.labels))
+    beyond = sitk.ConstantPad(probability, (0, 0, 0), (0, 0, 1), 0.5)  # a slice above the FLAIR, all 0.5
+    with pytest.raises(change.DeepWMLError, match="the follow-up probabilities and the follow-up FLAIR are on different"):
+        change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=beyond,
+                             presence=0.15, check=False)
 
 
 def test_a_poor_fit_whose_second_start_has_no_overlap_keeps_the_first(monkeypatch):
@@ -698,6 +727,8 @@ def test_a_given_mask_on_another_grid_names_the_scan_it_belongs_to(tmp_path):
     """'--baseline-mask m.nii.gz' on the wrong grid said 'm.nii.gz and the image it is compared with are on
     different voxel grids': which scan, baseline or follow-up, went unsaid."""
     baseline, followup = sitk.Image([8, 9, 10], sitk.sitkFloat32), sitk.Image([8, 9, 12], sitk.sitkFloat32)
-    io.write_image(sitk.Image([8, 9, 12], sitk.sitkUInt8), tmp_path / "m.nii.gz")
+    beyond = sitk.Image([8, 9, 12], sitk.sitkUInt8)  # a lesion voxel beyond the baseline (empty slices are cut off)
+    beyond[2, 2, 11] = 1
+    io.write_image(beyond, tmp_path / "m.nii.gz")
     with pytest.raises(change.DeepWMLError, match="m.nii.gz and the baseline FLAIR are on different voxel grids"):
         change._masks_for(None, baseline, followup, (tmp_path / "m.nii.gz", tmp_path / "m.nii.gz"), {})
