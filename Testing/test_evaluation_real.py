@@ -146,3 +146,44 @@ def test_a_reference_saved_cropped_gives_the_whole_references_figures(tmp_path, 
         assert main(["consensus", *pair, "--json", str(tmp_path / "c.json")]) == 0
         assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["dice"] == pytest.approx(results[0]["dice"])
         (tmp_path / "c.json").unlink()
+
+
+def test_two_masks_both_saved_cropped_give_the_whole_masks_figures(tmp_path):
+    """patient07's consensus mask and a second rater's (grown by a voxel in-plane, the lesions of one half of the
+    head left out), each saved as a .seg.nrrd cropped to its own lesions: refused before ('both saved cropped');
+    now compared on the extent of both: every figure of evaluate and consensus that of the whole masks, slice
+    numbers shifted by where that extent starts (a note says so), and the QC picture drawn on the FLAIR as for the
+    whole masks."""
+    from DeepWMLLib.consensus import consensus_check, pair_picture
+
+    root = io.shared_data_dir()
+    if root is None or not (root / "open_ms" / "labelled" / PATIENT).is_dir():
+        pytest.skip("../shared/data/open_ms/labelled (or DEEPWML_SHARED_DATA) is absent: real-data tests skipped")
+    case = root / "open_ms" / "labelled" / PATIENT
+    first = sitk.Cast(sitk.ReadImage(str(case / "consensus_mask.nii.gz")) != 0, sitk.sitkUInt8)
+    drawn = sitk.GetArrayFromImage(sitk.BinaryDilate(first, (1, 1, 0)))
+    drawn[:, :, : drawn.shape[2] // 2] = 0
+    second = sitk.GetImageFromArray(drawn)
+    second.CopyInformation(first)
+    box = sitk.LabelShapeStatisticsImageFilter()
+    cropped, starts = [], []
+    for mask, name in ((first, "a"), (second, "b")):
+        box.Execute(mask)
+        i, j, k, ni, nj, nk = box.GetBoundingBox(1)
+        cropped.append(io.read_mask(io.write_segmentation(mask[i:i + ni, j:j + nj, k:k + nk], tmp_path / f"{name}.seg.nrrd")))
+        starts.append(np.array((i, j, k)))
+    start = np.minimum(*starts) - 1  # where the extent of both (and a voxel around it) starts on the scan's grid
+    axis = io.axial_axis(first)
+    whole, joint = evaluation.evaluate_case(second, first), evaluation.evaluate_case(*cropped[::-1])
+    assert 0 < whole["dice"] < 1 and io.JOINT_EXTENT_NOTE in joint["notes"]
+    for key in whole:
+        if key not in ("slices", "notes", "roc_auc"):  # no probability map: NaN both
+            assert joint[key] == whole[key], key
+    assert [{**s, "index": s["index"] + int(start[axis])} for s in joint["slices"]] == whole["slices"]
+    whole, joint = consensus_check(first, second), consensus_check(*cropped)
+    shift = int(start[axis])
+    assert joint["worst_slices"] == [k - shift for k in whole["worst_slices"]]
+    for key in ("dice", "passed", "volume_a_ml", "volume_b_ml", "n_lesions_a", "n_lesions_b"):
+        assert joint[key] == whole[key], key
+    flair = case / "flair.nii.gz"
+    assert pair_picture(flair, *cropped) == pair_picture(flair, first, second)
