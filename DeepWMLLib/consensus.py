@@ -38,8 +38,10 @@ def _check_threshold(threshold: float) -> None:
         raise DeepWMLError(f"the Dice threshold must be between 0 and 1, got {threshold}")
 
 
-def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Do two raters agree well enough (Dice >= threshold)? And where do they not?
+def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD,
+                    flair=None) -> dict:
+    """Do two raters agree well enough (Dice >= threshold)? And where do they not? `flair`, the case's FLAIR
+    (image or path, or None): masks both saved cropped are compared on its grid, slice numbers the scan's.
 
     Returns dice, threshold, passed, volume_a_ml, volume_b_ml, n_lesions_a, n_lesions_b, slices
     (every axial slice either rater marked, in slice order: {index, dice, area_a_mm2, area_b_mm2,
@@ -50,7 +52,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     saved cropped, `MaskPair.grid_notes`).
     """
     _check_threshold(threshold)
-    pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask")
+    pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask", flair)
     dice = pair.overlap()["dice"]
     both, area_a, area_b = pair.slice_counts()
     pixel = pair.pixel_area_mm2
@@ -141,7 +143,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             if missing:  # both named when both are missing, not only the first one read
                 raise DeepWMLError(f"{' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist")
             mask_a, mask_b = io.read_mask(entry["rater_a"]), io.read_mask(entry["rater_b"])
-            result = consensus_check(mask_a, mask_b, threshold)
+            result = consensus_check(mask_a, mask_b, threshold, entry.get("flair") or None)
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -233,7 +235,7 @@ def run(args) -> int:
         io.check_output_file(target)  # before the work, not after
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
     picture = pair_picture(args.flair, mask_a, mask_b) if args.qc else None  # a bad FLAIR: refused before any output
-    result = consensus_check(mask_a, mask_b, args.threshold)
+    result = consensus_check(mask_a, mask_b, args.threshold, args.flair)
     print(format_check(result))
     if args.json:
         write_json(result, args.json)

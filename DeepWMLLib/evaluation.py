@@ -198,8 +198,10 @@ def _existing(path, what: str) -> Path:
 
 
 def evaluate_case(prediction, reference, probabilities=None, found_fraction: float = metrics.FOUND_FRACTION,
-                  size_classes: metrics.SizeClasses | None = None) -> dict:
-    """All metrics of one case; each argument is a SimpleITK image or a path to one.
+                  size_classes: metrics.SizeClasses | None = None, flair=None) -> dict:
+    """All metrics of one case; each argument is a SimpleITK image or a path to one. `flair`, the case's FLAIR
+    (image or path, or None): masks both saved cropped are compared on its grid, slice numbers the scan's
+    (`metrics.MaskPair.from_images`).
 
     Keys: dice, sensitivity, precision, hd95_mm, avd_percent, lesion_recall, lesion_f1,
     n_reference_lesions, n_predicted_lesions, reference_volume_ml, prediction_volume_ml, roc_auc
@@ -214,7 +216,7 @@ def evaluate_case(prediction, reference, probabilities=None, found_fraction: flo
     reference = _as_mask(reference, "reference")
     prediction = _as_mask(prediction, "prediction")
     scores = _as_scores(probabilities) if probabilities is not None else None
-    return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes, names)
+    return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes, names, flair)
 
 
 def _case_row(case: dict, result: dict) -> dict:
@@ -537,7 +539,8 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
         info = {"case": entry["case"], "centre": entry.get("centre", ""), "disease": entry.get("disease", "")}
         try:
             reference, prediction = _as_mask(entry["reference"], "reference"), _as_mask(entry["prediction"], "prediction")
-            result = evaluate_case(prediction, reference, entry.get("probabilities") or None, found_fraction, size_classes)
+            result = evaluate_case(prediction, reference, entry.get("probabilities") or None, found_fraction, size_classes,
+                                   entry.get("flair") or None)
         except Cancelled:
             raise
         except Exception as exc:  # one bad case must not stop the cohort; its error is reported
@@ -675,7 +678,8 @@ def run(args) -> int:
         raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after it
-    result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes)
+    result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes,
+                           args.flair)
     picture = (comparison_picture(args.flair, args.prediction, args.reference,
                                   f"{io.case_name(args.prediction)}: Dice {_fmt(result['dice'])}")
                if args.qc else None)  # a bad FLAIR: refused before anything is printed or written

@@ -1877,7 +1877,7 @@ def on_joint_extent(common: sitk.Image, a: sitk.Image, b: sitk.Image) -> bool:
 JOINT_EXTENT_NOTE = ("both masks were saved cropped to their lesions: they were compared on the extent of both (and "
                      "a voxel around it) on their voxel lattice, which is exact (nothing interpolated: the figures are "
                      "those of the whole scan), but slice numbers count from its first slice, not the scan's; masks "
-                     "saved on the scan's whole grid give the scan's slice numbers")
+                     "saved on the scan's whole grid, or the FLAIR given (for a picture), give the scan's slice numbers")
 
 
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:

@@ -205,6 +205,25 @@ class SizeClasses:
         return {"small": f"< {lo:g} {unit}", "medium": f"{lo:g}-{hi:g} {unit}", "large": f"> {hi:g} {unit}"}
 
 
+def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None) -> tuple[sitk.Image, sitk.Image, bool]:
+    """(a, b) on one grid (`io.onto_common_grid`), and whether that is the extent of both masks (both saved cropped,
+    `io.on_joint_extent`), where slice numbers are not the scan's. With `scan`, the case's FLAIR (an image, or its
+    file, read only then), masks bound for that extent are put on the FLAIR's grid instead when both can go
+    there; when they cannot, they stay on that extent (the notes say so; the FLAIR's picture says why)."""
+    import SimpleITK as sitk
+
+    common = io.onto_common_grid(a, b, *names)
+    if not io.on_joint_extent(common[1], a, b):
+        return (*common, False)
+    if scan is not None:
+        try:
+            image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
+            return io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"), False
+        except DeepWMLError:
+            pass
+    return (*common, True)
+
+
 class MaskPair:
     """Two binary masks on one grid, prepared once so that every metric reuses the same arrays.
 
@@ -226,13 +245,12 @@ class MaskPair:
 
     @classmethod
     def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
-                    names: tuple[str, str] = ("prediction", "reference")) -> "MaskPair":
+                    names: tuple[str, str] = ("prediction", "reference"), scan=None) -> "MaskPair":
         """A prediction against a reference with labels 0/1/2 (2 = ignore, removed from both); `names`
-        name them in an error (e.g. with their files)."""
+        name them in an error (e.g. with their files); `scan`: the case's FLAIR (`_one_grid`), or None."""
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
-        given = prediction, reference
-        prediction, reference = io.onto_common_grid(prediction, reference, *names)
+        prediction, reference, joint = _one_grid(prediction, reference, names, scan)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
         predicted_ignored = int(np.count_nonzero(predicted & ignore))
@@ -241,17 +259,17 @@ class MaskPair:
         pair = cls(predicted, lesion, reference)
         pair.ignored_voxels = int(np.count_nonzero(ignore))
         pair.predicted_ignored = predicted_ignored
-        pair.joint_extent = io.on_joint_extent(reference, *given)
+        pair.joint_extent = joint
         return pair
 
     @classmethod
-    def binary_pair(cls, a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> "MaskPair":
-        """Two masks treated alike (any positive label is lesion), e.g. two raters."""
+    def binary_pair(cls, a: sitk.Image, b: sitk.Image, what_a: str, what_b: str, scan=None) -> "MaskPair":
+        """Two masks treated alike (any positive label is lesion), e.g. two raters; `scan`: see `from_images`."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
-        common_a, common_b = io.onto_common_grid(a, b, what_a, what_b)
-        pair = cls(_binary(common_a), _binary(common_b), common_b)
-        pair.joint_extent = io.on_joint_extent(common_b, a, b)
+        a, b, joint = _one_grid(a, b, (what_a, what_b), scan)
+        pair = cls(_binary(a), _binary(b), b)
+        pair.joint_extent = joint
         return pair
 
     # -- voxel overlap -----------------------------------------------------------------------
@@ -543,10 +561,10 @@ def lesionwise(prediction: sitk.Image, reference: sitk.Image, found_fraction: fl
 
 def case_metrics(prediction: sitk.Image, reference: sitk.Image, probabilities: sitk.Image | None = None,
                  found_fraction: float = FOUND_FRACTION, size_classes: SizeClasses | None = None,
-                 names: tuple[str, str] = ("prediction", "reference")) -> dict:
+                 names: tuple[str, str] = ("prediction", "reference"), scan=None) -> dict:
     """Every per-case metric above in one flat dict (plus `lesionwise`, `slices` and `notes`); `names`
-    name the two masks in an error."""
-    pair = MaskPair.from_images(prediction, reference, names)
+    name the two masks in an error; `scan`: the case's FLAIR, image or file (`MaskPair.from_images`)."""
+    pair = MaskPair.from_images(prediction, reference, names, scan)
     result = {
         **pair.overlap(),
         "hd95_mm": pair.hd95_mm(),

@@ -183,3 +183,33 @@ def test_an_empty_mask_is_said_in_words(tmp_path, capsys):
     main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
     with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
         assert next(csv.DictReader(f))["notes"] == "both raters' masks are empty: they agree by convention (Dice 1)"
+
+
+def test_a_cohort_of_masks_saved_cropped_counts_slices_on_the_flair_when_given(tmp_path):
+    """Two raters' masks each saved cropped to their lesions (Slicer's 'Crop to minimum extent'): refused before
+    ('both saved cropped'). Now the verdict is the whole masks'; without a FLAIR the slice numbers count from the
+    extent of both (a voxel before rater B's first lesion slice: slice 3 of the scan is 2 there) and a note says
+    so; with the case's FLAIR in the manifest they are the scan's, and the picture is drawn."""
+    a, b = raters()
+    whole = consensus_check(image(a), image(b))
+    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(300, 30, a.shape).astype(np.float32))
+    flair.CopyInformation(image(a))
+    io.write_image(flair, tmp_path / "flair.nii.gz")
+    for name, array in (("a", a), ("b", b)):
+        k, j, i = (slice(n.min(), n.max() + 1) for n in np.nonzero(array))
+        io.write_segmentation(image(array)[i, j, k], tmp_path / f"{name}.seg.nrrd")
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b,flair\n"
+                                         "alone,a.seg.nrrd,b.seg.nrrd,\n"
+                                         "with_flair,a.seg.nrrd,b.seg.nrrd,flair.nii.gz\n")
+    out = tmp_path / "out"
+    code = main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(out)])
+    with open(out / "consensus.csv", newline="", encoding="utf-8-sig") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    for row in rows.values():
+        assert not row["error"] and float(row["dice"]) == pytest.approx(whole["dice"], abs=1e-6)
+        assert row["passed"] == str(whole["passed"])
+    assert code == 0  # no case failed: both were read and compared
+    assert whole["worst_slices"][0] == 3
+    assert rows["alone"]["worst_slice"] == "2" and "slice numbers count from" in rows["alone"]["notes"]
+    assert rows["with_flair"]["worst_slice"] == "3" and "slice numbers" not in rows["with_flair"]["notes"]
+    assert len(list((out / "qc").glob("*.png"))) == 1

@@ -153,7 +153,7 @@ def test_two_masks_both_saved_cropped_give_the_whole_masks_figures(tmp_path):
     head left out), each saved as a .seg.nrrd cropped to its own lesions: refused before ('both saved cropped');
     now compared on the extent of both: every figure of evaluate and consensus that of the whole masks, slice
     numbers shifted by where that extent starts (a note says so), and the QC picture drawn on the FLAIR as for the
-    whole masks."""
+    whole masks; with the FLAIR given, every figure the whole masks', slice numbers included."""
     from DeepWMLLib.consensus import consensus_check, pair_picture
 
     root = io.shared_data_dir()
@@ -187,3 +187,8 @@ def test_two_masks_both_saved_cropped_give_the_whole_masks_figures(tmp_path):
         assert joint[key] == whole[key], key
     flair = case / "flair.nii.gz"
     assert pair_picture(flair, *cropped) == pair_picture(flair, first, second)
+    # with the FLAIR (--flair, a flair column), on its grid: every figure, slice numbers too, the whole masks'
+    assert consensus_check(*cropped, flair=flair) == whole
+    whole_case, on_flair = evaluation.evaluate_case(second, first), evaluation.evaluate_case(*cropped[::-1], flair=flair)
+    assert np.isnan(whole_case.pop("roc_auc")) and np.isnan(on_flair.pop("roc_auc"))  # no probability map
+    assert on_flair == whole_case

@@ -890,10 +890,10 @@ def test_two_masks_both_cropped_are_compared_on_the_extent_of_both_with_the_whol
     over part of the other's extent, or of one size at two offsets: refused before ('both saved cropped', or for
     the same size 'a conversion changed one header'), though they lie on one voxel lattice; now both are padded onto
     the extent of both, nothing interpolated: Dice, volumes and lesion counts those of the masks on the whole scan,
-    and a note says that slice numbers count from that extent."""
+    and a note says that slice numbers count from that extent; with the scan given, on the scan's grid."""
     from DeepWMLLib import metrics
 
-    _, mask = _scan_and_lesions()
+    scan, mask = _scan_and_lesions()
     other = sitk.Image(mask.GetSize(), sitk.sitkUInt8)  # a second rater: one lesion drawn larger, one more beyond
     other.CopyInformation(mask)
     other[14:20, 29:38, 7:10] = 1
@@ -916,6 +916,8 @@ def test_two_masks_both_cropped_are_compared_on_the_extent_of_both_with_the_whol
                 "n_reference_lesions", "n_predicted_lesions"):
         assert cropped[key] == whole[key], key
     assert io.JOINT_EXTENT_NOTE in cropped["notes"] and io.JOINT_EXTENT_NOTE not in whole["notes"]
+    # with the case's scan given, on its grid: every figure the whole masks', slice numbers and notes included
+    assert metrics.case_metrics(first, second, scan=scan) == whole
 
 
 def test_two_masks_not_on_one_lattice_or_of_the_scans_size_shifted_are_still_refused():
