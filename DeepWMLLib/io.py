@@ -1832,13 +1832,13 @@ def _joint_grid(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Ima
 
 
 def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> tuple[sitk.Image, sitk.Image]:
-    """Two masks on one grid, nothing interpolated (`onto_grid`), so that neither loses a non-zero voxel: `b`'s,
-    or `a`'s when `b` is a crop of it (a reference saved cropped to its lesions against a prediction on the whole
-    scan) or only `a`'s holds every non-zero voxel of `b`. When they lie on one voxel lattice and neither grid will
-    do (both saved cropped to their lesions: two raters' Slicer segmentations, say; a grid cropped to its own
-    lesions would cut their outline at its border, and HD95 with it), the extent of both and a voxel around it
-    (`on_joint_extent` tells it: slice numbers are then not the scan's). The scan's size a whole number of voxels
-    off is refused as a changed header (`check_same_grid`), unless both masks fill their extents as crops do."""
+    """Two masks on one grid, nothing interpolated (`onto_grid`), so that neither loses a non-zero voxel: `b`'s or
+    else `a`'s, the first that holds the other's whole extent (a reference saved cropped to its lesions against a
+    prediction on the whole scan), else every non-zero voxel of it, and is not itself cropped to its lesions (its
+    border would cut their outline, and HD95 with it). When neither will do (both saved cropped to their lesions:
+    two raters' Slicer segmentations, say), the extent of both and a voxel around it (`on_joint_extent` tells it:
+    slice numbers are then not the scan's). Two grids of one size a whole number of voxels apart are refused as a
+    changed header (`check_same_grid`), unless both masks fill their extents as crops do; off one lattice, too."""
     a = align_voxel_order(a, b)
     if grid_difference(a, b) is None:
         return a, b

@@ -61,8 +61,9 @@ Grids. Masks (and the probability map) must share one voxel grid within the tole
 stores the reference's grid in another voxel order, LPS against RAS say, is only reordered onto it,
 `io.align_voxel_order`; slice indices are then the reference's); a mask on the other's very voxels
 over a smaller extent (saved cropped to its lesions) is padded with zeros onto the other's grid, which
-is exact (`io.onto_common_grid`); two masks each saved cropped over part of the other's extent are both
-padded onto the extent of both, and a note says that slice numbers then count from its first slice. Distances and volumes are in physical units from the reference's
+is exact (`io.onto_common_grid`); two masks each saved cropped to their lesions are both padded onto the
+case's FLAIR's grid when it is given, else onto the extent of both, and a note then says that slice numbers
+count from its first slice (`MaskPair.from_images`). Distances and volumes are in physical units from the reference's
 spacing and direction.
 """
 
