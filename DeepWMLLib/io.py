@@ -419,6 +419,66 @@ def _gzipped(path: Path) -> bool:
     return head[:2] == b"\x1f\x8b" or (named and nifti_version(head) is None)
 
 
+_FORMAT_SUFFIX = {"NIfTI": ".nii", "gzip-compressed NIfTI": ".nii.gz", "NRRD": ".nrrd", "MetaImage": ".mha"}
+
+
+def _content_format(path: Path) -> str | None:
+    """The image format a file's first bytes show ("NIfTI", "gzip-compressed NIfTI", "NRRD", "MetaImage", "DICOM"),
+    or None when they show none of these (or the file cannot be read: the reader then says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as f:
+                inner = f.read(352)
+            return "gzip-compressed NIfTI" if _nifti_magic(inner) else None
+    except (OSError, EOFError, zlib.error):
+        return None
+    if _nifti_magic(head):
+        return "NIfTI"
+    if head.startswith(b"NRRD"):
+        return "NRRD"
+    if re.match(rb"\s*(ObjectType|NDims)\s*=", head):
+        return "MetaImage"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
+def _nifti_magic(head: bytes) -> bool:
+    """Whether `head` begins a NIfTI-1 ("n+1", single file; "ni1", a pair's header) or NIfTI-2 file, by size and magic."""
+    version = nifti_version(head)
+    if version is None:
+        return False
+    return head[344:347] in (b"n+1", b"ni1") if version[0] == 1 else head[4:7] in (b"n+2", b"ni2")
+
+
+def _check_named_as_it_is(path: Path) -> None:
+    """Refuse a file whose content is another format than its name says (an NRRD named .nii.gz, a .nii.gz renamed
+    .nrrd): the readers go by the name and called it "truncated or corrupt, copy it again" or "cannot be read, check
+    it is complete", though the file is whole. A gzip-compressed NIfTI named .nii, and a plain one named .nii.gz,
+    are read (see `_gzipped`)."""
+    name = path.name.lower()
+    named = next((e for e in _IMAGE_IOS if name.endswith(e)), None)
+    found = _content_format(path)
+    if found is None or named is None:
+        return
+    if named in (".nii", ".nii.gz", ".hdr", ".hdr.gz"):
+        if found in ("NIfTI", "gzip-compressed NIfTI"):
+            return
+    elif named in (".nrrd", ".nhdr"):
+        if found == "NRRD":
+            return
+    elif found == "MetaImage":
+        return
+    if found == "DICOM":
+        raise DeepWMLError(f"{path} is a DICOM file, though its name ends in {path.name[-len(named):]}; give the "
+                           "folder of its series (or the whole study) instead")
+    stem = path.name[:-len(named)]
+    raise DeepWMLError(f"{path} is in {found} format, though its name ends in {path.name[-len(named):]}; rename it "
+                       f"to {stem}{_FORMAT_SUFFIX[found]}")
+
+
 def _nifti_length(head: bytes) -> int | None:
     """The bytes a NIfTI-1 or -2 file announces in its header (`head`: its first 540 bytes or more): voxel
     offset plus voxel data; None when `head` is no NIfTI header."""
@@ -797,6 +857,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
             f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz, or a .hdr + .img pair, compressed or not), "
             "NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
         )
+    _check_named_as_it_is(path)
     pair = is_nifti_pair(path)
     if pair or is_nifti(path):
         data = _nifti_pair_data(path, reading) if pair else _nifti_data(path, reading)

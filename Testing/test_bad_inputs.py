@@ -33,6 +33,8 @@ BAD_INPUTS = [
     ("corrupt gzip", "segment", 1, "corrupt"),
     ("text file named .nii.gz", "segment", 1, "corrupt"),
     ("text file named .nrrd", "segment", 1, "cannot be read"),
+    ("an NRRD file renamed .nii.gz", "segment", 1, "is in NRRD format, though its name ends in .nii.gz; rename it"),
+    ("a .nii.gz file renamed .nrrd", "segment", 1, "is in gzip-compressed NIfTI format, though its name ends in .nrrd"),
     ("unsupported extension", "segment", 1, "unsupported file type"),
     ("2D image", "segment", 1, "2D image"),
     ("2D NRRD slice placed in 3D space (`space dimension: 3`, two axes)", "segment", 1, "2D image"),
@@ -225,6 +227,11 @@ def world(tmp_path):
     paths["a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)"] = d / "SCAN.MHA"
     sitk.WriteImage(good, str(d / "scan.mha"))
     (d / "scan.mha").rename(d / "SCAN.MHA")
+    sitk.WriteImage(good, str(d / "scan.nrrd"))  # an NRRD renamed by hand: it was called truncated, "copy it again"
+    paths["an NRRD file renamed .nii.gz"] = d / "nrrd_named.nii.gz"
+    (d / "scan.nrrd").rename(d / "nrrd_named.nii.gz")
+    paths["a .nii.gz file renamed .nrrd"] = d / "nifti_named.nrrd"  # it was "cannot be read, check it is complete"
+    (d / "nifti_named.nrrd").write_bytes(data)
     paths["gzip-compressed NIfTI named .nii"] = d / "packed.nii"
     (d / "packed.nii").write_bytes(data)
     paths["one-slice volume"] = _write(d / "one.nii.gz", make_volume(size=(32, 32, 1))[0])

@@ -973,3 +973,42 @@ def test_a_cropped_mask_is_padded_onto_a_volume_read_without_simpleitk():
     assert np.array_equal(sitk.GetArrayFromImage(padded), sitk.GetArrayFromImage(mask))
     result = metrics.case_metrics(as_volume, cropped)
     assert result["dice"] == 1.0 and result["reference_volume_ml"] == result["prediction_volume_ml"] > 0
+
+
+@pytest.mark.parametrize("written, named, words", [
+    (".nrrd", "scan.nii.gz", "is in NRRD format, though its name ends in .nii.gz; rename it to scan.nrrd"),
+    (".nrrd", "scan.nii", "is in NRRD format, though its name ends in .nii; rename it to scan.nrrd"),
+    (".mha", "scan.nii.gz", "is in MetaImage format, though its name ends in .nii.gz; rename it to scan.mha"),
+    (".nii.gz", "scan.nrrd", "is in gzip-compressed NIfTI format, though its name ends in .nrrd; rename it to scan.nii.gz"),
+    (".nii", "scan.mha", "is in NIfTI format, though its name ends in .mha; rename it to scan.nii"),
+    (".nrrd", "scan.mha", "is in NRRD format, though its name ends in .mha; rename it to scan.nrrd"),
+])
+def test_a_file_renamed_to_another_format_is_told_its_own(tmp_path, written, named, words):
+    """A FLAIR renamed by hand to another format's extension was called "truncated or corrupt; copy the file again"
+    (an NRRD named .nii.gz) or "cannot be read as an image; check the file is a complete image" (a .nii.gz named
+    .nrrd), though the file is whole; the message now names its format and the name to give it."""
+    image, _ = make_volume(size=(16, 16, 4))
+    sitk.WriteImage(image, str(tmp_path / f"source{written}"))
+    (tmp_path / f"source{written}").rename(tmp_path / named)
+    for light in (False, True):  # deepwml segment reads NIfTI names with light=True
+        with pytest.raises(DeepWMLError) as caught:
+            io.read_image(tmp_path / named, light=light)
+        assert str(tmp_path / named) in str(caught.value) and words in str(caught.value)
+
+
+def test_a_dicom_file_named_nii_is_told_to_give_its_folder(tmp_path):
+    image, _ = make_volume(size=(16, 16, 3))
+    folder = write_dicom_series(tmp_path / "series", sitk.Cast(image, sitk.sitkInt16), description="AX FLAIR")
+    one = sorted(folder.iterdir())[0]
+    one.rename(tmp_path / "slice.nii")
+    with pytest.raises(DeepWMLError, match="is a DICOM file, though its name ends in .nii; give the folder of its series"):
+        io.read_image(tmp_path / "slice.nii")
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr"])
+def test_files_named_as_they_are_read_as_before(tmp_path, ext):
+    """The format check lets every correctly named file through (detached headers and pairs included)."""
+    image, _ = make_volume(size=(16, 16, 4))
+    sitk.WriteImage(image, str(tmp_path / f"scan{ext}"))
+    read = io.read_image(tmp_path / f"scan{ext}")
+    np.testing.assert_allclose(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image), rtol=1e-6)
