@@ -1677,6 +1677,26 @@ def _few_values(array: np.ndarray) -> np.ndarray | None:
     return values if len(values) <= MAX_LABEL_VALUES else None
 
 
+SCAN_FRACTION = 0.1  # of a mask's voxels non-zero: a lesion mask holds far less (50 ml is 2 % of a 320 x 320 x 48 scan)
+
+
+def _scan_like(array: np.ndarray) -> str | None:
+    """What shows that a file given as a mask is an image (a FLAIR), or None: more distinct values than a label map
+    has (MAX_LABEL_VALUES), above 1 (a probability map of 0-1 is told so by read_mask), over more than SCAN_FRACTION
+    of its voxels. A uint8 FLAIR was read as a mask of lesion labels (any positive value: 2600 ml of 'lesion', Dice
+    0.007, no word) and a uint16 one told to 'relabel it'; a map with one label per lesion (a few dozen, small) is not
+    caught."""
+    if array.size == 0 or _few_values(array) is not None:
+        return None
+    finite = np.isfinite(array)
+    if not finite.any() or float(array[finite].max()) <= 1:
+        return None
+    marked = np.count_nonzero(array) / array.size
+    if marked <= SCAN_FRACTION:
+        return None
+    return f"{marked:.0%} of its voxels are non-zero, with more than {MAX_LABEL_VALUES} distinct values"
+
+
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
               reference_name: str = "the image it is compared with") -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
@@ -1692,6 +1712,10 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     # Slicer, say) is no label of the mask conventions
     image = lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
     array = sitk.GetArrayViewFromImage(image)
+    scan = _scan_like(array)
+    if scan:
+        raise DeepWMLError(f"{path} looks like a scan, not a label mask: {scan} (was the FLAIR given instead of its "
+                           "mask?); give the mask (0 background, 1 lesion)")
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array != np.round(array)):
         finite = np.asarray(array)[np.isfinite(array)]
         if finite.size < array.size:

@@ -103,6 +103,8 @@ BAD_INPUTS = [
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
     ("a reference of 0 and 2 only (2 is ignore: no lesion left)", "evaluate", 1, "holds only 0 and 2"),
     ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
+    ("an 8-bit FLAIR given as the prediction", "evaluate", 1, "looks like a scan, not a label mask"),
+    ("a 16-bit FLAIR given as the reference", "evaluate", 1, "looks like a scan, not a label mask"),
     ("an empty reference", "evaluate", 0, "ok: the printed note says which metrics are undefined and why"),
     ("rater masks on different grids", "consensus", 1, "different voxel grids"),
     ("two rater masks each saved cropped to its own lesions", "consensus", 0,
@@ -425,6 +427,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["consensus", str(p["cropped seg"]), str(p["cropped other rater"]), "--json", str(tmp / "c.json")]
     if row_id.startswith("a reference of 0 and 2 only"):
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/2"])]
+    if row_id in ("an 8-bit FLAIR given as the prediction", "a 16-bit FLAIR given as the reference"):
+        # the 8-bit one was read as lesion labels (the whole head lesion, Dice near 0, no word), the 16-bit one
+        # told to "relabel it"
+        eight = "8-bit" in row_id
+        scan = sitk.RescaleIntensity(sitk.ReadImage(str(p["good"])), 0, 255 if eight else 1000)
+        scan = _write(tmp / "in" / "flair_as_mask.nii.gz", sitk.Cast(scan, sitk.sitkUInt8 if eight else sitk.sitkUInt16))
+        first, second = (scan, p["truth"]) if eight else (p["truth"], scan)
+        return ["evaluate", "--prediction", str(first), "--reference", str(second)]
     if row_id == "a mask with negative values (int16)":
         return ["evaluate", "--prediction", str(p["negative"]), "--reference", str(p["truth"])]
     if row_id == "an empty reference":

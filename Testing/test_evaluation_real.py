@@ -192,3 +192,20 @@ def test_two_masks_both_saved_cropped_give_the_whole_masks_figures(tmp_path):
     whole_case, on_flair = evaluation.evaluate_case(second, first), evaluation.evaluate_case(*cropped[::-1], flair=flair)
     assert np.isnan(whole_case.pop("roc_auc")) and np.isnan(on_flair.pop("roc_auc"))  # no probability map
     assert on_flair == whole_case
+
+
+def test_a_real_flair_given_as_a_mask_is_told_it_looks_like_a_scan(tmp_path):
+    """Real FLAIRs given to evaluate in place of a mask: a clinical uint16 one was told to 'relabel it', the same
+    saved as 8 bits was read as lesion labels (2605 ml of 'lesion', Dice 0.007, no word); the float labelled one
+    was refused for its negative values. Each is now named as a scan."""
+    root = io.shared_data_dir()
+    clinical = None if root is None else root / "open_ms" / "clinical_flair" / "patient03_study1.nii.gz"
+    if clinical is None or not clinical.is_file():
+        pytest.skip("../shared/data/open_ms/clinical_flair (or DEEPWML_SHARED_DATA) is absent: real-data tests skipped")
+    eight = tmp_path / "flair_uint8.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(clinical)), 0, 255), sitk.sitkUInt8), str(eight))
+    labelled = root / "open_ms" / "labelled" / PATIENT / "flair.nii.gz"
+    for scan in (clinical, eight, labelled):
+        with pytest.raises(io.DeepWMLError, match="looks like a scan, not a label mask"):
+            io.read_mask(scan)
+    assert sitk.GetArrayViewFromImage(io.read_mask(root / "open_ms" / "labelled" / PATIENT / "consensus_mask.nii.gz")).any()
