@@ -1086,7 +1086,9 @@ class ProgressBar:
     each finished case of a run of several also says about how long the rest will take (the mean time of
     the cases segmented so far times the cases left; a case skipped because it was done before takes no
     time and says nothing of the others, so it is not counted and its line says no time, nor does any
-    line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left")."""
+    line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left"; a
+    case that failed is not counted either: a mask in a folder of scans, refused in 0.06 s, promised "0 s left for
+    3 more")."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
@@ -1148,7 +1150,7 @@ class ProgressBar:
         left = ""
         if self.eta and self._started is not None:
             now = time.monotonic()
-            if status == "skipped":
+            if status != "ok":  # skipped, or failed (a mask among the scans is refused in a moment)
                 self._skipped = (self._skipped[0] + 1, self._skipped[1] + now - self._last)
             self._last = now
             segmented = number - self._skipped[0]

@@ -947,6 +947,29 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
                                               "p5: ok - 1.00 ml, 2 lesions, 10.0 s"]
 
 
+def test_the_time_left_counts_no_case_that_failed(monkeypatch):
+    """A folder holding a lesion mask beside its FLAIRs (real data: patient26's consensus mask first): the mask is
+    refused in 0.06 s, and its line promised '0 s left for 3 more'. A failed case now says nothing of the others."""
+    import io as stringio
+
+    from DeepWMLLib import segment
+
+    clock = iter([0.0, 0.1, 10.1, 10.2, 20.2])  # failed in 0.1 s, 10 s, failed, 10 s
+    monkeypatch.setattr(segment.time, "monotonic", lambda: next(clock))
+    stream = stringio.StringIO()
+    bar = segment.ProgressBar(stream, eta=True)
+    done = {"status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0}
+    rows = [{"case": "mask", "status": "error", "error": "it looks like a label mask"}, {"case": "p1", **done},
+            {"case": "mask2", "status": "error", "error": "it looks like a label mask"}, {"case": "p2", **done}]
+    for number, row in enumerate(rows, start=1):
+        bar(number, len(rows), row["case"])
+        bar.finish(row)
+    assert stream.getvalue().splitlines() == ["mask: error - it looks like a label mask",
+                                              "p1: ok - 1.00 ml, 2 lesions, 10.0 s (20 s left for 2 more)",
+                                              "mask2: error - it looks like a label mask (10 s left for 1 more)",
+                                              "p2: ok - 1.00 ml, 2 lesions, 10.0 s"]
+
+
 def test_the_last_line_counts_cases_skipped_apart_from_those_done_as_change_does(tmp_path, tiny_model, capsys):
     """A rerun that only skipped said '2/2 cases done' where `deepwml change --manifest` says '0/2 pairs done
     (0 failed, 2 skipped)': both now count what the run did, failed and skipped, in the same words."""
