@@ -713,7 +713,7 @@ def format_case(result: dict) -> str:
     return "\n".join([
         f"Dice {_fmt(result['dice'])}  sensitivity {_fmt(result['sensitivity'])}  precision {_fmt(result['precision'])}",
         f"HD95 {_fmt(result['hd95_mm'], 2)} mm  AVD {_fmt(result['avd_percent'], 1)} %  "
-        f"lesion recall {_fmt(result['lesion_recall'])}  lesion F1 {_fmt(result['lesion_f1'])}",
+        f"lesion recall {_fmt(result['lesion_recall'])}  lesion F1 {_fmt(result['lesion_f1'])} (any overlap)",
         f"lesion-wise (>= {lw['found_fraction']:.0%} marked): recall {_fmt(lw['recall'])}  precision "
         f"{_fmt(lw['precision'])}  Dice {_fmt(lw['dice'])}  ({per_size})",
         f"volume: reference {_fmt(result['reference_volume_ml'], 2)} ml in {result['n_reference_lesions']} lesions, "

@@ -255,6 +255,18 @@ def test_an_empty_mask_is_explained_in_the_text_and_per_case_csv(tmp_path, capsy
     assert "## Notes on cases\n\n- **none**: the prediction is empty" in report and "**all**" not in report
 
 
+def test_the_two_lesion_recalls_printed_say_what_each_counts(tmp_path, capsys):
+    """Real patient07 printed 'lesion recall 0.297  lesion F1 0.193' and on the next line 'lesion-wise (>= 40%
+    marked): recall 0.189': two lesion recalls, the first without its rule (MICCAI: any overlap detects)."""
+    ref = write_mask(reference_array(), tmp_path / "ref.nii.gz")
+    pred = write_mask(prediction_array(0.3), tmp_path / "pred.nii.gz")  # every lesion touched, under 40 % marked
+    assert main(["evaluate", "--prediction", pred, "--reference", ref]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "lesion recall 1.000" in lines[1] and "recall 0.000" in lines[2]  # the same lesions, two rules
+    assert lines[1].startswith("HD95 ") and lines[1].endswith(" (any overlap)") and "lesion recall" in lines[1]
+    assert lines[2].startswith("lesion-wise (>= 40% marked): recall ")
+
+
 def test_a_grid_error_of_one_case_names_both_files(tmp_path):
     """'prediction and reference are on different voxel grids' did not say which files."""
     ref = write_mask(reference_array(), tmp_path / "manual.nii.gz")
