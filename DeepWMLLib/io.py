@@ -723,15 +723,34 @@ def _file_reader(path: Path):
 def _telling(reader, reading: Callable[[float], None] | None):
     """Within the block, `reader` (SimpleITK's) tells `reading(fraction)` its progress: a DICOM series' file by
     file, a single file's (NRRD, MetaImage: ITK 5.4's readers of those formats say nothing in between) only as
-    it begins and ends."""
+    it begins and ends. What `reading` raises (Ctrl-C arrives there, as Python runs only in it during the read; a
+    caller's progress callback that stops the run) is raised once the reader returns: raised into ITK, it was
+    turned into "the DICOM series cannot be read (... error executing the Python Callable)", a failed case the
+    batch went on past, or ended the process (C++ terminate) when ITK could not pass it on."""
     if reading is None:
         yield
         return
     import SimpleITK as sitk
 
-    reader.AddCommand(sitk.sitkProgressEvent, lambda: reading(reader.GetProgress()))
+    raised: list[BaseException] = []
+
+    def command() -> None:
+        try:
+            if not raised:
+                reading(reader.GetProgress())
+        except BaseException as exc:  # never into ITK (above); told no more
+            raised.append(exc)
+
+    reader.AddCommand(sitk.sitkProgressEvent, command)
     try:
-        yield
+        try:
+            yield
+        except RuntimeError:
+            if raised:  # ITK's own error, if any, came after (or of) what was raised in `reading`
+                raise raised[0] from None
+            raise
+        if raised:
+            raise raised[0]
     finally:
         reader.RemoveAllCommands()  # the command refers to the reader: a cycle Python's collector cannot see
 

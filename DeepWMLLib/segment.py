@@ -738,7 +738,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
     are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
     (`temporary_leftovers`, listed once for a whole run; None: listed here). `progress(fraction, message)`
-    reaches 1.0 when the case's outputs are all written."""
+    reaches 1.0 when the case's outputs are all written; while the scan is read it may be called from another
+    thread, one call at a time (`reading_progress`): a GUI's callback must hand its update to its own thread."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
@@ -919,11 +920,14 @@ def reading_progress(tell):
     (from 0 at once: half a minute for a 1024 x 1024 x 400 .nii.gz, the bar shows what it waits for). While
     nothing is told for READING_TICK_S, another thread tells the seconds spent so far ("reading the scan (12 s)"),
     the bar where it stood: one that waits on a read saying nothing until it ends (an NRRD or MetaImage file,
-    seconds for a large one) looked frozen at 0 %. `tell` is called by one thread at a time, never after the block."""
+    seconds for a large one) looked frozen at 0 %. `tell` is called by one thread at a time, never after the block;
+    what it raises in the other thread (a callback that stops the run, a closed terminal) stops the ticking and is
+    raised in the block's thread, at its next `reading` call or as the block ends, as when it is called there."""
     lock = threading.Lock()
     stop = threading.Event()
     start = time.monotonic()
     state = {"at": 0.0, "said": start}
+    raised: list[BaseException] = []  # by `tell` in the ticker's thread
 
     def say(fraction: float, message: str) -> None:
         state["at"], state["said"] = fraction, time.monotonic()
@@ -931,13 +935,19 @@ def reading_progress(tell):
 
     def reading(done: float) -> None:
         with lock:
+            if raised:
+                raise raised[0]
             say(max(state["at"], READING_SHARE * min(1.0, done)), "reading the scan")
 
     def tick() -> None:
         while not stop.wait(READING_TICK_S / 4):
             with lock:
                 if not stop.is_set() and time.monotonic() - state["said"] >= READING_TICK_S:
-                    say(state["at"], f"reading the scan ({time.monotonic() - start:.0f} s)")
+                    try:
+                        say(state["at"], f"reading the scan ({time.monotonic() - start:.0f} s)")
+                    except BaseException as exc:  # not lost in this thread (printed, the run going on)
+                        raised.append(exc)
+                        return
 
     say(0.0, "reading the scan")
     ticker = threading.Thread(target=tick, name="deepwml-reading", daemon=True)
@@ -947,6 +957,8 @@ def reading_progress(tell):
     finally:
         stop.set()
         ticker.join()
+    if raised:
+        raise raised[0]
 
 
 def summary_row(case: str, path: Path, report: dict) -> dict:
@@ -971,7 +983,9 @@ def picture_title(case: str, report: dict) -> str:
 
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,
                   device: str = "auto", progress_factory=None, debug: bool = False, **options) -> list[dict]:
-    """Run every case; a failing case is recorded (status error) and the others still run."""
+    """Run every case; a failing case is recorded (status error) and the others still run. `progress_factory(number,
+    total, case)` gives each case's `progress` (`segment_case`: called from another thread while the scan is read)
+    and its `finish(row)` each case's row."""
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))

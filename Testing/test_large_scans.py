@@ -246,6 +246,87 @@ def test_a_reading_that_says_nothing_still_shows_it_is_reading(tmp_path, monkeyp
     assert set(m for _, m in messages) <= {"reading the scan"} | {m for _, m in ticks}, messages
 
 
+class _Stop(Exception):
+    """What a caller's progress callback raises to stop a run."""
+
+
+def _raising_at(fraction: float, error):
+    def reading(done: float) -> None:
+        if done >= fraction:
+            raise error
+
+    return reading
+
+
+def _scan_read_by_itk(tmp_path, kind: str):
+    if kind == "dicom":
+        return write_dicom_series(tmp_path / "series", make_volume(size=(32, 32, 12), dtype=sitk.sitkInt16)[0])
+    path = tmp_path / f"scan.{kind}"
+    sitk.WriteImage(make_volume()[0], str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dicom", "nrrd", "mha"])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, _Stop])
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_what_the_reading_callback_raises_inside_itk_is_raised_not_a_bad_file(tmp_path, kind, error, fraction):
+    """Ctrl-C while SimpleITK read a DICOM series, an NRRD or a MetaImage file arrived in the progress command
+    (Python runs only there during the read), which ITK turned into "the DICOM series cannot be read (... error
+    executing the Python Callable)": a failed case, and `deepwml segment` went on to the next one. A caller's
+    callback that stops the run, likewise. Now what it raised is raised once the reader returns."""
+    path = _scan_read_by_itk(tmp_path, kind)
+    with pytest.raises(error):
+        io.read_image(path, reading=_raising_at(fraction, error()))
+
+
+def test_what_the_reading_callback_raises_midway_through_a_series_does_not_end_the_process(tmp_path):
+    """Raised half way through a DICOM series, it ended Python itself (C++ 'terminate called after throwing an
+    instance of itk::simple::GenericException', no traceback, no summary.csv): run apart here for that reason."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = _scan_read_by_itk(tmp_path, "dicom")
+    script = (f"import sys; sys.path[:0] = [{str(Path(io.__file__).parents[1])!r}]\n"
+              "from DeepWMLLib import io\n"
+              "def reading(done):\n"
+              "    if done > 0.3: raise KeyboardInterrupt\n"
+              "try:\n"
+              f"    io.read_image({str(folder)!r}, reading=reading)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "interrupted"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, _Stop])
+def test_what_the_callback_raises_in_the_ticking_thread_reaches_the_run(monkeypatch, error):
+    """The seconds ticked while a read says nothing are told from another thread: what the callback raised there
+    (a caller's callback stopping the run, a closed terminal) was printed as 'Exception in thread deepwml-reading'
+    and lost, the read and the run going on, the bar stopped. It now ends the ticking and is raised in the run's
+    thread: at the reading's next word, or as the reading ends."""
+    from DeepWMLLib import segment
+
+    monkeypatch.setattr(segment, "READING_TICK_S", 0.05, raising=False)
+    told = []
+
+    def tell(fraction, message):
+        told.append(message)
+        if message != "reading the scan":
+            raise error()
+
+    with pytest.raises(error):
+        with segment.reading_progress(tell):
+            time.sleep(0.4)  # a read that says nothing
+    assert len(told) == 2, told  # no tick after the callback raised
+    told.clear()
+    with pytest.raises(error):
+        with segment.reading_progress(tell) as reading:
+            time.sleep(0.4)
+            reading(0.5)  # the reading's next word
+            pytest.fail("the reading went on")
+
+
 def _recorder(messages):
     def factory(number, total, case):
         return lambda fraction, message: messages.append((fraction, message))
