@@ -501,11 +501,26 @@ class MaskPair:
         return sorted(rows, key=lambda row: -row["voxels"])
 
 
+def _on_the_scores_grid(probabilities: sitk.Image, reference: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The probability map and the reference on one grid, nothing interpolated: the map's (the scan's) when the
+    reference lies within it (saved cropped to its lesions: padded with zeros), else the reference's
+    (`io.onto_grid`). Not `io.onto_common_grid`, which is for two masks: a map whose scores are non-zero on every
+    face of the scan looks to it like a mask cropped to its lesions, and the two were compared on their joint extent,
+    a ring of voxels of score 0 counted as background beyond the scan (ROC AUC 0.866 read as 0.890)."""
+    probabilities = io.align_voxel_order(probabilities, reference)
+    if io.grid_difference(probabilities, reference) is None:
+        return probabilities, reference
+    placement = io._lattice_placement(reference, probabilities)
+    if placement is not None and io._holds(probabilities, *placement):
+        return probabilities, io.onto_grid(reference, probabilities, "reference", "probability map")
+    return io.onto_grid(probabilities, reference, "probability map", "reference"), reference
+
+
 def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     """Area under the ROC curve of voxel scores against the reference (ignored voxels left out)."""
     _check_volume(probabilities, "probability map")
     _check_volume(reference, "reference")
-    probabilities, reference = io.onto_common_grid(probabilities, reference, "probability map", "reference")
+    probabilities, reference = _on_the_scores_grid(probabilities, reference)
     lesion, ignore = reference_labels(reference)
     scores = voxels(probabilities)
     if ignore.any():

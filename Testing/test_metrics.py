@@ -294,6 +294,26 @@ def test_roc_auc_leaves_ignored_voxels_out():
     assert metrics.roc_auc(_scores([0.9, 0.0, 0.5, 0.1, 1.0]), reference) == 1.0
 
 
+def test_roc_auc_against_a_reference_saved_cropped_is_the_whole_scans():
+    """A probability map on the scan (scores above 0 on every face, as a network's are) and a reference saved
+    cropped to its lesions: the map looked like a mask cropped to its lesions, so the two were compared on their
+    joint extent and a voxel around it, a ring of scores 0 counted as background the scan does not have (AUC
+    0.866 read as 0.890 here). The reference is padded onto the map's grid: the whole scan's AUC, in any voxel
+    order."""
+    rng = np.random.default_rng(1)
+    lesion = np.zeros((20, 36, 40), np.uint8)
+    lesion[5:8, 10:15, 10:16] = 1
+    scores = _scores((rng.random(lesion.shape) * 0.6 + lesion * 0.3), lesion.shape)
+    reference = image(lesion)
+    whole = metrics.roc_auc(scores, reference)
+    assert 0.7 < whole < 0.95, whole
+    cropped = sitk.RegionOfInterest(reference, [6, 5, 3], [10, 10, 5])
+    assert io.grid_difference(cropped, reference) is not None
+    assert metrics.roc_auc(scores, cropped) == pytest.approx(whole, abs=1e-12)
+    assert metrics.roc_auc(scores, sitk.Flip(cropped, [True, False, True])) == pytest.approx(whole, abs=1e-12)
+    assert metrics.case_metrics(reference, cropped, scores)["roc_auc"] == pytest.approx(whole, abs=1e-12)
+
+
 def test_roc_auc_is_undefined_without_both_classes():
     assert math.isnan(metrics.roc_auc(_scores([0.1] * 5), image(np.zeros((1, 1, 5)))))
 
