@@ -724,7 +724,7 @@ def _telling(reader, reading: Callable[[float], None] | None):
     """Within the block, `reader` (SimpleITK's) tells `reading(fraction)` its progress: a DICOM series' file by
     file, a single file's (NRRD, MetaImage: ITK 5.4's readers of those formats say nothing in between) only as
     it begins and ends. What `reading` raises (Ctrl-C arrives there, as Python runs only in it during the read; a
-    caller's progress callback that stops the run) is raised once the reader returns: raised into ITK, it was
+    caller's progress callback that stops the run) is raised once the reader stops: raised into ITK, it was
     turned into "the DICOM series cannot be read (... error executing the Python Callable)", a failed case the
     batch went on past, or ended the process (C++ terminate) when ITK could not pass it on."""
     if reading is None:
@@ -738,8 +738,9 @@ def _telling(reader, reading: Callable[[float], None] | None):
         try:
             if not raised:
                 reading(reader.GetProgress())
-        except BaseException as exc:  # never into ITK (above); told no more
+        except BaseException as exc:  # never into ITK (above); told no more, and the reading stops at its next file
             raised.append(exc)
+            reader.Abort()
 
     reader.AddCommand(sitk.sitkProgressEvent, command)
     try:

@@ -252,8 +252,11 @@ class _Stop(Exception):
 
 def _raising_at(fraction: float, error):
     def reading(done: float) -> None:
+        told.append(done)
         if done >= fraction:
             raise error
+
+    told = reading.told = []
 
     return reading
 
@@ -277,6 +280,11 @@ def test_what_the_reading_callback_raises_inside_itk_is_raised_not_a_bad_file(tm
     path = _scan_read_by_itk(tmp_path, kind)
     with pytest.raises(error):
         io.read_image(path, reading=_raising_at(fraction, error()))
+    if kind == "dicom":  # told no more once it raised (and the series is read no further: ITK aborted)
+        reading = _raising_at(0.25, error())
+        with pytest.raises(error):
+            io.read_image(path, reading=reading)
+        assert len(reading.told) == 1 + sum(done < 0.25 for done in reading.told), reading.told
 
 
 def test_what_the_reading_callback_raises_midway_through_a_series_does_not_end_the_process(tmp_path):
