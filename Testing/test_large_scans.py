@@ -272,7 +272,8 @@ def _scan_read_by_itk(tmp_path, kind: str):
 @pytest.mark.parametrize("kind", ["dicom", "nrrd", "mha"])
 @pytest.mark.parametrize("error", [KeyboardInterrupt, _Stop])
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
-def test_what_the_reading_callback_raises_inside_itk_is_raised_not_a_bad_file(tmp_path, kind, error, fraction):
+def test_what_the_reading_callback_raises_inside_itk_is_raised_not_a_bad_file(tmp_path, monkeypatch, kind, error,
+                                                                              fraction):
     """Ctrl-C while SimpleITK read a DICOM series, an NRRD or a MetaImage file arrived in the progress command
     (Python runs only there during the read), which ITK turned into "the DICOM series cannot be read (... error
     executing the Python Callable)": a failed case, and `deepwml segment` went on to the next one. A caller's
@@ -280,11 +281,20 @@ def test_what_the_reading_callback_raises_inside_itk_is_raised_not_a_bad_file(tm
     path = _scan_read_by_itk(tmp_path, kind)
     with pytest.raises(error):
         io.read_image(path, reading=_raising_at(fraction, error()))
-    if kind == "dicom":  # told no more once it raised (and the series is read no further: ITK aborted)
+    if kind == "dicom":  # told no more once it raised, and the series is read no further (a Ctrl-C waited for it)
+        events = []
+
+        class Reader(sitk.ImageSeriesReader):
+            def Execute(self):
+                self.AddCommand(sitk.sitkProgressEvent, lambda: events.append(self.GetProgress()))
+                return super().Execute()
+
+        monkeypatch.setattr(sitk, "ImageSeriesReader", Reader)
         reading = _raising_at(0.25, error())
         with pytest.raises(error):
             io.read_image(path, reading=reading)
         assert len(reading.told) == 1 + sum(done < 0.25 for done in reading.told), reading.told
+        assert len([e for e in events if e < 1]) <= 5, events  # of 12 files: stopped at the next one
 
 
 def test_what_the_reading_callback_raises_midway_through_a_series_does_not_end_the_process(tmp_path):
