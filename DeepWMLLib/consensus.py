@@ -41,7 +41,8 @@ def _check_threshold(threshold: float) -> None:
 def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD,
                     flair=None) -> dict:
     """Do two raters agree well enough (Dice >= threshold)? And where do they not? `flair`, the case's FLAIR
-    (image or path, or None): masks both saved cropped are compared on its grid, slice numbers the scan's.
+    (image or path, or None): masks on two different extents (both saved cropped, or one over a larger extent) are
+    compared on its grid, slice numbers the scan's.
 
     Returns dice, threshold, passed, volume_a_ml, volume_b_ml, n_lesions_a, n_lesions_b, slices
     (every axial slice either rater marked, in slice order: {index, dice, area_a_mm2, area_b_mm2,

@@ -200,8 +200,8 @@ def _existing(path, what: str) -> Path:
 def evaluate_case(prediction, reference, probabilities=None, found_fraction: float = metrics.FOUND_FRACTION,
                   size_classes: metrics.SizeClasses | None = None, flair=None) -> dict:
     """All metrics of one case; each argument is a SimpleITK image or a path to one. `flair`, the case's FLAIR
-    (image or path, or None): masks both saved cropped are compared on its grid, slice numbers the scan's
-    (`metrics.MaskPair.from_images`).
+    (image or path, or None): masks on two different extents (both saved cropped, or one over a larger extent) are
+    compared on its grid, slice numbers the scan's (`metrics.MaskPair.from_images`).
 
     Keys: dice, sensitivity, precision, hd95_mm, avd_percent, lesion_recall, lesion_f1,
     n_reference_lesions, n_predicted_lesions, reference_volume_ml, prediction_volume_ml, roc_auc

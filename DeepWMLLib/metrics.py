@@ -63,7 +63,8 @@ stores the reference's grid in another voxel order, LPS against RAS say, is only
 over a smaller extent (saved cropped to its lesions) is padded with zeros onto the other's grid, which
 is exact (`io.onto_common_grid`); two masks each saved cropped to their lesions are both padded onto the
 case's FLAIR's grid when it is given, else onto the extent of both, and a note then says that slice numbers
-count from its first slice (`MaskPair.from_images`). Distances and volumes are in physical units from the reference's
+count from its first slice (`MaskPair.from_images`); masks on two different extents are likewise put on the
+FLAIR's grid when it is given (one over a larger extent than the scan: slice numbers the scan's). Distances and volumes are in physical units from the reference's
 spacing and direction.
 """
 
@@ -209,20 +210,24 @@ class SizeClasses:
 def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None) -> tuple[sitk.Image, sitk.Image, bool]:
     """(a, b) on one grid (`io.onto_common_grid`), and whether that is the extent of both masks (both saved cropped,
     `io.on_joint_extent`), where slice numbers are not the scan's. With `scan`, the case's FLAIR (an image, or its
-    file, read only then), masks bound for that extent are put on the FLAIR's grid instead when both can go
-    there; when they cannot, they stay on that extent (the notes say so; the FLAIR's picture says why)."""
+    file, read only then), masks on two different extents are put on the FLAIR's grid instead when both can go
+    there and it is not already theirs (in another voxel order, the masks' is kept, as the picture keeps it): the
+    extent of both, or the grid of a mask over a larger extent than the scan's, the other padded onto it, whose
+    slice numbers were not the scan's either (the picture's, on the FLAIR's grid, were). When they cannot go there,
+    they stay where they were put (for the extent of both the notes say so; the FLAIR's picture says why)."""
     import SimpleITK as sitk
 
     common = io.onto_common_grid(a, b, *names)
-    if not io.on_joint_extent(common[1], a, b):
-        return (*common, False)
-    if scan is not None:
+    joint = io.on_joint_extent(common[1], a, b)
+    if scan is not None and io.grid_difference(io.align_voxel_order(a, b), b) is not None:
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
+            if io.grid_difference(io.align_voxel_order(image, common[1]), common[1]) is None:
+                return (*common, False)  # the scan's grid already: its slice numbers
             return io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"), False
         except DeepWMLError:
             pass
-    return (*common, True)
+    return (*common, joint)
 
 
 class MaskPair:

@@ -213,3 +213,27 @@ def test_a_cohort_of_masks_saved_cropped_counts_slices_on_the_flair_when_given(t
     assert rows["alone"]["worst_slice"] == "2" and "slice numbers count from" in rows["alone"]["notes"]
     assert rows["with_flair"]["worst_slice"] == "3" and "slice numbers" not in rows["with_flair"]["notes"]
     assert len(list((out / "qc").glob("*.png"))) == 1
+
+
+def test_a_mask_over_a_larger_extent_counts_slices_on_the_flair_when_given(tmp_path):
+    """Rater A's mask on the scan's grid, rater B's over a larger extent of the same voxels (padded by a tool:
+    3 slices before the scan's first): A's was padded onto B's grid, so with the case's FLAIR given the worst slice
+    was numbered from B's extent (6) while the picture, drawn on the FLAIR, showed the scan's (3). With the FLAIR
+    the masks are now compared on its grid: the scan's slice numbers, the same figures; without it, as before."""
+    from DeepWMLLib import evaluation
+
+    a, b = raters()
+    whole = consensus_check(image(a), image(b))
+    assert whole["worst_slices"][0] == 3
+    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(300, 30, a.shape).astype(np.float32))
+    flair.CopyInformation(image(a))
+    io.write_image(flair, tmp_path / "flair.nii.gz")
+    larger = sitk.ConstantPad(image(b), (2, 1, 3), (1, 2, 2), 0)
+    for flair_given in (flair, str(tmp_path / "flair.nii.gz")):
+        result = consensus_check(image(a), larger, flair=flair_given)
+        assert result["worst_slices"] == whole["worst_slices"], result["worst_slices"]
+        assert result["dice"] == pytest.approx(whole["dice"]) and result["notes"] == whole["notes"]
+        case = evaluation.evaluate_case(image(a), larger, flair=flair_given)
+        assert [s["index"] for s in case["slices"]] == [s["index"] for s in evaluation.evaluate_case(
+            image(a), image(b))["slices"]]
+    assert consensus_check(image(a), larger)["worst_slices"][0] == 6  # no FLAIR: B's extent, as before
