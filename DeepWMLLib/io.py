@@ -1578,9 +1578,19 @@ def stored_size(image, time_axis: TimeAxis | None) -> list[int]:
     return [*image.GetSize(), *([1] if time_axis else [])]
 
 
+class _Told(BaseException):
+    """What `reading` raised, carried past the reading's own handling of file errors to `read_any`, which raises it
+    as it was: a callback's OSError (a progress bar writing to a closed terminal or pipe) was reported as the scan's
+    fault, "truncated or corrupt ...; copy the file again from its source"."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(error)
+        self.error = error
+
+
 def _forwards(reading: Callable[[float], None] | None) -> Callable[[float], None] | None:
     """`reading` told only fractions (at most 1) above the last it was told: a NIfTI file SimpleITK reads after
-    its bytes were read for the checks would begin again at 0."""
+    its bytes were read for the checks would begin again at 0. What it raises comes as `_Told`."""
     if reading is None:
         return None
     last = [-1.0]
@@ -1588,7 +1598,10 @@ def _forwards(reading: Callable[[float], None] | None) -> Callable[[float], None
     def told(fraction: float) -> None:
         if min(1.0, fraction) > last[0]:
             last[0] = min(1.0, fraction)
-            reading(last[0])
+            try:
+                reading(last[0])
+            except BaseException as exc:
+                raise _Told(exc) from None
 
     return told
 
@@ -1610,11 +1623,14 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
             raise DeepWMLError(f"{p} is a link to {os.readlink(p)}, which cannot be reached (a share not mounted?)")
         raise DeepWMLError(f"{p} does not exist")
     reading = _forwards(reading)
-    if p.is_dir():
-        return _squeeze_4d(_read_dicom_folder(p, series, reading))
-    if p.stat().st_size == 0:
-        raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
-    image = _read_file(p, light, float32, mask, reading)
+    try:
+        if p.is_dir():
+            return _squeeze_4d(_read_dicom_folder(p, series, reading))
+        if p.stat().st_size == 0:
+            raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
+        image = _read_file(p, light, float32, mask, reading)
+    except _Told as told:
+        raise told.error.with_traceback(told.error.__traceback__) from None
     return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 

@@ -317,6 +317,18 @@ def test_what_the_reading_callback_raises_midway_through_a_series_does_not_end_t
     assert (done.returncode, done.stdout.strip()) == (0, "interrupted"), done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii", "scan.hdr", "scan.nrrd"])
+def test_an_os_error_of_the_reading_callback_is_not_blamed_on_the_scan(tmp_path, monkeypatch, name):
+    """A progress bar writing to a closed terminal or pipe (an SSH session gone, `| tee` killed) raises OSError
+    in the reading's callback: a NIfTI file was then reported "truncated or corrupt; copy the file again from its
+    source" (a pair's .img "cannot be read"), each case of the batch failing so. The error is raised as it was."""
+    monkeypatch.setattr(io, "READ_PIECE", 1 << 16, raising=False)
+    sitk.WriteImage(make_volume(size=(64, 64, 16))[0], str(tmp_path / name))
+    for light in (True, False):
+        with pytest.raises(BrokenPipeError):
+            io.read_image(tmp_path / name, light=light, reading=_raising_at(0.5, BrokenPipeError(32, "Broken pipe")))
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, _Stop])
 def test_what_the_callback_raises_in_the_ticking_thread_reaches_the_run(monkeypatch, error):
     """The seconds ticked while a read says nothing are told from another thread: what the callback raised there
