@@ -1679,9 +1679,21 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     labels = _few_values(array)
     if labels is not None:
         shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if len(labels) > 6 else "")
-        raise DeepWMLError(f"{name} holds only {len(labels)} distinct values ({shown}): it looks like a label mask or "
-                           "segmentation, not a FLAIR scan; give the FLAIR image")
+        raise LabelMaskGiven(f"{name} holds only {len(labels)} distinct values ({shown}): it looks like a label mask "
+                             "or segmentation, not a FLAIR scan; give the FLAIR image", f"{len(labels)} values: {shown}")
     return image
+
+
+class LabelMaskGiven(DeepWMLError):
+    """An image given as a FLAIR that holds a handful of values: a label mask or segmentation. Named by the user,
+    an error; found in a folder beside the scans (a case's FLAIR and its manual mask), skipped."""
+
+    def __init__(self, message: str, values: str):
+        super().__init__(message)
+        self.values = values  # "2 values: 0, 1"
+
+    def __reduce__(self):  # whole from the Slicer module's worker process
+        return type(self), (str(self), self.values)
 
 
 def non_finite_count(array: np.ndarray, block: int = 1 << 22) -> int:

@@ -526,18 +526,30 @@ def _once_each(cases: list[tuple]) -> list[tuple]:
     return unique
 
 
-def check_new_name(case: str, seen: dict) -> None:
-    """A DeepWMLError when an earlier case of the run (`seen`: casefolded name -> name, this one added) has
-    this name, or one that differs only in upper/lower case: on macOS and Windows their outputs would be
-    the same files."""
-    other = seen.get(case.casefold())
-    if other is None:
-        seen[case.casefold()] = case
+def check_case_names(cases: Sequence[tuple], shown: int = 4) -> None:
+    """A DeepWMLError naming every group of cases (expand_inputs) that share a name, or names alike but for
+    upper/lower case (one file name on macOS and Windows): their outputs would fall on each other. Checked
+    before anything is segmented, so that a run is not refused part way, after the first of them was done.
+    A folder that could not be read is no case with outputs. `shown`: the clashes and inputs listed of each."""
+    groups: dict = {}
+    for case, path, study in cases:
+        if not isinstance(study, DeepWMLError):
+            groups.setdefault(case.casefold(), []).append((case, path))
+    clashes = [group for group in groups.values() if len(group) > 1]
+    if not clashes:
         return
-    if other == case:
-        raise DeepWMLError(f"two inputs are both named {case!r}; rename one so their outputs do not collide")
-    raise DeepWMLError(f"two inputs are named {other!r} and {case!r}, alike but for upper/lower case: on macOS and "
-                       f"Windows their outputs would be the same files; rename one")
+    parts = []
+    for group in clashes[:shown]:
+        names = list(dict.fromkeys(case for case, _ in group))
+        inputs = ", ".join(str(path) for _, path in group[:shown]) + (", ..." if len(group) > shown else "")
+        if len(names) == 1:
+            parts.append(f"{len(group)} inputs are {'both' if len(group) == 2 else 'all'} named {names[0]!r} ({inputs})")
+        else:
+            parts.append(f"{' and '.join(map(repr, names))} ({inputs}) are alike but for upper/lower case (one file "
+                         "name on macOS and Windows)")
+    more = f"; and {len(clashes) - shown} more names" if len(clashes) > shown else ""
+    raise DeepWMLError(f"{'; '.join(parts)}{more}: their outputs would fall on each other, so nothing was segmented; "
+                       "rename the files (or folders) apart, or segment them into separate output folders (-o)")
 
 
 def _image_files(folder: Path) -> list[tuple]:
@@ -991,14 +1003,16 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))
     if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
         raise UsageError(VENTRICLE_MODEL_NEEDED)
-    out = io.make_output_dir(out_dir)
     cases = _once_each(expand_inputs(inputs))
+    check_case_names(cases)
+    out = io.make_output_dir(out_dir)
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
+    named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
     options["leftovers"] = temporary_leftovers(out)
-    rows, seen = [], {}
+    rows = []
     finished = False
     try:
-        _run_cases(cases, out, models, device, progress_factory, debug, protected, rows, seen, options)
+        _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options)
         finished = True
     finally:  # also when interrupted: the cases done so far, not an earlier run's summary
         try:
@@ -1009,30 +1023,45 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     return rows
 
 
-def _run_cases(cases, out, models, device, progress_factory, debug, protected, rows, seen, options) -> None:
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
+
+
+def _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options) -> None:
     for number, (case, path, study) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
         try:
             if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
                 raise study
-            check_new_name(case, seen)
             row = segment_case(case, path, out, models, device, progress=progress, study=study, protected=protected,
                                **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
         except Exception as exc:  # one bad case never stops the others
-            if debug:
-                traceback.print_exc()
-            message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
-            row = {"case": case, "input": str(path), "status": "error", "error": message,
-                   "seconds": round(time.perf_counter() - start, 3)}
+            if isinstance(exc, io.LabelMaskGiven) and _resolved(path) not in named:
+                # found in a folder given (a case's FLAIR beside its manual mask), not named: not a failure
+                row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc)}
+            else:
+                if debug:
+                    traceback.print_exc()
+                message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+                row = {"case": case, "input": str(path), "status": "error", "error": message}
+            row["seconds"] = round(time.perf_counter() - start, 3)
         row["_study"] = isinstance(study, io.DicomStudy)
         rows.append(row)
         if progress_factory:
             progress_factory.finish(row)
     _series_matched_nothing(rows, options.get("series"))
+
+
+def mask_skipped(exc: io.LabelMaskGiven) -> str:
+    """The summary's word on a label mask found beside the scans in a folder given, skipped (not segmented)."""
+    return f"looks like a label mask, not a FLAIR scan ({exc.values}): not segmented"
 
 
 def _series_matched_nothing(rows: list[dict], series: str | None) -> None:
@@ -1101,7 +1130,7 @@ class ProgressBar:
     the cases segmented so far times the cases left; a case skipped because it was done before takes no
     time and says nothing of the others, so it is not counted and its line says no time, nor does any
     line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left"; a
-    case that failed is not counted either: a mask in a folder of scans, refused in 0.06 s, promised "0 s left for
+    case that failed is not counted either: a mask named as a scan, refused in 0.06 s, promised "0 s left for
     3 more")."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):

@@ -7,6 +7,7 @@ with bad inputs"); `test_readme_table_matches` keeps the two in step.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
@@ -86,6 +87,8 @@ BAD_INPUTS = [
     ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
     ("--save-ventricle-mask without a ventricle model", "segment", 2, "needs a ventricle model"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
+    ("a lesion mask found beside its FLAIR in a folder given (a labelled case's folder)", "segment", 0,
+     "ok: the FLAIR segmented, the mask skipped (\"looks like a label mask\" in summary.csv), not failed"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
@@ -364,6 +367,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["segment", str(p["good"]), "-o", out, "--model", str(vent)]
     if row_id == "a lesion mask given as the FLAIR":
         return seg + [str(p["truth"])]
+    if row_id.startswith("a lesion mask found beside its FLAIR"):
+        (tmp / "in" / "labelled").mkdir()
+        for name in ("good", "truth"):
+            (tmp / "in" / "labelled" / f"{name}.nii.gz").write_bytes(p[name].read_bytes())
+        return seg + [str(tmp / "in" / "labelled")]
     if row_id == "a DICOM study folder with two FLAIR-like series":
         for number, description in enumerate(("AX FLAIR", "AX FLAIR post"), start=1):
             write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
@@ -510,6 +518,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
     if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
         assert "--threshold (0.5 then, 0.3 now)" in err  # the setting named, with both values
+    if row_id.startswith("a lesion mask found beside its FLAIR"):
+        lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
+        summary = {r["case"]: r for r in csv.DictReader(lines)}
+        assert summary["good"]["status"] == "ok" and summary["truth"]["status"] == "skipped"
+        assert "looks like a label mask" in summary["truth"]["error"] and "truth: skipped - looks like a label mask" in err
     if row_id == "sagittal acquisition":
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()

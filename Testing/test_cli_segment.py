@@ -1008,3 +1008,61 @@ def test_a_nested_folder_of_one_flair_series_is_not_called_a_choice(tmp_path, ti
     assert main(["segment", str(tmp_path / "STUDY"), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
     report = json.loads(next(out.glob("*_report.json")).read_text(encoding="utf-8"))
     assert report["dicom_series"] and not any("name another with --series" in w for w in report["warnings"])
+
+
+def test_a_label_mask_found_in_a_folder_is_skipped_and_one_named_is_an_error(tmp_path, tiny_model, capsys):
+    """A labelled case's folder (real data: FLAIR + consensus mask) given whole: the mask was refused as 'looks
+    like a label mask' and counted failed, so a batch whose every scan segmented exited 1. A mask found in a
+    folder is now skipped, saying so on screen and in summary.csv; a mask named by the user stays an error."""
+    case = tmp_path / "patient07"
+    case.mkdir()
+    write_case(case, "flair", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    _, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(truth, str(case / "consensus_mask.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(case), *argv]) == 0
+    err = capsys.readouterr().err
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["flair"]["status"] == "ok"
+    assert rows["consensus_mask"]["status"] == "skipped"
+    assert "looks like a label mask" in rows["consensus_mask"]["error"]
+    assert "consensus_mask: skipped - looks like a label mask, not a FLAIR scan (2 values: 0, 1)" in err
+    assert err.rstrip().endswith(f"1/2 cases done (0 failed, 1 skipped), summary in {out / 'summary.csv'}")
+    assert not list(out.glob("consensus_mask*"))
+
+    assert main(["segment", str(case / "consensus_mask.nii.gz"), *argv]) == 1  # named: an error, as before
+    err = capsys.readouterr().err
+    assert "looks like a label mask" in err and "0/1 cases done (1 failed, 0 skipped)" in err
+    assert main(["segment", str(case), str(case / "consensus_mask.nii.gz"), *argv]) == 1  # named and in the folder
+    assert {r["case"]: r["status"] for r in read_summary(out)} == {"consensus_mask": "error", "flair": "skipped"}
+
+
+def test_inputs_that_share_a_case_name_are_all_refused_before_anything_is_segmented(tmp_path, tiny_model, capsys):
+    """Three labelled cases' flair.nii.gz into one OUTDIR: the clash was reported only after the first had been
+    segmented, one case at a time. Every clash is now named at once, before anything runs or is written, with
+    what to do; names alike but for upper/lower case likewise. A rerun of distinct names still skips."""
+    scans = []
+    for seed, patient in enumerate(("patient07", "patient19", "patient26")):
+        (tmp_path / patient).mkdir()
+        scans.append(write_case(tmp_path / patient, "flair", size=(32, 32, 4), seed=seed)[0])
+    (tmp_path / "x").mkdir()
+    upper = write_case(tmp_path, "P1", size=(32, 32, 4))[0]
+    lower = write_case(tmp_path / "x", "p1", size=(32, 32, 4))[0]
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", *map(str, scans), str(upper), str(lower), *argv]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0], err  # one error, nothing segmented
+    assert "3 inputs are all named 'flair'" in err and all(str(scan) in err for scan in scans)
+    assert "'P1' and 'p1'" in err and "alike but for upper/lower case" in err
+    assert "rename" in err and "separate output folders" in err
+    assert not out.exists()
+
+    assert main(["segment", str(scans[0]), str(upper), *argv]) == 0
+    assert main(["segment", str(scans[0]), str(upper), *argv]) == 0  # the rerun skips both, as before
+    assert [r["status"] for r in read_summary(out)] == ["skipped", "skipped"]
+    capsys.readouterr()
+    assert main(["segment", str(scans[1]), *argv]) == 1  # another scan's results of that name: refused, as before
+    assert "holds the results of another scan" in capsys.readouterr().err

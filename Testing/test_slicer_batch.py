@@ -344,3 +344,29 @@ def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(s
                      "--device", "cpu"]) == 0
     assert batchScript.main(["--input-dir", str(tmp_path / "moved"), "--output-dir", str(cli_out), *base[2:]]) == 0
     assert {row["status"] for row in summary(cli_out).values()} == {"skipped"}
+
+
+def test_batch_skips_a_label_mask_beside_the_scans_and_refuses_clashing_names_up_front(scene, batchScript, tmp_path,
+                                                                                        monkeypatch, tiny_model, capsys):
+    """IN holding a labelled case (its FLAIR and its manual mask): the mask failed as 'looks like a label mask'
+    and the batch exited 1; it is now skipped, as `deepwml segment` skips it. Two files of one case name
+    (a.nii.gz, a.mha) were refused after the first was segmented; now before anything is."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    _, truth = writeCase(inputs, "flair.nii.gz")
+    sitk.WriteImage(truth, str(inputs / "consensus_mask.nii.gz"))
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 0
+    rows = summary(out)
+    assert rows["flair"]["status"] == "ok" and rows["consensus_mask"]["status"] == "skipped"
+    assert "looks like a label mask" in rows["consensus_mask"]["error"]
+    assert "1/2 cases done (0 failed, 1 skipped)" in capsys.readouterr().out
+
+    clashing, out = tmp_path / "clashing", tmp_path / "out2"
+    clashing.mkdir()
+    writeCase(clashing, "a.nii.gz")
+    writeCase(clashing, "a.mha")
+    assert batchScript.main(["--input-dir", str(clashing), "--output-dir", str(out), "--model", str(tiny_model)]) == 1
+    assert "2 inputs are both named 'a'" in capsys.readouterr().err
+    assert not list(out.glob("a*"))  # nothing segmented

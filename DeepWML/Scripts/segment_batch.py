@@ -220,8 +220,13 @@ def main(argv) -> int:
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
-    rows, seen = [], {}
+    rows = []
     inputs = list(expand_inputs([str(args.input_dir)]))
+    try:
+        segment.check_case_names(inputs)
+    except DeepWMLError as exc:
+        print(f"segment_batch: error: {exc}", file=sys.stderr)
+        return 1
     args.cases = [case for case, _, _ in inputs]  # to tell CASE_* references from those of longer case names
     args.protected = frozenset(path.resolve() for _, path, _ in inputs)  # never written over
     for case, path, study in inputs:
@@ -229,10 +234,11 @@ def main(argv) -> int:
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
                 raise study
-            segment.check_new_name(case, seen)
             row = segmentCase(logic, case, path, args, study)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"status": "skipped", "error": str(exc)}
+        except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
+            row = {"status": "skipped", "error": segment.mask_skipped(exc)}
         except Exception as exc:  # one bad case never stops the others
             if args.debug:
                 traceback.print_exc()
