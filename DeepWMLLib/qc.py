@@ -20,7 +20,9 @@ How it is drawn:
   FLAIR signal under it stays visible;
 - each slice is labelled with its `index` in the report (the voxel index along the axial axis, 0 first;
   for a DICOM input, its Instance Number, the image number PACS shows, `dicom_instance` in the report),
-  yellow on black in the top left corner (left out on a tile too small to hold it whole);
+  yellow on black in the top left corner (left out on a tile too small to hold it whole); the first tile
+  has "R" at the middle of its left edge and "L" at its right (the patient's right and left, as on every
+  tile; left out on a narrow tile);
 - a band above the tiles names the case with its volume and lesion count (`deepwml segment`), and a
   comparison's legend, so a picture read on its own still says what it shows.
 
@@ -56,6 +58,7 @@ GAP_PX = 2
 LESION_RGB = (255, 40, 40)
 VENTRICLE_RGB = (60, 160, 255)  # the lateral ventricles of the periventricular/deep split, outlined
 LABEL_RGB = (255, 220, 0)
+SIDES_2X_PX, SIDES_1X_PX = 96, 48  # the narrowest tiles that get their R and L at 2x, at 1x
 COMPARISON_RGB = {1: (40, 220, 40), 2: (255, 40, 40), 3: (40, 120, 255)}  # both, prediction only, reference only
 
 # A 3 x 5 pixel font (rows top to bottom, 1 = ink) for slice labels, titles and legends; capitals only.
@@ -159,6 +162,22 @@ def _draw_number(tile: np.ndarray, number: int) -> bool:
         return False
     tile[1:3 + height, 1:3 + width] = 0
     draw_text(tile, 2, 2, text, LABEL_RGB, scale)
+    return True
+
+
+def _draw_sides(tile: np.ndarray) -> bool:
+    """'R' at the middle of the tile's left edge and 'L' at its right, on a black backing: the tiles show the
+    patient's right on the left (`io.slice_frame` turns any voxel order and direction so), which a picture read
+    on its own does not say. At 2x on a tile at least SIDES_2X_PX wide, 1x down to SIDES_1X_PX; a narrower tile
+    gets none (the letters would cover much of it). Whether drawn."""
+    rows, width = tile.shape[:2]
+    scale = 2 if width >= SIDES_2X_PX else 1 if width >= SIDES_1X_PX else 0
+    if not scale or rows < 5 * scale + 4:
+        return False
+    y = (rows - 5 * scale) // 2
+    for x, letter in ((2, "R"), (width - 2 - 3 * scale, "L")):
+        tile[y - 1:y + 5 * scale + 1, x - 1:x + 3 * scale + 1] = 0
+        draw_text(tile, y, x, letter, LABEL_RGB, scale)
     return True
 
 
@@ -321,6 +340,8 @@ def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: 
             else:
                 tile[where] = (0.45 * tile[where] + 0.55 * np.array(rgb)).astype(np.uint8)
         _draw_number(tile, k if slice_labels is None else slice_labels[k])
+        if n == 0:  # on every tile, one tile's L stood beside the next one's R ("L R") across the narrow gap
+            _draw_sides(tile)
         y, x = GAP_PX + (n // columns) * (th + GAP_PX), GAP_PX + (n % columns) * (tw + GAP_PX)
         canvas[y:y + th, x:x + tw] = tile
     return canvas

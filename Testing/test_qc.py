@@ -11,7 +11,7 @@ from DeepWMLLib import qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, oracle_network
+from conftest import make_volume, oracle_network, rotation
 
 LPS = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 
@@ -404,3 +404,47 @@ def test_pictures_of_two_masks_saved_cropped_are_drawn_on_the_flairs_grid_as_the
     for draw in (pair_picture, comparison_picture):
         whole = draw(tmp_path / "flair.nii.gz", truth, other)
         assert draw(tmp_path / "flair.nii.gz", *cropped) == whole
+
+
+def letters_at(tile_rgb: np.ndarray, letter: str, scale: int = 2) -> list[tuple[int, int]]:
+    """The top left corners of `letter` drawn whole in LABEL_RGB (every pixel of its 3 x 5 cell, ink or not)."""
+    glyph = np.kron(qc._GLYPH_MASKS[letter], np.ones((scale, scale), bool))
+    ink = np.all(tile_rgb == qc.LABEL_RGB, axis=2)
+    return [(y, x) for y, x in zip(*np.nonzero(ink))
+            if np.array_equal(ink[y:y + glyph.shape[0], x:x + glyph.shape[1]], glyph)]
+
+
+@pytest.mark.parametrize("direction", [
+    np.diag([-1.0, -1.0, 1.0]),  # stored right to left and posterior to anterior (a RAS-ordered file)
+    rotation(0.15, -0.1, 0.45) @ np.diag([-1.0, 1.0, 1.0]),  # oblique and flipped
+], ids=["RAS-ordered", "oblique-flipped"])
+def test_the_patients_right_is_marked_R_on_the_side_the_tiles_show_it(direction):
+    """The tiles show the patient's right on the left (radiological), but nothing in the picture said so: a
+    picture read on its own did not tell left from right. Each tile now has 'R' and 'L' at its sides; a
+    lesion placed on the patient's right (negative x in LPS) lies on the side marked R, whatever the voxel order."""
+    size, spacing = (96, 96, 5), (1.0, 1.0, 5.0)
+    image = sitk.Image(size, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetDirection(tuple(direction.ravel()))
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size]))
+    image.SetOrigin(tuple(np.array(image.GetOrigin()) - centre))  # the grid's centre at the physical origin
+    k, j, i = np.meshgrid(*(np.arange(n) for n in size[::-1]), indexing="ij")
+    points = np.stack([i, j, k], -1).reshape(-1, 3) * spacing @ direction.T + image.GetOrigin()
+    x, y = points[:, 0].reshape(k.shape), points[:, 1].reshape(k.shape)
+    head = (x / 40) ** 2 + (y / 44) ** 2 < 1
+    lesion = ((x + 25) ** 2 + (y - 5) ** 2 < 36) & (k == 2)  # 25 mm to the patient's right
+    flair = sitk.GetImageFromArray(np.where(head, 100.0, 0.0).astype(np.float32) + 300 * lesion)
+    mask = sitk.GetImageFromArray(lesion.astype(np.uint8))
+    for im in (flair, mask):
+        im.CopyInformation(image)
+    for canvas in (qc.render(flair, mask, tile_px=160, columns=1),
+                   qc.render_comparison(flair, mask, mask, tile_px=160, columns=1)):
+        shape = tile_shape(canvas.transpose(1, 0, 2), 5)[::-1]  # one column of five tiles
+        marked = tile(canvas, 2, *shape, columns=1)
+        where = np.nonzero(np.any(marked != marked[..., :1], axis=2) & ~np.all(marked == qc.LABEL_RGB, axis=2))
+        assert where[1].size and where[1].mean() < shape[1] / 2  # the lesion (coloured) on the left half
+        first = tile(canvas, 0, *shape, columns=1)  # the sides are marked once, on the first tile
+        (_, right), = letters_at(first, "R")
+        (_, left), = letters_at(first, "L")
+        assert right < shape[1] / 4 and left > 3 * shape[1] / 4
+        assert not letters_at(marked, "R") and not letters_at(marked, "L")
