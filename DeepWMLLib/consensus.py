@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import (case_error, claim_picture_name, picture_path, read_manifest, report_failed_cases, write_csv,
-                         write_json)
+from .evaluation import (case_error, claim_picture_name, pair_title, picture_path, read_manifest, report_failed_cases,
+                         write_csv, write_json)
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -235,8 +235,10 @@ def run(args) -> int:
     for target in filter(None, (args.json, args.qc)):
         io.check_output_file(target)  # before the work, not after
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
-    picture = pair_picture(args.flair, mask_a, mask_b) if args.qc else None  # a bad FLAIR: refused before any output
     result = consensus_check(mask_a, mask_b, args.threshold, args.flair)
+    picture = (pair_picture(args.flair, mask_a, mask_b, f"{pair_title(args.rater_a, args.rater_b)}: Dice "
+                            f"{result['dice']:.3f}")
+               if args.qc else None)  # a bad FLAIR: refused before any output
     print(format_check(result))
     if args.json:
         write_json(result, args.json)

@@ -681,7 +681,7 @@ def run(args) -> int:
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes,
                            args.flair)
     picture = (comparison_picture(args.flair, args.prediction, args.reference,
-                                  f"{io.case_name(args.prediction)}: Dice {_fmt(result['dice'])}")
+                                  f"{pair_title(args.prediction, args.reference)}: Dice {_fmt(result['dice'])}")
                if args.qc else None)  # a bad FLAIR: refused before anything is printed or written
     print(format_case(result))
     if args.json:
@@ -689,6 +689,19 @@ def run(args) -> int:
     if picture is not None:
         io.write_bytes(picture, args.qc)
     return 0
+
+
+def shown_name(path) -> str:
+    """A mask's name in the title of a single case's picture: its folder's name before its case name
+    (`patient07/flair_wmh`). Its file name alone told no case from another: tools write each case's files
+    under the same names into the case's own folder (three cases' pictures all said FLAIR_WMH)."""
+    folder = Path(os.path.abspath(path)).parent.name
+    return f"{folder}/{io.case_name(path)}" if folder else io.case_name(path)
+
+
+def pair_title(first, second) -> str:
+    """The title of a single case's picture of two masks (a prediction and its reference, two raters)."""
+    return f"{shown_name(first)} against {shown_name(second)}"
 
 
 def comparison_picture(flair, prediction, reference, title: str | None = None) -> bytes:

@@ -163,7 +163,8 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
     assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "a.png")]) == 0
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.png")))
     assert np.any(np.all(picture == (0.45 * 255 + 0.55 * np.array(qc.COMPARISON_RGB[1])).astype(np.uint8), axis=2))
-    titled = qc.render_comparison(volume(flair), volume(mask), volume(mask), "pred: Dice 1.000")
+    titled = qc.render_comparison(volume(flair), volume(mask), volume(mask),
+                                  f"{tmp_path.name}/pred against {tmp_path.name}/ref: Dice 1.000")
     assert np.array_equal(picture, titled)  # the band names the case and its Dice, as a cohort's pictures do
     capsys.readouterr()
     shifted = volume(flair)
@@ -218,18 +219,19 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
     capsys.readouterr()
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pair.png")))
     expected = qc.render_comparison(volume(flair), volume(rater_a), volume((rater_b > 0).astype(np.uint8)),
-                                    names=("rater A", "rater B"))
-    assert np.array_equal(picture, expected)
-    tiles = picture[qc.HEADER_PX:]
-    assert np.any(np.all(tile(tiles, 2, *tile_shape(tiles)) != tile(qc.render(volume(flair), volume(rater_a * 0)),
-                                                                      2, *tile_shape(tiles)), axis=2))
+                                    f"{tmp_path.name}/a against {tmp_path.name}/b: Dice 0.667", names=("rater A", "rater B"))
+    assert np.array_equal(picture, expected)  # the band names the two masks, by folder and file, and their Dice
+    plain = qc.render(volume(flair), volume(rater_a * 0))  # no band
+    tiles = picture[picture.shape[0] - plain.shape[0]:]
+    assert np.any(np.all(tile(tiles, 2, *tile_shape(tiles)) != tile(plain, 2, *tile_shape(tiles)), axis=2))
     manifest = tmp_path / "pairs.csv"
     manifest.write_text(f"case,rater_a,rater_b,flair\np1,{files['a']},{files['b']},{files['flair']}\n"
                         f"p2,{files['a']},{files['b']},{files['a']}\n")  # p2's "FLAIR" is a mask: no picture
     assert main(["consensus", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 1
     assert "could not be pictured (their verdicts stand)" in capsys.readouterr().err
     cohort_picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "qc" / "p1_qc.png")))
-    assert np.array_equal(cohort_picture[qc.HEADER_PX:], expected[qc.HEADER_PX:])  # the band adds the case and Dice
+    band = expected.shape[0] - cohort_picture.shape[0] + qc.HEADER_PX  # the pair's title may take two lines
+    assert np.array_equal(cohort_picture[qc.HEADER_PX:], expected[band:])  # the band names the case and its Dice
     assert not np.array_equal(cohort_picture[:qc.HEADER_PX], expected[:qc.HEADER_PX])
     rows = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8-sig").splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["p1", "p2"] and rows[2].split(",")[3] == "False"  # verdict stands
