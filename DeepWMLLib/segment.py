@@ -1004,10 +1004,10 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
         raise UsageError(VENTRICLE_MODEL_NEEDED)
     cases = _once_each(expand_inputs(inputs))
-    check_case_names(cases)
+    named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
+    check_case_names([c for c in cases if not found_segmentation(c[1], named)])  # those write nothing
     out = io.make_output_dir(out_dir)
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
-    named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
     options["leftovers"] = temporary_leftovers(out)
     rows = []
     finished = False
@@ -1037,15 +1037,20 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         try:
             if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
                 raise study
-            row = segment_case(case, path, out, models, device, progress=progress, study=study, protected=protected,
-                               **options)
+            if found_segmentation(path, named):  # a case's Slicer segmentation beside its scan: no scan
+                row = {"case": case, "input": str(path), "status": "skipped", "error": SEGMENTATION_SKIPPED,
+                       "seconds": round(time.perf_counter() - start, 3), "_mask": True}
+            else:
+                row = segment_case(case, path, out, models, device, progress=progress, study=study,
+                                   protected=protected, **options)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
         except Exception as exc:  # one bad case never stops the others
             if isinstance(exc, io.LabelMaskGiven) and _resolved(path) not in named:
                 # found in a folder given (a case's FLAIR beside its manual mask), not named: not a failure
-                row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc)}
+                row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc),
+                       "_mask": True}
             else:
                 if debug:
                     traceback.print_exc()
@@ -1057,11 +1062,39 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         if progress_factory:
             progress_factory.finish(row)
     _series_matched_nothing(rows, options.get("series"))
+    only_masks = masks_only(rows)
+    if only_masks:
+        print(f"deepwml segment: error: {only_masks}", file=sys.stderr)
 
 
 def mask_skipped(exc: io.LabelMaskGiven) -> str:
     """The summary's word on a label mask found beside the scans in a folder given, skipped (not segmented)."""
     return f"looks like a label mask, not a FLAIR scan ({exc.values}): not segmented"
+
+
+SEGMENTATION_SKIPPED = "a Slicer segmentation (.seg.nrrd), not a FLAIR scan: not segmented"
+
+
+def found_segmentation(path: Path, named) -> bool:
+    """Whether an input is a Slicer segmentation (.seg.nrrd) found in a folder given, not named (`named`: the
+    resolved paths the user typed): a case's manual mask saved beside its scan, often of the scan's own name
+    (case01.nrrd, case01.seg.nrrd). It is skipped unread, as a label mask found so is, and has no outputs whose
+    name could clash: the clash refused the whole run ('2 inputs are both named case01'), nothing segmented."""
+    return path.name.lower().endswith(io.SEGMENTATION_EXTENSION) and _resolved(path) not in named
+
+
+def masks_only(rows: list[dict]) -> str | None:
+    """When every case of a run is a label mask found in a folder (rows marked `_mask`, skipped), they are errors
+    and the error to print is returned: a folder of masks given for the folder of scans ended 'done', exit 0, with
+    nothing segmented. The marks are removed."""
+    masks = [row for row in rows if row.pop("_mask", False)]
+    if not masks or len(masks) < len(rows):
+        return None
+    for row in masks:
+        row.update(status="error", error=f"{row['error']}; no FLAIR scan among the inputs given")
+    found = "the image file found looks" if len(masks) == 1 else f"all {len(masks)} image files found look"
+    return (f"{found} like a label mask or segmentation, not a FLAIR scan, so nothing was segmented; give the "
+            "folder of the FLAIR scans")
 
 
 def _series_matched_nothing(rows: list[dict], series: str | None) -> None:

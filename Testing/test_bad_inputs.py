@@ -89,6 +89,10 @@ BAD_INPUTS = [
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("a lesion mask found beside its FLAIR in a folder given (a labelled case's folder)", "segment", 0,
      "ok: the FLAIR segmented, the mask skipped (\"looks like a label mask\" in summary.csv), not failed"),
+    ("a folder holding only label masks (the masks' folder given for the scans')", "segment", 1,
+     "like a label mask or segmentation, not a FLAIR scan, so nothing was segmented"),
+    ("a Slicer segmentation (`.seg.nrrd`) of its scan's name beside it in a folder given", "segment", 0,
+     "ok: the scan segmented, the segmentation skipped unread, no clash of names"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
@@ -372,6 +376,15 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         for name in ("good", "truth"):
             (tmp / "in" / "labelled" / f"{name}.nii.gz").write_bytes(p[name].read_bytes())
         return seg + [str(tmp / "in" / "labelled")]
+    if row_id.startswith("a folder holding only label masks"):
+        (tmp / "in" / "masks").mkdir()
+        (tmp / "in" / "masks" / "truth.nii.gz").write_bytes(p["truth"].read_bytes())
+        return seg + [str(tmp / "in" / "masks")]
+    if row_id.startswith("a Slicer segmentation (`.seg.nrrd`)"):
+        (tmp / "in" / "sliced").mkdir()
+        sitk.WriteImage(sitk.ReadImage(str(p["good"])), str(tmp / "in" / "sliced" / "case01.nrrd"))
+        sitk.WriteImage(sitk.ReadImage(str(p["truth"])), str(tmp / "in" / "sliced" / "case01.seg.nrrd"))
+        return seg + [str(tmp / "in" / "sliced")]
     if row_id == "a DICOM study folder with two FLAIR-like series":
         for number, description in enumerate(("AX FLAIR", "AX FLAIR post"), start=1):
             write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
@@ -523,6 +536,10 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         summary = {r["case"]: r for r in csv.DictReader(lines)}
         assert summary["good"]["status"] == "ok" and summary["truth"]["status"] == "skipped"
         assert "looks like a label mask" in summary["truth"]["error"] and "truth: skipped - looks like a label mask" in err
+    if row_id.startswith("a Slicer segmentation (`.seg.nrrd`)"):
+        lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
+        assert sorted(r["status"] for r in csv.DictReader(lines)) == ["ok", "skipped"]
+        assert "case01: skipped - a Slicer segmentation (.seg.nrrd), not a FLAIR scan" in err
     if row_id == "sagittal acquisition":
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()

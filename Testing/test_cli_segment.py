@@ -1066,3 +1066,47 @@ def test_inputs_that_share_a_case_name_are_all_refused_before_anything_is_segmen
     capsys.readouterr()
     assert main(["segment", str(scans[1]), *argv]) == 1  # another scan's results of that name: refused, as before
     assert "holds the results of another scan" in capsys.readouterr().err
+
+
+def test_a_folder_holding_only_label_masks_is_an_error_not_done(tmp_path, tiny_model, capsys):
+    """The folder of a data set's masks given for the folder of its scans: every mask was skipped as 'looks like
+    a label mask' and the run ended '0/2 cases done (0 failed, 2 skipped)', exit 0, nothing segmented. With no
+    FLAIR among the inputs, the masks are errors (exit 1) and one line says to give the scans' folder."""
+    labels = tmp_path / "labelsTr"
+    labels.mkdir()
+    for seed in range(2):
+        _, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),), seed=seed)
+        sitk.WriteImage(truth, str(labels / f"p{seed}.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(labels), *argv]) == 1
+    err = capsys.readouterr().err
+    assert "all 2 image files found look like a label mask or segmentation" in err and "give the folder of the FLAIR scans" in err
+    assert err.rstrip().endswith(f"0/2 cases done (2 failed, 0 skipped), summary in {out / 'summary.csv'}")
+    rows = read_summary(out)
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert all("looks like a label mask" in r["error"] and "no FLAIR scan" in r["error"] for r in rows)
+
+    write_case(labels, "flair", size=(32, 32, 4))  # with one scan beside them: the masks are skipped, as before
+    assert main(["segment", str(labels), *argv]) == 0
+    assert sorted(r["status"] for r in read_summary(out)) == ["ok", "skipped", "skipped"]
+
+
+def test_a_slicer_segmentation_beside_its_scan_of_the_same_name_is_skipped(tmp_path, tiny_model, capsys):
+    """case01.nrrd with its manual segmentation case01.seg.nrrd in the folder given: the two were '2 inputs are
+    both named case01' and the whole run was refused, nothing segmented. A .seg.nrrd found in a folder is a
+    segmentation, never a scan: skipped unread, so its name clashes with nothing; named as INPUT, still an error."""
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    image, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(folder / "case01.nrrd"))
+    sitk.WriteImage(truth, str(folder / "case01.seg.nrrd"))
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(folder), *argv]) == 0
+    err = capsys.readouterr().err
+    assert "case01: skipped - a Slicer segmentation (.seg.nrrd), not a FLAIR scan" in err
+    rows = read_summary(out)
+    assert [(r["input"].endswith(".seg.nrrd"), r["status"]) for r in rows] == [(False, "ok"), (True, "skipped")]
+    assert (out / "case01_report.json").is_file()
+    assert main(["segment", str(folder / "case01.seg.nrrd"), *argv]) == 1  # named: an error, as before

@@ -370,3 +370,29 @@ def test_batch_skips_a_label_mask_beside_the_scans_and_refuses_clashing_names_up
     assert batchScript.main(["--input-dir", str(clashing), "--output-dir", str(out), "--model", str(tiny_model)]) == 1
     assert "2 inputs are both named 'a'" in capsys.readouterr().err
     assert not list(out.glob("a*"))  # nothing segmented
+
+
+def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_scan_is_skipped(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """IN holding only masks (the masks' folder given for the scans'): every one was skipped and the batch ended
+    exit 0 with nothing segmented; it is now an error, as `deepwml segment` says. A case01.seg.nrrd beside
+    case01.nii.gz clashed with it by name, and the whole batch was refused; it is skipped unread."""
+    oracle_network(monkeypatch)
+    masks, out = tmp_path / "masks", tmp_path / "out"
+    masks.mkdir()
+    _, truth = writeCase(tmp_path, "flair.nii.gz")
+    sitk.WriteImage(truth, str(masks / "case01.nii.gz"))
+    arguments = ["--input-dir", str(masks), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 1
+    captured = capsys.readouterr()
+    assert "the image file found looks like a label mask or segmentation" in captured.err
+    assert "0/1 cases done (1 failed, 0 skipped)" in captured.out
+    assert summary(out)["case01"]["status"] == "error"
+
+    labelled, out = tmp_path / "labelled", tmp_path / "out2"
+    labelled.mkdir()
+    _, truth = writeCase(labelled, "case01.nii.gz")
+    sitk.WriteImage(truth, str(labelled / "case01.seg.nrrd"))
+    assert batchScript.main(["--input-dir", str(labelled), "--output-dir", str(out), *arguments[4:]]) == 0
+    assert "1/2 cases done (0 failed, 1 skipped)" in capsys.readouterr().out
+    assert (out / "case01_report.json").is_file()

@@ -222,8 +222,9 @@ def main(argv) -> int:
         return 1
     rows = []
     inputs = list(expand_inputs([str(args.input_dir)]))
-    try:
-        segment.check_case_names(inputs)
+    named = frozenset({args.input_dir.resolve()})
+    try:  # a segmentation found beside its scan is skipped unread, and writes nothing whose name could clash
+        segment.check_case_names([c for c in inputs if not segment.found_segmentation(c[1], named)])
     except DeepWMLError as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
@@ -234,11 +235,14 @@ def main(argv) -> int:
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
                 raise study
-            row = segmentCase(logic, case, path, args, study)
+            if segment.found_segmentation(path, named):  # a case's Slicer segmentation beside its scan
+                row = {"status": "skipped", "error": segment.SEGMENTATION_SKIPPED, "_mask": True}
+            else:
+                row = segmentCase(logic, case, path, args, study)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"status": "skipped", "error": str(exc)}
         except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
-            row = {"status": "skipped", "error": segment.mask_skipped(exc)}
+            row = {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
         except Exception as exc:  # one bad case never stops the others
             if args.debug:
                 traceback.print_exc()
@@ -250,6 +254,9 @@ def main(argv) -> int:
         print(f"{case}: {row['status']} - {detail}", flush=True)
         if row.get("warnings") and row["status"] == "ok":  # a skipped case's are its earlier run's
             print(f"{case}: warning: {row['warnings']}", flush=True)
+    only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
+    if only_masks:
+        print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
     write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
     print(segment.batch_total(rows, "cases", args.output_dir / "summary.csv"), flush=True)
     return 1 if any(row["status"] == "error" for row in rows) else 0
