@@ -1740,9 +1740,22 @@ def _scan_like(array: np.ndarray) -> str | None:
     if not finite.any() or float(array[finite].max()) <= 1:
         return None
     marked = np.count_nonzero(array) / array.size
-    if marked <= SCAN_FRACTION:
+    if marked <= SCAN_FRACTION or _probability_like(array[finite]):
         return None
     return f"{marked:.0%} of its voxels are non-zero, with more than {MAX_LABEL_VALUES} distinct values"
+
+
+def _probability_like(values: np.ndarray) -> bool:
+    """Whether finite values look like a probability map scaled to 0-100 (or any top): fractions, none negative,
+    nine in ten of the non-zero ones within 5 % of the top (a network's map is near 0 almost everywhere, lesions
+    a few % of the brain; a FLAIR's head, skull-stripped or not, lies at a good part of its top). Such a map, non-zero
+    nearly everywhere, was called 'looks like a scan (was the FLAIR given instead of its mask?)': read_mask says
+    it holds fractions, 'threshold a probability map first', as it did before. Judged on a strided sample."""
+    sample = values[:: max(1, values.size // 200_000)].astype(np.float64)
+    sample = sample[sample != 0]
+    if sample.size == 0 or float(sample.min()) < 0 or np.all(sample == np.round(sample)):
+        return False
+    return float(np.quantile(sample, 0.9)) < 0.05 * float(values.max())
 
 
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,

@@ -1012,3 +1012,29 @@ def test_files_named_as_they_are_read_as_before(tmp_path, ext):
     sitk.WriteImage(image, str(tmp_path / f"scan{ext}"))
     read = io.read_image(tmp_path / f"scan{ext}")
     np.testing.assert_allclose(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image), rtol=1e-6)
+
+
+def test_a_probability_map_of_0_to_100_given_as_a_mask_is_told_a_probability_map(tmp_path):
+    """A network's probability map saved in percent (float 0-100, non-zero nearly everywhere) given as a mask was
+    called 'looks like a scan, not a label mask (was the FLAIR given instead of its mask?)'; it is told again that
+    it holds fractions, 'threshold a probability map first'. A float FLAIR, skull-stripped or not, is still a scan."""
+    image, truth = make_volume(size=(48, 48, 12), blobs=((0.5, 0.5, 0.5, 6.0),))
+    rng = np.random.default_rng(0)
+    lesion = sitk.GetArrayFromImage(truth).astype(np.float32)
+    percent = np.clip(lesion * 90 + rng.random(lesion.shape, dtype=np.float32) * 0.5, 0, 100).astype(np.float32)
+    prob = sitk.GetImageFromArray(percent)
+    prob.CopyInformation(truth)
+    sitk.WriteImage(prob, str(tmp_path / "prob.nii.gz"))
+    with pytest.raises(DeepWMLError) as caught:
+        io.read_mask(tmp_path / "prob.nii.gz")
+    assert "threshold a probability map first" in str(caught.value) and "looks like a scan" not in str(caught.value)
+
+    flair = sitk.GetArrayFromImage(image).astype(np.float32) * 1.37
+    assert np.any(flair != np.round(flair))
+    stripped = np.where(flair > np.percentile(flair, 60), flair, 0).astype(np.float32)  # zero outside the brain
+    for name, voxels in (("flair", flair), ("stripped", stripped)):
+        scan = sitk.GetImageFromArray(voxels)
+        scan.CopyInformation(image)
+        sitk.WriteImage(scan, str(tmp_path / f"{name}.nii.gz"))
+        with pytest.raises(DeepWMLError, match="looks like a scan, not a label mask"):
+            io.read_mask(tmp_path / f"{name}.nii.gz")
