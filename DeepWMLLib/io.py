@@ -1681,6 +1681,12 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
         shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if len(labels) > 6 else "")
         raise LabelMaskGiven(f"{name} holds only {len(labels)} distinct values ({shown}): it looks like a label mask "
                              "or segmentation, not a FLAIR scan; give the FLAIR image", f"{len(labels)} values: {shown}")
+    alike = _patches_of_one_value(array)
+    if alike is not None:
+        raise LabelMaskGiven(f"{name} holds whole numbers in patches of one value ({alike:.0%} of neighbouring voxels "
+                             f"alike, under {LABEL_MAP_ALIKE:.0%} in a FLAIR): it looks like a label mask of many labels "
+                             "(one label per lesion, or a parcellation), not a FLAIR scan; give the FLAIR image",
+                             f"more than {MAX_LABEL_VALUES} values in patches of one value")
     return image
 
 
@@ -1723,6 +1729,47 @@ def _few_values(array: np.ndarray) -> np.ndarray | None:
         return None
     values = distinct(flat)
     return values if len(values) <= MAX_LABEL_VALUES else None
+
+
+LABEL_MAP_ALIKE = 0.9  # of neighbouring voxels (neither background) alike along each axis: up to 15 % in real FLAIRs (8-bit
+# too), 52-81 % along an axis a FLAIR was resampled 2-5 fold by nearest neighbour, 100 % in a map with one label per lesion
+
+
+def _patches_of_one_value(array: np.ndarray, slices: int = 32) -> float | None:
+    """The fraction of neighbouring voxel pairs (neither of the background value, the commonest) that hold one value,
+    along the axis where it is least, when that is at least LABEL_MAP_ALIKE in an image of whole numbers: a label
+    map of more labels than MAX_LABEL_VALUES (a lesion mask labelled one value per lesion, 49 on real patient07),
+    whose labels each fill patches, where a FLAIR's neighbours differ by noise (and one resampled by nearest
+    neighbour along an axis or two still differs along the others). Else None. Such a map given as the FLAIR was
+    segmented as a scan (and, found in a folder beside the scans, not skipped as a mask of a few values is).
+    Judged on up to `slices` pairs of slices along the first axis, all of them when those hold few pairs."""
+    if array.ndim != 3 or min(array.shape) < 2:
+        return None
+    for step in (max(1, (array.shape[0] - 1) // slices), 1):
+        first = array[:array.shape[0] - 1:step]
+        then = array[1::step][:len(first)]  # the slice after each of `first`
+        if first.dtype.kind == "f" and not np.all(first == np.round(first)):
+            return None  # fractions: no label map (read_image's float FLAIRs stop here)
+        values, counts = _value_counts(first.reshape(-1)[::max(1, first.size // 1_000_000)])
+        background = values[np.argmax(counts)]  # the commonest value, of a strided sample
+        alike = []
+        for left, right in ((first[..., :-1], first[..., 1:]), (first[:, :-1], first[:, 1:]), (first, then)):
+            both = (left != background) & (right != background)
+            pairs = int(np.count_nonzero(both))
+            if pairs >= 50:
+                alike.append(np.count_nonzero(both & (left == right)) / pairs)
+        if alike or step == 1:
+            break
+    if not alike or min(alike) < LABEL_MAP_ALIKE:
+        return None
+    return min(alike)
+
+
+def _value_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of an array and how often each occurs (np.unique's, without its numpy.ma import)."""
+    flat = np.sort(array.reshape(-1))
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    return flat[starts], np.diff(np.append(starts, flat.size))
 
 
 SCAN_FRACTION = 0.1  # of a mask's voxels non-zero: a lesion mask holds far less (50 ml is 2 % of a 320 x 320 x 48 scan)

@@ -87,6 +87,8 @@ BAD_INPUTS = [
     ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
     ("--save-ventricle-mask without a ventricle model", "segment", 2, "needs a ventricle model"),
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
+    ("a lesion mask labelled one value per lesion (more than 16 lesions) given as the FLAIR", "segment", 1,
+     "looks like a label mask of many labels"),
     ("a lesion mask found beside its FLAIR in a folder given (a labelled case's folder)", "segment", 0,
      "ok: the FLAIR segmented, the mask skipped (\"looks like a label mask\" in summary.csv), not failed"),
     ("a folder holding only label masks (the masks' folder given for the scans')", "segment", 1,
@@ -369,6 +371,16 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "a ventricle model given as the WMH model":
         vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
         return ["segment", str(p["good"]), "-o", out, "--model", str(vent)]
+    if row_id.startswith("a lesion mask labelled one value per lesion"):
+        truth = sitk.ReadImage(str(p["truth"]))
+        array = np.zeros(sitk.GetArrayViewFromImage(truth).shape, np.uint16)
+        for label in range(1, 25):  # 24 small lesions, one label each (a connected-component tool's output)
+            z, y, x = label % array.shape[0], 4 + (label * 5) % (array.shape[1] - 8), 4 + (label * 3) % (array.shape[2] - 8)
+            array[z, y:y + 3, x:x + 3] = label
+        labels = sitk.GetImageFromArray(array)
+        labels.CopyInformation(truth)
+        sitk.WriteImage(labels, str(tmp / "in" / "lesion_labels.nii.gz"))
+        return seg + [str(tmp / "in" / "lesion_labels.nii.gz")]
     if row_id == "a lesion mask given as the FLAIR":
         return seg + [str(p["truth"])]
     if row_id.startswith("a lesion mask found beside its FLAIR"):

@@ -1110,3 +1110,35 @@ def test_a_slicer_segmentation_beside_its_scan_of_the_same_name_is_skipped(tmp_p
     assert [(r["input"].endswith(".seg.nrrd"), r["status"]) for r in rows] == [(False, "ok"), (True, "skipped")]
     assert (out / "case01_report.json").is_file()
     assert main(["segment", str(folder / "case01.seg.nrrd"), *argv]) == 1  # named: an error, as before
+
+
+def _lesions_labelled_one_by_one(like: sitk.Image, count: int = 24) -> sitk.Image:
+    """A lesion mask labelled one value per lesion (1 to `count`), as connected-component tools write it."""
+    array = np.zeros(sitk.GetArrayViewFromImage(like).shape, np.uint16)
+    for label in range(1, count + 1):
+        z, y = label % array.shape[0], 4 + (label * 5) % (array.shape[1] - 8)
+        x = 4 + (label * 3) % (array.shape[2] - 8)
+        array[z, y:y + 3, x:x + 3] = label
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(like)
+    return labels
+
+
+def test_a_lesion_mask_labelled_per_lesion_is_a_label_mask_too(tmp_path, tiny_model, capsys):
+    """A mask with one label per lesion (more than 16: 49 on real patient07) beside its FLAIR in the folder given
+    was segmented as a scan (status ok, outputs for it), and named as INPUT too; a mask of a few values was
+    skipped. It is now a label mask as well: skipped in a folder, an error when named."""
+    case = tmp_path / "patient07"
+    case.mkdir()
+    flair, _ = write_case(case, "flair", size=(40, 40, 6), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(_lesions_labelled_one_by_one(sitk.ReadImage(str(flair))), str(case / "lesion_labels.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(case), *argv]) == 0
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["flair"]["status"] == "ok" and rows["lesion_labels"]["status"] == "skipped"
+    assert "looks like a label mask" in rows["lesion_labels"]["error"]
+    assert not list(out.glob("lesion_labels*"))
+    capsys.readouterr()
+    assert main(["segment", str(case / "lesion_labels.nii.gz"), *argv]) == 1
+    assert "looks like a label mask of many labels (one label per lesion, or a parcellation)" in capsys.readouterr().err

@@ -1038,3 +1038,18 @@ def test_a_probability_map_of_0_to_100_given_as_a_mask_is_told_a_probability_map
         sitk.WriteImage(scan, str(tmp_path / f"{name}.nii.gz"))
         with pytest.raises(DeepWMLError, match="looks like a scan, not a label mask"):
             io.read_mask(tmp_path / f"{name}.nii.gz")
+
+
+def test_a_flair_resampled_by_nearest_neighbour_is_no_label_map():
+    """The label-map check (neighbouring voxels alike) spares a FLAIR of whole numbers resampled by nearest
+    neighbour, whose voxels repeat along the axes it was resampled along (2-fold along all three here), and
+    catches a map of one label per lesion."""
+    image, truth = make_volume(size=(32, 32, 8), blobs=((0.3, 0.3, 0.5, 4.0), (0.7, 0.6, 0.5, 4.0)), dtype=sitk.sitkInt16)
+    array = sitk.GetArrayFromImage(image).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    assert io.check_volume(sitk.GetImageFromArray(array.astype(np.float32)), "resampled") is not None
+    labels = np.zeros((8, 32, 32), np.float32)
+    for label in range(1, 21):  # 20 small lesions of 3 x 3 x 2 voxels, apart
+        z, y, x = 1 + (label % 3) * 2, 2 + (label % 5) * 6, 2 + (label // 5) * 6
+        labels[z:z + 2, y:y + 3, x:x + 3] = label
+    with pytest.raises(io.LabelMaskGiven, match="looks like a label mask of many labels"):
+        io.check_volume(sitk.GetImageFromArray(labels), "labels")
