@@ -1110,6 +1110,9 @@ def test_a_slicer_segmentation_beside_its_scan_of_the_same_name_is_skipped(tmp_p
     assert [(r["input"].endswith(".seg.nrrd"), r["status"]) for r in rows] == [(False, "ok"), (True, "skipped")]
     assert (out / "case01_report.json").is_file()
     assert main(["segment", str(folder / "case01.seg.nrrd"), *argv]) == 1  # named: an error, as before
+    manual = (folder / "case01.seg.nrrd").read_bytes()  # OUTDIR the folder itself: the scan's output would take
+    assert main(["segment", str(folder), "-o", str(folder), *argv[2:]]) == 1  # the segmentation's name: refused
+    assert "would be written over" in capsys.readouterr().err and (folder / "case01.seg.nrrd").read_bytes() == manual
 
 
 def _lesions_labelled_one_by_one(like: sitk.Image, count: int = 24) -> sitk.Image:
