@@ -61,18 +61,29 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
     return plan.network_slices(stack, plan.kept, preprocessing).astype(np.float32, copy=False), int(stack.shape[0])
 
 
-def network_slices(paths: Sequence, preprocessing) -> tuple[np.ndarray, list[dict]]:
+def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None
+                   ) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts.
-    A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it)."""
+    A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it). A path of `found` (an image file
+    found in a folder given, not named) that is a label mask is skipped, said to `log`, as deepwml segment
+    skips it: a labelled case's folder (FLAIR and manual mask) failed the whole run on its mask."""
     import SimpleITK as sitk
 
     from . import io
 
-    chunks, facts, seen = [], [], {}
+    chunks, facts, seen, skipped = [], [], {}, 0
     for item in paths:
         path, series = item if isinstance(item, tuple) else (item, None)
-        image = io.read_image(path, series=series)
-        io.check_volume(image)
+        try:
+            image = io.read_image(path, series=series)
+            io.check_volume(image)
+        except io.LabelMaskGiven as exc:
+            if series is not None or path not in found:
+                raise
+            skipped += 1
+            if log:
+                log(f"{io.case_name(path)}: skipped - looks like a label mask, not a FLAIR scan ({exc.values}): not used")
+            continue
         canonical = sitk.DICOMOrient(image, "LPS") if isinstance(image, sitk.Image) else image  # voxel order aside
         digest = hashlib.sha256(np.ascontiguousarray(io.voxels(canonical)).tobytes()).hexdigest()
         if digest in seen:  # the same voxels twice (one file listed twice, or in two formats or voxel orders)
@@ -82,6 +93,9 @@ def network_slices(paths: Sequence, preprocessing) -> tuple[np.ndarray, list[dic
         if slices.shape[0]:
             chunks.append(slices)
         facts.append({"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total})
+    if skipped and not facts:
+        raise DeepWMLError("every image file found looks like a label mask or segmentation, not a FLAIR scan; give "
+                           "the folder of the FLAIR scans")
     if not chunks:
         raise DeepWMLError("none of the scans has a slice with head in it; nothing to adapt on")
     return np.concatenate(chunks), facts
@@ -291,12 +305,14 @@ def crop_settings(loaded) -> tuple[int, float]:
 
 def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path], out_paths: Sequence[str | Path],
                  pseudo_models: Sequence[str | Path] | None = None, per_slice: int = 4, seed: int = 0,
-                 fp16: bool = True, batch_size: int = 8, progress=None, log=None) -> list[dict]:
+                 fp16: bool = True, batch_size: int = 8, progress=None, log=None,
+                 found: frozenset = frozenset()) -> list[dict]:
     """Adapt each model file on `scans` and write it to the matching `out_paths`; returns a summary per model.
 
     pseudo_models: the models whose averaged marks (>= 0.5) are the scans' lesions for centring crops
     (None: the models being adapted). All must share one preprocessing (grid); the slices and the
-    lesions are computed once. progress(what, done, total) is called as the lesions are found ("finding
+    lesions are computed once. found: scans found in a folder given, skipped when label masks (network_slices).
+    progress(what, done, total) is called as the lesions are found ("finding
     lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
     from .checkpoint import file_digest, load_model, load_model_settings, save_model
 
@@ -315,7 +331,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
-    slices, facts = network_slices(scans, preprocessing)
+    slices, facts = network_slices(scans, preprocessing, found, log)
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
                            f"{MIN_SLICES} ({FEW_SLICES}+ advised): add scans of the same protocol")
@@ -431,11 +447,15 @@ def _run(args) -> int:
     progress = StageProgress(sys.stderr)
 
     scans = []  # a folder stands for the images in it, and each DICOM study below it for its FLAIR, as in segment
+    named = {Path(raw).resolve() for raw in args.scans}
+    found = set()  # image files found in a folder given: a label mask among them is skipped, as segment skips it
     for case, path, study in expand_inputs(args.scans):
         if isinstance(study, DeepWMLError):  # a folder that could not be read
             raise study
         if study is None:
             scans.append(path)
+            if path.is_file() and path.resolve() not in named:
+                found.add(path)
             continue
         try:
             scans.append((path, io.choose_dicom_series(path, candidates=study.series, strict=True)[0]))
@@ -445,7 +465,7 @@ def _run(args) -> int:
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                                  fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
-                                 log=lambda text: print(text, file=sys.stderr, flush=True))
+                                 log=lambda text: print(text, file=sys.stderr, flush=True), found=frozenset(found))
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused or interrupted run leaves no empty folder behind

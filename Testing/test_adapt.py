@@ -328,3 +328,27 @@ def test_a_pacs_export_adapts_on_each_studys_flair(tmp_path, capsys):
     assert [s["of"] for s in record["scans"]] == [12, 12]
     assert "PAT" not in json.dumps(load_model(out / "bn-adapted.pt").provenance)  # a patient's folder name: not kept
     assert "PAT3_SER1: skipped - " in capsys.readouterr().err
+
+
+def test_a_label_mask_in_a_folder_of_scans_is_skipped_as_segment_skips_it(tmp_path, capsys):
+    """A labelled cases' folder (FLAIRs and a manual mask) given to adapt: the whole run failed on the mask ('looks
+    like a label mask ...; give the FLAIR image'), where deepwml segment skips it. It is skipped, saying so; named
+    as a scan it is still an error, and a folder of masks alone is one."""
+    source = _model_file(tmp_path / "bn.pt")
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    scans = _scans(folder, 2)
+    _, truth = make_volume(size=(64, 64, 12), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),))
+    sitk.WriteImage(truth, str(folder / "consensus_mask.nii.gz"))
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(folder), "-o", str(out), "--crops-per-slice", "2"]) == 0
+    assert "consensus_mask: skipped - looks like a label mask" in capsys.readouterr().err
+    assert len(load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]["scans"]) == 2
+    named = ["adapt", "--model", str(source), "--scans", *map(str, scans), str(folder / "consensus_mask.nii.gz"),
+             "-o", str(tmp_path / "named")]
+    assert cli.main(named) == 1
+    assert "looks like a label mask" in capsys.readouterr().err
+    for scan in scans:
+        scan.unlink()
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(folder), "-o", str(tmp_path / "none")]) == 1
+    assert "every image file found looks like a label mask" in capsys.readouterr().err
