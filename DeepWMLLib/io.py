@@ -1742,27 +1742,30 @@ def _patches_of_one_value(array: np.ndarray, slices: int = 32) -> float | None:
     whose labels each fill patches, where a FLAIR's neighbours differ by noise (and one resampled by nearest
     neighbour along an axis or two still differs along the others). Else None. Such a map given as the FLAIR was
     segmented as a scan (and, found in a folder beside the scans, not skipped as a mask of a few values is).
-    Judged on up to `slices` pairs of slices along the first axis, all of them when those hold few pairs."""
+    Judged on up to `slices` pairs of slices along the first axis, all of them when those hold few pairs; a pair
+    at a time, so that the judging holds a few slices' worth of memory, never a copy of the volume."""
     if array.ndim != 3 or min(array.shape) < 2:
         return None
     for step in (max(1, (array.shape[0] - 1) // slices), 1):
-        first = array[:array.shape[0] - 1:step]
-        then = array[1::step][:len(first)]  # the slice after each of `first`
-        if first.dtype.kind == "f" and not np.all(first == np.round(first)):
+        starts = range(0, array.shape[0] - 1, step)  # each judged slice, and the slice after it
+        if array.dtype.kind == "f" and not all(np.all(array[i] == np.round(array[i])) for i in starts):
             return None  # fractions: no label map (read_image's float FLAIRs stop here)
-        values, counts = _value_counts(first.reshape(-1)[::max(1, first.size // 1_000_000)])
-        background = values[np.argmax(counts)]  # the commonest value, of a strided sample
-        alike = []
-        for left, right in ((first[..., :-1], first[..., 1:]), (first[:, :-1], first[:, 1:]), (first, then)):
-            both = (left != background) & (right != background)
-            pairs = int(np.count_nonzero(both))
-            if pairs >= 50:
-                alike.append(np.count_nonzero(both & (left == right)) / pairs)
+        every = max(1, len(starts) * array[0].size // 1_000_000)  # the background from about a million voxels
+        values, counts = _value_counts(np.concatenate([array[i].reshape(-1)[::every] for i in starts]))
+        background = values[np.argmax(counts)]  # the commonest value, of the sample
+        pairs, same = np.zeros(3, np.int64), np.zeros(3, np.int64)
+        for i in starts:
+            first, then = array[i], array[i + 1]
+            for axis, (left, right) in enumerate(((first[:, :-1], first[:, 1:]), (first[:-1], first[1:]), (first, then))):
+                both = (left != background) & (right != background)
+                pairs[axis] += np.count_nonzero(both)
+                same[axis] += np.count_nonzero(both & (left == right))
+        alike = [same[axis] / pairs[axis] for axis in range(3) if pairs[axis] >= 50]
         if alike or step == 1:
             break
     if not alike or min(alike) < LABEL_MAP_ALIKE:
         return None
-    return min(alike)
+    return float(min(alike))
 
 
 def _value_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
