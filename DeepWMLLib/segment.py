@@ -552,6 +552,82 @@ def check_case_names(cases: Sequence[tuple], shown: int = 4) -> None:
                        "rename the files (or folders) apart, or segment them into separate output folders (-o)")
 
 
+def case_names_apart(cases: Sequence[tuple], named=frozenset()) -> list[tuple]:
+    """The cases (expand_inputs) with names that clash, upper and lower case alike (one file on macOS and
+    Windows), told apart by the names of the folders above them that differ, nearest first, joined with "_"
+    as a study's folders are: patient07/flair.nii.gz and patient19/flair.nii.gz are `patient07_flair` and
+    `patient19_flair`; sub-01/anat/FLAIR.nii.gz and sub-02/anat/FLAIR.nii.gz `sub-01_FLAIR` and
+    `sub-02_FLAIR` (a folder all of them share says nothing). Only a clash is renamed: a name of its own
+    is kept, so that outputs made before keep their names, and a rerun of the same inputs names them the
+    same (its cases done are skipped). Then `check_case_names`: scans of one name that no folder tells
+    apart (case01.nii.gz and case01.nrrd side by side; the new name of another input) refuse the run.
+    A Slicer segmentation found in a folder (`found_segmentation`, `named` the paths typed) and a folder
+    that could not be read write nothing: their names are kept and clash with nothing."""
+    writing = [not isinstance(study, DeepWMLError) and not found_segmentation(path, named)
+               for _, path, study in cases]
+    groups: dict = {}
+    for index, (case, _, _) in enumerate(cases):
+        if writing[index]:
+            groups.setdefault(case.casefold(), []).append(index)
+    renamed = list(cases)
+    for group in groups.values():
+        if len(group) > 1:
+            for index, name in zip(group, _named_by_folders([cases[i] for i in group])):
+                renamed[index] = (name, *cases[index][1:])
+    check_case_names([case for case, writes in zip(renamed, writing) if writes])
+    return renamed
+
+
+def _named_by_folders(group: list[tuple]) -> list[str]:
+    """The names of cases of one name, each after the folders above it that tell it from the others
+    (case_names_apart), nearest last; a case no folder tells from another keeps its name. A name is kept short
+    enough for its outputs' file names."""
+    chains = [_folders_above(path) for _, path, _ in group]
+    depth = max(map(len, chains))
+    prefixes = _telling_apart([(i, chain + [""] * (depth - len(chain))) for i, chain in enumerate(chains)], 0)
+    names = []
+    for index, (case, _, _) in enumerate(group):
+        prefix = "_".join(name for name in reversed(prefixes.get(index, [])) if name)
+        room = CASE_NAME_BYTES - len(os.fsencode(case)) - 1  # the nearest folders kept when there is too little
+        while prefix and len(os.fsencode(prefix)) > room:
+            prefix = prefix[1:]
+        names.append(f"{prefix}_{case}" if prefix else case)
+    return names
+
+
+def _telling_apart(members: list[tuple], level: int) -> dict:
+    """{member: the names of the folders that tell it from the others, nearest first} for (member, the names of
+    the folders above it, nearest first) of one name: at each level up, the folders where the members part
+    (upper and lower case alike), not one they all share. Members no folder tells apart are left out."""
+    if len(members) == 1:
+        return {members[0][0]: []}
+    if level == len(members[0][1]):
+        return {}
+    branches: dict = {}
+    for member in members:
+        branches.setdefault(member[1][level].casefold(), []).append(member)
+    if len(branches) == 1:
+        return _telling_apart(members, level + 1)
+    above = dict(members)
+    return {member: [above[member][level]] + names
+            for branch in branches.values() for member, names in _telling_apart(branch, level + 1).items()}
+
+
+CASE_NAME_BYTES = 255 - len("_ventricles.nii.gz")  # the longest name of a case's outputs within a file name's 255
+
+
+def _folders_above(path: Path) -> list[str]:
+    """The names of the folders above an input, nearest first (as typed, made absolute; links not followed),
+    up to the file system's root (named as io.case_name names a drive's root)."""
+    names = []
+    folder = Path(os.path.abspath(path)).parent
+    while True:
+        names.append(folder.name or io.case_name(folder))
+        if folder.parent == folder:
+            return names
+        folder = folder.parent
+
+
 def _image_files(folder: Path) -> list[tuple]:
     """(case name, path, None) for each image file in a folder, not those DeepWML wrote there for a case
     of an earlier run (OUTDIR may be the input folder itself)."""
@@ -1005,7 +1081,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
         raise UsageError(VENTRICLE_MODEL_NEEDED)
     cases = _once_each(expand_inputs(inputs))
     named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
-    check_case_names([c for c in cases if not found_segmentation(c[1], named)])  # those write nothing
+    cases = case_names_apart(cases, named)  # clashing names told apart by their folders, or refused
     out = io.make_output_dir(out_dir)
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     options["leftovers"] = temporary_leftovers(out)

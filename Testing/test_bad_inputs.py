@@ -44,9 +44,12 @@ BAD_INPUTS = [
     ("all-zero image", "segment", 1, "constant"),
     ("NaN / Inf voxels", "segment", 1, "non-finite"),
     ("folder without images", "segment", 1, "without image files"),
-    ("two inputs with one name", "segment", 1, "both named"),
-    ("two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)", "segment", 1,
-     "alike but for upper/lower case"),
+    ("scans of one name in folders of their own (`patient07/flair.nii.gz`, `patient19/flair.nii.gz`)", "segment", 0,
+     "ok: each named after the folder that tells it apart (`patient07_flair`, `patient19_flair`)"),
+    ("two scans of one name in one folder (`case01.nii.gz`, `case01.mha`: no folder tells them apart)", "segment", 1,
+     "both named"),
+    ("two scans in one folder whose names differ only in upper/lower case (`A.nii.gz`, `a.mha`: one file name on "
+     "macOS and Windows)", "segment", 1, "alike but for upper/lower case"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
     ("NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)", "segment", 1, "voxel size of 0"),
@@ -182,13 +185,16 @@ def world(tmp_path):
     paths["NaN / Inf voxels"] = _write(d / "nan.nii.gz", _array_image(nan))
     (d / "emptydir").mkdir()
     paths["folder without images"] = d / "emptydir"
-    (d / "a").mkdir()
+    for patient in ("patient07", "patient19"):
+        (d / "a" / patient).mkdir(parents=True)
+    paths["scans of one name in folders of their own (`patient07/flair.nii.gz`, `patient19/flair.nii.gz`)"] = [
+        _write(d / "a" / "patient07" / "flair.nii.gz", good), _write(d / "a" / "patient19" / "flair.nii.gz", good)]
     (d / "b").mkdir()
-    paths["two inputs with one name"] = [_write(d / "a" / "same.nii.gz", good), _write(d / "b" / "same.nii.gz", good)]
+    paths["two scans of one name in one folder (`case01.nii.gz`, `case01.mha`: no folder tells them apart)"] = [
+        _write(d / "b" / "case01.nii.gz", good), _write(d / "b" / "case01.mha", good)]
     (d / "x").mkdir()
-    (d / "y").mkdir()
-    paths["two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)"] = [
-        _write(d / "x" / "A.nii.gz", good), _write(d / "y" / "a.nii.gz", good)]
+    paths["two scans in one folder whose names differ only in upper/lower case (`A.nii.gz`, `a.mha`: one file name "
+          "on macOS and Windows)"] = [_write(d / "x" / "A.nii.gz", good), _write(d / "x" / "a.mha", good)]
     extreme = sitk.GetImageFromArray(sitk.GetArrayFromImage(good) * np.float32(1e30))
     extreme.CopyInformation(good)
     paths["extreme intensities (1e30)"] = _write(d / "extreme.nii.gz", extreme)
@@ -437,8 +443,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--epochs", "0"]
     if row_id == "evaluate without a case":
         return ["evaluate", "--json", str(tmp / "e.json")]
-    if row_id in ("two inputs with one name",
-                  "two inputs whose names differ only in upper/lower case (`A`, `a`: one file on macOS and Windows)"):
+    if row_id.startswith(("scans of one name in folders of their own", "two scans of one name in one folder",
+                          "two scans in one folder whose names differ only in upper/lower case")):
         return seg + [str(x) for x in p[row_id]]
     if row_id == "reference on another grid":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
@@ -548,6 +554,10 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         summary = {r["case"]: r for r in csv.DictReader(lines)}
         assert summary["good"]["status"] == "ok" and summary["truth"]["status"] == "skipped"
         assert "looks like a label mask" in summary["truth"]["error"] and "truth: skipped - looks like a label mask" in err
+    if row_id.startswith("scans of one name in folders of their own"):
+        lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
+        assert sorted(r["case"] for r in csv.DictReader(lines)) == ["patient07_flair", "patient19_flair"]
+        assert (tmp / "out" / "patient19_flair_wmh.nii.gz").is_file()
     if row_id.startswith("a Slicer segmentation (`.seg.nrrd`)"):
         lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         assert sorted(r["status"] for r in csv.DictReader(lines)) == ["ok", "skipped"]

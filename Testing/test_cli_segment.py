@@ -1038,33 +1038,83 @@ def test_a_label_mask_found_in_a_folder_is_skipped_and_one_named_is_an_error(tmp
     assert {r["case"]: r["status"] for r in read_summary(out)} == {"consensus_mask": "error", "flair": "skipped"}
 
 
-def test_inputs_that_share_a_case_name_are_all_refused_before_anything_is_segmented(tmp_path, tiny_model, capsys):
-    """Three labelled cases' flair.nii.gz into one OUTDIR: the clash was reported only after the first had been
-    segmented, one case at a time. Every clash is now named at once, before anything runs or is written, with
-    what to do; names alike but for upper/lower case likewise. A rerun of distinct names still skips."""
+def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp_path, tiny_model, capsys):
+    """A cohort of one folder per patient, the same file names inside (patient07/flair.nii.gz beside its
+    consensus_mask.nii.gz): the run was refused up front, '3 inputs are all named flair', nothing segmented.
+    Names that clash now take the folders above them that differ (`patient07_flair`; a folder they all share,
+    BIDS' `anat`, is left out; names alike but for upper/lower case too); a name of its own is kept; a rerun
+    gives the same names and skips the cases done."""
     scans = []
     for seed, patient in enumerate(("patient07", "patient19", "patient26")):
         (tmp_path / patient).mkdir()
         scans.append(write_case(tmp_path / patient, "flair", size=(32, 32, 4), seed=seed)[0])
+        _, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),), seed=seed)
+        sitk.WriteImage(truth, str(tmp_path / patient / "consensus_mask.nii.gz"))
+    bids = []
+    for seed, subject in enumerate(("sub-01", "sub-02")):
+        (tmp_path / "bids" / subject / "anat").mkdir(parents=True)
+        bids.append(write_case(tmp_path / "bids" / subject / "anat", "T2_FLAIR", size=(32, 32, 4), seed=seed)[0])
     (tmp_path / "x").mkdir()
     upper = write_case(tmp_path, "P1", size=(32, 32, 4))[0]
     lower = write_case(tmp_path / "x", "p1", size=(32, 32, 4))[0]
+    single = write_case(tmp_path / "x", "alone", size=(32, 32, 4))[0]
     out = tmp_path / "out"
     argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
-    assert main(["segment", *map(str, scans), str(upper), str(lower), *argv]) == 1
+    inputs = [str(tmp_path / "patient07"), str(tmp_path / "patient19"), str(scans[2]), *map(str, bids), str(upper),
+              str(lower), str(single)]
+    assert main(["segment", *inputs, *argv]) == 0, capsys.readouterr().err
+    rows = {r["case"]: (r["status"], Path(r["input"])) for r in read_summary(out)}
+    assert rows == {
+        "patient07_flair": ("ok", scans[0]), "patient07_consensus_mask": ("skipped", tmp_path / "patient07" /
+                                                                           "consensus_mask.nii.gz"),
+        "patient19_flair": ("ok", scans[1]), "patient19_consensus_mask": ("skipped", tmp_path / "patient19" /
+                                                                           "consensus_mask.nii.gz"),
+        "patient26_flair": ("ok", scans[2]), "sub-01_T2_FLAIR": ("ok", bids[0]), "sub-02_T2_FLAIR": ("ok", bids[1]),
+        f"{tmp_path.name}_P1": ("ok", upper), "x_p1": ("ok", lower), "alone": ("ok", single)}
+    assert (out / "patient07_flair_wmh.nii.gz").is_file() and (out / "alone_wmh.nii.gz").is_file()
+    assert json.loads((out / "patient19_flair_report.json").read_text())["input"] == str(scans[1])
+    capsys.readouterr()
+
+    assert main(["segment", *inputs, *argv]) == 0  # the rerun: the same names, every case skipped
+    assert {r["status"] for r in read_summary(out)} == {"skipped"}
+    assert "patient07_flair: skipped" in capsys.readouterr().err
+
+
+def test_inputs_of_one_name_no_folder_tells_apart_are_all_refused_before_anything_is_segmented(tmp_path, tiny_model,
+                                                                                                  capsys):
+    """Names that clash and that no folder tells apart (case01.nii.gz and case01.mha side by side; P1 and p1
+    in one folder; a folder's name that makes another input's) are refused, every one at once, before anything
+    runs or is written, with what to do. A rerun of distinct names still skips."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    first = write_case(folder, "case01", size=(32, 32, 4))[0]
+    second = folder / "case01.mha"
+    sitk.WriteImage(sitk.ReadImage(str(first)), str(second))
+    upper = write_case(folder, "P1", size=(32, 32, 4))[0]
+    lower = folder / "p1.mha"
+    sitk.WriteImage(sitk.ReadImage(str(upper)), str(lower))
+    (tmp_path / "p07").mkdir()
+    nested = write_case(tmp_path / "p07", "flair", size=(32, 32, 4))[0]
+    (tmp_path / "p19").mkdir()
+    other = write_case(tmp_path / "p19", "flair", size=(32, 32, 4))[0]
+    taken = write_case(tmp_path, "p07_flair", size=(32, 32, 4))[0]
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", *map(str, (first, second, upper, lower, nested, other, taken)), *argv]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "error" in lines[0], err  # one error, nothing segmented
-    assert "3 inputs are all named 'flair'" in err and all(str(scan) in err for scan in scans)
+    assert f"2 inputs are both named 'case01' ({first}, {second})" in err
     assert "'P1' and 'p1'" in err and "alike but for upper/lower case" in err
+    assert f"2 inputs are both named 'p07_flair' ({nested}, {taken})" in err
     assert "rename" in err and "separate output folders" in err
     assert not out.exists()
 
-    assert main(["segment", str(scans[0]), str(upper), *argv]) == 0
-    assert main(["segment", str(scans[0]), str(upper), *argv]) == 0  # the rerun skips both, as before
+    assert main(["segment", str(first), str(upper), *argv]) == 0
+    assert main(["segment", str(first), str(upper), *argv]) == 0  # the rerun skips both, as before
     assert [r["status"] for r in read_summary(out)] == ["skipped", "skipped"]
     capsys.readouterr()
-    assert main(["segment", str(scans[1]), *argv]) == 1  # another scan's results of that name: refused, as before
+    assert main(["segment", str(second), *argv]) == 1  # another scan's results of that name: refused, as before
     assert "holds the results of another scan" in capsys.readouterr().err
 
 

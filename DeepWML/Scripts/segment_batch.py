@@ -223,8 +223,8 @@ def main(argv) -> int:
     rows = []
     inputs = list(expand_inputs([str(args.input_dir)]))
     named = frozenset({args.input_dir.resolve()})
-    try:  # a segmentation found beside its scan is skipped unread, and writes nothing whose name could clash
-        segment.check_case_names([c for c in inputs if not segment.found_segmentation(c[1], named)])
+    try:  # names that clash told apart by their folders, or refused (a segmentation beside its scan clashes not)
+        inputs = segment.case_names_apart(inputs, named)
     except DeepWMLError as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
