@@ -554,8 +554,8 @@ def check_case_names(cases: Sequence[tuple], shown: int = 4) -> None:
 
 def case_names_apart(cases: Sequence[tuple], named=frozenset()) -> list[tuple]:
     """The cases (expand_inputs) with names that clash, upper and lower case alike (one file on macOS and
-    Windows), told apart by the names of the folders above them that differ, nearest first, joined with "_"
-    as a study's folders are: patient07/flair.nii.gz and patient19/flair.nii.gz are `patient07_flair` and
+    Windows), told apart by the names of the folders above them where their paths part, the nearest next to
+    the name, joined with "_" as a study's folders are: patient07/flair.nii.gz and patient19/flair.nii.gz are `patient07_flair` and
     `patient19_flair`; sub-01/anat/FLAIR.nii.gz and sub-02/anat/FLAIR.nii.gz `sub-01_FLAIR` and
     `sub-02_FLAIR` (a folder all of them share says nothing). Only a clash is renamed: a name of its own
     is kept, so that outputs made before keep their names, and a rerun of the same inputs names them the
@@ -582,7 +582,7 @@ def _named_by_folders(group: list[tuple]) -> list[str]:
     """The names of cases of one name, each after the folders above it that tell it from the others
     (case_names_apart), nearest last; a case no folder tells from another keeps its name. A name is kept short
     enough for its outputs' file names."""
-    chains = [_folders_above(path) for _, path, _ in group]
+    chains = [_folders_above(path, case if isinstance(study, io.DicomStudy) else None) for case, path, study in group]
     depth = max(map(len, chains))
     prefixes = _telling_apart([(i, chain + [""] * (depth - len(chain))) for i, chain in enumerate(chains)], 0)
     names = []
@@ -590,7 +590,7 @@ def _named_by_folders(group: list[tuple]) -> list[str]:
         prefix = "_".join(name for name in reversed(prefixes.get(index, [])) if name)
         room = CASE_NAME_BYTES - len(os.fsencode(case)) - 1  # the nearest folders kept when there is too little
         while prefix and len(os.fsencode(prefix)) > room:
-            prefix = prefix[1:]
+            prefix = prefix[1:].lstrip("_")
         names.append(f"{prefix}_{case}" if prefix else case)
     return names
 
@@ -616,16 +616,27 @@ def _telling_apart(members: list[tuple], level: int) -> dict:
 CASE_NAME_BYTES = 255 - len("_ventricles.nii.gz")  # the longest name of a case's outputs within a file name's 255
 
 
-def _folders_above(path: Path) -> list[str]:
+def _folders_above(path: Path, study: str | None = None) -> list[str]:
     """The names of the folders above an input, nearest first (as typed, made absolute; links not followed),
-    up to the file system's root (named as io.case_name names a drive's root)."""
+    up to the file system's root (named as io.case_name names a drive's root). For a study found in an export
+    (`study` its name, the folders below the input joined with "_", io.dicom_catalogue), those above the input:
+    two exports' PAT1/STU1 are told apart by the exports' folders."""
     names = []
-    folder = Path(os.path.abspath(path)).parent
+    folder = Path(os.path.abspath(path))
     while True:
         names.append(folder.name or io.case_name(folder))
         if folder.parent == folder:
-            return names
+            break
         folder = folder.parent
+    made_of = 1  # the input's own name
+    if study is not None:
+        for count in range(1, len(names) + 1):
+            joined = "_".join(reversed(names[:count])).casefold()
+            if study.casefold() == joined or study.casefold().startswith(joined + "_"):  # + a date when it was
+                made_of = count  # needed to tell studies of one export apart
+                if study.casefold() == joined:
+                    break
+    return names[made_of:]
 
 
 def _image_files(folder: Path) -> list[tuple]:

@@ -1080,6 +1080,36 @@ def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp
     assert "patient07_flair: skipped" in capsys.readouterr().err
 
 
+def test_studies_of_one_name_in_two_exports_are_named_after_the_exports_folders(tmp_path, tiny_model, capsys):
+    """Two patients' PACS exports, each PAT1/STU1/SER1 inside (an anonymiser's names): the run was refused, '2 inputs
+    are both named PAT1_STU1_SER1'. They are told apart by the folders above the exports, where their paths part."""
+    flair, _ = make_volume(size=(32, 32, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    for number, patient in enumerate(("p07", "p19"), start=1):
+        write_dicom_series(tmp_path / patient / "export" / "PAT1" / "STU1" / "SER1", flair, uid=f"1.{number}.2",
+                           description="AX FLAIR", extra={"0020|000d": f"1.{number}"})
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "p07" / "export"), str(tmp_path / "p19" / "export"), "-o", str(out),
+                 "--model", str(tiny_model), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert sorted(rows) == ["p07_PAT1_STU1_SER1", "p19_PAT1_STU1_SER1"]
+    assert {r["status"] for r in rows.values()} == {"ok"} and "p19" in rows["p19_PAT1_STU1_SER1"]["input"]
+
+
+def test_names_told_apart_by_long_folder_names_fit_their_output_files(tmp_path, tiny_model, capsys):
+    """Folders of long names (an export's study descriptions): the folder's name before the scan's would make the
+    outputs' file names longer than the 255 bytes a file system allows; the nearest part of it is kept."""
+    scans = []
+    for letter in "ab":
+        (tmp_path / (letter * 240)).mkdir()
+        scans.append(write_case(tmp_path / (letter * 240), "flair", size=(32, 32, 4))[0])
+    out = tmp_path / "out"
+    assert main(["segment", *map(str, scans), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--save-probabilities", "--save-brain-mask"]) == 0, capsys.readouterr().err
+    cases = [r["case"] for r in read_summary(out)]
+    assert [case[0] + case[-6:] for case in cases] == ["a_flair", "b_flair"]
+    assert all(len(os.fsencode(p.name)) <= 255 for p in out.iterdir()) and len(list(out.glob("*_brain.nii.gz"))) == 2
+
+
 def test_inputs_of_one_name_no_folder_tells_apart_are_all_refused_before_anything_is_segmented(tmp_path, tiny_model,
                                                                                                   capsys):
     """Names that clash and that no folder tells apart (case01.nii.gz and case01.mha side by side; P1 and p1

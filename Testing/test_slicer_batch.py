@@ -259,6 +259,28 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
 
 
+def test_batch_names_cases_of_one_name_as_the_command_line_does(scene, batchScript, tmp_path, monkeypatch,
+                                                                tiny_model, capsys):
+    """The batch names its cases as `deepwml segment` does, clashes included: an image file in IN named as a
+    study of an export below IN is named (PAT1_STU1_SER1) is told apart by no folder (both lie in IN, the study's
+    name is made of its folders below IN): refused before anything is segmented, by both."""
+    from conftest import write_dicom_series
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    inputs, out, cli_out = tmp_path / "in", tmp_path / "out", tmp_path / "cli"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "PAT1" / "STU1" / "SER1", flair, uid="1.1.2", description="AX FLAIR",
+                       extra={"0020|000d": "1.1"})
+    writeCase(inputs, "PAT1_STU1_SER1.nii.gz", size=(40, 36, 6))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 1
+    assert "2 inputs are both named 'PAT1_STU1_SER1'" in capsys.readouterr().err
+    assert cli_main(["segment", str(inputs), "-o", str(cli_out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    assert "2 inputs are both named 'PAT1_STU1_SER1'" in capsys.readouterr().err
+    assert not list(out.glob("*PAT1*")) and not cli_out.exists()
+
+
 def test_batch_with_a_ventricle_model_splits_the_volume_as_the_command_line_does(scene, batchScript, tmp_path,
                                                                                 monkeypatch, tiny_model):
     from conftest import tiny_model_file
