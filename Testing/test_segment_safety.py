@@ -412,9 +412,16 @@ def test_case_names_alike_but_for_upper_and_lower_case_never_share_outputs(tmp_p
     first = write_case(tmp_path / "x", "A")
     second = write_case(tmp_path / "y", "a", seed=2)
     out = tmp_path / "out"
-    assert segment(tiny_model, first, second, "-o", out) == 1  # refused before either is segmented (6514ab4)
+    assert segment(tiny_model, first, second, "-o", out) == 0  # told apart by their folders (x, y)
+    assert sorted(p.name for p in out.glob("*_wmh.nii.gz")) == ["x_A_wmh.nii.gz", "y_a_wmh.nii.gz"]
+    same = tmp_path / "same"  # side by side in one folder no folder tells them apart: refused before either runs
+    (same / "A.nii.gz").parent.mkdir()
+    first.rename(same / "A.nii.gz")
+    second.rename(same / "a.nii.gz")
+    capsys.readouterr()
+    assert segment(tiny_model, same, "-o", tmp_path / "out2") == 1
     assert "'A' and 'a' (" in capsys.readouterr().err
-    assert not out.exists()
+    assert not (tmp_path / "out2").exists()
     export = tmp_path / "export"  # two studies whose folders differ only in case: named apart by their dates
     for folder, study, date in (("P1", "8.1", "20250101"), ("p1", "8.2", "20260101")):
         image, _ = make_volume(size=(28, 24, 3), dtype=sitk.sitkInt16)
