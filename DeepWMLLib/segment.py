@@ -589,8 +589,9 @@ def _named_by_folders(group: list[tuple]) -> list[str]:
     for index, (case, _, _) in enumerate(group):
         prefix = "_".join(name for name in reversed(prefixes.get(index, [])) if name)
         room = CASE_NAME_BYTES - len(os.fsencode(case)) - 1  # the nearest folders kept when there is too little
-        while prefix and len(os.fsencode(prefix)) > room:
-            prefix = prefix[1:].lstrip("_")
+        if len(os.fsencode(prefix)) > room:
+            while prefix and (len(os.fsencode(prefix)) > room or not prefix[0].isalnum()):
+                prefix = prefix[1:]  # what is left at the cut: no hidden name ('.'), nor one read as an option ('-')
         names.append(f"{prefix}_{case}" if prefix else case)
     return names
 

@@ -1110,6 +1110,24 @@ def test_names_told_apart_by_long_folder_names_fit_their_output_files(tmp_path, 
     assert all(len(os.fsencode(p.name)) <= 255 for p in out.iterdir()) and len(list(out.glob("*_brain.nii.gz"))) == 2
 
 
+def test_a_long_folder_name_cut_to_fit_never_makes_a_hidden_or_dash_name(tmp_path):
+    """A long folder name cut to its nearest part (to fit the 255 bytes of a file name) began with what was left
+    at the cut: a '.' there named every output of the case as a hidden file ('.b..._flair_wmh.nii.gz', unseen in
+    a file browser or by ls; a rerun's folder of scans leaves hidden files out), a '-' or ' ' one that reads as an
+    option on a command line. The cut name starts with a letter or digit."""
+    from DeepWMLLib.segment import case_names_apart
+
+    room = len("x" * (255 - len("_ventricles.nii.gz") - len("flair") - 1))
+    cases = []
+    for end, (start, lead) in enumerate((s, lead) for s in "azm" for lead in (". ", "-", "_.")):
+        folder = start * 20 + lead + "c" * (room - len(lead) - 1) + str(end)  # cut at `lead`
+        cases.append(("flair", tmp_path / folder / "flair.nii.gz", None))
+    names = [case for case, _, _ in case_names_apart(cases)]
+    assert len({name.casefold() for name in names}) == len(names)
+    assert all(name[0].isalnum() and len(os.fsencode(name)) <= 255 - len("_ventricles.nii.gz") for name in names), \
+        [name[:4] for name in names]
+
+
 def test_inputs_of_one_name_no_folder_tells_apart_are_all_refused_before_anything_is_segmented(tmp_path, tiny_model,
                                                                                                   capsys):
     """Names that clash and that no folder tells apart (case01.nii.gz and case01.mha side by side; P1 and p1
