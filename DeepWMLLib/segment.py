@@ -583,11 +583,9 @@ def _named_by_folders(group: list[tuple]) -> list[str]:
     (case_names_apart), nearest last; a case no folder tells from another keeps its name. A name is kept short
     enough for its outputs' file names."""
     chains = [_folders_above(path, case if isinstance(study, io.DicomStudy) else None) for case, path, study in group]
-    depth = max(map(len, chains))
-    prefixes = _telling_apart([(i, chain + [""] * (depth - len(chain))) for i, chain in enumerate(chains)], 0)
     names = []
-    for index, (case, _, _) in enumerate(group):
-        prefix = "_".join(name for name in reversed(prefixes.get(index, [])) if name)
+    for (case, _, _), folders in zip(group, _telling_apart(chains)):
+        prefix = "_".join(folders)
         room = CASE_NAME_BYTES - len(os.fsencode(case)) - 1  # the nearest folders kept when there is too little
         if len(os.fsencode(prefix)) > room:
             while prefix and (len(os.fsencode(prefix)) > room or not prefix[0].isalnum()):
@@ -596,22 +594,18 @@ def _named_by_folders(group: list[tuple]) -> list[str]:
     return names
 
 
-def _telling_apart(members: list[tuple], level: int) -> dict:
-    """{member: the names of the folders that tell it from the others, nearest first} for (member, the names of
-    the folders above it, nearest first) of one name: at each level up, the folders where the members part
-    (upper and lower case alike), not one they all share. Members no folder tells apart are left out."""
-    if len(members) == 1:
-        return {members[0][0]: []}
-    if level == len(members[0][1]):
-        return {}
-    branches: dict = {}
-    for member in members:
-        branches.setdefault(member[1][level].casefold(), []).append(member)
-    if len(branches) == 1:
-        return _telling_apart(members, level + 1)
-    above = dict(members)
-    return {member: [above[member][level]] + names
-            for branch in branches.values() for member, names in _telling_apart(branch, level + 1).items()}
+def _telling_apart(chains: list[list[str]]) -> list[list[str]]:
+    """For inputs of one name, given the names of the folders above each (nearest first), the folders that tell each
+    from the others, outermost first: counted from the file system's root, from the first level at which their
+    folders differ (upper and lower case alike) down to the file, leaving out a level that every one of them has
+    and shares (BIDS' `anat`). So data/p07/flair and data/p19/visit2/flair are told apart as p07 and p19_visit2
+    (the patient kept, though their depths differ), sub-01/anat and sub-02/anat as sub-01 and sub-02. Inputs that
+    no folder tells apart get the same folders (`check_case_names` then refuses them)."""
+    rooted = [list(reversed(chain)) for chain in chains]
+    depth = max(map(len, rooted))
+    levels = [[chain[level].casefold() if level < len(chain) else None for chain in rooted] for level in range(depth)]
+    parting = next((level for level, names in enumerate(levels) if len(set(names)) > 1), depth)
+    return [[chain[level] for level in range(parting, len(chain)) if len(set(levels[level])) > 1] for chain in rooted]
 
 
 CASE_NAME_BYTES = 255 - len("_ventricles.nii.gz")  # the longest name of a case's outputs within a file name's 255

@@ -1070,7 +1070,7 @@ def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp
         "patient19_flair": ("ok", scans[1]), "patient19_consensus_mask": ("skipped", tmp_path / "patient19" /
                                                                            "consensus_mask.nii.gz"),
         "patient26_flair": ("ok", scans[2]), "sub-01_T2_FLAIR": ("ok", bids[0]), "sub-02_T2_FLAIR": ("ok", bids[1]),
-        f"{tmp_path.name}_P1": ("ok", upper), "x_p1": ("ok", lower), "alone": ("ok", single)}
+        "P1": ("ok", upper), "x_p1": ("ok", lower), "alone": ("ok", single)}  # P1 lies above where they part
     assert (out / "patient07_flair_wmh.nii.gz").is_file() and (out / "alone_wmh.nii.gz").is_file()
     assert json.loads((out / "patient19_flair_report.json").read_text())["input"] == str(scans[1])
     capsys.readouterr()
@@ -1093,6 +1093,23 @@ def test_studies_of_one_name_in_two_exports_are_named_after_the_exports_folders(
     rows = {r["case"]: r for r in read_summary(out)}
     assert sorted(rows) == ["p07_PAT1_STU1_SER1", "p19_PAT1_STU1_SER1"]
     assert {r["status"] for r in rows.values()} == {"ok"} and "p19" in rows["p19_PAT1_STU1_SER1"]["input"]
+
+
+def test_names_told_apart_keep_the_patient_when_folders_differ_in_depth():
+    """Folders were compared from the file upwards: data/p07/flair and data/p19/visit2/flair became `p07_flair` and
+    `visit2_flair` (the patient lost), and p19's other visit beside p07's `visit1` was `visit2_flair` too. They are
+    compared from the root, from where the paths part down to the file, leaving out a folder all of them share."""
+    from DeepWMLLib.segment import _named_by_folders
+
+    def names(*paths):
+        return _named_by_folders([("flair", Path("/data") / path / "flair.nii.gz", None) for path in paths])
+
+    assert names("p07", "p19/visit2") == ["p07_flair", "p19_visit2_flair"]
+    assert names("p19/visit1", "p19/visit2", "p07/visit1") == ["p19_visit1_flair", "p19_visit2_flair",
+                                                              "p07_visit1_flair"]
+    assert names("s1/anat", "s2/anat", "s2/other") == ["s1_anat_flair", "s2_anat_flair", "s2_other_flair"]
+    assert names("sub-01/anat", "sub-02/anat") == ["sub-01_flair", "sub-02_flair"]  # BIDS' anat says nothing
+    assert names("P1", "p1") == ["flair", "flair"]  # nothing tells them apart: refused by check_case_names
 
 
 def test_names_told_apart_by_long_folder_names_fit_their_output_files(tmp_path, tiny_model, capsys):
