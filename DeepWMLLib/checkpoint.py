@@ -20,7 +20,7 @@ import os
 import shlex
 from pathlib import Path
 
-from . import __version__
+from . import __version__, io
 from .errors import DeepWMLError
 from .io import write_atomically, write_text
 from .preprocessing import PreprocessingConfig
@@ -28,7 +28,6 @@ from .preprocessing import PreprocessingConfig
 FORMAT = "deepwml-model"
 FORMAT_VERSION = 1
 DEFAULT_LABELS = {"0": "background", "1": "WMH"}
-_WINDOWS = os.name == "nt"
 
 
 def cache_dir() -> Path:
@@ -37,7 +36,7 @@ def cache_dir() -> Path:
     profile on a server does not carry it), else ~/.cache/deepwml."""
     if os.environ.get("DEEPWML_CACHE_DIR"):
         return Path(os.environ["DEEPWML_CACHE_DIR"])
-    if not os.environ.get("XDG_CACHE_HOME") and _WINDOWS and os.environ.get("LOCALAPPDATA"):
+    if not os.environ.get("XDG_CACHE_HOME") and io.WINDOWS and os.environ.get("LOCALAPPDATA"):
         return Path(os.environ["LOCALAPPDATA"]) / "deepwml"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deepwml"
 

@@ -35,13 +35,10 @@ def progress_part(progress: Progress | None, start: float, end: float) -> Progre
     return lambda fraction, message: progress(start + (end - start) * min(1.0, max(0.0, fraction)), message)
 
 
-_WINDOWS = os.name == "nt"
-
-
 def _gpu_driver_present() -> bool:
     """Whether a driver that may offer CUDA is installed: NVIDIA's on Linux, WSL 2's GPU device, or
     NVIDIA's CUDA driver library on Windows (System32/nvcuda.dll, installed with the display driver)."""
-    if _WINDOWS:
+    if io.WINDOWS:
         return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/dxg")
 

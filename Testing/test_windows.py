@@ -238,7 +238,7 @@ def test_a_windows_gpu_is_found(tmp_path, monkeypatch):
     torch.cuda = types.SimpleNamespace(is_available=lambda: True)
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.delenv("DEEPWML_PROBE_CUDA", raising=False)
-    monkeypatch.setattr(inference, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(inference.io, "WINDOWS", True)
     monkeypatch.setattr(inference.os.path, "exists", lambda p: str(p).endswith("nvcuda.dll"))  # no /proc here
     monkeypatch.setenv("SystemRoot", str(tmp_path))
     assert inference.resolve_device("auto") == "cuda"
@@ -316,7 +316,7 @@ def test_the_model_cache_is_in_local_app_data_on_windows(tmp_path, monkeypatch):
     # it was ~/.cache/deepwml: a folder Windows does not know, carried with a roaming profile to a server
     from DeepWMLLib import checkpoint
 
-    monkeypatch.setattr(checkpoint, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(checkpoint.io, "WINDOWS", True)  # the one flag the library reads
     for name in ("DEEPWML_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
