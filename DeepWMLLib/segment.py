@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -561,9 +562,9 @@ def case_names_apart(cases: Sequence[tuple], named=frozenset()) -> list[tuple]:
     is kept, so that outputs made before keep their names, and a rerun of the same inputs names them the
     same (its cases done are skipped). Then `check_case_names`: scans of one name that no folder tells
     apart (case01.nii.gz and case01.nrrd side by side; the new name of another input) refuse the run.
-    A Slicer segmentation found in a folder (`found_segmentation`, `named` the paths typed) and a folder
-    that could not be read write nothing: their names are kept and clash with nothing."""
-    writing = [not isinstance(study, DeepWMLError) and not found_segmentation(path, named)
+    A Slicer segmentation skipped (`found_segmentation`: found in a folder, or named beside other inputs; `named`
+    the paths typed) and a folder that could not be read write nothing: their names are kept and clash with nothing."""
+    writing = [not isinstance(study, DeepWMLError) and not found_segmentation(path, named, len(cases) == 1)
                for _, path, study in cases]
     groups: dict = {}
     for index, (case, _, _) in enumerate(cases):
@@ -1119,9 +1120,11 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         try:
             if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
                 raise study
-            if found_segmentation(path, named):  # a case's Slicer segmentation beside its scan: no scan
+            if found_segmentation(path, named, len(cases) == 1):  # a case's Slicer segmentation beside its scan
                 row = {"case": case, "input": str(path), "status": "skipped", "error": SEGMENTATION_SKIPPED,
                        "seconds": round(time.perf_counter() - start, 3), "_mask": True}
+                if _resolved(path) in named:
+                    row["_named"] = f"{path} is a Slicer segmentation (.seg.nrrd), not a FLAIR scan; give the FLAIR image"
             else:
                 row = segment_case(case, path, out, models, device, progress=progress, study=study,
                                    protected=protected, **options)
@@ -1129,10 +1132,14 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
         except Exception as exc:  # one bad case never stops the others
-            if isinstance(exc, io.LabelMaskGiven) and _resolved(path) not in named:
-                # found in a folder given (a case's FLAIR beside its manual mask), not named: not a failure
+            if isinstance(exc, io.LabelMaskGiven) and not (len(cases) == 1 and _resolved(path) in named):
+                # found in a folder given (a case's FLAIR beside its manual mask), or named beside other inputs (a
+                # shell glob, data/p07/*, names the mask beside the FLAIR): skipped, not failed, unless masks are all
+                # the run has (masks_only); named alone, the error it is
                 row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc),
                        "_mask": True}
+                if _resolved(path) in named:
+                    row["_named"] = str(exc)
             else:
                 if debug:
                     traceback.print_exc()
@@ -1144,39 +1151,49 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         if progress_factory:
             progress_factory.finish(row)
     _series_matched_nothing(rows, options.get("series"))
+    named_masks = [row for row in rows if "_named" in row]
     only_masks = masks_only(rows)
     if only_masks:
         print(f"deepwml segment: error: {only_masks}", file=sys.stderr)
+    for row in named_masks:
+        if row["status"] == "skipped":
+            warnings.warn(f"skipped {row['input']}, given as INPUT: {row['error']}", stacklevel=2)
 
 
 def mask_skipped(exc: io.LabelMaskGiven) -> str:
-    """The summary's word on a label mask found beside the scans in a folder given, skipped (not segmented)."""
+    """The summary's word on a label mask among the inputs (found in a folder given, or named), skipped."""
     return f"looks like a label mask, not a FLAIR scan ({exc.values}): not segmented"
 
 
 SEGMENTATION_SKIPPED = "a Slicer segmentation (.seg.nrrd), not a FLAIR scan: not segmented"
 
 
-def found_segmentation(path: Path, named) -> bool:
-    """Whether an input is a Slicer segmentation (.seg.nrrd) found in a folder given, not named (`named`: the
-    resolved paths the user typed): a case's manual mask saved beside its scan, often of the scan's own name
-    (case01.nrrd, case01.seg.nrrd). It is skipped unread, as a label mask found so is, and has no outputs whose
-    name could clash: the clash refused the whole run ('2 inputs are both named case01'), nothing segmented."""
-    return path.name.lower().endswith(io.SEGMENTATION_EXTENSION) and _resolved(path) not in named
+def found_segmentation(path: Path, named, alone: bool = False) -> bool:
+    """Whether an input is a Slicer segmentation (.seg.nrrd) to skip: found in a folder given, or named (`named`: the
+    resolved paths the user typed) beside other inputs, as a shell glob (data/p07/*) names it; not the run's only
+    input (`alone`), which is read and refused. It is a case's manual mask saved beside its scan, often of the scan's
+    own name (case01.nrrd, case01.seg.nrrd), skipped unread, as a label mask among the inputs is, and has no outputs
+    whose name could clash: the clash refused the whole run ('2 inputs are both named case01'), nothing segmented."""
+    return path.name.lower().endswith(io.SEGMENTATION_EXTENSION) and not (alone and _resolved(path) in named)
 
 
 def masks_only(rows: list[dict]) -> str | None:
-    """When every case of a run is a label mask found in a folder (rows marked `_mask`, skipped), they are errors
-    and the error to print is returned: a folder of masks given for the folder of scans ended 'done', exit 0, with
-    nothing segmented. The marks are removed."""
+    """When every case of a run is a label mask (rows marked `_mask`, skipped; `_named` with its error when named as
+    INPUT), they are errors, and the error to print is returned: a folder of masks given for the folder of scans,
+    or a glob that named only masks, ended 'done', exit 0, with nothing segmented. A mask named is then its own
+    error ("... looks like a label mask ...; give the FLAIR image"). The marks are removed."""
     masks = [row for row in rows if row.pop("_mask", False)]
+    named = {id(row): row.pop("_named") for row in rows if "_named" in row}
     if not masks or len(masks) < len(rows):
         return None
     for row in masks:
-        row.update(status="error", error=f"{row['error']}; no FLAIR scan among the inputs given")
-    found = "the image file found looks" if len(masks) == 1 else f"all {len(masks)} image files found look"
+        row.update(status="error", error=named.get(id(row)) or f"{row['error']}; no FLAIR scan among the inputs given")
+    if named:
+        found = f"all {len(masks)} image files given look"
+    else:
+        found = "the image file found looks" if len(masks) == 1 else f"all {len(masks)} image files found look"
     return (f"{found} like a label mask or segmentation, not a FLAIR scan, so nothing was segmented; give the "
-            "folder of the FLAIR scans")
+            f"{'FLAIR scans' if named else 'folder of the FLAIR scans'}")
 
 
 def _series_matched_nothing(rows: list[dict], series: str | None) -> None:

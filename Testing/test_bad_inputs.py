@@ -94,6 +94,8 @@ BAD_INPUTS = [
      "looks like a label mask of many labels"),
     ("a lesion mask found beside its FLAIR in a folder given (a labelled case's folder)", "segment", 0,
      "ok: the FLAIR segmented, the mask skipped (\"looks like a label mask\" in summary.csv), not failed"),
+    ("a lesion mask named beside its FLAIR (a shell glob, `deepwml segment data/patient07/*`)", "segment", 0,
+     "ok: the FLAIR segmented, the mask skipped with a warning naming it, not failed"),
     ("a folder holding only label masks (the masks' folder given for the scans')", "segment", 1,
      "like a label mask or segmentation, not a FLAIR scan, so nothing was segmented"),
     ("a Slicer segmentation (`.seg.nrrd`) of its scan's name beside it in a folder given", "segment", 0,
@@ -394,6 +396,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         for name in ("good", "truth"):
             (tmp / "in" / "labelled" / f"{name}.nii.gz").write_bytes(p[name].read_bytes())
         return seg + [str(tmp / "in" / "labelled")]
+    if row_id.startswith("a lesion mask named beside its FLAIR"):
+        (tmp / "in" / "patient07").mkdir()
+        for name in ("good", "truth"):
+            (tmp / "in" / "patient07" / f"{name}.nii.gz").write_bytes(p[name].read_bytes())
+        return seg + sorted(str(path) for path in (tmp / "in" / "patient07").iterdir())  # as the shell expands it
     if row_id.startswith("a folder holding only label masks"):
         (tmp / "in" / "masks").mkdir()
         (tmp / "in" / "masks" / "truth.nii.gz").write_bytes(p["truth"].read_bytes())
@@ -554,6 +561,12 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         summary = {r["case"]: r for r in csv.DictReader(lines)}
         assert summary["good"]["status"] == "ok" and summary["truth"]["status"] == "skipped"
         assert "looks like a label mask" in summary["truth"]["error"] and "truth: skipped - looks like a label mask" in err
+    if row_id.startswith("a lesion mask named beside its FLAIR"):
+        lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
+        summary = {r["case"]: r for r in csv.DictReader(lines)}
+        assert summary["good"]["status"] == "ok" and summary["truth"]["status"] == "skipped"
+        assert f"warning: skipped {tmp / 'in' / 'patient07' / 'truth.nii.gz'}, given as INPUT: looks like a label " \
+               "mask" in err
     if row_id.startswith("scans of one name in folders of their own"):
         lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         assert sorted(r["case"] for r in csv.DictReader(lines)) == ["patient07_flair", "patient19_flair"]

@@ -1013,7 +1013,8 @@ def test_a_nested_folder_of_one_flair_series_is_not_called_a_choice(tmp_path, ti
 def test_a_label_mask_found_in_a_folder_is_skipped_and_one_named_is_an_error(tmp_path, tiny_model, capsys):
     """A labelled case's folder (real data: FLAIR + consensus mask) given whole: the mask was refused as 'looks
     like a label mask' and counted failed, so a batch whose every scan segmented exited 1. A mask found in a
-    folder is now skipped, saying so on screen and in summary.csv; a mask named by the user stays an error."""
+    folder is now skipped, saying so on screen and in summary.csv; a mask named by the user alone stays an error
+    (named beside a scan: test_a_glob_that_names_a_mask_beside_its_flair_skips_the_mask_with_a_warning)."""
     case = tmp_path / "patient07"
     case.mkdir()
     write_case(case, "flair", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
@@ -1034,8 +1035,55 @@ def test_a_label_mask_found_in_a_folder_is_skipped_and_one_named_is_an_error(tmp
     assert main(["segment", str(case / "consensus_mask.nii.gz"), *argv]) == 1  # named: an error, as before
     err = capsys.readouterr().err
     assert "looks like a label mask" in err and "0/1 cases done (1 failed, 0 skipped)" in err
-    assert main(["segment", str(case), str(case / "consensus_mask.nii.gz"), *argv]) == 1  # named and in the folder
-    assert {r["case"]: r["status"] for r in read_summary(out)} == {"consensus_mask": "error", "flair": "skipped"}
+    assert main(["segment", str(case), str(case / "consensus_mask.nii.gz"), *argv]) == 0  # named beside a scan:
+    assert {r["case"]: r["status"] for r in read_summary(out)} == {"consensus_mask": "skipped", "flair": "skipped"}
+
+
+def test_a_glob_that_names_a_mask_beside_its_flair_skips_the_mask_with_a_warning(tmp_path, tiny_model, capsys):
+    """`deepwml segment data/patient07/* -o out` (the shell names consensus_mask.nii.gz beside flair.nii.gz; real
+    data: labelled patient07): a mask named was an error, so the run failed (exit 1) though its scan segmented. A
+    mask named beside a scan is now skipped with a warning naming it (exit 0), as one found in a folder is; a
+    Slicer segmentation named so too (it was refused up front: '2 inputs are both named case01'). When every
+    input named is a mask, they stay errors."""
+    case = tmp_path / "patient07"
+    case.mkdir()
+    flair, _ = write_case(case, "flair", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    _, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    mask = case / "consensus_mask.nii.gz"
+    sitk.WriteImage(truth, str(mask))
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(mask), str(flair), *argv]) == 0  # as the glob expands: the mask first
+    err = capsys.readouterr().err
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["flair"]["status"] == "ok" and rows["consensus_mask"]["status"] == "skipped"
+    assert "looks like a label mask" in rows["consensus_mask"]["error"]
+    assert f"deepwml segment: warning: skipped {mask}, given as INPUT: looks like a label mask, not a FLAIR scan " \
+           "(2 values: 0, 1)" in err
+    assert err.rstrip().endswith(f"1/2 cases done (0 failed, 1 skipped), summary in {out / 'summary.csv'}")
+    assert not list(out.glob("consensus_mask*"))
+
+    other = tmp_path / "patient19_mask.nii.gz"
+    sitk.WriteImage(truth, str(other))
+    assert main(["segment", str(mask), str(other), *argv]) == 1  # no scan among them: errors, as before
+    err = capsys.readouterr().err
+    assert "deepwml segment: error: all 2 image files given look like a label mask or segmentation, not a FLAIR " \
+           "scan, so nothing was segmented; give the FLAIR scans" in err and "warning" not in err
+    rows = read_summary(out)
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert all("looks like a label mask or segmentation, not a FLAIR scan; give the FLAIR image" in r["error"]
+               for r in rows)
+
+    labelled = tmp_path / "labelled"  # case01.nrrd and its Slicer segmentation case01.seg.nrrd, named by a glob
+    labelled.mkdir()
+    image, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(labelled / "case01.nrrd"))
+    sitk.WriteImage(truth, str(labelled / "case01.seg.nrrd"))
+    assert main(["segment", str(labelled / "case01.nrrd"), str(labelled / "case01.seg.nrrd"), *argv]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped {labelled / 'case01.seg.nrrd'}, given as INPUT: a Slicer segmentation" in err
+    assert [(r["input"].endswith(".seg.nrrd"), r["status"]) for r in read_summary(out)] == [(False, "ok"),
+                                                                                           (True, "skipped")]
 
 
 def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp_path, tiny_model, capsys):
