@@ -1114,13 +1114,15 @@ def _resolved(path: Path) -> Path:
 
 
 def _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options) -> None:
+    unread = [isinstance(study, DeepWMLError) or found_segmentation(path, named, len(cases) == 1)
+              for _, path, study in cases]
     for number, (case, path, study) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
         try:
             if isinstance(study, DeepWMLError):  # a folder of the input that could not be read (writes nothing)
                 raise study
-            if found_segmentation(path, named, len(cases) == 1):  # a case's Slicer segmentation beside its scan
+            if unread[number - 1]:  # a case's Slicer segmentation beside its scan (found_segmentation)
                 row = {"case": case, "input": str(path), "status": "skipped", "error": SEGMENTATION_SKIPPED,
                        "seconds": round(time.perf_counter() - start, 3), "_mask": True}
                 if _resolved(path) in named:
@@ -1149,7 +1151,9 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         row["_study"] = isinstance(study, io.DicomStudy)
         rows.append(row)
         if progress_factory:
+            row["_to_segment"] = _to_segment(cases, unread, number, rows)
             progress_factory.finish(row)
+            del row["_to_segment"]
     _series_matched_nothing(rows, options.get("series"))
     named_masks = [row for row in rows if "_named" in row]
     only_masks = masks_only(rows)
@@ -1158,6 +1162,21 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
     for row in named_masks:
         if row["status"] == "skipped":
             warnings.warn(f"skipped {row['input']}, given as INPUT: {row['error']}", stacklevel=2)
+
+
+def _to_segment(cases, unread, number: int, rows) -> int:
+    """How many of the cases after the `number`th will be segmented, as far as can be told before they are read (for
+    the time left): not those that write nothing unread (`unread`: a Slicer segmentation skipped, a folder that could
+    not be read), nor those named as a label mask found so far is but for its digits (a labelled cohort's
+    patient19/consensus_mask.nii.gz after patient07's; only reading tells a mask, and these were counted as scans
+    to do, the time left twice the real one when a mask lay beside each FLAIR)."""
+    masks = {_name_pattern(Path(row["input"])) for row in rows if row.get("_mask")}
+    return sum(not skipped and _name_pattern(path) not in masks
+               for (_, path, _), skipped in zip(cases[number:], unread[number:]))
+
+
+def _name_pattern(path: Path) -> str:
+    return re.sub(r"\d+", "#", path.name.casefold())
 
 
 def mask_skipped(exc: io.LabelMaskGiven) -> str:
@@ -1263,7 +1282,8 @@ class ProgressBar:
     time and says nothing of the others, so it is not counted and its line says no time, nor does any
     line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left"; a
     case that failed is not counted either: a mask named as a scan, refused in 0.06 s, promised "0 s left for
-    3 more")."""
+    3 more"). The cases left are those still to segment when `segment_cases` tells them (a row's `_to_segment`:
+    not the label masks and segmentations it can tell among them), else all that follow."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
@@ -1329,9 +1349,10 @@ class ProgressBar:
                 self._skipped = (self._skipped[0] + 1, self._skipped[1] + now - self._last)
             self._last = now
             segmented = number - self._skipped[0]
-            if 0 < number < total and segmented > 0 and status != "skipped":
+            more = row.get("_to_segment", total - number)
+            if 0 < number < total and segmented > 0 and status != "skipped" and more > 0:
                 mean = (now - self._started - self._skipped[1]) / segmented
-                left = f" ({_duration(mean * (total - number))} left for {total - number} more)"
+                left = f" ({_duration(mean * more)} left for {more} more)"
         self.stream.write(f"{row['case']}: {status} - {detail}{left}\n")
         for warning in row.get("warnings", []) if status == "ok" else []:  # a skipped case's are its earlier run's
             self.stream.write(f"{row['case']}: warning: {warning}\n")

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1084,6 +1085,34 @@ def test_a_glob_that_names_a_mask_beside_its_flair_skips_the_mask_with_a_warning
     assert f"warning: skipped {labelled / 'case01.seg.nrrd'}, given as INPUT: a Slicer segmentation" in err
     assert [(r["input"].endswith(".seg.nrrd"), r["status"]) for r in read_summary(out)] == [(False, "ok"),
                                                                                            (True, "skipped")]
+
+
+def test_the_time_left_counts_no_label_mask_or_segmentation_still_to_come(tmp_path, tiny_model, capsys):
+    """A cohort with a mask beside each FLAIR (real data: labelled/*, 6 cases, 3 scans): the time left after
+    the first FLAIR was for '4 more', twice the real time, as the masks still to come were counted as scans. A
+    name like a mask's found so far (patient19/consensus_mask after patient07's) and a Slicer segmentation skipped
+    unread are now not counted."""
+    inputs = []
+    for seed, patient in enumerate(("patient07", "patient19")):
+        (tmp_path / patient).mkdir()
+        _, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),), seed=seed)
+        sitk.WriteImage(truth, str(tmp_path / patient / "consensus_mask.nii.gz"))
+        write_case(tmp_path / patient, "flair", size=(32, 32, 4), seed=seed)
+        inputs.append(str(tmp_path / patient))
+    argv = ["-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", *inputs, *argv]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"patient07_flair: ok - .* left for 1 more\)\n", err), err
+
+    labelled = tmp_path / "labelled"  # a folder: a.nrrd, a.seg.nrrd (skipped unread), b.nrrd
+    labelled.mkdir()
+    image, truth = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(labelled / f"{name}.nrrd"))
+    sitk.WriteImage(truth, str(labelled / "a.seg.nrrd"))
+    assert main(["segment", str(labelled), "-o", str(tmp_path / "out2"), *argv[2:]]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\na: ok - .* left for 1 more\)\n", err), err
 
 
 def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp_path, tiny_model, capsys):
