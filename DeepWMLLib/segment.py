@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from . import __version__, io
-from .errors import DeepWMLError, UsageError
+from .errors import Cancelled, DeepWMLError, UsageError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -909,7 +909,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     tell = progress or (lambda fraction, message: None)
-    with reading_progress(tell) as reading:
+    with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import
                               reading=reading)
     from .inference import progress_part
@@ -1010,14 +1010,17 @@ def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
 
 
 @contextlib.contextmanager
-def reading_progress(tell):
+def reading_progress(tell, cancel: Callable[[], bool] | None = None):
     """`reading(fraction)` for io.read_image, told to `tell` in the reading's share of the bar, "reading the scan"
     (from 0 at once: half a minute for a 1024 x 1024 x 400 .nii.gz, the bar shows what it waits for). While
     nothing is told for READING_TICK_S, another thread tells the seconds spent so far ("reading the scan (12 s)"),
     the bar where it stood: one that waits on a read saying nothing until it ends (an NRRD or MetaImage file,
     seconds for a large one) looked frozen at 0 %. `tell` is called by one thread at a time, never after the block;
     what it raises in the other thread (a callback that stops the run, a closed terminal) stops the ticking and is
-    raised in the block's thread, at its next `reading` call or as the block ends, as when it is called there."""
+    raised in the block's thread, at its next `reading` call or as the block ends, as when it is called there.
+    When `cancel()` is true, `reading` raises Cancelled, which stops the read: a DICOM series at its next file, a
+    NIfTI file at its next piece (a long read could not be cancelled until it ended); an NRRD or MetaImage file,
+    which SimpleITK reads in one call, only as it ends."""
     lock = threading.Lock()
     stop = threading.Event()
     start = time.monotonic()
@@ -1032,6 +1035,8 @@ def reading_progress(tell):
         with lock:
             if raised:
                 raise raised[0]
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
             say(max(state["at"], READING_SHARE * min(1.0, done)), "reading the scan")
 
     def tick() -> None:
@@ -1133,6 +1138,8 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
+        except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
+            raise
         except Exception as exc:  # one bad case never stops the others
             if isinstance(exc, io.LabelMaskGiven) and not (len(cases) == 1 and _resolved(path) in named):
                 # found in a folder given (a case's FLAIR beside its manual mask), or named beside other inputs (a

@@ -249,6 +249,61 @@ def test_progress_and_cancel(tiny_model):
         segment_image(image, load_models([tiny_model]), "cpu", cancel=lambda: True)
 
 
+@pytest.mark.parametrize("kind", ["dicom", "nifti"])
+def test_cancel_stops_a_scan_being_read(tmp_path, tiny_model, monkeypatch, kind):
+    """Cancel (the job's cancel flag) was first checked by the networks, after the scan was read whole: a long DICOM
+    series or NIfTI read could not be cancelled until it ended. The read now stops at its next file (or piece), with
+    the same Cancelled as elsewhere, and nothing is segmented or written."""
+    from DeepWMLLib import segment
+    from DeepWMLLib.errors import Cancelled
+
+    image, _ = make_volume(size=(32, 32, 12), dtype=sitk.sitkInt16)
+    if kind == "dicom":
+        path = write_dicom_series(tmp_path / "series", image, description="AX FLAIR", inversion_ms=2500)
+    else:
+        path = tmp_path / "flair.nii"
+        sitk.WriteImage(image, str(path))
+        monkeypatch.setattr(io, "READ_PIECE", 1 << 10)  # pieces of the 24 KB of voxels
+    monkeypatch.setattr(segment, "segment_image", lambda *a, **k: pytest.fail("segmented after a cancel"))
+    told = []
+
+    def progress(fraction, message):
+        told.append(fraction)
+        stop["now"] = fraction > 0  # Cancel pressed once the read is under way
+
+    stop = {"now": False}
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Cancelled):
+        segment.segment_case("case", path, out, segment.load_models([tiny_model]), "cpu", progress=progress,
+                             cancel=lambda: stop["now"], brain_model=None, ventricle_model=None)
+    assert 0 < max(told) < segment.READING_SHARE / 2  # stopped early in the read
+    assert not list(out.iterdir())
+
+
+def test_cancel_stops_the_whole_batch(tmp_path, tiny_model):
+    """segment_cases with a cancel check: a cancel was recorded as the case's failure ('internal error: Cancelled'),
+    and the run went on to read (and cancel) every case after it. It now stops the run, as Ctrl-C does, with the
+    summary of the cases finished."""
+    from DeepWMLLib.errors import Cancelled
+    from DeepWMLLib.segment import segment_cases
+
+    paths = [write_case(tmp_path, name, size=(32, 32, 4))[0] for name in ("p1", "p2", "p3")]
+    started = []
+
+    def factory(number, total, case):
+        started.append(case)
+        return lambda fraction, message: None
+
+    factory.finish = lambda row: None
+    out = tmp_path / "out"
+    with pytest.raises(Cancelled):
+        segment_cases([str(p) for p in paths], out, [str(tiny_model)], "cpu", progress_factory=factory,
+                      cancel=lambda: len(started) > 1, brain_model=None, ventricle_model=None)
+    assert started == ["p1", "p2"]
+    assert [r["case"] for r in read_summary(out)] == ["p1"] and (out / "p1_wmh.nii.gz").is_file()
+
+
 def test_progress_gives_each_network_its_share_of_the_work():
     from DeepWMLLib.segment import load_models, segment_image
 
