@@ -152,6 +152,27 @@ def _not_a_model_file(p: Path) -> str:
     return f"model file {p} does not exist"
 
 
+def _why_unreadable(p: Path) -> str:
+    """What to do about a file torch cannot load: a PyTorch file (a zip archive, or an old pickle) was cut
+    short or damaged; anything else is some other file: a scan (given with --model by mistake), a text file."""
+    from .io import _content_format, is_image_file
+
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b"PK"
+    if not head:
+        return "the file is empty (0 bytes): copy it again"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return "check that it is the .pt file you meant, or copy it again if it was cut short"
+    image = _content_format(p)
+    if image or is_image_file(p):
+        return (f"it is an image ({image or 'by its name'}), a scan rather than a model: give the scan as INPUT "
+                "and a model file (.pt, as `deepwml train` writes) with --model")
+    return "it is not a PyTorch file at all: give a model file (.pt, as `deepwml train` writes)"
+
+
 TRAINING_STATE = "deepwml-training-state"  # train.STATE_FORMAT: a run's last.pt
 
 
@@ -179,7 +200,7 @@ def load_payload(path: str | os.PathLike) -> dict:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); "
-                           "check that it is the .pt file you meant, or copy it again if it was cut short") from exc
+                           + _why_unreadable(p)) from exc
     if isinstance(payload, dict) and payload.get("format") == TRAINING_STATE:
         raise DeepWMLError(f"{p} is a training checkpoint (for `deepwml train --resume`), not a model file: give the "
                            "run folder's best.pt (`deepwml train --export` makes a compact copy of it)")

@@ -168,6 +168,15 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
     if isinstance(paths, (str, os.PathLike)):  # one file, not a string of one-letter paths
         paths = [paths]
     models = [load_model_settings(p) for p in (paths or default_model_paths())]
+    names: dict[str, list[str]] = {}
+    for m in models:
+        names.setdefault(m.digest, []).append(m.name)
+    for same in names.values():  # one file twice (a glob and its name, a copy): weighed twice, unsaid before
+        if len(same) > 1:
+            given = (f"{same[0]} is given {len(same)} times" if len(set(same)) == 1 else
+                     f"{' and '.join(dict.fromkeys(same))} are one model (files of the same content)")
+            warnings.warn(f"{given}: the ensemble averages it in {len(same)} times (weight {len(same)}/{len(models)}); "
+                          "give it once for an equal average", stacklevel=2)
     for m in models:
         if is_brain_model(m):
             raise DeepWMLError(f"{m.name} is a brain-mask model, not a WMH model; pass it as the brain model "
@@ -1445,6 +1454,11 @@ def _run(args) -> int:
         hint = (f"; --model takes every file after it, so it took {args.model[-1]}: put INPUT before --model"
                 if args.model else "")
         raise UsageError(f"no INPUT given{hint}")
+    for path in args.model or []:  # INPUT given, and more after --model (`INPUT -o OUT --model a.pt INPUT2`)
+        if io.is_image_file(path) or (os.path.isdir(path) and not any(
+                os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))):
+            raise UsageError(f"{path} is {'a folder' if os.path.isdir(path) else 'an image'}, not a model file: "
+                             "--model takes every file after it; put INPUT before --model")
     if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
         raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
     if args.no_location and (args.ventricle_model or args.save_ventricle_mask):

@@ -237,6 +237,54 @@ def test_ensemble_averages_probabilities(tiny_model, tmp_path):
     assert np.allclose(mixed, (p1 + p2 + p3) / 3, atol=1e-5)
 
 
+def test_same_model_twice_in_an_ensemble_is_said(tiny_model, tmp_path):
+    """Given twice (by name, or as a copy), a model weighs twice in the average: a warning says so, naming it."""
+    import shutil
+
+    from conftest import tiny_model_file
+    from DeepWMLLib.segment import load_models
+
+    other = tiny_model_file(tmp_path / "other.pt", seed=5)
+    copy = shutil.copy(tiny_model, tmp_path / "copy.pt")
+    with pytest.warns(UserWarning, match=r"tiny.pt is given 2 times: .*\(weight 2/3\)"):
+        load_models([tiny_model, other, tiny_model])
+    with pytest.warns(UserWarning, match=r"tiny.pt and copy.pt are one model .*\(weight 2/3\)"):
+        load_models([tiny_model, copy, other])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_models([tiny_model, other])) == 2  # two models: nothing to say
+
+
+def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tiny_model, tmp_path, capsys):
+    """A scan, a text file or an empty file given as the model: the error says what the file is, not only
+    "copy it again if it was cut short" (which is for a damaged model file)."""
+    path, _ = write_case(tmp_path, "scan", size=(32, 32, 4))
+    other, _ = write_case(tmp_path, "other", size=(32, 32, 4))
+    out = str(tmp_path / "out")
+    # a second scan after --model, INPUT given before: refused up front, as a usage error
+    assert main(["segment", str(path), "-o", out, "--model", str(tiny_model), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "other.nii.gz is an image, not a model file" in err and "put INPUT before --model" in err
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    assert main(["segment", str(path), "-o", out, "--model", str(tiny_model), str(folder)]) == 2
+    assert "scans is a folder, not a model file" in capsys.readouterr().err
+    renamed = tmp_path / "scan.pt"
+    renamed.write_bytes(path.read_bytes())
+    text, empty, cut = tmp_path / "notes.pt", tmp_path / "empty.pt", tmp_path / "cut.pt"
+    text.write_text("model: v9\n")
+    empty.write_bytes(b"")
+    cut.write_bytes(tiny_model.read_bytes()[:2000])
+    for model, words in ((renamed, "it is an image (gzip-compressed NIfTI), a scan rather than a model"),
+                         (text, "it is not a PyTorch file at all"), (empty, "the file is empty (0 bytes)"),
+                         (cut, "copy it again if it was cut short")):
+        assert main(["segment", str(path), "-o", out, "--model", str(model)]) == 1
+        err = capsys.readouterr().err
+        assert f"{model} is not a readable DeepWML model file" in err and words in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_progress_and_cancel(tiny_model):
     from DeepWMLLib.errors import Cancelled
     from DeepWMLLib.segment import load_models, segment_image
