@@ -113,6 +113,13 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
         preprocessing = PreprocessingConfig.from_dict(preprocessing)
     state = {k: (v.detach().to("cpu").half() if fp16 and v.is_floating_point() else v.detach().to("cpu").clone())
              for k, v in model.state_dict().items()}
+    unfit = _non_finite(state)
+    if unfit:  # a network whose every map is NaN marks nothing, silently: refused when written, as when read
+        largest = max(float(v.detach().float().abs().max()) for k, v in model.state_dict().items() if k in unfit)
+        raise DeepWMLError(f"the weights hold values float16 cannot store ({', '.join(unfit[:3])}: up to {largest:.3g}, "
+                           "float16 stops at 65504): write it without --fp16" if fp16 and largest < float("inf") else
+                           f"the network's weights hold NaN or infinity ({', '.join(unfit[:3])}): its training diverged; "
+                           "take an earlier checkpoint")
     prov = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "deepwml_version": __version__}
     prov.update(provenance or {})
@@ -126,6 +133,13 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
         "provenance": prov,
         "state_dict": state,
     }
+
+
+def _non_finite(state: dict) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold NaN or infinity."""
+    import torch
+
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def save_torch(obj, path) -> None:
@@ -150,6 +164,21 @@ def _not_a_model_file(p: Path) -> str:
         run = any((p / name).is_file() for name in ("best.pt", "last.pt"))
         return f"{p} is a folder, not a model file" + (" (a training run folder: give its best.pt)" if run else "")
     return f"model file {p} does not exist"
+
+
+def _failed_checksum(p: Path) -> str | None:
+    """The name of the first record of a model file (a zip archive) whose CRC-32 does not match its bytes, or
+    None (all match, or an old-style file without them). torch.load does not check them: a model whose weights
+    changed on the way loads and segments, wrongly. About 40 ms for a 15 MB model (v9), so `load_model`
+    checks a file once, when its content is new to the metadata cache."""
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(p) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError):
+        return None  # not a zip file: the old pickle format, which torch read
 
 
 def _why_unreadable(p: Path) -> str:
@@ -190,7 +219,9 @@ def check_settings(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def load_payload(path: str | os.PathLike) -> dict:
+def load_payload(path: str | os.PathLike, check_records: bool = True) -> dict:
+    """A model file's dict, or a DeepWMLError naming the file and what is wrong with it. `check_records`:
+    check every record against its checksum (`_failed_checksum`), which a file seen before needs not."""
     import torch
 
     p = Path(path)
@@ -201,6 +232,10 @@ def load_payload(path: str | os.PathLike) -> dict:
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); "
                            + _why_unreadable(p)) from exc
+    damaged = _failed_checksum(p) if check_records else None
+    if damaged:  # torch reads a record whose bytes changed (a bad copy, a failing disk) without a word
+        raise DeepWMLError(f"{p} is a damaged DeepWML model file (its part {damaged} fails its checksum); "
+                           "copy it again")
     if isinstance(payload, dict) and payload.get("format") == TRAINING_STATE:
         raise DeepWMLError(f"{p} is a training checkpoint (for `deepwml train --resume`), not a model file: give the "
                            "run folder's best.pt (`deepwml train --export` makes a compact copy of it)")
@@ -218,7 +253,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """Load a model file for inference (eval mode, fp32 weights) and refresh its metadata cache."""
     from .model import build_model, size_multiple, validate_config
 
-    payload = load_payload(path)
+    digest = file_digest(path) if Path(path).is_file() else ""
+    # a file of this content loaded before was checked then (its metadata cache entry written after)
+    payload = load_payload(path, check_records=not digest or _shareable_entry(_metadata_path(digest)) is None)
     if isinstance(payload.get("architecture"), dict):  # else the generic "damaged" below
         try:
             validate_config(payload["architecture"])
@@ -235,13 +272,17 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
             raise ValueError(f"grid {preprocessing.grid_size} is not a multiple of {multiple} for depth {config['depth']}")
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise DeepWMLError(f"{path} is a damaged DeepWML model file ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    unfit = _non_finite(state)
+    if unfit:  # every map NaN: nothing marked (0 lesions), with no word of why
+        raise DeepWMLError(f"{path} holds NaN or infinite weights ({', '.join(unfit[:3])}), with which it would mark "
+                           "nothing: its training diverged (take an earlier checkpoint) or the file is damaged")
     model.eval().to(device)
     try:
         threshold = float(payload.get("threshold", 0.5))
     except (TypeError, ValueError) as exc:
         raise DeepWMLError(f"{path} is a damaged DeepWML model file (threshold {payload.get('threshold')!r})") from exc
     loaded = check_settings(LoadedModel(config, preprocessing, threshold, dict(payload.get("labels", DEFAULT_LABELS)),
-                                        dict(payload.get("provenance", {})), str(path), file_digest(path), model))
+                                        dict(payload.get("provenance", {})), str(path), digest, model))
     _write_metadata_cache(loaded)
     return loaded
 

@@ -271,3 +271,61 @@ def test_a_metadata_cache_entry_of_an_older_version_is_replaced_without_its_case
     assert settings.config["base_channels"] == 4
     text = entry.read_text(encoding="utf-8")
     assert "MRN123" not in text and "Doe" not in text and json.loads(text)["shareable"] is True
+
+
+def test_a_model_file_whose_weights_changed_on_the_way_is_refused(tmp_path, monkeypatch):
+    """Bytes of a weight changed inside the file (a bad copy, a failing disk): torch.load reads it without a
+    word, so the zip records' checksums are checked the first time a file of that content is loaded."""
+    import zipfile
+
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = {"base_channels": 8, "depth": 2}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig(grid_size=(64, 64)))
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)  # a weight tensor, stored uncompressed
+    data = bytearray(path.read_bytes())
+    middle = record.header_offset + 30 + len(record.filename) + 64 + record.file_size // 2  # inside its bytes
+    data[middle:middle + 4] = b"\xff\xff\x7f\x7f"
+    damaged = tmp_path / "copied.pt"
+    damaged.write_bytes(bytes(data))
+    assert torch.load(damaged, weights_only=True)["format"] == "deepwml-model"  # what torch alone says: fine
+    with pytest.raises(DeepWMLError, match=r"copied.pt is a damaged DeepWML model file \(its part .* fails its checksum\)"):
+        load_models([damaged])
+    assert len(load_models([path])) == 1 and load_model(path).model is not None  # the intact file, and again from the cache
+
+
+def test_a_model_with_nan_weights_is_refused_not_run_to_an_empty_mask(tmp_path):
+    """NaN weights make every probability NaN, which no threshold passes: 0 lesions, "ok", before."""
+    config = {"base_channels": 4, "depth": 2}
+    model = build_model(config)
+    path = save_model(tmp_path / "m.pt", model, config, PreprocessingConfig(grid_size=(64, 64)))
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["head.weight"][0, 0] = float("nan")
+    torch.save(payload, tmp_path / "diverged.pt")
+    with pytest.raises(DeepWMLError, match=r"diverged.pt holds NaN or infinite weights \(head.weight\)"):
+        load_model(tmp_path / "diverged.pt")
+    with torch.no_grad():
+        model.head.bias.fill_(float("inf"))
+    with pytest.raises(DeepWMLError, match=r"NaN or infinity \(head.bias\): its training diverged"):
+        save_model(tmp_path / "written.pt", model, config, PreprocessingConfig(grid_size=(64, 64)))
+    assert not (tmp_path / "written.pt").exists()
+
+
+def test_fp16_export_of_weights_float16_cannot_hold_is_refused(tmp_path, capsys):
+    """A batch-norm variance above 65504 became infinity in an --fp16 export, silently."""
+    from DeepWMLLib.cli import main
+
+    config = {"base_channels": 4, "depth": 2, "batch_norm": True}
+    model = build_model(config)
+    with torch.no_grad():
+        model.encoders[0][1].running_var[0] = 1e6
+    source = save_model(tmp_path / "best.pt", model, config, PreprocessingConfig(grid_size=(64, 64)))
+    assert main(["train", "--export", str(source), str(tmp_path / "small.pt"), "--fp16"]) == 1
+    err = capsys.readouterr().err
+    assert "encoders.0.1.running_var: up to 1e+06, float16 stops at 65504" in err and "without --fp16" in err
+    assert not (tmp_path / "small.pt").exists()
+    assert main(["train", "--export", str(source), str(tmp_path / "full.pt")]) == 0  # fp32 holds it
+    assert load_model(tmp_path / "full.pt").model.encoders[0][1].running_var[0] == 1e6
