@@ -307,19 +307,23 @@ def _compare_groups(image_rows: list[dict], grouping: str, metric: str) -> list[
     """Kruskal-Wallis across the groups, then Bonferroni-corrected Mann-Whitney pairs if significant."""
     from scipy import stats
 
-    groups = {name: _finite(r[metric] for r in rows) for name, rows in _groups(image_rows, grouping).items()
-              if name != NOT_GIVEN}
+    grouped = _groups(image_rows, grouping)
+    groups = {name: _finite(r[metric] for r in rows) for name, rows in grouped.items() if name != NOT_GIVEN}
     usable = {name: values for name, values in groups.items() if len(values) >= MIN_GROUP_SIZE}
     small = [f"{name} (n={len(values)})" for name, values in groups.items() if len(values) < MIN_GROUP_SIZE]
     base = {"test": "Kruskal-Wallis", "metric": metric, "grouping": grouping,
             "groups": ", ".join(f"{n} (n={len(v)})" for n, v in usable.items())}
-    note = f"left out with fewer than {MIN_GROUP_SIZE} values: {', '.join(small)}" if small else ""
+    unnamed = len(_finite(r[metric] for r in grouped.get(NOT_GIVEN, [])))  # in Table 2 as "(not given)"
+    note = "; ".join(filter(None, [
+        f"left out with fewer than {MIN_GROUP_SIZE} values: {', '.join(small)}" if small else "",
+        f"left out, no {grouping} given: {NOT_GIVEN} (n={unnamed})" if unnamed else ""]))
     if len(usable) < 2:
         return [{**base, "statistic": math.nan, "p": math.nan,
                  "note": "; ".join(filter(None, [f"not run: needs 2 groups with at least {MIN_GROUP_SIZE} values, "
                                                  f"found {len(usable)}", note]))}]
     if len({v for values in usable.values() for v in values}) == 1:
-        return [{**base, "statistic": math.nan, "p": math.nan, "note": "not run: every value is identical"}]
+        return [{**base, "statistic": math.nan, "p": math.nan,
+                 "note": "; ".join(filter(None, ["not run: every value is identical", note]))}]
     h, p = stats.kruskal(*usable.values())
     verdict = "significant: pairwise tests follow" if p < ALPHA else "not significant"
     results = [{**base, "statistic": float(h), "p": float(p), "note": "; ".join(filter(None, [verdict, note]))}]
@@ -475,7 +479,8 @@ def _report(summary: dict) -> str:
          for r in summary["lv_groups"]]))
     lines += ["", "## Statistics", "",
               f"Two-sided tests on per-image values, alpha = {ALPHA}. Groups with fewer than "
-              f"{MIN_GROUP_SIZE} values are left out of a test; a test that cannot run says why.", ""]
+              f"{MIN_GROUP_SIZE} values, and images of cases without the grouping's value ({NOT_GIVEN}), are "
+              "left out of a test, which says so; a test that cannot run says why.", ""]
     lines.append(_markdown_table(
         ["test", "metric", "across", "groups", "statistic", "p", "note"],
         [[s["test"], s["metric"], s["grouping"], s["groups"], _fmt(s["statistic"]), _p(s["p"]), s["note"]]

@@ -149,6 +149,34 @@ def test_groups_too_small_for_a_test_are_reported_not_crashed(tmp_path):
     assert "not run" in report and "| overall | all | 1 | 2 |" in report
 
 
+def test_statistics_match_scipy_and_say_every_group_left_out():
+    """statistics.csv against scipy on edge cases: a group of one value and one without a disease left out, and
+    said so (images of cases without a disease were left out of the tests unsaid, though Table 2 shows them);
+    Bonferroni over the pairs tested; p capped at 1; identical values; NaN (undefined) values left out."""
+    from scipy import stats as scipy_stats
+
+    values = {"A": [0.1, 0.2, 0.3, 0.15, float("nan")], "B": [0.7, 0.8, 0.9, 0.85, None], "C": [0.4, 0.45, 0.5, 0.55],
+              "D": [0.6], "": [0.95, 0.96, 0.97]}
+    rows = [{"disease": group, "dice": v} for group, vs in values.items() for v in vs]
+    kruskal, *pairs = evaluation._compare_groups(rows, "disease", "dice")
+    a, b, c = ([v for v in values[g] if v is not None and v == v] for g in "ABC")
+    assert kruskal["groups"] == "A (n=4), B (n=4), C (n=4)"
+    assert kruskal["p"] == pytest.approx(scipy_stats.kruskal(a, b, c).pvalue, rel=1e-12) and kruskal["p"] < 0.05
+    assert "fewer than 3 values: D (n=1)" in kruskal["note"]
+    assert "no disease given: (not given) (n=3)" in kruskal["note"]
+    assert [p["groups"] for p in pairs] == ["A vs B", "A vs C", "B vs C"]
+    for pair, (x, y) in zip(pairs, ((a, b), (a, c), (b, c))):
+        assert pair["p"] == pytest.approx(min(1.0, 3 * scipy_stats.mannwhitneyu(x, y).pvalue), rel=1e-12)
+    # two groups alike and a third apart: the alike pair's p (scipy's 1.0) stays 1 after the factor of 3
+    same = [{"disease": g, "dice": v} for g, vs in {"A": [0.5] * 5, "B": [0.5] * 5, "C": [0.1, 0.2, 0.3, 0.1, 0.2]}.items()
+            for v in vs]
+    _, alike, *_ = evaluation._compare_groups(same, "disease", "dice")
+    assert alike["groups"] == "A vs B" and alike["p"] == 1.0
+    flat = [{"disease": g, "dice": 0.5} for g in "AABBBCCC"] + [{"disease": "", "dice": 0.9}]
+    (only,) = evaluation._compare_groups(flat, "disease", "dice")
+    assert only["note"].startswith("not run: every value is identical") and "(not given) (n=1)" in only["note"]
+
+
 def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
     (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
