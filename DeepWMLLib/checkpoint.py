@@ -181,9 +181,10 @@ def _failed_checksum(p: Path) -> str | None:
         return None  # not a zip file: the old pickle format, which torch read
 
 
-def _why_unreadable(p: Path) -> str:
+def _why_unreadable(p: Path, exc: Exception) -> str:
     """What to do about a file torch cannot load: a PyTorch file (a zip archive, or an old pickle) was cut
-    short or damaged; anything else is some other file: a scan (given with --model by mistake), a text file."""
+    short or damaged, or holds Python objects (another program's model: weights_only refuses them); anything
+    else is some other file: a scan (given with --model by mistake), a text file."""
     from .io import _content_format, is_image_file
 
     try:
@@ -193,13 +194,16 @@ def _why_unreadable(p: Path) -> str:
         head = b"PK"
     if not head:
         return "the file is empty (0 bytes): copy it again"
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        return "check that it is the .pt file you meant, or copy it again if it was cut short"
-    image = _content_format(p)
-    if image or is_image_file(p):
-        return (f"it is an image ({image or 'by its name'}), a scan rather than a model: give the scan as INPUT "
-                "and a model file (.pt, as `deepwml train` writes) with --model")
-    return "it is not a PyTorch file at all: give a model file (.pt, as `deepwml train` writes)"
+    if not head.startswith(b"PK") and head[:1] != b"\x80":  # neither a zip archive nor an old-style pickle
+        image = _content_format(p)
+        if image or is_image_file(p):
+            return (f"it is an image ({image or 'by its name'}), a scan rather than a model: give the scan as INPUT "
+                    "and a model file (.pt, as `deepwml train` writes) with --model")
+        return "it is not a PyTorch file at all: give a model file (.pt, as `deepwml train` writes)"
+    if "Weights only load failed" in str(exc):  # torch's words since 1.13 for objects other than tensors
+        return ("it is a PyTorch file that holds Python objects (another program's model or checkpoint?), which "
+                "DeepWML does not run; give a DeepWML model file (.pt, as `deepwml train` writes)")
+    return "check that it is the .pt file you meant, or copy it again if it was cut short"
 
 
 TRAINING_STATE = "deepwml-training-state"  # train.STATE_FORMAT: a run's last.pt
@@ -231,7 +235,7 @@ def load_payload(path: str | os.PathLike, check_records: bool = True) -> dict:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise DeepWMLError(f"{p} is not a readable DeepWML model file ({type(exc).__name__}); "
-                           + _why_unreadable(p)) from exc
+                           + _why_unreadable(p, exc)) from exc
     damaged = _failed_checksum(p) if check_records else None
     if damaged:  # torch reads a record whose bytes changed (a bad copy, a failing disk) without a word
         raise DeepWMLError(f"{p} is a damaged DeepWML model file (its part {damaged} fails its checksum); "

@@ -276,9 +276,16 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tiny_model, tmp_path
     text.write_text("model: v9\n")
     empty.write_bytes(b"")
     cut.write_bytes(tiny_model.read_bytes()[:2000])
+    import argparse
+
+    import torch
+
+    other_program = tmp_path / "their_unet.pt"  # a checkpoint of another program: weights_only refuses its objects
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, other_program)
     for model, words in ((renamed, "it is an image (gzip-compressed NIfTI), a scan rather than a model"),
                          (text, "it is not a PyTorch file at all"), (empty, "the file is empty (0 bytes)"),
-                         (cut, "copy it again if it was cut short")):
+                         (cut, "copy it again if it was cut short"),
+                         (other_program, "a PyTorch file that holds Python objects (another program's model")):
         assert main(["segment", str(path), "-o", out, "--model", str(model)]) == 1
         err = capsys.readouterr().err
         assert f"{model} is not a readable DeepWML model file" in err and words in err, err
