@@ -113,13 +113,14 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
         preprocessing = PreprocessingConfig.from_dict(preprocessing)
     state = {k: (v.detach().to("cpu").half() if fp16 and v.is_floating_point() else v.detach().to("cpu").clone())
              for k, v in model.state_dict().items()}
-    unfit = _non_finite(state)
-    if unfit:  # a network whose every map is NaN marks nothing, silently: refused when written, as when read
-        largest = max(float(v.detach().float().abs().max()) for k, v in model.state_dict().items() if k in unfit)
-        raise DeepWMLError(f"the weights hold values float16 cannot store ({', '.join(unfit[:3])}: up to {largest:.3g}, "
-                           "float16 stops at 65504): write it without --fp16" if fp16 and largest < float("inf") else
-                           f"the network's weights hold NaN or infinity ({', '.join(unfit[:3])}): its training diverged; "
-                           "take an earlier checkpoint")
+    unfit = _non_finite(state) if fp16 else []  # NaN in fp32 weights is refused when read (load_model); a
+    # training's best.pt is written as it is, not stopping the run (a raise on rank 0 alone would hang the others)
+    original = model.state_dict()
+    overflow = [k for k in unfit if bool(original[k].isfinite().all())]
+    if overflow:  # a weight above 65504 became infinity: every map NaN, nothing marked, silently
+        largest = max(float(original[k].detach().float().abs().max()) for k in overflow)
+        raise DeepWMLError(f"the weights hold values float16 cannot store ({', '.join(overflow[:3])}: up to {largest:.3g}, "
+                           "float16 stops at 65504): write it without --fp16")
     prov = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "deepwml_version": __version__}
     prov.update(provenance or {})

@@ -307,11 +307,6 @@ def test_a_model_with_nan_weights_is_refused_not_run_to_an_empty_mask(tmp_path):
     torch.save(payload, tmp_path / "diverged.pt")
     with pytest.raises(DeepWMLError, match=r"diverged.pt holds NaN or infinite weights \(head.weight\)"):
         load_model(tmp_path / "diverged.pt")
-    with torch.no_grad():
-        model.head.bias.fill_(float("inf"))
-    with pytest.raises(DeepWMLError, match=r"NaN or infinity \(head.bias\): its training diverged"):
-        save_model(tmp_path / "written.pt", model, config, PreprocessingConfig(grid_size=(64, 64)))
-    assert not (tmp_path / "written.pt").exists()
 
 
 def test_fp16_export_of_weights_float16_cannot_hold_is_refused(tmp_path, capsys):
