@@ -612,6 +612,10 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel, ran=ran)
+            if not np.isfinite(probabilities).all():  # NaN passes no threshold: 0 lesions, and the whole ensemble's
+                raise DeepWMLError(f"{loaded.name} gave NaN probabilities (running as {', '.join(ran) or runner.name}): "
+                                   "its result would mark nothing; rerun with --precision fp32, "
+                                   "and if that fails too, the model file is at fault")
             if number < len(models):
                 config = loaded.preprocessing
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities

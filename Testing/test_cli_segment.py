@@ -292,6 +292,29 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tiny_model, tmp_path
         assert len(err.strip().splitlines()) == 1
 
 
+def test_a_network_giving_nan_is_an_error_not_an_empty_mask(tiny_model):
+    """NaN probabilities (a network overflowing in reduced precision, or NaN weights loaded some other way) pass no
+    threshold: the case read 'ok - 0 lesions', and one such member emptied a whole ensemble's average."""
+    import torch
+
+    from DeepWMLLib.checkpoint import LoadedModel
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import load_models, segment_image
+
+    image, _ = make_volume(size=(32, 32, 4))
+    (good,) = load_models([tiny_model])
+    network = good.model
+    broken = LoadedModel(good.config, good.preprocessing, good.threshold, good.labels, {}, "broken.pt", "0" * 24,
+                         type(network)(1, good.config["base_channels"], good.config["depth"]))
+    broken.model.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        broken.model.head.bias.fill_(float("nan"))
+    broken.model.eval()
+    with pytest.raises(DeepWMLError, match=r"broken.pt gave NaN probabilities \(running as torch"):
+        segment_image(image, [good, broken], "cpu", backend="torch", brain_model=None, ventricle_model=None)
+    assert segment_image(image, [good], "cpu", backend="torch", brain_model=None, ventricle_model=None) is not None
+
+
 def test_progress_and_cancel(tiny_model):
     from DeepWMLLib.errors import Cancelled
     from DeepWMLLib.segment import load_models, segment_image
