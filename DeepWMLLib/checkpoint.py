@@ -120,7 +120,7 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
     if overflow:  # a weight above 65504 became infinity: every map NaN, nothing marked, silently
         largest = max(float(original[k].detach().float().abs().max()) for k in overflow)
         raise DeepWMLError(f"the weights hold values float16 cannot store ({', '.join(overflow[:3])}: up to {largest:.3g}, "
-                           "float16 stops at 65504): write it without --fp16")
+                           "float16 stops at 65504): store it in float32 (without --fp16; `deepwml adapt`: --fp32)")
     prov = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "deepwml_version": __version__}
     prov.update(provenance or {})

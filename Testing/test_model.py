@@ -320,7 +320,7 @@ def test_fp16_export_of_weights_float16_cannot_hold_is_refused(tmp_path, capsys)
     source = save_model(tmp_path / "best.pt", model, config, PreprocessingConfig(grid_size=(64, 64)))
     assert main(["train", "--export", str(source), str(tmp_path / "small.pt"), "--fp16"]) == 1
     err = capsys.readouterr().err
-    assert "encoders.0.1.running_var: up to 1e+06, float16 stops at 65504" in err and "without --fp16" in err
+    assert "encoders.0.1.running_var: up to 1e+06, float16 stops at 65504" in err and "(without --fp16;" in err
     assert not (tmp_path / "small.pt").exists()
     assert main(["train", "--export", str(source), str(tmp_path / "full.pt")]) == 0  # fp32 holds it
     assert load_model(tmp_path / "full.pt").model.encoders[0][1].running_var[0] == 1e6
