@@ -314,7 +314,8 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     lesions are computed once. found: scans found in a folder given, skipped when label masks (network_slices).
     progress(what, done, total) is called as the lesions are found ("finding
     lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
-    from .checkpoint import file_digest, load_model, load_model_settings, save_model
+    from .checkpoint import file_digest, load_model, load_model_settings, model_payload, save_torch
+    from .io import write_atomically
 
     if len(model_paths) != len(out_paths):
         raise DeepWMLError("one output path per model is needed")
@@ -366,10 +367,12 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         summaries.append({"model": loaded.name, "output": str(out), "slices": int(slices.shape[0]),
                           "crops": int(crops.shape[0]), "crop_size": size, "lesion_share": share,
                           "layers": layers, "scans": facts})
-    # Written together at the end: an interrupted run leaves no part of an ensemble to be used as a whole.
-    for out, loaded, provenance in adapted:
-        save_model(out, loaded.model, loaded.config, loaded.preprocessing, loaded.threshold, provenance,
-                   loaded.labels, fp16=fp16)
+    # Written together at the end: an interrupted run leaves no part of an ensemble to be used as a whole; every
+    # member's file content is made first, so that one refused (weights float16 cannot store) leaves none either.
+    payloads = [(out, model_payload(loaded.model, loaded.config, loaded.preprocessing, loaded.threshold, provenance,
+                                    loaded.labels, fp16=fp16)) for out, loaded, provenance in adapted]
+    for out, payload in payloads:
+        write_atomically(out, lambda tmp, payload=payload: save_torch(payload, tmp))
     return summaries
 
 

@@ -206,6 +206,30 @@ def test_an_ensemble_is_written_only_when_every_member_is_adapted(tmp_path, monk
     assert not any(o.exists() for o in outs)
 
 
+def test_an_ensemble_member_float16_cannot_store_leaves_no_member_written(tmp_path, monkeypatch):
+    """A batch-norm variance above 65504 after adaptation (fp16 files, the default): refused, naming --fp32, and
+    not after the members before it were written (half an ensemble to be used as a whole)."""
+    import DeepWMLLib.adapt as adapt
+
+    sources = [_model_file(tmp_path / "bn1.pt", 0), _model_file(tmp_path / "bn2.pt", 1)]
+    calls = []
+    real = adapt.adapt_batch_norm
+
+    def second_overflows(model, *args, **kwargs):
+        calls.append(1)
+        layers = real(model, *args, **kwargs)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var[0] = 1e6
+        return layers
+
+    monkeypatch.setattr(adapt, "adapt_batch_norm", second_overflows)
+    outs = [tmp_path / "out1.pt", tmp_path / "out2.pt"]
+    with pytest.raises(DeepWMLError, match=r"float16 stops at 65504.*--fp32"):
+        adapt_models(sources, _scans(tmp_path), outs, per_slice=2)
+    assert not any(o.exists() for o in outs)
+
+
 def test_matched_crops_are_drawn_as_training_draws_them():
     rng = np.random.default_rng(1)
     slices = rng.normal(0, 1, (6, 64, 64)).astype(np.float32)
