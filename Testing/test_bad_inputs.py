@@ -71,6 +71,11 @@ BAD_INPUTS = [
     ("axial slices thinner than their pixels (1 x 1 x 0.8 mm)", "segment", 0, "ok: called axial, no plane warning"),
     ("corrupt model file", "segment", 1, "not a readable DeepWML model"),
     ("model file of a newer format", "segment", 1, "update DeepWML"),
+    ("model file whose weights changed on the way (a bad copy: torch itself reads it)", "segment", 1,
+     "fails its checksum"),
+    ("another program's PyTorch checkpoint given as the model", "segment", 1, "holds Python objects"),
+    ("a scan given with --model (INPUT before it)", "segment", 2, "is an image, not a model file"),
+    ("the same model given twice in an ensemble", "segment", 0, "ok: averaged in twice, warning printed (\"is given 2 times\")"),
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
@@ -316,6 +321,27 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(tmp / "nope.nii.gz")]
     if row_id in ("corrupt model file", "model file of a newer format"):
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["bad_model" if "corrupt" in row_id else "newer_model"])]
+    if row_id.startswith("model file whose weights changed on the way"):
+        import zipfile
+
+        with zipfile.ZipFile(p["model"]) as archive:
+            record = max(archive.infolist(), key=lambda info: info.file_size)
+        data = bytearray(p["model"].read_bytes())
+        middle = record.header_offset + 30 + len(record.filename) + 64 + record.file_size // 2
+        data[middle:middle + 4] = b"\xff\xff\x7f\x7f"
+        (tmp / "copied.pt").write_bytes(bytes(data))
+        return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "copied.pt")]
+    if row_id == "another program's PyTorch checkpoint given as the model":
+        import argparse
+
+        import torch
+
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, tmp / "theirs.pt")
+        return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "theirs.pt")]
+    if row_id == "a scan given with --model (INPUT before it)":
+        return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), str(p["truth"])]
+    if row_id == "the same model given twice in an ensemble":
+        return seg[:-2] + [str(p["model"]), "--device", "cpu", str(p["good"])]
     if row_id == "output folder missing":
         return ["segment", str(p["good"]), "-o", str(tmp / "new" / "deeper"), "--model", str(p["model"])]
     if row_id == "output folder read-only":
@@ -552,6 +578,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert (tmp / "own" / "x_wmh.nii.gz").read_bytes() == paths["good"].read_bytes()
     if row_id == "output folder missing":
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
+    if row_id == "the same model given twice in an ensemble":
+        assert "model.pt is given 2 times: the ensemble averages it in 2 times (weight 2/2)" in err
+        assert json.loads((tmp / "out" / "good_report.json").read_text(encoding="utf-8"))["model"] == ["model.pt"] * 2
     if row_id == "--init model of another architecture":
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
     if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
