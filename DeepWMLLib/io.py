@@ -1417,6 +1417,8 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_patient(path, reader, len(files))
     _check_pixel_spacing(path, reader)
+    if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
+        _check_one_orientation(path, reader, files)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_slice_spacing(path, [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
                                     for k in range(len(files))], image)
@@ -1459,6 +1461,31 @@ def _check_one_patient(path, reader, files: int) -> None:
                                f"to more than one study or patient; sort the files out before segmenting them")
 
 
+def _check_one_orientation(path, reader, files: list) -> None:
+    """Refuse a series whose images do not all face one way (a localizer or a reformat sharing its Series
+    Instance UID): stacked as slices of one plane it would be a wrong volume, which the slice spacing check
+    called "slices missing". The images off the plane most of them share are named."""
+    planes: list = []  # [cosines, names of the images in that plane]
+    for k, name in enumerate(files):
+        try:
+            cosines = np.array([float(v) for v in reader.GetMetaData(k, "0020|0037").split("\\")])
+        except (RuntimeError, ValueError):
+            continue
+        if cosines.shape != (6,):
+            continue
+        plane = next((p for p in planes if np.abs(p[0] - cosines).max() <= 1e-3), None)
+        if plane is None:
+            planes.append([cosines, []])
+            plane = planes[-1]
+        plane[1].append(Path(name).name)
+    if len(planes) > 1:
+        common = max(planes, key=lambda p: len(p[1]))
+        odd = [n for p in planes if p is not common for n in p[1]]
+        raise DeepWMLError(f"{path}: the images of the DICOM series do not all lie in one plane ({len(common[1])} do, and "
+                           f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} {'faces' if len(odd) == 1 else 'face'} another way): a localizer or a "
+                           "reformat shares the FLAIR's series UID; move it out of the folder")
+
+
 def _check_slice_spacing(path, positions: list[str], image) -> None:
     """Refuse a series whose slices are not evenly spaced: an incomplete transfer (slices missing) or two
     images at one position would be put on a regular grid with a wrong position for every slice after it,
@@ -1485,6 +1512,18 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
         raise DeepWMLError(f"{path}: the slices of the DICOM series are not evenly spaced ({abs(steps[k]):.2f} mm between "
                            f"images {k + 1} and {k + 2}, {typical:.2f} mm elsewhere: {what}); the transfer may be "
                            "incomplete: export the series again")
+    # each slice where the grid puts it: on the first one's normal. Slices shifted sideways (a gantry tilt, a
+    # stack sheared by the scanner) would be stacked straight, every one misplaced, and spaced by the distance
+    # between their corners, not the slab thickness: wrong lesion places and volumes, without a word
+    sideways = np.linalg.norm((points - points[0]) - np.outer(along - along[0], direction[:, 2]), axis=1)
+    pixel = min(image.GetSpacing()[:2])
+    if sideways.max() > 0.5 * pixel:
+        k = int(np.argmax(sideways))
+        raise DeepWMLError(f"{path}: the slices of the DICOM series are not stacked straight along their normal (image "
+                           f"{k + 1} lies {sideways[k]:.1f} mm sideways of where the first one's stack would put it: a "
+                           "gantry tilt or a sheared stack), so the volume read from them would misplace every slice; "
+                           "convert the series with a tool that corrects a tilt (dcm2niix, 3D Slicer's DICOM module) "
+                           "and segment the file it writes")
 
 
 def _check_layout(path, dimension: int, size, components: int, mask: bool = False) -> None:

@@ -593,6 +593,46 @@ def test_a_series_with_a_slice_missing_is_refused(tmp_path):
 
 
 
+def _retag(path, **tags):
+    """Rewrite one file of a `write_dicom_series` series with tags changed (keyword: the tag with '_' for '|')."""
+    image = sitk.ReadImage(str(path))
+    for key, value in tags.items():
+        image.SetMetaData(key.replace("_", "|"), value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(path))
+    writer.Execute(image)
+
+
+def test_a_series_with_a_gantry_tilt_is_refused(tmp_path):
+    """Slices shifted sideways along the stack (a gantry tilt: each slice's position moves along the column
+    direction) were read as a straight stack 4.2 mm apart instead of 4 mm: every slice misplaced (by up to 5 mm
+    here) and every volume 4 % too large, silently. A stack 0.1 pixel off over its length is still read."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    for name, shift in (("straight", 0.08 / 7), ("tilted", 4.0 * np.tan(np.radians(10)))):
+        folder = write_dicom_series(tmp_path / name, image, description="AX FLAIR")
+        for k in range(8):
+            position = np.array(image.TransformIndexToPhysicalPoint((0, 0, k))) + d[:, 1] * k * shift
+            _retag(folder / f"slice{k:03d}.dcm", **{"0020_0032": "\\".join(f"{v:.4f}" for v in position)})
+    assert io.grid_difference(io.read_image(tmp_path / "straight"), image) is None
+    with pytest.raises(DeepWMLError, match=r"not stacked straight .*image 8 lies 4.9 mm sideways.*gantry tilt"):
+        io.read_image(tmp_path / "tilted")
+
+
+def test_an_image_in_another_plane_sharing_the_series_uid_is_named(tmp_path):
+    """A localizer of the FLAIR's size with its series UID was refused as 'about 9 slice(s) missing': the
+    image in another plane is named instead."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, description="AX FLAIR")
+    loose = write_dicom_series(tmp_path / "loc", image[:, :, 3:4], description="AX FLAIR", prefix="localizer")
+    (loose / "localizer000.dcm").replace(folder / "localizer000.dcm")
+    _retag(folder / "localizer000.dcm", **{"0020_0037": "1\\0\\0\\0\\0\\-1"})
+    with pytest.raises(DeepWMLError, match=r"not all lie in one plane \(8 do, and localizer000.dcm faces another way\)"):
+        io.read_image(folder)
+
+
 def test_a_series_without_pixel_spacing_is_refused(tmp_path):
     """GDCM reads images without Pixel Spacing (a screen capture) as 1 x 1 mm: the volumes would be off by the
     square of the true pixel size (0.6 x 0.7 mm here: read as 2.4 times larger), silently."""
