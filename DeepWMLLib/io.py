@@ -1414,9 +1414,12 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
+    image = _squeeze_4d(image)  # a multi-frame file comes X, Y, frames, 1
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_patient(path, reader, len(files))
     _check_pixel_spacing(path, reader)
+    if len(files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] > 1:
+        _check_frames(path, files[0], image)
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_orientation(path, reader, files)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
@@ -1484,6 +1487,154 @@ def _check_one_orientation(path, reader, files: list) -> None:
         raise DeepWMLError(f"{path}: the images of the DICOM series do not all lie in one plane ({len(common[1])} do, and "
                            f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} {'faces' if len(odd) == 1 else 'face'} another way): a localizer or a "
                            "reformat shares the FLAIR's series UID; move it out of the folder")
+
+
+# DICOM's explicit value representations with a 4-byte length (PS3.5 7.1.2), and the sequences a multi-frame
+# file's geometry lies in: read by `_frame_geometry` without a DICOM library (ITK's metadata leaves sequences out)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
+_PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0x00209116
+_GEOMETRY_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION}
+_WANTED = {0x00020010, 0x00200032, 0x00200037, 0x00280030} | _GEOMETRY_SEQUENCES
+
+
+def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> tuple[dict, int]:
+    """The elements of a DICOM data set from `pos` to `end` (or to its item delimiter) that `_frame_geometry`
+    uses: {tag: bytes, or a list of items (data sets) for a sequence}, and where it ended. `level` "meta" stops
+    after the file meta group, "top" at Pixel Data. Raises ValueError where the bytes are not what they say."""
+    found: dict = {}
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        tag = group << 16 | element
+        if tag == 0xFFFEE00D:  # the end of an item of undefined length
+            return found, pos + 8
+        if (level == "top" and tag == 0x7FE00010) or (level == "meta" and group != 2):
+            break
+        vr = bytes(data[pos + 4:pos + 6]) if (explicit or group == 2) and group != 0xFFFE else None
+        if vr in _LONG_VRS:
+            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+        elif vr is not None:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        else:
+            length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+        if vr == b"SQ" or (vr is None and (tag in _GEOMETRY_SEQUENCES or length == 0xFFFFFFFF)):
+            items, pos = _items(data, start, length, end, explicit)
+            if tag in _WANTED:
+                found[tag] = items
+            continue
+        if length == 0xFFFFFFFF:
+            raise ValueError("a value of undefined length")
+        if tag in _WANTED:
+            found[tag] = bytes(data[start:start + length])
+        pos = start + length
+    return found, pos
+
+
+def _items(data, start: int, length: int, end: int, explicit: bool) -> tuple[list, int]:
+    """A sequence's items (data sets) and where the sequence ends."""
+    stop = end if length == 0xFFFFFFFF else start + length
+    items, pos = [], start
+    while pos + 8 <= stop:
+        group, element, size = struct.unpack_from("<HHI", data, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):  # the end of a sequence of undefined length
+            return items, pos + 8
+        if (group, element) != (0xFFFE, 0xE000):
+            raise ValueError("not an item")
+        item, pos = _dataset(data, pos + 8, stop if size == 0xFFFFFFFF else pos + 8 + size, explicit)
+        items.append(item)
+    return items, stop
+
+
+def _numbers(value) -> np.ndarray | None:
+    try:
+        return np.array([float(v) for v in value.decode("ascii").strip(" \0").split("\\")])
+    except (AttributeError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
+    """Of a multi-frame (enhanced) DICOM file: each frame's Image Position (Patient) and Image Orientation
+    (Patient) from its functional groups (per-frame, else shared), and the Pixel Spacing (row, column) they
+    give; None where the file gives no per-frame positions (a legacy multi-frame file) or cannot be parsed
+    (big endian, deflated)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data[128:132] != b"DICM":
+                return None
+            meta, start = _dataset(data, 132, len(data), True, "meta")  # always explicit VR little endian
+            syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
+            if syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"):  # big endian, deflated
+                return None
+            top, _ = _dataset(data, start, len(data), syntax != "1.2.840.10008.1.2", "top")
+    except (OSError, ValueError, struct.error):
+        return None
+
+    def first(groups: dict, sequence: int, tag: int):
+        items = groups.get(sequence) if isinstance(groups, dict) else None
+        return _numbers(items[0].get(tag)) if items else None
+
+    shared = (top.get(_SHARED_GROUPS) or [{}])[0]
+    frames = top.get(_PER_FRAME_GROUPS) or []
+    positions = [first(frame, _PLANE_POSITION, 0x00200032) for frame in frames]
+    if not frames or any(p is None or p.shape != (3,) for p in positions):
+        return None
+    orientations = [first(frame, _PLANE_ORIENTATION, 0x00200037) for frame in frames]
+    common = first(shared, _PLANE_ORIENTATION, 0x00200037)
+    orientations = [o if o is not None else common for o in orientations]
+    spacing = first(shared, _PIXEL_MEASURES, 0x00280030)
+    if spacing is None:
+        spacing = first(frames[0], _PIXEL_MEASURES, 0x00280030)
+    return positions, orientations, spacing
+
+
+def _check_frames(path, file: str, image) -> None:
+    """Refuse a multi-frame (enhanced) DICOM file whose frames do not lie where the volume read from it puts
+    them. GDCM stacks the frames in the order the file stores them, from the first frame's position; frames
+    stored in acquisition order (interleaved), a frame missing or repeated, or frames in more than one plane
+    gave a scrambled volume, or one of 1 x 1 x 1 mm voxels, without a word. Each frame's position and
+    orientation (its functional groups, `_frame_geometry`) is checked against the grid."""
+    geometry = _frame_geometry(file)
+    if geometry is None:
+        return
+    positions, orientations, pixel = geometry
+    name = Path(file).name
+    if len(positions) != image.GetSize()[2]:
+        raise DeepWMLError(f"{path}: the multi-frame DICOM file {name} describes {len(positions)} frames and holds "
+                           f"{image.GetSize()[2]}; export the series again")
+    cosines = [o for o in orientations if o is not None and o.shape == (6,)]
+    if cosines and any(np.abs(o - cosines[0]).max() > 1e-3 for o in cosines):
+        raise DeepWMLError(f"{path}: the frames of the multi-frame DICOM file {name} lie in more than one plane (a "
+                           "localizer, or several stacks in one file); export the FLAIR stack alone")
+    points = np.array(positions)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    normal = np.cross(cosines[0][:3], cosines[0][3:]) if cosines else direction[:, 2]
+    along = points @ normal
+    steps = np.diff(np.sort(along))
+    typical = float(np.median(steps))
+    spacing = image.GetSpacing()
+    odd = np.abs(steps - typical) > 0.2 * typical
+    if typical <= 0:
+        why = "its frames lie at one position (echoes or repeats?)"
+    elif odd.any():
+        k = int(np.flatnonzero(odd)[0])
+        why = (f"{'a frame repeated' if steps[k] < 0.2 * typical else 'frames missing' if steps[k] > 1.5 * typical else 'its frames unevenly spaced'}: "
+               f"{steps[k]:.2f} mm between two of them, {typical:.2f} mm elsewhere")
+    elif (np.diff(along) < 0).any() and (np.diff(along) > 0).any():
+        why = "its frames are not stored in slice order"
+    elif pixel is not None and pixel.shape == (2,) and np.abs(pixel[::-1] - np.array(spacing[:2])).max() > 1e-3 * pixel.max():
+        why = f"its pixels are {pixel[1]:g} x {pixel[0]:g} mm and were read as {spacing[0]:g} x {spacing[1]:g} mm"
+    else:
+        grid = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(positions))])
+        miss = np.linalg.norm(points - grid, axis=1)
+        if miss.max() <= 0.5 * min(spacing[:2]):
+            return
+        k = int(np.argmax(miss))
+        why = f"frame {k + 1} lies {miss[k]:.1f} mm from where the volume read from it puts it"
+    raise DeepWMLError(f"{path}: the multi-frame DICOM file {name} would be read onto a wrong grid ({why}); convert "
+                       "it with a tool that sorts the frames by position (dcm2niix, 3D Slicer's DICOM module) and "
+                       "segment the file it writes, or export the series as one file per slice")
 
 
 def _check_slice_spacing(path, positions: list[str], image) -> None:

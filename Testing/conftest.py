@@ -124,6 +124,56 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
     return folder
 
 
+def _element(tag: int, vr: str, value, explicit: bool) -> bytes:
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr == "SQ":
+        value = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item for item in value)
+    elif isinstance(value, str):
+        value = value.encode()
+        value += (b"\0" if vr == "UI" else b" ") * (len(value) % 2)
+    if not explicit:
+        return struct.pack("<HHI", group, element, len(value)) + value
+    if vr in ("OB", "OW", "SQ"):
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr.encode(), len(value)) + value
+
+
+def _data_set(elements, explicit: bool) -> bytes:
+    return b"".join(_element(*e, explicit) for e in sorted(elements, key=lambda e: e[0]))
+
+
+def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77") -> Path:
+    """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
+    Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
+    shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
+    (default: all, in slice order); `explicit`: explicit or implicit VR little endian."""
+    order = list(range(image.GetDepth())) if order is None else list(order)
+    array = sitk.GetArrayFromImage(image)[order].astype("<i2")
+    d, spacing = image.GetDirection(), image.GetSpacing()
+    sop, syntax = "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.1.2.1" if explicit else "1.2.840.10008.1.2"
+    text = lambda values: "\\".join(f"{v:.6g}" for v in values)  # noqa: E731
+    meta = _data_set([(0x00020001, "OB", b"\0\1"), (0x00020002, "UI", sop), (0x00020003, "UI", uid + ".1"),
+                      (0x00020010, "UI", syntax)], True)
+    shared = _data_set([(0x00289110, "SQ", [_data_set([(0x00280030, "DS", text((spacing[1], spacing[0]))),
+                                                        (0x00180050, "DS", text(spacing[2:]))], explicit)]),
+                        (0x00209116, "SQ", [_data_set([(0x00200037, "DS", text((d[0], d[3], d[6], d[1], d[4], d[7])))],
+                                                      explicit)])], explicit)
+    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS",
+                                                          text(image.TransformIndexToPhysicalPoint((0, 0, k))))], explicit)])],
+                        explicit) for k in order]
+    us = lambda value: struct.pack("<H", value)  # noqa: E731
+    body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", uid + ".1"), (0x00080060, "CS", "MR"),
+                      (0x0008103E, "LO", "AX FLAIR"), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),
+                      (0x00200013, "IS", "1"), (0x00280002, "US", us(1)), (0x00280004, "CS", "MONOCHROME2"),
+                      (0x00280008, "IS", str(len(order))), (0x00280010, "US", us(array.shape[1])),
+                      (0x00280011, "US", us(array.shape[2])), (0x00280100, "US", us(16)), (0x00280101, "US", us(16)),
+                      (0x00280102, "US", us(15)), (0x00280103, "US", us(1)), (0x52009229, "SQ", [shared]),
+                      (0x52009230, "SQ", frames), (0x7FE00010, "OW", array.tobytes())], explicit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + _element(0x00020000, "UL", struct.pack("<I", len(meta)), True) + meta + body)
+    return path
+
+
 def drop_pixel_spacing(folder: Path) -> None:
     """Rename Pixel Spacing (0028,0030) to Zoom Factor (0028,0031), the next tag, in every file of a series
     `write_dicom_series` wrote (implicit VR little endian), so the images lose it as a screen capture lacks it."""

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import drop_pixel_spacing, make_volume, rotation, write_dicom_series
+from conftest import drop_pixel_spacing, make_volume, rotation, write_dicom_series, write_enhanced_mr
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -652,6 +652,31 @@ def test_a_multi_frame_file_keeps_its_pixel_spacing_in_its_functional_groups(tmp
     sitk.WriteImage(image, str(tmp_path / "frames" / "frames.dcm"))
     read = io.read_image(tmp_path / "frames")
     assert read.GetSpacing() == pytest.approx((0.6, 0.7, 5.0)) and read.GetSize() == (24, 20, 4)
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_an_enhanced_mr_file_is_read_on_its_frames_positions_or_refused(tmp_path, explicit):
+    """One Enhanced MR file holding the whole FLAIR (Siemens XA, Philips): GDCM stacks the frames in the order
+    the file stores them. In slice order, or the reverse, the volume lies where its frames do; frames stored
+    out of slice order (acquisition order) were read scrambled on 1 x 1 x 1 mm voxels, a frame missing the
+    same, a frame repeated as one slice more: every one silently. Now refused, saying why."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.7, 0.8, 4.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    write_enhanced_mr(tmp_path / "ordered" / "IM1", image, explicit=explicit)
+    read = io.read_image(tmp_path / "ordered")
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
+    write_enhanced_mr(tmp_path / "reversed" / "IM1", image, order=range(7, -1, -1), explicit=explicit)
+    read = io.read_image(tmp_path / "reversed")  # the same lattice, its slice axis the other way
+    assert np.allclose(read.GetOrigin(), image.TransformIndexToPhysicalPoint((0, 0, 7)), atol=1e-3)
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 7)), image.GetOrigin(), atol=1e-3)
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)[::-1].astype(np.float32))
+    for name, order, words in (("interleaved", [0, 2, 4, 6, 1, 3, 5, 7], "its frames are not stored in slice order"),
+                               ("missing", [0, 1, 2, 4, 5, 6, 7], r"frames missing: 8.00 mm between two of them"),
+                               ("repeated", [0, 1, 2, 3, 3, 4, 5, 6, 7], "a frame repeated")):
+        write_enhanced_mr(tmp_path / name / "IM1", image, order=order, explicit=explicit)
+        with pytest.raises(DeepWMLError, match=rf"multi-frame DICOM file IM1 would be read onto a wrong grid \({words}"):
+            io.read_image(tmp_path / name)
+
 
 @pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
 def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
