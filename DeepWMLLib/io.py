@@ -1415,6 +1415,11 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     _check_layout(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel())
     image = _squeeze_4d(image)  # a multi-frame file comes X, Y, frames, 1
+    if image.GetDimension() == 3 and image.GetSize()[2] == 1:  # GDCM makes up its thickness: 1 mm
+        which = f"series {series.number}" if series.number is not None else "the series"
+        raise DeepWMLError(f"{path}: {which} ('{series.description or 'no description'}') is a single DICOM image, a 2D "
+                           "image whose slice thickness GDCM does not read (every volume would be wrong); DeepWML "
+                           "needs the 3D FLAIR volume: export the whole series, all its images")
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_patient(path, reader, len(files))
     _check_pixel_spacing(path, reader)

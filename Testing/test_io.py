@@ -633,6 +633,16 @@ def test_an_image_in_another_plane_sharing_the_series_uid_is_named(tmp_path):
         io.read_image(folder)
 
 
+def test_a_lone_dicom_image_is_refused_as_a_2d_image(tmp_path):
+    """One image of a series (an export of the image on screen): GDCM reads it as a volume of one 1 mm slice,
+    whatever its Slice Thickness (4 mm here), and it was segmented with every volume a quarter of the truth.
+    A 2D image file is refused; so is this, naming the series."""
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "one", image[:, :, 2:3], description="AX FLAIR", number=5)
+    with pytest.raises(DeepWMLError, match=r"series 5 \('AX FLAIR'\) is a single DICOM image, a 2D image"):
+        io.read_image(folder)
+
+
 def test_a_series_without_pixel_spacing_is_refused(tmp_path):
     """GDCM reads images without Pixel Spacing (a screen capture) as 1 x 1 mm: the volumes would be off by the
     square of the true pixel size (0.6 x 0.7 mm here: read as 2.4 times larger), silently."""
