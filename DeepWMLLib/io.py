@@ -1399,6 +1399,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     import SimpleITK as sitk
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
+    _check_copies(path, series)
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -1467,6 +1468,23 @@ def _check_one_patient(path, reader, files: int) -> None:
         if len(values) > 1:
             raise DeepWMLError(f"{path}: the images of one series differ in {name} ({len(values)} values): they belong "
                                f"to more than one study or patient; sort the files out before segmenting them")
+
+
+def _check_copies(path, series: DicomSeries) -> None:
+    """Refuse a series holding one image twice (one SOP Instance UID in two files: an export copied into the
+    folder twice, "IM1" beside "IM1 (1)"), naming the copies: it was refused as "two images at one position;
+    the transfer may be incomplete: export the series again", which sends the user to the wrong fix."""
+    first: dict = {}
+    copies = []
+    for name, uid in zip(series.files, series.instance_uids):
+        if uid and uid in first:
+            copies.append((first[uid], name))
+        first.setdefault(uid, name)
+    if copies:
+        shown = ", ".join(" = ".join(sorted((Path(a).name, Path(b).name))) for a, b in copies[:3])
+        raise DeepWMLError(f"{path}: the DICOM series holds {len(copies)} image(s) twice, the same SOP Instance UID in "
+                           f"two files: {shown}{', ...' if len(copies) > 3 else ''}; remove the copies (or give a "
+                           "folder holding one copy of the export)")
 
 
 def _check_one_orientation(path, reader, files: list) -> None:

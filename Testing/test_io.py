@@ -633,6 +633,19 @@ def test_an_image_in_another_plane_sharing_the_series_uid_is_named(tmp_path):
         io.read_image(folder)
 
 
+def test_an_image_copied_twice_into_a_series_is_named(tmp_path):
+    """'IM3 (1).dcm' beside 'IM3.dcm' (an export copied twice): refused as 'two images at one position; the
+    transfer may be incomplete: export the series again', the wrong fix. The copy is named."""
+    import shutil
+
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "twice", image, description="AX FLAIR")
+    shutil.copy(folder / "slice003.dcm", folder / "slice003 (1).dcm")
+    with pytest.raises(DeepWMLError, match=r"holds 1 image\(s\) twice.* two files: slice003 \(1\).dcm = slice003.dcm; "
+                                           r"remove the copies"):
+        io.read_image(folder)
+
+
 def test_a_lone_dicom_image_is_refused_as_a_2d_image(tmp_path):
     """One image of a series (an export of the image on screen): GDCM reads it as a volume of one 1 mm slice,
     whatever its Slice Thickness (4 mm here), and it was segmented with every volume a quarter of the truth.
