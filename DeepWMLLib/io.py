@@ -1639,7 +1639,7 @@ def _check_frames(path, file: str, image) -> None:
     spacing = image.GetSpacing()
     odd = np.abs(steps - typical) > 0.2 * typical
     if typical <= 0:
-        why = "its frames lie at one position (echoes or repeats?)"
+        why = "several frames at each position: echoes, volumes or repeats"
     elif odd.any():
         k = int(np.flatnonzero(odd)[0])
         why = (f"{'a frame repeated' if steps[k] < 0.2 * typical else 'frames missing' if steps[k] > 1.5 * typical else 'its frames unevenly spaced'}: "

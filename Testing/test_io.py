@@ -695,7 +695,8 @@ def test_an_enhanced_mr_file_is_read_on_its_frames_positions_or_refused(tmp_path
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)[::-1].astype(np.float32))
     for name, order, words in (("interleaved", [0, 2, 4, 6, 1, 3, 5, 7], "its frames are not stored in slice order"),
                                ("missing", [0, 1, 2, 4, 5, 6, 7], r"frames missing: 8.00 mm between two of them"),
-                               ("repeated", [0, 1, 2, 3, 3, 4, 5, 6, 7], "a frame repeated")):
+                               ("repeated", [0, 1, 2, 3, 3, 4, 5, 6, 7], "a frame repeated"),
+                               ("two volumes", list(range(8)) * 2, "several frames at each position")):
         write_enhanced_mr(tmp_path / name / "IM1", image, order=order, explicit=explicit)
         with pytest.raises(DeepWMLError, match=rf"multi-frame DICOM file IM1 would be read onto a wrong grid \({words}"):
             io.read_image(tmp_path / name)
