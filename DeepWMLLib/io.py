@@ -948,7 +948,8 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
 # A series description that names a FLAIR (Siemens: "t2_tirm_tra_dark-fluid", GE / Philips: "AX T2 FLAIR"),
 # and words that rule one out: T1-weighted inversion recovery ("T1 FLAIR", "t1_tirm"), STIR, double inversion
 # recovery (DIR), MPRAGE, diffusion.
-_FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|tirm|fluid[\s_-]*att", re.IGNORECASE)
+_FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|(?<![a-z])da[_-]fl(?![a-z])|tirm|fluid[\s_-]*att",
+                                re.IGNORECASE)  # da-fl: Siemens' 3D FLAIR, t2_spc_da-fl_sag_p2_iso
 _NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?rage|dwi|adc|swi)(?![a-z])"
                                     r"|double[\s_-]*inv|diffusion", re.IGNORECASE)
 # FLAIR nulls CSF with a long inversion time (about 1.8-2.9 s at 1.5-3 T) and a long repetition time;

@@ -201,6 +201,11 @@ def test_dicom_study_folder_reads_its_flair(tmp_path):
     assert io.read_image(study, series="1.2.3.4.1").GetSize()[2] == 4  # or the series UID
     plain = _study(tmp_path / "plain", (None, 900, 2000, 4), (None, 2200, 9000, 5), (None, 150, 5000, 3))
     assert io.read_image(plain).GetSize()[2] == 5  # not T1-FLAIR (TI 900 ms), not STIR (150 ms)
+    # Siemens names its 3D FLAIR t2_spc_da-fl: without an inversion time in the header (an Enhanced MR file
+    # keeps it in its functional groups) that description alone was "none looks like a FLAIR"
+    siemens = _study(tmp_path / "siemens", ("t1_mprage_sag_p2_iso", None, 2300, 4), ("t2_spc_da-fl_sag_p2_iso", None, 5000, 5),
+                     ("t2_tse_tra", None, 6000, 3))
+    assert io.choose_dicom_series(siemens)[0].description == "t2_spc_da-fl_sag_p2_iso"
 
 
 def test_a_study_is_read_in_slice_order_whatever_its_file_names(tmp_path):
