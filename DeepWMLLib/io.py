@@ -1188,6 +1188,11 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 entry = series.get(uid)
                 if entry is None:
                     header = _series_header(reader)
+                    if (header[1] is None and reader.HasMetaDataKey("0008|0016")
+                            and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
+                        timing = _enhanced_timing(path)  # kept in the functional groups
+                        header = (header[0], *(given if given is not None else grouped for given, grouped in zip(header[1:4], timing)),
+                                  *header[4:])
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
@@ -1518,8 +1523,11 @@ def _check_one_orientation(path, reader, files: list) -> None:
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
 _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0x00209116
-_GEOMETRY_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION}
-_WANTED = {0x00020010, 0x00200032, 0x00200037, 0x00280030} | _GEOMETRY_SEQUENCES
+_MR_TIMING, _MR_ECHO, _MR_MODIFIER = 0x00189112, 0x00189114, 0x00189115  # the sequence's timing groups
+_GROUP_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION,
+                    _MR_TIMING, _MR_ECHO, _MR_MODIFIER}
+# transfer syntax; position, orientation, pixel spacing; repetition time, inversion times, effective echo time
+_WANTED = {0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180080, 0x00189079, 0x00189082} | _GROUP_SEQUENCES
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> tuple[dict, int]:
@@ -1541,7 +1549,7 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> t
             length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
         else:
             length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
-        if vr == b"SQ" or (vr is None and (tag in _GEOMETRY_SEQUENCES or length == 0xFFFFFFFF)):
+        if vr == b"SQ" or (vr is None and (tag in _GROUP_SEQUENCES or length == 0xFFFFFFFF)):
             items, pos = _items(data, start, length, end, explicit)
             if tag in _WANTED:
                 found[tag] = items
@@ -1576,11 +1584,9 @@ def _numbers(value) -> np.ndarray | None:
         return None
 
 
-def _frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
-    """Of a multi-frame (enhanced) DICOM file: each frame's Image Position (Patient) and Image Orientation
-    (Patient) from its functional groups (per-frame, else shared), and the Pixel Spacing (row, column) they
-    give; None where the file gives no per-frame positions (a legacy multi-frame file) or cannot be parsed
-    (big endian, deflated)."""
+def _functional_groups(path: str) -> tuple[dict, list] | None:
+    """The Shared Functional Groups (its item) and the Per-frame Functional Groups (one item a frame) of an
+    enhanced DICOM file, as `_dataset` reads them; None where the file cannot be parsed (big endian, deflated)."""
     import mmap
 
     try:
@@ -1594,13 +1600,46 @@ def _frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
             top, _ = _dataset(data, start, len(data), syntax != "1.2.840.10008.1.2", "top")
     except (OSError, ValueError, struct.error):
         return None
+    return (top.get(_SHARED_GROUPS) or [{}])[0], top.get(_PER_FRAME_GROUPS) or []
 
-    def first(groups: dict, sequence: int, tag: int):
-        items = groups.get(sequence) if isinstance(groups, dict) else None
-        return _numbers(items[0].get(tag)) if items else None
 
-    shared = (top.get(_SHARED_GROUPS) or [{}])[0]
-    frames = top.get(_PER_FRAME_GROUPS) or []
+def _group_value(groups: dict, sequence: int, tag: int, binary: bool = False) -> np.ndarray | None:
+    """A value of a functional group (its first item): text numbers (DS), or with `binary` doubles (FD)."""
+    items = groups.get(sequence) if isinstance(groups, dict) else None
+    value = items[0].get(tag) if items and isinstance(items[0], dict) else None
+    if binary:
+        return np.frombuffer(value, "<f8") if isinstance(value, bytes) and value and len(value) % 8 == 0 else None
+    return _numbers(value)
+
+
+def _enhanced_timing(path: str) -> tuple:
+    """(inversion, repetition, echo time in ms, each None where not given) of an enhanced MR file, which keeps
+    them in its functional groups (shared, else the first frame's), not at the top level where classic
+    images have them and the series listing reads them."""
+    found = _functional_groups(path)
+    if found is None:
+        return None, None, None
+    shared, frames = found
+    values = []
+    for sequence, tag, binary in ((_MR_MODIFIER, 0x00189079, True), (_MR_TIMING, 0x00180080, False),
+                                  (_MR_ECHO, 0x00189082, True)):
+        value = _group_value(shared, sequence, tag, binary)
+        if value is None and frames:
+            value = _group_value(frames[0], sequence, tag, binary)
+        values.append(float(value[0]) if value is not None and value.size and np.isfinite(value[0]) else None)
+    return tuple(values)
+
+
+def _frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
+    """Of a multi-frame (enhanced) DICOM file: each frame's Image Position (Patient) and Image Orientation
+    (Patient) from its functional groups (per-frame, else shared), and the Pixel Spacing (row, column) they
+    give; None where the file gives no per-frame positions (a legacy multi-frame file) or cannot be parsed
+    (big endian, deflated)."""
+    found = _functional_groups(path)
+    if found is None:
+        return None
+    shared, frames = found
+    first = _group_value
     positions = [first(frame, _PLANE_POSITION, 0x00200032) for frame in frames]
     if not frames or any(p is None or p.shape != (3,) for p in positions):
         return None

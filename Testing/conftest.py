@@ -142,11 +142,14 @@ def _data_set(elements, explicit: bool) -> bytes:
     return b"".join(_element(*e, explicit) for e in sorted(elements, key=lambda e: e[0]))
 
 
-def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77") -> Path:
+def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77",
+                      description: str = "AX FLAIR", inversion_ms: float | None = None,
+                      repetition_ms: float | None = None) -> Path:
     """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
     Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
     shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
-    (default: all, in slice order); `explicit`: explicit or implicit VR little endian."""
+    (default: all, in slice order); `explicit`: explicit or implicit VR little endian. The inversion and
+    repetition times, when given, go in the shared MR Modifier and MR Timing groups, as enhanced MR has them."""
     order = list(range(image.GetDepth())) if order is None else list(order)
     array = sitk.GetArrayFromImage(image)[order].astype("<i2")
     d, spacing = image.GetDirection(), image.GetSpacing()
@@ -157,13 +160,17 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
     shared = _data_set([(0x00289110, "SQ", [_data_set([(0x00280030, "DS", text((spacing[1], spacing[0]))),
                                                         (0x00180050, "DS", text(spacing[2:]))], explicit)]),
                         (0x00209116, "SQ", [_data_set([(0x00200037, "DS", text((d[0], d[3], d[6], d[1], d[4], d[7])))],
-                                                      explicit)])], explicit)
+                                                      explicit)])]
+                       + ([(0x00189115, "SQ", [_data_set([(0x00189079, "FD", struct.pack("<d", inversion_ms))], explicit)])]
+                          if inversion_ms is not None else [])
+                       + ([(0x00189112, "SQ", [_data_set([(0x00180080, "DS", f"{repetition_ms:g}")], explicit)])]
+                          if repetition_ms is not None else []), explicit)
     frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS",
                                                           text(image.TransformIndexToPhysicalPoint((0, 0, k))))], explicit)])],
                         explicit) for k in order]
     us = lambda value: struct.pack("<H", value)  # noqa: E731
     body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", uid + ".1"), (0x00080060, "CS", "MR"),
-                      (0x0008103E, "LO", "AX FLAIR"), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),
+                      (0x0008103E, "LO", description), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),
                       (0x00200013, "IS", "1"), (0x00280002, "US", us(1)), (0x00280004, "CS", "MONOCHROME2"),
                       (0x00280008, "IS", str(len(order))), (0x00280010, "US", us(array.shape[1])),
                       (0x00280011, "US", us(array.shape[2])), (0x00280100, "US", us(16)), (0x00280101, "US", us(16)),

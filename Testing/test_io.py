@@ -707,6 +707,22 @@ def test_an_enhanced_mr_file_is_read_on_its_frames_positions_or_refused(tmp_path
             io.read_image(tmp_path / name)
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_enhanced_mr_series_are_told_apart_by_the_timing_in_their_functional_groups(tmp_path, explicit):
+    """Enhanced MR files keep the inversion and repetition times in their functional groups, not at the top
+    level: a study of them (one file a series) was 'none looks like a FLAIR' when the FLAIR's description did
+    not say so, and the listing showed no TI or TR. The FLAIR is now found by its inversion time."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    for number, (description, inversion, repetition) in enumerate((("t1_ir_tra", 900.0, 2000.0), ("t2_ir_tra", 2500.0, 9000.0),
+                                                                   ("t2_tse_tra", None, 4000.0))):
+        write_enhanced_mr(tmp_path / "study" / f"IM{number}", image, explicit=explicit, uid=f"1.2.3.4.7{number}",
+                          description=description, inversion_ms=inversion, repetition_ms=repetition)
+    chosen, how = io.choose_dicom_series(tmp_path / "study")
+    assert chosen.description == "t2_ir_tra" and how == "the only one of 3 series that looks like a FLAIR"
+    assert "TI 2500 ms, TR 9000 ms" in chosen.label()
+    assert io.read_image(tmp_path / "study").GetSize() == (20, 16, 4)
+
+
 @pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
 def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
     """One Series Instance UID in the files of two studies or patients (a mixed-up export) was read as one
