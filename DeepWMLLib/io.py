@@ -1135,6 +1135,10 @@ def _slice_key(reader, path: str) -> tuple:
         return (0, float(np.dot(position, normal)), path)
     except (RuntimeError, ValueError, IndexError):
         pass
+    direction = reader.GetDirection()
+    if (reader.HasMetaDataKey("0008|0016") and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR
+            and len(direction) == 9):  # its position in its functional groups, as GDCM reads them
+        return (0, float(np.dot(reader.GetOrigin(), np.array(direction).reshape(3, 3)[:, 2])), path)
     number = _header_number(reader, "0020|0013")
     return (1, number if number is not None else 0.0, path)
 
@@ -1435,9 +1439,30 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_orientation(path, reader, files)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
-        _check_slice_spacing(path, [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
-                                    for k in range(len(files))], image)
+        positions = [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
+                     for k in range(len(files))]
+        if not any(positions) and reader.HasMetaDataKey(0, "0008|0016") and \
+                reader.GetMetaData(0, "0008|0016").strip(" \0") in _ENHANCED_MR:
+            positions = _enhanced_positions(files)  # in their functional groups
+        _check_slice_spacing(path, positions, image)
     return image
+
+
+def _enhanced_positions(files: list) -> list[str]:
+    """Each enhanced image's position (its first frame's), as GDCM reads it from the functional groups, as
+    Image Position (Patient) text."""
+    import SimpleITK as sitk
+
+    reader, positions = sitk.ImageFileReader(), []
+    for name in files:
+        try:
+            with itk_names(name) as (itk_name,):
+                reader.SetFileName(itk_name)
+                reader.ReadImageInformation()
+            positions.append("\\".join(repr(v) for v in reader.GetOrigin()[:3]))
+        except (RuntimeError, DeepWMLError):
+            positions.append("")
+    return positions
 
 
 IDENTITY_TAGS = {"0020|000d": "Study Instance UID", "0010|0020": "Patient ID"}

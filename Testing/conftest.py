@@ -155,7 +155,7 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
     d, spacing = image.GetDirection(), image.GetSpacing()
     sop, syntax = "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.1.2.1" if explicit else "1.2.840.10008.1.2"
     text = lambda values: "\\".join(f"{v:.6g}" for v in values)  # noqa: E731
-    meta = _data_set([(0x00020001, "OB", b"\0\1"), (0x00020002, "UI", sop), (0x00020003, "UI", uid + ".1"),
+    meta = _data_set([(0x00020001, "OB", b"\0\1"), (0x00020002, "UI", sop), (0x00020003, "UI", f"{uid}.{order[0] + 1}"),
                       (0x00020010, "UI", syntax)], True)
     shared = _data_set([(0x00289110, "SQ", [_data_set([(0x00280030, "DS", text((spacing[1], spacing[0]))),
                                                         (0x00180050, "DS", text(spacing[2:]))], explicit)]),
@@ -169,7 +169,7 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                                                           text(image.TransformIndexToPhysicalPoint((0, 0, k))))], explicit)])],
                         explicit) for k in order]
     us = lambda value: struct.pack("<H", value)  # noqa: E731
-    body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", uid + ".1"), (0x00080060, "CS", "MR"),
+    body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", f"{uid}.{order[0] + 1}"), (0x00080060, "CS", "MR"),
                       (0x0008103E, "LO", description), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),
                       (0x00200013, "IS", "1"), (0x00280002, "US", us(1)), (0x00280004, "CS", "MONOCHROME2"),
                       (0x00280008, "IS", str(len(order))), (0x00280010, "US", us(array.shape[1])),

@@ -707,6 +707,23 @@ def test_an_enhanced_mr_file_is_read_on_its_frames_positions_or_refused(tmp_path
             io.read_image(tmp_path / name)
 
 
+def test_a_series_of_single_frame_enhanced_images_is_read_in_slice_order_and_checked(tmp_path):
+    """Enhanced MR images of one frame each keep their position in their functional groups, not at the top
+    level: the series was sorted by Instance Number, else by file name, and read scrambled on 2.9 mm slices
+    (4 mm here), a slice missing unseen. They are now sorted and checked by the positions GDCM reads there."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    folder = tmp_path / "frames"
+    for k in range(8):  # named against the slice order
+        write_enhanced_mr(folder / f"IM{(k * 3) % 8}", image, order=[k])
+    read = io.read_image(folder)
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
+    (folder / "IM4").unlink()
+    with pytest.raises(DeepWMLError, match=r"8.00 mm between images 4 and 5, 4.00 mm elsewhere: about 1 slice\(s\) missing"):
+        io.read_image(folder)
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 def test_enhanced_mr_series_are_told_apart_by_the_timing_in_their_functional_groups(tmp_path, explicit):
     """Enhanced MR files keep the inversion and repetition times in their functional groups, not at the top
