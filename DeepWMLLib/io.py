@@ -1195,8 +1195,8 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                     if (header[1] is None and reader.HasMetaDataKey("0008|0016")
                             and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
                         timing = _enhanced_timing(path)  # kept in the functional groups
-                        header = (header[0], *(given if given is not None else grouped for given, grouped in zip(header[1:4], timing)),
-                                  *header[4:])
+                        header = (header[0], *(given if given is not None else grouped
+                                               for given, grouped in zip(header[1:4], timing)), *header[4:])
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
@@ -1538,9 +1538,10 @@ def _check_one_orientation(path, reader, files: list) -> None:
     if len(planes) > 1:
         common = max(planes, key=lambda p: len(p[1]))
         odd = [n for p in planes if p is not common for n in p[1]]
-        raise DeepWMLError(f"{path}: the images of the DICOM series do not all lie in one plane ({len(common[1])} do, and "
-                           f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} {'faces' if len(odd) == 1 else 'face'} another way): a localizer or a "
-                           "reformat shares the FLAIR's series UID; move it out of the folder")
+        named = f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} {'faces' if len(odd) == 1 else 'face'}"
+        raise DeepWMLError(f"{path}: the images of the DICOM series do not all lie in one plane ({len(common[1])} do, "
+                           f"and {named} another way): a localizer or a reformat shares the FLAIR's series UID; move "
+                           "it out of the folder")
 
 
 # DICOM's explicit value representations with a 4-byte length (PS3.5 7.1.2), and the sequences a multi-frame
@@ -1707,11 +1708,13 @@ def _check_frames(path, file: str, image) -> None:
         why = "several frames at each position: echoes, volumes or repeats"
     elif odd.any():
         k = int(np.flatnonzero(odd)[0])
-        why = (f"{'a frame repeated' if steps[k] < 0.2 * typical else 'frames missing' if steps[k] > 1.5 * typical else 'its frames unevenly spaced'}: "
-               f"{steps[k]:.2f} mm between two of them, {typical:.2f} mm elsewhere")
+        what = ("a frame repeated" if steps[k] < 0.2 * typical else "frames missing" if steps[k] > 1.5 * typical
+                else "its frames unevenly spaced")
+        why = f"{what}: {steps[k]:.2f} mm between two of them, {typical:.2f} mm elsewhere"
     elif (np.diff(along) < 0).any() and (np.diff(along) > 0).any():
         why = "its frames are not stored in slice order"
-    elif pixel is not None and pixel.shape == (2,) and np.abs(pixel[::-1] - np.array(spacing[:2])).max() > 1e-3 * pixel.max():
+    elif (pixel is not None and pixel.shape == (2,)
+          and np.abs(pixel[::-1] - np.array(spacing[:2])).max() > 1e-3 * pixel.max()):
         why = f"its pixels are {pixel[1]:g} x {pixel[0]:g} mm and were read as {spacing[0]:g} x {spacing[1]:g} mm"
     else:
         grid = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(positions))])

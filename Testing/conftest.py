@@ -161,13 +161,12 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                                                         (0x00180050, "DS", text(spacing[2:]))], explicit)]),
                         (0x00209116, "SQ", [_data_set([(0x00200037, "DS", text((d[0], d[3], d[6], d[1], d[4], d[7])))],
                                                       explicit)])]
-                       + ([(0x00189115, "SQ", [_data_set([(0x00189079, "FD", struct.pack("<d", inversion_ms))], explicit)])]
-                          if inversion_ms is not None else [])
+                       + ([(0x00189115, "SQ", [_data_set([(0x00189079, "FD", struct.pack("<d", inversion_ms))],
+                                                          explicit)])] if inversion_ms is not None else [])
                        + ([(0x00189112, "SQ", [_data_set([(0x00180080, "DS", f"{repetition_ms:g}")], explicit)])]
                           if repetition_ms is not None else []), explicit)
-    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS",
-                                                          text(image.TransformIndexToPhysicalPoint((0, 0, k))))], explicit)])],
-                        explicit) for k in order]
+    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS", text(image.TransformIndexToPhysicalPoint(
+        (0, 0, k))))], explicit)])], explicit) for k in order]
     us = lambda value: struct.pack("<H", value)  # noqa: E731
     body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", f"{uid}.{order[0] + 1}"), (0x00080060, "CS", "MR"),
                       (0x0008103E, "LO", description), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),
@@ -177,7 +176,8 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                       (0x00280102, "US", us(15)), (0x00280103, "US", us(1)), (0x52009229, "SQ", [shared]),
                       (0x52009230, "SQ", frames), (0x7FE00010, "OW", array.tobytes())], explicit)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\0" * 128 + b"DICM" + _element(0x00020000, "UL", struct.pack("<I", len(meta)), True) + meta + body)
+    group_length = _element(0x00020000, "UL", struct.pack("<I", len(meta)), True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + group_length + meta + body)
     return path
 
 

@@ -203,8 +203,8 @@ def test_dicom_study_folder_reads_its_flair(tmp_path):
     assert io.read_image(plain).GetSize()[2] == 5  # not T1-FLAIR (TI 900 ms), not STIR (150 ms)
     # Siemens names its 3D FLAIR t2_spc_da-fl: without an inversion time in the header (an Enhanced MR file
     # keeps it in its functional groups) that description alone was "none looks like a FLAIR"
-    siemens = _study(tmp_path / "siemens", ("t1_mprage_sag_p2_iso", None, 2300, 4), ("t2_spc_da-fl_sag_p2_iso", None, 5000, 5),
-                     ("t2_tse_tra", None, 6000, 3))
+    siemens = _study(tmp_path / "siemens", ("t1_mprage_sag_p2_iso", None, 2300, 4),
+                     ("t2_spc_da-fl_sag_p2_iso", None, 5000, 5), ("t2_tse_tra", None, 6000, 3))
     assert io.choose_dicom_series(siemens)[0].description == "t2_spc_da-fl_sag_p2_iso"
 
 
@@ -720,7 +720,7 @@ def test_a_series_of_single_frame_enhanced_images_is_read_in_slice_order_and_che
     assert io.grid_difference(read, image) is None
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
     (folder / "IM4").unlink()
-    with pytest.raises(DeepWMLError, match=r"8.00 mm between images 4 and 5, 4.00 mm elsewhere: about 1 slice\(s\) missing"):
+    with pytest.raises(DeepWMLError, match=r"8.00 mm between images 4 and 5, 4.00 mm elsewhere: about 1 slice\(s\) "):
         io.read_image(folder)
 
 
@@ -730,8 +730,8 @@ def test_enhanced_mr_series_are_told_apart_by_the_timing_in_their_functional_gro
     level: a study of them (one file a series) was 'none looks like a FLAIR' when the FLAIR's description did
     not say so, and the listing showed no TI or TR. The FLAIR is now found by its inversion time."""
     image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
-    for number, (description, inversion, repetition) in enumerate((("t1_ir_tra", 900.0, 2000.0), ("t2_ir_tra", 2500.0, 9000.0),
-                                                                   ("t2_tse_tra", None, 4000.0))):
+    timings = (("t1_ir_tra", 900.0, 2000.0), ("t2_ir_tra", 2500.0, 9000.0), ("t2_tse_tra", None, 4000.0))
+    for number, (description, inversion, repetition) in enumerate(timings):
         write_enhanced_mr(tmp_path / "study" / f"IM{number}", image, explicit=explicit, uid=f"1.2.3.4.7{number}",
                           description=description, inversion_ms=inversion, repetition_ms=repetition)
     chosen, how = io.choose_dicom_series(tmp_path / "study")
