@@ -1185,8 +1185,11 @@ def _to_segment(cases, unread, number: int, rows) -> int:
     the time left): not those that write nothing unread (`unread`: a Slicer segmentation skipped, a folder that could
     not be read), nor those named as a label mask found so far is but for its digits (a labelled cohort's
     patient19/consensus_mask.nii.gz after patient07's; only reading tells a mask, and these were counted as scans
-    to do, the time left twice the real one when a mask lay beside each FLAIR)."""
-    masks = {_name_pattern(Path(row["input"])) for row in rows if row.get("_mask")}
+    to do, the time left twice the real one when a mask lay beside each FLAIR). A name a scan read so far has too
+    tells nothing (masks/p01.nii.gz ... then scans/p01.nii.gz ...: the scans were all taken for masks, and no time
+    left was said for the whole run)."""
+    masks = ({_name_pattern(Path(row["input"])) for row in rows if row.get("_mask")}
+             - {_name_pattern(Path(row["input"])) for row in rows if not row.get("_mask")})
     return sum(not skipped and _name_pattern(path) not in masks
                for (_, path, _), skipped in zip(cases[number:], unread[number:]))
 

@@ -1248,6 +1248,24 @@ def test_the_time_left_counts_no_label_mask_or_segmentation_still_to_come(tmp_pa
     assert re.search(r"\na: ok - .* left for 1 more\)\n", err), err
 
 
+def test_the_time_left_counts_scans_named_as_masks_found_before_them(tmp_path, tiny_model, capsys):
+    """A cohort's masks/ and scans/ of one naming (masks/p01.nii.gz, scans/p01.nii.gz; `deepwml segment cohort/*`
+    lists masks/ first): every scan was taken for a mask still to come, as its name but for the digits is a mask's
+    found before it, so no time left was said for the whole run. A name a scan has too now tells nothing."""
+    for folder in ("masks", "scans"):
+        (tmp_path / "cohort" / folder).mkdir(parents=True)
+    for number in (1, 2, 3):
+        _, truth = make_volume(size=(32, 32, 4), seed=number)
+        sitk.WriteImage(truth, str(tmp_path / "cohort" / "masks" / f"p0{number}.nii.gz"))
+        write_case(tmp_path / "cohort" / "scans", f"p0{number}", size=(32, 32, 4), seed=number)
+    argv = ["-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(tmp_path / "cohort" / "masks"), str(tmp_path / "cohort" / "scans"), *argv]) == 0
+    err = capsys.readouterr().err
+    assert "masks_p03: skipped - looks like a label mask" in err
+    assert re.search(r"scans_p01: ok - .* left for 2 more\)\n", err), err
+    assert re.search(r"scans_p02: ok - .* left for 1 more\)\n", err), err
+
+
 def test_inputs_of_one_name_are_named_after_the_folders_that_tell_them_apart(tmp_path, tiny_model, capsys):
     """A cohort of one folder per patient, the same file names inside (patient07/flair.nii.gz beside its
     consensus_mask.nii.gz): the run was refused up front, '3 inputs are all named flair', nothing segmented.
