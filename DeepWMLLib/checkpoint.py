@@ -167,6 +167,16 @@ def _not_a_model_file(p: Path) -> str:
     return f"model file {p} does not exist"
 
 
+def _model_digest(p: Path) -> str:
+    """`file_digest` of a model file, or a DeepWMLError when the file cannot be read (no permission to read it, a
+    network share gone): it was "internal error: PermissionError ... (report it)"."""
+    try:
+        return file_digest(p)
+    except OSError as exc:
+        raise DeepWMLError(f"model file {p} cannot be read ({exc.strerror or type(exc).__name__}): check that your "
+                           "account may read it, or copy it to a folder of your own") from exc
+
+
 def _failed_checksum(p: Path) -> str | None:
     """The name of the first record of a model file (a zip archive) whose CRC-32 does not match its bytes, or
     None (all match, or an old-style file without them). torch.load does not check them: a model whose weights
@@ -258,7 +268,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     """Load a model file for inference (eval mode, fp32 weights) and refresh its metadata cache."""
     from .model import build_model, size_multiple, validate_config
 
-    digest = file_digest(path) if Path(path).is_file() else ""
+    digest = _model_digest(Path(path)) if Path(path).is_file() else ""
     # a file of this content loaded before was checked then (its metadata cache entry written after)
     payload = load_payload(path, check_records=not digest or _shareable_entry(_metadata_path(digest)) is None)
     if isinstance(payload.get("architecture"), dict):  # else the generic "damaged" below
@@ -365,7 +375,7 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
     p = Path(path)
     if not p.is_file():
         raise DeepWMLError(_not_a_model_file(p))
-    digest = file_digest(p)
+    digest = _model_digest(p)
     try:
         meta = _shareable_entry(_metadata_path(digest))  # an older entry: loaded from the file, and replaced
         loaded = LoadedModel(meta["config"], PreprocessingConfig.from_dict(meta["preprocessing"]), float(meta["threshold"]),

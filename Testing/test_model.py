@@ -324,3 +324,31 @@ def test_fp16_export_of_weights_float16_cannot_hold_is_refused(tmp_path, capsys)
     assert not (tmp_path / "small.pt").exists()
     assert main(["train", "--export", str(source), str(tmp_path / "full.pt")]) == 0  # fp32 holds it
     assert load_model(tmp_path / "full.pt").model.encoders[0][1].running_var[0] == 1e6
+
+
+def test_a_model_file_that_cannot_be_read_is_an_error_not_an_internal_error(tmp_path, monkeypatch, capsys):
+    """A model file the user may not read (another account's, a share's permissions): its digest, now taken before
+    torch reads it, raised PermissionError as "internal error ... (report it)" in `deepwml train --export` (and in
+    `deepwml segment --model`, whose settings are read by digest first, before too)."""
+    import builtins
+    from pathlib import Path
+
+    from DeepWMLLib.cli import main
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    config = {"base_channels": 4, "depth": 2}
+    path = save_model(tmp_path / "theirs.pt", build_model(config), config, PreprocessingConfig(grid_size=(64, 64)))
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):  # as for an account without read permission (these tests run as root)
+        if Path(str(file)).name == "theirs.pt":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    scan = tmp_path / "scan.nii.gz"
+    for argv in (["train", "--export", str(path), str(tmp_path / "small.pt")],
+                 ["segment", str(scan), "-o", str(tmp_path / "out"), "--model", str(path)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"model file {path} cannot be read (Permission denied)" in err and "internal error" not in err, err
