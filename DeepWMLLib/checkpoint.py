@@ -269,8 +269,10 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     from .model import build_model, size_multiple, validate_config
 
     digest = _model_digest(Path(path)) if Path(path).is_file() else ""
-    # a file of this content loaded before was checked then (its metadata cache entry written after)
-    payload = load_payload(path, check_records=not digest or _shareable_entry(_metadata_path(digest)) is None)
+    # a file of this content loaded before was checked then (its metadata cache entry written after, saying so); an
+    # entry an earlier DeepWML wrote does not say it: a damaged copy it loaded would never have been checked
+    entry = _shareable_entry(_metadata_path(digest)) if digest else None
+    payload = load_payload(path, check_records=not (entry and entry.get("records_checked") is True))
     if isinstance(payload.get("architecture"), dict):  # else the generic "damaged" below
         try:
             validate_config(payload["architecture"])
@@ -349,13 +351,15 @@ def _metadata_path(digest: str) -> Path:
 
 def _write_metadata_cache(loaded: LoadedModel) -> None:
     target = _metadata_path(loaded.digest)
-    if _shareable_entry(target) is not None:
+    entry = _shareable_entry(target)
+    if entry is not None and entry.get("records_checked") is True:
         return
     try:  # new, or written by an older DeepWML with the whole provenance (case names, data paths): replaced
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps({"config": loaded.config, "preprocessing": loaded.preprocessing.to_dict(),
                                "threshold": loaded.threshold, "labels": loaded.labels,
-                               "provenance": shareable_provenance(loaded.provenance), "shareable": True}), target)
+                               "provenance": shareable_provenance(loaded.provenance), "shareable": True,
+                               "records_checked": True}), target)  # load_model's only caller: checked
     except (OSError, DeepWMLError):
         pass  # a read-only home only costs start-up time
 

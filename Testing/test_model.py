@@ -352,3 +352,39 @@ def test_a_model_file_that_cannot_be_read_is_an_error_not_an_internal_error(tmp_
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"model file {path} cannot be read (Permission denied)" in err and "internal error" not in err, err
+
+
+def test_a_damaged_model_file_an_earlier_deepwml_loaded_is_checked_too(tmp_path, monkeypatch):
+    """The records' checksums were checked only for a file with no metadata cache entry: a damaged copy an earlier
+    DeepWML had loaded (its entry written then, unchecked) ran on, wrongly, for good. An entry now says the file
+    was checked; one that does not say so gets the file checked once, and is rewritten."""
+    import json
+    import zipfile
+
+    from DeepWMLLib import checkpoint
+    from DeepWMLLib.segment import load_models
+
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    config = {"base_channels": 8, "depth": 2}
+    path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig(grid_size=(64, 64)))
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    middle = record.header_offset + 30 + len(record.filename) + 64 + record.file_size // 2
+    data[middle:middle + 4] = b"\x00\x00\x80\x3f"  # 1.0: finite, as most changed bytes are
+    damaged = tmp_path / "copied.pt"
+    damaged.write_bytes(bytes(data))
+    earlier = {"config": config, "preprocessing": PreprocessingConfig(grid_size=(64, 64)).to_dict(), "threshold": 0.5,
+               "labels": {"0": "background", "1": "WMH"}, "provenance": {}, "shareable": True}  # as it wrote them
+    for model in (damaged, path):
+        entry = checkpoint._metadata_path(checkpoint.file_digest(model))
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps(earlier), encoding="utf-8")
+    (loaded,) = load_models([damaged])  # its settings from the entry
+    with pytest.raises(DeepWMLError, match=r"copied.pt is a damaged DeepWML model file \(its part .* fails its checksum\)"):
+        loaded.model
+    assert load_model(path).model is not None
+    assert json.loads(entry.read_text(encoding="utf-8"))["records_checked"] is True  # not checked again
+    monkeypatch.setattr(checkpoint, "_failed_checksum", lambda p: pytest.fail(f"{p} checked again"))
+    assert load_model(path).model is not None  # seen and checked: 40 ms a load (v9) not spent again
