@@ -137,10 +137,18 @@ def model_payload(model, config: dict, preprocessing: PreprocessingConfig | dict
 
 
 def _non_finite(state: dict) -> list[str]:
-    """The names of a state dict's floating-point tensors that hold NaN or infinity."""
+    """The names of a state dict's floating-point tensors that hold NaN or infinity. Counted by numpy on the CPU's
+    tensors: torch.isfinite took 0.1-0.9 s for v9's 7.8 million weights (its threads waiting on busy cores), on
+    every model load, which it tripled; numpy takes 5 ms."""
+    import numpy as np
     import torch
 
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    def finite(v) -> bool:
+        if v.device.type == "cpu" and v.dtype in (torch.float16, torch.float32, torch.float64):
+            return bool(np.isfinite(v.detach().numpy()).all())
+        return bool(torch.isfinite(v).all())
+
+    return [k for k, v in state.items() if v.is_floating_point() and not finite(v)]
 
 
 def save_torch(obj, path) -> None:
