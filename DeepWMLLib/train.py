@@ -899,7 +899,11 @@ _RUN_LOCKS: dict = {}  # run folder -> the open lock file of the training runnin
 def _lock_run_dir(run_dir: Path) -> None:
     """Hold an exclusive lock on the run folder while training runs in it (io.try_lock: POSIX and Windows;
     on a file system without locks, unguarded)."""
-    handle = open(run_dir / ".lock", "w", encoding="utf-8")
+    try:
+        handle = open(run_dir / ".lock", "w", encoding="utf-8")
+    except OSError as exc:  # a run folder that exists but cannot be written in (read-only, another user's)
+        raise DeepWMLError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc}); choose a writable place, "
+                           "or copy the run folder to one") from exc
     locked = io.try_lock(handle.fileno())
     if not locked:
         handle.close()

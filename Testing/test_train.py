@@ -942,3 +942,16 @@ def test_changed_data_is_seen_beyond_the_first_mib_and_older_runs_still_resume(t
     now = training._data_fingerprints(cases, {"c0": "train"})
     with pytest.raises(DeepWMLError, match=r"the training data changed .*\(changed: c0\)"):
         training._check_same_data(started, now, tmp_path)
+
+
+def test_a_run_folder_that_cannot_be_written_in_gets_a_one_line_error(dataset, tmp_path, capsys):
+    """A run folder that exists but cannot be written in (read-only, another user's) was an 'internal error'.
+    Its lock file is made a folder here, which cannot be opened for writing even by root, as a read-only
+    folder's cannot by a user."""
+    from DeepWMLLib.cli import main
+
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)
+    assert main(["train", str(dataset), "--run-dir", str(run), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write in the run folder {run}" in err and "internal error" not in err
