@@ -922,9 +922,11 @@ def _unlock_run_dir(run_dir: Path) -> None:
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
     cases = read_manifest(cfg.manifest, cfg.mask_column)
-    missing = [f"{c.case}: {p}" for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
+    missing = [(c.case, p) for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
     if missing and not cfg.skip_bad_cases:
-        raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {missing[0]}); "
+        case, path = missing[0]
+        raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
+                           f"{_from_current_folder(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
@@ -986,6 +988,26 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         "cases": {s: sum(1 for c, v in assignment.items() if v == s and c not in skipped_names) for s in SPLITS},
         "skipped_cases": [n for n, _ in skipped],
     }
+
+
+def _from_current_folder(manifest: str, missing: list[str]) -> str:
+    """A hint when missing manifest paths, as written, exist from the current folder: they were written
+    relative to where the command runs, but a manifest's relative paths are read from its own folder."""
+    folder = Path(manifest).parent
+    if folder == Path.cwd().resolve():
+        return ""
+
+    def as_written(path: str) -> str | None:
+        try:
+            return os.path.relpath(path, folder)
+        except ValueError:  # Windows: on another drive than the manifest, so it was written in full
+            return None
+
+    found = [w for w in map(as_written, missing) if w is not None and Path(w).exists()]
+    if not found:
+        return ""
+    return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "
+            f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:

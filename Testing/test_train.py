@@ -944,6 +944,25 @@ def test_changed_data_is_seen_beyond_the_first_mib_and_older_runs_still_resume(t
         training._check_same_data(started, now, tmp_path)
 
 
+def test_manifest_paths_written_from_the_current_folder_are_explained(tmp_path, monkeypatch):
+    """Paths typed relative to where the command runs (data/c0_flair.nii.gz, the manifest in lists/) are
+    read from the manifest's folder and missing there: the error says so, and that they exist from here."""
+    make_dataset(tmp_path / "data", n_cases=4)
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "cohort.csv"
+    manifest.write_text("case,flair,mask\n" + "".join(f"c{i},data/c{i}_flair.nii.gz,data/c{i}_mask.nii.gz\n"
+                                                      for i in range(4)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DeepWMLError, match=r"8 file\(s\).*read from the manifest's folder .*lists, not from the current "
+                                           r"folder, where 8 of them exist \(e.g. data/c0_flair.nii.gz\)"):
+        training.train(tiny_config(manifest), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path / "lists")  # from the manifest's folder nothing is found either: no such hint
+    with pytest.raises(DeepWMLError, match="do not exist") as error:
+        training.train(tiny_config(manifest), tmp_path / "run")
+    assert "current folder" not in str(error.value)
+
+
 def test_a_run_folder_that_cannot_be_written_in_gets_a_one_line_error(dataset, tmp_path, capsys):
     """A run folder that exists but cannot be written in (read-only, another user's) was an 'internal error'.
     Its lock file is made a folder here, which cannot be opened for writing even by root, as a read-only
