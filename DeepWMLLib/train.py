@@ -928,6 +928,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
                            f"{_from_current_folder(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
+    _check_distinct_scans(cases)
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
@@ -1008,6 +1009,20 @@ def _from_current_folder(manifest: str, missing: list[str]) -> str:
         return ""
     return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "
             f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
+
+
+def _check_distinct_scans(cases: list[Case]) -> None:
+    """A DeepWMLError when two cases' FLAIRs are copies of one file (same content at two paths; the same path
+    twice read_manifest refuses): one scan in two cases can land in training and validation at once."""
+    seen: dict[str, Case] = {}
+    for c in cases:
+        if not Path(c.flair).is_file():  # a DICOM folder, or missing (said above or skipped)
+            continue
+        first = seen.setdefault(io.content_fingerprint(c.flair), c)
+        if first is not c:
+            raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
+                               f"{first.flair} holds); one scan in two cases can land in training and validation "
+                               "at once: list it once")
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:

@@ -963,6 +963,19 @@ def test_manifest_paths_written_from_the_current_folder_are_explained(tmp_path, 
     assert "current folder" not in str(error.value)
 
 
+def test_a_copy_of_one_scan_under_two_case_names_is_refused(tmp_path):
+    """The same FLAIR copied to a second file (a patient exported twice) would put one scan in training and in
+    validation or test at once, as the same path twice would: refused, naming both cases, before any run."""
+    manifest = make_dataset(tmp_path / "data", n_cases=6)
+    folder = manifest.parent
+    for part in ("flair", "mask"):
+        (folder / f"c9_{part}.nii.gz").write_bytes((folder / f"c2_{part}.nii.gz").read_bytes())
+    manifest.write_text(manifest.read_text(encoding="utf-8") + "c9,c9_flair.nii.gz,c9_mask.nii.gz,A,svd\n")
+    with pytest.raises(DeepWMLError, match="case 'c9' has a copy of the FLAIR of case 'c2'"):
+        training.train(tiny_config(manifest), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_that_cannot_be_written_in_gets_a_one_line_error(dataset, tmp_path, capsys):
     """A run folder that exists but cannot be written in (read-only, another user's) was an 'internal error'.
     Its lock file is made a folder here, which cannot be opened for writing even by root, as a read-only
