@@ -325,8 +325,8 @@ def _read_config(path: str) -> dict:
     return config
 
 
-def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
-    path = Path(path)
+def _split_rows(path: Path) -> list[dict]:
+    """The rows of a split CSV (columns case, split), whitespace stripped, blank rows left out."""
     if not path.is_file():
         raise DeepWMLError(f"split file {path} does not exist; pass a CSV with columns case, split")
     try:
@@ -338,6 +338,12 @@ def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
     rows = [row for row in rows if any(row.values())]
     if not rows or "case" not in rows[0] or "split" not in rows[0]:
         raise DeepWMLError(f"split file {path} needs the columns case, split (train, val or test)")
+    return rows
+
+
+def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
+    path = Path(path)
+    rows = _split_rows(path)
     known = {c.case for c in cases}
     assignment = {}
     for row in rows:
@@ -949,6 +955,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                                "use a new run folder, or resume it with `deepwml train --resume RUN_DIR`")
     split_file = run_dir / "split.csv"
     if split_file.is_file() and started:
+        _check_same_cases(split_file, cases, cfg.manifest, run_dir)
         assignment = read_split(split_file, cases)
         source = f"the run's {split_file}"
     elif cfg.split:
@@ -1023,6 +1030,23 @@ def _check_distinct_scans(cases: list[Case]) -> None:
             raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
                                f"{first.flair} holds); one scan in two cases can land in training and validation "
                                "at once: list it once")
+
+
+def _check_same_cases(split_file: Path, cases: list[Case], manifest: str, run_dir: Path) -> None:
+    """A DeepWMLError when the manifest lists other cases than the started run split (its split.csv): cases added
+    to the manifest, or taken out of it, after the run began."""
+    split = {row["case"]: row["split"] for row in _split_rows(split_file)}
+    names = {c.case for c in cases}
+    added = sorted(names - set(split))
+    removed = [f"{name} ({split[name]})" for name in sorted(set(split) - names)]
+    if not added and not removed:
+        return
+    changes = [f"{len(found)} {what}: {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}"
+               for what, found in (("added", added), ("no longer listed", removed)) if found]
+    raise DeepWMLError(f"the manifest {manifest} lists other cases than the run in {run_dir} started with "
+                       f"({'; '.join(changes)}); a started run keeps its cases and their split: put the manifest back "
+                       f"as it was, or train on the new list in a new run folder (--init {run_dir / 'best.pt'} "
+                       "starts from its weights)")
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:

@@ -987,3 +987,24 @@ def test_a_run_folder_that_cannot_be_written_in_gets_a_one_line_error(dataset, t
     assert main(["train", str(dataset), "--run-dir", str(run), "--epochs", "1"]) == 1
     err = capsys.readouterr().err
     assert f"error: cannot write in the run folder {run}" in err and "internal error" not in err
+
+
+def test_cases_added_to_or_taken_from_the_manifest_of_a_started_run_are_named(tmp_path):
+    """Rerunning the command after adding newly labelled cases to the manifest (or taking some out) said
+    'split file RUN_DIR/split.csv does not assign 1 manifest case(s)', of a split file the user never gave."""
+    manifest = make_dataset(tmp_path / "data", n_cases=6)
+    rows = manifest.read_text(encoding="utf-8").splitlines()
+    manifest.write_text("\n".join(rows[:6]) + "\n")  # c0..c4
+    run = tmp_path / "run"
+    training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
+    manifest.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DeepWMLError, match=r"lists other cases than the run in .*run started with \(1 added: c5\); "
+                                           r"a started run keeps its cases.*new run folder"):
+        training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
+    split = dict(row.split(",")[::3] for row in (run / "split.csv").read_text(encoding="utf-8-sig").splitlines()[1:])
+    manifest.write_text("\n".join(rows[:5]) + "\n")
+    with pytest.raises(DeepWMLError, match=rf"\(1 no longer listed: c4 \({split['c4']}\)\)"):
+        training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
+    manifest.write_text("\n".join(rows[:6]) + "\n")  # put back: it resumes
+    training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
+    assert len(read_history(run)) == 2
