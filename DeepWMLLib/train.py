@@ -526,15 +526,15 @@ def _gather_split(folder: Path, split: str, members: list[Case], files: list[Pat
     shape = (total,) + tuple(int(g) for g in grid_size)
 
     def fill(name, dtype):
+        # Written case by case with plain writes, not through a memmap: a full disk is then an OSError that
+        # write_atomically reports, where a memmap's page written onto it kills the process (SIGBUS, "Bus error").
         def write(tmp):
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            start = 0
-            for f, n in zip(files, counts):
-                with np.load(f) as z:
-                    out[start:start + n] = z[name]
-                start += n
-            out.flush()
-            del out
+            with open(tmp, "wb") as out:
+                np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                           "fortran_order": False, "shape": shape})
+                for f in files:
+                    with np.load(f) as z:
+                        out.write(np.ascontiguousarray(z[name], dtype=dtype).tobytes())
         io.write_atomically(folder / f"{split}_{name}.npy", write)
 
     fill("images", np.float16)

@@ -1008,3 +1008,36 @@ def test_cases_added_to_or_taken_from_the_manifest_of_a_started_run_are_named(tm
     manifest.write_text("\n".join(rows[:6]) + "\n")  # put back: it resumes
     training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
     assert len(read_history(run)) == 2
+
+
+def _on_a_small_disk(folder: Path, size_kib: int, command: list[str]) -> subprocess.CompletedProcess | None:
+    """Run `command` with a tmpfs of `size_kib` KiB mounted on `folder` in a mount namespace of its own (unshare;
+    an unprivileged user may where user namespaces are on); None where that cannot be done."""
+    import shutil
+
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return None
+    folder.mkdir()
+    script = f"mount -t tmpfs -o size={size_kib}k tmpfs {shlex.quote(str(folder))} || exit 99; {shlex.join(command)}"
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    return None if result.returncode == 99 or "unshare:" in result.stderr else result
+
+
+def test_a_disk_that_fills_while_the_cache_is_gathered_gets_a_one_line_error(dataset, tmp_path):
+    """The prepared slices of a split were gathered into a memmap: a disk that filled up on the way killed
+    training with SIGBUS ('Bus error', no word of the disk). On a disk that holds the cases' prepared slices
+    but not also the whole training split, it is now the one-line 'No space left' error, exit 1."""
+    reference = tmp_path / "reference"
+    training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), reference)
+    gathered = {p.name: p.stat().st_size for p in (reference / "cache").glob("*.npy")}
+    size_kib = (sum(gathered.values()) + gathered["train_images.npy"] // 2) // 1024
+    small = tmp_path / "small"
+    command = [sys.executable, "-m", "DeepWMLLib.train", str(dataset), "--run-dir", str(small / "run"),
+               "--base-channels", "4", "--depth", "2", "--batch-norm", "--grid-size", str(SIZE), "--grid-spacing", "none",
+               "--epochs", "1", "--batch-size", "4", "--samples-per-epoch", "8", "--threads", "1"]
+    result = _on_a_small_disk(small, size_kib, command)
+    if result is None:
+        pytest.skip("no small file system can be mounted here (needs Linux and unshare)")
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write {small / 'run' / 'cache' / 'train_images.npy'} (No space left on device)" in result.stderr
