@@ -2770,15 +2770,20 @@ def segment_names(path: str | os.PathLike) -> list[str]:
     return [found[k] for k in sorted(found)]
 
 
-def lesion_segments(path: str | os.PathLike) -> sitk.Image:
-    """The lesion of a `.seg.nrrd` of several segments as a 0/1 mask: its segment named WMH, else every
-    segment but DeepWML's ventricles (a rater's segments of any names)."""
-    import SimpleITK as sitk
-
+def lesion_segment_names(path: str | os.PathLike) -> list[str]:
+    """The segments of a `.seg.nrrd` read as lesion: its segment named WMH, else every segment but DeepWML's
+    ventricles (a rater's segments of any names); [] for any other file."""
     names = segment_names(path)
     # names compared regardless of case, as Slicer's GetSegmentIdBySegmentName does (the module's reading)
     wmh = [n for n in names if n.lower() == "wmh"][:1]
-    chosen = wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
+    return wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
+
+
+def lesion_segments(path: str | os.PathLike) -> sitk.Image:
+    """The lesion of a `.seg.nrrd` of several segments as a 0/1 mask (`lesion_segment_names`)."""
+    import SimpleITK as sitk
+
+    chosen = lesion_segment_names(path)
     if not chosen:
         raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
     masks = [read_segmentation(path, name) for name in chosen]

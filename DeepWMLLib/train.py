@@ -465,7 +465,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         done_file.unlink()
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")
-    skipped, several_values = [], []
+    skipped, several_values, several_segments = [], [], []
     everything = wanted + tested
     for i, case in enumerate(everything):
         if cancel is not None and cancel():
@@ -488,6 +488,9 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         if i >= len(wanted):
             io.write_atomically(target, lambda tmp: tmp.write_bytes(b""))  # checked (an interrupted run skips it)
             continue
+        segments = io.lesion_segment_names(case.mask)
+        if len(segments) > 1:
+            several_segments.append(f"{case.case} ({', '.join(segments[:4])})")
         if ignore_label is None:
             values = np.bincount(io.voxels(mask).ravel(), minlength=256)[1:]
             if np.count_nonzero(values) > 1:
@@ -501,6 +504,13 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         log.warning("the masks of %d case(s) hold several lesion values (%s); every positive value trains as lesion. "
                     "If one of them marks voxels to leave out, pass --ignore-label with it", len(several_values),
                     "; ".join(several_values[:3]))
+    if several_segments:
+        # a .seg.nrrd is read as the union of its segments (io.lesion_segments): a rater's "uncertain" or "brain"
+        # segment would train as lesion, and --ignore-label cannot reach it
+        log.warning("the masks of %d case(s) are Slicer segmentations of several segments, none named WMH (%s); all "
+                    "of them train as lesion. If one is not lesion, name the lesion segment WMH (it alone is read then), "
+                    "or save a label map and pass --ignore-label for the voxels to leave out", len(several_segments),
+                    "; ".join(several_segments[:3]))
     skipped_names = {s[0] for s in skipped}
     for split in ("train", "val"):
         members = [c for c in wanted if assignment[c.case] == split and c.case not in skipped_names]

@@ -1041,3 +1041,25 @@ def test_a_disk_that_fills_while_the_cache_is_gathered_gets_a_one_line_error(dat
         pytest.skip("no small file system can be mounted here (needs Linux and unshare)")
     assert result.returncode == 1, result.stderr
     assert f"cannot write {small / 'run' / 'cache' / 'train_images.npy'} (No space left on device)" in result.stderr
+
+
+def test_a_slicer_segmentation_of_several_segments_as_mask_is_pointed_out(tmp_path, caplog):
+    """A rater's .seg.nrrd with a 'Lesion' and a 'Brain' segment is read as their union: the whole brain
+    trained as lesion, --ignore-label or not, without a word. Now a warning names the case and its segments;
+    a segmentation whose lesion segment is named WMH (read alone) gets none."""
+    from DeepWMLLib import io
+
+    manifest = make_dataset(tmp_path / "data", n_cases=5)
+    folder = manifest.parent
+    for case, names in (("c0", ("Lesion", "Brain")), ("c1", ("WMH", "Brain"))):
+        mask = sitk.ReadImage(str(folder / f"{case}_mask.nii.gz"))
+        flair = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}_flair.nii.gz")))
+        labels = np.where(sitk.GetArrayFromImage(mask) > 0, 1, np.where(flair > 50, 2, 0)).astype(np.uint8)
+        labelled = sitk.GetImageFromArray(labels)
+        labelled.CopyInformation(mask)
+        io.write_label_segmentation(labelled, folder / f"{case}.seg.nrrd", [(1, names[0], (1, 0, 0)), (2, names[1], (0, 1, 0))])
+        manifest.write_text(manifest.read_text(encoding="utf-8").replace(f"{case}_mask.nii.gz", f"{case}.seg.nrrd"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test"})
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8), tmp_path / "run")
+    assert "1 case(s) are Slicer segmentations of several segments, none named WMH (c0 (Lesion, Brain))" in caplog.text
