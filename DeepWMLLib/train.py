@@ -945,6 +945,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                            f"{_from_current_folder(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
     _check_distinct_scans(cases)
+    _warn_shared_masks(cases)
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
@@ -1057,6 +1058,27 @@ def _check_same_cases(split_file: Path, cases: list[Case], manifest: str, run_di
                        f"({'; '.join(changes)}); a started run keeps its cases and their split: put the manifest back "
                        f"as it was, or train on the new list in a new run folder (--init {run_dir / 'best.pt'} "
                        "starts from its weights)")
+
+
+def _warn_shared_masks(cases: list[Case]) -> None:
+    """Warn when one mask file with lesion is listed for several cases: a copy-paste slip, which on scans of one
+    grid (registered to a template) nothing else would show. An empty mask that healthy controls share is right."""
+    def holds_lesion(path: str) -> bool:
+        try:
+            mask = io.read_mask(path)  # kept while its voxels are looked at: io.voxels is a view into it
+        except DeepWMLError:
+            return False  # said, naming the case, when the case is prepared
+        return bool(np.any(io.voxels(mask)))
+
+    listed: dict[str, list[str]] = {}
+    for c in cases:
+        listed.setdefault(c.mask, []).append(c.case)
+    shared = {mask: names for mask, names in listed.items()
+              if len(names) > 1 and Path(mask).exists() and holds_lesion(mask)}
+    if shared:
+        log.warning("%d mask file(s) with lesion are listed for several cases (%s): each case's lesions need a mask "
+                    "of its own", len(shared),
+                    "; ".join(f"{Path(mask).name}: {', '.join(names[:4])}" for mask, names in list(shared.items())[:3]))
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:

@@ -1063,3 +1063,19 @@ def test_a_slicer_segmentation_of_several_segments_as_mask_is_pointed_out(tmp_pa
     with caplog.at_level("WARNING", logger="DeepWMLLib"):
         training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8), tmp_path / "run")
     assert "1 case(s) are Slicer segmentations of several segments, none named WMH (c0 (Lesion, Brain))" in caplog.text
+
+
+def test_one_mask_with_lesion_listed_for_two_cases_is_pointed_out(tmp_path, caplog):
+    """On scans of one grid (here all are, as scans registered to a template are) a case given another case's
+    mask by a copy-paste slip trained on it unsaid; a warning names both. An empty mask that healthy controls
+    share is fine and gets none."""
+    manifest = make_dataset(tmp_path / "data", n_cases=6)
+    folder = manifest.parent
+    empty = sitk.ReadImage(str(folder / "c0_mask.nii.gz")) * 0
+    sitk.WriteImage(empty, str(folder / "empty.nii.gz"))
+    text = manifest.read_text(encoding="utf-8").replace("c3_mask.nii.gz", "c2_mask.nii.gz")
+    manifest.write_text(text.replace("c4_mask.nii.gz", "empty.nii.gz").replace("c5_mask.nii.gz", "empty.nii.gz"))
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), tmp_path / "run")
+    assert "1 mask file(s) with lesion are listed for several cases (c2_mask.nii.gz: c2, c3)" in caplog.text
+    assert "empty.nii.gz" not in caplog.text
