@@ -237,7 +237,8 @@ class Case:
 def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Case]:
     """Cases of a manifest CSV: columns case, flair, mask (centre, disease optional); paths may be
     relative to the CSV's folder. `mask_column` names another column to take the masks from (the
-    target of training). Raises DeepWMLError on a missing file, missing column or duplicate."""
+    target of training). A column `center` is the centre (else the split would silently not stratify by it).
+    Raises DeepWMLError on a missing file, missing column or duplicate."""
     path = Path(path)
     if path.is_dir():
         raise DeepWMLError(f"manifest {path} is a folder; pass the CSV file (columns case, flair, mask) "
@@ -276,7 +277,7 @@ def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Ca
                                "one scan in two cases can land in training and validation at once: list it once")
         scans[flair] = row["case"]
         cases.append(Case(row["case"], flair, str((path.parent / row[mask_column]).resolve()),
-                          row.get("centre", ""), row.get("disease", "")))
+                          row.get("centre", row.get("center", "")), row.get("disease", "")))
     return cases
 
 

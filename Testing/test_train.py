@@ -1079,3 +1079,13 @@ def test_one_mask_with_lesion_listed_for_two_cases_is_pointed_out(tmp_path, capl
         training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), tmp_path / "run")
     assert "1 mask file(s) with lesion are listed for several cases (c2_mask.nii.gz: c2, c3)" in caplog.text
     assert "empty.nii.gz" not in caplog.text
+
+
+def test_a_center_column_stratifies_the_split_as_centre_does(dataset, tmp_path):
+    """A manifest written with the American 'center' column was split as if no centre were given, unsaid."""
+    american = tmp_path / "center.csv"
+    header, *rows = dataset.read_text(encoding="utf-8").splitlines()
+    american.write_text("\n".join([header.replace("centre", "center")] + [row.replace(",c", f",{dataset.parent}/c")
+                                                                          for row in rows]) + "\n")
+    cases = training.read_manifest(american)
+    assert [c.centre for c in cases] == [c.centre for c in training.read_manifest(dataset)] == list("ABABAB")
