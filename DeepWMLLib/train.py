@@ -1258,7 +1258,12 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
                      "; early stop" if state["finished"] else "")
         dist_ctx.barrier()
     if dist_ctx.main and state["epoch"] == first_epoch:
-        log.info("%s already finished (epoch %d)", run_dir, state["epoch"])
+        if state["finished"] and state["epoch"] < cfg.epochs:  # resumed with more --epochs after an early stop
+            log.warning("%s stopped early after epoch %d (no better val Dice in %d epochs), so more --epochs do not "
+                        "train it on; to go on, train in a new run folder with --init %s", run_dir, state["epoch"],
+                        cfg.early_stopping_patience, best_file)
+        else:
+            log.info("%s already finished (epoch %d)", run_dir, state["epoch"])
     if progress is not None:
         progress(1.0, f"done: best val Dice {state['best_dice']:.4f} at epoch {state['best_epoch']}")
     return best_file

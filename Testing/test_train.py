@@ -1089,3 +1089,15 @@ def test_a_center_column_stratifies_the_split_as_centre_does(dataset, tmp_path):
                                                                           for row in rows]) + "\n")
     cases = training.read_manifest(american)
     assert [c.centre for c in cases] == [c.centre for c in training.read_manifest(dataset)] == list("ABABAB")
+
+
+def test_more_epochs_for_a_run_that_stopped_early_say_why_nothing_trains(dataset, tmp_path, caplog):
+    """Resuming an early-stopped run with a larger --epochs trained nothing and said only 'already finished'."""
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=4, samples_per_epoch=8, learning_rate=1e-12, early_stopping_patience=1)
+    training.train(config, run)
+    assert len(read_history(run)) == 2  # the weights hardly move: no better val Dice after epoch 1
+    with caplog.at_level("INFO", logger="DeepWMLLib"):
+        training.train(dict(config, epochs=8), run)
+    assert "stopped early after epoch 2 (no better val Dice in 1 epochs), so more --epochs do not train it on" in caplog.text
+    assert len(read_history(run)) == 2
