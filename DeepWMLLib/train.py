@@ -980,6 +980,10 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     if not counts["train"] or not counts["val"]:
         raise DeepWMLError(f"{source} puts {counts['train']} case(s) in train and {counts['val']} in val; training needs "
                            "at least one of each" + ("" if len(cases) > 1 else ": add cases to the manifest"))
+    if not counts["test"] and cfg.test_fraction > 0 and not cfg.split and not (split_file.is_file() and started):
+        log.warning("%s keeps no case for test (too few cases for a test fraction of %g): the model cannot be "
+                    "evaluated on cases it never saw (validation chose its epoch); add cases, or keep some aside",
+                    source, cfg.test_fraction)
     data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment)
     if data_file.is_file() and started:
         _check_same_data(json.loads(data_file.read_text(encoding="utf-8")), data, run_dir)

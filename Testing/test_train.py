@@ -1101,3 +1101,14 @@ def test_more_epochs_for_a_run_that_stopped_early_say_why_nothing_trains(dataset
         training.train(dict(config, epochs=8), run)
     assert "stopped early after epoch 2 (no better val Dice in 1 epochs), so more --epochs do not train it on" in caplog.text
     assert len(read_history(run)) == 2
+
+
+def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
+    """Three cases split 60/20/20 give two for training, one for validation and none for test: said, as the run's
+    provenance would otherwise be the only place to find that nothing was kept to evaluate the model on."""
+    manifest = make_dataset(tmp_path / "data", n_cases=3)
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), tmp_path / "run")
+    assert "the 60/20/20 split of 3 case(s) keeps no case for test" in caplog.text
+    assert sorted(row.split(",")[-1] for row in (tmp_path / "run" / "split.csv").read_text(encoding="utf-8-sig").split()[1:]) \
+        == ["train", "train", "val"]
