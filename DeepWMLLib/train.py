@@ -985,12 +985,15 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                     "evaluated on cases it never saw (validation chose its epoch); add cases, or keep some aside",
                     source, cfg.test_fraction)
     data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment)
-    if data_file.is_file() and started:
-        _check_same_data(json.loads(data_file.read_text(encoding="utf-8")), data, run_dir)
+    stored_data = json.loads(data_file.read_text(encoding="utf-8")) if data_file.is_file() and started else None
+    if stored_data is not None:
+        _check_same_data(stored_data, data, run_dir)
     io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
     if not (split_file.is_file() and started):
         write_split(split_file, cases, assignment)
-    if not (data_file.is_file() and started):  # a run of a version before data.json: what it trains on from now
+    # a run of a version before data.json: what it trains on from now; one of a version that knew its files less
+    # well (the first MiB alone, no DICOM folder): the same files, known fully from now
+    if stored_data != data:
         io.write_text(json.dumps(data, indent=1) + "\n", data_file)
     absent = {c.case for c in cases if not (Path(c.flair).exists() and Path(c.mask).exists())}
     for name in sorted(absent):
@@ -1039,9 +1042,10 @@ def _check_distinct_scans(cases: list[Case]) -> None:
     twice read_manifest refuses): one scan in two cases can land in training and validation at once."""
     seen: dict[str, Case] = {}
     for c in cases:
-        if not Path(c.flair).is_file():  # a DICOM folder, or missing (said above or skipped)
+        fingerprint = _scan_fingerprint(c.flair)
+        if fingerprint is None:  # missing or unreadable: said above, or when the case is read
             continue
-        first = seen.setdefault(io.content_fingerprint(c.flair), c)
+        first = seen.setdefault(fingerprint, c)
         if first is not c:
             raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
                                f"{first.flair} holds); one scan in two cases can land in training and validation "
@@ -1086,13 +1090,28 @@ def _warn_shared_masks(cases: list[Case]) -> None:
                     "; ".join(f"{Path(mask).name}: {', '.join(names[:4])}" for mask, names in list(shared.items())[:3]))
 
 
-def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
-    """Each train and val case's FLAIR and mask by content (io.content_fingerprint: scans on one template grid
-    share their size, first MiB and, detached, their header; None for a missing file)."""
-    def content(path: str) -> str | None:
-        return io.content_fingerprint(path) if Path(path).is_file() else None
+def _scan_fingerprint(path: str) -> str | None:
+    """A scan by its content: a file by io.content_fingerprint (scans on one template grid share their size, first
+    MiB and, detached, their header), a DICOM folder by the UIDs of the series training reads from it
+    (segment.input_fingerprint); None for a missing file or a folder without one series to read."""
+    p = Path(path)
+    if p.is_file():
+        return io.content_fingerprint(p)
+    if not p.is_dir():
+        return None
+    from .segment import input_fingerprint
 
-    return {c.case: [content(c.flair), content(c.mask)] for c in cases if assignment[c.case] in ("train", "val")}
+    try:
+        series, _ = io.choose_dicom_series(p, option=None)  # the series io.read_image reads
+    except DeepWMLError:
+        return None
+    return input_fingerprint(p, series)
+
+
+def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
+    """Each train and val case's FLAIR and mask by content (`_scan_fingerprint`)."""
+    return {c.case: [_scan_fingerprint(c.flair), _scan_fingerprint(c.mask)] for c in cases
+            if assignment[c.case] in ("train", "val")}
 
 
 def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
@@ -1106,7 +1125,9 @@ def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
             return True
         if before is None or after is None or len(before) != len(after):
             return False
-        return all(b == a or (b is not None and "~" not in b and b == older(a)) for b, a in zip(before, after))
+        # a DICOM folder: None in the data.json of a version that did not fingerprint folders
+        return all(b == a or (b is not None and "~" not in b and b == older(a))
+                   or (b is None and a is not None and a.startswith("dicom:")) for b, a in zip(before, after))
 
     changed = sorted(case for case in set(stored) | set(now) if not same(stored.get(case), now.get(case)))
     if changed:

@@ -1112,3 +1112,37 @@ def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
     assert "the 60/20/20 split of 3 case(s) keeps no case for test" in caplog.text
     assert sorted(row.split(",")[-1] for row in (tmp_path / "run" / "split.csv").read_text(encoding="utf-8-sig").split()[1:]) \
         == ["train", "train", "val"]
+
+
+def test_flairs_given_as_dicom_folders_are_known_by_their_series(tmp_path):
+    """A FLAIR given as a DICOM folder had no fingerprint (None in data.json): its series replaced by another
+    trained on unsaid after a resume, and one series copied into two cases' folders was not seen. The series'
+    UIDs now stand for it: both are refused, naming the case; a data.json of an earlier version still resumes."""
+    import shutil
+
+    from conftest import write_dicom_series
+
+    manifest = make_dataset(tmp_path / "data", n_cases=5)
+    folder = manifest.parent
+    flair = sitk.Cast(sitk.ReadImage(str(folder / "c0_flair.nii.gz")), sitk.sitkInt16)
+    write_dicom_series(folder / "c0_dicom", flair, uid="1.2.3.10", description="AX FLAIR")
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("c0_flair.nii.gz", "c0_dicom"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test"})
+    run = tmp_path / "run"
+    config = tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    data = json.loads((run / "data.json").read_text(encoding="utf-8"))
+    assert data["c0"][0].startswith("dicom:")
+    earlier = dict(data, c0=[None, data["c0"][1]])  # as a version without DICOM fingerprints wrote it
+    (run / "data.json").write_text(json.dumps(earlier), encoding="utf-8")
+    training.train(dict(config, epochs=2), run)
+    for path in (folder / "c0_dicom").iterdir():
+        path.unlink()
+    write_dicom_series(folder / "c0_dicom", flair, uid="1.2.3.11", description="AX FLAIR")  # another series
+    with pytest.raises(DeepWMLError, match=r"the training data changed .*\(changed: c0\)"):
+        training.train(dict(config, epochs=3), run)
+
+    shutil.copytree(folder / "c0_dicom", folder / "c1_dicom")  # one patient's series exported twice
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("c1_flair.nii.gz", "c1_dicom"))
+    with pytest.raises(DeepWMLError, match="case 'c1' has a copy of the FLAIR of case 'c0'"):
+        training.train(config, tmp_path / "another")
