@@ -945,7 +945,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
                            f"{_from_current_folder(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
-    _check_distinct_scans(cases)
+    flairs = _check_distinct_scans(cases)
     _warn_shared_masks(cases)
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
@@ -984,7 +984,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         log.warning("%s keeps no case for test (too few cases for a test fraction of %g): the model cannot be "
                     "evaluated on cases it never saw (validation chose its epoch); add cases, or keep some aside",
                     source, cfg.test_fraction)
-    data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment)
+    data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment, flairs)
     stored_data = json.loads(data_file.read_text(encoding="utf-8")) if data_file.is_file() and started else None
     if stored_data is not None:
         _check_same_data(stored_data, data, run_dir)
@@ -1037,12 +1037,14 @@ def _from_current_folder(manifest: str, missing: list[str]) -> str:
             f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
 
 
-def _check_distinct_scans(cases: list[Case]) -> None:
+def _check_distinct_scans(cases: list[Case]) -> dict[str, str | None]:
     """A DeepWMLError when two cases' FLAIRs are copies of one file (same content at two paths; the same path
-    twice read_manifest refuses): one scan in two cases can land in training and validation at once."""
+    twice read_manifest refuses): one scan in two cases can land in training and validation at once. Returns
+    each FLAIR's `_scan_fingerprint` by its path."""
     seen: dict[str, Case] = {}
+    fingerprints = {}
     for c in cases:
-        fingerprint = _scan_fingerprint(c.flair)
+        fingerprint = fingerprints[c.flair] = _scan_fingerprint(c.flair)
         if fingerprint is None:  # missing or unreadable: said above, or when the case is read
             continue
         first = seen.setdefault(fingerprint, c)
@@ -1050,6 +1052,7 @@ def _check_distinct_scans(cases: list[Case]) -> None:
             raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
                                f"{first.flair} holds); one scan in two cases can land in training and validation "
                                "at once: list it once")
+    return fingerprints
 
 
 def _check_same_cases(split_file: Path, cases: list[Case], manifest: str, run_dir: Path) -> None:
@@ -1108,10 +1111,12 @@ def _scan_fingerprint(path: str) -> str | None:
     return input_fingerprint(p, series)
 
 
-def _data_fingerprints(cases: list[Case], assignment: dict[str, str]) -> dict:
-    """Each train and val case's FLAIR and mask by content (`_scan_fingerprint`)."""
-    return {c.case: [_scan_fingerprint(c.flair), _scan_fingerprint(c.mask)] for c in cases
-            if assignment[c.case] in ("train", "val")}
+def _data_fingerprints(cases: list[Case], assignment: dict[str, str], flairs: dict | None = None) -> dict:
+    """Each train and val case's FLAIR and mask by content (`_scan_fingerprint`; the FLAIRs' from `flairs`, by
+    path, where given)."""
+    flairs = flairs or {}
+    return {c.case: [flairs[c.flair] if c.flair in flairs else _scan_fingerprint(c.flair), _scan_fingerprint(c.mask)]
+            for c in cases if assignment[c.case] in ("train", "val")}
 
 
 def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
