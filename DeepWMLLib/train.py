@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -271,14 +272,26 @@ def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Ca
         if row["case"] in seen:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} appears twice; case names must be unique")
         seen.add(row["case"])
-        flair = str((path.parent / row["flair"]).resolve())
+        flair = _manifest_path(path.parent, row["flair"])
         if flair in scans:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} has the FLAIR of case {scans[flair]!r}; "
                                "one scan in two cases can land in training and validation at once: list it once")
         scans[flair] = row["case"]
-        cases.append(Case(row["case"], flair, str((path.parent / row[mask_column]).resolve()),
+        cases.append(Case(row["case"], flair, _manifest_path(path.parent, row[mask_column]),
                           row.get("centre", row.get("center", "")), row.get("disease", "")))
     return cases
+
+
+def _manifest_path(folder: Path, text: str) -> str:
+    """A manifest's path made absolute from the manifest's folder. On macOS and Linux a relative path written with
+    Windows' backslashes (data\\c0_flair.nii.gz, a manifest made on Windows) is read with slashes where only
+    that exists: a backslash in a file name is rare there, a manifest carried to a Linux server common."""
+    found = (folder / text).resolve()
+    if os.sep == "/" and "\\" in text and not found.exists():
+        slashed = (folder / text.replace("\\", "/")).resolve()
+        if slashed.exists():
+            return str(slashed)
+    return str(found)
 
 
 def _sha256_file(path: str | os.PathLike) -> str:
@@ -943,7 +956,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     if missing and not cfg.skip_bad_cases:
         case, path = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
-                           f"{_from_current_folder(cfg.manifest, [p for _, p in missing])}; "
+                           f"{_missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
     flairs = _check_distinct_scans(cases)
     _warn_shared_masks(cases)
@@ -1017,10 +1030,15 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     }
 
 
-def _from_current_folder(manifest: str, missing: list[str]) -> str:
-    """A hint when missing manifest paths, as written, exist from the current folder: they were written
-    relative to where the command runs, but a manifest's relative paths are read from its own folder."""
+def _missing_paths_hint(manifest: str, missing: list[str]) -> str:
+    """Why manifest paths may be missing, where it can be told: on macOS and Linux, a Windows path (D:\\cohort\\...,
+    a manifest made on Windows); paths that, as written, exist from the current folder (written relative to
+    where the command runs, but a manifest's relative paths are read from its own folder)."""
     folder = Path(manifest).parent
+    windows = [m for m in (re.search(r"[A-Za-z]:\\.*", p) for p in missing) if m] if os.sep == "/" else []
+    if windows:
+        return (f"; {windows[0].group()} is a Windows path (a manifest made on Windows?): write the paths as this "
+                "computer reaches the files, best relative to the manifest's folder")
     if folder == Path.cwd().resolve():
         return ""
 

@@ -1146,3 +1146,21 @@ def test_flairs_given_as_dicom_folders_are_known_by_their_series(tmp_path):
     manifest.write_text(manifest.read_text(encoding="utf-8").replace("c1_flair.nii.gz", "c1_dicom"))
     with pytest.raises(DeepWMLError, match="case 'c1' has a copy of the FLAIR of case 'c0'"):
         training.train(config, tmp_path / "another")
+
+
+@pytest.mark.skipif(os.sep != "/", reason="backslashes separate folders on Windows anyway")
+def test_a_manifest_written_on_windows_is_read_on_linux_or_told(tmp_path):
+    """A manifest made on Windows and carried to a Linux server: its relative paths with backslashes
+    (..\\data\\c0_flair.nii.gz) named no file; they are read with slashes now. A drive path (D:\\cohort\\...)
+    cannot be reached there: the error says it is a Windows path."""
+    make_dataset(tmp_path / "data", n_cases=4)
+    (tmp_path / "lists").mkdir()
+    manifest = tmp_path / "lists" / "cohort.csv"
+    manifest.write_text("case,flair,mask\n" + "".join(f"c{i},..\\data\\c{i}_flair.nii.gz,..\\data\\c{i}_mask.nii.gz\n"
+                                                      for i in range(4)))
+    cases = training.read_manifest(manifest)
+    assert [c.mask for c in cases] == [str((tmp_path / "data" / f"c{i}_mask.nii.gz").resolve()) for i in range(4)]
+    manifest.write_text("case,flair,mask\n" + "".join(f"c{i},D:\\cohort\\c{i}_flair.nii.gz,D:\\cohort\\c{i}_mask.nii.gz\n"
+                                                      for i in range(4)))
+    with pytest.raises(DeepWMLError, match=r"D:\\cohort\\c0_flair.nii.gz is a Windows path"):
+        training.train(tiny_config(manifest), tmp_path / "run")
