@@ -967,6 +967,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     except OSError as exc:
         raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
     _lock_run_dir(run_dir)
+    _check_run_folder(run_dir)
     config_file = run_dir / "config.json"
     # A folder whose run never finished an epoch (it failed on its data, say) holds nothing to keep:
     # its settings and split are made again, so a corrected manifest or command just works.
@@ -1028,6 +1029,25 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         "cases": {s: sum(1 for c, v in assignment.items() if v == s and c not in skipped_names) for s in SPLITS},
         "skipped_cases": [n for n, _ in skipped],
     }
+
+
+# The files a run writes at the top of its folder (with cache/ and, for an ensemble, model_k/).
+_RUN_FILES = ("config.json", "split.csv", "data.json", "history.csv", "last.pt", "best.pt", "skipped_cases.csv")
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    """A DeepWMLError when `run_dir` holds files of a run's names but no DeepWML training (no config.json of one):
+    a cohort folder with its own split.csv, say, given as the run folder, whose files the run would overwrite."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "manifest" in config:
+            return
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise DeepWMLError(f"{run_dir} holds {', '.join(found)} but no DeepWML training, and a run would write over "
+                           f"{'them' if len(found) > 1 else 'it'}; give a new or empty run folder")
 
 
 def _missing_paths_hint(manifest: str, missing: list[str]) -> str:

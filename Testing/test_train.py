@@ -1164,3 +1164,14 @@ def test_a_manifest_written_on_windows_is_read_on_linux_or_told(tmp_path):
                                                       for i in range(4)))
     with pytest.raises(DeepWMLError, match=r"D:\\cohort\\c0_flair.nii.gz is a Windows path"):
         training.train(tiny_config(manifest), tmp_path / "run")
+
+
+def test_a_folder_with_files_of_a_run_but_no_training_is_not_written_over(dataset, tmp_path):
+    """A cohort folder given as the run folder (--run-dir .) had its own split.csv replaced by the run's, unsaid."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    own = "case,split\nc0,test\n"
+    (folder / "split.csv").write_text(own)
+    with pytest.raises(DeepWMLError, match="cohort holds split.csv but no DeepWML training, and a run would write over it"):
+        training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), folder)
+    assert (folder / "split.csv").read_text() == own and not (folder / "config.json").exists()
