@@ -21,7 +21,7 @@ from conftest import REPO, make_volume, mni_t1_thick, oracle_network, rotation  
 from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from DeepWMLLib.report import lesion_report  # noqa: E402
-from slicer_fixtures import blockingSegmentation, onnxCache, scene  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import blockingSegmentation, lateSegmentation, onnxCache, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 from DeepWMLSlicerLib.CoreLogic import MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
@@ -95,6 +95,36 @@ def test_job_runs_in_a_worker_thread_and_cancel_stops_it(scene, monkeypatch):
     with pytest.raises(Cancelled):
         logic.finishSegmentation(job)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_cancel_after_the_runs_last_look_still_leaves_the_scene_as_it_was(scene, monkeypatch, tiny_model):
+    """segment_image looks at cancel only while the network runs: a Cancel during its post-processing and
+    report (seconds on a real scan), or one that came just after the run ended and before the GUI's next
+    poll, put the result into the scene all the same, over the WMH segment of the output chosen."""
+    oracle_network(monkeypatch)
+    started, gate = lateSegmentation(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    edited = mrml.segmentationFromMask(truth, volume, name="edited by hand")
+    logic = DeepWMLCoreLogic()
+    for cancelWhen in ("during the report", "once ended"):
+        job = logic.startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)], brainMask=False,
+                                      location=False)
+        assert started.wait(5)
+        if cancelWhen == "during the report":
+            job.cancel()
+        gate.set()
+        assert job.wait(30)
+        if cancelWhen == "once ended":
+            job.cancel()
+        assert job.cancelled, cancelWhen
+        with pytest.raises(Cancelled):
+            logic.finishSegmentation(job, edited)
+        started.clear()
+        gate.clear()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(edited, volume)),
+                                  sitk.GetArrayFromImage(truth))
 
 
 def test_rerun_into_an_existing_segmentation_replaces_only_the_wmh_segment(scene, monkeypatch, tiny_model):

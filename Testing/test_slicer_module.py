@@ -18,7 +18,7 @@ import slicer  # noqa: E402
 import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
-from slicer_fixtures import blockingSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import blockingSegmentation, lateSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 
@@ -203,6 +203,28 @@ def test_cancel_button_stops_the_run(widget, monkeypatch):
     finishJob(widget)
     assert ui.statusLabel.text == "Cancelled." and ui.applyButton.text == "Segment WMH"
     assert widget._parameterNode.outputSegmentation is None
+
+
+@pytest.mark.parametrize("how", ["Cancel", "closing the scene"])
+def test_cancel_or_closing_the_scene_late_in_the_run_puts_nothing_into_the_scene(widget, module, monkeypatch,
+                                                                                 tiny_model, how):
+    """Cancel in the run's last seconds (post-processing, report) gave "Done." and the result anyway; closing
+    the scene then gave the dialog "Segmentation failed: the volume was removed from the scene"."""
+    oracle_network(monkeypatch)
+    started, gate = lateSegmentation(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert started.wait(5)
+    if how == "Cancel":
+        ui.applyButton.click()
+    else:
+        slicer.mrmlScene.Clear(0)
+    gate.set()
+    finishJob(widget)  # no error display
+    assert ui.statusLabel.text == "Cancelled." and ui.applyButton.text == "Segment WMH"
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert ui.resultsLabel.text == "" and widget._parameterNode.outputSegmentation is None
 
 
 def test_errors_reach_the_error_display_and_the_button_recovers(widget, module):

@@ -95,6 +95,9 @@ class SegmentationJob:
                                         cancel=self.cancelRequested,
                                         brain_model="default" if self.brainMask else None,
                                         ventricle_model=_ventricleModel(self.location))
+            if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
+                self.result = None
+                raise Cancelled("cancelled")
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
             self.error = exc
         finally:
@@ -117,7 +120,9 @@ class SegmentationJob:
 
     @property
     def cancelled(self) -> bool:
-        return isinstance(self.error, Cancelled)
+        """Cancelled, also when cancel() came after the run's last look or once it had ended: Cancel (or
+        closing the scene) leaves the scene as it was, whatever the run got to, as a worker process does."""
+        return self._cancelRequested or isinstance(self.error, Cancelled)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._finished.wait(timeout)
@@ -438,6 +443,8 @@ class DeepWMLCoreLogic:
         """Put a finished job's mask into a segmentation node (a new one named after the volume)."""
         if not job.done:
             raise RuntimeError("finishSegmentation called before the job finished")
+        if job.cancelled and not isinstance(job.error, Cancelled):
+            raise Cancelled("cancelled")
         if job.error is not None:
             raise job.error
         volumeNode = job.volumeNode

@@ -73,3 +73,20 @@ def blockingSegmentation(monkeypatch) -> threading.Event:
 
     monkeypatch.setattr(DeepWMLLib.segment, "segment_image", segment)
     return started
+
+
+def lateSegmentation(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make segment_image wait for a gate, then segment for real without looking at cancel again, as in
+    its post-processing, report and contrast check (seconds on a real scan). Returns (started, gate)."""
+    import DeepWMLLib.segment
+
+    segmentImage = DeepWMLLib.segment.segment_image
+    started, gate = threading.Event(), threading.Event()
+
+    def segment(image, models=None, cancel=None, **options):
+        started.set()
+        assert gate.wait(10), "the gate was never opened"
+        return segmentImage(image, models, **options)
+
+    monkeypatch.setattr(DeepWMLLib.segment, "segment_image", segment)
+    return started, gate
