@@ -241,6 +241,50 @@ def test_comparing_leaves_no_node_behind(scene):
     assert after == before
 
 
+def test_the_panels_say_which_segments_and_labels_were_compared(scene):
+    """A manual segmentation with a second segment (an infarct), a WMH segment beside one the rater added
+    while correcting, a labelmap with two labels, one drawn on a cropped copy: the Dice changed with each,
+    and the panel said nothing of what was taken."""
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    ours = mrml.segmentationFromMask(truth, volume, name="DeepWML")
+    mrml.segmentationFromMask(truth, volume, ours, segmentName=mrml.VENTRICLE_SEGMENT_NAME)  # DeepWML's own: no note
+    infarct = sitk.Image(truth) * 0
+    infarct[5:15, 5:15, 3:6] = 1
+    manual = mrml.segmentationFromMask(truth, volume, name="manual", segmentName="lesion")
+    mrml.segmentationFromMask(infarct, volume, manual, segmentName="infarct")
+    comparison = logic.compareSegmentations(ours, manual, volume)
+    assert comparison["dice"] < 0.9  # the infarct counted
+    shown = logic.formatComparison(comparison)
+    assert "Note: 'manual' has 2 segments ('lesion', 'infarct'): all were counted as lesion" in shown
+    assert "DeepWML" not in shown
+    consensus = logic.formatConsensus(logic.consensusCheck(manual, ours, 0.85, volume))
+    assert "'manual' has 2 segments" in consensus
+
+    corrected = mrml.segmentationFromMask(truth, volume, name="corrected")
+    mrml.segmentationFromMask(infarct, volume, corrected, segmentName="missed lesions")
+    comparison = logic.compareSegmentations(ours, corrected, volume)
+    assert comparison["dice"] == 1.0  # 'missed lesions' left out
+    assert "only the segment 'WMH' was counted as lesion, not 'missed lesions'" in logic.formatComparison(comparison)
+    statistics = logic.formatReport(logic.lesionStatistics(corrected, volume))
+    assert "Warning: of 'corrected', only the segment 'WMH' was counted" in statistics
+    assert "Warning" not in logic.formatReport(logic.lesionStatistics(ours, volume))
+
+    labels = sitk.Cast(truth, sitk.sitkUInt8) + 2 * sitk.Cast(infarct, sitk.sitkUInt8)
+    labelmap = mrml.volumeFromImage(labels, "label file", "vtkMRMLLabelMapVolumeNode")
+    shown = logic.formatComparison(logic.compareSegmentations(ours, labelmap, volume))
+    assert "labelmap 'label file' has the labels 1, 2: all were counted as lesion" in shown
+    single = mrml.volumeFromImage(truth, "one label", "vtkMRMLLabelMapVolumeNode")
+    assert logic.compareSegmentations(ours, single, volume)["notes"] == []
+
+    cropped = mrml.volumeFromImage(flair[:, :, :5], "flair cropped")
+    drawnOnCrop = mrml.segmentationFromMask(truth[:, :, :5], cropped, name="rater C")
+    shown = logic.formatComparison(logic.compareSegmentations(ours, drawnOnCrop, volume))
+    assert "'rater C' was drawn on 'flair cropped', not on 'flair'" in shown
+    assert logic.compareSegmentations(ours, ours, volume)["notes"] == []
+
+
 def test_consensus_check_pass_fail_threshold_and_discordant_slices(scene):
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

@@ -513,6 +513,7 @@ class DeepWMLCoreLogic:
             location["ventricles"] = f"segment '{mrml.VENTRICLE_SEGMENT_NAME}' of '{segmentationNode.GetName()}'"
         report = lesion_report(mask, None, distance)
         report["location"] = location
+        notes = mrml.maskNotes(segmentationNode, segmentId)  # e.g. a segment added beside WMH while editing it
         run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if isSegmentation else None
         if run:
             facts = json.loads(run)
@@ -520,6 +521,8 @@ class DeepWMLCoreLogic:
             if location is not None:
                 location.update(model)
             report.update(facts)
+        if notes:
+            report["warnings"] = list(report.get("warnings", [])) + notes
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
         return report
 
@@ -531,7 +534,9 @@ class DeepWMLCoreLogic:
         from DeepWMLLib.evaluation import evaluate_case
 
         reference = self._referenceVolume(a, b, referenceVolumeNode)
-        return evaluate_case(mrml.maskFromNode(a, reference, segmentIdA), mrml.maskFromNode(b, reference, segmentIdB))
+        result = evaluate_case(mrml.maskFromNode(a, reference, segmentIdA), mrml.maskFromNode(b, reference, segmentIdB))
+        result["notes"] = list(result.get("notes", [])) + self._maskNotes(((a, segmentIdA), (b, segmentIdB)), reference)
+        return result
 
     def consensusCheck(self, a, b, threshold: float = DEFAULT_CONSENSUS_THRESHOLD, referenceVolumeNode=None) -> dict:
         """Do two raters agree (Dice >= threshold)? Also the slices and lesions where they do not."""
@@ -539,7 +544,19 @@ class DeepWMLCoreLogic:
         from DeepWMLLib.consensus import consensus_check
 
         reference = self._referenceVolume(a, b, referenceVolumeNode)
-        return consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
+        result = consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
+        result["notes"] = list(result.get("notes", [])) + self._maskNotes(((a, None), (b, None)), reference)
+        return result
+
+    @staticmethod
+    def _maskNotes(nodes, volumeNode) -> list[str]:
+        """What of each node was compared (several segments or labels joined, a WMH segment beside others)
+        and which were drawn on another volume: the panel says so, as the numbers depend on it."""
+        notes = []
+        for node, segmentId in nodes:
+            notes += [note for note in mrml.maskNotes(node, segmentId) + mrml.drawnOnNote(node, volumeNode)
+                      if note not in notes]  # a node compared with itself: once
+        return notes
 
     def lesionChange(self, baselineVolume, baselineSegmentation, followupVolume, followupSegmentation):
         """New, enlarging, stable and gone lesions between an earlier scan (baseline) and the follow-up
@@ -581,11 +598,8 @@ class DeepWMLCoreLogic:
         registered.SetAttribute(REGISTERED_ATTRIBUTE, followupVolume.GetID())
         report = {**result.report, "baseline": baselineVolume.GetName(), "followup": followupVolume.GetName()}
         for segmentationNode, volumeNode in ((baselineSegmentation, baselineVolume), (followupSegmentation, followupVolume)):
-            drawnOn = mrml.referenceVolumeOf(segmentationNode)
-            if drawnOn is not None and drawnOn is not volumeNode:  # maybe a resampled copy; maybe the other scan
-                report["warnings"] = report["warnings"] + [
-                    f"'{segmentationNode.GetName()}' was drawn on '{drawnOn.GetName()}', not on "
-                    f"'{volumeNode.GetName()}': check that it is that scan's segmentation"]
+            # drawn on another volume: maybe a resampled copy; maybe the other scan
+            report["warnings"] = report["warnings"] + self._maskNotes(((segmentationNode, None),), volumeNode)
         changeNode.SetAttribute(CHANGE_REPORT_ATTRIBUTE, json.dumps({k: v for k, v in report.items() if k != "lesions"}))
         return changeNode, registered, report
 

@@ -205,6 +205,48 @@ def maskFromNode(node, referenceVolumeNode, segmentId: str | None = None) -> sit
     raise DeepWMLError(f"'{node.GetName()}' is neither a segmentation nor a labelmap volume")
 
 
+def maskNotes(node, segmentId: str | None = None) -> list[str]:
+    """What of `node` the lesion mask was made from, where a reader could think otherwise (for the result
+    panels): a segment named WMH taken and other segments left out, several segments joined, several label
+    values joined. Nothing for one segment or one label value, or for DeepWML's own WMH and ventricles."""
+    if node is None or segmentId is not None:  # an explicit choice
+        return []
+    name = node.GetName()
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        if node.GetImageData() is None:
+            return []
+        array = slicer.util.arrayFromVolume(node)
+        values = np.unique(array[array != 0])
+        if len(values) < 2:
+            return []
+        shown = ", ".join(f"{value:g}" for value in values[:10].tolist()) + (", ..." if len(values) > 10 else "")
+        return [f"labelmap '{name}' has the labels {shown}: all were counted as lesion, together"]
+    if not node.IsA("vtkMRMLSegmentationNode"):
+        return []
+    segmentation = node.GetSegmentation()
+    taken = segmentIds(node)
+    names = [segmentation.GetSegment(i).GetName() for i in taken]
+    others = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
+              if segmentation.GetNthSegmentID(i) not in taken
+              and segmentation.GetNthSegment(i).GetName() != VENTRICLE_SEGMENT_NAME]
+    if len(taken) > 1:
+        return [f"'{name}' has {len(taken)} segments ({', '.join(repr(n) for n in names)}): all were counted as "
+                f"lesion, together; to count one alone, name it {WMH_SEGMENT_NAME} (Segment Editor)"]
+    if others:
+        return [f"of '{name}', only the segment '{names[0]}' was counted as lesion, not "
+                f"{', '.join(repr(n) for n in others)}; to count them too, add them to '{names[0]}' (Segment Editor)"]
+    return []
+
+
+def drawnOnNote(node, volumeNode) -> list[str]:
+    """A note when a segmentation was drawn on another volume than the one it is measured on."""
+    drawnOn = referenceVolumeOf(node)
+    if drawnOn is None or volumeNode is None or drawnOn is volumeNode:
+        return []
+    return [f"'{node.GetName()}' was drawn on '{drawnOn.GetName()}', not on '{volumeNode.GetName()}': check that it "
+            f"is that scan's segmentation"]
+
+
 def referenceVolumeOf(node):
     """The volume a segmentation was drawn on (its reference geometry node), or None."""
     if node is not None and node.IsA("vtkMRMLSegmentationNode"):
