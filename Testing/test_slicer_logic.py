@@ -142,6 +142,21 @@ def test_rerun_into_an_existing_segmentation_replaces_only_the_wmh_segment(scene
     assert dice(mrml.maskFromSegmentation(segmentation, volume), truth) > 0.9
 
 
+def test_a_second_result_kept_beside_the_first_has_a_name_of_its_own(scene, monkeypatch, tiny_model):
+    """Segment WMH again with the output set back to "Create new segmentation" (to keep the first result, e.g.
+    to try another threshold) made a second node named "flair WMH" too: the reference and rater selectors,
+    which show names alone, could not tell them apart."""
+    oracle_network(monkeypatch)
+    flair, _ = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    first = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    second = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], threshold=0.9)
+    assert (first.GetName(), second.GetName()) == ("flair WMH", "flair WMH_1")
+    assert logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], segmentationNode=first) is first
+    assert first.GetName() == "flair WMH"  # a rerun into a node keeps its name
+
+
 def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scene(scene, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     flair, truth = make_volume(**OBLIQUE)

@@ -452,8 +452,11 @@ class DeepWMLCoreLogic:
             raise DeepWMLError("the volume was removed from the scene while it was being segmented")
         if segmentationNode is not None and segmentationNode.GetScene() is None:
             segmentationNode = None  # the chosen output was deleted during the run: a new node, not a detached one
-        segmentationNode = mrml.segmentationFromMask(job.result.mask, volumeNode, segmentationNode,
-                                                     name=f"{volumeNode.GetName()} WMH")
+        # a new node's name is the scene's only one: a second result kept beside the first (another model or
+        # threshold) is told apart in the reference and rater selectors, which show names alone
+        segmentationNode = mrml.segmentationFromMask(
+            job.result.mask, volumeNode, segmentationNode,
+            name=slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} WMH"))
         segmentation = segmentationNode.GetSegmentation()
         if job.result.ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
             mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,  # edited) is kept
