@@ -94,6 +94,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._results = {}
         self._tableSlices = []
         self._deviceNoteFor = None
+        self._lastSaved = None
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -292,6 +293,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume),
                 "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
                                                               p.inputVolume),
+                "reference": p.referenceSegmentation.GetName(),  # whose Dice, in the saved .json
             }
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
@@ -337,12 +339,18 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.jumpToSlice(volumeNode, self._tableSlices[row])
 
     def onSaveResults(self) -> None:
-        path = qt.QFileDialog.getSaveFileName(None, "Save DeepWML results", "deepwml_results.csv",
-                                              "Per-slice table (*.csv);;All results (*.json)")
-        if not path:
-            return
         with slicer.util.tryWithErrorDisplay("Cannot save the results."):
+            # named after the patient's FLAIR and the results, in the folder and of the type saved last (at first
+            # Slicer's scene folder and the table)
+            last = pathlib.Path(self._lastSaved) if self._lastSaved else None
+            folder = str(last.parent) if last else getattr(slicer.app, "defaultScenePath", "") or ""
+            name = self.logic.resultsFileName(self._results, last.suffix.lower() if last else ".csv")
+            path = qt.QFileDialog.getSaveFileName(None, "Save DeepWML results", str(pathlib.Path(folder, name))
+                                                  if folder else name, "Per-slice table (*.csv);;All results (*.json)")
+            if not path:
+                return
             self.logic.saveResults(self._results, path)
+            self._lastSaved = path
 
 
 class DeepWMLLogic(ScriptedLoadableModuleLogic, DeepWMLCoreLogic):

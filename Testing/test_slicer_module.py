@@ -5,6 +5,7 @@ per-slice table and slice jumps, reference comparison, rater consensus, saving).
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -259,6 +260,38 @@ def test_compare_consensus_and_save_from_the_gui(widget, tmp_path):
     assert "PASS" in ui.consensusLabel.text
     slicer_standins.QFileDialog.nextPath = ""  # the user cancels the file dialog
     ui.saveResultsButton.click()
+
+
+def test_save_results_offers_a_name_of_the_patients_flair_and_the_last_folder(widget, tmp_path):
+    """Save results offered "deepwml_results.csv" for every patient and every kind of result, in whatever
+    folder Slicer was started from; a saved consensus .json named neither rater, a comparison not the reference."""
+    ui, p = widget.ui, widget._parameterNode
+    widget.volume.SetName("3: AX FLAIR")  # a DICOM series' name
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="auto")
+    p.referenceSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    ui.showStatisticsButton.click()
+    slicer_standins.QFileDialog.nextPath = ""  # the user cancels the dialog
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered == "3_AX_FLAIR_lesions.csv"
+    ui.compareButton.click()
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "patient 7" / "comparison.csv")
+    (tmp_path / "patient 7").mkdir()
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered == "3_AX_FLAIR_comparison.csv"
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "patient 7" / "comparison.json")
+    ui.saveResultsButton.click()
+    saved = json.loads((tmp_path / "patient 7" / "comparison.json").read_text(encoding="utf-8"))
+    assert (saved["report"]["volume"], saved["report"]["segmentation"], saved["reference"]) == ("3: AX FLAIR", "auto",
+                                                                                               "manual")
+    p.raterA, p.raterB = p.referenceSegmentation, p.outputSegmentation
+    ui.consensusButton.click()
+    slicer_standins.QFileDialog.nextPath = ""
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered == str(tmp_path / "patient 7" / "3_AX_FLAIR_consensus.json")
+    slicer_standins.QFileDialog.nextPath = slicer_standins.QFileDialog.offered  # the user takes the name offered
+    ui.saveResultsButton.click()
+    saved = json.loads((tmp_path / "patient 7" / "3_AX_FLAIR_consensus.json").read_text(encoding="utf-8"))["consensus"]
+    assert (saved["rater_a"], saved["rater_b"], saved["volume"]) == ("manual", "auto", "3: AX FLAIR")
 
 
 def test_lesion_change_from_the_gui(widget, tmp_path):

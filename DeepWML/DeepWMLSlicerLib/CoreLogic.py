@@ -548,6 +548,7 @@ class DeepWMLCoreLogic:
 
         reference = self._referenceVolume(a, b, referenceVolumeNode)
         result = consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
+        result.update(rater_a=a.GetName(), rater_b=b.GetName(), volume=reference.GetName())  # whose, when saved
         result["notes"] = list(result.get("notes", [])) + self._maskNotes(((a, None), (b, None)), reference)
         return result
 
@@ -714,6 +715,18 @@ class DeepWMLCoreLogic:
         lines = format_summary(report.get("followup", "follow-up"), report).splitlines()
         lines += [f"Warning: {warning}" for warning in report.get("warnings", [])]
         return "\n".join(line.strip() for line in lines)
+
+    @staticmethod
+    def resultsFileName(results: dict, suffix: str = ".csv") -> str:
+        """The file name Save results offers: the FLAIR's name (made a plain file name: a DICOM series' may be
+        '3: AX FLAIR') and what the results are, e.g. 'FLAIR_comparison.csv', rather than one name for every
+        patient's results."""
+        from DeepWMLLib.evaluation import plain_name
+
+        kind = next((key for key in ("change", "consensus", "comparison") if key in results), "lesions")
+        volume = (results.get("report", {}).get("volume") or results.get("consensus", {}).get("volume")
+                  or results.get("change", {}).get("followup") or "DeepWML")
+        return f"{plain_name(volume)}_{kind}{suffix}"
 
     def saveResults(self, results: dict, path) -> Path:
         """Save results shown in the GUI: .json holds everything, .csv the per-slice table."""

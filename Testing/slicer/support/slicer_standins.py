@@ -177,9 +177,11 @@ class QTableWidgetItem:
 
 class QFileDialog:
     nextPath = ""  # what the "user" picks
+    offered = None  # the path the dialog offered last
 
     @staticmethod
-    def getSaveFileName(*args) -> str:
+    def getSaveFileName(parent, caption, path, filters) -> str:
+        QFileDialog.offered = path
         return QFileDialog.nextPath
 
 
@@ -357,3 +359,4 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(slicer.util, "loadUI", loadUI)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", childWidgetVariables)
     QFileDialog.nextPath = ""
+    QFileDialog.offered = None
