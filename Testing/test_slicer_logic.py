@@ -241,6 +241,19 @@ def test_compare_matches_deepwmllib_on_the_same_masks_and_accepts_labelmaps(scen
     assert DeepWMLCoreLogic().compareSegmentations(prediction, labelmap)["dice"] == pytest.approx(expected["dice"])
 
 
+def test_statistics_of_another_volumes_segmentation_say_so(scene):
+    """The output selector keeps volume A's result when volume B is chosen: Update lesion statistics then
+    measured A's lesions on B's grid (a part of them, on a smaller scan) and said nothing."""
+    flair, truth = make_volume(**OBLIQUE)
+    first = mrml.volumeFromImage(flair, "FLAIR 2024")
+    result = mrml.segmentationFromMask(truth, first, name="FLAIR 2024 WMH")
+    other = mrml.volumeFromImage(flair[:, :, :5], "FLAIR 2026")
+    logic = DeepWMLCoreLogic()
+    shown = logic.formatReport(logic.lesionStatistics(result, other))
+    assert "Warning: 'FLAIR 2024 WMH' was drawn on 'FLAIR 2024', not on 'FLAIR 2026'" in shown
+    assert "Warning" not in logic.formatReport(logic.lesionStatistics(result, first))
+
+
 def test_comparing_leaves_no_node_behind(scene):
     # exporting a segment without a colour table makes Slicer add "<segmentation>_ColorTable" each time
     flair, truth = make_volume(**OBLIQUE)

@@ -516,7 +516,8 @@ class DeepWMLCoreLogic:
             location["ventricles"] = f"segment '{mrml.VENTRICLE_SEGMENT_NAME}' of '{segmentationNode.GetName()}'"
         report = lesion_report(mask, None, distance)
         report["location"] = location
-        notes = mrml.maskNotes(segmentationNode, segmentId)  # e.g. a segment added beside WMH while editing it
+        # e.g. a segment added beside WMH while editing it; another volume's result, still chosen when this one was
+        notes = mrml.maskNotes(segmentationNode, segmentId) + mrml.drawnOnNote(segmentationNode, volumeNode)
         run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if isSegmentation else None
         if run:
             facts = json.loads(run)
