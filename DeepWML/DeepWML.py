@@ -93,6 +93,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._results = {}
         self._tableSlices = []
+        self._tableVolume = None  # the volume whose slices the table's rows are
         self._deviceNoteFor = None
         self._lastSaved = None
         VTKObservationMixin.__init__(self)
@@ -160,6 +161,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _clearResults(self, keepConsensus: bool = False) -> None:
         self._results = {}
         self._tableSlices = []
+        self._tableVolume = None
         self.ui.sliceTable.clearContents()
         self.ui.sliceTable.setRowCount(0)
         labels = [self.ui.resultsLabel, self.ui.comparisonLabel, self.ui.changeLabel]
@@ -320,6 +322,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row)."""
         self._results = results
         headers, rows, self._tableSlices = table
+        self._tableVolume = self._parameterNode.inputVolume  # a row shows its slice of it, whatever is chosen later
         view = self.ui.sliceTable
         view.clearContents()
         view.setColumnCount(len(headers))
@@ -332,8 +335,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSliceSelected(self) -> None:
         row = self.ui.sliceTable.currentRow()
-        volumeNode = self._parameterNode.inputVolume
-        if volumeNode is None or not 0 <= row < len(self._tableSlices):
+        volumeNode = self._tableVolume
+        if volumeNode is None or volumeNode.GetScene() is None or not 0 <= row < len(self._tableSlices):
             return
         with slicer.util.tryWithErrorDisplay("Cannot show that slice."):
             self.logic.jumpToSlice(volumeNode, self._tableSlices[row])

@@ -294,6 +294,20 @@ def test_save_results_offers_a_name_of_the_patients_flair_and_the_last_folder(wi
     assert (saved["rater_a"], saved["rater_b"], saved["volume"]) == ("manual", "auto", "3: AX FLAIR")
 
 
+def test_a_row_shows_its_slice_of_the_volume_measured_whatever_is_chosen_since(widget):
+    """The table's rows are slices of the volume the results were computed on; with another volume chosen
+    since (to segment it next), a row jumped the views to that slice number of the other volume."""
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="auto")
+    ui.showStatisticsButton.click()
+    flair, _ = make_volume(origin=(40.0, -60.0, 10.0), seed=4)
+    p.inputVolume = mrml.volumeFromImage(flair, "another patient")
+    ui.sliceTable.selectRow(0)
+    red = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    centre = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, widget._tableSlices[0]), atol=1e-6)
+
+
 def test_lesion_change_from_the_gui(widget, tmp_path):
     from test_change import change_pair_images
 
