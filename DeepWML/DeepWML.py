@@ -238,8 +238,15 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling..."
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation."):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
+            loses = self.logic.rerunLoses(output, p.inputVolume)  # hand edits, which a rerun would replace
+            if loses and not slicer.util.confirmOkCancelDisplay(
+                    f"The segment {MRMLConversion.WMH_SEGMENT_NAME} of '{output.GetName()}' {loses}. Segment WMH "
+                    f"replaces it. Replace it?\n\nTo keep it, cancel and choose 'Create new segmentation' as the "
+                    f"output segmentation.", "DeepWML"):
+                return
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
                 threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,

@@ -362,6 +362,40 @@ def test_another_volume_gets_its_own_segmentation_and_no_ones_ventricles(widget,
     assert p.outputSegmentation is second
 
 
+def test_segment_wmh_asks_before_replacing_a_wmh_segment_edited_by_hand(widget, module, monkeypatch, tiny_model):
+    """Segment WMH again (to try TTA or another threshold) after correcting the result by hand replaced the
+    corrected WMH segment without a word, and Slicer's undo does not bring it back."""
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    asked = []
+    answers = iter([False, True, False])
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or next(answers))
+    ui.applyButton.click()
+    finishJob(widget)
+    result = p.outputSegmentation
+    ui.applyButton.click()  # as DeepWML made it: replaced without asking
+    finishJob(widget)
+    assert asked == [] and p.outputSegmentation is result
+
+    corrected = sitk.BinaryDilate(mrml.maskFromSegmentation(result, widget.volume), [2, 2, 0])
+    mrml.segmentationFromMask(corrected, widget.volume, result)  # the radiologist's correction
+    ui.applyButton.click()
+    assert asked[-1].startswith("The segment WMH of 'FLAIR WMH' was edited since DeepWML made it")
+    assert widget._job is None and ui.applyButton.text == "Segment WMH"  # cancelled: nothing runs
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(result, widget.volume)),
+                                  sitk.GetArrayFromImage(corrected))
+    ui.applyButton.click()  # replace it after all
+    finishJob(widget)
+    assert len(asked) == 2 and p.outputSegmentation is result
+    assert sitk.GetArrayFromImage(mrml.maskFromSegmentation(result, widget.volume)).sum() < \
+        sitk.GetArrayFromImage(corrected).sum()
+
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")  # not DeepWML's
+    ui.applyButton.click()
+    assert "of 'manual' was not made by this version of DeepWML" in asked[-1] and widget._job is None
+
+
 def test_results_are_those_of_the_volume_segmented_and_selectors_wait(widget, module, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     ui, p = widget.ui, widget._parameterNode

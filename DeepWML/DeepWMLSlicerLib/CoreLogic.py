@@ -36,6 +36,7 @@ SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmen
 CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
 CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
+WMH_DIGEST_ATTRIBUTE = "DeepWML.wmhDigest"  # the WMH segment as DeepWML wrote it (tells a rerun it was edited since)
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
@@ -472,8 +473,24 @@ class DeepWMLCoreLogic:
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
+        segmentationNode.SetAttribute(WMH_DIGEST_ATTRIBUTE, _wmhDigest(segmentationNode, volumeNode))
         job._report(1.0, "done")
         return segmentationNode
+
+    @staticmethod
+    def rerunLoses(segmentationNode, volumeNode) -> str | None:
+        """Why segmenting `volumeNode` into `segmentationNode` would lose work (its WMH segment, which a run
+        replaces, was edited since DeepWML wrote it, or was not written by DeepWML), or None."""
+        if segmentationNode is None or segmentationNode.GetScene() is None:
+            return None
+        if not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.WMH_SEGMENT_NAME):
+            return None
+        written = segmentationNode.GetAttribute(WMH_DIGEST_ATTRIBUTE)
+        if written is None:
+            return "was not made by this version of DeepWML"
+        if written != _wmhDigest(segmentationNode, volumeNode):
+            return "was edited since DeepWML made it"
+        return None
 
     @staticmethod
     def outputFor(segmentationNode, volumeNode):
@@ -740,6 +757,18 @@ class DeepWMLCoreLogic:
             columns, records = self.sliceRecords(results)
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+def _wmhDigest(segmentationNode, volumeNode) -> str:
+    """A fingerprint of the WMH segment on the volume's grid (its voxels and where they are)."""
+    import hashlib
+
+    import SimpleITK as sitk
+
+    mask = mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.WMH_SEGMENT_NAME)
+    digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask).tobytes())
+    digest.update(repr((mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection())).encode())
+    return digest.hexdigest()[:24]
 
 
 def _ventricleModel(location):
