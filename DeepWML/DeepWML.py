@@ -240,11 +240,10 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation."):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
-            loses = self.logic.rerunLoses(output, p.inputVolume)  # hand edits, which a rerun would replace
+            loses = self.logic.rerunLoses(output, p.inputVolume, p.ventricleSplit)  # hand edits a rerun replaces
             if loses and not slicer.util.confirmOkCancelDisplay(
-                    f"The segment {MRMLConversion.WMH_SEGMENT_NAME} of '{output.GetName()}' {loses}. Segment WMH "
-                    f"replaces it. Replace it?\n\nTo keep it, cancel and choose 'Create new segmentation' as the "
-                    f"output segmentation.", "DeepWML"):
+                    f"{loses}. Segment WMH replaces it. Replace it?\n\nTo keep it, cancel and choose 'Create new "
+                    f"segmentation' as the output segmentation.", "DeepWML"):
                 return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(

@@ -157,6 +157,27 @@ def test_a_second_result_kept_beside_the_first_has_a_name_of_its_own(scene, monk
     assert first.GetName() == "flair WMH"  # a rerun into a node keeps its name
 
 
+def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, monkeypatch, tmp_path, tiny_model):
+    """The README invites editing the hidden 'Lateral ventricles' segment; a rerun with the split ticked
+    replaced the edited ventricles without a word."""
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch)
+    ventricles = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    result = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles))
+    assert logic.rerunLoses(result, volume, ventricles=True) is None
+    mrml.segmentationFromMask(truth, volume, result, segmentName=mrml.VENTRICLE_SEGMENT_NAME)  # drawn by hand
+    assert logic.rerunLoses(result, volume) is None  # a run without the split keeps them
+    assert logic.rerunLoses(result, volume, ventricles=True) == \
+        "The segment Lateral ventricles of 'flair WMH' was edited since DeepWML made it"
+    logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles),
+                        segmentationNode=result)
+    assert logic.rerunLoses(result, volume, ventricles=True) is None
+
+
 def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scene(scene, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     flair, truth = make_volume(**OBLIQUE)

@@ -369,7 +369,7 @@ def test_segment_wmh_asks_before_replacing_a_wmh_segment_edited_by_hand(widget, 
     ui, p = widget.ui, widget._parameterNode
     p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
     asked = []
-    answers = iter([False, True, False])
+    answers = iter([False, True, False, False])
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or next(answers))
     ui.applyButton.click()
     finishJob(widget)
@@ -394,6 +394,17 @@ def test_segment_wmh_asks_before_replacing_a_wmh_segment_edited_by_hand(widget, 
     p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")  # not DeepWML's
     ui.applyButton.click()
     assert "of 'manual' was not made by this version of DeepWML" in asked[-1] and widget._job is None
+
+    p.outputSegmentation = result  # ventricles drawn by hand, which a run with the split would replace
+    mrml.segmentationFromMask(widget.truth, widget.volume, result, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    ui.applyButton.click()  # without the split: kept, nothing asked
+    finishJob(widget)
+    assert len(asked) == 3
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: str(tiny_model))
+    p.ventricleSplit = True
+    ui.applyButton.click()
+    assert asked[-1].startswith("The segment Lateral ventricles of 'FLAIR WMH' was not made by this version")
+    assert widget._job is None
 
 
 def test_results_are_those_of_the_volume_segmented_and_selectors_wait(widget, module, monkeypatch, tiny_model):

@@ -36,7 +36,8 @@ SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmen
 CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
 CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
-WMH_DIGEST_ATTRIBUTE = "DeepWML.wmhDigest"  # the WMH segment as DeepWML wrote it (tells a rerun it was edited since)
+# the WMH and ventricle segments as DeepWML wrote them (tell a rerun that they were edited since)
+DIGEST_ATTRIBUTES = {mrml.WMH_SEGMENT_NAME: "DeepWML.wmhDigest", mrml.VENTRICLE_SEGMENT_NAME: "DeepWML.ventriclesDigest"}
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
@@ -473,23 +474,27 @@ class DeepWMLCoreLogic:
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
-        segmentationNode.SetAttribute(WMH_DIGEST_ATTRIBUTE, _wmhDigest(segmentationNode, volumeNode))
+        for name in [mrml.WMH_SEGMENT_NAME] + ([mrml.VENTRICLE_SEGMENT_NAME] if job.result.ventricles is not None else []):
+            segmentationNode.SetAttribute(DIGEST_ATTRIBUTES[name], _segmentDigest(segmentationNode, volumeNode, name))
         job._report(1.0, "done")
         return segmentationNode
 
     @staticmethod
-    def rerunLoses(segmentationNode, volumeNode) -> str | None:
-        """Why segmenting `volumeNode` into `segmentationNode` would lose work (its WMH segment, which a run
-        replaces, was edited since DeepWML wrote it, or was not written by DeepWML), or None."""
+    def rerunLoses(segmentationNode, volumeNode, ventricles: bool = False) -> str | None:
+        """Why segmenting `volumeNode` into `segmentationNode` would lose work, or None: its WMH segment (and,
+        when the run finds the `ventricles`, its ventricle segment), which a run replaces, was edited since
+        DeepWML wrote it, or was not written by DeepWML."""
         if segmentationNode is None or segmentationNode.GetScene() is None:
             return None
-        if not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.WMH_SEGMENT_NAME):
-            return None
-        written = segmentationNode.GetAttribute(WMH_DIGEST_ATTRIBUTE)
-        if written is None:
-            return "was not made by this version of DeepWML"
-        if written != _wmhDigest(segmentationNode, volumeNode):
-            return "was edited since DeepWML made it"
+        for name in [mrml.WMH_SEGMENT_NAME] + ([mrml.VENTRICLE_SEGMENT_NAME] if ventricles else []):
+            if not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(name):
+                continue
+            written = segmentationNode.GetAttribute(DIGEST_ATTRIBUTES[name])
+            segment = f"The segment {name} of '{segmentationNode.GetName()}'"
+            if written is None:
+                return f"{segment} was not made by this version of DeepWML"
+            if written != _segmentDigest(segmentationNode, volumeNode, name):
+                return f"{segment} was edited since DeepWML made it"
         return None
 
     @staticmethod
@@ -759,13 +764,13 @@ class DeepWMLCoreLogic:
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
 
 
-def _wmhDigest(segmentationNode, volumeNode) -> str:
-    """A fingerprint of the WMH segment on the volume's grid (its voxels and where they are)."""
+def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
+    """A fingerprint of a segment on the volume's grid (its voxels and where they are)."""
     import hashlib
 
     import SimpleITK as sitk
 
-    mask = mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.WMH_SEGMENT_NAME)
+    mask = mrml.maskFromSegmentation(segmentationNode, volumeNode, segmentName)
     digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask).tobytes())
     digest.update(repr((mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection())).encode())
     return digest.hexdigest()[:24]
