@@ -1504,18 +1504,41 @@ def _check_one_patient(path, reader, files: int) -> None:
 def _check_copies(path, series: DicomSeries) -> None:
     """Refuse a series holding one image twice (one SOP Instance UID in two files: an export copied into the
     folder twice, "IM1" beside "IM1 (1)"), naming the copies: it was refused as "two images at one position;
-    the transfer may be incomplete: export the series again", which sends the user to the wrong fix."""
+    the transfer may be incomplete: export the series again", which sends the user to the wrong fix. Files
+    sharing a UID are copies only where they also share an instance number and a position: a series written by
+    a script from one template header gives every slice the template's UID, and is read as before."""
     first: dict = {}
-    copies = []
-    for name, uid in zip(series.files, series.instance_uids):
-        if uid and uid in first:
-            copies.append((first[uid], name))
-        first.setdefault(uid, name)
+    pairs = []
+    for name, uid, number in zip(series.files, series.instance_uids,
+                                 series.instance_numbers or (None,) * len(series.files)):
+        if uid and (uid, number) in first:
+            pairs.append((first[uid, number], name))
+        first.setdefault((uid, number), name)
+    origins = _origins({name for pair in pairs for name in pair}) if pairs else {}
+    copies = [(a, b) for a, b in pairs if origins.get(a) is not None and origins.get(b) is not None
+              and np.abs(origins[a] - origins[b]).max() <= 1e-3]
     if copies:
         shown = ", ".join(" = ".join(sorted((Path(a).name, Path(b).name))) for a, b in copies[:3])
         raise DeepWMLError(f"{path}: the DICOM series holds {len(copies)} image(s) twice, the same SOP Instance UID in "
                            f"two files: {shown}{', ...' if len(copies) > 3 else ''}; remove the copies (or give a "
                            "folder holding one copy of the export)")
+
+
+def _origins(files) -> dict:
+    """{file: its position (GDCM's origin: Image Position (Patient), or an enhanced image's first frame's)},
+    None for a file whose header cannot be read."""
+    import SimpleITK as sitk
+
+    reader, origins = sitk.ImageFileReader(), {}
+    for name in files:
+        try:
+            with itk_names(name) as (itk_name,):
+                reader.SetFileName(itk_name)
+                reader.ReadImageInformation()
+            origins[name] = np.array(reader.GetOrigin()[:3])
+        except (RuntimeError, DeepWMLError):
+            origins[name] = None
+    return origins
 
 
 def _check_one_orientation(path, reader, files: list) -> None:

@@ -651,6 +651,21 @@ def test_an_image_copied_twice_into_a_series_is_named(tmp_path):
         io.read_image(folder)
 
 
+def test_images_sharing_a_sop_instance_uid_at_their_own_positions_are_read(tmp_path):
+    """A series written by a script from one template header gives every slice the template's SOP Instance
+    UID: ITK reads it as a good volume, and it was refused as '7 image(s) twice ... remove the copies', which
+    would leave one slice. Files are copies only where they also lie at one position (and share its instance
+    number); a copy among such files is still named."""
+    import shutil
+
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "template", image, description="AX FLAIR", extra={"0008|0018": "1.2.3.99.1"})
+    assert io.grid_difference(io.read_image(folder), image) is None
+    shutil.copy(folder / "slice005.dcm", folder / "slice005 (1).dcm")
+    with pytest.raises(DeepWMLError, match=r"holds 1 image\(s\) twice.* two files: slice005 \(1\).dcm = slice005.dcm; "):
+        io.read_image(folder)
+
+
 def test_a_lone_dicom_image_is_refused_as_a_2d_image(tmp_path):
     """One image of a series (an export of the image on screen): GDCM reads it as a volume of one 1 mm slice,
     whatever its Slice Thickness (4 mm here), and it was segmented with every volume a quarter of the truth.
