@@ -1598,8 +1598,9 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> t
             length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
         else:
             length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
-        if vr == b"SQ" or (vr is None and (tag in _GROUP_SEQUENCES or length == 0xFFFFFFFF)):
-            items, pos = _items(data, start, length, end, explicit)
+        unknown = vr == b"UN" and length == 0xFFFFFFFF  # a sequence its writer did not know: implicit VR items
+        if vr == b"SQ" or unknown or (vr is None and (tag in _GROUP_SEQUENCES or length == 0xFFFFFFFF)):
+            items, pos = _items(data, start, length, end, explicit and not unknown)  # PS3.5 6.2.2
             if tag in _WANTED:
                 found[tag] = items
             continue

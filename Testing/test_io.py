@@ -755,6 +755,43 @@ def test_enhanced_mr_series_are_told_apart_by_the_timing_in_their_functional_gro
     assert io.read_image(tmp_path / "study").GetSize() == (20, 16, 4)
 
 
+def _with_private_un_sequence(path) -> None:
+    """Put a private sequence of undefined length with VR UN (a vendor's sequence, as an archive that does not
+    know it passes it on: its items in implicit VR, PS3.5 6.2.2) before the functional groups of an explicit
+    VR file `write_enhanced_mr` wrote."""
+    import struct
+
+    data = path.read_bytes()
+    at = data.index(struct.pack("<HH2s", 0x5200, 0x9229, b"SQ"))
+    creator = b"Philips MR Imaging DD 005 "
+    inner = struct.pack("<HHI", 0x2005, 0x1071, 4) + b"1.5 " + struct.pack("<HHI", 0x2005, 0x1072, 0xFFFFFFFF)
+    inner += struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0x0018, 0x9079, 8)
+    inner += struct.pack("<d", 150.0) + struct.pack("<HHIHHI", 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0)
+    private = (struct.pack("<HH2sH", 0x2005, 0x0010, b"LO", len(creator)) + creator
+               + struct.pack("<HH2sHI", 0x2005, 0x1402, b"UN", 0, 0xFFFFFFFF)
+               + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+               + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    path.write_bytes(data[:at] + private + data[at:])
+
+
+def test_an_enhanced_mr_file_with_a_private_sequence_of_vr_un_is_read_and_checked(tmp_path):
+    """A vendor's private sequence passed on as UN of undefined length (as archives that do not know it do)
+    stopped the reading of the functional groups: the FLAIR's inversion time went unseen ('none looks like a
+    FLAIR' when its description does not say so) and frames stored out of slice order were read scrambled,
+    silently. The sequence is read as the standard says (implicit VR items), and skipped."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    for number, (description, inversion) in enumerate((("t1_ir_tra", 900.0), ("t2_ir_tra", 2500.0))):
+        _with_private_un_sequence(write_enhanced_mr(tmp_path / "study" / f"IM{number}", image, uid=f"1.2.3.4.7{number}",
+                                                    description=description, inversion_ms=inversion,
+                                                    repetition_ms=9000.0))
+    chosen, _ = io.choose_dicom_series(tmp_path / "study")
+    assert chosen.description == "t2_ir_tra" and chosen.inversion_ms == 2500.0
+    assert io.grid_difference(io.read_image(tmp_path / "study"), image) is None
+    _with_private_un_sequence(write_enhanced_mr(tmp_path / "interleaved" / "IM1", image, order=[0, 2, 1, 3]))
+    with pytest.raises(DeepWMLError, match=r"would be read onto a wrong grid \(its frames are not stored in slice order"):
+        io.read_image(tmp_path / "interleaved")
+
+
 @pytest.mark.parametrize("tag", ["0020|000d", "0010|0020"])
 def test_a_series_whose_images_belong_to_two_patients_is_refused(tmp_path, tag):
     """One Series Instance UID in the files of two studies or patients (a mixed-up export) was read as one
