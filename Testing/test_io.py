@@ -626,6 +626,23 @@ def test_a_series_with_a_gantry_tilt_is_refused(tmp_path):
         io.read_image(tmp_path / "tilted")
 
 
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_long_oblique_stack_whose_orientation_is_given_to_3_decimals_is_read(tmp_path, enhanced):
+    """Image Orientation (Patient) given to 3 decimals (as some consoles and converters write it) puts the
+    normal up to about 0.001 rad off: over a 176 mm stack of 0.23 mm pixels the last slice lay 0.1 mm 'sideways'
+    and a straight stack was refused as a gantry tilt (an enhanced file's frame as 0.1 mm off its grid). The
+    tolerance grows with the stack's length (0.002 of it: a tilt of 0.1 degree); a real tilt is still refused."""
+    image, _ = make_volume(size=(8, 8, 176), spacing=(0.23, 0.23, 1.0), dtype=sitk.sitkInt16, blobs=(),
+                           direction=rotation(0.3, 0.25, 0.2).ravel().tolist())
+    d = image.GetDirection()
+    cosines = "\\".join(f"{v:.3f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    if enhanced:
+        write_enhanced_mr(tmp_path / "stack" / "IM1", image, orientation=cosines)
+    else:
+        write_dicom_series(tmp_path / "stack", image, description="AX FLAIR", extra={"0020|0037": cosines})
+    assert io.read_image(tmp_path / "stack").GetSize() == (8, 8, 176)
+
+
 def test_an_image_in_another_plane_sharing_the_series_uid_is_named(tmp_path):
     """A localizer of the FLAIR's size with its series UID was refused as 'about 9 slice(s) missing': the
     image in another plane is named instead."""
