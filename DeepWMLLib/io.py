@@ -1604,6 +1604,9 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> t
             if tag in _WANTED:
                 found[tag] = items
             continue
+        if length == 0xFFFFFFFF and vr in (b"OB", b"OW"):  # encapsulated pixel data (an icon): its fragments
+            pos = _past_fragments(data, start, end)
+            continue
         if length == 0xFFFFFFFF:
             raise ValueError("a value of undefined length")
         if tag in _WANTED:
@@ -1625,6 +1628,18 @@ def _items(data, start: int, length: int, end: int, explicit: bool) -> tuple[lis
         item, pos = _dataset(data, pos + 8, stop if size == 0xFFFFFFFF else pos + 8 + size, explicit)
         items.append(item)
     return items, stop
+
+
+def _past_fragments(data, pos: int, end: int) -> int:
+    """Where encapsulated pixel data (items of raw bytes up to a sequence delimiter) starting at `pos` ends."""
+    while pos + 8 <= end:
+        group, element, size = struct.unpack_from("<HHI", data, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return pos + 8
+        if (group, element) != (0xFFFE, 0xE000) or size == 0xFFFFFFFF:
+            raise ValueError("not a fragment")
+        pos += 8 + size
+    raise ValueError("encapsulated pixel data without its end")
 
 
 def _numbers(value) -> np.ndarray | None:

@@ -778,33 +778,52 @@ def _with_private_un_sequence(path) -> None:
     VR file `write_enhanced_mr` wrote."""
     import struct
 
-    data = path.read_bytes()
-    at = data.index(struct.pack("<HH2s", 0x5200, 0x9229, b"SQ"))
     creator = b"Philips MR Imaging DD 005 "
     inner = struct.pack("<HHI", 0x2005, 0x1071, 4) + b"1.5 " + struct.pack("<HHI", 0x2005, 0x1072, 0xFFFFFFFF)
     inner += struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + struct.pack("<HHI", 0x0018, 0x9079, 8)
     inner += struct.pack("<d", 150.0) + struct.pack("<HHIHHI", 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0)
-    private = (struct.pack("<HH2sH", 0x2005, 0x0010, b"LO", len(creator)) + creator
-               + struct.pack("<HH2sHI", 0x2005, 0x1402, b"UN", 0, 0xFFFFFFFF)
-               + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-               + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
-    path.write_bytes(data[:at] + private + data[at:])
+    _insert_before_groups(path, struct.pack("<HH2sH", 0x2005, 0x0010, b"LO", len(creator)) + creator
+                          + struct.pack("<HH2sHI", 0x2005, 0x1402, b"UN", 0, 0xFFFFFFFF)
+                          + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
+                          + struct.pack("<HHIHHI", 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0))
 
 
-def test_an_enhanced_mr_file_with_a_private_sequence_of_vr_un_is_read_and_checked(tmp_path):
-    """A vendor's private sequence passed on as UN of undefined length (as archives that do not know it do)
-    stopped the reading of the functional groups: the FLAIR's inversion time went unseen ('none looks like a
-    FLAIR' when its description does not say so) and frames stored out of slice order were read scrambled,
-    silently. The sequence is read as the standard says (implicit VR items), and skipped."""
+def _with_encapsulated_icon(path) -> None:
+    """Put an Icon Image Sequence whose pixel data is encapsulated (fragments of undefined length, as in a
+    compressed file) before the functional groups of an explicit VR file `write_enhanced_mr` wrote."""
+    import struct
+
+    fragment = bytes(range(16))
+    pixels = (struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+              + struct.pack("<HHI", 0xFFFE, 0xE000, len(fragment)) + fragment + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    _insert_before_groups(path, struct.pack("<HH2sHI", 0x0088, 0x0200, b"SQ", 0, 0xFFFFFFFF)
+                          + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+                          + struct.pack("<HH2sHH", 0x0028, 0x0010, b"US", 2, 4) + pixels
+                          + struct.pack("<HHIHHI", 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0))
+
+
+def _insert_before_groups(path, elements: bytes) -> None:
+    import struct
+
+    data = path.read_bytes()
+    at = data.index(struct.pack("<HH2s", 0x5200, 0x9229, b"SQ"))
+    path.write_bytes(data[:at] + elements + data[at:])
+
+
+@pytest.mark.parametrize("insert", [_with_private_un_sequence, _with_encapsulated_icon])
+def test_an_enhanced_mr_file_with_a_sequence_of_another_kind_is_read_and_checked(tmp_path, insert):
+    """A vendor's private sequence passed on as UN of undefined length (as archives that do not know it do),
+    or an icon image of encapsulated pixel data, stopped the reading of the functional groups: the FLAIR's
+    inversion time went unseen ('none looks like a FLAIR' when its description does not say so) and frames
+    stored out of slice order were read scrambled, silently. Both are read as the standard says, and skipped."""
     image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
     for number, (description, inversion) in enumerate((("t1_ir_tra", 900.0), ("t2_ir_tra", 2500.0))):
-        _with_private_un_sequence(write_enhanced_mr(tmp_path / "study" / f"IM{number}", image, uid=f"1.2.3.4.7{number}",
-                                                    description=description, inversion_ms=inversion,
-                                                    repetition_ms=9000.0))
+        insert(write_enhanced_mr(tmp_path / "study" / f"IM{number}", image, uid=f"1.2.3.4.7{number}",
+                                 description=description, inversion_ms=inversion, repetition_ms=9000.0))
     chosen, _ = io.choose_dicom_series(tmp_path / "study")
     assert chosen.description == "t2_ir_tra" and chosen.inversion_ms == 2500.0
     assert io.grid_difference(io.read_image(tmp_path / "study"), image) is None
-    _with_private_un_sequence(write_enhanced_mr(tmp_path / "interleaved" / "IM1", image, order=[0, 2, 1, 3]))
+    insert(write_enhanced_mr(tmp_path / "interleaved" / "IM1", image, order=[0, 2, 1, 3]))
     with pytest.raises(DeepWMLError, match=r"would be read onto a wrong grid \(its frames are not stored in slice order"):
         io.read_image(tmp_path / "interleaved")
 
