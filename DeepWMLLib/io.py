@@ -1735,8 +1735,10 @@ def _check_frames(path, file: str, image) -> None:
     positions, orientations, pixel = geometry
     name = Path(file).name
     if len(positions) != image.GetSize()[2]:
-        raise DeepWMLError(f"{path}: the multi-frame DICOM file {name} describes {len(positions)} frames and holds "
-                           f"{image.GetSize()[2]}; export the series again")
+        # the functional groups read here disagree with the frames GDCM read: a file this small parser reads
+        # wrongly (an item without its end marker merges two frames' groups) cannot be told from a damaged one,
+        # so the file is read as GDCM reads it, unchecked, as before the check existed
+        return
     cosines = [o for o in orientations if o is not None and o.shape == (6,)]
     if cosines and any(np.abs(o - cosines[0]).max() > 1e-3 for o in cosines):
         raise DeepWMLError(f"{path}: the frames of the multi-frame DICOM file {name} lie in more than one plane (a "

@@ -739,6 +739,25 @@ def test_an_enhanced_mr_file_is_read_on_its_frames_positions_or_refused(tmp_path
             io.read_image(tmp_path / name)
 
 
+def test_an_enhanced_mr_file_whose_groups_this_parser_miscounts_is_read_as_gdcm_reads_it(tmp_path, monkeypatch):
+    """The frame check reads the functional groups with a small parser of its own: where the frames it finds
+    are not the frames GDCM read (a non-conformant item merging two frames' groups), a parser's doubt must not
+    refuse a file GDCM reads (it was refused as 'describes 7 frames and holds 8'); it is read unchecked."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.7, 0.8, 4.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image)
+    parsed = io._frame_geometry
+
+    def one_frame_short(file):
+        positions, orientations, spacing = parsed(file)
+        return positions[:-1], orientations[:-1], spacing
+
+    monkeypatch.setattr(io, "_frame_geometry", one_frame_short)
+    read = io.read_image(tmp_path / "stack")
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
+
+
 def test_a_series_of_single_frame_enhanced_images_is_read_in_slice_order_and_checked(tmp_path):
     """Enhanced MR images of one frame each keep their position in their functional groups, not at the top
     level: the series was sorted by Instance Number, else by file name, and read scrambled on 2.9 mm slices
