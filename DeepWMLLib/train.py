@@ -1134,19 +1134,19 @@ def _warn_shared_masks(cases: list[Case]) -> None:
 def _scan_fingerprint(path: str) -> str | None:
     """A scan by its content: a file by io.content_fingerprint (scans on one template grid share their size, first
     MiB and, detached, their header), a DICOM folder by the UIDs of the series training reads from it
-    (segment.input_fingerprint); None for a missing file or a folder without one series to read."""
+    (segment.input_fingerprint); None for a missing or unreadable file or a folder without one series to read."""
     p = Path(path)
-    if p.is_file():
-        return io.content_fingerprint(p)
-    if not p.is_dir():
-        return None
-    from .segment import input_fingerprint
-
     try:
+        if p.is_file():
+            return io.content_fingerprint(p)
+        if not p.is_dir():
+            return None
+        from .segment import input_fingerprint
+
         series, _ = io.choose_dicom_series(p, option=None)  # the series io.read_image reads
-    except DeepWMLError:
+        return input_fingerprint(p, series)
+    except (DeepWMLError, OSError):  # unreadable (no read access): said, naming the case, when it is read
         return None
-    return input_fingerprint(p, series)
 
 
 def _data_fingerprints(cases: list[Case], assignment: dict[str, str], flairs: dict | None = None) -> dict:

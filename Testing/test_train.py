@@ -1175,3 +1175,31 @@ def test_a_folder_with_files_of_a_run_but_no_training_is_not_written_over(datase
     with pytest.raises(DeepWMLError, match="cohort holds split.csv but no DeepWML training, and a run would write over it"):
         training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), folder)
     assert (folder / "split.csv").read_text() == own and not (folder / "config.json").exists()
+
+
+def test_a_scan_without_read_access_is_named_or_skipped_not_an_internal_error(tmp_path, monkeypatch):
+    """A FLAIR the user may not read (another group's file on a share) was read for the copy check before any case:
+    PermissionError, 'internal error ... report it', even with
+    --skip-bad-cases, where a test case's was skipped before. It is now named, as when the case is read, or
+    skipped. Access is refused by the open calls here, as root reads any file."""
+    from DeepWMLLib import io
+
+    manifest = make_dataset(tmp_path / "data", n_cases=4)
+    locked = str((tmp_path / "data" / "c3_flair.nii.gz").resolve())
+    real_open, real_gzip_open = open, io.gzip.open
+
+    def refused(opener):
+        def fake(path, *args, **kwargs):
+            if os.fspath(path) == locked:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return opener(path, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(io, "open", refused(real_open), raising=False)
+    monkeypatch.setattr(io.gzip, "open", refused(real_gzip_open))
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "val", "c3": "test"})
+    with pytest.raises(DeepWMLError, match=r"case c3: .*c3_flair.nii.gz cannot be read \(permission denied\)"):
+        training.train(tiny_config(manifest, split=str(split), epochs=1), tmp_path / "run")
+    run = tmp_path / "skip"
+    training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, skip_bad_cases=True), run)
+    assert "permission denied" in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
