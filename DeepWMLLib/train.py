@@ -966,8 +966,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
+    _check_run_folder(run_dir, cfg.split)  # before the lock file: a refused folder is left as it was
     _lock_run_dir(run_dir)
-    _check_run_folder(run_dir)
     config_file = run_dir / "config.json"
     # A folder whose run never finished an epoch (it failed on its data, say) holds nothing to keep:
     # its settings and split are made again, so a corrected manifest or command just works.
@@ -1035,16 +1035,18 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
 _RUN_FILES = ("config.json", "split.csv", "data.json", "history.csv", "last.pt", "best.pt", "skipped_cases.csv")
 
 
-def _check_run_folder(run_dir: Path) -> None:
+def _check_run_folder(run_dir: Path, split: str | None = None) -> None:
     """A DeepWMLError when `run_dir` holds files of a run's names but no DeepWML training (no config.json of one):
-    a cohort folder with its own split.csv, say, given as the run folder, whose files the run would overwrite."""
+    a cohort folder with its own split.csv, say, given as the run folder, whose files the run would overwrite.
+    Its split.csv given as `split` (--split) is no such file: the run writes the same split back."""
     try:
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         if isinstance(config, dict) and "manifest" in config:
             return
     except (OSError, UnicodeDecodeError, ValueError):
         pass
-    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    given = Path(split).expanduser().resolve() if split else None
+    found = [name for name in _RUN_FILES if (run_dir / name).exists() and (run_dir / name).resolve() != given]
     if found:
         raise DeepWMLError(f"{run_dir} holds {', '.join(found)} but no DeepWML training, and a run would write over "
                            f"{'them' if len(found) > 1 else 'it'}; give a new or empty run folder")

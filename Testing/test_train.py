@@ -1203,3 +1203,21 @@ def test_a_scan_without_read_access_is_named_or_skipped_not_an_internal_error(tm
     run = tmp_path / "skip"
     training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, skip_bad_cases=True), run)
     assert "permission denied" in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
+
+
+def test_a_split_file_kept_in_the_run_folder_may_be_given_as_the_split(dataset, tmp_path):
+    """--split RUN_DIR/split.csv (the split put into the new run folder first) trained before the check for a
+    folder with files of a run's names; it was refused as if the run would write over a file of the user's own.
+    A folder refused leaves as it was: no lock file is made in it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    split = _split_file(run / "split.csv", {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "val",
+                                            "c5": "test"})
+    training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), run)
+    assert len(read_history(run)) == 1 and "c5,B,svd,test" in split.read_text(encoding="utf-8-sig")
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    _split_file(cohort / "split.csv", {"c0": "test"})
+    with pytest.raises(DeepWMLError, match="cohort holds split.csv but no DeepWML training"):
+        training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), cohort)
+    assert sorted(p.name for p in cohort.iterdir()) == ["split.csv"]
