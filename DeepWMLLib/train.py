@@ -958,7 +958,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
                            f"{_missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
-    flairs = _check_distinct_scans(cases)
+    flairs = _check_distinct_scans(cases, run_dir)
     _warn_shared_masks(cases)
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
@@ -1077,9 +1077,10 @@ def _missing_paths_hint(manifest: str, missing: list[str]) -> str:
             f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
 
 
-def _check_distinct_scans(cases: list[Case]) -> dict[str, str | None]:
+def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | None]:
     """A DeepWMLError when two cases' FLAIRs are copies of one file (same content at two paths; the same path
-    twice read_manifest refuses): one scan in two cases can land in training and validation at once. Returns
+    twice read_manifest refuses): one scan in two cases can land in training and validation at once. A run in
+    `run_dir` that started with both (a version before this check) cannot drop one: the error says so. Returns
     each FLAIR's `_scan_fingerprint` by its path."""
     seen: dict[str, Case] = {}
     fingerprints = {}
@@ -1091,8 +1092,22 @@ def _check_distinct_scans(cases: list[Case]) -> dict[str, str | None]:
         if first is not c:
             raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
                                f"{first.flair} holds); one scan in two cases can land in training and validation "
-                               "at once: list it once")
+                               f"at once: list it once{_started_with(run_dir, first.case, c.case)}")
     return fingerprints
+
+
+def _started_with(run_dir: Path, *names: str) -> str:
+    """For an error about cases `names`: that the run in `run_dir` started with them (its split), so a resume
+    cannot leave one out (a started run keeps its cases); "" when no run started there."""
+    if not ((run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))):
+        return ""
+    try:
+        split = {row["case"]: row["split"] for row in _split_rows(run_dir / "split.csv")}
+    except DeepWMLError:
+        split = {}
+    held = ", ".join(f"{name} in {split[name]}" for name in names if name in split)
+    return (f"; the run in {run_dir} started with both{f' ({held})' if held else ''} and keeps its cases, so it "
+            "cannot go on: train in a new run folder, with the scan listed once")
 
 
 def _check_same_cases(split_file: Path, cases: list[Case], manifest: str, run_dir: Path) -> None:

@@ -1221,3 +1221,26 @@ def test_a_split_file_kept_in_the_run_folder_may_be_given_as_the_split(dataset, 
     with pytest.raises(DeepWMLError, match="cohort holds split.csv but no DeepWML training"):
         training.train(tiny_config(dataset, split=str(split), epochs=1, samples_per_epoch=8), cohort)
     assert sorted(p.name for p in cohort.iterdir()) == ["split.csv"]
+
+
+def test_a_run_started_with_two_copies_of_one_scan_is_not_told_to_list_it_once(tmp_path):
+    """A run begun by a version before the copy check, with one scan under two names, is refused on resume; it said
+    'list it once', and the manifest with the copy left out was then refused as 'other cases than the run started
+    with'. The error now says the run holds both (and where) and cannot go on."""
+    manifest = make_dataset(tmp_path / "data", n_cases=5)
+    folder = manifest.parent
+    for part in ("flair", "mask"):
+        (folder / f"c9_{part}.nii.gz").write_bytes((folder / f"c2_{part}.nii.gz").read_bytes())
+    manifest.write_text(manifest.read_text(encoding="utf-8") + "c9,c9_flair.nii.gz,c9_mask.nii.gz,A,svd\n")
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "val", "c3": "train", "c4": "test",
+                                                 "c9": "train"})
+    run = tmp_path / "run"
+    config = tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8)
+    with pytest.MonkeyPatch.context() as patch:  # as a version without the check started it
+        patch.setattr(training, "_scan_fingerprint", lambda path: None)
+        training.train(config, run)
+    with pytest.raises(DeepWMLError, match=r"list it once; the run in .*run started with both \(c2 in val, c9 in "
+                                           r"train\) and keeps its cases, so it cannot go on: train in a new run folder"):
+        training.train(dict(config, epochs=2), run)
+    with pytest.raises(DeepWMLError, match=r"case 'c9' has a copy of the FLAIR of case 'c2' .*list it once$"):
+        training.train(config, tmp_path / "new")
