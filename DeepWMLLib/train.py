@@ -1082,18 +1082,37 @@ def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | N
     twice read_manifest refuses): one scan in two cases can land in training and validation at once. A run in
     `run_dir` that started with both (a version before this check) cannot drop one: the error says so. Returns
     each FLAIR's `_scan_fingerprint` by its path."""
-    seen: dict[str, Case] = {}
+    seen: dict[str, list[Case]] = {}
     fingerprints = {}
     for c in cases:
         fingerprint = fingerprints[c.flair] = _scan_fingerprint(c.flair)
         if fingerprint is None:  # missing or unreadable: said above, or when the case is read
             continue
-        first = seen.setdefault(fingerprint, c)
-        if first is not c:
+        earlier = seen.setdefault(fingerprint, [])
+        # a DICOM series is known by its UIDs; a file's fingerprint reads only parts of it (a header alone where
+        # its voxels lie in a list of files), so two scans that share it are compared whole
+        first = next((e for e in earlier if fingerprint.startswith("dicom:") or _same_image(e.flair, c.flair)), None)
+        earlier.append(c)
+        if first is not None:
             raise DeepWMLError(f"case {c.case!r} has a copy of the FLAIR of case {first.case!r} ({c.flair} holds what "
                                f"{first.flair} holds); one scan in two cases can land in training and validation "
                                f"at once: list it once{_started_with(run_dir, first.case, c.case)}")
     return fingerprints
+
+
+def _same_image(first: str, second: str) -> bool:
+    """Whether two scan files hold the same image, voxels and grid. Their fingerprints can agree while they do not:
+    a .mhd or .nhdr whose voxels lie in a LIST or pattern of files is known by its header, which two patients'
+    scans on one template grid share byte for byte. False where one cannot be read (said when its case is read)."""
+    import SimpleITK as sitk
+
+    try:
+        a, b = io.read_image(first), io.read_image(second)
+    except DeepWMLError:
+        return False
+    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+            and a.GetDirection() == b.GetDirection()
+            and np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b)))
 
 
 def _started_with(run_dir: Path, *names: str) -> str:

@@ -1244,3 +1244,39 @@ def test_a_run_started_with_two_copies_of_one_scan_is_not_told_to_list_it_once(t
         training.train(dict(config, epochs=2), run)
     with pytest.raises(DeepWMLError, match=r"case 'c9' has a copy of the FLAIR of case 'c2' .*list it once$"):
         training.train(config, tmp_path / "new")
+
+
+def _as_slice_list(image: sitk.Image, folder: Path) -> Path:
+    """`image` as a MetaImage whose voxels lie in a LIST of 2D slice files (folder/flair.mhd, slice000.raw...):
+    the header holds the grid alone, byte for byte the same for any scan on that grid."""
+    folder.mkdir()
+    array = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkInt16))
+    for k, plane in enumerate(array):
+        plane.astype("<i2").tofile(folder / f"slice{k:03d}.raw")
+    header = ["ObjectType = Image", "NDims = 3", "DimSize = " + " ".join(map(str, image.GetSize())),
+              "ElementType = MET_SHORT", "ElementSpacing = " + " ".join(f"{v:g}" for v in image.GetSpacing()),
+              "Offset = " + " ".join(f"{v:g}" for v in image.GetOrigin()),
+              "TransformMatrix = " + " ".join(f"{v:g}" for v in image.GetDirection()), "ElementByteOrderMSB = False",
+              "ElementDataFile = LIST 2D"] + [f"slice{k:03d}.raw" for k in range(len(array))]
+    (folder / "flair.mhd").write_text("\n".join(header) + "\n")
+    return folder / "flair.mhd"
+
+
+def test_two_scans_whose_headers_alone_agree_are_not_taken_for_copies(tmp_path):
+    """Two patients' scans on one grid stored as MetaImage headers with their voxels in a LIST of slice files have
+    byte-identical headers, which are all their fingerprints read: training refused them as 'a copy of the FLAIR
+    of' each other, though every voxel differs. Scans whose fingerprints agree are now compared whole; a real
+    copy is still refused."""
+    import shutil
+
+    manifest = make_dataset(tmp_path / "data", n_cases=4)
+    folder = manifest.parent
+    for case in ("c0", "c1"):
+        _as_slice_list(sitk.ReadImage(str(folder / f"{case}_flair.nii.gz")), folder / f"{case}_slices")
+        manifest.write_text(manifest.read_text(encoding="utf-8").replace(f"{case}_flair.nii.gz", f"{case}_slices/flair.mhd"))
+    assert (folder / "c0_slices" / "flair.mhd").read_bytes() == (folder / "c1_slices" / "flair.mhd").read_bytes()
+    training._check_distinct_scans(training.read_manifest(manifest), tmp_path / "run")
+    shutil.rmtree(folder / "c1_slices")
+    shutil.copytree(folder / "c0_slices", folder / "c1_slices")
+    with pytest.raises(DeepWMLError, match="case 'c1' has a copy of the FLAIR of case 'c0'"):
+        training._check_distinct_scans(training.read_manifest(manifest), tmp_path / "run")
