@@ -959,7 +959,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                            f"{_missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
     flairs = _check_distinct_scans(cases, run_dir)
-    _warn_shared_masks(cases)
+    _warn_shared_masks(cases, cfg.ignore_label)
     if cfg.init:
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
@@ -1146,15 +1146,17 @@ def _check_same_cases(split_file: Path, cases: list[Case], manifest: str, run_di
                        "starts from its weights)")
 
 
-def _warn_shared_masks(cases: list[Case]) -> None:
+def _warn_shared_masks(cases: list[Case], ignore_label: int | None = None) -> None:
     """Warn when one mask file with lesion is listed for several cases: a copy-paste slip, which on scans of one
-    grid (registered to a template) nothing else would show. An empty mask that healthy controls share is right."""
+    grid (registered to a template) nothing else would show. An empty mask that healthy controls share is right,
+    and so is one that marks only voxels to leave out (`ignore_label`), no lesion."""
     def holds_lesion(path: str) -> bool:
         try:
             mask = io.read_mask(path)  # kept while its voxels are looked at: io.voxels is a view into it
         except DeepWMLError:
             return False  # said, naming the case, when the case is prepared
-        return bool(np.any(io.voxels(mask)))
+        voxels = io.voxels(mask)
+        return bool(np.any((voxels > 0) & (voxels != ignore_label)) if ignore_label is not None else np.any(voxels))
 
     listed: dict[str, list[str]] = {}
     for c in cases:

@@ -1280,3 +1280,27 @@ def test_two_scans_whose_headers_alone_agree_are_not_taken_for_copies(tmp_path):
     shutil.copytree(folder / "c0_slices", folder / "c1_slices")
     with pytest.raises(DeepWMLError, match="case 'c1' has a copy of the FLAIR of case 'c0'"):
         training._check_distinct_scans(training.read_manifest(manifest), tmp_path / "run")
+
+
+def test_a_shared_mask_marking_only_voxels_to_leave_out_is_not_taken_for_lesion(tmp_path, caplog):
+    """Healthy controls that share one mask marking only voxels to leave out (--ignore-label 2: an artefact region
+    of the template, no lesion) were warned of as 'mask file(s) with lesion are listed for several cases'. Without
+    --ignore-label those voxels train as lesion, so it is said then; a shared mask with lesion is said either way."""
+    manifest = make_dataset(tmp_path / "data", n_cases=6)
+    folder = manifest.parent
+    lesion = sitk.ReadImage(str(folder / "c0_mask.nii.gz"))
+    left_out = sitk.Cast(lesion * 0 + 2, sitk.sitkUInt8)
+    sitk.WriteImage(left_out, str(folder / "left_out.nii.gz"))
+    text = manifest.read_text(encoding="utf-8").replace("c4_mask.nii.gz", "left_out.nii.gz")
+    manifest.write_text(text.replace("c5_mask.nii.gz", "left_out.nii.gz").replace("c3_mask.nii.gz", "c2_mask.nii.gz"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "val", "c2": "train", "c3": "train", "c4": "train",
+                                                 "c5": "test"})
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8, ignore_label=2),
+                       tmp_path / "run")
+    assert "1 mask file(s) with lesion are listed for several cases (c2_mask.nii.gz: c2, c3)" in caplog.text
+    assert "left_out" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training._warn_shared_masks(training.read_manifest(manifest))
+    assert "2 mask file(s) with lesion" in caplog.text and "left_out.nii.gz: c4, c5" in caplog.text
