@@ -1001,7 +1001,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     data_file, data = run_dir / "data.json", _data_fingerprints(cases, assignment, flairs)
     stored_data = json.loads(data_file.read_text(encoding="utf-8")) if data_file.is_file() and started else None
     if stored_data is not None:
-        _check_same_data(stored_data, data, run_dir)
+        _check_same_data(stored_data, data, run_dir, cases)
     io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
     if not (split_file.is_file() and started):
         write_split(split_file, cases, assignment)
@@ -1195,9 +1195,10 @@ def _data_fingerprints(cases: list[Case], assignment: dict[str, str], flairs: di
             for c in cases if assignment[c.case] in ("train", "val")}
 
 
-def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
+def _check_same_data(stored: dict, now: dict, run_dir: Path, cases: list[Case] = ()) -> None:
     """A DeepWMLError when a train or val case's files differ from those the run started on (data.json): a
-    resumed run that prepared them again would go on training on other data, unsaid."""
+    resumed run that prepared them again would go on training on other data, unsaid. One of `cases` whose file is
+    there but cannot be read (no read access) is said so, not said to have changed."""
     def older(value):  # data.json of a version before spread blocks and voxel files: the first MiB alone
         return value if value is None else value.split("+")[0].split("~")[0]
 
@@ -1211,6 +1212,13 @@ def _check_same_data(stored: dict, now: dict, run_dir: Path) -> None:
                    or (b is None and a is not None and a.startswith("dicom:")) for b, a in zip(before, after))
 
     changed = sorted(case for case in set(stored) | set(now) if not same(stored.get(case), now.get(case)))
+    unreadable = [(c.case, path) for c in cases if c.case in changed and stored.get(c.case)
+                  for path, before, after in zip((c.flair, c.mask), stored[c.case], now.get(c.case) or (None, None))
+                  if before is not None and after is None and Path(path).exists()]
+    if unreadable:
+        case, path = unreadable[0]
+        raise DeepWMLError(f"case {case}: {path} cannot be read (no read access?), so whether it changed since "
+                           f"{run_dir} started cannot be told; ask for read access to it")
     if changed:
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise DeepWMLError(f"the training data changed since {run_dir} started (changed: {shown}): a resumed run "

@@ -1177,26 +1177,31 @@ def test_a_folder_with_files_of_a_run_but_no_training_is_not_written_over(datase
     assert (folder / "split.csv").read_text() == own and not (folder / "config.json").exists()
 
 
+def _refuse_reading(monkeypatch, path: Path) -> None:
+    """Opening `path` (as DeepWMLLib.io opens scans) raises PermissionError, as for a user without read access
+    (root reads any file)."""
+    from DeepWMLLib import io
+
+    locked = str(path.resolve())
+
+    def refused(opener):
+        def fake(name, *args, **kwargs):
+            if os.fspath(name) == locked:
+                raise PermissionError(13, "Permission denied", os.fspath(name))
+            return opener(name, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(io, "open", refused(open), raising=False)
+    monkeypatch.setattr(io.gzip, "open", refused(io.gzip.open))
+
+
 def test_a_scan_without_read_access_is_named_or_skipped_not_an_internal_error(tmp_path, monkeypatch):
     """A FLAIR the user may not read (another group's file on a share) was read for the copy check before any case:
     PermissionError, 'internal error ... report it', even with
     --skip-bad-cases, where a test case's was skipped before. It is now named, as when the case is read, or
     skipped. Access is refused by the open calls here, as root reads any file."""
-    from DeepWMLLib import io
-
     manifest = make_dataset(tmp_path / "data", n_cases=4)
-    locked = str((tmp_path / "data" / "c3_flair.nii.gz").resolve())
-    real_open, real_gzip_open = open, io.gzip.open
-
-    def refused(opener):
-        def fake(path, *args, **kwargs):
-            if os.fspath(path) == locked:
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return opener(path, *args, **kwargs)
-        return fake
-
-    monkeypatch.setattr(io, "open", refused(real_open), raising=False)
-    monkeypatch.setattr(io.gzip, "open", refused(real_gzip_open))
+    _refuse_reading(monkeypatch, tmp_path / "data" / "c3_flair.nii.gz")
     split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "val", "c3": "test"})
     with pytest.raises(DeepWMLError, match=r"case c3: .*c3_flair.nii.gz cannot be read \(permission denied\)"):
         training.train(tiny_config(manifest, split=str(split), epochs=1), tmp_path / "run")
@@ -1304,3 +1309,18 @@ def test_a_shared_mask_marking_only_voxels_to_leave_out_is_not_taken_for_lesion(
     with caplog.at_level("WARNING", logger="DeepWMLLib"):
         training._warn_shared_masks(training.read_manifest(manifest))
     assert "2 mask file(s) with lesion" in caplog.text and "left_out.nii.gz: c4, c5" in caplog.text
+
+
+def test_a_scan_that_became_unreadable_is_not_said_to_have_changed(tmp_path, monkeypatch):
+    """A train case's FLAIR whose read access was taken away after the run started: a resume said 'the training data
+    changed (changed: c0)' and to put the files back, of a file nobody changed (before, 'internal error:
+    PermissionError'). It now says the file cannot be read, so whether it changed cannot be told."""
+    manifest = make_dataset(tmp_path / "data", n_cases=4)
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "val", "c3": "test"})
+    run = tmp_path / "run"
+    config = tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    _refuse_reading(monkeypatch, tmp_path / "data" / "c0_flair.nii.gz")
+    with pytest.raises(DeepWMLError, match=r"case c0: .*c0_flair.nii.gz cannot be read \(no read access\?\), so whether "
+                                           r"it changed since .*run started cannot be told"):
+        training.train(dict(config, epochs=2), run)
