@@ -21,6 +21,7 @@ and `from_axial_stack` returns the kind of image the stack came from.
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import math
 import os
@@ -2703,6 +2704,88 @@ def write_csv_text(text: str, path: str | os.PathLike) -> Path:
     the system's code page (Windows-1252 in Western Europe), reads it as UTF-8 only so, and shows "Müller"
     rather than "MÃ¼ller". DeepWML reads its CSVs back with or without the mark (encoding utf-8-sig)."""
     return write_text("\ufeff" + text, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests: the CSVs listing a cohort's cases (train, evaluate, consensus, change read them alike)
+
+
+def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
+                       example: str = "") -> list[tuple[int, dict[str, str]]]:
+    """The rows of a manifest CSV as (line, row): the file's own line numbers (blank lines counted), column names
+    lower case and cells stripped, rows of empty cells left out. A column `center` (the American spelling) is
+    read as `centre` where there is none. DeepWMLError, naming `required` and `optional` (shown in brackets),
+    on a folder, a missing or unreadable file, a missing column or no case rows; `example` ends the message of
+    a folder (where the user may find one)."""
+    path = Path(path)
+    expected = ", ".join(required + tuple(f"[{c}]" for c in optional))
+    if path.is_dir():
+        raise DeepWMLError(f"manifest {path} is a folder; pass the CSV file (columns {expected}){example}")
+    if not path.is_file():
+        raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns {expected}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            numbered = [(reader.line_num, row) for row in reader]
+            header = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc}); save it as UTF-8 CSV "
+                           f"(Excel: 'CSV UTF-8')") from exc
+    missing = [c for c in required if c not in header]
+    if missing:
+        hint = (" (its header holds ';': separate the columns with commas)" if len(header) == 1 and ";" in header[0]
+                else "")
+        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}{hint}; its header must be: "
+                           f"{expected} (a first line such as '{','.join(required)}')")
+    rows = []
+    for line, row in numbered:
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+        if any(row.values()):
+            if "centre" not in row and "center" in row:
+                row["centre"] = row["center"]
+            rows.append((line, row))
+    if not rows:
+        raise DeepWMLError(f"manifest {path} lists no cases: it has its header but no case rows")
+    return rows
+
+
+def manifest_path(folder: str | os.PathLike, text: str) -> str:
+    """A manifest's path made absolute from the manifest's folder. On macOS and Linux a relative path written with
+    Windows' backslashes (data\\c0_flair.nii.gz, a manifest made on Windows) is read with slashes where only
+    that exists: a backslash in a file name is rare there, a manifest carried to a Linux server common."""
+    folder = Path(folder)
+    found = (folder / text).resolve()
+    if os.sep == "/" and "\\" in text and not found.exists():
+        slashed = (folder / text.replace("\\", "/")).resolve()
+        if slashed.exists():
+            return str(slashed)
+    return str(found)
+
+
+def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
+    """Why manifest paths (made absolute by `manifest_path`) may be missing, where it can be told, as '; ...'
+    (else ''): on macOS and Linux, a Windows path (D:\\cohort\\..., a manifest made on Windows); paths that,
+    as written, exist from the current folder (written relative to where the command runs, but a manifest's
+    relative paths are read from its own folder)."""
+    folder = Path(manifest).resolve().parent
+    windows = [m for m in (re.search(r"[A-Za-z]:\\.*", p) for p in missing) if m] if os.sep == "/" else []
+    if windows:
+        return (f"; {windows[0].group()} is a Windows path (a manifest made on Windows?): write the paths as this "
+                "computer reaches the files, best relative to the manifest's folder")
+    if folder == Path.cwd().resolve():
+        return ""
+
+    def as_written(path: str) -> str | None:
+        try:
+            return os.path.relpath(path, folder)
+        except ValueError:  # Windows: on another drive than the manifest, so it was written in full
+            return None
+
+    found = [w for w in map(as_written, missing) if w is not None and Path(w).exists()]
+    if not found:
+        return ""
+    return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "
+            f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:

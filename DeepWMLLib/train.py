@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -237,61 +236,29 @@ class Case:
 
 def read_manifest(path: str | os.PathLike, mask_column: str = "mask") -> list[Case]:
     """Cases of a manifest CSV: columns case, flair, mask (centre, disease optional); paths may be
-    relative to the CSV's folder. `mask_column` names another column to take the masks from (the
-    target of training). A column `center` is the centre (else the split would silently not stratify by it).
+    relative to the CSV's folder (`io.read_manifest_rows`, `io.manifest_path`: read as evaluate, consensus and
+    change read theirs). `mask_column` names another column to take the masks from (the target of training).
+    A column `center` is the centre (else the split would silently not stratify by it).
     Raises DeepWMLError on a missing file, missing column or duplicate."""
     path = Path(path)
-    if path.is_dir():
-        raise DeepWMLError(f"manifest {path} is a folder; pass the CSV file (columns case, flair, mask) "
-                           "(deepwml synth writes one as manifest.csv)")
-    if not path.is_file():
-        raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns case, flair, mask")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            numbered = [(reader.line_num, row) for row in reader]  # the file's own line numbers, blank lines counted
-            columns = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DeepWMLError(f"manifest {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
     mask_column = mask_column.strip().lower()
-    missing = [c for c in ("case", "flair", mask_column) if c not in columns]
-    if missing:
-        hint = (" (its header holds ';': separate the columns with commas)" if len(columns) == 1 and ";" in columns[0]
-                else "")
-        raise DeepWMLError(f"manifest {path} needs the columns case, flair, {mask_column} (missing: {', '.join(missing)})"
-                           f"{hint}; add a header line such as 'case,flair,{mask_column}'")
-    numbered = [(line, row) for line, row in numbered
-                if any((v or "").strip() for v in row.values() if isinstance(v, str))]
-    if not numbered:
-        raise DeepWMLError(f"manifest {path} has its header but no case rows")
+    numbered = io.read_manifest_rows(path, ("case", "flair", mask_column), ("centre", "disease"),
+                                     " (deepwml synth writes one as manifest.csv)")
     cases, seen, scans = [], set(), {}
     for line, row in numbered:
-        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
         if not row.get("case") or not row.get("flair") or not row.get(mask_column):
             raise DeepWMLError(f"manifest {path} line {line}: case, flair and {mask_column} must all be filled in")
         if row["case"] in seen:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} appears twice; case names must be unique")
         seen.add(row["case"])
-        flair = _manifest_path(path.parent, row["flair"])
+        flair = io.manifest_path(path.parent, row["flair"])
         if flair in scans:
             raise DeepWMLError(f"manifest {path} line {line}: case {row['case']!r} has the FLAIR of case {scans[flair]!r}; "
                                "one scan in two cases can land in training and validation at once: list it once")
         scans[flair] = row["case"]
-        cases.append(Case(row["case"], flair, _manifest_path(path.parent, row[mask_column]),
-                          row.get("centre", row.get("center", "")), row.get("disease", "")))
+        cases.append(Case(row["case"], flair, io.manifest_path(path.parent, row[mask_column]),
+                          row.get("centre", ""), row.get("disease", "")))
     return cases
-
-
-def _manifest_path(folder: Path, text: str) -> str:
-    """A manifest's path made absolute from the manifest's folder. On macOS and Linux a relative path written with
-    Windows' backslashes (data\\c0_flair.nii.gz, a manifest made on Windows) is read with slashes where only
-    that exists: a backslash in a file name is rare there, a manifest carried to a Linux server common."""
-    found = (folder / text).resolve()
-    if os.sep == "/" and "\\" in text and not found.exists():
-        slashed = (folder / text.replace("\\", "/")).resolve()
-        if slashed.exists():
-            return str(slashed)
-    return str(found)
 
 
 def _sha256_file(path: str | os.PathLike) -> str:
@@ -956,7 +923,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     if missing and not cfg.skip_bad_cases:
         case, path = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
-                           f"{_missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "
+                           f"{io.missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "
                            "fix the paths or pass --skip-bad-cases")
     flairs = _check_distinct_scans(cases, run_dir)
     _warn_shared_masks(cases, cfg.ignore_label)
@@ -1050,31 +1017,6 @@ def _check_run_folder(run_dir: Path, split: str | None = None) -> None:
     if found:
         raise DeepWMLError(f"{run_dir} holds {', '.join(found)} but no DeepWML training, and a run would write over "
                            f"{'them' if len(found) > 1 else 'it'}; give a new or empty run folder")
-
-
-def _missing_paths_hint(manifest: str, missing: list[str]) -> str:
-    """Why manifest paths may be missing, where it can be told: on macOS and Linux, a Windows path (D:\\cohort\\...,
-    a manifest made on Windows); paths that, as written, exist from the current folder (written relative to
-    where the command runs, but a manifest's relative paths are read from its own folder)."""
-    folder = Path(manifest).parent
-    windows = [m for m in (re.search(r"[A-Za-z]:\\.*", p) for p in missing) if m] if os.sep == "/" else []
-    if windows:
-        return (f"; {windows[0].group()} is a Windows path (a manifest made on Windows?): write the paths as this "
-                "computer reaches the files, best relative to the manifest's folder")
-    if folder == Path.cwd().resolve():
-        return ""
-
-    def as_written(path: str) -> str | None:
-        try:
-            return os.path.relpath(path, folder)
-        except ValueError:  # Windows: on another drive than the manifest, so it was written in full
-            return None
-
-    found = [w for w in map(as_written, missing) if w is not None and Path(w).exists()]
-    if not found:
-        return ""
-    return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "
-            f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")
 
 
 def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | None]:
