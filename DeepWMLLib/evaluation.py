@@ -95,42 +95,35 @@ def _cell(value) -> str:
 
 def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
                   path_columns: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a CSV manifest with whitespace stripped and path columns made absolute.
+    """Rows of a CSV manifest with whitespace stripped and path columns made absolute, read as training reads
+    its manifest (`io.read_manifest_rows`, `io.manifest_path`).
 
-    Relative paths are taken relative to the manifest's folder, so a cohort folder can move. Column
-    names are matched whatever their case ("Case" is "case").
+    Relative paths are taken relative to the manifest's folder, so a cohort folder can move; on macOS and Linux
+    the backslashes of a manifest made on Windows separate folders too. Column names are matched whatever
+    their case ("Case" is "case"); a column `center` is read as `centre`. A missing file stays the failure of
+    its case, unless why it is missing can be told (paths written relative to the current folder, or Windows
+    drive paths): then the manifest is refused before any case runs, saying so.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DeepWMLError(f"manifest {path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if not isinstance(v, list)}
-                    for row in reader]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DeepWMLError(f"manifest {path} is not a readable CSV file ({exc}); save it as UTF-8 CSV "
-                           f"(Excel: 'CSV UTF-8')") from exc
-    missing = [c for c in required if c not in header]
-    if missing:
-        expected = ", ".join(required + tuple(f"[{c}]" for c in optional))
-        hint = (" (its header holds ';': separate the columns with commas)" if len(header) == 1 and ";" in header[0]
-                else "")
-        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}{hint}; its header must be: {expected}")
-    rows = [r for r in rows if any(r.values())]
-    if not rows:
-        raise DeepWMLError(f"manifest {path} lists no cases")
-    seen = set()
-    for number, row in enumerate(rows, start=2):
+    numbered = io.read_manifest_rows(path, required, optional)
+    rows, seen, missing = [], set(), []
+    for line, row in numbered:
         if not row["case"]:
-            raise DeepWMLError(f"manifest {path}, line {number}: the case name is empty")
+            raise DeepWMLError(f"manifest {path}, line {line}: the case name is empty")
         if row["case"] in seen:
             raise DeepWMLError(f"manifest {path}: case {row['case']!r} is listed twice; give each case a unique name")
         seen.add(row["case"])
         for column in path_columns:
             if row.get(column):
-                row[column] = str((path.parent / row[column]).resolve())
+                row[column] = io.manifest_path(path.parent, row[column])
+                if not Path(row[column]).exists():
+                    missing.append((row["case"], row[column]))
+        rows.append(row)
+    hint = io.missing_paths_hint(path, [p for _, p in missing]) if missing else ""
+    if hint:
+        case, first = missing[0]
+        raise DeepWMLError(f"{len(missing)} file(s) of the manifest {path} do not exist (first: {case}: {first})"
+                           f"{hint}")
     return rows
 
 

@@ -732,3 +732,27 @@ def test_a_given_mask_on_another_grid_names_the_scan_it_belongs_to(tmp_path):
     io.write_image(beyond, tmp_path / "m.nii.gz")
     with pytest.raises(change.DeepWMLError, match="m.nii.gz and the baseline FLAIR are on different voxel grids"):
         change._masks_for(None, baseline, followup, (tmp_path / "m.nii.gz", tmp_path / "m.nii.gz"), {})
+
+
+def test_a_manifest_of_pairs_is_read_as_training_reads_it(pair, tmp_path, monkeypatch, capsys):
+    """change read its manifest without what training's reader learned: a manifest made on Windows
+    (..\\pairs\\baseline.nii.gz) named no file, and paths typed relative to the current folder failed every
+    pair with 'does not exist' and no word of why."""
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "lists").mkdir()
+    for name, path in pair["files"].items():
+        (tmp_path / "pairs" / f"{name}.nii.gz").write_bytes(path.read_bytes())
+    columns = ("baseline", "followup", "baseline_mask", "followup_mask")
+    windows = tmp_path / "lists" / "windows.csv"
+    windows.write_text("case," + ",".join(columns) + "\np1," + ",".join(f"..\\pairs\\{c}.nii.gz" for c in columns) + "\n")
+    assert main(["change", "--manifest", str(windows), "-o", str(tmp_path / "out")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "change_summary.csv", encoding="utf-8-sig")))
+    assert [(r["case"], r["status"]) for r in rows] == [("p1", "ok")]
+    typed_here = tmp_path / "lists" / "here.csv"
+    typed_here.write_text("case," + ",".join(columns) + "\np1," + ",".join(f"pairs/{c}.nii.gz" for c in columns) + "\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["change", "--manifest", str(typed_here), "-o", str(tmp_path / "here")]) == 1
+    err = capsys.readouterr().err
+    assert "not from the current folder, where 4 of them exist (e.g. pairs/baseline.nii.gz)" in err
+    assert "Traceback" not in err and not (tmp_path / "here").exists()

@@ -237,3 +237,27 @@ def test_a_mask_over_a_larger_extent_counts_slices_on_the_flair_when_given(tmp_p
         assert [s["index"] for s in case["slices"]] == [s["index"] for s in evaluation.evaluate_case(
             image(a), image(b))["slices"]]
     assert consensus_check(image(a), larger)["worst_slices"][0] == 6  # no FLAIR: B's extent, as before
+
+
+def test_a_cohort_manifest_is_read_as_training_reads_it(tmp_path, monkeypatch, capsys):
+    """consensus read its manifest without what training's reader learned: a manifest made on Windows
+    (..\\masks\\a.nii.gz) named no file, and paths typed relative to the current folder failed every pair with
+    'does not exist' and no word of why."""
+    a, b = raters()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "lists").mkdir()
+    for name, array in (("a", a), ("b", b)):
+        io.write_image(image(array), tmp_path / "masks" / f"{name}.nii.gz")
+    windows = tmp_path / "lists" / "windows.csv"
+    windows.write_text("case,rater_a,rater_b\nagree,..\\masks\\b.nii.gz,..\\masks\\b.nii.gz\n")
+    assert main(["consensus", "--manifest", str(windows), "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
+        assert [(r["case"], r["passed"]) for r in csv.DictReader(f)] == [("agree", "True")]
+    typed_here = tmp_path / "lists" / "here.csv"
+    typed_here.write_text("case,rater_a,rater_b\ndisagree,masks/a.nii.gz,masks/b.nii.gz\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["consensus", "--manifest", str(typed_here), "-o", str(tmp_path / "here")]) == 1
+    err = capsys.readouterr().err
+    assert "not from the current folder, where 2 of them exist (e.g. masks/a.nii.gz)" in err and err.count("\n") == 1
+    assert not (tmp_path / "here").exists()

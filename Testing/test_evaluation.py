@@ -16,7 +16,7 @@ from scipy.stats import mannwhitneyu
 
 from DeepWMLLib import evaluation, io
 from DeepWMLLib.cli import main
-from DeepWMLLib.errors import Cancelled
+from DeepWMLLib.errors import Cancelled, DeepWMLError
 
 SPACING = (1.0, 1.0, 5.0)  # 1 pixel = 5 mm3, so LV groups are reached with small squares
 # Square sides on slices 1..5: 8x8 -> 0.32 ml (G2); 4x4 -> 0.08 (G1); 14x14 -> 0.98 (G3);
@@ -302,3 +302,58 @@ def test_a_grid_error_of_one_case_names_both_files(tmp_path):
     with pytest.raises(evaluation.DeepWMLError, match=r"prediction .*thick_wmh.nii.gz and reference .*manual.nii.gz "
                                                       r"are on different voxel grids \(spacing"):
         evaluation.evaluate_case(pred, ref)
+
+
+
+def _manifest_variant(cohort, name: str, folder: str, center: bool = False):
+    """lists/NAME: the cohort's a* and b* cases, their masks/ paths written as `folder`."""
+    lines = cohort.read_text(encoding="utf-8").splitlines()
+    header = lines[0].replace("centre", "center") if center else lines[0]
+    rows = [line.replace("masks/", folder) for line in lines[1:] if line.startswith(("a", "b"))]
+    path = cohort.parent.parent / "lists" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+def test_a_cohort_manifest_made_on_windows_is_read_on_linux(cohort, tmp_path):
+    """Relative paths with backslashes (..\\cohort\\masks\\a1.nii.gz) named no file: every case failed."""
+    windows = _manifest_variant(cohort, "windows.csv", "..\\cohort\\masks\\")
+    assert main(["evaluate", "--manifest", str(windows), "-o", str(tmp_path / "out")]) == 0
+    assert {r["case"] for r in read_csv(tmp_path / "out" / "per_case.csv")} == {"a1", "a2", "a3", "b1", "b2", "b3"}
+    drive = tmp_path / "lists" / "drive.csv"  # a drive path cannot be reached here: said so
+    drive.write_text("case,prediction,reference\nx,D:\\cohort\\x_pred.nii.gz,D:\\cohort\\x_ref.nii.gz\n")
+    with pytest.raises(DeepWMLError, match=r"D:\\cohort\\x_pred.nii.gz is a Windows path"):
+        evaluation.read_manifest(drive, ("case", "prediction", "reference"), path_columns=("prediction", "reference"))
+
+
+def test_a_center_column_is_the_centre_of_a_cohort(cohort, tmp_path):
+    """An American 'center' column was left out: no centre in per_case.csv, Table 2 or the figures."""
+    american = _manifest_variant(cohort, "american.csv", "../cohort/masks/", center=True)
+    assert main(["evaluate", "--manifest", str(american), "-o", str(tmp_path / "out")]) == 0
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert per_case["a1"]["centre"] == "X" and per_case["a2"]["centre"] == "Y"
+    table2 = {(r["grouping"], r["group"]) for r in read_csv(tmp_path / "out" / "table2.csv")}
+    assert {("centre", "X"), ("centre", "Y")} <= table2
+
+
+def test_cohort_paths_written_from_the_current_folder_are_explained(cohort, tmp_path, monkeypatch, capsys):
+    """Paths typed relative to where the command runs (cohort/masks/a1.nii.gz, the manifest in lists/) failed
+    every case with 'does not exist'; the manifest is now refused in one line saying why, before anything runs."""
+    typed_here = _manifest_variant(cohort, "here.csv", "cohort/masks/")
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--manifest", str(typed_here), "-o", str(tmp_path / "here")]) == 1
+    err = capsys.readouterr().err
+    assert (f"12 file(s) of the manifest {typed_here} do not exist (first: a1: " in err and "not from the current "
+            "folder, where 12 of them exist (e.g. cohort/masks/a1.nii.gz)" in err and err.count("\n") == 1)
+    assert not (tmp_path / "here").exists()
+
+
+def test_manifest_folders_and_line_numbers_are_named_as_training_names_them(tmp_path):
+    """A folder given as the manifest was 'does not exist'; a line number did not count blank lines."""
+    with pytest.raises(DeepWMLError, match="is a folder; pass the CSV file"):
+        evaluation.read_manifest(tmp_path, ("case", "prediction", "reference"))
+    gapped = tmp_path / "gapped.csv"
+    gapped.write_text("case,prediction,reference\n\nx,a.nii.gz,b.nii.gz\n,c.nii.gz,d.nii.gz\n")
+    with pytest.raises(DeepWMLError, match="line 4: the case name is empty"):
+        evaluation.read_manifest(gapped, ("case", "prediction", "reference"))
