@@ -178,6 +178,36 @@ def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, m
     assert logic.rerunLoses(result, volume, ventricles=True) is None
 
 
+def test_a_result_saved_with_the_scene_and_opened_again_is_not_taken_for_edited(scene, monkeypatch, tmp_path,
+                                                                                   tiny_model):
+    """The fingerprint held where the volume's grid lies, which an oblique volume saved in a scene (.mrb) and
+    opened again gets back only to the last bits: every rerun on a reopened scene asked about hand edits
+    that were never made. One erased voxel is still an edit."""
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch)
+    ventricles = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    flair, _ = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    result = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles))
+    result.GetSegmentation().CollapseBinaryLabelmaps(False)  # as the Segment Editor may: one layer for both
+    result.CreateClosedSurfaceRepresentation()  # shown in 3D
+    assert logic.rerunLoses(result, volume, ventricles=True) is None
+    (tmp_path / "scene").mkdir()
+    assert mrml._standalone["application"].SaveSceneToSlicerDataBundleDirectory(str(tmp_path / "scene"), None)
+    scene.Clear(0)
+    scene.SetURL(str(tmp_path / "scene" / "scene.mrml"))
+    assert scene.Import()
+    result, volume = scene.GetFirstNodeByName("flair WMH"), scene.GetFirstNodeByName("flair")
+    assert logic.rerunLoses(result, volume, ventricles=True) is None
+
+    erased = mrml.maskFromSegmentation(result, volume)
+    erased[tuple(int(i) for i in np.argwhere(sitk.GetArrayViewFromImage(erased))[0][::-1])] = 0
+    mrml.segmentationFromMask(erased, volume, result)
+    assert logic.rerunLoses(result, volume) == "The segment WMH of 'flair WMH' was edited since DeepWML made it"
+
+
 def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scene(scene, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     flair, truth = make_volume(**OBLIQUE)

@@ -765,14 +765,17 @@ class DeepWMLCoreLogic:
 
 
 def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
-    """A fingerprint of a segment on the volume's grid (its voxels and where they are)."""
+    """A fingerprint of a segment's voxels on the volume's grid. Not of where the grid lies: a scene saved
+    (.mrb) and opened again brings an oblique volume's geometry back only to the last bits, and every
+    reopened result would look edited; a segment moved against its volume (a transform) changes its
+    voxels on the grid."""
     import hashlib
 
     import SimpleITK as sitk
 
     mask = mrml.maskFromSegmentation(segmentationNode, volumeNode, segmentName)
     digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask).tobytes())
-    digest.update(repr((mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection())).encode())
+    digest.update(repr(mask.GetSize()).encode())
     return digest.hexdigest()[:24]
 
 
