@@ -157,6 +157,25 @@ def test_a_second_result_kept_beside_the_first_has_a_name_of_its_own(scene, monk
     assert first.GetName() == "flair WMH"  # a rerun into a node keeps its name
 
 
+def test_a_new_result_takes_the_first_free_name(scene, monkeypatch, tiny_model):
+    """The scene's GenerateUniqueName counted every rerun into a node (a name asked for, never used) and
+    every result deleted since: a second result beside the first became "flair WMH_3", and a result made
+    after the only one was deleted "flair WMH_4"."""
+    oracle_network(monkeypatch)
+    flair, _ = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    first = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    for _ in range(2):  # reruns into it
+        logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], segmentationNode=first)
+    second = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    assert (first.GetName(), second.GetName()) == ("flair WMH", "flair WMH_1")
+    mrml.segmentationFromMask(sitk.Image(flair.GetSize(), sitk.sitkUInt8), volume, name="flair WMH_2")  # by hand
+    mrml.removeNode(first)
+    assert logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)]).GetName() == "flair WMH"
+    assert logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)]).GetName() == "flair WMH_3"
+
+
 def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, monkeypatch, tmp_path, tiny_model):
     """The README invites editing the hidden 'Lateral ventricles' segment; a rerun with the split ticked
     replaced the edited ventricles without a word."""

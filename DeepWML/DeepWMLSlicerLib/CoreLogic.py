@@ -458,7 +458,7 @@ class DeepWMLCoreLogic:
         # threshold) is told apart in the reference and rater selectors, which show names alone
         segmentationNode = mrml.segmentationFromMask(
             job.result.mask, volumeNode, segmentationNode,
-            name=slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} WMH"))
+            name=None if segmentationNode is not None else mrml.freeNodeName(f"{volumeNode.GetName()} WMH"))
         segmentation = segmentationNode.GetSegmentation()
         if job.result.ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
             mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,  # edited) is kept

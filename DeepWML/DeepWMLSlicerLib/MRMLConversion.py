@@ -100,6 +100,18 @@ def volumeFromImage(image: sitk.Image, name: str, className: str = "vtkMRMLScala
     return node
 
 
+def freeNodeName(base: str) -> str:
+    """`base`, else `base_1`, `base_2`...: the first name no node in the scene has. (The scene's own
+    GenerateUniqueName counts on from every name it ever gave, taken or not, removed or not: a result
+    kept beside another after a few reruns became '<base>_3', and one made after the only one was deleted
+    '<base>_1' or more.)"""
+    name, number = base, 0
+    while slicer.mrmlScene.GetFirstNodeByName(name) is not None:
+        number += 1
+        name = f"{base}_{number}"
+    return name
+
+
 def removeNode(node) -> None:
     """Remove a node together with its display and storage nodes."""
     if node is None or node.GetScene() is None:
