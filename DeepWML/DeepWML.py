@@ -23,7 +23,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from DeepWMLSlicerLib import MRMLConversion
-from DeepWMLSlicerLib.CoreLogic import DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, DeepWMLCoreLogic
+from DeepWMLSlicerLib.CoreLogic import DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, DeepWMLCoreLogic, DeepWMLError
 
 # slicer.parameterNodeWrapper (with Union node types, Choice and WithinRange) is new in Slicer 5.4.
 MINIMUM_SLICER = "5.4"
@@ -241,9 +241,11 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation."):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
             loses = self.logic.rerunLoses(output, p.inputVolume, p.ventricleSplit)  # hand edits a rerun replaces
+            keep = "choose 'Create new segmentation' as the output segmentation"
+            if loses and slicer.util.mainWindow() is None:  # Slicer --no-main-window, a script: Slicer's question
+                raise DeepWMLError(f"{loses}; Segment WMH would replace it: to keep it, {keep}")  # would wait for ever
             if loses and not slicer.util.confirmOkCancelDisplay(
-                    f"{loses}. Segment WMH replaces it. Replace it?\n\nTo keep it, cancel and choose 'Create new "
-                    f"segmentation' as the output segmentation.", "DeepWML"):
+                    f"{loses}. Segment WMH replaces it. Replace it?\n\nTo keep it, cancel and {keep}.", "DeepWML"):
                 return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(

@@ -407,6 +407,29 @@ def test_segment_wmh_asks_before_replacing_a_wmh_segment_edited_by_hand(widget, 
     assert widget._job is None
 
 
+def test_without_a_main_window_a_rerun_over_hand_edits_is_refused_not_asked(widget, module, monkeypatch,
+                                                                            tiny_model):
+    """Slicer's confirmOkCancelDisplay opens its question also when Slicer runs without a main window
+    (--no-main-window, a script driving the module): Segment WMH over a corrected result waited there for
+    ever, with no one to answer."""
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    finishJob(widget)
+    result = p.outputSegmentation
+    mrml.segmentationFromMask(widget.truth, widget.volume, result)  # corrected by hand
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: None)
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: False, raising=False)  # Slicer's own dialogs, then
+    monkeypatch.setattr(slicer.util, "messageBox", lambda *a, **k: pytest.fail("a dialog without a main window"))
+    with pytest.raises(DeepWMLError, match="was edited since DeepWML made it; Segment WMH would replace it: to "
+                                           "keep it, choose 'Create new segmentation'"):
+        ui.applyButton.click()
+    assert widget._job is None and ui.applyButton.text == "Segment WMH"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(result, widget.volume)),
+                                  sitk.GetArrayFromImage(widget.truth))
+
+
 def test_results_are_those_of_the_volume_segmented_and_selectors_wait(widget, module, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     ui, p = widget.ui, widget._parameterNode

@@ -191,7 +191,12 @@ def _qtModule():
     qt.QTableWidgetItem = QTableWidgetItem
     qt.QFileDialog = QFileDialog
     qt.Qt = types.SimpleNamespace(ToolTipRole=3, WaitCursor=3)
+    # what slicer.util's message displays read before deciding whether to show a box
+    qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Information=1, Warning=2, Critical=3, Question=4)
     return qt
+
+
+MAIN_WINDOW = object()  # slicer.util.mainWindow() in the application; None under --no-main-window
 
 
 class App:
@@ -358,5 +363,6 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(slicer, "app", App(), raising=False)
     monkeypatch.setattr(slicer.util, "loadUI", loadUI)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", childWidgetVariables)
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: MAIN_WINDOW)  # the application with its window
     QFileDialog.nextPath = ""
     QFileDialog.offered = None
