@@ -261,7 +261,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self._job
         finished = job.done  # first: a worker process's job reads its progress then
         self.ui.progressBar.value = int(round(100 * job.fraction))
-        self.ui.statusLabel.text = job.message
+        # a cancelled run in a thread goes on to its end (post-processing, report): not its steps, which look
+        # as if Cancel had not been heard
+        self.ui.statusLabel.text = "Cancelling..." if job.cancelled and not finished else job.message
         if not finished:
             return
         self._timer.stop()

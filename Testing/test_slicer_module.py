@@ -206,6 +206,26 @@ def test_cancel_button_stops_the_run(widget, monkeypatch):
     assert widget._parameterNode.outputSegmentation is None
 
 
+def test_the_status_says_cancelling_until_a_cancelled_run_has_ended(widget, module, monkeypatch, tiny_model):
+    """A run in a thread goes on after Cancel until segment_image returns (its post-processing and report,
+    seconds on a real scan); each poll put its step ("segmenting") back over "Cancelling...", as if Cancel
+    had not been heard."""
+    oracle_network(monkeypatch)
+    started, gate = lateSegmentation(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert started.wait(5)
+    widget._timer.fire()
+    assert ui.statusLabel.text == "segmenting"
+    ui.applyButton.click()
+    widget._timer.fire()  # still running
+    assert ui.statusLabel.text == "Cancelling..." and ui.applyButton.text == "Cancel"
+    gate.set()
+    finishJob(widget)
+    assert ui.statusLabel.text == "Cancelled." and ui.applyButton.text == "Segment WMH"
+
+
 @pytest.mark.parametrize("how", ["Cancel", "closing the scene"])
 def test_cancel_or_closing_the_scene_late_in_the_run_puts_nothing_into_the_scene(widget, module, monkeypatch,
                                                                                  tiny_model, how):
