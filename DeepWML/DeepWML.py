@@ -240,7 +240,10 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation."):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
-            loses = self.logic.rerunLoses(output, p.inputVolume, p.ventricleSplit)  # hand edits a rerun replaces
+            # what would run, refused (no model file, no ventricle model) before asking what it would replace
+            modelPaths = self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble)
+            location = self.logic.locationChoice(p.ventricleSplit)
+            loses = self.logic.rerunLoses(output, p.inputVolume, bool(location))  # hand edits a rerun replaces
             keep = "choose 'Create new segmentation' as the output segmentation"
             if loses and slicer.util.mainWindow() is None:  # Slicer --no-main-window, a script: Slicer's question
                 raise DeepWMLError(f"{loses}; Segment WMH would replace it: to keep it, {keep}")  # would wait for ever
@@ -249,9 +252,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
-                p.inputVolume, device=p.device, modelPaths=self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble),
+                p.inputVolume, device=p.device, modelPaths=modelPaths,
                 threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,
-                location=self.logic.locationChoice(p.ventricleSplit))
+                location=location)
             self._job.outputNode = output
             self.ui.progressBar.value = 0
             self._timer.start()

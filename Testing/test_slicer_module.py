@@ -450,6 +450,27 @@ def test_without_a_main_window_a_rerun_over_hand_edits_is_refused_not_asked(widg
                                   sitk.GetArrayFromImage(widget.truth))
 
 
+def test_a_run_that_cannot_start_is_refused_before_asking_about_hand_edits(widget, module, monkeypatch,
+                                                                           tiny_model):
+    """With the model file not chosen (or no ventricle model for the split), Segment WMH over a corrected
+    result first asked whether to replace the corrections, and after OK said that it cannot start."""
+    oracle_network(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    finishJob(widget)
+    mrml.segmentationFromMask(widget.truth, widget.volume, p.outputSegmentation)  # corrected by hand
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: pytest.fail("asked"))
+    p.modelFile = ""
+    with pytest.raises(DeepWMLError, match="choose a DeepWML model file"):
+        ui.applyButton.click()
+    p.modelFile, p.ventricleSplit = tiny_model, True
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: None)
+    with pytest.raises(DeepWMLError, match="needs a lateral-ventricle model"):
+        ui.applyButton.click()
+    assert widget._job is None
+
+
 def test_results_are_those_of_the_volume_segmented_and_selectors_wait(widget, module, monkeypatch, tiny_model):
     oracle_network(monkeypatch)
     ui, p = widget.ui, widget._parameterNode
