@@ -238,18 +238,19 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling..."
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation."):
+        keep = "choose 'Create new segmentation' as the output segmentation"
+        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
             # what would run, refused (no model file, no ventricle model) before asking what it would replace
             modelPaths = self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble)
             location = self.logic.locationChoice(p.ventricleSplit)
-            loses = self.logic.rerunLoses(output, p.inputVolume, bool(location))  # hand edits a rerun replaces
-            keep = "choose 'Create new segmentation' as the output segmentation"
+            # hand edits a rerun replaces (a second or so on a large scan: under the wait cursor)
+            loses = self.logic.rerunLoses(output, p.inputVolume, bool(location))
             if loses and slicer.util.mainWindow() is None:  # Slicer --no-main-window, a script: Slicer's question
                 raise DeepWMLError(f"{loses}; Segment WMH would replace it: to keep it, {keep}")  # would wait for ever
-            if loses and not slicer.util.confirmOkCancelDisplay(
-                    f"{loses}. Segment WMH replaces it. Replace it?\n\nTo keep it, cancel and {keep}.", "DeepWML"):
-                return
+        if loses and not slicer.util.confirmOkCancelDisplay(  # with the ordinary cursor
+                f"{loses}. Segment WMH replaces it. Replace it?\n\nTo keep it, cancel and {keep}.", "DeepWML"):
+            return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, modelPaths=modelPaths,
