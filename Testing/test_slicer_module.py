@@ -348,6 +348,11 @@ def test_lesion_change_from_the_gui(widget, tmp_path):
     ui.saveResultsButton.click()
     rows = list(csv.DictReader(open(tmp_path / "change.csv", encoding="utf-8-sig")))
     assert sorted(r["status"] for r in rows) == ["enlarging", "gone", "new", "not assessable", "stable"]
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "change.json")  # names the scans and segmentations
+    ui.saveResultsButton.click()
+    saved = json.loads((tmp_path / "change.json").read_text(encoding="utf-8"))["change"]
+    assert [saved[key] for key in ("baseline", "baseline_segmentation", "followup", "followup_segmentation")] == \
+        ["earlier FLAIR", "earlier WMH", "follow-up FLAIR", "follow-up WMH"]
 
 
 def test_another_volume_gets_its_own_segmentation_and_no_ones_ventricles(widget, module, monkeypatch, tiny_model,

@@ -623,7 +623,9 @@ class DeepWMLCoreLogic:
         registered = mrml.volumeFromImage(result.baseline_registered,
                                           f"{baselineVolume.GetName()} (registered to {followupVolume.GetName()})")
         registered.SetAttribute(REGISTERED_ATTRIBUTE, followupVolume.GetID())
-        report = {**result.report, "baseline": baselineVolume.GetName(), "followup": followupVolume.GetName()}
+        report = {**result.report, "baseline": baselineVolume.GetName(), "followup": followupVolume.GetName(),
+                  "baseline_segmentation": baselineSegmentation.GetName(),  # whose lesions, in the saved .json
+                  "followup_segmentation": followupSegmentation.GetName()}
         for segmentationNode, volumeNode in ((baselineSegmentation, baselineVolume), (followupSegmentation, followupVolume)):
             # drawn on another volume: maybe a resampled copy; maybe the other scan
             report["warnings"] = report["warnings"] + self._maskNotes(((segmentationNode, None),), volumeNode)
