@@ -361,7 +361,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # Slicer's scene folder and the table)
             last = pathlib.Path(self._lastSaved) if self._lastSaved else None
             folder = str(last.parent) if last else getattr(slicer.app, "defaultScenePath", "") or ""
-            name = self.logic.resultsFileName(self._results, last.suffix.lower() if last else ".csv")
+            name = self.logic.resultsFileName(self._results, last.suffix.lower() if last else ".csv", folder or None)
             path = qt.QFileDialog.getSaveFileName(None, "Save DeepWML results", str(pathlib.Path(folder, name))
                                                   if folder else name, "Per-slice table (*.csv);;All results (*.json)")
             if not path:

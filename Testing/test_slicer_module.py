@@ -312,6 +312,11 @@ def test_save_results_offers_a_name_of_the_patients_flair_and_the_last_folder(wi
     ui.saveResultsButton.click()
     saved = json.loads((tmp_path / "patient 7" / "3_AX_FLAIR_consensus.json").read_text(encoding="utf-8"))["consensus"]
     assert (saved["rater_a"], saved["rater_b"], saved["volume"]) == ("manual", "auto", "3: AX FLAIR")
+    # the next patient's series has the same name, and the dialog opens in the folder saved to last: the name
+    # offered was the previous patient's file, which taking it would overwrite
+    slicer_standins.QFileDialog.nextPath = ""
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered == str(tmp_path / "patient 7" / "3_AX_FLAIR_consensus_2.json")
 
 
 def test_a_row_shows_its_slice_of_the_volume_measured_whatever_is_chosen_since(widget):

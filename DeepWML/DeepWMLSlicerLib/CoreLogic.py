@@ -742,16 +742,23 @@ class DeepWMLCoreLogic:
         return "\n".join(line.strip() for line in lines)
 
     @staticmethod
-    def resultsFileName(results: dict, suffix: str = ".csv") -> str:
+    def resultsFileName(results: dict, suffix: str = ".csv", folder=None) -> str:
         """The file name Save results offers: the FLAIR's name (made a plain file name: a DICOM series' may be
         '3: AX FLAIR') and what the results are, e.g. 'FLAIR_comparison.csv', rather than one name for every
-        patient's results."""
+        patient's results. With `folder` (where the dialog opens), a name no file there has: series names
+        repeat from patient to patient ('3: AX FLAIR'), and the folder saved to last was the previous
+        patient's, so the name offered would be that patient's file (`_2`, `_3`... added)."""
         from DeepWMLLib.evaluation import plain_name
 
         kind = next((key for key in ("change", "consensus", "comparison") if key in results), "lesions")
         volume = (results.get("report", {}).get("volume") or results.get("consensus", {}).get("volume")
                   or results.get("change", {}).get("followup") or "DeepWML")
-        return f"{plain_name(volume)}_{kind}{suffix}"
+        stem = f"{plain_name(volume)}_{kind}"
+        name, number = f"{stem}{suffix}", 1
+        while folder and Path(folder, name).exists():
+            number += 1
+            name = f"{stem}_{number}{suffix}"
+        return name
 
     def saveResults(self, results: dict, path) -> Path:
         """Save results shown in the GUI: .json holds everything, .csv the per-slice table."""
