@@ -587,7 +587,7 @@ def test_another_mask_column_trains_a_brain_mask_model(dataset, tmp_path):
     loaded = checkpoint.load_model(best)
     assert loaded.labels == {"0": "background", "1": "intracranial"}
     assert loaded.provenance["training_config"]["mask_column"] == "head"
-    with pytest.raises(DeepWMLError, match="columns case, flair, brain"):
+    with pytest.raises(DeepWMLError, match=r"lacks column\(s\) brain; its header must be: case, flair, brain"):
         training.train(tiny_config(manifest, epochs=1, mask_column="brain"), tmp_path / "missing")
 
 
