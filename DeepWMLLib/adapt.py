@@ -61,27 +61,34 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
     return plan.network_slices(stack, plan.kept, preprocessing).astype(np.float32, copy=False), int(stack.shape[0])
 
 
-def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None
-                   ) -> tuple[np.ndarray, list[dict]]:
+def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None,
+                   named: frozenset = frozenset()) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts.
     A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it). A path of `found` (an image file
     found in a folder given, not named) that is a label mask is skipped, said to `log`, as deepwml segment
-    skips it: a labelled case's folder (FLAIR and manual mask) failed the whole run on its mask."""
+    skips it: a labelled case's folder (FLAIR and manual mask) failed the whole run on its mask. A path of `named`
+    (named beside other inputs: a shell glob, data/p07/*, names the mask beside the FLAIR) is skipped so too, with
+    a warning, once a scan is read; when every image is a mask, that is the error."""
+    import warnings
+
     import SimpleITK as sitk
 
     from . import io
 
-    chunks, facts, seen, skipped = [], [], {}, 0
+    chunks, facts, seen, skipped, named_skipped = [], [], {}, 0, []
     for item in paths:
         path, series = item if isinstance(item, tuple) else (item, None)
         try:
             image = io.read_image(path, series=series)
             io.check_volume(image)
         except io.LabelMaskGiven as exc:
-            if series is not None or path not in found:
+            if series is not None or (path not in found and path not in named):
                 raise
             skipped += 1
-            if log:
+            if path in named:
+                named_skipped.append(f"skipped {path}, given in --scans: looks like a label mask, not a FLAIR scan "
+                                     f"({exc.values}): not used")
+            elif log:
                 log(f"{io.case_name(path)}: skipped - looks like a label mask, not a FLAIR scan ({exc.values}): not used")
             continue
         canonical = sitk.DICOMOrient(image, "LPS") if isinstance(image, sitk.Image) else image  # voxel order aside
@@ -94,8 +101,13 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
             chunks.append(slices)
         facts.append({"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total})
     if skipped and not facts:
+        if named_skipped:
+            raise DeepWMLError("every image file given looks like a label mask or segmentation, not a FLAIR scan; "
+                               "give the FLAIR scans")
         raise DeepWMLError("every image file found looks like a label mask or segmentation, not a FLAIR scan; give "
                            "the folder of the FLAIR scans")
+    for text in named_skipped:
+        warnings.warn(text, stacklevel=2)
     if not chunks:
         raise DeepWMLError("none of the scans has a slice with head in it; nothing to adapt on")
     return np.concatenate(chunks), facts
@@ -306,12 +318,13 @@ def crop_settings(loaded) -> tuple[int, float]:
 def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path], out_paths: Sequence[str | Path],
                  pseudo_models: Sequence[str | Path] | None = None, per_slice: int = 4, seed: int = 0,
                  fp16: bool = True, batch_size: int = 8, progress=None, log=None,
-                 found: frozenset = frozenset()) -> list[dict]:
+                 found: frozenset = frozenset(), named: frozenset = frozenset()) -> list[dict]:
     """Adapt each model file on `scans` and write it to the matching `out_paths`; returns a summary per model.
 
     pseudo_models: the models whose averaged marks (>= 0.5) are the scans' lesions for centring crops
     (None: the models being adapted). All must share one preprocessing (grid); the slices and the
-    lesions are computed once. found: scans found in a folder given, skipped when label masks (network_slices).
+    lesions are computed once. found: scans found in a folder given, and named: scans named beside other inputs,
+    skipped when label masks (network_slices).
     progress(what, done, total) is called as the lesions are found ("finding
     lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
     from .checkpoint import file_digest, load_model, load_model_settings, model_payload, save_torch
@@ -332,7 +345,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
-    slices, facts = network_slices(scans, preprocessing, found, log)
+    slices, facts = network_slices(scans, preprocessing, found, log, named)
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
                            f"{MIN_SLICES} ({FEW_SLICES}+ advised): add scans of the same protocol")
@@ -433,7 +446,7 @@ def _run(args) -> int:
     import torch
 
     from . import io
-    from .segment import default_model_paths, expand_inputs
+    from .segment import default_model_paths, expand_inputs, mask_input_skipped
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -451,14 +464,17 @@ def _run(args) -> int:
 
     scans = []  # a folder stands for the images in it, and each DICOM study below it for its FLAIR, as in segment
     named = {Path(raw).resolve() for raw in args.scans}
-    found = set()  # image files found in a folder given: a label mask among them is skipped, as segment skips it
-    for case, path, study in expand_inputs(args.scans):
+    # image files found in a folder given, or named beside other inputs: a label mask among them is skipped, as
+    # segment skips it (mask_input_skipped); named alone, it is the error
+    found, beside = set(), set()
+    inputs = expand_inputs(args.scans)
+    for case, path, study in inputs:
         if isinstance(study, DeepWMLError):  # a folder that could not be read
             raise study
         if study is None:
             scans.append(path)
-            if path.is_file() and path.resolve() not in named:
-                found.add(path)
+            if path.is_file() and mask_input_skipped(path, named, len(inputs) == 1):
+                (beside if path.resolve() in named else found).add(path)
             continue
         try:
             scans.append((path, io.choose_dicom_series(path, candidates=study.series, strict=True)[0]))
@@ -468,7 +484,8 @@ def _run(args) -> int:
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                                  fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
-                                 log=lambda text: print(text, file=sys.stderr, flush=True), found=frozenset(found))
+                                 log=lambda text: print(text, file=sys.stderr, flush=True), found=frozenset(found),
+                                 named=frozenset(beside))
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused or interrupted run leaves no empty folder behind

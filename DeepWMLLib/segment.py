@@ -1150,10 +1150,8 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
             raise
         except Exception as exc:  # one bad case never stops the others
-            if isinstance(exc, io.LabelMaskGiven) and not (len(cases) == 1 and _resolved(path) in named):
-                # found in a folder given (a case's FLAIR beside its manual mask), or named beside other inputs (a
-                # shell glob, data/p07/*, names the mask beside the FLAIR): skipped, not failed, unless masks are all
-                # the run has (masks_only); named alone, the error it is
+            if isinstance(exc, io.LabelMaskGiven) and mask_input_skipped(path, named, len(cases) == 1):
+                # skipped, not failed, unless masks are all the run has (masks_only)
                 row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc),
                        "_mask": True}
                 if _resolved(path) in named:
@@ -1212,7 +1210,15 @@ def found_segmentation(path: Path, named, alone: bool = False) -> bool:
     input (`alone`), which is read and refused. It is a case's manual mask saved beside its scan, often of the scan's
     own name (case01.nrrd, case01.seg.nrrd), skipped unread, as a label mask among the inputs is, and has no outputs
     whose name could clash: the clash refused the whole run ('2 inputs are both named case01'), nothing segmented."""
-    return path.name.lower().endswith(io.SEGMENTATION_EXTENSION) and not (alone and _resolved(path) in named)
+    return path.name.lower().endswith(io.SEGMENTATION_EXTENSION) and mask_input_skipped(path, named, alone)
+
+
+def mask_input_skipped(path: Path, named, alone: bool) -> bool:
+    """Whether an input found to be a label mask or segmentation is skipped, with a word, rather than refused: found
+    in a folder given (a case's FLAIR beside its manual mask), or named (`named`: the resolved paths the user typed)
+    beside other inputs, as a shell glob (data/p07/*) names the mask beside the FLAIR. Named as the run's only input
+    (`alone`), it is the error. deepwml adapt skips its --scans by the same rule."""
+    return not (alone and _resolved(path) in named)
 
 
 def masks_only(rows: list[dict]) -> str | None:

@@ -356,8 +356,8 @@ def test_a_pacs_export_adapts_on_each_studys_flair(tmp_path, capsys):
 
 def test_a_label_mask_in_a_folder_of_scans_is_skipped_as_segment_skips_it(tmp_path, capsys):
     """A labelled cases' folder (FLAIRs and a manual mask) given to adapt: the whole run failed on the mask ('looks
-    like a label mask ...; give the FLAIR image'), where deepwml segment skips it. It is skipped, saying so; named
-    as a scan it is still an error, and a folder of masks alone is one."""
+    like a label mask ...; give the FLAIR image'), where deepwml segment skips it. It is skipped, saying so; a folder
+    of masks alone is an error."""
     source = _model_file(tmp_path / "bn.pt")
     folder = tmp_path / "labelled"
     folder.mkdir()
@@ -368,11 +368,38 @@ def test_a_label_mask_in_a_folder_of_scans_is_skipped_as_segment_skips_it(tmp_pa
     assert cli.main(["adapt", "--model", str(source), "--scans", str(folder), "-o", str(out), "--crops-per-slice", "2"]) == 0
     assert "consensus_mask: skipped - looks like a label mask" in capsys.readouterr().err
     assert len(load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]["scans"]) == 2
-    named = ["adapt", "--model", str(source), "--scans", *map(str, scans), str(folder / "consensus_mask.nii.gz"),
-             "-o", str(tmp_path / "named")]
-    assert cli.main(named) == 1
-    assert "looks like a label mask" in capsys.readouterr().err
     for scan in scans:
         scan.unlink()
     assert cli.main(["adapt", "--model", str(source), "--scans", str(folder), "-o", str(tmp_path / "none")]) == 1
     assert "every image file found looks like a label mask" in capsys.readouterr().err
+
+
+def test_a_label_mask_named_beside_scans_is_skipped_as_segment_skips_it(tmp_path, capsys):
+    """`deepwml adapt --scans data/p07/*` (the shell names consensus_mask.nii.gz beside the FLAIRs) stopped the run
+    ('looks like a label mask ...; give the FLAIR image'), where deepwml segment skips such a mask with a warning.
+    It is skipped with a warning; named alone, or when every input named is a mask, it stays an error."""
+    source = _model_file(tmp_path / "bn.pt")
+    folder = tmp_path / "p07"
+    folder.mkdir()
+    scans = _scans(folder, 2)
+    _, truth = make_volume(size=(64, 64, 12), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),))
+    mask = folder / "consensus_mask.nii.gz"
+    sitk.WriteImage(truth, str(mask))
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--model", str(source), "--crops-per-slice", "2", "--scans"]
+    assert cli.main([*argv, str(mask), *map(str, scans), "-o", str(out)]) == 0  # as the glob expands: mask first
+    err = capsys.readouterr().err
+    assert f"deepwml adapt: warning: skipped {mask}, given in --scans: looks like a label mask, not a FLAIR scan " \
+           "(2 values: 0, 1): not used" in err
+    assert len(load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]["scans"]) == 2
+
+    assert cli.main([*argv, str(mask), "-o", str(tmp_path / "alone")]) == 1  # named alone: the error it is
+    err = capsys.readouterr().err
+    assert "looks like a label mask" in err and "give the FLAIR image" in err and "warning" not in err
+    other = tmp_path / "p19_mask.nii.gz"
+    sitk.WriteImage(truth, str(other))
+    assert cli.main([*argv, str(mask), str(other), "-o", str(tmp_path / "masks")]) == 1
+    err = capsys.readouterr().err
+    assert "deepwml adapt: error: every image file given looks like a label mask or segmentation, not a FLAIR " \
+           "scan; give the FLAIR scans" in err and "warning" not in err
+    assert not (tmp_path / "alone").exists() and not (tmp_path / "masks").exists()
