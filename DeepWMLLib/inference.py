@@ -563,6 +563,33 @@ def network_cost(loaded: LoadedModel) -> float:
     return float(config.get("base_channels", 1)) ** 2 * rows * columns * (int(config.get("depth", 0)) + 1)
 
 
+class NaNProbabilities(DeepWMLError):
+    """A network gave NaN probabilities, which pass no threshold: its result would mark nothing. `model` names it,
+    `runner` how it ran (the runners' names: 'torch fp16', 'openvino bf16'...). The advice is deepwml segment's
+    (--precision fp32 when it ran in reduced precision, which can overflow); the Slicer module, which has no
+    precision setting, gives its own (CoreLogic.nanAdvice)."""
+
+    def __init__(self, model: str, runner: str):
+        self.model, self.runner = model, runner
+        if self.reduced:
+            advice = "rerun with --precision fp32, and if that fails too, the model file is at fault"
+        else:
+            advice = "it ran in full precision (fp32), so the model file is at fault: segment with another model"
+        super().__init__(f"{self.what}: its result would mark nothing; {advice}")
+
+    @property
+    def what(self) -> str:
+        return f"{self.model} gave NaN probabilities (running as {self.runner})"
+
+    @property
+    def reduced(self) -> bool:
+        """Whether it ran in reduced precision (fp16 or bf16), which can overflow where fp32 does not."""
+        return "fp16" in self.runner or "bf16" in self.runner
+
+    def __reduce__(self):  # whole from the Slicer module's worker process
+        return type(self), (self.model, self.runner)
+
+
 def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
                  device: str = "auto", batch_size: int | None = None, tta: bool = False,
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
@@ -613,9 +640,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
             probabilities = predict_network_slices(networked[loaded.preprocessing], runner, batch_size, tta,
                                                    on_batch, cancel, ran=ran)
             if not np.isfinite(probabilities).all():  # NaN passes no threshold: 0 lesions, and the whole ensemble's
-                raise DeepWMLError(f"{loaded.name} gave NaN probabilities (running as {', '.join(ran) or runner.name}): "
-                                   "its result would mark nothing; rerun with --precision fp32, "
-                                   "and if that fails too, the model file is at fault")
+                raise NaNProbabilities(loaded.name, ", ".join(ran) or runner.name)
             if number < len(models):
                 config = loaded.preprocessing
                 summed[config] = probabilities if config not in summed else summed[config] + probabilities

@@ -292,14 +292,12 @@ def test_a_file_that_is_not_a_model_is_named_for_what_it_is(tiny_model, tmp_path
         assert len(err.strip().splitlines()) == 1
 
 
-def test_a_network_giving_nan_is_an_error_not_an_empty_mask(tiny_model):
-    """NaN probabilities (a network overflowing in reduced precision, or NaN weights loaded some other way) pass no
-    threshold: the case read 'ok - 0 lesions', and one such member emptied a whole ensemble's average."""
+def _nan_network(tiny_model):
+    """(image, the tiny model, a copy of it whose head gives NaN)."""
     import torch
 
     from DeepWMLLib.checkpoint import LoadedModel
-    from DeepWMLLib.errors import DeepWMLError
-    from DeepWMLLib.segment import load_models, segment_image
+    from DeepWMLLib.segment import load_models
 
     image, _ = make_volume(size=(32, 32, 4))
     (good,) = load_models([tiny_model])
@@ -310,9 +308,41 @@ def test_a_network_giving_nan_is_an_error_not_an_empty_mask(tiny_model):
     with torch.no_grad():
         broken.model.head.bias.fill_(float("nan"))
     broken.model.eval()
+    return image, good, broken
+
+
+def test_a_network_giving_nan_is_an_error_not_an_empty_mask(tiny_model):
+    """NaN probabilities (a network overflowing in reduced precision, or NaN weights loaded some other way) pass no
+    threshold: the case read 'ok - 0 lesions', and one such member emptied a whole ensemble's average."""
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import segment_image
+
+    image, good, broken = _nan_network(tiny_model)
     with pytest.raises(DeepWMLError, match=r"broken.pt gave NaN probabilities \(running as torch"):
         segment_image(image, [good, broken], "cpu", backend="torch", brain_model=None, ventricle_model=None)
     assert segment_image(image, [good], "cpu", backend="torch", brain_model=None, ventricle_model=None) is not None
+
+
+def test_nan_probabilities_say_what_to_do_after_how_the_network_ran(tiny_model, monkeypatch):
+    """The NaN error told every run to 'rerun with --precision fp32', also one that ran in fp32 already (the model
+    file is then at fault, and the same rerun gives the same NaN). It says so only after reduced precision."""
+    from DeepWMLLib import inference
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import segment_image
+
+    image, _, broken = _nan_network(tiny_model)
+    expected = {
+        "torch": "broken.pt gave NaN probabilities (running as torch): its result would mark nothing; it ran in full "
+                 "precision (fp32), so the model file is at fault: segment with another model",
+        "torch bf16": "broken.pt gave NaN probabilities (running as torch bf16): its result would mark nothing; "
+                      "rerun with --precision fp32, and if that fails too, the model file is at fault"}
+    for runner, words in expected.items():
+        monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda bf16=runner.endswith("bf16"): bf16)
+        inference._RUNNERS.clear()  # a runner kept from before ran at the other precision
+        with pytest.raises(DeepWMLError) as error:
+            segment_image(image, [broken], "cpu", backend="torch", brain_model=None, ventricle_model=None)
+        assert str(error.value) == words
+    inference._RUNNERS.clear()
 
 
 def test_progress_and_cancel(tiny_model):

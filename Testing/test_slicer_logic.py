@@ -786,3 +786,41 @@ def test_a_run_that_found_too_little_ventricle_stops_saying_so_once_they_are_dra
     assert report["location"]["judged"] and report["location"]["ventricle_model"] == "vent.pt"
     text = logic.formatReport(report)
     assert "Periventricular" in text and "No periventricular" not in text and "lateral ventricle found" not in text
+
+
+def test_nan_probabilities_say_what_to_do_in_the_module_which_has_no_precision_setting(scene, monkeypatch):
+    """The NaN error said 'rerun with --precision fp32', an option of deepwml segment that the module does not
+    have (it runs in fp16 on a GPU, in bf16 on a CPU that computes it natively). It now says what to do in it: the
+    CPU where it runs in full precision, else deepwml segment outside Slicer; after fp32, another model."""
+    import pickle
+
+    from DeepWMLLib import inference
+    from DeepWMLLib.inference import NaNProbabilities
+
+    from DeepWMLSlicerLib.CoreLogic import SegmentationJob
+
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+
+    def finished(error):
+        job = SegmentationJob(volume, flair, device="auto")
+        job.error = pickle.loads(pickle.dumps(error))  # as it comes back from the worker process
+        job._finished.set()
+        with pytest.raises(DeepWMLError) as raised:
+            DeepWMLCoreLogic().finishSegmentation(job)
+        assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+        return str(raised.value)
+
+    start = "m.pt gave NaN probabilities (running as torch fp16): its result would mark nothing; reduced precision " \
+            "can overflow, and this module has no precision setting: "
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    assert finished(NaNProbabilities("m.pt", "torch fp16")) == start + (
+        "choose Device: cpu, which runs in full precision on this computer (slower), or segment the scan outside "
+        "Slicer with deepwml segment --precision fp32. If that fails too, the model file is at fault")
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: True)  # its CPU runs in bf16 too
+    assert finished(NaNProbabilities("m.pt", "torch fp16")) == start + (
+        "segment the scan outside Slicer with deepwml segment --precision fp32. If that fails too, the model file "
+        "is at fault")
+    assert finished(NaNProbabilities("m.pt", "openvino fp32")) == (
+        "m.pt gave NaN probabilities (running as openvino fp32): its result would mark nothing; it ran in full "
+        "precision, so the model file is at fault: choose another model")

@@ -448,6 +448,10 @@ class DeepWMLCoreLogic:
         if job.cancelled and not isinstance(job.error, Cancelled):
             raise Cancelled("cancelled")
         if job.error is not None:
+            from DeepWMLLib.inference import NaNProbabilities
+
+            if isinstance(job.error, NaNProbabilities):  # its advice is deepwml segment's (--precision fp32)
+                raise DeepWMLError(nanAdvice(job.error)) from job.error
             raise job.error
         volumeNode = job.volumeNode
         if volumeNode.GetScene() is None:
@@ -786,6 +790,22 @@ def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
     digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask).tobytes())
     digest.update(repr(mask.GetSize()).encode())
     return digest.hexdigest()[:24]
+
+
+def nanAdvice(error) -> str:
+    """The module's words on a network that gave NaN probabilities (inference.NaNProbabilities), whose own advice,
+    rerun with --precision fp32, names an option of deepwml segment that the module does not have: it runs in
+    reduced precision where it can (fp16 on a GPU, bf16 on a CPU that computes it natively)."""
+    if not error.reduced:
+        return f"{error.what}: its result would mark nothing; it ran in full precision, so the model file is at " \
+               "fault: choose another model"
+    from DeepWMLLib.inference import torch_cpu_has_native_bf16
+
+    cpu = "choose Device: cpu, which runs in full precision on this computer (slower), or " \
+        if "fp16" in error.runner and not torch_cpu_has_native_bf16() else ""
+    return (f"{error.what}: its result would mark nothing; reduced precision can overflow, and this module has no "
+            f"precision setting: {cpu}segment the scan outside Slicer with deepwml segment --precision fp32. If that "
+            "fails too, the model file is at fault")
 
 
 def _ventricleModel(location):
