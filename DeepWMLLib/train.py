@@ -956,7 +956,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         source = f"the split file {cfg.split}"
     else:
         assignment = stratified_split(cases, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-        source = f"the 60/20/20 split of {len(cases)} case(s)"
+        shares = (1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction)
+        source = f"the {'/'.join(f'{round(100 * share, 6):g}' for share in shares)} split of {len(cases)} case(s)"
     counts = {s: sum(1 for v in assignment.values() if v == s) for s in SPLITS}
     if not counts["train"] or not counts["val"]:
         raise DeepWMLError(f"{source} puts {counts['train']} case(s) in train and {counts['val']} in val; training needs "

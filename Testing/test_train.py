@@ -1112,6 +1112,12 @@ def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
     assert "the 60/20/20 split of 3 case(s) keeps no case for test" in caplog.text
     assert sorted(row.split(",")[-1] for row in (tmp_path / "run" / "split.csv").read_text(encoding="utf-8-sig").split()[1:]) \
         == ["train", "train", "val"]
+    caplog.clear()  # fractions given: said as given, not as the default 60/20/20
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, val_fraction=0.15, test_fraction=0.15),
+                       tmp_path / "custom")
+    assert "the 70/15/15 split of 3 case(s) keeps no case for test (too few cases for a test fraction of 0.15)" \
+        in caplog.text
 
 
 def test_flairs_given_as_dicom_folders_are_known_by_their_series(tmp_path):
