@@ -2764,14 +2764,17 @@ def manifest_path(folder: str | os.PathLike, text: str) -> str:
 
 def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
     """Why manifest paths (made absolute by `manifest_path`) may be missing, where it can be told, as '; ...'
-    (else ''): on macOS and Linux, a Windows path (D:\\cohort\\..., a manifest made on Windows); paths that,
-    as written, exist from the current folder (written relative to where the command runs, but a manifest's
-    relative paths are read from its own folder)."""
+    (else ''): on macOS and Linux, a Windows path (D:\\cohort\\..., or a share's \\\\server\\share\\..., a manifest
+    made on Windows); paths that, as written, exist from the current folder (written relative to where the command
+    runs, but a manifest's relative paths are read from its own folder)."""
     folder = Path(manifest).resolve().parent
-    windows = [m for m in (re.search(r"[A-Za-z]:\\.*", p) for p in missing) if m] if os.sep == "/" else []
+    drive_or_share = r"[A-Za-z]:\\.*|\\\\[^\\/]+\\.*"  # D:\cohort\... or \\server\share\... (UNC)
+    windows = [m for m in (re.search(drive_or_share, p) for p in missing) if m] if os.sep == "/" else []
     if windows:
-        return (f"; {windows[0].group()} is a Windows path (a manifest made on Windows?): write the paths as this "
-                "computer reaches the files, best relative to the manifest's folder")
+        share = windows[0].group().startswith("\\\\")  # a UNC path: a network share as Windows names it
+        return (f"; {windows[0].group()} is a Windows {'network ' * share}path (a manifest made on Windows?): write "
+                f"the paths as this computer reaches the files{' (where the share is mounted here)' * share}, best "
+                "relative to the manifest's folder")
     if folder == Path.cwd().resolve():
         return ""
 

@@ -1170,6 +1170,13 @@ def test_a_manifest_written_on_windows_is_read_on_linux_or_told(tmp_path):
                                                       for i in range(4)))
     with pytest.raises(DeepWMLError, match=r"D:\\cohort\\c0_flair.nii.gz is a Windows path"):
         training.train(tiny_config(manifest), tmp_path / "run")
+    # a network share as Windows names it (UNC): the hint said nothing, only 'X does not exist'
+    manifest.write_text("case,flair,mask\n" + "".join(f"c{i},\\\\nas01\\mri\\c{i}_flair.nii.gz,"
+                                                      f"\\\\nas01\\mri\\c{i}_mask.nii.gz\n" for i in range(4)))
+    with pytest.raises(DeepWMLError) as error:
+        training.train(tiny_config(manifest), tmp_path / "run")
+    assert "\\\\nas01\\mri\\c0_flair.nii.gz is a Windows network path (a manifest made on Windows?): write the " \
+           "paths as this computer reaches the files (where the share is mounted here)" in str(error.value)
 
 
 def test_a_folder_with_files_of_a_run_but_no_training_is_not_written_over(dataset, tmp_path):
