@@ -1423,7 +1423,8 @@ def average_models(sources: list, target: str | os.PathLike, weights: list | Non
                            ("preprocessing", first.preprocessing.to_dict(), other.preprocessing.to_dict()),
                            ("labels", first.labels, other.labels), ("threshold", first.threshold, other.threshold)):
             if a != b:
-                raise DeepWMLError(f"{source} has another {what} than {sources[0]} ({b} vs {a}); only models of one kind can be averaged")
+                raise DeepWMLError(f"{source} and {sources[0]} differ in their {what} ({b} vs {a}); only models of "
+                                   "one kind can be averaged")
     states = [m.model.state_dict() for m in loaded]
     mean = {k: sum(w * s[k].double() for w, s in zip(weights, states)).to(v.dtype) if v.is_floating_point() else v
             for k, v in states[0].items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -248,8 +249,13 @@ def test_average_of_two_models_is_their_weight_mean_and_refuses_mixed_kinds(trai
     from DeepWMLLib.model import build_model
     other_kind = checkpoint.save_model(tmp_path / "wider.pt", build_model(wider), wider, first.preprocessing,
                                        first.threshold, {}, first.labels)
-    with pytest.raises(DeepWMLError, match="another architecture"):
+    with pytest.raises(DeepWMLError, match=f"^{re.escape(str(other_kind))} and {re.escape(str(best))} differ in their "
+                                           r"architecture \(.*\); only models of one kind can be averaged$"):
         training.average_models([best, other_kind], tmp_path / "bad.pt")
+    relabelled = checkpoint.save_model(tmp_path / "relabelled.pt", first.model, first.config, first.preprocessing,
+                                       first.threshold, {}, {"0": "background", "1": "lesion"})
+    with pytest.raises(DeepWMLError, match=" differ in their labels "):  # was 'has another labels than'
+        training.average_models([best, relabelled], tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
 
 
