@@ -262,6 +262,13 @@ def load_payload(path: str | os.PathLike, check_records: bool = True) -> dict:
     if isinstance(payload, dict) and payload.get("format") == TRAINING_STATE:
         raise DeepWMLError(f"{p} is a training checkpoint (for `deepwml train --resume`), not a model file: give the "
                            "run folder's best.pt (`deepwml train --export` makes a compact copy of it)")
+    if _bare_weights(payload):
+        raise DeepWMLError(f"{p} is not a DeepWML model file: it holds network weights only (a PyTorch state_dict), "
+                           "without the settings DeepWML runs them with (architecture, preprocessing, threshold). Give "
+                           "the model file they came from (a DeepWML training's best.pt, or its `deepwml train "
+                           "--export` copy; --export takes model files only), or make one in Python: load the weights "
+                           "into DeepWMLLib.model.build_model(architecture) and write it with "
+                           "DeepWMLLib.checkpoint.save_model(OUT, network, architecture, preprocessing, threshold)")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DeepWMLError(f"{p} is not a DeepWML model file (no '{FORMAT}' header)")
     version = payload.get("format_version")
@@ -270,6 +277,21 @@ def load_payload(path: str | os.PathLike, check_records: bool = True) -> dict:
             f"{p} has model format version {version}; this DeepWML reads up to version {FORMAT_VERSION} — update DeepWML"
         )
     return payload
+
+
+def _bare_weights(payload) -> bool:
+    """Whether a file's content is a network's weights alone (a PyTorch state_dict: names to tensors, as
+    torch.save(model.state_dict(), f) writes them, or such a dict under 'state_dict' or 'model_state_dict'), with
+    none of a model file's settings: it got "no 'deepwml-model' header", which said nothing of what it lacks."""
+    import torch
+
+    if not isinstance(payload, dict) or "format" in payload:
+        return False
+    for key in ("state_dict", "model_state_dict"):
+        if isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    return bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:

@@ -67,6 +67,32 @@ def test_corrupt_and_foreign_model_files(tmp_path):
         load_model(tmp_path / "missing.pt")
 
 
+def test_bare_weights_given_as_a_model_file_say_what_they_lack_and_how_to_make_one(tmp_path, capsys):
+    """A PyTorch state_dict (torch.save(model.state_dict(), f), or one under 'state_dict') given as a model got
+    "no 'deepwml-model' header", which said nothing of what it lacks nor what to do; deepwml train --export takes
+    model files only, so it cannot make one of them. The error says both."""
+    from DeepWMLLib import cli
+
+    network = build_model({"base_channels": 4, "depth": 1})
+    torch.save(network.state_dict(), tmp_path / "weights.pt")
+    torch.save({"epoch": 7, "state_dict": network.state_dict()}, tmp_path / "wrapped.pt")
+    for name in ("weights.pt", "wrapped.pt"):
+        with pytest.raises(DeepWMLError) as info:
+            load_model(tmp_path / name)
+        assert str(info.value) == (
+            f"{tmp_path / name} is not a DeepWML model file: it holds network weights only (a PyTorch state_dict), "
+            "without the settings DeepWML runs them with (architecture, preprocessing, threshold). Give the model file "
+            "they came from (a DeepWML training's best.pt, or its `deepwml train --export` copy; --export takes model "
+            "files only), or make one in Python: load the weights into DeepWMLLib.model.build_model(architecture) and "
+            "write it with DeepWMLLib.checkpoint.save_model(OUT, network, architecture, preprocessing, threshold)")
+    assert cli.main(["train", "--export", str(tmp_path / "weights.pt"), str(tmp_path / "out.pt")]) == 1
+    assert "holds network weights only (a PyTorch state_dict)" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+    # the way it names: weights loaded into the network, written with its settings, make a model that loads
+    save_model(tmp_path / "made.pt", network, {"base_channels": 4, "depth": 1}, PreprocessingConfig(grid_size=(32, 32)))
+    assert load_model(tmp_path / "made.pt").config["base_channels"] == 4
+
+
 def test_newer_format_version_refused(tmp_path):
     config = {"base_channels": 4, "depth": 1}
     path = save_model(tmp_path / "m.pt", build_model(config), config, PreprocessingConfig())
