@@ -74,6 +74,8 @@ BAD_INPUTS = [
     ("model file whose weights changed on the way (a bad copy: torch itself reads it)", "segment", 1,
      "fails its checksum"),
     ("another program's PyTorch checkpoint given as the model", "segment", 1, "holds Python objects"),
+    ("a bare PyTorch state_dict (network weights only) given as the model", "segment", 1,
+     "holds network weights only"),
     ("a scan given with --model (INPUT before it)", "segment", 2, "is an image, not a model file"),
     ("the same model given twice in an ensemble", "segment", 0, "ok: averaged in twice, warning printed (\"is given 2 times\")"),
     ("output folder missing", "segment", 0, "ok: created"),
@@ -338,6 +340,13 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
 
         torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, tmp / "theirs.pt")
         return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "theirs.pt")]
+    if row_id == "a bare PyTorch state_dict (network weights only) given as the model":
+        import torch
+
+        from DeepWMLLib.model import build_model
+
+        torch.save(build_model({"base_channels": 4, "depth": 1}).state_dict(), tmp / "weights.pt")
+        return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "weights.pt")]
     if row_id == "a scan given with --model (INPUT before it)":
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), str(p["truth"])]
     if row_id == "the same model given twice in an ensemble":
