@@ -86,10 +86,19 @@ def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> 
 
 
 def _cell(value) -> str:
+    """A CSV cell: six significant digits for a computed figure (a Dice), but a figure that a report already
+    rounds to decimals (volume_ml to 6, area_mm2 to 4) as the report has it, so that the Slicer batch's
+    summary.csv and Save results' table say what CASE_report.json and `deepwml segment`'s summary.csv say
+    (27.97917 ml, not 27.9792; 1234.5678 mm², not 1234.57)."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
+        if math.isnan(value):
+            return "nan"
+        text = f"{value:.6g}"
+        if float(text) != value and math.isfinite(value) and round(value, 6) == value:
+            text = repr(value)
+        return text
     return str(value)
 
 

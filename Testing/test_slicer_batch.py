@@ -112,6 +112,37 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     assert {row["status"] for row in summary(out).values()} == {"ok"} and not (out / "a_qc.png").exists()
 
 
+def test_batch_summary_and_saved_table_give_the_figures_of_the_report_and_the_command_line(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    # 0.9375 mm pixels (a 240 mm field at 256): volumes and areas with more than six significant digits, which the
+    # batch's summary.csv wrote to six (27.9792 ml beside the report's and `deepwml segment`'s 27.97917)
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz", size=(64, 64, 12), spacing=(0.9375, 0.9375, 5.0),
+              blobs=((0.5, 0.5, 0.5, 14.0), (0.25, 0.3, 0.4, 4.0)))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    report = json.loads((out / "a_report.json").read_text(encoding="utf-8"))
+    volume = report["volume_ml"]
+    assert f"{volume:.6g}" != repr(volume)  # the case needs the digits
+    assert float(summary(out)["a"]["volume_ml"]) == volume
+
+    from DeepWMLLib.cli import main as cli
+    assert cli(["segment", str(inputs / "a.nii.gz"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
+                "--device", "cpu"]) == 0
+    assert float(summary(tmp_path / "cli")["a"]["volume_ml"]) == volume
+    assert json.loads((tmp_path / "cli" / "a_report.json").read_text(encoding="utf-8"))["slices"] == report["slices"]
+
+    from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # Save results' per-slice table
+    saved = DeepWMLCoreLogic().saveResults({"report": report}, tmp_path / "a_lesions.csv")
+    rows = list(csv.DictReader(open(saved, encoding="utf-8-sig")))
+    marked = [s for s in report["slices"] if s["area_mm2"] > 0]
+    assert any(f"{s['area_mm2']:.6g}" != repr(s["area_mm2"]) for s in marked)
+    assert [(int(r["index"]), float(r["area_mm2"]), float(r["lv_ml"]), r["lv_group"]) for r in rows] == \
+        [(s["index"], s["area_mm2"], s["lv_ml"], s["lv_group"]) for s in marked]
+
+
 def test_batch_writes_the_mask_of_an_input_stored_with_one_time_point_the_same_way(scene, batchScript, tmp_path,
                                                                                   monkeypatch, tiny_model):
     oracle_network(monkeypatch)
