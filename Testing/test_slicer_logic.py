@@ -435,6 +435,28 @@ def test_results_save_as_csv_table_and_json(scene, tmp_path):
     assert [row[0] for row in table] == [str(k) for k in lesionSlices]
 
 
+def test_slice_table_never_shows_an_lv_that_reads_in_another_group_on_the_bundled_sample(scene):
+    # the sample's grid (0.9489 mm pixels, 6 mm slices): 37 voxels are 0.19989 ml, G1, which the table showed as
+    # "0.200" beside "G1" (a G2 figure to whoever reads it; the report says 0.19989)
+    from DeepWMLLib import io
+
+    flair = io.read_image(REPO / "Resources" / "Sample" / "sample_flair.nii.gz")
+    marks = np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8)  # (k, j, i): k is the axial axis here
+    for k, voxels in ((8, 37), (10, 38), (12, 30)):
+        marks[k, 120, 100:100 + voxels] = 1
+    mask = sitk.GetImageFromArray(marks)
+    mask.CopyInformation(flair)
+    volume = mrml.volumeFromImage(flair, "sample")
+    logic = DeepWMLCoreLogic()
+    report = logic.lesionStatistics(mrml.segmentationFromMask(mask, volume, name="seg"), volume)
+    expected = lesion_report(mask)["slices"]
+    assert report["slices"] == expected
+    _, table, slices = logic.sliceTable({"report": report})
+    shown = {k: (row[2], row[3]) for k, row in zip(slices, table)}
+    assert shown[8][1] == "G1" and float(shown[8][0]) < 0.2 and shown[8][0].startswith("0.199")
+    assert shown[10] == (f"{expected[10]['lv_ml']:.3f}", "G2") and shown[12] == (f"{expected[12]['lv_ml']:.3f}", "G1")
+
+
 def test_jump_to_slice_centres_the_views_on_that_slice(scene):
     flair, _ = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")
