@@ -457,6 +457,36 @@ def test_slice_table_never_shows_an_lv_that_reads_in_another_group_on_the_bundle
     assert shown[10] == (f"{expected[10]['lv_ml']:.3f}", "G2") and shown[12] == (f"{expected[12]['lv_ml']:.3f}", "G1")
 
 
+def test_comparison_table_gives_each_slice_the_reference_lv_group_deepwml_evaluate_gives_it(scene, tmp_path):
+    # the table's only LV group was the segmentation's, while `deepwml evaluate` groups each slice's Dice by the
+    # reference's (the paper's Fig. 4): on labelled patient26 14 of its 54 reference slices differ (or have none)
+    flair, _ = make_volume()  # 0.9 x 0.9 mm pixels, 5 mm slices: 0.2 ml is 49.4 pixels
+    marks, manual = (np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8) for _ in range(2))
+    marks[3, 20, 10:40] = 1  # 30 pixels, G1 ...
+    manual[3, 20:22, 10:40] = 1  # ... where the reference has 60, G2
+    manual[5, 20, 10:20] = 1  # a slice only the reference marks
+    marks[7, 20:22, 10:40] = manual[7, 20:22, 10:40] = 1
+    images = []
+    for array in (marks, manual):
+        images.append(sitk.GetImageFromArray(array))
+        images[-1].CopyInformation(flair)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    prediction = mrml.segmentationFromMask(images[0], volume, name="DeepWML")
+    results = {"report": logic.lesionStatistics(prediction, volume),
+               "comparison": logic.compareSegmentations(prediction, mrml.segmentationFromMask(images[1], volume,
+                                                                                              name="manual"), volume)}
+    expected = {s["index"]: s["lv_group"] for s in evaluate_case(images[0], images[1])["slices"]}
+    assert expected == {3: "G2", 5: "G1", 7: "G2"}
+    headers, table, slices = logic.sliceTable(results)
+    column = headers.index("Reference LV group")
+    assert {k: row[column] for k, row in zip(slices, table) if row[column]} == expected
+    logic.saveResults(results, tmp_path / "slices.csv")
+    rows = list(csv.DictReader(open(tmp_path / "slices.csv", encoding="utf-8-sig")))
+    assert {int(r["index"]): r["reference_lv_group"] for r in rows if r["reference_lv_group"]} == expected
+    assert {int(r["index"]): r["lv_group"] for r in rows} == {3: "G1", 5: "", 7: "G2"}  # the segmentation's own
+
+
 def test_jump_to_slice_centres_the_views_on_that_slice(scene):
     flair, _ = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

@@ -667,7 +667,7 @@ class DeepWMLCoreLogic:
 
         With a consensus check: the slices either rater marked, most discordant first. Otherwise the
         slices with lesion in the segmentation or the reference, in slice order, with LV and LV group,
-        and Dice, sensitivity and precision where a reference was compared.
+        and Dice, sensitivity, precision and the reference's area and LV group where a reference was compared.
         """
         if "change" in results:  # one row per lesion, in the follow-up's slices
             rows = [{**lesion, "index": lesion["followup_slice"]} for lesion in results["change"]["lesions"]]
@@ -680,10 +680,12 @@ class DeepWMLCoreLogic:
         columns = ["index", "area_mm2", "lv_ml", "lv_group"]
         rows = {s["index"]: dict(s) for s in results.get("report", {}).get("slices", []) if s["area_mm2"] > 0}
         if "comparison" in results:
-            columns += ["dice", "sensitivity", "precision", "reference_area_mm2"]
+            # and the reference's LV group, by which `deepwml evaluate` (lv_groups.csv, the paper's Fig. 4) groups
+            # each slice's Dice: the segmentation's own may differ, or be none on a slice it missed
+            columns += ["dice", "sensitivity", "precision", "reference_area_mm2", "reference_lv_group"]
             for s in results["comparison"]["slices"]:
                 row = rows.setdefault(s["index"], {"index": s["index"]})
-                row.update({key: s[key] for key in columns[4:]})
+                row.update({key: s[key] for key in columns[4:-1]}, reference_lv_group=s["lv_group"])
         return columns, [rows[index] for index in sorted(rows)]
 
     def sliceTable(self, results: dict) -> tuple[list[str], list[list[str]], list[int]]:
@@ -691,9 +693,9 @@ class DeepWMLCoreLogic:
         columns, records = self.sliceRecords(results)
         titles = {"index": "Slice", "area_mm2": "Area (mm²)", "lv_ml": "LV (ml)", "lv_group": "LV group",
                   "dice": "Dice", "sensitivity": "Sensitivity", "precision": "Precision",
-                  "reference_area_mm2": "Reference area (mm²)", "area_a_mm2": "Area A (mm²)",
-                  "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)", "status": "Change",
-                  "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion"}
+                  "reference_area_mm2": "Reference area (mm²)", "reference_lv_group": "Reference LV group",
+                  "area_a_mm2": "Area A (mm²)", "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)",
+                  "status": "Change", "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion"}
         shown = {"lv_ml": _lvText}  # an LV reads in the group beside it
         return ([titles[c] for c in columns],
                 [[shown.get(c, _text)(record.get(c)) for c in columns] for record in records],
