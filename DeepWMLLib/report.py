@@ -38,11 +38,15 @@ def slice_table(stack: np.ndarray, frame: SliceFrame) -> list[dict]:
     rows = []
     for index, area in enumerate(areas):
         lv_ml = image_lv_ml(area, frame.slice_thickness_mm)
+        group = lv_group(lv_ml) if area > 0 else None
+        shown = round(lv_ml, 6)
+        if group is not None and lv_group(shown) != group:  # 0.19999998 ml (40 mm² at a float32 pixdim of
+            shown = lv_ml  # 4.9999995 mm) is G1: written 0.2, it would read as G2
         rows.append({
             "index": index,
             "area_mm2": round(float(area), 4),
-            "lv_ml": round(lv_ml, 6),
-            "lv_group": lv_group(lv_ml) if area > 0 else None,
+            "lv_ml": shown,
+            "lv_group": group,
         })
     return rows
 

@@ -101,3 +101,17 @@ def test_each_lesion_carries_its_mean_and_highest_probability():
     assert "mean_probability" not in lesion_report(mask)["lesions"][0]  # a mask alone has none
     with pytest.raises(ValueError, match="do not match"):
         lesion_report(mask, probabilities[:3])
+
+
+def test_an_lv_just_under_a_group_bound_is_written_in_its_group():
+    """40 mm² at a slice thickness stored as float32 4.9999995 mm (as a converter writes a spacing computed from
+    slice positions) is 0.19999998 ml, G1 here and in `deepwml evaluate`; the report wrote lv_ml 0.2 beside G1."""
+    from DeepWMLLib.evaluation import evaluate_case
+
+    a = np.zeros((1, 20, 20), np.uint8)
+    a.reshape(-1)[:40] = 1
+    mask = mask_image(a, spacing=(1.0, 1.0, float(np.float32(4.9999995))))
+    row = lesion_report(mask)["slices"][0]
+    evaluated = evaluate_case(mask, mask)["slices"][0]
+    assert row["lv_group"] == evaluated["lv_group"] == "G1"
+    assert row["lv_ml"] == evaluated["lv_ml"] < 0.2
