@@ -87,16 +87,16 @@ def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> 
 
 def _cell(value) -> str:
     """A CSV cell: six significant digits for a computed figure (a Dice), but a figure that a report already
-    rounds to decimals (volume_ml to 6, area_mm2 to 4) as the report has it, so that the Slicer batch's
-    summary.csv and Save results' table say what CASE_report.json and `deepwml segment`'s summary.csv say
-    (27.97917 ml, not 27.9792; 1234.5678 mm², not 1234.57)."""
+    rounds to decimals (volume_ml to 6, area_mm2 to 4, an LV to 9 at most) as the report has it, so that the
+    Slicer batch's summary.csv and Save results' table say what CASE_report.json and `deepwml segment`'s
+    summary.csv say (27.97917 ml, not 27.9792; 1234.5678 mm², not 1234.57; an LV of 0.199999981 ml, G1, not 0.2)."""
     if value is None:
         return ""
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
         text = f"{value:.6g}"
-        if float(text) != value and math.isfinite(value) and round(value, 6) == value:
+        if float(text) != value and math.isfinite(value) and round(value, 9) == value:
             text = repr(value)
         return text
     return str(value)

@@ -103,10 +103,13 @@ def test_each_lesion_carries_its_mean_and_highest_probability():
         lesion_report(mask, probabilities[:3])
 
 
-def test_an_lv_just_under_a_group_bound_is_written_in_its_group():
+def test_an_lv_just_under_a_group_bound_is_written_in_its_group(tmp_path):
     """40 mm² at a slice thickness stored as float32 4.9999995 mm (as a converter writes a spacing computed from
-    slice positions) is 0.19999998 ml, G1 here and in `deepwml evaluate`; the report wrote lv_ml 0.2 beside G1."""
-    from DeepWMLLib.evaluation import evaluate_case
+    slice positions) is 0.19999998 ml, G1 here and in `deepwml evaluate`; the report wrote lv_ml 0.2 beside G1,
+    and so did a CSV of it (Slicer's Save results, evaluate's per_image.csv)."""
+    import csv
+
+    from DeepWMLLib.evaluation import evaluate_case, write_csv
 
     a = np.zeros((1, 20, 20), np.uint8)
     a.reshape(-1)[:40] = 1
@@ -115,3 +118,6 @@ def test_an_lv_just_under_a_group_bound_is_written_in_its_group():
     evaluated = evaluate_case(mask, mask)["slices"][0]
     assert row["lv_group"] == evaluated["lv_group"] == "G1"
     assert row["lv_ml"] == evaluated["lv_ml"] < 0.2
+    write_csv([row, evaluated], ["lv_ml", "lv_group"], tmp_path / "slices.csv")
+    written = list(csv.DictReader(open(tmp_path / "slices.csv", encoding="utf-8-sig")))
+    assert [(float(r["lv_ml"]), r["lv_group"]) for r in written] == [(row["lv_ml"], "G1")] * 2
