@@ -176,9 +176,9 @@ def test_a_new_result_takes_the_first_free_name(scene, monkeypatch, tiny_model):
     assert logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)]).GetName() == "flair WMH_3"
 
 
-def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, monkeypatch, tmp_path, tiny_model):
-    """The README invites editing the hidden 'Lateral ventricles' segment; a rerun with the split ticked
-    replaced the edited ventricles without a word."""
+def segmentedWithVentricles(monkeypatch, tmp_path, tiny_model):
+    """An oblique volume segmented with the periventricular split (a tiny ventricle model): (logic, volume,
+    result, the volume's true mask, the ventricle model's path)."""
     from conftest import tiny_model_file
 
     oracle_network(monkeypatch)
@@ -187,6 +187,13 @@ def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, m
     volume = mrml.volumeFromImage(flair, "flair")
     logic = DeepWMLCoreLogic()
     result = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles))
+    return logic, volume, result, truth, ventricles
+
+
+def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, monkeypatch, tmp_path, tiny_model):
+    """The README invites editing the hidden 'Lateral ventricles' segment; a rerun with the split ticked
+    replaced the edited ventricles without a word."""
+    logic, volume, result, truth, ventricles = segmentedWithVentricles(monkeypatch, tmp_path, tiny_model)
     assert logic.rerunLoses(result, volume, ventricles=True) is None
     mrml.segmentationFromMask(truth, volume, result, segmentName=mrml.VENTRICLE_SEGMENT_NAME)  # drawn by hand
     assert logic.rerunLoses(result, volume) is None  # a run without the split keeps them
@@ -202,14 +209,7 @@ def test_a_result_saved_with_the_scene_and_opened_again_is_not_taken_for_edited(
     """The fingerprint held where the volume's grid lies, which an oblique volume saved in a scene (.mrb) and
     opened again gets back only to the last bits: every rerun on a reopened scene asked about hand edits
     that were never made. One erased voxel is still an edit."""
-    from conftest import tiny_model_file
-
-    oracle_network(monkeypatch)
-    ventricles = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
-    flair, _ = make_volume(**OBLIQUE)
-    volume = mrml.volumeFromImage(flair, "flair")
-    logic = DeepWMLCoreLogic()
-    result = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles))
+    logic, volume, result, _, ventricles = segmentedWithVentricles(monkeypatch, tmp_path, tiny_model)
     result.GetSegmentation().CollapseBinaryLabelmaps(False)  # as the Segment Editor may: one layer for both
     result.CreateClosedSurfaceRepresentation()  # shown in 3D
     assert logic.rerunLoses(result, volume, ventricles=True) is None

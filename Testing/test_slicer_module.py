@@ -206,16 +206,23 @@ def test_cancel_button_stops_the_run(widget, monkeypatch):
     assert widget._parameterNode.outputSegmentation is None
 
 
-def test_the_status_says_cancelling_until_a_cancelled_run_has_ended(widget, module, monkeypatch, tiny_model):
-    """A run in a thread goes on after Cancel until segment_image returns (its post-processing and report,
-    seconds on a real scan); each poll put its step ("segmenting") back over "Cancelling...", as if Cancel
-    had not been heard."""
+def startHeldRun(widget, module, monkeypatch, tiny_model):
+    """Segment WMH clicked with a run held in its last steps (post-processing, report) until `gate` is set:
+    (the widget's ui, gate)."""
     oracle_network(monkeypatch)
     started, gate = lateSegmentation(monkeypatch)
     ui, p = widget.ui, widget._parameterNode
     p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
     ui.applyButton.click()
     assert started.wait(5)
+    return ui, gate
+
+
+def test_the_status_says_cancelling_until_a_cancelled_run_has_ended(widget, module, monkeypatch, tiny_model):
+    """A run in a thread goes on after Cancel until segment_image returns (its post-processing and report,
+    seconds on a real scan); each poll put its step ("segmenting") back over "Cancelling...", as if Cancel
+    had not been heard."""
+    ui, gate = startHeldRun(widget, module, monkeypatch, tiny_model)
     widget._timer.fire()
     assert ui.statusLabel.text == "segmenting"
     ui.applyButton.click()
@@ -231,12 +238,7 @@ def test_cancel_or_closing_the_scene_late_in_the_run_puts_nothing_into_the_scene
                                                                                  tiny_model, how):
     """Cancel in the run's last seconds (post-processing, report) gave "Done." and the result anyway; closing
     the scene then gave the dialog "Segmentation failed: the volume was removed from the scene"."""
-    oracle_network(monkeypatch)
-    started, gate = lateSegmentation(monkeypatch)
-    ui, p = widget.ui, widget._parameterNode
-    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
-    ui.applyButton.click()
-    assert started.wait(5)
+    ui, gate = startHeldRun(widget, module, monkeypatch, tiny_model)
     if how == "Cancel":
         ui.applyButton.click()
     else:
@@ -460,16 +462,22 @@ def test_without_a_main_window_a_rerun_over_hand_edits_is_refused_not_asked(widg
                                   sitk.GetArrayFromImage(widget.truth))
 
 
-def test_a_run_that_cannot_start_is_refused_before_asking_about_hand_edits(widget, module, monkeypatch,
-                                                                           tiny_model):
-    """With the model file not chosen (or no ventricle model for the split), Segment WMH over a corrected
-    result first asked whether to replace the corrections, and after OK said that it cannot start."""
+def resultCorrectedByHand(widget, module, monkeypatch, tiny_model):
+    """A finished Segment WMH whose WMH segment was then redrawn by hand (the true mask): (ui, parameters)."""
     oracle_network(monkeypatch)
     ui, p = widget.ui, widget._parameterNode
     p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
     ui.applyButton.click()
     finishJob(widget)
     mrml.segmentationFromMask(widget.truth, widget.volume, p.outputSegmentation)  # corrected by hand
+    return ui, p
+
+
+def test_a_run_that_cannot_start_is_refused_before_asking_about_hand_edits(widget, module, monkeypatch,
+                                                                           tiny_model):
+    """With the model file not chosen (or no ventricle model for the split), Segment WMH over a corrected
+    result first asked whether to replace the corrections, and after OK said that it cannot start."""
+    ui, p = resultCorrectedByHand(widget, module, monkeypatch, tiny_model)
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: pytest.fail("asked"))
     p.modelFile = ""
     with pytest.raises(DeepWMLError, match="choose a DeepWML model file"):
@@ -486,12 +494,7 @@ def test_the_check_for_hand_edits_shows_the_wait_cursor_and_the_question_does_no
     """Comparing the WMH and ventricle segments with what DeepWML wrote takes seconds on a large scan (a
     segment of 512 x 512 x 200 voxels: 0.5 s, 2.6 s with both cores busy): it ran with the ordinary cursor,
     and Segment WMH seemed not to react."""
-    oracle_network(monkeypatch)
-    ui, p = widget.ui, widget._parameterNode
-    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
-    ui.applyButton.click()
-    finishJob(widget)
-    mrml.segmentationFromMask(widget.truth, widget.volume, p.outputSegmentation)  # corrected by hand
+    ui, p = resultCorrectedByHand(widget, module, monkeypatch, tiny_model)
     cursor, seen = [], {}
     monkeypatch.setattr(slicer.app, "setOverrideCursor", lambda shape: cursor.append(shape), raising=False)
     monkeypatch.setattr(slicer.app, "restoreOverrideCursor", lambda: cursor.pop(), raising=False)
