@@ -125,7 +125,7 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
         for column in path_columns:
             if row.get(column):
                 row[column] = io.manifest_path(path.parent, row[column])
-                if not Path(row[column]).exists():
+                if io.known_missing(row[column]):
                     missing.append((row["case"], row[column]))
         rows.append(row)
     hint = io.missing_paths_hint(path, [p for _, p in missing]) if missing else ""

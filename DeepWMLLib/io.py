@@ -2755,11 +2755,29 @@ def manifest_path(folder: str | os.PathLike, text: str) -> str:
     that exists: a backslash in a file name is rare there, a manifest carried to a Linux server common."""
     folder = Path(folder)
     found = (folder / text).resolve()
-    if os.sep == "/" and "\\" in text and not found.exists():
+    if os.sep == "/" and "\\" in text and known_missing(found):
         slashed = (folder / text.replace("\\", "/")).resolve()
-        if slashed.exists():
+        if _found(slashed):
             return str(slashed)
     return str(found)
+
+
+def known_missing(path: str | os.PathLike) -> bool:
+    """Whether `path` is known not to exist. Path.exists raises where the look-up fails otherwise (a folder on the
+    way the user may not search, on a share whose permissions changed; a name too long for the file system): such a
+    path is not known missing, and reading it says why (the failure of its case, not the whole manifest's)."""
+    try:
+        return not Path(path).exists()
+    except OSError:
+        return False
+
+
+def _found(path: str | os.PathLike) -> bool:
+    """Whether `path` is known to exist (False where the look-up fails, as in `known_missing`)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
@@ -2784,7 +2802,7 @@ def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
         except ValueError:  # Windows: on another drive than the manifest, so it was written in full
             return None
 
-    found = [w for w in map(as_written, missing) if w is not None and Path(w).exists()]
+    found = [w for w in map(as_written, missing) if w is not None and _found(w)]
     if not found:
         return ""
     return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "

@@ -349,6 +349,36 @@ def test_cohort_paths_written_from_the_current_folder_are_explained(cohort, tmp_
     assert not (tmp_path / "here").exists()
 
 
+def test_a_path_whose_look_up_fails_is_its_cases_failure_not_the_cohorts(cohort, tmp_path, monkeypatch, capsys):
+    """The manifest's check for missing files (ae31374) asked Path.exists, which raises where the look-up fails
+    otherwise: a name too long for the file system, or a folder the user may not search (a share whose permissions
+    changed). evaluate stopped before any case with 'internal error: OSError' (where that case alone failed
+    before); now that case fails, saying why, and the others are evaluated."""
+    long = "p" * 300 + ".nii.gz"  # ENAMETOOLONG: a real look-up failure, as root searches any folder
+    locked = cohort.parent / "locked"  # a folder without search permission, refused here as root is not
+    monkeypatch.setattr(io.Path, "exists", _refusing_exists(io.Path.exists, locked))
+    manifest = tmp_path / "lookups.csv"
+    manifest.write_text(f"case,prediction,reference\na1,cohort/masks/a1.nii.gz,cohort/masks/ref.nii.gz\n"
+                        f"long,cohort/masks/{long},cohort/masks/ref.nii.gz\n"
+                        f"locked,cohort/locked/a2.nii.gz,cohort/masks/ref.nii.gz\n"
+                        f"windows,cohort\\locked\\a3.nii.gz,cohort/masks/ref.nii.gz\n")
+    assert main(["evaluate", "--manifest", str(manifest), "-o", str(tmp_path / "out")]) == 1  # cases failed
+    assert "internal error" not in capsys.readouterr().err.split("\n")[0]
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert float(per_case["a1"]["dice"]) == 1.0
+    assert "File name too long" in per_case["long"]["error"] and per_case["locked"]["error"]
+    assert per_case["windows"]["error"]
+
+
+def _refusing_exists(exists, folder):
+    """Path.exists refusing, as for a user without search permission on `folder`, with PermissionError."""
+    def refused(self):
+        if str(self).startswith(str(folder)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self)
+    return refused
+
+
 def test_manifest_folders_and_line_numbers_are_named_as_training_names_them(tmp_path):
     """A folder given as the manifest was 'does not exist'; a line number did not count blank lines."""
     with pytest.raises(DeepWMLError, match="is a folder; pass the CSV file"):
