@@ -124,13 +124,13 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
         seen.add(row["case"])
         for column in path_columns:
             if row.get(column):
-                row[column] = io.manifest_path(path.parent, row[column])
+                written, row[column] = row[column], io.manifest_path(path.parent, row[column])
                 if io.known_missing(row[column]):
-                    missing.append((row["case"], row[column]))
+                    missing.append((row["case"], row[column], written))
         rows.append(row)
-    hint = io.missing_paths_hint(path, [p for _, p in missing]) if missing else ""
+    hint = io.missing_paths_hint(path, [p for _, p, _ in missing], [w for _, _, w in missing]) if missing else ""
     if hint:
-        case, first = missing[0]
+        case, first, _ = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest {path} do not exist (first: {case}: {first})"
                            f"{hint}")
     return rows

@@ -2780,11 +2780,13 @@ def _found(path: str | os.PathLike) -> bool:
         return False
 
 
-def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
+def missing_paths_hint(manifest: str | os.PathLike, missing: list[str], written: list[str] | None = None) -> str:
     """Why manifest paths (made absolute by `manifest_path`) may be missing, where it can be told, as '; ...'
     (else ''): on macOS and Linux, a Windows path (D:\\cohort\\..., or a share's \\\\server\\share\\..., a manifest
     made on Windows); paths that, as written, exist from the current folder (written relative to where the command
-    runs, but a manifest's relative paths are read from its own folder)."""
+    runs, but a manifest's relative paths are read from its own folder). `written`: the paths as the manifest has
+    them, where known; one written in full is no relative path read from the wrong folder (without `written`,
+    each is taken as written relative to the manifest's folder)."""
     folder = Path(manifest).resolve().parent
     drive_or_share = r"[A-Za-z]:\\.*|\\\\[^\\/]+\\.*"  # D:\cohort\... or \\server\share\... (UNC)
     windows = [m for m in (re.search(drive_or_share, p) for p in missing) if m] if os.sep == "/" else []
@@ -2802,7 +2804,11 @@ def missing_paths_hint(manifest: str | os.PathLike, missing: list[str]) -> str:
         except ValueError:  # Windows: on another drive than the manifest, so it was written in full
             return None
 
-    found = [w for w in map(as_written, missing) if w is not None and _found(w)]
+    if written is not None:  # only those written relative: one written in full names its file wherever it runs
+        texts = [w for w in written if not os.path.isabs(w)]
+        found = [w for w in texts if _found(w) or (os.sep == "/" and "\\" in w and _found(w.replace("\\", "/")))]
+    else:
+        found = [w for w in map(as_written, missing) if w is not None and _found(w)]
     if not found:
         return ""
     return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "

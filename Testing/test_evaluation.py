@@ -349,6 +349,31 @@ def test_cohort_paths_written_from_the_current_folder_are_explained(cohort, tmp_
     assert not (tmp_path / "here").exists()
 
 
+def test_a_missing_path_written_in_full_is_not_told_as_read_from_the_wrong_folder(cohort, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A manifest of full paths (/data/cohort/masks/nothing.nii.gz) with one file missing, run from a copy of the
+    cohort holding that file (masks/nothing.nii.gz there): the whole manifest was refused, 'relative paths are read
+    from the manifest's folder, not from the current folder ...: write them relative to the manifest's folder, or in
+    full', of paths written in full. The hint is for paths written relative; the case fails alone, as before."""
+    full = cohort.parent / "full.csv"
+    masks = cohort.parent / "masks"
+    full.write_text(f"case,prediction,reference\na1,{masks}/a1.nii.gz,{masks}/ref.nii.gz\n"
+                    f"missing,{masks}/nothing.nii.gz,{masks}/ref.nii.gz\n")
+    copy = tmp_path / "copy"
+    (copy / "masks").mkdir(parents=True)
+    write_mask(reference_array(), copy / "masks" / "nothing.nii.gz")
+    monkeypatch.chdir(copy)
+    assert main(["evaluate", "--manifest", str(full), "-o", str(tmp_path / "out")]) == 1  # the one case failed
+    assert "current folder" not in capsys.readouterr().err
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert float(per_case["a1"]["dice"]) == 1.0 and "nothing.nii.gz does not exist" in per_case["missing"]["error"]
+    relative = cohort.parent / "relative.csv"  # written relative to the current folder: still told, and refused
+    relative.write_text("case,prediction,reference\nmissing,masks/nothing.nii.gz,masks/ref.nii.gz\n")
+    with pytest.raises(DeepWMLError, match=r"not from the current folder, where 1 of them exist \(e.g. "
+                                           r"masks/nothing.nii.gz\)"):
+        evaluation.read_manifest(relative, ("case", "prediction", "reference"), path_columns=("prediction",))
+
+
 def test_a_path_whose_look_up_fails_is_its_cases_failure_not_the_cohorts(cohort, tmp_path, monkeypatch, capsys):
     """The manifest's check for missing files (ae31374) asked Path.exists, which raises where the look-up fails
     otherwise: a name too long for the file system, or a folder the user may not search (a share whose permissions
