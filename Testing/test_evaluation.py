@@ -349,12 +349,12 @@ def test_cohort_paths_written_from_the_current_folder_are_explained(cohort, tmp_
     assert not (tmp_path / "here").exists()
 
 
-def test_a_missing_path_written_in_full_is_not_told_as_read_from_the_wrong_folder(cohort, tmp_path, monkeypatch,
-                                                                                   capsys):
-    """A manifest of full paths (/data/cohort/masks/nothing.nii.gz) with one file missing, run from a copy of the
-    cohort holding that file (masks/nothing.nii.gz there): the whole manifest was refused, 'relative paths are read
-    from the manifest's folder, not from the current folder ...: write them relative to the manifest's folder, or in
-    full', of paths written in full. The hint is for paths written relative; the case fails alone, as before."""
+def test_a_missing_file_is_not_told_as_read_from_the_wrong_folder(cohort, tmp_path, monkeypatch, capsys):
+    """A manifest with one file missing, run from a copy of the cohort holding that file (masks/nothing.nii.gz
+    there): the whole manifest was refused, 'relative paths are read from the manifest's folder, not from the
+    current folder ...: write them relative to the manifest's folder, or in full', of paths written in full, or
+    written relative to the manifest's folder, from which the others name their files. The hint is for manifests
+    written relative to the current folder; such a file is its case's failure, as before."""
     full = cohort.parent / "full.csv"
     masks = cohort.parent / "masks"
     full.write_text(f"case,prediction,reference\na1,{masks}/a1.nii.gz,{masks}/ref.nii.gz\n"
@@ -366,6 +366,12 @@ def test_a_missing_path_written_in_full_is_not_told_as_read_from_the_wrong_folde
     assert main(["evaluate", "--manifest", str(full), "-o", str(tmp_path / "out")]) == 1  # the one case failed
     assert "current folder" not in capsys.readouterr().err
     per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert float(per_case["a1"]["dice"]) == 1.0 and "nothing.nii.gz does not exist" in per_case["missing"]["error"]
+    # the cohort's own manifest, written relative to its folder, from which its other paths name their files: its
+    # missing case was refused whole, told to 'write them relative to the manifest's folder', as they are
+    assert main(["evaluate", "--manifest", str(cohort), "-o", str(tmp_path / "cohort_out")]) == 1
+    assert "current folder" not in capsys.readouterr().err
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "cohort_out" / "per_case.csv")}
     assert float(per_case["a1"]["dice"]) == 1.0 and "nothing.nii.gz does not exist" in per_case["missing"]["error"]
     relative = cohort.parent / "relative.csv"  # written relative to the current folder: still told, and refused
     relative.write_text("case,prediction,reference\nmissing,masks/nothing.nii.gz,masks/ref.nii.gz\n")
