@@ -449,3 +449,28 @@ def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_sca
     assert batchScript.main(["--input-dir", str(labelled), "--output-dir", str(out), *arguments[4:]]) == 0
     assert "1/2 cases done (0 failed, 1 skipped)" in capsys.readouterr().out
     assert (out / "case01_report.json").is_file()
+
+
+def test_batch_nan_probabilities_name_the_batchs_own_device_option(scene, batchScript, tmp_path, monkeypatch,
+                                                                   tiny_model):
+    """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with the Slicer module's words,
+    'this module has no precision setting: choose Device: cpu', a control of the module's panel that the batch
+    has not: its option is --device cpu. The batch now names it."""
+    from DeepWMLLib import inference
+
+    def nan(slices, runner, *args, ran=None, **kwargs):  # as a network that overflows in fp16 on a GPU
+        if ran is not None:
+            ran.append("torch fp16")
+        return np.full(slices.shape, np.nan, np.float32)
+
+    monkeypatch.setattr(inference, "predict_network_slices", nan)
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 1
+    error = summary(out)["a"]["error"]
+    assert "gave NaN probabilities (running as torch fp16)" in error and "Device: cpu" not in error
+    assert "rerun with --device cpu, which runs in full precision on this computer (slower), or segment the scan " \
+           "with deepwml segment --precision fp32" in error and "this batch has no precision option" in error

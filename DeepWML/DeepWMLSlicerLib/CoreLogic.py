@@ -797,20 +797,23 @@ def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def nanAdvice(error) -> str:
+def nanAdvice(error, batch: bool = False) -> str:
     """The module's words on a network that gave NaN probabilities (inference.NaNProbabilities), whose own advice,
     rerun with --precision fp32, names an option of deepwml segment that the module does not have: it runs in
-    reduced precision where it can (fp16 on a GPU, bf16 on a CPU that computes it natively)."""
+    reduced precision where it can (fp16 on a GPU, bf16 on a CPU that computes it natively). `batch`: the words of
+    the Slicer batch (Scripts/segment_batch.py), whose device is its option --device, not the panel's Device."""
     if not error.reduced:
         return f"{error.what}: its result would mark nothing; it ran in full precision, so the model file is at " \
                "fault: choose another model"
     from DeepWMLLib.inference import torch_cpu_has_native_bf16
 
-    cpu = "choose Device: cpu, which runs in full precision on this computer (slower), or " \
+    cpu = ("rerun with --device cpu" if batch else "choose Device: cpu") + \
+        ", which runs in full precision on this computer (slower), or " \
         if "fp16" in error.runner and not torch_cpu_has_native_bf16() else ""
-    return (f"{error.what}: its result would mark nothing; reduced precision can overflow, and this module has no "
-            f"precision setting: {cpu}segment the scan outside Slicer with deepwml segment --precision fp32. If that "
-            "fails too, the model file is at fault")
+    where = ("this batch has no precision option", "segment the scan with") if batch else \
+        ("this module has no precision setting", "segment the scan outside Slicer with")
+    return (f"{error.what}: its result would mark nothing; reduced precision can overflow, and {where[0]}: "
+            f"{cpu}{where[1]} deepwml segment --precision fp32. If that fails too, the model file is at fault")
 
 
 def _ventricleModel(location):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
-from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic, nanAdvice  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
@@ -247,6 +247,11 @@ def main(argv) -> int:
             if args.debug:
                 traceback.print_exc()
             message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+            if exc.__cause__ is not None:
+                from DeepWMLLib.inference import NaNProbabilities
+
+                if isinstance(exc.__cause__, NaNProbabilities):  # the module's words name its panel's Device
+                    message = nanAdvice(exc.__cause__, batch=True)
             row = {"status": "error", "error": message}
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
