@@ -321,6 +321,33 @@ def test_save_results_offers_a_name_of_the_patients_flair_and_the_last_folder(wi
     assert slicer_standins.QFileDialog.offered == str(tmp_path / "patient 7" / "3_AX_FLAIR_consensus_2.json")
 
 
+def test_save_results_opens_in_a_last_folder_that_can_no_longer_be_looked_in(widget, tmp_path, monkeypatch):
+    """The folder saved to last (a share) whose permissions changed since: the check for a file of the name to
+    offer (fd24855) raised PermissionError, so every Save results said 'Cannot save the results.' and no dialog
+    opened to save anywhere else. The dialog opens there again, offering the name; the user may pick another folder."""
+    ui, p = widget.ui, widget._parameterNode
+    widget.volume.SetName("3: AX FLAIR")
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="auto")
+    ui.showStatisticsButton.click()
+    share = tmp_path / "share"
+    share.mkdir()
+    slicer_standins.QFileDialog.nextPath = str(share / "first.csv")
+    ui.saveResultsButton.click()
+    assert (share / "first.csv").is_file()
+    exists = Path.exists
+
+    def refused(path):  # as for a user no longer allowed into the share (root may look anywhere)
+        if str(path).startswith(str(share)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return exists(path)
+
+    monkeypatch.setattr(Path, "exists", refused)
+    slicer_standins.QFileDialog.offered, slicer_standins.QFileDialog.nextPath = None, str(tmp_path / "elsewhere.csv")
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered == str(share / "3_AX_FLAIR_lesions.csv")
+    assert (tmp_path / "elsewhere.csv").is_file()
+
+
 def test_a_row_shows_its_slice_of_the_volume_measured_whatever_is_chosen_since(widget):
     """The table's rows are slices of the volume the results were computed on; with another volume chosen
     since (to segment it next), a row jumped the views to that slice number of the other volume."""

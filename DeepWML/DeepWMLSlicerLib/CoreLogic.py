@@ -763,8 +763,15 @@ class DeepWMLCoreLogic:
         volume = (results.get("report", {}).get("volume") or results.get("consensus", {}).get("volume")
                   or results.get("change", {}).get("followup") or "DeepWML")
         stem = f"{plain_name(volume)}_{kind}"
+
+        def taken(name: str) -> bool:
+            try:
+                return Path(folder, name).exists()
+            except OSError:  # a folder that can no longer be looked in (a share's permissions changed): the dialog
+                return False  # still opens, and the user may choose another (it asks before overwriting)
+
         name, number = f"{stem}{suffix}", 1
-        while folder and Path(folder, name).exists():
+        while folder and taken(name):
             number += 1
             name = f"{stem}_{number}{suffix}"
         return name
