@@ -115,7 +115,7 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
     """
     path = Path(path)
     numbered = io.read_manifest_rows(path, required, optional)
-    rows, seen, missing, read_here = [], set(), [], False
+    rows, seen, missing, read_here = [], set(), [], 0
     for line, row in numbered:
         if not row["case"]:
             raise DeepWMLError(f"manifest {path}, line {line}: the case name is empty")
@@ -128,13 +128,10 @@ def read_manifest(path: str | os.PathLike, required: tuple[str, ...], optional: 
                 if io.known_missing(row[column]):
                     missing.append((row["case"], row[column], written))
                 elif not os.path.isabs(written):
-                    read_here = True
+                    read_here += 1
         rows.append(row)
-    # paths written relative to the current folder are told only where no relative path names a file from the
-    # manifest's folder: where some do, the manifest is written as it is read, and a file missing (a case whose
-    # segmentation failed) is its case's failure, even if the current folder holds a file of that name
-    written = [] if read_here else [w for _, _, w in missing]
-    hint = io.missing_paths_hint(path, [p for _, p, _ in missing], written) if missing else ""
+    hint = io.missing_paths_hint(path, [p for _, p, _ in missing], [w for _, _, w in missing], read_here) \
+        if missing else ""
     if hint:
         case, first, _ = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest {path} do not exist (first: {case}: {first})"

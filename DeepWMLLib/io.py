@@ -2780,13 +2780,17 @@ def _found(path: str | os.PathLike) -> bool:
         return False
 
 
-def missing_paths_hint(manifest: str | os.PathLike, missing: list[str], written: list[str] | None = None) -> str:
+def missing_paths_hint(manifest: str | os.PathLike, missing: list[str], written: list[str] | None = None,
+                       read_here: int = 0) -> str:
     """Why manifest paths (made absolute by `manifest_path`) may be missing, where it can be told, as '; ...'
     (else ''): on macOS and Linux, a Windows path (D:\\cohort\\..., or a share's \\\\server\\share\\..., a manifest
     made on Windows); paths that, as written, exist from the current folder (written relative to where the command
     runs, but a manifest's relative paths are read from its own folder). `written`: the paths as the manifest has
     them, where known; one written in full is no relative path read from the wrong folder (without `written`,
-    each is taken as written relative to the manifest's folder)."""
+    each is taken as written relative to the manifest's folder). `read_here`: how many of the manifest's relative
+    paths name files from its folder; where fewer of the missing exist from the current folder, the manifest is
+    written as it is read, and a file missing (a case whose segmentation failed) is just missing, even if the
+    current folder holds a file of that name."""
     folder = Path(manifest).resolve().parent
     drive_or_share = r"[A-Za-z]:\\.*|\\\\[^\\/]+\\.*"  # D:\cohort\... or \\server\share\... (UNC)
     windows = [m for m in (re.search(drive_or_share, p) for p in missing) if m] if os.sep == "/" else []
@@ -2809,7 +2813,7 @@ def missing_paths_hint(manifest: str | os.PathLike, missing: list[str], written:
         found = [w for w in texts if _found(w) or (os.sep == "/" and "\\" in w and _found(w.replace("\\", "/")))]
     else:
         found = [w for w in map(as_written, missing) if w is not None and _found(w)]
-    if not found:
+    if not found or len(found) < read_here:
         return ""
     return (f"; relative paths are read from the manifest's folder {folder}, not from the current folder, where "
             f"{len(found)} of them exist (e.g. {found[0]}): write them relative to the manifest's folder, or in full")

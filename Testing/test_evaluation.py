@@ -373,6 +373,13 @@ def test_a_missing_file_is_not_told_as_read_from_the_wrong_folder(cohort, tmp_pa
     assert "current folder" not in capsys.readouterr().err
     per_case = {r["case"]: r for r in read_csv(tmp_path / "cohort_out" / "per_case.csv")}
     assert float(per_case["a1"]["dice"]) == 1.0 and "nothing.nii.gz does not exist" in per_case["missing"]["error"]
+    mixed = tmp_path / "mixed.csv"  # predictions typed from the current folder, the reference from the manifest's
+    (copy / "masks" / "a1.nii.gz").write_bytes((masks / "a1.nii.gz").read_bytes())
+    mixed.write_text("case,prediction,reference\na1,masks/a1.nii.gz,cohort/masks/ref.nii.gz\n"
+                     "missing,masks/nothing.nii.gz,cohort/masks/ref.nii.gz\n")
+    with pytest.raises(DeepWMLError, match=r"not from the current folder, where 2 of them exist \(e.g. "
+                                           r"masks/a1.nii.gz\)"):
+        evaluation.read_manifest(mixed, ("case", "prediction", "reference"), path_columns=("prediction", "reference"))
     relative = cohort.parent / "relative.csv"  # written relative to the current folder: still told, and refused
     relative.write_text("case,prediction,reference\nmissing,masks/nothing.nii.gz,masks/ref.nii.gz\n")
     with pytest.raises(DeepWMLError, match=r"not from the current folder, where 1 of them exist \(e.g. "
