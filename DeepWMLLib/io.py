@@ -1947,7 +1947,12 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
     time; of a DICOM series' files, one at a time; of an NRRD or MetaImage file only 0 and 1 (SimpleITK reads it
     in one call that says nothing in between); of a NIfTI pair's .img, a piece at a time."""
     p = Path(path)
-    if not p.exists():
+    try:
+        found = p.exists()
+    except OSError as exc:  # a name too long for the file system, a folder on the way without access
+        raise DeepWMLError(f"{p} cannot be looked up ({exc.strerror or exc}): check the path and that your account "
+                           "may open its folders") from exc
+    if not found:
         if p.is_symlink():
             raise DeepWMLError(f"{p} is a link to {os.readlink(p)}, which cannot be reached (a share not mounted?)")
         raise DeepWMLError(f"{p} does not exist")

@@ -393,7 +393,11 @@ def prepare_volume(image, mask, preprocessing: PreprocessingConfig,
 def _case_key(case: Case, preprocessing: dict, ignore_label: int | None = None) -> str:
     parts = [case.case, preprocessing] + ([{"ignore_label": ignore_label}] if ignore_label is not None else [])
     for p in (case.flair, case.mask):
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError:  # a name too long, a folder without access: reading the case says so, naming it
+            parts.append([p, None, None])
+            continue
         parts.append([p, st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -919,7 +923,7 @@ def _unlock_run_dir(run_dir: Path) -> None:
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
     cases = read_manifest(cfg.manifest, cfg.mask_column)
-    missing = [(c.case, p) for c in cases for p in (c.flair, c.mask) if not Path(p).exists()]
+    missing = [(c.case, p) for c in cases for p in (c.flair, c.mask) if io.known_missing(p)]
     if missing and not cfg.skip_bad_cases:
         case, path = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
@@ -977,7 +981,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     # well (the first MiB alone, no DICOM folder): the same files, known fully from now
     if stored_data != data:
         io.write_text(json.dumps(data, indent=1) + "\n", data_file)
-    absent = {c.case for c in cases if not (Path(c.flair).exists() and Path(c.mask).exists())}
+    absent = {c.case for c in cases if io.known_missing(c.flair) or io.known_missing(c.mask)}
     for name in sorted(absent):
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]

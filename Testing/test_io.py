@@ -528,6 +528,12 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_path_that_cannot_be_looked_up_is_refused_in_words(tmp_path):
+    """A name over the file system's 255 bytes made Path.exists raise: 'internal error: OSError'."""
+    with pytest.raises(DeepWMLError, match=r"cannot be looked up \(File name too long\)"):
+        io.read_image(tmp_path / ("x" * 300 + ".nii.gz"))
+
+
 def test_write_into_missing_folder_is_refused(tmp_path):
     image, _ = make_volume(size=(10, 10, 3))
     with pytest.raises(DeepWMLError, match="does not exist"):

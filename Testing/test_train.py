@@ -302,6 +302,21 @@ def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path
     assert (run / "best.pt").is_file()
 
 
+def test_a_path_too_long_to_look_up_is_its_case_s_error_or_skipped_on_request(tmp_path):
+    """A manifest path the file system cannot look up (a name over 255 bytes; a folder the account may not
+    open) ended every training in 'internal error: OSError: File name too long', --skip-bad-cases or not."""
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=6)
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace("c1_flair.nii.gz", "x" * 300 + ".nii.gz"),
+                        encoding="utf-8")
+    with pytest.raises(DeepWMLError, match=r"case c1: .*cannot be looked up \(File name too long\).*--skip-bad-cases"):
+        training.train(tiny_config(manifest), tmp_path / "stop")
+    run = tmp_path / "skip"
+    training.train(tiny_config(manifest, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
+    assert "c1,".encode() in (run / "skipped_cases.csv").read_bytes()
+    assert (run / "best.pt").is_file()
+
+
 def test_settings_added_later_count_as_their_defaults_when_resuming():
     """A run folder written before a setting existed resumes: the missing key is its default."""
     current = training.TrainConfig(manifest="m.csv").to_dict()
