@@ -231,17 +231,26 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     return result
 
 
+def why_not_flair(check: dict) -> str | None:
+    """Why a scan the check judged does not look like a FLAIR, with its figure and the real FLAIRs' (None when
+    it looks like one, or was not judged)."""
+    if check.get("looks_like") == "T2- or PD-weighted":
+        return (f"the ventricles are not dark ({check['dark_fraction']:.2%} of the deep brain is darker than half its "
+                f"median; {FLAIR_DARK_RANGE} on the real FLAIRs checked)")
+    if check.get("looks_like") == "T1-weighted":
+        return (f"the cortex is darker than the white matter (only {check['cortex_brighter_fraction']:.0%} of it is "
+                f"brighter than the deep white matter; {FLAIR_CORTEX_RANGE} on the real FLAIRs checked)")
+    return None
+
+
 def contrast_warnings(check: dict) -> list[str]:
     """The warning for a scan that does not look like a FLAIR (none otherwise)."""
     if check.get("looks_like") == "T2- or PD-weighted":
-        return [f"this does not look like a FLAIR: the ventricles are not dark ({check['dark_fraction']:.2%} of the "
-                f"deep brain is darker than half its median; {FLAIR_DARK_RANGE} on the real FLAIRs checked), as on a "
-                "T2- or PD-weighted scan, where DeepWML marks CSF as lesion: check the series"]
+        return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan, where "
+                "DeepWML marks CSF as lesion: check the series"]
     if check.get("looks_like") == "T1-weighted":
-        return [f"this does not look like a FLAIR: the cortex is darker than the white matter (only "
-                f"{check['cortex_brighter_fraction']:.0%} of it is brighter than the deep white matter; "
-                f"{FLAIR_CORTEX_RANGE} on the real FLAIRs checked), as on a T1-weighted scan, where lesions are not "
-                "bright and the figures mean nothing: check the series"]
+        return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T1-weighted scan, where lesions are "
+                "not bright and the figures mean nothing: check the series"]
     if check.get("not_judged"):  # silence would read as "a FLAIR"; the brain outline fails on T2-weighted scans
         deep = check.get("deep_ml")
         why = (f"only {deep:.0f} ml of brain lies 20 mm or more inside its outline (under {MIN_DEEP_ML:g} ml: a "

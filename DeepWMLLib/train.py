@@ -21,6 +21,7 @@ Run folder (single model; with `ensemble` N the per-model files go to model_0 ..
     split.csv       case, centre, disease, split (train / val / test)
     data.json       the train and val cases' files by content (a resume must train on the same)
     cache/          prepared network-grid slices (float16 images, uint8 labels) per split
+    flair_check.csv     each case's FLAIR check (`deepwml segment`'s, contrast.py): what it looks like and its figures
     skipped_cases.csv   cases left out by `skip_bad_cases`, with the reason (only when any)
     history.csv     one row per epoch
     last.pt         full training state for resuming
@@ -80,7 +81,7 @@ _INTENSITY_P = 0.5
 
 # Settings that may change when a run is resumed: they change where and how long it runs, not what
 # it computes (on CPU the thread count can change the last bits; see the module docstring).
-_RUNTIME_KEYS = ("epochs", "device", "threads", "skip_bad_cases")
+_RUNTIME_KEYS = ("epochs", "device", "threads", "skip_bad_cases", "allow_non_flair")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +116,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     skip_bad_cases: bool = False
+    allow_non_flair: bool = False  # train on cases the FLAIR check calls T1-, T2- or PD-weighted (else refused or skipped)
     init: str | None = None  # start from the weights of this model file (fine-tuning); same architecture
     mask_column: str = "mask"  # the manifest column of the target masks (e.g. intracranial, for the brain mask)
     label_name: str = "WMH"  # what label 1 of the trained model means (written into the model file)
@@ -426,11 +428,16 @@ class SliceSet:
 
 def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: dict, folder: Path,
                   skip_bad_cases: bool, progress: Progress | None = None, cancel=None,
-                  ignore_label: int | None = None) -> list[tuple[str, str]]:
+                  ignore_label: int | None = None, flair_check: Callable | None = None,
+                  allow_non_flair: bool = False, flair_table: Path | None = None) -> list[tuple[str, str]]:
     """Prepare the train and val cases once into `folder`; returns the skipped (case, reason) pairs.
 
     Each case is first saved on its own (named by a hash of its files and the preprocessing), so an
     interrupted preparation continues where it stopped; then each split is gathered into one memmap.
+    `flair_check(image, mask)` (`flair_checker`), when given, judges each case's contrast once (kept beside
+    its slices, so a rerun does not judge it again) and its figures go to `flair_table`: cases that do not
+    look like a FLAIR are refused, naming them, before any split is gathered, or with `skip_bad_cases` left
+    out; `allow_non_flair` trains on them, with a warning.
     """
     cfg = PreprocessingConfig.from_dict(preprocessing)
     parts = folder / "cases"
@@ -446,11 +453,14 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     if done_file.is_file():
         done = json.loads(done_file.read_text(encoding="utf-8"))
         if done.get("signature") == signature:
+            if done.get("not_flair"):
+                _warn_trained_non_flair(done["not_flair"])
             return [tuple(s) for s in done["skipped"]]
         done_file.unlink()
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")
     skipped, several_values, several_segments = [], [], []
+    checks: dict[str, dict] = {}
     everything = wanted + tested
     for i, case in enumerate(everything):
         if cancel is not None and cancel():
@@ -459,11 +469,17 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             verb = "preparing" if i < len(wanted) else "checking test case"
             progress(i / len(everything), f"{verb} {case.case} ({i + 1}/{len(everything)})")
         target = parts / f"{keys[case.case]}.npz"
-        if target.is_file():
+        checked = parts / f"{keys[case.case]}_flair_check.json"
+        if target.is_file() and (flair_check is None or checked.is_file()):
+            if flair_check is not None:
+                checks[case.case] = json.loads(checked.read_text(encoding="utf-8"))
             continue
         try:
             image = io.read_image(case.flair)
             mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}")
+            if flair_check is not None:
+                checks[case.case] = flair_check(image, mask)
+                io.write_text(json.dumps(checks[case.case]), checked)
         except DeepWMLError as exc:
             if not skip_bad_cases:
                 raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc
@@ -496,15 +512,94 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                     "of them train as lesion. If one is not lesion, name the lesion segment WMH (it alone is read then), "
                     "or save a label map and pass --ignore-label for the voxels to leave out", len(several_segments),
                     "; ".join(several_segments[:3]))
+    not_flair = []
+    if flair_check is not None:
+        not_flair = _judge_flair_checks(everything, assignment, checks, flair_table, skip_bad_cases, allow_non_flair)
+        if not allow_non_flair:
+            skipped += [(name, f"does not look like a FLAIR, it looks {looks}: {why}") for name, _, looks, why in not_flair]
     skipped_names = {s[0] for s in skipped}
     for split in ("train", "val"):
         members = [c for c in wanted if assignment[c.case] == split and c.case not in skipped_names]
         _gather_split(folder, split, members, [parts / f"{keys[c.case]}.npz" for c in members], cfg.grid_size)
-    io.write_text(json.dumps({"signature": signature, "skipped": skipped}), done_file)
+    io.write_text(json.dumps({"signature": signature, "skipped": skipped,
+                              "not_flair": not_flair if allow_non_flair else []}), done_file)
     shutil.rmtree(parts, ignore_errors=True)
     if progress:
         progress(1.0, "prepared")
     return skipped
+
+
+def flair_checker(device: str = "auto") -> Callable | None:
+    """`deepwml segment`'s FLAIR check (contrast.py) for a training case: a function of its FLAIR and target
+    mask (same grid) that gives the check's figures, its `looks_like` among them. The shipped brain-mask network
+    outlines the brain, as segment's does (a few tenths of a second a case; README, training); None without one.
+    The target is left out of the white matter's level as segment leaves out what it marked, unless it fills
+    most of the brain (an intracranial mask, to train a brain-mask network)."""
+    from .contrast import flair_contrast
+    from .inference import predict_maps, resolve_device
+    from .postprocessing import BRAIN_THRESHOLD
+    from .segment import load_brain_model
+
+    brain_model = load_brain_model("default")
+    if brain_model is None:
+        log.warning("no brain-mask model is installed, so whether each scan is a FLAIR is not checked")
+        return None
+    device = resolve_device(device)
+
+    def check(image, mask) -> dict:
+        brain, _, _, frame = predict_maps(image, [brain_model], None, device)
+        inside = np.greater_equal(brain, BRAIN_THRESHOLD)
+        del brain
+        target = io.axial_view(mask, frame) > 0
+        lesion = target if 2 * np.count_nonzero(target) < np.count_nonzero(inside) else np.zeros_like(target)
+        return flair_contrast(io.axial_view(image, frame), inside, lesion,
+                              (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))
+
+    return check
+
+
+FLAIR_TABLE_COLUMNS = ("case", "split", "looks_like", "dark_fraction", "cortex_brighter_fraction", "deep_ml", "not_judged")
+
+
+def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: dict[str, dict], table: Path | None,
+                        skip_bad_cases: bool, allow_non_flair: bool) -> list[tuple[str, str, str, str]]:
+    """Write the checks to `table`, say which cases could not be judged, and return the (case, split, what it
+    looks like, why) of those that do not look like a FLAIR: a DeepWMLError naming them unless `skip_bad_cases`
+    (each said to be skipped) or `allow_non_flair` (said to be trained on)."""
+    from .contrast import why_not_flair
+
+    judged = [c for c in cases if c.case in checks]
+    if table is not None and judged:
+        _write_csv(table, list(FLAIR_TABLE_COLUMNS), [[c.case, assignment[c.case]] + [
+            "" if checks[c.case].get(k) is None else checks[c.case][k] for k in FLAIR_TABLE_COLUMNS[2:]] for c in judged])
+    where = f" (every case's figures: {table})" if table is not None else ""
+    unjudged = [c.case for c in judged if checks[c.case].get("looks_like") is None]
+    if unjudged:
+        log.warning("whether %d case(s) are FLAIRs could not be checked (%s%s: %s); make sure their scans are FLAIRs",
+                    len(unjudged), ", ".join(unjudged[:3]), ", ..." if len(unjudged) > 3 else "",
+                    checks[unjudged[0]]["not_judged"])
+    found = [(c.case, assignment[c.case], checks[c.case]["looks_like"], why_not_flair(checks[c.case]))
+             for c in judged if checks[c.case].get("looks_like") not in (None, "FLAIR")]
+    if found and allow_non_flair:
+        _warn_trained_non_flair(found)
+        return found
+    if found and not skip_bad_cases:
+        named = "; ".join(f"case {name}{' (test)' if split == 'test' else ''} looks {looks}: {why}"
+                          for name, split, looks, why in found[:2])
+        more = (f"; and {len(found) - 2} more ({', '.join(name for name, *_ in found[2:5])}"
+                f"{', ...' if len(found) > 5 else ''})") if len(found) > 2 else ""
+        raise DeepWMLError(f"{len(found)} case(s) of the manifest do not look like a FLAIR{where}: {named}{more}; check "
+                           "that their flair column names the FLAIR series, or pass --skip-bad-cases to leave them out, "
+                           "or --allow-non-flair to train on them when you know better")
+    for name, _, looks, why in found:
+        log.warning("skipping case %s: it does not look like a FLAIR, it looks %s: %s", name, looks, why)
+    return found
+
+
+def _warn_trained_non_flair(found: list) -> None:
+    """Said when the cases are prepared, and again on every rerun: the run trains on them."""
+    log.warning("training on %d case(s) that do not look like a FLAIR, as --allow-non-flair asks: %s%s", len(found),
+                ", ".join(f"{name} ({looks})" for name, _, looks, _ in found[:5]), ", ..." if len(found) > 5 else "")
 
 
 def _save_npz(path, **arrays) -> None:
@@ -837,9 +932,9 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
     """Train (or resume) in `run_dir`; returns the best model file (a list of them for an ensemble).
 
     When `run_dir` already holds a training, its config.json must match `config` except for
-    epochs, device, threads and skip_bad_cases, and training continues from last.pt (the command
-    line's --resume lets only --epochs, --device and --threads change: rerun the full command to
-    change --skip-bad-cases).
+    epochs, device, threads, skip_bad_cases and allow_non_flair, and training continues from last.pt
+    (the command line's --resume lets only --epochs, --device and --threads change: rerun the full
+    command to change --skip-bad-cases).
     """
     import torch
 
@@ -986,7 +1081,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]
     skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
-                            cfg.ignore_label)
+                            cfg.ignore_label, flair_checker(cfg.device), cfg.allow_non_flair, run_dir / "flair_check.csv")
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)
@@ -1004,7 +1099,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
 
 
 # The files a run writes at the top of its folder (with cache/ and, for an ensemble, model_k/).
-_RUN_FILES = ("config.json", "split.csv", "data.json", "history.csv", "last.pt", "best.pt", "skipped_cases.csv")
+_RUN_FILES = ("config.json", "split.csv", "data.json", "history.csv", "last.pt", "best.pt", "skipped_cases.csv",
+              "flair_check.csv")
 
 
 def _check_run_folder(run_dir: Path, split: str | None = None) -> None:
@@ -1544,7 +1640,11 @@ def register(subparsers) -> None:
     g.add_argument("--ignore-label", type=number_in(2, 255, int), metavar="N", help="mask value N (2 to 255) marks voxels "
                    "to leave out of the loss and validation (uncertain or unlabelled regions); other positive values are lesion")
     g.add_argument("--split", metavar="CSV", help="use this split (columns case, split) instead of the seeded 60/20/20")
-    g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases with a warning")
+    g.add_argument("--skip-bad-cases", action="store_true", default=None, help="leave out unreadable cases, and cases "
+                   "whose scan does not look like a FLAIR, with a warning")
+    g.add_argument("--allow-non-flair", action="store_true", default=None, help="train on cases whose scan the FLAIR "
+                   "check calls T1-, T2- or PD-weighted (refused otherwise, naming them; RUN_DIR/flair_check.csv "
+                   "holds every case's figures): when you know they are FLAIRs, or mean to train on that contrast")
     g.add_argument("--grid-size", type=positive_int, nargs="+", metavar="N", help="network grid (default 256 256)")
     g.add_argument("--grid-spacing", type=lambda s: None if s.lower() == "none" else float(s), default=argparse.SUPPRESS,
                    metavar="MM", help="network pixel size in mm, or 'none' to fit the field of view (default 0.9)")
@@ -1593,7 +1693,7 @@ def register(subparsers) -> None:
 _RESUMABLE_OPTIONS = ("epochs", "device", "threads")  # the only ones --resume may change
 _TOP_OPTIONS = ("split", "batch_size", "learning_rate", "samples_per_epoch", "lesion_fraction", "patch_size",
                 "dice_weight", "threshold", "seed", "plateau_patience", "early_stopping_patience", "ensemble",
-                "skip_bad_cases", "init", "mask_column", "label_name", "ignore_label")
+                "skip_bad_cases", "allow_non_flair", "init", "mask_column", "label_name", "ignore_label")
 _ARCHITECTURE_OPTIONS = ("base_channels", "depth", "batch_norm")
 _AUGMENTATION_OPTIONS = ("rotate_deg", "shear_deg", "scale", "contrast", "gamma", "bias_field", "noise_std")
 _SETTING_OPTIONS = (_TOP_OPTIONS + ("no_amp", "cpu_bf16") + _ARCHITECTURE_OPTIONS + ("grid_size", "no_augment", "no_flip")

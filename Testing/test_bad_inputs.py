@@ -135,6 +135,7 @@ BAD_INPUTS = [
     ("training mask on another grid", "train", 1, "different voxel grids"),
     ("--init model of another architecture", "train", 1, "has architecture"),
     ("one scan under two case names", "train", 1, "has the FLAIR of case"),
+    ("a T1-weighted scan given as a training case's FLAIR", "train", 1, "do not look like a FLAIR"),
     ("training option out of range (--epochs 0)", "train", 2, "must be at least 1"),
     ("evaluate without a case", "evaluate", 2, "give --prediction and --reference"),
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
@@ -481,6 +482,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "one scan under two case names":
         (tmp / "twice.csv").write_text(f"case,flair,mask\nc1,{p['good']},{p['truth']}\nc2,{p['good']},{p['truth']}\n")
         return ["train", str(tmp / "twice.csv"), "--run-dir", str(tmp / "run")]
+    if row_id == "a T1-weighted scan given as a training case's FLAIR":  # the shipped brain-mask network outlines it
+        t1 = _t1_scan(tmp / "in")
+        marked = sitk.Image(sitk.ReadImage(str(t1)).GetSize(), sitk.sitkUInt8)
+        marked.CopyInformation(sitk.ReadImage(str(t1)))
+        marked[90, 100, 15] = 1
+        (tmp / "t1.csv").write_text(f"case,flair,mask\nc1,{p['good']},{p['truth']}\n"
+                                    f"c2,{t1},{_write(tmp / 'in' / 't1_mask.nii.gz', marked)}\n")
+        return ["train", str(tmp / "t1.csv"), "--run-dir", str(tmp / "run"), "--base-channels", "4", "--depth", "2"]
     if row_id == "training option out of range (--epochs 0)":
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--epochs", "0"]
     if row_id == "evaluate without a case":
@@ -621,6 +630,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "does not look like a FLAIR" in err and "T1-weighted" in err
         report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))
         assert report["contrast"]["looks_like"] == "T1-weighted"
+    if row_id == "a T1-weighted scan given as a training case's FLAIR":
+        assert "case c2 looks T1-weighted: the cortex is darker than the white matter" in err
+        assert "--skip-bad-cases" in err and "--allow-non-flair" in err and not (tmp / "run" / "last.pt").exists()
     if row_id == "--dicom-outline with a NIfTI input":
         assert "the input is not DICOM" in err and not [p for p in (tmp / "out").iterdir() if p.is_dir()]
     if row_id == "--dicom-outline where the outline folder holds other files":

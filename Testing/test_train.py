@@ -485,7 +485,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
                                       "--patch-size", "96", "--lesion-fraction", "0.7", "--no-augment", "--rotate", "5",
                                       "--scale", "0.8,1.2", "--early-stopping", "20", "--ensemble", "3",
                                       "--init", "base.pt", "--mask-column", "intracranial", "--label-name", "intracranial",
-                                      "--ignore-label", "9", "--cpu-bf16"])
+                                      "--ignore-label", "9", "--cpu-bf16", "--allow-non-flair"])
     config, run = training.config_from_args(args)
     assert run == tmp_path / "r"
     cfg = training.TrainConfig.coerce(config)
@@ -497,6 +497,7 @@ def test_command_line_flags_become_the_training_config(tmp_path):
     assert cfg.init == str(Path("base.pt").resolve())
     assert (cfg.mask_column, cfg.label_name, cfg.ignore_label) == ("intracranial", "intracranial", 9)
     assert cfg.cpu_bf16 and not training.TrainConfig().cpu_bf16
+    assert cfg.allow_non_flair and not training.TrainConfig().allow_non_flair
     with pytest.raises(DeepWMLError, match="multiple of 8"):
         training.TrainConfig.coerce(dict(config, patch_size=100))
 
@@ -1358,3 +1359,138 @@ def test_a_scan_that_became_unreadable_is_not_said_to_have_changed(tmp_path, mon
     with pytest.raises(DeepWMLError, match=r"case c0: .*c0_flair.nii.gz cannot be read \(no read access\?\), so whether "
                                            r"it changed since .*run started cannot be told"):
         training.train(dict(config, epochs=2), run)
+
+
+# Tissue levels (relative to white matter 1) of the phantom heads below: cortex, ventricles, lesion.
+CONTRASTS = {"FLAIR": (1.25, 0.3, 1.8), "T1-weighted": (0.7, 0.3, 0.8), "T2- or PD-weighted": (1.2, 3.0, 1.8)}
+
+
+def make_contrast_cohort(folder: Path, odd: str | None = "T1-weighted", n_cases: int = 5) -> Path:
+    """Ellipsoidal 'brains' large enough for the FLAIR check (5 mm slices, 2 mm pixels): FLAIR contrast, but the
+    last case (c4) with the contrast `odd` (a T1- or T2-weighted series exported as the FLAIR); lesions in the
+    white matter. The check sees the brain as conftest.oracle_network's brain-mask network outlines it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shape, spacing = (32, 110, 90), (5.0, 2.0, 2.0)
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    centre = [(n - 1) / 2 for n in shape]
+    offsets = [(z - centre[0]) * spacing[0], (y - centre[1]) * spacing[1], (x - centre[2]) * spacing[2]]
+    r = np.sqrt(sum((o / radius) ** 2 for o, radius in zip(offsets, (70.0, 85.0, 70.0))))
+    inside, cortex = r < 1, (r < 1) & (r >= 0.89)
+    ventricles = sum((o / radius) ** 2 for o, radius in zip(offsets, (25.0, 35.0, 12.0))) < 1
+    rng = np.random.default_rng(0)
+    rows = ["case,flair,mask"]
+    for i in range(n_cases):
+        levels = CONTRASTS[odd if i == n_cases - 1 and odd else "FLAIR"]
+        lesion = np.zeros(shape, bool)
+        for _ in range(6):
+            k, j, m = rng.integers([10, 25, 20], [22, 85, 70])
+            lesion |= (((z - k) * spacing[0]) ** 2 + ((y - j) * spacing[1]) ** 2 + ((x - m) * spacing[2]) ** 2) < 36
+        lesion &= inside & ~cortex & ~ventricles
+        image = np.where(inside, 1.0, 0.0)
+        image[cortex], image[ventricles], image[lesion] = levels
+        image = (300 * image + rng.normal(0, 9, shape) * inside).astype(np.float32)
+        write_volume(image, folder / f"c{i}_flair.nii.gz", spacing=spacing[::-1])
+        write_volume(lesion.astype(np.uint8), folder / f"c{i}_mask.nii.gz", spacing=spacing[::-1])
+        rows.append(f"c{i},c{i}_flair.nii.gz,c{i}_mask.nii.gz")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
+def _contrast_config(manifest: Path, tmp_path: Path, **overrides) -> dict:
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c4": "train", "c2": "val", "c3": "test"})
+    return tiny_config(manifest, **{"split": str(split), "epochs": 1, "samples_per_epoch": 8, **overrides})
+
+
+def _counting_checks(monkeypatch) -> list:
+    """Record each case the FLAIR check judges."""
+    judged, made = [], training.flair_checker
+
+    def checker(device="auto"):
+        check = made(device)
+
+        def counted(image, mask):
+            judged.append(image.GetSize())
+            return check(image, mask)
+        return counted
+    monkeypatch.setattr(training, "flair_checker", checker)
+    return judged
+
+
+@pytest.mark.parametrize("odd,why", [("T1-weighted", "the cortex is darker than the white matter"),
+                                     ("T2- or PD-weighted", "the ventricles are not dark")])
+def test_a_case_whose_scan_does_not_look_like_a_flair_is_refused_naming_it(odd, why, tmp_path, monkeypatch):
+    """A T1- or T2-weighted series exported as a case's FLAIR trained silently with the FLAIRs; `deepwml segment`
+    warns about such a scan. Training now refuses before it starts, naming the case, what it looks like and why,
+    and the options that go on; every case's figures are in flair_check.csv."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", odd)
+    run = tmp_path / "run"
+    with pytest.raises(DeepWMLError, match=rf"1 case\(s\) of the manifest do not look like a FLAIR .*flair_check.csv\): "
+                                           rf"case c4 looks {re.escape(odd)}: {why} .*--skip-bad-cases.*--allow-non-flair"):
+        training.train(_contrast_config(manifest, tmp_path), run)
+    assert not (run / "last.pt").exists() and not (run / "cache" / "train_images.npy").exists()
+    with open(run / "flair_check.csv", newline="", encoding="utf-8-sig") as f:
+        looks = {row["case"]: row["looks_like"] for row in csv.DictReader(f)}
+    assert looks == {"c0": "FLAIR", "c1": "FLAIR", "c2": "FLAIR", "c3": "FLAIR", "c4": odd}
+
+
+def test_allow_non_flair_trains_on_it_without_judging_the_cases_again(tmp_path, monkeypatch, caplog):
+    """--allow-non-flair, named in the refusal, trains on the case (said at the start of each run); the rerun does
+    not judge the cases again (their checks are kept with the run), nor does a resume."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    judged = _counting_checks(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    run = tmp_path / "run"
+    with pytest.raises(DeepWMLError, match="case c4 looks T1-weighted"):
+        training.train(_contrast_config(manifest, tmp_path), run)
+    assert len(judged) == 5
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
+    assert len(judged) == 5
+    assert "training on 1 case(s) that do not look like a FLAIR, as --allow-non-flair asks: c4 (T1-weighted)" in caplog.text
+    assert "c4" in json.loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
+    assert len(read_history(run)) == 1
+    caplog.clear()
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True, epochs=2), run)
+    assert len(judged) == 5 and len(read_history(run)) == 2
+    assert "c4 (T1-weighted)" in caplog.text
+
+
+def test_skip_bad_cases_leaves_a_case_that_does_not_look_like_a_flair_out_and_counts_it(tmp_path, monkeypatch, caplog):
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    run = tmp_path / "run"
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), run)
+    assert "skipping case c4: it does not look like a FLAIR, it looks T1-weighted: the cortex is darker" in caplog.text
+    assert "1 case(s) skipped (see skipped_cases.csv); training on 2, validating on 1, 1 kept for test" in caplog.text
+    with open(run / "skipped_cases.csv", newline="", encoding="utf-8-sig") as f:
+        (row,) = csv.DictReader(f)
+    assert row["case"] == "c4" and row["reason"].startswith("does not look like a FLAIR, it looks T1-weighted")
+    assert json.loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"] == ["c0", "c1"]
+    data = checkpoint.load_model(run / "best.pt").provenance["data"]
+    assert data["cases"] == {"train": 2, "val": 1, "test": 1} and data["skipped_cases"] == ["c4"]
+
+
+def test_a_cohort_of_flairs_trains_as_without_the_check(tmp_path, monkeypatch, caplog):
+    """Cases that look like FLAIRs are judged so (flair_check.csv), nothing is said about them, and the trained
+    weights are bit for bit those of the same run without the check."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", None)
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(_contrast_config(manifest, tmp_path), tmp_path / "checked")
+    with open(tmp_path / "checked" / "flair_check.csv", newline="", encoding="utf-8-sig") as f:
+        assert [row["looks_like"] for row in csv.DictReader(f)] == ["FLAIR"] * 5
+    assert "FLAIR" not in caplog.text
+    monkeypatch.setattr(training, "flair_checker", lambda device="auto": None)
+    training.train(_contrast_config(manifest, tmp_path), tmp_path / "unchecked")
+    checked, unchecked = (_last_state(tmp_path / name)["model"] for name in ("checked", "unchecked"))
+    assert all(torch.equal(checked[k], unchecked[k]) for k in checked)
