@@ -23,7 +23,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from DeepWMLSlicerLib import MRMLConversion
-from DeepWMLSlicerLib.CoreLogic import DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, DeepWMLCoreLogic, DeepWMLError
+from DeepWMLSlicerLib.CoreLogic import (DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, PRECISION_CHOICES, DeepWMLCoreLogic,
+                                        DeepWMLError)
 
 # slicer.parameterNodeWrapper (with Union node types, Choice and WithinRange) is new in Slicer 5.4.
 MINIMUM_SLICER = "5.4"
@@ -68,6 +69,9 @@ class DeepWMLParameterNode:
     modelFile: pathlib.Path
     ensemble: bool = False
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    # deepwml segment --precision: auto runs bf16 on a CPU that computes it natively and fp16 on a GPU; fp32 is
+    # the way out when reduced precision overflows (NaN probabilities)
+    precision: Annotated[str, Choice(list(PRECISION_CHOICES))] = "auto"
     useModelThreshold: bool = True
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     tta: bool = False
@@ -253,7 +257,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             self._job = self.logic.startSegmentation(
-                p.inputVolume, device=p.device, modelPaths=modelPaths,
+                p.inputVolume, device=p.device, precision=p.precision, modelPaths=modelPaths,
                 threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,
                 location=location)
             self._job.outputNode = output

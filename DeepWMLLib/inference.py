@@ -566,8 +566,8 @@ def network_cost(loaded: LoadedModel) -> float:
 class NaNProbabilities(DeepWMLError):
     """A network gave NaN probabilities, which pass no threshold: its result would mark nothing. `model` names it,
     `runner` how it ran (the runners' names: 'torch fp16', 'openvino bf16'...). The advice is deepwml segment's
-    (--precision fp32 when it ran in reduced precision, which can overflow); the Slicer module, which has no
-    precision setting, gives its own (CoreLogic.nanAdvice)."""
+    (--precision fp32 when it ran in reduced precision, which can overflow); the Slicer module names its panel's
+    Precision instead (CoreLogic.nanAdvice)."""
 
     def __init__(self, model: str, runner: str):
         self.model, self.runner = model, runner

@@ -451,12 +451,28 @@ def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_sca
     assert (out / "case01_report.json").is_file()
 
 
-def test_batch_nan_probabilities_name_the_batchs_own_device_option(scene, batchScript, tmp_path, monkeypatch,
-                                                                   tiny_model):
-    """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with the Slicer module's words,
-    'this module has no precision setting: choose Device: cpu', a control of the module's panel that the batch
-    has not: its option is --device cpu. The batch now names it."""
+def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it(scene, batchScript, tmp_path,
+                                                                               monkeypatch, tiny_model):
+    """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with advice to rerun with --device
+    cpu, or with deepwml segment --precision fp32: the batch had no precision option. It has deepwml segment's
+    --precision now (default auto), which reaches the networks, and the NaN advice is deepwml segment's own."""
     from DeepWMLLib import inference
+
+    asked = []
+    makeRunner = inference.make_runner
+
+    def spy(loaded, device, backend="auto", precision="auto"):
+        asked.append(precision)
+        return makeRunner(loaded, device, backend, precision)
+
+    monkeypatch.setattr(inference, "make_runner", spy)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert batchScript.main([*arguments, "--output-dir", str(tmp_path / "auto")]) == 0
+    assert batchScript.main([*arguments, "--output-dir", str(tmp_path / "fp32"), "--precision", "fp32"]) == 0
+    assert asked == ["auto", "fp32"]
 
     def nan(slices, runner, *args, ran=None, **kwargs):  # as a network that overflows in fp16 on a GPU
         if ran is not None:
@@ -464,13 +480,8 @@ def test_batch_nan_probabilities_name_the_batchs_own_device_option(scene, batchS
         return np.full(slices.shape, np.nan, np.float32)
 
     monkeypatch.setattr(inference, "predict_network_slices", nan)
-    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    writeCase(inputs, "a.nii.gz")
-    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
-                             "--device", "cpu"]) == 1
+    out = tmp_path / "nan"
+    assert batchScript.main([*arguments, "--output-dir", str(out)]) == 1
     error = summary(out)["a"]["error"]
-    assert "gave NaN probabilities (running as torch fp16)" in error and "Device: cpu" not in error
-    assert "rerun with --device cpu, which runs in full precision on this computer (slower), or segment the scan " \
-           "with deepwml segment --precision fp32" in error and "this batch has no precision option" in error
+    assert error == "tiny.pt gave NaN probabilities (running as torch fp16): its result would mark nothing; rerun " \
+                    "with --precision fp32, and if that fails too, the model file is at fault"

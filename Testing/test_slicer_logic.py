@@ -97,6 +97,44 @@ def test_job_runs_in_a_worker_thread_and_cancel_stops_it(scene, monkeypatch):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
+def test_the_precision_chosen_reaches_the_networks_in_a_thread_and_in_a_worker_process(scene, monkeypatch, tiny_model):
+    """deepwml segment has --precision; the module had no such choice, so on a CPU that computes bf16 natively a
+    user could not run fp32 in Slicer (the way out of NaN probabilities). segmentVolume and startSegmentation take
+    it (default auto, as before) and hand it to the networks, in a worker thread and in a worker process."""
+    from DeepWMLLib import inference
+
+    asked = []
+    makeRunner = inference.make_runner
+
+    def spy(loaded, device, backend="auto", precision="auto"):
+        asked.append(precision)
+        return makeRunner(loaded, device, backend, precision)
+
+    monkeypatch.setattr(inference, "make_runner", spy)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = None  # a worker thread, in this process
+    run = dict(device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
+    logic.segmentVolume(volume, **run)
+    assert asked == ["auto"]  # the default is unchanged
+    logic.segmentVolume(volume, precision="fp32", **run)
+    job = logic.startSegmentation(volume, precision="fp32", **run)
+    assert job.wait(30)
+    logic.finishSegmentation(job)
+    assert asked == ["auto", "fp32", "fp32"]
+
+    logic.workerPython = sys.executable  # a worker process (PythonSlicer in Slicer): what ran says what it got
+    for precision in ("fp32", "bf16"):
+        job = logic.startSegmentation(volume, precision=precision, **run)
+        assert job.wait(120)
+        if precision == "bf16" and job.error is not None:  # a CPU without native bf16 refuses it, as deepwml segment
+            assert "needs a CPU with native bf16" in str(job.error)
+            continue
+        segmentation = logic.finishSegmentation(job)
+        assert json.loads(segmentation.GetAttribute("DeepWML.run"))["settings"]["precision"] == precision
+
+
 def test_cancel_after_the_runs_last_look_still_leaves_the_scene_as_it_was(scene, monkeypatch, tiny_model):
     """segment_image looks at cancel only while the network runs: a Cancel during its post-processing and
     report (seconds on a real scan), or one that came just after the run ended and before the GUI's next
@@ -840,13 +878,12 @@ def test_a_run_that_found_too_little_ventricle_stops_saying_so_once_they_are_dra
     assert "Periventricular" in text and "No periventricular" not in text and "lateral ventricle found" not in text
 
 
-def test_nan_probabilities_say_what_to_do_in_the_module_which_has_no_precision_setting(scene, monkeypatch):
-    """The NaN error said 'rerun with --precision fp32', an option of deepwml segment that the module does not
-    have (it runs in fp16 on a GPU, in bf16 on a CPU that computes it natively). It now says what to do in it: the
-    CPU where it runs in full precision, else deepwml segment outside Slicer; after fp32, another model."""
+def test_nan_probabilities_point_at_the_modules_precision_choice(scene, monkeypatch):
+    """The NaN error said 'rerun with --precision fp32', an option of deepwml segment, and the module, which had no
+    precision setting, sent users to the CPU or the command line. It now names the panel's Precision; after fp32,
+    another model."""
     import pickle
 
-    from DeepWMLLib import inference
     from DeepWMLLib.inference import NaNProbabilities
 
     from DeepWMLSlicerLib.CoreLogic import SegmentationJob
@@ -863,16 +900,19 @@ def test_nan_probabilities_say_what_to_do_in_the_module_which_has_no_precision_s
         assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
         return str(raised.value)
 
-    start = "m.pt gave NaN probabilities (running as torch fp16): its result would mark nothing; reduced precision " \
-            "can overflow, and this module has no precision setting: "
-    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
-    assert finished(NaNProbabilities("m.pt", "torch fp16")) == start + (
-        "choose Device: cpu, which runs in full precision on this computer (slower), or segment the scan outside "
-        "Slicer with deepwml segment --precision fp32. If that fails too, the model file is at fault")
-    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: True)  # its CPU runs in bf16 too
-    assert finished(NaNProbabilities("m.pt", "torch fp16")) == start + (
-        "segment the scan outside Slicer with deepwml segment --precision fp32. If that fails too, the model file "
-        "is at fault")
+    for runner in ("torch fp16", "openvino bf16"):
+        assert finished(NaNProbabilities("m.pt", runner)) == (
+            f"m.pt gave NaN probabilities (running as {runner}): its result would mark nothing; reduced precision can "
+            "overflow: choose Precision: fp32 (below Device) and segment again (slower). If that fails too, the model "
+            "file is at fault")
     assert finished(NaNProbabilities("m.pt", "openvino fp32")) == (
         "m.pt gave NaN probabilities (running as openvino fp32): its result would mark nothing; it ran in full "
         "precision, so the model file is at fault: choose another model")
+
+
+def test_the_modules_precision_choices_are_deepwml_segments():
+    from DeepWMLLib.inference import PRECISIONS
+
+    from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == PRECISIONS

@@ -116,6 +116,20 @@ def test_segment_button_runs_in_background_shows_progress_and_results(widget, mo
     np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, lesionSlices[-1]), atol=1e-6)
 
 
+def test_the_panels_precision_is_saved_and_reaches_the_job(widget, module, tiny_model):
+    """The panel had no precision choice (deepwml segment --precision): on a CPU that computes bf16 natively no
+    run in Slicer could be fp32. Precision (default auto) is a parameter of the scene, and Segment WMH runs it."""
+    ui, p = widget.ui, widget._parameterNode
+    assert p.precision == "auto"
+    assert widget.logic.getParameterNode().parameterNode.GetParameter("precision") == "auto"
+    p.modelName, p.modelFile, p.device, p.precision = module.MODEL_FILE_CHOICE, tiny_model, "cpu", "fp32"
+    assert widget.logic.getParameterNode().parameterNode.GetParameter("precision") == "fp32"  # saved with the scene
+    ui.applyButton.click()
+    assert widget._job.precision == "fp32"
+    finishJob(widget)
+    assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["precision"] == "fp32"
+
+
 def test_segment_button_with_a_worker_process_shows_progress_results_and_cancels(widget, module, tiny_model):
     ui, p = widget.ui, widget._parameterNode
     widget.logic.workerPython = sys.executable  # as in Slicer, where it is PythonSlicer

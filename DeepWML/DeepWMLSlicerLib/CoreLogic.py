@@ -31,6 +31,8 @@ from DeepWMLLib.errors import Cancelled, DeepWMLError
 from . import MRMLConversion as mrml
 
 MODEL_FILE_CHOICE = "Model file..."
+# deepwml segment --precision (inference.PRECISIONS; not imported from there: the module loads before scipy is installed)
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 RUN_ATTRIBUTE = "DeepWML.run"
 SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
@@ -60,11 +62,12 @@ class SegmentationJob:
     is in the scene."""
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
-                 progress=None, cancel=None, brainMask=True, location=True):
+                 progress=None, cancel=None, brainMask=True, location=True, precision="auto"):
         self.volumeNode = volumeNode
         self.image = image
         self.modelPaths = list(modelPaths) if modelPaths else None
         self.device = device
+        self.precision = precision  # as deepwml segment --precision: auto, fp32 or bf16
         self.threshold = threshold
         self.tta = tta
         self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped)
@@ -97,7 +100,7 @@ class SegmentationJob:
                                         tta=self.tta, progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
                                         cancel=self.cancelRequested,
                                         brain_model="default" if self.brainMask else None,
-                                        ventricle_model=_ventricleModel(self.location))
+                                        ventricle_model=_ventricleModel(self.location), precision=self.precision)
             if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
                 self.result = None
                 raise Cancelled("cancelled")
@@ -155,7 +158,7 @@ class ProcessSegmentationJob(SegmentationJob):
             (self._folder / "owner").write_text(str(os.getpid()), encoding="utf-8")
             options = dict(device=self.device, threshold=self.threshold, tta=self.tta,
                            brain_model="default" if self.brainMask else None,
-                           ventricle_model=_ventricleModel(self.location))
+                           ventricle_model=_ventricleModel(self.location), precision=self.precision)
             (self._folder / "job.pkl").write_bytes(pickle.dumps(
                 {"image": self.image, "model_paths": self.modelPaths, "options": options},
                 protocol=pickle.HIGHEST_PROTOCOL))
@@ -410,23 +413,24 @@ class DeepWMLCoreLogic:
     # Segmentation
 
     def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
-                          tta=False, brainMask=True, location=True) -> SegmentationJob:
+                          tta=False, brainMask=True, location=True, precision="auto") -> SegmentationJob:
         """Start segmenting in a worker process (`self.workerPython`: "auto" for workerPython(), a Python
-        executable, or None) or else a worker thread; poll `job.done`, then call finishSegmentation(job)."""
+        executable, or None) or else a worker thread; poll `job.done`, then call finishSegmentation(job).
+        `precision` is deepwml segment's --precision (PRECISION_CHOICES)."""
         self.ensureDependencies()
         checkInputVolume(volumeNode)
         python = workerPython() if self.workerPython == "auto" else self.workerPython
         image = mrml.imageFromVolume(volumeNode)
         if python:
             return ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
-                                          location=location, python=python).start()
+                                          location=location, precision=precision, python=python).start()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
         return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta,
-                               brainMask=brainMask, location=location).start()
+                               brainMask=brainMask, location=location, precision=precision).start()
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
-                      cancel=None, segmentationNode=None, brainMask=True, location=True):
+                      cancel=None, segmentationNode=None, brainMask=True, location=True, precision="auto"):
         """Segment WMH in a volume node; returns a segmentation node with the segment 'WMH' and, with a
         ventricle model (`location`: a model file, or True for the registry's default one if it marks one),
         the hidden segment 'Lateral ventricles' that the periventricular/deep split is measured from
@@ -438,7 +442,7 @@ class DeepWMLCoreLogic:
         self.ensureDependencies()
         checkInputVolume(volumeNode)
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
-                              progress, cancel, brainMask, location)
+                              progress, cancel, brainMask, location, precision)
         job.run()
         return self.finishSegmentation(job, segmentationNode)
 
@@ -451,7 +455,7 @@ class DeepWMLCoreLogic:
         if job.error is not None:
             from DeepWMLLib.inference import NaNProbabilities
 
-            if isinstance(job.error, NaNProbabilities):  # its advice is deepwml segment's (--precision fp32)
+            if isinstance(job.error, NaNProbabilities):  # its advice names deepwml segment's option (--precision)
                 raise DeepWMLError(nanAdvice(job.error)) from job.error
             raise job.error
         volumeNode = job.volumeNode
@@ -804,23 +808,14 @@ def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def nanAdvice(error, batch: bool = False) -> str:
+def nanAdvice(error) -> str:
     """The module's words on a network that gave NaN probabilities (inference.NaNProbabilities), whose own advice,
-    rerun with --precision fp32, names an option of deepwml segment that the module does not have: it runs in
-    reduced precision where it can (fp16 on a GPU, bf16 on a CPU that computes it natively). `batch`: the words of
-    the Slicer batch (Scripts/segment_batch.py), whose device is its option --device, not the panel's Device."""
+    rerun with --precision fp32, names deepwml segment's option: in the module it is the panel's Precision."""
     if not error.reduced:
         return f"{error.what}: its result would mark nothing; it ran in full precision, so the model file is at " \
                "fault: choose another model"
-    from DeepWMLLib.inference import torch_cpu_has_native_bf16
-
-    cpu = ("rerun with --device cpu" if batch else "choose Device: cpu") + \
-        ", which runs in full precision on this computer (slower), or " \
-        if "fp16" in error.runner and not torch_cpu_has_native_bf16() else ""
-    where = ("this batch has no precision option", "segment the scan with") if batch else \
-        ("this module has no precision setting", "segment the scan outside Slicer with")
-    return (f"{error.what}: its result would mark nothing; reduced precision can overflow, and {where[0]}: "
-            f"{cpu}{where[1]} deepwml segment --precision fp32. If that fails too, the model file is at fault")
+    return (f"{error.what}: its result would mark nothing; reduced precision can overflow: choose Precision: fp32 "
+            "(below Device) and segment again (slower). If that fails too, the model file is at fault")
 
 
 def _ventricleModel(location):

@@ -1,7 +1,8 @@
 """Segment every FLAIR volume in a folder with the DeepWML module's logic, on MRML nodes.
 
     Slicer --no-main-window --python-script DeepWML/Scripts/segment_batch.py \\
-        --input-dir IN --output-dir OUT [--device auto|cpu|cuda] [--reference-dir REF] [--model FILE ...]
+        --input-dir IN --output-dir OUT [--device auto|cpu|cuda] [--precision auto|fp32|bf16]
+        [--reference-dir REF] [--model FILE ...]
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
-from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic, nanAdvice  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES, DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
@@ -42,6 +43,9 @@ def parseArguments(argv):
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for the results (created if needed)")
     parser.add_argument("--reference-dir", type=Path, help="folder of reference (manual) masks, matched by case name")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                        help="as deepwml segment --precision: auto (bf16 on a CPU that computes bf16 natively, fp16 "
+                             "on a GPU), fp32 (full precision everywhere) or bf16")
     parser.add_argument("--model", nargs="+", metavar="FILE",
                         help="model file(s); several make an ensemble. Default: the shipped default model")
     parser.add_argument("--threshold", type=segment.probability, help="probability threshold (default: the model's)")
@@ -154,7 +158,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
         volumeNode, series = loadFlair(path, case, study)
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
-                                               threshold=args.threshold, tta=args.tta,
+                                               threshold=args.threshold, tta=args.tta, precision=args.precision,
                                                brainMask=not args.no_brain_mask,
                                                location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
@@ -216,7 +220,7 @@ def main(argv) -> int:
         args.settings = segment.planned_settings(args.model, args.threshold, args.tta,
                                                  brain_model=None if args.no_brain_mask else "default",
                                                  ventricle_model=None if args.no_location else
-                                                 (args.ventricle_model or "default"))
+                                                 (args.ventricle_model or "default"), precision=args.precision)
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
@@ -250,8 +254,8 @@ def main(argv) -> int:
             if exc.__cause__ is not None:
                 from DeepWMLLib.inference import NaNProbabilities
 
-                if isinstance(exc.__cause__, NaNProbabilities):  # the module's words name its panel's Device
-                    message = nanAdvice(exc.__cause__, batch=True)
+                if isinstance(exc.__cause__, NaNProbabilities):  # the module's words name its panel's Precision
+                    message = str(exc.__cause__)  # deepwml segment's, whose --precision is the batch's too
             row = {"status": "error", "error": message}
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
