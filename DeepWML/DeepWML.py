@@ -61,13 +61,12 @@ SlicerTotalSegmentator.
 
 @parameterNodeWrapper
 class DeepWMLParameterNode:
-    """GUI state, saved with the scene. modelName is a shipped model's name, MODEL_FILE_CHOICE for
-    `modelFile`, or empty for the shipped default model."""
+    """GUI state, saved with the scene. modelName is a shipped model's or named ensemble's name,
+    MODEL_FILE_CHOICE for `modelFile`, or empty for the shipped default model."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
     modelFile: pathlib.Path
-    ensemble: bool = False
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     # deepwml segment --precision: auto runs bf16 on a CPU that computes it natively and fp16 on a GPU; fp32 is
     # the way out when reduced precision overflows (NaN probabilities)
@@ -206,8 +205,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.modelName = self.ui.modelComboBox.itemText(0)  # what the box shows is what runs (updates again)
             return
         self.ui.modelComboBox.currentIndex = max(index, 0)
-        self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE and not p.ensemble
-        self.ui.modelComboBox.enabled = not p.ensemble
+        self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE
         self.ui.thresholdSliderWidget.enabled = not p.useModelThreshold
         if self._deviceNoteFor != p.device:
             self._deviceNoteFor = p.device
@@ -246,7 +244,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
             # what would run, refused (no model file, no ventricle model) before asking what it would replace
-            modelPaths = self.logic.modelPaths(p.modelName, p.modelFile, p.ensemble)
+            modelPaths = self.logic.modelPaths(p.modelName, p.modelFile)
             location = self.logic.locationChoice(p.ventricleSplit)
             # hand edits a rerun replaces (a second or so on a large scan: under the wait cursor)
             loses = self.logic.rerunLoses(output, p.inputVolume, bool(location))

@@ -125,17 +125,59 @@ def models_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
+def _registry() -> dict:
+    registry = models_dir() / "models.json"
+    if not registry.is_file():
+        raise DeepWMLError(f"no model registry at {registry}; pass --model FILE or set {MODELS_DIR_ENV}")
+    return json.loads(registry.read_text(encoding="utf-8"))
+
+
 def shipped_models(role: str | None = "wmh") -> list[dict]:
     """The model registry (Resources/Models/models.json): name, file, version, description, default,
     role ("wmh", the default, "intracranial" for a brain-mask network, "ventricles" for the lateral-ventricle
     network). `role` None: every entry."""
-    registry = models_dir() / "models.json"
-    if not registry.is_file():
-        raise DeepWMLError(f"no model registry at {registry}; pass --model FILE or set {MODELS_DIR_ENV}")
-    entries = json.loads(registry.read_text(encoding="utf-8"))["models"]
+    entries = _registry()["models"]
     for entry in entries:
         entry["path"] = str(models_dir() / entry["file"])
     return [e for e in entries if role is None or e.get("role", "wmh") == role]
+
+
+def shipped_ensembles() -> list[dict]:
+    """The registry's named ensembles ("ensembles" in models.json: name, members by model name, description),
+    each with `paths`, its members' files: the combinations of shipped WMH models the model card measured."""
+    files = {entry["name"]: entry["path"] for entry in shipped_models()}
+    ensembles = []
+    for entry in _registry().get("ensembles", []):
+        unknown = [member for member in entry["members"] if member not in files]
+        if unknown or entry["name"] in files:
+            raise DeepWMLError(f"{models_dir() / 'models.json'}: the ensemble {entry['name']!r} "
+                               + (f"names {', '.join(unknown)}, not a WMH model listed there" if unknown else
+                                  "has the name of a model") + "; correct the file or install DeepWML again")
+        ensembles.append({**entry, "paths": [files[member] for member in entry["members"]]})
+    return ensembles
+
+
+def model_files(specs: Sequence[str] | None) -> list[str] | None:
+    """--model's arguments as model files: one that exists as a file or folder is itself (a run folder gives
+    its best.pt); else the name of a shipped model gives its file and that of a shipped ensemble its members'.
+    A name that is neither is refused with the names there are; a path (with a folder, or ending .pt) is left
+    for the loader to say that it does not exist. None (the default model) stays None."""
+    if not specs:
+        return specs
+    names = None
+    files = []
+    for spec in specs:
+        if os.path.exists(spec) or os.sep in spec or "/" in spec or spec.lower().endswith((".pt", ".pth")):
+            files.append(spec)
+            continue
+        if names is None:
+            names = {**{entry["name"]: [entry["path"]] for entry in shipped_models()},
+                     **{entry["name"]: entry["paths"] for entry in shipped_ensembles()}}
+        if spec not in names:
+            raise UsageError(f"--model {spec}: no such model file, nor a shipped model or ensemble of that name "
+                             f"(shipped: {', '.join(names)})")
+        files += names[spec]
+    return files
 
 
 def default_model_paths() -> list[str]:
@@ -1410,7 +1452,8 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "
-                   "Default: the shipped default model")
+                   "The name of a shipped model or ensemble (Resources/Models/models.json, e.g. ensemble-v8) stands "
+                   "for its file(s); a file of that name wins. Default: the shipped default model")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=probability, help="probability threshold (default: from the model file)")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
@@ -1468,6 +1511,7 @@ def _run(args) -> int:
                 os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))):
             raise UsageError(f"{path} is {'a folder' if os.path.isdir(path) else 'an image'}, not a model file: "
                              "--model takes every file after it; put INPUT before --model")
+    args.model = model_files(args.model)
     if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
         raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
     if args.no_location and (args.ventricle_model or args.save_ventricle_mask):

@@ -237,6 +237,76 @@ def test_ensemble_averages_probabilities(tiny_model, tmp_path):
     assert np.allclose(mixed, (p1 + p2 + p3) / 3, atol=1e-5)
 
 
+def test_the_registrys_ensembles_are_the_model_cards_measured_ones_with_its_figures():
+    """models.json names the ensembles the model card measured (members by model name): each member is a shipped
+    WMH model, and the median Dice its description quotes is the card's, section by section."""
+    from conftest import REPO
+    from DeepWMLLib.segment import shipped_ensembles, shipped_models
+
+    card = (REPO / "Resources" / "Models" / "README.md").read_text(encoding="utf-8")
+    files = {m["name"]: m["path"] for m in shipped_models()}
+    ensembles = shipped_ensembles()
+    assert [e["name"] for e in ensembles] == ["ensemble-v8", "ensemble-v7"]
+    assert ensembles[0]["members"] == ["unet16-adabn-v5", "unet16-adabn-o", "unet16-adabn-p", "unet16-adabn-t"]
+    assert ensembles[1]["members"] == ["unet16-synth-v5", "unet16-realbg-o", "unet16-realbg-p", "unet16-realbg-t"]
+    for ensemble in ensembles:
+        assert ensemble["paths"] == [files[member] for member in ensemble["members"]]
+        version = ensemble["name"].split("-")[1]
+        section = card[card.index(f"# Model card: the {version} ensemble"):]
+        medians = re.search(r"\*\*Median Dice over the three cases: ([\d.]+) at 1 mm, ([\d.]+) at 5 mm, ([\d.]+) at "
+                            r"8 mm\*\*", section).groups()
+        assert f"median Dice on the three labelled real MS cases {' / '.join(medians)} at 1 / 5 / 8 mm" \
+            in ensemble["description"], ensemble["name"]
+        assert f"--model {ensemble['name']}" in section  # the card says how to run it
+
+
+def test_a_registry_ensemble_of_models_it_does_not_list_is_refused(tmp_path, tiny_model, monkeypatch):
+    import shutil
+
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import shipped_ensembles
+
+    shutil.copy(tiny_model, tmp_path / "a.pt")
+    registry = {"format_version": 1, "models": [{"name": "a", "file": "a.pt", "version": "1", "default": True}],
+                "ensembles": [{"name": "pair", "members": ["a", "b"], "description": "test"}]}
+    (tmp_path / "models.json").write_text(json.dumps(registry), encoding="utf-8")
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(tmp_path))
+    with pytest.raises(DeepWMLError, match="the ensemble 'pair' names b, not a WMH model listed there"):
+        shipped_ensembles()
+    registry["ensembles"][0].update(name="a", members=["a"])
+    (tmp_path / "models.json").write_text(json.dumps(registry), encoding="utf-8")
+    with pytest.raises(DeepWMLError, match="the ensemble 'a' has the name of a model"):
+        shipped_ensembles()
+
+
+def test_model_takes_the_name_of_a_shipped_model_or_ensemble(tmp_path, tiny_model, monkeypatch, capsys):
+    """--model took files only: running the v8 ensemble meant typing its four members' paths. It takes the name of
+    a shipped model or ensemble too; a file of that name wins; a name that is neither is refused with the names."""
+    from DeepWMLLib.segment import model_files, shipped_ensembles, shipped_models
+
+    oracle_network(monkeypatch)
+    files = {m["name"]: m["path"] for m in shipped_models()}
+    v7 = next(e for e in shipped_ensembles() if e["name"] == "ensemble-v7")["paths"]
+    assert model_files(["ensemble-v7"]) == v7
+    assert model_files([str(tiny_model), "unet16-synth-v1"]) == [str(tiny_model), files["unet16-synth-v1"]]
+    assert model_files(None) is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ensemble-v7").write_bytes(tiny_model.read_bytes())
+    assert model_files(["ensemble-v7"]) == ["ensemble-v7"]  # a file that exists is itself
+    assert model_files(["runs/missing.pt"]) == ["runs/missing.pt"]  # a path: the loader says it does not exist
+
+    path, _ = write_case(tmp_path, "case", size=(40, 36, 6))
+    assert main(["segment", str(path), "-o", "out", "--model", "no-such-model", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model no-such-model: no such model file, nor a shipped model or ensemble" in err[0]
+    assert "ensemble-v8" in err[0] and "unet32-v9" in err[0]
+    (tmp_path / "ensemble-v7").unlink()
+    assert main(["segment", str(path), "-o", "out", "--model", "ensemble-v7", "--device", "cpu", "--backend", "torch",
+                 "--no-brain-mask"]) == 0
+    report = json.loads((tmp_path / "out" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["model"] == [Path(p).name for p in v7]
+
+
 def test_same_model_twice_in_an_ensemble_is_said(tiny_model, tmp_path):
     """Given twice (by name, or as a copy), a model weighs twice in the average: a warning says so, naming it."""
     import shutil

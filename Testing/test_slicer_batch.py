@@ -451,6 +451,24 @@ def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_sca
     assert (out / "case01_report.json").is_file()
 
 
+def test_batch_model_takes_a_shipped_model_or_ensemble_name(scene, batchScript, tmp_path, monkeypatch, capsys):
+    """As deepwml segment --model: the name of a shipped model or ensemble stands for its file(s); a name that is
+    neither is refused before any case, with the names there are."""
+    from DeepWMLLib.segment import shipped_models
+
+    oracle_network(monkeypatch)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--device", "cpu", "--no-brain-mask"]
+    assert batchScript.main([*arguments, "--output-dir", str(tmp_path / "x"), "--model", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "--model no-such-model: no such model file, nor a shipped model or ensemble" in err and "ensemble-v8" in err
+    assert batchScript.main([*arguments, "--output-dir", str(tmp_path / "out"), "--model", "unet16-synth-v1"]) == 0
+    report = json.loads((tmp_path / "out" / "a_report.json").read_text(encoding="utf-8"))
+    assert report["model"] == [Path(next(m["path"] for m in shipped_models() if m["name"] == "unet16-synth-v1")).name]
+
+
 def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it(scene, batchScript, tmp_path,
                                                                                monkeypatch, tiny_model):
     """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with advice to rerun with --device

@@ -540,7 +540,6 @@ def test_model_choices(tmp_path):
     assert shipped and all(Path(m["path"]).is_file() for m in shipped)
     assert logic.modelPaths() is None  # the shipped default
     assert logic.modelPaths(shipped[0]["name"]) == [shipped[0]["path"]]
-    assert logic.modelPaths(ensemble=True) == [m["path"] for m in shipped]
     with pytest.raises(DeepWMLError, match="choose a DeepWML model file"):
         logic.modelPaths(MODEL_FILE_CHOICE, Path("."))
     model = tmp_path / "mine.pt"
@@ -558,12 +557,34 @@ def test_a_default_ensemble_is_the_selectors_first_choice(monkeypatch):
                {"name": "b", "path": "/m/b.pt", "default": True}]
     logic = DeepWMLCoreLogic()
     monkeypatch.setattr(logic, "shippedModels", lambda: entries)
+    monkeypatch.setattr(logic, "shippedEnsembles", lambda: [])
     names = [name for name, _ in logic.modelChoices()]
     assert names == ["default ensemble (a + b)", "a", "b", "old", MODEL_FILE_CHOICE]
     assert logic.modelPaths(names[0]) == ["/m/a.pt", "/m/b.pt"]
     assert logic.modelPaths("b") == ["/m/b.pt"]
     entries[2]["default"] = False
     assert logic.defaultEnsembleChoice() is None and logic.modelChoices()[0][0] == "a"
+
+
+def test_the_measured_ensembles_follow_the_default_and_the_all_models_average_is_gone():
+    """An "Ensemble of all shipped models" checkbox averaged all thirteen WMH models (v1 to v9), a combination never
+    measured. The selector offers instead, right after the default, the ensembles the model card measured
+    (models.json "ensembles"), each with its measured accuracy, and runs their members."""
+    logic = DeepWMLCoreLogic()
+    shipped = {m["name"]: m["path"] for m in logic.shippedModels()}
+    choices = logic.modelChoices()
+    names = [name for name, _ in choices]
+    defaults = [m["name"] for m in logic.shippedModels() if m.get("default")]
+    first = ([logic.defaultEnsembleChoice()] if logic.defaultEnsembleChoice() else []) + defaults
+    assert names[:len(first) + 2] == first + ["ensemble-v8", "ensemble-v7"]
+    descriptions = dict(choices)
+    assert "0.676 / 0.762 / 0.756 at 1 / 5 / 8 mm" in descriptions["ensemble-v8"]
+    assert "0.547 / 0.739 / 0.736 at 1 / 5 / 8 mm" in descriptions["ensemble-v7"]
+    assert logic.modelPaths("ensemble-v8") == [shipped[f"unet16-adabn-{m}"] for m in ("v5", "o", "p", "t")]
+    assert logic.modelPaths("ensemble-v7") == [shipped["unet16-synth-v5"]] + \
+        [shipped[f"unet16-realbg-{m}"] for m in ("o", "p", "t")]
+    listed = [name for name in names[:-1] if name != logic.defaultEnsembleChoice()]
+    assert sorted(listed) == sorted([*shipped, "ensemble-v8", "ensemble-v7"])  # no average of every model
 
 
 def test_device_note_without_gpu(monkeypatch):

@@ -72,8 +72,9 @@ def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
     p.raterA = p.raterB = None
     shipped = widget.logic.shippedModels()
     names = [m["name"] for m in shipped]
+    ensembles = [e["name"] for e in widget.logic.shippedEnsembles()]
     listed = [name for name in ui.modelComboBox.items[:-1] if name != widget.logic.defaultEnsembleChoice()]
-    assert sorted(listed) == sorted(names)
+    assert sorted(listed) == sorted(names + ensembles)
     assert ui.modelComboBox.items[-1] == module.MODEL_FILE_CHOICE
     # the shipped default first: the default ensemble when several models are default, else that model
     ensemble = widget.logic.defaultEnsembleChoice()
@@ -85,6 +86,30 @@ def test_widget_binds_the_parameter_node_and_lists_models(widget, module):
     assert p.modelName == module.MODEL_FILE_CHOICE and ui.modelFilePathLineEdit.visible
     p.useModelThreshold = False
     assert ui.thresholdSliderWidget.enabled
+
+
+def test_the_selector_offers_the_measured_ensembles_and_no_all_models_checkbox(widget, module, monkeypatch):
+    """'Ensemble of all shipped models' (a checkbox) averaged all thirteen WMH models, a combination never measured;
+    the selector offers the ensembles the model card measured after the default, with their figures as the tooltip,
+    and Segment WMH runs their members."""
+    ui, p = widget.ui, widget._parameterNode
+    assert not hasattr(ui, "ensembleCheckBox") and "ensemble" not in type(p).allFields
+    index = ui.modelComboBox.findText("ensemble-v8")
+    assert 0 < index <= 2 and ui.modelComboBox.findText("ensemble-v7") == index + 1
+    assert "median Dice" in ui.modelComboBox.itemData[(index, 3)]  # qt.Qt.ToolTipRole
+    members = [e for e in widget.logic.shippedEnsembles() if e["name"] == "ensemble-v8"][0]["paths"]
+    started = []
+
+    def start(volume, **options):  # what would run, without running four networks
+        started.append(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(widget.logic, "startSegmentation", start)
+    ui.modelComboBox.currentIndex = index
+    assert p.modelName == "ensemble-v8" and not ui.modelFilePathLineEdit.visible
+    with pytest.raises(RuntimeError, match="stop here"):
+        ui.applyButton.click()
+    assert started[0]["modelPaths"] == members and len(members) == 4
 
 
 def test_segment_button_runs_in_background_shows_progress_and_results(widget, module, monkeypatch, tiny_model):

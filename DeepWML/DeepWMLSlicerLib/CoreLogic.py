@@ -357,6 +357,12 @@ class DeepWMLCoreLogic:
 
         return shipped_models()
 
+    def shippedEnsembles(self) -> list[dict]:
+        """The named ensembles of shipped models the model card measured (models.json "ensembles")."""
+        from DeepWMLLib.segment import shipped_ensembles
+
+        return shipped_ensembles()
+
     def defaultEnsembleChoice(self) -> str | None:
         """The selector's name for the shipped default when it is an ensemble (several models marked
         default, probabilities averaged as `deepwml segment` does by default); None for one model."""
@@ -365,12 +371,15 @@ class DeepWMLCoreLogic:
 
     def modelChoices(self) -> list[tuple[str, str]]:
         """(name, description) for the model selector: the shipped default first (the ensemble of the
-        default models when there are several, then each of them), the others, then
-        MODEL_FILE_CHOICE for a model file of the user's."""
-        entries = sorted(self.shippedModels(), key=lambda entry: not entry.get("default"))
+        default models when there are several, then each of them), the registry's named ensembles (their
+        description gives their measured accuracy), the other models, then MODEL_FILE_CHOICE for a model
+        file of the user's."""
+        entries = self.shippedModels()
         ensemble = self.defaultEnsembleChoice()
         first = [(ensemble, "The shipped default: these models' probabilities averaged")] if ensemble else []
-        return first + [(entry["name"], entry.get("description", "")) for entry in entries] + \
+        first += [(entry["name"], entry.get("description", "")) for entry in entries if entry.get("default")]
+        return first + [(entry["name"], entry.get("description", "")) for entry in self.shippedEnsembles()] + \
+            [(entry["name"], entry.get("description", "")) for entry in entries if not entry.get("default")] + \
             [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]
 
     def ventricleModelPath(self) -> str | None:
@@ -392,10 +401,9 @@ class DeepWMLCoreLogic:
                                "here; untick it, or run deepwml segment --ventricle-model FILE")
         return path
 
-    def modelPaths(self, modelName: str = "", modelFile=None, ensemble: bool = False) -> list[str] | None:
-        """Model files for a GUI choice; None (no name) means the shipped default model."""
-        if ensemble:
-            return [entry["path"] for entry in self.shippedModels()]
+    def modelPaths(self, modelName: str = "", modelFile=None) -> list[str] | None:
+        """Model files for a GUI choice (a shipped model's or named ensemble's name, MODEL_FILE_CHOICE with
+        `modelFile`); None (no name) means the shipped default model."""
         if modelName == MODEL_FILE_CHOICE:
             if not modelFile or not Path(modelFile).is_file():
                 raise DeepWMLError("choose a DeepWML model file (.pt) or pick a shipped model")
@@ -406,6 +414,9 @@ class DeepWMLCoreLogic:
             for entry in self.shippedModels():
                 if entry["name"] == modelName:
                     return [entry["path"]]
+            for entry in self.shippedEnsembles():
+                if entry["name"] == modelName:
+                    return list(entry["paths"])
             raise DeepWMLError(f"no shipped model named '{modelName}'")
         return None
 

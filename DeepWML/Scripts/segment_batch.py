@@ -47,7 +47,9 @@ def parseArguments(argv):
                         help="as deepwml segment --precision: auto (bf16 on a CPU that computes bf16 natively, fp16 "
                              "on a GPU), fp32 (full precision everywhere) or bf16")
     parser.add_argument("--model", nargs="+", metavar="FILE",
-                        help="model file(s); several make an ensemble. Default: the shipped default model")
+                        help="model file(s); several make an ensemble. The name of a shipped model or ensemble "
+                             "(e.g. ensemble-v8) stands for its file(s), as in deepwml segment. Default: the shipped "
+                             "default model")
     parser.add_argument("--threshold", type=segment.probability, help="probability threshold (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
     parser.add_argument("--no-brain-mask", action="store_true",
@@ -216,6 +218,7 @@ def main(argv) -> int:
             raise DeepWMLError(f"reference folder {args.reference_dir} does not exist")
         args.output_dir.mkdir(parents=True, exist_ok=True)
         logic.ensureDependencies()
+        args.model = segment.model_files(args.model)
         # what a case done before must have been made with to be skipped (the settings segmentVolume uses)
         args.settings = segment.planned_settings(args.model, args.threshold, args.tta,
                                                  brain_model=None if args.no_brain_mask else "default",

@@ -34,6 +34,7 @@ class Widget:
         self.visible = True
         self.value = 0
         self.items: list[str] = []
+        self.itemData: dict = {}
         self.currentIndex = -1
         self.scene = None
         self.rows: list[list] = []
@@ -70,7 +71,7 @@ class Widget:
             self.currentIndex = 0
 
     def setItemData(self, index: int, value, role) -> None:
-        pass
+        self.itemData[(index, role)] = value
 
     def findText(self, text: str) -> int:
         return self.items.index(text) if text in self.items else -1
