@@ -429,7 +429,8 @@ class SliceSet:
 def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: dict, folder: Path,
                   skip_bad_cases: bool, progress: Progress | None = None, cancel=None,
                   ignore_label: int | None = None, flair_check: Callable | None = None,
-                  allow_non_flair: bool = False, flair_table: Path | None = None) -> list[tuple[str, str]]:
+                  allow_non_flair: bool = False, flair_table: Path | None = None,
+                  started: bool = False) -> list[tuple[str, str]]:
     """Prepare the train and val cases once into `folder`; returns the skipped (case, reason) pairs.
 
     Each case is first saved on its own (named by a hash of its files and the preprocessing), so an
@@ -437,7 +438,9 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     `flair_check(image, mask)` (`flair_checker`), when given, judges each case's contrast once (kept beside
     its slices, so a rerun does not judge it again) and its figures go to `flair_table`: cases that do not
     look like a FLAIR are refused, naming them, before any split is gathered, or with `skip_bad_cases` left
-    out; `allow_non_flair` trains on them, with a warning.
+    out; `allow_non_flair` trains on them, with a warning. A prepared cache whose decision on them
+    `allow_non_flair` now reverses is prepared again (the checks kept, not run again), unless the run has
+    `started` (trained an epoch): it keeps its cases, and is told so.
     """
     cfg = PreprocessingConfig.from_dict(preprocessing)
     parts = folder / "cases"
@@ -450,12 +453,22 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     signature = hashlib.sha256(json.dumps(sorted((case, key, assignment[case]) for case, key in keys.items())
                                           ).encode()).hexdigest()
     done_file = folder / "cache.json"
+    known_checks: dict[str, dict] = {}  # the checks of a cache prepared again for --allow-non-flair: not run again
     if done_file.is_file():
         done = json.loads(done_file.read_text(encoding="utf-8"))
         if done.get("signature") == signature:
-            if done.get("not_flair"):
-                _warn_trained_non_flair(done["not_flair"])
-            return [tuple(s) for s in done["skipped"]]
+            trained = done.get("not_flair") or []  # cases the check called non-FLAIR, trained on (--allow-non-flair)
+            left_out = [name for name, reason in done["skipped"] if reason.startswith(_NOT_FLAIR_REASON)]
+            reversed_now = (trained and not allow_non_flair) or (left_out and allow_non_flair)
+            if not reversed_now or started or flair_check is None:
+                if trained:
+                    _warn_trained_non_flair(trained, asked=allow_non_flair)
+                elif left_out and allow_non_flair:
+                    log.warning("--allow-non-flair does not add %s to this run: it was prepared without them, and a run "
+                                "that has started keeps its cases (a resume trains on the same); to train on them, use a "
+                                "new run folder", ", ".join(left_out))
+                return [tuple(s) for s in done["skipped"]]
+            known_checks = done.get("flair_checks") or {}
         done_file.unlink()
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")
@@ -478,7 +491,12 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             image = io.read_image(case.flair)
             mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}")
             if flair_check is not None:
-                checks[case.case] = flair_check(image, mask)
+                if keys[case.case] in known_checks:
+                    checks[case.case] = known_checks[keys[case.case]]
+                elif checked.is_file():  # judged before an interruption, not yet prepared
+                    checks[case.case] = json.loads(checked.read_text(encoding="utf-8"))
+                else:
+                    checks[case.case] = flair_check(image, mask)
                 io.write_text(json.dumps(checks[case.case]), checked)
         except DeepWMLError as exc:
             if not skip_bad_cases:
@@ -516,13 +534,14 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     if flair_check is not None:
         not_flair = _judge_flair_checks(everything, assignment, checks, flair_table, skip_bad_cases, allow_non_flair)
         if not allow_non_flair:
-            skipped += [(name, f"does not look like a FLAIR, it looks {looks}: {why}") for name, _, looks, why in not_flair]
+            skipped += [(name, f"{_NOT_FLAIR_REASON}, it looks {looks}: {why}") for name, _, looks, why in not_flair]
     skipped_names = {s[0] for s in skipped}
     for split in ("train", "val"):
         members = [c for c in wanted if assignment[c.case] == split and c.case not in skipped_names]
         _gather_split(folder, split, members, [parts / f"{keys[c.case]}.npz" for c in members], cfg.grid_size)
     io.write_text(json.dumps({"signature": signature, "skipped": skipped,
-                              "not_flair": not_flair if allow_non_flair else []}), done_file)
+                              "not_flair": not_flair if allow_non_flair else [],
+                              "flair_checks": {keys[name]: check for name, check in checks.items()}}), done_file)
     shutil.rmtree(parts, ignore_errors=True)
     if progress:
         progress(1.0, "prepared")
@@ -540,7 +559,11 @@ def flair_checker(device: str = "auto") -> Callable | None:
     from .postprocessing import BRAIN_THRESHOLD
     from .segment import load_brain_model
 
-    brain_model = load_brain_model("default")
+    try:  # training needs no shipped model: an install without them (or a broken one) trains unchecked
+        brain_model = load_brain_model("default")
+    except DeepWMLError as exc:
+        log.warning("the brain-mask model could not be loaded (%s), so whether each scan is a FLAIR is not checked", exc)
+        return None
     if brain_model is None:
         log.warning("no brain-mask model is installed, so whether each scan is a FLAIR is not checked")
         return None
@@ -596,10 +619,19 @@ def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: d
     return found
 
 
-def _warn_trained_non_flair(found: list) -> None:
-    """Said when the cases are prepared, and again on every rerun: the run trains on them."""
-    log.warning("training on %d case(s) that do not look like a FLAIR, as --allow-non-flair asks: %s%s", len(found),
-                ", ".join(f"{name} ({looks})" for name, _, looks, _ in found[:5]), ", ..." if len(found) > 5 else "")
+_NOT_FLAIR_REASON = "does not look like a FLAIR"  # how skipped_cases.csv (and cache.json) gives such a case's reason
+
+
+def _warn_trained_non_flair(found: list, asked: bool = True) -> None:
+    """Said when the cases are prepared, and again on every rerun: the run trains on them (`asked`: with
+    --allow-non-flair given now; else a run prepared with it that has started, and keeps its cases)."""
+    names = ", ".join(f"{name} ({looks})" for name, _, looks, _ in found[:5]) + (", ..." if len(found) > 5 else "")
+    if asked:
+        log.warning("training on %d case(s) that do not look like a FLAIR, as --allow-non-flair asks: %s", len(found), names)
+    else:
+        log.warning("this run trains on %d case(s) that do not look like a FLAIR (%s): it was prepared with "
+                    "--allow-non-flair, and a run that has started keeps its cases (a resume trains on the same); to "
+                    "leave them out, train in a new run folder with --skip-bad-cases", len(found), names)
 
 
 def _save_npz(path, **arrays) -> None:
@@ -934,7 +966,8 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
     When `run_dir` already holds a training, its config.json must match `config` except for
     epochs, device, threads, skip_bad_cases and allow_non_flair, and training continues from last.pt
     (the command line's --resume lets only --epochs, --device and --threads change: rerun the full
-    command to change --skip-bad-cases).
+    command to change --skip-bad-cases; --allow-non-flair changes which cases train only before the first
+    epoch, prepare_cache).
     """
     import torch
 
@@ -1081,7 +1114,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]
     skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
-                            cfg.ignore_label, flair_checker(cfg.device), cfg.allow_non_flair, run_dir / "flair_check.csv")
+                            cfg.ignore_label, flair_checker(cfg.device), cfg.allow_non_flair, run_dir / "flair_check.csv",
+                            started)
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)

@@ -1494,3 +1494,99 @@ def test_a_cohort_of_flairs_trains_as_without_the_check(tmp_path, monkeypatch, c
     training.train(_contrast_config(manifest, tmp_path), tmp_path / "unchecked")
     checked, unchecked = (_last_state(tmp_path / name)["model"] for name in ("checked", "unchecked"))
     assert all(torch.equal(checked[k], unchecked[k]) for k in checked)
+
+
+def test_a_changed_flair_decision_before_any_epoch_is_followed(tmp_path, monkeypatch, caplog):
+    """A run prepared with --allow-non-flair (or --skip-bad-cases) and stopped before its first epoch (Ctrl-C at the
+    warning) was set up again with the other option, but its prepared cache kept the first decision: the case the
+    user now left out was trained on, 'as --allow-non-flair asks' though it was not asked, and the other way round
+    the case the user now allowed stayed out. A run that has not trained an epoch follows the new command (the
+    checks are not run again); one that has keeps its cases and says so."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    judged = _counting_checks(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    run = tmp_path / "run"
+    class Stopped(Exception):
+        pass
+
+    monkeypatch.setattr(training, "_train_member", lambda *a, **k: (_ for _ in ()).throw(Stopped()))
+    with pytest.raises(Stopped):  # prepared with --allow-non-flair, stopped before any epoch
+        training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
+    assert "c4" in json.loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    caplog.clear()
+    with pytest.raises(Stopped):
+        training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), run)
+    assert json.loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"] == ["c0", "c1"]
+    assert "as --allow-non-flair asks" not in caplog.text and "skipping case c4: it does not look like a FLAIR" in caplog.text
+    caplog.clear()
+    with pytest.raises(Stopped):
+        training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
+    assert "c4" in json.loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
+    assert "as --allow-non-flair asks: c4 (T1-weighted)" in caplog.text
+    assert len(judged) == 5  # judged once
+
+
+def test_a_started_run_keeps_its_cases_and_says_why(tmp_path, monkeypatch, caplog):
+    """A run that has trained an epoch keeps the cases it was prepared with (a resume trains on the same data): rerun
+    without --allow-non-flair it still trains on the case, and is told so truthfully, not 'as --allow-non-flair
+    asks'; rerun with it after --skip-bad-cases left the case out, it is told the case stays out."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    run = tmp_path / "run"
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    caplog.clear()
+    training.train(_contrast_config(manifest, tmp_path, epochs=2), run)
+    assert len(read_history(run)) == 2
+    assert "as --allow-non-flair asks" not in caplog.text
+    assert re.search(r"this run trains on 1 case\(s\) that do not look like a FLAIR \(c4 \(T1-weighted\)\): it was "
+                     r"prepared with --allow-non-flair.*new run folder", caplog.text)
+    other = tmp_path / "other"
+    training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), other)
+    caplog.clear()
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True, epochs=2), other)
+    assert json.loads((other / "cache" / "train.json").read_text(encoding="utf-8"))["cases"] == ["c0", "c1"]
+    assert re.search(r"--allow-non-flair does not add c4 to this run.*new run folder", caplog.text)
+
+
+def test_training_without_the_shipped_models_is_not_refused(tmp_path, monkeypatch, caplog):
+    """Where the shipped models are not installed (the library installed without Resources/Models, or
+    DEEPWML_MODELS_DIR naming a folder without a registry), deepwml train failed with 'no model registry ...; pass
+    --model FILE', an option train does not have; it trains, saying the cases' contrast is not checked."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(tmp_path / "nothing"))
+    manifest = make_contrast_cohort(tmp_path / "data", None)
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
+    assert len(read_history(tmp_path / "run")) == 1
+    assert "whether each scan is a FLAIR is not checked" in caplog.text
+
+
+def test_a_case_judged_before_an_interruption_is_not_judged_again(tmp_path, monkeypatch):
+    """A preparation stopped between a case's check and its slices (killed, a full disk) judged that case again on
+    the rerun, though its check was kept."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    judged = _counting_checks(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", None)
+    prepare, calls = training.prepare_volume, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return prepare(*args, **kwargs)
+    monkeypatch.setattr(training, "prepare_volume", stopping)
+    with pytest.raises(OSError):
+        training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
+    assert len(judged) == 2
+    training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
+    assert len(judged) == 5 and len(read_history(tmp_path / "run")) == 1
