@@ -570,7 +570,11 @@ def flair_checker(device: str = "auto") -> Callable | None:
     device = resolve_device(device)
 
     def check(image, mask) -> dict:
-        brain, _, _, frame = predict_maps(image, [brain_model], None, device)
+        try:
+            brain, _, _, frame = predict_maps(image, [brain_model], None, device)
+        except DeepWMLError as exc:  # NaN (bf16 overflowing), a scan too narrow: not judged, the case still trains
+            return {"deep_ml": None, "dark_fraction": None, "cortex_brighter_fraction": None, "looks_like": None,
+                    "not_judged": f"the brain-mask network failed on it: {getattr(exc, 'what', exc)}"}
         inside = np.greater_equal(brain, BRAIN_THRESHOLD)
         del brain
         target = io.axial_view(mask, frame) > 0

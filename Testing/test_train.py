@@ -1590,3 +1590,24 @@ def test_a_case_judged_before_an_interruption_is_not_judged_again(tmp_path, monk
     assert len(judged) == 2
     training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
     assert len(judged) == 5 and len(read_history(tmp_path / "run")) == 1
+
+
+def test_a_brain_network_that_fails_does_not_refuse_the_cases(tmp_path, monkeypatch, caplog):
+    """The brain-mask network giving NaN (bf16 overflowing on a CPU that computes it natively) refused every case,
+    'case c0: brain8-synth-v1 gave NaN probabilities ...: rerun with --precision fp32 (or pass --skip-bad-cases ...)',
+    an option train does not have, for a scan that trains well: the case is not judged, and said so."""
+    import DeepWMLLib.inference as inference
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    predict = inference.predict_network_slices
+
+    def nan_brain(slices, runner, *args, **kwargs):
+        out = predict(slices, runner, *args, **kwargs)
+        return out * np.nan if runner.loaded.labels.get("1") == "intracranial" else out
+    monkeypatch.setattr(inference, "predict_network_slices", nan_brain)
+    manifest = make_contrast_cohort(tmp_path / "data", None)
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
+    assert len(read_history(tmp_path / "run")) == 1
+    assert re.search(r"whether 5 case\(s\) are FLAIRs could not be checked \(c0, .*gave NaN probabilities", caplog.text)
