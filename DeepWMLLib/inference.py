@@ -71,7 +71,18 @@ def default_batch_size(device: str) -> int:
     return 16 if device.startswith("cuda") else 4
 
 
-_NO_NATIVE_BF16 = "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto"
+class PrecisionUnavailable(DeepWMLError):
+    """bf16 asked for where it cannot run: on a CPU that does not compute it natively (`on_gpu` False), or on a
+    GPU. The words are deepwml segment's (--precision); the Slicer module names its panel's Precision and Device
+    instead (CoreLogic.precisionAdvice)."""
+
+    def __init__(self, on_gpu: bool = False):
+        self.on_gpu = bool(on_gpu)
+        super().__init__("--precision bf16 is for the CPU; on a GPU PyTorch runs with fp16 autocast" if self.on_gpu
+                         else "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use fp32 or auto")
+
+    def __reduce__(self):  # whole from the Slicer module's worker process
+        return type(self), (self.on_gpu,)
 
 
 def torch_cpu_has_native_bf16() -> bool:
@@ -118,10 +129,10 @@ class TorchRunner:
             self.model = self.model.to(memory_format=torch.channels_last)
             native = torch_cpu_has_native_bf16()
             if precision == "bf16" and not native:
-                raise DeepWMLError(_NO_NATIVE_BF16)
+                raise PrecisionUnavailable()
             self.bf16 = precision == "bf16" or (precision == "auto" and native)
         elif precision == "bf16":
-            raise DeepWMLError("--precision bf16 is for the CPU; on a GPU PyTorch runs with fp16 autocast")
+            raise PrecisionUnavailable(on_gpu=True)
         self.fp16 = self.device.type == "cuda" and precision != "fp32"  # fp16 autocast on a GPU unless fp32 is asked
         if self.bf16 or self.fp16:
             self.name = "torch bf16" if self.bf16 else "torch fp16"
@@ -361,7 +372,7 @@ def _openvino_precision(core, precision: str) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        raise DeepWMLError(_NO_NATIVE_BF16)
+        raise PrecisionUnavailable()
     return precision
 
 

@@ -469,6 +469,27 @@ def test_batch_model_takes_a_shipped_model_or_ensemble_name(scene, batchScript, 
     assert report["model"] == [Path(next(m["path"] for m in shipped_models() if m["name"] == "unet16-synth-v1")).name]
 
 
+def test_batch_bf16_where_it_cannot_run_names_its_own_option(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """The module's words for bf16 on a CPU without it name the panel's Precision, which the batch has not: its
+    cases say deepwml segment's, whose --precision the batch has too."""
+    from DeepWMLLib import inference
+
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+
+    def noOpenVino(*args, **kwargs):
+        raise ImportError("openvino")
+
+    monkeypatch.setattr(inference, "OpenVinoRunner", noOpenVino)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    out = tmp_path / "out"
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu", "--no-brain-mask", "--precision", "bf16"]) == 1
+    assert summary(out)["a"]["error"] == "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use " \
+                                         "fp32 or auto"
+
+
 def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it(scene, batchScript, tmp_path,
                                                                                monkeypatch, tiny_model):
     """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with advice to rerun with --device

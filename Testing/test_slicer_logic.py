@@ -931,6 +931,48 @@ def test_nan_probabilities_point_at_the_modules_precision_choice(scene, monkeypa
         "precision, so the model file is at fault: choose another model")
 
 
+def test_bf16_where_it_cannot_run_is_said_in_the_panels_words(scene, monkeypatch, tiny_model):
+    """Precision bf16 (saved with a scene made on a computer whose CPU computes bf16 natively, or chosen) on a CPU
+    without it failed with '--precision bf16 needs a CPU with native bf16 ...; use fp32 or auto', an option of
+    deepwml segment the panel does not show; on a GPU, '--precision bf16 is for the CPU'. Both now name the
+    panel's Precision, in a worker thread as from a worker process."""
+    import pickle
+
+    from DeepWMLLib import inference
+
+    from DeepWMLSlicerLib.CoreLogic import SegmentationJob
+
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+
+    def noOpenVino(*args, **kwargs):  # a Slicer without OpenVINO: PyTorch runs the networks
+        raise ImportError("openvino")
+
+    monkeypatch.setattr(inference, "OpenVinoRunner", noOpenVino)
+    flair, _ = make_volume()
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = None
+    with pytest.raises(DeepWMLError) as raised:
+        logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False,
+                            precision="bf16")
+    assert str(raised.value) == ("Precision bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16), and "
+                                 "this computer's does not: choose Precision: auto or fp32 (below Device) and segment "
+                                 "again")
+    assert "--precision" not in str(raised.value)
+
+    job = SegmentationJob(volume, flair, device="auto")
+    job.error = pickle.loads(pickle.dumps(inference.PrecisionUnavailable(on_gpu=True)))  # from a worker process
+    job._finished.set()
+    with pytest.raises(DeepWMLError) as raised:
+        logic.finishSegmentation(job)
+    assert str(raised.value) == ("Precision bf16 is for a CPU that computes bf16 natively, and this run was on a GPU: "
+                                 "choose Precision: auto (fp16 on a GPU) or fp32 (below Device) and segment again")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    # deepwml segment's own words are unchanged
+    assert str(inference.PrecisionUnavailable()) == ("--precision bf16 needs a CPU with native bf16 (AMX or "
+                                                     "AVX512-BF16); use fp32 or auto")
+
+
 def test_the_modules_precision_choices_are_deepwml_segments():
     from DeepWMLLib.inference import PRECISIONS
 

@@ -464,10 +464,12 @@ class DeepWMLCoreLogic:
         if job.cancelled and not isinstance(job.error, Cancelled):
             raise Cancelled("cancelled")
         if job.error is not None:
-            from DeepWMLLib.inference import NaNProbabilities
+            from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
 
             if isinstance(job.error, NaNProbabilities):  # its advice names deepwml segment's option (--precision)
                 raise DeepWMLError(nanAdvice(job.error)) from job.error
+            if isinstance(job.error, PrecisionUnavailable):  # so do its words (--precision bf16)
+                raise DeepWMLError(precisionAdvice(job.error)) from job.error
             raise job.error
         volumeNode = job.volumeNode
         if volumeNode.GetScene() is None:
@@ -827,6 +829,17 @@ def nanAdvice(error) -> str:
                "fault: choose another model"
     return (f"{error.what}: its result would mark nothing; reduced precision can overflow: choose Precision: fp32 "
             "(below Device) and segment again (slower). If that fails too, the model file is at fault")
+
+
+def precisionAdvice(error) -> str:
+    """The module's words on bf16 asked for where it cannot run (inference.PrecisionUnavailable), whose own words
+    name deepwml segment's --precision: in the module it is the panel's Precision (saved with a scene, it may have
+    been chosen on another computer)."""
+    if error.on_gpu:
+        return ("Precision bf16 is for a CPU that computes bf16 natively, and this run was on a GPU: choose "
+                "Precision: auto (fp16 on a GPU) or fp32 (below Device) and segment again")
+    return ("Precision bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16), and this computer's does "
+            "not: choose Precision: auto or fp32 (below Device) and segment again")
 
 
 def _ventricleModel(location):

@@ -255,10 +255,10 @@ def main(argv) -> int:
                 traceback.print_exc()
             message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
             if exc.__cause__ is not None:
-                from DeepWMLLib.inference import NaNProbabilities
+                from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
 
-                if isinstance(exc.__cause__, NaNProbabilities):  # the module's words name its panel's Precision
-                    message = str(exc.__cause__)  # deepwml segment's, whose --precision is the batch's too
+                if isinstance(exc.__cause__, (NaNProbabilities, PrecisionUnavailable)):  # the module's words name
+                    message = str(exc.__cause__)  # its panel's Precision; deepwml segment's --precision is the batch's
             row = {"status": "error", "error": message}
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
