@@ -198,11 +198,16 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        retired = self.logic.forgetAllModelsEnsemble(p.parameterNode)  # an older version's scene
+        if retired:
+            self.ui.statusLabel.text = retired
         index = self.ui.modelComboBox.findText(p.modelName)
         if index < 0 and p.modelName:  # e.g. a scene saved with a model this version no longer ships
-            self.ui.statusLabel.text = (f"The model '{p.modelName}' saved with the scene is not shipped with this "
-                                        f"version; the default model is selected.")
-            p.modelName = self.ui.modelComboBox.itemText(0)  # what the box shows is what runs (updates again)
+            choice, said = self.logic.savedModelChoice(p.modelName)
+            self.ui.statusLabel.text = " ".join(text for text in (retired, said) if text)
+            if choice is None or self.ui.modelComboBox.findText(choice) < 0:
+                choice = self.ui.modelComboBox.itemText(0)
+            p.modelName = choice  # what the box shows is what runs (updates again)
             return
         self.ui.modelComboBox.currentIndex = max(index, 0)
         self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE

@@ -634,6 +634,57 @@ def test_a_failed_run_says_so_in_the_status_line(widget, module, monkeypatch, ti
     assert ui.applyButton.text == "Segment WMH"
 
 
+def loadOlderScene(p, **parameters) -> None:
+    """What loading a scene saved by an older version does to the module's (singleton) parameter node: its
+    parameters, as that version wrote them, arrive at once."""
+    node = p.parameterNode
+    wasModifying = node.StartModify()
+    for name, value in parameters.items():
+        node.SetParameter(name, value)
+    node.EndModify(wasModifying)
+
+
+def test_a_scene_saved_with_the_all_models_ensemble_ticked_says_it_is_gone(widget, monkeypatch):
+    """An older version's scene with 'Ensemble of all shipped models' ticked (its parameter 'ensemble') ran, in this
+    version, the single model its greyed-out selector had shown, and nothing said so: the user took it for the
+    average they had saved. Now the status line says that average is gone and which ensembles are measured, the
+    run is the model selected, and the old parameter is not kept (nor said again)."""
+    ui, p = widget.ui, widget._parameterNode
+    loadOlderScene(p, ensemble="True", modelName="unet16-synth-v1")
+    assert ui.statusLabel.text == (
+        "The scene was saved with 'Ensemble of all shipped models' ticked, which this version does not have (an "
+        "average of every shipped model, never measured): Segment WMH runs the model selected; the ensembles the "
+        "model card measured are in the list (ensemble-v8, ensemble-v7).")
+    assert p.modelName == "unet16-synth-v1" and ui.modelComboBox.items[ui.modelComboBox.currentIndex] == "unet16-synth-v1"
+    assert "ensemble" not in p.parameterNode.GetParameterNames()
+    ui.statusLabel.text = ""
+    p.tta = True  # any later update
+    assert ui.statusLabel.text == ""
+    loadOlderScene(p, ensemble="False")  # unticked: nothing to say, nothing kept
+    assert ui.statusLabel.text == "" and "ensemble" not in p.parameterNode.GetParameterNames()
+    # ticked, with a model this version does not ship: both are said
+    loadOlderScene(p, ensemble="True", modelName="a model of an older version")
+    assert "'Ensemble of all shipped models' ticked" in ui.statusLabel.text
+    assert "The model 'a model of an older version' saved with the scene is not shipped" in ui.statusLabel.text
+    assert p.modelName == ui.modelComboBox.items[0]
+
+
+def test_a_scene_saved_with_an_older_default_ensemble_selects_its_named_ensemble(widget):
+    """A scene saved while v8 (or v7) was the default holds the selector's 'default ensemble (...)' of its four
+    members; this version said that model was not shipped and ran v9, though it names that very ensemble
+    ensemble-v8 (ensemble-v7). It selects the named ensemble, and says so; an older default that no ensemble
+    matches (v6's three members) still falls back to the default, said."""
+    ui, p = widget.ui, widget._parameterNode
+    for name, members in (("ensemble-v8", "unet16-adabn-v5 + unet16-adabn-o + unet16-adabn-p + unet16-adabn-t"),
+                          ("ensemble-v7", "unet16-synth-v5 + unet16-realbg-o + unet16-realbg-p + unet16-realbg-t")):
+        loadOlderScene(p, modelName=f"default ensemble ({members})")
+        assert p.modelName == name and ui.modelComboBox.items[ui.modelComboBox.currentIndex] == name
+        assert ui.statusLabel.text == (f"The scene's model, 'default ensemble ({members})' (an older version's "
+                                       f"default), is '{name}' now; it is selected.")
+    loadOlderScene(p, modelName="default ensemble (unet16-synth-v5 + unet16-realbg-o + unet16-realbg-p)")
+    assert p.modelName == ui.modelComboBox.items[0] and "is not shipped with this version" in ui.statusLabel.text
+
+
 def test_a_saved_model_no_longer_shipped_falls_back_to_the_default_shown(widget):
     ui, p = widget.ui, widget._parameterNode
     p.modelName = "a model of an older version"

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,9 @@ from DeepWMLLib.errors import Cancelled, DeepWMLError
 from . import MRMLConversion as mrml
 
 MODEL_FILE_CHOICE = "Model file..."
+# the parameter of an older version's checkbox 'Ensemble of all shipped models' (an average of every shipped WMH
+# model, never measured), which scenes saved then still hold
+ALL_MODELS_PARAMETER = "ensemble"
 # deepwml segment --precision (inference.PRECISIONS; not imported from there: the module loads before scipy is installed)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
@@ -381,6 +385,46 @@ class DeepWMLCoreLogic:
         return first + [(entry["name"], entry.get("description", "")) for entry in self.shippedEnsembles()] + \
             [(entry["name"], entry.get("description", "")) for entry in entries if not entry.get("default")] + \
             [(MODEL_FILE_CHOICE, "A DeepWML model file (.pt) of your own")]
+
+    def savedModelChoice(self, modelName: str) -> tuple[str | None, str]:
+        """For a model name saved with a scene that the selector does not offer: the choice that runs the same
+        models (a default ensemble of an older version, "default ensemble (a + b ...)", that the registry names
+        now), or None for the shipped default, and the words that tell the user."""
+        found = re.fullmatch(r"default ensemble \((.+)\)", modelName)
+        try:
+            ensembles = self.shippedEnsembles() if found else []
+        except Exception:  # an unreadable registry: the default, as for any other name
+            ensembles = []
+        for entry in ensembles:
+            if sorted(entry["members"]) == sorted(found.group(1).split(" + ")):
+                return entry["name"], (f"The scene's model, '{modelName}' (an older version's default), is "
+                                       f"'{entry['name']}' now; it is selected.")
+        return None, (f"The model '{modelName}' saved with the scene is not shipped with this version; the default "
+                      "model is selected.")
+
+    def forgetAllModelsEnsemble(self, parameterNode) -> str:
+        """A scene saved by a version with the checkbox 'Ensemble of all shipped models' holds its parameter, which
+        this version no longer reads: removed here (quietly: no update of the GUI), and the words that tell the user
+        when it was ticked (Segment WMH runs the model selected, not that average); else ''."""
+        names = parameterNode.GetParameterNames()
+        if ALL_MODELS_PARAMETER not in names:
+            return ""
+        ticked = parameterNode.GetParameter(ALL_MODELS_PARAMETER) == "True"
+        quiet = parameterNode.GetDisableModifiedEvent()
+        parameterNode.SetDisableModifiedEvent(1)
+        try:
+            parameterNode.UnsetParameter(ALL_MODELS_PARAMETER)
+        finally:
+            parameterNode.SetDisableModifiedEvent(quiet)
+        if not ticked:
+            return ""
+        try:
+            measured = ", ".join(entry["name"] for entry in self.shippedEnsembles())
+        except Exception:
+            measured = ""
+        return ("The scene was saved with 'Ensemble of all shipped models' ticked, which this version does not have "
+                "(an average of every shipped model, never measured): Segment WMH runs the model selected"
+                + (f"; the ensembles the model card measured are in the list ({measured})." if measured else "."))
 
     def ventricleModelPath(self) -> str | None:
         """The lateral-ventricle model the GUI's periventricular/deep option runs: the registry's default
