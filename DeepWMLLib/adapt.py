@@ -427,10 +427,11 @@ def register(subparsers) -> None:
                         f"every slice with head is used ({FEW_SLICES}+ slices advised)")
     p.add_argument("-o", "--output-dir", required=True, help="folder for the adapted model files (<name>-adapted.pt)")
     p.add_argument("--model", nargs="+", metavar="FILE",
-                   help="model file(s) to adapt (default: the shipped default model, or each member of a "
-                        "default ensemble)")
+                   help="model file(s) to adapt, or the name of a shipped model or ensemble (e.g. ensemble-v8: "
+                        "each of its members), as in deepwml segment (default: the shipped default model, or each "
+                        "member of a default ensemble)")
     p.add_argument("--pseudo-models", nargs="+", metavar="FILE",
-                   help="models whose averaged marks (>= 0.5) are the scans' lesions for centring crops "
+                   help="models (files, or shipped models' or ensembles' names) whose averaged marks (>= 0.5) are the scans' lesions for centring crops "
                         "(default: the models being adapted)")
     p.add_argument("--crops-per-slice", type=positive_int, default=4, help="crops drawn per head slice (default 4)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the crop draw (default 0)")
@@ -446,11 +447,13 @@ def _run(args) -> int:
     import torch
 
     from . import io
-    from .segment import default_model_paths, expand_inputs, mask_input_skipped
+    from .segment import default_model_paths, expand_inputs, mask_input_skipped, model_files
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = list(args.model or default_model_paths())
+    # a shipped model's or ensemble's name stands for its file(s), as in deepwml segment
+    models = list(model_files(args.model) or default_model_paths())
+    args.pseudo_models = model_files(args.pseudo_models, "--pseudo-models")
     out_dir = Path(args.output_dir)
     outputs = [out_dir / f"{Path(m).stem}-adapted.pt" for m in models]
     if len(set(outputs)) < len(outputs):

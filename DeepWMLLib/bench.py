@@ -338,7 +338,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else synthetic)")
-    p.add_argument("--model", nargs="+", help="model file(s) (default: the shipped default model)")
+    p.add_argument("--model", nargs="+", help="model file(s), or the name of a shipped model or ensemble (e.g. "
+                   "ensemble-v8), as in deepwml segment (default: the shipped default model)")
     p.add_argument("--slices", type=non_negative_int, default=25, help="central axial slices to keep (default 25; 0 = all)")
     p.add_argument("--repeat", type=positive_int, default=3, help="timed repetitions (median reported; default 3)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's default)")
@@ -354,7 +355,9 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from . import io
+    from .segment import model_files
 
+    args.model = model_files(args.model)  # a shipped model's or ensemble's name stands for its file(s)
     if args.json:
         io.check_output_file(args.json)  # before minutes of timing, not after
     brain = None if args.no_brain_mask else (args.brain_model or "default")

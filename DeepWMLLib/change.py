@@ -784,7 +784,9 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
     p.add_argument("--min-change-ml", type=non_negative_float, default=DEFAULT_MIN_CHANGE_ML,
                    help=f"a new lesion, or a gone one, smaller than this is listed as small new / small gone and not "
                         f"counted as a change (default {DEFAULT_MIN_CHANGE_ML:g} ml; 0 counts all)")
-    p.add_argument("--model", nargs="+", metavar="FILE", help="segmentation model file(s) (default: the shipped model)")
+    p.add_argument("--model", nargs="+", metavar="FILE",
+                   help="segmentation model file(s), or the name of a shipped model or ensemble (e.g. ensemble-v8), as "
+                        "in deepwml segment (default: the shipped model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
@@ -823,8 +825,11 @@ SUMMARY_COLUMNS = ("case", "status", "error", "baseline_volume_ml", "followup_vo
 
 
 def _run(args) -> int:
+    from .segment import model_files
+
     if args.threshold is not None and not 0 < args.threshold < 1:
         raise UsageError("--threshold must be between 0 and 1 (exclusive)")
+    args.model = model_files(args.model)  # a shipped model's or ensemble's name stands for its file(s)
     if args.manifest:
         if (args.baseline or args.followup or args.case or args.baseline_mask or args.followup_mask
                 or args.baseline_series or args.followup_series):

@@ -157,10 +157,11 @@ def shipped_ensembles() -> list[dict]:
     return ensembles
 
 
-def model_files(specs: Sequence[str] | None) -> list[str] | None:
-    """--model's arguments as model files: one that exists as a file or folder is itself (a run folder gives
-    its best.pt); else the name of a shipped model gives its file and that of a shipped ensemble its members'.
-    A name that is neither is refused with the names there are; a path (with a folder, or ending .pt) is left
+def model_files(specs: Sequence[str] | None, option: str = "--model") -> list[str] | None:
+    """--model's arguments as model files (deepwml segment, change, adapt, bench and the Slicer batch script):
+    one that exists as a file or folder is itself (a run folder gives its best.pt); else the name of a shipped
+    model gives its file and that of a shipped ensemble its members'. A name that is neither is refused with the
+    names there are (`option` names the option in the message); a path (with a folder, or ending .pt) is left
     for the loader to say that it does not exist. None (the default model) stays None."""
     if not specs:
         return specs
@@ -174,7 +175,7 @@ def model_files(specs: Sequence[str] | None) -> list[str] | None:
             names = {**{entry["name"]: [entry["path"]] for entry in shipped_models()},
                      **{entry["name"]: entry["paths"] for entry in shipped_ensembles()}}
         if spec not in names:
-            raise UsageError(f"--model {spec}: no such model file, nor a shipped model or ensemble of that name "
+            raise UsageError(f"{option} {spec}: no such model file, nor a shipped model or ensemble of that name "
                              f"(shipped: {', '.join(names)})")
         files += names[spec]
     return files

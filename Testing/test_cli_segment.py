@@ -307,6 +307,48 @@ def test_model_takes_the_name_of_a_shipped_model_or_ensemble(tmp_path, tiny_mode
     assert report["model"] == [Path(p).name for p in v7]
 
 
+def test_change_adapt_and_bench_take_a_shipped_model_or_ensemble_name_as_segment_does(tmp_path, monkeypatch, capsys):
+    """deepwml segment --model took a shipped model's or ensemble's name; deepwml change, adapt (--model and
+    --pseudo-models) and bench took files only ('model file ensemble-v8 does not exist'). They resolve names the
+    same way (segment.model_files), and a name that is none is refused before any work, naming the option."""
+    from DeepWMLLib import adapt, bench, segment
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import shipped_ensembles, shipped_models
+
+    v8 = next(e for e in shipped_ensembles() if e["name"] == "ensemble-v8")["paths"]
+    v1 = next(m for m in shipped_models() if m["name"] == "unet16-synth-v1")["path"]
+    seen = {}
+
+    def stop(what, *models):
+        seen[what] = models
+        raise DeepWMLError("stop here")  # what would run, without running it
+
+    monkeypatch.setattr(bench, "run_benchmark", lambda input_path, models, *args: stop("bench", models))
+    monkeypatch.setattr(adapt, "adapt_models", lambda models, scans, outputs, pseudo, *args, **kwargs:
+                        stop("adapt", models, pseudo))
+    monkeypatch.setattr(segment, "load_models", lambda paths=None: stop("change", paths))
+    baseline, _ = write_case(tmp_path, "baseline", size=(40, 36, 6))
+    followup, _ = write_case(tmp_path, "followup", size=(40, 36, 6), blobs=((0.5, 0.5, 0.5, 5.0),))
+
+    assert main(["bench", "--model", "ensemble-v8", "--slices", "1", "--repeat", "1"]) == 1
+    assert seen["bench"] == (v8,)
+    assert main(["adapt", "--scans", str(baseline), "-o", str(tmp_path / "adapted"), "--model", "ensemble-v8",
+                 "--pseudo-models", "unet16-synth-v1"]) == 1
+    assert seen["adapt"] == (v8, [v1])
+    assert main(["change", str(baseline), str(followup), "-o", str(tmp_path / "change"), "--model", "ensemble-v8",
+                 "--no-brain-mask"]) == 1
+    assert seen["change"] == (v8,)
+    capsys.readouterr()
+    for command in (["bench", "--model", "no-such-model"], ["change", str(baseline), str(followup), "-o", "x",
+                                                              "--model", "no-such-model"],
+                    ["adapt", "--scans", str(baseline), "-o", "x", "--model", "no-such-model"],
+                    ["adapt", "--scans", str(baseline), "-o", "x", "--pseudo-models", "no-such-model"]):
+        assert main(command) == 2, command
+        option = "--pseudo-models" if "--pseudo-models" in command else "--model"
+        assert f"{option} no-such-model: no such model file, nor a shipped model or ensemble of that name" \
+            in capsys.readouterr().err
+
+
 def test_same_model_twice_in_an_ensemble_is_said(tiny_model, tmp_path):
     """Given twice (by name, or as a copy), a model weighs twice in the average: a warning says so, naming it."""
     import shutil
