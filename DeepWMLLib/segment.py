@@ -159,26 +159,36 @@ def shipped_ensembles() -> list[dict]:
 
 def model_files(specs: Sequence[str] | None, option: str = "--model") -> list[str] | None:
     """--model's arguments as model files (deepwml segment, change, adapt, bench and the Slicer batch script):
-    one that exists as a file or folder is itself (a run folder gives its best.pt); else the name of a shipped
-    model gives its file and that of a shipped ensemble its members'. A name that is neither is refused with the
-    names there are (`option` names the option in the message); a path (with a folder, or ending .pt) is left
-    for the loader to say that it does not exist. None (the default model) stays None."""
+    a file (or a training run's folder) is itself; else the name of a shipped model gives its file and that of a
+    shipped ensemble its members' (also where a folder of that name is here, an OUTDIR named after the model, say).
+    A name that is neither is refused with the names there are (`option` names the option in the message); a
+    path (with a folder, ending .pt, or an image's name) or another folder is left for the caller or the loader
+    to say what it is. None (the default model) stays None."""
     if not specs:
         return specs
     names = None
     files = []
     for spec in specs:
-        if os.path.exists(spec) or os.sep in spec or "/" in spec or spec.lower().endswith((".pt", ".pth")):
+        if os.path.isfile(spec) or is_run_folder(spec) or os.sep in spec or "/" in spec \
+                or spec.lower().endswith((".pt", ".pth")) or io.is_image_file(spec):
             files.append(spec)
             continue
         if names is None:
             names = {**{entry["name"]: [entry["path"]] for entry in shipped_models()},
                      **{entry["name"]: entry["paths"] for entry in shipped_ensembles()}}
-        if spec not in names:
+        if spec in names:
+            files += names[spec]
+        elif os.path.isdir(spec):
+            files.append(spec)
+        else:
             raise UsageError(f"{option} {spec}: no such model file, nor a shipped model or ensemble of that name "
                              f"(shipped: {', '.join(names)})")
-        files += names[spec]
     return files
+
+
+def is_run_folder(path) -> bool:
+    """Whether `path` is a training run's folder (its best.pt or last.pt in it), which --model may be given."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))
 
 
 def default_model_paths() -> list[str]:
@@ -1507,12 +1517,11 @@ def _run(args) -> int:
         hint = (f"; --model takes every file after it, so it took {args.model[-1]}: put INPUT before --model"
                 if args.model else "")
         raise UsageError(f"no INPUT given{hint}")
+    args.model = model_files(args.model)  # a shipped name first: a folder of that name (OUTDIR) is not a model
     for path in args.model or []:  # INPUT given, and more after --model (`INPUT -o OUT --model a.pt INPUT2`)
-        if io.is_image_file(path) or (os.path.isdir(path) and not any(
-                os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))):
+        if io.is_image_file(path) or (os.path.isdir(path) and not is_run_folder(path)):
             raise UsageError(f"{path} is {'a folder' if os.path.isdir(path) else 'an image'}, not a model file: "
                              "--model takes every file after it; put INPUT before --model")
-    args.model = model_files(args.model)
     if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
         raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
     if args.no_location and (args.ventricle_model or args.save_ventricle_mask):

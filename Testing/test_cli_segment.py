@@ -307,6 +307,34 @@ def test_model_takes_the_name_of_a_shipped_model_or_ensemble(tmp_path, tiny_mode
     assert report["model"] == [Path(p).name for p in v7]
 
 
+def test_a_folder_named_like_a_shipped_model_does_not_hide_the_name(tmp_path, monkeypatch, capsys):
+    """An OUTDIR named after the model (`-o ensemble-v8 --model ensemble-v8`) ran the first time; rerun (new cases
+    added), the folder now there took the name's place: 'ensemble-v8 is a folder, not a model file: ... put INPUT
+    before --model'. A folder that is no training run's does not hide a shipped name; one that is, and a file of
+    the name, still win; a folder of scans after --model that is no name is still refused as before."""
+    from DeepWMLLib.segment import model_files, shipped_ensembles
+
+    oracle_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    v8 = next(e for e in shipped_ensembles() if e["name"] == "ensemble-v8")["paths"]
+    path, _ = write_case(tmp_path, "case", size=(40, 36, 6))
+    (tmp_path / "ensemble-v8").mkdir()
+    (tmp_path / "ensemble-v8" / "notes.txt").write_text("results", encoding="utf-8")
+    assert model_files(["ensemble-v8"]) == v8
+    assert main(["segment", str(path), "-o", "ensemble-v8", "--model", "ensemble-v8", "--device", "cpu",
+                 "--backend", "torch", "--no-brain-mask"]) == 0
+    report = json.loads((tmp_path / "ensemble-v8" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["model"] == [Path(p).name for p in v8]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    (tmp_path / "scans").mkdir()
+    assert model_files(["run"]) == ["run"]  # a training run's folder is itself (the loader names its best.pt)
+    assert main(["segment", str(path), "-o", "out", "--model", "ensemble-v8", "scans"]) == 2
+    assert "scans is a folder, not a model file" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", "out", "--model", "ensemble-v8", "missing.nii.gz"]) == 2
+    assert "missing.nii.gz is an image, not a model file" in capsys.readouterr().err
+
+
 def test_change_adapt_and_bench_take_a_shipped_model_or_ensemble_name_as_segment_does(tmp_path, monkeypatch, capsys):
     """deepwml segment --model took a shipped model's or ensemble's name; deepwml change, adapt (--model and
     --pseudo-models) and bench took files only ('model file ensemble-v8 does not exist'). They resolve names the
