@@ -198,12 +198,18 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        retired = self.logic.forgetAllModelsEnsemble(p.parameterNode)  # an older version's scene
+        index = self.ui.modelComboBox.findText(p.modelName)
+        retired, choice, said = "", None, ""
+        try:  # an older version's scene: words only, the buttons below must still follow the parameters
+            retired = self.logic.forgetAllModelsEnsemble(p.parameterNode)
+            if index < 0 and p.modelName:
+                choice, said = self.logic.savedModelChoice(p.modelName)
+        except Exception as exc:
+            logging.error(f"Cannot check the scene's model choice: {exc}")
+            said = f"Cannot check the scene's model choice: {exc}"
         if retired:
             self.ui.statusLabel.text = retired
-        index = self.ui.modelComboBox.findText(p.modelName)
         if index < 0 and p.modelName:  # e.g. a scene saved with a model this version no longer ships
-            choice, said = self.logic.savedModelChoice(p.modelName)
             self.ui.statusLabel.text = " ".join(text for text in (retired, said) if text)
             if choice is None or self.ui.modelComboBox.findText(choice) < 0:
                 choice = self.ui.modelComboBox.itemText(0)
