@@ -92,6 +92,8 @@ BAD_INPUTS = [
     ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
     ("batch size 0", "segment", 2, "must be at least 1"),
     ("INPUT after --model (taken as a model file)", "segment", 2, "put INPUT before --model"),
+    ("a --model name that is no file nor a shipped model or ensemble (a typo)", "segment", 2,
+     "no such model file, nor a shipped model or ensemble of that name (shipped: "),
     ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
     ("--no-location with --ventricle-model", "segment", 2, "cannot go with"),
     ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
@@ -406,6 +408,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(p["good"]), "--batch-size", "0"]
     if row_id == "INPUT after --model (taken as a model file)":
         return ["segment", "-o", out, "--model", str(p["model"]), str(p["good"])]
+    if row_id == "a --model name that is no file nor a shipped model or ensemble (a typo)":
+        return ["segment", str(p["good"]), "-o", out, "--model", "ensemble-v9"]
     if row_id == "--no-brain-mask with --brain-model":
         return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
     if row_id == "--no-location with --ventricle-model":
