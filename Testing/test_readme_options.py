@@ -1,0 +1,137 @@
+"""README's command lines against the parsers they describe: a new user copies them, so every option written
+there must exist as spelled, the synopses of `deepwml segment` and of the Slicer batch script must list every
+option there is, and the defaults README states must be the code's. (The bad-input table has its own check,
+test_bad_inputs.test_readme_table_matches.)"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from DeepWMLLib.cli import build_parser
+from DeepWMLLib.postprocessing import DEFAULT_MIN_LESION_MM3
+from DeepWMLLib.realbg import FAINT_RATIO
+
+from conftest import REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+
+
+def options() -> dict[str, set[str]]:
+    """Each sub-command's option strings."""
+    return {name: {o for action in sub._actions for o in action.option_strings}
+            for name, sub in build_parser().commands.items()}
+
+
+def code_blocks() -> list[str]:
+    return re.findall(r"```[a-z]*\n(.*?)```", README, re.S)
+
+
+def block_starting(text: str) -> str:
+    found = [block for block in code_blocks() if block.startswith(text)]
+    assert len(found) == 1, f"README has {len(found)} code blocks starting {text!r}"
+    return found[0]
+
+
+def command_lines() -> list[tuple[str, str, str]]:
+    """(command, the options' text, the README line) for every command written in a README code block: a
+    `deepwml CMD` line (or torchrun's `-m DeepWMLLib.train`) up to its comment, the lines it continues onto with
+    a backslash, and the bracketed options (`[--x N]`) of the comment lines under it."""
+    found = []
+    for block in code_blocks():
+        command, continued = None, False
+        for line in block.splitlines():
+            started = re.match(r"\s*(?:deepwml (\w+)|torchrun .*-m DeepWMLLib\.(\w+))(.*)", line)
+            if started and not line.lstrip().startswith("#"):
+                command, text = started.group(1) or started.group(2), started.group(3).split(" #")[0]
+            elif continued:
+                text = line.split(" #")[0]
+            elif command and line.lstrip().startswith("#"):
+                text = " ".join(group for group in re.findall(r"\[([^\]]*)\]", line) if group.startswith("--"))
+            else:
+                continue
+            continued = text.rstrip().endswith("\\")
+            found.append((command, text, line))
+    return found
+
+
+def test_every_option_on_a_readme_command_line_exists():
+    known = options()
+    lines = command_lines()
+    assert len(lines) > 30, "README's command lines were not found"
+    wrong = [f"deepwml {command} {option}: {line.strip()}" for command, text, line in lines
+             for option in OPTION.findall(text) if option not in known.get(command, ())]
+    assert not wrong, "README writes options the command does not have:\n" + "\n".join(wrong)
+
+
+def test_every_option_in_readme_inline_commands_exists():
+    """`deepwml segment --precision`-like spans in README's prose."""
+    known = options()
+    spans = re.findall(r"`deepwml (\w+)([^`]*)`", README)
+    assert len(spans) > 30
+    wrong = [f"`deepwml {command}{text}`" for command, text in spans
+             if command not in known or any(option not in known[command] for option in OPTION.findall(text))]
+    assert not wrong, "README names options the command does not have: " + ", ".join(wrong)
+
+
+def test_segment_synopsis_lists_every_option():
+    synopsis = set(OPTION.findall(block_starting("deepwml segment INPUT")))
+    have = {o for o in options()["segment"] if o.startswith("--")} - {"--help", "--output-dir"}
+    assert synopsis == have, f"missing from README: {sorted(have - synopsis)}; not options: {sorted(synopsis - have)}"
+
+
+def batch_script_options() -> set[str]:
+    """The options segment_batch.py's parser adds (read from its source: running it needs slicer-core)."""
+    tree = ast.parse((REPO / "DeepWML" / "Scripts" / "segment_batch.py").read_text(encoding="utf-8"))
+    return {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+            for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("--")}
+
+
+def test_batch_script_synopsis_lists_every_option():
+    block = block_starting("Slicer --no-main-window --python-script")
+    synopsis = set(OPTION.findall(block.split("segment_batch.py", 1)[1]))
+    have = batch_script_options()
+    assert len(have) > 10
+    assert synopsis == have, f"missing from README: {sorted(have - synopsis)}; not options: {sorted(synopsis - have)}"
+
+
+# (command, option, README's words that state its default, the default they state)
+STATED_DEFAULTS = [
+    ("segment", "--min-lesion-mm3", "`--min-lesion-mm3` (default 5)", 5),
+    ("segment", "--exclude-edge-slices", "10 % of axial slices (MICCAI winner, off by default", 0),
+    ("evaluate", "--found-fraction", "[--found-fraction 0.4]", 0.4),
+    ("evaluate", "--size-bounds", "[--size-bounds 20 150]", (20, 150)),
+    ("evaluate", "--size-unit", "[--size-unit voxels|mm3]", "voxels"),
+    ("consensus", "--threshold", "[--threshold 0.85]", 0.85),
+    ("change", "--tolerance-mm", "within 2 mm of it (`--tolerance-mm`)", 2),
+    ("change", "--presence", "reaches 0.15 (`--presence`", 0.15),
+    ("change", "--enlarge-fraction", "(`--enlarge-fraction 1`)", 1),
+    ("change", "--enlarge-min-ml", "by 0.05 ml at least (`--enlarge-min-ml`)", 0.05),
+    ("change", "--min-change-ml", "under 0.02 ml (`--min-change-ml`)", 0.02),
+    ("adapt", "--crops-per-slice", "[--crops-per-slice 4]", 4),
+    ("adapt", "--seed", "[--crops-per-slice 4] [--seed 0]", 0),
+    ("synth", "--faint-ignore", "[--faint-ignore 1.12]: deep white matter this much brighter than the local normal "
+     "white matter is\n#   marked 2 too (the default", 1.12),
+    ("train", "--widen-noise", "[--widen-noise 0.01]", 0.01),
+]
+
+# options whose parser default is None and whose code then takes a constant
+RESOLVED = {("segment", "--min-lesion-mm3"): DEFAULT_MIN_LESION_MM3, ("synth", "--faint-ignore"): FAINT_RATIO}
+
+
+@pytest.mark.parametrize("command, option, words, stated", STATED_DEFAULTS,
+                         ids=[f"{c} {o}" for c, o, _, _ in STATED_DEFAULTS])
+def test_defaults_readme_states_are_the_code_s(command, option, words, stated):
+    assert words in README, f"README no longer says {words!r}: update this test with README"
+    action = next(a for a in build_parser().commands[command]._actions if option in a.option_strings)
+    default = action.default if action.default is not None else RESOLVED[(command, option)]
+    if isinstance(stated, str):
+        assert default == stated
+    elif isinstance(stated, tuple):
+        assert tuple(default) == stated
+    else:
+        assert float(default) == pytest.approx(stated)
