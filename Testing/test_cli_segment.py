@@ -163,6 +163,7 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     for key in ("volume_ml", "lesion_count", "periventricular_ml", "deep_ml", "warnings"):
         assert skipped[key] == first[key], key
     assert skipped["volume_ml"] != ""
+    assert first["seconds"] != "" and skipped["seconds"] == ""  # README: empty, this run did not segment it
     assert main(args + ["--overwrite"]) == 0
     assert mask_file.read_bytes() != b"user edited"
     # an earlier run's optional outputs go when a run that does not make them overwrites the case
