@@ -795,7 +795,8 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
     p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,
                    help="format of the image outputs (default: the follow-up's own; the baseline's mask: the baseline's)")
     p.add_argument("--qc", action="store_true", help="also write CASE_change_qc.png: the follow-up's axial slices with "
-                   "new lesions red, enlarging orange, stable yellow, gone blue")
+                   "each lesion in its call's colour, under a legend: new red, enlarging orange, stable yellow, gone "
+                   "blue, small new pink, small gone pale blue, not assessable grey")
     p.add_argument("--dicom-outline", action="store_true", help="for a DICOM follow-up, also write "
                    "CASE_change_outline_dicom/: the follow-up FLAIR with each lesion outlined in its call's colour as a "
                    "new series of its study, to read the change in a PACS viewer")

@@ -135,3 +135,15 @@ def test_defaults_readme_states_are_the_code_s(command, option, words, stated):
         assert tuple(default) == stated
     else:
         assert float(default) == pytest.approx(stated)
+
+
+def test_change_qc_help_names_every_colour_readme_gives():
+    """`deepwml change --help` said the picture shows new, enlarging, stable and gone lesions; it shows all seven
+    calls, as README says, and a user meeting pink or grey ones finds them in --help too."""
+    words = re.search(r"`CASE_change_qc\.png` with `--qc` \(the follow-up's slices, (.*?), under a legend", README, re.S)
+    assert words, "README's words on CASE_change_qc.png were not found"
+    colours = [" ".join(pair.split()) for pair in words.group(1).split(",")]
+    assert len(colours) == 7
+    action = next(a for a in build_parser().commands["change"]._actions if "--qc" in a.option_strings)
+    shown = " ".join(action.help.split())
+    assert [c for c in colours if c not in shown] == []
