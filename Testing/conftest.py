@@ -228,6 +228,22 @@ def tiny_model(tmp_path) -> Path:
 
 
 @pytest.fixture
+def precisions_asked(monkeypatch) -> list:
+    """The precision each network runner is made with from now on (inference.make_runner watched, not changed)."""
+    from DeepWMLLib import inference
+
+    asked = []
+    make_runner = inference.make_runner
+
+    def watched(loaded, device, backend="auto", precision="auto"):
+        asked.append(precision)
+        return make_runner(loaded, device, backend, precision)
+
+    monkeypatch.setattr(inference, "make_runner", watched)
+    return asked
+
+
+@pytest.fixture
 def shared_data() -> Path:
     root = shared_data_dir()
     if root is None:

@@ -491,20 +491,13 @@ def test_batch_bf16_where_it_cannot_run_names_its_own_option(scene, batchScript,
 
 
 def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it(scene, batchScript, tmp_path,
-                                                                               monkeypatch, tiny_model):
+                                                                               monkeypatch, tiny_model, precisions_asked):
     """A network that gave NaN probabilities in fp16 (a GPU) failed a batch case with advice to rerun with --device
     cpu, or with deepwml segment --precision fp32: the batch had no precision option. It has deepwml segment's
     --precision now (default auto), which reaches the networks, and the NaN advice is deepwml segment's own."""
     from DeepWMLLib import inference
 
-    asked = []
-    makeRunner = inference.make_runner
-
-    def spy(loaded, device, backend="auto", precision="auto"):
-        asked.append(precision)
-        return makeRunner(loaded, device, backend, precision)
-
-    monkeypatch.setattr(inference, "make_runner", spy)
+    asked = precisions_asked
     inputs = tmp_path / "in"
     inputs.mkdir()
     writeCase(inputs, "a.nii.gz")

@@ -97,20 +97,11 @@ def test_job_runs_in_a_worker_thread_and_cancel_stops_it(scene, monkeypatch):
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
-def test_the_precision_chosen_reaches_the_networks_in_a_thread_and_in_a_worker_process(scene, monkeypatch, tiny_model):
+def test_the_precision_chosen_reaches_the_networks_in_a_thread_and_in_a_worker_process(scene, tiny_model, precisions_asked):
     """deepwml segment has --precision; the module had no such choice, so on a CPU that computes bf16 natively a
     user could not run fp32 in Slicer (the way out of NaN probabilities). segmentVolume and startSegmentation take
     it (default auto, as before) and hand it to the networks, in a worker thread and in a worker process."""
-    from DeepWMLLib import inference
-
-    asked = []
-    makeRunner = inference.make_runner
-
-    def spy(loaded, device, backend="auto", precision="auto"):
-        asked.append(precision)
-        return makeRunner(loaded, device, backend, precision)
-
-    monkeypatch.setattr(inference, "make_runner", spy)
+    asked = precisions_asked
     flair, _ = make_volume()
     volume = mrml.volumeFromImage(flair, "flair")
     logic = DeepWMLCoreLogic()
