@@ -218,10 +218,10 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.currentIndex = max(index, 0)
         self.ui.modelFilePathLineEdit.visible = p.modelName == MODEL_FILE_CHOICE
         self.ui.thresholdSliderWidget.enabled = not p.useModelThreshold
-        if self._deviceNoteFor != p.device:
-            self._deviceNoteFor = p.device
+        if self._deviceNoteFor != (p.device, p.precision):
+            self._deviceNoteFor = (p.device, p.precision)
             try:  # a note only: the buttons below must still follow the parameters
-                self.ui.deviceNoteLabel.text = self.logic.deviceNote(p.device)
+                self.ui.deviceNoteLabel.text = self.logic.deviceNote(p.device, p.precision)
             except Exception as exc:
                 logging.error(f"Cannot check the device: {exc}")
                 self.ui.deviceNoteLabel.text = f"Cannot check the device: {exc}"

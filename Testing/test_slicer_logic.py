@@ -588,6 +588,32 @@ def test_device_note_without_gpu(monkeypatch):
     assert "choose auto or cpu" in logic.deviceNote("cuda")
 
 
+def test_the_device_note_says_beforehand_where_bf16_cannot_run(monkeypatch):
+    """Precision bf16 that cannot run (a CPU without native bf16, a GPU; a scene saved on another computer) was
+    said only when Segment WMH failed; Device had its note beforehand. The note now says it too."""
+    import torch
+
+    from DeepWMLLib import inference
+
+    logic = DeepWMLCoreLogic()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    assert logic.deviceNote("cpu", "bf16") == ("This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose "
+                                               "Precision auto or fp32.")
+    assert logic.deviceNote("auto", "bf16").startswith("No usable GPU: segmentation runs on the CPU (slower). "
+                                                       "This CPU does not compute bf16")
+    assert logic.deviceNote("cuda", "bf16") == "No usable GPU here: choose auto or cpu."  # the device first
+    assert logic.deviceNote("cpu", "auto") == logic.deviceNote("cpu", "fp32") == ""
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: True)
+    assert logic.deviceNote("cpu", "bf16") == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("auto", "cuda"):
+        assert logic.deviceNote(device, "bf16") == ("Precision bf16 is for the CPU: on a GPU choose Precision auto "
+                                                    "(fp16) or fp32.")
+        assert logic.deviceNote(device, "auto") == ""
+    assert logic.deviceNote("cpu", "bf16") == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Dependencies: asked for on first use, never at import
 

@@ -155,6 +155,24 @@ def test_the_panels_precision_is_saved_and_reaches_the_job(widget, module, tiny_
     assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["precision"] == "fp32"
 
 
+def test_choosing_a_precision_that_cannot_run_here_is_said_at_once(widget, monkeypatch):
+    """bf16 chosen on a CPU without native bf16 was said only when Segment WMH failed: the note below Device says it
+    as Precision changes, and goes when Precision goes back."""
+    import torch
+
+    from DeepWMLLib import inference
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    ui, p = widget.ui, widget._parameterNode
+    p.device = "cpu"
+    assert ui.deviceNoteLabel.text == ""
+    p.precision = "bf16"
+    assert "does not compute bf16 natively" in ui.deviceNoteLabel.text
+    p.precision = "fp32"
+    assert ui.deviceNoteLabel.text == ""
+
+
 def test_segment_button_with_a_worker_process_shows_progress_results_and_cancels(widget, module, tiny_model):
     ui, p = widget.ui, widget._parameterNode
     widget.logic.workerPython = sys.executable  # as in Slicer, where it is PythonSlicer
@@ -205,7 +223,7 @@ def test_the_periventricular_option_runs_the_ventricle_model_only_when_ticked(wi
 def test_a_device_check_that_fails_is_shown_and_the_buttons_still_follow(widget, monkeypatch):
     ui = widget.ui
 
-    def broken(device):
+    def broken(device, precision="auto"):
         raise RuntimeError("torch cannot be imported")
 
     monkeypatch.setattr(widget.logic, "deviceNote", broken)

@@ -341,17 +341,30 @@ class DeepWMLCoreLogic:
             raise DeepWMLError("DeepWML cannot run without PyTorch (installation declined or failed; "
                                "see the PyTorch Utils module)")
 
-    def deviceNote(self, device: str) -> str:
-        """A line for the GUI when the chosen device will not be a GPU."""
+    def deviceNote(self, device: str, precision: str = "auto") -> str:
+        """A line for the GUI when the chosen device will not be a GPU, or when the chosen Precision cannot run
+        where the run would go (bf16 on a GPU, or on a CPU that does not compute it natively): said before
+        Segment WMH is pressed, not only when the run fails (precisionAdvice)."""
         if importlib.util.find_spec("torch") is None:
             return "PyTorch will be installed on first use."
         import torch
 
-        if device == "cpu" or torch.cuda.is_available():
-            return ""
-        if device == "cuda":
-            return "No usable GPU here: choose auto or cpu."
-        return "No usable GPU: segmentation runs on the CPU (slower)."
+        gpu = torch.cuda.is_available()
+        notes = []
+        if device == "cuda" and not gpu:
+            notes.append("No usable GPU here: choose auto or cpu.")
+        elif device == "auto" and not gpu:
+            notes.append("No usable GPU: segmentation runs on the CPU (slower).")
+        if precision == "bf16" and not (device == "cuda" and not gpu):
+            if device != "cpu" and gpu:
+                notes.append("Precision bf16 is for the CPU: on a GPU choose Precision auto (fp16) or fp32.")
+            else:
+                from DeepWMLLib.inference import torch_cpu_has_native_bf16
+
+                if not torch_cpu_has_native_bf16():
+                    notes.append("This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose Precision "
+                                 "auto or fp32.")
+        return " ".join(notes)
 
     # -----------------------------------------------------------------------------------------
     # Models
