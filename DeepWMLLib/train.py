@@ -497,6 +497,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                     checks[case.case] = json.loads(checked.read_text(encoding="utf-8"))
                 else:
                     checks[case.case] = flair_check(image, mask)
+                    _tell_not_flair_at_once(case.case, checks[case.case], skip_bad_cases, allow_non_flair)
                 io.write_text(json.dumps(checks[case.case]), checked)
         except DeepWMLError as exc:
             if not skip_bad_cases:
@@ -586,6 +587,20 @@ def flair_checker(device: str = "auto") -> Callable | None:
 
 
 FLAIR_TABLE_COLUMNS = ("case", "split", "looks_like", "dark_fraction", "cortex_brighter_fraction", "deep_ml", "not_judged")
+
+
+def _tell_not_flair_at_once(name: str, check: dict, skip_bad_cases: bool, allow_non_flair: bool) -> None:
+    """Say as soon as it is judged that a case does not look like a FLAIR where the run will be refused for it
+    (neither --skip-bad-cases nor --allow-non-flair): the refusal names every such case, but only once every
+    case is prepared, which takes minutes on a large cohort; the user may stop the run now and fix the manifest."""
+    looks = check.get("looks_like")
+    if skip_bad_cases or allow_non_flair or looks in (None, "FLAIR"):
+        return
+    from .contrast import why_not_flair
+
+    log.warning("case %s does not look like a FLAIR, it looks %s: %s. The run will stop before training once every "
+                "case is prepared (pass --skip-bad-cases to leave such cases out, --allow-non-flair to train on them)",
+                name, looks, why_not_flair(check))
 
 
 def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: dict[str, dict], table: Path | None,

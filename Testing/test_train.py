@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepWMLLib import checkpoint, train as training
+from DeepWMLLib import checkpoint, io, train as training
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.preprocessing import PreprocessingConfig
 
@@ -1434,6 +1434,45 @@ def test_a_case_whose_scan_does_not_look_like_a_flair_is_refused_naming_it(odd, 
     with open(run / "flair_check.csv", newline="", encoding="utf-8-sig") as f:
         looks = {row["case"]: row["looks_like"] for row in csv.DictReader(f)}
     assert looks == {"c0": "FLAIR", "c1": "FLAIR", "c2": "FLAIR", "c3": "FLAIR", "c4": odd}
+
+
+def test_a_case_that_does_not_look_like_a_flair_is_said_as_soon_as_it_is_judged(tmp_path, monkeypatch):
+    """The refusal came only once every case was prepared (minutes on a large cohort), the bad case unsaid until
+    then: it is now said as it is judged, before the next case is read, so that the run can be stopped at once.
+    Not said so with --skip-bad-cases or --allow-non-flair, whose own words come after preparation."""
+    import logging
+
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    events, read = [], io.read_image
+
+    def reading(path, *args, **kwargs):
+        events.append(f"read {Path(path).name}")
+        return read(path, *args, **kwargs)
+
+    class Told(logging.Handler):
+        def emit(self, record):
+            if "does not look like a FLAIR" in record.getMessage():
+                events.append(record.getMessage())
+
+    monkeypatch.setattr(io, "read_image", reading)
+    told = Told(logging.WARNING)
+    logging.getLogger("DeepWMLLib").addHandler(told)
+    try:
+        with pytest.raises(DeepWMLError, match="case c4 looks T1-weighted"):
+            training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
+        at = events.index("read c4_flair.nii.gz")
+        assert events[at + 1].startswith("case c4 does not look like a FLAIR, it looks T1-weighted: the cortex is darker")
+        assert "once every case is prepared (pass --skip-bad-cases" in events[at + 1]
+        assert events[at + 2:] == ["read c3_flair.nii.gz"]  # the test case, judged after it
+        for option in ("skip_bad_cases", "allow_non_flair"):
+            events.clear()
+            training.train(_contrast_config(manifest, tmp_path, **{option: True}), tmp_path / option)
+            assert not [e for e in events if e.startswith("case c4 does not look")]
+    finally:
+        logging.getLogger("DeepWMLLib").removeHandler(told)
 
 
 def test_allow_non_flair_trains_on_it_without_judging_the_cases_again(tmp_path, monkeypatch, caplog):
