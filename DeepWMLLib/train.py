@@ -549,12 +549,14 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     return skipped
 
 
-def flair_checker(device: str = "auto") -> Callable | None:
+def flair_checker(device: str = "auto", threads: int | None = None) -> Callable | None:
     """`deepwml segment`'s FLAIR check (contrast.py) for a training case: a function of its FLAIR and target
     mask (same grid) that gives the check's figures, its `looks_like` among them. The shipped brain-mask network
     outlines the brain, as segment's does (a few tenths of a second a case; README, training); None without one.
     The target is left out of the white matter's level as segment leaves out what it marked, unless it fills
-    most of the brain (an intracranial mask, to train a brain-mask network)."""
+    most of the brain (an intracranial mask, to train a brain-mask network). With `threads` (train's --threads,
+    set in PyTorch by train) the network runs in PyTorch, on those threads: OpenVINO, segment's runner on a CPU,
+    would take every core of a machine the user shares."""
     from .contrast import flair_contrast
     from .inference import predict_maps, resolve_device
     from .postprocessing import BRAIN_THRESHOLD
@@ -572,7 +574,8 @@ def flair_checker(device: str = "auto") -> Callable | None:
 
     def check(image, mask) -> dict:
         try:
-            brain, _, _, frame = predict_maps(image, [brain_model], None, device)
+            brain, _, _, frame = predict_maps(image, [brain_model], None, device,
+                                              backend="torch" if threads else "auto")
         except DeepWMLError as exc:  # NaN (bf16 overflowing), a scan too narrow: not judged, the case still trains
             return {"deep_ml": None, "dark_fraction": None, "cortex_brighter_fraction": None, "looks_like": None,
                     "not_judged": f"the brain-mask network failed on it: {getattr(exc, 'what', exc)}"}
@@ -1133,7 +1136,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         log.warning("skipping case %s: a file does not exist", name)
     usable = [c for c in cases if c.case not in absent]
     skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
-                            cfg.ignore_label, flair_checker(cfg.device), cfg.allow_non_flair, run_dir / "flair_check.csv",
+                            cfg.ignore_label, flair_checker(cfg.device, cfg.threads), cfg.allow_non_flair, run_dir / "flair_check.csv",
                             started)
     skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
     if skipped:

@@ -1405,8 +1405,8 @@ def _counting_checks(monkeypatch) -> list:
     """Record each case the FLAIR check judges."""
     judged, made = [], training.flair_checker
 
-    def checker(device="auto"):
-        check = made(device)
+    def checker(device="auto", threads=None):
+        check = made(device, threads)
 
         def counted(image, mask):
             judged.append(image.GetSize())
@@ -1475,6 +1475,30 @@ def test_a_case_that_does_not_look_like_a_flair_is_said_as_soon_as_it_is_judged(
         logging.getLogger("DeepWMLLib").removeHandler(told)
 
 
+def test_the_flair_check_keeps_to_the_threads_training_is_given(tmp_path, monkeypatch):
+    """--threads caps training's PyTorch threads, but the FLAIR check ran the brain-mask network with OpenVINO (where
+    installed), which takes every core of the machine: with --threads it now runs in PyTorch, on those threads;
+    without, as segment does."""
+    from conftest import oracle_network
+
+    from DeepWMLLib import inference
+
+    oracle_network(monkeypatch)
+    asked, made = [], inference.make_runner
+
+    def recording(loaded, device, backend="auto", precision="auto"):
+        asked.append((backend, __import__("torch").get_num_threads()))
+        return made(loaded, device, backend, precision)
+
+    monkeypatch.setattr(inference, "make_runner", recording)
+    manifest = make_contrast_cohort(tmp_path / "data", None)
+    training.train(_contrast_config(manifest, tmp_path, threads=1), tmp_path / "run")
+    assert asked and all(a == ("torch", 1) for a in asked)
+    asked.clear()
+    training.train(_contrast_config(manifest, tmp_path, threads=None), tmp_path / "run2")
+    assert asked and all(backend == "auto" for backend, _ in asked)
+
+
 def test_allow_non_flair_trains_on_it_without_judging_the_cases_again(tmp_path, monkeypatch, caplog):
     """--allow-non-flair, named in the refusal, trains on the case (said at the start of each run); the rerun does
     not judge the cases again (their checks are kept with the run), nor does a resume."""
@@ -1529,7 +1553,7 @@ def test_a_cohort_of_flairs_trains_as_without_the_check(tmp_path, monkeypatch, c
     with open(tmp_path / "checked" / "flair_check.csv", newline="", encoding="utf-8-sig") as f:
         assert [row["looks_like"] for row in csv.DictReader(f)] == ["FLAIR"] * 5
     assert "FLAIR" not in caplog.text
-    monkeypatch.setattr(training, "flair_checker", lambda device="auto": None)
+    monkeypatch.setattr(training, "flair_checker", lambda device="auto", threads=None: None)
     training.train(_contrast_config(manifest, tmp_path), tmp_path / "unchecked")
     checked, unchecked = (_last_state(tmp_path / name)["model"] for name in ("checked", "unchecked"))
     assert all(torch.equal(checked[k], unchecked[k]) for k in checked)
