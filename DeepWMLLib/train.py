@@ -82,6 +82,9 @@ _INTENSITY_P = 0.5
 # Settings that may change when a run is resumed: they change where and how long it runs, not what
 # it computes (on CPU the thread count can change the last bits; see the module docstring).
 _RUNTIME_KEYS = ("epochs", "device", "threads", "skip_bad_cases", "allow_non_flair")
+# Runtime keys that decide which cases a run is prepared with: a run that has trained an epoch keeps its cases, so
+# these keep the values it was prepared with (in config.json and the models' provenance), whatever a rerun gives.
+_CASE_DECISIONS = ("skip_bad_cases", "allow_non_flair")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1011,6 +1014,7 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
         else:
             torch.backends.cudnn.benchmark = True
         setup = dist_ctx.run_on_main(lambda: _set_up_run(cfg, run_dir, progress, cancel))
+        cfg = dataclasses.replace(cfg, **setup.pop("prepared_with"))
         dist_ctx.barrier()
         cache = run_dir / "cache"
         train_set, val_set = SliceSet.open(cache, "train"), SliceSet.open(cache, "val")
@@ -1124,7 +1128,10 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     stored_data = json.loads(data_file.read_text(encoding="utf-8")) if data_file.is_file() and started else None
     if stored_data is not None:
         _check_same_data(stored_data, data, run_dir, cases)
-    io.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", config_file)
+    kept = {}  # a started run trains on the cases it was prepared with: its decisions on cases stay as they were
+    if config_file.is_file() and started:
+        kept = {key: stored[key] for key in _CASE_DECISIONS if key in stored and stored[key] != getattr(cfg, key)}
+    io.write_text(json.dumps({**cfg.to_dict(), **kept}, indent=2) + "\n", config_file)
     if not (split_file.is_file() and started):
         write_split(split_file, cases, assignment)
     # a run of a version before data.json: what it trains on from now; one of a version that knew its files less
@@ -1146,6 +1153,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                     len(skipped), left["train"], left["val"], left["test"])
     skipped_names = {n for n, _ in skipped}
     return {
+        "prepared_with": kept,
         "manifest": cfg.manifest,
         "manifest_sha256": _sha256_file(cfg.manifest),
         "split_sha256": _sha256_file(split_file),

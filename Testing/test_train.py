@@ -1604,17 +1604,24 @@ def test_a_started_run_keeps_its_cases_and_says_why(tmp_path, monkeypatch, caplo
     training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
     caplog.set_level("WARNING", logger="DeepWMLLib")
     caplog.clear()
+    saved, train_member = [], training._train_member
+    monkeypatch.setattr(training, "_train_member", lambda cfg, *a: saved.append(cfg) or train_member(cfg, *a))
     training.train(_contrast_config(manifest, tmp_path, epochs=2), run)
     assert len(read_history(run)) == 2
     assert "as --allow-non-flair asks" not in caplog.text
     assert re.search(r"this run trains on 1 case\(s\) that do not look like a FLAIR \(c4 \(T1-weighted\)\): it was "
                      r"prepared with --allow-non-flair.*new run folder", caplog.text)
+    # what the run trains on is what it records: config.json and the model's provenance said allow_non_flair false
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["allow_non_flair"] is True
+    assert saved and all(cfg.allow_non_flair for cfg in saved)  # the settings best.pt's provenance records
     other = tmp_path / "other"
     training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), other)
     caplog.clear()
     training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True, epochs=2), other)
     assert json.loads((other / "cache" / "train.json").read_text(encoding="utf-8"))["cases"] == ["c0", "c1"]
     assert re.search(r"--allow-non-flair does not add c4 to this run.*new run folder", caplog.text)
+    stored = json.loads((other / "config.json").read_text(encoding="utf-8"))
+    assert (stored["allow_non_flair"], stored["skip_bad_cases"]) == (False, True)
 
 
 def test_training_without_the_shipped_models_is_not_refused(tmp_path, monkeypatch, caplog):
