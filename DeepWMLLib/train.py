@@ -441,9 +441,10 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     `flair_check(image, mask)` (`flair_checker`), when given, judges each case's contrast once (kept beside
     its slices, so a rerun does not judge it again) and its figures go to `flair_table`: cases that do not
     look like a FLAIR are refused, naming them, before any split is gathered, or with `skip_bad_cases` left
-    out; `allow_non_flair` trains on them, with a warning. A prepared cache whose decision on them
-    `allow_non_flair` now reverses is prepared again (the checks kept, not run again), unless the run has
-    `started` (trained an epoch): it keeps its cases, and is told so.
+    out; `allow_non_flair` trains on them, with a warning. A prepared cache whose decisions `allow_non_flair` or
+    `skip_bad_cases` now reverse (a case left out that would now be refused, trained or left out the other way) is
+    prepared again (the checks kept, not run again), unless the run has `started` (trained an epoch): it keeps
+    its cases, and is told so.
     """
     cfg = PreprocessingConfig.from_dict(preprocessing)
     parts = folder / "cases"
@@ -462,8 +463,12 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         if done.get("signature") == signature:
             trained = done.get("not_flair") or []  # cases the check called non-FLAIR, trained on (--allow-non-flair)
             left_out = [name for name, reason in done["skipped"] if reason.startswith(_NOT_FLAIR_REASON)]
-            reversed_now = (trained and not allow_non_flair) or (left_out and allow_non_flair)
-            if not reversed_now or started or flair_check is None:
+            unreadable = [name for name, reason in done["skipped"] if not reason.startswith(_NOT_FLAIR_REASON)]
+            # a decision the command now reverses, before any epoch: prepared again, as a new run would be (cases
+            # left out that are now refused, trained or left out the other way)
+            flair_reversed = (trained and not allow_non_flair) or (left_out and (allow_non_flair or not skip_bad_cases))
+            skip_reversed = unreadable and not skip_bad_cases
+            if started or not (skip_reversed or (flair_reversed and flair_check is not None)):
                 if trained:
                     _warn_trained_non_flair(trained, asked=allow_non_flair)
                 elif left_out and allow_non_flair:

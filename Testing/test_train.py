@@ -1592,6 +1592,40 @@ def test_a_changed_flair_decision_before_any_epoch_is_followed(tmp_path, monkeyp
     assert len(judged) == 5  # judged once
 
 
+def test_skip_bad_cases_dropped_before_any_epoch_is_followed(dataset, tmp_path, monkeypatch):
+    """A run prepared with --skip-bad-cases and stopped before its first epoch, rerun without it, kept the cases
+    the first run had left out out (an unreadable case, one that does not look like a FLAIR), where a new run
+    would refuse them: it now prepares again and refuses them, naming them; with --skip-bad-cases given again it
+    goes on."""
+    from conftest import oracle_network
+
+    class Stopped(Exception):
+        pass
+
+    stop = lambda *a, **k: (_ for _ in ()).throw(Stopped())  # noqa: E731
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=6)
+    mask = sitk.ReadImage(str(folder / "c1_mask.nii.gz"))
+    mask.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(mask, str(folder / "c1_mask.nii.gz"))
+    monkeypatch.setattr(training, "_train_member", stop)
+    run = tmp_path / "run"
+    with pytest.raises(Stopped):
+        training.train(tiny_config(manifest, skip_bad_cases=True), run)
+    with pytest.raises(DeepWMLError, match="case c1.*different voxel grids.*--skip-bad-cases"):
+        training.train(tiny_config(manifest), run)
+    with pytest.raises(Stopped):
+        training.train(tiny_config(manifest, skip_bad_cases=True), run)
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "contrast", "T1-weighted")
+    run = tmp_path / "contrast_run"
+    with pytest.raises(Stopped):
+        training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), run)
+    with pytest.raises(DeepWMLError, match="case c4 looks T1-weighted"):
+        training.train(_contrast_config(manifest, tmp_path), run)
+
+
 def test_a_started_run_keeps_its_cases_and_says_why(tmp_path, monkeypatch, caplog):
     """A run that has trained an epoch keeps the cases it was prepared with (a resume trains on the same data): rerun
     without --allow-non-flair it still trains on the case, and is told so truthfully, not 'as --allow-non-flair
