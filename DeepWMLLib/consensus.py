@@ -158,11 +158,12 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             row["n_unmatched_lesions_b"] = len(result["unmatched_lesions_b"])
             row["worst_slice"] = result["worst_slices"][0] if result["worst_slices"] else ""
             row["notes"] = " | ".join(result["notes"])  # an empty mask, said in words
-            message = f"{entry['case']}: Dice {result['dice']:.3f} {'PASS' if result['passed'] else 'FAIL'}"
+            shown = dice_shown(result["dice"], threshold)  # 0.84996 is not "0.850 FAIL"
+            message = f"{entry['case']}: Dice {shown} {'PASS' if result['passed'] else 'FAIL'}"
             if entry.get("flair"):  # a picture that cannot be drawn costs the picture, not the verdict
                 try:
                     claim_picture_name(picture_names, entry["case"])
-                    picture = pair_picture(entry["flair"], mask_a, mask_b, f"{entry['case']}: Dice {result['dice']:.3f}")
+                    picture = pair_picture(entry["flair"], mask_a, mask_b, f"{entry['case']}: Dice {shown}")
                     io.write_bytes(picture, picture_path(out, entry["case"]))
                 except Cancelled:
                     raise
@@ -237,7 +238,7 @@ def run(args) -> int:
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
     result = consensus_check(mask_a, mask_b, args.threshold, args.flair)
     picture = (pair_picture(args.flair, mask_a, mask_b, f"{pair_title(args.rater_a, args.rater_b)}: Dice "
-                            f"{result['dice']:.3f}")
+                            f"{dice_shown(result['dice'], args.threshold)}")
                if args.qc else None)  # a bad FLAIR: refused before any output
     print(format_check(result))
     if args.json:

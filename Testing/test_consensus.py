@@ -110,6 +110,24 @@ def test_cli_shows_dice_and_threshold_so_that_they_read_as_the_verdict(tmp_path,
     assert captured.out == "" and "does not exist" in captured.err
 
 
+def test_a_cohort_shows_dice_so_that_it_reads_as_the_verdict(tmp_path, capsys, monkeypatch):
+    """The single pair's verdict showed enough digits (above), but a cohort's progress line and its pictures'
+    titles gave three: 'Dice 0.674 PASS' at a threshold of 0.6744."""
+    from DeepWMLLib import consensus
+
+    a, b = raters()  # Dice 0.67442
+    io.write_image(image(a), tmp_path / "a.nii.gz")
+    io.write_image(image(b), tmp_path / "b.nii.gz")
+    io.write_image(image(np.zeros_like(a)), tmp_path / "flair.nii.gz")
+    titles = []
+    monkeypatch.setattr(consensus, "pair_picture", lambda flair, ma, mb, title=None: titles.append(title) or b"png")
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b,flair\npair,a.nii.gz,b.nii.gz,flair.nii.gz\n")
+    assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out"),
+                 "--threshold", "0.6744"]) == 0
+    assert "pair: Dice 0.6744 PASS" in capsys.readouterr().err
+    assert titles == ["pair: Dice 0.6744"]
+
+
 @pytest.mark.parametrize("args, message, code", [
     (["consensus", "nowhere_a.nii.gz", "nowhere_b.nii.gz"], "does not exist", 1),
     (["consensus", "a", "b", "--threshold", "85"], "between 0 and 1", 2),  # usage errors exit 2
