@@ -1366,7 +1366,10 @@ class ProgressBar:
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
         self.width = width
-        self.tty = self.stream.isatty()
+        try:  # a stream of another program's making (Slicer's console) may have no isatty, or be closed
+            self.tty = bool(self.stream.isatty())
+        except (AttributeError, ValueError):
+            self.tty = False
         self.eta = eta
         self._started = None
         self._position = (0, 0)

@@ -425,6 +425,34 @@ def test_batch_skips_a_label_mask_beside_the_scans_and_refuses_clashing_names_up
     assert not list(out.glob("a*"))  # nothing segmented
 
 
+def test_batch_shows_each_cases_steps_and_how_long_the_rest_will_take(scene, batchScript, tmp_path, monkeypatch,
+                                                                        tiny_model, capsys):
+    """The batch said nothing while a case ran and nothing of how long the folder would take (a folder of 100 scans
+    runs for many minutes): it now shows each case's steps and, after each, the time left, as deepwml segment does;
+    each warning on its own line, as there."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        writeCase(inputs, name)
+    from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic
+
+    statistics = DeepWMLCoreLogic.lesionStatistics
+    monkeypatch.setattr(DeepWMLCoreLogic, "lesionStatistics", lambda self, *a, **k: {
+        **statistics(self, *a, **k), "warnings": ["first thing to know", "second"]})
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("[1/3] a: ") and "networks done" in line for line in lines)
+    assert any(line.startswith("[3/3] c: ") and "done" in line for line in lines)
+    finished = [line for line in lines if ": ok - " in line]
+    assert [line.split(":")[0] for line in finished] == ["a", "b", "c"]
+    assert "left for 2 more)" in finished[0] and "left for 1 more)" in finished[1] and "left" not in finished[2]
+    assert lines.count("a: warning: first thing to know") == 1 and lines.count("a: warning: second") == 1
+    assert summary(out)["a"]["warnings"] == "first thing to know | second"
+    assert "3/3 cases done (0 failed, 0 skipped)" in lines[-1]
+
+
 def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_scan_is_skipped(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """IN holding only masks (the masks' folder given for the scans'): every one was skipped and the batch ended

@@ -14,7 +14,8 @@ and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.pn
 `deepwml segment`), and summary.csv with one row per case. With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
-and the summary. One failing case never stops the others. Exit status: 0 when every case succeeded
+and the summary. Each case's steps are shown as it runs, and after it about how long the rest will take.
+One failing case never stops the others. Exit status: 0 when every case succeeded
 or was skipped, 1 when any failed, 2 for a usage error.
 """
 
@@ -127,17 +128,18 @@ def loadReference(path: Path):
     return mrml.loadVolumeFile(str(path), io.case_name(path) + " reference", labelmap=True)
 
 
-def segmentCase(logic, case: str, path: Path, args, study=None) -> dict:
+def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -> dict:
     """One case, as `deepwml segment` does it: a scan given is never written over, and another DeepWML
-    process writing the same case at once is refused (a lock on it)."""
+    process writing the same case at once is refused (a lock on it). `progress(fraction, message)` is told
+    the segmentation's steps."""
     from DeepWMLLib.segment import output_paths
 
     paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
     with segment.case_guard(args.output_dir, case, paths, args.protected):
-        return _segmentCase(logic, case, path, args, study, paths)
+        return _segmentCase(logic, case, path, args, study, paths, progress)
 
 
-def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
+def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None) -> dict:
     from DeepWMLLib.evaluation import write_json
     from DeepWMLLib.segment import check_earlier_result, input_fingerprint, output_paths
 
@@ -161,11 +163,12 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths) -> dict:
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta, precision=args.precision,
+                                               progress=progress,
                                                brainMask=not args.no_brain_mask,
                                                location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
-        row = summaryFigures(report)
+        row = {**summaryFigures(report), "_warnings": list(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)
             nodes.append(referenceNode)
@@ -237,7 +240,11 @@ def main(argv) -> int:
         return 1
     args.cases = [case for case, _, _ in inputs]  # to tell CASE_* references from those of longer case names
     args.protected = frozenset(path.resolve() for _, path, _ in inputs)  # never written over
-    for case, path, study in inputs:
+    # each case's steps as they run and, after each, about how long the rest will take: as deepwml segment's
+    # (plain lines at each quarter when the output is a log, not a terminal)
+    bar = segment.ProgressBar(sys.stdout, eta=True)
+    for number, (case, path, study) in enumerate(inputs, 1):
+        update = bar(number, len(inputs), case)
         start = time.perf_counter()
         try:
             if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
@@ -245,7 +252,7 @@ def main(argv) -> int:
             if segment.found_segmentation(path, named):  # a case's Slicer segmentation beside its scan
                 row = {"status": "skipped", "error": segment.SEGMENTATION_SKIPPED, "_mask": True}
             else:
-                row = segmentCase(logic, case, path, args, study)
+                row = segmentCase(logic, case, path, args, study, update)
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"status": "skipped", "error": str(exc)}
         except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
@@ -262,10 +269,7 @@ def main(argv) -> int:
             row = {"status": "error", "error": message}
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
-        detail = f"{row['volume_ml']:.2f} ml, {row['lesion_count']} lesions" if row["status"] == "ok" else row["error"]
-        print(f"{case}: {row['status']} - {detail}", flush=True)
-        if row.get("warnings") and row["status"] == "ok":  # a skipped case's are its earlier run's
-            print(f"{case}: warning: {row['warnings']}", flush=True)
+        bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
     only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
     if only_masks:
         print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
