@@ -1228,6 +1228,28 @@ def test_the_bar_fits_the_terminal_and_never_wraps(monkeypatch, columns):
         assert re.search(r"p1 \|#+\.+\|  84% FLAIR check: background outside brain", stream.text)
 
 
+def test_the_progress_bar_writes_plain_lines_to_a_stream_without_isatty():
+    """A stream of another program's making (Slicer's console, which the batch script may write to) can lack
+    isatty, or be closed for it: the bar then writes plain lines, not an AttributeError before any case."""
+    from DeepWMLLib import segment
+
+    class Console:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+    stream = Console()
+    bar = segment.ProgressBar(stream)
+    bar(1, 2, "p1")(0.5, "networks done")
+    bar.finish({"case": "p1", "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 3.0})
+    assert stream.text == "[1/2] p1:  50% networks done\np1: ok - 1.00 ml, 2 lesions, 3.0 s\n"
+
+
 def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_before(monkeypatch):
     """A rerun after adding scans: the cases done before are skipped in a moment. Their lines promised
     '0 s left for 3 more' and the first new case's line a third of its real time per case left."""
