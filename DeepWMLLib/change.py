@@ -870,6 +870,8 @@ def _run_cohort(args) -> int:
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
     out = io.make_output_dir(args.output_dir)
     loaded, rows, failed, names = {}, [], [], {}
+    compared = [0, 0.0]  # pairs compared so far and the time they took: the time left, from them alone (a pair
+    # skipped as done before, or refused at once, says nothing of how long the others take)
     for number, entry in enumerate(entries, start=1):
         start = time.perf_counter()
         case = plain_name(entry["case"])
@@ -915,6 +917,13 @@ def _run_cohort(args) -> int:
         print(format_summary(entry["case"], report))
         for warning in report["warnings"]:
             print(f"{entry['case']}: warning: {warning}", file=sys.stderr)
+        compared = [compared[0] + 1, compared[1] + time.perf_counter() - start]
+        if number < len(entries):
+            from .segment import _duration
+
+            more = len(entries) - number
+            print(f"{entry['case']}: done in {time.perf_counter() - start:.1f} s; about "
+                  f"{_duration(compared[1] / compared[0] * more)} left for {more} more", file=sys.stderr)
         _write_summary(rows, out)  # after every pair: an interrupted cohort keeps what it did
     _write_summary(rows, out)
     unreliable = [row["case"] for row in rows if row.get("registration_reliable") is False]
