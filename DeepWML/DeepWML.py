@@ -23,8 +23,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from DeepWMLSlicerLib import MRMLConversion
-from DeepWMLSlicerLib.CoreLogic import (DEFAULT_CONSENSUS_THRESHOLD, MODEL_FILE_CHOICE, PRECISION_CHOICES, DeepWMLCoreLogic,
-                                        DeepWMLError)
+from DeepWMLSlicerLib.CoreLogic import (DEFAULT_CONSENSUS_THRESHOLD, LESION_TABLE, MODEL_FILE_CHOICE, PRECISION_CHOICES,
+                                        DeepWMLCoreLogic, DeepWMLError, tableTitle)
 
 # slicer.parameterNodeWrapper (with Union node types, Choice and WithinRange) is new in Slicer 5.4.
 MINIMUM_SLICER = "5.4"
@@ -124,6 +124,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.showStatisticsButton.connect("clicked(bool)", self.onShowStatistics)
+        self.ui.listLesionsButton.connect("clicked(bool)", self.onListLesions)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.consensusButton.connect("clicked(bool)", self.onConsensus)
         self.ui.changeButton.connect("clicked(bool)", self.onLesionChange)
@@ -170,6 +171,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableVolume = None
         self.ui.sliceTable.clearContents()
         self.ui.sliceTable.setRowCount(0)
+        self.ui.sliceTableCollapsibleButton.text = tableTitle({})
         labels = [self.ui.resultsLabel, self.ui.comparisonLabel, self.ui.changeLabel]
         for label in labels if keepConsensus else labels + [self.ui.consensusLabel]:
             label.text = ""
@@ -235,6 +237,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = CANCEL_TEXT if running else SEGMENT_TEXT
         self.ui.applyButton.enabled = running or bool(p.inputVolume)
         self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
+        self.ui.listLesionsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
         self.ui.compareButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.referenceSegmentation)
         self.ui.consensusButton.enabled = bool(p.raterA and p.raterB)
         self.ui.changeButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.baselineVolume
@@ -318,6 +321,15 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
 
+    def onListLesions(self) -> None:
+        """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
+        row showing its lesion: a radiologist's review of the result, lesion by lesion."""
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot list the lesions."):
+            results = {"report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume), "table": LESION_TABLE}
+            self._showResults(results, self.logic.sliceTable(results))
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+
     def onCompare(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot compare with the reference."):
@@ -352,6 +364,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row)."""
         self._results = results
         headers, rows, self._tableSlices = table
+        self.ui.sliceTableCollapsibleButton.text = tableTitle(results)
         self._tableVolume = self._parameterNode.inputVolume  # a row shows its slice of it, whatever is chosen later
         view = self.ui.sliceTable
         view.clearContents()
@@ -369,7 +382,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volumeNode is None or volumeNode.GetScene() is None or not 0 <= row < len(self._tableSlices):
             return
         with slicer.util.tryWithErrorDisplay("Cannot show that slice."):
-            self.logic.jumpToSlice(volumeNode, self._tableSlices[row])
+            self.logic.jumpTo(volumeNode, self._tableSlices[row])
 
     def onSaveResults(self) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot save the results."):

@@ -83,6 +83,21 @@ def lesion_geometry(labels: np.ndarray, count: int, axis: int, voxels_per_chunk:
     return sizes[1:].astype(np.int64), (sums[:, 1:] / sizes[1:]).T, first[1:], last[1:]
 
 
+def nearest_voxels(labels: np.ndarray, count: int, centroids_kji: np.ndarray, spacing_kji) -> np.ndarray:
+    """For each label 1..count, the (k, j, i) of its voxel nearest its centroid in millimetres (`spacing_kji`:
+    the voxel size along k, j and i; the grid's axes are orthogonal, so this is the physical distance): a place
+    on the lesion itself, where a curved one's centroid (a periventricular cap, a band) may lie outside it."""
+    flat = np.flatnonzero(labels)
+    ids = labels.ravel()[flat].astype(np.int64) - 1
+    positions = np.stack(np.unravel_index(flat, labels.shape), axis=1)
+    distance = (((positions - centroids_kji[ids]) * np.asarray(spacing_kji, dtype=float)) ** 2).sum(axis=1)
+    order = np.lexsort((distance, ids))  # by lesion, nearest first
+    first = order[np.r_[True, ids[order][1:] != ids[order][:-1]]]
+    nearest = np.zeros((count, 3), np.int64)
+    nearest[ids[first]] = positions[first]
+    return nearest
+
+
 def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, lowest and highest of `values` (numpy (k, j, i) like `labels`) over each lesion 1..count."""
     if values.shape != labels.shape:
@@ -98,7 +113,8 @@ def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -
 
 def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
                  ventricle_distance: np.ndarray | None = None) -> list[dict]:
-    """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), axial slice range; with
+    """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), a point on it (`point_mm`, LPS: its
+    voxel nearest the centroid, where a viewer shows the lesion), axial slice range; with
     `probabilities` (numpy (k, j, i) on the mask's grid: the network's map), the mean and the highest
     probability over the lesion's voxels, which tell a confident lesion from one only just over the threshold;
     with `ventricle_distance` (the same layout, mm to the lateral ventricles: location.py), the lesion's
@@ -118,6 +134,7 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
     voxel_ml = float(np.prod(mask.GetSpacing())) / 1000.0
     sizes, centroids_kji, first, last = lesion_geometry(labels, count, frame_axis)
     centroids_lps = index_to_lps(centroids_kji[:, ::-1], mask)
+    points_lps = index_to_lps(nearest_voxels(labels, count, centroids_kji, mask.GetSpacing()[::-1])[:, ::-1], mask)
     order = np.argsort(-sizes, kind="stable")
     rows = []
     for rank, j in enumerate(order, start=1):
@@ -126,6 +143,7 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
             "volume_ml": round(float(sizes[j]) * voxel_ml, 6),
             "voxels": int(sizes[j]),
             "centroid_mm": [round(float(v), 2) for v in centroids_lps[j]],
+            "point_mm": [round(float(v), 2) for v in points_lps[j]],
             "slice_range": [int(first[j]), int(last[j])],
         })
         if probabilities is not None:

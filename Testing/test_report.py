@@ -19,6 +19,29 @@ def mask_image(array_kji, spacing=(0.5, 0.8, 5.0), direction=None, origin=(10.0,
     return image
 
 
+def test_each_lesion_has_a_point_on_itself_where_its_centroid_lies_outside_it():
+    """A curved lesion (a periventricular cap, a band) has its centroid outside it: a viewer sent there showed no
+    lesion. `point_mm` is its voxel nearest the centroid, in millimetres on an anisotropic oblique grid."""
+    a = np.zeros((3, 40, 40), np.uint8)
+    a[1, 5:35, 5:8] = 1  # a C open to the right: its centroid lies in the empty middle
+    a[1, 5:8, 5:30] = 1
+    a[1, 32:35, 5:30] = 1
+    d = rotation(0.3, 0.1, -0.2)
+    image = mask_image(a, direction=d)
+    (lesion,) = lesion_report(image)["lesions"]
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    to_index = np.linalg.inv(matrix)
+    centroid = to_index @ (np.asarray(lesion["centroid_mm"]) - np.asarray(image.GetOrigin()))
+    point = to_index @ (np.asarray(lesion["point_mm"]) - np.asarray(image.GetOrigin()))  # (i, j, k)
+    i, j, k = np.round(point).astype(int)
+    assert a[round(centroid[2]), round(centroid[1]), round(centroid[0])] == 0  # the centroid: not on the lesion
+    assert np.allclose(point, np.round(point), atol=0.01) and a[k, j, i] == 1  # the point: one of its voxels
+    lesion_voxels = np.argwhere(a)[:, ::-1]  # (i, j, k)
+    spacing = np.asarray(image.GetSpacing())
+    distances = np.linalg.norm((lesion_voxels - centroid) * spacing, axis=1)
+    assert np.linalg.norm((point - centroid) * spacing) == pytest.approx(distances.min(), abs=0.02)
+
+
 def test_volumes_counts_and_slices_on_oblique_anisotropic_grid():
     a = np.zeros((6, 40, 50), np.uint8)
     a[1:4, 10:20, 10:30] = 1  # 3 slices × 200 voxels, voxel 0.5×0.8×5 = 2 mm³

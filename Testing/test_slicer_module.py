@@ -419,6 +419,45 @@ def test_a_row_shows_its_slice_of_the_volume_measured_whatever_is_chosen_since(w
     np.testing.assert_allclose(centre, mrml.sliceCenterRAS(widget.volume, widget._tableSlices[0]), atol=1e-6)
 
 
+def test_review_lesions_lists_every_lesion_smallest_first_and_shows_each_on_itself(widget, tmp_path):
+    """A radiologist checks a result lesion by lesion, the small marks first (the default model over-calls a small
+    load). Review lesions lists every lesion of the output segmentation, smallest first, and a row centres the
+    views on a voxel of its lesion: a C-shaped lesion's centroid lies outside it, where nothing would be seen."""
+    ui, p = widget.ui, widget._parameterNode
+    image = mrml.imageFromVolume(widget.volume)
+    array = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)  # (k, j, i)
+    k = array.shape[0] // 2
+    array[k, 8:30, 8:12] = 1  # a C open to one side (the grid is 48 x 40 x 10)
+    array[k, 8:12, 8:30] = 1
+    array[k, 26:30, 8:30] = 1
+    array[k + 1, 35:37, 40:42] = 1  # and a speck
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(image)
+    p.outputSegmentation = mrml.segmentationFromMask(mask, widget.volume, name="auto")
+    assert ui.listLesionsButton.enabled
+    ui.listLesionsButton.click()
+    assert ui.sliceTable.headers == ["Lesion", "Volume (ml)", "Slices"]
+    sizes = [float(row[1].text) for row in ui.sliceTable.rows]
+    assert sizes == sorted(sizes) and len(sizes) == 2  # smallest first
+    assert [row[2].text for row in ui.sliceTable.rows] == [str(k + 1), str(k)]
+    assert ui.sliceTableCollapsibleButton.text == "Lesions (2, smallest first)"
+    assert "2 lesions" in ui.resultsLabel.text
+    ui.sliceTable.selectRow(1)  # the C
+    red = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceNode")
+    shown = slicer.util.arrayFromVTKMatrix(red.GetSliceToRAS())[:3, 3]
+    i, j, kk = np.round(np.linalg.inv(mrml.worldIJKToRAS(widget.volume)) @ np.append(shown, 1.0))[:3].astype(int)
+    assert array[kk, j, i] == 1  # on the lesion itself
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "lesions.csv")
+    ui.saveResultsButton.click()
+    rows = list(csv.DictReader(open(tmp_path / "lesions.csv", encoding="utf-8-sig")))
+    assert [float(r["volume_ml"]) for r in rows] == sorted(float(r["volume_ml"]) for r in rows)
+    slicer_standins.QFileDialog.nextPath = ""
+    ui.saveResultsButton.click()
+    assert slicer_standins.QFileDialog.offered.endswith("FLAIR_lesion_table.csv")
+    ui.showStatisticsButton.click()  # back to the slices
+    assert ui.sliceTableCollapsibleButton.text == "Per-slice results" and ui.sliceTable.headers[0] == "Slice"
+
+
 def test_lesion_change_from_the_gui(widget, tmp_path):
     from test_change import change_pair_images
 

@@ -38,6 +38,7 @@ ALL_MODELS_PARAMETER = "ensemble"
 # deepwml segment --precision (inference.PRECISIONS; not imported from there: the module loads before scipy is installed)
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
+LESION_TABLE = "lesions"  # results["table"] of Review lesions: the table lists every lesion, not the slices
 RUN_ATTRIBUTE = "DeepWML.run"
 SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
 CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
@@ -732,6 +733,13 @@ class DeepWMLCoreLogic:
         """Centre the slice views on axial slice `sliceIndex` of the volume (numbered as in the reports)."""
         mrml.jumpSlices(mrml.sliceCenterRAS(volumeNode, sliceIndex))
 
+    def jumpTo(self, volumeNode, target) -> None:
+        """Show a table row's place: an axial slice (its index) or a point (world RAS, a lesion's)."""
+        if isinstance(target, (tuple, list)):
+            mrml.jumpSlices(tuple(float(v) for v in target))
+        else:
+            self.jumpToSlice(volumeNode, target)
+
     # -----------------------------------------------------------------------------------------
     # Presenting and saving
 
@@ -743,6 +751,16 @@ class DeepWMLCoreLogic:
         slices with lesion in the segmentation or the reference, in slice order, with LV and LV group,
         and Dice, sensitivity, precision and the reference's area and LV group where a reference was compared.
         """
+        if results.get("table") == LESION_TABLE:  # Review lesions: every lesion, smallest first, shown where it lies
+            lesions = sorted(results["report"]["lesions"], key=lambda lesion: (lesion["volume_ml"], lesion["id"]))
+            columns = ["id", "volume_ml", "slice_range"]
+            if any("periventricular_share" in lesion for lesion in lesions):
+                columns.append("periventricular_share")
+            # the report's points are world LPS (the mask is taken on the volume's world grid): RAS flips x and y
+            rows = [{**lesion, "index": lesion["slice_range"][0],
+                     "target": (-lesion["point_mm"][0], -lesion["point_mm"][1], lesion["point_mm"][2])}
+                    for lesion in lesions]
+            return columns, rows
         if "change" in results:  # one row per lesion, in the follow-up's slices
             rows = [{**lesion, "index": lesion["followup_slice"]} for lesion in results["change"]["lesions"]]
             return ["index", "status", "volume_ml", "change_ml", "id"], rows
@@ -769,11 +787,15 @@ class DeepWMLCoreLogic:
                   "dice": "Dice", "sensitivity": "Sensitivity", "precision": "Precision",
                   "reference_area_mm2": "Reference area (mm²)", "reference_lv_group": "Reference LV group",
                   "area_a_mm2": "Area A (mm²)", "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)",
-                  "status": "Change", "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion"}
-        shown = {"lv_ml": _lvText}  # an LV reads in the group beside it
+                  "status": "Change", "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion",
+                  "slice_range": "Slices", "periventricular_share": "Periventricular"}
+        shown = {"lv_ml": _lvText,  # an LV reads in the group beside it
+                 "slice_range": lambda r: "" if r is None else str(r[0]) if r[0] == r[1] else f"{r[0]}–{r[1]}",
+                 "periventricular_share": lambda v: "" if v is None else f"{100 * v:.0f} %"}
         return ([titles[c] for c in columns],
                 [[shown.get(c, _text)(record.get(c)) for c in columns] for record in records],
-                [record["index"] for record in records])
+                [record.get("target", record["index"]) for record in records])
+
 
     @staticmethod
     def formatReport(report: dict) -> str:
@@ -833,7 +855,8 @@ class DeepWMLCoreLogic:
         patient's, so the name offered would be that patient's file (`_2`, `_3`... added)."""
         from DeepWMLLib.evaluation import plain_name
 
-        kind = next((key for key in ("change", "consensus", "comparison") if key in results), "lesions")
+        kind = next((key for key in ("change", "consensus", "comparison") if key in results),
+                    "lesion_table" if results.get("table") == LESION_TABLE else "lesions")
         volume = (results.get("report", {}).get("volume") or results.get("consensus", {}).get("volume")
                   or results.get("change", {}).get("followup") or "DeepWML")
         stem = f"{plain_name(volume)}_{kind}"
@@ -919,6 +942,13 @@ def _lvText(value) -> str:
             decimals += 1
             text = f"{value:.{decimals}f}"
     return text
+
+
+def tableTitle(results: dict) -> str:
+    """The title of the table's section for these results (a plain function: it cannot fail)."""
+    if results.get("table") == LESION_TABLE:
+        return f"Lesions ({len(results['report']['lesions'])}, smallest first)"
+    return "Lesion change" if "change" in results else "Per-slice results"
 
 
 def _text(value) -> str:
