@@ -477,6 +477,10 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                                 "new run folder", ", ".join(left_out))
                 return [tuple(s) for s in done["skipped"]]
             known_checks = done.get("flair_checks") or {}
+            for key, check in known_checks.items():  # kept beside the slices: a preparation refused part way (an
+                # unreadable case, --skip-bad-cases dropped) loses cache.json, and the next run still has them
+                if key in keys.values():
+                    io.write_text(json.dumps(check), parts / f"{key}_flair_check.json")
         done_file.unlink()
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")

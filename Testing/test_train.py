@@ -1626,6 +1626,35 @@ def test_skip_bad_cases_dropped_before_any_epoch_is_followed(dataset, tmp_path, 
         training.train(_contrast_config(manifest, tmp_path), run)
 
 
+def test_a_refused_rerun_without_skip_bad_cases_keeps_the_flair_checks(dataset, tmp_path, monkeypatch):
+    """A run prepared with --skip-bad-cases (an unreadable case left out), stopped before its first epoch and rerun
+    without it, is prepared again and refused at the unreadable case; the FLAIR checks of the cases after it were
+    lost with the prepared cache, and the next run judged them again (seconds a case, minutes on a large cohort),
+    where README says the cases are prepared again 'not checking them again'. Each case is judged once."""
+    from conftest import oracle_network
+
+    class Stopped(Exception):
+        pass
+
+    oracle_network(monkeypatch)
+    judged = _counting_checks(monkeypatch)
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=6)
+    mask = sitk.ReadImage(str(folder / "c1_mask.nii.gz"))
+    mask.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(mask, str(folder / "c1_mask.nii.gz"))
+    monkeypatch.setattr(training, "_train_member", lambda *a, **k: (_ for _ in ()).throw(Stopped()))
+    run = tmp_path / "run"
+    with pytest.raises(Stopped):
+        training.train(tiny_config(manifest, skip_bad_cases=True), run)
+    assert len(judged) == 5  # every case but the unreadable c1
+    with pytest.raises(DeepWMLError, match="case c1.*different voxel grids"):
+        training.train(tiny_config(manifest), run)
+    with pytest.raises(Stopped):
+        training.train(tiny_config(manifest, skip_bad_cases=True), run)
+    assert len(judged) == 5  # none judged again
+
+
 def test_a_started_run_keeps_its_cases_and_says_why(tmp_path, monkeypatch, caplog):
     """A run that has trained an epoch keeps the cases it was prepared with (a resume trains on the same data): rerun
     without --allow-non-flair it still trains on the case, and is told so truthfully, not 'as --allow-non-flair
