@@ -451,6 +451,10 @@ def test_review_lesions_lists_every_lesion_smallest_first_and_shows_each_on_itse
     ui.saveResultsButton.click()
     rows = list(csv.DictReader(open(tmp_path / "lesions.csv", encoding="utf-8-sig")))
     assert [float(r["volume_ml"]) for r in rows] == sorted(float(r["volume_ml"]) for r in rows)
+    assert [r["slice_range"] for r in rows] == [f"{k + 1}-{k + 1}", f"{k}-{k}"]  # as deepwml change writes them
+    point = [float(v) for v in rows[1]["point_mm"].split()]  # LPS, as the reports: the row's place
+    np.testing.assert_allclose((-point[0], -point[1], point[2]), shown, atol=0.01)
+    assert len(rows[1]["centroid_mm"].split()) == 3
     slicer_standins.QFileDialog.nextPath = ""
     ui.saveResultsButton.click()
     assert slicer_standins.QFileDialog.offered.endswith("FLAIR_lesion_table.csv")

@@ -882,6 +882,12 @@ class DeepWMLCoreLogic:
             return write_json(results, path)
         if path.suffix.lower() == ".csv":
             columns, records = self.sliceRecords(results)
+            if results.get("table") == LESION_TABLE:  # the list leads back to each lesion: where it lies (LPS mm,
+                # as the reports), its slices as deepwml change writes them
+                columns = columns + ["centroid_mm", "point_mm"]
+                records = [{**r, "slice_range": f"{r['slice_range'][0]}-{r['slice_range'][1]}",
+                            **{k: " ".join(f"{v:g}" for v in r[k]) for k in ("centroid_mm", "point_mm")}}
+                           for r in records]
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
 
