@@ -496,6 +496,13 @@ class DeepWMLTest(ScriptedLoadableModuleTest):
         for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             centre = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, 3]
             self.assertAlmostEqual(centre[2], lesionRAS[2], places=3)
+        # Review lesions: its one row centres the views on the lesion (a sphere: its centre is one of its voxels)
+        _, _, targets = logic.sliceTable({"report": report, "table": LESION_TABLE})
+        logic.jumpTo(volumeNode, targets[0])
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            centre = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())[:3, 3]
+            for got, expected in zip(centre, lesionRAS):
+                self.assertAlmostEqual(got, expected, delta=1.0)
 
     def test_cancel_leaves_scene_unchanged(self):
         from DeepWMLLib.errors import Cancelled
