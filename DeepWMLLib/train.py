@@ -1083,11 +1083,22 @@ def _unlock_run_dir(run_dir: Path) -> None:
         handle.close()
 
 
+def _started_with_skip(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a training that has trained an epoch and was prepared with --skip-bad-cases: it
+    keeps its cases (those it left out stay out, named again), so a rerun without the option is not refused for
+    a file missing since it started."""
+    started = (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
+    try:
+        return started and bool(json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("skip_bad_cases"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     """Check or record the config, make or read the split, prepare the cache. Rank 0 only."""
     cases = read_manifest(cfg.manifest, cfg.mask_column)
     missing = [(c.case, p) for c in cases for p in (c.flair, c.mask) if io.known_missing(p)]
-    if missing and not cfg.skip_bad_cases:
+    if missing and not cfg.skip_bad_cases and not _started_with_skip(Path(run_dir)):
         case, path = missing[0]
         raise DeepWMLError(f"{len(missing)} file(s) of the manifest do not exist (first: {case}: {path})"
                            f"{io.missing_paths_hint(cfg.manifest, [p for _, p in missing])}; "

@@ -287,6 +287,23 @@ def test_bad_manifests_stop_before_training(dataset, tmp_path):
     assert not (tmp_path / "r2" / "last.pt").exists()
 
 
+def test_a_started_run_prepared_with_skip_bad_cases_keeps_a_missing_case_out_when_rerun_without_it(dataset, tmp_path,
+                                                                                                     caplog):
+    """A run that started with --skip-bad-cases (a case's file missing) keeps its cases on a rerun (its config.json
+    records the option it was prepared with), but a rerun without the option was refused for that missing file,
+    where an unreadable case stayed out: it now stays out too, named again."""
+    missing = tmp_path / "missing.csv"
+    missing.write_text(dataset.read_text(encoding="utf-8").replace("c5_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
+    run = tmp_path / "run"
+    training.train(tiny_config(missing, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(tiny_config(missing, epochs=2, samples_per_epoch=8), run)
+    assert len(read_history(run)) == 2 and "skipping case c5: a file does not exist" in caplog.text
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["skip_bad_cases"] is True
+    with pytest.raises(DeepWMLError, match="do not exist"):  # a new run folder is refused, as before
+        training.train(tiny_config(missing, epochs=1, samples_per_epoch=8), tmp_path / "new")
+
+
 def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path):
     folder = tmp_path / "data"
     manifest = make_dataset(folder, n_cases=6)
