@@ -147,3 +147,17 @@ def test_change_qc_help_names_every_colour_readme_gives():
     action = next(a for a in build_parser().commands["change"]._actions if "--qc" in a.option_strings)
     shown = " ".join(action.help.split())
     assert [c for c in colours if c not in shown] == []
+
+
+def test_the_accuracy_said_up_front_is_the_shipped_defaults():
+    """README's top paragraph and the Slicer module's help text quote the default model's median Dice, which the
+    'shipped default' paragraph states with the model card; a new default must change all three, or a reader is
+    told another model's accuracy."""
+    figures = r"(0\.\d{3})\D+?(?:at )?5 mm\D+?(0\.\d{3}) at 8 mm\D+?(0\.\d{3}) at 1 mm"
+    up_front = re.search(r"\*\*How accurate is it.*?Median Dice per case \*\*" + figures, README, re.S)
+    default = re.search(r"\*\*The shipped default\*\*.*?its median Dice is " + figures, README, re.S)
+    assert up_front and default, "README no longer states the default model's figures where this test looks"
+    assert up_front.groups() == default.groups()
+    help_text = (REPO / "DeepWML" / "DeepWML.py").read_text(encoding="utf-8")
+    said = re.search(r"median Dice of (0\.\d\d) on 5 mm slices", help_text)
+    assert said and float(said.group(1)) == round(float(default.group(1)), 2)
