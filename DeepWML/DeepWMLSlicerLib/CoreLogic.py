@@ -750,6 +750,8 @@ class DeepWMLCoreLogic:
         With a consensus check: the slices either rater marked, most discordant first. Otherwise the
         slices with lesion in the segmentation or the reference, in slice order, with LV and LV group,
         and Dice, sensitivity, precision and the reference's area and LV group where a reference was compared.
+        With results["table"] LESION_TABLE (Review lesions): every lesion, smallest first, each row's `target`
+        the world RAS of its `point_mm`. With a change: its lesions, in the follow-up's slices.
         """
         if results.get("table") == LESION_TABLE:  # Review lesions: every lesion, smallest first, shown where it lies
             lesions = sorted(results["report"]["lesions"], key=lambda lesion: (lesion["volume_ml"], lesion["id"]))
@@ -795,7 +797,6 @@ class DeepWMLCoreLogic:
         return ([titles[c] for c in columns],
                 [[shown.get(c, _text)(record.get(c)) for c in columns] for record in records],
                 [record.get("target", record["index"]) for record in records])
-
 
     @staticmethod
     def formatReport(report: dict) -> str:
