@@ -1023,7 +1023,7 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
         else:
             torch.backends.cudnn.benchmark = True
         setup = dist_ctx.run_on_main(lambda: _set_up_run(cfg, run_dir, progress, cancel))
-        cfg = dataclasses.replace(cfg, **setup.pop("prepared_with"))
+        cfg = dataclasses.replace(cfg, **setup.pop("prepared_with", {}))  # {}: a set-up of its own (gpu_train.py)
         dist_ctx.barrier()
         cache = run_dir / "cache"
         train_set, val_set = SliceSet.open(cache, "train"), SliceSet.open(cache, "val")
