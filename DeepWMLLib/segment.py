@@ -174,8 +174,9 @@ def model_files(specs: Sequence[str] | None, option: str = "--model") -> list[st
             files.append(spec)
             continue
         if names is None:
-            names = {**{entry["name"]: [entry["path"]] for entry in shipped_models()},
-                     **{entry["name"]: entry["paths"] for entry in shipped_ensembles()}}
+            names = {entry["name"]: [entry["path"]] for entry in shipped_models()}
+        if spec not in names:  # the ensembles only now: a wrong entry there does not stop a model's name
+            names.update({entry["name"]: entry["paths"] for entry in shipped_ensembles()})
         if spec in names:
             files += names[spec]
         elif os.path.isdir(spec):

@@ -1083,13 +1083,17 @@ def _unlock_run_dir(run_dir: Path) -> None:
         handle.close()
 
 
+def _has_trained(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a training that has finished an epoch (its last.pt, or an ensemble member's)."""
+    return (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
+
+
 def _started_with_skip(run_dir: Path) -> bool:
     """Whether `run_dir` holds a training that has trained an epoch and was prepared with --skip-bad-cases: it
     keeps its cases (those it left out stay out, named again), so a rerun without the option is not refused for
     a file missing since it started."""
-    started = (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
     try:
-        return started and bool(json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("skip_bad_cases"))
+        return _has_trained(run_dir) and bool(json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("skip_bad_cases"))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -1116,7 +1120,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     config_file = run_dir / "config.json"
     # A folder whose run never finished an epoch (it failed on its data, say) holds nothing to keep:
     # its settings and split are made again, so a corrected manifest or command just works.
-    started = (run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))
+    started = _has_trained(run_dir)
     if config_file.is_file() and started:
         stored = json.loads(config_file.read_text(encoding="utf-8"))
         differences = _config_differences(stored, cfg.to_dict())
@@ -1245,7 +1249,7 @@ def _same_image(first: str, second: str) -> bool:
 def _started_with(run_dir: Path, *names: str) -> str:
     """For an error about cases `names`: that the run in `run_dir` started with them (its split), so a resume
     cannot leave one out (a started run keeps its cases); "" when no run started there."""
-    if not ((run_dir / "last.pt").is_file() or any(run_dir.glob("model_*/last.pt"))):
+    if not _has_trained(run_dir):
         return ""
     try:
         split = {row["case"]: row["split"] for row in _split_rows(run_dir / "split.csv")}

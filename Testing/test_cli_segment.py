@@ -280,6 +280,26 @@ def test_a_registry_ensemble_of_models_it_does_not_list_is_refused(tmp_path, tin
         shipped_ensembles()
 
 
+def test_a_wrong_registry_ensemble_does_not_stop_a_models_name(tmp_path, tiny_model, monkeypatch):
+    """An edited models.json whose ensemble entry names a model it does not list refused every name given to
+    --model, the models' too ("the ensemble 'pair' names b ..." for --model a). A model's name resolves; the
+    entry is reported when an ensemble's name, or a name that is none, is looked up."""
+    import shutil
+
+    from DeepWMLLib.errors import DeepWMLError
+    from DeepWMLLib.segment import model_files
+
+    shutil.copy(tiny_model, tmp_path / "a.pt")
+    registry = {"format_version": 1, "models": [{"name": "a", "file": "a.pt", "version": "1", "default": True}],
+                "ensembles": [{"name": "pair", "members": ["a", "b"], "description": "test"}]}
+    (tmp_path / "models.json").write_text(json.dumps(registry), encoding="utf-8")
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(tmp_path))
+    assert model_files(["a"]) == [str(tmp_path / "a.pt")]
+    for name in ("pair", "no-such-model"):
+        with pytest.raises(DeepWMLError, match="the ensemble 'pair' names b, not a WMH model listed there"):
+            model_files(["a", name])
+
+
 def test_model_takes_the_name_of_a_shipped_model_or_ensemble(tmp_path, tiny_model, monkeypatch, capsys):
     """--model took files only: running the v8 ensemble meant typing its four members' paths. It takes the name of
     a shipped model or ensemble too; a file of that name wins; a name that is neither is refused with the names."""
