@@ -3,6 +3,7 @@
 Conventions:
 - volumes from the voxel grid: voxel count × product of spacings, in ml (1 ml = 1000 mm³);
 - lesions are 3D 26-connected components of the mask;
+- the report states these conventions itself (`conventions`, `conventions()`), so that it reads on its own;
 - slices are the axial planes of `io.to_axial_stack`; `index` is the voxel index along that axis
   in the input file (0 first, as Slicer and ITK count); for a DICOM input, `deepwml segment` adds each
   slice's Instance Number (`dicom_instance`, the image number PACS shows) and each lesion's
@@ -20,12 +21,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
-from .metrics import image_lv_ml, lv_group
+from .metrics import LV_GROUP_BOUNDS_ML, LV_GROUPS, image_lv_ml, lv_group
 from .postprocessing import label_components
 from .volume import voxels
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
+
+
+def conventions() -> dict:
+    """What the report's figures mean, written into it (`conventions`), so that a report read on its own, without
+    this docstring or the README, still says how lesions were counted and which way its coordinates point: LPS
+    x grows to the patient's left, Slicer's RAS x to the right; a centroid read as RAS lands on the other side."""
+    bounds = " <= ".join(f"{group} < {bound:g} ml" for group, bound in zip(LV_GROUPS, LV_GROUP_BOUNDS_ML))
+    return {
+        "volumes": "ml (1 ml = 1000 mm3): voxel count x voxel volume",
+        "lesions": "3D 26-connected components of the mask (voxels touching by a face, an edge or a corner are one "
+                   "lesion), id 1 the largest",
+        "coordinates": "centroid_mm and point_mm: LPS millimetres (x to the patient's left, y to posterior, z to "
+                       "superior: DICOM and ITK); Slicer shows RAS, the signs of x and y flipped",
+        "slice_index": "slices' index and lesions' slice_range: voxel index along the file's axial axis, 0 first (a "
+                       "DICOM input's dicom_instance and dicom_instance_range: the image numbers PACS shows)",
+        "lv": f"per slice: lv_ml = area_mm2 x slice_thickness_mm / 1000 (the spacing of the axial planes); "
+              f"lv_group {bounds} <= {LV_GROUPS[-1]}, null without lesion",
+    }
 
 
 def voxel_volume_mm3(frame: SliceFrame) -> float:
@@ -166,6 +185,7 @@ def lesion_report(mask: sitk.Image, probabilities: np.ndarray | None = None,
     return {
         "volume_ml": round(volume_ml, 6),
         "lesion_count": len(lesions),
+        "conventions": conventions(),
         "slice_thickness_mm": round(frame.slice_thickness_mm, 4),
         "slices": slice_table(stack, frame),
         "lesions": lesions,

@@ -144,3 +144,20 @@ def test_an_lv_just_under_a_group_bound_is_written_in_its_group(tmp_path):
     write_csv([row, evaluated], ["lv_ml", "lv_group"], tmp_path / "slices.csv")
     written = list(csv.DictReader(open(tmp_path / "slices.csv", encoding="utf-8-sig")))
     assert [(float(r["lv_ml"]), r["lv_group"]) for r in written] == [(row["lv_ml"], "G1")] * 2
+
+
+def test_the_report_states_its_conventions_and_its_figures_follow_them():
+    """A report read on its own (a radiologist opening CASE_report.json) said nothing of how lesions were counted
+    or which way centroid_mm points: LPS x grows to the patient's left, the RAS Slicer shows to the right, so a
+    centroid typed into Slicer as shown landed on the other side. It now says so, and its figures agree."""
+    a = np.zeros((3, 10, 10), np.uint8)
+    a[0, 2, 2] = a[1, 3, 3] = 1  # touching only at a corner: one lesion under 26-connectivity (6 would give two)
+    a[1, 5, 9] = a[2, 5, 9] = 1  # a second lesion at the largest i
+    report = lesion_report(mask_image(a, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)))
+    stated = report["conventions"]
+    assert "26-connected" in stated["lesions"] and report["lesion_count"] == 2
+    assert "LPS" in stated["coordinates"] and "x to the patient's left" in stated["coordinates"]
+    assert [lesion["centroid_mm"][0] for lesion in report["lesions"]] == [2.5, 9.0]  # x: the voxel index i, mm
+    assert "0 first" in stated["slice_index"] and report["lesions"][0]["slice_range"] == [0, 1]
+    assert "G1 < 0.2 ml <= G2 < 0.7 ml <= G3 < 2 ml <= G4 < 5 ml <= G5" in stated["lv"]
+    assert "ml" in stated["volumes"]
