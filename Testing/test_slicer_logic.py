@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 import slicer  # noqa: E402
 from conftest import REPO, make_volume, mni_t1_thick, oracle_network, rotation  # noqa: E402
+from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from DeepWMLLib.report import lesion_report  # noqa: E402
@@ -72,6 +73,60 @@ def test_volume_under_a_transform_is_segmented_in_world_space(scene, monkeypatch
     world = sitk.GetArrayFromImage(moved)
     hardened = mrml.volumeFromImage(mrml.imageFromVolume(volume), "hardened")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, hardened)), world)
+
+
+def test_a_left_handed_thin_pixel_file_under_a_transform_is_segmented_and_measured_as_the_command_line_does(
+        scene, monkeypatch, tmp_path, tiny_model):
+    """A file with a left-handed voxel grid (an oblique FLAIR stored with a flipped axis, as NIfTI in FSL's
+    radiological order), 0.45 x 0.45 x 5 mm voxels, far from the origin, loaded with Slicer's reader (which
+    stores its slices in reverse order) and put under a transform: the result, exported on the volume's grid,
+    is deepwml segment's mask of the hardened scan voxel for voxel, and the volume, lesions and every slice's
+    LV and LV group are its report's (slices matched by where they lie: the module counts them on Slicer's grid)."""
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    flair, _ = make_volume(size=(120, 110, 9), spacing=(0.45, 0.45, 5.0), origin=(112.3, -87.6, 40.2),
+                           direction=rotation(0.15, -0.1, 0.3) @ np.diag([1.0, -1.0, 1.0]),
+                           blobs=((0.3, 0.65, 0.5, 6.0), (0.7, 0.4, 0.3, 4.0)))
+    sitk.WriteImage(sitk.Cast(flair, sitk.sitkInt16), str(tmp_path / "flair.nrrd"))
+    volume = mrml.loadVolumeFile(str(tmp_path / "flair.nrrd"), "flair")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation(0.05, 0.1, -0.4)
+    matrix[:3, 3] = (17.0, -8.5, 3.25)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    # the scan as the views show it, worked out here from the file: the transform applied to its IJK -> RAS
+    moved = matrix @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ io.ijk_to_lps(flair)
+    spacing = np.linalg.norm(moved[:3, :3], axis=0)
+    world = sitk.Cast(flair, sitk.sitkInt16)
+    world.SetDirection((np.diag([-1.0, -1.0, 1.0]) @ moved[:3, :3] / spacing).ravel().tolist())
+    world.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ moved[:3, 3]).tolist())
+    hardened = tmp_path / "hardened.nrrd"
+    sitk.WriteImage(world, str(hardened))
+
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=False)
+    assert main(["segment", str(hardened), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-location"]) == 0
+    cli = sitk.ReadImage(str(tmp_path / "cli" / "hardened_wmh.nrrd"))
+    mask = mrml.maskFromSegmentation(segmentation, volume)
+    onCliGrid = sitk.Resample(mask, cli, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    assert sitk.GetArrayFromImage(cli).sum() > 500
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(onCliGrid), sitk.GetArrayFromImage(cli))
+
+    report = logic.lesionStatistics(segmentation, volume)
+    expected = json.loads((tmp_path / "cli" / "hardened_report.json").read_text(encoding="utf-8"))
+    assert report["volume_ml"] == pytest.approx(expected["volume_ml"], rel=1e-5)
+    assert report["lesion_count"] == expected["lesion_count"]
+    toRAS = np.diag([-1.0, -1.0, 1.0])
+    cliSlice = {}
+    for s in expected["slices"]:  # each slice of the report by its centre (RAS), on the hardened scan
+        centre = cli.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in cli.GetSize()[:2]] + [s["index"]])
+        cliSlice[tuple(np.round(toRAS @ centre, 3))] = (s["lv_ml"], s["lv_group"])
+    shown = {tuple(np.round(mrml.sliceCenterRAS(volume, s["index"]), 3)): (s["lv_ml"], s["lv_group"])
+             for s in report["slices"]}
+    assert shown == cliSlice and any(group for _, group in shown.values())
 
 
 def test_cancel_raises_and_leaves_no_segmentation(scene, tiny_model):
