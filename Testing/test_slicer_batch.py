@@ -161,6 +161,39 @@ def test_batch_writes_the_mask_of_an_input_stored_with_one_time_point_the_same_w
     assert io.read_mask(out / "a_wmh.mha", reference=flair).GetDimension() == 3  # read back onto the scan's grid
 
 
+@pytest.mark.parametrize("extension", [".nii.gz", ".nrrd"])
+def test_batch_writes_the_mask_of_a_left_handed_scan_on_its_grid_and_numbers_its_slices_as_the_command_line(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, extension):
+    """Slicer's reader stores the slices of a file with a left-handed voxel grid (here an oblique scan with a
+    flipped axis, 0.45 x 0.45 x 5 mm; NIfTI in FSL's radiological order is one) in reverse order: the mask was
+    written with its slices reversed against the input, and the report counted slices and lesions from the
+    other end, unlike `deepwml segment` on the same file."""
+    from DeepWMLLib.cli import main as cli
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    flair, _ = make_volume(size=(60, 50, 9), spacing=(0.45, 0.45, 5.0), origin=(112.3, -87.6, 40.2),
+                           direction=rotation(0.15, -0.1, 0.3) @ np.diag([1.0, -1.0, 1.0]),
+                           blobs=((0.3, 0.65, 0.2, 6.0), (0.7, 0.4, 0.8, 4.0)))  # one low, one high
+    sitk.WriteImage(sitk.Cast(flair, sitk.sitkInt16), str(inputs / f"a{extension}"))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    assert cli(["segment", str(inputs / f"a{extension}"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
+                "--device", "cpu"]) == 0
+    batch, command = (sitk.ReadImage(str(folder / f"a_wmh{extension}")) for folder in (out, tmp_path / "cli"))
+    np.testing.assert_allclose(batch.GetOrigin(), command.GetOrigin(), atol=1e-4)  # on the input's grid
+    np.testing.assert_allclose(batch.GetDirection(), command.GetDirection(), atol=1e-6)
+    assert sitk.GetArrayFromImage(command).sum() > 100
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(batch), sitk.GetArrayFromImage(command))
+    report, expected = (json.loads((folder / "a_report.json").read_text(encoding="utf-8"))
+                        for folder in (out, tmp_path / "cli"))
+    assert [(s["index"], s["lv_ml"], s["lv_group"]) for s in report["slices"]] == \
+        [(s["index"], s["lv_ml"], s["lv_group"]) for s in expected["slices"]]
+    assert [lesion["slice_range"] for lesion in report["lesions"]] == \
+        [lesion["slice_range"] for lesion in expected["lesions"]] == [[1, 2], [6, 7]]
+
+
 def test_batch_reads_a_nifti_pair_and_refuses_an_analyze_one(scene, batchScript, tmp_path, monkeypatch, tiny_model):
     """A NIfTI-1 pair (.hdr + .img) is a case as its .nii would be, its mask on its grid; an Analyze 7.5 pair
     (no orientation), which Slicer's reader would load with a guessed left and right, fails saying why."""

@@ -118,8 +118,37 @@ def loadFlair(path: Path, case: str, study=None):
     elif io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
         return mrml.volumeFromImage(io.read_image(path), case), None  # with a guessed left and right
     else:
-        return mrml.loadVolumeFile(str(path), case), None
+        return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None
     return mrml.volumeFromImage(io.read_image(path, series=series), case), series
+
+
+def inFileVoxelOrder(volumeNode, path: Path):
+    """The volume with its voxels in the file's order. Slicer's reader stores the slices of a file whose voxel
+    grid is left-handed (an oblique scan stored with a flipped axis, NIfTI in FSL's radiological order) in
+    reverse order: the same place in the world, but the mask was written with its slices reversed against the
+    input (not on the input's grid, as `deepwml segment` writes it) and the report numbered slices and lesions
+    from the other end. Such a node is replaced by one on the file's grid (nothing interpolated)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:  # read by Slicer, not by SimpleITK: left as Slicer stored it
+        return volumeNode
+    if reader.GetDimension() != 3:
+        return volumeNode
+    image = mrml.imageFromVolume(volumeNode)
+    grid = sitk.Image(reader.GetSize(), sitk.sitkUInt8)
+    grid.SetSpacing(reader.GetSpacing())
+    grid.SetOrigin(reader.GetOrigin())
+    grid.SetDirection(reader.GetDirection())
+    reordered = io.align_voxel_order(image, grid)
+    if reordered is image:  # already in the file's order, or not the file's voxels reordered: as Slicer read it
+        return volumeNode
+    name = volumeNode.GetName()
+    mrml.removeNode(volumeNode)
+    return mrml.volumeFromImage(reordered, name)
 
 
 def loadReference(path: Path):
