@@ -1051,3 +1051,77 @@ def test_the_modules_precision_choices_are_deepwml_segments():
     from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES
 
     assert PRECISION_CHOICES == PRECISIONS
+
+
+def test_the_part_of_a_manual_segmentation_outside_the_flair_is_said_in_ml(scene):
+    """A manual segmentation drawn on a scan with a larger extent (or a labelmap on a larger grid) was cut to the
+    FLAIR's field of view: "Dice 1.000, reference 0.97 ml" read as the whole outline, and the 2.2 ml outside it were
+    counted nowhere, without a word. The panels now say how much lies outside, measured on the segmentation's own grid."""
+    flair, truth = make_volume(**dict(OBLIQUE, blobs=((0.5, 0.5, 0.5, 6.0), (0.5, 0.5, 0.9, 8.0))))
+    whole = mrml.volumeFromImage(flair, "FLAIR whole")
+    flairNode = mrml.volumeFromImage(flair[:, :, :6], "FLAIR")
+    marked = sitk.GetArrayFromImage(truth) > 0  # k, j, i
+    voxelMl = float(np.prod(truth.GetSpacing())) / 1000
+    total, outside = marked.sum() * voxelMl, marked[6:].sum() * voxelMl
+    assert outside > 1.0 and marked[:6].sum() > 0
+    said = (f"{outside:.2f} ml of 'manual' (of its {total:.2f} ml) lie outside the field of view of 'FLAIR' and are "
+            "not counted in the Dice or the")
+
+    logic = DeepWMLCoreLogic()
+    ours = mrml.segmentationFromMask(truth[:, :, :6], flairNode, name="DeepWML")
+    manual = mrml.segmentationFromMask(truth, whole, name="manual")
+    comparison = logic.compareSegmentations(ours, manual, flairNode)
+    assert comparison["dice"] == 1.0  # what is inside agrees; the note is the only sign of the rest
+    assert comparison["reference_volume_ml"] + outside == pytest.approx(total)
+    shown = logic.formatComparison(comparison)
+    assert f"Note: {said} volumes" in shown
+    assert "of 'DeepWML'" not in shown  # inside the FLAIR: nothing to say
+
+    labelmap = mrml.volumeFromImage(truth, "manual", "vtkMRMLLabelMapVolumeNode")  # no 'drawn on' note to go by
+    shown = logic.formatComparison(logic.compareSegmentations(ours, labelmap, flairNode))
+    assert f"Note: {said} volumes" in shown and "drawn on" not in shown
+
+    consensus = logic.formatConsensus(logic.consensusCheck(ours, manual, 0.85, flairNode))
+    assert f"Note: {said} raters' volumes" in consensus and "of 'DeepWML'" not in consensus
+    # each rater: both drawn on the larger scan, each said with its own figures
+    upper = sitk.Image(truth)
+    upper[:, :, :4] = 0
+    raterA = mrml.segmentationFromMask(upper, whole, name="rater A")
+    consensus = logic.formatConsensus(logic.consensusCheck(raterA, manual, 0.85, flairNode))
+    aOutside, aTotal = marked[6:].sum() * voxelMl, marked[4:].sum() * voxelMl
+    assert aTotal > aOutside
+    assert (f"Note: {aOutside:.2f} ml of 'rater A' (of its {aTotal:.2f} ml) lie outside the field of view of 'FLAIR'"
+            in consensus)
+    assert f"Note: {said} raters' volumes" in consensus
+
+    # under a transform, the part outside moves with it: shifted down by 4 slices, all of it is inside
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = -(np.array(flair.TransformContinuousIndexToPhysicalPoint((0, 0, 4)))
+                     - np.array(flair.TransformContinuousIndexToPhysicalPoint((0, 0, 0)))) * [-1, -1, 1]  # LPS->RAS
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    raterA.SetAndObserveTransformNodeID(transform.GetID())
+    assert "'rater A' (of its" not in logic.formatConsensus(logic.consensusCheck(raterA, manual, 0.85, flairNode))
+
+
+def test_a_segmentation_inside_the_flair_is_not_said_to_lie_outside(scene):
+    """No note for a segmentation inside the FLAIR's field of view: drawn on it, drawn on a cropped copy of it, or a
+    labelmap on a grid a fraction of a voxel off whose lesion touches the edge (edge voxels, rounded either way)."""
+    flair, truth = make_volume(**dict(OBLIQUE, blobs=((0.5, 0.5, 0.5, 6.0), (1.0, 0.5, 0.5, 6.0))))
+    flairNode = mrml.volumeFromImage(flair, "FLAIR")
+    logic = DeepWMLCoreLogic()
+    ours = mrml.segmentationFromMask(truth, flairNode, name="DeepWML")
+    manual = mrml.segmentationFromMask(sitk.BinaryDilate(truth, [1, 1, 0]), flairNode, name="manual")
+    cropped = mrml.volumeFromImage(flair[:, :, 2:8], "FLAIR cropped")
+    onCrop = mrml.segmentationFromMask(truth[:, :, 2:8], cropped, name="rater C")
+    shifted = sitk.Image(truth)
+    edge = np.array(flair.TransformContinuousIndexToPhysicalPoint((0.4, 0, 0))) - np.array(flair.GetOrigin())
+    shifted.SetOrigin(tuple(np.array(flair.GetOrigin()) + edge))
+    assert sitk.GetArrayFromImage(shifted)[:, :, -1].any()  # touches the edge, its last column 0.4 voxel past it
+    offGrid = mrml.volumeFromImage(shifted, "label file", "vtkMRMLLabelMapVolumeNode")
+    for node in (manual, onCrop, offGrid):
+        comparison = logic.formatComparison(logic.compareSegmentations(ours, node, flairNode))
+        consensus = logic.formatConsensus(logic.consensusCheck(ours, node, 0.85, flairNode))
+        statistics = logic.formatReport(logic.lesionStatistics(node, flairNode)) if node is not offGrid else ""
+        for shown in (comparison, consensus, statistics):
+            assert "field of view" not in shown, shown

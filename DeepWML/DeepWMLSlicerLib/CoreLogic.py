@@ -619,7 +619,8 @@ class DeepWMLCoreLogic:
         report = lesion_report(mask, None, distance)
         report["location"] = location
         # e.g. a segment added beside WMH while editing it; another volume's result, still chosen when this one was
-        notes = mrml.maskNotes(segmentationNode, segmentId) + mrml.drawnOnNote(segmentationNode, volumeNode)
+        notes = (mrml.maskNotes(segmentationNode, segmentId) + mrml.drawnOnNote(segmentationNode, volumeNode)
+                 + mrml.outsideNote(segmentationNode, volumeNode, "the lesion volume", segmentId))
         run = segmentationNode.GetAttribute(RUN_ATTRIBUTE) if isSegmentation else None
         if run:
             facts = json.loads(run)
@@ -641,7 +642,8 @@ class DeepWMLCoreLogic:
 
         reference = self._referenceVolume(a, b, referenceVolumeNode)
         result = evaluate_case(mrml.maskFromNode(a, reference, segmentIdA), mrml.maskFromNode(b, reference, segmentIdB))
-        result["notes"] = list(result.get("notes", [])) + self._maskNotes(((a, segmentIdA), (b, segmentIdB)), reference)
+        result["notes"] = list(result.get("notes", [])) + self._maskNotes(
+            ((a, segmentIdA), (b, segmentIdB)), reference, "the Dice or the volumes")
         return result
 
     def consensusCheck(self, a, b, threshold: float = DEFAULT_CONSENSUS_THRESHOLD, referenceVolumeNode=None) -> dict:
@@ -652,16 +654,19 @@ class DeepWMLCoreLogic:
         reference = self._referenceVolume(a, b, referenceVolumeNode)
         result = consensus_check(mrml.maskFromNode(a, reference), mrml.maskFromNode(b, reference), threshold)
         result.update(rater_a=a.GetName(), rater_b=b.GetName(), volume=reference.GetName())  # whose, when saved
-        result["notes"] = list(result.get("notes", [])) + self._maskNotes(((a, None), (b, None)), reference)
+        result["notes"] = list(result.get("notes", [])) + self._maskNotes(
+            ((a, None), (b, None)), reference, "the Dice or the raters' volumes")
         return result
 
     @staticmethod
-    def _maskNotes(nodes, volumeNode) -> list[str]:
-        """What of each node was compared (several segments or labels joined, a WMH segment beside others)
-        and which were drawn on another volume: the panel says so, as the numbers depend on it."""
+    def _maskNotes(nodes, volumeNode, counted: str) -> list[str]:
+        """What of each node was compared (several segments or labels joined, a WMH segment beside others),
+        which were drawn on another volume, and how much of each lies outside the volume's field of view and
+        so is not counted in `counted` (`mrml.outsideNote`): the panel says so, as the numbers depend on it."""
         notes = []
         for node, segmentId in nodes:
             notes += [note for note in mrml.maskNotes(node, segmentId) + mrml.drawnOnNote(node, volumeNode)
+                      + mrml.outsideNote(node, volumeNode, counted, segmentId)
                       if note not in notes]  # a node compared with itself: once
         return notes
 
@@ -708,7 +713,8 @@ class DeepWMLCoreLogic:
                   "followup_segmentation": followupSegmentation.GetName()}
         for segmentationNode, volumeNode in ((baselineSegmentation, baselineVolume), (followupSegmentation, followupVolume)):
             # drawn on another volume: maybe a resampled copy; maybe the other scan
-            report["warnings"] = report["warnings"] + self._maskNotes(((segmentationNode, None),), volumeNode)
+            report["warnings"] = report["warnings"] + self._maskNotes(((segmentationNode, None),), volumeNode,
+                                                                      "the lesion change")
         changeNode.SetAttribute(CHANGE_REPORT_ATTRIBUTE, json.dumps({k: v for k, v in report.items() if k != "lesions"}))
         return changeNode, registered, report
 

@@ -171,7 +171,12 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
     """The segment(s) as a uint8 0/1 image on the reference volume's grid (world LPS)."""
     if referenceVolumeNode is None:
         raise DeepWMLError(f"choose the volume that '{segmentationNode.GetName()}' belongs to")
-    ids = segmentIds(segmentationNode, segmentId)
+    return _exportSegments(segmentationNode, segmentIds(segmentationNode, segmentId), referenceVolumeNode)
+
+
+def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> sitk.Image:
+    """Segments as a uint8 0/1 image (world LPS): on the reference volume's grid, or with None on the
+    segmentation's own labelmap grid, cropped to the segments (nothing of them cut off)."""
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DeepWML export")
     labelmap.SetHideFromEditors(True)
     colorsBefore = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorNode")}
@@ -180,11 +185,14 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
             segmentationNode, _stringArray(ids), labelmap, referenceVolumeNode)
         if not exported or labelmap.GetImageData() is None:
             raise DeepWMLError(
-                f"segmentation '{segmentationNode.GetName()}' cannot be exported onto "
-                f"'{referenceVolumeNode.GetName()}'; "
+                f"segmentation '{segmentationNode.GetName()}' cannot be exported"
+                + (f" onto '{referenceVolumeNode.GetName()}'" if referenceVolumeNode is not None else "") + "; "
                 "check that it has a binary labelmap representation"
             )
-        # The exporter puts the labelmap on the reference's own IJK grid and under its transform.
+        # The exporter puts the labelmap on the reference's own IJK grid and under its transform (without a
+        # reference: on the segmentation's labelmap grid, under the segmentation's transform).
+        if labelmap.GetImageData().GetPointData().GetScalars() is None:  # no reference, empty segments: no extent
+            return sitk.Image(1, 1, 1, sitk.sitkUInt8)
         mask = imageFromVolume(labelmap)
     finally:
         # without a colour table the exporter adds a new one ("<segmentation>_ColorTable") to the scene
@@ -257,6 +265,54 @@ def drawnOnNote(node, volumeNode) -> list[str]:
         return []
     return [f"'{node.GetName()}' was drawn on '{drawnOn.GetName()}', not on '{volumeNode.GetName()}': check that it "
             f"is that scan's segmentation"]
+
+
+def ownMask(node, segmentId: str | None = None) -> sitk.Image:
+    """A segmentation's or labelmap volume's lesion mask (as `maskFromNode` takes it) on its own grid, in world
+    LPS: a segmentation's on its internal labelmap grid, a labelmap volume's on its voxels; nothing resampled."""
+    if node.IsA("vtkMRMLSegmentationNode"):
+        return _exportSegments(node, segmentIds(node, segmentId), None)
+    return sitk.Cast(imageFromVolume(node) > 0, sitk.sitkUInt8)
+
+
+# A voxel of a segmentation counts as outside a volume when its centre lies beyond the volume's outer voxel faces
+# (more than half of it outside: a voxel cut by the edge is edge rounding, as on any other grid); the note says so
+# from OUTSIDE_NOTE_MIN_ML and OUTSIDE_NOTE_MIN_FRACTION of the segmentation's volume on, which is where it can change
+# the figures shown (a Dice by about 0.005 or more): a few voxels along the edge are not said.
+_FACE_TOL_VOXELS = 1e-3  # a centre on the face (grids half a voxel apart) is inside, whatever the rounding
+OUTSIDE_NOTE_MIN_ML = 0.01
+OUTSIDE_NOTE_MIN_FRACTION = 0.01
+
+
+def volumeOutsideMl(node, volumeNode, segmentId: str | None = None) -> tuple[float, float]:
+    """(ml of the lesion mask of `node`, ml of it outside the field of view of `volumeNode`), both measured on the
+    node's own grid (`ownMask`), where nothing was lost: the part `maskFromNode` cannot put on the volume's grid,
+    so that no Dice or volume measured there counts it. A voxel counts as outside when its centre lies beyond the
+    volume's outer voxel faces."""
+    mask = ownMask(node, segmentId)
+    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(mask))
+    voxelMl = float(np.prod(mask.GetSpacing())) / 1000.0
+    if len(i) == 0:
+        return 0.0, 0.0
+    world = ijk_to_lps(mask) @ np.vstack([i, j, k, np.ones(len(i))])
+    index = np.linalg.inv(LPS_TO_RAS @ worldIJKToRAS(volumeNode)) @ world  # continuous (i, j, k) on the volume
+    size = np.array(volumeNode.GetImageData().GetDimensions(), dtype=float)[:, None]
+    low, high = -0.5 - _FACE_TOL_VOXELS, size - 0.5 + _FACE_TOL_VOXELS
+    outside = np.any((index[:3] < low) | (index[:3] > high), axis=0)
+    return len(i) * voxelMl, int(np.count_nonzero(outside)) * voxelMl
+
+
+def outsideNote(node, volumeNode, counted: str, segmentId: str | None = None) -> list[str]:
+    """A note when part of a segmentation lies outside the volume it is measured on (drawn on a scan with a larger
+    extent, a labelmap on a larger grid): how much, and that `counted` (e.g. "the Dice or the volumes") leave it
+    out. Nothing under `OUTSIDE_NOTE_MIN_ML` or `OUTSIDE_NOTE_MIN_FRACTION` of its volume (edge voxels)."""
+    if node is None or volumeNode is None or node is volumeNode:
+        return []
+    total, outside = volumeOutsideMl(node, volumeNode, segmentId)
+    if outside < OUTSIDE_NOTE_MIN_ML or outside < OUTSIDE_NOTE_MIN_FRACTION * total:
+        return []
+    return [f"{outside:.2f} ml of '{node.GetName()}' (of its {total:.2f} ml) lie outside the field of view of "
+            f"'{volumeNode.GetName()}' and are not counted in {counted}"]
 
 
 def referenceVolumeOf(node):
