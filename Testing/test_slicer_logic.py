@@ -1080,6 +1080,8 @@ def test_the_part_of_a_manual_segmentation_outside_the_flair_is_said_in_ml(scene
     labelmap = mrml.volumeFromImage(truth, "manual", "vtkMRMLLabelMapVolumeNode")  # no 'drawn on' note to go by
     shown = logic.formatComparison(logic.compareSegmentations(ours, labelmap, flairNode))
     assert f"Note: {said} volumes" in shown and "drawn on" not in shown
+    statistics = logic.formatReport(logic.lesionStatistics(manual, flairNode))
+    assert f"Warning: {said[:-len('the Dice or the')]}the lesion volume" in statistics
 
     consensus = logic.formatConsensus(logic.consensusCheck(ours, manual, 0.85, flairNode))
     assert f"Note: {said} raters' volumes" in consensus and "of 'DeepWML'" not in consensus
