@@ -244,6 +244,29 @@ def test_batch_reference_matching(scene, batchScript, tmp_path, monkeypatch, tin
     assert not (out / "twice_qc.png").exists()
 
 
+def test_batch_summary_says_the_comparisons_notes(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """The comparison's notes (here: part of the reference lies outside the FLAIR, not counted in the Dice) were
+    only in the case's report .json, under comparison.notes: summary.csv, where a cohort's Dice are read, said
+    nothing of them. Its warnings column carries them beside the lesion statistics' warnings."""
+    oracle_network(monkeypatch)
+    inputs, references, out = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    inputs.mkdir()
+    references.mkdir()
+    _, truth = writeCase(inputs, "p.nii.gz")
+    wider = sitk.ConstantPad(truth, [0, 0, 0], [0, 0, 4], 0)  # 4 more slices above the scan, with lesion in them
+    extra = sitk.GetArrayFromImage(wider)
+    extra[-3:, 10:20, 10:20] = 1
+    larger = sitk.GetImageFromArray(extra)
+    larger.CopyInformation(wider)
+    sitk.WriteImage(larger, str(references / "p.nii.gz"))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--reference-dir",
+                             str(references), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    report = json.loads((out / "p_report.json").read_text(encoding="utf-8"))
+    notes = [n for n in report["comparison"]["notes"] if "outside the field of view" in n]
+    assert len(notes) == 1
+    assert notes[0] in summary(out)["p"]["warnings"]
+
+
 def test_batch_references_of_longer_case_names_are_theirs(scene, batchScript, tmp_path, monkeypatch, tiny_model):
     """p2 beside p2_fu, sub1 beside sub1_fu: a follow-up's reference is never the baseline's."""
     oracle_network(monkeypatch)

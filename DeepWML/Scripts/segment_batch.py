@@ -94,13 +94,20 @@ def findReference(referenceDir: Path, case: str, cases=()):
     return prefixed[0] if prefixed else None
 
 
+def caseWarnings(report: dict) -> list[str]:
+    """A case's warnings and its comparison's notes (what the Dice leaves out, a reference of several labels
+    joined, ...): summary.csv is where a cohort's Dice are read, so the notes that qualify them are there too."""
+    notes = (report.get("comparison") or {}).get("notes") or []
+    return list(dict.fromkeys(list(report.get("warnings") or []) + list(notes)))
+
+
 def summaryFigures(report: dict) -> dict:
     """A case's figures in summary.csv, from its report (the one just made, or an earlier run's)."""
     split = report.get("location") or {}
     comparison = report.get("comparison") or {}
     row = {"volume_ml": report["volume_ml"], "lesion_count": report["lesion_count"],
            "periventricular_ml": split.get("periventricular_ml"), "deep_ml": split.get("deep_ml"),
-           "warnings": " | ".join(report.get("warnings") or [])}
+           "warnings": " | ".join(caseWarnings(report))}
     if comparison:
         row.update({key: comparison.get(key) for key in ("dice", "sensitivity", "precision")},
                    reference=report.get("reference"))
@@ -203,7 +210,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             nodes.append(referenceNode)
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
-            row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference))
+            row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference),
+                       warnings=" | ".join(caseWarnings(report)), _warnings=caseWarnings(report))
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         timeAxis = io.read_time_axis(path)  # an input stored X, Y, Z, 1: its mask is written so too
         report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
