@@ -464,6 +464,30 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
     return out, rows
 
 
+def conventions() -> dict:
+    """What the change report's figures mean, written into it (`conventions`) as the lesion report states its own
+    (report.conventions), so that a report read on its own says how lesions were counted, on which scan's grid each
+    figure was measured (a baseline row's slices are the baseline's, its centroid the follow-up's space) and which
+    way its coordinates point (LPS; Slicer shows RAS)."""
+    from .report import LESIONS, LPS, VOLUMES
+
+    return {
+        "volumes": f"{VOLUMES}, each on its own scan's grid: a row's volume_ml on the scan its scan names, baseline_ml "
+                   "on the baseline's (a follow-up lesion's: its share of the baseline lesions it matches); change_ml: "
+                   "the follow-up volume less the baseline volume (a gone lesion's: minus its baseline volume)",
+        "lesions": f"{LESIONS}, of each scan's mask on its own grid; id: the follow-up's lesions, largest first, then "
+                   "the baseline's with a row of their own (scan baseline), largest first",
+        "coordinates": f"centroid_mm: {LPS}; in the follow-up scan's space, a baseline row's centroid carried there "
+                       "through the registration",
+        "slice_index": "slice_range: voxel index along the axial axis of the scan the row's scan names, 0 first (a "
+                       "baseline row's: the baseline's slices); followup_slice: the follow-up's axial slice through the "
+                       "centroid, 0 first",
+        "slice_thickness": "baseline_slice_thickness_mm and followup_slice_thickness_mm: the spacing of each scan's "
+                           "axial planes",
+        "grid": "the label map and the registered baseline lie on the follow-up's grid",
+    }
+
+
 def _summary(rows: list[dict], baseline_ml: float, followup_ml: float) -> dict:
     def of(status: str) -> list[dict]:
         return [r for r in rows if r["status"] == status]
@@ -577,6 +601,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     labels_image = sitk.Cast(io.like_image(labels, followup), sitk.sitkUInt8)  # the follow-up's own header
     report = {
         **_summary(rows, volume["baseline"], volume["followup"]),
+        "conventions": conventions(),
         "tolerance_mm": tolerance_mm,
         "enlarge_fraction": enlarge_fraction,
         "enlarge_min_ml": enlarge_min_ml,

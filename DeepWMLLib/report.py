@@ -29,17 +29,22 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 
+# The words of `conventions` that the change report (change.conventions) shares
+VOLUMES = "ml (1 ml = 1000 mm3): voxel count x voxel volume"
+LESIONS = "3D 26-connected components of the mask (voxels touching by a face, an edge or a corner are one lesion)"
+LPS = ("LPS millimetres (x to the patient's left, y to posterior, z to superior: DICOM and ITK); Slicer shows RAS, "
+       "the signs of x and y flipped")
+
+
 def conventions() -> dict:
     """What the report's figures mean, written into it (`conventions`), so that a report read on its own, without
     this docstring or the README, still says how lesions were counted and which way its coordinates point: LPS
     x grows to the patient's left, Slicer's RAS x to the right; a centroid read as RAS lands on the other side."""
     bounds = " <= ".join(f"{group} < {bound:g} ml" for group, bound in zip(LV_GROUPS, LV_GROUP_BOUNDS_ML))
     return {
-        "volumes": "ml (1 ml = 1000 mm3): voxel count x voxel volume",
-        "lesions": "3D 26-connected components of the mask (voxels touching by a face, an edge or a corner are one "
-                   "lesion), id 1 the largest",
-        "coordinates": "centroid_mm and point_mm: LPS millimetres (x to the patient's left, y to posterior, z to "
-                       "superior: DICOM and ITK); Slicer shows RAS, the signs of x and y flipped",
+        "volumes": VOLUMES,
+        "lesions": f"{LESIONS}, id 1 the largest",
+        "coordinates": f"centroid_mm and point_mm: {LPS}",
         "slice_index": "slices' index and lesions' slice_range: voxel index along the file's axial axis, 0 first (a "
                        "DICOM input's dicom_instance and dicom_instance_range: the image numbers PACS shows)",
         "lv": f"per slice: lv_ml = area_mm2 x slice_thickness_mm / 1000 (the spacing of the axial planes); "

@@ -684,6 +684,26 @@ def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it
         assert labels[k, j, i] == code[row["status"]], row
 
 
+def test_the_change_report_states_its_conventions_and_its_figures_follow_them(monkeypatch):
+    """CASE_change.json, read on its own, said nothing of how lesions were counted, which way centroid_mm points
+    (LPS: read as Slicer's RAS, a lesion lands on the other side) or that a baseline row's slice_range counts the
+    baseline's slices while its centroid is in the follow-up's space. It now says so, as CASE_report.json does,
+    and its figures agree: here the baseline has 2 mm slices, the follow-up 1 mm (`_every_fate`)."""
+    flairs, baseline_mask, followup_mask, probability = _every_fate(monkeypatch)
+    report = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, followup_probabilities=probability,
+                                  presence=0.15, check=False).report
+    stated = report["conventions"]
+    assert "26-connected" in stated["lesions"]
+    assert "LPS" in stated["coordinates"] and "x to the patient's left" in stated["coordinates"]
+    assert "follow-up scan's space" in stated["coordinates"] and "Slicer shows RAS" in stated["coordinates"]
+    assert "the baseline's slices" in stated["slice_index"] and "0 first" in stated["slice_index"]
+    assert "ml" in stated["volumes"] and "own scan's grid" in stated["volumes"]
+    gone = [r for r in report["lesions"] if r["status"] == "gone"][0]  # z 2-8 mm: baseline slices 1-3 (2 mm)
+    assert gone["slice_range"] == [1, 3] and gone["followup_slice"] == 4  # its centre, z 4 mm, on 1 mm slices
+    assert gone["centroid_mm"] == pytest.approx([42.5, 42.5, 4.0])  # x: the voxel index i (1 mm, origin 0)
+    assert report["baseline_slice_thickness_mm"] == 2.0 and "spacing" in stated["slice_thickness"]
+
+
 def test_a_probability_map_saved_cropped_on_the_scans_voxels_is_padded_as_a_mask_is(monkeypatch):
     """A follow-up probability map saved cropped to where it is above zero (on the FLAIR's very voxels, stored in
     another voxel order too) was refused ('different voxel grids') where a mask cropped so is padded; now it is
