@@ -996,6 +996,11 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            "name the earlier visit's FLAIR with --baseline-series and the later one's with --followup-series")
     baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
                           for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
+    gaps = []  # a DICOM scan's slices thinner (or thicker) than their spacing: said, as `segment` says it
+    for name, image in (("baseline", baseline), ("follow-up", followup)):
+        gap = chosen[name][0].slice_gap_warning(image) if chosen[name] else None
+        if gap:
+            gaps.append(f"{name}: {gap}")
     check_scans(baseline, followup)
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
@@ -1022,7 +1027,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     if any(chosen.values()):
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
         report["warnings"] = [f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
-                              if c and c[1].startswith("the only one of")] + report["warnings"]
+                              if c and c[1].startswith("the only one of")] + gaps + report["warnings"]
     if getattr(args, "dicom_outline", False) and not outline:
         report["warnings"] = report["warnings"] + [
             "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "

@@ -1047,6 +1047,7 @@ class DicomSeries:
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
+    slice_thickness_mm: float | None = None  # Slice Thickness (0018,0050): how thick each slice is, not how far apart
 
     @property
     def unlabelled(self) -> bool:
@@ -1075,7 +1076,29 @@ class DicomSeries:
     def as_dict(self, chosen_by: str) -> dict:
         return {"uid": self.uid, "number": self.number, "description": self.description, "images": len(self.files),
                 "inversion_ms": self.inversion_ms, "repetition_ms": self.repetition_ms, "echo_ms": self.echo_ms,
-                "study_uid": self.study_uid, "chosen_by": chosen_by}
+                "study_uid": self.study_uid, "slice_thickness_tag_mm": self.slice_thickness_mm, "chosen_by": chosen_by}
+
+    def slice_gap_warning(self, image) -> str | None:
+        """A warning when the header's Slice Thickness differs from the spacing of the series' slices (`image`: the
+        series as read, its third axis the slices): a gap between the slices, or slices that overlap. The volumes
+        rightly use the spacing (each slice stands for the tissue up to the next), but a gap means tissue between
+        the slices was never imaged, and a reader should know that the two figures differ."""
+        spacing = float(image.GetSpacing()[2])
+        thickness = self.slice_thickness_mm
+        if thickness is None or thickness <= 0 or abs(thickness - spacing) <= max(SLICE_GAP_TOLERANCE_MM,
+                                                                                   SLICE_GAP_TOLERANCE * spacing):
+            return None
+        what = (f"a {spacing - thickness:.2f} mm gap between them" if spacing > thickness else
+                f"overlapping by {thickness - spacing:.2f} mm")
+        measured = "volumes and LV use" if axial_axis(image) == 2 else "volumes use"
+        return (f"DICOM slices {spacing:.2f} mm apart but {thickness:.2f} mm thick (Slice Thickness; {what}): "
+                f"{measured} the spacing, {spacing:.2f} mm")
+
+
+# Slice Thickness and the spacing of the slices count as the same within the larger of these (positions and
+# thicknesses are written rounded: 3 and 2.9999 mm)
+SLICE_GAP_TOLERANCE_MM = 0.05
+SLICE_GAP_TOLERANCE = 0.02
 
 
 def _header_number(reader, key: str) -> float | None:
@@ -1089,7 +1112,7 @@ def _header_number(reader, key: str) -> float | None:
 
 def _series_header(reader) -> tuple:
     """(description, inversion, repetition, echo, series number, study UID, modality, whether Secondary
-    Capture) from a file's header already read."""
+    Capture, slice thickness) from a file's header already read."""
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
@@ -1098,7 +1121,8 @@ def _series_header(reader) -> tuple:
     modality = reader.GetMetaData("0008|0060").strip(" \0").upper() if reader.HasMetaDataKey("0008|0060") else ""
     sop_class = reader.GetMetaData("0008|0016").strip(" \0") if reader.HasMetaDataKey("0008|0016") else ""
     return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
-            modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."))  # SC and its multi-frame kinds
+            modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."),  # SC and its multi-frame kinds
+            _header_number(reader, "0018|0050"))
 
 
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
@@ -1217,7 +1241,7 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
     ordered = sorted(entry["files"], key=lambda f: f[0])
     header = entry["header"]
     return DicomSeries(uid, header[0], tuple(f[1] for f in ordered), *header[1:6], modality=header[6],
-                       secondary_capture=header[7], instance_numbers=tuple(f[2] for f in ordered),
+                       secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
                        instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()))
 
 

@@ -994,6 +994,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
+        gap = chosen[0].slice_gap_warning(image)
+        if gap:
+            report["warnings"] = [gap, *report["warnings"]]
         if chosen[0].damaged:  # a transfer cut short loses slices at an end, where no gap shows
             names = ", ".join(Path(p).name for p in chosen[0].damaged[:3]) + (", ..." if len(chosen[0].damaged) > 3 else "")
             report["warnings"] = [f"{len(chosen[0].damaged)} file(s) beside the series could not be read (empty or "

@@ -246,12 +246,14 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
 
 def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
     """A baseline exported as a whole study (a T1 series beside the FLAIR): its FLAIR is read, the report
-    and a warning name it, and the calls are those of the same scan given as a file."""
+    and a warning name it, and the calls are those of the same scan given as a file. Its slices, 4 mm apart but
+    3.5 mm thick (Slice Thickness), leave a gap between them: the report gives the tag and a warning says so."""
     files = pair["files"]
     flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 1000, sitk.sitkInt16)
     study = tmp_path / "study"
     write_dicom_series(study, flair[:, :, :20], uid="1.2.3.1", description="AX T1 SE", prefix="t1_")
-    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_", number=2)
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_", number=2,
+                       extra={"0018|0050": "3.5"})
     out = tmp_path / "out"
     assert main(["change", str(study), str(files["followup"]), "-o", str(out), "--baseline-mask",
                  str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
@@ -259,6 +261,9 @@ def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
     report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
     assert report["dicom_series"]["baseline"]["uid"] == "1.2.3.2" and "follow-up" not in report["dicom_series"]
     assert (report["n_new"], report["n_enlarging"], report["n_gone"]) == (1, 1, 1)
+    assert report["dicom_series"]["baseline"]["slice_thickness_tag_mm"] == 3.5
+    assert "baseline: DICOM slices 4.00 mm apart but 3.50 mm thick (Slice Thickness; a 0.50 mm gap between them): " \
+           "volumes and LV use the spacing, 4.00 mm" in report["warnings"]
     # a second FLAIR-like series: refused with the list, then chosen with --baseline-series
     write_dicom_series(study, flair[:, :, :24], uid="1.2.3.3", description="AX T2 FLAIR post", inversion_ms=2500,
                        prefix="post_", number=3)

@@ -970,6 +970,36 @@ def test_image_files_beside_a_dicom_series_and_documents_below_it_change_nothing
     assert [(r["case"], r["status"]) for r in read_summary(tmp_path / "out2")] == [("plain", "ok")]
 
 
+@pytest.mark.parametrize("thickness, warned", [("2.5", "a 0.50 mm gap between them"), ("3.6", "overlapping by 0.60 mm"),
+                                               ("3.0", None), (None, None)])
+def test_a_series_with_a_gap_between_its_slices_says_so(tmp_path, tiny_model, thickness, warned):
+    """slice_thickness_mm is the spacing of the slices (right for volumes and LV), but a series whose slices are
+    3 mm apart and 2.5 mm thick (a gap) showed no sign of it. The report now gives the header's Slice Thickness
+    (0018,0050) in dicom_series (null when absent) and warns when it differs from the spacing."""
+    image, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 3.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, uid="1.2.3.80", description="AX FLAIR",
+                                extra={"0018|0050": thickness} if thickness else None)
+    if thickness is None:
+        for path in folder.iterdir():  # a header without Slice Thickness
+            piece = sitk.ReadImage(str(path))
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()
+            writer.SetFileName(str(path))
+            piece.EraseMetaData("0018|0050")
+            writer.Execute(piece)
+    assert main(["segment", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "series_report.json").read_text(encoding="utf-8"))
+    assert report["slice_thickness_mm"] == 3.0
+    assert report["dicom_series"]["slice_thickness_tag_mm"] == (None if thickness is None else float(thickness))
+    gaps = [w for w in report["warnings"] if "Slice Thickness" in w]
+    if warned:
+        assert gaps == [f"DICOM slices 3.00 mm apart but {float(thickness):.2f} mm thick (Slice Thickness; {warned}): "
+                        "volumes and LV use the spacing, 3.00 mm"]
+        assert warned in read_summary(tmp_path / "out")[0]["warnings"]
+    else:
+        assert not gaps
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_damaged_file_at_the_end_of_a_series_is_reported(tmp_path, tiny_model, damage):
     """A transfer cut short leaves the last slice file empty or truncated: no gap shows, so the series'
