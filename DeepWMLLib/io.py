@@ -1079,20 +1079,19 @@ class DicomSeries:
                 "study_uid": self.study_uid, "slice_thickness_tag_mm": self.slice_thickness_mm, "chosen_by": chosen_by}
 
     def slice_gap_warning(self, image) -> str | None:
-        """A warning when the header's Slice Thickness differs from the spacing of the series' slices (`image`: the
-        series as read, its third axis the slices): a gap between the slices, or slices that overlap. The volumes
-        rightly use the spacing (each slice stands for the tissue up to the next), but a gap means tissue between
-        the slices was never imaged, and a reader should know that the two figures differ."""
+        """A warning when the header's Slice Thickness is less than the spacing of the series' slices (`image`: the
+        series as read, its third axis the slices): a gap between the slices. The volumes rightly use the spacing
+        (each slice stands for the tissue up to the next), but tissue between the slices was never imaged, and the
+        paper's LV (area x slice thickness) would differ from ours. Slices that overlap (a 3D FLAIR reconstructed
+        at half its thickness, as is common) image everything: recorded in `dicom_series`, not warned of."""
         spacing = float(image.GetSpacing()[2])
         thickness = self.slice_thickness_mm
-        if thickness is None or thickness <= 0 or abs(thickness - spacing) <= max(SLICE_GAP_TOLERANCE_MM,
-                                                                                   SLICE_GAP_TOLERANCE * spacing):
+        if thickness is None or thickness <= 0 or spacing - thickness <= max(SLICE_GAP_TOLERANCE_MM,
+                                                                              SLICE_GAP_TOLERANCE * spacing):
             return None
-        what = (f"a {spacing - thickness:.2f} mm gap between them" if spacing > thickness else
-                f"overlapping by {thickness - spacing:.2f} mm")
         measured = "volumes and LV use" if axial_axis(image) == 2 else "volumes use"
-        return (f"DICOM slices {spacing:.2f} mm apart but {thickness:.2f} mm thick (Slice Thickness; {what}): "
-                f"{measured} the spacing, {spacing:.2f} mm")
+        return (f"DICOM slices {spacing:.2f} mm apart but {thickness:.2f} mm thick (Slice Thickness; a "
+                f"{spacing - thickness:.2f} mm gap between them): {measured} the spacing, {spacing:.2f} mm")
 
 
 # Slice Thickness and the spacing of the slices count as the same within the larger of these (positions and
