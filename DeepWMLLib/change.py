@@ -996,7 +996,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            "name the earlier visit's FLAIR with --baseline-series and the later one's with --followup-series")
     baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
                           for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
-    gaps = []  # a DICOM scan's slices thinner (or thicker) than their spacing: said, as `segment` says it
+    gaps = []  # a DICOM scan with a gap between its slices (Slice Thickness under their spacing): said, as `segment` says it
     for name, image in (("baseline", baseline), ("follow-up", followup)):
         gap = chosen[name][0].slice_gap_warning(image) if chosen[name] else None
         if gap:
