@@ -326,8 +326,10 @@ def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_p
 
 def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, monkeypatch, tiny_model):
     """DICOM below the input folder, nested as PACS exports are: one case per study, its FLAIR read on its
-    own grid; a study without a FLAIR-like series is skipped, not failed."""
+    own grid; a study without a FLAIR-like series is skipped, not failed. The report names the series read
+    and warns of a gap between its slices (3 mm thick, 5 mm apart) as `deepwml segment`'s does."""
     from conftest import write_dicom_series
+    from DeepWMLLib.cli import main as cli
 
     oracle_network(monkeypatch)
     inputs, out = tmp_path / "in", tmp_path / "out"
@@ -335,7 +337,7 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     other, _ = make_volume(size=(40, 36, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
     write_dicom_series(inputs / "PAT1" / "STU1" / "SER1", other, uid="1.1.1", description="AX T1", extra={"0020|000d": "1.1"})
     write_dicom_series(inputs / "PAT1" / "STU1" / "SER2", flair, uid="1.1.2", description="AX FLAIR",
-                       extra={"0020|000d": "1.1"})
+                       extra={"0020|000d": "1.1", "0018|0050": "3"})
     write_dicom_series(inputs / "PAT2" / "STU1" / "SER1", other, uid="2.1.1", description="sag T1 mprage",
                        extra={"0020|000d": "2.1"})
     assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
@@ -344,6 +346,14 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert rows["PAT1_STU1"]["status"] == "ok" and rows["PAT2_STU1_SER1"]["status"] == "skipped"
     assert "none looks like a FLAIR" in rows["PAT2_STU1_SER1"]["error"]
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
+    report = json.loads((out / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
+    assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    cli_report = json.loads((tmp_path / "cli" / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"] == cli_report["dicom_series"]
+    assert report["dicom_series"]["uid"] == "1.1.2" and report["dicom_series"]["slice_thickness_tag_mm"] == 3
+    gap = [w for w in cli_report["warnings"] if "2.00 mm gap" in w]
+    assert len(gap) == 1 and gap[0] in report["warnings"] and gap[0] in rows["PAT1_STU1"]["warnings"]
+    assert set(report) - {"segmentation", "volume"} == set(cli_report)  # a DICOM study's report: the same names too
 
 
 def test_batch_names_cases_of_one_name_as_the_command_line_does(scene, batchScript, tmp_path, monkeypatch,

@@ -115,18 +115,22 @@ def summaryFigures(report: dict) -> dict:
 
 
 def loadFlair(path: Path, case: str, study=None):
-    """The FLAIR's volume node, and the DICOM series it was read from (None for an image file)."""
+    """The FLAIR's volume node, the DICOM series it was read from (None for an image file), and what the report
+    says of that series as `deepwml segment`'s does: its `dicom_series` entry and, where its slices lie further
+    apart than they are thick, the gap warning (empty for an image file)."""
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
-        series, _ = io.choose_dicom_series(path, candidates=study.series, strict=True)
+        series, how = io.choose_dicom_series(path, candidates=study.series, strict=True)
     elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
-        series, _ = io.choose_dicom_series(path, option=None)
+        series, how = io.choose_dicom_series(path, option=None)
     elif io.read_time_axis(path):  # a NRRD or MetaImage file stored X, Y, Z, 1: Slicer's reader loses its
-        return mrml.volumeFromImage(io.read_image(path), case), None  # orientation (identity directions), SimpleITK keeps it
+        return mrml.volumeFromImage(io.read_image(path), case), None, {}  # orientation (identity directions), SimpleITK keeps it
     elif io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
-        return mrml.volumeFromImage(io.read_image(path), case), None  # with a guessed left and right
+        return mrml.volumeFromImage(io.read_image(path), case), None, {}  # with a guessed left and right
     else:
-        return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None
-    return mrml.volumeFromImage(io.read_image(path, series=series), case), series
+        return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None, {}
+    image = io.read_image(path, series=series)
+    gap = series.slice_gap_warning(image)
+    return mrml.volumeFromImage(image, case), series, {"dicom_series": series.as_dict(how), "warnings": [gap] if gap else []}
 
 
 def inFileVoxelOrder(volumeNode, path: Path):
@@ -195,7 +199,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
-        volumeNode, series = loadFlair(path, case, study)
+        volumeNode, series, dicom = loadFlair(path, case, study)
         nodes.append(volumeNode)
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
                                                threshold=args.threshold, tta=args.tta, precision=args.precision,
@@ -204,6 +208,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                                                location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
+        if dicom:  # as `deepwml segment` reports a DICOM series: which one, and a gap between its slices first
+            report.update(dicom_series=dicom["dicom_series"], warnings=[*dicom["warnings"], *(report.get("warnings") or [])])
         row = {**summaryFigures(report), "_warnings": list(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)
