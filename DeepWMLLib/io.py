@@ -1216,11 +1216,12 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 entry = series.get(uid)
                 if entry is None:
                     header = _series_header(reader)
-                    if (header[1] is None and reader.HasMetaDataKey("0008|0016")
+                    if (None in (header[1], header[8]) and reader.HasMetaDataKey("0008|0016")
                             and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
-                        timing = _enhanced_timing(path)  # kept in the functional groups
-                        header = (header[0], *(given if given is not None else grouped
-                                               for given, grouped in zip(header[1:4], timing)), *header[4:])
+                        grouped = _enhanced_header(path)  # kept in the functional groups
+                        header = (header[0], *(given if given is not None else value
+                                               for given, value in zip(header[1:4], grouped)), *header[4:8],
+                                  header[8] if header[8] is not None else grouped[3])
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
@@ -1599,8 +1600,10 @@ _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0
 _MR_TIMING, _MR_ECHO, _MR_MODIFIER = 0x00189112, 0x00189114, 0x00189115  # the sequence's timing groups
 _GROUP_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION,
                     _MR_TIMING, _MR_ECHO, _MR_MODIFIER}
-# transfer syntax; position, orientation, pixel spacing; repetition time, inversion times, effective echo time
-_WANTED = {0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180080, 0x00189079, 0x00189082} | _GROUP_SEQUENCES
+# transfer syntax; position, orientation, pixel spacing, slice thickness; repetition time, inversion times,
+# effective echo time
+_WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x00180080, 0x00189079, 0x00189082}
+           | _GROUP_SEQUENCES)
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> tuple[dict, int]:
@@ -1701,17 +1704,17 @@ def _group_value(groups: dict, sequence: int, tag: int, binary: bool = False) ->
     return _numbers(value)
 
 
-def _enhanced_timing(path: str) -> tuple:
-    """(inversion, repetition, echo time in ms, each None where not given) of an enhanced MR file, which keeps
-    them in its functional groups (shared, else the first frame's), not at the top level where classic
-    images have them and the series listing reads them."""
+def _enhanced_header(path: str) -> tuple:
+    """(inversion, repetition, echo time in ms, slice thickness in mm, each None where not given) of an enhanced
+    MR file, which keeps them in its functional groups (shared, else the first frame's; the thickness in Pixel
+    Measures), not at the top level where classic images have them and the series listing reads them."""
     found = _functional_groups(path)
     if found is None:
-        return None, None, None
+        return None, None, None, None
     shared, frames = found
     values = []
     for sequence, tag, binary in ((_MR_MODIFIER, 0x00189079, True), (_MR_TIMING, 0x00180080, False),
-                                  (_MR_ECHO, 0x00189082, True)):
+                                  (_MR_ECHO, 0x00189082, True), (_PIXEL_MEASURES, 0x00180050, False)):
         value = _group_value(shared, sequence, tag, binary)
         if value is None and frames:
             value = _group_value(frames[0], sequence, tag, binary)

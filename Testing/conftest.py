@@ -144,13 +144,15 @@ def _data_set(elements, explicit: bool) -> bytes:
 
 def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77",
                       description: str = "AX FLAIR", inversion_ms: float | None = None,
-                      repetition_ms: float | None = None, orientation: str | None = None) -> Path:
+                      repetition_ms: float | None = None, orientation: str | None = None,
+                      thickness_mm: float | None = None) -> Path:
     """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
     Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
     shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
     (default: all, in slice order); `explicit`: explicit or implicit VR little endian. The inversion and
     repetition times, when given, go in the shared MR Modifier and MR Timing groups, as enhanced MR has them.
-    `orientation`: the Image Orientation (Patient) text, when not the image's own to 6 digits."""
+    `orientation`: the Image Orientation (Patient) text, when not the image's own to 6 digits; `thickness_mm`: the
+    shared Pixel Measures' Slice Thickness, when not the spacing of the slices."""
     order = list(range(image.GetDepth())) if order is None else list(order)
     array = sitk.GetArrayFromImage(image)[order].astype("<i2")
     d, spacing = image.GetDirection(), image.GetSpacing()
@@ -159,7 +161,7 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
     meta = _data_set([(0x00020001, "OB", b"\0\1"), (0x00020002, "UI", sop), (0x00020003, "UI", f"{uid}.{order[0] + 1}"),
                       (0x00020010, "UI", syntax)], True)
     shared = _data_set([(0x00289110, "SQ", [_data_set([(0x00280030, "DS", text((spacing[1], spacing[0]))),
-                                                        (0x00180050, "DS", text(spacing[2:]))], explicit)]),
+                                                        (0x00180050, "DS", text([thickness_mm or spacing[2]]))], explicit)]),
                         (0x00209116, "SQ", [_data_set([(0x00200037, "DS", orientation
                                                         or text((d[0], d[3], d[6], d[1], d[4], d[7])))],
                                                       explicit)])]

@@ -797,6 +797,22 @@ def test_enhanced_mr_series_are_told_apart_by_the_timing_in_their_functional_gro
     assert io.read_image(tmp_path / "study").GetSize() == (20, 16, 4)
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_the_slice_thickness_of_enhanced_mr_is_read_from_its_functional_groups(tmp_path, explicit):
+    """Enhanced MR files keep Slice Thickness in their Pixel Measures group, not at the top level: the report's
+    `slice_thickness_tag_mm` was null for them and a gap between their slices went unwarned. It is now read
+    there, as their timing is."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    write_enhanced_mr(tmp_path / "even" / "IM1", image, explicit=explicit)
+    write_enhanced_mr(tmp_path / "gap" / "IM1", image, explicit=explicit, thickness_mm=3.5)
+    (even,), (gap,) = io.dicom_series(tmp_path / "even"), io.dicom_series(tmp_path / "gap")
+    assert even.slice_thickness_mm == 5.0 and even.as_dict("x")["slice_thickness_tag_mm"] == 5.0
+    assert even.slice_gap_warning(io.read_image(tmp_path / "even", series=even)) is None
+    assert gap.slice_thickness_mm == 3.5
+    warning = gap.slice_gap_warning(io.read_image(tmp_path / "gap", series=gap))
+    assert warning and "5.00 mm apart but 3.50 mm thick" in warning and "1.50 mm gap" in warning
+
+
 def _with_private_un_sequence(path) -> None:
     """Put a private sequence of undefined length with VR UN (a vendor's sequence, as an archive that does not
     know it passes it on: its items in implicit VR, PS3.5 6.2.2) before the functional groups of an explicit
