@@ -40,6 +40,12 @@ MIN_COMPONENT_SHARE = 0.1
 # Less lateral ventricle than this (ml) and the split is not made: adult lateral ventricles hold about
 # 7-70 ml; a scan that shows under 1 ml of them does not cover them, or the network failed on it.
 MIN_VENTRICLES_ML = 1.0
+# A scan that covers the whole brain (an intracranial volume of WHOLE_BRAIN_ML or more) with less lateral ventricle
+# than SMALL_VENTRICLES_ML, the low end of adults', is split all the same, with a warning: the ventricle network
+# may have marked only part of them (4.8 ml on a whole-brain clinical FLAIR, patient09_study2, that called 80 % of
+# the lesion volume deep), which moves lesions from periventricular to deep.
+SMALL_VENTRICLES_ML = 7.0
+WHOLE_BRAIN_ML = 1000.0
 RULE = f"periventricular: within {PERIVENTRICULAR_MM:g} mm of the lateral ventricles (voxel-wise); deep: further"
 
 
@@ -115,3 +121,17 @@ def locate_images(mask: sitk.Image, ventricles: sitk.Image) -> tuple[dict, np.nd
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
     entry, distance = locate(lesion > 0, inside > 0, spacing)
     return entry, None if distance is None else sitk.GetArrayFromImage(io.from_axial_stack(distance, frame))
+
+
+def small_ventricles_warning(entry: dict | None, intracranial_ml: float | None) -> str | None:
+    """A warning for a split made with fewer lateral ventricles than an adult's on a scan that covers the whole
+    brain (`entry`: `locate`'s; `intracranial_ml`: the brain mask's volume, None without one): the split may be
+    wrong, so the reader checks the ventricle mask before reading it."""
+    if not entry or not entry.get("judged") or intracranial_ml is None or intracranial_ml < WHOLE_BRAIN_ML:
+        return None
+    if entry["ventricles_ml"] >= SMALL_VENTRICLES_ML:
+        return None
+    return (f"only {entry['ventricles_ml']:.1f} ml of lateral ventricle found on a scan of {intracranial_ml:.0f} ml "
+            f"intracranial volume (adults' hold about {SMALL_VENTRICLES_ML:g}-70 ml): the ventricle network may have "
+            "marked only part of them, which counts periventricular lesions as deep; look at the ventricle mask "
+            "(--save-ventricle-mask, or the segment in Slicer) before reading the periventricular/deep split")

@@ -491,6 +491,11 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
             "intracranial_ml": round(float(intracranial) * voxel_mm3 / 1000, 3),
             "outside_brain_removed_ml": round(removed * voxel_mm3 / 1000, 4),
         })
+        from .location import small_ventricles_warning
+
+        small = small_ventricles_warning(location, report["intracranial_ml"])
+        if small:
+            warnings.append(small)
         coverage = intracranial / max(1, facts.get("head_voxels", 0))
         if not BRAIN_COVERAGE[0] <= coverage <= BRAIN_COVERAGE[1]:
             warnings.append(

@@ -51,6 +51,40 @@ def test_too_little_ventricle_is_not_judged_and_says_why():
     assert "lateral ventricle" in entry["why"] and "under 1 ml" in entry["why"]
 
 
+def test_a_split_with_fewer_ventricles_than_an_adults_on_a_whole_brain_is_warned_of():
+    """The opt-in ventricle network marked 4.8 ml of lateral ventricle on a whole-brain clinical FLAIR (under the
+    7-70 ml of adults) and the split, 80 % of the lesion volume deep, was reported as judged with no word of doubt."""
+    judged = {"judged": True, "ventricles_ml": 4.76}
+    warning = location.small_ventricles_warning(judged, 1546.9)
+    assert warning and "only 4.8 ml of lateral ventricle" in warning and "1547 ml intracranial" in warning
+    assert location.small_ventricles_warning({"judged": True, "ventricles_ml": 7.5}, 1546.9) is None
+    assert location.small_ventricles_warning(judged, 600.0) is None  # a partial field of view: may hold few
+    assert location.small_ventricles_warning(judged, None) is None  # no brain mask, no coverage to judge by
+    assert location.small_ventricles_warning({"judged": False, "ventricles_ml": 0.5, "why": "..."}, 1546.9) is None
+    assert location.small_ventricles_warning(None, 1546.9) is None
+
+
+def test_segment_warns_of_a_split_made_with_too_few_ventricles(tmp_path, tiny_model, monkeypatch):
+    """End to end: the report's warnings carry it (with a brain mask, on a scan taken as a whole brain)."""
+    import json
+
+    from conftest import make_volume, oracle_network, tiny_model_file
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    monkeypatch.setattr(location, "WHOLE_BRAIN_ML", 0.0)  # the synthetic volume is far smaller than a head
+    monkeypatch.setattr(location, "SMALL_VENTRICLES_ML", 1e6)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels=VENTRICLE_LABELS)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    path = tmp_path / "case.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    assert main(["segment", str(path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu",
+                 "--ventricle-model", str(ventricle_model)]) == 0
+    report = json.loads((tmp_path / "out" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["location"]["judged"] and report["intracranial_ml"] is not None
+    assert any("of lateral ventricle found on a scan of" in w for w in report["warnings"])
+
+
 def test_ventricle_mask_drops_stray_specks_and_what_lies_outside_the_brain():
     probabilities = np.zeros((12, 80, 80), np.float32)
     probabilities[4:8, 30:50, 36:44] = 0.9  # the ventricles
