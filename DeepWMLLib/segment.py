@@ -854,6 +854,22 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
     return earlier
 
 
+def dicom_series_warnings(series, chosen_by: str, image, another: str = "name another with --series") -> list[str]:
+    """What a report warns of the DICOM series it was read from (`chosen_by`: how io.choose_dicom_series chose it;
+    `image`: the series as read), first among its warnings: which series, where it was picked among others for
+    the user (`another`: how to read another instead), files beside it that could not be read, a gap between its
+    slices. Shared by `deepwml segment` and the Slicer batch script, so that both say the same."""
+    warnings = []
+    if chosen_by.startswith("the only one of"):  # picked for the user: say which, so it can be checked
+        warnings.append(f"read DICOM {series.label()}, {chosen_by}; {another}")
+    if series.damaged:  # a transfer cut short loses slices at an end, where no gap shows
+        names = ", ".join(Path(p).name for p in series.damaged[:3]) + (", ..." if len(series.damaged) > 3 else "")
+        warnings.append(f"{len(series.damaged)} file(s) beside the series could not be read (empty or damaged: "
+                        f"{names}); if they are its slices, the series is incomplete: copy it again")
+    gap = series.slice_gap_warning(image)
+    return warnings + ([gap] if gap else [])
+
+
 def skip_message(existing: Sequence[str], earlier: dict) -> str:
     """The summary's word on a case skipped because an earlier run's outputs are here (check_earlier_result)."""
     message = f"outputs exist ({', '.join(existing)}); use --overwrite to replace them"
@@ -999,17 +1015,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
-        gap = chosen[0].slice_gap_warning(image)
-        if gap:
-            report["warnings"] = [gap, *report["warnings"]]
-        if chosen[0].damaged:  # a transfer cut short loses slices at an end, where no gap shows
-            names = ", ".join(Path(p).name for p in chosen[0].damaged[:3]) + (", ..." if len(chosen[0].damaged) > 3 else "")
-            report["warnings"] = [f"{len(chosen[0].damaged)} file(s) beside the series could not be read (empty or "
-                                  f"damaged: {names}); if they are its slices, the series is incomplete: copy it again",
-                                  *report["warnings"]]
-        if chosen[1].startswith("the only one of"):  # picked for the user: say which, so it can be checked
-            report["warnings"] = [f"read DICOM {chosen[0].label()}, {chosen[1]}; name another with --series",
-                                  *report["warnings"]]
+        report["warnings"] = [*dicom_series_warnings(chosen[0], chosen[1], image), *report["warnings"]]
     if dicom_outline and not outline:
         report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
                               "patient or study to write one into (--dicom-outline needs a DICOM series)"]

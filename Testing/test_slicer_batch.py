@@ -356,6 +356,48 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert set(report) - {"segmentation", "volume"} == set(cli_report)  # a DICOM study's report: the same names too
 
 
+def test_batch_warns_of_the_series_it_picked_and_of_damaged_files_as_the_command_line_does(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """A study of a PACS export read by the batch, its FLAIR picked among its series and the last slice file
+    of it cut short by the transfer: the report and summary say which series was read (the batch has no
+    --series: that the others were left) and that a file beside it could not be read, in `deepwml segment`'s
+    words; an image file's report has neither."""
+    from conftest import write_dicom_series
+    from DeepWMLLib.cli import main as cli
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    other, _ = make_volume(size=(40, 36, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "PAT1" / "STU1" / "SER1", other, uid="1.1.1", description="AX T1", extra={"0020|000d": "1.1"})
+    folder = write_dicom_series(inputs / "PAT1" / "STU1" / "SER2", flair, uid="1.1.2", description="AX FLAIR",
+                                extra={"0020|000d": "1.1"})
+    last = sorted(folder.iterdir())[-1]
+    last.write_bytes(last.read_bytes()[:400])
+    writeCase(inputs, "plain.nii.gz", size=(40, 36, 6))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    rows = summary(out)
+    assert rows["PAT1_STU1"]["status"] == "ok" and rows["plain"]["status"] == "ok"
+    report = json.loads((out / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
+    assert report["dicom_series"]["uid"] == "1.1.2" and report["dicom_series"]["images"] == 5
+    assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    cli_report = json.loads((tmp_path / "cli" / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
+    damaged = [w for w in cli_report["warnings"] if w.startswith("1 file(s) beside the series could not be read")]
+    assert len(damaged) == 1 and last.name in damaged[0]
+    assert damaged[0] in report["warnings"] and damaged[0] in rows["PAT1_STU1"]["warnings"]
+    picked = [w for w in cli_report["warnings"] if "the only one of 2 series that looks like a FLAIR" in w]
+    assert len(picked) == 1 and picked[0].endswith("; name another with --series")
+    said = picked[0][:-len("; name another with --series")]  # read DICOM series ... 'AX FLAIR' (5 images), the only one ...
+    assert "'AX FLAIR'" in said
+    batch = [w for w in report["warnings"] if w.startswith(said)]
+    assert len(batch) == 1 and batch[0] not in cli_report["warnings"]  # not told to name another with --series
+    assert "the others were left" in batch[0] and batch[0] in rows["PAT1_STU1"]["warnings"]
+    assert report["warnings"].index(batch[0]) < report["warnings"].index(damaged[0])  # in the command line's order
+    plain = json.loads((out / "plain_report.json").read_text(encoding="utf-8"))
+    assert not any("could not be read" in w or "looks like a FLAIR" in w for w in plain.get("warnings") or [])
+
+
 def test_batch_names_cases_of_one_name_as_the_command_line_does(scene, batchScript, tmp_path, monkeypatch,
                                                                 tiny_model, capsys):
     """The batch names its cases as `deepwml segment` does, clashes included: an image file in IN named as a

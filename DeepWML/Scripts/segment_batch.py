@@ -116,8 +116,9 @@ def summaryFigures(report: dict) -> dict:
 
 def loadFlair(path: Path, case: str, study=None):
     """The FLAIR's volume node, the DICOM series it was read from (None for an image file), and what the report
-    says of that series as `deepwml segment`'s does: its `dicom_series` entry and, where its slices lie further
-    apart than they are thick, the gap warning (empty for an image file)."""
+    says of that series as `deepwml segment`'s does: its `dicom_series` entry and its warnings (which series
+    was read where it was picked among others, files beside it that could not be read, a gap between its slices;
+    segment.dicom_series_warnings), empty for an image file."""
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
         series, how = io.choose_dicom_series(path, candidates=study.series, strict=True)
     elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
@@ -129,8 +130,12 @@ def loadFlair(path: Path, case: str, study=None):
     else:
         return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None, {}
     image = io.read_image(path, series=series)
-    gap = series.slice_gap_warning(image)
-    return mrml.volumeFromImage(image, case), series, {"dicom_series": series.as_dict(how), "warnings": [gap] if gap else []}
+    warnings = segment.dicom_series_warnings(series, how, image, another=BATCH_OTHER_SERIES)
+    return mrml.volumeFromImage(image, case), series, {"dicom_series": series.as_dict(how), "warnings": warnings}
+
+
+# the batch script has no --series: a series picked among others is named, and how to read another told
+BATCH_OTHER_SERIES = "the others were left (deepwml segment --series reads another)"
 
 
 def inFileVoxelOrder(volumeNode, path: Path):
@@ -208,7 +213,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                                                location=False if args.no_location else (args.ventricle_model or True))
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
-        if dicom:  # as `deepwml segment` reports a DICOM series: which one, and a gap between its slices first
+        if dicom:  # as `deepwml segment` reports a DICOM series: which one, and its warnings first
             report.update(dicom_series=dicom["dicom_series"], warnings=[*dicom["warnings"], *(report.get("warnings") or [])])
         row = {**summaryFigures(report), "_warnings": list(report.get("warnings") or [])}
         if reference is not None:
