@@ -207,27 +207,62 @@ class SizeClasses:
         return {"small": f"< {lo:g} {unit}", "medium": f"{lo:g}-{hi:g} {unit}", "large": f"> {hi:g} {unit}"}
 
 
-def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None) -> tuple[sitk.Image, sitk.Image, bool]:
+FLAIR_GRID = "the FLAIR's grid"
+
+
+def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
+              ignore_in_b: bool = False) -> tuple[sitk.Image, sitk.Image, bool, list[tuple[int, int, str]]]:
     """(a, b) on one grid (`io.onto_common_grid`), and whether that is the extent of both masks (both saved cropped,
     `io.on_joint_extent`), where slice numbers are not the scan's. With `scan`, the case's FLAIR (an image, or its
     file, read only then), masks on two different extents are put on the FLAIR's grid instead when both can go
     there and it is not already theirs (in another voxel order, the masks' is kept, as the picture keeps it): the
     extent of both, or the grid of a mask over a larger extent than the scan's, the other padded onto it, whose
     slice numbers were not the scan's either (the picture's, on the FLAIR's grid, were). When they cannot go there,
-    they stay where they were put (for the extent of both the notes say so; the FLAIR's picture says why)."""
+    they stay where they were put (for the extent of both the notes say so; the FLAIR's picture says why). Last,
+    what of each mask lies outside the scan, compared over the larger extent (`_outside_scan`; `ignore_in_b`: b's
+    voxels labelled 2 left out, as a reference's ignored region is)."""
     import SimpleITK as sitk
 
     common = io.onto_common_grid(a, b, *names)
     joint = io.on_joint_extent(common[1], a, b)
     if scan is not None and io.grid_difference(io.align_voxel_order(a, b), b) is not None:
+        image = None
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
             if io.grid_difference(io.align_voxel_order(image, common[1]), common[1]) is None:
-                return (*common, False)  # the scan's grid already: its slice numbers
-            return io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"), False
+                return (*common, False, [])  # the scan's grid already: its slice numbers
+            return (io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"),
+                    False, [])
         except DeepWMLError:
-            pass
-    return (*common, joint)
+            if image is not None:  # a mask reaches beyond the FLAIR: how much, of each
+                return (*common, joint, _outside_scan((a, b), common[1], [(image, FLAIR_GRID)] * 2,
+                                                         ignore_in_b))
+    # no FLAIR: the scan is the grid of a mask padded onto the other's larger extent, unless cropped to its lesions
+    scans = [(mask, None) if io.grid_difference(io.align_voxel_order(mask, common[1]), common[1]) is None
+             or io._fills_its_extent(io.voxels(mask)) else (mask, f"{name}'s grid (the scan it was drawn on)")
+             for mask, name in zip((a, b), names)]
+    return (*common, joint, _outside_scan((a, b), common[1], scans[::-1], ignore_in_b))
+
+
+def _outside_scan(masks, common: sitk.Image, scans, ignore_in_b: bool = False) -> list[tuple[int, int, str]]:
+    """(which mask, how many of its non-zero voxels, the grid named) for each mask with voxels beyond the grid of
+    the scan it is held against (`scans`, one (image, its name) per mask; None for no scan): compared over the
+    larger extent of `common`, they are voxels the other mask cannot have marked (of the second mask, those labelled
+    2 left out with `ignore_in_b`)."""
+    import SimpleITK as sitk
+
+    outside = []
+    for index, (mask, (scan, grid_name)) in enumerate(zip(masks, scans)):
+        if grid_name is None:
+            continue  # no scan to hold it against (every non-zero voxel of both lies on `common`)
+        placement = io._lattice_placement(mask, scan)
+        if placement is not None and index == 1 and ignore_in_b:
+            stored = placement[0]
+            placement = (sitk.Mask(stored, sitk.NotEqual(stored, IGNORE_LABEL)), placement[1])
+        count = io._nonzero_outside(*placement, scan) if placement is not None else None
+        if count:
+            outside.append((index, count, grid_name))
+    return outside
 
 
 class MaskPair:
@@ -248,6 +283,8 @@ class MaskPair:
         self.ignored_voxels = 0  # reference voxels labelled 2, left out of both masks (`from_images`)
         self.predicted_ignored = 0  # of them, those the prediction marked
         self.joint_extent = False  # both saved cropped: on the extent of both, not the scan's (`io.on_joint_extent`)
+        self.outside_scan = []  # (which mask, voxels, the scan's grid named): compared beyond the scan (`_one_grid`)
+        self.raters = False  # two raters' masks (`binary_pair`): voxels outside the scan are disagreement, not missed
 
     @classmethod
     def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
@@ -256,7 +293,7 @@ class MaskPair:
         name them in an error (e.g. with their files); `scan`: the case's FLAIR (`_one_grid`), or None."""
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
-        prediction, reference, joint = _one_grid(prediction, reference, names, scan)
+        prediction, reference, joint, outside = _one_grid(prediction, reference, names, scan, ignore_in_b=True)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
         predicted_ignored = int(np.count_nonzero(predicted & ignore))
@@ -266,6 +303,8 @@ class MaskPair:
         pair.ignored_voxels = int(np.count_nonzero(ignore))
         pair.predicted_ignored = predicted_ignored
         pair.joint_extent = joint
+        pair.outside_scan = [(index, count, grid if grid == FLAIR_GRID else "the prediction's grid (the scan it was made on)")
+                             for index, count, grid in outside if index == 1]  # a prediction is made on the scan
         return pair
 
     @classmethod
@@ -273,9 +312,11 @@ class MaskPair:
         """Two masks treated alike (any positive label is lesion), e.g. two raters; `scan`: see `from_images`."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
-        a, b, joint = _one_grid(a, b, (what_a, what_b), scan)
+        a, b, joint, outside = _one_grid(a, b, (what_a, what_b), scan)
         pair = cls(_binary(a), _binary(b), b)
         pair.joint_extent = joint
+        pair.outside_scan = outside
+        pair.raters, pair.names = True, (what_a, what_b)
         return pair
 
     # -- voxel overlap -----------------------------------------------------------------------
@@ -324,8 +365,19 @@ class MaskPair:
         return notes + self.grid_notes()
 
     def grid_notes(self) -> list[str]:
-        """What the grid the masks were compared on means for slice numbers (`io.JOINT_EXTENT_NOTE`)."""
-        return [io.JOINT_EXTENT_NOTE] if self.joint_extent else []
+        """What the grid the masks were compared on means for slice numbers (`io.JOINT_EXTENT_NOTE`), and how much
+        of a mask lies outside the scan (over a larger extent), counted as missed or as disagreement."""
+        notes = [io.JOINT_EXTENT_NOTE] if self.joint_extent else []
+        for index, count, grid in self.outside_scan:
+            ml = f"{count * self.voxel_volume_mm3 / 1000.0:.2f} ml ({count} voxels)"
+            if self.raters:
+                notes.append(f"{ml} of {self.names[index]} lie outside {grid}: they were "
+                             "compared over the larger extent, where they count as disagreement (lowering Dice)")
+            else:
+                notes.append(f"{ml} of the reference lie outside {grid}: they were "
+                             "compared over the reference's larger extent, where they count as missed (lowering "
+                             "Dice and sensitivity)")
+        return notes
 
     def avd_percent(self) -> float:
         _, n_pred, n_ref = self.counts

@@ -279,3 +279,23 @@ def test_a_cohort_manifest_is_read_as_training_reads_it(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "not from the current folder, where 2 of them exist (e.g. masks/a.nii.gz)" in err and err.count("\n") == 1
     assert not (tmp_path / "here").exists()
+
+
+def test_a_mask_over_a_larger_extent_says_what_lies_outside_the_other_raters_scan():
+    """Rater B's mask over a larger extent than rater A's (the scan), with a lesion beyond A's grid: compared over
+    B's extent, that lesion counts as disagreement and nothing said why. The notes now say how many ml lie outside
+    A's grid, in either order; nothing when B's lesions all lie within it."""
+    a, b = raters()
+    larger = np.zeros((11,) + b.shape[1:], np.uint8)
+    larger[:8] = b
+    within = consensus_check(image(a), image(larger))
+    assert not any("outside" in n for n in within["notes"]), within["notes"]
+    larger[10, 5:10, 5:10] = 1  # 25 voxels beyond A's last slice
+    ml = 25 * np.prod(SPACING) / 1000
+    for first, second, whose, grid in ((a, larger, "rater B's mask", "rater A's mask's grid"),
+                                       (larger, a, "rater A's mask", "rater B's mask's grid")):
+        result = consensus_check(image(first), image(second))
+        outside = [n for n in result["notes"] if "outside" in n]
+        assert outside == [f"{ml:.2f} ml (25 voxels) of {whose} lie outside {grid} (the scan it was drawn on): they "
+                           "were compared over the larger extent, where they count as disagreement (lowering Dice)"]
+        assert result["dice"] < within["dice"]

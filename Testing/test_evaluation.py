@@ -425,3 +425,36 @@ def test_manifest_folders_and_line_numbers_are_named_as_training_names_them(tmp_
     gapped.write_text("case,prediction,reference\n\nx,a.nii.gz,b.nii.gz\n,c.nii.gz,d.nii.gz\n")
     with pytest.raises(DeepWMLError, match="line 4: the case name is empty"):
         evaluation.read_manifest(gapped, ("case", "prediction", "reference"))
+
+
+def test_a_reference_over_a_larger_extent_says_what_lies_outside_the_scan(tmp_path, capsys):
+    """A reference drawn on a scan with a larger extent (2 slices beyond the FLAIR the prediction was made on, on
+    the same voxel lattice) is compared over its extent: the lesion beyond the scan counts as missed, lowering Dice
+    and sensitivity, and nothing said why. The notes now say how many ml lie outside the scan; nothing when the
+    reference lies within it."""
+    ref = reference_array()
+    larger = np.zeros((9,) + ref.shape[1:], np.uint8)
+    larger[:7] = ref
+    larger[8, 2:6, 2:6] = 1  # 16 voxels of 5 mm3 = 0.08 ml beyond the scan's last slice
+    pred = write_mask(ref, tmp_path / "p.nii.gz")
+    result = evaluation.evaluate_case(pred, write_mask(larger, tmp_path / "r.nii.gz"))
+    total = sum(side * side for side in SIDES.values())
+    assert result["sensitivity"] == pytest.approx(total / (total + 16))  # as before: counted as missed
+    outside = [n for n in result["notes"] if "outside" in n]
+    assert len(outside) == 1 and outside[0].startswith("0.08 ml (16 voxels) of the reference lie outside the "
+                                                       "prediction's grid") and "missed" in outside[0], result["notes"]
+    flair = write_mask(np.ones_like(ref), tmp_path / "flair.nii.gz")
+    with_flair = evaluation.evaluate_case(pred, str(tmp_path / "r.nii.gz"), flair=flair)
+    assert any(n.startswith("0.08 ml (16 voxels) of the reference lie outside the FLAIR's grid")
+               for n in with_flair["notes"]), with_flair["notes"]
+    args = ["evaluate", "--prediction", pred, "--reference", str(tmp_path / "r.nii.gz")]
+    assert main(args) == 0
+    assert "0.08 ml (16 voxels) of the reference lie outside" in capsys.readouterr().out
+    ignored = larger.copy()
+    ignored[7, 2:6, 2:6] = 2  # beyond the scan too, but ignored: left out of both masks, so not missed either
+    notes = evaluation.evaluate_case(pred, write_mask(ignored, tmp_path / "i.nii.gz"))["notes"]
+    assert any(n.startswith("0.08 ml (16 voxels) of the reference lie outside") for n in notes), notes
+    within = larger.copy()
+    within[8] = 0  # the same larger extent, every lesion inside the scan: nothing to say
+    assert not any("outside" in n for n in evaluation.evaluate_case(
+        pred, write_mask(within, tmp_path / "w.nii.gz"))["notes"])
