@@ -50,7 +50,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     unmatched_lesions_a / _b (lesions one rater drew that no voxel of the other touches, largest
     first: {voxels, volume_mm3, centroid_lps_mm, slices: [first, last]}) and notes (an empty mask said in
     words: two empty masks pass by convention; slice numbers counted from the extent of both masks when both were
-    saved cropped, `MaskPair.grid_notes`).
+    saved cropped; how many ml of a mask over a larger extent lie outside the other's grid, `MaskPair.grid_notes`).
     """
     _check_threshold(threshold)
     pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask", flair)

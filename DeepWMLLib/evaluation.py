@@ -214,7 +214,8 @@ def evaluate_case(prediction, reference, probabilities=None, found_fraction: flo
     `metrics.MaskPair.lesionwise`) and slices (list of {index, dice, sensitivity, precision,
     reference_area_mm2, prediction_area_mm2, lv_ml, lv_group} for every axial slice whose
     reference has lesion), notes (plain-language notes: which metrics an empty mask leaves undefined,
-    voxels the ignore label left out). Conventions for empty masks and labels: see `DeepWMLLib.metrics`.
+    voxels the ignore label left out, how many ml of a reference over a larger extent lie outside the scan and so
+    count as missed). Conventions for empty masks and labels: see `DeepWMLLib.metrics`.
     """
     names = tuple(what if isinstance(value, (sitk.Image, Volume)) else f"{what} {value}"  # a file: named in errors
                   for what, value in (("prediction", prediction), ("reference", reference)))
