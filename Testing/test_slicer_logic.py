@@ -1127,3 +1127,36 @@ def test_a_segmentation_inside_the_flair_is_not_said_to_lie_outside(scene):
         statistics = logic.formatReport(logic.lesionStatistics(node, flairNode)) if node is not offGrid else ""
         for shown in (comparison, consensus, statistics):
             assert "field of view" not in shown, shown
+
+
+def test_the_part_of_a_mask_outside_its_scan_is_said_in_the_lesion_change(scene, monkeypatch):
+    """Lesion change takes each mask on its own scan's grid: a manual label file on a larger grid (or one drawn on a
+    scan of larger extent) loses what lies outside, and the new/gone calls and volumes count without it. The panel
+    says how many ml of which mask, for the earlier scan and the follow-up each; nothing when all of it is inside."""
+    from DeepWMLLib import change
+
+    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
+        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the same head, unmoved: no registration to wait for
+    flair, truth = make_volume(blobs=((0.5, 0.5, 0.0, 8.0), (0.5, 0.5, 0.5, 6.0), (0.5, 0.5, 1.0, 6.0)))
+    baseline = mrml.volumeFromImage(flair[:, :, :6], "FLAIR 2024")  # the top blob above it
+    followup = mrml.volumeFromImage(flair[:, :, 3:], "FLAIR 2026")  # the bottom blob below it
+    marked = sitk.GetArrayFromImage(truth) > 0  # k, j, i
+    voxelMl = float(np.prod(truth.GetSpacing())) / 1000
+    total = marked.sum() * voxelMl
+    baseOutside, followOutside = marked[6:].sum() * voxelMl, marked[:3].sum() * voxelMl
+    assert baseOutside > 0.1 and followOutside > 0.1 and baseOutside != followOutside
+    logic = DeepWMLCoreLogic()
+
+    baseLabels = mrml.volumeFromImage(truth, "2024 WMH", "vtkMRMLLabelMapVolumeNode")
+    followLabels = mrml.volumeFromImage(truth, "2026 WMH", "vtkMRMLLabelMapVolumeNode")
+    _, _, report = logic.lesionChange(baseline, baseLabels, followup, followLabels)
+    for name, outside, scan in (("2024 WMH", baseOutside, "FLAIR 2024"), ("2026 WMH", followOutside, "FLAIR 2026")):
+        said = (f"{outside:.2f} ml of '{name}' (of its {total:.2f} ml) lie outside the field of view of '{scan}' and "
+                "are not counted in the lesion change")
+        assert said in report["warnings"]
+        assert f"Warning: {said}" in logic.formatChange(report)
+
+    baseInside = mrml.segmentationFromMask(truth[:, :, :6], baseline, name="2024 inside")
+    followInside = mrml.segmentationFromMask(truth[:, :, 3:], followup, name="2026 inside")
+    _, _, report = logic.lesionChange(baseline, baseInside, followup, followInside)
+    assert not any("field of view of '" in warning for warning in report["warnings"]), report["warnings"]
