@@ -221,8 +221,9 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             nodes.append(referenceNode)
             comparison = logic.compareSegmentations(segmentationNode, referenceNode, volumeNode)
             report.update(reference=str(reference), comparison=comparison)
+            warnings = caseWarnings(report)  # the case's and its comparison's, now the comparison is in
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference),
-                       warnings=" | ".join(caseWarnings(report)), _warnings=caseWarnings(report))
+                       warnings=" | ".join(warnings), _warnings=warnings)
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         timeAxis = io.read_time_axis(path)  # an input stored X, Y, Z, 1: its mask is written so too
         report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
