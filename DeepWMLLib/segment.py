@@ -163,11 +163,15 @@ def model_files(specs: Sequence[str] | None, option: str = "--model") -> list[st
     shipped ensemble its members' (also where a folder of that name is here, an OUTDIR named after the model, say).
     A name that is neither is refused with the names there are (`option` names the option in the message); a
     path (with a folder, ending .pt, or an image's name) or another folder is left for the caller or the loader
-    to say what it is. None (the default model) stays None."""
+    to say what it is. None (the default model) stays None.
+    A shipped model named again (an ensemble and one of its members, two ensembles with a member in common, a
+    name twice) is averaged in once, with a warning saying so: the user asked for these models, not for one of
+    them to weigh more (files given as paths are kept as given; `load_models` warns of one given twice)."""
     if not specs:
         return specs
-    names = None
+    names = model_names = None
     files = []
+    given: dict[str, str] = {}  # a shipped model's file -> the name (its own, or an ensemble's) that gave it first
     for spec in specs:
         if os.path.isfile(spec) or is_run_folder(spec) or os.sep in spec or "/" in spec \
                 or spec.lower().endswith((".pt", ".pth")) or io.is_image_file(spec):
@@ -175,16 +179,39 @@ def model_files(specs: Sequence[str] | None, option: str = "--model") -> list[st
             continue
         if names is None:
             names = {entry["name"]: [entry["path"]] for entry in shipped_models()}
+            model_names = {paths[0]: name for name, paths in names.items()}
         if spec not in names:  # the ensembles only now: a wrong entry there does not stop a model's name
             names.update({entry["name"]: entry["paths"] for entry in shipped_ensembles()})
         if spec in names:
-            files += names[spec]
+            again = [path for path in dict.fromkeys(names[spec]) if path in given]
+            if again:
+                warnings.warn(_named_again(spec, again, given, model_names), stacklevel=2)
+            for path in names[spec]:
+                if path not in given:
+                    given[path] = spec
+                    files.append(path)
         elif os.path.isdir(spec):
             files.append(spec)
         else:
             raise UsageError(f"{option} {spec}: no such model file, nor a shipped model or ensemble of that name "
                              f"(shipped: {', '.join(names)})")
     return files
+
+
+def _named_again(spec: str, again: list[str], given: dict[str, str], model_names: dict[str, str]) -> str:
+    """model_files' warning for the shipped files `again` of the name `spec` that an earlier name gave already."""
+    if spec in given.values():
+        return f"{spec} is given twice: used once"
+    said = []
+    for path in again:
+        member, earlier = model_names.get(path, os.path.basename(path)), given[path]
+        if earlier != member and spec != member:
+            said.append(f"{member} is a member of both {earlier} and {spec}: used once")
+        elif earlier != member:
+            said.append(f"{member} is a member of {earlier} already: used once")
+        else:
+            said.append(f"{member} is given, and is a member of {spec} too: used once")
+    return "; ".join(said)
 
 
 def is_run_folder(path) -> bool:

@@ -328,6 +328,53 @@ def test_model_takes_the_name_of_a_shipped_model_or_ensemble(tmp_path, tiny_mode
     assert report["model"] == [Path(p).name for p in v7]
 
 
+def test_a_shipped_model_named_again_within_an_ensemble_given_is_averaged_in_once(tmp_path, tiny_model, monkeypatch,
+                                                                                   capsys):
+    """`--model ensemble-v8 unet16-adabn-v5` (an ensemble and one of its own members) averaged that member in twice,
+    weight 2/5, with a warning that named its file; the user asked for the ensemble and a model it holds, not for a
+    heavier one. Each shipped file given by name is now averaged in once, and the warning says so and why."""
+    import shutil
+    import warnings
+
+    from DeepWMLLib.segment import model_files, shipped_ensembles, shipped_models
+
+    files = {m["name"]: m["path"] for m in shipped_models()}
+    ensembles = {e["name"]: e for e in shipped_ensembles()}
+    v8, v7 = ensembles["ensemble-v8"]["paths"], ensembles["ensemble-v7"]["paths"]
+    member = "unet16-adabn-v5"
+    assert files[member] in v8
+    with pytest.warns(UserWarning, match=f"^{member} is a member of ensemble-v8 already: used once$"):
+        assert model_files(["ensemble-v8", member]) == v8
+    with pytest.warns(UserWarning, match=f"^{member} is given, and is a member of ensemble-v8 too: used once$"):
+        assert model_files([member, "ensemble-v8"]) == [files[member]] + [p for p in v8 if p != files[member]]
+    with pytest.warns(UserWarning, match="^ensemble-v8 is given twice: used once$"):
+        assert model_files(["ensemble-v8", "ensemble-v8"]) == v8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_files(["ensemble-v8", "ensemble-v7"]) == v8 + v7  # nothing in common: nothing to say
+        assert model_files(["ensemble-v8", "unet16-synth-v1"]) == v8 + [files["unet16-synth-v1"]]
+    with monkeypatch.context() as patched:  # two ensembles with a member in common: it is averaged in once
+        for name in ("a", "b", "c"):
+            shutil.copy(tiny_model, tmp_path / f"{name}.pt")
+        registry = {"format_version": 1, "models": [{"name": n, "file": f"{n}.pt", "version": "1"} for n in "abc"],
+                    "ensembles": [{"name": "ab", "members": ["a", "b"], "description": "test"},
+                                  {"name": "bc", "members": ["b", "c"], "description": "test"}]}
+        (tmp_path / "models.json").write_text(json.dumps(registry), encoding="utf-8")
+        patched.setenv("DEEPWML_MODELS_DIR", str(tmp_path))
+        with pytest.warns(UserWarning, match="^b is a member of both ab and bc: used once$"):
+            assert model_files(["ab", "bc"]) == [str(tmp_path / f"{n}.pt") for n in "abc"]
+
+    oracle_network(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    path, _ = write_case(tmp_path, "case", size=(40, 36, 6))
+    assert main(["segment", str(path), "-o", "out", "--model", "ensemble-v8", member, "--device", "cpu",
+                 "--backend", "torch", "--no-brain-mask"]) == 0
+    err = capsys.readouterr().err
+    assert f"{member} is a member of ensemble-v8 already: used once" in err and "is given 2 times" not in err
+    report = json.loads((tmp_path / "out" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["model"] == [Path(p).name for p in v8]
+
+
 def test_a_folder_named_like_a_shipped_model_does_not_hide_the_name(tmp_path, monkeypatch, capsys):
     """An OUTDIR named after the model (`-o ensemble-v8 --model ensemble-v8`) ran the first time; rerun (new cases
     added), the folder now there took the name's place: 'ensemble-v8 is a folder, not a model file: ... put INPUT
