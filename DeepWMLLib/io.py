@@ -2661,10 +2661,39 @@ def _long_path_hint(path: Path) -> str:
             f"with a shorter path, or turn on long paths in Windows (LongPathsEnabled)")
 
 
-def write_atomically(path: str | os.PathLike, write) -> Path:
-    """Call `write(tmp_path)` on a temporary name next to `path`, then rename it into place.
+def _sync(path: Path) -> None:
+    """Make `path`'s bytes reach the disk now. Without it a power cut can leave a file renamed into place but
+    empty or cut short (the file system keeps the rename and writes the data later: ext4's delayed allocation),
+    under its final name beside a complete report, and a rerun skips the case as done."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash, a full disk or a read-only folder never leaves a partial file under the final name.
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in `folder` reach the disk now (POSIX; Windows cannot open a folder, and NTFS journals
+    its renames), so that they stay in the order they were made: a case's report, renamed last, never
+    outlives a power cut that its mask does not."""
+    if WINDOWS:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot (some network shares)
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """Call `write(tmp_path)` on a temporary name next to `path`, then put it on disk and rename it into place.
+
+    A crash, a power cut, a full disk or a read-only folder never leaves a partial file under the final name.
     """
     path = check_output_file(path)
     try:
@@ -2674,8 +2703,10 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
                            f"{_long_path_hint(path)}") from exc
     try:
         write(tmp)
+        _sync(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         _replace(tmp, path)
+        _sync_folder(path.parent)
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
         if WINDOWS and isinstance(exc, PermissionError) and path.exists():
@@ -2724,8 +2755,6 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", errors="backslashreplace", newline="") as f:  # a non-UTF-8 file name
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
     return write_atomically(path, write)
 

@@ -528,6 +528,45 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_output_is_on_disk_before_its_name_and_the_name_before_the_next(tmp_path, monkeypatch):
+    """A power cut after the rename must not find a mask empty or cut short under its name beside a complete
+    report (a rerun would skip the case as done): each output's bytes are synced before it is renamed into
+    place, and the rename is synced before the next output (the report last) is written."""
+    import os
+
+    from DeepWMLLib.volume import Volume
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.fstat(fd)))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", os.stat(source)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    image, mask = make_volume(size=(10, 10, 3))
+    light = Volume(sitk.GetArrayFromImage(mask), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection())
+    writes = [lambda: io.write_image(light, tmp_path / "a_wmh.nii.gz"),  # without SimpleITK, as segment writes it
+              lambda: io.write_image(image, tmp_path / "a_prob.nrrd"),
+              lambda: io.write_segmentation(mask, tmp_path / "a.seg.nrrd"),
+              lambda: io.write_bytes(b"picture", tmp_path / "a_qc.png"),
+              lambda: io.write_text("{}", tmp_path / "a_report.json")]
+    folder = os.stat(tmp_path)
+    for write in writes:
+        events.clear()
+        write()
+        renamed = [k for k, (kind, _) in enumerate(events) if kind == "rename"]
+        assert len(renamed) == 1, events
+        k = renamed[0]
+        assert any(kind == "sync" and os.path.samestat(stat, events[k][1]) for kind, stat in events[:k]), events
+        assert any(kind == "sync" and os.path.samestat(stat, folder) for kind, stat in events[k + 1:]), events
+
+
 def test_a_path_that_cannot_be_looked_up_is_refused_in_words(tmp_path):
     """A name over the file system's 255 bytes made Path.exists raise: 'internal error: OSError'."""
     with pytest.raises(DeepWMLError, match=r"cannot be looked up \(File name too long\)"):
