@@ -974,6 +974,26 @@ def case_guard(out_dir: Path, case: str, paths: dict, protected=frozenset()):
     return io.exclusive(out_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {out_dir}")
 
 
+@contextlib.contextmanager
+def whole_or_none(paths: dict):
+    """While a case's outputs are written (`paths`, the report last): when the writing stops part way (Ctrl-C,
+    SIGTERM, a full disk), the outputs of the case written so far are removed, and with --overwrite the earlier
+    run's left, so that the case has none rather than a set without its report, which the next run refuses
+    until --overwrite redoes every case. Only a run killed outright (kill -9, a power cut) leaves such a set."""
+    try:
+        yield
+    except BaseException:
+        for path in paths.values():
+            with contextlib.suppress(OSError):
+                if path.is_dir():
+                    from .dicom_outline import remove_outline_series
+
+                    remove_outline_series(path)
+                elif path.exists():
+                    path.unlink()
+        raise
+
+
 def temporary_leftovers(out_dir: Path) -> list[Path]:
     """OUTDIR's temporary files (`.NAME.xxxx.part...`): a run killed while writing leaves them; the run that
     next writes their case removes them, with its lock held."""
@@ -1057,47 +1077,49 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
         tell(SEGMENTING_SHARE + 0.04, "making the DICOM outline")
         prepared = outline_series(image, result.mask, chosen[0], report)
-    if overwrite:  # the report goes first: a run that fails part way leaves outputs without one (rerun asked
-        # for), never old and new mixed
-        # which: what its report lists (one of an older version, without a list: DeepWML's output names);
-        # without a report (a run stopped part way, or none ever), nothing beyond this run's own files
-        listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
-        paths["report"].unlink(missing_ok=True)
-        # then the earlier run's outputs that this one will not write (other options, or another --output-format)
-        # would not match it: they go before anything new is written; only files DeepWML wrote (its report
-        # lists them; older reports: its output names) and never a scan given to this run
-        for stale in _possible_outputs(out_dir, case):
-            if stale in paths.values() or (listed is not None and stale.name not in listed) or stale.resolve() in protected:
-                continue
-            if stale.is_file():
-                stale.unlink()
-            elif stale.is_dir() and stale.name == f"{case}_outline_dicom":
-                from .dicom_outline import remove_outline_series
+    with whole_or_none(paths):
+        if overwrite:  # the report goes first: a run killed part way leaves outputs without one (rerun asked
+            # for), never old and new mixed
+            # which: what its report lists (one of an older version, without a list: DeepWML's output names);
+            # without a report (a run stopped part way, or none ever), nothing beyond this run's own files
+            listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
+            paths["report"].unlink(missing_ok=True)
+            # then the earlier run's outputs that this one will not write (other options, or another --output-format)
+            # would not match it: they go before anything new is written; only files DeepWML wrote (its report
+            # lists them; older reports: its output names) and never a scan given to this run
+            for stale in _possible_outputs(out_dir, case):
+                if (stale in paths.values() or (listed is not None and stale.name not in listed)
+                        or stale.resolve() in protected):
+                    continue
+                if stale.is_file():
+                    stale.unlink()
+                elif stale.is_dir() and stale.name == f"{case}_outline_dicom":
+                    from .dicom_outline import remove_outline_series
 
-                remove_outline_series(stale)
-    report["input_absolute"] = str(path.resolve())
-    report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
-    report["outputs"] = sorted(p.name for p in paths.values())
-    tell(SEGMENTING_SHARE + 0.05, "writing the mask")  # a second or more each on a large scan
-    io.write_image(result.mask, paths["mask"], time_axis)
-    tell(SEGMENTING_SHARE + 0.07, "writing the segmentation")
-    io.write_segmentation(result.mask, paths["segmentation"])
-    if save_probabilities:
-        tell(SEGMENTING_SHARE + 0.08, "writing the probability map")
-        io.write_image(result.probabilities, paths["probabilities"], time_axis)
-    if save_brain_mask:
-        tell(SEGMENTING_SHARE + 0.09, "writing the brain mask")
-        io.write_image(result.brain, paths["brain"], time_axis)
-    if save_ventricle_mask:
-        tell(SEGMENTING_SHARE + 0.095, "writing the ventricle mask")
-        io.write_image(result.ventricles, paths["ventricles"], time_axis)
-    if qc:
-        io.write_bytes(picture, paths["qc"])
-    if outline:
-        from .dicom_outline import write_outline_series
+                    remove_outline_series(stale)
+        report["input_absolute"] = str(path.resolve())
+        report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
+        report["outputs"] = sorted(p.name for p in paths.values())
+        tell(SEGMENTING_SHARE + 0.05, "writing the mask")  # a second or more each on a large scan
+        io.write_image(result.mask, paths["mask"], time_axis)
+        tell(SEGMENTING_SHARE + 0.07, "writing the segmentation")
+        io.write_segmentation(result.mask, paths["segmentation"])
+        if save_probabilities:
+            tell(SEGMENTING_SHARE + 0.08, "writing the probability map")
+            io.write_image(result.probabilities, paths["probabilities"], time_axis)
+        if save_brain_mask:
+            tell(SEGMENTING_SHARE + 0.09, "writing the brain mask")
+            io.write_image(result.brain, paths["brain"], time_axis)
+        if save_ventricle_mask:
+            tell(SEGMENTING_SHARE + 0.095, "writing the ventricle mask")
+            io.write_image(result.ventricles, paths["ventricles"], time_axis)
+        if qc:
+            io.write_bytes(picture, paths["qc"])
+        if outline:
+            from .dicom_outline import write_outline_series
 
-        report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
-    io.write_text(json.dumps(report, indent=1), paths["report"])
+            report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
+        io.write_text(json.dumps(report, indent=1), paths["report"])
     tell(1.0, "done")
     return summary_row(case, path, report)
 

@@ -202,10 +202,11 @@ def test_images_keep_the_sources_instance_numbers_and_description_is_one_value(t
     assert out[0]["0008|103e"] == "DeepWML WMH outline (FLAIR/AX)"
 
 
-def test_a_failed_replacement_keeps_the_earlier_series_and_the_report_goes(tmp_path, tiny_model, monkeypatch):
-    """--overwrite: when the new series cannot be put in place, the earlier one stays whole and no
-    temporary folder is left; the case's old report is gone, so the next run asks for --overwrite
-    instead of skipping a case whose outputs are half old, half new."""
+def test_a_failed_replacement_leaves_the_case_without_outputs_for_the_next_run_to_redo(tmp_path, tiny_model,
+                                                                                       monkeypatch):
+    """--overwrite: when the new series cannot be put in place, no temporary folder is left and the case's
+    outputs all go (its old report first, the new mask, the earlier series), never a set half old, half new:
+    the next run redoes the case, without --overwrite."""
     folder, _ = oblique_flair(tmp_path)
     out = tmp_path / "out"
     args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-outline"]
@@ -220,14 +221,11 @@ def test_a_failed_replacement_keeps_the_earlier_series_and_the_report_goes(tmp_p
 
     monkeypatch.setattr(dicom_outline.os, "replace", failing)
     assert main(args + ["--overwrite"]) == 1
+    assert "No space left on device" in read_summary_error(out)
     monkeypatch.setattr(dicom_outline.os, "replace", real_replace)
-    assert read_series(out / "flair_outline_dicom")[1][0]["0020|000e"] == first
-    assert len(list((out / "flair_outline_dicom").iterdir())) == 6
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert not (out / "flair_report.json").exists()
-    assert main(args) == 1  # the incomplete case is not skipped
-    assert "incomplete set of outputs" in read_summary_error(out)
-    assert main(args + ["--overwrite"]) == 0 and (out / "flair_report.json").is_file()
+    assert list(out.iterdir()) == [out / "summary.csv"]
+    assert main(args) == 0 and (out / "flair_report.json").is_file()
+    assert read_series(out / "flair_outline_dicom")[1][0]["0020|000e"] != first
 
 
 def read_summary_error(out):

@@ -12,10 +12,12 @@ import shutil
 import signal
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from DeepWMLLib import io
-from DeepWMLLib.cli import main
+from DeepWMLLib.cli import Stopped, main
+from DeepWMLLib.errors import DeepWMLError
 
 from conftest import make_volume, write_dicom_series
 
@@ -132,6 +134,36 @@ def test_an_interrupted_overwrite_leaves_no_old_output_beside_the_new(tmp_path, 
     assert not (out / "b_prob.nii.gz").exists() and not (out / "b_qc.png").exists()
     assert not (out / "b_report.json").exists()  # incomplete: the next run says so
     assert set(summary(out)) == {"a"} and summary(out)["a"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Stopped(signal.SIGTERM),
+                                  DeepWMLError("cannot write b.seg.nrrd (No space left on device)")])
+def test_a_case_stopped_while_its_outputs_are_written_is_redone_by_the_same_command(tmp_path, tiny_model, monkeypatch,
+                                                                                    stop):
+    """Ctrl-C, SIGTERM or a full disk after a case's mask was written and before its report: the mask went
+    with it, so that running the same command again redoes that case (and skips those done) instead of
+    failing it with 'an earlier run left an incomplete set of outputs; rerun with --overwrite', which
+    redoes every case of the run."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    real = io.write_segmentation
+
+    def cut_short(mask, path):
+        if path.name == "b.seg.nrrd":
+            raise stop
+        return real(mask, path)
+
+    monkeypatch.setattr(io, "write_segmentation", cut_short)
+    expected = 1 if isinstance(stop, DeepWMLError) else 130 if stop is KeyboardInterrupt else 128 + signal.SIGTERM
+    assert segment(tiny_model, folder, "-o", out, "--qc") == expected
+    assert not [p.name for p in out.iterdir() if p.name.startswith("b")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file nor lock
+    monkeypatch.setattr(io, "write_segmentation", real)
+    assert segment(tiny_model, folder, "-o", out, "--qc") == 0
+    assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "ok"}
+    assert (out / "b_report.json").exists() and (out / "b_wmh.nii.gz").exists()
 
 
 def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys):

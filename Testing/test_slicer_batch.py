@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 from conftest import REPO, make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
+from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from slicer_fixtures import onnxCache, scene  # noqa: E402,F401 (fixtures)
 
@@ -505,6 +506,31 @@ def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(s
                      "--device", "cpu"]) == 0
     assert batchScript.main(["--input-dir", str(tmp_path / "moved"), "--output-dir", str(cli_out), *base[2:]]) == 0
     assert {row["status"] for row in summary(cli_out).values()} == {"skipped"}
+
+
+def test_batch_overwrite_stopped_part_way_leaves_no_old_report_beside_new_files(scene, batchScript, tmp_path,
+                                                                                 monkeypatch, tiny_model):
+    """--overwrite with another threshold, the disk full after the new segmentation was written: the earlier
+    report (threshold 0.5) stayed beside the new .seg.nrrd (0.3), and a rerun at 0.5 skipped the case as done
+    with that segmentation. Now the case's outputs go, and the rerun makes them again."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 0
+    real = io.write_image
+
+    def full(image, path, *rest):
+        raise DeepWMLError(f"cannot write {path} (No space left on device)")
+
+    monkeypatch.setattr(io, "write_image", full)
+    assert batchScript.main(arguments + ["--overwrite", "--threshold", "0.3"]) == 1
+    monkeypatch.setattr(io, "write_image", real)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+    assert batchScript.main(arguments) == 0
+    assert summary(out)["a"]["status"] == "ok"
+    assert json.loads((out / "a_report.json").read_text())["threshold"] == 0.5
 
 
 def test_batch_skips_a_label_mask_beside_the_scans_and_refuses_clashing_names_up_front(scene, batchScript, tmp_path,

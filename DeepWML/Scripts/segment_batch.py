@@ -242,11 +242,14 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             else:
                 reference = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
                 picture = png_bytes(render_comparison(image, mask, reference, title, names=("DeepWML", "reference")))
-        io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
-        io.write_image(mask, paths["mask"], timeAxis)
-        if args.qc:
-            io.write_bytes(picture, paths["qc"])
-        write_json(report, paths["report"])
+        with segment.whole_or_none(paths):  # stopped part way: the case's outputs go, its earlier report first
+            if args.overwrite:  # (never an old report beside new files)
+                paths["report"].unlink(missing_ok=True)
+            io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
+            io.write_image(mask, paths["mask"], timeAxis)
+            if args.qc:
+                io.write_bytes(picture, paths["qc"])
+            write_json(report, paths["report"])
         stale = output_paths(args.output_dir, case, False, qc=True)["qc"]
         if args.overwrite and not args.qc and stale.is_file():  # an earlier run's picture of an older result
             stale.unlink()
