@@ -1595,8 +1595,23 @@ def _run(args) -> int:
         raise UsageError("--no-location cannot go with --ventricle-model or --save-ventricle-mask")
     if args.precision == "bf16" and args.backend == "onnx":
         raise UsageError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
-    rows = segment_cases(
-        args.inputs, args.output_dir, args.model, args.device, progress_factory=ProgressBar(eta=True), debug=args.debug,
+    bar = ProgressBar(eta=True)
+    try:
+        rows = _segment_all(args, bar)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was kept, and how to go on (main says it was stopped)
+        number, total = bar._position
+        if total:  # a bar's line on a terminal is ended first
+            bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {Path(args.output_dir) / 'summary.csv'} "
+                             f"lists the {number - 1} before it; run the same command again to go on (the cases done "
+                             f"are skipped)\n")
+        raise
+    _Printable(sys.stderr).write(batch_total(rows, "cases", Path(args.output_dir) / "summary.csv") + "\n")
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def _segment_all(args, bar: ProgressBar) -> list[dict]:
+    return segment_cases(
+        args.inputs, args.output_dir, args.model, args.device, progress_factory=bar, debug=args.debug,
         threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
@@ -1605,5 +1620,3 @@ def _run(args) -> int:
         brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask,
         ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
         save_ventricle_mask=args.save_ventricle_mask)
-    _Printable(sys.stderr).write(batch_total(rows, "cases", Path(args.output_dir) / "summary.csv") + "\n")
-    return 1 if any(r["status"] == "error" for r in rows) else 0

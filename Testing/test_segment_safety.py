@@ -166,6 +166,30 @@ def test_a_case_stopped_while_its_outputs_are_written_is_redone_by_the_same_comm
     assert (out / "b_report.json").exists() and (out / "b_wmh.nii.gz").exists()
 
 
+def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model, monkeypatch, capsys):
+    """'deepwml segment: interrupted' alone left the user to guess what the run kept: summary.csv lists only
+    the cases finished, so the line names it, how many it lists, and that the same command goes on."""
+    import DeepWMLLib.segment as segment_module
+
+    folder = tmp_path / "scans"
+    for name in ("a", "b", "c"):
+        write_case(folder, name)
+    real = segment_module.segment_case
+
+    def stopped(case, *args, **kwargs):
+        if case == "b":
+            raise KeyboardInterrupt
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "segment_case", stopped)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 130
+    err = capsys.readouterr().err
+    assert f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run the same command again" in err
+    assert err.rstrip().endswith("deepwml segment: interrupted")
+    assert list(summary(out)) == ["a"]
+
+
 def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys):
     import DeepWMLLib.segment as segment_module
 
