@@ -1034,27 +1034,31 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
             "(--dicom-outline needs a DICOM follow-up)"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     prepared = change_outline(followup, result.labels, chosen["follow-up"][0], report) if outline else None
-    for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
-        stale.unlink()
-    if earlier_outline and not outline:
-        from .dicom_outline import remove_outline_series
+    from .segment import whole_or_none
 
-        remove_outline_series(earlier_outline)
-    io.write_image(result.labels, paths["labels"])
-    io.write_label_segmentation(result.labels, paths["segmentation"],
-                                [(value, name, COLOURS[value]) for value, name in LABELS.items()])
-    io.write_image(result.baseline_registered, paths["registered"])
-    io.write_atomically(paths["transform"], lambda tmp: _write_transform(result.registration.transform, tmp))
-    io.write_csv_text(lesions_csv(report["lesions"]), paths["lesions"])
-    if not given[0]:
-        io.write_image(mask_baseline, paths["baseline_mask"])
-    if not given[1]:
-        io.write_image(mask_followup, paths["followup_mask"])
-    if picture is not None:
-        io.write_bytes(picture, paths["qc"])
-    if prepared is not None:
-        from .dicom_outline import write_outline_series
+    # stopped part way (Ctrl-C, a full disk): the pair's outputs go, so that the same command redoes it
+    with whole_or_none({**paths, "outline": outline_path(out, case)} if outline else paths):
+        for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
+            stale.unlink()
+        if earlier_outline and not outline:
+            from .dicom_outline import remove_outline_series
 
-        report["dicom_outline"] = write_outline_series(prepared, outline_path(out, case), overwrite=True)
-    io.write_text(json.dumps(report, indent=1), paths["report"])
+            remove_outline_series(earlier_outline)
+        io.write_image(result.labels, paths["labels"])
+        io.write_label_segmentation(result.labels, paths["segmentation"],
+                                    [(value, name, COLOURS[value]) for value, name in LABELS.items()])
+        io.write_image(result.baseline_registered, paths["registered"])
+        io.write_atomically(paths["transform"], lambda tmp: _write_transform(result.registration.transform, tmp))
+        io.write_csv_text(lesions_csv(report["lesions"]), paths["lesions"])
+        if not given[0]:
+            io.write_image(mask_baseline, paths["baseline_mask"])
+        if not given[1]:
+            io.write_image(mask_followup, paths["followup_mask"])
+        if picture is not None:
+            io.write_bytes(picture, paths["qc"])
+        if prepared is not None:
+            from .dicom_outline import write_outline_series
+
+            report["dicom_outline"] = write_outline_series(prepared, outline_path(out, case), overwrite=True)
+        io.write_text(json.dumps(report, indent=1), paths["report"])
     return report

@@ -407,6 +407,29 @@ def test_too_few_slices_and_a_missing_input_are_refused_before_any_output(pair, 
     assert "does not exist" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_pair_stopped_while_its_outputs_are_written_is_redone_by_the_same_command(pair, tmp_path, monkeypatch):
+    """Ctrl-C after the pair's change labels were written, before its report: the labels went with it, so that
+    the same command goes on with that pair instead of failing it ('an earlier run left an incomplete set
+    of outputs; rerun with --overwrite', which redoes the whole cohort)."""
+    files = pair["files"]
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
+                        encoding="utf-8")
+    out = tmp_path / "out"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(io, "write_label_segmentation", stopped)
+        assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 130
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("p1", "."))]
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+    assert [(r["case"], r["status"]) for r in rows] == [("p1", "ok")]
+
+
 def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     files = pair["files"]
     other_grid = tmp_path / "other.nii.gz"
