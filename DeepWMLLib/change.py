@@ -996,11 +996,10 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            "name the earlier visit's FLAIR with --baseline-series and the later one's with --followup-series")
     baseline, followup = (io.read_image(path, series=chosen[name][0] if chosen[name] else None)
                           for name, path in (("baseline", baseline_path), ("follow-up", followup_path)))
-    gaps = []  # a DICOM scan with a gap between its slices (Slice Thickness under their spacing): said, as `segment` says it
-    for name, image in (("baseline", baseline), ("follow-up", followup)):
-        gap = chosen[name][0].slice_gap_warning(image) if chosen[name] else None
-        if gap:
-            gaps.append(f"{name}: {gap}")
+    # a DICOM scan with a gap between its slices (Slice Thickness under their spacing) or slices unevenly spaced:
+    # said, as `segment` says it
+    gaps = [f"{name}: {warning}" for name, image in (("baseline", baseline), ("follow-up", followup)) if chosen[name]
+            for warning in chosen[name][0].slice_warnings(image)]
     check_scans(baseline, followup)
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)

@@ -1048,6 +1048,8 @@ class DicomSeries:
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
     slice_thickness_mm: float | None = None  # Slice Thickness (0018,0050): how thick each slice is, not how far apart
+    slice_positions_mm: tuple = ()  # each file's place along the slice normal (Image Position), in the order of `files`;
+    # empty where a file gives none
 
     @property
     def unlabelled(self) -> bool:
@@ -1078,6 +1080,10 @@ class DicomSeries:
                 "inversion_ms": self.inversion_ms, "repetition_ms": self.repetition_ms, "echo_ms": self.echo_ms,
                 "study_uid": self.study_uid, "slice_thickness_tag_mm": self.slice_thickness_mm, "chosen_by": chosen_by}
 
+    def slice_warnings(self, image) -> list[str]:
+        """What a report warns of the slices of the series as read (`image`): a gap between them, uneven spacing."""
+        return [w for w in (self.slice_gap_warning(image), self.slice_spacing_warning(image)) if w]
+
     def slice_gap_warning(self, image) -> str | None:
         """A warning when the header's Slice Thickness is less than the spacing of the series' slices (`image`: the
         series as read, its third axis the slices): a gap between the slices. The volumes rightly use the spacing
@@ -1086,18 +1092,46 @@ class DicomSeries:
         at half its thickness, as is common) image everything: recorded in `dicom_series`, not warned of."""
         spacing = float(image.GetSpacing()[2])
         thickness = self.slice_thickness_mm
-        if thickness is None or thickness <= 0 or spacing - thickness <= max(SLICE_GAP_TOLERANCE_MM,
-                                                                              SLICE_GAP_TOLERANCE * spacing):
+        if thickness is None or thickness <= 0 or spacing - thickness <= _slice_tolerance_mm(spacing):
             return None
-        measured = "volumes and LV use" if axial_axis(image) == 2 else "volumes use"
         return (f"DICOM slices {spacing:.2f} mm apart but {thickness:.2f} mm thick (Slice Thickness; a "
-                f"{spacing - thickness:.2f} mm gap between them): {measured} the spacing, {spacing:.2f} mm")
+                f"{spacing - thickness:.2f} mm gap between them): {_volumes_use(image)} the spacing, {spacing:.2f} mm")
+
+    def slice_spacing_warning(self, image) -> str | None:
+        """A warning when the series' slices are unevenly spaced, by less than `_check_slice_spacing` refuses
+        (`image`: the series as read, its third axis the slices). ITK puts them on a regular grid spaced by their
+        mean step, which keeps the stack's extent, but a slice then lies off its place and stands for a slab of
+        the mean thickness, not the tissue up to its neighbours: a lesion's place and volume a little off where
+        the steps differ. Positions written rounded (to 0.01 mm) or with float noise stay within the tolerance."""
+        along = np.array(self.slice_positions_mm, float)
+        if (len(along) < 3 or len(along) != len(self.files) or image.GetDimension() != 3
+                or image.GetSize()[2] != len(along)):
+            return None
+        spacing = float(image.GetSpacing()[2])
+        steps = np.diff(along)
+        off = np.abs(along - along[0] - spacing * np.arange(len(along)))  # from its place on the grid
+        if max(float(np.abs(steps - spacing).max()), float(off.max())) <= _slice_tolerance_mm(spacing):
+            return None
+        k = int(np.argmax(off))
+        number = self.instance_numbers[k] if len(self.instance_numbers) == len(along) else None
+        which = f"image {k + 1}" + (f" (instance {number})" if number is not None else "")
+        return (f"DICOM slices unevenly spaced ({steps.min():.2f} to {steps.max():.2f} mm apart by their positions): "
+                f"{_volumes_use(image)} their mean spacing, {spacing:.2f} mm, which puts {which} {off[k]:.2f} mm from "
+                "where it was imaged (lesions there are placed as far off, and measured with the mean spacing)")
 
 
-# Slice Thickness and the spacing of the slices count as the same within the larger of these (positions and
-# thicknesses are written rounded: 3 and 2.9999 mm)
-SLICE_GAP_TOLERANCE_MM = 0.05
-SLICE_GAP_TOLERANCE = 0.02
+def _volumes_use(image) -> str:
+    return "volumes and LV use" if axial_axis(image) == 2 else "volumes use"
+
+
+# Slice Thickness and the spacing of the slices, and the steps between slices and their spacing, count as the same
+# within the larger of these (positions and thicknesses are written rounded: 3 and 2.9999 mm, steps 0.01 mm off)
+SLICE_TOLERANCE_MM = 0.05
+SLICE_TOLERANCE = 0.02
+
+
+def _slice_tolerance_mm(spacing: float) -> float:
+    return max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE * spacing)
 
 
 def _header_number(reader, key: str) -> float | None:
@@ -1242,7 +1276,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
     header = entry["header"]
     return DicomSeries(uid, header[0], tuple(f[1] for f in ordered), *header[1:6], modality=header[6],
                        secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
-                       instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()))
+                       instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()),
+                       slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else ())
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:

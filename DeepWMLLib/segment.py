@@ -885,7 +885,8 @@ def dicom_series_warnings(series, chosen_by: str, image, another: str = "name an
     """What a report warns of the DICOM series it was read from (`chosen_by`: how io.choose_dicom_series chose it;
     `image`: the series as read), first among its warnings: which series, where it was picked among others for
     the user (`another`: how to read another instead), files beside it that could not be read, a gap between its
-    slices. Shared by `deepwml segment` and the Slicer batch script, so that both say the same."""
+    slices, slices unevenly spaced. Shared by `deepwml segment` and the Slicer batch script, so that both say the
+    same."""
     warnings = []
     if chosen_by.startswith("the only one of"):  # picked for the user: say which, so it can be checked
         warnings.append(f"read DICOM {series.label()}, {chosen_by}; {another}")
@@ -893,8 +894,7 @@ def dicom_series_warnings(series, chosen_by: str, image, another: str = "name an
         names = ", ".join(Path(p).name for p in series.damaged[:3]) + (", ..." if len(series.damaged) > 3 else "")
         warnings.append(f"{len(series.damaged)} file(s) beside the series could not be read (empty or damaged: "
                         f"{names}); if they are its slices, the series is incomplete: copy it again")
-    gap = series.slice_gap_warning(image)
-    return warnings + ([gap] if gap else [])
+    return warnings + series.slice_warnings(image)
 
 
 def skip_message(existing: Sequence[str], earlier: dict) -> str:

@@ -90,10 +90,12 @@ def nifti2_of(nifti1: bytes) -> bytes:
 
 def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", description: str | None = None,
                        inversion_ms: float | None = None, repetition_ms: float | None = None, prefix: str = "slice",
-                       number: int | None = None, extra: dict | None = None, instance_numbers=None) -> Path:
+                       number: int | None = None, extra: dict | None = None, instance_numbers=None,
+                       positions=None) -> Path:
     """Write a 3D image as a DICOM MR series (one file per slice) into `folder`, with its own series
     UID and, when given, description, inversion and repetition time, series number and `extra` tags;
-    slice k's Instance Number is k + 1, or `instance_numbers[k]`."""
+    slice k's Instance Number is k + 1, or `instance_numbers[k]`, and its Image Position (Patient) where the
+    image puts it, or `positions[k]` (x, y, z in mm: slices placed off the image's grid)."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -104,7 +106,8 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
         tags = {
             "0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": uid,
             "0020|0013": str(k + 1 if instance_numbers is None else instance_numbers[k]),
-            "0020|0032": "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0032": "\\".join(f"{v:.4f}" for v in (image.TransformIndexToPhysicalPoint((0, 0, k)) if positions is None
+                                                        else positions[k])),
             "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
             "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}",
         }
@@ -122,6 +125,14 @@ def write_dicom_series(folder: Path, image: sitk.Image, uid: str = "1.2.3.4.5", 
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(piece)
     return folder
+
+
+def stepped_positions(image: sitk.Image, steps, noise_mm: float = 0.0) -> list:
+    """Image Positions for `write_dicom_series` of slices `steps` mm apart along the image's slice normal from its
+    origin (len(steps) + 1 slices), each coordinate moved by up to `noise_mm` at random (float noise)."""
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    noise = np.random.default_rng(7).uniform(-noise_mm, noise_mm, (len(steps) + 1, 3))
+    return [np.array(image.GetOrigin()) + normal * a + n for a, n in zip(np.concatenate([[0.0], np.cumsum(steps)]), noise)]
 
 
 def _element(tag: int, vr: str, value, explicit: bool) -> bytes:

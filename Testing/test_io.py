@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import drop_pixel_spacing, make_volume, rotation, write_dicom_series, write_enhanced_mr
+from conftest import drop_pixel_spacing, make_volume, rotation, stepped_positions, write_dicom_series, write_enhanced_mr
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -641,6 +641,45 @@ def test_a_series_with_a_slice_missing_is_refused(tmp_path):
     with pytest.raises(DeepWMLError, match=r"10.00 mm between images 4 and 5, 5.00 mm elsewhere: about 1 slice\(s\) missing"):
         io.read_image(folder)
 
+
+
+@pytest.mark.parametrize("steps, noise_mm, warned", [
+    ([5, 5, 5.6, 5, 5, 5, 5], 0.0, "(5.00 to 5.60 mm apart by their positions): volumes and LV use their mean "
+                                   "spacing, 5.09 mm, which puts image 4 (instance 4) 0.34 mm from where it was imaged"),
+    ([5, 5, 5.6, 5, 5, 5, 5], 0.001, "(5.00 to 5.60 mm apart by their positions): volumes and LV use their mean "
+                                     "spacing, 5.09 mm, which puts image 4 (instance 4) 0.34 mm from where it was imaged"),
+    ([4.6, 5.4, 4.6, 5.4, 4.6, 5.4, 5.4], 0.0, "(4.60 to 5.40 mm apart by their positions): volumes and LV use their "
+                                               "mean spacing, 5.06 mm, which puts image 6 (instance 6) 0.69 mm from "
+                                               "where it was imaged"),
+    ([5.0] * 7, 0.0, None),
+    ([5.0] * 7, 0.001, None),  # float noise
+    ([5.0] * 7, 0.005, None)])  # positions rounded to 0.01 mm
+def test_slices_unevenly_spaced_within_the_refusal_are_warned_of(tmp_path, steps, noise_mm, warned):
+    """Slices 5 mm apart but for one 5.6 mm step, or alternately 4.6 and 5.4 mm apart (within the 20 % that is
+    refused as slices missing), were read by ITK onto a regular grid of their mean step without a word: the
+    stack's extent is right, but a slice lay up to 0.7 mm from where it was imaged and a lesion beside a long
+    step measured 2 % small. The series now warns of it, with the range of steps, the spacing the volumes use and
+    the slice placed farthest off; positions with float noise or rounded to 0.01 mm (every real file) do not."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    positions = stepped_positions(image, steps, noise_mm)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR", positions=positions)
+    (series,) = io.dicom_series(folder)
+    read = io.read_image(folder, series=series)
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 7)), positions[-1], atol=0.02)  # the extent: right
+    warnings = series.slice_warnings(read)
+    assert warnings == ([] if warned is None else [f"DICOM slices unevenly spaced {warned} (lesions there are "
+                                                   "placed as far off, and measured with the mean spacing)"])
+
+
+def test_a_step_over_a_fifth_off_is_still_refused_not_warned_of(tmp_path):
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR",
+                                positions=stepped_positions(image, [5, 5, 6.3, 5, 5, 5, 5]))
+    with pytest.raises(DeepWMLError, match=r"not evenly spaced \(6.30 mm between images 3 and 4, 5.00 mm elsewhere: "
+                                           r"uneven slice spacing\)"):
+        io.read_image(folder)
 
 
 def _retag(path, **tags):

@@ -357,6 +357,28 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert set(report) - {"segmentation", "volume"} == set(cli_report)  # a DICOM study's report: the same names too
 
 
+def test_batch_warns_of_unevenly_spaced_slices_as_the_command_line_does(scene, batchScript, tmp_path, monkeypatch,
+                                                                          tiny_model):
+    """A DICOM series whose slices are 5 mm apart but for one 5.8 mm step (under the 20 % refused as slices
+    missing): the batch's report and summary warn of it in `deepwml segment`'s words."""
+    from conftest import stepped_positions, write_dicom_series
+    from DeepWMLLib.cli import main as cli
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "case1", flair, uid="1.1.9", description="AX FLAIR",
+                       positions=stepped_positions(flair, [5, 5, 5.8, 5, 5]))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    report = json.loads((out / "case1_report.json").read_text(encoding="utf-8"))
+    assert cli(["segment", str(inputs / "case1"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
+                "--device", "cpu"]) == 0
+    cli_report = json.loads((tmp_path / "cli" / "case1_report.json").read_text(encoding="utf-8"))
+    uneven = [w for w in cli_report["warnings"] if "unevenly spaced (5.00 to 5.80 mm apart" in w]
+    assert len(uneven) == 1 and uneven[0] in report["warnings"] and uneven[0] in summary(out)["case1"]["warnings"]
+
+
 def test_batch_warns_of_the_series_it_picked_and_of_damaged_files_as_the_command_line_does(
         scene, batchScript, tmp_path, monkeypatch, tiny_model):
     """A study of a PACS export read by the batch, its FLAIR picked among its series and the last slice file

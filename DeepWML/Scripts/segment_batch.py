@@ -117,8 +117,8 @@ def summaryFigures(report: dict) -> dict:
 def loadFlair(path: Path, case: str, study=None):
     """The FLAIR's volume node, the DICOM series it was read from (None for an image file), and what the report
     says of that series as `deepwml segment`'s does: its `dicom_series` entry and its warnings (which series
-    was read where it was picked among others, files beside it that could not be read, a gap between its slices;
-    segment.dicom_series_warnings), empty for an image file."""
+    was read where it was picked among others, files beside it that could not be read, a gap between its slices,
+    slices unevenly spaced; segment.dicom_series_warnings), empty for an image file."""
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
         series, how = io.choose_dicom_series(path, candidates=study.series, strict=True)
     elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
