@@ -1863,6 +1863,19 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
         raise DeepWMLError(f"{path}: the slices of the DICOM series are not evenly spaced ({abs(steps[k]):.2f} mm between "
                            f"images {k + 1} and {k + 2}, {typical:.2f} mm elsewhere: {what}); the transfer may be "
                            "incomplete: export the series again")
+    # steps each within a fifth of the others but drifting (4.1 mm apart at one end, 5.9 mm at the other): the
+    # regular grid of their mean step would put the middle slices more than half a slice from where they were
+    # imaged, each lesion there measured in its neighbour's place; a warning (DicomSeries.slice_spacing_warning)
+    # is not enough for that
+    mean = (along[-1] - along[0]) / (len(along) - 1)
+    off = np.abs(along - along[0] - mean * np.arange(len(along)))
+    if off.max() > 0.5 * abs(mean):
+        k = int(np.argmax(off))
+        raise DeepWMLError(f"{path}: the slices of the DICOM series are unevenly spaced ({np.abs(steps).min():.2f} to "
+                           f"{np.abs(steps).max():.2f} mm apart): on a regular grid of their mean spacing, "
+                           f"{abs(mean):.2f} mm, image {k + 1} would lie {off[k]:.1f} mm (over half a slice) from where it "
+                           "was imaged; convert the series with a tool that resamples unevenly spaced slices (dcm2niix, "
+                           "3D Slicer's DICOM module) and segment the file it writes")
     # each slice where the grid puts it: on the first one's normal. Slices shifted sideways (a gantry tilt, a
     # stack sheared by the scanner) would be stacked straight, every one misplaced, and spaced by the distance
     # between their corners, not the slab thickness: wrong lesion places and volumes, without a word

@@ -1387,3 +1387,28 @@ def test_a_flair_resampled_by_nearest_neighbour_is_no_label_map():
         labels[z:z + 2, y:y + 3, x:x + 3] = label
     with pytest.raises(io.LabelMaskGiven, match="looks like a label mask of many labels"):
         io.check_volume(sitk.GetImageFromArray(labels), "labels")
+
+
+def test_slices_drifting_over_half_a_slice_off_the_grid_are_refused(tmp_path):
+    """Steps drifting from 4.1 to 5.9 mm, each within a fifth of the median (not refused as slices missing), put
+    the middle slices of the mean-spaced grid several mm from where they were imaged: over half a slice, refused
+    (a warning was all they got)."""
+    image, _ = make_volume(size=(20, 16, 21), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    steps = np.linspace(4.1, 5.9, 20)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR",
+                                positions=stepped_positions(image, steps))
+    with pytest.raises(DeepWMLError, match=r"unevenly spaced \(4.10 to 5.90 mm apart\): on a regular grid of their "
+                                           r"mean spacing, 5.00 mm, image 11 would lie 4.7 mm \(over half a slice\)"):
+        io.read_image(folder)
+
+
+def test_slices_drifting_within_half_a_slice_are_read_and_warned_of(tmp_path):
+    image, _ = make_volume(size=(20, 16, 9), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR",
+                                positions=stepped_positions(image, np.linspace(4.6, 5.4, 8)))
+    (series,) = io.dicom_series(folder)
+    read = io.read_image(folder, series=series)
+    (warning,) = series.slice_warnings(read)
+    assert warning.startswith("DICOM slices unevenly spaced (4.60 to 5.40 mm apart")
