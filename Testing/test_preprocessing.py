@@ -100,6 +100,14 @@ def test_edge_slices_excluded_only_when_asked():
     assert out[0].sum() == 0 and out[-1].sum() == 0 and out[1:-1].all()
 
 
+@pytest.mark.parametrize("slices,fraction,cleared", [(100, 0.29, 29), (180, 0.35, 63), (200, 0.145, 29), (9, 0.2, 1)])
+def test_edge_slices_count_is_the_decimal_product_rounded_down(slices, fraction, cleared):
+    """0.29 of 100 slices cleared 28 at each end, not 29: in binary 100 * 0.29 is 28.999999999999996."""
+    out = exclude_edge_slices(np.ones((slices, 2, 2), np.uint8), fraction)
+    assert out[:cleared].sum() == 0 and out[-cleared:].sum() == 0
+    assert out[cleared:-cleared].all()
+
+
 def test_threshold_applies():
     prob = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
     assert postprocess(prob, 0.5, 1.0, 0.0).sum() == 500
