@@ -186,7 +186,10 @@ def parse_nifti(data: bytes, native: bool = True) -> Volume | None:
     units = field("units")[0]
     if datatype not in _DTYPES or not (dims[0] == 3 or (dims[0] == 4 and dims[4] == 1)):
         return None
-    if not (slope == 0 or (slope == 1 and inter == 0)) or math.isnan(slope) or math.isnan(inter):
+    # No scaling: slope 0 (NIfTI's "unset": the intercept is ignored too) or 1 with intercept 0. ITK adds an intercept
+    # even beside a slope of 0 (float32 voxels): such a NIfTI-1 file goes to SimpleITK, whose reading Slicer shares.
+    if not (slope == 0 or (slope == 1 and inter == 0)) or math.isnan(slope) or math.isnan(inter) \
+            or (slope == 0 and inter != 0 and version[0] == 1):
         return None
     if units & 0x07 not in (0, 2):  # lengths in metres or microns: SimpleITK converts them to mm
         return None

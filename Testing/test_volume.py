@@ -122,6 +122,7 @@ def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
     assert parse_nifti(data) is not None
     odd = {
         "scaled": _edited(data, "2f", 112, 2.0, 5.0),
+        "intercept beside an unset slope": _edited(data, "2f", 112, 0.0, 100.0),  # SimpleITK adds the 100
         "qform and sform disagree": _edited(data, "f", 292, struct.unpack_from("<f", data, 292)[0] + 3.0),
         "sheared sform": _sheared(data),
         "no orientation": _edited(data, "2h", 252, 0, 0),
