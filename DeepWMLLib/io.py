@@ -2084,6 +2084,15 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     lo, hi = float(array.min()), float(array.max())
     if lo == hi:
         raise DeepWMLError(f"{name} is constant (every voxel is {lo:g}); it holds no image — check the export")
+    if array.dtype != np.float32:  # DeepWML computes in single precision: a double or wide-integer image is cast
+        largest, single = max(abs(lo), abs(hi)), np.finfo(np.float32)
+        if not float(single.tiny) <= largest <= float(single.max):
+            raise DeepWMLError(f"{name} has voxels of at most {largest:g} in size, outside single precision's normal "
+                               f"range ({float(single.tiny):.2g} to {float(single.max):.2g}) in which DeepWML computes; "
+                               "rescale the image (or re-export it from the scanner or PACS)")
+        if np.float32(lo) == np.float32(hi):  # every voxel one value in single precision: nothing left to segment
+            raise DeepWMLError(f"{name}'s voxels ({lo:g} to {hi:g}) are all one value in single precision, in which "
+                               "DeepWML computes; rescale the image (or re-export it from the scanner or PACS)")
     labels = _few_values(array)
     if labels is not None:
         shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if len(labels) > 6 else "")

@@ -1412,3 +1412,18 @@ def test_slices_drifting_within_half_a_slice_are_read_and_warned_of(tmp_path):
     read = io.read_image(folder, series=series)
     (warning,) = series.slice_warnings(read)
     assert warning.startswith("DICOM slices unevenly spaced (4.60 to 5.40 mm apart")
+
+
+@pytest.mark.parametrize("scale, offset, words", [(1e37, 0, "outside single precision"), (1e-44, 0, "outside single precision"),
+                                                  (1, 2 ** 40, "all one value in single precision")])
+def test_an_image_single_precision_cannot_hold_is_refused(scale, offset, words):
+    """A double image DeepWML computes on in float32: voxels past float32's range became Inf (a raw numpy error
+    deep inside), and voxels too small for it, or too close together, a few values or one, which segmented silently
+    as no lesion at all."""
+    image, _ = make_volume(size=(32, 28, 4))
+    voxels = sitk.GetArrayFromImage(image).astype(np.float64) * scale
+    scaled = sitk.GetImageFromArray(voxels + offset if not offset else voxels.astype(np.int64) + offset)  # 64-bit integers
+    scaled.CopyInformation(image)
+    with pytest.raises(DeepWMLError, match=words):
+        io.check_volume(scaled, "scaled")
+    assert io.check_volume(sitk.Cast(image, sitk.sitkFloat64), "double") is not None  # an ordinary double image
