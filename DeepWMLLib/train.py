@@ -881,7 +881,7 @@ def validate(model, val: SliceSet, cfg: TrainConfig, device, rank: int = 0, worl
             with autocast:
                 logits = model(x)
             n = x.shape[0]
-            prediction = logits.float().sigmoid() > cfg.threshold
+            prediction = logits.float().sigmoid() >= cfg.threshold  # as inference marks (postprocess)
             truth = y > 0.5
             if kept is not None:  # ignored pixels count as neither found, missed nor false
                 prediction &= kept > 0.5

@@ -1761,3 +1761,26 @@ def test_a_brain_network_that_fails_does_not_refuse_the_cases(tmp_path, monkeypa
     training.train(_contrast_config(manifest, tmp_path), tmp_path / "run")
     assert len(read_history(tmp_path / "run")) == 1
     assert re.search(r"whether 5 case\(s\) are FLAIRs could not be checked \(c0, .*gave NaN probabilities", caplog.text)
+
+
+def test_validation_marks_a_probability_at_the_threshold_as_inference_does(tmp_path):
+    """Inference marks a voxel whose probability equals the threshold (postprocess: >=); validation did not (>),
+    so a network whose output sat exactly on it (fp16/bf16 logits round to such values) was scored on other marks
+    than it gives."""
+    import torch
+
+    manifest = make_dataset(tmp_path / "data", n_cases=2)
+    labels = np.zeros((2, 16, 16), np.uint8)
+    labels[:, 2:6, 2:6] = 1
+    val = training.SliceSet(np.zeros((2, 16, 16), np.float16), labels, np.zeros(2, np.int32),
+                            (labels == 1).reshape(2, -1).sum(1), ["v"], 0)
+
+    class OnTheThreshold(torch.nn.Module):
+        def forward(self, x):  # sigmoid(0) = 0.5 exactly: marked where the lesion is, below it elsewhere
+            out = torch.full_like(x, -10.0)
+            out[..., 2:6, 2:6] = 0.0
+            return out
+
+    cfg = training.TrainConfig.coerce(tiny_config(manifest, threshold=0.5))
+    metrics = training.validate(OnTheThreshold(), val, cfg, torch.device("cpu"))
+    assert metrics["val_dice"] == 1.0 and metrics["val_sensitivity"] == 1.0
