@@ -743,18 +743,18 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
     """(baseline mask, follow-up mask, baseline probabilities, follow-up probabilities, their sources): a
     mask is read when its path is given (no probabilities then), else the scan is segmented here with
     the chosen models (loaded once into `loaded` for a whole cohort; with progress)."""
+    from .segment import input_fingerprint
+
     masks, maps, source = {}, {}, {}
     needed = [name for name, given in zip(("baseline", "follow-up"), mask_paths) if not given]
-    if needed and "models" not in loaded:
-        from .segment import load_brain_model, load_models
-
-        loaded["models"] = load_models(args.model)
-        loaded["brain"] = load_brain_model(None if args.no_brain_mask else "default")
+    if needed:
+        _segmentation_models(args, loaded)
     for name, given, image in zip(("baseline", "follow-up"), mask_paths, (baseline, followup)):
         if given:
             masks[name] = io.read_mask(given, image, f"the {name} FLAIR")
             maps[name] = None
-            source[name] = {"mask": str(given)}
+            # its content: a mask corrected in place is not taken for the one a rerun would skip as done
+            source[name] = {"mask": str(given), "mask_fingerprint": input_fingerprint(Path(given))}
             continue
         from .segment import ProgressBar, segment_image
 
@@ -766,8 +766,18 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
         masks[name] = result.mask
         maps[name] = result.probabilities
         source[name] = {key: result.report[key] for key in ("model", "model_sha256", "brain_model", "threshold",
-                                                            "runner", "warnings", "lesion_count", "volume_ml")}
+                                                            "runner", "warnings", "lesion_count", "volume_ml",
+                                                            "settings")}
     return masks["baseline"], masks["follow-up"], maps["baseline"], maps["follow-up"], source
+
+
+def _segmentation_models(args, loaded: dict) -> None:
+    """The models that segment a scan without a mask, loaded once into `loaded` for a whole cohort."""
+    if "models" not in loaded:
+        from .segment import load_brain_model, load_models
+
+        loaded["models"] = load_models(args.model)
+        loaded["brain"] = load_brain_model(None if args.no_brain_mask else "default")
 
 
 def register(subparsers) -> None:  # the CLI's hook (see cli.py)
@@ -912,14 +922,8 @@ def _run_cohort(args) -> int:
         report_path = out / f"{case}_change.json"
         try:
             if earlier and not args.overwrite and report_path.is_file():  # done before: resumable, if it is this pair
-                done = json.loads(report_path.read_text(encoding="utf-8"))
-                same = all(Path(str(done.get(key, ""))).resolve() == Path(entry[key]).resolve()
-                           for key in ("baseline", "followup"))
-                if not same:
-                    raise DeepWMLError(f"{report_path.name} holds another pair ({done.get('baseline')} -> "
-                                       f"{done.get('followup')}); rename the case or use --overwrite")
-                rows.append({**_summary_row(entry["case"], done), "status": "skipped",
-                             "error": "done before (use --overwrite to redo)"})
+                done = check_done_pair(out, case, entry, report_path, args, loaded)
+                rows.append({**_summary_row(entry["case"], done), "status": "skipped", "error": _skip_message(done)})
                 print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
                 _write_summary(rows, out)
                 continue
@@ -957,6 +961,110 @@ def _run_cohort(args) -> int:
               f"{', '.join(unreliable)}", file=sys.stderr)
     print(batch_total(rows, "pairs", out / "change_summary.csv"), file=sys.stderr)
     return report_failed_cases(failed, "failed")
+
+
+# The settings that shape a pair's result, by the option that sets them, as a report records them: a rerun into
+# the same OUTDIR skips a pair only when they are the same (as `deepwml segment` skips a case). How a run goes and
+# the optional outputs it adds (--qc, --dicom-outline, --output-format) do not count.
+CHANGE_SETTINGS = {"tolerance_mm": "--tolerance-mm", "enlarge_fraction": "--enlarge-fraction",
+                   "enlarge_min_ml": "--enlarge-min-ml", "presence": "--presence", "min_change_ml": "--min-change-ml"}
+# ... and of a scan segmented here (segment.RESULT_SETTINGS, those `deepwml change` has options for)
+SEGMENTATION_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "brain_model_sha256": "--no-brain-mask",
+                         "precision": "--precision"}
+MASK_COLUMNS = {"baseline": "baseline_mask", "follow-up": "followup_mask"}  # the report's `masks`: the manifest's column
+
+
+def planned_change_settings(args, given: tuple) -> dict:
+    """CHANGE_SETTINGS as a run of `args` records them for a pair whose masks are `given` (baseline, follow-up): the
+    presence only where a scan is segmented (a given mask has no probabilities)."""
+    segmented = not all(given)
+    return {"tolerance_mm": args.tolerance_mm, "enlarge_fraction": args.enlarge_fraction,
+            "enlarge_min_ml": args.enlarge_min_ml, "min_change_ml": args.min_change_ml,
+            "presence": float(args.presence) if segmented and args.presence != "off" else None}
+
+
+def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, loaded: dict) -> dict:
+    """The report of an earlier run of the pair `case` in `out`, checked before the pair is skipped as done (as
+    segment.check_earlier_result checks a case): made from these scans, with the same masks (a given one's content
+    unchanged since) and the same settings (CHANGE_SETTINGS; for a scan segmented then and now,
+    SEGMENTATION_SETTINGS), its outputs still there (its QC picture or outline series may have been deleted).
+    Else a DeepWMLError that says what differs and what to do. `loaded`: the cohort's models (_segmentation_models)."""
+    from .segment import input_fingerprint, planned_settings, recorded_settings, settings_differences
+
+    try:
+        done = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DeepWMLError(f"{report_path.name} cannot be read ({exc}); rerun with --overwrite to redo the pair") from exc
+    if not isinstance(done, dict) or not all(Path(str(done.get(key, ""))).resolve() == Path(entry[key]).resolve()
+                                             for key in ("baseline", "followup")):
+        then = done if isinstance(done, dict) else {}
+        raise DeepWMLError(f"{report_path.name} holds another pair ({then.get('baseline')} -> {then.get('followup')}); "
+                           "rename the case or use --overwrite")
+    given = tuple(entry.get(column) or None for column in MASK_COLUMNS.values())
+    differences = settings_differences(done, planned_change_settings(args, given), CHANGE_SETTINGS)
+    sources = done.get("masks") if isinstance(done.get("masks"), dict) else {}
+    segmented = []  # the sources of the scans segmented then and now
+    for (name, column), now in zip(MASK_COLUMNS.items(), given):
+        then = sources.get(name)
+        if not isinstance(then, dict):  # a report of a version before its masks were recorded
+            continue
+        if "mask" in then and now:
+            if Path(str(then["mask"])).resolve() != Path(now).resolve():
+                differences.append(f"{column} ({then['mask']} then, {now} now)")
+            elif then.get("mask_fingerprint") and then["mask_fingerprint"] != input_fingerprint(Path(now)):
+                differences.append(f"{column} ({now} has changed since)")
+        elif "mask" in then:
+            differences.append(f"{column} ({then['mask']} then; none now, so the scan is segmented)")
+        elif now:
+            differences.append(f"{column} (none then: the scan was segmented; {now} now)")
+        else:
+            segmented.append(then)
+    if segmented:
+        _segmentation_models(args, loaded)
+        planned = planned_settings(loaded["models"], args.threshold, brain_model=loaded["brain"], ventricle_model=None,
+                                   precision=args.precision)
+        for then in segmented:  # both scans segmented alike: each difference said once
+            differences += settings_differences(recorded_settings(then), planned, SEGMENTATION_SETTINGS)
+    if differences:
+        raise DeepWMLError(f"{out} holds pair {case!r} made with other settings: {'; '.join(dict.fromkeys(differences))}; "
+                           "use --overwrite to replace it with this run's, or another OUTDIR to keep both")
+    missing = _missing_outputs(out, case, done)
+    if missing:
+        raise DeepWMLError(f"an earlier run's {report_path.name} is here but not its {', '.join(missing)} (deleted?); "
+                           "rerun with --overwrite to make them again")
+    return done
+
+
+def _missing_outputs(out: Path, case: str, done: dict) -> list[str]:
+    """The outputs of a pair done before (its report `done`) that are no longer in `out`; its optional ones (the QC
+    picture, the outline series) are not needed."""
+    optional = (f"{case}_change_qc.png", f"{case}_change.json")
+    listed = done.get("outputs")
+    if isinstance(listed, list):
+        return [n for n in listed if isinstance(n, str) and n not in optional and not (out / n).exists()]
+    # a report of a version before its outputs were listed: each of them in any image format
+    sources = done.get("masks") if isinstance(done.get("masks"), dict) else {}
+    segmented = tuple(isinstance(sources.get(name), dict) and "mask" not in sources[name] for name in MASK_COLUMNS)
+    variants = [output_paths(out, case, e, e, segmented, False) for e in io.OUTPUT_EXTENSIONS]
+    return [path.name for kind, path in variants[0].items()
+            if path.name not in optional and not any(v[kind].exists() for v in variants)]
+
+
+def _skip_message(done: dict) -> str:
+    """The summary's word on a pair skipped as done (check_done_pair); for a report of an older version, which of
+    the settings it does not record, so could not be compared."""
+    unrecorded = [option for key, option in CHANGE_SETTINGS.items() if key not in done]
+    masks = done.get("masks")
+    sources = [s for s in masks.values() if isinstance(s, dict)] if isinstance(masks, dict) else []
+    if any("mask" not in s and "settings" not in s for s in sources):
+        unrecorded += ["--no-brain-mask", "--precision"]
+    if any("mask" in s and "mask_fingerprint" not in s for s in sources):
+        unrecorded.append("the masks' content")
+    message = "done before (use --overwrite to redo)"
+    if unrecorded:
+        message += (f"; made by an older DeepWML whose report does not record all its settings ({', '.join(unrecorded)}), "
+                    "so this run's may differ: --overwrite makes it with them")
+    return message
 
 
 def _summary_row(case: str, report: dict) -> dict:
@@ -1022,7 +1130,8 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
                            None if args.presence == "off" else float(args.presence), args.min_change_ml)
     report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **result.report,
-              "masks": source, "deepwml_version": __version__, "seconds": round(time.perf_counter() - start, 3)}
+              "masks": source, "outputs": sorted(p.name for p in paths.values()), "deepwml_version": __version__,
+              "seconds": round(time.perf_counter() - start, 3)}
     if any(chosen.values()):
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
         report["warnings"] = [f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()

@@ -393,12 +393,13 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def settings_differences(earlier: dict, wanted: dict) -> list[str]:
+def settings_differences(earlier: dict, wanted: dict, options: dict = RESULT_SETTINGS) -> list[str]:
     """The result settings in which an earlier report's `settings` and `wanted` (planned_settings) differ,
-    each as "OPTION (THEN then, NOW now)". A setting the earlier report lacks is not compared, nor the
-    precision when `wanted` leaves it to the machine (auto)."""
+    each as "OPTION (THEN then, NOW now)"; `options`: which settings, by the option that sets them (`deepwml
+    change` compares its own). A setting the earlier report lacks is not compared, nor the precision when
+    `wanted` leaves it to the machine (auto)."""
     found = []
-    for key, option in RESULT_SETTINGS.items():
+    for key, option in options.items():
         if key not in earlier or (key == "precision" and wanted[key] is None):
             continue
         then, now = earlier[key], wanted[key]

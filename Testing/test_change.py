@@ -285,7 +285,7 @@ def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model,
     mask = sitk.ReadImage(str(out / "p1_baseline_wmh.nii.gz"))
     assert io.grid_difference(mask, sitk.ReadImage(str(files["baseline"]))) is None  # on the baseline's own grid
     report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
-    assert report["masks"]["baseline"]["model"] and report["masks"]["follow-up"] == {"mask": str(files["followup_mask"])}
+    assert report["masks"]["baseline"]["model"] and report["masks"]["follow-up"]["mask"] == str(files["followup_mask"])
 
 
 def test_bad_inputs_are_refused_clearly(pair, tmp_path, capsys):
@@ -827,3 +827,64 @@ def test_a_manifest_of_pairs_is_read_as_training_reads_it(pair, tmp_path, monkey
     err = capsys.readouterr().err
     assert "not from the current folder, where 4 of them exist (e.g. pairs/baseline.nii.gz)" in err
     assert "Traceback" not in err and not (tmp_path / "here").exists()
+
+
+def _small_pair_manifest(monkeypatch, folder, segmented: bool = False):
+    """A manifest of one pair (`_every_fate`'s scene, registration left out) written under `folder`; with
+    `segmented`, the follow-up without its mask (segmented by the run)."""
+    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
+    files = {}
+    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
+                        ("followup_mask", followup_mask)):
+        files[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(files[name]))
+    manifest = folder / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},"
+                        f"{'' if segmented else files['followup_mask']}\n", encoding="utf-8")
+    return manifest, files
+
+
+def test_a_pair_done_with_other_settings_or_missing_an_output_is_not_skipped_as_done(tmp_path, monkeypatch, capsys):
+    """change --manifest skipped a pair whose report was there and named the same scans, whatever the settings
+    now: rerun with --tolerance-mm 3 or --min-change-ml 0, or after the baseline mask was corrected, the summary
+    said 'skipped - done before' with the old calls; and with its lesion table deleted, too. Now it says what
+    differs and to use --overwrite, as deepwml segment does."""
+    manifest, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+    assert main(run) == 0
+    capsys.readouterr()
+    for options, said in ((["--tolerance-mm", "3"], "--tolerance-mm (2 then, 3 now)"),
+                          (["--min-change-ml", "0"], f"--min-change-ml ({change.DEFAULT_MIN_CHANGE_ML:g} then, 0 now)")):
+        assert main(run + options) == 1
+        err = capsys.readouterr().err
+        assert f"holds pair 'p1' made with other settings: {said}; use --overwrite" in err, err
+        rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+        assert [(r["case"], r["status"]) for r in rows] == [("p1", "error")]
+    assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
+    corrected = sitk.GetArrayFromImage(sitk.ReadImage(str(files["baseline_mask"])))
+    corrected[:, :2, :2] = 1  # edited in place, under the same name
+    edited = sitk.GetImageFromArray(corrected)
+    edited.CopyInformation(sitk.ReadImage(str(files["baseline_mask"])))
+    sitk.WriteImage(edited, str(files["baseline_mask"]))
+    assert main(run) == 1
+    assert f"baseline_mask ({files['baseline_mask']} has changed since)" in capsys.readouterr().err
+    assert main(run + ["--overwrite"]) == 0
+    (out / "p1_change.csv").unlink()
+    capsys.readouterr()
+    assert main(run) == 1
+    assert "p1_change.json is here but not its p1_change.csv (deleted?); rerun with --overwrite" in capsys.readouterr().err
+    assert main(run + ["--overwrite"]) == 0 and (out / "p1_change.csv").is_file()
+
+
+def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path, monkeypatch, tiny_model, capsys):
+    """A follow-up segmented here: the same pair rerun with another --threshold (or model) was skipped as done."""
+    manifest, _ = _small_pair_manifest(monkeypatch, tmp_path, segmented=True)
+    run = ["change", "--manifest", str(manifest), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+           "--device", "cpu", "--no-brain-mask"]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
+    assert main(run + ["--threshold", "0.3"]) == 1
+    assert "made with other settings: --threshold (0.5 then, 0.3 now)" in capsys.readouterr().err
