@@ -701,3 +701,32 @@ def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it
     error = summary(out)["a"]["error"]
     assert error == "tiny.pt gave NaN probabilities (running as torch fp16): its result would mark nothing; rerun " \
                     "with --precision fp32, and if that fails too, the model file is at fault"
+
+
+def test_batch_stopped_part_way_leaves_a_summary_of_the_cases_it_did(scene, batchScript, tmp_path, monkeypatch,
+                                                                      tiny_model):
+    """summary.csv was written only at the end: a batch stopped in its last case (Ctrl-C, Slicer closed or killed)
+    left none, or an earlier run's; the cases done had to be found by their reports. Now it is rewritten after
+    every case."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        writeCase(inputs, name)
+    out.mkdir()
+    (out / "summary.csv").write_text("case,status\nold,ok\n", encoding="utf-8")  # an earlier run's, of other cases
+    segmentCase = batchScript.segmentCase
+    seen = {}
+
+    def stoppedInB(logic, case, *rest, **options):
+        if case == "b":  # the process killed now: what summary.csv says at this moment is what it leaves
+            seen.update(summary(out))
+            raise KeyboardInterrupt
+        return segmentCase(logic, case, *rest, **options)
+
+    monkeypatch.setattr(batchScript, "segmentCase", stoppedInB)
+    with pytest.raises(KeyboardInterrupt):
+        batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                          "--device", "cpu"])
+    assert list(seen) == ["a"] and seen["a"]["status"] == "ok" and float(seen["a"]["volume_ml"]) > 0
+    assert summary(out) == seen

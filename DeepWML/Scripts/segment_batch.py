@@ -11,7 +11,8 @@ CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per s
 segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case,
 CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
 and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.png (the same names as
-`deepwml segment`), and summary.csv with one row per case. With
+`deepwml segment`), and summary.csv with one row per case (rewritten after each: a run stopped part way lists
+the cases it did). With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. Each case's steps are shown as it runs, and after it about how long the rest will take.
@@ -295,6 +296,10 @@ def main(argv) -> int:
     # each case's steps as they run and, after each, about how long the rest will take: as deepwml segment's
     # (plain lines at each quarter when the output is a log, not a terminal)
     bar = segment.ProgressBar(sys.stdout, eta=True)
+    # summary.csv rewritten (atomically) after every case, as deepwml change's: a run stopped part way (Ctrl-C,
+    # Slicer closed or killed) leaves the cases it did listed, and never an earlier run's summary as this one's
+    summaryPath = args.output_dir / "summary.csv"
+    write_csv(rows, SUMMARY_COLUMNS, summaryPath)
     for number, (case, path, study) in enumerate(inputs, 1):
         update = bar(number, len(inputs), case)
         start = time.perf_counter()
@@ -322,11 +327,12 @@ def main(argv) -> int:
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
         bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
+        write_csv(rows, SUMMARY_COLUMNS, summaryPath)
     only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
     if only_masks:
         print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
-    write_csv(rows, SUMMARY_COLUMNS, args.output_dir / "summary.csv")
-    print(segment.batch_total(rows, "cases", args.output_dir / "summary.csv"), flush=True)
+    write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+    print(segment.batch_total(rows, "cases", summaryPath), flush=True)
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 
