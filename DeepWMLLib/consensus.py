@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import (case_error, claim_picture_name, pair_title, picture_path, read_manifest, report_failed_cases,
-                         write_csv, write_json)
+from .evaluation import (case_error, claim_picture_name, clear_earlier_run, pair_title, picture_path, read_manifest,
+                         report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
 
 DEFAULT_THRESHOLD = 0.85
@@ -134,6 +134,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     _check_threshold(threshold)
     entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), ("flair",), path_columns=("rater_a", "rater_b", "flair"))
     out = io.make_output_dir(out_dir)
+    clear_earlier_run(out, ("consensus.json", "consensus.csv", "relabel.txt"), entries)
     rows, details, unpictured, picture_names = [], {}, [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():

@@ -14,7 +14,10 @@ relative paths are relative to the CSV's folder) and writes into an output folde
                          is significant (alpha 0.05)
     fig3_by_disease.png, fig3_by_centre.png, fig4_by_lv_group.png   box plots
     report.md            one readable report tying the above together
-    summary.json         all of it, machine readable
+    summary.json         all of it, machine readable, written last
+
+An earlier run's files of these names (and its pictures in qc/) are removed first, so that a rerun into the
+same folder leaves none of them beside its own, and one stopped part way leaves no summary.json.
 
 Quartiles are numpy's linear interpolation (Hyndman-Fan type 7; SPSS's type 6 can differ on small groups).
 The unit of the paper's tables and tests is the 2D image (axial slice with reference lesion), as in
@@ -160,6 +163,33 @@ def claim_picture_name(taken: dict, case: str) -> None:
 def picture_path(out_dir: Path, case: str) -> Path:
     """OUT/qc/CASE_qc.png (see `picture_path_name`), its folder made."""
     return io.make_output_dir(Path(out_dir) / "qc") / picture_path_name(case)
+
+
+def clear_earlier_run(out: Path, names, entries: list[dict]) -> None:
+    """Before a cohort command (evaluate, consensus) writes into `out`: what an earlier run of it left there is
+    removed, so that none of it stays beside this run's looking like its own (a figure of an option not given
+    now, a picture of a case no longer pictured, the tables of a run stopped part way). Only DeepWML's files:
+    `names` (every file a run of the command may write, its summary first: written last, it says that a run
+    finished) and, in out/qc, the pictures of this run's cases (`entries`) and of those the earlier summary
+    lists; whatever else is in `out` is the user's."""
+    earlier = []
+    try:
+        summary = json.loads((out / names[0]).read_text(encoding="utf-8-sig"))
+        earlier = [row.get("case") for key in ("cases", "failed") for row in summary.get(key) or []
+                   if isinstance(row, dict)]
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or not one of ours: its pictures unknown
+        pass
+    cases = [c for c in dict.fromkeys([*earlier, *(entry["case"] for entry in entries)]) if isinstance(c, str)]
+    for path in [*(out / name for name in names), *(out / "qc" / picture_path_name(c) for c in cases)]:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DeepWMLError(f"cannot remove {path}, an earlier run's ({exc.strerror or exc}); is it open in another "
+                               "program (Excel, an image viewer)? close it there and run again") from exc
+    try:
+        (out / "qc").rmdir()  # only when no picture is left in it
+    except OSError:
+        pass
 
 
 def report_failed_cases(failed: list[dict], verb: str) -> int:
@@ -531,6 +561,14 @@ def _report(summary: dict) -> str:
 # Cohort
 
 
+FIGURES = (("disease", "Fig. 3: per disease", "fig3_by_disease.png"),
+           ("centre", "Fig. 3: per centre", "fig3_by_centre.png"),
+           ("lv_group", "Fig. 4: per lesion-volume group", "fig4_by_lv_group.png"))
+# every file evaluate_cohort may write in OUTDIR (but the pictures in qc/), its summary first (clear_earlier_run)
+EVALUATION_OUTPUTS = ("summary.json", "report.md", "per_image.csv", "per_case.csv", "table2.csv", "lv_groups.csv",
+                      "statistics.csv", *(name for _, _, name in FIGURES))
+
+
 def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                     found_fraction: float = metrics.FOUND_FRACTION, size_classes: metrics.SizeClasses | None = None,
                     progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> dict:
@@ -543,6 +581,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
                             path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
+    clear_earlier_run(out, EVALUATION_OUTPUTS, entries)
     case_rows, image_rows, failed, pictured, unpictured, picture_names = [], [], [], [], [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():
@@ -598,10 +637,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     write_csv(summary["lv_groups"], list(summary["lv_groups"][0]), out / "lv_groups.csv")
     write_csv(summary["statistics"], ["test", "metric", "grouping", "groups", "statistic", "p", "note"],
               out / "statistics.csv")
-    figures = [("disease", "Fig. 3: per disease", "fig3_by_disease.png"),
-               ("centre", "Fig. 3: per centre", "fig3_by_centre.png"),
-               ("lv_group", "Fig. 4: per lesion-volume group", "fig4_by_lv_group.png")]
-    for grouping, title, name in figures:
+    for grouping, title, name in FIGURES:
         if grouping != "lv_group" and all(not r.get(grouping) for r in case_rows):
             continue
         try:

@@ -299,3 +299,34 @@ def test_a_mask_over_a_larger_extent_says_what_lies_outside_the_other_raters_sca
         assert outside == [f"{ml:.2f} ml (25 voxels) of {whose} lie outside {grid} (the scan it was drawn on): they "
                            "were compared over the larger extent, where they count as disagreement (lowering Dice)"]
         assert result["dice"] < within["dice"]
+
+
+def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run_beside_its_own(tmp_path, monkeypatch):
+    """consensus rerun into its folder: a case's picture of a first run with a flair column stayed after a
+    second run without one; and a run stopped before its consensus.json left the earlier run's beside its
+    new consensus.csv. Now an earlier run's files go first."""
+    a, b = raters()
+    for name, array in (("a", a), ("b", b)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    noise = np.random.default_rng(0).normal(100, 10, b.shape)
+    flair = sitk.GetImageFromArray((noise + 80 * b).astype(np.float32))
+    flair.CopyInformation(image(b))
+    io.write_image(flair, tmp_path / "flair.nii.gz")
+    (tmp_path / "pictured.csv").write_text("case,rater_a,rater_b,flair\ndisagree,a.nii.gz,b.nii.gz,flair.nii.gz\n")
+    (tmp_path / "plain.csv").write_text("case,rater_a,rater_b\ndisagree,a.nii.gz,b.nii.gz\nagree,b.nii.gz,b.nii.gz\n")
+    out = tmp_path / "out"
+    assert main(["consensus", "--manifest", str(tmp_path / "pictured.csv"), "-o", str(out)]) == 0
+    assert (out / "qc" / "disagree_qc.png").is_file()
+    assert main(["consensus", "--manifest", str(tmp_path / "plain.csv"), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["consensus.csv", "consensus.json", "relabel.txt"]
+    write_text = io.write_text
+
+    def stopped(text, path):
+        if path.name == "relabel.txt":
+            raise KeyboardInterrupt
+        return write_text(text, path)
+
+    monkeypatch.setattr(io, "write_text", stopped)
+    assert main(["consensus", "--manifest", str(tmp_path / "pictured.csv"), "-o", str(out)]) == 130  # Ctrl-C
+    monkeypatch.setattr(io, "write_text", write_text)
+    assert sorted(p.name for p in out.iterdir()) == ["consensus.csv", "qc"]  # no earlier run's verdicts beside it

@@ -458,3 +458,35 @@ def test_a_reference_over_a_larger_extent_says_what_lies_outside_the_scan(tmp_pa
     within[8] = 0  # the same larger extent, every lesion inside the scan: nothing to say
     assert not any("outside" in n for n in evaluation.evaluate_case(
         pred, write_mask(within, tmp_path / "w.nii.gz"))["notes"])
+
+
+def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run_beside_its_own(cohort, tmp_path, monkeypatch):
+    """evaluate rerun into its folder: the per-centre figure of a first run stayed beside a second run without
+    centres, as if this run's; and a run stopped part way left the earlier run's report.md and summary.json beside
+    its new tables. Now an earlier run's files go first (only those DeepWML writes: a file of the user's stays)."""
+    out = tmp_path / "out"
+    evaluation.evaluate_cohort(cohort, out)
+    assert (out / "fig3_by_centre.png").is_file()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    plain = cohort.parent / "plain.csv"  # the same cases, without centre and disease
+    rows = read_csv(cohort)
+    with open(plain, "w", newline="") as f:
+        csv.writer(f).writerows([["case", "prediction", "reference"]] + [[r["case"], r["prediction"], r["reference"]]
+                                                                         for r in rows])
+    summary = evaluation.evaluate_cohort(plain, out)
+    assert "fig3_by_centre.png" not in summary["figures"] and not (out / "fig3_by_centre.png").exists()
+    assert not (out / "fig3_by_disease.png").exists() and (out / "fig4_by_lv_group.png").is_file()
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+    write_csv = evaluation.write_csv
+
+    def stopped(rows, columns, path):
+        if path.name == "table2.csv":
+            raise KeyboardInterrupt
+        return write_csv(rows, columns, path)
+
+    monkeypatch.setattr(evaluation, "write_csv", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_cohort(cohort, out)
+    assert not (out / "summary.json").exists() and not (out / "report.md").exists()
+    assert not (out / "fig4_by_lv_group.png").exists()  # none of the earlier run's beside this one's tables
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "per_case.csv", "per_image.csv"]
