@@ -2646,10 +2646,15 @@ def try_lock(fd: int) -> bool | None:
         return None
 
 
+class BeingWritten(DeepWMLError):
+    """What `exclusive` raises when another process holds the lock: `deepwml segment` leaves such a case to that
+    process (skipped, not failed)."""
+
+
 @contextlib.contextmanager
 def exclusive(lock: Path, what: str):
     """Hold an exclusive lock on the file `lock` (made, and removed after) while the block runs; a second
-    process asking for it meanwhile gets a DeepWMLError at once, naming `what` (`try_lock`: on POSIX and
+    process asking for it meanwhile gets a BeingWritten error at once, naming `what` (`try_lock`: on POSIX and
     Windows; where there are no locks, nothing is guarded)."""
     while True:
         try:
@@ -2659,7 +2664,7 @@ def exclusive(lock: Path, what: str):
         locked = try_lock(fd)
         if locked is False:
             os.close(fd)
-            raise DeepWMLError(f"{what} is being written by another DeepWML process now; wait for it to finish, "
+            raise BeingWritten(f"{what} is being written by another DeepWML process now; wait for it to finish, "
                                f"or choose another OUTDIR")
         if locked is None:  # run as without locks
             os.close(fd)

@@ -1265,6 +1265,9 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
                    "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
+        except io.BeingWritten:  # another DeepWML run into OUTDIR is writing this case: left to it, not a failure
+            row = {"case": case, "input": str(path), "status": "skipped", "error": LEFT_TO_ANOTHER,
+                   "seconds": round(time.perf_counter() - start, 3), "_busy": (path, study)}
         except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
             raise
         except Exception as exc:  # one bad case never stops the others
@@ -1286,6 +1289,10 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             row["_to_segment"] = _to_segment(cases, unread, number, rows)
             progress_factory.finish(row)
             del row["_to_segment"]
+    for row in rows:
+        left = row.pop("_busy", None)
+        if left:
+            _done_by_another(row, *left, out, models, device, protected, options)
     _series_matched_nothing(rows, options.get("series"))
     named_masks = [row for row in rows if "_named" in row]
     only_masks = masks_only(rows)
@@ -1294,6 +1301,35 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
     for row in named_masks:
         if row["status"] == "skipped":
             warnings.warn(f"skipped {row['input']}, given as INPUT: {row['error']}", stacklevel=2)
+
+
+LEFT_TO_ANOTHER = ("being written by another DeepWML process now, so left to it (not segmented twice); its "
+                   "figures are in its report when it is done")
+DONE_BY_ANOTHER = "written by another DeepWML process into this OUTDIR during this run; figures from its report"
+
+
+def _done_by_another(row: dict, path: Path, study, out: Path, models, device, protected, options) -> None:
+    """A case left to another DeepWML process writing it (LEFT_TO_ANOTHER) looked at again at the end of the run:
+    when that process has finished it, its row takes the figures of the report it wrote, checked as a rerun's
+    are (the same scan, the same settings), so that summary.csv, which the run that ends last writes, lists
+    every case done rather than calling cases of the other run errors. Still being written, or never written
+    (the other process failed or was stopped), the row stays as it was; its report of another scan or made with
+    other settings makes it an error, as a rerun's would."""
+    if not (out / f"{row['case']}_report.json").exists():
+        return
+    try:
+        earlier = segment_case(row["case"], path, out, models, device, study=study, protected=protected,
+                               **{**options, "overwrite": False})
+    except io.BeingWritten:
+        return
+    except DeepWMLError as exc:
+        row.update(status="error", error=str(exc))
+        return
+    if earlier["status"] == "skipped":
+        row.update({key: value for key, value in earlier.items() if key not in ("status", "error", "seconds")},
+                   error=DONE_BY_ANOTHER)
+    else:  # written meanwhile by this run itself (the other process's report went before it finished)
+        row.update(earlier)
 
 
 def _to_segment(cases, unread, number: int, rows) -> int:

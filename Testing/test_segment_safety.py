@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.cli import Stopped, main
 from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.segment import segment_cases
 
 from conftest import make_volume, write_dicom_series
 
@@ -86,16 +87,77 @@ def test_a_rerun_with_another_scan_of_the_same_name_is_not_skipped_as_done(tmp_p
     assert json.loads((out / "FLAIR_report.json").read_text())["input"] == str(second)
 
 
-def test_a_case_another_process_is_writing_is_refused_and_the_lock_goes_after(tmp_path, tiny_model, capsys):
+def test_a_case_another_process_is_writing_is_left_to_it_and_the_lock_goes_after(tmp_path, tiny_model, capsys):
+    """Left to the process writing it: skipped, not failed (exit 0), saying so on screen and in summary.csv."""
     path = write_case(tmp_path, "a")
     out = tmp_path / "out"
     out.mkdir()
     with io.exclusive(out / ".a.deepwml-lock", "the other run"):
-        assert segment(tiny_model, path, "-o", out) == 1
-        assert "is being written by another DeepWML process" in capsys.readouterr().err
+        assert segment(tiny_model, path, "-o", out) == 0
+        assert "a: skipped - being written by another DeepWML process now, so left to it" in capsys.readouterr().err
         assert not (out / "a_report.json").exists()
+        row = summary(out)["a"]
+        assert (row["status"], row["volume_ml"]) == ("skipped", "")
+        assert row["error"].startswith("being written by another DeepWML process now")
     assert segment(tiny_model, path, "-o", out) == 0
+    assert summary(out)["a"]["status"] == "ok"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock file left
+
+
+def test_two_runs_into_one_outdir_each_list_the_cases_the_other_wrote(tmp_path, tiny_model):
+    """Two runs of the same cases into one OUTDIR: each case is written by one of them, and the summary.csv of
+    the run that ends last (which replaces the other's) lists every case with its figures, none an error.
+    Here the other run holds case a while this run reaches it, then writes it and ends before this one does."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+
+    class Other:  # when this run has left case a, the other run finishes it
+        def __call__(self, number, total, case):
+            return None
+
+        def finish(self, row):
+            if row["case"] == "a":
+                assert row["status"] == "skipped"
+                other.__exit__(None, None, None)
+                assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+
+    rows = segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Other())
+    assert {row["case"]: row["status"] for row in rows} == {"a": "skipped", "b": "ok"}
+    listed = summary(out)
+    report = json.loads((out / "a_report.json").read_text())
+    assert listed["a"]["status"] == "skipped"
+    assert listed["a"]["error"].startswith("written by another DeepWML process into this OUTDIR during this run")
+    assert float(listed["a"]["volume_ml"]) == pytest.approx(report["volume_ml"])
+    assert listed["a"]["lesion_count"] == str(report["lesion_count"])
+    assert listed["b"]["status"] == "ok"
+    assert segment(tiny_model, folder, "-o", out) == 0  # both done: a rerun skips both as done
+    assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "skipped"}
+
+
+def test_a_case_another_run_made_with_other_settings_meanwhile_is_an_error(tmp_path, tiny_model):
+    """Looked at again at the end of the run, a case the other run wrote with other settings is not this run's
+    result: an error, as a rerun's would be."""
+    path = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+
+    class Other:
+        def __call__(self, number, total, case):
+            return None
+
+        def finish(self, row):
+            other.__exit__(None, None, None)
+            assert segment(tiny_model, path, "-o", out, "--threshold", "0.3") == 0
+
+    rows = segment_cases([str(path)], out, [str(tiny_model)], "cpu", progress_factory=Other())
+    assert rows[0]["status"] == "error" and "made with other settings" in rows[0]["error"]
 
 
 def test_temporary_and_hidden_files_are_no_cases_and_a_killed_runs_are_swept(tmp_path, tiny_model):

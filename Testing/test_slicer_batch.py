@@ -530,6 +530,48 @@ def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(s
     assert {row["status"] for row in summary(cli_out).values()} == {"skipped"}
 
 
+def test_batch_leaves_a_case_another_run_is_writing_to_it_and_lists_its_figures_once_done(scene, batchScript, tmp_path,
+                                                                                         monkeypatch, tiny_model):
+    """As `deepwml segment`: a case another DeepWML run into OUT is writing is left to it, skipped, not failed;
+    done by the end of the batch, its row has the figures of the other run's report."""
+    from DeepWMLLib import segment
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz", seed=3)
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    with io.exclusive(out / ".a.deepwml-lock", "the other run"):
+        assert batchScript.main(arguments) == 0
+    rows = summary(out)
+    assert (rows["a"]["status"], rows["b"]["status"]) == ("skipped", "ok")
+    assert rows["a"]["error"].startswith("being written by another DeepWML process now")
+
+    (out / "b_report.json").unlink()
+    other = io.exclusive(out / ".b.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    class Bar(segment.ProgressBar):  # when the batch has left case b, the other run (deepwml segment) does it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "b" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+                assert cli_main(["segment", str(inputs / "b.nii.gz"), "-o", str(out), "--model", str(tiny_model),
+                                 "--device", "cpu", "--overwrite"]) == 0
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    assert batchScript.main(arguments) == 0
+    rows = summary(out)
+    assert rows["b"]["status"] == "skipped" and rows["b"]["error"].startswith("written by another DeepWML process")
+    report = json.loads((out / "b_report.json").read_text())
+    assert float(rows["b"]["volume_ml"]) == pytest.approx(report["volume_ml"])
+
+
 def test_batch_overwrite_stopped_part_way_leaves_no_old_report_beside_new_files(scene, batchScript, tmp_path,
                                                                                  monkeypatch, tiny_model):
     """--overwrite with another threshold, the disk full after the new segmentation was written: the earlier

@@ -175,8 +175,8 @@ def loadReference(path: Path):
 
 
 def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -> dict:
-    """One case, as `deepwml segment` does it: a scan given is never written over, and another DeepWML
-    process writing the same case at once is refused (a lock on it). `progress(fraction, message)` is told
+    """One case, as `deepwml segment` does it: a scan given is never written over, and a case another DeepWML
+    process is writing now is left to it (a lock on it: io.BeingWritten). `progress(fraction, message)` is told
     the segmentation's steps."""
     from DeepWMLLib.segment import output_paths
 
@@ -260,6 +260,26 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     return {"status": "ok", "error": "", **row}
 
 
+def doneByAnother(logic, row: dict, path: Path, study, args) -> None:
+    """A case left to another DeepWML process writing it, looked at again at the end of the run (as
+    segment._done_by_another): finished by then, its row takes the figures of that process's report, checked
+    as a rerun's are; made from another scan or with other settings, it is an error."""
+    if not (args.output_dir / f"{row['case']}_report.json").exists():
+        return
+    try:
+        earlier = segmentCase(logic, row["case"], path, argparse.Namespace(**{**vars(args), "overwrite": False}), study)
+    except io.BeingWritten:
+        return
+    except DeepWMLError as exc:
+        row.update(status="error", error=str(exc))
+        return
+    if earlier["status"] == "skipped":
+        row.update({key: value for key, value in earlier.items() if key not in ("status", "error")},
+                   error=segment.DONE_BY_ANOTHER)
+    else:
+        row.update(earlier)
+
+
 def main(argv) -> int:
     args = parseArguments(argv)
     mrml.initializeStandaloneScene()
@@ -314,6 +334,8 @@ def main(argv) -> int:
             row = {"status": "skipped", "error": str(exc)}
         except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
             row = {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
+        except io.BeingWritten:  # another DeepWML run into OUT is writing this case: left to it, not a failure
+            row = {"status": "skipped", "error": segment.LEFT_TO_ANOTHER, "_busy": (path, study)}
         except Exception as exc:  # one bad case never stops the others
             if args.debug:
                 traceback.print_exc()
@@ -328,6 +350,10 @@ def main(argv) -> int:
         rows.append(row)
         bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+    for row in rows:  # the cases left to another run, looked at again as `deepwml segment` does
+        left = row.pop("_busy", None)
+        if left:
+            doneByAnother(logic, row, *left, args)
     only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
     if only_masks:
         print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
