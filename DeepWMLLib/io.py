@@ -1102,10 +1102,18 @@ class DicomSeries:
         (`image`: the series as read, its third axis the slices). ITK puts them on a regular grid spaced by their
         mean step, which keeps the stack's extent, but a slice then lies off its place and stands for a slab of
         the mean thickness, not the tissue up to its neighbours: a lesion's place and volume a little off where
-        the steps differ. Positions written rounded (to 0.01 mm) or with float noise stay within the tolerance."""
-        along = np.array(self.slice_positions_mm, float)
-        if (len(along) < 3 or len(along) != len(self.files) or image.GetDimension() != 3
-                or image.GetSize()[2] != len(along)):
+        the steps differ. Positions written rounded (to 0.01 mm) or with float noise stay within the tolerance. A
+        multi-frame (enhanced) file's frames are judged by their own positions, along the volume's slice axis
+        (`_check_frames` puts them on the grid of their mean step, as ITK puts a series')."""
+        along, which = np.array(self.slice_positions_mm, float), "image"
+        if len(self.files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] > 1:
+            geometry = _frame_geometry(self.files[0])
+            along = (np.array(geometry[0]) @ np.array(image.GetDirection()).reshape(3, 3)[:, 2] if geometry
+                     else np.array([]))
+            which = "frame"
+        elif len(along) != len(self.files):
+            return None
+        if len(along) < 3 or image.GetDimension() != 3 or image.GetSize()[2] != len(along):
             return None
         spacing = float(image.GetSpacing()[2])
         steps = np.diff(along)
@@ -1114,7 +1122,7 @@ class DicomSeries:
             return None
         k = int(np.argmax(off))
         number = self.instance_numbers[k] if len(self.instance_numbers) == len(along) else None
-        which = f"image {k + 1}" + (f" (instance {number})" if number is not None else "")
+        which = f"{which} {k + 1}" + (f" (instance {number})" if number is not None else "")
         return (f"DICOM slices unevenly spaced ({steps.min():.2f} to {steps.max():.2f} mm apart by their positions): "
                 f"{_volumes_use(image)} their mean spacing, {spacing:.2f} mm, which puts {which} {off[k]:.2f} mm from "
                 "where it was imaged (lesions there are placed as far off, and measured with the mean spacing)")
@@ -1495,7 +1503,7 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         _check_one_patient(path, reader, len(files))
     _check_pixel_spacing(path, reader)
     if len(files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] > 1:
-        _check_frames(path, files[0], image)
+        _check_frames(path, files[0], image)  # (and puts frames unevenly spaced on their mean spacing)
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         _check_one_orientation(path, reader, files)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
@@ -1790,7 +1798,11 @@ def _check_frames(path, file: str, image) -> None:
     them. GDCM stacks the frames in the order the file stores them, from the first frame's position; frames
     stored in acquisition order (interleaved), a frame missing or repeated, or frames in more than one plane
     gave a scrambled volume, or one of 1 x 1 x 1 mm voxels, without a word. Each frame's position and
-    orientation (its functional groups, `_frame_geometry`) is checked against the grid."""
+    orientation (its functional groups, `_frame_geometry`) is checked against the grid. Frames unevenly spaced
+    (steps within a fifth of each other; positions written rounded to 0.01 mm are enough), which GDCM reads on
+    1 x 1 x 1 mm voxels, are put on the grid of their mean step, as ITK puts a series of one file per slice
+    (`image`'s spacing is set), and refused as that series is when a frame would lie over half a slice from
+    where it was imaged (DicomSeries.slice_spacing_warning warns of less)."""
     geometry = _frame_geometry(file)
     if geometry is None:
         return
@@ -1822,12 +1834,35 @@ def _check_frames(path, file: str, image) -> None:
         why = f"{what}: {steps[k]:.2f} mm between two of them, {typical:.2f} mm elsewhere"
     elif (np.diff(along) < 0).any() and (np.diff(along) > 0).any():
         why = "its frames are not stored in slice order"
+    elif _off_mean_grid(along).max() > 0.5 * abs(along[-1] - along[0]) / (len(along) - 1):
+        mean, off = abs(along[-1] - along[0]) / (len(along) - 1), _off_mean_grid(along)
+        k = int(np.argmax(off))
+        raise DeepWMLError(f"{path}: the frames of the multi-frame DICOM file {name} are unevenly spaced "
+                           f"({np.abs(np.diff(along)).min():.2f} to {np.abs(np.diff(along)).max():.2f} mm apart): on a "
+                           f"regular grid of their mean spacing, {mean:.2f} mm, frame {k + 1} would lie {off[k]:.1f} mm "
+                           "(over half a slice) from where it was imaged; convert the file with a tool that resamples "
+                           "unevenly spaced slices (dcm2niix, 3D Slicer's DICOM module) and segment the file it writes")
     elif (pixel is not None and pixel.shape == (2,)
-          and np.abs(pixel[::-1] - np.array(spacing[:2])).max() > 1e-3 * pixel.max()):
+          and np.abs(pixel[::-1] - np.array(spacing[:2])).max() > 1e-3 * pixel.max()
+          and spacing != (1.0, 1.0, 1.0)):  # GDCM's own 1 x 1 x 1 mm, where its frames are unevenly spaced: set below
         why = f"its pixels are {pixel[1]:g} x {pixel[0]:g} mm and were read as {spacing[0]:g} x {spacing[1]:g} mm"
     else:
+        if pixel is not None and pixel.shape == (2,) and spacing == (1.0, 1.0, 1.0):
+            # GDCM read the frames in order from the first one's position but, their steps unequal, on its
+            # 1 x 1 x 1 mm along the slice normal: their pixels, and their mean step (the stack's extent) the
+            # way they are stored, as ITK reads such a series
+            image.SetSpacing((float(pixel[1]), float(pixel[0]), abs(along[-1] - along[0]) / (len(along) - 1)))
+            if along[-1] < along[0]:  # stored from the top down
+                image.SetDirection((direction * [1, 1, -1]).ravel().tolist())
+            spacing = image.GetSpacing()
         grid = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(positions))])
-        miss = np.linalg.norm(points - grid, axis=1)
+        axis = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+        # each frame off its place on the grid, less how far it lies off the grid of the frames' mean step along
+        # the axis (up to half a slice where they are unevenly spaced: warned of): across the axis, or a grid
+        # not spaced by the frames' own step, misplaced
+        along_axis = points @ axis
+        uneven = along_axis - along_axis[0] - (along_axis[-1] - along_axis[0]) / (len(along) - 1) * np.arange(len(along))
+        miss = np.linalg.norm(points - grid - np.outer(uneven, axis), axis=1)
         if miss.max() <= 0.5 * min(spacing[:2]) + _SHEAR_TOLERANCE * float(np.ptp(along)):
             return
         k = int(np.argmax(miss))
@@ -1835,6 +1870,12 @@ def _check_frames(path, file: str, image) -> None:
     raise DeepWMLError(f"{path}: the multi-frame DICOM file {name} would be read onto a wrong grid ({why}); convert "
                        "it with a tool that sorts the frames by position (dcm2niix, 3D Slicer's DICOM module) and "
                        "segment the file it writes, or export the series as one file per slice")
+
+
+def _off_mean_grid(along: np.ndarray) -> np.ndarray:
+    """How far each slice lies (mm, along the slice normal) from its place on the regular grid of the stack's
+    mean step, from the first slice."""
+    return np.abs(along - along[0] - (along[-1] - along[0]) / (len(along) - 1) * np.arange(len(along)))
 
 
 def _check_slice_spacing(path, positions: list[str], image) -> None:

@@ -156,14 +156,15 @@ def _data_set(elements, explicit: bool) -> bytes:
 def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77",
                       description: str = "AX FLAIR", inversion_ms: float | None = None,
                       repetition_ms: float | None = None, orientation: str | None = None,
-                      thickness_mm: float | None = None) -> Path:
+                      thickness_mm: float | None = None, positions=None) -> Path:
     """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
     Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
     shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
     (default: all, in slice order); `explicit`: explicit or implicit VR little endian. The inversion and
     repetition times, when given, go in the shared MR Modifier and MR Timing groups, as enhanced MR has them.
     `orientation`: the Image Orientation (Patient) text, when not the image's own to 6 digits; `thickness_mm`: the
-    shared Pixel Measures' Slice Thickness, when not the spacing of the slices."""
+    shared Pixel Measures' Slice Thickness, when not the spacing of the slices; `positions`: each slice's Image
+    Position (Patient) (as `stepped_positions` gives them), when not its place on the image's grid."""
     order = list(range(image.GetDepth())) if order is None else list(order)
     array = sitk.GetArrayFromImage(image)[order].astype("<i2")
     d, spacing = image.GetDirection(), image.GetSpacing()
@@ -180,8 +181,9 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                                                           explicit)])] if inversion_ms is not None else [])
                        + ([(0x00189112, "SQ", [_data_set([(0x00180080, "DS", f"{repetition_ms:g}")], explicit)])]
                           if repetition_ms is not None else []), explicit)
-    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS", text(image.TransformIndexToPhysicalPoint(
-        (0, 0, k))))], explicit)])], explicit) for k in order]
+    place = (lambda k: image.TransformIndexToPhysicalPoint((0, 0, k))) if positions is None else positions.__getitem__
+    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS", text(place(k)))], explicit)])], explicit)
+              for k in order]
     us = lambda value: struct.pack("<H", value)  # noqa: E731
     body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", f"{uid}.{order[0] + 1}"), (0x00080060, "CS", "MR"),
                       (0x0008103E, "LO", description), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
-from conftest import make_volume, oracle_network, rotation, stepped_positions, write_dicom_series
+from conftest import make_volume, oracle_network, rotation, stepped_positions, write_dicom_series, write_enhanced_mr
 
 
 def write_case(folder, name, **kwargs):
@@ -1067,6 +1067,23 @@ def test_a_series_with_unevenly_spaced_slices_says_so(tmp_path, tiny_model, step
     assert uneven == ["DICOM slices unevenly spaced (3.00 to 3.40 mm apart by their positions): volumes and LV use "
                       "their mean spacing, 3.08 mm, which puts image 4 (instance 4) 0.24 mm from where it was imaged "
                       "(lesions there are placed as far off, and measured with the mean spacing)"]
+    assert "unevenly spaced" in read_summary(tmp_path / "out")[0]["warnings"]
+
+
+def test_an_enhanced_mr_file_with_unevenly_spaced_frames_says_so_as_a_series_does(tmp_path, tiny_model):
+    """One multi-frame file, its frames 3 mm apart but for one 3.4 mm step: refused before (read by GDCM on
+    1 x 1 x 1 mm); now segmented on their mean step, its report and summary warning as a series' do."""
+    image, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 3.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image, positions=stepped_positions(image, [3, 3, 3, 3.4, 3]))
+    assert main(["segment", str(tmp_path / "stack"), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / "stack_report.json").read_text(encoding="utf-8"))
+    assert report["slice_thickness_mm"] == pytest.approx(3.08, abs=1e-3)
+    assert [w for w in report["warnings"] if "unevenly spaced" in w] == [
+        "DICOM slices unevenly spaced (3.00 to 3.40 mm apart by their positions): volumes and LV use their mean "
+        "spacing, 3.08 mm, which puts frame 4 0.24 mm from where it was imaged (lesions there are placed as far off, "
+        "and measured with the mean spacing)"]
     assert "unevenly spaced" in read_summary(tmp_path / "out")[0]["warnings"]
 
 

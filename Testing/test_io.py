@@ -672,6 +672,53 @@ def test_slices_unevenly_spaced_within_the_refusal_are_warned_of(tmp_path, steps
                                                    "placed as far off, and measured with the mean spacing)"])
 
 
+@pytest.mark.parametrize("steps, noise_mm, order, warned", [
+    ([5, 5, 5.6, 5, 5, 5, 5], 0.0, None, "(5.00 to 5.60 mm apart by their positions): volumes and LV use their mean "
+                                         "spacing, 5.09 mm, which puts frame 4 0.34 mm from where it was imaged"),
+    ([4.6, 5.4, 4.6, 5.4, 4.6, 5.4, 5.4], 0.0, None, "(4.60 to 5.40 mm apart by their positions): volumes and LV use "
+                                                     "their mean spacing, 5.06 mm, which puts frame 6 0.69 mm from "
+                                                     "where it was imaged"),
+    ([5, 5, 5.6, 5, 5, 5, 5], 0.0, range(7, -1, -1), "(5.00 to 5.60 mm apart by their positions): volumes and LV use "
+                                                     "their mean spacing, 5.09 mm, which puts frame 5 0.34 mm from "
+                                                     "where it was imaged"),
+    ([5.0] * 7, 0.001, None, None),  # float noise
+    ([5.0] * 7, 0.005, None, None)])  # positions rounded to 0.01 mm
+def test_an_enhanced_mr_files_frames_unevenly_spaced_are_read_on_their_mean_step_and_warned_of(tmp_path, steps,
+                                                                                                noise_mm, order, warned):
+    """One multi-frame (Enhanced MR) file whose frames are unevenly spaced within the fifth that is refused: GDCM
+    read it on 1 x 1 x 1 mm voxels, and it was refused as 'its pixels are 0.8 x 0.7 mm and were read as 1 x 1
+    mm', even for frames 5 mm apart whose positions were written rounded to 0.01 mm. It is now read on the
+    frames' mean step, as a series of one file per slice is, and warned of as that series is (the same
+    tolerance: rounded positions are not)."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.7, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    positions = stepped_positions(image, steps, noise_mm)
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image, order=order, positions=positions)
+    (series,) = io.dicom_series(tmp_path / "stack")
+    read = io.read_image(tmp_path / "stack", series=series)
+    first, last = (0, 7) if order is None else (7, 0)
+    assert np.allclose(read.GetSpacing()[:2], (0.8, 0.7))
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 0)), positions[first], atol=0.02)
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 7)), positions[last], atol=0.02)  # the extent: right
+    expected = sitk.GetArrayFromImage(image).astype(np.float32)
+    assert np.array_equal(sitk.GetArrayFromImage(read), expected if order is None else expected[::-1])
+    assert series.slice_warnings(read) == ([] if warned is None else [f"DICOM slices unevenly spaced {warned} (lesions "
+                                                                      "there are placed as far off, and measured with "
+                                                                      "the mean spacing)"])
+
+
+def test_an_enhanced_mr_files_frames_drifting_over_half_a_slice_are_refused(tmp_path):
+    """As a series of one file per slice is: steps drifting from 4.1 to 5.9 mm put the middle frames of the
+    mean-spaced grid over half a slice from where they were imaged."""
+    image, _ = make_volume(size=(20, 16, 21), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image, positions=stepped_positions(image, np.linspace(4.1, 5.9, 20)))
+    with pytest.raises(DeepWMLError, match=r"frames of the multi-frame DICOM file IM1 are unevenly spaced \(4.10 to 5.90 "
+                                           r"mm apart\): on a regular grid of their mean spacing, 5.00 mm, frame 11 would "
+                                           r"lie 4.7 mm \(over half a slice\)"):
+        io.read_image(tmp_path / "stack")
+
+
 def test_a_step_over_a_fifth_off_is_still_refused_not_warned_of(tmp_path):
     image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
                            direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
