@@ -176,15 +176,20 @@ def keep_inside(mask: np.ndarray, inside: np.ndarray, min_fraction: float = 0.5)
     return filter_components(mask, 1.0, 0.0, inside, min_fraction)[0]
 
 
+def edge_slice_count(slices: int, fraction: float) -> int:
+    """How many axial slices `exclude_edge_slices` clears at each end of `slices`: floor(fraction x slices)."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"edge-slice fraction must be in [0, 0.5), got {fraction}")
+    return int(np.floor(round(slices * fraction, 9)))
+
+
 def exclude_edge_slices(mask: np.ndarray, fraction: float) -> np.ndarray:
     """Clear the first and last `fraction` of axial slices (MICCAI winner: false positives there).
 
     The count is rounded down, so a fraction below 1/n_slices changes nothing; a product that is a whole
     number in decimals is that number (0.29 of 100 slices is 29, where the binary product is 28.999...).
     """
-    if not 0 <= fraction < 0.5:
-        raise ValueError(f"edge-slice fraction must be in [0, 0.5), got {fraction}")
-    n = int(np.floor(round(mask.shape[0] * fraction, 9)))
+    n = edge_slice_count(mask.shape[0], fraction)
     if n == 0:
         return mask
     out = mask.copy()

@@ -12,6 +12,7 @@ import csv
 import functools
 import io as _stringio
 import json
+import math
 import re
 import os
 import shutil
@@ -510,6 +511,15 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     ]
     if location is not None and not location["judged"]:
         warnings.append(location["why"])
+    if exclude_edge_fraction:  # how many slices the fraction cleared: none, on few slices
+        from .postprocessing import edge_slice_count
+
+        report["edge_slices_cleared"] = edge_slice_count(mask_stack.shape[0], exclude_edge_fraction)
+        if not report["edge_slices_cleared"]:
+            warnings.append(f"--exclude-edge-slices {exclude_edge_fraction:g} cleared no slice: it clears "
+                            f"floor({exclude_edge_fraction:g} x {mask_stack.shape[0]}) = 0 of the "
+                            f"{mask_stack.shape[0]} axial slices at each end (at least "
+                            f"{math.ceil(1 / exclude_edge_fraction - 1e-9)} slices are needed to clear one)")
     if brain_stack is not None:
         brain_image = io.from_axial_stack(brain_stack, frame)
         intracranial = np.count_nonzero(brain_stack)

@@ -1818,3 +1818,18 @@ def test_a_lesion_mask_labelled_per_lesion_is_a_label_mask_too(tmp_path, tiny_mo
     capsys.readouterr()
     assert main(["segment", str(case / "lesion_labels.nii.gz"), *argv]) == 1
     assert "looks like a label mask of many labels (one label per lesion, or a parcellation)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction, cleared", [("0.1", 0), ("0.3", 1)])
+def test_the_report_says_how_many_edge_slices_were_cleared(tmp_path, tiny_model, fraction, cleared):
+    """--exclude-edge-slices clears floor(fraction x slices) at each end: 0.1 of a 6-slice scan clears none, which
+    the report did not say (it recorded the fraction only). It now gives the count, and warns when it is none."""
+    image, _ = make_volume(size=(32, 32, 6), spacing=(0.9, 0.9, 5.0))
+    sitk.WriteImage(image, str(tmp_path / "few.nii.gz"))
+    assert main(["segment", str(tmp_path / "few.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu", "--exclude-edge-slices", fraction]) == 0
+    report = json.loads((tmp_path / "out" / "few_report.json").read_text(encoding="utf-8"))
+    assert report["edge_slices_cleared"] == cleared
+    edge = [w for w in report["warnings"] if "--exclude-edge-slices" in w]
+    assert edge == ([] if cleared else ["--exclude-edge-slices 0.1 cleared no slice: it clears floor(0.1 x 6) = 0 of "
+                                        "the 6 axial slices at each end (at least 10 slices are needed to clear one)"])
