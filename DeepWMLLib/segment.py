@@ -1236,6 +1236,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["leftovers"] = temporary_leftovers(out)
     rows = []
     finished = False
+    _summary_so_far(rows, out)  # an earlier run's summary never stands for this one's, even if this one is killed
     try:
         _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options)
         finished = True
@@ -1246,6 +1247,16 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
             if finished:
                 raise
     return rows
+
+
+def _summary_so_far(rows: list, out: Path) -> None:
+    """summary.csv with the cases done so far, rewritten after each: a run killed outright (kill -9, a crash, a
+    power cut), which cannot write it at the end, leaves the cases it did listed. A failure to write it here
+    (open in Excel on Windows) waits for the end of the run, which says so."""
+    try:
+        write_summary(rows, out / "summary.csv")
+    except DeepWMLError:
+        pass
 
 
 def _resolved(path: Path) -> Path:
@@ -1299,6 +1310,7 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             row["_to_segment"] = _to_segment(cases, unread, number, rows)
             progress_factory.finish(row)
             del row["_to_segment"]
+        _summary_so_far(rows, out)
     for row in rows:
         left = row.pop("_busy", None)
         if left:

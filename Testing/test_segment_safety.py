@@ -548,3 +548,27 @@ def test_case_names_alike_but_for_upper_and_lower_case_never_share_outputs(tmp_p
     names = [case for case, _, _ in expand_inputs([str(export)])]
     assert sorted(names) == ["P1_S_20250101", "p1_S_20260101"]
     assert len({name.casefold() for name in names}) == 2
+
+
+def test_summary_lists_the_cases_done_while_the_run_goes_on(tmp_path, tiny_model, monkeypatch):
+    """summary.csv was written once, at the end (or on Ctrl-C): a run killed outright (kill -9, a crash, a power
+    cut) in case 3 of 50 left no summary, or an earlier run's. It now holds the cases done so far, from the start."""
+    import DeepWMLLib.segment as segment_module
+
+    folder = tmp_path / "scans"
+    for name in ("a", "b", "c"):
+        write_case(folder, name)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("case,status\nold,ok\n", encoding="utf-8")  # an earlier run's
+    real = segment_module.segment_case
+    seen = {}
+
+    def watched(case, *args, **kwargs):
+        seen[case] = list(summary(out))  # what a kill at this moment would leave
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(segment_module, "segment_case", watched)
+    assert segment(tiny_model, folder, "-o", out) == 0
+    assert seen == {"a": [], "b": ["a"], "c": ["a", "b"]}
+    assert list(summary(out)) == ["a", "b", "c"]
