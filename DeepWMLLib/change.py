@@ -972,6 +972,7 @@ CHANGE_SETTINGS = {"tolerance_mm": "--tolerance-mm", "enlarge_fraction": "--enla
 SEGMENTATION_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "brain_model_sha256": "--no-brain-mask",
                          "precision": "--precision"}
 MASK_COLUMNS = {"baseline": "baseline_mask", "follow-up": "followup_mask"}  # the report's `masks`: the manifest's column
+SCAN_COLUMNS = {"baseline": "baseline", "follow-up": "followup"}  # a scan's name in `dicom_series`: its manifest column
 
 
 def planned_change_settings(args, given: tuple) -> dict:
@@ -1000,6 +1001,11 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
         then = done if isinstance(done, dict) else {}
         raise DeepWMLError(f"{report_path.name} holds another pair ({then.get('baseline')} -> {then.get('followup')}); "
                            "rename the case or use --overwrite")
+    changed = [f"the {name} ({entry[key]}) has changed since" for name, key in SCAN_COLUMNS.items()
+               if not _same_scan(done, name, key, Path(entry[key]))]
+    if changed:  # a scan replaced under its name (a corrected export): its pair is not done
+        raise DeepWMLError(f"{out} holds pair {case!r} made from other scans: {'; '.join(changed)}; use --overwrite "
+                           "to redo it with these scans, or another OUTDIR to keep both")
     given = tuple(entry.get(column) or None for column in MASK_COLUMNS.values())
     differences = settings_differences(done, planned_change_settings(args, given), CHANGE_SETTINGS)
     sources = done.get("masks") if isinstance(done.get("masks"), dict) else {}
@@ -1035,6 +1041,18 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
     return done
 
 
+def _same_scan(done: dict, name: str, key: str, path: Path) -> bool:
+    """Whether the scan `path` (the report's `key`, its `name` in `dicom_series`) is the one the pair's report `done`
+    was made from, known by its content as `deepwml segment` knows a case's scan (segment.same_input). A report of
+    a version before it recorded the scans' content: by their paths alone, as then (_skip_message says so)."""
+    from .segment import same_input
+
+    series = done.get("dicom_series") if isinstance(done.get("dicom_series"), dict) else {}
+    then = {"input_absolute": str(Path(str(done[key])).resolve()), "input_fingerprint": done.get(f"{key}_fingerprint"),
+            "dicom_series": series.get(name) if isinstance(series.get(name), dict) else None}
+    return then["input_fingerprint"] is None or same_input(then, path)
+
+
 def _missing_outputs(out: Path, case: str, done: dict) -> list[str]:
     """The outputs of a pair done before (its report `done`) that are no longer in `out`; its optional ones (the QC
     picture, the outline series) are not needed."""
@@ -1058,6 +1076,8 @@ def _skip_message(done: dict) -> str:
     sources = [s for s in masks.values() if isinstance(s, dict)] if isinstance(masks, dict) else []
     if any("mask" not in s and "settings" not in s for s in sources):
         unrecorded += ["--no-brain-mask", "--precision"]
+    if any(f"{key}_fingerprint" not in done for key in SCAN_COLUMNS.values()):
+        unrecorded.append("the scans' content")
     if any("mask" in s and "mask_fingerprint" not in s for s in sources):
         unrecorded.append("the masks' content")
     message = "done before (use --overwrite to redo)"
@@ -1129,7 +1149,14 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
                            None if args.presence == "off" else float(args.presence), args.min_change_ml)
-    report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **result.report,
+    from .segment import input_fingerprint
+
+    # each scan by its content: a rerun into OUTDIR skips the pair as done only for these scans (check_done_pair)
+    fingerprints = {f"{key}_fingerprint": input_fingerprint(Path(path), chosen[name][0] if chosen[name] else None)
+                    for key, name, path in (("baseline", "baseline", baseline_path),
+                                            ("followup", "follow-up", followup_path))}
+    report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **fingerprints,
+              **result.report,
               "masks": source, "outputs": sorted(p.name for p in paths.values()), "deepwml_version": __version__,
               "seconds": round(time.perf_counter() - start, 3)}
     if any(chosen.values()):

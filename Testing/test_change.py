@@ -878,6 +878,51 @@ def test_a_pair_done_with_other_settings_or_missing_an_output_is_not_skipped_as_
     assert main(run + ["--overwrite"]) == 0 and (out / "p1_change.csv").is_file()
 
 
+def test_a_pair_whose_scan_was_replaced_under_its_name_is_not_skipped_as_done(tmp_path, monkeypatch, capsys):
+    """change --manifest knew a pair done before by its scans' paths alone: a follow-up replaced under the same name
+    (a corrected export) was skipped as done, its summary row giving the calls made on the old scan. Now each scan
+    is known by its content, as segment knows a case's (a DICOM series by its UIDs); a report without it, of an
+    older version, is compared by the paths, and the summary says the scans' content could not be."""
+    manifest, files = _small_pair_manifest(monkeypatch, tmp_path)
+    flair = tmp_path / "flair_dicom"  # the baseline as a DICOM folder
+    write_dicom_series(flair, sitk.Cast(sitk.ReadImage(str(files["baseline"])), sitk.sitkInt16), uid="1.2.3.7")
+    manifest.write_text(manifest.read_text(encoding="utf-8").replace(str(files["baseline"]), str(flair)),
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
+
+    def summary_rows():
+        return [(r["case"], r["status"]) for r in csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig"))]
+
+    corrected = sitk.ReadImage(str(files["followup"]))
+    sitk.WriteImage(corrected * 1.01, str(files["followup"]))  # re-exported under the same name
+    assert main(run) == 1
+    err = capsys.readouterr().err
+    assert (f"holds pair 'p1' made from other scans: the follow-up ({files['followup']}) has changed since; use "
+            "--overwrite to redo it with these scans") in err, err
+    assert summary_rows() == [("p1", "error")]
+    assert main(run + ["--overwrite"]) == 0
+    assert main(run) == 0 and summary_rows() == [("p1", "skipped")]
+    capsys.readouterr()
+    for path in flair.iterdir():  # the baseline exported again: the same pixels, new files (new SOP Instance UIDs)
+        path.unlink()
+    write_dicom_series(flair, sitk.Cast(sitk.ReadImage(str(files["baseline"])), sitk.sitkInt16), uid="1.2.3.7")
+    assert main(run) == 1
+    assert f"made from other scans: the baseline ({flair}) has changed since" in capsys.readouterr().err
+    assert main(run + ["--overwrite"]) == 0
+    report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+    for key in ("baseline_fingerprint", "followup_fingerprint"):  # as an older version wrote it
+        del report[key]
+    (out / "p1_change.json").write_text(json.dumps(report), encoding="utf-8")
+    capsys.readouterr()
+    assert main(run) == 0
+    assert ("p1: skipped - done before (use --overwrite to redo); made by an older DeepWML whose report does not "
+            "record all its settings (the scans' content), so this run's may differ") in capsys.readouterr().err
+
+
 def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path, monkeypatch, tiny_model, capsys):
     """A follow-up segmented here: the same pair rerun with another --threshold (or model) was skipped as done."""
     manifest, _ = _small_pair_manifest(monkeypatch, tmp_path, segmented=True)
