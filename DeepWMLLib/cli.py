@@ -12,6 +12,7 @@ interrupted (Ctrl-C), 128 + the signal's number when stopped by SIGTERM or SIGHU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -166,6 +167,26 @@ def _catch_stop_signals() -> dict:
     return replaced
 
 
+@contextlib.contextmanager
+def stop_signals_as_interrupts():
+    """Inside, SIGTERM, SIGHUP and SIGBREAK stop the run as Ctrl-C does (Stopped), its handlers given back after:
+    `deepwml` and the Slicer batch script alike."""
+    replaced = _catch_stop_signals()
+    try:
+        yield
+    finally:
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
+
+
+def interruption(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What a run stopped by Ctrl-C or a stop signal (Stopped) says of it, and its exit status: 'interrupted' and
+    130, or 'stopped by SIGTERM' and 128 + the signal's number, as a shell reports a process the signal ended."""
+    if isinstance(exc, Stopped):
+        return f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum
+    return "interrupted", 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv else None)
@@ -186,9 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process reports it, naming itself.
     rank, quiet = _distributed_process()
     where = f" (process {rank})" if rank not in (None, "0") else ""
-    replaced = _catch_stop_signals()
     try:
-        return int(args.func(args) or 0)
+        with stop_signals_as_interrupts():
+            return int(args.func(args) or 0)
     except UsageError as exc:
         if not quiet:
             print(f"deepwml {args.command}{where}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)
@@ -208,12 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Cancelled:
         print(f"deepwml {args.command}: cancelled", file=sys.stderr)
         return 130
-    except Stopped as exc:
-        print(f"deepwml {args.command}: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print(f"deepwml {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or a stop signal (Stopped)
+        words, status = interruption(exc)
+        print(f"deepwml {args.command}: {words}", file=sys.stderr)
+        return status
     except Exception as exc:  # an unexpected fault still gets one line; --debug shows where
         if getattr(args, "debug", False):
             raise
@@ -223,8 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = shown
-        for number, handler in replaced.items():
-            signal.signal(number, handler)
 
 
 # Commands that only read and write files: after their outputs are closed, the process ends at once

@@ -1658,14 +1658,21 @@ def _run(args) -> int:
     try:
         rows = _segment_all(args, bar)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was kept, and how to go on (main says it was stopped)
-        number, total = bar._position
-        if total:  # a bar's line on a terminal is ended first
-            bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {Path(args.output_dir) / 'summary.csv'} "
-                             f"lists the {number - 1} before it; run the same command again to go on (the cases done "
-                             f"are skipped)\n")
+        say_stopped(bar, Path(args.output_dir) / "summary.csv")
         raise
     _Printable(sys.stderr).write(batch_total(rows, "cases", Path(args.output_dir) / "summary.csv") + "\n")
     return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+def say_stopped(bar: ProgressBar, summary: Path) -> None:
+    """Where a run of several cases stopped part way (Ctrl-C, SIGTERM) was, what its `summary` (rewritten after
+    each case) keeps, and how to go on, on the bar's stream (its line on a terminal ended first): `deepwml
+    segment` and the Slicer batch script alike. Nothing before the first case began."""
+    number, total = bar._position
+    if total:
+        bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {summary} lists the {number - 1} before "
+                         f"it; run the same command again to go on (the cases done are skipped)\n")
+        bar.stream.flush()
 
 
 def _segment_all(args, bar: ProgressBar) -> list[dict]:

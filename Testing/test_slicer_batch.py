@@ -745,6 +745,14 @@ def test_batch_has_deepwml_segments_precision_option_and_its_nan_advice_names_it
                     "with --precision fp32, and if that fails too, the model file is at fault"
 
 
+def stoppedStatus(batchScript, arguments):
+    """The batch's exit status, or what it let out of main (an interrupt let out would stop pytest itself)."""
+    try:
+        return batchScript.main(arguments)
+    except KeyboardInterrupt as exc:
+        return f"{type(exc).__name__} let out of main"
+
+
 def test_batch_stopped_part_way_leaves_a_summary_of_the_cases_it_did(scene, batchScript, tmp_path, monkeypatch,
                                                                       tiny_model):
     """summary.csv was written only at the end: a batch stopped in its last case (Ctrl-C, Slicer closed or killed)
@@ -767,8 +775,43 @@ def test_batch_stopped_part_way_leaves_a_summary_of_the_cases_it_did(scene, batc
         return segmentCase(logic, case, *rest, **options)
 
     monkeypatch.setattr(batchScript, "segmentCase", stoppedInB)
-    with pytest.raises(KeyboardInterrupt):
-        batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
-                          "--device", "cpu"])
+    assert stoppedStatus(batchScript, ["--input-dir", str(inputs), "--output-dir", str(out), "--model",
+                                       str(tiny_model), "--device", "cpu"]) == 130
     assert list(seen) == ["a"] and seen["a"]["status"] == "ok" and float(seen["a"]["volume_ml"]) > 0
     assert summary(out) == seen
+
+
+def test_batch_stopped_says_what_it_kept_and_how_to_go_on_and_exits_as_the_command_line(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """Ctrl-C or SIGTERM (a scheduler's time limit) let the interrupt out of the batch's main: a traceback, nothing
+    said of what summary.csv kept or that the same command goes on, and Slicer's exit status not `deepwml
+    segment`'s. Now it says both as segment does, and ends 130 (Ctrl-C) or 143 (SIGTERM), its handler given back."""
+    import signal
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        writeCase(inputs, name)
+    segmentCase = batchScript.segmentCase
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    for stop, status, words in ((lambda: (_ for _ in ()).throw(KeyboardInterrupt), 130, "interrupted"),
+                                (lambda: os.kill(os.getpid(), signal.SIGTERM), 143, "stopped by SIGTERM")):
+        def stoppedInB(logic, case, *rest, **options):
+            if case == "b":
+                stop()
+                raise AssertionError("not stopped")
+            return segmentCase(logic, case, *rest, **options)
+
+        monkeypatch.setattr(batchScript, "segmentCase", stoppedInB)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert stoppedStatus(batchScript, arguments + ["--overwrite"]) == status
+        said = capsys.readouterr()
+        assert (f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run the same command again to go "
+                "on (the cases done are skipped)") in said.out
+        assert said.err.rstrip().endswith(f"segment_batch: {words}"), said.err
+        assert {case: row["status"] for case, row in summary(out).items()} == {"a": "ok"}
+        assert signal.getsignal(signal.SIGTERM) is handler
+    monkeypatch.setattr(batchScript, "segmentCase", segmentCase)
+    assert batchScript.main(arguments) == 0  # the same command goes on
+    assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "ok", "c": "ok"}

@@ -17,7 +17,9 @@ the cases it did). With
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. Each case's steps are shown as it runs, and after it about how long the rest will take.
 One failing case never stops the others. Exit status: 0 when every case succeeded
-or was skipped, 1 when any failed, 2 for a usage error.
+or was skipped, 1 when any failed, 2 for a usage error; stopped part way (Ctrl-C, SIGTERM or SIGHUP: a scheduler's
+time limit, a closed ssh session), it says in which case, that summary.csv lists those before it and that the same
+command goes on, and ends as `deepwml segment` does: 130 for Ctrl-C, 128 + the signal's number for a signal.
 """
 
 import argparse
@@ -280,8 +282,56 @@ def doneByAnother(logic, row: dict, path: Path, study, args) -> None:
         row.update(earlier)
 
 
+def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
+    """Each case of `inputs` in turn, its row added to `rows` and summary.csv rewritten after it."""
+    from DeepWMLLib.evaluation import write_csv
+
+    for number, (case, path, study) in enumerate(inputs, 1):
+        update = bar(number, len(inputs), case)
+        start = time.perf_counter()
+        try:
+            if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
+                raise study
+            if segment.found_segmentation(path, named):  # a case's Slicer segmentation beside its scan
+                row = {"status": "skipped", "error": segment.SEGMENTATION_SKIPPED, "_mask": True}
+            else:
+                row = segmentCase(logic, case, path, args, study, update)
+        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
+            row = {"status": "skipped", "error": str(exc)}
+        except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
+            row = {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
+        except io.BeingWritten:  # another DeepWML run into OUT is writing this case: left to it, not a failure
+            row = {"status": "skipped", "error": segment.LEFT_TO_ANOTHER, "_busy": (path, study)}
+        except Exception as exc:  # one bad case never stops the others
+            if args.debug:
+                traceback.print_exc()
+            message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+            if exc.__cause__ is not None:
+                from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
+
+                if isinstance(exc.__cause__, (NaNProbabilities, PrecisionUnavailable)):  # the module's words name
+                    message = str(exc.__cause__)  # its panel's Precision; deepwml segment's --precision is the batch's
+            row = {"status": "error", "error": message}
+        row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
+        rows.append(row)
+        bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
+        write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+
+
 def main(argv) -> int:
     args = parseArguments(argv)
+    from DeepWMLLib.cli import interruption, stop_signals_as_interrupts
+
+    try:
+        with stop_signals_as_interrupts():
+            return runBatch(args)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: ended as `deepwml segment` ends
+        words, status = interruption(exc)
+        print(f"segment_batch: {words}", file=sys.stderr, flush=True)
+        return status
+
+
+def runBatch(args) -> int:
     mrml.initializeStandaloneScene()
     from DeepWMLLib.evaluation import write_csv
     from DeepWMLLib.segment import expand_inputs
@@ -320,36 +370,12 @@ def main(argv) -> int:
     # Slicer closed or killed) leaves the cases it did listed, and never an earlier run's summary as this one's
     summaryPath = args.output_dir / "summary.csv"
     write_csv(rows, SUMMARY_COLUMNS, summaryPath)
-    for number, (case, path, study) in enumerate(inputs, 1):
-        update = bar(number, len(inputs), case)
-        start = time.perf_counter()
-        try:
-            if isinstance(study, DeepWMLError):  # a folder below IN that could not be read
-                raise study
-            if segment.found_segmentation(path, named):  # a case's Slicer segmentation beside its scan
-                row = {"status": "skipped", "error": segment.SEGMENTATION_SKIPPED, "_mask": True}
-            else:
-                row = segmentCase(logic, case, path, args, study, update)
-        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
-            row = {"status": "skipped", "error": str(exc)}
-        except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
-            row = {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
-        except io.BeingWritten:  # another DeepWML run into OUT is writing this case: left to it, not a failure
-            row = {"status": "skipped", "error": segment.LEFT_TO_ANOTHER, "_busy": (path, study)}
-        except Exception as exc:  # one bad case never stops the others
-            if args.debug:
-                traceback.print_exc()
-            message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
-            if exc.__cause__ is not None:
-                from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
-
-                if isinstance(exc.__cause__, (NaNProbabilities, PrecisionUnavailable)):  # the module's words name
-                    message = str(exc.__cause__)  # its panel's Precision; deepwml segment's --precision is the batch's
-            row = {"status": "error", "error": message}
-        row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
-        rows.append(row)
-        bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
+    try:
+        segmentAll(logic, inputs, named, args, bar, rows, summaryPath)
+    except KeyboardInterrupt:  # the cases done kept in summary.csv, and said how to go on, as `deepwml segment` does
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+        segment.say_stopped(bar, summaryPath)
+        raise
     for row in rows:  # the cases left to another run, looked at again as `deepwml segment` does
         left = row.pop("_busy", None)
         if left:
