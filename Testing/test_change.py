@@ -218,7 +218,11 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
         "change.seg.nrrd", "change_qc.png"))
     assert "both ways agree within" in printed.out and "NOT RELIABLE" not in printed.out + printed.err
     report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
-    assert report["n_enlarging"] == 1 and report["masks"]["baseline"] == {"mask": str(files["baseline_mask"])}
+    assert report["n_enlarging"] == 1 and report["masks"]["baseline"] == {
+        "mask": str(files["baseline_mask"]), "mask_fingerprint": io.content_fingerprint(files["baseline_mask"])}
+    # what a rerun knows each scan by (as segment's input_fingerprint)
+    assert [report[f"{key}_fingerprint"] for key in ("baseline", "followup")] == [
+        io.content_fingerprint(files[key]) for key in ("baseline", "followup")]
     assert report["registration"]["reliable"] is True
     labels = sitk.ReadImage(str(out / "followup_change.nii.gz"))
     assert io.grid_difference(labels, sitk.ReadImage(str(files["followup"]))) is None
