@@ -1852,7 +1852,10 @@ def _check_frames(path, file: str, image) -> None:
             # 1 x 1 x 1 mm along the slice normal: their pixels, and their mean step (the stack's extent) the
             # way they are stored, as ITK reads such a series
             image.SetSpacing((float(pixel[1]), float(pixel[0]), abs(along[-1] - along[0]) / (len(along) - 1)))
-            if along[-1] < along[0]:  # stored from the top down
+            # the slice axis pointing from the first frame stored to the last: where GDCM read the frames evenly
+            # spaced (1 x 1 x 1 mm is then their own spacing: a 1 mm isotropic 3D FLAIR) it points so already,
+            # stored from the top down or not; where it took the normal's way, it is turned
+            if (points[-1] - points[0]) @ direction[:, 2] < 0:  # stored from the top down
                 image.SetDirection((direction * [1, 1, -1]).ravel().tolist())
             spacing = image.GetSpacing()
         grid = np.array([image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(len(positions))])

@@ -707,6 +707,26 @@ def test_an_enhanced_mr_files_frames_unevenly_spaced_are_read_on_their_mean_step
                                                                       "the mean spacing)"])
 
 
+@pytest.mark.parametrize("direction", [None, (1, 0, 0, 0, 1, 0, 0, 0, -1)])
+@pytest.mark.parametrize("order", [None, range(7, -1, -1)])
+def test_a_1_mm_isotropic_enhanced_mr_file_is_read_whichever_way_its_frames_are_stored(tmp_path, direction, order):
+    """A 1 mm isotropic 3D FLAIR as one Enhanced MR file: GDCM reads its evenly spaced frames on 1 x 1 x 1 mm, its
+    own spacing for unevenly spaced frames, and already along the way they are stored. Taken for unevenly spaced
+    frames, its slice axis was turned a second time where the frames are stored from the top down, and the file
+    was refused ('frame 8 lies 14.0 mm from where the volume read from it puts it'); it is read as it was."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(1.0, 1.0, 1.0), dtype=sitk.sitkInt16, direction=direction)
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image, order=order)
+    (series,) = io.dicom_series(tmp_path / "stack")
+    read = io.read_image(tmp_path / "stack", series=series)
+    first, last = (0, 7) if order is None else (7, 0)
+    assert read.GetSpacing() == pytest.approx((1.0, 1.0, 1.0))
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 0)), image.TransformIndexToPhysicalPoint((0, 0, first)))
+    assert np.allclose(read.TransformIndexToPhysicalPoint((0, 0, 7)), image.TransformIndexToPhysicalPoint((0, 0, last)))
+    expected = sitk.GetArrayFromImage(image).astype(np.float32)
+    assert np.array_equal(sitk.GetArrayFromImage(read), expected if order is None else expected[::-1])
+    assert series.slice_warnings(read) == []
+
+
 def test_an_enhanced_mr_files_frames_drifting_over_half_a_slice_are_refused(tmp_path):
     """As a series of one file per slice is: steps drifting from 4.1 to 5.9 mm put the middle frames of the
     mean-spaced grid over half a slice from where they were imaged."""
