@@ -641,11 +641,15 @@ def output_paths(out_dir: Path, case: str, extension: str, baseline_extension: s
     return paths
 
 
-def _earlier_outputs(out_dir: Path, case: str) -> list[Path]:
-    """The files an earlier `deepwml change` run for `case` left in `out_dir`, whatever its output format."""
+def _earlier_outputs(out_dir: Path, case: str, inputs=()) -> list[Path]:
+    """The files an earlier `deepwml change` run for `case` left in `out_dir`, whatever its output format; not the
+    files given to this run (`inputs`: scans and masks), such as an earlier run's mask corrected in place and given
+    now as --followup-mask, which is the user's, never removed as an output."""
+    given = {Path(p).resolve() for p in inputs if p}
     found = []
     for extension in (".nii.gz", ".nrrd", ".mha"):
-        found += [p for p in output_paths(out_dir, case, extension, extension, (True, True), True).values() if p.is_file()]
+        found += [p for p in output_paths(out_dir, case, extension, extension, (True, True), True).values()
+                  if p.is_file() and p.resolve() not in given]
     return sorted(set(found))
 
 
@@ -918,7 +922,8 @@ def _run_cohort(args) -> int:
             print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
             continue
         names[case] = entry["case"]
-        earlier = _earlier_outputs(out, case)
+        earlier = _earlier_outputs(out, case, [entry.get(k) for k in ("baseline", "followup", "baseline_mask",
+                                                                     "followup_mask")])
         report_path = out / f"{case}_change.json"
         try:
             if earlier and not args.overwrite and report_path.is_file():  # done before: resumable, if it is this pair
@@ -1133,7 +1138,12 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     extension = io.output_extension(followup_path, args.output_format)
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),
                          (not given[0], not given[1]), args.qc)
-    earlier = _earlier_outputs(out, case)  # in any image format, optional ones included
+    inputs = (baseline_path, followup_path, *mask_paths)
+    written_over = [p.name for p in paths.values() if p.resolve() in {Path(i).resolve() for i in inputs if i}]
+    if written_over:
+        raise DeepWMLError(f"{', '.join(written_over)} in {out} would be written over, and is one of the files given; "
+                           "choose another OUTDIR")
+    earlier = _earlier_outputs(out, case, inputs)  # in any image format, optional ones included; not a file given
     earlier_outline = outline_path(out, case) if outline_path(out, case).exists() else None
     if (earlier or earlier_outline) and not args.overwrite:
         names = [p.name for p in earlier] + ([earlier_outline.name + "/"] if earlier_outline else [])

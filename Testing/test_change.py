@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib import change, io
 from DeepWMLLib.cli import main
+from DeepWMLLib.segment import input_fingerprint
 
 from conftest import make_volume, rotation, stepped_positions, write_dicom_series
 
@@ -937,3 +939,39 @@ def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path
     assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
     assert main(run + ["--threshold", "0.3"]) == 1
     assert "made with other settings: --threshold (0.5 then, 0.3 now)" in capsys.readouterr().err
+
+
+def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(pair, tmp_path, capsys):
+    """A first run segments the follow-up into OUTDIR (p1_followup_wmh.nii.gz); the radiologist corrects that
+    mask in place and gives it back as --followup-mask (or in the manifest's followup_mask column) with
+    --overwrite. The earlier run's outputs were removed before the new ones were written, the corrected mask
+    among them (it is not written again: it is given), so the correction was lost. A file given to the run is
+    never taken for an earlier output; one that an output would be written over is refused."""
+    files = pair["files"]
+    for manifest in (False, True):
+        out = tmp_path / f"out{manifest}"
+        out.mkdir()
+        corrected = out / "p1_followup_wmh.nii.gz"
+        shutil.copyfile(files["followup_mask"], corrected)
+        content = corrected.read_bytes()
+        if manifest:
+            (tmp_path / "pairs.csv").write_text(
+                "case,baseline,followup,baseline_mask,followup_mask\n"
+                f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{corrected}\n", encoding="utf-8")
+            command = ["change", "--manifest", str(tmp_path / "pairs.csv"), "-o", str(out)]
+        else:
+            command = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--case", "p1",
+                       "--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(corrected)]
+        for overwrite in ([], ["--overwrite"]):
+            assert main(command + overwrite) == 0, capsys.readouterr().err
+            assert corrected.read_bytes() == content
+        report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+        assert "p1_followup_wmh.nii.gz" not in report["outputs"]
+    # a scan given where an output goes: refused, the scan kept
+    registered = tmp_path / "outTrue" / "p1_baseline_registered.nii.gz"
+    shutil.copyfile(files["baseline"], registered)
+    assert main(["change", str(registered), str(files["followup"]), "-o", str(tmp_path / "outTrue"), "--case", "p1",
+                 "--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]),
+                 "--overwrite"]) == 1
+    assert "p1_baseline_registered.nii.gz in " in capsys.readouterr().err and registered.read_bytes()
+    assert io.grid_difference(sitk.ReadImage(str(registered)), sitk.ReadImage(str(files["baseline"]))) is None
