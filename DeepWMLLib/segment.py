@@ -1658,20 +1658,23 @@ def _run(args) -> int:
     try:
         rows = _segment_all(args, bar)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: what was kept, and how to go on (main says it was stopped)
-        say_stopped(bar, Path(args.output_dir) / "summary.csv")
+        say_stopped(bar, Path(args.output_dir) / "summary.csv", args.overwrite)
         raise
     _Printable(sys.stderr).write(batch_total(rows, "cases", Path(args.output_dir) / "summary.csv") + "\n")
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 
-def say_stopped(bar: ProgressBar, summary: Path) -> None:
+def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> None:
     """Where a run of several cases stopped part way (Ctrl-C, SIGTERM) was, what its `summary` (rewritten after
     each case) keeps, and how to go on, on the bar's stream (its line on a terminal ended first): `deepwml
-    segment` and the Slicer batch script alike. Nothing before the first case began."""
+    segment` and the Slicer batch script alike. Nothing before the first case began. With --overwrite (`overwrite`)
+    the same command would redo the cases done too: it is left out to go on."""
     number, total = bar._position
     if total:
+        go_on = ("run it again without --overwrite to go on (the cases done are skipped; with --overwrite they are "
+                 "redone)" if overwrite else "run the same command again to go on (the cases done are skipped)")
         bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {summary} lists the {number - 1} before "
-                         f"it; run the same command again to go on (the cases done are skipped)\n")
+                         f"it; {go_on}\n")
         bar.stream.flush()
 
 

@@ -250,6 +250,13 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     assert f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run the same command again" in err
     assert err.rstrip().endswith("deepwml segment: interrupted")
     assert list(summary(out)) == ["a"]
+    # with --overwrite, the same command would segment case a again: it says to leave --overwrite out
+    assert segment(tiny_model, folder, "-o", out, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run it again without --overwrite to " \
+           "go on (the cases done are skipped; with --overwrite they are redone)" in err
+    assert segment(tiny_model, folder, "-o", out) == 130  # as told: a skipped, and b stops it again here
+    assert summary(out)["a"]["status"] == "skipped"
 
 
 def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys):

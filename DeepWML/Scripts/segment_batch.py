@@ -374,7 +374,7 @@ def runBatch(args) -> int:
         segmentAll(logic, inputs, named, args, bar, rows, summaryPath)
     except KeyboardInterrupt:  # the cases done kept in summary.csv, and said how to go on, as `deepwml segment` does
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
-        segment.say_stopped(bar, summaryPath)
+        segment.say_stopped(bar, summaryPath, args.overwrite)
         raise
     for row in rows:  # the cases left to another run, looked at again as `deepwml segment` does
         left = row.pop("_busy", None)
