@@ -21,7 +21,6 @@ import SimpleITK as sitk
 
 from DeepWMLLib import change, io
 from DeepWMLLib.cli import main
-from DeepWMLLib.segment import input_fingerprint
 
 from conftest import make_volume, rotation, stepped_positions, write_dicom_series
 
