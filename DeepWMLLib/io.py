@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gzip
 import math
 import os
@@ -1102,7 +1103,7 @@ class DicomSeries:
         (`image`: the series as read, its third axis the slices). ITK puts them on a regular grid spaced by their
         mean step, which keeps the stack's extent, but a slice then lies off its place and stands for a slab of
         the mean thickness, not the tissue up to its neighbours: a lesion's place and volume a little off where
-        the steps differ. Positions written rounded (to 0.01 mm) or with float noise stay within the tolerance. A
+        the steps differ. Positions written rounded (to 0.01 or 0.1 mm) or with float noise stay within the tolerance. A
         multi-frame (enhanced) file's frames are judged by their own positions, along the volume's slice axis
         (`_check_frames` puts them on the grid of their mean step, as ITK puts a series')."""
         along, which = np.array(self.slice_positions_mm, float), "image"
@@ -1118,7 +1119,8 @@ class DicomSeries:
         spacing = float(image.GetSpacing()[2])
         steps = np.diff(along)
         off = np.abs(along - along[0] - spacing * np.arange(len(along)))  # from its place on the grid
-        if max(float(np.abs(steps - spacing).max()), float(off.max())) <= _slice_tolerance_mm(spacing):
+        if max(float(np.abs(steps - spacing).max()), float(off.max())) <= max(UNEVEN_TOLERANCE_MM,
+                                                                              _slice_tolerance_mm(spacing)):
             return None
         k = int(np.argmax(off))
         number = self.instance_numbers[k] if len(self.instance_numbers) == len(along) else None
@@ -1136,6 +1138,9 @@ def _volumes_use(image) -> str:
 # within the larger of these (positions and thicknesses are written rounded: 3 and 2.9999 mm, steps 0.01 mm off)
 SLICE_TOLERANCE_MM = 0.05
 SLICE_TOLERANCE = 0.02
+# slices unevenly spaced are warned of from the larger of this and the above: positions written rounded to 0.1 mm
+# (steps up to 0.1 mm off, a slice 0.05 mm) on a thin 3D FLAIR's 0.55 mm slices are no misplacement worth a word
+UNEVEN_TOLERANCE_MM = 0.15
 
 
 def _slice_tolerance_mm(spacing: float) -> float:
@@ -1898,7 +1903,9 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
     if typical <= 0:
         raise DeepWMLError(f"{path}: the DICOM series has several images at each slice position (echoes or "
                            "repeats?); export the FLAIR series alone")
-    odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > 0.2 * typical)
+    # a fifth of a step, and more than positions written rounded to 0.1 mm make of a thin slice's (0.5 and 0.6 mm
+    # steps of 0.55 mm slices); a slice missing or doubled is a whole step off
+    odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM))
     if odd.size:
         k = int(odd[0])
         missing = int(round(abs(steps[k]) / typical)) - 1
@@ -2770,12 +2777,20 @@ def _long_path_hint(path: Path) -> str:
 def _sync(path: Path) -> None:
     """Make `path`'s bytes reach the disk now. Without it a power cut can leave a file renamed into place but
     empty or cut short (the file system keeps the rename and writes the data later: ext4's delayed allocation),
-    under its final name beside a complete report, and a rerun skips the case as done."""
+    under its final name beside a complete report, and a rerun skips the case as done. A file system that cannot
+    sync a file (some network shares and FUSE mounts say EINVAL or not supported) writes it as before; a failed
+    write (EIO) is an error."""
     fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_SYNC:
+            raise
     finally:
         os.close(fd)
+
+
+_NO_SYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", errno.EINVAL), getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
 def _sync_folder(folder: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
 
 import numpy as np
 import pytest
@@ -1494,3 +1496,37 @@ def test_an_image_single_precision_cannot_hold_is_refused(scale, offset, words):
     with pytest.raises(DeepWMLError, match=words):
         io.check_volume(scaled, "scaled")
     assert io.check_volume(sitk.Cast(image, sitk.sitkFloat64), "double") is not None  # an ordinary double image
+
+
+@pytest.mark.parametrize("code, written", [(errno.EINVAL, True), (errno.EOPNOTSUPP, True), (errno.EIO, False)])
+def test_a_file_system_that_cannot_sync_files_still_gets_outputs_but_a_failed_write_is_an_error(tmp_path, monkeypatch,
+                                                                                                 code, written):
+    """Outputs are fsynced before their rename; a network share or FUSE mount that cannot sync a file (EINVAL, not
+    supported) failed every output. It now writes them as before; a failed write (EIO) is still an error."""
+    def fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "out" / "report.json"
+    target.parent.mkdir()
+    if written:
+        io.write_text("{}", target)
+        assert target.read_text(encoding="utf-8") == "{}"
+    else:
+        with pytest.raises(DeepWMLError):
+            io.write_text("{}", target)
+        assert not target.exists()
+
+
+def test_thin_slices_with_positions_rounded_to_a_tenth_of_a_millimetre_are_read_without_a_word(tmp_path):
+    """A 3D FLAIR's 0.55 mm slices with Image Positions written to 0.1 mm (steps 0.5 or 0.6 mm, each slice within
+    0.05 mm of its place) were refused as unevenly spaced (0.6 mm is over a fifth more than the median 0.5 mm), and
+    within that, warned of: the rounding counted as misplacement. A slice missing there is still refused."""
+    image, _ = make_volume(size=(20, 16, 12), spacing=(0.8, 0.8, 0.55), dtype=sitk.sitkInt16)
+    positions = [np.round(p, 1) for p in stepped_positions(image, [0.55] * 11)]
+    folder = write_dicom_series(tmp_path / "series", image, description="3D FLAIR", positions=positions)
+    (series,) = io.dicom_series(folder)
+    assert series.slice_warnings(io.read_image(folder, series=series)) == []
+    (folder / sorted(p.name for p in folder.iterdir())[5]).unlink()  # a slice missing
+    with pytest.raises(DeepWMLError, match="slice\\(s\\) missing"):
+        io.read_image(folder)
