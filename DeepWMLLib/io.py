@@ -1829,7 +1829,7 @@ def _check_frames(path, file: str, image) -> None:
     steps = np.diff(np.sort(along))
     typical = float(np.median(steps))
     spacing = image.GetSpacing()
-    odd = np.abs(steps - typical) > 0.2 * typical
+    odd = np.abs(steps - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM)  # as _check_slice_spacing
     if typical <= 0:
         why = "several frames at each position: echoes, volumes or repeats"
     elif odd.any():

@@ -1530,3 +1530,14 @@ def test_thin_slices_with_positions_rounded_to_a_tenth_of_a_millimetre_are_read_
     (folder / sorted(p.name for p in folder.iterdir())[5]).unlink()  # a slice missing
     with pytest.raises(DeepWMLError, match="slice\\(s\\) missing"):
         io.read_image(folder)
+
+
+def test_a_thin_slice_multi_frame_file_with_positions_rounded_to_a_tenth_of_a_millimetre_is_read(tmp_path):
+    """As a series of files: a multi-frame file's 0.55 mm frames at positions written to 0.1 mm were refused as a
+    frame missing or repeated (0.6 mm steps beside a median of 0.5 mm)."""
+    image, _ = make_volume(size=(20, 16, 12), spacing=(0.8, 0.8, 0.55), dtype=sitk.sitkInt16)
+    positions = [np.round(p, 1) for p in stepped_positions(image, [0.55] * 11)]
+    write_enhanced_mr(tmp_path / "flair.dcm", image, positions=positions)
+    (series,) = io.dicom_series(tmp_path)
+    read = io.read_image(tmp_path, series=series)
+    assert read.GetSize() == (20, 16, 12) and series.slice_warnings(read) == []
