@@ -991,8 +991,9 @@ def planned_change_settings(args, given: tuple) -> dict:
 
 def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, loaded: dict) -> dict:
     """The report of an earlier run of the pair `case` in `out`, checked before the pair is skipped as done (as
-    segment.check_earlier_result checks a case): made from these scans, with the same masks (a given one's content
-    unchanged since) and the same settings (CHANGE_SETTINGS; for a scan segmented then and now,
+    segment.check_earlier_result checks a case): made from these scans (known by their content, so also at other
+    paths: moved, renamed or mounted elsewhere), with the same masks (a given one's content unchanged since, wherever
+    it lies now) and the same settings (CHANGE_SETTINGS; for a scan segmented then and now,
     SEGMENTATION_SETTINGS), its outputs still there (its QC picture or outline series may have been deleted).
     Else a DeepWMLError that says what differs and what to do. `loaded`: the cohort's models (_segmentation_models)."""
     from .segment import input_fingerprint, planned_settings, recorded_settings, settings_differences
@@ -1001,13 +1002,17 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
         done = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DeepWMLError(f"{report_path.name} cannot be read ({exc}); rerun with --overwrite to redo the pair") from exc
-    if not isinstance(done, dict) or not all(Path(str(done.get(key, ""))).resolve() == Path(entry[key]).resolve()
-                                             for key in ("baseline", "followup")):
+    # a scan at another path is this pair's when it is the same scan, known by its content: a cohort moved, renamed
+    # or mounted elsewhere keeps its pairs done, as `deepwml segment` keeps a case's results (segment.same_input)
+    moved = [key for key in SCAN_COLUMNS.values()
+             if isinstance(done, dict) and Path(str(done.get(key, ""))).resolve() != Path(entry[key]).resolve()]
+    if not isinstance(done, dict) or not all(_moved_scan(done, name, key, Path(entry[key]))
+                                             for name, key in SCAN_COLUMNS.items() if key in moved):
         then = done if isinstance(done, dict) else {}
         raise DeepWMLError(f"{report_path.name} holds another pair ({then.get('baseline')} -> {then.get('followup')}); "
                            "rename the case or use --overwrite")
     changed = [f"the {name} ({entry[key]}) has changed since" for name, key in SCAN_COLUMNS.items()
-               if not _same_scan(done, name, key, Path(entry[key]))]
+               if key not in moved and not _same_scan(done, name, key, Path(entry[key]))]
     if changed:  # a scan replaced under its name (a corrected export): its pair is not done
         raise DeepWMLError(f"{out} holds pair {case!r} made from other scans: {'; '.join(changed)}; use --overwrite "
                            "to redo it with these scans, or another OUTDIR to keep both")
@@ -1020,9 +1025,11 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
         if not isinstance(then, dict):  # a report of a version before its masks were recorded
             continue
         if "mask" in then and now:
+            fingerprint = then.get("mask_fingerprint")
             if Path(str(then["mask"])).resolve() != Path(now).resolve():
-                differences.append(f"{column} ({then['mask']} then, {now} now)")
-            elif then.get("mask_fingerprint") and then["mask_fingerprint"] != input_fingerprint(Path(now)):
+                if not fingerprint or fingerprint != input_fingerprint(Path(now)):  # not the same mask moved
+                    differences.append(f"{column} ({then['mask']} then, {now} now)")
+            elif fingerprint and fingerprint != input_fingerprint(Path(now)):
                 differences.append(f"{column} ({now} has changed since)")
         elif "mask" in then:
             differences.append(f"{column} ({then['mask']} then; none now, so the scan is segmented)")
@@ -1056,6 +1063,12 @@ def _same_scan(done: dict, name: str, key: str, path: Path) -> bool:
     then = {"input_absolute": str(Path(str(done[key])).resolve()), "input_fingerprint": done.get(f"{key}_fingerprint"),
             "dicom_series": series.get(name) if isinstance(series.get(name), dict) else None}
     return then["input_fingerprint"] is None or same_input(then, path)
+
+
+def _moved_scan(done: dict, name: str, key: str, path: Path) -> bool:
+    """Whether the scan `path`, not where the pair's report `done` says its `key` was, is that scan at another path:
+    by its content (_same_scan), which a report of a version before it recorded it cannot tell."""
+    return bool(done.get(f"{key}_fingerprint")) and _same_scan(done, name, key, path)
 
 
 def _missing_outputs(out: Path, case: str, done: dict) -> list[str]:

@@ -928,6 +928,38 @@ def test_a_pair_whose_scan_was_replaced_under_its_name_is_not_skipped_as_done(tm
             "record all its settings (the scans' content), so this run's may differ") in capsys.readouterr().err
 
 
+def test_a_pair_whose_scans_and_masks_were_moved_is_skipped_as_done(tmp_path, monkeypatch, capsys):
+    """change --manifest refused a pair whose scans and masks had been moved (a cohort copied to another disk, the
+    manifest's paths changed to match) as "another pair", where `deepwml segment` keeps a moved scan's results. Now
+    the same content at new paths is the pair done, skipped as segment skips it; other content there is not."""
+    manifest, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+    assert main(run) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "moved"
+    elsewhere.mkdir()
+    text = manifest.read_text(encoding="utf-8")
+    for path in files.values():
+        shutil.move(path, elsewhere / path.name)
+        text = text.replace(str(path), str(elsewhere / path.name))
+    manifest.write_text(text, encoding="utf-8")
+    assert main(run) == 0
+    assert "p1: skipped - done before (use --overwrite to redo)\n" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+    assert [(r["case"], r["status"], r["n_new"]) for r in rows] == [("p1", "skipped", "1")]
+    mask = sitk.ReadImage(str(elsewhere / "followup_mask.nii.gz"))
+    sitk.WriteImage(mask * 0, str(elsewhere / "followup_mask.nii.gz"))  # another mask at the moved one's path
+    assert main(run) == 1
+    assert (f"made with other settings: followup_mask ({files['followup_mask']} then, "
+            f"{elsewhere / 'followup_mask.nii.gz'} now)") in capsys.readouterr().err
+    sitk.WriteImage(mask, str(elsewhere / "followup_mask.nii.gz"))
+    followup = sitk.ReadImage(str(elsewhere / "followup.nii.gz"))
+    sitk.WriteImage(followup * 1.01, str(elsewhere / "followup.nii.gz"))  # another scan at the moved one's path
+    assert main(run) == 1
+    assert f"p1_change.json holds another pair ({files['baseline']} -> {files['followup']})" in capsys.readouterr().err
+
+
 def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path, monkeypatch, tiny_model, capsys):
     """A follow-up segmented here: the same pair rerun with another --threshold (or model) was skipped as done."""
     manifest, _ = _small_pair_manifest(monkeypatch, tmp_path, segmented=True)
