@@ -279,11 +279,17 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
             for name, picture in zip(names, prepared.images):
                 writer.SetFileName(name)
                 writer.Execute(picture)
+        # on disk before the folder takes its name, as every other output is (io.write_atomically): a power cut
+        # must not leave empty or cut-short images under the series' name beside a complete report
+        for file in files:
+            io._sync(file)
+        io._sync_folder(building)
         os.chmod(building, 0o777 & ~io._UMASK)
         if folder.exists():  # an earlier run's, replaced: moved aside first, so the name never holds a mix
             old = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".old", dir=folder.parent))
             io._replace(folder, old / folder.name)
         io._replace(building, folder)
+        io._sync_folder(folder.parent)  # the rename too, before the report written next
     except (OSError, RuntimeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
         if io.WINDOWS and isinstance(exc, PermissionError):

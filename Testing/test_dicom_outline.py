@@ -81,6 +81,44 @@ def test_the_outline_series_lies_on_the_input_slices_in_the_same_study(tmp_path)
     assert np.all(np.diff(shown[order].astype(int)) >= 0)
 
 
+def test_the_outline_series_is_on_disk_before_its_name_and_its_name_before_the_report(tmp_path, monkeypatch):
+    """The series was built in a folder beside its name and renamed into place, but its images were never synced
+    (every other output is: io.write_atomically): after a power cut its folder could hold empty or cut-short
+    images under the series' name beside a complete report. Now each image and the folder are synced before the
+    rename (a first series and one replacing an earlier run's), and the rename before the report is written."""
+    import os
+
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder, series=series), truth, series, {})
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.fstat(fd)))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", os.stat(source)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out_dicom"
+    for overwrite in (False, True):
+        events.clear()
+        dicom_outline.write_outline_series(prepared, out, overwrite=overwrite)
+        renamed = [k for k, (kind, stat) in enumerate(events) if kind == "rename" and os.path.samestat(stat, os.stat(out))]
+        assert len(renamed) == 1, events
+        k = renamed[0]
+        synced = [stat for kind, stat in events[:k] if kind == "sync"]
+        images = sorted(out.iterdir())
+        assert len(images) == 6
+        for item in [out, *images]:
+            assert any(os.path.samestat(stat, os.stat(item)) for stat in synced), (item, events)
+        assert any(kind == "sync" and os.path.samestat(stat, os.stat(tmp_path)) for kind, stat in events[k + 1:]), events
+
+
 def test_a_latin1_patient_name_is_written_as_utf8(tmp_path):
     image, truth = make_volume(size=(24, 20, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "latin", image, description="FLAIR",
