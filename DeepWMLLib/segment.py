@@ -1336,7 +1336,8 @@ def _done_by_another(row: dict, path: Path, study, out: Path, models, device, pr
     are (the same scan, the same settings), so that summary.csv, which the run that ends last writes, lists
     every case done rather than calling cases of the other run errors. Still being written, or never written
     (the other process failed or was stopped), the row stays as it was; its report of another scan or made with
-    other settings makes it an error, as a rerun's would."""
+    other settings makes it an error, as a rerun's would, and so does any other failure to check it
+    (unchecked_by_another), which never escapes at the end of the run."""
     if not (out / f"{row['case']}_report.json").exists():
         return
     try:
@@ -1344,14 +1345,25 @@ def _done_by_another(row: dict, path: Path, study, out: Path, models, device, pr
                                **{**options, "overwrite": False})
     except io.BeingWritten:
         return
-    except DeepWMLError as exc:
-        row.update(status="error", error=str(exc))
+    except Exception as exc:
+        row.update(status="error", error=unchecked_by_another(exc))
         return
     if earlier["status"] == "skipped":
         row.update({key: value for key, value in earlier.items() if key not in ("status", "error", "seconds")},
                    error=DONE_BY_ANOTHER)
     else:  # written meanwhile by this run itself (the other process's report went before it finished)
         row.update(earlier)
+
+
+def unchecked_by_another(exc: Exception) -> str:
+    """The error of a case left to another DeepWML process whose result could not be checked at the end of the run
+    (_done_by_another; the Slicer batch script's doneByAnother): a DeepWMLError's own words; any other failure (a
+    report damaged by a process killed while writing it, a file this run may not read) said, with what to do,
+    rather than ending the run without its summary."""
+    if isinstance(exc, DeepWMLError):
+        return str(exc)
+    return (f"written by another DeepWML process during this run, but its results could not be checked "
+            f"({type(exc).__name__}: {exc}); run again to check them, or with --overwrite to redo the case")
 
 
 def _to_segment(cases, unread, number: int, rows) -> int:

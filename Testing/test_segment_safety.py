@@ -139,6 +139,47 @@ def test_two_runs_into_one_outdir_each_list_the_cases_the_other_wrote(tmp_path, 
     assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "skipped"}
 
 
+def test_a_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_run(tmp_path, tiny_model,
+                                                                                            monkeypatch, capsys):
+    """Looked at again at the end of the run, a case the other run wrote whose result could not be checked for a
+    reason other than DeepWML's own (here its report not to be read: PermissionError) ended the run with a
+    traceback-like 'internal error', without the final line and with the other cases' rows never rewritten. Now
+    its row is an error that says what happened and what to do, and the run ends as it does (exit 1, its total)."""
+    from DeepWMLLib import segment as segment_module
+
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out / "a_report.json"))
+
+    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run does it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+                assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+                monkeypatch.setattr(segment_module, "check_earlier_result", unreadable)
+
+    monkeypatch.setattr(segment_module, "ProgressBar", Bar)
+    capsys.readouterr()
+    assert segment(tiny_model, folder, "-o", out) == 1
+    err = capsys.readouterr().err
+    assert f"1/2 cases done (1 failed, 0 skipped), summary in {out / 'summary.csv'}" in err, err
+    rows = summary(out)
+    assert (rows["a"]["status"], rows["b"]["status"]) == ("error", "ok")
+    assert rows["a"]["error"].startswith("written by another DeepWML process during this run, but its results could "
+                                         "not be checked (PermissionError: [Errno 13] Permission denied: ")
+    assert rows["a"]["error"].endswith("run again to check them, or with --overwrite to redo the case")
+
+
 def test_a_case_another_run_made_with_other_settings_meanwhile_is_an_error(tmp_path, tiny_model):
     """Looked at again at the end of the run, a case the other run wrote with other settings is not this run's
     result: an error, as a rerun's would be."""

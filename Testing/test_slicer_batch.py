@@ -572,6 +572,49 @@ def test_batch_leaves_a_case_another_run_is_writing_to_it_and_lists_its_figures_
     assert float(rows["b"]["volume_ml"]) == pytest.approx(report["volume_ml"])
 
 
+def test_batch_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_batch(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """A case left to another DeepWML run, done by the end of the batch but its result not to be checked for a
+    reason other than DeepWML's own (its report not to be read: PermissionError): the exception left the batch at
+    its end, without the final line, summary.csv still calling the case skipped. Now its row is an error that
+    says so, as `deepwml segment`'s is, and the batch ends with its total and exit 1."""
+    from DeepWMLLib import segment
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz", seed=3)
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(out / "a_report.json"))
+
+    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run (deepwml segment) does it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+                assert cli_main(["segment", str(inputs / "a.nii.gz"), "-o", str(out), "--model", str(tiny_model),
+                                 "--device", "cpu"]) == 0
+                monkeypatch.setattr(segment, "check_earlier_result", unreadable)
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    capsys.readouterr()
+    assert batchScript.main(arguments) == 1
+    assert f"1/2 cases done (1 failed, 0 skipped), summary in {out / 'summary.csv'}" in capsys.readouterr().out
+    rows = summary(out)
+    assert (rows["a"]["status"], rows["b"]["status"]) == ("error", "ok")
+    assert rows["a"]["error"].startswith("written by another DeepWML process during this run, but its results could "
+                                         "not be checked (PermissionError: [Errno 13] Permission denied: ")
+
+
 def test_batch_overwrite_stopped_part_way_leaves_no_old_report_beside_new_files(scene, batchScript, tmp_path,
                                                                                  monkeypatch, tiny_model):
     """--overwrite with another threshold, the disk full after the new segmentation was written: the earlier

@@ -265,15 +265,16 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
 def doneByAnother(logic, row: dict, path: Path, study, args) -> None:
     """A case left to another DeepWML process writing it, looked at again at the end of the run (as
     segment._done_by_another): finished by then, its row takes the figures of that process's report, checked
-    as a rerun's are; made from another scan or with other settings, it is an error."""
+    as a rerun's are; made from another scan or with other settings, or not to be checked at all, it is an error
+    (segment.unchecked_by_another), never one that ends the batch without its summary."""
     if not (args.output_dir / f"{row['case']}_report.json").exists():
         return
     try:
         earlier = segmentCase(logic, row["case"], path, argparse.Namespace(**{**vars(args), "overwrite": False}), study)
     except io.BeingWritten:
         return
-    except DeepWMLError as exc:
-        row.update(status="error", error=str(exc))
+    except Exception as exc:
+        row.update(status="error", error=segment.unchecked_by_another(exc))
         return
     if earlier["status"] == "skipped":
         row.update({key: value for key, value in earlier.items() if key not in ("status", "error")},
