@@ -850,11 +850,11 @@ def test_batch_stopped_says_what_it_kept_and_how_to_go_on_and_exits_as_the_comma
         handler = signal.getsignal(signal.SIGTERM)
         assert stoppedStatus(batchScript, arguments + ["--overwrite"]) == status
         said = capsys.readouterr()
-        assert (f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run the same command again to go "
-                "on (the cases done are skipped)") in said.out
+        assert (f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run it again without --overwrite "
+                "to go on (the cases done are skipped; with --overwrite they are redone)") in said.out  # as segment's
         assert said.err.rstrip().endswith(f"segment_batch: {words}"), said.err
         assert {case: row["status"] for case, row in summary(out).items()} == {"a": "ok"}
         assert signal.getsignal(signal.SIGTERM) is handler
     monkeypatch.setattr(batchScript, "segmentCase", segmentCase)
-    assert batchScript.main(arguments) == 0  # the same command goes on
+    assert batchScript.main(arguments) == 0  # without --overwrite it goes on
     assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "ok", "c": "ok"}
