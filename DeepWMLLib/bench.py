@@ -149,14 +149,24 @@ def run_benchmark(input_path: str | None = None, model_paths=None, slices: int =
 
     from .segment import default_model_paths
 
+    saved = os.environ.get("OMP_NUM_THREADS")
     if threads:
         torch.set_num_threads(threads)
+        # OpenVINO's and ONNX Runtime's runners take their thread count from OMP_NUM_THREADS (else every CPU), as
+        # the fresh `segment` processes of (c) do: without it here, (b) ran on every CPU while (c) and the table
+        # had `threads`, and c/b compared runs on different numbers of cores
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     model_paths = list(model_paths or default_model_paths())
     workdir = Path(tempfile.mkdtemp(prefix="deepwml-bench-"))
     try:  # the input, the copies and every output are written here; none is left behind
         return _measure(workdir, input_path, model_paths, slices, repeat, threads, backend, brain_model, precision)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if threads:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
 
 
 def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: int, threads, backend: str,
@@ -210,9 +220,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     for i in range(BATCH_CASES):
         shutil.copyfile(path, batch_dir / f"case{i + 1}.nii.gz")
     batch_command = [*segment, str(batch_dir), "-o", str(workdir / "out_batch"), *options]
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = dict(os.environ)  # with OMP_NUM_THREADS set to `threads` (run_benchmark)
     bytecode_cached = _cache_bytecode()
     launcher = _Launcher(env)
     launcher.run(command)  # warm the ONNX cache and the disk cache

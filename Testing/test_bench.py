@@ -107,3 +107,29 @@ def test_negative_slice_count_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as usage:
         main(["bench", "--slices", "-3", "--repeat", "1"])
     assert usage.value.code == 2 and "--slices" in capsys.readouterr().err
+
+
+def test_threads_apply_to_the_in_process_runners_as_to_the_fresh_processes(tmp_path, tiny_model, monkeypatch):
+    """--threads N: (b) runs on N threads as (c) does. OpenVINO and ONNX Runtime take their thread count from
+    OMP_NUM_THREADS (else every CPU), which only (c)'s processes were given: (b) ran on every CPU while the
+    table said N, and c/b compared runs on different numbers of cores."""
+    import os
+
+    from DeepWMLLib import inference
+
+    image, _ = make_volume(size=(48, 40, 8))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = len(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 1
+    counted = []
+    cpu_threads = inference._cpu_threads
+    monkeypatch.setattr(inference, "_cpu_threads", lambda: counted.append(cpu_threads()) or counted[-1])
+    for backend, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        pytest.importorskip(module)
+        result = run_benchmark(str(path), [str(tiny_model)], slices=3, repeat=1, threads=threads, backend=backend,
+                               brain_model=None)
+        assert counted and set(counted) == {threads}, (backend, counted)
+        assert result["threads"] == threads
+        counted.clear()
+    assert "OMP_NUM_THREADS" not in os.environ  # put back as it was
