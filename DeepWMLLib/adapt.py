@@ -458,6 +458,10 @@ def _run(args) -> int:
     outputs = [out_dir / f"{Path(m).stem}-adapted.pt" for m in models]
     if len(set(outputs)) < len(outputs):
         raise DeepWMLError("two model files have the same name; adapt them into different folders")
+    folders = [str(o) for o in outputs if o.is_dir()]  # --overwrite replaces files, not folders: said before the work
+    if folders:
+        raise DeepWMLError(f"{', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}, where the "
+                           "adapted model file is to be written; move it away or choose another output folder (-o)")
     existing = [str(o) for o in outputs if o.exists()]
     if existing and not args.overwrite:
         raise DeepWMLError(f"{', '.join(existing)} {'already exists' if len(existing) == 1 else 'already exist'}; "

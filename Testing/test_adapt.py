@@ -403,3 +403,18 @@ def test_a_label_mask_named_beside_scans_is_skipped_as_segment_skips_it(tmp_path
     assert "deepwml adapt: error: every image file given looks like a label mask or segmentation, not a FLAIR " \
            "scan; give the FLAIR scans" in err and "warning" not in err
     assert not (tmp_path / "alone").exists() and not (tmp_path / "masks").exists()
+
+
+def test_a_folder_in_place_of_an_output_file_is_refused_before_the_work(tmp_path, capsys):
+    """A folder named as the adapted file (bn-adapted.pt/) was said to 'already exist; use --overwrite', and with
+    --overwrite the run did all its work, then failed on writing ('is a folder; give a file name')."""
+    source = _model_file(tmp_path / "bn.pt")
+    scans = [str(p) for p in _scans(tmp_path, 2)]
+    out = tmp_path / "adapted"
+    (out / "bn-adapted.pt").mkdir(parents=True)
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(["adapt", "--model", str(source), "--scans", *scans, "-o", str(out), *extra]) == 1
+        err = capsys.readouterr().err
+        assert "bn-adapted.pt is a folder" in err and "use --overwrite" not in err
+        assert "finding lesions" not in err  # refused before reading the scans and running the networks
+    assert (out / "bn-adapted.pt").is_dir()
