@@ -1,6 +1,7 @@
 """`deepwml bench`: how fast segmentation runs here, against the plain way of running the network.
 
-On one input (a real clinical FLAIR from ../shared when present, else a synthetic one) it measures
+On one input (a real clinical FLAIR from ../shared when present, else the bundled synthetic sample)
+it measures
 (a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
 (b) DeepWML's inference path (`inference.predict_maps`: normalisation, resampling, batched
     runner — OpenVINO (bf16 where the CPU computes it natively), ONNX Runtime or channels-last PyTorch —
@@ -42,6 +43,8 @@ import numpy as np
 
 
 BATCH_CASES = 5
+# The input timed when none is given and ../shared is absent (as on any machine but the project's own)
+SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"
 
 
 def _cache_bytecode() -> bool:
@@ -65,10 +68,17 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
         candidate = shared / "open_ms" / "clinical_flair" / "patient20_study2.nii.gz" if shared else None
         if candidate is not None and candidate.is_file():
             path, source = str(candidate), "real clinical FLAIR patient20_study2 (256×256, 3 mm)"
+        elif SAMPLE.is_file():  # a hospital's machine has no ../shared: the synthetic generator needs its templates
+            path, source = str(SAMPLE), "the bundled sample, a synthetic FLAIR (256×256, 6 mm; ../shared absent)"
         else:
+            from .errors import DeepWMLError
             from .synth import generate_case
 
-            flair, _, _ = generate_case(0)
+            try:
+                flair, _, _ = generate_case(0)
+            except DeepWMLError:
+                raise DeepWMLError("no FLAIR to time here (neither ../shared nor the bundled sample "
+                                   "Resources/Sample/sample_flair.nii.gz): give one with --input") from None
             path = str(workdir / "synthetic.nii.gz")
             io.write_image(flair, path)
             source = "synthetic FLAIR (../shared absent)"
@@ -345,7 +355,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else synthetic)")
+    p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else the bundled "
+                   "sample, Resources/Sample/sample_flair.nii.gz)")
     p.add_argument("--model", nargs="+", help="model file(s), or the name of a shipped model or ensemble (e.g. "
                    "ensemble-v8), as in deepwml segment (default: the shipped default model)")
     p.add_argument("--slices", type=non_negative_int, default=25, help="central axial slices to keep (default 25; 0 = all)")

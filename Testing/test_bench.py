@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from conftest import make_volume, tiny_model_file
 from DeepWMLLib.bench import format_table, run_benchmark
 from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
 
 
 def test_bench_reports_every_figure(tmp_path, tiny_model, capsys, monkeypatch):
@@ -133,3 +134,19 @@ def test_threads_apply_to_the_in_process_runners_as_to_the_fresh_processes(tmp_p
         assert result["threads"] == threads
         counted.clear()
     assert "OMP_NUM_THREADS" not in os.environ  # put back as it was
+
+
+def test_without_shared_data_the_bundled_sample_is_timed(tmp_path, monkeypatch):
+    """`deepwml bench` with no --input on a machine without ../shared (a hospital's) failed: its synthetic input
+    needs ../shared's templates ('shared data ... not found: set DEEPWML_SHARED_DATA'). It times the bundled sample."""
+    from DeepWMLLib import bench, io
+
+    monkeypatch.setenv("DEEPWML_SHARED_DATA", str(tmp_path / "absent"))
+    assert io.shared_data_dir() is None
+    path, source = bench._benchmark_input(None, 4, tmp_path)
+    assert "sample" in source and "central 4 of 21 slices" in source
+    assert sitk.ReadImage(str(path)).GetSize()[2] == 4
+    # without the sample too: a message that says what to do
+    monkeypatch.setattr(bench, "SAMPLE", tmp_path / "no_sample.nii.gz")
+    with pytest.raises(DeepWMLError, match="--input"):
+        bench._benchmark_input(None, 4, tmp_path)
