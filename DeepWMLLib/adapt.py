@@ -63,7 +63,8 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
 
 def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None,
                    named: frozenset = frozenset()) -> tuple[np.ndarray, list[dict]]:
-    """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts.
+    """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts, in the order
+    of the scans' voxel digests (the same scans in any order give the same slices).
     A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it). A path of `found` (an image file
     found in a folder given, not named) that is a label mask is skipped, said to `log`, as deepwml segment
     skips it: a labelled case's folder (FLAIR and manual mask) failed the whole run on its mask. A path of `named`
@@ -97,9 +98,8 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
             raise DeepWMLError(f"{path} holds the same scan as {seen[digest]}; give each scan once")
         seen[digest] = path
         slices, total = _head_slices(image, preprocessing)
-        if slices.shape[0]:
-            chunks.append(slices)
-        facts.append({"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total})
+        chunks.append((digest, slices))
+        facts.append((digest, {"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total}))
     if skipped and not facts:
         if named_skipped:
             raise DeepWMLError("every image file given looks like a label mask or segmentation, not a FLAIR scan; "
@@ -108,6 +108,10 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
                            "the folder of the FLAIR scans")
     for text in named_skipped:
         warnings.warn(text, stacklevel=2)
+    # In the order of the scans' voxels, not the order given: the crops are drawn from the slices by their place, so
+    # `--scans a b` and `--scans b a` (a folder, or a list in another order) gave two different models
+    chunks = [c for _, c in sorted(chunks, key=lambda item: item[0]) if c.shape[0]]
+    facts = [f for _, f in sorted(facts, key=lambda item: item[0])]
     if not chunks:
         raise DeepWMLError("none of the scans has a slice with head in it; nothing to adapt on")
     return np.concatenate(chunks), facts
