@@ -369,6 +369,9 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
                                   (lambda k, n, name=loaded.name: progress(name, k, n)) if progress else None)
         provenance = dict(loaded.provenance)
         earlier = provenance.pop("adapted_batch_norm", None)
+        if earlier and log:  # adapting is not cumulative: the earlier scans leave no trace in the statistics
+            log(f"{loaded.name} was adapted before (on {earlier.get('slices', '?')} slices); its statistics are "
+                "replaced by these scans' own, not added to (the earlier record is kept in the file)")
         provenance["adapted_batch_norm"] = {
             **({"earlier": earlier} if earlier else {}),  # a model adapted before keeps that record
             "method": "AdaBN: population statistics of every batch-norm layer, layer by layer, weights unchanged",

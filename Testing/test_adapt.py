@@ -161,7 +161,10 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     record = load_model(written).provenance["adapted_batch_norm"]
     assert len(record["scans"]) == 2 and "scan0" not in json.dumps(record)
     assert "earlier" not in record
+    capsys.readouterr()
     assert cli.main(["adapt", "--model", str(written), "--scans", *scans, "-o", str(tmp_path / "again")]) == 0
+    # said: adapting again replaces the statistics, it does not add these scans to the earlier ones
+    assert "bn-adapted.pt was adapted before (on 24 slices); its statistics are replaced" in capsys.readouterr().err
     again = load_model(tmp_path / "again" / "bn-adapted-adapted.pt").provenance["adapted_batch_norm"]
     assert again["from_model"] == "bn-adapted.pt" and again["earlier"]["from_model"] == "bn.pt"  # history kept
     with pytest.raises(SystemExit) as usage:  # out of range: a usage error
