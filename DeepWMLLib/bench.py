@@ -367,6 +367,8 @@ def register(subparsers) -> None:
                    help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively)")
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model (default: the shipped one, if any)")
     p.add_argument("--no-brain-mask", action="store_true", help="time the WMH network alone, without the brain mask")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="cpu, the only one timed (auto: the CPU too); a GPU is not benchmarked here")
     p.add_argument("--json", help="also write the figures to this JSON file")
     add_debug_flag(p)
     p.set_defaults(func=_run)
@@ -374,8 +376,12 @@ def register(subparsers) -> None:
 
 def _run(args) -> int:
     from . import io
+    from .errors import DeepWMLError
     from .segment import model_files
 
+    if args.device == "cuda":  # an option of segment's, tried here: said plainly, not argparse's 'unrecognized'
+        raise DeepWMLError("deepwml bench times the CPU only (every figure, (a) to (e), is a CPU run); to time a GPU, "
+                           "run deepwml segment --device cuda on a folder of scans (it prints seconds per case)")
     args.model = model_files(args.model)  # a shipped model's or ensemble's name stands for its file(s)
     if args.json:
         io.check_output_file(args.json)  # before minutes of timing, not after

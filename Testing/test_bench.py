@@ -150,3 +150,11 @@ def test_without_shared_data_the_bundled_sample_is_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SAMPLE", tmp_path / "no_sample.nii.gz")
     with pytest.raises(DeepWMLError, match="--input"):
         bench._benchmark_input(None, 4, tmp_path)
+
+
+def test_a_gpu_is_refused_with_a_word_that_bench_times_the_cpu(capsys):
+    """`deepwml bench --device cuda` (segment's option) was argparse's 'unrecognized arguments', which did not say
+    that bench times the CPU only, nor how to time a GPU."""
+    assert main(["bench", "--device", "cuda", "--repeat", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "times the CPU only" in err and "segment --device cuda" in err
