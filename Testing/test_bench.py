@@ -126,13 +126,19 @@ def test_threads_apply_to_the_in_process_runners_as_to_the_fresh_processes(tmp_p
     counted = []
     cpu_threads = inference._cpu_threads
     monkeypatch.setattr(inference, "_cpu_threads", lambda: counted.append(cpu_threads()) or counted[-1])
-    for backend, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
-        pytest.importorskip(module)
-        result = run_benchmark(str(path), [str(tiny_model)], slices=3, repeat=1, threads=threads, backend=backend,
-                               brain_model=None)
-        assert counted and set(counted) == {threads}, (backend, counted)
-        assert result["threads"] == threads
-        counted.clear()
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for backend, module in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+            pytest.importorskip(module)
+            result = run_benchmark(str(path), [str(tiny_model)], slices=3, repeat=1, threads=threads, backend=backend,
+                                   brain_model=None)
+            assert counted and set(counted) == {threads}, (backend, counted)
+            assert result["threads"] == threads
+            counted.clear()
+    finally:
+        torch.set_num_threads(before)  # more threads than CPUs would slow the tests run after this one
     assert "OMP_NUM_THREADS" not in os.environ  # put back as it was
 
 
