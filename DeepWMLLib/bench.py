@@ -129,7 +129,7 @@ class _Launcher:
                                      stdout=subprocess.PIPE, env=env, text=True)
 
     def run(self, command: list[str]) -> tuple[float, float]:
-        """Wall time (s) and the command's own peak resident memory (MB, kB on Linux; None on Windows)."""
+        """Wall time (s) and the command's own peak resident memory (MiB: ru_maxrss, in KiB on Linux, / 1024; None on Windows)."""
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()
@@ -342,7 +342,7 @@ def format_table(r: dict) -> str:
         ("    ... with the networks ready", f"{r['startup_floor_networks_ready_s']:.2f} s (also loads every network and runs "
          f"each once on a blank slice; so c/b >= {r['c_over_b_lowest_possible']} for one case in a fresh process)"),
         ("(e) peak memory of (c)", "not measured on this system (no os.wait4: Windows)" if r["e_peak_rss_mb"] is None
-         else f"{r['e_peak_rss_mb']:.0f} MB"),
+         else f"{r['e_peak_rss_mb']:.0f} MiB"),
         ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}" + (
             "" if r.get("brain_mask_dice_b_vs_a") is None else f" (brain mask {r['brain_mask_dice_b_vs_a']:.4f})")),
     ]
