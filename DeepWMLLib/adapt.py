@@ -62,21 +62,25 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
 
 
 def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None,
-                   named: frozenset = frozenset()) -> tuple[np.ndarray, list[dict]]:
+                   named: frozenset = frozenset(), flair_check: Callable | None = None,
+                   allow_non_flair: bool = False) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts, in the order
     of the scans' voxel digests (the same scans in any order give the same slices).
     A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it). A path of `found` (an image file
     found in a folder given, not named) that is a label mask is skipped, said to `log`, as deepwml segment
     skips it: a labelled case's folder (FLAIR and manual mask) failed the whole run on its mask. A path of `named`
     (named beside other inputs: a shell glob, data/p07/*, names the mask beside the FLAIR) is skipped so too, with
-    a warning, once a scan is read; when every image is a mask, that is the error."""
+    a warning, once a scan is read; when every image is a mask, that is the error.
+    `flair_check(image)` (train's `flair_checker`), when given, judges each scan as `deepwml train` judges its
+    cases: scans that do not look like a FLAIR are refused, naming them, once every scan is read (their statistics
+    would spoil the adapted model for every later patient), or with `allow_non_flair` adapted on, with a warning."""
     import warnings
 
     import SimpleITK as sitk
 
     from . import io
 
-    chunks, facts, seen, skipped, named_skipped = [], [], {}, 0, []
+    chunks, facts, seen, skipped, named_skipped, checks = [], [], {}, 0, [], []
     for item in paths:
         path, series = item if isinstance(item, tuple) else (item, None)
         try:
@@ -97,9 +101,14 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
         if digest in seen:  # the same voxels twice (one file listed twice, or in two formats or voxel orders)
             raise DeepWMLError(f"{path} holds the same scan as {seen[digest]}; give each scan once")
         seen[digest] = path
+        fact = {"scan": Path(path).name}
+        if flair_check is not None:
+            checks.append((path, flair_check(image)))
+            if checks[-1][1].get("looks_like") not in (None, "FLAIR"):
+                fact["looks_like"] = checks[-1][1]["looks_like"]
         slices, total = _head_slices(image, preprocessing)
         chunks.append((digest, slices))
-        facts.append((digest, {"scan": Path(path).name, "slices": int(slices.shape[0]), "of": total}))
+        facts.append((digest, {**fact, "slices": int(slices.shape[0]), "of": total}))
     if skipped and not facts:
         if named_skipped:
             raise DeepWMLError("every image file given looks like a label mask or segmentation, not a FLAIR scan; "
@@ -108,6 +117,7 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
                            "the folder of the FLAIR scans")
     for text in named_skipped:
         warnings.warn(text, stacklevel=2)
+    _judge_flair_checks(checks, allow_non_flair)
     # In the order of the scans' voxels, not the order given: the crops are drawn from the slices by their place, so
     # `--scans a b` and `--scans b a` (a folder, or a list in another order) gave two different models
     chunks = [c for _, c in sorted(chunks, key=lambda item: item[0]) if c.shape[0]]
@@ -115,6 +125,32 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
     if not chunks:
         raise DeepWMLError("none of the scans has a slice with head in it; nothing to adapt on")
     return np.concatenate(chunks), facts
+
+
+def _judge_flair_checks(checks: list[tuple], allow_non_flair: bool) -> None:
+    """Say which scans could not be judged, and refuse those that do not look like a FLAIR, naming each with what it
+    looks like and why (with `allow_non_flair`, a warning naming them), as `deepwml train` does its cases."""
+    import warnings
+
+    from .contrast import why_not_flair
+
+    unjudged = [(path, check) for path, check in checks if check.get("looks_like") is None]
+    if unjudged:
+        names = ", ".join(str(path) for path, _ in unjudged[:3]) + (", ..." if len(unjudged) > 3 else "")
+        warnings.warn(f"whether {len(unjudged)} scan(s) are FLAIRs could not be checked ({names}: "
+                      f"{unjudged[0][1]['not_judged']}); make sure they are FLAIRs", stacklevel=3)
+    found = [(path, check["looks_like"], why_not_flair(check)) for path, check in checks
+             if check.get("looks_like") not in (None, "FLAIR")]
+    if found and allow_non_flair:
+        warnings.warn(f"adapting on {len(found)} scan(s) that do not look like a FLAIR, as --allow-non-flair asks: "
+                      + ", ".join(f"{path} ({looks})" for path, looks, _ in found), stacklevel=3)
+    elif found:
+        named = "; ".join(f"{path} looks {looks}: {why}" for path, looks, why in found[:2])
+        more = (f"; and {len(found) - 2} more ({', '.join(str(path) for path, *_ in found[2:5])}"
+                f"{', ...' if len(found) > 5 else ''})") if len(found) > 2 else ""
+        raise DeepWMLError(f"{len(found)} scan(s) do not look like a FLAIR: {named}{more}; their statistics would "
+                           "spoil the adapted model for every later scan: leave them out of --scans (check that each "
+                           "is the FLAIR series), or pass --allow-non-flair to adapt on them when you know better")
 
 
 def pseudo_lesions(slices: np.ndarray, model_paths: Sequence[str | Path], threshold: float = 0.5,
@@ -322,13 +358,15 @@ def crop_settings(loaded) -> tuple[int, float]:
 def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path], out_paths: Sequence[str | Path],
                  pseudo_models: Sequence[str | Path] | None = None, per_slice: int = 4, seed: int = 0,
                  fp16: bool = True, batch_size: int = 8, progress=None, log=None,
-                 found: frozenset = frozenset(), named: frozenset = frozenset()) -> list[dict]:
+                 found: frozenset = frozenset(), named: frozenset = frozenset(), flair_check: Callable | None = None,
+                 allow_non_flair: bool = False) -> list[dict]:
     """Adapt each model file on `scans` and write it to the matching `out_paths`; returns a summary per model.
 
     pseudo_models: the models whose averaged marks (>= 0.5) are the scans' lesions for centring crops
     (None: the models being adapted). All must share one preprocessing (grid); the slices and the
     lesions are computed once. found: scans found in a folder given, and named: scans named beside other inputs,
-    skipped when label masks (network_slices).
+    skipped when label masks, and flair_check, allow_non_flair: scans that do not look like a FLAIR refused (or, with
+    allow_non_flair, adapted on) (network_slices).
     progress(what, done, total) is called as the lesions are found ("finding
     lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
     from .checkpoint import file_digest, load_model, load_model_settings, model_payload, save_torch
@@ -349,7 +387,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
-    slices, facts = network_slices(scans, preprocessing, found, log, named)
+    slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair)
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
                            f"{MIN_SLICES} ({FEW_SLICES}+ advised): add scans of the same protocol")
@@ -377,7 +415,8 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             "method": "AdaBN: population statistics of every batch-norm layer, layer by layer, weights unchanged",
             "from_model": loaded.name,
             "from_digest": file_digest(path),
-            "scans": [{"slices": f["slices"], "of": f["of"]} for f in facts],  # no names: they may be patients'
+            # no names: they may be patients'; what a scan looked like when adapted on with --allow-non-flair
+            "scans": [{k: f[k] for k in ("slices", "of", "looks_like") if k in f} for f in facts],
             "slices": int(slices.shape[0]),
             "measured_on": (f"{crops.shape[0]} crops of {size} px, {share:.0%} centred on pseudo-lesions of "
                             f"{', '.join(Path(p).name for p in pseudo_models)} (seed {seed})"),
@@ -446,6 +485,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--allow-non-flair", action="store_true",
+                   help="adapt on scans the FLAIR check (deepwml segment's) calls T1-, T2- or PD-weighted (refused "
+                        "otherwise, naming them: their statistics would spoil the model for every later scan)")
     add_debug_flag(p)
     p.set_defaults(func=_run)
 
@@ -455,6 +497,7 @@ def _run(args) -> int:
 
     from . import io
     from .segment import default_model_paths, expand_inputs, mask_input_skipped, model_files
+    from .train import flair_checker
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -499,7 +542,8 @@ def _run(args) -> int:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                                  fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
                                  log=lambda text: print(text, file=sys.stderr, flush=True), found=frozenset(found),
-                                 named=frozenset(beside))
+                                 named=frozenset(beside), flair_check=flair_checker("auto", args.threads),
+                                 allow_non_flair=args.allow_non_flair)
     except BaseException:
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused or interrupted run leaves no empty folder behind

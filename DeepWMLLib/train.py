@@ -563,7 +563,8 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
 
 def flair_checker(device: str = "auto", threads: int | None = None) -> Callable | None:
     """`deepwml segment`'s FLAIR check (contrast.py) for a training case: a function of its FLAIR and target
-    mask (same grid) that gives the check's figures, its `looks_like` among them. The shipped brain-mask network
+    mask (same grid; None for an unlabelled scan, as `deepwml adapt` checks) that gives the check's figures,
+    its `looks_like` among them. The shipped brain-mask network
     outlines the brain, as segment's does (a few tenths of a second a case; README, training); None without one.
     The target is left out of the white matter's level as segment leaves out what it marked, unless it fills
     most of the brain (an intracranial mask, to train a brain-mask network). With `threads` (train's --threads,
@@ -584,7 +585,7 @@ def flair_checker(device: str = "auto", threads: int | None = None) -> Callable 
         return None
     device = resolve_device(device)
 
-    def check(image, mask) -> dict:
+    def check(image, mask=None) -> dict:
         try:
             brain, _, _, frame = predict_maps(image, [brain_model], None, device,
                                               backend="torch" if threads else "auto")
@@ -593,7 +594,7 @@ def flair_checker(device: str = "auto", threads: int | None = None) -> Callable 
                     "not_judged": f"the brain-mask network failed on it: {getattr(exc, 'what', exc)}"}
         inside = np.greater_equal(brain, BRAIN_THRESHOLD)
         del brain
-        target = io.axial_view(mask, frame) > 0
+        target = np.zeros(inside.shape, bool) if mask is None else io.axial_view(mask, frame) > 0
         lesion = target if 2 * np.count_nonzero(target) < np.count_nonzero(inside) else np.zeros_like(target)
         return flair_contrast(io.axial_view(image, frame), inside, lesion,
                               (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm))

@@ -4,6 +4,7 @@ crops drawn as training drew them; weights unchanged."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -153,6 +154,7 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     err = capsys.readouterr().err
     assert "only" in err and "--model" in err  # 24 slices: the few-slices warning; how to use the result
     assert "finding lesions with bn.pt 24/24" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
+    assert "whether 2 scan(s) are FLAIRs could not be checked" in err  # too small for the FLAIR check: said
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
@@ -435,3 +437,48 @@ def test_a_folder_in_place_of_an_output_file_is_refused_before_the_work(tmp_path
         assert "bn-adapted.pt is a folder" in err and "use --overwrite" not in err
         assert "finding lesions" not in err  # refused before reading the scans and running the networks
     assert (out / "bn-adapted.pt").is_dir()
+
+
+@pytest.mark.parametrize("odd,why", [("T1-weighted", "the cortex is darker than the white matter"),
+                                     ("T2- or PD-weighted", "the ventricles are not dark")])
+def test_a_scan_that_does_not_look_like_a_flair_is_refused_naming_it(odd, why, tmp_path, capsys, monkeypatch):
+    """A T1- or T2-weighted volume among the scans was adapted on without a word, shifting the statistics and
+    spoiling the adapted model for every later patient. As `deepwml train` refuses such a case, adapt refuses
+    before the work, naming the scan, what it looks like and why; --allow-non-flair adapts on it, with a warning,
+    and the file records what that scan looked like (not its name)."""
+    from conftest import oracle_network
+    from test_train import make_contrast_cohort
+
+    oracle_network(monkeypatch)  # the brain-mask network outlines the phantom brains, as in train's tests
+    data = make_contrast_cohort(tmp_path / "data", odd).parent
+    scans = [str(data / f"c{i}_flair.nii.gz") for i in range(5)]  # c4 has the contrast `odd`
+    source = _model_file(tmp_path / "bn.pt")
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--model", str(source), "--scans", *scans, "-o", str(out), "--crops-per-slice", "1",
+            "--threads", "1"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"error: 1 scan\(s\) do not look like a FLAIR: \S*c4_flair.nii.gz looks {re.escape(odd)}: "
+                     rf"{why} .*leave them out of --scans.*--allow-non-flair", err)
+    assert "finding lesions" not in err and not out.exists()  # refused before the work, leaving nothing
+    assert cli.main(argv + ["--allow-non-flair"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"warning: adapting on 1 scan\(s\) that do not look like a FLAIR, as --allow-non-flair asks: "
+                     rf"\S*c4_flair.nii.gz \({re.escape(odd)}\)", err)
+    record = load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]
+    assert [s.get("looks_like") for s in record["scans"]].count(odd) == 1 and "c4" not in json.dumps(record)
+
+
+def test_flairs_pass_the_check_without_a_word(tmp_path, capsys, monkeypatch):
+    from conftest import oracle_network
+    from test_train import make_contrast_cohort
+
+    oracle_network(monkeypatch)
+    data = make_contrast_cohort(tmp_path / "data", None, n_cases=3).parent
+    source = _model_file(tmp_path / "bn.pt")
+    assert cli.main(["adapt", "--model", str(source), "--scans", *(str(data / f"c{i}_flair.nii.gz") for i in range(3)),
+                     "-o", str(tmp_path / "adapted"), "--crops-per-slice", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "FLAIR" not in err and "could not be checked" not in err
+    record = load_model(tmp_path / "adapted" / "bn-adapted.pt").provenance["adapted_batch_norm"]
+    assert len(record["scans"]) == 3 and not any("looks_like" in s for s in record["scans"])
