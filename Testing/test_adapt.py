@@ -466,7 +466,7 @@ def test_a_scan_that_does_not_look_like_a_flair_is_refused_naming_it(odd, why, t
     assert re.search(rf"warning: adapting on 1 scan\(s\) that do not look like a FLAIR, as --allow-non-flair asks: "
                      rf"\S*c4_flair.nii.gz \({re.escape(odd)}\)", err)
     record = load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]
-    assert [s.get("looks_like") for s in record["scans"]].count(odd) == 1 and "c4" not in json.dumps(record)
+    assert [s.get("looks_like") for s in record["scans"]].count(odd) == 1 and "c4_flair" not in json.dumps(record)
 
 
 def test_flairs_pass_the_check_without_a_word(tmp_path, capsys, monkeypatch):
