@@ -220,6 +220,22 @@ def _norm_layers_in_run_order(model, sample) -> list:
     return layers
 
 
+def adaptation_summary(provenance: dict) -> dict | None:
+    """What `deepwml segment`'s report says of a model `deepwml adapt` made (None for one not adapted): how many
+    scans and head slices it was adapted on, and the model it came from (its name, and its checksum as reports
+    give one). A record of a version before the per-scan list (ensemble v8's members) gives the scans' count."""
+    record = provenance.get("adapted_batch_norm")
+    if not isinstance(record, dict):
+        return None
+    scans = record.get("scans")
+    summary = {"scans": len(scans) if isinstance(scans, list) else scans, "slices": record.get("slices"),
+               "from_model": record.get("from_model"), "from_sha256": record.get("from_digest")}
+    looked = [s for s in scans if isinstance(s, dict) and s.get("looks_like")] if isinstance(scans, list) else []
+    if looked:  # adapted on with --allow-non-flair
+        summary["not_flair_scans"] = len(looked)
+    return summary
+
+
 def adapt_batch_norm(model, slices: np.ndarray, batch_size: int = 8,
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Set every batch-norm layer's running mean and variance to the population figures over `slices`

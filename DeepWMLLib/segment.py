@@ -442,6 +442,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
     the shipped default). `progress(fraction, message)` rises to 1.0 when all of it is done.
     """
+    from .adapt import adaptation_summary
     from .contrast import contrast_warnings, flair_contrast
     from .inference import check_batch_size, predict_maps, progress_part, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
@@ -559,6 +560,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "warnings": warnings,
         "model": [m.name for m in models],
         "model_sha256": [m.digest for m in models],  # first 24 hex digits: which exact weights made this mask
+        "model_adapted": [adaptation_summary(m.provenance) for m in models],  # how `deepwml adapt` made each
         "deepwml_version": __version__,
         "threshold": threshold,
         "tta": bool(tta),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from conftest import make_volume
 from DeepWMLLib import cli
-from DeepWMLLib.adapt import adapt_batch_norm, adapt_models, crop_settings, matched_crops
+from DeepWMLLib.adapt import adapt_batch_norm, adapt_models, adaptation_summary, crop_settings, matched_crops
 from DeepWMLLib.checkpoint import load_model, save_model
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.model import build_model
@@ -467,6 +468,7 @@ def test_a_scan_that_does_not_look_like_a_flair_is_refused_naming_it(odd, why, t
                      rf"\S*c4_flair.nii.gz \({re.escape(odd)}\)", err)
     record = load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]
     assert [s.get("looks_like") for s in record["scans"]].count(odd) == 1 and "c4_flair" not in json.dumps(record)
+    assert adaptation_summary(load_model(out / "bn-adapted.pt").provenance)["not_flair_scans"] == 1  # segment's report
 
 
 def test_flairs_pass_the_check_without_a_word(tmp_path, capsys, monkeypatch):
@@ -482,3 +484,43 @@ def test_flairs_pass_the_check_without_a_word(tmp_path, capsys, monkeypatch):
     assert "FLAIR" not in err and "could not be checked" not in err
     record = load_model(tmp_path / "adapted" / "bn-adapted.pt").provenance["adapted_batch_norm"]
     assert len(record["scans"]) == 3 and not any("looks_like" in s for s in record["scans"])
+
+
+def test_segment_reports_how_an_adapted_model_was_adapted(tmp_path):
+    """An adapted model recorded how it was adapted inside the file, but segment's report named only its file and
+    checksum: nothing told a reader that the mask came from a model adapted on a site's scans, nor from which model.
+    The report's `model_adapted` says it for each model (None for one not adapted), with the source model's
+    checksum as reports give it."""
+    from DeepWMLLib.checkpoint import file_digest
+
+    source = _model_file(tmp_path / "bn.pt")
+    scans = [str(p) for p in _scans(tmp_path, 2)]
+    assert cli.main(["adapt", "--model", str(source), "--scans", *scans, "-o", str(tmp_path / "adapted"),
+                     "--crops-per-slice", "1"]) == 0
+    adapted = tmp_path / "adapted" / "bn-adapted.pt"
+    out = tmp_path / "out"
+    assert cli.main(["segment", scans[0], "-o", str(out), "--model", str(adapted), str(source), "--device", "cpu",
+                     "--no-brain-mask"]) == 0
+    report = json.loads((out / "scan0_report.json").read_text(encoding="utf-8"))
+    said = dict(zip(report["model"], report["model_adapted"]))
+    assert said == {"bn-adapted.pt": {"scans": 2, "slices": 24, "from_model": "bn.pt", "from_sha256": file_digest(source)},
+                    "bn.pt": None}
+    assert file_digest(source) == dict(zip(report["model"], report["model_sha256"]))["bn.pt"]  # as reports give it
+
+
+def test_the_shipped_adapted_models_are_summarised_from_the_file_and_from_the_cache():
+    """Ensemble v8's members, adapted from v7's: the file lists each scan, the cached settings (shareable: no
+    scan names) their count; the summary is the same from either, its source checksum that of v7's member."""
+    from DeepWMLLib.checkpoint import file_digest, load_model_settings
+    from DeepWMLLib.segment import shipped_ensembles
+
+    paths = {e["name"]: e["paths"] for e in shipped_ensembles()}
+    sources = {Path(p).name: p for p in paths["ensemble-v7"]}
+    for member in paths["ensemble-v8"]:
+        record = load_model(member).provenance["adapted_batch_norm"]
+        cached = load_model_settings(member).provenance
+        assert isinstance(cached["adapted_batch_norm"]["scans"], int)  # the cache's form
+        summary = adaptation_summary(load_model(member).provenance)
+        assert summary == adaptation_summary(cached)
+        assert summary["scans"] == len(record["scans"]) > 0 and summary["slices"] == record["slices"] > 0
+        assert summary["from_sha256"] == file_digest(sources[summary["from_model"]])
