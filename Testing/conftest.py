@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -298,3 +299,22 @@ def oracle_network(monkeypatch, level: float = 3.0, brain: str = "head") -> None
 def oracle_networks_with_brain(monkeypatch, level: float = 3.0) -> None:
     """oracle_network whose brain-mask model marks the left half of its grid."""
     oracle_network(monkeypatch, level, brain="left half")
+
+
+def record_syncs_and_renames(monkeypatch) -> list:
+    """A list that gathers, in order, ("sync", stat) for each os.fsync and ("rename", stat of the source) for each
+    os.replace while the test runs (both still done): what reached the disk before which name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.fstat(fd)))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", os.stat(source)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

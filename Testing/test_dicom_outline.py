@@ -14,7 +14,7 @@ from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, rotation, write_dicom_series
+from conftest import make_volume, record_syncs_and_renames, rotation, write_dicom_series
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
            "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
@@ -91,19 +91,7 @@ def test_the_outline_series_is_on_disk_before_its_name_and_its_name_before_the_r
     folder, truth = oblique_flair(tmp_path)
     series, _ = io.choose_dicom_series(folder)
     prepared = dicom_outline.outline_series(io.read_image(folder, series=series), truth, series, {})
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("sync", os.fstat(fd)))
-        return real_fsync(fd)
-
-    def replace(source, target):
-        events.append(("rename", os.stat(source)))
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch)
     out = tmp_path / "out_dicom"
     for overwrite in (False, True):
         events.clear()

@@ -13,7 +13,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import drop_pixel_spacing, make_volume, rotation, stepped_positions, write_dicom_series, write_enhanced_mr
+from conftest import (drop_pixel_spacing, make_volume, record_syncs_and_renames, rotation, stepped_positions,
+                      write_dicom_series, write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -534,23 +535,9 @@ def test_every_output_is_on_disk_before_its_name_and_the_name_before_the_next(tm
     """A power cut after the rename must not find a mask empty or cut short under its name beside a complete
     report (a rerun would skip the case as done): each output's bytes are synced before it is renamed into
     place, and the rename is synced before the next output (the report last) is written."""
-    import os
-
     from DeepWMLLib.volume import Volume
 
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("sync", os.fstat(fd)))
-        return real_fsync(fd)
-
-    def replace(source, target):
-        events.append(("rename", os.stat(source)))
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_syncs_and_renames(monkeypatch)
     image, mask = make_volume(size=(10, 10, 3))
     light = Volume(sitk.GetArrayFromImage(mask), mask.GetSpacing(), mask.GetOrigin(), mask.GetDirection())
     writes = [lambda: io.write_image(light, tmp_path / "a_wmh.nii.gz"),  # without SimpleITK, as segment writes it
