@@ -230,9 +230,11 @@ def adaptation_summary(provenance: dict) -> dict | None:
     scans = record.get("scans")
     summary = {"scans": len(scans) if isinstance(scans, list) else scans, "slices": record.get("slices"),
                "from_model": record.get("from_model"), "from_sha256": record.get("from_digest")}
-    looked = [s for s in scans if isinstance(s, dict) and s.get("looks_like")] if isinstance(scans, list) else []
+    looked = record.get("not_flair_scans")  # kept where the scans' list is a count (the settings' cache)
+    if not isinstance(looked, int):
+        looked = len([s for s in scans if isinstance(s, dict) and s.get("looks_like")] if isinstance(scans, list) else [])
     if looked:  # adapted on with --allow-non-flair
-        summary["not_flair_scans"] = len(looked)
+        summary["not_flair_scans"] = looked
     return summary
 
 
@@ -404,6 +406,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
     slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair)
+    not_flair = sum(1 for f in facts if f.get("looks_like"))  # adapted on with --allow-non-flair
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
                            f"{MIN_SLICES} ({FEW_SLICES}+ advised): add scans of the same protocol")
@@ -433,6 +436,9 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             "from_digest": file_digest(path),
             # no names: they may be patients'; what a scan looked like when adapted on with --allow-non-flair
             "scans": [{k: f[k] for k in ("slices", "of", "looks_like") if k in f} for f in facts],
+            # their count too: the settings' cache (and an exported model) keep of a list of scans its length alone
+            # (checkpoint.shareable_provenance), which segment's report (adaptation_summary) reads on every later run
+            **({"not_flair_scans": not_flair} if not_flair else {}),
             "slices": int(slices.shape[0]),
             "measured_on": (f"{crops.shape[0]} crops of {size} px, {share:.0%} centred on pseudo-lesions of "
                             f"{', '.join(Path(p).name for p in pseudo_models)} (seed {seed})"),

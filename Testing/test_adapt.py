@@ -469,6 +469,13 @@ def test_a_scan_that_does_not_look_like_a_flair_is_refused_naming_it(odd, why, t
     record = load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]
     assert [s.get("looks_like") for s in record["scans"]].count(odd) == 1 and "c4_flair" not in json.dumps(record)
     assert adaptation_summary(load_model(out / "bn-adapted.pt").provenance)["not_flair_scans"] == 1  # segment's report
+    # ... on every later run too: segment's models come from the settings' cache once a file was loaded, which keeps
+    # of the scans' list its count alone; `not_flair_scans` was gone from every report but the first
+    from DeepWMLLib.segment import load_models
+
+    cached = load_models([out / "bn-adapted.pt"])[0].provenance
+    assert isinstance(cached["adapted_batch_norm"]["scans"], int)  # the cache's form
+    assert adaptation_summary(cached)["not_flair_scans"] == 1
 
 
 def test_flairs_pass_the_check_without_a_word(tmp_path, capsys, monkeypatch):
