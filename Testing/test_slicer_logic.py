@@ -1160,3 +1160,30 @@ def test_the_part_of_a_mask_outside_its_scan_is_said_in_the_lesion_change(scene,
     followInside = mrml.segmentationFromMask(truth[:, :, 3:], followup, name="2026 inside")
     _, _, report = logic.lesionChange(baseline, baseInside, followup, followInside)
     assert not any("field of view of '" in warning for warning in report["warnings"]), report["warnings"]
+
+
+def test_a_result_of_an_adapted_model_says_how_it_was_adapted_as_deepwml_segments_report_does(scene, monkeypatch,
+                                                                                              tmp_path):
+    """The node kept the run's `model` and `model_sha256` but not `model_adapted`: the module's saved results and
+    the Slicer batch script's CASE_report.json (made from them) did not say that the mask came from a model adapted
+    on a site's scans, nor from which model, where `deepwml segment`'s report does."""
+    from conftest import tiny_model_file
+    from DeepWMLLib.adapt import adaptation_summary
+    from DeepWMLLib.checkpoint import file_digest, load_model, save_model
+
+    oracle_network(monkeypatch)
+    source = tiny_model_file(tmp_path / "tiny.pt")
+    plain = load_model(source)
+    record = {"from_model": "tiny.pt", "from_digest": file_digest(source), "slices": 40, "not_flair_scans": 1,
+              "scans": [{"slices": 20, "of": 24}, {"slices": 20, "of": 24, "looks_like": "T1-weighted"}]}
+    adapted = save_model(tmp_path / "tiny-adapted.pt", plain.model, plain.config, plain.preprocessing, plain.threshold,
+                         {**plain.provenance, "adapted_batch_norm": record})
+    flair, _ = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(adapted), str(source)])
+    said = logic.lesionStatistics(segmentation, volume)
+    assert said["model"] == ["tiny-adapted.pt", "tiny.pt"]
+    assert said["model_adapted"] == [adaptation_summary({"adapted_batch_norm": record}), None]
+    assert said["model_adapted"][0] == {"scans": 2, "slices": 40, "from_model": "tiny.pt",
+                                        "from_sha256": file_digest(source), "not_flair_scans": 1}

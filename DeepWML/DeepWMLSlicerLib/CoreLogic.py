@@ -47,7 +47,7 @@ REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the I
 # the WMH and ventricle segments as DeepWML wrote them (tell a rerun that they were edited since)
 DIGEST_ATTRIBUTES = {mrml.WMH_SEGMENT_NAME: "DeepWML.wmhDigest", mrml.VENTRICLE_SEGMENT_NAME: "DeepWML.ventriclesDigest"}
 # Facts about the run stored on the segmentation node, so they travel with the scene.
-RUN_KEYS = ("model", "model_sha256", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
+RUN_KEYS = ("model", "model_sha256", "model_adapted", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
             "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
             "settings")
 DISCORDANT_SLICES_SHOWN = 10
