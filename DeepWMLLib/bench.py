@@ -112,7 +112,8 @@ for line in sys.stdin:
     stderr = proc.stderr.read()
     if hasattr(os, "wait4"):
         _, status, usage = os.wait4(proc.pid, 0)
-        code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+        # ru_maxrss counts KiB on Linux, bytes on macOS: MiB either way
+        code, peak = os.waitstatus_to_exitcode(status), usage.ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
     else:  # Windows: no os.wait4, so no peak memory of the child
         code, peak = proc.wait(), None
     seconds = time.perf_counter() - start
@@ -129,7 +130,8 @@ class _Launcher:
                                      stdout=subprocess.PIPE, env=env, text=True)
 
     def run(self, command: list[str]) -> tuple[float, float]:
-        """Wall time (s) and the command's own peak resident memory (MiB: ru_maxrss, in KiB on Linux, / 1024; None on Windows)."""
+        """Wall time (s) and the command's own peak resident memory (MiB, from ru_maxrss: KiB on Linux, bytes on macOS;
+        None on Windows)."""
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         answer = self.proc.stdout.readline()

@@ -164,3 +164,29 @@ def test_a_gpu_is_refused_with_a_word_that_bench_times_the_cpu(capsys):
     assert main(["bench", "--device", "cuda", "--repeat", "1"]) == 1
     err = capsys.readouterr().err
     assert "times the CPU only" in err and "segment --device cuda" in err
+
+
+@pytest.mark.parametrize("platform,unit", [("linux", 1 << 10), ("darwin", 1 << 20)])
+def test_peak_memory_is_in_mib_where_the_system_counts_bytes_too(platform, unit, monkeypatch, capsys):
+    """ru_maxrss counts KiB on Linux but bytes on macOS, where (e) was divided by 1024 all the same: a peak of 242 MiB
+    read 247808 MiB."""
+    import io
+    import os
+    import sys
+    import types
+
+    from DeepWMLLib.bench import _LAUNCHER
+
+    if not hasattr(os, "wait4"):
+        pytest.skip("no os.wait4 (Windows): no peak memory")
+
+    def wait4(pid, options):  # the child reaped as the launcher reaps it, its peak the system's count of 300 MiB
+        _, status = os.waitpid(pid, options)
+        return pid, status, types.SimpleNamespace(ru_maxrss=300 * unit)
+
+    monkeypatch.setattr(os, "wait4", wait4)
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps([sys.executable, "-c", "pass"]) + "\n"))
+    exec(_LAUNCHER, {})
+    seconds, peak, code, _ = json.loads(capsys.readouterr().out)
+    assert code == 0 and peak == 300
