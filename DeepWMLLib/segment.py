@@ -1347,6 +1347,8 @@ def _done_by_another(row: dict, path: Path, study, out: Path, models, device, pr
                                **{**options, "overwrite": False})
     except io.BeingWritten:
         return
+    except Cancelled:  # a cancel stops the run here as anywhere
+        raise
     except Exception as exc:
         row.update(status="error", error=unchecked_by_another(exc))
         return

@@ -180,6 +180,40 @@ def test_a_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end
     assert rows["a"]["error"].endswith("run again to check them, or with --overwrite to redo the case")
 
 
+def test_a_cancel_while_a_case_another_run_wrote_is_checked_stops_the_run(tmp_path, tiny_model, monkeypatch):
+    """The end-of-run look at a case another run wrote turned every exception into the case's error row, a cancel
+    (Cancelled, from a library caller's cancel check or the Slicer module's Cancel) too: the run went on as if
+    not cancelled. A cancel now stops it, as it does anywhere else."""
+    import io as stdio
+
+    from DeepWMLLib import segment as segment_module
+    from DeepWMLLib.errors import Cancelled
+
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    def cancelled(*args, **kwargs):
+        raise Cancelled("cancelled")
+
+    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run does it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+                assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+                monkeypatch.setattr(segment_module, "check_earlier_result", cancelled)
+
+    with pytest.raises(Cancelled):
+        segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar(stdio.StringIO()))
+
+
 def test_a_case_another_run_made_with_other_settings_meanwhile_is_an_error(tmp_path, tiny_model):
     """Looked at again at the end of the run, a case the other run wrote with other settings is not this run's
     result: an error, as a rerun's would be."""
