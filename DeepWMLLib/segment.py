@@ -1687,8 +1687,9 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
     the same command would redo the cases done too: it is left out to go on."""
     number, total = bar._position
     if total:
-        go_on = ("run it again without --overwrite to go on (the cases done are skipped; with --overwrite they are "
-                 "redone)" if overwrite else "run the same command again to go on (the cases done are skipped)")
+        go_on = ("run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
+                 "earlier outputs were made with other settings is then refused, naming them: give it alone with "
+                 "--overwrite)" if overwrite else "run the same command again to go on (the cases done are skipped)")
         bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {summary} lists the {number - 1} before "
                          f"it; {go_on}\n")
         bar.stream.flush()

@@ -329,7 +329,8 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     assert segment(tiny_model, folder, "-o", out, "--overwrite") == 130
     err = capsys.readouterr().err
     assert f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run it again without --overwrite to " \
-           "go on (the cases done are skipped; with --overwrite they are redone)" in err
+           "go on (the cases done are skipped; a case not reached yet whose earlier outputs were made with other " \
+           "settings is then refused, naming them: give it alone with --overwrite)" in err
     assert segment(tiny_model, folder, "-o", out) == 130  # as told: a skipped, and b stops it again here
     assert summary(out)["a"]["status"] == "skipped"
 

@@ -851,7 +851,8 @@ def test_batch_stopped_says_what_it_kept_and_how_to_go_on_and_exits_as_the_comma
         assert stoppedStatus(batchScript, arguments + ["--overwrite"]) == status
         said = capsys.readouterr()
         assert (f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run it again without --overwrite "
-                "to go on (the cases done are skipped; with --overwrite they are redone)") in said.out  # as segment's
+                "to go on (the cases done are skipped; a case not reached yet whose earlier outputs were made with "
+                "other settings is then refused, naming them: give it alone with --overwrite)") in said.out  # as segment's
         assert said.err.rstrip().endswith(f"segment_batch: {words}"), said.err
         assert {case: row["status"] for case, row in summary(out).items()} == {"a": "ok"}
         assert signal.getsignal(signal.SIGTERM) is handler
