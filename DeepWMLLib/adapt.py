@@ -63,7 +63,8 @@ def _head_slices(image, preprocessing) -> tuple[np.ndarray, int]:
 
 def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(), log=None,
                    named: frozenset = frozenset(), flair_check: Callable | None = None,
-                   allow_non_flair: bool = False) -> tuple[np.ndarray, list[dict]]:
+                   allow_non_flair: bool = False,
+                   progress: Callable[[str, int, int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """All head slices of the scans, as the network sees them ([n, H, W] float32), and per scan facts, in the order
     of the scans' voxel digests (the same scans in any order give the same slices).
     A scan is a path, or (a DICOM folder, the io.DicomSeries to read from it). A path of `found` (an image file
@@ -73,7 +74,9 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
     a warning, once a scan is read; when every image is a mask, that is the error.
     `flair_check(image)` (train's `flair_checker`), when given, judges each scan as `deepwml train` judges its
     cases: scans that do not look like a FLAIR are refused, naming them, once every scan is read (their statistics
-    would spoil the adapted model for every later patient), or with `allow_non_flair` adapted on, with a warning."""
+    would spoil the adapted model for every later patient), or with `allow_non_flair` adapted on, with a warning.
+    progress("reading scans", done, total) is called as each scan is read (or skipped): reading, the FLAIR check and
+    the head slices take seconds a scan, minutes of silence for a few dozen scans."""
     import warnings
 
     import SimpleITK as sitk
@@ -81,7 +84,10 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
     from . import io
 
     chunks, facts, seen, skipped, named_skipped, checks = [], [], {}, 0, [], []
-    for item in paths:
+    paths = list(paths)
+    for done, item in enumerate(paths):
+        if progress:  # 0/n at once: the stage has begun
+            progress("reading scans", done, len(paths))
         path, series = item if isinstance(item, tuple) else (item, None)
         try:
             image = io.read_image(path, series=series)
@@ -109,6 +115,8 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
         slices, total = _head_slices(image, preprocessing)
         chunks.append((digest, slices))
         facts.append((digest, {**fact, "slices": int(slices.shape[0]), "of": total}))
+    if progress and paths:
+        progress("reading scans", len(paths), len(paths))
     if skipped and not facts:
         if named_skipped:
             raise DeepWMLError("every image file given looks like a label mask or segmentation, not a FLAIR scan; "
@@ -385,8 +393,8 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     lesions are computed once. found: scans found in a folder given, and named: scans named beside other inputs,
     skipped when label masks, and flair_check, allow_non_flair: scans that do not look like a FLAIR refused (or, with
     allow_non_flair, adapted on) (network_slices).
-    progress(what, done, total) is called as the lesions are found ("finding
-    lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
+    progress(what, done, total) is called as the scans are read ("reading scans", scans), as the lesions are found
+    ("finding lesions with <model>", slices) and as each model's layers are set (its name, layers)."""
     from .checkpoint import file_digest, load_model, load_model_settings, model_payload, save_torch
     from .io import write_atomically
 
@@ -405,7 +413,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
     preprocessing = configs.pop()
-    slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair)
+    slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair, progress)
     not_flair = sum(1 for f in facts if f.get("looks_like"))  # adapted on with --allow-non-flair
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
@@ -464,12 +472,13 @@ class StageProgress:
     def __init__(self, stream):
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._stage, self._quarter = None, -1
+        self._stage, self._quarter, self._open = None, -1, False
 
     def __call__(self, name: str, k: int, n: int) -> None:
-        what = name if name.startswith("finding") else f"{name}: batch-norm layer"
+        what = name if name.startswith(("finding ", "reading ")) else f"{name}: batch-norm layer"
         if self.tty:
-            self.stream.write(f"\r{what} {k}/{n}" + ("\n" if k >= n else ""))
+            self._open = k < n
+            self.stream.write(f"\r{what} {k}/{n}" + ("" if self._open else "\n"))
         else:
             if what != self._stage:
                 self._stage, self._quarter = what, -1
@@ -478,6 +487,14 @@ class StageProgress:
                 self._quarter = quarter
                 self.stream.write(f"{what} {k}/{n}\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """End a line left open on a terminal, so that a message said mid-stage (a scan skipped, an error) starts
+        a line of its own rather than trailing "reading scans 3/30"."""
+        if self._open:
+            self._open = False
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def register(subparsers) -> None:
@@ -560,13 +577,19 @@ def _run(args) -> int:
         except io.NoFlairSeries as exc:
             print(f"{case}: skipped - {exc}", file=sys.stderr)
     io.make_output_dir(out_dir)  # checked (writable) before the minutes of work
+
+    def log(text):
+        progress.end_line()
+        print(text, file=sys.stderr, flush=True)
+
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                                  fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
-                                 log=lambda text: print(text, file=sys.stderr, flush=True), found=frozenset(found),
-                                 named=frozenset(beside), flair_check=flair_checker("auto", args.threads),
+                                 log=log, found=frozenset(found), named=frozenset(beside),
+                                 flair_check=flair_checker("auto", args.threads),
                                  allow_non_flair=args.allow_non_flair)
     except BaseException:
+        progress.end_line()  # the error, said next, on a line of its own
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused or interrupted run leaves no empty folder behind
         raise

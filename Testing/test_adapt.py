@@ -155,6 +155,7 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     err = capsys.readouterr().err
     assert "only" in err and "--model" in err  # 24 slices: the few-slices warning; how to use the result
     assert "finding lesions with bn.pt 24/24" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
+    assert err.index("reading scans 2/2") < err.index("finding lesions")  # the scans' reading too, before them
     assert "whether 2 scan(s) are FLAIRs could not be checked" in err  # too small for the FLAIR check: said
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
@@ -320,6 +321,43 @@ def test_progress_is_a_line_in_place_on_a_terminal_and_a_few_plain_lines_in_a_lo
     assert "\r" not in log.text and len(lines) == 8  # a quarter at a time, each stage ending on its total
     assert lines[3] == "finding lesions with m.pt 100/100" and lines[-1] == "m.pt: batch-norm layer 18/18"
     assert tty.text.count("\r") == 118 and tty.text.count("\n") == 2
+
+
+def test_reading_the_scans_reports_progress_scan_by_scan(tmp_path, monkeypatch):
+    """The scans' reading (the FLAIR check and the head slices: seconds a scan) said nothing: 30 scans were minutes
+    of silence before the first progress line. Each scan read, or skipped, now counts, before the lesions' stage."""
+    import DeepWMLLib.io as io
+
+    source = _model_file(tmp_path / "bn.pt")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    one, two = _scans(folder, 2)
+    _, truth = make_volume(size=(64, 64, 12), spacing=(0.9, 0.9, 5.0), blobs=((0.4, 0.5, 0.5, 6.0),))
+    mask = folder / "consensus_mask.nii.gz"
+    sitk.WriteImage(truth, str(mask))
+    events = []
+    real = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda path, **kw: events.append(("read", Path(path).name)) or real(path, **kw))
+    adapt_models([source], [one, mask, two], [tmp_path / "out.pt"], per_slice=1, found=frozenset({mask}),
+                 progress=lambda what, k, n: events.append((what, k, n)), log=lambda text: events.append(("log",)))
+    assert events[:8] == [("reading scans", 0, 3), ("read", "scan0.nii.gz"), ("reading scans", 1, 3),
+                          ("read", "consensus_mask.nii.gz"), ("log",), ("reading scans", 2, 3),  # the mask: skipped
+                          ("read", "scan1.nii.gz"), ("reading scans", 3, 3)]
+    assert not [e for e in events[8:] if e[0] in ("read", "reading scans")]
+    assert ("finding lesions with bn.pt", 24, 24) in events[8:]
+
+
+def test_a_line_left_open_on_a_terminal_is_ended_before_a_message():
+    from DeepWMLLib.adapt import StageProgress
+
+    tty = _Stream(True)
+    progress = StageProgress(tty)
+    progress("reading scans", 1, 3)
+    progress.end_line()  # a scan skipped, or an error, said next: on a line of its own
+    progress.end_line()
+    progress("reading scans", 3, 3)
+    progress.end_line()  # the stage's line is ended already
+    assert tty.text == "\rreading scans 1/3\n\rreading scans 3/3\n"
 
 
 def test_the_same_adaptation_gives_the_same_bytes(tmp_path):
