@@ -187,7 +187,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
 
     from . import io
     from .inference import make_runner, predict_maps, predict_network_slices
-    from .model import count_flops
+    from .model import count_flops, validate_config
     from .preprocessing import plan_volume
     from .segment import load_brain_model, load_models
 
@@ -290,6 +290,9 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "grid": list(loaded.preprocessing.grid_size),
         "model": [Path(p).name for p in model_paths],
         "architecture": loaded.config,
+        # each member's own: an ensemble's members may differ in width, depth or grid
+        "architecture_each": [validate_config(m.config) for m in models],
+        "grid_each": [list(m.preprocessing.grid_size) for m in models],
         "brain_model": None if brain is None else brain.name,
         "brain_architecture": None if brain is None else brain.config,
         "brain_grid": None if brain is None else list(brain.preprocessing.grid_size),
@@ -326,10 +329,22 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     return result
 
 
+def _models_described(r: dict) -> str:
+    """The model row: the models' names with their width, depth and grid; members of an ensemble that differ are
+    described group by group ("a.pt, c.pt (base 16, ...); b.pt (base 32, ...)"), not all as the first."""
+    if not r.get("architecture_each"):  # a result of an earlier version: the first model's settings alone
+        return f"{', '.join(r['model'])} (base {r['architecture']['base_channels']}, depth {r['architecture']['depth']})"
+    groups = {}
+    for name, config, grid in zip(r["model"], r["architecture_each"], r["grid_each"]):
+        groups.setdefault((config["base_channels"], config["depth"], *grid), []).append(name)
+    return "; ".join(f"{', '.join(names)} (base {base}, depth {depth}, grid {height}×{width})"
+                     for (base, depth, height, width), names in groups.items())
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("input", r["input"]),
-        ("model", f"{', '.join(r['model'])} (base {r['architecture']['base_channels']}, depth {r['architecture']['depth']})"),
+        ("model", _models_described(r)),
         ("brain-mask model", "none" if not r.get("brain_model") else
          f"{r['brain_model']} (base {r['brain_architecture']['base_channels']}, grid {r['brain_grid'][0]}×{r['brain_grid'][1]})"),
         ("machine / threads", f"{r['machine']} / {r['threads']}"),

@@ -102,6 +102,36 @@ def test_bench_runs_every_member_of_an_ensemble_in_the_reference_too(tmp_path, t
     assert two["mask_dice_b_vs_a"] >= 0.99
 
 
+def test_the_model_row_describes_each_member_of_an_ensemble(tmp_path, tiny_model):
+    """An ensemble of members of different widths or grids was described by its first member's settings alone
+    ("tiny.pt, wide.pt (base 4, depth 2)"): the row said the wide member was as narrow as the first."""
+    import torch
+
+    from DeepWMLLib.checkpoint import save_model
+    from DeepWMLLib.model import build_model
+    from DeepWMLLib.preprocessing import PreprocessingConfig
+
+    image, _ = make_volume(size=(48, 40, 8))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    torch.manual_seed(1)
+    wide = tmp_path / "wide.pt"
+    save_model(wide, build_model({"base_channels": 8, "depth": 2}), {"base_channels": 8, "depth": 2},
+               PreprocessingConfig(grid_size=(32, 32)), 0.5, {"kind": "test fixture"})
+    other = tiny_model_file(tmp_path / "other.pt", seed=1)
+    result = run_benchmark(str(path), [str(tiny_model), str(wide), str(other)], slices=4, repeat=1, threads=1,
+                           brain_model=None)
+    row = next(line for line in format_table(result).splitlines() if line.startswith("model "))
+    assert row.split(None, 1)[1] == ("tiny.pt, other.pt (base 4, depth 2, grid 64×64); "
+                                     "wide.pt (base 8, depth 2, grid 32×32)")
+    # members alike: one description, as before, and a result of an earlier version (no member's own settings)
+    alike = {**result, "model": ["a.pt", "b.pt"], "architecture_each": [{"base_channels": 4, "depth": 2}] * 2,
+             "grid_each": [[64, 64]] * 2}
+    assert "a.pt, b.pt (base 4, depth 2, grid 64×64)\n" in format_table(alike)
+    earlier = {k: v for k, v in result.items() if k not in ("architecture_each", "grid_each")}
+    assert "tiny.pt, wide.pt, other.pt (base 4, depth 2)\n" in format_table(earlier)
+
+
 def test_negative_slice_count_is_a_usage_error(capsys):
     from DeepWMLLib.cli import main
 
