@@ -505,10 +505,14 @@ class MaskPair:
         scale = 1.0 if size_classes.unit == "voxels" else self.voxel_volume_mm3
         ref_sizes, ref_covered = self.reference_lesions
         pred_sizes, pred_covered = self.predicted_lesions
-        ref_found = ref_covered >= found_fraction * ref_sizes
-        pred_correct = pred_covered >= found_fraction * pred_sizes
-        ref_class = size_classes.classify(ref_sizes * scale)
-        pred_class = size_classes.classify(pred_sizes * scale)
+        # covered / size, not covered >= fraction x size: the division is exact at the bound (55 of 100 voxels is
+        # 0.55), where 0.55 x 100 is 55.00000000000001 and a lesion marked at exactly the fraction went unfound
+        ref_found = ref_covered / np.maximum(ref_sizes, 1) >= found_fraction
+        pred_correct = pred_covered / np.maximum(pred_sizes, 1) >= found_fraction
+        # sizes in mm3 rounded as `image_lv_ml` rounds, so that floating-point noise cannot move a lesion across a
+        # bound (625 voxels of 0.4 x 0.4 x 1.5 mm: 150.00000000000003 mm3, large instead of medium)
+        ref_class = size_classes.classify(np.round(ref_sizes * scale, 9))
+        pred_class = size_classes.classify(np.round(pred_sizes * scale, 9))
 
         def summary(ref_in: np.ndarray, pred_in: np.ndarray) -> dict:
             n_ref, n_pred = int(ref_in.sum()), int(pred_in.sum())

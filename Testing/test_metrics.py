@@ -265,6 +265,28 @@ def test_lesionwise_size_classes_in_mm3_use_the_voxel_volume():
     assert result["by_size"]["medium"]["range"] == "20-150 mm3"
 
 
+def test_lesionwise_a_lesion_marked_at_exactly_the_found_fraction_is_found_from_both_sides():
+    """"At least" the fraction: 55 of 100 voxels is 55 % (0.55 x 100 is 55.00000000000001 in floating point)."""
+    ref, pred = _line_lesions([100]), zeros((2, 3, 160))
+    pred[0, 1, 45:145] = 1  # 100 voxels, 55 of them on the reference lesion
+    result = metrics.lesionwise(image(pred), image(ref), found_fraction=0.55)
+    assert (result["n_found"], result["n_correct"]) == (1, 1)
+    result = metrics.lesionwise(image(pred), image(ref), found_fraction=0.56)
+    assert (result["n_found"], result["n_correct"]) == (0, 0)
+
+
+def test_lesionwise_size_classes_in_mm3_are_exact_at_the_bounds():
+    """medium is 20..150 mm3 inclusive: 625 voxels of 0.4 x 0.4 x 1.5 mm are 150 mm3 (150.00000000000003 in floating
+    point), 626 are large."""
+    ref = np.zeros((4, 3, 700), np.uint8)
+    ref[0, 1, :625] = 1
+    ref[2, 1, :626] = 1
+    spacing = (0.4, 0.4, 1.5)
+    classes = metrics.SizeClasses((20, 150), "mm3")
+    by_size = metrics.lesionwise(image(ref, spacing), image(ref, spacing), size_classes=classes)["by_size"]
+    assert [by_size[c]["n_reference"] for c in metrics.SIZE_CLASSES] == [0, 1, 1]
+
+
 @pytest.mark.parametrize("bounds, unit", [((150, 20), "voxels"), ((0, 10), "voxels"), ((20, 150), "ml")])
 def test_bad_size_classes_are_refused(bounds, unit):
     with pytest.raises(DeepWMLError):
