@@ -48,6 +48,8 @@ from .volume import Volume
 
 ALPHA = 0.05
 MIN_GROUP_SIZE = 3  # fewer values than this and a group is left out of the tests (and said so)
+MW_EXACT = "exact p (no ties, a group of 8 values or fewer)"
+MW_ASYMPTOTIC = "p from the normal approximation (tie-corrected, continuity correction)"
 IMAGE_METRICS = ("dice", "sensitivity", "precision")
 CASE_COLUMNS = (
     "dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1",
@@ -367,11 +369,15 @@ def _compare_groups(image_rows: list[dict], grouping: str, metric: str) -> list[
         names = list(usable)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         for a, b in pairs:
-            u, p_pair = stats.mannwhitneyu(usable[a], usable[b], alternative="two-sided")
+            x, y = usable[a], usable[b]
+            # scipy's own choice, made here so that the note can say which p it is: exact without ties when a group
+            # has 8 values or fewer, else the normal approximation (tie-corrected, with continuity correction)
+            exact = min(len(x), len(y)) <= 8 and len(set(x + y)) == len(x) + len(y)
+            u, p_pair = stats.mannwhitneyu(x, y, alternative="two-sided", method="exact" if exact else "asymptotic")
             results.append({
                 "test": "Mann-Whitney U (Bonferroni)", "metric": metric, "grouping": grouping,
                 "groups": f"{a} vs {b}", "statistic": float(u), "p": min(1.0, float(p_pair) * len(pairs)),
-                "note": f"p multiplied by {len(pairs)} pairs",
+                "note": f"two-sided, {MW_EXACT if exact else MW_ASYMPTOTIC}; p multiplied by {len(pairs)} pairs",
             })
     return results
 

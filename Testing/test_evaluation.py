@@ -177,6 +177,26 @@ def test_statistics_match_scipy_and_say_every_group_left_out():
     assert only["note"].startswith("not run: every value is identical") and "(not given) (n=1)" in only["note"]
 
 
+def test_mann_whitney_pairs_say_whether_their_p_is_exact_or_approximate():
+    """statistics.csv's note names the p of each pair (two-sided): exact for small groups without ties, else the
+    normal approximation (whose p can be far from the exact one: 0.027 against 0.001 for 152 images against 3)."""
+    from scipy import stats as scipy_stats
+
+    values = {"A": [0.1, 0.2, 0.3], "B": [0.7, 0.8, 0.9], "C": [0.4, 0.5, 0.5, 0.6] * 3}  # C has ties
+    rows = [{"disease": group, "dice": v} for group, vs in values.items() for v in vs]
+    kruskal, *pairs = evaluation._compare_groups(rows, "disease", "dice")
+    assert kruskal["p"] < 0.05
+    notes = {p["groups"]: p["note"] for p in pairs}
+    assert notes["A vs B"].startswith("two-sided, " + evaluation.MW_EXACT)
+    assert notes["A vs C"].startswith("two-sided, " + evaluation.MW_ASYMPTOTIC)
+    for pair in pairs:
+        x, y = (values[g] for g in pair["groups"].split(" vs "))
+        method = "exact" if evaluation.MW_EXACT in pair["note"] else "asymptotic"
+        p = scipy_stats.mannwhitneyu(x, y, alternative="two-sided", method=method).pvalue
+        assert pair["p"] == pytest.approx(min(1.0, 3 * p), rel=1e-12)
+        assert "p multiplied by 3 pairs" in pair["note"]
+
+
 def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
     (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
