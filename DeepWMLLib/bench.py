@@ -278,7 +278,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
                                                              (t_refs, t_opt, t_nets, e2e, floor, batch, ready_floor))
     opt_prob, opt_brain, _, _ = predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
     slices_run = int(plan.kept.size)
-    threshold = loaded.threshold
+    threshold = float(np.mean([m.threshold for m in models]))  # an ensemble's, as deepwml segment marks its mask
     mask_dice = _dice(ref_prob >= threshold, opt_prob >= threshold)
     peak_mb = None if None in peaks else max(peaks)
 
@@ -287,6 +287,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "input": source,
         "slices": n,
         "slices_run_by_deepwml": slices_run,
+        "threshold": threshold,  # the masks compared in mask_dice_b_vs_a
         "grid": list(loaded.preprocessing.grid_size),
         "model": [Path(p).name for p in model_paths],
         "architecture": loaded.config,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -117,10 +118,15 @@ def test_the_model_row_describes_each_member_of_an_ensemble(tmp_path, tiny_model
     torch.manual_seed(1)
     wide = tmp_path / "wide.pt"
     save_model(wide, build_model({"base_channels": 8, "depth": 2}), {"base_channels": 8, "depth": 2},
-               PreprocessingConfig(grid_size=(32, 32)), 0.5, {"kind": "test fixture"})
+               PreprocessingConfig(grid_size=(32, 32)), 0.8, {"kind": "test fixture"})  # a threshold of its own
     other = tiny_model_file(tmp_path / "other.pt", seed=1)
     result = run_benchmark(str(path), [str(tiny_model), str(wide), str(other)], slices=4, repeat=1, threads=1,
                            brain_model=None)
+    # masks compared at the threshold deepwml segment marks an ensemble's with (its members' mean), not the first's
+    from DeepWMLLib.segment import load_models
+
+    assert result["threshold"] == pytest.approx(float(np.mean([m.threshold for m in load_models(
+        [str(tiny_model), str(wide), str(other)])])))
     row = next(line for line in format_table(result).splitlines() if line.startswith("model "))
     assert row.split(None, 1)[1] == ("tiny.pt, other.pt (base 4, depth 2, grid 64×64); "
                                      "wide.pt (base 8, depth 2, grid 32×32)")
