@@ -134,7 +134,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
     _check_threshold(threshold)
     entries = read_manifest(manifest, ("case", "rater_a", "rater_b"), ("flair",), path_columns=("rater_a", "rater_b", "flair"))
     out = io.make_output_dir(out_dir)
-    clear_earlier_run(out, ("consensus.json", "consensus.csv", "relabel.txt"), entries)
+    clear_earlier_run(out, ("consensus.json", "consensus.csv", "relabel.txt"), entries, manifest)
     rows, details, unpictured, picture_names = [], {}, [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():

@@ -167,13 +167,20 @@ def picture_path(out_dir: Path, case: str) -> Path:
     return io.make_output_dir(Path(out_dir) / "qc") / picture_path_name(case)
 
 
-def clear_earlier_run(out: Path, names, entries: list[dict]) -> None:
+def clear_earlier_run(out: Path, names, entries: list[dict], manifest=None) -> None:
     """Before a cohort command (evaluate, consensus) writes into `out`: what an earlier run of it left there is
     removed, so that none of it stays beside this run's looking like its own (a figure of an option not given
     now, a picture of a case no longer pictured, the tables of a run stopped part way). Only DeepWML's files:
     `names` (every file a run of the command may write, its summary first: written last, it says that a run
     finished) and, in out/qc, the pictures of this run's cases (`entries`) and of those the earlier summary
-    lists; whatever else is in `out` is the user's."""
+    lists; whatever else is in `out` is the user's. A file given to the run (the `manifest`, a mask or scan of
+    `entries`) under one of those names is refused before anything is removed: the run would delete or write over it."""
+    given = {_resolved_file(value) for entry in entries for value in entry.values() if isinstance(value, (str, Path))}
+    given |= {_resolved_file(manifest)} if manifest is not None else set()
+    taken = [out / name for name in names if _resolved_file(out / name) in given - {None}]
+    if taken:
+        raise DeepWMLError(f"{taken[0]} is a file given to this run, and the run writes a file of that name in "
+                           f"{out}; choose another output folder")
     earlier = []
     try:
         summary = json.loads((out / names[0]).read_text(encoding="utf-8-sig"))
@@ -192,6 +199,15 @@ def clear_earlier_run(out: Path, names, entries: list[dict]) -> None:
         (out / "qc").rmdir()  # only when no picture is left in it
     except OSError:
         pass
+
+
+def _resolved_file(path) -> Path | None:
+    """`path` resolved when it names a file, else None (also for a path the system cannot look up: its case's
+    failure, said when the case is read)."""
+    try:
+        return Path(path).resolve() if path and Path(path).is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def report_failed_cases(failed: list[dict], verb: str) -> int:
@@ -587,7 +603,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     entries = read_manifest(manifest, ("case", "prediction", "reference"), ("centre", "disease", "probabilities", "flair"),
                             path_columns=("prediction", "reference", "probabilities", "flair"))
     out = io.make_output_dir(out_dir)
-    clear_earlier_run(out, EVALUATION_OUTPUTS, entries)
+    clear_earlier_run(out, EVALUATION_OUTPUTS, entries, manifest)
     case_rows, image_rows, failed, pictured, unpictured, picture_names = [], [], [], [], [], {}
     for number, entry in enumerate(entries):
         if cancel is not None and cancel():

@@ -510,3 +510,14 @@ def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run_beside_i
     assert not (out / "summary.json").exists() and not (out / "report.md").exists()
     assert not (out / "fig4_by_lv_group.png").exists()  # none of the earlier run's beside this one's tables
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "per_case.csv", "per_image.csv"]
+
+
+def test_a_manifest_under_an_output_name_in_the_output_folder_is_refused_not_written_over(cohort, tmp_path):
+    """A manifest kept in the output folder as per_case.csv (a name evaluate writes) was deleted by a rerun's
+    clearing, or written over at the end: the run is now refused before anything is removed, the file intact."""
+    out = cohort.parent  # the cohort's own folder as OUTDIR, its manifest renamed per_case.csv
+    manifest = out / "per_case.csv"
+    manifest.write_bytes(cohort.read_bytes())
+    with pytest.raises(DeepWMLError, match="is a file given to this run, and the run writes a file of that name"):
+        evaluation.evaluate_cohort(manifest, out)
+    assert manifest.read_bytes() == cohort.read_bytes()
