@@ -984,7 +984,12 @@ def case_guard(out_dir: Path, case: str, paths: dict, protected=frozenset()):
     if inputs:
         raise DeepWMLError(f"{', '.join(inputs)} in {out_dir} would be written over, and is one of the scans given; "
                            f"choose another OUTDIR")
-    return io.exclusive(out_dir / f".{io.shortened(case)}.deepwml-lock", f"case {case!r} in {out_dir}")
+    return io.exclusive(lock_path(out_dir, case), f"case {case!r} in {out_dir}")
+
+
+def lock_path(out_dir: Path, case: str) -> Path:
+    """The file whose lock a process writing the case's outputs holds (case_guard)."""
+    return out_dir / f".{io.shortened(case)}.deepwml-lock"
 
 
 @contextlib.contextmanager
@@ -1285,27 +1290,14 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             else:
                 row = segment_case(case, path, out, models, device, progress=progress, study=study,
                                    protected=protected, **options)
-        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
-            row = {"case": case, "input": str(path), "status": "skipped", "error": str(exc),
-                   "seconds": round(time.perf_counter() - start, 3), "_no_flair": True}
         except io.BeingWritten:  # another DeepWML run into OUTDIR is writing this case: left to it, not a failure
             row = {"case": case, "input": str(path), "status": "skipped", "error": LEFT_TO_ANOTHER,
                    "seconds": round(time.perf_counter() - start, 3), "_busy": (path, study)}
         except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
             raise
         except Exception as exc:  # one bad case never stops the others
-            if isinstance(exc, io.LabelMaskGiven) and mask_input_skipped(path, named, len(cases) == 1):
-                # skipped, not failed, unless masks are all the run has (masks_only)
-                row = {"case": case, "input": str(path), "status": "skipped", "error": mask_skipped(exc),
-                       "_mask": True}
-                if _resolved(path) in named:
-                    row["_named"] = str(exc)
-            else:
-                if debug:
-                    traceback.print_exc()
-                message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
-                row = {"case": case, "input": str(path), "status": "error", "error": message}
-            row["seconds"] = round(time.perf_counter() - start, 3)
+            row = {"case": case, "input": str(path), **_failed_case(exc, path, named, len(cases) == 1, debug),
+                   "seconds": round(time.perf_counter() - start, 3)}
         row["_study"] = isinstance(study, io.DicomStudy)
         rows.append(row)
         if progress_factory:
@@ -1313,10 +1305,15 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             progress_factory.finish(row)
             del row["_to_segment"]
         _summary_so_far(rows, out)
-    for row in rows:
-        left = row.pop("_busy", None)
-        if left:
-            _done_by_another(row, *left, out, models, device, protected, options)
+
+    def again(number, row, path, study):
+        progress = progress_factory(number, len(cases), row["case"]) if progress_factory else None
+        return segment_case(row["case"], path, out, models, device, progress=progress, study=study,
+                            protected=protected, **{**options, "overwrite": False})
+
+    recheck_left_to_another(rows, out, again,
+                            lambda row, exc: _failed_case(exc, Path(row["input"]), named, len(cases) == 1, debug),
+                            progress_factory and (lambda row: progress_factory.finish({**row, "_to_segment": 0})))
     _series_matched_nothing(rows, options.get("series"))
     named_masks = [row for row in rows if "_named" in row]
     only_masks = masks_only(rows)
@@ -1332,36 +1329,70 @@ LEFT_TO_ANOTHER = ("being written by another DeepWML process now, so left to it 
 DONE_BY_ANOTHER = "written by another DeepWML process into this OUTDIR during this run; figures from its report"
 
 
-def _done_by_another(row: dict, path: Path, study, out: Path, models, device, protected, options) -> None:
-    """A case left to another DeepWML process writing it (LEFT_TO_ANOTHER) looked at again at the end of the run:
-    when that process has finished it, its row takes the figures of the report it wrote, checked as a rerun's
-    are (the same scan, the same settings), so that summary.csv, which the run that ends last writes, lists
-    every case done rather than calling cases of the other run errors. Still being written, or never written
-    (the other process failed or was stopped), the row stays as it was; its report of another scan or made with
-    other settings makes it an error, as a rerun's would, and so does any other failure to check it
-    (unchecked_by_another), which never escapes at the end of the run."""
-    if not (out / f"{row['case']}_report.json").exists():
-        return
-    try:
-        earlier = segment_case(row["case"], path, out, models, device, study=study, protected=protected,
-                               **{**options, "overwrite": False})
-    except io.BeingWritten:
-        return
-    except Cancelled:  # a cancel stops the run here as anywhere
-        raise
-    except Exception as exc:
-        row.update(status="error", error=unchecked_by_another(exc))
-        return
-    if earlier["status"] == "skipped":
-        row.update({key: value for key, value in earlier.items() if key not in ("status", "error", "seconds")},
-                   error=DONE_BY_ANOTHER)
-    else:  # written meanwhile by this run itself (the other process's report went before it finished)
-        row.update(earlier)
+def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) -> dict:
+    """The row's status and error of a case that raised `exc` (`deepwml segment`): a study without a FLAIR, or a
+    label mask among the inputs (`mask_input_skipped`), is skipped, not failed (unless masks are all the run has:
+    masks_only); any other exception is the case's error."""
+    if isinstance(exc, io.NoFlairSeries):  # a study of an export that is not a FLAIR exam
+        return {"status": "skipped", "error": str(exc), "_no_flair": True}
+    if isinstance(exc, io.LabelMaskGiven) and mask_input_skipped(path, named, alone):
+        row = {"status": "skipped", "error": mask_skipped(exc), "_mask": True}
+        if _resolved(path) in named:
+            row["_named"] = str(exc)
+        return row
+    if debug:
+        traceback.print_exc()
+    message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+    return {"status": "error", "error": message}
+
+
+def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=None) -> None:
+    """The cases of a run left to another DeepWML process writing them (LEFT_TO_ANOTHER, marked `_busy`: (path,
+    study)), looked at again at the end of the run: `deepwml segment` and the Slicer batch script alike.
+    - Finished by the other process: the row takes the figures of the report it wrote, checked as a rerun's are
+      (the same scan, the same settings; else an error, as a rerun's would be, and so is any other failure to
+      check it: unchecked_by_another).
+    - Its lock free and no result (the other process failed on it, or was stopped, and its outputs went with
+      it: whole_or_none): this run segments it now, so that a run does not end 'done' with a case nobody did.
+    - Its lock still held: left to that process, the row naming the lock and when to delete it (a process on
+      another computer sharing OUTDIR that died can leave its lock held on a network share).
+    `again(number, row, path, study)` runs the case without --overwrite and gives its row (it raises as a case
+    does); `failed(row, exc)` is the caller's status and error of a case that raised `exc`; `finish(row)` shows
+    the line of a case this look segmented or found failed. A cancel stops the run here as anywhere."""
+    for number, row in enumerate(rows, start=1):
+        left = row.pop("_busy", None)
+        if left is None:
+            continue
+        written = (out / f"{row['case']}_report.json").exists()  # by the other process, before this look
+        start = time.perf_counter()
+        try:
+            result = again(number, row, *left)
+        except io.BeingWritten:
+            row["error"] = (f"{LEFT_TO_ANOTHER}; its lock, {lock_path(out, row['case'])}, was still held at the end "
+                            f"of this run: if no DeepWML run is writing into this OUTDIR, here or on another computer "
+                            f"sharing the folder (one stopped there can leave its lock held on a network share), "
+                            f"delete that file and run again")
+            continue
+        except Cancelled:
+            raise
+        except Exception as exc:
+            if written:
+                row.update(status="error", error=unchecked_by_another(exc))
+                continue
+            result = failed(row, exc)
+        else:
+            if result["status"] == "skipped":  # its outputs there: done by the other process
+                row.update({key: value for key, value in result.items() if key not in ("status", "error", "seconds")},
+                           error=DONE_BY_ANOTHER)
+                continue
+        row.update({"seconds": round(time.perf_counter() - start, 3), **result})  # segmented now, or failed
+        if finish:
+            finish(row)
 
 
 def unchecked_by_another(exc: Exception) -> str:
     """The error of a case left to another DeepWML process whose result could not be checked at the end of the run
-    (_done_by_another; the Slicer batch script's doneByAnother): a DeepWMLError's own words; any other failure (a
+    (recheck_left_to_another): a DeepWMLError's own words; any other failure (a
     report damaged by a process killed while writing it, a file this run may not read) said, with what to do,
     rather than ending the run without its summary."""
     if isinstance(exc, DeepWMLError):

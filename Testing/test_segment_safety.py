@@ -139,6 +139,58 @@ def test_two_runs_into_one_outdir_each_list_the_cases_the_other_wrote(tmp_path, 
     assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "skipped"}
 
 
+def test_a_case_the_other_run_failed_on_is_segmented_by_this_one_at_the_end(tmp_path, tiny_model, capsys):
+    """The other run into OUTDIR held case a, then failed on it (its lock released, no outputs left: whole_or_none).
+    This run left a `skipped` and exited 0, so the cohort looked done with a never segmented. Now the end-of-run
+    look at a finds its lock free and no result: this run segments it then, and says so."""
+    from DeepWMLLib import segment as segment_module
+
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run fails on it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+
+    capsys.readouterr()
+    rows = segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar())
+    err = capsys.readouterr().err
+    assert {row["case"]: row["status"] for row in rows} == {"a": "ok", "b": "ok"}
+    assert (out / "a_report.json").exists() and (out / "a_wmh.nii.gz").exists()
+    assert {case: row["status"] for case, row in summary(out).items()} == {"a": "ok", "b": "ok"}
+    assert "a: skipped - being written by another DeepWML process now" in err
+    lines = err.splitlines()
+    assert [line.split(" - ")[0] for line in lines if " - " in line] == ["a: skipped", "b: ok", "a: ok"]
+
+
+def test_a_case_still_locked_at_the_end_says_how_to_clear_a_lock_left_behind(tmp_path, tiny_model, capsys):
+    """A case whose lock is still held when the run ends stays left to the process holding it (exit 0), and its row
+    names the lock file and when to delete it: a process on another computer sharing OUTDIR (NFS, SMB) that died
+    can leave its lock held, and every rerun then skipped the case without a word on why or what to do."""
+    path = write_case(tmp_path, "a")
+    out = tmp_path / "out"
+    out.mkdir()
+    with io.exclusive(out / ".a.deepwml-lock", "the other run"):
+        assert segment(tiny_model, path, "-o", out) == 0
+        row = summary(out)["a"]
+        assert row["status"] == "skipped"
+        assert row["error"].startswith("being written by another DeepWML process now, so left to it")
+        assert f"its lock, {out / '.a.deepwml-lock'}, was still held at the end of this run" in row["error"]
+        assert row["error"].endswith("delete that file and run again")
+        (out / ".a.deepwml-lock").unlink()  # what the row says to do: the lock, still held, no longer stops a run
+        assert segment(tiny_model, path, "-o", out) == 0
+        assert summary(out)["a"]["status"] == "ok"
+
+
 def test_a_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_run(tmp_path, tiny_model,
                                                                                             monkeypatch, capsys):
     """Looked at again at the end of the run, a case the other run wrote whose result could not be checked for a

@@ -572,6 +572,45 @@ def test_batch_leaves_a_case_another_run_is_writing_to_it_and_lists_its_figures_
     assert float(rows["b"]["volume_ml"]) == pytest.approx(report["volume_ml"])
 
 
+def test_batch_segments_at_its_end_a_case_the_other_run_failed_on(scene, batchScript, tmp_path, monkeypatch,
+                                                                   tiny_model, capsys):
+    """As `deepwml segment`: a case left to another run that then failed on it (its lock released, no outputs)
+    was left `skipped`, exit 0, the cohort looking done. Now the batch segments it at its end; a case whose lock
+    is still held then names its lock file."""
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz", seed=3)
+    writeCase(inputs, "c.nii.gz", seed=5)
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    held = [True]
+
+    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run fails on it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and held[0]:
+                held[0] = False
+                other.__exit__(None, None, None)
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    capsys.readouterr()
+    with io.exclusive(out / ".c.deepwml-lock", "a run that holds c throughout"):
+        assert batchScript.main(arguments) == 0
+    printed = capsys.readouterr().out
+    rows = summary(out)
+    assert {case: row["status"] for case, row in rows.items()} == {"a": "ok", "b": "ok", "c": "skipped"}
+    assert float(rows["a"]["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text())["volume_ml"])
+    assert f"its lock, {out / '.c.deepwml-lock'}, was still held at the end of this run" in rows["c"]["error"]
+    assert [line.split(" - ")[0] for line in printed.splitlines() if " - " in line] == [
+        "a: skipped", "b: ok", "c: skipped", "a: ok"]
+
+
 def test_batch_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_batch(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """A case left to another DeepWML run, done by the end of the batch but its result not to be checked for a

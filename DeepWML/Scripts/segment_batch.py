@@ -262,27 +262,6 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     return {"status": "ok", "error": "", **row}
 
 
-def doneByAnother(logic, row: dict, path: Path, study, args) -> None:
-    """A case left to another DeepWML process writing it, looked at again at the end of the run (as
-    segment._done_by_another): finished by then, its row takes the figures of that process's report, checked
-    as a rerun's are; made from another scan or with other settings, or not to be checked at all, it is an error
-    (segment.unchecked_by_another), never one that ends the batch without its summary."""
-    if not (args.output_dir / f"{row['case']}_report.json").exists():
-        return
-    try:
-        earlier = segmentCase(logic, row["case"], path, argparse.Namespace(**{**vars(args), "overwrite": False}), study)
-    except io.BeingWritten:
-        return
-    except Exception as exc:
-        row.update(status="error", error=segment.unchecked_by_another(exc))
-        return
-    if earlier["status"] == "skipped":
-        row.update({key: value for key, value in earlier.items() if key not in ("status", "error")},
-                   error=segment.DONE_BY_ANOTHER)
-    else:
-        row.update(earlier)
-
-
 def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
     """Each case of `inputs` in turn, its row added to `rows` and summary.csv rewritten after it."""
     from DeepWMLLib.evaluation import write_csv
@@ -297,26 +276,37 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
                 row = {"status": "skipped", "error": segment.SEGMENTATION_SKIPPED, "_mask": True}
             else:
                 row = segmentCase(logic, case, path, args, study, update)
-        except io.NoFlairSeries as exc:  # a study of an export that is not a FLAIR exam: not a failure
-            row = {"status": "skipped", "error": str(exc)}
-        except io.LabelMaskGiven as exc:  # a case's manual mask beside its FLAIR in IN: not a failure
-            row = {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
         except io.BeingWritten:  # another DeepWML run into OUT is writing this case: left to it, not a failure
             row = {"status": "skipped", "error": segment.LEFT_TO_ANOTHER, "_busy": (path, study)}
         except Exception as exc:  # one bad case never stops the others
-            if args.debug:
-                traceback.print_exc()
-            message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
-            if exc.__cause__ is not None:
-                from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
-
-                if isinstance(exc.__cause__, (NaNProbabilities, PrecisionUnavailable)):  # the module's words name
-                    message = str(exc.__cause__)  # its panel's Precision; deepwml segment's --precision is the batch's
-            row = {"status": "error", "error": message}
+            row = caseFailure(exc, args)
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
-        bar.finish({**row, "warnings": row.get("_warnings", [])})  # a skipped case's warnings are its earlier run's
+        showFinished(bar, row)
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+
+
+def showFinished(bar, row: dict) -> None:
+    """A case's line when it is done, with its warnings (a skipped case's are its earlier run's)."""
+    bar.finish({**row, "warnings": row.get("_warnings", [])})
+
+
+def caseFailure(exc: Exception, args) -> dict:
+    """The status and error of a case that raised `exc`: a study without a FLAIR, or a case's manual mask beside its
+    FLAIR in IN, is skipped, not failed; any other exception is the case's error."""
+    if isinstance(exc, io.NoFlairSeries):  # a study of an export that is not a FLAIR exam
+        return {"status": "skipped", "error": str(exc)}
+    if isinstance(exc, io.LabelMaskGiven):
+        return {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
+    if args.debug:
+        traceback.print_exc()
+    message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+    if exc.__cause__ is not None:
+        from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
+
+        if isinstance(exc.__cause__, (NaNProbabilities, PrecisionUnavailable)):  # the module's words name
+            message = str(exc.__cause__)  # its panel's Precision; deepwml segment's --precision is the batch's
+    return {"status": "error", "error": message}
 
 
 def main(argv) -> int:
@@ -377,10 +367,14 @@ def runBatch(args) -> int:
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
         segment.say_stopped(bar, summaryPath, args.overwrite)
         raise
-    for row in rows:  # the cases left to another run, looked at again as `deepwml segment` does
-        left = row.pop("_busy", None)
-        if left:
-            doneByAnother(logic, row, *left, args)
+    # the cases left to another run, looked at again as `deepwml segment` does: finished by it, its figures; failed
+    # there (its lock free, no result), segmented now
+    noOverwrite = argparse.Namespace(**{**vars(args), "overwrite": False})
+    segment.recheck_left_to_another(
+        rows, args.output_dir,
+        lambda number, row, path, study: segmentCase(logic, row["case"], path, noOverwrite, study,
+                                                     bar(number, len(inputs), row["case"])),
+        lambda row, exc: caseFailure(exc, args), lambda row: showFinished(bar, {**row, "_to_segment": 0}))
     only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
     if only_masks:
         print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
