@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .cli import progress_line, say
 from .errors import DeepWMLError
 
 # Fewer slices than this give noisy statistics for the deepest layers (a warning, not an error).
@@ -479,6 +480,7 @@ class StageProgress:
         if self.tty:
             self._open = k < n
             self.stream.write(f"\r{what} {k}/{n}" + ("" if self._open else "\n"))
+            progress_line(self.stream, f"{what} {k}/{n}" if self._open else None)
         else:
             if what != self._stage:
                 self._stage, self._quarter = what, -1
@@ -493,6 +495,7 @@ class StageProgress:
         a line of its own rather than trailing "reading scans 3/30"."""
         if self._open:
             self._open = False
+            progress_line(None, None)
             self.stream.write("\n")
             self.stream.flush()
 
@@ -579,8 +582,7 @@ def _run(args) -> int:
     io.make_output_dir(out_dir)  # checked (writable) before the minutes of work
 
     def log(text):
-        progress.end_line()
-        print(text, file=sys.stderr, flush=True)
+        say(text)
 
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -142,6 +143,41 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
+# The progress line open on a terminal now (drawn with "\r" and no newline yet, rewritten in place): its stream and
+# text, or None. A warning or message said meanwhile (a runtime's fallback, a scan skipped) landed on the end of it.
+_open_line: list = [None, ""]
+
+
+def progress_line(stream, text: str | None) -> None:
+    """Record `text` as the progress line now open on the terminal `stream` (every command's progress display
+    calls it after drawing its line); None: the line was ended or cleared."""
+    _open_line[:] = [stream, text or ""] if text else [None, ""]
+
+
+def end_progress_line() -> None:
+    """End a progress line left open on the terminal (progress_line), so that what is said next (the command's
+    error, or the shell's prompt) starts a line of its own."""
+    stream = _open_line[0]
+    if stream is not None:
+        progress_line(None, None)
+        stream.write("\n")
+        stream.flush()
+
+
+def say(text: str, file=None) -> None:
+    """Print `text` as a line of its own: a progress line open on the terminal (progress_line) is cleared first
+    and drawn again below it, so that the bar goes on, whole, after the message."""
+    stream, line = _open_line
+    if stream is not None:
+        width = min(len(line), max(1, shutil.get_terminal_size((80, 24)).columns - 1))
+        stream.write("\r" + " " * width + "\r")
+        stream.flush()
+    print(text, file=file or sys.stderr, flush=True)
+    if stream is not None:
+        stream.write(line)
+        stream.flush()
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs."""
 
@@ -198,18 +234,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     shown = warnings.showwarning
-    if not getattr(args, "debug", False):  # a warning is one line too (--debug: where it came from)
-        def one_line(message, category, filename, lineno, file=None, line=None):
-            print(f"deepwml {args.command}: warning: {message}", file=file or sys.stderr)
 
-        warnings.showwarning = one_line
+    def said(message, category, filename, lineno, file=None, line=None):
+        # a warning is one line too (--debug: where it came from), and never on the end of a progress line
+        say(warnings.formatwarning(message, category, filename, lineno, line).rstrip() if getattr(args, "debug", False)
+            else f"deepwml {args.command}: warning: {message}", file)
+
+    warnings.showwarning = said
     # Under torchrun: see _distributed_process. An unexpected fault may be one process's own, so every
     # process reports it, naming itself.
     rank, quiet = _distributed_process()
     where = f" (process {rank})" if rank not in (None, "0") else ""
     try:
         with stop_signals_as_interrupts():
-            return int(args.func(args) or 0)
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                end_progress_line()
     except UsageError as exc:
         if not quiet:
             print(f"deepwml {args.command}{where}: error: {exc} (see deepwml {args.command} --help)", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from . import __version__, io
+from .cli import progress_line
 from .errors import Cancelled, DeepWMLError, UsageError
 
 if TYPE_CHECKING:
@@ -1556,8 +1557,10 @@ class ProgressBar:
 
         def update(fraction: float, message: str) -> None:
             if self.tty:
-                self.stream.write("\r" + self._line(prefix, fraction, message))
+                line = self._line(prefix, fraction, message)
+                self.stream.write("\r" + line)
                 self.stream.flush()
+                progress_line(self.stream, line)
             else:  # quarter steps and new steps keep logs short
                 step = re.sub(r"\d+", "", message)
                 if int(fraction * 4) > last[0] or step not in steps:
@@ -1589,6 +1592,7 @@ class ProgressBar:
     def finish(self, row: dict) -> None:
         if self.tty:
             self.stream.write("\r" + " " * self._columns() + "\r")
+            progress_line(None, None)
         status = row["status"]
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
@@ -1721,6 +1725,7 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
         go_on = ("run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
                  "earlier outputs were made with other settings is then refused, naming them: give it alone with "
                  "--overwrite)" if overwrite else "run the same command again to go on (the cases done are skipped)")
+        progress_line(None, None)
         bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {summary} lists the {number - 1} before "
                          f"it; {go_on}\n")
         bar.stream.flush()

@@ -935,8 +935,12 @@ def _remove_data_set(folder: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .cli import end_progress_line, progress_line
+
     def progress(fraction: float, message: str) -> None:
-        print(f"\r[{'#' * int(fraction * 30):<30}] {message}", end="", file=sys.stderr, flush=True)
+        line = f"[{'#' * int(fraction * 30):<30}] {message}"
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        progress_line(sys.stderr, line)
 
     # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
     if args.backgrounds:
@@ -968,7 +972,7 @@ def _run(args: argparse.Namespace) -> int:
                                     intracranial=args.intracranial, ventricles=args.ventricles,
                                     graded_rims=args.graded_rims, dark_deep_grey=args.dark_deep_grey,
                                     skull_base_mimics=args.skull_base_mimics)
-    print(file=sys.stderr)
+    end_progress_line()
     print(manifest)
     return 0
 

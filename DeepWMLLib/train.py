@@ -55,6 +55,7 @@ import numpy as np
 
 from . import io
 from .checkpoint import shareable_provenance
+from .cli import progress_line
 from .errors import Cancelled, DeepWMLError, UsageError
 from .preprocessing import PreprocessingConfig
 
@@ -1664,6 +1665,7 @@ class _Console(logging.Handler):
         self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% {message}"[:160]
         self.stream.write("\r\033[K" + self.line)
         self.stream.flush()
+        progress_line(self.stream, self.line)
 
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "warning: " if record.levelno >= logging.WARNING else ""
@@ -1675,6 +1677,7 @@ class _Console(logging.Handler):
 
     def close(self) -> None:
         if self.tty and self.line:
+            progress_line(None, None)
             self.stream.write("\n")
             self.stream.flush()
         super().close()
