@@ -1544,6 +1544,7 @@ class ProgressBar:
         self.eta = eta
         self._started = None
         self._position = (0, 0)
+        self._shown: set[int] = set()  # the numbers of the cases whose line was shown (finish)
         self._last = None  # when the last case ended (or the first began)
         self._skipped = (0, 0.0)  # cases skipped so far and the time they took
 
@@ -1597,6 +1598,7 @@ class ProgressBar:
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
         number, total = self._position
+        self._shown.add(number)
         left = ""
         if self.eta and self._started is not None:
             now = time.monotonic()
@@ -1719,15 +1721,19 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
     """Where a run of several cases stopped part way (Ctrl-C, SIGTERM) was, what its `summary` (rewritten after
     each case) keeps, and how to go on, on the bar's stream (its line on a terminal ended first): `deepwml
     segment` and the Slicer batch script alike. Nothing before the first case began. With --overwrite (`overwrite`)
-    the same command would redo the cases done too: it is left out to go on."""
+    the same command would redo the cases done too: it is left out to go on. A case whose line was shown already
+    is one left to another process, done again at the end of the run (recheck_left_to_another): every case is
+    listed by then, that one as left to the other process."""
     number, total = bar._position
     if total:
         go_on = ("run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
                  "earlier outputs were made with other settings is then refused, naming them: give it alone with "
                  "--overwrite)" if overwrite else "run the same command again to go on (the cases done are skipped)")
+        kept = (f", which another DeepWML process had left, being done at the end of the run: {summary} lists all "
+                f"{total} cases, that one as left to the other process" if number in bar._shown
+                else f": {summary} lists the {number - 1} before it")
         progress_line(None, None)
-        bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}: {summary} lists the {number - 1} before "
-                         f"it; {go_on}\n")
+        bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}{kept}; {go_on}\n")
         bar.stream.flush()
 
 

@@ -387,6 +387,44 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     assert summary(out)["a"]["status"] == "skipped"
 
 
+def test_ctrl_c_while_a_case_left_to_another_run_is_done_at_the_end_says_what_summary_lists(tmp_path, tiny_model,
+                                                                                           monkeypatch, capsys):
+    """Stopped while segmenting, at the end of the run, a case another run had left (it failed on it), the run said
+    "stopped in case 1/3: summary.csv lists the 0 before it", but summary.csv lists every case by then."""
+    from DeepWMLLib import segment as segment_module
+
+    folder = tmp_path / "scans"
+    for name, seed in (("a", 1), ("b", 3), ("c", 5)):
+        write_case(folder, name, seed=seed)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    real, tries = segment_module.segment_case, []
+
+    def stopped_at_the_end(case, *args, **kwargs):
+        tries.append(case)
+        if tries.count("a") == 2:  # done again at the end of the run
+            raise KeyboardInterrupt
+        return real(case, *args, **kwargs)
+
+    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run fails on it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a":
+                other.__exit__(None, None, None)
+
+    monkeypatch.setattr(segment_module, "segment_case", stopped_at_the_end)
+    monkeypatch.setattr(segment_module, "ProgressBar", Bar)
+    assert segment(tiny_model, folder, "-o", out) == 130
+    err = capsys.readouterr().err
+    assert (f"stopped in case 1/3, which another DeepWML process had left, being done at the end of the run: "
+            f"{out / 'summary.csv'} lists all 3 cases, that one as left to the other process; run the same command "
+            f"again to go on (the cases done are skipped)") in err, err
+    assert "lists the 0 before it" not in err
+    assert [row["status"] for row in summary(out).values()] == ["skipped", "ok", "ok"]
+
+
 def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys):
     import DeepWMLLib.segment as segment_module
 

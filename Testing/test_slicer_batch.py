@@ -611,6 +611,47 @@ def test_batch_segments_at_its_end_a_case_the_other_run_failed_on(scene, batchSc
         "a: skipped", "b: ok", "c: skipped", "a: ok"]
 
 
+def test_batch_stopped_while_a_case_left_to_another_run_is_done_at_its_end_says_what_summary_lists(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """Stopped while segmenting, at the end of the batch, a case another run had left (it failed on it), the batch
+    said nothing of what summary.csv kept, and that file still listed the case as left to the other run; now it
+    says it as `deepwml segment` does: every case is listed."""
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz", seed=3)
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
+    other.__enter__()
+    segmentCase, tries = batchScript.segmentCase, []
+
+    def stoppedAtTheEnd(logic, case, *rest, **options):
+        tries.append(case)
+        if tries.count("a") == 2:
+            raise KeyboardInterrupt
+        return segmentCase(logic, case, *rest, **options)
+
+    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run fails on it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a":
+                other.__exit__(None, None, None)
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    monkeypatch.setattr(batchScript, "segmentCase", stoppedAtTheEnd)
+    assert stoppedStatus(batchScript, ["--input-dir", str(inputs), "--output-dir", str(out), "--model",
+                                       str(tiny_model), "--device", "cpu"]) == 130
+    said = capsys.readouterr()
+    assert (f"stopped in case 1/2, which another DeepWML process had left, being done at the end of the run: "
+            f"{out / 'summary.csv'} lists all 2 cases, that one as left to the other process; run the same command "
+            f"again to go on (the cases done are skipped)") in said.out, said.out
+    assert said.err.rstrip().endswith("segment_batch: interrupted"), said.err
+    assert [row["status"] for row in summary(out).values()] == ["skipped", "ok"]
+
+
 def test_batch_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_batch(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """A case left to another DeepWML run, done by the end of the batch but its result not to be checked for a

@@ -18,8 +18,8 @@ label image, any non-zero voxel is lesion); its Dice, sensitivity and precision 
 and the summary. Each case's steps are shown as it runs, and after it about how long the rest will take.
 One failing case never stops the others. Exit status: 0 when every case succeeded
 or was skipped, 1 when any failed, 2 for a usage error; stopped part way (Ctrl-C, SIGTERM or SIGHUP: a scheduler's
-time limit, a closed ssh session), it says in which case, that summary.csv lists those before it and that the same
-command goes on, and ends as `deepwml segment` does: 130 for Ctrl-C, 128 + the signal's number for a signal.
+time limit, a closed ssh session), it says in which case, that summary.csv lists those before it (every case,
+when stopped in one left to another run and done at the end) and that the same command goes on, and ends as `deepwml segment` does: 130 for Ctrl-C, 128 + the signal's number for a signal.
 """
 
 import argparse
@@ -361,20 +361,20 @@ def runBatch(args) -> int:
     # Slicer closed or killed) leaves the cases it did listed, and never an earlier run's summary as this one's
     summaryPath = args.output_dir / "summary.csv"
     write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+    noOverwrite = argparse.Namespace(**{**vars(args), "overwrite": False})
     try:
         segmentAll(logic, inputs, named, args, bar, rows, summaryPath)
+        # the cases left to another run, looked at again as `deepwml segment` does: finished by it, its figures;
+        # failed there (its lock free, no result), segmented now
+        segment.recheck_left_to_another(
+            rows, args.output_dir,
+            lambda number, row, path, study: segmentCase(logic, row["case"], path, noOverwrite, study,
+                                                         bar(number, len(inputs), row["case"])),
+            lambda row, exc: caseFailure(exc, args), lambda row: showFinished(bar, {**row, "_to_segment": 0}))
     except KeyboardInterrupt:  # the cases done kept in summary.csv, and said how to go on, as `deepwml segment` does
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
         segment.say_stopped(bar, summaryPath, args.overwrite)
         raise
-    # the cases left to another run, looked at again as `deepwml segment` does: finished by it, its figures; failed
-    # there (its lock free, no result), segmented now
-    noOverwrite = argparse.Namespace(**{**vars(args), "overwrite": False})
-    segment.recheck_left_to_another(
-        rows, args.output_dir,
-        lambda number, row, path, study: segmentCase(logic, row["case"], path, noOverwrite, study,
-                                                     bar(number, len(inputs), row["case"])),
-        lambda row, exc: caseFailure(exc, args), lambda row: showFinished(bar, {**row, "_to_segment": 0}))
     only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
     if only_masks:
         print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
