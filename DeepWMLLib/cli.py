@@ -178,6 +178,16 @@ def say(text: str, file=None) -> None:
         stream.flush()
 
 
+def warning_printer(name: str, debug: bool = False):
+    """A `warnings.showwarning` that says a warning as one line, "NAME: warning: ..." (`debug`: where it came from,
+    as Python says it), and never on the end of a progress line (say): `deepwml` and the Slicer batch script alike."""
+    def said(message, category, filename, lineno, file=None, line=None):
+        say(warnings.formatwarning(message, category, filename, lineno, line).rstrip() if debug
+            else f"{name}: warning: {message}", file)
+
+    return said
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised as Ctrl-C's KeyboardInterrupt is, so that the same clean-up runs."""
 
@@ -234,13 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     shown = warnings.showwarning
-
-    def said(message, category, filename, lineno, file=None, line=None):
-        # a warning is one line too (--debug: where it came from), and never on the end of a progress line
-        say(warnings.formatwarning(message, category, filename, lineno, line).rstrip() if getattr(args, "debug", False)
-            else f"deepwml {args.command}: warning: {message}", file)
-
-    warnings.showwarning = said
+    warnings.showwarning = warning_printer(f"deepwml {args.command}", getattr(args, "debug", False))
     # Under torchrun: see _distributed_process. An unexpected fault may be one process's own, so every
     # process reports it, naming itself.
     rank, quiet = _distributed_process()

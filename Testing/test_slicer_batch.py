@@ -652,6 +652,52 @@ def test_batch_stopped_while_a_case_left_to_another_run_is_done_at_its_end_says_
     assert [row["status"] for row in summary(out).values()] == ["skipped", "ok"]
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_batch_says_a_warning_and_a_failed_cases_traceback_on_lines_of_their_own(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, debug):
+    """A warning said while a case's bar is drawn on a terminal (a runtime's fallback) began on the end of the bar's
+    line, in Python's own form (file, line, and the source line); with --debug, a failed case's traceback did too.
+    Now a warning is one line, as `deepwml segment`'s (--debug: where it came from), and both start a line of their
+    own."""
+    import warnings
+
+    from test_progress_lines import Terminal, screen
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz", seed=3)
+    segmentCase = batchScript.segmentCase
+
+    def warnedOrBroken(logic, case, path, args, study=None, progress=None):
+        progress(0.1, "loading the model")
+        if case == "b":
+            raise RuntimeError("a reader's fault")
+        warnings.warn("a runtime's fallback")
+        return segmentCase(logic, case, path, args, study, progress)
+
+    monkeypatch.setattr(batchScript, "segmentCase", warnedOrBroken)
+    terminal = Terminal()  # standard output and error on one terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    # Python's own printing of a warning (to standard error), which pytest replaces by its record of them
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl", lambda message: sys.stderr.write(warnings.formatwarning(
+        message.message, message.category, message.filename, message.lineno, message.line)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                                 "--device", "cpu", *["--debug"] * debug]) == 1
+    shown = screen(terminal.getvalue())
+    said = [line for line in shown if line.endswith("a runtime's fallback")]
+    assert said == ([f"{Path(__file__)}:{warnedOrBroken.__code__.co_firstlineno + 4}: UserWarning: a runtime's "
+                     "fallback"] if debug else ["segment_batch: warning: a runtime's fallback"]), shown
+    assert [line for line in shown if line.startswith("a: ok - ")], shown
+    if debug:
+        assert shown[shown.index("Traceback (most recent call last):") - 1].startswith("[2/2] b |"), shown
+    assert [line for line in shown if line.startswith("b: error - internal error: RuntimeError: a reader's fault")]
+
+
 def test_batch_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end_of_the_batch(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """A case left to another DeepWML run, done by the end of the batch but its result not to be checked for a

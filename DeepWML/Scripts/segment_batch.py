@@ -35,6 +35,7 @@ import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
 from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES, DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
+from DeepWMLLib.cli import end_progress_line, interruption, stop_signals_as_interrupts, warning_printer  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
@@ -299,6 +300,7 @@ def caseFailure(exc: Exception, args) -> dict:
     if isinstance(exc, io.LabelMaskGiven):
         return {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
     if args.debug:
+        end_progress_line()  # the traceback on lines of its own, below the case's bar where it stopped
         traceback.print_exc()
     message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
     if exc.__cause__ is not None:
@@ -311,8 +313,10 @@ def caseFailure(exc: Exception, args) -> dict:
 
 def main(argv) -> int:
     args = parseArguments(argv)
-    from DeepWMLLib.cli import interruption, stop_signals_as_interrupts
+    import warnings  # here: the cases' own `warnings` are lists
 
+    shown = warnings.showwarning  # a warning (a runtime's fallback): one line, never on the end of the bar's line
+    warnings.showwarning = warning_printer("segment_batch", args.debug)
     try:
         with stop_signals_as_interrupts():
             return runBatch(args)
@@ -320,6 +324,8 @@ def main(argv) -> int:
         words, status = interruption(exc)
         print(f"segment_batch: {words}", file=sys.stderr, flush=True)
         return status
+    finally:
+        warnings.showwarning = shown
 
 
 def runBatch(args) -> int:
