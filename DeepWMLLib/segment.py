@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from . import __version__, io
-from .cli import progress_line
+from .cli import end_progress_line, progress_line
 from .errors import Cancelled, DeepWMLError, UsageError
 
 if TYPE_CHECKING:
@@ -1342,6 +1342,7 @@ def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) ->
             row["_named"] = str(exc)
         return row
     if debug:
+        end_progress_line()  # the traceback on lines of its own, below the case's bar where it stopped
         traceback.print_exc()
     message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
     return {"status": "error", "error": message}

@@ -137,3 +137,26 @@ def test_train_and_synth_progress_lines_go_on_below_a_warning(tmp_path, monkeypa
     assert cli.main(["synth", "--cases", "2", "-o", str(tmp_path / "synthetic")]) == 0
     assert screen(terminal.getvalue()) == ["deepwml synth: warning: a background left out",
                                            f"[{'#' * 30}] case 2/2"]
+
+
+def test_segment_debug_starts_a_failed_cases_traceback_on_a_line_of_its_own(tmp_path, tiny_model, monkeypatch):
+    """`deepwml segment --debug`: a failed case's traceback began on the end of its bar's line ("[1/1] a |...| 0%
+    reading the scan  Traceback (most recent call last):")."""
+    from DeepWMLLib import segment
+
+    image, _ = make_volume(size=(32, 32, 4))
+    scan = tmp_path / "a.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(scan))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a reader's fault")
+
+    monkeypatch.setattr(segment.io, "read_image", broken)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli.main(["segment", str(scan), "-o", str(tmp_path / "out"), "--model", str(tiny_model),
+                     "--device", "cpu", "--debug"]) == 1
+    shown = screen(terminal.getvalue())
+    assert "Traceback (most recent call last):" in shown, shown
+    assert shown[shown.index("Traceback (most recent call last):") - 1].startswith("[1/1] a |"), shown
+    assert [line for line in shown if line.startswith("a: error - internal error: RuntimeError: a reader's fault")]
