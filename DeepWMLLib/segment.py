@@ -1292,8 +1292,8 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
                 row = segment_case(case, path, out, models, device, progress=progress, study=study,
                                    protected=protected, **options)
         except io.BeingWritten:  # another DeepWML run into OUTDIR is writing this case: left to it, not a failure
-            row = {"case": case, "input": str(path), "status": "skipped", "error": LEFT_TO_ANOTHER,
-                   "seconds": round(time.perf_counter() - start, 3), "_busy": (path, study)}
+            row = {"case": case, "input": str(path), **left_to_another(out, case, path, study),
+                   "seconds": round(time.perf_counter() - start, 3)}
         except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
             raise
         except Exception as exc:  # one bad case never stops the others
@@ -1330,6 +1330,22 @@ LEFT_TO_ANOTHER = ("being written by another DeepWML process now, so left to it 
 DONE_BY_ANOTHER = "written by another DeepWML process into this OUTDIR during this run; figures from its report"
 
 
+def left_to_another(out: Path, case: str, path: Path, study) -> dict:
+    """The status and error of a case another DeepWML process holds now (io.BeingWritten), marked `_busy` to be
+    looked at again at the end of the run (recheck_left_to_another) with its report as it was now (_report_seen)."""
+    return {"status": "skipped", "error": LEFT_TO_ANOTHER, "_busy": (path, study, _report_seen(out, case))}
+
+
+def _report_seen(out: Path, case: str):
+    """What tells the case's report apart from one written after (its time, size and file), or None: none there.
+    Compared with itself, not with this computer's clock (another computer sharing OUTDIR may keep another time)."""
+    try:
+        stat = (out / f"{case}_report.json").stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) -> dict:
     """The row's status and error of a case that raised `exc` (`deepwml segment`): a study without a FLAIR, or a
     label mask among the inputs (`mask_input_skipped`), is skipped, not failed (unless masks are all the run has:
@@ -1349,11 +1365,13 @@ def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) ->
 
 
 def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=None) -> None:
-    """The cases of a run left to another DeepWML process writing them (LEFT_TO_ANOTHER, marked `_busy`: (path,
-    study)), looked at again at the end of the run: `deepwml segment` and the Slicer batch script alike.
+    """The cases of a run left to another DeepWML process writing them (left_to_another, marked `_busy`: (path,
+    study, its report as it was then)), looked at again at the end of the run: `deepwml segment` and the Slicer
+    batch script alike.
     - Finished by the other process: the row takes the figures of the report it wrote, checked as a rerun's are
       (the same scan, the same settings; else an error, as a rerun's would be, and so is any other failure to
-      check it: unchecked_by_another).
+      check it: unchecked_by_another). Its report there, unchanged, when this run reached it (done before, and
+      the other process held it only to skip it): the row is a case done before's.
     - Its lock free and no result (the other process failed on it, or was stopped, and its outputs went with
       it: whole_or_none): this run segments it now, so that a run does not end 'done' with a case nobody did.
     - Its lock still held: left to that process, the row naming the lock and when to delete it (a process on
@@ -1365,10 +1383,11 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
         left = row.pop("_busy", None)
         if left is None:
             continue
-        written = (out / f"{row['case']}_report.json").exists()  # by the other process, before this look
+        path, study, seen = left
+        report = _report_seen(out, row["case"])  # written by the other process, or before, by this look
         start = time.perf_counter()
         try:
-            result = again(number, row, *left)
+            result = again(number, row, path, study)
         except io.BeingWritten:
             row["error"] = (f"{LEFT_TO_ANOTHER}; its lock, {lock_path(out, row['case'])}, was still held at the end "
                             f"of this run: if no DeepWML run is writing into this OUTDIR, here or on another computer "
@@ -1378,14 +1397,14 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
         except Cancelled:
             raise
         except Exception as exc:
-            if written:
+            if report is not None:
                 row.update(status="error", error=unchecked_by_another(exc))
                 continue
             result = failed(row, exc)
         else:
-            if result["status"] == "skipped":  # its outputs there: done by the other process
+            if result["status"] == "skipped":  # its outputs there: done by the other process, or before
                 row.update({key: value for key, value in result.items() if key not in ("status", "error", "seconds")},
-                           error=DONE_BY_ANOTHER)
+                           error=result["error"] if report == seen else DONE_BY_ANOTHER)
                 continue
         row.update({"seconds": round(time.perf_counter() - start, 3), **result})  # segmented now, or failed
         if finish:

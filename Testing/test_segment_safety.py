@@ -139,6 +139,34 @@ def test_two_runs_into_one_outdir_each_list_the_cases_the_other_wrote(tmp_path, 
     assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "skipped"}
 
 
+def test_a_case_done_before_that_the_other_run_only_skipped_is_listed_as_done_before(tmp_path, tiny_model):
+    """A case done before both runs, which the other run held only to skip it as done when this run reached it, was
+    listed as "written by another DeepWML process into this OUTDIR during this run": its report was there, unchanged,
+    when this run reached it, so it is listed as any case done before is."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
+    other.__enter__()
+
+    class Other:  # when this run has left case a, the other run has skipped it and goes on
+        def __call__(self, number, total, case):
+            return None
+
+        def finish(self, row):
+            if row["case"] == "a":
+                other.__exit__(None, None, None)
+
+    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Other())
+    listed = summary(out)["a"]
+    assert listed["status"] == "skipped"
+    assert listed["error"].startswith("outputs exist (") and "use --overwrite to replace them" in listed["error"], \
+        listed["error"]
+    assert float(listed["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text())["volume_ml"])
+
+
 def test_a_case_the_other_run_failed_on_is_segmented_by_this_one_at_the_end(tmp_path, tiny_model, capsys):
     """The other run into OUTDIR held case a, then failed on it (its lock released, no outputs left: whole_or_none).
     This run left a `skipped` and exited 0, so the cohort looked done with a never segmented. Now the end-of-run

@@ -572,6 +572,33 @@ def test_batch_leaves_a_case_another_run_is_writing_to_it_and_lists_its_figures_
     assert float(rows["b"]["volume_ml"]) == pytest.approx(report["volume_ml"])
 
 
+def test_batch_lists_a_case_done_before_that_another_run_only_skipped_as_done_before(scene, batchScript, tmp_path,
+                                                                                      monkeypatch, tiny_model):
+    """As `deepwml segment`: a case done before, held by another run only to skip it, was listed as written by
+    that run during this one."""
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 0
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
+    other.__enter__()
+
+    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run has skipped it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and row["error"] == segment.LEFT_TO_ANOTHER:
+                other.__exit__(None, None, None)
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    assert batchScript.main(arguments) == 0
+    row = summary(out)["a"]
+    assert row["status"] == "skipped" and row["error"].startswith("outputs exist ("), row["error"]
+
+
 def test_batch_segments_at_its_end_a_case_the_other_run_failed_on(scene, batchScript, tmp_path, monkeypatch,
                                                                    tiny_model, capsys):
     """As `deepwml segment`: a case left to another run that then failed on it (its lock released, no outputs)

@@ -278,7 +278,7 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
             else:
                 row = segmentCase(logic, case, path, args, study, update)
         except io.BeingWritten:  # another DeepWML run into OUT is writing this case: left to it, not a failure
-            row = {"status": "skipped", "error": segment.LEFT_TO_ANOTHER, "_busy": (path, study)}
+            row = segment.left_to_another(args.output_dir, case, path, study)
         except Exception as exc:  # one bad case never stops the others
             row = caseFailure(exc, args)
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
