@@ -610,8 +610,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
     `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
     grid. Slices outside the head get 0 in all. `facts`, when given, receives `head_voxels` (the
-    normalisation's head mask), `slices_run` and `runner` (how the networks ran: the runners' distinct
-    names, joined by ", ")."""
+    normalisation's head mask), `slices_run`, `slices_below_head` (slices left out as neck and shoulders:
+    preprocessing.HEAD_HEIGHT_MM) and `runner` (how the networks ran: the runners' distinct names, joined by ", ")."""
     if not models:
         raise DeepWMLError("no model given")
     check_batch_size(batch_size)
@@ -629,7 +629,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     kept = plan.kept
     runners = [make_runner(m, dev, backend, precision) for m in networks]
     if facts is not None:
-        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size),
+        facts.update(head_voxels=plan.head_voxels, slices_run=int(kept.size), slices_below_head=plan.below_head,
                      runner=", ".join(dict.fromkeys(r.name for r in runners)))
     if batch_size is None:
         batch_size = min(r.default_batch_size for r in runners)

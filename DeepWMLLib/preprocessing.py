@@ -32,6 +32,13 @@ _CLIP = (-8.0, 16.0)
 # A slice whose head covers less than this fraction of its pixels holds no brain worth segmenting
 # (air above the vertex, the neck): inference skips it, training never sees it.
 MIN_HEAD_FRACTION = 0.005
+# An adult head measures about 230 mm from the vertex to the chin, and the brain ends some 150 mm below
+# the vertex (the cerebellum; a head tilted 30 degrees reaches about 190 mm). Slices further below the top
+# of the head hold the neck and shoulders of a large-coverage scan (a sagittal 3D FLAIR, a head-and-neck
+# protocol): they are not segmented, and their wide soft tissue stays out of the head mask, so it moves
+# neither the normalisation statistics nor the network grid's centre (on a real scan padded with 150 mm
+# of neck and shoulders, the IQR scale rose 17 % and the lesion mask's Dice fell to 0.87).
+HEAD_HEIGHT_MM = 200.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,7 @@ class VolumePlan:
     kept: np.ndarray  # indices of the slices with enough head to segment
     grids: dict  # PreprocessingConfig -> NetworkGrid
     head_voxels: int = 0  # voxels of the head mask (brain, and scalp and skull when present)
+    below_head: int = 0  # slices left out as more than HEAD_HEIGHT_MM below the top of the head
 
     def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
         """Normalised slices `indices` of the axial stack on the network grid of `config`."""
@@ -294,8 +302,21 @@ def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
     ascending = frame.direction[6 + frame.slice_axis] >= 0  # the slice axis' superior component
     ordered = stack if ascending else stack[::-1]
     head = head_mask(ordered)
+    first = _head_bottom(head, frame.slice_thickness_mm)
+    if first:  # the scan reaches below the head: the head mask and its statistics from the head's slices alone
+        head[:first] = False
+        head[first:] = head_mask(ordered[first:])
     centre, scale = intensity_reference(ordered, head)
     head = head if ascending else head[::-1]
     kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
     return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs},
-                      int(np.count_nonzero(head)))
+                      int(np.count_nonzero(head)), first)
+
+
+def _head_bottom(head: np.ndarray, slice_mm: float) -> int:
+    """The first slice (slices running inferior to superior) within HEAD_HEIGHT_MM below the top of the head:
+    the highest slice with enough head to segment."""
+    with_head = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
+    if not with_head.size:
+        return 0
+    return max(0, int(with_head[-1]) - int(np.floor(HEAD_HEIGHT_MM / slice_mm + 1e-9)))

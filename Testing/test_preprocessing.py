@@ -219,3 +219,57 @@ def test_volume_plan_does_not_depend_on_the_order_the_file_stores_its_slices_in(
     assert frame_b.n_slices == 100 and np.array_equal(stack_a, stack_b[::-1])
     assert (a.centre, a.scale, a.head_voxels) == (b.centre, b.scale, b.head_voxels)
     assert np.array_equal(np.sort(100 - 1 - b.kept), a.kept)
+
+
+def _head_with_body_below(body_slices: int, seed: int = 5):
+    """A 150 mm tall head (3 mm slices, 4 mm pixels, 480 mm field of view) and, below it, `body_slices`: the upper
+    half air (where the neck would be), the lower half bright, 450 mm wide soft tissue (shoulders), as a
+    large-coverage scan has; the head's voxels are the same."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[:50, :120, :120]
+    head = ((x - 60) / 20.0) ** 2 + ((y - 60) / 24.0) ** 2 + ((z - 25) / 26.0) ** 2 < 1
+    array = np.where(head, 300 + 60 * np.sin(x / 3.0) + rng.normal(0, 20, head.shape), rng.normal(5, 3, head.shape))
+    if body_slices:
+        yy, xx = np.mgrid[:120, :120]
+        shoulders = ((xx - 60) / 56.0) ** 2 + ((yy - 62) / 25.0) ** 2 < 1
+        body = np.where(shoulders, 600 + rng.normal(0, 40, (body_slices, 120, 120)), rng.normal(5, 3, (body_slices, 120, 120)))
+        body[body_slices // 2:] = rng.normal(5, 3, (body_slices - body_slices // 2, 120, 120))
+        array = np.concatenate([body, array])
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((4.0, 4.0, 3.0))
+    image.SetOrigin((0.0, 0.0, -3.0 * body_slices))  # the head where it is without the body below
+    return image
+
+
+def test_neck_and_shoulders_below_the_head_change_neither_the_normalisation_nor_the_grid():
+    """A scan reaching 200 mm and more below the top of the head (the neck and shoulders of a sagittal 3D FLAIR)
+    is normalised as the head alone and its network grid centred on the head; the slices that far below are not
+    segmented. Before, the shoulders' bright soft tissue joined the head mask: other statistics, a shifted grid."""
+    from DeepWMLLib import io
+    from DeepWMLLib.preprocessing import plan_volume
+
+    config = PreprocessingConfig()
+    alone, with_body = (plan_volume(*io.to_axial_stack(_head_with_body_below(n)), [config]) for n in (0, 40))
+    # the same within the few per cent that more background slices move the head mask's threshold (before: 93 %)
+    assert with_body.centre == pytest.approx(alone.centre, rel=0.02)
+    assert with_body.scale == pytest.approx(alone.scale, rel=0.02)
+    assert with_body.head_voxels == pytest.approx(alone.head_voxels, rel=0.02)
+    top = 40 + alone.kept.max()  # the head's highest slice, in the scan with the body below
+    assert with_body.below_head == top - 200 // 3 == 23  # slices 0..22 left out: the shoulders (0..19) among them
+    assert np.array_equal(with_body.kept, alone.kept + 40)  # the head's slices segmented, no other
+    grid_a, grid_b = alone.grids[config], with_body.grids[config]
+    assert np.allclose(grid_a.offset, grid_b.offset, atol=0.5) and grid_a.zoom == grid_b.zoom
+    # a head alone, however tall its scan's coverage above it, loses no slice
+    assert alone.below_head == 0 and alone.kept.size == 50
+
+
+def test_segment_says_when_slices_below_the_head_were_not_segmented():
+    from DeepWMLLib.segment import segment_image
+
+    warnings = segment_image(_head_with_body_below(40), brain_model=None, ventricle_model=None).report["warnings"]
+    assert any("the scan reaches below the head: its lowest 23 axial slices, more than 200 mm below the top of the "
+               "head" in w for w in warnings), warnings
+    assert not any("below the head" in w for w in segment_image(_head_with_body_below(0), brain_model=None,
+                                                                 ventricle_model=None).report["warnings"])
