@@ -273,3 +273,42 @@ def test_segment_says_when_slices_below_the_head_were_not_segmented():
                "head" in w for w in warnings), warnings
     assert not any("below the head" in w for w in segment_image(_head_with_body_below(0), brain_model=None,
                                                                  ventricle_model=None).report["warnings"])
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_scan_cropped_on_its_own_voxel_grid_is_sampled_at_the_same_points_of_the_head(flip):
+    """The network grid's pixels fall on the same points in space for a scan and the same scan cropped on its own
+    voxel grid (the field of view cut through the head at two sides, slices dropped): the network sees the same
+    head sampled alike. Before, the grid followed the head's centre to a fraction of a pixel, and the
+    network's marks change with that sub-pixel phase (Dice 0.87-0.89 on real scans)."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.preprocessing import plan_volume
+
+    rng = np.random.default_rng(7)
+    z, y, x = np.mgrid[:12, :300, :300]
+    head = ((x - 141.3) / 100.0) ** 2 + ((y - 152.6) / 125.0) ** 2 < 1
+    array = np.where(head, 300 + rng.normal(0, 20, head.shape), rng.normal(5, 3, head.shape)).astype(np.float32)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.72, 0.72, 3.0))
+    image.SetOrigin((-101.17, -93.87, -20.0))  # the head's centre 0.57 mm and 16.0 mm from the scanner's 0
+    if flip:  # stored RAS-like: rows and columns run the other way in the file
+        image = sitk.Flip(image, [True, True, False])
+    cropped = image[46:, :272, 2:]  # 3.6 mm of the head cut off at one side, 4 mm at another, 2 slices dropped
+    config = PreprocessingConfig()
+
+    def points(volume):
+        """The scanner (x, y) of network pixels (0, 0) and (255, 255), from the grid of the volume's plan."""
+        stack, frame = io.to_axial_stack(volume)
+        grid = plan_volume(stack, frame, [config]).grids[config]
+        found = []
+        for k in (0, 255):
+            row, col = (grid.offset[i] + k * grid.zoom[i] for i in (0, 1))
+            index = [0.0, 0.0, 0.0]
+            index[frame.row_axis] = frame.size[frame.row_axis] - 1 - row if frame.flip_row else row
+            index[frame.col_axis] = frame.size[frame.col_axis] - 1 - col if frame.flip_col else col
+            found.append(volume.TransformContinuousIndexToPhysicalPoint(index)[:2])
+        return np.array(found)
+
+    assert np.allclose(points(image), points(cropped), atol=1e-6)
