@@ -291,8 +291,11 @@ def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
     """(the head threshold, or None when the image is flat; the grey window's low and high end): the head
     is above a tenth of the way from the background (0.5th percentile) to the bright end (99.5th), which
     holds for images offset or scaled anyhow; the window runs from the head's 1st to its 99.5th percentile."""
-    finite = voxels[np.isfinite(voxels)]
-    sample = finite[:: max(1, finite.size // 2_000_000)]
+    if io.non_finite_count(voxels):
+        finite = voxels[np.isfinite(voxels)]
+        sample = finite[:: max(1, finite.size // 2_000_000)]
+    else:  # the same sample, taken where the voxels lie: no copy of the volume (0.3 GB at 512 x 512 x 300)
+        sample = voxels.flat[:: max(1, voxels.size // 2_000_000)]
     floor, top = _quantiles(sample, (0.005, 0.995)) if sample.size else (0.0, 1.0)
     threshold = floor + 0.1 * (top - floor)
     head_values = sample[sample > threshold]
@@ -306,7 +309,7 @@ def grey_levels(voxels: np.ndarray) -> tuple[float | None, float, float]:
 def _mosaic(image, labels: np.ndarray, colours: dict, outline: bool, max_tiles: int, tile_px: int,
             columns: int, chosen_by: int | None = None, slice_labels=None) -> np.ndarray:
     """The mosaic; the lesion slices it favours are those with any label, or with `chosen_by` only that one."""
-    stack, frame = io.to_axial_stack(image)
+    stack, frame = io.to_axial_stack(image, copy=False)  # only read: float32 voxels are not copied
     threshold, low, high = grey_levels(stack)
     voxel_head = stack > threshold if threshold is not None else np.ones(stack.shape, bool)
     head = voxel_head.reshape(stack.shape[0], -1).mean(axis=1) > 0.01
