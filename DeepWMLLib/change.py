@@ -765,7 +765,8 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
         bar = ProgressBar()
         update = bar(needed.index(name) + 1, len(needed), f"segmenting the {name}")
         result = segment_image(image, loaded["models"], args.device, args.threshold, backend=args.backend,
-                               brain_model=loaded["brain"], progress=update, precision=args.precision)
+                               brain_model=loaded["brain"], progress=update, precision=args.precision,
+                               checked=True)  # check_scans checked it
         bar.finish({"case": f"the {name}", "status": "ok", **result.report})
         masks[name] = result.mask
         maps[name] = result.probabilities
