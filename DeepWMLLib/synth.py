@@ -937,10 +937,13 @@ def _remove_data_set(folder: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     from .cli import end_progress_line, progress_line
 
+    terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+
     def progress(fraction: float, message: str) -> None:
         line = f"[{'#' * int(fraction * 30):<30}] {message}"
         print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        progress_line(sys.stderr, line)
+        if terminal:  # in a log (2> file) say's clearing around a warning is a line of blanks and a copy of this one
+            progress_line(sys.stderr, line)
 
     # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
     if args.backgrounds:
@@ -972,7 +975,10 @@ def _run(args: argparse.Namespace) -> int:
                                     intracranial=args.intracranial, ventricles=args.ventricles,
                                     graded_rims=args.graded_rims, dark_deep_grey=args.dark_deep_grey,
                                     skull_base_mimics=args.skull_base_mimics)
-    end_progress_line()
+    if terminal:
+        end_progress_line()
+    else:
+        print(file=sys.stderr)  # the log's last progress line ended
     print(manifest)
     return 0
 

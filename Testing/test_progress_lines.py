@@ -160,3 +160,25 @@ def test_segment_debug_starts_a_failed_cases_traceback_on_a_line_of_its_own(tmp_
     assert "Traceback (most recent call last):" in shown, shown
     assert shown[shown.index("Traceback (most recent call last):") - 1].startswith("[1/1] a |"), shown
     assert [line for line in shown if line.startswith("a: error - internal error: RuntimeError: a reader's fault")]
+
+
+def test_synth_into_a_log_says_a_warning_without_blanking_its_line(tmp_path, monkeypatch):
+    """`deepwml synth 2> log`: a warning said mid-run wrote a terminal's clearing (a carriage return, a line of
+    blanks, another carriage return) and a copy of the progress line into the log, which is no terminal."""
+    from DeepWMLLib import synth
+
+    log = stdio.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+
+    def generate(cases, output, seed, progress, **options):
+        progress(0.5, "case 1/2")
+        warnings.warn("a background left out")
+        progress(1.0, "case 2/2")
+        return output / "manifest.csv"
+
+    monkeypatch.setattr(synth, "generate_dataset", generate)
+    assert cli.main(["synth", "--cases", "2", "-o", str(tmp_path / "synthetic")]) == 0
+    written = log.getvalue()
+    assert "\r " not in written and written.count("case 1/2") == 1, repr(written)
+    assert "deepwml synth: warning: a background left out\n" in written and written.endswith("case 2/2\n")
+    assert cli._open_line[0] is None
