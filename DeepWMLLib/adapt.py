@@ -479,8 +479,8 @@ class StageProgress:
         what = name if name.startswith(("finding ", "reading ")) else f"{name}: batch-norm layer"
         if self.tty:
             self._open = k < n
-            self.stream.write(f"\r{what} {k}/{n}" + ("" if self._open else "\n"))
-            progress_line(self.stream, f"{what} {k}/{n}" if self._open else None)
+            progress_line(self.stream, f"{what} {k}/{n}" if self._open else None,
+                          f"\r{what} {k}/{n}" + ("" if self._open else "\n"))
         else:
             if what != self._stage:
                 self._stage, self._quarter = what, -1
@@ -495,9 +495,7 @@ class StageProgress:
         a line of its own rather than trailing "reading scans 3/30"."""
         if self._open:
             self._open = False
-            progress_line(None, None)
-            self.stream.write("\n")
-            self.stream.flush()
+            progress_line(self.stream, None, "\n")
 
 
 def register(subparsers) -> None:

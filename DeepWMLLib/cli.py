@@ -146,36 +146,43 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 # The progress line open on a terminal now (drawn with "\r" and no newline yet, rewritten in place): its stream and
 # text, or None. A warning or message said meanwhile (a runtime's fallback, a scan skipped) landed on the end of it.
 _open_line: list = [None, ""]
+# Held while the line is drawn and while say clears and draws it again: a bar is drawn by another thread too
+# (segment.reading_progress's ticker), and drawn between say's clearing and its message it took the message on its end.
+_line_lock = threading.RLock()
 
 
-def progress_line(stream, text: str | None) -> None:
-    """Record `text` as the progress line now open on the terminal `stream` (every command's progress display
-    calls it after drawing its line); None: the line was ended or cleared."""
-    _open_line[:] = [stream, text or ""] if text else [None, ""]
+def progress_line(stream, text: str | None, drawn: str = "") -> None:
+    """Write `drawn` on the terminal `stream` (every command's progress display draws its line here: "\r" and the
+    line, or what ends or clears it) and record `text` as the progress line now open there; None: the line was
+    ended or cleared."""
+    with _line_lock:
+        if drawn:
+            stream.write(drawn)
+            stream.flush()
+        _open_line[:] = [stream, text] if text else [None, ""]
 
 
 def end_progress_line() -> None:
     """End a progress line left open on the terminal (progress_line), so that what is said next (the command's
     error, or the shell's prompt) starts a line of its own."""
-    stream = _open_line[0]
-    if stream is not None:
-        progress_line(None, None)
-        stream.write("\n")
-        stream.flush()
+    with _line_lock:
+        if _open_line[0] is not None:
+            progress_line(_open_line[0], None, "\n")
 
 
 def say(text: str, file=None) -> None:
     """Print `text` as a line of its own: a progress line open on the terminal (progress_line) is cleared first
     and drawn again below it, so that the bar goes on, whole, after the message."""
-    stream, line = _open_line
-    if stream is not None:
-        width = min(len(line), max(1, shutil.get_terminal_size((80, 24)).columns - 1))
-        stream.write("\r" + " " * width + "\r")
-        stream.flush()
-    print(text, file=file or sys.stderr, flush=True)
-    if stream is not None:
-        stream.write(line)
-        stream.flush()
+    with _line_lock:
+        stream, line = _open_line
+        if stream is not None:
+            width = min(len(line), max(1, shutil.get_terminal_size((80, 24)).columns - 1))
+            stream.write("\r" + " " * width + "\r")
+            stream.flush()
+        print(text, file=file or sys.stderr, flush=True)
+        if stream is not None:
+            stream.write(line)
+            stream.flush()
 
 
 def warning_printer(name: str, debug: bool = False):

@@ -1588,9 +1588,7 @@ class ProgressBar:
         def update(fraction: float, message: str) -> None:
             if self.tty:
                 line = self._line(prefix, fraction, message)
-                self.stream.write("\r" + line)
-                self.stream.flush()
-                progress_line(self.stream, line)
+                progress_line(self.stream, line, "\r" + line)
             else:  # quarter steps and new steps keep logs short
                 step = re.sub(r"\d+", "", message)
                 if int(fraction * 4) > last[0] or step not in steps:
@@ -1621,8 +1619,7 @@ class ProgressBar:
 
     def finish(self, row: dict) -> None:
         if self.tty:
-            self.stream.write("\r" + " " * self._columns() + "\r")
-            progress_line(None, None)
+            progress_line(self.stream, None, "\r" + " " * self._columns() + "\r")
         status = row["status"]
         detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")

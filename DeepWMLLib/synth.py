@@ -941,9 +941,8 @@ def _run(args: argparse.Namespace) -> int:
 
     def progress(fraction: float, message: str) -> None:
         line = f"[{'#' * int(fraction * 30):<30}] {message}"
-        print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        if terminal:  # in a log (2> file) say's clearing around a warning is a line of blanks and a copy of this one
-            progress_line(sys.stderr, line)
+        # open on a terminal only: in a log (2> file) say's clearing around a warning was blanks and a copy of it
+        progress_line(sys.stderr, line if terminal else None, f"\r{line}")
 
     # Every usage check first: an earlier data set is deleted (with --overwrite) only for a run that will go on.
     if args.backgrounds:

@@ -55,7 +55,7 @@ import numpy as np
 
 from . import io
 from .checkpoint import shareable_provenance
-from .cli import progress_line
+from .cli import progress_line, say
 from .errors import Cancelled, DeepWMLError, UsageError
 from .preprocessing import PreprocessingConfig
 
@@ -1663,23 +1663,15 @@ class _Console(logging.Handler):
         self.last = now
         filled = int(30 * min(max(fraction, 0.0), 1.0))
         self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% {message}"[:160]
-        self.stream.write("\r\033[K" + self.line)
-        self.stream.flush()
-        progress_line(self.stream, self.line)
+        progress_line(self.stream, self.line, "\r\033[K" + self.line)
 
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "warning: " if record.levelno >= logging.WARNING else ""
-        clear = "\r\033[K" if self.tty else ""
-        self.stream.write(f"{clear}deepwml train: {prefix}{record.getMessage()}\n")
-        if self.tty and self.line:
-            self.stream.write(self.line)
-        self.stream.flush()
+        say(f"deepwml train: {prefix}{record.getMessage()}", self.stream)  # above the bar, as a warning is
 
     def close(self) -> None:
         if self.tty and self.line:
-            progress_line(None, None)
-            self.stream.write("\n")
-            self.stream.flush()
+            progress_line(self.stream, None, "\n")
         super().close()
 
 

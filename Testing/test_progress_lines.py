@@ -182,3 +182,35 @@ def test_synth_into_a_log_says_a_warning_without_blanking_its_line(tmp_path, mon
     assert "\r " not in written and written.count("case 1/2") == 1, repr(written)
     assert "deepwml synth: warning: a background left out\n" in written and written.endswith("case 2/2\n")
     assert cli._open_line[0] is None
+
+
+def test_a_bar_drawn_by_another_thread_while_a_warning_is_said_waits_below_it():
+    """A case's bar is drawn by reading_progress's ticker thread ("reading the scan (12 s)") while the main thread may
+    say a warning: drawn between say's clearing and its message, the bar took the message on its end
+    ("[1/1] a |...| reading the scan (12 s)deepwml segment: warning: ...") and was then drawn stale below it."""
+    import threading
+
+    from DeepWMLLib.segment import ProgressBar
+
+    ticks = []
+
+    class Ticking(Terminal):  # the ticker draws the bar just as the message is written
+        def write(self, text):
+            if "warning" in text and not ticks:
+                ticks.append(threading.Thread(target=update, args=(0.1, "reading the scan (12 s)")))
+                ticks[0].start()
+                ticks[0].join(0.5)  # the other thread's turn, or waiting for say to end
+            return super().write(text)
+
+    terminal = Ticking()
+    update = ProgressBar(terminal)(1, 1, "a")
+    try:
+        update(0.1, "reading the scan")
+        cli.say("deepwml segment: warning: a runtime's fallback", terminal)
+        ticks[0].join()
+        shown = screen(terminal.getvalue())
+        assert shown[0] == "deepwml segment: warning: a runtime's fallback", shown
+        assert len(shown) == 2 and shown[1].startswith("[1/1] a |") and shown[1].endswith("reading the scan (12 s)"), \
+            shown
+    finally:
+        cli.progress_line(None, None)
