@@ -1316,10 +1316,10 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
             del row["_to_segment"]
         _summary_so_far(rows, out)
 
-    def again(number, row, path, study):
+    def again(number, row, path, study, own):
         progress = progress_factory(number, len(cases), row["case"]) if progress_factory else None
         return segment_case(row["case"], path, out, models, device, progress=progress, study=study,
-                            protected=protected, **{**options, "overwrite": False})
+                            protected=protected, **{**options, "overwrite": own and options.get("overwrite", False)})
 
     recheck_left_to_another(rows, out, again,
                             lambda row, exc: _failed_case(exc, Path(row["input"]), named, len(cases) == 1, debug),
@@ -1380,13 +1380,16 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
     - Finished by the other process: the row takes the figures of the report it wrote, checked as a rerun's are
       (the same scan, the same settings; else an error, as a rerun's would be, and so is any other failure to
       check it: unchecked_by_another). Its report there, unchanged, when this run reached it (done before, and
-      the other process held it only to skip it): the row is a case done before's.
+      the other process held it only to skip it): the case is this run's as any case done before, skipped, or
+      with --overwrite replaced now.
     - Its lock free and no result (the other process failed on it, or was stopped, and its outputs went with
       it: whole_or_none): this run segments it now, so that a run does not end 'done' with a case nobody did.
     - Its lock still held: left to that process, the row naming the lock and when to delete it (a process on
       another computer sharing OUTDIR that died can leave its lock held on a network share).
-    `again(number, row, path, study)` runs the case without --overwrite and gives its row (it raises as a case
-    does); `failed(row, exc)` is the caller's status and error of a case that raised `exc`; `finish(row)` shows
+    `again(number, row, path, study, own)` runs the case and gives its row (it raises as a case does): `own`, the
+    case's report unchanged since this run reached it (done before; nobody did it meanwhile), with the run's own
+    --overwrite, so that a run given --overwrite replaces it as asked; else without (the other process's result
+    is checked, never replaced); `failed(row, exc)` is the caller's status and error of a case that raised `exc`; `finish(row)` shows
     the line of a case this look segmented or found failed. A cancel stops the run here as anywhere."""
     for number, row in enumerate(rows, start=1):
         left = row.pop("_busy", None)
@@ -1394,9 +1397,10 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
             continue
         path, study, seen = left
         report = _report_seen(out, row["case"])  # written by the other process, or before, by this look
+        own = report is not None and report == seen
         start = time.perf_counter()
         try:
-            result = again(number, row, path, study)
+            result = again(number, row, path, study, own)
         except io.BeingWritten:
             row["error"] = (f"{LEFT_TO_ANOTHER}; its lock, {lock_path(out, row['case'])}, was still held at the end "
                             f"of this run: if no DeepWML run is writing into this OUTDIR, here or on another computer "
@@ -1406,14 +1410,14 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
         except Cancelled:
             raise
         except Exception as exc:
-            if report is not None:
+            if report is not None and not own:
                 row.update(status="error", error=unchecked_by_another(exc))
                 continue
             result = failed(row, exc)
         else:
             if result["status"] == "skipped":  # its outputs there: done by the other process, or before
                 row.update({key: value for key, value in result.items() if key not in ("status", "error", "seconds")},
-                           error=result["error"] if report == seen else DONE_BY_ANOTHER)
+                           error=result["error"] if own else DONE_BY_ANOTHER)
                 continue
         row.update({"seconds": round(time.perf_counter() - start, 3), **result})  # segmented now, or failed
         if finish:

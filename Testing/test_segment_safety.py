@@ -167,6 +167,34 @@ def test_a_case_done_before_that_the_other_run_only_skipped_is_listed_as_done_be
     assert float(listed["volume_ml"]) == pytest.approx(json.loads((out / "a_report.json").read_text())["volume_ml"])
 
 
+def test_overwrite_redoes_at_the_end_a_case_done_before_that_the_other_run_only_skipped(tmp_path, tiny_model):
+    """With --overwrite, a case done before that the other run held only to skip it was listed "outputs exist (...);
+    use --overwrite to replace them", the run given --overwrite ending 0 with that case's old outputs unreplaced.
+    Nobody replaced them meanwhile (its report unchanged), so this run does, at the end."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+    before = os.stat(out / "a_report.json")
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
+    other.__enter__()
+
+    class Other:  # when this run has left case a, the other run has skipped it and goes on
+        def __call__(self, number, total, case):
+            return None
+
+        def finish(self, row):
+            if row["case"] == "a" and row["error"].startswith("being written by another"):
+                other.__exit__(None, None, None)
+
+    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Other(), overwrite=True)
+    listed = summary(out)["a"]
+    assert (listed["status"], listed["error"]) == ("ok", ""), listed
+    after = os.stat(out / "a_report.json")
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+
+
 def test_a_case_the_other_run_failed_on_is_segmented_by_this_one_at_the_end(tmp_path, tiny_model, capsys):
     """The other run into OUTDIR held case a, then failed on it (its lock released, no outputs left: whole_or_none).
     This run left a `skipped` and exited 0, so the cohort looked done with a never segmented. Now the end-of-run

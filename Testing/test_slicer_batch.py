@@ -599,6 +599,38 @@ def test_batch_lists_a_case_done_before_that_another_run_only_skipped_as_done_be
     assert row["status"] == "skipped" and row["error"].startswith("outputs exist ("), row["error"]
 
 
+def test_batch_overwrite_redoes_at_its_end_a_case_done_before_that_another_run_only_skipped(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """As `deepwml segment --overwrite`: such a case was listed "outputs exist (...); use --overwrite to replace
+    them", its old outputs left although --overwrite was given."""
+    import os
+
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(arguments) == 0
+    before = os.stat(out / "a_report.json")
+    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
+    other.__enter__()
+
+    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run has skipped it
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == "a" and row["error"] == segment.LEFT_TO_ANOTHER:
+                other.__exit__(None, None, None)
+
+    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    assert batchScript.main([*arguments, "--overwrite"]) == 0
+    row = summary(out)["a"]
+    assert (row["status"], row["error"]) == ("ok", ""), row
+    after = os.stat(out / "a_report.json")
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+
+
 def test_batch_segments_at_its_end_a_case_the_other_run_failed_on(scene, batchScript, tmp_path, monkeypatch,
                                                                    tiny_model, capsys):
     """As `deepwml segment`: a case left to another run that then failed on it (its lock released, no outputs)

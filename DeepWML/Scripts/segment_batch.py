@@ -374,8 +374,8 @@ def runBatch(args) -> int:
         # failed there (its lock free, no result), segmented now
         segment.recheck_left_to_another(
             rows, args.output_dir,
-            lambda number, row, path, study: segmentCase(logic, row["case"], path, noOverwrite, study,
-                                                         bar(number, len(inputs), row["case"])),
+            lambda number, row, path, study, own: segmentCase(logic, row["case"], path, args if own else noOverwrite,
+                                                              study, bar(number, len(inputs), row["case"])),
             lambda row, exc: caseFailure(exc, args), lambda row: showFinished(bar, {**row, "_to_segment": 0}))
     except KeyboardInterrupt:  # the cases done kept in summary.csv, and said how to go on, as `deepwml segment` does
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
