@@ -1578,13 +1578,14 @@ class ProgressBar:
         self._started = None
         self._position = (0, 0)
         self._shown: set[int] = set()  # the numbers of the cases whose line was shown (finish)
+        self._in_case = False  # a case begun (called) and its line not shown yet: else stopped between two
         self._last = None  # when the last case ended (or the first began)
         self._skipped = (0, 0.0)  # cases skipped so far and the time they took
 
     def __call__(self, number: int, total: int, case: str):
         if self._started is None:
             self._started = self._last = time.monotonic()
-        self._position = (number, total)
+        self._position, self._in_case = (number, total), True
         prefix = f"[{number}/{total}] {case}"
         last = [-1]
         steps: set = set()  # the steps with a line (their messages without digits)
@@ -1629,6 +1630,7 @@ class ProgressBar:
             if status == "ok" else row.get("error", "")
         number, total = self._position
         self._shown.add(number)
+        self._in_case = False
         left = ""
         if self.eta and self._started is not None:
             now = time.monotonic()
@@ -1753,17 +1755,22 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
     segment` and the Slicer batch script alike. Nothing before the first case began. With --overwrite (`overwrite`)
     the same command would redo the cases done too: it is left out to go on. A case whose line was shown already
     is one left to another process, done again at the end of the run (recheck_left_to_another): every case is
-    listed by then, that one as left to the other process."""
+    listed by then, that one as left to the other process. Stopped between two cases (summary.csv being
+    rewritten), it lists those whose line was shown."""
     number, total = bar._position
     if total:
         go_on = ("run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
                  "earlier outputs were made with other settings is then refused, naming them: give it alone with "
                  "--overwrite)" if overwrite else "run the same command again to go on (the cases done are skipped)")
-        kept = (f", which another DeepWML process had left, being done at the end of the run: {summary} lists all "
-                f"{total} cases, that one as left to the other process" if number in bar._shown
-                else f": {summary} lists the {number - 1} before it")
-        progress_line(None, None)
-        bar.stream.write("\n" * bar.tty + f"stopped in case {number}/{total}{kept}; {go_on}\n")
+        if not bar._in_case:
+            kept = f"stopped after {len(bar._shown)} of {total} cases: {summary} lists them"
+        elif number in bar._shown:
+            kept = (f"stopped in case {number}/{total}, which another DeepWML process had left, being done at the end "
+                    f"of the run: {summary} lists all {total} cases, that one as left to the other process")
+        else:
+            kept = f"stopped in case {number}/{total}: {summary} lists the {number - 1} before it"
+        end_progress_line()
+        bar.stream.write(f"{kept}; {go_on}\n")
         bar.stream.flush()
 
 

@@ -443,6 +443,33 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     assert summary(out)["a"]["status"] == "skipped"
 
 
+def test_ctrl_c_between_two_cases_says_what_summary_lists_and_names_no_other_run(tmp_path, tiny_model, monkeypatch,
+                                                                                 capsys):
+    """Stopped just after a case's line (summary.csv being rewritten), no other run anywhere, the run said "stopped
+    in case 1/2, which another DeepWML process had left, being done at the end of the run: summary.csv lists all 2
+    cases", of a summary.csv listing the one case done."""
+    from DeepWMLLib import segment as segment_module
+
+    folder = tmp_path / "scans"
+    for name in ("a", "b"):
+        write_case(folder, name)
+    rewrite, rewrites = segment_module._summary_so_far, []
+
+    def stopped_after_the_first(rows, out):
+        rewrites.append(len(rows))
+        if len(rows) == 1:
+            raise KeyboardInterrupt
+        rewrite(rows, out)
+
+    monkeypatch.setattr(segment_module, "_summary_so_far", stopped_after_the_first)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after 1 of 2 cases: {out / 'summary.csv'} lists them; run the same command again" in err, err
+    assert "another DeepWML process" not in err
+    assert list(summary(out)) == ["a"]
+
+
 def test_ctrl_c_while_a_case_left_to_another_run_is_done_at_the_end_says_what_summary_lists(tmp_path, tiny_model,
                                                                                            monkeypatch, capsys):
     """Stopped while segmenting, at the end of the run, a case another run had left (it failed on it), the run said
