@@ -579,13 +579,10 @@ def _run(args) -> int:
             print(f"{case}: skipped - {exc}", file=sys.stderr)
     io.make_output_dir(out_dir)  # checked (writable) before the minutes of work
 
-    def log(text):
-        say(text)
-
     try:
         summaries = adapt_models(models, scans, outputs, args.pseudo_models, args.crops_per_slice, args.seed,
                                  fp16=not args.fp32, batch_size=args.batch_size, progress=progress,
-                                 log=log, found=frozenset(found), named=frozenset(beside),
+                                 log=say, found=frozenset(found), named=frozenset(beside),
                                  flair_check=flair_checker("auto", args.threads),
                                  allow_non_flair=args.allow_non_flair)
     except BaseException:
