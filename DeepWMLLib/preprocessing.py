@@ -320,7 +320,7 @@ class VolumePlan:
     kept: np.ndarray  # indices of the slices with enough head to segment
     grids: dict  # PreprocessingConfig -> NetworkGrid
     head_voxels: int = 0  # voxels of the head mask (brain, and scalp and skull when present)
-    below_head: int = 0  # slices left out as more than HEAD_HEIGHT_MM below the top of the head
+    below_head: int = 0  # slices with head left out as more than HEAD_HEIGHT_MM below the top of the head
 
     def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
         """Normalised slices `indices` of the axial stack on the network grid of `config`."""
@@ -335,21 +335,26 @@ def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
     ascending = frame.direction[6 + frame.slice_axis] >= 0  # the slice axis' superior component
     ordered = stack if ascending else stack[::-1]
     head = head_mask(ordered)
-    first = _head_bottom(head, frame.slice_thickness_mm)
+    with_head = _slices_with_head(head)
+    first = _head_bottom(with_head, frame.slice_thickness_mm)
+    below_head = int(np.count_nonzero(with_head < first))  # empty slices below (padding) are not told as left out
     if first:  # the scan reaches below the head: the head mask and its statistics from the head's slices alone
         head[:first] = False
         head[first:] = head_mask(ordered[first:])
     centre, scale = intensity_reference(ordered, head)
     head = head if ascending else head[::-1]
-    kept = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
-    return VolumePlan(centre, scale, kept, {c: NetworkGrid.plan(frame, c, head) for c in configs},
-                      int(np.count_nonzero(head)), first)
+    return VolumePlan(centre, scale, _slices_with_head(head), {c: NetworkGrid.plan(frame, c, head) for c in configs},
+                      int(np.count_nonzero(head)), below_head)
 
 
-def _head_bottom(head: np.ndarray, slice_mm: float) -> int:
-    """The first slice (slices running inferior to superior) within HEAD_HEIGHT_MM below the top of the head:
-    the highest slice with enough head to segment."""
-    with_head = np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
+def _slices_with_head(head: np.ndarray) -> np.ndarray:
+    """Indices of the slices with enough head to segment."""
+    return np.flatnonzero(head.reshape(head.shape[0], -1).mean(axis=1) >= MIN_HEAD_FRACTION)
+
+
+def _head_bottom(with_head: np.ndarray, slice_mm: float) -> int:
+    """The first slice (slices running inferior to superior) within HEAD_HEIGHT_MM below the top of the head: the
+    highest of `with_head`, the slices with enough head to segment."""
     if not with_head.size:
         return 0
     return max(0, int(with_head[-1]) - int(np.floor(HEAD_HEIGHT_MM / slice_mm + 1e-9)))

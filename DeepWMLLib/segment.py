@@ -519,9 +519,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     if facts.get("slices_below_head"):
         from .preprocessing import HEAD_HEIGHT_MM
 
-        warnings.append(f"the scan reaches below the head: its lowest {facts['slices_below_head']} axial slices, more "
-                        f"than {HEAD_HEIGHT_MM:g} mm below the top of the head (neck, shoulders), were not segmented "
-                        "and were left out of the intensity normalisation")
+        warnings.append(f"the scan reaches below the head: {facts['slices_below_head']} axial slices, more than "
+                        f"{HEAD_HEIGHT_MM:g} mm below the top of the head (neck, shoulders), were not segmented and "
+                        "were left out of the intensity normalisation")
     if exclude_edge_fraction:  # how many slices the fraction cleared: none, on few slices
         from .postprocessing import edge_slice_count
 

@@ -257,7 +257,7 @@ def test_neck_and_shoulders_below_the_head_change_neither_the_normalisation_nor_
     assert with_body.scale == pytest.approx(alone.scale, rel=0.02)
     assert with_body.head_voxels == pytest.approx(alone.head_voxels, rel=0.02)
     top = 40 + alone.kept.max()  # the head's highest slice, in the scan with the body below
-    assert with_body.below_head == top - 200 // 3 == 23  # slices 0..22 left out: the shoulders (0..19) among them
+    assert top - 200 // 3 == 23 and with_body.below_head == 20  # slices 0..22 left out: the shoulders' 0..19 told
     assert np.array_equal(with_body.kept, alone.kept + 40)  # the head's slices segmented, no other
     grid_a, grid_b = alone.grids[config], with_body.grids[config]
     assert np.allclose(grid_a.offset, grid_b.offset, atol=0.5) and grid_a.zoom == grid_b.zoom
@@ -269,10 +269,23 @@ def test_segment_says_when_slices_below_the_head_were_not_segmented():
     from DeepWMLLib.segment import segment_image
 
     warnings = segment_image(_head_with_body_below(40), brain_model=None, ventricle_model=None).report["warnings"]
-    assert any("the scan reaches below the head: its lowest 23 axial slices, more than 200 mm below the top of the "
-               "head" in w for w in warnings), warnings
+    assert any("the scan reaches below the head: 20 axial slices, more than 200 mm below the top of the head"
+               in w for w in warnings), warnings
     assert not any("below the head" in w for w in segment_image(_head_with_body_below(0), brain_model=None,
                                                                  ventricle_model=None).report["warnings"])
+
+
+def test_empty_slices_below_the_head_are_not_said_to_be_left_out():
+    """A volume padded with empty slices far below the head (a 256 mm cube that a conformed or template-space
+    FLAIR comes in) holds no neck or shoulders: nothing was left out of the segmentation or the normalisation, and
+    no warning says so."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib.segment import segment_image
+
+    padded = sitk.ConstantPad(_head_with_body_below(0), [0, 0, 40], [0, 0, 0], 5.0)  # 120 mm of air below
+    warnings = segment_image(padded, brain_model=None, ventricle_model=None).report["warnings"]
+    assert not any("below the head" in w for w in warnings), warnings
 
 
 @pytest.mark.parametrize("flip", [False, True])
