@@ -19,11 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 # default, v9 (deepwml_unet32_v9.pt: one 32-channel U-Net, v5 widened and fine-tuned on an H200 in
 # session 23) with the shipped brain mask, on this repository's 2-core AMD machine (OpenVINO bf16,
 # the default there): 1 mm 0.728, 5 mm 0.757, 8 mm 0.710; measured again in session 35 after the network
-# grid's centre was put on an 8 mm lattice: 1 mm 0.715, 5 mm 0.762, 8 mm 0.710; floor = that figure - 0.03 (bf16 and fp32
+# grid's centre was put on an 8 mm lattice: 1 mm 0.715, 5 mm 0.762, 8 mm 0.710, and once more after its step became 16
+# network pixels: 1 mm 0.718, 5 mm 0.753, 8 mm 0.719; floor = that figure - 0.03 (bf16 and fp32
 # masks moved these cases' Dice by at most 0.0014 for v6 and v7). It was chosen by a rule fixed
 # before these cases were run with it, on synthetic and label-free checks (see the model card); v8
 # measured 0.676, 0.762, 0.756, v7 0.547, 0.739, 0.736, v5 alone 0.429, 0.671, 0.638.
-DICE_FLOORS = {1: 0.685, 5: 0.732, 8: 0.680}
+DICE_FLOORS = {1: 0.688, 5: 0.723, 8: 0.689}
 
 
 @pytest.mark.shared
