@@ -3233,6 +3233,11 @@ class SliceFrame:
         return self.row_spacing_mm * self.col_spacing_mm
 
     @property
+    def inferior_first(self) -> bool:
+        """Whether the stack's slices run inferior to superior (the slice axis points up), as most files store them."""
+        return self.direction[6 + self.slice_axis] >= 0
+
+    @property
     def n_slices(self) -> int:
         return int(self.size[self.slice_axis])
 

@@ -332,7 +332,7 @@ def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:
 
     The statistics subsample large volumes; they are taken with the slices running inferior to
     superior whatever order the file stores them in, so a scan stored upside down gives the same result."""
-    ascending = frame.direction[6 + frame.slice_axis] >= 0  # the slice axis' superior component
+    ascending = frame.inferior_first
     ordered = stack if ascending else stack[::-1]
     head = head_mask(ordered)
     with_head = _slices_with_head(head)

@@ -45,6 +45,19 @@ VENTRICLE_MODEL_NEEDED = ("--save-ventricle-mask needs a ventricle model: none r
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
 BRAIN_COVERAGE = (0.5, 2.0)
+# The brain reaches an edge of the field of view on an axial slice where the brain mask lies within
+# FOV_EDGE_BAND_MM of that edge along at least FOV_EDGE_CONTACT_MM of it: where an edge cuts the brain (crops of the
+# real scans) the mask stops 0.5-3 mm short of it, hence a band. On the 11 clinical FLAIRs and the 3 labelled cases
+# (also at 5 mm slices) the brain lies 12 mm or more from every edge; crops 10-30 mm into the brain put it at the edge
+# along 63 mm or more of it.
+FOV_EDGE_BAND_MM = 5.0
+FOV_EDGE_CONTACT_MM = 20.0
+# The scan misses the top (bottom) of the brain when its highest (lowest) slice holds at least this share of the
+# brain's largest axial cross-section: at most 14 % (top) and 21 % (bottom: a slab ending in the cerebellum) on those
+# real scans; 46 % or more with the top 20 mm of the brain cut off, 40 % or more with the slab ending 90 mm below
+# the top of the brain, through the temporal lobes.
+FOV_END_SHARE = 0.3
+FOV_SIDES = ("right", "left", "anterior", "posterior")  # the axial stack's first and last column, first and last row
 # Marked volume / intracranial volume above which the result is questioned: at most 1.6 % on the 11
 # clinical FLAIRs and the sample, 3.2 % on the labelled cases (patient19 at 5 mm; its reference load,
 # about 45-50 ml, is 4.1-4.6 %); a T2-weighted phantom (bright CSF, the commonest wrong series) got
@@ -419,6 +432,47 @@ def settings_differences(earlier: dict, wanted: dict, options: dict = RESULT_SET
     return found
 
 
+def brain_at_fov_edge(brain_stack: np.ndarray, frame: io.SliceFrame, counts: np.ndarray) -> dict:
+    """Where the brain mask (`brain_stack`, an axial stack, 0/1; `counts`: its voxels on each slice) says the scan
+    does not cover the whole brain: `slices_at_edge`, for each side of the field of view, the axial slices on which
+    the brain reaches it (FOV_EDGE_BAND_MM, FOV_EDGE_CONTACT_MM); `top_slice_share` and `bottom_slice_share`, the
+    brain on the highest and the lowest slice as a share of its largest cross-section; `cut`, the sides and ends
+    (`top`, `bottom`) where the brain goes on beyond the scan (FOV_END_SHARE), in that order. The edges are read
+    from a few rows and columns of the mask: nothing beside what the run computed."""
+    rows = max(1, math.ceil(FOV_EDGE_BAND_MM / frame.row_spacing_mm - 1e-9))
+    cols = max(1, math.ceil(FOV_EDGE_BAND_MM / frame.col_spacing_mm - 1e-9))
+    bands = (brain_stack[:, :, :cols].any(axis=2), brain_stack[:, :, -cols:].any(axis=2),  # along a column: rows
+             brain_stack[:, :rows, :].any(axis=1), brain_stack[:, -rows:, :].any(axis=1))
+    along = (frame.row_spacing_mm, frame.row_spacing_mm, frame.col_spacing_mm, frame.col_spacing_mm)
+    slices = {side: int(np.count_nonzero(band.sum(axis=1) * mm >= FOV_EDGE_CONTACT_MM))
+              for side, band, mm in zip(FOV_SIDES, bands, along)}
+    largest = max(1, int(counts.max(initial=0)))
+    top, bottom = (counts[-1], counts[0]) if frame.inferior_first else (counts[0], counts[-1])
+    shares = {"top": round(float(top) / largest, 3), "bottom": round(float(bottom) / largest, 3)}
+    return {"slices_at_edge": slices, "top_slice_share": shares["top"], "bottom_slice_share": shares["bottom"],
+            "cut": [side for side in FOV_SIDES if slices[side]] + [end for end in shares if shares[end] >= FOV_END_SHARE]}
+
+
+def fov_edge_warning(found: dict, frame: io.SliceFrame) -> str | None:
+    """The report's warning for `brain_at_fov_edge`'s `found` (None when it found the whole brain) on the axial
+    stack of `frame`: which sides cut the brain, on how many slices, and which end slice still holds much of it, by
+    its index in the file."""
+    if not found["cut"]:
+        return None
+    edges = [f"the {side} edge on {found['slices_at_edge'][side]} slice(s)" for side in FOV_SIDES
+             if side in found["cut"]]
+    said = [f"the brain reaches {' and '.join(edges)} of the field of view"] if edges else []
+    for end, extent in (("top", "the top of the brain (vertex)"), ("bottom", "the bottom of the brain")):
+        if end in found["cut"]:
+            index = frame.n_slices - 1 if (end == "top") == frame.inferior_first else 0
+            said.append(f"the brain is still large on the {'highest' if end == 'top' else 'lowest'} slice (index "
+                        f"{index}: {found[end + '_slice_share']:.0%} of its largest cross-section), so the slab misses "
+                        f"{extent}")
+    return (f"the scan does not cover the whole brain: {'; '.join(said)}; lesions beyond the scan are not counted, and "
+            "the lesion volume is that of the part scanned (compare lesion loads only between scans that cover the "
+            "same brain)")
+
+
 @dataclass
 class SegmentationResult:
     mask: sitk.Image  # uint8 0/1 on the input grid
@@ -533,7 +587,13 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                             f"{math.ceil(1 / exclude_edge_fraction - 1e-9)} slices are needed to clear one)")
     if brain_stack is not None:
         brain_image = io.from_axial_stack(brain_stack, frame)
-        intracranial = np.count_nonzero(brain_stack)
+        counts = np.count_nonzero(brain_stack.reshape(brain_stack.shape[0], -1), axis=1)
+        intracranial = int(counts.sum())
+        fov = brain_at_fov_edge(brain_stack, frame, counts)
+        report["brain_at_fov_edge"] = fov
+        cut = fov_edge_warning(fov, frame)
+        if cut:
+            warnings.append(cut)
         report.update({
             "brain_model": brain_model.name,
             "brain_model_sha256": brain_model.digest,
@@ -564,7 +624,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 "FLAIRs it was checked on; a 50 ml lesion load is about 4.5 %): check that the input is a FLAIR (on T2 "
                 "the bright CSF is marked) and look at the result (in Slicer, or the picture of deepwml segment --qc)")
     else:
-        report.update({"brain_model": None, "brain_model_sha256": None, "contrast": None})
+        report.update({"brain_model": None, "brain_model_sha256": None, "contrast": None, "brain_at_fov_edge": None})
     report.update({
         "acquisition_plane": plane,
         "warnings": warnings,

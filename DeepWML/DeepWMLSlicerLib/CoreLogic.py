@@ -48,7 +48,7 @@ REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the I
 DIGEST_ATTRIBUTES = {mrml.WMH_SEGMENT_NAME: "DeepWML.wmhDigest", mrml.VENTRICLE_SEGMENT_NAME: "DeepWML.ventriclesDigest"}
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "model_adapted", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
-            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "seconds", "acquisition_plane", "contrast", "warnings",
+            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "brain_at_fov_edge", "seconds", "acquisition_plane", "contrast", "warnings",
             "settings")
 DISCORDANT_SLICES_SHOWN = 10
 SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making the segmentation node is the rest
