@@ -587,7 +587,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                             f"{math.ceil(1 / exclude_edge_fraction - 1e-9)} slices are needed to clear one)")
     if brain_stack is not None:
         brain_image = io.from_axial_stack(brain_stack, frame)
-        counts = np.count_nonzero(brain_stack.reshape(brain_stack.shape[0], -1), axis=1)
+        # slice by slice: count_nonzero along an axis takes 40 times as long (1.5 s at 1024 x 1024 x 400)
+        counts = np.fromiter((np.count_nonzero(plane) for plane in brain_stack), np.int64, brain_stack.shape[0])
         intracranial = int(counts.sum())
         fov = brain_at_fov_edge(brain_stack, frame, counts)
         report["brain_at_fov_edge"] = fov
