@@ -1187,3 +1187,20 @@ def test_a_result_of_an_adapted_model_says_how_it_was_adapted_as_deepwml_segment
     assert said["model_adapted"] == [adaptation_summary({"adapted_batch_norm": record}), None]
     assert said["model_adapted"][0] == {"scans": 2, "slices": 40, "from_model": "tiny.pt",
                                         "from_sha256": file_digest(source), "not_flair_scans": 1}
+
+
+def test_a_volume_that_does_not_cover_the_whole_brain_is_said_in_the_module(scene, monkeypatch, tmp_path):
+    """The warning reaches the module's results as `deepwml segment`'s report has it, and its figures travel with
+    the segmentation node."""
+    from test_fov_cover import brain_phantom, cropped
+
+    from conftest import tiny_model_file
+
+    oracle_network(monkeypatch, brain="head")  # the shipped brain-mask model's place: the phantom's brain
+    volume = mrml.volumeFromImage(cropped(brain_phantom(), left_mm=20), "cut")
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, modelPaths=[str(tiny_model_file(tmp_path / "wmh.pt"))], device="cpu")
+    run = json.loads(segmentation.GetAttribute("DeepWML.run"))
+    assert run["brain_at_fov_edge"]["cut"] == ["left"]
+    shown = logic.formatReport(logic.lesionStatistics(segmentation, volume))
+    assert "Warning: the scan does not cover the whole brain: the brain reaches the left edge" in shown
