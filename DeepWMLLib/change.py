@@ -766,7 +766,7 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
         update = bar(needed.index(name) + 1, len(needed), f"segmenting the {name}")
         result = segment_image(image, loaded["models"], args.device, args.threshold, backend=args.backend,
                                brain_model=loaded["brain"], progress=update, precision=args.precision,
-                               checked=True)  # check_scans checked it
+                               checked=True, grid_phases=args.grid_phases)  # check_scans checked it
         bar.finish({"case": f"the {name}", "status": "ok", **result.report})
         masks[name] = result.mask
         maps[name] = result.probabilities
@@ -831,6 +831,10 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
     p.add_argument("--threshold", type=float, default=None, help="probability threshold (default: the model's)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--grid-phases", type=int, default=1, choices=(1, 4),
+                   help="for a scan segmented here, as in deepwml segment: 4 averages the lesion probabilities over the "
+                        "network grid moved by 0 and half a pixel, so fewer small lesions are called new or gone only "
+                        "because the two scans were sampled at other points (about 4 times slower; README). Default 1")
     p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain")
     p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,
                    help="format of the image outputs (default: the follow-up's own; the baseline's mask: the baseline's)")
@@ -880,8 +884,9 @@ def _run(args) -> int:
     if not (args.baseline and args.followup):
         raise UsageError("give BASELINE and FOLLOWUP (the earlier scan first), or --manifest for many pairs")
     given = bool(args.baseline_mask), bool(args.followup_mask)
-    if all(given) and (args.model or args.threshold is not None or args.no_brain_mask):
-        raise UsageError("--model, --threshold and --no-brain-mask segment a scan; with both masks given nothing is segmented")
+    if all(given) and (args.model or args.threshold is not None or args.no_brain_mask or args.grid_phases != 1):
+        raise UsageError("--model, --threshold, --no-brain-mask and --grid-phases segment a scan; with both masks given "
+                         "nothing is segmented")
     if Path(args.baseline).resolve() == Path(args.followup).resolve():
         if not Path(args.baseline).is_dir():
             raise UsageError("BASELINE and FOLLOWUP are the same file; give the earlier scan first, then the later one")
@@ -976,7 +981,7 @@ CHANGE_SETTINGS = {"tolerance_mm": "--tolerance-mm", "enlarge_fraction": "--enla
                    "enlarge_min_ml": "--enlarge-min-ml", "presence": "--presence", "min_change_ml": "--min-change-ml"}
 # ... and of a scan segmented here (segment.RESULT_SETTINGS, those `deepwml change` has options for)
 SEGMENTATION_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "brain_model_sha256": "--no-brain-mask",
-                         "precision": "--precision"}
+                         "precision": "--precision", "grid_phases": "--grid-phases"}
 MASK_COLUMNS = {"baseline": "baseline_mask", "follow-up": "followup_mask"}  # the report's `masks`: the manifest's column
 SCAN_COLUMNS = {"baseline": "baseline", "follow-up": "followup"}  # a scan's name in `dicom_series`: its manifest column
 
@@ -1041,7 +1046,7 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
     if segmented:
         _segmentation_models(args, loaded)
         planned = planned_settings(loaded["models"], args.threshold, brain_model=loaded["brain"], ventricle_model=None,
-                                   precision=args.precision)
+                                   precision=args.precision, grid_phases=args.grid_phases)
         for then in segmented:  # both scans segmented alike: each difference said once
             differences += settings_differences(recorded_settings(then), planned, SEGMENTATION_SETTINGS)
     if differences:

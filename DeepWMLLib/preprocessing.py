@@ -21,7 +21,7 @@ the inverse mapping; pixels of the input outside the network field of view get p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -170,6 +170,10 @@ class NetworkGrid:
         zoom = pixel / spacing
         offset = centre - (grid - 1) / 2 * zoom
         return cls((rows, cols), tuple(int(g) for g in grid), tuple(zoom.tolist()), tuple(offset.tolist()))
+
+    def shifted(self, rows: float, cols: float) -> "NetworkGrid":
+        """This grid moved by (`rows`, `cols`) of its own pixels (fractions too) over the input slices."""
+        return replace(self, offset=(self.offset[0] + rows * self.zoom[0], self.offset[1] + cols * self.zoom[1]))
 
     def to_network(self, stack: np.ndarray) -> np.ndarray:
         """[n, rows, cols] input slices -> [n, H, W] network slices (float32).
@@ -321,6 +325,10 @@ class VolumePlan:
     grids: dict  # PreprocessingConfig -> NetworkGrid
     head_voxels: int = 0  # voxels of the head mask (brain, and scalp and skull when present)
     below_head: int = 0  # slices with head left out as more than HEAD_HEIGHT_MM below the top of the head
+
+    def shifted(self, rows: float, cols: float) -> "VolumePlan":
+        """This plan with every network grid moved by (`rows`, `cols`) network pixels (NetworkGrid.shifted)."""
+        return replace(self, grids={config: grid.shifted(rows, cols) for config, grid in self.grids.items()})
 
     def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
         """Normalised slices `indices` of the axial stack on the network grid of `config`."""

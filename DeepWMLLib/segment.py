@@ -337,14 +337,15 @@ def loaded_models(models) -> list:
 # The settings that shape a case's result (its mask, its figures, its split), by the option that sets them.
 # The report records them (`settings`), and a rerun into the same OUTDIR skips a case only when they are the
 # same. How a run goes (device, backend, batch size) and the optional outputs it adds do not count.
-RESULT_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "tta": "--tta",
+RESULT_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "tta": "--tta", "grid_phases": "--grid-phases",
                    "min_lesion_mm3": "--min-lesion-mm3", "exclude_edge_fraction": "--exclude-edge-slices",
                    "brain_model_sha256": "--brain-model/--no-brain-mask",
                    "ventricle_model_sha256": "--ventricle-model/--no-location", "precision": "--precision"}
 
 
 def result_settings(models: Sequence, threshold: float | None, tta: bool, min_lesion_mm3: float | None,
-                    exclude_edge_fraction: float, brain_model, ventricle_model, precision: str | None) -> dict:
+                    exclude_edge_fraction: float, brain_model, ventricle_model, precision: str | None,
+                    grid_phases: int = 1) -> dict:
     """The settings that shape a result (RESULT_SETTINGS) and the models' names, from loaded models
     (`threshold`, `min_lesion_mm3` None: their defaults). `precision`: what the networks computed in
     (`computed_precision`); for a run not yet made, the one asked for, None for auto (any)."""
@@ -355,6 +356,7 @@ def result_settings(models: Sequence, threshold: float | None, tta: bool, min_le
         "model": [name for _, name in pairs], "model_sha256": [digest for digest, _ in pairs],
         "threshold": float(np.mean([m.threshold for m in models])) if threshold is None else float(threshold),
         "tta": bool(tta),
+        "grid_phases": int(grid_phases),
         "min_lesion_mm3": float(DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3),
         "exclude_edge_fraction": float(exclude_edge_fraction),
         "brain_model": None if brain_model is None else brain_model.name,
@@ -375,19 +377,22 @@ def computed_precision(runner: str | None) -> str:
 
 def planned_settings(models=None, threshold: float | None = None, tta: bool = False,
                      min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
-                     brain_model="default", ventricle_model="default", precision: str = "auto") -> dict:
+                     brain_model="default", ventricle_model="default", precision: str = "auto",
+                     grid_phases: int = 1) -> dict:
     """The result settings a run given these (as segment_image takes them) will record, before it runs."""
     return result_settings(loaded_models(models), threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            load_brain_model(brain_model), load_ventricle_model(ventricle_model),
-                           None if precision == "auto" else precision)
+                           None if precision == "auto" else precision, grid_phases)
 
 
 def recorded_settings(report: dict) -> dict:
     """The result settings a report records: its `settings`, or for a report of a version before them those
-    its other fields give (the models, threshold, tta, brain and ventricle models; not the rest)."""
+    its other fields give (the models, threshold, tta, brain and ventricle models; not the rest). A report made
+    before --grid-phases was made with one phase, the only one there was."""
     if isinstance(report.get("settings"), dict):
-        return report["settings"]
+        return {"grid_phases": 1, **report["settings"]}
     found = {key: report[key] for key in ("threshold", "tta", "brain_model", "brain_model_sha256") if key in report}
+    found["grid_phases"] = 1
     names, digests = report.get("model"), report.get("model_sha256")
     if isinstance(names, list) and isinstance(digests, list) and len(names) == len(digests):
         pairs = sorted(zip(digests, names))
@@ -489,7 +494,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
                   progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
                   backend: str = "auto", brain_model="default", precision: str = "auto",
-                  ventricle_model="default", checked: bool = False) -> SegmentationResult:
+                  ventricle_model="default", checked: bool = False, grid_phases: int = 1) -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
 
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
@@ -498,7 +503,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
     the shipped default). `progress(fraction, message)` rises to 1.0 when all of it is done. `checked`: the
     image comes from io.read_image (or io.check_volume), which refused what cannot be segmented; it is not
-    checked again (0.03-0.1 s a scan, a tenth of what a small scan costs beside its networks).
+    checked again (0.03-0.1 s a scan, a tenth of what a small scan costs beside its networks). `grid_phases`
+    (1 or 4, inference.GRID_PHASES): the lesion probabilities averaged over the network grid moved by those
+    sub-pixel phases (--grid-phases).
     """
     from .adapt import adaptation_summary
     from .contrast import contrast_warnings, flair_contrast
@@ -530,7 +537,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     tell = progress or (lambda fraction, message: None)
     probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta,
                                                               progress_part(progress, 0.0, NETWORK_SHARE), cancel,
-                                                              backend, facts, precision, ventricle_model)
+                                                              backend, facts, precision, ventricle_model,
+                                                              grid_phases)
     tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
@@ -640,7 +648,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "runner": facts.get("runner"),
         "seconds": round(time.perf_counter() - start, 3),
         "settings": result_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
-                                    ventricle_model, computed_precision(facts.get("runner"))),
+                                    ventricle_model, computed_precision(facts.get("runner")), grid_phases),
     })
     tell(1.0, "segmented")
     return SegmentationResult(mask, prob_image, report, brain_image, ventricle_image)
@@ -1021,7 +1029,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
-                 save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None) -> dict:
+                 save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None, grid_phases: int = 1) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
@@ -1039,7 +1047,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
             return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
                                  overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
                                  brain_model, save_brain_mask, precision, qc, series, dicom_outline, study,
-                                 ventricle_model, save_ventricle_mask, protected, leftovers)
+                                 ventricle_model, save_ventricle_mask, protected, leftovers, grid_phases)
     except MemoryError as exc:  # reading or writing (segment_image explains its own, with the scan's size)
         raise out_of_memory() from exc
 
@@ -1096,7 +1104,7 @@ def temporary_leftovers(out_dir: Path) -> list[Path]:
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
-                  protected, leftovers) -> dict:
+                  protected, leftovers, grid_phases) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
     hidden = leftovers if leftovers is not None else temporary_leftovers(out_dir)
     prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
@@ -1109,7 +1117,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
         planned = planned_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
-                                   ventricle_model, precision)
+                                   ventricle_model, precision, grid_phases)
         earlier = check_earlier_result(out_dir, case, path, paths["report"],
                                        [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
                                                                for e in io.OUTPUT_EXTENSIONS],
@@ -1137,7 +1145,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,
                            progress_part(progress, READING_SHARE, SEGMENTING_SHARE), cancel, backend, brain_model, precision,
-                           ventricle_model, checked=True)  # read_image checked it
+                           ventricle_model, checked=True, grid_phases=grid_phases)  # read_image checked it
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
@@ -1741,6 +1749,11 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=probability, help="probability threshold (default: from the model file)")
     p.add_argument("--tta", action="store_true", help="average with a left-right flipped prediction")
+    p.add_argument("--grid-phases", type=int, default=1, choices=(1, 4),
+                   help="4: average the lesion probabilities over the network grid moved by 0 and half a pixel along "
+                        "rows and columns, for marks that depend less on where the slices happen to be sampled (fewer "
+                        "small lesions that come and go between a patient's scans; about 4 times slower; README). "
+                        "Default 1")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_prob.nii.gz (or .nrrd, .mha: see --output-format)")
     p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,
                    help="format of the image outputs: same (default): the input's own (.nii.gz for NIfTI, .nrrd for "
@@ -1839,7 +1852,7 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
 def _segment_all(args, bar: ProgressBar) -> list[dict]:
     return segment_cases(
         args.inputs, args.output_dir, args.model, args.device, progress_factory=bar, debug=args.debug,
-        threshold=args.threshold, tta=args.tta, save_probabilities=args.save_probabilities,
+        threshold=args.threshold, tta=args.tta, grid_phases=args.grid_phases, save_probabilities=args.save_probabilities,
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
         precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,

@@ -970,6 +970,11 @@ def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path
     assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
     assert main(run + ["--threshold", "0.3"]) == 1
     assert "made with other settings: --threshold (0.5 then, 0.3 now)" in capsys.readouterr().err
+    assert main(run + ["--grid-phases", "4"]) == 1
+    assert "made with other settings: --grid-phases (1 then, 4 now)" in capsys.readouterr().err
+    assert main(run + ["--grid-phases", "4", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out" / "p1_change.json").read_text())["masks"]["follow-up"]["settings"][
+        "grid_phases"] == 4
 
 
 def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(pair, tmp_path, capsys):
