@@ -11,7 +11,7 @@ axial slices, each averaging its slab; its intensities scaled and offset as by a
 tilted 6 degrees more; all three at once) and on more pairs of different patients (`MORE_DIFFERENT`),
 each pair with the checks it fails (corr, MI, both-ways; README, Lesion change).
 
-    python Testing/benchmarks/change_pairs.py [--change] [--variations]
+    python Testing/benchmarks/change_pairs.py [--change [--grid-phases 4] [--change-only]] [--variations]
 """
 
 from __future__ import annotations
@@ -114,6 +114,10 @@ def inverse_consistency(forward, backward, image, every: int = 997) -> tuple[flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--change", action="store_true", help="also segment each same-patient pair and count changes")
+    parser.add_argument("--grid-phases", type=int, default=1, choices=(1, 4),
+                        help="with --change, segment with deepwml segment's --grid-phases")
+    parser.add_argument("--change-only", action="store_true",
+                        help="with --change, only the change counts (not the registration table before them)")
     parser.add_argument("--variations", action="store_true",
                         help="also re-sliced, rescaled and tilted same-patient pairs, and more different-patient ones")
     args = parser.parse_args()
@@ -122,10 +126,13 @@ def main() -> int:
         print("../shared/data is absent", file=sys.stderr)
         return 1
     folder = root / "open_ms" / "clinical_flair"
-    print("| pair | same patient | correlation | mutual information | seconds | inverse consistency median / p95 mm "
-          "| checks failed |")
-    print("|---|---|---|---|---|---|---|")
     groups = ((SAME, True), (DIFFERENT, False)) + (((VARIATIONS, True), (MORE_DIFFERENT, False)) if args.variations else ())
+    if args.change and args.change_only:
+        groups = ()
+    else:
+        print("| pair | same patient | correlation | mutual information | seconds | inverse consistency median / p95 mm "
+              "| checks failed |")
+        print("|---|---|---|---|---|---|---|")
     for pairs, same in groups:
         for base_name, follow_name in pairs:
             baseline, followup = (read(folder, n) for n in (base_name, follow_name))
@@ -146,7 +153,7 @@ def main() -> int:
         for base_name, follow_name in SAME:
             baseline, followup = (io.read_image(folder / f"{n}.nii.gz") for n in (base_name, follow_name))
             start = time.perf_counter()
-            base, follow = (segment_image(image) for image in (baseline, followup))
+            base, follow = (segment_image(image, grid_phases=args.grid_phases) for image in (baseline, followup))
             report = change.lesion_change(baseline, followup, base.mask, follow.mask,
                                           baseline_probabilities=base.probabilities,
                                           followup_probabilities=follow.probabilities,
