@@ -52,7 +52,7 @@ total lesion volume, lesion count and lesion volume per axial slice, compares th
 manual reference (Dice, sensitivity, precision), checks two raters' agreement (Dice >= 0.85) and
 compares a follow-up with an earlier scan (new, enlarging, stable and gone lesions).
 Not a medical device: review every result. The default model, trained on synthetic scans, reached a
-median Dice of 0.76 on 5 mm slices of three labelled MS patients (paper: 0.78); it under-calls a large
+median Dice of 0.75 on 5 mm slices of three labelled MS patients (paper: 0.78); it under-calls a large
 lesion load and over-calls a small one, so check every mark on a scan with few lesions (figures per case:
 Resources/Models/README.md).
 """
