@@ -666,8 +666,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))
         assert report["acquisition_plane"] == "axial"
-        assert [w for w in report["warnings"] if "could not be checked" not in w  # a small phantom's head,
-                and "does not cover the whole brain" not in w] == []  # a slab of a cylinder
+        # no plane warning; the brain network's warnings on a 32 mm phantom (coverage, a slab of a cylinder) are no
+        # concern of this row
+        assert not [w for w in report["warnings"] if "acquisition" in w or "axial planes" in w], report["warnings"]
     if row_id == "an empty reference":
         assert "note: the reference is empty" in printed and "undefined" in printed
         result = json.loads((tmp / "e.json").read_text(encoding="utf-8"))
