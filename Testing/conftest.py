@@ -318,3 +318,26 @@ def record_syncs_and_renames(monkeypatch) -> list:
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     return events
+
+
+def another_run_holds(out: Path, case: str = "a", note: str = "the other run", when=None, then=None):
+    """Another DeepWML run holding `case`'s lock in OUTDIR `out` until this run has left that case: returns a
+    segment.ProgressBar subclass (a progress_factory for segment_cases, or put in its place for the batch script)
+    that releases the lock once, when the case's row is finished and `when(row)` (if given) accepts it, then calls
+    `then(row)` (what the other run does next, if given)."""
+    from DeepWMLLib import io, segment
+
+    lock = io.exclusive(out / f".{case}.deepwml-lock", note)
+    lock.__enter__()
+    held = [True]
+
+    class Bar(segment.ProgressBar):
+        def finish(self, row):
+            super().finish(row)
+            if row["case"] == case and held[0] and (when is None or when(row)):
+                held[0] = False
+                lock.__exit__(None, None, None)
+                if then is not None:
+                    then(row)
+
+    return Bar

@@ -20,7 +20,7 @@ from DeepWMLLib.cli import Stopped, main
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.segment import segment_cases
 
-from conftest import make_volume, write_dicom_series
+from conftest import another_run_holds, make_volume, write_dicom_series
 
 
 def write_case(folder, name, size=(32, 32, 4), **kwargs):
@@ -148,18 +148,9 @@ def test_a_case_done_before_that_the_other_run_only_skipped_is_listed_as_done_be
     write_case(folder, "b", seed=3)
     out = tmp_path / "out"
     assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
-    other.__enter__()
-
-    class Other:  # when this run has left case a, the other run has skipped it and goes on
-        def __call__(self, number, total, case):
-            return None
-
-        def finish(self, row):
-            if row["case"] == "a":
-                other.__exit__(None, None, None)
-
-    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Other())
+    # when this run has left case a, the other run has skipped it and goes on
+    Bar = another_run_holds(out, note="the other run, skipping a")
+    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar())
     listed = summary(out)["a"]
     assert listed["status"] == "skipped"
     assert listed["error"].startswith("outputs exist (") and "use --overwrite to replace them" in listed["error"], \
@@ -177,18 +168,10 @@ def test_overwrite_redoes_at_the_end_a_case_done_before_that_the_other_run_only_
     out = tmp_path / "out"
     assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
     before = os.stat(out / "a_report.json")
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
-    other.__enter__()
-
-    class Other:  # when this run has left case a, the other run has skipped it and goes on
-        def __call__(self, number, total, case):
-            return None
-
-        def finish(self, row):
-            if row["case"] == "a" and row["error"].startswith("being written by another"):
-                other.__exit__(None, None, None)
-
-    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Other(), overwrite=True)
+    # when this run has left case a, the other run has skipped it and goes on
+    Bar = another_run_holds(out, note="the other run, skipping a",
+                            when=lambda row: row["error"].startswith("being written by another"))
+    segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar(), overwrite=True)
     listed = summary(out)["a"]
     assert (listed["status"], listed["error"]) == ("ok", ""), listed
     after = os.stat(out / "a_report.json")
@@ -199,24 +182,12 @@ def test_a_case_the_other_run_failed_on_is_segmented_by_this_one_at_the_end(tmp_
     """The other run into OUTDIR held case a, then failed on it (its lock released, no outputs left: whole_or_none).
     This run left a `skipped` and exited 0, so the cohort looked done with a never segmented. Now the end-of-run
     look at a finds its lock free and no result: this run segments it then, and says so."""
-    from DeepWMLLib import segment as segment_module
-
     folder = tmp_path / "scans"
     write_case(folder, "a")
     write_case(folder, "b", seed=3)
     out = tmp_path / "out"
     out.mkdir()
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
-    held = [True]
-
-    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run fails on it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and held[0]:
-                held[0] = False
-                other.__exit__(None, None, None)
-
+    Bar = another_run_holds(out)  # when this run has left case a, the other run fails on it
     capsys.readouterr()
     rows = segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar())
     err = capsys.readouterr().err
@@ -260,21 +231,14 @@ def test_a_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end
     write_case(folder, "b", seed=3)
     out = tmp_path / "out"
     out.mkdir()
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
-    held = [True]
-
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(out / "a_report.json"))
 
-    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run does it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and held[0]:
-                held[0] = False
-                other.__exit__(None, None, None)
-                assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
-                monkeypatch.setattr(segment_module, "check_earlier_result", unreadable)
+    def done_by_the_other(row):
+        assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+        monkeypatch.setattr(segment_module, "check_earlier_result", unreadable)
+
+    Bar = another_run_holds(out, then=done_by_the_other)  # when this run has left case a, the other run does it
 
     monkeypatch.setattr(segment_module, "ProgressBar", Bar)
     capsys.readouterr()
@@ -302,21 +266,14 @@ def test_a_cancel_while_a_case_another_run_wrote_is_checked_stops_the_run(tmp_pa
     write_case(folder, "b", seed=3)
     out = tmp_path / "out"
     out.mkdir()
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
-    held = [True]
-
     def cancelled(*args, **kwargs):
         raise Cancelled("cancelled")
 
-    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run does it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and held[0]:
-                held[0] = False
-                other.__exit__(None, None, None)
-                assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
-                monkeypatch.setattr(segment_module, "check_earlier_result", cancelled)
+    def done_by_the_other(row):
+        assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
+        monkeypatch.setattr(segment_module, "check_earlier_result", cancelled)
+
+    Bar = another_run_holds(out, then=done_by_the_other)  # when this run has left case a, the other run does it
 
     with pytest.raises(Cancelled):
         segment_cases([str(folder)], out, [str(tiny_model)], "cpu", progress_factory=Bar(stdio.StringIO()))
@@ -481,8 +438,7 @@ def test_ctrl_c_while_a_case_left_to_another_run_is_done_at_the_end_says_what_su
         write_case(folder, name, seed=seed)
     out = tmp_path / "out"
     out.mkdir()
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
+    Bar = another_run_holds(out)  # when this run has left case a, the other run fails on it
     real, tries = segment_module.segment_case, []
 
     def stopped_at_the_end(case, *args, **kwargs):
@@ -490,12 +446,6 @@ def test_ctrl_c_while_a_case_left_to_another_run_is_done_at_the_end_says_what_su
         if tries.count("a") == 2:  # done again at the end of the run
             raise KeyboardInterrupt
         return real(case, *args, **kwargs)
-
-    class Bar(segment_module.ProgressBar):  # when this run has left case a, the other run fails on it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a":
-                other.__exit__(None, None, None)
 
     monkeypatch.setattr(segment_module, "segment_case", stopped_at_the_end)
     monkeypatch.setattr(segment_module, "ProgressBar", Bar)

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
-from conftest import REPO, make_volume, oracle_network, rotation  # noqa: E402
+from conftest import REPO, another_run_holds, make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
@@ -584,16 +584,9 @@ def test_batch_lists_a_case_done_before_that_another_run_only_skipped_as_done_be
     writeCase(inputs, "a.nii.gz")
     arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
     assert batchScript.main(arguments) == 0
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
-    other.__enter__()
-
-    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run has skipped it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and row["error"] == segment.LEFT_TO_ANOTHER:
-                other.__exit__(None, None, None)
-
-    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    # when the batch has left case a, the other run has skipped it
+    monkeypatch.setattr(segment, "ProgressBar", another_run_holds(
+        out, note="the other run, skipping a", when=lambda row: row["error"] == segment.LEFT_TO_ANOTHER))
     assert batchScript.main(arguments) == 0
     row = summary(out)["a"]
     assert row["status"] == "skipped" and row["error"].startswith("outputs exist ("), row["error"]
@@ -614,16 +607,9 @@ def test_batch_overwrite_redoes_at_its_end_a_case_done_before_that_another_run_o
     arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
     assert batchScript.main(arguments) == 0
     before = os.stat(out / "a_report.json")
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run, skipping a")
-    other.__enter__()
-
-    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run has skipped it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and row["error"] == segment.LEFT_TO_ANOTHER:
-                other.__exit__(None, None, None)
-
-    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    # when the batch has left case a, the other run has skipped it
+    monkeypatch.setattr(segment, "ProgressBar", another_run_holds(
+        out, note="the other run, skipping a", when=lambda row: row["error"] == segment.LEFT_TO_ANOTHER))
     assert batchScript.main([*arguments, "--overwrite"]) == 0
     row = summary(out)["a"]
     assert (row["status"], row["error"]) == ("ok", ""), row
@@ -646,18 +632,8 @@ def test_batch_segments_at_its_end_a_case_the_other_run_failed_on(scene, batchSc
     writeCase(inputs, "b.nii.gz", seed=3)
     writeCase(inputs, "c.nii.gz", seed=5)
     arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
-    held = [True]
-
-    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run fails on it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and held[0]:
-                held[0] = False
-                other.__exit__(None, None, None)
-
-    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    # when the batch has left case a, the other run fails on it
+    monkeypatch.setattr(segment, "ProgressBar", another_run_holds(out))
     capsys.readouterr()
     with io.exclusive(out / ".c.deepwml-lock", "a run that holds c throughout"):
         assert batchScript.main(arguments) == 0
@@ -683,8 +659,6 @@ def test_batch_stopped_while_a_case_left_to_another_run_is_done_at_its_end_says_
     out.mkdir()
     writeCase(inputs, "a.nii.gz")
     writeCase(inputs, "b.nii.gz", seed=3)
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
     segmentCase, tries = batchScript.segmentCase, []
 
     def stoppedAtTheEnd(logic, case, *rest, **options):
@@ -693,13 +667,8 @@ def test_batch_stopped_while_a_case_left_to_another_run_is_done_at_its_end_says_
             raise KeyboardInterrupt
         return segmentCase(logic, case, *rest, **options)
 
-    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run fails on it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a":
-                other.__exit__(None, None, None)
-
-    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    # when the batch has left case a, the other run fails on it
+    monkeypatch.setattr(segment, "ProgressBar", another_run_holds(out))
     monkeypatch.setattr(batchScript, "segmentCase", stoppedAtTheEnd)
     assert stoppedStatus(batchScript, ["--input-dir", str(inputs), "--output-dir", str(out), "--model",
                                        str(tiny_model), "--device", "cpu"]) == 130
@@ -773,24 +742,16 @@ def test_batch_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the
     writeCase(inputs, "a.nii.gz")
     writeCase(inputs, "b.nii.gz", seed=3)
     arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
-    other = io.exclusive(out / ".a.deepwml-lock", "the other run")
-    other.__enter__()
-    held = [True]
-
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(out / "a_report.json"))
 
-    class Bar(segment.ProgressBar):  # when the batch has left case a, the other run (deepwml segment) does it
-        def finish(self, row):
-            super().finish(row)
-            if row["case"] == "a" and held[0]:
-                held[0] = False
-                other.__exit__(None, None, None)
-                assert cli_main(["segment", str(inputs / "a.nii.gz"), "-o", str(out), "--model", str(tiny_model),
-                                 "--device", "cpu"]) == 0
-                monkeypatch.setattr(segment, "check_earlier_result", unreadable)
+    def doneByTheOther(row):
+        assert cli_main(["segment", str(inputs / "a.nii.gz"), "-o", str(out), "--model", str(tiny_model),
+                         "--device", "cpu"]) == 0
+        monkeypatch.setattr(segment, "check_earlier_result", unreadable)
 
-    monkeypatch.setattr(segment, "ProgressBar", Bar)
+    # when the batch has left case a, the other run (deepwml segment) does it
+    monkeypatch.setattr(segment, "ProgressBar", another_run_holds(out, then=doneByTheOther))
     capsys.readouterr()
     assert batchScript.main(arguments) == 1
     assert f"1/2 cases done (1 failed, 0 skipped), summary in {out / 'summary.csv'}" in capsys.readouterr().out
