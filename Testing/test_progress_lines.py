@@ -107,6 +107,14 @@ def test_say_leaves_a_progress_line_whole_below_a_message_and_the_end_of_a_comma
         cli.progress_line(None, None)
 
 
+def generate_warning_half_way(cases, output, seed, progress, **options):
+    """deepwml synth's generator, standing in: a warning said half way through its progress."""
+    progress(0.5, "case 1/2")
+    warnings.warn("a background left out")
+    progress(1.0, "case 2/2")
+    return output / "manifest.csv"
+
+
 def test_train_and_synth_progress_lines_go_on_below_a_warning(tmp_path, monkeypatch):
     """`deepwml train`'s bar (log lines were put above it, warnings were not) and `deepwml synth`'s line are open
     lines as segment's and adapt's are."""
@@ -125,15 +133,9 @@ def test_train_and_synth_progress_lines_go_on_below_a_warning(tmp_path, monkeypa
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
 
-    def generate(cases, output, seed, progress, **options):
-        progress(0.5, "case 1/2")
-        warnings.warn("a background left out")
-        progress(1.0, "case 2/2")
-        return output / "manifest.csv"
-
     from DeepWMLLib import synth
 
-    monkeypatch.setattr(synth, "generate_dataset", generate)
+    monkeypatch.setattr(synth, "generate_dataset", generate_warning_half_way)
     assert cli.main(["synth", "--cases", "2", "-o", str(tmp_path / "synthetic")]) == 0
     assert screen(terminal.getvalue()) == ["deepwml synth: warning: a background left out",
                                            f"[{'#' * 30}] case 2/2"]
@@ -170,13 +172,7 @@ def test_synth_into_a_log_says_a_warning_without_blanking_its_line(tmp_path, mon
     log = stdio.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
 
-    def generate(cases, output, seed, progress, **options):
-        progress(0.5, "case 1/2")
-        warnings.warn("a background left out")
-        progress(1.0, "case 2/2")
-        return output / "manifest.csv"
-
-    monkeypatch.setattr(synth, "generate_dataset", generate)
+    monkeypatch.setattr(synth, "generate_dataset", generate_warning_half_way)
     assert cli.main(["synth", "--cases", "2", "-o", str(tmp_path / "synthetic")]) == 0
     written = log.getvalue()
     assert "\r " not in written and written.count("case 1/2") == 1, repr(written)
