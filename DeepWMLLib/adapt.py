@@ -473,14 +473,12 @@ class StageProgress:
     def __init__(self, stream):
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._stage, self._quarter, self._open = None, -1, False
+        self._stage, self._quarter = None, -1
 
     def __call__(self, name: str, k: int, n: int) -> None:
         what = name if name.startswith(("finding ", "reading ")) else f"{name}: batch-norm layer"
         if self.tty:
-            self._open = k < n
-            progress_line(self.stream, f"{what} {k}/{n}" if self._open else None,
-                          f"\r{what} {k}/{n}" + ("" if self._open else "\n"))
+            progress_line(self.stream, f"{what} {k}/{n}" if k < n else None, f"\r{what} {k}/{n}" + ("\n" if k >= n else ""))
         else:
             if what != self._stage:
                 self._stage, self._quarter = what, -1
@@ -489,13 +487,6 @@ class StageProgress:
                 self._quarter = quarter
                 self.stream.write(f"{what} {k}/{n}\n")
         self.stream.flush()
-
-    def end_line(self) -> None:
-        """End a line left open on a terminal, so that a message said mid-stage (a scan skipped, an error) starts
-        a line of its own rather than trailing "reading scans 3/30"."""
-        if self._open:
-            self._open = False
-            progress_line(self.stream, None, "\n")
 
 
 def register(subparsers) -> None:
@@ -586,7 +577,6 @@ def _run(args) -> int:
                                  flair_check=flair_checker("auto", args.threads),
                                  allow_non_flair=args.allow_non_flair)
     except BaseException:
-        progress.end_line()  # the error, said next, on a line of its own
         if made and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused or interrupted run leaves no empty folder behind
         raise

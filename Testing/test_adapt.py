@@ -349,14 +349,15 @@ def test_reading_the_scans_reports_progress_scan_by_scan(tmp_path, monkeypatch):
 
 def test_a_line_left_open_on_a_terminal_is_ended_before_a_message():
     from DeepWMLLib.adapt import StageProgress
+    from DeepWMLLib.cli import end_progress_line
 
     tty = _Stream(True)
     progress = StageProgress(tty)
     progress("reading scans", 1, 3)
-    progress.end_line()  # a scan skipped, or an error, said next: on a line of its own
-    progress.end_line()
+    end_progress_line()  # a scan skipped, or an error, said next: on a line of its own (cli.main ends it)
+    end_progress_line()
     progress("reading scans", 3, 3)
-    progress.end_line()  # the stage's line is ended already
+    end_progress_line()  # the stage's line is ended already
     assert tty.text == "\rreading scans 1/3\n\rreading scans 3/3\n"
 
 
