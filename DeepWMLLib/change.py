@@ -521,10 +521,13 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     return {"median_mm": round(float(np.median(errors)), 3), "p95_mm": round(float(np.percentile(errors, 95)), 3)}
 
 
-def check_scans(baseline: sitk.Image, followup: sitk.Image) -> None:
-    """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register)."""
+def check_scans(baseline: sitk.Image, followup: sitk.Image, checked: bool = False) -> None:
+    """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register).
+    `checked`: both were read by io.read_image, which checked them as volumes (a second pass over every voxel of
+    two scans saved)."""
     for image, what in ((baseline, "the baseline FLAIR"), (followup, "the follow-up FLAIR")):
-        io.check_volume(image, what)
+        if not checked:
+            io.check_volume(image, what)
         if min(image.GetSize()) < MIN_SLICES:
             raise DeepWMLError(f"{what} has only {min(image.GetSize())} voxels along one axis; comparing two scans "
                                f"needs volumes of at least {MIN_SLICES} slices")
@@ -534,13 +537,14 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, enlarge_fraction: float = DEFAULT_ENLARGE_FRACTION,
                   enlarge_min_ml: float = DEFAULT_ENLARGE_MIN_ML, baseline_probabilities: sitk.Image | None = None,
                   followup_probabilities: sitk.Image | None = None, presence: float | None = None,
-                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True) -> ChangeResult:
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True, checked: bool = False) -> ChangeResult:
     """Register `baseline` to `followup` and classify every lesion (module docstring). Each mask (and
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
     reordered; one cropped on the FLAIR's voxels is padded onto it with zeros, `io.onto_grid`). With `check`, the
     registration is also run the other way round and the two compared (`inverse_consistency`; twice the
-    registration time)."""
-    check_scans(baseline, followup)
+    registration time). `checked`: check_scans has passed the two scans already."""
+    if not checked:
+        check_scans(baseline, followup)
     baseline_mask = io.onto_grid(baseline_mask, baseline, "the baseline mask", "the baseline FLAIR")
     followup_mask = io.onto_grid(followup_mask, followup, "the follow-up mask", "the follow-up FLAIR")
     maps = []
@@ -1152,7 +1156,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     # said, as `segment` says it
     gaps = [f"{name}: {warning}" for name, image in (("baseline", baseline), ("follow-up", followup)) if chosen[name]
             for warning in chosen[name][0].slice_warnings(image)]
-    check_scans(baseline, followup)
+    check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),
@@ -1177,7 +1181,8 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
-                           None if args.presence == "off" else float(args.presence), args.min_change_ml)
+                           None if args.presence == "off" else float(args.presence), args.min_change_ml,
+                           checked=True)
     from .segment import input_fingerprint
 
     # each scan by its content: a rerun into OUTDIR skips the pair as done only for these scans (check_done_pair)

@@ -293,6 +293,19 @@ def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model,
     assert report["masks"]["baseline"]["model"] and report["masks"]["follow-up"]["mask"] == str(files["followup_mask"])
 
 
+def test_each_scan_of_a_pair_is_checked_once(pair, tmp_path, tiny_model, monkeypatch, capsys):
+    """A scan was checked as a volume three times (on reading, before the outputs, before registering): a pass over
+    every voxel each time, seconds on two large scans."""
+    checked = []
+    check_volume = io.check_volume
+    monkeypatch.setattr(io, "check_volume", lambda image, *a: checked.append(image.GetSize()) or check_volume(image, *a))
+    files = pair["files"]
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(tmp_path / "out"),
+                 "--followup-mask", str(files["followup_mask"]), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert len(checked) == 2  # the baseline and the follow-up, each once (segmenting the baseline does not check again)
+
+
 def test_bad_inputs_are_refused_clearly(pair, tmp_path, capsys):
     files = pair["files"]
     both = ["--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
