@@ -181,6 +181,48 @@ def test_the_precision_chosen_reaches_the_networks_in_a_thread_and_in_a_worker_p
         assert json.loads(segmentation.GetAttribute("DeepWML.run"))["settings"]["precision"] == precision
 
 
+def test_four_grid_phases_reach_the_segmentation_as_deepwml_segments_grid_phases_do(scene, monkeypatch, tmp_path,
+                                                                                     tiny_model):
+    """deepwml segment --grid-phases 4 (the lesion map averaged over the network grid moved by half a pixel) had no
+    way into the module. segmentVolume and startSegmentation take gridPhases (default 1): 4 gives the command
+    line's very mask and settings, in a worker thread and a worker process, and another count is refused at once."""
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    flair, _ = make_volume()  # small lesions whose edges move with the grid's phase
+    path = tmp_path / "a.nii.gz"
+    sitk.WriteImage(flair, str(path))
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = None
+    run = dict(device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
+    one = logic.segmentVolume(volume, **run)
+    four = logic.segmentVolume(volume, gridPhases=4, **run)
+    for phases, node in ((1, one), (4, four)):
+        assert main(["segment", str(path), "-o", str(tmp_path / f"cli{phases}"), "--model", str(tiny_model), "--device",
+                     "cpu", "--no-brain-mask", "--grid-phases", str(phases)]) == 0
+        cli = json.loads((tmp_path / f"cli{phases}" / "a_report.json").read_text(encoding="utf-8"))
+        report = logic.lesionStatistics(node, volume)
+        assert report["settings"] == cli["settings"] and report["settings"]["grid_phases"] == phases
+        assert report["volume_ml"] == pytest.approx(cli["volume_ml"], rel=1e-6)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, volume)),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"cli{phases}" / "a_wmh.nii.gz"))))
+    masks = [sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, volume)) for node in (one, four)]
+    assert (masks[0] != masks[1]).any()  # four phases are another result, not the default's under another name
+
+    logic.workerPython = sys.executable  # a worker process (PythonSlicer in Slicer; the real tiny network) gets them
+    job = logic.startSegmentation(volume, gridPhases=4, **run)
+    assert job.wait(120)
+    segmentation = logic.finishSegmentation(job)
+    assert json.loads(segmentation.GetAttribute("DeepWML.run"))["settings"]["grid_phases"] == 4  # (its own network)
+
+    nodes = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    for start in (logic.segmentVolume, logic.startSegmentation):
+        with pytest.raises(DeepWMLError, match="grid phases must be 1 or 4, got 2"):
+            start(volume, gridPhases=2, **run)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == nodes
+
+
 def test_cancel_after_the_runs_last_look_still_leaves_the_scene_as_it_was(scene, monkeypatch, tiny_model):
     """segment_image looks at cancel only while the network runs: a Cancel during its post-processing and
     report (seconds on a real scan), or one that came just after the run ended and before the GUI's next

@@ -67,7 +67,10 @@ class SegmentationJob:
     is in the scene."""
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
-                 progress=None, cancel=None, brainMask=True, location=True, precision="auto"):
+                 progress=None, cancel=None, brainMask=True, location=True, precision="auto", gridPhases=1):
+        from DeepWMLLib.inference import check_grid_phases
+
+        check_grid_phases(gridPhases)  # refused now, not once a worker has loaded the models
         self.volumeNode = volumeNode
         self.image = image
         self.modelPaths = list(modelPaths) if modelPaths else None
@@ -79,6 +82,7 @@ class SegmentationJob:
         # the periventricular/deep split: True with the shipped default ventricle model (when the registry
         # marks one default), a ventricle model file's path, or False for none
         self.location = location
+        self.gridPhases = gridPhases  # as deepwml segment --grid-phases: 1, or 4 for steadier marks (4 times slower)
         self.outputNode = None  # the segmentation node the GUI finishes the job into (None: a new one)
         self.result = None
         self.error = None
@@ -88,6 +92,11 @@ class SegmentationJob:
         self._cancel = cancel
         self._cancelRequested = False
         self._finished = threading.Event()
+
+    def segmentOptions(self) -> dict:
+        """segment_image's keyword arguments for this run, in a thread or a worker process alike."""
+        return dict(device=self.device, **segmentImageOptions(self.threshold, self.tta, self.brainMask, self.location,
+                                                              self.precision, self.gridPhases))
 
     def start(self) -> "SegmentationJob":
         threading.Thread(target=self.run, name="DeepWML inference", daemon=True).start()
@@ -101,11 +110,9 @@ class SegmentationJob:
             self._report(0.0, "loading the model")
             models = load_models(self.modelPaths)
             self._report(0.0, "segmenting")
-            self.result = segment_image(self.image, models, device=self.device, threshold=self.threshold,
-                                        tta=self.tta, progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
-                                        cancel=self.cancelRequested,
-                                        brain_model="default" if self.brainMask else None,
-                                        ventricle_model=_ventricleModel(self.location), precision=self.precision)
+            self.result = segment_image(self.image, models,
+                                        progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
+                                        cancel=self.cancelRequested, **self.segmentOptions())
             if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
                 self.result = None
                 raise Cancelled("cancelled")
@@ -161,11 +168,8 @@ class ProcessSegmentationJob(SegmentationJob):
         self._folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))  # readable by this user only: a scan
         try:
             (self._folder / "owner").write_text(str(os.getpid()), encoding="utf-8")
-            options = dict(device=self.device, threshold=self.threshold, tta=self.tta,
-                           brain_model="default" if self.brainMask else None,
-                           ventricle_model=_ventricleModel(self.location), precision=self.precision)
             (self._folder / "job.pkl").write_bytes(pickle.dumps(
-                {"image": self.image, "model_paths": self.modelPaths, "options": options},
+                {"image": self.image, "model_paths": self.modelPaths, "options": self.segmentOptions()},
                 protocol=pickle.HIGHEST_PROTOCOL))
             environment = os.environ.copy()  # DeepWMLLib importable from where this one was imported
             root = str(Path(DeepWMLLib.__file__).resolve().parent.parent)
@@ -482,24 +486,26 @@ class DeepWMLCoreLogic:
     # Segmentation
 
     def startSegmentation(self, volumeNode, device="auto", modelPaths=None, threshold=None,
-                          tta=False, brainMask=True, location=True, precision="auto") -> SegmentationJob:
+                          tta=False, brainMask=True, location=True, precision="auto", gridPhases=1) -> SegmentationJob:
         """Start segmenting in a worker process (`self.workerPython`: "auto" for workerPython(), a Python
         executable, or None) or else a worker thread; poll `job.done`, then call finishSegmentation(job).
-        `precision` is deepwml segment's --precision (PRECISION_CHOICES)."""
+        `precision` is deepwml segment's --precision (PRECISION_CHOICES), `gridPhases` its --grid-phases (1 or 4)."""
         self.ensureDependencies()
         checkInputVolume(volumeNode)
         python = workerPython() if self.workerPython == "auto" else self.workerPython
         image = mrml.imageFromVolume(volumeNode)
         if python:
             return ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
-                                          location=location, precision=precision, python=python).start()
+                                          location=location, precision=precision, gridPhases=gridPhases,
+                                          python=python).start()
         import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
 
-        return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta,
-                               brainMask=brainMask, location=location, precision=precision).start()
+        return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
+                               location=location, precision=precision, gridPhases=gridPhases).start()
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
-                      cancel=None, segmentationNode=None, brainMask=True, location=True, precision="auto"):
+                      cancel=None, segmentationNode=None, brainMask=True, location=True, precision="auto",
+                      gridPhases=1):
         """Segment WMH in a volume node; returns a segmentation node with the segment 'WMH' and, with a
         ventricle model (`location`: a model file, or True for the registry's default one if it marks one),
         the hidden segment 'Lateral ventricles' that the periventricular/deep split is measured from
@@ -511,9 +517,19 @@ class DeepWMLCoreLogic:
         self.ensureDependencies()
         checkInputVolume(volumeNode)
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
-                              progress, cancel, brainMask, location, precision)
+                              progress, cancel, brainMask, location, precision, gridPhases)
         job.run()
         return self.finishSegmentation(job, segmentationNode)
+
+    @staticmethod
+    def plannedSettings(modelPaths=None, threshold=None, tta=False, brainMask=True, location=True, precision="auto",
+                        gridPhases=1) -> dict:
+        """The result settings (DeepWMLLib.segment.RESULT_SETTINGS) that segmentVolume, given these, records: those
+        a result made before must share to be done already, as deepwml segment compares them (the batch script)."""
+        from DeepWMLLib.segment import planned_settings
+
+        return planned_settings(modelPaths, **segmentImageOptions(threshold, tta, brainMask, location, precision,
+                                                                   gridPhases))
 
     def finishSegmentation(self, job: SegmentationJob, segmentationNode=None):
         """Put a finished job's mask into a segmentation node (a new one named after the volume)."""
@@ -933,6 +949,14 @@ def precisionAdvice(error) -> str:
                 "Precision: auto (fp16 on a GPU) or fp32 (below Device) and segment again")
     return ("Precision bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16), and this computer's does "
             "not: choose Precision: auto or fp32 (below Device) and segment again")
+
+
+def segmentImageOptions(threshold=None, tta=False, brainMask=True, location=True, precision="auto",
+                        gridPhases=1) -> dict:
+    """segment_image's keyword arguments, but the device, for the logic's options: one mapping for a run and for
+    the settings it will record (plannedSettings)."""
+    return dict(threshold=threshold, tta=tta, brain_model="default" if brainMask else None,
+                ventricle_model=_ventricleModel(location), precision=precision, grid_phases=gridPhases)
 
 
 def _ventricleModel(location):
