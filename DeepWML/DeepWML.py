@@ -77,6 +77,9 @@ class DeepWMLParameterNode:
     useModelThreshold: bool = True
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
     tta: bool = False
+    # deepwml segment --grid-phases 4 when ticked: the lesion map averaged over the network grid moved by 0 and half
+    # a pixel, for marks that depend less on how the slices happen to be sampled (about 4 times slower)
+    averageGridPhases: bool = False
     brainMask: bool = True
     # the periventricular/deep split with the shipped lateral-ventricle model; off as in `deepwml segment`,
     # where that model is opt-in (it under-marks real ventricles; Resources/Models/README.md)
@@ -274,7 +277,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.startSegmentation(
                 p.inputVolume, device=p.device, precision=p.precision, modelPaths=modelPaths,
                 threshold=None if p.useModelThreshold else p.threshold, tta=p.tta, brainMask=p.brainMask,
-                location=location)
+                location=location, gridPhases=4 if p.averageGridPhases else 1)
             self._job.outputNode = output
             self.ui.progressBar.value = 0
             self._timer.start()

@@ -155,6 +155,27 @@ def test_the_panels_precision_is_saved_and_reaches_the_job(widget, module, tiny_
     assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["precision"] == "fp32"
 
 
+def test_the_panels_steadier_marks_option_is_saved_and_runs_four_grid_phases(widget, module, tiny_model):
+    """deepwml segment --grid-phases 4 was on the command line only. The panel's 'Steadier marks' (off by default)
+    is a parameter of the scene, read back as saved, and Segment WMH runs four grid phases with it, recorded in the
+    result's settings as the command line records them; a scene saved before the option runs one."""
+    ui, p = widget.ui, widget._parameterNode
+    assert p.averageGridPhases is False
+    p.modelName, p.modelFile, p.device, p.averageGridPhases = module.MODEL_FILE_CHOICE, tiny_model, "cpu", True
+    assert widget.logic.getParameterNode().averageGridPhases is True  # saved with the scene, and read back
+    assert p.parameterNode.GetParameter("averageGridPhases") == "True"
+    ui.applyButton.click()
+    assert widget._job.gridPhases == 4
+    finishJob(widget)
+    assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["grid_phases"] == 4
+    p.parameterNode.UnsetParameter("averageGridPhases")  # a scene of an older version
+    assert widget.logic.getParameterNode().averageGridPhases is False
+    ui.applyButton.click()
+    assert widget._job.gridPhases == 1
+    finishJob(widget)
+    assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["grid_phases"] == 1
+
+
 def test_choosing_a_precision_that_cannot_run_here_is_said_at_once(widget, monkeypatch):
     """bf16 chosen on a CPU without native bf16 was said only when Segment WMH failed: the note below Device says it
     as Precision changes, and goes when Precision goes back."""
