@@ -530,6 +530,40 @@ def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(s
     assert {row["status"] for row in summary(cli_out).values()} == {"skipped"}
 
 
+def test_batch_grid_phases_are_recorded_and_a_case_done_with_one_phase_is_not_taken_for_done(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """deepwml segment's --grid-phases 4 was on the command line only. The batch script has it (default 1): it is
+    recorded in the report as deepwml segment records it (an OUTDIR either made is the other's, done), and a case
+    done before with one phase is refused, naming it, as deepwml segment refuses it, until --overwrite redoes it."""
+    from DeepWMLLib.cli import main as cli_main
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    base = ["--input-dir", str(inputs), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert batchScript.main([*base, "--output-dir", str(out)]) == 0
+    assert json.loads((out / "a_report.json").read_text())["settings"]["grid_phases"] == 1
+    assert batchScript.main([*base, "--output-dir", str(out), "--grid-phases", "4"]) == 1
+    assert "made with other settings: --grid-phases (1 then, 4 now)" in summary(out)["a"]["error"]
+    assert batchScript.main([*base, "--output-dir", str(out), "--grid-phases", "4", "--overwrite"]) == 0
+    report = json.loads((out / "a_report.json").read_text())
+    assert report["settings"]["grid_phases"] == 4 and summary(out)["a"]["status"] == "ok"
+    cli = tmp_path / "cli"
+    assert cli_main(["segment", str(inputs), "-o", str(cli), "--model", str(tiny_model), "--device", "cpu",
+                     "--no-brain-mask", "--grid-phases", "4"]) == 0
+    assert json.loads((cli / "a_report.json").read_text())["settings"] == report["settings"]
+    assert float(summary(cli)["a"]["volume_ml"]) == pytest.approx(report["volume_ml"], rel=1e-6)
+    assert batchScript.main([*base, "--output-dir", str(cli), "--grid-phases", "4"]) == 0
+    assert summary(cli)["a"]["status"] == "skipped"
+    assert cli_main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                     "--no-brain-mask", "--grid-phases", "4"]) == 0  # the batch's result is deepwml segment's too
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as usage:
+        batchScript.main([*base, "--output-dir", str(out), "--grid-phases", "2"])
+    assert usage.value.code == 2 and "--grid-phases: invalid choice: 2 (choose from 1, 4)" in capsys.readouterr().err
+
+
 def test_batch_leaves_a_case_another_run_is_writing_to_it_and_lists_its_figures_once_done(scene, batchScript, tmp_path,
                                                                                          monkeypatch, tiny_model):
     """As `deepwml segment`: a case another DeepWML run into OUT is writing is left to it, skipped, not failed;

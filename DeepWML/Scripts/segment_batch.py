@@ -2,7 +2,7 @@
 
     Slicer --no-main-window --python-script DeepWML/Scripts/segment_batch.py \\
         --input-dir IN --output-dir OUT [--device auto|cpu|cuda] [--precision auto|fp32|bf16]
-        [--reference-dir REF] [--model FILE ...]
+        [--reference-dir REF] [--model FILE ...] [--grid-phases 1|4]
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
@@ -57,6 +57,10 @@ def parseArguments(argv):
                              "default model")
     parser.add_argument("--threshold", type=segment.probability, help="probability threshold (default: the model's)")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation (left-right flip)")
+    parser.add_argument("--grid-phases", type=int, default=1, choices=(1, 4),
+                        help="as deepwml segment --grid-phases: 4 averages the lesion probabilities over the network "
+                             "grid moved by 0 and half a pixel along rows and columns, for steadier marks (about 4 "
+                             "times slower). Default 1")
     parser.add_argument("--no-brain-mask", action="store_true",
                         help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
     parser.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
@@ -210,11 +214,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     try:
         volumeNode, series, dicom = loadFlair(path, case, study)
         nodes.append(volumeNode)
-        segmentationNode = logic.segmentVolume(volumeNode, device=args.device, modelPaths=args.model,
-                                               threshold=args.threshold, tta=args.tta, precision=args.precision,
-                                               progress=progress,
-                                               brainMask=not args.no_brain_mask,
-                                               location=False if args.no_location else (args.ventricle_model or True))
+        segmentationNode = logic.segmentVolume(volumeNode, device=args.device, progress=progress, **args.run)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
         if dicom:  # as `deepwml segment` reports a DICOM series: which one, and its warnings first
@@ -342,11 +342,12 @@ def runBatch(args) -> int:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         logic.ensureDependencies()
         args.model = segment.model_files(args.model)
-        # what a case done before must have been made with to be skipped (the settings segmentVolume uses)
-        args.settings = segment.planned_settings(args.model, args.threshold, args.tta,
-                                                 brain_model=None if args.no_brain_mask else "default",
-                                                 ventricle_model=None if args.no_location else
-                                                 (args.ventricle_model or "default"), precision=args.precision)
+        # the logic's options of every case's run, and from the same, what a case done before must have been made
+        # with to be skipped
+        args.run = dict(modelPaths=args.model, threshold=args.threshold, tta=args.tta, precision=args.precision,
+                        gridPhases=args.grid_phases, brainMask=not args.no_brain_mask,
+                        location=False if args.no_location else (args.ventricle_model or True))
+        args.settings = logic.plannedSettings(**args.run)
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
