@@ -498,8 +498,6 @@ class DeepWMLCoreLogic:
             return ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
                                           location=location, precision=precision, gridPhases=gridPhases,
                                           python=python).start()
-        import DeepWMLLib.inference  # noqa: F401 (torch's slow first import belongs on the main thread)
-
         return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
                                location=location, precision=precision, gridPhases=gridPhases).start()
 
