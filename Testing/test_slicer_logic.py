@@ -204,6 +204,9 @@ def test_four_grid_phases_reach_the_segmentation_as_deepwml_segments_grid_phases
         cli = json.loads((tmp_path / f"cli{phases}" / "a_report.json").read_text(encoding="utf-8"))
         report = logic.lesionStatistics(node, volume)
         assert report["settings"] == cli["settings"] and report["settings"]["grid_phases"] == phases
+        assert ("4 grid positions averaged" in logic.formatReport(report)) == (phases == 4)  # said with the result
+        flipped = {**report, "settings": {**report["settings"], "tta": True}}
+        assert "left-right flip averaged" in logic.formatReport(flipped) and "flip" not in logic.formatReport(report)
         assert report["volume_ml"] == pytest.approx(cli["volume_ml"], rel=1e-6)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, volume)),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"cli{phases}" / "a_wmh.nii.gz"))))

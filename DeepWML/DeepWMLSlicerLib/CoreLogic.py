@@ -831,8 +831,12 @@ class DeepWMLCoreLogic:
         if "model" in report:
             models = ", ".join(report["model"]) if isinstance(report["model"], list) else report["model"]
             runner = f" ({report['runner']})" if report.get("runner") else ""
-            lines.append(f"Model {models}, threshold {report['threshold']:.2f}, {report['device']}{runner}, "
-                         f"{report['seconds']:.1f} s")
+            settings = report.get("settings") or {}
+            # what makes this result differ from a default run of the same model, said where the model is named
+            averaged = ([f"{settings['grid_phases']} grid positions averaged"] if settings.get("grid_phases", 1) > 1 else []) \
+                + (["left-right flip averaged"] if settings.get("tta") else [])
+            lines.append(f"Model {models}, threshold {report['threshold']:.2f}, "
+                         + "".join(f"{a}, " for a in averaged) + f"{report['device']}{runner}, {report['seconds']:.1f} s")
         lines += [f"Warning: {warning}" for warning in report.get("warnings", [])]
         return "\n".join(lines)
 
