@@ -31,6 +31,14 @@ def write_case(folder, name, size=(32, 32, 4), **kwargs):
     return path
 
 
+def two_cases(tmp_path):
+    """Cases a and b (another head) in tmp_path/scans, and the OUTDIR of the runs, tmp_path/out (not made)."""
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    write_case(folder, "b", seed=3)
+    return folder, tmp_path / "out"
+
+
 def summary(out):
     with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         return {row["case"]: row for row in csv.DictReader(f)}
@@ -108,10 +116,7 @@ def test_two_runs_into_one_outdir_each_list_the_cases_the_other_wrote(tmp_path, 
     """Two runs of the same cases into one OUTDIR: each case is written by one of them, and the summary.csv of
     the run that ends last (which replaces the other's) lists every case with its figures, none an error.
     Here the other run holds case a while this run reaches it, then writes it and ends before this one does."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     out.mkdir()
     other = io.exclusive(out / ".a.deepwml-lock", "the other run")
     other.__enter__()
@@ -143,10 +148,7 @@ def test_a_case_done_before_that_the_other_run_only_skipped_is_listed_as_done_be
     """A case done before both runs, which the other run held only to skip it as done when this run reached it, was
     listed as "written by another DeepWML process into this OUTDIR during this run": its report was there, unchanged,
     when this run reached it, so it is listed as any case done before is."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
     # when this run has left case a, the other run has skipped it and goes on
     Bar = another_run_holds(out, note="the other run, skipping a")
@@ -162,10 +164,7 @@ def test_overwrite_redoes_at_the_end_a_case_done_before_that_the_other_run_only_
     """With --overwrite, a case done before that the other run held only to skip it was listed "outputs exist (...);
     use --overwrite to replace them", the run given --overwrite ending 0 with that case's old outputs unreplaced.
     Nobody replaced them meanwhile (its report unchanged), so this run does, at the end."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     assert segment(tiny_model, folder / "a.nii.gz", "-o", out) == 0
     before = os.stat(out / "a_report.json")
     # when this run has left case a, the other run has skipped it and goes on
@@ -182,10 +181,7 @@ def test_a_case_the_other_run_failed_on_is_segmented_by_this_one_at_the_end(tmp_
     """The other run into OUTDIR held case a, then failed on it (its lock released, no outputs left: whole_or_none).
     This run left a `skipped` and exited 0, so the cohort looked done with a never segmented. Now the end-of-run
     look at a finds its lock free and no result: this run segments it then, and says so."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     out.mkdir()
     Bar = another_run_holds(out)  # when this run has left case a, the other run fails on it
     capsys.readouterr()
@@ -226,10 +222,7 @@ def test_a_case_another_run_wrote_that_cannot_be_checked_is_an_error_not_the_end
     its row is an error that says what happened and what to do, and the run ends as it does (exit 1, its total)."""
     from DeepWMLLib import segment as segment_module
 
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     out.mkdir()
     def unreadable(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(out / "a_report.json"))
@@ -261,10 +254,7 @@ def test_a_cancel_while_a_case_another_run_wrote_is_checked_stops_the_run(tmp_pa
     from DeepWMLLib import segment as segment_module
     from DeepWMLLib.errors import Cancelled
 
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     out.mkdir()
     def cancelled(*args, **kwargs):
         raise Cancelled("cancelled")
@@ -314,10 +304,7 @@ def test_temporary_and_hidden_files_are_no_cases_and_a_killed_runs_are_swept(tmp
 def test_an_interrupted_overwrite_leaves_no_old_output_beside_the_new(tmp_path, tiny_model, monkeypatch):
     """The earlier run's outputs that the new one does not make go before anything new is written; and
     summary.csv then holds the cases this run finished, not the earlier run's figures."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     assert segment(tiny_model, folder, "-o", out, "--save-probabilities", "--qc") == 0
     assert (out / "a_prob.nii.gz").exists() and (out / "a_qc.png").exists()
     real = io.write_segmentation
@@ -346,10 +333,7 @@ def test_a_case_stopped_while_its_outputs_are_written_is_redone_by_the_same_comm
     with it, so that running the same command again redoes that case (and skips those done) instead of
     failing it with 'an earlier run left an incomplete set of outputs; rerun with --overwrite', which
     redoes every case of the run."""
-    folder = tmp_path / "scans"
-    write_case(folder, "a")
-    write_case(folder, "b", seed=3)
-    out = tmp_path / "out"
+    folder, out = two_cases(tmp_path)
     real = io.write_segmentation
 
     def cut_short(mask, path):
