@@ -1373,8 +1373,8 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         except io.BeingWritten:  # another DeepWML run into OUTDIR is writing this case: left to it, not a failure
             row = {"case": case, "input": str(path), **left_to_another(out, case, path, study),
                    "seconds": round(time.perf_counter() - start, 3)}
-        except Cancelled:  # the whole run stops, as it does when cancelled while segmenting
-            raise
+        except (Cancelled, BrokenPipeError):  # the whole run stops, as it does when cancelled while segmenting;
+            raise  # a broken pipe is the screen's (`2>&1 | head` gone), no fault of the case: main ends with 141
         except Exception as exc:  # one bad case never stops the others
             row = {"case": case, "input": str(path), **_failed_case(exc, path, named, len(cases) == 1, debug),
                    "seconds": round(time.perf_counter() - start, 3)}
@@ -1477,7 +1477,7 @@ def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=N
                             f"sharing the folder (one stopped there can leave its lock held on a network share), "
                             f"delete that file and run again")
             continue
-        except Cancelled:
+        except (Cancelled, BrokenPipeError):  # as in _run_cases
             raise
         except Exception as exc:
             if report is not None and not own:

@@ -456,6 +456,38 @@ def test_sigterm_stops_as_ctrl_c_does(tmp_path, tiny_model, monkeypatch, capsys)
     assert signal.getsignal(signal.SIGTERM) is handler  # given back
 
 
+def test_a_screen_pipe_closed_mid_run_ends_it_without_blaming_the_case(tmp_path, tiny_model, monkeypatch):
+    """`deepwml segment DIR -o OUT 2>&1 | head`: the reader gone while case b was being segmented, summary.csv
+    listed b as 'error, internal error: BrokenPipeError: [Errno 32] Broken pipe' (the scan was fine). The run ends
+    with 141, as a command the closed pipe kills does, summary.csv listing the cases finished before, as when
+    stopped, and b leaves no output, so the same command run again does it."""
+    import sys
+
+    folder = tmp_path / "scans"
+    for name in ("a", "b", "c"):
+        write_case(folder, name)
+
+    class ClosingPipe:  # the reader leaves once case b has begun
+        closed = False
+
+        def write(self, text):
+            self.closed = self.closed or "[2/3]" in text
+            if self.closed:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", ClosingPipe())
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 141
+    assert {case: row["status"] for case, row in summary(out).items()} == {"a": "ok"}
+    assert not list(out.glob("b*"))
+
+
 def test_names_too_long_or_not_utf8_fail_alone_with_a_message(tmp_path, tiny_model, capsys):
     folder = tmp_path / "scans"
     write_case(folder, "a" * 223)  # its outputs' names fit (up to 235 bytes); temporary names must too
