@@ -1597,6 +1597,8 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
     writer.writeheader()
     for row in rows:
         values = {k: "" if row.get(k) is None else row[k] for k in SUMMARY_COLUMNS}
+        if row.get("status") == "skipped":  # not segmented by this run (a label mask found so): its line says no time
+            values["seconds"] = ""
         values["warnings"] = " | ".join(row.get("warnings") or [])
         writer.writerow(values)
     io.write_csv_text(buffer.getvalue(), path)

@@ -1492,6 +1492,7 @@ def test_a_label_mask_found_in_a_folder_is_skipped_and_one_named_is_an_error(tmp
     assert rows["flair"]["status"] == "ok"
     assert rows["consensus_mask"]["status"] == "skipped"
     assert "looks like a label mask" in rows["consensus_mask"]["error"]
+    assert rows["consensus_mask"]["seconds"] == ""  # README: empty for a skipped case, as its line gives no time
     assert "consensus_mask: skipped - looks like a label mask, not a FLAIR scan (2 values: 0, 1)" in err
     assert err.rstrip().endswith(f"1/2 cases done (0 failed, 1 skipped), summary in {out / 'summary.csv'}")
     assert not list(out.glob("consensus_mask*"))
@@ -1759,6 +1760,7 @@ def test_a_folder_holding_only_label_masks_is_an_error_not_done(tmp_path, tiny_m
     rows = read_summary(out)
     assert [r["status"] for r in rows] == ["error", "error"]
     assert all("looks like a label mask" in r["error"] and "no FLAIR scan" in r["error"] for r in rows)
+    assert all(r["seconds"] != "" for r in rows)  # failed cases: the time until they failed (README)
 
     write_case(labels, "flair", size=(32, 32, 4))  # with one scan beside them: the masks are skipped, as before
     assert main(["segment", str(labels), *argv]) == 0
