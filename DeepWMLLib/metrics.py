@@ -590,6 +590,14 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     scores, lesion = scores.ravel(), lesion.ravel()
     if not np.isfinite(scores).all():
         raise DeepWMLError("probability map has NaN or infinite voxels; re-export it from the model")
+    low, high = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
+    # Any scores rank voxels, so a FLAIR given by mistake gave a plausible AUC (0.98 on a labelled case). 0.1 of
+    # slack: a map resampled with a higher-order interpolator overshoots 0 and 1 a little.
+    if low < -0.1 or high > 1.1:
+        raise DeepWMLError(f"the file given as probability map holds values from {low:g} to {high:g}: it is not a "
+                           "probability map (0 to 1), perhaps the FLAIR; give the map of the model's probabilities "
+                           "(deepwml segment --save-probabilities writes CASE_prob), one stored 0-255 or in percent "
+                           "rescaled to 0-1")
     n_pos = int(np.count_nonzero(lesion))
     n_neg = lesion.size - n_pos
     if n_pos == 0 or n_neg == 0:

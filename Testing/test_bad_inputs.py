@@ -123,6 +123,8 @@ BAD_INPUTS = [
     ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
     ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
+    ("the FLAIR given as the probability map (`--probabilities`, for ROC AUC)", "evaluate", 1,
+     "is not a probability map"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
     ("a reference of 0 and 2 only (2 is ignore: no lesion left)", "evaluate", 1, "holds only 0 and 2"),
     ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
@@ -513,6 +515,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/255"]), "--json", str(tmp / "e.json")]
     if row_id == "probability map as mask":
         return ["evaluate", "--prediction", str(p["prob"]), "--reference", str(p["truth"])]
+    if row_id.startswith("the FLAIR given as the probability map"):  # its intensities gave a plausible ROC AUC
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["truth"]), "--probabilities",
+                str(p["good"])]
     if row_id == "empty prediction and reference":
         return ["evaluate", "--prediction", str(p["empty mask"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
     if row_id == "rater masks on different grids":
