@@ -161,3 +161,14 @@ def test_the_accuracy_said_up_front_is_the_shipped_defaults():
     help_text = (REPO / "DeepWML" / "DeepWML.py").read_text(encoding="utf-8")
     said = re.search(r"median Dice of (0\.\d\d) on 5 mm slices", help_text)
     assert said and float(said.group(1)) == round(float(default.group(1)), 2)
+
+
+def test_the_networks_share_of_progress_readme_gives_is_the_code_s():
+    """README's Python API paragraph said the networks take `progress` to 0.85: they take it to 0.7 since the steps
+    after them (post-processing, the report, the FLAIR check) say so as they begin, and a caller that maps the
+    fraction onto its own bar goes by README."""
+    from DeepWMLLib.segment import NETWORK_SHARE
+
+    said = re.search(r"\(the networks take it to ([0-9.]+), post-processing", README)
+    assert said, "README no longer says where the networks take progress: update this test with README"
+    assert float(said.group(1)) == NETWORK_SHARE
