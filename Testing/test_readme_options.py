@@ -172,3 +172,15 @@ def test_the_networks_share_of_progress_readme_gives_is_the_code_s():
     said = re.search(r"\(the networks take it to ([0-9.]+), post-processing", README)
     assert said, "README no longer says where the networks take progress: update this test with README"
     assert float(said.group(1)) == NETWORK_SHARE
+
+
+def test_readme_names_every_setting_a_report_records():
+    """README's list of the report's `settings` (those a rerun must share to skip a case) left out `grid_phases`,
+    which the report records and a rerun checks."""
+    from DeepWMLLib.segment import result_settings
+
+    said = re.search(r"`settings` \(the settings that shaped the result.*?\), `model` and `model_sha256` \(the first",
+                     README, re.S)
+    assert said, "README no longer lists the report's settings where this test looks: update this test with README"
+    recorded = result_settings([], 0.5, False, None, 0.0, None, None, None)
+    assert [key for key in recorded if f"`{key}`" not in said.group(0)] == []
