@@ -1420,6 +1420,13 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         studies, _ = dicom_catalogue(folder)
         series = sorted((s for study in studies for s in study.series), key=_by_number)
     if not series:
+        # where one image is wanted (evaluate's masks, a FLAIR given as a folder), a case's folder was said to hold
+        # no image files
+        images = sorted(p.name for p in folder.iterdir() if is_image_file(p) and p.is_file())
+        if images:
+            shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
+            raise DeepWMLError(f"{folder} is a folder of image files ({shown}), not one image nor a DICOM series: "
+                               "give the file itself")
         raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
            if option else "put the FLAIR series in a folder of its own (deepwml segment --series chooses one)")

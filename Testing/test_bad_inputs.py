@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import stat
 import struct
 from pathlib import Path
@@ -116,6 +117,8 @@ BAD_INPUTS = [
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
+    ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
+     "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference saved cropped to its lesions on the same voxels (Slicer's 'Crop to minimum extent')", "evaluate", 0,
@@ -503,6 +506,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith(("scans of one name in folders of their own", "two scans of one name in one folder",
                           "two scans in one folder whose names differ only in upper/lower case")):
         return seg + [str(x) for x in p[row_id]]
+    if row_id.startswith("a case's folder given as the reference"):  # was "a folder without ... image files"
+        folder = tmp / "patient07"
+        folder.mkdir()
+        shutil.copy(p["good"], folder / "flair.nii.gz")
+        shutil.copy(p["truth"], folder / "consensus_mask.nii.gz")
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(folder)]
     if row_id == "reference on another grid":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
     if row_id == "reference storing the same grid in another voxel order":
