@@ -75,6 +75,7 @@ import SimpleITK as sitk
 from . import __version__, io
 from .errors import Cancelled, DeepWMLError, UsageError
 from .postprocessing import label_components
+from .report import lesion_count_text
 from .volume import voxels
 
 DEFAULT_TOLERANCE_MM = 2.0
@@ -671,24 +672,21 @@ def lesions_csv(rows: list[dict]) -> str:
 
 def format_summary(case: str, report: dict) -> str:
     """The few lines `deepwml change` prints."""
-    def lesions(n: int) -> str:
-        return f"{n} lesion{'s' * (n != 1)}"
-
     percent = report["volume_change_percent"]
     registration = report["registration"]
     lines = [
         f"{case}: baseline {report['baseline_volume_ml']:.2f} ml, follow-up {report['followup_volume_ml']:.2f} ml "
         f"({report['volume_change_ml']:+.2f} ml" + (f", {percent:+.1f} %" if percent is not None else "") + ")",
-        f"  new: {lesions(report['n_new'])}, {report['new_ml']:.2f} ml; enlarging: {lesions(report['n_enlarging'])}, "
-        f"{report['enlarging_growth_ml']:+.2f} ml; stable: {lesions(report['n_stable'])}; gone: "
-        f"{lesions(report['n_gone'])}, {report['gone_ml']:.2f} ml",
+        f"  new: {lesion_count_text(report['n_new'])}, {report['new_ml']:.2f} ml; enlarging: {lesion_count_text(report['n_enlarging'])}, "
+        f"{report['enlarging_growth_ml']:+.2f} ml; stable: {lesion_count_text(report['n_stable'])}; gone: "
+        f"{lesion_count_text(report['n_gone'])}, {report['gone_ml']:.2f} ml",
     ]
     if report["n_small_new"] or report["n_small_gone"]:
         lines.append(f"  not counted, under {report['min_change_ml']:g} ml: {report['n_small_new']} small new, "
                      f"{report['n_small_gone']} small gone")
     if report["n_not_assessable"]:
         lines.append(f"  not assessable (partly outside the other scan's field of view): "
-                     f"{lesions(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
+                     f"{lesion_count_text(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
     consistency = registration.get("inverse_consistency")
     reliable = registration.get("reliable", True)  # reports written before the verdict was recorded
     lines.append(

@@ -26,6 +26,7 @@ from .errors import Cancelled, DeepWMLError, UsageError
 from .evaluation import (case_error, claim_picture_name, clear_earlier_run, pair_title, picture_path, read_manifest,
                          report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
+from .report import lesion_count_text
 
 DEFAULT_THRESHOLD = 0.85
 WORST_SLICES_SHOWN = 5
@@ -96,13 +97,18 @@ def dice_shown(dice: float, threshold: float) -> str:
     return f"{dice:.{digits}f}"
 
 
+def slice_range(first: int, last: int) -> str:
+    """"slice 5" for a lesion on one slice, "slices 5-7" for one across several."""
+    return f"slice {first}" if first == last else f"slices {first}-{last}"
+
+
 def format_check(result: dict) -> str:
     """Human-readable verdict with the slices and lesions to review."""
     verdict = "PASS" if result["passed"] else "FAIL (re-label)"
     lines = [
         f"Dice {dice_shown(result['dice'], result['threshold'])} (threshold {result['threshold']:g}): {verdict}",
-        f"rater A {result['volume_a_ml']:.2f} ml in {result['n_lesions_a']} lesions; "
-        f"rater B {result['volume_b_ml']:.2f} ml in {result['n_lesions_b']} lesions",
+        f"rater A {result['volume_a_ml']:.2f} ml in {lesion_count_text(result['n_lesions_a'])}; "
+        f"rater B {result['volume_b_ml']:.2f} ml in {lesion_count_text(result['n_lesions_b'])}",
         *(f"note: {note}" for note in result.get("notes", [])),
     ]
     by_index = {s["index"]: s for s in result["slices"]}
@@ -120,7 +126,7 @@ def format_check(result: dict) -> str:
         total = sum(lesion["volume_mm3"] for lesion in lesions)
         lines.append(f"lesions drawn by rater {rater.upper()} only: {len(lesions)} ({total:.1f} mm3), largest:")
         lines += [f"  {lesion['volume_mm3']:8.1f} mm3 at LPS ({', '.join(f'{c:.1f}' for c in lesion['centroid_lps_mm'])}) "
-                  f"mm, slices {lesion['slices'][0]}-{lesion['slices'][1]}" for lesion in lesions[:3]]
+                  f"mm, {slice_range(*lesion['slices'])}" for lesion in lesions[:3]]
     return "\n".join(lines)
 
 

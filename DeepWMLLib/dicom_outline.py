@@ -41,6 +41,7 @@ import numpy as np
 from . import io, qc
 from .volume import voxels
 from .errors import DeepWMLError
+from .report import lesion_count_text
 
 SECONDARY_CAPTURE = io.SECONDARY_CAPTURE_CLASS  # Secondary Capture Image Storage
 SERIES_NUMBER_OFFSET = 1000
@@ -222,7 +223,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
 
     derivation = (derivation or
                   f"WMH outlined in red by DeepWML {__version__} (models {', '.join(report.get('model_sha256') or [])}): "
-                  f"{report.get('volume_ml', 0):.2f} ml, {report.get('lesion_count', 0)} lesions. Research use, "
+                  f"{report.get('volume_ml', 0):.2f} ml, {lesion_count_text(report.get('lesion_count', 0))}. Research use, "
                   "not for diagnosis.")[:1024]
     common = {
         "0008|0060": "MR",

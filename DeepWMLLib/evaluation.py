@@ -45,6 +45,7 @@ import SimpleITK as sitk
 from . import io, metrics
 from .errors import Cancelled, DeepWMLError, UsageError
 from .volume import Volume
+from .report import lesion_count_text
 
 ALPHA = 0.05
 MIN_GROUP_SIZE = 3  # fewer values than this and a group is left out of the tests (and said so)
@@ -798,8 +799,8 @@ def format_case(result: dict) -> str:
         f"lesion recall {_fmt(result['lesion_recall'])}  lesion F1 {_fmt(result['lesion_f1'])} (any overlap)",
         f"lesion-wise (>= {lw['found_fraction']:.0%} marked): recall {_fmt(lw['recall'])}  precision "
         f"{_fmt(lw['precision'])}  Dice {_fmt(lw['dice'])}  ({per_size})",
-        f"volume: reference {_fmt(result['reference_volume_ml'], 2)} ml in {result['n_reference_lesions']} lesions, "
-        f"prediction {_fmt(result['prediction_volume_ml'], 2)} ml in {result['n_predicted_lesions']} lesions"
+        f"volume: reference {_fmt(result['reference_volume_ml'], 2)} ml in {lesion_count_text(result['n_reference_lesions'])}, "
+        f"prediction {_fmt(result['prediction_volume_ml'], 2)} ml in {lesion_count_text(result['n_predicted_lesions'])}"
         + (f"; ROC AUC {_fmt(result['roc_auc'], 4)}" if math.isfinite(result["roc_auc"]) else ""),
         f"2D images with lesion: {len(result['slices'])}"
         + (" (" + ", ".join(f"{g} {groups[g]}" for g in metrics.LV_GROUPS if g in groups) + ")" if groups else ""),

@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
 
+def lesion_count_text(n: int) -> str:
+    """A lesion count as said to the reader: "1 lesion", "0 lesions", "12 lesions"."""
+    return f"{n} lesion{'s' * (n != 1)}"
+
+
 # The words of `conventions` that the change report (change.conventions) shares
 VOLUMES = "ml (1 ml = 1000 mm3): voxel count x voxel volume"
 LESIONS = "3D 26-connected components of the mask (voxels touching by a face, an edge or a corner are one lesion)"

@@ -30,6 +30,7 @@ import numpy as np
 from . import __version__, io
 from .cli import end_progress_line, progress_line
 from .errors import Cancelled, DeepWMLError, UsageError
+from .report import lesion_count_text
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -1297,8 +1298,7 @@ def summary_row(case: str, path: Path, report: dict) -> dict:
 def picture_title(case: str, report: dict) -> str:
     """The QC picture's title: the case, its lesion volume and count, and whether the scan does not look
     like a FLAIR (contrast.py), so that a batch looked over by its pictures shows it."""
-    count = report["lesion_count"]
-    title = f"{case}: {report['volume_ml']:.2f} ml, {count} lesion{'s' * (count != 1)}"
+    title = f"{case}: {report['volume_ml']:.2f} ml, {lesion_count_text(report['lesion_count'])}"
     looks_like = (report.get("contrast") or {}).get("looks_like")
     if looks_like and looks_like != "FLAIR":
         title += f" - not a FLAIR? looks {looks_like}"
@@ -1698,7 +1698,7 @@ class ProgressBar:
         if self.tty:
             progress_line(self.stream, None, "\r" + " " * self._columns() + "\r")
         status = row["status"]
-        detail = f"{row.get('volume_ml', 0):.2f} ml, {row.get('lesion_count', 0)} lesions, {row.get('seconds', 0):.1f} s" \
+        detail = f"{row.get('volume_ml', 0):.2f} ml, {lesion_count_text(row.get('lesion_count', 0))}, {row.get('seconds', 0):.1f} s" \
             if status == "ok" else row.get("error", "")
         number, total = self._position
         self._shown.add(number)

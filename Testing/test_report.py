@@ -161,3 +161,25 @@ def test_the_report_states_its_conventions_and_its_figures_follow_them():
     assert "0 first" in stated["slice_index"] and report["lesions"][0]["slice_range"] == [0, 1]
     assert "G1 < 0.2 ml <= G2 < 0.7 ml <= G3 < 2 ml <= G4 < 5 ml <= G5" in stated["lv"]
     assert "ml" in stated["volumes"]
+
+
+def test_one_lesion_is_said_as_one_lesion_wherever_a_count_is_shown():
+    """'1 lesions' was printed by segment's case line, evaluate, consensus, the DICOM outline's derivation and the
+    Slicer module's results; consensus placed a lesion on one slice on 'slices 5-5'."""
+    import io as stdio
+
+    from DeepWMLLib.consensus import format_check
+    from DeepWMLLib.segment import ProgressBar, picture_title
+
+    stream = stdio.StringIO()
+    bar = ProgressBar(stream)
+    bar(1, 1, "a")
+    bar.finish({"case": "a", "status": "ok", "volume_ml": 0.12, "lesion_count": 1, "seconds": 0.5})
+    assert "0.12 ml, 1 lesion, 0.5 s" in stream.getvalue()
+    assert picture_title("a", {"volume_ml": 0.12, "lesion_count": 1}).startswith("a: 0.12 ml, 1 lesion")
+    text = format_check({"dice": 1.0, "threshold": 0.85, "passed": True, "volume_a_ml": 0.1, "volume_b_ml": 0.1,
+                         "n_lesions_a": 1, "n_lesions_b": 0, "worst_slices": [], "slices": [], "notes": [],
+                         "unmatched_lesions_a": [{"volume_mm3": 12.0, "centroid_lps_mm": [1.0, 2.0, 3.0],
+                                                  "slices": [5, 5]}], "unmatched_lesions_b": []})
+    assert "in 1 lesion;" in text and "in 0 lesions" in text
+    assert "mm, slice 5\n" in text  # not "slices 5-5"

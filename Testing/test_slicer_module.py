@@ -123,7 +123,7 @@ def test_segment_button_runs_in_background_shows_progress_and_results(widget, mo
     assert ui.applyButton.text == "Segment WMH" and ui.progressBar.value == 100
     segmentation = p.outputSegmentation
     assert segmentation.GetName() == "FLAIR WMH"
-    assert "Total lesion volume" in ui.resultsLabel.text and "1 lesions" in ui.resultsLabel.text
+    assert "Total lesion volume" in ui.resultsLabel.text and "in 1 lesion\n" in ui.resultsLabel.text
     report = widget.logic.lesionStatistics(segmentation, widget.volume)
     lesionSlices = [s["index"] for s in report["slices"] if s["area_mm2"] > 0]
     assert [row[0].text for row in ui.sliceTable.rows] == [str(k) for k in lesionSlices]

@@ -820,7 +820,9 @@ class DeepWMLCoreLogic:
 
     @staticmethod
     def formatReport(report: dict) -> str:
-        lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {report['lesion_count']} lesions"]
+        from DeepWMLLib.report import lesion_count_text
+
+        lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {lesion_count_text(report['lesion_count'])}"]
         location = report.get("location")
         if location and location.get("judged"):
             lines.append(f"Periventricular {location['periventricular_ml']:.2f} ml, deep {location['deep_ml']:.2f} ml "
@@ -853,10 +855,11 @@ class DeepWMLCoreLogic:
         verdict = "PASS" if result["passed"] else "FAIL: re-label"
         relation = ">=" if result["passed"] else "<"
         from DeepWMLLib.consensus import dice_shown  # enough digits that the comparison reads as the verdict says
+        from DeepWMLLib.report import lesion_count_text
 
         lines = [f"Dice {dice_shown(result['dice'], result['threshold'])} {relation} {result['threshold']:g}: {verdict}",
-                 f"Rater A {result['volume_a_ml']:.2f} ml ({result['n_lesions_a']} lesions), "
-                 f"rater B {result['volume_b_ml']:.2f} ml ({result['n_lesions_b']} lesions)"]
+                 f"Rater A {result['volume_a_ml']:.2f} ml ({lesion_count_text(result['n_lesions_a'])}), "
+                 f"rater B {result['volume_b_ml']:.2f} ml ({lesion_count_text(result['n_lesions_b'])})"]
         worst = result["worst_slices"][:DISCORDANT_SLICES_SHOWN]
         if worst:
             lines.append("Most discordant slices: " + ", ".join(str(index) for index in worst))
