@@ -1844,6 +1844,8 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
         elif number in bar._shown:
             kept = (f"stopped in case {number}/{total}, which another DeepWML process had left, being done at the end "
                     f"of the run: {summary} lists all {total} cases, that one as left to the other process")
+        elif number == 1:
+            kept = f"stopped in case 1/{total}, before any case was finished"
         else:
             kept = f"stopped in case {number}/{total}: {summary} lists the {number - 1} before it"
         end_progress_line()

@@ -361,14 +361,19 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     for name in ("a", "b", "c"):
         write_case(folder, name)
     real = segment_module.segment_case
+    stop_at = ["a"]
 
     def stopped(case, *args, **kwargs):
-        if case == "b":
+        if case in stop_at:
             raise KeyboardInterrupt
         return real(case, *args, **kwargs)
 
     monkeypatch.setattr(segment_module, "segment_case", stopped)
     out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 130
+    err = capsys.readouterr().err
+    assert "stopped in case 1/3, before any case was finished; run the same command again" in err  # not "the 0 before it"
+    stop_at[:] = ["b"]
     assert segment(tiny_model, folder, "-o", out) == 130
     err = capsys.readouterr().err
     assert f"stopped in case 2/3: {out / 'summary.csv'} lists the 1 before it; run the same command again" in err
