@@ -1394,7 +1394,9 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
     recheck_left_to_another(rows, out, again,
                             lambda row, exc: _failed_case(exc, Path(row["input"]), named, len(cases) == 1, debug),
                             progress_factory and (lambda row: progress_factory.finish({**row, "_to_segment": 0})))
-    _series_matched_nothing(rows, options.get("series"))
+    no_flair = no_flair_anywhere(rows, options.get("series"))
+    if no_flair:
+        print(f"deepwml segment: error: {no_flair}", file=sys.stderr)
     named_masks = [row for row in rows if "_named" in row]
     only_masks = masks_only(rows)
     if only_masks:
@@ -1567,19 +1569,29 @@ def masks_only(rows: list[dict]) -> str | None:
             f"{'FLAIR scans' if named else 'folder of the FLAIR scans'}")
 
 
-def _series_matched_nothing(rows: list[dict], series: str | None) -> None:
-    """With --series, studies it matches nothing in are skipped; when it matches nothing in any study of the
-    run (a mistyped choice), those are errors, so the run does not end 'done' with no result."""
+def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str | None = "--series") -> str | None:
+    """When no study of a run holds a FLAIR, the error to print, else None: `deepwml segment` and the Slicer batch
+    script alike. Studies without a FLAIR (rows marked `_no_flair`) are skipped beside other cases (an export's
+    other exams); but when they are all the run has, or `series` (--series) matches nothing in any study of the run
+    (a mistyped choice), they are errors, so that the run does not end 'done', exit 0, with nothing segmented (a
+    PACS export of the wrong study). `choose`: the option that picks a series, offered in the message. The marks
+    (`_study`, `_no_flair`) are removed."""
     studies = [row for row in rows if row.pop("_study", False)]
-    unmatched = [row for row in studies if row.pop("_no_flair", False)]
-    for row in rows:
-        row.pop("_no_flair", None)
-    if not series or not unmatched or len(unmatched) < len(studies):
-        return
+    unmatched = [row for row in rows if row.pop("_no_flair", False)]
+    if not unmatched:
+        return None
+    given = "the DICOM study given" if len(unmatched) == 1 else f"any of the {len(unmatched)} DICOM studies given"
+    if series and len(unmatched) >= len(studies):
+        why, told = f"--series {series!r} matches no series in any study given", f"--series {series!r} matches no series in {given}"
+    elif len(unmatched) == len(rows):
+        why = "no study given holds a series that looks like a FLAIR"
+        told = (f"no series looks like a FLAIR in {given}, so nothing was segmented" +
+                (f"; if one is, choose it with {choose}" if choose else ""))
+    else:
+        return None
     for row in unmatched:
-        row.update(status="error", error=f"{row['error']}; --series {series!r} matches no series in any study given")
-    print(f"deepwml segment: error: --series {series!r} matches no series in any of the {len(unmatched)} DICOM "
-          f"stud{'ies' if len(unmatched) > 1 else 'y'} given; see summary.csv for their series", file=sys.stderr)
+        row.update(status="error", error=f"{row['error']}; {why}")
+    return f"{told}; see summary.csv for their series"
 
 
 def batch_total(rows: Sequence[dict], noun: str, summary: Path) -> str:

@@ -1218,7 +1218,7 @@ def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, 
 
 def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path, tiny_model, capsys):
     """--series applies to every study of an export, one it matches nothing in skipped; when it matches
-    nothing in any study (a typo), the run does not end 'done' with no result."""
+    nothing in any study (a typo), the run does not end 'done' with no result; nor when no study holds a FLAIR."""
     export = tmp_path / "export"
     _export_series(export / "STU" / "s3", "5.1", "AX FLAIR", 2500, slices=4)
     _export_series(export / "STU" / "s5", "5.1", "SAG T1", slices=3, prefix="t")
@@ -1235,6 +1235,15 @@ def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path,
     assert main(["segment", str(other), "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu",
                  "--series", "FLAIR"]) == 0
     assert sorted(r["status"] for r in read_summary(tmp_path / "out2")) == ["ok", "skipped"]
+    capsys.readouterr()
+    # an export of the wrong exam, no FLAIR in any study: an error (exit 1), not '0/1 done (0 failed, 1 skipped)', exit 0
+    wrong = tmp_path / "wrong"
+    _export_series(wrong / "B" / "s1", "7.2", "SAG T1", slices=3)
+    assert main(["segment", str(wrong), "-o", str(tmp_path / "out3"), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    row, = read_summary(tmp_path / "out3")
+    assert row["status"] == "error" and row["error"].endswith("; no study given holds a series that looks like a FLAIR")
+    assert ("error: no series looks like a FLAIR in the DICOM study given, so nothing was segmented; if one is, choose it "
+            "with --series; see summary.csv for their series") in capsys.readouterr().err
 
 
 def nifti_header(path: Path) -> dict:

@@ -346,6 +346,12 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     rows = summary(out)
     assert rows["PAT1_STU1"]["status"] == "ok" and rows["PAT2_STU1_SER1"]["status"] == "skipped"
     assert "none looks like a FLAIR" in rows["PAT2_STU1_SER1"]["error"]
+    wrong = tmp_path / "wrong"  # an export of the wrong exam alone: an error, not '0/1 done (0 failed, 1 skipped)', 0
+    write_dicom_series(wrong / "PAT2" / "STU1" / "SER1", other, uid="2.1.1", description="sag T1 mprage",
+                       extra={"0020|000d": "2.1"})
+    assert batchScript.main(["--input-dir", str(wrong), "--output-dir", str(tmp_path / "out2"), "--model",
+                             str(tiny_model), "--device", "cpu"]) == 1
+    assert summary(tmp_path / "out2")["PAT2_STU1_SER1"]["status"] == "error"
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
     report = json.loads((out / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
     assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu"]) == 0

@@ -296,7 +296,7 @@ def caseFailure(exc: Exception, args) -> dict:
     """The status and error of a case that raised `exc`: a study without a FLAIR, or a case's manual mask beside its
     FLAIR in IN, is skipped, not failed; any other exception is the case's error."""
     if isinstance(exc, io.NoFlairSeries):  # a study of an export that is not a FLAIR exam
-        return {"status": "skipped", "error": str(exc)}
+        return {"status": "skipped", "error": str(exc), "_no_flair": True}
     if isinstance(exc, io.LabelMaskGiven):
         return {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
     if args.debug:
@@ -382,9 +382,10 @@ def runBatch(args) -> int:
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
         segment.say_stopped(bar, summaryPath, args.overwrite)
         raise
-    only_masks = segment.masks_only(rows)  # a folder of masks given for IN: an error, not 'done'
-    if only_masks:
-        print(f"segment_batch: error: {only_masks}", file=sys.stderr, flush=True)
+    # a folder of masks given for IN, or a PACS export of the wrong exam (no FLAIR in any study): errors, not 'done'
+    for error in (segment.no_flair_anywhere(rows, choose=None), segment.masks_only(rows)):
+        if error:
+            print(f"segment_batch: error: {error}", file=sys.stderr, flush=True)
     write_csv(rows, SUMMARY_COLUMNS, summaryPath)
     print(segment.batch_total(rows, "cases", summaryPath), flush=True)
     return 1 if any(row["status"] == "error" for row in rows) else 0
