@@ -106,6 +106,7 @@ def test_batch_all_good_exits_0_then_skips_existing_outputs(scene, batchScript, 
     for case in ("a", "b"):  # the rewritten summary keeps the earlier results' figures
         assert [rows[case][key] for key in ("volume_ml", "lesion_count", "warnings")] == \
             [first[case][key] for key in ("volume_ml", "lesion_count", "warnings")]
+        assert rows[case]["seconds"] == "" and float(first[case]["seconds"]) > 0  # not segmented by this run: no time
     assert "use --overwrite" in capsys.readouterr().out
     assert batchScript.main(arguments + ["--overwrite", "--qc"]) == 0
     assert {row["status"] for row in summary(out).values()} == {"ok"} and (out / "a_qc.png").is_file()

@@ -281,7 +281,10 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
             row = segment.left_to_another(args.output_dir, case, path, study)
         except Exception as exc:  # one bad case never stops the others
             row = caseFailure(exc, args)
-        row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
+        # a case skipped (done before, a mask, left to another run) was not segmented by this run: no time, as in
+        # deepwml segment's summary
+        row.update(case=case, input=str(path),
+                   seconds=None if row["status"] == "skipped" else round(time.perf_counter() - start, 3))
         rows.append(row)
         showFinished(bar, row)
         write_csv(rows, SUMMARY_COLUMNS, summaryPath)
