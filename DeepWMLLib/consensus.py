@@ -23,8 +23,8 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError
-from .evaluation import (case_error, claim_picture_name, clear_earlier_run, pair_title, picture_path, read_manifest,
-                         report_failed_cases, write_csv, write_json)
+from .evaluation import (case_error, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title, picture_path,
+                         read_manifest, report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
 from .report import lesion_count_text
 
@@ -238,10 +238,7 @@ def run(args) -> int:
         raise UsageError("give two masks (RATER_A RATER_B), or --manifest CSV and -o OUTDIR for a cohort")
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
-    if bool(args.flair) != bool(args.qc):
-        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
-    for target in filter(None, (args.json, args.qc)):
-        io.check_output_file(target)  # before the work, not after
+    check_single_outputs(args)
     mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
     result = consensus_check(mask_a, mask_b, args.threshold, args.flair)
     picture = (pair_picture(args.flair, mask_a, mask_b, f"{pair_title(args.rater_a, args.rater_b)}: Dice "

@@ -82,6 +82,18 @@ def write_json(data, path: str | os.PathLike) -> Path:
     return io.write_text(json.dumps(json_ready(data), indent=2) + "\n", path)
 
 
+def check_single_outputs(args) -> None:
+    """One case's (evaluate) or pair's (consensus) --json and --qc files, checked before the work, not after it:
+    --qc with its --flair, a picture name ending .png (a case.jpg held PNG data, which some viewers refuse), each
+    file one that can be written."""
+    if bool(args.flair) != bool(args.qc):
+        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
+    if args.qc and Path(args.qc).suffix.lower() != ".png":
+        raise UsageError(f"--qc writes a PNG picture: give a file name ending .png, not {Path(args.qc).name}")
+    for target in filter(None, (args.json, args.qc)):
+        io.check_output_file(target)
+
+
 def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
     buffer = _stdio.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -744,10 +756,7 @@ def run(args) -> int:
         raise UsageError("give --prediction and --reference for one case, or --manifest and -o for a cohort")
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one case's metrics")
-    if bool(args.flair) != bool(args.qc):
-        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
-    for target in filter(None, (args.json, args.qc)):
-        io.check_output_file(target)  # before the work, not after it
+    check_single_outputs(args)
     result = evaluate_case(args.prediction, args.reference, args.probabilities, args.found_fraction, size_classes,
                            args.flair)
     picture = (comparison_picture(args.flair, args.prediction, args.reference,

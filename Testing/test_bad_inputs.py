@@ -128,6 +128,7 @@ BAD_INPUTS = [
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("the FLAIR given as the probability map (`--probabilities`, for ROC AUC)", "evaluate", 1,
      "is not a probability map"),
+    ("a picture asked for under another format's name (`--qc case.jpg`)", "evaluate", 2, "give a file name ending .png"),
     ("empty prediction and reference", "evaluate", 0, "ok: Dice 1, HD95 0 (documented convention)"),
     ("a reference of 0 and 2 only (2 is ignore: no lesion left)", "evaluate", 1, "holds only 0 and 2"),
     ("a mask with negative values (int16)", "evaluate", 1, "negative values"),
@@ -527,6 +528,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith("the FLAIR given as the probability map"):  # its intensities gave a plausible ROC AUC
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["truth"]), "--probabilities",
                 str(p["good"])]
+    if row_id.startswith("a picture asked for under another format's name"):  # a .jpg of PNG data was written
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["truth"]), "--flair", str(p["good"]),
+                "--qc", str(tmp / "case.jpg")]
     if row_id == "empty prediction and reference":
         return ["evaluate", "--prediction", str(p["empty mask"]), "--reference", str(p["empty mask"]), "--json", str(tmp / "e.json")]
     if row_id == "rater masks on different grids":
