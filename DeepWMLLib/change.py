@@ -522,6 +522,22 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     return {"median_mm": round(float(np.median(errors)), 3), "p95_mm": round(float(np.percentile(errors, 95)), 3)}
 
 
+def failed_checks(registration: dict) -> list[str]:
+    """The checks of a registration (a change report's `registration`) that failed, each with its figure and its
+    limit; any one makes the registration not reliable. Each is read alone: two scans of different heads can be
+    registered alike both ways (two brains in one template space: both fits stay near where they started,
+    0.89 mm apart) and still not correlate at all."""
+    failed = []
+    if not registration["correlation"] >= MIN_CORRELATION:  # nan (too little overlap) fails too
+        failed.append(f"correlation {registration['correlation']:.2f}, under {MIN_CORRELATION:.2f}")
+    if not registration["mutual_information"] <= MAX_MUTUAL_INFORMATION:
+        failed.append(f"mutual information {registration['mutual_information']:.2f}, above {MAX_MUTUAL_INFORMATION:.2f}")
+    consistency = registration.get("inverse_consistency")  # run both ways (lesion_change's `check`)
+    if consistency and not consistency["p95_mm"] <= MAX_INCONSISTENCY_MM:
+        failed.append(f"run both ways {consistency['p95_mm']:.2f} mm apart, over {MAX_INCONSISTENCY_MM:g} mm")
+    return failed
+
+
 def check_scans(baseline: sitk.Image, followup: sitk.Image, checked: bool = False) -> None:
     """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register).
     `checked`: both were read by io.read_image, which checked them as volumes (a second pass over every voxel of
@@ -582,11 +598,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     facts = registration.facts()
     if check:
         facts["inverse_consistency"] = inverse_consistency(registration, align(baseline, followup), followup)
-    # Each check alone: two scans of different heads can be registered alike both ways (two brains in one
-    # template space: both fits stay near where they started, 0.89 mm apart) and still not correlate at all.
-    suspect = not (registration.correlation >= MIN_CORRELATION) or \
-        registration.mutual_information > MAX_MUTUAL_INFORMATION or \
-        (check and not facts["inverse_consistency"]["p95_mm"] <= MAX_INCONSISTENCY_MM)
+    suspect = bool(failed_checks(facts))
     facts["reliable"] = not suspect
     if suspect:
         consistency = (f", the registration run both ways disagrees by {facts['inverse_consistency']['p95_mm']:.2f} mm "
@@ -695,8 +707,8 @@ def format_summary(case: str, report: dict) -> str:
         + ((f", both ways agree within {consistency['p95_mm']:.2f} mm" if reliable else
             f", both ways {consistency['p95_mm']:.2f} mm apart") if consistency else ""))
     if not reliable:  # said first, before any figure is read
-        lines.insert(0, f"{case}: {UNRELIABLE} (correlation {registration['correlation']:.2f}; 0.84-0.94 on scans of "
-                        "one patient): different patients, or a failed registration? The calls below cannot be trusted")
+        lines.insert(0, f"{case}: {UNRELIABLE} ({'; '.join(failed_checks(registration))}): different patients, or a "
+                        "failed registration? The calls below cannot be trusted")
     return "\n".join(lines)
 
 
@@ -736,7 +748,7 @@ def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dic
     reliable = report.get("registration", {}).get("reliable", True)
     derivation = (f"Lesion change by DeepWML {__version__} against an earlier scan (baseline): {report['n_new']} new, "
                   f"{report['n_enlarging']} enlarging, {report['n_gone']} gone, {report['volume_change_ml']:+.2f} ml. "
-                  + ("" if reliable else f"{UNRELIABLE} (correlation {report['registration']['correlation']:.2f}): "
+                  + ("" if reliable else f"{UNRELIABLE} ({'; '.join(failed_checks(report['registration']))}): "
                      "different patients or a failed registration? ") + "Research use, not for diagnosis.")
     return outline_series(followup, labels, series, report.get("masks", {}).get("follow-up", {}),
                           title="DeepWML lesion change", derivation=derivation, colours=colours,

@@ -354,8 +354,8 @@ def test_scans_that_do_not_line_up_are_flagged_not_said_to_agree(pair, tmp_path,
     out = tmp_path / "out"
     assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), *masks]) == 0
     printed = capsys.readouterr()
-    assert printed.out.startswith("followup: REGISTRATION NOT RELIABLE (correlation -0.00; 0.84-0.94 on scans of "
-                                  "one patient): different patients, or a failed registration?")
+    assert printed.out.startswith("followup: REGISTRATION NOT RELIABLE (correlation -0.00, under 0.80): different "
+                                  "patients, or a failed registration?")
     assert "agree within" not in printed.out and "both ways" in printed.out
     assert "followup: warning: REGISTRATION NOT RELIABLE: the scans may be of different patients" in printed.err
     report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
@@ -372,6 +372,29 @@ def test_scans_that_do_not_line_up_are_flagged_not_said_to_agree(pair, tmp_path,
         capsys.readouterr().err
     rows = list(csv.DictReader(open(tmp_path / "cohort" / "change_summary.csv", encoding="utf-8-sig")))
     assert rows[0]["registration_reliable"] == "False"
+
+
+def test_an_unreliable_registration_is_said_with_the_check_that_failed_not_a_figure_that_passed(pair, tmp_path,
+                                                                                               capsys, monkeypatch):
+    """Two real scans of one patient, cut to 40 mm slabs: the registration back from the follow-up failed (9.11 mm
+    apart) while the correlation was 0.94. The summary opened 'REGISTRATION NOT RELIABLE (correlation 0.94; 0.84-0.94
+    on scans of one patient)', a figure in its normal range as the reason, in the terminal and the Slicer module
+    alike, and the outline series' Derivation Description named the correlation alone too. Now each names the
+    checks that failed, with their figures and limits."""
+    monkeypatch.setattr(change, "inverse_consistency", lambda *args: {"median_mm": 4.2, "p95_mm": 9.11})
+    files = pair["files"]
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == ("followup: REGISTRATION NOT RELIABLE (run both ways 9.11 mm apart, over 2 mm): different patients, "
+                     "or a failed registration? The calls below cannot be trusted")
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["registration"]["correlation"] >= change.MIN_CORRELATION and report["registration"]["reliable"] is False
+    report["registration"].update(correlation=0.61, mutual_information=-0.6)  # all three fail: all three said
+    assert change.format_summary("p", report).splitlines()[0].startswith(
+        "p: REGISTRATION NOT RELIABLE (correlation 0.61, under 0.80; mutual information -0.60, above -0.65; run both "
+        "ways 9.11 mm apart, over 2 mm): ")
 
 
 def test_roles_reversed_a_baseline_lesion_outside_the_follow_ups_view_is_not_assessable(pair):
