@@ -859,6 +859,9 @@ def test_lesion_change_between_two_volume_nodes(scene):
         exported = sitk.GetArrayFromImage(mrml.maskFromSegmentation(node, followup, segmentation.GetSegmentIdBySegmentName(name)))
         assert np.array_equal(exported > 0, labels == value), name
     assert registered.GetName() == "FLAIR 2024 (registered to FLAIR 2026)"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")  # the names a user looks for in the Data module
+    assert "*<follow-up> change*" in readme and "*<earlier> (registered to <follow-up>)*" in readme
+    assert node.GetName() == "FLAIR 2026 change"
     assert np.allclose(slicer.util.arrayFromVolume(registered), sitk.GetArrayFromImage(expected.baseline_registered))
     assert json.loads(node.GetAttribute("DeepWML.change"))["n_new"] == 1
     headers, rows, slices = logic.sliceTable({"change": report})
