@@ -767,9 +767,10 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
     needed = [name for name, given in zip(("baseline", "follow-up"), mask_paths) if not given]
     if needed:
         _segmentation_models(args, loaded)
-    for name, given, image in zip(("baseline", "follow-up"), mask_paths, (baseline, followup)):
+    for name, given, image, other in zip(("baseline", "follow-up"), mask_paths, (baseline, followup),
+                                         (followup, baseline)):
         if given:
-            masks[name] = io.read_mask(given, image, f"the {name} FLAIR")
+            masks[name] = _read_given_mask(given, name, image, other)
             maps[name] = None
             # its content: a mask corrected in place is not taken for the one a rerun would skip as done
             source[name] = {"mask": str(given), "mask_fingerprint": input_fingerprint(Path(given))}
@@ -788,6 +789,25 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
                                                             "runner", "warnings", "lesion_count", "volume_ml",
                                                             "settings")}
     return masks["baseline"], masks["follow-up"], maps["baseline"], maps["follow-up"], source
+
+
+def _read_given_mask(path, name: str, image: sitk.Image, other: sitk.Image) -> sitk.Image:
+    """The mask given for the `name` scan (`image`), put onto its grid (io.read_mask). One that is not on that grid
+    but lies on the other scan's is said to be that scan's: the two masks given the wrong way round, which the
+    advice for another grid (resample one onto the other) would only make worse."""
+    try:
+        return io.read_mask(path, image, f"the {name} FLAIR")
+    except DeepWMLError as exc:
+        mine = exc
+    other_name = "follow-up" if name == "baseline" else "baseline"
+    try:
+        io.read_mask(path, other, f"the {other_name} FLAIR")
+    except DeepWMLError:
+        raise mine from None
+    raise DeepWMLError(f"{path}, given as the {name}'s mask, lies on the {other_name} FLAIR's grid, not the {name}'s: "
+                       f"is it the {other_name}'s mask? Give the earlier scan's mask as the baseline's and the later "
+                       "scan's as the follow-up's (--baseline-mask, --followup-mask; in a manifest the baseline_mask "
+                       "and followup_mask columns)")
 
 
 def _segmentation_models(args, loaded: dict) -> None:

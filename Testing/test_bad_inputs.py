@@ -154,6 +154,8 @@ BAD_INPUTS = [
     ("a follow-up mask saved cropped to its lesions on the follow-up's voxels", "change", 0,
      "ok: padded with zeros onto the follow-up's grid"),
     ("both masks given with --model", "change", 2, "nothing is segmented"),
+    ("the baseline's and the follow-up's masks given the wrong way round", "change", 1,
+     "lies on the follow-up FLAIR's grid, not the baseline's"),
 ]
 
 
@@ -564,6 +566,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "a follow-up mask saved cropped to its lesions on the follow-up's voxels":
         return ["change", str(p["extreme intensities (1e30)"]), str(p["good"]), "-o", out, "--baseline-mask",
                 str(p["truth"]), "--followup-mask", str(p["cropped seg"])]
+    if row_id == "the baseline's and the follow-up's masks given the wrong way round":
+        # was told the grids differ and to resample one mask onto the other scan's grid
+        later, later_mask = make_volume(size=(30, 34, 8), spacing=(0.8, 0.8, 3.0))
+        later, later_mask = _write(tmp / "in" / "later.nii.gz", later), _write(tmp / "in" / "later_mask.nii.gz", later_mask)
+        return ["change", str(p["good"]), str(later), "-o", out, "--baseline-mask", str(later_mask), "--followup-mask",
+                str(p["truth"])]
     if row_id == "both masks given with --model":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
                 str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]

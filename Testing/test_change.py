@@ -839,10 +839,16 @@ def test_a_given_mask_on_another_grid_names_the_scan_it_belongs_to(tmp_path):
     """'--baseline-mask m.nii.gz' on the wrong grid said 'm.nii.gz and the image it is compared with are on
     different voxel grids': which scan, baseline or follow-up, went unsaid."""
     baseline, followup = sitk.Image([8, 9, 10], sitk.sitkFloat32), sitk.Image([8, 9, 12], sitk.sitkFloat32)
-    beyond = sitk.Image([8, 9, 12], sitk.sitkUInt8)  # a lesion voxel beyond the baseline (empty slices are cut off)
-    beyond[2, 2, 11] = 1
+    beyond = sitk.Image([8, 9, 14], sitk.sitkUInt8)  # a lesion voxel beyond both scans (empty slices are cut off)
+    beyond[2, 2, 13] = 1
     io.write_image(beyond, tmp_path / "m.nii.gz")
     with pytest.raises(change.DeepWMLError, match="m.nii.gz and the baseline FLAIR are on different voxel grids"):
+        change._masks_for(None, baseline, followup, (tmp_path / "m.nii.gz", tmp_path / "m.nii.gz"), {})
+    # on the follow-up's grid: the follow-up's mask given as the baseline's (test_bad_inputs, the wrong way round)
+    followup_mask = sitk.Image([8, 9, 12], sitk.sitkUInt8)
+    followup_mask[2, 2, 11] = 1  # beyond the baseline
+    io.write_image(followup_mask, tmp_path / "m.nii.gz")
+    with pytest.raises(change.DeepWMLError, match="given as the baseline's mask, lies on the follow-up FLAIR's grid"):
         change._masks_for(None, baseline, followup, (tmp_path / "m.nii.gz", tmp_path / "m.nii.gz"), {})
 
 
