@@ -538,6 +538,13 @@ def failed_checks(registration: dict) -> list[str]:
     return failed
 
 
+def unreliable_because(registration: dict) -> str:
+    """UNRELIABLE and the checks that failed; none named for a report that records the verdict but whose rounded
+    figures all pass (an earlier version judged them unrounded)."""
+    failed = failed_checks(registration)
+    return f"{UNRELIABLE} ({'; '.join(failed)})" if failed else UNRELIABLE
+
+
 def check_scans(baseline: sitk.Image, followup: sitk.Image, checked: bool = False) -> None:
     """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register).
     `checked`: both were read by io.read_image, which checked them as volumes (a second pass over every voxel of
@@ -707,8 +714,8 @@ def format_summary(case: str, report: dict) -> str:
         + ((f", both ways agree within {consistency['p95_mm']:.2f} mm" if reliable else
             f", both ways {consistency['p95_mm']:.2f} mm apart") if consistency else ""))
     if not reliable:  # said first, before any figure is read
-        lines.insert(0, f"{case}: {UNRELIABLE} ({'; '.join(failed_checks(registration))}): different patients, or a "
-                        "failed registration? The calls below cannot be trusted")
+        lines.insert(0, f"{case}: {unreliable_because(registration)}: different patients, or a failed registration? "
+                        "The calls below cannot be trusted")
     return "\n".join(lines)
 
 
@@ -748,7 +755,7 @@ def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dic
     reliable = report.get("registration", {}).get("reliable", True)
     derivation = (f"Lesion change by DeepWML {__version__} against an earlier scan (baseline): {report['n_new']} new, "
                   f"{report['n_enlarging']} enlarging, {report['n_gone']} gone, {report['volume_change_ml']:+.2f} ml. "
-                  + ("" if reliable else f"{UNRELIABLE} ({'; '.join(failed_checks(report['registration']))}): "
+                  + ("" if reliable else f"{unreliable_because(report['registration'])}: "
                      "different patients or a failed registration? ") + "Research use, not for diagnosis.")
     return outline_series(followup, labels, series, report.get("masks", {}).get("follow-up", {}),
                           title="DeepWML lesion change", derivation=derivation, colours=colours,

@@ -395,6 +395,9 @@ def test_an_unreliable_registration_is_said_with_the_check_that_failed_not_a_fig
     assert change.format_summary("p", report).splitlines()[0].startswith(
         "p: REGISTRATION NOT RELIABLE (correlation 0.61, under 0.80; mutual information -0.60, above -0.65; run both "
         "ways 9.11 mm apart, over 2 mm): ")
+    # an earlier version's verdict on unrounded figures that all pass once rounded: no empty brackets
+    report["registration"].update(correlation=0.8, mutual_information=-0.7, inverse_consistency={"p95_mm": 0.1})
+    assert change.format_summary("p", report).startswith("p: REGISTRATION NOT RELIABLE: different patients")
 
 
 def test_roles_reversed_a_baseline_lesion_outside_the_follow_ups_view_is_not_assessable(pair):
