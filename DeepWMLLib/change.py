@@ -545,6 +545,18 @@ def unreliable_because(registration: dict) -> str:
     return f"{UNRELIABLE} ({'; '.join(failed)})" if failed else UNRELIABLE
 
 
+def visits_reversed(baseline, followup) -> str | None:
+    """A warning when the DICOM series given as the baseline was scanned after the one given as the follow-up (by
+    their Study Dates; None when either is not DICOM or has no date): with the roles reversed, every 'new' lesion
+    is one that went and every 'gone' one that came, and nothing else in the result would show it."""
+    dates = [series.study_date if series else "" for series in (baseline, followup)]
+    if not all(len(date) == 8 and date.isdigit() for date in dates) or dates[0] <= dates[1]:
+        return None
+    shown = [f"{date[:4]}-{date[4:6]}-{date[6:]}" for date in dates]
+    return (f"the baseline was scanned after the follow-up (Study Date {shown[0]}, follow-up {shown[1]}): new and gone "
+            "are then the other way round; give the earlier visit as the baseline")
+
+
 def check_scans(baseline: sitk.Image, followup: sitk.Image, checked: bool = False) -> None:
     """Refuse, with the reason, two scans that cannot be compared (not volumes, or too thin to register).
     `checked`: both were read by io.read_image, which checked them as volumes (a second pass over every voxel of
@@ -1193,6 +1205,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     # said, as `segment` says it
     gaps = [f"{name}: {warning}" for name, image in (("baseline", baseline), ("follow-up", followup)) if chosen[name]
             for warning in chosen[name][0].slice_warnings(image)]
+    reversed_visits = visits_reversed(*(chosen[name][0] if chosen[name] else None for name in ("baseline", "follow-up")))
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
@@ -1232,8 +1245,9 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
               "seconds": round(time.perf_counter() - start, 3)}
     if any(chosen.values()):
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
-        report["warnings"] = [f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
-                              if c and c[1].startswith("the only one of")] + gaps + report["warnings"]
+        report["warnings"] = [reversed_visits] * bool(reversed_visits) + [
+            f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
+            if c and c[1].startswith("the only one of")] + gaps + report["warnings"]
     if getattr(args, "dicom_outline", False) and not outline:
         report["warnings"] = report["warnings"] + [
             "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "

@@ -1051,6 +1051,7 @@ class DicomSeries:
     slice_thickness_mm: float | None = None  # Slice Thickness (0018,0050): how thick each slice is, not how far apart
     slice_positions_mm: tuple = ()  # each file's place along the slice normal (Image Position), in the order of `files`;
     # empty where a file gives none
+    study_date: str = ""  # the Study Date (0008,0020) as the header gives it (YYYYMMDD); "" where it has none
 
     @property
     def unlabelled(self) -> bool:
@@ -1290,7 +1291,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
     return DicomSeries(uid, header[0], tuple(f[1] for f in ordered), *header[1:6], modality=header[6],
                        secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
                        instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()),
-                       slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else ())
+                       slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
+                       study_date=entry.get("date", ""))
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:

@@ -281,6 +281,26 @@ def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
         "dicom_series"]["baseline"]["chosen_by"] == "--baseline-series ax t2 flair"
 
 
+def test_visits_given_the_wrong_way_round_are_warned_of_by_their_study_dates(pair, tmp_path, capsys):
+    """Two DICOM visits given in the wrong order (the later one as the baseline) gave every new lesion as gone and
+    every gone one as new, and nothing said so: their Study Dates now do."""
+    files = pair["files"]
+    given = {}
+    for name, date in (("baseline", "20260301"), ("followup", "20251102")):
+        flair = sitk.Cast(sitk.ReadImage(str(files[name])) * 1000, sitk.sitkInt16)
+        given[name] = write_dicom_series(tmp_path / name, flair, uid=f"1.2.9.{len(given)}", description="AX FLAIR",
+                                         extra={"0008|0020": date, "0020|000d": f"1.2.8.{len(given)}"})
+    out = tmp_path / "out"
+    assert main(["change", str(given["baseline"]), str(given["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    said = "the baseline was scanned after the follow-up (Study Date 2026-03-01, follow-up 2025-11-02)"
+    assert said in capsys.readouterr().err
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert report["warnings"][0].startswith(said)
+    series = [io.choose_dicom_series(given[name])[0] for name in ("followup", "baseline")]
+    assert change.visits_reversed(*series) is None and change.visits_reversed(None, series[0]) is None  # in order
+
+
 def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model, capsys):
     files = pair["files"]
     out = tmp_path / "out"
