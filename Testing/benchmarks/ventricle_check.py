@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "Testing" / "benchmarks"))
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.io import shared_data_dir  # noqa: E402
 from DeepWMLLib.location import PERIVENTRICULAR_MM, ventricle_distance  # noqa: E402
-from DeepWMLLib.segment import default_model_paths, load_models, segment_image  # noqa: E402
+from DeepWMLLib.segment import VENTRICLE_ROLE, default_model_paths, load_models, segment_image, shipped_models  # noqa: E402
 from labelled_cases import CASES, load_case, thick_slices  # noqa: E402
 
 ATLAS_VENTRICLE_LABEL = 4
@@ -125,7 +125,8 @@ def clinical(folder: Path, models, ventricle_model, pictures: Path | None) -> li
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ventricle-model", default="default", help="model file (default: the shipped one)")
+    parser.add_argument("--ventricle-model", help="model file (default: the shipped one, which segment runs only when "
+                                                  "asked: the registry marks no default)")
     parser.add_argument("--synthetic", nargs=2, type=Path, metavar=("MANIFEST", "SPLIT"))
     parser.add_argument("--pictures", type=Path, help="folder for the clinical scans' pictures")
     parser.add_argument("--json", type=Path, help="write every figure here")
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
         print("../shared/data (or DEEPWML_SHARED_DATA) is absent", file=sys.stderr)
         return 1
     models = load_models(default_model_paths())
+    if args.ventricle_model is None:  # "default" would be none at all, as in segment
+        args.ventricle_model = shipped_models(VENTRICLE_ROLE)[0]["path"]
     figures = {}
     if args.synthetic:
         figures["synthetic"] = synthetic(*args.synthetic, models, args.ventricle_model)
