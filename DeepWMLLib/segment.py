@@ -1842,13 +1842,15 @@ def say_stopped(bar: ProgressBar, summary: Path, overwrite: bool = False) -> Non
     """Where a run of several cases stopped part way (Ctrl-C, SIGTERM) was, what its `summary` (rewritten after
     each case) keeps, and how to go on, on the bar's stream (its line on a terminal ended first): `deepwml
     segment` and the Slicer batch script alike. Nothing before the first case began. With --overwrite (`overwrite`)
-    the same command would redo the cases done too: it is left out to go on. A case whose line was shown already
+    the same command would redo the cases done too: it is left out to go on (none done yet: the same command). A case whose line was shown already
     is one left to another process, done again at the end of the run (recheck_left_to_another): every case is
     listed by then, that one as left to the other process. Stopped between two cases (summary.csv being
     rewritten), it lists those whose line was shown."""
     number, total = bar._position
     if total:
-        go_on = ("run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
+        # none finished (stopped in the first): nothing this run did would be done again, so --overwrite stays
+        go_on = ("run the same command again to go on" if not bar._shown else
+                 "run it again without --overwrite to go on (the cases done are skipped; a case not reached yet whose "
                  "earlier outputs were made with other settings is then refused, naming them: give it alone with "
                  "--overwrite)" if overwrite else "run the same command again to go on (the cases done are skipped)")
         if not bar._in_case:

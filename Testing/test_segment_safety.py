@@ -373,6 +373,11 @@ def test_ctrl_c_says_which_cases_are_kept_and_how_to_go_on(tmp_path, tiny_model,
     assert segment(tiny_model, folder, "-o", out) == 130
     err = capsys.readouterr().err
     assert "stopped in case 1/3, before any case was finished; run the same command again" in err  # not "the 0 before it"
+    # with --overwrite too: nothing this run did would be done again, so not 'without --overwrite' (which would skip
+    # as done the earlier outputs the user asked to replace), nor 'the cases done are skipped'
+    assert segment(tiny_model, folder, "-o", out, "--overwrite") == 130
+    err = capsys.readouterr().err
+    assert "stopped in case 1/3, before any case was finished; run the same command again to go on\n" in err
     stop_at[:] = ["b"]
     assert segment(tiny_model, folder, "-o", out) == 130
     err = capsys.readouterr().err
