@@ -527,13 +527,23 @@ def failed_checks(registration: dict) -> list[str]:
     limit; any one makes the registration not reliable. Each is read alone: two scans of different heads can be
     registered alike both ways (two brains in one template space: both fits stay near where they started,
     0.89 mm apart) and still not correlate at all."""
+    def unmeasured(value) -> bool:  # nan (null in a saved report) fails too, said as such rather than "nan, under"
+        return value is None or math.isnan(value)
+
     failed = []
-    if not registration["correlation"] >= MIN_CORRELATION:  # nan (too little overlap) fails too
-        failed.append(f"correlation {registration['correlation']:.2f}, under {MIN_CORRELATION:.2f}")
-    if not registration["mutual_information"] <= MAX_MUTUAL_INFORMATION:
-        failed.append(f"mutual information {registration['mutual_information']:.2f}, above {MAX_MUTUAL_INFORMATION:.2f}")
+    correlation, information = registration["correlation"], registration["mutual_information"]
+    if unmeasured(correlation):  # too few head voxels overlapping (_correlation)
+        failed.append("correlation not measurable, too little of the two heads overlapping")
+    elif correlation < MIN_CORRELATION:
+        failed.append(f"correlation {correlation:.2f}, under {MIN_CORRELATION:.2f}")
+    if unmeasured(information):
+        failed.append("mutual information not measurable")
+    elif information > MAX_MUTUAL_INFORMATION:
+        failed.append(f"mutual information {information:.2f}, above {MAX_MUTUAL_INFORMATION:.2f}")
     consistency = registration.get("inverse_consistency")  # run both ways (lesion_change's `check`)
-    if consistency and not consistency["p95_mm"] <= MAX_INCONSISTENCY_MM:
+    if consistency and unmeasured(consistency["p95_mm"]):  # no head voxel in the follow-up (inverse_consistency)
+        failed.append("run both ways not measurable, no head found in the follow-up")
+    elif consistency and consistency["p95_mm"] > MAX_INCONSISTENCY_MM:
         failed.append(f"run both ways {consistency['p95_mm']:.2f} mm apart, over {MAX_INCONSISTENCY_MM:g} mm")
     return failed
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepWMLLib import change, io
+from DeepWMLLib import change, evaluation, io
 from DeepWMLLib.cli import main
 
 from conftest import make_volume, rotation, stepped_positions, write_dicom_series
@@ -418,6 +419,20 @@ def test_an_unreliable_registration_is_said_with_the_check_that_failed_not_a_fig
     # an earlier version's verdict on unrounded figures that all pass once rounded: no empty brackets
     report["registration"].update(correlation=0.8, mutual_information=-0.7, inverse_consistency={"p95_mm": 0.1})
     assert change.format_summary("p", report).startswith("p: REGISTRATION NOT RELIABLE: different patients")
+
+
+def test_a_check_that_could_not_be_measured_is_said_so_not_as_nan_under_its_limit():
+    """A correlation of too few overlapping head voxels (nan; null in the saved JSON) read 'REGISTRATION NOT RELIABLE
+    (correlation nan, under 0.80)', and a follow-up without head voxels 'run both ways nan mm apart, over 2 mm'; a
+    report read back from its JSON (null) raised TypeError."""
+    registration = {"correlation": math.nan, "mutual_information": -0.8, "reliable": False,
+                    "inverse_consistency": {"median_mm": math.nan, "p95_mm": math.nan}}
+    assert change.failed_checks(registration) == ["correlation not measurable, too little of the two heads overlapping",
+                                                  "run both ways not measurable, no head found in the follow-up"]
+    saved = json.loads(json.dumps(evaluation.json_ready({**registration, "mutual_information": math.nan})))
+    assert change.unreliable_because(saved) == (
+        "REGISTRATION NOT RELIABLE (correlation not measurable, too little of the two heads overlapping; mutual "
+        "information not measurable; run both ways not measurable, no head found in the follow-up)")
 
 
 def test_roles_reversed_a_baseline_lesion_outside_the_follow_ups_view_is_not_assessable(pair):
