@@ -1603,14 +1603,21 @@ def batch_total(rows: Sequence[dict], noun: str, summary: Path) -> str:
     return f"{done}/{len(rows)} {noun} done ({failed} failed, {len(rows) - done - failed} skipped), summary in {summary}"
 
 
+def summary_seconds(row: dict) -> float | None:
+    """summary.csv's seconds for a case's row: None (empty) for a case skipped, which this run did not segment (done
+    before, a label mask found, left to another run), else its time, a failed case's until it failed (a mask or a
+    study without a FLAIR made an error at the end of the run keeps its): `deepwml segment` and the batch script
+    alike."""
+    return None if row.get("status") == "skipped" else row.get("seconds")
+
+
 def write_summary(rows: Sequence[dict], path: Path) -> None:
     buffer = _stringio.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         values = {k: "" if row.get(k) is None else row[k] for k in SUMMARY_COLUMNS}
-        if row.get("status") == "skipped":  # not segmented by this run (a label mask found so): its line says no time
-            values["seconds"] = ""
+        values["seconds"] = "" if summary_seconds(row) is None else summary_seconds(row)
         values["warnings"] = " | ".join(row.get("warnings") or [])
         writer.writerow(values)
     io.write_csv_text(buffer.getvalue(), path)

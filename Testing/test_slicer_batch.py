@@ -353,6 +353,7 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
     assert batchScript.main(["--input-dir", str(wrong), "--output-dir", str(tmp_path / "out2"), "--model",
                              str(tiny_model), "--device", "cpu"]) == 1
     assert summary(tmp_path / "out2")["PAT2_STU1_SER1"]["status"] == "error"
+    assert summary(tmp_path / "out2")["PAT2_STU1_SER1"]["seconds"] != ""  # failed: its time, as deepwml segment's
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
     report = json.loads((out / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
     assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu"]) == 0
@@ -897,6 +898,7 @@ def test_batch_of_only_label_masks_is_an_error_and_a_segmentation_beside_its_sca
     assert "the image file found looks like a label mask or segmentation" in captured.err
     assert "0/1 cases done (1 failed, 0 skipped)" in captured.out
     assert summary(out)["case01"]["status"] == "error"
+    assert summary(out)["case01"]["seconds"] != ""  # a failed case: the time until it failed, as deepwml segment's
 
     labelled, out = tmp_path / "labelled", tmp_path / "out2"
     labelled.mkdir()

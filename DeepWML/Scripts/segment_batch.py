@@ -265,8 +265,6 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
 
 def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
     """Each case of `inputs` in turn, its row added to `rows` and summary.csv rewritten after it."""
-    from DeepWMLLib.evaluation import write_csv
-
     for number, (case, path, study) in enumerate(inputs, 1):
         update = bar(number, len(inputs), case)
         start = time.perf_counter()
@@ -281,13 +279,17 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
             row = segment.left_to_another(args.output_dir, case, path, study)
         except Exception as exc:  # one bad case never stops the others
             row = caseFailure(exc, args)
-        # a case skipped (done before, a mask, left to another run) was not segmented by this run: no time, as in
-        # deepwml segment's summary
-        row.update(case=case, input=str(path),
-                   seconds=None if row["status"] == "skipped" else round(time.perf_counter() - start, 3))
+        row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
         showFinished(bar, row)
-        write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+        writeSummary(rows, summaryPath)
+
+
+def writeSummary(rows: list, summaryPath: Path) -> None:
+    """summary.csv, its seconds as deepwml segment's (segment.summary_seconds: none for a case skipped)."""
+    from DeepWMLLib.evaluation import write_csv
+
+    write_csv([{**row, "seconds": segment.summary_seconds(row)} for row in rows], SUMMARY_COLUMNS, summaryPath)
 
 
 def showFinished(bar, row: dict) -> None:
@@ -333,7 +335,6 @@ def main(argv) -> int:
 
 def runBatch(args) -> int:
     mrml.initializeStandaloneScene()
-    from DeepWMLLib.evaluation import write_csv
     from DeepWMLLib.segment import expand_inputs
 
     logic = DeepWMLCoreLogic()
@@ -370,7 +371,7 @@ def runBatch(args) -> int:
     # summary.csv rewritten (atomically) after every case, as deepwml change's: a run stopped part way (Ctrl-C,
     # Slicer closed or killed) leaves the cases it did listed, and never an earlier run's summary as this one's
     summaryPath = args.output_dir / "summary.csv"
-    write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+    writeSummary(rows, summaryPath)
     noOverwrite = argparse.Namespace(**{**vars(args), "overwrite": False})
     try:
         segmentAll(logic, inputs, named, args, bar, rows, summaryPath)
@@ -382,14 +383,14 @@ def runBatch(args) -> int:
                                                               study, bar(number, len(inputs), row["case"])),
             lambda row, exc: caseFailure(exc, args), lambda row: showFinished(bar, {**row, "_to_segment": 0}))
     except KeyboardInterrupt:  # the cases done kept in summary.csv, and said how to go on, as `deepwml segment` does
-        write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+        writeSummary(rows, summaryPath)
         segment.say_stopped(bar, summaryPath, args.overwrite)
         raise
     # a folder of masks given for IN, or a PACS export of the wrong exam (no FLAIR in any study): errors, not 'done'
     for error in (segment.no_flair_anywhere(rows, choose=None), segment.masks_only(rows)):
         if error:
             print(f"segment_batch: error: {error}", file=sys.stderr, flush=True)
-    write_csv(rows, SUMMARY_COLUMNS, summaryPath)
+    writeSummary(rows, summaryPath)
     print(segment.batch_total(rows, "cases", summaryPath), flush=True)
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
