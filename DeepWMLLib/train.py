@@ -1164,14 +1164,17 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     # well (the first MiB alone, no DICOM folder): the same files, known fully from now
     if stored_data != data:
         io.write_text(json.dumps(data, indent=1) + "\n", data_file)
-    absent = {c.case for c in cases if io.known_missing(c.flair) or io.known_missing(c.mask)}
-    for name in sorted(absent):
-        log.warning("skipping case %s: a file does not exist", name)
+    absent: dict[str, list[str]] = {}  # case -> its files that do not exist, named: which of a case's files is gone
+    for name, path in missing:
+        absent.setdefault(name, []).append(path)
+    absent_reasons = [(name, f"a file does not exist: {', '.join(paths)}") for name, paths in sorted(absent.items())]
+    for name, reason in absent_reasons:
+        log.warning("skipping case %s: %s", name, reason)
     usable = [c for c in cases if c.case not in absent]
     skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
                             cfg.ignore_label, flair_checker(cfg.device, cfg.threads), cfg.allow_non_flair, run_dir / "flair_check.csv",
                             started)
-    skipped = [(name, "a file does not exist") for name in sorted(absent)] + list(skipped)
+    skipped = absent_reasons + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)
         left = {s: sum(1 for c, v in assignment.items() if v == s and c not in {n for n, _ in skipped}) for s in SPLITS}

@@ -296,9 +296,12 @@ def test_a_started_run_prepared_with_skip_bad_cases_keeps_a_missing_case_out_whe
     missing.write_text(dataset.read_text(encoding="utf-8").replace("c5_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
     run = tmp_path / "run"
     training.train(tiny_config(missing, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
+    # which of the case's files is gone, not just that one is: a manifest of hundreds is mended from this
+    gone = f"a file does not exist: {tmp_path / 'absent_mask.nii.gz'}"
+    assert gone in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
     caplog.set_level("WARNING", logger="DeepWMLLib")
     training.train(tiny_config(missing, epochs=2, samples_per_epoch=8), run)
-    assert len(read_history(run)) == 2 and "skipping case c5: a file does not exist" in caplog.text
+    assert len(read_history(run)) == 2 and f"skipping case c5: {gone}" in caplog.text
     assert json.loads((run / "config.json").read_text(encoding="utf-8"))["skip_bad_cases"] is True
     with pytest.raises(DeepWMLError, match="do not exist"):  # a new run folder is refused, as before
         training.train(tiny_config(missing, epochs=1, samples_per_epoch=8), tmp_path / "new")
