@@ -486,6 +486,9 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")
     skipped, several_values, several_segments = [], [], []
+    # lesion values the masks read here hold, and whether any holds --ignore-label's: an ignore label none holds
+    # (the raters' 9 given as 2, say) leaves nothing out and trains their uncertain voxels as lesion, in silence
+    lesion_values, ignored_found, all_read_here, read_here = set(), False, True, 0
     checks: dict[str, dict] = {}
     everything = wanted + tested
     for i, case in enumerate(everything):
@@ -499,6 +502,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         if target.is_file() and (flair_check is None or checked.is_file()):
             if flair_check is not None:
                 checks[case.case] = json.loads(checked.read_text(encoding="utf-8"))
+            all_read_here = False
             continue
         try:
             image = io.read_image(case.flair)
@@ -524,16 +528,29 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
         segments = io.lesion_segment_names(case.mask)
         if len(segments) > 1:
             several_segments.append(f"{case.case} ({', '.join(segments[:4])})")
-        if ignore_label is None:
-            values = np.bincount(io.voxels(mask).ravel(), minlength=256)[1:]
-            if np.count_nonzero(values) > 1:
-                several_values.append(f"{case.case} ({', '.join(str(v + 1) for v in np.flatnonzero(values)[:4])})")
+        values = np.bincount(io.voxels(mask).ravel(), minlength=256)[1:]
+        read_here += 1
+        if ignore_label is not None:
+            ignored_found = ignored_found or bool(values[ignore_label - 1])
+            values[ignore_label - 1] = 0
+        lesion_values.update(int(v) + 1 for v in np.flatnonzero(values))
+        if np.count_nonzero(values) > 1:
+            several_values.append(f"{case.case} ({', '.join(str(v + 1) for v in np.flatnonzero(values)[:4])})")
         images, labels, missed = prepare_volume(image, mask, cfg, ignore_label)
         if not images.shape[0]:
             log.warning("case %s has no slice with head; it adds nothing to training", case.case)
         io.write_atomically(target, lambda tmp: _save_npz(tmp, images=images.astype(np.float16), labels=labels.astype(np.uint8),
                                                           missed=np.int64(missed)))
-    if several_values:
+    if ignore_label is not None and not ignored_found and all_read_here and lesion_values:
+        log.warning("--ignore-label %d: no mask of the %d case(s) prepared holds value %d, so no voxel is left out of "
+                    "the loss and validation, and every value they hold (%s) trains as lesion; give --ignore-label the "
+                    "value your masks mark voxels to leave out with", ignore_label, read_here, ignore_label,
+                    ", ".join(map(str, sorted(lesion_values))))
+    elif several_values and ignore_label is not None:
+        log.warning("the masks of %d case(s) hold several lesion values besides --ignore-label %d's (%s); each trains "
+                    "as lesion. If another one marks voxels to leave out too, relabel it %d (--ignore-label takes one "
+                    "value)", len(several_values), ignore_label, "; ".join(several_values[:3]), ignore_label)
+    elif several_values:
         log.warning("the masks of %d case(s) hold several lesion values (%s); every positive value trains as lesion. "
                     "If one of them marks voxels to leave out, pass --ignore-label with it", len(several_values),
                     "; ".join(several_values[:3]))

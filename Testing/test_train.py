@@ -713,6 +713,21 @@ def test_ignore_label_marks_pixels_left_out_of_loss_and_validation(dataset, tmp_
             training.TrainConfig.coerce(tiny_config(manifest, ignore_label=bad))
 
 
+def test_an_ignore_label_no_mask_holds_is_pointed_out(dataset, tmp_path, caplog):
+    """Raters' uncertain voxels marked 9, and --ignore-label 2 given (as README's synth example has it): nothing is
+    left out and the 9s train as lesion. That was silent (the several-values warning is held back once
+    --ignore-label is given); it is said, with the values the masks hold."""
+    manifest = _with_unlabelled_blobs(dataset, tmp_path / "data", 9)
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, ignore_label=2), tmp_path / "wrong")
+    assert ("--ignore-label 2: no mask of the 5 case(s) prepared holds value 2, so no voxel is left out of the loss "
+            "and validation, and every value they hold (1, 9) trains as lesion") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8, ignore_label=9), tmp_path / "right")
+    assert "--ignore-label" not in caplog.text and "several lesion values" not in caplog.text
+
+
 def test_cpu_bf16_training_lowers_the_loss_and_its_model_runs_in_fp32(dataset, tmp_path, monkeypatch):
     """--cpu-bf16 (bf16 autocast, channels-last) where the CPU computes bf16 natively; a clear error elsewhere."""
     if not training.cpu_has_native_bf16():
