@@ -167,11 +167,17 @@ def save_model(path: str | os.PathLike, model, config: dict,
     return write_atomically(path, lambda tmp: save_torch(payload, tmp))
 
 
-def _not_a_model_file(p: Path) -> str:
-    """Why `p` cannot be read as a model file: missing, or a folder (a training run's: name its best.pt)."""
+def not_a_model_file(p: Path) -> str:
+    """Why `p` cannot be read as a model file: missing, or a folder (a training run's: name its best.pt; an
+    ensemble's run, `deepwml train --ensemble N`: its members' model_k/best.pt)."""
     if p.is_dir():
-        run = any((p / name).is_file() for name in ("best.pt", "last.pt"))
-        return f"{p} is a folder, not a model file" + (" (a training run folder: give its best.pt)" if run else "")
+        if any((p / name).is_file() for name in ("best.pt", "last.pt")):
+            return f"{p} is a folder, not a model file (a training run folder: give its best.pt)"
+        members = sorted(p.glob("model_*/best.pt"))
+        if members:
+            return (f"{p} is a folder, not a model file (the training run folder of an ensemble of {len(members)}: "
+                    f"its members' model files are {p / 'model_*' / 'best.pt'})")
+        return f"{p} is a folder, not a model file"
     return f"model file {p} does not exist"
 
 
@@ -249,7 +255,7 @@ def load_payload(path: str | os.PathLike, check_records: bool = True) -> dict:
 
     p = Path(path)
     if not p.is_file():
-        raise DeepWMLError(_not_a_model_file(p))
+        raise DeepWMLError(not_a_model_file(p))
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
@@ -408,7 +414,7 @@ def load_model_settings(path: str | os.PathLike) -> LoadedModel:
     """The model's settings without building the network, from the cache when this exact file was seen before."""
     p = Path(path)
     if not p.is_file():
-        raise DeepWMLError(_not_a_model_file(p))
+        raise DeepWMLError(not_a_model_file(p))
     digest = _model_digest(p)
     try:
         meta = _shareable_entry(_metadata_path(digest))  # an older entry: loaded from the file, and replaced

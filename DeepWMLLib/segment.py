@@ -232,8 +232,10 @@ def _named_again(spec: str, again: list[str], given: dict[str, str], model_names
 
 
 def is_run_folder(path) -> bool:
-    """Whether `path` is a training run's folder (its best.pt or last.pt in it), which --model may be given."""
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))
+    """Whether `path` is a training run's folder (its best.pt or last.pt in it, or an ensemble's model_k/best.pt),
+    which --model may be given: the loader names the model files to give instead."""
+    return os.path.isdir(path) and (any(os.path.isfile(os.path.join(path, name)) for name in ("best.pt", "last.pt"))
+                                    or any(Path(path).glob("model_*/best.pt")))
 
 
 def default_model_paths() -> list[str]:

@@ -1538,10 +1538,10 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
 
 def _init_source(cfg: TrainConfig):
     """The model file `cfg.init`, loaded, or a DeepWMLError when it is missing or of another architecture."""
-    from .checkpoint import load_model
+    from .checkpoint import load_model, not_a_model_file
 
-    if not Path(cfg.init).is_file():
-        raise DeepWMLError(f"--init {cfg.init}: no such model file")
+    if not Path(cfg.init).is_file():  # a run folder, say: what to give instead
+        raise DeepWMLError(f"--init: {not_a_model_file(Path(cfg.init))}")
     source = load_model(cfg.init)
     if source.config != cfg.architecture:
         raise DeepWMLError(f"--init {cfg.init} has architecture {source.config}, but this run asks for "

@@ -77,6 +77,8 @@ BAD_INPUTS = [
     ("another program's PyTorch checkpoint given as the model", "segment", 1, "holds Python objects"),
     ("a bare PyTorch state_dict (network weights only) given as the model", "segment", 1,
      "holds network weights only"),
+    ("the run folder of a trained ensemble given as the model (`deepwml train --ensemble 2`'s RUN_DIR)", "segment", 1,
+     "its members' model files are"),
     ("a scan given with --model (INPUT before it)", "segment", 2, "is an image, not a model file"),
     ("the same model given twice in an ensemble", "segment", 0, "ok: averaged in twice, warning printed (\"is given 2 times\")"),
     ("output folder missing", "segment", 0, "ok: created"),
@@ -358,6 +360,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
 
         torch.save(build_model({"base_channels": 4, "depth": 1}).state_dict(), tmp / "weights.pt")
         return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "weights.pt")]
+    if row_id.startswith("the run folder of a trained ensemble given as the model"):  # was "put INPUT before --model"
+        for k in range(2):
+            (tmp / "run" / f"model_{k}").mkdir(parents=True)
+            shutil.copy(p["model"], tmp / "run" / f"model_{k}" / "best.pt")
+        return ["segment", str(p["good"]), "-o", out, "--model", str(tmp / "run")]
     if row_id == "a scan given with --model (INPUT before it)":
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), str(p["truth"])]
     if row_id == "the same model given twice in an ensemble":

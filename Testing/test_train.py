@@ -409,7 +409,7 @@ def test_early_stopping_and_plateau_follow_the_validation_dice(dataset, tmp_path
     assert len(read_history(run)) == 3
 
 
-def test_ensemble_members_differ_and_segment_together(dataset, tmp_path):
+def test_ensemble_members_differ_and_segment_together(dataset, tmp_path, capsys):
     from DeepWMLLib.cli import main
 
     run = tmp_path / "ensemble"
@@ -424,6 +424,12 @@ def test_ensemble_members_differ_and_segment_together(dataset, tmp_path):
                  "--device", "cpu"]) == 0
     mask = sitk.ReadImage(str(out / "c5_flair_wmh.nii.gz"))
     assert mask.GetSize() == sitk.ReadImage(str(dataset.parent / "c5_flair.nii.gz")).GetSize()
+    # the run folder given for its models: which files they are (segment said 'put INPUT before --model')
+    members = f"(the training run folder of an ensemble of 2: its members' model files are {run / 'model_*' / 'best.pt'})"
+    for command in (["segment", str(dataset.parent / "c5_flair.nii.gz"), "-o", str(tmp_path / "o2"), "--model", str(run)],
+                    ["train", "--export", str(run), str(tmp_path / "one.pt")]):
+        assert main(command) == 1
+        assert f"{run} is a folder, not a model file {members}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -603,8 +609,11 @@ def test_fine_tuning_refuses_another_architecture(trained, dataset, tmp_path):
     wider["architecture"] = dict(wider["architecture"], base_channels=8)
     with pytest.raises(DeepWMLError, match="architecture"):
         training.train(wider, tmp_path / "wider")
-    with pytest.raises(DeepWMLError, match="no such model file"):
+    with pytest.raises(DeepWMLError, match="--init: model file .*missing.pt does not exist"):
         training.train(tiny_config(dataset, epochs=1, init=str(tmp_path / "missing.pt")), tmp_path / "missing")
+    # a run folder was 'no such model file', though it is there: what to give instead
+    with pytest.raises(DeepWMLError, match=r"--init: .* is a folder, not a model file \(a training run folder: give its best\.pt"):
+        training.train(tiny_config(dataset, epochs=1, init=str(best.parent)), tmp_path / "folder")
 
 
 def test_another_mask_column_trains_a_brain_mask_model(dataset, tmp_path):
