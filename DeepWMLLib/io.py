@@ -2913,6 +2913,9 @@ def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optio
         raise DeepWMLError(f"manifest {path} is a folder; pass the CSV file (columns {expected}){example}")
     if not path.is_file():
         raise DeepWMLError(f"manifest {path} does not exist; pass a CSV with columns {expected}")
+    if is_image_file(path):  # a scan given where the manifest goes: not a CSV to save again as UTF-8
+        raise DeepWMLError(f"manifest {path} is an image, not a manifest CSV; pass the CSV that lists the cases "
+                           f"(columns {expected})")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

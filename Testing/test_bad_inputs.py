@@ -142,6 +142,7 @@ BAD_INPUTS = [
      "ok: compared on the extent of both, nothing interpolated (the whole scan's Dice); a note says slice numbers are not the scan's"),
     ("consensus manifest missing columns", "consensus", 1, "column"),
     ("training manifest missing", "train", 1, "does not exist"),
+    ("a scan given as the training manifest", "train", 1, "is an image, not a manifest CSV"),
     ("training mask on another grid", "train", 1, "different voxel grids"),
     ("--init model of another architecture", "train", 1, "has architecture"),
     ("one scan under two case names", "train", 1, "has the FLAIR of case"),
@@ -584,6 +585,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
                 str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
+    if row_id == "a scan given as the training manifest":  # was "not a readable CSV ...: save it as UTF-8 CSV"
+        return ["train", str(p["good"]), "--run-dir", str(tmp / "run")]
     if row_id == "training mask on another grid":
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--base-channels", "4", "--depth", "2"]
     return seg + [str(p[row_id])]
