@@ -1553,8 +1553,11 @@ def _initialise_from(model, cfg: TrainConfig) -> None:
     """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning)."""
     source = _init_source(cfg)
     if source.preprocessing.to_dict() != cfg.preprocessing:
-        log.warning("--init %s was trained with preprocessing %s; this run uses %s", cfg.init,
-                    source.preprocessing.to_dict(), cfg.preprocessing)
+        grid = source.preprocessing.to_dict()
+        spacing = grid["grid_spacing_mm"]
+        log.warning("--init %s was trained with preprocessing %s; this run uses %s (to fine-tune it on the grid it "
+                    "learnt on, give --grid-size %s --grid-spacing %s)", cfg.init, grid, cfg.preprocessing,
+                    " ".join(map(str, grid["grid_size"])), "none" if spacing is None else f"{spacing:g}")
     model.load_state_dict(source.model.state_dict())
     log.info("starting from the weights of %s", cfg.init)
 

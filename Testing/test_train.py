@@ -603,6 +603,14 @@ def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
     assert checkpoint.load_model(fresh).provenance.get("initialised_from") is None
 
 
+def test_fine_tuning_on_another_grid_says_how_to_keep_the_model_s(trained, dataset, tmp_path, caplog):
+    _, best = trained
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8, init=str(best),
+                                   preprocessing={"grid_size": [48, 48], "grid_spacing_mm": 1.5}), tmp_path / "other")
+    assert f"(to fine-tune it on the grid it learnt on, give --grid-size {SIZE} {SIZE} --grid-spacing none)" in caplog.text
+
+
 def test_fine_tuning_refuses_another_architecture(trained, dataset, tmp_path):
     _, best = trained
     wider = tiny_config(dataset, epochs=1, init=str(best))
