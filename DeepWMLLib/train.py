@@ -1595,6 +1595,16 @@ def _write_history(path: Path, history: list[dict]) -> None:
     io.write_csv_text("\n".join(lines) + "\n", path)
 
 
+def _refuse_writing_over_a_source(sources: list, target: str | os.PathLike) -> None:
+    """A DeepWMLError when `target` is one of the model files it is made from (a slip of the command line): the
+    copy would replace the run's own best.pt (its fp32 weights, its provenance) or a file the user still needs."""
+    for source in sources:
+        with contextlib.suppress(OSError):  # a target not there yet, or a source the loader will name
+            if os.path.samefile(source, target):
+                raise DeepWMLError(f"writing {target} would replace {source}, the model file it is made from; give "
+                                   "the new model another file name (nothing was written)")
+
+
 def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: bool = True,
                  threshold: float | None = None) -> Path:
     """Write a compact copy of a model file (fp16 weights by default) for shipping, optionally with
@@ -1602,6 +1612,7 @@ def export_model(source: str | os.PathLike, target: str | os.PathLike, fp16: boo
     keeps no path to the training data and no case name (`shareable_provenance`)."""
     from .checkpoint import load_model, save_model
 
+    _refuse_writing_over_a_source([source], target)
     loaded = load_model(source)
     provenance = shareable_provenance(loaded.provenance)
     provenance["exported_from"] = str(Path(source).name)
@@ -1629,6 +1640,7 @@ def average_models(sources: list, target: str | os.PathLike, weights: list | Non
         raise DeepWMLError(f"give one weight per model: {len(sources)} models, {len(weights)} weights")
     if any(not math.isfinite(w) or w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
         raise DeepWMLError(f"weights must be non-negative and sum to 1, got {list(weights)}")
+    _refuse_writing_over_a_source(sources, target)
     loaded = [load_model(s) for s in sources]
     first = loaded[0]
     for source, other in zip(sources[1:], loaded[1:]):
@@ -1657,6 +1669,7 @@ def widen_model(source: str | os.PathLike, target: str | os.PathLike, noise: flo
 
     if not 0 <= noise < 1:
         raise DeepWMLError(f"widening noise must be in [0, 1), got {noise}")
+    _refuse_writing_over_a_source([source], target)
     loaded = load_model(source)
     wide = widen(loaded.model.float().eval(), noise=noise, seed=seed)
     config = dict(loaded.config, base_channels=2 * loaded.config["base_channels"])

@@ -577,6 +577,23 @@ def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
 
 
 
+def test_a_model_written_over_the_file_it_is_made_from_is_refused(trained, tmp_path, capsys):
+    """`--export runs/a/best.pt runs/a/best.pt --fp16` (a slip) replaced the run's best.pt by its fp16 copy, its
+    provenance stripped; --average and --widen wrote over a source as well. Refused, the file left as it was."""
+    from DeepWMLLib.cli import main
+
+    (tmp_path / "run").mkdir()
+    best = tmp_path / "run" / "best.pt"
+    best.write_bytes(trained[1].read_bytes())
+    before = best.read_bytes()
+    for command in (["--export", str(best), str(tmp_path / "run" / ".." / "run" / "best.pt"), "--fp16"],
+                    ["--average", str(trained[1]), str(best), "--out", str(best)],
+                    ["--widen", str(best), "--out", str(best)]):
+        assert main(["train", *command]) == 1
+        assert f"would replace {best}, the model file it is made from" in capsys.readouterr().err
+        assert best.read_bytes() == before
+
+
 def test_shareable_provenance_drops_every_folder_of_paths_with_spaces():
     """A path with spaces in it (quoted in the command line, or a setting's value) lost only its last folder
     but one: the folders named 'Smith Anna 1960' and 'Doe John' stayed in part in an exported model file."""
