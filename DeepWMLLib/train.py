@@ -343,7 +343,9 @@ def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
         assignment[row["case"]] = row["split"]
     absent = sorted(known - set(assignment))
     if absent:
-        raise DeepWMLError(f"split file {path} does not assign {len(absent)} manifest case(s) ({', '.join(absent[:3])}...)")
+        shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
+        raise DeepWMLError(f"split file {path} does not assign {len(absent)} manifest case(s) ({shown}); give each a "
+                           "row (train, val or test), or take them out of the manifest")
     return assignment
 
 

@@ -841,6 +841,10 @@ def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, 
     twice.write_text(twice.read_text(encoding="utf-8") + "c4,val\n")
     with pytest.raises(DeepWMLError, match="'c4' is listed twice"):
         training.train(tiny_config(dataset, split=str(twice)), tmp_path / "r0")
+    short = _split_file(tmp_path / "short.csv", {"c0": "val", "c1": "train", "c2": "train"})
+    with pytest.raises(DeepWMLError, match=r"does not assign 3 manifest case\(s\) \(c3, c4, c5\); give each a row "
+                                           r"\(train, val or test\), or take them out of the manifest$"):
+        training.train(tiny_config(dataset, split=str(short)), tmp_path / "short")
     no_val = _split_file(tmp_path / "noval.csv", {f"c{i}": "train" for i in range(5)} | {"c5": "test"})
     with pytest.raises(DeepWMLError, match="5 case.s. in train and 0 in val"):
         training.train(tiny_config(dataset, split=str(no_val)), tmp_path / "r1")
