@@ -1048,8 +1048,14 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
         dist_ctx.barrier()
         cache = run_dir / "cache"
         train_set, val_set = SliceSet.open(cache, "train"), SliceSet.open(cache, "val")
-        if not len(train_set) or not len(val_set):
-            raise DeepWMLError("no training or no validation slice is left after preparation; add cases to the manifest")
+        for split, slices in (("train", train_set), ("val", val_set)):
+            if not len(slices):
+                what = "training" if split == "train" else "validation"
+                if not setup.get("cases", {}).get(split) and setup.get("skipped_cases"):
+                    raise DeepWMLError(f"no {what} slice is left after preparation: every {split} case was skipped (see "
+                                       f"{run_dir / 'skipped_cases.csv'}); mend them and rerun, or add cases to the "
+                                       "manifest")
+                raise DeepWMLError(f"no {what} slice is left after preparation; add cases to the manifest")
         if not train_set.lesion_pixels.any():
             raise DeepWMLError("no training mask holds lesion on a slice the network sees (all empty, or the label "
                                f"is another column: --mask-column); there is nothing to learn from {cfg.manifest}")

@@ -307,6 +307,19 @@ def test_a_started_run_prepared_with_skip_bad_cases_keeps_a_missing_case_out_whe
         training.train(tiny_config(missing, epochs=1, samples_per_epoch=8), tmp_path / "new")
 
 
+def test_a_validation_set_emptied_by_skipped_cases_is_said_so(dataset, tmp_path):
+    """The one val case's mask missing, --skip-bad-cases: 'no training or no validation slice is left' said neither
+    which nor why; it names the split and the skipped cases' table."""
+    missing = tmp_path / "missing.csv"
+    missing.write_text(dataset.read_text(encoding="utf-8").replace("c0_mask", "absent_mask").replace(",c", f",{dataset.parent}/c"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "val", "c1": "train", "c2": "train", "c3": "train", "c4": "train",
+                                                 "c5": "test"})
+    run = tmp_path / "run"
+    with pytest.raises(DeepWMLError, match=re.escape(f"no validation slice is left after preparation: every val case was "
+                                                     f"skipped (see {run / 'skipped_cases.csv'})")):
+        training.train(tiny_config(missing, split=str(split), skip_bad_cases=True, epochs=1), run)
+
+
 def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path):
     folder = tmp_path / "data"
     manifest = make_dataset(folder, n_cases=6)
