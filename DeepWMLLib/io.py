@@ -2312,8 +2312,10 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
             found = f"negative values (down to {float(finite.min()):g})"
         else:  # fractions: a probability map, or a mask resampled with linear interpolation
             fractions = finite[finite != np.round(finite)]
-            found = (f"values that are not whole numbers ({fractions.size} voxels between {float(fractions.min()):.3g} and "
-                     f"{float(fractions.max()):.3g}: a probability map, or a mask resampled with interpolation?)")
+            low, high = f"{float(fractions.min()):.3g}", f"{float(fractions.max()):.3g}"
+            where = f"of {low}" if low == high else f"between {low} and {high}"  # one value: not 'between 0.7 and 0.7'
+            found = (f"values that are not whole numbers ({fractions.size} voxels {where}: a probability map, or a mask "
+                     "resampled with interpolation?)")
         raise DeepWMLError(
             f"{path} is not a label mask: it holds {found}; a mask holds whole numbers 0–255 (0 background, "
             "1 lesion): threshold a probability map first, resample masks with nearest neighbour"

@@ -1162,6 +1162,7 @@ def test_a_grid_of_another_size_names_both_spacings(tmp_path):
 @pytest.mark.parametrize("values, dtype, words", [
     ([0, -1], np.int16, "negative values (down to -1)"),
     ([0, 0.25, 0.75], np.float32, "values that are not whole numbers (2 voxels between 0.25 and 0.75: a probability map"),
+    ([0, 0.7, 0.7], np.float32, "values that are not whole numbers (2 voxels of 0.7: a probability map"),
 ])
 def test_read_mask_says_what_is_wrong_with_the_values(tmp_path, values, dtype, words):
     """A mask of int16 with -1 was told to 'threshold probability maps first'; now the message says what it holds."""
