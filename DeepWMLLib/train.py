@@ -1061,7 +1061,8 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
                                f"is another column: --mask-column); there is nothing to learn from {cfg.manifest}")
         if dist_ctx.main and not val_set.lesion_pixels.any() and not val_set.missed_lesion_voxels:
             log.warning("no validation mask holds lesion: val Dice is 1 for predicting nothing, so it cannot choose "
-                        "the best epoch; put cases with lesion in val")
+                        "the best epoch; put cases with lesion in val: --split with a CSV of case, split, or another "
+                        "--seed (a run folder that has trained an epoch keeps its split: use a new one)")
         best = []
         for k in range(cfg.ensemble):
             member_dir = run_dir if cfg.ensemble == 1 else run_dir / f"model_{k}"

@@ -320,6 +320,17 @@ def test_a_validation_set_emptied_by_skipped_cases_is_said_so(dataset, tmp_path)
         training.train(tiny_config(missing, split=str(split), skip_bad_cases=True, epochs=1), run)
 
 
+def test_validation_masks_without_lesion_are_said_with_how_to_mend_the_split(tmp_path, caplog):
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=5)
+    sitk.WriteImage(sitk.ReadImage(str(folder / "c0_mask.nii.gz")) * 0, str(folder / "c0_mask.nii.gz"))
+    split = _split_file(tmp_path / "split.csv", {"c0": "val", "c1": "train", "c2": "train", "c3": "train", "c4": "test"})
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8), tmp_path / "run")
+    assert ("no validation mask holds lesion: val Dice is 1 for predicting nothing, so it cannot choose the best "
+            "epoch; put cases with lesion in val: --split with a CSV of case, split, or another --seed") in caplog.text
+
+
 def test_a_mask_on_another_grid_stops_or_is_skipped_on_request(dataset, tmp_path):
     folder = tmp_path / "data"
     manifest = make_dataset(folder, n_cases=6)
