@@ -1926,6 +1926,13 @@ def _run(args: argparse.Namespace) -> int:
         logger.setLevel(logging.INFO)
     try:
         best = train(config, run_dir, progress=console if main_rank else None)
+    except KeyboardInterrupt:  # Ctrl-C or a stop signal: what was kept, and how to go on (main says it was stopped)
+        if _has_trained(run_dir):
+            log.info("%s keeps every finished epoch: rerun the same command, or `deepwml train --resume %s`, to go "
+                     "on from the last", run_dir, run_dir)
+        else:
+            log.info("no epoch was finished: rerun the same command to start again (the cases prepared so far are kept)")
+        raise
     finally:
         logger.removeHandler(console)
         console.close()

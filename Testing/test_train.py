@@ -564,6 +564,23 @@ def test_cancel_stops_and_a_rerun_finishes(dataset, tmp_path):
     assert training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run) == run / "best.pt"
 
 
+def test_a_training_stopped_by_a_signal_says_how_to_go_on(trained, dataset, tmp_path, monkeypatch, capsys):
+    """A stop (Ctrl-C, a scheduler's SIGTERM) said only 'stopped by SIGTERM': not that the run keeps its epochs, nor
+    that rerunning the command goes on."""
+    from DeepWMLLib.cli import main
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", stopped)
+    run, _ = trained
+    assert main(["train", "--resume", str(run)]) == 130
+    assert (f"{run} keeps every finished epoch: rerun the same command, or `deepwml train --resume {run}`, to go on "
+            "from the last") in capsys.readouterr().err
+    assert main(["train", str(dataset), "--run-dir", str(tmp_path / "new")]) == 130
+    assert "no epoch was finished: rerun the same command to start again" in capsys.readouterr().err
+
+
 def test_cli_export_writes_an_fp16_model(trained, tmp_path, capsys):
     from DeepWMLLib.cli import main
 
