@@ -1781,7 +1781,8 @@ def register(subparsers) -> None:
     g.add_argument("--base-channels", type=positive_int, help="channels of the first level (paper 64)")
     g.add_argument("--depth", type=positive_int, help="poolings (paper 4)")
     g.add_argument("--batch-norm", action="store_true", default=None, help="BatchNorm after each convolution")
-    g.add_argument("--init", metavar="MODEL", help="start from this model file's weights (fine-tuning; same architecture)")
+    g.add_argument("--init", metavar="MODEL", help="start from this model file's weights, or a shipped model's by its "
+                   "name, e.g. unet32-v9 (fine-tuning; same architecture)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, help="epochs (paper 200)")
     g.add_argument("--batch-size", type=positive_int, help="slices per step and process (default 8)")
@@ -1833,6 +1834,17 @@ _OPTION_NAMES = {"learning_rate": "lr", "early_stopping_patience": "early_stoppi
                  "shear_deg": "shear", "noise_std": "noise"}  # argparse dest -> option, where they differ
 
 
+def _init_file(spec: str) -> str:
+    """--init's model file: a file, or the name of a shipped model (`unet32-v9`), as segment's --model takes it."""
+    from .segment import model_files
+
+    files = model_files([spec], option="--init")
+    if len(files) > 1:
+        raise UsageError(f"--init {spec} is an ensemble of {len(files)} models, and fine-tuning starts from one: "
+                         f"give one of its members ({', '.join(Path(f).name for f in files)})")
+    return files[0]
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     """The training config and run folder a command line asks for."""
     if args.resume:
@@ -1861,6 +1873,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
     for key in _TOP_OPTIONS + _RESUMABLE_OPTIONS:
         if getattr(args, key, None) is not None:
             config[key] = getattr(args, key)
+    if config.get("init"):
+        config["init"] = _init_file(config["init"])
     if args.no_amp:
         config["amp"] = False
     if args.cpu_bf16:

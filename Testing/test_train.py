@@ -527,6 +527,27 @@ def test_every_training_option_is_either_fixed_by_a_run_or_may_change_on_resume(
     assert not set(training._SETTING_OPTIONS) & set(training._RESUMABLE_OPTIONS)
 
 
+def test_init_takes_a_shipped_model_s_name_as_segment_s_model_does(tmp_path):
+    """`--init unet32-v9` (the name segment's --model takes) was 'model file .../unet32-v9 does not exist'."""
+    from DeepWMLLib.cli import build_parser
+    from DeepWMLLib.errors import UsageError
+    from DeepWMLLib.segment import shipped_models
+
+    shipped = {entry["name"]: entry["path"] for entry in shipped_models()}
+    name = next(iter(shipped))
+
+    def init(spec):
+        args = build_parser().parse_args(["train", "m.csv", "--run-dir", str(tmp_path / "r"), "--init", spec])
+        return training.TrainConfig.coerce(training.config_from_args(args)[0]).init
+
+    assert init(name) == str(Path(shipped[name]).resolve())
+    with pytest.raises(UsageError, match="is an ensemble of 4 models, and fine-tuning starts from one: give one of its "
+                                         "members"):
+        init("ensemble-v8")
+    with pytest.raises(UsageError, match="--init no-such-model: no such model file, nor a shipped model"):
+        init("no-such-model")
+
+
 def test_command_line_flags_become_the_training_config(tmp_path):
     from DeepWMLLib.cli import build_parser
 
