@@ -522,6 +522,11 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     return {"median_mm": round(float(np.median(errors)), 3), "p95_mm": round(float(np.percentile(errors, 95)), 3)}
 
 
+def measured(value, unit: str = "") -> str:
+    """A registration figure as said: two decimals, or "not measurable" for nan (null in a saved report)."""
+    return "not measurable" if value is None or math.isnan(value) else f"{value:.2f}{unit}"
+
+
 def failed_checks(registration: dict) -> list[str]:
     """The checks of a registration (a change report's `registration`) that failed, each with its figure and its
     limit; any one makes the registration not reliable. Each is read alone: two scans of different heads can be
@@ -630,11 +635,15 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     suspect = bool(failed_checks(facts))
     facts["reliable"] = not suspect
     if suspect:
-        consistency = (f", the registration run both ways disagrees by {facts['inverse_consistency']['p95_mm']:.2f} mm "
-                       f"(95th percentile; up to 0.17 mm on those pairs, {MAX_INCONSISTENCY_MM:g} warns)" if check else "")
+        apart = facts["inverse_consistency"]["p95_mm"] if check else None
+        consistency = ("" if not check else
+                       ", the registration run both ways could not be compared (no head found in the follow-up)"
+                       if measured(apart) == "not measurable" else
+                       f", the registration run both ways disagrees by {apart:.2f} mm (95th percentile; up to 0.17 mm "
+                       f"on those pairs, {MAX_INCONSISTENCY_MM:g} warns)")
         warnings.insert(0,  # first: it undoes every call after it
             f"{UNRELIABLE}: the scans may be of different patients, or the registration failed: correlation "
-            f"{registration.correlation:.2f} (0.84-0.94 on the same-patient pairs it was checked on; below "
+            f"{measured(registration.correlation)} (0.84-0.94 on the same-patient pairs it was checked on; below "
             f"{MIN_CORRELATION:.2f} warns), mutual information {registration.mutual_information:.2f} (-0.70 to -0.90; "
             f"above {MAX_MUTUAL_INFORMATION:.2f} warns){consistency}; check that both scans are of this patient and "
             "look at the registered baseline over the follow-up; no new, enlarging or gone lesion can be trusted")
@@ -732,9 +741,9 @@ def format_summary(case: str, report: dict) -> str:
     reliable = registration.get("reliable", True)  # reports written before the verdict was recorded
     lines.append(
         f"  registration: rotation {', '.join(f'{a:.1f}' for a in registration['rotation_deg'])} deg, translation "
-        f"{', '.join(f'{t:.1f}' for t in registration['translation_mm'])} mm, correlation {registration['correlation']:.2f}"
+        f"{', '.join(f'{t:.1f}' for t in registration['translation_mm'])} mm, correlation {measured(registration['correlation'])}"
         + ((f", both ways agree within {consistency['p95_mm']:.2f} mm" if reliable else
-            f", both ways {consistency['p95_mm']:.2f} mm apart") if consistency else ""))
+            f", both ways {measured(consistency['p95_mm'], ' mm apart')}") if consistency else ""))
     if not reliable:  # said first, before any figure is read
         lines.insert(0, f"{case}: {unreliable_because(registration)}: different patients, or a failed registration? "
                         "The calls below cannot be trusted")

@@ -419,6 +419,9 @@ def test_an_unreliable_registration_is_said_with_the_check_that_failed_not_a_fig
     # an earlier version's verdict on unrounded figures that all pass once rounded: no empty brackets
     report["registration"].update(correlation=0.8, mutual_information=-0.7, inverse_consistency={"p95_mm": 0.1})
     assert change.format_summary("p", report).startswith("p: REGISTRATION NOT RELIABLE: different patients")
+    report["registration"].update(correlation=None, inverse_consistency={"p95_mm": None})  # not measured (JSON null)
+    summary = change.format_summary("p", report)
+    assert "correlation not measurable, both ways not measurable" in summary and "nan" not in summary
 
 
 def test_a_check_that_could_not_be_measured_is_said_so_not_as_nan_under_its_limit():
