@@ -37,11 +37,16 @@ _ORTHONORMAL_TOL = 1e-4
 # Volumes
 
 
-def worldIJKToRAS(volumeNode) -> np.ndarray:
-    """The 4x4 IJK -> world RAS matrix of a volume, its linear parent transforms applied."""
+def _ownIJKToRAS(volumeNode) -> np.ndarray:
+    """The 4x4 IJK -> RAS matrix of a volume in its own coordinates (its parent transforms not applied)."""
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    ijkToRAS = slicer.util.arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def worldIJKToRAS(volumeNode) -> np.ndarray:
+    """The 4x4 IJK -> world RAS matrix of a volume, its linear parent transforms applied."""
+    ijkToRAS = _ownIJKToRAS(volumeNode)
     transformNode = volumeNode.GetParentTransformNode()
     if transformNode is None:
         return ijkToRAS
@@ -71,8 +76,9 @@ def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str) -> sitk.Ima
     return image
 
 
-def imageFromVolume(volumeNode) -> sitk.Image:
-    """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified)."""
+def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified); with `world`
+    False, in the node's own coordinates (its parent transforms, which may be non-linear, not applied)."""
     if volumeNode is None:
         raise DeepWMLError("no volume selected; choose the FLAIR volume first")
     name = volumeNode.GetName()
@@ -85,7 +91,7 @@ def imageFromVolume(volumeNode) -> sitk.Image:
     if array.ndim != 3 or min(array.shape) < 1:
         raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
     image = sitk.GetImageFromArray(array)  # copies the voxels
-    return _setGeometry(image, LPS_TO_RAS @ worldIJKToRAS(volumeNode), name)
+    return _setGeometry(image, LPS_TO_RAS @ (worldIJKToRAS(volumeNode) if world else _ownIJKToRAS(volumeNode)), name)
 
 
 def ijkToRASFromImage(image: sitk.Image) -> np.ndarray:
@@ -175,8 +181,9 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
 
 
 def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> sitk.Image:
-    """Segments as a uint8 0/1 image (world LPS): on the reference volume's grid, or with None on the
-    segmentation's own labelmap grid, cropped to the segments (nothing of them cut off)."""
+    """Segments as a uint8 0/1 image: on the reference volume's grid (world LPS), or with None on the
+    segmentation's own labelmap grid, cropped to the segments (nothing of them cut off), in the segmentation's own
+    coordinates (LPS; its parent transform not applied: a non-linear one would not leave a voxel grid)."""
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DeepWML export")
     labelmap.SetHideFromEditors(True)
     colorsBefore = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorNode")}
@@ -193,7 +200,7 @@ def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> si
         # reference: on the segmentation's labelmap grid, under the segmentation's transform).
         if labelmap.GetImageData().GetPointData().GetScalars() is None:  # no reference, empty segments: no extent
             return sitk.Image(1, 1, 1, sitk.sitkUInt8)
-        mask = imageFromVolume(labelmap)
+        mask = imageFromVolume(labelmap, world=referenceVolumeNode is not None)
     finally:
         # without a colour table the exporter adds a new one ("<segmentation>_ColorTable") to the scene
         display = labelmap.GetDisplayNode()
@@ -268,11 +275,28 @@ def drawnOnNote(node, volumeNode) -> list[str]:
 
 
 def ownMask(node, segmentId: str | None = None) -> sitk.Image:
-    """A segmentation's or labelmap volume's lesion mask (as `maskFromNode` takes it) on its own grid, in world
-    LPS: a segmentation's on its internal labelmap grid, a labelmap volume's on its voxels; nothing resampled."""
+    """A segmentation's or labelmap volume's lesion mask (as `maskFromNode` takes it) on its own grid, in the node's
+    own coordinates (LPS; `toWorldRAS` applies its transforms): a segmentation's on its internal labelmap grid, a
+    labelmap volume's on its voxels; nothing resampled."""
     if node.IsA("vtkMRMLSegmentationNode"):
         return _exportSegments(node, segmentIds(node, segmentId), None)
-    return sitk.Cast(imageFromVolume(node) > 0, sitk.sitkUInt8)
+    return sitk.Cast(imageFromVolume(node, world=False) > 0, sitk.sitkUInt8)
+
+
+def toWorldRAS(node, points: np.ndarray) -> np.ndarray:
+    """RAS points (3 x N) in a node's own coordinates moved to world RAS through its parent transforms, linear or
+    not, as the views show the node."""
+    transformNode = node.GetParentTransformNode()
+    if transformNode is None or points.shape[1] == 0:
+        return points
+    from vtk.util import numpy_support
+
+    toWorld = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(transformNode, None, toWorld)
+    own, world = vtk.vtkPoints(), vtk.vtkPoints()
+    own.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points.T, dtype=float), deep=True))
+    toWorld.TransformPoints(own, world)
+    return numpy_support.vtk_to_numpy(world.GetData()).T
 
 
 # A voxel of a segmentation counts as outside a volume when its centre lies beyond the volume's outer voxel faces
@@ -294,8 +318,9 @@ def volumeOutsideMl(node, volumeNode, segmentId: str | None = None) -> tuple[flo
     voxelMl = float(np.prod(mask.GetSpacing())) / 1000.0
     if len(i) == 0:
         return 0.0, 0.0
-    world = ijk_to_lps(mask) @ np.vstack([i, j, k, np.ones(len(i))])
-    index = np.linalg.inv(LPS_TO_RAS @ worldIJKToRAS(volumeNode)) @ world  # continuous (i, j, k) on the volume
+    own = LPS_TO_RAS @ ijk_to_lps(mask) @ np.vstack([i, j, k, np.ones(len(i))])
+    world = np.vstack([toWorldRAS(node, own[:3]), np.ones(len(i))])
+    index = np.linalg.inv(worldIJKToRAS(volumeNode)) @ world  # continuous (i, j, k) on the volume
     size = np.array(volumeNode.GetImageData().GetDimensions(), dtype=float)[:, None]
     low, high = -0.5 - _FACE_TOL_VOXELS, size - 0.5 + _FACE_TOL_VOXELS
     outside = np.any((index[:3] < low) | (index[:3] > high), axis=0)
