@@ -221,3 +221,16 @@ def test_slice_centre_follows_the_axial_axis_of_an_oblique_volume(scene):
     index[axis] = 3
     l, p, s = flair.TransformContinuousIndexToPhysicalPoint(index)
     np.testing.assert_allclose(mrml.sliceCenterRAS(volume, 3), (-l, -p, s), atol=1e-6)
+
+
+def test_slices_of_a_volume_stored_in_sagittal_slices_are_numbered_by_its_axial_voxel_axis(scene):
+    """README: the module numbers the axial slices by the volume's voxel axis nearest superior, as Slicer holds it:
+    the K of the Data Probe for a scan stored in axial slices, the J here (it said K for every volume)."""
+    from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic
+
+    flair, truth = asymmetricVolume(**GRIDS["sagittal-thick"])
+    volume = mrml.volumeFromImage(flair, "flair")
+    report = DeepWMLCoreLogic().lesionStatistics(mrml.segmentationFromMask(truth, volume), volume)
+    k, j, i = np.nonzero(sitk.GetArrayFromImage(truth))
+    assert [s["index"] for s in report["slices"] if s["area_mm2"] > 0] == sorted(set(j.tolist()))
+    assert sorted(set(j.tolist())) != sorted(set(k.tolist()))
