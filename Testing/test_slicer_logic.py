@@ -616,6 +616,37 @@ def test_comparison_table_gives_each_slice_the_reference_lv_group_deepwml_evalua
     assert {int(r["index"]): r["lv_group"] for r in rows} == {3: "G1", 5: "", 7: "G2"}  # the segmentation's own
 
 
+def test_the_comparison_table_gives_a_slice_one_side_did_not_mark_an_area_of_0_not_a_blank(scene, tmp_path):
+    """A slice the segmentation missed showed a blank Area and LV beside its Dice 0.000, and a slice only the
+    segmentation marked a blank Reference area beside blank Dice: blanks that read as 'not measured'. They read 0
+    now (in the table and the saved .csv); the LV groups of a side with no lesion stay blank, and so does the Dice of
+    a slice the reference did not mark (per slice, Dice is over the reference's slices, as deepwml evaluate's)."""
+    flair, _ = make_volume()
+    marks, manual = (np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8) for _ in range(2))
+    marks[2, 20, 10:40] = 1  # only the segmentation
+    manual[5, 20, 10:20] = 1  # only the reference
+    images = []
+    for array in (marks, manual):
+        images.append(sitk.GetImageFromArray(array))
+        images[-1].CopyInformation(flair)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    prediction = mrml.segmentationFromMask(images[0], volume, name="DeepWML")
+    results = {"report": logic.lesionStatistics(prediction, volume),
+               "comparison": logic.compareSegmentations(prediction, mrml.segmentationFromMask(images[1], volume,
+                                                                                              name="manual"), volume)}
+    headers, table, slices = logic.sliceTable(results)
+    shown = {index: dict(zip(headers, row)) for index, row in zip(slices, table)}
+    assert slices == [2, 5]
+    assert (shown[5]["Area (mm²)"], shown[5]["LV (ml)"], shown[5]["LV group"], shown[5]["Dice"]) == \
+        ("0.000", "0.000", "", "0.000")
+    assert (shown[2]["Reference area (mm²)"], shown[2]["Reference LV group"], shown[2]["Dice"]) == ("0.000", "", "")
+    logic.saveResults(results, tmp_path / "slices.csv")
+    rows = {int(r["index"]): r for r in csv.DictReader(open(tmp_path / "slices.csv", encoding="utf-8-sig"))}
+    assert float(rows[5]["area_mm2"]) == 0.0 and float(rows[2]["reference_area_mm2"]) == 0.0
+    assert rows[5]["lv_group"] == rows[2]["reference_lv_group"] == rows[2]["dice"] == ""
+
+
 def test_jump_to_slice_centres_the_views_on_that_slice(scene):
     flair, _ = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

@@ -792,14 +792,17 @@ class DeepWMLCoreLogic:
             rows = sorted(consensus["slices"], key=lambda s: (order.get(s["index"], len(order)), s["index"]))
             return ["index", "dice", "area_a_mm2", "area_b_mm2", "disagreement_mm2"], rows
         columns = ["index", "area_mm2", "lv_ml", "lv_group"]
-        rows = {s["index"]: dict(s) for s in results.get("report", {}).get("slices", []) if s["area_mm2"] > 0}
+        slices = {s["index"]: s for s in results.get("report", {}).get("slices", [])}  # every slice, 0 without lesion
+        rows = {index: dict(s) for index, s in slices.items() if s["area_mm2"] > 0}
         if "comparison" in results:
             # and the reference's LV group, by which `deepwml evaluate` (lv_groups.csv, the paper's Fig. 4) groups
             # each slice's Dice: the segmentation's own may differ, or be none on a slice it missed
             columns += ["dice", "sensitivity", "precision", "reference_area_mm2", "reference_lv_group"]
-            for s in results["comparison"]["slices"]:
-                row = rows.setdefault(s["index"], {"index": s["index"]})
+            for s in results["comparison"]["slices"]:  # the slices the reference marked
+                row = rows.setdefault(s["index"], dict(slices.get(s["index"], {"index": s["index"]})))
                 row.update({key: s[key] for key in columns[4:-1]}, reference_lv_group=s["lv_group"])
+            for row in rows.values():  # a slice only the segmentation marked: the reference's area 0, not a blank
+                row.setdefault("reference_area_mm2", 0.0)
         return columns, [rows[index] for index in sorted(rows)]
 
     def sliceTable(self, results: dict) -> tuple[list[str], list[list[str]], list[int]]:
