@@ -577,6 +577,21 @@ def _on_the_scores_grid(probabilities: sitk.Image, reference: sitk.Image) -> tup
     return io.onto_grid(probabilities, reference, "probability map", "reference"), reference
 
 
+def check_probability_map(probabilities: sitk.Image) -> sitk.Image:
+    """Refuse a map given as a case's probabilities that holds values outside 0 to 1. roc_auc ranks any scores, so a
+    FLAIR given by mistake gave a plausible AUC (0.98 on a labelled case). 0.1 of slack: a map resampled with a
+    higher-order interpolator overshoots 0 and 1 a little."""
+    values = voxels(probabilities)
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if low < -0.1 or high > 1.1:
+        raise DeepWMLError(f"the file given as probability map holds values from {low:g} to {high:g}: it is not a "
+                           "probability map (0 to 1), perhaps the FLAIR; give the map of the model's probabilities "
+                           "(deepwml segment --save-probabilities writes CASE_prob), one stored 0-255 or in percent "
+                           "rescaled to 0-1")
+    return probabilities
+
+
 def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     """Area under the ROC curve of voxel scores against the reference (ignored voxels left out)."""
     _check_volume(probabilities, "probability map")
@@ -590,14 +605,6 @@ def roc_auc(probabilities: sitk.Image, reference: sitk.Image) -> float:
     scores, lesion = scores.ravel(), lesion.ravel()
     if not np.isfinite(scores).all():
         raise DeepWMLError("probability map has NaN or infinite voxels; re-export it from the model")
-    low, high = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 0.0)
-    # Any scores rank voxels, so a FLAIR given by mistake gave a plausible AUC (0.98 on a labelled case). 0.1 of
-    # slack: a map resampled with a higher-order interpolator overshoots 0 and 1 a little.
-    if low < -0.1 or high > 1.1:
-        raise DeepWMLError(f"the file given as probability map holds values from {low:g} to {high:g}: it is not a "
-                           "probability map (0 to 1), perhaps the FLAIR; give the map of the model's probabilities "
-                           "(deepwml segment --save-probabilities writes CASE_prob), one stored 0-255 or in percent "
-                           "rescaled to 0-1")
     n_pos = int(np.count_nonzero(lesion))
     n_neg = lesion.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -656,7 +663,7 @@ def case_metrics(prediction: sitk.Image, reference: sitk.Image, probabilities: s
         "avd_percent": pair.avd_percent(),
         **pair.lesion_detection(),
         **pair.volumes_ml(),
-        "roc_auc": roc_auc(probabilities, reference) if probabilities is not None else math.nan,
+        "roc_auc": roc_auc(check_probability_map(probabilities), reference) if probabilities is not None else math.nan,
         "slice_thickness_mm": pair.slice_thickness_mm,
         "lesionwise": pair.lesionwise(found_fraction, size_classes),
         "slices": pair.slices(),
