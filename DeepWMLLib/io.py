@@ -3202,7 +3202,9 @@ def acquisition_axis(image: sitk.Image) -> int:
 
 def _near_isotropic(image: sitk.Image) -> bool:
     spacing = image.GetSpacing()
-    return max(spacing) <= NEAR_ISOTROPIC * min(spacing)
+    # With the tolerance of equal spacings: NIfTI stores 1.2 mm as 1.2000000477, which a 1 x 1 x 1.2 mm scan
+    # saved as NRRD or MetaImage is not.
+    return max(spacing) <= NEAR_ISOTROPIC * min(spacing) * (1 + _SPACING_RTOL)
 
 
 def acquisition_plane(image: sitk.Image) -> str:

@@ -131,3 +131,13 @@ def test_fitted_non_square_grid_covers_the_whole_slice(grid_size):
     back = grid.to_input(np.ones((1, *grid_size), np.float32))
     assert back.shape == (1, *stack.shape[1:])
     assert back[:, 1:-1, 1:-1].min() > 0.99
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_isotropic_bound_holds_whatever_the_format(suffix, tmp_path):
+    """A 1 x 1 x 1.2 mm sagittal 3D FLAIR (voxel sizes 20 % apart, the bound) was 'isotropic' as NRRD but 'sagittal'
+    as NIfTI, which stores 1.2 mm as 1.2000000477 in single precision: the same scan named two ways by its format."""
+    image, _ = make_volume(size=(24, 40, 40), spacing=(1.2, 1.0, 1.0), direction=SAGITTAL)
+    path = tmp_path / f"flair{suffix}"
+    sitk.WriteImage(image, str(path))
+    assert io.acquisition_plane(io.read_image(path)) == "isotropic"
