@@ -9,7 +9,7 @@ shifts them far less than a mean/std or min/max would. Values are clipped to [-8
 extreme voxels (fat, vessels, artefacts) cannot dominate.
 
 Network grid: every axial slice is resampled in-plane (bilinear, with a Gaussian anti-alias filter
-when shrinking) to a fixed grid, `grid_size` pixels of `grid_spacing_mm`, centred on the head. A
+when shrinking by more than 1.2x) to a fixed grid, `grid_size` pixels of `grid_spacing_mm`, centred on the head. A
 fixed physical pixel size keeps the brain the same size in network pixels whatever the scanner's
 field of view and matrix (256–512, 0.4–1.0 mm); the centre is rounded to a lattice of whole network pixels
 fixed in the scanner's space, so a scan cropped or padded on its own voxel grid is sampled at the same points. With `grid_spacing_mm = None` the whole slice field
