@@ -564,6 +564,22 @@ def test_results_save_as_csv_table_and_json(scene, tmp_path):
     assert [row[0] for row in table] == [str(k) for k in lesionSlices]
 
 
+def compared(flair, marks, manual):
+    """The logic, its results (report and comparison) and the two masks as images, for a segmentation marking
+    `marks` compared with a reference marking `manual` (arrays on `flair`'s voxels)."""
+    images = []
+    for array in (marks, manual):
+        images.append(sitk.GetImageFromArray(array))
+        images[-1].CopyInformation(flair)
+    volume = mrml.volumeFromImage(flair, "flair")
+    logic = DeepWMLCoreLogic()
+    prediction = mrml.segmentationFromMask(images[0], volume, name="DeepWML")
+    results = {"report": logic.lesionStatistics(prediction, volume),
+               "comparison": logic.compareSegmentations(prediction, mrml.segmentationFromMask(images[1], volume,
+                                                                                              name="manual"), volume)}
+    return logic, results, images
+
+
 def test_slice_table_never_shows_an_lv_that_reads_in_another_group_on_the_bundled_sample(scene):
     # the sample's grid (0.9489 mm pixels, 6 mm slices): 37 voxels are 0.19989 ml, G1, which the table showed as
     # "0.200" beside "G1" (a G2 figure to whoever reads it; the report says 0.19989)
@@ -595,16 +611,7 @@ def test_comparison_table_gives_each_slice_the_reference_lv_group_deepwml_evalua
     manual[3, 20:22, 10:40] = 1  # ... where the reference has 60, G2
     manual[5, 20, 10:20] = 1  # a slice only the reference marks
     marks[7, 20:22, 10:40] = manual[7, 20:22, 10:40] = 1
-    images = []
-    for array in (marks, manual):
-        images.append(sitk.GetImageFromArray(array))
-        images[-1].CopyInformation(flair)
-    volume = mrml.volumeFromImage(flair, "flair")
-    logic = DeepWMLCoreLogic()
-    prediction = mrml.segmentationFromMask(images[0], volume, name="DeepWML")
-    results = {"report": logic.lesionStatistics(prediction, volume),
-               "comparison": logic.compareSegmentations(prediction, mrml.segmentationFromMask(images[1], volume,
-                                                                                              name="manual"), volume)}
+    logic, results, images = compared(flair, marks, manual)
     expected = {s["index"]: s["lv_group"] for s in evaluate_case(images[0], images[1])["slices"]}
     assert expected == {3: "G2", 5: "G1", 7: "G2"}
     headers, table, slices = logic.sliceTable(results)
@@ -625,16 +632,7 @@ def test_the_comparison_table_gives_a_slice_one_side_did_not_mark_an_area_of_0_n
     marks, manual = (np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8) for _ in range(2))
     marks[2, 20, 10:40] = 1  # only the segmentation
     manual[5, 20, 10:20] = 1  # only the reference
-    images = []
-    for array in (marks, manual):
-        images.append(sitk.GetImageFromArray(array))
-        images[-1].CopyInformation(flair)
-    volume = mrml.volumeFromImage(flair, "flair")
-    logic = DeepWMLCoreLogic()
-    prediction = mrml.segmentationFromMask(images[0], volume, name="DeepWML")
-    results = {"report": logic.lesionStatistics(prediction, volume),
-               "comparison": logic.compareSegmentations(prediction, mrml.segmentationFromMask(images[1], volume,
-                                                                                              name="manual"), volume)}
+    logic, results, images = compared(flair, marks, manual)
     headers, table, slices = logic.sliceTable(results)
     shown = {index: dict(zip(headers, row)) for index, row in zip(slices, table)}
     assert slices == [2, 5]
