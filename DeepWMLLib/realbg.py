@@ -248,6 +248,23 @@ def insert_case(rng: np.random.Generator, background: Background, atlas, library
     return image, mask_image, meta
 
 
+def background_files(backgrounds: Sequence[Union[str, Path]]) -> list[Path]:
+    """The image files the backgrounds given stand for (a folder: the images in it); refused when one does not
+    exist or none is found."""
+    files = []
+    for b in backgrounds:
+        b = Path(b)
+        if b.is_dir():
+            files += sorted(p for p in b.iterdir() if io.is_image_file(p))
+        elif b.is_file():
+            files.append(b)
+        else:
+            raise DeepWMLError(f"background {b} does not exist")
+    if not files:
+        raise DeepWMLError("no background scans found; give real FLAIR files or folders of them")
+    return files
+
+
 def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out_dir: Union[str, Path], seed: int = 0,
                             progress: Optional[Callable[[float, str], None]] = None,
                             cancel: Optional[Callable[[], bool]] = None,
@@ -260,17 +277,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
 
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
-    files = []
-    for b in backgrounds:
-        b = Path(b)
-        if b.is_dir():
-            files += sorted(p for p in b.iterdir() if io.is_image_file(p))
-        elif b.is_file():
-            files.append(b)
-        else:
-            raise DeepWMLError(f"background {b} does not exist")
-    if not files:
-        raise DeepWMLError("no background scans found; give real FLAIR files or folders of them")
+    files = background_files(backgrounds)
     shared = _require_shared_dir()
     atlas, library = _atlas(shared), lesion_library(shared)
     models, brain_model = load_models(default_model_paths()), load_brain_model("default")

@@ -961,6 +961,13 @@ def _run(args: argparse.Namespace) -> int:
         if not args.overwrite:
             raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or "
                                "pass --overwrite to replace it")
+        # what the run needs, checked before the old set goes: a background's typo or missing shared data refused
+        # the run only after the old set had been deleted
+        if args.backgrounds:
+            from .realbg import background_files
+
+            background_files(args.backgrounds)
+        _require_shared_dir()
         _remove_data_set(args.output)
     if args.backgrounds:
         from .realbg import generate_on_backgrounds

@@ -252,8 +252,27 @@ def test_synth_refuses_to_write_over_a_data_set_unless_asked(tmp_path, capsys, m
     assert (tmp_path / "old_flair.nii.gz").exists()
     calls = []
     monkeypatch.setattr(synth, "generate_dataset", lambda *a, **k: calls.append(a) or tmp_path / "manifest.csv")
+    monkeypatch.setattr(synth, "_require_shared_dir", lambda: tmp_path)  # checked before the old set goes
     assert cli_main(["synth", "-n", "1", "-o", str(tmp_path), "--overwrite"]) == 0 and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the old set's files went, nothing else
+
+
+@pytest.mark.parametrize("missing", ["shared data", "background scan"])
+def test_overwrite_keeps_the_old_data_set_when_the_new_run_cannot_start(missing, tmp_path, capsys, monkeypatch):
+    """--overwrite deleted the old data set, then the run was refused for want of the shared data or of a background
+    scan (a typo): the user lost the old set for nothing. What the run needs is checked before anything is deleted."""
+    old = tmp_path / "set"
+    old.mkdir()
+    (old / "old_flair.nii.gz").write_text("x")
+    (old / "manifest.csv").write_text("case,flair,mask\nold,old_flair.nii.gz,\n")
+    argv = ["synth", "-n", "1", "-o", str(old), "--overwrite"]
+    if missing == "shared data":
+        monkeypatch.setenv("DEEPWML_SHARED_DATA", str(tmp_path / "nowhere"))
+    else:
+        argv += ["--backgrounds", str(tmp_path / "typo.nii.gz")]
+    assert cli_main(argv) == 1
+    assert ("DEEPWML_SHARED_DATA" if missing == "shared data" else "does not exist") in capsys.readouterr().err
+    assert sorted(p.name for p in old.iterdir()) == ["manifest.csv", "old_flair.nii.gz"]
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
