@@ -106,7 +106,9 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
         canonical = sitk.DICOMOrient(image, "LPS") if isinstance(image, sitk.Image) else image  # voxel order aside
         digest = hashlib.sha256(np.ascontiguousarray(io.voxels(canonical)).tobytes()).hexdigest()
         if digest in seen:  # the same voxels twice (one file listed twice, or in two formats or voxel orders)
-            raise DeepWMLError(f"{path} holds the same scan as {seen[digest]}; give each scan once")
+            given = ("is given twice in --scans" if Path(path).resolve() == Path(seen[digest]).resolve()
+                     else f"holds the same scan as {seen[digest]}")
+            raise DeepWMLError(f"{path} {given}; give each scan once")
         seen[digest] = path
         fact = {"scan": Path(path).name}
         if flair_check is not None:

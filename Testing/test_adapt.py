@@ -187,9 +187,12 @@ def test_too_few_slices_and_a_scan_given_twice_are_refused_and_leave_nothing(tmp
     sitk.WriteImage(sitk.ReadImage(str(one)), str(copy))  # the same scan in another format
     reordered = tmp_path / "reordered.nii.gz"
     sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(one)), "RAS"), str(reordered))  # ... in another voxel order
-    for twice in ([one, one], [one, two, copy], [reordered, two, one]):
+    for twice in ([one, two, copy], [reordered, two, one]):
         assert cli.main(["adapt", "--model", str(source), "--scans", *map(str, twice), "-o", str(out)]) == 1
         assert "holds the same scan as" in capsys.readouterr().err
+    # one file named twice: said so ("scan0.nii.gz holds the same scan as scan0.nii.gz" puzzled)
+    assert cli.main(["adapt", "--model", str(source), "--scans", str(one), str(one), "-o", str(out)]) == 1
+    assert f"error: {one} is given twice in --scans; give each scan once" in capsys.readouterr().err
     assert not out.exists()  # refused runs leave no empty folder
 
 
