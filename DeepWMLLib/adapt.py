@@ -110,7 +110,7 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
                      else f"holds the same scan as {seen[digest]}")
             raise DeepWMLError(f"{path} {given}; give each scan once")
         seen[digest] = path
-        fact = {"scan": Path(path).name}
+        fact = {"scan": str(path)}  # as given: file names alone (sub-01/anat/FLAIR.nii.gz, ...) may all be one
         if flair_check is not None:
             checks.append((path, flair_check(image)))
             if checks[-1][1].get("looks_like") not in (None, "FLAIR"):
@@ -418,6 +418,9 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     preprocessing = configs.pop()
     slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair, progress)
     not_flair = sum(1 for f in facts if f.get("looks_like"))  # adapted on with --allow-non-flair
+    if log:  # which scan gave what: printed, never stored (the names may be patients')
+        for fact in sorted(facts, key=lambda f: f["scan"]):
+            log(f"{fact['scan']}: {fact['slices']} of {fact['of']} slices with head")
     if slices.shape[0] < MIN_SLICES:
         raise DeepWMLError(f"only {slices.shape[0]} slice(s) with head in the scans; the statistics need at least "
                            f"{MIN_SLICES} ({FEW_SLICES}+ advised): add scans of the same protocol")

@@ -108,7 +108,7 @@ def test_model_files_round_trip_and_record_what_they_were_adapted_on(tmp_path):
         record = adapted.provenance["adapted_batch_norm"]
         assert record["from_model"] == source.name and record["layers"] == 10
         assert len(record["scans"]) == 2 and "scan0" not in json.dumps(record)  # counts, no names (patients')
-        assert sorted(s["scan"] for s in summary["scans"]) == ["scan0.nii.gz", "scan1.nii.gz"]  # not stored
+        assert sorted(s["scan"] for s in summary["scans"]) == sorted(map(str, scans))  # printed, not stored
         assert record["slices"] == summary["slices"] == sum(s["slices"] for s in record["scans"]) > 0
         assert summary["crops"] == 2 * summary["slices"] and summary["crop_size"] == 32
         assert "bn1.pt, bn2.pt" in record["measured_on"]  # the models themselves found the lesions
@@ -157,6 +157,10 @@ def test_command_line_writes_adapted_files_and_keeps_existing_ones(tmp_path, cap
     assert "finding lesions with bn.pt 24/24" in err and "bn.pt: batch-norm layer 10/10" in err  # progress
     assert err.index("reading scans 2/2") < err.index("finding lesions")  # the scans' reading too, before them
     assert "whether 2 scan(s) are FLAIRs could not be checked" in err  # too small for the FLAIR check: said
+    # each scan's head slices, by the path given: the file records the counts alone (names may be patients'), and
+    # README said the names were printed, where only the totals were
+    for scan in scans:
+        assert f"{scan}: 12 of 12 slices with head\n" in err
     assert cli.main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(args + ["--overwrite"]) == 0
@@ -182,7 +186,8 @@ def test_too_few_slices_and_a_scan_given_twice_are_refused_and_leave_nothing(tmp
     one, two = _scans(tmp_path, 2)
     out = tmp_path / "adapted"
     assert cli.main(["adapt", "--model", str(source), "--scans", str(one), "-o", str(out)]) == 1  # 12 slices
-    assert "only 12 slice(s) with head" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "only 12 slice(s) with head" in err and f"{one}: 12 of 12 slices with head" in err  # which scan gave what
     copy = tmp_path / "copy.nrrd"
     sitk.WriteImage(sitk.ReadImage(str(one)), str(copy))  # the same scan in another format
     reordered = tmp_path / "reordered.nii.gz"
