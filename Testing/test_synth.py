@@ -109,6 +109,21 @@ def test_a_small_matrix_takes_coarser_pixels_not_a_cropped_head(matrix):
     assert 900 < ml < 2200, ml
 
 
+@pytest.mark.parametrize("rectangular,size", [(False, (64, 64)), (True, (51, 64))])
+def test_matrix_is_the_long_side_as_readme_says(rectangular, size):
+    """--matrix 64 gave 51x64 on a simulated scanner with a rectangular field of view, where README said every case
+    had that matrix: README now says so, with this example (a brain 120 mm wide and 150 mm long)."""
+    from types import SimpleNamespace
+
+    from conftest import REPO
+
+    assert "--matrix 64: 51x64" in (REPO / "README.md").read_text(encoding="utf-8")
+    surface = np.array([[x, y, z] for x in (-60, 60) for y in (-75, 75) for z in (-50, 50)], float)
+    atlas = SimpleNamespace(surface_points=surface, brain_centre=np.zeros(3), ventricle_centre=np.zeros(3))
+    scanner = {"thickness": 5.0, "matrix": 64, "fov": 230.0, "rectangular": rectangular}
+    assert synth._acquisition(np.random.default_rng(0), atlas, scanner)["size"][:2] == size
+
+
 @needs_shared
 def test_same_seed_same_case_other_seed_other_case():
     a = synth.generate_case(synth.case_rng(5, 1), matrix=256, slice_thickness=6.0)
