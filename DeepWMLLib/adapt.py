@@ -409,9 +409,11 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
 
     pseudo_models = list(pseudo_models or model_paths)
     settings = [load_model_settings(p) for p in [*model_paths, *pseudo_models]]
-    for s in settings:
+    for number, s in enumerate(settings):
         if is_brain_model(s):
-            raise DeepWMLError(f"{s.name} is a brain-mask model; adapt WMH models, whose marks centre the crops")
+            named = f"{s.name} is" if number < len(model_paths) else f"{s.name} (--pseudo-models) is"
+            what = "adapt WMH models" if number < len(model_paths) else "give WMH models"
+            raise DeepWMLError(f"{named} a brain-mask model; {what}, whose marks centre the crops")
     configs = {s.preprocessing for s in settings}
     if len(configs) > 1:
         raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")

@@ -136,8 +136,11 @@ def test_models_of_different_grids_and_scans_without_head_are_refused(tmp_path):
     brain = tmp_path / "brain.pt"
     save_model(brain, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"},
                {"0": "background", "1": "intracranial"})
-    with pytest.raises(DeepWMLError, match="brain-mask"):
+    with pytest.raises(DeepWMLError, match="brain.pt is a brain-mask model; adapt WMH models"):
         adapt_models([brain], scans, [tmp_path / "o3.pt"])
+    # one given to --pseudo-models: told "adapt WMH models" while adapting one, the user was not told which was wrong
+    with pytest.raises(DeepWMLError, match=r"brain.pt \(--pseudo-models\) is a brain-mask model; give WMH models"):
+        adapt_models([source], scans, [tmp_path / "o3.pt"], pseudo_models=[brain])
     empty = sitk.Image(64, 64, 4, sitk.sitkFloat32)
     sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
     with pytest.raises(DeepWMLError, match="constant"):  # check_volume: a clear message, before any network
