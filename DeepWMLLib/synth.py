@@ -827,8 +827,14 @@ def generate_dataset(n: int, out_dir: Union[str, Path], seed: int = 0,
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
     _check_probabilities(graded_rims=graded_rims, skull_base_mimics=skull_base_mimics, dark_deep_grey=dark_deep_grey)
-    out = io.make_output_dir(out_dir)
-    _require_shared_dir()
+    made = not Path(out_dir).exists()
+    out = io.make_output_dir(out_dir)  # first: an output path that is a file is the error to tell
+    try:
+        _require_shared_dir()
+    except DeepWMLError:
+        if made:  # a refused run leaves no empty folder
+            out.rmdir()
+        raise
     options = {"matrix": matrix, "slice_thickness": slice_thickness, "intracranial": intracranial,
                "ventricles": ventricles, "graded_rims": graded_rims, "skull_base_mimics": skull_base_mimics,
                "dark_deep_grey": dark_deep_grey}

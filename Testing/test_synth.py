@@ -288,6 +288,8 @@ def test_overwrite_keeps_the_old_data_set_when_the_new_run_cannot_start(missing,
     assert cli_main(argv) == 1
     assert ("DEEPWML_SHARED_DATA" if missing == "shared data" else "does not exist") in capsys.readouterr().err
     assert sorted(p.name for p in old.iterdir()) == ["manifest.csv", "old_flair.nii.gz"]
+    assert cli_main([*argv[:4], str(tmp_path / "new"), *argv[5:]]) == 1  # a new folder: refused, and not made
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
