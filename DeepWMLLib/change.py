@@ -522,9 +522,14 @@ def inverse_consistency(forward: Registration, backward: Registration, followup:
     return {"median_mm": round(float(np.median(errors)), 3), "p95_mm": round(float(np.percentile(errors, 95)), 3)}
 
 
+def unmeasured(value) -> bool:
+    """Whether a registration figure could not be measured: nan, or null in a saved report."""
+    return value is None or math.isnan(value)
+
+
 def measured(value, unit: str = "") -> str:
-    """A registration figure as said: two decimals, or "not measurable" for nan (null in a saved report)."""
-    return "not measurable" if value is None or math.isnan(value) else f"{value:.2f}{unit}"
+    """A registration figure as said: two decimals, or "not measurable" (unmeasured)."""
+    return "not measurable" if unmeasured(value) else f"{value:.2f}{unit}"
 
 
 def failed_checks(registration: dict) -> list[str]:
@@ -532,9 +537,6 @@ def failed_checks(registration: dict) -> list[str]:
     limit; any one makes the registration not reliable. Each is read alone: two scans of different heads can be
     registered alike both ways (two brains in one template space: both fits stay near where they started,
     0.89 mm apart) and still not correlate at all."""
-    def unmeasured(value) -> bool:  # nan (null in a saved report) fails too, said as such rather than "nan, under"
-        return value is None or math.isnan(value)
-
     failed = []
     correlation, information = registration["correlation"], registration["mutual_information"]
     if unmeasured(correlation):  # too few head voxels overlapping (_correlation)
@@ -638,7 +640,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
         apart = facts["inverse_consistency"]["p95_mm"] if check else None
         consistency = ("" if not check else
                        ", the registration run both ways could not be compared (no head found in the follow-up)"
-                       if measured(apart) == "not measurable" else
+                       if unmeasured(apart) else
                        f", the registration run both ways disagrees by {apart:.2f} mm (95th percentile; up to 0.17 mm "
                        f"on those pairs, {MAX_INCONSISTENCY_MM:g} warns)")
         warnings.insert(0,  # first: it undoes every call after it
