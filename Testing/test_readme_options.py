@@ -184,3 +184,35 @@ def test_readme_names_every_setting_a_report_records():
     assert said, "README no longer lists the report's settings where this test looks: update this test with README"
     recorded = result_settings([], 0.5, False, None, 0.0, None, None, None)
     assert [key for key in recorded if f"`{key}`" not in said.group(0)] == []
+
+
+def test_the_metric_definitions_readme_gives_are_the_code_s():
+    """README's short definitions are what a user reads to compare `deepwml evaluate`'s figures with published
+    ones; they did not say which 2D images the per-image figures cover, nor the LV-group and lesion-size bounds,
+    so a user could not tell whether slices marked only by the prediction counted. Each stated rule is checked
+    against the code: the bounds against its constants, the per-image rule on a case."""
+    import math
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import metrics
+
+    said = re.search(r"Definitions and empty-mask conventions of every metric.*?\n\nThe training", README, re.S)
+    assert said, "README's definitions of the metrics were not found: update this test with README"
+    text = " ".join(said.group(0).split())
+    groups = " ≤ ".join(f"{g} < {b:g}" for g, b in zip(metrics.LV_GROUPS, metrics.LV_GROUP_BOUNDS_ML))
+    assert groups.replace("G1 < 0.2", "G1 < 0.2 ml") + f" ≤ {metrics.LV_GROUPS[-1]}" in text
+    small, large = metrics.SIZE_BOUNDS_VOXELS
+    assert f"small < {small} ≤ medium ≤ {large} < large voxels" in text
+    assert f"{metrics.FOUND_FRACTION:.0%}".replace("%", " %") + " from either side" in text
+    assert "A slice marked only by the prediction is not one of them" in text
+    assert "a slice the prediction leaves empty has Dice 0, sensitivity 0 and no precision" in text
+
+    ref, pred = np.zeros((6, 9, 9), np.uint8), np.zeros((6, 9, 9), np.uint8)
+    ref[1, 2:5, 2:5] = ref[2, 2:5, 2:5] = 1
+    pred[1, 2:5, 2:4] = 1  # slice 2 left empty
+    pred[4, 6:8, 6:8] = 1  # a slice marked only by the prediction
+    rows = metrics.slice_metrics(*(sitk.GetImageFromArray(a) for a in (pred, ref)))
+    assert [r["index"] for r in rows] == [1, 2]
+    assert (rows[1]["dice"], rows[1]["sensitivity"]) == (0.0, 0.0) and math.isnan(rows[1]["precision"])
