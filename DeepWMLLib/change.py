@@ -982,7 +982,8 @@ def _run(args) -> int:
 
 
 def _run_cohort(args) -> int:
-    from .evaluation import case_error, plain_name, read_manifest, report_failed_cases
+    from .errors import case_error
+    from .evaluation import plain_name, read_manifest, report_failed_cases
     from .segment import batch_total
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),

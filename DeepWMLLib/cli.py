@@ -23,7 +23,7 @@ import warnings
 from typing import Sequence
 
 from . import __version__
-from .errors import Cancelled, DeepWMLError, UsageError
+from .errors import Cancelled, DeepWMLError, UsageError, torch_missing
 
 _COMMAND_MODULES = {
     "segment": "DeepWMLLib.segment",
@@ -288,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an unexpected fault still gets one line; --debug shows where
         if getattr(args, "debug", False):
             raise
+        missing = torch_missing(exc)
+        if missing:
+            print(f"deepwml {args.command}{where}: error: {missing}", file=sys.stderr)
+            return 1
         where = f" (process {rank})" if rank is not None else ""  # rank 0 named too: every process reports
         print(f"deepwml {args.command}{where}: internal error: {type(exc).__name__}: {exc} "
               "(rerun with --debug and report it)", file=sys.stderr)

@@ -43,7 +43,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io, metrics
-from .errors import Cancelled, DeepWMLError, UsageError
+from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .volume import Volume
 from .report import lesion_count_text
 
@@ -229,13 +229,6 @@ def report_failed_cases(failed: list[dict], verb: str) -> int:
         return 0
     print(f"{len(failed)} case(s) {verb}: " + "; ".join(f"{c['case']}: {c['error']}" for c in failed), file=sys.stderr)
     return 1
-
-
-def case_error(exc: Exception) -> str:
-    """One line describing why a case of a cohort failed."""
-    if isinstance(exc, DeepWMLError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import __version__, io
 from .cli import end_progress_line, progress_line
-from .errors import Cancelled, DeepWMLError, UsageError
+from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .report import lesion_count_text
 
 if TYPE_CHECKING:
@@ -1443,8 +1443,7 @@ def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) ->
     if debug:
         end_progress_line()  # the traceback on lines of its own, below the case's bar where it stopped
         traceback.print_exc()
-    message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
-    return {"status": "error", "error": message}
+    return {"status": "error", "error": case_error(exc)}
 
 
 def recheck_left_to_another(rows: list[dict], out: Path, again, failed, finish=None) -> None:

@@ -176,3 +176,29 @@ def test_an_older_slicer_is_told_which_slicer_the_module_needs(monkeypatch):
     with pytest.raises(ImportError, match=r"DeepWML needs 3D Slicer 5\.4 or newer .* this is Slicer 5\.2\.2"):
         importlib.import_module("DeepWML")
     sys.modules.pop("DeepWML", None)
+
+
+def test_a_python_without_pytorch_is_told_to_install_it(tmp_path):
+    """Slicer's Python, or a venv made without `pip install torch`, has no PyTorch: with no exported copy of the
+    models cached, `deepwml segment` (which reads the model files with it) ended in 'internal error:
+    ModuleNotFoundError: No module named 'torch' (rerun with --debug and report it)'. It says what is missing and
+    how to install it, in the command line, in a cohort's failed cases and in the Slicer batch script alike."""
+    import subprocess
+
+    from DeepWMLLib.errors import case_error
+
+    script = ("import sys; sys.modules['torch'] = None\n"  # `import torch` then fails as without PyTorch
+              "from DeepWMLLib.cli import run\n"
+              f"run(['segment', {str(REPO / 'Resources' / 'Sample' / 'sample_flair.nii.gz')!r}, '-o', 'out'])\n")
+    env = {**__import__("os").environ, "DEEPWML_CACHE_DIR": str(tmp_path / "empty_cache"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "internal error" not in done.stderr
+    assert "PyTorch is not installed" in done.stderr and "pip install torch==2.13.0" in done.stderr
+
+    with pytest.raises(ModuleNotFoundError) as other:
+        importlib.import_module("torch_is_not_here")
+    assert case_error(other.value).startswith("internal error: ModuleNotFoundError")  # only PyTorch is named so
+    missing = ModuleNotFoundError("No module named 'torch'", name="torch")
+    assert case_error(missing).startswith("PyTorch is not installed")

@@ -36,7 +36,7 @@ from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes 
 from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES, DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
 from DeepWMLLib.cli import end_progress_line, interruption, stop_signals_as_interrupts, warning_printer  # noqa: E402
-from DeepWMLLib.errors import DeepWMLError  # noqa: E402
+from DeepWMLLib.errors import DeepWMLError, case_error  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
                    "dice", "sensitivity", "precision", "reference", "seconds", "warnings"]
@@ -307,7 +307,7 @@ def caseFailure(exc: Exception, args) -> dict:
     if args.debug:
         end_progress_line()  # the traceback on lines of its own, below the case's bar where it stopped
         traceback.print_exc()
-    message = str(exc) if isinstance(exc, DeepWMLError) else f"internal error: {type(exc).__name__}: {exc}"
+    message = case_error(exc)
     if exc.__cause__ is not None:
         from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
 
