@@ -1573,10 +1573,11 @@ def masks_only(rows: list[dict]) -> str | None:
 def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str | None = "--series") -> str | None:
     """When no study of a run holds a FLAIR, the error to print, else None: `deepwml segment` and the Slicer batch
     script alike. Studies without a FLAIR (rows marked `_no_flair`) are skipped beside other cases (an export's
-    other exams); but when they are all the run has, or `series` (--series) matches nothing in any study of the run
-    (a mistyped choice), they are errors, so that the run does not end 'done', exit 0, with nothing segmented (a
-    PACS export of the wrong study). `choose`: the option that picks a series, offered in the message. The marks
-    (`_study`, `_no_flair`) are removed."""
+    other exams); but when they are all the run has besides label masks skipped as masks (rows marked `_mask`, left
+    for masks_only: a case's manual mask beside the wrong exam is no scan segmented either), or `series` (--series)
+    matches nothing in any study of the run (a mistyped choice), they are errors, so that the run does not end
+    'done', exit 0, with nothing segmented (a PACS export of the wrong study). `choose`: the option that picks a
+    series, offered in the message. The marks (`_study`, `_no_flair`) are removed."""
     studies = [row for row in rows if row.pop("_study", False)]
     unmatched = [row for row in rows if row.pop("_no_flair", False)]
     if not unmatched:
@@ -1584,7 +1585,7 @@ def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str |
     given = "the DICOM study given" if len(unmatched) == 1 else f"any of the {len(unmatched)} DICOM studies given"
     if series and len(unmatched) >= len(studies):
         why, told = f"--series {series!r} matches no series in any study given", f"--series {series!r} matches no series in {given}"
-    elif len(unmatched) == len(rows):
+    elif len(unmatched) + sum(bool(row.get("_mask")) for row in rows) == len(rows):
         why = "no study given holds a series that looks like a FLAIR"
         told = (f"no series looks like a FLAIR in {given}, so nothing was segmented" +
                 (f"; if one is, choose it with {choose}" if choose else ""))

@@ -1246,6 +1246,25 @@ def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path,
             "with --series; see summary.csv for their series") in capsys.readouterr().err
 
 
+def test_a_run_of_flairless_studies_and_skipped_masks_is_an_error(tmp_path, tiny_model, capsys):
+    """An export of the wrong exam beside a label mask and a Slicer segmentation (skipped as masks): the run ended
+    '0/3 cases done (0 failed, 3 skipped)', exit 0, with nothing segmented; the masks skipped do not make it fine,
+    so it is the error a run of only studies without a FLAIR is."""
+    wrong = tmp_path / "wrong"
+    _export_series(wrong / "B" / "s1", "7.2", "SAG T1", slices=3)
+    _, truth = make_volume(size=(28, 24, 3), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(truth, str(wrong / "consensus_mask.nii.gz"))
+    sitk.WriteImage(truth, str(wrong / "case01.seg.nrrd"))
+    out = tmp_path / "out"
+    assert main(["segment", str(wrong), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    rows = {r["case"]: r for r in read_summary(out)}
+    study, = (r for r in rows.values() if "looks like a FLAIR" in r["error"])
+    assert study["status"] == "error" and study["error"].endswith("; no study given holds a series that looks like a FLAIR")
+    assert sorted(r["status"] for r in rows.values()) == ["error", "skipped", "skipped"]
+    assert ("error: no series looks like a FLAIR in the DICOM study given, so nothing was segmented; if one is, choose it "
+            "with --series; see summary.csv for their series") in capsys.readouterr().err
+
+
 def nifti_header(path: Path) -> dict:
     """The geometry fields of a NIfTI-1 file's header: dim, pixdim, qform/sform codes, quaternion, offsets, srows."""
     import gzip

@@ -326,7 +326,7 @@ def test_batch_segmentation_reference_and_usage_errors(scene, batchScript, tmp_p
         assert usage.value.code == 2
 
 
-def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """DICOM below the input folder, nested as PACS exports are: one case per study, its FLAIR read on its
     own grid; a study without a FLAIR-like series is skipped, not failed. The report names the series read
     and warns of a gap between its slices (3 mm thick, 5 mm apart) as `deepwml segment`'s does."""
@@ -354,6 +354,14 @@ def test_batch_reads_a_pacs_export_study_by_study(scene, batchScript, tmp_path, 
                              str(tiny_model), "--device", "cpu"]) == 1
     assert summary(tmp_path / "out2")["PAT2_STU1_SER1"]["status"] == "error"
     assert summary(tmp_path / "out2")["PAT2_STU1_SER1"]["seconds"] != ""  # failed: its time, as deepwml segment's
+    _, truth = writeCase(tmp_path, "flair.nii.gz")  # beside masks skipped as masks: still an error, as deepwml segment's
+    sitk.WriteImage(truth, str(wrong / "consensus_mask.nii.gz"))
+    sitk.WriteImage(truth, str(wrong / "case01.seg.nrrd"))
+    capsys.readouterr()
+    assert batchScript.main(["--input-dir", str(wrong), "--output-dir", str(tmp_path / "out3"), "--model",
+                             str(tiny_model), "--device", "cpu"]) == 1
+    assert summary(tmp_path / "out3")["PAT2_STU1_SER1"]["status"] == "error"
+    assert "error: no series looks like a FLAIR in the DICOM study given" in capsys.readouterr().err
     assert io.grid_difference(sitk.ReadImage(str(out / "PAT1_STU1_wmh.nrrd")), flair) is None
     report = json.loads((out / "PAT1_STU1_report.json").read_text(encoding="utf-8"))
     assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli"), "--model", str(tiny_model), "--device", "cpu"]) == 0
