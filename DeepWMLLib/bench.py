@@ -289,7 +289,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "slices_run_by_deepwml": slices_run,
         "threshold": threshold,  # the masks compared in mask_dice_b_vs_a
         "grid": list(loaded.preprocessing.grid_size),
-        "model": [Path(p).name for p in model_paths],
+        "model": [m.name for m in models],
         "architecture": loaded.config,
         # each member's own: an ensemble's members may differ in width, depth or grid
         "architecture_each": [validate_config(m.config) for m in models],

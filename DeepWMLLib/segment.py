@@ -268,6 +268,7 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
     if isinstance(paths, (str, os.PathLike)):  # one file, not a string of one-letter paths
         paths = [paths]
     models = [load_model_settings(p) for p in (paths or default_model_paths())]
+    name_apart(models)
     names: dict[str, list[str]] = {}
     for m in models:
         names.setdefault(m.digest, []).append(m.name)
@@ -285,6 +286,25 @@ def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
             raise DeepWMLError(f"{m.name} is a ventricle model, not a WMH model; pass it as the ventricle model "
                                "(--ventricle-model) and give a WMH model with --model")
     return models
+
+
+def name_apart(models: Sequence) -> None:
+    """Names ensemble members of one file name (runs/seed1/best.pt, runs/seed2/best.pt) by the fewest trailing parts
+    of their paths that tell them apart (seed1/best.pt, seed2/best.pt), so that the report, the progress lines and
+    Slicer's result text say which is which; a member whose file name is its own keeps it, as one file given twice
+    does."""
+    groups: dict[str, list] = {}
+    for m in models:
+        groups.setdefault(m.name, []).append(m)
+    for group in groups.values():
+        parts = {Path(os.path.abspath(m.path)).parts for m in group}
+        if len(parts) < 2:
+            continue
+        for depth in range(2, max(map(len, parts)) + 1):
+            if len({tail[-depth:] for tail in parts}) == len(parts):
+                break
+        for m in group:
+            m.name = "/".join(Path(os.path.abspath(m.path)).parts[-depth:])
 
 
 def _load_role_model(spec, role: str, label: str, kind: str):

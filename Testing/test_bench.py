@@ -94,10 +94,11 @@ def test_bench_runs_every_member_of_an_ensemble_in_the_reference_too(tmp_path, t
     image, _ = make_volume(size=(48, 40, 8))
     path = tmp_path / "flair.nii.gz"
     sitk.WriteImage(image, str(path), True)
-    other = tiny_model_file(tmp_path / "other.pt", seed=1)
+    (tmp_path / "seed1").mkdir()
+    other = tiny_model_file(tmp_path / "seed1" / "tiny.pt", seed=1)  # one file name: the members told apart, as segment's
     one = run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=None)
     two = run_benchmark(str(path), [str(tiny_model), str(other)], slices=4, repeat=1, threads=1, brain_model=None)
-    assert two["model"] == ["tiny.pt", "other.pt"]
+    assert one["model"] == ["tiny.pt"] and two["model"] == [f"{tmp_path.name}/tiny.pt", "seed1/tiny.pt"]
     assert two["gflop_per_slice_each"] == one["gflop_per_slice_each"] * 2
     assert two["gflop_per_slice"] == pytest.approx(2 * one["gflop_per_slice"], abs=0.002)
     assert two["mask_dice_b_vs_a"] >= 0.99

@@ -220,6 +220,33 @@ def test_ensemble_and_tta_run(tmp_path):
     assert report["deepwml_version"] == __version__
 
 
+def test_ensemble_members_of_one_file_name_are_named_apart(tmp_path, capsys):
+    """runs/seed1/best.pt and runs/seed2/best.pt given to --model were both 'best.pt' in the report (and so in
+    Slicer's result text), their digests differing, so a reader could not tell which was which: each is named by
+    the fewest trailing parts of its path that tell it apart; a member whose name is its own keeps it."""
+    from conftest import tiny_model_file
+    from DeepWMLLib.segment import load_models
+
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        (runs / f"seed{seed}").mkdir(parents=True)
+    models = [str(tiny_model_file(runs / f"seed{seed}" / "best.pt", seed=seed)) for seed in (1, 2)]
+    models.append(str(tiny_model_file(tmp_path / "m0.pt", seed=0)))
+    path, _ = write_case(tmp_path, "e", size=(32, 32, 4))
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", *models, "--device", "cpu", "--no-brain-mask"]) == 0
+    report = json.loads((out / "e_report.json").read_text(encoding="utf-8"))
+    assert report["model"] == ["seed1/best.pt", "seed2/best.pt", "m0.pt"]
+    assert sorted(report["settings"]["model"]) == ["m0.pt", "seed1/best.pt", "seed2/best.pt"]
+    (runs / "a" / "seed1").mkdir(parents=True)  # deeper where the folder above is the same name too
+    deeper = tiny_model_file(runs / "a" / "seed1" / "best.pt", seed=3)
+    assert [m.name for m in load_models([models[0], str(deeper)])] == ["runs/seed1/best.pt", "a/seed1/best.pt"]
+    assert [m.name for m in load_models([models[0]])] == ["best.pt"]  # alone: its file name, as before
+    again = os.path.join(os.path.dirname(models[0]), ".", "best.pt")  # one file twice: one name, warned as before
+    with pytest.warns(UserWarning, match="best.pt is given 2 times"):
+        assert [m.name for m in load_models([models[0], again])] == ["best.pt", "best.pt"]
+
+
 def test_ensemble_averages_probabilities(tiny_model, tmp_path):
     from conftest import tiny_model_file
     from DeepWMLLib.inference import predict_probabilities
