@@ -384,6 +384,30 @@ def crop_settings(loaded) -> tuple[int, float]:
     return int(size), share
 
 
+def _grid_text(preprocessing) -> str:
+    rows, cols = preprocessing.grid_size
+    spacing = preprocessing.grid_spacing_mm
+    return f"{rows}x{cols} px " + ("fitted to the slice" if spacing is None else f"at {spacing:g} mm")
+
+
+def grids_differ(adapted: Sequence, pseudo: Sequence, pseudo_given: bool) -> str:
+    """adapt_models' refusal of models (settings) that do not share one preprocessing: the slices and the lesions are
+    computed once, on the grid of the models adapted. Models adapted on two grids go in separate runs (each with
+    --pseudo-models of its grid, when given); --pseudo-models alone on another grid need replacing, which separate
+    runs would not mend."""
+    grids = {s.preprocessing for s in adapted}
+    if len(grids) > 1:
+        listed = "; ".join(f"{s.name}: {_grid_text(s.preprocessing)}" for s in adapted)
+        return (f"the models do not share one preprocessing (grid and spacing) ({listed}); adapt them in separate runs"
+                + (", each with --pseudo-models of its grid" if pseudo_given else ""))
+    grid = grids.pop()
+    other = [s for s in pseudo if s.preprocessing != grid]
+    listed = ", ".join(f"{s.name} ({_grid_text(s.preprocessing)})" for s in other)
+    return (f"--pseudo-models {listed} do not share the preprocessing (grid and spacing) of the models adapted "
+            f"({_grid_text(grid)}), on whose slices their marks are found; give --pseudo-models of that grid, or leave "
+            "--pseudo-models out for the models adapted to mark the lesions themselves")
+
+
 def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path], out_paths: Sequence[str | Path],
                  pseudo_models: Sequence[str | Path] | None = None, per_slice: int = 4, seed: int = 0,
                  fp16: bool = True, batch_size: int = 8, progress=None, log=None,
@@ -407,7 +431,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("crops per slice must be at least 1")
     from .segment import is_brain_model
 
-    pseudo_models = list(pseudo_models or model_paths)
+    pseudo_given, pseudo_models = pseudo_models, list(pseudo_models or model_paths)
     settings = [load_model_settings(p) for p in [*model_paths, *pseudo_models]]
     for number, s in enumerate(settings):
         if is_brain_model(s):
@@ -416,7 +440,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             raise DeepWMLError(f"{named} a brain-mask model; {what}, whose marks centre the crops")
     configs = {s.preprocessing for s in settings}
     if len(configs) > 1:
-        raise DeepWMLError("the models do not share one preprocessing (grid and spacing); adapt them in separate runs")
+        raise DeepWMLError(grids_differ(settings[:len(model_paths)], settings[len(model_paths):], bool(pseudo_given)))
     preprocessing = configs.pop()
     slices, facts = network_slices(scans, preprocessing, found, log, named, flair_check, allow_non_flair, progress)
     not_flair = sum(1 for f in facts if f.get("looks_like"))  # adapted on with --allow-non-flair
@@ -516,7 +540,7 @@ def register(subparsers) -> None:
                         "member of a default ensemble)")
     p.add_argument("--pseudo-models", nargs="+", metavar="FILE",
                    help="models (files, or shipped models' or ensembles' names) whose averaged marks (>= 0.5) are the scans' lesions for centring crops "
-                        "(default: the models being adapted)")
+                        "(default: the models being adapted; of their grid and spacing, on whose slices they mark)")
     p.add_argument("--crops-per-slice", type=positive_int, default=4, help="crops drawn per head slice (default 4)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the crop draw (default 0)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16, half the size)")

@@ -131,8 +131,21 @@ def test_models_of_different_grids_and_scans_without_head_are_refused(tmp_path):
     other = tmp_path / "other.pt"
     save_model(other, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(32, 32)), 0.5, {"kind": "test"})
     scans = _scans(tmp_path, 1)
-    with pytest.raises(DeepWMLError, match="preprocessing"):
+    with pytest.raises(DeepWMLError, match="preprocessing") as refused:
         adapt_models([source, other], scans, [tmp_path / "o1.pt", tmp_path / "o2.pt"])
+    assert "bn.pt: 64x64 px at 0.9 mm; other.pt: 32x32 px at 0.9 mm" in str(refused.value)
+    assert str(refused.value).endswith("adapt them in separate runs")
+    # --pseudo-models on another grid than the models adapted: 'adapt them in separate runs' was no help (each run
+    # still has them); the marks are found on the adapted models' slices, so pseudo-models of that grid are needed
+    with pytest.raises(DeepWMLError) as refused:
+        adapt_models([source], scans, [tmp_path / "o1.pt"], pseudo_models=[other])
+    assert str(refused.value) == (
+        "--pseudo-models other.pt (32x32 px at 0.9 mm) do not share the preprocessing (grid and spacing) of the models "
+        "adapted (64x64 px at 0.9 mm), on whose slices their marks are found; give --pseudo-models of that grid, or "
+        "leave --pseudo-models out for the models adapted to mark the lesions themselves")
+    with pytest.raises(DeepWMLError) as refused:  # both: each run then needs pseudo-models of its own grid
+        adapt_models([source, other], scans, [tmp_path / "o1.pt", tmp_path / "o2.pt"], pseudo_models=[source])
+    assert str(refused.value).endswith("adapt them in separate runs, each with --pseudo-models of its grid")
     brain = tmp_path / "brain.pt"
     save_model(brain, _bn_model(), CONFIG, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test"},
                {"0": "background", "1": "intracranial"})
