@@ -265,33 +265,56 @@ def background_files(backgrounds: Sequence[Union[str, Path]]) -> list[Path]:
     return files
 
 
+def readable_backgrounds(files: Sequence[Path]) -> list[Path]:
+    """The background files that read as a FLAIR volume (io.read_image: not damaged, 3D, not constant, not a label
+    mask); one that does not is left out with a warning, and none refused: a cheap check, made before the
+    templates and networks load and each scan's analysis (which reads it again, so that the scans are not all held
+    in memory at once)."""
+    readable = []
+    for f in files:
+        try:
+            io.read_image(f)
+        except DeepWMLError as exc:
+            warnings.warn(f"background left out: {exc}", stacklevel=2)
+            continue
+        readable.append(f)
+    if not readable:
+        raise DeepWMLError(_none_usable(files))
+    return readable
+
+
+def _none_usable(files: Sequence[Path]) -> str:
+    return f"none of the {len(files)} background scan(s) could be used (see the warnings above)"
+
+
 def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out_dir: Union[str, Path], seed: int = 0,
                             progress: Optional[Callable[[float, str], None]] = None,
                             cancel: Optional[Callable[[], bool]] = None,
-                            faint_ratio: Optional[float] = FAINT_RATIO, own_lesions: bool = False) -> Path:
+                            faint_ratio: Optional[float] = FAINT_RATIO, own_lesions: bool = False,
+                            clear: Optional[Callable[[], None]] = None) -> Path:
     """Write `n` cases and `manifest.csv` into `out_dir`. Case i goes on usable background i modulo
     their number (scans that cannot serve are left out with a warning), with lesions drawn from
-    (seed, i); the centre column names the background, so a stratified split spreads each scan's cases."""
+    (seed, i); the centre column names the background, so a stratified split spreads each scan's cases.
+    `clear` is called once the backgrounds are known usable, before anything is written (`deepwml synth
+    --overwrite` removes the old data set then: a run refused keeps it)."""
     from .segment import default_model_paths, load_brain_model, load_models
     from .synth import _atlas, _require_shared_dir, case_rng, lesion_library
 
     if n < 1:
         raise DeepWMLError(f"number of cases must be at least 1, got {n}")
     files = background_files(backgrounds)
+    readable = readable_backgrounds(files)
     shared = _require_shared_dir()
     atlas, library = _atlas(shared), lesion_library(shared)
     models, brain_model = load_models(default_model_paths()), load_brain_model("default")
     if brain_model is None:
         raise DeepWMLError("inserting lesions into real scans needs the shipped brain-mask model")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     analysed = []
-    for i, f in enumerate(files):
+    for i, f in enumerate(readable):
         if cancel and cancel():
             raise Cancelled()
         if progress:
-            progress(0.0, f"analysing background {i + 1}/{len(files)} ({f.name})")
+            progress(0.0, f"analysing background {i + 1}/{len(readable)} ({f.name})")
         try:
             bg = analyse_background(f, atlas, models, brain_model, faint_ratio, own_lesions)
         except DeepWMLError as exc:
@@ -303,7 +326,12 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
             continue
         analysed.append(bg)
     if not analysed:
-        raise DeepWMLError(f"none of the {len(files)} background scan(s) could be used (see the warnings above)")
+        raise DeepWMLError(_none_usable(files))
+    if clear:
+        clear()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     marked_by = "+".join(m.name for m in models)  # the default model, or every member of a default ensemble
     rows = []
     for i in range(n):

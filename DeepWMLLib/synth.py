@@ -963,24 +963,24 @@ def _run(args: argparse.Namespace) -> int:
                              "their own anatomy, head and acquisition)")
     elif args.own_lesions or args.faint_ignore is not None:
         raise UsageError("--own-lesions and --faint-ignore need --backgrounds (they concern real scans' own lesions)")
+    clear = None
     if (args.output / "manifest.csv").is_file():
         if not args.overwrite:
             raise DeepWMLError(f"{args.output} holds a data set already (manifest.csv); choose another folder, or "
                                "pass --overwrite to replace it")
-        # what the run needs, checked before the old set goes: a background's typo or missing shared data refused
-        # the run only after the old set had been deleted
+        # what the run needs, checked before the old set goes: a background's typo, backgrounds none of which can
+        # be used, or missing shared data refused the run only after the old set had been deleted
         if args.backgrounds:
-            from .realbg import background_files
-
-            background_files(args.backgrounds)
-        _require_shared_dir()
-        _remove_data_set(args.output)
+            clear = functools.partial(_remove_data_set, args.output)  # called once generate_on_backgrounds has checked
+        else:
+            _require_shared_dir()
+            _remove_data_set(args.output)
     if args.backgrounds:
         from .realbg import generate_on_backgrounds
 
         options = {} if args.faint_ignore is None else {"faint_ratio": args.faint_ignore or None}
         manifest = generate_on_backgrounds(args.backgrounds, args.cases, args.output, args.seed, progress=progress,
-                                           own_lesions=args.own_lesions, **options)
+                                           own_lesions=args.own_lesions, clear=clear, **options)
     else:
         manifest = generate_dataset(args.cases, args.output, args.seed, progress=progress, workers=args.workers,
                                     matrix=args.matrix, slice_thickness=args.thickness,

@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import make_volume
 from DeepWMLLib import synth
 from DeepWMLLib.cli import main as cli_main
 from DeepWMLLib.errors import DeepWMLError
@@ -272,24 +273,51 @@ def test_synth_refuses_to_write_over_a_data_set_unless_asked(tmp_path, capsys, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the old set's files went, nothing else
 
 
-@pytest.mark.parametrize("missing", ["shared data", "background scan"])
+@pytest.mark.parametrize("missing", ["shared data", "background scan", "readable background"])
 def test_overwrite_keeps_the_old_data_set_when_the_new_run_cannot_start(missing, tmp_path, capsys, monkeypatch):
     """--overwrite deleted the old data set, then the run was refused for want of the shared data or of a background
-    scan (a typo): the user lost the old set for nothing. What the run needs is checked before anything is deleted."""
+    scan (a typo): the user lost the old set for nothing. What the run needs is checked before anything is deleted.
+    Backgrounds none of which can be read as a FLAIR (a damaged file, a label mask) were refused only after the
+    templates and networks had loaded (and the old set had gone): they are read first."""
     old = tmp_path / "set"
     old.mkdir()
     (old / "old_flair.nii.gz").write_text("x")
     (old / "manifest.csv").write_text("case,flair,mask\nold,old_flair.nii.gz,\n")
     argv = ["synth", "-n", "1", "-o", str(old), "--overwrite"]
+    said = {"shared data": "DEEPWML_SHARED_DATA", "background scan": "does not exist",
+            "readable background": "none of the 2 background scan(s) could be used"}[missing]
     if missing == "shared data":
         monkeypatch.setenv("DEEPWML_SHARED_DATA", str(tmp_path / "nowhere"))
-    else:
+    elif missing == "background scan":
         argv += ["--backgrounds", str(tmp_path / "typo.nii.gz")]
+    else:
+        (tmp_path / "damaged.nii.gz").write_text("not an image")
+        _, mask = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+        sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+        argv += ["--backgrounds", str(tmp_path / "damaged.nii.gz"), str(tmp_path / "mask.nii.gz")]
+        monkeypatch.setattr(synth, "_require_shared_dir", lambda: pytest.fail("the backgrounds were refused late"))
     assert cli_main(argv) == 1
-    assert ("DEEPWML_SHARED_DATA" if missing == "shared data" else "does not exist") in capsys.readouterr().err
+    assert said in capsys.readouterr().err
     assert sorted(p.name for p in old.iterdir()) == ["manifest.csv", "old_flair.nii.gz"]
     assert cli_main([*argv[:4], str(tmp_path / "new"), *argv[5:]]) == 1  # a new folder: refused, and not made
     assert not (tmp_path / "new").exists()
+
+
+def test_backgrounds_none_of_which_reads_as_a_flair_are_refused_before_any_analysis(tmp_path, monkeypatch):
+    """generate_on_backgrounds read each scan only as it analysed it, after loading the templates and networks
+    (seconds) and making OUTDIR: a damaged file and a label mask given as backgrounds are left out, each with its
+    warning, and the run refused before anything loads or is made."""
+    from DeepWMLLib import realbg
+
+    (tmp_path / "damaged.nii.gz").write_text("not an image")
+    _, mask = make_volume(size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 5.0),))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    monkeypatch.setattr(synth, "_require_shared_dir", lambda: pytest.fail("the backgrounds were refused late"))
+    with pytest.warns(UserWarning) as said, pytest.raises(DeepWMLError, match=r"none of the 2 background scan\(s\)"):
+        realbg.generate_on_backgrounds([tmp_path], 1, tmp_path / "out")
+    left_out = [str(w.message) for w in said if "background left out" in str(w.message)]
+    assert len(left_out) == 2 and "truncated or corrupt" in left_out[0] and "label mask" in left_out[1]
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_templates_say_where_to_point(tmp_path, monkeypatch):
