@@ -44,20 +44,23 @@ VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
 VENTRICLE_MODEL_NEEDED = ("--save-ventricle-mask needs a ventricle model: none runs by default; give one with "
                           "--ventricle-model (the shipped, opt-in one: Resources/Models/deepwml_vent8_synth_v1.pt)")
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
-# labelled cases and the sample (the head mask leaves out dark CSF and bone). Outside: a warning.
+# labelled cases at 1, 5 and 8 mm and the sample (the head mask leaves out dark CSF and bone; session 37,
+# Testing/benchmarks/brain_coverage.py). Outside: a warning.
 BRAIN_COVERAGE = (0.5, 2.0)
 # The brain reaches an edge of the field of view on an axial slice where the brain mask lies within
 # FOV_EDGE_BAND_MM of that edge along at least FOV_EDGE_CONTACT_MM of it: where an edge cuts the brain (crops of the
-# real scans) the mask stops 0.5-3 mm short of it, hence a band. On the 11 clinical FLAIRs and the 3 labelled cases
-# (also at 5 mm slices) the brain lies 12 mm or more from every edge; crops 10-30 mm into the brain put it at the edge
-# along 63 mm or more of it.
+# real scans) the mask does not always reach the edge's last pixel (it stops up to 1 mm short of it on the nearest
+# slice), hence a band. On the 11 clinical FLAIRs and the 3 labelled cases (also at 5 and 8 mm slices) the brain lies
+# 12 mm or more from every edge; crops 10-30 mm into the brain put it at the edge along 63.6 mm or more of it
+# (session 37: Testing/benchmarks/brain_coverage.py --crops, as the figures below).
 FOV_EDGE_BAND_MM = 5.0
 FOV_EDGE_CONTACT_MM = 20.0
 # The scan misses the top (bottom) of the brain when its highest (lowest) slice holds at least this share of the
-# brain's largest axial cross-section: at most 14 % (top) and 21 % (bottom: a slab ending in the cerebellum) on those
-# real scans, up to 32 % on the labelled cases re-sliced to 8 mm slices of which the highest just reaches the top of
-# the brain (a thick slice averages the brain below it in); 46 % or more with the top 20 mm of the brain cut off,
-# 40 % or more with the slab ending 90 mm below the top of the brain, through the temporal lobes.
+# brain's largest axial cross-section: at most 15 % (top) and 21 % (bottom: a slab ending in the cerebellum) on those
+# real scans, up to 14 % on the labelled cases re-sliced to 8 mm slices of which the highest just reaches the top of
+# the brain (a thick slice averages the brain below it in; 32 % in session 35, before the grids' centres moved, set
+# this share's margin); 46 % or more with the top 20 mm of the brain cut off, 42 % or more with the slab ending
+# 90 mm below the top of the brain, through the temporal lobes.
 FOV_END_SHARE = 0.35
 FOV_SIDES = ("right", "left", "anterior", "posterior")  # the axial stack's first and last column, first and last row
 # Marked volume / intracranial volume above which the result is questioned: at most 1.6 % on the 11
