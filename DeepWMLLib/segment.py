@@ -295,19 +295,21 @@ def name_apart(models: Sequence) -> None:
     """Names ensemble members of one file name (runs/seed1/best.pt, runs/seed2/best.pt) by the fewest trailing parts
     of their paths that tell them apart (seed1/best.pt, seed2/best.pt), so that the report, the progress lines and
     Slicer's result text say which is which; a member whose file name is its own keeps it, as one file given twice
-    does."""
+    does (on Windows also in other letter case: paths are compared as the system finds its files)."""
     groups: dict[str, list] = {}
     for m in models:
         groups.setdefault(m.name, []).append(m)
     for group in groups.values():
-        parts = {Path(os.path.abspath(m.path)).parts for m in group}
-        if len(parts) < 2:
+        typed = [Path(os.path.abspath(m.path)).parts for m in group]
+        found = [Path(os.path.normcase(os.path.abspath(m.path))).parts for m in group]
+        files = set(found)
+        if len(files) < 2:
             continue
-        for depth in range(2, max(map(len, parts)) + 1):
-            if len({tail[-depth:] for tail in parts}) == len(parts):
+        for depth in range(2, max(map(len, files)) + 1):
+            if len({tail[-depth:] for tail in files}) == len(files):
                 break
-        for m in group:
-            m.name = "/".join(Path(os.path.abspath(m.path)).parts[-depth:])
+        for m, parts in zip(group, typed):
+            m.name = Path(*parts[-depth:]).as_posix()  # "D:/best.pt", not "D:\/best.pt", where the drive tells
 
 
 def _load_role_model(spec, role: str, label: str, kind: str):

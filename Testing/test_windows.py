@@ -765,3 +765,29 @@ def test_a_detached_headers_data_file_above_it_is_copied_inside_the_private_fold
     read = io.read_any(header)
     assert np.array_equal(sitk.GetArrayFromImage(read), voxels)
     assert not os.listdir(temp)
+
+
+def test_ensemble_members_of_one_file_name_are_named_apart_as_windows_finds_its_files(monkeypatch):
+    """Members of one file name were named apart by their paths as typed: on Windows, where letter case does not
+    tell files apart, one model file given twice (C:\\runs\\seed1\\best.pt, then c:\\Runs\\seed1\\best.pt) was
+    named as two ('C:\\/runs/seed1/best.pt', 'c:\\/Runs/seed1/best.pt'), and members on two drives were named
+    'D:\\/best.pt' and 'E:\\/best.pt'. One file keeps its name; others are named by '/'-joined parts."""
+    from types import SimpleNamespace
+
+    from DeepWMLLib import segment
+
+    monkeypatch.setattr(segment, "Path", PureWindowsPath)
+    monkeypatch.setattr(segment.os.path, "abspath", ntpath.abspath)
+    monkeypatch.setattr(segment.os.path, "normcase", ntpath.normcase)
+
+    def names(*paths):
+        models = [SimpleNamespace(path=p, name=PureWindowsPath(p).name) for p in paths]
+        segment.name_apart(models)
+        return [m.name for m in models]
+
+    assert names("C:\\runs\\seed1\\best.pt", "c:\\Runs\\seed1\\best.pt") == ["best.pt", "best.pt"]
+    assert names("C:\\runs\\seed1\\best.pt", "C:/RUNS/Seed1/best.pt", "C:\\runs\\seed2\\best.pt") == \
+        ["seed1/best.pt", "Seed1/best.pt", "seed2/best.pt"]
+    assert names("C:\\a\\x\\best.pt", "C:\\b\\X\\best.pt") == ["a/x/best.pt", "b/X/best.pt"]  # not x and X
+    assert names("D:\\best.pt", "E:\\best.pt") == ["D:/best.pt", "E:/best.pt"]
+    assert names("\\\\server\\scans\\best.pt", "C:\\best.pt") == ["//server/scans/best.pt", "C:/best.pt"]
