@@ -22,8 +22,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io
-from .errors import Cancelled, DeepWMLError, UsageError
-from .errors import case_error
+from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .evaluation import (check_single_outputs, claim_picture_name, clear_earlier_run, pair_title, picture_path,
                          read_manifest, report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
