@@ -2228,8 +2228,7 @@ def _patches_of_one_value(array: np.ndarray, slices: int = 32) -> float | None:
         if array.dtype.kind == "f" and not all(np.all(array[i] == np.round(array[i])) for i in starts):
             return None  # fractions: no label map (read_image's float FLAIRs stop here)
         every = max(1, len(starts) * array[0].size // 1_000_000)  # the background from about a million voxels
-        values, counts = _value_counts(np.concatenate([array[i].reshape(-1)[::every] for i in starts]))
-        background = values[np.argmax(counts)]  # the commonest value, of the sample
+        background = _commonest(np.concatenate([array[i].reshape(-1)[::every] for i in starts]))  # of the sample
         pairs, same = np.zeros(3, np.int64), np.zeros(3, np.int64)
         for i in starts:
             first, then = array[i], array[i + 1]
@@ -2245,11 +2244,19 @@ def _patches_of_one_value(array: np.ndarray, slices: int = 32) -> float | None:
     return float(min(alike))
 
 
-def _value_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct values of an array and how often each occurs (np.unique's, without its numpy.ma import)."""
-    flat = np.sort(array.reshape(-1))
+def _commonest(values: np.ndarray):
+    """The commonest of `values` (whole numbers), the least of those equally common. Counted by value where they
+    span no more values than there are (a scan's 0-4095 or 0-65535: a tenth of the time of sorting the million
+    values of a clinical scan's sample, some 15 ms of every case), else sorted."""
+    lo, hi = values.min(), values.max()
+    if float(hi) - float(lo) < values.size:
+        # each value's distance above the least: a signed type's in 64 bits (int16's 32767 - -32768 overflows)
+        wide = values.astype(np.int64) - np.int64(lo) if values.dtype.kind == "i" else values - lo
+        whole = float(lo) if values.dtype.kind == "f" else int(lo)
+        return values.dtype.type(whole + int(np.argmax(np.bincount(wide.astype(np.intp)))))
+    flat = np.sort(values)
     starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
-    return flat[starts], np.diff(np.append(starts, flat.size))
+    return flat[starts[np.argmax(np.diff(np.append(starts, flat.size)))]]
 
 
 SCAN_FRACTION = 0.1  # of a mask's voxels non-zero: a lesion mask holds far less (50 ml is 2 % of a 320 x 320 x 48 scan)
