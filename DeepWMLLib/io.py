@@ -2898,11 +2898,20 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return write_atomically(path, write)
 
 
-def write_csv_text(text: str, path: str | os.PathLike) -> Path:
+def write_csv_text(text: str, path: str | os.PathLike, unless_held: bool = False) -> Path:
     """Write a table's CSV text, UTF-8 behind a byte-order mark: Excel, which opens a CSV by a double-click in
     the system's code page (Windows-1252 in Western Europe), reads it as UTF-8 only so, and shows "Müller"
-    rather than "MÃ¼ller". DeepWML reads its CSVs back with or without the mark (encoding utf-8-sig)."""
-    return write_text("\ufeff" + text, path)
+    rather than "MÃ¼ller". DeepWML reads its CSVs back with or without the mark (encoding utf-8-sig).
+    With `unless_held`, a file that holds these very bytes already is left as it is: a table rewritten as a run
+    goes on is not written, and synced to disk, a second time when nothing in it changed."""
+    data = ("\ufeff" + text).encode("utf-8", "backslashreplace")  # as write_text writes it
+    if unless_held:
+        try:
+            if Path(path).read_bytes() == data:
+                return Path(path)
+        except OSError:  # none yet, or unreadable: written (and any fault said) as always
+            pass
+    return write_bytes(data, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1355,7 +1355,8 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["leftovers"] = temporary_leftovers(out)
     rows = []
     finished = False
-    _summary_so_far(rows, out)  # an earlier run's summary never stands for this one's, even if this one is killed
+    if (out / "summary.csv").exists():  # an earlier run's summary never stands for this one's, even if this one is killed
+        _summary_so_far(rows, out)
     try:
         _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options)
         finished = True
@@ -1652,7 +1653,7 @@ def write_summary(rows: Sequence[dict], path: Path) -> None:
         values["seconds"] = "" if summary_seconds(row) is None else summary_seconds(row)
         values["warnings"] = " | ".join(row.get("warnings") or [])
         writer.writerow(values)
-    io.write_csv_text(buffer.getvalue(), path)
+    io.write_csv_text(buffer.getvalue(), path, unless_held=True)  # the end of a run rewrites its last case's
 
 
 class _Printable:

@@ -804,3 +804,28 @@ def test_summary_lists_the_cases_done_while_the_run_goes_on(tmp_path, tiny_model
     assert segment(tiny_model, folder, "-o", out) == 0
     assert seen == {"a": [], "b": ["a"], "c": ["a", "b"]}
     assert list(summary(out)) == ["a", "b", "c"]
+
+
+def test_summary_is_written_once_per_change_each_write_synced_to_disk(tmp_path, tiny_model, monkeypatch):
+    """Each output is synced to disk as it is written (milliseconds each on a virtual disk): summary.csv was written
+    three times for one case, an empty one at the start where no earlier run's was to be replaced, and the last case's
+    again at the end. Now once into a new OUTDIR; into one with an earlier run's summary, twice (that one replaced
+    at the start, as before); the summary the same."""
+    import os
+
+    folder = tmp_path / "scans"
+    write_case(folder, "a")
+    written = []
+    replace = os.replace
+
+    def counted(source, target):
+        written.append(os.path.basename(target))
+        return replace(source, target)
+
+    monkeypatch.setattr(os, "replace", counted)
+    out = tmp_path / "out"
+    assert segment(tiny_model, folder, "-o", out) == 0
+    assert written.count("summary.csv") == 1 and list(summary(out)) == ["a"]
+    written.clear()
+    assert segment(tiny_model, folder, "-o", out, "--overwrite") == 0
+    assert written.count("summary.csv") == 2 and list(summary(out)) == ["a"]
