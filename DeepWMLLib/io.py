@@ -1052,6 +1052,8 @@ class DicomSeries:
     slice_positions_mm: tuple = ()  # each file's place along the slice normal (Image Position), in the order of `files`;
     # empty where a file gives none
     study_date: str = ""  # the Study Date (0008,0020) as the header gives it (YYYYMMDD); "" where it has none
+    pixel_ids: tuple = ()  # the SimpleITK pixel types of its files as GDCM reads them (rescaled), each once; None
+    # for one of several values per pixel (colour)
 
     @property
     def unlabelled(self) -> bool:
@@ -1277,6 +1279,8 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 instance = reader.GetMetaData("0008|0018").strip(" \0") if reader.HasMetaDataKey("0008|0018") else ""
                 entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number),
                                        instance))
+                entry.setdefault("pixel_ids", set()).add(reader.GetPixelID() if reader.GetNumberOfComponents() == 1
+                                                         else None)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
     for entry in series.values():
@@ -1292,7 +1296,7 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
                        secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
                        instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()),
                        slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
-                       study_date=entry.get("date", ""))
+                       study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())))
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
@@ -1495,6 +1499,13 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
     reader.MetaDataDictionaryArrayUpdateOn()
+    if len(series.pixel_ids) > 1 and None not in series.pixel_ids:
+        # Slices rescaled each their own way (Philips exports; exports that tag only some slices): ITK takes the
+        # series' pixel type from the first slice and casts the others' real values into it, cutting off their
+        # fractions and wrapping negative ones to 65535 and up when the first is unsigned, so slices disagree
+        # in brightness and the mask is wrong (0 ml on a real scan whose NIfTI gives 2.74 ml): each slice's real
+        # values, as float32
+        reader.SetOutputPixelType(sitk.sitkFloat32)
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "missing slices" warning: checked and said below
     try:

@@ -180,6 +180,24 @@ def test_dicom_series_folder(tmp_path):
     assert io.case_name(folder) == "FLAIR_series"
 
 
+def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_slices_real_values(tmp_path):
+    """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
+    ITK took the series' pixel type from the first slice (no rescale: unsigned 16-bit) and cast the others' real
+    values into it, a background of -30 wrapping to 65506 and fractions cut off, so the network saw slices of
+    another brightness (0 ml, 0 lesions on a real scan whose NIfTI gives 2.74 ml, 55 lesions)."""
+    real, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0))
+    real = sitk.Round(real) - 50.0  # (make_volume's background is ~20: here below 0, as rescaled slices can be)
+    unscaled = write_dicom_series(tmp_path / "unscaled", sitk.Cast(real + 50.0, sitk.sitkUInt16))
+    rescaled = write_dicom_series(tmp_path / "series", real, extra={  # GDCM stores (real + 60) * 3
+        "0028|1053": "0.3333333333", "0028|1052": "-60", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15",
+        "0028|0103": "0"})
+    (unscaled / "slice000.dcm").replace(rescaled / "slice000.dcm")  # the first slice untagged, its stored values real
+    expected = sitk.GetArrayFromImage(real)
+    expected[0] += 50.0
+    read = sitk.GetArrayFromImage(io.read_image(rescaled))
+    assert np.abs(read - expected).max() < 1e-3
+
+
 def _study(folder, *series):
     """A folder holding several DICOM series: (description, inversion ms, repetition ms, slices) each,
     told apart by their number of slices."""
