@@ -1378,6 +1378,51 @@ def _dicom_preamble(path: str) -> bool:
         return False
 
 
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+
+
+def _transfer_syntax(path: str) -> str:
+    """A DICOM file's Transfer Syntax UID (0002,0010), from its file meta group (explicit VR little endian
+    after the preamble, by the standard); "" where it gives none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    at = head.find(b"\x02\x00\x10\x00UI", 132)
+    if at < 0 or at + 8 > len(head):
+        return ""
+    return head[at + 8:at + 8 + struct.unpack_from("<H", head, at + 6)[0]].rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def undecodable_dicom(folder: str | os.PathLike) -> str | None:
+    """Why a folder (or the folders below it) in which no DICOM series could be read holds DICOM images all the
+    same: compressed in a transfer syntax GDCM does not decode (JPEG XL, a video codec; some PACS export so);
+    None where it holds no such file. Said instead of "a folder without a DICOM series", which sent the user
+    looking for files that are there. (Files of an uncompressed syntax that fail are not images, as reports and
+    DICOMDIRs, or damaged: not told apart here.)"""
+    syntaxes: dict = {}
+    visited = set()
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in visited:  # a link back into the tree: once
+            dirs[:] = []
+            continue
+        visited.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS]
+        for name in files:
+            path = os.path.join(current, name)
+            syntax = _transfer_syntax(path) if _dicom_preamble(path) else ""
+            if syntax and syntax not in _UNCOMPRESSED:
+                syntaxes[syntax] = syntaxes.get(syntax, 0) + 1
+    if not syntaxes:
+        return None
+    return (f"{folder} holds {sum(syntaxes.values())} DICOM file(s) compressed in a way GDCM (DeepWML's DICOM reader) "
+            f"cannot decode (transfer syntax {', '.join(sorted(syntaxes))}): export the series again uncompressed "
+            "(Explicit VR Little Endian) or with JPEG Lossless or JPEG 2000, or decompress its files with a tool "
+            "that reads that syntax")
+
+
 def _dicom_candidate(path: str) -> bool:
     """Whether a file below an input folder may be DICOM: a name DICOM exports use (no extension, .dcm,
     .ima, a number such as a UID's last part), or any other name with the DICOM file preamble ('DICM' at
@@ -1433,7 +1478,7 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
             shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
             raise DeepWMLError(f"{folder} is a folder of image files ({shown}), not one image nor a DICOM series: "
                                "give the file itself")
-        raise DeepWMLError(f"{folder} is a folder without a DICOM series or image files")
+        raise DeepWMLError(undecodable_dicom(folder) or f"{folder} is a folder without a DICOM series or image files")
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
            if option else "put the FLAIR series in a folder of its own (deepwml segment --series chooses one)")
     if choice:

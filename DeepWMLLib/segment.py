@@ -1167,7 +1167,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
         check_outline_folder(paths["dicom_outline"], overwrite)
     if path.is_dir() and study is None and not io.is_dicom_folder(path):
-        raise DeepWMLError(f"{path} is a folder without image files or a DICOM series{io.windows_path_hint(path)}")
+        raise DeepWMLError(io.undecodable_dicom(path)
+                           or f"{path} is a folder without image files or a DICOM series{io.windows_path_hint(path)}")
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     tell = progress or (lambda fraction, message: None)

@@ -209,6 +209,20 @@ def drop_pixel_spacing(folder: Path) -> None:
         path.write_bytes(data)
 
 
+def relabel_transfer_syntax(folder: Path, uid: str) -> None:
+    """Give every file of a series `write_dicom_series` wrote another Transfer Syntax UID (0002,0010) in its file
+    meta group (the group's length (0002,0000) kept right), as files compressed in that syntax are labelled."""
+    value = uid.encode() + b"\0" * (len(uid) % 2)
+    for path in folder.iterdir():
+        data = bytearray(path.read_bytes())
+        at = data.index(b"\x02\x00\x10\x00UI", 132)
+        length = struct.unpack_from("<H", data, at + 6)[0]
+        data[at + 6:at + 8 + length] = struct.pack("<H", len(value)) + value
+        group = data.index(b"\x02\x00\x00\x00UL", 132)
+        struct.pack_into("<I", data, group + 8, struct.unpack_from("<I", data, group + 8)[0] + len(value) - length)
+        path.write_bytes(bytes(data))
+
+
 def mni_t1_thick(thickness_mm: int = 5, smooth: bool = False) -> sitk.Image:
     """nilearn's MNI152 T1 template (a real T1-weighted average, brain-extracted) on axial slices of
     `thickness_mm` (with `smooth`, averaged across each slice first, like a slice profile); skips the

@@ -24,7 +24,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
-from conftest import REPO, drop_pixel_spacing, make_volume, mni_t1_thick, nifti2_of, tiny_model_file, write_dicom_series
+from conftest import (REPO, drop_pixel_spacing, make_volume, mni_t1_thick, nifti2_of, relabel_transfer_syntax,
+                      tiny_model_file, write_dicom_series)
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -117,6 +118,8 @@ BAD_INPUTS = [
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
+    ("a DICOM series compressed in a transfer syntax GDCM cannot decode (JPEG XL)", "segment", 1,
+     "cannot decode (transfer syntax 1.2.840.10008.1.2.4.110): export the series again uncompressed"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -480,6 +483,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "capture", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         drop_pixel_spacing(folder)
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series compressed in a transfer syntax GDCM cannot decode"):
+        folder = write_dicom_series(tmp / "in" / "jpegxl", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        relabel_transfer_syntax(folder, "1.2.840.10008.1.2.4.110")
         return seg + [str(folder)]
     if row_id == "--dicom-outline with a NIfTI input":
         return seg + [str(p["good"]), "--dicom-outline"]

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (drop_pixel_spacing, make_volume, record_syncs_and_renames, rotation, stepped_positions,
-                      write_dicom_series, write_enhanced_mr)
+from conftest import (drop_pixel_spacing, make_volume, record_syncs_and_renames, relabel_transfer_syntax, rotation,
+                      stepped_positions, write_dicom_series, write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -196,6 +196,17 @@ def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_sl
     expected[0] += 50.0
     read = sitk.GetArrayFromImage(io.read_image(rescaled))
     assert np.abs(read - expected).max() < 1e-3
+
+
+def test_a_folder_of_dicom_files_gdcm_cannot_read_says_why_not_that_it_holds_no_series(tmp_path):
+    """A series compressed in a transfer syntax GDCM does not decode (JPEG XL) was "a folder without a DICOM
+    series or image files", which sent the user looking for files that are there."""
+    image, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    compressed = write_dicom_series(tmp_path / "jpegxl", image)
+    relabel_transfer_syntax(compressed, "1.2.840.10008.1.2.4.110")
+    with pytest.raises(DeepWMLError, match=r"holds 5 DICOM file\(s\) compressed in a way GDCM .* cannot decode "
+                                           r"\(transfer syntax 1\.2\.840\.10008\.1\.2\.4\.110\): export the series again"):
+        io.read_image(compressed)
 
 
 def _study(folder, *series):
