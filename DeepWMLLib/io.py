@@ -1548,8 +1548,8 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         # Slices rescaled each their own way (Philips exports; exports that tag only some slices): ITK takes the
         # series' pixel type from the first slice and casts the others' real values into it, cutting off their
         # fractions and wrapping negative ones to 65535 and up when the first is unsigned, so slices disagree
-        # in brightness and the mask is wrong (0 ml on a real scan whose NIfTI gives 2.74 ml): each slice's real
-        # values, as float32
+        # in brightness and the mask is wrong (a real scan so exported: 0 ml, 0 lesions; read right 2.80 ml, 55):
+        # each slice's real values, as float32
         reader.SetOutputPixelType(sitk.sitkFloat32)
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "missing slices" warning: checked and said below

@@ -184,7 +184,7 @@ def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_sl
     """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
     ITK took the series' pixel type from the first slice (no rescale: unsigned 16-bit) and cast the others' real
     values into it, a background of -30 wrapping to 65506 and fractions cut off, so the network saw slices of
-    another brightness (0 ml, 0 lesions on a real scan whose NIfTI gives 2.74 ml, 55 lesions)."""
+    another brightness (a real scan so exported: 0 ml, 0 lesions; read right, 2.80 ml, 55 lesions)."""
     real, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0))
     real = sitk.Round(real) - 50.0  # (make_volume's background is ~20: here below 0, as rescaled slices can be)
     unscaled = write_dicom_series(tmp_path / "unscaled", sitk.Cast(real + 50.0, sitk.sitkUInt16))
