@@ -583,6 +583,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
             vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
             sform_code = struct.unpack(endian + "h", data[254:256])[0]
             srow = struct.unpack(endian + "12f", data[280:328])
+            units = data[123]
             break
         if struct.unpack(endian + "i", data[:4])[0] == 540 and len(data) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
@@ -591,6 +592,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
             vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
             sform_code = struct.unpack(endian + "i", data[348:352])[0]
             srow = struct.unpack(endian + "12d", data[400:496])
+            units = struct.unpack(endian + "i", data[500:504])[0]
             break
     else:
         return  # not a NIfTI header SimpleITK understands either; its reader gives the error
@@ -604,6 +606,19 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
                 f"{path}: its header gives a voxel size of {pixdim[axis]:g} mm along axis {axis} (pixdim[{axis}]), "
                 "which software reads in different ways, so neither lesion volumes nor left and right could be "
                 "trusted; export the image again from the scanner or PACS")
+    # Lengths in metres or microns (xyzt_units), which SimpleITK converts to mm, beside voxel sizes that are mm
+    # already (a unit set wrong): a 0.9 mm pixel read as 900 mm (or 0.0009 mm), and the scan came out "ok - 0.00 ml,
+    # 0 lesions". Refused where the converted sizes are no MRI's; a head truly given in metres is read in mm.
+    unit = _NIFTI_LENGTH_UNITS.get(units & 0x07)
+    if unit is not None and ndim >= 3:
+        sizes = np.array(pixdim[1:4], float)
+        mm = sizes * unit[1]
+        if mm.min() < _MRI_VOXEL_MM[0] or mm.max() > _MRI_VOXEL_MM[1]:
+            raise DeepWMLError(
+                f"{path}: its header gives lengths in {unit[0]} (xyzt_units), which makes its voxels "
+                f"{' x '.join(f'{v:.4g}' for v in mm)} mm, no MRI's size: its voxel sizes, "
+                f"{' x '.join(f'{v:.3g}' for v in sizes)}, look like mm with the wrong unit; set the header's length "
+                "unit to mm (nibabel: img.header.set_xyzt_units('mm')) or export the scan again")
     # An sform whose voxel sizes disagree with pixdim (a slice of 6 mm in one, 5 mm in the other): SimpleITK
     # takes pixdim, FSL and nibabel the sform, so the volume depends on the software and the mask written on
     # SimpleITK's grid would not lie on the FLAIR in the others. Refused beyond 1% (float32 rounding is far less).
@@ -631,6 +646,11 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
         bad = non_finite_count(values)
         if bad:
             raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
+
+
+# NIfTI's length units other than mm (xyzt_units & 7): their name and mm per unit, as SimpleITK converts them
+_NIFTI_LENGTH_UNITS = {1: ("metres", 1000.0), 3: ("microns", 0.001)}
+_MRI_VOXEL_MM = (0.01, 100.0)  # far beyond any MRI voxel size either way; a wrong unit lands 1000 times outside
 
 
 PAIR_HEADER = 352  # bytes before a pair's voxels in its one-file form: the header and 4 of no extension

@@ -54,6 +54,8 @@ BAD_INPUTS = [
      "macOS and Windows)", "segment", 1, "alike but for upper/lower case"),
     ("extreme intensities (1e30)", "segment", 0, "ok: normalisation is scale-free"),
     ("NIfTI whose header gives lengths in metres", "segment", 0, "ok: read in mm, as SimpleITK reads it"),
+    ("NIfTI whose header gives lengths in metres beside voxel sizes in mm (a wrong unit: SimpleITK would read 1000 "
+     "times larger voxels)", "segment", 1, "look like mm with the wrong unit"),
     ("NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)", "segment", 1, "voxel size of 0"),
     ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
     ("NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)", "segment", 1,
@@ -231,6 +233,11 @@ def world(tmp_path):
     header[123] = (header[123] & 0xF8) | 1
     (d / "metres.nii.gz").write_bytes(gzip.compress(bytes(header)))
     paths["NIfTI whose header gives lengths in metres"] = d / "metres.nii.gz"
+    wrong_unit = bytearray(raw)  # the head in mm, its unit set to metres
+    wrong_unit[123] = (wrong_unit[123] & 0xF8) | 1
+    paths["NIfTI whose header gives lengths in metres beside voxel sizes in mm (a wrong unit: SimpleITK would read "
+          "1000 times larger voxels)"] = d / "wrong_unit.nii"
+    (d / "wrong_unit.nii").write_bytes(wrong_unit)
     zero = bytearray(raw)
     struct.pack_into("<f", zero, 88, 0.0)  # pixdim[3]: the slice thickness
     paths["NIfTI whose header gives a voxel size of 0 (pixdim; SimpleITK would read 1 mm)"] = d / "zero.nii"

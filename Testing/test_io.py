@@ -510,6 +510,29 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
 
 
+@pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
+def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
+    """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
+    scan was read with 900 x 800 x 5000 mm voxels (0.0009 x ... mm) and came out "ok - 0.00 ml, 0 lesions", its
+    warnings about the brain outline naming no cause. A head truly given in metres (or microns) is read in mm."""
+    image = make_volume(size=(12, 10, 5), spacing=(0.9, 0.8, 5.0))[0]
+    sitk.WriteImage(image, str(tmp_path / "mm.nii"))
+    data = bytearray((tmp_path / "mm.nii").read_bytes())
+    data[123] = (data[123] & 0xF8) | code  # xyzt_units: the length unit alone changed
+    (tmp_path / "wrong.nii").write_bytes(bytes(data))
+    for light in (False, True):
+        with pytest.raises(DeepWMLError, match=f"lengths in {unit} .* voxel sizes, 0.9 x 0.8 x 5, look like mm"):
+            io.read_image(tmp_path / "wrong.nii", light=light)
+    sized = sitk.Image(image)  # the same head in that unit's numbers
+    sized.SetSpacing([v / factor for v in image.GetSpacing()])
+    sized.SetOrigin([v / factor for v in image.GetOrigin()])
+    sitk.WriteImage(sized, str(tmp_path / "true.nii"))
+    data = bytearray((tmp_path / "true.nii").read_bytes())
+    data[123] = (data[123] & 0xF8) | code
+    (tmp_path / "true.nii").write_bytes(bytes(data))
+    assert io.read_image(tmp_path / "true.nii").GetSpacing() == pytest.approx((0.9, 0.8, 5.0), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha"])
 def test_a_header_is_read_once_for_the_checks_simpleitk_lacks(tmp_path, monkeypatch, name):
     """An NRRD's header was opened and parsed three times for the checks SimpleITK lacks (a slice placed in

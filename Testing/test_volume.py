@@ -114,6 +114,16 @@ def _sheared(data: bytes) -> bytes:
     return _edited(data, "12f", 280, *rows.ravel())
 
 
+def _in_unit(data: bytes, code: int, mm: float) -> bytes:
+    """The file with its lengths given in another unit (xyzt_units `code`, `mm` millimetres each): voxel sizes,
+    qform offset and sform divided by `mm`."""
+    pixdim = struct.unpack_from("<8f", data, 76)
+    data = _edited(data, "3f", 80, *(v / mm for v in pixdim[1:4]))
+    data = _edited(data, "3f", 268, *(v / mm for v in struct.unpack_from("<3f", data, 268)))
+    data = _edited(data, "12f", 280, *(v / mm for v in struct.unpack_from("<12f", data, 280)))
+    return _edited(data, "B", 123, (data[123] & 0xF8) | code)
+
+
 def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
     image, _ = make_volume(size=(12, 10, 5), spacing=(0.6, 0.7, 4.5), direction=rotation(0.2, 0.1, 0.3),
                            dtype=sitk.sitkInt16)
@@ -128,8 +138,8 @@ def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
         "no orientation": _edited(data, "2h", 252, 0, 0),
         "two time points": _edited(data, "8h", 40, 4, 12, 10, 5, 2, 1, 1, 1),
         # lengths in metres / microns (xyzt_units): the same head 1000 times smaller / larger in numbers
-        "in metres": _edited(data, "B", 123, (data[123] & 0xF8) | 1),
-        "in microns": _edited(data, "B", 123, (data[123] & 0xF8) | 3),
+        "in metres": _in_unit(data, 1, 1000.0),
+        "in microns": _in_unit(data, 3, 0.001),
     }
     for name, bad in odd.items():
         assert parse_nifti(bad) is None, name
