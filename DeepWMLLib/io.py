@@ -581,7 +581,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
             datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
             pixdim = struct.unpack(endian + "8f", data[76:108])
             vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
-            sform_code = struct.unpack(endian + "h", data[254:256])[0]
+            qform_code, sform_code = struct.unpack(endian + "2h", data[252:256])
             srow = struct.unpack(endian + "12f", data[280:328])
             units = data[123]
             break
@@ -590,7 +590,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
             dims = struct.unpack(endian + "8q", data[16:80])
             pixdim = struct.unpack(endian + "8d", data[104:168])
             vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
-            sform_code = struct.unpack(endian + "i", data[348:352])[0]
+            qform_code, sform_code = struct.unpack(endian + "2i", data[344:352])
             srow = struct.unpack(endian + "12d", data[400:496])
             units = struct.unpack(endian + "i", data[500:504])[0]
             break
@@ -606,6 +606,16 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
                 f"{path}: its header gives a voxel size of {pixdim[axis]:g} mm along axis {axis} (pixdim[{axis}]), "
                 "which software reads in different ways, so neither lesion volumes nor left and right could be "
                 "trusted; export the image again from the scanner or PACS")
+    # No orientation (qform_code and sform_code 0, NIfTI's Analyze fallback): SimpleITK, and so 3D Slicer, place the
+    # voxels on its identity direction, FSL and nibabel with the front and back the other way round, and the mask
+    # was written with SimpleITK's guess as scanner orientation: in FSL it no longer lay on the FLAIR. Which axis
+    # is axial is a guess too. Refused, as an Analyze 7.5 pair is.
+    if qform_code <= 0 and sform_code <= 0:
+        raise DeepWMLError(
+            f"{path}: its header gives no orientation (qform_code and sform_code 0), so software places its voxels in "
+            "different ways (3D Slicer with front and back the other way round from FSL), and neither the axial "
+            "slices nor the mask's place could be trusted; export it again from the scanner or PACS (or convert the "
+            "DICOM series with dcm2niix), which gives the orientation")
     # Lengths in metres or microns (xyzt_units), which SimpleITK converts to mm, beside voxel sizes that are mm
     # already (a unit set wrong): a 0.9 mm pixel read as 900 mm (or 0.0009 mm), and the scan came out "ok - 0.00 ml,
     # 0 lesions". Refused where the converted sizes are no MRI's; a head truly given in metres is read in mm.

@@ -67,6 +67,8 @@ BAD_INPUTS = [
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
     ("Analyze 7.5 pair (`.hdr` + `.img` without the NIfTI mark: no orientation, left and right ambiguous)", "segment", 1,
      "Analyze 7.5 header"),
+    ("NIfTI without orientation (qform_code and sform_code 0: SimpleITK and FSL place it in different ways)", "segment",
+     1, "gives no orientation"),
     ("gzip-compressed NIfTI named .nii", "segment", 0, "ok: read by its content"),
     ("a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)", "segment", 0, "ok: read as in lower case"),
     ("one-slice volume", "segment", 0, "ok: one slice segmented"),
@@ -233,6 +235,11 @@ def world(tmp_path):
     header[123] = (header[123] & 0xF8) | 1
     (d / "metres.nii.gz").write_bytes(gzip.compress(bytes(header)))
     paths["NIfTI whose header gives lengths in metres"] = d / "metres.nii.gz"
+    unplaced = bytearray(raw)
+    struct.pack_into("<2h", unplaced, 252, 0, 0)  # qform_code, sform_code
+    paths["NIfTI without orientation (qform_code and sform_code 0: SimpleITK and FSL place it in different ways)"] = \
+        d / "unplaced.nii"
+    (d / "unplaced.nii").write_bytes(unplaced)
     wrong_unit = bytearray(raw)  # the head in mm, its unit set to metres
     wrong_unit[123] = (wrong_unit[123] & 0xF8) | 1
     paths["NIfTI whose header gives lengths in metres beside voxel sizes in mm (a wrong unit: SimpleITK would read "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (drop_pixel_spacing, make_volume, record_syncs_and_renames, relabel_transfer_syntax, rotation,
-                      stepped_positions, write_dicom_series, write_enhanced_mr)
+from conftest import (drop_pixel_spacing, make_volume, nifti2_of, record_syncs_and_renames, relabel_transfer_syntax,
+                      rotation, stepped_positions, write_dicom_series, write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -531,6 +532,20 @@ def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_p
     data[123] = (data[123] & 0xF8) | code
     (tmp_path / "true.nii").write_bytes(bytes(data))
     assert io.read_image(tmp_path / "true.nii").GetSpacing() == pytest.approx((0.9, 0.8, 5.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("nifti_2", [False, True])
+def test_a_nifti_without_orientation_is_refused(tmp_path, nifti_2):
+    """qform_code and sform_code 0: no orientation. SimpleITK (and so 3D Slicer) placed the voxels with its identity
+    direction, FSL and nibabel with the front and back the other way round, and DeepWML wrote the mask with SimpleITK's
+    guess as scanner orientation: in FSL it no longer lay on the FLAIR, and the slice axis was taken to be axial."""
+    sitk.WriteImage(make_volume(size=(12, 10, 5))[0], str(tmp_path / "placed.nii"))
+    data = bytearray((tmp_path / "placed.nii").read_bytes())
+    struct.pack_into("<2h", data, 252, 0, 0)
+    (tmp_path / "unplaced.nii").write_bytes(nifti2_of(bytes(data)) if nifti_2 else bytes(data))
+    for light in (False, True):
+        with pytest.raises(DeepWMLError, match="gives no orientation .* export it again"):
+            io.read_image(tmp_path / "unplaced.nii", light=light)
 
 
 @pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha"])

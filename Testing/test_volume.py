@@ -135,7 +135,6 @@ def test_files_outside_the_subset_fall_back_to_simpleitk(tmp_path):
         "intercept beside an unset slope": _edited(data, "2f", 112, 0.0, 100.0),  # SimpleITK adds the 100
         "qform and sform disagree": _edited(data, "f", 292, struct.unpack_from("<f", data, 292)[0] + 3.0),
         "sheared sform": _sheared(data),
-        "no orientation": _edited(data, "2h", 252, 0, 0),
         "two time points": _edited(data, "8h", 40, 4, 12, 10, 5, 2, 1, 1, 1),
         # lengths in metres / microns (xyzt_units): the same head 1000 times smaller / larger in numbers
         "in metres": _in_unit(data, 1, 1000.0),
