@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from .errors import DeepWMLError
-from .volume import Volume, like, nifti_bytes, nifti_version, parse_nifti, voxels
+from .volume import NiftiGeometry, Volume, like, nifti_bytes, nifti_geometry, nifti_version, parse_nifti, voxels
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -2085,6 +2085,26 @@ class TimeAxis:
 _NIFTI_TIME_FIELDS = {348: ("8h", 40, "f", 92, 136), 540: ("8q", 16, "d", 136, 216)}
 
 
+def _nifti_header(path: Path) -> bytes | None:
+    """The first 540 bytes of a NIfTI file (a pair's .hdr: its 348), or None where it cannot be read."""
+    opener = gzip.open if _gzipped(path) else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read(540)
+    except (EOFError, OSError, zlib.error):
+        return None
+
+
+def read_nifti_geometry(path: str | os.PathLike) -> NiftiGeometry | None:
+    """The header fields that place a NIfTI file's voxels (`NiftiGeometry`), which its NIfTI outputs carry
+    (`write_image`); None for another format and a file that cannot be read. Reads the header alone."""
+    p = Path(path)
+    if p.is_dir() or not (is_nifti(p) or is_nifti_pair(p)):
+        return None
+    header = _nifti_header(p)
+    return None if header is None else nifti_geometry(header)
+
+
 def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     """The TimeAxis of an image file stored X, Y, Z, 1, or None (a 3D file, a DICOM folder, and a file that
     cannot be read: read_image says what is wrong with it). Reads the header alone."""
@@ -2092,11 +2112,8 @@ def read_time_axis(path: str | os.PathLike) -> TimeAxis | None:
     if p.is_dir():
         return None
     if is_nifti(p) or is_nifti_pair(p):
-        opener = gzip.open if _gzipped(p) else open
-        try:
-            with opener(p, "rb") as f:
-                header = f.read(540)
-        except (EOFError, OSError, zlib.error):
+        header = _nifti_header(p)
+        if header is None:
             return None
         for endian in "<>":
             layout = _NIFTI_TIME_FIELDS.get(struct.unpack_from(endian + "i", header)[0]) if len(header) >= 348 else None
@@ -2950,13 +2967,17 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return write_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: TimeAxis | None = None) -> Path:
+def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: TimeAxis | None = None,
+                geometry: NiftiGeometry | None = None) -> Path:
     """Write an image, compressed; a `Volume` to NIfTI without SimpleITK. With `time_axis` (the input's,
-    `read_time_axis`), a 3D image is written 4D with one time point, X, Y, Z, 1, as the input was stored."""
-    if isinstance(image, Volume) and is_nifti(path):
+    `read_time_axis`), a 3D image is written 4D with one time point, X, Y, Z, 1, as the input was stored.
+    With `geometry` (a NIfTI input's, `read_nifti_geometry`; the image on its grid), a NIfTI file gets the
+    input's own qform, sform, codes, voxel sizes and length unit, so that FSL and nibabel, which may read another
+    grid from them than SimpleITK does, place it where they place the input; other formats ignore it."""
+    if is_nifti(path) and (isinstance(image, Volume) or geometry is not None):
         level = 1 if str(path).lower().endswith(".gz") else 0
         data = nifti_bytes(image, compresslevel=level,
-                           time=None if time_axis is None else (time_axis.origin, time_axis.spacing))
+                           time=None if time_axis is None else (time_axis.origin, time_axis.spacing), geometry=geometry)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:

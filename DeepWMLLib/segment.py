@@ -1185,6 +1185,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     if save_ventricle_mask and result.ventricles is None:
         raise DeepWMLError(VENTRICLE_MODEL_NEEDED)
     time_axis = io.read_time_axis(path)  # X, Y, Z, 1: the image outputs are stored so too
+    geometry = io.read_nifti_geometry(path)  # NIfTI outputs carry the input's qform and sform as they stand
     report = {"case": case, "input": str(path), "input_size": io.stored_size(image, time_axis), **result.report}
     instances = dicom_instances(chosen[0], result.mask) if chosen else None
     if instances:  # the image numbers PACS shows, beside the voxel indices
@@ -1233,18 +1234,18 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
         report["outputs"] = sorted(p.name for p in paths.values())
         tell(SEGMENTING_SHARE + 0.05, "writing the mask")  # a second or more each on a large scan
-        io.write_image(result.mask, paths["mask"], time_axis)
+        io.write_image(result.mask, paths["mask"], time_axis, geometry)
         tell(SEGMENTING_SHARE + 0.07, "writing the segmentation")
         io.write_segmentation(result.mask, paths["segmentation"])
         if save_probabilities:
             tell(SEGMENTING_SHARE + 0.08, "writing the probability map")
-            io.write_image(result.probabilities, paths["probabilities"], time_axis)
+            io.write_image(result.probabilities, paths["probabilities"], time_axis, geometry)
         if save_brain_mask:
             tell(SEGMENTING_SHARE + 0.09, "writing the brain mask")
-            io.write_image(result.brain, paths["brain"], time_axis)
+            io.write_image(result.brain, paths["brain"], time_axis, geometry)
         if save_ventricle_mask:
             tell(SEGMENTING_SHARE + 0.095, "writing the ventricle mask")
-            io.write_image(result.ventricles, paths["ventricles"], time_axis)
+            io.write_image(result.ventricles, paths["ventricles"], time_axis, geometry)
         if qc:
             io.write_bytes(picture, paths["qc"])
         if outline:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -242,9 +243,46 @@ def parse_nifti(data: bytes, native: bool = True) -> Volume | None:
     return Volume(array, spacing, origin, direction.ravel())
 
 
-def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None = None) -> bytes:
+@dataclass(frozen=True)
+class NiftiGeometry:
+    """The fields of a NIfTI header that place its voxels in space (`nifti_geometry`), carried from an input to
+    its NIfTI outputs (`nifti_bytes`) as they stand: where qform and sform disagree (an sform aligned by FSL or SPM
+    beside the scanner's qform) or lengths are not mm, SimpleITK (and 3D Slicer) takes one rule, FSL and nibabel
+    another; an output with the input's own fields lies where each of them places the input."""
+    size: tuple[int, int, int]
+    qform_code: int
+    sform_code: int
+    quatern: tuple[float, float, float]  # b, c, d
+    qoffset: tuple[float, float, float]
+    pixdim: tuple[float, float, float, float]  # qfac, then the voxel sizes along i, j, k
+    srow: tuple[float, ...]  # srow_x, srow_y, srow_z: 12 numbers
+    length_unit: int  # xyzt_units & 7
+
+
+def nifti_geometry(header: bytes) -> NiftiGeometry | None:
+    """The NiftiGeometry of a NIfTI-1 or -2 header (a file's first 540 bytes, or a pair's .hdr); None when it is
+    none."""
+    version = nifti_version(header)
+    if version is None or len(header) < (348 if version[0] == 1 else 540):
+        return None
+    layout, endian = _LAYOUTS[348 if version[0] == 1 else 540], version[1]
+
+    def field(name: str, count: int | None = None) -> tuple:
+        fmt, at = layout[name]
+        if count is not None:  # `count` numbers from the field's start
+            fmt = f"{count}{fmt[-1]}"
+        return struct.unpack_from(endian + fmt, header, at)
+
+    return NiftiGeometry(tuple(int(n) for n in field("dims")[1:4]), *(int(c) for c in field("codes")),
+                         field("quatern"), field("qoffset"), field("pixdim", 4), field("srow", 12),  # rows contiguous
+                         int(field("units")[0]) & 0x07)
+
+
+def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None = None,
+                geometry: NiftiGeometry | None = None) -> bytes:
     """A NIfTI-1 file (gzip-compressed when compresslevel > 0) of a Volume or SimpleITK.Image,
-    with qform and sform both set (scanner anatomical), millimetres, like SimpleITK writes it.
+    with qform and sform both set (scanner anatomical), millimetres, like SimpleITK writes it; with `geometry`
+    (the input's, of the image's size), with the input's own placing fields instead.
     With `time` (origin, spacing), stored 4D with one time point: X, Y, Z, 1."""
     array = np.ascontiguousarray(voxels(image))
     if array.ndim != 3:
@@ -264,6 +302,13 @@ def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None 
     proper[:, 2] *= qfac
     b, c, d = _matrix_quaternion(proper)
     srow = np.column_stack([rotation * spacing[None, :], offset])
+    codes, length_unit = (1, 1), 2  # scanner anatomical; millimetres
+    if geometry is not None:
+        if geometry.size != array.shape[::-1]:
+            raise ValueError(f"a geometry of size {geometry.size} for an image of size {array.shape[::-1]}")
+        codes, length_unit = (geometry.qform_code, geometry.sform_code), geometry.length_unit
+        qfac, spacing, (b, c, d), offset = geometry.pixdim[0], geometry.pixdim[1:], geometry.quatern, geometry.qoffset
+        srow = np.reshape(geometry.srow, (3, 4))
     header = bytearray(352)
     struct.pack_into("<i", header, 0, 348)
     struct.pack_into("<8h", header, 40, 3 if time is None else 4, *array.shape[::-1], 1, 1, 1, 1)
@@ -273,8 +318,8 @@ def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None 
         struct.pack_into("<f", header, 136, time[0])  # toffset (132 is slice_duration)
     struct.pack_into("<f", header, 108, 352.0)
     struct.pack_into("<2f", header, 112, 1.0, 0.0)
-    header[123] = 2 | 8  # xyzt_units: millimetres, seconds
-    struct.pack_into("<2h", header, 252, 1, 1)  # qform_code, sform_code: scanner anatomical
+    header[123] = length_unit | 8  # xyzt_units: the length unit, seconds
+    struct.pack_into("<2h", header, 252, *codes)  # qform_code, sform_code
     struct.pack_into("<3f", header, 256, b, c, d)
     struct.pack_into("<3f", header, 268, *offset)
     for row in range(3):

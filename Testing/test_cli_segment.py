@@ -6,6 +6,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -1890,3 +1891,52 @@ def test_the_report_says_how_many_edge_slices_were_cleared(tmp_path, tiny_model,
     edge = [w for w in report["warnings"] if "--exclude-edge-slices" in w]
     assert edge == ([] if cleared else ["--exclude-edge-slices 0.1 cleared no slice: it clears floor(0.1 x 6) = 0 of "
                                         "the 6 axial slices at each end (at least 10 slices are needed to clear one)"])
+
+
+@pytest.mark.parametrize("kind", ["forms disagree", "metres"])
+def test_nifti_outputs_carry_the_input_header_geometry_so_every_reader_places_them_on_the_flair(
+        tmp_path, tiny_model, monkeypatch, kind):
+    """A qform (code 2, 10 degrees apart) beside an sform (code 1), as after FSL/SPM alignment, or lengths in
+    metres: SimpleITK (3D Slicer) reads one grid, FSL and nibabel another. The mask and probability map carry
+    the input's own qform, sform, codes, voxel sizes and length unit, so each reader places them where it
+    places the FLAIR."""
+    import nibabel as nib
+
+    oracle_network(monkeypatch)
+    image, _ = make_volume(size=(40, 36, 8), spacing=(0.9, 0.9, 5.0), blobs=((0.5, 0.5, 0.5, 7.0),))
+    data = np.transpose(sitk.GetArrayFromImage(image)).astype(np.int16)  # (i, j, k) as nibabel holds it
+    sform = np.diag([0.9, 0.9, 5.0, 1.0])
+    sform[:3, 3] = (-20.0, 15.0, -30.0)
+    turn = np.eye(4)
+    turn[:3, :3] = rotation(0.0, 0.0, math.radians(10))
+    turn[:3, 3] = (10.0, 0.0, 0.0)
+    nifti = nib.Nifti1Image(data, None)
+    if kind == "metres":
+        sform[:3] /= 1000.0
+        nifti.set_sform(sform, code=1)
+        nifti.set_qform(sform, code=1)
+        nifti.header.set_xyzt_units("meter", "sec")
+    else:
+        nifti.set_sform(sform, code=1)
+        nifti.set_qform(turn @ sform, code=2)
+    source = tmp_path / "in" / "case.nii.gz"
+    source.parent.mkdir()
+    nib.save(nifti, str(source))
+    out = tmp_path / "out"
+    assert main(["segment", str(source), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    given = nib.load(str(source))
+    flair = sitk.ReadImage(str(source))
+    for name in ("case_wmh.nii.gz", "case_prob.nii.gz"):
+        written = nib.load(str(out / name))
+        np.testing.assert_allclose(written.affine, given.affine, atol=1e-6, err_msg=name)
+        for form in ("get_qform", "get_sform"):
+            (got, got_code), (want, want_code) = (getattr(img, form)(coded=True) for img in (written, given))
+            assert got_code == want_code, (name, form)
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"{name} {form}")
+        assert written.header.get_xyzt_units()[0] == given.header.get_xyzt_units()[0], name
+        mask = sitk.ReadImage(str(out / name))
+        np.testing.assert_allclose(mask.GetSpacing(), flair.GetSpacing(), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(mask.GetOrigin(), flair.GetOrigin(), atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(mask.GetDirection(), flair.GetDirection(), atol=1e-6, err_msg=name)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_wmh.nii.gz"))).sum() > 0
