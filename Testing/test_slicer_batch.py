@@ -1056,3 +1056,41 @@ def test_batch_stopped_says_what_it_kept_and_how_to_go_on_and_exits_as_the_comma
     monkeypatch.setattr(batchScript, "segmentCase", segmentCase)
     assert batchScript.main(arguments) == 0  # without --overwrite it goes on
     assert {case: row["status"] for case, row in summary(out).items()} == {"a": "skipped", "b": "ok", "c": "ok"}
+
+
+def test_batch_writes_a_nifti_mask_with_the_inputs_own_qform_and_sform_as_the_command_line(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """A qform (code 2, 10 degrees apart) beside an sform (code 1), as after FSL/SPM alignment: Slicer reads one
+    grid, FSL and nibabel another. The batch's mask carries the input's own header geometry, as `deepwml
+    segment`'s does, so each reader places it where it places the FLAIR."""
+    import math
+
+    import nibabel as nib
+
+    from DeepWMLLib.cli import main as cli
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    flair, _ = make_volume(size=(40, 36, 8), spacing=(0.9, 0.9, 5.0), blobs=((0.5, 0.5, 0.5, 7.0),))
+    sform = np.diag([0.9, 0.9, 5.0, 1.0])
+    sform[:3, 3] = (-20.0, 15.0, -30.0)
+    turn = np.eye(4)
+    turn[:3, :3] = rotation(0.0, 0.0, math.radians(10))
+    turn[:3, 3] = (10.0, 0.0, 0.0)
+    nifti = nib.Nifti1Image(np.transpose(sitk.GetArrayFromImage(flair)).astype(np.int16), None)
+    nifti.set_sform(sform, code=1)
+    nifti.set_qform(turn @ sform, code=2)
+    nib.save(nifti, str(inputs / "a.nii.gz"))
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 0
+    assert cli(["segment", str(inputs / "a.nii.gz"), "-o", str(tmp_path / "cli"), "--model", str(tiny_model),
+                "--device", "cpu"]) == 0
+    given, batch, command = (nib.load(str(p)) for p in (inputs / "a.nii.gz", out / "a_wmh.nii.gz",
+                                                         tmp_path / "cli" / "a_wmh.nii.gz"))
+    for form in ("get_qform", "get_sform"):
+        (got, got_code), (want, want_code) = (getattr(img, form)(coded=True) for img in (batch, given))
+        assert got_code == want_code, form
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=form)
+    assert np.asarray(command.dataobj).sum() > 0
+    np.testing.assert_array_equal(np.asarray(batch.dataobj), np.asarray(command.dataobj))

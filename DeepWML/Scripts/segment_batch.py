@@ -250,7 +250,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             if args.overwrite:  # (never an old report beside new files)
                 paths["report"].unlink(missing_ok=True)
             io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
-            io.write_image(mask, paths["mask"], timeAxis)
+            io.write_image(mask, paths["mask"], timeAxis,
+                           io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
             if args.qc:
                 io.write_bytes(picture, paths["qc"])
             write_json(report, paths["report"])
