@@ -1259,21 +1259,13 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     problems: list[str] = []
     series: dict = {}
     damaged: dict = {}  # folder -> names of its files that are empty, unreadable, or DICOM that cannot be read
-    visited = set()
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        walk = os.walk(root, followlinks=True,
-                       onerror=lambda exc: None if os.path.basename(str(exc.filename)) in SYSTEM_FOLDERS else
-                       problems.append(f"{exc.filename} cannot be read ({exc.strerror})"))
-        for current, dirs, files in walk:
-            real = os.path.realpath(current)
-            if real in visited or not recursive and current != str(root):  # a link back into the tree: once
-                dirs[:] = []
-                continue
-            visited.add(real)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS) if recursive else []
+        folders = _each_folder(root, lambda exc: None if os.path.basename(str(exc.filename)) in SYSTEM_FOLDERS else
+                               problems.append(f"{exc.filename} cannot be read ({exc.strerror})"), recursive)
+        for current, files in folders:
             for name in sorted(files):
                 path = os.path.join(current, name)
                 if not _looks_dicom(name) or not os.path.isfile(path):
@@ -1373,24 +1365,33 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
 SYSTEM_FOLDERS = frozenset({"lost+found", "System Volume Information", "$RECYCLE.BIN", "$Recycle.Bin"})
 
 
-def has_dicom_below(folder: str | os.PathLike) -> bool:
-    """Whether a folder's subfolders (at any depth, symbolic links followed, each folder once) hold files
-    that may be DICOM."""
-    visited, unreadable = set(), []
-
-    def failed(exc: OSError) -> None:
-        if os.path.basename(str(exc.filename)) not in SYSTEM_FOLDERS:
-            unreadable.append(exc)
-
-    for current, dirs, files in os.walk(folder, followlinks=True, onerror=failed):
-        if unreadable and str(unreadable[0].filename) != str(folder):
-            return True  # a folder below that cannot be read: searched as an export, which names it as a failing case
+def _each_folder(root: str | os.PathLike, onerror=None, recursive: bool = True):
+    """(folder, its file names) for `root` and, `recursive`, every folder below it in name order: symbolic links
+    followed, each folder once (a link back into the tree is not followed again), hidden and system folders left
+    out. `onerror` as os.walk's, for a folder that cannot be listed."""
+    visited = set()
+    for current, dirs, files in os.walk(root, followlinks=True, onerror=onerror):
         real = os.path.realpath(current)
         if real in visited:
             dirs[:] = []
             continue
         visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS) if recursive else []
+        yield current, files
+
+
+def has_dicom_below(folder: str | os.PathLike) -> bool:
+    """Whether a folder's subfolders (at any depth, symbolic links followed, each folder once) hold files
+    that may be DICOM."""
+    unreadable = []
+
+    def failed(exc: OSError) -> None:
+        if os.path.basename(str(exc.filename)) not in SYSTEM_FOLDERS:
+            unreadable.append(exc)
+
+    for current, files in _each_folder(folder, failed):
+        if unreadable and str(unreadable[0].filename) != str(folder):
+            return True  # a folder below that cannot be read: searched as an export, which names it as a failing case
         if current != str(folder) and any(_dicom_candidate(os.path.join(current, f)) for f in files):
             return True
     return bool(unreadable) and str(unreadable[0].filename) != str(folder)
@@ -1413,11 +1414,13 @@ _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.
 
 def _transfer_syntax(path: str) -> str:
     """A DICOM file's Transfer Syntax UID (0002,0010), from its file meta group (explicit VR little endian
-    after the preamble, by the standard); "" where it gives none."""
+    after the preamble, by the standard); "" where it gives none or is no DICOM file ('DICM' at byte 128)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
+        return ""
+    if head[128:132] != b"DICM":
         return ""
     at = head.find(b"\x02\x00\x10\x00UI", 132)
     if at < 0 or at + 8 > len(head):
@@ -1432,17 +1435,9 @@ def undecodable_dicom(folder: str | os.PathLike) -> str | None:
     looking for files that are there. (Files of an uncompressed syntax that fail are not images, as reports and
     DICOMDIRs, or damaged: not told apart here.)"""
     syntaxes: dict = {}
-    visited = set()
-    for current, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(current)
-        if real in visited:  # a link back into the tree: once
-            dirs[:] = []
-            continue
-        visited.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SYSTEM_FOLDERS]
+    for current, files in _each_folder(folder):
         for name in files:
-            path = os.path.join(current, name)
-            syntax = _transfer_syntax(path) if _dicom_preamble(path) else ""
+            syntax = _transfer_syntax(os.path.join(current, name))
             if syntax and syntax not in _UNCOMPRESSED:
                 syntaxes[syntax] = syntaxes.get(syntax, 0) + 1
     if not syntaxes:
