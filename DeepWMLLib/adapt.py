@@ -28,6 +28,7 @@ cases you can judge before relying on it.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -165,22 +166,24 @@ def _judge_flair_checks(checks: list[tuple], allow_non_flair: bool) -> None:
 
 
 def pseudo_lesions(slices: np.ndarray, model_paths: Sequence[str | Path], threshold: float = 0.5,
-                   batch_size: int = 8, progress: Callable[[str, int, int], None] | None = None) -> np.ndarray:
+                   batch_size: int = 8, progress: Callable[[str, int, int], None] | None = None,
+                   names: Sequence[str] | None = None) -> np.ndarray:
     """[n, H, W] bool: where the given models' averaged probability is at least `threshold` (the
-    unlabelled scans' own probable lesions, to centre crops on as training centred them on lesions)."""
+    unlabelled scans' own probable lesions, to centre crops on as training centred them on lesions).
+    names: the models' names in the progress lines (None: their file names)."""
     import torch
 
     from .checkpoint import load_model
 
     total = np.zeros(slices.shape, np.float32)
-    for path in model_paths:
+    for path, name in zip(model_paths, names or [Path(p).name for p in model_paths]):
         model = load_model(path).model.eval()
         with torch.inference_mode():
             for start in range(0, slices.shape[0], batch_size):
                 x = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size, None]))
                 total[start:start + batch_size] += torch.sigmoid(model(x))[:, 0].numpy()
                 if progress:
-                    progress(f"finding lesions with {Path(path).name}", min(start + batch_size, slices.shape[0]),
+                    progress(f"finding lesions with {name}", min(start + batch_size, slices.shape[0]),
                              slices.shape[0])
     return total / len(model_paths) >= threshold
 
@@ -429,10 +432,12 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("one output path per model is needed")
     if per_slice < 1:
         raise DeepWMLError("crops per slice must be at least 1")
-    from .segment import is_brain_model
+    from .segment import is_brain_model, name_apart
 
     pseudo_given, pseudo_models = pseudo_models, list(pseudo_models or model_paths)
     settings = [load_model_settings(p) for p in [*model_paths, *pseudo_models]]
+    name_apart(settings)  # an ensemble's model_0/best.pt, model_1/best.pt: told apart in every line and record
+    pseudo_names = [s.name for s in settings[len(model_paths):]]
     for number, s in enumerate(settings):
         if is_brain_model(s):
             named = f"{s.name} is" if number < len(model_paths) else f"{s.name} (--pseudo-models) is"
@@ -456,10 +461,11 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     if log:
         log(f"{slices.shape[0]} head slices from {len(facts)} scan{'s' * (len(facts) != 1)}; finding their probable "
             f"lesions with {len(pseudo_models)} model(s)")
-    lesions = pseudo_lesions(slices, pseudo_models, batch_size=batch_size, progress=progress)
+    lesions = pseudo_lesions(slices, pseudo_models, batch_size=batch_size, progress=progress, names=pseudo_names)
     summaries, adapted = [], []
-    for path, out in zip(model_paths, out_paths):
+    for path, out, named_apart in zip(model_paths, out_paths, settings):
         loaded = load_model(path)
+        loaded.name = named_apart.name
         size, share = crop_settings(loaded)
         crops = matched_crops(slices, lesions, size, per_slice, share, seed)
         layers = adapt_batch_norm(loaded.model, crops, batch_size,
@@ -481,7 +487,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             **({"not_flair_scans": not_flair} if not_flair else {}),
             "slices": int(slices.shape[0]),
             "measured_on": (f"{crops.shape[0]} crops of {size} px, {share:.0%} centred on pseudo-lesions of "
-                            f"{', '.join(Path(p).name for p in pseudo_models)} (seed {seed})"),
+                            f"{', '.join(pseudo_names)} (seed {seed})"),
             "layers": layers,
         }
         adapted.append((out, loaded, provenance))
@@ -554,6 +560,28 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
+def adapted_paths(models: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """OUT_DIR/<name>-adapted.pt for each model file; members of one file name (deepwml train's RUN/model_0/best.pt,
+    RUN/model_1/best.pt) by the folders that tell them apart, as segment names them: model_0_best-adapted.pt."""
+    from types import SimpleNamespace
+
+    from .segment import name_apart
+
+    same: dict[str, str] = {}
+    for m in models:
+        found = os.path.normcase(os.path.abspath(m))
+        if found in same:
+            raise DeepWMLError(f"{m} is given twice in --model; give each model once")
+        same[found] = str(m)
+    named = [SimpleNamespace(name=Path(m).name, path=m) for m in models]
+    name_apart(named)
+    outputs = [out_dir / f"{Path(n.name.replace('/', '_')).stem}-adapted.pt" for n in named]
+    if len(set(outputs)) < len(outputs):  # a file named as another's parts joined (model_0_best.pt beside model_0/best.pt)
+        raise DeepWMLError("two model files would be adapted into files of the same name; adapt them into different "
+                           "folders")
+    return outputs
+
+
 def _run(args) -> int:
     import torch
 
@@ -567,9 +595,7 @@ def _run(args) -> int:
     models = list(model_files(args.model) or default_model_paths())
     args.pseudo_models = model_files(args.pseudo_models, "--pseudo-models")
     out_dir = Path(args.output_dir)
-    outputs = [out_dir / f"{Path(m).stem}-adapted.pt" for m in models]
-    if len(set(outputs)) < len(outputs):
-        raise DeepWMLError("two model files have the same name; adapt them into different folders")
+    outputs = adapted_paths(models, out_dir)
     folders = [str(o) for o in outputs if o.is_dir()]  # --overwrite replaces files, not folders: said before the work
     if folders:
         raise DeepWMLError(f"{', '.join(folders)} {'is a folder' if len(folders) == 1 else 'are folders'}, where the "

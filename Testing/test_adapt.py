@@ -594,3 +594,25 @@ def test_the_shipped_adapted_models_are_summarised_from_the_file_and_from_the_ca
         assert summary == adaptation_summary(cached)
         assert summary["scans"] == len(record["scans"]) > 0 and summary["slices"] == record["slices"] > 0
         assert summary["from_sha256"] == file_digest(sources[summary["from_model"]])
+
+
+def test_ensemble_members_of_one_file_name_are_adapted_in_one_run_named_apart(tmp_path, capsys):
+    # deepwml train --ensemble writes RUN/model_0/best.pt, RUN/model_1/best.pt: adapting them together was refused
+    # ("two model files have the same name"), and progress and the files' records named both best.pt
+    members = []
+    for k in range(2):
+        (tmp_path / "run" / f"model_{k}").mkdir(parents=True)
+        members.append(str(_model_file(tmp_path / "run" / f"model_{k}" / "best.pt", seed=k)))
+    scans = [str(p) for p in _scans(tmp_path, 2)]
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--model", *members, "--scans", *scans, "-o", str(out), "--crops-per-slice", "1"]) == 0
+    err = capsys.readouterr().err
+    for k in range(2):
+        written = out / f"model_{k}_best-adapted.pt"
+        assert load_model(written).provenance["adapted_batch_norm"]["from_model"] == f"model_{k}/best.pt"
+        assert f"finding lesions with model_{k}/best.pt 24/24" in err and f"model_{k}/best.pt: batch-norm layer" in err
+    assert "crops of 32 px, 25% centred on pseudo-lesions of model_0/best.pt, model_1/best.pt" in json.dumps(
+        load_model(out / "model_0_best-adapted.pt").provenance)
+    # one file given twice is said so, not "the same name"
+    assert cli.main(["adapt", "--model", members[0], members[0], "--scans", *scans, "-o", str(tmp_path / "b")]) == 1
+    assert f"error: {members[0]} is given twice in --model; give each model once" in capsys.readouterr().err
