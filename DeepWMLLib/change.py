@@ -1278,6 +1278,10 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     prepared = change_outline(followup, result.labels, chosen["follow-up"][0], report) if outline else None
     from .segment import whole_or_none
 
+    # each scan's image outputs stored as segment stores them: X, Y, Z, 1 for a scan stored so, and, from a NIfTI
+    # scan, with its own qform and sform (where they disagree, FSL and nibabel place the outputs on it as Slicer does)
+    stored = {name: (io.read_time_axis(path), io.read_nifti_geometry(path))
+              for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
     # stopped part way (Ctrl-C, a full disk): the pair's outputs go, so that the same command redoes it
     with whole_or_none({**paths, "outline": outline_path(out, case)} if outline else paths):
         for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
@@ -1286,16 +1290,16 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
             from .dicom_outline import remove_outline_series
 
             remove_outline_series(earlier_outline)
-        io.write_image(result.labels, paths["labels"])
+        io.write_image(result.labels, paths["labels"], *stored["follow-up"])
         io.write_label_segmentation(result.labels, paths["segmentation"],
                                     [(value, name, COLOURS[value]) for value, name in LABELS.items()])
-        io.write_image(result.baseline_registered, paths["registered"])
+        io.write_image(result.baseline_registered, paths["registered"], *stored["follow-up"])
         io.write_atomically(paths["transform"], lambda tmp: _write_transform(result.registration.transform, tmp))
         io.write_csv_text(lesions_csv(report["lesions"]), paths["lesions"])
         if not given[0]:
-            io.write_image(mask_baseline, paths["baseline_mask"])
+            io.write_image(mask_baseline, paths["baseline_mask"], *stored["baseline"])
         if not given[1]:
-            io.write_image(mask_followup, paths["followup_mask"])
+            io.write_image(mask_followup, paths["followup_mask"], *stored["follow-up"])
         if picture is not None:
             io.write_bytes(picture, paths["qc"])
         if prepared is not None:

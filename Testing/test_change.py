@@ -1094,3 +1094,49 @@ def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(
                  "--overwrite"]) == 1
     assert "p1_baseline_registered.nii.gz in " in capsys.readouterr().err and registered.read_bytes()
     assert io.grid_difference(sitk.ReadImage(str(registered)), sitk.ReadImage(str(files["baseline"]))) is None
+
+
+@pytest.mark.parametrize("stored", ["3D", "X, Y, Z, 1"])
+def test_nifti_outputs_carry_their_scans_own_qform_and_sform_as_segments_do(tmp_path, monkeypatch, tiny_model,
+                                                                             capsys, stored):
+    """A follow-up whose qform (code 2) and sform (code 4, a template's) disagree by 10 degrees, as after an
+    alignment: 3D Slicer reads one grid, FSL and nibabel another. Its change label map, the registered baseline and
+    its mask carry its own qform, sform, codes, voxel sizes and length unit, and the baseline's mask the baseline's
+    (codes 1 and 2, 10 degrees apart the other way), as `deepwml segment`'s outputs do, so that each reader places
+    them where it places the scan. A scan stored 4D with one time point gets its outputs stored so too, as
+    segment's are. Before, they were written as SimpleITK writes them (both forms its own grid, codes 1)."""
+    import nibabel as nib
+
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    flairs, _, _, _ = _every_fate(monkeypatch)
+    files = {}
+    for name, flair, codes, degrees in (("baseline", flairs[0], (1, 2), -10), ("followup", flairs[1], (2, 4), 10)):
+        data = np.transpose(sitk.GetArrayFromImage(flair))  # (i, j, k) as nibabel holds it
+        sform = np.diag([*flair.GetSpacing(), 1.0])
+        sform[:3, 3] = (-20.0, 15.0, -30.0)
+        turn = np.eye(4)
+        turn[:3, :3] = rotation(0.0, 0.0, math.radians(degrees))
+        turn[:3, 3] = (10.0, 0.0, 0.0)
+        nifti = nib.Nifti1Image(data[..., None] if stored == "X, Y, Z, 1" else data, None)
+        nifti.set_qform(turn @ sform, code=codes[0])
+        nifti.set_sform(sform, code=codes[1])
+        files[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nifti, str(files[name]))
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--model",
+                 str(tiny_model), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    for name, scan in (("followup_change.nii.gz", "followup"), ("followup_baseline_registered.nii.gz", "followup"),
+                       ("followup_followup_wmh.nii.gz", "followup"), ("followup_baseline_wmh.nii.gz", "baseline")):
+        written, given = nib.load(str(out / name)), nib.load(str(files[scan]))
+        for form in ("get_qform", "get_sform"):
+            (got, got_code), (want, want_code) = (getattr(img, form)(coded=True) for img in (written, given))
+            assert got_code == want_code, (name, form)
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=f"{name} {form}")
+        assert written.header.get_xyzt_units()[0] == given.header.get_xyzt_units()[0], name
+        assert written.shape == given.shape, name
+        image = sitk.ReadImage(str(out / name))  # (a label map may be all 0, which read_image refuses)
+        image = image[:, :, :, 0] if image.GetDimension() == 4 else image
+        assert io.grid_difference(image, io.read_image(files[scan])) is None, name
