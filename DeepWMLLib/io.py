@@ -823,10 +823,12 @@ def _nrrd_length_unit(path: Path, fields: dict[str, str]) -> str | None:
     return odd[0] if odd else None
 
 
-def _nrrd_slice_in_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] | None:
-    """The sizes of an NRRD whose header (`fields`: `_header_fields(path)`) places fewer than 3 axes in 3D space
-    (one slice: 'space dimension: 3' or a named 3D space, two 'space directions'), else None. SimpleITK cannot
-    read such a file ('number of domain axes ... doesn't match dimension of space')."""
+def _nrrd_axes_off_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] | None:
+    """The sizes of the domain axes (of kind domain, space, time or none given) of an NRRD whose header (`fields`:
+    `_header_fields(path)`) has fewer of them than 3 in a 3D space (one slice: 'space dimension: 3' or a named 3D
+    space, two 'space directions'), or more than its space has dimensions (a series: a time axis beside three in
+    space, its direction 'none'); else None. SimpleITK cannot read such a file ('number of domain axes ... doesn't
+    match dimension of space')."""
     if not path.name.lower().endswith((".nrrd", ".nhdr")):
         return None
     space = fields.get("space", "").lower()
@@ -836,10 +838,13 @@ def _nrrd_slice_in_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] 
     except ValueError:
         return None
     axes = re.findall(r"\([^)]*\)|none", fields.get("space directions", ""))
-    domain = [size for size, axis in zip(sizes, axes) if axis != "none"]
-    if len(axes) != len(sizes) or not 0 < len(domain) < min(3, dimension):
+    kinds = fields.get("kinds", "").lower().split() or ["???"] * len(sizes)
+    if len(axes) != len(sizes) or len(kinds) != len(sizes):
         return None
-    return tuple(domain)
+    domain = [size for size, kind in zip(sizes, kinds) if kind in ("domain", "space", "time", "???", "none")]
+    if 0 < len([axis for axis in axes if axis != "none"]) < min(3, dimension) or 0 < dimension < len(domain):
+        return tuple(domain)
+    return None
 
 
 def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
@@ -938,10 +943,14 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
             reader.SetFileName(name)
             # an NRRD or MetaImage header, read once for the checks SimpleITK lacks
             fields = {} if is_nifti(path) or is_nifti_pair(path) else _header_fields(path)
-            flat = _nrrd_slice_in_space(path, fields)
-            if flat:
-                raise DeepWMLError(f"{path} is a 2D image {flat} (one slice placed in 3D space); DeepWML needs "
+            off = _nrrd_axes_off_space(path, fields)
+            if off and len(off) < 3:
+                raise DeepWMLError(f"{path} is a 2D image {off} (one slice placed in 3D space); DeepWML needs "
                                    f"{_needs(mask)}")
+            if off:
+                raise DeepWMLError(f"{path} is a {len(off)}D image {off}: an axis of time (or another not in space) "
+                                   "beside its three in space, which the image library cannot read; DeepWML needs "
+                                   f"{_needs(mask)}: save the volume to segment as a 3D file")
             reader.ReadImageInformation()
             # complex: 2 values per voxel, not vector/RGB
             if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):

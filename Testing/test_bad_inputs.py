@@ -62,6 +62,8 @@ BAD_INPUTS = [
      "two voxel sizes"),
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
+    ("NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction `none`)",
+     "segment", 1, "is a 4D image"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
@@ -269,6 +271,12 @@ def world(tmp_path):
                    "endian: little\nencoding: raw\n\n").format(*voxels.shape[::-1])
     paths["NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)"] = d / "metres.nrrd"
     (d / "metres.nrrd").write_bytes(metres_nrrd.encode() + voxels.astype("<f4").tobytes())
+    series = ("NRRD0004\ntype: float\ndimension: 4\nsizes: {} {} {} 2\nspace: left-posterior-superior\n"
+              "space directions: (0.9,0,0) (0,0.9,0) (0,0,5) none\nkinds: domain domain domain time\nendian: little\n"
+              "encoding: raw\n\n").format(*voxels.shape[::-1])
+    paths["NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction "
+          "`none`)"] = d / "series.nrrd"
+    (d / "series.nrrd").write_bytes(series.encode() + np.concatenate([voxels, voxels]).astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"

@@ -511,6 +511,21 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
 
 
+@pytest.mark.parametrize("times", [1, 2])
+def test_an_nrrd_with_a_time_axis_beside_its_space_is_called_a_4d_image(tmp_path, times):
+    """'kinds: domain domain domain time' in a 3D space (the time axis's direction 'none'), as pynrrd users write
+    a series: the image library's own words came through ('ITK ERROR: NrrdImageIO(0x55...): ... number of domain
+    axes in the NRRD file (4) doesn't match dimension of space in which orientation i')."""
+    path = tmp_path / "series.nrrd"
+    path.write_bytes((f"NRRD0004\ntype: uint16\ndimension: 4\nsizes: 5 4 3 {times}\nspace: left-posterior-superior\n"
+                      "space directions: (0.9,0,0) (0,0.8,0) (0,0,5) none\nkinds: domain domain domain time\n"
+                      "endian: little\nencoding: raw\n\n").encode() + bytes(2 * 60 * times))
+    with pytest.raises(DeepWMLError, match=rf"series.nrrd is a 4D image \(5, 4, 3, {times}\): .*save the volume to "
+                                           "segment as a 3D file") as caught:
+        io.read_image(path)
+    assert "ITK" not in str(caught.value)
+
+
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
 def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
     """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
