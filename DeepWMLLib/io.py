@@ -872,6 +872,50 @@ def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
     return "no ElementSpacing"
 
 
+def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
+    """What a MetaImage header (`fields`: `_header_fields(path)`) of compressed voxels says wrongly of their size
+    (CompressedDataSize: none for voxels in the file itself, or another size than they take), else None. SimpleITK
+    then prints 'Uncompress failed' and returns a volume of whatever its memory held (the previous scan's voxels,
+    in a batch), or one partly unpacked, without an error."""
+    if not path.name.lower().endswith((".mha", ".mhd")) or fields.get("compresseddata", "").lower() != "true":
+        return None
+    source = fields.get("elementdatafile", "")
+    try:
+        if source.upper() == "LOCAL":
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            end = re.search(rb"^[ \t]*ElementDataFile[ \t]*=[^\n]*\n", head, re.MULTILINE)
+            if end is None:
+                return None
+            held = path.stat().st_size - end.end()
+        elif (path.parent / source).is_file():  # one file of voxels (not a LIST or a numbered series of them)
+            held = (path.parent / source).stat().st_size
+        else:
+            return None
+    except OSError:  # SimpleITK's reader says why
+        return None
+    told = fields.get("compresseddatasize")
+    if told is None:
+        return "no CompressedDataSize (the size of its compressed voxels)" if source.upper() == "LOCAL" else None
+    return None if told == str(held) else f"CompressedDataSize {told}, but its compressed voxels take {held} bytes"
+
+
+def _misread_spacing(path: Path, fields: dict[str, str], spacing) -> str | None:
+    """A MetaImage header's voxel size as written (`fields`: `_header_fields(path)`; ElementSpacing, else
+    ElementSize) where SimpleITK read another (`spacing`), else None. A field before it with fewer values than the
+    image has axes (a 4D file's CenterOfRotation of three) takes it from SimpleITK's parser: 1 mm, without an error."""
+    if not path.name.lower().endswith((".mha", ".mhd")):
+        return None
+    key = "ElementSpacing" if "elementspacing" in fields else "ElementSize"
+    written = fields.get(key.lower(), "").split()[:3]
+    try:
+        if len(written) < 3 or np.allclose([float(v) for v in written], spacing[:3], rtol=1e-6, atol=0):
+            return None
+    except ValueError:
+        return None
+    return f"{key} {' '.join(written)}"
+
+
 def _float32_in_its_buffer(data) -> Volume | None:
     """parse_nifti(data) with float32 voxels (None: as parse_nifti). Voxels of 8 bytes (float64: a 1024 x 1024 x
     400 scan's 3.2 GB) in `data`, the bytearray the file was read into, are converted into the front of that
@@ -957,6 +1001,17 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
             _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), mask)
+            misread = _misread_spacing(path, fields, reader.GetSpacing())
+            if misread:
+                read = " x ".join(f"{v:g}" for v in reader.GetSpacing()[:3])
+                raise DeepWMLError(f"{path}: its header gives {misread}, but the image library read {read} mm (a field "
+                                   "above it with too few values?), so lesion volumes in ml would be wrong; save it "
+                                   "again with its fields complete")
+            packing = _metaimage_packing_fault(path, fields)
+            if packing:
+                raise DeepWMLError(f"{path}: its header gives {packing}, and the image library would unpack them "
+                                   "wrongly without an error (a volume of leftover memory); save it again (3D Slicer, "
+                                   "SimpleITK and ITK write the size)")
             missing = _unknown_voxel_size(path, fields)
             if missing:
                 raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "

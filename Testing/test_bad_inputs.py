@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ BAD_INPUTS = [
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction `none`)",
      "segment", 1, "is a 4D image"),
+    ("MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return leftover "
+     "memory)", "segment", 1, "CompressedDataSize"),
+    ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
+     "segment", 1, "but the image library read"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
@@ -277,6 +282,16 @@ def world(tmp_path):
     paths["NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction "
           "`none`)"] = d / "series.nrrd"
     (d / "series.nrrd").write_bytes(series.encode() + np.concatenate([voxels, voxels]).astype("<f4").tobytes())
+    meta = ("ObjectType = Image\nNDims = {}\n{}DimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
+    shape = " ".join(str(n) for n in voxels.shape[::-1])
+    paths["MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return "
+          "leftover memory)"] = d / "packed.mha"
+    (d / "packed.mha").write_bytes(meta.format(3, "CompressedData = True\nElementSpacing = 0.9 0.9 5\n", shape).encode()
+                                   + zlib.compress(voxels.astype("<f4").tobytes()))
+    paths["MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm "
+          "read)"] = d / "misread.mha"
+    three_centre = "Offset = 0 0 0 0\nCenterOfRotation = 0 0 0\nElementSpacing = 0.9 0.9 5 1\n"
+    (d / "misread.mha").write_bytes(meta.format(4, three_centre, shape + " 1").encode() + voxels.astype("<f4").tobytes())
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"

@@ -6,6 +6,7 @@ import errno
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -506,6 +507,45 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
                       "encoding: raw\n\n").encode() + voxels.tobytes())
     if refused:
         with pytest.raises(DeepWMLError, match=f"lengths in '{units.split()[0].strip(chr(34))}' .* save it with lengths in mm"):
+            io.read_image(path)
+    else:
+        assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
+
+
+def _metaimage(fields: str, data: bytes, dims: str = "5 4 3", ndims: int = 3) -> bytes:
+    return (f"ObjectType = Image\nNDims = {ndims}\nBinaryData = True\nBinaryDataByteOrderMSB = False\n{fields}"
+            f"DimSize = {dims}\nElementType = MET_USHORT\nElementDataFile = LOCAL\n").encode() + data
+
+
+@pytest.mark.parametrize("size_field,refused", [(None, True), ("half", True), ("double", True), ("exact", False)])
+def test_a_compressed_metaimage_without_its_true_data_size_is_refused(tmp_path, size_field, refused):
+    """A MetaImage's own compressed voxels (CompressedData = True, LOCAL) with no CompressedDataSize, or a wrong one:
+    SimpleITK printed 'Uncompress failed' and returned a volume of whatever its memory held (the previous scan's
+    voxels, in a batch), or a partly unpacked one, and the scan was segmented."""
+    voxels = np.random.default_rng(0).integers(1, 400, size=(3, 4, 5)).astype("<u2")
+    packed = zlib.compress(voxels.tobytes())
+    told = {None: "", "half": f"CompressedDataSize = {len(packed) // 2}\n",
+            "double": f"CompressedDataSize = {2 * len(packed)}\n", "exact": f"CompressedDataSize = {len(packed)}\n"}
+    path = tmp_path / "packed.mha"
+    path.write_bytes(_metaimage(f"CompressedData = True\n{told[size_field]}ElementSpacing = 0.9 0.8 5\n", packed))
+    if refused:
+        with pytest.raises(DeepWMLError, match="CompressedDataSize.* save it again"):
+            io.read_image(path)
+    else:
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_image(path)), voxels.astype(np.float32))
+
+
+@pytest.mark.parametrize("centre,refused", [("0 0 0", True), ("0 0 0 0", False)])
+def test_a_metaimage_whose_voxel_size_the_library_misreads_is_refused(tmp_path, centre, refused):
+    """A 4D MetaImage of one volume whose CenterOfRotation has three values, not four: SimpleITK read the
+    ElementSpacing after it as 1 x 1 x 1 mm, and 0.9 x 0.8 x 5 mm voxels were measured 3.6 times too small."""
+    voxels = np.random.default_rng(0).integers(1, 400, size=(1, 3, 4, 5)).astype("<u2")
+    fields = (f"TransformMatrix = 1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1\nOffset = 0 0 0 0\nCenterOfRotation = {centre}\n"
+              "ElementSpacing = 0.9 0.8 5 1\n")
+    path = tmp_path / "one.mha"
+    path.write_bytes(_metaimage(fields, voxels.tobytes(), "5 4 3 1", 4))
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"ElementSpacing 0.9 0.8 5, .* read 1 x 1 x 1 mm"):
             io.read_image(path)
     else:
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
