@@ -847,6 +847,13 @@ def _nrrd_axes_off_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] 
     return None
 
 
+def _nrrd_list_axis(path: Path, fields: dict[str, str]) -> bool:
+    """Whether an NRRD header (`fields`: `_header_fields(path)`) has an axis of kind list: one value per volume, as
+    3D Slicer saves a sequence of volumes (.seq.nrrd), a multi-volume or a DWI; SimpleITK reads the file as a vector
+    image, one value of each volume per voxel."""
+    return path.name.lower().endswith((".nrrd", ".nhdr")) and "list" in fields.get("kinds", "").lower().split()
+
+
 def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
     """What an NRRD or MetaImage header (`fields`: `_header_fields(path)`) lacks to give the voxel size, or None
     (also for no fields). SimpleITK reads a missing size (or NRRD's 'nan', unknown) as 1 mm: a 6 mm slice counted
@@ -1000,7 +1007,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
             if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
-            _check_layout(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), mask)
+            size, components = reader.GetSize(), reader.GetNumberOfComponents()
+            if components > 1 and _nrrd_list_axis(path, fields):  # volumes, not the values of one voxel
+                size, components = (*size, components), 1
+            _check_layout(path, len(size), size, components, mask)
             misread = _misread_spacing(path, fields, reader.GetSpacing())
             if misread:
                 read = " x ".join(f"{v:g}" for v in reader.GetSpacing()[:3])

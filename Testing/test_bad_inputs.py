@@ -65,6 +65,8 @@ BAD_INPUTS = [
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction `none`)",
      "segment", 1, "is a 4D image"),
+    ("NRRD of several volumes on a list axis (a 3D Slicer sequence `.seq.nrrd`, a multi-volume or a DWI; SimpleITK "
+     "reads a vector image)", "segment", 1, "is a 4D image"),
     ("MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return leftover "
      "memory)", "segment", 1, "CompressedDataSize"),
     ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
@@ -282,6 +284,12 @@ def world(tmp_path):
     paths["NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction "
           "`none`)"] = d / "series.nrrd"
     (d / "series.nrrd").write_bytes(series.encode() + np.concatenate([voxels, voxels]).astype("<f4").tobytes())
+    sequence = ("NRRD0004\ntype: float\ndimension: 4\nsizes: 2 {} {} {}\nspace: left-posterior-superior\n"
+                "space directions: none (0.9,0,0) (0,0.9,0) (0,0,5)\nkinds: list domain domain domain\nendian: little\n"
+                "encoding: raw\n\n").format(*voxels.shape[::-1])
+    paths["NRRD of several volumes on a list axis (a 3D Slicer sequence `.seq.nrrd`, a multi-volume or a DWI; "
+          "SimpleITK reads a vector image)"] = d / "scans.seq.nrrd"
+    (d / "scans.seq.nrrd").write_bytes(sequence.encode() + np.stack([voxels, voxels], -1).astype("<f4").tobytes())
     meta = ("ObjectType = Image\nNDims = {}\n{}DimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
     shape = " ".join(str(n) for n in voxels.shape[::-1])
     paths["MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return "

@@ -566,6 +566,23 @@ def test_an_nrrd_with_a_time_axis_beside_its_space_is_called_a_4d_image(tmp_path
     assert "ITK" not in str(caught.value)
 
 
+@pytest.mark.parametrize("kinds,first", [("list domain domain domain", True), ("domain domain domain list", False)])
+def test_an_nrrd_of_several_volumes_on_a_list_axis_is_called_a_4d_image(tmp_path, kinds, first):
+    """3D Slicer saves a sequence of volumes (.seq.nrrd), a multi-volume or a DWI with a list axis of one value
+    per volume; SimpleITK reads it as a vector image, and the user was told of '3 values per voxel (vector/RGB)',
+    not that the file holds 3 volumes nor how to save the one to segment."""
+    directions = "(0.9,0,0) (0,0.8,0) (0,0,5)"
+    path = tmp_path / "scans.seq.nrrd"
+    path.write_bytes((f"NRRD0004\ntype: uint16\ndimension: 4\nsizes: {'3 5 4 3' if first else '5 4 3 3'}\n"
+                      f"space: left-posterior-superior\nspace directions: {'none ' if first else ''}{directions}"
+                      f"{'' if first else ' none'}\nkinds: {kinds}\nendian: little\nencoding: raw\n\n").encode()
+                     + bytes(2 * 60 * 3))
+    with pytest.raises(DeepWMLError, match=r"scans.seq.nrrd is a 4D image \(5, 4, 3, 3\): 3 volumes .* Sequences toolbar"):
+        io.read_image(path)
+    with pytest.raises(DeepWMLError, match=r"is a 4D image \(5, 4, 3, 3\): 3 volumes in one file; DeepWML needs a 3D mask"):
+        io.read_mask(path)
+
+
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
 def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
     """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
