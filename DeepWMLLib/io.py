@@ -879,6 +879,19 @@ def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
     return "no ElementSpacing"
 
 
+def _attached_data_start(path: Path) -> int | None:
+    """Where the voxels of an NRRD or MetaImage stored in the header's own file begin: after the NRRD header's blank
+    line, the MetaImage's ElementDataFile line; None when its first 64 KiB hold no such end (or it cannot be read)."""
+    nrrd = path.name.lower().endswith((".nrrd", ".nhdr"))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    end = re.search(rb"\r?\n\r?\n" if nrrd else rb"^[ \t]*ElementDataFile[ \t]*=[^\n]*\n", head, re.MULTILINE)
+    return None if end is None else end.end()
+
+
 def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
     """What a MetaImage header (`fields`: `_header_fields(path)`) of compressed voxels says wrongly of their size
     (CompressedDataSize: none for voxels in the file itself, or another size than they take), else None. SimpleITK
@@ -889,12 +902,10 @@ def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
     source = fields.get("elementdatafile", "")
     try:
         if source.upper() == "LOCAL":
-            with open(path, "rb") as f:
-                head = f.read(1 << 16)
-            end = re.search(rb"^[ \t]*ElementDataFile[ \t]*=[^\n]*\n", head, re.MULTILINE)
-            if end is None:
+            start = _attached_data_start(path)
+            if start is None:
                 return None
-            held = path.stat().st_size - end.end()
+            held = path.stat().st_size - start
         elif (path.parent / source).is_file():  # one file of voxels (not a LIST or a numbered series of them)
             held = (path.parent / source).stat().st_size
         else:
@@ -905,6 +916,43 @@ def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
     if told is None:
         return "no CompressedDataSize (the size of its compressed voxels)" if source.upper() == "LOCAL" else None
     return None if told == str(held) else f"CompressedDataSize {told}, but its compressed voxels take {held} bytes"
+
+
+# The bytes of a voxel of an NRRD 'type' or MetaImage ElementType, by the first of these words in it
+_VOXEL_BYTES = (("long_long", 8), ("longlong", 8), ("long long", 8), ("char", 1), ("int8", 1), ("short", 2),
+                ("int16", 2), ("int64", 8), ("double", 8), ("int", 4), ("long", 4), ("float", 4))
+
+
+def _surplus_voxel_data(path: Path, fields: dict[str, str]) -> tuple[int, int] | None:
+    """(bytes held, bytes the header's sizes and type need) for the raw voxels of an NRRD or MetaImage whose one
+    file of voxels (in the file itself, or one a detached header names) holds more than its header (`fields`:
+    `_header_fields(path)`) needs, else None. The image library reads the first bytes only, without an error: a
+    hand-written header's sizes, type or skip that do not fit its voxels give a wrong image."""
+    nrrd = path.name.lower().endswith((".nrrd", ".nhdr"))
+    raw = fields.get("encoding", "").lower() == "raw" if nrrd else fields.get("compresseddata", "").lower() != "true"
+    skip = fields.get("byte skip", "0") if nrrd else fields.get("headersize", "0")
+    source = fields.get("data file", fields.get("datafile", "")) if nrrd else fields.get("elementdatafile", "")
+    kind = (fields.get("type", "") if nrrd else fields.get("elementtype", "")).lower()
+    voxel = next((size for word, size in _VOXEL_BYTES if word in kind), None)
+    if not raw or voxel is None or fields.get("line skip", "0") != "0" or source.upper().startswith("LIST") \
+            or fields.get("binarydata", "true").lower() != "true":  # a MetaImage's voxels written as text
+        return None
+    try:
+        sizes = [int(v) for v in fields.get("sizes" if nrrd else "dimsize", "").split()]
+        skip = int(skip)
+        needed = int(np.prod(sizes, dtype=np.int64)) * voxel * int(fields.get("elementnumberofchannels", "1"))
+        if skip < 0 or not sizes:
+            return None
+        if source and source.upper() != "LOCAL":
+            held = (path.parent / source).stat().st_size - skip
+        else:
+            start = _attached_data_start(path)
+            if start is None or skip:
+                return None
+            held = path.stat().st_size - start
+    except (OSError, ValueError):  # a numbered series of files, or a header SimpleITK's reader will refuse
+        return None
+    return (held, needed) if held > needed else None
 
 
 def _misread_spacing(path: Path, fields: dict[str, str], spacing) -> str | None:
@@ -1022,6 +1070,11 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path}: its header gives {packing}, and the image library would unpack them "
                                    "wrongly without an error (a volume of leftover memory); save it again (3D Slicer, "
                                    "SimpleITK and ITK write the size)")
+            surplus = _surplus_voxel_data(path, fields) if fields else None
+            if surplus:
+                raise DeepWMLError(f"{path}: its voxel data take {surplus[0]} bytes, but its header's sizes and type need "
+                                   f"{surplus[1]}, and the image library would read the first ones only (a wrong image, "
+                                   "without an error); correct the header's sizes, type or skip (byte skip, HeaderSize)")
             missing = _unknown_voxel_size(path, fields)
             if missing:
                 raise DeepWMLError(f"{path}: its header gives no voxel size ({missing}), which the image library "

@@ -67,6 +67,8 @@ BAD_INPUTS = [
      "segment", 1, "is a 4D image"),
     ("NRRD of several volumes on a list axis (a 3D Slicer sequence `.seq.nrrd`, a multi-volume or a DWI; SimpleITK "
      "reads a vector image)", "segment", 1, "is a 4D image"),
+    ("NRRD or MetaImage whose voxel data file is longer than its header's sizes and type need (a slice too few, a "
+     "preamble not skipped: SimpleITK would read the first bytes)", "segment", 1, "correct the header's sizes"),
     ("MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return leftover "
      "memory)", "segment", 1, "CompressedDataSize"),
     ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
@@ -290,6 +292,11 @@ def world(tmp_path):
     paths["NRRD of several volumes on a list axis (a 3D Slicer sequence `.seq.nrrd`, a multi-volume or a DWI; "
           "SimpleITK reads a vector image)"] = d / "scans.seq.nrrd"
     (d / "scans.seq.nrrd").write_bytes(sequence.encode() + np.stack([voxels, voxels], -1).astype("<f4").tobytes())
+    paths["NRRD or MetaImage whose voxel data file is longer than its header's sizes and type need (a slice too few, "
+          "a preamble not skipped: SimpleITK would read the first bytes)"] = d / "fewer.nhdr"
+    (d / "fewer.nhdr").write_text(nrrd.format(*voxels.shape[:0:-1], voxels.shape[0] - 1).replace(
+        "encoding: raw\n", "spacings: 0.9 0.9 5\nencoding: raw\ndata file: fewer.raw\n"))
+    (d / "fewer.raw").write_bytes(voxels.astype("<f4").tobytes())
     meta = ("ObjectType = Image\nNDims = {}\n{}DimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
     shape = " ".join(str(n) for n in voxels.shape[::-1])
     paths["MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return "

@@ -583,6 +583,29 @@ def test_an_nrrd_of_several_volumes_on_a_list_axis_is_called_a_4d_image(tmp_path
         io.read_mask(path)
 
 
+@pytest.mark.parametrize("name,header", [
+    ("detached.nhdr", "NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 {}\nspacings: 0.9 0.8 5\nendian: little\n"
+                      "encoding: raw\n{}data file: detached.raw\n"),
+    ("detached.mhd", "ObjectType = Image\nNDims = 3\nDimSize = 5 4 {}\nElementSpacing = 0.9 0.8 5\n"
+                     "ElementType = MET_USHORT\n{}ElementDataFile = detached.raw\n"),
+])
+@pytest.mark.parametrize("slices,skip,refused", [(3, False, False), (2, False, True), (3, True, False)])
+def test_voxel_data_longer_than_the_header_says_are_refused(tmp_path, name, header, slices, skip, refused):
+    """A hand-written header for raw voxels whose sizes, type or skip do not fit them (one slice too few, a
+    preamble not skipped): the image library read the first bytes only, a wrong image without an error (a slice
+    left out, every voxel shifted), and the scan was segmented. Data that fit, with a skip given, are read."""
+    voxels = np.random.default_rng(0).integers(1, 400, size=(3, 4, 5)).astype("<u2")
+    preamble = b"a preamble" if skip else b""
+    skipped = ("byte skip: -1\n" if name.endswith(".nhdr") else "HeaderSize = -1\n") if skip else ""
+    (tmp_path / name).write_text(header.format(slices, skipped))
+    (tmp_path / "detached.raw").write_bytes(preamble + voxels.tobytes())
+    if refused:
+        with pytest.raises(DeepWMLError, match="voxel data take 120 bytes, but its header's sizes and type need 80"):
+            io.read_image(tmp_path / name)
+    else:
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), voxels.astype(np.float32))
+
+
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
 def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
     """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
