@@ -606,6 +606,18 @@ def test_voxel_data_longer_than_the_header_says_are_refused(tmp_path, name, head
         assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), voxels.astype(np.float32))
 
 
+def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals(tmp_path):
+    """A .mhd whose .raw is cut short: the message held 'ITK ERROR: MetaImageIO(0x55641eb59960): File cannot be
+    read: ...', a class name and a memory address that tell the user nothing."""
+    (tmp_path / "cut.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n"
+                                      "ElementType = MET_USHORT\nElementDataFile = cut.raw\n")
+    (tmp_path / "cut.raw").write_bytes(bytes(100))
+    with pytest.raises(DeepWMLError, match=r"cut.mhd cannot be read as an image \(File cannot be read: .*check the file "
+                                           "is a complete image") as caught:
+        io.read_image(tmp_path / "cut.mhd")
+    assert "ITK" not in str(caught.value) and "0x" not in str(caught.value)
+
+
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
 def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
     """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
