@@ -955,6 +955,23 @@ def _surplus_voxel_data(path: Path, fields: dict[str, str]) -> tuple[int, int] |
     return (held, needed) if held > needed else None
 
 
+_BODY_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # the LPS axis each anatomical letter lies along
+
+
+def _orientation_against_matrix(path: Path, fields: dict[str, str], direction, dimension: int) -> str | None:
+    """A MetaImage header's AnatomicalOrientation (`fields`: `_header_fields(path)`) that lays an image axis along
+    another body axis than SimpleITK's `direction` (from its TransformMatrix, or the identity without one) does,
+    else None. The matrix is read column by column: one written row by row (a sagittal or coronal scan's), or left
+    out beside an orientation, puts the slices in another plane, which only the orientation tells."""
+    letters = fields.get("anatomicalorientation", "").upper()
+    if not path.name.lower().endswith((".mha", ".mhd")) or len(letters) != 3 or not set(letters) <= set(_BODY_AXIS):
+        return None
+    matrix = np.array(direction, float).reshape(dimension, dimension)
+    if all(abs(matrix[_BODY_AXIS[letter], axis]) >= 0.5 for axis, letter in enumerate(letters)):
+        return None
+    return letters
+
+
 def _misread_spacing(path: Path, fields: dict[str, str], spacing) -> str | None:
     """A MetaImage header's voxel size as written (`fields`: `_header_fields(path)`; ElementSpacing, else
     ElementSize) where SimpleITK read another (`spacing`), else None. A field before it with fewer values than the
@@ -1065,6 +1082,15 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path}: its header gives {misread}, but the image library read {read} mm (a field "
                                    "above it with too few values?), so lesion volumes in ml would be wrong; save it "
                                    "again with its fields complete")
+            against = _orientation_against_matrix(path, fields, reader.GetDirection(), reader.GetDimension())
+            if against:
+                matrix = next((key for key in ("TransformMatrix", "Rotation", "Orientation") if key.lower() in fields),
+                              None)
+                raise DeepWMLError(f"{path}: its header's AnatomicalOrientation {against} lays the image's axes along "
+                                   "other body axes than its " + (f"{matrix} (read column by column; written row by "
+                                   "row?)" if matrix else "TransformMatrix, which it lacks (read as axial)") + ", so "
+                                   "the plane of its slices is unknown; save it again with both in agreement (3D "
+                                   "Slicer, SimpleITK and ITK write them so)")
             packing = _metaimage_packing_fault(path, fields)
             if packing:
                 raise DeepWMLError(f"{path}: its header gives {packing}, and the image library would unpack them "

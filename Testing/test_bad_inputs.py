@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -69,6 +70,8 @@ BAD_INPUTS = [
      "reads a vector image)", "segment", 1, "is a 4D image"),
     ("NRRD or MetaImage whose voxel data file is longer than its header's sizes and type need (a slice too few, a "
      "preamble not skipped: SimpleITK would read the first bytes)", "segment", 1, "correct the header's sizes"),
+    ("MetaImage whose AnatomicalOrientation lays the axes along other body axes than its TransformMatrix (a sagittal "
+     "scan's matrix written row by row, or left out)", "segment", 1, "plane of its slices is unknown"),
     ("MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return leftover "
      "memory)", "segment", 1, "CompressedDataSize"),
     ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
@@ -297,6 +300,12 @@ def world(tmp_path):
     (d / "fewer.nhdr").write_text(nrrd.format(*voxels.shape[:0:-1], voxels.shape[0] - 1).replace(
         "encoding: raw\n", "spacings: 0.9 0.9 5\nencoding: raw\ndata file: fewer.raw\n"))
     (d / "fewer.raw").write_bytes(voxels.astype("<f4").tobytes())
+    sagittal = sitk.Image(good)
+    sagittal.SetDirection([0, 0, 1, 1, 0, 0, 0, -1, 0])
+    sitk.WriteImage(sagittal, str(d / "sagittal.mha"))
+    paths["MetaImage whose AnatomicalOrientation lays the axes along other body axes than its TransformMatrix (a "
+          "sagittal scan's matrix written row by row, or left out)"] = d / "sagittal.mha"
+    (d / "sagittal.mha").write_bytes(re.sub(rb"TransformMatrix = [^\n]*\n", b"", (d / "sagittal.mha").read_bytes(), 1))
     meta = ("ObjectType = Image\nNDims = {}\n{}DimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
     shape = " ".join(str(n) for n in voxels.shape[::-1])
     paths["MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return "

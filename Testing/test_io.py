@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import re
 import struct
 import zlib
 
@@ -616,6 +617,31 @@ def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals
                                            "is a complete image") as caught:
         io.read_image(tmp_path / "cut.mhd")
     assert "ITK" not in str(caught.value) and "0x" not in str(caught.value)
+
+
+@pytest.mark.parametrize("matrix", ["as written", "transposed", "left out"])
+def test_a_metaimage_whose_orientation_contradicts_its_matrix_is_refused(tmp_path, matrix):
+    """A sagittal scan (columns front to back, rows top to bottom, slices left to right) in a MetaImage whose
+    TransformMatrix was written row by row (ITK reads it column by column), or left out, beside an
+    AnatomicalOrientation of its true axes: SimpleITK placed the slices in another plane (axial, without the
+    matrix), and DeepWML segmented the sagittal slices as axial ones, without a word."""
+    image = make_volume(size=(12, 10, 6))[0]
+    image.SetDirection([0, 0, 1, 1, 0, 0, 0, -1, 0])
+    sitk.WriteImage(image, str(tmp_path / "sagittal.mha"))
+    data = (tmp_path / "sagittal.mha").read_bytes()
+    head, voxels = data.split(b"ElementDataFile = LOCAL\n", 1)
+    line = re.search(rb"TransformMatrix = ([^\n]*)\n", head)
+    values = np.array(line.group(1).split(), float).reshape(3, 3)
+    changed = {"as written": line.group(0), "left out": b"",
+               "transposed": b"TransformMatrix = " + " ".join(f"{v:g}" for v in values.T.ravel()).encode() + b"\n"}
+    path = tmp_path / "given.mha"
+    path.write_bytes(head.replace(line.group(0), changed[matrix]) + b"ElementDataFile = LOCAL\n" + voxels)
+    assert b"AnatomicalOrientation = ASR" in head  # ITK's letters: the side each axis comes from
+    if matrix == "as written":
+        assert io.read_image(path).GetDirection() == pytest.approx(image.GetDirection())
+    else:
+        with pytest.raises(DeepWMLError, match="AnatomicalOrientation ASR .* TransformMatrix"):
+            io.read_image(path)
 
 
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
