@@ -915,7 +915,12 @@ def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
     told = fields.get("compresseddatasize")
     if told is None:
         return "no CompressedDataSize (the size of its compressed voxels)" if source.upper() == "LOCAL" else None
-    return None if told == str(held) else f"CompressedDataSize {told}, but its compressed voxels take {held} bytes"
+    try:
+        if int(told) == held:
+            return None
+    except ValueError:
+        pass
+    return f"CompressedDataSize {told}, but its compressed voxels take {held} bytes"
 
 
 # The bytes of a voxel of an NRRD 'type' or MetaImage ElementType, by the first of these words in it
