@@ -1236,6 +1236,33 @@ def test_a_segmentation_under_a_non_linear_transform_is_measured_where_it_is_sho
     assert warped["dice"] == pytest.approx(logic.compareSegmentations(ours, manual, flairNode)["dice"])
 
 
+def test_measuring_on_a_flair_without_a_voxel_grid_names_that_flair_and_what_to_do(scene):
+    """A FLAIR under a non-linear transform (Slicer's DICOM reader puts one on a scan with uneven or tilted slices) or
+    one whose voxels were never loaded (a scene whose image file has gone): statistics, Compare, Check agreement and a
+    slice jump named DeepWML's temporary node ("'DeepWML export' is under the non-linear transform ..."), or failed
+    with "'NoneType' object has no attribute 'GetDimensions'" after exporting the segmentation onto a made-up grid.
+    They name the FLAIR and say what to do, and leave no node behind."""
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    logic = DeepWMLCoreLogic()
+    measures = (lambda: logic.lesionStatistics(manual, volume), lambda: logic.compareSegmentations(manual, manual, volume),
+                lambda: logic.consensusCheck(manual, manual, 0.85, volume), lambda: logic.jumpToSlice(volume, 3))
+    volume.SetAndObserveTransformNodeID(_gridTransform((0.0, 0.0, 1.0)).GetID())
+    before = scene.GetNumberOfNodes()
+    for measure in measures:
+        with pytest.raises(DeepWMLError, match="^'FLAIR' is under the non-linear transform 'registration warp'; harden"):
+            measure()
+    assert scene.GetNumberOfNodes() == before
+
+    volume.SetAndObserveTransformNodeID(None)
+    volume.SetAndObserveImageData(None)
+    for measure in measures:
+        with pytest.raises(DeepWMLError, match="^'FLAIR' is not a scalar volume with voxels; choose a loaded FLAIR"):
+            measure()
+    assert scene.GetNumberOfNodes() == before
+
+
 def test_a_segmentation_inside_the_flair_is_not_said_to_lie_outside(scene):
     """No note for a segmentation inside the FLAIR's field of view: drawn on it, drawn on a cropped copy of it, or a
     labelmap on a grid a fraction of a voxel off whose lesion touches the edge (edge voxels, rounded either way)."""

@@ -76,14 +76,27 @@ def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str) -> sitk.Ima
     return image
 
 
+def _checkVoxels(volumeNode) -> None:
+    if volumeNode is None:
+        raise DeepWMLError("no volume selected; choose the FLAIR volume first")
+    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.GetImageData() is None:
+        raise DeepWMLError(f"'{volumeNode.GetName()}' is not a scalar volume with voxels; choose a loaded FLAIR volume")
+
+
+def worldGeometry(volumeNode) -> sitk.Image:
+    """A one-voxel image with the volume's world LPS spacing, direction and origin, without copying its voxels. It
+    checks, naming the volume, that there is a grid to measure on: voxels, and no non-linear or shearing transform
+    (Slicer's exporter would put a segmentation on a made-up grid, or DeepWML's temporary node be named instead)."""
+    _checkVoxels(volumeNode)
+    probe = sitk.Image(1, 1, 1, sitk.sitkUInt8)
+    return _setGeometry(probe, LPS_TO_RAS @ worldIJKToRAS(volumeNode), volumeNode.GetName())
+
+
 def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified); with `world`
     False, in the node's own coordinates (its parent transforms, which may be non-linear, not applied)."""
-    if volumeNode is None:
-        raise DeepWMLError("no volume selected; choose the FLAIR volume first")
+    _checkVoxels(volumeNode)
     name = volumeNode.GetName()
-    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.GetImageData() is None:
-        raise DeepWMLError(f"'{name}' is not a scalar volume with voxels; choose a loaded FLAIR volume")
     if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
         raise DeepWMLError(f"'{name}' has several values per voxel (vector/RGB); "
                            "DeepWML needs a grey-scale FLAIR volume")
@@ -177,6 +190,7 @@ def maskFromSegmentation(segmentationNode, referenceVolumeNode, segmentId: str |
     """The segment(s) as a uint8 0/1 image on the reference volume's grid (world LPS)."""
     if referenceVolumeNode is None:
         raise DeepWMLError(f"choose the volume that '{segmentationNode.GetName()}' belongs to")
+    worldGeometry(referenceVolumeNode)  # refused by its own name, before the exporter makes up a grid or names its node
     return _exportSegments(segmentationNode, segmentIds(segmentationNode, segmentId), referenceVolumeNode)
 
 
@@ -443,8 +457,8 @@ def writeSegmentationFile(segmentationNode, path: str) -> None:
 
 def sliceCenterRAS(volumeNode, sliceIndex: int) -> tuple[float, float, float]:
     """World RAS position of the centre of axial slice `sliceIndex` (as numbered in DeepWML reports)."""
+    probe = worldGeometry(volumeNode)
     ijkToRAS = worldIJKToRAS(volumeNode)
-    probe = _setGeometry(sitk.Image(1, 1, 1, sitk.sitkUInt8), LPS_TO_RAS @ ijkToRAS, volumeNode.GetName())
     index = (np.array(volumeNode.GetImageData().GetDimensions(), dtype=float) - 1) / 2
     index[axial_axis(probe)] = sliceIndex
     return tuple(float(v) for v in (ijkToRAS @ np.append(index, 1.0))[:3])
