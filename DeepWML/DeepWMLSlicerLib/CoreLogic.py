@@ -514,6 +514,7 @@ class DeepWMLCoreLogic:
         """
         self.ensureDependencies()
         checkInputVolume(volumeNode)
+        mrml.checkMaskTarget(segmentationNode)  # refused now, not after the run
         job = SegmentationJob(volumeNode, mrml.imageFromVolume(volumeNode), modelPaths, device, threshold, tta,
                               progress, cancel, brainMask, location, precision, gridPhases)
         job.run()
@@ -595,11 +596,14 @@ class DeepWMLCoreLogic:
     def outputFor(segmentationNode, volumeNode):
         """The segmentation node a run on `volumeNode` should write into: the one chosen, unless it is
         DeepWML's result for another volume (then None: a new node), which a rerun must neither overwrite
-        nor lend its ventricles to."""
+        nor lend its ventricles to. One holding closed surfaces is refused (mrml.checkMaskTarget)."""
         if segmentationNode is None or segmentationNode.GetScene() is None:
             return None
         source = segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE)
-        return None if source is not None and source is not volumeNode else segmentationNode
+        if source is not None and source is not volumeNode:
+            return None
+        mrml.checkMaskTarget(segmentationNode)  # before the run
+        return segmentationNode
 
     @staticmethod
     def describeRun(report: dict) -> str:

@@ -361,6 +361,20 @@ def referenceVolumeOf(node):
     return None
 
 
+def checkMaskTarget(segmentationNode) -> None:
+    """Refuse a segmentation that holds its segments as closed surfaces (its source representation: one made from
+    models or surface files) as the place for a mask, before anything runs or is written: Slicer would make the mask
+    a smoothed surface, which measures less than the mask (a quarter less on a thick-slice FLAIR). None (a new
+    segmentation) passes."""
+    if segmentationNode is None:
+        return
+    source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
+    if source != slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName():
+        raise DeepWMLError(f"'{segmentationNode.GetName()}' holds its segments as {source.lower()}s, so the mask put "
+                           "into it would be smoothed into a surface and measure less; choose 'Create new "
+                           "segmentation' as the output segmentation")
+
+
 def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode=None, name: str | None = None,
                          segmentName: str = WMH_SEGMENT_NAME, color=WMH_COLOR):
     """Put a 0/1 mask (on the reference volume's world grid) into a segmentation node as one segment.
@@ -368,6 +382,7 @@ def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode
     A new node is created when `segmentationNode` is None; otherwise its segment `segmentName` is
     replaced and its other segments are kept.
     """
+    checkMaskTarget(segmentationNode)
     if segmentationNode is None:
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or segmentName)
         segmentationNode.CreateDefaultDisplayNodes()
