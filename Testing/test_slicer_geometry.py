@@ -192,8 +192,24 @@ def test_non_linear_and_shearing_transforms_are_refused_with_a_way_out(scene):
     matrix[0, 1] = 0.3
     shear.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
     volume.SetAndObserveTransformNodeID(shear.GetID())
-    with pytest.raises(DeepWMLError, match="sheared.*harden"):
+    with pytest.raises(DeepWMLError, match="sheared grid .* under the transform 'LinearTransform'.*harden the transform"):
         mrml.imageFromVolume(volume)
+
+
+def test_a_volume_on_a_sheared_grid_of_its_own_is_not_said_to_be_under_a_transform(scene):
+    """A NRRD whose space directions are not at right angles loads in Slicer as it is: it was refused with "(from its
+    parent transform); harden the transform", which it is not under. The message says what the grid is, as deepwml
+    segment's does, and what to do for both causes."""
+    flair, _ = asymmetricVolume(**GRIDS["identity"])
+    volume = mrml.volumeFromImage(flair, "tilted FLAIR")
+    ijkToRAS = mrml.worldIJKToRAS(volume)
+    ijkToRAS[0, 2] = 1.5  # each slice shifted to the right of the one below: a gantry-tilt-like shear
+    volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRAS))
+    assert volume.GetParentTransformNode() is None
+    for measure in (lambda: mrml.imageFromVolume(volume), lambda: mrml.sliceCenterRAS(volume, 3)):
+        with pytest.raises(DeepWMLError, match=r"^'tilted FLAIR' lies on a sheared grid \(axes not at right angles\); "
+                                               "resample it onto a regular grid"):
+            measure()
 
 
 def test_segment_choice_wmh_by_name_else_union_of_all(scene):

@@ -60,15 +60,20 @@ def worldIJKToRAS(volumeNode) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(toWorld) @ ijkToRAS
 
 
-def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str) -> sitk.Image:
+def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str, transformNode=None) -> sitk.Image:
+    """`image` placed by `ijkToLPS`, that of the volume `name` (under `transformNode` when that was applied)."""
     spacing = np.linalg.norm(ijkToLPS[:3, :3], axis=0)
     if not np.all(spacing > 0):
         raise DeepWMLError(f"'{name}' has a zero voxel spacing; fix its geometry (Volumes module, Volume information)")
     direction = ijkToLPS[:3, :3] / spacing
     if np.abs(direction.T @ direction - np.eye(3)).max() > _ORTHONORMAL_TOL:
+        if transformNode is None:
+            raise DeepWMLError(f"'{name}' lies on a sheared grid (axes not at right angles); resample it onto a regular "
+                               "grid (Resample Scalar/Vector/DWI Volume) first")
         raise DeepWMLError(
-            f"'{name}' has sheared or unevenly scaled axes (from its parent transform); harden the transform "
-            "and resample the volume (Resample Scalar/Vector/DWI Volume) before segmenting"
+            f"'{name}' lies on a sheared grid (axes not at right angles) under the transform '{transformNode.GetName()}', "
+            "which may shear or scale it unevenly; harden the transform and resample the volume onto a regular grid "
+            "(Resample Scalar/Vector/DWI Volume) first"
         )
     image.SetSpacing(spacing.tolist())
     image.SetDirection(direction.ravel().tolist())
@@ -89,7 +94,8 @@ def worldGeometry(volumeNode) -> sitk.Image:
     (Slicer's exporter would put a segmentation on a made-up grid, or DeepWML's temporary node be named instead)."""
     _checkVoxels(volumeNode)
     probe = sitk.Image(1, 1, 1, sitk.sitkUInt8)
-    return _setGeometry(probe, LPS_TO_RAS @ worldIJKToRAS(volumeNode), volumeNode.GetName())
+    return _setGeometry(probe, LPS_TO_RAS @ worldIJKToRAS(volumeNode), volumeNode.GetName(),
+                        volumeNode.GetParentTransformNode())
 
 
 def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
@@ -104,7 +110,9 @@ def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     if array.ndim != 3 or min(array.shape) < 1:
         raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
     image = sitk.GetImageFromArray(array)  # copies the voxels
-    return _setGeometry(image, LPS_TO_RAS @ (worldIJKToRAS(volumeNode) if world else _ownIJKToRAS(volumeNode)), name)
+    if not world:
+        return _setGeometry(image, LPS_TO_RAS @ _ownIJKToRAS(volumeNode), name)
+    return _setGeometry(image, LPS_TO_RAS @ worldIJKToRAS(volumeNode), name, volumeNode.GetParentTransformNode())
 
 
 def ijkToRASFromImage(image: sitk.Image) -> np.ndarray:
