@@ -1270,6 +1270,8 @@ def test_measuring_on_a_flair_without_a_voxel_grid_names_that_flair_and_what_to_
     slice jump named DeepWML's temporary node ("'DeepWML export' is under the non-linear transform ..."), or failed
     with "'NoneType' object has no attribute 'GetDimensions'" after exporting the segmentation onto a made-up grid.
     They name the FLAIR and say what to do, and leave no node behind."""
+    import vtk
+
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "FLAIR")
     manual = mrml.segmentationFromMask(truth, volume, name="manual")
@@ -1284,11 +1286,14 @@ def test_measuring_on_a_flair_without_a_voxel_grid_names_that_flair_and_what_to_
     assert scene.GetNumberOfNodes() == before
 
     volume.SetAndObserveTransformNodeID(None)
-    volume.SetAndObserveImageData(None)
-    for measure in measures:
-        with pytest.raises(DeepWMLError, match="^'FLAIR' is not a scalar volume with voxels; choose a loaded FLAIR"):
-            measure()
-    assert scene.GetNumberOfNodes() == before
+    # no image data, or an empty one (a Crop Volume whose box missed the scan): segmenting that failed with an
+    # AttributeError too, and the statistics were of a made-up one-voxel grid
+    for imageData in (None, vtk.vtkImageData()):
+        volume.SetAndObserveImageData(imageData)
+        for measure in measures + (lambda: logic.segmentVolume(volume, device="cpu"),):
+            with pytest.raises(DeepWMLError, match="^'FLAIR' is not a scalar volume with voxels; choose a loaded FLAIR"):
+                measure()
+        assert scene.GetNumberOfNodes() == before
 
 
 def test_a_segmentation_inside_the_flair_is_not_said_to_lie_outside(scene):

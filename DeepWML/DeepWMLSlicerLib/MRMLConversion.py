@@ -84,7 +84,8 @@ def _setGeometry(image: sitk.Image, ijkToLPS: np.ndarray, name: str, transformNo
 def _checkVoxels(volumeNode) -> None:
     if volumeNode is None:
         raise DeepWMLError("no volume selected; choose the FLAIR volume first")
-    if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.GetImageData() is None:
+    imageData = volumeNode.GetImageData() if volumeNode.IsA("vtkMRMLScalarVolumeNode") else None
+    if imageData is None or imageData.GetPointData().GetScalars() is None:  # none loaded, or an empty crop
         raise DeepWMLError(f"'{volumeNode.GetName()}' is not a scalar volume with voxels; choose a loaded FLAIR volume")
 
 
