@@ -481,6 +481,25 @@ def test_statistics_of_another_volumes_segmentation_say_so(scene):
     assert "Warning" not in logic.formatReport(logic.lesionStatistics(result, first))
 
 
+def test_statistics_of_the_result_of_a_volume_under_a_transform_on_another_volume_say_so(scene, monkeypatch, tiny_model):
+    """The same with A under a transform (a registration): DeepWML's result of A, made where A is shown, holds no
+    reference geometry, so its statistics on B said nothing, and Compare without a volume had no grid to use."""
+    oracle_network(monkeypatch)
+    flair, _ = make_volume(**OBLIQUE)
+    first, other = mrml.volumeFromImage(flair, "FLAIR 2024"), mrml.volumeFromImage(flair[:, :, :5], "FLAIR 2026")
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift = np.eye(4)
+    shift[:3, 3] = (3.0, -2.0, 1.0)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    first.SetAndObserveTransformNodeID(transform.GetID())
+    logic = DeepWMLCoreLogic()
+    result = logic.segmentVolume(first, device="cpu", modelPaths=[str(tiny_model)], location=False)
+    shown = logic.formatReport(logic.lesionStatistics(result, other))
+    assert "Warning: 'FLAIR 2024 WMH' was drawn on 'FLAIR 2024', not on 'FLAIR 2026'" in shown
+    assert "drawn on" not in logic.formatReport(logic.lesionStatistics(result, first))
+    assert logic.compareSegmentations(result, result)["dice"] == 1.0
+
+
 def test_comparing_leaves_no_node_behind(scene):
     # exporting a segment without a colour table makes Slicer add "<segmentation>_ColorTable" each time
     flair, truth = make_volume(**OBLIQUE)

@@ -40,7 +40,6 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 LESION_TABLE = "lesions"  # results["table"] of Review lesions: the table lists every lesion, not the slices
 RUN_ATTRIBUTE = "DeepWML.run"
-SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
 CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
 CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
@@ -568,7 +567,7 @@ class DeepWMLCoreLogic:
         run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
-        segmentationNode.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volumeNode.GetID())
+        segmentationNode.SetNodeReferenceID(mrml.SOURCE_VOLUME_ROLE, volumeNode.GetID())
         for name in [mrml.WMH_SEGMENT_NAME] + ([mrml.VENTRICLE_SEGMENT_NAME] if job.result.ventricles is not None else []):
             segmentationNode.SetAttribute(DIGEST_ATTRIBUTES[name], _segmentDigest(segmentationNode, volumeNode, name))
         job._report(1.0, "done")
@@ -599,7 +598,7 @@ class DeepWMLCoreLogic:
         nor lend its ventricles to. One holding closed surfaces is refused (mrml.checkMaskTarget)."""
         if segmentationNode is None or segmentationNode.GetScene() is None:
             return None
-        source = segmentationNode.GetNodeReference(SOURCE_VOLUME_ROLE)
+        source = segmentationNode.GetNodeReference(mrml.SOURCE_VOLUME_ROLE)
         if source is not None and source is not volumeNode:
             return None
         mrml.checkMaskTarget(segmentationNode)  # before the run

@@ -30,6 +30,7 @@ WMH_SEGMENT_NAME = "WMH"
 WMH_COLOR = (1.0, 0.9, 0.0)
 VENTRICLE_SEGMENT_NAME = VENTRICLE_SEGMENT  # added by DeepWML for the periventricular/deep split (hidden)
 VENTRICLE_COLOR = (0.35, 0.65, 1.0)
+SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
 _ORTHONORMAL_TOL = 1e-4
 
 
@@ -364,9 +365,11 @@ def outsideNote(node, volumeNode, counted: str, segmentId: str | None = None) ->
 
 
 def referenceVolumeOf(node):
-    """The volume a segmentation was drawn on (its reference geometry node), or None."""
+    """The volume a segmentation was drawn on (its reference geometry node; else, for DeepWML's result of a volume
+    under a transform, which has none, the volume it was made from), or None."""
     if node is not None and node.IsA("vtkMRMLSegmentationNode"):
-        return node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+        return node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) \
+            or node.GetNodeReference(SOURCE_VOLUME_ROLE)
     return None
 
 
