@@ -75,6 +75,37 @@ def test_volume_under_a_transform_is_segmented_in_world_space(scene, monkeypatch
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(segmentation, hardened)), world)
 
 
+def test_a_volume_moved_while_it_is_segmented_gets_its_result_where_it_is_shown_at_the_end(scene, monkeypatch,
+                                                                                           tiny_model):
+    """The panel stays usable during a run: a transform set or changed meanwhile (a registration adjusted) left the
+    result where the volume had been when the run started, 10 mm (two slices) off the lesions it marks, without a
+    word (Dice 0 on the volume). The mask belongs to the volume's voxels: it goes where they are shown at the end.
+    A volume whose voxel grid changed meanwhile (resampled or cropped in place) is refused, the scene left as it was."""
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(**OBLIQUE)
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = None
+    job = logic.startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)], location=False)
+    assert job.wait(60)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation(0.0, 0.1, 0.3)
+    matrix[:3, 3] = (0.0, 0.0, 10.0)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    result = logic.finishSegmentation(job)
+    assert dice(mrml.maskFromSegmentation(result, volume), truth) > 0.9
+    assert logic.rerunLoses(result, volume) is None
+
+    job = logic.startSegmentation(volume, device="cpu", modelPaths=[str(tiny_model)], location=False)
+    assert job.wait(60)
+    slicer.util.updateVolumeFromArray(volume, slicer.util.arrayFromVolume(volume)[:, :, :30].copy())
+    with pytest.raises(DeepWMLError, match="^'FLAIR' changed while it was being segmented .*; segment it again$"):
+        logic.finishSegmentation(job)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
 def test_a_left_handed_thin_pixel_file_under_a_transform_is_segmented_and_measured_as_the_command_line_does(
         scene, monkeypatch, tmp_path, tiny_model):
     """A file with a left-handed voxel grid (an oblique FLAIR stored with a flipped axis, as NIfTI in FSL's

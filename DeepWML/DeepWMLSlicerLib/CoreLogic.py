@@ -550,12 +550,14 @@ class DeepWMLCoreLogic:
             segmentationNode = None  # the chosen output was deleted during the run: a new node, not a detached one
         # a new node's name is the scene's only one: a second result kept beside the first (another model or
         # threshold) is told apart in the reference and rater selectors, which show names alone
+        mask = _shownNow(job.result.mask, volumeNode)  # first: refused, the scene is left as it was
+        ventricles = None if job.result.ventricles is None else _shownNow(job.result.ventricles, volumeNode)
         segmentationNode = mrml.segmentationFromMask(
-            job.result.mask, volumeNode, segmentationNode,
+            mask, volumeNode, segmentationNode,
             name=None if segmentationNode is not None else mrml.freeNodeName(f"{volumeNode.GetName()} WMH"))
         segmentation = segmentationNode.GetSegmentation()
-        if job.result.ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
-            mrml.segmentationFromMask(job.result.ventricles, volumeNode, segmentationNode,  # edited) is kept
+        if ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
+            mrml.segmentationFromMask(ventricles, volumeNode, segmentationNode,  # edited) is kept
                                       segmentName=mrml.VENTRICLE_SEGMENT_NAME, color=mrml.VENTRICLE_COLOR)
             display = segmentationNode.GetDisplayNode()
             if display is not None:  # hidden: shown to check the split, from the Segmentations module
@@ -924,6 +926,24 @@ class DeepWMLCoreLogic:
                            for r in records]
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+def _shownNow(mask, volumeNode):
+    """A mask made on a volume's voxels, placed where those voxels are shown now (a copy): the panel stays usable during
+    a run, and a transform set or changed meanwhile would leave it where the volume was. A volume whose voxel grid
+    changed meanwhile (resampled or cropped in place) is refused."""
+    import SimpleITK as sitk
+
+    shown = mrml.worldGeometry(volumeNode)
+    now, then = (" x ".join(map(str, size)) for size in (volumeNode.GetImageData().GetDimensions(), mask.GetSize()))
+    if now != then:
+        raise DeepWMLError(f"'{volumeNode.GetName()}' changed while it was being segmented (now {now} voxels, then "
+                           f"{then}); segment it again")
+    placed = sitk.Image(mask)
+    placed.SetSpacing(shown.GetSpacing())
+    placed.SetDirection(shown.GetDirection())
+    placed.SetOrigin(shown.GetOrigin())
+    return placed
 
 
 def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
