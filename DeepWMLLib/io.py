@@ -251,8 +251,21 @@ def _data_file_field(header: Path) -> tuple[str, list[str]] | None:
     if field is None:
         return None
     value = field.group(1)
-    names = text[field.end():].splitlines() if value.upper().startswith("LIST") else [value]
+    names = text[field.end():].splitlines() if value.upper().startswith("LIST") else _numbered_files(value) or [value]
     return value, [n.strip() for n in names if n.strip()]
+
+
+def _numbered_files(value: str) -> list[str] | None:
+    """The file names of a detached header's numbered pattern, 'slice%03d.raw 1 24 1' (NRRD may add a
+    sub-dimension after): from the first number to the second, inclusive, by the third; None for a plain name."""
+    parts = value.split()
+    if len(parts) not in (4, 5) or "%" not in parts[0]:
+        return None
+    try:
+        low, high, step = (int(p) for p in parts[1:4])
+        return [parts[0] % k for k in range(low, high + (1 if step > 0 else -1), step)] if step else None
+    except (TypeError, ValueError):  # not a pattern of one whole number
+        return None
 
 
 def _detached_data_files(header: Path) -> list[str]:
@@ -2872,22 +2885,20 @@ def spread_digest(path: str | os.PathLike, chunks: int = 16, chunk: int = 1 << 1
 def content_fingerprint(path: str | os.PathLike) -> str:
     """A scan file by its content: `file_fingerprint`, after a '~' `spread_digest`, and for a detached header
     (.mhd, .nhdr, which holds the geometry alone: two patients' scans on one template grid have byte-identical
-    headers) the same of its voxel file after a '+'."""
+    headers) the same of each of its voxel files after a '+'."""
     def key(file) -> str:
         return f"{file_fingerprint(file)}~{spread_digest(file)}"
 
-    data = detached_data_file(path)
-    return key(path) + (f"+{key(data)}" if data is not None and data.is_file() else "")
+    return key(path) + "".join(f"+{key(data)}" for data in detached_data_files(path) if data.is_file())
 
 
-def detached_data_file(path: str | os.PathLike) -> Path | None:
-    """The voxel file a detached header names (MetaImage .mhd: ElementDataFile; NRRD .nhdr: data file), or
-    None (voxels in the file itself, a list or pattern of files, or another format)."""
+def detached_data_files(path: str | os.PathLike) -> list[Path]:
+    """The voxel files a detached header names (MetaImage .mhd: ElementDataFile; NRRD .nhdr: data file; one, a
+    LIST or a numbered pattern of a file per slice; a NIfTI pair's .img); [] for voxels in the file itself or
+    another format."""
     p = Path(path)
-    name = (_data_file_field(p) or ("",))[0]
-    if not name or name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
-        return None
-    return p.parent / name
+    value, names = _data_file_field(p) or ("", [])
+    return [] if value.upper() == "LOCAL" else [p.parent / name for name in names]
 
 
 def shortened(name: str, limit: int = 200) -> str:

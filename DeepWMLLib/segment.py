@@ -900,8 +900,8 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
 def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:
     """What tells one scan from another wherever it lies. A scan file: its size, the SHA-256 of its first
     MiB and, after a '~', of blocks spread over the rest (`io.spread_digest`); a detached header (.mhd,
-    .nhdr): that of its voxel file too, after a '+' (two patients' scans resampled to one template grid have
-    byte-identical headers, and uncompressed, the same first MiB). A DICOM series read from a folder
+    .nhdr): that of each of its voxel files too (one, or a file per slice), each after a '+' (two patients'
+    scans resampled to one template grid have byte-identical headers, and uncompressed, the same first MiB). A DICOM series read from a folder
     (`series`): its Series Instance UID and its files' SOP Instance UIDs (a file without one: its size and
     hash), hashed, as "dicom:FILES:HASH". None for a folder without `series`."""
     import hashlib
@@ -956,7 +956,7 @@ def same_input(earlier: dict, path: Path, study: io.DicomStudy | None = None) ->
         # a report of an earlier version (first MiB only; a detached header alone): judged as it was then, but
         # where that could not tell two scans apart (a detached header; an uncompressed file past its first
         # MiB: two patients on one template grid) only for the very file it was made from
-        if io.detached_data_file(path) is None and path.stat().st_size <= 1 << 20:
+        if not io.detached_data_files(path) and path.stat().st_size <= 1 << 20:
             return True
         try:
             return os.path.samefile(absolute, path)

@@ -119,7 +119,7 @@ def test_a_compressed_nifti_pair_is_read_as_its_nii_gz_is(tmp_path):
         assert read.GetDirection() == nii.GetDirection() and tuple(read.GetSize()) == nii.GetSize()
         assert np.array_equal(io.voxels(read), sitk.GetArrayViewFromImage(nii))
     assert io.case_name(packed) == "zip" and io.output_extension(packed) == ".nii.gz" and io.is_image_file(packed)
-    assert io.detached_data_file(packed) == tmp_path / "zip.img.gz" and not io.is_image_file(tmp_path / "zip.img.gz")
+    assert io.detached_data_files(packed) == [tmp_path / "zip.img.gz"] and not io.is_image_file(tmp_path / "zip.img.gz")
     assert io.read_time_axis(packed) is None
     # a .img.gz of another pair changes the fingerprint (the skip check), as for an uncompressed pair
     before = io.content_fingerprint(packed)
@@ -170,7 +170,7 @@ def test_a_nifti_pairs_fingerprint_covers_its_voxel_file(tmp_path):
         _pair(tmp_path / folder, seed=seed)
     assert (tmp_path / "p1" / "case.hdr").read_bytes() == (tmp_path / "p2" / "case.hdr").read_bytes()
     assert io.content_fingerprint(tmp_path / "p1" / "case.hdr") != io.content_fingerprint(tmp_path / "p2" / "case.hdr")
-    assert io.detached_data_file(tmp_path / "p1" / "case.hdr") == tmp_path / "p1" / "case.img"
+    assert io.detached_data_files(tmp_path / "p1" / "case.hdr") == [tmp_path / "p1" / "case.img"]
 
 
 def test_dicom_series_folder(tmp_path):

@@ -604,6 +604,47 @@ def test_another_scan_behind_an_identical_detached_header_is_not_skipped_as_done
     assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
 
 
+def _slice_files(folder, image, header: str) -> None:
+    """`image` (uint16) as one raw file per slice, s0.raw, s1.raw..., under a detached header naming them as a LIST
+    (NRRD .nhdr) or a numbered pattern (MetaImage .mhd), as per-slice exports and older pipelines write them."""
+    voxels = sitk.GetArrayFromImage(sitk.Cast(image, sitk.sitkUInt16))
+    for k, plane in enumerate(voxels):
+        (folder / f"s{k}.raw").write_bytes(plane.astype("<u2").tobytes())
+    x, y, z = image.GetSize()
+    if header == "scan.nhdr":
+        text = ("NRRD0004\ntype: unsigned short\ndimension: 3\nspace: left-posterior-superior\n"
+                f"sizes: {x} {y} {z}\nspace directions: (1,0,0) (0,1,0) (0,0,5)\nkinds: domain domain domain\n"
+                "endian: little\nencoding: raw\nspace origin: (0,0,0)\ndata file: LIST\n"
+                + "".join(f"s{k}.raw\n" for k in range(z)))
+    else:
+        text = (f"ObjectType = Image\nNDims = 3\nDimSize = {x} {y} {z}\nElementSpacing = 1 1 5\n"
+                f"ElementType = MET_USHORT\nElementDataFile = s%d.raw 0 {z - 1} 1\n")
+    (folder / header).write_text(text)
+
+
+@pytest.mark.parametrize("header", ["scan.nhdr", "scan.mhd"])
+def test_another_scan_behind_an_identical_header_of_slice_files_is_not_skipped_as_done(header, tmp_path, tiny_model,
+                                                                                       capsys):
+    """A detached header naming a file per slice (a LIST, a numbered pattern): its fingerprint was the header's
+    alone, so another patient's slices behind the same header, or slices replaced in place, were skipped as done
+    with the first scan's mask and figures."""
+    for patient, seed in (("p1", 0), ("p2", 9)):
+        (tmp_path / patient).mkdir()
+        image, _ = make_volume(size=(32, 32, 4), seed=seed, blobs=() if seed else ((0.5, 0.5, 0.5, 4.0),))
+        _slice_files(tmp_path / patient, image, header)
+    assert (tmp_path / "p1" / header).read_bytes() == (tmp_path / "p2" / header).read_bytes()
+    out = tmp_path / "out"
+    assert segment(tiny_model, tmp_path / "p1" / header, "-o", out) == 0
+    assert segment(tiny_model, tmp_path / "p1" / header, "-o", out) == 0  # the same scan: skipped
+    assert summary(out)["scan"]["status"] == "skipped"
+    capsys.readouterr()
+    assert segment(tiny_model, tmp_path / "p2" / header, "-o", out) == 1
+    assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
+    shutil.copy(tmp_path / "p2" / "s2.raw", tmp_path / "p1" / "s2.raw")  # one slice replaced under the same header
+    assert segment(tiny_model, tmp_path / "p1" / header, "-o", out) == 1
+    assert "holds the results of another scan named 'scan'" in capsys.readouterr().err
+
+
 def test_another_uncompressed_scan_with_the_same_first_mebibyte_is_not_skipped_as_done(tmp_path, tiny_model, capsys):
     """Scans on one template grid saved uncompressed (SPM's wFLAIR.nii) start with the same empty slices below
     the head: the fingerprint's first MiB was all it hashed, and a follow-up scan of that name was skipped as
