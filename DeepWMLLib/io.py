@@ -1145,6 +1145,9 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
         if "orthonormal" in detail:  # a sheared (or scaled) orientation: a complete file SimpleITK will not place
             raise DeepWMLError(f"{path}: its header places the voxels on a sheared grid (axes not at right angles), "
                                "which the image library cannot read; resample it onto a regular grid first") from exc
+        if "encoding not available" in detail:  # a complete file, compressed in a way the NRRD library lacks
+            raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); save it again with gzip or raw "
+                               "encoding (3D Slicer writes gzip)") from exc
         raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); check the file is a complete image"
                            f"{windows_path_hint(path)}") from exc
 
