@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from .errors import DeepWMLError
-from .volume import NiftiGeometry, Volume, like, nifti_bytes, nifti_geometry, nifti_version, parse_nifti, voxels
+from .volume import NiftiGeometry, Volume, like, nifti_geometry, nifti_pieces, nifti_version, parse_nifti, voxels
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -3144,12 +3144,14 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
     grid from them than SimpleITK does, place it where they place the input; other formats ignore it."""
     if is_nifti(path) and (isinstance(image, Volume) or geometry is not None):
         level = 1 if str(path).lower().endswith(".gz") else 0
-        data = nifti_bytes(image, compresslevel=level,
-                           time=None if time_axis is None else (time_axis.origin, time_axis.spacing), geometry=geometry)
+        pieces = nifti_pieces(image, compresslevel=level,
+                              time=None if time_axis is None else (time_axis.origin, time_axis.spacing),
+                              geometry=geometry)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                f.write(data)
+                for piece in pieces:  # not joined first: the whole file, and its pieces, in memory at once
+                    f.write(piece)
 
         return write_atomically(path, write)
     import SimpleITK as sitk

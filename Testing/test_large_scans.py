@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepWMLLib import contrast, inference, io, postprocessing, qc
+from DeepWMLLib import contrast, inference, io, postprocessing, qc, volume
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.segment import segment_cases, segment_image
@@ -410,6 +410,22 @@ def test_an_output_is_written_from_its_voxels_not_copies_of_them(level):
     output_copies = 1 if level == 0 else 2  # compressed: its pieces, then joined (small for a mostly-0 map)
     assert peak < output_copies * len(data) + 0.3 * volume.array.nbytes, \
         f"{peak / volume.array.nbytes:.2f} volumes held at once"
+
+
+@pytest.mark.parametrize("name", ["prob.nii.gz", "prob.nii"])
+def test_an_output_file_is_written_a_piece_at_a_time_not_joined_first(tmp_path, monkeypatch, name):
+    """A NIfTI output was made whole in memory before it was written: compressed, its pieces and then the joined
+    file (--save-probabilities at 1024 x 1024 x 400: a probability map compresses to 0.9 GB, so 1.8 GB more at the
+    peak of the run, 6.2 GB); not compressed, a copy of the voxels. The pieces now go to the file as they are made
+    (256 KiB of voxels at a time here, 16 MiB in use; zlib holds a piece's output about twice as it makes it); the
+    file is the same, byte for byte."""
+    monkeypatch.setattr(volume, "_PIECE", 1 << 18)
+    values = np.random.default_rng(3).random((30, 200, 200), dtype=np.float32)  # compresses little, as a map does
+    image = Volume(values, (0.5, 0.5, 2.0), (1.0, 2.0, 3.0), (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    path = tmp_path / name
+    _, peak = _peak_bytes(io.write_image, image, path)
+    assert path.read_bytes() == nifti_bytes(image, compresslevel=1 if name.endswith(".gz") else 0)
+    assert peak < 0.5 * values.nbytes, f"{peak / values.nbytes:.2f} times the voxels held at once"
 
 
 def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
