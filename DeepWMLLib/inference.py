@@ -681,11 +681,13 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
             done += chunk.size * cost
         for (_, config), (moved, probabilities) in summed.items():
             total[chunk] += moved.grids[config].to_input(probabilities)
+        # averaged here, over the slices run: the map's other slices (outside the head) are never written, so the
+        # system gives them no memory (np.zeros' pages come on first write: 0.6 GB of 1.6 GB at 1024 x 1024 x 400)
+        total[chunk] /= len(models) * len(shifts)
     if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)
         facts["runner"] = ", ".join(ran)
     if progress:
         progress(1.0, "networks done")
-    total /= len(models) * len(shifts)
     maps = iter(helper_maps)
     brain = next(maps) if brain_model is not None else None
     ventricles = next(maps) if ventricle_model is not None else None

@@ -3619,7 +3619,10 @@ def from_axial_stack(stack: np.ndarray, frame: SliceFrame, reuse: bool = False) 
         flip = (slice(None, None, -1 if frame.flip_row else 1), slice(None, None, -1 if frame.flip_col else 1))
         if frame.flip_row or frame.flip_col:
             for plane in stack:
-                plane[...] = plane[flip].copy()
+                # a plane of zero bytes is its own flip: left unwritten, it holds no memory (the slices outside the head:
+                # predict_maps). Its bytes, not its values: -0.0 is no zero byte.
+                if plane.view(np.uint8).any():
+                    plane[...] = plane[flip].copy()
         return like(stack, frame.spacing, frame.origin, frame.direction, frame.kind)
     if frame.flip_row:
         stack = stack[:, ::-1, :]
