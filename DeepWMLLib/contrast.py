@@ -109,18 +109,18 @@ def _depth_mm(inside: np.ndarray, spacing: tuple[float, float, float], limit: fl
 
 
 def _region_bands(intracranial: np.ndarray, spacing: tuple[float, float, float],
-                  bands: tuple[tuple[float, float], ...]) -> list[np.ndarray]:
-    """For each (low, high) of `bands`, the voxels of the stack whose depth in mm under the surface of the
-    intracranial mask with its holes filled lies in [low, high] (bool, same shape). The depth is measured on
-    in-plane blocks of about COARSE_MM (numpy alone, a few tenths of a second for a 512 x 512 x 48 scan; the
-    regions it bounds are tens of mm across) and compared there, so only the answers are brought back to
-    every voxel: a byte each, not a float32 map of the whole volume and its copies (over 5 GB at 1024 x 1024
-    x 400 voxels). Voxels in the last rows or columns left over by the blocks are in no band."""
+                  bands: tuple[tuple[float, float], ...]) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """For each (low, high) of `bands`, the in-plane blocks of the stack whose depth in mm under the surface of
+    the intracranial mask with its holes filled lies in [low, high] (bool, [slice, block row, block column]), and
+    the blocks' size in voxels (rows, columns): blocks of about COARSE_MM, inside where at least half their voxels
+    are. The depth is measured on the blocks (numpy alone, a few tenths of a second for a 512 x 512 x 48 scan; the
+    regions it bounds are tens of mm across) and compared there; `_band_planes` brings a band back to the voxels
+    a slice at a time (not a float32 map of the whole volume and its copies: over 5 GB at 1024 x 1024 x 400)."""
     n, rows, cols = intracranial.shape
     fr, fc = (max(1, int(COARSE_MM / s + 1e-6)) for s in spacing[1:])
     r, c = rows // fr * fr, cols // fc * fc
     if r == 0 or c == 0:
-        return [np.zeros(intracranial.shape, bool) for _ in bands]
+        return [np.zeros((n, r // fr, c // fc), bool) for _ in bands], (fr, fc)
     inside = intracranial[:, :r, :c].view(np.uint8)
     counts = np.zeros((n, r // fr, c // fc), np.int32)
     for i in range(fr):  # each block's voxels inside, added one offset at a time (strided sums are slow)
@@ -128,16 +128,19 @@ def _region_bands(intracranial: np.ndarray, spacing: tuple[float, float, float],
             counts += inside[:, i::fr, j::fc]
     blocks = 2 * counts >= fr * fc  # at least half of the block inside
     depth = _depth_mm(_fill_holes_in_plane(blocks), (spacing[0], spacing[1] * fr, spacing[2] * fc), DEEP_MM + 1)
-    out = []
-    for low, high in bands:
-        band = (depth >= low) & (depth <= high)
-        full = np.zeros(intracranial.shape, bool)
-        step = full.strides  # the first r x c of each slice as blocks of fr x fc voxels: a view, written in place
-        blocks_of_full = np.lib.stride_tricks.as_strided(full, (n, r // fr, fr, c // fc, fc),
-                                                         (step[0], step[1] * fr, step[1], step[2] * fc, step[2]))
-        blocks_of_full[...] = band[:, :, None, :, None]
-        out.append(full)
-    return out
+    return [(depth >= low) & (depth <= high) for low, high in bands], (fr, fc)
+
+
+def _band_planes(band: np.ndarray, block: tuple[int, int], plane_shape: tuple[int, int]):
+    """Each slice of a band of blocks (`_region_bands`) over its voxels (bool, `plane_shape`), one slice at a time:
+    a byte a voxel of one slice, not two whole volumes of them held through the check (0.8 GB at 1024 x 1024 x
+    400). Voxels in the last rows or columns left over by the blocks are in no band."""
+    fr, fc = block
+    rows, cols = band.shape[1] * fr, band.shape[2] * fc
+    for blocks in band:
+        plane = np.zeros(plane_shape, bool)
+        plane[:rows, :cols] = blocks.repeat(fr, axis=0).repeat(fc, axis=1)
+        yield plane
 
 
 def image_black(stack: np.ndarray) -> float:
@@ -190,10 +193,10 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     tell(0.0, "FLAIR check: depth inside the brain")
     # Holes filled slice by slice: on a scan that is not a FLAIR the brain-mask network may leave out
     # the ventricles or cut the brain into pieces, and the depth is measured from the skull inwards.
-    deep, shell = _region_bands(np.asarray(intracranial, bool), spacing, ((DEEP_MM, np.inf), SHELL_MM))
+    (deep, shell), block = _region_bands(np.asarray(intracranial, bool), spacing, ((DEEP_MM, np.inf), SHELL_MM))
     lesion = np.asarray(lesion, bool)
     voxel_ml = float(np.prod(spacing)) / 1000
-    deep_ml = float(np.count_nonzero(deep)) * voxel_ml
+    deep_ml = float(np.count_nonzero(deep) * block[0] * block[1]) * voxel_ml
     result = {"deep_ml": round(deep_ml, 1), "dark_fraction": None, "cortex_brighter_fraction": None,
               "looks_like": None, "not_judged": None}
     if deep_ml < MIN_DEEP_ML:
@@ -203,14 +206,21 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     tell(0.65, "FLAIR check: white matter, black levels")
     # The white matter's level: the deep brain the model did not mark (all of it when the model marked
     # most of it, as it does on T2, where CSF is bright).
-    values = stack[deep]
-    normal = values[~lesion[deep]]  # picked from the deep voxels: no more masks of the whole volume
+    def in_deep(volume: np.ndarray) -> np.ndarray:  # volume[deep], picked a slice at a time in the same order
+        return np.concatenate([volume[k][plane] for k, plane in enumerate(_band_planes(deep, block, stack.shape[1:]))])
+
+    values = in_deep(stack)
+    normal = values[~in_deep(lesion)]  # picked from the deep voxels: no more masks of the whole volume
     reference = float(np.median(normal if normal.size * voxel_ml >= MIN_DEEP_ML else values))
-    shell[lesion] = False
+    cortex = brighter_count = 0  # the shell's voxels not marked as lesion, and those brighter than the reference
+    for k, plane in enumerate(_band_planes(shell, block, stack.shape[1:])):
+        plane &= ~lesion[k]
+        cortex += int(np.count_nonzero(plane))
+        brighter_count += int(np.count_nonzero(stack[k][plane] > reference))
     # Levels are measured from the image's black (its air and the zeros around the brain): the same
     # figures for a scan stored with an offset or a scale, or z-scored, as for the scanner's own.
     black = image_black(stack)
-    if reference - black <= 0 or not shell.any():
+    if reference - black <= 0 or not cortex:
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
     tell(0.8, "FLAIR check: background outside brain")
@@ -221,7 +231,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
                                 "the brain with 0 outside?)")
         return result
     dark = float(np.mean(values - black < DARK_RATIO * (reference - black)))
-    brighter = float(np.mean(stack[shell] > reference))
+    brighter = brighter_count / cortex  # np.mean's figure: the count of 0/1 is exact in float64 too
     looks_like = "FLAIR"
     if dark < DARK_FRACTION_MIN:
         looks_like = "T2- or PD-weighted"

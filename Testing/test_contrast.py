@@ -254,6 +254,9 @@ def test_region_bands_take_a_block_as_inside_when_half_of_it_is(shape, spacing):
     expected[:, :r, :c] = np.repeat(np.repeat(depth, fr, axis=1), fc, axis=2)
     assert expected.max() > 0
     bands = ((contrast.DEEP_MM, np.inf), contrast.SHELL_MM, (0.5, 2.5))
-    for (low, high), result in zip(bands, contrast._region_bands(mask, spacing, bands)):
+    found, block = contrast._region_bands(mask, spacing, bands)
+    assert block == (fr, fc)
+    for (low, high), band in zip(bands, found):
+        result = np.stack(list(contrast._band_planes(band, block, shape[1:])))
         assert result.dtype == bool and np.array_equal(result, (expected >= low) & (expected <= high)), (low, high)
-    assert contrast._region_bands(mask, spacing, bands)[2].any()
+    assert found[2].any()
