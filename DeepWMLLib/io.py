@@ -2923,6 +2923,15 @@ def _temporary_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def temporary_leftovers(folder: Path) -> list[Path]:
+    """The folder's temporary files (`.NAME.xxxx.part...`, `_temporary_sibling`'s): a run killed while writing leaves
+    them; the run that next writes there removes them, with its lock held."""
+    try:
+        return [p for p in folder.iterdir() if p.name.startswith(".") and ".part" in p.name]
+    except OSError:
+        return []
+
+
 def _extension(path: Path) -> str:
     name = path.name.lower()
     for ext in (SEGMENTATION_EXTENSION,) + IMAGE_EXTENSIONS + (".json", ".csv"):

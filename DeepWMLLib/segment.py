@@ -1069,7 +1069,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     a study found in an export (expand_inputs): its series are the candidates, and it is skipped
     (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
     are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
-    (`temporary_leftovers`, listed once for a whole run; None: listed here). `progress(fraction, message)`
+    (`io.temporary_leftovers`, listed once for a whole run; None: listed here). `progress(fraction, message)`
     reaches 1.0 when the case's outputs are all written; while the scan is read it may be called from another
     thread, one call at a time (`reading_progress`): a GUI's callback must hand its update to its own thread."""
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
@@ -1125,21 +1125,12 @@ def whole_or_none(paths: dict):
         raise
 
 
-def temporary_leftovers(out_dir: Path) -> list[Path]:
-    """OUTDIR's temporary files (`.NAME.xxxx.part...`): a run killed while writing leaves them; the run that
-    next writes their case removes them, with its lock held."""
-    try:
-        return [p for p in out_dir.iterdir() if p.name.startswith(".") and ".part" in p.name]
-    except OSError:
-        return []
-
-
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
                   protected, leftovers, grid_phases) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
-    hidden = leftovers if leftovers is not None else temporary_leftovers(out_dir)
+    hidden = leftovers if leftovers is not None else io.temporary_leftovers(out_dir)
     prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
     for left in hidden:  # a run killed while writing this case left its temporary files
         if left.name.startswith(prefixes):
@@ -1354,7 +1345,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     cases = case_names_apart(cases, named)  # clashing names told apart by their folders, or refused
     out = io.make_output_dir(out_dir)
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
-    options["leftovers"] = temporary_leftovers(out)
+    options["leftovers"] = io.temporary_leftovers(out)
     rows = []
     finished = False
     if (out / "summary.csv").exists():  # an earlier run's summary never stands for this one's, even if this one is killed

@@ -1145,6 +1145,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
         raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
     _check_run_folder(run_dir, cfg.split)  # before the lock file: a refused folder is left as it was
     _lock_run_dir(run_dir)
+    _remove_temporary_leftovers(run_dir)
     config_file = run_dir / "config.json"
     # A folder whose run never finished an epoch (it failed on its data, say) holds nothing to keep:
     # its settings and split are made again, so a corrected manifest or command just works.
@@ -1220,6 +1221,18 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
 # The files a run writes at the top of its folder (with cache/ and, for an ensemble, model_k/).
 _RUN_FILES = ("config.json", "split.csv", "data.json", "history.csv", "last.pt", "best.pt", "skipped_cases.csv",
               "flair_check.csv")
+
+
+def _remove_temporary_leftovers(run_dir: Path) -> None:
+    """Remove what a run killed while writing a file (io.write_atomically) left: its hidden temporary copy, as large
+    as the file (a split's slices: the whole data set). With the folder's lock held. Beside the cache, only copies of
+    the run's own files: a folder given as RUN_DIR may hold hidden files of other programs."""
+    own = tuple(io.temporary_prefix(run_dir / name) for name in _RUN_FILES)
+    leftovers = [p for folder in (run_dir, *run_dir.glob("model_*")) for p in io.temporary_leftovers(folder)
+                 if p.name.startswith(own)]
+    for left in leftovers + io.temporary_leftovers(run_dir / "cache") + io.temporary_leftovers(run_dir / "cache" / "cases"):
+        with contextlib.suppress(OSError):  # one that cannot be removed costs space, not the run
+            left.unlink()
 
 
 def _check_run_folder(run_dir: Path, split: str | None = None) -> None:

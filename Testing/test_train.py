@@ -410,6 +410,42 @@ def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path, capsys):
     assert len(read_history(killed)) == 3
 
 
+_KILLED_WRITING = """
+import os, signal, sys
+from pathlib import Path
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+
+replace = io._replace
+
+def killed_at(tmp, path):  # the process dies with the file written under its temporary name, not yet renamed
+    if Path(path).name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(tmp, path)
+
+io._replace = killed_at
+main(["train", *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("name", ["train_images.npy", "last.pt"])
+def test_a_run_killed_while_writing_a_file_leaves_no_temporary_copy_once_resumed(name, dataset, tmp_path):
+    """A kill while a file was being written left its hidden temporary copy in the run folder for good (a split's
+    slices: as large as the data set)."""
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITING, name, str(dataset), "--run-dir", str(run),
+                             "--base-channels", "4", "--depth", "2", "--grid-size", str(SIZE), "--grid-spacing", "none",
+                             "--epochs", "1", "--samples-per-epoch", "8", "--threads", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [p for p in run.rglob("*") if ".part" in p.name]  # what the kill left
+
+    training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8, architecture={
+        "name": "unet2d", "base_channels": 4, "depth": 2, "batch_norm": False}), run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1]
+    assert not [p for p in run.rglob("*") if ".part" in p.name]
+
+
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
     from DeepWMLLib.cli import main
 
