@@ -478,6 +478,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                     log.warning("--allow-non-flair does not add %s to this run: it was prepared without them, and a run "
                                 "that has started keeps its cases (a resume trains on the same); to train on them, use a "
                                 "new run folder", ", ".join(left_out))
+                shutil.rmtree(parts, ignore_errors=True)  # left by a run killed as it marked the cache done
                 return [tuple(s) for s in done["skipped"]]
             known_checks = done.get("flair_checks") or {}
             for key, check in known_checks.items():  # kept beside the slices: a preparation refused part way (an

@@ -418,14 +418,28 @@ from DeepWMLLib.cli import main
 
 replace = io._replace
 
-def killed_at(tmp, path):  # the process dies with the file written under its temporary name, not yet renamed
-    if Path(path).name == sys.argv[1]:
+def killed_at(tmp, path):  # the process dies as the file sys.argv[1] is renamed into place, sys.argv[2] that
+    if Path(path).name == sys.argv[1] and sys.argv[2] == "before":
         os.kill(os.getpid(), signal.SIGKILL)
     replace(tmp, path)
+    if Path(path).name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 io._replace = killed_at
-main(["train", *sys.argv[2:]])
+main(["train", *sys.argv[3:]])
 """
+
+
+def _killed_writing(dataset: Path, run: Path, name: str, when: str) -> dict:
+    """Train in `run` in another process, killed (SIGKILL) as the file `name` is renamed into place, `when` before
+    or after; then resume it here."""
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITING, name, when, str(dataset), "--run-dir", str(run),
+                             "--base-channels", "4", "--depth", "2", "--grid-size", str(SIZE), "--grid-spacing", "none",
+                             "--epochs", "1", "--samples-per-epoch", "8", "--threads", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return tiny_config(dataset, epochs=1, samples_per_epoch=8, architecture={
+        "name": "unet2d", "base_channels": 4, "depth": 2, "batch_norm": False})
 
 
 @pytest.mark.parametrize("name", ["train_images.npy", "last.pt"])
@@ -433,17 +447,25 @@ def test_a_run_killed_while_writing_a_file_leaves_no_temporary_copy_once_resumed
     """A kill while a file was being written left its hidden temporary copy in the run folder for good (a split's
     slices: as large as the data set)."""
     run = tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITING, name, str(dataset), "--run-dir", str(run),
-                             "--base-channels", "4", "--depth", "2", "--grid-size", str(SIZE), "--grid-spacing", "none",
-                             "--epochs", "1", "--samples-per-epoch", "8", "--threads", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    config = _killed_writing(dataset, run, name, "before")
     assert [p for p in run.rglob("*") if ".part" in p.name]  # what the kill left
 
-    training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8, architecture={
-        "name": "unet2d", "base_channels": 4, "depth": 2, "batch_norm": False}), run)
+    training.train(config, run)
     assert [int(r["epoch"]) for r in read_history(run)] == [1]
     assert not [p for p in run.rglob("*") if ".part" in p.name]
+
+
+def test_a_run_killed_as_its_cache_was_done_keeps_no_copy_of_the_cases_slices(dataset, tmp_path):
+    """Killed between marking the cache done (cache.json) and removing each case's prepared slices (cache/cases,
+    another copy of the data set), the run kept that copy for good: a resume found the cache done and never
+    removed it."""
+    run = tmp_path / "run"
+    config = _killed_writing(dataset, run, "cache.json", "after")
+    assert list((run / "cache" / "cases").iterdir())  # what the kill left
+
+    training.train(config, run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1]
+    assert not (run / "cache" / "cases").exists()
 
 
 def test_cli_reports_a_bad_manifest_in_one_line(tmp_path, capsys):
