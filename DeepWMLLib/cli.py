@@ -44,7 +44,7 @@ def _distributed_process() -> tuple[str | None, bool]:
     The processes of one node read the same options and files and meet the same input error, so
     only the node's first process (LOCAL_RANK 0) says it, and a process other than rank 0 names
     itself. An error rank 0 met and shared with every process (`DeepWMLError.from_rank_0`) is said
-    by rank 0 alone."""
+    by rank 0 alone; one a process met alone (`DeepWMLError.this_process_only`: its partner gone) by that process."""
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
         return None, False
     return os.environ.get("RANK", "0"), os.environ.get("LOCAL_RANK", "0") != "0"
@@ -269,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeepWMLError as exc:
         if getattr(args, "debug", False):
             raise
-        if not (quiet or (where and getattr(exc, "from_rank_0", False))):
+        if not ((quiet and not getattr(exc, "this_process_only", False))
+                or (where and getattr(exc, "from_rank_0", False))):
             print(f"deepwml {args.command}{where}: error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the output went into a pipe whose reader stopped (| head): nothing to say

@@ -991,6 +991,16 @@ class _Dist:
         return message[0]
 
 
+def _partner_lost(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone (killed, out of memory, its node
+    lost): gloo raises a plain RuntimeError naming the closed connection, NCCL a DistBackendError."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return (isinstance(exc, dist.DistBackendError)
+            or any(words in text for words in ("closed by peer", "reset by peer", "broken pipe")))
+
+
 def _start_distributed(device_name: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -1076,6 +1086,14 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
             best.append(_train_member(cfg.member(k), member_dir, train_set, val_set, setup, device, dist_ctx,
                                       member_progress, cancel, label))
         return best[0] if cfg.ensemble == 1 else best
+    except RuntimeError as exc:
+        if dist_ctx.world > 1 and _partner_lost(exc):
+            error = DeepWMLError(f"another process of this training stopped ({str(exc).strip().splitlines()[0][:160]}); "
+                                 "the run keeps every finished epoch: see the stopped process's own message, then "
+                                 "rerun the same command to resume")
+            error.this_process_only = True  # met by the processes left, not by every process alike: each says it
+            raise error from exc
+        raise
     finally:
         _unlock_run_dir(run_dir)
         torch.set_num_threads(threads)

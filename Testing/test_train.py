@@ -1960,3 +1960,31 @@ def test_validation_marks_a_probability_at_the_threshold_as_inference_does(tmp_p
     cfg = training.TrainConfig.coerce(tiny_config(manifest, threshold=0.5))
     metrics = training.validate(OnTheThreshold(), val, cfg, torch.device("cpu"))
     assert metrics["val_dice"] == 1.0 and metrics["val_sensitivity"] == 1.0
+
+
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500"),
+    RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:598] Connection reset by peer"),
+])
+def test_a_process_whose_partner_stopped_says_so_and_how_to_resume(raised, dataset, tmp_path, monkeypatch, capsys):
+    """torchrun with 2 processes, one killed (out of memory, a node lost): the other said 'internal error:
+    RuntimeError: [gloo pair.cc] Connection closed by peer ... report it', a bug to report, not a run to resume."""
+    from DeepWMLLib.cli import main
+
+    monkeypatch.setattr(training, "_start_distributed", lambda device: training._Dist(rank=1, world=2))
+    monkeypatch.setattr(training._Dist, "barrier", lambda self: None)
+
+    def partner_gone(self, fn):
+        raise raised
+    monkeypatch.setattr(training._Dist, "run_on_main", partner_gone)
+    with pytest.raises(DeepWMLError, match="another process of this training stopped") as caught:
+        training.train(tiny_config(dataset), tmp_path / "run")
+    assert "rerun the same command" in str(caught.value)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):  # torchrun's second process
+        monkeypatch.setenv(name, value)
+    assert main(["train", str(dataset), "--run-dir", str(tmp_path / "run2"), "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "another process of this training stopped" in err and "internal error" not in err and "(process 1)" in err
+    monkeypatch.setattr(training._Dist, "run_on_main", lambda self, fn: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors stay what they are
+        training.train(tiny_config(dataset), tmp_path / "run3")
