@@ -1444,3 +1444,15 @@ def test_a_volume_that_does_not_cover_the_whole_brain_is_said_in_the_module(scen
     assert run["brain_at_fov_edge"]["cut"] == ["left"]
     shown = logic.formatReport(logic.lesionStatistics(segmentation, volume))
     assert "Warning: the scan does not cover the whole brain: the brain reaches the left edge" in shown
+
+
+def test_a_volume_of_several_values_per_voxel_is_refused_naming_what_it_may_be(scene, tiny_model):
+    """An RGB volume, or a 4D multi-volume (MultiVolume's frames are the values of one voxel): refused as
+    'vector/RGB' alone, which told the user of a 4D series nothing of taking one frame."""
+    flair, _ = make_volume(size=(24, 24, 6))
+    frames = sitk.Compose([flair, flair, flair])
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "DWI frames")
+    node.SetAndObserveImageData(mrml.volumeFromImage(frames, "tmp", "vtkMRMLVectorVolumeNode").GetImageData())
+    with pytest.raises(DeepWMLError, match=r"'DWI frames' has 3 values per voxel \(an RGB image, or a 4D series") as caught:
+        DeepWMLCoreLogic().segmentVolume(node, device="cpu", modelPaths=[str(tiny_model)])
+    assert "one of its frames a scalar volume" in str(caught.value)

@@ -105,9 +105,11 @@ def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     False, in the node's own coordinates (its parent transforms, which may be non-linear, not applied)."""
     _checkVoxels(volumeNode)
     name = volumeNode.GetName()
-    if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise DeepWMLError(f"'{name}' has several values per voxel (vector/RGB); "
-                           "DeepWML needs a grey-scale FLAIR volume")
+    values = volumeNode.GetImageData().GetNumberOfScalarComponents()
+    if values != 1:  # Slicer's MultiVolume holds a 4D series' frames as a voxel's values
+        raise DeepWMLError(f"'{name}' has {values} values per voxel (an RGB image, or a 4D series such as a "
+                           "multi-volume); DeepWML needs a grey-scale FLAIR volume: load the FLAIR, or make one of its "
+                           "frames a scalar volume (Multi-volume Explorer, or Sequences)")
     array = slicer.util.arrayFromVolume(volumeNode)
     if array.ndim != 3 or min(array.shape) < 1:
         raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
