@@ -1091,7 +1091,8 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path} holds complex values (real and imaginary parts); DeepWML needs the "
                                    "magnitude FLAIR image: export that one")
             size, components = reader.GetSize(), reader.GetNumberOfComponents()
-            if components > 1 and _nrrd_list_axis(path, fields):  # volumes, not the values of one voxel
+            # volumes, not the values of one voxel; a 2D image's stays a vector (not read as a 3D volume)
+            if components > 1 and len(size) == 3 and _nrrd_list_axis(path, fields):
                 size, components = (*size, components), 1
             _check_layout(path, len(size), size, components, mask)
             misread = _misread_spacing(path, fields, reader.GetSpacing())

@@ -586,6 +586,19 @@ def test_an_nrrd_of_several_volumes_on_a_list_axis_is_called_a_4d_image(tmp_path
         io.read_mask(path)
 
 
+def test_a_2d_nrrd_with_a_list_axis_is_refused_in_one_line(tmp_path):
+    """A 2D image of a few values per voxel on a list axis (in a 2D space) is not 3 volumes: taken for a 3D volume
+    it was read as a vector image, and the FLAIR and the mask failed with a SimpleITK Cast traceback."""
+    path = tmp_path / "frames.nrrd"
+    path.write_bytes(("NRRD0004\ntype: short\ndimension: 3\nspace dimension: 2\nsizes: 3 5 4\n"
+                      "kinds: list domain domain\nspace directions: none (0.9,0) (0,0.8)\nendian: little\n"
+                      "encoding: raw\n\n").encode() + bytes(2 * 60))
+    with pytest.raises(DeepWMLError, match=r"frames.nrrd has 3 values per voxel"):
+        io.read_image(path)
+    with pytest.raises(DeepWMLError, match=r"frames.nrrd has 3 values per voxel"):
+        io.read_mask(path)
+
+
 @pytest.mark.parametrize("name,header", [
     ("detached.nhdr", "NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 {}\nspacings: 0.9 0.8 5\nendian: little\n"
                       "encoding: raw\n{}data file: detached.raw\n"),
