@@ -1139,7 +1139,8 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "rror" in line.lower() or "annot" in line), "unreadable")
-        detail = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", detail)  # a class and an address: nothing to the user
+        # a class and an address (0x55..., or 000001D2... as MSVC prints it): nothing to the user
+        detail = re.sub(r"^ITK ERROR: \w+\((?:0x)?[0-9a-fA-F]+\): ", "", detail)
         teem = [line.strip()[len("[nrrd]"):].strip() for line in first if line.strip().startswith("[nrrd]")]
         if teem:  # the NRRD library says what is wrong on its last line ("couldn't open \"x.raw\"", "bzip2 ...")
             detail = re.sub(r"^_?\w+: ", "", teem[-1]) or detail

@@ -659,6 +659,27 @@ def test_a_metaimage_whose_orientation_contradicts_its_matrix_is_refused(tmp_pat
             io.read_image(path)
 
 
+def test_the_libraries_internals_are_left_out_as_windows_prints_them(tmp_path, monkeypatch):
+    """ITK built with MSVC prints an object's address without '0x' ('MetaImageIO(000001D2A3B4C5E0)'): the class
+    name and address came through to Windows users."""
+    path = tmp_path / "cut.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n"
+                    "ElementType = MET_USHORT\nElementDataFile = LOCAL\n")
+
+    class Reader:
+        def SetFileName(self, name):
+            pass
+
+        def ReadImageInformation(self):
+            raise RuntimeError("Exception thrown in SimpleITK ImageFileReader_ReadImageInformation: D:\\a\\itk.cxx:7:\n"
+                               "ITK ERROR: MetaImageIO(000001D2A3B4C5E0): File cannot be read: cut.mha for reading.")
+
+    monkeypatch.setattr(io, "_file_reader", lambda p: Reader())
+    with pytest.raises(DeepWMLError, match=r"cut.mha cannot be read as an image \(File cannot be read: ") as caught:
+        io.read_image(path)
+    assert "ITK" not in str(caught.value) and "000001D2A3B4C5E0" not in str(caught.value)
+
+
 @pytest.mark.parametrize("unit,code,factor", [("metres", 1, 1000.0), ("microns", 3, 0.001)])
 def test_a_nifti_whose_length_unit_does_not_fit_its_voxel_sizes_is_refused(tmp_path, unit, code, factor):
     """A NIfTI header saying metres (or microns) beside voxel sizes in mm: SimpleITK converts, so a 0.9 x 0.8 x 5 mm
