@@ -936,6 +936,30 @@ def _metaimage_packing_fault(path: Path, fields: dict[str, str]) -> str | None:
     return f"CompressedDataSize {told}, but its compressed voxels take {held} bytes"
 
 
+def _metaimage_missing_files(path: Path, fields: dict[str, str]) -> tuple[int, int] | None:
+    """(files named, files needed) for a MetaImage header (`fields`: `_header_fields(path)`) of a file per slice
+    (ElementDataFile: a LIST, or a numbered pattern) that names fewer files than it has slices, else None. SimpleITK
+    reads those named and leaves the other slices as whatever its memory held, without an error; its reader counts
+    a pattern up only (from the first number to the second by the third), so one counting down names none."""
+    if not path.name.lower().endswith((".mha", ".mhd")):
+        return None
+    value, names = _data_file_field(path) or ("", [])
+    parts = value.split()
+    try:
+        sizes = [int(v) for v in fields.get("dimsize", "").split()]
+        if value.upper().startswith("LIST"):  # 'LIST 2D': files of 2 dimensions; without one, a slice each
+            per_file, named = int(parts[1].upper().rstrip("D")) if len(parts) > 1 else len(sizes) - 1, len(names)
+        elif _numbered_files(value) is not None:
+            low, high, step = (int(p) for p in parts[1:4])
+            per_file, named = len(sizes) - 1, len(range(low, high + 1, step)) if step > 0 else 0
+        else:
+            return None
+    except ValueError:  # a header SimpleITK's reader will refuse
+        return None
+    needed = int(np.prod(sizes[per_file:], dtype=np.int64))
+    return (named, needed) if named < needed else None
+
+
 # The bytes of a voxel of an NRRD 'type' or MetaImage ElementType, by the first of these words in it
 _VOXEL_BYTES = (("long_long", 8), ("longlong", 8), ("long long", 8), ("char", 1), ("int8", 1), ("short", 2),
                 ("int16", 2), ("int64", 8), ("double", 8), ("int", 4), ("long", 4), ("float", 4))
@@ -1115,6 +1139,13 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path}: its header gives {packing}, and the image library would unpack them "
                                    "wrongly without an error (a volume of leftover memory); save it again (3D Slicer, "
                                    "SimpleITK and ITK write the size)")
+            missing_files = _metaimage_missing_files(path, fields)
+            if missing_files:
+                named, needed = missing_files
+                raise DeepWMLError(f"{path}: its header names {named} voxel file{'s' * (named != 1)} (ElementDataFile) "
+                                   f"for its {needed} slices, and the image library would fill the others with leftover "
+                                   "memory without an error; name a file for each slice (a numbered pattern counts up: "
+                                   f"'slice%03d.raw 1 {needed} 1')")
             surplus = _surplus_voxel_data(path, fields) if fields else None
             if surplus:
                 raise DeepWMLError(f"{path}: its voxel data take {surplus[0]} bytes, but its header's sizes and type need "

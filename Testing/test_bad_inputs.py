@@ -76,6 +76,8 @@ BAD_INPUTS = [
      "memory)", "segment", 1, "CompressedDataSize"),
     ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
      "segment", 1, "but the image library read"),
+    ("MetaImage of a file per slice naming fewer files than slices (ElementDataFile: a LIST or numbered pattern; "
+     "SimpleITK would fill the others with leftover memory)", "segment", 1, "for its"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
@@ -316,6 +318,12 @@ def world(tmp_path):
           "read)"] = d / "misread.mha"
     three_centre = "Offset = 0 0 0 0\nCenterOfRotation = 0 0 0\nElementSpacing = 0.9 0.9 5 1\n"
     (d / "misread.mha").write_bytes(meta.format(4, three_centre, shape + " 1").encode() + voxels.astype("<f4").tobytes())
+    paths["MetaImage of a file per slice naming fewer files than slices (ElementDataFile: a LIST or numbered pattern; "
+          "SimpleITK would fill the others with leftover memory)"] = d / "slices.mhd"
+    for k, plane in enumerate(voxels[:-1], 1):  # the last slice's file left out of the pattern
+        (d / f"slice{k:03d}.raw").write_bytes(plane.astype("<f4").tobytes())
+    (d / "slices.mhd").write_text(meta.format(3, "ElementSpacing = 0.9 0.9 5\n", shape).replace(
+        "LOCAL", f"slice%03d.raw 1 {voxels.shape[0] - 1} 1"))
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"

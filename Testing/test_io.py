@@ -622,6 +622,27 @@ def test_voxel_data_longer_than_the_header_says_are_refused(tmp_path, name, head
         assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), voxels.astype(np.float32))
 
 
+@pytest.mark.parametrize("field,read", [("LIST 2D\ns001.raw\ns002.raw\n", 2), ("s%03d.raw 1 2 1", 2),
+                                        ("s%03d.raw 1 3 2", 2), ("s%03d.raw 3 1 -1", 0), ("s%03d.raw 3 1 1", 0),
+                                        ("LIST\ns001.raw\ns002.raw\ns003.raw\n", None), ("s%03d.raw 1 3 1", None)])
+def test_a_metaimage_naming_fewer_slice_files_than_slices_is_refused(tmp_path, field, read):
+    """A MetaImage of a file per slice whose LIST or numbered pattern names fewer files than it has slices (one left
+    out, a step of 2; a pattern counting down, which SimpleITK's reader never counts): SimpleITK filled the slices
+    without a file with leftover memory, without an error, and the scan was segmented. All named: read."""
+    voxels = np.random.default_rng(0).integers(1, 400, size=(3, 4, 5)).astype("<u2")
+    for k, plane in enumerate(voxels, 1):
+        (tmp_path / f"s{k:03d}.raw").write_bytes(plane.tobytes())
+    path = tmp_path / "slices.mhd"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n"
+                    f"ElementType = MET_USHORT\nElementDataFile = {field}")
+    if read is None:
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_image(path)), voxels.astype(np.float32))
+        return
+    with pytest.raises(DeepWMLError, match=rf"slices.mhd: its header names {read} voxel files? \(ElementDataFile\) for "
+                                           "its 3 slices"):
+        io.read_image(path)
+
+
 def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals(tmp_path):
     """A .mhd whose .raw is cut short: the message held 'ITK ERROR: MetaImageIO(0x55641eb59960): File cannot be
     read: ...', a class name and a memory address that tell the user nothing."""
