@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -560,6 +561,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
+def adapted_name(name: str) -> str:
+    """The adapted file's name for a model named `name` (name_apart's: 'best.pt', 'model_0/best.pt', on Windows
+    'D:/best.pt' or '//server/scans/best.pt' for members on two drives): its parts joined by '_', without the
+    drive's colon, which no Windows file name may hold."""
+    parts = [part for part in re.split(r"[/\\:]+", name) if part]
+    return f"{Path('_'.join(parts)).stem}-adapted.pt"
+
+
 def adapted_paths(models: Sequence[str | Path], out_dir: Path) -> list[Path]:
     """OUT_DIR/<name>-adapted.pt for each model file; members of one file name (deepwml train's RUN/model_0/best.pt,
     RUN/model_1/best.pt) by the folders that tell them apart, as segment names them: model_0_best-adapted.pt."""
@@ -575,7 +584,7 @@ def adapted_paths(models: Sequence[str | Path], out_dir: Path) -> list[Path]:
         same[found] = str(m)
     named = [SimpleNamespace(name=Path(m).name, path=m) for m in models]
     name_apart(named)
-    outputs = [out_dir / f"{Path(n.name.replace('/', '_')).stem}-adapted.pt" for n in named]
+    outputs = [out_dir / adapted_name(n.name) for n in named]
     if len(set(outputs)) < len(outputs):  # a file named as another's parts joined (model_0_best.pt beside model_0/best.pt)
         raise DeepWMLError("two model files would be adapted into files of the same name; adapt them into different "
                            "folders")

@@ -616,3 +616,12 @@ def test_ensemble_members_of_one_file_name_are_adapted_in_one_run_named_apart(tm
     # one file given twice is said so, not "the same name"
     assert cli.main(["adapt", "--model", members[0], members[0], "--scans", *scans, "-o", str(tmp_path / "b")]) == 1
     assert f"error: {members[0]} is given twice in --model; give each model once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,file", [("bn.pt", "bn-adapted.pt"), ("model_0/best.pt", "model_0_best-adapted.pt"),
+                                       ("D:/best.pt", "D_best-adapted.pt"),  # members on two Windows drives
+                                       ("//server/scans/best.pt", "server_scans_best-adapted.pt")])
+def test_adapted_files_are_named_from_the_members_names_apart_as_file_names_allow(name, file):
+    from DeepWMLLib.adapt import adapted_name
+
+    assert adapted_name(name) == file  # 'D:_best-adapted.pt' held a colon, which Windows refuses in a file name
