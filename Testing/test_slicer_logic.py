@@ -386,7 +386,7 @@ def test_a_rerun_knows_when_the_ventricles_it_would_replace_were_edited(scene, m
     mrml.segmentationFromMask(truth, volume, result, segmentName=mrml.VENTRICLE_SEGMENT_NAME)  # drawn by hand
     assert logic.rerunLoses(result, volume) is None  # a run without the split keeps them
     assert logic.rerunLoses(result, volume, ventricles=True) == \
-        "The segment Lateral ventricles of 'flair WMH' was edited since DeepWML made it"
+        "The segment Lateral ventricles of 'flair WMH' was edited, or moved against its volume, since DeepWML made it"
     logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)], location=str(ventricles),
                         segmentationNode=result)
     assert logic.rerunLoses(result, volume, ventricles=True) is None
@@ -412,7 +412,20 @@ def test_a_result_saved_with_the_scene_and_opened_again_is_not_taken_for_edited(
     erased = mrml.maskFromSegmentation(result, volume)
     erased[tuple(int(i) for i in np.argwhere(sitk.GetArrayViewFromImage(erased))[0][::-1])] = 0
     mrml.segmentationFromMask(erased, volume, result)
-    assert logic.rerunLoses(result, volume) == "The segment WMH of 'flair WMH' was edited since DeepWML made it"
+    assert logic.rerunLoses(result, volume) == ("The segment WMH of 'flair WMH' was edited, or moved against its "
+                                                "volume, since DeepWML made it")
+
+
+def test_a_result_whose_volume_was_moved_since_is_not_said_to_be_edited_alone(scene, monkeypatch, tmp_path, tiny_model):
+    """The FLAIR put under a transform after segmenting (the result stays where it was made, in world space): the
+    rerun's question said the segment 'was edited since DeepWML made it', which no one had done."""
+    logic, volume, result, _, _ = segmentedWithVentricles(monkeypatch, tmp_path, tiny_model)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = np.eye(4)
+    matrix[:3, 3] = (0.0, 0.0, 12.0)
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    assert "or moved against its volume" in logic.rerunLoses(result, volume)
 
 
 def test_output_segmentation_deleted_during_the_run_gives_a_new_node_in_the_scene(scene, monkeypatch, tiny_model):

@@ -561,7 +561,7 @@ def test_segment_wmh_asks_before_replacing_a_wmh_segment_edited_by_hand(widget, 
     corrected = sitk.BinaryDilate(mrml.maskFromSegmentation(result, widget.volume), [2, 2, 0])
     mrml.segmentationFromMask(corrected, widget.volume, result)  # the radiologist's correction
     ui.applyButton.click()
-    assert asked[-1].startswith("The segment WMH of 'FLAIR WMH' was edited since DeepWML made it")
+    assert asked[-1].startswith("The segment WMH of 'FLAIR WMH' was edited, or moved against its volume, since DeepWML made it")
     assert widget._job is None and ui.applyButton.text == "Segment WMH"  # cancelled: nothing runs
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(result, widget.volume)),
                                   sitk.GetArrayFromImage(corrected))
@@ -602,7 +602,7 @@ def test_without_a_main_window_a_rerun_over_hand_edits_is_refused_not_asked(widg
     monkeypatch.setattr(slicer.util, "mainWindow", lambda: None)
     monkeypatch.setattr(slicer.app, "testingEnabled", lambda: False, raising=False)  # Slicer's own dialogs, then
     monkeypatch.setattr(slicer.util, "messageBox", lambda *a, **k: pytest.fail("a dialog without a main window"))
-    with pytest.raises(DeepWMLError, match="was edited since DeepWML made it; Segment WMH would replace it: to "
+    with pytest.raises(DeepWMLError, match="was edited, or moved against its volume, since DeepWML made it; Segment WMH would replace it: to "
                                            "keep it, choose 'Create new segmentation'"):
         ui.applyButton.click()
     assert widget._job is None and ui.applyButton.text == "Segment WMH"

@@ -578,8 +578,8 @@ class DeepWMLCoreLogic:
     @staticmethod
     def rerunLoses(segmentationNode, volumeNode, ventricles: bool = False) -> str | None:
         """Why segmenting `volumeNode` into `segmentationNode` would lose work, or None: its WMH segment (and,
-        when the run finds the `ventricles`, its ventricle segment), which a run replaces, was edited since
-        DeepWML wrote it, or was not written by DeepWML."""
+        when the run finds the `ventricles`, its ventricle segment), which a run replaces, was edited (or moved
+        against the volume) since DeepWML wrote it, or was not written by DeepWML."""
         if segmentationNode is None or segmentationNode.GetScene() is None:
             return None
         for name in [mrml.WMH_SEGMENT_NAME] + ([mrml.VENTRICLE_SEGMENT_NAME] if ventricles else []):
@@ -590,7 +590,8 @@ class DeepWMLCoreLogic:
             if written is None:
                 return f"{segment} was not made by this version of DeepWML"
             if written != _segmentDigest(segmentationNode, volumeNode, name):
-                return f"{segment} was edited since DeepWML made it"
+                # its voxels on the volume's grid: changed by a hand edit, or by a transform moving one of them
+                return f"{segment} was edited, or moved against its volume, since DeepWML made it"
         return None
 
     @staticmethod
