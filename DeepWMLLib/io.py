@@ -583,9 +583,10 @@ def _nifti_data(path: Path, reading: Callable[[float], None] | None = None) -> b
         raise DeepWMLError(f"{path} is truncated or corrupt ({exc}); copy the file again from its source") from exc
 
 
-def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> None:
+def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: bool = False) -> None:
     """Checks SimpleITK skips: it zero-fills a truncated NIfTI and reads NaN/Inf voxels as 0. `voxel_file`: the
-    .img of a two-file NIfTI-1 whose header `path` is, `data` the pair as one file (`_nifti_pair_data`)."""
+    .img of a two-file NIfTI-1 whose header `path` is, `data` the pair as one file (`_nifti_pair_data`). `mask`:
+    the file is a mask (read_mask), which no scanner wrote: a refusal of NaN says what to do with a mask."""
     if len(data) < 348:
         raise DeepWMLError(f"{path} is too short to be a NIfTI file; copy it again from its source")
     for endian in "<>":
@@ -668,7 +669,10 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None) -> Non
         values = np.frombuffer(data, dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=n_voxels, offset=vox_offset)
         bad = non_finite_count(values)
         if bad:
-            raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); re-export the image from the scanner or PACS")
+            raise DeepWMLError(f"{path} has {bad} non-finite voxels (NaN or Inf); " + (
+                "a mask holds whole numbers 0–255 (0 background, 1 lesion): set them to 0 where they are background "
+                "(FSL: fslmaths MASK -nan OUT) and save it again" if mask else
+                "re-export the image from the scanner or PACS"))
 
 
 # NIfTI's length units other than mm (xyzt_units & 7): their name and mm per unit, as SimpleITK converts them
@@ -1076,7 +1080,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
     pair = is_nifti_pair(path)
     if pair or is_nifti(path):
         data = _nifti_pair_data(path, reading) if pair else _nifti_data(path, reading)
-        _check_nifti(path, data, path.parent / _pair_data_name(path) if pair else None)
+        _check_nifti(path, data, path.parent / _pair_data_name(path) if pair else None, mask)
         # SimpleITK cannot open NIfTI-2, nor a compressed file named .nii: those are read here, whatever `light`;
         # a pair, read once already, too (SimpleITK holds its voxels twice while it reads)
         nifti_2 = (nifti_version(data) or (1,))[0] == 2
@@ -2598,6 +2602,9 @@ def _probability_like(values: np.ndarray) -> bool:
     return float(np.quantile(sample, 0.9)) < 0.05 * float(values.max())
 
 
+MASK_ROUND_OFF = 1e-4  # off a whole number in a float mask: float32 round-off (1.5e-5 at 255), far from a probability
+
+
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
               reference_name: str = "the image it is compared with") -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
@@ -2605,7 +2612,8 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
     (`onto_grid`: reordered, or padded when cropped to its lesions; nothing interpolated). A Slicer
     `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image. A two-valued mask whose
-    lesion value is above 255 (0/65535) is read as 0/1.
+    lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
+    (0.99999994: round-off) as those numbers.
     """
     import SimpleITK as sitk
 
@@ -2617,6 +2625,11 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     if scan:
         raise DeepWMLError(f"{path} looks like a scan, not a label mask: {scan} (was the FLAIR given instead of its "
                            "mask?); give the mask (0 background, 1 lesion)")
+    if array.dtype.kind == "f" and np.isfinite(array).all():
+        whole = np.round(array)
+        if np.abs(array - whole).max() <= MASK_ROUND_OFF:  # float arithmetic's 0.99999994 or 1.0000001 (FSL, resampling)
+            image = like_image(whole, image)
+            array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all() or np.any(array < 0) or np.any(array != np.round(array)):
         finite = np.asarray(array)[np.isfinite(array)]
         if finite.size < array.size:

@@ -150,6 +150,9 @@ BAD_INPUTS = [
      "ok: padded with zeros onto the prediction's grid, nothing interpolated"),
     ("reference mixing lesion labels (1 and 7)", "evaluate", 1, "label"),
     ("two-valued 0/255 reference", "evaluate", 0, "ok: 255 read as lesion"),
+    ("a float mask whose lesion value is 1 but for float round-off (0.99999994, 1.0000001)", "evaluate", 0,
+     "ok: read as 0/1 (Dice 1 against the mask itself)"),
+    ("a NIfTI mask with NaN voxels", "evaluate", 1, "set them to 0"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("the FLAIR given as the probability map (`--probabilities`, for ROC AUC)", "evaluate", 1,
      "is not a probability map"),
@@ -384,6 +387,12 @@ def world(tmp_path):
     empty = sitk.Image(truth) * 0
     paths["empty mask"] = _write(d / "empty_mask.nii.gz", empty)
     paths["0/2"] = _write(d / "mask02.nii.gz", truth * 2)
+    off = sitk.GetArrayFromImage(truth).astype(np.float32)  # lesion 0.99999994 and 1.0000001, as float arithmetic leaves it
+    off[off == 1] = np.float32(0.99999994)
+    off.flat[np.flatnonzero(off)[::2]] = np.float32(1.0000001)
+    paths["round-off"] = _write(d / "roundoff.nii.gz", io.like_image(off, truth))
+    off[0, 0, 0] = np.nan
+    paths["NaN mask"] = _write(d / "nan_mask.nii.gz", io.like_image(off, truth))
     negative = sitk.Cast(truth, sitk.sitkInt16) - 1  # background -1, lesion 0
     paths["negative"] = _write(d / "negative.nii.gz", negative)
     model = tiny_model_file(tmp_path / "model.pt")
@@ -610,6 +619,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["labels 7"])]
     if row_id == "two-valued 0/255 reference":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["0/255"]), "--json", str(tmp / "e.json")]
+    if row_id.startswith("a float mask whose lesion value is 1 but for float round-off"):
+        return ["evaluate", "--prediction", str(p["round-off"]), "--reference", str(p["truth"]), "--json", str(tmp / "e.json")]
+    if row_id == "a NIfTI mask with NaN voxels":
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["NaN mask"])]
     if row_id == "probability map as mask":
         return ["evaluate", "--prediction", str(p["prob"]), "--reference", str(p["truth"])]
     if row_id.startswith("the FLAIR given as the probability map"):  # its intensities gave a plausible ROC AUC
@@ -801,7 +814,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         report = json.loads((tmp / "out" / "good_change.json").read_text(encoding="utf-8"))
         assert report["followup_volume_ml"] > 0 and report["followup_volume_ml"] == pytest.approx(report["baseline_volume_ml"])
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference") \
-            or row_id.startswith("reference saved cropped to its lesions"):
+            or row_id.startswith(("reference saved cropped to its lesions", "a float mask whose lesion value is 1 but")):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 
 
