@@ -3490,7 +3490,7 @@ def lesion_segments(path: str | os.PathLike) -> sitk.Image:
     chosen = lesion_segment_names(path)
     if not chosen:
         raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
-    masks = [read_segmentation(path, name) for name in chosen]
+    masks = [read_segmentation(path, name) for name in dict.fromkeys(chosen)]  # a name twice: read once
     union = masks[0]
     for mask in masks[1:]:
         union = sitk.Or(union, mask)
@@ -3498,7 +3498,8 @@ def lesion_segments(path: str | os.PathLike) -> sitk.Image:
 
 
 def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> sitk.Image:
-    """Read one segment of a `.seg.nrrd` (by name; the only or first segment when None) as a uint8 mask."""
+    """Read one segment of a `.seg.nrrd` (by name; the only or first segment when None) as a uint8 mask. Segments
+    sharing the name (Slicer lets a rater name two 'lesion') are read as one."""
     import SimpleITK as sitk
     import slicerio
 
@@ -3509,14 +3510,14 @@ def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> si
     segments = segmentation.get("segments", [])
     if not segments:
         raise DeepWMLError(f"{path} holds no segments")
-    chosen = segments[0]
-    if segment is not None:
-        chosen = next((s for s in segments if s.get("name") == segment), None)
-        if chosen is None:
-            raise DeepWMLError(f"{path} has no segment named {segment!r} (it has {[s.get('name') for s in segments]})")
+    chosen = segments[:1] if segment is None else [s for s in segments if s.get("name") == segment]
+    if not chosen:
+        raise DeepWMLError(f"{path} has no segment named {segment!r} (it has {[s.get('name') for s in segments]})")
     voxels = segmentation["voxels"]
-    layer = voxels[chosen.get("layer", 0)] if voxels.ndim == 4 else voxels
-    mask_ijk = (layer == chosen.get("labelValue", 1)).astype(np.uint8)
+    mask_ijk = np.zeros(voxels.shape[-3:], np.uint8)
+    for each in chosen:
+        layer = voxels[each.get("layer", 0)] if voxels.ndim == 4 else voxels
+        mask_ijk[layer == each.get("labelValue", 1)] = 1
     image = sitk.GetImageFromArray(mask_ijk.transpose(2, 1, 0))
     matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
