@@ -1469,3 +1469,28 @@ def test_a_volume_of_several_values_per_voxel_is_refused_naming_what_it_may_be(s
     with pytest.raises(DeepWMLError, match=r"'DWI frames' has 3 values per voxel \(an RGB image, or a 4D series") as caught:
         DeepWMLCoreLogic().segmentVolume(node, device="cpu", modelPaths=[str(tiny_model)])
     assert "one of its frames a scalar volume" in str(caught.value)
+
+
+@pytest.mark.parametrize("name,other", [("WMH", "WMH"), ("lesion", "lesion"), ("WMH", "wmh")])
+def test_segments_of_one_name_are_all_lesion_in_the_module_as_on_the_command_line(name, other, scene):
+    """A rater's two segments of one name (two 'WMH', or a segment picked by a name two segments share): the
+    first alone was measured, the other's lesions missing without a word (the command line reads them all)."""
+    flair, truth = make_volume(size=(40, 40, 8), blobs=((0.3, 0.3, 0.5, 4.0), (0.7, 0.7, 0.5, 4.0)))
+    volume = mrml.volumeFromImage(flair, "flair")
+    halves = sitk.GetArrayFromImage(truth)
+    first, second = halves.copy(), halves.copy()
+    first[:, :, 20:], second[:, :, :20] = 0, 0
+    assert first.any() and second.any()
+    first, second = (sitk.GetImageFromArray(half) for half in (first, second))
+    for half in (first, second):
+        half.CopyInformation(truth)
+    rater = mrml.segmentationFromMask(first, volume, name="rater", segmentName=name)
+    mrml.segmentationFromMask(second, volume, rater, segmentName="second")
+    segmentation = rater.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("second")).SetName(other)
+    for picked in (None, name):
+        mask = mrml.maskFromSegmentation(rater, volume, picked)
+        assert sitk.GetArrayFromImage(mask).sum() == halves.sum()
+    expected = evaluate_case(truth, truth)
+    assert DeepWMLCoreLogic().compareSegmentations(rater, mrml.segmentationFromMask(truth, volume, name="truth"),
+                                                   volume)["dice"] == pytest.approx(expected["dice"])

@@ -167,7 +167,8 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
 
     `segmentId` (an ID or a name) picks one; otherwise the segment named WMH, otherwise the union of
     all segments, which suits a rater's manual segmentation with one segment of any name (DeepWML's
-    'Lateral ventricles' segment never counts as lesion).
+    'Lateral ventricles' segment never counts as lesion). A name stands for every segment of that name (a
+    rater's two 'WMH'), as the command line reads a .seg.nrrd.
     """
     segmentation = segmentationNode.GetSegmentation()
     name = segmentationNode.GetName()
@@ -177,18 +178,24 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
     if segmentId is not None:
         if segmentation.GetSegment(segmentId) is not None:
             return [segmentId]
-        byName = segmentation.GetSegmentIdBySegmentName(segmentId)
+        byName = _named(segmentation, ids, segmentId)
         if byName:
-            return [byName]
+            return byName
         names = [segmentation.GetSegment(i).GetName() for i in ids]
         raise DeepWMLError(f"segmentation '{name}' has no segment '{segmentId}' (it has {names})")
-    wmh = segmentation.GetSegmentIdBySegmentName(WMH_SEGMENT_NAME)
+    wmh = _named(segmentation, ids, WMH_SEGMENT_NAME)
     if wmh:
-        return [wmh]
+        return wmh
     lesions = [i for i in ids if segmentation.GetSegment(i).GetName() != VENTRICLE_SEGMENT_NAME]
     if not lesions:
         raise DeepWMLError(f"segmentation '{name}' has no lesion segment (only '{VENTRICLE_SEGMENT_NAME}')")
     return lesions
+
+
+def _named(segmentation, ids: list[str], segmentName: str) -> list[str]:
+    """The IDs among `ids` of the segments named `segmentName`, in any letter case as GetSegmentIdBySegmentName
+    finds them (which gives the first alone)."""
+    return [i for i in ids if segmentation.GetSegment(i).GetName().lower() == segmentName.lower()]
 
 
 def _stringArray(values) -> vtk.vtkStringArray:
@@ -394,15 +401,15 @@ def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode
     """Put a 0/1 mask (on the reference volume's world grid) into a segmentation node as one segment.
 
     A new node is created when `segmentationNode` is None; otherwise its segment `segmentName` is
-    replaced and its other segments are kept.
+    replaced (every segment of that name) and its other segments are kept.
     """
     checkMaskTarget(segmentationNode)
     if segmentationNode is None:
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or segmentName)
         segmentationNode.CreateDefaultDisplayNodes()
     segmentation = segmentationNode.GetSegmentation()
-    previous = segmentation.GetSegmentIdBySegmentName(segmentName)
-    if previous:
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    for previous in _named(segmentation, ids, segmentName):  # all of them: the lesion is every segment of its name
         segmentation.RemoveSegment(previous)
     if referenceVolumeNode.GetParentTransformNode() is None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
