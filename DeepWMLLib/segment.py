@@ -563,19 +563,15 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     dev = resolve_device(device)
     facts: dict = {}
     tell = progress or (lambda fraction, message: None)
-    probabilities, brain, ventricle_map, frame = predict_maps(image, models, brain_model, dev, batch_size, tta,
-                                                              progress_part(progress, 0.0, NETWORK_SHARE), cancel,
-                                                              backend, facts, precision, ventricle_model,
-                                                              grid_phases)
+    # Only the brain mask is needed: it comes thresholded, a byte a voxel, never as the brain network's float32 map
+    # (1.07 GB more at the networks' end of a 1024 x 1024 x 400 scan); postprocess reads it as the map, inside where
+    # >= BRAIN_THRESHOLD.
+    probabilities, brain_stack, ventricle_map, frame = predict_maps(
+        image, models, brain_model, dev, batch_size, tta, progress_part(progress, 0.0, NETWORK_SHARE), cancel, backend,
+        facts, precision, ventricle_model, grid_phases, brain_threshold=BRAIN_THRESHOLD)
     tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
-    # Only the brain mask is needed, not the brain network's float32 map (1.6 GB at 1024 x 1024 x 400 voxels);
-    # postprocess reads it as the map, inside where >= BRAIN_THRESHOLD. Written as bytes: no bool array beside.
-    brain_stack = None
-    if brain is not None:
-        brain_stack = np.greater_equal(brain, BRAIN_THRESHOLD, out=np.empty(brain.shape, np.uint8))
-    del brain
     mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain_stack,
                                       return_removed=True)
     # The mask and the map are put on the input grid in their own buffers (a NIfTI file's flipped rows and columns

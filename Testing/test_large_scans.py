@@ -757,9 +757,9 @@ def test_the_masks_and_the_map_are_held_once_after_the_networks(monkeypatch):
                    (-1, 0, 0, 0, -1, 0, 0, 0, 1))  # as a NIfTI file is read
     held = {}
 
-    def maps(image, *args, **kwargs):
+    def maps(image, *args, brain_threshold, **kwargs):
         _, frame = io.to_axial_stack(image, copy=False)
-        held["probabilities"], brain = lesions.astype(np.float32), brain_map.copy()
+        held["probabilities"], brain = lesions.astype(np.float32), (brain_map >= brain_threshold).astype(np.uint8)
         held["bytes"] = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         return held["probabilities"], brain, None, frame
@@ -783,5 +783,30 @@ def test_the_masks_and_the_map_are_held_once_after_the_networks(monkeypatch):
     stack, frame = io.to_axial_stack(result.mask)
     assert np.array_equal(stack, (lesions >= result.report["threshold"]).astype(np.uint8))
     assert np.array_equal(io.to_axial_stack(result.brain)[0], brain_map.astype(np.uint8))
-    # beyond the networks' two float32 maps: the masks, a byte a voxel each (6.7 bytes a voxel before)
-    assert peak < 2 * image.array.size, f"{peak / image.array.size:.1f} bytes a voxel beyond the networks' maps"
+    # beyond the networks' map and brain mask: post-processing's lesion mask as bool, as bytes and label_components'
+    # copy, a byte a voxel each (6.7 bytes a voxel before, beside the brain network's float32 map)
+    assert peak < 3.5 * image.array.size, f"{peak / image.array.size:.1f} bytes a voxel beyond the networks' maps"
+
+
+def test_the_brain_map_is_thresholded_as_the_networks_run_not_held_as_floats(tmp_path, tiny_model, monkeypatch):
+    """Only the brain mask is ever used, but the brain network's float32 map was held whole up to the end of the
+    networks and thresholded then: 4 bytes a voxel of the slices run (1.07 GB at 1024 x 1024 x 400, 255 slices run)
+    where the mask needs 1. Thresholded a chunk of slices at a time, it is the same mask, byte for byte."""
+    from DeepWMLLib.segment import load_brain_model, load_models
+
+    from conftest import BRAIN_LABELS, tiny_model_file
+
+    monkeypatch.setattr(inference, "CHUNK_SLICES", 4)  # a chunk's own buffers small beside the maps
+    models = load_models([tiny_model])
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS, seed=3)))
+    image, _ = make_volume(size=(256, 256, 32), spacing=(0.9, 0.9, 2.0))
+    _, brain_map, _, _ = inference.predict_maps(image, models, brain, "cpu", backend="torch")
+    level = float(np.median(brain_map[brain_map > 0]))  # an untrained network's: half its voxels run inside
+    (lesion, mask, _, _), peak = _peak_bytes(
+        lambda: inference.predict_maps(image, models, brain, "cpu", backend="torch", brain_threshold=level))
+    voxels = lesion.size
+    assert mask.dtype == np.uint8 and 0 < np.count_nonzero(mask) < voxels
+    assert np.array_equal(mask, (brain_map >= level).astype(np.uint8))
+    # 8 bytes a voxel here with the mask (the maps 5, normalisation's masks and a chunk's buffers the rest); 11 with
+    # the float32 brain map
+    assert peak < 9.5 * voxels, f"{peak / voxels:.1f} bytes a voxel"
