@@ -147,7 +147,7 @@ def filter_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3:
     if (min_volume_mm3 <= 0 and inside is None) or not mask.any():
         return mask, 0
     labels, count = label_components(mask, compact=True)
-    voxels = labels > 0
+    voxels = np.nonzero(labels)  # the marked voxels' indices, not a mask of the whole volume
     component = labels[voxels]
     del labels  # before `out`: the labels were the peak of a large scan's memory
     sizes = np.bincount(component, minlength=count + 1)
@@ -207,8 +207,9 @@ def postprocess(probabilities: np.ndarray, threshold: float, voxel_volume_mm3: f
     voxels that removed: (mask, voxels)."""
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-    mask = (probabilities >= threshold).astype(np.uint8)
-    mask = exclude_edge_slices(mask, exclude_edge_fraction)
+    # bool, as label_components reads it without a copy, and bytes at the end by a view: no second mask beside
+    mask = exclude_edge_slices(probabilities >= threshold, exclude_edge_fraction)
     mask, removed = filter_components(mask, voxel_volume_mm3, min_lesion_mm3, brain_probabilities,
                                       inside_level=BRAIN_THRESHOLD)
+    mask = mask.view(np.uint8)
     return (mask, removed) if return_removed else mask

@@ -783,8 +783,8 @@ def test_the_masks_and_the_map_are_held_once_after_the_networks(monkeypatch):
     stack, frame = io.to_axial_stack(result.mask)
     assert np.array_equal(stack, (lesions >= result.report["threshold"]).astype(np.uint8))
     assert np.array_equal(io.to_axial_stack(result.brain)[0], brain_map.astype(np.uint8))
-    # beyond the networks' map and brain mask: post-processing's lesion mask as bool, as bytes and label_components'
-    # copy, a byte a voxel each (6.7 bytes a voxel before, beside the brain network's float32 map)
+    # beyond the networks' map and brain mask: the lesion mask and, labelling its lesions, a bool copy and the labels,
+    # a byte a voxel each (6.7 bytes a voxel before, beside the brain network's float32 map)
     assert peak < 3.5 * image.array.size, f"{peak / image.array.size:.1f} bytes a voxel beyond the networks' maps"
 
 
@@ -810,3 +810,25 @@ def test_the_brain_map_is_thresholded_as_the_networks_run_not_held_as_floats(tmp
     # 8 bytes a voxel here with the mask (the maps 5, normalisation's masks and a chunk's buffers the rest); 11 with
     # the float32 brain map
     assert peak < 9.5 * voxels, f"{peak / voxels:.1f} bytes a voxel"
+
+
+def test_post_processing_makes_the_lesion_mask_once():
+    """Post-processing made the lesion mask as bool, then as bytes, and label_components copied the bytes to bool
+    again: three masks of the whole volume where one serves (1.2 GB at 1024 x 1024 x 400 voxels, the peak of such a
+    scan). Made once, as bool, and given back as bytes by a view: the same mask."""
+    rng = np.random.default_rng(0)
+    n, rows, cols = 40, 256, 256
+    k, j, i = np.ogrid[:n, :rows, :cols]
+    probabilities = np.zeros((n, rows, cols), np.float32)
+    for _ in range(30):  # lesions, a few too small to keep
+        z, y, x = rng.integers(5, n - 5), rng.integers(40, rows - 40), rng.integers(40, cols - 40)
+        probabilities[((k - z) * 3.0) ** 2 + (j - y) ** 2 + (i - x) ** 2 < rng.uniform(4, 60)] = 0.9
+    brain = ((((k - 20) * 4.0) ** 2 + (j - 128) ** 2 + (i - 128) ** 2) < 110 ** 2).astype(np.uint8)
+    (mask, removed), peak = _peak_bytes(
+        lambda: postprocessing.postprocess(probabilities, 0.5, 0.5, 5.0, 0.0, brain, return_removed=True))
+    expected, expected_removed = postprocessing.filter_components(
+        (probabilities >= 0.5).astype(np.uint8), 0.5, 5.0, brain, inside_level=postprocessing.BRAIN_THRESHOLD)
+    assert mask.dtype == np.uint8 and np.array_equal(mask, expected) and removed == expected_removed > 0
+    assert 0 < np.count_nonzero(mask) < np.count_nonzero(probabilities)  # the small ones gone
+    # 2.5 bytes a voxel beyond the map (the mask, the labels, label_components' runs over the lesions' box); 3.5 before
+    assert peak < 3 * probabilities.size, f"{peak / probabilities.size:.1f} bytes a voxel"
