@@ -3475,11 +3475,11 @@ def segment_names(path: str | os.PathLike) -> list[str]:
 
 
 def lesion_segment_names(path: str | os.PathLike) -> list[str]:
-    """The segments of a `.seg.nrrd` read as lesion: its segment named WMH, else every segment but DeepWML's
+    """The segments of a `.seg.nrrd` read as lesion: its segments named WMH, else every segment but DeepWML's
     ventricles (a rater's segments of any names); [] for any other file."""
     names = segment_names(path)
-    # names compared regardless of case, as Slicer's GetSegmentIdBySegmentName does (the module's reading)
-    wmh = [n for n in names if n.lower() == "wmh"][:1]
+    # names compared regardless of case, every segment of the name ('WMH' and 'wmh'), as the module reads them
+    wmh = [n for n in names if n.lower() == "wmh"]
     return wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
 
 

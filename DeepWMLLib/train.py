@@ -529,7 +529,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             io.write_atomically(target, lambda tmp: tmp.write_bytes(b""))  # checked (an interrupted run skips it)
             continue
         segments = io.lesion_segment_names(case.mask)
-        if len(segments) > 1:
+        if len({name.lower() for name in segments}) > 1:  # one name ('WMH' and 'wmh', two 'lesion'): one lesion
             several_segments.append(f"{case.case} ({', '.join(segments[:4])})")
         values = np.bincount(io.voxels(mask).ravel(), minlength=256)[1:]
         read_here += 1

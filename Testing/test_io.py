@@ -1321,6 +1321,17 @@ def test_segments_of_one_name_in_a_slicer_file_are_all_lesion(tmp_path):
     assert np.array_equal(sitk.GetArrayFromImage(mask) > 0, lesion)
 
 
+def test_segments_named_wmh_in_two_cases_are_both_lesion_as_in_the_slicer_module(tmp_path):
+    """'WMH' and 'wmh' in one file: the Slicer module measures both (names in any case); the command line read
+    'WMH' alone, half the lesion missing without a word and a Dice unlike the module's."""
+    _, truth = make_volume(size=(24, 20, 6), blobs=((0.3, 0.6, 0.5, 5.0), (0.7, 0.3, 0.5, 4.0)))
+    lesion = sitk.GetArrayFromImage(truth) > 0
+    left, right = lesion.copy(), lesion.copy()
+    left[:, :, 12:], right[:, :, :12] = False, False
+    path = _slicer_file(tmp_path / "cases.seg.nrrd", truth, [("WMH", left, 1), ("wmh", right, 2)])
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(path)) > 0, lesion)
+
+
 def test_a_two_valued_mask_above_255_reads_as_lesion_and_a_many_valued_one_is_refused(tmp_path):
     _, truth = make_volume(size=(16, 14, 4))
     lesion = sitk.GetArrayFromImage(truth) > 0

@@ -1261,12 +1261,13 @@ def test_a_disk_that_fills_while_the_cache_is_gathered_gets_a_one_line_error(dat
 def test_a_slicer_segmentation_of_several_segments_as_mask_is_pointed_out(tmp_path, caplog):
     """A rater's .seg.nrrd with a 'Lesion' and a 'Brain' segment is read as their union: the whole brain
     trained as lesion, --ignore-label or not, without a word. Now a warning names the case and its segments;
-    a segmentation whose lesion segment is named WMH (read alone) gets none."""
+    a segmentation whose lesion segment is named WMH (read alone) gets none, nor one of two WMH segments in two
+    letter cases (both read as lesion)."""
     from DeepWMLLib import io
 
     manifest = make_dataset(tmp_path / "data", n_cases=5)
     folder = manifest.parent
-    for case, names in (("c0", ("Lesion", "Brain")), ("c1", ("WMH", "Brain"))):
+    for case, names in (("c0", ("Lesion", "Brain")), ("c1", ("WMH", "Brain")), ("c2", ("WMH", "wmh"))):
         mask = sitk.ReadImage(str(folder / f"{case}_mask.nii.gz"))
         flair = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}_flair.nii.gz")))
         labels = np.where(sitk.GetArrayFromImage(mask) > 0, 1, np.where(flair > 50, 2, 0)).astype(np.uint8)
