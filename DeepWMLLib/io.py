@@ -2602,6 +2602,11 @@ def _probability_like(values: np.ndarray) -> bool:
     return float(np.quantile(sample, 0.9)) < 0.05 * float(values.max())
 
 
+def _fraction_text(value: float) -> str:
+    """A value that is no whole number, in 3 digits or as many more as show it is none (1.0003, not 1)."""
+    return next(text for text in (f"{value:.{digits}g}" for digits in range(3, 18)) if float(text) % 1)
+
+
 MASK_ROUND_OFF = 1e-4  # off a whole number in a float mask: float32 round-off (1.5e-5 at 255), far from a probability
 
 
@@ -2638,7 +2643,7 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
             found = f"negative values (down to {float(finite.min()):g})"
         else:  # fractions: a probability map, or a mask resampled with linear interpolation
             fractions = finite[finite != np.round(finite)]
-            low, high = f"{float(fractions.min()):.3g}", f"{float(fractions.max()):.3g}"
+            low, high = (_fraction_text(float(value)) for value in (fractions.min(), fractions.max()))
             where = f"of {low}" if low == high else f"between {low} and {high}"  # one value: not 'between 0.7 and 0.7'
             found = (f"values that are not whole numbers ({fractions.size} voxels {where}: a probability map, or a mask "
                      "resampled with interpolation?)")

@@ -1448,6 +1448,8 @@ def test_a_grid_of_another_size_names_both_spacings(tmp_path):
     ([0, -1], np.int16, "negative values (down to -1)"),
     ([0, 0.25, 0.75], np.float32, "values that are not whole numbers (2 voxels between 0.25 and 0.75: a probability map"),
     ([0, 0.7, 0.7], np.float32, "values that are not whole numbers (2 voxels of 0.7: a probability map"),
+    # beyond MASK_ROUND_OFF but whole in 3 digits: it said '2 voxels of 1', a value no mask is refused for
+    ([0, 1.0003, 1.0003], np.float32, "values that are not whole numbers (2 voxels of 1.0003: a probability map"),
 ])
 def test_read_mask_says_what_is_wrong_with_the_values(tmp_path, values, dtype, words):
     """A mask of int16 with -1 was told to 'threshold probability maps first'; now the message says what it holds."""
