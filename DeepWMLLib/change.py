@@ -60,8 +60,6 @@ false calls per scan (`Testing/benchmarks/change_simulated.py --seed 1 --grow`; 
 
 from __future__ import annotations
 
-import csv
-import io as _stringio
 import json
 import math
 import sys
@@ -711,15 +709,8 @@ def _earlier_outputs(out_dir: Path, case: str, inputs=()) -> list[Path]:
 
 
 def lesions_csv(rows: list[dict]) -> str:
-    buffer = _stringio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        values = {k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS}
-        values["centroid_mm"] = " ".join(str(v) for v in row["centroid_mm"])
-        values["slice_range"] = "-".join(str(v) for v in row["slice_range"])
-        writer.writerow(values)
-    return buffer.getvalue()
+    return io.csv_text(CSV_COLUMNS, ({**row, "centroid_mm": " ".join(str(v) for v in row["centroid_mm"]),
+                                      "slice_range": "-".join(str(v) for v in row["slice_range"])} for row in rows))
 
 
 def format_summary(case: str, report: dict) -> str:
@@ -1194,12 +1185,7 @@ def _summary_row(case: str, report: dict) -> dict:
 
 
 def _write_summary(rows: list[dict], out: Path) -> None:
-    buffer = _stringio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SUMMARY_COLUMNS})
-    io.write_csv_text(buffer.getvalue(), out / "change_summary.csv")
+    io.write_csv_text(io.csv_text(SUMMARY_COLUMNS, rows), out / "change_summary.csv")
 
 
 def _write_transform(transform: sitk.Transform, path: Path) -> None:

@@ -29,8 +29,6 @@ the number of values used is always shown.
 from __future__ import annotations
 
 import argparse
-import csv
-import io as _stdio
 import json
 import math
 import os
@@ -95,12 +93,7 @@ def check_single_outputs(args) -> None:
 
 
 def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
-    buffer = _stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(row.get(k)) for k in columns})
-    return io.write_csv_text(buffer.getvalue(), path)
+    return io.write_csv_text(io.csv_text(columns, ({k: _cell(row.get(k)) for k in columns} for row in rows)), path)
 
 
 def _cell(value) -> str:

@@ -33,8 +33,9 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -3233,6 +3234,41 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
             f.write(text)
 
     return write_atomically(path, write)
+
+
+# A text cell that begins with one of these is taken by Excel and LibreOffice as a formula: a series "-AX FLAIR"
+# shows #NAME?, and a name made to be one ("=HYPERLINK(...)") runs as one (CSV injection, OWASP).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_cell(value) -> str:
+    """A CSV cell that a spreadsheet shows as it is: text that it would take for a formula gets a leading
+    apostrophe, the guard OWASP recommends, which the spreadsheet does not show; a number (-0.7) stays a number.
+    Text that begins with apostrophes before such a start gets one more, so that `plain_cell` gives it back."""
+    text = "" if value is None else str(value)
+    if isinstance(value, (int, float)) or not text.lstrip("'").startswith(_FORMULA_STARTS):
+        return text
+    try:
+        float(text)
+        return text
+    except ValueError:
+        return "'" + text
+
+
+def plain_cell(cell: str) -> str:
+    """A cell of a CSV that DeepWML wrote, without the apostrophe `spreadsheet_cell` put before it."""
+    guarded = cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_STARTS)
+    return cell[1:] if guarded else cell
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
+    """A table's CSV text: `columns` as its header, then each row's values by column (none given or None: an empty
+    cell), each through `spreadsheet_cell`; `write_csv_text` writes it."""
+    buffer = StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([spreadsheet_cell(row.get(column)) for column in columns] for row in rows)
+    return buffer.getvalue()
 
 
 def write_csv_text(text: str, path: str | os.PathLike, unless_held: bool = False) -> Path:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
-import io as _stringio
 import json
 import math
 import re
@@ -1634,15 +1632,9 @@ def summary_seconds(row: dict) -> float | None:
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
-    buffer = _stringio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        values = {k: "" if row.get(k) is None else row[k] for k in SUMMARY_COLUMNS}
-        values["seconds"] = "" if summary_seconds(row) is None else summary_seconds(row)
-        values["warnings"] = " | ".join(row.get("warnings") or [])
-        writer.writerow(values)
-    io.write_csv_text(buffer.getvalue(), path, unless_held=True)  # the end of a run rewrites its last case's
+    text = io.csv_text(SUMMARY_COLUMNS, ({**row, "seconds": summary_seconds(row),
+                                          "warnings": " | ".join(row.get("warnings") or [])} for row in rows))
+    io.write_csv_text(text, path, unless_held=True)  # the end of a run rewrites its last case's
 
 
 class _Printable:

@@ -47,7 +47,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from io import StringIO
 from pathlib import Path
 from typing import Callable
 
@@ -313,12 +312,14 @@ def _read_config(path: str) -> dict:
 
 
 def _split_rows(path: Path) -> list[dict]:
-    """The rows of a split CSV (columns case, split), whitespace stripped, blank rows left out."""
+    """The rows of a split CSV (columns case, split), whitespace stripped and a cell written as text for a spreadsheet
+    (`io.spreadsheet_cell`: split.csv's '-AX FLAIR) read as it was, blank rows left out."""
     if not path.is_file():
         raise DeepWMLError(f"split file {path} does not exist; pass a CSV with columns case, split")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items() if isinstance(v, str) or v is None}
+            rows = [{(k or "").strip().lower(): io.plain_cell((v or "").strip()) for k, v in row.items()
+                     if isinstance(v, str) or v is None}
                     for row in csv.DictReader(f)]  # extra fields on a row (a list under no column) are left out
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"split file {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
@@ -354,11 +355,7 @@ def write_split(path: Path, cases: list[Case], assignment: dict[str, str]) -> No
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
-    text = StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    io.write_csv_text(text.getvalue(), path)
+    io.write_csv_text(io.csv_text(header, (dict(zip(header, row)) for row in rows)), path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -559,6 +559,33 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert [(r["case"], r["status"]) for r in rows] == [("q/1", "ok"), ("q_1", "error")]
 
 
+def test_text_a_spreadsheet_would_take_for_a_formula_is_kept_as_text_and_numbers_as_numbers(pair, tmp_path, capsys):
+    """A pair named "-AX FLAIR", and a lesion's centroid_mm beginning with a minus ("-12.5 3 40"), showed #NAME? in
+    Excel and LibreOffice, which take a cell beginning with - (or =, +, @) for a formula: such a text cell now begins
+    with an apostrophe, which the spreadsheet does not show; a change of -0.5 ml stays a number."""
+    files = pair["files"]
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"-AX FLAIR,{files['baseline']},{files['followup']},{files['baseline_mask']},"
+                        f"{files['followup_mask']}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0
+    capsys.readouterr()
+    summary = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+    assert [r["case"] for r in summary] == ["'-AX FLAIR"]
+    table, = out.glob("*_change.csv")
+    lesions = list(csv.DictReader(open(table, encoding="utf-8-sig")))
+    centroids = [r["centroid_mm"] for r in lesions]
+    assert any(c.startswith("'-") for c in centroids) and not any(c.startswith("-") for c in centroids)
+    assert [[float(v) for v in io.plain_cell(c).split()] for c in centroids] == [
+        [round(v, 2) for v in lesion["centroid_mm"]]
+        for lesion in json.loads(table.with_suffix(".json").read_text(encoding="utf-8"))["lesions"]]
+    changes = [r["change_ml"] for r in lesions if r["change_ml"]]
+    assert any(c.startswith("-") and float(c) < 0 for c in changes)  # a number, as it was
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0
+    assert "-AX FLAIR: skipped - done before" in capsys.readouterr().err
+
+
 def test_a_dicom_follow_up_with_unevenly_spaced_slices_is_warned_of(pair, tmp_path, tiny_model, capsys):
     """A follow-up series whose slices are 3 mm apart but for one 3.5 mm step (under the 20 % refused as slices
     missing) was compared on the grid of their mean step without a word, as `deepwml segment` read it: the

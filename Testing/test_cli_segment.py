@@ -1940,3 +1940,25 @@ def test_nifti_outputs_carry_the_input_header_geometry_so_every_reader_places_th
         np.testing.assert_allclose(mask.GetOrigin(), flair.GetOrigin(), atol=1e-5, err_msg=name)
         np.testing.assert_allclose(mask.GetDirection(), flair.GetDirection(), atol=1e-6, err_msg=name)
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_wmh.nii.gz"))).sum() > 0
+
+
+def test_case_names_a_spreadsheet_would_take_for_formulas_are_text_in_summary_csv_and_a_rerun_skips_them(
+        tmp_path, tiny_model, capsys):
+    """A series named "-AX FLAIR" showed #NAME? in Excel and LibreOffice, which take a cell beginning with - (or =,
+    +, @) for a formula, and a name made to be one ("=1+1") ran as one (CSV injection). Such a cell now begins with
+    an apostrophe, which the spreadsheet does not show; numbers stay numbers, and a rerun skips the cases done."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("-AX FLAIR", "=1+1"):
+        write_case(folder, name, size=(32, 32, 4))
+    out = tmp_path / "out"
+    argv = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = read_summary(out)
+    assert sorted(row["case"] for row in rows) == ["'-AX FLAIR", "'=1+1"]
+    assert all(float(row["volume_ml"]) >= 0 and float(row["seconds"]) > 0 for row in rows)
+    assert sorted(io.plain_cell(row["case"]) for row in rows) == ["-AX FLAIR", "=1+1"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0/2 cases done (0 failed, 2 skipped)" in capsys.readouterr().err
+    assert [row["status"] for row in read_summary(out)] == ["skipped", "skipped"]

@@ -303,6 +303,25 @@ def test_an_empty_mask_is_explained_in_the_text_and_per_case_csv(tmp_path, capsy
     assert "## Notes on cases\n\n- **none**: the prediction is empty" in report and "**all**" not in report
 
 
+def test_names_a_spreadsheet_would_take_for_formulas_are_text_in_every_table(tmp_path):
+    """A case "+C AX FLAIR" or a centre "-north" showed #NAME? in Excel and LibreOffice, which take a cell beginning
+    with =, +, - or @ for a formula, and "=1+1" ran as one (CSV injection): such a cell now begins with an
+    apostrophe, which the spreadsheet does not show, in per_case.csv, per_image.csv and the tables by group."""
+    write_mask(reference_array(), tmp_path / "ref.nii.gz")
+    write_mask(prediction_array(0.5), tmp_path / "pred.nii.gz")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("case,prediction,reference,centre,disease\n=1+1,pred.nii.gz,ref.nii.gz,-north,@home\n"
+                        "+C AX FLAIR,ref.nii.gz,ref.nii.gz,-north,@home\n")
+    evaluation.evaluate_cohort(manifest, tmp_path / "out")
+    per_case = {r["case"]: r for r in read_csv(tmp_path / "out" / "per_case.csv")}
+    assert set(per_case) == {"'=1+1", "'+C AX FLAIR"}
+    assert per_case["'=1+1"]["centre"] == "'-north" and per_case["'=1+1"]["disease"] == "'@home"
+    assert 0 < float(per_case["'=1+1"]["dice"]) < 1 and per_case["'+C AX FLAIR"]["dice"] == "1"
+    assert {r["case"] for r in read_csv(tmp_path / "out" / "per_image.csv")} == {"'=1+1", "'+C AX FLAIR"}
+    groups = {r["group"] for r in read_csv(tmp_path / "out" / "table2.csv")}
+    assert {"'-north", "'@home"} <= groups and not any(g[:1] in "=+-@" for g in groups)
+
+
 def test_the_two_lesion_recalls_printed_say_what_each_counts(tmp_path, capsys):
     """Real patient07 printed 'lesion recall 0.297  lesion F1 0.193' and on the next line 'lesion-wise (>= 40%
     marked): recall 0.189': two lesion recalls, the first without its rule (MICCAI: any overlap detects)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import gzip
 import os
 import re
 import struct
 import zlib
+from io import StringIO
 
 import numpy as np
 import pytest
@@ -1845,3 +1847,23 @@ def test_a_thin_slice_multi_frame_file_with_positions_rounded_to_a_tenth_of_a_mi
     (series,) = io.dicom_series(tmp_path)
     read = io.read_image(tmp_path, series=series)
     assert read.GetSize() == (20, 16, 12) and series.slice_warnings(read) == []
+
+
+@pytest.mark.parametrize("value, cell", [
+    ("-AX FLAIR", "'-AX FLAIR"), ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"), ("+C AX FLAIR", "'+C AX FLAIR"),
+    ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("'=1+1", "''=1+1"),  # an apostrophe of its own kept
+    (-0.7, "-0.7"), ("-0.70", "-0.70"), ("+1e-3", "+1e-3"), (-3, "-3"), (None, ""),  # numbers stay numbers
+    ("AX FLAIR", "AX FLAIR"), ("'quoted", "'quoted"), ("3-5", "3-5")])
+def test_csv_cells_a_spreadsheet_would_take_for_formulas_are_text_and_read_back_as_written(value, cell):
+    """Excel and LibreOffice take a cell beginning with =, +, -, @, a tab or a carriage return for a formula: a series
+    "-AX FLAIR" showed #NAME?, and "=HYPERLINK(...)" ran (CSV injection, OWASP). The apostrophe before such text is
+    not shown by the spreadsheet, and DeepWML takes it off where it reads its own tables back."""
+    assert io.spreadsheet_cell(value) == cell
+    assert io.plain_cell(cell) == ("" if value is None else str(value))
+
+
+def test_a_csv_table_guards_its_text_cells_and_leaves_its_numbers():
+    text = io.csv_text(["case", "change_ml", "centroid_mm"], [{"case": "=1+1", "change_ml": -0.531, "centroid_mm": "-1 2 3"},
+                                                              {"case": "-AX FLAIR", "change_ml": None}])
+    assert list(csv.reader(StringIO(text, newline=""))) == [["case", "change_ml", "centroid_mm"],
+                                                            ["'=1+1", "-0.531", "'-1 2 3"], ["'-AX FLAIR", "", ""]]

@@ -177,6 +177,22 @@ def test_given_split_file_is_used(dataset, tmp_path):
     assert json.loads((run / "cache" / "val.json").read_text(encoding="utf-8"))["cases"] == ["c3"]
 
 
+def test_case_names_a_spreadsheet_would_take_for_formulas_are_text_in_split_csv_and_the_run_resumes(dataset, tmp_path):
+    """A case "-AX FLAIR" showed #NAME? in split.csv opened in Excel or LibreOffice, which take a cell beginning with
+    - (or =, +, @) for a formula: it is written with an apostrophe before it, which the spreadsheet does not show,
+    and read back without, so that the run goes on with its split."""
+    names = ["-AX FLAIR", "=1+1", "+C AX", "@c3", "c4", "c5"]
+    lines = dataset.read_text().splitlines()
+    manifest = dataset.parent / "formula_names.csv"
+    manifest.write_text("\n".join([lines[0]] + [name + line[2:] for name, line in zip(names, lines[1:])]) + "\n")
+    run = tmp_path / "run"
+    training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), run)
+    written = [r["case"] for r in csv.DictReader(open(run / "split.csv", encoding="utf-8-sig"))]
+    assert sorted(written) == sorted(["'-AX FLAIR", "'=1+1", "'+C AX", "'@c3", "c4", "c5"])
+    training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
+    assert [row["epoch"] for row in read_history(run)] == ["1", "2"]
+
+
 def test_epoch_sampling_follows_the_lesion_fraction_and_the_seed():
     lesion = np.array([5] * 20 + [0] * 80)
     slices = training.SliceSet(np.zeros((100, 1, 1)), np.zeros((100, 1, 1)), np.zeros(100), lesion, [], 0)
