@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 import slicer  # noqa: E402
 import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
+from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from slicer_fixtures import blockingSegmentation, lateSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
 
@@ -473,7 +474,9 @@ def test_review_lesions_lists_every_lesion_smallest_first_and_shows_each_on_itse
     rows = list(csv.DictReader(open(tmp_path / "lesions.csv", encoding="utf-8-sig")))
     assert [float(r["volume_ml"]) for r in rows] == sorted(float(r["volume_ml"]) for r in rows)
     assert [r["slice_range"] for r in rows] == [f"{k + 1}-{k + 1}", f"{k}-{k}"]  # as deepwml change writes them
-    point = [float(v) for v in rows[1]["point_mm"].split()]  # LPS, as the reports: the row's place
+    # a list beginning with a minus is text to a spreadsheet ('-6.91 ..., not #NAME?), read back without the apostrophe
+    assert rows[1]["point_mm"].startswith("'-")
+    point = [float(v) for v in io.plain_cell(rows[1]["point_mm"]).split()]  # LPS, as the reports: the row's place
     np.testing.assert_allclose((-point[0], -point[1], point[2]), shown, atol=0.01)
     assert len(rows[1]["centroid_mm"].split()) == 3
     slicer_standins.QFileDialog.nextPath = ""
