@@ -3239,6 +3239,7 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 # A text cell that begins with one of these is taken by Excel and LibreOffice as a formula: a series "-AX FLAIR"
 # shows #NAME?, and a name made to be one ("=HYPERLINK(...)") runs as one (CSV injection, OWASP).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_SPREADSHEET_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a spreadsheet reads as a number
 
 
 def spreadsheet_cell(value) -> str:
@@ -3246,13 +3247,10 @@ def spreadsheet_cell(value) -> str:
     apostrophe, the guard OWASP recommends, which the spreadsheet does not show; a number (-0.7) stays a number.
     Text that begins with apostrophes before such a start gets one more, so that `plain_cell` gives it back."""
     text = "" if value is None else str(value)
-    if isinstance(value, (int, float)) or not text.lstrip("'").startswith(_FORMULA_STARTS):
+    if (isinstance(value, (int, float)) or not text.lstrip("'").startswith(_FORMULA_STARTS)
+            or _SPREADSHEET_NUMBER.fullmatch(text)):
         return text
-    try:
-        float(text)
-        return text
-    except ValueError:
-        return "'" + text
+    return "'" + text
 
 
 def plain_cell(cell: str) -> str:

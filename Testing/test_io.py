@@ -1853,6 +1853,7 @@ def test_a_thin_slice_multi_frame_file_with_positions_rounded_to_a_tenth_of_a_mi
     ("-AX FLAIR", "'-AX FLAIR"), ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"), ("+C AX FLAIR", "'+C AX FLAIR"),
     ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("'=1+1", "''=1+1"),  # an apostrophe of its own kept
     (-0.7, "-0.7"), ("-0.70", "-0.70"), ("+1e-3", "+1e-3"), (-3, "-3"), (None, ""),  # numbers stay numbers
+    ("-1_000", "'-1_000"), ("-nan", "'-nan"),  # which Python reads as numbers, a spreadsheet as formulas
     ("AX FLAIR", "AX FLAIR"), ("'quoted", "'quoted"), ("3-5", "3-5")])
 def test_csv_cells_a_spreadsheet_would_take_for_formulas_are_text_and_read_back_as_written(value, cell):
     """Excel and LibreOffice take a cell beginning with =, +, -, @, a tab or a carriage return for a formula: a series
