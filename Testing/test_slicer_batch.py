@@ -952,7 +952,8 @@ def test_batch_bf16_where_it_cannot_run_names_its_own_option(scene, batchScript,
     out = tmp_path / "out"
     assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
                              "--device", "cpu", "--no-brain-mask", "--precision", "bf16"]) == 1
-    assert summary(out)["a"]["error"] == "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use " \
+    # written as text ('--precision), which a spreadsheet would otherwise take for a formula and show as #NAME?
+    assert summary(out)["a"]["error"] == "'--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use " \
                                          "fp32 or auto"
 
 
