@@ -3261,11 +3261,16 @@ def plain_cell(cell: str) -> str:
 
 def csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
     """A table's CSV text: `columns` as its header, then each row's values by column (none given or None: an empty
-    cell), each through `spreadsheet_cell`; `write_csv_text` writes it."""
+    cell), each through `spreadsheet_cell`; `write_csv_text` writes it. Lines end with a line feed, so the csv module
+    quotes a cell holding one but not a cell holding a carriage return, at which spreadsheets and CSV readers end the
+    row too: a row with such a cell has all its cells quoted (a quoted number is still read as a number)."""
     buffer = StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    quoting_all = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(columns)
-    writer.writerows([spreadsheet_cell(row.get(column)) for column in columns] for row in rows)
+    for row in rows:
+        cells = [spreadsheet_cell(row.get(column)) for column in columns]
+        (quoting_all if any("\r" in cell for cell in cells) else writer).writerow(cells)
     return buffer.getvalue()
 
 

@@ -1868,3 +1868,14 @@ def test_a_csv_table_guards_its_text_cells_and_leaves_its_numbers():
                                                               {"case": "-AX FLAIR", "change_ml": None}])
     assert list(csv.reader(StringIO(text, newline=""))) == [["case", "change_ml", "centroid_mm"],
                                                             ["'=1+1", "-0.531", "'-1 2 3"], ["'-AX FLAIR", "", ""]]
+
+
+def test_a_csv_cell_holding_a_carriage_return_is_quoted_so_its_row_stays_one_row():
+    """A carriage return inside a cell (a DICOM series description or a centre typed on a Mac) was written bare, as
+    the tables end their lines with a line feed alone: a spreadsheet or a CSV reader ended the row there, and the rest
+    of the row became a row of its own, its columns shifted."""
+    rows = [{"case": "p1", "series": "AX\rFLAIR", "ml": 1.5}, {"case": "p2", "series": "AX FLAIR", "ml": 2}]
+    text = io.csv_text(["case", "series", "ml"], rows)
+    assert list(csv.reader(StringIO(text, newline=""))) == [["case", "series", "ml"], ["p1", "AX\rFLAIR", "1.5"],
+                                                            ["p2", "AX FLAIR", "2"]]
+    assert text.endswith("p2,AX FLAIR,2\n")  # rows without one are written as before
