@@ -252,20 +252,35 @@ def _data_file_field(header: Path) -> tuple[str, list[str]] | None:
     if field is None:
         return None
     value = field.group(1)
-    names = text[field.end():].splitlines() if value.upper().startswith("LIST") else _numbered_files(value) or [value]
+    names = text[field.end():].splitlines() if value.upper().startswith("LIST") else \
+        _numbered_files(value, header) or [value]
     return value, [n.strip() for n in names if n.strip()]
 
 
-def _numbered_files(value: str) -> list[str] | None:
+# More files than any scan has slices: a numbered pattern naming more is a header written wrong, not a scan (one
+# counting to 2e9 took the memory of the machine to list its names)
+MAX_PATTERN_FILES = 100_000
+
+
+def _numbered_files(value: str, header: Path | None = None) -> list[str] | None:
     """The file names of a detached header's numbered pattern, 'slice%03d.raw 1 24 1' (NRRD may add a
-    sub-dimension after): from the first number to the second, inclusive, by the third; None for a plain name."""
+    sub-dimension after): from the first number to the second, inclusive, by the third; None for a plain name.
+    A pattern of more than MAX_PATTERN_FILES files is refused."""
     parts = value.split()
     if len(parts) not in (4, 5) or "%" not in parts[0]:
         return None
     try:
         low, high, step = (int(p) for p in parts[1:4])
-        return [parts[0] % k for k in range(low, high + (1 if step > 0 else -1), step)] if step else None
+        numbers = range(low, high + (1 if step > 0 else -1), step) if step else None
     except (TypeError, ValueError):  # not a pattern of one whole number
+        return None
+    if numbers is not None and len(numbers) > MAX_PATTERN_FILES:
+        raise DeepWMLError(f"{header or 'the header'}: its data file pattern '{value}' names {len(numbers):,} "
+                           "files, more than any scan has slices; correct the header's first and last numbers to "
+                           "those of its slice files")
+    try:
+        return None if numbers is None else [parts[0] % k for k in numbers]
+    except (TypeError, ValueError):  # a '%' that is not one whole number's place
         return None
 
 

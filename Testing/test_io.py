@@ -645,6 +645,21 @@ def test_a_metaimage_naming_fewer_slice_files_than_slices_is_refused(tmp_path, f
         io.read_image(path)
 
 
+@pytest.mark.parametrize("name,field", [("slices.mhd", "ElementDataFile = s%03d.raw 1 1000000000 1"),
+                                        ("slices.nhdr", "data file: s%03d.raw 1 1000000000 1")])
+def test_a_detached_header_whose_numbered_pattern_names_a_billion_files_is_refused(tmp_path, name, field):
+    """A header whose slice-file pattern counts to 1e9 (a typo: 1000000000 for 3): listing its names, which a batch
+    does to know a scan done before by its files, took every byte of the machine's memory before anything was said."""
+    for k in (1, 2, 3):
+        (tmp_path / f"s{k:03d}.raw").write_bytes(bytes(40))
+    header = ("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nendian: little\nencoding: raw\n" if name.endswith("nhdr")
+              else "ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\nElementType = MET_USHORT\n")
+    (tmp_path / name).write_text(header + field + "\n")
+    with pytest.raises(DeepWMLError, match=rf"{name}: its data file pattern 's%03d.raw 1 1000000000 1' names "
+                                           "1,000,000,000 files, more than any scan has slices"):
+        io.detached_data_files(tmp_path / name)
+
+
 def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals(tmp_path):
     """A .mhd whose .raw is cut short: the message held 'ITK ERROR: MetaImageIO(0x55641eb59960): File cannot be
     read: ...', a class name and a memory address that tell the user nothing."""
