@@ -32,6 +32,9 @@ contrast (seeds 0-3 and 100-107), with an exact distance map; the held-out draw 
 with it and again with this numpy one (bounds unchanged), and what it caught are in README ("Is it a
 FLAIR?"). Shipped code: real FLAIRs dark fraction 0.011-0.16, cortex brighter 0.47-0.77; real T1 cortex
 brighter 0.14-0.15. No real T2 or PD scan was available: those figures are synthetic.
+
+`bright_line` looks for another cause of marks that are not lesions: a straight bright line through every slice (an
+RF zipper, a stripe artefact), which the network marks where it crosses the brain.
 """
 from __future__ import annotations
 
@@ -239,6 +242,53 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         looks_like = "T1-weighted"
     result.update(dark_fraction=round(dark, 4), cortex_brighter_fraction=round(brighter, 3), looks_like=looks_like)
     return result
+
+
+LINE_OFFSET = 5  # voxels: a line's level is compared with the image's this far to each side of it
+LINE_EXCESS_MAX = 0.05  # of the image's range (black to its 99.5th percentile): 0 or below on the 11 clinical FLAIRs,
+# the sample, the 3 stripped labelled ones at 1 mm and MNI152's T1; 0.18 for a stripe of a tenth of the scan's top added
+# on 3 columns, which already tripled patient01_study1's lesion volume (0.80 to 2.34 ml, marked where it crosses the brain)
+LINE_SAMPLE = 1 << 19  # voxels sampled (whole lines) for each direction's levels
+
+
+def bright_line(stack: np.ndarray) -> dict | None:
+    """A straight bright line through the axial slices of `stack` ([slice, row, col]): a row or column brighter than
+    both voxels LINE_OFFSET to each side of it, at most of its voxels (head and air alike) and by more than
+    LINE_EXCESS_MAX of the image's range (the median of that excess over the line's voxels of every slice), as an RF zipper or a stripe artefact puts it through
+    every slice at one place; the network marks it as lesion where it crosses the brain. `{"along": "column" or
+    "row", "index", "excess"}` for the most marked, or None. A stripped brain (zeros around it) shows no line outside
+    it, so is not judged; a line through under half the slices is not seen."""
+    from .preprocessing import percentiles
+
+    black = image_black(stack)
+    found = None
+    for axis, along in ((2, "column"), (1, "row")):
+        lines = np.moveaxis(stack, axis, -1)  # [slice, across, line]: each line's voxels over the first two axes
+        step = max(1, int(np.sqrt(lines.shape[0] * lines.shape[1] * lines.shape[2] / LINE_SAMPLE)))
+        sample = lines[::step, ::step].reshape(-1, lines.shape[2])
+        if sample.shape[1] <= 2 * LINE_OFFSET:
+            continue
+        span = float(percentiles(sample, 99.5)[0]) - black
+        if span <= 0:
+            continue
+        # voxel by voxel: a line's level against the brighter of its two sides, whose median over the line is ~0 or
+        # below wherever the anatomy goes (not the median level of each line, which jumps where the head fills half)
+        above = sample[:, LINE_OFFSET:-LINE_OFFSET] - np.maximum(sample[:, :-2 * LINE_OFFSET], sample[:, 2 * LINE_OFFSET:])
+        middle = above.shape[0] // 2  # np.median imports numpy.ma (20 ms of start-up); the partition does not
+        excess = np.partition(above, middle, axis=0)[middle].astype(np.float64) / span
+        index = int(np.argmax(excess))
+        if excess[index] > LINE_EXCESS_MAX and (found is None or excess[index] > found["excess"]):
+            found = {"along": along, "index": index + LINE_OFFSET, "excess": round(float(excess[index]), 3)}
+    return found
+
+
+def bright_line_warning(line: dict) -> str:
+    """The warning for a bright line through the slices (`bright_line`)."""
+    way = "from front to back" if line["along"] == "column" else "from side to side"
+    return (f"a straight bright line runs {way} through the axial slices ({line['along']} {line['index']} of each, "
+            f"{line['excess']:.0%} of the image's range brighter than beside it; 0 % on the real FLAIRs "
+            "checked): an artefact (RF zipper, stripe) that DeepWML marks as lesion where it crosses the brain; look at "
+            "the mask there (in Slicer, or the picture of deepwml segment --qc) and repeat the scan if need be")
 
 
 def why_not_flair(check: dict) -> str | None:

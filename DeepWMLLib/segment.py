@@ -534,7 +534,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     sub-pixel phases (--grid-phases).
     """
     from .adapt import adaptation_summary
-    from .contrast import contrast_warnings, flair_contrast
+    from .contrast import bright_line, bright_line_warning, contrast_warnings, flair_contrast
     from .inference import check_batch_size, predict_maps, progress_part, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
@@ -605,6 +605,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     ]
     if location is not None and not location["judged"]:
         warnings.append(location["why"])
+    line = bright_line(io.axial_view(image))  # with or without a brain mask: the line runs through the air too
+    if line:
+        warnings.append(bright_line_warning(line))
     if facts.get("slices_below_head"):
         from .preprocessing import HEAD_HEIGHT_MM
 

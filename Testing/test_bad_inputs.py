@@ -136,6 +136,8 @@ BAD_INPUTS = [
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
+    ("a scan with a bright line through every slice (an RF zipper or stripe artefact, which the network marks as "
+     "lesion)", "segment", 0, "ok: segmented, warning printed (\"straight bright line\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
     ("a DICOM series compressed in a transfer syntax GDCM cannot decode (JPEG XL)", "segment", 1,
@@ -575,6 +577,13 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "out" / "flair_outline_dicom").mkdir(parents=True)
         (tmp / "out" / "flair_outline_dicom" / "notes.txt").write_text("mine")
         return seg + [str(tmp / "in" / "flair"), "--dicom-outline", "--overwrite"]
+    if row_id.startswith("a scan with a bright line through every slice"):
+        zipper = sitk.ReadImage(str(p["good"]))
+        voxels = sitk.GetArrayFromImage(zipper)
+        voxels[:, :, 20] += 0.2 * voxels.max()  # the same column of every slice, through head and air
+        striped = sitk.GetImageFromArray(voxels)
+        striped.CopyInformation(zipper)
+        return seg + [str(_write(tmp / "in" / "zipper.nii.gz", striped))]
     if row_id == "a T1-weighted scan given as the FLAIR":  # the shipped models: the check judges what they mark
         return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu"]
     if row_id in ("output folder is a file", "synthetic data into a file"):
@@ -756,6 +765,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
+    if row_id.startswith("a scan with a bright line through every slice"):
+        summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig")
+        assert "straight bright line runs from front to back" in err and "straight bright line" in summary
     if row_id == "a T1-weighted scan given as the FLAIR":
         assert "does not look like a FLAIR" in err and "T1-weighted" in err
         report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))

@@ -260,3 +260,28 @@ def test_region_bands_take_a_block_as_inside_when_half_of_it_is(shape, spacing):
         result = np.stack(list(contrast._band_planes(band, block, shape[1:])))
         assert result.dtype == bool and np.array_equal(result, (expected >= low) & (expected <= high)), (low, high)
     assert found[2].any()
+
+
+def test_a_bright_line_through_every_slice_is_found_on_a_real_flair_and_none_on_the_real_ones(shared_data):
+    """The bright-line check's margin: no line on the 11 clinical FLAIRs and the sample (their excess is 0 or below,
+    LINE_EXCESS_MAX 0.05); a stripe of a twentieth of the scan's top on 3 columns of every slice (0.80 to 1.01 ml on
+    patient01_study1), or a tenth on 2 rows, is found where it was put."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+
+    scans = sorted((shared_data / "open_ms" / "clinical_flair").glob("*.nii.gz"))
+    assert len(scans) == 11
+    for path in [*scans, Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"]:
+        image = io.read_image(path)
+        assert contrast.bright_line(io.axial_view(image)) is None, path.name
+    image = io.read_image(scans[0])
+    voxels = sitk.GetArrayFromImage(image)
+    for where, along, amplitude in ((np.s_[:, :, 150:153], "column", 0.05), (np.s_[:, 100:102, :], "row", 0.1)):
+        striped_voxels = voxels.copy()
+        striped_voxels[where] += amplitude * voxels.max()
+        striped = sitk.GetImageFromArray(striped_voxels)
+        striped.CopyInformation(image)
+        line = contrast.bright_line(io.axial_view(striped))
+        assert line is not None and line["along"] == along and line["excess"] > 1.5 * contrast.LINE_EXCESS_MAX
+        assert "straight bright line" in contrast.bright_line_warning(line)
