@@ -246,8 +246,9 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
 
 LINE_OFFSET = 5  # voxels: a line's level is compared with the image's this far to each side of it
 LINE_EXCESS_MAX = 0.05  # of the image's range (black to its 99.5th percentile): 0 or below on the 11 clinical FLAIRs,
-# the sample, the 3 stripped labelled ones at 1 mm and MNI152's T1; 0.18 for a stripe of a tenth of the scan's top added
-# on 3 columns, which already tripled patient01_study1's lesion volume (0.80 to 2.34 ml, marked where it crosses the brain)
+# the sample, the 3 stripped labelled ones at 1 mm, MNI152's T1 and synthetic heads 200-207; 0.09 and 0.18 for a stripe
+# of a twentieth and a tenth of the scan's top added on 3 columns, which took patient01_study1's lesion volume from 0.80
+# to 1.01 and 2.34 ml (marked where it crosses the brain)
 LINE_SAMPLE = 1 << 19  # voxels sampled (whole lines) for each direction's levels
 
 
@@ -265,7 +266,7 @@ def bright_line(stack: np.ndarray) -> dict | None:
     for axis, along in ((2, "column"), (1, "row")):
         lines = np.moveaxis(stack, axis, -1)  # [slice, across, line]: each line's voxels over the first two axes
         step = max(1, int(np.sqrt(lines.shape[0] * lines.shape[1] * lines.shape[2] / LINE_SAMPLE)))
-        sample = lines[::step, ::step].reshape(-1, lines.shape[2])
+        sample = lines[::step, ::step].reshape(-1, lines.shape[2]).astype(np.float32)  # no wrap-around of integers
         if sample.shape[1] <= 2 * LINE_OFFSET:
             continue
         span = float(percentiles(sample, 99.5)[0]) - black

@@ -285,3 +285,15 @@ def test_a_bright_line_through_every_slice_is_found_on_a_real_flair_and_none_on_
         line = contrast.bright_line(io.axial_view(striped))
         assert line is not None and line["along"] == along and line["excess"] > 1.5 * contrast.LINE_EXCESS_MAX
         assert "straight bright line" in contrast.bright_line_warning(line)
+
+
+def test_a_bright_line_is_measured_in_an_integer_image_without_wrap_around():
+    """A uint16 head (as synth and scanners give, through segment_image's API unconverted): no line, where the
+    differences of unsigned voxels wrapped around to 65535 and called lines everywhere; a stripe is found."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:12, :96, :96]
+    head = ((y - 48) / 40.0) ** 2 + ((x - 48) / 34.0) ** 2 < 1
+    stack = (np.where(head, 400, 3) + rng.integers(0, 40, head.shape) * head).astype(np.uint16)
+    assert contrast.bright_line(stack) is None
+    stack[:, :, 30] += 100
+    assert contrast.bright_line(stack) == {"along": "column", "index": 30, "excess": pytest.approx(0.2, abs=0.03)}
