@@ -877,6 +877,32 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
     return names
 
 
+def _earlier_output(path: Path) -> tuple[str, str] | None:
+    """(the report's name, the scan it names) when `path` is an image output an earlier run's report beside it lists
+    (a probability map, given as a scan from that run's OUTDIR), else None."""
+    for report in path.parent.glob("*_report.json"):
+        if path.name in (_listed_outputs(report) or ()):
+            try:
+                earlier = json.loads(report.read_text(encoding="utf-8"))
+                made_from = earlier.get("input_absolute") or earlier.get("input")
+            except (OSError, ValueError, AttributeError):
+                made_from = None
+            return report.name, str(made_from or "the report's input")
+    return None
+
+
+def _only_outputs(folder: Path) -> str | None:
+    """The error for a folder given as INPUT that holds image files, all of them an earlier run's outputs (its
+    OUTDIR given for the scans), else None."""
+    written = _outputs_of_earlier_runs(folder)
+    if not written:
+        return None
+    cases = sorted(report.name[:-len("_report.json")] for report in folder.glob("*_report.json"))
+    shown = ", ".join(cases[:3]) + (", ..." if len(cases) > 3 else "")
+    return (f"{folder} holds only the outputs of an earlier DeepWML run ({len(cases)} case(s): {shown}), no scan; "
+            "give the folder of the FLAIRs (each report's `input` names its scan)")
+
+
 def _listed_outputs(report: Path) -> list[str] | None:
     """The file names a case's report says its run wrote, or None (no list: an older version; unreadable)."""
     try:
@@ -1155,7 +1181,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
         check_outline_folder(paths["dicom_outline"], overwrite)
     if path.is_dir() and study is None and not io.is_dicom_folder(path):
-        raise DeepWMLError(io.undecodable_dicom(path)
+        raise DeepWMLError(io.undecodable_dicom(path) or _only_outputs(path)
                            or f"{path} is a folder without image files or a DICOM series{io.windows_path_hint(path)}")
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
@@ -1163,6 +1189,10 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import
                               reading=reading)
+    made_from = _earlier_output(path) if path.is_file() else None
+    if made_from:  # a probability map is a grey-scale image: the label-mask check above lets it through
+        raise DeepWMLError(f"{path} is an output of an earlier DeepWML run ({made_from[0]} beside it lists it), not a "
+                           f"scan; give the FLAIR it was made from ({made_from[1]})")
     from .inference import progress_part
 
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,

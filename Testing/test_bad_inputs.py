@@ -125,6 +125,10 @@ BAD_INPUTS = [
     ("a lesion mask given as the FLAIR", "segment", 1, "looks like a label mask"),
     ("a lesion mask labelled one value per lesion (more than 16 lesions) given as the FLAIR", "segment", 1,
      "looks like a label mask of many labels"),
+    ("a probability map of an earlier run given as the FLAIR (`deepwml segment out/CASE_prob.nii.gz`: grey-scale, "
+     "segmented before with its brain mask failed)", "segment", 1, "is an output of an earlier DeepWML run"),
+    ("an earlier run's OUTDIR given as the input folder (`deepwml segment out/ -o out2/`)", "segment", 1,
+     "holds only the outputs of an earlier DeepWML run"),
     ("a lesion mask found beside its FLAIR in a folder given (a labelled case's folder)", "segment", 0,
      "ok: the FLAIR segmented, the mask skipped (\"looks like a label mask\" in summary.csv), not failed"),
     ("a lesion mask named beside its FLAIR (a shell glob, `deepwml segment data/patient07/*`)", "segment", 0,
@@ -577,6 +581,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "out" / "flair_outline_dicom").mkdir(parents=True)
         (tmp / "out" / "flair_outline_dicom" / "notes.txt").write_text("mine")
         return seg + [str(tmp / "in" / "flair"), "--dicom-outline", "--overwrite"]
+    if row_id.startswith(("a probability map of an earlier run", "an earlier run's OUTDIR given")):
+        assert main(["segment", str(p["good"]), "-o", str(tmp / "earlier"), "--model", str(p["model"]), "--device",
+                     "cpu", "--save-probabilities"]) == 0
+        return seg + [str(tmp / "earlier" / ("good_prob.nii.gz" if row_id.startswith("a probability") else ""))]
     if row_id.startswith("a scan with a bright line through every slice"):
         zipper = sitk.ReadImage(str(p["good"]))
         voxels = sitk.GetArrayFromImage(zipper)
@@ -768,6 +776,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     if row_id.startswith("a scan with a bright line through every slice"):
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig")
         assert "straight bright line runs from front to back" in err and "straight bright line" in summary
+    if row_id.startswith("a probability map of an earlier run"):
+        assert f"give the FLAIR it was made from ({paths['good']})" in err
     if row_id == "a T1-weighted scan given as the FLAIR":
         assert "does not look like a FLAIR" in err and "T1-weighted" in err
         report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))
