@@ -253,12 +253,12 @@ LINE_SAMPLE = 1 << 19  # voxels sampled (whole lines) for each direction's level
 
 
 def bright_line(stack: np.ndarray) -> dict | None:
-    """A straight bright line through the axial slices of `stack` ([slice, row, col]): a row or column brighter than
-    both voxels LINE_OFFSET to each side of it, at most of its voxels (head and air alike) and by more than
-    LINE_EXCESS_MAX of the image's range (the median of that excess over the line's voxels of every slice), as an RF zipper or a stripe artefact puts it through
-    every slice at one place; the network marks it as lesion where it crosses the brain. `{"along": "column" or
-    "row", "index", "excess"}` for the most marked, or None. A stripped brain (zeros around it) shows no line outside
-    it, so is not judged; a line through under half the slices is not seen."""
+    """A straight bright line through the axial slices of `stack` ([slice, row, col]), as an RF zipper or a stripe
+    artefact puts it through every slice at one place (the network marks it as lesion where it crosses the brain): a
+    row or column brighter than both voxels LINE_OFFSET to each side of it by more than LINE_EXCESS_MAX of the image's
+    range, at most of its voxels, head and air alike (the median of that excess over the line's voxels of every slice).
+    `{"along": "column" or "row", "index", "excess"}` for the most marked, or None. A stripped brain (zeros around it)
+    shows no line outside it, so is not judged; a line through under half the slices is not seen."""
     from .preprocessing import percentiles
 
     black = image_black(stack)
