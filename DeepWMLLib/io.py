@@ -2479,6 +2479,12 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
         if np.float32(lo) == np.float32(hi):  # every voxel one value in single precision: nothing left to segment
             raise DeepWMLError(f"{name}'s voxels ({lo:g} to {hi:g}) are all one value in single precision, in which "
                                "DeepWML computes; rescale the image (or re-export it from the scanner or PACS)")
+    wrapped = _wrapped_around(array, lo, hi)
+    if wrapped:
+        raise DeepWMLError(f"{name} has {wrapped} voxels below -{WRAP_QUARTER} next to voxels above {WRAP_QUARTER}: "
+                           "values that wrapped around (over 32767 stored in signed 16 bits turn negative, so the "
+                           "brightest voxels, lesions among them, read as the darkest); convert or export it again "
+                           "without the overflow (rescaled, or as float)")
     labels = _few_values(array)
     if labels is not None:
         shown = ", ".join(f"{v:g}" for v in labels[:6]) + (", ..." if len(labels) > 6 else "")
@@ -2513,6 +2519,31 @@ def non_finite_count(array: np.ndarray, block: int = 1 << 22) -> int:
     step = max(1, block // max(1, array[0].size)) if array.ndim > 1 else block  # slabs along the first axis: views
     return sum(int(part.size - np.count_nonzero(np.isfinite(part)))
                for part in (array[start:start + step] for start in range(0, array.shape[0], step)))
+
+
+WRAP_QUARTER = 16384  # a quarter of the 65536 values of 16 bits
+WRAP_SHARE = 0.5  # of the voxels below -WRAP_QUARTER next to one above it: 0.90-1.0 where patient01_study1 times 55-100
+# wrapped (8-76,311 voxels; times 80: 682, its lesion volume 0.80 ml read as 0.54), under 0.0001 for reslice padding of
+# -32768 around (or cut into) the same scan scaled to 0-32000
+
+
+def _wrapped_around(array: np.ndarray, lo: float, hi: float) -> int:
+    """How many voxels hold values that wrapped around in signed 16 bits (0 when none): with values both below
+    -WRAP_QUARTER and above it within 16 bits' range, at least WRAP_SHARE of the low ones lie next to (in-plane or
+    across slices) a high one, as the core of a bright region whose values overflowed does; reslice padding (-32768)
+    next to bright tissue is a thin edge of its region. Only such an image gets the (whole-volume) masks."""
+    if not (lo < -WRAP_QUARTER and hi > WRAP_QUARTER and hi - lo < 4 * WRAP_QUARTER):
+        return 0
+    low, high = array < -WRAP_QUARTER, array > WRAP_QUARTER
+    near = np.zeros_like(high)
+    for axis in range(array.ndim):
+        ahead = [slice(None)] * array.ndim
+        behind = [slice(None)] * array.ndim
+        ahead[axis], behind[axis] = slice(1, None), slice(None, -1)
+        near[tuple(behind)] |= high[tuple(ahead)]
+        near[tuple(ahead)] |= high[tuple(behind)]
+    wrapped = int(np.count_nonzero(low & near))
+    return wrapped if wrapped >= WRAP_SHARE * np.count_nonzero(low) else 0
 
 
 MAX_LABEL_VALUES = 16  # a label map has a handful of values; a real FLAIR has hundreds or thousands

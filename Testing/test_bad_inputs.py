@@ -47,6 +47,8 @@ BAD_INPUTS = [
     ("RGB / vector image", "segment", 1, "values per voxel"),
     ("all-zero image", "segment", 1, "constant"),
     ("NaN / Inf voxels", "segment", 1, "non-finite"),
+    ("a scan whose brightest voxels wrapped around to negative (a conversion that overflowed signed 16 bits: lesions "
+     "would read as the darkest)", "segment", 1, "values that wrapped around"),
     ("folder without images", "segment", 1, "without image files"),
     ("scans of one name in folders of their own (`patient07/flair.nii.gz`, `patient19/flair.nii.gz`)", "segment", 0,
      "ok: each named after the folder that tells it apart (`patient07_flair`, `patient19_flair`)"),
@@ -585,6 +587,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         assert main(["segment", str(p["good"]), "-o", str(tmp / "earlier"), "--model", str(p["model"]), "--device",
                      "cpu", "--save-probabilities"]) == 0
         return seg + [str(tmp / "earlier" / ("good_prob.nii.gz" if row_id.startswith("a probability") else ""))]
+    if row_id.startswith("a scan whose brightest voxels wrapped around"):
+        scan = sitk.ReadImage(str(p["good"]))
+        scaled = np.round(sitk.GetArrayFromImage(scan).astype(np.float64) * 60).astype(np.int64)  # tissue 18000
+        wrapped = sitk.GetImageFromArray(((scaled + 32768) % 65536 - 32768).astype(np.int16))  # lesions over 32767
+        wrapped.CopyInformation(scan)
+        return seg + [str(_write(tmp / "in" / "wrapped.nii.gz", wrapped))]
     if row_id.startswith("a scan with a bright line through every slice"):
         zipper = sitk.ReadImage(str(p["good"]))
         voxels = sitk.GetArrayFromImage(zipper)

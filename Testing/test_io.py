@@ -1894,3 +1894,17 @@ def test_a_csv_cell_holding_a_carriage_return_is_quoted_so_its_row_stays_one_row
     assert list(csv.reader(StringIO(text, newline=""))) == [["case", "series", "ml"], ["p1", "AX\rFLAIR", "1.5"],
                                                             ["p2", "AX FLAIR", "2"]]
     assert text.endswith("p2,AX FLAIR,2\n")  # rows without one are written as before
+
+
+def test_reslice_padding_of_minus_32768_beside_bright_tissue_is_not_taken_for_wrapped_values(tmp_path):
+    """A scan in signed 16 bits (its head at 21000) whose field of view was cut by -32768 padding through the head, as a
+    reslice leaves it: read, where a scan whose bright voxels wrapped past 32767 to negative is refused
+    (test_bad_inputs): only the padding's edge lies next to bright voxels."""
+    scan, _ = make_volume(size=(48, 40, 10))
+    voxels = np.clip(sitk.GetArrayFromImage(scan) * 70, 0, 32000).astype(np.int16)
+    voxels[:, :, :8] = -32768
+    assert np.any((voxels[:, :, 8] > 16384))  # the padding borders the bright head
+    padded = sitk.GetImageFromArray(voxels)
+    padded.CopyInformation(scan)
+    sitk.WriteImage(padded, str(tmp_path / "padded.nii.gz"))
+    assert io.read_image(tmp_path / "padded.nii.gz").GetSize() == padded.GetSize()
