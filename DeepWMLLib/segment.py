@@ -880,8 +880,8 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
 def _earlier_output(path: Path) -> tuple[str, str] | None:
     """(the report's name, the scan it names) when `path` is an image output an earlier run's report beside it lists
     (a probability map, given as a scan from that run's OUTDIR), else None."""
-    for report in path.parent.glob("*_report.json"):
-        if path.name in (_listed_outputs(report) or ()):
+    for report in path.parent.glob("*_report.json"):  # only a case's own reports are read: outputs bear its name
+        if path.name.startswith(report.name[:-len("report.json")]) and path.name in (_listed_outputs(report) or ()):
             try:
                 earlier = json.loads(report.read_text(encoding="utf-8"))
                 made_from = earlier.get("input_absolute") or earlier.get("input")
