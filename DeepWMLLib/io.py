@@ -3270,8 +3270,25 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
     def write(tmp: Path) -> None:
         with itk_names(tmp, write=True) as (name,):
             sitk.WriteImage(image, name, True)
+        if is_nifti(path):
+            _check_nifti_whole(tmp)
 
     return write_atomically(path, write)
+
+
+def _check_nifti_whole(path: Path) -> None:
+    """Raise OSError when the NIfTI file `path` holds less than its header announces. SimpleITK's NIfTI writer says
+    a failed write (a full disk, a file size limit) only on stderr ("NWAD: wrote only 0 of ... bytes"), with no
+    exception: the file cut short was renamed into place as a finished output."""
+    gzipped = _gzipped(path)
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error):
+        head = b""
+    length = _nifti_length(head.ljust(540, b"\0"))  # a NIfTI-1 header is 348 bytes: a small image's file is shorter
+    if length is None or not _file_holds(path, gzipped, length):
+        raise OSError(errno.EIO, "the image library wrote it incomplete; is the disk full?")
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

@@ -805,6 +805,26 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["out.nii.gz", "out.nii"])
+def test_a_nifti_file_the_image_library_writes_short_is_an_error_not_an_output(tmp_path, name):
+    """SimpleITK's NIfTI writer says a failed write (a full disk, a file size limit) only on stderr ("NWAD: wrote
+    only 0 of ... bytes"), not by an exception: the file cut short was renamed into place as the output (a `deepwml
+    synth` set on a full disk got a 0-byte mask and went on). A real failed write, made by a file size limit
+    (RLIMIT_FSIZE: Python ignores SIGXFSZ, so the write fails with EFBIG), as a full disk does."""
+    resource = pytest.importorskip("resource")
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 4000, (20, 64, 64)).astype(np.uint16))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, hard))
+    try:
+        with pytest.raises(DeepWMLError, match=f"cannot write .*{name}.*incomplete"):
+            io.write_image(image, tmp_path / name)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
+    io.write_image(image, tmp_path / name)  # with room, written and read back whole
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), sitk.GetArrayFromImage(image))
+
+
 def test_every_output_is_on_disk_before_its_name_and_the_name_before_the_next(tmp_path, monkeypatch):
     """A power cut after the rename must not find a mask empty or cut short under its name beside a complete
     report (a rerun would skip the case as done): each output's bytes are synced before it is renamed into
