@@ -60,6 +60,7 @@ false calls per scan (`Testing/benchmarks/change_simulated.py --seed 1 --grow`; 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
@@ -1189,8 +1190,17 @@ def _write_summary(rows: list[dict], out: Path) -> None:
 
 
 def _write_transform(transform: sitk.Transform, path: Path) -> None:
+    """Write `transform`, read back to check it: ITK's transform writer says a failed write (a full disk) by no
+    exception, and a file cut short reads as no movement, or not at all."""
     with io.itk_names(path, write=True) as (name,):
         sitk.WriteTransform(transform, name)
+        try:
+            back = sitk.ReadTransform(name)
+        except RuntimeError:
+            back = None
+    if back is None or (back.GetParameters(), back.GetFixedParameters()) != (transform.GetParameters(),
+                                                                            transform.GetFixedParameters()):
+        raise OSError(errno.EIO, io.WRITTEN_SHORT)
 
 
 def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:

@@ -3288,7 +3288,10 @@ def _check_nifti_whole(path: Path) -> None:
         head = b""
     length = _nifti_length(head.ljust(540, b"\0"))  # a NIfTI-1 header is 348 bytes: a small image's file is shorter
     if length is None or not _file_holds(path, gzipped, length):
-        raise OSError(errno.EIO, "the image library wrote it incomplete; is the disk full?")
+        raise OSError(errno.EIO, WRITTEN_SHORT)
+
+
+WRITTEN_SHORT = "the image library wrote it incomplete; is the disk full?"  # its writers that raise no error on a failed write
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from DeepWMLLib import change, evaluation, io
 from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
 
 from conftest import make_volume, rotation, stepped_positions, write_dicom_series
 
@@ -204,6 +205,26 @@ def test_a_lesion_moved_by_the_scan_not_the_disease_is_not_new(pair):
     """The identity instead of the registration: the head movement alone makes lesions look new and gone."""
     rows = change.classify(pair["followup"][1], pair["baseline"][1], sitk.Euler3DTransform())[1]
     assert by_status(rows).get("new", []).__len__() > 1  # why registration matters
+
+
+def test_a_transform_file_written_short_is_an_error_not_an_output(tmp_path):
+    """ITK's transform writer says a failed write (a full disk, a file size limit) by no exception: the file cut short
+    (0 bytes, or cut where it reads back as no movement) was renamed into place as the pair's registration. A real
+    failed write, made by a file size limit (RLIMIT_FSIZE: Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    resource = pytest.importorskip("resource")
+    transform = sitk.Euler3DTransform((0.5, 3.3, -7.0), 0.01, -0.02, 0.03, (1.5, -2.25, 3.0))
+    path = tmp_path / "pair_baseline_to_followup.tfm"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    for limit in (0, 100):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            with pytest.raises(DeepWMLError, match=f"cannot write {re.escape(str(path))} .*incomplete"):
+                io.write_atomically(path, lambda tmp: change._write_transform(transform, tmp))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert list(tmp_path.iterdir()) == []
+    io.write_atomically(path, lambda tmp: change._write_transform(transform, tmp))
+    assert sitk.ReadTransform(str(path)).GetParameters() == transform.GetParameters()
 
 
 def test_command_line_with_both_masks(pair, tmp_path, capsys):
