@@ -270,7 +270,8 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
     try:
         building = Path(tempfile.mkdtemp(prefix=io.temporary_prefix(folder), suffix=".part", dir=folder.parent))
     except OSError as exc:
-        raise DeepWMLError(f"cannot write in {folder.parent} ({exc.strerror}); choose a writable output folder") from exc
+        raise DeepWMLError(f"cannot write in {folder.parent} ({exc.strerror}); "
+                           f"{io.write_advice(exc, 'choose a writable output folder')}") from exc
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     old = None
@@ -298,8 +299,8 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
                                f"open in another program (Explorer, a DICOM viewer)? close it there and run "
                                f"again") from exc
         hint = io.windows_path_hint(folder) if isinstance(exc, RuntimeError) else ""
-        raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); check free space and permissions"
-                           f"{hint}") from exc
+        raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); "
+                           f"{io.write_advice(exc, 'check free space and permissions')}{hint}") from exc
     finally:  # also on Ctrl-C: no temporary folder stays, and an earlier series not replaced goes back
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)

@@ -3038,6 +3038,21 @@ def _extension(path: Path) -> str:
     return path.suffix
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left; over the disk quota
+
+
+def write_advice(exc: BaseException, otherwise: str) -> str:
+    """What to do about a failed write `exc`: a full disk (or quota) and a file over a size limit are said as such,
+    not sent to look at the folder's permissions (`otherwise`, the advice for any other fault)."""
+    code = getattr(exc, "errno", None)
+    if code in _DISK_FULL:
+        return "the disk is full: free space on it, or choose an output folder on another disk"
+    if code == errno.EFBIG:
+        return ("the file is larger than a file size limit allows (ulimit -f, or the file system's largest file): "
+                "raise the limit, or choose an output folder on another disk")
+    return otherwise
+
+
 def make_output_dir(out_dir: str | os.PathLike) -> Path:
     """Create an output folder (and its parents) or raise a one-line DeepWMLError saying why not."""
     out = Path(out_dir)
@@ -3107,7 +3122,8 @@ def exclusive(lock: Path, what: str):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as exc:
-            raise DeepWMLError(f"cannot write in {lock.parent} ({exc.strerror}); choose a writable output folder") from exc
+            raise DeepWMLError(f"cannot write in {lock.parent} ({exc.strerror}); "
+                               f"{write_advice(exc, 'choose a writable output folder')}") from exc
         locked = try_lock(fd)
         if locked is False:
             os.close(fd)
@@ -3216,8 +3232,8 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     try:
         tmp = _temporary_sibling(path)
     except OSError as exc:
-        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); choose a writable output folder"
-                           f"{_long_path_hint(path)}") from exc
+        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); "
+                           f"{write_advice(exc, 'choose a writable output folder')}{_long_path_hint(path)}") from exc
     try:
         write(tmp)
         _sync(tmp)
@@ -3230,7 +3246,8 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
             raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
                                f"viewer)? close it there and run again") from exc
         hint = (windows_path_hint(path) if isinstance(exc, RuntimeError) else "") + _long_path_hint(path)
-        raise DeepWMLError(f"cannot write {path} ({reason}); check free space and permissions{hint}") from exc
+        raise DeepWMLError(f"cannot write {path} ({reason}); {write_advice(exc, 'check free space and permissions')}"
+                           f"{hint}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -1110,8 +1110,8 @@ def _lock_run_dir(run_dir: Path) -> None:
     try:
         handle = open(run_dir / ".lock", "w", encoding="utf-8")
     except OSError as exc:  # a run folder that exists but cannot be written in (read-only, another user's)
-        raise DeepWMLError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc}); choose a writable place, "
-                           "or copy the run folder to one") from exc
+        raise DeepWMLError(f"cannot write in the run folder {run_dir} ({exc.strerror or exc}); "
+                           f"{io.write_advice(exc, 'choose a writable place, or copy the run folder to one')}") from exc
     locked = io.try_lock(handle.fileno())
     if not locked:
         handle.close()

@@ -8,6 +8,7 @@ with bad inputs"); `test_readme_table_matches` keeps the two in step.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import hashlib
 import json
@@ -106,6 +107,7 @@ BAD_INPUTS = [
     ("the same model given twice in an ensemble", "segment", 0, "ok: averaged in twice, warning printed (\"is given 2 times\")"),
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
+    ("output disk full", "segment", 1, "the disk is full"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
@@ -466,6 +468,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         ro.mkdir()
         os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR)
         return ["segment", str(p["good"]), "-o", str(ro), "--model", str(p["model"])]
+    if row_id == "output disk full":  # the full disk itself: in test_bad_input
+        return seg + [str(p["good"])]
     if row_id == "existing outputs":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -717,7 +721,7 @@ def _hashes(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("row_id,command,exit_code,words", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
-def test_bad_input(row_id, command, exit_code, words, world, capsys):
+def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch):
     import torch
 
     if row_id == "--device cuda without a GPU" and torch.cuda.is_available():
@@ -728,6 +732,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
     argv = _command(row_id, tmp, paths)
     assert argv[0] == command
     before = _hashes(tmp / "in")
+    if row_id == "output disk full":  # every write fails as on a full disk (a file system without mounts here)
+        def no_space(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(io, "_sync", no_space)
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors
@@ -751,6 +760,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys):
         assert (tmp / "own" / "x_wmh.nii.gz").read_bytes() == paths["good"].read_bytes()
     if row_id == "output folder missing":
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
+    if row_id == "output disk full":  # the case and summary.csv both said so, and nothing written stays
+        assert "good: error - cannot write" in err and "error: cannot write" in err.splitlines()[-1]
+        assert list((tmp / "out").iterdir()) == []
     if row_id == "the same model given twice in an ensemble":
         assert "model.pt is given 2 times: the ensemble averages it in 2 times (weight 2/2)" in err
         assert json.loads((tmp / "out" / "good_report.json").read_text(encoding="utf-8"))["model"] == ["model.pt"] * 2

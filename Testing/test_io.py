@@ -825,6 +825,33 @@ def test_a_nifti_file_the_image_library_writes_short_is_an_error_not_an_output(t
     assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), sitk.GetArrayFromImage(image))
 
 
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full: free space on it"),
+                                         (errno.EFBIG, "larger than a file size limit allows (ulimit -f")])
+@pytest.mark.parametrize("stage", ["temporary name", "writing", "lock"])
+def test_a_full_disk_is_said_so_not_sent_to_look_at_permissions(tmp_path, monkeypatch, code, words, stage):
+    """'cannot write in OUTDIR (No space left on device); choose a writable output folder' sent a user with a full
+    disk to look at the folder's permissions."""
+    if code == errno.EFBIG and stage != "writing":
+        pytest.skip("a file size limit fails writes, not the making of a file")
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    real_open = os.open
+    if stage == "temporary name":
+        monkeypatch.setattr(io.tempfile, "mkstemp", fail)
+    if stage == "lock":
+        monkeypatch.setattr(io.os, "open", lambda path, *args: (fail if str(path).endswith(".lock") else real_open)(path, *args))
+    with pytest.raises(DeepWMLError, match=re.escape(words)) as caught:
+        if stage == "lock":
+            with io.exclusive(tmp_path / "case.lock", "case"):
+                pass
+        else:
+            io.write_atomically(tmp_path / "a_report.json", fail if stage == "writing" else os.path.exists)
+    assert "permissions" not in str(caught.value) and "writable" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_output_is_on_disk_before_its_name_and_the_name_before_the_next(tmp_path, monkeypatch):
     """A power cut after the rename must not find a mask empty or cut short under its name beside a complete
     report (a rerun would skip the case as done): each output's bytes are synced before it is renamed into
