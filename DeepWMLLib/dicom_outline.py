@@ -292,15 +292,16 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
             io._replace(folder, old / folder.name)
         io._replace(building, folder)
         io._sync_folder(folder.parent)  # the rename too, before the report written next
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError) as raised:
+        exc = io.write_fault(raised, folder.parent)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
         if io.WINDOWS and isinstance(exc, PermissionError):
             raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); is it, or the series before it, "
                                f"open in another program (Explorer, a DICOM viewer)? close it there and run "
-                               f"again") from exc
+                               f"again") from raised
         hint = io.windows_path_hint(folder) if isinstance(exc, RuntimeError) else ""
         raise DeepWMLError(f"cannot write the outline series {folder} ({reason}); "
-                           f"{io.write_advice(exc, 'check free space and permissions')}{hint}") from exc
+                           f"{io.write_advice(exc, 'check free space and permissions')}{hint}") from raised
     finally:  # also on Ctrl-C: no temporary folder stays, and an earlier series not replaced goes back
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)

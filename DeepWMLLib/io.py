@@ -3041,6 +3041,22 @@ def _extension(path: Path) -> str:
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left; over the disk quota
 
 
+ALMOST_FULL_BYTES = 1 << 20  # free space below which a disk is taken for full (`write_fault`)
+
+
+def write_fault(exc: BaseException, folder: Path) -> BaseException:
+    """`exc`, a write into `folder` that failed; an error of ITK's writers, which carries no errno, on a disk with
+    (almost) no space left for this user: the full disk it is. ITK says one in its own words, "failed to write to
+    file" (NRRD), "DICOM does not support this component type" (GDCM), or not at all (NIfTI: `WRITTEN_SHORT`)."""
+    if isinstance(exc, OSError) and exc.strerror != WRITTEN_SHORT:
+        return exc
+    try:
+        full = shutil.disk_usage(folder).free < ALMOST_FULL_BYTES
+    except OSError:
+        full = False
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else exc
+
+
 def write_advice(exc: BaseException, otherwise: str) -> str:
     """What to do about a failed write `exc`: a full disk (or quota) and a file over a size limit are said as such,
     not sent to look at the folder's permissions (`otherwise`, the advice for any other fault)."""
@@ -3240,14 +3256,15 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         _replace(tmp, path)
         _sync_folder(path.parent)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError) as raised:
+        exc = write_fault(raised, path.parent)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
         if WINDOWS and isinstance(exc, PermissionError) and path.exists():
             raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
-                               f"viewer)? close it there and run again") from exc
+                               f"viewer)? close it there and run again") from raised
         hint = (windows_path_hint(path) if isinstance(exc, RuntimeError) else "") + _long_path_hint(path)
         raise DeepWMLError(f"cannot write {path} ({reason}); {write_advice(exc, 'check free space and permissions')}"
-                           f"{hint}") from exc
+                           f"{hint}") from raised
     finally:
         if tmp.exists():
             tmp.unlink()

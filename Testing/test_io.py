@@ -852,6 +852,25 @@ def test_a_full_disk_is_said_so_not_sent_to_look_at_permissions(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("free, said", [(0, "(No space left on device); the disk is full: free space on it"),
+                                        (10 << 30, "(ITK ERROR: NrrdImageIO: failed to write to file); check free space and permissions")])
+def test_an_image_writer_error_on_a_full_disk_is_said_as_the_full_disk(tmp_path, monkeypatch, free, said):
+    """ITK's writers carry no errno: on a full disk NRRD said "failed to write to file", GDCM "DICOM does not support
+    this component type". On a disk with (almost) no space left such an error is the full disk; elsewhere its own."""
+    import shutil
+
+    image, _ = make_volume(size=(10, 10, 3))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("ITK ERROR: NrrdImageIO: failed to write to file")
+
+    monkeypatch.setattr(sitk, "WriteImage", fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(20 << 30, 20 << 30, free))
+    with pytest.raises(DeepWMLError, match=re.escape(f"cannot write {tmp_path / 'a_prob.nrrd'} {said}")):
+        io.write_image(image, tmp_path / "a_prob.nrrd")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_output_is_on_disk_before_its_name_and_the_name_before_the_next(tmp_path, monkeypatch):
     """A power cut after the rename must not find a mask empty or cut short under its name beside a complete
     report (a rerun would skip the case as done): each output's bytes are synced before it is renamed into
