@@ -3069,14 +3069,18 @@ def write_advice(exc: BaseException, otherwise: str) -> str:
     return otherwise
 
 
+def why_no_folder(folder: Path, exc: OSError) -> str:
+    """Why `folder` could not be made (`exc`, mkdir's error): a file of its name there is said so, not "File exists"."""
+    return "a file of that name exists" if folder.exists() and not folder.is_dir() else exc.strerror
+
+
 def make_output_dir(out_dir: str | os.PathLike) -> Path:
     """Create an output folder (and its parents) or raise a one-line DeepWMLError saying why not."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        reason = "a file of that name exists" if out.exists() and not out.is_dir() else exc.strerror
-        raise DeepWMLError(f"cannot create output folder {out} ({reason}); choose another") from exc
+        raise DeepWMLError(f"cannot create output folder {out} ({why_no_folder(out, exc)}); choose another") from exc
     if not os.access(out, os.W_OK):
         raise DeepWMLError(f"output folder {out} is not writable; choose another")
     return out

@@ -1158,7 +1158,8 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DeepWMLError(f"cannot create the run folder {run_dir} ({exc.strerror}); choose a writable place") from exc
+        raise DeepWMLError(f"cannot create the run folder {run_dir} ({io.why_no_folder(run_dir, exc)}); "
+                           f"{io.write_advice(exc, 'choose a writable place')}") from exc
     _check_run_folder(run_dir, cfg.split)  # before the lock file: a refused folder is left as it was
     _lock_run_dir(run_dir)
     _remove_temporary_leftovers(run_dir)

@@ -108,6 +108,7 @@ BAD_INPUTS = [
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
     ("output disk full", "segment", 1, "the disk is full"),
+    ("output folder given is a file", "segment", 1, "a file of that name exists"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
@@ -183,6 +184,7 @@ BAD_INPUTS = [
     ("--init model of another architecture", "train", 1, "has architecture"),
     ("one scan under two case names", "train", 1, "has the FLAIR of case"),
     ("a T1-weighted scan given as a training case's FLAIR", "train", 1, "do not look like a FLAIR"),
+    ("training run folder given is a file", "train", 1, "a file of that name exists"),
     ("training option out of range (--epochs 0)", "train", 2, "must be at least 1"),
     ("evaluate without a case", "evaluate", 2, "give --prediction and --reference"),
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
@@ -470,6 +472,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["segment", str(p["good"]), "-o", str(ro), "--model", str(p["model"])]
     if row_id == "output disk full":  # the full disk itself: in test_bad_input
         return seg + [str(p["good"])]
+    if row_id == "output folder given is a file":
+        (tmp / "taken").write_text("a note")
+        return ["segment", str(p["good"]), "-o", str(tmp / "taken"), "--model", str(p["model"])]
     if row_id == "existing outputs":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -625,6 +630,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "t1.csv").write_text(f"case,flair,mask\nc1,{p['good']},{p['truth']}\n"
                                     f"c2,{t1},{_write(tmp / 'in' / 't1_mask.nii.gz', marked)}\n")
         return ["train", str(tmp / "t1.csv"), "--run-dir", str(tmp / "run"), "--base-channels", "4", "--depth", "2"]
+    if row_id == "training run folder given is a file":
+        (tmp / "taken").write_text("a note")
+        return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "taken")]
     if row_id == "training option out of range (--epochs 0)":
         return ["train", str(tmp / "in" / "train.csv"), "--run-dir", str(tmp / "run"), "--epochs", "0"]
     if row_id == "evaluate without a case":
