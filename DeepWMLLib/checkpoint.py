@@ -13,6 +13,7 @@ A model file is a `torch.save`d dict of plain types and tensors:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -93,13 +94,14 @@ def file_digest(path: str | os.PathLike) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     digest = hashlib.sha256(p.read_bytes()).hexdigest()[:24]
+    tmp = memo.with_suffix(f".{os.getpid()}.part")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.part")
         tmp.write_text(json.dumps({"path": str(p), "key": key, "digest": digest}), encoding="utf-8")
         os.replace(tmp, memo)
-    except OSError:
-        pass  # a read-only cache only costs the hashing next time
+    except OSError:  # a read-only or full cache only costs the hashing next time; a partial file goes
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return digest
 
 

@@ -243,10 +243,16 @@ class OnnxRunner:
         tmp = target.with_suffix(f".{os.getpid()}.part")
         # torch 2.9 and later export with dynamo by default; torch before 2.5 has no dynamo argument.
         legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, torch.zeros(1, 1, *size), str(tmp), input_names=["flair"], output_names=["logits"],
-                              dynamic_axes={"flair": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, **legacy)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, torch.zeros(1, 1, *size), str(tmp), input_names=["flair"],
+                                  output_names=["logits"], dynamic_axes={"flair": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=17, **legacy)
+        except BaseException:  # a full disk, or Ctrl-C: no partial export stays in the cache
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         try:
             io._replace(tmp, target)  # retried on Windows (a virus scanner holding the new file a moment)
         except OSError:

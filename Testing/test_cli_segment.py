@@ -897,6 +897,31 @@ def test_onnx_graph_optimised_once_then_loaded_with_the_same_results(tiny_model,
         assert not runner.session.get_session_options().enable_mem_pattern
 
 
+def test_a_model_cache_on_a_full_disk_keeps_no_partial_files(tiny_model, tmp_path, monkeypatch):
+    """A model cache that cannot be written (a full disk) costs the hashing and the export again next run; the
+    partial files of its failed writes stayed (`.part`: from 0 bytes to most of an export, more at each run, on the
+    disk that was full). A real failed write, made by a file size limit (RLIMIT_FSIZE: Python ignores SIGXFSZ)."""
+    resource = pytest.importorskip("resource")
+    from DeepWMLLib.checkpoint import file_digest
+    from DeepWMLLib.inference import OnnxRunner
+    from DeepWMLLib.segment import load_models
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEEPWML_CACHE_DIR", str(cache))
+    (loaded,) = load_models([tiny_model])
+    for memo in (cache / "digests").iterdir():  # hashed again, its memo written again
+        memo.unlink()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        assert file_digest(tiny_model) == loaded.digest
+        with pytest.raises((OSError, RuntimeError)):
+            OnnxRunner._export(loaded, cache / "onnx" / f"{loaded.digest}.onnx")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p.name for p in cache.rglob("*.part")] == []
+
+
 @pytest.mark.parametrize("backend", ["openvino", "onnx"])
 def test_segment_with_warm_cache_does_not_import_torch_or_scipy(tmp_path, tiny_model, backend):
     """Start-up time matters for short jobs: the OpenVINO and ONNX paths never need torch once the
