@@ -3080,7 +3080,8 @@ def make_output_dir(out_dir: str | os.PathLike) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DeepWMLError(f"cannot create output folder {out} ({why_no_folder(out, exc)}); choose another") from exc
+        raise DeepWMLError(f"cannot create output folder {out} ({why_no_folder(out, exc)}); "
+                           f"{write_advice(exc, 'choose another')}") from exc
     if not os.access(out, os.W_OK):
         raise DeepWMLError(f"output folder {out} is not writable; choose another")
     return out

@@ -447,8 +447,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     its cases, and is told so.
     """
     cfg = PreprocessingConfig.from_dict(preprocessing)
-    parts = folder / "cases"
-    parts.mkdir(parents=True, exist_ok=True)
+    parts = io.make_output_dir(folder / "cases")
     wanted = [c for c in cases if assignment[c.case] in ("train", "val")]
     tested = [c for c in cases if assignment[c.case] == "test"]  # read and checked, not prepared
     keys = {c.case: _case_key(c, preprocessing, ignore_label) for c in wanted + tested}
@@ -515,13 +514,14 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                 else:
                     checks[case.case] = flair_check(image, mask)
                     _tell_not_flair_at_once(case.case, checks[case.case], skip_bad_cases, allow_non_flair)
-                io.write_text(json.dumps(checks[case.case]), checked)
         except DeepWMLError as exc:
             if not skip_bad_cases:
                 raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc
             log.warning("skipping case %s: %s", case.case, exc)
             skipped.append((case.case, str(exc)))
             continue
+        if flair_check is not None:  # past the case's faults: a full disk here is the run's, no reason to leave it out
+            io.write_text(json.dumps(checks[case.case]), checked)
         if i >= len(wanted):
             io.write_atomically(target, lambda tmp: tmp.write_bytes(b""))  # checked (an interrupted run skips it)
             continue
@@ -1075,7 +1075,7 @@ def train(config: "dict | TrainConfig", run_dir: str | os.PathLike, progress: Pr
         for k in range(cfg.ensemble):
             member_dir = run_dir if cfg.ensemble == 1 else run_dir / f"model_{k}"
             if dist_ctx.main:
-                member_dir.mkdir(exist_ok=True)
+                io.make_output_dir(member_dir)
             dist_ctx.barrier()
             label = f"model {k + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
             member_progress = None if progress is None else (

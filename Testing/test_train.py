@@ -395,6 +395,35 @@ def _last_state(run: Path) -> dict:
     return torch.load(run / "last.pt", weights_only=True)
 
 
+@pytest.mark.parametrize("skip_bad_cases", [False, True])
+@pytest.mark.parametrize("full", ["_flair_check", "cases"])
+def test_a_full_disk_preparing_the_cache_stops_the_run_and_leaves_out_no_case(dataset, tmp_path, monkeypatch,
+                                                                                skip_bad_cases, full):
+    """A full disk as the slice cache was prepared was a case's fault, 'case c0: cannot write ... (or pass
+    --skip-bad-cases to leave it out)', and with --skip-bad-cases cases were left out of training for good (cache.json
+    lists them skipped); a full disk as its folder was made an internal error. Now the run stops, saying so."""
+    import errno
+
+    real_sync, real_mkdir = io._sync, Path.mkdir
+
+    def sync(path):
+        if full in path.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_sync(path)
+
+    def mkdir(path, *args, **kwargs):
+        if path.name == full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(io, "_sync", sync)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(DeepWMLError, match="No space left on device.*the disk is full") as caught:
+        training.train(tiny_config(dataset, skip_bad_cases=skip_bad_cases), tmp_path / "run")
+    assert "skip-bad-cases" not in str(caught.value)
+    assert not (tmp_path / "run" / "skipped_cases.csv").exists()
+
+
 def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path, capsys):
     from DeepWMLLib.cli import main
 
