@@ -329,8 +329,7 @@ def generate_on_backgrounds(backgrounds: Sequence[Union[str, Path]], n: int, out
         raise DeepWMLError(_none_usable(files))
     if clear:
         clear()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.make_output_dir(out_dir)
     started = time.perf_counter()
     marked_by = "+".join(m.name for m in models)  # the default model, or every member of a default ensemble
     rows = []

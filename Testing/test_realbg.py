@@ -99,6 +99,18 @@ def test_a_scan_that_cannot_serve_as_background_is_left_out_with_a_warning(prepa
         realbg.generate_on_backgrounds([path], 1, tmp_path / "out")
 
 
+def test_an_output_folder_that_cannot_be_made_is_said_in_words(prepared, tmp_path, monkeypatch):
+    """`deepwml synth --backgrounds` into a path that is a file, or on a read-only or full disk, ended in
+    'internal error: FileExistsError' once the backgrounds were analysed."""
+    from DeepWMLLib import realbg
+    from DeepWMLLib.errors import DeepWMLError
+
+    monkeypatch.setattr(realbg, "analyse_background", lambda *args, **kwargs: prepared[0])
+    (tmp_path / "taken").write_text("a note")
+    with pytest.raises(DeepWMLError, match=r"cannot create output folder .*taken \(a file of that name exists\)"):
+        realbg.generate_on_backgrounds([io.shared_data_dir() / SCAN], 1, tmp_path / "taken")
+
+
 def test_faint_white_matter_hyperintensities_are_marked_despite_a_bias_field():
     """Pure arrays (no ../shared needed at run time, but the module's marker applies): a faint blob in
     deep white matter is marked, the same white matter brightened smoothly by a bias field is not,
