@@ -19,10 +19,11 @@ rules applied to its wider fields.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -340,14 +341,14 @@ def nifti_pieces(image, compresslevel: int = 1, time: tuple[float, float] | None
     body = memoryview(array).cast("B")
     if compresslevel <= 0:
         return iter((bytes(header), body))
-    return _gzip_pieces(bytes(header), body, compresslevel)
+    return gzip_pieces(itertools.chain((bytes(header),), (body[start:start + _PIECE]
+                                                            for start in range(0, len(body), _PIECE))), compresslevel)
 
 
-def _gzip_pieces(header: bytes, body: memoryview, compresslevel: int) -> Iterator[bytes]:
-    """gzip.compress(header + body, compresslevel, mtime=0) (zlib's gzip wrapper) a piece at a time, fed
-    _PIECE bytes of voxels at a time."""
+def gzip_pieces(pieces: Iterable, compresslevel: int) -> Iterator[bytes]:
+    """gzip.compress(b"".join(pieces), compresslevel, mtime=0) (zlib's gzip wrapper) a piece at a time: neither the
+    pieces joined nor the whole compressed file is held at once."""
     deflate = zlib.compressobj(compresslevel, zlib.DEFLATED, 31)
-    yield deflate.compress(header)
-    for start in range(0, len(body), _PIECE):
-        yield deflate.compress(body[start:start + _PIECE])
+    for piece in pieces:
+        yield deflate.compress(piece)
     yield deflate.flush()
