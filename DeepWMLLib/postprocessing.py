@@ -18,17 +18,22 @@ PAINT_VOXELS = 1 << 24  # label_components paints its labels this many voxels (w
 
 def _runs(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The foreground as runs along the last axis: row number (k * rows + j), first and last
-    column of each run, in raster order."""
-    n_i = binary.shape[2]
-    rows = binary.reshape(-1, n_i)
-    # Where a row changes between background and foreground (a virtual background column on each
-    # side): the changes of a row alternate run start, run end + 1.
-    change = np.empty((rows.shape[0], n_i + 1), bool)
-    change[:, 0] = rows[:, 0]
-    np.not_equal(rows[:, 1:], rows[:, :-1], out=change[:, 1:-1])
-    change[:, -1] = rows[:, -1]
-    row, column = np.nonzero(change)
-    return row[0::2], column[0::2], column[1::2] - 1
+    column of each run, in raster order. Found PAINT_VOXELS voxels (whole slices) at a time: the rows' changes,
+    and the rows of a cropped box, marked whole were two more masks of the box (0.4 GB each at 1024 x 1024 x 400)."""
+    n_k, n_j, n_i = binary.shape
+    step = max(1, PAINT_VOXELS // (n_j * n_i))
+    found = []
+    for k0 in range(0, n_k, step):
+        rows = binary[k0:k0 + step].reshape(-1, n_i)
+        # Where a row changes between background and foreground (a virtual background column on each
+        # side): the changes of a row alternate run start, run end + 1.
+        change = np.empty((rows.shape[0], n_i + 1), bool)
+        change[:, 0] = rows[:, 0]
+        np.not_equal(rows[:, 1:], rows[:, :-1], out=change[:, 1:-1])
+        change[:, -1] = rows[:, -1]
+        row, column = np.nonzero(change)
+        found.append((row[0::2] + k0 * n_j, column[0::2], column[1::2] - 1))
+    return tuple(np.concatenate(part) for part in zip(*found))
 
 
 def _touching_runs(row: np.ndarray, start: np.ndarray, end: np.ndarray, n_j: int, n_i: int):
@@ -77,6 +82,38 @@ def _union(n: int, p: np.ndarray, q: np.ndarray) -> np.ndarray:
             root = jumped
 
 
+def _binary(mask: np.ndarray) -> np.ndarray:
+    """A 3D mask as bool: a bool mask, or a mask of 0/1 bytes (DeepWML's), as it lies (a copy of it was the
+    report's peak on a large scan); others as `mask > 0`."""
+    binary = np.asarray(mask)
+    if binary.dtype == np.uint8 and binary.size and binary.max() <= 1:
+        binary = binary.view(bool)
+    elif binary.dtype != bool:
+        binary = binary > 0
+    if binary.ndim != 3:
+        raise ValueError(f"label_components needs a 3D mask, got {binary.ndim}D")
+    return binary
+
+
+def _component_runs(binary: np.ndarray):
+    """The 26-connected components of a bool 3D mask as runs along its rows: (the components' bounding box (slices),
+    the runs' rows in the box (k * rows + j), first and last columns, component numbers 1..count (raster order of
+    their first voxel), count); box None and no runs for an empty mask."""
+    box = tuple(np.flatnonzero(binary.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    if box[0].size == 0:
+        nothing = np.zeros(0, np.int64)
+        return None, nothing, nothing, nothing, nothing, 0
+    box = tuple(slice(int(b[0]), int(b[-1]) + 1) for b in box)  # work on the lesions' bounding box
+    _, n_j, n_i = binary[box].shape
+    row, start, end = _runs(binary[box])
+    p, q = _touching_runs(row, start, end, n_j, n_i)
+    root = _union(row.size, p, q)
+    # Roots are the raster-first run of each component, so numbering roots in order numbers the
+    # components in raster order of their first voxel.
+    is_root = root == np.arange(row.size)
+    return box, row, start, end, np.cumsum(is_root)[root], int(np.count_nonzero(is_root))
+
+
 def label_components(mask: np.ndarray, compact: bool = False) -> tuple[np.ndarray, int]:
     """26-connected components of a 3D mask, labelled 1..count in raster order (int32; with `compact`, the
     smallest unsigned integer type that holds count: uint8 up to 255 components, uint16 up to 65535, a half
@@ -86,32 +123,16 @@ def label_components(mask: np.ndarray, compact: bool = False) -> tuple[np.ndarra
     importing scipy.ndimage (or SimpleITK) would add 0.1-0.5 s to every `deepwml segment`. Works on
     runs along the rows, so the cost follows the number of runs, not of voxels.
     """
-    binary = np.asarray(mask)
-    if binary.dtype != bool:  # a bool mask is only read: no copy of it
-        binary = binary > 0
-    if binary.ndim != 3:
-        raise ValueError(f"label_components needs a 3D mask, got {binary.ndim}D")
-    shape = binary.shape
-    box = tuple(np.flatnonzero(binary.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    if box[0].size == 0:
-        return np.zeros(shape, np.uint8 if compact else np.int32), 0
-    box = tuple(slice(int(b[0]), int(b[-1]) + 1) for b in box)  # work on the lesions' bounding box
-    binary = binary[box]
-    n_k, n_j, n_i = binary.shape
-    row, start, end = _runs(binary)
-    p, q = _touching_runs(row, start, end, n_j, n_i)
-    root = _union(row.size, p, q)
-    # Roots are the raster-first run of each component, so numbering roots in order numbers the
-    # components in raster order of their first voxel.
-    is_root = root == np.arange(row.size)
-    count = int(np.count_nonzero(is_root))
+    binary = _binary(mask)
+    box, row, start, end, run_label, count = _component_runs(binary)
     dtype = np.int32 if not compact else np.uint8 if count <= 0xFF else np.uint16 if count <= 0xFFFF else np.uint32
-    number = np.cumsum(is_root).astype(dtype)
-    run_label = number[root]
-    labels = np.zeros(shape, dtype)
+    labels = np.zeros(binary.shape, dtype)
+    if box is None:
+        return labels, 0
     # Paint, a slab of slices at a time (a whole painted box beside `labels` was 1.6 GB more at 1024 x 1024 x
     # 400 voxels): a slab, flattened, is gap, run, gap, run, ..., gap; one np.repeat writes it.
     target = labels[box]
+    n_k, n_j, n_i = target.shape
     plane = n_j * n_i
     slab = max(1, PAINT_VOXELS // plane)
     bounds = np.searchsorted(row, np.arange(0, n_k + slab, slab) * n_j)  # the runs of each slab (raster order)
@@ -133,6 +154,16 @@ def label_components(mask: np.ndarray, compact: bool = False) -> tuple[np.ndarra
     return labels, count
 
 
+def _run_voxels(shape: tuple, box: tuple, row: np.ndarray, start: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The flat positions, in a volume of `shape`, of the voxels of runs found in its `box` (`_component_runs`),
+    run after run."""
+    k, j = np.divmod(row, box[1].stop - box[1].start)
+    first = ((k + box[0].start) * shape[1] + j + box[1].start) * shape[2] + start + box[2].start
+    positions = np.arange(int(lengths.sum()), dtype=np.int64)
+    positions += np.repeat(first - (np.cumsum(lengths) - lengths), lengths)
+    return positions
+
+
 def filter_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3: float = 0.0,
                       inside: np.ndarray | None = None, min_fraction: float = 0.5,
                       inside_level: float = 0.5) -> tuple[np.ndarray, int]:
@@ -146,23 +177,27 @@ def filter_components(mask: np.ndarray, voxel_volume_mm3: float, min_volume_mm3:
         raise ValueError(f"brain mask shape {inside.shape} differs from the lesion mask's {mask.shape}")
     if (min_volume_mm3 <= 0 and inside is None) or not mask.any():
         return mask, 0
-    labels, count = label_components(mask, compact=True)
-    # the marked voxels' flat positions (8 bytes each; a mask of the whole volume would take a byte a voxel, and
-    # np.nonzero's three index arrays 24 bytes a marked voxel and more time)
-    voxels = np.flatnonzero(labels)
-    component = labels.ravel()[voxels]
-    del labels  # before `out`: the labels were the peak of a large scan's memory
-    sizes = np.bincount(component, minlength=count + 1)
+    # from the components' runs: no volume of labels (a byte a voxel over the lesions' box, 0.4 GB at 1024 x 1024 x
+    # 400 voxels, at the peak of such a scan's post-processing), and the marked voxels' positions only where `inside`
+    # is read and for the components kept
+    box, row, start, end, component, count = _component_runs(_binary(mask))
+    lengths = end - start + 1
+    sizes = np.bincount(component, weights=lengths, minlength=count + 1).astype(np.int64)
     keep = sizes * voxel_volume_mm3 >= min_volume_mm3 if min_volume_mm3 > 0 else np.ones(count + 1, bool)
     keep[0] = False
     removed = 0
     if inside is not None:
-        within = np.bincount(component, weights=np.ravel(inside)[voxels] >= inside_level, minlength=count + 1)
+        voxels = _run_voxels(mask.shape, box, row, start, lengths)
+        within_runs = np.add.reduceat(np.ravel(inside)[voxels] >= inside_level, np.cumsum(lengths) - lengths,
+                                      dtype=np.int64)
+        del voxels
+        within = np.bincount(component, weights=within_runs, minlength=count + 1)
         gated = keep & (within >= min_fraction * sizes)
         removed = int(sizes[keep & ~gated].sum())
         keep = gated
+    kept = keep[component]
     out = np.zeros(mask.shape, mask.dtype)
-    out.ravel()[voxels] = keep[component]  # a new array's ravel() is a view of it
+    out.ravel()[_run_voxels(mask.shape, box, row[kept], start[kept], lengths[kept])] = 1  # a new array: ravel() views it
     return out, removed
 
 
