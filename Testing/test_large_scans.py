@@ -805,6 +805,24 @@ def test_the_slices_outside_the_head_hold_no_memory_in_the_probability_map(tiny_
     assert held < 0.3 * probabilities.nbytes, f"{held / probabilities.nbytes:.2f} of the map held (8 of 40 slices run)"
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="the memory a buffer holds is told by Linux's smaps")
+def test_the_threshold_mask_holds_memory_only_about_the_marks():
+    """Post-processing's threshold mask was written whole (0.42 GB at 1024 x 1024 x 400, at the peak of such a
+    scan's post-processing), though the slices outside the head (145 of 400 there) and others hold no mark. Only
+    the rows with a mark are written now, so the system gives memory only about them (numpy asks for pages of 2 MB
+    where the system offers them, two such slices: then a slice with a mark is held whole); the same mask."""
+    n, rows, cols = 40, 1024, 1024  # the mask (42 MB) is allocated apart from the rest of the heap, as a large scan's
+    probabilities = np.full((n, rows, cols), 0.2, np.float16)
+    probabilities[5:40:10, 200:206, 300:306] = 0.9  # a mark on each of 4 slices
+    over, peak = _peak_bytes(postprocessing.at_least, probabilities, 0.5)
+    assert np.array_equal(over, probabilities >= 0.5)
+    held = _resident_bytes(over)
+    if held is None:
+        pytest.skip("the mask shares its memory area with other buffers here")
+    assert held < 0.3 * over.nbytes, f"{held / over.nbytes:.3f} of the threshold mask held"  # all of it before
+    assert peak < 1.1 * over.nbytes, f"{peak / over.nbytes:.2f} masks held at once"
+
+
 def test_the_masks_and_the_map_are_held_once_after_the_networks(monkeypatch):
     """After the networks, the lesion mask and the brain mask were copied onto the input grid and kept beside
     their axial stacks up to the end of the FLAIR check, and the probability map was copied while the mask
