@@ -558,6 +558,9 @@ def predict_network_slices(slices: np.ndarray, runner, batch_size: int, tta: boo
 # Slices go through preprocessing, the network and back in chunks, so memory stays a small multiple
 # of the input volume however many slices it has.
 CHUNK_SLICES = 32
+# A chunk's maps are put back on the input grid this many slices at a time: the input grid's copies of a chunk (a
+# float32 map of 32 slices and its half-way pass, 0.13 GB each at 1024 x 1024) were the networks' end's peak
+INPUT_SLICES = 8
 MIN_INPLANE_PIXELS = 4  # an axial slice narrower than this is no cross-section of a head (one to three sagittal slices)
 
 
@@ -618,6 +621,13 @@ def check_grid_phases(phases) -> None:
     """A DeepWMLError unless `phases` is one of GRID_PHASES' counts."""
     if isinstance(phases, bool) or phases not in GRID_PHASES:
         raise DeepWMLError(f"grid phases must be {' or '.join(map(str, GRID_PHASES))}, got {phases!r}")
+
+
+def _on_input(grid, maps: np.ndarray, chunk: np.ndarray):
+    """(slices, their maps on the input grid) of a chunk's network `maps` (slices `chunk`), INPUT_SLICES at a time:
+    the same numbers, each slice resampled on its own."""
+    for first in range(0, chunk.size, INPUT_SLICES):
+        yield chunk[first:first + INPUT_SLICES], grid.to_input(maps[first:first + INPUT_SLICES])
 
 
 def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: LoadedModel | None = None,
@@ -689,14 +699,17 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
             if number < len(models):
                 summed[key] = (moved, probabilities if key not in summed else summed[key][1] + probabilities)
             else:
-                on_input, cut = plan.grids[loaded.preprocessing].to_input(probabilities), cuts[number - len(models)]
-                helper_maps[number - len(models)][chunk] = on_input if cut is None else on_input >= cut
+                cut = cuts[number - len(models)]
+                for part, on_input in _on_input(plan.grids[loaded.preprocessing], probabilities, chunk):
+                    helper_maps[number - len(models)][part] = on_input if cut is None else on_input >= cut
             done += chunk.size * cost
         for (_, config), (moved, probabilities) in summed.items():
-            total[chunk] += moved.grids[config].to_input(probabilities)
+            for part, on_input in _on_input(moved.grids[config], probabilities, chunk):
+                total[part] += on_input
         # averaged here, over the slices run: the map's other slices (outside the head) are never written, so the
         # system gives them no memory (np.zeros' pages come on first write: 0.6 GB of 1.6 GB at 1024 x 1024 x 400)
-        total[chunk] /= len(models) * len(shifts)
+        for first_part in range(0, chunk.size, INPUT_SLICES):
+            total[chunk[first_part:first_part + INPUT_SLICES]] /= len(models) * len(shifts)
     if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)
         facts["runner"] = ", ".join(ran)
     if progress:

@@ -893,6 +893,28 @@ def test_the_brain_map_is_thresholded_as_the_networks_run_not_held_as_floats(tmp
     assert peak < 9.5 * voxels, f"{peak / voxels:.1f} bytes a voxel"
 
 
+def test_the_maps_are_put_back_on_the_input_grid_a_few_slices_at_a_time(tmp_path, tiny_model, monkeypatch):
+    """A chunk's maps (32 slices) were put back on the input grid all at once: the map, its half-way pass and the
+    total's chunk, 0.13 GB each at 1024 x 1024, at the peak of the networks' end of such a scan. A few slices at a
+    time (8; 2 of a chunk of 16 here), each slice resampled on its own: the same maps, byte for byte."""
+    from DeepWMLLib.segment import load_brain_model, load_models
+
+    from conftest import BRAIN_LABELS, tiny_model_file
+
+    monkeypatch.setattr(inference, "CHUNK_SLICES", 16)
+    models = load_models([tiny_model])
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS, seed=3)))
+    image, _ = make_volume(size=(256, 256, 32), spacing=(0.9, 0.9, 2.0))
+    maps = {}
+    for slices in (16, 2):
+        monkeypatch.setattr(inference, "INPUT_SLICES", slices, raising=False)
+        maps[slices], peak = _peak_bytes(lambda: inference.predict_maps(image, models, brain, "cpu", backend="torch",
+                                                                       brain_threshold=0.5, phases=4))
+    assert all(np.array_equal(whole, parts) for whole, parts in zip(maps[16][:2], maps[2][:2]))
+    voxels = maps[2][0].size
+    assert peak < 12.5 * voxels, f"{peak / voxels:.1f} bytes a voxel"  # 17.6 a chunk at a time
+
+
 def test_post_processing_makes_the_lesion_mask_once():
     """Post-processing made the lesion mask as bool, then as bytes, and label_components copied the bytes to bool
     again: three masks of the whole volume where one serves (1.2 GB at 1024 x 1024 x 400 voxels, the peak of such a
