@@ -71,9 +71,10 @@ class PreprocessingConfig:
         return cls(cfg.normalisation, size, spacing)
 
 
-def percentiles(values: np.ndarray, q) -> np.ndarray:
+def percentiles(values: np.ndarray, q, overwrite_input: bool = False) -> np.ndarray:
     """np.percentile(values, q) (linear interpolation) by partial sorting. The same numbers; it only
-    skips the np.unique call inside np.percentile that imports numpy.ma, 20 ms of every start-up."""
+    skips the np.unique call inside np.percentile that imports numpy.ma, 20 ms of every start-up. With
+    `overwrite_input`, as np.percentile's: a contiguous `values` (writable) is partially sorted in place, not copied."""
     flat = np.asarray(values).ravel()
     q = np.atleast_1d(np.asarray(q, dtype=np.float64))
     if flat.size == 0:
@@ -81,7 +82,8 @@ def percentiles(values: np.ndarray, q) -> np.ndarray:
     position = q / 100 * (flat.size - 1)
     low = np.floor(position).astype(np.intp)
     high = np.minimum(low + 1, flat.size - 1)
-    part = np.partition(flat, sorted(set(low.tolist()) | set(high.tolist())))
+    part = flat if overwrite_input else flat.copy()
+    part.partition(sorted(set(low.tolist()) | set(high.tolist())))
     a, b = part[low].astype(np.float64), part[high].astype(np.float64)
     return a + (b - a) * (position - low)
 
