@@ -634,14 +634,15 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                  device: str = "auto", batch_size: int | None = None, tta: bool = False,
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
                  facts: dict | None = None, precision: str = "auto", ventricle_model: LoadedModel | None = None,
-                 phases: int = 1, brain_threshold: float | None = None,
+                 phases: int = 1, brain_threshold: float | None = None, ventricle_threshold: float | None = None,
                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, SliceFrame]:
     """(lesion, brain, ventricles, frame): the WMH probability map (models averaged, as
     `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
     `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
     grid. Slices outside the head get 0 in all. With `brain_threshold` (> 0) the brain map comes as its mask
     instead, uint8, 1 where the probability is >= it: thresholded a chunk of slices at a time, the float32 map is
-    never held (1.07 GB of a 1024 x 1024 x 400 scan with 255 slices run, where the mask is 0.27 GB). `facts`, when given, receives `head_voxels` (the
+    never held (1.07 GB of a 1024 x 1024 x 400 scan with 255 slices run, where the mask is 0.27 GB); so does the
+    ventricle map with `ventricle_threshold`. `facts`, when given, receives `head_voxels` (the
     normalisation's head mask), `slices_run`, `slices_below_head` (slices left out as neck and shoulders:
     preprocessing.HEAD_HEIGHT_MM) and `runner` (how the networks ran: the runners' distinct names, joined by ", ").
     `phases` (GRID_PHASES): the lesion map is the mean of the maps of the grid moved by each phase's shift, each
@@ -670,9 +671,10 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
         batch_size = min(r.default_batch_size for r in runners)
     ran: list = []  # names of the runners that ran batches, a CPU fallback's included
     total = np.zeros(stack.shape, dtype=np.float32)
-    if brain_threshold is not None and not brain_threshold > 0:  # the slices not run are 0: outside the mask
-        raise ValueError(f"brain_threshold must be > 0, got {brain_threshold}")
-    cuts = [brain_threshold if m is brain_model else None for m in helpers]
+    for cut in (brain_threshold, ventricle_threshold):
+        if cut is not None and not cut > 0:  # the slices not run are 0: outside the mask
+            raise ValueError(f"a map's threshold must be > 0, got {cut}")
+    cuts = [brain_threshold if m is brain_model else ventricle_threshold for m in helpers]
     helper_maps = [np.zeros(stack.shape, dtype=np.float32 if cut is None else np.uint8) for cut in cuts]
     costs = [network_cost(m) for m in networks]  # each network's share of the progress bar
     shifts = GRID_PHASES[phases]

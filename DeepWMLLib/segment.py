@@ -561,12 +561,13 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     dev = resolve_device(device)
     facts: dict = {}
     tell = progress or (lambda fraction, message: None)
-    # Only the brain mask is needed: it comes thresholded, a byte a voxel, never as the brain network's float32 map
-    # (1.07 GB more at the networks' end of a 1024 x 1024 x 400 scan); postprocess reads it as the map, inside where
-    # >= BRAIN_THRESHOLD.
+    # Only the brain and ventricle masks are needed: they come thresholded, a byte a voxel, never as the networks'
+    # float32 maps (1.07 GB more each at the networks' end of a 1024 x 1024 x 400 scan); postprocess and
+    # ventricle_mask read them as the maps, inside where >= their thresholds (1 is, 0 is not).
     probabilities, brain_stack, ventricle_map, frame = predict_maps(
         image, models, brain_model, dev, batch_size, tta, progress_part(progress, 0.0, NETWORK_SHARE), cancel, backend,
-        facts, precision, ventricle_model, grid_phases, brain_threshold=BRAIN_THRESHOLD)
+        facts, precision, ventricle_model, grid_phases, brain_threshold=BRAIN_THRESHOLD,
+        ventricle_threshold=None if ventricle_model is None else ventricle_model.threshold)
     tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
@@ -590,9 +591,12 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                                     ventricle_model.threshold)
         location, distance = locate(mask_stack > 0, ventricles, spacing)
         location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
-        ventricle_image = io.from_axial_stack(ventricles.astype(np.uint8), frame)
+        del ventricle_map
+        # both given up, put on the input grid in their own buffers (a copy of the float32 distances was 1.6 GB at
+        # 1024 x 1024 x 400)
+        ventricle_image = io.from_axial_stack(ventricles.view(np.uint8), frame, reuse=True)
         if distance is not None:
-            distance_image = io.from_axial_stack(distance, frame)  # held: voxels() is a view of its buffer
+            distance_image = io.from_axial_stack(distance, frame, reuse=True)  # held: voxels() is a view of its buffer
             distance = voxels(distance_image)
     tell(REPORT_AT, "lesion report")
     report = lesion_report(mask, voxels(prob_image), distance)

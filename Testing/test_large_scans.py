@@ -943,6 +943,51 @@ def test_the_maps_are_put_back_on_the_input_grid_a_few_slices_at_a_time(tmp_path
     assert peak < 12.5 * voxels, f"{peak / voxels:.1f} bytes a voxel"  # 17.6 a chunk at a time
 
 
+def test_the_ventricle_map_is_thresholded_as_the_networks_run_too(tmp_path, tiny_model):
+    """With a ventricle model (--ventricle-model), its float32 map was held whole to the networks' end, though only
+    its threshold is used (1.07 GB at 1024 x 1024 x 400 with 255 slices run, where the mask is 0.27 GB): it comes
+    as the brain map does, a byte a voxel, 1 where the probability is over the model's threshold; the same mask."""
+    from DeepWMLLib.location import ventricle_mask
+    from DeepWMLLib.segment import load_models, load_ventricle_model
+
+    from conftest import tiny_model_file
+
+    models = load_models([tiny_model])
+    vent = load_ventricle_model(str(tiny_model_file(tmp_path / "vent.pt", seed=4,
+                                                    labels={"0": "background", "1": "lateral_ventricles"})))
+    image, _ = make_volume(size=(128, 128, 12), spacing=(1.8, 1.8, 2.0))
+    _, _, floats, _ = inference.predict_maps(image, models, None, "cpu", backend="torch", ventricle_model=vent)
+    level = float(np.median(floats[floats > 0]))  # an untrained network's: half its voxels run inside
+    _, _, cut, _ = inference.predict_maps(image, models, None, "cpu", backend="torch", ventricle_model=vent,
+                                          ventricle_threshold=level)
+    assert cut.dtype == np.uint8 and np.array_equal(cut, (floats >= level).astype(np.uint8))
+    assert np.array_equal(ventricle_mask(cut, None, level), ventricle_mask(floats, None, level))
+
+
+def test_the_ventricles_are_found_without_int32_labels_or_a_copy_of_the_distances():
+    """ventricle_mask labelled its components with scipy's int32 labels (1.7 GB at 1024 x 1024 x 400) and
+    ventricle_distance copied its float32 distances once more than needed (1.7 GB): labels of a byte a voxel (under
+    256 components), no copy; the same ventricles and distances."""
+    from DeepWMLLib import location
+
+    n, rows, cols = 30, 200, 200
+    k, j, i = np.ogrid[:n, :rows, :cols]
+    probabilities = np.zeros((n, rows, cols), np.float32)
+    probabilities[((k - 15) * 2.0) ** 2 + (j - 100) ** 2 + (i - 80) ** 2 < 20 ** 2] = 0.9  # the two lateral
+    probabilities[((k - 15) * 2.0) ** 2 + (j - 100) ** 2 + (i - 120) ** 2 < 20 ** 2] = 0.8  # ventricles, touching
+    probabilities[5, 20, 20] = 0.9  # a stray speck, dropped
+    cut = (probabilities >= 0.5).astype(np.uint8)  # as predict_maps gives it
+    ventricles, peak = _peak_bytes(location.ventricle_mask, cut, None, 0.5)
+    assert np.array_equal(ventricles, (probabilities >= 0.5) & ~((k == 5) & (j == 20) & (i == 20)))
+    assert peak < 3.5 * cut.size, f"{peak / cut.size:.1f} bytes a voxel"  # 21 with int32 labels
+    distance, peak = _peak_bytes(location.ventricle_distance, ventricles, (2.0, 0.5, 0.5))
+    from scipy import ndimage
+
+    assert distance.dtype == np.float32
+    assert np.allclose(distance, ndimage.distance_transform_edt(~ventricles, sampling=(2.0, 0.5, 0.5)), atol=1e-4)
+    assert peak < 6.5 * cut.size, f"{peak / cut.size:.1f} bytes a voxel"  # 8 with the copy
+
+
 def test_post_processing_makes_the_lesion_mask_once():
     """Post-processing made the lesion mask as bool, then as bytes, and label_components copied the bytes to bool
     again: three masks of the whole volume where one serves (1.2 GB at 1024 x 1024 x 400 voxels, the peak of such a
