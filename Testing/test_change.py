@@ -276,7 +276,7 @@ def test_a_dicom_study_folder_as_the_baseline(pair, tmp_path, capsys):
     and a warning name it, and the calls are those of the same scan given as a file. Its slices, 4 mm apart but
     3.5 mm thick (Slice Thickness), leave a gap between them: the report gives the tag and a warning says so."""
     files = pair["files"]
-    flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 1000, sitk.sitkInt16)
+    flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 100, sitk.sitkInt16)  # within int16: times 1000 wrapped around
     study = tmp_path / "study"
     write_dicom_series(study, flair[:, :, :20], uid="1.2.3.1", description="AX T1 SE", prefix="t1_")
     write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="flair_", number=2,
@@ -309,7 +309,7 @@ def test_visits_given_the_wrong_way_round_are_warned_of_by_their_study_dates(pai
     files = pair["files"]
     given = {}
     for name, date in (("baseline", "20260301"), ("followup", "20251102")):
-        flair = sitk.Cast(sitk.ReadImage(str(files[name])) * 1000, sitk.sitkInt16)
+        flair = sitk.Cast(sitk.ReadImage(str(files[name])) * 100, sitk.sitkInt16)  # within int16: times 1000 wrapped around
         given[name] = write_dicom_series(tmp_path / name, flair, uid=f"1.2.9.{len(given)}", description="AX FLAIR",
                                          extra={"0008|0020": date, "0020|000d": f"1.2.8.{len(given)}"})
     out = tmp_path / "out"
@@ -612,7 +612,7 @@ def test_a_dicom_follow_up_with_unevenly_spaced_slices_is_warned_of(pair, tmp_pa
     missing) was compared on the grid of their mean step without a word, as `deepwml segment` read it: the
     change report now warns of it in `segment`'s words."""
     files = pair["files"]
-    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 1000, sitk.sitkInt16)
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)  # within int16: times 1000 wrapped around
     steps = [3.0] * 20 + [3.5] + [3.0] * 30
     series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.8", description="AX FLAIR",
                                 positions=stepped_positions(flair, steps))
@@ -635,7 +635,7 @@ def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, 
     from DeepWMLLib.dicom_outline import SECONDARY_CAPTURE
 
     files = pair["files"]
-    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 1000, sitk.sitkInt16)
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)  # within int16: times 1000 wrapped around
     series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR", number=4,
                                 extra={"0010|0020": "P-7", "0020|000d": "1.2.3.70"})
     out = tmp_path / "out"
