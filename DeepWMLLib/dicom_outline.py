@@ -13,9 +13,9 @@ PACS (or opened in any DICOM viewer) and read next to the original:
   corner, so a picture seen on its own says what it is;
 - Secondary Capture Image Storage (RGB is not allowed in the MR Image IOD), Modality copied, Image
   Type DERIVED\\SECONDARY, a new Series Instance UID and SOP Instance UIDs (under the 2.25 root, from
-  random UUIDs), Series Number the source's + 1000, Series Description "DeepWML WMH outline" with the
-  source's, and a Derivation Description naming DeepWML's version, the models' checksums, the volume
-  and lesion count;
+  random UUIDs), Series Number the source's + 1000 (- 1000 where + 1000 would pass the largest IS,
+  2147483647), Series Description "DeepWML WMH outline" with the source's, and a Derivation Description
+  naming DeepWML's version, the models' checksums, the volume and lesion count;
 - patient and study attributes copied from the source's first image (COPIED: name, ID, birth date, sex,
   age, study UID, date, time, ID, accession number, referring physician, study description...), text
   read in the source's character set (`io.header_value`) and written as UTF-8 (Specific Character Set
@@ -45,6 +45,7 @@ from .report import lesion_count_text
 
 SECONDARY_CAPTURE = io.SECONDARY_CAPTURE_CLASS  # Secondary Capture Image Storage
 SERIES_NUMBER_OFFSET = 1000
+_LARGEST_IS = 2**31 - 1  # the VR IS range: a Series Number past it is refused by a PACS that checks
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
 FILE_PATTERN = "IM{:05d}.dcm"
 # Attributes of the patient and the study copied from the source: (tag, is text in the source's character set,
@@ -215,6 +216,8 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid = new_uid()
     number = (series.number or 0) + SERIES_NUMBER_OFFSET
+    if number > _LARGEST_IS:
+        number = series.number - SERIES_NUMBER_OFFSET  # still next to the source's in PACS, never the same
     description = title + (f" ({series.description})" if series.description else "")
     description = description.replace("\\", "/")  # one value: a backslash would split it in two
     if len(description) > _LONG_STRING:

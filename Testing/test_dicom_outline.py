@@ -329,3 +329,14 @@ def test_report_and_picture_name_dicom_slices_by_their_instance_numbers(tmp_path
     assert main(["segment", str(plain), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
                  "--no-brain-mask"]) == 0
     assert "dicom_instance" not in json.loads((out / "plain_report.json").read_text(encoding="utf-8"))["slices"][0]
+
+
+def test_a_series_number_near_the_top_of_its_range_stays_in_it(tmp_path):
+    """Series Number is an IS: at most 2147483647. A source numbered within 1000 of that is written 1000 below
+    it (still beside it in PACS, never the same number), not past the range where a PACS refuses the images."""
+    folder, truth = _series_with(tmp_path, "high", number=2147483000)
+    written = _outline(folder, truth, tmp_path / "o")
+    assert written["series_number"] == 2147482000
+    assert {h["0020|0011"] for h in read_series(tmp_path / "o")[1]} == {"2147482000"}
+    folder, truth = _series_with(tmp_path, "usual", number=64600)
+    assert _outline(folder, truth, tmp_path / "o2")["series_number"] == 65600
