@@ -4,9 +4,9 @@ Radiologists read in their PACS viewer, not in Slicer. This writes the FLAIR ser
 lesions outlined in red, as a new series of the same study and patient, so the result can be sent to
 PACS (or opened in any DICOM viewer) and read next to the original:
 
-- one image per slice of the input, on its exact grid: each image keeps the source slice's position,
-  orientation, pixel spacing (Image Plane attributes) and Instance Number, and the source's Frame of
-  Reference, so a viewer that reads them links it to the FLAIR and scrolls the two together;
+- one image per slice of the input: each image keeps the source slice's own position (`source_positions`;
+  a multi-frame file's frames: their places on the grid it was read on), orientation, pixel spacing
+  (Image Plane attributes) and Instance Number, and the source's Frame of Reference, so a viewer that reads them links it to the FLAIR and scrolls the two together;
 - the FLAIR in grey (the window of the QC picture: its 1st to 99.5th percentile within the head, the
   same on every slice), each lesion's in-plane outline in red (the voxels of the mask next to one
   outside it, as in `qc.py`), and "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS" burned into the bottom left
@@ -122,6 +122,28 @@ def source_instance_numbers(series: io.DicomSeries, slices: int) -> list[int]:
     if len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
         return list(range(1, slices + 1))
     return numbers
+
+
+def source_positions(series: io.DicomSeries, slices: int) -> list | None:
+    """Each source image's own Image Position (Patient), x, y, z in mm, in the order the image was read (by
+    position): the slices of a series a little unevenly spaced are read on the regular grid of their mean
+    step, yet each outline image shows its source image's pixels, imaged where that image says. None for a
+    multi-frame file, or where an image gives no position: the grid's places, then."""
+    if len(series.files) != slices:
+        return None
+    positions = []
+    for path in series.files:
+        reader = _reader(path)
+        if not reader.HasMetaDataKey("0020|0032"):
+            return None
+        try:
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        except ValueError:
+            return None
+        if len(position) != 3:
+            return None
+        positions.append(position)
+    return positions
 
 
 def outline_images(image, labels, colours: dict | None = None, caption: str = CAPTION,
@@ -247,10 +269,11 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
         "0028|0301": "NO",  # the caption burned in does not identify the patient
     }  # Pixel Spacing: GDCM writes it from the image's spacing
     numbers = source_instance_numbers(series, pictures.shape[0])
+    positions = source_positions(series, pictures.shape[0])
     images = []
     for k in range(pictures.shape[0]):
         picture = sitk.GetImageFromArray(pictures[k:k + 1], isVector=True)
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        position = positions[k] if positions else image.TransformIndexToPhysicalPoint((0, 0, k))
         picture.SetOrigin(position)
         picture.SetSpacing(spacing)
         picture.SetDirection(direction)

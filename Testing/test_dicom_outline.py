@@ -14,7 +14,7 @@ from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, record_syncs_and_renames, rotation, write_dicom_series
+from conftest import make_volume, record_syncs_and_renames, rotation, stepped_positions, write_dicom_series
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
            "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
@@ -329,6 +329,23 @@ def test_report_and_picture_name_dicom_slices_by_their_instance_numbers(tmp_path
     assert main(["segment", str(plain), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
                  "--no-brain-mask"]) == 0
     assert "dicom_instance" not in json.loads((out / "plain_report.json").read_text(encoding="utf-8"))["slices"][0]
+
+
+def test_each_image_lies_where_its_source_slice_was_imaged(tmp_path):
+    """Slices a little unevenly spaced (read, with a warning, on the regular grid of their mean step): each
+    outline image keeps its source image's own Image Position (Patient), as a viewer's cross-reference lines
+    and linked scrolling need, not its place on that grid (0.32 mm off here)."""
+    image, truth = make_volume(size=(24, 20, 6), spacing=(0.9, 0.9, 5.16), dtype=sitk.sitkInt16,
+                               direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    positions = stepped_positions(image, [5.0, 5.0, 5.8, 5.0, 5.0])
+    folder = write_dicom_series(tmp_path / "uneven", image, description="FLAIR", positions=positions)
+    _outline(folder, truth, tmp_path / "o")
+    _, source = read_series(folder)
+    _, out = read_series(tmp_path / "o")
+    for written, own in zip(out, source):
+        assert written["0020|0013"] == own["0020|0013"]
+        assert np.allclose([float(v) for v in written["0020|0032"].split("\\")],
+                           [float(v) for v in own["0020|0032"].split("\\")], atol=1e-4), (written["0020|0032"], own["0020|0032"])
 
 
 def test_a_series_number_near_the_top_of_its_range_stays_in_it(tmp_path):
