@@ -20,7 +20,9 @@ PACS (or opened in any DICOM viewer) and read next to the original:
   age, study UID, date, time, ID, accession number, referring physician, study description...), text
   read in the source's character set (`io.header_value`) and written as UTF-8 (Specific Character Set
   ISO_IR 192), nothing changed but the padding; those the source leaves empty or out are written empty
-  (Type 2), never made up. A character set that cannot be read, or no Study Instance UID, is refused.
+  (Type 2), never made up. A character set that cannot be read, or no Study Instance UID, is refused;
+- Burned In Annotation NO (the caption names neither the patient nor the date), YES where the source's
+  says its pixels, shown in the outline, do.
 
 Nothing from the source's private tags, and no other attribute, is copied. The outline is for reading
 the result, not a measurement: the mask files and the report are the result.
@@ -48,14 +50,15 @@ SERIES_NUMBER_OFFSET = 1000
 _LARGEST_IS = 2**31 - 1  # the VR IS range: a Series Number past it is refused by a PACS that checks
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
 FILE_PATTERN = "IM{:05d}.dcm"
-# Attributes of the patient and the study copied from the source: (tag, is text in the source's character set,
-# written empty when the source lacks it: the IOD's Type 2, which GDCM would otherwise fill with today's date)
+# Attributes of the patient and the study copied from the source (and its Burned In Annotation, for the outline's):
+# (tag, is text in the source's character set, written empty when the source lacks it: the IOD's Type 2, which GDCM
+# would otherwise fill with today's date)
 COPIED = (
     ("0010|0010", True, True), ("0010|0020", True, True), ("0010|0021", True, False), ("0010|0030", False, True),
     ("0010|0040", False, True), ("0010|1010", False, False), ("0020|000d", False, False), ("0008|0020", False, True),
     ("0008|0030", False, True), ("0020|0010", True, True), ("0008|0050", True, True), ("0008|0090", True, True),
     ("0008|1030", True, False), ("0020|0052", False, False), ("0008|0060", False, False), ("0018|0015", True, False),
-    ("0018|0050", False, False),
+    ("0018|0050", False, False), ("0028|0301", False, False),
 )
 _LONG_STRING = 64  # the VR LO limit (Series Description)
 
@@ -266,7 +269,8 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
         "0020|0037": "\\".join(_decimal(v) for v in (direction[0], direction[3], direction[6],
                                                      direction[1], direction[4], direction[7])),
         "0020|4000": f"{title} - not for diagnosis",
-        "0028|0301": "NO",  # the caption burned in does not identify the patient
+        # the caption names neither the patient nor the date, but the source's pixels, shown, may
+        "0028|0301": "YES" if attributes.get("0028|0301", "").upper() == "YES" else "NO",
     }  # Pixel Spacing: GDCM writes it from the image's spacing
     numbers = source_instance_numbers(series, pictures.shape[0])
     positions = source_positions(series, pictures.shape[0])

@@ -357,3 +357,15 @@ def test_a_series_number_near_the_top_of_its_range_stays_in_it(tmp_path):
     assert {h["0020|0011"] for h in read_series(tmp_path / "o")[1]} == {"2147482000"}
     folder, truth = _series_with(tmp_path, "usual", number=64600)
     assert _outline(folder, truth, tmp_path / "o2")["series_number"] == 65600
+
+
+def test_burned_in_annotation_says_yes_where_the_source_pixels_carry_one(tmp_path):
+    """Burned In Annotation tells de-identification and sharing tools whether the pixels name the patient or the
+    date. The caption does not (NO), but the outline shows the source's pixels: a source whose pixels do (YES)
+    makes an outline that does too, which must not claim NO."""
+    folder, truth = _series_with(tmp_path, "burned", extra={"0028|0301": "YES"})
+    _outline(folder, truth, tmp_path / "o")
+    assert {h["0028|0301"] for h in read_series(tmp_path / "o")[1]} == {"YES"}
+    folder, truth = _series_with(tmp_path, "clean", extra={"0028|0301": "NO"})
+    _outline(folder, truth, tmp_path / "o2")
+    assert {h["0028|0301"] for h in read_series(tmp_path / "o2")[1]} == {"NO"}
