@@ -825,14 +825,15 @@ def test_a_nifti_file_the_image_library_writes_short_is_an_error_not_an_output(t
     assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), sitk.GetArrayFromImage(image))
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full: free space on it"),
-                                         (errno.EFBIG, "larger than a file size limit allows (ulimit -f")])
-@pytest.mark.parametrize("stage", ["temporary name", "writing", "lock"])
+FULL_DISK_WORDS = "the disk is full: free space on it"
+
+
+@pytest.mark.parametrize("code, words, stage", [  # a file size limit fails writes, not the making of a file
+    (errno.ENOSPC, FULL_DISK_WORDS, "temporary name"), (errno.ENOSPC, FULL_DISK_WORDS, "writing"),
+    (errno.ENOSPC, FULL_DISK_WORDS, "lock"), (errno.EFBIG, "larger than a file size limit allows (ulimit -f", "writing")])
 def test_a_full_disk_is_said_so_not_sent_to_look_at_permissions(tmp_path, monkeypatch, code, words, stage):
     """'cannot write in OUTDIR (No space left on device); choose a writable output folder' sent a user with a full
     disk to look at the folder's permissions."""
-    if code == errno.EFBIG and stage != "writing":
-        pytest.skip("a file size limit fails writes, not the making of a file")
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
