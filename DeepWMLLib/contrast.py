@@ -292,13 +292,19 @@ def bright_line(stack: np.ndarray) -> dict | None:
     return found
 
 
-def bright_line_warning(line: dict) -> str:
-    """The warning for a bright line through the slices (`bright_line`)."""
-    way = "from front to back" if line["along"] == "column" else "from side to side"
-    return (f"a straight bright line runs {way} through the axial slices ({line['along']} {line['index']} of each, "
-            f"{line['excess']:.0%} of the image's range brighter than beside it; 0 % on the real FLAIRs "
-            "checked): an artefact (RF zipper, stripe) that DeepWML marks as lesion where it crosses the brain; look at "
-            "the mask there (in Slicer, or the picture of deepwml segment --qc) and repeat the scan if need be")
+def bright_line_warning(line: dict, frame) -> str:
+    """The warning for a bright line through the axial slices (`bright_line` of the axial stack of an image, whose
+    `frame`, io.SliceFrame, it came by). The line's place is the image's own voxel index, as Slicer's Data Probe shows
+    it: the stack's column or row runs against it where the file's axis does (a NIfTI file stored as RAS)."""
+    column = line["along"] == "column"
+    way = "from front to back" if column else "from side to side"
+    axis, flip = (frame.col_axis, frame.flip_col) if column else (frame.row_axis, frame.flip_row)
+    index = frame.size[axis] - 1 - line["index"] if flip else line["index"]
+    return (f"a straight bright line runs {way} through the axial slices (at voxel index {'ijk'[axis]} = {index} "
+            f"(IJK, as Slicer's Data Probe shows it), {line['excess']:.0%} of the image's range brighter than beside "
+            "it; 0 % on the real FLAIRs checked): an artefact (RF zipper, stripe) that DeepWML marks as lesion where it "
+            "crosses the brain; look at the mask there (in Slicer, or the picture of deepwml segment --qc) and repeat "
+            "the scan if need be")
 
 
 def why_not_flair(check: dict) -> str | None:

@@ -609,9 +609,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     ]
     if location is not None and not location["judged"]:
         warnings.append(location["why"])
-    line = bright_line(io.axial_view(image))  # with or without a brain mask: the line runs through the air too
+    line = bright_line(io.axial_view(image, frame))  # with or without a brain mask: the line runs through the air too
     if line:
-        warnings.append(bright_line_warning(line))
+        warnings.append(bright_line_warning(line, frame))
     if facts.get("slices_below_head"):
         from .preprocessing import HEAD_HEIGHT_MM
 

@@ -284,7 +284,7 @@ def test_a_bright_line_through_every_slice_is_found_on_a_real_flair_and_none_on_
         striped.CopyInformation(image)
         line = contrast.bright_line(io.axial_view(striped))
         assert line is not None and line["along"] == along and line["excess"] > 1.5 * contrast.LINE_EXCESS_MAX
-        assert "straight bright line" in contrast.bright_line_warning(line)
+        assert "straight bright line" in contrast.bright_line_warning(line, io.slice_frame(striped))
 
 
 def test_a_bright_line_is_measured_in_an_integer_image_without_wrap_around():
@@ -297,3 +297,25 @@ def test_a_bright_line_is_measured_in_an_integer_image_without_wrap_around():
     assert contrast.bright_line(stack) is None
     stack[:, :, 30] += 100
     assert contrast.bright_line(stack) == {"along": "column", "index": 30, "excess": pytest.approx(0.2, abs=0.03)}
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1)])  # as DICOM, as RAS
+@pytest.mark.parametrize("where,named", [(np.s_[:, :, 30], "i = 30"), (np.s_[:, 70, :], "j = 70")])
+def test_a_bright_line_is_named_by_the_scan_s_own_voxel_index(direction, where, named):
+    """The warning names the line's place as Slicer's Data Probe numbers the scan's voxels (IJK): the axial stack's
+    column and row run against the file's where its x and y do (a NIfTI file stored as RAS), and the warning said
+    'column 65' for a stripe at i = 30, the other side of the head."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:12, :96, :96]
+    head = ((y - 48) / 40.0) ** 2 + ((x - 48) / 34.0) ** 2 < 1
+    voxels = (np.where(head, 400, 3) + rng.integers(0, 40, head.shape) * head).astype(np.float32)
+    voxels[where] += 100
+    image = sitk.GetImageFromArray(voxels)
+    image.SetDirection(direction)
+    frame = io.slice_frame(image)
+    line = contrast.bright_line(io.axial_view(image, frame))
+    assert line is not None and f"voxel index {named} " in contrast.bright_line_warning(line, frame)
