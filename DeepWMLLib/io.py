@@ -3563,7 +3563,7 @@ def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike
         """(first slice, the label map's bytes) of each slab"""
         for k0 in range(0, array.shape[0], step):
             part = array[k0:k0 + step]
-            yield k0, (part > 0).view(np.uint8) if binary else np.ascontiguousarray(part, dtype=np.uint8)
+            yield k0, np.ascontiguousarray(part > 0).view(np.uint8) if binary else np.ascontiguousarray(part, np.uint8)
 
     # the slices, rows and columns where each segment lies, for its extent
     seen = [[np.zeros(n, bool) for n in array.shape] for _ in segments]

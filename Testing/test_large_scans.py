@@ -481,6 +481,19 @@ def test_the_segmentation_file_is_made_a_slab_of_slices_at_a_time(tmp_path, monk
     assert peak < 0.5 * array.nbytes, f"{peak / array.nbytes:.2f} bytes a voxel held at once"
 
 
+def test_a_mask_laid_out_in_another_order_is_written_as_its_values(tmp_path, monkeypatch):
+    """A mask whose voxels lie in memory in another order (a Fortran-ordered or transposed array, as a caller of the
+    library may give in a Volume): its slabs, written a slab at a time, are not C-contiguous, and the file write
+    failed with 'memoryview: casts are restricted to C-contiguous views'. The same file as the mask in C order."""
+    monkeypatch.setattr(io, "SEGMENTATION_SLAB_VOXELS", 1 << 10, raising=False)
+    array = (np.random.default_rng(5).random((6, 30, 40)) < 0.05).astype(np.uint8)
+    files = []
+    for voxels in (array, np.asfortranarray(array)):
+        mask = Volume(voxels, (0.5, 0.6, 2.0), (1.0, 2.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        files.append(io.write_segmentation(mask, tmp_path / f"case{len(files)}.seg.nrrd").read_bytes())
+    assert files[1] == files[0]
+
+
 def test_progress_goes_on_through_the_steps_after_the_networks(tmp_path):
     """After the networks, a 1024 x 1024 x 400 scan spends 15-45 s in post-processing, the report, the FLAIR
     check and writing: the bar sat at 76 % for all of it, and a log (stderr not a terminal: the Slicer worker's,
