@@ -108,7 +108,6 @@ BAD_INPUTS = [
     ("output folder missing", "segment", 0, "ok: created"),
     ("output folder read-only", "segment", 1, "not writable"),
     ("output disk full", "segment", 1, "the disk is full"),
-    ("output folder given is a file", "segment", 1, "a file of that name exists"),
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
@@ -472,9 +471,6 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["segment", str(p["good"]), "-o", str(ro), "--model", str(p["model"])]
     if row_id == "output disk full":  # the full disk itself: in test_bad_input
         return seg + [str(p["good"])]
-    if row_id == "output folder given is a file":
-        (tmp / "taken").write_text("a note")
-        return ["segment", str(p["good"]), "-o", str(tmp / "taken"), "--model", str(p["model"])]
     if row_id == "existing outputs":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
