@@ -274,8 +274,9 @@ def _numbered_files(value: str, header: Path | None = None) -> list[str] | None:
         numbers = range(low, high + (1 if step > 0 else -1), step) if step else None
     except (TypeError, ValueError):  # not a pattern of one whole number
         return None
-    if numbers is not None and len(numbers) > MAX_PATTERN_FILES:
-        raise DeepWMLError(f"{header or 'the header'}: its data file pattern '{value}' names {len(numbers):,} "
+    count = max(0, (high - low) // step + 1) if step else 0  # len(numbers) overflows past 2^63 numbers
+    if count > MAX_PATTERN_FILES:
+        raise DeepWMLError(f"{header or 'the header'}: its data file pattern '{value}' names {count:,} "
                            "files, more than any scan has slices; correct the header's first and last numbers to "
                            "those of its slice files")
     try:

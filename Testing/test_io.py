@@ -660,6 +660,19 @@ def test_a_detached_header_whose_numbered_pattern_names_a_billion_files_is_refus
         io.detached_data_files(tmp_path / name)
 
 
+@pytest.mark.parametrize("name", ["slices.mhd", "slices.nhdr"])
+def test_a_numbered_pattern_past_what_a_machine_word_counts_is_refused_as_well(tmp_path, name):
+    """A last number of 20 digits (past 2^63): counting the pattern's files overflowed, and deepwml segment of the
+    .mhd ended in 'internal error: OverflowError: Python int too large to convert to C ssize_t'."""
+    field = "ElementDataFile = s%03d.raw 1 99999999999999999999 1" if name.endswith("mhd") else \
+        "data file: s%03d.raw 1 99999999999999999999 1"
+    header = ("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nendian: little\nencoding: raw\n" if name.endswith("nhdr")
+              else "ObjectType = Image\nNDims = 3\nDimSize = 5 4 3\nElementType = MET_USHORT\n")
+    (tmp_path / name).write_text(header + field + "\n")
+    with pytest.raises(DeepWMLError, match=r"names 99,999,999,999,999,999,999 files, more than any scan has slices"):
+        io.detached_data_files(tmp_path / name)
+
+
 def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals(tmp_path):
     """A .mhd whose .raw is cut short: the message held 'ITK ERROR: MetaImageIO(0x55641eb59960): File cannot be
     read: ...', a class name and a memory address that tell the user nothing."""
