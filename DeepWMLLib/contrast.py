@@ -59,8 +59,8 @@ OWN_BLACK = (0.05, 0.1)  # or over the range below a rest with a black of its ow
 # (or, when that black is the scanner's 0, any way below it: -1024 lies under a FLAIR of 0-1500 or 0-4095)
 
 COARSE_MM = 2.0  # the depth is measured on in-plane blocks of about this size
-# the voxels outside the brain are counted this many (whole slices) at a time (16 M: a slab's copies and the indices of
-# its voxels outside the brain, 7 bytes a voxel, 0.11 GB, were the peak of a 1024 x 1024 x 400 scan's run)
+# the voxels outside the brain are counted this many (whole slices) at a time, 4 M (at 16 M a slab's copies and the
+# indices of its voxels outside the brain, 7 bytes a voxel, 0.11 GB, were the peak of a 1024 x 1024 x 400 scan's run)
 SLAB_VOXELS = 1 << 22
 
 
