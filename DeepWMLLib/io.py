@@ -2524,18 +2524,21 @@ def non_finite_count(array: np.ndarray, block: int = 1 << 22) -> int:
 
 WRAP_QUARTER = 16384  # a quarter of the 65536 values of 16 bits
 WRAP_SHARE = 0.5  # of the voxels below -WRAP_QUARTER next to one above it: 0.90-1.0 where patient01_study1 times 55-100
-# wrapped (8-76,311 voxels; times 80: 682, its lesion volume 0.80 ml read as 0.54), under 0.0001 for reslice padding of
-# -32768 around (or cut into) the same scan scaled to 0-32000
+# wrapped (8-76,311 voxels; times 80: 682, its lesion volume 0.80 ml read as 0.54); padding of -32768 is not counted
+# (`_wrapped_around`): around or cut into the same scan scaled to 0-32000 its share was under 0.0001, but a padded
+# slice, row or column through tissue over 16384 lies next to it all along
 
 
 def _wrapped_around(array: np.ndarray, lo: float, hi: float) -> int:
     """How many voxels hold values that wrapped around in signed 16 bits (0 when none): with values both below
     -WRAP_QUARTER and above it within 16 bits' range, at least WRAP_SHARE of the low ones lie next to (in-plane or
-    across slices) a high one, as the core of a bright region whose values overflowed does; reslice padding (-32768)
-    next to bright tissue is a thin edge of its region. Only such an image gets the (whole-volume) masks."""
+    across slices) a high one, as the core of a bright region whose values overflowed does. Voxels of -32768, the
+    padding of a reslice or a missing slice, are not counted: padding is that one value, where wrapped values spread
+    over many (a padded slice, row or column through bright tissue lies next to it all along). Only such an image
+    gets the (whole-volume) masks."""
     if not (lo < -WRAP_QUARTER and hi > WRAP_QUARTER and hi - lo < 4 * WRAP_QUARTER):
         return 0
-    low, high = array < -WRAP_QUARTER, array > WRAP_QUARTER
+    low, high = (array < -WRAP_QUARTER) & (array != -2 * WRAP_QUARTER), array > WRAP_QUARTER
     near = np.zeros_like(high)
     for axis in range(array.ndim):
         ahead = [slice(None)] * array.ndim

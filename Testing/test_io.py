@@ -1976,6 +1976,25 @@ def test_a_csv_cell_holding_a_carriage_return_is_quoted_so_its_row_stays_one_row
     assert text.endswith("p2,AX FLAIR,2\n")  # rows without one are written as before
 
 
+@pytest.mark.parametrize("where", [np.s_[5], np.s_[:, 20], np.s_[:, :, 24]], ids=["slice", "row", "column"])
+def test_a_thin_line_of_minus_32768_padding_through_bright_tissue_is_not_taken_for_wrapped_values(tmp_path, where):
+    """A slice, row or column of -32768 (a slice missing from a reslice or conversion, filled with its padding) through
+    a head at 21000: every padded voxel lies next to a bright one, and the scan was refused as wrapped around. Padding
+    is one value, the image's least, where wrapped values spread over many; a wrapped scan is still refused."""
+    scan, _ = make_volume(size=(48, 40, 10))
+    voxels = np.clip(sitk.GetArrayFromImage(scan) * 70, 0, 32000).astype(np.int16)
+    voxels[where] = -32768
+    padded = sitk.GetImageFromArray(voxels)
+    padded.CopyInformation(scan)
+    sitk.WriteImage(padded, str(tmp_path / "padded.nii.gz"))
+    assert io.read_image(tmp_path / "padded.nii.gz").GetSize() == padded.GetSize()
+    wrapped = (np.round(sitk.GetArrayFromImage(scan).astype(np.float64) * 60).astype(np.int64) + 32768) % 65536 - 32768
+    wrapped[where] = -32768
+    assert np.count_nonzero((wrapped < -16384) & (wrapped > -32768)) > 30  # the lesions, at 42000, wrapped
+    with pytest.raises(DeepWMLError, match="values that wrapped around"):
+        io.check_volume(io.like_image(wrapped.astype(np.int16), scan))
+
+
 def test_reslice_padding_of_minus_32768_beside_bright_tissue_is_not_taken_for_wrapped_values(tmp_path):
     """A scan in signed 16 bits (its head at 21000) whose field of view was cut by -32768 padding through the head, as a
     reslice leaves it: read, where a scan whose bright voxels wrapped past 32767 to negative is refused
