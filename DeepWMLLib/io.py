@@ -3821,6 +3821,21 @@ def axial_view(image: sitk.Image, frame: SliceFrame | None = None) -> np.ndarray
     return view
 
 
+def axial_positions(image: sitk.Image, frame: SliceFrame | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where the image's nonzero voxels lie in `axial_view`'s [slice, row, col] (index arrays), in the order of
+    the image's own voxels (np.flatnonzero of `voxels(image)`), without a stack of the volume."""
+    frame = frame or slice_frame(image)
+    array = voxels(image)
+    position = np.nonzero(array)  # in the voxels' order, as np.flatnonzero's
+    axes = frame._numpy_axes
+    place, row, col = (position[axis] for axis in axes)
+    if frame.flip_row:
+        row = array.shape[axes[1]] - 1 - row
+    if frame.flip_col:
+        col = array.shape[axes[2]] - 1 - col
+    return place, row, col
+
+
 def to_axial_stack(image: sitk.Image, dtype=np.float32, copy: bool = True) -> tuple[np.ndarray, SliceFrame]:
     """The image as [slice, row, col] with radiological in-plane orientation (no interpolation). With
     `copy=False`, voxels that already have `dtype` come back as `axial_view` gives them: a read-only view,

@@ -128,11 +128,14 @@ def nearest_voxels(labels: np.ndarray, count: int, centroids_kji: np.ndarray, sp
 
 
 def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, lowest and highest of `values` (numpy (k, j, i) like `labels`) over each lesion 1..count."""
-    if values.shape != labels.shape:
-        raise ValueError(f"{name} {values.shape} do not match the mask {labels.shape}")
+    """Mean, lowest and highest of `values` (numpy (k, j, i) like `labels`, or its values at the labelled voxels
+    only, in their order: np.flatnonzero's) over each lesion 1..count."""
     flat = np.flatnonzero(labels)
-    ids, picked = labels.ravel()[flat], np.asarray(values).ravel()[flat].astype(np.float64)
+    values = np.asarray(values)
+    if values.shape != labels.shape and values.shape != flat.shape:
+        raise ValueError(f"{name} {values.shape} do not match the mask {labels.shape}")
+    ids = labels.ravel()[flat]
+    picked = (values if values.shape == flat.shape else values.ravel()[flat]).astype(np.float64)
     mean = np.bincount(ids, weights=picked, minlength=count + 1)[1:] / np.maximum(1, np.bincount(ids, minlength=count + 1)[1:])
     low, high = np.full(count + 1, np.inf), np.full(count + 1, -np.inf)
     np.minimum.at(low, ids, picked)
@@ -146,8 +149,9 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
     voxel nearest the centroid, where a viewer shows the lesion), axial slice range; with
     `probabilities` (numpy (k, j, i) on the mask's grid: the network's map), the mean and the highest
     probability over the lesion's voxels, which tell a confident lesion from one only just over the threshold;
-    with `ventricle_distance` (the same layout, mm to the lateral ventricles: location.py), the lesion's
-    shortest distance to them and the share of its voxels within the periventricular distance."""
+    with `ventricle_distance` (the same layout, or only its values at the mask's voxels in their order,
+    np.flatnonzero's: mm to the lateral ventricles, location.py), the lesion's shortest distance to them and the
+    share of its voxels within the periventricular distance."""
     from .location import PERIVENTRICULAR_MM
 
     labels, count = label_components(voxels(mask), compact=True)  # numpy (k, j, i)

@@ -1001,6 +1001,34 @@ def test_the_ventricles_are_found_without_int32_labels_or_a_copy_of_the_distance
     assert peak < 6.5 * cut.size, f"{peak / cut.size:.1f} bytes a voxel"  # 8 with the copy
 
 
+def test_the_split_measures_the_distances_at_the_lesions_only(monkeypatch):
+    """The periventricular/deep split made ITK's float32 distance map of the whole volume (3.4 GB while ITK made it,
+    with its work copy, at 1024 x 1024 x 400: the peak of such a scan with a ventricle model), copied it non-negative
+    (1.7 GB) and put it back on the scan's grid for the report, which reads it at the lesions' voxels only. Given
+    those voxels, ITK measures from the stack's start to just past the last ventricle or lesion voxel and only
+    their distances are kept: the same split and the same distances, bit for bit."""
+    from DeepWMLLib import location
+
+    n, rows, cols = 40, 240, 240
+    k, j, i = np.ogrid[:n, :rows, :cols]
+    ventricles = ((k - 10) * 2.0) ** 2 + (j - 40) ** 2 + (i - 45) ** 2 < 18 ** 2
+    lesion = np.zeros((n, rows, cols), bool)
+    lesion[8:12, 30:34, 60:70] = True  # on the ventricles' wall and inside them
+    lesion[16:18, 75:78, 20:24] = True  # deep
+    spacing = (0.9, 0.7, 0.7)  # no power of two: a box starting further in would change the distances' last bits
+    measured = []
+    maurer = sitk.SignedMaurerDistanceMap
+    monkeypatch.setattr(sitk, "SignedMaurerDistanceMap",
+                        lambda image, *args, **kwargs: measured.append(image.GetNumberOfPixels()) or maurer(image, *args,
+                                                                                                           **kwargs))
+    (entry, distances), peak = _peak_bytes(location.locate, np.nonzero(lesion), ventricles, spacing)
+    whole_entry, whole = location.locate(lesion, ventricles, spacing)
+    assert entry == whole_entry and entry["judged"] and entry["periventricular_ml"] > 0 and entry["deep_ml"] > 0
+    assert np.array_equal(distances.view(np.uint32), whole[lesion].view(np.uint32))
+    assert measured[0] == 20 * 78 * 70  # the box (past the ventricles by a voxel, the lesions by none), not the stack
+    assert peak < 0.5 * lesion.size, f"{peak / lesion.size:.2f} bytes a voxel"  # 5 with the whole map and its copy
+
+
 def test_post_processing_makes_the_lesion_mask_once():
     """Post-processing made the lesion mask as bool, then as bytes, and label_components copied the bytes to bool
     again: three masks of the whole volume where one serves (1.2 GB at 1024 x 1024 x 400 voxels, the peak of such a

@@ -252,3 +252,37 @@ def test_a_seg_nrrd_with_the_ventricle_segment_is_read_as_its_lesion(tmp_path):
         io.read_mask(tmp_path / "two.seg.nrrd")
     with pytest.raises(DeepWMLError, match="no lesion segment"):  # one segment too is read by segment
         io.read_mask(tmp_path / "vent.seg.nrrd")
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),  # as stored; a NIfTI's
+                                       (0, 0, -1, 1, 0, 0, 0, -1, 0)])  # sagittal slices: the stack is transposed
+def test_the_distances_at_the_lesions_alone_give_the_whole_maps_report(direction):
+    """`deepwml segment` takes the distances at the lesion voxels only (their positions in the axial stack, in
+    the mask's own order): the same split and per-lesion distances, bit for bit, as the whole map put back on
+    the scan's grid, whatever the grid's axes."""
+    from DeepWMLLib import io
+
+    rng = np.random.default_rng(1)
+    array = np.zeros((24, 40, 36), np.uint8)
+    for _ in range(12):
+        k, j, i = rng.integers(1, 23), rng.integers(1, 39), rng.integers(1, 35)
+        array[k - 1:k + 1, j - 1:j + 2, i - 1:i + 1] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.9, 1.1, 3.3))
+    mask.SetDirection(direction)
+    frame = io.slice_frame(mask)
+    stack = io.axial_view(mask, frame) > 0
+    ventricles = np.zeros(stack.shape, bool)
+    centre = np.array(stack.shape) // 2
+    ventricles[centre[0] - 3:centre[0] + 3, centre[1] - 7:centre[1] + 6, centre[2] - 7:centre[2] + 6] = True
+    ventricles[stack] &= rng.random(np.count_nonzero(stack)) < 0.5  # lesion voxels inside them too
+    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+    entry, whole = location.locate(stack, ventricles, spacing)
+    assert entry["judged"]
+    whole_image = io.from_axial_stack(whole, frame)  # held: voxels() is a view of its buffer
+    on_grid = voxels(whole_image)
+    at_entry, at_lesions = location.locate(io.axial_positions(mask, frame), ventricles, spacing)
+    assert at_entry == entry
+    expected = on_grid.ravel()[np.flatnonzero(array)]
+    assert at_lesions.dtype == np.float32 and np.array_equal(at_lesions.view(np.uint32), expected.view(np.uint32))
+    assert lesion_report(mask, None, at_lesions) == lesion_report(mask, None, on_grid)
