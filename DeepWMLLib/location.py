@@ -86,7 +86,7 @@ def ventricle_distance(ventricles: np.ndarray, spacing: tuple[float, float, floa
         # not over the whole stack: no ventricle voxel lies beyond, and every voxel keeps its place counted from the
         # stack's start, on which ITK's float32 positions depend (a box starting further in changed the last bits
         # of half the distances), so they are the whole map's to the bit. One voxel past the last ventricle voxel
-        # keeps its wall a wall (a voxel at the box's edge would not be on the ventricles' contour).
+        # gives every ventricle voxel the neighbours it has in the whole stack, so ITK finds the same contour.
         across = ventricles.any(axis=0)  # the slices ORed: one plane
         spans = (np.fromiter((plane.any() for plane in ventricles), bool, len(ventricles)),
                  across.any(axis=1), across.any(axis=0))
