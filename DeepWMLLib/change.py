@@ -813,7 +813,8 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
         update = bar(needed.index(name) + 1, len(needed), f"segmenting the {name}")
         result = segment_image(image, loaded["models"], args.device, args.threshold, backend=args.backend,
                                brain_model=loaded["brain"], progress=update, precision=args.precision,
-                               checked=True, grid_phases=args.grid_phases)  # check_scans checked it
+                               checked=True, grid_phases=args.grid_phases,  # check_scans checked it
+                               brain_gate=not args.no_brain_mask)
         bar.finish({"case": f"the {name}", "status": "ok", **result.report})
         masks[name] = result.mask
         maps[name] = result.probabilities
@@ -848,7 +849,7 @@ def _segmentation_models(args, loaded: dict) -> None:
         from .segment import load_brain_model, load_models
 
         loaded["models"] = load_models(args.model)
-        loaded["brain"] = load_brain_model(None if args.no_brain_mask else "default")
+        loaded["brain"] = load_brain_model("default")  # with --no-brain-mask too: for the checks, not the marks
 
 
 def register(subparsers) -> None:  # the CLI's hook (see cli.py)
@@ -901,7 +902,8 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
                    help="for a scan segmented here, as in deepwml segment: 4 averages the lesion probabilities over the "
                         "network grid moved by 0 and half a pixel, so fewer small lesions are called new or gone only "
                         "because the two scans were sampled at other points (about 4 times slower; README). Default 1")
-    p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain")
+    p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (the brain mask is "
+                   "still made for the checks: is it a FLAIR, is the whole brain in the scan)")
     p.add_argument("--output-format", default="same", choices=io.OUTPUT_FORMATS,
                    help="format of the image outputs (default: the follow-up's own; the baseline's mask: the baseline's)")
     p.add_argument("--qc", action="store_true", help="also write CASE_change_qc.png: the follow-up's axial slices with "
@@ -1048,7 +1050,7 @@ CHANGE_SETTINGS = {"tolerance_mm": "--tolerance-mm", "enlarge_fraction": "--enla
                    "enlarge_min_ml": "--enlarge-min-ml", "presence": "--presence", "min_change_ml": "--min-change-ml"}
 # ... and of a scan segmented here (segment.RESULT_SETTINGS, those `deepwml change` has options for)
 SEGMENTATION_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "brain_model_sha256": "--no-brain-mask",
-                         "precision": "--precision", "grid_phases": "--grid-phases"}
+                         "brain_mask": "--no-brain-mask", "precision": "--precision", "grid_phases": "--grid-phases"}
 MASK_COLUMNS = {"baseline": "baseline_mask", "follow-up": "followup_mask"}  # the report's `masks`: the manifest's column
 SCAN_COLUMNS = {"baseline": "baseline", "follow-up": "followup"}  # a scan's name in `dicom_series`: its manifest column
 
@@ -1113,7 +1115,8 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
     if segmented:
         _segmentation_models(args, loaded)
         planned = planned_settings(loaded["models"], args.threshold, brain_model=loaded["brain"], ventricle_model=None,
-                                   precision=args.precision, grid_phases=args.grid_phases)
+                                   precision=args.precision, grid_phases=args.grid_phases,
+                                   brain_gate=not args.no_brain_mask)
         for then in segmented:  # both scans segmented alike: each difference said once
             differences += settings_differences(recorded_settings(then), planned, SEGMENTATION_SETTINGS)
     if differences:

@@ -37,6 +37,10 @@ MODELS_DIR_ENV = "DEEPWML_MODELS_DIR"
 SUMMARY_COLUMNS = ("case", "input", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml", "status", "error",
                    "seconds", "warnings")
 BRAIN_ROLE = "intracranial"  # label 1 of a brain-mask model; its role in models.json
+# The report's `brain_mask`: what the brain mask was used for. With --no-brain-mask it still runs (0.38 GFLOP a slice
+# beside the WMH network's 24) for the checks that need it (FLAIR contrast, coverage) and the intracranial volume.
+BRAIN_MASK_GATES = "gates the marks"
+BRAIN_MASK_NOT_APPLIED = "not applied to the marks"
 VENTRICLE_ROLE = "ventricles"  # the role of a lateral-ventricle model in models.json ...
 VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
 VENTRICLE_MODEL_NEEDED = ("--save-ventricle-mask needs a ventricle model: none runs by default; give one with "
@@ -365,16 +369,25 @@ def loaded_models(models) -> list:
 # same. How a run goes (device, backend, batch size) and the optional outputs it adds do not count.
 RESULT_SETTINGS = {"model_sha256": "--model", "threshold": "--threshold", "tta": "--tta", "grid_phases": "--grid-phases",
                    "min_lesion_mm3": "--min-lesion-mm3", "exclude_edge_fraction": "--exclude-edge-slices",
-                   "brain_model_sha256": "--brain-model/--no-brain-mask",
+                   "brain_model_sha256": "--brain-model/--no-brain-mask", "brain_mask": "--no-brain-mask",
                    "ventricle_model_sha256": "--ventricle-model/--no-location", "precision": "--precision"}
+
+
+def brain_mask_use(brain_model, brain_gate: bool) -> str | None:
+    """The report's `brain_mask`: what the brain mask of `brain_model` (None: no brain model) was used for."""
+    if brain_model is None:
+        return None
+    return BRAIN_MASK_GATES if brain_gate else BRAIN_MASK_NOT_APPLIED
 
 
 def result_settings(models: Sequence, threshold: float | None, tta: bool, min_lesion_mm3: float | None,
                     exclude_edge_fraction: float, brain_model, ventricle_model, precision: str | None,
-                    grid_phases: int = 1) -> dict:
+                    grid_phases: int = 1, brain_gate: bool = True) -> dict:
     """The settings that shape a result (RESULT_SETTINGS) and the models' names, from loaded models
     (`threshold`, `min_lesion_mm3` None: their defaults). `precision`: what the networks computed in
-    (`computed_precision`); for a run not yet made, the one asked for, None for auto (any)."""
+    (`computed_precision`); for a run not yet made, the one asked for, None for auto (any). `brain_gate`
+    False: the brain mask was not applied to the marks (--no-brain-mask), only to the checks and figures; a
+    report made before that had no brain model with --no-brain-mask (so its `brain_model_sha256` differs)."""
     from .postprocessing import DEFAULT_MIN_LESION_MM3
 
     pairs = sorted((m.digest, m.name) for m in models)  # an ensemble is averaged: its order does not matter
@@ -387,6 +400,7 @@ def result_settings(models: Sequence, threshold: float | None, tta: bool, min_le
         "exclude_edge_fraction": float(exclude_edge_fraction),
         "brain_model": None if brain_model is None else brain_model.name,
         "brain_model_sha256": None if brain_model is None else brain_model.digest,
+        "brain_mask": brain_mask_use(brain_model, brain_gate),
         "ventricle_model": None if ventricle_model is None else ventricle_model.name,
         "ventricle_model_sha256": None if ventricle_model is None else ventricle_model.digest,
         "precision": precision,
@@ -404,11 +418,11 @@ def computed_precision(runner: str | None) -> str:
 def planned_settings(models=None, threshold: float | None = None, tta: bool = False,
                      min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                      brain_model="default", ventricle_model="default", precision: str = "auto",
-                     grid_phases: int = 1) -> dict:
+                     grid_phases: int = 1, brain_gate: bool = True) -> dict:
     """The result settings a run given these (as segment_image takes them) will record, before it runs."""
     return result_settings(loaded_models(models), threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                            load_brain_model(brain_model), load_ventricle_model(ventricle_model),
-                           None if precision == "auto" else precision, grid_phases)
+                           None if precision == "auto" else precision, grid_phases, brain_gate)
 
 
 def recorded_settings(report: dict) -> dict:
@@ -510,7 +524,7 @@ class SegmentationResult:
     mask: sitk.Image  # uint8 0/1 on the input grid
     probabilities: sitk.Image  # float32 0–1 on the input grid
     report: dict
-    brain: sitk.Image | None = None  # uint8 0/1 intracranial mask on the input grid, when gated by one
+    brain: sitk.Image | None = None  # uint8 0/1 intracranial mask on the input grid, with a brain model
     ventricles: sitk.Image | None = None  # uint8 0/1 lateral ventricles on the input grid, with a ventricle model
 
 
@@ -520,11 +534,14 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                   exclude_edge_fraction: float = 0.0, batch_size: int | None = None,
                   progress: Callable[[float, str], None] | None = None, cancel: Callable[[], bool] | None = None,
                   backend: str = "auto", brain_model="default", precision: str = "auto",
-                  ventricle_model="default", checked: bool = False, grid_phases: int = 1) -> SegmentationResult:
+                  ventricle_model="default", checked: bool = False, grid_phases: int = 1,
+                  brain_gate: bool = True) -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
 
     `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
-    model) gates the result: lesion components mostly outside its intracranial mask are dropped.
+    model) gates the result: lesion components mostly outside its intracranial mask are dropped. With
+    `brain_gate` False (--no-brain-mask) the marks are kept wherever they lie, but the brain mask still serves
+    the checks (FLAIR contrast, coverage of the brain) and the intracranial volume.
     `ventricle_model` (the same choices) finds the lateral ventricles, and the report splits the lesion
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
     the shipped default). `progress(fraction, message)` rises to 1.0 when all of it is done. `checked`: the
@@ -571,7 +588,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
-    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, brain_stack,
+    gate = brain_stack if brain_gate else None
+    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, gate,
                                       return_removed=True)
     # The mask and the map are put on the input grid in their own buffers (a NIfTI file's flipped rows and columns
     # were copies: the probabilities, 1.6 GB at 1024 x 1024 x 400 voxels, and the mask, held twice from here on);
@@ -587,8 +605,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
 
         tell(LOCATION_AT, "periventricular/deep split")
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-        ventricles = ventricle_mask(ventricle_map, None if brain_stack is None else brain_stack > 0,
-                                    ventricle_model.threshold)
+        # ungated (--no-brain-mask), the split is what it was before the brain mask ran with it: nothing gated by it
+        ventricles = ventricle_mask(ventricle_map, None if gate is None else gate > 0, ventricle_model.threshold)
         del ventricle_map
         # the distances at the lesion voxels only, in the order lesion_report reads them (the mask's own); a map of
         # the whole volume was 1.7 GB at 1024 x 1024 x 400, 3.4 GB while ITK made it
@@ -639,6 +657,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         report.update({
             "brain_model": brain_model.name,
             "brain_model_sha256": brain_model.digest,
+            "brain_mask": brain_mask_use(brain_model, brain_gate),
             "intracranial_ml": round(float(intracranial) * voxel_mm3 / 1000, 3),
             "outside_brain_removed_ml": round(removed * voxel_mm3 / 1000, 4),
         })
@@ -652,8 +671,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
             warnings.append(
                 f"the brain mask covers {coverage:.0%} of the head mask (84-118 % on the scans it was checked on): "
                 "it may have failed on this scan (it does on T2-weighted scans: check that the input is a FLAIR), "
-                f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
-                "--no-brain-mask")
+                + (f"and {report['outside_brain_removed_ml']:.2f} ml marked outside it were dropped; compare with "
+                   "--no-brain-mask" if brain_gate else "and with --no-brain-mask it was not applied to the marks"))
         check = flair_contrast(io.axial_view(image), brain_stack.view(bool), mask_stack.view(bool),  # 0/1: no copies
                                (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm),
                                progress_part(progress, FLAIR_CHECK_AT, 0.99))
@@ -666,7 +685,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                 "FLAIRs it was checked on; a 50 ml lesion load is about 4.5 %): check that the input is a FLAIR (on T2 "
                 "the bright CSF is marked) and look at the result (in Slicer, or the picture of deepwml segment --qc)")
     else:
-        report.update({"brain_model": None, "brain_model_sha256": None, "contrast": None, "brain_at_fov_edge": None})
+        report.update({"brain_model": None, "brain_model_sha256": None, "brain_mask": None, "contrast": None,
+                       "brain_at_fov_edge": None})
     report.update({
         "acquisition_plane": plane,
         "warnings": warnings,
@@ -680,7 +700,7 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         "runner": facts.get("runner"),
         "seconds": round(time.perf_counter() - start, 3),
         "settings": result_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
-                                    ventricle_model, computed_precision(facts.get("runner")), grid_phases),
+                                    ventricle_model, computed_precision(facts.get("runner")), grid_phases, brain_gate),
     })
     tell(1.0, "segmented")
     return SegmentationResult(mask, prob_image, report, brain_image, ventricle_image)
@@ -1087,7 +1107,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  brain_model="default", save_brain_mask: bool = False, precision: str = "auto",
                  output_format: str = "same", qc: bool = False, series: str | None = None,
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
-                 save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None, grid_phases: int = 1) -> dict:
+                 save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None, grid_phases: int = 1,
+                 brain_gate: bool = True) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
@@ -1105,7 +1126,7 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
             return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
                                  overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
                                  brain_model, save_brain_mask, precision, qc, series, dicom_outline, study,
-                                 ventricle_model, save_ventricle_mask, protected, leftovers, grid_phases)
+                                 ventricle_model, save_ventricle_mask, protected, leftovers, grid_phases, brain_gate)
     except MemoryError as exc:  # reading or writing (segment_image explains its own, with the scan's size)
         raise out_of_memory() from exc
 
@@ -1153,7 +1174,7 @@ def whole_or_none(paths: dict):
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
-                  protected, leftovers, grid_phases) -> dict:
+                  protected, leftovers, grid_phases, brain_gate) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
     hidden = leftovers if leftovers is not None else io.temporary_leftovers(out_dir)
     prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
@@ -1166,7 +1187,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
         planned = planned_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
-                                   ventricle_model, precision, grid_phases)
+                                   ventricle_model, precision, grid_phases, brain_gate)
         earlier = check_earlier_result(out_dir, case, path, paths["report"],
                                        [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
                                                                for e in io.OUTPUT_EXTENSIONS],
@@ -1199,7 +1220,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
     result = segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction, batch_size,
                            progress_part(progress, READING_SHARE, SEGMENTING_SHARE), cancel, backend, brain_model, precision,
-                           ventricle_model, checked=True, grid_phases=grid_phases)  # read_image checked it
+                           ventricle_model, checked=True, grid_phases=grid_phases,  # read_image checked it
+                           brain_gate=brain_gate)
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
@@ -1835,8 +1857,10 @@ def register(subparsers) -> None:
     p.add_argument("--exclude-edge-slices", type=_fraction, default=0.0, metavar="FRACTION",
                    help="clear detections in the first/last FRACTION of axial slices (default 0: off)")
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model file: lesion components mostly outside "
-                   "its intracranial mask are dropped (default: the shipped brain-mask model)")
-    p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating)")
+                   "its intracranial mask are dropped, and the FLAIR and coverage checks and the intracranial volume "
+                   "read it (default: the shipped brain-mask model)")
+    p.add_argument("--no-brain-mask", action="store_true", help="keep marks outside the brain (no brain-mask gating); "
+                   "the brain mask is still made for the checks (is it a FLAIR, is the whole brain in the scan)")
     p.add_argument("--save-brain-mask", action="store_true", help="also write CASE_brain.nii.gz (the intracranial mask used; "
                    "or .nrrd, .mha)")
     p.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model file for the periventricular/deep "
@@ -1878,8 +1902,6 @@ def _run(args) -> int:
         if io.is_image_file(path) or (os.path.isdir(path) and not is_run_folder(path)):
             raise UsageError(f"{path} is {'a folder' if os.path.isdir(path) else 'an image'}, not a model file: "
                              "--model takes every file after it; put INPUT before --model")
-    if args.no_brain_mask and (args.brain_model or args.save_brain_mask):
-        raise UsageError("--no-brain-mask cannot go with --brain-model or --save-brain-mask")
     if args.no_location and (args.ventricle_model or args.save_ventricle_mask):
         raise UsageError("--no-location cannot go with --ventricle-model or --save-ventricle-mask")
     if args.precision == "bf16" and args.backend == "onnx":
@@ -1931,6 +1953,6 @@ def _segment_all(args, bar: ProgressBar) -> list[dict]:
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
         precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,
         dicom_outline=args.dicom_outline,
-        brain_model=None if args.no_brain_mask else (args.brain_model or "default"), save_brain_mask=args.save_brain_mask,
+        brain_model=args.brain_model or "default", brain_gate=not args.no_brain_mask, save_brain_mask=args.save_brain_mask,
         ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
         save_ventricle_mask=args.save_ventricle_mask)

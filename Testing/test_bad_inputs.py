@@ -122,7 +122,6 @@ BAD_INPUTS = [
     ("INPUT after --model (taken as a model file)", "segment", 2, "put INPUT before --model"),
     ("a --model name that is no file nor a shipped model or ensemble (a typo)", "segment", 2,
      "no such model file, nor a shipped model or ensemble of that name (shipped: "),
-    ("--no-brain-mask with --brain-model", "segment", 2, "cannot go with"),
     ("--no-location with --ventricle-model", "segment", 2, "cannot go with"),
     ("a ventricle model given as the WMH model", "segment", 1, "is a ventricle model, not a WMH model"),
     ("--save-ventricle-mask without a ventricle model", "segment", 2, "needs a ventricle model"),
@@ -144,6 +143,8 @@ BAD_INPUTS = [
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
+    ("a T1-weighted scan given as the FLAIR with --no-brain-mask (marks outside the brain kept; the brain mask still "
+     "made for the checks)", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("a scan with a bright line through every slice (an RF zipper or stripe artefact, which the network marks as "
      "lesion)", "segment", 0, "ok: segmented, warning printed (\"straight bright line\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
@@ -520,8 +521,6 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["segment", "-o", out, "--model", str(p["model"]), str(p["good"])]
     if row_id == "a --model name that is no file nor a shipped model or ensemble (a typo)":
         return ["segment", str(p["good"]), "-o", out, "--model", "ensemble-v9"]
-    if row_id == "--no-brain-mask with --brain-model":
-        return seg + [str(p["good"]), "--no-brain-mask", "--brain-model", str(p["model"])]
     if row_id == "--no-location with --ventricle-model":
         return seg + [str(p["good"]), "--no-location", "--ventricle-model", str(p["model"])]
     if row_id == "--save-ventricle-mask without a ventricle model":
@@ -607,6 +606,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(_write(tmp / "in" / "zipper.nii.gz", striped))]
     if row_id == "a T1-weighted scan given as the FLAIR":  # the shipped models: the check judges what they mark
         return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu"]
+    if row_id.startswith("a T1-weighted scan given as the FLAIR with --no-brain-mask"):
+        return ["segment", str(_t1_scan(tmp / "in")), "-o", out, "--device", "cpu", "--no-brain-mask"]
     if row_id in ("output folder is a file", "synthetic data into a file"):
         (tmp / "afile").write_text("not a folder")
         if row_id.startswith("synthetic"):
@@ -802,7 +803,7 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert "straight bright line runs from front to back" in err and "straight bright line" in summary
     if row_id.startswith("a probability map of an earlier run"):
         assert f"give the FLAIR it was made from ({paths['good']})" in err
-    if row_id == "a T1-weighted scan given as the FLAIR":
+    if row_id.startswith("a T1-weighted scan given as the FLAIR"):
         assert "does not look like a FLAIR" in err and "T1-weighted" in err
         report = json.loads((tmp / "out" / "t1_report.json").read_text(encoding="utf-8"))
         assert report["contrast"]["looks_like"] == "T1-weighted"

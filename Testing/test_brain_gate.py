@@ -58,7 +58,7 @@ def test_segment_drops_the_lesion_outside_the_brain_mask(tmp_path, tiny_model, m
     assert main(["segment", str(path), "-o", str(gated), "--model", str(tiny_model), "--device", "cpu",
                  "--brain-model", str(brain_model), "--save-brain-mask"]) == 0
     assert main(["segment", str(path), "-o", str(plain), "--model", str(tiny_model), "--device", "cpu",
-                 "--no-brain-mask"]) == 0
+                 "--no-brain-mask", "--brain-model", str(brain_model)]) == 0  # the model for the checks
     both = sitk.GetArrayFromImage(sitk.ReadImage(str(plain / "two_wmh.nii.gz")))
     one = sitk.GetArrayFromImage(sitk.ReadImage(str(gated / "two_wmh.nii.gz")))
     brain_image = sitk.ReadImage(str(gated / "two_brain.nii.gz"))
@@ -74,10 +74,14 @@ def test_segment_drops_the_lesion_outside_the_brain_mask(tmp_path, tiny_model, m
     assert report["brain_model"] == "brain.pt"
     assert report["outside_brain_removed_ml"] == pytest.approx(dropped.sum() * voxel_ml, abs=1e-3)
     assert report["intracranial_ml"] == pytest.approx(brain.sum() * voxel_ml, abs=1e-2)
-    assert json.loads((plain / "two_report.json").read_text(encoding="utf-8"))["brain_model"] is None
+    ungated = json.loads((plain / "two_report.json").read_text(encoding="utf-8"))
+    assert report["brain_mask"] == "gates the marks" and ungated["brain_mask"] == "not applied to the marks"
+    assert ungated["brain_model"] == "brain.pt" and ungated["outside_brain_removed_ml"] == 0
+    assert ungated["intracranial_ml"] == report["intracranial_ml"]  # the brain mask still read: the same one
+    assert set(ungated["contrast"]) == set(report["contrast"])  # the FLAIR check ran
 
 
-def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model, capsys):
+def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model):
     from DeepWMLLib.segment import load_brain_model, load_models
 
     brain_model = tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)
@@ -87,9 +91,10 @@ def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model, 
         load_brain_model(str(tiny_model))
     assert load_brain_model(None) is None
     path, _ = two_lesion_case(tmp_path)
-    assert main(["segment", str(path), "-o", str(tmp_path / "o"), "--model", str(tiny_model),
-                 "--no-brain-mask", "--save-brain-mask"]) == 2  # a usage error
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    # the brain mask is made with --no-brain-mask too (for the checks), so it can be written
+    assert main(["segment", str(path), "-o", str(tmp_path / "o"), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--save-brain-mask", "--brain-model", str(brain_model)]) == 0
+    assert (tmp_path / "o" / "two_brain.nii.gz").exists()
 
 
 def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):

@@ -111,9 +111,10 @@ def test_the_command_line_and_summary_say_so(tmp_path, monkeypatch):
     with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         assert warning in next(csv.DictReader(f))["warnings"]
     assert main(["segment", str(path), "-o", str(tmp_path / "plain"), "--model", str(model), "--no-brain-mask",
-                 "--device", "cpu"]) == 0
+                 "--brain-model", str(brain), "--device", "cpu"]) == 0
     plain = json.loads((tmp_path / "plain" / "cut_report.json").read_text(encoding="utf-8"))
-    assert plain["brain_at_fov_edge"] is None  # nothing to judge it by
+    assert plain["brain_at_fov_edge"]["cut"] == ["left", "top"]  # the marks not gated, the scan still judged
+    assert cover_warnings(plain) == [warning]
 
 
 @pytest.mark.shared

@@ -722,6 +722,30 @@ def test_a_long_name_in_a_multibyte_script_fits_its_temporary_names(tmp_path, ti
     assert (tmp_path / "out" / f"{name}_report.json").is_file()
 
 
+def test_a_rerun_with_no_brain_mask_skips_but_not_a_result_made_without_the_brain_checks(tmp_path, tiny_model, capsys):
+    """--no-brain-mask runs the brain mask for the checks (not for the marks): a rerun with it skips the case, but a
+    result of a version that ran no brain mask with it (no FLAIR check) is not passed off as this run's."""
+    path = write_case(tmp_path / "in", "a")
+    out = tmp_path / "out"
+    assert segment(tiny_model, path, "-o", out, "--no-brain-mask") == 0
+    report = json.loads((out / "a_report.json").read_text())
+    assert report["brain_mask"] == report["settings"]["brain_mask"] == "not applied to the marks"
+    assert report["brain_model"] and report["contrast"] is not None and report["outside_brain_removed_ml"] == 0
+    assert segment(tiny_model, path, "-o", out, "--no-brain-mask") == 0 and summary(out)["a"]["status"] == "skipped"
+    del report["settings"]["brain_mask"]  # as the version before made it: no brain model with --no-brain-mask
+    report["settings"].update(brain_model=None, brain_model_sha256=None)
+    (out / "a_report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert segment(tiny_model, path, "-o", out, "--no-brain-mask") == 1
+    err = capsys.readouterr().err
+    assert "made with other settings" in err and "--brain-model/--no-brain-mask (none then, " in err, err
+    assert segment(tiny_model, path, "-o", out, "--overwrite") == 0  # gated, by that version too: its report
+    report = json.loads((out / "a_report.json").read_text())
+    del report["settings"]["brain_mask"]  # lacks brain_mask, and is the same result: skipped
+    (out / "a_report.json").write_text(json.dumps(report))
+    assert segment(tiny_model, path, "-o", out) == 0 and summary(out)["a"]["status"] == "skipped"
+
+
 def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tiny_model, capsys):
     """A rerun into the same OUTDIR with settings that change the result must not pass the earlier result
     off as this run's; optional outputs asked for now, and how the run goes, do not block the skip."""
@@ -739,7 +763,7 @@ def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tin
                         (["--tta"], "--tta (off then, on now)"),
                         (["--min-lesion-mm3", "0"], "--min-lesion-mm3 (5 then, 0 now)"),
                         (["--exclude-edge-slices", "0.1"], "--exclude-edge-slices (0 then, 0.1 now)"),
-                        (["--no-brain-mask"], "--brain-model/--no-brain-mask (")):
+                        (["--no-brain-mask"], "--no-brain-mask (gates the marks then, not applied to the marks now)")):
         assert segment(tiny_model, path, "-o", out, *extra) == 1, extra
         err = capsys.readouterr().err
         assert "made with other settings" in err and said in err and "--overwrite" in err, (extra, err)
