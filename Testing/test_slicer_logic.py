@@ -194,12 +194,12 @@ def test_the_precision_chosen_reaches_the_networks_in_a_thread_and_in_a_worker_p
     logic.workerPython = None  # a worker thread, in this process
     run = dict(device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
     logic.segmentVolume(volume, **run)
-    assert asked == ["auto"]  # the default is unchanged
+    assert asked == ["auto"] * 2  # the default is unchanged (the lesion network, and the brain's for the checks)
     logic.segmentVolume(volume, precision="fp32", **run)
     job = logic.startSegmentation(volume, precision="fp32", **run)
     assert job.wait(30)
     logic.finishSegmentation(job)
-    assert asked == ["auto", "fp32", "fp32"]
+    assert asked == ["auto"] * 2 + ["fp32"] * 4
 
     logic.workerPython = sys.executable  # a worker process (PythonSlicer in Slicer): what ran says what it got
     for precision in ("fp32", "bf16"):
@@ -920,7 +920,8 @@ def test_importing_the_logic_does_not_import_torch():
 
 def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monkeypatch, tmp_path, tiny_model):
     """With a brain-mask model in the registry, segmentVolume gates by default (the GUI's checkbox,
-    on) and keeps everything with brainMask=False; the run facts on the node say which."""
+    on) and keeps everything with brainMask=False, the brain mask still made for the checks; the run facts on the
+    node say which."""
     import shutil
 
     from conftest import BRAIN_LABELS, oracle_networks_with_brain, tiny_model_file
@@ -950,7 +951,10 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert run["runner"].split()[0] in ("openvino", "onnxruntime", "torch")  # which way the networks ran
     assert f"cpu ({run['runner']})" in logic.formatReport(logic.lesionStatistics(gated, volume))
     assert "outside the brain ignored" in logic.describeRun(run)
-    assert json.loads(plain.GetAttribute("DeepWML.run"))["brain_model"] is None
+    ungated = json.loads(plain.GetAttribute("DeepWML.run"))
+    assert ungated["brain_model"] == "brain.pt" and ungated["brain_mask"] == "not applied to the marks"
+    assert ungated["contrast"] is not None  # the FLAIR check still ran
+    assert logic.describeRun(ungated) == "Done (brain mask used for the checks, not applied to the marks)."
     assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."
 
 

@@ -47,7 +47,7 @@ REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the I
 DIGEST_ATTRIBUTES = {mrml.WMH_SEGMENT_NAME: "DeepWML.wmhDigest", mrml.VENTRICLE_SEGMENT_NAME: "DeepWML.ventriclesDigest"}
 # Facts about the run stored on the segmentation node, so they travel with the scene.
 RUN_KEYS = ("model", "model_sha256", "model_adapted", "deepwml_version", "device", "runner", "threshold", "tta", "brain_model",
-            "brain_model_sha256", "intracranial_ml", "outside_brain_removed_ml", "brain_at_fov_edge", "seconds", "acquisition_plane", "contrast", "warnings",
+            "brain_model_sha256", "brain_mask", "intracranial_ml", "outside_brain_removed_ml", "brain_at_fov_edge", "seconds", "acquisition_plane", "contrast", "warnings",
             "settings")
 DISCORDANT_SLICES_SHOWN = 10
 SEGMENTED_FRACTION = 0.95  # a job's progress when segment_image is done; making the segmentation node is the rest
@@ -77,7 +77,7 @@ class SegmentationJob:
         self.precision = precision  # as deepwml segment --precision: auto, fp32 or bf16
         self.threshold = threshold
         self.tta = tta
-        self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped)
+        self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped); it runs either way
         # the periventricular/deep split: True with the shipped default ventricle model (when the registry
         # marks one default), a ventricle model file's path, or False for none
         self.location = location
@@ -612,6 +612,10 @@ class DeepWMLCoreLogic:
         """The status line after a segmentation: done, and what the brain mask left out."""
         if not report.get("brain_model"):
             return "Done (no brain mask)."
+        from DeepWMLLib.segment import BRAIN_MASK_NOT_APPLIED
+
+        if report.get("brain_mask") == BRAIN_MASK_NOT_APPLIED:
+            return "Done (brain mask used for the checks, not applied to the marks)."
         return f"Done. {report.get('outside_brain_removed_ml', 0):.2f} ml marked outside the brain ignored (brain mask)."
 
     # -----------------------------------------------------------------------------------------
@@ -987,7 +991,7 @@ def segmentImageOptions(threshold=None, tta=False, brainMask=True, location=True
                         gridPhases=1) -> dict:
     """segment_image's keyword arguments, but the device, for the logic's options: one mapping for a run and for
     the settings it will record (plannedSettings)."""
-    return dict(threshold=threshold, tta=tta, brain_model="default" if brainMask else None,
+    return dict(threshold=threshold, tta=tta, brain_model="default", brain_gate=brainMask,
                 ventricle_model=_ventricleModel(location), precision=precision, grid_phases=gridPhases)
 
 

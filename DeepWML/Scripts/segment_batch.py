@@ -62,7 +62,8 @@ def parseArguments(argv):
                              "grid moved by 0 and half a pixel along rows and columns, for steadier marks (about 4 "
                              "times slower). Default 1")
     parser.add_argument("--no-brain-mask", action="store_true",
-                        help="keep marks outside the brain (default: the shipped brain-mask model gates them)")
+                        help="keep marks outside the brain (default: the shipped brain-mask model gates them); the "
+                             "brain mask is still made for the checks (is it a FLAIR, is the whole brain in the scan)")
     parser.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
                         "split (10 mm rule; default: none runs, unless the model registry marks a ventricle model "
                         "default; the shipped one is opt-in: Resources/Models/deepwml_vent8_synth_v1.pt)")
