@@ -679,7 +679,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
         report["contrast"] = check
         warnings += contrast_warnings(check)
         load = report["volume_ml"] / max(report["intracranial_ml"], 1e-9)
-        if load > IMPLAUSIBLE_LOAD:
+        # a brain mask of nothing keeps marks only with --no-brain-mask: a share of it means nothing, and the
+        # coverage warning above says the mask failed
+        if intracranial and load > IMPLAUSIBLE_LOAD:
             warnings.append(
                 f"{report['volume_ml']:.1f} ml marked, {load:.1%} of the intracranial volume (up to 3.2 % on the real "
                 "FLAIRs it was checked on; a 50 ml lesion load is about 4.5 %): check that the input is a FLAIR (on T2 "

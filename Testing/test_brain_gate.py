@@ -170,3 +170,19 @@ def test_a_lesion_load_no_flair_gives_is_questioned(tmp_path, tiny_model, monkey
     assert bool(messages) == warned
     if warned:
         assert "check that the input is a FLAIR" in messages[0] and f"{load:.1%}" in messages[0]
+
+
+def test_a_failed_brain_mask_with_no_brain_mask_says_so_without_a_lesion_load(tmp_path, tiny_model, monkeypatch):
+    """--no-brain-mask on a scan whose brain mask finds nothing (a probability map of an earlier run, measured: 0 ml):
+    the marks are kept, the brain mask's failure is said, and no lesion load is made of a share of 0 ml (it was
+    "28632900000.0% of the intracranial volume")."""
+    from DeepWMLLib.segment import load_brain_model, load_models, segment_image
+
+    oracle_network(monkeypatch, brain="nothing")
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.5, 0.5, 0.5, 8.0),))
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)))
+    report = segment_image(image, load_models([tiny_model]), "cpu", brain_model=brain, brain_gate=False).report
+    assert report["volume_ml"] > 0 and report["intracranial_ml"] == 0 and report["brain_mask"] == "not applied to the marks"
+    assert any("the brain mask covers 0% of the head mask" in w and "not applied to the marks" in w
+               for w in report["warnings"]), report["warnings"]
+    assert not any("of the intracranial volume" in w for w in report["warnings"]), report["warnings"]
