@@ -1099,6 +1099,10 @@ def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path
     assert main(run) == 0
     capsys.readouterr()
     assert main(run) == 0 and "p1: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
+    source = json.loads((tmp_path / "out" / "p1_change.json").read_text())["masks"]["follow-up"]
+    assert source["settings"]["brain_mask"] == "not applied to the marks"  # made all the same, for the checks
+    assert main(run[:-1]) == 1  # the brain mask gating the marks now
+    assert "--no-brain-mask (not applied to the marks then, gates the marks now)" in capsys.readouterr().err
     assert main(run + ["--threshold", "0.3"]) == 1
     assert "made with other settings: --threshold (0.5 then, 0.3 now)" in capsys.readouterr().err
     assert main(run + ["--grid-phases", "4"]) == 1
