@@ -605,7 +605,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
 
         tell(LOCATION_AT, "periventricular/deep split")
         spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-        # ungated (--no-brain-mask), the split is what it was before the brain mask ran with it: nothing gated by it
+        # kept inside the brain mask only where it gates the marks: with --no-brain-mask the split stays what it was
+        # when no brain mask ran with that option
         ventricles = ventricle_mask(ventricle_map, None if gate is None else gate > 0, ventricle_model.threshold)
         del ventricle_map
         # the distances at the lesion voxels only, in the order lesion_report reads them (the mask's own); a map of
