@@ -809,7 +809,8 @@ def test_a_map_given_up_is_put_on_the_input_grid_in_its_own_buffer(direction):
 def _resident_bytes(array: np.ndarray) -> int | None:
     """How many bytes of the memory areas holding `array`'s buffer the system gives memory (Linux's
     /proc/self/smaps, Rss: pages never written hold none, nor pages only read, which share one page of zeros), or
-    None where that cannot be told: no smaps, or an area that holds more than the buffer."""
+    None where that cannot be told: no smaps, or an area that reaches beyond the buffer (by more than an allocation's
+    header and alignment: merged with, or split from, a neighbour's memory, whose pages would count too)."""
     start = array.__array_interface__["data"][0]
     end = start + array.nbytes
     held, area = 0, None
@@ -819,7 +820,7 @@ def _resident_bytes(array: np.ndarray) -> int | None:
             if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", field[0]):
                 low, high = (int(address, 16) for address in field[0].split("-"))
                 area = (low, high) if low < end and high > start else None
-                if area and high - low > array.nbytes + (1 << 16):  # merged with its neighbours: theirs would count
+                if area and (low < start - (1 << 16) or high > end + (1 << 16)):  # a neighbour's pages would count
                     return None
             elif area and field[0] == "Rss:":
                 held += int(field[1]) * 1024
