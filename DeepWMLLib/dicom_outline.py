@@ -129,24 +129,13 @@ def source_instance_numbers(series: io.DicomSeries, slices: int) -> list[int]:
 
 def source_positions(series: io.DicomSeries, slices: int) -> list | None:
     """Each source image's own Image Position (Patient), x, y, z in mm, in the order the image was read (by
-    position): the slices of a series a little unevenly spaced are read on the regular grid of their mean
-    step, yet each outline image shows its source image's pixels, imaged where that image says. None for a
-    multi-frame file, or where an image gives no position: the grid's places, then."""
-    if len(series.files) != slices:
+    position; as the series' scan read them): the slices of a series a little unevenly spaced are read on the
+    regular grid of their mean step, yet each outline image shows its source image's pixels, imaged where that
+    image says. None for a multi-frame file, or where an image gives no position: the grid's places, then."""
+    positions = list(series.image_positions)
+    if len(series.files) != slices or len(positions) != slices or None in positions:
         return None
-    positions = []
-    for path in series.files:
-        reader = _reader(path)
-        if not reader.HasMetaDataKey("0020|0032"):
-            return None
-        try:
-            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
-        except ValueError:
-            return None
-        if len(position) != 3:
-            return None
-        positions.append(position)
-    return positions
+    return [list(position) for position in positions]
 
 
 def outline_images(image, labels, colours: dict | None = None, caption: str = CAPTION,

@@ -1304,6 +1304,8 @@ class DicomSeries:
     study_uid: str | None = None  # the Study Instance UID (0020,000d): which visit of which patient
     instance_numbers: tuple = ()  # (0020,0013) of each file, in the order of `files` (slice order)
     instance_uids: tuple = ()  # (0008,0018) of each file ("" where it has none), in the order of `files`
+    image_positions: tuple = ()  # (0020,0032) of each file, x, y, z in mm (None where it gives none), in the order of
+    # `files`
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
@@ -1459,6 +1461,17 @@ class DicomStudy:
     date: str = ""
 
 
+def _image_position(reader) -> tuple | None:
+    """A file's Image Position (Patient), x, y, z in mm; None where it gives none, or not three numbers."""
+    if not reader.HasMetaDataKey("0020|0032"):
+        return None
+    try:
+        position = tuple(float(v) for v in reader.GetMetaData("0020|0032").split("\\"))
+    except ValueError:
+        return None
+    return position if len(position) == 3 else None
+
+
 def _slice_key(reader, path: str) -> tuple:
     """Sort key of a file within its series: position along the slice normal, else instance number, else name."""
     try:
@@ -1529,7 +1542,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 number = _header_number(reader, "0020|0013")
                 instance = reader.GetMetaData("0008|0018").strip(" \0") if reader.HasMetaDataKey("0008|0018") else ""
                 entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number),
-                                       instance))
+                                       instance, _image_position(reader)))
                 entry.setdefault("pixel_ids", set()).add(reader.GetPixelID() if reader.GetNumberOfComponents() == 1
                                                          else None)
     finally:
@@ -1545,7 +1558,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
     header = entry["header"]
     return DicomSeries(uid, header[0], tuple(f[1] for f in ordered), *header[1:6], modality=header[6],
                        secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
-                       instance_uids=tuple(f[3] for f in ordered), damaged=entry.get("damaged", ()),
+                       instance_uids=tuple(f[3] for f in ordered), image_positions=tuple(f[4] for f in ordered),
+                       damaged=entry.get("damaged", ()),
                        slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
                        study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())))
 
