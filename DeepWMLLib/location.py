@@ -133,19 +133,18 @@ def locate(lesion: np.ndarray | tuple[np.ndarray, ...], ventricles: np.ndarray,
 
 def locate_images(mask: sitk.Image, ventricles: sitk.Image) -> tuple[dict, np.ndarray | None]:
     """`locate` for a lesion mask and a ventricle mask on one grid (images, e.g. a Slicer segmentation's
-    two segments): the `location` entry, and the distance map as the voxels of that grid (numpy (k, j, i),
-    as `volume.voxels` gives them, for `report.lesion_report`), None when the split is not made."""
-    import SimpleITK as sitk
-
+    two segments): the `location` entry, and the distances at the mask's nonzero voxels in the order of its own
+    voxels (np.flatnonzero of `volume.voxels`, as `report.lesion_report` reads them), None when the split is not
+    made. No map of the whole volume is made: with it, copied and put back on the grid, the Slicer module's
+    statistics peaked at 800 MiB on a 512 x 512 x 200 scan, 382 MiB without."""
     from . import io
 
     if ventricles.GetSize() != mask.GetSize():
         raise ValueError(f"the ventricle mask {ventricles.GetSize()} is not on the lesion mask's grid {mask.GetSize()}")
-    lesion, frame = io.to_axial_stack(mask, dtype=np.uint8)
-    inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8)
+    frame = io.slice_frame(mask)
+    inside, _ = io.to_axial_stack(ventricles, dtype=np.uint8, copy=False)
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-    entry, distance = locate(lesion > 0, inside > 0, spacing)
-    return entry, None if distance is None else sitk.GetArrayFromImage(io.from_axial_stack(distance, frame))
+    return locate(io.axial_positions(mask, frame), inside > 0, spacing)
 
 
 def small_ventricles_warning(entry: dict | None, intracranial_ml: float | None) -> str | None:

@@ -1030,6 +1030,45 @@ def test_the_split_measures_the_distances_at_the_lesions_only(monkeypatch):
     assert peak < 0.5 * lesion.size, f"{peak / lesion.size:.2f} bytes a voxel"  # 5 with the whole map and its copy
 
 
+@pytest.mark.parametrize("direction", [(-1, 0, 0, 0, -1, 0, 0, 0, 1),  # a NIfTI's: rows and columns flipped
+                                       (0, 0, -1, 1, 0, 0, 0, -1, 0)])  # sagittal slices: the stack is transposed
+def test_the_slicer_modules_split_measures_the_distances_at_the_lesions_only(monkeypatch, direction):
+    """The Slicer module's lesion statistics (locate_images: the lesion and ventricle segments as images) made the
+    whole distance map as `deepwml segment` once did, copied it and put it back on the grid: 800 MiB at their peak
+    on a 512 x 512 x 200 scan (16 bytes a voxel). Measured as the command line measures, at the lesion voxels only:
+    the same split and per-lesion figures, bit for bit, as the whole map's."""
+    from DeepWMLLib import location
+    from DeepWMLLib.report import lesion_report
+
+    shape = (30, 200, 180)  # numpy (k, j, i)
+    k, j, i = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    ventricles = (((k - 8) * 2.5) ** 2 + (j - 50) ** 2 + (i - 40) ** 2 < 20 ** 2).astype(np.uint8)
+    lesions = np.zeros(shape, np.uint8)
+    lesions[6:10, 28:33, 55:70] = 1  # across the ventricles' wall
+    lesions[14:16, 80:84, 30:35] = 1  # deep
+    images = [sitk.GetImageFromArray(array) for array in (lesions, ventricles)]
+    for image in images:
+        image.SetSpacing((0.9, 0.7, 2.3))
+        image.SetDirection(direction)
+    mask, inside = images
+    frame = io.slice_frame(mask)
+    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+    whole_entry, whole = location.locate(io.axial_view(mask, frame) > 0, io.axial_view(inside, frame) > 0, spacing)
+    whole_image = io.from_axial_stack(whole, frame)
+    measured = []
+    maurer = sitk.SignedMaurerDistanceMap
+    monkeypatch.setattr(sitk, "SignedMaurerDistanceMap",
+                        lambda image, *args, **kwargs: measured.append(image.GetNumberOfPixels()) or maurer(image, *args,
+                                                                                                           **kwargs))
+    (entry, distances), peak = _peak_bytes(location.locate_images, mask, inside)
+    assert entry == whole_entry and entry["judged"] and entry["periventricular_ml"] > 0 and entry["deep_ml"] > 0
+    assert measured[0] < lesions.size / 2  # the box up to the ventricles and lesions, not the stack
+    assert peak < 2 * lesions.size, f"{peak / lesions.size:.1f} bytes a voxel"  # 10 with the whole map
+    expected = volume.voxels(whole_image).ravel()[np.flatnonzero(lesions)]
+    assert np.array_equal(distances.view(np.uint32), expected.view(np.uint32))
+    assert lesion_report(mask, None, distances) == lesion_report(mask, None, volume.voxels(whole_image))
+
+
 def test_post_processing_makes_the_lesion_mask_once():
     """Post-processing made the lesion mask as bool, then as bytes, and label_components copied the bytes to bool
     again: three masks of the whole volume where one serves (1.2 GB at 1024 x 1024 x 400 voxels, the peak of such a
