@@ -5,7 +5,7 @@ lesions outlined in red, as a new series of the same study and patient, so the r
 PACS (or opened in any DICOM viewer) and read next to the original:
 
 - one image per slice of the input: each image keeps the source slice's own position (`source_positions`;
-  a multi-frame file's frames: their places on the grid it was read on), orientation, pixel spacing
+  a multi-frame file's frames: each frame's Plane Position), orientation, pixel spacing
   (Image Plane attributes) and Instance Number, and the source's Frame of Reference, so a viewer that reads them links it to the FLAIR and scrolls the two together;
 - the FLAIR in grey (the window of the QC picture: its 1st to 99.5th percentile within the head, the
   same on every slice), each lesion's in-plane outline in red (the voxels of the mask next to one
@@ -131,11 +131,26 @@ def source_positions(series: io.DicomSeries, slices: int) -> list | None:
     """Each source image's own Image Position (Patient), x, y, z in mm, in the order the image was read (by
     position; as the series' scan read them): the slices of a series a little unevenly spaced are read on the
     regular grid of their mean step, yet each outline image shows its source image's pixels, imaged where that
-    image says. None for a multi-frame file, or where an image gives no position: the grid's places, then."""
-    positions = list(series.image_positions)
-    if len(series.files) != slices or len(positions) != slices or None in positions:
+    image says. Enhanced images keep it in their functional groups: a multi-frame file's, each frame's Plane
+    Position (Patient), in the order the file stores the frames, which is the order they were read in (frames out
+    of slice order are refused: io._check_frames). None where an image or a frame gives no position: the grid's
+    places, then."""
+    if len(series.files) == 1 and slices > 1:
+        positions = _frame_positions(series.files[0])
+    elif len(series.files) == slices:
+        positions = [given if given is not None else next(iter(_frame_positions(file)), None)
+                     for file, given in zip(series.files, series.image_positions)]
+    else:
+        return None
+    if len(positions) != slices or None in positions:
         return None
     return [list(position) for position in positions]
+
+
+def _frame_positions(file: str) -> list[tuple]:
+    """Each frame's Plane Position (Patient) of an enhanced DICOM file; empty where it gives none."""
+    geometry = io._frame_geometry(file)
+    return [] if geometry is None else [tuple(float(v) for v in position) for position in geometry[0]]
 
 
 def outline_images(image, labels, colours: dict | None = None, caption: str = CAPTION,

@@ -14,7 +14,8 @@ from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, record_syncs_and_renames, rotation, stepped_positions, write_dicom_series
+from conftest import (make_volume, record_syncs_and_renames, rotation, stepped_positions, write_dicom_series,
+                      write_enhanced_mr)
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
            "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
@@ -346,6 +347,29 @@ def test_each_image_lies_where_its_source_slice_was_imaged(tmp_path):
         assert written["0020|0013"] == own["0020|0013"]
         assert np.allclose([float(v) for v in written["0020|0032"].split("\\")],
                            [float(v) for v in own["0020|0032"].split("\\")], atol=1e-4), (written["0020|0032"], own["0020|0032"])
+
+
+@pytest.mark.parametrize("order, files", [(None, 1), (range(5, -1, -1), 1),  # frames stored from the first slice; from the last
+                                          (None, 6)])  # a file a frame
+def test_each_image_of_an_enhanced_source_lies_where_its_frame_was_imaged(tmp_path, order, files):
+    """Enhanced MR frames a little unevenly spaced, their positions with float noise (read on the regular grid of
+    their mean step): each outline image keeps its frame's own Plane Position (Patient) from the Per-frame
+    Functional Groups, numbered as the frame, not its place on that grid (0.32 mm off here)."""
+    image, truth = make_volume(size=(24, 20, 6), spacing=(0.9, 0.9, 5.16), dtype=sitk.sitkInt16,
+                               direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
+    positions = stepped_positions(image, [5.0, 5.0, 5.8, 5.0, 5.0], noise_mm=0.05)
+    folder = tmp_path / "enhanced"
+    stored = list(order or range(6))
+    for k, frames in enumerate([stored] if files == 1 else [[k] for k in stored]):
+        write_enhanced_mr(folder / f"flair{k}.dcm", image, order=frames, positions=positions)
+    flair = io.read_image(folder)
+    _outline(folder, sitk.Resample(truth, flair, sitk.Transform(), sitk.sitkNearestNeighbor), tmp_path / "o")
+    _, out = read_series(tmp_path / "o")
+    assert sorted(int(written["0020|0013"]) for written in out) == [1, 2, 3, 4, 5, 6]
+    for written in out:
+        frame = positions[stored[int(written["0020|0013"]) - 1]]
+        assert np.allclose([float(v) for v in written["0020|0032"].split("\\")], frame, atol=1e-4), \
+            (written["0020|0032"], frame)
 
 
 def test_a_series_number_near_the_top_of_its_range_stays_in_it(tmp_path):
