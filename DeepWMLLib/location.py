@@ -107,13 +107,12 @@ def split_volumes(distance: np.ndarray, voxel_mm3: float) -> dict:
             "deep_ml": round((distance.size - near) * voxel_mm3 / 1000, 6)}
 
 
-def locate(lesion: np.ndarray | tuple[np.ndarray, ...], ventricles: np.ndarray,
+def locate(lesion: tuple[np.ndarray, ...], ventricles: np.ndarray,
            spacing: tuple[float, float, float]) -> tuple[dict, np.ndarray | None]:
     """The report's `location` entry for the lesions and a bool ventricle stack (`spacing` (slice, row, col) in
-    mm), and the distances (None when the split is not made). `lesion`: a bool stack of the ventricles' shape,
-    for which the whole distance map comes back; or its voxels' positions in the stack (index arrays, as
-    np.nonzero gives them, in any order), for which only the distances there come back, in that order (a
-    large scan's map was 1.7 GB, and 3.4 GB while ITK made it)."""
+    mm), and the distances at the lesion voxels (None when the split is not made). `lesion`: its voxels' positions
+    in the stack (index arrays, as np.nonzero gives them, in any order); the distances come back in that order, and
+    no map of the whole stack is made (a large scan's was 1.7 GB, and 3.4 GB while ITK made it)."""
     voxel_mm3 = float(np.prod(spacing))
     ventricles_ml = np.count_nonzero(ventricles) * voxel_mm3 / 1000
     entry = {"rule": RULE, "ventricles_ml": round(ventricles_ml, 3)}
@@ -122,12 +121,8 @@ def locate(lesion: np.ndarray | tuple[np.ndarray, ...], ventricles: np.ndarray,
                      why=f"{ventricles_ml:.2f} ml of lateral ventricle found (under {MIN_VENTRICLES_ML:g} ml): the scan "
                          "may not cover them, or the ventricle network failed on it; no periventricular/deep split")
         return entry, None
-    if isinstance(lesion, tuple):
-        distance = ventricle_distance(ventricles, spacing, at=lesion)
-        entry.update(judged=True, **split_volumes(distance, voxel_mm3))
-    else:
-        distance = ventricle_distance(ventricles, spacing)
-        entry.update(judged=True, **split_volumes(distance[np.asarray(lesion, bool)], voxel_mm3))
+    distance = ventricle_distance(ventricles, spacing, at=lesion)
+    entry.update(judged=True, **split_volumes(distance, voxel_mm3))
     return entry, distance
 
 

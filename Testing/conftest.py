@@ -240,6 +240,18 @@ def mni_t1_thick(thickness_mm: int = 5, smooth: bool = False) -> sitk.Image:
     return sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear)
 
 
+def located_by_the_whole_map(lesion: np.ndarray, ventricles: np.ndarray, spacing) -> tuple[dict, np.ndarray]:
+    """The reference for `location.locate`, which measures only at the lesion voxels: the `location` entry made
+    from the whole ventricle distance map (bool `lesion` and `ventricles` stacks), and that map."""
+    from DeepWMLLib import location
+
+    whole = location.ventricle_distance(ventricles, spacing)
+    voxel_mm3 = float(np.prod(spacing))
+    entry = {"rule": location.RULE, "ventricles_ml": round(np.count_nonzero(ventricles) * voxel_mm3 / 1000, 3),
+             "judged": True, **location.split_volumes(whole[lesion], voxel_mm3)}
+    return entry, whole
+
+
 def tiny_model_file(path: Path, grid=(64, 64), spacing_mm=None, seed=0, labels=None) -> Path:
     from DeepWMLLib.checkpoint import save_model
     from DeepWMLLib.model import build_model

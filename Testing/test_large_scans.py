@@ -22,7 +22,7 @@ from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.segment import segment_cases, segment_image
 from DeepWMLLib.volume import Volume, nifti_bytes, parse_nifti
 
-from conftest import make_volume, write_dicom_series
+from conftest import located_by_the_whole_map, make_volume, write_dicom_series
 
 
 def _peak_bytes(function, *args):
@@ -1023,7 +1023,7 @@ def test_the_split_measures_the_distances_at_the_lesions_only(monkeypatch):
                         lambda image, *args, **kwargs: measured.append(image.GetNumberOfPixels()) or maurer(image, *args,
                                                                                                            **kwargs))
     (entry, distances), peak = _peak_bytes(location.locate, np.nonzero(lesion), ventricles, spacing)
-    whole_entry, whole = location.locate(lesion, ventricles, spacing)
+    whole_entry, whole = located_by_the_whole_map(lesion, ventricles, spacing)
     assert entry == whole_entry and entry["judged"] and entry["periventricular_ml"] > 0 and entry["deep_ml"] > 0
     assert np.array_equal(distances.view(np.uint32), whole[lesion].view(np.uint32))
     assert measured[0] == 20 * 78 * 70  # the box (past the ventricles by a voxel, the lesions by none), not the stack
@@ -1053,7 +1053,8 @@ def test_the_slicer_modules_split_measures_the_distances_at_the_lesions_only(mon
     mask, inside = images
     frame = io.slice_frame(mask)
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-    whole_entry, whole = location.locate(io.axial_view(mask, frame) > 0, io.axial_view(inside, frame) > 0, spacing)
+    whole_entry, whole = located_by_the_whole_map(io.axial_view(mask, frame) > 0, io.axial_view(inside, frame) > 0,
+                                                  spacing)
     whole_image = io.from_axial_stack(whole, frame)
     measured = []
     maurer = sitk.SignedMaurerDistanceMap

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import located_by_the_whole_map
 from DeepWMLLib import location
 from DeepWMLLib.report import lesion_report
 from DeepWMLLib.volume import voxels
@@ -31,13 +32,13 @@ def test_split_counts_voxels_within_10_mm_as_periventricular():
     lesion[5, 40, 44:64] = True  # columns 44..63: 0.5 to 10 mm from the wall (periventricular)
     lesion[5, 40, 64:70] = True  # 10.5 to 13 mm: deep
     lesion[0, 10, 10] = True  # far away: deep
-    entry, distance = location.locate(lesion, ventricles, spacing)
+    entry, distance = location.locate(np.nonzero(lesion), ventricles, spacing)
     voxel_ml = np.prod(spacing) / 1000
     assert entry["judged"] is True and entry["rule"] == location.RULE
     assert entry["periventricular_ml"] == pytest.approx(20 * voxel_ml)
     assert entry["deep_ml"] == pytest.approx(7 * voxel_ml)
     assert entry["ventricles_ml"] == pytest.approx(round(ventricles.sum() * voxel_ml, 3))
-    assert distance.shape == lesion.shape
+    assert distance.shape == (np.count_nonzero(lesion),)
 
 
 def test_too_little_ventricle_is_not_judged_and_says_why():
@@ -45,7 +46,7 @@ def test_too_little_ventricle_is_not_judged_and_says_why():
     ventricles[5, 20, 20] = True
     lesion = np.zeros_like(ventricles)
     lesion[5, 22, 22] = True
-    entry, distance = location.locate(lesion, ventricles, (5.0, 1.0, 1.0))
+    entry, distance = location.locate(np.nonzero(lesion), ventricles, (5.0, 1.0, 1.0))
     assert entry["judged"] is False and distance is None
     assert entry["periventricular_ml"] is None and entry["deep_ml"] is None
     assert "lateral ventricle" in entry["why"] and "under 1 ml" in entry["why"]
@@ -277,7 +278,7 @@ def test_the_distances_at_the_lesions_alone_give_the_whole_maps_report(direction
     ventricles[centre[0] - 3:centre[0] + 3, centre[1] - 7:centre[1] + 6, centre[2] - 7:centre[2] + 6] = True
     ventricles[stack] &= rng.random(np.count_nonzero(stack)) < 0.5  # lesion voxels inside them too
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-    entry, whole = location.locate(stack, ventricles, spacing)
+    entry, whole = located_by_the_whole_map(stack, ventricles, spacing)
     assert entry["judged"]
     whole_image = io.from_axial_stack(whole, frame)  # held: voxels() is a view of its buffer
     on_grid = voxels(whole_image)
