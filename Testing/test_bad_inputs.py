@@ -50,6 +50,8 @@ BAD_INPUTS = [
     ("NaN / Inf voxels", "segment", 1, "non-finite"),
     ("a scan whose brightest voxels wrapped around to negative (a conversion that overflowed signed 16 bits: lesions "
      "would read as the darkest)", "segment", 1, "values that wrapped around"),
+    ("a scan whose brightest voxels wrapped around past 65535 to near 0 (a conversion that overflowed unsigned 16 bits: "
+     "lesions would read as dark holes)", "segment", 1, "values that wrapped around"),
     ("folder without images", "segment", 1, "without image files"),
     ("scans of one name in folders of their own (`patient07/flair.nii.gz`, `patient19/flair.nii.gz`)", "segment", 0,
      "ok: each named after the folder that tells it apart (`patient07_flair`, `patient19_flair`)"),
@@ -591,12 +593,19 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         assert main(["segment", str(p["good"]), "-o", str(tmp / "earlier"), "--model", str(p["model"]), "--device",
                      "cpu", "--save-probabilities"]) == 0
         return seg + [str(tmp / "earlier" / ("good_prob.nii.gz" if row_id.startswith("a probability") else ""))]
-    if row_id.startswith("a scan whose brightest voxels wrapped around"):
+    if row_id.startswith("a scan whose brightest voxels wrapped around to negative"):
         scan = sitk.ReadImage(str(p["good"]))
         scaled = np.round(sitk.GetArrayFromImage(scan).astype(np.float64) * 60).astype(np.int64)  # tissue 18000
         wrapped = sitk.GetImageFromArray(((scaled + 32768) % 65536 - 32768).astype(np.int16))  # lesions over 32767
         wrapped.CopyInformation(scan)
         return seg + [str(_write(tmp / "in" / "wrapped.nii.gz", wrapped))]
+    if row_id.startswith("a scan whose brightest voxels wrapped around past 65535"):
+        scan, truth = sitk.ReadImage(str(p["good"])), sitk.ReadImage(str(p["truth"]))
+        scaled = np.round(sitk.GetArrayFromImage(scan).astype(np.float64) * 200).astype(np.int64)  # tissue 60000
+        scaled[sitk.GetArrayFromImage(truth) > 0] = 70000  # lesions over 65535
+        wrapped = sitk.GetImageFromArray((scaled % 65536).astype(np.uint16))
+        wrapped.CopyInformation(scan)
+        return seg + [str(_write(tmp / "in" / "wrapped_unsigned.nii.gz", wrapped))]
     if row_id.startswith("a scan with a bright line through every slice"):
         zipper = sitk.ReadImage(str(p["good"]))
         voxels = sitk.GetArrayFromImage(zipper)

@@ -2007,3 +2007,19 @@ def test_reslice_padding_of_minus_32768_beside_bright_tissue_is_not_taken_for_wr
     padded.CopyInformation(scan)
     sitk.WriteImage(padded, str(tmp_path / "padded.nii.gz"))
     assert io.read_image(tmp_path / "padded.nii.gz").GetSize() == padded.GetSize()
+
+
+def test_a_real_flair_whose_brightest_voxels_wrapped_past_65535_is_refused_and_one_saturated_there_is_read(shared_data):
+    """A clinical FLAIR whose top 1 % was scaled past 65535 and stored in unsigned 16 bits: its brightest voxels
+    (lesions, scalp) start again from 0 and read as dark holes in bright tissue, and it was segmented without a word.
+    The same scan scaled to a top of 65535, or saturated there from its 99th percentile (bright scalp at 65535 beside
+    the air), is read as before."""
+    scan = sitk.ReadImage(str(shared_data / "open_ms" / "clinical_flair" / "patient01_study1.nii.gz"))
+    values = sitk.GetArrayFromImage(scan).astype(np.float64)
+    top = np.percentile(values, 99)
+    wrapped = np.round(values * 65536 / top).astype(np.int64) % 65536
+    assert np.count_nonzero(values > top) > 30000  # the voxels that overflowed
+    with pytest.raises(DeepWMLError, match="values that wrapped around.*over 65535 stored in unsigned 16 bits"):
+        io.check_volume(io.like_image(wrapped.astype(np.uint16), scan))
+    for full in (values * 65535 / values.max(), np.clip(values * 65535 / top, 0, 65535)):
+        io.check_volume(io.like_image(np.round(full).astype(np.uint16), scan))
