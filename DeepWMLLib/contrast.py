@@ -51,6 +51,14 @@ FLAIR_DARK_RANGE = "1.1-16 %"  # what the real FLAIRs above gave, quoted in the 
 FLAIR_CORTEX_RANGE = "47-77 %"
 
 
+# A CT in Hounsfield units is no MRI: its air lies near -1000 and its skull above several hundred, with the brain at
+# 20-40 between (its ventricles, 0-15, are not dark against that black, so it was called T2- or PD-weighted). Such
+# values outside the brain cannot come from a magnitude MRI (nothing below 0 but padding; its brightest tissue a few
+# times the white matter's level, never ten times it at a white matter of 100 or less).
+CT_BRAIN = (-20.0, 100.0)  # the deep brain's median on a CT (white matter 20-35, with some CSF)
+CT_AIR, CT_BONE = -500.0, 500.0  # outside the brain: air is below the one, bone above the other
+CT_AIR_MIN, CT_BONE_MIN = 0.1, 0.01  # of the voxels outside the brain
+
 OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away):
 # 91-100 % on the 11 clinical scans, the sample and the 3 labelled ones (black 0 on each of them)
 BLACK_PERCENTILE = 0.5  # the image's black: this low percentile of its voxels (a few stray ones below it)
@@ -196,7 +204,8 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     intracranial and lesion masks (same shape, bool) and spacing (slice, row, col) in mm.
     `progress(fraction, message)`, when given, hears of its steps (seconds each on a large scan).
 
-    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", or None when not judged."""
+    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "CT" (with `deep_median`, `air_fraction` and
+    `bone_fraction`), or None when not judged."""
     tell = progress or (lambda fraction, message: None)
     tell(0.0, "FLAIR check: depth inside the brain")
     # Holes filled slice by slice: on a scan that is not a FLAIR the brain-mask network may leave out
@@ -232,6 +241,13 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
     tell(0.8, "FLAIR check: background outside brain")
+    if CT_BRAIN[0] <= reference <= CT_BRAIN[1]:
+        air = _dark_share_outside(stack, np.asarray(intracranial, bool), 0.0, CT_AIR)
+        bone = _dark_share_outside(stack, np.asarray(intracranial, bool), 0.0, CT_BONE)
+        if air is not None and air >= CT_AIR_MIN and 1 - bone >= CT_BONE_MIN:
+            result.update(looks_like="CT", deep_median=round(reference, 1), air_fraction=round(air, 3),
+                          bone_fraction=round(1 - bone, 3))
+            return result
     outside_dark = _dark_share_outside(stack, np.asarray(intracranial, bool), black, DARK_RATIO * (reference - black))
     if outside_dark is not None and outside_dark < OUTSIDE_DARK_MIN:
         result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "
@@ -310,6 +326,10 @@ def bright_line_warning(line: dict, frame) -> str:
 def why_not_flair(check: dict) -> str | None:
     """Why a scan the check judged does not look like a FLAIR, with its figure and the real FLAIRs' (None when
     it looks like one, or was not judged)."""
+    if check.get("looks_like") == "CT":
+        return (f"its values are a CT's in Hounsfield units, not an MRI's (the deep brain at {check['deep_median']:g}, "
+                f"{check['air_fraction']:.0%} of the voxels outside the brain below {CT_AIR:g} as air is and "
+                f"{check['bone_fraction']:.0%} above {CT_BONE:g} as bone is)")
     if check.get("looks_like") == "T2- or PD-weighted":
         return (f"the ventricles are not dark ({check['dark_fraction']:.2%} of the deep brain is darker than half its "
                 f"median; {FLAIR_DARK_RANGE} on the real FLAIRs checked)")
@@ -324,6 +344,9 @@ def contrast_warnings(check: dict) -> list[str]:
     if check.get("looks_like") == "T2- or PD-weighted":
         return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan, where "
                 "DeepWML marks CSF as lesion: check the series"]
+    if check.get("looks_like") == "CT":
+        return [f"this looks like a CT, not an MRI: {why_not_flair(check)}; DeepWML segments FLAIR MRI only and its "
+                "marks and figures mean nothing here: give the FLAIR series"]
     if check.get("looks_like") == "T1-weighted":
         return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T1-weighted scan, where lesions are "
                 "not bright and the figures mean nothing: check the series"]

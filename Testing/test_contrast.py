@@ -319,3 +319,39 @@ def test_a_bright_line_is_named_by_the_scan_s_own_voxel_index(direction, where, 
     frame = io.slice_frame(image)
     line = contrast.bright_line(io.axial_view(image, frame))
     assert line is not None and f"voxel index {named} " in contrast.bright_line_warning(line, frame)
+
+
+def _ct(padding: float | None = None):
+    """The phantom head as a CT in Hounsfield units: white matter 28, cortex 38, ventricles 8, a skull of 1000
+    (6 mm outside the intracranial space), air -1000 around it (or reslice `padding` beyond the skull)."""
+    stack, inside, lesion = _head(38 / 28, 8 / 28)
+    stack = stack / 300 * 28
+    outside = ndimage.distance_transform_edt(~inside, sampling=SPACING)
+    stack[~inside] = -1000.0
+    stack[(outside > 0) & (outside <= 6)] = 1000.0
+    if padding is not None:
+        stack[:, :, :20] = np.where(outside[:, :, :20] > 6, padding, stack[:, :, :20])
+    return stack, inside, lesion
+
+
+@pytest.mark.parametrize("padding", [None, -3024.0], ids=["air", "air and padding outside the field of view"])
+def test_a_ct_in_hounsfield_units_is_said_to_be_a_ct_not_a_t2_weighted_mri(padding):
+    """A head CT (air -1000, brain 8-38, skull 1000): its ventricles are not dark against the air's black, and it was
+    warned as 'T2- or PD-weighted', sending the user to look for a FLAIR among MRI series that are not there."""
+    stack, inside, lesion = _ct(padding)
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] == "CT", check
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "looks like a CT, not an MRI" in warnings[0] and "T2" not in warnings[0]
+    assert "Hounsfield" in warnings[0]
+
+
+def test_a_flair_of_low_levels_with_reslice_padding_of_minus_1024_is_no_ct():
+    """A FLAIR whose white matter lies at 80 (as patient20_study2's, the lowest of the clinical scans), with a reslice's
+    padding of -1024 around the head: air-like values outside and a brain within a CT's range, but nothing outside
+    ten times as bright as the white matter (a CT's skull): still a FLAIR."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    stack = stack / 300 * 80
+    stack[:, :, :15] = np.where(inside[:, :, :15], stack[:, :, :15], -1024.0)
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] == "FLAIR", check
