@@ -3321,8 +3321,7 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     try:
         tmp = _temporary_sibling(path)
     except OSError as exc:
-        raise DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); "
-                           f"{write_advice(exc, 'choose a writable output folder')}{_long_path_hint(path)}") from exc
+        raise _no_temporary(path, exc) from exc
     try:
         write(tmp)
         _sync(tmp)
@@ -3330,17 +3329,57 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         _replace(tmp, path)
         _sync_folder(path.parent)
     except (OSError, RuntimeError) as raised:
-        exc = write_fault(raised, path.parent)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
-        if WINDOWS and isinstance(exc, PermissionError) and path.exists():
-            raise DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
-                               f"viewer)? close it there and run again") from raised
-        hint = (windows_path_hint(path) if isinstance(exc, RuntimeError) else "") + _long_path_hint(path)
-        raise DeepWMLError(f"cannot write {path} ({reason}); {write_advice(exc, 'check free space and permissions')}"
-                           f"{hint}") from raised
+        raise _write_failure(path, raised) from raised
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def _no_temporary(path: Path, exc: OSError) -> DeepWMLError:
+    """The error for a temporary file or folder that could not be made beside `path`."""
+    return DeepWMLError(f"cannot write in {path.parent} ({exc.strerror}); "
+                        f"{write_advice(exc, 'choose a writable output folder')}{_long_path_hint(path)}")
+
+
+def _write_failure(path: Path, raised: BaseException) -> DeepWMLError:
+    """The error for a write of `path` that failed with `raised` (an OSError, or ITK's RuntimeError)."""
+    exc = write_fault(raised, path.parent)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
+    if WINDOWS and isinstance(exc, PermissionError) and path.exists():
+        return DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
+                            f"viewer)? close it there and run again")
+    hint = (windows_path_hint(path) if isinstance(exc, RuntimeError) else "") + _long_path_hint(path)
+    return DeepWMLError(f"cannot write {path} ({reason}); {write_advice(exc, 'check free space and permissions')}"
+                        f"{hint}")
+
+
+def _write_detached(path: Path, write) -> Path:
+    """A detached header (.mhd, .nhdr) and its data file, written by `write(name)`: ITK names the data file after the
+    header it writes (out.zraw, out.raw.gz) and writes that name into the header, so both are written under their
+    final names in a hidden temporary folder beside `path` (`temporary_leftovers` finds it), the data file put in
+    place first and the header last. Written as one temporary file, the header was renamed into place naming a data
+    file with the temporary name, which the next run there swept away as a leftover; on a full disk that data file,
+    cut short, was left (the 1 MB of a 1 MB disk)."""
+    path = check_output_file(path)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(path), suffix=".part", dir=path.parent))
+    except OSError as exc:
+        raise _no_temporary(path, exc) from exc
+    try:
+        header = folder / path.name
+        write(header)
+        written = [folder / name for name in _detached_data_files(header)] + [header]
+        for file in written:
+            _sync(file)
+            os.chmod(file, 0o666 & ~_UMASK)
+        for file in written:
+            _replace(file, path.parent / file.name)
+        _sync_folder(path.parent)
+    except (OSError, RuntimeError) as raised:
+        raise _write_failure(path, raised) from raised
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
@@ -3380,7 +3419,7 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
         if is_nifti(path):
             _check_nifti_whole(tmp)
 
-    return write_atomically(path, write)
+    return (_write_detached if _extension(Path(path)) in (".mhd", ".nhdr") else write_atomically)(Path(path), write)
 
 
 def _check_nifti_whole(path: Path) -> None:

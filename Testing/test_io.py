@@ -10,6 +10,7 @@ import re
 import struct
 import zlib
 from io import StringIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -2023,3 +2024,39 @@ def test_a_real_flair_whose_brightest_voxels_wrapped_past_65535_is_refused_and_o
         io.check_volume(io.like_image(wrapped.astype(np.uint16), scan))
     for full in (values * 65535 / values.max(), np.clip(values * 65535 / top, 0, 65535)):
         io.check_volume(io.like_image(np.round(full).astype(np.uint16), scan))
+
+
+@pytest.mark.parametrize("name,data", [("out.mhd", "out.zraw"), ("out.nhdr", "out.raw.gz")])
+def test_a_detached_header_is_written_with_its_data_file_under_its_own_name(tmp_path, name, data):
+    """io.write_image to a .mhd or .nhdr: ITK names the data file after the header it writes, and the header was
+    written under a temporary name, so the output named '.out.mhd.xxxx.part.zraw', a hidden temporary file that the
+    next run into the folder removes as a leftover of a killed one. Written again over itself, as with --overwrite."""
+    scan, _ = make_volume()
+    for _ in range(2):
+        io.write_image(scan, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, data])
+    assert io.temporary_leftovers(tmp_path) == []
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_image(tmp_path / name)), sitk.GetArrayFromImage(scan))
+
+
+@pytest.mark.parametrize("name", ["out.mhd", "out.nhdr"])
+def test_a_detached_header_whose_data_file_was_cut_short_by_a_full_disk_leaves_nothing(tmp_path, monkeypatch, name):
+    """A full disk while ITK writes a .mhd's or .nhdr's data file (it writes the header, cuts the data file short and
+    raises): a one-line error that says the disk is full, and nothing left behind (the temporary data file, cut short,
+    was left: on a real 1 MB disk, all of its space)."""
+    written = sitk.WriteImage
+
+    def full_disk(image, file_name, *args):
+        written(image, file_name, *args)
+        for part in Path(file_name).parent.iterdir():
+            if part.suffix in (".zraw", ".gz"):
+                part.write_bytes(part.read_bytes()[:100])
+        raise RuntimeError("MetaImage: M_WriteElementsData: file stream is fail after write")
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    monkeypatch.setattr(io, "ALMOST_FULL_BYTES", 1 << 62)  # this disk, with the space the data file took back, is full
+    scan, _ = make_volume()
+    with pytest.raises(DeepWMLError, match=r"cannot write .*\(No space left on device\); the disk is full"):
+        io.write_image(scan, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
