@@ -3112,25 +3112,65 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space 
 ALMOST_FULL_BYTES = 1 << 20  # free space below which a disk is taken for full (`write_fault`)
 
 
-def write_fault(exc: BaseException, folder: Path) -> BaseException:
-    """`exc`, a write into `folder` that failed; an error of ITK's writers, which carries no errno, on a disk with
-    (almost) no space left for this user: the full disk it is. ITK says one in its own words, "failed to write to
-    file" (NRRD), "DICOM does not support this component type" (GDCM), or not at all (NIfTI: `WRITTEN_SHORT`)."""
+def write_fault(exc: BaseException, folder: Path, written: Iterable[Path] = ()) -> BaseException:
+    """`exc`, a write into `folder` that failed (of the files `written`, as far as they got); an error of ITK's
+    writers, which carries no errno, as the OSError it stands for where that is known: the system error its text
+    names ("Reason: File too large", MetaImage's words); a file at the file-size limit (ulimit -f); or a disk with
+    (almost) no space left for this user, or on which a small file cannot be written either (a disk quota used up:
+    the disk itself has space). ITK says a failed write in its own words, "failed to write to file" (NRRD), "DICOM
+    does not support this component type" (GDCM), or not at all (NIfTI: `WRITTEN_SHORT`)."""
     if isinstance(exc, OSError) and exc.strerror != WRITTEN_SHORT:
         return exc
+    said = [code for code in (errno.EFBIG, *_DISK_FULL) if f"Reason: {os.strerror(code)}" in str(exc)]
+    if said:
+        return OSError(said[0], os.strerror(said[0]))
+    if _at_file_size_limit(written):
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG))
     try:
         full = shutil.disk_usage(folder).free < ALMOST_FULL_BYTES
     except OSError:
         full = False
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else exc
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else _small_write_fault(folder) or exc
+
+
+def _at_file_size_limit(written: Iterable[Path]) -> bool:
+    """Whether one of the files `written` reached the process's file-size limit (ulimit -f), where a write stops."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):  # Windows has no such limit
+        return False
+    if limit == resource.RLIM_INFINITY:
+        return False
+    return any(file.is_file() and file.stat().st_size >= limit for file in written)
+
+
+PROBE_BYTES = 1 << 16  # a small file written to see whether the disk takes any more (`_small_write_fault`)
+
+
+def _small_write_fault(folder: Path) -> OSError | None:
+    """The disk-full or quota error (`_DISK_FULL`) with which a small file cannot be written in `folder` now, with the
+    failed write's file still there; else None. A quota used up leaves the disk's free space as it was."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * PROBE_BYTES)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        return exc if exc.errno in _DISK_FULL else None
+    return None
 
 
 def write_advice(exc: BaseException, otherwise: str) -> str:
-    """What to do about a failed write `exc`: a full disk (or quota) and a file over a size limit are said as such,
-    not sent to look at the folder's permissions (`otherwise`, the advice for any other fault)."""
+    """What to do about a failed write `exc`: a full disk, a disk quota used up and a file over a size limit are said
+    as such, not sent to look at the folder's permissions (`otherwise`, the advice for any other fault)."""
     code = getattr(exc, "errno", None)
-    if code in _DISK_FULL:
+    if code == errno.ENOSPC:
         return "the disk is full: free space on it, or choose an output folder on another disk"
+    if code in _DISK_FULL:
+        return ("your disk quota is used up (the disk is full for you): free space within it, or choose an output "
+                "folder on another disk")
     if code == errno.EFBIG:
         return ("the file is larger than a file size limit allows (ulimit -f, or the file system's largest file): "
                 "raise the limit, or choose an output folder on another disk")
@@ -3329,7 +3369,7 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
         _replace(tmp, path)
         _sync_folder(path.parent)
     except (OSError, RuntimeError) as raised:
-        raise _write_failure(path, raised) from raised
+        raise _write_failure(path, raised, [tmp]) from raised
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -3342,9 +3382,10 @@ def _no_temporary(path: Path, exc: OSError) -> DeepWMLError:
                         f"{write_advice(exc, 'choose a writable output folder')}{_long_path_hint(path)}")
 
 
-def _write_failure(path: Path, raised: BaseException) -> DeepWMLError:
-    """The error for a write of `path` that failed with `raised` (an OSError, or ITK's RuntimeError)."""
-    exc = write_fault(raised, path.parent)
+def _write_failure(path: Path, raised: BaseException, written: list[Path]) -> DeepWMLError:
+    """The error for a write of `path` that failed with `raised` (an OSError, or ITK's RuntimeError), its files
+    `written` as far as they got."""
+    exc = write_fault(raised, path.parent, written)
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:120]
     if WINDOWS and isinstance(exc, PermissionError) and path.exists():
         return DeepWMLError(f"cannot write {path} ({reason}); is it open in another program (Excel, an image "
@@ -3377,7 +3418,7 @@ def _write_detached(path: Path, write) -> Path:
             _replace(file, path.parent / file.name)
         _sync_folder(path.parent)
     except (OSError, RuntimeError) as raised:
-        raise _write_failure(path, raised) from raised
+        raise _write_failure(path, raised, list(folder.iterdir()) if folder.is_dir() else []) from raised
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
