@@ -1402,28 +1402,43 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["leftovers"] = io.temporary_leftovers(out)
     rows = []
     finished = False
-    if (out / "summary.csv").exists():  # an earlier run's summary never stands for this one's, even if this one is killed
-        _summary_so_far(rows, out)
+    # an earlier run's summary never stands for this one's, even if this one is killed or cannot write its own
+    if (out / "summary.csv").exists() and not _summary_so_far(rows, out):
+        without_summary(out / "summary.csv")
     try:
         _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options)
         finished = True
     finally:  # also when interrupted: the cases done so far, not an earlier run's summary
         try:
             write_summary(rows, out / "summary.csv")
-        except DeepWMLError:
+        except DeepWMLError as exc:
+            left = without_summary(out / "summary.csv")
             if finished:
-                raise
+                raise DeepWMLError(f"{exc}; {left}") from exc
     return rows
 
 
-def _summary_so_far(rows: list, out: Path) -> None:
+def _summary_so_far(rows: list, out: Path) -> bool:
     """summary.csv with the cases done so far, rewritten after each: a run killed outright (kill -9, a crash, a
     power cut), which cannot write it at the end, leaves the cases it did listed. A failure to write it here
-    (open in Excel on Windows) waits for the end of the run, which says so."""
+    (open in Excel on Windows) waits for the end of the run, which says so. Whether it was written."""
     try:
         write_summary(rows, out / "summary.csv")
     except DeepWMLError:
-        pass
+        return False
+    return True
+
+
+def without_summary(summary: Path) -> str:
+    """Remove `summary`, which this run could not write (a full disk, where removing a file takes no space), and say
+    what is left: on a full disk an earlier run's summary.csv stayed beside this run's error, listing other cases or
+    other figures as if they were this run's."""
+    try:
+        summary.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"the {summary} there is not this run's and could not be removed ({exc.strerror}): do not use it"
+    return (f"no {summary.name} is left in {summary.parent} (neither an earlier run's nor this one's cut short): each "
+            "case segmented has its figures in its _report.json")
 
 
 def _resolved(path: Path) -> Path:

@@ -1987,3 +1987,44 @@ def test_case_names_a_spreadsheet_would_take_for_formulas_are_text_in_summary_cs
     assert main(argv) == 0
     assert "0/2 cases done (0 failed, 2 skipped)" in capsys.readouterr().err
     assert [row["status"] for row in read_summary(out)] == ["skipped", "skipped"]
+
+
+@pytest.mark.parametrize("removable", [True, False], ids=["removed", "read-only"])
+def test_an_earlier_runs_summary_is_not_left_as_this_runs_when_this_one_cannot_be_written(tmp_path, tiny_model,
+                                                                                         monkeypatch, capsys, removable):
+    """A run into a folder whose disk is full: its summary.csv cannot be written, and the earlier run's stayed, listing
+    another case as if this run had done it, beside the error. It is removed (which takes no space) and the error says
+    none is left; where it cannot be removed either (a read-only disk), the error says it is not this run's."""
+    first, _ = write_case(tmp_path, "first", size=(32, 32, 4))
+    second, _ = write_case(tmp_path, "second", size=(32, 32, 4))
+    out = tmp_path / "o"
+    assert main(["segment", str(first), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    assert "first" in (out / "summary.csv").read_text(encoding="utf-8-sig")
+    capsys.readouterr()
+    written = io.write_csv_text
+
+    def disk_full(text, path, unless_held=False):
+        if Path(path).name == "summary.csv":
+            raise io.DeepWMLError(f"cannot write {path} (No space left on device); the disk is full: free space on "
+                                  "it, or choose an output folder on another disk")
+        return written(text, path, unless_held)
+
+    monkeypatch.setattr(io, "write_csv_text", disk_full)
+    if not removable:
+        unlink = Path.unlink
+
+        def read_only(self, missing_ok=False):
+            if self.name == "summary.csv":
+                raise OSError(30, "Read-only file system")
+            return unlink(self, missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", read_only)
+    assert main(["segment", str(second), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "summary.csv (No space left on device); the disk is full" in err
+    if removable:
+        assert not (out / "summary.csv").exists()
+        assert f"no summary.csv is left in {out} (neither an earlier run's nor this one's cut short)" in err
+    else:
+        assert f"the {out / 'summary.csv'} there is not this run's and could not be removed (Read-only file system): " \
+               "do not use it" in err

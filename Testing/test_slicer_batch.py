@@ -1095,3 +1095,20 @@ def test_batch_writes_a_nifti_mask_with_the_inputs_own_qform_and_sform_as_the_co
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=form)
     assert np.asarray(command.dataobj).sum() > 0
     np.testing.assert_array_equal(np.asarray(batch.dataobj), np.asarray(command.dataobj))
+
+
+def test_batch_summary_that_cannot_be_written_leaves_no_earlier_one_as_this_runs(batchScript, tmp_path, monkeypatch):
+    """summary.csv on a full disk: the batch run stopped with the error, and the earlier run's summary stayed there,
+    listing other cases as this run's. It is removed, and the error says none is left, as deepwml segment's does."""
+    import DeepWMLLib.evaluation
+
+    path = tmp_path / "summary.csv"
+    path.write_text("case,status\nearlier,ok\n", encoding="utf-8")
+
+    def diskFull(rows, columns, target):
+        raise DeepWMLError(f"cannot write {target} (No space left on device); the disk is full")
+
+    monkeypatch.setattr(DeepWMLLib.evaluation, "write_csv", diskFull)
+    with pytest.raises(DeepWMLError, match=r"the disk is full; no summary.csv is left in .* \(neither an earlier run's"):
+        batchScript.writeSummary([{"case": "new", "status": "ok"}], path)
+    assert not path.exists()

@@ -288,10 +288,14 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
 
 
 def writeSummary(rows: list, summaryPath: Path) -> None:
-    """summary.csv, its seconds as deepwml segment's (segment.summary_seconds: none for a case skipped)."""
+    """summary.csv, its seconds as deepwml segment's (segment.summary_seconds: none for a case skipped). One that
+    cannot be written (a full disk) is removed, as deepwml segment does: an earlier run's never stands for this one's."""
     from DeepWMLLib.evaluation import write_csv
 
-    write_csv([{**row, "seconds": segment.summary_seconds(row)} for row in rows], SUMMARY_COLUMNS, summaryPath)
+    try:
+        write_csv([{**row, "seconds": segment.summary_seconds(row)} for row in rows], SUMMARY_COLUMNS, summaryPath)
+    except DeepWMLError as exc:
+        raise DeepWMLError(f"{exc}; {segment.without_summary(summaryPath)}") from exc
 
 
 def showFinished(bar, row: dict) -> None:
