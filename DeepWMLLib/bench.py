@@ -41,10 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import resources_dir
+
 
 BATCH_CASES = 5
 # The input timed when none is given and ../shared is absent (as on any machine but the project's own)
-SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"
+SAMPLE = resources_dir() / "Sample" / "sample_flair.nii.gz"
 
 
 def _cache_bytecode() -> bool:

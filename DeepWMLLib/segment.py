@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from . import __version__, io
+from . import __version__, io, resources_dir
 from .cli import end_progress_line, progress_line
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .report import lesion_count_text
@@ -144,7 +144,7 @@ def _explains_running_out_of_memory(function):
 
 def models_dir() -> Path:
     env = os.environ.get(MODELS_DIR_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
+    return Path(env) if env else resources_dir() / "Models"
 
 
 def _registry() -> dict:
