@@ -594,11 +594,17 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
     reordered; one cropped on the FLAIR's voxels is padded onto it with zeros, `io.onto_grid`). With `check`, the
     registration is also run the other way round and the two compared (`inverse_consistency`; twice the
-    registration time). `checked`: check_scans has passed the two scans already."""
+    registration time). `checked`: check_scans has passed the two scans already. Masks hold whole numbers, any
+    non-zero one lesion (0/1, or 0/255 as many tools save them); a probability map, NaN or negative values are
+    refused (`io.label_mask`), as `deepwml change` refuses such files."""
     if not checked:
         check_scans(baseline, followup)
-    baseline_mask = io.onto_grid(baseline_mask, baseline, "the baseline mask", "the baseline FLAIR")
-    followup_mask = io.onto_grid(followup_mask, followup, "the follow-up mask", "the follow-up FLAIR")
+    # every voxel above 0 was lesion: a probability map given as a mask counted the whole head (7435 ml), and a
+    # NaN or negative voxel counted in the volume but not as lesion, all of it called new
+    baseline_mask = io.onto_grid(io.label_mask(baseline_mask, "the baseline mask"), baseline, "the baseline mask",
+                                 "the baseline FLAIR")
+    followup_mask = io.onto_grid(io.label_mask(followup_mask, "the follow-up mask"), followup, "the follow-up mask",
+                                 "the follow-up FLAIR")
     maps = []
     for probabilities, image, what in ((baseline_probabilities, baseline, "baseline"),
                                        (followup_probabilities, followup, "follow-up")):

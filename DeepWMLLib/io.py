@@ -2735,15 +2735,33 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
     (0.99999994: round-off) as those numbers.
     """
-    import SimpleITK as sitk
-
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
     # Slicer, say) is no label of the mask conventions
     image = lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
+    mask = label_mask(image, str(path))
+    if reference is not None:
+        mask = onto_grid(mask, reference, str(path), reference_name)
+    return mask
+
+
+def label_mask(image: sitk.Image | Volume, name: str = "the mask") -> sitk.Image:
+    """A label image in memory (`name` names it in an error) as uint8, checked as `read_mask` checks a file: a scan,
+    a probability map, NaN or negative values, or several labels above 255 raise DeepWMLError; a two-valued mask
+    above 255 (0/65535) becomes 0/1, a float mask's round-off its whole numbers."""
+    import SimpleITK as sitk
+
+    if not isinstance(image, (sitk.Image, Volume)):
+        raise DeepWMLError(f"{name} is a {type(image).__name__}, not an image: pass a SimpleITK image on its scan's "
+                           "grid (a file read with io.read_mask(path, scan))")
+    if isinstance(image, Volume):
+        image = image.to_sitk()
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel; a mask holds one "
+                           "label a voxel (0 background, 1 lesion)")
     array = sitk.GetArrayViewFromImage(image)
     scan = _scan_like(array)
     if scan:
-        raise DeepWMLError(f"{path} looks like a scan, not a label mask: {scan} (was the FLAIR given instead of its "
+        raise DeepWMLError(f"{name} looks like a scan, not a label mask: {scan} (was the FLAIR given instead of its "
                            "mask?); give the mask (0 background, 1 lesion)")
     if array.dtype.kind == "f" and np.isfinite(array).all():
         whole = np.round(array)
@@ -2763,22 +2781,19 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
             found = (f"values that are not whole numbers ({fractions.size} voxels {where}: a probability map, or a mask "
                      "resampled with interpolation?)")
         raise DeepWMLError(
-            f"{path} is not a label mask: it holds {found}; a mask holds whole numbers 0–255 (0 background, "
+            f"{name} is not a label mask: it holds {found}; a mask holds whole numbers 0–255 (0 background, "
             "1 lesion): threshold a probability map first, resample masks with nearest neighbour"
         )
     if np.any(array > 255):
         values = np.unique(array[array != 0])
         if values.size > 1:
             shown = ", ".join(f"{v:g}" for v in values[:5]) + (", ..." if values.size > 5 else "")
-            raise DeepWMLError(f"{path} holds values above 255 among several labels ({shown}); a mask holds 0 "
+            raise DeepWMLError(f"{name} holds values above 255 among several labels ({shown}); a mask holds 0 "
                                "background, 1 lesion and 2 ignore, or is two-valued (0 and one lesion value): relabel it")
         binary = sitk.GetImageFromArray((np.asarray(array) != 0).astype(np.uint8))  # two-valued, e.g. 0/65535
         binary.CopyInformation(image)
         image = binary
-    mask = sitk.Cast(image, sitk.sitkUInt8)
-    if reference is not None:
-        mask = onto_grid(mask, reference, str(path), reference_name)
-    return mask
+    return sitk.Cast(image, sitk.sitkUInt8)
 
 
 def grid_difference(a: sitk.Image, b: sitk.Image) -> str | None:

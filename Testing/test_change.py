@@ -1192,3 +1192,39 @@ def test_nifti_outputs_carry_their_scans_own_qform_and_sform_as_segments_do(tmp_
         image = sitk.ReadImage(str(out / name))  # (a label map may be all 0, which read_image refuses)
         image = image[:, :, :, 0] if image.GetDimension() == 4 else image
         assert io.grid_difference(image, io.read_image(files[scan])) is None, name
+
+
+@pytest.mark.parametrize("given,words", [
+    ("probabilities", "not a label mask: it holds values that are not whole numbers"),
+    ("nan", r"not numbers \(NaN or Inf\)"), ("negative", "negative values"), ("array", "is a ndarray, not an image"),
+    ("path", "is a str, not an image")])
+def test_lesion_change_refuses_a_mask_it_would_misread(given, words, monkeypatch):
+    """lesion_change counted every voxel above 0 as lesion: a probability map given as the baseline mask was a
+    baseline load of the whole head, and a NaN or negative lesion counted in the volume but not as lesion (all of
+    it called new); an array or a file name failed inside ITK. Each is refused, naming the mask, before registering."""
+    monkeypatch.setattr(change, "align", lambda *a, **k: pytest.fail("registered a mask it should refuse"))
+    lesion = np.zeros((20, 40, 40), np.float32)
+    lesion[8:12, 15:25, 15:25] = 1
+    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    mask = _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion.astype(np.uint8))
+    bad = {"probabilities": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), np.where(lesion > 0, 0.9, 0.02).astype(np.float32)),
+           "nan": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), np.where(lesion > 0, np.nan, 0).astype(np.float32)),
+           "negative": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), -lesion.astype(np.int16)),
+           "array": lambda: lesion, "path": lambda: "baseline_mask.nii.gz"}[given]()
+    with pytest.raises(DeepWMLError, match=words) as refused:
+        change.lesion_change(flair, flair, bad, mask, check=False)
+    assert str(refused.value).startswith("the baseline mask")
+
+
+def test_lesion_change_reads_a_0_255_or_float_mask_as_lesion_and_background(monkeypatch):
+    """A mask saved 0/255, or 0/1 as float, is the same lesion load as 0/1 (not 255 times it)."""
+    lesion = np.zeros((20, 40, 40), np.uint8)
+    lesion[8:12, 15:25, 15:25] = 1  # 0.4 ml
+    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
+        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))
+    for baseline_mask in (lesion * 255, lesion.astype(np.float64)):
+        report = change.lesion_change(flair, flair, _grid((40, 40, 20), (1.0, 1.0, 1.0), baseline_mask),
+                                      _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion), check=False).report
+        assert report["baseline_volume_ml"] == report["followup_volume_ml"] == 0.4
+        assert report["n_stable"] == 1 and report["n_new"] == 0
