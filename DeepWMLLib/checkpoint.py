@@ -414,6 +414,9 @@ def _shareable_entry(target: Path) -> dict | None:
 
 def load_model_settings(path: str | os.PathLike) -> LoadedModel:
     """The model's settings without building the network, from the cache when this exact file was seen before."""
+    if not isinstance(path, (str, os.PathLike)):  # Path(True) was a TypeError from deep inside pathlib
+        raise DeepWMLError(f"a model is given by its file (a path: str or pathlib.Path), got a {type(path).__name__}: "
+                           f"{path!r}")
     p = Path(path)
     if not p.is_file():
         raise DeepWMLError(not_a_model_file(p))

@@ -315,13 +315,13 @@ def name_apart(models: Sequence) -> None:
 
 
 def _load_role_model(spec, role: str, label: str, kind: str):
-    """A helper network's model: "default" (the registry's default of `role`, None when it has none), None
+    """A helper network's model: "default" or True (the registry's default of `role`, None when it has none), None
     or False (none), a model file path, or an already loaded model whose label 1 must be `label`."""
     from .checkpoint import LoadedModel, load_model_settings
 
     if spec is None or spec is False:
         return None
-    if isinstance(spec, str) and spec == "default":
+    if spec is True or (isinstance(spec, str) and spec == "default"):  # True: as False is none
         spec = default_role_model_path(role)
         if spec is None:
             return None
@@ -333,14 +333,15 @@ def _load_role_model(spec, role: str, label: str, kind: str):
 
 
 def load_brain_model(spec="default"):
-    """The brain-mask model to gate with: "default" (the shipped one, if any), None (no gating), a
-    model file path, or an already loaded model. Raises DeepWMLError for a model of another kind."""
+    """The brain-mask model: "default" or True (the shipped one, if any), None or False (no brain network: no
+    gating, no FLAIR or coverage check, no intracranial volume), a model file path, or an already loaded model.
+    Raises DeepWMLError for a model of another kind."""
     return _load_role_model(spec, BRAIN_ROLE, BRAIN_ROLE, "brain-mask")
 
 
 def load_ventricle_model(spec="default"):
-    """The lateral-ventricle model for the periventricular/deep split (location.py): "default" (the
-    registry's default one, if it marks one), None (no split), a model file path, or an already loaded
+    """The lateral-ventricle model for the periventricular/deep split (location.py): "default" or True (the
+    registry's default one, if it marks one), None or False (no split), a model file path, or an already loaded
     model. Raises DeepWMLError for a model of another kind."""
     return _load_role_model(spec, VENTRICLE_ROLE, VENTRICLE_LABEL, "ventricle")
 
@@ -538,10 +539,12 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                   brain_gate: bool = True) -> SegmentationResult:
     """Segment WMH in a 3D FLAIR image; the mask and probabilities share the input's grid exactly.
 
-    `brain_model` ("default": the shipped brain-mask network, None: none, or a model file or loaded
-    model) gates the result: lesion components mostly outside its intracranial mask are dropped. With
-    `brain_gate` False (--no-brain-mask) the marks are kept wherever they lie, but the brain mask still serves
-    the checks (FLAIR contrast, coverage of the brain) and the intracranial volume.
+    `brain_model` ("default" or True: the shipped brain-mask network, as `deepwml segment` runs it; a model file
+    or loaded model) gates the result: lesion components mostly outside its intracranial mask are dropped. To keep
+    the marks wherever they lie, as `deepwml segment --no-brain-mask` does, pass `brain_gate=False`: the brain mask
+    still serves the checks (FLAIR contrast, coverage of the brain), the intracranial volume and `.brain`.
+    `brain_model=None` (or False) runs no brain network at all: no gating, and none of those checks (the report's
+    `brain_mask`, `contrast` and `brain_at_fov_edge` are None, it has no `intracranial_ml`, `.brain` is None).
     `ventricle_model` (the same choices) finds the lateral ventricles, and the report splits the lesion
     volume into periventricular and deep (location.py). `models`: loaded models or model files (None:
     the shipped default). `progress(fraction, message)` rises to 1.0 when all of it is done. `checked`: the

@@ -97,6 +97,22 @@ def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model):
     assert (tmp_path / "o" / "two_brain.nii.gz").exists()
 
 
+
+def test_a_brain_model_given_as_true_or_as_no_path_is_understood_or_refused_in_one_line(tiny_model):
+    """brain_model=True (as False is none) is the shipped brain-mask model, not a TypeError from inside pathlib; a
+    model given as something other than a path is refused saying how to give one, as in load_models."""
+    from DeepWMLLib.segment import VENTRICLE_ROLE, default_role_model_path, load_brain_model, load_models, load_ventricle_model
+
+    shipped = load_brain_model("default")
+    assert shipped is not None and load_brain_model(True).digest == shipped.digest
+    assert load_brain_model(False) is None and load_ventricle_model(False) is None
+    assert (load_ventricle_model(True) is None) == (default_role_model_path(VENTRICLE_ROLE) is None)
+    for given in (1, 2.5, {"path": str(tiny_model)}):
+        with pytest.raises(DeepWMLError, match="a model is given by its file \\(a path: str or pathlib.Path\\)"):
+            load_brain_model(given)
+    with pytest.raises(DeepWMLError, match="got a int"):
+        load_models([str(tiny_model), 7])
+
 def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):
     """A brain network with a coarser grid than the WMH network: both maps come back on the input grid."""
     from DeepWMLLib.inference import predict_maps, predict_probabilities
