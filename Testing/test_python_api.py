@@ -1,0 +1,76 @@
+"""README's Python API, as a researcher calls it from a script: what it says each call takes and gives holds."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.segment import SegmentationResult, load_brain_model, load_models, segment_image
+
+from conftest import BRAIN_LABELS, REPO, make_volume, oracle_networks_with_brain, rotation, tiny_model_file
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+SEGMENT_API = README[README.index("Python API: `DeepWMLLib.segment.segment_image("):]
+SEGMENT_API = SEGMENT_API[:SEGMENT_API.index("\n\n")]
+
+
+def test_readme_says_how_to_skip_the_brain_gate_and_the_brain_network():
+    """The command line's --no-brain-mask runs the brain network for the checks; README says which argument does
+    that in Python (brain_gate=False) and which runs none (brain_model=None), and names every result field."""
+    for words in ("`brain_gate=False`", "`--no-brain-mask`", "`brain_model=None`", 'brain_model="default"'):
+        assert words in SEGMENT_API
+    for field in SegmentationResult.__dataclass_fields__:
+        assert f"`.{field}`" in SEGMENT_API
+
+
+@pytest.fixture
+def case(tmp_path, tiny_model, monkeypatch):
+    """An oblique scan off the origin, the WMH model, and a brain model that marks the left half of its grid."""
+    oracle_networks_with_brain(monkeypatch)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.72, 0.5, 0.5, 5.0)),
+                           direction=rotation(0.1, 0.05, 0.2))
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS)))
+    return image, load_models([tiny_model]), brain
+
+
+def test_what_readme_says_of_brain_model_and_brain_gate_is_what_segment_image_does(case):
+    image, models, brain = case
+    gated = segment_image(image, models, "cpu", brain_model=brain)
+    kept = segment_image(image, models, "cpu", brain_model=brain, brain_gate=False)
+    none = segment_image(image, models, "cpu", brain_model=None)
+    assert gated.report["brain_mask"] == "gates the marks" and gated.report["outside_brain_removed_ml"] > 0
+    # brain_gate=False: the marks of no brain network, the brain mask still made for the checks and the volume
+    assert np.array_equal(sitk.GetArrayFromImage(kept.mask), sitk.GetArrayFromImage(none.mask))
+    assert kept.report["brain_mask"] == "not applied to the marks"
+    assert kept.report["intracranial_ml"] == gated.report["intracranial_ml"] > 0 and kept.report["contrast"]
+    assert kept.brain is not None
+    for key in ("brain_mask", "contrast", "brain_at_fov_edge"):
+        assert none.report[key] is None
+    assert "intracranial_ml" not in none.report and none.brain is None
+
+
+def test_outputs_are_of_the_types_readme_gives_on_the_input_s_exact_grid(case):
+    image, models, brain = case
+    result = segment_image(image, models, "cpu", brain_model=brain)
+    types = {"mask": sitk.sitkUInt8, "probabilities": sitk.sitkFloat32, "brain": sitk.sitkUInt8}
+    for field, pixel in types.items():
+        output = getattr(result, field)
+        assert output.GetPixelID() == pixel
+        assert (output.GetSize(), output.GetOrigin(), output.GetSpacing(), output.GetDirection()) == \
+            (image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    assert set(np.unique(sitk.GetArrayViewFromImage(result.mask))) <= {0, 1}
+    volume_ml = np.count_nonzero(sitk.GetArrayViewFromImage(result.mask)) * np.prod(image.GetSpacing()) / 1000
+    assert result.report["volume_ml"] == pytest.approx(volume_ml, abs=1e-6)
+
+
+@pytest.mark.parametrize("given", ["array", "path"])
+def test_an_array_or_a_file_name_is_refused_saying_what_to_pass(case, given, tmp_path):
+    """A numpy array carries no spacing or orientation (its axis order unknown too): never segmented as some grid."""
+    image, models, brain = case
+    value = sitk.GetArrayFromImage(image) if given == "array" else str(tmp_path / "flair.nii.gz")
+    with pytest.raises(DeepWMLError, match=re.escape("pass a SimpleITK image (e.g. io.read_image(path))")):
+        segment_image(value, models, "cpu", brain_model=brain)
