@@ -1123,7 +1123,9 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
     (`io.temporary_leftovers`, listed once for a whole run; None: listed here). `progress(fraction, message)`
     reaches 1.0 when the case's outputs are all written; while the scan is read it may be called from another
-    thread, one call at a time (`reading_progress`): a GUI's callback must hand its update to its own thread."""
+    thread, one call at a time (`reading_progress`): a GUI's callback must hand its update to its own thread.
+    `path` and `out_dir` (which must exist: segment_cases makes it) may be str or pathlib.Path."""
+    path, out_dir = Path(path), Path(out_dir)
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
                          outline, save_ventricle_mask)
@@ -1391,7 +1393,9 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
                   device: str = "auto", progress_factory=None, debug: bool = False, **options) -> list[dict]:
     """Run every case; a failing case is recorded (status error) and the others still run. `progress_factory(number,
     total, case)` gives each case's `progress` (`segment_case`: called from another thread while the scan is read)
-    and its `finish(row)` each case's row."""
+    and its `finish(row)` each case's row. `inputs`: files and folders (str or pathlib.Path), or one of them."""
+    if isinstance(inputs, (str, os.PathLike)):  # one scan: not its name's characters, the first "/" the whole disk
+        inputs = [inputs]
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))

@@ -74,3 +74,30 @@ def test_an_array_or_a_file_name_is_refused_saying_what_to_pass(case, given, tmp
     value = sitk.GetArrayFromImage(image) if given == "array" else str(tmp_path / "flair.nii.gz")
     with pytest.raises(DeepWMLError, match=re.escape("pass a SimpleITK image (e.g. io.read_image(path))")):
         segment_image(value, models, "cpu", brain_model=brain)
+
+
+def test_segment_cases_and_segment_case_take_one_scan_as_str_or_path(tmp_path, tiny_model, monkeypatch):
+    """segment_cases("scan.nii.gz", out) read the name letter by letter, its first "/" the root folder: it searched
+    the whole disk for scans. One scan given alone is that scan; segment_case takes str as well as Path (it failed
+    joining a str OUTDIR: TypeError)."""
+    import DeepWMLLib.segment as segment
+
+    oracle_networks_with_brain(monkeypatch)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0),))
+    scan = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(image, str(scan))
+    expand = segment.expand_inputs
+
+    def only_whole_paths(inputs):
+        assert all(len(str(raw)) > 1 for raw in inputs), "a scan's name read letter by letter"  # never walk "/"
+        return expand(inputs)
+
+    monkeypatch.setattr(segment, "expand_inputs", only_whole_paths)
+    for given in (str(scan), scan):
+        rows = segment.segment_cases(given, tmp_path / f"out_{type(given).__name__}", [str(tiny_model)], "cpu",
+                                     brain_model=None)
+        assert [(row["case"], row["status"]) for row in rows] == [("scan", "ok")]
+    (tmp_path / "one").mkdir()
+    row = segment.segment_case("scan", str(scan), str(tmp_path / "one"), load_models([tiny_model]), "cpu",
+                               brain_model=None)
+    assert row["status"] == "ok" and (tmp_path / "one" / "scan_wmh.nii.gz").is_file()
