@@ -73,6 +73,7 @@ import SimpleITK as sitk
 
 from . import __version__, io
 from .errors import Cancelled, DeepWMLError, UsageError
+from .metrics import check_probability_map
 from .postprocessing import label_components
 from .report import lesion_count_text
 from .volume import voxels
@@ -596,7 +597,8 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     registration is also run the other way round and the two compared (`inverse_consistency`; twice the
     registration time). `checked`: check_scans has passed the two scans already. Masks hold whole numbers, any
     non-zero one lesion (0/1, or 0/255 as many tools save them); a probability map, NaN or negative values are
-    refused (`io.label_mask`), as `deepwml change` refuses such files."""
+    refused (`io.label_mask`), as `deepwml change` refuses such files; a probability map holds 0 to 1 (one of 0-255 or
+    percent is refused: rescale it)."""
     if not checked:
         check_scans(baseline, followup)
     # every voxel above 0 was lesion: a probability map given as a mask counted the whole head (7435 ml), and a
@@ -609,6 +611,8 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     for probabilities, image, what in ((baseline_probabilities, baseline, "baseline"),
                                        (followup_probabilities, followup, "follow-up")):
         if probabilities is not None:  # one cropped on the FLAIR's voxels is padded with 0 (no lesion), as a mask is
+            # a map of 0-255 or percent reached `presence` wherever it was not 0
+            probabilities = check_probability_map(probabilities, f"the {what} probabilities")
             probabilities = io.onto_grid(probabilities, image, f"the {what} probabilities", f"the {what} FLAIR")
         maps.append(probabilities)
     registration = align(followup, baseline)

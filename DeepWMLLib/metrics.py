@@ -577,15 +577,20 @@ def _on_the_scores_grid(probabilities: sitk.Image, reference: sitk.Image) -> tup
     return io.onto_grid(probabilities, reference, "probability map", "reference"), reference
 
 
-def check_probability_map(probabilities: sitk.Image) -> sitk.Image:
-    """Refuse a map given as a case's probabilities that holds values outside 0 to 1. roc_auc ranks any scores, so a
-    FLAIR given by mistake gave a plausible AUC (0.98 on a labelled case). 0.1 of slack: a map resampled with a
-    higher-order interpolator overshoots 0 and 1 a little."""
+def check_probability_map(probabilities: sitk.Image, what: str = "the file given as probability map") -> sitk.Image:
+    """Refuse a map given as a case's probabilities (`what` names it) that is no image or holds values outside 0 to 1.
+    roc_auc ranks any scores, so a FLAIR given by mistake gave a plausible AUC (0.98 on a labelled case). 0.1 of
+    slack: a map resampled with a higher-order interpolator overshoots 0 and 1 a little."""
+    import SimpleITK as sitk
+
+    if not isinstance(probabilities, (sitk.Image, Volume)):
+        raise DeepWMLError(f"{what} is a {type(probabilities).__name__}, not an image: pass a SimpleITK image on its "
+                           "scan's grid")
     values = voxels(probabilities)
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     if low < -0.1 or high > 1.1:
-        raise DeepWMLError(f"the file given as probability map holds values from {low:g} to {high:g}: it is not a "
+        raise DeepWMLError(f"{what} holds values from {low:g} to {high:g}: it is not a "
                            "probability map (0 to 1), perhaps the FLAIR; give the map of the model's probabilities "
                            "(deepwml segment --save-probabilities writes CASE_prob), one stored 0-255 or in percent "
                            "rescaled to 0-1")

@@ -1228,3 +1228,20 @@ def test_lesion_change_reads_a_0_255_or_float_mask_as_lesion_and_background(monk
                                       _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion), check=False).report
         assert report["baseline_volume_ml"] == report["followup_volume_ml"] == 0.4
         assert report["n_stable"] == 1 and report["n_new"] == 0
+
+
+@pytest.mark.parametrize("given,words", [("percent", "holds values from 2 to 100: it is not a probability map"),
+                                         ("array", "is a ndarray, not an image")])
+def test_lesion_change_refuses_a_probability_map_it_would_misread(given, words, monkeypatch):
+    """A map of 0-100 (or 0-255) reached `presence` wherever it was not 0, so that no lesion beside a faint mark was
+    ever new; an array failed inside ITK. Each is refused, naming the map, before registering."""
+    monkeypatch.setattr(change, "align", lambda *a, **k: pytest.fail("registered with a map it should refuse"))
+    lesion = np.zeros((20, 40, 40), np.uint8)
+    lesion[8:12, 15:25, 15:25] = 1
+    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    mask = _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion)
+    percent = np.where(lesion > 0, 100, 2).astype(np.float32)
+    bad = _grid((40, 40, 20), (1.0, 1.0, 1.0), percent) if given == "percent" else percent / 100
+    with pytest.raises(DeepWMLError, match=words) as refused:
+        change.lesion_change(flair, flair, mask, mask, followup_probabilities=bad, presence=0.15, check=False)
+    assert str(refused.value).startswith("the follow-up probabilities")
