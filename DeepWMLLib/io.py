@@ -2863,6 +2863,19 @@ def _lattice_placement(image: sitk.Image, reference: sitk.Image):
     return None if offset is None else (stored, offset)
 
 
+def refuse_swapped_axes(mask: sitk.Image, reference: sitk.Image, what: str, reference_name: str) -> None:
+    """Raise DeepWMLError when `mask` lies on the reference's voxel lattice (spacing and direction) with the
+    reference's voxel counts in another order, as an image made of a numpy array in (x, y, z) order is: SimpleITK's
+    GetImageFromArray takes (z, y, x). Read as a crop or an extension of the reference's grid, it was padded onto it
+    and compared voxel by voxel (Dice 0.05 for a mask against itself, no word)."""
+    size, other = tuple(mask.GetSize()), tuple(reference.GetSize())
+    if size == other or sorted(size) != sorted(other) or lattice_offset(mask, reference) is None:
+        return
+    raise DeepWMLError(f"{what} is {size} voxels and {reference_name} {other}: the same sizes in another order, the "
+                       "axes of an array swapped? SimpleITK's GetImageFromArray takes a (z, y, x) array (nibabel's are "
+                       "(x, y, z): give it array.transpose()); or read the file with io.read_mask")
+
+
 def _coverage(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image, whose: str) -> str:
     """'voxels (4 to 19, ...) of WHOSE (0 to 29, ...)': the part of the reference's grid that an image on its
     lattice (`_lattice_placement`) covers."""
@@ -2922,6 +2935,7 @@ def onto_grid(mask: sitk.Image, reference: sitk.Image, what: str = "the mask",
     diff = grid_difference(mask, reference)
     if diff is None:
         return mask
+    refuse_swapped_axes(mask, reference, what, reference_name)
     placement = _lattice_placement(mask, reference)
     if placement is not None and _is_crop(placement[0], reference):
         import SimpleITK as sitk
@@ -2978,6 +2992,7 @@ def onto_common_grid(a: sitk.Image, b: sitk.Image, what_a: str, what_b: str) -> 
     a = align_voxel_order(a, b)
     if grid_difference(a, b) is None:
         return a, b
+    refuse_swapped_axes(a, b, what_a, what_b)
     forward = _lattice_placement(a, b)  # a on b's grid
     backward = _lattice_placement(b, a) if forward is not None else None
     if backward is None:

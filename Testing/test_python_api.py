@@ -101,3 +101,33 @@ def test_segment_cases_and_segment_case_take_one_scan_as_str_or_path(tmp_path, t
     row = segment.segment_case("scan", str(scan), str(tmp_path / "one"), load_models([tiny_model]), "cpu",
                                brain_model=None)
     assert row["status"] == "ok" and (tmp_path / "one" / "scan_wmh.nii.gz").is_file()
+
+
+def test_a_mask_made_of_an_array_with_its_axes_swapped_is_refused_not_compared(tmp_path):
+    """A prediction made of an (x, y, z) array (nibabel's order) with sitk.GetImageFromArray, which takes (z, y, x),
+    and the reference's spacing set on it: on the reference's lattice with its sizes in another order, it was padded
+    onto the reference's grid as a crop and scored (Dice 0.05 against the very same lesion), in evaluate_case,
+    consensus_check and lesion_change alike. Refused, saying how to give the array."""
+    from DeepWMLLib import change, consensus, evaluation, io
+
+    lesion = np.zeros((10, 20, 20), np.uint8)  # z, y, x
+    lesion[3:6, 5:10, 5:10] = 1
+    reference = sitk.GetImageFromArray(lesion)
+    reference.SetSpacing((1.0, 1.0, 3.0))
+    swapped = sitk.GetImageFromArray(np.ascontiguousarray(lesion.transpose()))  # an (x, y, z) array given as is
+    swapped.SetSpacing(reference.GetSpacing())
+    hint = re.escape("the axes of an array swapped? SimpleITK's GetImageFromArray takes a (z, y, x) array")
+    with pytest.raises(DeepWMLError, match=hint):
+        evaluation.evaluate_case(swapped, reference)
+    with pytest.raises(DeepWMLError, match=hint):
+        consensus.consensus_check(swapped, reference)
+    with pytest.raises(DeepWMLError, match=hint):
+        io.onto_grid(swapped, reference, "the follow-up mask", "the follow-up FLAIR")
+    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, lesion.shape).astype(np.float32) + 50 * lesion)
+    flair.CopyInformation(reference)
+    with pytest.raises(DeepWMLError, match=hint):
+        change.lesion_change(flair, flair, reference, swapped, check=False)
+    # the array transposed back, as the message says, is the reference itself
+    right = sitk.GetImageFromArray(sitk.GetArrayFromImage(swapped).transpose())
+    right.SetSpacing(reference.GetSpacing())
+    assert evaluation.evaluate_case(right, reference)["dice"] == 1.0
