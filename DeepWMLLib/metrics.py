@@ -59,7 +59,8 @@ say in words which ones and why (what `deepwml evaluate` prints under the figure
 Grids. Masks (and the probability map) must share one voxel grid within the tolerance of
 `io.check_same_grid`, else DeepWMLError; nothing is resampled behind the user's back (a mask that
 stores the reference's grid in another voxel order, LPS against RAS say, is only reordered onto it,
-`io.align_voxel_order`; slice indices are then the reference's); a mask on the other's very voxels
+`io.align_voxel_order`; slice indices are then the reference's; one with the other's sizes in another order, an
+array's axes swapped, is refused, `io.refuse_swapped_axes`); a mask on the other's very voxels
 over a smaller extent (saved cropped to its lesions) is padded with zeros onto the other's grid, which
 is exact (`io.onto_common_grid`); two masks each saved cropped to their lesions are both padded onto the
 case's FLAIR's grid when it is given, else onto the extent of both, and a note then says that slice numbers
