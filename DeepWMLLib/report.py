@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .io import SliceFrame, axial_axis, ijk_to_lps, to_axial_stack
+from .io import SliceFrame, axial_axis, ijk_to_lps, label_mask, to_axial_stack
 from .metrics import LV_GROUP_BOUNDS_ML, LV_GROUPS, image_lv_ml, lv_group
 from .postprocessing import label_components
-from .volume import voxels
+from .volume import Volume, voxels
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -143,6 +143,17 @@ def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -
     return mean, low[1:], high[1:]
 
 
+def _integer_mask(mask):
+    """`mask` as integers: a float one checked and converted (`io.label_mask`: 0.9 was a lesion to the lesion count
+    but no voxel to the volume, cast to 0), as is anything but an image. An integer mask (segment_image's, Slicer's)
+    is taken as it is, without a pass over its voxels."""
+    import SimpleITK as sitk
+
+    if isinstance(mask, (sitk.Image, Volume)) and voxels(mask).dtype.kind in "uib":
+        return mask
+    return label_mask(mask, "the mask")
+
+
 def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
                  ventricle_distance: np.ndarray | None = None) -> list[dict]:
     """One row per 3D lesion: id (largest first), volume, centroid (LPS mm), a point on it (`point_mm`, LPS: its
@@ -154,6 +165,7 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
     share of its voxels within the periventricular distance."""
     from .location import PERIVENTRICULAR_MM
 
+    mask = _integer_mask(mask)
     labels, count = label_components(voxels(mask), compact=True)  # numpy (k, j, i)
     if count == 0:
         return []
@@ -190,8 +202,10 @@ def lesion_table(mask: sitk.Image, probabilities: np.ndarray | None = None,
 
 def lesion_report(mask: sitk.Image, probabilities: np.ndarray | None = None,
                   ventricle_distance: np.ndarray | None = None) -> dict:
-    """The report of a 0/1 mask on its own grid (see module docstring for conventions); `probabilities`
-    and `ventricle_distance` as for `lesion_table`."""
+    """The report of a 0/1 mask on its own grid (see module docstring for conventions; a float mask of whole numbers is
+    read as its integers, one of other values or anything but an image refused); `probabilities` and
+    `ventricle_distance` as for `lesion_table`."""
+    mask = _integer_mask(mask)
     lesions = lesion_table(mask, probabilities, ventricle_distance)  # first: its labels need no stack beside them
     stack, frame = to_axial_stack(mask, dtype=np.uint8, copy=False)
     # counted a slice at a time: a 0/1 copy of the mask and its bool (0.84 GB at 1024 x 1024 x 400) were the peak

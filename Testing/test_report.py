@@ -183,3 +183,25 @@ def test_one_lesion_is_said_as_one_lesion_wherever_a_count_is_shown():
                                                   "slices": [5, 5]}], "unmatched_lesions_b": []})
     assert "in 1 lesion;" in text and "in 0 lesions" in text
     assert "mm, slice 5\n" in text  # not "slices 5-5"
+
+
+def test_a_float_mask_is_its_whole_numbers_and_a_probability_map_is_refused():
+    """lesion_report of a float mask: 0.9 was a lesion to the count but cast to 0 for the volume (1 lesion of 0 ml);
+    a float 0/1 mask is read as its integers, a probability map or an array refused saying what to give."""
+    from DeepWMLLib.errors import DeepWMLError
+
+    lesion = np.zeros((6, 20, 20), np.uint8)
+    lesion[2:4, 5:10, 5:10] = 1
+
+    def image(array):
+        made = sitk.GetImageFromArray(array)
+        made.SetSpacing((1.0, 1.0, 2.0))
+        return made
+    expected = lesion_report(image(lesion))
+    assert expected["volume_ml"] == 0.1 and expected["lesion_count"] == 1
+    as_float = lesion_report(image(lesion.astype(np.float32)))
+    assert (as_float["volume_ml"], as_float["lesion_count"]) == (0.1, 1)
+    with pytest.raises(DeepWMLError, match="not a label mask: it holds values that are not whole numbers"):
+        lesion_report(image(np.where(lesion > 0, 0.9, 0.01).astype(np.float32)))
+    with pytest.raises(DeepWMLError, match="is a ndarray, not an image"):
+        lesion_report(lesion)
