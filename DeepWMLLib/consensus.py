@@ -23,10 +23,11 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
-from .evaluation import (check_single_outputs, claim_picture_name, clear_earlier_run, pair_title, picture_path,
-                         read_manifest, report_failed_cases, write_csv, write_json)
+from .evaluation import (_as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
+                         picture_path, read_manifest, report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
 from .report import lesion_count_text
+from .volume import Volume
 
 DEFAULT_THRESHOLD = 0.85
 WORST_SLICES_SHOWN = 5
@@ -41,7 +42,8 @@ def _check_threshold(threshold: float) -> None:
 
 def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD,
                     flair=None) -> dict:
-    """Do two raters agree well enough (Dice >= threshold)? And where do they not? `flair`, the case's FLAIR
+    """Do two raters agree well enough (Dice >= threshold)? And where do they not? Each mask a SimpleITK image or a
+    path to one (read as `deepwml consensus` reads it, `io.read_mask`). `flair`, the case's FLAIR
     (image or path, or None): masks on two different extents (both saved cropped, or one over a larger extent) are
     compared on its grid, slice numbers the scan's.
 
@@ -54,7 +56,10 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     saved cropped; how many ml of a mask over a larger extent lie outside the other's grid, `MaskPair.grid_notes`).
     """
     _check_threshold(threshold)
-    pair = MaskPair.binary_pair(mask_a, mask_b, "rater A's mask", "rater B's mask", flair)
+    names = [what if isinstance(mask, (sitk.Image, Volume)) else f"{what} {mask}"  # a file: named in errors
+             for what, mask in (("rater A's mask", mask_a), ("rater B's mask", mask_b))]
+    mask_a, mask_b = _as_mask(mask_a, "rater A's mask"), _as_mask(mask_b, "rater B's mask")
+    pair = MaskPair.binary_pair(mask_a, mask_b, *names, flair)
     dice = pair.overlap()["dice"]
     both, area_a, area_b = pair.slice_counts()
     pixel = pair.pixel_area_mm2
