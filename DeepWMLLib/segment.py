@@ -522,6 +522,10 @@ def fov_edge_warning(found: dict, frame: io.SliceFrame) -> str | None:
 
 @dataclass
 class SegmentationResult:
+    """segment_image's outputs, each on the input's exact grid (size, origin, spacing, direction), of the input's kind:
+    SimpleITK images, or `volume.Volume`s for a Volume input (io.read_image(path, light=True); `.to_sitk()` makes
+    one a SimpleITK image). `report`: what CASE_report.json holds of the case (volumes in ml, positions in LPS mm)."""
+
     mask: sitk.Image  # uint8 0/1 on the input grid
     probabilities: sitk.Image  # float32 0–1 on the input grid
     report: dict
