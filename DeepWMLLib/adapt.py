@@ -417,7 +417,8 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
                  fp16: bool = True, batch_size: int = 8, progress=None, log=None,
                  found: frozenset = frozenset(), named: frozenset = frozenset(), flair_check: Callable | None = None,
                  allow_non_flair: bool = False) -> list[dict]:
-    """Adapt each model file on `scans` and write it to the matching `out_paths`; returns a summary per model.
+    """Adapt each model file on `scans` and write it to the matching `out_paths`; returns a summary per model. Each
+    argument of paths (str or pathlib.Path) may be one path alone.
 
     pseudo_models: the models whose averaged marks (>= 0.5) are the scans' lesions for centring crops
     (None: the models being adapted). All must share one preprocessing (grid); the slices and the
@@ -429,6 +430,11 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     from .checkpoint import file_digest, load_model, load_model_settings, model_payload, save_torch
     from .io import write_atomically
 
+    # one path given alone is that file, not its name's characters (a scan's first "/": the root folder)
+    model_paths, scans, out_paths = ([given] if isinstance(given, (str, os.PathLike)) else given
+                                     for given in (model_paths, scans, out_paths))
+    if isinstance(pseudo_models, (str, os.PathLike)):
+        pseudo_models = [pseudo_models]
     if len(model_paths) != len(out_paths):
         raise DeepWMLError("one output path per model is needed")
     if per_slice < 1:

@@ -625,3 +625,22 @@ def test_adapted_files_are_named_from_the_members_names_apart_as_file_names_allo
     from DeepWMLLib.adapt import adapted_name
 
     assert adapted_name(name) == file  # 'D:_best-adapted.pt' held a colon, which Windows refuses in a file name
+
+
+def test_one_model_scan_and_output_may_each_be_given_alone_as_a_path(tmp_path, monkeypatch):
+    """adapt_models("model.pt", "scan.nii.gz", "out.pt") read each name letter by letter (one model of 8 letters
+    against outputs of 6: 'one output path per model is needed'; a scan's first "/" the root folder)."""
+    import DeepWMLLib.adapt as adapt
+
+    read = adapt.network_slices
+
+    def only_whole_paths(scans, *args, **kwargs):
+        assert all(len(str(scan)) > 1 for scan in scans), "a scan's name read letter by letter"  # never read "/"
+        return read(scans, *args, **kwargs)
+
+    monkeypatch.setattr(adapt, "network_slices", only_whole_paths)
+    source = _model_file(tmp_path / "bn.pt")
+    [scan] = _scans(tmp_path, 1, slices=24)
+    [summary] = adapt_models(str(source), str(scan), str(tmp_path / "adapted.pt"), per_slice=2, fp16=False)
+    assert [s["scan"] for s in summary["scans"]] == [str(scan)]
+    assert load_model(tmp_path / "adapted.pt").provenance["adapted_batch_norm"]["from_model"] == "bn.pt"
