@@ -267,12 +267,16 @@ def is_ventricle_model(loaded) -> bool:
 
 
 def load_models(paths: Sequence[str | os.PathLike] | None = None) -> list:
-    """Model files' settings (None: the shipped default model); each network is built on first use."""
+    """Model files' settings (None: the shipped default model); each network is built on first use. A shipped model's
+    or ensemble's name ("unet32-v9", "ensemble-v8", as --model takes it) gives its file(s) (`model_files`)."""
     from .checkpoint import load_model_settings
 
     if isinstance(paths, (str, os.PathLike)):  # one file, not a string of one-letter paths
         paths = [paths]
-    models = [load_model_settings(p) for p in (paths or default_model_paths())]
+    paths = list(paths or default_model_paths())
+    if all(isinstance(p, (str, os.PathLike)) for p in paths):  # anything else: refused by the loader, saying so
+        paths = model_files([os.fspath(p) for p in paths], "model")
+    models = [load_model_settings(p) for p in paths]
     name_apart(models)
     names: dict[str, list[str]] = {}
     for m in models:
@@ -347,7 +351,8 @@ def load_ventricle_model(spec="default"):
 
 
 def loaded_models(models) -> list:
-    """segment_image's `models` (None: the shipped default; model files or loaded models) as loaded models."""
+    """segment_image's `models` (None: the shipped default; model files, shipped names or loaded models) as loaded
+    models."""
     from .checkpoint import LoadedModel
 
     if models is None:
@@ -356,9 +361,11 @@ def loaded_models(models) -> list:
     if not models:
         raise DeepWMLError("models is empty: give model files or loaded models (load_models), or None for the "
                            "shipped default")
-    paths = [m for m in models if isinstance(m, (str, os.PathLike))]
-    files = iter(load_models(paths) if paths else [])  # load_models([]) would be the default model
-    models = [next(files) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    if all(isinstance(m, (str, os.PathLike)) for m in models):
+        return load_models(models)
+    # beside loaded models, each given one by one: a shipped ensemble's name gives several
+    models = [loaded for m in models
+              for loaded in (load_models([m]) if isinstance(m, (str, os.PathLike)) else [m])]
     for m in models:
         if not isinstance(m, LoadedModel):
             raise DeepWMLError(f"models must be model files or loaded models (load_models), got a {type(m).__name__}")

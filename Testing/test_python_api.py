@@ -131,3 +131,18 @@ def test_a_mask_made_of_an_array_with_its_axes_swapped_is_refused_not_compared(t
     right = sitk.GetImageFromArray(sitk.GetArrayFromImage(swapped).transpose())
     right.SetSpacing(reference.GetSpacing())
     assert evaluation.evaluate_case(right, reference)["dice"] == 1.0
+
+
+def test_load_models_takes_a_shipped_model_or_ensemble_by_name_as_model_does():
+    """`--model unet32-v9` is the shipped model, but load_models("unet32-v9") (and segment_image(models=...)) said
+    'model file unet32-v9 does not exist'. A name gives its file(s); one that is none says which names there are."""
+    from DeepWMLLib.segment import loaded_models, model_files
+
+    assert "`\"unet32-v9\"`, `\"ensemble-v8\"`" in SEGMENT_API
+    for name in ("unet32-v9", "ensemble-v8"):
+        files = model_files([name])
+        assert [m.path for m in load_models(name)] == files == [m.path for m in loaded_models([name])]
+    assert len(model_files(["ensemble-v8"])) > 1
+    with pytest.raises(DeepWMLError, match="no such model file, nor a shipped model or ensemble of that name "
+                                           r"\(shipped: unet32-v9, "):
+        load_models(["unet32-v0"])
