@@ -101,7 +101,8 @@ def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model):
 def test_a_brain_model_given_as_true_or_as_no_path_is_understood_or_refused_in_one_line(tiny_model):
     """brain_model=True (as False is none) is the shipped brain-mask model, not a TypeError from inside pathlib; a
     model given as something other than a path is refused saying how to give one, as in load_models."""
-    from DeepWMLLib.segment import VENTRICLE_ROLE, default_role_model_path, load_brain_model, load_models, load_ventricle_model
+    from DeepWMLLib.segment import (VENTRICLE_ROLE, default_role_model_path, load_brain_model, load_models,
+                                    load_ventricle_model)
 
     shipped = load_brain_model("default")
     assert shipped is not None and load_brain_model(True).digest == shipped.digest

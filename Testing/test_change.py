@@ -1194,6 +1194,11 @@ def test_nifti_outputs_carry_their_scans_own_qform_and_sform_as_segments_do(tmp_
         assert io.grid_difference(image, io.read_image(files[scan])) is None, name
 
 
+def _noise_flair() -> sitk.Image:
+    """A 40 x 40 x 20 scan of noise at 1 mm, for lesion_change's checks made before anything is registered."""
+    noise = np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32)
+    return _grid((40, 40, 20), (1.0, 1.0, 1.0), noise)
+
 @pytest.mark.parametrize("given,words", [
     ("probabilities", "not a label mask: it holds values that are not whole numbers"),
     ("nan", r"not numbers \(NaN or Inf\)"), ("negative", "negative values"), ("array", "is a ndarray, not an image"),
@@ -1205,11 +1210,12 @@ def test_lesion_change_refuses_a_mask_it_would_misread(given, words, monkeypatch
     monkeypatch.setattr(change, "align", lambda *a, **k: pytest.fail("registered a mask it should refuse"))
     lesion = np.zeros((20, 40, 40), np.float32)
     lesion[8:12, 15:25, 15:25] = 1
-    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    flair = _noise_flair()
     mask = _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion.astype(np.uint8))
-    bad = {"probabilities": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), np.where(lesion > 0, 0.9, 0.02).astype(np.float32)),
-           "nan": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), np.where(lesion > 0, np.nan, 0).astype(np.float32)),
-           "negative": lambda: _grid((40, 40, 20), (1.0, 1.0, 1.0), -lesion.astype(np.int16)),
+    grid = (40, 40, 20), (1.0, 1.0, 1.0)
+    bad = {"probabilities": lambda: _grid(*grid, np.where(lesion > 0, 0.9, 0.02).astype(np.float32)),
+           "nan": lambda: _grid(*grid, np.where(lesion > 0, np.nan, 0).astype(np.float32)),
+           "negative": lambda: _grid(*grid, -lesion.astype(np.int16)),
            "array": lambda: lesion, "path": lambda: "baseline_mask.nii.gz"}[given]()
     with pytest.raises(DeepWMLError, match=words) as refused:
         change.lesion_change(flair, flair, bad, mask, check=False)
@@ -1220,7 +1226,7 @@ def test_lesion_change_reads_a_0_255_or_float_mask_as_lesion_and_background(monk
     """A mask saved 0/255, or 0/1 as float, is the same lesion load as 0/1 (not 255 times it)."""
     lesion = np.zeros((20, 40, 40), np.uint8)
     lesion[8:12, 15:25, 15:25] = 1  # 0.4 ml
-    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    flair = _noise_flair()
     monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
         sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))
     for baseline_mask in (lesion * 255, lesion.astype(np.float64)):
@@ -1238,7 +1244,7 @@ def test_lesion_change_refuses_a_probability_map_it_would_misread(given, words, 
     monkeypatch.setattr(change, "align", lambda *a, **k: pytest.fail("registered with a map it should refuse"))
     lesion = np.zeros((20, 40, 40), np.uint8)
     lesion[8:12, 15:25, 15:25] = 1
-    flair = _grid((40, 40, 20), (1.0, 1.0, 1.0), np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32))
+    flair = _noise_flair()
     mask = _grid((40, 40, 20), (1.0, 1.0, 1.0), lesion)
     percent = np.where(lesion > 0, 100, 2).astype(np.float32)
     bad = _grid((40, 40, 20), (1.0, 1.0, 1.0), percent) if given == "percent" else percent / 100

@@ -123,7 +123,8 @@ def test_a_mask_made_of_an_array_with_its_axes_swapped_is_refused_not_compared(t
         consensus.consensus_check(swapped, reference)
     with pytest.raises(DeepWMLError, match=hint):
         io.onto_grid(swapped, reference, "the follow-up mask", "the follow-up FLAIR")
-    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, lesion.shape).astype(np.float32) + 50 * lesion)
+    noise = np.random.default_rng(0).normal(100, 10, lesion.shape).astype(np.float32)
+    flair = sitk.GetImageFromArray(noise + 50 * lesion)
     flair.CopyInformation(reference)
     with pytest.raises(DeepWMLError, match=hint):
         change.lesion_change(flair, flair, reference, swapped, check=False)
