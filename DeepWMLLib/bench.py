@@ -191,7 +191,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     from .inference import make_runner, predict_maps, predict_network_slices
     from .model import count_flops, validate_config
     from .preprocessing import plan_volume
-    from .segment import load_brain_model, load_models
+    from .segment import MODELS_DIR_ENV, load_brain_model, load_models
 
     path, source = _benchmark_input(input_path, slices, workdir)
     image = io.read_image(path)
@@ -223,8 +223,18 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     runner_name = make_runner(loaded, "cpu", backend, precision).name
     predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)  # warm-up (and ONNX export)
     out_dir = workdir / "out"
-    options = ["--overwrite", "--device", "cpu", "--backend", backend, "--precision", precision, "--model", *model_paths]
-    options += ["--no-brain-mask"] if brain is None else ["--brain-model", brain.path]
+    options = ["--overwrite", "--device", "cpu", "--backend", backend, "--precision", precision, "--model",
+               *(m.path for m in models)]
+    env = dict(os.environ)  # with OMP_NUM_THREADS set to `threads` (run_benchmark)
+    if brain is None:
+        # `deepwml segment --no-brain-mask` still runs the shipped brain network (for its checks), so (c) would do
+        # work (b) does not: its processes see a model registry without one, and run the WMH network alone
+        registry = workdir / "no-brain-model"
+        registry.mkdir()
+        (registry / "models.json").write_text('{"models": []}', encoding="utf-8")
+        env[MODELS_DIR_ENV] = str(registry)
+    else:
+        options += ["--brain-model", brain.path]
     segment = [sys.executable, "-m", "DeepWMLLib.cli", "segment"]
     command = [*segment, str(path), "-o", str(out_dir), *options]
     # (c) for a folder of BATCH_CASES scans in one process: what each scan costs in a cohort, where
@@ -234,7 +244,6 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     for i in range(BATCH_CASES):
         shutil.copyfile(path, batch_dir / f"case{i + 1}.nii.gz")
     batch_command = [*segment, str(batch_dir), "-o", str(workdir / "out_batch"), *options]
-    env = dict(os.environ)  # with OMP_NUM_THREADS set to `threads` (run_benchmark)
     bytecode_cached = _cache_bytecode()
     launcher = _Launcher(env)
     launcher.run(command)  # warm the ONNX cache and the disk cache
@@ -249,7 +258,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     # (compiled ones from the cache) and runs each once on one blank slice, which sets up its kernels.
     # No process can segment a scan for less; what (c) spends beyond it is the case's own work.
     ready = ("; from DeepWMLLib.segment import load_models, load_brain_model"
-             f"; nets = load_models({[str(p) for p in model_paths]!r})"
+             f"; nets = load_models({[m.path for m in models]!r})"
              + (f" + [load_brain_model({brain.path!r})]" if brain is not None else "")
              + f"; [inference.make_runner(m, 'cpu', {backend!r}, {precision!r})"
              "(numpy.zeros((1, 1, *m.preprocessing.grid_size), numpy.float32)) for m in nets]")
@@ -386,7 +395,8 @@ def register(subparsers) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively)")
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model (default: the shipped one, if any)")
-    p.add_argument("--no-brain-mask", action="store_true", help="time the WMH network alone, without the brain mask")
+    p.add_argument("--no-brain-mask", action="store_true",
+                   help="time the WMH network alone: no brain-mask network in (a), (b) or (c)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
                    help="cpu, the only one timed (auto: the CPU too); a GPU is not benchmarked here")
     p.add_argument("--json", help="also write the figures to this JSON file")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,26 @@ def test_peak_memory_is_in_mib_where_the_system_counts_bytes_too(platform, unit,
     exec(_LAUNCHER, {})
     seconds, peak, code, _ = json.loads(capsys.readouterr().out)
     assert code == 0 and peak == 300
+
+
+def test_bench_without_the_brain_mask_times_the_wmh_network_alone_in_c_too(tmp_path, tiny_model, monkeypatch):
+    """(b) ran the WMH network alone, while (c), `deepwml segment --no-brain-mask`, also ran the shipped brain
+    network (for the checks it makes): c/b compared different work. (c)'s runs make no brain mask now."""
+    from DeepWMLLib import bench
+
+    image, _ = make_volume(size=(48, 40, 6))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(image, str(path), True)
+    brains = []
+    run = bench._Launcher.run
+
+    def run_and_read(self, command):
+        answer = run(self, command)
+        if "segment" in command and Path(command[command.index("-o") + 1]).is_dir():
+            for report in Path(command[command.index("-o") + 1]).glob("*_report.json"):
+                brains.append(json.loads(report.read_text(encoding="utf-8"))["brain_model"])
+        return answer
+
+    monkeypatch.setattr(bench._Launcher, "run", run_and_read)
+    run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=None)
+    assert brains and brains == [None] * len(brains)
