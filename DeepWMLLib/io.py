@@ -2871,9 +2871,11 @@ def refuse_swapped_axes(mask: sitk.Image, reference: sitk.Image, what: str, refe
     size, other = tuple(mask.GetSize()), tuple(reference.GetSize())
     if size == other or sorted(size) != sorted(other) or lattice_offset(mask, reference) is None:
         return
+    # said for a file as well (saved by a script from such an array), where io.read_mask alone cannot mend it
     raise DeepWMLError(f"{what} is {size} voxels and {reference_name} {other}: the same sizes in another order, the "
                        "axes of an array swapped? SimpleITK's GetImageFromArray takes a (z, y, x) array (nibabel's are "
-                       "(x, y, z): give it array.transpose()); or read the file with io.read_mask")
+                       "(x, y, z)): make the mask again from the array transposed (array.transpose()), or in Python "
+                       "read its file with io.read_mask")
 
 
 def _coverage(stored: sitk.Image, offset: tuple[int, ...], reference: sitk.Image, whose: str) -> str:

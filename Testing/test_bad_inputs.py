@@ -158,6 +158,8 @@ BAD_INPUTS = [
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
+    ("a mask file made of an array with its axes swapped (the scan's sizes in another order, on its voxels)", "evaluate",
+     1, "make the mask again from the array transposed"),
     ("reference storing the same grid in another voxel order", "evaluate", 0, "ok: reordered onto it, nothing interpolated"),
     ("reference saved cropped to its lesions on the same voxels (Slicer's 'Crop to minimum extent')", "evaluate", 0,
      "ok: padded with zeros onto the prediction's grid, nothing interpolated"),
@@ -652,6 +654,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         shutil.copy(p["good"], folder / "flair.nii.gz")
         shutil.copy(p["truth"], folder / "consensus_mask.nii.gz")
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(folder)]
+    if row_id.startswith("a mask file made of an array with its axes swapped"):
+        truth = sitk.ReadImage(str(p["truth"]))
+        swapped = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(truth).transpose()))
+        swapped.SetSpacing(truth.GetSpacing())  # what a script that saved nibabel's (x, y, z) array writes
+        swapped.SetOrigin(truth.GetOrigin())
+        swapped.SetDirection(truth.GetDirection())
+        return ["evaluate", "--prediction", str(_write(tmp / "in" / "swapped.nii.gz", swapped)), "--reference",
+                str(p["truth"])]
     if row_id == "reference on another grid":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["other grid"])]
     if row_id == "reference storing the same grid in another voxel order":
