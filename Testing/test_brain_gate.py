@@ -97,7 +97,6 @@ def test_models_of_the_wrong_kind_are_refused_in_one_line(tmp_path, tiny_model):
     assert (tmp_path / "o" / "two_brain.nii.gz").exists()
 
 
-
 def test_a_brain_model_given_as_true_or_as_no_path_is_understood_or_refused_in_one_line(tiny_model):
     """brain_model=True (as False is none) is the shipped brain-mask model, not a TypeError from inside pathlib; a
     model given as something other than a path is refused saying how to give one, as in load_models."""
@@ -113,6 +112,7 @@ def test_a_brain_model_given_as_true_or_as_no_path_is_understood_or_refused_in_o
             load_brain_model(given)
     with pytest.raises(DeepWMLError, match="got a int"):
         load_models([str(tiny_model), 7])
+
 
 def test_brain_model_runs_on_its_own_grid(tmp_path, tiny_model):
     """A brain network with a coarser grid than the WMH network: both maps come back on the input grid."""

@@ -1199,6 +1199,7 @@ def _noise_flair() -> sitk.Image:
     noise = np.random.default_rng(0).normal(100, 10, (20, 40, 40)).astype(np.float32)
     return _grid((40, 40, 20), (1.0, 1.0, 1.0), noise)
 
+
 @pytest.mark.parametrize("given,words", [
     ("probabilities", "not a label mask: it holds values that are not whole numbers"),
     ("nan", r"not numbers \(NaN or Inf\)"), ("negative", "negative values"), ("array", "is a ndarray, not an image"),

@@ -80,7 +80,6 @@ def test_masks_on_different_grids_are_refused():
         consensus_check(image(a), image(b, spacing=(0.6, 0.8, 5.0)))
 
 
-
 def test_masks_given_as_files_are_read_as_evaluate_case_reads_them(tmp_path):
     """consensus_check took images only (a path: 'must be an image ... got str') where evaluate_case takes a path too:
     a file (str or pathlib.Path) is read as `deepwml consensus` reads it, and named in an error."""
@@ -93,6 +92,7 @@ def test_masks_given_as_files_are_read_as_evaluate_case_reads_them(tmp_path):
         consensus_check(tmp_path / "missing.nii.gz", image(b))
     with pytest.raises(DeepWMLError, match=f"rater A's mask {tmp_path / 'a.nii.gz'} and rater B's mask are on "):
         consensus_check(tmp_path / "a.nii.gz", image(b, spacing=(0.6, 0.8, 5.0)))
+
 
 def test_cli_prints_the_verdict_and_exits_zero_on_fail(tmp_path, capsys):
     a, b = raters()

@@ -2062,7 +2062,6 @@ def test_a_detached_header_whose_data_file_was_cut_short_by_a_full_disk_leaves_n
     assert list(tmp_path.iterdir()) == []
 
 
-
 @pytest.mark.skipif(os.name == "nt", reason="no file size limit (ulimit -f) on Windows")
 def test_an_output_over_the_file_size_limit_is_said_to_be_so(tmp_path):
     """An output larger than the file size limit (ulimit -f; a write past it fails with EFBIG): the .mha was refused
