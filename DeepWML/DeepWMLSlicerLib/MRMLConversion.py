@@ -95,14 +95,29 @@ def worldGeometry(volumeNode) -> sitk.Image:
     checks, naming the volume, that there is a grid to measure on: voxels, and no non-linear or shearing transform
     (Slicer's exporter would put a segmentation on a made-up grid, or DeepWML's temporary node be named instead)."""
     _checkVoxels(volumeNode)
+    return _geometry(volumeNode, world=True)
+
+
+def _geometry(volumeNode, world: bool) -> sitk.Image:
+    """A one-voxel image placed as the volume's voxels: in world LPS, or with `world` False in the node's own
+    coordinates (its parent transforms, which may be non-linear, not applied)."""
     probe = sitk.Image(1, 1, 1, sitk.sitkUInt8)
+    if not world:
+        return _setGeometry(probe, LPS_TO_RAS @ _ownIJKToRAS(volumeNode), volumeNode.GetName())
     return _setGeometry(probe, LPS_TO_RAS @ worldIJKToRAS(volumeNode), volumeNode.GetName(),
                         volumeNode.GetParentTransformNode())
 
 
-def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
-    """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified); with `world`
-    False, in the node's own coordinates (its parent transforms, which may be non-linear, not applied)."""
+def _placed(image: sitk.Image, probe: sitk.Image) -> sitk.Image:
+    """`image` put where the one-voxel `probe` (`_geometry`) is."""
+    image.SetSpacing(probe.GetSpacing())
+    image.SetDirection(probe.GetDirection())
+    image.SetOrigin(probe.GetOrigin())
+    return image
+
+
+def _voxels(volumeNode) -> np.ndarray:
+    """A scalar volume node's voxels as a numpy (k, j, i) array: the node's own memory, not a copy."""
     _checkVoxels(volumeNode)
     name = volumeNode.GetName()
     values = volumeNode.GetImageData().GetNumberOfScalarComponents()
@@ -113,10 +128,26 @@ def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     array = slicer.util.arrayFromVolume(volumeNode)
     if array.ndim != 3 or min(array.shape) < 1:
         raise DeepWMLError(f"'{name}' is not a 3D volume (array shape {array.shape})")
-    image = sitk.GetImageFromArray(array)  # copies the voxels
-    if not world:
-        return _setGeometry(image, LPS_TO_RAS @ _ownIJKToRAS(volumeNode), name)
-    return _setGeometry(image, LPS_TO_RAS @ worldIJKToRAS(volumeNode), name, volumeNode.GetParentTransformNode())
+    return array
+
+
+def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
+    """A scalar volume node as a SimpleITK image in world LPS (a copy: the node is never modified); with `world`
+    False, in the node's own coordinates (its parent transforms, which may be non-linear, not applied)."""
+    array = _voxels(volumeNode)
+    probe = _geometry(volumeNode, world)
+    return _placed(sitk.GetImageFromArray(array), probe)  # copies the voxels
+
+
+def _maskFromVolume(volumeNode, world: bool = True) -> sitk.Image:
+    """A volume node's non-zero voxels as a uint8 0/1 image (`imageFromVolume`'s geometry), thresholded where the
+    voxels lie: no copy of them (a labelmap's are two bytes a voxel), and one mask, not a second one cast to bytes."""
+    return _maskImage(_voxels(volumeNode) > 0, _geometry(volumeNode, world))
+
+
+def _maskImage(voxels: np.ndarray, probe: sitk.Image) -> sitk.Image:
+    """A bool (k, j, i) array as a uint8 0/1 image placed as `probe`."""
+    return _placed(sitk.GetImageFromArray(voxels.view(np.uint8)), probe)
 
 
 def ijkToRASFromImage(image: sitk.Image) -> np.ndarray:
@@ -125,8 +156,13 @@ def ijkToRASFromImage(image: sitk.Image) -> np.ndarray:
 
 def volumeFromImage(image: sitk.Image, name: str, className: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node in the scene holding a copy of `image` with its geometry."""
+    return _volumeFromArray(sitk.GetArrayViewFromImage(image), image, name, className)
+
+
+def _volumeFromArray(array: np.ndarray, image: sitk.Image, name: str, className: str):
+    """A new volume node in the scene holding a copy of the (k, j, i) `array`, placed as `image`."""
     node = slicer.mrmlScene.AddNewNodeByClass(className, name)
-    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+    slicer.util.updateVolumeFromArray(node, array)  # copies the voxels into the node
     node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijkToRASFromImage(image)))
     return node
 
@@ -233,7 +269,8 @@ def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> si
         # reference: on the segmentation's labelmap grid, under the segmentation's transform).
         if labelmap.GetImageData().GetPointData().GetScalars() is None:  # no reference, empty segments: no extent
             return sitk.Image(1, 1, 1, sitk.sitkUInt8)
-        mask = imageFromVolume(labelmap, world=referenceVolumeNode is not None)
+        voxels = _voxels(labelmap) > 0
+        probe = _geometry(labelmap, world=referenceVolumeNode is not None)
     finally:
         # without a colour table the exporter adds a new one ("<segmentation>_ColorTable") to the scene
         display = labelmap.GetDisplayNode()
@@ -241,12 +278,14 @@ def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> si
         removeNode(labelmap)
         if colors is not None and colors.GetID() not in colorsBefore:
             removeNode(colors)
-    return sitk.Cast(mask > 0, sitk.sitkUInt8)
+    # the exported labelmap (two bytes a voxel) is let go before the mask is made from its voxels
+    labelmap = display = None
+    return _maskImage(voxels, probe)
 
 
 def maskFromLabelmap(labelmapNode, referenceVolumeNode) -> sitk.Image:
     """A labelmap volume's non-zero voxels as a uint8 0/1 image on the reference volume's grid."""
-    mask = sitk.Cast(imageFromVolume(labelmapNode) > 0, sitk.sitkUInt8)
+    mask = _maskFromVolume(labelmapNode)
     reference = imageFromVolume(referenceVolumeNode)
     if grid_difference(mask, reference) is None:
         mask.CopyInformation(reference)
@@ -313,7 +352,7 @@ def ownMask(node, segmentId: str | None = None) -> sitk.Image:
     labelmap volume's on its voxels; nothing resampled."""
     if node.IsA("vtkMRMLSegmentationNode"):
         return _exportSegments(node, segmentIds(node, segmentId), None)
-    return sitk.Cast(imageFromVolume(node, world=False) > 0, sitk.sitkUInt8)
+    return _maskFromVolume(node, world=False)
 
 
 def toWorldRAS(node, points: np.ndarray) -> np.ndarray:
@@ -414,7 +453,9 @@ def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode
     if referenceVolumeNode.GetParentTransformNode() is None:
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
     before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
-    labelmap = volumeFromImage(sitk.Cast(mask > 0, sitk.sitkUInt8), segmentName, "vtkMRMLLabelMapVolumeNode")
+    # 0/1 bytes from the mask where it lies (no copy of it, nor a second mask cast to bytes)
+    labelmap = _volumeFromArray((sitk.GetArrayViewFromImage(mask) > 0).view(np.uint8), mask, segmentName,
+                                "vtkMRMLLabelMapVolumeNode")
     try:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
             raise DeepWMLError(f"the {segmentName} mask could not be imported into '{segmentationNode.GetName()}'")
