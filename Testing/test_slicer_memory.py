@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 from slicer_fixtures import onnxCache, scene  # noqa: E402,F401 (fixtures)
 
+from DeepWMLLib import segment  # noqa: E402
+from DeepWMLSlicerLib import CoreLogic  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 
 SHAPE = (160, 480, 480)  # numpy (k, j, i): a byte a voxel is over 32 MiB, which the allocator always maps afresh and gives
@@ -86,3 +88,43 @@ def test_a_mask_is_put_into_a_segmentation_from_its_voxels_where_they_lie(volume
     segmentation, peak = _peak(mrml.segmentationFromMask, _image(lesions), volume, None, "WMH")
     assert peak < 2.5, f"{peak:.2f} bytes a voxel"  # the labelmap's bytes and the mask they are made from
     assert np.array_equal(sitk.GetArrayViewFromImage(mrml.maskFromSegmentation(segmentation, volume)), lesions)
+
+
+def test_a_finished_run_holds_only_what_goes_into_the_scene(volume, monkeypatch):
+    """A run in a thread kept segment_image's whole result, the probability map and the brain mask included (5 bytes
+    a voxel), and the copy of the scan it segmented, until the job was let go: through finishSegmentation and, in
+    the GUI, the lesion statistics shown after it (a worker process's job hands back the mask, ventricles and report
+    alone). The same segmentation."""
+    lesions = _lesions()
+
+    def segment_image(image, models=None, progress=None, cancel=None, **options):
+        probabilities = _image(lesions.astype(np.float32))
+        probabilities.CopyInformation(image)
+        mask, brain = sitk.Cast(probabilities > 0.5, sitk.sitkUInt8), sitk.Cast(probabilities >= 0, sitk.sitkUInt8)
+        return segment.SegmentationResult(mask, probabilities, {"model": ["stand-in.pt"]}, brain, None)
+
+    monkeypatch.setattr(segment, "segment_image", segment_image)
+    monkeypatch.setattr(segment, "load_models", lambda paths: [])
+    before = _status("VmRSS")
+    job = CoreLogic.SegmentationJob(volume, mrml.imageFromVolume(volume), None, "cpu", location=False)
+    job.run()
+    held = (_status("VmRSS") - before) / np.prod(SHAPE)
+    assert job.error is None
+    assert held < 2, f"{held:.2f} bytes a voxel held"  # the mask: a byte a voxel
+    segmentation = CoreLogic.DeepWMLCoreLogic().finishSegmentation(job)
+    assert np.array_equal(sitk.GetArrayViewFromImage(mrml.maskFromSegmentation(segmentation, volume)), lesions)
+
+
+def test_a_run_in_a_worker_process_leaves_no_copy_of_the_scan_in_slicer(volume, tmp_path):
+    """A run in a worker process (the GUI's) kept the copy of the scan it handed to the process, in Slicer, through
+    the run and the finishing (8 bytes a voxel for a float64 volume)."""
+    from test_slicer_worker_process import fakePython, processLogic
+
+    logic = processLogic(fakePython(tmp_path, "#!/bin/sh\nsleep 60\n"))  # a worker still running
+    before = _status("VmRSS")
+    job = logic.startSegmentation(volume, device="cpu", brainMask=False, location=False)
+    try:
+        held = (_status("VmRSS") - before) / np.prod(SHAPE)
+    finally:
+        job.cancel()
+    assert held < 1, f"{held:.2f} bytes a voxel held"  # the scan's copy: 2 (int16)

@@ -109,15 +109,17 @@ class SegmentationJob:
             self._report(0.0, "loading the model")
             models = load_models(self.modelPaths)
             self._report(0.0, "segmenting")
-            self.result = segment_image(self.image, models,
-                                        progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
-                                        cancel=self.cancelRequested, **self.segmentOptions())
+            self.result = _handedBack(segment_image(self.image, models,
+                                                   progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
+                                                   cancel=self.cancelRequested, **self.segmentOptions()))
             if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
                 self.result = None
                 raise Cancelled("cancelled")
         except BaseException as exc:  # handed over to the main thread by finishSegmentation
             self.error = exc
         finally:
+            # the scan's copy (a float64 volume's: 8 bytes a voxel) is not held while the result is put in the scene
+            self.image = None
             self._finished.set()
 
     def _report(self, fraction: float, message: str) -> None:
@@ -145,6 +147,13 @@ class SegmentationJob:
         return self._finished.wait(timeout)
 
 
+def _handedBack(result) -> types.SimpleNamespace:
+    """What of segment_image's result finishSegmentation puts into the scene, as a worker process hands it back
+    (DeepWMLLib.worker): the mask, the ventricles and the report. The probability map and the brain mask (5 bytes a
+    voxel) were held by a job in a thread until it was let go: through finishing, and in the GUI the statistics."""
+    return types.SimpleNamespace(mask=result.mask, ventricles=result.ventricles, report=result.report)
+
+
 class ProcessSegmentationJob(SegmentationJob):
     """The same run in a separate Python process (`python -m DeepWMLLib.worker`; in Slicer its own
     PythonSlicer). A thread of Slicer's process gets Python's global lock only while Slicer's main thread
@@ -170,6 +179,7 @@ class ProcessSegmentationJob(SegmentationJob):
             (self._folder / "job.pkl").write_bytes(pickle.dumps(
                 {"image": self.image, "model_paths": self.modelPaths, "options": self.segmentOptions()},
                 protocol=pickle.HIGHEST_PROTOCOL))
+            self.image = None  # handed to the process: not held here through its run and the finishing
             environment = os.environ.copy()  # DeepWMLLib importable from where this one was imported
             root = str(Path(DeepWMLLib.__file__).resolve().parent.parent)
             environment["PYTHONPATH"] = os.pathsep.join(p for p in (root, environment.get("PYTHONPATH")) if p)
