@@ -4,7 +4,9 @@ SimpleITK hold is invisible to tracemalloc. The figures of a 512 x 512 x 200 sca
 
 from __future__ import annotations
 
+import hashlib
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,28 @@ def test_a_finished_run_holds_only_what_goes_into_the_scene(volume, monkeypatch)
     assert held < 2, f"{held:.2f} bytes a voxel held"  # the mask: a byte a voxel
     segmentation = CoreLogic.DeepWMLCoreLogic().finishSegmentation(job)
     assert np.array_equal(sitk.GetArrayViewFromImage(mrml.maskFromSegmentation(segmentation, volume)), lesions)
+
+
+def test_the_rerun_check_fingerprints_the_segment_without_a_copy_of_it(volume, monkeypatch):
+    """The fingerprint of a segment (the check before a rerun replaces it) hashed a copy of its mask's bytes; now
+    the voxels where they lie: the same fingerprint, so a result DeepWML wrote still reads as unedited."""
+    lesions = _lesions()
+    logic = CoreLogic.DeepWMLCoreLogic()
+    segmentation = mrml.segmentationFromMask(_image(lesions), volume, None, name="WMH")
+    written = CoreLogic._segmentDigest(segmentation, volume, "WMH")
+    segmentation.SetAttribute(CoreLogic.DIGEST_ATTRIBUTES["WMH"], written)
+    exported = mrml.maskFromSegmentation(segmentation, volume)
+    before = hashlib.sha256(lesions.tobytes())  # as a scene saved before has it
+    before.update(repr(exported.GetSize()).encode())
+    assert written == before.hexdigest()[:24]
+    monkeypatch.setattr(mrml, "maskFromSegmentation", lambda *args: exported)  # the export's own memory aside
+    tracemalloc.start()
+    try:
+        assert logic.rerunLoses(segmentation, volume) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.1 * lesions.size, f"{peak / lesions.size:.2f} bytes a voxel"
 
 
 def test_a_run_in_a_worker_process_leaves_no_copy_of_the_scan_in_slicer(volume, tmp_path):

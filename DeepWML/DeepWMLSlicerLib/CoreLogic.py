@@ -971,7 +971,7 @@ def _segmentDigest(segmentationNode, volumeNode, segmentName: str) -> str:
     import SimpleITK as sitk
 
     mask = mrml.maskFromSegmentation(segmentationNode, volumeNode, segmentName)
-    digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask).tobytes())
+    digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask))  # the voxels where they lie, not a copy
     digest.update(repr(mask.GetSize()).encode())
     return digest.hexdigest()[:24]
 
