@@ -80,6 +80,7 @@ import numpy as np
 
 from . import io
 from .errors import DeepWMLError
+from .postprocessing import label_components
 from .volume import Volume, voxels
 
 if TYPE_CHECKING:
@@ -95,8 +96,6 @@ FOUND_FRACTION = 0.4  # CSVD paper: a lesion counts as found when >= 40 % of its
 SIZE_BOUNDS_VOXELS = (20, 150)  # CSVD paper: small < 20 <= medium <= 150 < large
 SIZE_CLASSES = ("small", "medium", "large")
 SIZE_UNITS = ("voxels", "mm3")
-
-_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as the challenge's components
 
 
 def _ndimage():
@@ -458,13 +457,16 @@ class MaskPair:
 
     # -- lesions ------------------------------------------------------------------------------
 
+    # 26-connected, as the challenge's components: scipy's labels with a full 3x3x3 structure, but a byte a voxel
+    # under 256 lesions (scipy's int32 labels of both masks were the peak of the Slicer module's Dice readout: 400 MiB
+    # at 512 x 512 x 200 voxels)
     @cached_property
     def reference_components(self) -> tuple[np.ndarray, int]:
-        return _ndimage().label(self.reference, structure=_FULL_CONNECTIVITY)
+        return label_components(self.reference, compact=True)
 
     @cached_property
     def prediction_components(self) -> tuple[np.ndarray, int]:
-        return _ndimage().label(self.prediction, structure=_FULL_CONNECTIVITY)
+        return label_components(self.prediction, compact=True)
 
     @staticmethod
     def _sizes_and_overlap(labels: np.ndarray, n: int, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
