@@ -152,3 +152,24 @@ def test_a_run_in_a_worker_process_leaves_no_copy_of_the_scan_in_slicer(volume, 
     finally:
         job.cancel()
     assert held < 1, f"{held:.2f} bytes a voxel held"  # the scan's copy: 2 (int16)
+
+
+def test_a_labelmap_reference_is_put_on_the_volumes_grid_without_a_copy_of_the_volume(volume):
+    """A labelmap volume (a rater's mask, for the Dice readout) was put on the FLAIR's grid by way of a copy of the
+    FLAIR's voxels, for their grid alone: 2 bytes a voxel here (int16), 8 for a float64 volume. The same mask, on the
+    grid or resampled onto it."""
+    lesions = _lesions()
+    labelmap = mrml.volumeFromImage(_image(lesions * 3), "rater", "vtkMRMLLabelMapVolumeNode")  # label value 3
+    mask, peak = _peak(mrml.maskFromNode, labelmap, volume)
+    assert np.array_equal(sitk.GetArrayViewFromImage(mask), lesions)
+    assert peak < 2.5, f"{peak:.2f} bytes a voxel"  # the labelmap's voxels above 0, and the mask made of them
+    # on another grid (shifted by a third of a voxel, and half as fine across): resampled as onto the FLAIR itself
+    other = _image(lesions[:, :, ::2].copy())
+    other.SetSpacing((SPACING[0] * 2, SPACING[1], SPACING[2]))
+    other.SetOrigin((0.15, 0.0, 0.0))
+    shifted = mrml.volumeFromImage(other, "other grid", "vtkMRMLLabelMapVolumeNode")
+    expected = sitk.Resample(other, mrml.imageFromVolume(volume), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                             sitk.sitkUInt8)
+    resampled = mrml.maskFromNode(shifted, volume)
+    assert np.array_equal(sitk.GetArrayViewFromImage(resampled), sitk.GetArrayViewFromImage(expected))
+    assert 0 < np.count_nonzero(sitk.GetArrayViewFromImage(resampled)) != np.count_nonzero(lesions)

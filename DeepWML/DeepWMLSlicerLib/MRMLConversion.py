@@ -286,11 +286,13 @@ def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> si
 def maskFromLabelmap(labelmapNode, referenceVolumeNode) -> sitk.Image:
     """A labelmap volume's non-zero voxels as a uint8 0/1 image on the reference volume's grid."""
     mask = _maskFromVolume(labelmapNode)
-    reference = imageFromVolume(referenceVolumeNode)
-    if grid_difference(mask, reference) is None:
-        mask.CopyInformation(reference)
-        return mask
-    return sitk.Resample(mask, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    # the reference's grid without a copy of its voxels (a float64 FLAIR's: 8 bytes a voxel)
+    size = _voxels(referenceVolumeNode).shape[::-1]
+    reference = _geometry(referenceVolumeNode, world=True)
+    if mask.GetSize() == size and grid_difference(_geometry(labelmapNode, world=True), reference) is None:
+        return _placed(mask, reference)
+    return sitk.Resample(mask, size, sitk.Transform(), sitk.sitkNearestNeighbor, reference.GetOrigin(),
+                         reference.GetSpacing(), reference.GetDirection(), 0, sitk.sitkUInt8)
 
 
 def maskFromNode(node, referenceVolumeNode, segmentId: str | None = None) -> sitk.Image:
