@@ -72,9 +72,10 @@ def load_case(root: Path, case: str, thickness: int, offset: int = 0) -> tuple[s
 
 def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases=CASES, tta: bool = False,
              brain_model="default", threshold: float | None = None, all_offsets: bool = False,
-             adapt_to_scan: bool = False) -> list[dict]:
+             adapt_to_scan: bool = False, precision: str = "auto") -> list[dict]:
     """Rows per thickness and case, at slab offset 0; with all_offsets, at every offset 0..thickness-1
-    (rows carry "offset"; the 1 mm rows have only 0)."""
+    (rows carry "offset"; the 1 mm rows have only 0). `precision` as deepwml segment's --precision ("auto": bf16
+    on a CPU with AMX or AVX512-BF16, fp32 on others)."""
     from DeepWMLLib.adapt import adapt_to_scan as scan_adapted
     from DeepWMLLib.evaluation import evaluate_case
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
@@ -91,7 +92,8 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
             flair, reference = load_case(root, case, thickness, offset)
             start = time.perf_counter()
             networks = scan_adapted(flair, models) if adapt_to_scan else models
-            result = segment_image(flair, networks, device=device, threshold=threshold, tta=tta, brain_model=brain)
+            result = segment_image(flair, networks, device=device, threshold=threshold, tta=tta, brain_model=brain,
+                                   precision=precision)
             seconds = time.perf_counter() - start
             scores = evaluate_case(result.mask, reference)
             row = {"case": case, "thickness_mm": thickness, "offset": offset, "slices": flair.GetSize()[2],
@@ -191,13 +193,16 @@ def main(argv=None) -> int:
     parser.add_argument("--brain-model", default="default", help="brain-mask gate: default (the shipped one), none, or a file")
     parser.add_argument("--adapt-to-scan", action="store_true",
                         help="re-estimate the models' batch-norm statistics on each case first (experimental)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="what the networks compute in, as deepwml segment's --precision (auto: bf16 where the "
+                             "CPU has AMX or AVX512-BF16, else fp32)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     print(HEADER)
     rows = evaluate(args.model, args.thickness, args.device, tta=args.tta, brain_model=args.brain_model,
                     threshold=args.threshold, all_offsets=args.all_offsets,
-                    adapt_to_scan=args.adapt_to_scan)
+                    adapt_to_scan=args.adapt_to_scan, precision=args.precision)
     text = markdown(rows)
     print(text.split("\n\n", 1)[-1] if "\n\n" in text else "")
     if args.json:
