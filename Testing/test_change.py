@@ -218,7 +218,7 @@ def test_a_transform_file_written_short_is_an_error_not_an_output(tmp_path):
     for limit in (0, 100):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         try:
-            with pytest.raises(DeepWMLError, match=f"cannot write {re.escape(str(path))} .*incomplete"):
+            with pytest.raises(DeepWMLError, match=f"cannot write {re.escape(str(path))} .*file size limit"):
                 io.write_atomically(path, lambda tmp: change._write_transform(transform, tmp))
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
