@@ -1112,3 +1112,25 @@ def test_batch_summary_that_cannot_be_written_leaves_no_earlier_one_as_this_runs
     with pytest.raises(DeepWMLError, match=r"the disk is full; no summary.csv is left in .* \(neither an earlier run's"):
         batchScript.writeSummary([{"case": "new", "status": "ok"}], path)
     assert not path.exists()
+
+
+def test_batch_refuses_a_truncated_nifti_scan_as_the_command_line_does(scene, batchScript, tmp_path, monkeypatch,
+                                                                      tiny_model):
+    """Slicer's reader fills a NIfTI file cut short (a copy interrupted) with zeros and raises nothing: in a batch of
+    100 scans, one such copy was listed 'ok - 0.00 ml, 0 lesions' (cut inside its first slice). It fails, saying so,
+    as deepwml segment's case does; the other cases still run and nothing of it stays in the scene."""
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "good.nii.gz")
+    for name in ("cut.nii", "cut_gz.nii.gz"):
+        writeCase(inputs, name)
+        data = (inputs / name).read_bytes()
+        (inputs / name).write_bytes(data[:len(data) // 2])
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                             "--device", "cpu"]) == 1
+    rows = summary(out)
+    assert rows["good"]["status"] == "ok"
+    for case in ("cut", "cut_gz"):
+        assert rows[case]["status"] == "error" and "is truncated" in rows[case]["error"], rows[case]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode") == 0

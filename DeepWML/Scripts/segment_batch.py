@@ -137,6 +137,8 @@ def loadFlair(path: Path, case: str, study=None):
     elif io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
         return mrml.volumeFromImage(io.read_image(path), case), None, {}  # with a guessed left and right
     else:
+        if io.is_nifti(path):  # Slicer's reader fills a NIfTI cut short with zeros, unsaid: 'ok - 0.00 ml'
+            io.read_any(path, light=True)  # refused as deepwml segment refuses it (truncated, NaN...)
         return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None, {}
     image = io.read_image(path, series=series)
     warnings = segment.dicom_series_warnings(series, how, image, another=BATCH_OTHER_SERIES)
