@@ -2044,6 +2044,7 @@ def test_a_long_batch_builds_each_network_once_and_holds_no_more_files_or_thread
     built = []
     new_runner = inference._new_runner
     monkeypatch.setattr(inference, "_new_runner", lambda *a, **k: built.append(a[0].name) or new_runner(*a, **k))
+    monkeypatch.setattr(inference, "_RUNNERS", {})  # none kept from an earlier test in this process (same weights)
     paths = [write_case(tmp_path, f"p{k:02d}", size=(32, 32, 4), seed=k)[0] for k in range(12)]
     seen = []
 
