@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -146,10 +147,11 @@ def _per_lesion(labels: np.ndarray, count: int, values: np.ndarray, name: str) -
 def _integer_mask(mask):
     """`mask` as integers: a float one checked and converted (`io.label_mask`: 0.9 was a lesion to the lesion count
     but no voxel to the volume, cast to 0), as is anything but an image. An integer mask (segment_image's, Slicer's)
-    is taken as it is, without a pass over its voxels."""
-    import SimpleITK as sitk
-
-    if isinstance(mask, (sitk.Image, Volume)) and voxels(mask).dtype.kind in "uib":
+    is taken as it is, without a pass over its voxels. SimpleITK is not imported for the asking: a NIfTI case runs
+    without it, and a SimpleITK image cannot exist before it is imported."""
+    sitk = sys.modules.get("SimpleITK")
+    if (isinstance(mask, Volume) or sitk is not None and isinstance(mask, sitk.Image)) \
+            and voxels(mask).dtype.kind in "uib":
         return mask
     return label_mask(mask, "the mask")
 
