@@ -18,7 +18,7 @@ import numpy as np
 from .checkpoint import LoadedModel, cache_dir
 from .errors import Cancelled, DeepWMLError
 from . import io
-from .io import SliceFrame, to_axial_stack
+from .io import SliceFrame, axial_view, slice_frame
 from .preprocessing import plan_volume
 
 if TYPE_CHECKING:
@@ -652,7 +652,10 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     check_batch_size(batch_size)
     check_grid_phases(phases)
     dev = resolve_device(device)
-    stack, frame = to_axial_stack(image, copy=False)  # only read, slices at a time: no copy of a float32 volume
+    frame = slice_frame(image)
+    # only read, slices at a time, and as float32 whatever the voxel type (preprocessing): no copy of the volume (a
+    # uint16 scan's float32 copy was 4 bytes a voxel beside its own 2, through the networks)
+    stack = axial_view(image, frame)
     if min(stack.shape[1:]) < MIN_INPLANE_PIXELS:
         raise DeepWMLError(f"the image's axial slices are only {stack.shape[1]} x {stack.shape[2]} pixels, too narrow to "
                            "segment (one sagittal or coronal slice, or a few?); DeepWML segments axial slices and "

@@ -98,9 +98,32 @@ def _index_percentiles(counts: np.ndarray, q) -> np.ndarray:
     return a + (b - a) * (position - low)
 
 
+# A stack of another voxel type than float32 (a uint16 or float64 scan, as the Slicer module and Python callers give
+# segment_image) is read as float32 this many voxels at a time: the values of a float32 copy of the volume, without
+# one (4 bytes a voxel, held beside the caller's scan through the networks)
+SLAB_VOXELS = 1 << 22
+
+
+def _float32_slabs(stack: np.ndarray):
+    """(first slice, its slab of a few slices as float32) over the stack: views of a float32 stack, copies of others'."""
+    step = max(1, SLAB_VOXELS // max(1, int(np.prod(stack.shape[1:]))))
+    for first in range(0, stack.shape[0], step):
+        yield first, np.asarray(stack[first:first + step], dtype=np.float32)
+
+
+def _above(stack: np.ndarray, level) -> np.ndarray:
+    """`stack > level` as the stack's float32 values compare, whatever its voxel type."""
+    above = np.empty(stack.shape, dtype=bool)
+    for first, slab in _float32_slabs(stack):
+        np.greater(slab, level, out=above[first:first + len(slab)])
+    return above
+
+
 def head_mask(stack: np.ndarray) -> np.ndarray:
-    """Voxels clearly above background: an Otsu threshold on a subsample, robust to hot voxels."""
+    """Voxels clearly above background: an Otsu threshold on a subsample, robust to hot voxels. The stack's values
+    are read as float32, as the networks read them, whatever its voxel type."""
     sample = stack[::2, ::3, ::3].ravel() if stack.size > 2_000_000 else stack.ravel()
+    sample = np.asarray(sample, dtype=np.float32)
     hi = percentiles(sample, 99.5)[0]
     lo = sample.min()
     above = sample[sample > lo] if lo < 0 else sample[:0]
@@ -112,7 +135,7 @@ def head_mask(stack: np.ndarray) -> np.ndarray:
         if floor - lo > hi - floor:
             lo = floor
     if hi <= lo:
-        return stack > lo
+        return _above(stack, lo)
     hist, edges = np.histogram(np.clip(sample, lo, hi), bins=128, range=(lo, hi))
     centres = (edges[:-1] + edges[1:]) / 2
     weights = hist.astype(np.float64)
@@ -122,19 +145,30 @@ def head_mask(stack: np.ndarray) -> np.ndarray:
     m1 = (np.sum(weights * centres) - np.cumsum(weights * centres)) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
     threshold = centres[int(np.argmax(between))]
-    return stack > threshold
+    return _above(stack, threshold)
 
 
 def intensity_reference(stack: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(centre, scale) of the normalisation: the head's median and IQR / 1.349."""
-    values = stack[mask] if mask.any() else stack.ravel()
-    if values.size > 1_000_000:
-        values = values[:: values.size // 1_000_000]
+    """(centre, scale) of the normalisation: the head's median and IQR / 1.349, of its float32 values."""
+    values = _sampled(stack, mask if mask.any() else None)
     q25, median, q75 = percentiles(values, [25, 50, 75])
     scale = (q75 - q25) / 1.349
     if not scale > 0:
         scale = float(values.std()) or 1.0
     return float(median), float(scale)
+
+
+def _sampled(stack: np.ndarray, mask: np.ndarray | None, most: int = 1_000_000) -> np.ndarray:
+    """`stack[mask]` (with no mask, all of the stack) as float32, and of its n values every (n // `most`)-th from the
+    first when n > `most`; picked a slab at a time: no copy of all the head's voxels, nor of the volume as float32."""
+    count = stack.size if mask is None else int(np.count_nonzero(mask))
+    step = count // most if count > most else 1
+    parts, seen = [], 0
+    for first, slab in _float32_slabs(stack):
+        picked = slab.ravel() if mask is None else slab[mask[first:first + len(slab)]]
+        parts.append(picked[(-seen) % step::step])
+        seen += picked.size
+    return np.concatenate(parts)
 
 
 def apply_normalisation(stack: np.ndarray, centre: float, scale: float) -> np.ndarray:
@@ -346,8 +380,18 @@ class VolumePlan:
         return replace(self, grids={config: grid.shifted(rows, cols) for config, grid in self.grids.items()})
 
     def network_slices(self, stack: np.ndarray, indices: np.ndarray, config: PreprocessingConfig) -> np.ndarray:
-        """Normalised slices `indices` of the axial stack on the network grid of `config`."""
-        return self.grids[config].to_network(apply_normalisation(stack[indices], self.centre, self.scale))
+        """Normalised slices `indices` of the axial stack (its values read as float32) on the network grid of `config`."""
+        return self.grids[config].to_network(apply_normalisation(_float32_slices(stack, indices), self.centre,
+                                                                 self.scale))
+
+
+def _float32_slices(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`stack[indices]` as float32, put in a slice at a time: no copy of a chunk's slices in a wider type first (a
+    float64 scan's 8 bytes a voxel)."""
+    picked = np.empty((len(indices),) + stack.shape[1:], dtype=np.float32)
+    for number, index in enumerate(indices):
+        picked[number] = stack[index]
+    return picked
 
 
 def plan_volume(stack: np.ndarray, frame: SliceFrame, configs) -> VolumePlan:

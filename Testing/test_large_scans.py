@@ -90,6 +90,41 @@ def test_the_networks_read_a_float32_scan_where_it_lies():
     assert as_int.dtype == np.float32 and as_int.flags.writeable
 
 
+@pytest.mark.parametrize("kind", [sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkFloat64])
+def test_a_scan_of_another_voxel_type_is_segmented_without_a_float32_copy_of_it(tmp_path, tiny_model, monkeypatch, kind):
+    """The Slicer module gives segment_image the volume node's voxels in their own type (uint16 or int16 for most
+    FLAIRs, sometimes float64), as Python callers do: the networks read a float32 copy of the whole volume, 4 bytes a
+    voxel beside the caller's scan through the networks (11.0 bytes a voxel at the peak of a 512 x 512 x 200 uint16
+    scan's run, 7.0 for the same scan as float32). Read as float32 a few slices at a time: the same mask, map, brain
+    mask and report, and no more memory than the scan as float32 takes."""
+    from DeepWMLLib import preprocessing
+    from DeepWMLLib.segment import load_brain_model, load_models
+
+    from conftest import BRAIN_LABELS, tiny_model_file
+
+    # a chunk's own buffers and a slab's float32 values small beside the volume's (a few slices of a large scan's)
+    monkeypatch.setattr(inference, "CHUNK_SLICES", 4)
+    monkeypatch.setattr(preprocessing, "SLAB_VOXELS", 1 << 16, raising=False)
+    models = load_models([tiny_model])
+    brain = load_brain_model(str(tiny_model_file(tmp_path / "brain.pt", labels=BRAIN_LABELS, seed=3)))
+    given = sitk.Cast(make_volume(size=(256, 256, 40), spacing=(0.9, 0.9, 2.0), dtype=sitk.sitkUInt16)[0], kind)
+    as_float32 = sitk.Cast(given, sitk.sitkFloat32)  # the same values
+    # threshold 0.9: the untrained network marks half the head at 0.5, and labelling that would be the peak
+    options = dict(brain_model=brain, ventricle_model=None, backend="torch", threshold=0.9, checked=True)
+    segment_image(given[:, :, :4], models, "cpu", **options)  # the runners made: no part of either peak
+    results, peaks = [], []
+    for image in (as_float32, given):
+        result, peak = _peak_bytes(lambda: segment_image(image, models, "cpu", **options))
+        results.append(result)
+        peaks.append(peak / image.GetNumberOfPixels())
+    expected, result = results
+    for name in ("mask", "probabilities", "brain"):
+        a, b = (sitk.GetArrayViewFromImage(getattr(r, name)) for r in (expected, result))
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert {**expected.report, "seconds": 0} == {**result.report, "seconds": 0}
+    assert peaks[1] < peaks[0] + 1.0, f"{peaks[1]:.1f} bytes a voxel, {peaks[0]:.1f} for the scan as float32"
+
+
 def test_the_contrast_check_holds_no_float_map_of_the_whole_volume(monkeypatch):
     """The depth under the brain's surface is measured on 2 mm blocks; the bands it decides (deep brain,
     cortical shell) come back to the voxels a slice at a time: the float32 map of the whole volume and its
