@@ -37,6 +37,24 @@ def write_whole(path: Path, data: bytes) -> None:
     io._replace(part, path)  # retried on Windows, where a virus scanner may hold the fresh file a moment
 
 
+def write_pickled(path: Path, obj) -> None:
+    """`obj` pickled into `path` (as `write_whole`), streamed into the file: no bytes of the pickle in memory beside
+    the objects (a copy of the scan in Slicer's process as it hands over a job: 8 bytes a voxel for a float64 volume)."""
+    from . import io
+
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+    io._replace(part, path)
+
+
+def read_pickled(path: Path):
+    """What `write_pickled` wrote, unpickled as it is read: the scan's bytes once beside its image, not the file's
+    bytes and their copy too (3 copies of the scan at once in the worker, where its run then holds one)."""
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
 def _picklable(exc: BaseException) -> bytes:
     """The exception pickled, or a DeepWMLError with its text when it cannot travel."""
     try:
@@ -125,7 +143,7 @@ def run(folder: Path) -> int:
         return orphaned() or abandoned()
 
     try:
-        job = pickle.loads((folder / "job.pkl").read_bytes())
+        job = read_pickled(folder / "job.pkl")
         from .segment import load_models, segment_image
 
         progress(0.0, "loading the model")
@@ -134,9 +152,7 @@ def run(folder: Path) -> int:
             raise Cancelled("cancelled")
         progress(0.0, "segmenting")
         result = segment_image(job["image"], models, progress=progress, cancel=cancel, **job["options"])
-        write_whole(folder / "result.pkl", pickle.dumps(
-            {"mask": result.mask, "ventricles": result.ventricles, "report": result.report},
-            protocol=pickle.HIGHEST_PROTOCOL))
+        write_pickled(folder / "result.pkl", {"mask": result.mask, "ventricles": result.ventricles, "report": result.report})
         return 0
     except BaseException as exc:  # every failure goes back to the caller, which shows it
         if not isinstance(exc, (DeepWMLError, Cancelled)):

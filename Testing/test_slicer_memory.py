@@ -154,6 +154,50 @@ def test_a_run_in_a_worker_process_leaves_no_copy_of_the_scan_in_slicer(volume, 
     assert held < 1, f"{held:.2f} bytes a voxel held"  # the scan's copy: 2 (int16)
 
 
+def test_a_job_is_handed_to_a_worker_process_with_one_copy_of_the_scan(volume, tmp_path):
+    """The job file (the scan's copy and the options) was pickled into bytes, then written: the scan's copy twice in
+    Slicer for a moment (4 bytes a voxel here, int16; 16 for a float64 volume). Pickled into the file as it is
+    written: once. The worker gets the same voxels."""
+    import pickle
+
+    import slicer
+    from test_slicer_worker_process import fakePython, processLogic
+
+    logic = processLogic(fakePython(tmp_path, "#!/bin/sh\nsleep 60\n"))  # a worker still running
+    job, peak = _peak(lambda: logic.startSegmentation(volume, device="cpu", brainMask=False, location=False))
+    try:
+        image = pickle.loads((job._folder / "job.pkl").read_bytes())["image"]
+    finally:
+        job.cancel()
+    assert np.array_equal(sitk.GetArrayViewFromImage(image), slicer.util.arrayFromVolume(volume))
+    assert peak < 3, f"{peak:.2f} bytes a voxel"  # the scan's copy: 2
+
+
+def test_a_worker_process_reads_its_job_with_one_copy_of_the_scan_beside_its_image(tmp_path, monkeypatch):
+    """The worker read the job file's bytes, unpickled a copy of the scan's bytes out of them and made its image of
+    that copy: the scan three times at once (24 bytes a voxel for a float64 volume, more than its run then holds).
+    Unpickled as the file is read: twice for a moment, then the image alone; the same voxels."""
+    import pickle
+
+    from DeepWMLLib import worker
+    from DeepWMLLib.errors import Cancelled
+
+    expected = (np.arange(np.prod(SHAPE)) % 1000).astype(np.int16).reshape(SHAPE)
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps({"image": _image(expected), "model_paths": None, "options": {}},
+                                                    protocol=pickle.HIGHEST_PROTOCOL))
+    given = []
+
+    def segment_image(image, models=None, **options):
+        given.append(image)
+        raise Cancelled("the job read: the run is not measured here")
+
+    monkeypatch.setattr(segment, "segment_image", segment_image)
+    monkeypatch.setattr(segment, "load_models", lambda paths: [])
+    code, peak = _peak(worker.run, tmp_path)
+    assert code == 1 and np.array_equal(sitk.GetArrayViewFromImage(given[0]), expected)
+    assert peak < 5, f"{peak:.2f} bytes a voxel"  # the image and the bytes it is made from: 4; 6 with their copy
+
+
 def test_a_labelmap_reference_is_put_on_the_volumes_grid_without_a_copy_of_the_volume(volume):
     """A labelmap volume (a rater's mask, for the Dice readout) was put on the FLAIR's grid by way of a copy of the
     FLAIR's voxels, for their grid alone: 2 bytes a voxel here (int16), 8 for a float64 volume. The same mask, on the

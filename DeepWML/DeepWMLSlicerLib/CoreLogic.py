@@ -17,7 +17,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import slicer
 from DeepWMLLib.errors import Cancelled, DeepWMLError
+from DeepWMLLib.worker import read_pickled, write_pickled
 
 from . import MRMLConversion as mrml
 
@@ -176,9 +176,8 @@ class ProcessSegmentationJob(SegmentationJob):
         self._folder = Path(tempfile.mkdtemp(prefix=JOB_FOLDER_PREFIX))  # readable by this user only: a scan
         try:
             (self._folder / "owner").write_text(str(os.getpid()), encoding="utf-8")
-            (self._folder / "job.pkl").write_bytes(pickle.dumps(
-                {"image": self.image, "model_paths": self.modelPaths, "options": self.segmentOptions()},
-                protocol=pickle.HIGHEST_PROTOCOL))
+            write_pickled(self._folder / "job.pkl",
+                          {"image": self.image, "model_paths": self.modelPaths, "options": self.segmentOptions()})
             self.image = None  # handed to the process: not held here through its run and the finishing
             environment = os.environ.copy()  # DeepWMLLib importable from where this one was imported
             root = str(Path(DeepWMLLib.__file__).resolve().parent.parent)
@@ -227,9 +226,9 @@ class ProcessSegmentationJob(SegmentationJob):
         elif result.is_file() or error.is_file():
             try:
                 if result.is_file():
-                    self.result = types.SimpleNamespace(**pickle.loads(result.read_bytes()))
+                    self.result = types.SimpleNamespace(**read_pickled(result))
                 else:
-                    self.error = pickle.loads(error.read_bytes())
+                    self.error = read_pickled(error)
             except Exception as exc:  # another DeepWML or Python in the process than in Slicer?
                 self.result = None
                 self.error = DeepWMLError(f"the segmentation process's {'result' if result.is_file() else 'error'} "
