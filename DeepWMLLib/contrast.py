@@ -206,6 +206,8 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
 
     `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "CT" (with `deep_median`, `air_fraction` and
     `bone_fraction`), or None when not judged."""
+    from .preprocessing import median
+
     tell = progress or (lambda fraction, message: None)
     tell(0.0, "FLAIR check: depth inside the brain")
     # Holes filled slice by slice: on a scan that is not a FLAIR the brain-mask network may leave out
@@ -228,7 +230,7 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
 
     values = in_deep(stack)
     normal = values[~in_deep(lesion)]  # picked from the deep voxels: no more masks of the whole volume
-    reference = float(np.median(normal if normal.size * voxel_ml >= MIN_DEEP_ML else values))
+    reference = float(median(normal if normal.size * voxel_ml >= MIN_DEEP_ML else values))
     cortex = brighter_count = 0  # the shell's voxels not marked as lesion, and those brighter than the reference
     for k, plane in enumerate(_band_planes(shell, block, stack.shape[1:])):
         plane &= ~lesion[k]

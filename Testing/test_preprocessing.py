@@ -185,6 +185,23 @@ def test_percentiles_match_numpy(n):
             assert np.allclose(percentiles(values, q), np.percentile(values, q), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 12345])
+def test_median_is_numpy_s_to_the_bit(n):
+    """The FLAIR check's white matter level: np.median's very number and type (a float32 scan's median of two
+    middle values is their float32 mean), and NaN where a value is NaN, without np.median's import of numpy.ma."""
+    from DeepWMLLib.preprocessing import median
+
+    rng = np.random.default_rng(n)
+    for dtype in (np.float32, np.float64, np.float16, np.uint16, np.int16, np.uint8):
+        values = (rng.normal(300, 200, n) if np.dtype(dtype).kind in "fi" else rng.random(n) * 250).astype(dtype)
+        for given in (values, values.reshape(1, -1)):
+            found, expected = median(given), np.median(given)
+            assert found == expected and type(found) is type(expected), (dtype, found, expected)
+        if np.dtype(dtype).kind == "f":
+            values[n // 2] = np.nan
+            assert np.isnan(median(values)) and np.isnan(np.median(values))
+
+
 def test_index_percentiles_match_numpy_on_repeated_indices():
     from DeepWMLLib.preprocessing import _index_percentiles
 
