@@ -255,11 +255,15 @@ def test_a_real_t1_template_is_called_t1_weighted():
 
 
 @pytest.mark.parametrize("shape, spacing", [((5, 101, 77), (3.0, 0.45, 0.7)), ((4, 90, 91), (5.0, 0.9, 0.62))])
-def test_region_bands_take_a_block_as_inside_when_half_of_it_is(shape, spacing):
+@pytest.mark.parametrize("kept", [(slice(None), slice(None)), (slice(25, 70), slice(9, 50)), (slice(0, 60), slice(30, None))],
+                         ids=["whole slice", "inside the slice", "against its edges"])
+def test_region_bands_take_a_block_as_inside_when_half_of_it_is(shape, spacing, kept):
     """The coarse blocks (summed one offset at a time) are those whose mean is at least one half, on
-    grids that do not divide into whole blocks; each band of depth is spread back over each block's voxels."""
+    grids that do not divide into whole blocks; each band of depth is spread back over each block's voxels. The
+    same bands where the depth is measured in the mask's box (a head inside the slice, or against its edges)."""
     rng = np.random.default_rng(11)
-    mask = ndimage.gaussian_filter(rng.random(shape), (0, 4, 4)) > 0.49
+    mask = np.zeros(shape, bool)
+    mask[(slice(None), *kept)] = (ndimage.gaussian_filter(rng.random(shape), (0, 4, 4)) > 0.49)[(slice(None), *kept)]
     n, rows, cols = shape
     fr, fc = (max(1, int(contrast.COARSE_MM / s + 1e-6)) for s in spacing[1:])
     r, c = rows // fr * fr, cols // fc * fc
