@@ -179,16 +179,16 @@ def image_black(stack: np.ndarray) -> float:
     magnitude image holds nothing below 0 but padding and undershoot: -1024 lies less than one range under a
     scanner's FLAIR of 0-1500 or 0-4095). Not head_mask's gap of one range alone: a stripped brain's narrow range, as
     on PD, passes it, and the brain has no such dense floor (and does not start at 0)."""
-    from .preprocessing import percentiles
+    from .preprocessing import tail_percentiles
 
-    # the sample and the voxels above its black are this function's own copies, partially sorted in place: copies
-    # of them (0.1 GB each at 1024 x 1024 x 400) were the peak of the FLAIR check on such a scan
-    sample = (stack[::2, ::3, ::3] if stack.size > 2_000_000 else stack).flatten()
-    black, top = percentiles(sample, [BLACK_PERCENTILE, 99.5], overwrite_input=True)
+    # no copies of the sample or of the voxels above its black to sort (0.1 GB each at 1024 x 1024 x 400, once the
+    # peak of the FLAIR check on such a scan): only their tails are sorted, in copies of those few voxels
+    sample = (stack[::2, ::3, ::3] if stack.size > 2_000_000 else stack).ravel()
+    black, top = tail_percentiles(sample, [BLACK_PERCENTILE, 99.5])
     above = sample[sample > black]
     del sample
     if above.size:
-        floor = percentiles(above, 0.5, overwrite_input=True)[0]
+        floor = tail_percentiles(above, 0.5)[0]
         gap, span = floor - black, top - floor
         own_black = np.mean(above <= floor + OWN_BLACK[0] * span) >= OWN_BLACK[1]
         at_zero = black < 0 <= floor <= OWN_BLACK[0] * span  # below a rest whose black is the scanner's 0

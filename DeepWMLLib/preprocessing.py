@@ -75,17 +75,71 @@ def percentiles(values: np.ndarray, q, overwrite_input: bool = False) -> np.ndar
     """np.percentile(values, q) (linear interpolation) by partial sorting. The same numbers; it only
     skips the np.unique call inside np.percentile that imports numpy.ma, 20 ms of every start-up. With
     `overwrite_input`, as np.percentile's: a contiguous `values` (writable) is partially sorted in place, not copied."""
+    flat, position, low, high = _percentile_ranks(values, q)
+    part = flat if overwrite_input else flat.copy()
+    part.partition(sorted(set(low.tolist()) | set(high.tolist())))
+    return _interpolated(part[low], part[high], position, low)
+
+
+def tail_percentiles(values: np.ndarray, q) -> np.ndarray:
+    """percentiles(values, q), the same numbers, for q in the tails (the image's black, 0.5, and top, 99.5): each tail
+    is partially sorted alone, the values beyond a bound that a sample of every TAIL_STRIDE-th value sets, and not
+    at all when the ranks wanted all hold the bound itself (a scan's air, 0 over half of it): 1 ms against 7-9 for
+    the 1.6 M voxels of `deepwml bench`'s scan. `values` is left as it is."""
+    flat, position, low, high = _percentile_ranks(values, q)
+    found = _ranked_values(flat, np.concatenate([low, high]))
+    return _interpolated(found[:low.size], found[low.size:], position, low)
+
+
+def _percentile_ranks(values: np.ndarray, q):
+    """`values` flattened, and the place of each percentile of `q` among them sorted (np.percentile's linear
+    interpolation): the place, and the ranks just below and above it."""
     flat = np.asarray(values).ravel()
     q = np.atleast_1d(np.asarray(q, dtype=np.float64))
     if flat.size == 0:
         raise ValueError("percentiles of an empty array")
     position = q / 100 * (flat.size - 1)
     low = np.floor(position).astype(np.intp)
-    high = np.minimum(low + 1, flat.size - 1)
-    part = flat if overwrite_input else flat.copy()
-    part.partition(sorted(set(low.tolist()) | set(high.tolist())))
-    a, b = part[low].astype(np.float64), part[high].astype(np.float64)
+    return flat, position, low, np.minimum(low + 1, flat.size - 1)
+
+
+def _interpolated(a: np.ndarray, b: np.ndarray, position: np.ndarray, low: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
     return a + (b - a) * (position - low)
+
+
+TAIL_STRIDE = 64  # tail_percentiles' sample: every this many values
+
+
+def _ranked_values(flat: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """np.sort(flat)[ranks] (NaN sorting last, as np.sort and np.partition place it), taking the ranks below and above
+    the middle apart: those of one side from the values up to (down to) a bound that a sample sets beyond the
+    farthest of them, or all of `flat` where that bound falls short (ranks near the middle, an unlucky sample)."""
+    n = flat.size
+    found = np.empty(ranks.size, flat.dtype)
+    sample = flat[::TAIL_STRIDE].copy()
+    for lower in (True, False):
+        side = ranks < n // 2 if lower else ranks >= n // 2
+        if not side.any():
+            continue
+        wanted = ranks[side]
+        reach = wanted.max() if lower else n - 1 - wanted.min()  # the ranks' farthest from that side's end
+        j = min(sample.size - 1, 2 * (int(reach) // TAIL_STRIDE) + 16)
+        bound = np.partition(sample, j if lower else sample.size - 1 - j)[j if lower else sample.size - 1 - j]
+        below = np.count_nonzero(flat < bound)  # the first ranks; NaN is neither below nor at the bound
+        at = np.count_nonzero(flat == bound)  # the ranks after those hold the bound
+        if below <= wanted.min() and wanted.max() < below + at:
+            found[side] = bound
+            continue
+        if lower and wanted.max() < below + at:  # every rank wanted among the values up to the bound
+            part, first = flat[flat <= bound], 0
+        elif not lower and below <= wanted.min():  # ... among those from the bound on (NaN included)
+            part, first = flat[~(flat < bound)], below
+        else:
+            part, first = flat.copy(), 0
+        part.partition(wanted - first)
+        found[side] = part[wanted - first]
+    return found
 
 
 def median(values: np.ndarray) -> np.floating:

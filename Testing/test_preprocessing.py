@@ -185,6 +185,25 @@ def test_percentiles_match_numpy(n):
             assert np.allclose(percentiles(values, q), np.percentile(values, q), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["noise", "air at 0", "a few values", "periodic at the sample's stride", "NaN"])
+def test_tail_percentiles_are_percentiles_to_the_bit(kind):
+    """The image's black and top, each tail sorted alone: the same numbers on ties (a scan's air, half of it 0), on
+    values whose sample misses the tail (periodic at TAIL_STRIDE), on NaN (sorted last) and in the middle."""
+    from DeepWMLLib.preprocessing import TAIL_STRIDE, percentiles, tail_percentiles
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 300, 20000):
+        values = {"noise": rng.normal(300, 80, n).astype(np.float32),
+                  "air at 0": np.where(rng.random(n) < 0.55, 0, rng.integers(1, 300, n)).astype(np.float32),
+                  "a few values": rng.integers(0, 4, n).astype(np.uint16),
+                  "periodic at the sample's stride": (np.arange(n) % TAIL_STRIDE).astype(np.float64),
+                  "NaN": np.where(rng.random(n) < 0.02, np.nan, rng.normal(size=n))}[kind]
+        before = values.copy()
+        for q in ([0.5, 99.5], [0.5], [99.5], [0, 100], [0.01, 99.99], [25, 50, 75]):
+            assert np.array_equal(tail_percentiles(values, q), percentiles(values, q), equal_nan=True), (n, q)
+        assert np.array_equal(values, before, equal_nan=True)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 12345])
 def test_median_is_numpy_s_to_the_bit(n):
     """The FLAIR check's white matter level: np.median's very number and type (a float32 scan's median of two
