@@ -71,13 +71,11 @@ class PreprocessingConfig:
         return cls(cfg.normalisation, size, spacing)
 
 
-def percentiles(values: np.ndarray, q, overwrite_input: bool = False) -> np.ndarray:
+def percentiles(values: np.ndarray, q) -> np.ndarray:
     """np.percentile(values, q) (linear interpolation) by partial sorting. The same numbers; it only
-    skips the np.unique call inside np.percentile that imports numpy.ma, 20 ms of every start-up. With
-    `overwrite_input`, as np.percentile's: a contiguous `values` (writable) is partially sorted in place, not copied."""
+    skips the np.unique call inside np.percentile that imports numpy.ma, 20 ms of every start-up."""
     flat, position, low, high = _percentile_ranks(values, q)
-    part = flat if overwrite_input else flat.copy()
-    part.partition(sorted(set(low.tolist()) | set(high.tolist())))
+    part = np.partition(flat, sorted(set(low.tolist()) | set(high.tolist())))
     return _interpolated(part[low], part[high], position, low)
 
 
