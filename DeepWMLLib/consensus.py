@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
-from .evaluation import (_as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
+from .evaluation import (as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
                          picture_path, read_manifest, report_failed_cases, write_csv, write_json)
 from .metrics import MaskPair
 from .report import lesion_count_text
@@ -58,7 +58,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     _check_threshold(threshold)
     names = [what if isinstance(mask, (sitk.Image, Volume)) else f"{what} {mask}"  # a file: named in errors
              for what, mask in (("rater A's mask", mask_a), ("rater B's mask", mask_b))]
-    mask_a, mask_b = _as_mask(mask_a, "rater A's mask"), _as_mask(mask_b, "rater B's mask")
+    mask_a, mask_b = as_mask(mask_a, "rater A's mask"), as_mask(mask_b, "rater B's mask")
     pair = MaskPair.binary_pair(mask_a, mask_b, *names, flair)
     dice = pair.overlap()["dice"]
     both, area_a, area_b = pair.slice_counts()

@@ -149,7 +149,7 @@ def source_positions(series: io.DicomSeries, slices: int) -> list | None:
 
 def _frame_positions(file: str) -> list[tuple]:
     """Each frame's Plane Position (Patient) of an enhanced DICOM file; empty where it gives none."""
-    geometry = io._frame_geometry(file)
+    geometry = io.frame_geometry(file)
     return [] if geometry is None else [tuple(float(v) for v in position) for position in geometry[0]]
 
 

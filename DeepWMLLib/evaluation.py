@@ -228,7 +228,9 @@ def report_failed_cases(failed: list[dict], verb: str) -> int:
 # One case
 
 
-def _as_mask(value, what: str) -> sitk.Image:
+def as_mask(value, what: str) -> sitk.Image:
+    """A mask given as an image (SimpleITK, or a Volume as segment_image returns) or as a file's path (`what` names it
+    in errors), as a SimpleITK image: a file read as `deepwml evaluate` and `consensus` read it (io.read_mask)."""
     if isinstance(value, Volume):  # what segment_image returns for a Volume input
         value = value.to_sitk()
     return value if isinstance(value, sitk.Image) else io.read_mask(_existing(value, what))
@@ -266,8 +268,8 @@ def evaluate_case(prediction, reference, probabilities=None, found_fraction: flo
     """
     names = tuple(what if isinstance(value, (sitk.Image, Volume)) else f"{what} {value}"  # a file: named in errors
                   for what, value in (("prediction", prediction), ("reference", reference)))
-    reference = _as_mask(reference, "reference")
-    prediction = _as_mask(prediction, "prediction")
+    reference = as_mask(reference, "reference")
+    prediction = as_mask(prediction, "prediction")
     scores = _as_scores(probabilities) if probabilities is not None else None
     return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes, names, flair)
 
@@ -609,7 +611,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             raise Cancelled()
         info = {"case": entry["case"], "centre": entry.get("centre", ""), "disease": entry.get("disease", "")}
         try:
-            reference, prediction = _as_mask(entry["reference"], "reference"), _as_mask(entry["prediction"], "prediction")
+            reference, prediction = as_mask(entry["reference"], "reference"), as_mask(entry["prediction"], "prediction")
             result = evaluate_case(prediction, reference, entry.get("probabilities") or None, found_fraction, size_classes,
                                    entry.get("flair") or None)
         except Cancelled:
@@ -774,8 +776,8 @@ def comparison_picture(flair, prediction, reference, title: str | None = None) -
     its voxels are padded onto it; a FLAIR storing the masks' grid in another voxel order is reordered)."""
     from .qc import png_bytes, render_comparison
 
-    image, prediction, reference = io.onto_scan(io.read_image(_existing(flair, "FLAIR")), _as_mask(prediction, "prediction"),
-                                                _as_mask(reference, "reference"), f"FLAIR {flair}", "prediction",
+    image, prediction, reference = io.onto_scan(io.read_image(_existing(flair, "FLAIR")), as_mask(prediction, "prediction"),
+                                                as_mask(reference, "reference"), f"FLAIR {flair}", "prediction",
                                                 "reference")
     return png_bytes(render_comparison(image, prediction, reference, title))
 

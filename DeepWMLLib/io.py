@@ -1372,7 +1372,7 @@ class DicomSeries:
         (`_check_frames` puts them on the grid of their mean step, as ITK puts a series')."""
         along, which = np.array(self.slice_positions_mm, float), "image"
         if len(self.files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] > 1:
-            geometry = _frame_geometry(self.files[0])
+            geometry = frame_geometry(self.files[0])
             along = (np.array(geometry[0]) @ np.array(image.GetDirection()).reshape(3, 3)[:, 2] if geometry
                      else np.array([]))
             which = "frame"
@@ -1974,7 +1974,7 @@ def _check_one_orientation(path, reader, files: list) -> None:
 
 
 # DICOM's explicit value representations with a 4-byte length (PS3.5 7.1.2), and the sequences a multi-frame
-# file's geometry lies in: read by `_frame_geometry` without a DICOM library (ITK's metadata leaves sequences out)
+# file's geometry lies in: read by `frame_geometry` without a DICOM library (ITK's metadata leaves sequences out)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
 _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0x00209116
@@ -1988,7 +1988,7 @@ _WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x001800
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> tuple[dict, int]:
-    """The elements of a DICOM data set from `pos` to `end` (or to its item delimiter) that `_frame_geometry`
+    """The elements of a DICOM data set from `pos` to `end` (or to its item delimiter) that `frame_geometry`
     uses: {tag: bytes, or a list of items (data sets) for a sequence}, and where it ended. `level` "meta" stops
     after the file meta group, "top" at Pixel Data. Raises ValueError where the bytes are not what they say."""
     found: dict = {}
@@ -2103,7 +2103,7 @@ def _enhanced_header(path: str) -> tuple:
     return tuple(values)
 
 
-def _frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
+def frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
     """Of a multi-frame (enhanced) DICOM file: each frame's Image Position (Patient) and Image Orientation
     (Patient) from its functional groups (per-frame, else shared), and the Pixel Spacing (row, column) they
     give; None where the file gives no per-frame positions (a legacy multi-frame file) or cannot be parsed
@@ -2136,12 +2136,12 @@ def _check_frames(path, file: str, image) -> None:
     them. GDCM stacks the frames in the order the file stores them, from the first frame's position; frames
     stored in acquisition order (interleaved), a frame missing or repeated, or frames in more than one plane
     gave a scrambled volume, or one of 1 x 1 x 1 mm voxels, without a word. Each frame's position and
-    orientation (its functional groups, `_frame_geometry`) is checked against the grid. Frames unevenly spaced
+    orientation (its functional groups, `frame_geometry`) is checked against the grid. Frames unevenly spaced
     (steps within a fifth of each other; positions written rounded to 0.01 mm are enough), which GDCM reads on
     1 x 1 x 1 mm voxels, are put on the grid of their mean step, as ITK puts a series of one file per slice
     (`image`'s spacing is set), and refused as that series is when a frame would lie over half a slice from
     where it was imaged (DicomSeries.slice_spacing_warning warns of less)."""
-    geometry = _frame_geometry(file)
+    geometry = frame_geometry(file)
     if geometry is None:
         return
     positions, orientations, pixel = geometry

@@ -1242,13 +1242,13 @@ def test_an_enhanced_mr_file_whose_groups_this_parser_miscounts_is_read_as_gdcm_
     image, _ = make_volume(size=(20, 16, 8), spacing=(0.7, 0.8, 4.0), dtype=sitk.sitkInt16,
                            direction=rotation(0.1, 0.05, 0.2).ravel().tolist())
     write_enhanced_mr(tmp_path / "stack" / "IM1", image)
-    parsed = io._frame_geometry
+    parsed = io.frame_geometry
 
     def one_frame_short(file):
         positions, orientations, spacing = parsed(file)
         return positions[:-1], orientations[:-1], spacing
 
-    monkeypatch.setattr(io, "_frame_geometry", one_frame_short)
+    monkeypatch.setattr(io, "frame_geometry", one_frame_short)
     read = io.read_image(tmp_path / "stack")
     assert io.grid_difference(read, image) is None
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
