@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -427,6 +428,7 @@ def _cpu_threads() -> int:
 # but room for an ensemble of up to five members plus the brain-mask network.
 _RUNNERS: dict = {}
 _RUNNERS_KEPT = 6
+_BUILDING = [0.0]  # seconds spent building the runners above, in all (building_seconds)
 
 
 BACKENDS = ("auto", "openvino", "onnx", "torch")
@@ -450,11 +452,21 @@ def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precisi
         return _new_runner(loaded, device, backend, precision)
     key = (loaded.digest, device, backend, precision, os.environ.get("OMP_NUM_THREADS"))
     with _RUNNERS_LOCK:  # two segmentations at once (threads, Slicer) build one runner, not two that may differ
-        runner = _RUNNERS.pop(key, None) or _new_runner(loaded, device, backend, precision)
+        runner = _RUNNERS.pop(key, None)
+        if runner is None:
+            started = time.monotonic()
+            runner = _new_runner(loaded, device, backend, precision)
+            _BUILDING[0] += time.monotonic() - started
         _RUNNERS[key] = runner  # most recently used last
         while len(_RUNNERS) > _RUNNERS_KEPT:
             _RUNNERS.pop(next(iter(_RUNNERS)))
     return runner
+
+
+def building_seconds() -> float:
+    """The seconds this process has spent building the runners it keeps: a batch's progress bar leaves them out of
+    its time per case left (the first case builds them, the others reuse them)."""
+    return _BUILDING[0]
 
 
 # Building a runner may export the network to ONNX (torch.onnx.export is not thread-safe) into one temporary

@@ -1493,6 +1493,36 @@ def test_the_time_left_counts_only_cases_segmented_not_those_skipped_as_done_bef
                                               "p5: ok - 1.00 ml, 2 lesions, 10.0 s"]
 
 
+def test_the_time_left_does_not_count_building_the_networks_again_for_each_case(monkeypatch):
+    """The first case segmented also builds the networks (compiled for this CPU, or exported), which later cases
+    reuse: its line promised that time again for every case left (a 40 s first case of 10 s work promised 2 min
+    for 3 more, 4 times the real time, and the estimate came right only after about five cases)."""
+    import io as stringio
+    import types
+
+    from DeepWMLLib import inference, segment
+
+    clock = [0.0]
+    monkeypatch.setattr(segment.time, "monotonic", lambda: clock[0])
+
+    def build(loaded, device, backend, precision="auto"):
+        clock[0] += 30.0
+        return object()
+
+    monkeypatch.setattr(inference, "_new_runner", build)
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    network = types.SimpleNamespace(digest="the network's hash")
+    stream = stringio.StringIO()
+    bar = segment.ProgressBar(stream, eta=True)
+    for number, case in enumerate(["p1", "p2", "p3", "p4"], start=1):
+        bar(number, 4, case)
+        inference.make_runner(network, "cpu")  # built for the first case, kept for the others
+        clock[0] += 10.0
+        bar.finish({"case": case, "status": "ok", "volume_ml": 1.0, "lesion_count": 2, "seconds": 10.0})
+    assert [line.partition(" s")[2] for line in stream.getvalue().splitlines()] == [
+        " (30 s left for 3 more)", " (20 s left for 2 more)", " (10 s left for 1 more)", ""]
+
+
 def test_the_time_left_counts_no_case_that_failed(monkeypatch):
     """A folder holding a lesion mask beside its FLAIRs (real data: patient26's consensus mask first): the mask is
     refused in 0.06 s, and its line promised '0 s left for 3 more'. A failed case now says nothing of the others."""
