@@ -79,8 +79,8 @@ def _benchmark_input(path: str | None, slices: int, workdir: Path) -> tuple[Path
             try:
                 flair, _, _ = generate_case(0)
             except DeepWMLError:
-                raise DeepWMLError("no FLAIR to time here (neither ../shared nor the bundled sample "
-                                   "Resources/Sample/sample_flair.nii.gz): give one with --input") from None
+                raise DeepWMLError(f"no FLAIR to time here (neither ../shared nor the bundled sample {SAMPLE}): "
+                                   "give one with --input") from None
             path = str(workdir / "synthetic.nii.gz")
             io.write_image(flair, path)
             source = "synthetic FLAIR (../shared absent)"
@@ -380,12 +380,12 @@ def format_table(r: dict) -> str:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag, non_negative_int, positive_int
+    from .cli import add_debug_flag, help_path, non_negative_int, positive_int
 
     p = subparsers.add_parser("bench", help="measure segmentation speed and memory on this machine",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--input", help="FLAIR file (default: a real clinical FLAIR from ../shared, else the bundled "
-                   "sample, Resources/Sample/sample_flair.nii.gz)")
+                   f"sample, {help_path(SAMPLE)})")
     p.add_argument("--model", nargs="+", help="model file(s), or the name of a shipped model or ensemble (e.g. "
                    "ensemble-v8), as in deepwml segment (default: the shipped default model)")
     p.add_argument("--slices", type=non_negative_int, default=25, help="central axial slices to keep (default 25; 0 = all)")

@@ -139,6 +139,11 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def help_path(path) -> str:
+    """`path` for an argparse help text, which is %-formatted: a % in it (a folder named "100%") broke --help."""
+    return str(path).replace("%", "%%")
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 

@@ -43,8 +43,7 @@ BRAIN_MASK_GATES = "gates the marks"
 BRAIN_MASK_NOT_APPLIED = "not applied to the marks"
 VENTRICLE_ROLE = "ventricles"  # the role of a lateral-ventricle model in models.json ...
 VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
-VENTRICLE_MODEL_NEEDED = ("--save-ventricle-mask needs a ventricle model: none runs by default; give one with "
-                          "--ventricle-model (the shipped, opt-in one: Resources/Models/deepwml_vent8_synth_v1.pt)")
+SHIPPED_VENTRICLE_MODEL = "deepwml_vent8_synth_v1.pt"  # in models_dir(); opt-in (it marks too little of real ventricles)
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases at 1, 5 and 8 mm and the sample (the head mask leaves out dark CSF and bone; session 37,
 # Testing/benchmarks/brain_coverage.py). Outside: a warning.
@@ -145,6 +144,13 @@ def _explains_running_out_of_memory(function):
 def models_dir() -> Path:
     env = os.environ.get(MODELS_DIR_ENV)
     return Path(env) if env else resources_dir() / "Models"
+
+
+def ventricle_model_needed() -> str:
+    """What --save-ventricle-mask without a ventricle model is told: the shipped one named where this install keeps
+    it (a wheel inside the package, DeepWMLLib/Resources/Models, not the source tree's Resources/Models)."""
+    return ("--save-ventricle-mask needs a ventricle model: none runs by default; give one with --ventricle-model "
+            f"(the shipped, opt-in one: {models_dir() / SHIPPED_VENTRICLE_MODEL})")
 
 
 def _registry() -> dict:
@@ -1244,7 +1250,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     if save_brain_mask and result.brain is None:
         raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
     if save_ventricle_mask and result.ventricles is None:
-        raise DeepWMLError(VENTRICLE_MODEL_NEEDED)
+        raise DeepWMLError(ventricle_model_needed())
     time_axis = io.read_time_axis(path)  # X, Y, Z, 1: the image outputs are stored so too
     geometry = io.read_nifti_geometry(path)  # NIfTI outputs carry the input's qform and sform as they stand
     report = {"case": case, "input": str(path), "input_size": io.stored_size(image, time_axis), **result.report}
@@ -1411,7 +1417,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))
     if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
-        raise UsageError(VENTRICLE_MODEL_NEEDED)
+        raise UsageError(ventricle_model_needed())
     cases = _once_each(expand_inputs(inputs))
     named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
     cases = case_names_apart(cases, named)  # clashing names told apart by their folders, or refused
@@ -1872,7 +1878,7 @@ def probability(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from .cli import add_debug_flag, non_negative_float, positive_int
+    from .cli import add_debug_flag, help_path, non_negative_float, positive_int
 
     p = subparsers.add_parser(
         "segment", help="segment WMH in FLAIR volumes",
@@ -1883,7 +1889,7 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "
-                   "The name of a shipped model or ensemble (Resources/Models/models.json, e.g. ensemble-v8) stands "
+                   f"The name of a shipped model or ensemble ({help_path(models_dir() / 'models.json')}, e.g. ensemble-v8) stands "
                    "for its file(s); a file of that name wins. Default: the shipped default model")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=probability, help="probability threshold (default: from the model file)")
@@ -1912,8 +1918,8 @@ def register(subparsers) -> None:
                    "or .nrrd, .mha)")
     p.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model file for the periventricular/deep "
                    "split of the lesion volume (10 mm rule). Default: none runs; the shipped one, "
-                   "Resources/Models/deepwml_vent8_synth_v1.pt, is opt-in (it marks too little of real ventricles: "
-                   "README)")
+                   f"{help_path(models_dir() / SHIPPED_VENTRICLE_MODEL)}, is opt-in (it marks too little of real "
+                   "ventricles: README)")
     p.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even when the model "
                    "registry marks a ventricle model default")
     p.add_argument("--save-ventricle-mask", action="store_true", help="also write CASE_ventricles.nii.gz (the lateral "

@@ -116,3 +116,33 @@ def test_the_sdist_builds_a_wheel_with_the_shipped_models(tmp_path):
     assert {"LICENSE", "README.md", "pyproject.toml", *(f"Resources/{name}" for name in _shipped_files())} <= names
     with zipfile.ZipFile(_wheel(sdist, tmp_path / "dist")) as archive:
         assert {f"DeepWMLLib/Resources/{name}" for name in _shipped_files()} <= set(archive.namelist())
+
+
+def test_help_and_errors_name_the_shipped_files_where_this_install_keeps_them(tmp_path, tiny_model):
+    """A wheel (`pip install .`) keeps the shipped models and sample inside the package, in DeepWMLLib/Resources,
+    but `deepwml segment --help` and --save-ventricle-mask's error sent its users to Resources/Models/models.json
+    and Resources/Models/deepwml_vent8_synth_v1.pt, and `deepwml bench --help` to Resources/Sample, none of them
+    there. They now name this install's files (here in a folder whose name holds a %, which argparse formats)."""
+    import shutil
+
+    package = tmp_path / "site 100%" / "DeepWMLLib"
+    shutil.copytree(REPO / "DeepWMLLib", package, ignore=shutil.ignore_patterns("__pycache__"))
+    models = package / "Resources" / "Models"
+    models.mkdir(parents=True)
+    (models / "models.json").write_text('{"models": []}', encoding="utf-8")  # no brain or ventricle model
+    env = {k: v for k, v in os.environ.items() if k not in ("DEEPWML_MODELS_DIR", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(package.parent), COLUMNS="1000")  # help lines not wrapped
+
+    def deepwml(*args):
+        return subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", *args], capture_output=True, text=True,
+                              encoding="utf-8", errors="replace", cwd=tmp_path, env=env, timeout=300)
+
+    ventricle_model = models / "deepwml_vent8_synth_v1.pt"
+    shown = deepwml("segment", "--help")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"({models / 'models.json'}, e.g. ensemble-v8)" in shown.stdout
+    assert f"the shipped one, {ventricle_model}, is opt-in" in shown.stdout
+    shown = deepwml("bench", "--help")
+    assert f"the bundled sample, {package / 'Resources' / 'Sample' / 'sample_flair.nii.gz'})" in shown.stdout
+    refused = deepwml("segment", "scan.nii.gz", "-o", "out", "--model", str(tiny_model), "--save-ventricle-mask")
+    assert refused.returncode == 2 and f"(the shipped, opt-in one: {ventricle_model})" in refused.stderr, refused.stderr

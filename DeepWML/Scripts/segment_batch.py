@@ -35,7 +35,7 @@ import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
 from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES, DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
-from DeepWMLLib.cli import end_progress_line, interruption, stop_signals_as_interrupts, warning_printer  # noqa: E402
+from DeepWMLLib.cli import end_progress_line, help_path, interruption, stop_signals_as_interrupts, warning_printer  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError, case_error  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
@@ -66,7 +66,8 @@ def parseArguments(argv):
                              "brain mask is still made for the checks (is it a FLAIR, is the whole brain in the scan)")
     parser.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
                         "split (10 mm rule; default: none runs, unless the model registry marks a ventricle model "
-                        "default; the shipped one is opt-in: Resources/Models/deepwml_vent8_synth_v1.pt)")
+                        "default; the shipped one is opt-in: "
+                        f"{help_path(segment.models_dir() / segment.SHIPPED_VENTRICLE_MODEL)})")
     parser.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even with a "
                         "default ventricle model")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip the case)")
