@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -93,7 +93,12 @@ def check_single_outputs(args) -> None:
 
 
 def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
-    return io.write_csv_text(io.csv_text(columns, ({k: _cell(row.get(k)) for k in columns} for row in rows)), path)
+    return io.write_csv_text(io.csv_text(columns, (csv_cells(row, columns) for row in rows)), path)
+
+
+def csv_cells(row: dict, columns: Sequence[str]) -> dict:
+    """`row`'s cells of `columns` as write_csv writes them."""
+    return {k: _cell(row.get(k)) for k in columns}
 
 
 def _cell(value) -> str:

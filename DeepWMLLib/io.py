@@ -3584,6 +3584,25 @@ def write_csv_text(text: str, path: str | os.PathLike, unless_held: bool = False
     return write_bytes(data, path)
 
 
+class GrowingCsv:
+    """A table written again (write_csv_text: atomically) each time a row is added, so that a run killed at any
+    moment leaves every row added so far and never half of one. Each row is formatted once, when added:
+    formatting them all again after each case made a long run's summary.csv cost more a case the longer it ran
+    (36 ms a case at 2000 cases, 84 ms at 5000, on 2 busy cores; the write itself 11-15 ms, mostly the sync)."""
+
+    def __init__(self, columns: Sequence[str], path: str | os.PathLike):
+        self.columns, self.path = columns, Path(path)
+        self._lines = [csv_text(columns, [])]  # the header, then a line a row
+
+    def add(self, row: dict) -> Path:
+        """Add `row` (kept even when this write fails: the next one has it) and write the table."""
+        self._lines.append(csv_text(self.columns, [row])[len(self._lines[0]):])
+        return self.write()
+
+    def write(self) -> Path:
+        return write_csv_text("".join(self._lines), self.path, unless_held=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests: the CSVs listing a cohort's cases (train, evaluate, consensus, change read them alike)
 

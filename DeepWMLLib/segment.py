@@ -7,6 +7,7 @@ runs a list of files and folders the way `deepwml segment` does; `register` adds
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import json
@@ -1425,12 +1426,13 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     options["leftovers"] = io.temporary_leftovers(out)
     rows = []
+    summary = io.GrowingCsv(SUMMARY_COLUMNS, out / "summary.csv")
     finished = False
     # an earlier run's summary never stands for this one's, even if this one is killed or cannot write its own
-    if (out / "summary.csv").exists() and not _summary_so_far(rows, out):
+    if (out / "summary.csv").exists() and not _summary_so_far(summary):
         without_summary(out / "summary.csv")
     try:
-        _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options)
+        _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, summary, options)
         finished = True
     finally:  # also when interrupted: the cases done so far, not an earlier run's summary
         try:
@@ -1442,12 +1444,13 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     return rows
 
 
-def _summary_so_far(rows: list, out: Path) -> bool:
-    """summary.csv with the cases done so far, rewritten after each: a run killed outright (kill -9, a crash, a
-    power cut), which cannot write it at the end, leaves the cases it did listed. A failure to write it here
-    (open in Excel on Windows) waits for the end of the run, which says so. Whether it was written."""
+def _summary_so_far(summary: io.GrowingCsv, row: dict | None = None) -> bool:
+    """summary.csv with the cases done so far (and `row`, the case just done), rewritten after each: a run killed
+    outright (kill -9, a crash, a power cut), which cannot write it at the end, leaves the cases it did listed. A
+    failure to write it here (open in Excel on Windows) waits for the end of the run, which says so. Whether it was
+    written."""
     try:
-        write_summary(rows, out / "summary.csv")
+        summary.write() if row is None else summary.add(_summary_cells(row))
     except DeepWMLError:
         return False
     return True
@@ -1472,9 +1475,10 @@ def _resolved(path: Path) -> Path:
         return path
 
 
-def _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, options) -> None:
+def _run_cases(cases, out, models, device, progress_factory, debug, protected, named, rows, summary, options) -> None:
     unread = [isinstance(study, DeepWMLError) or found_segmentation(path, named, len(cases) == 1)
               for _, path, study in cases]
+    to_segment = _CasesToSegment(cases, unread)
     for number, (case, path, study) in enumerate(cases, start=1):
         progress = progress_factory(number, len(cases), case) if progress_factory else None
         start = time.perf_counter()
@@ -1500,10 +1504,10 @@ def _run_cases(cases, out, models, device, progress_factory, debug, protected, n
         row["_study"] = isinstance(study, io.DicomStudy)
         rows.append(row)
         if progress_factory:
-            row["_to_segment"] = _to_segment(cases, unread, number, rows)
+            row["_to_segment"] = to_segment.after(number, rows)
             progress_factory.finish(row)
             del row["_to_segment"]
-        _summary_so_far(rows, out)
+        _summary_so_far(summary, row)
 
     def again(number, row, path, study, own):
         progress = progress_factory(number, len(cases), row["case"]) if progress_factory else None
@@ -1625,18 +1629,32 @@ def unchecked_by_another(exc: Exception) -> str:
             f"({type(exc).__name__}: {exc}); run again to check them, or with --overwrite to redo the case")
 
 
-def _to_segment(cases, unread, number: int, rows) -> int:
+class _CasesToSegment:
     """How many of the cases after the `number`th will be segmented, as far as can be told before they are read (for
     the time left): not those that write nothing unread (`unread`: a Slicer segmentation skipped, a folder that could
     not be read), nor those named as a label mask found so far is but for its digits (a labelled cohort's
     patient19/consensus_mask.nii.gz after patient07's; only reading tells a mask, and these were counted as scans
     to do, the time left twice the real one when a mask lay beside each FLAIR). A name a scan read so far has too
     tells nothing (masks/p01.nii.gz ... then scans/p01.nii.gz ...: the scans were all taken for masks, and no time
-    left was said for the whole run)."""
-    masks = ({_name_pattern(Path(row["input"])) for row in rows if row.get("_mask")}
-             - {_name_pattern(Path(row["input"])) for row in rows if not row.get("_mask")})
-    return sum(not skipped and _name_pattern(path) not in masks
-               for (_, path, _), skipped in zip(cases[number:], unread[number:]))
+    left was said for the whole run). Counted as the run goes, each name looked at once: counting the cases left
+    anew after each case took 20 ms a case at 2000 cases, 47 ms at 5000."""
+
+    def __init__(self, cases, unread):
+        self._patterns = [None if skipped else _name_pattern(path) for (_, path, _), skipped in zip(cases, unread)]
+        self._left = collections.Counter(self._patterns)  # the name patterns of the cases not done yet ...
+        self._total = len(cases) - sum(unread)  # ... of them in all, but for the unread ones (None)
+        self._done = self._seen = 0  # cases taken off _left, rows looked at
+        self._masks, self._scans = set(), set()  # the name patterns of the label masks and the scans read so far
+
+    def after(self, number: int, rows: Sequence[dict]) -> int:
+        for pattern in self._patterns[self._done:number]:
+            self._left[pattern] -= 1
+            self._total -= pattern is not None
+        self._done = max(self._done, number)
+        for row in rows[self._seen:]:
+            (self._masks if row.get("_mask") else self._scans).add(_name_pattern(Path(row["input"])))
+        self._seen = len(rows)
+        return self._total - sum(self._left[pattern] for pattern in self._masks - self._scans)
 
 
 def _name_pattern(path: Path) -> str:
@@ -1731,9 +1749,12 @@ def summary_seconds(row: dict) -> float | None:
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:
-    text = io.csv_text(SUMMARY_COLUMNS, ({**row, "seconds": summary_seconds(row),
-                                          "warnings": " | ".join(row.get("warnings") or [])} for row in rows))
+    text = io.csv_text(SUMMARY_COLUMNS, map(_summary_cells, rows))
     io.write_csv_text(text, path, unless_held=True)  # the end of a run rewrites its last case's
+
+
+def _summary_cells(row: dict) -> dict:
+    return {**row, "seconds": summary_seconds(row), "warnings": " | ".join(row.get("warnings") or [])}
 
 
 class _Printable:

@@ -23,6 +23,7 @@ when stopped in one left to another run and done at the end) and that the same c
 """
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -270,6 +271,9 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
 
 def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
     """Each case of `inputs` in turn, its row added to `rows` and summary.csv rewritten after it."""
+    from DeepWMLLib.evaluation import csv_cells
+
+    summary = io.GrowingCsv(SUMMARY_COLUMNS, summaryPath)  # each row formatted once, as deepwml segment's
     for number, (case, path, study) in enumerate(inputs, 1):
         update = bar(number, len(inputs), case)
         start = time.perf_counter()
@@ -287,16 +291,28 @@ def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -
         row.update(case=case, input=str(path), seconds=round(time.perf_counter() - start, 3))
         rows.append(row)
         showFinished(bar, row)
-        writeSummary(rows, summaryPath)
+        with summaryWritten(summaryPath):
+            summary.add(csv_cells(summaryRow(row), SUMMARY_COLUMNS))
 
 
 def writeSummary(rows: list, summaryPath: Path) -> None:
-    """summary.csv, its seconds as deepwml segment's (segment.summary_seconds: none for a case skipped). One that
-    cannot be written (a full disk) is removed, as deepwml segment does: an earlier run's never stands for this one's."""
+    """summary.csv, its seconds as deepwml segment's (segment.summary_seconds: none for a case skipped)."""
     from DeepWMLLib.evaluation import write_csv
 
+    with summaryWritten(summaryPath):
+        write_csv([summaryRow(row) for row in rows], SUMMARY_COLUMNS, summaryPath)
+
+
+def summaryRow(row: dict) -> dict:
+    return {**row, "seconds": segment.summary_seconds(row)}
+
+
+@contextlib.contextmanager
+def summaryWritten(summaryPath: Path):
+    """A summary.csv that cannot be written (a full disk) is removed, as deepwml segment does: an earlier run's never
+    stands for this one's."""
     try:
-        write_csv([{**row, "seconds": segment.summary_seconds(row)} for row in rows], SUMMARY_COLUMNS, summaryPath)
+        yield
     except DeepWMLError as exc:
         raise DeepWMLError(f"{exc}; {segment.without_summary(summaryPath)}") from exc
 
