@@ -998,7 +998,7 @@ def _surplus_voxel_data(path: Path, fields: dict[str, str]) -> tuple[int, int] |
     kind = (fields.get("type", "") if nrrd else fields.get("elementtype", "")).lower()
     voxel = next((size for word, size in _VOXEL_BYTES if word in kind), None)
     if not raw or voxel is None or fields.get("line skip", "0") != "0" or source.upper().startswith("LIST") \
-            or fields.get("binarydata", "true").lower() != "true":  # a MetaImage's voxels written as text
+            or _voxels_as_text(path, fields):
         return None
     try:
         sizes = [int(v) for v in fields.get("sizes" if nrrd else "dimsize", "").split()]
@@ -1016,6 +1016,12 @@ def _surplus_voxel_data(path: Path, fields: dict[str, str]) -> tuple[int, int] |
     except (OSError, ValueError):  # a numbered series of files, or a header SimpleITK's reader will refuse
         return None
     return (held, needed) if held > needed else None
+
+
+def _voxels_as_text(path: Path, fields: dict[str, str]) -> bool:
+    """Whether a MetaImage header (`fields`: `_header_fields(path)`) has its voxels written as numbers in text
+    (BinaryData False: MetaIO takes a value beginning T, t or 1 for True, anything else for False)."""
+    return path.name.lower().endswith((".mha", ".mhd")) and not fields.get("binarydata", "T").startswith(("T", "t", "1"))
 
 
 _BODY_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # the LPS axis each anatomical letter lies along
@@ -1117,6 +1123,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
     import SimpleITK as sitk
 
     reader = _file_reader(path)
+    fields = {}
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
@@ -1199,6 +1206,11 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
         if "orthonormal" in detail:  # a sheared (or scaled) orientation: a complete file SimpleITK will not place
             raise DeepWMLError(f"{path}: its header places the voxels on a sheared grid (axes not at right angles), "
                                "which the image library cannot read; resample it onto a regular grid first") from exc
+        if _voxels_as_text(path, fields) and "cannot be read" in detail:  # it reads them as numbers; this is all it says
+            raise DeepWMLError(f"{path}: its voxels are written as text (BinaryData = False), and the image library "
+                               "could not read a number for each of its DimSize voxels (fewer numbers, the file cut "
+                               "short, or a word among them); save it again, binary (3D Slicer, SimpleITK and ITK "
+                               "write it so)") from exc
         if "encoding not available" in detail:  # a complete file, compressed in a way the NRRD library lacks
             raise DeepWMLError(f"{path} cannot be read as an image ({detail[:160]}); save it again with gzip or raw "
                                "encoding (3D Slicer writes gzip)") from exc

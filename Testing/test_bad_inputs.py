@@ -83,6 +83,9 @@ BAD_INPUTS = [
      "segment", 1, "but the image library read"),
     ("MetaImage of a file per slice naming fewer files than slices (ElementDataFile: a LIST or numbered pattern; "
      "SimpleITK would fill the others with leftover memory)", "segment", 1, "for its"),
+    ("MetaImage with its voxels written as text (BinaryData = False)", "segment", 0, "ok: read as written (the same voxels as binary)"),
+    ("MetaImage with its voxels written as text, fewer numbers than voxels (cut short, or a word among them)", "segment", 1,
+     "written as text (BinaryData = False)"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
@@ -343,6 +346,13 @@ def world(tmp_path):
         (d / f"slice{k:03d}.raw").write_bytes(plane.astype("<f4").tobytes())
     (d / "slices.mhd").write_text(meta.format(3, "ElementSpacing = 0.9 0.9 5\n", shape).replace(
         "LOCAL", f"slice%03d.raw 1 {voxels.shape[0] - 1} 1"))
+    numbers = " ".join(str(v) for v in voxels.ravel())  # float32's shortest text: the same float read back
+    text_header = meta.format(3, "BinaryData = False\nElementSpacing = 0.9 0.9 5\n", shape)
+    paths["MetaImage with its voxels written as text (BinaryData = False)"] = d / "text.mha"
+    (d / "text.mha").write_text(text_header + numbers + "\n")
+    paths["MetaImage with its voxels written as text, fewer numbers than voxels (cut short, or a word among them)"] = \
+        d / "text_cut.mha"
+    (d / "text_cut.mha").write_text(text_header + numbers[:len(numbers) // 2])
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"
@@ -784,6 +794,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert (tmp / "own" / "x_wmh.nii.gz").read_bytes() == paths["good"].read_bytes()
     if row_id == "output folder missing":
         assert (tmp / "new" / "deeper" / "good_wmh.nii.gz").is_file()
+    if row_id == "MetaImage with its voxels written as text (BinaryData = False)":
+        assert (sitk.GetArrayFromImage(io.read_image(paths[row_id])) == sitk.GetArrayFromImage(io.read_image(
+            paths["good"]))).all() and (tmp / "out" / "text_wmh.mha").is_file()
     if row_id == "output disk full":  # the case and summary.csv both said so, and nothing written stays
         assert "good: error - cannot write" in err and "error: cannot write" in err.splitlines()[-1]
         assert list((tmp / "out").iterdir()) == []
