@@ -86,6 +86,8 @@ BAD_INPUTS = [
     ("MetaImage with its voxels written as text (BinaryData = False)", "segment", 0, "ok: read as written (the same voxels as binary)"),
     ("MetaImage with its voxels written as text, fewer numbers than voxels (cut short, or a word among them)", "segment", 1,
      "written as text (BinaryData = False)"),
+    ("MetaImage with its voxels written as text that its ElementType cannot hold (1.7 or -1 in MET_USHORT), or"
+     " more numbers than voxels (SimpleITK would cut, wrap or ignore them)", "segment", 1, "reads them otherwise"),
     ("NIfTI-2 file", "segment", 0, "ok: read like NIfTI-1 (outputs NIfTI-1)"),
     ("NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "segment", 0, "ok: read like a .nii (outputs .nii.gz)"),
     ("compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)", "segment", 0, "ok: read like a .nii.gz (outputs .nii.gz)"),
@@ -353,6 +355,9 @@ def world(tmp_path):
     paths["MetaImage with its voxels written as text, fewer numbers than voxels (cut short, or a word among them)"] = \
         d / "text_cut.mha"
     (d / "text_cut.mha").write_text(text_header + numbers[:len(numbers) // 2])
+    paths["MetaImage with its voxels written as text that its ElementType cannot hold (1.7 or -1 in MET_USHORT)"
+          ", or more numbers than voxels (SimpleITK would cut, wrap or ignore them)"] = d / "text_wrong.mha"
+    (d / "text_wrong.mha").write_text(text_header.replace("MET_FLOAT", "MET_USHORT") + numbers + "\n")
     paths["NIfTI-2 file"] = d / "two.nii.gz"
     sitk.WriteImage(good, str(d / "pair.hdr"))  # with pair.img
     paths["NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)"] = d / "pair.hdr"

@@ -686,6 +686,28 @@ def test_a_metaimage_that_cannot_be_read_says_so_without_the_libraries_internals
     assert "ITK" not in str(caught.value) and "0x" not in str(caught.value)
 
 
+@pytest.mark.parametrize("numbers, said", [("1 2 3 4", None), ("1;2;3;4", None), ("0.1 2.5 -3 4e2", None),
+                                           ("1 2 3 4 5", "301 numbers for its 300 voxels"),
+                                           ("1 2 3 -1", "-1 read as 65535"), ("1 2 3 70000", "70000 read as 4464"),
+                                           ("1.7 2 3 4", "1.7 read as 1")])
+def test_a_metaimage_of_voxels_as_text_is_read_as_written_or_refused(tmp_path, numbers, said):
+    """BinaryData = False: SimpleITK reads the numbers as written, whatever separates them, but takes as many as the
+    header's sizes need, ignoring the rest, and casts each to its type without an error (-1 in MET_USHORT read as
+    65535). Read as written, or refused saying how it would be misread."""
+    kind = "MET_FLOAT" if "." in numbers and said is None else "MET_USHORT"
+    head = " ".join(str(100 + v) for v in range(296))  # a scan's many values (not a label mask's few)
+    path = tmp_path / "text.mha"
+    path.write_text(f"ObjectType = Image\nNDims = 3\nBinaryData = False\nDimSize = 10 10 3\nElementSpacing = 0.9 0.9 5\n"
+                    f"ElementType = {kind}\nElementDataFile = LOCAL\n{head} {numbers}\n")
+    if said is None:
+        assert sitk.GetArrayFromImage(io.read_image(path)).ravel().tolist() == np.array(
+            re.split(r"[ ;]", f"{head} {numbers}"), float).astype(np.float32 if kind == "MET_FLOAT" else np.uint16).tolist()
+    else:
+        with pytest.raises(DeepWMLError, match=rf"written as text \(BinaryData = False\), and the image library reads "
+                                               rf"them otherwise \({re.escape(said)}\)"):
+            io.read_image(path)
+
+
 @pytest.mark.parametrize("matrix", ["as written", "transposed", "left out"])
 def test_a_metaimage_whose_orientation_contradicts_its_matrix_is_refused(tmp_path, matrix):
     """A sagittal scan (columns front to back, rows top to bottom, slices left to right) in a MetaImage whose
