@@ -404,13 +404,12 @@ def test_ctrl_c_between_two_cases_says_what_summary_lists_and_names_no_other_run
     folder = tmp_path / "scans"
     for name in ("a", "b"):
         write_case(folder, name)
-    rewrite, rewrites = segment_module._summary_so_far, []
+    rewrite = segment_module._summary_so_far
 
-    def stopped_after_the_first(rows, out):
-        rewrites.append(len(rows))
-        if len(rows) == 1:
+    def stopped_after_the_first(summary, row=None):
+        if row is not None:  # the rewrite after the first case
             raise KeyboardInterrupt
-        rewrite(rows, out)
+        rewrite(summary, row)
 
     monkeypatch.setattr(segment_module, "_summary_so_far", stopped_after_the_first)
     out = tmp_path / "out"
