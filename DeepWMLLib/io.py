@@ -1021,7 +1021,8 @@ def _surplus_voxel_data(path: Path, fields: dict[str, str]) -> tuple[int, int] |
 def _voxels_as_text(path: Path, fields: dict[str, str]) -> bool:
     """Whether a MetaImage header (`fields`: `_header_fields(path)`) has its voxels written as numbers in text
     (BinaryData False: MetaIO takes a value beginning T, t or 1 for True, anything else for False)."""
-    return path.name.lower().endswith((".mha", ".mhd")) and not fields.get("binarydata", "T").startswith(("T", "t", "1"))
+    binary = fields.get("binarydata", "T").startswith(("T", "t", "1"))
+    return path.name.lower().endswith((".mha", ".mhd")) and not binary
 
 
 _NUMBER = re.compile(rb"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -1221,9 +1222,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 image = reader.Execute()
             misread = _voxels_as_text(path, fields) and _text_voxels_misread(path, fields, image)
             if misread:
-                raise DeepWMLError(f"{path}: its voxels are written as text (BinaryData = False), and the image library "
-                                   f"reads them otherwise ({misread}) without an error; correct its header's DimSize "
-                                   "or ElementType, or save it again, binary (3D Slicer, SimpleITK and ITK write it so)")
+                raise DeepWMLError(f"{path}: its voxels are written as text (BinaryData = False), and the image "
+                                   f"library reads them otherwise ({misread}) without an error; correct its header's "
+                                   "DimSize or ElementType, or save it again, binary (3D Slicer, SimpleITK and ITK "
+                                   "write it so)")
             if image.GetNumberOfComponentsPerPixel() == 1 and "vector" in image.GetPixelIDTypeAsString():
                 # NRRD with a leading axis of size 1 (kinds: list ...): a vector of one value, which nothing casts
                 image = sitk.VectorIndexSelectionCast(image, 0)
@@ -1239,7 +1241,7 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
         if "orthonormal" in detail:  # a sheared (or scaled) orientation: a complete file SimpleITK will not place
             raise DeepWMLError(f"{path}: its header places the voxels on a sheared grid (axes not at right angles), "
                                "which the image library cannot read; resample it onto a regular grid first") from exc
-        if _voxels_as_text(path, fields) and "cannot be read" in detail:  # it reads them as numbers; this is all it says
+        if _voxels_as_text(path, fields) and "cannot be read" in detail:  # all it says of numbers it could not read
             raise DeepWMLError(f"{path}: its voxels are written as text (BinaryData = False), and the image library "
                                "could not read a number for each of its DimSize voxels (fewer numbers, the file cut "
                                "short, or a word among them); save it again, binary (3D Slicer, SimpleITK and ITK "

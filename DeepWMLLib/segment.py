@@ -44,7 +44,7 @@ BRAIN_MASK_GATES = "gates the marks"
 BRAIN_MASK_NOT_APPLIED = "not applied to the marks"
 VENTRICLE_ROLE = "ventricles"  # the role of a lateral-ventricle model in models.json ...
 VENTRICLE_LABEL = "lateral_ventricles"  # ... and its label 1
-SHIPPED_VENTRICLE_MODEL = "deepwml_vent8_synth_v1.pt"  # in models_dir(); opt-in (it marks too little of real ventricles)
+SHIPPED_VENTRICLE_MODEL = "deepwml_vent8_synth_v1.pt"  # in models_dir(); opt-in (too little of real ventricles)
 # Plausible intracranial mask / head mask voxel ratios: 0.84-1.18 on the 11 clinical FLAIRs, the 3
 # labelled cases at 1, 5 and 8 mm and the sample (the head mask leaves out dark CSF and bone; session 37,
 # Testing/benchmarks/brain_coverage.py). Outside: a warning.
@@ -1790,8 +1790,9 @@ class ProgressBar:
     line until one case has been segmented: a rerun after adding scans would otherwise promise "0 s left"; a
     case that failed is not counted either: a mask named as a scan, refused in 0.06 s, promised "0 s left for
     3 more"; nor is the time the first case segmented took to build the networks, which the others reuse: with
-    PyTorch it took 1.5 s of a 2.2 s first case, 0.7 s each after). The cases left are those still to segment when `segment_cases` tells them (a row's `_to_segment`:
-    not the label masks and segmentations it can tell among them), else all that follow."""
+    PyTorch it took 1.5 s of a 2.2 s first case, 0.7 s each after). The cases left are those still to segment
+    when `segment_cases` tells them (a row's `_to_segment`: not the label masks and segmentations it can tell among
+    them), else all that follow."""
 
     def __init__(self, stream=None, width: int = 30, eta: bool = False):
         self.stream = _Printable(stream or sys.stderr)
@@ -1910,7 +1911,8 @@ def register(subparsers) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="FLAIR file(s), DICOM folder(s) or folder(s) of them")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
     p.add_argument("--model", nargs="+", metavar="FILE", help="model file(s); several = ensemble (probabilities averaged). "
-                   f"The name of a shipped model or ensemble ({help_path(models_dir() / 'models.json')}, e.g. ensemble-v8) stands "
+                   "The name of a shipped model or ensemble "
+                   f"({help_path(models_dir() / 'models.json')}, e.g. ensemble-v8) stands "
                    "for its file(s); a file of that name wins. Default: the shipped default model")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threshold", type=probability, help="probability threshold (default: from the model file)")

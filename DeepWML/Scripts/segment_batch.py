@@ -36,7 +36,8 @@ import slicer  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402 (first: makes DeepWMLLib importable)
 from DeepWMLSlicerLib.CoreLogic import PRECISION_CHOICES, DeepWMLCoreLogic  # noqa: E402
 from DeepWMLLib import io, segment  # noqa: E402
-from DeepWMLLib.cli import end_progress_line, help_path, interruption, stop_signals_as_interrupts, warning_printer  # noqa: E402
+from DeepWMLLib.cli import (end_progress_line, help_path, interruption, stop_signals_as_interrupts,  # noqa: E402
+                            warning_printer)
 from DeepWMLLib.errors import DeepWMLError, case_error  # noqa: E402
 
 SUMMARY_COLUMNS = ["case", "input", "status", "error", "volume_ml", "lesion_count", "periventricular_ml", "deep_ml",
