@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 from slicer_fixtures import onnxCache, scene  # noqa: E402,F401 (fixtures)
 
+from conftest import process_status as _status, resident_peak  # noqa: E402
+
 from DeepWMLLib import segment  # noqa: E402
 from DeepWMLSlicerLib import CoreLogic  # noqa: E402
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
@@ -28,22 +30,11 @@ SPACING = (0.45, 0.45, 0.9)
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _peak(function, *args):
     """(result, the most memory the process held at once during the call beyond what it held before, in bytes a
     voxel of SHAPE)."""
-    before = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # the peak starts again from what is held now
-    result = function(*args)
-    return result, (_status("VmHWM") - before) / np.prod(SHAPE)
+    result, grown = resident_peak(function, *args)
+    return result, grown / np.prod(SHAPE)
 
 
 def _image(array: np.ndarray) -> sitk.Image:
