@@ -647,7 +647,7 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
                  facts: dict | None = None, precision: str = "auto", ventricle_model: LoadedModel | None = None,
                  phases: int = 1, brain_threshold: float | None = None, ventricle_threshold: float | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, SliceFrame]:
+                 lesion_image: bool = False) -> tuple:
     """(lesion, brain, ventricles, frame): the WMH probability map (models averaged, as
     `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
     `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
@@ -658,7 +658,9 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     normalisation's head mask), `slices_run`, `slices_below_head` (slices left out as neck and shoulders:
     preprocessing.HEAD_HEIGHT_MM) and `runner` (how the networks ran: the runners' distinct names, joined by ", ").
     `phases` (GRID_PHASES): the lesion map is the mean of the maps of the grid moved by each phase's shift, each
-    resampled onto the input grid; the brain and ventricle maps come from the unmoved grid."""
+    resampled onto the input grid; the brain and ventricle maps come from the unmoved grid. With `lesion_image` the
+    lesion map comes as an image on the input grid, of the input's kind (io.blank_map), its slices written into it
+    as they are done: no map of the whole volume beside it."""
     if not models:
         raise DeepWMLError("no model given")
     check_batch_size(batch_size)
@@ -685,7 +687,9 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     if batch_size is None:
         batch_size = min(r.default_batch_size for r in runners)
     ran: list = []  # names of the runners that ran batches, a CPU fallback's included
-    total = np.zeros(stack.shape, dtype=np.float32)
+    # np.zeros' pages come on first write: the slices not run (outside the head) hold no memory (0.6 GB of 1.6 GB at
+    # 1024 x 1024 x 400)
+    total = io.blank_map(frame) if lesion_image else np.zeros(stack.shape, dtype=np.float32)
     for cut in (brain_threshold, ventricle_threshold):
         if cut is not None and not cut > 0:  # the slices not run are 0: outside the mask
             raise ValueError(f"a map's threshold must be > 0, got {cut}")
@@ -720,13 +724,17 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                 for part, on_input in _on_input(plan.grids[loaded.preprocessing], probabilities, chunk):
                     helper_maps[number - len(models)][part] = on_input if cut is None else on_input >= cut
             done += chunk.size * cost
-        for (_, config), (moved, probabilities) in summed.items():
-            for part, on_input in _on_input(moved.grids[config], probabilities, chunk):
-                total[part] += on_input
-        # averaged here, over the slices run: the map's other slices (outside the head) are never written, so the
-        # system gives them no memory (np.zeros' pages come on first write: 0.6 GB of 1.6 GB at 1024 x 1024 x 400)
+        # the slices' maps summed and averaged a few slices at a time, then written once
         for first_part in range(0, chunk.size, INPUT_SLICES):
-            total[chunk[first_part:first_part + INPUT_SLICES]] /= len(models) * len(shifts)
+            part = chunk[first_part:first_part + INPUT_SLICES]
+            values = np.zeros((part.size,) + stack.shape[1:], np.float32)
+            for (_, config), (moved, probabilities) in summed.items():
+                values += moved.grids[config].to_input(probabilities[first_part:first_part + INPUT_SLICES])
+            values /= len(models) * len(shifts)
+            if lesion_image:
+                io.put_axial_slices(total, frame, part, values)
+            else:
+                total[part] = values
     if facts is not None and ran:  # what ran, a CPU fallback's included (none ran: the runners built)
         facts["runner"] = ", ".join(ran)
     if progress:

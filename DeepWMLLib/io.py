@@ -4072,6 +4072,47 @@ def axial_view(image: sitk.Image, frame: SliceFrame | None = None) -> np.ndarray
     return view
 
 
+def blank_map(frame: SliceFrame):
+    """A float32 image of zeros on `frame`'s grid, of its kind (a Volume or SimpleITK's), for `put_axial_slices` to
+    fill: SimpleITK makes an image's voxels only as a copy of numpy's, so a map made whole in numpy and then made an
+    image was held twice at once (4 bytes a voxel more, at the peak of a SimpleITK scan's post-processing). A
+    Volume's zeros are numpy's, whose pages come on first write; SimpleITK writes its zeros."""
+    if frame.kind is Volume:
+        return Volume(np.zeros(frame.size[::-1], np.float32), frame.spacing, frame.origin, frame.direction)
+    import SimpleITK as sitk
+
+    image = sitk.Image(frame.size, sitk.sitkFloat32)
+    image.SetSpacing(frame.spacing)
+    image.SetOrigin(frame.origin)
+    image.SetDirection(frame.direction)
+    return image
+
+
+def put_axial_slices(image, frame: SliceFrame, slices: np.ndarray, values: np.ndarray) -> None:
+    """Write `values` ([slice, row, col], as `to_axial_stack` gives them) as the axial slices numbered `slices`
+    (ascending) of `image`, a `blank_map` of `frame`, in place: a Volume's numpy voxels, or SimpleITK's through its
+    paste in place (`image[...] = piece`), a run of consecutive slices at a time."""
+    if frame.flip_row:
+        values = values[:, ::-1, :]
+    if frame.flip_col:
+        values = values[:, :, ::-1]
+    values = np.transpose(values, np.argsort(frame._numpy_axes))  # numpy's (k, j, i)
+    axis = frame._numpy_axes[0]
+    starts = np.flatnonzero(np.diff(slices, prepend=-2) != 1)
+    for start, stop in zip(starts, list(starts[1:]) + [len(slices)]):
+        where = [slice(None)] * 3
+        where[axis] = slice(int(slices[start]), int(slices[start]) + int(stop - start))
+        piece = [slice(None)] * 3
+        piece[axis] = slice(int(start), int(stop))
+        if frame.kind is Volume:
+            image.array[tuple(where)] = values[tuple(piece)]
+        else:
+            import SimpleITK as sitk
+
+            # SimpleITK's (i, j, k) are numpy's axes reversed
+            image[tuple(where[::-1])] = sitk.GetImageFromArray(np.ascontiguousarray(values[tuple(piece)]))
+
+
 def axial_positions(image: sitk.Image, frame: SliceFrame | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where the image's nonzero voxels lie in `axial_view`'s [slice, row, col] (index arrays), in the order of
     the image's own voxels (np.flatnonzero of `voxels(image)`), without a stack of the volume."""

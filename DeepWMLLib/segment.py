@@ -601,24 +601,23 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     tell = progress or (lambda fraction, message: None)
     # Only the brain and ventricle masks are needed: they come thresholded, a byte a voxel, never as the networks'
     # float32 maps (1.07 GB more each at the networks' end of a 1024 x 1024 x 400 scan); postprocess and
-    # ventricle_mask read them as the maps, inside where >= their thresholds (1 is, 0 is not).
-    probabilities, brain_stack, ventricle_map, frame = predict_maps(
+    # ventricle_mask read them as the maps, inside where >= their thresholds (1 is, 0 is not). The lesion map comes
+    # as its image on the input grid, filled as the networks run: made from a whole map in numpy it was held twice
+    # (SimpleITK copies numpy's voxels), 4 bytes a voxel more at the peak of a SimpleITK scan's post-processing.
+    prob_image, brain_stack, ventricle_map, frame = predict_maps(
         image, models, brain_model, dev, batch_size, tta, progress_part(progress, 0.0, NETWORK_SHARE), cancel, backend,
         facts, precision, ventricle_model, grid_phases, brain_threshold=BRAIN_THRESHOLD,
-        ventricle_threshold=None if ventricle_model is None else ventricle_model.threshold)
+        ventricle_threshold=None if ventricle_model is None else ventricle_model.threshold, lesion_image=True)
     tell(POSTPROCESSING_AT, "post-processing: lesion mask")
     voxel_mm3 = float(np.prod(frame.spacing))
     min_mm3 = DEFAULT_MIN_LESION_MM3 if min_lesion_mm3 is None else min_lesion_mm3
     gate = brain_stack if brain_gate else None
-    mask_stack, removed = postprocess(probabilities, threshold, voxel_mm3, min_mm3, exclude_edge_fraction, gate,
-                                      return_removed=True)
-    # The mask and the map are put on the input grid in their own buffers (a NIfTI file's flipped rows and columns
-    # were copies: the probabilities, 1.6 GB at 1024 x 1024 x 400 voxels, and the mask, held twice from here on);
-    # the mask is read as the axial stack through a view of its image.
+    mask_stack, removed = postprocess(io.axial_view(prob_image, frame), threshold, voxel_mm3, min_mm3,
+                                      exclude_edge_fraction, gate, return_removed=True)
+    # The mask is put on the input grid in its own buffer (a NIfTI file's flipped rows and columns were a copy, held
+    # twice from here on); it is read as the axial stack through a view of its image.
     mask = io.from_axial_stack(mask_stack, frame, reuse=True)
     mask_stack = io.axial_view(mask, frame)
-    prob_image = io.from_axial_stack(probabilities, frame, reuse=True)
-    del probabilities  # given up to prob_image, or copied where the file's axes are not the axial stack's
     brain_image = ventricle_image = None
     location = distance = None
     if ventricle_model is not None:

@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.preprocessing import NetworkGrid, PreprocessingConfig, head_mask
 from DeepWMLLib.segment import load_models, segment_image
+from DeepWMLLib.volume import Volume, voxels
 
 from conftest import make_volume, oracle_network, rotation
 
@@ -37,6 +38,27 @@ def test_axial_stack_round_trip_is_exact(name, spacing, direction):
     back = io.from_axial_stack(stack, frame)
     assert io.grid_difference(back, image) is None
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+@pytest.mark.parametrize("kind", ["SimpleITK", "Volume"])
+@pytest.mark.parametrize("name,spacing,direction", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_a_map_written_a_few_axial_slices_at_a_time_is_the_stack_put_back(name, spacing, direction, kind):
+    """segment_image's probability map is written into its image as the networks finish a few slices (runs of
+    them: a slice with too little head is not run, and stays 0), not made whole and then copied into an image: the
+    same image, of the input's kind, as the whole stack put back on the input's grid."""
+    image, _ = make_volume(size=(30, 26, 12), spacing=spacing, direction=direction)
+    if kind == "Volume":
+        image = Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stack, frame = io.to_axial_stack(image)
+    slices = np.array([0, 1, 2, 5, 7, 8, frame.n_slices - 1])
+    run = np.zeros_like(stack)
+    run[slices] = stack[slices]
+    expected = io.from_axial_stack(run, frame)
+    written = io.blank_map(frame)
+    for part in (slices[:4], slices[4:]):
+        io.put_axial_slices(written, frame, part, stack[part])
+    assert type(written) is type(expected) and io.grid_difference(written, expected) is None
+    assert np.array_equal(voxels(written), voxels(expected)) and voxels(written).dtype == np.float32
 
 
 @pytest.mark.parametrize("name,spacing,direction", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
