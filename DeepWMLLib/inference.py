@@ -647,7 +647,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                  progress: Progress | None = None, cancel=None, backend: str = "auto",
                  facts: dict | None = None, precision: str = "auto", ventricle_model: LoadedModel | None = None,
                  phases: int = 1, brain_threshold: float | None = None, ventricle_threshold: float | None = None,
-                 lesion_image: bool = False) -> tuple:
+                 lesion_image: bool = False) -> tuple[np.ndarray | sitk.Image, np.ndarray | None, np.ndarray | None,
+                                                      SliceFrame]:
     """(lesion, brain, ventricles, frame): the WMH probability map (models averaged, as
     `predict_probabilities`), with a `brain_model` its intracranial probability map and with a
     `ventricle_model` its lateral-ventricle probability map (else None); axial stacks on the input
@@ -687,8 +688,8 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     if batch_size is None:
         batch_size = min(r.default_batch_size for r in runners)
     ran: list = []  # names of the runners that ran batches, a CPU fallback's included
-    # np.zeros' pages come on first write: the slices not run (outside the head) hold no memory (0.6 GB of 1.6 GB at
-    # 1024 x 1024 x 400)
+    # numpy's zeros (a Volume's map's too) take memory on first write: the slices not run (outside the head) hold none
+    # (0.6 GB of 1.6 GB at 1024 x 1024 x 400); SimpleITK writes its image's zeros
     total = io.blank_map(frame) if lesion_image else np.zeros(stack.shape, dtype=np.float32)
     for cut in (brain_threshold, ventricle_threshold):
         if cut is not None and not cut > 0:  # the slices not run are 0: outside the mask

@@ -4097,6 +4097,8 @@ def put_axial_slices(image, frame: SliceFrame, slices: np.ndarray, values: np.nd
     if frame.flip_col:
         values = values[:, :, ::-1]
     values = np.transpose(values, np.argsort(frame._numpy_axes))  # numpy's (k, j, i)
+    if frame.kind is not Volume:
+        import SimpleITK as sitk
     axis = frame._numpy_axes[0]
     starts = np.flatnonzero(np.diff(slices, prepend=-2) != 1)
     for start, stop in zip(starts, list(starts[1:]) + [len(slices)]):
@@ -4106,10 +4108,7 @@ def put_axial_slices(image, frame: SliceFrame, slices: np.ndarray, values: np.nd
         piece[axis] = slice(int(start), int(stop))
         if frame.kind is Volume:
             image.array[tuple(where)] = values[tuple(piece)]
-        else:
-            import SimpleITK as sitk
-
-            # SimpleITK's (i, j, k) are numpy's axes reversed
+        else:  # SimpleITK's (i, j, k) are numpy's axes reversed
             image[tuple(where[::-1])] = sitk.GetImageFromArray(np.ascontiguousarray(values[tuple(piece)]))
 
 
