@@ -87,6 +87,16 @@ def test_small_components_removed_by_volume():
     assert kept[2, 2:4, 2:4].sum() == 0 and kept.sum() == 75
 
 
+def test_minimum_lesion_size_is_in_mm3_and_inclusive():
+    """0.5 mm3 voxels and a 5 mm3 minimum: 10 voxels are 5.0 mm3, kept (the bound is inclusive); 9 voxels are
+    4.5 mm3, removed. Counting voxels instead of mm3 would keep both (9 >= 5)."""
+    mask = np.zeros((3, 12, 12), np.uint8)
+    mask[1, 1, 0:10] = 1  # 10 voxels: 5.0 mm3
+    mask[1, 8, 0:9] = 1  # 9 voxels: 4.5 mm3
+    kept = remove_small_components(mask, voxel_volume_mm3=0.5, min_volume_mm3=5.0)
+    assert kept[1, 1].sum() == 10 and kept[1, 8].sum() == 0 and kept.sum() == 10
+
+
 def test_diagonal_voxels_are_one_lesion():
     mask = np.zeros((3, 3, 3), np.uint8)
     mask[0, 0, 0] = mask[1, 1, 1] = mask[2, 2, 2] = 1  # 26-connected
@@ -113,6 +123,19 @@ def test_threshold_applies():
     assert postprocess(prob, 0.5, 1.0, 0.0).sum() == 500
     with pytest.raises(ValueError):
         postprocess(prob, 1.5, 1.0)
+
+
+def test_a_probability_equal_to_the_threshold_is_lesion():
+    """The mask is probability >= threshold: a float32 sigmoid of logit 0 is exactly 0.5 and is lesion; the float32
+    just below it is not. The same holds for the brain mask's probability at BRAIN_THRESHOLD (0.5): a lesion whose
+    voxels all have brain probability exactly 0.5 is inside and stays."""
+    prob = np.zeros((3, 4, 4), np.float32)
+    prob[1, 1, 1] = 0.5
+    prob[1, 2, 3] = np.nextafter(np.float32(0.5), np.float32(0))
+    mask = postprocess(prob, 0.5, 1.0, 0.0)
+    assert mask[1, 1, 1] == 1 and mask.sum() == 1
+    brain = np.full(prob.shape, 0.5, np.float32)
+    assert postprocess(prob, 0.5, 1.0, 0.0, brain_probabilities=brain).sum() == 1
 
 
 def _scipy_to_network(grid, stack):
