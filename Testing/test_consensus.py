@@ -58,6 +58,19 @@ def test_consensus_check_reports_dice_slices_and_lesions_of_one_rater_only():
     assert extra["centroid_lps_mm"] == pytest.approx(centre, abs=0.01)
 
 
+def test_each_slice_shows_its_dice_and_both_raters_areas_in_mm2():
+    """The slices `deepwml consensus` and the Slicer table show, by hand from `raters()`: slice 2, both raters the
+    same 100 voxels (Dice 1); slice 6, B 16 voxels, A the same 16 and 12 more: Dice 2 x 16 / (28 + 16) = 8/11,
+    areas 28 and 16 pixels of 0.6 x 0.8 mm, 12 of them marked by A only."""
+    a, b = raters()
+    slices = {s["index"]: s for s in consensus_check(image(a), image(b))["slices"]}
+    pixel = 0.6 * 0.8
+    assert slices[2] == {"index": 2, "dice": 1.0, "area_a_mm2": pytest.approx(100 * pixel),
+                         "area_b_mm2": pytest.approx(100 * pixel), "disagreement_mm2": 0.0}
+    assert slices[6] == {"index": 6, "dice": pytest.approx(8 / 11), "area_a_mm2": pytest.approx(28 * pixel),
+                         "area_b_mm2": pytest.approx(16 * pixel), "disagreement_mm2": pytest.approx(12 * pixel)}
+
+
 def test_threshold_is_inclusive():
     b = np.zeros((3, 10, 10), np.uint8)
     b[1, 0:4, 0:5] = 1    # 20 voxels
