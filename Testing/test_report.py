@@ -42,6 +42,27 @@ def test_each_lesion_has_a_point_on_itself_where_its_centroid_lies_outside_it():
     assert np.linalg.norm((point - centroid) * spacing) == pytest.approx(distances.min(), abs=0.02)
 
 
+def test_a_lesions_point_is_its_voxel_nearest_the_centroid_in_mm_not_in_voxel_steps():
+    """A ring in one coronal plane, the border of 3 slices x 7 columns (16 voxels), 1 mm columns and 5 mm slices.
+    By symmetry its centroid is (i 3, k 1), in the hole. Its voxels nearest it in mm are (i 0, k 1) and (i 6, k 1),
+    3 mm away (the first in raster order is shown); (i 3, k 0) and (i 3, k 2) are one voxel step away but 5 mm."""
+    a = np.zeros((3, 1, 7), np.uint8)  # numpy (k, j, i)
+    a[[0, 2], 0, :] = 1
+    a[1, 0, [0, 6]] = 1
+    (lesion,) = lesion_report(mask_image(a, spacing=(1.0, 1.0, 5.0)))["lesions"]
+    # identity direction: LPS = origin (10, -20, 30) + (i x 1, j x 1, k x 5) mm
+    assert lesion["centroid_mm"] == [13.0, -20.0, 35.0]
+    assert lesion["point_mm"] == [10.0, -20.0, 35.0]
+
+
+def test_a_small_slice_lv_is_written_to_the_microlitre():
+    """3 pixels of 0.5 x 0.5 mm at 3 mm: area 0.75 mm2, LV 0.75 x 3 / 1000 = 0.00225 ml, written as such (not 0)."""
+    a = np.zeros((2, 4, 4), np.uint8)
+    a[1, 0, 0:3] = 1
+    row = lesion_report(mask_image(a, spacing=(0.5, 0.5, 3.0)))["slices"][1]
+    assert (row["area_mm2"], row["lv_ml"], row["lv_group"]) == (0.75, 0.00225, "G1")
+
+
 def test_volumes_counts_and_slices_on_oblique_anisotropic_grid():
     a = np.zeros((6, 40, 50), np.uint8)
     a[1:4, 10:20, 10:30] = 1  # 3 slices × 200 voxels, voxel 0.5×0.8×5 = 2 mm³
