@@ -197,6 +197,61 @@ def test_mann_whitney_pairs_say_whether_their_p_is_exact_or_approximate():
         assert "p multiplied by 3 pairs" in pair["note"]
 
 
+def _rows(values: dict, grouping: str = "disease") -> list[dict]:
+    """Per-image rows with the same value for every image metric."""
+    return [{grouping: g, "dice": v, "sensitivity": v, "precision": v} for g, vs in values.items() for v in vs]
+
+
+def test_pairwise_tests_follow_only_a_significant_kruskal_wallis_and_are_bonferroni_corrected_over_all_pairs():
+    """p values derived by hand (no ties, so Kruskal-Wallis H = 12 / (N (N + 1)) sum(R^2 / n) - 3 (N + 1), and with 3
+    groups (2 degrees of freedom) p = exp(-H / 2); two fully separated groups of m and n values: exact two-sided
+    Mann-Whitney p = 2 / C(m + n, m))."""
+    # 3 x 3 interleaved: rank sums 12, 15, 18, H = 12/90 x 693/3 - 30 = 0.8, p = exp(-0.4) = 0.67: no pairwise tests
+    (only,) = evaluation._compare_groups(_rows({"A": [0.1, 0.4, 0.7], "B": [0.2, 0.5, 0.8], "C": [0.3, 0.6, 0.9]}),
+                                         "disease", "dice")
+    assert only["statistic"] == pytest.approx(0.8) and only["p"] == pytest.approx(math.exp(-0.4))
+    assert only["note"] == "not significant"
+    # 3 x 3 separated: rank sums 6, 15, 24, H = 12/90 x 837/3 - 30 = 7.2, p = exp(-3.6) = 0.027 < 0.05: pairs follow,
+    # each 2 / C(6, 3) = 0.1, times 3 pairs
+    kruskal, *pairs = evaluation._compare_groups(
+        _rows({"A": [0.1, 0.2, 0.3], "B": [0.4, 0.5, 0.6], "C": [0.7, 0.8, 0.9]}), "disease", "dice")
+    assert kruskal["statistic"] == pytest.approx(7.2) and kruskal["p"] == pytest.approx(math.exp(-3.6))
+    assert kruskal["note"] == "significant: pairwise tests follow"
+    assert [(p["groups"], p["p"]) for p in pairs] == [(g, pytest.approx(0.3)) for g in ("A vs B", "A vs C", "B vs C")]
+    # 4 groups of 4 separated: 6 pairs, each 2 / C(8, 4) = 2/70, times 6 (the pairs, not the 4 groups)
+    _, *pairs = evaluation._compare_groups(
+        _rows({g: [0.1 * i + 0.01 * j for j in range(4)] for i, g in enumerate("ABCD")}), "disease", "dice")
+    assert len(pairs) == 6 and all(p["p"] == pytest.approx(6 * 2 / 70) for p in pairs)
+    assert all("p multiplied by 6 pairs" in p["note"] for p in pairs)
+    # 8 against 9 values without ties: exact (scipy's rule: a group of 8 or fewer), 2 / C(17, 8) = 2 / 24310
+    _, pair = evaluation._compare_groups(
+        _rows({"A": [0.01 * j for j in range(8)], "B": [0.5 + 0.01 * j for j in range(9)]}), "disease", "dice")
+    assert pair["note"].startswith("two-sided, " + evaluation.MW_EXACT) and pair["p"] == pytest.approx(2 / 24310)
+
+
+def test_statistics_compare_the_lv_groups_and_give_quartiles_of_type_7():
+    """statistics.csv tests across LV groups G1..G5 even without disease or centre (the paper's Fig. 4); lv_groups.csv
+    gives numpy's linear quartiles: of 0.1, 0.2, 0.3, 0.4 at positions 0.75 and 2.25 of 0..3, 0.175 and 0.325."""
+    rows = _rows({"G1": [0.1, 0.2, 0.3], "G2": [0.4, 0.5, 0.6], "G3": [0.7, 0.8, 0.9]}, "lv_group")
+    tested = [r for r in evaluation._statistics(rows, [{}]) if r["test"] == "Kruskal-Wallis"]
+    assert [(r["grouping"], r["metric"]) for r in tested] == [("lv_group", m) for m in evaluation.IMAGE_METRICS]
+    assert tested[0]["p"] == pytest.approx(math.exp(-3.6))
+    g1 = evaluation._lv_table(_rows({"G1": [0.4, 0.1, 0.3, 0.2]}, "lv_group"))[0]
+    assert (g1["dice_q1"], g1["dice_median"], g1["dice_q3"]) == pytest.approx((0.175, 0.25, 0.325))
+
+
+def test_shapiro_wilk_says_not_normal_only_when_p_is_below_alpha():
+    from scipy import stats as scipy_stats
+
+    two_values = [0.0] * 10 + [1.0] * 10  # two spikes: as far from normal as 20 values get
+    row = evaluation._normality(_rows({"A": two_values}), "dice")
+    assert row["p"] == pytest.approx(scipy_stats.shapiro(two_values).pvalue) and row["p"] < 0.05
+    assert row["note"] == "not normal"
+    normal = list(scipy_stats.norm.ppf(np.linspace(0.05, 0.95, 20)))  # the normal's own quantiles
+    row = evaluation._normality(_rows({"A": normal}), "dice")
+    assert row["p"] > 0.05 and row["note"] == "no evidence against normality"
+
+
 def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
     (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
