@@ -74,6 +74,20 @@ def test_overlap_of_partly_matching_boxes():
     assert result == pytest.approx({"dice": 32 / 96, "sensitivity": 16 / 64, "precision": 16 / 32})
 
 
+def test_a_float_prediction_is_lesion_from_0_5_up():
+    """A float prediction (Python API) is lesion where its value is >= 0.5: of 8 reference voxels, the 4 predicted
+    at exactly 0.5 are found and the 4 at the float32 just below 0.5 are not: sensitivity 4/8, precision 4/4."""
+    ref = zeros()
+    ref[3, 4, 4:12] = 1
+    pred = np.zeros(ref.shape, np.float32)
+    pred[3, 4, 4:8] = 0.5
+    pred[3, 4, 8:12] = np.nextafter(np.float32(0.5), np.float32(0))
+    prediction = sitk.GetImageFromArray(pred)
+    prediction.CopyInformation(image(ref))
+    result = metrics.overlap(prediction, image(ref))
+    assert result == pytest.approx({"dice": 8 / 12, "sensitivity": 0.5, "precision": 1.0})
+
+
 def test_volumes_use_the_spacing_and_avd_is_percent_of_reference():
     ref, pred = zeros(), zeros()
     ref[0:4, 0:4, 0:4] = 1   # 64 voxels x 0.5*0.8*5 = 2 mm3 -> 128 mm3
