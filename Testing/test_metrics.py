@@ -108,6 +108,8 @@ def test_per_image_metrics_cover_only_slices_with_reference_lesion():
     assert rows[0]["dice"] == pytest.approx(16 / 24)
     assert rows[0]["sensitivity"] == pytest.approx(0.5) and rows[0]["precision"] == 1.0
     assert rows[1]["dice"] == 0.0 and rows[1]["sensitivity"] == 0.0 and math.isnan(rows[1]["precision"])
+    # areas of 0.7 x 0.9 = 0.63 mm2 pixels: reference 16 and 16, prediction 8 and none
+    assert [(r["reference_area_mm2"], r["prediction_area_mm2"]) for r in rows] == [(10.08, 5.04), (10.08, 0.0)]
 
 
 def test_slice_index_is_the_index_of_io_to_axial_stack_on_an_oblique_grid():
@@ -276,6 +278,8 @@ def test_lesionwise_size_classes_in_mm3_use_the_voxel_volume():
     classes = metrics.SizeClasses((20, 150), "mm3")
     result = metrics.lesionwise(image(ref, spacing), image(ref, spacing), size_classes=classes)
     assert result["by_size"]["small"]["n_reference"] == 1 and result["by_size"]["medium"]["n_reference"] == 1
+    # the predicted lesions too: by their 16 and 30 mm3, not their 8 and 15 voxels (both small)
+    assert result["by_size"]["small"]["n_predicted"] == 1 and result["by_size"]["medium"]["n_predicted"] == 1
     assert result["by_size"]["medium"]["range"] == "20-150 mm3"
 
 
