@@ -71,6 +71,20 @@ def test_each_slice_shows_its_dice_and_both_raters_areas_in_mm2():
                          "area_b_mm2": pytest.approx(16 * pixel), "disagreement_mm2": pytest.approx(12 * pixel)}
 
 
+def test_lesions_of_one_rater_only_are_those_the_other_does_not_touch_largest_first():
+    """A draws three lesions, B one voxel of the third only: the first two are A's alone, listed largest first
+    (the 6-voxel one on slice 5 before the 2-voxel one on slice 1, which comes first in the file); the third,
+    touched by one voxel of B, is not."""
+    a, b = np.zeros((8, 12, 12), np.uint8), np.zeros((8, 12, 12), np.uint8)
+    a[1, 1, 1:3] = 1  # 2 voxels
+    a[5, 8, 2:8] = 1  # 6 voxels
+    a[3, 5, 5:9] = 1  # 4 voxels...
+    b[3, 5, 8] = 1  # ...one of which B marks
+    result = consensus_check(image(a), image(b))
+    assert [(lesion["voxels"], lesion["slices"]) for lesion in result["unmatched_lesions_a"]] == [(6, [5, 5]), (2, [1, 1])]
+    assert result["unmatched_lesions_b"] == []
+
+
 def test_threshold_is_inclusive():
     b = np.zeros((3, 10, 10), np.uint8)
     b[1, 0:4, 0:5] = 1    # 20 voxels
