@@ -252,6 +252,31 @@ def test_shapiro_wilk_says_not_normal_only_when_p_is_below_alpha():
     assert row["p"] > 0.05 and row["note"] == "no evidence against normality"
 
 
+def test_per_case_row_and_printed_summary_carry_each_figure_under_its_own_name():
+    """Reference: two 8-voxel lesions on slices 1 and 3; prediction: the first exactly. By hand: lesion-wise recall
+    1/2, precision 1/1, Dice (1 + 1) / (2 + 1) = 2/3; AVD |8 - 16| / 16 = 50 %; 2 images with reference lesion."""
+    ref = np.zeros((5, 10, 10), np.uint8)
+    ref[1, 2:4, 2:6] = 1
+    ref[3, 6:8, 2:6] = 1
+    pred = np.zeros_like(ref)
+    pred[1, 2:4, 2:6] = 1
+    images = []
+    for array in (pred, ref):
+        images.append(sitk.GetImageFromArray(array))
+        images[-1].SetSpacing(SPACING)
+    result = evaluation.evaluate_case(*images)
+    row = evaluation._case_row({"case": "x"}, result)
+    assert (row["lesionwise_recall"], row["lesionwise_precision"]) == (0.5, 1.0)
+    assert row["lesionwise_dice"] == pytest.approx(2 / 3) and row["n_images"] == 2
+    text = evaluation.format_case(result)
+    assert "AVD 50.0 %" in text and "recall 0.500  precision 1.000  Dice 0.667" in text
+
+
+def test_lv_groups_table_names_each_groups_range_closed_below_and_open_above():
+    table = evaluation._lv_table([])
+    assert [r["lv_range_ml"] for r in table] == ["[0, 0.2)", "[0.2, 0.7)", "[0.7, 2)", "[2, 5)", "[5, inf)"]
+
+
 def test_a_cohort_where_every_case_fails_still_gets_a_report(tmp_path):
     (tmp_path / "cases.csv").write_text("case,prediction,reference\nx,none.nii.gz,none.nii.gz\n")
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 1
