@@ -138,6 +138,16 @@ def test_a_probability_equal_to_the_threshold_is_lesion():
     assert postprocess(prob, 0.5, 1.0, 0.0, brain_probabilities=brain).sum() == 1
 
 
+def test_edge_slices_are_cleared_before_small_lesions_are_removed():
+    """Post-processing clears the edge slices first, then removes lesions under the minimum size: a 6-voxel lesion
+    (1 mm3 voxels) with 4 voxels on the first of 10 slices keeps 2 voxels after the edge rule (0.1: slices 0 and 9),
+    under the 5 mm3 minimum, so nothing is left (the other order left those 2 voxels as a lesion)."""
+    prob = np.zeros((10, 4, 4), np.float32)
+    prob[0, 0, 0:4] = 0.9
+    prob[1, 1, 0:2] = 0.9
+    assert postprocess(prob, 0.5, 1.0, 5.0, exclude_edge_fraction=0.1).sum() == 0
+
+
 def _scipy_to_network(grid, stack):
     from scipy import ndimage
 
