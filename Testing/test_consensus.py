@@ -85,6 +85,15 @@ def test_lesions_of_one_rater_only_are_those_the_other_does_not_touch_largest_fi
     assert result["unmatched_lesions_b"] == []
 
 
+def test_each_raters_volume_and_lesion_count_are_their_own():
+    """From `raters()`: A 100 + 16 + 12 = 128 voxels in 3 lesions, B 200 + 16 = 216 in 2; voxels 0.6 x 0.8 x 4 =
+    1.92 mm3, so A 0.24576 ml and B 0.41472 ml."""
+    a, b = raters()
+    result = consensus_check(image(a), image(b))
+    assert (result["volume_a_ml"], result["volume_b_ml"]) == pytest.approx((0.24576, 0.41472))
+    assert (result["n_lesions_a"], result["n_lesions_b"]) == (3, 2)
+
+
 def test_threshold_is_inclusive():
     b = np.zeros((3, 10, 10), np.uint8)
     b[1, 0:4, 0:5] = 1    # 20 voxels
