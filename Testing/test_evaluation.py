@@ -272,6 +272,16 @@ def test_per_case_row_and_printed_summary_carry_each_figure_under_its_own_name()
     assert "AVD 50.0 %" in text and "recall 0.500  precision 1.000  Dice 0.667" in text
 
 
+def test_table2_counts_only_the_defined_values_it_takes_the_median_of():
+    """Two images, one with no prediction (precision undefined, NaN): precision's median is over the one defined
+    value, and its n says 1, not 2."""
+    images = [{"dice": 0.0, "sensitivity": 0.0, "precision": math.nan}, {"dice": 0.5, "sensitivity": 0.5, "precision": 1.0}]
+    case = dict.fromkeys(("dice", "hd95_mm", "avd_percent", "lesion_recall", "lesion_f1", "lesionwise_dice"), 0.5)
+    (overall,) = evaluation._table2(images, [case])
+    assert (overall["n_images"], overall["image_precision_n"], overall["image_precision_median"]) == (2, 1, 1.0)
+    assert (overall["image_dice_n"], overall["image_dice_median"]) == (2, 0.25)
+
+
 def test_lv_groups_table_names_each_groups_range_closed_below_and_open_above():
     table = evaluation._lv_table([])
     assert [r["lv_range_ml"] for r in table] == ["[0, 0.2)", "[0.2, 0.7)", "[0.7, 2)", "[2, 5)", "[5, inf)"]

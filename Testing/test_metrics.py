@@ -122,6 +122,7 @@ def test_slice_index_is_the_index_of_io_to_axial_stack_on_an_oblique_grid():
     expected = [int(k) for k in np.flatnonzero(stack.reshape(len(stack), -1).any(axis=1))]
     rows = metrics.slice_metrics(reference, reference)
     assert [r["index"] for r in rows] == expected == [1, 2, 3, 6]
+    assert metrics.case_metrics(reference, reference)["slice_thickness_mm"] == 5.0  # voxel axis 0's spacing
     area = [int(stack[k].sum()) * frame.pixel_area_mm2 for k in expected]
     assert [r["reference_area_mm2"] for r in rows] == pytest.approx(area)
     assert [r["lv_ml"] for r in rows] == pytest.approx([a * frame.slice_thickness_mm / 1000 for a in area])
