@@ -25,7 +25,7 @@ from . import io
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .evaluation import (as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
                          picture_path, read_manifest, report_failed_cases, write_csv, write_json)
-from .metrics import MaskPair
+from .metrics import MaskPair, dice_of_counts
 from .report import lesion_count_text
 from .volume import Volume
 
@@ -68,7 +68,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
         if area_a[k] or area_b[k]:
             slices.append({
                 "index": k,
-                "dice": 2.0 * both[k] / (area_a[k] + area_b[k]),
+                "dice": dice_of_counts(both[k], area_a[k], area_b[k]),
                 "area_a_mm2": float(area_a[k] * pixel),
                 "area_b_mm2": float(area_b[k] * pixel),
                 "disagreement_mm2": float((area_a[k] + area_b[k] - 2 * both[k]) * pixel),

@@ -129,7 +129,8 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator) / float(denominator) if denominator else math.nan
 
 
-def _dice(tp: float, n_pred: float, n_ref: float) -> float:
+def dice_of_counts(tp: float, n_pred: float, n_ref: float) -> float:
+    """Dice from voxel counts: both marked, marked in the prediction, in the reference (two empty masks: 1)."""
     return 1.0 if n_pred + n_ref == 0 else 2.0 * tp / (n_pred + n_ref)
 
 
@@ -330,7 +331,7 @@ class MaskPair:
     def overlap(self) -> dict:
         tp, n_pred, n_ref = self.counts
         return {
-            "dice": _dice(tp, n_pred, n_ref),
+            "dice": dice_of_counts(tp, n_pred, n_ref),
             "sensitivity": _ratio(tp, n_ref),
             "precision": _ratio(tp, n_pred),
         }
@@ -410,7 +411,7 @@ class MaskPair:
             lv_ml = image_lv_ml(n_ref[k] * area, self.slice_thickness_mm)
             rows.append({
                 "index": int(k),
-                "dice": _dice(tp[k], n_pred[k], n_ref[k]),
+                "dice": dice_of_counts(tp[k], n_pred[k], n_ref[k]),
                 "sensitivity": _ratio(tp[k], n_ref[k]),
                 "precision": _ratio(tp[k], n_pred[k]),
                 "reference_area_mm2": round(float(n_ref[k] * area), 4),  # as the segment report writes areas
