@@ -435,6 +435,9 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+# bits a voxel of each NIfTI datatype takes (bitpix must agree)
+_NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
+               1536: 128, 1792: 128, 2048: 256, 2304: 32}
 
 
 def _gzipped(path: Path) -> bool:
@@ -611,10 +614,12 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
             dims = struct.unpack(endian + "8h", data[40:56])
             datatype, bitpix = struct.unpack(endian + "2h", data[70:74])
             pixdim = struct.unpack(endian + "8f", data[76:108])
-            vox_offset = int(struct.unpack(endian + "f", data[108:112])[0])
+            vox_offset = struct.unpack(endian + "f", data[108:112])[0]
             qform_code, sform_code = struct.unpack(endian + "2h", data[252:256])
             srow = struct.unpack(endian + "12f", data[280:328])
+            quaternion = struct.unpack(endian + "6f", data[256:280])  # and the qform's offset
             units = data[123]
+            magic, header_bytes = data[344:348], PAIR_HEADER
             break
         if struct.unpack(endian + "i", data[:4])[0] == 540 and len(data) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
@@ -623,11 +628,39 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
             vox_offset = int(struct.unpack(endian + "q", data[168:176])[0])
             qform_code, sform_code = struct.unpack(endian + "2i", data[344:352])
             srow = struct.unpack(endian + "12d", data[400:496])
+            quaternion = struct.unpack(endian + "6d", data[352:400])
             units = struct.unpack(endian + "i", data[500:504])[0]
+            magic, header_bytes = b"n+1\0", 544  # NIfTI-2's mark is checked on parsing: SimpleITK cannot read NIfTI-2
             break
     else:
-        return  # not a NIfTI header SimpleITK understands either; its reader gives the error
+        # SimpleITK reads a header whatever its size field (and then without the NIfTI mark, below): a damaged
+        # file or another format named .nii was read as a volume of whatever its bytes gave
+        raise DeepWMLError(f"{path} is not a NIfTI file: its header begins with the size "
+                           f"{struct.unpack('<i', data[:4])[0]}, not 348 (NIfTI-1) or 540 (NIfTI-2), so it is damaged "
+                           "or another format named .nii; copy it again from its source")
     ndim = max(1, min(int(dims[0]), 7))
+    # Without the NIfTI mark SimpleITK reads the file as Analyze 7.5: on its identity orientation (qform and sform
+    # ignored), left and right, front and back ambiguous, as the Analyze pair refused in _nifti_pair_data
+    if magic != b"n+1\0":
+        raise DeepWMLError(f"{path}: its header lacks the NIfTI mark ('n+1' at byte 344; it holds {bytes(magic)!r}), "
+                           "so the image library would read it as an Analyze image without orientation, on which "
+                           "left and right could not be trusted; the file is damaged: copy it again from its source "
+                           "(or export it again as NIfTI)")
+    # A size of 0 or below along an axis: read as 1 (one slice of a scan, silently) and written back as given
+    # (the mask would not open); a datatype whose voxel size is not bitpix: read by the datatype, checked for
+    # truncation by bitpix; voxels starting inside the header: read from the header's bytes on
+    shape = [int(d) for d in dims[1:ndim + 1]]
+    if min(shape) < 1:
+        raise DeepWMLError(f"{path}: its header gives the image {' x '.join(map(str, shape))} voxels (dim), a size "
+                           "below 1, so the file is damaged; copy it again from its source")
+    if _NIFTI_BITS.get(datatype, bitpix) != bitpix:
+        raise DeepWMLError(f"{path}: its header gives voxels of {bitpix} bits (bitpix) of a type of "
+                           f"{_NIFTI_BITS[datatype]} bits (datatype {datatype}), so the file is damaged; copy it again "
+                           "from its source")
+    if not (math.isfinite(vox_offset) and header_bytes <= vox_offset < 1 << 62):
+        raise DeepWMLError(f"{path}: its header has the voxels start at byte {vox_offset:g} (vox_offset), not after the "
+                           f"header's {header_bytes} bytes, so the file is damaged; copy it again from its source")
+    vox_offset = int(vox_offset)
     # A voxel size of 0, below 0 or NaN: SimpleITK reads 0 as 1 mm (a 6 mm slice counted as 1 mm: the lesion
     # volume 6 times too small, silently) and a negative one as a flipped axis, which other software (FSL,
     # nibabel) reads unflipped: left and right would differ between viewers. Refused.
@@ -647,6 +680,14 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
             "different ways (3D Slicer with front and back the other way round from FSL), and neither the axial "
             "slices nor the mask's place could be trusted; export it again from the scanner or PACS (or convert the "
             "DICOM series with dcm2niix), which gives the orientation")
+    # A qform or sform in use that is not numbers (NaN): SimpleITK places the voxels nowhere, and its matrix
+    # library prints pages of warnings before the refusal of the image (read_any)
+    unplaced = [name for name, code, values in (("qform", qform_code, quaternion), ("sform", sform_code, srow))
+                if code > 0 and not all(map(math.isfinite, values))]
+    if unplaced:
+        raise DeepWMLError(f"{path}: its header's orientation ({unplaced[0]}) holds values that are not numbers (NaN or "
+                           "infinite), so where its voxels lie is unknown; the header is damaged: copy the file again "
+                           "from its source, or export it again")
     # Lengths in metres or microns (xyzt_units), which SimpleITK converts to mm, beside voxel sizes that are mm
     # already (a unit set wrong): a 0.9 mm pixel read as 900 mm (or 0.0009 mm), and the scan came out "ok - 0.00 ml,
     # 0 lesions". Refused where the converted sizes are no MRI's; a head truly given in metres is read in mm.
@@ -674,7 +715,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
                 f"{path}: its header gives two voxel sizes, {show(sizes)} mm (pixdim) and {show(lengths)} mm (the "
                 "sform), which software reads in different ways, so lesion volumes and the mask's place could be "
                 "wrong; export the image again from the scanner or PACS")
-    n_voxels = int(np.prod([max(1, int(d)) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    n_voxels = math.prod(shape)
     expected = vox_offset + n_voxels * max(1, bitpix) // 8
     if len(data) < expected:
         before = PAIR_HEADER if voxel_file else 0  # a pair's .img holds the bytes after the header
@@ -682,6 +723,11 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
             f"{voxel_file or path} is truncated: it holds {len(data) - before} of the {expected - before} bytes its "
             "header announces; copy the file again from its source"
         )
+    if len(data) > expected:  # (as _surplus_voxel_data refuses for NRRD and MetaImage)
+        raise DeepWMLError(
+            f"{voxel_file or path}: its voxel data take {len(data) - vox_offset} bytes, but its header's sizes and type "
+            f"need {expected - vox_offset}, and the image library would read the first ones only (a wrong image, "
+            "without an error); the header is damaged: copy the file again from its source")
     if datatype in _NIFTI_FLOAT_TYPES:
         values = np.frombuffer(data, dtype=endian + _NIFTI_FLOAT_TYPES[datatype], count=n_voxels, offset=vox_offset)
         bad = non_finite_count(values)
@@ -695,6 +741,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
 # NIfTI's length units other than mm (xyzt_units & 7): their name and mm per unit, as SimpleITK converts them
 _NIFTI_LENGTH_UNITS = {1: ("metres", 1000.0), 3: ("microns", 0.001)}
 _MRI_VOXEL_MM = (0.01, 100.0)  # far beyond any MRI voxel size either way; a wrong unit lands 1000 times outside
+_MRI_ORIGIN_MM = 1e5  # 100 m from the scanner's centre: far beyond any scan's origin
 
 
 PAIR_HEADER = 352  # bytes before a pair's voxels in its one-file form: the header and 4 of no extension
@@ -1053,6 +1100,30 @@ def _text_voxels_misread(path: Path, fields: dict[str, str], image: sitk.Image) 
     return f"{written[wrong[0]]:g} read as {read[wrong[0]]:g}" if wrong.size else None
 
 
+_TEXT_WORD = 256  # characters: far beyond a number's; the NRRD library's text reader overruns its buffer at about 1000
+
+
+def _nrrd_text_not_numbers(path: Path, fields: dict[str, str]) -> bool:
+    """Whether an NRRD header (`fields`: `_header_fields(path)`) says its voxels are text (encoding ascii), but they
+    hold a run of _TEXT_WORD characters or more without a space: no numbers (binary voxels under a wrong encoding).
+    The NRRD library's text reader crashes the process on a run of about 1000 (a segmentation fault: no message, no
+    summary.csv, the batch's other cases lost). Reads the voxels, text files only."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")) \
+            or fields.get("encoding", "").lower() not in ("ascii", "text", "txt"):
+        return False
+    source = fields.get("data file", fields.get("datafile", ""))
+    start = 0 if source else _attached_data_start(path)
+    if start is None:
+        return False
+    try:
+        with open(path.parent / source if source else path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except OSError:  # a LIST or numbered series of files, or none: SimpleITK's reader says what is missing
+        return False
+    return re.search(rb"\S{%d}" % _TEXT_WORD, data) is not None
+
+
 _BODY_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}  # the LPS axis each anatomical letter lies along
 
 
@@ -1218,6 +1289,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path}: its header gives lengths in {unit!r} (space units), which the image "
                                    "library reads as mm, so the head would be measured at the wrong scale; save it "
                                    "with lengths in mm")
+            if _nrrd_text_not_numbers(path, fields):
+                raise DeepWMLError(f"{path}: its header says its voxels are text (encoding: ascii), but they hold no "
+                                   "numbers (binary data?), on which the NRRD library would crash; correct the header's "
+                                   "encoding (raw for binary voxels) or save the image again")
             with _telling(reader, reading):
                 image = reader.Execute()
             misread = _voxels_as_text(path, fields) and _text_voxels_misread(path, fields, image)
@@ -2481,12 +2556,14 @@ def read_any(path: str | os.PathLike, light: bool = False, series: str | DicomSe
     reading = _forwards(reading)
     try:
         if p.is_dir():
-            return _squeeze_4d(_read_dicom_folder(p, series, reading))
-        if p.stat().st_size == 0:
+            image = _read_dicom_folder(p, series, reading)
+        elif p.stat().st_size == 0:
             raise DeepWMLError(f"{p} is an empty file (0 bytes); copy it again from its source")
-        image = _read_file(p, light, float32, mask, reading)
+        else:
+            image = _read_file(p, light, float32, mask, reading)
     except _Told as told:
         raise told.error.with_traceback(told.error.__traceback__) from None
+    _check_placement(image, str(p))
     return image if isinstance(image, Volume) else _squeeze_4d(image)
 
 
@@ -2507,11 +2584,28 @@ def read_image(path: str | os.PathLike, light: bool = False, series: str | Dicom
     return check_volume(image, str(path))
 
 
+def _check_placement(image: sitk.Image | Volume, name: str) -> None:
+    """Refuse an image whose origin, axes or voxel sizes are not numbers (NaN or infinite, from a damaged header:
+    the image library reads them so) or no MRI's (voxels of 1e30 mm, or of 0; an origin 1e30 mm away): the steps
+    that place slices and measure volumes failed with an internal error, or said "ok" with volumes in ml of nonsense."""
+    origin, spacing = image.GetOrigin(), image.GetSpacing()
+    bad = [what for what, wrong in (
+        ("origin", not all(math.isfinite(v) and abs(v) <= _MRI_ORIGIN_MM for v in origin)),
+        ("axes", not all(map(math.isfinite, image.GetDirection()))),
+        ("voxel size", not all(_MRI_VOXEL_MM[0] <= v <= _MRI_VOXEL_MM[1] for v in spacing))) if wrong]
+    if bad:
+        raise DeepWMLError(f"{name}: its {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} no MRI's (origin "
+                           f"({', '.join(f'{v:.4g}' for v in origin)}) mm, voxel size "
+                           f"{' x '.join(f'{v:.4g}' for v in spacing)} mm: not numbers, or beyond any scanner's), so "
+                           "the header is damaged; copy the file again from its source, or export it again")
+
+
 def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Image | Volume:
     """Refuse an in-memory volume that cannot be segmented (files get the same checks on reading)."""
     if not hasattr(image, "GetNumberOfComponentsPerPixel"):
         raise DeepWMLError(f"{name} is a {type(image).__name__}, not an image: pass a SimpleITK image (e.g. "
                            "io.read_image(path)), which carries the spacing and orientation the volumes need")
+    _check_placement(image, name)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB); "
                            "DeepWML needs a single-channel (grey-scale) FLAIR volume")

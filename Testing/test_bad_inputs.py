@@ -67,6 +67,23 @@ BAD_INPUTS = [
     ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
     ("NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)", "segment", 1,
      "two voxel sizes"),
+    ("NIfTI whose header's first field (its size, 348) is damaged (SimpleITK reads it all the same, unchecked)",
+     "segment", 1, "is not a NIfTI file"),
+    ("NIfTI without the NIfTI mark (`n+1`; SimpleITK would read it as Analyze, on no orientation)", "segment", 1,
+     "lacks the NIfTI mark"),
+    ("NIfTI whose header gives a size of 0 or below along an axis (SimpleITK would read one slice)", "segment", 1,
+     "a size below 1"),
+    ("NIfTI whose datatype and bitpix disagree (8-bit voxels of 16 bits: SimpleITK would read half of each)", "segment",
+     1, "bits (bitpix) of a type of"),
+    ("NIfTI whose voxels start inside its header (vox_offset below 352: SimpleITK would read the header as voxels)",
+     "segment", 1, "not after the header's 352 bytes"),
+    ("NIfTI holding more voxel data than its header's sizes and type need (a slice too few: SimpleITK would read the "
+     "first bytes)", "segment", 1, "its header's sizes and type need"),
+    ("NIfTI whose sform (or qform) in use holds NaN", "segment", 1, "holds values that are not numbers"),
+    ("an image whose voxel size is no MRI's (NRRD `space directions: (1e30,0,0) ...`: an \"ok\" of nonsense volumes)",
+     "segment", 1, "voxel size is no MRI's"),
+    ("NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)", "segment", 1,
+     "on which the NRRD library would crash"),
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction `none`)",
@@ -294,7 +311,35 @@ def world(tmp_path):
     paths["NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)"] = \
         d / "two_sizes.nii"
     (d / "two_sizes.nii").write_bytes(two_sizes)
+    damaged = {  # a field of the header set to what a damaged file holds: (offset, struct format, value)
+        "NIfTI whose header's first field (its size, 348) is damaged (SimpleITK reads it all the same, unchecked)":
+            (0, "<i", -348),
+        "NIfTI without the NIfTI mark (`n+1`; SimpleITK would read it as Analyze, on no orientation)":
+            (344, "4s", b"n+1 "),
+        "NIfTI whose header gives a size of 0 or below along an axis (SimpleITK would read one slice)": (46, "<h", 0),
+        "NIfTI whose datatype and bitpix disagree (8-bit voxels of 16 bits: SimpleITK would read half of each)":
+            (70, "<2h", 256, 16),
+        "NIfTI whose voxels start inside its header (vox_offset below 352: SimpleITK would read the header as voxels)":
+            (108, "<f", 0.0),
+        "NIfTI holding more voxel data than its header's sizes and type need (a slice too few: SimpleITK would read "
+        "the first bytes)": (46, "<h", good.GetDepth() - 1),
+        "NIfTI whose sform (or qform) in use holds NaN": (292, "<f", float("nan")),
+    }
+    for n, (row_id, (offset, layout, *values)) in enumerate(damaged.items()):
+        header = bytearray(raw)
+        struct.pack_into(layout, header, offset, *values)
+        paths[row_id] = d / f"damaged{n}.nii"
+        paths[row_id].write_bytes(header)
     voxels = sitk.GetArrayFromImage(good)  # float32, (k, j, i)
+    huge = ("NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nspace: left-posterior-superior\n"
+            "space directions: (1e30,0,0) (0,1e30,0) (0,0,1e30)\nendian: little\nencoding: {}\n\n")
+    paths["an image whose voxel size is no MRI's (NRRD `space directions: (1e30,0,0) ...`: an \"ok\" of nonsense "
+          "volumes)"] = d / "huge.nrrd"
+    (d / "huge.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "raw").encode() + voxels.astype("<f4").tobytes())
+    paths["NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)"] = \
+        d / "not_text.nrrd"  # a background of zero bytes: a run of them without a space
+    (d / "not_text.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "ascii").replace("1e30", "0.9").encode()
+                                      + np.pad(voxels, 4).astype("<f4").tobytes())
     lean = np.array([0.3, 0.9]) / np.hypot(0.3, 0.9) * good.GetSpacing()[1]  # the j axis leans along x
     sheared = ("NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nspace: left-posterior-superior\n"
                "space directions: ({},0,0) ({},{},0) (0,0,{})\nendian: little\nencoding: raw\n\n").format(
