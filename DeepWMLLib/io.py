@@ -942,7 +942,8 @@ def _unknown_voxel_size(path: Path, fields: dict[str, str]) -> str | None:
     if not fields:
         return None
     if path.name.lower().endswith((".nrrd", ".nhdr")):
-        if "space directions" in fields:
+        # a vector per axis in space ('none' for a list or time axis): three of them give the voxel size
+        if len(re.findall(r"\([^)]*\)", fields.get("space directions", ""))) >= 3:
             return None
         spacings = fields.get("spacings", "").split()
         kinds = fields.get("kinds", "").split()

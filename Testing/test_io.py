@@ -419,6 +419,7 @@ def test_four_d_with_one_volume_is_accepted(tmp_path):
     ("spacings.nrrd", "spacings: 0.9 0.8 5\n", True),
     ("time.nrrd", "spacings: 0.9 0.8 5 nan\nkinds: domain domain domain time\n", True),  # the 4th axis: no length
     ("directions.nrrd", "space: left-posterior-superior\nspace directions: (0.9,0,0) (0,0.8,0) (0,0,5)\n", True),
+    ("no_directions.nrrd", "space: left-posterior-superior\nspace directions: none none none\n", False),  # all 'none'
     ("none.mha", "", False),
     ("spacing.mha", "ElementSpacing = 0.9 0.8 5\n", True),
 ])
