@@ -1029,6 +1029,27 @@ def _metaimage_missing_files(path: Path, fields: dict[str, str]) -> tuple[int, i
     return (named, needed) if named < needed else None
 
 
+def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
+    """What a MetaImage header (`fields`: `_header_fields(path)`) gives that no image has, else None: NDims not a
+    count of 2 to 5 axes (the image library hung on -1, and crashed the process on 100 or 2147483648), a DimSize of
+    another count of sizes (called 'No such file or directory'), or voxel sizes not above 0 (ElementSpacing -1
+    read as 1 on a flipped axis; NaN called 'a field above it with too few values')."""
+    if not path.name.lower().endswith((".mha", ".mhd")) or "ndims" not in fields:
+        return None
+    ndims, sizes = fields["ndims"], fields.get("dimsize", "").split()
+    if not re.fullmatch(r"[2-5]", ndims):
+        return f"NDims = {ndims[:20]}, not a count of 2 to 5 axes"
+    if len(sizes) != int(ndims):
+        return f"NDims = {ndims} beside {len(sizes)} sizes (DimSize = {' '.join(sizes)[:40]})"
+    key = "ElementSpacing" if "elementspacing" in fields else "ElementSize"
+    try:
+        if all(float(v) > 0 and math.isfinite(float(v)) for v in fields.get(key.lower(), "1").split()):
+            return None
+    except ValueError:
+        pass
+    return f"{key} = {fields[key.lower()][:40]}, not voxel sizes (numbers above 0)"
+
+
 # The bytes of a voxel of an NRRD 'type' or MetaImage ElementType, by the first of these words in it
 _VOXEL_BYTES = (("long_long", 8), ("longlong", 8), ("long long", 8), ("char", 1), ("int8", 1), ("short", 2),
                 ("int16", 2), ("int64", 8), ("double", 8), ("int", 4), ("long", 4), ("float", 4))
@@ -1238,6 +1259,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
                 raise DeepWMLError(f"{path} is a {len(off)}D image {off}: an axis of time (or another not in space) "
                                    "beside its three in space, which the image library cannot read; DeepWML needs "
                                    f"{_needs(mask)}: save the volume to segment as a 3D file")
+            fault = _metaimage_header_fault(path, fields)
+            if fault:
+                raise DeepWMLError(f"{path}: its header gives {fault}, so it is damaged and the image library would "
+                                   "read it wrongly (or crash); correct the header or save the image again")
             reader.ReadImageInformation()
             # complex: 2 values per voxel, not vector/RGB
             if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
@@ -2589,7 +2614,7 @@ def _check_placement(image: sitk.Image | Volume, name: str) -> None:
     """Refuse an image whose origin, axes or voxel sizes are not numbers (NaN or infinite, from a damaged header:
     the image library reads them so) or no MRI's (voxels of 1e30 mm, or of 0; an origin 1e30 mm away): the steps
     that place slices and measure volumes failed with an internal error, or said "ok" with volumes in ml of nonsense."""
-    origin, spacing = image.GetOrigin(), image.GetSpacing()
+    origin, spacing = image.GetOrigin()[:3], image.GetSpacing()[:3]  # (a fourth axis's step is time's, in any unit)
     bad = [what for what, wrong in (
         ("origin", not all(math.isfinite(v) and abs(v) <= _MRI_ORIGIN_MM for v in origin)),
         ("axes", not all(map(math.isfinite, image.GetDirection()))),

@@ -84,6 +84,8 @@ BAD_INPUTS = [
      "segment", 1, "voxel size is no MRI's"),
     ("NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)", "segment", 1,
      "on which the NRRD library would crash"),
+    ("MetaImage whose NDims is no count of axes (-1 hung the image library; 100 or 2147483648 crashed the process)",
+     "segment", 1, "not a count of 2 to 5 axes"),
     ("NRRD or MetaImage without a voxel size (SimpleITK would read 1 mm)", "segment", 1, "gives no voxel size"),
     ("NRRD whose lengths are in m or cm (space units; SimpleITK would read mm)", "segment", 1, "gives lengths in"),
     ("NRRD series: a time axis beside three in space (`kinds: domain domain domain time`, its direction `none`)",
@@ -338,6 +340,11 @@ def world(tmp_path):
     (d / "huge.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "raw").encode() + voxels.astype("<f4").tobytes())
     paths["NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)"] = \
         d / "not_text.nrrd"  # a background of zero bytes: a run of them without a space
+    paths["MetaImage whose NDims is no count of axes (-1 hung the image library; 100 or 2147483648 crashed the "
+          "process)"] = d / "ndims.mha"
+    (d / "ndims.mha").write_bytes("ObjectType = Image\nNDims = 100\nDimSize = {} {} {}\nElementSpacing = 0.9 0.9 5\n"
+                                  "ElementType = MET_FLOAT\nElementDataFile = LOCAL\n".format(*voxels.shape[::-1]).encode()
+                                  + voxels.astype("<f4").tobytes())
     (d / "not_text.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "ascii").replace("1e30", "0.9").encode()
                                       + np.pad(voxels, 4).astype("<f4").tobytes())
     lean = np.array([0.3, 0.9]) / np.hypot(0.3, 0.9) * good.GetSpacing()[1]  # the j axis leans along x

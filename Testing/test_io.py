@@ -441,6 +441,24 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
             io.read_image(path)
 
 
+@pytest.mark.parametrize("fields,words", [
+    ("NDims = 100\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n", "NDims = 100, not a count of 2 to 5 axes"),
+    ("NDims = x\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n", "NDims = x, not a count of 2 to 5 axes"),
+    ("NDims = 4\nDimSize = 5 4 3\nElementSpacing = 0.9 0.8 5\n", "NDims = 4 beside 3 sizes (DimSize = 5 4 3)"),
+    ("NDims = 3\nDimSize = 5 4 3\nElementSpacing = -0.9 0.8 5\n", "ElementSpacing = -0.9 0.8 5, not voxel sizes"),
+    ("NDims = 3\nDimSize = 5 4 3\nElementSpacing = nan nan nan\n", "ElementSpacing = nan nan nan, not voxel sizes"),
+])
+def test_a_metaimage_header_no_image_has_is_refused(tmp_path, fields, words):
+    """NDims of -1 hung the image library, of 100 or 2147483648 crashed the process; NDims 4 beside three sizes was
+    'No such file or directory'; ElementSpacing -1 was read as 1 mm on a flipped axis, NaN as 'a field above it with
+    too few values'."""
+    path = tmp_path / "damaged.mha"
+    path.write_bytes(f"ObjectType = Image\n{fields}ElementType = MET_FLOAT\nElementDataFile = LOCAL\n".encode()
+                     + np.ones(60, "<f4").tobytes())
+    with pytest.raises(DeepWMLError, match=re.escape(f"its header gives {words}")):
+        io.read_image(path)
+
+
 def test_an_nrrd_with_a_leading_axis_of_one_value_reads_as_a_scalar_volume(tmp_path):
     """'sizes: 1 5 4 3' with 'kinds: list domain domain domain' (one value per voxel stored as a list):
     SimpleITK reads a vector image of one component, which its Cast refused with a traceback ('internal
