@@ -412,6 +412,12 @@ def _dicom_series(folder: Path) -> tuple:
     try:
         with itk_names(folder) as (name,):
             return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
+    except RuntimeError as exc:  # GDCM stops at a header value no scanner writes (Samples per Pixel 0, NaN Rescale
+        # Intercept): an internal error before, which said to report it
+        condition = str(exc).strip().splitlines()[-1].rpartition("occurred")[2].strip() or "unreadable"
+        raise DeepWMLError(f"{folder} holds a DICOM file whose header the DICOM library cannot read ({condition[:120]}: "
+                           "a damaged value, such as Samples per Pixel or Rescale Intercept); export the series again "
+                           "from the scanner or PACS") from exc
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
