@@ -1135,6 +1135,23 @@ def test_a_step_over_a_fifth_off_is_still_refused_not_warned_of(tmp_path):
         io.read_image(folder)
 
 
+def test_a_slice_position_that_is_not_numbers_is_refused(tmp_path):
+    """A damaged Image Position (Patient) ('-19.j679'): GDCM read what it could of it, sorted and spaced the slices
+    wrongly (a 6 mm series read as 1.24 mm slices in another order) and the spacing check, finding a word that is
+    no number, let it through: segmented 'ok', every volume wrong."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    damaged = folder / "slice003.dcm"
+    data = damaged.read_bytes()
+    at = data.index(b"\x20\x00\x32\x00") + 8  # (0020,0032)'s value, implicit VR: after tag and length
+    end = at + struct.unpack_from("<I", data, at - 4)[0]
+    value = data[at:end]
+    damaged.write_bytes(data[:at] + value[:-3] + b"j" + value[-2:] + data[end:])  # a digit of z made a letter
+    with pytest.raises(DeepWMLError, match=r"the Image Position \(Patient\) of image \d+ of the DICOM series is not "
+                                           r"three numbers \('.*j.*'\), so its slices cannot be placed"):
+        io.read_image(folder)
+
+
 def _retag(path, **tags):
     """Rewrite one file of a `write_dicom_series` series with tags changed (keyword: the tag with '_' for '|')."""
     image = sitk.ReadImage(str(path))
