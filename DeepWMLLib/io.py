@@ -2385,14 +2385,14 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
     """Refuse a series whose slices are not evenly spaced: an incomplete transfer (slices missing) or two
     images at one position would be put on a regular grid with a wrong position for every slice after it,
     and wrong volumes."""
-    if not all(text.strip(" \0") for text in positions):
+    if not any(text.strip(" \0") for text in positions):
         return  # positions not given: nothing to check against
     damaged = [k for k, text in enumerate(positions) if not _three_numbers(text)]
     if damaged:  # GDCM reads what it can of them ('-19.j679' as -19): slices sorted and spaced wrongly, silently
         k = damaged[0]
-        raise DeepWMLError(f"{path}: the Image Position (Patient) of image {k + 1} of the DICOM series is not three "
-                           f"numbers ({positions[k].strip()[:60]!r}), so its slices cannot be placed: a damaged file; "
-                           "export the series again from the scanner or PACS")
+        raise DeepWMLError(f"{path}: the Image Position (Patient) of image {k + 1} of the DICOM series is missing or "
+                           f"not three numbers ({positions[k].strip()[:60]!r}), so its slices cannot be placed: a "
+                           "damaged file; export the series again from the scanner or PACS")
     points = np.array([[float(v) for v in text.split("\\")] for text in positions])
     direction = np.array(image.GetDirection()).reshape(3, 3)
     along = points @ direction[:, 2]
