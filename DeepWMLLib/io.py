@@ -1900,7 +1900,13 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
             shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
             raise DeepWMLError(f"{folder} is a folder of image files ({shown}), not one image nor a DICOM series: "
                                "give the file itself")
-        raise DeepWMLError(undecodable_dicom(folder) or f"{folder} is a folder without a DICOM series or image files")
+        # DICOM files none of which is an image GDCM reads (every file's header damaged): not "without" them
+        dicom_files = sum(_dicom_preamble(os.path.join(current, name)) for current, names in _each_folder(folder)
+                          for name in names)
+        raise DeepWMLError(undecodable_dicom(folder) or (
+            f"{folder} holds {dicom_files} DICOM file(s), but no image series the DICOM library can read (damaged "
+            "headers, or no images: reports, a DICOMDIR); export the series again from the scanner or PACS"
+            if dicom_files else f"{folder} is a folder without a DICOM series or image files"))
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
            if option else "put the FLAIR series in a folder of its own (deepwml segment --series chooses one)")
     if choice:

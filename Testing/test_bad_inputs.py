@@ -175,8 +175,8 @@ BAD_INPUTS = [
      "lesion)", "segment", 0, "ok: segmented, warning printed (\"straight bright line\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
-    ("a DICOM series whose Rescale Intercept is not a number (a damaged header, at which GDCM stops: an internal error "
-     "before)", "segment", 1, "whose header the DICOM library cannot read"),
+    ("a DICOM series whose Samples per Pixel is 0 (a damaged header, at which GDCM stops: an internal error before)",
+     "segment", 1, "whose header the DICOM library cannot read"),
     ("a DICOM series compressed in a transfer syntax GDCM cannot decode (JPEG XL)", "segment", 1,
      "cannot decode (transfer syntax 1.2.840.10008.1.2.4.110): export the series again uncompressed"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
@@ -647,13 +647,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
                                     description="AX FLAIR")
         drop_pixel_spacing(folder)
         return seg + [str(folder)]
-    if row_id.startswith("a DICOM series whose Rescale Intercept is not a number"):
-        folder = write_dicom_series(tmp / "in" / "nan", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+    if row_id.startswith("a DICOM series whose Samples per Pixel is 0"):
+        folder = write_dicom_series(tmp / "in" / "zero", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
-        for path in folder.iterdir():  # (0028,1052) 'nan', just before the pixel data (implicit VR little endian)
-            data = path.read_bytes()
-            at = data.index(b"\xe0\x7f\x10\x00")
-            path.write_bytes(data[:at] + b"\x28\x00\x52\x10\x04\x00\x00\x00nan " + data[at:])
+        for path in folder.iterdir():  # (0028,0002) 1 made 0 (implicit VR little endian)
+            data, count = re.subn(rb"\x28\x00\x02\x00\x02\x00\x00\x00\x01\x00", b"\x28\x00\x02\x00\x02\x00\x00\x00\x00\x00",
+                                  path.read_bytes(), count=1)
+            assert count == 1, path
+            path.write_bytes(data)
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series compressed in a transfer syntax GDCM cannot decode"):
         folder = write_dicom_series(tmp / "in" / "jpegxl", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

@@ -1155,6 +1155,19 @@ def test_a_slice_position_that_is_not_numbers_is_refused(tmp_path):
         io.read_image(folder)
 
 
+def test_a_series_whose_every_file_is_damaged_is_not_called_a_folder_without_dicom(tmp_path):
+    """Files whose pixel data are gone (a transfer cut short in every file) are DICOM files all the same: 'a folder
+    without a DICOM series or image files' sent the user looking for files that are there."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        path.write_bytes(data[:data.index(b"\xe0\x7f\x10\x00")])  # the pixel data element, and all after it
+    with pytest.raises(DeepWMLError, match=r"series holds 4 DICOM file\(s\), but no image series the DICOM library "
+                                           r"can read \(damaged headers"):
+        io.read_image(folder)
+
+
 def _retag(path, **tags):
     """Rewrite one file of a `write_dicom_series` series with tags changed (keyword: the tag with '_' for '|')."""
     image = sitk.ReadImage(str(path))
