@@ -2049,11 +2049,17 @@ def _check_pixel_spacing(path, reader) -> None:
         return reader.GetMetaData(0, tag).strip(" \0") if reader.HasMetaDataKey(0, tag) else ""
 
     # enhanced and legacy-converted enhanced MR images keep it in their functional groups, one frame or many
-    if value("0028|0008") not in ("", "1") or value("0008|0016") in _ENHANCED_MR or has("0028|0030"):
+    if value("0028|0008") not in ("", "1") or value("0008|0016") in _ENHANCED_MR:
         return
-    raise DeepWMLError(f"{path}: the DICOM images give no Pixel Spacing (0028,0030) (a screen capture or an "
-                       "incomplete export?), so the pixel size and every volume in ml would be wrong; export "
-                       "the original FLAIR series")
+    if not has("0028|0030"):
+        raise DeepWMLError(f"{path}: the DICOM images give no Pixel Spacing (0028,0030) (a screen capture or an "
+                           "incomplete export?), so the pixel size and every volume in ml would be wrong; export "
+                           "the original FLAIR series")
+    sizes = _decimals(value("0028|0030")) or []
+    if len(sizes) != 2 or min(sizes) <= 0:  # GDCM reads '0\\0' as 1 x 1 mm, as it reads none
+        raise DeepWMLError(f"{path}: the DICOM images give a Pixel Spacing (0028,0030) of {value('0028|0030')[:40]!r}, "
+                           "not two sizes above 0 (a damaged header), so the pixel size and every volume in ml would "
+                           "be wrong; export the series again from the scanner or PACS")
 
 
 def _check_one_patient(path, reader, files: int) -> None:
@@ -2379,12 +2385,13 @@ def _off_mean_grid(along: np.ndarray) -> np.ndarray:
     return np.abs(along - along[0] - (along[-1] - along[0]) / (len(along) - 1) * np.arange(len(along)))
 
 
-def _three_numbers(text: str) -> bool:
+def _decimals(text: str) -> list[float] | None:
+    """The numbers of a DICOM decimal string ('-128.75\\-100.09\\-19.68'), None unless all are finite numbers."""
     try:
         values = [float(v) for v in text.split("\\")]
     except ValueError:
-        return False
-    return len(values) == 3 and all(map(math.isfinite, values))
+        return None
+    return values if all(map(math.isfinite, values)) else None
 
 
 def _check_slice_spacing(path, positions: list[str], image) -> None:
@@ -2393,7 +2400,7 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
     and wrong volumes."""
     if not any(text.strip(" \0") for text in positions):
         return  # positions not given: nothing to check against
-    damaged = [k for k, text in enumerate(positions) if not _three_numbers(text)]
+    damaged = [k for k, text in enumerate(positions) if len(_decimals(text) or ()) != 3]
     if damaged:  # GDCM reads what it can of them ('-19.j679' as -19): slices sorted and spaced wrongly, silently
         k = damaged[0]
         raise DeepWMLError(f"{path}: the Image Position (Patient) of image {k + 1} of the DICOM series is missing or "

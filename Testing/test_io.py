@@ -1274,6 +1274,23 @@ def test_a_series_without_pixel_spacing_is_refused(tmp_path):
         io.read_image(folder)
 
 
+@pytest.mark.parametrize("spacing", ["0\\0", "0.7", "a\\b"])
+def test_a_series_whose_pixel_spacing_is_no_size_is_refused(tmp_path, spacing):
+    """A Pixel Spacing of '0\\0' (or of one value, or not numbers) GDCM reads as 1 x 1 mm, as it reads none: volumes
+    off by the square of the pixel size, said 'ok'."""
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.6, 0.7, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "damaged", image, description="AX FLAIR")
+    for path in folder.iterdir():  # (0028,0030)'s value replaced, its length with it (implicit VR little endian)
+        data = path.read_bytes()
+        at = data.index(b"\x28\x00\x30\x00")
+        end = at + 8 + struct.unpack_from("<I", data, at + 4)[0]
+        value = spacing.encode() + b" " * (len(spacing) % 2)
+        path.write_bytes(data[:at + 4] + struct.pack("<I", len(value)) + value + data[end:])
+    with pytest.raises(DeepWMLError, match=re.escape(f"give a Pixel Spacing (0028,0030) of {spacing!r}, not two sizes "
+                                                     "above 0")):
+        io.read_image(folder)
+
+
 def test_a_multi_frame_file_keeps_its_pixel_spacing_in_its_functional_groups(tmp_path):
     """GDCM writes a 3D image as one multi-frame file whose Pixel Spacing lies in the functional groups, not at
     the top level: read with its spacing, not refused by the check above."""
