@@ -2414,12 +2414,6 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
     if typical <= 0:
         raise DeepWMLError(f"{path}: the DICOM series has several images at each slice position (echoes or "
                            "repeats?); export the FLAIR series alone")
-    read = image.GetSpacing()[2]
-    if abs(read - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM):  # the slices' geometry sought elsewhere by
-        # GDCM (files labelled enhanced MR without its functional groups: 1 x 1 x 1 mm at 0, 0, 0), said "ok"
-        raise DeepWMLError(f"{path}: the DICOM library read the series' slices {read:.2f} mm apart, but their Image "
-                           f"Positions (Patient) are {typical:.2f} mm apart, so its geometry cannot be trusted (a "
-                           "damaged header?); export the series again from the scanner or PACS")
     # a fifth of a step, and more than positions written rounded to 0.1 mm make of a thin slice's (0.5 and 0.6 mm
     # steps of 0.55 mm slices); a slice missing or doubled is a whole step off
     odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM))
@@ -2456,6 +2450,12 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
                            "gantry tilt or a sheared stack), so the volume read from them would misplace every slice; "
                            "convert the series with a tool that corrects a tilt (dcm2niix, 3D Slicer's DICOM module) "
                            "and segment the file it writes")
+    read = image.GetSpacing()[2]  # (steps checked even above: a slice missing is said so)
+    if abs(read - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM):  # the slices' geometry sought elsewhere by
+        # GDCM (files labelled enhanced MR without its functional groups: 1 x 1 x 1 mm at 0, 0, 0), said "ok"
+        raise DeepWMLError(f"{path}: the DICOM library read the series' slices {read:.2f} mm apart, but their Image "
+                           f"Positions (Patient) are {typical:.2f} mm apart, so its geometry cannot be trusted (a "
+                           "damaged header?); export the series again from the scanner or PACS")
 
 
 def _check_layout(path, dimension: int, size, components: int, mask: bool = False) -> None:
