@@ -1038,8 +1038,9 @@ def _metaimage_missing_files(path: Path, fields: dict[str, str]) -> tuple[int, i
 def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
     """What a MetaImage header (`fields`: `_header_fields(path)`) gives that no image has, else None: NDims not a
     count of 2 to 5 axes (the image library hung on -1, and crashed the process on 100 or 2147483648), a DimSize of
-    another count of sizes (called 'No such file or directory'), or voxel sizes not above 0 (ElementSpacing -1
-    read as 1 on a flipped axis; NaN called 'a field above it with too few values')."""
+    another count of sizes (called 'No such file or directory'), an Offset that is not a number for each axis (NaN,
+    or two for three axes: read as 0, 0, 0), or voxel sizes not above 0 (ElementSpacing -1 read as 1 on a flipped
+    axis; NaN called 'a field above it with too few values')."""
     if not path.name.lower().endswith((".mha", ".mhd")) or "ndims" not in fields:
         return None
     ndims, sizes = fields["ndims"], fields.get("dimsize", "").split()
@@ -1047,6 +1048,9 @@ def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
         return f"NDims = {ndims[:20]}, not a count of 2 to 5 axes"
     if len(sizes) != int(ndims):
         return f"NDims = {ndims} beside {len(sizes)} sizes (DimSize = {' '.join(sizes)[:40]})"
+    origin = next((key for key in ("Offset", "Origin", "Position") if key.lower() in fields), None)
+    if origin and len(_decimals("\\".join(fields[origin.lower()].split())) or ()) != int(ndims):  # read as 0, 0, 0
+        return f"{origin} = {fields[origin.lower()][:40]}, not {ndims} numbers"
     key = "ElementSpacing" if "elementspacing" in fields else "ElementSize"
     try:
         if all(float(v) > 0 and math.isfinite(float(v)) for v in fields.get(key.lower(), "1").split()):
