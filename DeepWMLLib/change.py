@@ -856,10 +856,10 @@ def _read_given_mask(path, name: str, image: sitk.Image, other: sitk.Image) -> s
 def _segmentation_models(args, loaded: dict) -> None:
     """The models that segment a scan without a mask, loaded once into `loaded` for a whole cohort."""
     if "models" not in loaded:
-        from .segment import load_brain_model, load_models
+        from .segment import load_brain_model_saying_none, load_models
 
         loaded["models"] = load_models(args.model)
-        loaded["brain"] = load_brain_model("default")  # with --no-brain-mask too: for the checks, not the marks
+        loaded["brain"] = load_brain_model_saying_none("default")  # with --no-brain-mask too: for the checks, not the marks
 
 
 def register(subparsers) -> None:  # the CLI's hook (see cli.py)

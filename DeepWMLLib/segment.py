@@ -350,6 +350,18 @@ def load_brain_model(spec="default"):
     return _load_role_model(spec, BRAIN_ROLE, BRAIN_ROLE, "brain-mask")
 
 
+def load_brain_model_saying_none(spec="default"):
+    """load_brain_model for a run of deepwml segment or change, with a warning when the shipped default is asked for
+    and the model registry lists none (DEEPWML_MODELS_DIR naming a folder of one's own WMH models): no brain mask
+    then removes the marks outside the brain or serves the FLAIR and coverage checks, which silence would hide."""
+    loaded = load_brain_model(spec)
+    if loaded is None and (spec is True or (isinstance(spec, str) and spec == "default")):
+        warnings.warn(f"no brain-mask model is listed in {models_dir() / 'models.json'} (role \"{BRAIN_ROLE}\"), so "
+                      "none runs: marks outside the brain are kept, and whether each scan is a FLAIR and covers the "
+                      "whole brain is not checked; list one there, or give one with --brain-model FILE", stacklevel=2)
+    return loaded
+
+
 def load_ventricle_model(spec="default"):
     """The lateral-ventricle model for the periventricular/deep split (location.py): "default" or True (the
     registry's default one, if it marks one), None or False (no split), a model file path, or an already loaded
@@ -1414,7 +1426,7 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     if isinstance(inputs, (str, os.PathLike)):  # one scan: not its name's characters, the first "/" the whole disk
         inputs = [inputs]
     models = load_models(model_paths)
-    options["brain_model"] = load_brain_model(options.get("brain_model", "default"))
+    options["brain_model"] = load_brain_model_saying_none(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))
     if options.get("save_ventricle_mask") and options["ventricle_model"] is None:  # before anything is run or made
         raise UsageError(ventricle_model_needed())

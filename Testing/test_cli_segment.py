@@ -2131,3 +2131,26 @@ def test_a_long_batch_builds_each_network_once_and_holds_no_more_files_or_thread
     assert [row["status"] for row in rows] == ["ok"] * 12
     assert sorted(built) == ["brain.pt", "tiny.pt"]  # once each, for the whole batch
     assert seen[-1] == seen[2], seen
+
+
+def test_a_model_folder_without_a_brain_model_says_the_marks_are_not_gated_nor_checked(tmp_path, tiny_model,
+                                                                                       monkeypatch, capsys):
+    """DEEPWML_MODELS_DIR naming a folder of one's own WMH models (README: 'points either at other models') whose
+    registry lists no brain-mask model ran no brain mask at all, without a word: marks in the scalp kept, no FLAIR
+    check, no coverage check, and a report that only said so by its nulls. A warning now says so."""
+    import shutil
+
+    oracle_network(monkeypatch)
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_model, models / "mine.pt")
+    (models / "models.json").write_text(json.dumps({"format_version": 1, "models": [
+        {"name": "mine", "file": "mine.pt", "version": "1", "default": True}]}), encoding="utf-8")
+    monkeypatch.setenv("DEEPWML_MODELS_DIR", str(models))
+    path, _ = write_case(tmp_path, "case", size=(40, 36, 6))
+    assert main(["segment", str(path), "-o", str(tmp_path / "out"), "--device", "cpu", "--backend", "torch"]) == 0
+    report = json.loads((tmp_path / "out" / "case_report.json").read_text(encoding="utf-8"))
+    assert report["brain_model"] is None
+    shown = capsys.readouterr().err
+    assert f"deepwml segment: warning: no brain-mask model is listed in {models / 'models.json'}" in shown, shown
+    assert "marks outside the brain are kept" in shown and "--brain-model FILE" in shown, shown
