@@ -948,6 +948,21 @@ def _earlier_output(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def _subfolders_hint(folder: Path) -> str:
+    """'; ...' where the folder's subfolders hold image files (a cohort kept as one folder a patient: patient07/flair.nii.gz),
+    which a folder given as INPUT does not search (it might hold masks and outputs of every kind): how to give them."""
+    try:
+        holding = sorted(sub.name for sub in folder.iterdir()
+                         if sub.is_dir() and not sub.name.startswith(".") and _image_files(sub))
+    except OSError:  # a subfolder that cannot be read: the plain message
+        return ""
+    if not holding:
+        return ""
+    shown = ", ".join(holding[:3]) + (", ..." if len(holding) > 3 else "")
+    return (f" (only its subfolders hold image files: {shown}); give the subfolders, e.g. "
+            f"{Path(folder) / '*'}{os.sep}, each of their image files a case (label masks among them are skipped)")
+
+
 def _only_outputs(folder: Path) -> str | None:
     """The error for a folder given as INPUT that holds image files, all of them an earlier run's outputs (its
     OUTDIR given for the scans), else None."""
@@ -1242,7 +1257,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         check_outline_folder(paths["dicom_outline"], overwrite)
     if path.is_dir() and study is None and not io.is_dicom_folder(path):
         raise DeepWMLError(io.undecodable_dicom(path) or _only_outputs(path)
-                           or f"{path} is a folder without image files or a DICOM series{io.windows_path_hint(path)}")
+                           or f"{path} is a folder without image files or a DICOM series{_subfolders_hint(path)}"
+                              f"{io.windows_path_hint(path)}")
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     tell = progress or (lambda fraction, message: None)

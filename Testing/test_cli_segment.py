@@ -113,6 +113,28 @@ def test_folder_of_cases_with_one_bad_case(tmp_path, tiny_model, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+def test_a_cohort_folder_of_one_subfolder_a_patient_says_to_give_the_subfolders(tmp_path, tiny_model, capsys):
+    """A cohort kept as patient07/flair.nii.gz, patient19/flair.nii.gz...: the folder above them, given as INPUT, said
+    only that it was 'a folder without image files or a DICOM series'. Now it says that its subfolders hold them and
+    how to give them; given so, each scan is a case, their masks skipped."""
+    cohort = tmp_path / "cohort"
+    for patient in ("patient_a", "patient_b"):
+        (cohort / patient).mkdir(parents=True)
+        write_case(cohort / patient, "flair", size=(32, 32, 4))
+    (cohort / "notes").mkdir()  # a subfolder without images is not named
+    (cohort / "notes" / "readme.txt").write_text("protocol")
+    out = tmp_path / "out"
+    assert main(["segment", str(cohort), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    error = read_summary(out)[0]["error"]
+    assert "only its subfolders hold image files: patient_a, patient_b" in error and "notes" not in error
+    assert f"{cohort / '*'}{os.sep}" in error
+    subfolders = sorted(str(p) for p in cohort.iterdir() if p.is_dir())  # as the shell expands cohort/*/
+    assert main(["segment", *subfolders, "-o", str(tmp_path / "out2"), "--model", str(tiny_model), "--device", "cpu"]) == 1
+    rows = {r["input"]: r["status"] for r in read_summary(tmp_path / "out2")}  # the folder without scans is said
+    assert rows == {str(cohort / "patient_a" / "flair.nii.gz"): "ok", str(cohort / "patient_b" / "flair.nii.gz"): "ok",
+                    str(cohort / "notes"): "error"}
+
+
 def test_dicom_study_folder_segments_its_flair_and_says_which(tmp_path, tiny_model, capsys):
     """A study folder with T1, T2 and FLAIR series: the FLAIR is segmented, on its own grid, the report
     names the series and a warning says it was picked; --series picks another; with two FLAIR-like
