@@ -625,7 +625,7 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
             srow = struct.unpack(endian + "12f", data[280:328])
             quaternion = struct.unpack(endian + "6f", data[256:280])  # and the qform's offset
             units = data[123]
-            magic, header_bytes = data[344:348], PAIR_HEADER
+            magic, header_bytes = data[344:348], 348
             break
         if struct.unpack(endian + "i", data[:4])[0] == 540 and len(data) >= 540:
             datatype, bitpix = struct.unpack(endian + "2h", data[12:16])
@@ -654,7 +654,9 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
                            "(or export it again as NIfTI)")
     # A size of 0 or below along an axis: read as 1 (one slice of a scan, silently) and written back as given
     # (the mask would not open); a datatype whose voxel size is not bitpix: read by the datatype, checked for
-    # truncation by bitpix; voxels starting inside the header: read from the header's bytes on
+    # truncation by bitpix; voxels starting inside the header: read from the header's bytes on. Right after a
+    # NIfTI-1 header, with no 4 bytes of extension flags, is where some writers put them (vox_offset 348: MATLAB
+    # toolboxes and web viewers' exporters), and the image library reads them there
     shape = [int(d) for d in dims[1:ndim + 1]]
     if min(shape) < 1:
         raise DeepWMLError(f"{path}: its header gives the image {' x '.join(map(str, shape))} voxels (dim), a size "

@@ -75,8 +75,8 @@ BAD_INPUTS = [
      "a size below 1"),
     ("NIfTI whose datatype and bitpix disagree (8-bit voxels of 16 bits: SimpleITK would read half of each)", "segment",
      1, "bits (bitpix) of a type of"),
-    ("NIfTI whose voxels start inside its header (vox_offset below 352: SimpleITK would read the header as voxels)",
-     "segment", 1, "not after the header's 352 bytes"),
+    ("NIfTI whose voxels start inside its header (vox_offset below 348: SimpleITK would read the header as voxels)",
+     "segment", 1, "not after the header's 348 bytes"),
     ("NIfTI holding more voxel data than its header's sizes and type need (a slice too few: SimpleITK would read the "
      "first bytes)", "segment", 1, "its header's sizes and type need"),
     ("NIfTI whose sform (or qform) in use holds NaN", "segment", 1, "holds values that are not numbers"),
@@ -323,7 +323,7 @@ def world(tmp_path):
         "NIfTI whose header gives a size of 0 or below along an axis (SimpleITK would read one slice)": (46, "<h", 0),
         "NIfTI whose datatype and bitpix disagree (8-bit voxels of 16 bits: SimpleITK would read half of each)":
             (70, "<2h", 256, 16),
-        "NIfTI whose voxels start inside its header (vox_offset below 352: SimpleITK would read the header as voxels)":
+        "NIfTI whose voxels start inside its header (vox_offset below 348: SimpleITK would read the header as voxels)":
             (108, "<f", 0.0),
         "NIfTI holding more voxel data than its header's sizes and type need (a slice too few: SimpleITK would read "
         "the first bytes)": (46, "<h", good.GetDepth() - 1),

@@ -812,6 +812,23 @@ def test_a_nifti_without_orientation_is_refused(tmp_path, nifti_2):
             io.read_image(tmp_path / "unplaced.nii", light=light)
 
 
+def test_a_nifti_whose_voxels_follow_its_header_without_extension_flags_is_read(tmp_path):
+    """Voxels right after the 348-byte header (vox_offset 348), without the 4 bytes of extension flags: as MATLAB
+    toolboxes and web viewers' exporters write them, and the image library reads them. They were refused as a damaged
+    file (voxels 'not after the header's 352 bytes')."""
+    image = make_volume(size=(12, 10, 5), spacing=(0.9, 0.9, 5.0), direction=rotation(0.1, 0.0, 0.2),
+                        dtype=sitk.sitkInt16)[0]
+    sitk.WriteImage(image, str(tmp_path / "usual.nii"))
+    usual = (tmp_path / "usual.nii").read_bytes()
+    tight = bytearray(usual[:348] + usual[352:])
+    struct.pack_into("<f", tight, 108, 348.0)
+    (tmp_path / "tight.nii").write_bytes(bytes(tight))
+    for light in (False, True):
+        read = io.read_image(tmp_path / "tight.nii", light=light)
+        assert io.grid_difference(read, image) is None
+        assert np.array_equal(io.voxels(read), sitk.GetArrayFromImage(image).astype(np.float32))
+
+
 @pytest.mark.parametrize("name", ["scan.nrrd", "scan.mha"])
 def test_a_header_is_read_once_for_the_checks_simpleitk_lacks(tmp_path, monkeypatch, name):
     """An NRRD's header was opened and parsed three times for the checks SimpleITK lacks (a slice placed in
