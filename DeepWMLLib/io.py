@@ -3806,9 +3806,10 @@ class GrowingCsv:
     def add(self, row: dict) -> Path:
         """Add `row` (kept even when this write fails: the next one has it) and write the table."""
         self._lines.append(csv_text(self.columns, [row])[len(self._lines[0]):])
-        return self.write()
+        return write_csv_text("".join(self._lines), self.path)  # a row more: never the file's bytes already
 
     def write(self) -> Path:
+        """Write the table, unless the file holds it already (a run's last write, after its last row)."""
         return write_csv_text("".join(self._lines), self.path, unless_held=True)
 
 
