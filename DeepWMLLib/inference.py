@@ -726,11 +726,12 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
                     helper_maps[number - len(models)][part] = on_input if cut is None else on_input >= cut
             done += chunk.size * cost
         # the slices' maps summed and averaged a few slices at a time, then written once
-        for first_part in range(0, chunk.size, INPUT_SLICES):
-            part = chunk[first_part:first_part + INPUT_SLICES]
+        for pieces in zip(*(_on_input(moved.grids[config], probabilities, chunk)
+                            for (_, config), (moved, probabilities) in summed.items())):
+            part = pieces[0][0]
             values = np.zeros((part.size,) + stack.shape[1:], np.float32)
-            for (_, config), (moved, probabilities) in summed.items():
-                values += moved.grids[config].to_input(probabilities[first_part:first_part + INPUT_SLICES])
+            for _, on_input in pieces:
+                values += on_input
             values /= len(models) * len(shifts)
             if lesion_image:
                 io.put_axial_slices(total, frame, part, values)
