@@ -2652,7 +2652,9 @@ def read_image(path: str | os.PathLike, light: bool = False, series: str | Dicom
     return check_volume(image, str(path))
 
 
-def _check_placement(image: sitk.Image | Volume, name: str) -> None:
+def _check_placement(image: sitk.Image | Volume, name: str,
+                     advice: str = "the header is damaged; copy the file again from its source, or export it again",
+                     ) -> None:
     """Refuse an image whose origin, axes or voxel sizes are not numbers (NaN or infinite, from a damaged header:
     the image library reads them so) or no MRI's (voxels of 1e30 mm, or of 0; an origin 1e30 mm away): the steps
     that place slices and measure volumes failed with an internal error, or said "ok" with volumes in ml of nonsense."""
@@ -2665,7 +2667,7 @@ def _check_placement(image: sitk.Image | Volume, name: str) -> None:
         raise DeepWMLError(f"{name}: its {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} no MRI's (origin "
                            f"({', '.join(f'{v:.4g}' for v in origin)}) mm, voxel size "
                            f"{' x '.join(f'{v:.4g}' for v in spacing)} mm: not numbers, or beyond any scanner's), so "
-                           "the header is damaged; copy the file again from its source, or export it again")
+                           f"{advice}")
 
 
 def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Image | Volume:
@@ -2673,7 +2675,8 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     if not hasattr(image, "GetNumberOfComponentsPerPixel"):
         raise DeepWMLError(f"{name} is a {type(image).__name__}, not an image: pass a SimpleITK image (e.g. "
                            "io.read_image(path)), which carries the spacing and orientation the volumes need")
-    _check_placement(image, name)
+    _check_placement(image, name, "its geometry is wrong; give it the scan's own origin, spacing and direction (as "
+                     "its file gives them; in Slicer: the Volumes module, Volume Information)")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DeepWMLError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB); "
                            "DeepWML needs a single-channel (grey-scale) FLAIR volume")

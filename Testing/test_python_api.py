@@ -76,6 +76,18 @@ def test_an_array_or_a_file_name_is_refused_saying_what_to_pass(case, given, tmp
         segment_image(value, models, "cpu", brain_model=brain)
 
 
+def test_an_image_in_memory_of_no_mris_spacing_is_told_to_take_the_scans_own_geometry(case):
+    """An image made from an array whose spacing was never set from the scan (or set in metres): the refusal told
+    a script's author to copy a file again, of which there is none."""
+    image, models, brain = case
+    image = sitk.Image(image)
+    image.SetSpacing([s / 1000 for s in image.GetSpacing()[:2]] + [1e-5])  # mm written as metres
+    with pytest.raises(DeepWMLError, match=re.escape("voxel size is no MRI's")) as refused:
+        segment_image(image, models, "cpu", brain_model=brain)
+    assert "give it the scan's own origin, spacing and direction" in str(refused.value)
+    assert "copy the file again" not in str(refused.value)
+
+
 def test_segment_cases_and_segment_case_take_one_scan_as_str_or_path(tmp_path, tiny_model, monkeypatch):
     """segment_cases("scan.nii.gz", out) read the name letter by letter, its first "/" the root folder: it searched
     the whole disk for scans. One scan given alone is that scan; segment_case takes str as well as Path (it failed
