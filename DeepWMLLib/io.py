@@ -667,7 +667,8 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
                            "from its source")
     if not (math.isfinite(vox_offset) and header_bytes <= vox_offset < 1 << 62):
         raise DeepWMLError(f"{path}: its header has the voxels start at byte {vox_offset:g} (vox_offset), not after the "
-                           f"header's {header_bytes} bytes, so the file is damaged; copy it again from its source")
+                           f"header's {header_bytes} bytes, so the file is damaged or was written wrongly; copy it again from "
+                           "its source, or convert the scan again with another tool (dcm2niix, 3D Slicer)")
     vox_offset = int(vox_offset)
     # A voxel size of 0, below 0 or NaN: SimpleITK reads 0 as 1 mm (a 6 mm slice counted as 1 mm: the lesion
     # volume 6 times too small, silently) and a negative one as a flipped axis, which other software (FSL,
