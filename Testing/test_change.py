@@ -1252,3 +1252,123 @@ def test_lesion_change_refuses_a_probability_map_it_would_misread(given, words, 
     with pytest.raises(DeepWMLError, match=words) as refused:
         change.lesion_change(flair, flair, mask, mask, followup_probabilities=bad, presence=0.15, check=False)
     assert str(refused.value).startswith("the follow-up probabilities")
+
+
+IDENTITY = sitk.Transform(3, sitk.sitkIdentity)
+
+
+def _calls(rows):
+    return [(r["status"], r["scan"], r["volume_ml"], r["baseline_ml"], r["change_ml"]) for r in rows]
+
+
+def test_a_lesion_exactly_the_tolerance_away_was_there_before_and_one_beyond_it_is_new():
+    """README: new is "nothing of the baseline's within 2 mm of it". On 1 x 1 x 2 mm grids (x, y, z), a 5 x 5 voxel
+    baseline lesion on slice 2 (z 4 mm: 25 voxels x 2 mm3 = 0.05 ml) and the same square on the follow-up's slice 3
+    (z 6 mm, 0.05 ml) lie exactly 2 mm apart (one slice of 2 mm, not 1 mm: the spacing along z is 2). So at the
+    default 2 mm the follow-up lesion matches it: stable, baseline 0.05 ml, change 0, slices [3, 3], and the baseline
+    lesion has no row of its own. At 1.9 mm the two are strangers: new (0.05 ml, from 0) and gone (-0.05 ml)."""
+    baseline = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (4, 5))])
+    followup = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (6, 7))])
+    labels, rows = change.classify(followup, baseline, IDENTITY)
+    assert _calls(rows) == [("stable", "follow-up", 0.05, 0.05, 0.0)]
+    assert rows[0]["slice_range"] == [3, 3]
+    labels, rows = change.classify(followup, baseline, IDENTITY, tolerance_mm=1.9)
+    assert _calls(rows) == [("new", "follow-up", 0.05, 0.0, 0.05), ("gone", "baseline", 0.05, 0.05, -0.05)]
+
+
+def test_a_probability_that_just_reaches_presence_at_the_tolerance_keeps_a_lesion_from_new_or_gone():
+    """README: a lesion is not new (gone) when the other scan's probability "reaches" `--presence` within 2 mm of
+    it. Same grids as above (1 x 1 x 2 mm): a 0.05 ml lesion on slice 2 of one scan, nothing in the other but a
+    probability of exactly 0.25 (a binary fraction: no rounding) over the same square on slice 3, 2 mm away.
+    With --presence 0.25 it reaches it: the follow-up lesion is stable with no baseline volume of its own; the baseline
+    lesion keeps its own row, stable from the baseline's side (0.05 ml, change blank). With 0.3 it does not: new, and
+    gone (-0.05 ml)."""
+    lesion = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (4, 5))])
+    faint = sitk.Cast(_paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (6, 7))]), sitk.sitkFloat32) * 0.25
+    lesion_above = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (6, 7))])
+    faint_below = sitk.Cast(lesion, sitk.sitkFloat32) * 0.25
+    empty = _paint((20, 20, 10), (1.0, 1.0, 2.0), [])
+    for presence, baseline_call, followup_call in ((0.25, ("stable", "baseline", 0.05, 0.05, None),
+                                                    ("stable", "follow-up", 0.05, None, None)),
+                                                   (0.3, ("gone", "baseline", 0.05, 0.05, -0.05),
+                                                    ("new", "follow-up", 0.05, 0.0, 0.05))):
+        rows = change.classify(empty, lesion, IDENTITY, followup_probabilities=faint, presence=presence)[1]
+        assert _calls(rows) == [baseline_call], presence
+        rows = change.classify(lesion_above, empty, IDENTITY, baseline_probabilities=faint_below, presence=presence)[1]
+        assert _calls(rows) == [followup_call], presence
+
+
+def test_a_new_or_gone_lesion_of_exactly_min_change_ml_is_counted_and_one_voxel_less_is_small():
+    """README: "small new, small gone: a new or gone lesion under 0.02 ml". On a 1 mm grid (1 voxel = 0.001 ml), two
+    follow-up lesions on slice 2 (20 voxels = 0.02 ml: new; 19 = 0.019 ml: small new) and two baseline lesions on
+    slice 7, 5 mm away (20: gone; 19: small gone), each drawn with its own code on all its voxels; a small one keeps
+    its change (listed, not counted)."""
+    followup = _paint((30, 30, 10), (1.0, 1.0, 1.0), [((2, 7), (2, 6), (2, 3)), ((2, 21), (12, 13), (2, 3))])
+    baseline = _paint((30, 30, 10), (1.0, 1.0, 1.0), [((2, 7), (20, 24), (7, 8)), ((2, 21), (27, 28), (7, 8))])
+    labels, rows = change.classify(followup, baseline, IDENTITY)
+    assert _calls(rows) == [("new", "follow-up", 0.02, 0.0, 0.02), ("small new", "follow-up", 0.019, 0.0, 0.019),
+                            ("gone", "baseline", 0.02, 0.02, -0.02), ("small gone", "baseline", 0.019, 0.019, -0.019)]
+    assert {v: int(np.count_nonzero(labels == v)) for v in (2, 5, 6, 7)} == {2: 20, 5: 20, 6: 19, 7: 19}
+
+
+def test_a_lesion_that_just_doubled_by_just_enlarge_min_ml_is_enlarging_and_the_summary_adds_its_growth():
+    """README: enlarging is "at least doubled: grown by its whole baseline volume and by 0.05 ml at least". On a 1 mm
+    grid a 10 x 5 voxel baseline lesion (0.05 ml) grows to 10 x 10 (0.1 ml): doubled and grown by 0.05 ml, both
+    exactly: enlarging, change +0.05 ml; the summary: load 0.05 -> 0.1 ml, +0.05 ml, +100 %, growth 0.05 ml. Asking
+    for 0.051 ml, or a growth of 1.01 times the baseline volume, it is stable."""
+    baseline = _paint((20, 20, 10), (1.0, 1.0, 1.0), [((5, 15), (5, 10), (5, 6))])
+    followup = _paint((20, 20, 10), (1.0, 1.0, 1.0), [((5, 15), (5, 15), (5, 6))])
+    rows = change.classify(followup, baseline, IDENTITY)[1]
+    assert _calls(rows) == [("enlarging", "follow-up", 0.1, 0.05, 0.05)]
+    summary = change._summary(rows, 0.05, 0.1)
+    assert (summary["volume_change_ml"], summary["volume_change_percent"], summary["n_enlarging"],
+            summary["enlarging_ml"], summary["enlarging_growth_ml"]) == (0.05, 100.0, 1, 0.1, 0.05)
+    for setting in ({"enlarge_min_ml": 0.051}, {"enlarge_fraction": 1.01}):
+        assert [r["status"] for r in change.classify(followup, baseline, IDENTITY, **setting)[1]] == ["stable"], setting
+
+
+def test_a_lesion_with_one_voxel_beyond_the_other_scans_view_is_not_assessable():
+    """One voxel is enough: a 1 mm follow-up of 10 slices and a baseline of 5 (z 0-4 mm); a follow-up lesion of a
+    5 x 5 square on slice 4 and one voxel on slice 5 (z 5 mm, past the baseline's last slice and its half voxel)
+    is not assessable, not new. The other way round, that lesion in a baseline of 10 slices against a follow-up of
+    5, nothing of it in the follow-up: not assessable from the baseline's side, not gone."""
+    boxes = [((5, 10), (5, 10), (4, 5)), ((5, 6), (5, 6), (5, 6))]
+    long, short = _paint((20, 20, 10), (1.0, 1.0, 1.0), boxes), _paint((20, 20, 5), (1.0, 1.0, 1.0), [])
+    rows = change.classify(long, short, IDENTITY)[1]
+    assert [(r["status"], r["scan"], r["volume_ml"]) for r in rows] == [("not assessable", "follow-up", 0.026)]
+    rows = change.classify(short, long, IDENTITY)[1]
+    assert [(r["status"], r["scan"], r["volume_ml"]) for r in rows] == [("not assessable", "baseline", 0.026)]
+
+
+def test_a_baseline_lesion_partly_marked_on_the_follow_ups_grid_counts_and_is_drawn_where_it_reaches_half():
+    """A baseline on 4 mm slices, a follow-up on 1 mm (both from z 0). A 5 x 5 baseline lesion on slice 2 (z 8 mm,
+    0.1 ml) carried onto the follow-up's slices by linear interpolation is 1 at z 8, 0.75 at 7 and 9, 0.5 at 6 and 10,
+    0.25 at 5 and 11, 0 at 4 and 12. Gone (nothing in the follow-up), it is drawn where it reaches half: slices 6-10,
+    5 x 25 = 125 voxels. Marked "even in part" (README), it reaches z 11, so a follow-up lesion on slice 14 is 3 mm
+    from it: within a 3 mm tolerance, stable (its baseline volume the 0.1 ml, change -0.075 ml), not new."""
+    baseline = _paint((20, 20, 5), (1.0, 1.0, 4.0), [((5, 10), (5, 10), (8, 9))])
+    empty = _paint((20, 20, 18), (1.0, 1.0, 1.0), [])
+    labels, rows = change.classify(empty, baseline, IDENTITY)
+    assert _calls(rows) == [("gone", "baseline", 0.1, 0.1, -0.1)]
+    assert sorted(set(np.argwhere(labels == 5)[:, 0])) == [6, 7, 8, 9, 10] and np.count_nonzero(labels == 5) == 125
+    followup = _paint((20, 20, 18), (1.0, 1.0, 1.0), [((5, 10), (5, 10), (14, 15))])
+    rows = change.classify(followup, baseline, IDENTITY, tolerance_mm=3.0)[1]
+    assert _calls(rows) == [("stable", "follow-up", 0.025, 0.1, -0.075)]
+
+
+def test_the_follow_up_slice_of_a_row_is_the_nearest_and_its_thickness_the_axial_spacing(monkeypatch):
+    """A gone baseline lesion on slices 2-3 of a 2 mm baseline (z 4 and 6 mm: centre z 5 mm) seen in a follow-up of
+    3 mm slices (z 0, 3, 6, ...): the nearest follow-up slice is 2 (z 6 mm, 1 mm off; slice 1 is 2 mm off), and the
+    report gives the follow-up's slice thickness as 3 mm, its axial spacing (1 mm in x and y)."""
+    baseline_mask = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (4, 7))])
+    followup_mask = _paint((20, 20, 8), (1.0, 1.0, 3.0), [])
+    flairs = []
+    for mask in (baseline_mask, followup_mask):
+        flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, mask.GetSize()[::-1]).astype(np.float32))
+        flair.CopyInformation(mask)
+        flairs.append(flair)
+    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
+        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    report = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, check=False).report
+    assert [(r["status"], r["slice_range"], r["followup_slice"]) for r in report["lesions"]] == [("gone", [2, 3], 2)]
+    assert (report["followup_slice_thickness_mm"], report["baseline_slice_thickness_mm"]) == (3.0, 2.0)
