@@ -291,6 +291,13 @@ def _distance_to(mask: np.ndarray, spacing, return_indices: bool = False):
     return ndimage.distance_transform_edt(~mask, sampling=spacing, return_indices=return_indices)
 
 
+def _at_least(ml: float, limit: float) -> bool:
+    """`ml` >= `limit`, to a billionth of a ml: volumes are whole voxels times a voxel's ml, and their differences
+    carry floating-point error (0.09 - 0.04 ml is 0.049999999999999996), which called a lesion grown by exactly
+    --enlarge-min-ml stable while its row showed that change."""
+    return round(ml - limit, 9) >= 0
+
+
 def _component_geometry(labels: np.ndarray, count: int, image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Voxel count, LPS centroid and (first, last) slice along the axial axis of components 1..count."""
     from .report import lesion_geometry, index_to_lps
@@ -388,7 +395,8 @@ def classify(followup_mask: sitk.Image, baseline_mask: sitk.Image, transform: si
                 status[n] = 4
             elif nearest_base[n] > tolerance_mm:
                 status[n] = 2 if volume >= min_change_ml else 6
-            elif before > 0 and volume - before >= enlarge_min_ml and volume >= (1.0 + enlarge_fraction) * before:
+            elif before > 0 and _at_least(volume - before, enlarge_min_ml) and \
+                    _at_least(volume, (1.0 + enlarge_fraction) * before):
                 status[n] = 3  # (no baseline volume matched, e.g. only `presence` near it: not enlarging, stable)
         lookup = np.concatenate([[0], status]).astype(np.uint8)
         out = lookup[labels]

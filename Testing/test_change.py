@@ -1372,3 +1372,19 @@ def test_the_follow_up_slice_of_a_row_is_the_nearest_and_its_thickness_the_axial
     report = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, check=False).report
     assert [(r["status"], r["slice_range"], r["followup_slice"]) for r in report["lesions"]] == [("gone", [2, 3], 2)]
     assert (report["followup_slice_thickness_mm"], report["baseline_slice_thickness_mm"]) == (3.0, 2.0)
+
+
+def test_a_growth_of_exactly_enlarge_min_ml_in_whole_voxels_is_enlarging():
+    """README: enlarging is grown "by 0.05 ml at least" and by `--enlarge-fraction` of its baseline volume. On a 1 mm
+    grid (1 voxel = 0.001 ml) an 8 x 5 voxel lesion (0.04 ml) grown to 9 x 10 (0.09 ml): more than doubled and grown by
+    50 voxels, 0.05 ml exactly: enlarging, change +0.05 ml. In floating point 0.09 - 0.04 is 0.049999999999999996, and
+    it was called stable while its row showed change_ml 0.05. Likewise 100 voxels grown to 150 with --enlarge-fraction
+    0.5 (1.5 x 0.1 is 0.15000000000000002 in floating point, over 0.15)."""
+    for before, after, setting, grown in (
+            (((5, 13), (5, 10), (5, 6)), ((5, 14), (5, 15), (5, 6)), {}, (0.09, 0.04, 0.05)),
+            (((5, 15), (5, 15), (5, 6)), ((5, 20), (5, 15), (5, 6)), {"enlarge_fraction": 0.5, "enlarge_min_ml": 0.0},
+             (0.15, 0.1, 0.05))):
+        baseline = _paint((20, 20, 10), (1.0, 1.0, 1.0), [before])
+        followup = _paint((20, 20, 10), (1.0, 1.0, 1.0), [after])
+        rows = change.classify(followup, baseline, IDENTITY, **setting)[1]
+        assert _calls(rows) == [("enlarging", "follow-up", *grown)], setting
