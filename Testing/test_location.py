@@ -287,3 +287,41 @@ def test_the_distances_at_the_lesions_alone_give_the_whole_maps_report(direction
     expected = on_grid.ravel()[np.flatnonzero(array)]
     assert at_lesions.dtype == np.float32 and np.array_equal(at_lesions.view(np.uint32), expected.view(np.uint32))
     assert lesion_report(mask, None, at_lesions) == lesion_report(mask, None, on_grid)
+
+
+def test_the_thresholds_are_met_at_their_exact_values():
+    """Each rule as stated, at its boundary (module docstring, README): a voxel whose probability is exactly the
+    threshold 0.5 is ventricle; a component of exactly a tenth of the largest (64 of 640 voxels) is kept, only those
+    under it dropped; exactly 1 ml of ventricle (1000 voxels of 1 mm3) is judged, only under 1 ml not; exactly 7 ml of
+    ventricle is not few, and exactly 1000 ml of intracranial volume is a whole brain."""
+    probabilities = np.zeros((12, 80, 80), np.float32)
+    probabilities[4:8, 30:50, 36:44] = 0.9  # 640 voxels
+    probabilities[0:4, 0:4, 0:4] = 0.5  # 64 voxels, far from it: exactly a tenth, and at the threshold
+    mask = location.ventricle_mask(probabilities)
+    assert mask.sum() == 640 + 64 and mask[0:4, 0:4, 0:4].all()
+    ventricles = np.zeros((20, 20, 20), bool)
+    ventricles[5:15, 5:15, 5:15] = True  # 1000 voxels: 1.0 ml at 1 mm
+    lesion = np.zeros_like(ventricles)
+    lesion[10, 10, 17] = True  # 3 mm from the wall (column 14): periventricular
+    entry, distance = location.locate(np.nonzero(lesion), ventricles, (1.0, 1.0, 1.0))
+    assert (entry["judged"], entry["ventricles_ml"], entry["periventricular_ml"], entry["deep_ml"]) == (True, 1.0, 0.001, 0.0)
+    assert location.small_ventricles_warning({"judged": True, "ventricles_ml": 7.0}, 1546.9) is None
+    assert location.small_ventricles_warning({"judged": True, "ventricles_ml": 6.9}, 1000.0) is not None
+
+
+def test_an_image_pair_is_located_with_its_slice_thickness_across_slices():
+    """`locate_images` (the Slicer segments' path): a 0.5 x 0.5 x 5 mm scan, ventricle on slices 4-7, a lesion voxel on
+    slice 10, in the ventricle's own column: 3 slices above, 15 mm: deep (not 1.5 mm, 3 rows of 0.5 mm); one on slice
+    8, 5 mm above: periventricular. 1.25 mm3 a voxel: 0.00125 ml each."""
+    ventricles = np.zeros((12, 80, 80), np.uint8)
+    ventricles[4:8, 30:50, 28:44] = 1
+    lesion = np.zeros_like(ventricles)
+    lesion[10, 40, 40] = lesion[8, 40, 40] = 1
+    images = []
+    for array in (lesion, ventricles):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.5, 0.5, 5.0))
+        images.append(image)
+    entry, distance = location.locate_images(*images)
+    assert (entry["periventricular_ml"], entry["deep_ml"]) == (0.00125, 0.00125)
+    assert sorted(distance.tolist()) == [5.0, 15.0]
