@@ -1842,6 +1842,20 @@ def test_two_masks_not_on_one_lattice_or_of_the_scans_size_shifted_are_still_ref
         io.onto_common_grid(shifted, mask, "rater A's mask", "rater B's mask")
 
 
+def test_a_mask_of_the_scans_size_shifted_with_a_lesion_at_one_end_only_is_a_changed_header_not_a_crop():
+    """A mask cropped to its lesions has them at both ends of every axis; one whose lesion touches only the first
+    voxel of each axis (a 3 x 3 x 3 lesion in the corner of a 20 x 20 x 20 grid) is a whole scan's mask, and the same
+    mask with its origin moved 2 voxels is a changed header: refused, not padded 2 voxels off (every voxel of the
+    lesion then lies 2 voxels from where it was drawn)."""
+    array = np.zeros((20, 20, 20), np.uint8)
+    array[0:3, 0:3, 0:3] = 1
+    mask = sitk.GetImageFromArray(array)
+    shifted = sitk.Image(mask)
+    shifted.SetOrigin(mask.TransformIndexToPhysicalPoint((2, 2, 2)))
+    with pytest.raises(DeepWMLError, match="a conversion changed one header"):
+        io.onto_grid(shifted, mask, "the mask", "the scan")
+
+
 def test_two_masks_one_over_a_shifted_extent_with_nothing_beyond_the_other_end_on_one_of_their_grids():
     """A prediction on the scan's grid against a reference on the same lattice over a larger extent, or a shifted
     one over part of it, nothing marked beyond the scan: refused before when the extents only partly overlapped;
