@@ -2176,3 +2176,24 @@ def test_a_model_folder_without_a_brain_model_says_the_marks_are_not_gated_nor_c
     shown = capsys.readouterr().err
     assert f"deepwml segment: warning: no brain-mask model is listed in {models / 'models.json'}" in shown, shown
     assert "marks outside the brain are kept" in shown and "--brain-model FILE" in shown, shown
+
+
+def test_summary_csv_gives_the_volume_and_lesion_count_of_the_saved_mask(tmp_path, tiny_model, monkeypatch):
+    """summary.csv is what a cohort is read from: its volume_ml and lesion_count must be the saved mask's, to the
+    report's precision (not rounded further), whatever the report code does. Two blobs on 0.8 x 0.7 x 5 mm voxels
+    (2.8 mm3 each): the volume is the mask's voxel count x 2.8 / 1000 ml, the count its 26-connected components."""
+    oracle_network(monkeypatch)
+    path, _ = write_case(tmp_path, "two", size=(60, 50, 9), spacing=(0.8, 0.7, 5.0),
+                         blobs=((0.3, 0.5, 0.5, 6.0), (0.8, 0.5, 0.5, 5.0)))
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    mask = sitk.ReadImage(str(out / "two_wmh.nii.gz"))
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    components = sitk.ConnectedComponent(mask > 0, True)
+    lesions = int(sitk.GetArrayViewFromImage(components).max())
+    assert lesions == 2 and count > 0
+    (row,) = read_summary(out)
+    volume_ml = count * 2.8 / 1000
+    assert abs(volume_ml - round(volume_ml, 2)) > 1e-5  # more than two decimals: a rounded figure would differ
+    assert float(row["volume_ml"]) == pytest.approx(volume_ml, abs=1e-6)
+    assert int(row["lesion_count"]) == lesions
