@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import gzip
+import math
 import os
 import re
 import struct
@@ -1821,6 +1822,23 @@ def test_two_masks_both_cropped_are_compared_on_the_extent_of_both_with_the_whol
     assert io.JOINT_EXTENT_NOTE in cropped["notes"] and io.JOINT_EXTENT_NOTE not in whole["notes"]
     # with the case's scan given, on its grid: every figure the whole masks', slice numbers and notes included
     assert metrics.case_metrics(first, second, scan=scan) == whole
+
+
+def test_two_masks_both_cropped_keep_the_outline_at_the_far_end_of_their_joint_extent():
+    """HD95's outline is the mask less its in-plane erosion, the image border counting as lesion, so the extent of both
+    masks gets a voxel around it at either end. Rater A: a 10 x 10 voxel square on one 1 mm slice; rater B: one voxel at
+    its first corner; each saved cropped to its own lesion. A's outline is its 36 edge voxels, at squared distances
+    from B's voxel i^2 + j^2, the largest 162 (9, 9), then 145 twice ((8, 9), (9, 8)); B's is 0 from A. HD95: the 95th
+    percentile of A's 36 (numpy: sorted index 0.95 x 35 = 33.25, between 145 and 145), sqrt(145) = 12.04 mm, as on
+    the whole scan. Without the voxel past A's far edges those edges were no outline: 9 mm."""
+    from DeepWMLLib import metrics
+
+    rater_a, rater_b = np.zeros((5, 30, 30), np.uint8), np.zeros((5, 30, 30), np.uint8)
+    rater_a[2, 5:15, 5:15] = 1
+    rater_b[2, 5, 5] = 1
+    a, b = sitk.GetImageFromArray(rater_a), sitk.GetImageFromArray(rater_b)
+    assert metrics.case_metrics(a, b)["hd95_mm"] == pytest.approx(math.sqrt(145))
+    assert metrics.case_metrics(a[5:15, 5:15, 2:3], b[5:6, 5:6, 2:3])["hd95_mm"] == pytest.approx(math.sqrt(145))
 
 
 def test_two_masks_not_on_one_lattice_or_of_the_scans_size_shifted_are_still_refused():
