@@ -800,6 +800,18 @@ def test_a_lesion_that_split_shares_its_baseline_volume_and_merged_ones_add_up_o
     assert [(r["status"], r["volume_ml"], r["baseline_ml"]) for r in rows] == [("stable", 0.48, 0.448)]
 
 
+def _unmoved_flairs(monkeypatch, *masks) -> list[sitk.Image]:
+    """A noise FLAIR on each mask's grid, and the registration of the two scans made the identity (not moved)."""
+    flairs = []
+    for mask in masks:
+        flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, mask.GetSize()[::-1]).astype(np.float32))
+        flair.CopyInformation(mask)
+        flairs.append(flair)
+    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
+        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    return flairs
+
+
 def _paint(size, spacing, boxes) -> sitk.Image:
     """A mask on a grid at the origin, marked where the voxel centre lies in one of the boxes (x, y, z mm)."""
     k, j, i = np.indices(size[::-1])
@@ -824,13 +836,7 @@ def _every_fate(monkeypatch):
     baseline_mask = _paint((48, 48, 12), (1.0, 1.0, 2.0), base_boxes)
     followup_mask = _paint((48, 48, 24), (1.0, 1.0, 1.0), follow_boxes)
     probability = sitk.Cast(_paint((48, 48, 24), (1.0, 1.0, 1.0), [kept]), sitk.sitkFloat32) * 0.3
-    flairs = []
-    for mask in (baseline_mask, followup_mask):
-        flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, mask.GetSize()[::-1]).astype(np.float32))
-        flair.CopyInformation(mask)
-        flairs.append(flair)
-    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
-        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    flairs = _unmoved_flairs(monkeypatch, baseline_mask, followup_mask)
     return flairs, baseline_mask, followup_mask, probability
 
 
@@ -1362,13 +1368,7 @@ def test_the_follow_up_slice_of_a_row_is_the_nearest_and_its_thickness_the_axial
     report gives the follow-up's slice thickness as 3 mm, its axial spacing (1 mm in x and y)."""
     baseline_mask = _paint((20, 20, 10), (1.0, 1.0, 2.0), [((5, 10), (5, 10), (4, 7))])
     followup_mask = _paint((20, 20, 8), (1.0, 1.0, 3.0), [])
-    flairs = []
-    for mask in (baseline_mask, followup_mask):
-        flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, mask.GetSize()[::-1]).astype(np.float32))
-        flair.CopyInformation(mask)
-        flairs.append(flair)
-    monkeypatch.setattr(change, "align", lambda followup, baseline: change.Registration(
-        sitk.Euler3DTransform(), 1.0, -1.0, 0, 0.0))  # the scans are not moved: no registration to do
+    flairs = _unmoved_flairs(monkeypatch, baseline_mask, followup_mask)
     report = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, check=False).report
     assert [(r["status"], r["slice_range"], r["followup_slice"]) for r in report["lesions"]] == [("gone", [2, 3], 2)]
     assert (report["followup_slice_thickness_mm"], report["baseline_slice_thickness_mm"]) == (3.0, 2.0)
