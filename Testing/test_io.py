@@ -755,6 +755,31 @@ def test_a_metaimage_whose_orientation_contradicts_its_matrix_is_refused(tmp_pat
             io.read_image(path)
 
 
+def test_an_oblique_metaimage_as_itk_writes_it_is_read_on_its_grid_and_segmented_onto_it(tmp_path, tiny_model):
+    """ITK writes a MetaImage's TransformMatrix column by column (each image axis's direction in turn) and reads it
+    so; its AnatomicalOrientation gives each axis the body axis its greedy pick over the whole matrix leaves it,
+    which for a strongly oblique scan (20, -35 and 35 degrees about z, y and x) lies under half of that axis (0.47):
+    DeepWML refused such a file as one whose matrix was written row by row ("the plane of its slices is unknown"),
+    though SimpleITK wrote and reads it right. Read on its own grid; its mask lies on that exact grid."""
+    from DeepWMLLib.cli import main
+
+    direction = rotation(*np.radians([35, -35, 20]))  # about x, y, z
+    image = make_volume(size=(32, 28, 8), spacing=(0.9, 0.8, 5.0), direction=direction, origin=(-20.5, 15.25, -30.75))[0]
+    path = tmp_path / "oblique.mha"
+    sitk.WriteImage(image, str(path))
+    head = path.read_bytes().split(b"ElementDataFile")[0].decode()
+    written = np.array(re.search(r"TransformMatrix = ([^\n]*)", head).group(1).split(), float)
+    assert written == pytest.approx(direction.T.ravel())  # column by column: image axis 0's direction first
+    assert "AnatomicalOrientation = RIP" in head  # axis 0 along x (0.94), axis 1 along z (0.47 of it)
+    read = io.read_image(path)
+    assert read.GetDirection() == pytest.approx(direction.ravel(), abs=1e-12)
+    assert read.GetOrigin() == image.GetOrigin() and read.GetSpacing() == image.GetSpacing()
+    assert main(["segment", str(path), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    mask = sitk.ReadImage(str(tmp_path / "out" / "oblique_wmh.mha"))
+    assert (mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection()) == (
+        image.GetSize(), image.GetOrigin(), image.GetSpacing(), sitk.ReadImage(str(path)).GetDirection())
+
+
 def test_the_libraries_internals_are_left_out_as_windows_prints_them(tmp_path, monkeypatch):
     """ITK built with MSVC prints an object's address without '0x' ('MetaImageIO(000001D2A3B4C5E0)'): the class
     name and address came through to Windows users."""
