@@ -433,6 +433,8 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
         return False
     if all(f.name.startswith(".") or f.is_dir() or f.name.lower().endswith(_NOT_DICOM_SUFFIXES) for f in p.iterdir()):
         return False
+    if any(_looks_dicom(f.name) and _mislabelled_syntax(str(f)) for f in p.iterdir() if f.is_file()):
+        return True  # DICOM, refused where it is read (`_read_series`), not scanned by GDCM (a minute and more)
     return bool(_dicom_series(p))
 
 
@@ -1479,6 +1481,8 @@ class DicomSeries:
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
+    mislabelled: tuple = ()  # (path, (transfer syntax, encoding found)) of files beside its own whose data set is not
+    # encoded as their header says (`_mislabelled_syntax`): never given to GDCM; the series is refused
     slice_thickness_mm: float | None = None  # Slice Thickness (0018,0050): how thick each slice is, not how far apart
     slice_positions_mm: tuple = ()  # each file's place along the slice normal (Image Position), in the order of `files`;
     # empty where a file gives none
@@ -1671,6 +1675,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     problems: list[str] = []
     series: dict = {}
     damaged: dict = {}  # folder -> names of its files that are empty, unreadable, or DICOM that cannot be read
+    mislabelled: dict = {}  # folder -> (path, `_mislabelled_syntax`) of its files not encoded as their header says
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -1681,6 +1686,10 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
             for name in sorted(files):
                 path = os.path.join(current, name)
                 if not _looks_dicom(name) or not os.path.isfile(path):
+                    continue
+                mislabel = _mislabelled_syntax(path)
+                if mislabel:  # not given to GDCM: refused where its folder's series is read
+                    mislabelled.setdefault(current, []).append((path, mislabel))
                     continue
                 try:
                     with itk_names(path) as (itk_name,):
@@ -1720,6 +1729,11 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     for entry in series.values():
         folders = sorted({os.path.dirname(f[1]) for f in entry["files"]})
         entry["damaged"] = tuple(os.path.join(f, n) for f in folders for n in damaged.get(f, []))
+        entry["mislabelled"] = tuple(found for f in folders for found in mislabelled.get(f, []))
+    covered = {os.path.dirname(f[1]) for entry in series.values() for f in entry["files"]}
+    for folder, found in mislabelled.items():  # a folder of such files only: a failing case, not left out unsaid
+        if folder not in covered:
+            problems.append(f"{folder} cannot be read: " + _mislabelled_reason([f for f, _ in found], [m for _, m in found]))
     return series, problems
 
 
@@ -1730,6 +1744,7 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
                        secondary_capture=header[7], slice_thickness_mm=header[8], instance_numbers=tuple(f[2] for f in ordered),
                        instance_uids=tuple(f[3] for f in ordered), image_positions=tuple(f[4] for f in ordered),
                        damaged=entry.get("damaged", ()),
+                       mislabelled=entry.get("mislabelled", ()),
                        slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
                        study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())))
 
@@ -1841,6 +1856,68 @@ def _transfer_syntax(path: str) -> str:
     return head[at + 8:at + 8 + struct.unpack_from("<H", head, at + 6)[0]].rstrip(b"\0 ").decode("ascii", "replace")
 
 
+# Transfer syntaxes whose data set GDCM cannot read if it is not encoded so: read big endian, an implicit VR little
+# endian data set's lengths ran to hundreds of megabytes, which GDCM set aside and cleared (about a gigabyte and
+# 3 s a file, each time it is read) before it found the data set's true encoding
+_CHECKED_SYNTAXES = {"1.2.840.10008.1.2.2": "Explicit VR Big Endian",
+                     "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian"}
+
+
+def _mislabelled_syntax(path: str) -> tuple[str, str] | None:
+    """(the Transfer Syntax UID, the encoding its data set shows) of a DICOM file whose file meta header says
+    Explicit VR Big Endian or Deflated while its data set is not so encoded (as GDCM would find only slowly); None
+    for every other file. Reads the file's first kilobytes: the meta group (explicit VR little endian, after the
+    preamble) and the data set's first element: in big endian its group's high byte first and a VR after the tag,
+    deflated a raw deflate stream."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if head[128:132] != b"DICM":
+        return None
+    pos, syntax = 132, None
+    while pos + 8 <= len(head) and head[pos:pos + 2] == b"\x02\x00":  # the file meta group (0002,xxxx)
+        if head[pos + 4:pos + 6] in _LONG_VRS:
+            if pos + 12 > len(head):
+                return None
+            length, start = struct.unpack_from("<I", head, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", head, pos + 6)[0], pos + 8
+        if head[pos + 2:pos + 4] == b"\x10\x00":
+            syntax = head[start:start + length].rstrip(b"\0 ").decode("ascii", "replace")
+            if syntax not in _CHECKED_SYNTAXES:
+                return None  # the common case: read no further
+        pos = start + length
+    first = head[pos:pos + 8]
+    if syntax is None or len(first) < 8:
+        return None  # a meta group longer than read (a file no scanner writes): as before, GDCM's
+    explicit = first[4:6].isalpha() and first[4:6].isupper()
+    found = f"{'explicit' if explicit else 'implicit'} VR little endian" if first[1] == 0 else "of no known encoding"
+    if syntax == "1.2.840.10008.1.2.2":
+        if explicit and first[0] == 0:  # a group (0008, ...) written high byte first, its VR after the tag
+            return None
+        return syntax, found
+    try:
+        zlib.decompressobj(-15).decompress(head[pos:], 64)
+    except zlib.error:
+        return syntax, found
+    return None
+
+
+def _mislabelled_reason(files: Sequence[str], syntaxes: Sequence[tuple[str, str]]) -> str:
+    """Why a series whose folder holds files `_mislabelled_syntax` found (`syntaxes`: what it found of each) is
+    refused, said after the folder's name."""
+    names = sorted(os.path.basename(f) for f in files)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    syntax, found = syntaxes[0]
+    return (f"{len(names)} of its DICOM files ({shown}) are labelled {_CHECKED_SYNTAXES[syntax]} (Transfer "
+            f"Syntax UID {syntax} in their file meta header), but their data set is {found}: a damaged or mislabelled "
+            "export, which the DICOM library reads slowly if at all (seconds and a gigabyte of memory a file); export "
+            "the series again from the scanner or PACS (or move those files out of the folder if they are not the "
+            "series')")
+
+
 def undecodable_dicom(folder: str | os.PathLike) -> str | None:
     """Why a folder (or the folders below it) in which no DICOM series could be read holds DICOM images all the
     same: compressed in a transfer syntax GDCM does not decode (JPEG XL, a video codec; some PACS export so);
@@ -1916,6 +1993,12 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
             shown = ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
             raise DeepWMLError(f"{folder} is a folder of image files ({shown}), not one image nor a DICOM series: "
                                "give the file itself")
+        mislabelled = [(os.path.join(current, name), found) for current, names in _each_folder(folder)
+                       for name in sorted(names) if _looks_dicom(name)
+                       for found in [_mislabelled_syntax(os.path.join(current, name))] if found]
+        if mislabelled:
+            raise DeepWMLError(f"{os.path.dirname(mislabelled[0][0])}: " + _mislabelled_reason(
+                [f for f, _ in mislabelled], [m for _, m in mislabelled]))
         # DICOM files none of which is an image GDCM reads (every file's header damaged): not "without" them
         dicom_files = sum(_dicom_preamble(os.path.join(current, name)) for current, names in _each_folder(folder)
                           for name in names)
@@ -1984,6 +2067,9 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     import SimpleITK as sitk
 
     series = choice if isinstance(choice, DicomSeries) else choose_dicom_series(path, choice, option=None)[0]
+    if series.mislabelled:
+        raise DeepWMLError(f"{os.path.dirname(series.mislabelled[0][0])}: " + _mislabelled_reason(
+            [f for f, _ in series.mislabelled], [m for _, m in series.mislabelled]))
     _check_copies(path, series)
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order

@@ -209,11 +209,12 @@ def drop_pixel_spacing(folder: Path) -> None:
         path.write_bytes(data)
 
 
-def relabel_transfer_syntax(folder: Path, uid: str) -> None:
-    """Give every file of a series `write_dicom_series` wrote another Transfer Syntax UID (0002,0010) in its file
-    meta group (the group's length (0002,0000) kept right), as files compressed in that syntax are labelled."""
+def relabel_transfer_syntax(folder: Path, uid: str, names=None) -> None:
+    """Give every file of a series `write_dicom_series` wrote (or those of `names`) another Transfer Syntax UID
+    (0002,0010) in its file meta group (the group's length (0002,0000) kept right), as files compressed in that
+    syntax are labelled."""
     value = uid.encode() + b"\0" * (len(uid) % 2)
-    for path in folder.iterdir():
+    for path in folder.iterdir() if names is None else (folder / name for name in names):
         data = bytearray(path.read_bytes())
         at = data.index(b"\x02\x00\x10\x00UI", 132)
         length = struct.unpack_from("<H", data, at + 6)[0]

@@ -179,6 +179,10 @@ BAD_INPUTS = [
      "segment", 1, "whose header the DICOM library cannot read"),
     ("a DICOM series compressed in a transfer syntax GDCM cannot decode (JPEG XL)", "segment", 1,
      "cannot decode (transfer syntax 1.2.840.10008.1.2.4.110): export the series again uncompressed"),
+    ("a DICOM series some of whose files are labelled Explicit VR Big Endian but hold implicit VR little endian data "
+     "(a broken export: GDCM took 3 s and a gigabyte of memory a file, a minute and more a series)", "segment", 1,
+     "are labelled Explicit VR Big Endian (Transfer Syntax UID 1.2.840.10008.1.2.2 in their file meta header), but "
+     "their data set is implicit VR little endian"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -660,6 +664,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "jpegxl", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         relabel_transfer_syntax(folder, "1.2.840.10008.1.2.4.110")
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series some of whose files are labelled Explicit VR Big Endian"):
+        folder = write_dicom_series(tmp / "in" / "mislabelled", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        relabel_transfer_syntax(folder, "1.2.840.10008.1.2.2", names=sorted(path.name for path in folder.iterdir())[1::3])
         return seg + [str(folder)]
     if row_id == "--dicom-outline with a NIfTI input":
         return seg + [str(p["good"]), "--dicom-outline"]

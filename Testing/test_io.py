@@ -9,6 +9,7 @@ import math
 import os
 import re
 import struct
+import time
 import zlib
 from io import StringIO
 from pathlib import Path
@@ -214,6 +215,98 @@ def test_a_folder_of_dicom_files_gdcm_cannot_read_says_why_not_that_it_holds_no_
     with pytest.raises(DeepWMLError, match=r"holds 5 DICOM file\(s\) compressed in a way GDCM .* cannot decode "
                                            r"\(transfer syntax 1\.2\.840\.10008\.1\.2\.4\.110\): export the series again"):
         io.read_image(compressed)
+
+
+@pytest.mark.parametrize("syntax, label", [("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
+                                           ("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian")])
+def test_dicom_files_labelled_big_endian_or_deflated_but_not_so_encoded_are_refused_promptly(tmp_path, syntax, label):
+    """Files whose file meta header says Explicit VR Big Endian (or Deflated) while their data set is implicit VR
+    little endian (a fuzzing audit's; a broken export): GDCM, reading the lengths big endian, set aside and
+    cleared about a gigabyte for each such file, about 3 s a file at each of the series' three readings (a
+    200-file series with 5 of them: over a minute), and read the slices right in the end; deflated ones it
+    cannot read were skipped, the series then refused for a slice missing. Both refused at once, the files named,
+    before GDCM sees them; in a folder given and in an export's study alike (a folder of such files only: a failing
+    case of the export, not left out)."""
+    image, _ = make_volume(size=(64, 64, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "export" / "series", image, description="AX FLAIR")
+    relabel_transfer_syntax(folder, syntax, names=["slice002.dcm", "slice005.dcm"])
+    said = (rf"2 of its DICOM files \(slice002\.dcm, slice005\.dcm\) are labelled {label} \(Transfer Syntax UID "
+            rf"{re.escape(syntax)} in their file meta header\), but their data set is implicit VR little endian")
+    start = time.monotonic()
+    assert io.is_dicom_folder(folder)
+    with pytest.raises(DeepWMLError, match=said):
+        io.read_image(folder)
+    alone = write_dicom_series(tmp_path / "export" / "alone", image[:, :, :3], uid="1.2.3.9", description="AX FLAIR")
+    relabel_transfer_syntax(alone, syntax)  # every file: no series there, a failing case, not left out unsaid
+    (study,), problems = io.dicom_catalogue(tmp_path / "export")
+    with pytest.raises(DeepWMLError, match=said):
+        io.read_image(study.folder, series=study.series[0])
+    assert problems == [f"{alone} cannot be read: 3 of its DICOM files (slice000.dcm, slice001.dcm, slice002.dcm) are "
+                        f"labelled {label} (Transfer Syntax UID {syntax} in their file meta header), but their data set "
+                        "is implicit VR little endian: a damaged or mislabelled export, which the DICOM library reads "
+                        "slowly if at all (seconds and a gigabyte of memory a file); export the series again from the "
+                        "scanner or PACS (or move those files out of the folder if they are not the series')"]
+    with pytest.raises(DeepWMLError, match=f"{re.escape(str(alone))}: 3 of its DICOM files"):
+        io.read_image(alone)
+    assert time.monotonic() - start < 5  # 18 s and more before (big endian)
+
+
+def _encoded_series(folder: Path, image: sitk.Image, syntax: str) -> Path:
+    """An int16 axial image as a DICOM MR series written by hand in explicit VR big endian or deflated explicit VR
+    little endian, encoded as those syntaxes are (SimpleITK writes implicit VR little endian only)."""
+    big = syntax == "1.2.840.10008.1.2.2"
+    order = ">" if big else "<"
+    array = sitk.GetArrayFromImage(image).astype(order + "i2")
+    spacing = image.GetSpacing()
+
+    def element(tag: int, vr: str, value) -> bytes:
+        value = value.encode() + (b"\0" if vr == "UI" else b" ") * (len(value) % 2) if isinstance(value, str) else value
+        if vr == "OW":
+            return struct.pack(order + "HH2sHI", tag >> 16, tag & 0xFFFF, b"OW", 0, len(value)) + value
+        return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+    def meta_element(tag: int, vr: str, value) -> bytes:
+        value = value.encode() + b"\0" * (len(value) % 2) if isinstance(value, str) else value
+        if vr == "OB":
+            return struct.pack("<HH2sHI", 2, tag, b"OB", 0, len(value)) + value
+        return struct.pack("<HH2sH", 2, tag, vr.encode(), len(value)) + value
+
+    folder.mkdir(parents=True)
+    us = lambda value: struct.pack(order + "H", value)  # noqa: E731
+    for k in range(array.shape[0]):
+        sop = f"1.2.3.4.88.{k + 1}"
+        meta = (meta_element(1, "OB", b"\0\1") + meta_element(2, "UI", "1.2.840.10008.5.1.4.1.1.4")
+                + meta_element(3, "UI", sop) + meta_element(0x10, "UI", syntax))
+        position = "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        body = b"".join([element(0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.4"), element(0x00080018, "UI", sop),
+                         element(0x00080060, "CS", "MR"), element(0x0008103E, "LO", "AX FLAIR"),
+                         element(0x00180050, "DS", f"{spacing[2]:g}"), element(0x0020000D, "UI", "1.2.3.4"),
+                         element(0x0020000E, "UI", "1.2.3.4.88"), element(0x00200013, "IS", str(k + 1)),
+                         element(0x00200032, "DS", position), element(0x00200037, "DS", "1\\0\\0\\0\\1\\0"),
+                         element(0x00280002, "US", us(1)), element(0x00280004, "CS", "MONOCHROME2"),
+                         element(0x00280010, "US", us(array.shape[1])), element(0x00280011, "US", us(array.shape[2])),
+                         element(0x00280030, "DS", f"{spacing[1]:g}\\{spacing[0]:g}"), element(0x00280100, "US", us(16)),
+                         element(0x00280101, "US", us(16)), element(0x00280102, "US", us(15)),
+                         element(0x00280103, "US", us(1)), element(0x7FE00010, "OW", array[k].tobytes())])
+        if not big:
+            packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+            body = packer.compress(body) + packer.flush()
+            body += b"\0" * (len(body) % 2)
+        (folder / f"slice{k:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta_element(0, "UL", struct.pack("<I", len(meta)))
+                                                   + meta + body)
+    return folder
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
+def test_a_series_truly_in_big_endian_or_deflated_is_read(tmp_path, syntax):
+    """Files encoded as their header says, explicit VR big endian or deflated, pass the check of that header
+    (`_mislabelled_syntax`) and are read voxel for voxel, in their place."""
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.8, 0.7, 5.0), dtype=sitk.sitkInt16)
+    folder = _encoded_series(tmp_path / "series", image, syntax)
+    assert not any(io._mislabelled_syntax(str(path)) for path in folder.iterdir())
+    read = io.read_image(folder)
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
 
 
 def _study(folder, *series):
