@@ -2071,6 +2071,12 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         raise DeepWMLError(f"{os.path.dirname(series.mislabelled[0][0])}: " + _mislabelled_reason(
             [f for f, _ in series.mislabelled], [m for _, m in series.mislabelled]))
     _check_copies(path, series)
+    for name in series.files:
+        misfit = _pixel_data_misfit(name)
+        if misfit:
+            raise DeepWMLError(f"{path}: the DICOM file {os.path.basename(name)} {misfit} (a damaged header: the image "
+                               "library would read its pixels in a wrong shape without an error); export the series "
+                               "again from the scanner or PACS")
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -2255,10 +2261,11 @@ _WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x001800
            | _GROUP_SEQUENCES)
 
 
-def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> tuple[dict, int]:
+def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED) -> tuple[dict, int]:
     """The elements of a DICOM data set from `pos` to `end` (or to its item delimiter) that `frame_geometry`
-    uses: {tag: bytes, or a list of items (data sets) for a sequence}, and where it ended. `level` "meta" stops
-    after the file meta group, "top" at Pixel Data. Raises ValueError where the bytes are not what they say."""
+    uses (or those of `wanted`, at this level): {tag: bytes, or a list of items (data sets) for a sequence}, and
+    where it ended (with `level` "top", at Pixel Data: where that element starts). `level` "meta" stops after the
+    file meta group, "top" at Pixel Data. Raises ValueError where the bytes are not what they say."""
     found: dict = {}
     while pos + 8 <= end:
         group, element = struct.unpack_from("<HH", data, pos)
@@ -2277,7 +2284,7 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> t
         unknown = vr == b"UN" and length == 0xFFFFFFFF  # a sequence its writer did not know: implicit VR items
         if vr == b"SQ" or unknown or (vr is None and (tag in _GROUP_SEQUENCES or length == 0xFFFFFFFF)):
             items, pos = _items(data, start, length, end, explicit and not unknown)  # PS3.5 6.2.2
-            if tag in _WANTED:
+            if tag in wanted:
                 found[tag] = items
             continue
         if length == 0xFFFFFFFF and vr in (b"OB", b"OW"):  # encapsulated pixel data (an icon): its fragments
@@ -2285,7 +2292,7 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item") -> t
             continue
         if length == 0xFFFFFFFF:
             raise ValueError("a value of undefined length")
-        if tag in _WANTED:
+        if tag in wanted:
             found[tag] = bytes(data[start:start + length])
         pos = start + length
     return found, pos
@@ -2316,6 +2323,109 @@ def _past_fragments(data, pos: int, end: int) -> int:
             raise ValueError("not a fragment")
         pos += 8 + size
     raise ValueError("encapsulated pixel data without its end")
+
+
+# Samples per Pixel, Number of Frames, Rows, Columns, Bits Allocated: what the Pixel Data's length follows from
+_PIXEL_LAYOUT = (0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100)
+
+
+def _top_level(data, pos: int, explicit: bool, wanted) -> tuple[dict, int] | None:
+    """`_dataset(data, pos, len(data), explicit, "top", wanted)` the quick way, for the common file: (the `wanted`
+    elements, where Pixel Data starts); None where it does not reach Pixel Data within `data`, or meets a value of
+    undefined length other than a sequence's."""
+    found, end = {}, len(data)
+    while pos + 12 <= end:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group == 0x7FE0 and element == 0x0010:
+            return found, pos
+        vr = data[pos + 4:pos + 6] if explicit else None
+        if not explicit:
+            length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+        elif vr in _LONG_VRS:
+            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+        else:
+            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        if length == 0xFFFFFFFF:
+            if vr not in (None, b"SQ", b"UN"):
+                return None
+            _, pos = _items(data, start, length, end, vr == b"SQ")  # its items followed to the sequence's end
+            continue
+        if group << 16 | element in wanted:
+            found[group << 16 | element] = data[start:start + length]
+        pos = start + length
+    return None
+
+
+def _quietly(parse, *args):
+    """parse(*args), None where the bytes run out or are not what they say."""
+    try:
+        return parse(*args)
+    except (ValueError, struct.error):
+        return None
+
+
+def _pixel_data_misfit(path: str) -> str | None:
+    """Of an uncompressed little-endian DICOM file whose header's Rows, Columns, Samples per Pixel, Bits Allocated
+    and Number of Frames do not account for its Pixel Data's length (short of it, or a row or more beyond padding):
+    what they give and what it holds, said; None for every other file (compressed, big endian, deflated, without the
+    file meta header or Pixel Data, or one this small parser cannot follow: as before the check, GDCM's). GDCM reads
+    such a file's pixels into the header's shape without an error: half a slice as a whole one. The header's first
+    16 kB are read, then its first megabyte, the whole file only where its elements reach further (0.07 ms a
+    file: 200 slices 13 ms)."""
+    import mmap
+
+    wanted = frozenset(_PIXEL_LAYOUT)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16384)
+            if head[128:132] != b"DICM":
+                return None
+            meta, start = _dataset(head, 132, len(head), True, "meta")
+            syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
+            if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+                return None
+            explicit = syntax == "1.2.840.10008.1.2.1"
+            found = _quietly(_top_level, head, start, explicit, wanted)
+            if found is None and len(head) == 16384:  # a long header (a scanner's private ones)
+                head += f.read(1 << 20)
+                found = _quietly(_top_level, head, start, explicit, wanted)
+            if found is None:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                    found = _dataset(data, start, len(data), explicit, "top", wanted)
+                    data = bytes(data[found[1]:found[1] + 12])
+                top, pos = found[0], 0
+            else:
+                (top, pos), data = found, head
+            if pos + 8 > len(data) or struct.unpack_from("<HH", data, pos) != (0x7FE0, 0x0010):
+                return None
+            if explicit and bytes(data[pos + 4:pos + 6]) in _LONG_VRS:
+                length = struct.unpack_from("<I", data, pos + 8)[0] if pos + 12 <= len(data) else None
+            else:
+                length = struct.unpack_from("<H" if explicit else "<I", data, pos + 6 if explicit else pos + 4)[0]
+    except (OSError, ValueError, struct.error):
+        return None
+
+    def number(tag: int, default: int | None) -> int | None:
+        value = top.get(tag)
+        if value is None:
+            return default
+        try:
+            return (int(value.decode("ascii").strip(" \0")) if tag == 0x00280008
+                    else struct.unpack("<H", value)[0] if len(value) == 2 else None)
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+    samples, frames, rows, columns, bits = (number(tag, default) for tag, default in
+                                            zip(_PIXEL_LAYOUT, (1, 1, None, None, None)))
+    if length is None or length == 0xFFFFFFFF or None in (samples, frames, rows, columns, bits):
+        return None
+    expected = -(-rows * columns * samples * frames * bits // 8)
+    row = max(2, columns * samples * bits // 8)
+    if expected <= length < expected + row:  # padding (to an even length, at most)
+        return None
+    shape = f"{rows} rows x {columns} columns" + (f" x {frames} frames" if frames != 1 else "") + (
+        f" x {samples} samples" if samples != 1 else "")
+    return f"gives {shape} of {bits} bits ({expected} bytes), but its Pixel Data holds {length} bytes"
 
 
 def _numbers(value) -> np.ndarray | None:

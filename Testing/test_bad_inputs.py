@@ -183,6 +183,9 @@ BAD_INPUTS = [
      "(a broken export: GDCM took 3 s and a gigabyte of memory a file, a minute and more a series)", "segment", 1,
      "are labelled Explicit VR Big Endian (Transfer Syntax UID 1.2.840.10008.1.2.2 in their file meta header), but "
      "their data set is implicit VR little endian"),
+    ("a DICOM series whose Rows do not fit its Pixel Data (halved in the header: GDCM read the first half of each slice "
+     "as a whole image, without an error)", "segment", 1,
+     "gives 16 rows x 32 columns of 16 bits (1024 bytes), but its Pixel Data holds 2048 bytes"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -664,6 +667,15 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "jpegxl", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         relabel_transfer_syntax(folder, "1.2.840.10008.1.2.4.110")
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series whose Rows do not fit its Pixel Data"):
+        folder = write_dicom_series(tmp / "in" / "halved", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        for path in folder.iterdir():  # Rows (0028,0010) 32 made 16 (implicit VR little endian)
+            data, count = re.subn(rb"\x28\x00\x10\x00\x02\x00\x00\x00\x20\x00", b"\x28\x00\x10\x00\x02\x00\x00\x00\x10\x00",
+                                  path.read_bytes(), count=1)
+            assert count == 1, path
+            path.write_bytes(data)
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series some of whose files are labelled Explicit VR Big Endian"):
         folder = write_dicom_series(tmp / "in" / "mislabelled", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

@@ -309,6 +309,33 @@ def test_a_series_truly_in_big_endian_or_deflated_is_read(tmp_path, syntax):
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
 
 
+def _set_us(path: Path, tag: bytes, value: int) -> None:
+    """Give an implicit VR little endian file's US element (group and element bytes `tag`) another value."""
+    data = path.read_bytes()
+    at = data.index(tag + b"\x02\x00\x00\x00")
+    path.write_bytes(data[:at + 8] + struct.pack("<H", value) + data[at + 10:])
+
+
+@pytest.mark.parametrize("which, tag, value", [("all", b"\x28\x00\x10\x00", 128), ("all", b"\x28\x00\x10\x00", 512),
+                                               ("all", b"\x28\x00\x11\x00", 255), ("one", b"\x28\x00\x10\x00", 128),
+                                               ("all", b"\x28\x00\x00\x01", 8)])
+def test_dicom_images_whose_header_does_not_fit_their_pixel_data_are_refused(tmp_path, which, tag, value):
+    """Rows (0028,0010), Columns (0028,0011) or Bits Allocated (0028,0100) changed in the header (a fuzzing audit's;
+    a damaged file) while the Pixel Data holds 256 x 256 x 2 bytes: GDCM read every slice as a 128-row image of
+    its first half without an error, 512 rows as leftover memory past it (refused by luck, as values that wrapped
+    around), one file so changed as "another image shares its series UID". Refused naming the file and the sizes."""
+    image, _ = make_volume(size=(256, 256, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    for path in sorted(folder.iterdir())[:1 if which == "one" else None]:
+        _set_us(path, tag, value)
+    shape = {b"\x28\x00\x10\x00": (value, 256, 16), b"\x28\x00\x11\x00": (256, value, 16),
+             b"\x28\x00\x00\x01": (256, 256, value)}[tag]
+    with pytest.raises(DeepWMLError, match=rf"the DICOM file slice000\.dcm gives {shape[0]} rows x {shape[1]} columns of "
+                                           rf"{shape[2]} bits \({shape[0] * shape[1] * shape[2] // 8} bytes\), but its "
+                                           r"Pixel Data holds 131072 bytes"):
+        io.read_image(folder)
+
+
 def _study(folder, *series):
     """A folder holding several DICOM series: (description, inversion ms, repetition ms, slices) each,
     told apart by their number of slices."""
