@@ -2380,8 +2380,14 @@ def _pixel_data_misfit(path: str) -> str | None:
             head = f.read(16384)
             if head[128:132] != b"DICM":
                 return None
-            meta, start = _dataset(head, 132, len(head), True, "meta")
-            syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
+            if head[132:140] == b"\x02\x00\x00\x00UL\x04\x00":  # the meta group's length, as the standard has it
+                start = 144 + struct.unpack_from("<I", head, 140)[0]
+                at = head.find(b"\x02\x00\x10\x00UI", 144, start)
+                syntax = "" if at < 0 else head[at + 8:at + 8 + struct.unpack_from("<H", head, at + 6)[0]].decode(
+                    "ascii", "replace").strip(" \0")
+            else:
+                meta, start = _dataset(head, 132, len(head), True, "meta")
+                syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
             if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
                 return None
             explicit = syntax == "1.2.840.10008.1.2.1"
