@@ -12,6 +12,10 @@ it measures
 (d) network FLOPs per slice and the GFLOP/s achieved by (a) and (b);
 (e) peak resident memory of (c), that process's own (started from a small launcher process, as
     Linux would otherwise count the benchmark's own memory in it);
+(f) what this CPU does at best in fp32: a large float32 matrix product (numpy's BLAS, in a process of its own
+    with the threads the networks have), the dense work CPUs run closest to their peak; the networks' GFLOP/s
+    of (b) as a share of it tells how much faster fp32 could go here at all (on a CPU without native bf16,
+    where (b) runs fp32, that bounds (b) against (a));
 when a brain-mask network is used (the shipped one by default), (a), (b) and (c) run it too;
 plus the agreement (Dice) of the masks from (a) and (b), and the start-up floor: the time a process
 takes only to import numpy and the runtime (and SimpleITK, for inputs other than NIfTI) and exit,
@@ -147,6 +151,63 @@ class _Launcher:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+# The CPU's vector units that decide how the networks run: bf16 natively (AMX or AVX512-BF16, where the default
+# runs bf16), AVX-512 or AVX2 (fp32). Linux's /proc/cpuinfo flag names.
+CPU_FEATURES = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """"AMD EPYC (AVX2)", "Intel(R) Xeon(R) ... (AVX-512, AVX512-BF16, AMX-BF16)": the CPU's model name and the
+    vector units of CPU_FEATURES it has, from Linux's /proc/cpuinfo (`cpuinfo`: its text); elsewhere the processor's
+    name as Python's platform module gives it (Windows: "Intel64 Family 6 Model 85 ...", which names no units)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read(1 << 20)
+        except OSError:
+            return platform.processor() or platform.machine()
+    name, flags = None, None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+    units = [label for flag, label in reversed(CPU_FEATURES) if flags and flag in flags]
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(units)})" if units else name
+
+
+MATMUL_SIZE = 2048  # 17.2 GFLOP a product: about 0.1 s at 150 GFLOP/s
+
+
+def fp32_matmul_gflops(threads: int | None, repeat: int = 5, size: int = MATMUL_SIZE) -> float | None:
+    """GFLOP/s of the best of `repeat` float32 products of two `size` x `size` matrices, in a fresh process whose BLAS
+    has `threads` threads (None: its default); None when that process fails."""
+    code = "\n".join([
+        "import time, numpy as np",
+        f"n = {size}",
+        "a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)",
+        "b = a.T.copy()",
+        "a @ b",  # BLAS's threads started, its buffers touched
+        "best = float('inf')",
+        f"for _ in range({repeat}):",
+        "    start = time.perf_counter()",
+        "    a @ b",
+        "    best = min(best, time.perf_counter() - start)",
+        "print(2 * n ** 3 / best / 1e9)"])
+    env = dict(os.environ)
+    if threads:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(threads)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        return float(done.stdout.split()[-1]) if done.returncode == 0 else None
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -285,6 +346,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         ready_floor.append(launcher.run(ready_command)[0])
         batch.append(launcher.run(batch_command)[0] / BATCH_CASES)
     launcher.close()
+    matmul = fp32_matmul_gflops(int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None)
     t_ref, t_opt, t_net, t_e2e, t_floor, t_batch, t_ready = (float(np.median(v)) for v in
                                                              (t_refs, t_opt, t_nets, e2e, floor, batch, ready_floor))
     opt_prob, opt_brain, _, _ = predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)
@@ -310,7 +372,8 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "brain_grid": None if brain is None else list(brain.preprocessing.grid_size),
         "runner": runner_name,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
+        "cpu": cpu_description(),
         "gflop_per_slice": round(flops / 1e9, 3),
         "gflop_per_slice_each": [round(f / 1e9, 3) for f in flops_each],
         "a_reference_s": round(t_ref, 3),
@@ -335,6 +398,8 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "e_peak_rss_mb": None if peak_mb is None else round(peak_mb, 1),
         "mask_dice_b_vs_a": round(mask_dice, 5),
         "brain_mask_dice_b_vs_a": None if brain is None else round(_dice(ref_maps[-1] >= 0.5, opt_brain >= 0.5), 5),
+        "f_fp32_matmul_gflops": None if matmul is None else round(matmul, 1),
+        "b_network_share_of_matmul": None if matmul is None else round(flops * slices_run / t_net / 1e9 / matmul, 2),
         "repeat": repeat,
         "bytecode_cached": bytecode_cached,
     }
@@ -360,6 +425,7 @@ def format_table(r: dict) -> str:
         ("brain-mask model", "none" if not r.get("brain_model") else
          f"{r['brain_model']} (base {r['brain_architecture']['base_channels']}, grid {r['brain_grid'][0]}×{r['brain_grid'][1]})"),
         ("machine / threads", f"{r['machine']} / {r['threads']}"),
+        ("CPU", r.get("cpu") or "not recorded"),
         ("(d) network FLOPs per slice", f"{r['gflop_per_slice']} GFLOP" + (
             f" ({' + '.join(str(f) for f in r['gflop_per_slice_each'])})" if len(r["gflop_per_slice_each"]) > 1 else "")),
         ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
@@ -372,6 +438,9 @@ def format_table(r: dict) -> str:
          f"each once on a blank slice; so c/b >= {r['c_over_b_lowest_possible']} for one case in a fresh process)"),
         ("(e) peak memory of (c)", "not measured on this system (no os.wait4: Windows)" if r["e_peak_rss_mb"] is None
          else f"{r['e_peak_rss_mb']:.0f} MiB"),
+        ("(f) fp32 matrix product here", "not measured" if r.get("f_fp32_matmul_gflops") is None else
+         f"{r['f_fp32_matmul_gflops']} GFLOP/s (the networks of (b) at {r['b_network_share_of_matmul']:.0%} of it; "
+         "a CPU runs little fp32 work faster)"),
         ("mask agreement b vs a", f"Dice {r['mask_dice_b_vs_a']:.4f}" + (
             "" if r.get("brain_mask_dice_b_vs_a") is None else f" (brain mask {r['brain_mask_dice_b_vs_a']:.4f})")),
     ]

@@ -50,6 +50,11 @@ def test_bench_reports_every_figure(tmp_path, tiny_model, capsys, monkeypatch):
     assert ((b + ready - blank - 0.0015) / (b + 0.0005) - 0.01 <= lowest
             <= (b + ready - blank + 0.0015) / max(b - 0.0005, 1e-9) + 0.01)
     assert result["brain_model"] is None and len(result["gflop_per_slice_each"]) == 1
+    # (f) the CPU's fp32 matrix rate, and the networks' share of it (from the unrounded network rate)
+    assert result["f_fp32_matmul_gflops"] > 0 and result["cpu"]
+    share = result["b_network_gflops"] / result["f_fp32_matmul_gflops"]
+    assert abs(result["b_network_share_of_matmul"] - share) < 0.01 + 0.1 * share
+    assert "(f) fp32 matrix product here" in format_table(result) and "\nCPU " in format_table(result)
 
     # With a brain-mask network (on a coarser grid), every timing runs both networks.
     brain = tiny_model_file(tmp_path / "brain.pt", grid=(32, 32), spacing_mm=2.0,
@@ -251,3 +256,42 @@ def test_bench_without_the_brain_mask_times_the_wmh_network_alone_in_c_too(tmp_p
     monkeypatch.setattr(bench._Launcher, "run", run_and_read)
     run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=None)
     assert brains and brains == [None] * len(brains)
+
+
+def test_cpu_description_names_the_vector_units_that_decide_the_precision():
+    """The table names the CPU and the units that decide how the networks run (bf16 natively, else fp32): the
+    first processor's model name and flags of /proc/cpuinfo, the units from the widest down."""
+    from DeepWMLLib.bench import cpu_description
+
+    zen3 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx f16c avx2 fma\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512f avx512_bf16\n")
+    assert cpu_description(zen3) == "AMD EPYC (AVX2)"
+    xeon = ("model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+            "flags\t\t: avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_description(xeon) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz (AVX2, AVX-512, AVX512-BF16, AMX-BF16)"
+    zen4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx2 avx512f avx512_bf16\n"
+    assert cpu_description(zen4) == "AMD EPYC 9B14 (AVX2, AVX-512, AVX512-BF16)"
+    arm = "processor\t: 0\nFeatures\t: fp asimd\n"  # no model name, no units of the list
+    assert cpu_description(arm) and "(" not in cpu_description(arm)
+
+
+def test_fp32_matmul_rate_is_a_product_timed_in_its_own_process(monkeypatch):
+    """(f): a float32 product of two n x n matrices is 2 n^3 floating-point operations; the figure is that over the
+    best time, from a process with the threads asked for. A failing process gives None, not a made-up rate."""
+    import subprocess
+
+    from DeepWMLLib import bench
+
+    seen = {}
+    real_run = subprocess.run
+
+    def spy(command, **kwargs):
+        seen["env"] = kwargs["env"]
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    rate = bench.fp32_matmul_gflops(1, repeat=2, size=256)
+    assert rate is not None and 0.1 < rate < 1e5
+    assert seen["env"]["OMP_NUM_THREADS"] == seen["env"]["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setattr(bench.sys, "executable", "/nonexistent/python")
+    assert bench.fp32_matmul_gflops(1, repeat=1, size=8) is None
