@@ -325,3 +325,76 @@ def test_an_image_pair_is_located_with_its_slice_thickness_across_slices():
     entry, distance = location.locate_images(*images)
     assert (entry["periventricular_ml"], entry["deep_ml"]) == (0.00125, 0.00125)
     assert sorted(distance.tolist()) == [5.0, 15.0]
+
+
+def test_rows_and_columns_of_unlike_pixel_sizes_keep_their_own_spacing():
+    """Rectangular pixels (0.5 mm between rows, 2 mm between columns, 3 mm slices): each axis measured with its own
+    spacing, worked out by hand. The ventricle is a block on slices 4-6, rows 20-39, columns 20-29 (600 voxels of
+    3 mm3: 1.8 ml). A lesion voxel 5 rows below its last row is 5 x 0.5 = 2.5 mm away, one 4 columns past its last
+    column 4 x 2 = 8 mm, one 7 columns past it 14 mm (deep), one 2 slices above it 2 x 3 = 6 mm, one 4 rows and 4
+    columns off its corner sqrt(2^2 + 8^2) = 8.2462 mm. With rows and columns swapped they read 10, 2, 3.5, 6 and
+    8.2462 mm: the deep one periventricular. `locate_images` (the Slicer module's path) reads the same from images
+    whose x (columns) are 2 mm and y (rows) 0.5 mm apart: 4 voxels periventricular (0.012 ml), 1 deep (0.003 ml)."""
+    ventricles = np.zeros((12, 60, 50), bool)
+    ventricles[4:7, 20:40, 20:30] = True
+    expected = {(5, 44, 25): 2.5, (5, 30, 33): 8.0, (5, 30, 36): 14.0, (8, 30, 25): 6.0,
+                (5, 43, 33): float(np.hypot(2.0, 8.0))}
+    lesion = np.zeros_like(ventricles)
+    for place in expected:
+        lesion[place] = True
+    spacing = (3.0, 0.5, 2.0)
+    whole = location.ventricle_distance(ventricles, spacing)
+    at = np.nonzero(lesion)
+    measured = location.ventricle_distance(ventricles, spacing, at=at)
+    for n, place in enumerate(zip(*at)):
+        place = tuple(int(v) for v in place)
+        assert whole[place] == pytest.approx(expected[place], abs=1e-4), place
+        assert measured[n] == pytest.approx(expected[place], abs=1e-4), place
+    images = []
+    for array in (lesion, ventricles):
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.SetSpacing((2.0, 0.5, 3.0))  # x: columns, y: rows, z: slices
+        images.append(image)
+    entry, distance = location.locate_images(*images)
+    assert sorted(distance.tolist()) == pytest.approx(sorted(expected.values()), abs=1e-4)
+    assert (entry["ventricles_ml"], entry["periventricular_ml"], entry["deep_ml"]) == (1.8, 0.012, 0.003)
+
+
+@pytest.mark.parametrize("margin_axis", [0, 1, 2])
+def test_lesions_on_the_box_edge_get_the_whole_maps_distances(margin_axis):
+    """The distance box (ventricle_distance with `at`) ends one voxel past the last ventricle voxel along each axis
+    when no lesion lies further. Lesions on that last ventricle layer and beside it, and a ventricle that is one
+    layer thin there (every voxel of it on the box's edge): the distances, bit for bit, those of the whole map;
+    by hand too: a lesion voxel on the last layer 3 voxels beside the ventricle is 3 spacings of that in-plane axis
+    away, and one on the layer below, diagonally off the ventricle's edge, sqrt(a^2 + b^2)."""
+    spacing = (5.0, 0.9, 1.1)
+    shape = [16, 30, 30]
+    ventricles = np.zeros(shape, bool)
+    lo, hi = [4, 8, 8], [9, 20, 20]  # last ventricle index along each axis: 8, 19, 19
+    ventricles[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    thin = [slice(lo[a], hi[a]) for a in range(3)]
+    thin[margin_axis] = slice(hi[margin_axis], hi[margin_axis] + 1)  # a one-voxel layer past the block on that axis
+    ventricles[tuple(thin)] = True
+    last = hi[margin_axis]  # the ventricle's last layer along margin_axis
+    other = [a for a in range(3) if a != margin_axis]
+    points = []
+    for step in (1, 3):  # beside the ventricle on its last layer, along each other axis
+        for a in other:
+            p = [6, 14, 14]
+            p[margin_axis] = last
+            p[a] = lo[a] - step
+            points.append((tuple(p), step * spacing[a]))
+    p = [6, 14, 14]  # the layer below, one voxel diagonally off the block's low corner in the other two axes
+    p[margin_axis] = last - 1
+    p[other[0]], p[other[1]] = lo[other[0]] - 1, lo[other[1]] - 1
+    points.append((tuple(p), float(np.hypot(spacing[other[0]], spacing[other[1]]))))
+    lesion = np.zeros_like(ventricles)
+    for place, _ in points:
+        lesion[place] = True
+    at = np.nonzero(lesion)
+    assert max(at[margin_axis]) == last  # no lesion past the ventricle along that axis: the box is the ventricle's
+    whole = location.ventricle_distance(ventricles, spacing)
+    measured = location.ventricle_distance(ventricles, spacing, at=at)
+    assert np.array_equal(measured.view(np.uint32), whole[at].view(np.uint32))
+    for place, mm in points:
+        assert whole[place] == pytest.approx(mm, abs=1e-4), place
