@@ -163,3 +163,131 @@ def test_isotropic_bound_holds_whatever_the_format(suffix, tmp_path):
     path = tmp_path / f"flair{suffix}"
     sitk.WriteImage(image, str(path))
     assert io.acquisition_plane(io.read_image(path)) == "isotropic"
+
+
+# columns are the voxel axes' directions in LPS: axis 0 runs posterior, axis 1 inferior, axis 2 to the patient's right
+_SECOND_AXIS_DOWN = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)
+
+
+@pytest.mark.parametrize("kind", ["SimpleITK", "Volume"])
+def test_a_file_whose_second_axis_runs_down_is_stacked_along_it_by_hand(kind):
+    """A file of 4 x 5 x 6 voxels (0.5, 3 and 0.8 mm) whose axis 0 runs posterior, axis 1 inferior and axis 2 to the
+    right (direction columns (0,1,0), (0,0,-1), (-1,0,0)): its direction matrix's row and column 2 point at
+    different axes, so reading the superior axis from the column instead of the row is seen. Worked out by hand:
+    the slices are axis 1 (|-1| in the superior row), 3 mm thick, running down (not inferior first); of axes 0 and 2
+    the columns are axis 2 (its x component -1), flipped to run to the left, 0.8 mm; the rows are axis 0, posterior
+    already, 0.5 mm; a pixel is 0.4 mm2. So stack[s, r, c] is voxel (i=r, j=s, k=5-c), numpy's array[5-c, s, r];
+    a voxel at (i=1, j=2, k=4) lies at [slice 2, row 1, col 1]. Its plane: axis 1 stands apart (3/0.8 > 0.8/0.5),
+    whose direction column (0,0,-1) is superior-inferior: axial (its row (1,0,0) would say sagittal)."""
+    array = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)  # numpy [k, j, i]
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 3.0, 0.8))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection(tuple(_SECOND_AXIS_DOWN.ravel()))
+    if kind == "Volume":
+        image = Volume(array.copy(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stack, frame = io.to_axial_stack(image)
+    assert (frame.slice_axis, frame.row_axis, frame.col_axis, frame.flip_row, frame.flip_col) == (1, 0, 2, False, True)
+    assert frame.inferior_first is False and frame.n_slices == 5
+    assert (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm) == (3.0, 0.5, 0.8)
+    assert frame.pixel_area_mm2 == pytest.approx(0.4)
+    assert stack.shape == (5, 4, 6)
+    s, r, c = np.meshgrid(np.arange(5), np.arange(4), np.arange(6), indexing="ij")
+    assert np.array_equal(stack, array[5 - c, s, r])
+    assert np.array_equal(io.axial_view(image, frame), stack)
+    # one nonzero voxel at (i=1, j=2, k=4): [slice 2, row 1, col 1]
+    one = np.zeros_like(array)
+    one[4, 2, 1] = 1
+    marked = sitk.GetImageFromArray(one) if kind == "SimpleITK" else Volume(one, frame.spacing, frame.origin,
+                                                                            frame.direction)
+    if kind == "SimpleITK":
+        marked.CopyInformation(image)
+    assert [int(v[0]) for v in io.axial_positions(marked, frame)] == [2, 1, 1]
+    back = io.from_axial_stack(stack, frame)
+    assert io.grid_difference(back, image) is None and np.array_equal(voxels(back), array)
+    # written back a few slices at a time: slices 1 and 3 of the stack land at j = 1 and 3
+    written = io.blank_map(frame)
+    io.put_axial_slices(written, frame, np.array([1, 3]), stack[[1, 3]])
+    expected = np.zeros_like(array)
+    expected[:, [1, 3], :] = array[:, [1, 3], :]
+    assert np.array_equal(voxels(written), expected)
+    assert io.acquisition_plane(image) == "axial"
+
+
+def test_the_plane_is_the_direction_of_the_slice_axis_not_its_row():
+    """Thick slices (0.9 x 0.9 x 5 mm) along a file's axis 2, which runs to the patient's right (direction column 2
+    (-1, 0, 0)): a sagittal acquisition. The direction matrix's row 2 is (0, -1, 0), which would say coronal."""
+    image = sitk.Image((8, 8, 6), sitk.sitkFloat32)
+    image.SetSpacing((0.9, 0.9, 5.0))
+    image.SetDirection(tuple(_SECOND_AXIS_DOWN.ravel()))
+    assert io.acquisition_axis(image) == 2 and io.acquisition_plane(image) == "sagittal"
+
+
+def test_the_slice_axis_of_spacings_in_even_steps_is_the_thickest():
+    """1 x 2 x 4 mm voxels: the thickest axis stands apart from the middle one (4/2) exactly as much as the thinnest
+    does (2/1); a 2D acquisition's slices are its thickest axis, so the slices are axis 2 (axial here), not the 1 mm
+    axis 0 (which would be sagittal). The same with the thick axis first (4 x 2 x 1 mm, axis 0 running
+    left-right: sagittal)."""
+    image = sitk.Image((8, 8, 6), sitk.sitkFloat32)
+    image.SetSpacing((1.0, 2.0, 4.0))
+    assert io.acquisition_axis(image) == 2 and io.acquisition_plane(image) == "axial"
+    image.SetSpacing((4.0, 2.0, 1.0))
+    assert io.acquisition_axis(image) == 0 and io.acquisition_plane(image) == "sagittal"
+
+
+def test_a_near_isotropic_volumes_slice_axis_is_its_axial_axis():
+    """1 x 1.1 x 1 mm (within 20 %): its geometry cannot tell how it was acquired, so `acquisition_axis` (the axis
+    realbg sub-slices) is the axial one, axis 2 here, not the 1.1 mm axis 1 that stands apart from the others."""
+    image = sitk.Image((8, 8, 6), sitk.sitkFloat32)
+    image.SetSpacing((1.0, 1.1, 1.0))
+    assert io.acquisition_axis(image) == 2 and io.acquisition_plane(image) == io.ISOTROPIC
+
+
+def test_a_slices_area_and_lv_use_both_pixel_sides_and_the_slice_spacing():
+    """Rectangular pixels, 0.5 mm between columns (x) and 0.8 mm between rows (y), 3 mm slices: 10 lesion voxels on
+    slice 2 are 10 x 0.5 x 0.8 = 4 mm2, an LV of 4 x 3 / 1000 = 0.012 ml (G1); the total 0.012 ml. With one pixel
+    side used twice the area reads 2.5 or 6.4 mm2."""
+    from DeepWMLLib.report import lesion_report
+
+    array = np.zeros((5, 12, 16), np.uint8)  # numpy [slice, row, col]
+    array[2, 6, 3:13] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.SetSpacing((0.5, 0.8, 3.0))
+    report = lesion_report(mask)
+    (row,) = [s for s in report["slices"] if s["area_mm2"] > 0]
+    assert (row["index"], row["area_mm2"], row["lv_group"]) == (2, 4.0, "G1")
+    assert row["lv_ml"] == pytest.approx(0.012) and report["volume_ml"] == pytest.approx(0.012)
+
+
+@pytest.mark.parametrize("direction", [(-1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, -1, 0, 0, 0, 1)],
+                         ids=["x-runs-right", "y-runs-anterior"])
+@pytest.mark.parametrize("kind", ["SimpleITK", "Volume"])
+def test_a_stack_given_up_is_put_back_with_only_its_own_axis_flipped(direction, kind):
+    """`from_axial_stack(reuse=True)` (how segment_image puts its maps back) flips the stack in its own buffer: a file
+    of axial slices whose x alone runs to the patient's right has its columns flipped (rows kept), one whose y alone
+    runs anterior its rows (columns kept). Put back, the stack is the file's own voxels again, exactly as without
+    reuse; flipping the other axis mirrors the mask."""
+    array = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.8, 4.0))
+    image.SetDirection(direction)
+    if kind == "Volume":
+        image = Volume(array.copy(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stack, frame = io.to_axial_stack(image)
+    assert (frame.flip_col, frame.flip_row) == ((True, False) if direction[0] < 0 else (False, True))
+    assert np.array_equal(stack, array[:, :, ::-1] if frame.flip_col else array[:, ::-1, :])
+    back = io.from_axial_stack(stack.copy(), frame, reuse=True)
+    assert io.grid_difference(back, image) is None and np.array_equal(voxels(back), array)
+
+
+@pytest.mark.parametrize("kind", ["SimpleITK", "Volume"])
+def test_an_axial_stack_is_never_the_images_own_voxels(kind):
+    """`to_axial_stack` (copy=True) gives a stack the caller may write into: for a float32 file of axial slices that
+    needs no flip, the stack is the image's voxels in the same order, but a copy; written over, the image keeps its
+    values (a scan normalised in place would otherwise change the scan, and the Slicer volume's voxels with it)."""
+    array = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    image = sitk.GetImageFromArray(array) if kind == "SimpleITK" else Volume(array.copy(), (1.0, 1.0, 3.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    stack, frame = io.to_axial_stack(image)
+    assert np.array_equal(stack, array) and stack.flags.writeable
+    stack[...] = -1
+    assert np.array_equal(voxels(image), array)
