@@ -2420,3 +2420,139 @@ def test_an_output_over_the_disk_quota_is_said_to_be_so(tmp_path, monkeypatch, r
         with pytest.raises(DeepWMLError, match=r"\(Disk quota exceeded\); your disk quota is used up"):
             io.write_image(scan, tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def _series_of_8(**fields):
+    return io.DicomSeries(uid="1.2.3", description="AX FLAIR", files=tuple(f"f{k}" for k in range(8)), **fields)
+
+
+@pytest.mark.parametrize("spacing, thickness, gap", [
+    (6.25, 6.125, None),  # 0.125 mm short: 2 % of 6.25 mm exactly, the tolerance: the same (written rounded)
+    (6.25, 6.0, 0.25),  # 0.25 mm: a gap
+    (1.0, 0.96875, None),  # 0.03125 mm: within the 0.05 mm floor of thin slices (2 % would be 0.02 mm)
+    (1.0, 0.9375, 0.0625),  # past it
+    (4.0, 5.0, None)])  # overlapping slices (a 3D FLAIR reconstructed at under its thickness): no gap
+def test_a_gap_between_slices_is_warned_of_past_the_larger_of_2_percent_and_50_microns(spacing, thickness, gap):
+    """`slice_gap_warning`'s rule by hand: Slice Thickness and slice spacing count as the same within the larger of
+    0.05 mm and 2 % of the spacing (values chosen exact in binary, so each boundary is met exactly): 6.25 mm slices
+    6.125 mm thick are 0.125 mm short, exactly 2 %: no gap; 6.0 mm thick: a 0.25 mm gap. 1 mm slices 0.96875 mm thick
+    are within 0.05 mm; 0.9375 mm thick is a 0.0625 mm gap. Thicker than the spacing is overlap, never a gap."""
+    image = sitk.Image((4, 4, 8), sitk.sitkInt16)
+    image.SetSpacing((0.9, 0.9, spacing))
+    warning = _series_of_8(slice_thickness_mm=thickness).slice_gap_warning(image)
+    if gap is None:
+        assert warning is None
+    else:
+        assert warning is not None and f"a {gap:.2f} mm gap between them" in warning
+
+
+def _cumulative(steps):
+    return tuple(float(v) for v in np.concatenate([[0.0], np.cumsum(steps)]))
+
+
+@pytest.mark.parametrize("steps, spacing, warned", [
+    ([6.25] * 7, 6.25, None),
+    # one step 0.125 mm long (2 % of 6.25 mm, the tolerance): slices 3.. 0.125 mm past the grid: the same
+    ([6.25, 6.25, 6.375, 6.25, 6.25, 6.25, 6.25], 6.25, None),
+    # 0.25 mm long: image 4 on lies 0.25 mm off its place
+    ([6.25, 6.25, 6.5, 6.25, 6.25, 6.25, 6.25], 6.25, "image 4 (instance 4) 0.25 mm"),
+    # thin slices: 0.15 mm is the floor (2 % of 0.5 mm would be 0.01 mm); 0.125 mm off: the same, 0.25 mm: warned
+    ([0.5, 0.5, 0.625, 0.5, 0.5, 0.5, 0.5], 0.5, None),
+    ([0.5, 0.5, 0.75, 0.5, 0.5, 0.5, 0.5], 0.5, "image 4 (instance 4) 0.25 mm"),
+    # each slice within 0.125 mm of its place (images 2 and 3 0.125 mm either side), but the step between them 0.25 mm
+    # short of 5 mm: a slab 5 % thin measured as 5 mm, warned of by its step
+    ([5.125, 4.75, 5.125, 5.0, 5.0, 5.0, 5.0], 5.0, "image 2 (instance 2) 0.12 mm")])
+def test_uneven_slices_are_warned_of_past_the_larger_of_2_percent_and_150_microns(steps, spacing, warned):
+    """`slice_spacing_warning`'s rule by hand, on positions along the slice axis (0, then the cumulative steps) and a
+    series read onto `spacing`: each slice's place from the first, and each step, within the larger of 0.15 mm and
+    2 % of the spacing of where the regular grid puts them. Positions exact in binary, so the boundaries hold
+    exactly: with 6.25 mm slices a step 0.125 mm long (2 %) is not warned of, 0.25 mm is (slice 4, instance 4, lies
+    0.25 mm off: its place 12.5 + 6.5 = 19.0 mm, the grid's 3 x 6.25 = 18.75 mm)."""
+    positions = _cumulative(steps)
+    image = sitk.Image((4, 4, len(positions)), sitk.sitkInt16)
+    image.SetSpacing((0.9, 0.9, spacing))
+    series = _series_of_8(slice_positions_mm=positions, instance_numbers=tuple(range(1, 9)))
+    warning = series.slice_spacing_warning(image)
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning is not None and f"which puts {warned} from where it was imaged" in warning
+
+
+@pytest.mark.parametrize("long_step, refused", [(6.0, False), (6.25, True)])
+def test_one_step_over_a_fifth_longer_than_the_others_is_refused(tmp_path, long_step, refused):
+    """Axial slices 5 mm apart but one step (images 3 to 4): 6 mm is a fifth longer, the most `_check_slice_spacing`
+    lets through (|6 - 5| = 1.0 mm, not over 0.2 x 5 mm), read and warned of; 6.25 mm (a quarter) is refused as uneven
+    slice spacing (no slice is missing: round(6.25 / 5) - 1 = 0), as a lesion past that step would be placed 1.25 mm
+    off on the mean grid."""
+    image, _ = make_volume(size=(16, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    steps = [5.0, 5.0, long_step, 5.0, 5.0, 5.0, 5.0]
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR",
+                                positions=stepped_positions(image, steps))
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"not evenly spaced \(6.25 mm between images 3 and 4, 5.00 mm "
+                                               r"elsewhere: uneven slice spacing\)"):
+            io.read_image(folder)
+    else:
+        (series,) = io.dicom_series(folder)
+        read = io.read_image(folder, series=series)
+        assert read.GetSize()[2] == 8
+        # (and a gap: 5 mm thick on the mean spacing of 5.14 mm)
+        assert [w for w in series.slice_warnings(read) if w.startswith("DICOM slices unevenly spaced (5.00 to 6.00 mm apart")]
+
+
+@pytest.mark.parametrize("run, refused", [(6, False), (7, True)])
+def test_slices_drifting_just_over_half_a_slice_are_refused(tmp_path, run, refused):
+    """`run` steps of 4.6 mm then `run` of 5.4 mm: every step within a fifth of the median 5.0 mm, and the mean
+    step 5.0 mm, so image `run` + 1 lies run x 0.4 mm before its place on the mean grid: 2.4 mm (0.48 of a slice)
+    for 6, read and warned of; 2.8 mm (0.56 of a slice, over half) for 7, refused."""
+    image, _ = make_volume(size=(16, 16, 2 * run + 1), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    steps = [4.6] * run + [5.4] * run
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR",
+                                positions=stepped_positions(image, steps))
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"mean spacing, 5.00 mm, image 8 would lie 2.8 mm \(over half a slice\)"):
+            io.read_image(folder)
+    else:
+        (series,) = io.dicom_series(folder)
+        read = io.read_image(folder, series=series)
+        (warning,) = series.slice_warnings(read)
+        assert "which puts image 7 (instance 7) 2.40 mm from where it was imaged" in warning
+
+
+@pytest.mark.parametrize("last_shift_mm, refused", [(0.4, False), (0.6, True)])
+def test_a_stack_sheared_by_over_half_a_pixel_is_refused(tmp_path, last_shift_mm, refused):
+    """Axial slices 5 mm apart (8 of them: 35 mm) of 0.8 mm pixels, each shifted along the rows by k/7 of
+    `last_shift_mm`: the most `_check_slice_spacing` lets through is half a pixel plus 0.2 % of the stack's length,
+    0.4 + 0.07 = 0.47 mm by hand. The last slice 0.4 mm sideways is read; 0.6 mm is refused (a sheared stack read
+    straight misplaces every slice; a limit of a whole pixel, 0.87 mm, let it through)."""
+    image, _ = make_volume(size=(16, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    origin = np.array(image.GetOrigin())
+    positions = [origin + np.array([0.0, k * last_shift_mm / 7, 5.0 * k]) for k in range(8)]
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR", positions=positions)
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"not stacked straight along their normal \(image 8 lies 0.6 mm sideways"):
+            io.read_image(folder)
+    else:
+        assert io.read_image(folder).GetSize()[2] == 8
+
+
+@pytest.mark.parametrize("positions_mm, refused", [(1.2, False), (1.3, True)])
+def test_slices_read_a_fifth_closer_than_their_positions_are_refused(tmp_path, positions_mm, refused):
+    """Classic images labelled Enhanced MR, as in the test above: GDCM reads them 1 mm apart whatever their
+    positions say. Positions 1.2 mm apart differ from the 1 mm read by 0.2 mm, within max(0.2 x 1.2, 0.15) =
+    0.24 mm: read (as 1 mm slices); 1.3 mm apart differ by 0.3 mm, over max(0.26, 0.15): refused, as every volume
+    would be 23 % small."""
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, positions_mm), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    for path in folder.iterdir():  # (0008,0016) MR Image Storage made Enhanced MR Image Storage (implicit VR)
+        data = path.read_bytes()
+        at = data.index(b"\x08\x00\x16\x00", 132) + 8
+        end = at + struct.unpack_from("<I", data, at - 4)[0]
+        path.write_bytes(data[:at - 4] + struct.pack("<I", 28) + b"1.2.840.10008.5.1.4.1.1.4.1\0" + data[end:])
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"read the series' slices 1.00 mm apart, but their Image Positions "
+                                               r"\(Patient\) are 1.30 mm apart"):
+            io.read_image(folder)
+    else:
+        assert io.read_image(folder).GetSpacing()[2] == pytest.approx(1.0)
