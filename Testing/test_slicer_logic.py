@@ -25,7 +25,7 @@ from DeepWMLLib.report import lesion_report  # noqa: E402
 from slicer_fixtures import blockingSegmentation, lateSegmentation, onnxCache, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
-from DeepWMLSlicerLib.CoreLogic import MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import LESION_TABLE, MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
 
 OBLIQUE = dict(direction=rotation(0.2, -0.1, 0.35), spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.65, 0.5, 6.0),))
 
@@ -1500,3 +1500,29 @@ def test_segments_of_one_name_are_all_lesion_in_the_module_as_on_the_command_lin
     expected = evaluate_case(truth, truth)
     assert DeepWMLCoreLogic().compareSegmentations(rater, mrml.segmentationFromMask(truth, volume, name="truth"),
                                                    volume)["dice"] == pytest.approx(expected["dice"])
+
+
+def test_the_panels_figures_read_as_measured_each_in_its_place():
+    """What the panel shows of hand-made results, worked out by hand: the total 1.2345 ml to two decimals (1.23 ml),
+    periventricular 0.9 ml before deep 0.3345 ml (0.90 then 0.33); a consensus table lists the slices the check found
+    most discordant first, in its order (5 then 2), then the others by index (1, 7); a lesion table gives a lesion's
+    periventricular share as a percentage (0.25: 25 %), its slices as a range (3–4) or one slice (6), and its row's
+    place as RAS: the report's LPS point (10, -20, 30) with x and y negated, (-10, 20, 30)."""
+    report = {"volume_ml": 1.2345, "lesion_count": 2, "warnings": [],
+              "location": {"judged": True, "periventricular_ml": 0.9, "deep_ml": 0.3345, "ventricles_ml": 20.0}}
+    lines = DeepWMLCoreLogic.formatReport(report).splitlines()
+    assert lines[0] == "Total lesion volume: 1.23 ml in 2 lesions"
+    assert lines[1].startswith("Periventricular 0.90 ml, deep 0.33 ml (within 10 mm")
+    logic = DeepWMLCoreLogic()
+    consensus = {"worst_slices": [5, 2], "slices": [
+        {"index": i, "dice": 0.5, "area_a_mm2": 1.0, "area_b_mm2": 2.0, "disagreement_mm2": 1.0} for i in (1, 2, 5, 7)]}
+    _, _, order = logic.sliceTable({"consensus": consensus})
+    assert order == [5, 2, 1, 7]
+    lesions = [{"id": 1, "volume_ml": 0.5, "slice_range": [3, 4], "point_mm": [10.0, -20.0, 30.0],
+                "periventricular_share": 0.25},
+               {"id": 2, "volume_ml": 0.01, "slice_range": [6, 6], "point_mm": [1.0, 2.0, 3.0],
+                "periventricular_share": 1.0}]
+    headers, rows, targets = logic.sliceTable({"table": LESION_TABLE, "report": {"lesions": lesions}})
+    assert headers == ["Lesion", "Volume (ml)", "Slices", "Periventricular"]
+    assert rows == [["2", "0.010", "6", "100 %"], ["1", "0.500", "3–4", "25 %"]]  # smallest first
+    assert targets == [(-1.0, -2.0, 3.0), (-10.0, 20.0, 30.0)]
