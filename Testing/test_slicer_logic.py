@@ -1526,3 +1526,41 @@ def test_the_panels_figures_read_as_measured_each_in_its_place():
     assert headers == ["Lesion", "Volume (ml)", "Slices", "Periventricular"]
     assert rows == [["2", "0.010", "6", "100 %"], ["1", "0.500", "3–4", "25 %"]]  # smallest first
     assert targets == [(-1.0, -2.0, 3.0), (-10.0, 20.0, 30.0)]
+
+
+def test_a_labelmap_slice_one_slice_below_the_flair_is_said_to_lie_outside_it(scene):
+    """The field of view ends half a voxel past the outer voxel centres: a labelmap one slice longer than the FLAIR at
+    its low end (its slice 0 centred one whole slice, index -1, below the FLAIR's first) has that slice outside. By
+    hand: 40 voxels on each of its slices 0 and 3 of 0.9 x 0.9 x 5 mm (4.05 mm3): 0.162 ml outside of 0.324 ml."""
+    flair, _ = make_volume(size=(48, 40, 10))
+    flairNode = mrml.volumeFromImage(flair[:, :, 1:6], "FLAIR")
+    marks = np.zeros((6, 40, 48), np.uint8)  # k, j, i on the whole scan's slices 0-5
+    marks[0, 20, 4:44] = marks[3, 20, 4:44] = 1
+    mask = sitk.GetImageFromArray(marks)
+    mask.CopyInformation(flair[:, :, :6])
+    labelmap = mrml.volumeFromImage(mask, "manual", "vtkMRMLLabelMapVolumeNode")
+    ours = mrml.segmentationFromMask(sitk.Image(mask[:, :, 1:6]), flairNode, name="DeepWML")
+    comparison = DeepWMLCoreLogic().compareSegmentations(ours, labelmap, flairNode)
+    assert comparison["reference_volume_ml"] == pytest.approx(0.162)
+    assert ("Note: 0.16 ml of 'manual' (of its 0.32 ml) lie outside the field of view of 'FLAIR'"
+            in DeepWMLCoreLogic.formatComparison(comparison))
+
+
+def test_a_labelmap_slice_centred_on_the_flairs_outer_face_is_not_said_to_lie_outside_it(scene):
+    """A voxel centre on the FLAIR's outer voxel face (a grid half a slice off) is inside, whatever the rounding: a
+    labelmap of the FLAIR's grid moved 2.5 mm (half a 5 mm slice) down has its slice 0 centred on the FLAIR's lowest
+    face, index -0.5; nothing of it is said to lie outside. Moved 2.6 mm down, that slice (40 voxels of 4.05 mm3:
+    0.162 ml of 0.324 ml) lies outside."""
+    flair, _ = make_volume(size=(48, 40, 6))
+    flairNode = mrml.volumeFromImage(flair, "FLAIR")
+    marks = np.zeros((6, 40, 48), np.uint8)
+    marks[0, 20, 4:44] = marks[3, 20, 4:44] = 1
+    for down, said in ((2.5, False), (2.6, True)):
+        mask = sitk.GetImageFromArray(marks)
+        mask.CopyInformation(flair)
+        mask.SetOrigin(tuple(np.array(flair.GetOrigin()) - [0.0, 0.0, down]))
+        labelmap = mrml.volumeFromImage(mask, f"manual {down}", "vtkMRMLLabelMapVolumeNode")
+        notes = mrml.outsideNote(labelmap, flairNode, "the Dice or the volumes")
+        assert bool(notes) == said, (down, notes)
+        if said:
+            assert notes[0].startswith(f"0.16 ml of 'manual {down}' (of its 0.32 ml) lie outside the field of view")
