@@ -2431,7 +2431,8 @@ def _series_of_8(**fields):
     (6.25, 6.0, 0.25),  # 0.25 mm: a gap
     (1.0, 0.96875, None),  # 0.03125 mm: within the 0.05 mm floor of thin slices (2 % would be 0.02 mm)
     (1.0, 0.9375, 0.0625),  # past it
-    (4.0, 5.0, None)])  # overlapping slices (a 3D FLAIR reconstructed at under its thickness): no gap
+    (4.0, 5.0, None),  # overlapping slices (a 3D FLAIR reconstructed at under its thickness): no gap
+    (5.0, 0.0, None)])  # a Slice Thickness of 0 says nothing of the slices (no "5.00 mm gap")
 def test_a_gap_between_slices_is_warned_of_past_the_larger_of_2_percent_and_50_microns(spacing, thickness, gap):
     """`slice_gap_warning`'s rule by hand: Slice Thickness and slice spacing count as the same within the larger of
     0.05 mm and 2 % of the spacing (values chosen exact in binary, so each boundary is met exactly): 6.25 mm slices
@@ -2556,3 +2557,19 @@ def test_slices_read_a_fifth_closer_than_their_positions_are_refused(tmp_path, p
             io.read_image(folder)
     else:
         assert io.read_image(folder).GetSpacing()[2] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("long_step, refused", [(6.0, False), (6.25, True)])
+def test_one_frame_step_over_a_fifth_longer_than_the_others_is_refused(tmp_path, long_step, refused):
+    """The same rule for the frames of one multi-frame (Enhanced MR) file (`_check_frames`): frames 5 mm apart but
+    one step of 6 mm (a fifth longer, |6 - 5| = 1.0 mm, not over 0.2 x 5 mm) is read onto the grid of the mean step;
+    6.25 mm (a quarter) is refused as unevenly spaced frames (not 'frames missing': 6.25 is under 1.5 x 5)."""
+    image, _ = make_volume(size=(16, 16, 8), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    write_enhanced_mr(tmp_path / "stack" / "IM1", image,
+                      positions=stepped_positions(image, [5.0, 5.0, long_step, 5.0, 5.0, 5.0, 5.0]))
+    if refused:
+        with pytest.raises(DeepWMLError, match=r"its frames unevenly spaced: 6.25 mm between two of them, 5.00 mm "
+                                               r"elsewhere"):
+            io.read_image(tmp_path / "stack")
+    else:
+        assert io.read_image(tmp_path / "stack").GetSize()[2] == 8
