@@ -58,6 +58,24 @@ FLAIR_CORTEX_RANGE = "47-77 %"
 CT_BRAIN = (-20.0, 100.0)  # the deep brain's median on a CT (white matter 20-35, with some CSF)
 CT_AIR, CT_BONE = -500.0, 500.0  # outside the brain: air is below the one, bone above the other
 CT_AIR_MIN, CT_BONE_MIN = 0.1, 0.01  # of the voxels outside the brain
+# A CT stored without its rescale (the raw stored values: 0 HU at 1024, air near 24 and the padding at 0, as a uint16
+# NIfTI of such a series holds them) is the same CT shifted by CT_RAW_OFFSET: its air, brain and bone are looked for
+# there too, but only when its ventricles are not dark (dark fraction under DARK_FRACTION_MIN: CSF at 1029-1039 against
+# air at 24), so that no FLAIR, whose ventricles are dark, can be taken for one (a FLAIR's white matter may lie
+# near 1024 and its scalp fat at 1.0-1.6 times that, above 1524). The dark fraction is measured here against the CT's
+# own air (24 stored), not the image's black, which lands on the brain when the air and the padding lie far below it.
+CT_RAW_OFFSET = 1024.0
+CT_AIR_HU = -1000.0
+# A brain-windowed CT (0-80 HU clipped and scaled to 0-255 or 0-4095) has a FLAIR's contrast inside the brain (CSF
+# dark, grey matter brighter than white), but its skull is clipped to the window's top: a ring of voxels at the
+# image's very top value. On an MRI the top value is a single voxel's (1 voxel of 2.9-7.3 M on the 11 clinical FLAIRs,
+# the sample and the synthetic FLAIRs checked); on the windowed phantoms 8.4-9.0 % of all voxels hold it, and the
+# top lies 2.6-4 times as far above the black as the deep brain does. So: at least CT_TOP_MIN of the voxels outside
+# the brain within CT_TOP_TOLERANCE of the image's range from its top, that top at least CT_TOP_RATIO times the deep
+# brain's level (both from the black).
+CT_TOP_MIN = 0.01
+CT_TOP_TOLERANCE = 0.002
+CT_TOP_RATIO = 2.0
 
 OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away):
 # 91-100 % on the 11 clinical scans, the sample and the 3 labelled ones (black 0 on each of them)
@@ -218,8 +236,9 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     intracranial and lesion masks (same shape, bool) and spacing (slice, row, col) in mm.
     `progress(fraction, message)`, when given, hears of its steps (seconds each on a large scan).
 
-    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "CT" (with `deep_median`, `air_fraction` and
-    `bone_fraction`), or None when not judged."""
+    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "CT" (with `stored`: "Hounsfield units" or "raw, 0 HU
+    at 1024", with `deep_median` (HU), `air_fraction` and `bone_fraction`; "brain window", with `top_fraction` and
+    `top_to_deep`), or None when not judged."""
     from .preprocessing import median
 
     tell = progress or (lambda fraction, message: None)
@@ -257,15 +276,28 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
         result["not_judged"] = "no intensity level to judge by (the deep brain is no brighter than the image's black)"
         return result
     tell(0.8, "FLAIR check: background outside brain")
-    ct_like = CT_BRAIN[0] <= reference <= CT_BRAIN[1]
-    *ct_shares, outside_dark = _dark_shares_outside(stack, np.asarray(intracranial, bool), [
-        *([(0.0, CT_AIR), (0.0, CT_BONE)] if ct_like else []), (black, DARK_RATIO * (reference - black))])
-    if ct_like:
-        air, bone = ct_shares
+    # where a CT's 0 HU lies: Hounsfield units, or raw stored values (only for ventricles that are not dark against
+    # the CT's air, -1000 HU: the image's black may be its brain, as air and padding lie far below the rest)
+    offsets = [offset for offset in (0.0, CT_RAW_OFFSET) if CT_BRAIN[0] <= reference - offset <= CT_BRAIN[1]
+               and (offset == 0 or np.mean(values < (reference + offset + CT_AIR_HU) / 2) < DARK_FRACTION_MIN)]
+    top = float(stack.max())
+    windowed = top - black >= CT_TOP_RATIO * (reference - black)  # a top well above the brain: a clipped skull?
+    levels = [level for offset in offsets for level in ((0.0, offset + CT_AIR), (0.0, offset + CT_BONE))]
+    if windowed:
+        levels.append((0.0, top - CT_TOP_TOLERANCE * (top - black)))
+    *shares, outside_dark = _dark_shares_outside(stack, np.asarray(intracranial, bool),
+                                                 [*levels, (black, DARK_RATIO * (reference - black))])
+    for i, offset in enumerate(offsets):
+        air, bone = shares[2 * i:2 * i + 2]
         if air is not None and air >= CT_AIR_MIN and 1 - bone >= CT_BONE_MIN:
-            result.update(looks_like="CT", deep_median=round(reference, 1), air_fraction=round(air, 3),
+            result.update(looks_like="CT", stored="raw, 0 HU at 1024" if offset else "Hounsfield units",
+                          deep_median=round(reference - offset, 1), air_fraction=round(air, 3),
                           bone_fraction=round(1 - bone, 3))
             return result
+    if windowed and shares[-1] is not None and 1 - shares[-1] >= CT_TOP_MIN:
+        result.update(looks_like="CT", stored="brain window", top_fraction=round(1 - shares[-1], 3),
+                      top_to_deep=round((top - black) / (reference - black), 2))
+        return result
     if outside_dark is not None and outside_dark < OUTSIDE_DARK_MIN:
         result["not_judged"] = ("no black background to measure levels from: almost nothing outside the brain is "
                                 "dark (a scan whose background was filled with another value, e.g. z-scored inside "
@@ -343,10 +375,16 @@ def bright_line_warning(line: dict, frame) -> str:
 def why_not_flair(check: dict) -> str | None:
     """Why a scan the check judged does not look like a FLAIR, with its figure and the real FLAIRs' (None when
     it looks like one, or was not judged)."""
+    if check.get("looks_like") == "CT" and check.get("stored") == "brain window":
+        return (f"its skull is clipped to the image's top value as a CT's in a brain window is, not an MRI's "
+                f"({check['top_fraction']:.0%} of the voxels outside the brain at the top value, "
+                f"{check['top_to_deep']:g} times the deep brain's level; a single voxel on the real FLAIRs checked)")
     if check.get("looks_like") == "CT":
-        return (f"its values are a CT's in Hounsfield units, not an MRI's (the deep brain at {check['deep_median']:g}, "
-                f"{check['air_fraction']:.0%} of the voxels outside the brain below {CT_AIR:g} as air is and "
-                f"{check['bone_fraction']:.0%} above {CT_BONE:g} as bone is)")
+        offset = CT_RAW_OFFSET if check.get("stored") == "raw, 0 HU at 1024" else 0.0
+        units = ("a CT's stored without its rescale (0 HU at 1024)" if offset else "a CT's in Hounsfield units")
+        return (f"its values are {units}, not an MRI's (the deep brain at {check['deep_median']:g} HU, "
+                f"{check['air_fraction']:.0%} of the voxels outside the brain below {offset + CT_AIR:g} as air is and "
+                f"{check['bone_fraction']:.0%} above {offset + CT_BONE:g} as bone is)")
     if check.get("looks_like") == "T2- or PD-weighted":
         return (f"the ventricles are not dark ({check['dark_fraction']:.2%} of the deep brain is darker than half its "
                 f"median; {FLAIR_DARK_RANGE} on the real FLAIRs checked)")
@@ -359,8 +397,8 @@ def why_not_flair(check: dict) -> str | None:
 def contrast_warnings(check: dict) -> list[str]:
     """The warning for a scan that does not look like a FLAIR (none otherwise)."""
     if check.get("looks_like") == "T2- or PD-weighted":
-        return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan, where "
-                "DeepWML marks CSF as lesion: check the series"]
+        return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan or a "
+                "diffusion ADC map, where DeepWML marks CSF as lesion: check the series"]
     if check.get("looks_like") == "CT":
         return [f"this looks like a CT, not an MRI: {why_not_flair(check)}; DeepWML segments FLAIR MRI only and its "
                 "marks and figures mean nothing here: give the FLAIR series"]

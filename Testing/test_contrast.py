@@ -375,3 +375,51 @@ def test_a_flair_of_low_levels_with_reslice_padding_of_minus_1024_is_no_ct():
     stack[:, :, :15] = np.where(inside[:, :, :15], stack[:, :, :15], -1024.0)
     check = contrast.flair_contrast(stack, inside, lesion, SPACING)
     assert check["looks_like"] == "FLAIR", check
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_a_ct_stored_without_its_rescale_is_said_to_be_a_ct(dtype):
+    """A CT's raw stored values (no RescaleIntercept applied: HU + 1024, air near 24, a uint16 NIfTI of such a series):
+    its ventricles (1032) are not dark against the black, and it was warned as 'T2- or PD-weighted'."""
+    stack, inside, lesion = _ct()
+    raw = np.clip(stack + 1024, 0, None).astype(dtype)
+    check = contrast.flair_contrast(raw, inside, lesion, SPACING)
+    assert check["looks_like"] == "CT" and check["stored"] == "raw, 0 HU at 1024", check
+    assert 20 <= check["deep_median"] <= 35  # in HU
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "looks like a CT, not an MRI" in warnings[0] and "without its rescale" in warnings[0]
+
+
+@pytest.mark.parametrize("top,dtype", [(255, np.uint8), (4095, np.uint16)])
+def test_a_brain_windowed_ct_is_said_to_be_a_ct_not_a_flair(top, dtype):
+    """A CT in a brain window (0-80 HU scaled to 0-255 or 0-4095): dark CSF and a cortex brighter than the white
+    matter, a FLAIR's contrast, and it passed as a FLAIR with no warning; its skull is clipped to the top value."""
+    stack, inside, lesion = _ct()
+    windowed = np.rint(np.clip(stack / 80, 0, 1) * top).astype(dtype)
+    check = contrast.flair_contrast(windowed, inside, lesion, SPACING)
+    assert check["looks_like"] == "CT" and check["stored"] == "brain window", check
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "looks like a CT, not an MRI" in warnings[0] and "clipped" in warnings[0]
+
+
+def test_a_flair_near_1024_with_bright_scalp_fat_is_no_raw_ct():
+    """A FLAIR whose white matter lies at 1040 (a CT's brain stored raw) with air at 0 and scalp fat at 1.5 times the
+    white matter (above a raw CT's bone level, 1524) around it: its ventricles are dark, so it stays a FLAIR; and a
+    single brightest voxel outside the brain is no clipped skull."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    stack = stack / 300 * 1040
+    outside = ndimage.distance_transform_edt(~inside, sampling=SPACING)
+    stack[(outside > 6) & (outside <= 12)] = 1.5 * 1040
+    stack[0, 0, 0] = 4000.0
+    check = contrast.flair_contrast(stack.astype(np.uint16), inside, lesion, SPACING)
+    assert check["looks_like"] == "FLAIR", check
+
+
+def test_an_adc_map_is_warned_as_not_a_flair_and_named():
+    """An ADC map (10^-6 mm2/s: white matter 750, cortex 850, CSF 3000, 0 outside the head as scanners store it): its
+    CSF is bright, so it is no FLAIR, and the warning names the ADC map beside T2 and PD."""
+    stack, inside, lesion = _head(850 / 750, 3000 / 750)
+    check = contrast.flair_contrast(stack / 300 * 750, inside, lesion, SPACING)
+    assert check["looks_like"] == "T2- or PD-weighted", check
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "ADC map" in warnings[0]
