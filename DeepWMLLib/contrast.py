@@ -68,9 +68,10 @@ CT_RAW_OFFSET = 1024.0
 CT_AIR_HU = -1000.0
 # A brain-windowed CT (0-80 HU clipped and scaled to 0-255 or 0-4095) has a FLAIR's contrast inside the brain (CSF
 # dark, grey matter brighter than white), but its skull is clipped to the window's top: a ring of voxels at the
-# image's very top value. On an MRI the top value is a single voxel's (1 voxel of 2.9-7.3 M on the 11 clinical FLAIRs,
-# the sample and the synthetic FLAIRs checked); on the windowed phantoms 8.4-9.0 % of all voxels hold it, and the
-# top lies 2.6-4 times as far above the black as the deep brain does. So: at least CT_TOP_MIN of the voxels outside
+# image's very top value. On an MRI the top value is a single voxel's (one of 1.2-4.9 M on each of the 11 clinical
+# FLAIRs, the sample and synthetic FLAIRs of `deepwml synth`); on the windowed phantoms of
+# Testing/benchmarks/non_flair_kinds.py (seeds 0-3) 7.9-9.1 % of the voxels outside the brain hold it, and the top
+# lies 2.9-3.6 times as far above the black as the deep brain does. So: at least CT_TOP_MIN of the voxels outside
 # the brain within CT_TOP_TOLERANCE of the image's range from its top, that top at least CT_TOP_RATIO times the deep
 # brain's level (both from the black).
 CT_TOP_MIN = 0.01
