@@ -503,6 +503,15 @@ def world(tmp_path):
     return tmp_path, paths
 
 
+def _set_us_element(folder: Path, tag: bytes, old: int, new: int) -> None:
+    """In each file of `folder`, the US element `tag` (implicit VR little endian: tag, length 2, value) `old` made `new`."""
+    for path in folder.iterdir():
+        data, count = re.subn(re.escape(tag + struct.pack("<IH", 2, old)), tag + struct.pack("<IH", 2, new),
+                              path.read_bytes(), count=1)
+        assert count == 1, path
+        path.write_bytes(data)
+
+
 def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     out = str(tmp / "out")
     seg = ["segment", "-o", out, "--model", str(p["model"]), "--device", "cpu"]
@@ -657,11 +666,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith("a DICOM series whose Samples per Pixel is 0"):
         folder = write_dicom_series(tmp / "in" / "zero", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
-        for path in folder.iterdir():  # (0028,0002) 1 made 0 (implicit VR little endian)
-            data, count = re.subn(rb"\x28\x00\x02\x00\x02\x00\x00\x00\x01\x00", b"\x28\x00\x02\x00\x02\x00\x00\x00\x00\x00",
-                                  path.read_bytes(), count=1)
-            assert count == 1, path
-            path.write_bytes(data)
+        _set_us_element(folder, b"\x28\x00\x02\x00", 1, 0)  # Samples per Pixel (0028,0002) 1 made 0
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series compressed in a transfer syntax GDCM cannot decode"):
         folder = write_dicom_series(tmp / "in" / "jpegxl", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
@@ -671,11 +676,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith("a DICOM series whose Rows do not fit its Pixel Data"):
         folder = write_dicom_series(tmp / "in" / "halved", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
-        for path in folder.iterdir():  # Rows (0028,0010) 32 made 16 (implicit VR little endian)
-            data, count = re.subn(rb"\x28\x00\x10\x00\x02\x00\x00\x00\x20\x00", b"\x28\x00\x10\x00\x02\x00\x00\x00\x10\x00",
-                                  path.read_bytes(), count=1)
-            assert count == 1, path
-            path.write_bytes(data)
+        _set_us_element(folder, b"\x28\x00\x10\x00", 32, 16)  # Rows (0028,0010) 32 made 16
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series some of whose files are labelled Explicit VR Big Endian"):
         folder = write_dicom_series(tmp / "in" / "mislabelled", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

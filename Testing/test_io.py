@@ -1333,17 +1333,22 @@ def test_a_series_whose_every_file_is_damaged_is_not_called_a_folder_without_dic
         io.read_image(folder)
 
 
+def _label_enhanced_mr(folder):
+    """Each file's (0008,0016) MR Image Storage made Enhanced MR Image Storage (implicit VR little endian)."""
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        at = data.index(b"\x08\x00\x16\x00", 132) + 8
+        end = at + struct.unpack_from("<I", data, at - 4)[0]
+        path.write_bytes(data[:at - 4] + struct.pack("<I", 28) + b"1.2.840.10008.5.1.4.1.1.4.1\0" + data[end:])
+
+
 def test_a_series_whose_slices_are_read_other_than_their_positions_space_them_is_refused(tmp_path):
     """Classic images labelled Enhanced MR (SOP Class UID damaged): GDCM sought their geometry in functional groups
     they lack and read 1 x 1 x 1 mm at 0, 0, 0, though their positions put the slices 5 mm apart: said 'ok', every
     volume wrong."""
     image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
-    for path in folder.iterdir():  # (0008,0016) MR Image Storage made Enhanced MR Image Storage (implicit VR)
-        data = path.read_bytes()
-        at = data.index(b"\x08\x00\x16\x00", 132) + 8
-        end = at + struct.unpack_from("<I", data, at - 4)[0]
-        path.write_bytes(data[:at - 4] + struct.pack("<I", 28) + b"1.2.840.10008.5.1.4.1.1.4.1\0" + data[end:])
+    _label_enhanced_mr(folder)
     with pytest.raises(DeepWMLError, match=r"read the series' slices 1.00 mm apart, but their Image Positions "
                                            r"\(Patient\) are 5.00 mm apart"):
         io.read_image(folder)
@@ -2546,11 +2551,7 @@ def test_slices_read_a_fifth_closer_than_their_positions_are_refused(tmp_path, p
     would be 23 % small."""
     image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, positions_mm), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
-    for path in folder.iterdir():  # (0008,0016) MR Image Storage made Enhanced MR Image Storage (implicit VR)
-        data = path.read_bytes()
-        at = data.index(b"\x08\x00\x16\x00", 132) + 8
-        end = at + struct.unpack_from("<I", data, at - 4)[0]
-        path.write_bytes(data[:at - 4] + struct.pack("<I", 28) + b"1.2.840.10008.5.1.4.1.1.4.1\0" + data[end:])
+    _label_enhanced_mr(folder)
     if refused:
         with pytest.raises(DeepWMLError, match=r"read the series' slices 1.00 mm apart, but their Image Positions "
                                                r"\(Patient\) are 1.30 mm apart"):
