@@ -2374,7 +2374,7 @@ def _pixel_data_misfit(path: str) -> str | None:
     file: 200 slices 13 ms)."""
     import mmap
 
-    wanted = frozenset(_PIXEL_LAYOUT)
+    wanted = frozenset(_PIXEL_LAYOUT + (0x00280004,))  # and Photometric Interpretation
     try:
         with open(path, "rb") as f:
             head = f.read(16384)
@@ -2425,8 +2425,11 @@ def _pixel_data_misfit(path: str) -> str | None:
                                             zip(_PIXEL_LAYOUT, (1, 1, None, None, None)))
     if length is None or length == 0xFFFFFFFF or None in (samples, frames, rows, columns, bits):
         return None
-    expected = -(-rows * columns * samples * frames * bits // 8)
-    row = max(2, columns * samples * bits // 8)
+    photometric = bytes(top.get(0x00280004, b"")).decode("ascii", "replace").strip(" \0").upper()
+    # 4:2:2 colour keeps one Cb and one Cr for each two pixels (PS3.3 C.7.6.3.1.2): 2 samples a pixel stored, not 3
+    stored = 2 if samples == 3 and photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") else samples
+    expected = -(-rows * columns * stored * frames * bits // 8)
+    row = max(2, columns * stored * bits // 8)
     if expected <= length < expected + row:  # padding (to an even length, at most)
         return None
     shape = f"{rows} rows x {columns} columns" + (f" x {frames} frames" if frames != 1 else "") + (

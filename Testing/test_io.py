@@ -336,6 +336,53 @@ def test_dicom_images_whose_header_does_not_fit_their_pixel_data_are_refused(tmp
         io.read_image(folder)
 
 
+def _colour_series(folder: Path, photometric: str, pixel_bytes: int, slices: int = 3) -> Path:
+    """An 8-bit colour (Samples per Pixel 3) DICOM series of 6 x 4 pixels written by hand in explicit VR little
+    endian, its Photometric Interpretation `photometric`, each Pixel Data `pixel_bytes` long."""
+
+    def element(tag: int, vr: str, value) -> bytes:
+        value = value.encode() + (b"\0" if vr == "UI" else b" ") * (len(value) % 2) if isinstance(value, str) else value
+        if vr == "OB":
+            return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"OB", 0, len(value)) + value
+        return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+    folder.mkdir(parents=True)
+    for k in range(slices):
+        sop = f"1.2.3.4.77.{k + 1}"
+        meta = (element(0x00020001, "OB", b"\0\1") + element(0x00020002, "UI", "1.2.840.10008.5.1.4.1.1.7")
+                + element(0x00020003, "UI", sop) + element(0x00020010, "UI", "1.2.840.10008.1.2.1"))
+        us = lambda value: struct.pack("<H", value)  # noqa: E731
+        body = b"".join([element(0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.7"), element(0x00080018, "UI", sop),
+                         element(0x00080060, "CS", "MR"), element(0x0020000D, "UI", "1.2.3.4"),
+                         element(0x0020000E, "UI", "1.2.3.4.77"), element(0x00200013, "IS", str(k + 1)),
+                         element(0x00200032, "DS", f"0\\0\\{5 * k}"), element(0x00200037, "DS", "1\\0\\0\\0\\1\\0"),
+                         element(0x00280002, "US", us(3)), element(0x00280004, "CS", photometric),
+                         element(0x00280006, "US", us(0)), element(0x00280010, "US", us(4)),
+                         element(0x00280011, "US", us(6)), element(0x00280030, "DS", "1\\1"),
+                         element(0x00280100, "US", us(8)), element(0x00280101, "US", us(8)),
+                         element(0x00280102, "US", us(7)), element(0x00280103, "US", us(0)),
+                         element(0x7FE00010, "OB", bytes(range(pixel_bytes)))])
+        (folder / f"slice{k:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + element(0x00020000, "UL", struct.pack(
+            "<I", len(meta))) + meta + body)
+    return folder
+
+
+@pytest.mark.parametrize("photometric, pixel_bytes, misfit", [("RGB", 72, False), ("YBR_FULL", 72, False),
+                                                              ("YBR_FULL_422", 48, False), ("YBR_PARTIAL_422", 48, False),
+                                                              ("YBR_FULL_422", 72, True), ("RGB", 48, True)])
+def test_uncompressed_ybr_422_pixel_data_is_two_samples_a_pixel_not_a_damaged_header(tmp_path, photometric,
+                                                                                    pixel_bytes, misfit):
+    """YBR_FULL_422 (and the retired YBR_PARTIAL_422) uncompressed keeps one Cb and one Cr for each two pixels
+    (PS3.3 C.7.6.3.1.2): 2 bytes a pixel of 8 bits for its 3 samples, so 6 x 4 pixels hold 48 bytes, not 72: such a
+    file was refused as a damaged header. Such a colour series is still refused, for its colour (3 values a voxel)."""
+    folder = _colour_series(tmp_path / "colour", photometric, pixel_bytes)
+    said = io._pixel_data_misfit(str(folder / "slice000.dcm"))
+    assert (said is not None) == misfit, said
+    with pytest.raises(DeepWMLError) as refused:
+        io.read_image(folder)
+    assert ("Pixel Data holds" in str(refused.value)) == misfit, str(refused.value)
+
+
 def _study(folder, *series):
     """A folder holding several DICOM series: (description, inversion ms, repetition ms, slices) each,
     told apart by their number of slices."""
