@@ -201,7 +201,9 @@ def fp32_matmul_gflops(threads: int | None, repeat: int = 5, size: int = MATMUL_
         "print(2 * n ** 3 / best / 1e9)"])
     env = dict(os.environ)
     if threads:
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        # numpy's BLAS: OpenBLAS (Linux, Windows wheels), MKL, BLIS, or Apple's Accelerate (numpy 2's macOS wheels)
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                     "VECLIB_MAXIMUM_THREADS"):
             env[name] = str(threads)
     try:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

@@ -293,5 +293,7 @@ def test_fp32_matmul_rate_is_a_product_timed_in_its_own_process(monkeypatch):
     rate = bench.fp32_matmul_gflops(1, repeat=2, size=256)
     assert rate is not None and 0.1 < rate < 1e5
     assert seen["env"]["OMP_NUM_THREADS"] == seen["env"]["OPENBLAS_NUM_THREADS"] == "1"
+    # every BLAS numpy ships with or is built against: Apple's Accelerate (numpy 2's macOS wheels) ran on every core
+    assert all(seen["env"][name] == "1" for name in ("MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"))
     monkeypatch.setattr(bench.sys, "executable", "/nonexistent/python")
     assert bench.fp32_matmul_gflops(1, repeat=1, size=8) is None
