@@ -584,7 +584,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     sub-pixel phases (--grid-phases).
     """
     from .adapt import adaptation_summary
-    from .contrast import bright_line, bright_line_warning, contrast_warnings, flair_contrast
+    from .contrast import (bright_line, bright_line_warning, clipped_top, clipped_warning, contrast_warnings,
+                           flair_contrast)
     from .inference import check_batch_size, predict_maps, progress_part, resolve_device
     from .postprocessing import BRAIN_THRESHOLD, DEFAULT_MIN_LESION_MM3, postprocess
     from .report import lesion_report
@@ -661,6 +662,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     line = bright_line(io.axial_view(image, frame))  # with or without a brain mask: the line runs through the air too
     if line:
         warnings.append(bright_line_warning(line, frame))
+    clipped = clipped_top(io.axial_view(image, frame), facts.get("head_voxels", 0))  # with or without a brain mask
+    if clipped:
+        warnings.append(clipped_warning(clipped))
     if facts.get("slices_below_head"):
         from .preprocessing import HEAD_HEIGHT_MM
 
@@ -711,6 +715,8 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                                progress_part(progress, FLAIR_CHECK_AT, 0.99))
         report["contrast"] = check
         warnings += contrast_warnings(check)
+        if clipped and check.get("looks_like") == "CT":  # a CT in a brain window: its clipped skull is the CT warning's
+            warnings.remove(clipped_warning(clipped))
         load = report["volume_ml"] / max(report["intracranial_ml"], 1e-9)
         # a brain mask of nothing keeps marks only with --no-brain-mask: a share of it means nothing, and the
         # coverage warning above says the mask failed

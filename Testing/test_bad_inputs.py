@@ -173,6 +173,8 @@ BAD_INPUTS = [
      "made for the checks)", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("a scan with a bright line through every slice (an RF zipper or stripe artefact, which the network marks as "
      "lesion)", "segment", 0, "ok: segmented, warning printed (\"straight bright line\")"),
+    ("a scan exported in a display window (8-bit, its brightest voxels cut to one value, lesions with them)", "segment",
+     0, "ok: segmented, warning printed (\"looks clipped\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
     ("a DICOM series whose Samples per Pixel is 0 (a damaged header, at which GDCM stops: an internal error before)",
@@ -708,6 +710,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         wrapped = sitk.GetImageFromArray((scaled % 65536).astype(np.uint16))
         wrapped.CopyInformation(scan)
         return seg + [str(_write(tmp / "in" / "wrapped_unsigned.nii.gz", wrapped))]
+    if row_id.startswith("a scan exported in a display window"):
+        scan = sitk.ReadImage(str(p["good"]))
+        voxels = sitk.GetArrayFromImage(scan).astype(np.float64)
+        # a fifth of its upper part cut (about 400 of its 5120 voxels: a small volume, CLIPPED_VOXELS_MIN is 100)
+        cut = np.percentile(voxels[voxels > np.percentile(voxels, 60)], 80)
+        windowed = sitk.GetImageFromArray((np.clip(voxels / cut, 0, 1) * 255).round().astype(np.uint8))
+        windowed.CopyInformation(scan)
+        return seg + [str(_write(tmp / "in" / "windowed.nii.gz", windowed))]
     if row_id.startswith("a scan with a bright line through every slice"):
         zipper = sitk.ReadImage(str(p["good"]))
         voxels = sitk.GetArrayFromImage(zipper)
@@ -920,6 +930,10 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert "sagittal acquisition with 5 mm slices" in err
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         assert summary[0].endswith(",warnings") and "sagittal acquisition" in summary[1]
+    if row_id.startswith("a scan exported in a display window"):
+        report = json.loads((tmp / "out" / "windowed_report.json").read_text(encoding="utf-8"))
+        assert "of the head's voxels hold the image's top value, 255" in err
+        assert any("looks clipped" in warning for warning in report["warnings"])
     if row_id.startswith("a scan with a bright line through every slice"):
         summary = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig")
         assert "straight bright line runs from front to back" in err and "straight bright line" in summary

@@ -423,3 +423,63 @@ def test_an_adc_map_is_warned_as_not_a_flair_and_named():
     assert check["looks_like"] == "T2- or PD-weighted", check
     warnings = contrast.contrast_warnings(check)
     assert len(warnings) == 1 and "ADC map" in warnings[0]
+
+
+def _windowed(voxels: np.ndarray, percentile: float) -> np.ndarray:
+    """`voxels` exported in a display window: cut at `percentile` of its upper voxels and scaled to 8 bits."""
+    top = np.percentile(voxels[voxels > np.percentile(voxels, 60)], percentile)
+    return (np.clip(voxels / top, 0, 1) * 255).round().astype(np.uint8)
+
+
+def test_a_scan_clipped_by_a_display_window_is_found_and_the_real_flairs_are_not(shared_data):
+    """The clipping check's margin: 1-2 voxels at the top value on the 11 clinical FLAIRs, the 3 labelled ones and the
+    sample (under 0.0003 % of the head; CLIPPED_SHARE_MIN 0.1 %); patient19_study2 exported to 8 bits at its head's
+    99.7th percentile puts 0.65 % of the head at 255 (its lesion volume 20.88 -> 22.24 ml), at the 97th 6.4 %."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.preprocessing import plan_volume
+
+    scans = sorted((shared_data / "open_ms" / "clinical_flair").glob("*.nii.gz"))
+    labelled = sorted((shared_data / "open_ms" / "labelled").glob("*/flair.nii.gz"))
+    assert len(scans) == 11 and len(labelled) == 3
+    heads = {}
+    for path in [*scans, *labelled, Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz"]:
+        image = io.read_image(path)
+        frame = io.slice_frame(image)
+        stack = io.axial_view(image, frame)
+        heads[path.name] = plan_volume(stack, frame, set()).head_voxels
+        assert contrast.clipped_top(stack, heads[path.name]) is None, path
+    image = io.read_image(scans[9])
+    assert scans[9].name == "patient19_study2.nii.gz"
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    head = plan_volume(io.axial_view(image), io.slice_frame(image), set()).head_voxels
+    for percentile, share in ((99.7, 0.0065), (97, 0.064)):
+        clipped = contrast.clipped_top(_windowed(voxels, percentile), head)
+        assert clipped is not None and clipped["top"] == 255 and clipped["share"] == pytest.approx(share, rel=0.05)
+        assert f"{clipped['share']:.2%} of the head's voxels hold the image's top value, 255" in \
+            contrast.clipped_warning(clipped) and "looks clipped" in contrast.clipped_warning(clipped)
+
+
+def test_clipping_is_counted_by_the_top_value_s_share_of_the_head():
+    """By hand: a 10 x 20 x 20 volume, a tenth of it air (0-4), the rest tissue (80-120) but 150 voxels at its top value
+    200, a head of 4000 voxels: 150 / 4000 = 3.75 % -> found (>= 0.1 % and >= 100 voxels); 99 voxels at the top: too
+    few to say; a head of 200 000: 0.075 %, under the share; a volume of one value (no top above its black): nothing to
+    say. Within 0.2 % of the range from the top counts as the top (a clipped scan resampled after the cut), 0.3 % not."""
+    rng = np.random.default_rng(0)
+    stack = rng.uniform(80, 120, (10, 20, 20)).astype(np.float32)
+    stack[:, :2, :] = rng.uniform(0, 4, (10, 2, 20))  # the air
+    stack.reshape(-1)[-150:] = 200
+    black = contrast.image_black(stack)
+    assert 0 <= black < 1
+    assert contrast.clipped_top(stack, 4000) == {"share": 0.0375, "voxels": 150, "top": 200.0}
+    assert contrast.clipped_top(stack, 200_000) is None
+    few = stack.copy()
+    few.reshape(-1)[-150:-99] = 100
+    assert contrast.clipped_top(few, 4000) is None
+    near = stack.copy()
+    near.reshape(-1)[-150:-1] = 200 - 0.0019 * (200 - black)  # within 0.2 % of the range under the top: counted
+    assert contrast.image_black(near) == black and contrast.clipped_top(near, 4000)["voxels"] == 150
+    near.reshape(-1)[-150:-1] = 200 - 0.003 * (200 - black)
+    assert contrast.image_black(near) == black and contrast.clipped_top(near, 4000) is None
+    assert contrast.clipped_top(np.full((4, 8, 8), 7.0, np.float32), 100) is None
