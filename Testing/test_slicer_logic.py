@@ -1564,3 +1564,31 @@ def test_a_labelmap_slice_centred_on_the_flairs_outer_face_is_not_said_to_lie_ou
         assert bool(notes) == said, (down, notes)
         if said:
             assert notes[0].startswith(f"0.16 ml of 'manual {down}' (of its 0.32 ml) lie outside the field of view")
+
+
+def test_a_segmentation_is_read_with_the_source_representation_names_of_any_supported_slicer():
+    """Slicer renamed a segmentation's "master" representation its "source" representation (GetSourceRepresentationName
+    beside GetMasterRepresentationName, kept as a deprecated alias for a while). The module called only the new name: on
+    a Slicer with the old one alone, choosing an existing segmentation as the output failed with AttributeError, and one
+    that drops the old alias must keep working too. Fake segmentations with one name or the other."""
+    labelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+
+    class Old:  # Slicer before the rename
+        def __init__(self, held):
+            self.GetMasterRepresentationName = lambda: held
+
+    class New:  # a Slicer that has dropped the deprecated alias
+        def __init__(self, held):
+            self.GetSourceRepresentationName = lambda: held
+
+    def node(segmentation):
+        return types.SimpleNamespace(GetSegmentation=lambda: segmentation, GetName=lambda: "chosen")
+
+    for kind in (Old, New):
+        assert mrml.sourceRepresentationName(kind(labelmap)) == labelmap
+        mrml.checkMaskTarget(node(kind(labelmap)))  # binary labelmaps: written into
+        with pytest.raises(DeepWMLError, match="^'chosen' holds its segments as closed surfaces"):
+            mrml.checkMaskTarget(node(kind(surface)))
+    with pytest.raises(DeepWMLError, match="neither GetSourceRepresentationName nor GetMasterRepresentationName"):
+        mrml.sourceRepresentationName(object())

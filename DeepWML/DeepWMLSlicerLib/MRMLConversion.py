@@ -423,6 +423,18 @@ def referenceVolumeOf(node):
     return None
 
 
+def sourceRepresentationName(segmentation) -> str:
+    """The representation a segmentation's segments are held in (what is saved, and edited): Slicer's "source"
+    representation, named "master" before Slicer renamed it (GetMasterRepresentationName, kept a while after as a
+    deprecated alias). Whichever of the two this Slicer has."""
+    for name in ("GetSourceRepresentationName", "GetMasterRepresentationName"):
+        method = getattr(segmentation, name, None)
+        if method is not None:
+            return method()
+    raise DeepWMLError("this Slicer's segmentations have neither GetSourceRepresentationName nor "
+                       "GetMasterRepresentationName; DeepWML does not know this version of Slicer")
+
+
 def checkMaskTarget(segmentationNode) -> None:
     """Refuse a segmentation that holds its segments as closed surfaces (its source representation: one made from
     models or surface files) as the place for a mask, before anything runs or is written: Slicer would make the mask
@@ -430,7 +442,7 @@ def checkMaskTarget(segmentationNode) -> None:
     segmentation) passes."""
     if segmentationNode is None:
         return
-    source = segmentationNode.GetSegmentation().GetSourceRepresentationName()
+    source = sourceRepresentationName(segmentationNode.GetSegmentation())
     if source != slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName():
         raise DeepWMLError(f"'{segmentationNode.GetName()}' holds its segments as {source.lower()}s, so the mask put "
                            "into it would be smoothed into a surface and measure less; choose 'Create new "
