@@ -310,7 +310,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the results are those of the volume that was segmented, whatever is selected now
             p.inputVolume, p.outputSegmentation = job.volumeNode, segmentation
             slicer.util.setSliceViewerLayers(background=job.volumeNode)
-            self.ui.statusLabel.text = self.logic.describeRun(job.result.report)
+            # and, for a frame of a sequence, that the browser was moved back to the frame segmented
+            self.ui.statusLabel.text = " ".join([self.logic.describeRun(job.result.report)] + job.notes)
             self._clearResults(keepConsensus=True)  # an earlier Dice or change readout is of an older result
             self.onShowStatistics()
 

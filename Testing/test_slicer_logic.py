@@ -22,7 +22,7 @@ from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from DeepWMLLib.report import lesion_report  # noqa: E402
-from slicer_fixtures import blockingSegmentation, lateSegmentation, onnxCache, scene  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import blockingSegmentation, lateSegmentation, onnxCache, scene, seriesOfFrames  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 from DeepWMLSlicerLib.CoreLogic import LESION_TABLE, MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
@@ -1564,6 +1564,60 @@ def test_a_labelmap_slice_centred_on_the_flairs_outer_face_is_not_said_to_lie_ou
         assert bool(notes) == said, (down, notes)
         if said:
             assert notes[0].startswith(f"0.16 ml of 'manual {down}' (of its 0.32 ml) lie outside the field of view")
+
+
+def test_a_frame_of_a_series_moved_on_during_its_run_gets_the_result_of_the_frame_segmented(scene, monkeypatch,
+                                                                                            tiny_model):
+    """A 4D or multi-frame series browsed in Slicer is one proxy volume whose voxels the sequence browser replaces
+    frame by frame. Its voxels are copied when Segment WMH starts, so the mask is of that frame; but browsed on to
+    another frame while it ran, the result was put on the proxy node as it showed then (another frame's voxels, and
+    their geometry), named '<series> WMH' with nothing to tell which frame it was of. The browser is now put back on
+    the frame segmented, the result is named and recorded with that frame and the status line says so; a rerun on
+    another frame makes a result of its own rather than overwrite this frame's."""
+    oracle_network(monkeypatch)
+    first, truthFirst = make_volume(**OBLIQUE)
+    second, truthSecond = make_volume(**dict(OBLIQUE, blobs=((0.7, 0.35, 0.5, 6.0),)))
+    browser, proxy, sequences = seriesOfFrames(scene, [first, second])
+    assert dice(sitk.Cast(mrml.imageFromVolume(proxy) > 600, sitk.sitkUInt8), truthFirst) == 1.0
+    started, gate = lateSegmentation(monkeypatch)
+    logic = DeepWMLCoreLogic()
+    logic.workerPython = None
+    job = logic.startSegmentation(proxy, device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
+    assert started.wait(10)
+    browser.SetSelectedItemNumber(1)  # the user browses on: the proxy node's voxels are the second frame's now
+    assert dice(sitk.Cast(mrml.imageFromVolume(proxy) > 600, sitk.sitkUInt8), truthSecond) == 1.0
+    gate.set()
+    assert job.wait(60)
+    result = logic.finishSegmentation(job)
+
+    assert browser.GetSelectedItemNumber() == 0  # shown with the frame it was made from
+    assert dice(mrml.maskFromSegmentation(result, proxy), truthFirst) > 0.9
+    assert result.GetName() == "FLAIR series WMH (time = 0.00 s)"
+    assert job.notes == ["The sequence browser 'FLAIR series browser' was moved to time = 10.00 s while 'FLAIR series' "
+                         "was being segmented: the result is of time = 0.00 s, the frame segmented, which is shown again"]
+    report = logic.lesionStatistics(result, proxy)
+    assert report["frame"] == {"label": "time = 0.00 s", "item": 0, "sequence": "FLAIR series",
+                               "browser_name": "FLAIR series browser"}
+    assert "Frame time = 0.00 s of the sequence 'FLAIR series'" in logic.formatReport(report)
+    assert logic.outputFor(result, proxy) is result  # the same frame: rerun into it
+    browser.SetSelectedItemNumber(1)
+    assert logic.outputFor(result, proxy) is None  # another frame: a result of its own
+    second_result = logic.segmentVolume(proxy, device="cpu", modelPaths=[str(tiny_model)], brainMask=False,
+                                        location=False, segmentationNode=logic.outputFor(result, proxy))
+    assert second_result.GetName() == "FLAIR series WMH (time = 10.00 s)"
+    assert dice(mrml.maskFromSegmentation(second_result, proxy), truthSecond) > 0.9
+    browser.SetSelectedItemNumber(0)
+    assert dice(mrml.maskFromSegmentation(result, proxy), truthFirst) > 0.9  # the first frame's result is untouched
+
+    # the browser removed meanwhile: which frame the proxy holds is unknown, so the run is refused, nothing written
+    job = logic.startSegmentation(proxy, device="cpu", modelPaths=[str(tiny_model)], brainMask=False, location=False)
+    assert job.wait(60)
+    mrml.removeNode(browser)
+    with pytest.raises(DeepWMLError, match="^'FLAIR series' was segmented at time = 0.00 s of the sequence 'FLAIR "
+                                           "series', and its sequence browser was removed meanwhile"):
+        logic.finishSegmentation(job)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
+    del sequences
 
 
 def test_a_segmentation_is_read_with_the_source_representation_names_of_any_supported_slicer():

@@ -20,7 +20,7 @@ import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
-from slicer_fixtures import blockingSegmentation, lateSegmentation, module, onnxCache, scene  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import blockingSegmentation, lateSegmentation, module, onnxCache, scene, seriesOfFrames  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 
@@ -775,3 +775,31 @@ def test_a_saved_model_no_longer_shipped_falls_back_to_the_default_shown(widget)
     p.modelName = "a model of an older version"
     assert p.modelName == ui.modelComboBox.items[0] and ui.modelComboBox.currentIndex == 0
     assert "not shipped with this version" in ui.statusLabel.text
+
+
+def test_a_frame_browsed_away_from_during_the_run_is_shown_again_with_its_result_and_said(widget, module, monkeypatch,
+                                                                                           tiny_model):
+    """A frame of a 4D series segmented from the panel while the user browses on to another frame: the result is
+    the frame segmented's, named after it, the browser is put back on it and the status line says so."""
+    oracle_network(monkeypatch)
+    first, truth = make_volume(direction=rotation(0.15, 0.0, -0.3), spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
+    second, _ = make_volume(direction=rotation(0.15, 0.0, -0.3), spacing=(0.9, 0.9, 5.0), blobs=((0.7, 0.3, 0.5, 6.0),))
+    browser, proxy, sequences = seriesOfFrames(slicer.mrmlScene, [first, second])
+    started, gate = lateSegmentation(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.inputVolume = proxy
+    p.modelName, p.modelFile, p.device, p.brainMask = module.MODEL_FILE_CHOICE, tiny_model, "cpu", False
+    ui.applyButton.click()
+    assert started.wait(10)
+    browser.SetSelectedItemNumber(1)
+    gate.set()
+    finishJob(widget)
+    assert browser.GetSelectedItemNumber() == 0
+    assert p.outputSegmentation.GetName() == "FLAIR series WMH (time = 0.00 s)"
+    assert ui.statusLabel.text.endswith("The sequence browser 'FLAIR series browser' was moved to time = 10.00 s while "
+                                        "'FLAIR series' was being segmented: the result is of time = 0.00 s, the frame "
+                                        "segmented, which is shown again")
+    assert "Frame time = 0.00 s of the sequence 'FLAIR series'" in ui.resultsLabel.text
+    report = widget.logic.lesionStatistics(p.outputSegmentation, proxy)
+    assert report["frame"]["label"] == "time = 0.00 s" and report["lesion_count"] == 1
+    del sequences

@@ -72,6 +72,10 @@ class SegmentationJob:
         check_grid_phases(gridPhases)  # refused now, not once a worker has loaded the models
         self.volumeNode = volumeNode
         self.image = image
+        # the frame of a sequence (4D or multi-frame series) the volume showed as `image` was read from it, or None:
+        # finishing puts the result back on that frame, whichever the browser shows by then (mrml.showFrame)
+        self.frame = mrml.sequenceFrame(volumeNode)
+        self.notes = []  # what finishing has to say beside the result (the browser moved back to the frame segmented)
         self.modelPaths = list(modelPaths) if modelPaths else None
         self.device = device
         self.precision = precision  # as deepwml segment --precision: auto, fp32 or bf16
@@ -557,13 +561,17 @@ class DeepWMLCoreLogic:
             raise DeepWMLError("the volume was removed from the scene while it was being segmented")
         if segmentationNode is not None and segmentationNode.GetScene() is None:
             segmentationNode = None  # the chosen output was deleted during the run: a new node, not a detached one
+        # a frame of a sequence: the browser back on the frame segmented (moved meanwhile: the proxy node holds
+        # another frame's voxels), or refused when that frame is gone, before anything is written
+        moved = mrml.showFrame(job.frame, volumeNode) if job.frame is not None else None
         # a new node's name is the scene's only one: a second result kept beside the first (another model or
         # threshold) is told apart in the reference and rater selectors, which show names alone
         mask = _shownNow(job.result.mask, volumeNode)  # first: refused, the scene is left as it was
         ventricles = None if job.result.ventricles is None else _shownNow(job.result.ventricles, volumeNode)
         segmentationNode = mrml.segmentationFromMask(
             mask, volumeNode, segmentationNode,
-            name=None if segmentationNode is not None else mrml.freeNodeName(f"{volumeNode.GetName()} WMH"))
+            name=None if segmentationNode is not None else mrml.freeNodeName(
+                f"{volumeNode.GetName()} WMH" + (f" ({job.frame['label']})" if job.frame is not None else "")))
         segmentation = segmentationNode.GetSegmentation()
         if ventricles is not None:  # replaces an earlier run's; without a new one, one there (perhaps
             mrml.segmentationFromMask(ventricles, volumeNode, segmentationNode,  # edited) is kept
@@ -577,10 +585,13 @@ class DeepWMLCoreLogic:
         # `location`, and the run's "no split" warning is not kept (the ventricles may be drawn in later)
         run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
         run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
+        if job.frame is not None:  # which frame of the series the result is of, with the result (and its saved report)
+            run["frame"] = {key: job.frame[key] for key in ("label", "item", "sequence", "browser_name")}
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))
         segmentationNode.SetNodeReferenceID(mrml.SOURCE_VOLUME_ROLE, volumeNode.GetID())
         for name in [mrml.WMH_SEGMENT_NAME] + ([mrml.VENTRICLE_SEGMENT_NAME] if job.result.ventricles is not None else []):
             segmentationNode.SetAttribute(DIGEST_ATTRIBUTES[name], _segmentDigest(segmentationNode, volumeNode, name))
+        job.notes = [moved] if moved else []
         job._report(1.0, "done")
         return segmentationNode
 
@@ -613,6 +624,8 @@ class DeepWMLCoreLogic:
         source = segmentationNode.GetNodeReference(mrml.SOURCE_VOLUME_ROLE)
         if source is not None and source is not volumeNode:
             return None
+        if source is not None and _resultFrame(segmentationNode) != _frameOf(volumeNode):
+            return None  # the result of another frame of the same series (a sequence's proxy node)
         mrml.checkMaskTarget(segmentationNode)  # before the run
         return segmentationNode
 
@@ -852,6 +865,9 @@ class DeepWMLCoreLogic:
                          f"'Lateral ventricles', {location['ventricles_ml']:.1f} ml)")
         elif location and location["why"] not in report.get("warnings", []):
             lines.append(f"No periventricular/deep split: {location['why']}")
+        frame = report.get("frame")
+        if isinstance(frame, dict) and frame.get("label"):
+            lines.append(f"Frame {frame['label']} of the sequence '{frame.get('sequence', '')}'")
         if "model" in report:
             models = ", ".join(report["model"]) if isinstance(report["model"], list) else report["model"]
             runner = f" ({report['runner']})" if report.get("runner") else ""
@@ -940,6 +956,20 @@ class DeepWMLCoreLogic:
                            for r in records]
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+def _resultFrame(segmentationNode) -> str | None:
+    """The frame of a sequence a DeepWML result was made from (its label), or None."""
+    try:
+        frame = json.loads(segmentationNode.GetAttribute(RUN_ATTRIBUTE) or "{}").get("frame")
+    except ValueError:
+        return None
+    return frame.get("label") if isinstance(frame, dict) else None
+
+
+def _frameOf(volumeNode) -> str | None:
+    frame = mrml.sequenceFrame(volumeNode)
+    return frame["label"] if frame is not None else None
 
 
 def _shownNow(mask, volumeNode):

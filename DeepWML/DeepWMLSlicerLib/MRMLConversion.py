@@ -487,6 +487,70 @@ def segmentationFromMask(mask: sitk.Image, referenceVolumeNode, segmentationNode
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequences (a 4D or multi-frame series browsed in Slicer)
+
+
+def sequenceFrame(volumeNode) -> dict | None:
+    """The frame a volume shows when it is the proxy node of a sequence browser (a 4D or multi-frame series
+    browsed with the Sequences module: the browser puts each frame's voxels into the one proxy node as it moves),
+    else None. A dict: the browser's ID and name, its item number, the sequence's name and `label`, the frame as
+    the browser names it (e.g. "time = 20 s"). Only names Slicer has had from 5.0 on (no "master"/"primary"
+    sequence)."""
+    scene = volumeNode.GetScene() if volumeNode is not None else None
+    if scene is None:
+        return None
+    browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")  # none when the Sequences module is not loaded
+    for n in range(browsers.GetNumberOfItems()):
+        browser = browsers.GetItemAsObject(n)
+        if not browser.IsProxyNodeID(volumeNode.GetID()):
+            continue
+        item = int(browser.GetSelectedItemNumber())
+        if item < 0:  # no frame selected (an empty sequence): the proxy holds none of them
+            return None
+        sequence = browser.GetSequenceNode(volumeNode)
+        return {"browser": browser.GetID(), "browser_name": browser.GetName(), "item": item,
+                "sequence": sequence.GetName() if sequence is not None else "",
+                "label": _frameLabel(browser, sequence, item)}
+    return None
+
+
+def _frameLabel(browser, sequence, item: int) -> str:
+    """A browser's item as it names it: its index name, value and unit ("time = 20 s"); "frame N" when it has none."""
+    if sequence is None or not 0 <= item < sequence.GetNumberOfDataNodes():
+        return f"frame {item + 1}"
+    value = sequence.GetNthIndexValue(item)
+    formatted = getattr(browser, "GetFormattedIndexValue", None)
+    if formatted is not None:
+        value = formatted(item) or value
+    name, unit = sequence.GetIndexName(), sequence.GetIndexUnit()
+    return f"{name or 'frame'} = {value}" + (f" {unit}" if unit else "") if value != "" else f"frame {item + 1}"
+
+
+def showFrame(frame: dict, volumeNode) -> str | None:
+    """Bring the sequence browser of `frame` (sequenceFrame's, taken when a run started) back to that frame when it
+    was moved meanwhile, so that the result goes onto the voxels it was made from; returns the words that say it was
+    moved, or None when it was not. A browser gone, or a frame it no longer has, is refused (nothing changed)."""
+    name = volumeNode.GetName()
+    browser = volumeNode.GetScene().GetNodeByID(frame["browser"])
+    if browser is None or not browser.IsA("vtkMRMLSequenceBrowserNode") or not browser.IsProxyNodeID(volumeNode.GetID()):
+        raise DeepWMLError(f"'{name}' was segmented at {frame['label']} of the sequence '{frame['sequence']}', and its "
+                           "sequence browser was removed meanwhile: what it shows now may be another frame; "
+                           "segment it again")
+    now = int(browser.GetSelectedItemNumber())
+    if now == frame["item"]:
+        return None
+    sequence = browser.GetSequenceNode(volumeNode)
+    if sequence is None or frame["item"] >= sequence.GetNumberOfDataNodes() \
+            or _frameLabel(browser, sequence, frame["item"]) != frame["label"]:
+        raise DeepWMLError(f"'{name}' was segmented at {frame['label']} of the sequence '{frame['sequence']}', which "
+                           "the sequence no longer has as it was; segment the frame again")
+    moved = _frameLabel(browser, sequence, now)
+    browser.SetSelectedItemNumber(frame["item"])
+    return (f"The sequence browser '{browser.GetName()}' was moved to {moved} while '{name}' was being segmented: the "
+            f"result is of {frame['label']}, the frame segmented, which is shown again")
+
+
+# ---------------------------------------------------------------------------------------------
 # Files and views
 
 

@@ -90,3 +90,26 @@ def lateSegmentation(monkeypatch) -> tuple[threading.Event, threading.Event]:
 
     monkeypatch.setattr(DeepWMLLib.segment, "segment_image", segment)
     return started, gate
+
+
+def seriesOfFrames(scene, frames):
+    """A sequence of `frames` (SimpleITK images) browsed with a sequence browser, as Slicer shows a 4D or multi-frame
+    series: returns (the browser, its proxy volume node, the Sequences logic, which must be kept alive)."""
+    import SimpleITK as sitk
+
+    sequences = slicer.vtkSlicerSequencesLogic()  # registers the sequence node classes; moves the proxy with the browser
+    sequences.SetMRMLApplicationLogic(MRMLConversion._standalone["application"])
+    sequences.SetMRMLScene(scene)
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "FLAIR series")
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("s")
+    for number, frame in enumerate(frames):
+        item = slicer.vtkMRMLScalarVolumeNode()
+        slicer.util.updateVolumeFromArray(item, sitk.GetArrayFromImage(frame))
+        item.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(MRMLConversion.ijkToRASFromImage(frame)))
+        sequence.SetDataNodeAtValue(item, str(10 * number))
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", "FLAIR series browser")
+    browser.AddSynchronizedSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)  # as Slicer shows a sequence it loads: its first frame
+    sequences.UpdateProxyNodesFromSequences(browser)
+    return browser, browser.GetProxyNode(sequence), sequences
