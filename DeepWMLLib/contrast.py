@@ -387,15 +387,17 @@ CLIPPED_VOXELS_MIN = 100  # and at least this many voxels (a small image's handf
 def clipped_top(stack: np.ndarray, head_voxels: int) -> dict | None:
     """{"share": of the head's voxels, "voxels", "top"} when more of the image's voxels than CLIPPED_SHARE_MIN of
     `head_voxels` (the head mask's count) hold its top value (within CT_TOP_TOLERANCE of its range), as a scan
-    clipped by a display window has them; else None. Counted a slab at a time: no mask of the volume."""
+    clipped by a display window has them; else None. Counted a slab at a time (preprocessing's slabs, read as float32
+    as the networks read them): no mask of the volume."""
     if not head_voxels or not stack.size:
         return None
     top, black = float(stack.max()), image_black(stack)
     if not top > black:
         return None
+    from .preprocessing import _float32_slabs
+
     level = top - CT_TOP_TOLERANCE * (top - black)
-    step = max(1, (1 << 22) // max(1, int(np.prod(stack.shape[1:]))))
-    voxels = sum(int(np.count_nonzero(stack[first:first + step] >= level)) for first in range(0, stack.shape[0], step))
+    voxels = sum(int(np.count_nonzero(slab >= level)) for _, slab in _float32_slabs(stack))
     share = voxels / head_voxels
     if voxels < CLIPPED_VOXELS_MIN or share < CLIPPED_SHARE_MIN:
         return None
