@@ -1245,6 +1245,13 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     gaps = [f"{name}: {warning}" for name, image in (("baseline", baseline), ("follow-up", followup)) if chosen[name]
             for warning in chosen[name][0].slice_warnings(image)]
     reversed_visits = visits_reversed(*(chosen[name][0] if chosen[name] else None for name in ("baseline", "follow-up")))
+    from .segment import image_file_warnings, not_flair_warning
+
+    # what each scan's DICOM header, or the files a converter wrote beside its file, says against its being a FLAIR
+    identity = [f"{name}: {warning}" for name, path in (("baseline", baseline_path), ("follow-up", followup_path))
+                for evidence in [chosen[name][0].not_flair_evidence() if chosen[name] else None]
+                for warning in ((not_flair_warning(evidence, "its DICOM header"),) * bool(evidence) if chosen[name]
+                                else image_file_warnings(Path(path)))]
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
@@ -1287,6 +1294,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         report["warnings"] = [reversed_visits] * bool(reversed_visits) + [
             f"{name}: read DICOM {c[0].label()}, {c[1]}" for name, c in chosen.items()
             if c and c[1].startswith("the only one of")] + gaps + report["warnings"]
+    report["warnings"] = identity + report["warnings"]
     if getattr(args, "dicom_outline", False) and not outline:
         report["warnings"] = report["warnings"] + [
             "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "

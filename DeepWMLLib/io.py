@@ -24,6 +24,7 @@ import contextlib
 import csv
 import errno
 import gzip
+import json
 import math
 import os
 import re
@@ -1383,8 +1384,26 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
 # recovery (DIR), MPRAGE, diffusion.
 _FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|(?<![a-z])da[_-]fl(?![a-z])|tirm|fluid[\s_-]*att",
                                 re.IGNORECASE)  # da-fl: Siemens' 3D FLAIR, t2_spc_da-fl_sag_p2_iso
-_NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?rage|dwi|adc|swi)(?![a-z])"
-                                    r"|double[\s_-]*inv|diffusion", re.IGNORECASE)
+_NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?rage|dwi|dti|adc|swi|diff|tracew?)"
+                                    r"(?![a-z])|double[\s_-]*inv|diffusion", re.IGNORECASE)
+# what each word of _NOT_FLAIR_DESCRIPTION names, for a warning that says so
+_NOT_FLAIR_KINDS = ((re.compile(r"(?<![a-z0-9])t1(?![0-9])|mp-?rage", re.IGNORECASE), "a T1-weighted scan"),
+                    (re.compile(r"(?<![a-z])stir(?![a-z])", re.IGNORECASE), "STIR"),
+                    (re.compile(r"(?<![a-z])dir(?![a-z])|double[\s_-]*inv", re.IGNORECASE), "double inversion recovery"),
+                    (re.compile(r"(?<![a-z])(dwi|dti|adc|diff|tracew?)(?![a-z])|diffusion", re.IGNORECASE),
+                     "a diffusion image"),
+                    (re.compile(r"(?<![a-z])swi(?![a-z])", re.IGNORECASE), "susceptibility-weighted imaging"))
+# a description naming a T2- or PD-weighted scan (or T2*) and no FLAIR: evidence against one, not used to choose
+_T2_DESCRIPTION = re.compile(r"(?<![a-z0-9])(t2|pd)(?![0-9a-z])|(?<![a-z])(tse|fse)(?![a-z])", re.IGNORECASE)
+# Image Type (0008,0008) values of diffusion images (Siemens: ORIGINAL\PRIMARY\DIFFUSION\NONE, DERIVED\PRIMARY\
+# DIFFUSION\TRACEW or \ADC; Philips: DERIVED\PRIMARY\ADC) and a Siemens sequence name of one (*ep_b1000t)
+_DIFFUSION_IMAGE_TYPES = frozenset({"DIFFUSION", "ADC", "TRACEW", "EADC"})
+_DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b(\d+)", re.IGNORECASE)
+# BIDS file-name suffixes of scans that are not a FLAIR (sub-01_T1w.nii.gz, sub-01_dwi.nii.gz)
+_NOT_FLAIR_BIDS_SUFFIX = {"T1w": "a T1-weighted scan", "T2w": "a T2-weighted scan", "PDw": "a PD-weighted scan",
+                          "T2starw": "a T2*-weighted scan", "PDT2": "a PD/T2 scan", "UNIT1": "a T1-weighted scan",
+                          "T1map": "a T1 map", "T2map": "a T2 map", "dwi": "a diffusion image", "bold": "a BOLD series",
+                          "sbref": "a reference image of a functional or diffusion series", "angio": "an angiogram"}
 # FLAIR nulls CSF with a long inversion time (about 1.8-2.9 s at 1.5-3 T) and a long repetition time;
 # T1-weighted inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s, STIR 0.15-0.25 s, and the second
 # inversion of double inversion recovery 3 s or more. A known inversion time outside this range rules a
@@ -1462,6 +1481,107 @@ def _header_text(raw: str, charset: str = "") -> str:
     return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
 
 
+def not_flair_evidence(description: str = "", inversion_ms: float | None = None, repetition_ms: float | None = None,
+                       modality: str | None = None, image_type=(), sequence_name: str = "",
+                       b_values=(), secondary_capture: bool = False) -> list[str]:
+    """What a scan's own header (a DICOM series', or the JSON sidecar a converter wrote beside an image file) says
+    against its being a FLAIR, each as words for a warning; empty where nothing does (a FLAIR, or a header that
+    says nothing). Only positive evidence counts: a description that names no kind is not held against a scan."""
+    reasons = []
+    if modality not in (None, "", "MR"):
+        reasons.append(f"its modality is {modality}, not MR")
+    if secondary_capture:
+        reasons.append("it is a Secondary Capture (a picture of images, not the scanner's)")
+    kinds = [kind for pattern, kind in _NOT_FLAIR_KINDS if pattern.search(description or "")]
+    if not kinds and description and _T2_DESCRIPTION.search(description) and not _FLAIR_DESCRIPTION.search(description):
+        kinds.append("a T2- or PD-weighted scan")
+    if kinds:
+        reasons.append(f"its description '{description}' names {' or '.join(kinds)}")
+    if inversion_ms is not None and not FLAIR_INVERSION_MS[0] <= inversion_ms <= FLAIR_INVERSION_MS[1]:
+        reasons.append(f"its inversion time is {inversion_ms:g} ms (a FLAIR's is {FLAIR_INVERSION_MS[0]:g}-"
+                       f"{FLAIR_INVERSION_MS[1]:g} ms)")
+    elif inversion_ms is not None and repetition_ms is not None and repetition_ms < FLAIR_MIN_REPETITION_MS:
+        reasons.append(f"its repetition time is {repetition_ms:g} ms (a FLAIR's is {FLAIR_MIN_REPETITION_MS:g} ms or "
+                       "more)")
+    diffusion_types = [v for v in image_type if str(v).strip().upper() in _DIFFUSION_IMAGE_TYPES]
+    if diffusion_types:
+        reasons.append(f"its Image Type names {', '.join(dict.fromkeys(str(v).strip().upper() for v in diffusion_types))}"
+                       " (a diffusion image)")
+    named_b = _DIFFUSION_SEQUENCE_NAME.search(sequence_name or "")
+    if named_b:
+        reasons.append(f"its sequence name {sequence_name.strip()} is a diffusion sequence's (b = {int(named_b.group(1))})")
+    weighted = [b for b in b_values if b is not None and np.isfinite(b) and b > DIFFUSION_MIN_B]
+    if weighted and not named_b:
+        reasons.append(f"its diffusion b-value is {max(weighted):g} s/mm\u00b2")
+    return reasons
+
+
+# a b-value above this (s/mm^2) is a diffusion weighting; b = 0 images of a diffusion series are T2-weighted
+DIFFUSION_MIN_B = 50.0
+
+
+def _seconds_as_ms(value) -> float | None:
+    """A time of a BIDS sidecar (seconds) in ms; None where it is not one number."""
+    if isinstance(value, list) and value:  # some converters write one time per echo or per volume
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None
+    return float(value) * 1000.0
+
+
+def image_file_evidence(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """What the files a converter wrote beside an image file say against its being a FLAIR (`not_flair_evidence`):
+    a JSON sidecar (dcm2niix, BIDS: SeriesDescription or ProtocolName, InversionTime and RepetitionTime in seconds,
+    Modality, ImageType, SequenceName, DiffusionBValue), a .bval file of b-values (a diffusion series), and a BIDS
+    file-name suffix (_T1w, _dwi, ...). Returns (the reasons, the names of the files they came from). A sidecar that
+    cannot be read or parsed says nothing: it is not the scan, and the scan's own check still runs."""
+    p = Path(path)
+    stem = case_name(p)
+    if not p.is_file() or stem in ("", "."):
+        return [], []
+    reasons, sources = [], []
+    sidecar = p.with_name(stem + ".json")
+    header: dict = {}
+    try:
+        if sidecar.is_file() and sidecar.stat().st_size <= 4_000_000:  # a converter's sidecar is a few KB
+            with open(sidecar, encoding="utf-8-sig") as handle:
+                loaded = json.load(handle)
+            header = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        header = {}
+    if header:
+        def text(key):
+            value = header.get(key)
+            return value.strip() if isinstance(value, str) else ""
+        image_type = header.get("ImageType")
+        b_value = header.get("DiffusionBValue")
+        found = not_flair_evidence(
+            text("SeriesDescription") or text("ProtocolName"), _seconds_as_ms(header.get("InversionTime")),
+            _seconds_as_ms(header.get("RepetitionTime")), text("Modality").upper() or None,
+            tuple(v for v in image_type if isinstance(v, str)) if isinstance(image_type, list) else (),
+            text("SequenceName"),
+            (float(b_value),) if isinstance(b_value, (int, float)) and not isinstance(b_value, bool) else ())
+        if found:
+            reasons += found
+            sources.append(sidecar.name)
+    bval = p.with_name(stem + ".bval")
+    try:
+        values = [float(v) for v in bval.read_text(encoding="ascii").split()] \
+            if bval.is_file() and bval.stat().st_size <= 1_000_000 else []
+    except (OSError, ValueError, UnicodeDecodeError):
+        values = []
+    weighted = [v for v in values if np.isfinite(v) and v > DIFFUSION_MIN_B]
+    if weighted:
+        reasons.append(f"its b-values go up to {max(weighted):g} s/mm\u00b2 (a diffusion series)")
+        sources.append(bval.name)
+    suffix = re.search(r"_([A-Za-z0-9]+)$", stem)
+    if suffix and suffix.group(1) in _NOT_FLAIR_BIDS_SUFFIX:
+        reasons.append(f"its name ends _{suffix.group(1)}, the BIDS name of "
+                       f"{_NOT_FLAIR_BIDS_SUFFIX[suffix.group(1)]}")
+        sources.append(p.name)
+    return reasons, sources
+
+
 @dataclass(frozen=True)
 class DicomSeries:
     """One DICOM series (of a folder, or of a catalogue's study), as its first file's header describes it."""
@@ -1489,18 +1609,33 @@ class DicomSeries:
     study_date: str = ""  # the Study Date (0008,0020) as the header gives it (YYYYMMDD); "" where it has none
     pixel_ids: tuple = ()  # the SimpleITK pixel types of its files as GDCM reads them (rescaled), each once; None
     # for one of several values per pixel (colour)
+    image_type: tuple = ()  # Image Type (0008,0008), its values (ORIGINAL, PRIMARY, ...; DIFFUSION of a diffusion image)
+    sequence_name: str = ""  # Sequence Name (0018,0024) (Siemens: *tir2d1_16 of a FLAIR, *ep_b1000t of a diffusion image)
+    b_value: float | None = None  # Diffusion b-value (0018,9087) in s/mm^2, where the header gives one
+
+    @property
+    def diffusion(self) -> bool:
+        """The header says it is a diffusion image (Image Type, sequence name or b-value), whatever its description."""
+        return bool(any(str(v).strip().upper() in _DIFFUSION_IMAGE_TYPES for v in self.image_type)
+                    or _DIFFUSION_SEQUENCE_NAME.search(self.sequence_name)
+                    or (self.b_value is not None and self.b_value > DIFFUSION_MIN_B))
 
     @property
     def unlabelled(self) -> bool:
-        """Nothing in the header says what it is (no description, no inversion time; MR or no modality),
-        as in exports that strip descriptions."""
+        """Nothing in the header says what it is (no description, no inversion time, no diffusion; MR or no
+        modality), as in exports that strip descriptions."""
         return (not self.description and self.inversion_ms is None and self.modality in (None, "MR")
-                and not self.secondary_capture)
+                and not self.secondary_capture and not self.diffusion)
+
+    def not_flair_evidence(self) -> list[str]:
+        """What the series' header says against its being a FLAIR (`not_flair_evidence`)."""
+        return not_flair_evidence(self.description, self.inversion_ms, self.repetition_ms, self.modality,
+                                  self.image_type, self.sequence_name, (self.b_value,), self.secondary_capture)
 
     @property
     def looks_like_flair(self) -> bool:
         if (_NOT_FLAIR_DESCRIPTION.search(self.description) or self.modality not in (None, "MR")
-                or self.secondary_capture):
+                or self.secondary_capture or self.diffusion):
             return False
         if self.inversion_ms is not None:  # the sequence's own timing rules over its name
             return (FLAIR_INVERSION_MS[0] <= self.inversion_ms <= FLAIR_INVERSION_MS[1]
@@ -1596,7 +1731,8 @@ def _header_number(reader, key: str) -> float | None:
 
 def _series_header(reader) -> tuple:
     """(description, inversion, repetition, echo, series number, study UID, modality, whether Secondary
-    Capture, slice thickness) from a file's header already read."""
+    Capture, slice thickness, (Image Type's values, sequence name, diffusion b-value)) from a file's header already
+    read."""
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
@@ -1604,9 +1740,40 @@ def _series_header(reader) -> tuple:
     study = reader.GetMetaData("0020|000d").strip(" \0") if reader.HasMetaDataKey("0020|000d") else ""
     modality = reader.GetMetaData("0008|0060").strip(" \0").upper() if reader.HasMetaDataKey("0008|0060") else ""
     sop_class = reader.GetMetaData("0008|0016").strip(" \0") if reader.HasMetaDataKey("0008|0016") else ""
+    image_type = tuple(v.strip(" \0") for v in reader.GetMetaData("0008|0008").split("\\")) \
+        if reader.HasMetaDataKey("0008|0008") else ()
+    sequence_name = reader.GetMetaData("0018|0024").strip(" \0") if reader.HasMetaDataKey("0018|0024") else ""
     return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
             modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."),  # SC and its multi-frame kinds
-            _header_number(reader, "0018|0050"))
+            _header_number(reader, "0018|0050"), (image_type, sequence_name, _header_number(reader, "0018|9087")))
+
+
+def dicom_file_evidence(path: str | os.PathLike) -> list[str]:
+    """What one DICOM file's header says against its series being a FLAIR (`not_flair_evidence`; for a volume
+    3D Slicer loaded from its DICOM database, whose files DeepWML did not choose). Empty where the file cannot be
+    read: the scan's own check still runs."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        with itk_names(path) as (itk_name,):
+            reader.SetFileName(itk_name)
+            reader.ReadImageInformation()
+        header = _series_header(reader)
+        if header[1] is None and reader.HasMetaDataKey("0008|0016") and \
+                reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR:
+            grouped = _enhanced_header(str(path))  # an enhanced MR file keeps its timing in its functional groups
+            header = (header[0], *(given if given is not None else value for given, value in zip(header[1:4], grouped)),
+                      *header[4:])
+    except (RuntimeError, OSError, DeepWMLError):
+        return []
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    image_type, sequence_name, b_value = header[9]
+    return not_flair_evidence(header[0], header[1], header[2], header[6], image_type, sequence_name, (b_value,),
+                              header[7])
 
 
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
@@ -1714,7 +1881,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                         grouped = _enhanced_header(path)  # kept in the functional groups
                         header = (header[0], *(given if given is not None else value
                                                for given, value in zip(header[1:4], grouped)), *header[4:8],
-                                  header[8] if header[8] is not None else grouped[3])
+                                  header[8] if header[8] is not None else grouped[3], *header[9:])
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
@@ -1746,7 +1913,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
                        damaged=entry.get("damaged", ()),
                        mislabelled=entry.get("mislabelled", ()),
                        slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
-                       study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())))
+                       study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())),
+                       image_type=header[9][0], sequence_name=header[9][1], b_value=header[9][2])
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:

@@ -1108,6 +1108,22 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
     return earlier
 
 
+def not_flair_warning(evidence: Sequence[str], source: str) -> str:
+    """The warning for a scan whose header (`source`: where it was read) says it may not be a FLAIR
+    (`io.not_flair_evidence`): DeepWML segments it, as asked, but says so first."""
+    return (f"the scan may not be a FLAIR: {'; '.join(evidence)} ({source}); DeepWML's model reads FLAIR only and "
+            "marks other tissue on other scans (CSF on a T2, bright tissue on a diffusion image): check that this is "
+            "the patient's FLAIR")
+
+
+def image_file_warnings(path: Path) -> list[str]:
+    """What a report warns of an image file from the files a converter wrote beside it (io.image_file_evidence): a
+    JSON sidecar, b-values or a BIDS name that say it is not a FLAIR. Shared by `deepwml segment` and the Slicer
+    batch script."""
+    evidence, sources = io.image_file_evidence(path)
+    return [not_flair_warning(evidence, ", ".join(dict.fromkeys(sources)))] if evidence else []
+
+
 def dicom_series_warnings(series, chosen_by: str, image, another: str = "name another with --series") -> list[str]:
     """What a report warns of the DICOM series it was read from (`chosen_by`: how io.choose_dicom_series chose it;
     `image`: the series as read), first among its warnings: which series, where it was picked among others for
@@ -1117,6 +1133,9 @@ def dicom_series_warnings(series, chosen_by: str, image, another: str = "name an
     warnings = []
     if chosen_by.startswith("the only one of"):  # picked for the user: say which, so it can be checked
         warnings.append(f"read DICOM {series.label()}, {chosen_by}; {another}")
+    evidence = series.not_flair_evidence()
+    if evidence:  # the only series, or one named: taken, but its own header says what it is
+        warnings.append(not_flair_warning(evidence, "its DICOM header"))
     if series.damaged:  # a transfer cut short loses slices at an end, where no gap shows
         names = ", ".join(Path(p).name for p in series.damaged[:3]) + (", ..." if len(series.damaged) > 3 else "")
         warnings.append(f"{len(series.damaged)} file(s) beside the series could not be read (empty or damaged: "
@@ -1297,6 +1316,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
         report["warnings"] = [*dicom_series_warnings(chosen[0], chosen[1], image), *report["warnings"]]
+    else:
+        report["warnings"] = [*image_file_warnings(path), *report["warnings"]]
     if dicom_outline and not outline:
         report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
                               "patient or study to write one into (--dicom-outline needs a DICOM series)"]

@@ -323,6 +323,28 @@ def test_visits_given_the_wrong_way_round_are_warned_of_by_their_study_dates(pai
     assert change.visits_reversed(*series) is None and change.visits_reversed(None, series[0]) is None  # in order
 
 
+def test_a_scan_of_a_pair_whose_header_or_sidecar_says_it_is_not_a_flair_is_warned_of(pair, tmp_path, capsys):
+    """`deepwml change` warns, as `segment` does, of a baseline whose DICOM header (a T1 by its inversion time) or a
+    follow-up whose JSON sidecar (a diffusion image by its Image Type) says it is not a FLAIR."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["baseline"])) * 100, sitk.sitkInt16)
+    baseline = write_dicom_series(tmp_path / "baseline", flair, uid="1.2.9.5", description="t1_mprage_tra",
+                                  inversion_ms=900.0)
+    followup = tmp_path / "scans" / "followup.nii.gz"
+    followup.parent.mkdir()
+    shutil.copyfile(files["followup"], followup)
+    (followup.parent / "followup.json").write_text(json.dumps({"ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]}))
+    out = tmp_path / "out"
+    assert main(["change", str(baseline), str(followup), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    capsys.readouterr()
+    warnings = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))["warnings"]
+    assert warnings[0].startswith("baseline: the scan may not be a FLAIR: its description 't1_mprage_tra' names a "
+                                  "T1-weighted scan; its inversion time is 900 ms") and "(its DICOM header)" in warnings[0]
+    assert warnings[1].startswith("follow-up: the scan may not be a FLAIR: its Image Type names DIFFUSION, ADC") \
+        and "(followup.json)" in warnings[1]
+
+
 def test_command_line_segments_a_scan_without_a_mask(pair, tmp_path, tiny_model, capsys):
     files = pair["files"]
     out = tmp_path / "out"

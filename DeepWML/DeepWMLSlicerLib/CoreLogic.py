@@ -59,6 +59,25 @@ JOB_FOLDER_PREFIX = "DeepWML-job-"  # a worker process's temporary folder
 CANCEL_WAIT_S = 5.0  # for a killed worker process to end, so that its folder can be removed at once
 
 
+def sourceWarnings(volumeNode) -> list[str]:
+    """What the volume's source says against its being a FLAIR, as `deepwml segment` warns of it: the DICOM header
+    of the series Slicer's DICOM module loaded it from (its first instance, found through Slicer's DICOM database),
+    else the files a converter wrote beside the file it was loaded from (a JSON sidecar, b-values, a BIDS name).
+    Empty where the volume has neither (made in the scene, or its source is gone): the scan's own check still runs."""
+    from DeepWMLLib import io
+    from DeepWMLLib.segment import image_file_warnings, not_flair_warning
+
+    uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if uids:
+        database = getattr(slicer, "dicomDatabase", None)
+        path = database.fileForInstance(uids[0]) if database is not None else ""
+        evidence = io.dicom_file_evidence(path) if path and os.path.isfile(path) else []
+        return [not_flair_warning(evidence, "its DICOM header")] if evidence else []
+    storage = volumeNode.GetStorageNode()
+    path = storage.GetFullNameFromFileName() if storage is not None else ""
+    return image_file_warnings(Path(path)) if path and os.path.isfile(path) else []
+
+
 class SegmentationJob:
     """One inference run. `start()` runs it in a worker thread that only ever sees a SimpleITK
     image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread.
@@ -75,6 +94,9 @@ class SegmentationJob:
         # the frame of a sequence (4D or multi-frame series) the volume showed as `image` was read from it, or None:
         # finishing puts the result back on that frame, whichever the browser shows by then (mrml.showFrame)
         self.frame = mrml.sequenceFrame(volumeNode)
+        # what the volume's DICOM header or the files beside its file say against its being a FLAIR (read now, on the
+        # main thread: the run's warnings carry them first)
+        self.sourceWarnings = sourceWarnings(volumeNode)
         self.notes = []  # what finishing has to say beside the result (the browser moved back to the frame segmented)
         self.modelPaths = list(modelPaths) if modelPaths else None
         self.device = device
@@ -584,7 +606,7 @@ class DeepWMLCoreLogic:
         # lesionStatistics measures the split again from the segments as they are: the model goes back into its
         # `location`, and the run's "no split" warning is not kept (the ventricles may be drawn in later)
         run.update({key: location[key] for key in ("ventricle_model", "ventricle_model_sha256") if key in location})
-        run["warnings"] = [w for w in run.get("warnings", []) if w != location.get("why")]
+        run["warnings"] = [*job.sourceWarnings, *(w for w in run.get("warnings", []) if w != location.get("why"))]
         if job.frame is not None:  # which frame of the series the result is of, with the result (and its saved report)
             run["frame"] = {key: job.frame[key] for key in ("label", "item", "sequence", "browser_name")}
         segmentationNode.SetAttribute(RUN_ATTRIBUTE, json.dumps(run))

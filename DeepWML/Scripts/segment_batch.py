@@ -130,19 +130,21 @@ def loadFlair(path: Path, case: str, study=None):
     """The FLAIR's volume node, the DICOM series it was read from (None for an image file), and what the report
     says of that series as `deepwml segment`'s does: its `dicom_series` entry and its warnings (which series
     was read where it was picked among others, files beside it that could not be read, a gap between its slices,
-    slices unevenly spaced; segment.dicom_series_warnings), empty for an image file."""
+    slices unevenly spaced; segment.dicom_series_warnings); for an image file, only the warnings of what a converter
+    wrote beside it (segment.image_file_warnings)."""
     if study is not None:  # a study of a PACS export below IN: its FLAIR (io.NoFlairSeries when it has none)
         series, how = io.choose_dicom_series(path, candidates=study.series, strict=True)
     elif path.is_dir():  # a DICOM series: slicer.util.loadVolume reads single files, SimpleITK reads series
         series, how = io.choose_dicom_series(path, option=None)
-    elif io.read_time_axis(path):  # a NRRD or MetaImage file stored X, Y, Z, 1: Slicer's reader loses its
-        return mrml.volumeFromImage(io.read_image(path), case), None, {}  # orientation (identity directions), SimpleITK keeps it
-    elif io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
-        return mrml.volumeFromImage(io.read_image(path), case), None, {}  # with a guessed left and right
-    else:
+    else:  # an image file: what a converter wrote beside it (a JSON sidecar, b-values, a BIDS name) is warned of
+        beside = {"warnings": segment.image_file_warnings(path)}  # as deepwml segment warns of it
+        if io.read_time_axis(path):  # a NRRD or MetaImage file stored X, Y, Z, 1: Slicer's reader loses its
+            return mrml.volumeFromImage(io.read_image(path), case), None, beside  # orientation, SimpleITK keeps it
+        if io.is_nifti_pair(path):  # .hdr + .img: DeepWMLLib refuses an Analyze 7.5 pair, which Slicer would load
+            return mrml.volumeFromImage(io.read_image(path), case), None, beside  # with a guessed left and right
         if io.is_nifti(path):  # Slicer's reader fills a NIfTI cut short with zeros, unsaid: 'ok - 0.00 ml'
             io.read_any(path, light=True)  # refused as deepwml segment refuses it (truncated, NaN...)
-        return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None, {}
+        return inFileVoxelOrder(mrml.loadVolumeFile(str(path), case), path), None, beside
     image = io.read_image(path, series=series)
     warnings = segment.dicom_series_warnings(series, how, image, another=BATCH_OTHER_SERIES)
     return mrml.volumeFromImage(image, case), series, {"dicom_series": series.as_dict(how), "warnings": warnings}
@@ -223,8 +225,11 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, progress=progress, **args.run)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
-        if dicom:  # as `deepwml segment` reports a DICOM series: which one, and its warnings first
-            report.update(dicom_series=dicom["dicom_series"], warnings=[*dicom["warnings"], *(report.get("warnings") or [])])
+        if dicom.get("dicom_series"):  # as `deepwml segment` reports a DICOM series: which one
+            report["dicom_series"] = dicom["dicom_series"]
+        if dicom.get("warnings"):  # and what its header or an image file's sidecar says, first among the warnings
+            # (once: the module's logic warns of a file's sidecar too, where Slicer's reader loaded the file)
+            report["warnings"] = list(dict.fromkeys([*dicom["warnings"], *(report.get("warnings") or [])]))
         row = {**summaryFigures(report), "_warnings": list(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)

@@ -1,0 +1,210 @@
+"""What a scan's own header says it is: a DICOM series' (description, inversion and repetition time, Image Type,
+sequence name, b-value) and, for an image file, the JSON sidecar, b-values and BIDS name a converter wrote beside it.
+A scan segmented as asked whose header says it is not a FLAIR (a T1, a diffusion image) is warned of first."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+
+from conftest import make_volume, oracle_network, write_dicom_series  # noqa: E402
+from slicer_fixtures import scene  # noqa: E402,F401 (fixture)
+from DeepWMLLib import io  # noqa: E402
+from DeepWMLLib.cli import main  # noqa: E402
+
+NOT_FLAIR = "the scan may not be a FLAIR"
+
+
+def _phantom() -> sitk.Image:
+    flair, _ = make_volume(size=(48, 40, 6), spacing=(0.9, 0.9, 5.0), blobs=((0.5, 0.5, 0.5, 6.0),))
+    return sitk.Cast(flair, sitk.sitkInt16)
+
+
+def _warnings(out: Path, case: str) -> list[str]:
+    return json.loads((out / f"{case}_report.json").read_text())["warnings"]
+
+
+# (description, inversion ms, repetition ms, extra tags, the words the warning must hold; None: no warning)
+SERIES = [
+    ("t2_tirm_tra_dark-fluid", 2500, 9000, {"0008|0008": "ORIGINAL\\PRIMARY\\M\\NORM\\DIS2D",
+                                            "0018|0024": "*tir2d1_21"}, None),
+    ("AX T2 FLAIR", 2200, 8000, {}, None),
+    ("Series 5", None, None, {}, None),  # nothing said either way: no warning (the image's own check runs)
+    ("t1_mprage_tra", 900, 2300, {}, ["description 't1_mprage_tra' names a T1-weighted scan",
+                                      "inversion time is 900 ms (a FLAIR's is 1500-3000 ms)"]),
+    ("ep2d_diff_b1000_TRACEW", None, 5000, {"0008|0008": "DERIVED\\PRIMARY\\DIFFUSION\\TRACEW\\ND",
+                                            "0018|0024": "*ep_b1000t"},
+     ["names a diffusion image", "Image Type names DIFFUSION, TRACEW", "ep_b1000t is a diffusion sequence's (b = 1000)"]),
+    ("", None, None, {"0018|9087": "1000"}, ["diffusion b-value is 1000 s/mm"]),  # a b-value alone
+    ("AX T2 TSE", None, 4500, {}, ["names a T2- or PD-weighted scan"]),
+    ("FLAIR", 2400, 3000, {}, ["repetition time is 3000 ms (a FLAIR's is 4000 ms or more)"]),
+]
+
+
+@pytest.mark.parametrize("description, inversion, repetition, extra, words", SERIES)
+def test_a_lone_dicom_series_whose_header_says_it_is_not_a_flair_is_segmented_with_a_warning(
+        tmp_path, tiny_model, monkeypatch, description, inversion, repetition, extra, words):
+    oracle_network(monkeypatch)
+    folder = write_dicom_series(tmp_path / "scan", _phantom(), description=description or None,
+                                inversion_ms=inversion, repetition_ms=repetition, extra=extra)
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    found = [w for w in _warnings(out, "scan") if w.startswith(NOT_FLAIR)]
+    if words is None:
+        assert found == []
+        return
+    assert len(found) == 1 and found[0].endswith("check that this is the patient's FLAIR")
+    assert "(its DICOM header)" in found[0]
+    for word in words:
+        assert word in found[0]
+
+
+def test_a_diffusion_series_is_never_the_one_chosen_as_the_flair_nor_taken_alone_from_an_export(tmp_path):
+    image = _phantom()
+    write_dicom_series(tmp_path / "study", image, uid="1.2.3.1", description="AX FLAIR", number=3)
+    # described as a FLAIR by a careless protocol name, but the header's Image Type says diffusion
+    write_dicom_series(tmp_path / "study", image, uid="1.2.3.2", description="AX FLAIR", number=4, prefix="dwi",
+                       extra={"0008|0008": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"})
+    chosen, how = io.choose_dicom_series(tmp_path / "study")
+    assert chosen.number == 3 and how.startswith("the only one of 2 series")
+    # a lone diffusion series with no description in an export says what it is: not taken as an unlabelled scan
+    write_dicom_series(tmp_path / "export", image, uid="1.2.3.3", extra={"0018|0024": "ep_b1000"})
+    lone = io.dicom_series(tmp_path / "export")
+    assert len(lone) == 1 and lone[0].diffusion and not lone[0].unlabelled
+    with pytest.raises(io.NoFlairSeries):
+        io.choose_dicom_series(tmp_path / "export", strict=True)
+
+
+def _nifti(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    sitk.WriteImage(_phantom(), str(path))
+    return path
+
+
+# (sidecar JSON or None, .bval text or None, file name, the words the warning must hold; None: no warning)
+SIDECARS = [
+    ({"SeriesDescription": "t2_tirm_tra_dark-fluid", "InversionTime": 2.5, "RepetitionTime": 9.0, "Modality": "MR",
+      "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"], "SequenceName": "*tir2d1_21"}, None, "flair.nii.gz", None),
+    (None, None, "sub-01_FLAIR.nii.gz", None),
+    ({"SeriesDescription": "t1_mprage_sag", "InversionTime": 0.9, "RepetitionTime": 2.3}, None, "scan.nii.gz",
+     ["names a T1-weighted scan", "inversion time is 900 ms", "(scan.json)"]),
+    ({"ProtocolName": "Ax FLAIR", "InversionTime": 0.9}, None, "scan.nii.gz", ["inversion time is 900 ms"]),
+    ({"SeriesDescription": "ep2d_diff", "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]}, None, "scan.nii",
+     ["Image Type names DIFFUSION, ADC"]),
+    ({"Modality": "CT"}, None, "scan.nrrd", ["its modality is CT, not MR"]),
+    (None, "0 1000 1000 1000\n", "scan.nii.gz", ["b-values go up to 1000 s/mm", "(scan.bval)"]),
+    (None, "0 0\n", "scan.nii.gz", None),  # b = 0 only
+    (None, None, "sub-01_ses-1_T1w.nii.gz", ["its name ends _T1w, the BIDS name of a T1-weighted scan",
+                                               "(sub-01_ses-1_T1w.nii.gz)"]),
+    (None, None, "sub-01_dwi.nii.gz", ["the BIDS name of a diffusion image"]),
+    ("{not json", None, "scan.nii.gz", None),  # a sidecar that cannot be parsed says nothing
+    ({"InversionTime": "long", "RepetitionTime": None, "ImageType": "DIFFUSION", "SeriesDescription": 5}, None,
+     "scan.nii.gz", None),  # values of the wrong type are not read as evidence
+    ([1, 2], None, "scan.nii.gz", None),
+]
+
+
+@pytest.mark.parametrize("sidecar, bval, name, words", SIDECARS)
+def test_an_image_file_whose_converter_files_say_it_is_not_a_flair_is_segmented_with_a_warning(
+        tmp_path, tiny_model, monkeypatch, sidecar, bval, name, words):
+    oracle_network(monkeypatch)
+    path = _nifti(tmp_path / "in", name)
+    case = io.case_name(path)
+    if sidecar is not None:
+        (path.parent / f"{case}.json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
+    if bval is not None:
+        (path.parent / f"{case}.bval").write_text(bval)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    found = [w for w in _warnings(out, case) if w.startswith(NOT_FLAIR)]
+    if words is None:
+        assert found == []
+        return
+    assert len(found) == 1
+    for word in words:
+        assert word in found[0]
+
+
+def test_header_evidence_by_hand():
+    assert io.not_flair_evidence() == []
+    assert io.not_flair_evidence("T2W_FLAIR", 2800, 11000) == []
+    assert io.not_flair_evidence("t2_spc_da-fl_sag_p2_iso", 1800, 5000) == []
+    assert io.not_flair_evidence("t2_tse_dark-fluid", None, None) == []  # tse beside a FLAIR word: a FLAIR
+    assert io.not_flair_evidence("", 3200) == ["its inversion time is 3200 ms (a FLAIR's is 1500-3000 ms)"]
+    assert io.not_flair_evidence("", 1500, 4000) == [] and io.not_flair_evidence("", 3000) == []  # limits inclusive
+    assert io.not_flair_evidence("", None, 2000) == []  # a repetition time alone says nothing
+    assert io.not_flair_evidence("", b_values=(50.0,)) == []  # b = 50 and under: not a diffusion weighting
+    assert io.not_flair_evidence("", b_values=(float("nan"),)) == []
+    assert io.not_flair_evidence("STIR cor") == ["its description 'STIR cor' names STIR"]
+    assert io.not_flair_evidence("3D DIR") == ["its description '3D DIR' names double inversion recovery"]
+    assert io.not_flair_evidence("SWI_Images") == ["its description 'SWI_Images' names susceptibility-weighted imaging"]
+    assert io.not_flair_evidence("", secondary_capture=True) == [
+        "it is a Secondary Capture (a picture of images, not the scanner's)"]
+
+
+def test_a_sidecar_of_a_volume_loaded_in_slicer_and_its_dicom_header_are_warned_of_by_the_module(
+        scene, tmp_path, monkeypatch, tiny_model):
+    import slicer
+    from DeepWMLSlicerLib import CoreLogic
+    from DeepWMLSlicerLib import MRMLConversion as mrml
+
+    oracle_network(monkeypatch)
+    path = tmp_path / "t1.nrrd"
+    sitk.WriteImage(_phantom(), str(path))
+    (tmp_path / "t1.json").write_text(json.dumps({"SeriesDescription": "t1_mprage", "InversionTime": 0.9}))
+    volume = mrml.loadVolumeFile(str(path), "t1")
+    logic = CoreLogic.DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    report = logic.lesionStatistics(segmentation, volume)
+    first = report["warnings"][0]
+    assert first.startswith(NOT_FLAIR) and "inversion time is 900 ms" in first and "(t1.json)" in first
+    (tmp_path / "t1.json").unlink()  # read when the run starts: a rerun without the sidecar has nothing to say
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    assert not any(w.startswith(NOT_FLAIR) for w in logic.lesionStatistics(segmentation, volume)["warnings"])
+
+    # a volume the DICOM module loaded: its first instance's file, through Slicer's DICOM database
+    folder = write_dicom_series(tmp_path / "dwi", _phantom(), description="ep2d_diff_b1000_TRACEW")
+    files = sorted(folder.iterdir())
+
+    class Database:  # Slicer's ctkDICOMDatabase, of which the module asks one thing
+        def fileForInstance(self, uid):
+            return str(files[0]) if uid == "1.2.9.1" else ""
+
+    monkeypatch.setattr(slicer, "dicomDatabase", Database(), raising=False)
+    node = mrml.volumeFromImage(io.read_image(folder), "dwi")
+    assert CoreLogic.sourceWarnings(node) == []  # made in the scene: no source
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.9.1 1.2.9.2")
+    found = CoreLogic.sourceWarnings(node)
+    assert len(found) == 1 and "names a diffusion image (its DICOM header)" in found[0]
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.9.7")  # not in the database (deleted): nothing to say
+    assert CoreLogic.sourceWarnings(node) == []
+
+
+def test_the_slicer_batch_script_warns_of_a_sidecar_once_whichever_reader_loads_the_file(scene, tmp_path, monkeypatch,
+                                                                                          tiny_model):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("segment_batch", REPO / "DeepWML" / "Scripts" / "segment_batch.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _nifti(inputs, "a.nii.gz")  # loaded by Slicer's reader: the module's logic reads the sidecar too
+    sitk.WriteImage(sitk.JoinSeries(_phantom(), 0.0, 2.0), str(inputs / "b.mha"))  # X, Y, Z, 1: made in the scene
+    _nifti(inputs, "c.nii.gz")
+    for case in ("a", "b"):
+        (inputs / f"{case}.json").write_text(json.dumps({"SeriesDescription": "t1_mprage", "InversionTime": 0.9}))
+    assert script.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
+                        "--device", "cpu"]) == 0
+    for case, count in (("a", 1), ("b", 1), ("c", 0)):
+        found = [w for w in _warnings(out, case) if w.startswith(NOT_FLAIR)]
+        assert len(found) == count and all(f"({case}.json)" in w for w in found)
