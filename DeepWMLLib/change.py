@@ -1245,13 +1245,11 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     gaps = [f"{name}: {warning}" for name, image in (("baseline", baseline), ("follow-up", followup)) if chosen[name]
             for warning in chosen[name][0].slice_warnings(image)]
     reversed_visits = visits_reversed(*(chosen[name][0] if chosen[name] else None for name in ("baseline", "follow-up")))
-    from .segment import image_file_warnings, not_flair_warning
+    from .segment import scan_header_warnings
 
     # what each scan's DICOM header, or the files a converter wrote beside its file, says against its being a FLAIR
     identity = [f"{name}: {warning}" for name, path in (("baseline", baseline_path), ("follow-up", followup_path))
-                for evidence in [chosen[name][0].not_flair_evidence() if chosen[name] else None]
-                for warning in ((not_flair_warning(evidence, "its DICOM header"),) * bool(evidence) if chosen[name]
-                                else image_file_warnings(Path(path)))]
+                for warning in scan_header_warnings(Path(path), chosen[name][0] if chosen[name] else None)]
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)

@@ -1389,7 +1389,8 @@ _NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|d
 # what each word of _NOT_FLAIR_DESCRIPTION names, for a warning that says so
 _NOT_FLAIR_KINDS = ((re.compile(r"(?<![a-z0-9])t1(?![0-9])|mp-?rage", re.IGNORECASE), "a T1-weighted scan"),
                     (re.compile(r"(?<![a-z])stir(?![a-z])", re.IGNORECASE), "STIR"),
-                    (re.compile(r"(?<![a-z])dir(?![a-z])|double[\s_-]*inv", re.IGNORECASE), "double inversion recovery"),
+                    (re.compile(r"(?<![a-z0-9])dir(?![a-z])|double[\s_-]*inv", re.IGNORECASE),  # not DTI's "30dir"
+                     "double inversion recovery"),
                     (re.compile(r"(?<![a-z])(dwi|dti|adc|diff|tracew?)(?![a-z])|diffusion", re.IGNORECASE),
                      "a diffusion image"),
                     (re.compile(r"(?<![a-z])swi(?![a-z])", re.IGNORECASE), "susceptibility-weighted imaging"))

@@ -1124,6 +1124,16 @@ def image_file_warnings(path: Path) -> list[str]:
     return [not_flair_warning(evidence, ", ".join(dict.fromkeys(sources)))] if evidence else []
 
 
+def scan_header_warnings(path: Path | None, series=None) -> list[str]:
+    """The warning, if any, that a scan's own header says it is not a FLAIR: the DICOM `series` read from `path`'s
+    folder (io.DicomSeries.not_flair_evidence), else the files beside the image file `path` (image_file_warnings).
+    Shared by segment, change and train."""
+    if series is not None:
+        evidence = series.not_flair_evidence()
+        return [not_flair_warning(evidence, "its DICOM header")] if evidence else []
+    return image_file_warnings(Path(path))
+
+
 def dicom_series_warnings(series, chosen_by: str, image, another: str = "name another with --series") -> list[str]:
     """What a report warns of the DICOM series it was read from (`chosen_by`: how io.choose_dicom_series chose it;
     `image`: the series as read), first among its warnings: which series, where it was picked among others for
@@ -1133,9 +1143,8 @@ def dicom_series_warnings(series, chosen_by: str, image, another: str = "name an
     warnings = []
     if chosen_by.startswith("the only one of"):  # picked for the user: say which, so it can be checked
         warnings.append(f"read DICOM {series.label()}, {chosen_by}; {another}")
-    evidence = series.not_flair_evidence()
-    if evidence:  # the only series, or one named: taken, but its own header says what it is
-        warnings.append(not_flair_warning(evidence, "its DICOM header"))
+    # the only series, or one named: taken, but its own header says what it is
+    warnings += scan_header_warnings(None, series)
     if series.damaged:  # a transfer cut short loses slices at an end, where no gap shows
         names = ", ".join(Path(p).name for p in series.damaged[:3]) + (", ..." if len(series.damaged) > 3 else "")
         warnings.append(f"{len(series.damaged)} file(s) beside the series could not be read (empty or damaged: "
@@ -1317,7 +1326,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
         report["warnings"] = [*dicom_series_warnings(chosen[0], chosen[1], image), *report["warnings"]]
     else:
-        report["warnings"] = [*image_file_warnings(path), *report["warnings"]]
+        report["warnings"] = [*scan_header_warnings(path), *report["warnings"]]
     if dicom_outline and not outline:
         report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
                               "patient or study to write one into (--dicom-outline needs a DICOM series)"]

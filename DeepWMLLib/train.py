@@ -514,6 +514,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                 else:
                     checks[case.case] = flair_check(image, mask)
                     _tell_not_flair_at_once(case.case, checks[case.case], skip_bad_cases, allow_non_flair)
+            _warn_header_not_flair(case)
         except DeepWMLError as exc:
             if not skip_bad_cases:
                 raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc
@@ -621,6 +622,22 @@ def flair_checker(device: str = "auto", threads: int | None = None) -> Callable 
 
 
 FLAIR_TABLE_COLUMNS = ("case", "split", "looks_like", "dark_fraction", "cortex_brighter_fraction", "deep_ml", "not_judged")
+
+
+def _warn_header_not_flair(case: Case) -> None:
+    """Log a warning, naming the case, when its FLAIR's own header says it is not one (segment.scan_header_warnings:
+    its DICOM series', or the JSON sidecar, b-values or BIDS name beside its file): a manifest's columns mixed up,
+    or the wrong series exported, which the picture does not always show (a diffusion image passes the FLAIR check).
+    A warning, as in segment: the picture's check decides what is refused."""
+    from .segment import scan_header_warnings
+
+    path = Path(case.flair)
+    try:
+        series = io.choose_dicom_series(path, option=None)[0] if path.is_dir() else None
+    except DeepWMLError:
+        return
+    for warning in scan_header_warnings(path, series):
+        log.warning("case %s: %s", case.case, warning)
 
 
 def _tell_not_flair_at_once(name: str, check: dict, skip_bad_cases: bool, allow_non_flair: bool) -> None:

@@ -145,6 +145,18 @@ def test_header_evidence_by_hand():
     assert io.not_flair_evidence("STIR cor") == ["its description 'STIR cor' names STIR"]
     assert io.not_flair_evidence("3D DIR") == ["its description '3D DIR' names double inversion recovery"]
     assert io.not_flair_evidence("SWI_Images") == ["its description 'SWI_Images' names susceptibility-weighted imaging"]
+    assert io.not_flair_evidence("DTI_30dir") == ["its description 'DTI_30dir' names a diffusion image"]  # 30 directions
+    # descriptions FLAIRs are given by the consoles of three vendors and by sites: none is held against the scan
+    for description in ("t2_tirm_tra_dark-fluid_3mm", "t2_flair_tra", "Ax T2 FLAIR FS", "Sag CUBE FLAIR", "T2W_FLAIR",
+                        "FLAIR_longTR", "tirm_tra", "T2 FLAIR SENSE", "FLAIR+C", "T2-FLAIR", "FLAIR_3D_VISTA",
+                        "3D_Brain_VIEW_FLAIR_SHC", "AX T2 FLAIR PROPELLER", "T2_FLAIR_BLADE", "flair_tra_TSE",
+                        "t2_tse_dark-fluid_tra", "ep2d_flair", "sT2W_FLAIR", "3D T2 FLAIR SPACE", "DarkFluid"):
+        assert io.not_flair_evidence(description) == [], description
+    for description, kind in (("T1W_3D_TFE", "T1-weighted"), ("ep2d_diff_3scan_trace_p2", "diffusion"),
+                              ("Ax DWI 1000b", "diffusion"), ("t2_swi_tra", "susceptibility"), ("AX T2 FSE", "T2- or PD"),
+                              ("PD_TSE", "T2- or PD"), ("T1 FLAIR AX", "T1-weighted"), ("t1_tirm_tra", "T1-weighted"),
+                              ("AX T2*", "T2- or PD")):
+        assert kind in " ".join(io.not_flair_evidence(description)), description
     assert io.not_flair_evidence("", secondary_capture=True) == [
         "it is a Secondary Capture (a picture of images, not the scanner's)"]
 

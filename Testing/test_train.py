@@ -323,6 +323,19 @@ def test_a_started_run_prepared_with_skip_bad_cases_keeps_a_missing_case_out_whe
         training.train(tiny_config(missing, epochs=1, samples_per_epoch=8), tmp_path / "new")
 
 
+def test_a_case_whose_flair_sidecar_says_it_is_not_a_flair_is_named_in_a_warning(tmp_path, caplog):
+    """A manifest whose flair column points at a diffusion image (dcm2niix's sidecar beside it says so) trains, as the
+    picture passes, but the case is named in a warning, as segment warns of such a scan."""
+    manifest = make_dataset(tmp_path / "data")
+    (manifest.parent / "c3_flair.json").write_text(json.dumps({"SeriesDescription": "ep2d_diff_tra_TRACEW",
+                                                                "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"]}))
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    training.train(tiny_config(manifest, epochs=1, samples_per_epoch=8), tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "may not be a FLAIR" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("case c3: the scan may not be a FLAIR: its description "
+                                                 "'ep2d_diff_tra_TRACEW' names a diffusion image") and "(c3_flair.json)" in said[0]
+
+
 def test_a_validation_set_emptied_by_skipped_cases_is_said_so(dataset, tmp_path):
     """The one val case's mask missing, --skip-bad-cases: 'no training or no validation slice is left' said neither
     which nor why; it names the split and the skipped cases' table."""
