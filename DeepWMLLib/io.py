@@ -2240,12 +2240,11 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         raise DeepWMLError(f"{os.path.dirname(series.mislabelled[0][0])}: " + _mislabelled_reason(
             [f for f, _ in series.mislabelled], [m for _, m in series.mislabelled]))
     _check_copies(path, series)
-    for name in series.files:
-        misfit = _pixel_data_misfit(name)
-        if misfit:
-            raise DeepWMLError(f"{path}: the DICOM file {os.path.basename(name)} {misfit} (a damaged header: the image "
-                               "library would read its pixels in a wrong shape without an error); export the series "
-                               "again from the scanner or PACS")
+    misfit = _series_pixel_misfit(series.files)
+    if misfit:
+        raise DeepWMLError(f"{path}: the DICOM file {os.path.basename(misfit[0])} {misfit[1]} (a damaged header: the "
+                           "image library would read its pixels in a wrong shape without an error); export the series "
+                           "again from the scanner or PACS")
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -2430,14 +2429,16 @@ _WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x001800
            | _GROUP_SEQUENCES)
 
 
-def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED) -> tuple[dict, int]:
+def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED,
+             order: str = "<") -> tuple[dict, int]:
     """The elements of a DICOM data set from `pos` to `end` (or to its item delimiter) that `frame_geometry`
     uses (or those of `wanted`, at this level): {tag: bytes, or a list of items (data sets) for a sequence}, and
     where it ended (with `level` "top", at Pixel Data: where that element starts). `level` "meta" stops after the
-    file meta group, "top" at Pixel Data. Raises ValueError where the bytes are not what they say."""
+    file meta group, "top" at Pixel Data; `order` ">" reads a big endian data set (never its meta group). Raises
+    ValueError where the bytes are not what they say."""
     found: dict = {}
     while pos + 8 <= end:
-        group, element = struct.unpack_from("<HH", data, pos)
+        group, element = struct.unpack_from(order + "HH", data, pos)
         tag = group << 16 | element
         if tag == 0xFFFEE00D:  # the end of an item of undefined length
             return found, pos + 8
@@ -2445,19 +2446,19 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", want
             break
         vr = bytes(data[pos + 4:pos + 6]) if (explicit or group == 2) and group != 0xFFFE else None
         if vr in _LONG_VRS:
-            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+            length, start = struct.unpack_from(order + "I", data, pos + 8)[0], pos + 12
         elif vr is not None:
-            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+            length, start = struct.unpack_from(order + "H", data, pos + 6)[0], pos + 8
         else:
-            length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+            length, start = struct.unpack_from(order + "I", data, pos + 4)[0], pos + 8
         unknown = vr == b"UN" and length == 0xFFFFFFFF  # a sequence its writer did not know: implicit VR items
         if vr == b"SQ" or unknown or (vr is None and (tag in _GROUP_SEQUENCES or length == 0xFFFFFFFF)):
-            items, pos = _items(data, start, length, end, explicit and not unknown)  # PS3.5 6.2.2
+            items, pos = _items(data, start, length, end, explicit and not unknown, order)  # PS3.5 6.2.2
             if tag in wanted:
                 found[tag] = items
             continue
         if length == 0xFFFFFFFF and vr in (b"OB", b"OW"):  # encapsulated pixel data (an icon): its fragments
-            pos = _past_fragments(data, start, end)
+            pos = _past_fragments(data, start, end, order)
             continue
         if length == 0xFFFFFFFF:
             raise ValueError("a value of undefined length")
@@ -2467,25 +2468,25 @@ def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", want
     return found, pos
 
 
-def _items(data, start: int, length: int, end: int, explicit: bool) -> tuple[list, int]:
+def _items(data, start: int, length: int, end: int, explicit: bool, order: str = "<") -> tuple[list, int]:
     """A sequence's items (data sets) and where the sequence ends."""
     stop = end if length == 0xFFFFFFFF else start + length
     items, pos = [], start
     while pos + 8 <= stop:
-        group, element, size = struct.unpack_from("<HHI", data, pos)
+        group, element, size = struct.unpack_from(order + "HHI", data, pos)
         if (group, element) == (0xFFFE, 0xE0DD):  # the end of a sequence of undefined length
             return items, pos + 8
         if (group, element) != (0xFFFE, 0xE000):
             raise ValueError("not an item")
-        item, pos = _dataset(data, pos + 8, stop if size == 0xFFFFFFFF else pos + 8 + size, explicit)
+        item, pos = _dataset(data, pos + 8, stop if size == 0xFFFFFFFF else pos + 8 + size, explicit, order=order)
         items.append(item)
     return items, stop
 
 
-def _past_fragments(data, pos: int, end: int) -> int:
+def _past_fragments(data, pos: int, end: int, order: str = "<") -> int:
     """Where encapsulated pixel data (items of raw bytes up to a sequence delimiter) starting at `pos` ends."""
     while pos + 8 <= end:
-        group, element, size = struct.unpack_from("<HHI", data, pos)
+        group, element, size = struct.unpack_from(order + "HHI", data, pos)
         if (group, element) == (0xFFFE, 0xE0DD):
             return pos + 8
         if (group, element) != (0xFFFE, 0xE000) or size == 0xFFFFFFFF:
@@ -2498,26 +2499,27 @@ def _past_fragments(data, pos: int, end: int) -> int:
 _PIXEL_LAYOUT = (0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100)
 
 
-def _top_level(data, pos: int, explicit: bool, wanted) -> tuple[dict, int] | None:
-    """`_dataset(data, pos, len(data), explicit, "top", wanted)` the quick way, for the common file: (the `wanted`
-    elements, where Pixel Data starts); None where it does not reach Pixel Data within `data`, or meets a value of
-    undefined length other than a sequence's."""
+def _top_level(data, pos: int, explicit: bool, wanted, order: str = "<") -> tuple[dict, int] | None:
+    """`_dataset(data, pos, len(data), explicit, "top", wanted, order)` the quick way, for the common file: (the
+    `wanted` elements, where Pixel Data starts); None where it does not reach Pixel Data within `data`, or meets a
+    value of undefined length other than a sequence's."""
     found, end = {}, len(data)
+    short, long = order + "H", order + "I"
     while pos + 12 <= end:
-        group, element = struct.unpack_from("<HH", data, pos)
+        group, element = struct.unpack_from(order + "HH", data, pos)
         if group == 0x7FE0 and element == 0x0010:
             return found, pos
         vr = data[pos + 4:pos + 6] if explicit else None
         if not explicit:
-            length, start = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+            length, start = struct.unpack_from(long, data, pos + 4)[0], pos + 8
         elif vr in _LONG_VRS:
-            length, start = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+            length, start = struct.unpack_from(long, data, pos + 8)[0], pos + 12
         else:
-            length, start = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+            length, start = struct.unpack_from(short, data, pos + 6)[0], pos + 8
         if length == 0xFFFFFFFF:
             if vr not in (None, b"SQ", b"UN"):
                 return None
-            _, pos = _items(data, start, length, end, vr == b"SQ")  # its items followed to the sequence's end
+            _, pos = _items(data, start, length, end, vr == b"SQ", order)  # its items followed to the sequence's end
             continue
         if group << 16 | element in wanted:
             found[group << 16 | element] = data[start:start + length]
@@ -2533,17 +2535,61 @@ def _quietly(parse, *args):
         return None
 
 
-def _pixel_data_misfit(path: str) -> str | None:
-    """Of an uncompressed little-endian DICOM file whose header's Rows, Columns, Samples per Pixel, Bits Allocated
-    and Number of Frames do not account for its Pixel Data's length (short of it, or a row or more beyond padding):
-    what they give and what it holds, said; None for every other file (compressed, big endian, deflated, without the
-    file meta header or Pixel Data, or one this small parser cannot follow: as before the check, GDCM's). GDCM reads
-    such a file's pixels into the header's shape without an error: half a slice as a whole one. The header's first
-    16 kB are read, then its first megabyte, the whole file only where its elements reach further (0.07 ms a
-    file: 200 slices 13 ms)."""
+_DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
+# the uncompressed transfer syntaxes whose Pixel Data `_pixel_layout` follows: (byte order, explicit VR)
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2": ("<", False), "1.2.840.10008.1.2.1": ("<", True),
+                    "1.2.840.10008.1.2.2": (">", True), _DEFLATED_SYNTAX: ("<", True)}
+
+
+@dataclass(frozen=True)
+class _PixelLayout:
+    """What an uncompressed DICOM file's header says of its Pixel Data, and where its value lies (`_pixel_layout`)."""
+
+    path: str
+    rows: int
+    columns: int
+    samples: int  # Samples per Pixel
+    stored: int  # samples stored a pixel: 2 for 4:2:2 colour (PS3.3 C.7.6.3.1.2), else `samples`
+    frames: int
+    bits: int  # Bits Allocated
+    signed: bool  # Pixel Representation 1
+    length: int  # the Pixel Data element's length
+    order: str  # "<" little endian, ">" big endian
+    start: int  # where the data set starts in the file (after the file meta group)
+    value: int  # where the Pixel Data's value starts: in the file, or (deflated) in the inflated data set
+    deflated: bool
+
+    @property
+    def expected(self) -> int:
+        """The bytes the header's Rows, Columns, samples, Bits Allocated and Number of Frames need."""
+        return -(-self.rows * self.columns * self.stored * self.frames * self.bits // 8)
+
+    def said(self) -> str:
+        shape = f"{self.rows} rows x {self.columns} columns" + (f" x {self.frames} frames" if self.frames != 1 else "") + (
+            f" x {self.samples} samples" if self.samples != 1 else "")
+        return (f"gives {shape} of {self.bits} bits ({self.expected} bytes), but its Pixel Data holds {self.length} "
+                "bytes")
+
+    def read(self, begin: int, count: int) -> bytes:
+        """`count` bytes of the Pixel Data's value from `begin` (fewer where the file ends first)."""
+        with open(self.path, "rb") as f:
+            if not self.deflated:
+                f.seek(self.value + begin)
+                return f.read(count)
+            f.seek(self.start)
+            data = zlib.decompress(f.read(), -15)  # (the inflated data set, once: only for files padded past a row)
+        return data[self.value + begin:self.value + begin + count]
+
+
+def _pixel_layout(path: str) -> _PixelLayout | None:
+    """Of an uncompressed DICOM file (implicit or explicit VR little endian, explicit VR big endian, deflated):
+    what its header says of its Pixel Data (`_PixelLayout`); None for every other file (compressed, without the file
+    meta header or Pixel Data, or one this small parser cannot follow). The header's first 16 kB are read, then
+    its first megabyte, the whole file only where its elements reach further; of a deflated file its data set's
+    first 4 kB inflated, then more only where the header reaches further."""
     import mmap
 
-    wanted = frozenset(_PIXEL_LAYOUT + (0x00280004,))  # and Photometric Interpretation
+    wanted = frozenset(_PIXEL_LAYOUT + (0x00280004, 0x00280103))  # and Photometric Interpretation, Pixel Representation
     try:
         with open(path, "rb") as f:
             head = f.read(16384)
@@ -2557,27 +2603,45 @@ def _pixel_data_misfit(path: str) -> str | None:
             else:
                 meta, start = _dataset(head, 132, len(head), True, "meta")
                 syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
-            if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+            if syntax not in _NATIVE_SYNTAXES:
                 return None
-            explicit = syntax == "1.2.840.10008.1.2.1"
-            found = _quietly(_top_level, head, start, explicit, wanted)
-            if found is None and len(head) == 16384:  # a long header (a scanner's private ones)
-                head += f.read(1 << 20)
-                found = _quietly(_top_level, head, start, explicit, wanted)
-            if found is None:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                    found = _dataset(data, start, len(data), explicit, "top", wanted)
-                    data = bytes(data[found[1]:found[1] + 12])
-                top, pos = found[0], 0
+            order, explicit = _NATIVE_SYNTAXES[syntax]
+            deflated = syntax == _DEFLATED_SYNTAX
+            if deflated:  # the data set one raw deflate stream (PS3.5 A.5): inflated as far as Pixel Data's header
+                f.seek(start)
+                inflater = zlib.decompressobj(-15)
+                head, found = b"", None
+                for size in (4096, 65536, 1 << 20):  # (a header packs to a few kB)
+                    head += inflater.decompress(inflater.unconsumed_tail + f.read(size), size - len(head))
+                    found = _quietly(_top_level, head, 0, explicit, wanted, order)
+                    if found is not None:
+                        break
+                if found is None:
+                    head += inflater.decompress(inflater.unconsumed_tail + f.read()) + inflater.flush()
+                    found = _dataset(head, 0, len(head), explicit, "top", wanted, order)
+                (top, at), data = found, head
             else:
-                (top, pos), data = found, head
-            if pos + 8 > len(data) or struct.unpack_from("<HH", data, pos) != (0x7FE0, 0x0010):
+                found = _quietly(_top_level, head, start, explicit, wanted, order)
+                if found is None and len(head) == 16384:  # a long header (a scanner's private ones)
+                    head += f.read(1 << 20)
+                    found = _quietly(_top_level, head, start, explicit, wanted, order)
+                if found is None:
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                        top, at = _dataset(mapped, start, len(mapped), explicit, "top", wanted, order)
+                        data = bytes(mapped[:at + 12])
+                else:
+                    (top, at), data = found, head
+            if at + 8 > len(data) or struct.unpack_from(order + "HH", data, at) != (0x7FE0, 0x0010):
                 return None
-            if explicit and bytes(data[pos + 4:pos + 6]) in _LONG_VRS:
-                length = struct.unpack_from("<I", data, pos + 8)[0] if pos + 12 <= len(data) else None
+            if explicit and bytes(data[at + 4:at + 6]) in _LONG_VRS:
+                if at + 12 > len(data):
+                    return None
+                length, value = struct.unpack_from(order + "I", data, at + 8)[0], at + 12
+            elif explicit:
+                length, value = struct.unpack_from(order + "H", data, at + 6)[0], at + 8
             else:
-                length = struct.unpack_from("<H" if explicit else "<I", data, pos + 6 if explicit else pos + 4)[0]
-    except (OSError, ValueError, struct.error):
+                length, value = struct.unpack_from(order + "I", data, at + 4)[0], at + 8
+    except (OSError, ValueError, struct.error, zlib.error):
         return None
 
     def number(tag: int, default: int | None) -> int | None:
@@ -2586,24 +2650,119 @@ def _pixel_data_misfit(path: str) -> str | None:
             return default
         try:
             return (int(value.decode("ascii").strip(" \0")) if tag == 0x00280008
-                    else struct.unpack("<H", value)[0] if len(value) == 2 else None)
+                    else struct.unpack(order + "H", value)[0] if len(value) == 2 else None)
         except (UnicodeDecodeError, ValueError):
             return None
 
-    samples, frames, rows, columns, bits = (number(tag, default) for tag, default in
-                                            zip(_PIXEL_LAYOUT, (1, 1, None, None, None)))
-    if length is None or length == 0xFFFFFFFF or None in (samples, frames, rows, columns, bits):
+    samples, frames, rows, columns, bits, signed = (number(tag, default) for tag, default in
+                                                    zip(_PIXEL_LAYOUT + (0x00280103,), (1, 1, None, None, None, 0)))
+    if length == 0xFFFFFFFF or None in (samples, frames, rows, columns, bits, signed):
         return None
     photometric = bytes(top.get(0x00280004, b"")).decode("ascii", "replace").strip(" \0").upper()
     # 4:2:2 colour keeps one Cb and one Cr for each two pixels (PS3.3 C.7.6.3.1.2): 2 samples a pixel stored, not 3
     stored = 2 if samples == 3 and photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") else samples
-    expected = -(-rows * columns * stored * frames * bits // 8)
-    row = max(2, columns * stored * bits // 8)
-    if expected <= length < expected + row:  # padding (to an even length, at most)
+    return _PixelLayout(path, rows, columns, samples, stored, frames, bits, signed == 1, length, order,
+                        start, value, deflated)
+
+
+def _roughness(values: np.ndarray, rows: int, columns: int) -> float:
+    """How much an image read as `rows` x `columns` of `values` changes from row to row (mean absolute step down
+    its columns): small for an image read in its shape, large for one read sheared (rows of another length)."""
+    image = values[:rows * columns].reshape(rows, columns).astype(np.float64)
+    return float(np.abs(np.diff(image, axis=0)).mean()) if rows > 1 else 0.0
+
+
+def _pixel_verdict(layout: _PixelLayout) -> tuple[str | None, int, tuple | None]:
+    """Whether a file's header accounts for its Pixel Data's length: (what is wrong, said, or None; the bytes past
+    the image taken for padding beyond what any damaged dimension could leave (0 where none); where those bytes
+    would also fit an image of more columns: (how the pixels read in the header's shape, `_roughness`, and in that
+    one, its columns)).
+
+    Excess padding after the pixels is allowed (PS3.5 8.1.1: older applications sent it); a header whose Rows,
+    Columns, Number of Frames, Samples per Pixel or Bits Allocated is too small (a damaged file) leaves bytes past
+    the image too, and GDCM reads the header's shape from the start of the Pixel Data without a word, so what
+    follows tells them apart:
+    - fewer bytes than a row of each frame, a column (all rows' pixels) of each frame, or a frame: none of those
+      values too small leaves so few; padding, whatever it holds (as before: fewer than a row).
+    - more: padding only in a single-frame greyscale image of 8, 16 or 32 bits, less than a frame past it (a
+      too-small Frames, Samples or Bits Allocated leaves a frame and more), and one value repeated (a sample's bytes
+      alike), as padding is. A too-small Rows gives bytes past the image too, its rows below it: only where those
+      are one value (a blank margin) is it taken for padding, and then the rows read are the image's own, in their
+      place (the blank ones left out), a correct reading all the same. A too-small Columns reads every row sheared:
+      where the bytes past the image are a whole number of columns, the pixels are also read as an image of so
+      many more columns, and the header's shape must read as the smoother one (`_series_pixel_misfit`, over the
+      series)."""
+    excess = layout.length - layout.expected
+    if excess < 0:
+        return layout.said(), 0, None
+    row = layout.columns * layout.stored * layout.bits // 8
+    column = layout.rows * layout.stored * layout.bits // 8
+    frame = layout.rows * layout.columns * layout.stored * layout.bits // 8
+    if excess < max(2, min(layout.frames * row, layout.frames * column, frame)):
+        return None, 0, None
+    if layout.frames != 1 or layout.samples != 1 or layout.bits not in (8, 16, 32) or excess >= frame:
+        return layout.said(), 0, None
+    size = layout.bits // 8
+    tail = layout.read(layout.expected, excess)
+    if len(tail) < excess or tail != (tail[:size] * (excess // size + 1))[:excess]:
+        return layout.said() + f" (the {excess} bytes past the image are not padding, one value repeated)", 0, None
+    for extra in (0, 1) if size == 1 else (0,):  # (an 8-bit image of an odd length is padded by one byte)
+        more, left = divmod(excess - extra, column)
+        if more and not left:
+            dtype = np.dtype(f"{'i' if layout.signed else 'u'}{size}").newbyteorder(layout.order)
+            values = np.frombuffer(layout.read(0, layout.expected + excess - extra), dtype)
+            return None, excess, (_roughness(values, layout.rows, layout.columns),
+                                  _roughness(values, layout.rows, layout.columns + more), layout.columns + more)
+    return None, excess, None
+
+
+def _series_pixel_misfit(files: Sequence[str]) -> tuple[str, str] | None:
+    """(a file, what is wrong, said) of a series whose images' headers do not account for their Pixel Data
+    (`_pixel_verdict`); None where every file's do, or cannot be followed (compressed, ...: as before the check,
+    GDCM's). A file taken as padded past a row must give the size of the series' other images (a damaged Rows in
+    one file would be read as another image sharing the series UID), and where the padding would also fit more
+    columns, the series' images must read as images (`_roughness`, summed over those files) in the header's
+    shape. 0.07 ms a file (200 slices 13 ms); the bytes past the image are read only where they are more than a
+    row or column of pixels."""
+    layouts, ambiguous = [], []
+    for name in files:
+        layout = _pixel_layout(name)
+        if layout is None:
+            continue
+        misfit, padding, rough = _pixel_verdict(layout)
+        if misfit:
+            return name, misfit
+        layouts.append((name, layout, padding))
+        if rough:
+            ambiguous.append((name, layout, rough))
+    padded = [(name, layout) for name, layout, padding in layouts if padding]
+    if not padded:
         return None
-    shape = f"{rows} rows x {columns} columns" + (f" x {frames} frames" if frames != 1 else "") + (
-        f" x {samples} samples" if samples != 1 else "")
-    return f"gives {shape} of {bits} bits ({expected} bytes), but its Pixel Data holds {length} bytes"
+    sizes: dict = {}
+    for _, layout, _ in layouts:
+        sizes[layout.rows, layout.columns] = sizes.get((layout.rows, layout.columns), 0) + 1
+    common = max(sizes, key=sizes.get)
+    for name, layout in padded:
+        if (layout.rows, layout.columns) != common:
+            return name, (layout.said() + f", and the series' other images are {common[0]} rows x {common[1]} "
+                          "columns")
+    if ambiguous and not (sum(r[0] for _, _, r in ambiguous) < sum(r[1] for _, _, r in ambiguous)
+                          or not any(r[0] or r[1] for _, _, r in ambiguous)):
+        name, layout, rough = ambiguous[0]
+        return name, (layout.said() + f", which {layout.rows} rows x {rough[2]} columns would hold, the shape in "
+                      "which the series' pixels read as an image (a Columns too small)")
+    return None
+
+
+def _pixel_data_misfit(path: str) -> str | None:
+    """Of an uncompressed DICOM file whose header's Rows, Columns, Samples per Pixel, Bits Allocated and Number of
+    Frames do not account for its Pixel Data's length (short of it, or more beyond it than padding, `_pixel_verdict`):
+    what they give and what it holds, said; None for every other file (compressed, without the file meta header or
+    Pixel Data, or one this small parser cannot follow: as before the check, GDCM's). GDCM reads such a file's
+    pixels into the header's shape without an error: half a slice as a whole one. The file alone; a series' files
+    are judged together by `_series_pixel_misfit`."""
+    found = _series_pixel_misfit([path])
+    return found[1] if found else None
 
 
 def _numbers(value) -> np.ndarray | None:

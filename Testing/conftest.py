@@ -6,6 +6,7 @@ import math
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,54 @@ def drop_pixel_spacing(folder: Path) -> None:
                               path.read_bytes(), count=1, flags=re.S)
         assert count == 1, path
         path.write_bytes(data)
+
+
+def encoded_dicom_series(folder: Path, image: sitk.Image, syntax: str, rows: int | None = None, pad: bytes = b"") -> Path:
+    """An int16 axial image as a DICOM MR series written by hand in explicit VR big endian or deflated explicit VR
+    little endian, encoded as those syntaxes are (SimpleITK writes implicit VR little endian only); `rows` another
+    Rows than the image's (a damaged header), `pad` bytes after each slice's pixels in its Pixel Data."""
+    big = syntax == "1.2.840.10008.1.2.2"
+    order = ">" if big else "<"
+    array = sitk.GetArrayFromImage(image).astype(order + "i2")
+    spacing = image.GetSpacing()
+
+    def element(tag: int, vr: str, value) -> bytes:
+        value = value.encode() + (b"\0" if vr == "UI" else b" ") * (len(value) % 2) if isinstance(value, str) else value
+        if vr == "OW":
+            return struct.pack(order + "HH2sHI", tag >> 16, tag & 0xFFFF, b"OW", 0, len(value)) + value
+        return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
+
+    def meta_element(tag: int, vr: str, value) -> bytes:
+        value = value.encode() + b"\0" * (len(value) % 2) if isinstance(value, str) else value
+        if vr == "OB":
+            return struct.pack("<HH2sHI", 2, tag, b"OB", 0, len(value)) + value
+        return struct.pack("<HH2sH", 2, tag, vr.encode(), len(value)) + value
+
+    folder.mkdir(parents=True)
+    us = lambda value: struct.pack(order + "H", value)  # noqa: E731
+    for k in range(array.shape[0]):
+        sop = f"1.2.3.4.88.{k + 1}"
+        meta = (meta_element(1, "OB", b"\0\1") + meta_element(2, "UI", "1.2.840.10008.5.1.4.1.1.4")
+                + meta_element(3, "UI", sop) + meta_element(0x10, "UI", syntax))
+        position = "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        body = b"".join([element(0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.4"), element(0x00080018, "UI", sop),
+                         element(0x00080060, "CS", "MR"), element(0x0008103E, "LO", "AX FLAIR"),
+                         element(0x00180050, "DS", f"{spacing[2]:g}"), element(0x0020000D, "UI", "1.2.3.4"),
+                         element(0x0020000E, "UI", "1.2.3.4.88"), element(0x00200013, "IS", str(k + 1)),
+                         element(0x00200032, "DS", position), element(0x00200037, "DS", "1\\0\\0\\0\\1\\0"),
+                         element(0x00280002, "US", us(1)), element(0x00280004, "CS", "MONOCHROME2"),
+                         element(0x00280010, "US", us(rows or array.shape[1])),
+                         element(0x00280011, "US", us(array.shape[2])),
+                         element(0x00280030, "DS", f"{spacing[1]:g}\\{spacing[0]:g}"), element(0x00280100, "US", us(16)),
+                         element(0x00280101, "US", us(16)), element(0x00280102, "US", us(15)),
+                         element(0x00280103, "US", us(1)), element(0x7FE00010, "OW", array[k].tobytes() + pad)])
+        if not big:
+            packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+            body = packer.compress(body) + packer.flush()
+            body += b"\0" * (len(body) % 2)
+        (folder / f"slice{k:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta_element(0, "UL", struct.pack("<I", len(meta)))
+                                                   + meta + body)
+    return folder
 
 
 def relabel_transfer_syntax(folder: Path, uid: str, names=None) -> None:

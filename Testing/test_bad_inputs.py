@@ -27,8 +27,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
-from conftest import (REPO, drop_pixel_spacing, make_volume, mni_t1_thick, nifti2_of, relabel_transfer_syntax,
-                      tiny_model_file, write_dicom_series)
+from conftest import (REPO, drop_pixel_spacing, encoded_dicom_series, make_volume, mni_t1_thick, nifti2_of,
+                      relabel_transfer_syntax, tiny_model_file, write_dicom_series)
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -188,6 +188,15 @@ BAD_INPUTS = [
     ("a DICOM series whose Rows do not fit its Pixel Data (halved in the header: GDCM read the first half of each slice "
      "as a whole image, without an error)", "segment", 1,
      "gives 16 rows x 32 columns of 16 bits (1024 bytes), but its Pixel Data holds 2048 bytes"),
+    ("a DICOM series in explicit VR big endian whose Rows do not fit its Pixel Data (halved in the header: big endian and "
+     "deflated files went unchecked, the first half of each slice read as a whole image)", "segment", 1,
+     "gives 16 rows x 32 columns of 16 bits (1024 bytes), but its Pixel Data holds 2048 bytes"),
+    ("a DICOM series whose Columns is one too small in images of fewer rows than columns (a rectangular field of view: "
+     "fewer bytes past the image than a row, taken for padding before; GDCM read every row sheared)", "segment", 1,
+     "gives 48 rows x 63 columns of 16 bits (6048 bytes), but its Pixel Data holds 6144 bytes"),
+    ("a DICOM series whose Pixel Data holds padding past its pixels (1000 bytes of zeros, more than a row: older applications "
+     "sent it, PS3.5 8.1.1; refused before as a damaged header)", "segment", 0,
+     "ok: read voxel for voxel, as without the padding"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -679,6 +688,24 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "halved", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         _set_us_element(folder, b"\x28\x00\x10\x00", 32, 16)  # Rows (0028,0010) 32 made 16
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series in explicit VR big endian whose Rows do not fit"):
+        return seg + [str(encoded_dicom_series(tmp / "in" / "bigendian", sitk.Cast(sitk.ReadImage(str(p["good"])),
+                                                                                     sitk.sitkInt16),
+                                               "1.2.840.10008.1.2.2", rows=16))]
+    if row_id.startswith("a DICOM series whose Columns is one too small"):
+        image, _ = make_volume(size=(64, 48, 5))
+        folder = write_dicom_series(tmp / "in" / "sheared", sitk.Cast(image, sitk.sitkInt16), description="AX FLAIR")
+        _set_us_element(folder, b"\x28\x00\x11\x00", 64, 63)  # Columns (0028,0011) 64 made 63
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series whose Pixel Data holds padding past its pixels"):
+        folder = write_dicom_series(tmp / "in" / "padded", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        for path in folder.iterdir():  # Pixel Data, the last element (implicit VR), 1000 bytes of zeros longer
+            data = path.read_bytes()
+            at = data.rindex(b"\xe0\x7f\x10\x00")
+            length = struct.unpack_from("<I", data, at + 4)[0]
+            path.write_bytes(data[:at + 4] + struct.pack("<I", length + 1000) + data[at + 8:] + bytes(1000))
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series some of whose files are labelled Explicit VR Big Endian"):
         folder = write_dicom_series(tmp / "in" / "mislabelled", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

@@ -21,8 +21,8 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (drop_pixel_spacing, make_volume, nifti2_of, record_syncs_and_renames, relabel_transfer_syntax,
-                      rotation, stepped_positions, write_dicom_series, write_enhanced_mr)
+from conftest import (drop_pixel_spacing, encoded_dicom_series, make_volume, nifti2_of, record_syncs_and_renames,
+                      relabel_transfer_syntax, rotation, stepped_positions, write_dicom_series, write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -251,58 +251,12 @@ def test_dicom_files_labelled_big_endian_or_deflated_but_not_so_encoded_are_refu
     assert time.monotonic() - start < 5  # 18 s and more before (big endian)
 
 
-def _encoded_series(folder: Path, image: sitk.Image, syntax: str) -> Path:
-    """An int16 axial image as a DICOM MR series written by hand in explicit VR big endian or deflated explicit VR
-    little endian, encoded as those syntaxes are (SimpleITK writes implicit VR little endian only)."""
-    big = syntax == "1.2.840.10008.1.2.2"
-    order = ">" if big else "<"
-    array = sitk.GetArrayFromImage(image).astype(order + "i2")
-    spacing = image.GetSpacing()
-
-    def element(tag: int, vr: str, value) -> bytes:
-        value = value.encode() + (b"\0" if vr == "UI" else b" ") * (len(value) % 2) if isinstance(value, str) else value
-        if vr == "OW":
-            return struct.pack(order + "HH2sHI", tag >> 16, tag & 0xFFFF, b"OW", 0, len(value)) + value
-        return struct.pack(order + "HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(value)) + value
-
-    def meta_element(tag: int, vr: str, value) -> bytes:
-        value = value.encode() + b"\0" * (len(value) % 2) if isinstance(value, str) else value
-        if vr == "OB":
-            return struct.pack("<HH2sHI", 2, tag, b"OB", 0, len(value)) + value
-        return struct.pack("<HH2sH", 2, tag, vr.encode(), len(value)) + value
-
-    folder.mkdir(parents=True)
-    us = lambda value: struct.pack(order + "H", value)  # noqa: E731
-    for k in range(array.shape[0]):
-        sop = f"1.2.3.4.88.{k + 1}"
-        meta = (meta_element(1, "OB", b"\0\1") + meta_element(2, "UI", "1.2.840.10008.5.1.4.1.1.4")
-                + meta_element(3, "UI", sop) + meta_element(0x10, "UI", syntax))
-        position = "\\".join(f"{v:.4f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        body = b"".join([element(0x00080016, "UI", "1.2.840.10008.5.1.4.1.1.4"), element(0x00080018, "UI", sop),
-                         element(0x00080060, "CS", "MR"), element(0x0008103E, "LO", "AX FLAIR"),
-                         element(0x00180050, "DS", f"{spacing[2]:g}"), element(0x0020000D, "UI", "1.2.3.4"),
-                         element(0x0020000E, "UI", "1.2.3.4.88"), element(0x00200013, "IS", str(k + 1)),
-                         element(0x00200032, "DS", position), element(0x00200037, "DS", "1\\0\\0\\0\\1\\0"),
-                         element(0x00280002, "US", us(1)), element(0x00280004, "CS", "MONOCHROME2"),
-                         element(0x00280010, "US", us(array.shape[1])), element(0x00280011, "US", us(array.shape[2])),
-                         element(0x00280030, "DS", f"{spacing[1]:g}\\{spacing[0]:g}"), element(0x00280100, "US", us(16)),
-                         element(0x00280101, "US", us(16)), element(0x00280102, "US", us(15)),
-                         element(0x00280103, "US", us(1)), element(0x7FE00010, "OW", array[k].tobytes())])
-        if not big:
-            packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-            body = packer.compress(body) + packer.flush()
-            body += b"\0" * (len(body) % 2)
-        (folder / f"slice{k:03d}.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta_element(0, "UL", struct.pack("<I", len(meta)))
-                                                   + meta + body)
-    return folder
-
-
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
 def test_a_series_truly_in_big_endian_or_deflated_is_read(tmp_path, syntax):
     """Files encoded as their header says, explicit VR big endian or deflated, pass the check of that header
     (`_mislabelled_syntax`) and are read voxel for voxel, in their place."""
     image, _ = make_volume(size=(24, 20, 4), spacing=(0.8, 0.7, 5.0), dtype=sitk.sitkInt16)
-    folder = _encoded_series(tmp_path / "series", image, syntax)
+    folder = encoded_dicom_series(tmp_path / "series", image, syntax)
     assert not any(io._mislabelled_syntax(str(path)) for path in folder.iterdir())
     read = io.read_image(folder)
     assert io.grid_difference(read, image) is None
@@ -381,6 +335,97 @@ def test_uncompressed_ybr_422_pixel_data_is_two_samples_a_pixel_not_a_damaged_he
     with pytest.raises(DeepWMLError) as refused:
         io.read_image(folder)
     assert ("Pixel Data holds" in str(refused.value)) == misfit, str(refused.value)
+
+
+def _pad_pixel_data(path: Path, pad: bytes) -> None:
+    """Append `pad` to the Pixel Data (its last element) of an implicit VR little endian file `write_dicom_series`
+    wrote, its length made to match."""
+    data = path.read_bytes()
+    at = data.rindex(b"\xe0\x7f\x10\x00")
+    length = struct.unpack_from("<I", data, at + 4)[0]
+    assert at + 8 + length == len(data)
+    path.write_bytes(data[:at + 4] + struct.pack("<I", length + len(pad)) + data[at + 8:] + pad)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
+@pytest.mark.parametrize("pad", [bytes(2048), b"\xff" * 1000, bytes(96 * 10)])
+def test_dicom_pixel_data_padded_past_its_image_is_read_voxel_for_voxel(tmp_path, syntax, pad):
+    """Excess padding after the pixels (PS3.5 8.1.1: older applications sent it), one value repeated (2 kB of
+    zeros, 1000 bytes of 0xff, 10 columns' worth of zeros, which a Columns 10 too small would leave too): longer
+    than a row, it was refused as a damaged header, though GDCM reads the pixels before it right. Read voxel for
+    voxel, in implicit VR little endian, explicit VR big endian and deflated files alike."""
+    image, _ = make_volume(size=(64, 48, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    if syntax == "1.2.840.10008.1.2":
+        folder = write_dicom_series(tmp_path / "padded", image, description="AX FLAIR")
+        for path in folder.iterdir():
+            _pad_pixel_data(path, pad)
+    else:
+        folder = encoded_dicom_series(tmp_path / "padded", image, syntax, pad=pad)
+    read = io.read_image(folder)
+    assert io.grid_difference(read, image) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
+
+
+@pytest.mark.parametrize("blank", [False, True])
+def test_dicom_images_of_a_columns_too_small_are_refused_even_where_fewer_bytes_than_a_row_or_blank_ones_are_left(
+        tmp_path, blank):
+    """Columns (0028,0011) one too small in an image of fewer rows than columns (48 x 64, as a rectangular field of
+    view gives) leaves 48 pixels past the image, fewer than a row: taken for padding, and GDCM read every row
+    sheared by one more pixel without an error. Refused; also where those pixels are blank (zeros, as padding
+    is): the image reads as one in 64 columns, not in 63."""
+    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    if blank:
+        array = sitk.GetArrayFromImage(image)
+        array[:, -6:, :] = 0
+        image = _with_array(image, array)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    for path in folder.iterdir():
+        _set_us(path, b"\x28\x00\x11\x00", 63)
+    with pytest.raises(DeepWMLError, match=r"slice000\.dcm gives 48 rows x 63 columns of 16 bits \(6048 bytes\), but its "
+                                           r"Pixel Data holds 6144 bytes" + (r", which 48 rows x 64 columns would hold"
+                                                                              if blank else "")):
+        io.read_image(folder)
+
+
+def test_dicom_images_of_a_rows_too_small_are_read_in_place_where_only_blank_rows_are_left_and_all_agree(tmp_path):
+    """Rows (0028,0010) too small leaves the image's bottom rows past it: where those are blank (one value, as
+    padding is) the rows read are the image's own, in their place, and the series is read without them (it was
+    refused); where one file alone gives fewer rows, it is refused, named, as a damaged header (not as another image
+    sharing the series UID)."""
+    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    array = sitk.GetArrayFromImage(image)
+    array[:, -6:, :] = 0
+    image = _with_array(image, array)
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    for path in folder.iterdir():
+        _set_us(path, b"\x28\x00\x10\x00", 42)
+    read = io.read_image(folder)
+    assert io.grid_difference(read, image[:, :42, :]) is None
+    assert np.array_equal(sitk.GetArrayFromImage(read), array[:, :42, :].astype(np.float32))
+    one = write_dicom_series(tmp_path / "one", image, description="AX FLAIR")
+    _set_us(one / "slice001.dcm", b"\x28\x00\x10\x00", 42)
+    with pytest.raises(DeepWMLError, match=r"the DICOM file slice001\.dcm gives 42 rows x 64 columns of 16 bits \(5376 "
+                                           r"bytes\), but its Pixel Data holds 6144 bytes, and the series' other images "
+                                           r"are 48 rows x 64 columns \(a damaged header"):
+        io.read_image(one)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
+def test_big_endian_and_deflated_dicom_images_whose_header_does_not_fit_their_pixel_data_are_refused(tmp_path, syntax):
+    """The Pixel Data's length was checked in little-endian files only: a big endian or deflated series whose Rows
+    were halved was read as the first half of each slice, without an error. Refused, naming the file and sizes."""
+    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = encoded_dicom_series(tmp_path / "series", image, syntax, rows=24)
+    with pytest.raises(DeepWMLError, match=r"slice000\.dcm gives 24 rows x 64 columns of 16 bits \(3072 bytes\), but its "
+                                           r"Pixel Data holds 6144 bytes"):
+        io.read_image(folder)
+
+
+def _with_array(image: sitk.Image, array: np.ndarray) -> sitk.Image:
+    """`array` on `image`'s grid."""
+    made = sitk.GetImageFromArray(array)
+    made.CopyInformation(image)
+    return made
 
 
 def _study(folder, *series):
