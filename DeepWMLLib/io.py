@@ -1602,8 +1602,9 @@ class DicomSeries:
     modality: str | None = None  # (0008,0060): MR for a FLAIR
     secondary_capture: bool = False  # a picture of images (e.g. DeepWML's own outline series), never the FLAIR
     damaged: tuple = ()  # files beside its own that could not be read (empty, or DICOM that fails): maybe its own
-    mislabelled: tuple = ()  # (path, (transfer syntax, encoding found)) of files beside its own whose data set is not
-    # encoded as their header says (`_mislabelled_syntax`): never given to GDCM; the series is refused
+    mislabelled: tuple = ()  # (path, (transfer syntax, encoding found)) of its files whose data set is not encoded as
+    # their header says (`_mislabelled_syntax`), and of files beside its own such that their series cannot be told
+    # (`_mislabelled_header`): never given to GDCM; the series is refused
     slice_thickness_mm: float | None = None  # Slice Thickness (0018,0050): how thick each slice is, not how far apart
     slice_positions_mm: tuple = ()  # each file's place along the slice normal (Image Position), in the order of `files`;
     # empty where a file gives none
@@ -1831,6 +1832,61 @@ def _slice_key(reader, path: str) -> tuple:
     return (1, number if number is not None else 0.0, path)
 
 
+# the header elements `_mislabelled_header` reads of a file GDCM is not given: Series and Study Instance UID,
+# description, inversion, repetition and echo time, series and instance number, modality, SOP class and instance,
+# slice thickness, study date, image position and orientation, character set
+_SERIES_TAGS = frozenset({0x0020000E, 0x0020000D, 0x0008103E, 0x00180082, 0x00180080, 0x00180081, 0x00200011,
+                          0x00200013, 0x00080060, 0x00080016, 0x00080018, 0x00180050, 0x00080020, 0x00200032,
+                          0x00200037, 0x00080005})
+
+
+def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
+    """Of a file `_mislabelled_syntax` found (`found`), whose data set is little endian: its series as `_read_series`
+    records a file ({"uid", "header" (as `_series_header`'s), "study", "date", "file"}), read from its first 64 kB
+    as the data set is encoded; None where it cannot be (no known encoding, no Series Instance UID)."""
+    if found[1] not in ("implicit VR little endian", "explicit VR little endian"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+        _, start = _dataset(head, 132, len(head), True, "meta")
+        top, _ = _dataset(head, start, len(head), found[1].startswith("explicit"), "top", _SERIES_TAGS)
+    except (OSError, ValueError, struct.error):
+        return None
+
+    def text(tag: int) -> str:
+        value = top.get(tag)
+        return bytes(value).decode("utf-8", "surrogateescape").strip(" \0") if isinstance(value, bytes) else ""
+
+    def number(tag: int) -> float | None:
+        try:
+            return float(text(tag).split("\\")[0])
+        except ValueError:
+            return None
+
+    def numbers(tag: int, count: int) -> list | None:
+        try:
+            values = [float(v) for v in text(tag).split("\\")]
+        except ValueError:
+            return None
+        return values if len(values) == count else None
+
+    uid = text(0x0020000E)
+    if not uid:
+        return None
+    series_number, instance = number(0x00200011), number(0x00200013)
+    position, cosines = numbers(0x00200032, 3), numbers(0x00200037, 6)
+    key = ((0, float(np.dot(position, np.cross(cosines[:3], cosines[3:]))), path) if position and cosines else
+           (1, instance if instance is not None else 0.0, path))
+    header = (_header_text(text(0x0008103E), text(0x00080005)), number(0x00180082), number(0x00180080),
+              number(0x00180081), None if series_number is None else int(series_number), text(0x0020000D) or None,
+              text(0x00080060).upper() or None,
+              text(0x00080016).split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."), number(0x00180050))
+    return {"uid": uid, "header": header, "study": header[5], "date": text(0x00080020),
+            "file": (key, path, None if instance is None else int(instance), text(0x00080018),
+                     tuple(position) if position else None)}
+
+
 def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     """The one pass over DICOM files behind `dicom_series` and `dicom_catalogue`: every file's header read
     once (symbolic links followed, each folder once; hidden ones and known non-DICOM files skipped), grouped
@@ -1844,6 +1900,8 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     series: dict = {}
     damaged: dict = {}  # folder -> names of its files that are empty, unreadable, or DICOM that cannot be read
     mislabelled: dict = {}  # folder -> (path, `_mislabelled_syntax`) of its files not encoded as their header says
+    # and whose series cannot be told (`_mislabelled_header`): refused with each series of their folder
+    own: dict = {}  # series UID -> [(path, `_mislabelled_syntax`, `_mislabelled_header`)] of such files whose it can
     reader = sitk.ImageFileReader()
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
@@ -1856,8 +1914,12 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                 if not _looks_dicom(name) or not os.path.isfile(path):
                     continue
                 mislabel = _mislabelled_syntax(path)
-                if mislabel:  # not given to GDCM: refused where its folder's series is read
-                    mislabelled.setdefault(current, []).append((path, mislabel))
+                if mislabel:  # not given to GDCM: refused where its series (else its folder's) is read
+                    header = _mislabelled_header(path, mislabel)
+                    if header:
+                        own.setdefault(header["uid"], []).append((path, mislabel, header))
+                    else:
+                        mislabelled.setdefault(current, []).append((path, mislabel))
                     continue
                 try:
                     with itk_names(path) as (itk_name,):
@@ -1894,10 +1956,19 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                                                          else None)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    for uid, files in own.items():  # a series of such files only: listed all the same (refused when it is read)
+        entry = series.get(uid)
+        if entry is None:
+            first = files[0][2]
+            entry = series[uid] = {"files": [header["file"] for _, _, header in files], "header": first["header"],
+                                   "study": first["study"] or f"(no study UID) {os.path.dirname(files[0][0])}",
+                                   "date": first["date"]}
+        entry["own_mislabelled"] = [(path, mislabel) for path, mislabel, _ in files]
     for entry in series.values():
         folders = sorted({os.path.dirname(f[1]) for f in entry["files"]})
         entry["damaged"] = tuple(os.path.join(f, n) for f in folders for n in damaged.get(f, []))
-        entry["mislabelled"] = tuple(found for f in folders for found in mislabelled.get(f, []))
+        entry["mislabelled"] = tuple(sorted(entry.get("own_mislabelled", []))) + tuple(
+            found for f in folders for found in mislabelled.get(f, []))
     covered = {os.path.dirname(f[1]) for entry in series.values() for f in entry["files"]}
     for folder, found in mislabelled.items():  # a folder of such files only: a failing case, not left out unsaid
         if folder not in covered:

@@ -197,6 +197,9 @@ BAD_INPUTS = [
     ("a DICOM series whose Pixel Data holds padding past its pixels (1000 bytes of zeros, more than a row: older applications "
      "sent it, PS3.5 8.1.1; refused before as a damaged header)", "segment", 0,
      "ok: read voxel for voxel, as without the padding"),
+    ("a DICOM folder whose T1 series holds a file labelled Explicit VR Big Endian while its data set is little endian, "
+     "beside the FLAIR (it blocked every series of the folder)", "segment", 0,
+     "ok: the FLAIR segmented; the T1 alone is refused when chosen, naming the file"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -706,6 +709,13 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             at = data.rindex(b"\xe0\x7f\x10\x00")
             length = struct.unpack_from("<I", data, at + 4)[0]
             path.write_bytes(data[:at + 4] + struct.pack("<I", length + 1000) + data[at + 8:] + bytes(1000))
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM folder whose T1 series holds a file labelled Explicit VR Big Endian"):
+        folder = write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    uid="1.2.3.4.1", description="AX FLAIR", prefix="flair")
+        t1, _ = make_volume(size=(32, 32, 4), seed=5)
+        write_dicom_series(folder, sitk.Cast(t1, sitk.sitkInt16), uid="1.2.3.4.2", description="AX T1", prefix="t1_")
+        relabel_transfer_syntax(folder, "1.2.840.10008.1.2.2", names=["t1_001.dcm"])
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series some of whose files are labelled Explicit VR Big Endian"):
         folder = write_dicom_series(tmp / "in" / "mislabelled", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

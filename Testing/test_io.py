@@ -225,8 +225,10 @@ def test_dicom_files_labelled_big_endian_or_deflated_but_not_so_encoded_are_refu
     cleared about a gigabyte for each such file, about 3 s a file at each of the series' three readings (a
     200-file series with 5 of them: over a minute), and read the slices right in the end; deflated ones it
     cannot read were skipped, the series then refused for a slice missing. Both refused at once, the files named,
-    before GDCM sees them; in a folder given and in an export's study alike (a folder of such files only: a failing
-    case of the export, not left out)."""
+    before GDCM sees them; in a folder given and in an export's study alike. A series of such files only is listed
+    (their Series Instance UID and description read as their data set is encoded) and refused when read; files
+    whose series cannot be told (no Series Instance UID) in a folder of their own: a failing case of the export,
+    not left out."""
     image, _ = make_volume(size=(64, 64, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "export" / "series", image, description="AX FLAIR")
     relabel_transfer_syntax(folder, syntax, names=["slice002.dcm", "slice005.dcm"])
@@ -236,12 +238,19 @@ def test_dicom_files_labelled_big_endian_or_deflated_but_not_so_encoded_are_refu
     assert io.is_dicom_folder(folder)
     with pytest.raises(DeepWMLError, match=said):
         io.read_image(folder)
-    alone = write_dicom_series(tmp_path / "export" / "alone", image[:, :, :3], uid="1.2.3.9", description="AX FLAIR")
-    relabel_transfer_syntax(alone, syntax)  # every file: no series there, a failing case, not left out unsaid
+    alone = write_dicom_series(tmp_path / "export" / "alone", image[:, :, :3], uid="1.2.3.9", description="AX FLAIR 2")
+    relabel_transfer_syntax(alone, syntax)  # every file: a series of such files only, listed, refused when read
+    nameless = write_dicom_series(tmp_path / "export" / "nameless", image[:, :, :3], uid="1.2.3.10")
+    relabel_transfer_syntax(nameless, syntax)
+    for path in nameless.iterdir():  # no Series Instance UID (0020,000e): its series cannot be told
+        path.write_bytes(path.read_bytes().replace(b"\x20\x00\x0e\x00", b"\x21\x00\x0e\x00", 1))
     (study,), problems = io.dicom_catalogue(tmp_path / "export")
+    assert [(s.description, len(s.files)) for s in study.series] == [("AX FLAIR", 4), ("AX FLAIR 2", 3)]
     with pytest.raises(DeepWMLError, match=said):
         io.read_image(study.folder, series=study.series[0])
-    assert problems == [f"{alone} cannot be read: 3 of its DICOM files (slice000.dcm, slice001.dcm, slice002.dcm) are "
+    with pytest.raises(DeepWMLError, match=f"{re.escape(str(alone))}: 3 of its DICOM files"):
+        io.read_image(study.folder, series=study.series[1])
+    assert problems == [f"{nameless} cannot be read: 3 of its DICOM files (slice000.dcm, slice001.dcm, slice002.dcm) are "
                         f"labelled {label} (Transfer Syntax UID {syntax} in their file meta header), but their data set "
                         "is implicit VR little endian: a damaged or mislabelled export, which the DICOM library reads "
                         "slowly if at all (seconds and a gigabyte of memory a file); export the series again from the "
@@ -249,6 +258,33 @@ def test_dicom_files_labelled_big_endian_or_deflated_but_not_so_encoded_are_refu
     with pytest.raises(DeepWMLError, match=f"{re.escape(str(alone))}: 3 of its DICOM files"):
         io.read_image(alone)
     assert time.monotonic() - start < 5  # 18 s and more before (big endian)
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
+def test_a_mislabelled_dicom_file_blocks_its_own_series_only(tmp_path, syntax):
+    """A file labelled big endian or deflated whose data set is little endian was refused with every series of its
+    folder (its series unknown: GDCM is not given it): one such T1 file blocked the FLAIR beside it. Its series is
+    read from its data set as encoded: the refusal, naming the file, is its series' alone; the other series are
+    listed and read."""
+    flair, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    t1, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16, seed=3)
+    folder = write_dicom_series(tmp_path / "study", flair, uid="1.2.3.4.1", description="AX FLAIR", prefix="a_")
+    write_dicom_series(folder, t1, uid="1.2.3.4.2", description="AX T1", prefix="b_")
+    relabel_transfer_syntax(folder, syntax, names=["b_002.dcm"])
+    listed = io.dicom_series(folder)
+    assert [(s.description, len(s.files), len(s.mislabelled)) for s in listed] == [("AX FLAIR", 5, 0), ("AX T1", 3, 1)]
+    read = io.read_image(folder)  # the FLAIR, chosen by its description
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(flair).astype(np.float32))
+    with pytest.raises(DeepWMLError, match=rf"{re.escape(str(folder))}: 1 of its DICOM files \(b_002\.dcm\) are labelled"):
+        io.read_image(folder, series="AX T1")
+    relabel_transfer_syntax(folder, syntax, names=[f"b_00{k}.dcm" for k in (0, 1, 3)])  # the whole T1: still listed
+    assert [(s.description, len(s.files)) for s in io.dicom_series(folder)] == [("AX FLAIR", 5), ("AX T1", 4)]
+    assert io.read_image(folder).GetSize() == flair.GetSize()
+    with pytest.raises(DeepWMLError, match=r"4 of its DICOM files \(b_000\.dcm, b_001\.dcm, b_002\.dcm and 1 more\)"):
+        io.read_image(folder, series="AX T1")
+    relabel_transfer_syntax(folder, syntax, names=["a_003.dcm"])  # and one of the FLAIR's: the FLAIR refused
+    with pytest.raises(DeepWMLError, match=r"1 of its DICOM files \(a_003\.dcm\) are labelled"):
+        io.read_image(folder, series="AX FLAIR")
 
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
