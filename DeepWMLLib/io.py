@@ -2776,7 +2776,7 @@ def _pixel_verdict(layout: _PixelLayout) -> tuple[str | None, int, tuple | None]
     size = layout.bits // 8
     tail = layout.read(layout.expected, excess)
     if len(tail) < excess or tail != (tail[:size] * (excess // size + 1))[:excess]:
-        return layout.said() + f" (the {excess} bytes past the image are not padding, one value repeated)", 0, None
+        return layout.said() + f", and the {excess} bytes past the image are not padding (one value repeated)", 0, None
     for extra in (0, 1) if size == 1 else (0,):  # (an 8-bit image of an odd length is padded by one byte)
         more, left = divmod(excess - extra, column)
         if more and not left:
