@@ -481,7 +481,7 @@ def _run(args) -> int:
     from .segment import model_files
 
     if args.device == "cuda":  # an option of segment's, tried here: said plainly, not argparse's 'unrecognized'
-        raise DeepWMLError("deepwml bench times the CPU only (every figure, (a) to (e), is a CPU run); to time a GPU, "
+        raise DeepWMLError("deepwml bench times the CPU only (every figure, (a) to (f), is a CPU run); to time a GPU, "
                            "run deepwml segment --device cuda on a folder of scans (it prints seconds per case)")
     args.model = model_files(args.model)  # a shipped model's or ensemble's name stands for its file(s)
     if args.json:

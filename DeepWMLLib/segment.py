@@ -1967,7 +1967,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "segment", help="segment WMH in FLAIR volumes",
-        description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd), "
+        description="Segment white matter hyperintensities. INPUT: an image file (.nii, .nii.gz, a .hdr + .img or "
+                    ".hdr.gz + .img.gz NIfTI pair, .nrrd, .nhdr, .mha, .mhd), "
                     "a DICOM folder (a series, or a whole study: its FLAIR is picked), or a folder of image files "
                     "(directly inside it) and DICOM folders (nested any depth as PACS exports are); each image file, "
                     "and each DICOM study, is a case.")

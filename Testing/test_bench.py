@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,11 @@ def test_a_gpu_is_refused_with_a_word_that_bench_times_the_cpu(capsys):
     assert main(["bench", "--device", "cuda", "--repeat", "1"]) == 1
     err = capsys.readouterr().err
     assert "times the CPU only" in err and "segment --device cuda" in err
+    # and it names every figure bench measures, (f) included since the fp32 matrix product was added
+    from DeepWMLLib import bench
+
+    last = sorted(re.findall(r"^\(([a-z])\) ", bench.__doc__, re.M))[-1]
+    assert last >= "f" and f"(a) to ({last})" in err
 
 
 @pytest.mark.parametrize("platform,unit", [("linux", 1 << 10), ("darwin", 1 << 20)])

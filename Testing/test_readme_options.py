@@ -216,3 +216,19 @@ def test_the_metric_definitions_readme_gives_are_the_code_s():
     rows = metrics.slice_metrics(*(sitk.GetImageFromArray(a) for a in (pred, ref)))
     assert [r["index"] for r in rows] == [1, 2]
     assert (rows[1]["dice"], rows[1]["sensitivity"]) == (0.0, 0.0) and math.isnan(rows[1]["precision"])
+
+
+def test_every_image_format_read_is_named_where_inputs_are_listed():
+    """`deepwml segment --help` and README's batch-script paragraph listed .nii, .nii.gz, .nrrd, .nhdr, .mha and .mhd,
+    leaving out the NIfTI-1 pairs (.hdr + .img, .hdr.gz + .img.gz) that both read as cases: a user with SPM's pairs
+    read that they are not taken."""
+    from DeepWMLLib.io import IMAGE_EXTENSIONS
+
+    help_text = build_parser().commands["segment"].description
+    segment_words = re.search(r"`INPUT` is an image file \((.*?)\),\n", README, re.S)
+    batch_words = re.search(r"Every image file \((.*?)\)\s+in `IN` is a case", README, re.S)
+    assert segment_words and batch_words, "README's lists of image files were not found: update this test with README"
+    for ext in IMAGE_EXTENSIONS:
+        assert ext in help_text, f"deepwml segment --help does not name {ext}"
+        assert f"`{ext}`" in segment_words.group(1), f"README's INPUT paragraph does not name {ext}"
+        assert f"`{ext}`" in batch_words.group(1), f"README's batch-script paragraph does not name {ext}"
