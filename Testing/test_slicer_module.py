@@ -803,3 +803,34 @@ def test_a_frame_browsed_away_from_during_the_run_is_shown_again_with_its_result
     report = widget.logic.lesionStatistics(p.outputSegmentation, proxy)
     assert report["frame"]["label"] == "time = 0.00 s" and report["lesion_count"] == 1
     del sequences
+
+
+def test_the_readme_python_console_example_runs_as_written(module, monkeypatch):
+    """README's 'From the Python console' block, run as it stands (the network is 'bright means lesion', as the
+    calls and what they return are checked here, not the weights): every call exists with the arguments written
+    there and gives what its comment says."""
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(import DeepWML\n.*?)```", readme, re.S)
+    assert block, "README's Python console block was not found"
+    oracle_network(monkeypatch)
+    flair, truth = make_volume(size=(48, 40, 10), blobs=((0.3, 0.6, 0.5, 6.0), (0.7, 0.4, 0.5, 4.0)))
+    before, earlierTruth = make_volume(size=(48, 40, 10), blobs=((0.3, 0.6, 0.5, 6.0),), seed=1)
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    mrml.segmentationFromMask(truth, volume, name="manual")
+    mrml.segmentationFromMask(truth, volume, name="rater A")
+    mrml.segmentationFromMask(sitk.BinaryDilate(truth, [1, 1, 0]), volume, name="rater B")
+    earlier = mrml.volumeFromImage(before, "earlier")
+    names = {"slicer": slicer,  # the console has slicer imported
+             "earlier": earlier, "earlierSegmentation": mrml.segmentationFromMask(earlierTruth, earlier, name="earlier")}
+    exec(block.group(1), names)  # noqa: S102 (README's own code)
+
+    assert names["segmentation"].IsA("vtkMRMLSegmentationNode")
+    assert {"volume_ml", "lesion_count", "slices", "lesions"} <= set(names["report"])
+    assert {"dice", "sensitivity"} <= set(names["metrics"])
+    assert "dice" in names["verdict"]
+    assert names["changeNode"].IsA("vtkMRMLSegmentationNode") and names["registered"].IsA("vtkMRMLScalarVolumeNode")
+    assert {"n_new", "lesions"} <= set(names["change"])
