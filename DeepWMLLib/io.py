@@ -940,6 +940,66 @@ def _nrrd_axes_off_space(path: Path, fields: dict[str, str]) -> tuple[int, ...] 
     return None
 
 
+def _nrrd_geometry_fault(path: Path, fields: dict[str, str]) -> str | None:
+    """What an NRRD header (`fields`: `_header_fields(path)`) gives of its voxels' place and size that is no
+    place or size, else None: a 'space origin' not a number for each axis of its space (all NaN was read as
+    0, 0, 0: the mask placed elsewhere in the patient, silently; one NaN or infinite value was refused in the NRRD
+    library's words, 'existance of all space vector coefficients must be consistent'), 'space directions' holding
+    NaN or infinite values (all NaN was read as 1 x 1 x 1 mm on the identity), a vector of length 0, or 'none' for
+    one of the three axes of a volume in space (called an axis of time); 'spacings' infinite or 0. NRRD's 'nan'
+    spacing (a length not known) is left to `_unknown_voxel_size`, a missing 'space origin' (not known: read as
+    0, 0, 0, as every NRRD reader reads it) is read."""
+    if not path.name.lower().endswith((".nrrd", ".nhdr")):
+        return None
+
+    def numbers(vector: str) -> list[float] | None:
+        try:
+            values = [float(v) for v in vector.split(",")]
+        except ValueError:
+            return None
+        return values if all(map(math.isfinite, values)) else None
+
+    space = fields.get("space", "").lower()
+    try:
+        dimension = int(fields.get("space dimension") or (4 if "time" in space else 3 if space else 0))
+    except ValueError:
+        return None  # the NRRD library says what is wrong
+    origin = fields.get("space origin")
+    if origin is not None and dimension:
+        vectors = re.findall(r"\(([^)]*)\)", origin)
+        values = numbers(vectors[0]) if len(vectors) == 1 else None
+        if values is None or len(values) != dimension:
+            return f"'space origin: {origin[:60]}', not {dimension} numbers (its voxels' place)"
+    directions = fields.get("space directions")
+    if directions is not None and dimension:
+        axes = re.findall(r"\([^)]*\)|none", directions)
+        for axis, vector in enumerate(axes):
+            if vector == "none":
+                continue
+            values = numbers(vector[1:-1])
+            if values is None or len(values) != dimension:
+                return (f"'space directions: {directions[:90]}', whose vector of axis {axis} is not {dimension} "
+                        "numbers (its voxels' size and orientation)")
+            if not any(values):
+                return (f"'space directions: {directions[:90]}', whose vector of axis {axis} has a length of 0 (its "
+                        "voxels' size along it)")
+        kinds = fields.get("kinds", "").lower().split() or ["domain"] * len(axes)
+        if (len(axes) == 3 == len(kinds) and all(k in ("domain", "space", "???") for k in kinds)
+                and 0 < axes.count("none") < 3):
+            return (f"'space directions: {directions[:90]}', 'none' for one of the three axes of a volume in space "
+                    "(where its slices lie)")
+    spacings = fields.get("spacings")
+    if spacings is not None:
+        for axis, value in enumerate(spacings.split()):
+            try:
+                size = float(value)
+            except ValueError:
+                return f"'spacings: {spacings[:60]}', whose value of axis {axis} is not a number"
+            if math.isinf(size) or size == 0:
+                return f"'spacings: {spacings[:60]}', a voxel size of {value} along axis {axis}"
+    return None
+
+
 def _nrrd_list_axis(path: Path, fields: dict[str, str]) -> bool:
     """Whether an NRRD header (`fields`: `_header_fields(path)`) has an axis of kind list: one value per volume, as
     3D Slicer saves a sequence of volumes (.seq.nrrd), a multi-volume or a DWI; SimpleITK reads the file as a vector
@@ -1276,6 +1336,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
             reader.SetFileName(name)
             # an NRRD or MetaImage header, read once for the checks SimpleITK lacks
             fields = {} if is_nifti(path) or is_nifti_pair(path) else _header_fields(path)
+            fault = _nrrd_geometry_fault(path, fields)
+            if fault:
+                raise DeepWMLError(f"{path}: its header gives {fault}, so the header is damaged; correct it or save "
+                                   "the image again")
             off = _nrrd_axes_off_space(path, fields)
             if off and len(off) < 3:
                 raise DeepWMLError(f"{path} is a 2D image {off} (one slice placed in 3D space); DeepWML needs "

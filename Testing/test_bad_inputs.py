@@ -82,6 +82,9 @@ BAD_INPUTS = [
     ("NIfTI whose sform (or qform) in use holds NaN", "segment", 1, "holds values that are not numbers"),
     ("an image whose voxel size is no MRI's (NRRD `space directions: (1e30,0,0) ...`: an \"ok\" of nonsense volumes)",
      "segment", 1, "voxel size is no MRI's"),
+    ("NRRD whose `space origin` is not numbers (`(nan,nan,nan)`: the image library read 0, 0, 0 and the mask lay "
+     "elsewhere in the patient), whose `space directions` are not numbers or of length 0 (all NaN read as 1 mm), or "
+     "whose `spacings` are infinite or 0", "segment", 1, "'space origin: (nan,nan,nan)', not 3 numbers"),
     ("NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)", "segment", 1,
      "on which the NRRD library would crash"),
     ("MetaImage whose NDims is no count of axes (-1 hung the image library; 100 or 2147483648 crashed the process)",
@@ -361,6 +364,11 @@ def world(tmp_path):
     paths["an image whose voxel size is no MRI's (NRRD `space directions: (1e30,0,0) ...`: an \"ok\" of nonsense "
           "volumes)"] = d / "huge.nrrd"
     (d / "huge.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "raw").encode() + voxels.astype("<f4").tobytes())
+    paths["NRRD whose `space origin` is not numbers (`(nan,nan,nan)`: the image library read 0, 0, 0 and the mask "
+          "lay elsewhere in the patient), whose `space directions` are not numbers or of length 0 (all NaN read as 1 "
+          "mm), or whose `spacings` are infinite or 0"] = d / "unplaced.nrrd"
+    (d / "unplaced.nrrd").write_bytes(huge.format(*voxels.shape[::-1], "raw").replace("1e30", "0.9").replace(
+        "endian", "space origin: (nan,nan,nan)\nendian").encode() + voxels.astype("<f4").tobytes())
     paths["NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)"] = \
         d / "not_text.nrrd"  # a background of zero bytes: a run of them without a space
     paths["MetaImage whose NDims is no count of axes (-1 hung the image library; 100 or 2147483648 crashed the "

@@ -788,6 +788,56 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
 
 
+NRRD_PLACED = ("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nspace: left-posterior-superior\n"
+               "space directions: (0.9,0,0) (0,0.8,0) (0,0,5)\nspace origin: (-20,15,-30)\nendian: little\n"
+               "encoding: raw\n\n")
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("space origin", "(nan,nan,nan)", "'space origin: (nan,nan,nan)', not 3 numbers"),  # was read as 0, 0, 0
+    ("space origin", "(NaN,15,-30)", "'space origin: (NaN,15,-30)', not 3 numbers"),
+    ("space origin", "(-inf,15,-30)", "'space origin: (-inf,15,-30)', not 3 numbers"),
+    ("space origin", "(-20,15)", "'space origin: (-20,15)', not 3 numbers"),
+    ("space directions", "(nan,nan,nan) (nan,nan,nan) (nan,nan,nan)",  # was read as 1 x 1 x 1 mm on the identity
+     "whose vector of axis 0 is not 3 numbers"),
+    ("space directions", "(0.9,0,0) (0,inf,0) (0,0,5)", "whose vector of axis 1 is not 3 numbers"),
+    ("space directions", "(0.9,0,0) (0,0.8,0) (0,0,0)", "whose vector of axis 2 has a length of 0"),
+    ("space directions", "(0.9,0,0) none (0,0,5)",  # was called 'an axis of time beside its three in space'
+     "'none' for one of the three axes of a volume in space"),
+    ("spacings", "0.9 inf 5", "'spacings: 0.9 inf 5', a voxel size of inf along axis 1"),
+    ("spacings", "0.9 0.8 0", "'spacings: 0.9 0.8 0', a voxel size of 0 along axis 2"),
+])
+def test_an_nrrd_whose_place_or_voxel_size_is_not_numbers_is_refused_naming_the_field(tmp_path, field, value, words):
+    """An NRRD 'space origin' of NaN was read as 0, 0, 0 without a word: the mask written on it lay elsewhere in
+    the patient than the scan; 'space directions' all NaN were read as 1 x 1 x 1 mm on the identity (every volume
+    wrong). One NaN or infinite value, a vector of length 0 or infinite 'spacings' were refused in the NRRD
+    library's own words ('existance of all space vector coefficients must be consistent'), which named no field,
+    and 'none' for an axis in space was called an axis of time. Each is refused naming the field and its value."""
+    header = NRRD_PLACED
+    if field == "spacings":  # spacings go without a space (NRRD allows one or the other)
+        header = re.sub(r"space: [^\n]*\nspace directions: [^\n]*\nspace origin: [^\n]*\n", f"spacings: {value}\n",
+                        header)
+    else:
+        header = re.sub(rf"{field}: [^\n]*", f"{field}: {value}", header)
+    path = tmp_path / "placed.nrrd"
+    path.write_bytes(header.encode() + np.ones(60, "<u2").tobytes())
+    with pytest.raises(DeepWMLError, match=r"placed\.nrrd: its header gives .*" + re.escape(words) + ".*, so the header is damaged; correct it or save the image again"):
+        io.read_image(path)
+
+
+def test_an_nrrd_placed_by_its_header_is_read_where_it_says(tmp_path):
+    """The refusals above leave a complete header read as it is: a flipped axis (a direction of -0.9) and no
+    'space origin' (not known: 0, 0, 0, as every NRRD reader reads it)."""
+    path = tmp_path / "placed.nrrd"
+    flipped = NRRD_PLACED.replace("(0.9,0,0)", "(-0.9,0,0)")
+    path.write_bytes(flipped.encode() + np.arange(60, dtype="<u2").tobytes())
+    image = io.read_image(path)
+    assert image.GetOrigin() == (-20, 15, -30) and image.GetSpacing() == pytest.approx((0.9, 0.8, 5))
+    assert image.GetDirection() == (-1, 0, 0, 0, 1, 0, 0, 0, 1)
+    path.write_bytes(re.sub(r"space origin: [^\n]*\n", "", NRRD_PLACED).encode() + np.arange(60, dtype="<u2").tobytes())
+    assert io.read_image(path).GetOrigin() == (0, 0, 0)
+
+
 def _metaimage(fields: str, data: bytes, dims: str = "5 4 3", ndims: int = 3) -> bytes:
     return (f"ObjectType = Image\nNDims = {ndims}\nBinaryData = True\nBinaryDataByteOrderMSB = False\n{fields}"
             f"DimSize = {dims}\nElementType = MET_USHORT\nElementDataFile = LOCAL\n").encode() + data
