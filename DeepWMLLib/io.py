@@ -1105,8 +1105,9 @@ def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
     """What a MetaImage header (`fields`: `_header_fields(path)`) gives that no image has, else None: NDims not a
     count of 2 to 5 axes (the image library hung on -1, and crashed the process on 100 or 2147483648), a DimSize of
     another count of sizes (called 'No such file or directory'), an Offset that is not a number for each axis (NaN,
-    or two for three axes: read as 0, 0, 0), or voxel sizes not above 0 (ElementSpacing -1 read as 1 on a flipped
-    axis; NaN called 'a field above it with too few values')."""
+    or two for three axes: read as 0, 0, 0), a TransformMatrix (Rotation, Orientation) that is no matrix of
+    directions, or voxel sizes not above 0 (ElementSpacing -1 read as 1 on a flipped axis; NaN called 'a field above
+    it with too few values')."""
     if not path.name.lower().endswith((".mha", ".mhd")) or "ndims" not in fields:
         return None
     ndims, sizes = fields["ndims"], fields.get("dimsize", "").split()
@@ -1117,6 +1118,23 @@ def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
     origin = next((key for key in ("Offset", "Origin", "Position") if key.lower() in fields), None)
     if origin and len(_decimals("\\".join(fields[origin.lower()].split())) or ()) != int(ndims):  # read as 0, 0, 0
         return f"{origin} = {fields[origin.lower()][:40]}, not {ndims} numbers"
+    # a matrix of NaN or infinite values, or with an axis of length 0 or two axes in one line: refused in the image
+    # library's words ('Bad direction, determinant is 0'), which named no field; axes not of length 1 (a matrix
+    # scaled by the voxel sizes, or 1e30): called a sheared grid
+    matrix = next((key for key in ("TransformMatrix", "Rotation", "Orientation") if key.lower() in fields), None)
+    if matrix:
+        values = _decimals("\\".join(fields[matrix.lower()].split())) or ()
+        n = int(ndims)
+        if len(values) != n * n:
+            return f"{matrix} = {fields[matrix.lower()][:60]}, not {n * n} numbers (its axes' directions)"
+        columns = np.array(values, float).reshape(n, n)
+        lengths = np.linalg.norm(columns, axis=0)
+        if lengths.min() == 0 or abs(np.linalg.det(columns / lengths)) < 1e-6:
+            return (f"{matrix} = {fields[matrix.lower()][:60]}, axes of length 0 or in one line (no orientation: its "
+                    "axes' directions)")
+        if np.abs(lengths - 1).max() > 1e-3:  # a direction's axes are unit vectors: the voxel sizes are ElementSpacing
+            return (f"{matrix} = {fields[matrix.lower()][:60]}, axes of length {', '.join(f'{v:.4g}' for v in lengths)}"
+                    ", not 1 (a matrix of directions: the voxel sizes are ElementSpacing's)")
     key = "ElementSpacing" if "elementspacing" in fields else "ElementSize"
     try:
         if all(float(v) > 0 and math.isfinite(float(v)) for v in fields.get(key.lower(), "1").split()):

@@ -99,6 +99,9 @@ BAD_INPUTS = [
      "preamble not skipped: SimpleITK would read the first bytes)", "segment", 1, "correct the header's sizes"),
     ("MetaImage whose AnatomicalOrientation lays the axes along other body axes than its TransformMatrix (a sagittal "
      "scan's matrix written row by row, or left out)", "segment", 1, "plane of its slices is unknown"),
+    ("MetaImage whose TransformMatrix is no matrix of directions (NaN, an axis of length 0 or scaled by the voxel "
+     "sizes: refused in the image library's words, or called a sheared grid)", "segment", 1,
+     "TransformMatrix = nan 0 0 0 1 0 0 0 1, not 9 numbers"),
     ("MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return leftover "
      "memory)", "segment", 1, "CompressedDataSize"),
     ("MetaImage whose ElementSpacing SimpleITK misreads (a 4D file's CenterOfRotation of three values: 1 mm read)",
@@ -417,6 +420,10 @@ def world(tmp_path):
     (d / "sagittal.mha").write_bytes(re.sub(rb"TransformMatrix = [^\n]*\n", b"", (d / "sagittal.mha").read_bytes(), 1))
     meta = ("ObjectType = Image\nNDims = {}\n{}DimSize = {}\nElementType = MET_FLOAT\nElementDataFile = LOCAL\n")
     shape = " ".join(str(n) for n in voxels.shape[::-1])
+    paths["MetaImage whose TransformMatrix is no matrix of directions (NaN, an axis of length 0 or scaled by the "
+          "voxel sizes: refused in the image library's words, or called a sheared grid)"] = d / "no_matrix.mha"
+    (d / "no_matrix.mha").write_bytes(re.sub(rb"TransformMatrix = [^\n]*", b"TransformMatrix = nan 0 0 0 1 0 0 0 1",
+                                             _write(d / "no_matrix.mha", good).read_bytes(), 1))
     paths["MetaImage of compressed voxels without their true size (CompressedDataSize; SimpleITK would return "
           "leftover memory)"] = d / "packed.mha"
     (d / "packed.mha").write_bytes(meta.format(3, "CompressedData = True\nElementSpacing = 0.9 0.9 5\n", shape).encode()

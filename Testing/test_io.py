@@ -698,11 +698,25 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
     ("NDims = 3\nDimSize = 5 4 3\nElementSpacing = nan nan nan\n", "ElementSpacing = nan nan nan, not voxel sizes"),
     ("NDims = 3\nDimSize = 5 4 3\nOffset = nan nan nan\nElementSpacing = 0.9 0.8 5\n", "Offset = nan nan nan, not 3 numbers"),
     ("NDims = 3\nDimSize = 5 4 3\nOffset = 10 20\nElementSpacing = 0.9 0.8 5\n", "Offset = 10 20, not 3 numbers"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = nan 0 0 0 1 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = nan 0 0 0 1 0 0 0 1, not 9 numbers"),
+    ("NDims = 3\nDimSize = 5 4 3\nRotation = 1 0 0 0 inf 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "Rotation = 1 0 0 0 inf 0 0 0 1, not 9 numbers"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 0 0 0 1 0\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 1 0 0 0 1 0, not 9 numbers"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 0 0 0 0 1 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 0 0 0 0 1 0 0 0 1, axes of length 0 or in one line"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 0 0 1 0 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 1 0 0 1 0 0 0 0 1, axes of length 0 or in one line"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 0.9 0 0 0 0.8 0 0 0 5\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 0.9 0 0 0 0.8 0 0 0 5, axes of length 0.9, 0.8, 5, not 1"),
 ])
 def test_a_metaimage_header_no_image_has_is_refused(tmp_path, fields, words):
     """NDims of -1 hung the image library, of 100 or 2147483648 crashed the process; NDims 4 beside three sizes was
     'No such file or directory'; ElementSpacing -1 was read as 1 mm on a flipped axis, NaN as 'a field above it with
-    too few values'; an Offset of NaN, or of two values for three axes, was read as 0, 0, 0."""
+    too few values'; an Offset of NaN, or of two values for three axes, was read as 0, 0, 0. A TransformMatrix of
+    NaN or infinite values, or with an axis of length 0 or two in one line, was refused in the image library's words
+    ('Bad direction, determinant is 0'), one scaled by the voxel sizes called a sheared grid: the field is named."""
     path = tmp_path / "damaged.mha"
     path.write_bytes(f"ObjectType = Image\n{fields}ElementType = MET_FLOAT\nElementDataFile = LOCAL\n".encode()
                      + np.ones(60, "<f4").tobytes())
