@@ -700,6 +700,28 @@ def _check_nifti(path: Path, data: bytes, voxel_file: Path | None = None, mask: 
         raise DeepWMLError(f"{path}: its header's orientation ({unplaced[0]}) holds values that are not numbers (NaN or "
                            "infinite), so where its voxels lie is unknown; the header is damaged: copy the file again "
                            "from its source, or export it again")
+    # The qform's rotation beyond numbers: its handedness (qfac, pixdim[0]) NaN or infinite, read as 1 (or -1) by
+    # the image library without a word; a quaternion (quatern_b, c, d) beyond a unit one's (b² + c² + d² above 1:
+    # quatern_b 2 beside d 1 was read as a rotation made up by scaling them down, which nibabel refuses). Its
+    # offset (qoffset) or the sform's (srow's fourth column) beyond any scanner's: the image library's reading of
+    # a 1e30 mm srow was called a sheared grid. Refused naming the field.
+    if qform_code > 0 and not math.isfinite(pixdim[0]):
+        raise DeepWMLError(f"{path}: its header gives the qform's handedness (pixdim[0], qfac) as {pixdim[0]:g}, not 1 "
+                           "or -1, so whether left and right are swapped is unknown; the header is damaged: copy the "
+                           "file again from its source, or export it again")
+    unit_excess = sum(v * v for v in quaternion[:3]) - 1
+    if qform_code > 0 and unit_excess > 1e-4:
+        raise DeepWMLError(f"{path}: its header gives the qform's rotation as quatern_b, c, d = "
+                           f"{', '.join(f'{v:.4g}' for v in quaternion[:3])}, no unit quaternion's (their squares sum "
+                           f"to {unit_excess + 1:.4g}, above 1), which software reads in different ways, so the scan's "
+                           "orientation is unknown; the header is damaged: copy the file again from its source, or "
+                           "export it again")
+    for name, code, offset in (("qoffset_x, y, z", qform_code, quaternion[3:]),
+                               ("srow_x[3], srow_y[3], srow_z[3]: the sform's", sform_code, srow[3::4])):
+        if code > 0 and max(abs(v) for v in offset) > _MRI_ORIGIN_MM:
+            raise DeepWMLError(f"{path}: its header places the first voxel at {', '.join(f'{v:.4g}' for v in offset)} "
+                               f"mm ({name}), beyond any scanner's ({_MRI_ORIGIN_MM / 1000:g} m from its centre), so "
+                               "the header is damaged; copy the file again from its source, or export it again")
     # Lengths in metres or microns (xyzt_units), which SimpleITK converts to mm, beside voxel sizes that are mm
     # already (a unit set wrong): a 0.9 mm pixel read as 900 mm (or 0.0009 mm), and the scan came out "ok - 0.00 ml,
     # 0 lesions". Refused where the converted sizes are no MRI's; a head truly given in metres is read in mm.

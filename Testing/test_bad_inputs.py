@@ -12,6 +12,7 @@ import errno
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -85,6 +86,10 @@ BAD_INPUTS = [
     ("NRRD whose `space origin` is not numbers (`(nan,nan,nan)`: the image library read 0, 0, 0 and the mask lay "
      "elsewhere in the patient), whose `space directions` are not numbers or of length 0 (all NaN read as 1 mm), or "
      "whose `spacings` are infinite or 0", "segment", 1, "'space origin: (nan,nan,nan)', not 3 numbers"),
+    ("NIfTI whose qform in use is no rotation: a quaternion beyond a unit one's (`quatern_b` 2: the image library "
+     "made up a rotation) or a handedness (`pixdim[0]`) of NaN", "segment", 1, "no unit quaternion's"),
+    ("NIfTI whose sform holds NaN but is not in use (`sform_code` 0)", "segment", 0,
+     "ok: placed by its qform, as the standard says; the mask keeps the input's header fields"),
     ("NRRD of binary voxels whose header says `encoding: ascii` (the NRRD library crashed the process)", "segment", 1,
      "on which the NRRD library would crash"),
     ("MetaImage whose NDims is no count of axes (-1 hung the image library; 100 or 2147483648 crashed the process)",
@@ -360,6 +365,16 @@ def world(tmp_path):
         header = bytearray(raw)
         struct.pack_into(layout, header, offset, *values)
         paths[row_id] = d / f"damaged{n}.nii"
+        paths[row_id].write_bytes(header)
+    for row_id, name, codes, (offset, value) in (
+            ("NIfTI whose qform in use is no rotation: a quaternion beyond a unit one's (`quatern_b` 2: the image "
+             "library made up a rotation) or a handedness (`pixdim[0]`) of NaN", "quaternion.nii", (1, 0), (256, 2.0)),
+            ("NIfTI whose sform holds NaN but is not in use (`sform_code` 0)", "unused_sform.nii", (1, 0),
+             (292, float("nan")))):
+        header = bytearray(raw)
+        struct.pack_into("<2h", header, 252, *codes)
+        struct.pack_into("<f", header, offset, value)
+        paths[row_id] = d / name
         paths[row_id].write_bytes(header)
     voxels = sitk.GetArrayFromImage(good)  # float32, (k, j, i)
     huge = ("NRRD0004\ntype: float\ndimension: 3\nsizes: {} {} {}\nspace: left-posterior-superior\n"
@@ -1010,10 +1025,12 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
     if row_id in ("NIfTI-2 file", "gzip-compressed NIfTI named .nii", "a file name in upper case (`SCAN.MHA`, `SCAN.NII.GZ`)",
-                  "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)"):
+                  "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)", "compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)",
+                  "NIfTI whose sform holds NaN but is not in use (`sform_code` 0)"):
         # on the input's grid, in ml of it
         case, ext = {"NIfTI-2 file": ("two", ".nii.gz"), "gzip-compressed NIfTI named .nii": ("packed", ".nii.gz"),
                      "NIfTI-1 pair (`.hdr` + `.img`, as SPM writes)": ("pair", ".nii.gz"),
+                     "NIfTI whose sform holds NaN but is not in use (`sform_code` 0)": ("unused_sform", ".nii.gz"),
                      "compressed NIfTI-1 pair (`.hdr.gz` + `.img.gz`)": ("zipped", ".nii.gz")}.get(row_id, ("SCAN", ".mha"))
         report = json.loads((tmp / "out" / f"{case}_report.json").read_text(encoding="utf-8"))
         mask = sitk.ReadImage(str(tmp / "out" / f"{case}_wmh{ext}"))
@@ -1023,6 +1040,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
             assert np.allclose(a, b, rtol=0, atol=1e-6)
         voxel_ml = np.prod(mask.GetSpacing()) / 1000
         assert report["volume_ml"] == pytest.approx(sitk.GetArrayViewFromImage(mask).sum() * voxel_ml, abs=1e-4)
+    if row_id == "NIfTI whose sform holds NaN but is not in use (`sform_code` 0)":  # the input's placing fields kept
+        written = gzip.decompress((tmp / "out" / "unused_sform_wmh.nii.gz").read_bytes())
+        given = paths[row_id].read_bytes()
+        assert written[252:256] == given[252:256] and written[256:280] == given[256:280]  # codes, quaternion, offset
+        assert math.isnan(struct.unpack_from("<f", written, 292)[0])  # the unused sform as the input has it
     if row_id.startswith("axial slices thinner"):
         assert "acquisition" not in err
         report = json.loads((tmp / "out" / "thin_report.json").read_text(encoding="utf-8"))

@@ -1150,6 +1150,53 @@ def test_a_nifti_without_orientation_is_refused(tmp_path, nifti_2):
             io.read_image(tmp_path / "unplaced.nii", light=light)
 
 
+@pytest.mark.parametrize("codes,edits,words", [
+    ((1, 0), [(76, float("nan"))], r"the qform's handedness \(pixdim\[0\], qfac\) as nan, not 1 or -1"),
+    ((1, 1), [(76, float("-inf"))], r"the qform's handedness \(pixdim\[0\], qfac\) as -inf, not 1 or -1"),
+    ((1, 0), [(256, 2.0)], r"quatern_b, c, d = 2, 0, 1, no unit quaternion's \(their squares sum to 5, above 1\)"),
+    ((1, 0), [(256, 1e30)], r"quatern_b, c, d = 1e\+30, 0, 1, no unit quaternion's"),
+    ((1, 0), [(268, 1e30)], r"places the first voxel at 1e\+30, -15, -30 mm \(qoffset_x, y, z\), beyond any scanner's"),
+    ((0, 1), [(292, -1e30)], r"places the first voxel at -1e\+30, -15, -30 mm \(srow_x\[3\], srow_y\[3\], srow_z\[3\]: "
+                             r"the sform's\), beyond any scanner's"),
+], ids=["qfac-nan", "qfac-inf-beside-an-sform", "quaternion-2", "quaternion-1e30", "qoffset-1e30", "srow-offset-1e30"])
+def test_a_nifti_whose_qform_or_sform_in_use_is_no_place_is_refused_naming_the_field(tmp_path, codes, edits, words):
+    """A qform's handedness (pixdim[0]) of NaN was read as 1 without a word; a quaternion beyond a unit one's
+    (quatern_b 2) was scaled down by the image library into a rotation it made up, which nibabel refuses: the scan
+    read in another orientation, silently. An sform placing the first voxel 1e30 mm away was called a sheared grid.
+    Each is refused naming the field, whichever way the file is read (light: without SimpleITK)."""
+    image, _ = make_volume(size=(12, 10, 4))
+    path = tmp_path / "placed.nii"
+    sitk.WriteImage(image, str(path))
+    header = bytearray(path.read_bytes())
+    struct.pack_into("<2h", header, 252, *codes)
+    for offset, value in edits:
+        struct.pack_into("<f", header, offset, value)
+    path.write_bytes(header)
+    for light in (False, True):
+        with pytest.raises(DeepWMLError, match=r"placed\.nii: its header .*" + words + ".*copy the file again"):
+            io.read_image(path, light=light)
+
+
+@pytest.mark.parametrize("codes,offset", [((0, 1), 256), ((0, 1), 268), ((1, 0), 292), ((1, 0), 280)],
+                         ids=["quatern-nan-sform-used", "qoffset-nan-sform-used", "srow-offset-nan-qform-used",
+                              "srow-rotation-nan-qform-used"])
+def test_a_nifti_placed_by_one_form_is_read_by_it_whatever_the_unused_form_holds(tmp_path, codes, offset):
+    """The standard's fallback: a form whose code is 0 is not used, so NaN in it is no damage to the scan's place;
+    read by the other form (sform_code 0: the qform; qform_code 0: the sform), on the scan's own grid, both ways."""
+    image, _ = make_volume(size=(12, 10, 4), direction=rotation(0.2, -0.1, 0.3).ravel().tolist())
+    path = tmp_path / "placed.nii"
+    sitk.WriteImage(image, str(path))
+    header = bytearray(path.read_bytes())
+    struct.pack_into("<2h", header, 252, *codes)
+    struct.pack_into("<f", header, offset, float("nan"))
+    path.write_bytes(header)
+    for light in (False, True):
+        read = io.read_image(path, light=light)
+        assert np.allclose(read.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        assert np.allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-6)
+        assert np.allclose(read.GetDirection(), image.GetDirection(), atol=1e-5)
+
+
 def test_a_nifti_whose_voxels_follow_its_header_without_extension_flags_is_read(tmp_path):
     """Voxels right after the 348-byte header (vox_offset 348), without the 4 bytes of extension flags: as MATLAB
     toolboxes and web viewers' exporters write them, and the image library reads them. They were refused as a damaged
