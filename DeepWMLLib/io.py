@@ -1924,6 +1924,8 @@ def _slice_key(reader, path: str) -> tuple:
     try:
         position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
         cosines = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        if len(cosines) != 6:  # (refused by _check_orientation_given)
+            raise ValueError
         normal = np.cross(cosines[:3], cosines[3:6])
         return (0, float(np.dot(position, normal)), path)
     except (RuntimeError, ValueError, IndexError):
@@ -2420,6 +2422,12 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
         raise DeepWMLError(f"{path}: the DICOM file {os.path.basename(misfit[0])} {misfit[1]} (a damaged header: the "
                            "image library would read its pixels in a wrong shape without an error); export the series "
                            "again from the scanner or PACS")
+    fault = _frame_geometry_fault(series.files[0]) if len(series.files) == 1 else None
+    if fault:
+        raise DeepWMLError(f"{path}: the functional groups of the multi-frame DICOM file "
+                           f"{os.path.basename(series.files[0])} give {fault}, so where its frames lie (or how large "
+                           "their pixels are) is unknown: a damaged file; export the series again from the scanner or "
+                           "PACS")
     reader = sitk.ImageSeriesReader()
     files = list(series.files)  # in slice order
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -2453,7 +2461,16 @@ def _read_dicom_folder(path: Path, choice: str | DicomSeries | None = None,
     _check_pixel_spacing(path, reader)
     if len(files) == 1 and image.GetDimension() == 3 and image.GetSize()[2] > 1:
         _check_frames(path, files[0], image)  # (and puts frames unevenly spaced on their mean spacing)
+        geometry = frame_geometry(files[0])
+        cosines = geometry[1][0] if geometry and geometry[1] and geometry[1][0] is not None else None
+        misread = _orientation_misread(cosines, image) if cosines is not None and cosines.shape == (6,) else None
+        if misread:
+            raise DeepWMLError(f"{path}: the multi-frame DICOM file {Path(files[0]).name} gives its frames' Image "
+                               f"Orientation (Patient) as {chr(92).join(f'{v:g}' for v in cosines)!r}, and the DICOM "
+                               f"library read them as {misread} instead, so the orientation of its slices is unknown: "
+                               "a damaged header; export the series again from the scanner or PACS")
     if len(files) > 1 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
+        _check_orientation_given(path, reader, image, len(files))
         _check_one_orientation(path, reader, files)
     if len(files) > 2 and image.GetDimension() == 3 and image.GetSize()[2] == len(files):
         positions = [reader.GetMetaData(k, "0020|0032") if reader.HasMetaDataKey(k, "0020|0032") else ""
@@ -2562,6 +2579,84 @@ def _origins(files) -> dict:
         except (RuntimeError, DeepWMLError):
             origins[name] = None
     return origins
+
+
+ORIENTATION_TOLERANCE = 2e-3  # of a direction read off the unit vectors Image Orientation (Patient) gives (GDCM
+# takes them within 1e-3 of unit length and of right angles; beyond, it reads the identity)
+
+
+def _orientation_misread(cosines: np.ndarray, image) -> str | None:
+    """The directions of rows and columns the DICOM library read (`image`'s), as text, where they are not the unit
+    vectors of Image Orientation (Patient) `cosines` (six numbers), else None."""
+    rows = cosines.reshape(2, 3)
+    lengths = np.linalg.norm(rows, axis=1)
+    read = np.array(image.GetDirection(), float).reshape(3, 3)[:, :2].T  # the directions of rows and columns
+    if lengths.min() > 0 and np.abs(rows / lengths[:, None] - read).max() <= ORIENTATION_TOLERANCE:
+        return None
+    return ", ".join(f"({', '.join(f'{v:.3g}' for v in axis)})" for axis in read)
+
+
+def _frame_geometry_fault(file: str) -> str | None:
+    """What the functional groups of a multi-frame (enhanced) DICOM file (`frame_geometry`) give of its frames'
+    place and pixel size that is no place or size, else None: a position or orientation of NaN or infinite
+    values, an orientation that is no pair of unit vectors at right angles, or a Pixel Spacing not above 0. GDCM
+    refused such a file in ITK's words ('Zero-valued spacing is not supported'), which named nothing in it."""
+    geometry = frame_geometry(file)
+    if geometry is None:
+        return None
+    positions, orientations, pixel = geometry
+
+    def shown(values) -> str:
+        return "\\".join(f"{v:g}" for v in values)
+
+    for k, position in enumerate(positions):
+        if not np.all(np.isfinite(position)):
+            return f"frame {k + 1}'s Image Position (Patient) as {shown(position)!r}, not three numbers"
+    for k, cosines in enumerate(orientations):
+        if cosines is None:
+            continue
+        if cosines.shape != (6,) or not np.all(np.isfinite(cosines)):
+            return f"frame {k + 1}'s Image Orientation (Patient) as {shown(cosines)!r}, not six numbers"
+        rows = cosines.reshape(2, 3)
+        lengths = np.linalg.norm(rows, axis=1)
+        if lengths.min() == 0 or abs(rows[0] @ rows[1]) / lengths.prod() > ORIENTATION_TOLERANCE:
+            return (f"frame {k + 1}'s Image Orientation (Patient) as {shown(cosines)!r}, no pair of unit vectors at "
+                    "right angles")
+    if pixel is not None and (pixel.shape != (2,) or not np.all(np.isfinite(pixel)) or pixel.min() <= 0):
+        return f"a Pixel Spacing of {shown(pixel)!r}, not two sizes above 0"
+    return None
+
+
+def _check_orientation_given(path, reader, image, files: int) -> None:
+    """Refuse a series of classic images whose Image Orientation (Patient) (0020,0037) is missing, not six numbers
+    (NaN, a word) or no pair of unit vectors at right angles (a row of zeros, rows in one line), where the DICOM
+    library read another orientation than it gives. GDCM reads such a series as axial (the identity) without a
+    word: a scan turned 17 degrees in its plane was segmented 'ok' on unturned axes, its mask elsewhere in the
+    patient; NaN was called 'images facing another way: a localizer'. Enhanced images keep it in their functional
+    groups (`_check_frames`)."""
+    def value(k: int, tag: str) -> str:
+        return reader.GetMetaData(k, tag).strip(" \0") if reader.HasMetaDataKey(k, tag) else ""
+
+    if value(0, "0028|0008") not in ("", "1") or value(0, "0008|0016") in _ENHANCED_MR:
+        return
+    texts = [value(k, "0020|0037") for k in range(files)]
+    if not texts[0]:
+        raise DeepWMLError(f"{path}: the DICOM images give no Image Orientation (Patient) (0020,0037), so the "
+                           "orientation of their slices is unknown (the DICOM library would read them as axial, without "
+                           "a word); export the series again from the scanner or PACS")
+    for k, text in enumerate(texts):
+        cosines = _decimals(text) if text else []
+        if text and (cosines is None or len(cosines) != 6):
+            raise DeepWMLError(f"{path}: the Image Orientation (Patient) (0020,0037) of image {k + 1} of the DICOM series "
+                               f"is not six numbers ({text[:60]!r}), so the orientation of its slices is unknown: a "
+                               "damaged file; export the series again from the scanner or PACS")
+    shown = _orientation_misread(np.array(_decimals(texts[0]), float), image)
+    if shown is None:
+        return
+    raise DeepWMLError(f"{path}: the DICOM images' Image Orientation (Patient) (0020,0037), {texts[0][:60]!r}, is no pair "
+                       "of unit vectors at right angles (the directions of their rows and columns), and the DICOM "
+                       f"library read them as {shown} instead, so the orientation of their slices is unknown: a "
+                       "damaged header; export the series again from the scanner or PACS")
 
 
 def _check_one_orientation(path, reader, files: list) -> None:

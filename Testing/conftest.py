@@ -258,6 +258,20 @@ def encoded_dicom_series(folder: Path, image: sitk.Image, syntax: str, rows: int
     return folder
 
 
+def set_orientation(folder: Path, text: str | None) -> None:
+    """Give every file of a `write_dicom_series` series (implicit VR little endian) another Image Orientation
+    (Patient) (0020,0037) value, or none (None: the tag renamed (0020,0035), which no reader takes for it)."""
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        at = data.index(b"\x20\x00\x37\x00", 132)
+        if text is None:
+            path.write_bytes(data[:at] + b"\x20\x00\x35\x00" + data[at + 4:])
+            continue
+        end = at + 8 + struct.unpack_from("<I", data, at + 4)[0]
+        value = text.encode() + b" " * (len(text) % 2)
+        path.write_bytes(data[:at + 4] + struct.pack("<I", len(value)) + value + data[end:])
+
+
 def relabel_transfer_syntax(folder: Path, uid: str, names=None) -> None:
     """Give every file of a series `write_dicom_series` wrote (or those of `names`) another Transfer Syntax UID
     (0002,0010) in its file meta group (the group's length (0002,0000) kept right), as files compressed in that

@@ -29,7 +29,7 @@ from DeepWMLLib import io
 from DeepWMLLib.cli import main
 
 from conftest import (REPO, drop_pixel_spacing, encoded_dicom_series, make_volume, mni_t1_thick, nifti2_of,
-                      relabel_transfer_syntax, tiny_model_file, write_dicom_series)
+                      relabel_transfer_syntax, set_orientation, tiny_model_file, write_dicom_series)
 
 # (id, command, what the user gets: exit code and words of the one-line message; "ok" = documented result)
 BAD_INPUTS = [
@@ -188,6 +188,9 @@ BAD_INPUTS = [
      0, "ok: segmented, warning printed (\"looks clipped\")"),
     ("a DICOM series with a slice missing (incomplete transfer)", "segment", 1, "not evenly spaced"),
     ("a DICOM series without Pixel Spacing (a screen capture; GDCM would read 1 mm)", "segment", 1, "no Pixel Spacing"),
+    ("a DICOM series whose Image Orientation (Patient) is missing, not numbers or no pair of unit vectors at right "
+     "angles (a row of zeros: GDCM would read the slices as axial, without a word)", "segment", 1,
+     "is no pair of unit vectors at right angles (the directions of their rows and columns)"),
     ("a DICOM series whose Samples per Pixel is 0 (a damaged header, at which GDCM stops: an internal error before)",
      "segment", 1, "whose header the DICOM library cannot read"),
     ("a DICOM series compressed in a transfer syntax GDCM cannot decode (JPEG XL)", "segment", 1,
@@ -706,6 +709,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         folder = write_dicom_series(tmp / "in" / "capture", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")
         drop_pixel_spacing(folder)
+        return seg + [str(folder)]
+    if row_id.startswith("a DICOM series whose Image Orientation (Patient) is missing"):
+        folder = write_dicom_series(tmp / "in" / "unturned", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR")
+        set_orientation(folder, "0\\0\\0\\0\\1\\0")
         return seg + [str(folder)]
     if row_id.startswith("a DICOM series whose Samples per Pixel is 0"):
         folder = write_dicom_series(tmp / "in" / "zero", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),

@@ -22,7 +22,8 @@ from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
 from conftest import (drop_pixel_spacing, encoded_dicom_series, make_volume, nifti2_of, record_syncs_and_renames,
-                      relabel_transfer_syntax, rotation, stepped_positions, write_dicom_series, write_enhanced_mr)
+                      relabel_transfer_syntax, rotation, set_orientation, stepped_positions, write_dicom_series,
+                      write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -1517,6 +1518,36 @@ def test_a_1_mm_isotropic_enhanced_mr_file_is_read_whichever_way_its_frames_are_
     assert series.slice_warnings(read) == []
 
 
+@pytest.mark.parametrize("change,words", [
+    ({"orientation": "0\\0\\0\\0\\1\\0"}, r"frame 1's Image Orientation \(Patient\) as '0\\\\0\\\\0\\\\0\\\\1\\\\0', no "
+                                          r"pair of unit vectors at right angles"),
+    ({"orientation": "1\\0\\0\\1\\0\\0"}, r"frame 1's Image Orientation \(Patient\) as '1\\\\0\\\\0\\\\1\\\\0\\\\0', no pair of unit vectors at right angles"),
+    ({"orientation": "nan\\0\\0\\0\\1\\0"}, r"frame 1's Image Orientation \(Patient\) as 'nan\\\\0.*', not six numbers"),
+    ({"positions": "nan"}, r"frame 3's Image Position \(Patient\) as 'nan\\\\nan\\\\nan', not three numbers"),
+    ({"pixel": b"nan\\nan"}, r"a Pixel Spacing of 'nan\\\\nan', not two sizes above 0"),
+    ({"pixel": b"0.0\\0.0"}, r"a Pixel Spacing of '0\\\\0', not two sizes above 0"),
+], ids=["a-row-of-zeros", "rows-in-one-line", "orientation-nan", "position-nan", "pixel-spacing-nan", "pixel-spacing-0"])
+def test_an_enhanced_mr_file_whose_frames_geometry_is_not_numbers_is_refused_naming_it(tmp_path, change, words):
+    """An enhanced MR file whose functional groups give an orientation of zeros, NaN or rows in one line, a NaN
+    position or a Pixel Spacing of NaN or 0 was refused in ITK's words, 'Zero-valued spacing is not supported',
+    which named nothing the user could look for (one frame's NaN position: 'frame 2 lies nan mm from where the
+    volume read from it puts it'). The field and the frame are named."""
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.0, 0.0, 0.3).ravel().tolist())
+    kwargs = {"orientation": change["orientation"]} if "orientation" in change else {}
+    if "positions" in change:
+        kwargs["positions"] = [image.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(6)]
+        kwargs["positions"][2] = (math.nan,) * 3
+    path = write_enhanced_mr(tmp_path / "enhanced" / "im.dcm", image, **kwargs)
+    if "pixel" in change:  # the shared Pixel Measures' Pixel Spacing, of the same length
+        data = path.read_bytes()
+        assert data.count(b"0.8\\0.8") == 1
+        path.write_bytes(data.replace(b"0.8\\0.8", change["pixel"]))
+    with pytest.raises(DeepWMLError, match=r"the functional groups of the multi-frame DICOM file im\.dcm give " + words
+                       + ".*a damaged file; export the series again"):
+        io.read_image(path.parent)
+
+
 def test_an_enhanced_mr_files_frames_drifting_over_half_a_slice_are_refused(tmp_path):
     """As a series of one file per slice is: steps drifting from 4.1 to 5.9 mm put the middle frames of the
     mean-spaced grid over half a slice from where they were imaged."""
@@ -1557,6 +1588,33 @@ def test_a_slice_position_that_is_not_numbers_is_refused(tmp_path):
     damaged.write_bytes(data[:at - 8] + data[end:])  # none in one file: GDCM sorted the slices by what it could
     with pytest.raises(DeepWMLError, match=r"of image \d+ of the DICOM series is missing or not three numbers \(''\)"):
         io.read_image(folder)
+
+
+@pytest.mark.parametrize("orientation,words", [
+    ("0\\0\\0\\0\\1\\0", r"Image Orientation \(Patient\) \(0020,0037\), '0\\\\0\\\\0\\\\0\\\\1\\\\0', is no pair of "
+                         r"unit vectors at right angles .* read them as \(1, 0, 0\), \(0, 1, 0\) instead"),
+    ("1\\0\\0\\1\\0\\0", r"'1\\\\0\\\\0\\\\1\\\\0\\\\0', is no pair of unit vectors at right angles"),
+    ("0.955\\0.296\\0\\-0.28\\0.96\\0", r"is no pair of unit vectors at right angles"),  # 1 degree off
+    ("nan\\0\\0\\0\\1\\0", r"Image Orientation \(Patient\) \(0020,0037\) of image 1 of the DICOM series is not six "
+                           r"numbers \('nan.*'\)"),  # was called 'a localizer or a reformat shares the series UID'
+    ("1\\0\\0\\0\\1", r"of image 1 of the DICOM series is not six numbers"),
+    (None, r"give no Image Orientation \(Patient\) \(0020,0037\), so the orientation of their slices is unknown"),
+], ids=["a-row-of-zeros", "rows-in-one-line", "rows-not-at-right-angles", "nan", "five-numbers", "missing"])
+def test_a_series_whose_orientation_is_no_pair_of_unit_vectors_is_refused(tmp_path, orientation, words):
+    """GDCM reads a series whose Image Orientation (Patient) is missing or no pair of unit vectors at right angles
+    as axial, without a word: an axial scan turned 17 degrees in its plane was segmented 'ok' on unturned axes
+    (every slice's mask turned against the scan in the patient). Refused naming the tag; a value of rounded unit
+    vectors is read as it says."""
+    turned = rotation(0.0, 0.0, 0.3)
+    image, _ = make_volume(size=(20, 16, 6), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16, direction=turned.ravel().tolist())
+    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    set_orientation(folder, orientation)
+    with pytest.raises(DeepWMLError, match=words):
+        io.read_image(folder)
+    rounded = "\\".join(f"{v:.4f}" for v in (*turned[:, 0], *turned[:, 1]))  # 4 decimals: 1e-4 off unit length
+    folder = write_dicom_series(tmp_path / "rounded", image, description="AX FLAIR")
+    set_orientation(folder, rounded)
+    assert np.allclose(io.read_image(folder).GetDirection(), turned.ravel(), atol=2e-4)
 
 
 def test_a_series_whose_every_file_is_damaged_is_not_called_a_folder_without_dicom(tmp_path):
