@@ -3474,7 +3474,7 @@ def _check_placement(image: sitk.Image | Volume, name: str,
     origin, spacing = image.GetOrigin()[:3], image.GetSpacing()[:3]  # (a fourth axis's step is time's, in any unit)
     bad = [what for what, wrong in (
         ("origin", not all(math.isfinite(v) and abs(v) <= _MRI_ORIGIN_MM for v in origin)),
-        ("axes", not all(map(math.isfinite, image.GetDirection()))),
+        ("orientation", not all(map(math.isfinite, image.GetDirection()))),
         ("voxel size", not all(_MRI_VOXEL_MM[0] <= v <= _MRI_VOXEL_MM[1] for v in spacing))) if wrong]
     if bad:
         raise DeepWMLError(f"{name}: its {' and '.join(bad)} {'is' if len(bad) == 1 else 'are'} no MRI's (origin "
@@ -3496,6 +3496,12 @@ def check_volume(image: sitk.Image | Volume, name: str = "the image") -> sitk.Im
     if image.GetDimension() != 3:
         raise DeepWMLError(f"{name} is a {image.GetDimension()}D image; DeepWML needs a 3D FLAIR volume")
     direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    lengths = np.linalg.norm(direction, axis=0)
+    if np.abs(lengths ** 2 - 1).max() > 1e-4:  # an image made in memory: a direction scaled by the voxel sizes, or 0
+        raise DeepWMLError(f"{name}: its direction's axes are of length {', '.join(f'{v:.4g}' for v in lengths)}, not 1 "
+                           "(a matrix of directions, the voxel sizes apart: scaled by them?), so voxel volumes and "
+                           "slices would not be what they seem; give it the scan's own direction (as its file gives "
+                           "it)")
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):  # NRRD keeps sheared space directions
         raise DeepWMLError(f"{name}: its header places the voxels on a sheared grid (axes not at right angles), on "
                            "which voxel volumes and slices are not what they seem; resample it onto a regular grid "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -86,6 +87,25 @@ def test_an_image_in_memory_of_no_mris_spacing_is_told_to_take_the_scans_own_geo
         segment_image(image, models, "cpu", brain_model=brain)
     assert "give it the scan's own origin, spacing and direction" in str(refused.value)
     assert "copy the file again" not in str(refused.value)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("origin", (math.nan,) * 3, "its origin is no MRI's (origin (nan, nan, nan) mm"),
+    ("origin", (math.inf, 0.0, 0.0), "its origin is no MRI's (origin (inf, 0, 0) mm"),
+    ("direction", (math.nan,) + (0.0,) * 8, "its orientation is no MRI's"),
+    ("direction", (2.0, 0, 0, 0, 2.0, 0, 0, 0, 2.0), "its direction's axes are of length 2, 2, 2, not 1"),
+    ("direction", (0.9, 0, 0, 0, 0.9, 0, 0, 0, 5.0), "its direction's axes are of length 0.9, 0.9, 5, not 1"),
+], ids=["origin-nan", "origin-inf", "direction-nan", "direction-scaled-2", "direction-scaled-by-voxel-sizes"])
+def test_an_image_in_memory_placed_nowhere_is_refused_naming_what(case, field, value, words):
+    """An in-memory image whose origin or direction is not numbers, or whose direction is scaled (by the voxel
+    sizes, as a script building it from an affine may do): refused, never segmented on a grid of nonsense. A NaN
+    direction was said in broken words ('its axes is no MRI's'), a scaled one called a sheared grid."""
+    image, models, brain = case
+    image = sitk.Image(image)
+    getattr(image, f"Set{field.capitalize()}")(value)
+    with pytest.raises(DeepWMLError, match=re.escape(words)) as refused:
+        segment_image(image, models, "cpu", brain_model=brain)
+    assert "sheared" not in str(refused.value) and "copy the file again" not in str(refused.value)
 
 
 def test_segment_cases_and_segment_case_take_one_scan_as_str_or_path(tmp_path, tiny_model, monkeypatch):
