@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -292,3 +294,67 @@ def test_an_axial_stack_is_never_the_images_own_voxels(kind):
     assert np.array_equal(stack, array) and stack.flags.writeable
     stack[...] = -1
     assert np.array_equal(voxels(image), array)
+
+
+def _edge_input(kind: str, folder) -> tuple:
+    """(a scan file or DICOM folder of `kind` whose header uses a fallback or an odd but valid placing, its true
+    mask): an oblique scan (a flipped axis for NRRD), its header edited by hand."""
+    import struct
+
+    from conftest import set_orientation, write_dicom_series
+
+    direction = rotation(0.2, -0.15, 0.3)
+    if kind == "nrrd-flipped-axis":
+        direction = direction @ np.diag([-1.0, 1.0, 1.0])
+    image, truth = make_volume(size=(48, 40, 10), spacing=(0.9, 0.8, 4.0), direction=direction, origin=(12.5, -40.0, 7.0),
+                               blobs=((0.4, 0.55, 0.5, 7.0),), dtype=sitk.sitkInt16 if kind.startswith("dicom") else
+                               sitk.sitkFloat32)
+    if kind.startswith("dicom"):
+        path = write_dicom_series(folder / "series", image, description="AX FLAIR")
+        set_orientation(path, "\\".join(f"{v:.4f}" for v in (*direction[:, 0], *direction[:, 1])))  # rounded
+        return path, truth
+    path = folder / ("scan.nii" if kind.startswith("nifti") else "scan.nrrd" if kind.startswith("nrrd") else "scan.mha")
+    sitk.WriteImage(image, str(path))
+    data = bytearray(path.read_bytes())
+    if kind == "nifti-unused-sform-nan":  # sform_code 0: the qform places it, the NaN sform is not read
+        struct.pack_into("<2h", data, 252, 1, 0)
+        struct.pack_into("<f", data, 292, float("nan"))
+    elif kind == "nifti-unused-qform-nan":  # qform_code 0: the sform places it
+        struct.pack_into("<2h", data, 252, 0, 1)
+        struct.pack_into("<3f", data, 256, *(float("nan"),) * 3)
+    elif kind == "nrrd-no-origin":  # not known: 0, 0, 0 (as every NRRD reader reads it)
+        data = bytearray(re.sub(rb"space origin: [^\n]*\n", b"", bytes(data), count=1))
+    path.write_bytes(data)
+    return path, truth
+
+
+EDGE_INPUTS = ["nifti-unused-sform-nan", "nifti-unused-qform-nan", "nrrd-flipped-axis", "nrrd-no-origin", "mha-oblique",
+               "dicom-rounded-orientation"]
+
+
+@pytest.mark.parametrize("kind", EDGE_INPUTS)
+def test_the_mask_of_a_scan_placed_by_a_fallback_has_the_scans_own_geometry(kind, tmp_path, tiny_model, monkeypatch):
+    """`deepwml segment` end to end on inputs whose place is read by a fallback the standard defines (NIfTI: a form
+    whose code is 0 is not read, whatever it holds; NRRD: no 'space origin' is 0, 0, 0) or from a header valid but
+    odd (a flipped NRRD axis, a DICOM orientation rounded to 4 decimals): the mask written lies on exactly the grid
+    the scan is read on, over the lesion; a NIfTI mask keeps the scan's own placing fields, the unused one too."""
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    path, truth = _edge_input(kind, tmp_path)
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    (written,) = out.glob("*_wmh.*")
+    scan, mask = io.read_image(path), io.read_mask(written)
+    for a, b in ((mask.GetSize(), scan.GetSize()), (mask.GetOrigin(), scan.GetOrigin()),
+                 (mask.GetSpacing(), scan.GetSpacing()), (mask.GetDirection(), scan.GetDirection())):
+        assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+    assert io.grid_difference(mask, scan) is None
+    if kind != "nrrd-no-origin":  # (its origin is not the phantom's)
+        assert np.allclose(scan.GetOrigin(), (12.5, -40.0, 7.0), atol=1e-3)
+    assert dice(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(truth)) > 0.7
+    if kind.startswith("nifti"):
+        import gzip
+
+        header, given = gzip.decompress(written.read_bytes())[:348], path.read_bytes()[:348]
+        assert header[252:328] == given[252:328]  # codes, quaternion, qoffset, srow: as the scan has them
