@@ -4912,6 +4912,13 @@ def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> si
     import SimpleITK as sitk
     import slicerio
 
+    # its place and voxel size as the checks of other NRRD files have them: a 'space origin' of NaN was an internal
+    # error (ValueError of a library), a vector of length 0 one too (SimpleITK's 'Zero-valued spacing'), and
+    # 'space directions' of NaN or 1e30 were called another voxel grid than the scan's
+    fault = _nrrd_geometry_fault(Path(path), _header_fields(Path(path)))
+    if fault:
+        raise DeepWMLError(f"{path}: its header gives {fault}, so the header is damaged; correct it or save the "
+                           "segmentation again (3D Slicer: Segmentations, Export to files)")
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as exc:  # slicerio/pynrrd raise many types for a bad file
@@ -4930,9 +4937,12 @@ def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> si
     image = sitk.GetImageFromArray(mask_ijk.transpose(2, 1, 0))
     matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
     spacing = np.linalg.norm(matrix[:3, :3], axis=0)
-    image.SetSpacing(spacing.tolist())
-    image.SetDirection((matrix[:3, :3] / spacing[None, :]).ravel().tolist())
+    spacing_ok = np.all(np.isfinite(spacing)) and spacing.min() > 0
+    image.SetSpacing(spacing.tolist() if spacing_ok else [1.0] * 3)
+    image.SetDirection((matrix[:3, :3] / spacing[None, :]).ravel().tolist() if spacing_ok else np.full(9, np.nan))
     image.SetOrigin(matrix[:3, 3].tolist())
+    _check_placement(image, str(path), "the header is damaged; correct it or save the segmentation again (3D Slicer: "
+                     "Segmentations, Export to files)")
     return image
 
 

@@ -229,6 +229,8 @@ BAD_INPUTS = [
     ("a float mask whose lesion value is 1 but for float round-off (0.99999994, 1.0000001)", "evaluate", 0,
      "ok: read as 0/1 (Dice 1 against the mask itself)"),
     ("a NIfTI mask with NaN voxels", "evaluate", 1, "set them to 0"),
+    ("a reference given as a Slicer segmentation (`.seg.nrrd`) whose `space origin` is not numbers (`(nan,nan,nan)`: "
+     "an internal error)", "evaluate", 1, "'space origin: (nan,nan,nan)', not 3 numbers"),
     ("probability map as mask", "evaluate", 1, "not a label mask"),
     ("the FLAIR given as the probability map (`--probabilities`, for ROC AUC)", "evaluate", 1,
      "is not a probability map"),
@@ -861,6 +863,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return ["evaluate", "--prediction", str(p["round-off"]), "--reference", str(p["truth"]), "--json", str(tmp / "e.json")]
     if row_id == "a NIfTI mask with NaN voxels":
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(p["NaN mask"])]
+    if row_id.startswith("a reference given as a Slicer segmentation (`.seg.nrrd`) whose `space origin`"):
+        seg_file = io.write_segmentation(sitk.ReadImage(str(p["truth"])), tmp / "in" / "unplaced.seg.nrrd")
+        seg_file.write_bytes(re.sub(rb"space origin: [^\n]*", b"space origin: (nan,nan,nan)", seg_file.read_bytes(), count=1))
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(seg_file)]
     if row_id == "probability map as mask":
         return ["evaluate", "--prediction", str(p["prob"]), "--reference", str(p["truth"])]
     if row_id.startswith("the FLAIR given as the probability map"):  # its intensities gave a plausible ROC AUC

@@ -1400,6 +1400,26 @@ def test_segmentation_file_matches_what_slicerio_writes(tmp_path):
     assert np.allclose(ours["ijkToLPS"], theirs["ijkToLPS"], atol=1e-12)
 
 
+@pytest.mark.parametrize("field,value,words", [
+    ("space origin", "(nan,nan,nan)", "'space origin: (nan,nan,nan)', not 3 numbers"),  # an internal error (ValueError)
+    ("space directions", "(0,0,0) (0,0.8,0) (0,0,5)", "whose vector of axis 0 has a length of 0"),  # ITK's words
+    ("space directions", "(nan,nan,nan) (nan,nan,nan) (nan,nan,nan)", "whose vector of axis 0 is not 3 numbers"),
+    ("space directions", "(1e30,0,0) (0,0.8,0) (0,0,5)", "voxel size is no MRI's"),  # called another grid
+])
+def test_a_segmentation_file_placed_nowhere_is_refused_naming_the_field(tmp_path, field, value, words):
+    """A Slicer .seg.nrrd given as a mask (evaluate, consensus, change) is read by its segments, not by SimpleITK:
+    a 'space origin' of NaN was an internal error ('ValueError: data must be finite'), a direction of length 0
+    SimpleITK's 'Zero-valued spacing is not supported', NaN or 1e30 directions another voxel grid than the
+    scan's. Refused as the same NRRD damage is in a scan."""
+    image, truth = make_volume(size=(12, 10, 4), spacing=(0.9, 0.8, 5.0))
+    path = tmp_path / "rater.seg.nrrd"
+    io.write_segmentation(truth, path)
+    data = path.read_bytes()
+    path.write_bytes(re.sub(rf"{field}: [^\n]*".encode(), f"{field}: {value}".encode(), data, count=1))
+    with pytest.raises(DeepWMLError, match=r"rater\.seg\.nrrd: its .*" + re.escape(words)):
+        io.read_mask(path)
+
+
 def test_empty_segmentation_file_reads_back_empty(tmp_path):
     import slicerio
 
