@@ -968,7 +968,8 @@ def _nrrd_geometry_fault(path: Path, fields: dict[str, str]) -> str | None:
     0, 0, 0: the mask placed elsewhere in the patient, silently; one NaN or infinite value was refused in the NRRD
     library's words, 'existance of all space vector coefficients must be consistent'), 'space directions' holding
     NaN or infinite values (all NaN was read as 1 x 1 x 1 mm on the identity), a vector of length 0, or 'none' for
-    one of the three axes of a volume in space (called an axis of time); 'spacings' infinite or 0. NRRD's 'nan'
+    one of the three axes of a volume in space (called an axis of time); 'spacings' infinite or 0, or beside a
+    'space' (refused in the NRRD library's words). NRRD's 'nan'
     spacing (a length not known) is left to `_unknown_voxel_size`, a missing 'space origin' (not known: read as
     0, 0, 0, as every NRRD reader reads it) is read."""
     if not path.name.lower().endswith((".nrrd", ".nhdr")):
@@ -1019,6 +1020,9 @@ def _nrrd_geometry_fault(path: Path, fields: dict[str, str]) -> str | None:
                 return f"'spacings: {spacings[:60]}', whose value of axis {axis} is not a number"
             if math.isinf(size) or size == 0:
                 return f"'spacings: {spacings[:60]}', a voxel size of {value} along axis {axis}"
+            if dimension and not math.isnan(size):  # the NRRD library's 'nrrdSpacingStatusScalarWithSpace'
+                return (f"'spacings: {spacings[:60]}' beside 'space' (or 'space dimension'), which NRRD does not allow "
+                        "(the voxel sizes of an image in a space are its 'space directions')")
     return None
 
 

@@ -821,6 +821,8 @@ NRRD_PLACED = ("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nspace: left-
      "'none' for one of the three axes of a volume in space"),
     ("spacings", "0.9 inf 5", "'spacings: 0.9 inf 5', a voxel size of inf along axis 1"),
     ("spacings", "0.9 0.8 0", "'spacings: 0.9 0.8 0', a voxel size of 0 along axis 2"),
+    ("spacings beside a space", "0.9 0.8 5", "'spacings: 0.9 0.8 5' beside 'space' (or 'space dimension'), which NRRD "
+                                             "does not allow"),  # 'nrrdSpacingStatusScalarWithSpace'
 ])
 def test_an_nrrd_whose_place_or_voxel_size_is_not_numbers_is_refused_naming_the_field(tmp_path, field, value, words):
     """An NRRD 'space origin' of NaN was read as 0, 0, 0 without a word: the mask written on it lay elsewhere in
@@ -829,7 +831,9 @@ def test_an_nrrd_whose_place_or_voxel_size_is_not_numbers_is_refused_naming_the_
     library's own words ('existance of all space vector coefficients must be consistent'), which named no field,
     and 'none' for an axis in space was called an axis of time. Each is refused naming the field and its value."""
     header = NRRD_PLACED
-    if field == "spacings":  # spacings go without a space (NRRD allows one or the other)
+    if field == "spacings beside a space":
+        header = header.replace("space origin", f"spacings: {value}\nspace origin")
+    elif field == "spacings":  # spacings go without a space (NRRD allows one or the other)
         header = re.sub(r"space: [^\n]*\nspace directions: [^\n]*\nspace origin: [^\n]*\n", f"spacings: {value}\n",
                         header)
     else:
