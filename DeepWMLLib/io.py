@@ -1602,7 +1602,11 @@ def not_flair_evidence(description: str = "", inversion_ms: float | None = None,
     if secondary_capture:
         reasons.append("it is a Secondary Capture (a picture of images, not the scanner's)")
     kinds = [kind for pattern, kind in _NOT_FLAIR_KINDS if pattern.search(description or "")]
-    if not kinds and description and _T2_DESCRIPTION.search(description) and not _FLAIR_DESCRIPTION.search(description):
+    # a T2 (or TSE) name beside a FLAIR's timing is an inversion recovery T2 nulling CSF: a FLAIR ('t2_spc_ir')
+    flair_timing = (inversion_ms is not None and FLAIR_INVERSION_MS[0] <= inversion_ms <= FLAIR_INVERSION_MS[1]
+                    and (repetition_ms is None or repetition_ms >= FLAIR_MIN_REPETITION_MS))
+    if (not kinds and description and not flair_timing and _T2_DESCRIPTION.search(description)
+            and not _FLAIR_DESCRIPTION.search(description)):
         kinds.append("a T2- or PD-weighted scan")
     if kinds:
         reasons.append(f"its description '{description}' names {' or '.join(kinds)}")
@@ -1629,18 +1633,38 @@ def not_flair_evidence(description: str = "", inversion_ms: float | None = None,
 DIFFUSION_MIN_B = 50.0
 
 
+def _json_number(value) -> float | None:
+    """A JSON sidecar's value as a finite float; None where it is not one number (a string, a boolean, NaN, or an
+    integer beyond a float's range, which JSON allows)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+# a sidecar's time above this many seconds is no MRI's inversion or repetition time in seconds: one written in ms
+# (against BIDS's seconds, as hand-made sidecars are), read as ms
+_SIDECAR_MS_ABOVE_S = 100.0
+
+
 def _seconds_as_ms(value) -> float | None:
-    """A time of a BIDS sidecar (seconds) in ms; None where it is not one number."""
+    """A time of a BIDS sidecar (seconds) in ms; None where it is not one number. A value above 100 (s) is taken
+    to be in ms already."""
     if isinstance(value, list) and value:  # some converters write one time per echo or per volume
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    number = _json_number(value)
+    if number is None:
         return None
-    return float(value) * 1000.0
+    return number if number > _SIDECAR_MS_ABOVE_S else number * 1000.0
 
 
 def image_file_evidence(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """What the files a converter wrote beside an image file say against its being a FLAIR (`not_flair_evidence`):
-    a JSON sidecar (dcm2niix, BIDS: SeriesDescription or ProtocolName, InversionTime and RepetitionTime in seconds,
+    a JSON sidecar (dcm2niix, BIDS: SeriesDescription or ProtocolName, InversionTime and RepetitionTime in seconds
+    (in ms where above 100),
     Modality, ImageType, SequenceName, DiffusionBValue), a .bval file of b-values (a diffusion series), and a BIDS
     file-name suffix (_T1w, _dwi, ...). Returns (the reasons, the names of the files they came from). A sidecar that
     cannot be read or parsed says nothing: it is not the scan, and the scan's own check still runs."""
@@ -1669,7 +1693,7 @@ def image_file_evidence(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             _seconds_as_ms(header.get("RepetitionTime")), text("Modality").upper() or None,
             tuple(v for v in image_type if isinstance(v, str)) if isinstance(image_type, list) else (),
             text("SequenceName"),
-            (float(b_value),) if isinstance(b_value, (int, float)) and not isinstance(b_value, bool) else ())
+            (_json_number(b_value),))
         if found:
             reasons += found
             sources.append(sidecar.name)

@@ -220,3 +220,42 @@ def test_the_slicer_batch_script_warns_of_a_sidecar_once_whichever_reader_loads_
     for case, count in (("a", 1), ("b", 1), ("c", 0)):
         found = [w for w in _warnings(out, case) if w.startswith(NOT_FLAIR)]
         assert len(found) == count and all(f"({case}.json)" in w for w in found)
+
+
+def test_a_t2_named_series_with_a_flairs_inversion_time_is_not_warned_of():
+    """A description naming T2 (or TSE) and no FLAIR word is evidence against a FLAIR only where the timing does
+    not say it is one: 't2_spc_ir_sag_p2_iso' or 'T2 IR TSE' with an inversion time of 1.8-2.5 s and a long
+    repetition time is a FLAIR (an inversion recovery T2 nulling CSF), and is chosen as one; it was also warned
+    of as 'a T2- or PD-weighted scan'."""
+    for description, inversion, repetition in (("t2_spc_ir_sag_p2_iso", 1800, 5000), ("T2 IR TSE", 2500, 9000),
+                                               ("Sag 3D T2 IR", 1650, None)):
+        assert io.not_flair_evidence(description, inversion, repetition) == [], description
+    # a T2 name beside another timing, or none, is still held against it
+    assert io.not_flair_evidence("AX T2 TSE", None, 4500) == [
+        "its description 'AX T2 TSE' names a T2- or PD-weighted scan"]
+    assert "T2- or PD" in " ".join(io.not_flair_evidence("t2_spc_ir", 1800, 3000))  # TR of no FLAIR
+    assert "T2- or PD" in " ".join(io.not_flair_evidence("T2 IR", 400))
+
+
+@pytest.mark.parametrize("sidecar, words", [
+    # BIDS gives times in seconds; a sidecar written in ms (against BIDS, as hand-made ones are) held 1.8e+06 ms
+    ({"SeriesDescription": "FLAIR", "InversionTime": 2500, "RepetitionTime": 9000}, None),
+    ({"InversionTime": 1800}, None),
+    ({"SeriesDescription": "t1_mprage", "InversionTime": 900, "RepetitionTime": 2300},
+     ["its inversion time is 900 ms"]),
+    ({"InversionTime": 1.8, "RepetitionTime": 5}, None),  # seconds, as BIDS has them
+    # numbers beyond a float (JSON allows any integer): a traceback (OverflowError, TypeError); nothing said
+    ({"InversionTime": int("9" * 400)}, None),
+    ({"DiffusionBValue": int("9" * 400)}, None),
+    ({"RepetitionTime": [int("9" * 400)], "InversionTime": 1.8}, None),
+])
+def test_a_sidecars_times_in_ms_or_numbers_beyond_a_float(tmp_path, sidecar, words):
+    path = _nifti(tmp_path, "scan.nii.gz")
+    (tmp_path / "scan.json").write_text(json.dumps(sidecar))
+    reasons, sources = io.image_file_evidence(path)
+    if words is None:
+        assert reasons == [], sidecar
+        return
+    assert sources == ["scan.json"]
+    for word in words:
+        assert word in " ".join(reasons)
