@@ -1968,10 +1968,10 @@ def _slice_key(reader, path: str) -> tuple:
 
 # the header elements `_mislabelled_header` reads of a file GDCM is not given: Series and Study Instance UID,
 # description, inversion, repetition and echo time, series and instance number, modality, SOP class and instance,
-# slice thickness, study date, image position and orientation, character set
+# slice thickness, study date, image position and orientation, character set, Image Type, sequence name, b-value
 _SERIES_TAGS = frozenset({0x0020000E, 0x0020000D, 0x0008103E, 0x00180082, 0x00180080, 0x00180081, 0x00200011,
                           0x00200013, 0x00080060, 0x00080016, 0x00080018, 0x00180050, 0x00080020, 0x00200032,
-                          0x00200037, 0x00080005})
+                          0x00200037, 0x00080005, 0x00080008, 0x00180024, 0x00189087})
 
 
 def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
@@ -1994,9 +1994,15 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
 
     def number(tag: int) -> float | None:
         try:
-            return float(text(tag).split("\\")[0])
+            value = float(text(tag).split("\\")[0])
         except ValueError:
             return None
+        return value if math.isfinite(value) else None
+
+    def b_value() -> float | None:  # Diffusion b-value (0018,9087): FD, 8 bytes little endian
+        value = top.get(0x00189087)
+        found = struct.unpack("<d", value)[0] if isinstance(value, bytes) and len(value) == 8 else None
+        return found if found is not None and math.isfinite(found) else None
 
     def numbers(tag: int, count: int) -> list | None:
         try:
@@ -2015,7 +2021,9 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
     header = (_header_text(text(0x0008103E), text(0x00080005)), number(0x00180082), number(0x00180080),
               number(0x00180081), None if series_number is None else int(series_number), text(0x0020000D) or None,
               text(0x00080060).upper() or None,
-              text(0x00080016).split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."), number(0x00180050))
+              text(0x00080016).split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."), number(0x00180050),
+              (tuple(v.strip(" \0") for v in text(0x00080008).split("\\")) if text(0x00080008) else (),
+               text(0x00180024), b_value()))
     return {"uid": uid, "header": header, "study": header[5], "date": text(0x00080020),
             "file": (key, path, None if instance is None else int(instance), text(0x00080018),
                      tuple(position) if position else None)}

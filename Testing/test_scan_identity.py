@@ -259,3 +259,22 @@ def test_a_sidecars_times_in_ms_or_numbers_beyond_a_float(tmp_path, sidecar, wor
     assert sources == ["scan.json"]
     for word in words:
         assert word in " ".join(reasons)
+
+
+def test_a_series_of_files_mislabelled_big_endian_only_is_listed_with_what_its_header_says(tmp_path):
+    """A series whose every file is labelled big endian while its data set is little endian is listed from its
+    headers read by hand (`io._mislabelled_header`), and refused when read. Its record lacked the Image Type,
+    sequence name and b-value every other series' has: listing a folder of such a series was an IndexError
+    (a traceback) before it could be refused. Its Image Type and sequence name say what it is, as any series'."""
+    from conftest import relabel_transfer_syntax
+
+    folder = write_dicom_series(tmp_path / "export", _phantom(), uid="1.2.3.4", description="",
+                                extra={"0008|0008": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE", "0018|0024": "*ep_b1000t",
+                                       "0018|9087": "1000", "0020|0011": "nan"})
+    relabel_transfer_syntax(folder, "1.2.840.10008.1.2.2")
+    (series,) = io.dicom_series(folder)
+    assert series.image_type == ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE") and series.sequence_name == "*ep_b1000t"
+    assert series.b_value == 1000 and series.diffusion and series.number is None
+    assert "Image Type names DIFFUSION" in " ".join(series.not_flair_evidence())
+    with pytest.raises(io.DeepWMLError, match="labelled Explicit VR Big Endian"):
+        io.read_image(folder)
