@@ -1882,6 +1882,18 @@ def _series_header(reader) -> tuple:
             _header_number(reader, "0018|0050"), (image_type, sequence_name, _header_number(reader, "0018|9087")))
 
 
+def _file_series_header(reader, path: str) -> tuple:
+    """`_series_header` of a file's header already read (`reader`), with an enhanced MR file's inversion, repetition
+    and echo time and slice thickness taken from its functional groups where its top level lacks them."""
+    header = _series_header(reader)
+    if (None in (header[1], header[8]) and reader.HasMetaDataKey("0008|0016")
+            and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
+        grouped = _enhanced_header(path)  # kept in the functional groups
+        header = (header[0], *(given if given is not None else value for given, value in zip(header[1:4], grouped)),
+                  *header[4:8], header[8] if header[8] is not None else grouped[3], *header[9:])
+    return header
+
+
 def dicom_file_evidence(path: str | os.PathLike) -> list[str]:
     """What one DICOM file's header says against its series being a FLAIR (`not_flair_evidence`; for a volume
     3D Slicer loaded from its DICOM database, whose files DeepWML did not choose). Empty where the file cannot be
@@ -1895,12 +1907,7 @@ def dicom_file_evidence(path: str | os.PathLike) -> list[str]:
         with itk_names(path) as (itk_name,):
             reader.SetFileName(itk_name)
             reader.ReadImageInformation()
-        header = _series_header(reader)
-        if header[1] is None and reader.HasMetaDataKey("0008|0016") and \
-                reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR:
-            grouped = _enhanced_header(str(path))  # an enhanced MR file keeps its timing in its functional groups
-            header = (header[0], *(given if given is not None else value for given, value in zip(header[1:4], grouped)),
-                      *header[4:])
+        header = _file_series_header(reader, str(path))
     except (RuntimeError, OSError, DeepWMLError):
         return []
     finally:
@@ -2080,13 +2087,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                     continue
                 entry = series.get(uid)
                 if entry is None:
-                    header = _series_header(reader)
-                    if (None in (header[1], header[8]) and reader.HasMetaDataKey("0008|0016")
-                            and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
-                        grouped = _enhanced_header(path)  # kept in the functional groups
-                        header = (header[0], *(given if given is not None else value
-                                               for given, value in zip(header[1:4], grouped)), *header[4:8],
-                                  header[8] if header[8] is not None else grouped[3], *header[9:])
+                    header = _file_series_header(reader, path)
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
                     entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
