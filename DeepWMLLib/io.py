@@ -1158,7 +1158,8 @@ def _metaimage_header_fault(path: Path, fields: dict[str, str]) -> str | None:
         if lengths.min() == 0 or abs(np.linalg.det(columns / lengths)) < 1e-6:
             return (f"{matrix} = {fields[matrix.lower()][:60]}, axes of length 0 or in one line (no orientation: its "
                     "axes' directions)")
-        if np.abs(lengths - 1).max() > 1e-3:  # a direction's axes are unit vectors: the voxel sizes are ElementSpacing
+        # a direction's axes are unit vectors (the voxel sizes are ElementSpacing), to check_volume's tolerance
+        if np.abs(lengths ** 2 - 1).max() > 1e-4:
             return (f"{matrix} = {fields[matrix.lower()][:60]}, axes of length {', '.join(f'{v:.4g}' for v in lengths)}"
                     ", not 1 (a matrix of directions: the voxel sizes are ElementSpacing's)")
     key = "ElementSpacing" if "elementspacing" in fields else "ElementSize"

@@ -711,6 +711,11 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
      "TransformMatrix = 1 0 0 1 0 0 0 0 1, axes of length 0 or in one line"),
     ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 0.9 0 0 0 0.8 0 0 0 5\nElementSpacing = 0.9 0.8 5\n",
      "TransformMatrix = 0.9 0 0 0 0.8 0 0 0 5, axes of length 0.9, 0.8, 5, not 1"),
+    # a rotation given to 3 decimals: axes 2e-4 short of 1, which the volume's check refuses; named here (it was
+    # 'its direction's axes are of length 0.9998, 0.9998, 1, not 1 (... scaled by them?)', said of images made in
+    # memory)
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 0.707 0.707 0 -0.707 0.707 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 0.707 0.707 0 -0.707 0.707 0 0 0 1, axes of length 0.9998, 0.9998, 1, not 1"),
 ])
 def test_a_metaimage_header_no_image_has_is_refused(tmp_path, fields, words):
     """NDims of -1 hung the image library, of 100 or 2147483648 crashed the process; NDims 4 beside three sizes was
