@@ -1859,9 +1859,10 @@ def _header_number(reader, key: str) -> float | None:
     if not reader.HasMetaDataKey(key):
         return None
     try:
-        return float(reader.GetMetaData(key).strip().split("\\")[0])
+        value = float(reader.GetMetaData(key).strip().split("\\")[0])
     except ValueError:
         return None
+    return value if math.isfinite(value) else None  # 'nan' (a damaged header): not given
 
 
 def _series_header(reader) -> tuple:

@@ -278,3 +278,14 @@ def test_a_series_of_files_mislabelled_big_endian_only_is_listed_with_what_its_h
     assert "Image Type names DIFFUSION" in " ".join(series.not_flair_evidence())
     with pytest.raises(io.DeepWMLError, match="labelled Explicit VR Big Endian"):
         io.read_image(folder)
+
+
+def test_header_numbers_that_are_not_numbers_say_nothing(tmp_path):
+    """A Series Number of 'nan' (a damaged header) was a ValueError (a traceback) listing the folder; an inversion
+    time of 'nan' the warning 'its inversion time is nan ms' and the series never chosen as the FLAIR. Values
+    not finite are read as not given."""
+    folder = write_dicom_series(tmp_path / "a", _phantom(), description="AX FLAIR",
+                                extra={"0020|0011": "nan", "0018|0082": "nan", "0018|0080": "inf"})
+    (series,) = io.dicom_series(folder)
+    assert series.number is None and series.inversion_ms is None and series.repetition_ms is None
+    assert series.not_flair_evidence() == [] and series.looks_like_flair
