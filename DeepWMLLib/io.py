@@ -1709,7 +1709,8 @@ def image_file_evidence(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         reasons.append(f"its b-values go up to {max(weighted):g} s/mm\u00b2 (a diffusion series)")
         sources.append(bval.name)
     suffix = re.search(r"_([A-Za-z0-9]+)$", stem)
-    if suffix and suffix.group(1) in _NOT_FLAIR_BIDS_SUFFIX:
+    # (a FLAIR filed under T2w with a label saying so, 'sub-01_acq-FLAIR_T2w', is not held to its suffix)
+    if suffix and suffix.group(1) in _NOT_FLAIR_BIDS_SUFFIX and not _FLAIR_DESCRIPTION.search(stem):
         reasons.append(f"its name ends _{suffix.group(1)}, the BIDS name of "
                        f"{_NOT_FLAIR_BIDS_SUFFIX[suffix.group(1)]}")
         sources.append(p.name)

@@ -289,3 +289,12 @@ def test_header_numbers_that_are_not_numbers_say_nothing(tmp_path):
     (series,) = io.dicom_series(folder)
     assert series.number is None and series.inversion_ms is None and series.repetition_ms is None
     assert series.not_flair_evidence() == [] and series.looks_like_flair
+
+
+@pytest.mark.parametrize("name, warned", [("sub-01_acq-FLAIR_T2w.nii.gz", False), ("sub-01_acq-3Dflair_T2w.nii.gz", False),
+                                          ("sub-01_acq-darkfluid_T2w.nii.gz", False), ("sub-01_acq-tse_T2w.nii.gz", True)])
+def test_a_bids_name_whose_entities_say_flair_is_not_warned_of_for_its_suffix(tmp_path, name, warned):
+    """Some BIDS data sets file a FLAIR under the T2w suffix with an acquisition label saying so
+    ('sub-01_acq-FLAIR_T2w'): its own name says FLAIR, so the suffix is no evidence against it."""
+    reasons, _ = io.image_file_evidence(_nifti(tmp_path, name))
+    assert bool(reasons) == warned, reasons
