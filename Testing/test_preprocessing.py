@@ -446,3 +446,15 @@ def test_the_grid_stays_within_half_a_lattice_step_of_15_mm_of_the_heads_centre(
         ends = _network_points(image, config, pixels=(0, grid - 1))
         centre = ends.mean(axis=0)  # mm along the file's i and j axes (identity direction, origin 0)
         assert np.all(np.abs(centre - (99.5 + shift)) <= 7.5 + 0.5), (shift, centre)
+
+
+def test_thresholds_and_fractions_outside_their_ranges_are_refused():
+    """The probability threshold is in (0, 1): at 0 every voxel of the scan would be lesion, at 1 none. The edge
+    fraction is in [0, 0.5): at 0.5 both ends' halves meet and the whole mask is cleared (10 slices: 5 + 5)."""
+    prob = np.full((10, 2, 2), 0.7, np.float32)
+    for threshold in (0.0, 1.0):
+        with pytest.raises(ValueError, match="threshold"):
+            postprocess(prob, threshold, 1.0, 0.0)
+    with pytest.raises(ValueError, match="edge-slice fraction"):
+        exclude_edge_slices(np.ones((10, 2, 2), np.uint8), 0.5)
+    assert exclude_edge_slices(np.ones((10, 2, 2), np.uint8), 0.49).sum() == 2 * 4  # 4 cleared at each end
