@@ -380,3 +380,42 @@ def test_a_rerun_into_the_same_folder_leaves_nothing_of_the_earlier_run_beside_i
     assert main(["consensus", "--manifest", str(tmp_path / "pictured.csv"), "-o", str(out)]) == 130  # Ctrl-C
     monkeypatch.setattr(io, "write_text", write_text)
     assert sorted(p.name for p in out.iterdir()) == ["consensus.csv", "qc"]  # no earlier run's verdicts beside it
+
+
+def test_the_printed_verdict_lists_the_five_worst_slices_and_three_largest_lesions_by_hand():
+    """format_check on a result written by hand: six slices of disagreement, of which the five largest are listed
+    (slice 9, the sixth, is not); four lesions drawn by rater A only, of which the three largest are listed with
+    their total (10 + 8 + 6 + 4 = 28 mm3); a lesion over slices 5 to 7 said "slices 5-7", one on slice 2 "slice 2"."""
+    from DeepWMLLib.consensus import format_check
+
+    slices = [{"index": k, "dice": 0.5, "area_a_mm2": 1.0, "area_b_mm2": 2.0, "disagreement_mm2": d}
+              for k, d in ((1, 6.0), (3, 5.0), (4, 4.0), (6, 3.0), (8, 2.0), (9, 1.0))]
+    lesions = [{"voxels": v, "volume_mm3": v, "centroid_lps_mm": [1.0, 2.0, 3.0], "slices": s}
+               for v, s in ((10.0, [5, 7]), (8.0, [2, 2]), (6.0, [1, 1]), (4.0, [9, 9]))]
+    result = {"dice": 0.5, "threshold": 0.85, "passed": False, "volume_a_ml": 0.03, "volume_b_ml": 0.02,
+              "n_lesions_a": 4, "n_lesions_b": 0, "slices": slices, "worst_slices": [1, 3, 4, 6, 8, 9],
+              "unmatched_lesions_a": lesions, "unmatched_lesions_b": [], "notes": []}
+    lines = format_check(result).splitlines()
+    table = lines[lines.index("  slice   Dice   A mm2    B mm2    disagreement mm2") + 1:]
+    assert [int(line.split()[0]) for line in table[:5]] == [1, 3, 4, 6, 8]
+    assert table[5] == "lesions drawn by rater A only: 4 (28.0 mm3), largest:"
+    assert [line.split(", ")[-1] for line in table[6:9]] == ["slices 5-7", "slice 2", "slice 1"]
+    assert table[9:] == ["lesions drawn by rater B only: none"]
+
+
+def test_a_cohort_says_how_many_cases_pass_and_which_need_re_labelling(tmp_path, capsys):
+    """Three cases, one of them unreadable: 2 checked, 1 passes (the same mask twice), 1 needs re-labelling."""
+    a, b = raters()
+    for name, array in (("a", a), ("b", b)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b\nagree,b.nii.gz,b.nii.gz\n"
+                                         "disagree,a.nii.gz,b.nii.gz\nbroken,a.nii.gz,missing.nii.gz\n")
+    main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
+    assert capsys.readouterr().out.splitlines()[0] == \
+        "2 cases checked at Dice >= 0.85: 1 pass, 1 need re-labelling (disagree)"
+
+
+def test_a_threshold_of_zero_is_a_threshold_every_pair_passes():
+    a, b = raters()
+    result = consensus_check(image(a), image(b), threshold=0.0)
+    assert result["passed"] is True and result["threshold"] == 0.0
