@@ -1410,3 +1410,71 @@ def test_a_growth_of_exactly_enlarge_min_ml_in_whole_voxels_is_enlarging():
         followup = _paint((20, 20, 10), (1.0, 1.0, 1.0), [after])
         rows = change.classify(followup, baseline, IDENTITY, **setting)[1]
         assert _calls(rows) == [("enlarging", "follow-up", *grown)], setting
+
+
+def _hand_report(baseline_ml, followup_ml, percent, **more):
+    """A change report written by hand (its figures not computed by change.py) for the printing functions."""
+    report = {"baseline_volume_ml": baseline_ml, "followup_volume_ml": followup_ml,
+              "volume_change_ml": round(followup_ml - baseline_ml, 4), "volume_change_percent": percent,
+              "n_new": 2, "new_ml": 0.12, "n_enlarging": 1, "enlarging_ml": 0.2, "enlarging_growth_ml": 0.07,
+              "n_stable": 3, "n_gone": 1, "gone_ml": 0.04, "n_small_new": 0, "n_small_gone": 0, "min_change_ml": 0.02,
+              "n_not_assessable": 0, "not_assessable_ml": 0.0,
+              "registration": {"rotation_deg": [1.0, -2.0, 0.5], "translation_mm": [3.0, 0.0, -1.5], "correlation": 0.91,
+                               "mutual_information": -0.8, "inverse_consistency": {"median_mm": 0.05, "p95_mm": 0.12},
+                               "reliable": True}}
+    report.update(more)
+    return report
+
+
+def test_the_printed_summary_and_the_picture_title_give_each_figure_with_its_sign_by_hand():
+    """A load of 0.50 ml grown to 0.75 ml is +0.25 ml, +50.0 %; shrunk from 0.75 to 0.50 ml, -0.25 ml, -33.3 %. Each
+    count beside its own volume: 2 new (0.12 ml), 1 enlarging (grown +0.07 ml), 3 stable, 1 gone (0.04 ml)."""
+    lines = change.format_summary("p", _hand_report(0.5, 0.75, 50.0)).splitlines()
+    assert lines == [
+        "p: baseline 0.50 ml, follow-up 0.75 ml (+0.25 ml, +50.0 %)",
+        "  new: 2 lesions, 0.12 ml; enlarging: 1 lesion, +0.07 ml; stable: 3 lesions; gone: 1 lesion, 0.04 ml",
+        "  registration: rotation 1.0, -2.0, 0.5 deg, translation 3.0, 0.0, -1.5 mm, correlation 0.91, both ways agree "
+        "within 0.12 mm"]
+    assert change.format_summary("p", _hand_report(0.75, 0.5, -33.33)).splitlines()[0] == \
+        "p: baseline 0.75 ml, follow-up 0.50 ml (-0.25 ml, -33.3 %)"
+    assert change.picture_title("p", _hand_report(0.5, 0.75, 50.0)) == "p: 2 new, 1 enlarging, 1 gone, +0.25 ml"
+
+
+def test_the_lesion_table_csv_has_its_columns_in_order_and_a_slice_range_first_last():
+    row = {"id": 1, "status": "new", "scan": "follow-up", "volume_ml": 0.05, "baseline_ml": 0.0, "change_ml": 0.05,
+           "centroid_mm": [1.5, -2.0, 3.25], "slice_range": [4, 6], "followup_slice": 5}
+    lines = change.lesions_csv([row]).splitlines()
+    assert lines == ["id,status,scan,volume_ml,baseline_ml,change_ml,centroid_mm,slice_range,followup_slice",
+                     "1,new,follow-up,0.05,0.0,0.05,1.5 -2.0 3.25,4-6,5"]
+
+
+def test_a_registration_exactly_at_each_limit_passes_and_just_past_it_fails():
+    """README: the report warns "below a correlation of 0.80, above a mutual information of -0.65 or beyond 2 mm" run
+    both ways: each limit itself passes."""
+    at = {"correlation": 0.80, "mutual_information": -0.65, "inverse_consistency": {"median_mm": 1.0, "p95_mm": 2.0}}
+    assert change.failed_checks(at) == []
+    for key, value, words in (("correlation", 0.79, "correlation 0.79, under 0.80"),
+                              ("mutual_information", -0.64, "mutual information -0.64, above -0.65"),
+                              ("inverse_consistency", {"median_mm": 1.0, "p95_mm": 2.01},
+                               "run both ways 2.01 mm apart, over 2 mm")):
+        assert change.failed_checks({**at, key: value}) == [words]
+
+
+def test_two_visits_of_the_same_day_are_not_said_to_be_the_wrong_way_round():
+    from types import SimpleNamespace
+
+    day = SimpleNamespace(study_date="20250301")
+    later = SimpleNamespace(study_date="20250302")
+    assert change.visits_reversed(day, SimpleNamespace(study_date="20250301")) is None
+    assert change.visits_reversed(day, later) is None
+    assert change.visits_reversed(later, day).startswith(
+        "the baseline was scanned after the follow-up (Study Date 2025-03-02, follow-up 2025-03-01)")
+
+
+def test_a_tolerance_of_0_mm_is_a_tolerance_and_a_negative_one_is_refused():
+    """--tolerance-mm 0: a lesion in the very voxels of the baseline's is there before (0 mm away): stable."""
+    lesion = _paint((20, 20, 10), (1.0, 1.0, 1.0), [((5, 10), (5, 10), (4, 5))])
+    assert _calls(change.classify(lesion, lesion, IDENTITY, tolerance_mm=0.0)[1]) == [
+        ("stable", "follow-up", 0.025, 0.025, 0.0)]
+    with pytest.raises(DeepWMLError, match="cannot be negative"):
+        change.classify(lesion, lesion, IDENTITY, tolerance_mm=-0.1)
