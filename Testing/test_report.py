@@ -226,3 +226,37 @@ def test_a_float_mask_is_its_whole_numbers_and_a_probability_map_is_refused():
         lesion_report(image(np.where(lesion > 0, 0.9, 0.01).astype(np.float32)))
     with pytest.raises(DeepWMLError, match="is a ndarray, not an image"):
         lesion_report(lesion)
+
+
+def test_a_lesions_ventricle_distance_is_its_nearest_voxels_and_exactly_10_mm_is_periventricular():
+    """Distances given at the mask's voxels (np.flatnonzero's order): a 4-voxel lesion at 10.0, 10.0, 10.5 and 12 mm
+    is 10.0 mm from the ventricles (its nearest voxel, not the mean 10.625) with 2 of 4 voxels within the 10 mm
+    periventricular distance, which includes 10 mm itself (location.PERIVENTRICULAR_MM); a 2-voxel lesion at 3 and
+    25 mm is 3.0 mm away (mean 14) with half its voxels near."""
+    array = np.zeros((3, 6, 8), np.uint8)
+    array[1, 1, 1:5] = 1  # 4 voxels, id 1
+    array[1, 4, 6:8] = 1  # 2 voxels, id 2
+    distances = np.array([10.0, 10.0, 10.5, 12.0, 3.0, 25.0])
+    lesions = lesion_report(mask_image(array), ventricle_distance=distances)["lesions"]
+    assert [(x["voxels"], x["ventricle_distance_mm"], x["periventricular_share"]) for x in lesions] == [
+        (4, 10.0, 0.5), (2, 3.0, 0.5)]
+
+
+def test_lesion_geometry_read_a_slice_at_a_time_counts_each_slice_at_its_own_index():
+    """Labels read one slice at a time (a chunk of 1 voxel): lesion 1 at (k, j, i) = (1, 0, 0), (3, 0, 0) and
+    (3, 2, 2): 3 voxels, centroid (7/3, 2/3, 2/3), slices 1 to 3; lesion 2 one voxel at (2, 1, 1)."""
+    from DeepWMLLib.report import lesion_geometry
+
+    labels = np.zeros((4, 3, 3), np.uint8)
+    labels[1, 0, 0] = labels[3, 0, 0] = labels[3, 2, 2] = 1
+    labels[2, 1, 1] = 2
+    for chunk in (1, 10 ** 6):
+        sizes, centroids, first, last = lesion_geometry(labels, 2, 0, voxels_per_chunk=chunk)
+        assert sizes.tolist() == [3, 1] and first.tolist() == [1, 2] and last.tolist() == [3, 2]
+        assert centroids.ravel() == pytest.approx([7 / 3, 2 / 3, 2 / 3, 2.0, 1.0, 1.0])
+
+
+def test_the_reports_slice_thickness_is_the_spacing_of_the_axial_planes():
+    array = np.zeros((3, 6, 8), np.uint8)
+    array[1, 2, 2] = 1
+    assert lesion_report(mask_image(array))["slice_thickness_mm"] == 5.0  # spacing 0.5 x 0.8 x 5 mm
