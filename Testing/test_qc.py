@@ -450,3 +450,111 @@ def test_the_patients_right_is_marked_R_on_the_side_the_tiles_show_it(direction)
         (_, left), = letters_at(first, "L")
         assert right < shape[1] / 4 and left > 3 * shape[1] / 4
         assert not letters_at(marked, "R") and not letters_at(marked, "L")
+
+
+def test_the_crop_box_widens_by_5_mm_rounded_up_to_whole_voxels_on_both_sides():
+    """Head or mark on rows 10 and 11 of 30: 5 mm at 0.8 mm a row is 6.25 rows, widened to 7 on each side, so rows
+    3 to 18 are shown ([3, 19)); at 1 mm, 5 rows ([5, 17)); clipped at the edges of the slice."""
+    present = np.zeros(30, bool)
+    present[10:12] = True
+    assert qc._box(present, 0.8) == (3, 19)
+    assert qc._box(present, 1.0) == (5, 17)
+    assert qc._box(present, 0.5) == (0, 22)
+    assert qc._box(np.zeros(30, bool), 1.0) == (0, 30)
+
+
+def test_the_grey_window_by_hand():
+    """500 background voxels at 0 and a head of 1, 2, ..., 500: the background level (0.5th percentile, nearest rank
+    round(0.005 x 999) = 5) is 0 and the bright end (rank 994) 495, so the head is above a tenth of the way, 49.5:
+    the 451 voxels 50 to 500. Its window: their ranks round(0.01 x 450) = 4 and round(0.995 x 450) = 448, 54 to 498
+    (not their lowest and highest, 50 and 500)."""
+    voxels = np.concatenate([np.zeros(500), np.arange(1, 501)]).astype(np.float32).reshape(10, 10, 10)
+    assert qc.grey_levels(voxels) == (49.5, 54.0, 498.0)
+
+
+def test_a_slice_with_a_twentieth_of_its_voxels_in_the_head_is_a_head_slice():
+    """Five 20 x 20 slices: the middle three all head, the first and the last with 20 of 400 voxels (5 %) in the head
+    (over the 1 % a head slice needs): all five are shown, one tile each under the other (one column)."""
+    flair = np.zeros((5, 20, 20), np.float32)
+    flair[1:4] = 100
+    flair[[0, 4], 0, :] = 100  # a row of 20 voxels
+    canvas = qc.render(volume(flair, spacing=(1.0, 1.0, 1.0)), volume(np.zeros((5, 20, 20), np.uint8),
+                                                                        spacing=(1.0, 1.0, 1.0)), columns=1)
+    side = canvas.shape[1] - 2 * qc.GAP_PX  # square tiles: the head fills the 20 x 20 mm plane
+    assert (canvas.shape[0] - qc.GAP_PX) / (side + qc.GAP_PX) == 5
+
+
+def test_a_prediction_voxel_of_exactly_half_is_drawn_as_lesion_as_the_metrics_count_it():
+    """metrics: a voxel is lesion when its value is >= 0.5; the comparison picture draws a float prediction of 0.5
+    as it draws 1 (agreement green where the reference has lesion, red where not)."""
+    flair, _ = head_with_marker()
+    reference = np.zeros(flair.shape, np.uint8)
+    reference[2, 14:17, 10:13] = 1
+    half, whole = np.zeros(flair.shape, np.float32), np.zeros(flair.shape, np.float32)
+    half[2, 14:17, 10:16] = 0.5
+    whole[2, 14:17, 10:16] = 1.0
+    drawn = [qc.render_comparison(volume(flair), volume(p), volume(reference), tile_px=24) for p in (half, whole)]
+    empty = qc.render_comparison(volume(flair), volume(np.zeros(flair.shape, np.float32)), volume(reference), tile_px=24)
+    assert np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[0], empty)
+
+
+def test_each_tile_is_numbered_with_its_slice_index_0_first():
+    flair, mask = head_with_marker()
+    assert np.array_equal(qc.render(volume(flair), volume(mask)),
+                          qc.render(volume(flair), volume(mask), slice_labels=[0, 1, 2, 3, 4]))
+
+
+def test_the_comparison_legend_names_each_colour_as_the_picture_fills_it(monkeypatch):
+    """Prediction only is filled red (255, 40, 40) and reference only blue (40, 120, 255): the legend says so."""
+    flair, mask = head_with_marker()
+    given = []
+    monkeypatch.setattr(qc, "render_labels", lambda image, labels, colours, legend, *rest: given.append((colours, legend)))
+    qc.render_comparison(volume(flair), volume(mask), volume(mask), names=("rater A", "rater B"))
+    colours, legend = given[0]
+    assert legend == [("both", (40, 220, 40)), ("rater A only", (255, 40, 40)), ("rater B only", (40, 120, 255))]
+    assert colours == {1: (40, 220, 40), 2: (255, 40, 40), 3: (40, 120, 255)}
+
+
+def test_a_tile_has_the_nearest_whole_number_of_display_pixels():
+    """10 voxels of 1 mm shown at 0.6 mm a pixel: 16.7, so 17 pixels (not 16); at 4 mm, 2.5: 2 (round half to even);
+    at 0.4 mm, 25."""
+    for pixel_mm, count in ((0.6, 17), (4.0, 2), (0.4, 25)):
+        centres, starts = qc._resample_indices(10, 1.0, pixel_mm)
+        assert len(centres) == len(starts) == count
+
+
+def test_a_lesion_inside_the_ventricle_mask_stays_a_lesion_and_only_lesions_choose_the_slices(monkeypatch):
+    """The ventricles are drawn under the lesions: a lesion the ventricle mask covers whole is still outlined red.
+    And the slices are chosen by the lesions alone: the ventricles on slices 0-4 do not make them lesion slices."""
+    flair, mask = head_with_marker()
+    ventricles = np.zeros_like(mask)
+    ventricles[:, 3:12, 8:18] = 1  # covers the lesion (slice 2, rows 3-6, columns 13-16) and more, on every slice
+    plain = qc.render(volume(flair), volume(mask))
+    picture = qc.render(volume(flair), volume(mask), ventricles=volume(ventricles))
+    tiles = picture[picture.shape[0] - plain.shape[0]:]  # below the legend's band
+    assert np.any(np.all(tiles == qc.LESION_RGB, axis=2)) and np.any(np.all(tiles == qc.VENTRICLE_RGB, axis=2))
+    chosen = []
+    real = qc.choose_slices
+    monkeypatch.setattr(qc, "choose_slices", lambda head, lesion, max_tiles: chosen.append(lesion) or real(
+        head, lesion, max_tiles))
+    qc.render(volume(flair), volume(mask), ventricles=volume(ventricles))
+    assert chosen[0].tolist() == [False, False, True, False, False]
+
+
+def test_a_slice_number_that_just_fits_at_2x_is_drawn_at_2x():
+    """'0' at 2x is 6 x 10 pixels, drawn at (2, 2) on a backing one pixel wider: a 13 x 9 tile holds it exactly.
+    Its top stroke ('111') then covers rows 2-3, columns 2-7; one pixel narrower, it is drawn at 1x."""
+    for width, scale in ((9, 2), (8, 1)):
+        tile = np.full((13, width, 3), 255, np.uint8)
+        assert qc._draw_number(tile, 0)
+        top = np.all(tile == qc.LABEL_RGB, axis=2)
+        assert top[2:2 + scale, 2:2 + 3 * scale].all() and not top[2:2 + scale, 2 + 3 * scale:].any(), width
+
+
+def test_r_and_l_are_drawn_at_2x_from_a_tile_96_pixels_wide():
+    """'R' has 10 inked pixels of its 3 x 5 glyph and 'L' 7: 17 at 1x, 68 at 2x. A tile 96 pixels wide (SIDES_2X_PX)
+    gets them at 2x, one of 95 at 1x, one of 48 (SIDES_1X_PX) still at 1x, one of 47 none."""
+    for width, inked in ((96, 68), (95, 17), (48, 17), (47, 0)):
+        tile = np.full((30, width, 3), 255, np.uint8)
+        assert qc._draw_sides(tile) is (inked > 0)
+        assert np.all(tile == qc.LABEL_RGB, axis=2).sum() == inked, width
