@@ -396,8 +396,11 @@ def test_the_printed_verdict_lists_the_five_worst_slices_and_three_largest_lesio
               "n_lesions_a": 4, "n_lesions_b": 0, "slices": slices, "worst_slices": [1, 3, 4, 6, 8, 9],
               "unmatched_lesions_a": lesions, "unmatched_lesions_b": [], "notes": []}
     lines = format_check(result).splitlines()
+    assert lines[:2] == ["Dice 0.500 (threshold 0.85): FAIL (re-label)",
+                         "rater A 0.03 ml in 4 lesions; rater B 0.02 ml in 0 lesions"]
     table = lines[lines.index("  slice   Dice   A mm2    B mm2    disagreement mm2") + 1:]
     assert [int(line.split()[0]) for line in table[:5]] == [1, 3, 4, 6, 8]
+    assert table[0].split() == ["1", "0.500", "1.0", "2.0", "6.0"]  # A's area, then B's
     assert table[5] == "lesions drawn by rater A only: 4 (28.0 mm3), largest:"
     assert [line.split(", ")[-1] for line in table[6:9]] == ["slices 5-7", "slice 2", "slice 1"]
     assert table[9:] == ["lesions drawn by rater B only: none"]
@@ -413,6 +416,9 @@ def test_a_cohort_says_how_many_cases_pass_and_which_need_re_labelling(tmp_path,
     main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
     assert capsys.readouterr().out.splitlines()[0] == \
         "2 cases checked at Dice >= 0.85: 1 pass, 1 need re-labelling (disagree)"
+    header = (tmp_path / "out" / "consensus.csv").read_text(encoding="utf-8-sig").splitlines()[0]
+    assert header == ("case,dice,threshold,passed,volume_a_ml,volume_b_ml,n_lesions_a,n_lesions_b,n_unmatched_lesions_a,"
+                      "n_unmatched_lesions_b,worst_slice,rater_a,rater_b,notes,error")
 
 
 def test_a_threshold_of_zero_is_a_threshold_every_pair_passes():
