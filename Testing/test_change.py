@@ -1478,3 +1478,42 @@ def test_a_tolerance_of_0_mm_is_a_tolerance_and_a_negative_one_is_refused():
         ("stable", "follow-up", 0.025, 0.025, 0.0)]
     with pytest.raises(DeepWMLError, match="cannot be negative"):
         change.classify(lesion, lesion, IDENTITY, tolerance_mm=-0.1)
+
+
+def test_a_moved_head_matches_each_lesion_to_its_own_and_places_a_gone_one_in_the_follow_ups_space():
+    """The transform maps a follow-up point to the baseline point of the same anatomy: here x + 10 mm (1 mm voxels).
+    Baseline lesion A (x 25-29 mm, 25 voxels) lies at follow-up x 15-19, where the follow-up has its lesion: stable,
+    0.025 ml then and now. Baseline lesion B (x 3-8 mm, 30 voxels, centre x 5.5) left nothing: gone, its centre in
+    the follow-up's space at x 5.5 - 10 = -4.5 mm (the follow-up's grid starts at x -20 mm, so both scans see it)."""
+    base = np.zeros((10, 20, 40), np.uint8)
+    base[4, 5:10, 25:30] = 1  # A
+    base[4, 5:10, 3:9] = 1  # B
+    follow = np.zeros((10, 20, 60), np.uint8)
+    follow[4, 5:10, 35:40] = 1  # x = i - 20: 15-19 mm
+    baseline, followup = _grid((40, 20, 10), (1.0, 1.0, 1.0), base), _grid((60, 20, 10), (1.0, 1.0, 1.0), follow)
+    followup.SetOrigin((-20.0, 0.0, 0.0))
+    moved = sitk.TranslationTransform(3, (10.0, 0.0, 0.0))
+    rows = change.classify(followup, baseline, moved)[1]
+    assert _calls(rows) == [("stable", "follow-up", 0.025, 0.025, 0.0), ("gone", "baseline", 0.03, 0.03, -0.03)]
+    assert [r["centroid_mm"] for r in rows] == [[17.0, 7.0, 4.0], [-4.5, 7.0, 4.0]]
+
+
+def test_the_change_pictures_legend_gives_each_call_the_colour_it_is_filled_with(monkeypatch):
+    """README: new red, enlarging orange, stable yellow, gone blue; each legend entry in the colour of its label."""
+    from DeepWMLLib import qc
+
+    given = []
+    monkeypatch.setattr(qc, "render_labels", lambda image, labels, colours, legend, title: given.append((colours, legend)))
+    monkeypatch.setattr(qc, "png_bytes", lambda rgb: b"")
+    empty = _grid((10, 10, 5), (1.0, 1.0, 1.0))
+    change.change_picture(empty, empty)
+    colours, legend = given[0]
+    code = {name: value for value, name in change.LABELS.items()}
+    assert [name for name, _ in legend] == ["new", "enlarging", "stable", "gone", "small new", "small gone",
+                                            "not assessable"]
+    assert all(rgb == colours[code[name]] for name, rgb in legend)
+    rgb = dict(legend)
+    assert rgb["new"][0] == 255 and max(rgb["new"][1:]) < 50  # red
+    assert rgb["enlarging"][0] == 255 and 100 < rgb["enlarging"][1] < 160 and rgb["enlarging"][2] < 50  # orange
+    assert min(rgb["stable"][:2]) > 200 and rgb["stable"][2] < 50  # yellow
+    assert rgb["gone"][2] > 200 and rgb["gone"][0] < 100  # blue
