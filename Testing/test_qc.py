@@ -558,3 +558,18 @@ def test_r_and_l_are_drawn_at_2x_from_a_tile_96_pixels_wide():
         tile = np.full((30, width, 3), 255, np.uint8)
         assert qc._draw_sides(tile) is (inked > 0)
         assert np.all(tile == qc.LABEL_RGB, axis=2).sum() == inked, width
+    tile = np.full((30, 96, 3), 255, np.uint8)
+    qc._draw_sides(tile)  # at the middle of the edges: 10 rows of 2x letters from row (30 - 10) // 2
+    assert np.flatnonzero(np.all(tile == qc.LABEL_RGB, axis=2).any(axis=1)).tolist() == list(range(10, 20))
+
+
+def test_the_outline_takes_the_image_edge_as_outside():
+    """A 3 x 3 mask filling its image is outlined on its 8 edge pixels (the edge is outside), its centre not; a 2 x 2
+    block inside a 4 x 4 image is all outline."""
+    full = np.ones((3, 3), bool)
+    expected = np.ones((3, 3), bool)
+    expected[1, 1] = False
+    assert np.array_equal(qc.in_plane_outline(full), expected)
+    block = np.zeros((4, 4), bool)
+    block[1:3, 1:3] = True
+    assert np.array_equal(qc.in_plane_outline(block), block)
