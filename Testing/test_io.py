@@ -403,6 +403,16 @@ def test_dicom_pixel_data_padded_past_its_image_is_read_voxel_for_voxel(tmp_path
     assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image).astype(np.float32))
 
 
+def _rectangular_phantom(blank_rows: int = 0) -> sitk.Image:
+    """An int16 phantom of 48 rows x 64 columns x 3 slices (a rectangular field of view), its last `blank_rows` rows 0."""
+    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    if blank_rows:
+        array = sitk.GetArrayFromImage(image)
+        array[:, -blank_rows:, :] = 0
+        image = _with_array(image, array)
+    return image
+
+
 @pytest.mark.parametrize("blank", [False, True])
 def test_dicom_images_of_a_columns_too_small_are_refused_even_where_fewer_bytes_than_a_row_or_blank_ones_are_left(
         tmp_path, blank):
@@ -410,12 +420,7 @@ def test_dicom_images_of_a_columns_too_small_are_refused_even_where_fewer_bytes_
     view gives) leaves 48 pixels past the image, fewer than a row: taken for padding, and GDCM read every row
     sheared by one more pixel without an error. Refused; also where those pixels are blank (zeros, as padding
     is): the image reads as one in 64 columns, not in 63."""
-    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
-    if blank:
-        array = sitk.GetArrayFromImage(image)
-        array[:, -6:, :] = 0
-        image = _with_array(image, array)
-    folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
+    folder = write_dicom_series(tmp_path / "series", _rectangular_phantom(6 if blank else 0), description="AX FLAIR")
     for path in folder.iterdir():
         _set_us(path, b"\x28\x00\x11\x00", 63)
     with pytest.raises(DeepWMLError, match=r"slice000\.dcm gives 48 rows x 63 columns of 16 bits \(6048 bytes\), but its "
@@ -429,16 +434,13 @@ def test_dicom_images_of_a_rows_too_small_are_read_in_place_where_only_blank_row
     padding is) the rows read are the image's own, in their place, and the series is read without them (it was
     refused); where one file alone gives fewer rows, it is refused, named, as a damaged header (not as another image
     sharing the series UID)."""
-    image, _ = make_volume(size=(64, 48, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
-    array = sitk.GetArrayFromImage(image)
-    array[:, -6:, :] = 0
-    image = _with_array(image, array)
+    image = _rectangular_phantom(6)
     folder = write_dicom_series(tmp_path / "series", image, description="AX FLAIR")
     for path in folder.iterdir():
         _set_us(path, b"\x28\x00\x10\x00", 42)
     read = io.read_image(folder)
     assert io.grid_difference(read, image[:, :42, :]) is None
-    assert np.array_equal(sitk.GetArrayFromImage(read), array[:, :42, :].astype(np.float32))
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(image)[:, :42, :].astype(np.float32))
     one = write_dicom_series(tmp_path / "one", image, description="AX FLAIR")
     _set_us(one / "slice001.dcm", b"\x28\x00\x10\x00", 42)
     with pytest.raises(DeepWMLError, match=r"the DICOM file slice001\.dcm gives 42 rows x 64 columns of 16 bits \(5376 "
