@@ -504,7 +504,9 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             all_read_here = False
             continue
         try:
-            image = io.read_image(case.flair)
+            # a DICOM folder's series chosen once: read, and its header checked (_warn_header_not_flair)
+            series = io.choose_dicom_series(case.flair, option=None)[0] if os.path.isdir(case.flair) else None
+            image = io.read_image(case.flair, series=series)
             mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}")
             if flair_check is not None:
                 if keys[case.case] in known_checks:
@@ -514,7 +516,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                 else:
                     checks[case.case] = flair_check(image, mask)
                     _tell_not_flair_at_once(case.case, checks[case.case], skip_bad_cases, allow_non_flair)
-            _warn_header_not_flair(case)
+            _warn_header_not_flair(case, series)
         except DeepWMLError as exc:
             if not skip_bad_cases:
                 raise DeepWMLError(f"case {case.case}: {exc} (or pass --skip-bad-cases to leave it out)") from exc
@@ -624,19 +626,14 @@ def flair_checker(device: str = "auto", threads: int | None = None) -> Callable 
 FLAIR_TABLE_COLUMNS = ("case", "split", "looks_like", "dark_fraction", "cortex_brighter_fraction", "deep_ml", "not_judged")
 
 
-def _warn_header_not_flair(case: Case) -> None:
+def _warn_header_not_flair(case: Case, series=None) -> None:
     """Log a warning, naming the case, when its FLAIR's own header says it is not one (segment.scan_header_warnings:
-    its DICOM series', or the JSON sidecar, b-values or BIDS name beside its file): a manifest's columns mixed up,
-    or the wrong series exported, which the picture does not always show (a diffusion image passes the FLAIR check).
-    A warning, as in segment: the picture's check decides what is refused."""
+    its DICOM `series`, as read, or the JSON sidecar, b-values or BIDS name beside its file): a manifest's columns
+    mixed up, or the wrong series exported, which the picture does not always show (a diffusion image passes the FLAIR
+    check). A warning, as in segment: the picture's check decides what is refused."""
     from .segment import scan_header_warnings
 
-    path = Path(case.flair)
-    try:
-        series = io.choose_dicom_series(path, option=None)[0] if path.is_dir() else None
-    except DeepWMLError:
-        return
-    for warning in scan_header_warnings(path, series):
+    for warning in scan_header_warnings(Path(case.flair), series):
         log.warning("case %s: %s", case.case, warning)
 
 
