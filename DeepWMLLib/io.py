@@ -1593,10 +1593,13 @@ def _header_text(raw: str, charset: str = "") -> str:
 
 def not_flair_evidence(description: str = "", inversion_ms: float | None = None, repetition_ms: float | None = None,
                        modality: str | None = None, image_type=(), sequence_name: str = "",
-                       b_values=(), secondary_capture: bool = False) -> list[str]:
+                       b_values=(), secondary_capture: bool = False, frame_type=(),
+                       directionality=()) -> list[str]:
     """What a scan's own header (a DICOM series', or the JSON sidecar a converter wrote beside an image file) says
     against its being a FLAIR, each as words for a warning; empty where nothing does (a FLAIR, or a header that
-    says nothing). Only positive evidence counts: a description that names no kind is not held against a scan."""
+    says nothing). Only positive evidence counts: a description that names no kind is not held against a scan.
+    `frame_type`, `directionality`: an enhanced MR file's Frame Type values and Diffusion Directionality values
+    (of its frames' functional groups)."""
     reasons = []
     if modality not in (None, "", "MR"):
         reasons.append(f"its modality is {modality}, not MR")
@@ -1621,17 +1624,110 @@ def not_flair_evidence(description: str = "", inversion_ms: float | None = None,
     if diffusion_types:
         reasons.append(f"its Image Type names {', '.join(dict.fromkeys(str(v).strip().upper() for v in diffusion_types))}"
                        " (a diffusion image)")
+    frame_types = [str(v).strip().upper() for v in frame_type if str(v).strip().upper() in _DIFFUSION_IMAGE_TYPES]
+    if frame_types and not diffusion_types:
+        reasons.append(f"its Frame Type names {', '.join(dict.fromkeys(frame_types))} (a diffusion image)")
     named_b = _DIFFUSION_SEQUENCE_NAME.search(sequence_name or "")
     if named_b:
         reasons.append(f"its sequence name {sequence_name.strip()} is a diffusion sequence's (b = {int(named_b.group(1))})")
     weighted = [b for b in b_values if b is not None and np.isfinite(b) and b > DIFFUSION_MIN_B]
     if weighted and not named_b:
         reasons.append(f"its diffusion b-value is {max(weighted):g} s/mm\u00b2")
+    directions = [d for d in dict.fromkeys(str(v).strip().upper() for v in directionality) if d in _WEIGHTED_DIRECTIONALITY]
+    if directions and not weighted and not named_b:
+        reasons.append(f"its Diffusion Directionality is {', '.join(directions)} (a diffusion-weighted image)")
     return reasons
 
 
 # a b-value above this (s/mm^2) is a diffusion weighting; b = 0 images of a diffusion series are T2-weighted
 DIFFUSION_MIN_B = 50.0
+# Diffusion Directionality (0018,9075) of a diffusion-weighted frame (PS3.3 C.8.13.5.9); NONE is a b = 0 frame
+_WEIGHTED_DIRECTIONALITY = frozenset({"DIRECTIONAL", "BMATRIX", "ISOTROPIC"})
+# The vendors' private b-values (s/mm^2), for series whose standard Diffusion b-value (0018,9087) is missing, as in
+# classic (one image a file) exports of older software: (group, element within the creator's block, private
+# creator, value representation). Each is read only where its private creator element (gggg,00xx) names it,
+# and then at (gggg,xxEE) (PS3.5 7.8.1): the same element number means other things under other creators.
+# GE: (0043,xx39) IS under GEMS_PARM_01, four values, the first the b-value, 1000000000 added to it by multi-b and
+# synthetic DWI (the bias in (0043,107F)) ('1000001250\8\0\0' is b = 1250); it holds other sequence parameters
+# on other sequences (dcm2niix issue 449), so it counts on an echo planar sequence only (Scanning Sequence EP, or
+# Echo Planar Pulse Sequence YES), as GE's diffusion imaging is. Philips: Diffusion B-Factor (2001,xx03) FL under
+# "Philips Imaging DD 001" (0 on images without diffusion weighting). Siemens: B_value (0019,xx0C) IS under
+# "SIEMENS MR HEADER".
+_PRIVATE_B_VALUES = ((0x0043, 0x39, "GEMS_PARM_01", "IS"), (0x2001, 0x03, "PHILIPS IMAGING DD 001", "FL"),
+                     (0x0019, 0x0C, "SIEMENS MR HEADER", "IS"))
+_PRIVATE_B_GROUPS = frozenset(f"{group:04x}" for group, *_ in _PRIVATE_B_VALUES)  # as image libraries key them
+GE_B_VALUE_BIAS = 1_000_000_000
+# the private elements `_mislabelled_header` reads for them: every creator slot of those groups and its b-value
+_PRIVATE_B_TAGS = frozenset(tag for group, low, *_ in _PRIVATE_B_VALUES for block in range(0x10, 0x100)
+                            for tag in (group << 16 | block, group << 16 | block << 8 | low))
+
+
+def _private_number(value, vr: str) -> float | None:
+    """A private element's first value as a number: text (IS), or with `vr` FL four bytes little endian (as
+    read by hand); text an image library wrote as base64 (a value whose VR it did not know, UN) decoded first."""
+    import base64
+    import binascii
+
+    if isinstance(value, str):
+        try:
+            number = float(value.strip(" \0").split("\\")[0])
+            return number if math.isfinite(number) else None
+        except ValueError:
+            try:
+                value = base64.b64decode(value.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                return None
+    if not isinstance(value, (bytes, bytearray)):
+        return None
+    if vr == "FL":
+        number = struct.unpack("<f", value)[0] if len(value) == 4 else None
+    else:
+        try:
+            number = float(bytes(value).decode("ascii").strip(" \0").split("\\")[0])
+        except (UnicodeDecodeError, ValueError):
+            return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def vendor_b_value(elements: dict, scanning_sequence: str = "", echo_planar: str = "") -> float | None:
+    """The largest b-value (s/mm^2) the vendors' private elements give (`_PRIVATE_B_VALUES`), each under its own
+    private creator only; None where none does. `elements`: {tag: value} of the header's elements of those groups
+    (text, as an image library hands them over, or bytes, as read by hand); `scanning_sequence`, `echo_planar`:
+    Scanning Sequence (0018,0020) and Echo Planar Pulse Sequence (0018,9018), for GE's."""
+    found = []
+    epi = "EP" in re.split(r"[\\\s]+", scanning_sequence.upper()) or echo_planar.strip(" \0").upper() == "YES"
+    for group, low, creator, vr in _PRIVATE_B_VALUES:
+        for block in range(0x10, 0x100):
+            owner = elements.get(group << 16 | block)
+            if owner is None:
+                continue
+            name = owner if isinstance(owner, str) else bytes(owner).decode("latin_1")
+            if name.strip(" \0").upper() != creator:
+                continue
+            number = _private_number(elements.get(group << 16 | block << 8 | low), vr)
+            if number is None or (group == 0x0043 and not epi):
+                continue
+            if group == 0x0043 and number >= GE_B_VALUE_BIAS:
+                number %= GE_B_VALUE_BIAS
+            found.append(number)
+    return max(found) if found else None
+
+
+def _reader_b_value(reader) -> float | None:
+    """The largest b-value a file's header already read (`reader`, private elements loaded) gives: the standard
+    Diffusion b-value (0018,9087), else a vendor's private one (`vendor_b_value`)."""
+    elements = {}
+    for key in reader.GetMetaDataKeys():
+        if len(key) == 9 and key[4] == "|" and key[:4] in _PRIVATE_B_GROUPS:
+            try:
+                elements[int(key[:4] + key[5:], 16)] = reader.GetMetaData(key)
+            except (ValueError, RuntimeError):
+                continue
+    vendor = vendor_b_value(elements, reader.GetMetaData("0018|0020") if reader.HasMetaDataKey("0018|0020") else "",
+                            reader.GetMetaData("0018|9018") if reader.HasMetaDataKey("0018|9018") else "") \
+        if elements else None
+    values = [b for b in (_header_number(reader, "0018|9087"), vendor) if b is not None]
+    return max(values) if values else None
 
 
 def _json_number(value) -> float | None:
@@ -1747,14 +1843,20 @@ class DicomSeries:
     # for one of several values per pixel (colour)
     image_type: tuple = ()  # Image Type (0008,0008), its values (ORIGINAL, PRIMARY, ...; DIFFUSION of a diffusion image)
     sequence_name: str = ""  # Sequence Name (0018,0024) (Siemens: *tir2d1_16 of a FLAIR, *ep_b1000t of a diffusion image)
-    b_value: float | None = None  # Diffusion b-value (0018,9087) in s/mm^2, where the header gives one
+    b_value: float | None = None  # the largest b-value (s/mm^2) its files' headers give, where any does: Diffusion
+    # b-value (0018,9087) (an enhanced MR file's: of its frames' MR Diffusion groups), else a vendor's private one
+    # (`vendor_b_value`)
+    frame_type: tuple = ()  # an enhanced MR file's Frame Type (0008,9007) values, of all its frames
+    diffusion_directionality: tuple = ()  # an enhanced MR file's Diffusion Directionality (0018,9075) values
 
     @property
     def diffusion(self) -> bool:
-        """The header says it is a diffusion image (Image Type, sequence name or b-value), whatever its description."""
-        return bool(any(str(v).strip().upper() in _DIFFUSION_IMAGE_TYPES for v in self.image_type)
+        """The header says it is a diffusion image (Image Type, Frame Type, sequence name, b-value or Diffusion
+        Directionality), whatever its description."""
+        return bool(any(str(v).strip().upper() in _DIFFUSION_IMAGE_TYPES for v in (*self.image_type, *self.frame_type))
                     or _DIFFUSION_SEQUENCE_NAME.search(self.sequence_name)
-                    or (self.b_value is not None and self.b_value > DIFFUSION_MIN_B))
+                    or (self.b_value is not None and self.b_value > DIFFUSION_MIN_B)
+                    or any(str(v).strip().upper() in _WEIGHTED_DIRECTIONALITY for v in self.diffusion_directionality))
 
     @property
     def unlabelled(self) -> bool:
@@ -1766,7 +1868,8 @@ class DicomSeries:
     def not_flair_evidence(self) -> list[str]:
         """What the series' header says against its being a FLAIR (`not_flair_evidence`)."""
         return not_flair_evidence(self.description, self.inversion_ms, self.repetition_ms, self.modality,
-                                  self.image_type, self.sequence_name, (self.b_value,), self.secondary_capture)
+                                  self.image_type, self.sequence_name, (self.b_value,), self.secondary_capture,
+                                  self.frame_type, self.diffusion_directionality)
 
     @property
     def looks_like_flair(self) -> bool:
@@ -1868,8 +1971,9 @@ def _header_number(reader, key: str) -> float | None:
 
 def _series_header(reader) -> tuple:
     """(description, inversion, repetition, echo, series number, study UID, modality, whether Secondary
-    Capture, slice thickness, (Image Type's values, sequence name, diffusion b-value)) from a file's header already
-    read."""
+    Capture, slice thickness, (Image Type's values, sequence name, diffusion b-value (`_reader_b_value`), Frame Type
+    values, Diffusion Directionality values)) from a file's header already read (the last two an enhanced MR file's,
+    `_file_series_header`)."""
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     description = _header_text(reader.GetMetaData("0008|103e"), charset) if reader.HasMetaDataKey("0008|103e") else ""
     inversion, repetition, echo, number = (_header_number(reader, key) for key in
@@ -1882,18 +1986,21 @@ def _series_header(reader) -> tuple:
     sequence_name = reader.GetMetaData("0018|0024").strip(" \0") if reader.HasMetaDataKey("0018|0024") else ""
     return (description, inversion, repetition, echo, None if number is None else int(number), study or None,
             modality or None, sop_class.split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."),  # SC and its multi-frame kinds
-            _header_number(reader, "0018|0050"), (image_type, sequence_name, _header_number(reader, "0018|9087")))
+            _header_number(reader, "0018|0050"), (image_type, sequence_name, _reader_b_value(reader), (), ()))
 
 
 def _file_series_header(reader, path: str) -> tuple:
     """`_series_header` of a file's header already read (`reader`), with an enhanced MR file's inversion, repetition
-    and echo time and slice thickness taken from its functional groups where its top level lacks them."""
+    and echo time and slice thickness taken from its functional groups where its top level lacks them, and what
+    they say of diffusion (the largest b-value of its frames, their Frame Type and Diffusion Directionality)."""
     header = _series_header(reader)
-    if (None in (header[1], header[8]) and reader.HasMetaDataKey("0008|0016")
-            and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR):
+    if reader.HasMetaDataKey("0008|0016") and reader.GetMetaData("0008|0016").strip(" \0") in _ENHANCED_MR:
         grouped = _enhanced_header(path)  # kept in the functional groups
+        image_type, sequence_name, b_value = header[9][:3]
+        b_values = [b for b in (b_value, grouped[4]) if b is not None]
         header = (header[0], *(given if given is not None else value for given, value in zip(header[1:4], grouped)),
-                  *header[4:8], header[8] if header[8] is not None else grouped[3], *header[9:])
+                  *header[4:8], header[8] if header[8] is not None else grouped[3],
+                  (image_type, sequence_name, max(b_values) if b_values else None, grouped[5], grouped[6]))
     return header
 
 
@@ -1904,6 +2011,7 @@ def dicom_file_evidence(path: str | os.PathLike) -> list[str]:
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
+    reader.LoadPrivateTagsOn()  # the vendors' private b-values (`vendor_b_value`)
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
@@ -1915,9 +2023,9 @@ def dicom_file_evidence(path: str | os.PathLike) -> list[str]:
         return []
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-    image_type, sequence_name, b_value = header[9]
+    image_type, sequence_name, b_value, frame_type, directionality = header[9]
     return not_flair_evidence(header[0], header[1], header[2], header[6], image_type, sequence_name, (b_value,),
-                              header[7])
+                              header[7], frame_type, directionality)
 
 
 def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
@@ -1978,10 +2086,12 @@ def _slice_key(reader, path: str) -> tuple:
 
 # the header elements `_mislabelled_header` reads of a file GDCM is not given: Series and Study Instance UID,
 # description, inversion, repetition and echo time, series and instance number, modality, SOP class and instance,
-# slice thickness, study date, image position and orientation, character set, Image Type, sequence name, b-value
+# slice thickness, study date, image position and orientation, character set, Image Type, sequence name, b-value,
+# Scanning Sequence, Echo Planar Pulse Sequence, and the vendors' private b-values (`vendor_b_value`)
 _SERIES_TAGS = frozenset({0x0020000E, 0x0020000D, 0x0008103E, 0x00180082, 0x00180080, 0x00180081, 0x00200011,
                           0x00200013, 0x00080060, 0x00080016, 0x00080018, 0x00180050, 0x00080020, 0x00200032,
-                          0x00200037, 0x00080005, 0x00080008, 0x00180024, 0x00189087})
+                          0x00200037, 0x00080005, 0x00080008, 0x00180024, 0x00189087, 0x00180020,
+                          0x00189018}) | _PRIVATE_B_TAGS
 
 
 def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
@@ -2009,10 +2119,13 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
             return None
         return value if math.isfinite(value) else None
 
-    def b_value() -> float | None:  # Diffusion b-value (0018,9087): FD, 8 bytes little endian
+    def b_value() -> float | None:  # Diffusion b-value (0018,9087): FD, 8 bytes little endian; else a vendor's
         value = top.get(0x00189087)
         found = struct.unpack("<d", value)[0] if isinstance(value, bytes) and len(value) == 8 else None
-        return found if found is not None and math.isfinite(found) else None
+        values = [b for b in (found, vendor_b_value({tag: v for tag, v in top.items() if tag in _PRIVATE_B_TAGS},
+                                                    text(0x00180020), text(0x00189018)))
+                  if b is not None and math.isfinite(b)]
+        return max(values) if values else None
 
     def numbers(tag: int, count: int) -> list | None:
         try:
@@ -2033,7 +2146,7 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
               text(0x00080060).upper() or None,
               text(0x00080016).split(".")[:10] == SECONDARY_CAPTURE_CLASS.split("."), number(0x00180050),
               (tuple(v.strip(" \0") for v in text(0x00080008).split("\\")) if text(0x00080008) else (),
-               text(0x00180024), b_value()))
+               text(0x00180024), b_value(), (), ()))
     return {"uid": uid, "header": header, "study": header[5], "date": text(0x00080020),
             "file": (key, path, None if instance is None else int(instance), text(0x00080018),
                      tuple(position) if position else None)}
@@ -2055,6 +2168,7 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     # and whose series cannot be told (`_mislabelled_header`): refused with each series of their folder
     own: dict = {}  # series UID -> [(path, `_mislabelled_syntax`, `_mislabelled_header`)] of such files whose it can
     reader = sitk.ImageFileReader()
+    reader.LoadPrivateTagsOn()  # the vendors' private b-values (`vendor_b_value`), of every file
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
@@ -2093,7 +2207,12 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
                     header = _file_series_header(reader, path)
                     study = header[5] or f"(no study UID) {current}"
                     date = reader.GetMetaData("0008|0020").strip(" \0") if reader.HasMetaDataKey("0008|0020") else ""
-                    entry = series[uid] = {"files": [], "header": header, "study": study, "date": date}
+                    entry = series[uid] = {"files": [], "header": header, "study": study, "date": date,
+                                           "b_value": header[9][2]}
+                else:  # a diffusion series' first file is often a b = 0 image: its largest b-value kept
+                    b_value = _reader_b_value(reader)
+                    if b_value is not None and (entry["b_value"] is None or b_value > entry["b_value"]):
+                        entry["b_value"] = b_value
                 number = _header_number(reader, "0020|0013")
                 instance = reader.GetMetaData("0008|0018").strip(" \0") if reader.HasMetaDataKey("0008|0018") else ""
                 entry["files"].append((_slice_key(reader, path), path, None if number is None else int(number),
@@ -2106,9 +2225,10 @@ def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
         entry = series.get(uid)
         if entry is None:
             first = files[0][2]
+            b_values = [header["header"][9][2] for _, _, header in files if header["header"][9][2] is not None]
             entry = series[uid] = {"files": [header["file"] for _, _, header in files], "header": first["header"],
                                    "study": first["study"] or f"(no study UID) {os.path.dirname(files[0][0])}",
-                                   "date": first["date"]}
+                                   "date": first["date"], "b_value": max(b_values) if b_values else None}
         entry["own_mislabelled"] = [(path, mislabel) for path, mislabel, _ in files]
     for entry in series.values():
         folders = sorted({os.path.dirname(f[1]) for f in entry["files"]})
@@ -2132,7 +2252,8 @@ def _series_of(uid: str, entry: dict) -> DicomSeries:
                        mislabelled=entry.get("mislabelled", ()),
                        slice_positions_mm=tuple(f[0][1] for f in ordered) if all(f[0][0] == 0 for f in ordered) else (),
                        study_date=entry.get("date", ""), pixel_ids=tuple(entry.get("pixel_ids", ())),
-                       image_type=header[9][0], sequence_name=header[9][1], b_value=header[9][2])
+                       image_type=header[9][0], sequence_name=header[9][1], b_value=entry.get("b_value", header[9][2]),
+                       frame_type=header[9][3], diffusion_directionality=header[9][4])
 
 
 def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str]]:
@@ -2731,12 +2852,13 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
 _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0x00209116
 _MR_TIMING, _MR_ECHO, _MR_MODIFIER = 0x00189112, 0x00189114, 0x00189115  # the sequence's timing groups
+_MR_DIFFUSION, _MR_FRAME_TYPE = 0x00189117, 0x00189226  # MR Diffusion, MR Image Frame Type
 _GROUP_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION,
-                    _MR_TIMING, _MR_ECHO, _MR_MODIFIER}
+                    _MR_TIMING, _MR_ECHO, _MR_MODIFIER, _MR_DIFFUSION, _MR_FRAME_TYPE}
 # transfer syntax; position, orientation, pixel spacing, slice thickness; repetition time, inversion times,
-# effective echo time
-_WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x00180080, 0x00189079, 0x00189082}
-           | _GROUP_SEQUENCES)
+# effective echo time; Diffusion b-value, Diffusion Directionality, Frame Type
+_WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x00180080, 0x00189079, 0x00189082,
+            0x00189087, 0x00189075, 0x00089007} | _GROUP_SEQUENCES)
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED,
@@ -3111,12 +3233,15 @@ def _group_value(groups: dict, sequence: int, tag: int, binary: bool = False) ->
 
 
 def _enhanced_header(path: str) -> tuple:
-    """(inversion, repetition, echo time in ms, slice thickness in mm, each None where not given) of an enhanced
-    MR file, which keeps them in its functional groups (shared, else the first frame's; the thickness in Pixel
-    Measures), not at the top level where classic images have them and the series listing reads them."""
+    """(inversion, repetition, echo time in ms, slice thickness in mm, each None where not given; the largest
+    Diffusion b-value (s/mm^2) or None, the Frame Type values and the Diffusion Directionality values, each once) of
+    an enhanced MR file, which keeps them in its functional groups (the times and thickness: shared, else the first
+    frame's, the thickness in Pixel Measures; what says diffusion: of the shared groups and every frame's, whose
+    b-values differ, b = 0 frames first), not at the top level where classic images have them and the series
+    listing reads them."""
     found = _functional_groups(path)
     if found is None:
-        return None, None, None, None
+        return None, None, None, None, None, (), ()
     shared, frames = found
     values = []
     for sequence, tag, binary in ((_MR_MODIFIER, 0x00189079, True), (_MR_TIMING, 0x00180080, False),
@@ -3125,7 +3250,18 @@ def _enhanced_header(path: str) -> tuple:
         if value is None and frames:
             value = _group_value(frames[0], sequence, tag, binary)
         values.append(float(value[0]) if value is not None and value.size and np.isfinite(value[0]) else None)
-    return tuple(values)
+    b_values, frame_type, directionality = [], {}, {}
+    for groups in (shared, *frames):
+        b_value = _group_value(groups, _MR_DIFFUSION, 0x00189087, binary=True)
+        if b_value is not None and b_value.size and np.isfinite(b_value[0]):
+            b_values.append(float(b_value[0]))
+        for sequence, tag, into in ((_MR_FRAME_TYPE, 0x00089007, frame_type), (_MR_DIFFUSION, 0x00189075, directionality)):
+            items = groups.get(sequence) if isinstance(groups, dict) else None
+            value = items[0].get(tag) if items and isinstance(items[0], dict) else None
+            if isinstance(value, bytes):
+                into.update(dict.fromkeys(v.strip(" \0").upper() for v in value.decode("latin_1").split("\\")))
+    return (*values, max(b_values) if b_values else None, tuple(v for v in frame_type if v),
+            tuple(v for v in directionality if v))
 
 
 def frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:

@@ -158,7 +158,8 @@ def _data_set(elements, explicit: bool) -> bytes:
 def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool = True, uid: str = "1.2.3.4.77",
                       description: str = "AX FLAIR", inversion_ms: float | None = None,
                       repetition_ms: float | None = None, orientation: str | None = None,
-                      thickness_mm: float | None = None, positions=None) -> Path:
+                      thickness_mm: float | None = None, positions=None, b_values=None, frame_type: str | None = None,
+                      directionality=None) -> Path:
     """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
     Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
     shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
@@ -166,7 +167,10 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
     repetition times, when given, go in the shared MR Modifier and MR Timing groups, as enhanced MR has them.
     `orientation`: the Image Orientation (Patient) text, when not the image's own to 6 digits; `thickness_mm`: the
     shared Pixel Measures' Slice Thickness, when not the spacing of the slices; `positions`: each slice's Image
-    Position (Patient) (as `stepped_positions` gives them), when not its place on the image's grid."""
+    Position (Patient) (as `stepped_positions` gives them), when not its place on the image's grid.
+    `b_values`: each slice's Diffusion b-value (FD) in its frame's own MR Diffusion group, with a Diffusion
+    Directionality of NONE for b = 0 and DIRECTIONAL else (or `directionality`'s, one a slice; a b-value of None:
+    the directionality alone); `frame_type`: a shared MR Image Frame Type group with that Frame Type."""
     order = list(range(image.GetDepth())) if order is None else list(order)
     array = sitk.GetArrayFromImage(image)[order].astype("<i2")
     d, spacing = image.GetDirection(), image.GetSpacing()
@@ -182,10 +186,20 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                        + ([(0x00189115, "SQ", [_data_set([(0x00189079, "FD", struct.pack("<d", inversion_ms))],
                                                           explicit)])] if inversion_ms is not None else [])
                        + ([(0x00189112, "SQ", [_data_set([(0x00180080, "DS", f"{repetition_ms:g}")], explicit)])]
-                          if repetition_ms is not None else []), explicit)
+                          if repetition_ms is not None else [])
+                       + ([(0x00189226, "SQ", [_data_set([(0x00089007, "CS", frame_type)], explicit)])]
+                          if frame_type is not None else []), explicit)
     place = (lambda k: image.TransformIndexToPhysicalPoint((0, 0, k))) if positions is None else positions.__getitem__
-    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS", text(place(k)))], explicit)])], explicit)
-              for k in order]
+
+    def diffusion(k: int) -> list:
+        if b_values is None:
+            return []
+        way = directionality[k] if directionality is not None else ("NONE" if not b_values[k] else "DIRECTIONAL")
+        return [(0x00189117, "SQ", [_data_set([(0x00189075, "CS", way)] + ([] if b_values[k] is None else
+                                              [(0x00189087, "FD", struct.pack("<d", b_values[k]))]), explicit)])]
+
+    frames = [_data_set([(0x00209113, "SQ", [_data_set([(0x00200032, "DS", text(place(k)))], explicit)])]
+                        + diffusion(k), explicit) for k in order]
     us = lambda value: struct.pack("<H", value)  # noqa: E731
     body = _data_set([(0x00080016, "UI", sop), (0x00080018, "UI", f"{uid}.{order[0] + 1}"), (0x00080060, "CS", "MR"),
                       (0x0008103E, "LO", description), (0x0020000D, "UI", "1.2.3.4"), (0x0020000E, "UI", uid),

@@ -5,6 +5,7 @@ A scan segmented as asked whose header says it is not a FLAIR (a T1, a diffusion
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -42,6 +43,10 @@ SERIES = [
                                             "0018|0024": "*ep_b1000t"},
      ["names a diffusion image", "Image Type names DIFFUSION, TRACEW", "ep_b1000t is a diffusion sequence's (b = 1000)"]),
     ("", None, None, {"0018|9087": "1000"}, ["diffusion b-value is 1000 s/mm"]),  # a b-value alone
+    # a vendor's private b-value alone, under its private creator (an anonymised GE or Philips export)
+    ("", None, None, {"0043|0010": "GEMS_PARM_01", "0043|1039": "1000001000\\8\\0\\0", "0018|0020": "EP\\SE"},
+     ["diffusion b-value is 1000 s/mm"]),
+    ("", None, None, {"2001|0010": "Philips Imaging DD 001", "2001|1003": "800"}, ["diffusion b-value is 800 s/mm"]),
     ("AX T2 TSE", None, 4500, {}, ["names a T2- or PD-weighted scan"]),
     ("FLAIR", 2400, 3000, {}, ["repetition time is 3000 ms (a FLAIR's is 4000 ms or more)"]),
 ]
@@ -298,3 +303,145 @@ def test_a_bids_name_whose_entities_say_flair_is_not_warned_of_for_its_suffix(tm
     ('sub-01_acq-FLAIR_T2w'): its own name says FLAIR, so the suffix is no evidence against it."""
     reasons, _ = io.image_file_evidence(_nifti(tmp_path, name))
     assert bool(reasons) == warned, reasons
+
+
+GE_B = {"0043|0010": "GEMS_PARM_01", "0018|0020": "EP\\SE"}
+SIEMENS_B = {"0019|0010": "SIEMENS MR HEADER", "0019|100c": "1000"}
+
+
+def _patch(folder: Path, old: bytes, new: bytes) -> None:
+    """The bytes `old` made `new` (as long) in every file of a series: a private creator or tag another than the
+    image library writes (it refuses a value of a private element whose VR another creator's dictionary gives)."""
+    assert len(old) == len(new)
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        assert data.count(old) == 1, path
+        path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("extra, patch, b_value", [
+    ({**GE_B, "0043|1039": "1000001250\\8\\0\\0"}, None, 1250),  # multi-b DWI: 1000000000 added (the bias, (0043,107F))
+    ({**GE_B, "0043|1039": "1000\\8\\0\\0"}, None, 1000),  # DTI: no bias
+    ({**GE_B, "0043|1039": "0\\8\\0\\0"}, None, 0),  # a b = 0 image
+    ({**GE_B, "0043|1039": "1000\\8\\0\\0", "0018|0020": "SE\\IR"}, None, None),  # no EPI: another sequence's
+    ({**GE_B, "0043|1039": "1000\\8\\0\\0", "0018|0020": "SE", "0018|9018": "YES"}, None, 1000),  # EPI said so
+    ({"2001|0010": "Philips Imaging DD 001", "2001|1003": "1000"}, None, 1000),
+    ({"2001|0010": "Philips Imaging DD 001", "2001|1003": "0"}, None, 0),  # Philips writes b = 0 on every image
+    (SIEMENS_B, None, 1000),
+    # the creator's block: (0019,11xx) under a creator at (0019,0011)
+    ({"0019|0011": "SIEMENS MR HEADER", "0019|110c": "700"}, None, 700),
+    # another creator's element of the same number means something else: never read as a b-value
+    (SIEMENS_B, (b"SIEMENS MR HEADER ", b"GEMS_ACQU_01      "), None),
+    ({**GE_B, "0043|1039": "1000\\8\\0\\0"}, (b"GEMS_PARM_01", b"GEMS_IDEN_01"), None),
+    ({"2001|0010": "Philips Imaging DD 001", "2001|1003": "1000"}, (b"Imaging DD 001", b"Imaging DD 002"), None),
+    # a creator at (0019,0011) owns (0019,11xx): its (0019,100C) is no one's
+    (SIEMENS_B, (b"\x19\x00\x10\x00\x12\x00\x00\x00SIEMENS", b"\x19\x00\x11\x00\x12\x00\x00\x00SIEMENS"), None),
+])
+def test_a_vendors_private_b_value_is_read_under_its_own_private_creator_only(tmp_path, extra, patch, b_value):
+    """A diffusion series whose description and Image Type say nothing (an anonymised or renamed export) was
+    recognised by the standard Diffusion b-value (0018,9087) alone, which older software leaves out; the vendors'
+    private b-values are read: GE's (0043,xx39) (its first value, less the 1000000000 some versions add; on an
+    echo planar sequence only), Philips' (2001,xx03), Siemens' (0019,xx0C), each only where its private creator
+    element says whose it is (the same element number under another creator is another thing)."""
+    folder = write_dicom_series(tmp_path / "scan", _phantom(), extra=extra)
+    if patch:
+        _patch(folder, *patch)
+    (series,) = io.dicom_series(folder)
+    assert series.b_value == b_value
+    warned = b_value is not None and b_value > io.DIFFUSION_MIN_B
+    assert series.diffusion == warned and series.unlabelled is not warned  # unlabelled: taken alone from an export
+    evidence = " ".join(series.not_flair_evidence())
+    assert (f"its diffusion b-value is {b_value:g} s/mm" in evidence) if warned else evidence == ""
+    assert io.dicom_file_evidence(series.files[0]) == series.not_flair_evidence()  # the Slicer module's reading
+
+
+def test_a_diffusion_series_whose_first_file_is_a_b0_image_is_known_by_its_other_files(tmp_path):
+    """A diffusion series' b = 0 images usually come first (GE, Philips: one file a slice and b-value): the
+    series' b-value was its first file's, 0, and the series passed for an unlabelled scan. Its largest is kept."""
+    image = _phantom()
+    philips = {"2001|0010": "Philips Imaging DD 001"}
+    write_dicom_series(tmp_path / "dwi", image, uid="1.2.3.9", prefix="a_b0", extra={**philips, "2001|1003": "0"})
+    write_dicom_series(tmp_path / "dwi", image, uid="1.2.3.9", prefix="b_b1000", instance_numbers=range(7, 13),
+                       extra={**philips, "2001|1003": "1000"})
+    (series,) = io.dicom_series(tmp_path / "dwi")
+    assert len(series.files) == 12 and series.b_value == 1000 and series.diffusion
+    write_dicom_series(tmp_path / "standard", image, uid="1.2.3.8", prefix="a_b0", extra={"0018|9087": "0"})
+    write_dicom_series(tmp_path / "standard", image, uid="1.2.3.8", prefix="b_b1000", instance_numbers=range(7, 13),
+                       extra={"0018|9087": "1000"})
+    assert io.dicom_series(tmp_path / "standard")[0].b_value == 1000  # the standard one, too
+
+
+def test_a_private_b_value_of_a_file_read_by_hand_is_read_under_its_creator(tmp_path):
+    """A series of files labelled big endian whose data sets are little endian is listed from its headers read by
+    hand (`io._mislabelled_header`): the vendors' private b-values are read there too (Philips' FL as four bytes),
+    under their creators only."""
+    from conftest import relabel_transfer_syntax
+
+    folder = write_dicom_series(tmp_path / "export", _phantom(), uid="1.2.3.4",
+                                extra={"2001|0010": "Philips Imaging DD 001", "2001|1003": "1000", **SIEMENS_B,
+                                       "0019|100c": "3000"})
+    _patch(folder, b"SIEMENS MR HEADER ", b"GEMS_ACQU_01      ")  # another creator's (0019,100C): not read
+    relabel_transfer_syntax(folder, "1.2.840.10008.1.2.2")
+    (series,) = io.dicom_series(folder)
+    assert series.b_value == 1000 and series.diffusion
+    assert "its diffusion b-value is 1000 s/mm" in " ".join(series.not_flair_evidence())
+
+
+def test_vendor_b_values_by_hand():
+    assert io.vendor_b_value({}) is None
+    assert io.vendor_b_value({0x0019100C: "1000"}) is None  # no creator
+    assert io.vendor_b_value({0x00190010: "SIEMENS MR HEADER ", 0x0019100C: "1000 "}) == 1000
+    assert io.vendor_b_value({0x00190010: "siemens mr header", 0x0019100C: "nan"}) is None  # not a number
+    assert io.vendor_b_value({0x20010010: b"Philips Imaging DD 001", 0x20011003: struct.pack("<f", 700.0)}) == 700
+    # a value an image library could not type (UN) comes base64 encoded: Philips' FL, GE's IS text
+    assert io.vendor_b_value({0x20010010: "Philips Imaging DD 001", 0x20011003: "AAAvRA=="}) == 700
+    assert io.vendor_b_value({0x00430010: "GEMS_PARM_01", 0x00431039: "MjAwMFw4XDBcMA=="}, "EP") == 2000
+    # GE's bias taken off whatever the b-value (b = 10000 and more on high-b sequences)
+    assert io.vendor_b_value({0x00430010: "GEMS_PARM_01", 0x00431039: "1000010000\\8\\0\\0"}, "EP\\SE") == 10000
+    assert io.vendor_b_value({0x00430010: "GEMS_PARM_01", 0x00431039: "1000\\8\\0\\0"}, "EPSI") is None
+
+
+def _enhanced(path: Path, **kwargs) -> Path:
+    from conftest import write_enhanced_mr
+
+    return write_enhanced_mr(path, _phantom(), description="", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    # b = 0 frames first, as diffusion series store them: the per-frame MR Diffusion groups' largest b-value
+    ({"b_values": [0, 0, 1000, 1000, 1000, 1000]}, ["its diffusion b-value is 1000 s/mm"]),
+    ({"frame_type": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"}, ["its Frame Type names DIFFUSION (a diffusion image)"]),
+    ({"frame_type": "DERIVED\\PRIMARY\\DIFFUSION\\ADC"}, ["its Frame Type names DIFFUSION, ADC"]),
+    # a directionality alone (the b-value left out): a diffusion weighting all the same
+    ({"b_values": [None] * 6, "directionality": ["ISOTROPIC"] * 6},
+     ["its Diffusion Directionality is ISOTROPIC (a diffusion-weighted image)"]),
+    # a FLAIR's frames: no diffusion weighting, nothing said
+    ({"b_values": [0] * 6, "frame_type": "ORIGINAL\\PRIMARY\\T2\\NONE", "inversion_ms": 2500,
+      "repetition_ms": 9000}, None),
+    ({"b_values": [None] * 6, "directionality": ["NONE"] * 6}, None),
+])
+def test_an_enhanced_mr_diffusion_file_is_known_by_its_functional_groups(tmp_path, kwargs, words):
+    """An enhanced MR (multi-frame) file keeps its b-values, Diffusion Directionality (MR Diffusion group) and Frame
+    Type (MR Image Frame Type group) in its functional groups, shared or per frame, not at its top level, where the
+    header check looked: a diffusion file without a description passed for an unlabelled scan."""
+    path = _enhanced(tmp_path / "enhanced" / "mr.dcm", **kwargs)
+    (series,) = io.dicom_series(path.parent)
+    evidence = series.not_flair_evidence()
+    assert io.dicom_file_evidence(path) == evidence  # the Slicer module's reading of a file
+    if words is None:
+        assert evidence == [] and not series.diffusion and series.looks_like_flair is (series.inversion_ms is not None)
+        return
+    assert series.diffusion and not series.unlabelled and not series.looks_like_flair
+    for word in words:
+        assert word in " ".join(evidence)
+    with pytest.raises(io.NoFlairSeries):
+        io.choose_dicom_series(path.parent, strict=True)
+
+
+def test_an_enhanced_mr_diffusion_file_is_segmented_with_a_warning(tmp_path, tiny_model, monkeypatch):
+    oracle_network(monkeypatch)
+    path = _enhanced(tmp_path / "scan" / "mr.dcm", b_values=[0, 0, 1000, 1000, 1000, 1000])
+    out = tmp_path / "out"
+    assert main(["segment", str(path.parent), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    found = [w for w in _warnings(out, "scan") if w.startswith(NOT_FLAIR)]
+    assert len(found) == 1 and "its diffusion b-value is 1000 s/mm" in found[0] and "(its DICOM header)" in found[0]
