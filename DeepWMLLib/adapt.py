@@ -78,6 +78,9 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
     `flair_check(image)` (train's `flair_checker`), when given, judges each scan as `deepwml train` judges its
     cases: scans that do not look like a FLAIR are refused, naming them, once every scan is read (their statistics
     would spoil the adapted model for every later patient), or with `allow_non_flair` adapted on, with a warning.
+    A scan whose own header says it is not a FLAIR (its DICOM series', or the JSON sidecar, b-values or BIDS name
+    beside its file: segment.scan_header_warnings) is warned of, naming it, as segment, change and train warn of it:
+    the picture's check decides what is refused (a diffusion image may pass it).
     progress("reading scans", done, total) is called as each scan is read (or skipped): reading, the FLAIR check and
     the head slices take seconds a scan, minutes of silence for a few dozen scans."""
     import warnings
@@ -85,6 +88,7 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
     import SimpleITK as sitk
 
     from . import io
+    from .segment import scan_header_warnings
 
     chunks, facts, seen, skipped, named_skipped, checks = [], [], {}, 0, [], []
     paths = list(paths)
@@ -112,6 +116,8 @@ def network_slices(paths: Sequence, preprocessing, found: frozenset = frozenset(
                      else f"holds the same scan as {seen[digest]}")
             raise DeepWMLError(f"{path} {given}; give each scan once")
         seen[digest] = path
+        for warning in scan_header_warnings(Path(path), series):  # said as each scan is read, naming it
+            warnings.warn(f"{path}: {warning}", stacklevel=2)
         fact = {"scan": str(path)}  # as given: file names alone (sub-01/anat/FLAIR.nii.gz, ...) may all be one
         if flair_check is not None:
             checks.append((path, flair_check(image)))

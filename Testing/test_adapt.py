@@ -644,3 +644,23 @@ def test_one_model_scan_and_output_may_each_be_given_alone_as_a_path(tmp_path, m
     [summary] = adapt_models(str(source), str(scan), str(tmp_path / "adapted.pt"), per_slice=2, fp16=False)
     assert [s["scan"] for s in summary["scans"]] == [str(scan)]
     assert load_model(tmp_path / "adapted.pt").provenance["adapted_batch_norm"]["from_model"] == "bn.pt"
+
+
+def test_a_scan_whose_own_header_says_it_is_not_a_flair_is_warned_of_naming_it(tmp_path, capsys):
+    """A T1 or a diffusion image among the scans skews the statistics for every later patient, and its header may
+    say so where its picture passes the FLAIR check (a diffusion image does): adapt read the scans without a word
+    of it, where segment, change and train warn. Each such scan is warned of, naming it and what says so."""
+    source = _model_file(tmp_path / "bn.pt")
+    (tmp_path / "in").mkdir()
+    scans = _scans(tmp_path / "in", 3)
+    (tmp_path / "in" / "scan1.json").write_text(json.dumps({"SeriesDescription": "t1_mprage_sag", "InversionTime": 0.9}))
+    (tmp_path / "in" / "scan2.bval").write_text("0 1000 1000\n")
+    out = tmp_path / "adapted"
+    assert cli.main(["adapt", "--model", str(source), "--scans", *map(str, scans), "-o", str(out),
+                     "--crops-per-slice", "2"]) == 0
+    err = capsys.readouterr().err
+    assert (f"deepwml adapt: warning: {scans[1]}: the scan may not be a FLAIR: its description 't1_mprage_sag' names "
+            "a T1-weighted scan; its inversion time is 900 ms") in err and "(scan1.json)" in err
+    assert f"deepwml adapt: warning: {scans[2]}: the scan may not be a FLAIR: its b-values go up to 1000" in err
+    assert f"{scans[0]}: the scan may not be a FLAIR" not in err
+    assert len(load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]["scans"]) == 3  # a warning only
