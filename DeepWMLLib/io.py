@@ -1517,7 +1517,10 @@ _NOT_FLAIR_BIDS_SUFFIX = {"T1w": "a T1-weighted scan", "T2w": "a T2-weighted sca
 # FLAIR nulls CSF with a long inversion time (about 1.8-2.9 s at 1.5-3 T) and a long repetition time;
 # T1-weighted inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s, STIR 0.15-0.25 s, and the second
 # inversion of double inversion recovery 3 s or more. A known inversion time outside this range rules a
-# series out whatever its description says.
+# series out whatever its description says. 3D FLAIRs (SPACE, CUBE, VISTA) null CSF at a shorter TI than 2D ones, their
+# TR being shorter and their echo trains long, but the published protocols found stay within it (UK Biobank's 3D SPACE
+# FLAIR at 3 T: TI 1800 ms, TR 5000 ms; a 3D FLAIR at 3 T in Mills et al. 2007: 2200 / 6000 ms), while MPRAGE reaches
+# 1100 ms: the floor is kept (a 3D FLAIR below it is warned of, not refused; its picture decides).
 SECONDARY_CAPTURE_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # SOP classes of Secondary Capture images (and .1-.4)
 FLAIR_INVERSION_MS = (1500.0, 3000.0)
 FLAIR_MIN_REPETITION_MS = 4000.0
