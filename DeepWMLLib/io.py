@@ -1493,10 +1493,10 @@ def _read_file(path: Path, light: bool = False, float32: bool = False, mask: boo
 # recovery (DIR), MPRAGE, diffusion.
 _FLAIR_DESCRIPTION = re.compile(r"flair|dark[\s_-]*fluid|(?<![a-z])da[_-]fl(?![a-z])|tirm|fluid[\s_-]*att",
                                 re.IGNORECASE)  # da-fl: Siemens' 3D FLAIR, t2_spc_da-fl_sag_p2_iso
-_NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?rage|dwi|dti|adc|swi|diff|tracew?)"
+_NOT_FLAIR_DESCRIPTION = re.compile(r"(?<![a-z0-9])t1(?![0-9])|(?<![a-z])(stir|dir|mp-?2?rage|dwi|dti|adc|swi|diff|tracew?)"
                                     r"(?![a-z])|double[\s_-]*inv|diffusion", re.IGNORECASE)
 # what each word of _NOT_FLAIR_DESCRIPTION names, for a warning that says so
-_NOT_FLAIR_KINDS = ((re.compile(r"(?<![a-z0-9])t1(?![0-9])|mp-?rage", re.IGNORECASE), "a T1-weighted scan"),
+_NOT_FLAIR_KINDS = ((re.compile(r"(?<![a-z0-9])t1(?![0-9])|mp-?2?rage", re.IGNORECASE), "a T1-weighted scan"),
                     (re.compile(r"(?<![a-z])stir(?![a-z])", re.IGNORECASE), "STIR"),
                     (re.compile(r"(?<![a-z0-9])dir(?![a-z])|double[\s_-]*inv", re.IGNORECASE),  # not DTI's "30dir"
                      "double inversion recovery"),
@@ -1513,7 +1513,8 @@ _DIFFUSION_SEQUENCE_NAME = re.compile(r"ep_b(\d+)", re.IGNORECASE)
 _NOT_FLAIR_BIDS_SUFFIX = {"T1w": "a T1-weighted scan", "T2w": "a T2-weighted scan", "PDw": "a PD-weighted scan",
                           "T2starw": "a T2*-weighted scan", "PDT2": "a PD/T2 scan", "UNIT1": "a T1-weighted scan",
                           "T1map": "a T1 map", "T2map": "a T2 map", "dwi": "a diffusion image", "bold": "a BOLD series",
-                          "sbref": "a reference image of a functional or diffusion series", "angio": "an angiogram"}
+                          "sbref": "a reference image of a functional or diffusion series", "angio": "an angiogram",
+                          "MP2RAGE": "an MP2RAGE image"}
 # FLAIR nulls CSF with a long inversion time (about 1.8-2.9 s at 1.5-3 T) and a long repetition time;
 # T1-weighted inversion recovery (MPRAGE, T1-FLAIR) uses 0.7-1.2 s, STIR 0.15-0.25 s, and the second
 # inversion of double inversion recovery 3 s or more. A known inversion time outside this range rules a

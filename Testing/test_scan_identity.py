@@ -48,6 +48,9 @@ SERIES = [
      ["diffusion b-value is 1000 s/mm"]),
     ("", None, None, {"2001|0010": "Philips Imaging DD 001", "2001|1003": "800"}, ["diffusion b-value is 800 s/mm"]),
     ("AX T2 TSE", None, 4500, {}, ["names a T2- or PD-weighted scan"]),
+    # MP2RAGE's second inversion has a FLAIR's timing (TI 2500, TR 5000): only its name says what it is
+    ("mp2rage_sag_p3_INV2", 2500, 5000, {}, ["description 'mp2rage_sag_p3_INV2' names a T1-weighted scan"]),
+    ("MP2RAGE_UNI_Images", 2500, 5000, {}, ["names a T1-weighted scan"]),
     ("FLAIR", 2400, 3000, {}, ["repetition time is 3000 ms (a FLAIR's is 4000 ms or more)"]),
 ]
 
@@ -86,6 +89,17 @@ def test_a_diffusion_series_is_never_the_one_chosen_as_the_flair_nor_taken_alone
         io.choose_dicom_series(tmp_path / "export", strict=True)
 
 
+def test_an_mp2rage_second_inversion_with_a_flairs_timing_is_not_chosen_as_the_flair(tmp_path):
+    image = _phantom()
+    write_dicom_series(tmp_path / "study", image, uid="1.2.3.1", description="t2_space_dark-fluid_sag", number=3,
+                       inversion_ms=1800, repetition_ms=5000)
+    # TI 2500 ms and TR 5000 ms pass a FLAIR's timing; the name says MP2RAGE (a T1-weighted protocol)
+    write_dicom_series(tmp_path / "study", image, uid="1.2.3.2", description="mp2rage_sag_p3_INV2", number=5,
+                       inversion_ms=2500, repetition_ms=5000, prefix="inv2")
+    chosen, how = io.choose_dicom_series(tmp_path / "study")
+    assert chosen.number == 3 and how.startswith("the only one of 2 series")
+
+
 def _nifti(folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -109,6 +123,9 @@ SIDECARS = [
     (None, None, "sub-01_ses-1_T1w.nii.gz", ["its name ends _T1w, the BIDS name of a T1-weighted scan",
                                                "(sub-01_ses-1_T1w.nii.gz)"]),
     (None, None, "sub-01_dwi.nii.gz", ["the BIDS name of a diffusion image"]),
+    (None, None, "sub-01_inv-2_MP2RAGE.nii.gz", ["its name ends _MP2RAGE, the BIDS name of an MP2RAGE image"]),
+    ({"SeriesDescription": "mp2rage_INV2", "InversionTime": 2.5, "RepetitionTime": 5.0}, None, "scan.nii.gz",
+     ["names a T1-weighted scan"]),
     ("{not json", None, "scan.nii.gz", None),  # a sidecar that cannot be parsed says nothing
     ({"InversionTime": "long", "RepetitionTime": None, "ImageType": "DIFFUSION", "SeriesDescription": 5}, None,
      "scan.nii.gz", None),  # values of the wrong type are not read as evidence
