@@ -1026,6 +1026,22 @@ def _nrrd_geometry_fault(path: Path, fields: dict[str, str]) -> str | None:
     return None
 
 
+def unstated_orientation(path: str | os.PathLike) -> str | None:
+    """A warning when an image file gives its voxel sizes but not how its axes lie in the patient: an NRRD without
+    'space' (or 'space dimension'), whose sizes are its 'spacings'. ITK, and so 3D Slicer, read it on the identity,
+    the axes along the patient's left, posterior and superior: a scan stored right to left has its sides swapped,
+    silently. (A NIfTI without orientation is refused instead: software places it in different ways.)"""
+    path = Path(path)
+    if not path.name.lower().endswith((".nrrd", ".nhdr")) or path.name.lower().endswith(".seg.nrrd"):
+        return None
+    fields = _header_fields(path)
+    if not fields or "space" in fields or "space dimension" in fields:
+        return None
+    return ("its header states no orientation (no 'space' field, only 'spacings'): it was read as ITK and 3D Slicer "
+            "read it, its axes along the patient's left, posterior and superior; if it was stored otherwise, left and "
+            "right (and the report's positions) are wrong: check the sides against the scan")
+
+
 def _nrrd_list_axis(path: Path, fields: dict[str, str]) -> bool:
     """Whether an NRRD header (`fields`: `_header_fields(path)`) has an axis of kind list: one value per volume, as
     3D Slicer saves a sequence of volumes (.seq.nrrd), a multi-volume or a DWI; SimpleITK reads the file as a vector

@@ -1118,15 +1118,18 @@ def not_flair_warning(evidence: Sequence[str], source: str) -> str:
 
 def image_file_warnings(path: Path) -> list[str]:
     """What a report warns of an image file from the files a converter wrote beside it (io.image_file_evidence): a
-    JSON sidecar, b-values or a BIDS name that say it is not a FLAIR. Shared by `deepwml segment` and the Slicer
-    batch script."""
+    JSON sidecar, b-values or a BIDS name that say it is not a FLAIR; and a header that states no orientation
+    (io.unstated_orientation). Shared by `deepwml segment` and the Slicer batch script."""
     evidence, sources = io.image_file_evidence(path)
-    return [not_flair_warning(evidence, ", ".join(dict.fromkeys(sources)))] if evidence else []
+    orientation = io.unstated_orientation(path)
+    return ([not_flair_warning(evidence, ", ".join(dict.fromkeys(sources)))] if evidence else []) + (
+        [orientation] if orientation else [])
 
 
 def scan_header_warnings(path: Path | None, series=None) -> list[str]:
     """The warning, if any, that a scan's own header says it is not a FLAIR: the DICOM `series` read from `path`'s
-    folder (io.DicomSeries.not_flair_evidence), else the files beside the image file `path` (image_file_warnings).
+    folder (io.DicomSeries.not_flair_evidence), else the files beside the image file `path` (image_file_warnings,
+    which also warns of an image file's header that states no orientation).
     Shared by segment, change and train."""
     if series is not None:
         evidence = series.not_flair_evidence()

@@ -462,3 +462,32 @@ def test_an_enhanced_mr_diffusion_file_is_segmented_with_a_warning(tmp_path, tin
     assert main(["segment", str(path.parent), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
     found = [w for w in _warnings(out, "scan") if w.startswith(NOT_FLAIR)]
     assert len(found) == 1 and "its diffusion b-value is 1000 s/mm" in found[0] and "(its DICOM header)" in found[0]
+
+
+@pytest.mark.parametrize("space, warned", [(None, True), ("left-posterior-superior", False),
+                                           ("right-anterior-superior", False)])
+def test_an_nrrd_that_states_no_orientation_is_segmented_with_a_warning_that_left_and_right_are_assumed(
+        tmp_path, tiny_model, monkeypatch, space, warned):
+    """An NRRD without 'space' gives its voxel sizes ('spacings') but not how its axes lie in the patient: ITK and 3D
+    Slicer read it on the identity (left, posterior, superior), so a scan stored right to left would have its sides
+    swapped in the picture and the report's positions, silently."""
+    oracle_network(monkeypatch)
+    image = _phantom()
+    voxels = sitk.GetArrayFromImage(image).astype("<i2")
+    x, y, z = image.GetSize()
+    if space is None:
+        geometry = "spacings: 0.9 0.9 5\n"
+    else:
+        geometry = f"space: {space}\nspace directions: (0.9,0,0) (0,0.9,0) (0,0,5)\nspace origin: (0,0,0)\n"
+    path = tmp_path / "in" / "scan.nrrd"
+    path.parent.mkdir()
+    path.write_bytes(f"NRRD0004\ntype: int16\ndimension: 3\nsizes: {x} {y} {z}\n{geometry}endian: little\n"
+                     f"encoding: raw\n\n".encode() + voxels.tobytes())
+    out = tmp_path / "out"
+    assert main(["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]) == 0
+    found = [w for w in _warnings(out, "scan") if "states no orientation" in w]
+    if not warned:
+        assert found == []
+        return
+    assert len(found) == 1
+    assert "no 'space'" in found[0] and "left and right" in found[0]
