@@ -77,7 +77,24 @@ def _decimal(value: float) -> str:
     return f"{value:.4e}"
 
 
-def _reader(path: str):
+def series_number(series: io.DicomSeries, offset: int) -> int:
+    """A new series' Series Number: the source's + `offset` (- `offset` where + would pass the largest IS,
+    2147483647: still next to the source's in PACS, never the same)."""
+    number = (series.number or 0) + offset
+    return number if number <= _LARGEST_IS else series.number - offset
+
+
+def series_description(title: str, series: io.DicomSeries) -> str:
+    """A new series' Series Description: `title` with the source's in brackets, one LO value (a backslash would
+    split it in two), cut to 64 characters."""
+    description = title + (f" ({series.description})" if series.description else "")
+    description = description.replace("\\", "/")
+    if len(description) > _LONG_STRING:
+        description = description[:_LONG_STRING - 2] + "~)"
+    return description
+
+
+def _reader(path: str, what: str = "outline series"):
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -86,17 +103,19 @@ def _reader(path: str):
             reader.SetFileName(name)
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise DeepWMLError(f"{path}: its DICOM header cannot be read for the outline series "
+        raise DeepWMLError(f"{path}: its DICOM header cannot be read for the {what} "
                            f"({str(exc).strip().splitlines()[-1][:120]})") from exc
     return reader
 
 
-def source_attributes(series: io.DicomSeries) -> dict[str, str]:
+def source_attributes(series: io.DicomSeries, option: str = "--dicom-outline") -> dict[str, str]:
     """The copied patient and study attributes of a series' first image, as text (see COPIED): decoded in
     the series' character set, padding stripped, nothing else changed. Refused (DeepWMLError) when the
     series has no Study Instance UID, or names in a character set DeepWML cannot read (the patient's name
-    would be written wrong, and a PACS might file the series under another patient)."""
-    reader = _reader(series.files[0])
+    would be written wrong, and a PACS might file the series under another patient). `option`: the option
+    that asked for the new series, which the refusal names (the outline's, or --dicom-seg's)."""
+    what = "outline series" if option == "--dicom-outline" else "DICOM SEG"
+    reader = _reader(series.files[0], what)
     charset = reader.GetMetaData("0008|0005") if reader.HasMetaDataKey("0008|0005") else ""
     found = {}
     for tag, is_text, type2 in COPIED:
@@ -105,15 +124,15 @@ def source_attributes(series: io.DicomSeries) -> dict[str, str]:
             value = io.header_value(raw, charset) if is_text else raw.strip(" \0")
             if value is None:
                 raise DeepWMLError(f"the FLAIR series' character set ({charset.strip()!r}) is not one DeepWML can "
-                                   "read, so the outline series would carry the patient's name wrongly; rerun "
-                                   "without --dicom-outline")
+                                   f"read, so the {what} would carry the patient's name wrongly; rerun "
+                                   f"without {option}")
             if value or type2:
                 found[tag] = value
         elif type2:
             found[tag] = ""
     if not found.get("0020|000d"):
-        raise DeepWMLError("the FLAIR series has no Study Instance UID, so the outline series cannot join its study; "
-                           "rerun without --dicom-outline")
+        raise DeepWMLError(f"the FLAIR series has no Study Instance UID, so the {what} cannot join its study; "
+                           f"rerun without {option}")
     return found
 
 
@@ -244,13 +263,8 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
     now = time.localtime()
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid = new_uid()
-    number = (series.number or 0) + SERIES_NUMBER_OFFSET
-    if number > _LARGEST_IS:
-        number = series.number - SERIES_NUMBER_OFFSET  # still next to the source's in PACS, never the same
-    description = title + (f" ({series.description})" if series.description else "")
-    description = description.replace("\\", "/")  # one value: a backslash would split it in two
-    if len(description) > _LONG_STRING:
-        description = description[:_LONG_STRING - 2] + "~)"
+    number = series_number(series, SERIES_NUMBER_OFFSET)
+    description = series_description(title, series)
     from . import __version__
 
     derivation = (derivation or
