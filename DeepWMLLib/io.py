@@ -1879,6 +1879,12 @@ class DicomSeries:
                     or any(str(v).strip().upper() in _WEIGHTED_DIRECTIONALITY for v in self.diffusion_directionality))
 
     @property
+    def derived(self) -> bool:
+        """A picture or a segmentation of other images (DeepWML's outline series, a Secondary Capture; its DICOM SEG,
+        Modality SEG): never the FLAIR, nor where a study's images lie."""
+        return self.secondary_capture or self.modality == "SEG"
+
+    @property
     def unlabelled(self) -> bool:
         """Nothing in the header says what it is (no description, no inversion time, no diffusion; MR or no
         modality), as in exports that strip descriptions."""
@@ -2290,9 +2296,9 @@ def dicom_catalogue(root: str | os.PathLike) -> tuple[list[DicomStudy], list[str
         studies.setdefault(entry["study"], []).append((_series_of(uid, entry), entry["date"]))
     found = []
     for key, members in studies.items():
-        # the study's folder is where its images lie: a secondary capture of it (DeepWML's outline series,
-        # written into an OUTDIR inside the export) must not move it, or rename the case on the next run
-        images = [s for s, _ in members if not s.secondary_capture] or [s for s, _ in members]
+        # the study's folder is where its images lie: a secondary capture or a segmentation of it (DeepWML's outline
+        # series or SEG, written into an OUTDIR inside the export) must not move it, or rename the case on the next run
+        images = [s for s, _ in members if not s.derived] or [s for s, _ in members]
         folder = Path(os.path.commonpath([os.path.dirname(f) for s in images for f in s.files]))
         relative = folder.relative_to(root)
         name = case_name(root) if relative == Path(".") else "_".join(relative.parts)
@@ -2541,8 +2547,8 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
                    or [s for s in series if text.isdigit() and s.number == int(text)]
                    or [s for s in series if s.description.lower() == text]
                    or [s for s in series if text in s.description.lower()])
-        if len(matches) > 1:  # a description shared with a picture of it (an outline series): the images
-            matches = [s for s in matches if not s.secondary_capture] or matches
+        if len(matches) > 1:  # a description shared with a picture of it (an outline series, a SEG): the images
+            matches = [s for s in matches if not s.derived] or matches
         if len(matches) == 1:
             return matches[0], f"{option or 'series'} {choice}"
         found = "none" if not matches else f"{len(matches)}"

@@ -994,7 +994,7 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
     """Every output a run could write for a case, in every output format (the report last)."""
     paths = {}
     for extension in io.OUTPUT_EXTENSIONS:
-        paths.update({p: None for p in output_paths(out_dir, case, True, True, extension, True, True, True).values()})
+        paths.update({p: None for p in output_paths(out_dir, case, True, True, extension, True, True, True, True).values()})
     return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
 
 
@@ -1166,7 +1166,7 @@ def skip_message(existing: Sequence[str], earlier: dict) -> str:
 
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
                  extension: str = ".nii.gz", qc: bool = False, dicom_outline: bool = False,
-                 save_ventricle_mask: bool = False) -> dict:
+                 save_ventricle_mask: bool = False, dicom_seg: bool = False) -> dict:
     """The output files (and the outline series' folder) of a case; `extension` of the image outputs
     from `io.output_extension`."""
     paths = {
@@ -1184,6 +1184,8 @@ def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_
         paths["qc"] = out_dir / f"{case}_qc.png"
     if dicom_outline:
         paths["dicom_outline"] = out_dir / f"{case}_outline_dicom"
+    if dicom_seg:
+        paths["dicom_seg"] = out_dir / f"{case}_wmh_seg.dcm"
     return paths
 
 
@@ -1195,10 +1197,11 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  output_format: str = "same", qc: bool = False, series: str | None = None,
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
                  save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None, grid_phases: int = 1,
-                 brain_gate: bool = True) -> dict:
+                 brain_gate: bool = True, dicom_seg: bool = False) -> dict:
     """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
-    DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py). `study`:
+    DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py); `dicom_seg`:
+    for a DICOM input, also the mask as a DICOM Segmentation object, CASE_wmh_seg.dcm (dicom_seg.py). `study`:
     a study found in an export (expand_inputs): its series are the candidates, and it is skipped
     (NoFlairSeries) when none looks like a FLAIR. `protected`: the resolved paths of the run's inputs, which
     are never written over or deleted (OUTDIR may be the input folder). `leftovers`: OUTDIR's temporary files
@@ -1208,14 +1211,16 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
     `path` and `out_dir` (which must exist: segment_cases makes it) may be str or pathlib.Path."""
     path, out_dir = Path(path), Path(out_dir)
     outline = dicom_outline and path.is_dir()  # a DICOM input: only it has a patient and a study to write into
+    seg = dicom_seg and path.is_dir()  # the same for a DICOM SEG
     paths = output_paths(out_dir, case, save_probabilities, save_brain_mask, io.output_extension(path, output_format), qc,
-                         outline, save_ventricle_mask)
+                         outline, save_ventricle_mask, seg)
     try:
         with case_guard(out_dir, case, paths, protected):
             return _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities,
                                  overwrite, min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel,
                                  brain_model, save_brain_mask, precision, qc, series, dicom_outline, study,
-                                 ventricle_model, save_ventricle_mask, protected, leftovers, grid_phases, brain_gate)
+                                 ventricle_model, save_ventricle_mask, protected, leftovers, grid_phases, brain_gate,
+                                 seg, dicom_seg)
     except MemoryError as exc:  # reading or writing (segment_image explains its own, with the scan's size)
         raise out_of_memory() from exc
 
@@ -1263,7 +1268,7 @@ def whole_or_none(paths: dict):
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
-                  protected, leftovers, grid_phases, brain_gate) -> dict:
+                  protected, leftovers, grid_phases, brain_gate, seg=False, dicom_seg=False) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
     hidden = leftovers if leftovers is not None else io.temporary_leftovers(out_dir)
     prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
@@ -1333,6 +1338,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     if dicom_outline and not outline:
         report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
                               "patient or study to write one into (--dicom-outline needs a DICOM series)"]
+    if dicom_seg and not seg:
+        report["warnings"] = [*report["warnings"], "no DICOM SEG: the input is not DICOM, so it has no patient or "
+                              "study to write one into (--dicom-seg needs a DICOM series)"]
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 
@@ -1344,6 +1352,11 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
         tell(SEGMENTING_SHARE + 0.04, "making the DICOM outline")
         prepared = outline_series(image, result.mask, chosen[0], report)
+    if seg:  # and the SEG
+        from .dicom_seg import segmentation
+
+        tell(SEGMENTING_SHARE + 0.045, "making the DICOM SEG")
+        segmented = segmentation(image, result.mask, chosen[0], report)
     with whole_or_none(paths):
         if overwrite:  # the report goes first: a run killed part way leaves outputs without one (rerun asked
             # for), never old and new mixed
@@ -1386,6 +1399,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             from .dicom_outline import write_outline_series
 
             report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
+        if seg:
+            io.write_bytes(segmented.data, paths["dicom_seg"])
+            report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
         io.write_text(json.dumps(report, indent=1), paths["report"])
     tell(1.0, "done")
     return summary_row(case, path, report)
@@ -2027,6 +2043,9 @@ def register(subparsers) -> None:
     p.add_argument("--dicom-outline", action="store_true", help="for a DICOM input, also write CASE_outline_dicom/: "
                    "the FLAIR with the lesions outlined in red as a new series of the same study (Secondary Capture, "
                    "on the input's slices), to read the result in a PACS viewer")
+    p.add_argument("--dicom-seg", action="store_true", help="for a DICOM input, also write CASE_wmh_seg.dcm: the mask "
+                   "as a DICOM Segmentation object (SEG) of the same study, a frame on each input slice, which PACS "
+                   "viewers show as an overlay")
     p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the one whose series "
                    "number is TEXT, whose description is or contains TEXT (case-insensitive) or whose series UID is TEXT "
                    "(default: the only one that looks like a FLAIR by its description or inversion time); for an "
@@ -2095,7 +2114,7 @@ def _segment_all(args, bar: ProgressBar) -> list[dict]:
         overwrite=args.overwrite, min_lesion_mm3=args.min_lesion_mm3,
         exclude_edge_fraction=args.exclude_edge_slices, batch_size=args.batch_size, backend=args.backend,
         precision=args.precision, output_format=args.output_format, qc=args.qc, series=args.series,
-        dicom_outline=args.dicom_outline,
+        dicom_outline=args.dicom_outline, dicom_seg=args.dicom_seg,
         brain_model=args.brain_model or "default", brain_gate=not args.no_brain_mask, save_brain_mask=args.save_brain_mask,
         ventricle_model=None if args.no_location else (args.ventricle_model or "default"),
         save_ventricle_mask=args.save_ventricle_mask)

@@ -159,7 +159,7 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                       description: str = "AX FLAIR", inversion_ms: float | None = None,
                       repetition_ms: float | None = None, orientation: str | None = None,
                       thickness_mm: float | None = None, positions=None, b_values=None, frame_type: str | None = None,
-                      directionality=None) -> Path:
+                      directionality=None, frame_of_reference: str | None = None) -> Path:
     """Write a 3D int16 image as one Enhanced MR Image Storage file (all slices as frames; as Siemens XA and
     Philips scanners export), its geometry in the functional groups: Pixel Measures and Plane Orientation
     shared, each frame's Plane Position its own. `order`: the slices stored as frames, in that order
@@ -170,7 +170,8 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
     Position (Patient) (as `stepped_positions` gives them), when not its place on the image's grid.
     `b_values`: each slice's Diffusion b-value (FD) in its frame's own MR Diffusion group, with a Diffusion
     Directionality of NONE for b = 0 and DIRECTIONAL else (or `directionality`'s, one a slice; a b-value of None:
-    the directionality alone); `frame_type`: a shared MR Image Frame Type group with that Frame Type."""
+    the directionality alone); `frame_type`: a shared MR Image Frame Type group with that Frame Type;
+    `frame_of_reference`: its Frame of Reference UID (none when not given)."""
     order = list(range(image.GetDepth())) if order is None else list(order)
     array = sitk.GetArrayFromImage(image)[order].astype("<i2")
     d, spacing = image.GetDirection(), image.GetSpacing()
@@ -207,7 +208,8 @@ def write_enhanced_mr(path: Path, image: sitk.Image, order=None, explicit: bool 
                       (0x00280008, "IS", str(len(order))), (0x00280010, "US", us(array.shape[1])),
                       (0x00280011, "US", us(array.shape[2])), (0x00280100, "US", us(16)), (0x00280101, "US", us(16)),
                       (0x00280102, "US", us(15)), (0x00280103, "US", us(1)), (0x52009229, "SQ", [shared]),
-                      (0x52009230, "SQ", frames), (0x7FE00010, "OW", array.tobytes())], explicit)
+                      (0x52009230, "SQ", frames), (0x7FE00010, "OW", array.tobytes())]
+                     + ([(0x00200052, "UI", frame_of_reference)] if frame_of_reference else []), explicit)
     path.parent.mkdir(parents=True, exist_ok=True)
     group_length = _element(0x00020000, "UL", struct.pack("<I", len(meta)), True)
     path.write_bytes(b"\0" * 128 + b"DICM" + group_length + meta + body)

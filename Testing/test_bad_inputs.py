@@ -216,6 +216,8 @@ BAD_INPUTS = [
      "ok: the FLAIR segmented; the T1 alone is refused when chosen, naming the file"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
+    ("--dicom-seg with a NIfTI input", "segment", 0, "ok: segmented, no DICOM SEG, warning printed (\"the input is not DICOM\")"),
+    ("--dicom-seg with a DICOM series without a Frame of Reference UID", "segment", 1, "no Frame of Reference UID"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -764,6 +766,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(folder)]
     if row_id == "--dicom-outline with a NIfTI input":
         return seg + [str(p["good"]), "--dicom-outline"]
+    if row_id == "--dicom-seg with a NIfTI input":
+        return seg + [str(p["good"]), "--dicom-seg"]
+    if row_id == "--dicom-seg with a DICOM series without a Frame of Reference UID":
+        write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                           description="AX FLAIR")  # (0020,0052) not written
+        return seg + [str(tmp / "in" / "flair"), "--dicom-seg"]
     if row_id == "--dicom-outline where the outline folder holds other files":
         write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                            description="AX FLAIR")
@@ -1029,6 +1037,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert "--skip-bad-cases" in err and "--allow-non-flair" in err and not (tmp / "run" / "last.pt").exists()
     if row_id == "--dicom-outline with a NIfTI input":
         assert "the input is not DICOM" in err and not [p for p in (tmp / "out").iterdir() if p.is_dir()]
+    if row_id == "--dicom-seg with a NIfTI input":
+        assert "the input is not DICOM" in err and not list((tmp / "out").glob("*.dcm"))
+        assert (tmp / "out" / "good_report.json").is_file()
+    if row_id == "--dicom-seg with a DICOM series without a Frame of Reference UID":
+        assert "rerun without --dicom-seg" in err and not list((tmp / "out").glob("flair*"))  # nothing written
     if row_id == "--dicom-outline where the outline folder holds other files":
         assert (tmp / "out" / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
         assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written

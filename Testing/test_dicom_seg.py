@@ -1,0 +1,434 @@
+"""`deepwml segment --dicom-seg`: the mask as a DICOM Segmentation object of the input's study, a frame on each
+input slice (DeepWMLLib/dicom_seg.py). Read back with pydicom and highdicom (test dependencies; DeepWML encodes
+the file itself), each frame compared with the source image it names, read by pydicom too, so that a row, column
+or slice order flipped anywhere fails; and checked by dciodvfy (dicom3tools) where it is installed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import dicom_seg, io
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
+
+from conftest import make_volume, rotation, stepped_positions, write_dicom_series, write_enhanced_mr
+
+pydicom = pytest.importorskip("pydicom")
+hd = pytest.importorskip("highdicom")
+
+PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
+           "0008|0020": "20260110", "0008|0030": "101500", "0008|0050": "ACC77", "0020|0010": "S77",
+           "0008|0090": "House^Greg", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
+LESION = 600  # the phantoms' lesion voxels (700 to 719), and only they, are this bright or brighter: the mask is
+# where the source is
+
+
+def phantom(size=(40, 28, 7), spacing=(0.7, 0.9, 5.0), direction=None):
+    """A FLAIR whose lesions, LESION bright, lie in no symmetric pattern (an L a slice, moved and grown slice by
+    slice, a corner voxel, one slice empty), more columns than rows: rows, columns or slices flipped or swapped
+    anywhere give another mask."""
+    columns, rows, slices = size
+    noise = np.random.default_rng(1).integers(0, 20, (slices, rows, columns))
+    array = (np.full((slices, rows, columns), 100) + noise).astype(np.int16)
+    array[:, 2:-2, 3:-3] += 200
+    for k in range(slices):
+        if k == 2:
+            continue  # a slice without a lesion: its frame is written, empty
+        array[k, 3 + k:6 + k, 5:8 + 2 * k] = 700 + noise[k, 3 + k:6 + k, 5:8 + 2 * k]  # the foot of the L, longer each slice
+        array[k, 3 + k:12 + k, 5:7] = 700 + noise[k, 3 + k:12 + k, 5:7]  # its upright
+    array[0, 0, columns - 1] = 700  # a corner voxel on the first slice only
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-12.0, 20.0, -31.0))
+    image.SetDirection(tuple(np.eye(3).ravel()) if direction is None else tuple(np.asarray(direction, float).ravel()))
+    return image
+
+
+def source_series(folder, extra=None, **kwargs):
+    image = phantom(**kwargs)
+    return write_dicom_series(folder, image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                              extra={**PATIENT, **(extra or {})})
+
+
+def make_seg(folder, out, mask=None, report=None):
+    """The SEG of the series in `folder` with its mask read as DeepWML reads the FLAIR (`mask`: another, on its
+    grid), written to `out`; returns (the SegObject, the FLAIR as read)."""
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    if mask is None:
+        mask = sitk.Cast(flair >= LESION, sitk.sitkUInt8)
+    made = dicom_seg.segmentation(flair, mask, series, report or {"model_sha256": ["abc123"], "volume_ml": 1.25,
+                                                                   "lesion_count": 3})
+    io.write_bytes(made.data, out)
+    return made, flair
+
+
+def frames_of(ds) -> np.ndarray:
+    """The frames of a SEG as pydicom unpacks them: [frame, row, column]."""
+    pixels = ds.pixel_array
+    return pixels.reshape((int(ds.NumberOfFrames), ds.Rows, ds.Columns))
+
+
+def source_images(folder) -> dict:
+    """{SOP Instance UID: pydicom data set} of every file in `folder`."""
+    return {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(path) for path in sorted(folder.iterdir()))}
+
+
+def check_against_sources(path, folder, lesion=LESION):
+    """Every frame of the SEG at `path` against the source image it names, both read by pydicom: the frame is
+    where the source is `lesion` bright, pixel for pixel in the source's own rows and columns, and lies at the
+    source's own position (its Image Position, or its frame's Plane Position). Returns the SEG's data set."""
+    ds = pydicom.dcmread(path)
+    sources = source_images(folder)
+    frames = frames_of(ds)
+    seen = set()
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        reference = item.DerivationImageSequence[0].SourceImageSequence[0]
+        source = sources[reference.ReferencedSOPInstanceUID]
+        assert reference.ReferencedSOPClassUID == source.SOPClassUID
+        assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        if "NumberOfFrames" in source:  # a multi-frame source: its frame, as the file numbers them
+            number = int(reference.ReferencedFrameNumber)
+            pixels = source.pixel_array.reshape((int(source.NumberOfFrames), source.Rows, source.Columns))[number - 1]
+            where = source.PerFrameFunctionalGroupsSequence[number - 1].PlanePositionSequence[0].ImagePositionPatient
+        else:
+            assert "ReferencedFrameNumber" not in reference
+            number, pixels, where = None, source.pixel_array, source.ImagePositionPatient
+        seen.add((reference.ReferencedSOPInstanceUID, number))
+        assert np.array_equal(frames[k], (pixels >= lesion).astype(np.uint8)), k
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose([float(v) for v in position], [float(v) for v in where], atol=1e-6), (k, position, where)
+        assert item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
+        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [1, k + 1]
+    assert len(seen) == len(frames)  # every source image (frame) once
+    return ds
+
+
+def test_each_frame_is_the_mask_on_its_own_source_slice(tmp_path):
+    """An oblique series: frame k is the mask on the source image it references, in that image's rows and
+    columns, at its Image Position; the patient, study, frame of reference and the source series are the
+    source's; a new series and instance, numbered +2000 from the source's; highdicom reads the same mask."""
+    folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
+    made, flair = make_seg(folder, tmp_path / "case_wmh_seg.dcm")
+    assert made.frames == 7 and made.series_number == 2007
+    ds = check_against_sources(tmp_path / "case_wmh_seg.dcm", folder)
+    source = pydicom.dcmread(sorted(folder.iterdir())[0])
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription",
+                    "FrameOfReferenceUID"):
+        assert ds[keyword].value == source[keyword].value, keyword
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1" and ds.SOPClassUID == dicom_seg.SEGMENTATION_STORAGE
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID == made.sop_instance_uid
+    assert ds.SeriesInstanceUID == made.series_uid != source.SeriesInstanceUID and ds.Modality == "SEG"
+    assert ds.SeriesNumber == 2007 and ds.SeriesDescription == "DeepWML WMH segmentation (AX T2 FLAIR)"
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and list(ds.ImageType) == ["DERIVED", "PRIMARY"]
+    assert (ds.SegmentationType, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.Rows, ds.Columns) == (
+        "BINARY", 1, 1, 0, 28, 40)
+    segment = ds.SegmentSequence[0]
+    assert (segment.SegmentNumber, segment.SegmentLabel, segment.SegmentAlgorithmType) == (1, "WMH", "AUTOMATIC")
+    assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    assert "1.25 ml, 3 lesions" in segment.SegmentDescription and "abc123" in segment.SegmentDescription
+    assert list(segment.RecommendedDisplayCIELabValue) == dicom_seg.cielab(dicom_seg.DISPLAY_RGB)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], (0.9, 0.7))
+    assert np.allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+                       [float(v) for v in source.ImageOrientationPatient], atol=1e-6)
+    referenced = ds.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+    assert sorted(r.ReferencedSOPInstanceUID for r in referenced.ReferencedInstanceSequence) == sorted(
+        source_images(folder))
+    assert not [element for element in ds.iterall() if element.tag.is_private]
+    # highdicom: its segment and its pixels by source instance, in the order of the source files
+    seg = hd.seg.segread(tmp_path / "case_wmh_seg.dcm")
+    assert seg.get_segment_numbers(segment_label="WMH") == [1]
+    uids = [pydicom.dcmread(path).SOPInstanceUID for path in sorted(folder.iterdir())]
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]
+    sources = source_images(folder)
+    assert np.array_equal(pixels, np.stack([sources[uid].pixel_array >= LESION for uid in uids]).astype(pixels.dtype))
+    # and on the voxels DeepWML read: frame k is the mask's slice k
+    assert np.array_equal(frames_of(ds), sitk.GetArrayFromImage(flair) >= LESION)
+
+
+def test_the_display_colour_is_the_outline_red_in_cielab():
+    """Recommended Display CIELab Value: the red of the QC picture and outline (255, 40, 40), as highdicom converts it."""
+    from DeepWMLLib import qc
+
+    assert dicom_seg.DISPLAY_RGB == qc.LESION_RGB
+    expected = hd.color.CIELabColor.from_rgb(*qc.LESION_RGB) if hasattr(hd.color.CIELabColor, "from_rgb") else None
+    value = dicom_seg.cielab(qc.LESION_RGB)
+    if expected is not None:
+        assert np.allclose(value, expected.value, atol=16)  # 0.025 of L*, 0.06 of a*, b*: their white point's digits
+    assert np.allclose(dicom_seg.cielab((255, 255, 255)), (65535, 32896, 32896), atol=3)  # white: L 100, a b 0
+    assert np.allclose(dicom_seg.cielab((0, 0, 0)), (0, 32896, 32896), atol=3)
+
+
+@pytest.mark.parametrize("how", ["reversed files", "descending slice axis"])
+def test_a_series_stored_from_the_top_down(tmp_path, how):
+    """Instance Number 1 the highest slice, or the slice axis written pointing down: the volume is read by
+    position, so frame k (the k-th slice as read) must name the file at that position, not the k-th written."""
+    if how == "reversed files":
+        image = phantom()
+        folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX FLAIR",
+                                    extra=PATIENT, instance_numbers=list(range(7, 0, -1)))
+    else:
+        folder = source_series(tmp_path / "flair", direction=(1, 0, 0, 0, 1, 0, 0, 0, -1))
+    make_seg(folder, tmp_path / "s.dcm")
+    ds = check_against_sources(tmp_path / "s.dcm", folder)
+    along = [float(item.PlanePositionSequence[0].ImagePositionPatient[2]) for item in ds.PerFrameFunctionalGroupsSequence]
+    assert along == sorted(along) or along == sorted(along, reverse=True)
+
+
+@pytest.mark.parametrize("order, files", [(None, 1), (range(6, -1, -1), 1), (None, 7)])
+def test_an_enhanced_multi_frame_source(tmp_path, order, files):
+    """Enhanced MR: one file of all the frames, stored from the first slice or from the last, or a file a frame,
+    the frames unevenly spaced: each SEG frame names the file and, for a multi-frame file, its frame (Referenced
+    Frame Number), and lies at that frame's own Plane Position; highdicom reads each source frame's mask."""
+    image = phantom(spacing=(0.7, 0.9, 5.16), direction=rotation(0.1, 0.05, 0.2))
+    positions = stepped_positions(image, [5.0, 5.0, 5.8, 5.0, 5.0, 5.16], noise_mm=0.05)
+    folder = tmp_path / "enhanced"
+    stored = list(order or range(7))
+    for k, frames in enumerate([stored] if files == 1 else [[k] for k in stored]):
+        write_enhanced_mr(folder / f"flair{k}.dcm", image, order=frames, positions=positions,
+                          frame_of_reference="1.2.3.77")
+    make_seg(folder, tmp_path / "s.dcm")
+    ds = check_against_sources(tmp_path / "s.dcm", folder)
+    assert int(ds.NumberOfFrames) == 7
+    seg = hd.seg.segread(tmp_path / "s.dcm")
+    if files == 1:
+        source = pydicom.dcmread(folder / "flair0.dcm")
+        pixels = seg.get_pixels_by_source_frame(source.SOPInstanceUID, list(range(1, 8)), segment_numbers=[1])[..., 0]
+        assert np.array_equal(pixels, (source.pixel_array >= LESION).astype(pixels.dtype))
+
+
+def test_an_empty_mask_gives_a_frame_on_every_slice(tmp_path):
+    """No lesion: the SEG still has a frame on every slice, all empty (a PACS shows that nothing was found, not
+    a missing result); the bits padded to an even length."""
+    folder = source_series(tmp_path / "flair", size=(13, 11, 3))  # 429 bits: 54 bytes, padded to 54 (even) anyway
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    empty = sitk.Image(flair.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(flair)
+    made = dicom_seg.segmentation(flair, empty, series, {})
+    io.write_bytes(made.data, tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    assert int(ds.NumberOfFrames) == 3 and len(ds.PerFrameFunctionalGroupsSequence) == 3
+    assert len(ds.PixelData) % 2 == 0 and len(ds.PixelData) >= (13 * 11 * 3 + 7) // 8
+    assert not frames_of(ds).any()
+
+
+def test_bits_run_on_across_frames_first_pixel_lowest(tmp_path):
+    """1-bit pixels: the frames' bits one run (a frame of 5 x 3 = 15 pixels does not start on a byte), the first
+    pixel in the lowest bit, the bytes padded to an even count: read back by pydicom pixel for pixel."""
+    image = sitk.GetImageFromArray((100 + np.random.default_rng(2).integers(0, 50, (3, 3, 5))).astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    folder = write_dicom_series(tmp_path / "tiny", image, description="FLAIR", extra=PATIENT)
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, (3, 3, 5)).astype(np.uint8)
+    bits[0, 0, 0], bits[0, 0, 1] = 1, 0
+    mask = sitk.GetImageFromArray(bits)
+    mask.CopyInformation(flair)
+    made = dicom_seg.segmentation(flair, mask, series, {})
+    io.write_bytes(made.data, tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    assert len(ds.PixelData) == 6 and ds.PixelData[0] & 1 == 1 and ds.PixelData[0] & 2 == 0  # 45 bits: 6 bytes
+    assert np.array_equal(frames_of(ds), bits)
+
+
+def test_the_encoding_is_explicit_little_endian_with_even_values_and_a_right_group_length(tmp_path):
+    """The file as bytes: preamble, DICM, the meta group's length the bytes of its elements, every element's
+    length even, its tags ascending (pydicom reading it strictly, its raw elements walked here)."""
+    folder = source_series(tmp_path / "flair", size=(13, 11, 3), extra={"0010|0010": "Müller^Jörg"})
+    make_seg(folder, tmp_path / "s.dcm")
+    data = (tmp_path / "s.dcm").read_bytes()
+    assert data[:128] == bytes(128) and data[128:132] == b"DICM"
+    import struct
+
+    assert data[132:140] == b"\x02\x00\x00\x00UL\x04\x00"
+    length = struct.unpack_from("<I", data, 140)[0]
+    position = 144
+    while position < 144 + length:
+        group, _, vr = struct.unpack_from("<HH2s", data, position)
+        assert group == 2
+        size = (struct.unpack_from("<I", data, position + 8)[0] if vr in (b"OB", b"SQ", b"UN", b"UT")
+                else struct.unpack_from("<H", data, position + 6)[0])
+        position += (12 if vr in (b"OB", b"SQ", b"UN", b"UT") else 8) + size
+    assert position == 144 + length and data[position:position + 2] == b"\x08\x00"  # the data set starts there
+
+    def walk(ds):
+        previous = -1
+        for element in ds:
+            assert element.tag > previous
+            previous = element.tag
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item)
+
+    with pydicom.config.strict_reading():
+        ds = pydicom.dcmread(tmp_path / "s.dcm")
+        walk(ds)
+    from pydicom.filereader import data_element_generator
+    from io import BytesIO
+
+    raw = list(data_element_generator(BytesIO(data[position:]), False, True))
+    assert all(element.length % 2 == 0 for element in raw)
+    assert str(ds.PatientName) == "Müller^Jörg"
+
+
+def _dciodvfy(path) -> list[str]:
+    """dciodvfy's Error lines on the file at `path` (dicom3tools)."""
+    found = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (found.stdout + found.stderr).splitlines()
+    assert any("Segmentation" in line for line in lines), lines  # it knew the object
+    return [line for line in lines if line.startswith("Error")]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_finds_no_error(tmp_path):
+    """The standard's own validator (dicom3tools' dciodvfy; `apt-get install dicom3tools`) finds no error in the
+    SEG of a classic series, of an enhanced multi-frame file, of an empty mask and of a source without its Type 2
+    patient and study attributes; its warnings are listed in README."""
+    folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
+    make_seg(folder, tmp_path / "classic.dcm")
+    image = phantom()
+    write_enhanced_mr(tmp_path / "enhanced" / "f.dcm", image, frame_of_reference="1.2.3.77")
+    make_seg(tmp_path / "enhanced", tmp_path / "enhanced.dcm")
+    bare = write_dicom_series(tmp_path / "bare", phantom(), description="FLAIR", extra={"0020|0052": "1.2.3.78"})
+    made, flair = make_seg(bare, tmp_path / "bare.dcm")
+    series, _ = io.choose_dicom_series(bare)
+    empty = sitk.Image(flair.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(flair)
+    io.write_bytes(dicom_seg.segmentation(flair, empty, series, {}).data, tmp_path / "empty.dcm")
+    for name in ("classic", "enhanced", "bare", "empty"):
+        assert _dciodvfy(tmp_path / f"{name}.dcm") == [], name
+
+
+def test_what_is_refused_before_anything_is_written(tmp_path):
+    """A source without a Frame of Reference UID (the SEG could not be placed on it) or without SOP Instance UIDs
+    (its frames could not name their images) is refused, naming --dicom-seg; a series without a study as the
+    outline refuses it."""
+    image = phantom(size=(13, 11, 3))
+    folder = write_dicom_series(tmp_path / "nofor", image, description="FLAIR")
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    with pytest.raises(DeepWMLError, match=r"no Frame of Reference UID .*rerun without --dicom-seg"):
+        dicom_seg.segmentation(flair, flair > 500, series, {})
+    folder = write_enhanced_mr(tmp_path / "nouid" / "f.dcm", image, frame_of_reference="1.2.3.77").parent
+    data = (folder / "f.dcm").read_bytes()
+    # the SOP Instance UID's value made empty, its length 0 (the file meta's kept): a file that names no instance
+    at = data.index(b"\x08\x00\x18\x00UI\x0c\x001.2.3.4.77.1")
+    (folder / "f.dcm").write_bytes(data[:at] + b"\x08\x00\x18\x00UI\x00\x00" + data[at + 8 + 12:])
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    with pytest.raises(DeepWMLError, match=r"no SOP Instance UID.*--dicom-seg"):
+        dicom_seg.segmentation(flair, flair > 500, series, {})
+
+
+def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(tmp_path, tiny_model, capsys):
+    """`deepwml segment --dicom-seg --dicom-outline`: both, listed in the report; the SEG's frames the mask file's
+    slices; a NIfTI input segmented with a warning and no SEG; a rerun skips the case, --overwrite makes a new
+    SEG (a new instance), and a rerun with --overwrite without --dicom-seg removes the earlier one, listed in its
+    report; an earlier SEG without its report is an incomplete set."""
+    folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
+    plain, _ = make_volume(size=(32, 32, 4))
+    sitk.WriteImage(sitk.Cast(plain, sitk.sitkUInt16), str(tmp_path / "plain.nii.gz"))
+    out = tmp_path / "out"
+    args = ["segment", str(folder), str(tmp_path / "plain.nii.gz"), "-o", str(out), "--model", str(tiny_model),
+            "--device", "cpu", "--no-brain-mask"]
+    assert main(args + ["--dicom-seg", "--dicom-outline"]) == 0
+    report = json.loads((out / "flair_report.json").read_text(encoding="utf-8"))
+    assert {"flair_wmh_seg.dcm", "flair_outline_dicom"} <= set(report["outputs"])
+    assert report["dicom_seg"]["file"] == "flair_wmh_seg.dcm" and report["dicom_seg"]["frames"] == 7
+    assert report["dicom_outline"]["images"] == 7 and report["dicom_outline"]["series_number"] == 1007
+    assert report["dicom_seg"]["series_number"] == 2007
+    ds = pydicom.dcmread(out / "flair_wmh_seg.dcm")
+    assert ds.SOPInstanceUID == report["dicom_seg"]["sop_instance_uid"]
+    assert ds.SeriesInstanceUID == report["dicom_seg"]["series_uid"] != report["dicom_outline"]["series_uid"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair_wmh.nrrd")))
+    assert np.array_equal(frames_of(ds), mask) and mask.any()
+    assert f"{report['volume_ml']:.2f} ml" in ds.SegmentSequence[0].SegmentDescription
+    plain_report = json.loads((out / "plain_report.json").read_text(encoding="utf-8"))
+    assert "dicom_seg" not in plain_report and not (out / "plain_wmh_seg.dcm").exists()
+    assert any(w.startswith("no DICOM SEG: the input is not DICOM") for w in plain_report["warnings"])
+    assert "no DICOM SEG" in capsys.readouterr().err
+    # a rerun: skipped, the SEG untouched
+    written = (out / "flair_wmh_seg.dcm").stat().st_mtime_ns
+    assert main(args + ["--dicom-seg"]) == 0
+    assert (out / "flair_wmh_seg.dcm").stat().st_mtime_ns == written
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert {r["case"]: r["status"] for r in csv.DictReader(f)}["flair"] == "skipped"
+    # --overwrite: a new instance in a new series; no temporary file left
+    assert main(args + ["--dicom-seg", "--overwrite"]) == 0
+    again = pydicom.dcmread(out / "flair_wmh_seg.dcm")
+    assert again.SOPInstanceUID != ds.SOPInstanceUID and again.SeriesInstanceUID != ds.SeriesInstanceUID
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and "deepwml-lock" not in p.name]
+    assert not (out / "flair_outline_dicom").exists()  # not asked for this time: removed, as its report listed it
+    # --overwrite without --dicom-seg: the earlier SEG goes
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "flair_wmh_seg.dcm").exists()
+    # a SEG without its report: an incomplete set, refused without --overwrite
+    for path in out.glob("flair*"):
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    (out / "flair_wmh_seg.dcm").write_bytes(b"an earlier run's")
+    assert main(args[:2] + args[3:] + ["--dicom-seg"]) == 1
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert "incomplete set of outputs (flair_wmh_seg.dcm" in next(csv.DictReader(f))["error"]
+
+
+def test_a_seg_written_inside_the_export_leaves_the_case_as_it_was(tmp_path, tiny_model):
+    """-o inside a PACS export with --dicom-seg: the SEG joins the study on disk (Modality SEG, never a FLAIR
+    candidate), yet the next run finds the same case, whose outputs exist: skipped."""
+    export = tmp_path / "export"
+    source_series(export / "patientA" / "flair")
+    out = export / "results"
+    args = ["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-seg",
+            "--no-brain-mask"]
+    assert main(args) == 0
+    assert (out / "patientA_flair_wmh_seg.dcm").is_file()
+    assert main(args) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert [(r["case"], r["status"]) for r in csv.DictReader(f)] == [("patientA_flair", "skipped")]
+
+
+def test_a_seg_back_in_its_folder_is_never_taken_for_the_flair(tmp_path):
+    """Sent to PACS and exported again beside the FLAIR's images, the SEG, whose description holds the FLAIR's, is
+    Modality SEG: never a FLAIR candidate, nor chosen by the description both share."""
+    folder = source_series(tmp_path / "flair")
+    made, _ = make_seg(folder, folder / "seg.dcm")
+    flair, how = io.choose_dicom_series(folder)
+    assert flair.uid == "1.2.3.4.5" and how == "the only one of 2 series that looks like a FLAIR"
+    assert io.choose_dicom_series(folder, "flair")[0].uid == "1.2.3.4.5"  # the SEG's "(AX T2 FLAIR)" too
+    chosen = io.choose_dicom_series(folder, str(made.series_number))[0]
+    assert chosen.uid == made.series_uid and chosen.derived and not flair.derived
+
+
+@pytest.mark.shared
+def test_a_real_flair_as_a_dicom_series(tmp_path, shared_data):
+    """A clinical FLAIR (oblique, 320 x 320 x 36), written as a DICOM series: the SEG of a mask of its brightest
+    voxels has each frame equal to that mask on the source image it names, read by pydicom; its size and the
+    time to make it are what README states (a frame of 320 x 320 bits is 12.5 kB)."""
+    scan = sitk.ReadImage(str(shared_data / "open_ms" / "clinical_flair" / "patient01_study1.nii.gz"))
+    scan = sitk.Cast(scan, sitk.sitkInt16)
+    values = sitk.GetArrayViewFromImage(scan)
+    level = int(np.percentile(values[values > 0], 99.5))
+    folder = write_dicom_series(tmp_path / "flair", scan, description="AX FLAIR", extra=PATIENT)
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    mask = sitk.Cast(flair >= level, sitk.sitkUInt8)
+    start = time.perf_counter()
+    made = dicom_seg.segmentation(flair, mask, series, {})
+    seconds = time.perf_counter() - start
+    io.write_bytes(made.data, tmp_path / "s.dcm")
+    ds = check_against_sources(tmp_path / "s.dcm", folder, lesion=level)
+    assert int(ds.NumberOfFrames) == 36 and frames_of(ds).sum() == sitk.GetArrayViewFromImage(mask).sum() > 0
+    assert len(made.data) < 36 * 320 * 320 / 8 + 100_000 and seconds < 10
