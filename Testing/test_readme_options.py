@@ -232,3 +232,52 @@ def test_every_image_format_read_is_named_where_inputs_are_listed():
         assert ext in help_text, f"deepwml segment --help does not name {ext}"
         assert f"`{ext}`" in segment_words.group(1), f"README's INPUT paragraph does not name {ext}"
         assert f"`{ext}`" in batch_words.group(1), f"README's batch-script paragraph does not name {ext}"
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: the heading's text without its inline markup, lower
+    case, every character but letters, digits, `_`, `-` and spaces dropped, spaces made `-`; a repeated anchor gets
+    -1, -2, ... Lines in fenced code blocks (a `# comment` in a bash block) are no headings."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = None if fenced else re.match(r"#{1,6} +(.*?)[ #]*$", line)
+        if not heading:
+            continue
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.group(1))  # a link: its text
+        slug = re.sub(r"[^\w\- ]", "", text.replace("`", "").lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_heading_anchors_follow_githubs_rules():
+    made = heading_anchors("# DeepWML\n## Set-up and first run (fresh machine, Python ≥ 3.10)\n```bash\n# 1. install\n"
+                           "```\n### How it works, and how `io` is handled\n## Use\n## Use\n")
+    assert made == {"deepwml", "set-up-and-first-run-fresh-machine-python--310", "how-it-works-and-how-io-is-handled",
+                    "use", "use-1"}
+
+
+def test_every_link_within_readme_and_to_its_files_resolves():
+    """README's contents list and cross-references link to its own headings (`](#anchor)`) and to other files of
+    the repository, some to a heading there (`](Testing/benchmarks/README.md#anchor)`): a heading renamed, or a
+    file moved, leaves a link a newcomer clicks to nothing, and GitHub says nothing about it."""
+    links = re.findall(r"\]\(([^)\s]+)\)", README)
+    own = heading_anchors(README)
+    broken = []
+    for target in links:
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        if path and not (REPO / path).exists():
+            broken.append(target)
+        elif anchor and anchor not in (heading_anchors((REPO / path).read_text(encoding="utf-8")) if path else own):
+            broken.append(target)
+    assert len([t for t in links if t.startswith("#")]) >= 15, "README's contents list was not found"
+    assert broken == [], "README links to no heading or file: " + ", ".join(broken)
