@@ -1301,6 +1301,10 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         raise DeepWMLError(io.undecodable_dicom(path) or _only_outputs(path)
                            or f"{path} is a folder without image files or a DICOM series{_subfolders_hint(path)}"
                               f"{io.windows_path_hint(path)}")
+    if path.is_dir() and study is None and series is None:  # OUTDIR given for the scans, a DICOM SEG among its outputs
+        only = _only_outputs(path)
+        if only and all(s.derived for s in io.dicom_series(path)):
+            raise DeepWMLError(only)
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
     tell = progress or (lambda fraction, message: None)

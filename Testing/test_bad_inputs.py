@@ -218,6 +218,8 @@ BAD_INPUTS = [
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
     ("--dicom-seg with a NIfTI input", "segment", 0, "ok: segmented, no DICOM SEG, warning printed (\"the input is not DICOM\")"),
     ("--dicom-seg with a DICOM series without a Frame of Reference UID", "segment", 1, "no Frame of Reference UID"),
+    ("a folder holding only a DICOM SEG (a segmentation sent back from PACS; it was read as the scan and called a label "
+     "mask)", "segment", 1, "holds only a DICOM Segmentation (Modality SEG"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -772,6 +774,19 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                            description="AX FLAIR")  # (0020,0052) not written
         return seg + [str(tmp / "in" / "flair"), "--dicom-seg"]
+    if row_id.startswith("a folder holding only a DICOM SEG"):
+        from DeepWMLLib import dicom_seg
+
+        folder = write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR", extra={"0020|0052": "1.2.3.9"})
+        series, _ = io.choose_dicom_series(folder)
+        image = io.read_image(folder, series=series)
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(image)
+        (tmp / "in" / "seg").mkdir()
+        made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
+        (tmp / "in" / "seg" / "seg.dcm").write_bytes(made.data)
+        return seg + [str(tmp / "in" / "seg")]
     if row_id == "--dicom-outline where the outline folder holds other files":
         write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                            description="AX FLAIR")

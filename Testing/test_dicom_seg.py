@@ -412,6 +412,25 @@ def test_a_seg_back_in_its_folder_is_never_taken_for_the_flair(tmp_path):
     assert chosen.uid == made.series_uid and chosen.derived and not flair.derived
 
 
+def test_an_outdir_holding_a_seg_given_as_input_is_named_as_outputs_and_a_lone_seg_as_no_flair(tmp_path, tiny_model):
+    """OUTDIR given for the scans: its SEG, a DICOM file, made it a DICOM folder whose only series (the SEG) was read
+    as the FLAIR and refused as 'a label mask'; it is the earlier run's outputs, as a folder of its mask files is
+    called. A SEG alone in a folder (sent back from PACS) is refused as a segmentation, not read as a scan."""
+    folder = source_series(tmp_path / "flair")
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(["segment", str(folder), "-o", str(out), "--dicom-seg"] + args) == 0
+    assert main(["segment", str(out), "-o", str(tmp_path / "again")] + args) == 1
+    with open(tmp_path / "again" / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        error = next(csv.DictReader(f))["error"]
+    assert "holds only the outputs of an earlier DeepWML run (1 case(s): flair)" in error
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "flair_wmh_seg.dcm", alone / "seg.dcm")
+    with pytest.raises(DeepWMLError, match=r"holds only a DICOM Segmentation \(Modality SEG.*not a scan"):
+        io.choose_dicom_series(alone)
+
+
 @pytest.mark.shared
 def test_a_real_flair_as_a_dicom_series(tmp_path, shared_data):
     """A clinical FLAIR (oblique, 320 x 320 x 36), written as a DICOM series: the SEG of a mask of its brightest
