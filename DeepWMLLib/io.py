@@ -25,6 +25,7 @@ import csv
 import errno
 import gzip
 import json
+import logging
 import math
 import os
 import re
@@ -2882,12 +2883,16 @@ _SHARED_GROUPS, _PER_FRAME_GROUPS = 0x52009229, 0x52009230
 _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION = 0x00289110, 0x00209113, 0x00209116
 _MR_TIMING, _MR_ECHO, _MR_MODIFIER = 0x00189112, 0x00189114, 0x00189115  # the sequence's timing groups
 _MR_DIFFUSION, _MR_FRAME_TYPE = 0x00189117, 0x00189226  # MR Diffusion, MR Image Frame Type
+# a DICOM Segmentation's Segment Sequence and each frame's Segment Identification (`read_dicom_seg`)
+_SEGMENT_SEQUENCE, _SEGMENT_IDENTIFICATION = 0x00620002, 0x0062000A
 _GROUP_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION,
-                    _MR_TIMING, _MR_ECHO, _MR_MODIFIER, _MR_DIFFUSION, _MR_FRAME_TYPE}
+                    _MR_TIMING, _MR_ECHO, _MR_MODIFIER, _MR_DIFFUSION, _MR_FRAME_TYPE, _SEGMENT_SEQUENCE,
+                    _SEGMENT_IDENTIFICATION}
 # transfer syntax; position, orientation, pixel spacing, slice thickness; repetition time, inversion times,
-# effective echo time; Diffusion b-value, Diffusion Directionality, Frame Type
+# effective echo time; Diffusion b-value, Diffusion Directionality, Frame Type; Spacing Between Slices, Segment
+# Number, Segment Label, Referenced Segment Number (a DICOM SEG's)
 _WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x00180080, 0x00189079, 0x00189082,
-            0x00189087, 0x00189075, 0x00089007} | _GROUP_SEQUENCES)
+            0x00189087, 0x00189075, 0x00089007, 0x00180088, 0x00620004, 0x00620005, 0x0062000B} | _GROUP_SEQUENCES)
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED,
@@ -3299,9 +3304,11 @@ def frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
     give; None where the file gives no per-frame positions (a legacy multi-frame file) or cannot be parsed
     (big endian, deflated)."""
     found = _functional_groups(path)
-    if found is None:
-        return None
-    shared, frames = found
+    return None if found is None else _groups_geometry(*found)
+
+
+def _groups_geometry(shared: dict, frames: list) -> tuple[list, list, np.ndarray | None] | None:
+    """`frame_geometry` of functional groups already read (`_functional_groups`)."""
     first = _group_value
     positions = [first(frame, _PLANE_POSITION, 0x00200032) for frame in frames]
     if not frames or any(p is None or p.shape != (3,) for p in positions):
@@ -3976,13 +3983,17 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
 
     With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
     (`onto_grid`: reordered, or padded when cropped to its lesions; nothing interpolated). A Slicer
-    `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image. A two-valued mask whose
+    `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image, a DICOM Segmentation (a file, or a
+    folder holding one alone) by its segments and frames (`read_dicom_seg`). A two-valued mask whose
     lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
     (0.99999994: round-off) as those numbers.
     """
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
-    # Slicer, say) is no label of the mask conventions
-    image = lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
+    # Slicer, say) is no label of the mask conventions; a DICOM SEG (a file, or a folder holding one alone) by its
+    # own functional groups (GDCM read one whose every frame is present as a 0/255 volume by chance, and refused
+    # a SEG without its empty frames)
+    seg = dicom_seg_file(path)
+    image = read_dicom_seg(seg) if seg else lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
     mask = label_mask(image, str(path))
     if reference is not None:
         mask = onto_grid(mask, reference, str(path), reference_name)
@@ -5089,9 +5100,10 @@ def segment_names(path: str | os.PathLike) -> list[str]:
 
 
 def lesion_segment_names(path: str | os.PathLike) -> list[str]:
-    """The segments of a `.seg.nrrd` read as lesion: its segments named WMH, else every segment but DeepWML's
-    ventricles (a rater's segments of any names); [] for any other file."""
-    names = segment_names(path)
+    """The segments of a `.seg.nrrd` or a DICOM SEG (`dicom_seg_file`) read as lesion: its segments named WMH, else
+    every segment but DeepWML's ventricles (a rater's segments of any names); [] for any other file."""
+    seg = dicom_seg_file(path)
+    names = dicom_seg_labels(seg) if seg else segment_names(path)
     # names compared regardless of case, every segment of the name ('WMH' and 'wmh'), as the module reads them
     wmh = [n for n in names if n.lower() == "wmh"]
     return wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
@@ -5148,6 +5160,266 @@ def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> si
     image.SetOrigin(matrix[:3, 3].tolist())
     _check_placement(image, str(path), "the header is damaged; correct it or save the segmentation again (3D Slicer: "
                      "Segmentations, Export to files)")
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# A DICOM Segmentation (SEG) given as a mask: a rater's outline from PACS or OHIF, DeepWML's own --dicom-seg
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# SOP Class UID, Modality, Number of Frames, Rows, Columns, Bits Allocated, Segmentation Type, Maximum Fractional
+# Value, Segment Sequence, and the functional groups (frame geometry, Referenced Segment Number)
+_SEG_TOP = _WANTED | {0x00080016, 0x00080060, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00620001,
+                      0x0062000E}
+_IMPLICIT_LITTLE, _EXPLICIT_LITTLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+_SEG_MAX_SLICES = 4096  # a grid of more slices: frames a fraction of a slice apart, not a mask to read
+
+
+def _is_dicom_seg_file(path: Path) -> bool:
+    """Whether a file is a DICOM Segmentation (Part 10, its meta group's Media Storage SOP Class)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if head[128:132] != b"DICM":
+            return False
+        meta, _ = _dataset(head, 132, len(head), True, "meta", {0x00020002})
+    except (OSError, ValueError, struct.error):
+        return False
+    return meta.get(0x00020002, b"").decode("ascii", "replace").strip(" \0") == SEGMENTATION_STORAGE
+
+
+def dicom_seg_file(path: str | os.PathLike) -> Path | None:
+    """The DICOM Segmentation a mask's path names: a DICOM file that is one (whatever its name: `rater.dcm`), or a
+    folder whose only DICOM series is one (a SEG exported from PACS alone in its folder); None for anything else.
+    A folder of a SEG series of several files is refused (DeepWML reads a SEG of one file, as PACS and OHIF keep it)."""
+    p = Path(path)
+    try:
+        if p.is_file():
+            return p if _is_dicom_seg_file(p) else None
+        if not p.is_dir():
+            return None
+    except OSError:
+        return None  # read_any says why
+    series = [s for s in dicom_series(p)]
+    if len(series) != 1 or series[0].modality != "SEG":
+        return None
+    if len(series[0].files) != 1:
+        raise DeepWMLError(f"{p} holds a DICOM Segmentation series of {len(series[0].files)} files "
+                           f"({series[0].label()}); DeepWML reads a segmentation of one file: give that file")
+    return Path(series[0].files[0])
+
+
+def _us(value) -> int | None:
+    """An unsigned short (US) value, little endian."""
+    return struct.unpack_from("<H", value)[0] if isinstance(value, bytes) and len(value) >= 2 else None
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace").strip(" \0") if isinstance(value, bytes) else ""
+
+
+@dataclass
+class _SegFile:
+    top: dict  # the top-level elements of _SEG_TOP
+    pixels: bytes  # Pixel Data's value
+
+
+def _seg_parts(path: Path) -> _SegFile:
+    """A DICOM SEG's top-level elements and its Pixel Data, read by `_dataset`; DeepWMLError where it cannot be."""
+    import mmap
+
+    def fault(why: str) -> DeepWMLError:
+        return DeepWMLError(f"{path}: the DICOM Segmentation {why}; export it again from PACS (or the viewer it was "
+                            "drawn in)")
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            meta, start = _dataset(data, 132, len(data), True, "meta", {0x00020010})
+            syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
+            if syntax not in (_IMPLICIT_LITTLE, _EXPLICIT_LITTLE):
+                raise DeepWMLError(f"{path}: the DICOM Segmentation is stored in transfer syntax {syntax or 'unknown'} "
+                                   "(compressed, deflated or big endian), which DeepWML does not decode; save it "
+                                   "uncompressed, Explicit VR Little Endian (e.g. gdcmconv --raw, or dcmdrle for RLE)")
+            explicit = syntax == _EXPLICIT_LITTLE
+            top, at = _dataset(data, start, len(data), explicit, "top", _SEG_TOP)
+            if at + 8 > len(data) or struct.unpack_from("<HH", data, at) != (0x7FE0, 0x0010):
+                raise fault("holds no Pixel Data")
+            length, begin = (struct.unpack_from("<I", data, at + 8)[0], at + 12) if explicit else \
+                (struct.unpack_from("<I", data, at + 4)[0], at + 8)
+            if length == 0xFFFFFFFF:
+                raise fault("holds its Pixel Data encapsulated (compressed) under an uncompressed transfer syntax")
+            pixels = bytes(data[begin:begin + length])
+            if len(pixels) < length:
+                raise fault(f"is cut short: its Pixel Data holds {len(pixels)} of {length} bytes")
+    except (OSError, ValueError, struct.error) as exc:
+        raise fault(f"cannot be parsed ({exc})") from exc
+    return _SegFile(top, pixels)
+
+
+def _seg_segments(path: Path, top: dict) -> dict[int, str]:
+    """{Segment Number: Segment Label} of a SEG's Segment Sequence."""
+    segments = {}
+    for item in top.get(_SEGMENT_SEQUENCE) or []:
+        number = _us(item.get(0x00620004)) if isinstance(item, dict) else None
+        if number is not None:
+            segments[number] = _text(item.get(0x00620005))
+    if not segments:
+        raise DeepWMLError(f"{path}: the DICOM Segmentation lists no segments (Segment Sequence); export it again "
+                           "from PACS (or the viewer it was drawn in)")
+    return segments
+
+
+def _lesion_numbers(segments: dict[int, str]) -> list[int]:
+    """The segments read as lesion, as `lesion_segment_names` chooses them: those labelled WMH (any case), else
+    every segment but DeepWML's ventricles."""
+    wmh = [n for n, label in segments.items() if label.lower() == "wmh"]
+    return wmh or [n for n, label in segments.items() if label.lower() != VENTRICLE_SEGMENT.lower()]
+
+
+def dicom_seg_labels(path: str | os.PathLike) -> list[str]:
+    """The segment labels of a DICOM SEG file (`dicom_seg_file`), in segment-number order."""
+    segments = _seg_segments(Path(path), _seg_parts(Path(path)).top)
+    return [segments[n] for n in sorted(segments)]
+
+
+def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
+    """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
+
+    Segments: those labelled WMH (any case), else every segment but 'Lateral ventricles' (as a `.seg.nrrd`'s,
+    `lesion_segment_names`; a warning where segments of several labels are joined). Pixels: BINARY, 1 bit a pixel,
+    the frames' bits one run, the first pixel in the lowest bit; FRACTIONAL, 8 bits, a pixel lesion at half its
+    Maximum Fractional Value or more. Each frame is placed by its Plane Position on a grid of the frames' shared
+    orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the frames'
+    smallest step (every step a whole number of it), else one slice of its Slice Thickness; the grid spans the
+    frames present (a SEG without its empty frames: `onto_grid` pads it onto the scan's), frames of lesion segments
+    at one position joined. Frames off that grid (between slices, shifted within their plane: a tilt) or in other
+    orientations are refused."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    seg = _seg_parts(path)
+    top = seg.top
+
+    def refuse(why: str) -> DeepWMLError:
+        return DeepWMLError(f"{path}: the DICOM Segmentation {why}")
+
+    kind = _text(top.get(0x00620001)).upper()
+    rows, columns, bits = (_us(top.get(tag)) for tag in (0x00280010, 0x00280011, 0x00280100))
+    if kind not in ("BINARY", "FRACTIONAL"):
+        raise refuse(f"is of Segmentation Type {kind or 'none given'}; DeepWML reads BINARY and FRACTIONAL "
+                     "segmentations: save it as one of those")
+    if not rows or not columns:
+        raise refuse("gives no Rows or Columns; export it again")
+    if bits != (1 if kind == "BINARY" else 8):
+        raise refuse(f"is {kind} with Bits Allocated {bits} (a {kind} SEG has {1 if kind == 'BINARY' else 8}); "
+                     "export it again")
+    segments = _seg_segments(path, top)
+    lesion = _lesion_numbers(segments)
+    if not lesion:
+        raise refuse(f"has no lesion segment (only {VENTRICLE_SEGMENT!r})")
+    shown = sorted({segments[n] for n in lesion}, key=str.lower)
+    if len({name.lower() for name in shown}) > 1:
+        logging.getLogger(__name__).warning(
+            "%s: a DICOM Segmentation of several segments, none labelled WMH (%s); all of them are read as lesion. "
+            "If one is not lesion, label the lesion segment WMH (it alone is read then)", path, ", ".join(shown))
+    shared = (top.get(_SHARED_GROUPS) or [{}])[0]
+    frames = top.get(_PER_FRAME_GROUPS) or []
+    count = _numbers(top.get(0x00280008))
+    if not frames or count is None or not count.size or int(count[0]) != len(frames):
+        raise refuse(f"gives {len(frames)} frames' functional groups for Number of Frames "
+                     f"{int(count[0]) if count is not None and count.size else 'none'}; export it again")
+    geometry = _groups_geometry(shared, frames)
+    if geometry is None:
+        raise refuse("does not give each frame's position (Plane Position Sequence), so its frames cannot be placed")
+    positions, orientations, pixel_spacing = geometry
+    if pixel_spacing is None or pixel_spacing.shape != (2,) or not np.all(pixel_spacing > 0):
+        raise refuse("gives no Pixel Spacing (Pixel Measures), so its pixels' size is unknown")
+    if any(o is None or o.shape != (6,) for o in orientations):
+        raise refuse("does not give its frames' orientation (Plane Orientation Sequence)")
+    cosines = np.array(orientations, float)
+    if np.abs(cosines - cosines[0]).max() > 1e-4:
+        odd = int(np.argmax(np.abs(cosines - cosines[0]).max(axis=1)))
+        raise refuse(f"has frames in other orientations (frame {odd + 1}: "
+                     f"{chr(92).join(f'{v:g}' for v in cosines[odd])}, frame 1: "
+                     f"{chr(92).join(f'{v:g}' for v in cosines[0])}); DeepWML reads a SEG whose frames are slices of "
+                     "one volume")
+    row, column = cosines[0][:3], cosines[0][3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3 or abs(row @ column) > 1e-3:
+        raise refuse(f"gives an Image Orientation of no two perpendicular unit vectors "
+                     f"({chr(92).join(f'{v:g}' for v in cosines[0])}): a damaged header")
+    normal = np.cross(row, column)
+    points = np.array(positions, float)
+    along = points @ normal
+    low = int(np.argmin(along))
+    offsets = points - points[low]
+    within = offsets - np.outer(offsets @ normal, normal)  # each frame's shift within the plane
+    shift = float(np.abs(within @ np.stack([row, column], axis=1)).max(initial=0.0) if len(points) else 0.0)
+    if shift > 0.1 * float(pixel_spacing.min()):
+        odd = int(np.argmax(np.linalg.norm(within, axis=1)))
+        raise refuse(f"has frames shifted within their plane against one another (frame {odd + 1} by "
+                     f"{float(np.linalg.norm(within[odd])):.3g} mm: a tilted stack, or frames of several series), so "
+                     "they lie on no one voxel grid")
+    given = _group_value(shared, _PIXEL_MEASURES, 0x00180088)
+    steps = np.diff(np.unique(np.round(along - along[low], 3)))
+    if given is not None and given.size and np.isfinite(given[0]) and abs(float(given[0])) > 0:
+        step, source = abs(float(given[0])), "its Spacing Between Slices"
+    elif steps.size:
+        step, source = float(steps.min()), "its frames' smallest step"
+    else:
+        thickness = _group_value(shared, _PIXEL_MEASURES, 0x00180050)
+        if thickness is None:
+            thickness = _group_value(frames[0], _PIXEL_MEASURES, 0x00180050)
+        if thickness is None or not thickness.size or not np.isfinite(thickness[0]) or thickness[0] <= 0:
+            raise refuse("has frames at one position only and gives neither Spacing Between Slices nor Slice "
+                         "Thickness, so its slices' spacing is unknown")
+        step, source = float(thickness[0]), "its Slice Thickness"
+    index = (along - along[low]) / step
+    off = np.abs(index - np.round(index)) * step
+    if off.max() > _slice_tolerance_mm(step):
+        odd = int(np.argmax(off))
+        raise refuse(f"has frames between slices: frame {odd + 1} lies {index[odd]:.3g} slices from the first, on "
+                     f"slices {step:.4g} mm apart ({source}); its frames lie on no one voxel grid: export it again "
+                     "on the scan's slices")
+    index = np.round(index).astype(int)
+    slices = int(index.max()) + 1
+    if slices > _SEG_MAX_SLICES:
+        raise refuse(f"spans {slices} slices {step:.4g} mm apart ({source}): frames a fraction of a slice apart")
+    numbers = []
+    for frame in frames:
+        items = frame.get(_SEGMENT_IDENTIFICATION) if isinstance(frame, dict) else None
+        if not items:
+            items = shared.get(_SEGMENT_IDENTIFICATION) if isinstance(shared, dict) else None
+        value = _us(items[0].get(0x0062000B)) if items and isinstance(items[0], dict) else None
+        if value is None and len(segments) == 1:
+            value = next(iter(segments))
+        if value not in segments:
+            raise refuse(f"gives frame {len(numbers) + 1} the segment number {value}, which its Segment Sequence does "
+                         f"not list ({', '.join(map(str, sorted(segments)))})")
+        numbers.append(value)
+    plane = rows * columns
+    needed = (plane * len(frames) + 7) // 8 if kind == "BINARY" else plane * len(frames)
+    if len(seg.pixels) < needed:
+        raise refuse(f"holds {len(seg.pixels)} bytes of Pixel Data, and {len(frames)} frames of {rows} x {columns} "
+                     f"{kind} pixels need {needed}: a damaged file; export it again")
+    raw = np.frombuffer(seg.pixels, np.uint8, count=needed)
+    if kind == "BINARY":
+        pixels = np.unpackbits(raw, bitorder="little", count=plane * len(frames)).reshape(len(frames), rows, columns)
+    else:
+        maximum = _us(top.get(0x0062000E))
+        if not maximum:
+            raise refuse("is FRACTIONAL but gives no Maximum Fractional Value; export it again")
+        # a voxel is lesion where its fraction (probability or occupancy) is one half or more
+        pixels = (raw.astype(np.uint16) * 2 >= maximum).reshape(len(frames), rows, columns)
+    array = np.zeros((slices, rows, columns), np.uint8)
+    chosen = set(lesion)
+    for k, (number, at) in enumerate(zip(numbers, index)):
+        if number in chosen:
+            array[at] |= pixels[k].astype(np.uint8)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))
+    image.SetDirection(np.column_stack([row, column, normal]).ravel().tolist())
+    image.SetOrigin(points[low].tolist())
+    _check_placement(image, str(path), "the header is damaged; export the segmentation again")
     return image
 
 

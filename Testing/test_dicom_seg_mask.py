@@ -1,0 +1,218 @@
+"""A DICOM Segmentation (SEG) given as a mask: a rater's outline from PACS or OHIF, or DeepWML's own `segment
+--dicom-seg`, read by evaluate, consensus, change and train wherever a mask is read (io.read_mask: io.read_dicom_seg,
+its functional groups parsed by io itself). Made here with highdicom (a test dependency) in the ways PACS tools
+write them: without their empty frames, of several segments, FRACTIONAL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import io
+from DeepWMLLib.cli import main
+from DeepWMLLib.errors import DeepWMLError
+
+from conftest import rotation
+
+pydicom = pytest.importorskip("pydicom")
+hd = pytest.importorskip("highdicom")
+
+from test_dicom_seg import LESION, source_series  # noqa: E402  (after the skips: it imports pydicom itself)
+
+
+def rater_mask(flair: sitk.Image, seed: int = 0) -> np.ndarray:
+    """A rater's mask on the phantom (slices, rows, columns): its lesion, less a few voxels (seeded), and slices
+    0, 3 and 5 left empty, the phantom's 2 is (their frames omitted in a sparse SEG: its grid spans slices 1 to 6)."""
+    mask = (sitk.GetArrayFromImage(flair) >= LESION).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    mask[rng.random(mask.shape) < 0.15] = 0
+    mask[[0, 3, 5]] = 0
+    return mask
+
+
+def highdicom_seg(folder, out, segments: dict, kind: str = "BINARY", omit: bool = True):
+    """A SEG of the source series in `folder` (an axial phantom: slice k at the k-th lowest position) written by
+    highdicom to `out`: one segment per (label, array of slices, rows, columns), `omit` leaving out empty frames."""
+    sources = sorted((pydicom.dcmread(p) for p in sorted(folder.iterdir())),
+                     key=lambda d: float(d.ImagePositionPatient[2]))
+    for source in sources:  # the phantom's files give GDCM's Spacing Between Slices, 1 mm, which highdicom copies
+        source.SpacingBetweenSlices = 5.0
+    codes = pydicom.sr.codedict.codes
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=k + 1, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        for k, label in enumerate(segments)]
+    pixels = np.stack(list(segments.values()), axis=-1)
+    fractional = kind == "FRACTIONAL"
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels.astype(np.float32 if fractional else np.uint8),
+        segmentation_type=getattr(hd.seg.SegmentationTypeValues, kind), segment_descriptions=descriptions,
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None,
+        series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="OHIF", manufacturer_model_name="viewer", software_versions="3", device_serial_number="1",
+        omit_empty_frames=omit)
+    seg.save_as(out)
+    return seg
+
+
+def as_file(array: np.ndarray, like: sitk.Image, path) -> str:
+    """The mask as a file on the scan's grid: NRRD, whose voxel size is a double as the SEG's is (NIfTI's float32
+    one puts volumes 1e-7 off)."""
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(like)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def evaluated(tmp_path, prediction, reference, name: str) -> dict:
+    assert main(["evaluate", "--prediction", str(prediction), "--reference", str(reference), "--json",
+                 str(tmp_path / f"{name}.json")]) == 0
+    return json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def phantom_case(tmp_path):
+    """(the source series' folder, the FLAIR as read, a prediction file on it: the phantom's whole lesion)."""
+    folder = source_series(tmp_path / "flair")
+    flair = io.read_image(folder)
+    prediction = as_file(sitk.GetArrayFromImage(flair) >= LESION, flair, tmp_path / "prediction.nrrd")
+    return folder, flair, prediction
+
+
+def test_deepwmls_own_seg_as_the_reference_gives_dice_1(tmp_path, tiny_model):
+    """`segment --dicom-seg` on an oblique DICOM series; its SEG (a file, or its folder) given to `deepwml
+    evaluate --reference` against the mask file it was made with: Dice 1 exactly, the same lesions. It was refused
+    as an unsupported file type (a folder: a lone SEG, 'not a scan')."""
+    folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--dicom-seg"]) == 0
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair_wmh.nrrd"))).any()
+    result = evaluated(tmp_path, out / "flair_wmh.nrrd", out / "flair_wmh_seg.dcm", "own")
+    assert result["dice"] == 1.0 and result["n_reference_lesions"] == result["n_predicted_lesions"] > 0
+    (tmp_path / "pacs").mkdir()
+    shutil.copy(out / "flair_wmh_seg.dcm", tmp_path / "pacs" / "IM0001")  # as PACS exports it: a folder, no extension
+    assert evaluated(tmp_path, out / "flair_wmh.nrrd", tmp_path / "pacs", "folder")["dice"] == 1.0
+    mask = io.read_mask(tmp_path / "pacs", io.read_image(folder))
+    assert np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair_wmh.nrrd"))))
+
+
+def _same_figures(a: dict, b: dict) -> None:
+    keys = ("dice", "sensitivity", "precision", "hd95_mm", "avd_percent", "lesion_f1", "n_reference_lesions",
+            "n_predicted_lesions", "reference_volume_ml", "prediction_volume_ml")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_a_sparse_seg_gives_the_figures_of_the_same_mask_as_file(tmp_path, phantom_case):
+    """highdicom's default leaves out empty frames: slices 1, 4 and 6 of 7 given; the grid spans the frames
+    present and is padded onto the prediction's (evaluate) and the FLAIR's (read_mask with it)."""
+    folder, flair, prediction = phantom_case
+    mask = rater_mask(flair)
+    seg = highdicom_seg(folder, tmp_path / "rater.dcm", {"WMH": mask})
+    assert int(seg.NumberOfFrames) == 3
+    alone = io.read_mask(tmp_path / "rater.dcm")
+    assert alone.GetSize() == (40, 28, 6) and np.allclose(alone.GetOrigin(), (-12, 20, -26))  # slices 1 to 6
+    on_flair = io.read_mask(tmp_path / "rater.dcm", flair)
+    assert np.array_equal(sitk.GetArrayFromImage(on_flair), mask)
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "rater.dcm", "seg"),
+                  evaluated(tmp_path, prediction, as_file(mask, flair, tmp_path / "rater.nrrd"), "file"))
+
+
+def test_segments_wmh_alone_else_all_but_the_ventricles(tmp_path, phantom_case, caplog):
+    """Two segments, WMH and another: WMH alone is lesion (figures as the WMH mask's file). Without a WMH
+    segment, every segment but 'Lateral ventricles' is, joined (a warning names them), as a .seg.nrrd is read."""
+    folder, flair, prediction = phantom_case
+    wmh, other = rater_mask(flair, 1), np.zeros((7, 28, 40), np.uint8)
+    other[:, 20:24, 20:30] = 1
+    highdicom_seg(folder, tmp_path / "two.dcm", {"Brain": other, "wmh": wmh})
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "two.dcm", "two"),
+                  evaluated(tmp_path, prediction, as_file(wmh, flair, tmp_path / "wmh.nrrd"), "wmh"))
+    highdicom_seg(folder, tmp_path / "raters.dcm", {"lesion": wmh, "uncertain": other, "Lateral ventricles": other})
+    assert io.lesion_segment_names(tmp_path / "raters.dcm") == ["lesion", "uncertain"]
+    with caplog.at_level(logging.WARNING):
+        joined = io.read_mask(tmp_path / "raters.dcm", flair)
+    assert np.array_equal(sitk.GetArrayFromImage(joined), wmh | other)
+    assert "none labelled WMH (lesion, uncertain); all of them are read as lesion" in caplog.text
+    highdicom_seg(folder, tmp_path / "ventricles.dcm", {"Lateral ventricles": other})
+    with pytest.raises(DeepWMLError, match=r"ventricles\.dcm: the DICOM Segmentation has no lesion segment"):
+        io.read_mask(tmp_path / "ventricles.dcm")
+
+
+def test_a_fractional_seg_is_lesion_at_half_its_maximum(tmp_path, phantom_case):
+    """FRACTIONAL (8 bits, Maximum Fractional Value 255): a voxel of probability 0.6 is lesion, of 0.4 is not."""
+    folder, flair, prediction = phantom_case
+    mask = rater_mask(flair, 2)
+    probability = np.where(mask > 0, 0.6, 0.0)
+    probability[:, 20:24, 20:30] = 0.4
+    highdicom_seg(folder, tmp_path / "fractional.dcm", {"WMH": probability}, kind="FRACTIONAL", omit=False)
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "fractional.dcm", "fractional"),
+                  evaluated(tmp_path, prediction, as_file(mask, flair, tmp_path / "mask.nrrd"), "file"))
+
+
+def test_frames_between_slices_or_in_another_orientation_are_refused(tmp_path, phantom_case):
+    """A frame moved half a slice, one shifted within its plane (a tilt), one turned: refused, naming the SEG."""
+    folder, flair, _ = phantom_case
+    highdicom_seg(folder, tmp_path / "good.dcm", {"WMH": rater_mask(flair)}, omit=False)
+
+    def altered(name, change):
+        ds = pydicom.dcmread(tmp_path / "good.dcm")
+        change(ds.PerFrameFunctionalGroupsSequence[3])
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    def move(by):
+        def change(item):
+            item.PlanePositionSequence[0].ImagePositionPatient = [
+                float(v) + d for v, d in zip(item.PlanePositionSequence[0].ImagePositionPatient, by)]
+        return change
+
+    with pytest.raises(DeepWMLError, match=r"between\.dcm: the DICOM Segmentation has frames between slices: frame 4 "
+                                           r"lies 3\.5 slices from the first"):
+        io.read_mask(altered("between.dcm", move((0, 0, 2.5))))
+    with pytest.raises(DeepWMLError, match=r"tilt\.dcm: the DICOM Segmentation has frames shifted within their plane"):
+        io.read_mask(altered("tilt.dcm", move((0.3, 0, 0))))
+
+    def turn(item):
+        item.PlaneOrientationSequence = [pydicom.Dataset()]
+        item.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    with pytest.raises(DeepWMLError, match=r"turned\.dcm: the DICOM Segmentation has frames in other orientations"):
+        io.read_mask(altered("turned.dcm", turn))
+
+
+def test_consensus_of_two_raters_segs(tmp_path, phantom_case):
+    """`deepwml consensus` of two raters' SEGs, one without its empty frames: the figures of the same masks as
+    files, slice for slice."""
+    folder, flair, _ = phantom_case
+    a, b = rater_mask(flair, 3), rater_mask(flair, 4)
+    highdicom_seg(folder, tmp_path / "a.dcm", {"WMH": a})  # its empty frames left out: padded onto b's grid
+    highdicom_seg(folder, tmp_path / "b.dcm", {"WMH": b}, omit=False)
+    results = []
+    for name, pair in (("seg", (tmp_path / "a.dcm", tmp_path / "b.dcm")),
+                       ("file", (as_file(a, flair, tmp_path / "a.nrrd"), as_file(b, flair, tmp_path / "b.nrrd")))):
+        assert main(["consensus", str(pair[0]), str(pair[1]), "--json", str(tmp_path / f"{name}.json")]) == 0
+        results.append(json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8")))
+    assert results[0]["dice"] == results[1]["dice"] < 1
+    assert results[0] == results[1]
+
+
+def test_change_with_a_seg_as_the_follow_up_mask(tmp_path, phantom_case):
+    """`deepwml change --followup-mask RATER.dcm` (a sparse SEG) on the DICOM follow-up: as the mask file."""
+    folder, flair, _ = phantom_case
+    baseline = tmp_path / "baseline.nrrd"
+    sitk.WriteImage(flair, str(baseline))
+    earlier, later = rater_mask(flair, 5), rater_mask(flair, 6)
+    earlier[4:] = 0  # fewer lesions at baseline
+    highdicom_seg(folder, tmp_path / "later.dcm", {"WMH": later})
+    reports = []
+    for name, mask in (("seg", tmp_path / "later.dcm"), ("file", as_file(later, flair, tmp_path / "later.nrrd"))):
+        out = tmp_path / f"change_{name}"
+        assert main(["change", str(baseline), str(folder), "-o", str(out), "--baseline-mask",
+                     as_file(earlier, flair, tmp_path / "earlier.nrrd"), "--followup-mask", str(mask)]) == 0
+        report = json.loads(next(out.glob("*_change.json")).read_text(encoding="utf-8"))
+        reports.append({k: v for k, v in report.items() if "ml" in k or "count" in k})
+    assert reports[0] == reports[1] and reports[0]
