@@ -220,6 +220,11 @@ BAD_INPUTS = [
     ("--dicom-seg with a DICOM series without a Frame of Reference UID", "segment", 1, "no Frame of Reference UID"),
     ("a folder holding only a DICOM SEG (a segmentation sent back from PACS; it was read as the scan and called a label "
      "mask)", "segment", 1, "holds only a DICOM Segmentation (Modality SEG"),
+    ("a DICOM SEG given as the reference (a rater's outline from PACS: the folder it was exported in; it was refused "
+     "as no scan, and a SEG file as an unsupported file type)", "evaluate", 0,
+     "ok: read by its segments and frames (Dice 1 against the mask it holds)"),
+    ("a DICOM SEG given as the reference whose frames lie between the scan's slices (a frame moved half a slice)",
+     "evaluate", 1, "has frames between slices"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -787,6 +792,24 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
         (tmp / "in" / "seg" / "seg.dcm").write_bytes(made.data)
         return seg + [str(tmp / "in" / "seg")]
+    if row_id.startswith("a DICOM SEG given as the reference"):
+        from DeepWMLLib import dicom_seg
+
+        scan = sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16)
+        extra = {"0020|0052": "1.2.3.9"}
+        flair = io.read_image(write_dicom_series(tmp / "in" / "flair", scan, description="AX FLAIR", extra=extra))
+        positions = [scan.TransformIndexToPhysicalPoint((0, 0, k)) for k in range(scan.GetDepth())]
+        if "between" in row_id:  # the SEG made of a series whose slice 4 lies half a slice up
+            normal = np.array(scan.GetDirection()).reshape(3, 3)[:, 2]
+            positions[4] = tuple(np.array(positions[4]) + 0.5 * scan.GetSpacing()[2] * normal)
+        source = write_dicom_series(tmp / "in" / "source", scan, uid="1.2.3.4.6", description="AX FLAIR", extra=extra,
+                                    positions=positions)
+        made = dicom_seg.segmentation(flair, io.read_mask(p["truth"]), io.choose_dicom_series(source)[0],
+                                      {"volume_ml": 0.0, "lesion_count": 0})
+        (tmp / "in" / "seg").mkdir()
+        io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
+                str(tmp / "e.json")]
     if row_id == "--dicom-outline where the outline folder holds other files":
         write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                            description="AX FLAIR")
@@ -1113,7 +1136,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         report = json.loads((tmp / "out" / "good_change.json").read_text(encoding="utf-8"))
         assert report["followup_volume_ml"] > 0 and report["followup_volume_ml"] == pytest.approx(report["baseline_volume_ml"])
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference") \
-            or row_id.startswith(("reference saved cropped to its lesions", "a float mask whose lesion value is 1 but")):
+            or row_id.startswith(("reference saved cropped to its lesions", "a float mask whose lesion value is 1 but",
+                                  "a DICOM SEG given as the reference (")):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 
 
