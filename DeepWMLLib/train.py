@@ -558,9 +558,10 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                     "If one of them marks voxels to leave out, pass --ignore-label with it", len(several_values),
                     "; ".join(several_values[:3]))
     if several_segments:
-        # a .seg.nrrd is read as the union of its segments (io.lesion_segments): a rater's "uncertain" or "brain"
-        # segment would train as lesion, and --ignore-label cannot reach it
-        log.warning("the masks of %d case(s) are Slicer segmentations of several segments, none named WMH (%s); all "
+        # a .seg.nrrd (or a DICOM SEG) is read as the union of its segments (io.lesion_segments, io.read_dicom_seg): a
+        # rater's "uncertain" or "brain" segment would train as lesion, and --ignore-label cannot reach it
+        log.warning("the masks of %d case(s) are segmentations (Slicer .seg.nrrd, DICOM SEG) of several segments, none "
+                    "named WMH (%s); all "
                     "of them train as lesion. If one is not lesion, name the lesion segment WMH (it alone is read then), "
                     "or save a label map and pass --ignore-label for the voxels to leave out", len(several_segments),
                     "; ".join(several_segments[:3]))

@@ -41,7 +41,7 @@ def highdicom_seg(folder, out, segments: dict, kind: str = "BINARY", omit: bool 
     sources = sorted((pydicom.dcmread(p) for p in sorted(folder.iterdir())),
                      key=lambda d: float(d.ImagePositionPatient[2]))
     for source in sources:  # the phantom's files give GDCM's Spacing Between Slices, 1 mm, which highdicom copies
-        source.SpacingBetweenSlices = 5.0
+        source.SpacingBetweenSlices = source.SliceThickness  # (the phantoms' slices touch)
     codes = pydicom.sr.codedict.codes
     descriptions = [hd.seg.SegmentDescription(
         segment_number=k + 1, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -216,3 +216,40 @@ def test_change_with_a_seg_as_the_follow_up_mask(tmp_path, phantom_case):
         report = json.loads(next(out.glob("*_change.json")).read_text(encoding="utf-8"))
         reports.append({k: v for k, v in report.items() if "ml" in k or "count" in k})
     assert reports[0] == reports[1] and reports[0]
+
+
+def test_train_reads_segs_in_its_manifest(tmp_path, caplog):
+    """`deepwml train`'s manifest: a case's mask DeepWML's own SEG of its DICOM FLAIR, another's a rater's SEG of
+    two segments, 'Lesion' and 'Brain' (joined, and pointed out as a .seg.nrrd's are): both prepared and trained."""
+    from test_train import _split_file, make_dataset, tiny_config
+
+    from conftest import write_dicom_series
+    from DeepWMLLib import dicom_seg
+    from DeepWMLLib import train as training
+
+    manifest = make_dataset(tmp_path / "data", n_cases=5)
+    folder = manifest.parent
+    text = manifest.read_text(encoding="utf-8")
+    for k, case in enumerate(("c0", "c1")):
+        scan = sitk.Cast(sitk.ReadImage(str(folder / f"{case}_flair.nii.gz")), sitk.sitkInt16)
+        series = write_dicom_series(folder / f"{case}_dicom", scan, uid=f"1.2.3.4.{k + 10}", description="AX FLAIR",
+                                    extra={"0020|0052": "1.2.3.9"})
+        flair = io.read_image(series)
+        mask = io.read_mask(folder / f"{case}_mask.nii.gz", flair)
+        if case == "c0":
+            made = dicom_seg.segmentation(flair, mask, io.choose_dicom_series(series)[0], {"volume_ml": 0.0,
+                                                                                         "lesion_count": 0})
+            io.write_bytes(made.data, folder / f"{case}_seg.dcm")
+        else:
+            highdicom_seg(series, folder / f"{case}_seg.dcm", {
+                "Lesion": sitk.GetArrayFromImage(mask), "Brain": (sitk.GetArrayFromImage(flair) > 50).astype(np.uint8)})
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(folder / f"{case}_seg.dcm", flair)),
+                              sitk.GetArrayFromImage(mask) | (sitk.GetArrayFromImage(flair) > 50) * (case == "c1"))
+        text = text.replace(f"{case}_flair.nii.gz", f"{case}_dicom").replace(f"{case}_mask.nii.gz", f"{case}_seg.dcm")
+    manifest.write_text(text, encoding="utf-8")
+    split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test"})
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        best = training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8), tmp_path / "run")
+    assert best.is_file()
+    assert ("1 case(s) are segmentations (Slicer .seg.nrrd, DICOM SEG) of several segments, none named WMH "
+            "(c1 (Lesion, Brain))") in caplog.text

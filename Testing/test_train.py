@@ -1336,7 +1336,8 @@ def test_a_slicer_segmentation_of_several_segments_as_mask_is_pointed_out(tmp_pa
     split = _split_file(tmp_path / "split.csv", {"c0": "train", "c1": "train", "c2": "train", "c3": "val", "c4": "test"})
     with caplog.at_level("WARNING", logger="DeepWMLLib"):
         training.train(tiny_config(manifest, split=str(split), epochs=1, samples_per_epoch=8), tmp_path / "run")
-    assert "1 case(s) are Slicer segmentations of several segments, none named WMH (c0 (Lesion, Brain))" in caplog.text
+    assert ("1 case(s) are segmentations (Slicer .seg.nrrd, DICOM SEG) of several segments, none named WMH "
+            "(c0 (Lesion, Brain))") in caplog.text
 
 
 def test_one_mask_with_lesion_listed_for_two_cases_is_pointed_out(tmp_path, caplog):
