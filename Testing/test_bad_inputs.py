@@ -225,6 +225,8 @@ BAD_INPUTS = [
      "ok: read by its segments and frames (Dice 1 against the mask it holds)"),
     ("a DICOM SEG given as the reference whose frames lie between the scan's slices (a frame moved half a slice)",
      "evaluate", 1, "has frames between slices"),
+    ("a DICOM SEG given as the reference stored compressed (RLE, JPEG 2000: DeepWML decodes uncompressed ones)",
+     "evaluate", 1, "which DeepWML does not decode; save it uncompressed"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -807,6 +809,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         made = dicom_seg.segmentation(flair, io.read_mask(p["truth"]), io.choose_dicom_series(source)[0],
                                       {"volume_ml": 0.0, "lesion_count": 0})
         (tmp / "in" / "seg").mkdir()
+        if "compressed" in row_id:  # (its file meta says RLE Lossless: its pixels are not looked at)
+            rle = made.data.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0", 1)
+            return ["evaluate", "--prediction", str(p["truth"]), "--reference",
+                    str(io.write_bytes(rle, tmp / "in" / "seg" / "rater.dcm"))]
         io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
                 str(tmp / "e.json")]
