@@ -179,38 +179,93 @@ def source_frames(series: io.DicomSeries, slices: int) -> list[tuple[str, str, i
     return found
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a SEG (`labelled_segmentation`): the voxels of the label map equal to `value`, with its Segment
+    Label (at most 64 characters), Segment Description (at most 1024), display colour (sRGB 0-255) and codes."""
+
+    value: int
+    label: str
+    description: str
+    rgb: tuple[int, int, int]
+    category: tuple = CATEGORY
+    property_type: tuple = PROPERTY_TYPE
+    anatomic_region: tuple | None = ANATOMIC_REGION
+
+    def item(self, number: int) -> dict:
+        """Its Segment Sequence item as segment `number`."""
+        item = {
+            0x00620004: ("US", number), 0x00620005: ("LO", self.label[:_LONG_STRING]),
+            0x00620006: ("ST", self.description[:_SHORT_TEXT]),
+            0x00620008: ("CS", "AUTOMATIC"), 0x00620009: ("LO", "DeepWML"),
+            0x0062000D: ("US", cielab(self.rgb)),
+            0x00620003: ("SQ", [_code(self.category)]), 0x0062000F: ("SQ", [_code(self.property_type)]),
+        }
+        if self.anatomic_region is not None:
+            item[0x00082218] = ("SQ", [_code(self.anatomic_region)])
+        return item
+
+
 @dataclass
 class SegObject:
-    """A DICOM SEG made in memory (`segmentation`), to be written with `io.write_bytes`."""
+    """A DICOM SEG made in memory (`segmentation`, `labelled_segmentation`), to be written with `io.write_bytes`."""
 
     data: bytes
     series_uid: str
     sop_instance_uid: str
     series_number: int
     frames: int
+    segments: dict | None = None  # {segment number: its label}, recorded for a SEG of several possible segments
 
     def as_dict(self, file: str) -> dict:
         """What the report records of it."""
-        return {"file": file, "series_uid": self.series_uid, "sop_instance_uid": self.sop_instance_uid,
-                "series_number": self.series_number, "frames": self.frames}
+        found = {"file": file, "series_uid": self.series_uid, "sop_instance_uid": self.sop_instance_uid,
+                 "series_number": self.series_number, "frames": self.frames}
+        if self.segments is not None:
+            found["segments"] = {str(number): label for number, label in self.segments.items()}
+        return found
 
 
 def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject:
     """The DICOM SEG of a segmentation (module docstring), made whole before anything is written, so that a
     failure here leaves no output behind. `image`: the FLAIR as read from `series`; `mask` on its grid;
-    `report`: the segmentation's (its models' checksums, volume and lesion count are described)."""
+    `report`: the segmentation's (its models' checksums, volume and lesion count are described). Its one segment,
+    WMH, is written on every slice whether or not the mask has a voxel there, an empty mask too."""
     from . import __version__
 
+    models = list(report.get("model_sha256") or [])
+    described = (f"White matter hyperintensities on FLAIR by DeepWML {__version__} (models {', '.join(models)}): "
+                 f"{report.get('volume_ml', 0):.2f} ml, {lesion_count_text(report.get('lesion_count', 0))}. "
+                 "Research use, not for diagnosis.")
+    binary = (np.asarray(_array(mask)) > 0).astype(np.uint8)
+    return labelled_segmentation(image, binary, series, [Segment(1, "WMH", described, DISPLAY_RGB)], models,
+                                 TITLE, "WMH", "White matter hyperintensities (DeepWML)")
+
+
+def labelled_segmentation(image, labels, series: io.DicomSeries, segments, models, title: str, content_label: str,
+                          content_description: str) -> SegObject:
+    """A BINARY DICOM SEG of a label map (`labels`, a SimpleITK image or numpy k, j, i array on `image`'s grid): one
+    segment per item of `segments` (`Segment`, at least one), numbered 1, 2, ... in their order, each where the
+    label map equals its value, on every slice of the source (its frames those of segment 1, slice by slice, then
+    segment 2's, ...: Dimension Index Values (segment number, slice position), Segment Identification per frame).
+    `models`: the models' checksums (the Device Serial Number); `title`: the Series Description before the source's
+    in brackets; `content_label` (CS, at most 16 characters) and `content_description`: Content Label and
+    Description. Made whole in memory, so that a failure leaves no output behind."""
+    from . import __version__
+
+    segments = list(segments)
+    if not segments:
+        raise ValueError("a DICOM SEG needs at least one segment")
     if image.GetDimension() != 3:
         raise DeepWMLError(f"the DICOM SEG needs a 3D image, got {image.GetDimension()}D")
     attributes = source_attributes(series, "--dicom-seg")
     if not attributes.get("0020|0052"):
         raise DeepWMLError("the FLAIR series has no Frame of Reference UID (0020,0052), so a DICOM SEG could not be "
                            "placed on it; rerun without --dicom-seg")
-    voxels = np.asarray(_array(mask)) > 0
-    if voxels.shape != tuple(reversed(image.GetSize())):
-        raise ValueError(f"mask {voxels.shape[::-1]} and image {image.GetSize()} differ")
-    slices, rows, columns = voxels.shape
+    values = np.asarray(_array(labels))
+    if values.shape != tuple(reversed(image.GetSize())):
+        raise ValueError(f"mask {values.shape[::-1]} and image {image.GetSize()} differ")
+    slices, rows, columns = values.shape
     frames = source_frames(series, slices)
     positions = source_positions(series, slices) or [image.TransformIndexToPhysicalPoint((0, 0, k))
                                                     for k in range(slices)]
@@ -219,18 +274,7 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid, sop_uid, organisation = new_uid(), new_uid(), new_uid()
     number = series_number(series, SERIES_NUMBER_OFFSET)
-    models = list(report.get("model_sha256") or [])
-    described = (f"White matter hyperintensities on FLAIR by DeepWML {__version__} (models {', '.join(models)}): "
-                 f"{report.get('volume_ml', 0):.2f} ml, {lesion_count_text(report.get('lesion_count', 0))}. "
-                 "Research use, not for diagnosis.")[:_SHORT_TEXT]
     data_set = {_tag(tag): (_COPIED_VR[tag], value) for tag, value in attributes.items() if tag in _COPIED_VR}
-    segment = {
-        0x00620004: ("US", 1), 0x00620005: ("LO", "WMH"), 0x00620006: ("ST", described),
-        0x00620008: ("CS", "AUTOMATIC"), 0x00620009: ("LO", "DeepWML"),
-        0x0062000D: ("US", cielab(DISPLAY_RGB)),
-        0x00620003: ("SQ", [_code(CATEGORY)]), 0x0062000F: ("SQ", [_code(PROPERTY_TYPE)]),
-        0x00082218: ("SQ", [_code(ANATOMIC_REGION)]),
-    }
     shared = {
         0x00289110: ("SQ", [{0x00280030: ("DS", [_decimal(spacing[1]), _decimal(spacing[0])]),
                              0x00180050: ("DS", _decimal(series.slice_thickness_mm or spacing[2])),
@@ -238,23 +282,23 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
         0x00209116: ("SQ", [{0x00200037: ("DS", [_decimal(v) for v in (direction[0], direction[3], direction[6],
                                                                        direction[1], direction[4], direction[7])])}]),
     }
-    per_frame = []
-    for k, ((sop_class, sop_instance, frame), position) in enumerate(zip(frames, positions)):
+    per_slice = []  # each slice's Derivation Image and Plane Position, the same in every segment's frames
+    for (sop_class, sop_instance, frame), position in zip(frames, positions):
         source = {0x00081150: ("UI", sop_class), 0x00081155: ("UI", sop_instance),
                   0x0028135A: ("CS", "YES"),  # Spatial Locations Preserved: the frame's pixels are the source's
                   0x0040A170: ("SQ", [_code(PURPOSE)])}
         if frame is not None:
             source[0x00081160] = ("IS", str(frame))
-        per_frame.append({
-            0x00089124: ("SQ", [{0x00089215: ("SQ", [_code(DERIVATION)]), 0x00082112: ("SQ", [source])}]),
-            0x00209111: ("SQ", [{0x00209157: ("UL", [1, k + 1])}]),
-            0x00209113: ("SQ", [{0x00200032: ("DS", [_decimal(float(v)) for v in position])}]),
-            0x0062000A: ("SQ", [{0x0062000B: ("US", 1)}]),
-        })
+        per_slice.append((("SQ", [{0x00089215: ("SQ", [_code(DERIVATION)]), 0x00082112: ("SQ", [source])}]),
+                          ("SQ", [{0x00200032: ("DS", [_decimal(float(v)) for v in position])}])))
+    per_frame = [{0x00089124: derivation, 0x00209111: ("SQ", [{0x00209157: ("UL", [segment, k + 1])}]),
+                  0x00209113: placed, 0x0062000A: ("SQ", [{0x0062000B: ("US", segment)}])}
+                 for segment in range(1, len(segments) + 1) for k, (derivation, placed) in enumerate(per_slice)]
     instances = {}  # each source image once, in slice order
     for sop_class, sop_instance, _ in frames:
         instances.setdefault(sop_instance, sop_class)
-    bits = np.packbits(voxels.reshape(-1), bitorder="little").tobytes()
+    bits = np.packbits(np.concatenate([(values == segment.value).reshape(-1) for segment in segments]),
+                       bitorder="little").tobytes()
     data_set.update({
         0x00080005: ("CS", "ISO_IR 192"),
         0x00080008: ("CS", ["DERIVED", "PRIMARY"]),
@@ -263,7 +307,7 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
         0x00080021: ("DA", date), 0x00080031: ("TM", clock), 0x00080023: ("DA", date), 0x00080033: ("TM", clock),
         0x00080060: ("CS", "SEG"),
         0x00080070: ("LO", "DeepWML"), 0x00081090: ("LO", "DeepWML"),
-        0x0008103E: ("LO", series_description(TITLE, series)),
+        0x0008103E: ("LO", series_description(title, series)),
         0x00081115: ("SQ", [{0x0020000E: ("UI", series.uid),
                              0x0008114A: ("SQ", [{0x00081150: ("UI", sop_class), 0x00081155: ("UI", sop_instance)}
                                                  for sop_instance, sop_class in instances.items()])}]),
@@ -276,14 +320,15 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
                              0x00209167: ("AT", [0x0062000A]), 0x00209421: ("LO", "Segment Number")},
                             {0x00209164: ("UI", organisation), 0x00209165: ("AT", [0x00200032]),
                              0x00209167: ("AT", [0x00209113]), 0x00209421: ("LO", "Image Position (Patient)")}]),
-        0x00280002: ("US", 1), 0x00280004: ("CS", "MONOCHROME2"), 0x00280008: ("IS", str(slices)),
+        0x00280002: ("US", 1), 0x00280004: ("CS", "MONOCHROME2"), 0x00280008: ("IS", str(len(per_frame))),
         0x00280010: ("US", rows), 0x00280011: ("US", columns),
         0x00280100: ("US", 1), 0x00280101: ("US", 1), 0x00280102: ("US", 0), 0x00280103: ("US", 0),
         0x00282110: ("CS", "00"),
-        0x00620001: ("CS", "BINARY"), 0x00620002: ("SQ", [segment]),
-        0x00700080: ("CS", "WMH"), 0x00700081: ("LO", "White matter hyperintensities (DeepWML)"),
+        0x00620001: ("CS", "BINARY"),
+        0x00620002: ("SQ", [segment.item(n) for n, segment in enumerate(segments, start=1)]),
+        0x00700080: ("CS", content_label), 0x00700081: ("LO", content_description[:_LONG_STRING]),
         0x00700084: ("PN", "DeepWML^"),
         0x52009229: ("SQ", [shared]), 0x52009230: ("SQ", per_frame),
         0x7FE00010: ("OB", bits),
     })
-    return SegObject(part10(data_set, SEGMENTATION_STORAGE, sop_uid), series_uid, sop_uid, number, slices)
+    return SegObject(part10(data_set, SEGMENTATION_STORAGE, sop_uid), series_uid, sop_uid, number, len(per_frame))
