@@ -696,7 +696,7 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
 
 
 def output_paths(out_dir: Path, case: str, extension: str, baseline_extension: str, segmented: tuple[bool, bool],
-                 qc: bool) -> dict:
+                 qc: bool, dicom_seg: bool = False) -> dict:
     """The output files of a change run; the report is written last."""
     paths = {
         "labels": out_dir / f"{case}_change{extension}",
@@ -711,6 +711,8 @@ def output_paths(out_dir: Path, case: str, extension: str, baseline_extension: s
         paths["followup_mask"] = out_dir / f"{case}_followup_wmh{extension}"
     if qc:
         paths["qc"] = out_dir / f"{case}_change_qc.png"
+    if dicom_seg:
+        paths["dicom_seg"] = seg_path(out_dir, case)
     paths["report"] = out_dir / f"{case}_change.json"
     return paths
 
@@ -722,7 +724,7 @@ def _earlier_outputs(out_dir: Path, case: str, inputs=()) -> list[Path]:
     given = {Path(p).resolve() for p in inputs if p}
     found = []
     for extension in (".nii.gz", ".nrrd", ".mha"):
-        found += [p for p in output_paths(out_dir, case, extension, extension, (True, True), True).values()
+        found += [p for p in output_paths(out_dir, case, extension, extension, (True, True), True, True).values()
                   if p.is_file() and p.resolve() not in given]
     return sorted(set(found))
 
@@ -805,6 +807,67 @@ def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dic
                           caption=("DEEPWML LESION CHANGE" if reliable else f"DEEPWML: {UNRELIABLE}")
                           + " - NOT FOR DIAGNOSIS",
                           legend=legend)
+
+
+def seg_path(out_dir: Path, case: str) -> Path:
+    return out_dir / f"{case}_change_seg.dcm"
+
+
+SEG_TITLE = "DeepWML lesion change SEG"
+
+
+def segment_meanings(report: dict) -> dict:
+    """What each call means, as README's Lesion change section defines it, with this run's settings (`report`: the
+    change report's): the Segment Description of its segment in the change SEG."""
+    tolerance, least = f"{report['tolerance_mm']:g} mm", f"{report['min_change_ml']:g} ml"
+    presence = report.get("presence")
+    probability = f", nor any whose lesion probability reaches {presence:g}" if presence is not None else ""
+    return {
+        1: "A follow-up lesion there before and not enlarging (shrunken ones included); or a baseline lesion that no "
+           f"follow-up lesion matches but that is still there (within {tolerance}), drawn where it lay",
+        2: f"A follow-up lesion with nothing of the baseline's within {tolerance}: no voxel the baseline marked"
+           f"{probability}; {least} or more",
+        3: f"A follow-up lesion grown by {100 * report['enlarge_fraction']:g} % of its baseline volume (its share of the "
+           f"baseline lesions it matches, within {tolerance}) and by {report['enlarge_min_ml']:g} ml at least",
+        4: "A lesion partly outside the other scan's field of view, or matched to a baseline lesion partly outside the "
+           "follow-up's: its change cannot be judged",
+        5: f"A baseline lesion inside the follow-up's field of view with nothing of the follow-up's within {tolerance}, "
+           f"drawn where it lay (carried onto the follow-up's grid); {least} or more",
+        6: f"A new lesion under {least}: listed, not counted as a change",
+        7: f"A gone lesion under {least}, drawn where it lay: listed, not counted as a change",
+    }
+
+
+def change_seg(followup: sitk.Image, labels: sitk.Image, series, report: dict):
+    """The change as a DICOM SEG on the follow-up's series (dicom_seg.py): one binary segment per call present in
+    `labels`, in the order of their label values, each on every slice of the follow-up, labelled with the call's
+    name, described with what it means, its count and volume, coloured as in the picture. `report`: the change
+    report (its calls' counts, settings, registration and the masks' models). None when `labels` holds no lesion
+    (no call to segment: a SEG needs one segment at least)."""
+    from .dicom_seg import Segment, labelled_segmentation
+
+    present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+    values = [value for value in LABELS if value in present]
+    if not values:
+        return None
+    reliable = report.get("registration", {}).get("reliable", True)
+    caution = "" if reliable else (f"{unreliable_because(report['registration'])}: different patients or a failed "
+                                   "registration? ")
+    meanings = segment_meanings(report)
+    segments = []
+    for value in values:
+        key = LABELS[value].replace(" ", "_")
+        count, volume = report.get(f"n_{key}", 0), report.get(f"{key}_ml", 0.0)
+        described = (f"{caution}{meanings[value]}. Here: {lesion_count_text(count)}, {volume:.2f} ml. Lesion change by "
+                     f"DeepWML {__version__} against an earlier scan (baseline). Research use, not for diagnosis.")
+        segments.append(Segment(value, LABELS[value], described, tuple(int(round(255 * c)) for c in COLOURS[value])))
+    sources = report.get("masks", {}).values()
+    models = list(dict.fromkeys(sha for source in sources if isinstance(source, dict)
+                                for sha in source.get("model_sha256") or []))
+    made = labelled_segmentation(followup, labels, series, segments, models, SEG_TITLE, "CHANGE",
+                                 "Lesion change (DeepWML)" if reliable else "Lesion change, REGISTRATION NOT RELIABLE")
+    made.segments = {number: segment.label for number, segment in enumerate(segments, start=1)}
+    return made
 
 
 def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict) -> tuple:
@@ -930,6 +993,9 @@ def register(subparsers) -> None:  # the CLI's hook (see cli.py)
     p.add_argument("--dicom-outline", action="store_true", help="for a DICOM follow-up, also write "
                    "CASE_change_outline_dicom/: the follow-up FLAIR with each lesion outlined in its call's colour as a "
                    "new series of its study, to read the change in a PACS viewer")
+    p.add_argument("--dicom-seg", action="store_true", help="for a DICOM follow-up, also write CASE_change_seg.dcm: "
+                   "the change as a DICOM Segmentation object (SEG) on the follow-up's series, one segment per call "
+                   "present (stable, new, enlarging, ...) in its colour, which PACS viewers show as an overlay")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_debug_flag(p)
     p.set_defaults(func=_run)
@@ -1063,7 +1129,7 @@ def _run_cohort(args) -> int:
 
 # The settings that shape a pair's result, by the option that sets them, as a report records them: a rerun into
 # the same OUTDIR skips a pair only when they are the same (as `deepwml segment` skips a case). How a run goes and
-# the optional outputs it adds (--qc, --dicom-outline, --output-format) do not count.
+# the optional outputs it adds (--qc, --dicom-outline, --dicom-seg, --output-format) do not count.
 CHANGE_SETTINGS = {"tolerance_mm": "--tolerance-mm", "enlarge_fraction": "--enlarge-fraction",
                    "enlarge_min_ml": "--enlarge-min-ml", "presence": "--presence", "min_change_ml": "--min-change-ml"}
 # ... and of a scan segmented here (segment.RESULT_SETTINGS, those `deepwml change` has options for)
@@ -1167,8 +1233,8 @@ def _moved_scan(done: dict, name: str, key: str, path: Path) -> bool:
 
 def _missing_outputs(out: Path, case: str, done: dict) -> list[str]:
     """The outputs of a pair done before (its report `done`) that are no longer in `out`; its optional ones (the QC
-    picture, the outline series) are not needed."""
-    optional = (f"{case}_change_qc.png", f"{case}_change.json")
+    picture, the outline series, the SEG) are not needed."""
+    optional = (f"{case}_change_qc.png", seg_path(out, case).name, f"{case}_change.json")
     listed = done.get("outputs")
     if isinstance(listed, list):
         return [n for n in listed if isinstance(n, str) and n not in optional and not (out / n).exists()]
@@ -1253,8 +1319,9 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     extension = io.output_extension(followup_path, args.output_format)
+    seg = getattr(args, "dicom_seg", False) and chosen["follow-up"] is not None  # only a DICOM follow-up has a study
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),
-                         (not given[0], not given[1]), args.qc)
+                         (not given[0], not given[1]), args.qc, seg)
     inputs = (baseline_path, followup_path, *mask_paths)
     written_over = [p.name for p in paths.values() if p.resolve() in {Path(i).resolve() for i in inputs if i}]
     if written_over:
@@ -1277,6 +1344,12 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
                            None if args.presence == "off" else float(args.presence), args.min_change_ml,
                            checked=True)
+    # the SEG made before anything is written (a follow-up it cannot be made for is refused with nothing written);
+    # a label map without any lesion has no segment to write: no SEG, and a warning says why
+    segmented = change_seg(followup, result.labels, chosen["follow-up"][0], {**result.report, "masks": source}) \
+        if seg else None
+    if seg and segmented is None:
+        del paths["dicom_seg"]
     from .segment import input_fingerprint
 
     # each scan by its content: a rerun into OUTDIR skips the pair as done only for these scans (check_done_pair)
@@ -1297,6 +1370,13 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         report["warnings"] = report["warnings"] + [
             "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "
             "(--dicom-outline needs a DICOM follow-up)"]
+    if getattr(args, "dicom_seg", False) and not seg:
+        report["warnings"] = report["warnings"] + [
+            "no DICOM SEG: the follow-up is not DICOM, so it has no patient or study to write one into (--dicom-seg "
+            "needs a DICOM follow-up)"]
+    elif seg and segmented is None:
+        report["warnings"] = report["warnings"] + [
+            "no DICOM SEG: neither scan has a lesion, so there is no change to segment (a SEG needs one segment at least)"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     prepared = change_outline(followup, result.labels, chosen["follow-up"][0], report) if outline else None
     from .segment import whole_or_none
@@ -1329,5 +1409,8 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
             from .dicom_outline import write_outline_series
 
             report["dicom_outline"] = write_outline_series(prepared, outline_path(out, case), overwrite=True)
+        if segmented is not None:
+            io.write_bytes(segmented.data, paths["dicom_seg"])
+            report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
         io.write_text(json.dumps(report, indent=1), paths["report"])
     return report

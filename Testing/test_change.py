@@ -694,6 +694,220 @@ def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, 
     assert not (out / "followup_change_outline_dicom").exists()
 
 
+SEG_PATIENT = {"0010|0010": "Roe^Ann", "0010|0020": "P-9", "0020|000d": "1.2.3.90", "0020|0052": "1.2.3.91",
+               "0008|0020": "20260301"}
+
+
+def _dicom_followup(pair, folder):
+    """The pair's follow-up written as a DICOM series with a patient, study and Frame of Reference."""
+    flair = sitk.Cast(sitk.ReadImage(str(pair["files"]["followup"])) * 100, sitk.sitkInt16)  # within int16
+    return write_dicom_series(folder, flair, uid="1.2.3.9", description="AX FLAIR", number=5, extra=SEG_PATIENT)
+
+
+@pytest.fixture(scope="module")
+def change_seg_run(pair, tmp_path_factory):
+    """`deepwml change --dicom-seg` of the phantom pair (stable, new, enlarging, gone, not assessable lesions) with
+    its follow-up as a DICOM series and both masks given: (the follow-up's folder, OUTDIR, the report)."""
+    folder = tmp_path_factory.mktemp("seg")
+    series = _dicom_followup(pair, folder / "followup")
+    files = pair["files"]
+    assert main(["change", str(files["baseline"]), str(series), "-o", str(folder / "out"), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-seg"]) == 0
+    report = json.loads((folder / "out" / "followup_change.json").read_text(encoding="utf-8"))
+    return series, folder / "out", report
+
+
+def _seg_frames(ds) -> np.ndarray:
+    return ds.pixel_array.reshape((int(ds.NumberOfFrames), ds.Rows, ds.Columns))
+
+
+def test_the_change_seg_has_each_call_present_as_a_segment_on_the_follow_ups_slices(change_seg_run):
+    """--dicom-seg with a DICOM follow-up: CASE_change_seg.dcm on the follow-up's series, one segment per call present
+    (named, described, in its colour), its frames sorted by segment then slice, each frame the change label map ==
+    that call on the follow-up slice it names (found by its position, not its order), at that slice's position; the
+    follow-up's patient, study, Frame of Reference and every instance referenced; the report lists it."""
+    pydicom = pytest.importorskip("pydicom")
+    from DeepWMLLib import dicom_seg
+
+    series, out, report = change_seg_run
+    assert "followup_change_seg.dcm" in report["outputs"]
+    ds = pydicom.dcmread(out / "followup_change_seg.dcm")
+    labels_image = sitk.ReadImage(str(out / "followup_change.nrrd"))
+    labels = sitk.GetArrayFromImage(labels_image)
+    present = [value for value in change.LABELS if (labels == value).any()]
+    assert {1, 2, 3} <= set(present)  # stable, new and enlarging at least
+    names = [segment.SegmentLabel for segment in ds.SegmentSequence]
+    assert names == [change.LABELS[value] for value in present]
+    assert [int(segment.SegmentNumber) for segment in ds.SegmentSequence] == list(range(1, len(present) + 1))
+    assert report["dicom_seg"]["segments"] == {str(n): name for n, name in enumerate(names, start=1)}
+    assert report["dicom_seg"]["frames"] == int(ds.NumberOfFrames) == len(present) * labels.shape[0]
+    assert ds.SOPInstanceUID == report["dicom_seg"]["sop_instance_uid"] and ds.Modality == "SEG"
+    assert ds.SeriesDescription == "DeepWML lesion change SEG (AX FLAIR)" and ds.SeriesNumber == 2005
+    for segment, value in zip(ds.SegmentSequence, present):
+        rgb = tuple(int(round(255 * c)) for c in change.COLOURS[value])
+        assert list(segment.RecommendedDisplayCIELabValue) == dicom_seg.cielab(rgb)
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+        assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+        key = change.LABELS[value].replace(" ", "_")
+        assert f"Here: {report[f'n_{key}']} lesion" in segment.SegmentDescription
+    new = ds.SegmentSequence[present.index(2)].SegmentDescription
+    assert new.startswith("A follow-up lesion with nothing of the baseline's within 2 mm") and "not for diagnosis" in new
+    sources = {d.SOPInstanceUID: d for d in (pydicom.dcmread(p) for p in sorted(series.iterdir()))}
+    frames = _seg_frames(ds)
+    order = []
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        source = sources[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(position, [float(v) for v in source.ImagePositionPatient], atol=1e-3)
+        k = labels_image.TransformPhysicalPointToIndex(position)[2]  # the label map's slice at that position
+        assert np.array_equal(frames[i], labels[k] == present[number - 1]), (i, number, k)
+        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [number, k + 1]
+        order.append((number, k))
+    assert order == sorted(order) and len(set(order)) == len(order) == frames.shape[0]
+    first = next(iter(sources.values()))
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "StudyDate"):
+        assert ds[keyword].value == first[keyword].value, keyword
+    referenced = ds.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == "1.2.3.9"
+    assert sorted(r.ReferencedSOPInstanceUID for r in referenced.ReferencedInstanceSequence) == sorted(sources)
+
+
+def test_highdicom_reads_each_change_segment_as_the_label_map(change_seg_run):
+    """highdicom's reading of the change SEG: each segment, found by its label, over the follow-up's instances in
+    slice order, is the change label map == that call."""
+    pydicom = pytest.importorskip("pydicom")
+    hd = pytest.importorskip("highdicom")
+    series, out, _ = change_seg_run
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change.nrrd")))
+    seg = hd.seg.segread(out / "followup_change_seg.dcm")
+    by_position = sorted((pydicom.dcmread(p) for p in series.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    uids = [d.SOPInstanceUID for d in by_position]  # the slices as the label map holds them (its axis points up)
+    checked = 0
+    for value, name in change.LABELS.items():
+        numbers = seg.get_segment_numbers(segment_label=name)
+        assert len(numbers) == int((labels == value).any()), name
+        if numbers:
+            pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=numbers)[..., 0]
+            assert np.array_equal(pixels, (labels == value).astype(pixels.dtype)), name
+            checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_finds_no_error_in_the_change_seg(change_seg_run):
+    """The DICOM standard's validator (dicom3tools' dciodvfy) finds no error in the change SEG of several segments."""
+    import subprocess
+
+    _, out, _ = change_seg_run
+    found = subprocess.run(["dciodvfy", str(out / "followup_change_seg.dcm")], capture_output=True, text=True,
+                           timeout=120)
+    lines = (found.stdout + found.stderr).splitlines()
+    assert any("Segmentation" in line for line in lines), lines
+    assert [line for line in lines if line.startswith("Error")] == []
+
+
+def test_the_change_seg_numbers_the_calls_present_and_marks_each_with_its_own_value(tmp_path):
+    """A label map holding only new (2), gone (5) and small gone (7): three segments, numbered 1-3, each the map ==
+    its own call's value (not its segment number); a map without any lesion has no SEG (None)."""
+    pydicom = pytest.importorskip("pydicom")
+    image, _ = make_volume(size=(20, 16, 4), spacing=(1.0, 1.0, 3.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "f", image, description="FLAIR", extra=SEG_PATIENT)
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    array = np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8)
+    array[0, 2:5, 3:6], array[1, 8:9, 1:12], array[3, 10:14, 15:17] = 2, 5, 7
+    array[2, 0, 0] = 5
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(flair)
+    report = {"tolerance_mm": 2.0, "min_change_ml": 0.02, "enlarge_fraction": 1.0, "enlarge_min_ml": 0.05,
+              "presence": None, "n_new": 1, "new_ml": 0.01, "n_gone": 2, "gone_ml": 0.02, "n_small_gone": 1,
+              "small_gone_ml": 0.01, "registration": {"reliable": True}, "masks": {}}
+    made = change.change_seg(flair, labels, series, report)
+    io.write_bytes(made.data, tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    assert [s.SegmentLabel for s in ds.SegmentSequence] == ["new", "gone", "small gone"]
+    assert made.segments == {1: "new", 2: "gone", 3: "small gone"} and made.frames == 12
+    frames = _seg_frames(ds)
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        number, k = (int(v) for v in item.FrameContentSequence[0].DimensionIndexValues)
+        assert (number, k) == (i // 4 + 1, i % 4 + 1)
+        assert int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
+        assert np.array_equal(frames[i], array[k - 1] == (2, 5, 7)[number - 1]), i
+    assert change.change_seg(flair, labels * 0, series, report) is None
+
+
+def test_the_change_seg_for_a_file_follow_up_overwrite_and_a_pair_without_lesions(pair, tmp_path, capsys):
+    """A follow-up file: compared, a warning, no SEG; an earlier SEG is an output (refused without --overwrite, a new
+    instance with it, removed by --overwrite without --dicom-seg); a pair without any lesion: no SEG, a warning."""
+    pydicom = pytest.importorskip("pydicom")
+    files = pair["files"]
+    series = _dicom_followup(pair, tmp_path / "followup")
+    out = tmp_path / "out"
+    masks = ["--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), *masks, "--dicom-seg"]) == 0
+    assert "no DICOM SEG: the follow-up is not DICOM" in capsys.readouterr().err
+    report = json.loads((out / "followup_change.json").read_text(encoding="utf-8"))
+    assert "dicom_seg" not in report and "followup_change_seg.dcm" not in report["outputs"]
+    assert not (out / "followup_change_seg.dcm").exists()
+    args = ["change", str(files["baseline"]), str(series), "-o", str(tmp_path / "dcm"), *masks]
+    assert main(args + ["--dicom-seg"]) == 0
+    first = pydicom.dcmread(tmp_path / "dcm" / "followup_change_seg.dcm").SOPInstanceUID
+    capsys.readouterr()
+    assert main(args + ["--dicom-seg"]) == 1
+    assert "followup_change_seg.dcm" in capsys.readouterr().err  # outputs exist: named
+    assert main(args + ["--dicom-seg", "--overwrite"]) == 0
+    again = pydicom.dcmread(tmp_path / "dcm" / "followup_change_seg.dcm")
+    assert again.SOPInstanceUID != first
+    assert main(args + ["--overwrite"]) == 0
+    assert not (tmp_path / "dcm" / "followup_change_seg.dcm").exists()
+    for path in (tmp_path / "dcm").iterdir():
+        path.unlink()
+    (tmp_path / "dcm" / "followup_change_seg.dcm").write_bytes(b"an earlier run's")  # an earlier SEG alone
+    assert main(args + ["--dicom-seg"]) == 1
+    assert "outputs exist (followup_change_seg.dcm)" in capsys.readouterr().err
+    empty = sitk.Cast(sitk.ReadImage(str(files["followup_mask"])) * 0, sitk.sitkUInt8)
+    empty_base = sitk.Cast(sitk.ReadImage(str(files["baseline_mask"])) * 0, sitk.sitkUInt8)
+    sitk.WriteImage(empty, str(tmp_path / "fu0.nii.gz"))
+    sitk.WriteImage(empty_base, str(tmp_path / "bl0.nii.gz"))
+    assert main(["change", str(files["baseline"]), str(series), "-o", str(tmp_path / "none"), "--baseline-mask",
+                 str(tmp_path / "bl0.nii.gz"), "--followup-mask", str(tmp_path / "fu0.nii.gz"), "--dicom-seg"]) == 0
+    assert "no DICOM SEG: neither scan has a lesion" in capsys.readouterr().err
+    report = json.loads((tmp_path / "none" / "followup_change.json").read_text(encoding="utf-8"))
+    assert "followup_change_seg.dcm" not in report["outputs"] and not (tmp_path / "none" / "followup_change_seg.dcm").exists()
+
+
+def test_a_cohort_with_dicom_seg_writes_skips_and_finds_an_incomplete_set(pair, tmp_path, capsys):
+    """change --manifest --dicom-seg: the pair with a DICOM follow-up gets its SEG, listed; a rerun skips it as done
+    (the SEG untouched, and a SEG deleted since is optional, as the picture is); a SEG left alone (no report) is an
+    incomplete set, refused without --overwrite."""
+    pytest.importorskip("pydicom")
+    files = pair["files"]
+    series = _dicom_followup(pair, tmp_path / "followup")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1,{files['baseline']},{series},{files['baseline_mask']},{files['followup_mask']}\n",
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out), "--dicom-seg"]
+    assert main(run) == 0
+    report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+    assert report["dicom_seg"]["file"] == "p1_change_seg.dcm" and "p1_change_seg.dcm" in report["outputs"]
+    written = (out / "p1_change_seg.dcm").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(run) == 0 and "p1: skipped - done before" in capsys.readouterr().err
+    assert (out / "p1_change_seg.dcm").stat().st_mtime_ns == written
+    (out / "p1_change_seg.dcm").unlink()
+    assert main(run) == 0 and "p1: skipped - done before" in capsys.readouterr().err
+    for path in out.iterdir():
+        if path.name.startswith("p1_"):
+            path.unlink()
+    (out / "p1_change_seg.dcm").write_bytes(b"an earlier run's")
+    assert main(run) == 1
+    assert "incomplete set of outputs (p1_change_seg.dcm; no report)" in capsys.readouterr().err
+    assert main(run + ["--overwrite"]) == 0 and (out / "p1_change_seg.dcm").stat().st_size > 1000
+
+
 def test_two_visits_in_one_dicom_folder_are_compared_by_their_series(tmp_path, capsys):
     """Both visits' series in one folder (a patient's flattened export): refused without the series
     options, and when they name one series; with one each, each visit's FLAIR is read (here the later
