@@ -32,6 +32,10 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
 - 1 bit a pixel, the frames' bits one run, the first pixel in the lowest bit, padded with zeros to an even
   length.
 
+`deepwml change --dicom-seg` writes the change label map the same way on the follow-up's series
+(`labelled_segmentation`, change.change_seg): one binary segment per call present, numbered 1, 2, ... in the
+order of their label values, each on every slice; its frames segment 1's, slice by slice, then segment 2's, ...
+
 The mask files and the report remain the result; the SEG carries the same mask, to PACS.
 """
 
