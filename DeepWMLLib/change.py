@@ -1337,6 +1337,10 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         from .dicom_outline import check_outline_folder
 
         check_outline_folder(outline_path(out, case), args.overwrite)
+    if seg:  # a follow-up the SEG cannot be made for: refused before the scans are segmented and registered
+        from .dicom_seg import checked_source
+
+        checked_source(chosen["follow-up"][0])
     mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup,
                                                                                   mask_paths, loaded)
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)

@@ -183,6 +183,17 @@ def source_frames(series: io.DicomSeries, slices: int) -> list[tuple[str, str, i
     return found
 
 
+def checked_source(series: io.DicomSeries) -> dict:
+    """The attributes a SEG copies from `series` (`dicom_outline.source_attributes`, refused as the outline refuses
+    them), refused when it has no Frame of Reference UID: the SEG could not be placed on it. A check that `deepwml
+    change` makes before its work, as `labelled_segmentation` makes it."""
+    attributes = source_attributes(series, "--dicom-seg")
+    if not attributes.get("0020|0052"):
+        raise DeepWMLError("the FLAIR series has no Frame of Reference UID (0020,0052), so a DICOM SEG could not be "
+                           "placed on it; rerun without --dicom-seg")
+    return attributes
+
+
 @dataclass(frozen=True)
 class Segment:
     """One segment of a SEG (`labelled_segmentation`): the voxels of the label map equal to `value`, with its Segment
@@ -262,10 +273,7 @@ def labelled_segmentation(image, labels, series: io.DicomSeries, segments, model
         raise ValueError("a DICOM SEG needs at least one segment")
     if image.GetDimension() != 3:
         raise DeepWMLError(f"the DICOM SEG needs a 3D image, got {image.GetDimension()}D")
-    attributes = source_attributes(series, "--dicom-seg")
-    if not attributes.get("0020|0052"):
-        raise DeepWMLError("the FLAIR series has no Frame of Reference UID (0020,0052), so a DICOM SEG could not be "
-                           "placed on it; rerun without --dicom-seg")
+    attributes = checked_source(series)
     values = np.asarray(_array(labels))
     if values.shape != tuple(reversed(image.GetSize())):
         raise ValueError(f"mask {values.shape[::-1]} and image {image.GetSize()} differ")

@@ -227,6 +227,8 @@ BAD_INPUTS = [
      "evaluate", 1, "has frames between slices"),
     ("a DICOM SEG given as the reference stored compressed (RLE, JPEG 2000: DeepWML decodes uncompressed ones)",
      "evaluate", 1, "which DeepWML does not decode; save it uncompressed"),
+    ("change --dicom-seg with a DICOM follow-up without a Frame of Reference UID", "change", 1,
+     "no Frame of Reference UID"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
      "is a folder of image files (consensus_mask.nii.gz, flair.nii.gz), not one image nor a DICOM series"),
     ("reference on another grid", "evaluate", 1, "different voxel grids"),
@@ -816,6 +818,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
                 str(tmp / "e.json")]
+    if row_id == "change --dicom-seg with a DICOM follow-up without a Frame of Reference UID":
+        write_dicom_series(tmp / "in" / "followup", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                           description="AX FLAIR")  # (0020,0052) not written
+        return ["change", str(p["extreme intensities (1e30)"]), str(tmp / "in" / "followup"), "-o", out,
+                "--baseline-mask", str(p["truth"]), "--followup-mask", str(p["truth"]), "--dicom-seg"]
     if row_id == "--dicom-outline where the outline folder holds other files":
         write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                            description="AX FLAIR")
@@ -1086,6 +1093,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert (tmp / "out" / "good_report.json").is_file()
     if row_id == "--dicom-seg with a DICOM series without a Frame of Reference UID":
         assert "rerun without --dicom-seg" in err and not list((tmp / "out").glob("flair*"))  # nothing written
+    if row_id == "change --dicom-seg with a DICOM follow-up without a Frame of Reference UID":
+        assert "rerun without --dicom-seg" in err and "registering" not in err  # before the registration
+        assert not (tmp / "out").exists() or not list((tmp / "out").iterdir())  # nothing written
     if row_id == "--dicom-outline where the outline folder holds other files":
         assert (tmp / "out" / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
         assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written
