@@ -835,6 +835,13 @@ def test_the_change_seg_numbers_the_calls_present_and_marks_each_with_its_own_va
         assert int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
         assert np.array_equal(frames[i], array[k - 1] == (2, 5, 7)[number - 1]), i
     assert change.change_seg(flair, labels * 0, series, report) is None
+    # a registration not reliable: every segment's description opens with the checks that failed, and the content
+    # description says so
+    doubtful = {**report, "registration": {"reliable": False, "correlation": 0.31, "mutual_information": -0.5}}
+    ds = pydicom.dcmread(io.write_bytes(change.change_seg(flair, labels, series, doubtful).data, tmp_path / "u.dcm"))
+    assert all(s.SegmentDescription.startswith("REGISTRATION NOT RELIABLE (correlation 0.31, under 0.80; mutual "
+                                               "information -0.50, above -0.65)") for s in ds.SegmentSequence)
+    assert "NOT RELIABLE" in ds.ContentDescription and "NOT RELIABLE" not in pydicom.dcmread(tmp_path / "s.dcm").ContentDescription
 
 
 def test_the_change_seg_for_a_file_follow_up_overwrite_and_a_pair_without_lesions(pair, tmp_path, capsys):
