@@ -810,6 +810,7 @@ def test_an_nrrd_in_other_units_than_mm_is_refused(tmp_path, units, refused):
         assert io.read_image(path).GetSpacing() == pytest.approx((0.9, 0.8, 5.0))
 
 
+NAN = float("nan")
 NRRD_PLACED = ("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nspace: left-posterior-superior\n"
                "space directions: (0.9,0,0) (0,0.8,0) (0,0,5)\nspace origin: (-20,15,-30)\nendian: little\n"
                "encoding: raw\n\n")
@@ -848,6 +849,36 @@ def test_an_nrrd_whose_place_or_voxel_size_is_not_numbers_is_refused_naming_the_
     path = tmp_path / "placed.nrrd"
     path.write_bytes(header.encode() + np.ones(60, "<u2").tobytes())
     with pytest.raises(DeepWMLError, match=r"placed\.nrrd: its header gives .*" + re.escape(words) + ".*, so the header is damaged; correct it or save the image again"):
+        io.read_image(path)
+
+
+@pytest.mark.parametrize("header, words", [
+    # one origin is one vector: a second after it is no place, not the first one taken
+    (NRRD_PLACED.replace("space origin: (-20,15,-30)", "space origin: (-20,15,-30) (1,2,3)"),
+     "'space origin: (-20,15,-30) (1,2,3)', not 3 numbers"),
+    # a vector of two numbers in a 3D space
+    (NRRD_PLACED.replace("(0.9,0,0) (0,0.8,0)", "(0.9,0) (0,0.8,0)"), "whose vector of axis 0 is not 3 numbers"),
+    # 'none' of a list axis first: the vectors after it are checked all the same
+    (NRRD_PLACED.replace("dimension: 3\nsizes: 5 4 3", "dimension: 4\nsizes: 2 5 4 3\nkinds: list domain domain domain")
+     .replace("space directions: (0.9,0,0)", "space directions: none (nan,0,0)"), "whose vector of axis 1 is not 3 numbers"),
+    # two of the three axes of a volume 'none'
+    (NRRD_PLACED.replace("(0,0.8,0) (0,0,5)", "none none"), "'none' for one of the three axes of a volume in space"),
+])
+def test_an_nrrd_whose_vectors_are_too_many_too_short_or_none_is_refused_naming_the_field(tmp_path, header, words):
+    """Mutation audit (mut44): each rule of `_nrrd_geometry_fault` on a case the test above leaves out."""
+    path = tmp_path / "placed.nrrd"
+    path.write_bytes(header.encode() + np.ones(120 if "list" in header else 60, "<u2").tobytes())
+    with pytest.raises(DeepWMLError, match=r"placed\.nrrd: its header gives .*" + re.escape(words)):
+        io.read_image(path)
+
+
+def test_an_nrrd_origin_without_a_space_is_left_to_the_nrrd_library(tmp_path):
+    """A 'space origin' beside 'spacings' and no 'space' has no dimension to be checked against: the NRRD library
+    refuses it in its own words (not 'not 0 numbers')."""
+    path = tmp_path / "placed.nrrd"
+    header = re.sub(r"space: [^\n]*\nspace directions: [^\n]*\n", "spacings: 0.9 0.8 5\n", NRRD_PLACED)
+    path.write_bytes(header.encode() + np.ones(60, "<u2").tobytes())
+    with pytest.raises(DeepWMLError, match=r"placed\.nrrd cannot be read as an image \(.*space dimension"):
         io.read_image(path)
 
 
@@ -916,6 +947,27 @@ def test_an_nrrd_with_a_time_axis_beside_its_space_is_called_a_4d_image(tmp_path
                                            "segment as a 3D file") as caught:
         io.read_image(path)
     assert "ITK" not in str(caught.value)
+
+
+def test_an_nrrd_in_a_space_with_time_is_checked_in_its_four_dimensions(tmp_path):
+    """Mutation audit (mut44): a space with time ('left-posterior-superior-time') has 4 dimensions: an origin and
+    vectors of 4 numbers are its place (not 'not 3 numbers'), and it is called a 4D image."""
+    path = tmp_path / "series.nrrd"
+    path.write_bytes(("NRRD0004\ntype: uint16\ndimension: 4\nsizes: 5 4 3 2\nkinds: domain domain domain time\n"
+                      "space: left-posterior-superior-time\nspace directions: (0.9,0,0,0) (0,0.8,0,0) (0,0,5,0) (0,0,0,1)\n"
+                      "space origin: (-20,15,-30,0)\nendian: little\nencoding: raw\n\n").encode() + bytes(2 * 120))
+    with pytest.raises(DeepWMLError, match=r"series.nrrd is a 4D image \(5, 4, 3, 2\)"):
+        io.read_image(path)
+
+
+def test_an_nrrd_of_a_negative_spacing_is_read_on_a_flipped_axis(tmp_path):
+    """Mutation audit (mut44): 'spacings' refuses infinite and 0 sizes only; a negative one is the NRRD library's
+    flipped axis (ITK and 3D Slicer read it so: 0.9 mm along -x), read as it reads it."""
+    path = tmp_path / "flipped.nrrd"
+    path.write_bytes(("NRRD0004\ntype: uint16\ndimension: 3\nsizes: 5 4 3\nspacings: -0.9 0.8 5\nendian: little\n"
+                      "encoding: raw\n\n").encode() + np.arange(60, dtype="<u2").tobytes())
+    image = io.read_image(path)
+    assert image.GetSpacing() == pytest.approx((0.9, 0.8, 5)) and image.GetDirection() == (-1, 0, 0, 0, 1, 0, 0, 0, 1)
 
 
 @pytest.mark.parametrize("kinds,first", [("list domain domain domain", True), ("domain domain domain list", False)])
@@ -1170,7 +1222,11 @@ def test_a_nifti_without_orientation_is_refused(tmp_path, nifti_2):
     ((1, 0), [(268, 1e30)], r"places the first voxel at 1e\+30, -15, -30 mm \(qoffset_x, y, z\), beyond any scanner's"),
     ((0, 1), [(292, -1e30)], r"places the first voxel at -1e\+30, -15, -30 mm \(srow_x\[3\], srow_y\[3\], srow_z\[3\]: "
                              r"the sform's\), beyond any scanner's"),
-], ids=["qfac-nan", "qfac-inf-beside-an-sform", "quaternion-2", "quaternion-1e30", "qoffset-1e30", "srow-offset-1e30"])
+    # (mutation audit, mut44) just beyond a unit quaternion, past float32 rounding; a qform's offset of NaN
+    ((1, 0), [(256, 0.2)], r"quatern_b, c, d = 0.2, 0, 1, no unit quaternion's \(their squares sum to 1.04, above 1\)"),
+    ((1, 0), [(268, float("nan"))], r"orientation \(qform\) holds values that are not numbers"),
+], ids=["qfac-nan", "qfac-inf-beside-an-sform", "quaternion-2", "quaternion-1e30", "qoffset-1e30", "srow-offset-1e30",
+        "quaternion-1.04", "qoffset-nan"])
 def test_a_nifti_whose_qform_or_sform_in_use_is_no_place_is_refused_naming_the_field(tmp_path, codes, edits, words):
     """A qform's handedness (pixdim[0]) of NaN was read as 1 without a word; a quaternion beyond a unit one's
     (quatern_b 2) was scaled down by the image library into a rotation it made up, which nibabel refuses: the scan
@@ -1185,14 +1241,15 @@ def test_a_nifti_whose_qform_or_sform_in_use_is_no_place_is_refused_naming_the_f
         struct.pack_into("<f", header, offset, value)
     path.write_bytes(header)
     for light in (False, True):
-        with pytest.raises(DeepWMLError, match=r"placed\.nii: its header .*" + words + ".*copy the file again"):
+        with pytest.raises(DeepWMLError, match=r"placed\.nii: its header.*" + words + ".*copy the file again"):
             io.read_image(path, light=light)
 
 
-@pytest.mark.parametrize("codes,offset", [((0, 1), 256), ((0, 1), 268), ((1, 0), 292), ((1, 0), 280)],
+@pytest.mark.parametrize("codes,offset,value", [((0, 1), 256, NAN), ((0, 1), 268, NAN), ((1, 0), 292, NAN),
+                                                ((1, 0), 280, NAN), ((0, 1), 256, 2.0), ((0, 1), 268, 1e30)],
                          ids=["quatern-nan-sform-used", "qoffset-nan-sform-used", "srow-offset-nan-qform-used",
-                              "srow-rotation-nan-qform-used"])
-def test_a_nifti_placed_by_one_form_is_read_by_it_whatever_the_unused_form_holds(tmp_path, codes, offset):
+                              "srow-rotation-nan-qform-used", "quatern-2-sform-used", "qoffset-1e30-sform-used"])
+def test_a_nifti_placed_by_one_form_is_read_by_it_whatever_the_unused_form_holds(tmp_path, codes, offset, value):
     """The standard's fallback: a form whose code is 0 is not used, so NaN in it is no damage to the scan's place;
     read by the other form (sform_code 0: the qform; qform_code 0: the sform), on the scan's own grid, both ways."""
     image, _ = make_volume(size=(12, 10, 4), direction=rotation(0.2, -0.1, 0.3).ravel().tolist())
@@ -1200,13 +1257,36 @@ def test_a_nifti_placed_by_one_form_is_read_by_it_whatever_the_unused_form_holds
     sitk.WriteImage(image, str(path))
     header = bytearray(path.read_bytes())
     struct.pack_into("<2h", header, 252, *codes)
-    struct.pack_into("<f", header, offset, float("nan"))
+    struct.pack_into("<f", header, offset, value)
     path.write_bytes(header)
     for light in (False, True):
         read = io.read_image(path, light=light)
         assert np.allclose(read.GetOrigin(), image.GetOrigin(), atol=1e-4)
         assert np.allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-6)
         assert np.allclose(read.GetDirection(), image.GetDirection(), atol=1e-5)
+
+
+@pytest.mark.parametrize("edits,words", [
+    ([(268, 2e5)], r"places the first voxel at 2e\+05, -15, -30 mm \(qoffset_x, y, z\), beyond any scanner's \(100 m"),
+    ([(80, float("inf"))], r"a voxel size of inf mm along axis 1 \(pixdim\[1\]\)"),
+    ([(88, 0.0)], r"a voxel size of 0 mm along axis 3 \(pixdim\[3\]\)"),
+    # the sform's slice 5 % longer than pixdim's (5.25 and 5 mm): beyond float32 rounding, refused past 1 %
+    ([(320, 5.25)], r"two voxel sizes, 0.9 x 0.8 x 5 mm \(pixdim\) and 0.9 x 0.8 x 5.25 mm \(the sform\)"),
+], ids=["qoffset-2e5", "pixdim-inf", "pixdim-0", "sform-slice-5-percent-longer"])
+def test_a_nifti_header_just_past_its_limits_is_refused(tmp_path, edits, words):
+    """Mutation audit (mut44): the NIfTI header's limits each just past them (an origin 200 m away, not 1e30 mm; a
+    voxel size infinite or 0; an sform 5 % off pixdim), with both forms in use as SimpleITK writes them."""
+    image, _ = make_volume(size=(12, 10, 4), spacing=(0.9, 0.8, 5.0))
+    path = tmp_path / "placed.nii"
+    sitk.WriteImage(image, str(path))
+    header = bytearray(path.read_bytes())
+    assert struct.unpack_from("<2h", header, 252) == (1, 1) and struct.unpack_from("<f", header, 320)[0] == 5.0
+    for offset, value in edits:
+        struct.pack_into("<f", header, offset, value)
+    path.write_bytes(header)
+    for light in (False, True):
+        with pytest.raises(DeepWMLError, match=r"placed\.nii: its header.*" + words):
+            io.read_image(path, light=light)
 
 
 def test_a_nifti_whose_voxels_follow_its_header_without_extension_flags_is_read(tmp_path):

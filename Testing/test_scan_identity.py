@@ -259,6 +259,27 @@ def test_a_t2_named_series_with_a_flairs_inversion_time_is_not_warned_of():
     assert "T2- or PD" in " ".join(io.not_flair_evidence("T2 IR", 400))
 
 
+def test_header_evidence_limits_by_hand():
+    """Mutation audit (mut44): the limits of the rules above, each on its edge (inclusive, as the FLAIR's range)."""
+    # a T2 name beside a FLAIR's timing at its limits: TI 1.5 and 3 s, TR 4 s or none given
+    for inversion, repetition in ((1500, 4000), (3000, None), (2500, 4000)):
+        assert io.not_flair_evidence("AX T2", inversion, repetition) == [], (inversion, repetition)
+    assert io.not_flair_evidence("", modality="") == []  # an empty Modality says nothing, as a missing one
+    # a T2 name beside another kind named: that kind alone (a STIR of T2 contrast is a STIR)
+    assert io.not_flair_evidence("t2_stir_cor") == ["its description 't2_stir_cor' names STIR"]
+    # a diffusion type in the Image Type and the Frame Type: said once
+    assert io.not_flair_evidence("", image_type=("DIFFUSION",), frame_type=("DIFFUSION",)) == [
+        "its Image Type names DIFFUSION (a diffusion image)"]
+    # a b-value, a directionality beside a sequence name or a b-value that say so already: said once
+    assert io.not_flair_evidence("", sequence_name="*ep_b1000t", b_values=(1000.0,)) == [
+        "its sequence name *ep_b1000t is a diffusion sequence's (b = 1000)"]
+    assert io.not_flair_evidence("", b_values=(1000.0,), directionality=("DIRECTIONAL",)) == [
+        "its diffusion b-value is 1000 s/mm\u00b2"]
+    assert io.not_flair_evidence("", b_values=(100.0,)) == ["its diffusion b-value is 100 s/mm\u00b2"]  # above 50
+    assert io.not_flair_evidence("", image_type=("DERIVED", "PRIMARY", "EADC")) == [
+        "its Image Type names EADC (a diffusion image)"]  # Siemens' exponential ADC
+
+
 @pytest.mark.parametrize("sidecar, words", [
     # BIDS gives times in seconds; a sidecar written in ms (against BIDS, as hand-made ones are) held 1.8e+06 ms
     ({"SeriesDescription": "FLAIR", "InversionTime": 2500, "RepetitionTime": 9000}, None),
