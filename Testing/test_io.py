@@ -718,6 +718,11 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
     # memory)
     ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 0.707 0.707 0 -0.707 0.707 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
      "TransformMatrix = 0.707 0.707 0 -0.707 0.707 0 0 0 1, axes of length 0.9998, 0.9998, 1, not 1"),
+    # (mutation audit, mut44) two axes of length 1 in one line; ten numbers for nine
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 1 0 0 0 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 1 1 0 0 0 0 0 0 1, axes of length 0 or in one line"),
+    ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 0 0 0 1 0 0 0 1 0\nElementSpacing = 0.9 0.8 5\n",
+     "TransformMatrix = 1 0 0 0 1 0 0 0 1 0, not 9 numbers"),
 ])
 def test_a_metaimage_header_no_image_has_is_refused(tmp_path, fields, words):
     """NDims of -1 hung the image library, of 100 or 2147483648 crashed the process; NDims 4 beside three sizes was
@@ -1267,12 +1272,14 @@ def test_a_nifti_placed_by_one_form_is_read_by_it_whatever_the_unused_form_holds
 
 
 @pytest.mark.parametrize("edits,words", [
-    ([(268, 2e5)], r"places the first voxel at 2e\+05, -15, -30 mm \(qoffset_x, y, z\), beyond any scanner's \(100 m"),
-    ([(80, float("inf"))], r"a voxel size of inf mm along axis 1 \(pixdim\[1\]\)"),
-    ([(88, 0.0)], r"a voxel size of 0 mm along axis 3 \(pixdim\[3\]\)"),
+    ([(268, "f", 2e5)], r"places the first voxel at 2e\+05, -15, -30 mm \(qoffset_x, y, z\), beyond any scanner's \(100 m"),
+    ([(80, "f", float("inf"))], r"a voxel size of inf mm along axis 1 \(pixdim\[1\]\)"),
+    ([(88, "f", 0.0)], r"a voxel size of 0 mm along axis 3 \(pixdim\[3\]\)"),
     # the sform's slice 5 % longer than pixdim's (5.25 and 5 mm): beyond float32 rounding, refused past 1 %
-    ([(320, 5.25)], r"two voxel sizes, 0.9 x 0.8 x 5 mm \(pixdim\) and 0.9 x 0.8 x 5.25 mm \(the sform\)"),
-], ids=["qoffset-2e5", "pixdim-inf", "pixdim-0", "sform-slice-5-percent-longer"])
+    ([(320, "f", 5.25)], r"two voxel sizes, 0.9 x 0.8 x 5 mm \(pixdim\) and 0.9 x 0.8 x 5.25 mm \(the sform\)"),
+    ([(46, "h", 0)], r"gives the image 12 x 10 x 0 voxels \(dim\), a size below 1"),
+    ([(72, "h", 16)], r"gives voxels of 16 bits \(bitpix\) of a type of 32 bits \(datatype 16\)"),
+], ids=["qoffset-2e5", "pixdim-inf", "pixdim-0", "sform-slice-5-percent-longer", "dim-0", "bitpix-16-of-float32"])
 def test_a_nifti_header_just_past_its_limits_is_refused(tmp_path, edits, words):
     """Mutation audit (mut44): the NIfTI header's limits each just past them (an origin 200 m away, not 1e30 mm; a
     voxel size infinite or 0; an sform 5 % off pixdim), with both forms in use as SimpleITK writes them."""
@@ -1281,8 +1288,8 @@ def test_a_nifti_header_just_past_its_limits_is_refused(tmp_path, edits, words):
     sitk.WriteImage(image, str(path))
     header = bytearray(path.read_bytes())
     assert struct.unpack_from("<2h", header, 252) == (1, 1) and struct.unpack_from("<f", header, 320)[0] == 5.0
-    for offset, value in edits:
-        struct.pack_into("<f", header, offset, value)
+    for offset, kind, value in edits:
+        struct.pack_into("<" + kind, header, offset, value)
     path.write_bytes(header)
     for light in (False, True):
         with pytest.raises(DeepWMLError, match=r"placed\.nii: its header.*" + words):

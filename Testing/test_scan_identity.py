@@ -278,6 +278,7 @@ def test_header_evidence_limits_by_hand():
     assert io.not_flair_evidence("", b_values=(100.0,)) == ["its diffusion b-value is 100 s/mm\u00b2"]  # above 50
     assert io.not_flair_evidence("", image_type=("DERIVED", "PRIMARY", "EADC")) == [
         "its Image Type names EADC (a diffusion image)"]  # Siemens' exponential ADC
+    assert "T2- or PD" in " ".join(io.not_flair_evidence("Ax FSE"))  # a fast spin echo named alone
 
 
 @pytest.mark.parametrize("sidecar, words", [
@@ -291,6 +292,12 @@ def test_header_evidence_limits_by_hand():
     ({"InversionTime": int("9" * 400)}, None),
     ({"DiffusionBValue": int("9" * 400)}, None),
     ({"RepetitionTime": [int("9" * 400)], "InversionTime": 1.8}, None),
+    # (mutation audit, mut44) a FLAIR's TR of 11 s is seconds (not 11 ms); 100 is still seconds, above it ms
+    ({"SeriesDescription": "FLAIR", "InversionTime": 2.8, "RepetitionTime": 11}, None),
+    ({"InversionTime": 100}, ["its inversion time is 100000 ms"]),
+    ({"InversionTime": 100.5}, ["its inversion time is 100.5 ms"]),
+    # the protocol's name where the series' description is missing, as dcm2niix writes both
+    ({"ProtocolName": "t1_mprage_sag"}, ["its description 't1_mprage_sag' names a T1-weighted scan"]),
 ])
 def test_a_sidecars_times_in_ms_or_numbers_beyond_a_float(tmp_path, sidecar, words):
     path = _nifti(tmp_path, "scan.nii.gz")
