@@ -722,7 +722,8 @@ def test_a_file_without_a_voxel_size_is_refused(tmp_path, name, header, known):
     ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 1 0 0 0 0 0 0 1\nElementSpacing = 0.9 0.8 5\n",
      "TransformMatrix = 1 1 0 0 0 0 0 0 1, axes of length 0 or in one line"),
     ("NDims = 3\nDimSize = 5 4 3\nTransformMatrix = 1 0 0 0 1 0 0 0 1 0\nElementSpacing = 0.9 0.8 5\n",
-     "TransformMatrix = 1 0 0 0 1 0 0 0 1 0, not 9 numbers"),
+     "TransformMatrix = 1 0 0 0 1 0 0 0 1 0, not 9 numbers"),    ("NDims = 3\nDimSize = 5 4 3\nElementSpacing = 0.9 0 5\n", "ElementSpacing = 0.9 0 5, not voxel sizes"),
+    ("NDims = 1\nDimSize = 60\nElementSpacing = 0.9\n", "NDims = 1, not a count of 2 to 5 axes"),
 ])
 def test_a_metaimage_header_no_image_has_is_refused(tmp_path, fields, words):
     """NDims of -1 hung the image library, of 100 or 2147483648 crashed the process; NDims 4 beside three sizes was

@@ -279,6 +279,11 @@ def test_header_evidence_limits_by_hand():
     assert io.not_flair_evidence("", image_type=("DERIVED", "PRIMARY", "EADC")) == [
         "its Image Type names EADC (a diffusion image)"]  # Siemens' exponential ADC
     assert "T2- or PD" in " ".join(io.not_flair_evidence("Ax FSE"))  # a fast spin echo named alone
+    # a series' own reading of the same: b = 50 is no diffusion weighting; a description that names nothing is a label
+    assert not io.DicomSeries("1.2", "", ("a.dcm",), b_value=50.0).diffusion
+    assert io.DicomSeries("1.2", "", ("a.dcm",), b_value=50.5).diffusion
+    assert io.DicomSeries("1.2", "", ("a.dcm",)).unlabelled
+    assert not io.DicomSeries("1.2", "Series 5", ("a.dcm",)).unlabelled
 
 
 @pytest.mark.parametrize("sidecar, words", [
@@ -298,6 +303,8 @@ def test_header_evidence_limits_by_hand():
     ({"InversionTime": 100.5}, ["its inversion time is 100.5 ms"]),
     # the protocol's name where the series' description is missing, as dcm2niix writes both
     ({"ProtocolName": "t1_mprage_sag"}, ["its description 't1_mprage_sag' names a T1-weighted scan"]),
+    ({"InversionTime": True, "RepetitionTime": False}, None),  # booleans are no times (Python's True is 1)
+    ({"Modality": "mr"}, None),  # MR in lower case
 ])
 def test_a_sidecars_times_in_ms_or_numbers_beyond_a_float(tmp_path, sidecar, words):
     path = _nifti(tmp_path, "scan.nii.gz")
