@@ -1718,7 +1718,10 @@ def test_a_slice_position_that_is_not_numbers_is_refused(tmp_path):
                            r"numbers \('nan.*'\)"),  # was called 'a localizer or a reformat shares the series UID'
     ("1\\0\\0\\0\\1", r"of image 1 of the DICOM series is not six numbers"),
     (None, r"give no Image Orientation \(Patient\) \(0020,0037\), so the orientation of their slices is unknown"),
-], ids=["a-row-of-zeros", "rows-in-one-line", "rows-not-at-right-angles", "nan", "five-numbers", "missing"])
+    # (mutation audit, mut44) columns 3 degrees off a right angle: read as the identity, 0.05 from the given rows
+    ("1\\0\\0\\0.05\\1\\0", r"is no pair of unit vectors at right angles .* read them as \(1, 0, 0\), \(0, 1, 0\)"),
+], ids=["a-row-of-zeros", "rows-in-one-line", "rows-not-at-right-angles", "nan", "five-numbers", "missing",
+        "columns-3-degrees-off"])
 def test_a_series_whose_orientation_is_no_pair_of_unit_vectors_is_refused(tmp_path, orientation, words):
     """GDCM reads a series whose Image Orientation (Patient) is missing or no pair of unit vectors at right angles
     as axial, without a word: an axial scan turned 17 degrees in its plane was segmented 'ok' on unturned axes

@@ -284,6 +284,10 @@ def test_header_evidence_limits_by_hand():
     assert io.DicomSeries("1.2", "", ("a.dcm",), b_value=50.5).diffusion
     assert io.DicomSeries("1.2", "", ("a.dcm",)).unlabelled
     assert not io.DicomSeries("1.2", "Series 5", ("a.dcm",)).unlabelled
+    # chosen as a FLAIR by its timing at the range's limits (inclusive); never a picture of images
+    for inversion, repetition in ((1500, 4000), (3000, None)):
+        assert io.DicomSeries("1.2", "", ("a.dcm",), inversion_ms=inversion, repetition_ms=repetition).looks_like_flair
+    assert not io.DicomSeries("1.2", "AX FLAIR", ("a.dcm",), secondary_capture=True).looks_like_flair
 
 
 @pytest.mark.parametrize("sidecar, words", [
