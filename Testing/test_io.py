@@ -1830,6 +1830,29 @@ def test_an_image_in_another_plane_sharing_the_series_uid_is_named(tmp_path):
         io.read_image(folder)
 
 
+def test_an_image_turned_2_degrees_in_its_plane_is_named(tmp_path):
+    """Mutation audit (mut44): an image whose orientation is 2 degrees off the others' (0.035 apart, past the 1e-3
+    within which they lie in one plane) is named, as a localizer is."""
+    image, _ = make_volume(size=(20, 16, 8), spacing=(0.8, 0.8, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "flair", image, description="AX FLAIR")
+    _retag(folder / "slice003.dcm", **{"0020_0037": "0.99939\\0.0349\\0\\-0.0349\\0.99939\\0"})
+    with pytest.raises(DeepWMLError, match=r"not all lie in one plane \(7 do, and slice003.dcm faces another way\)"):
+        io.read_image(folder)
+
+
+def test_pixel_data_a_byte_or_two_short_is_refused_and_a_one_pixel_image_padded_to_even_length_read():
+    """Mutation audit (mut44): `_pixel_verdict` on its edges, by hand: Pixel Data 2 bytes short of 4 x 4 pixels of 16
+    bits is a damaged header (no padding rule applies below the image's length); a 1 x 1 image of 8 bits padded to an
+    even length (PS3.5 7.1.1) by one byte is read."""
+    def layout(rows, columns, bits, length):
+        return io._PixelLayout("", rows, columns, 1, 1, 1, bits, False, length, "<", 0, 0, False)
+
+    assert io._pixel_verdict(layout(4, 4, 16, 30))[0] == ("gives 4 rows x 4 columns of 16 bits (32 bytes), but its Pixel "
+                                                         "Data holds 30 bytes")
+    assert io._pixel_verdict(layout(4, 4, 16, 32)) == (None, 0, None)
+    assert io._pixel_verdict(layout(1, 1, 8, 2)) == (None, 0, None)
+
+
 def test_an_image_copied_twice_into_a_series_is_named(tmp_path):
     """'IM3 (1).dcm' beside 'IM3.dcm' (an export copied twice): refused as 'two images at one position; the
     transfer may be incomplete: export the series again', the wrong fix. The copy is named."""
