@@ -1853,6 +1853,26 @@ def test_pixel_data_a_byte_or_two_short_is_refused_and_a_one_pixel_image_padded_
     assert io._pixel_verdict(layout(1, 1, 8, 2)) == (None, 0, None)
 
 
+def test_pixel_data_past_a_frame_or_of_several_frames_is_no_padding(tmp_path):
+    """Mutation audit (mut44): zeros past the image are padding only in a single-frame image and less than a frame
+    (a Frames, Samples or Bits Allocated too small leaves a frame and more), by hand: 32 bytes of zeros past a 4 x 4
+    image of 16 bits (a frame's worth), 40 past 10 frames of 4 x 4 (more than a frame, less than a row or column of
+    each frame) and 1000 past 4 frames of 48 x 64 (less than a frame) are each refused."""
+    def verdict(rows, columns, frames, excess):
+        expected = rows * columns * frames * 2
+        path = tmp_path / f"pixels{rows}x{columns}x{frames}"
+        path.write_bytes(np.arange(expected // 2, dtype="<u2").tobytes() + bytes(excess))
+        return io._pixel_verdict(io._PixelLayout(str(path), rows, columns, 1, 1, frames, 16, False, expected + excess,
+                                                 "<", 0, 0, False))
+
+    assert verdict(4, 4, 1, 32)[0] == "gives 4 rows x 4 columns of 16 bits (32 bytes), but its Pixel Data holds 64 bytes"
+    assert verdict(4, 4, 10, 40)[0] == ("gives 4 rows x 4 columns x 10 frames of 16 bits (320 bytes), but its Pixel Data "
+                                        "holds 360 bytes")
+    assert verdict(48, 64, 4, 1000)[0] == ("gives 48 rows x 64 columns x 4 frames of 16 bits (24576 bytes), but its "
+                                           "Pixel Data holds 25576 bytes")
+    assert verdict(4, 4, 1, 1)[0] is None  # less than a row: padding
+
+
 def test_an_image_copied_twice_into_a_series_is_named(tmp_path):
     """'IM3 (1).dcm' beside 'IM3.dcm' (an export copied twice): refused as 'two images at one position; the
     transfer may be incomplete: export the series again', the wrong fix. The copy is named."""

@@ -455,6 +455,11 @@ def test_vendor_b_values_by_hand():
     # GE's bias taken off whatever the b-value (b = 10000 and more on high-b sequences)
     assert io.vendor_b_value({0x00430010: "GEMS_PARM_01", 0x00431039: "1000010000\\8\\0\\0"}, "EP\\SE") == 10000
     assert io.vendor_b_value({0x00430010: "GEMS_PARM_01", 0x00431039: "1000\\8\\0\\0"}, "EPSI") is None
+    # (mutation audit, mut44) the bias is GE's alone; of two vendors' values (a file passed through another's
+    # workstation) the largest
+    assert io.vendor_b_value({0x00190010: "SIEMENS MR HEADER", 0x0019100C: "1000001000"}) == 1000001000
+    assert io.vendor_b_value({0x20010010: "Philips Imaging DD 001", 0x20011003: struct.pack("<f", 0.0),
+                              0x00190010: "SIEMENS MR HEADER", 0x0019100C: "1000"}) == 1000
 
 
 def _enhanced(path: Path, **kwargs) -> Path:
