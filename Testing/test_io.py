@@ -1858,11 +1858,12 @@ def test_pixel_data_past_a_frame_or_of_several_frames_is_no_padding(tmp_path):
     (a Frames, Samples or Bits Allocated too small leaves a frame and more), by hand: 32 bytes of zeros past a 4 x 4
     image of 16 bits (a frame's worth), 40 past 10 frames of 4 x 4 (more than a frame, less than a row or column of
     each frame) and 1000 past 4 frames of 48 x 64 (less than a frame) are each refused."""
-    def verdict(rows, columns, frames, excess):
-        expected = rows * columns * frames * 2
+    def verdict(rows, columns, frames, excess, tail=None, bits=16):
+        expected = rows * columns * frames * bits // 8
         path = tmp_path / f"pixels{rows}x{columns}x{frames}"
-        path.write_bytes(np.arange(expected // 2, dtype="<u2").tobytes() + bytes(excess))
-        return io._pixel_verdict(io._PixelLayout(str(path), rows, columns, 1, 1, frames, 16, False, expected + excess,
+        path.write_bytes(np.arange(expected * 8 // bits, dtype=f"<u{bits // 8}").tobytes()
+                         + (bytes(excess) if tail is None else tail))
+        return io._pixel_verdict(io._PixelLayout(str(path), rows, columns, 1, 1, frames, bits, False, expected + excess,
                                                  "<", 0, 0, False))
 
     assert verdict(4, 4, 1, 32)[0] == "gives 4 rows x 4 columns of 16 bits (32 bytes), but its Pixel Data holds 64 bytes"
@@ -1871,6 +1872,13 @@ def test_pixel_data_past_a_frame_or_of_several_frames_is_no_padding(tmp_path):
     assert verdict(48, 64, 4, 1000)[0] == ("gives 48 rows x 64 columns x 4 frames of 16 bits (24576 bytes), but its "
                                            "Pixel Data holds 25576 bytes")
     assert verdict(4, 4, 1, 1)[0] is None  # less than a row: padding
+    # more than a row and less than a frame: padding only where one value repeats
+    assert verdict(8, 8, 1, 20, tail=bytes(range(1, 21)))[0] == (
+        "gives 8 rows x 8 columns of 16 bits (128 bytes), but its Pixel Data holds 148 bytes, and the 20 bytes past the "
+        "image are not padding (one value repeated)")
+    # 8 bits, two columns' worth and the byte that pads to an even length: also read as 2 columns more (10 columns)
+    padded = verdict(8, 8, 1, 17, bits=8)
+    assert padded[:2] == (None, 17) and padded[2] is not None and padded[2][2] == 10
 
 
 def test_an_image_copied_twice_into_a_series_is_named(tmp_path):

@@ -508,6 +508,20 @@ def test_an_enhanced_mr_diffusion_file_is_segmented_with_a_warning(tmp_path, tin
     assert len(found) == 1 and "its diffusion b-value is 1000 s/mm" in found[0] and "(its DICOM header)" in found[0]
 
 
+def test_unstated_orientation_by_hand(tmp_path):
+    """Mutation audit (mut44): 'space dimension' states a space as 'space' does (its axes are its 'space
+    directions'); a Slicer segmentation is never warned of (its place is its scan's); no header fields, no warning."""
+    head = "NRRD0004\ntype: int16\ndimension: 3\nsizes: 2 2 2\n"
+    for name, geometry, warned in (
+            ("spacings.nrrd", "spacings: 0.9 0.9 5\n", True),
+            ("dimension.nrrd", "space dimension: 3\nspace directions: (0.9,0,0) (0,0.9,0) (0,0,5)\n", False),
+            ("lesions.seg.nrrd", "spacings: 0.9 0.9 5\n", False)):
+        (tmp_path / name).write_bytes(f"{head}{geometry}endian: little\nencoding: raw\n\n".encode() + bytes(16))
+        assert (io.unstated_orientation(tmp_path / name) is not None) == warned, name
+    (tmp_path / "empty.nrrd").write_bytes(b"")
+    assert io.unstated_orientation(tmp_path / "empty.nrrd") is None
+
+
 @pytest.mark.parametrize("space, warned", [(None, True), ("left-posterior-superior", False),
                                            ("right-anterior-superior", False)])
 def test_an_nrrd_that_states_no_orientation_is_segmented_with_a_warning_that_left_and_right_are_assumed(
