@@ -1879,6 +1879,20 @@ def test_pixel_data_past_a_frame_or_of_several_frames_is_no_padding(tmp_path):
     # 8 bits, two columns' worth and the byte that pads to an even length: also read as 2 columns more (10 columns)
     padded = verdict(8, 8, 1, 17, bits=8)
     assert padded[:2] == (None, 17) and padded[2] is not None and padded[2][2] == 10
+    # a colour image's row is its samples' bytes (3 a pixel): 6 bytes past 4 x 4 RGB pixels are less than a row
+    rgb = tmp_path / "rgb"
+    rgb.write_bytes(bytes(54))
+    assert io._pixel_verdict(io._PixelLayout(str(rgb), 4, 4, 3, 3, 1, 8, False, 54, "<", 0, 0, False)) == (None, 0, None)
+
+
+def test_blank_images_padded_by_whole_columns_are_read(tmp_path):
+    """Mutation audit (mut44): blank images (every pixel 0) padded by zeros a whole number of columns long read as
+    smooth in either shape: nothing tells a Columns too small, and the header's shape is taken."""
+    image, _ = make_volume(size=(64, 48, 2), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "blank", image * 0, description="AX FLAIR")
+    for path in folder.iterdir():
+        _pad_pixel_data(path, bytes(96 * 10))  # 10 columns of 48 rows of 16 bits
+    assert io._series_pixel_misfit(sorted(str(p) for p in folder.iterdir())) is None
 
 
 def test_an_image_copied_twice_into_a_series_is_named(tmp_path):
