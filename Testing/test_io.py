@@ -1851,6 +1851,9 @@ def test_pixel_data_a_byte_or_two_short_is_refused_and_a_one_pixel_image_padded_
                                                          "Data holds 30 bytes")
     assert io._pixel_verdict(layout(4, 4, 16, 32)) == (None, 0, None)
     assert io._pixel_verdict(layout(1, 1, 8, 2)) == (None, 0, None)
+    # 1 bit a pixel: 5 x 5 pixels need 4 bytes (25 bits rounded up), so 3 are short of them
+    assert io._pixel_verdict(layout(5, 5, 1, 3))[0] == ("gives 5 rows x 5 columns of 1 bits (4 bytes), but its Pixel "
+                                                       "Data holds 3 bytes")
 
 
 def test_pixel_data_past_a_frame_or_of_several_frames_is_no_padding(tmp_path):
