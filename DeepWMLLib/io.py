@@ -5282,6 +5282,19 @@ def dicom_seg_labels(path: str | os.PathLike) -> list[str]:
     return [segments[n] for n in sorted(segments)]
 
 
+def _common_step(offsets: np.ndarray, smallest: float) -> float:
+    """The slice spacing of a SEG that gives no Spacing Between Slices, from its frames' offsets along the normal
+    (mm from the lowest): the largest step of which every offset is a whole multiple, the smallest step divided by
+    1 to 16 (frames on slices 1, 4 and 6: steps of 3 and 2 slices, the spacing one slice), else the smallest step
+    (its frames then refused as between slices)."""
+    for parts in range(1, 17):
+        step = smallest / parts
+        index = offsets / step
+        if float(np.abs(index - np.round(index)).max(initial=0.0)) * step <= _slice_tolerance_mm(step):
+            return step
+    return smallest
+
+
 def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
 
@@ -5289,8 +5302,8 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     `lesion_segment_names`; a warning where segments of several labels are joined). Pixels: BINARY, 1 bit a pixel,
     the frames' bits one run, the first pixel in the lowest bit; FRACTIONAL, 8 bits, a pixel lesion at half its
     Maximum Fractional Value or more. Each frame is placed by its Plane Position on a grid of the frames' shared
-    orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the frames'
-    smallest step (every step a whole number of it), else one slice of its Slice Thickness; the grid spans the
+    orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the largest
+    step of which every frame's offset is a whole multiple (`_common_step`), else one slice of its Slice Thickness; the grid spans the
     frames present (a SEG without its empty frames: `onto_grid` pads it onto the scan's), frames of lesion segments
     at one position joined. Frames off that grid (between slices, shifted within their plane: a tilt) or in other
     orientations are refused."""
@@ -5364,7 +5377,7 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     if given is not None and given.size and np.isfinite(given[0]) and abs(float(given[0])) > 0:
         step, source = abs(float(given[0])), "its Spacing Between Slices"
     elif steps.size:
-        step, source = float(steps.min()), "its frames' smallest step"
+        step, source = _common_step(along - along[low], float(steps.min())), "its frames' positions"
     else:
         thickness = _group_value(shared, _PIXEL_MEASURES, 0x00180050)
         if thickness is None:

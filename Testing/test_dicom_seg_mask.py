@@ -253,3 +253,21 @@ def test_train_reads_segs_in_its_manifest(tmp_path, caplog):
     assert best.is_file()
     assert ("1 case(s) are segmentations (Slicer .seg.nrrd, DICOM SEG) of several segments, none named WMH "
             "(c1 (Lesion, Brain))") in caplog.text
+
+
+def test_a_sparse_seg_without_spacing_between_slices_is_placed_by_its_positions(tmp_path, phantom_case):
+    """A sparse SEG whose Pixel Measures give no Spacing Between Slices (highdicom copies it only where the source
+    images give it; many 2D FLAIRs do not): frames on slices 1, 4 and 6, steps of 3 and 2 slices. Its grid is the
+    largest step of which every frame's offset is a whole multiple (1 slice), not the smallest step (2 slices), on
+    which slice 4 lay 'between slices' and the SEG was refused."""
+    folder, flair, prediction = phantom_case
+    mask = rater_mask(flair)
+    highdicom_seg(folder, tmp_path / "spaced.dcm", {"WMH": mask})
+    ds = pydicom.dcmread(tmp_path / "spaced.dcm")
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    del measures.SpacingBetweenSlices
+    ds.save_as(tmp_path / "rater.dcm")
+    on_flair = io.read_mask(tmp_path / "rater.dcm", flair)
+    assert np.array_equal(sitk.GetArrayFromImage(on_flair), mask)
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "rater.dcm", "seg"),
+                  evaluated(tmp_path, prediction, as_file(mask, flair, tmp_path / "rater.nrrd"), "file"))
