@@ -5190,8 +5190,10 @@ def _is_dicom_seg_file(path: Path) -> bool:
 
 def dicom_seg_file(path: str | os.PathLike) -> Path | None:
     """The DICOM Segmentation a mask's path names: a DICOM file that is one (whatever its name: `rater.dcm`), or a
-    folder whose only DICOM series is one (a SEG exported from PACS alone in its folder); None for anything else.
-    A folder of a SEG series of several files is refused (DeepWML reads a SEG of one file, as PACS and OHIF keep it)."""
+    folder whose only DICOM Segmentation series is one, alone or beside the images it segments (a SEG exported from
+    PACS in its folder, or with its study; a folder without DICOM files of its own: the series of the folders below
+    it, as `choose_dicom_series` offers them); None for anything else. A folder of several SEG series, or of a SEG
+    series of several files, is refused (DeepWML reads a SEG of one file, as PACS and OHIF keep it)."""
     p = Path(path)
     try:
         if p.is_file():
@@ -5200,9 +5202,16 @@ def dicom_seg_file(path: str | os.PathLike) -> Path | None:
             return None
     except OSError:
         return None  # read_any says why
-    series = [s for s in dicom_series(p)]
-    if len(series) != 1 or series[0].modality != "SEG":
+    series = dicom_series(p)
+    if not series:  # a study exported as one folder per series
+        series = [s for study in dicom_catalogue(p)[0] for s in study.series]
+    segs = [s for s in series if s.modality == "SEG"]
+    if not segs:
         return None
+    if len(segs) > 1:
+        raise DeepWMLError(f"{p} holds {len(segs)} DICOM Segmentation series ({'; '.join(s.label() for s in segs)}); "
+                           "give the file of the one to read as the mask")
+    series = segs
     if len(series[0].files) != 1:
         raise DeepWMLError(f"{p} holds a DICOM Segmentation series of {len(series[0].files)} files "
                            f"({series[0].label()}); DeepWML reads a segmentation of one file: give that file")

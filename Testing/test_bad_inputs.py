@@ -227,6 +227,8 @@ BAD_INPUTS = [
      "evaluate", 1, "has frames between slices"),
     ("a DICOM SEG given as the reference stored compressed (RLE, JPEG 2000: DeepWML decodes uncompressed ones)",
      "evaluate", 1, "which DeepWML does not decode; save it uncompressed"),
+    ("a folder holding two DICOM SEGs given as the reference (two raters' outlines exported together: which one is "
+     "meant is not known)", "evaluate", 1, "holds 2 DICOM Segmentation series"),
     ("change --dicom-seg with a DICOM follow-up without a Frame of Reference UID", "change", 1,
      "no Frame of Reference UID"),
     ("a case's folder given as the reference, not the mask file in it", "evaluate", 1,
@@ -796,6 +798,20 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
         (tmp / "in" / "seg" / "seg.dcm").write_bytes(made.data)
         return seg + [str(tmp / "in" / "seg")]
+    if row_id.startswith("a folder holding two DICOM SEGs"):
+        from DeepWMLLib import dicom_seg
+
+        folder = write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                                    description="AX FLAIR", extra={"0020|0052": "1.2.3.9"})
+        series, _ = io.choose_dicom_series(folder)
+        image = io.read_image(folder, series=series)
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        mask.CopyInformation(image)
+        (tmp / "in" / "seg").mkdir()
+        for name in ("rater_a.dcm", "rater_b.dcm"):
+            made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
+            io.write_bytes(made.data, tmp / "in" / "seg" / name)
+        return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg")]
     if row_id.startswith("a DICOM SEG given as the reference"):
         from DeepWMLLib import dicom_seg
 

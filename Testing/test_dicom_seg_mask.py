@@ -271,3 +271,23 @@ def test_a_sparse_seg_without_spacing_between_slices_is_placed_by_its_positions(
     assert np.array_equal(sitk.GetArrayFromImage(on_flair), mask)
     _same_figures(evaluated(tmp_path, prediction, tmp_path / "rater.dcm", "seg"),
                   evaluated(tmp_path, prediction, as_file(mask, flair, tmp_path / "rater.nrrd"), "file"))
+
+
+def test_a_seg_in_a_folder_below_or_beside_its_flair_given_as_a_mask(tmp_path, phantom_case):
+    """A mask folder as PACS exports a study (one folder per series: the SEG in rater/SE300/IM0001) was refused as
+    'only a DICOM Segmentation ... not a scan; give the folder of the FLAIR series' (choose_dicom_series's refusal
+    of a lone SEG as a FLAIR; GDCM had read it before SEGs were read). A folder holding the FLAIR series and its SEG
+    (a study exported as one folder), given as a mask, had its FLAIR read as the mask ('looks like a scan'): the
+    SEG is the mask in both. Two SEGs beside each other are refused, naming them."""
+    folder, flair, _ = phantom_case
+    mask = rater_mask(flair)
+    (tmp_path / "rater" / "SE300").mkdir(parents=True)
+    highdicom_seg(folder, tmp_path / "rater" / "SE300" / "IM0001", {"WMH": mask})
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater", flair)), mask)
+    study = tmp_path / "study"
+    shutil.copytree(folder, study)
+    shutil.copy(tmp_path / "rater" / "SE300" / "IM0001", study / "seg.dcm")
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(study, flair)), mask)
+    highdicom_seg(folder, study / "other.dcm", {"WMH": mask})
+    with pytest.raises(DeepWMLError, match=r"study holds 2 DICOM Segmentation series .*give the file of the one"):
+        io.read_mask(study, flair)
