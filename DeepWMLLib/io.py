@@ -3984,12 +3984,12 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
     (`onto_grid`: reordered, or padded when cropped to its lesions; nothing interpolated). A Slicer
     `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image, a DICOM Segmentation (a file, or a
-    folder holding one alone) by its segments and frames (`read_dicom_seg`). A two-valued mask whose
+    folder holding one: `dicom_seg_file`) by its segments and frames (`read_dicom_seg`). A two-valued mask whose
     lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
     (0.99999994: round-off) as those numbers.
     """
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
-    # Slicer, say) is no label of the mask conventions; a DICOM SEG (a file, or a folder holding one alone) by its
+    # Slicer, say) is no label of the mask conventions; a DICOM SEG (a file, or a folder holding one) by its
     # own functional groups (GDCM read one whose every frame is present as a 0/255 volume by chance, and refused
     # a SEG without its empty frames)
     seg = dicom_seg_file(path)
