@@ -2557,8 +2557,10 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         raise error(f"{folder} holds {len(series)} DICOM series and {found} match {option or 'series'} "
                            f"{choice!r}: {_listing(matches, [s for s in series if s not in matches])}; {how}")
     if len(series) == 1 and series[0].modality == "SEG" and not choice:  # a segmentation of images, no image
-        raise DeepWMLError(f"{folder} holds only a DICOM Segmentation (Modality SEG: {series[0].label()}), a "
-                           "segmentation of another series, not a scan; give the folder of the FLAIR series")
+        # (a study of an export holding only a SEG: no FLAIR exam, skipped as the export's other exams are)
+        raise (NoFlairSeries if strict else DeepWMLError)(
+            f"{folder} holds only a DICOM Segmentation (Modality SEG: {series[0].label()}), a segmentation of another "
+            "series, not a scan; give the folder of the FLAIR series")
     if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]

@@ -451,3 +451,25 @@ def test_a_real_flair_as_a_dicom_series(tmp_path, shared_data):
     ds = check_against_sources(tmp_path / "s.dcm", folder, lesion=level)
     assert int(ds.NumberOfFrames) == 36 and frames_of(ds).sum() == sitk.GetArrayViewFromImage(mask).sum() > 0
     assert len(made.data) < 36 * 320 * 320 / 8 + 100_000 and seconds < 10
+
+
+def test_a_study_of_an_export_holding_only_a_seg_is_skipped_as_no_flair_exam(tmp_path, tiny_model):
+    """An export (several studies) with a study whose only series is a SEG (sent back from PACS without its images):
+    that study is no FLAIR exam, skipped as an export's other exams are (io.NoFlairSeries); the lone-SEG refusal
+    made it the case's error and the run exit 1."""
+    pydicom = pytest.importorskip("pydicom")
+    export = tmp_path / "export"
+    folder = source_series(export / "A")
+    make_seg(folder, tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    ds.StudyInstanceUID = "1.2.3.99"  # another exam's
+    (export / "B").mkdir()
+    ds.save_as(export / "B" / "IM0001")
+    with pytest.raises(io.NoFlairSeries, match=r"holds only a DICOM Segmentation"):
+        io.choose_dicom_series(export / "B", strict=True)
+    out = tmp_path / "out"
+    assert main(["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask"]) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        rows = {row["case"]: row for row in csv.DictReader(f)}
+    assert sorted(row["status"] for row in rows.values()) == ["ok", "skipped"], rows
