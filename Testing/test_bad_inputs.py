@@ -576,6 +576,23 @@ def _set_us_element(folder: Path, tag: bytes, old: int, new: int) -> None:
         path.write_bytes(data)
 
 
+def _empty_segs(good: Path, tmp: Path, names) -> None:
+    """DeepWML's DICOM SEGs of an empty mask, one file per name in tmp/in/seg, of the `good` scan written as a DICOM
+    series (with a Frame of Reference UID) in tmp/in/flair."""
+    from DeepWMLLib import dicom_seg
+
+    folder = write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(good)), sitk.sitkInt16),
+                                description="AX FLAIR", extra={"0020|0052": "1.2.3.9"})
+    series, _ = io.choose_dicom_series(folder)
+    image = io.read_image(folder, series=series)
+    mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    mask.CopyInformation(image)
+    (tmp / "in" / "seg").mkdir()
+    for name in names:
+        made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
+        io.write_bytes(made.data, tmp / "in" / "seg" / name)
+
+
 def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     out = str(tmp / "out")
     seg = ["segment", "-o", out, "--model", str(p["model"]), "--device", "cpu"]
@@ -786,31 +803,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
                            description="AX FLAIR")  # (0020,0052) not written
         return seg + [str(tmp / "in" / "flair"), "--dicom-seg"]
     if row_id.startswith("a folder holding only a DICOM SEG"):
-        from DeepWMLLib import dicom_seg
-
-        folder = write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
-                                    description="AX FLAIR", extra={"0020|0052": "1.2.3.9"})
-        series, _ = io.choose_dicom_series(folder)
-        image = io.read_image(folder, series=series)
-        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-        mask.CopyInformation(image)
-        (tmp / "in" / "seg").mkdir()
-        made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
-        (tmp / "in" / "seg" / "seg.dcm").write_bytes(made.data)
+        _empty_segs(p["good"], tmp, ("seg.dcm",))
         return seg + [str(tmp / "in" / "seg")]
     if row_id.startswith("a folder holding two DICOM SEGs"):
-        from DeepWMLLib import dicom_seg
-
-        folder = write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
-                                    description="AX FLAIR", extra={"0020|0052": "1.2.3.9"})
-        series, _ = io.choose_dicom_series(folder)
-        image = io.read_image(folder, series=series)
-        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-        mask.CopyInformation(image)
-        (tmp / "in" / "seg").mkdir()
-        for name in ("rater_a.dcm", "rater_b.dcm"):
-            made = dicom_seg.segmentation(image, mask, series, {"volume_ml": 0.0, "lesion_count": 0})
-            io.write_bytes(made.data, tmp / "in" / "seg" / name)
+        _empty_segs(p["good"], tmp, ("rater_a.dcm", "rater_b.dcm"))
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg")]
     if row_id.startswith("a DICOM SEG given as the reference"):
         from DeepWMLLib import dicom_seg
