@@ -53,7 +53,7 @@ from .dicom_outline import source_positions
 from .errors import DeepWMLError
 from .report import lesion_count_text
 
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_STORAGE = io.SEGMENTATION_STORAGE  # Segmentation Storage (the SOP class io reads as a mask)
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 # DeepWML's Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UID made once for it from a random UUID
 IMPLEMENTATION_CLASS_UID = "2.25.92185420594283948901816642640925842785"
