@@ -1164,6 +1164,13 @@ def skip_message(existing: Sequence[str], earlier: dict) -> str:
     return message
 
 
+# the warning of --dicom-outline and --dicom-seg for an input that is not DICOM (deepwml segment and the Slicer batch)
+NO_DICOM_OUTLINE = ("no DICOM outline series: the input is not DICOM, so it has no patient or study to write one into "
+                    "(--dicom-outline needs a DICOM series)")
+NO_DICOM_SEG = ("no DICOM SEG: the input is not DICOM, so it has no patient or study to write one into (--dicom-seg "
+                "needs a DICOM series)")
+
+
 def output_paths(out_dir: Path, case: str, save_probabilities: bool, save_brain_mask: bool = False,
                  extension: str = ".nii.gz", qc: bool = False, dicom_outline: bool = False,
                  save_ventricle_mask: bool = False, dicom_seg: bool = False) -> dict:
@@ -1340,11 +1347,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     else:
         report["warnings"] = [*scan_header_warnings(path), *report["warnings"]]
     if dicom_outline and not outline:
-        report["warnings"] = [*report["warnings"], "no DICOM outline series: the input is not DICOM, so it has no "
-                              "patient or study to write one into (--dicom-outline needs a DICOM series)"]
+        report["warnings"] = [*report["warnings"], NO_DICOM_OUTLINE]
     if dicom_seg and not seg:
-        report["warnings"] = [*report["warnings"], "no DICOM SEG: the input is not DICOM, so it has no patient or "
-                              "study to write one into (--dicom-seg needs a DICOM series)"]
+        report["warnings"] = [*report["warnings"], NO_DICOM_SEG]
     if qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
         from .qc import png_bytes, render
 

@@ -1163,3 +1163,42 @@ def test_batch_formats_each_summary_row_once_however_long_the_batch(scene, batch
     rows = summary(out)
     assert len(rows) == count and rows["scan"]["status"] == "ok"
     assert cells[0] <= 3 * count * len(batchScript.SUMMARY_COLUMNS), cells  # was 160 000 (count² / 2 rows)
+
+
+def test_batch_writes_the_dicom_seg_and_outline_of_a_dicom_input_and_warns_of_another(scene, batchScript, tmp_path,
+                                                                                       monkeypatch, tiny_model):
+    """--dicom-seg and --dicom-outline as `deepwml segment` has them: for a DICOM series, CASE_wmh_seg.dcm (its
+    lesion, read back, the mask file's voxels) and CASE_outline_dicom/, listed in the report; an image file is
+    segmented with a warning in its report and summary row, and nothing of the kind written; a rerun with
+    --overwrite without them removes the earlier SEG and outline series."""
+    from conftest import write_dicom_series
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, -0.05, 0.2))
+    write_dicom_series(inputs / "S", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500, number=5,
+                       extra={"0020|0052": "1.2.3.99", "0010|0010": "Doe^Jane", "0010|0020": "PAT-7"})
+    writeCase(inputs, "a.nii.gz")
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base + ["--dicom-seg", "--dicom-outline"]) == 0
+    report = json.loads((out / "S_report.json").read_text(encoding="utf-8"))
+    assert {"S_wmh_seg.dcm", "S_outline_dicom"} <= set(report["outputs"])
+    assert report["dicom_seg"]["file"] == "S_wmh_seg.dcm" and report["dicom_seg"]["series_number"] == 2005
+    assert report["dicom_outline"]["images"] == 6 and report["dicom_outline"]["series_number"] == 1005
+    mask = io.read_mask(out / "S_wmh.nrrd")
+    assert sitk.GetArrayFromImage(mask).any()
+    fromSeg = io.read_mask(out / "S_wmh_seg.dcm", reference=mask)  # read back, onto the mask's grid (with or
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fromSeg), sitk.GetArrayFromImage(mask))  # without empty frames)
+    assert len(list((out / "S_outline_dicom").glob("IM*.dcm"))) == 6
+    assert not any("no DICOM" in w for w in report.get("warnings", []))
+    other = json.loads((out / "a_report.json").read_text(encoding="utf-8"))
+    assert segment.NO_DICOM_SEG in other["warnings"] and segment.NO_DICOM_OUTLINE in other["warnings"]
+    assert "dicom_seg" not in other and not (out / "a_wmh_seg.dcm").exists() and not (out / "a_outline_dicom").exists()
+    assert "no DICOM SEG" in summary(out)["a"]["warnings"] and "no DICOM" not in summary(out)["S"]["warnings"]
+    assert batchScript.main(base + ["--dicom-seg"]) == 0  # a rerun: skipped, as deepwml segment skips it
+    assert {row["status"] for row in summary(out).values()} == {"skipped"}
+    assert batchScript.main(base + ["--overwrite"]) == 0  # not asked for now: the earlier SEG and series go
+    assert not (out / "S_wmh_seg.dcm").exists() and not (out / "S_outline_dicom").exists()
+    assert "S_wmh_seg.dcm" not in json.loads((out / "S_report.json").read_text(encoding="utf-8"))["outputs"]

@@ -2,7 +2,7 @@
 
     Slicer --no-main-window --python-script DeepWML/Scripts/segment_batch.py \\
         --input-dir IN --output-dir OUT [--device auto|cpu|cuda] [--precision auto|fp32|bf16]
-        [--reference-dir REF] [--model FILE ...] [--grid-phases 1|4]
+        [--reference-dir REF] [--model FILE ...] [--grid-phases 1|4] [--dicom-seg] [--dicom-outline]
 
 It also runs under plain Python with slicer-core installed (python DeepWML/Scripts/segment_batch.py ...).
 
@@ -10,8 +10,9 @@ Every image file (.nii, .nii.gz, .hdr + .img or .hdr.gz + .img.gz, .nrrd, .nhdr,
 CASE. DICOM below IN, nested any depth as PACS exports are, gives one case per study named as `deepwml
 segment` names it (its FLAIR picked among its series; a study without one is skipped). OUT receives, per case,
 CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
-and DICOM inputs, .mha for MetaImage), CASE_report.json and with --qc CASE_qc.png (the same names as
-`deepwml segment`), and summary.csv with one row per case (rewritten after each: a run stopped part way lists
+and DICOM inputs, .mha for MetaImage), CASE_report.json, with --qc CASE_qc.png, and for a DICOM input with
+--dicom-seg CASE_wmh_seg.dcm (the mask as a DICOM SEG) and with --dicom-outline CASE_outline_dicom/ (the FLAIR with
+the lesions outlined, a new series) (the same names and rules as `deepwml segment`'s), and summary.csv with one row per case (rewritten after each: a run stopped part way lists
 the cases it did). With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
@@ -76,6 +77,12 @@ def parseArguments(argv):
     parser.add_argument("--qc", action="store_true", help="also write CASE_qc.png: the axial slices with the mask "
                         "outlined in red, or with --reference-dir filled green where it agrees with the reference, "
                         "red where only it marks lesion, blue where only the reference does")
+    parser.add_argument("--dicom-seg", action="store_true", help="as deepwml segment --dicom-seg: for a DICOM input, "
+                        "also write CASE_wmh_seg.dcm, the mask as a DICOM Segmentation object (SEG) of the same study, "
+                        "which PACS viewers show as an overlay (another input: a warning in its report, no file)")
+    parser.add_argument("--dicom-outline", action="store_true", help="as deepwml segment --dicom-outline: for a DICOM "
+                        "input, also write CASE_outline_dicom/, the FLAIR with the lesions outlined in red as a new "
+                        "series of the same study (another input: a warning in its report, no series)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of failed cases")
     args = parser.parse_args(argv)
     if args.no_location and args.ventricle_model:
@@ -195,7 +202,10 @@ def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -
     the segmentation's steps."""
     from DeepWMLLib.segment import output_paths
 
-    paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc)
+    dicom = path.is_dir()  # a DICOM input (a series' or a study's folder): only it has a patient and a study to write
+    # a SEG or an outline series into, as deepwml segment decides it
+    paths = output_paths(args.output_dir, case, False, extension=io.output_extension(path), qc=args.qc,
+                         dicom_outline=args.dicom_outline and dicom, dicom_seg=args.dicom_seg and dicom)
     with segment.case_guard(args.output_dir, case, paths, args.protected):
         return _segmentCase(logic, case, path, args, study, paths, progress)
 
@@ -217,6 +227,11 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
         except (KeyError, TypeError, AttributeError):
             pass
         return row
+    outline, seg = "dicom_outline" in paths, "dicom_seg" in paths
+    if outline:  # refused before any work, as deepwml segment refuses it
+        from DeepWMLLib.dicom_outline import check_outline_folder
+
+        check_outline_folder(paths["dicom_outline"], args.overwrite)
     reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir else None
     nodes, referenceNode = [], None
     try:
@@ -230,6 +245,11 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
         if dicom.get("warnings"):  # and what its header or an image file's sidecar says, first among the warnings
             # (once: the module's logic warns of a file's sidecar too, where Slicer's reader loaded the file)
             report["warnings"] = list(dict.fromkeys([*dicom["warnings"], *(report.get("warnings") or [])]))
+        notDicom = [warning for asked, made, warning in ((args.dicom_outline, outline, segment.NO_DICOM_OUTLINE),
+                                                         (args.dicom_seg, seg, segment.NO_DICOM_SEG))
+                    if asked and not made]
+        if notDicom:  # asked for an input that is not DICOM: said in its report and summary, as deepwml segment does
+            report["warnings"] = [*(report.get("warnings") or []), *notDicom]
         row = {**summaryFigures(report), "_warnings": list(report.get("warnings") or [])}
         if reference is not None:
             referenceNode = loadReference(reference)
@@ -257,6 +277,18 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             else:
                 reference = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
                 picture = png_bytes(render_comparison(image, mask, reference, title, names=("DeepWML", "reference")))
+        if outline or seg:  # made before anything is written too, by deepwml segment's own functions, on the grid
+            # of the series as read (the volume's: loadFlair made it from that image)
+            flair = mrml.imageFromVolume(volumeNode)
+            if outline:
+                from DeepWMLLib.dicom_outline import outline_series
+
+                prepared = outline_series(flair, mask, series, report)
+            if seg:
+                from DeepWMLLib.dicom_seg import segmentation
+
+                segmented = segmentation(flair, mask, series, report)
+            flair = None
         with segment.whole_or_none(paths):  # stopped part way: the case's outputs go, its earlier report first
             if args.overwrite:  # (never an old report beside new files)
                 paths["report"].unlink(missing_ok=True)
@@ -265,14 +297,35 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                            io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
             if args.qc:
                 io.write_bytes(picture, paths["qc"])
+            if outline:
+                from DeepWMLLib.dicom_outline import write_outline_series
+
+                report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], args.overwrite)
+            if seg:
+                io.write_bytes(segmented.data, paths["dicom_seg"])
+                report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
             write_json(report, paths["report"])
-        stale = output_paths(args.output_dir, case, False, qc=True)["qc"]
-        if args.overwrite and not args.qc and stale.is_file():  # an earlier run's picture of an older result
-            stale.unlink()
+        if args.overwrite:  # an earlier run's picture, SEG or outline series of an older result, not asked for now
+            removeStale(output_paths(args.output_dir, case, False, qc=True, dicom_outline=True, dicom_seg=True), paths)
     finally:
         for node in nodes:
             mrml.removeNode(node)
     return {"status": "ok", "error": "", **row}
+
+
+def removeStale(possible: dict, paths: dict) -> None:
+    """An earlier run's outputs of the case (`possible`) that this run did not write (`paths`) go with --overwrite:
+    they were made from an older result. Only the picture, the SEG and the outline series (its own images alone)."""
+    from DeepWMLLib.dicom_outline import remove_outline_series
+
+    for key in ("qc", "dicom_seg", "dicom_outline"):
+        stale = possible[key]
+        if key in paths:
+            continue
+        if key == "dicom_outline":
+            remove_outline_series(stale)
+        elif stale.is_file():
+            stale.unlink()
 
 
 def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
