@@ -1646,3 +1646,87 @@ def test_a_segmentation_is_read_with_the_source_representation_names_of_any_supp
             mrml.checkMaskTarget(node(kind(surface)))
     with pytest.raises(DeepWMLError, match="neither GetSourceRepresentationName nor GetMasterRepresentationName"):
         mrml.sourceRepresentationName(object())
+
+
+def _dicomFlair(tmp_path, monkeypatch):
+    """A FLAIR series in a stand-in of Slicer's DICOM database (another series' files beside it, as the database may
+    keep them) and its volume as Slicer's DICOM module loads it: the instance UIDs on it, its slices stored the other
+    way round (a loader's own order: the same place in the world). Returns (volume, the series, its image as read)."""
+    import slicer_standins
+    from conftest import write_dicom_series
+
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, -0.05, 0.2))
+    other, _ = make_volume(size=(40, 36, 3), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "database", flair, uid="1.2.3.8", description="AX FLAIR", number=3,
+                                inversion_ms=2500, extra={"0020|0052": "1.2.3.99", "0010|0020": "PAT-7"})
+    write_dicom_series(folder, other, uid="1.2.3.9", description="AX T1", number=4, prefix="t1")
+    monkeypatch.setattr(slicer, "dicomDatabase", slicer_standins.DicomDatabase(folder), raising=False)
+    series = next(s for s in io.dicom_series(folder) if s.uid == "1.2.3.8")
+    image = io.read_image(folder, series=series)
+    volume = mrml.volumeFromImage(sitk.Flip(image, (False, False, True)), "3: AX FLAIR")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(series.instance_uids))
+    return volume, series, image
+
+
+def test_write_dicom_seg_of_a_volume_from_slicers_dicom_database(scene, tmp_path, monkeypatch, tiny_model):
+    """The module's DICOM SEG (deepwml segment --dicom-seg's file) of a volume the DICOM module loaded: its files
+    found through Slicer's DICOM database, the segmentation on that series' slices (read back: the segmentation's
+    voxels, whatever order the volume stores its slices in); a volume not from DICOM, or whose files are gone from
+    the database, is refused with a message and no file."""
+    oracle_network(monkeypatch)
+    volume, series, image = _dicomFlair(tmp_path, monkeypatch)
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    path = tmp_path / "out" / logic.dicomSegPath(volume, tmp_path / "out").name
+    assert path.name == "3_AX_FLAIR_wmh_seg.dcm"
+    path.parent.mkdir()
+    written = logic.writeDicomSeg(segmentation, volume, path)
+    assert written["path"] == str(path) and written["file"] == path.name and written["series_number"] == 2003
+    assert written["database"] is None  # not asked to add it
+    expected = io.align_voxel_order(mrml.maskFromSegmentation(segmentation, volume), image)
+    assert sitk.GetArrayFromImage(expected).any()
+    fromSeg = io.read_mask(path, reference=image)  # read back onto the series' grid, with or without empty frames
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fromSeg), sitk.GetArrayFromImage(expected))
+    assert logic.dicomSegPath(volume, tmp_path / "out").name == "3_AX_FLAIR_2_wmh_seg.dcm"  # never the one there
+
+    plain = mrml.volumeFromImage(image, "plain FLAIR")  # made in the scene (or loaded from a NIfTI file)
+    plainSegmentation = logic.segmentVolume(plain, device="cpu", modelPaths=[str(tiny_model)])
+    with pytest.raises(DeepWMLError, match="'plain FLAIR' was not loaded from DICOM"):
+        logic.writeDicomSeg(plainSegmentation, plain, tmp_path / "plain.dcm")
+    assert not (tmp_path / "plain.dcm").exists()
+    Path(slicer.dicomDatabase.fileForInstance(series.instance_uids[2])).unlink()  # removed from the database
+    with pytest.raises(DeepWMLError, match=r"no longer in Slicer's DICOM database \(1 of its 6 images not found\)"):
+        logic.writeDicomSeg(segmentation, volume, tmp_path / "gone.dcm")
+    assert not (tmp_path / "gone.dcm").exists()
+
+
+def test_write_dicom_seg_refuses_a_volume_resampled_since_it_was_loaded_and_adds_to_the_database_when_asked(
+        scene, tmp_path, monkeypatch, tiny_model):
+    """A volume cropped since the DICOM module loaded it no longer lies on its series' slices: refused, no file. Asked
+    to, the SEG is imported into the DICOM database with Slicer's DICOMUtils (a folder of it alone, copied); where
+    DICOMLib is missing the file is written all the same and the result says so."""
+    oracle_network(monkeypatch)
+    volume, series, image = _dicomFlair(tmp_path, monkeypatch)
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    cropped = mrml.volumeFromImage(image[:, :, 1:], "cropped")
+    cropped.SetAttribute("DICOM.instanceUIDs", volume.GetAttribute("DICOM.instanceUIDs"))
+    with pytest.raises(DeepWMLError, match="'cropped' no longer lies on the grid of the DICOM series"):
+        logic.writeDicomSeg(segmentation, cropped, tmp_path / "cropped.dcm")
+    assert not (tmp_path / "cropped.dcm").exists()
+
+    imports = []
+
+    def importDicom(folder, database=None, copyFiles=False):
+        imports.append((sorted(p.name for p in Path(folder).iterdir()), database, copyFiles))
+        return True
+
+    monkeypatch.setitem(sys.modules, "DICOMLib", types.SimpleNamespace(DICOMUtils=types.SimpleNamespace(
+        importDicom=importDicom)))
+    written = logic.writeDicomSeg(segmentation, volume, tmp_path / "seg.dcm", addToDatabase=True)
+    assert imports == [(["seg.dcm"], slicer.dicomDatabase, True)]
+    assert written["database"] == "added to Slicer's DICOM database"
+    monkeypatch.setitem(sys.modules, "DICOMLib", None)  # not importable
+    written = logic.writeDicomSeg(segmentation, volume, tmp_path / "seg2.dcm", addToDatabase=True)
+    assert (tmp_path / "seg2.dcm").is_file() and "not added to Slicer's DICOM database" in written["database"]

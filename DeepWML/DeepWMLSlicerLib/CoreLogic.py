@@ -78,6 +78,41 @@ def sourceWarnings(volumeNode) -> list[str]:
     return image_file_warnings(Path(path)) if path and os.path.isfile(path) else []
 
 
+def dicomSourceFiles(volumeNode) -> list[str]:
+    """The files of the DICOM series Slicer's DICOM module loaded the volume from: its instance UIDs (the volume's
+    "DICOM.instanceUIDs" attribute) found in Slicer's DICOM database (`slicer.dicomDatabase.fileForInstance`). Refused,
+    saying why, where the volume did not come from DICOM or its files are no longer in the database."""
+    name = volumeNode.GetName()
+    uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        raise DeepWMLError(f"'{name}' was not loaded from DICOM (Slicer's DICOM module), so it has no patient or study "
+                           "to write a DICOM SEG into; load the FLAIR's DICOM series with the DICOM module and segment "
+                           "that volume, or save the segmentation as .seg.nrrd")
+    database = getattr(slicer, "dicomDatabase", None)
+    if database is None:
+        raise DeepWMLError(f"Slicer's DICOM database is not open, so the DICOM files '{name}' was loaded from cannot be "
+                           "found; open it in the DICOM module")
+    files = [database.fileForInstance(uid) or "" for uid in uids]
+    missing = sum(1 for path in files if not path or not os.path.isfile(path))
+    if missing:
+        raise DeepWMLError(f"the DICOM files '{name}' was loaded from are no longer in Slicer's DICOM database ({missing} "
+                           f"of its {len(files)} images not found), so no DICOM SEG can name them; import its series "
+                           "into the DICOM database again, load it from there and segment that volume")
+    return files
+
+
+def _linkOrCopy(source: str, target: Path) -> None:
+    """`target` a link to `source` (a symbolic one, else a hard one), else a copy (Windows without the right to make
+    links, another drive)."""
+    for link in (os.symlink, os.link):
+        try:
+            link(os.path.abspath(source), target)
+            return
+        except (OSError, NotImplementedError):
+            pass
+    shutil.copyfile(source, target)
+
+
 class SegmentationJob:
     """One inference run. `start()` runs it in a worker thread that only ever sees a SimpleITK
     image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread.
@@ -978,6 +1013,93 @@ class DeepWMLCoreLogic:
                            for r in records]
             return write_csv(records, columns, path)
         raise DeepWMLError(f"{path.name}: save results as .csv (per-slice table) or .json (everything)")
+
+
+    # -----------------------------------------------------------------------------------------
+    # DICOM SEG
+
+    def writeDicomSeg(self, segmentationNode, volumeNode, path, addToDatabase: bool = False) -> dict:
+        """The segmentation's lesion as a DICOM SEG of the study `volumeNode` was loaded from by Slicer's DICOM module,
+        written to `path`: `deepwml segment --dicom-seg`'s file (DeepWMLLib.dicom_seg), made on the volume's own DICOM
+        series. Its files are found through Slicer's DICOM database (`dicomSourceFiles`: refused, with a message and no
+        file, for a volume that did not come from DICOM or whose files are gone), read as deepwml segment reads a
+        series, and the segmentation exported onto the volume (a label map on its voxels) put on that series' grid
+        (the same voxels, reordered where Slicer stores them in another order; a volume resampled or cropped since it
+        was loaded is refused). With `addToDatabase`, the SEG is also imported into Slicer's DICOM database, beside
+        its series, where Slicer's DICOMLib can (`_addToDicomDatabase`; a failure there leaves the file written and
+        is said in the result's "database"). Returns what the report of deepwml segment records of it (file,
+        series_uid, sop_instance_uid, series_number, frames) with `path` and `database` (None: not asked)."""
+        self.ensureDependencies(torch=False)
+        from DeepWMLLib import io
+        from DeepWMLLib.dicom_seg import segmentation
+
+        if volumeNode is None:
+            raise DeepWMLError("choose the FLAIR volume the segmentation was made on")
+        if segmentationNode is None:
+            raise DeepWMLError("no segmentation selected")
+        files = dicomSourceFiles(volumeNode)
+        name = volumeNode.GetName()
+        path = Path(path)
+        with tempfile.TemporaryDirectory(prefix="DeepWML-dicom-seg-") as folder:  # the series' files alone (the
+            for number, file in enumerate(files):  # database may keep them among others), as deepwml segment reads it
+                _linkOrCopy(file, Path(folder, f"{number:05d}_{Path(file).name}"))
+            found = io.dicom_series(folder)
+            if len(found) != 1:
+                raise DeepWMLError(f"the DICOM files '{name}' was loaded from hold {len(found)} series, not one; load "
+                                   "the FLAIR's series alone with the DICOM module")
+            series = found[0]
+            image = io.read_image(folder, series=series)
+            mask = mrml.onOwnGrid(mrml.maskFromNode(segmentationNode, volumeNode), volumeNode)
+            onSeries = io.align_voxel_order(mask, image)
+            if io.grid_difference(onSeries, image) is not None or onSeries.GetSize() != image.GetSize():
+                raise DeepWMLError(f"'{name}' no longer lies on the grid of the DICOM series it was loaded from "
+                                   f"({io.grid_difference(onSeries, image) or 'another size'}): resampled or cropped "
+                                   "since, so a DICOM SEG on that series' slices would not hold its voxels; segment the "
+                                   "volume as loaded from DICOM")
+            report = self.lesionStatistics(segmentationNode, volumeNode)
+            made = segmentation(image, onSeries, series, report)  # the files are read here: still linked
+        io.write_bytes(made.data, path)
+        result = {**made.as_dict(path.name), "path": str(path), "database": None}
+        if addToDatabase:
+            result["database"] = _addToDicomDatabase(path)
+        return result
+
+    @staticmethod
+    def dicomSegPath(volumeNode, folder) -> Path:
+        """Where Save results writes the volume's DICOM SEG: FOLDER/<the volume's name>_wmh_seg.dcm (deepwml segment's
+        name, CASE the volume's name made a plain file name), `_2`, `_3`... added where that file exists: series names
+        repeat from patient to patient."""
+        from DeepWMLLib.dicom_seg import FILE_SUFFIX
+        from DeepWMLLib.evaluation import plain_name
+
+        stem, number = plain_name(volumeNode.GetName()), 1
+        path = Path(folder, f"{stem}{FILE_SUFFIX}")
+        while path.exists():
+            number += 1
+            path = Path(folder, f"{stem}_{number}{FILE_SUFFIX}")
+        return path
+
+
+def _addToDicomDatabase(path: Path) -> str:
+    """Import the SEG at `path` into Slicer's DICOM database with Slicer's own DICOMLib (DICOMUtils.importDicom, from a
+    folder holding that file alone, copied into the database): what happened, in words. Never raises: the file is
+    written whatever the database says."""
+    try:
+        from DICOMLib import DICOMUtils
+    except ImportError:
+        return "not added to Slicer's DICOM database: Slicer's DICOM module (DICOMLib) is not available here"
+    database = getattr(slicer, "dicomDatabase", None)
+    if database is None or not getattr(database, "isOpen", True):
+        return "not added to Slicer's DICOM database: it is not open"
+    try:
+        with tempfile.TemporaryDirectory(prefix="DeepWML-dicom-seg-import-") as folder:
+            shutil.copyfile(path, Path(folder, path.name))  # the one file: nothing else of its folder is imported
+            imported = DICOMUtils.importDicom(folder, database, copyFiles=True)  # copied: the folder may go
+    except Exception as exc:  # an older DICOMUtils without copyFiles, an indexer that failed
+        return f"not added to Slicer's DICOM database ({type(exc).__name__}: {exc}); import {path} with the DICOM module"
+    if imported is False:
+        return f"not added to Slicer's DICOM database (its import failed); import {path} with the DICOM module"
+    return "added to Slicer's DICOM database"
 
 
 def _resultFrame(segmentationNode) -> str | None:

@@ -139,6 +139,12 @@ def imageFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     return _placed(sitk.GetImageFromArray(array), probe)  # copies the voxels
 
 
+def onOwnGrid(image: sitk.Image, volumeNode) -> sitk.Image:
+    """`image`, on the volume's voxels (e.g. a mask exported onto it), placed where the volume's own coordinates put
+    them (its parent transforms not applied): for a volume loaded from DICOM, where its series' header places them."""
+    return _placed(image, _geometry(volumeNode, world=False))
+
+
 def _maskFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     """A volume node's non-zero voxels as a uint8 0/1 image (`imageFromVolume`'s geometry), thresholded where the
     voxels lie: no copy of them (a labelmap's are two bytes a voxel), and one mask, not a second one cast to bytes."""

@@ -197,6 +197,26 @@ def _qtModule():
     return qt
 
 
+class DicomDatabase:
+    """Slicer's DICOM database (ctkDICOMDatabase, `slicer.dicomDatabase`) as DeepWML asks it: the file of each image
+    (SOP Instance UID) of the DICOM files in `folders`, "" for one it does not hold (as ctkDICOMDatabase answers)."""
+
+    def __init__(self, *folders):
+        import SimpleITK as sitk
+
+        self.isOpen = True
+        self.files = {}
+        for folder in folders:
+            for path in sorted(pathlib.Path(folder).iterdir()):
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                reader.ReadImageInformation()
+                self.files[reader.GetMetaData("0008|0018").strip(" \0")] = str(path)
+
+    def fileForInstance(self, uid: str) -> str:
+        return self.files.get(uid, "")
+
+
 MAIN_WINDOW = object()  # slicer.util.mainWindow() in the application; None under --no-main-window
 
 
