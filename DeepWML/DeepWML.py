@@ -91,6 +91,9 @@ class DeepWMLParameterNode:
     consensusThreshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_CONSENSUS_THRESHOLD
     baselineVolume: vtkMRMLScalarVolumeNode  # an earlier scan of the same patient, for "Lesion change"
     baselineSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # None: Slicer's wrapper needs it
+    # Save results also writes the output segmentation as a DICOM SEG of the FLAIR's study (deepwml segment --dicom-seg's
+    # file) beside the results, for a FLAIR loaded with the DICOM module
+    dicomSeg: bool = False
 
 
 class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -401,6 +404,13 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self.logic.saveResults(self._results, path)
             self._lastSaved = path
+        p = self._parameterNode
+        if p.dicomSeg:  # its own error display: the results are saved whatever becomes of the SEG
+            with slicer.util.tryWithErrorDisplay("Cannot write the DICOM SEG (the results are saved).", waitCursor=True):
+                volume = self._tableVolume or p.inputVolume  # the FLAIR the results are of
+                segPath = self.logic.dicomSegPath(volume, pathlib.Path(path).parent)
+                self.logic.writeDicomSeg(p.outputSegmentation, volume, segPath)
+                self.ui.statusLabel.text = f"Results saved; DICOM SEG written: {segPath}"
 
 
 class DeepWMLLogic(ScriptedLoadableModuleLogic, DeepWMLCoreLogic):

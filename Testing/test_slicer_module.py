@@ -834,3 +834,42 @@ def test_the_readme_python_console_example_runs_as_written(module, monkeypatch):
     assert "dice" in names["verdict"]
     assert names["changeNode"].IsA("vtkMRMLSegmentationNode") and names["registered"].IsA("vtkMRMLScalarVolumeNode")
     assert {"n_new", "lesions"} <= set(names["change"])
+
+
+def test_save_results_also_writes_the_dicom_seg_when_ticked(widget, tmp_path, monkeypatch):
+    """'Also write a DICOM SEG' ticked: Save results writes, beside the results, the output segmentation as the DICOM
+    SEG of the FLAIR's study (<FLAIR>_wmh_seg.dcm), for a FLAIR from Slicer's DICOM database; for a volume that is not
+    from DICOM the results are saved and the SEG refused with the logic's message, no file."""
+    from conftest import write_dicom_series
+
+    ui, p = widget.ui, widget._parameterNode
+    flair, truth = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "database", flair, uid="1.2.3.8", description="AX FLAIR", number=3,
+                                extra={"0020|0052": "1.2.3.99"})
+    monkeypatch.setattr(slicer, "dicomDatabase", slicer_standins.DicomDatabase(folder), raising=False)
+    series = io.dicom_series(folder)[0]
+    image = io.read_image(folder, series=series)
+    volume = mrml.volumeFromImage(image, "3: AX FLAIR")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(series.instance_uids))
+    p.inputVolume = volume
+    p.outputSegmentation = mrml.segmentationFromMask(truth, volume, name="auto")
+    ui.showStatisticsButton.click()
+    out = tmp_path / "out"
+    out.mkdir()
+    slicer_standins.QFileDialog.nextPath = str(out / "lesions.csv")
+    ui.saveResultsButton.click()
+    assert (out / "lesions.csv").is_file() and not (out / "3_AX_FLAIR_wmh_seg.dcm").exists()  # not ticked: no SEG
+    p.dicomSeg = True
+    ui.saveResultsButton.click()
+    seg = io.read_mask(out / "3_AX_FLAIR_wmh_seg.dcm", reference=image)  # with or without empty frames
+    assert sitk.GetArrayFromImage(truth).any()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(truth))
+    assert ui.statusLabel.text.endswith("3_AX_FLAIR_wmh_seg.dcm")
+
+    p.inputVolume = widget.volume  # made in the scene: no DICOM behind it
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="plain")
+    ui.showStatisticsButton.click()
+    slicer_standins.QFileDialog.nextPath = str(out / "plain.csv")
+    with pytest.raises(DeepWMLError, match="'FLAIR' was not loaded from DICOM"):
+        ui.saveResultsButton.click()
+    assert (out / "plain.csv").is_file() and not (out / "FLAIR_wmh_seg.dcm").exists()
