@@ -792,7 +792,7 @@ def outline_path(out_dir: Path, case: str) -> Path:
 def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dict):
     """The follow-up's outline series (dicom_outline.py): each lesion outlined in its call's colour,
     with a legend of the calls present."""
-    from .dicom_outline import outline_series
+    from .dicom_outline import CHANGE_SERIES_NUMBER_OFFSET, outline_series
 
     colours = {value: tuple(int(round(255 * c)) for c in COLOURS[value]) for value in OUTLINE_ORDER}
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
@@ -804,6 +804,7 @@ def change_outline(followup: sitk.Image, labels: sitk.Image, series, report: dic
                      "different patients or a failed registration? ") + "Research use, not for diagnosis.")
     return outline_series(followup, labels, series, report.get("masks", {}).get("follow-up", {}),
                           title="DeepWML lesion change", derivation=derivation, colours=colours,
+                          offset=CHANGE_SERIES_NUMBER_OFFSET,
                           caption=("DEEPWML LESION CHANGE" if reliable else f"DEEPWML: {UNRELIABLE}")
                           + " - NOT FOR DIAGNOSIS",
                           legend=legend)
@@ -840,11 +841,12 @@ def segment_meanings(report: dict) -> dict:
 
 def change_seg(followup: sitk.Image, labels: sitk.Image, series, report: dict):
     """The change as a DICOM SEG on the follow-up's series (dicom_seg.py): one binary segment per call present in
-    `labels`, in the order of their label values, each on every slice of the follow-up, labelled with the call's
-    name, described with what it means, its count and volume, coloured as in the picture. `report`: the change
+    `labels`, in the order of their label values, each with a frame on the follow-up's slices holding a voxel of its
+    call (`labelled_segmentation`), labelled with the call's name, described with what it means, its count and
+    volume, coloured as in the picture; Series Number the follow-up's + CHANGE_SERIES_NUMBER_OFFSET. `report`: the change
     report (its calls' counts, settings, registration and the masks' models). None when `labels` holds no lesion
     (no call to segment: a SEG needs one segment at least)."""
-    from .dicom_seg import Segment, labelled_segmentation
+    from .dicom_seg import CHANGE_SERIES_NUMBER_OFFSET, Segment, labelled_segmentation
 
     present = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
     values = [value for value in LABELS if value in present]
@@ -865,7 +867,8 @@ def change_seg(followup: sitk.Image, labels: sitk.Image, series, report: dict):
     models = list(dict.fromkeys(sha for source in sources if isinstance(source, dict)
                                 for sha in source.get("model_sha256") or []))
     made = labelled_segmentation(followup, labels, series, segments, models, SEG_TITLE, "CHANGE",
-                                 "Lesion change (DeepWML)" if reliable else "Lesion change, REGISTRATION NOT RELIABLE")
+                                 "Lesion change (DeepWML)" if reliable else "Lesion change, REGISTRATION NOT RELIABLE",
+                                 CHANGE_SERIES_NUMBER_OFFSET)
     made.segments = {number: segment.label for number, segment in enumerate(segments, start=1)}
     return made
 

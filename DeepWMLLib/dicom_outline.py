@@ -14,7 +14,7 @@ PACS (or opened in any DICOM viewer) and read next to the original:
 - Secondary Capture Image Storage (RGB is not allowed in the MR Image IOD), Modality copied, Image
   Type DERIVED\\SECONDARY, a new Series Instance UID and SOP Instance UIDs (under the 2.25 root, from
   random UUIDs), Series Number the source's + 1000 (- 1000 where + 1000 would pass the largest IS,
-  2147483647), Series Description "DeepWML WMH outline" with the source's, and a Derivation Description
+  2147483647; `deepwml change`'s + 3000: dicom_seg.py lists every output's), Series Description "DeepWML WMH outline" with the source's, and a Derivation Description
   naming DeepWML's version, the models' checksums, the volume and lesion count;
 - patient and study attributes copied from the source's first image (COPIED: name, ID, birth date, sex,
   age, study UID, date, time, ID, accession number, referring physician, study description...), text
@@ -47,6 +47,7 @@ from .report import lesion_count_text
 
 SECONDARY_CAPTURE = io.SECONDARY_CAPTURE_CLASS  # Secondary Capture Image Storage
 SERIES_NUMBER_OFFSET = 1000
+CHANGE_SERIES_NUMBER_OFFSET = 3000  # `deepwml change --dicom-outline`'s (dicom_seg.py lists them all)
 _LARGEST_IS = 2**31 - 1  # the VR IS range: a Series Number past it is refused by a PACS that checks
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
 FILE_PATTERN = "IM{:05d}.dcm"
@@ -247,12 +248,13 @@ class OutlineSeries:
 
 
 def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str = "DeepWML WMH outline",
-                   derivation: str | None = None, **drawing) -> OutlineSeries:
+                   derivation: str | None = None, offset: int = SERIES_NUMBER_OFFSET, **drawing) -> OutlineSeries:
     """The outline series of a segmentation (module docstring), every image and attribute made before
     anything is written, so that a failure here leaves no output behind. `report`: the segmentation's
     (its models' checksums, volume and lesion count go into the Derivation Description, unless `derivation`
-    gives another). `title` begins the Series Description; `drawing`: `outline_images`' colours, caption
-    and legend, for a label map (`deepwml change`)."""
+    gives another). `title` begins the Series Description; `offset`: the Series Number's from the source's
+    (`deepwml change`'s: CHANGE_SERIES_NUMBER_OFFSET); `drawing`: `outline_images`' colours, caption and
+    legend, for a label map (`deepwml change`)."""
     import SimpleITK as sitk
 
     if image.GetDimension() != 3:
@@ -263,7 +265,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
     now = time.localtime()
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid = new_uid()
-    number = series_number(series, SERIES_NUMBER_OFFSET)
+    number = series_number(series, offset)
     description = series_description(title, series)
     from . import __version__
 

@@ -15,26 +15,44 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
   UID (a source without one is refused: the segmentation could not be placed on it); nothing else of the
   source, none of its private tags;
 - a new series (Modality SEG, a new Series Instance UID, Series Number the source's + 2000, - 2000 where that
-  would pass the largest IS; Series Description "DeepWML WMH segmentation (<the source's>)"), DeepWML as its
+  would pass the largest IS (the series numbers below); Series Description "DeepWML WMH segmentation (<the source's>)"), DeepWML as its
   equipment (General and Enhanced General Equipment: Manufacturer and Model "DeepWML", the models' checksums
   as the Device Serial Number, DeepWML's version as Software Versions);
 - one binary segment, "WMH": Segmented Property Category SCT 49755003 "Morphologically abnormal structure"
   (DICOM CID 7150), Type SCT 52988006 "Lesion" (CID 7159, which CID 7194 lists for that category), Anatomic
   Region SCT 68523003 "Cerebral white matter" (as DICOM CID 7140 codes it), algorithm AUTOMATIC "DeepWML",
   its Recommended Display CIELab Value the red of the QC picture and the outline;
-- one frame per slice of the source, every slice, those without a lesion too, frame k the mask on the k-th
-  slice as read, in the source's own rows and columns, at that slice's own Image Position (Patient)
+- a frame on each slice of the source that holds a voxel of the mask, and on its first and last slices (empty
+  there where the mask has nothing), the slices between without a voxel left out (as highdicom's default,
+  `omit_empty_frames`, leaves them out; OHIF, Slicer and highdicom read such a sparse SEG, each frame placing
+  itself): a SEG of no lesion is those two empty frames (one, for a single slice), still saying "looked, found
+  none", and the first and last frames keep a SEG read on its own (`io.read_dicom_seg`, Spacing Between Slices
+  given) on the source's very slices. The frame on slice k is the mask on the k-th slice as read, in the
+  source's own rows and columns, at that slice's own Image Position (Patient)
   (`dicom_outline.source_positions`: each file's, or each frame's of an enhanced multi-frame file), each
   frame deriving from its source image (Derivation Image Sequence: the source's SOP Class and Instance UID,
   and for a multi-frame source its Referenced Frame Number), the source series and all its instances named in
-  the Common Instance Reference; Pixel Measures and Plane Orientation shared, Frame Content (Dimension Index
-  Values: segment, position), Plane Position and Segment Identification per frame;
+  the Common Instance Reference (every instance, those of slices without a frame too); Pixel Measures (Pixel
+  Spacing, Slice Thickness, Spacing Between Slices: the slices' step, so that frames on slices 0, 2 and 4
+  only are still read on the source's grid) and Plane Orientation shared, Frame Content (Dimension Index
+  Values: segment number, and the frame's slice among the slices that have a frame, 1, 2, ... from the
+  first), Plane Position and Segment Identification per frame;
 - 1 bit a pixel, the frames' bits one run, the first pixel in the lowest bit, padded with zeros to an even
   length.
 
 `deepwml change --dicom-seg` writes the change label map the same way on the follow-up's series
 (`labelled_segmentation`, change.change_seg): one binary segment per call present, numbered 1, 2, ... in the
-order of their label values, each on every slice; its frames segment 1's, slice by slice, then segment 2's, ...
+order of their label values, each with a frame on the slices holding a voxel of its call (and segment 1's on
+the first and last slices); its frames segment 1's, slice by slice, then segment 2's, ...
+
+Series numbers: each output series of a study has its own, the source's + an offset (- it where + would pass
+the largest IS), so that PACS never lists two of them under one number: `segment --dicom-outline` + 1000
+(dicom_outline.SERIES_NUMBER_OFFSET), `segment --dicom-seg` + 2000 (SERIES_NUMBER_OFFSET), `change
+--dicom-outline` + 3000 (dicom_outline.CHANGE_SERIES_NUMBER_OFFSET) and `change --dicom-seg` + 4000
+(CHANGE_SERIES_NUMBER_OFFSET) on the follow-up's series, which `segment` may have written its own two on.
+Read back as a mask (`io.read_dicom_seg`), a change SEG (Content Label CHANGE, its segments' labels the calls)
+gives the follow-up's lesions: its stable, new, enlarging, not assessable and small new segments; gone and small
+gone (baseline lesions no longer there) are left out, and a warning says so.
 
 The mask files and the report remain the result; the SEG carries the same mask, to PACS.
 """
@@ -58,6 +76,7 @@ EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 # DeepWML's Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UID made once for it from a random UUID
 IMPLEMENTATION_CLASS_UID = "2.25.92185420594283948901816642640925842785"
 SERIES_NUMBER_OFFSET = 2000  # beside the source in PACS, apart from the outline series' (+ 1000)
+CHANGE_SERIES_NUMBER_OFFSET = 4000  # the change SEG's: apart from the WMH SEG's and both outlines' (module docstring)
 TITLE = "DeepWML WMH segmentation"
 FILE_SUFFIX = "_wmh_seg.dcm"
 # coded concepts: (code value, coding scheme designator, code meaning)
@@ -245,7 +264,8 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
     """The DICOM SEG of a segmentation (module docstring), made whole before anything is written, so that a
     failure here leaves no output behind. `image`: the FLAIR as read from `series`; `mask` on its grid;
     `report`: the segmentation's (its models' checksums, volume and lesion count are described). Its one segment,
-    WMH, is written on every slice whether or not the mask has a voxel there, an empty mask too."""
+    WMH, has a frame on each slice holding a voxel of the mask and on the first and last slices, an empty mask's
+    those two, empty."""
     from . import __version__
 
     models = list(report.get("model_sha256") or [])
@@ -258,11 +278,13 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject
 
 
 def labelled_segmentation(image, labels, series: io.DicomSeries, segments, models, title: str, content_label: str,
-                          content_description: str) -> SegObject:
+                          content_description: str, offset: int = SERIES_NUMBER_OFFSET) -> SegObject:
     """A BINARY DICOM SEG of a label map (`labels`, a SimpleITK image or numpy k, j, i array on `image`'s grid): one
     segment per item of `segments` (`Segment`, at least one), numbered 1, 2, ... in their order, each where the
-    label map equals its value, on every slice of the source (its frames those of segment 1, slice by slice, then
-    segment 2's, ...: Dimension Index Values (segment number, slice position), Segment Identification per frame).
+    label map equals its value, a frame on each slice of the source where it has a voxel, and segment 1's on the
+    first and last slices where no segment has one (its frames those of segment 1, slice by slice, then segment
+    2's, ...: Dimension Index Values (segment number, the slice's place among the slices with a frame), Segment
+    Identification per frame). `offset`: the Series Number's from the source's (module docstring).
     `models`: the models' checksums (the Device Serial Number); `title`: the Series Description before the source's
     in brackets; `content_label` (CS, at most 16 characters) and `content_description`: Content Label and
     Description. Made whole in memory, so that a failure leaves no output behind."""
@@ -285,7 +307,7 @@ def labelled_segmentation(image, labels, series: io.DicomSeries, segments, model
     now = time.localtime()
     date, clock = time.strftime("%Y%m%d", now), time.strftime("%H%M%S", now)
     series_uid, sop_uid, organisation = new_uid(), new_uid(), new_uid()
-    number = series_number(series, SERIES_NUMBER_OFFSET)
+    number = series_number(series, offset)
     data_set = {_tag(tag): (_COPIED_VR[tag], value) for tag, value in attributes.items() if tag in _COPIED_VR}
     shared = {
         0x00289110: ("SQ", [{0x00280030: ("DS", [_decimal(spacing[1]), _decimal(spacing[0])]),
@@ -303,14 +325,22 @@ def labelled_segmentation(image, labels, series: io.DicomSeries, segments, model
             source[0x00081160] = ("IS", str(frame))
         per_slice.append((("SQ", [{0x00089215: ("SQ", [_code(DERIVATION)]), 0x00082112: ("SQ", [source])}]),
                           ("SQ", [{0x00200032: ("DS", [_decimal(float(v)) for v in position])}])))
-    per_frame = [{0x00089124: derivation, 0x00209111: ("SQ", [{0x00209157: ("UL", [segment, k + 1])}]),
-                  0x00209113: placed, 0x0062000A: ("SQ", [{0x0062000B: ("US", segment)}])}
-                 for segment in range(1, len(segments) + 1) for k, (derivation, placed) in enumerate(per_slice)]
-    instances = {}  # each source image once, in slice order
+    # the frames: each segment's slices holding a voxel of it, and the first and last slices (segment 1's frame, empty,
+    # where no segment has one there), so that the SEG read on its own spans the source's slices and a SEG of no
+    # lesion still says its slices were looked at; sorted by segment, then slice
+    planes = [(values == segment.value).reshape(slices, rows * columns) for segment in segments]
+    held = [set(np.flatnonzero(plane.any(axis=1)).tolist()) for plane in planes]
+    held[0] |= {0, slices - 1} - set().union(*held)
+    chosen = [(number, k) for number, found in enumerate(held, start=1) for k in sorted(found)]
+    present = sorted({k for _, k in chosen})  # the slices with a frame: the position dimension's values, 1, 2, ...
+    position_index = {k: i + 1 for i, k in enumerate(present)}
+    per_frame = [{0x00089124: per_slice[k][0], 0x00209111: ("SQ", [{0x00209157: ("UL", [number, position_index[k]])}]),
+                  0x00209113: per_slice[k][1], 0x0062000A: ("SQ", [{0x0062000B: ("US", number)}])}
+                 for number, k in chosen]
+    instances = {}  # each source image once, in slice order: the whole series, its slices without a frame too
     for sop_class, sop_instance, _ in frames:
         instances.setdefault(sop_instance, sop_class)
-    bits = np.packbits(np.concatenate([(values == segment.value).reshape(-1) for segment in segments]),
-                       bitorder="little").tobytes()
+    bits = np.packbits(np.concatenate([planes[number - 1][k] for number, k in chosen]), bitorder="little").tobytes()
     data_set.update({
         0x00080005: ("CS", "ISO_IR 192"),
         0x00080008: ("CS", ["DERIVED", "PRIMARY"]),

@@ -725,8 +725,11 @@ def _seg_frames(ds) -> np.ndarray:
 def test_the_change_seg_has_each_call_present_as_a_segment_on_the_follow_ups_slices(change_seg_run):
     """--dicom-seg with a DICOM follow-up: CASE_change_seg.dcm on the follow-up's series, one segment per call present
     (named, described, in its colour), its frames sorted by segment then slice, each frame the change label map ==
-    that call on the follow-up slice it names (found by its position, not its order), at that slice's position; the
-    follow-up's patient, study, Frame of Reference and every instance referenced; the report lists it."""
+    that call on the follow-up slice it names (found by its position, not its order), at that slice's position; a
+    frame for each slice holding a voxel of its segment (and segment 1's on the first and last slices), no other
+    (every segment had a frame on every slice: 7 times as many); the follow-up's patient, study, Frame of Reference and
+    every instance referenced; Series Number the follow-up's + 4000 (+ 2000 was the WMH SEG's); the report lists
+    it."""
     pydicom = pytest.importorskip("pydicom")
     from DeepWMLLib import dicom_seg
 
@@ -741,9 +744,12 @@ def test_the_change_seg_has_each_call_present_as_a_segment_on_the_follow_ups_sli
     assert names == [change.LABELS[value] for value in present]
     assert [int(segment.SegmentNumber) for segment in ds.SegmentSequence] == list(range(1, len(present) + 1))
     assert report["dicom_seg"]["segments"] == {str(n): name for n, name in enumerate(names, start=1)}
-    assert report["dicom_seg"]["frames"] == int(ds.NumberOfFrames) == len(present) * labels.shape[0]
+    held = {(number, k) for number, value in enumerate(present, start=1) for k in range(labels.shape[0])
+            if (labels[k] == value).any()}
+    expected = held | {(1, k) for k in (0, labels.shape[0] - 1) if k not in {k for _, k in held}}
+    assert report["dicom_seg"]["frames"] == int(ds.NumberOfFrames) == len(expected) < len(present) * labels.shape[0]
     assert ds.SOPInstanceUID == report["dicom_seg"]["sop_instance_uid"] and ds.Modality == "SEG"
-    assert ds.SeriesDescription == "DeepWML lesion change SEG (AX FLAIR)" and ds.SeriesNumber == 2005
+    assert ds.SeriesDescription == "DeepWML lesion change SEG (AX FLAIR)" and ds.SeriesNumber == 4005
     for segment, value in zip(ds.SegmentSequence, present):
         rgb = tuple(int(round(255 * c)) for c in change.COLOURS[value])
         assert list(segment.RecommendedDisplayCIELabValue) == dicom_seg.cielab(rgb)
@@ -756,6 +762,7 @@ def test_the_change_seg_has_each_call_present_as_a_segment_on_the_follow_ups_sli
     sources = {d.SOPInstanceUID: d for d in (pydicom.dcmread(p) for p in sorted(series.iterdir()))}
     frames = _seg_frames(ds)
     order = []
+    framed = sorted({k for _, k in expected})  # the slices with a frame: the position index counts them 1, 2, ...
     for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         source = sources[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
@@ -763,9 +770,9 @@ def test_the_change_seg_has_each_call_present_as_a_segment_on_the_follow_ups_sli
         assert np.allclose(position, [float(v) for v in source.ImagePositionPatient], atol=1e-3)
         k = labels_image.TransformPhysicalPointToIndex(position)[2]  # the label map's slice at that position
         assert np.array_equal(frames[i], labels[k] == present[number - 1]), (i, number, k)
-        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [number, k + 1]
+        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [number, framed.index(k) + 1]
         order.append((number, k))
-    assert order == sorted(order) and len(set(order)) == len(order) == frames.shape[0]
+    assert order == sorted(order) and set(order) == expected and len(order) == frames.shape[0]
     first = next(iter(sources.values()))
     for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "StudyDate"):
         assert ds[keyword].value == first[keyword].value, keyword
@@ -808,9 +815,43 @@ def test_dciodvfy_finds_no_error_in_the_change_seg(change_seg_run):
     assert [line for line in lines if line.startswith("Error")] == []
 
 
+def test_a_studys_outputs_never_share_a_series_number(pair, tmp_path, tiny_model):
+    """`segment --dicom-seg --dicom-outline` and `change --dicom-seg --dicom-outline` on one follow-up series: its
+    WMH outline, WMH SEG, change outline and change SEG each have their own series number (+ 1000, 2000, 3000,
+    4000), none the source's; the change SEG had the WMH SEG's + 2000 and the change outline the WMH outline's +
+    1000. Near the largest series number (where the offsets are taken off) they stay apart too."""
+    from types import SimpleNamespace
+
+    pydicom = pytest.importorskip("pydicom")
+    from DeepWMLLib import dicom_outline, dicom_seg
+
+    files = pair["files"]
+    series = _dicom_followup(pair, tmp_path / "followup")
+    out = tmp_path / "out"
+    assert main(["segment", str(series), "-o", str(out / "segment"), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--dicom-seg", "--dicom-outline"]) == 0
+    assert main(["change", str(files["baseline"]), str(series), "-o", str(out / "change"), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-seg",
+                 "--dicom-outline"]) == 0
+    numbers = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and path.suffix == ".dcm":
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            numbers.setdefault(ds.SeriesInstanceUID, set()).add(int(ds.SeriesNumber))
+    assert len(numbers) == 4 and all(len(found) == 1 for found in numbers.values())
+    found = sorted(n for found in numbers.values() for n in found)
+    assert found == [1005, 2005, 3005, 4005]
+    offsets = (dicom_outline.SERIES_NUMBER_OFFSET, dicom_seg.SERIES_NUMBER_OFFSET,
+               dicom_outline.CHANGE_SERIES_NUMBER_OFFSET, dicom_seg.CHANGE_SERIES_NUMBER_OFFSET)
+    for source in (5, 2**31 - 1, 2**31 - 2500, 2**31 - 3500):
+        made = [dicom_outline.series_number(SimpleNamespace(number=source), offset) for offset in offsets]
+        assert len(set(made) | {source}) == 5, (source, made)
+
+
 def test_the_change_seg_numbers_the_calls_present_and_marks_each_with_its_own_value(tmp_path):
     """A label map holding only new (2), gone (5) and small gone (7): three segments, numbered 1-3, each the map ==
-    its own call's value (not its segment number); a map without any lesion has no SEG (None)."""
+    its own call's value (not its segment number), a frame on each slice holding a voxel of its call (4, not 12); a
+    map without any lesion has no SEG (None)."""
     pydicom = pytest.importorskip("pydicom")
     image, _ = make_volume(size=(20, 16, 4), spacing=(1.0, 1.0, 3.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "f", image, description="FLAIR", extra=SEG_PATIENT)
@@ -828,11 +869,11 @@ def test_the_change_seg_numbers_the_calls_present_and_marks_each_with_its_own_va
     io.write_bytes(made.data, tmp_path / "s.dcm")
     ds = pydicom.dcmread(tmp_path / "s.dcm")
     assert [s.SegmentLabel for s in ds.SegmentSequence] == ["new", "gone", "small gone"]
-    assert made.segments == {1: "new", 2: "gone", 3: "small gone"} and made.frames == 12
+    assert made.segments == {1: "new", 2: "gone", 3: "small gone"} and made.frames == 4 == int(ds.NumberOfFrames)
     frames = _seg_frames(ds)
     for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
         number, k = (int(v) for v in item.FrameContentSequence[0].DimensionIndexValues)
-        assert (number, k) == (i // 4 + 1, i % 4 + 1)
+        assert (number, k) == [(1, 1), (2, 2), (2, 3), (3, 4)][i]
         assert int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
         assert np.array_equal(frames[i], array[k - 1] == (2, 5, 7)[number - 1]), i
     assert change.change_seg(flair, labels * 0, series, report) is None

@@ -1,5 +1,5 @@
 """`deepwml segment --dicom-seg`: the mask as a DICOM Segmentation object of the input's study, a frame on each
-input slice (DeepWMLLib/dicom_seg.py). Read back with pydicom and highdicom (test dependencies; DeepWML encodes
+input slice holding a voxel of it and on the first and last (DeepWMLLib/dicom_seg.py). Read back with pydicom and highdicom (test dependencies; DeepWML encodes
 the file itself), each frame compared with the source image it names, read by pydicom too, so that a row, column
 or slice order flipped anywhere fails; and checked by dciodvfy (dicom3tools) where it is installed."""
 
@@ -71,6 +71,13 @@ def make_seg(folder, out, mask=None, report=None):
     return made, flair
 
 
+def framed_slices(mask) -> list[int]:
+    """The slices (numpy k) on which DeepWML writes a frame of a one-segment mask: those holding a voxel, and the
+    first and last."""
+    array = np.asarray(mask)
+    return sorted(set(np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1)).tolist()) | {0, array.shape[0] - 1})
+
+
 def frames_of(ds) -> np.ndarray:
     """The frames of a SEG as pydicom unpacks them: [frame, row, column]."""
     pixels = ds.pixel_array
@@ -102,23 +109,25 @@ def check_against_sources(path, folder, lesion=LESION):
         else:
             assert "ReferencedFrameNumber" not in reference
             number, pixels, where = None, source.pixel_array, source.ImagePositionPatient
+        assert (reference.ReferencedSOPInstanceUID, number) not in seen  # every source image (frame) once at most
         seen.add((reference.ReferencedSOPInstanceUID, number))
         assert np.array_equal(frames[k], (pixels >= lesion).astype(np.uint8)), k
         position = item.PlanePositionSequence[0].ImagePositionPatient
         assert np.allclose([float(v) for v in position], [float(v) for v in where], atol=1e-6), (k, position, where)
         assert item.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
-        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [1, k + 1]
-    assert len(seen) == len(frames)  # every source image (frame) once
+        assert list(item.FrameContentSequence[0].DimensionIndexValues) == [1, k + 1]  # its place among the frames'
+    assert int(ds.NumberOfFrames) == len(frames) == len(ds.PerFrameFunctionalGroupsSequence)
     return ds
 
 
 def test_each_frame_is_the_mask_on_its_own_source_slice(tmp_path):
     """An oblique series: frame k is the mask on the source image it references, in that image's rows and
     columns, at its Image Position; the patient, study, frame of reference and the source series are the
-    source's; a new series and instance, numbered +2000 from the source's; highdicom reads the same mask."""
+    source's; a new series and instance, numbered +2000 from the source's; highdicom reads the same mask. Slice 2,
+    without a lesion, has no frame (it had one, empty: a frame on every slice); the source series is named whole."""
     folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
     made, flair = make_seg(folder, tmp_path / "case_wmh_seg.dcm")
-    assert made.frames == 7 and made.series_number == 2007
+    assert made.frames == 6 and made.series_number == 2007
     ds = check_against_sources(tmp_path / "case_wmh_seg.dcm", folder)
     source = pydicom.dcmread(sorted(folder.iterdir())[0])
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
@@ -154,8 +163,13 @@ def test_each_frame_is_the_mask_on_its_own_source_slice(tmp_path):
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1])[..., 0]
     sources = source_images(folder)
     assert np.array_equal(pixels, np.stack([sources[uid].pixel_array >= LESION for uid in uids]).astype(pixels.dtype))
-    # and on the voxels DeepWML read: frame k is the mask's slice k
-    assert np.array_equal(frames_of(ds), sitk.GetArrayFromImage(flair) >= LESION)
+    # and on the voxels DeepWML read: the frames are the mask's slices 0, 1, 3, 4, 5, 6; read back, the mask
+    mask = sitk.GetArrayFromImage(flair) >= LESION
+    assert framed_slices(mask) == [0, 1, 3, 4, 5, 6]
+    assert np.array_equal(frames_of(ds), mask[[0, 1, 3, 4, 5, 6]])
+    read = io.read_mask(tmp_path / "case_wmh_seg.dcm")  # on its own: the source's grid, slice 2 too
+    assert read.GetSize() == flair.GetSize() and np.allclose(read.GetOrigin(), flair.GetOrigin())
+    assert np.allclose(read.GetSpacing(), flair.GetSpacing()) and np.array_equal(sitk.GetArrayFromImage(read), mask)
 
 
 def test_the_display_colour_is_the_outline_red_in_cielab():
@@ -201,7 +215,7 @@ def test_an_enhanced_multi_frame_source(tmp_path, order, files):
                           frame_of_reference="1.2.3.77")
     make_seg(folder, tmp_path / "s.dcm")
     ds = check_against_sources(tmp_path / "s.dcm", folder)
-    assert int(ds.NumberOfFrames) == 7
+    assert int(ds.NumberOfFrames) == 6  # slice 2 holds no lesion
     seg = hd.seg.segread(tmp_path / "s.dcm")
     if files == 1:
         source = pydicom.dcmread(folder / "flair0.dcm")
@@ -209,10 +223,11 @@ def test_an_enhanced_multi_frame_source(tmp_path, order, files):
         assert np.array_equal(pixels, (source.pixel_array >= LESION).astype(pixels.dtype))
 
 
-def test_an_empty_mask_gives_a_frame_on_every_slice(tmp_path):
-    """No lesion: the SEG still has a frame on every slice, all empty (a PACS shows that nothing was found, not
-    a missing result); the bits padded to an even length."""
-    folder = source_series(tmp_path / "flair", size=(13, 11, 3))  # 429 bits: 54 bytes, padded to 54 (even) anyway
+def test_an_empty_mask_gives_empty_frames_on_the_first_and_last_slices(tmp_path):
+    """No lesion: the SEG has two frames, empty, on the first and last slices (a PACS shows that nothing was found,
+    not a missing result; a SEG needs a frame), the bits padded to an even length; dciodvfy, highdicom and
+    io.read_mask read it, as an all-zero mask on the scan's very grid. It had a frame on every slice."""
+    folder = source_series(tmp_path / "flair", size=(13, 11, 3))
     series, _ = io.choose_dicom_series(folder)
     flair = io.read_image(folder, series=series)
     empty = sitk.Image(flair.GetSize(), sitk.sitkUInt8)
@@ -220,9 +235,46 @@ def test_an_empty_mask_gives_a_frame_on_every_slice(tmp_path):
     made = dicom_seg.segmentation(flair, empty, series, {})
     io.write_bytes(made.data, tmp_path / "s.dcm")
     ds = pydicom.dcmread(tmp_path / "s.dcm")
-    assert int(ds.NumberOfFrames) == 3 and len(ds.PerFrameFunctionalGroupsSequence) == 3
-    assert len(ds.PixelData) % 2 == 0 and len(ds.PixelData) >= (13 * 11 * 3 + 7) // 8
-    assert not frames_of(ds).any()
+    assert made.frames == int(ds.NumberOfFrames) == 2 and len(ds.PerFrameFunctionalGroupsSequence) == 2
+    assert [list(item.FrameContentSequence[0].DimensionIndexValues) for item in ds.PerFrameFunctionalGroupsSequence] == [
+        [1, 1], [1, 2]]
+    along = [float(item.PlanePositionSequence[0].ImagePositionPatient[2]) for item in ds.PerFrameFunctionalGroupsSequence]
+    assert np.allclose(along, [flair.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in (0, 2)])
+    assert len(ds.PixelData) == 36 and not frames_of(ds).any()  # 286 bits: 36 bytes (even)
+    read = io.read_mask(tmp_path / "s.dcm")
+    assert read.GetSize() == flair.GetSize() and np.allclose(read.GetOrigin(), flair.GetOrigin())
+    assert np.allclose(read.GetSpacing(), flair.GetSpacing()) and not sitk.GetArrayFromImage(read).any()
+    seg = hd.seg.segread(tmp_path / "s.dcm")
+    assert not seg.get_pixels_by_source_instance(sorted(source_images(folder)), segment_numbers=[1]).any()
+
+
+def test_only_the_slices_holding_a_voxel_have_frames_and_read_back_on_the_scans_grid(tmp_path):
+    """A mask on slices 2 and 4 of 0-6 (frames on 0, 2, 4, 6: 2 holding a voxel, the first and last empty): the
+    frames a step of two slices apart, still read back slice for slice on the scan's grid by its Spacing Between
+    Slices (without it, the step would be read as two slices), alone and onto the FLAIR; and of a 5-slice series,
+    lesions on slices 0, 2 and 4, its frames those three alone; Dimension Index Values count the frames' slices 1,
+    2, ...; the size a frame's 140 bytes each. Every slice had a frame."""
+    for depth, slices, framed in ((7, [2, 4], [0, 2, 4, 6]), (5, [0, 2, 4], [0, 2, 4])):
+        folder = source_series(tmp_path / f"flair{depth}", size=(40, 28, depth))
+        series, _ = io.choose_dicom_series(folder)
+        flair = io.read_image(folder, series=series)
+        array = np.zeros((depth, 28, 40), np.uint8)
+        for k in slices:
+            array[k, 5 + k:9 + k, 10:13 + k] = 1
+        mask = sitk.GetImageFromArray(array)
+        mask.CopyInformation(flair)
+        made = dicom_seg.segmentation(flair, mask, series, {})
+        io.write_bytes(made.data, tmp_path / "s.dcm")
+        ds = pydicom.dcmread(tmp_path / "s.dcm")
+        assert made.frames == int(ds.NumberOfFrames) == len(framed) and len(ds.PixelData) == len(framed) * 140
+        assert np.array_equal(frames_of(ds), array[framed])
+        assert [list(i.FrameContentSequence[0].DimensionIndexValues) for i in ds.PerFrameFunctionalGroupsSequence] == [
+            [1, n] for n in range(1, len(framed) + 1)]
+        assert float(ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices) == 5.0
+        alone = io.read_mask(tmp_path / "s.dcm")
+        assert alone.GetSize() == flair.GetSize() and np.allclose(alone.GetSpacing(), flair.GetSpacing())
+        assert np.array_equal(sitk.GetArrayFromImage(alone), array)
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), array)
 
 
 def test_bits_run_on_across_frames_first_pixel_lowest(tmp_path):
@@ -336,7 +388,7 @@ def test_what_is_refused_before_anything_is_written(tmp_path):
 
 def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(tmp_path, tiny_model, capsys):
     """`deepwml segment --dicom-seg --dicom-outline`: both, listed in the report; the SEG's frames the mask file's
-    slices; a NIfTI input segmented with a warning and no SEG; a rerun skips the case, --overwrite makes a new
+    slices holding a voxel (and the first and last); a NIfTI input segmented with a warning and no SEG; a rerun skips the case, --overwrite makes a new
     SEG (a new instance), and a rerun with --overwrite without --dicom-seg removes the earlier one, listed in its
     report; an earlier SEG without its report is an incomplete set."""
     folder = source_series(tmp_path / "flair", direction=rotation(0.12, -0.08, 0.3))
@@ -348,14 +400,15 @@ def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(
     assert main(args + ["--dicom-seg", "--dicom-outline"]) == 0
     report = json.loads((out / "flair_report.json").read_text(encoding="utf-8"))
     assert {"flair_wmh_seg.dcm", "flair_outline_dicom"} <= set(report["outputs"])
-    assert report["dicom_seg"]["file"] == "flair_wmh_seg.dcm" and report["dicom_seg"]["frames"] == 7
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair_wmh.nrrd")))
+    framed = framed_slices(mask)
+    assert report["dicom_seg"]["file"] == "flair_wmh_seg.dcm" and report["dicom_seg"]["frames"] == len(framed)
     assert report["dicom_outline"]["images"] == 7 and report["dicom_outline"]["series_number"] == 1007
     assert report["dicom_seg"]["series_number"] == 2007
     ds = pydicom.dcmread(out / "flair_wmh_seg.dcm")
     assert ds.SOPInstanceUID == report["dicom_seg"]["sop_instance_uid"]
     assert ds.SeriesInstanceUID == report["dicom_seg"]["series_uid"] != report["dicom_outline"]["series_uid"]
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "flair_wmh.nrrd")))
-    assert np.array_equal(frames_of(ds), mask) and mask.any()
+    assert np.array_equal(frames_of(ds), mask[framed]) and mask.any()
     assert f"{report['volume_ml']:.2f} ml" in ds.SegmentSequence[0].SegmentDescription
     plain_report = json.loads((out / "plain_report.json").read_text(encoding="utf-8"))
     assert "dicom_seg" not in plain_report and not (out / "plain_wmh_seg.dcm").exists()
@@ -434,8 +487,9 @@ def test_an_outdir_holding_a_seg_given_as_input_is_named_as_outputs_and_a_lone_s
 @pytest.mark.shared
 def test_a_real_flair_as_a_dicom_series(tmp_path, shared_data):
     """A clinical FLAIR (oblique, 320 x 320 x 36), written as a DICOM series: the SEG of a mask of its brightest
-    voxels has each frame equal to that mask on the source image it names, read by pydicom; its size and the
-    time to make it are what README states (a frame of 320 x 320 bits is 12.5 kB)."""
+    voxels has each frame equal to that mask on the source image it names, read by pydicom, a frame on each slice
+    holding a voxel (and the first and last), none on the others; read back, the mask; its size and the time to
+    make it are what README states (a frame of 320 x 320 bits is 12.5 kB)."""
     scan = sitk.ReadImage(str(shared_data / "open_ms" / "clinical_flair" / "patient01_study1.nii.gz"))
     scan = sitk.Cast(scan, sitk.sitkInt16)
     values = sitk.GetArrayViewFromImage(scan)
@@ -449,8 +503,12 @@ def test_a_real_flair_as_a_dicom_series(tmp_path, shared_data):
     seconds = time.perf_counter() - start
     io.write_bytes(made.data, tmp_path / "s.dcm")
     ds = check_against_sources(tmp_path / "s.dcm", folder, lesion=level)
-    assert int(ds.NumberOfFrames) == 36 and frames_of(ds).sum() == sitk.GetArrayViewFromImage(mask).sum() > 0
-    assert len(made.data) < 36 * 320 * 320 / 8 + 100_000 and seconds < 10
+    framed = framed_slices(sitk.GetArrayViewFromImage(mask))
+    assert int(ds.NumberOfFrames) == len(framed) < 36
+    assert frames_of(ds).sum() == sitk.GetArrayViewFromImage(mask).sum() > 0
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)),
+                          sitk.GetArrayViewFromImage(mask))
+    assert len(made.data) < len(framed) * 320 * 320 / 8 + 100_000 and seconds < 10
 
 
 def test_a_study_of_an_export_holding_only_a_seg_is_skipped_as_no_flair_exam(tmp_path, tiny_model):
