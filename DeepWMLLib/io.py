@@ -5078,6 +5078,13 @@ def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike
 
 # DeepWML's segment of the lateral ventricles (the periventricular/deep split's reference), never lesion.
 VENTRICLE_SEGMENT = "Lateral ventricles"
+# DeepWML's change SEG (`deepwml change --dicom-seg`: Content Label CHANGE, one segment per call, labelled with the
+# call, change.LABELS): read as a mask, the follow-up's lesions are its FOLLOWUP_CALLS; its BASELINE_CALLS are baseline
+# lesions no longer there, left out. Stable and not assessable also draw the few baseline lesions still there without a
+# follow-up lesion of their own (below the follow-up's threshold, or partly outside its view), where they lay.
+CHANGE_SEG_CONTENT_LABEL = "CHANGE"
+FOLLOWUP_CALLS = ("stable", "new", "enlarging", "not assessable", "small new")
+BASELINE_CALLS = ("gone", "small gone")
 
 
 def segment_names(path: str | os.PathLike) -> list[str]:
@@ -5103,9 +5110,14 @@ def segment_names(path: str | os.PathLike) -> list[str]:
 
 def lesion_segment_names(path: str | os.PathLike) -> list[str]:
     """The segments of a `.seg.nrrd` or a DICOM SEG (`dicom_seg_file`) read as lesion: its segments named WMH, else
-    every segment but DeepWML's ventricles (a rater's segments of any names); [] for any other file."""
+    every segment but DeepWML's ventricles (a rater's segments of any names); of DeepWML's change SEG the follow-up's
+    calls (`_lesion_numbers`); [] for any other file."""
     seg = dicom_seg_file(path)
-    names = dicom_seg_labels(seg) if seg else segment_names(path)
+    if seg:
+        top = _seg_parts(Path(seg)).top
+        segments = _seg_segments(Path(seg), top)
+        return [segments[n] for n in _lesion_numbers(segments, top)[0]]
+    names = segment_names(path)
     # names compared regardless of case, every segment of the name ('WMH' and 'wmh'), as the module reads them
     wmh = [n for n in names if n.lower() == "wmh"]
     return wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
@@ -5172,7 +5184,7 @@ SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 # SOP Class UID, Modality, Number of Frames, Rows, Columns, Bits Allocated, Segmentation Type, Maximum Fractional
 # Value, Segment Sequence, and the functional groups (frame geometry, Referenced Segment Number)
 _SEG_TOP = _WANTED | {0x00080016, 0x00080060, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00620001,
-                      0x0062000E}
+                      0x0062000E, 0x00700080}
 _IMPLICIT_LITTLE, _EXPLICIT_LITTLE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 _SEG_MAX_SLICES = 4096  # a grid of more slices: frames a fraction of a slice apart, not a mask to read
 
@@ -5280,17 +5292,21 @@ def _seg_segments(path: Path, top: dict) -> dict[int, str]:
     return segments
 
 
-def _lesion_numbers(segments: dict[int, str]) -> list[int]:
-    """The segments read as lesion, as `lesion_segment_names` chooses them: those labelled WMH (any case), else
-    every segment but DeepWML's ventricles."""
+def _is_change_seg(segments: dict[int, str], top: dict) -> bool:
+    """Whether a SEG is DeepWML's change SEG: Content Label CHANGE and every segment labelled with a call."""
+    return (_text(top.get(0x00700080)).upper() == CHANGE_SEG_CONTENT_LABEL
+            and all(label in FOLLOWUP_CALLS + BASELINE_CALLS for label in segments.values()))
+
+
+def _lesion_numbers(segments: dict[int, str], top: dict | None = None) -> tuple[list[int], list[int] | None]:
+    """The segments read as lesion, as `lesion_segment_names` chooses them, and for DeepWML's change SEG those left
+    out (else None): of a change SEG (`_is_change_seg`, given its top-level elements `top`) the follow-up's calls
+    (FOLLOWUP_CALLS), else those labelled WMH (any case), else every segment but DeepWML's ventricles."""
+    if top is not None and _is_change_seg(segments, top):
+        followup = [n for n, label in segments.items() if label in FOLLOWUP_CALLS]
+        return followup, [n for n in segments if n not in followup]
     wmh = [n for n, label in segments.items() if label.lower() == "wmh"]
-    return wmh or [n for n, label in segments.items() if label.lower() != VENTRICLE_SEGMENT.lower()]
-
-
-def dicom_seg_labels(path: str | os.PathLike) -> list[str]:
-    """The segment labels of a DICOM SEG file (`dicom_seg_file`), in segment-number order."""
-    segments = _seg_segments(Path(path), _seg_parts(Path(path)).top)
-    return [segments[n] for n in sorted(segments)]
+    return wmh or [n for n, label in segments.items() if label.lower() != VENTRICLE_SEGMENT.lower()], None
 
 
 def _common_step(offsets: np.ndarray, smallest: float) -> float:
@@ -5310,7 +5326,8 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
 
     Segments: those labelled WMH (any case), else every segment but 'Lateral ventricles' (as a `.seg.nrrd`'s,
-    `lesion_segment_names`; a warning where segments of several labels are joined). Pixels: BINARY, 1 bit a pixel,
+    `lesion_segment_names`; a warning where segments of several labels are joined); of DeepWML's change SEG the
+    follow-up's calls, its gone ones left out (FOLLOWUP_CALLS; a warning names those left out). Pixels: BINARY, 1 bit a pixel,
     the frames' bits one run, the first pixel in the lowest bit; FRACTIONAL, 8 bits, a pixel lesion at half its
     Maximum Fractional Value or more. Each frame is placed by its Plane Position on a grid of the frames' shared
     orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the largest
@@ -5338,11 +5355,17 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
         raise refuse(f"is {kind} with Bits Allocated {bits} (a {kind} SEG has {1 if kind == 'BINARY' else 8}); "
                      "export it again")
     segments = _seg_segments(path, top)
-    lesion = _lesion_numbers(segments)
-    if not lesion:
+    lesion, left_out = _lesion_numbers(segments, top)
+    if left_out is not None:  # DeepWML's change SEG: its follow-up's lesions (none where every call is a gone one)
+        if left_out:
+            logging.getLogger(__name__).warning(
+                "%s: DeepWML's lesion change SEG, read as the follow-up's lesions (%s); %s left out (baseline lesions "
+                "no longer there)", path, ", ".join(segments[n] for n in sorted(lesion)) or "none",
+                ", ".join(segments[n] for n in sorted(left_out)))
+    elif not lesion:
         raise refuse(f"has no lesion segment (only {VENTRICLE_SEGMENT!r})")
     shown = sorted({segments[n] for n in lesion}, key=str.lower)
-    if len({name.lower() for name in shown}) > 1:
+    if left_out is None and len({name.lower() for name in shown}) > 1:
         logging.getLogger(__name__).warning(
             "%s: a DICOM Segmentation of several segments, none labelled WMH (%s); all of them are read as lesion. "
             "If one is not lesion, label the lesion segment WMH (it alone is read then)", path, ", ".join(shown))

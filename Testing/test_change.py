@@ -815,6 +815,33 @@ def test_dciodvfy_finds_no_error_in_the_change_seg(change_seg_run):
     assert [line for line in lines if line.startswith("Error")] == []
 
 
+def test_the_change_seg_read_as_a_mask_is_the_follow_ups_lesions(change_seg_run, pair, caplog):
+    """The change SEG given where a mask is read (evaluate, consensus, change, train: io.read_mask): the follow-up's
+    lesions, its stable, new, enlarging, not assessable and small new segments, the follow-up mask itself on the
+    phantom pair; gone and small gone (baseline lesions no longer there) left out, a warning naming them. Every
+    segment was joined, 'gone' too, under the warning of segments 'none labelled WMH'."""
+    import logging
+
+    series, out, report = change_seg_run
+    flair = io.read_image(series)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change.nrrd")))
+    assert (labels == 5).any()  # a gone lesion, which the follow-up does not hold
+    with caplog.at_level(logging.WARNING):
+        read = sitk.GetArrayFromImage(io.read_mask(out / "followup_change_seg.dcm", flair))
+    assert np.array_equal(read, np.isin(labels, [1, 2, 3, 4, 6]).astype(np.uint8))
+    followup = sitk.GetArrayFromImage(io.read_mask(pair["files"]["followup_mask"], flair)) > 0
+    assert np.array_equal(read > 0, followup)
+    left = ", ".join(change.LABELS[v] for v in (5, 7) if (labels == v).any())
+    assert "DeepWML's lesion change SEG, read as the follow-up's lesions" in caplog.text
+    assert f"; {left} left out (baseline lesions no longer there)" in caplog.text
+    assert "none labelled WMH" not in caplog.text
+    assert io.lesion_segment_names(out / "followup_change_seg.dcm") == [
+        change.LABELS[v] for v in change.LABELS if v in (1, 2, 3, 4, 6) and (labels == v).any()]
+    assert set(io.FOLLOWUP_CALLS + io.BASELINE_CALLS) == set(change.LABELS.values())
+    assert io.CHANGE_SEG_CONTENT_LABEL == pytest.importorskip("pydicom").dcmread(
+        out / "followup_change_seg.dcm").ContentLabel
+
+
 def test_a_studys_outputs_never_share_a_series_number(pair, tmp_path, tiny_model):
     """`segment --dicom-seg --dicom-outline` and `change --dicom-seg --dicom-outline` on one follow-up series: its
     WMH outline, WMH SEG, change outline and change SEG each have their own series number (+ 1000, 2000, 3000,
@@ -876,6 +903,13 @@ def test_the_change_seg_numbers_the_calls_present_and_marks_each_with_its_own_va
         assert (number, k) == [(1, 1), (2, 2), (2, 3), (3, 4)][i]
         assert int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number
         assert np.array_equal(frames[i], array[k - 1] == (2, 5, 7)[number - 1]), i
+    # read as a mask: the follow-up's new lesion alone (gone and small gone are baseline lesions no longer there)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), (array == 2).astype(np.uint8))
+    # a change SEG of gone lesions alone: an all-zero mask (the follow-up has none), not refused as no lesion segment
+    gone = sitk.GetImageFromArray(np.where(array == 2, 0, array).astype(np.uint8))
+    gone.CopyInformation(flair)
+    io.write_bytes(change.change_seg(flair, gone, series, report).data, tmp_path / "gone.dcm")
+    assert not sitk.GetArrayFromImage(io.read_mask(tmp_path / "gone.dcm", flair)).any()
     assert change.change_seg(flair, labels * 0, series, report) is None
     # a registration not reliable: every segment's description opens with the checks that failed, and the content
     # description says so
