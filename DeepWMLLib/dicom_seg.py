@@ -25,7 +25,7 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
 - a frame on each slice of the source that holds a voxel of the mask, and on its first and last slices (empty
   there where the mask has nothing), the slices between without a voxel left out (as highdicom's default,
   `omit_empty_frames`, leaves them out; OHIF, Slicer and highdicom read such a sparse SEG, each frame placing
-  itself): a SEG of no lesion is those two empty frames (one, for a single slice), still saying "looked, found
+  itself): a SEG of no lesion is those two empty frames, still saying "looked, found
   none", and the first and last frames keep a SEG read on its own (`io.read_dicom_seg`, Spacing Between Slices
   given) on the source's very slices. The frame on slice k is the mask on the k-th slice as read, in the
   source's own rows and columns, at that slice's own Image Position (Patient)
