@@ -340,7 +340,7 @@ def test_the_slice_thickness_is_the_sources_and_the_spacing_its_step(tmp_path):
     """Slices 3 mm apart, each 2 mm thick (a gap): Slice Thickness 2, Spacing Between Slices 3."""
     flair, series = _tiny_source(tmp_path, extra={"0018|0050": "2"})
     assert series.slice_thickness_mm == 2.0
-    made = dicom_seg.segmentation(flair, _mask(flair, np.zeros((2, 3, 3))), series, {})
+    made = dicom_seg.segmentation(flair, _mask(flair, np.ones((2, 3, 3))), series, {})
     io.write_bytes(made.data, tmp_path / "s.dcm")
     measures = pydicom.dcmread(tmp_path / "s.dcm").SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert (float(measures.SliceThickness), float(measures.SpacingBetweenSlices)) == (2.0, 3.0)
@@ -370,3 +370,23 @@ def test_what_the_writer_refuses(tmp_path):
         dicom_seg.labelled_segmentation(flair[:, :, 0], np.ones((3, 3), np.uint8), series, [segment], [], "T", "WMH", "")
     with pytest.raises(ValueError, match=r"mask \(3, 3, 3\) and image \(3, 3, 2\) differ"):
         dicom_seg.labelled_segmentation(flair, np.ones((3, 3, 3), np.uint8), series, [segment], [], "T", "WMH", "")
+
+
+def test_the_frame_shifted_within_its_plane_is_the_one_named(tmp_path):
+    """Three frames 2 mm apart, the middle one 0.3 mm along its rows: that frame (2), by 0.3 mm, is named; not the
+    frame farthest from the first (3, 4 mm along the normal, which is no shift within the plane)."""
+    path = seg_file(tmp_path / "s.dcm", bytes(4), [(0, 0, 0), (0.3, 0, 2), (0, 0, 4)])
+    with pytest.raises(DeepWMLError, match=r"shifted within their plane against one another \(frame 2 by 0.3 mm"):
+        io.read_dicom_seg(path)
+
+
+def test_a_sparse_segs_grid_is_the_largest_step_of_which_every_offset_is_a_multiple(tmp_path):
+    """Frames at 0, 6 and 14 mm, no Spacing Between Slices: steps of 6 and 8 mm, whose largest common step is 2 mm
+    (the smallest, 6, divided by 3): 8 slices, the frames on slices 0, 3 and 7."""
+    # 3 frames of 9 pixels: pixel 0 of each frame is run bit 0, 9 and 18: bytes 0x01, 0x02, 0x04
+    path = seg_file(tmp_path / "s.dcm", bytes([0x01, 0x02, 0x04, 0x00]), [(0, 0, 0), (0, 0, 6), (0, 0, 14)],
+                    between=None)
+    image = io.read_dicom_seg(path)
+    assert image.GetSize() == (3, 3, 8) and image.GetSpacing()[2] == 2.0
+    array = sitk.GetArrayFromImage(image)
+    assert [int(k) for k in np.flatnonzero(array[:, 0, 0])] == [0, 3, 7] and array.sum() == 3
