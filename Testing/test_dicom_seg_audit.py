@@ -390,3 +390,22 @@ def test_a_sparse_segs_grid_is_the_largest_step_of_which_every_offset_is_a_multi
     assert image.GetSize() == (3, 3, 8) and image.GetSpacing()[2] == 2.0
     array = sitk.GetArrayFromImage(image)
     assert [int(k) for k in np.flatnonzero(array[:, 0, 0])] == [0, 3, 7] and array.sum() == 3
+
+
+def test_a_stray_item_delimiter_or_a_one_byte_rows_is_refused(tmp_path):
+    """An item delimiter (FFFE,E00D) stray at the top level, before the Shared Functional Groups, ends the data set
+    read there: what follows is no Pixel Data, refused as such (not its bytes read as the pixels); a Rows of one
+    byte (US has two) is no Rows."""
+    path = seg_file(tmp_path / "s.dcm", bytes([0x21, 0x04, 0x02, 0x00]), [(0, 0, 0), (0, 0, 2)])
+    data = path.read_bytes()
+    shared = b"\x00\x52\x29\x92SQ"
+    assert data.count(shared) == 1
+    at = data.index(shared)
+    (tmp_path / "stray.dcm").write_bytes(data[:at] + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + data[at:])
+    with pytest.raises(DeepWMLError, match=r"the DICOM Segmentation holds no Pixel Data"):
+        io.read_dicom_seg(tmp_path / "stray.dcm")
+    rows = b"\x28\x00\x10\x00US\x02\x00\x03\x00"
+    assert data.count(rows) == 1
+    (tmp_path / "rows.dcm").write_bytes(data.replace(rows, b"\x28\x00\x10\x00US\x01\x00\x03"))
+    with pytest.raises(DeepWMLError, match=r"gives no Rows or Columns"):
+        io.read_dicom_seg(tmp_path / "rows.dcm")
