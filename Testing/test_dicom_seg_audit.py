@@ -187,6 +187,14 @@ def test_the_spacing_between_slices_is_the_grids_step_where_given(tmp_path):
     assert array[0, 0, 0] == 1 and array[3, 0, 0] == 1 and array.sum() == 2
     derived = io.read_dicom_seg(seg_file(tmp_path / "derived.dcm", pixels, [(0, 0, 0), (0, 0, 6)], between=None))
     assert derived.GetSize() == (3, 3, 2) and derived.GetSpacing()[2] == 6.0
+    # a Spacing Between Slices of no number (infinite, as a damaged DS reads): the frames' own step, as without it
+    import warnings
+
+    with warnings.catch_warnings():  # pydicom warns of the invalid DS it is told to write
+        warnings.simplefilter("ignore", UserWarning)
+        seg_file(tmp_path / "inf.dcm", pixels, [(0, 0, 0), (0, 0, 6)], between="inf")
+    infinite = io.read_dicom_seg(tmp_path / "inf.dcm")
+    assert infinite.GetSize() == (3, 3, 2) and infinite.GetSpacing()[2] == 6.0
 
 
 def test_two_segments_on_the_same_frames_without_a_spacing_between_slices(tmp_path):
