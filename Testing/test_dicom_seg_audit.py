@@ -1,7 +1,15 @@
 """Mutation audit (mut45) of the DICOM SEG reader (io.read_dicom_seg, its functional groups) and writer
 (DeepWMLLib/dicom_seg.py): hand-worked cases for what the other SEG tests left unchecked. The SEGs read here are
 built element by element with pydicom (a test dependency), not by DeepWML's writer, and their expected masks,
-grids and bytes are worked out by hand in the comments."""
+grids and bytes are worked out by hand in the comments.
+
+Mutants left alive as equivalent: the encoder's `len(data) > 0xFFFF` as `>=` (values are padded to an even length,
+0xFFFF is odd); cielab's `<= 0.04045` as `<` (no integer channel gives c / 255 == 0.04045); source_frames' one-file
+branch for one slice (both give frame 1 of a multi-frame file, None else); the Common Instance Reference's
+`setdefault` as assignment (an instance has one SOP Class); the functional groups' first item as their last (the
+Shared Functional Groups and each functional group macro hold exactly one item, PS3.3 C.7.6.16). Left: a file whose
+"DICM" at byte 128 is damaged is not parsed for its frames' geometry (None, unchecked, as GDCM reads it); parsed
+anyway it reads the same groups, so neither reading is pinned."""
 
 from __future__ import annotations
 
@@ -152,6 +160,7 @@ def test_a_fractional_seg_is_lesion_at_half_its_maximum_and_not_below(tmp_path):
     ({"orientation": ("1", "0", "0", "0", "2", "0")}, r"no two perpendicular unit vectors"),
     ({"orientation": ("1", "0", "0", "0", "1")}, r"does not give its frames' orientation"),
     ({"segments": ()}, r"lists no segments"),
+    ({"positions": [(0, 0), (0, 2)]}, r"does not give each frame's position"),  # two numbers of three
     ({"numbers": [1, 3]}, r"gives frame 2 the segment number 3, which its Segment Sequence does not list \(1\)"),
     ({"pixel_data": bytes(2)}, r"holds 2 bytes of Pixel Data, and 2 frames of 3 x 3 BINARY pixels need 3"),
     ({"spacing": ("1e9", "1e9")}, r"voxel size is no MRI's"),
