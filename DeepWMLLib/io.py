@@ -3309,10 +3309,15 @@ def frame_geometry(path: str) -> tuple[list, list, np.ndarray | None] | None:
     return None if found is None else _groups_geometry(*found)
 
 
-def _groups_geometry(shared: dict, frames: list) -> tuple[list, list, np.ndarray | None] | None:
-    """`frame_geometry` of functional groups already read (`_functional_groups`)."""
+def _groups_geometry(shared: dict, frames: list,
+                     shared_position: bool = False) -> tuple[list, list, np.ndarray | None] | None:
+    """`frame_geometry` of functional groups already read (`_functional_groups`). `shared_position`: where no frame
+    gives its own Plane Position, the Shared Functional Groups' is every frame's (a SEG may share it when all its
+    frames lie on one plane: one frame, or several segments' frames of one slice; PS3.3 C.7.6.16)."""
     first = _group_value
     positions = [first(frame, _PLANE_POSITION, 0x00200032) for frame in frames]
+    if shared_position and all(p is None for p in positions):
+        positions = [first(shared, _PLANE_POSITION, 0x00200032)] * len(frames)
     if not frames or any(p is None or p.shape != (3,) for p in positions):
         return None
     orientations = [first(frame, _PLANE_ORIENTATION, 0x00200037) for frame in frames]
@@ -5375,7 +5380,7 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     if not frames or count is None or not count.size or int(count[0]) != len(frames):
         raise refuse(f"gives {len(frames)} frames' functional groups for Number of Frames "
                      f"{int(count[0]) if count is not None and count.size else 'none'}; export it again")
-    geometry = _groups_geometry(shared, frames)
+    geometry = _groups_geometry(shared, frames, shared_position=True)
     if geometry is None:
         raise refuse("does not give each frame's position (Plane Position Sequence), so its frames cannot be placed")
     positions, orientations, pixel_spacing = geometry

@@ -42,7 +42,8 @@ def _item(**keywords) -> Dataset:
 def seg_file(path, pixel_data: bytes, positions, *, rows=3, columns=3, kind="BINARY", bits=None,
              segments=(("WMH", 1),), numbers=None, spacing=("0.5", "0.8"), between="2", thickness=None,
              orientation=("1", "0", "0", "0", "1", "0"), frame_orientations=None, frame_measures=None,
-             shared_segment=None, frames_count=None, maximum=None, syntax=ExplicitVRLittleEndian, drop=()):
+             shared_segment=None, frames_count=None, maximum=None, syntax=ExplicitVRLittleEndian, drop=(),
+             shared_position=None):
     """A minimal SEG: `positions` one Image Position (Patient) per frame, `numbers` each frame's Referenced Segment
     Number (None: no Segment Identification in its frame), `segments` (label, number) pairs; shared Pixel Measures
     (Pixel Spacing `spacing`, row then column; Spacing Between Slices `between`, Slice Thickness `thickness`, None:
@@ -69,6 +70,8 @@ def seg_file(path, pixel_data: bytes, positions, *, rows=3, columns=3, kind="BIN
         shared.PixelMeasuresSequence = Sequence([measures])
     if frame_orientations is None:
         shared.PlaneOrientationSequence = Sequence([_item(ImageOrientationPatient=list(orientation))])
+    if shared_position is not None:  # every frame's Plane Position in the shared groups, none of their own
+        shared.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[f"{v:g}" for v in shared_position])])
     if shared_segment is not None:
         shared.SegmentIdentificationSequence = Sequence([_item(ReferencedSegmentNumber=shared_segment)])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
@@ -76,7 +79,8 @@ def seg_file(path, pixel_data: bytes, positions, *, rows=3, columns=3, kind="BIN
     frames = []
     for k, position in enumerate(positions):
         frame = Dataset()
-        frame.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[f"{v:g}" for v in position])])
+        if shared_position is None:
+            frame.PlanePositionSequence = Sequence([_item(ImagePositionPatient=[f"{v:g}" for v in position])])
         if frame_orientations is not None:
             frame.PlaneOrientationSequence = Sequence([_item(ImageOrientationPatient=list(frame_orientations[k]))])
         if frame_measures is not None:
@@ -235,6 +239,28 @@ def test_a_single_frame_takes_its_slice_thickness_from_its_own_pixel_measures(tm
     path = seg_file(tmp_path / "zero.dcm", pixels, [(0, 0, 0)], between=None, thickness="0")
     with pytest.raises(DeepWMLError, match=r"gives neither Spacing Between Slices nor Slice Thickness"):
         io.read_dicom_seg(path)
+
+
+def test_a_plane_position_in_the_shared_groups_places_every_frame(tmp_path):
+    """A SEG whose frames all lie on one slice may give its Plane Position once, in the Shared Functional Groups
+    (PS3.3 C.7.6.16): one frame at (4, -2, 9), and two segments' frames of one slice there; each read as a one-slice
+    mask at that position (it was refused as giving no frame's position)."""
+    one = seg_file(tmp_path / "one.dcm", bytes([0x11, 0x00]), [None], between=None, thickness="3",
+                   shared_position=(4, -2, 9))
+    image = io.read_dicom_seg(one)
+    assert image.GetSize() == (3, 3, 1) and np.allclose(image.GetOrigin(), (4, -2, 9))
+    assert image.GetSpacing() == (0.8, 0.5, 3.0)
+    expected = np.zeros((1, 3, 3), np.uint8)
+    expected[0, 0, 0] = expected[0, 1, 1] = 1  # pixels 0 and 4 (0x11)
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected)
+    # frame 0 (WMH): pixel 0; frame 1 (Lesion): pixel 9 + 8 (row 2, column 2) -> byte 2 bit 1
+    two = seg_file(tmp_path / "two.dcm", bytes([0x01, 0x00, 0x02, 0x00]), [None, None], between=None, thickness="3",
+                   shared_position=(4, -2, 9), segments=(("WMH", 1), ("Lesion", 2)), numbers=[1, 2])
+    image = io.read_dicom_seg(two)  # WMH alone is read: the lesion segment named so
+    assert image.GetSize() == (3, 3, 1) and np.allclose(image.GetOrigin(), (4, -2, 9))
+    expected = np.zeros((1, 3, 3), np.uint8)
+    expected[0, 0, 0] = 1
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected)
 
 
 @pytest.mark.parametrize("shared, numbers, segments, lesion", [
