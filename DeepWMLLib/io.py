@@ -5186,6 +5186,8 @@ def read_segmentation(path: str | os.PathLike, segment: str | None = None) -> si
 # A DICOM Segmentation (SEG) given as a mask: a rater's outline from PACS or OHIF, DeepWML's own --dicom-seg
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage (Sup 243)
+SEG_STORAGE_CLASSES = (SEGMENTATION_STORAGE, LABEL_MAP_SEGMENTATION_STORAGE)  # the SOP classes read as a mask
 # SOP Class UID, Modality, Number of Frames, Rows, Columns, Bits Allocated, Segmentation Type, Maximum Fractional
 # Value, Segment Sequence, and the functional groups (frame geometry, Referenced Segment Number)
 _SEG_TOP = _WANTED | {0x00080016, 0x00080060, 0x00280008, 0x00280010, 0x00280011, 0x00280100, 0x00620001,
@@ -5204,7 +5206,7 @@ def _is_dicom_seg_file(path: Path) -> bool:
         meta, _ = _dataset(head, 132, len(head), True, "meta", {0x00020002})
     except (OSError, ValueError, struct.error):
         return False
-    return meta.get(0x00020002, b"").decode("ascii", "replace").strip(" \0") == SEGMENTATION_STORAGE
+    return meta.get(0x00020002, b"").decode("ascii", "replace").strip(" \0") in SEG_STORAGE_CLASSES
 
 
 def dicom_seg_file(path: str | os.PathLike) -> Path | None:
@@ -5249,11 +5251,34 @@ def _text(value) -> str:
 @dataclass
 class _SegFile:
     top: dict  # the top-level elements of _SEG_TOP
-    pixels: bytes  # Pixel Data's value
+    pixels: bytes  # Pixel Data's value (native); b"" where encapsulated
+    fragments: list | None = None  # RLE Lossless: each frame's fragment (PS3.5 A.4: one a frame)
+
+
+_RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+_SEG_SYNTAXES = (_IMPLICIT_LITTLE, _EXPLICIT_LITTLE, _DEFLATED_SYNTAX, _RLE_LOSSLESS)  # the ones read_dicom_seg decodes
+
+
+def _fragments(data, pos: int, end: int) -> list:
+    """Encapsulated Pixel Data's fragments from `pos` (its value's start): the items after the Basic Offset Table,
+    up to the sequence delimiter (PS3.5 A.4). Raises ValueError where they are not."""
+    items = []
+    while pos + 8 <= end:
+        group, element, size = struct.unpack_from("<HHI", data, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return items[1:]  # (the first item: the Basic Offset Table, perhaps empty)
+        if (group, element) != (0xFFFE, 0xE000) or size == 0xFFFFFFFF or pos + 8 + size > end:
+            raise ValueError("encapsulated Pixel Data whose items are damaged or cut short")
+        items.append(bytes(data[pos + 8:pos + 8 + size]))
+        pos += 8 + size
+    raise ValueError("encapsulated Pixel Data without its end")
 
 
 def _seg_parts(path: Path) -> _SegFile:
-    """A DICOM SEG's top-level elements and its Pixel Data, read by `_dataset`; DeepWMLError where it cannot be."""
+    """A DICOM SEG's top-level elements and its Pixel Data, read by `_dataset`; DeepWMLError where it cannot be.
+    Uncompressed (implicit or explicit VR little endian), deflated (its data set inflated here: zlib) or RLE
+    Lossless (its frames' fragments, decoded by `_rle_frame`); other transfer syntaxes (JPEG 2000, JPEG-LS, big
+    endian) are refused."""
     import mmap
 
     def fault(why: str) -> DeepWMLError:
@@ -5264,16 +5289,30 @@ def _seg_parts(path: Path) -> _SegFile:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             meta, start = _dataset(data, 132, len(data), True, "meta", {0x00020010})
             syntax = meta.get(0x00020010, b"").decode("ascii", "replace").strip(" \0")
-            if syntax not in (_IMPLICIT_LITTLE, _EXPLICIT_LITTLE):
+            if syntax not in _SEG_SYNTAXES:
                 raise DeepWMLError(f"{path}: the DICOM Segmentation is stored in transfer syntax {syntax or 'unknown'} "
-                                   "(compressed, deflated or big endian), which DeepWML does not decode; save it "
-                                   "uncompressed, Explicit VR Little Endian (e.g. gdcmconv --raw, or dcmdrle for RLE)")
-            explicit = syntax == _EXPLICIT_LITTLE
+                                   "(compressed by JPEG 2000, JPEG-LS or another codec, or big endian), which DeepWML "
+                                   "does not decode (it reads uncompressed, deflated and RLE Lossless ones); save it "
+                                   "uncompressed, Explicit VR Little Endian (e.g. gdcmconv --raw)")
+            if syntax == _DEFLATED_SYNTAX:  # the data set after the file meta group raw-deflated (PS3.5 A.5)
+                inflater = zlib.decompressobj(-15)
+                try:
+                    body = inflater.decompress(data[start:])
+                except zlib.error as exc:
+                    raise fault(f"is deflated, and its deflated data set is damaged ({exc})") from exc
+                if not inflater.eof:
+                    raise fault("is deflated, and its deflated data set is cut short")
+                data, start = body, 0
+            explicit = syntax != _IMPLICIT_LITTLE
             top, at = _dataset(data, start, len(data), explicit, "top", _SEG_TOP)
             if at + 8 > len(data) or struct.unpack_from("<HH", data, at) != (0x7FE0, 0x0010):
                 raise fault("holds no Pixel Data")
             length, begin = (struct.unpack_from("<I", data, at + 8)[0], at + 12) if explicit else \
                 (struct.unpack_from("<I", data, at + 4)[0], at + 8)
+            if syntax == _RLE_LOSSLESS:
+                if length != 0xFFFFFFFF:
+                    raise fault("is labelled RLE Lossless but holds its Pixel Data uncompressed")
+                return _SegFile(top, b"", _fragments(data, begin, len(data)))
             if length == 0xFFFFFFFF:
                 raise fault("holds its Pixel Data encapsulated (compressed) under an uncompressed transfer syntax")
             pixels = bytes(data[begin:begin + length])
@@ -5284,12 +5323,70 @@ def _seg_parts(path: Path) -> _SegFile:
     return _SegFile(top, pixels)
 
 
+def _rle_segment(data: bytes, begin: int, end: int, size: int) -> bytes:
+    """One RLE segment (PS3.5 G.3.1, PackBits) from data[begin:end], decoded to at most `size` bytes: a control
+    byte n of 0 to 127 copies the n + 1 bytes that follow, of -127 to -1 repeats the next byte 1 - n times, -128
+    does nothing; a last byte alone is padding. Raises ValueError where a run reaches past the segment."""
+    out = bytearray()
+    pos = begin
+    while pos < end and len(out) < size:
+        if pos + 1 == end:  # a segment's last byte alone: its padding to an even length (G.3.1), not a run
+            break
+        n = data[pos]
+        if n < 128:
+            if pos + 2 + n > end:
+                raise ValueError("a literal run reaches past its segment")
+            out += data[pos + 1:pos + 2 + n]
+            pos += 2 + n
+        elif n > 128:
+            if pos + 1 >= end:
+                raise ValueError("a repeated run reaches past its segment")
+            out += data[pos + 1:pos + 2] * (257 - n)
+            pos += 2
+        else:
+            pos += 1
+    return bytes(out[:size])
+
+
+def _rle_frame(fragment: bytes, plane: int, bits: int) -> np.ndarray:
+    """An RLE Lossless frame (PS3.5 G: a 64-byte header of the segment count and 15 offsets, then one segment a
+    byte of each pixel, the most significant first) as `plane` pixels: uint8, or uint16 for 16 bits. A 1-bit
+    frame (BINARY) is stored either as its bits packed, the first pixel in the lowest bit (pydicom), or one byte a
+    pixel (vtk-dicom, dcmjs): told apart by the segment's decoded length. Raises ValueError where it is damaged."""
+    if len(fragment) < 64:
+        raise ValueError(f"its RLE header is cut short ({len(fragment)} bytes)")
+    header = struct.unpack_from("<16I", fragment)
+    count, offsets = header[0], list(header[1:])
+    need = 2 if bits == 16 else 1
+    if count != need:
+        raise ValueError(f"its RLE header gives {count} segments, not {need}")
+    ends = offsets[1:count] + [len(fragment)]
+    if any(not 64 <= offsets[k] <= ends[k] <= len(fragment) for k in range(count)):
+        raise ValueError("its RLE header gives segment offsets outside the frame")
+    if bits == 1:
+        decoded = _rle_segment(fragment, offsets[0], ends[0], plane)
+        if len(decoded) == plane:
+            return (np.frombuffer(decoded, np.uint8) != 0).astype(np.uint8)
+        if len(decoded) >= (plane + 7) // 8:
+            return np.unpackbits(np.frombuffer(decoded, np.uint8), bitorder="little", count=plane)
+        raise ValueError(f"it decodes to {len(decoded)} bytes, and {plane} 1-bit pixels need {(plane + 7) // 8} "
+                         f"packed or {plane} unpacked")
+    parts = [_rle_segment(fragment, offsets[k], ends[k], plane) for k in range(count)]
+    if any(len(part) < plane for part in parts):
+        raise ValueError(f"it decodes to {min(map(len, parts))} bytes of a {plane}-pixel plane")
+    if bits == 8:
+        return np.frombuffer(parts[0], np.uint8)
+    return np.frombuffer(parts[0], np.uint8).astype(np.uint16) << 8 | np.frombuffer(parts[1], np.uint8)
+
+
 def _seg_segments(path: Path, top: dict) -> dict[int, str]:
-    """{Segment Number: Segment Label} of a SEG's Segment Sequence."""
+    """{Segment Number: Segment Label} of a SEG's Segment Sequence (a LABELMAP's segment 0, its background, left
+    out: its pixels of value 0)."""
     segments = {}
+    labelmap = _text(top.get(0x00620001)).upper() == "LABELMAP"
     for item in top.get(_SEGMENT_SEQUENCE) or []:
         number = _us(item.get(0x00620004)) if isinstance(item, dict) else None
-        if number is not None:
+        if number is not None and not (labelmap and number == 0):
             segments[number] = _text(item.get(0x00620005))
     if not segments:
         raise DeepWMLError(f"{path}: the DICOM Segmentation lists no segments (Segment Sequence); export it again "
@@ -5327,6 +5424,35 @@ def _common_step(offsets: np.ndarray, smallest: float) -> float:
     return smallest
 
 
+_SEG_BITS = {"BINARY": (1,), "FRACTIONAL": (8,), "LABELMAP": (8, 16)}  # Bits Allocated of each Segmentation Type
+
+
+def _seg_pixels(seg: _SegFile, kind: str, bits: int, rows: int, columns: int, count: int, refuse) -> np.ndarray:
+    """A SEG's frames (count, rows, columns): BINARY 0/1 (native: the frames' bits one run, the first pixel in the
+    lowest bit), FRACTIONAL uint8, LABELMAP uint8 or uint16 (segment numbers); native or RLE Lossless
+    (`_rle_frame`, one fragment a frame). `refuse(why)` gives the error of a damaged Pixel Data."""
+    plane = rows * columns
+    if seg.fragments is not None:
+        if len(seg.fragments) != count:
+            raise refuse(f"is RLE Lossless with {len(seg.fragments)} fragments of Pixel Data for its {count} frames "
+                         "(one a frame): a damaged file; export it again")
+        frames = []
+        for k, fragment in enumerate(seg.fragments):
+            try:
+                frames.append(_rle_frame(fragment, plane, bits))
+            except ValueError as exc:
+                raise refuse(f"has RLE Lossless frame {k + 1} damaged ({exc}); export it again") from exc
+        return np.stack(frames).reshape(count, rows, columns)
+    needed = (plane * count * bits + 7) // 8
+    if len(seg.pixels) < needed:
+        raise refuse(f"holds {len(seg.pixels)} bytes of Pixel Data, and {count} frames of {rows} x {columns} "
+                     f"{kind} pixels need {needed}: a damaged file; export it again")
+    if bits == 1:
+        raw = np.frombuffer(seg.pixels, np.uint8, count=needed)
+        return np.unpackbits(raw, bitorder="little", count=plane * count).reshape(count, rows, columns)
+    return np.frombuffer(seg.pixels, "<u2" if bits == 16 else np.uint8, count=plane * count).reshape(count, rows, columns)
+
+
 def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
 
@@ -5334,7 +5460,8 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     `lesion_segment_names`; a warning where segments of several labels are joined); of DeepWML's change SEG the
     follow-up's calls, its gone ones left out (FOLLOWUP_CALLS; a warning names those left out). Pixels: BINARY, 1 bit a pixel,
     the frames' bits one run, the first pixel in the lowest bit; FRACTIONAL, 8 bits, a pixel lesion at half its
-    Maximum Fractional Value or more. Each frame is placed by its Plane Position on a grid of the frames' shared
+    Maximum Fractional Value or more; LABELMAP (Label Map Segmentation Storage), 8 or 16 bits, each pixel its
+    segment's number (0 background), a frame a slice. Uncompressed, deflated or RLE Lossless (`_seg_pixels`). Each frame is placed by its Plane Position on a grid of the frames' shared
     orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the largest
     step of which every frame's offset is a whole multiple (`_common_step`), else one slice of its Slice Thickness; the grid spans the
     frames present (a SEG without its empty frames: `onto_grid` pads it onto the scan's), frames of lesion segments
@@ -5351,14 +5478,14 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
 
     kind = _text(top.get(0x00620001)).upper()
     rows, columns, bits = (_us(top.get(tag)) for tag in (0x00280010, 0x00280011, 0x00280100))
-    if kind not in ("BINARY", "FRACTIONAL"):
-        raise refuse(f"is of Segmentation Type {kind or 'none given'}; DeepWML reads BINARY and FRACTIONAL "
+    if kind not in _SEG_BITS:
+        raise refuse(f"is of Segmentation Type {kind or 'none given'}; DeepWML reads BINARY, FRACTIONAL and LABELMAP "
                      "segmentations: save it as one of those")
     if not rows or not columns:
         raise refuse("gives no Rows or Columns; export it again")
-    if bits != (1 if kind == "BINARY" else 8):
-        raise refuse(f"is {kind} with Bits Allocated {bits} (a {kind} SEG has {1 if kind == 'BINARY' else 8}); "
-                     "export it again")
+    if bits not in _SEG_BITS[kind]:
+        raise refuse(f"is {kind} with Bits Allocated {bits} (a {kind} SEG has {' or '.join(map(str, _SEG_BITS[kind]))})"
+                     "; export it again")
     segments = _seg_segments(path, top)
     lesion, left_out = _lesion_numbers(segments, top)
     if left_out is not None:  # DeepWML's change SEG: its follow-up's lesions (none where every call is a gone one)
@@ -5437,7 +5564,7 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     if slices > _SEG_MAX_SLICES:
         raise refuse(f"spans {slices} slices {step:.4g} mm apart ({source}): frames a fraction of a slice apart")
     numbers = []
-    for frame in frames:
+    for frame in frames if kind != "LABELMAP" else ():  # (a LABELMAP frame's pixels are segment numbers)
         items = frame.get(_SEGMENT_IDENTIFICATION) if isinstance(frame, dict) else None
         if not items:
             items = shared.get(_SEGMENT_IDENTIFICATION) if isinstance(shared, dict) else None
@@ -5448,24 +5575,21 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
             raise refuse(f"gives frame {len(numbers) + 1} the segment number {value}, which its Segment Sequence does "
                          f"not list ({', '.join(map(str, sorted(segments)))})")
         numbers.append(value)
-    plane = rows * columns
-    needed = (plane * len(frames) + 7) // 8 if kind == "BINARY" else plane * len(frames)
-    if len(seg.pixels) < needed:
-        raise refuse(f"holds {len(seg.pixels)} bytes of Pixel Data, and {len(frames)} frames of {rows} x {columns} "
-                     f"{kind} pixels need {needed}: a damaged file; export it again")
-    raw = np.frombuffer(seg.pixels, np.uint8, count=needed)
-    if kind == "BINARY":
-        pixels = np.unpackbits(raw, bitorder="little", count=plane * len(frames)).reshape(len(frames), rows, columns)
-    else:
+    raw = _seg_pixels(seg, kind, bits, rows, columns, len(frames), refuse)
+    if kind == "FRACTIONAL":
         maximum = _us(top.get(0x0062000E))
         if not maximum:
             raise refuse("is FRACTIONAL but gives no Maximum Fractional Value; export it again")
         # a voxel is lesion where its fraction (probability or occupancy) is one half or more
-        pixels = (raw.astype(np.uint16) * 2 >= maximum).reshape(len(frames), rows, columns)
+        pixels = raw.astype(np.uint16) * 2 >= maximum
+    elif kind == "LABELMAP":  # each frame a slice of every segment: lesion where its value is a lesion segment's
+        pixels = np.isin(raw, np.array(lesion, raw.dtype))
+    else:
+        pixels = raw
     array = np.zeros((slices, rows, columns), np.uint8)
     chosen = set(lesion)
-    for k, (number, at) in enumerate(zip(numbers, index)):
-        if number in chosen:
+    for k, at in enumerate(index):
+        if kind == "LABELMAP" or numbers[k] in chosen:
             array[at] |= pixels[k].astype(np.uint8)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))

@@ -156,7 +156,9 @@ def test_a_fractional_seg_is_lesion_at_half_its_maximum_and_not_below(tmp_path):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"kind": "LABELMAP", "bits": 8}, r"Segmentation Type LABELMAP; DeepWML reads BINARY and FRACTIONAL"),
+    ({"kind": "SURFACE", "bits": 8}, r"Segmentation Type SURFACE; DeepWML reads BINARY, FRACTIONAL and LABELMAP"),
+    ({"kind": "LABELMAP", "bits": 1}, r"is LABELMAP with Bits Allocated 1 \(a LABELMAP SEG has 8 or 16\)"),
+    ({"kind": "LABELMAP", "bits": 8}, r"holds 4 bytes of Pixel Data, and 2 frames of 3 x 3 LABELMAP pixels need 18"),
     ({"drop": ("Rows",)}, r"gives no Rows or Columns"),
     ({"frames_count": 3}, r"gives 2 frames' functional groups for Number of Frames 3"),
     ({"spacing": ("0", "0.8")}, r"gives no Pixel Spacing"),
@@ -292,7 +294,8 @@ def test_one_lesion_label_in_two_cases_is_not_warned_of(tmp_path, caplog):
 
 def test_a_damaged_pixel_data_element_is_refused(tmp_path):
     """Pixel Data of undefined length (encapsulated) under an uncompressed syntax, a file cut short inside it, a
-    compressed transfer syntax: each refused as such."""
+    file labelled RLE Lossless (a syntax DeepWML decodes) whose Pixel Data is not encapsulated: each refused as
+    such."""
     path = seg_file(tmp_path / "s.dcm", bytes([0x21, 0x04, 0x02, 0x00]), [(0, 0, 0), (0, 0, 2)])
     data = path.read_bytes()
     header = b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", 4)
@@ -309,7 +312,8 @@ def test_a_damaged_pixel_data_element_is_refused(tmp_path):
     # the file meta's Transfer Syntax UID made RLE Lossless's (the same length: 19 characters and a NUL)
     assert data.count(b"1.2.840.10008.1.2.1\0") == 1
     (tmp_path / "rle.dcm").write_bytes(data.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0"))
-    with pytest.raises(DeepWMLError, match=r"stored in transfer syntax 1.2.840.10008.1.2.5"):
+    with pytest.raises(DeepWMLError, match=r"rle\.dcm: the DICOM Segmentation is labelled RLE Lossless but holds its "
+                                           r"Pixel Data uncompressed"):
         io.read_dicom_seg(tmp_path / "rle.dcm")
 
 

@@ -35,27 +35,32 @@ def rater_mask(flair: sitk.Image, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def highdicom_seg(folder, out, segments: dict, kind: str = "BINARY", omit: bool = True):
+def highdicom_seg(folder, out, segments: dict, kind: str = "BINARY", omit: bool = True, syntax: str | None = None,
+                  numbers: list | None = None):
     """A SEG of the source series in `folder` (an axial phantom: slice k at the k-th lowest position) written by
-    highdicom to `out`: one segment per (label, array of slices, rows, columns), `omit` leaving out empty frames."""
+    highdicom to `out`: one segment per (label, array of slices, rows, columns), `omit` leaving out empty frames;
+    in transfer syntax `syntax` (highdicom's default: Explicit VR Little Endian); of Segment Numbers `numbers`
+    (else 1, 2...). A LABELMAP one takes one array of segment numbers (its values): {label: that array, label: None}."""
     sources = sorted((pydicom.dcmread(p) for p in sorted(folder.iterdir())),
                      key=lambda d: float(d.ImagePositionPatient[2]))
     for source in sources:  # the phantom's files give GDCM's Spacing Between Slices, 1 mm, which highdicom copies
         source.SpacingBetweenSlices = source.SliceThickness  # (the phantoms' slices touch)
     codes = pydicom.sr.codedict.codes
     descriptions = [hd.seg.SegmentDescription(
-        segment_number=k + 1, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segment_number=numbers[k] if numbers else k + 1, segment_label=label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for k, label in enumerate(segments)]
-    pixels = np.stack(list(segments.values()), axis=-1)
+    pixels = next(iter(segments.values())) if kind == "LABELMAP" else np.stack(list(segments.values()), axis=-1)
     fractional = kind == "FRACTIONAL"
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels.astype(np.float32 if fractional else np.uint8),
+        source_images=sources, pixel_array=pixels.astype(np.float32 if fractional else np.uint16 if kind == "LABELMAP"
+                                                          else np.uint8),
         segmentation_type=getattr(hd.seg.SegmentationTypeValues, kind), segment_descriptions=descriptions,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None,
         series_instance_uid=hd.UID(), series_number=300, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="OHIF", manufacturer_model_name="viewer", software_versions="3", device_serial_number="1",
-        omit_empty_frames=omit)
+        omit_empty_frames=omit, **({"transfer_syntax_uid": syntax} if syntax else {}))
     seg.save_as(out)
     return seg
 
@@ -291,3 +296,110 @@ def test_a_seg_in_a_folder_below_or_beside_its_flair_given_as_a_mask(tmp_path, p
     highdicom_seg(folder, study / "other.dcm", {"WMH": mask})
     with pytest.raises(DeepWMLError, match=r"study holds 2 DICOM Segmentation series .*give the file of the one"):
         io.read_mask(study, flair)
+
+
+def test_a_labelmap_seg_reads_its_lesion_segments(tmp_path, phantom_case):
+    """LABELMAP (Label Map Segmentation Storage, DICOM 2024): one frame a slice, each pixel its segment's number,
+    0 background. Its WMH segment is lesion (figures as the mask's file), else every segment but the ventricles;
+    8 bits, and 16 where a segment's number passes 255; without its empty frames. It was refused as of Segmentation
+    Type LABELMAP (and, of another SOP class, not known for a SEG)."""
+    folder, flair, prediction = phantom_case
+    wmh, other = rater_mask(flair, 3), np.zeros((7, 28, 40), np.uint8)
+    other[1:6, 20:24, 20:30] = 1
+    labels = np.where(wmh > 0, 2, np.where(other > 0, 1, 0)).astype(np.uint16)
+    seg = highdicom_seg(folder, tmp_path / "labelmap.dcm", {"Lateral ventricles": labels, "WMH": None}, kind="LABELMAP")
+    assert seg.SOPClassUID == io.LABEL_MAP_SEGMENTATION_STORAGE and int(seg.BitsAllocated) == 8
+    assert not any(item.get("SegmentIdentificationSequence") for item in seg.PerFrameFunctionalGroupsSequence)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "labelmap.dcm", flair)), wmh)
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "labelmap.dcm", "labelmap"),
+                  evaluated(tmp_path, prediction, as_file(wmh, flair, tmp_path / "wmh.nrrd"), "file"))
+    assert io.lesion_segment_names(tmp_path / "labelmap.dcm") == ["WMH"]
+    # no WMH segment: all but the ventricles (the background, segment 0, is none of them); 16 bits
+    labels16 = np.where(wmh > 0, 300, np.where(other > 0, 7, 0)).astype(np.uint16)
+    labels16[:, 0:3, 0:5] = 9
+    seg = highdicom_seg(folder, tmp_path / "sixteen.dcm", {"Lateral ventricles": labels16, "Edema": None,
+                                                           "lesion": None}, kind="LABELMAP", numbers=[7, 9, 300])
+    assert int(seg.BitsAllocated) == 16
+    assert io.lesion_segment_names(tmp_path / "sixteen.dcm") == ["Edema", "lesion"]
+    edema = (labels16 == 9).astype(np.uint8)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "sixteen.dcm", flair)), wmh | edema)
+
+
+def _rle_binary(source, out, packed: bool) -> None:
+    """The BINARY SEG `source` stored RLE Lossless by pydicom's RLE encoder (highdicom will not compress BINARY),
+    each frame as its bits packed (the first pixel in the lowest bit, as pydicom 3.1 does) or one byte a pixel
+    (vtk-dicom, dcmjs)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.encoders import RLELosslessEncoder
+    from pydicom.pixels.utils import pack_bits
+
+    ds = pydicom.dcmread(source)
+    frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns)
+    fragments = []
+    for frame in frames:
+        data = np.frombuffer(pack_bits(frame), np.uint8) if packed else frame.astype(np.uint8).ravel()
+        fragments.append(RLELosslessEncoder.encode(
+            data.tobytes(), rows=1, columns=data.size, samples_per_pixel=1, bits_allocated=8, bits_stored=8,
+            pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1))
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    ds.save_as(out, enforce_file_format=True)
+
+
+def test_rle_and_deflated_segs_read_as_the_same_mask(tmp_path, phantom_case):
+    """RLE Lossless (PS3.5 Annex G) and Deflated Explicit VR Little Endian SEGs, decoded by DeepWML itself: BINARY
+    (its 1-bit frames packed or a byte a pixel), FRACTIONAL and LABELMAP by highdicom, each read as the mask its
+    uncompressed one is, and as the mask's NRRD file; each was refused as of a transfer syntax DeepWML does not
+    decode."""
+    folder, flair, prediction = phantom_case
+    mask = rater_mask(flair, 4)
+    highdicom_seg(folder, tmp_path / "plain.dcm", {"WMH": mask})
+    _rle_binary(tmp_path / "plain.dcm", tmp_path / "packed.dcm", packed=True)
+    _rle_binary(tmp_path / "plain.dcm", tmp_path / "bytes.dcm", packed=False)
+    probability = np.where(mask > 0, 0.9, 0.0)
+    probability[:, 20:24, 20:30] = 0.3
+    highdicom_seg(folder, tmp_path / "fractional.dcm", {"WMH": probability}, kind="FRACTIONAL",
+                  syntax=pydicom.uid.RLELossless)
+    highdicom_seg(folder, tmp_path / "labelmap.dcm", {"WMH": mask * 1}, kind="LABELMAP", syntax=pydicom.uid.RLELossless)
+    ds = pydicom.dcmread(tmp_path / "plain.dcm")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert (tmp_path / "deflated.dcm").stat().st_size < (tmp_path / "plain.dcm").stat().st_size
+    for name in ("packed", "bytes", "fractional", "labelmap", "deflated"):
+        assert pydicom.dcmread(tmp_path / f"{name}.dcm").file_meta.TransferSyntaxUID != pydicom.uid.ExplicitVRLittleEndian
+        assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / f"{name}.dcm", flair)), mask), name
+    _same_figures(evaluated(tmp_path, prediction, tmp_path / "packed.dcm", "packed"),
+                  evaluated(tmp_path, prediction, as_file(mask, flair, tmp_path / "mask.nrrd"), "file"))
+
+
+def test_a_damaged_rle_or_deflated_seg_is_refused_naming_it(tmp_path, phantom_case):
+    """An RLE frame whose header gives 3 segments for an 8-bit frame, one cut short, a deflated data set cut
+    short: refused naming the file, never read as a mask of whatever came out."""
+    folder, flair, _ = phantom_case
+    mask = rater_mask(flair, 5)
+    highdicom_seg(folder, tmp_path / "rle.dcm", {"WMH": mask * 1}, kind="LABELMAP", syntax=pydicom.uid.RLELossless)
+    data = (tmp_path / "rle.dcm").read_bytes()
+    header = b"\x01\x00\x00\x00\x40\x00\x00\x00"
+    assert header in data
+    (tmp_path / "count.dcm").write_bytes(data.replace(header, b"\x03" + header[1:], 1))
+    with pytest.raises(DeepWMLError, match=r"count\.dcm: the DICOM Segmentation has RLE Lossless frame 1 damaged "
+                                           r"\(its RLE header gives 3 segments, not 1\)"):
+        io.read_mask(tmp_path / "count.dcm")
+    ds = pydicom.dcmread(tmp_path / "rle.dcm")
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    fragments = list(generate_fragments(ds.PixelData))[1:]  # (after the Basic Offset Table)
+    fragments[2] = fragments[2][:70]  # a frame cut short: its runs end before its pixels do
+    ds.PixelData = encapsulate(fragments)
+    ds.save_as(tmp_path / "short.dcm")
+    with pytest.raises(DeepWMLError, match=r"short\.dcm: the DICOM Segmentation has RLE Lossless frame 3 damaged"):
+        io.read_mask(tmp_path / "short.dcm")
+    highdicom_seg(folder, tmp_path / "plain.dcm", {"WMH": mask})
+    ds = pydicom.dcmread(tmp_path / "plain.dcm")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    (tmp_path / "cut.dcm").write_bytes((tmp_path / "deflated.dcm").read_bytes()[:-40])
+    with pytest.raises(DeepWMLError, match=r"cut\.dcm: the DICOM Segmentation is deflated, and its deflated data set "
+                                           r"is cut short"):
+        io.read_mask(tmp_path / "cut.dcm")
