@@ -5227,8 +5227,15 @@ def dicom_seg_file(path: str | os.PathLike) -> Path | None:
     if not series:  # a study exported as one folder per series
         series = [s for study in dicom_catalogue(p)[0] for s in study.series]
     segs = [s for s in series if s.modality == "SEG"]
-    if not segs:
-        return None
+    if not segs:  # a SEG the DICOM library's scan passes over (RLE-compressed 1-bit frames, a LABELMAP SEG)
+        try:
+            own = sorted(f for f in p.iterdir() if _looks_dicom(f.name) and f.is_file() and _is_dicom_seg_file(f))
+        except OSError:
+            return None
+        if len(own) > 1:
+            raise DeepWMLError(f"{p} holds {len(own)} DICOM Segmentation files ({', '.join(f.name for f in own)}); "
+                               "give the file of the one to read as the mask")
+        return own[0] if own else None
     if len(segs) > 1:
         raise DeepWMLError(f"{p} holds {len(segs)} DICOM Segmentation series ({'; '.join(s.label() for s in segs)}); "
                            "give the file of the one to read as the mask")
