@@ -225,8 +225,14 @@ BAD_INPUTS = [
      "ok: read by its segments and frames (Dice 1 against the mask it holds)"),
     ("a DICOM SEG given as the reference whose frames lie between the scan's slices (a frame moved half a slice)",
      "evaluate", 1, "has frames between slices"),
-    ("a DICOM SEG given as the reference stored compressed (RLE, JPEG 2000: DeepWML decodes uncompressed ones)",
-     "evaluate", 1, "which DeepWML does not decode; save it uncompressed"),
+    ("a DICOM SEG given as the reference stored compressed by JPEG 2000 (DeepWML decodes uncompressed, deflated and "
+     "RLE Lossless ones)", "evaluate", 1, "which DeepWML does not decode (it reads uncompressed, deflated and RLE "
+     "Lossless ones); save it uncompressed"),
+    ("a DICOM SEG given as the reference stored RLE Lossless (refused before as compressed)", "evaluate", 0,
+     "ok: decoded by DeepWML itself (Dice 1 against the mask it holds)"),
+    ("a DICOM SEG given as the reference of Segmentation Type LABELMAP (Label Map Segmentation Storage, DICOM 2024: "
+     "each pixel its segment's number; refused before)", "evaluate", 0,
+     "ok: its lesion segment's pixels read (Dice 1 against the mask it holds)"),
     ("a folder holding two DICOM SEGs given as the reference (two raters' outlines exported together: which one is "
      "meant is not known)", "evaluate", 1, "holds 2 DICOM Segmentation series"),
     ("change --dicom-seg with a DICOM follow-up without a Frame of Reference UID", "change", 1,
@@ -823,11 +829,13 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         made = dicom_seg.segmentation(flair, io.read_mask(p["truth"]), io.choose_dicom_series(source)[0],
                                       {"volume_ml": 0.0, "lesion_count": 0})
         (tmp / "in" / "seg").mkdir()
-        if "compressed" in row_id:  # (its file meta says RLE Lossless: its pixels are not looked at)
-            rle = made.data.replace(b"1.2.840.10008.1.2.1\0", b"1.2.840.10008.1.2.5\0", 1)
-            return ["evaluate", "--prediction", str(p["truth"]), "--reference",
-                    str(io.write_bytes(rle, tmp / "in" / "seg" / "rater.dcm"))]
+        if "compressed by JPEG 2000" in row_id:  # (its file meta says JPEG 2000 Lossless: its pixels are not looked at)
+            io.write_bytes(made.data, tmp / "in" / "seg" / "rater.dcm")
+            relabel_transfer_syntax(tmp / "in" / "seg", "1.2.840.10008.1.2.4.90", names=["rater.dcm"])
+            return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg" / "rater.dcm")]
         io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
+        if "RLE Lossless (" in row_id or "LABELMAP" in row_id:
+            _recoded_seg(tmp / "in" / "seg" / "IM0001", "LABELMAP" in row_id)
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
                 str(tmp / "e.json")]
     if row_id == "change --dicom-seg with a DICOM follow-up without a Frame of Reference UID":
@@ -1006,6 +1014,41 @@ def _hashes(folder: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
+def _recoded_seg(path, labelmap: bool) -> None:
+    """DeepWML's BINARY SEG at `path` rewritten by pydicom: its frames RLE Lossless (pydicom's encoder, each
+    frame's bits packed), or as a LABELMAP SEG element by element (SOP class, Segmentation Type, 8 bits a pixel,
+    each its segment's number, no Segment Identification, segment 0 the background)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.encoders import RLELosslessEncoder
+    from pydicom.pixels.utils import pack_bits
+
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array.reshape(int(ds.NumberOfFrames), ds.Rows, ds.Columns).astype(np.uint8)
+    if labelmap:
+        numbers = [int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                   for g in ds.PerFrameFunctionalGroupsSequence]
+        assert len(ds.SegmentSequence) == 1 and set(numbers) == {1}  # (one segment: a frame a slice)
+        for group in ds.PerFrameFunctionalGroupsSequence:
+            del group.SegmentIdentificationSequence
+        background = pydicom.Dataset()
+        background.SegmentNumber, background.SegmentLabel, background.SegmentAlgorithmType = 0, "Background", "MANUAL"
+        ds.SegmentSequence.insert(0, background)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = io.LABEL_MAP_SEGMENTATION_STORAGE
+        ds.SegmentationType, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "LABELMAP", 8, 8, 7
+        ds.PixelData = frames.tobytes()
+        ds["PixelData"].VR = "OB"
+    else:
+        fragments = [RLELosslessEncoder.encode(
+            pack_bits(frame), rows=1, columns=len(pack_bits(frame)), samples_per_pixel=1, bits_allocated=8,
+            bits_stored=8, pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1)
+            for frame in frames]
+        ds.PixelData = encapsulate(fragments)
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.mark.parametrize("row_id,command,exit_code,words", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
 def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch):
     import torch
@@ -1165,7 +1208,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert report["followup_volume_ml"] > 0 and report["followup_volume_ml"] == pytest.approx(report["baseline_volume_ml"])
     if row_id in ("reference storing the same grid in another voxel order", "two-valued 0/255 reference") \
             or row_id.startswith(("reference saved cropped to its lesions", "a float mask whose lesion value is 1 but",
-                                  "a DICOM SEG given as the reference (")):
+                                  "a DICOM SEG given as the reference (",
+                                  "a DICOM SEG given as the reference stored RLE",
+                                  "a DICOM SEG given as the reference of Segmentation Type LABELMAP")):
         assert json.loads((tmp / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
 
 

@@ -339,7 +339,8 @@ def _rle_binary(source, out, packed: bool) -> None:
     for frame in frames:
         data = np.frombuffer(pack_bits(frame), np.uint8) if packed else frame.astype(np.uint8).ravel()
         fragments.append(RLELosslessEncoder.encode(
-            data.tobytes(), rows=1, columns=data.size, samples_per_pixel=1, bits_allocated=8, bits_stored=8,
+            data.tobytes(), rows=1 if packed else frame.shape[0], columns=data.size if packed else frame.shape[1],
+            samples_per_pixel=1, bits_allocated=8, bits_stored=8,
             pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1))
     ds.PixelData = encapsulate(fragments)
     ds["PixelData"].VR = "OB"
