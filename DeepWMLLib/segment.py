@@ -1098,7 +1098,8 @@ def check_earlier_result(out_dir: Path, case: str, path: Path, report_path: Path
                            f"--overwrite to replace it with this run's, or another OUTDIR to keep both")
     listed = earlier.get("outputs")
     if isinstance(listed, list):  # its mask and segmentation, in whatever --output-format it was given
-        required = [n for n in listed if isinstance(n, str) and (n == f"{case}.seg.nrrd" or n.startswith(f"{case}_wmh"))]
+        # (not its DICOM SEG, CASE_wmh_seg.dcm: an optional output, which a rerun asking for it makes again)
+        required = [n for n in listed if isinstance(n, str) and (n == f"{case}.seg.nrrd" or n.startswith(f"{case}_wmh."))]
         missing = [n for n in required if not (out_dir / n).exists()]
     else:  # an older report: its mask in some format
         missing = [] if any((out_dir / n).exists() for n in mask_names) else [mask_names[0]]
@@ -1293,6 +1294,17 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
                                        [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
                                                                for e in io.OUTPUT_EXTENSIONS],
                                        planned, study, series)
+        missing = [key for key in ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
+        if missing:  # asked for now, not made then (or deleted since): made from the saved mask
+            def networks(image):
+                from .inference import progress_part
+
+                return segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
+                                     batch_size, progress_part(progress, READING_SHARE, SEGMENTING_SHARE), cancel,
+                                     backend, brain_model, precision, ventricle_model, checked=True,
+                                     grid_phases=grid_phases, brain_gate=brain_gate)
+
+            return add_outputs(case, path, out_dir, paths, missing, earlier, study, networks, progress, cancel)
         row = {"case": case, "input": str(path), "status": "skipped", "error": skip_message(existing, earlier)}
         try:  # the earlier result stays in summary.csv, which this run writes anew
             row.update({key: value for key, value in summary_row(case, path, earlier).items()
@@ -1389,6 +1401,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         report["input_absolute"] = str(path.resolve())
         report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
         report["outputs"] = sorted(p.name for p in paths.values())
+        report["mask_sha256"] = mask_digest(result.mask)  # a rerun adding outputs checks the saved mask against it
         tell(SEGMENTING_SHARE + 0.05, "writing the mask")  # a second or more each on a large scan
         io.write_image(result.mask, paths["mask"], time_axis, geometry)
         tell(SEGMENTING_SHARE + 0.07, "writing the segmentation")
@@ -1414,6 +1427,207 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         io.write_text(json.dumps(report, indent=1), paths["report"])
     tell(1.0, "done")
     return summary_row(case, path, report)
+
+
+# The optional outputs a rerun into the same OUTDIR adds to a case done before, when asked for now and not there
+# (add_outputs): drawn or written from the saved mask, or (the maps) from the networks run again.
+ADDABLE_OUTPUTS = ("qc", "dicom_outline", "dicom_seg", "probabilities", "brain", "ventricles")
+NETWORK_OUTPUTS = ("probabilities", "brain", "ventricles")  # the networks' maps: only a new run makes them
+ADDED = "added"  # summary.csv's status of a case done before whose missing outputs this run added
+
+
+def mask_digest(mask) -> str:
+    """The report's `mask_sha256`: the first 24 hex digits of the SHA-256 of the mask's voxels (uint8, in the
+    numpy order k, j, i) and their shape: what tells the saved mask from one edited since (add_outputs). Of the
+    voxels, not the file: a mask opened and saved again unchanged (another compression, another header) is the
+    same mask."""
+    import hashlib
+
+    from .volume import voxels
+
+    array = np.ascontiguousarray(voxels(mask), dtype=np.uint8)
+    digest = hashlib.sha256(repr(array.shape).encode("ascii"))
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:24]
+
+
+def _saved_output(out_dir: Path, case: str, earlier: dict, kind: str, current: Path | None) -> Path | None:
+    """The file of a case's image output of `kind` ("wmh", "ventricles") an earlier run wrote, in whatever
+    --output-format: the one its report lists (an older report without a list: any there), `current` (this run's
+    name of it) first; None when there is none."""
+    listed = earlier.get("outputs") if isinstance(earlier.get("outputs"), list) else None
+    names = [f"{case}_{kind}{extension}" for extension in io.OUTPUT_EXTENSIONS]
+    if listed is not None:
+        names = [name for name in names if name in listed]
+    if current is not None and current.name in names:
+        names.remove(current.name)
+        names.insert(0, current.name)
+    return next((out_dir / name for name in names if (out_dir / name).is_file()), None)
+
+
+def _saved_mask(file: Path, image, what: str = "mask"):
+    """A saved mask of a case (CASE_wmh, CASE_ventricles) read and checked to lie on the scan's grid, as `image`'s
+    kind (a Volume or a SimpleITK image) on its very geometry: else a DeepWMLError naming it."""
+    from .volume import Volume, like, voxels
+
+    try:
+        mask = io.read_mask(file)
+    except DeepWMLError as exc:
+        raise DeepWMLError(f"the saved {what} {file.name} cannot be used ({exc}); rerun with --overwrite to segment the "
+                           "case again") from exc
+    difference = io.grid_difference(mask, image)
+    if difference:
+        raise DeepWMLError(f"the saved {what} {file.name} is not on the scan's grid ({difference}): it was replaced or "
+                           "resampled since the run that made it; rerun with --overwrite to segment the case again (or "
+                           "move that file away first to keep it)")
+    array = np.array(voxels(mask), dtype=np.uint8)
+    if array.max(initial=0) > 1:
+        raise DeepWMLError(f"the saved {what} {file.name} holds labels other than 0 and 1 (up to {int(array.max())}), "
+                           "so it is not the one DeepWML wrote; rerun with --overwrite to segment the case again")
+    return like(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                Volume if isinstance(image, Volume) else None)
+
+
+def _check_unedited(mask, file: Path, earlier: dict) -> str:
+    """The saved mask's digest (mask_digest), checked against what its report records (`mask_sha256`; a report of
+    an older version without it: its lesions' voxels, counted): a mask edited since is refused, since the outputs
+    added would draw or describe it with the report's figures, which are not its own."""
+    from .volume import voxels
+
+    digest = mask_digest(mask)
+    recorded = earlier.get("mask_sha256")
+    if isinstance(recorded, str):
+        edited = recorded != digest
+        how = "its voxels differ from those its report records (mask_sha256)"
+    else:
+        lesions = earlier.get("lesions")
+        counted = (sum(int(lesion["voxels"]) for lesion in lesions)
+                   if isinstance(lesions, list) and all(isinstance(l, dict) and "voxels" in l for l in lesions) else None)
+        marked = int(np.count_nonzero(voxels(mask)))
+        edited = counted is not None and counted != marked
+        how = f"it marks {marked} voxels, its report's lesions {counted}"
+    if edited:
+        raise DeepWMLError(f"{file.name} was changed since the run that made it ({how}): the outputs asked for would "
+                           "show it with the report's figures, which are not its own; rerun with --overwrite to segment "
+                           "the case again (move your edited mask elsewhere first to keep it), or ask for them in "
+                           "another OUTDIR")
+    return digest
+
+
+def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list[str], earlier: dict, study, networks,
+                progress=None, cancel=None) -> dict:
+    """Make the outputs of a case done before that this run asks for and its OUTDIR lacks (`missing`, keys of
+    `paths` among ADDABLE_OUTPUTS), from the earlier run's saved mask, the file the user has, checked first: on
+    the scan's grid (read again), unedited (_check_unedited). The QC picture, the DICOM outline series and the
+    DICOM SEG are drawn from it and the report's figures; the networks' maps (a probability map, a brain or
+    ventricle mask, and the ventricles the QC picture outlines when the run had a ventricle model and did not save
+    them) only come from the networks: `networks(image)` (segment_image with the run's settings, which are the
+    earlier run's) runs them again, and its mask must be the saved mask, voxel for voxel, else the maps would not
+    be of it (another device or precision). The files there stay as they are; the report (read before, `earlier`)
+    is rewritten listing the new outputs (`outputs`, and `outputs_added`) first, then they are written: stopped
+    part way (Ctrl-C, a full disk), the new files go and the earlier report is put back (whole_or_none's rule: the
+    case as it was); killed outright, the report lists an optional output not there, which the next run asking for
+    it makes. Returns the summary row, status ADDED, its `error` saying what was added."""
+    from .volume import voxels
+
+    tell = progress or (lambda fraction, message: None)
+    mask_file = _saved_output(out_dir, case, earlier, "wmh", paths["mask"])
+    if mask_file is None:  # check_earlier_result found it: gone since
+        raise DeepWMLError(f"the mask of {case!r} is not in {out_dir}; rerun with --overwrite to segment the case again")
+    chosen = None
+    if path.is_dir():  # the series the earlier run read (its UID), among the study's
+        uid = (earlier.get("dicom_series") or {}).get("uid")
+        chosen = io.choose_dicom_series(path, uid, candidates=study.series if study else None, strict=bool(study))
+    with reading_progress(tell, cancel) as reading:
+        image = io.read_image(path, light=True, series=chosen[0] if chosen else None, reading=reading)
+    tell(READING_SHARE, f"reading the saved {mask_file.name}")
+    mask = _saved_mask(mask_file, image)
+    digest = _check_unedited(mask, mask_file, earlier)
+    report = dict(earlier)
+    ventricles = None
+    if "qc" in missing and report.get("location"):  # the QC outlines the ventricles the split measured from
+        saved = _saved_output(out_dir, case, earlier, "ventricles", paths.get("ventricles"))
+        ventricles = _saved_mask(saved, image, "ventricle mask") if saved is not None else None
+    rerun = [key for key in missing if key in NETWORK_OUTPUTS] or (
+        ["qc"] if "qc" in missing and report.get("location") and ventricles is None else [])
+    result = None
+    if rerun:
+        result = networks(image)
+        differ = int(np.count_nonzero(voxels(result.mask) != voxels(mask)))
+        if differ:
+            raise DeepWMLError(f"the networks run again to make {', '.join(paths[k].name for k in rerun)} give a mask "
+                               f"that differs from the saved {mask_file.name} in {differ} voxels (another device, "
+                               "backend or precision than the earlier run's?), so those maps would not be of it; rerun "
+                               "with --overwrite to segment the case again")
+        if "brain" in missing and result.brain is None:
+            raise DeepWMLError("--save-brain-mask needs a brain-mask model; none is shipped or given (--brain-model)")
+        if ventricles is None:
+            ventricles = result.ventricles
+    instances = dicom_instances(chosen[0], mask) if chosen else None
+    made = {}  # what is written, by key: (how, what)
+    if "qc" in missing:
+        from .qc import png_bytes, render
+
+        tell(SEGMENTING_SHARE + 0.02, "drawing the QC picture")
+        made["qc"] = png_bytes(render(image, mask, title=picture_title(case, report), ventricles=ventricles,
+                                      slice_labels=instances))
+    if "dicom_outline" in missing:
+        from .dicom_outline import check_outline_folder, outline_series
+
+        check_outline_folder(paths["dicom_outline"], False)
+        tell(SEGMENTING_SHARE + 0.04, "making the DICOM outline")
+        made["dicom_outline"] = outline_series(image, mask, chosen[0], report)
+        report["dicom_outline"] = {"folder": paths["dicom_outline"].name,
+                                   "series_uid": made["dicom_outline"].series_uid,
+                                   "series_number": made["dicom_outline"].series_number,
+                                   "images": len(made["dicom_outline"].images)}
+    if "dicom_seg" in missing:
+        from .dicom_seg import segmentation
+
+        tell(SEGMENTING_SHARE + 0.045, "making the DICOM SEG")
+        made["dicom_seg"] = segmentation(image, mask, chosen[0], report)
+        report["dicom_seg"] = made["dicom_seg"].as_dict(paths["dicom_seg"].name)
+    added = sorted(paths[key].name for key in missing)
+    listed = earlier.get("outputs")
+    if not isinstance(listed, list):  # a report of an older version: what of its run is there
+        listed = [p.name for p in _possible_outputs(out_dir, case) if p.exists()]
+    report["outputs"] = sorted(set(listed) | set(added))
+    report["outputs_added"] = sorted(set(report.get("outputs_added") or []) | set(added))
+    report["mask_sha256"] = digest
+    time_axis = io.read_time_axis(path) if result is not None else None
+    geometry = io.read_nifti_geometry(path) if result is not None else None
+    before = paths["report"].read_bytes()
+    new = {key: paths[key] for key in missing}
+    try:
+        with whole_or_none(new):
+            io.write_text(json.dumps(report, indent=1), paths["report"])  # first: the outputs it lists (see above)
+            for key in missing:
+                tell(SEGMENTING_SHARE + 0.05, f"writing {paths[key].name}")
+                if key in ("qc",):
+                    io.write_bytes(made[key], paths[key])
+                elif key == "dicom_outline":
+                    from .dicom_outline import write_outline_series
+
+                    write_outline_series(made[key], paths[key])
+                elif key == "dicom_seg":
+                    io.write_bytes(made[key].data, paths[key])
+                else:
+                    image_of = {"probabilities": result.probabilities, "brain": result.brain,
+                                "ventricles": result.ventricles}[key]
+                    if image_of is None:
+                        raise DeepWMLError(ventricle_model_needed())
+                    io.write_image(image_of, paths[key], time_axis, geometry)
+    except BaseException:
+        with contextlib.suppress(OSError, DeepWMLError):  # the case as it was: its earlier report back
+            io.write_bytes(before, paths["report"])
+        raise
+    tell(1.0, "done")
+    how = f"from the saved {mask_file.name}" + (
+        f"; the networks were run again for {', '.join(paths[k].name for k in rerun) if rerun != ['qc'] else 'the ventricles the QC picture outlines'}"
+        " (their mask is the saved one)" if rerun else "")
+    row = summary_row(case, path, report)
+    row.update(status=ADDED, error=f"added {', '.join(added)} {how}; the result is the earlier run's")
+    return row
 
 
 def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
@@ -1828,15 +2042,18 @@ def batch_total(rows: Sequence[dict], noun: str, summary: Path) -> str:
     rerun that only skipped does not read as all done."""
     done = sum(r["status"] == "ok" for r in rows)
     failed = sum(r["status"] == "error" for r in rows)
-    return f"{done}/{len(rows)} {noun} done ({failed} failed, {len(rows) - done - failed} skipped), summary in {summary}"
+    added = sum(r["status"] == ADDED for r in rows)  # done before, outputs added: said only when there are such
+    more = f", {added} done before with outputs added" if added else ""
+    return (f"{done}/{len(rows)} {noun} done ({failed} failed, {len(rows) - done - failed - added} skipped{more}), "
+            f"summary in {summary}")
 
 
 def summary_seconds(row: dict) -> float | None:
     """summary.csv's seconds for a case's row: None (empty) for a case skipped, which this run did not segment (done
-    before, a label mask found, left to another run), else its time, a failed case's until it failed (a mask or a
+    before, a label mask found, left to another run), or done before with outputs added (ADDED), else its time, a failed case's until it failed (a mask or a
     study without a FLAIR made an error at the end of the run keeps its): `deepwml segment` and the batch script
     alike."""
-    return None if row.get("status") == "skipped" else row.get("seconds")
+    return None if row.get("status") in ("skipped", ADDED) else row.get("seconds")
 
 
 def write_summary(rows: Sequence[dict], path: Path) -> None:

@@ -207,6 +207,151 @@ def test_existing_outputs_kept_unless_overwrite(tmp_path, tiny_model):
     assert (out / "other_wmh.mha").read_bytes() == b"another case's"
 
 
+def _no_networks(monkeypatch):
+    """segment_image made to fail: a rerun that adds outputs from the saved mask must not run the networks."""
+    from DeepWMLLib import segment
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the networks were run")
+
+    monkeypatch.setattr(segment, "segment_image", refused)
+
+
+def test_a_rerun_asking_for_the_qc_picture_adds_it_from_the_saved_mask(tmp_path, tiny_model, monkeypatch, capsys):
+    """A case done before, rerun with --qc: only CASE_qc.png is made, from the saved mask and the report (no network
+    run), the mask, segmentation and other files left byte for byte, the report listing the picture; the summary's
+    status `added`, saying what was added; the picture the one a full --qc run draws. A rerun with nothing missing
+    is skipped as before."""
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith("c")}
+    report = json.loads(before["c_report.json"])
+    assert report["mask_sha256"] and sorted(report["outputs"]) == ["c.seg.nrrd", "c_report.json", "c_wmh.nii.gz"]
+    with monkeypatch.context() as patched:
+        _no_networks(patched)
+        capsys.readouterr()
+        assert main(args + ["--qc"]) == 0
+    err = capsys.readouterr().err
+    assert (out / "c_qc.png").is_file()
+    for name, data in before.items():
+        if name != "c_report.json":
+            assert (out / name).read_bytes() == data, name
+    added = json.loads((out / "c_report.json").read_text(encoding="utf-8"))
+    assert added["outputs"] == ["c.seg.nrrd", "c_qc.png", "c_report.json", "c_wmh.nii.gz"]
+    assert added["outputs_added"] == ["c_qc.png"]
+    assert {k: v for k, v in added.items() if k not in ("outputs", "outputs_added")} == \
+        {k: v for k, v in report.items() if k != "outputs"}
+    row = read_summary(out)[0]
+    assert row["status"] == "added" and row["error"].startswith("added c_qc.png from the saved c_wmh.nii.gz")
+    assert row["volume_ml"] == str(report["volume_ml"]) and row["seconds"] == ""
+    assert "c: added - added c_qc.png" in err
+    assert "0/1 cases done (0 failed, 0 skipped, 1 done before with outputs added)" in err
+    # nothing missing now: skipped as before, nothing written
+    picture = (out / "c_qc.png").read_bytes()
+    with monkeypatch.context() as patched:
+        _no_networks(patched)
+        assert main(args + ["--qc"]) == 0
+    assert read_summary(out)[0]["status"] == "skipped" and (out / "c_qc.png").read_bytes() == picture
+    # the picture is the one a full run draws of that mask
+    assert main(["segment", str(path), "-o", str(tmp_path / "full"), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--qc"]) == 0
+    assert (tmp_path / "full" / "c_wmh.nii.gz").read_bytes() == before["c_wmh.nii.gz"]
+    assert (tmp_path / "full" / "c_qc.png").read_bytes() == picture
+
+
+def test_a_rerun_adding_a_probability_map_runs_the_networks_and_keeps_the_saved_mask(tmp_path, tiny_model):
+    """--save-probabilities asked for a case done without it: the networks run again (only they make the map), their
+    mask checked to be the saved one; the saved files stay byte for byte; the row says the networks ran."""
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    mask = (out / "c_wmh.nii.gz").read_bytes()
+    assert main(args + ["--save-probabilities", "--qc"]) == 0
+    assert (out / "c_prob.nii.gz").is_file() and (out / "c_qc.png").is_file()
+    assert (out / "c_wmh.nii.gz").read_bytes() == mask
+    row = read_summary(out)[0]
+    assert row["status"] == "added" and "the networks were run again for c_prob.nii.gz" in row["error"]
+    report = json.loads((out / "c_report.json").read_text(encoding="utf-8"))
+    assert report["outputs_added"] == ["c_prob.nii.gz", "c_qc.png"]
+    probabilities = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c_prob.nii.gz")))
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "c_wmh.nii.gz")))
+    assert probabilities.shape == saved.shape and probabilities.max() <= 1
+
+
+def test_a_saved_mask_replaced_or_edited_is_not_given_new_outputs(tmp_path, tiny_model, monkeypatch):
+    """The outputs added are made from the saved mask only when it is the one the run wrote: a mask of another grid
+    is an error naming it and the difference, one edited since (its voxels not those its report records) an error
+    saying so; both suggest --overwrite, and nothing is written (the report as it was)."""
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    report = (out / "c_report.json").read_bytes()
+    saved = sitk.ReadImage(str(out / "c_wmh.nii.gz"))
+    other = sitk.Image([40, 32, 4], sitk.sitkUInt8)
+    other.SetSpacing(saved.GetSpacing())
+    sitk.WriteImage(other, str(out / "c_wmh.nii.gz"))
+    _no_networks(monkeypatch)
+    assert main(args + ["--qc"]) == 1
+    row = read_summary(out)[0]
+    assert row["status"] == "error"
+    assert "the saved mask c_wmh.nii.gz is not on the scan's grid (size (40, 32, 4) vs (32, 32, 4)" in row["error"]
+    assert "--overwrite" in row["error"]
+    assert not (out / "c_qc.png").exists() and (out / "c_report.json").read_bytes() == report
+    edited = sitk.GetArrayFromImage(saved)
+    edited[0, 0, 0] = 1 - edited[0, 0, 0]  # a voxel marked or cleared by hand
+    again = sitk.GetImageFromArray(edited)
+    again.CopyInformation(saved)
+    sitk.WriteImage(again, str(out / "c_wmh.nii.gz"))
+    assert main(args + ["--qc"]) == 1
+    row = read_summary(out)[0]
+    assert "c_wmh.nii.gz was changed since the run that made it" in row["error"] and "--overwrite" in row["error"]
+    assert not (out / "c_qc.png").exists() and (out / "c_report.json").read_bytes() == report
+    # a report of an older version, without mask_sha256: the lesions' voxels tell
+    older = json.loads(report)
+    del older["mask_sha256"]
+    (out / "c_report.json").write_text(json.dumps(older), encoding="utf-8")
+    assert main(args + ["--qc"]) == 1
+    assert "c_wmh.nii.gz was changed since the run that made it (it marks" in read_summary(out)[0]["error"]
+    sitk.WriteImage(saved, str(out / "c_wmh.nii.gz"))  # the mask as written: the picture is added
+    assert main(args + ["--qc"]) == 0
+    assert read_summary(out)[0]["status"] == "added" and (out / "c_qc.png").is_file()
+
+
+def test_adding_outputs_stopped_part_way_leaves_the_case_as_it_was(tmp_path, tiny_model, monkeypatch):
+    """Stopped while the outputs asked for are written (Ctrl-C, a full disk): the files added so far go and the
+    earlier report is put back byte for byte, so that the next run adds them again (whole_or_none's rule)."""
+    from DeepWMLLib import io as deepwml_io
+
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    report = (out / "c_report.json").read_bytes()
+    write_bytes = deepwml_io.write_bytes
+
+    def stopped(data, target):
+        if str(target).endswith("_qc.png"):
+            write_bytes(data, target)
+            raise KeyboardInterrupt
+        return write_bytes(data, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(deepwml_io, "write_bytes", stopped)
+        assert main(args + ["--qc"]) == 130  # interrupted
+    assert not (out / "c_qc.png").exists() and (out / "c_report.json").read_bytes() == report
+    assert main(args + ["--qc"]) == 0 and (out / "c_qc.png").is_file()
+    # killed outright after the report was rewritten (it is written first), before the picture: the report lists a
+    # picture not there, which the next run asking for it makes
+    (out / "c_qc.png").unlink()
+    assert main(args) == 0 and read_summary(out)[0]["status"] == "skipped"  # not asked for: as a picture deleted
+    assert main(args + ["--qc"]) == 0 and (out / "c_qc.png").is_file()
+    assert read_summary(out)[0]["status"] == "added"
+
+
 def test_outdir_inside_the_input_folder_does_not_turn_outputs_into_cases(tmp_path, tiny_model):
     """-o the input folder itself: a rerun skips the case (its outputs exist) instead of segmenting its
     own mask, probability map and .seg.nrrd as new scans; an image merely named like an output, without

@@ -438,6 +438,53 @@ def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(
         assert "incomplete set of outputs (flair_wmh_seg.dcm" in next(csv.DictReader(f))["error"]
 
 
+def test_a_rerun_asking_for_the_seg_and_outline_of_an_export_adds_them_from_the_saved_mask(tmp_path, tiny_model,
+                                                                                           monkeypatch):
+    """A PACS export segmented without --dicom-seg, rerun with it and --dicom-outline: the SEG and the outline series
+    are made from the saved mask, no network run (the SEG's frames are the saved mask's slices), the mask and
+    segmentation untouched, the report listing and describing both, the row `added`; the SEG deleted later is made
+    again by a rerun asking for it (it is no part of the result a rerun requires)."""
+    from DeepWMLLib import segment
+
+    export = tmp_path / "export"
+    source_series(export / "patientA" / "flair", direction=rotation(0.12, -0.08, 0.3))
+    out = tmp_path / "out"
+    args = ["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    kept = {name: (out / name).read_bytes() for name in ("patientA_flair_wmh.nrrd", "patientA_flair.seg.nrrd")}
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the networks were run")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(segment, "segment_image", refused)
+        assert main(args + ["--dicom-seg", "--dicom-outline"]) == 0
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data, name
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "added"
+    assert row["error"].startswith("added patientA_flair_outline_dicom, patientA_flair_wmh_seg.dcm from the saved "
+                                   "patientA_flair_wmh.nrrd")
+    report = json.loads((out / "patientA_flair_report.json").read_text(encoding="utf-8"))
+    assert {"patientA_flair_wmh_seg.dcm", "patientA_flair_outline_dicom"} <= set(report["outputs"])
+    assert report["dicom_seg"]["frames"] == 7 and report["dicom_outline"]["images"] == 7
+    ds = pydicom.dcmread(out / "patientA_flair_wmh_seg.dcm")
+    assert ds.SOPInstanceUID == report["dicom_seg"]["sop_instance_uid"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "patientA_flair_wmh.nrrd")))
+    assert np.array_equal(frames_of(ds), mask) and mask.any()
+    assert f"{report['volume_ml']:.2f} ml" in ds.SegmentSequence[0].SegmentDescription
+    assert len(list((out / "patientA_flair_outline_dicom").glob("IM*.dcm"))) == 7
+    # nothing missing: skipped
+    assert main(args + ["--dicom-seg", "--dicom-outline"]) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["status"] == "skipped"
+    # the SEG deleted (it was required as if it were the mask: "deleted? rerun with --overwrite"): made again
+    (out / "patientA_flair_wmh_seg.dcm").unlink()
+    assert main(args + ["--dicom-seg"]) == 0
+    assert np.array_equal(frames_of(pydicom.dcmread(out / "patientA_flair_wmh_seg.dcm")), mask)
+
+
 def test_a_seg_written_inside_the_export_leaves_the_case_as_it_was(tmp_path, tiny_model):
     """-o inside a PACS export with --dicom-seg: the SEG joins the study on disk (Modality SEG, never a FLAIR
     candidate), yet the next run finds the same case, whose outputs exist: skipped."""
