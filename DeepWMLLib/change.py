@@ -1065,7 +1065,7 @@ def _run(args) -> int:
 def _run_cohort(args) -> int:
     from .errors import case_error
     from .evaluation import plain_name, read_manifest, report_failed_cases
-    from .segment import batch_total
+    from .segment import ADDED, batch_total
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
@@ -1090,8 +1090,14 @@ def _run_cohort(args) -> int:
         try:
             if earlier and not args.overwrite and report_path.is_file():  # done before: resumable, if it is this pair
                 done = check_done_pair(out, case, entry, report_path, args, loaded)
-                rows.append({**_summary_row(entry["case"], done), "status": "skipped", "error": _skip_message(done)})
-                print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
+                added = add_pair_outputs(out, case, entry, done, args)  # asked for now, not made then: made now
+                if added:
+                    report, how = added
+                    rows.append({**_summary_row(entry["case"], report), "status": ADDED, "error": how})
+                    print(f"{entry['case']}: {ADDED} - {how}", file=sys.stderr)
+                else:
+                    rows.append({**_summary_row(entry["case"], done), "status": "skipped", "error": _skip_message(done)})
+                    print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
                 _write_summary(rows, out)
                 continue
             if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
@@ -1268,6 +1274,93 @@ def _skip_message(done: dict) -> str:
     return message
 
 
+def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tuple[dict, str] | None:
+    """For a pair done before (its report `done`, checked: check_done_pair), the optional outputs this run asks for
+    and OUTDIR lacks (`--qc`'s picture; for a DICOM follow-up `--dicom-outline`'s series and `--dicom-seg`'s SEG),
+    made from its saved change label map (CASE_change, the result the user has; nothing segmented or registered
+    again) and the report's figures, as segment.add_outputs adds a case's: the label map checked to lie on the
+    follow-up's grid and to be the one the run wrote (`labels_sha256`, recorded since; a report of an earlier
+    version: its labels only checked to be calls), the files there left as they are, the report rewritten listing
+    the new outputs (segment.write_added). Returns (the report, the row's words on what was added), or None when
+    nothing is missing (a pair without any lesion has no SEG to add)."""
+    from .segment import mask_digest, write_added
+
+    followup_path = Path(entry["followup"])
+    dicom = followup_path.is_dir()
+    wanted = {"qc": out / f"{case}_change_qc.png"} if args.qc else {}
+    if dicom and getattr(args, "dicom_outline", False):
+        wanted["dicom_outline"] = outline_path(out, case)
+    if dicom and getattr(args, "dicom_seg", False):
+        wanted["dicom_seg"] = seg_path(out, case)
+    missing = {key: path for key, path in wanted.items() if not path.exists()}
+    if not missing:
+        return None
+    listed = done.get("outputs") if isinstance(done.get("outputs"), list) else None
+    names = [f"{case}_change{extension}" for extension in io.OUTPUT_EXTENSIONS]
+    found = [out / name for name in names if (listed is None or name in listed) and (out / name).is_file()]
+    if not found:
+        raise DeepWMLError(f"the change label map of pair {case!r} is not in {out}; rerun with --overwrite to redo the pair")
+    labels_file = found[0]
+    chosen = None
+    if dicom:  # the series the earlier run read, by its UID
+        uid = ((done.get("dicom_series") or {}).get("follow-up") or {}).get("uid")
+        chosen = io.choose_dicom_series(followup_path, uid)
+    followup = io.read_image(followup_path, series=chosen[0] if chosen else None)
+    try:
+        labels = io.read_mask(labels_file)
+    except DeepWMLError as exc:
+        raise DeepWMLError(f"the saved change label map {labels_file.name} cannot be used ({exc}); rerun with "
+                           "--overwrite to redo the pair") from exc
+    difference = io.grid_difference(labels, followup)
+    if difference:
+        raise DeepWMLError(f"the saved change label map {labels_file.name} is not on the follow-up's grid ({difference}): "
+                           "it was replaced or resampled since the run that made it; rerun with --overwrite to redo the pair")
+    labels.CopyInformation(followup)  # on its very geometry (within io's tolerance already)
+    values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) - {0}
+    digest = mask_digest(labels)
+    recorded = done.get("labels_sha256")
+    if (isinstance(recorded, str) and recorded != digest) or not values <= set(LABELS):
+        raise DeepWMLError(f"{labels_file.name} was changed since the run that made it (its labels differ from those its "
+                           "report records): the outputs asked for would show it with the report's figures, which are "
+                           "not its own; rerun with --overwrite to redo the pair, or ask for them in another OUTDIR")
+    report = dict(done)
+    made = {}
+    if "qc" in missing:
+        made["qc"] = change_picture(followup, labels, picture_title(case, report))
+    if "dicom_outline" in missing:
+        from .dicom_outline import check_outline_folder
+
+        check_outline_folder(missing["dicom_outline"], False)
+        made["dicom_outline"] = change_outline(followup, labels, chosen[0], report)
+        report["dicom_outline"] = {"folder": missing["dicom_outline"].name,
+                                   "series_uid": made["dicom_outline"].series_uid,
+                                   "series_number": made["dicom_outline"].series_number,
+                                   "images": len(made["dicom_outline"].images)}
+    if "dicom_seg" in missing:
+        made["dicom_seg"] = change_seg(followup, labels, chosen[0], report)
+        if made["dicom_seg"] is None:  # no lesion in either scan: no SEG to make (the report says so when asked)
+            del missing["dicom_seg"], made["dicom_seg"]
+        else:
+            report["dicom_seg"] = made["dicom_seg"].as_dict(missing["dicom_seg"].name)
+    if not missing:
+        return None
+    added = sorted(path.name for path in missing.values())
+    report["outputs"] = sorted(set(listed or []) | set(added))
+    report["outputs_added"] = sorted(set(report.get("outputs_added") or []) | set(added))
+    report["labels_sha256"] = digest
+
+    def write(key: str, target: Path) -> None:
+        if key == "dicom_outline":
+            from .dicom_outline import write_outline_series
+
+            write_outline_series(made[key], target)
+        else:
+            io.write_bytes(made[key] if key == "qc" else made[key].data, target)
+
+    write_added(out / f"{case}_change.json", report, missing, write)
+    return report, f"added {', '.join(added)} from the saved {labels_file.name}; the result is the earlier run's"
+
+
 def _summary_row(case: str, report: dict) -> dict:
     return {**{k: report.get(k) for k in SUMMARY_COLUMNS}, "case": case,
             "correlation": report.get("registration", {}).get("correlation"),
@@ -1357,7 +1450,7 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
         if seg else None
     if seg and segmented is None:
         del paths["dicom_seg"]
-    from .segment import input_fingerprint
+    from .segment import input_fingerprint, mask_digest
 
     # each scan by its content: a rerun into OUTDIR skips the pair as done only for these scans (check_done_pair)
     fingerprints = {f"{key}_fingerprint": input_fingerprint(Path(path), chosen[name][0] if chosen[name] else None)
@@ -1366,7 +1459,8 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     report = {"case": case, "baseline": str(baseline_path), "followup": str(followup_path), **fingerprints,
               **result.report,
               "masks": source, "outputs": sorted(p.name for p in paths.values()), "deepwml_version": __version__,
-              "seconds": round(time.perf_counter() - start, 3)}
+              "seconds": round(time.perf_counter() - start, 3),
+              "labels_sha256": mask_digest(result.labels)}  # a rerun adding outputs checks the saved labels with it
     if any(chosen.values()):
         report["dicom_series"] = {name: c[0].as_dict(c[1]) for name, c in chosen.items() if c}
         report["warnings"] = [reversed_visits] * bool(reversed_visits) + [

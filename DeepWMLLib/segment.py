@@ -1596,31 +1596,24 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
     report["mask_sha256"] = digest
     time_axis = io.read_time_axis(path) if result is not None else None
     geometry = io.read_nifti_geometry(path) if result is not None else None
-    before = paths["report"].read_bytes()
-    new = {key: paths[key] for key in missing}
-    try:
-        with whole_or_none(new):
-            io.write_text(json.dumps(report, indent=1), paths["report"])  # first: the outputs it lists (see above)
-            for key in missing:
-                tell(SEGMENTING_SHARE + 0.05, f"writing {paths[key].name}")
-                if key in ("qc",):
-                    io.write_bytes(made[key], paths[key])
-                elif key == "dicom_outline":
-                    from .dicom_outline import write_outline_series
 
-                    write_outline_series(made[key], paths[key])
-                elif key == "dicom_seg":
-                    io.write_bytes(made[key].data, paths[key])
-                else:
-                    image_of = {"probabilities": result.probabilities, "brain": result.brain,
-                                "ventricles": result.ventricles}[key]
-                    if image_of is None:
-                        raise DeepWMLError(ventricle_model_needed())
-                    io.write_image(image_of, paths[key], time_axis, geometry)
-    except BaseException:
-        with contextlib.suppress(OSError, DeepWMLError):  # the case as it was: its earlier report back
-            io.write_bytes(before, paths["report"])
-        raise
+    def write(key: str, target: Path) -> None:
+        tell(SEGMENTING_SHARE + 0.05, f"writing {target.name}")
+        if key == "qc":
+            io.write_bytes(made[key], target)
+        elif key == "dicom_outline":
+            from .dicom_outline import write_outline_series
+
+            write_outline_series(made[key], target)
+        elif key == "dicom_seg":
+            io.write_bytes(made[key].data, target)
+        else:
+            image_of = {"probabilities": result.probabilities, "brain": result.brain, "ventricles": result.ventricles}[key]
+            if image_of is None:
+                raise DeepWMLError(ventricle_model_needed())
+            io.write_image(image_of, target, time_axis, geometry)
+
+    write_added(paths["report"], report, {key: paths[key] for key in missing}, write)
     tell(1.0, "done")
     how = f"from the saved {mask_file.name}" + (
         f"; the networks were run again for {', '.join(paths[k].name for k in rerun) if rerun != ['qc'] else 'the ventricles the QC picture outlines'}"
@@ -1628,6 +1621,25 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
     row = summary_row(case, path, report)
     row.update(status=ADDED, error=f"added {', '.join(added)} {how}; the result is the earlier run's")
     return row
+
+
+def write_added(report_path: Path, report: dict, new: dict, write) -> None:
+    """Write the outputs a rerun adds to a case done before (`new`: {key: path}, each written by `write(key, path)`)
+    and its report (`report`, listing them), `deepwml segment` and `deepwml change` alike: the report first, atomically
+    (the new outputs listed before they are there), then the new outputs. Stopped part way (Ctrl-C, SIGTERM, a full
+    disk), the new outputs written so far go (whole_or_none) and the earlier report is put back, byte for byte: the
+    case as it was, which the same command run again completes. Killed outright between the two, the report lists an
+    optional output that is not there, as after a picture deleted by hand: the next run that asks for it makes it."""
+    before = report_path.read_bytes()
+    try:
+        with whole_or_none(new):
+            io.write_text(json.dumps(report, indent=1), report_path)
+            for key, path in new.items():
+                write(key, path)
+    except BaseException:
+        with contextlib.suppress(OSError, DeepWMLError):  # the case as it was: its earlier report back
+            io.write_bytes(before, report_path)
+        raise
 
 
 def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
@@ -2236,7 +2248,8 @@ def register(subparsers) -> None:
                    help="format of the image outputs: same (default): the input's own (.nii.gz for NIfTI, .nrrd for "
                         "NRRD and DICOM, .mha for MetaImage), so they lie on the input's exact grid; NIfTI keeps "
                         "the geometry in single precision")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them, skip the case)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them and skip the case "
+                   "done before, adding only the optional outputs asked for that it lacks, from its saved mask)")
     p.add_argument("--min-lesion-mm3", type=non_negative_float, default=None,
                    help="remove 3D lesions smaller than this (default 5 mm³; 0 keeps all)")
     p.add_argument("--exclude-edge-slices", type=_fraction, default=0.0, metavar="FRACTION",

@@ -148,6 +148,10 @@ BAD_INPUTS = [
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
+    ("a case done before whose saved mask was replaced by one of another grid, asked for an output it lacks (`--qc`)",
+     "segment", 1, "is not on the scan's grid"),
+    ("a case done before whose saved mask was edited since, asked for an output it lacks (`--qc`)", "segment", 1,
+     "was changed since the run that made it"),
     ("outputs of another scan of the same name in OUTDIR", "segment", 1, "holds the results of another scan"),
     ("an output name taken by a scan given (OUTDIR the input folder)", "segment", 1, "is one of the scans given"),
     ("a file name that is not UTF-8 text", "segment", 1, "not UTF-8 text"),
@@ -656,6 +660,20 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
         assert main(seg + [str(p["good"])]) == 0  # a real earlier run, at the model's threshold
         return seg + [str(p["good"]), "--threshold", "0.3"]
+    if row_id.startswith("a case done before whose saved mask was"):
+        assert main(seg + [str(p["good"])]) == 0  # a real earlier run
+        mask = tmp / "out" / "good_wmh.nii.gz"
+        saved = sitk.ReadImage(str(mask))
+        if "another grid" in row_id:
+            changed = sitk.Image([n + 2 for n in saved.GetSize()], sitk.sitkUInt8)
+            changed.SetSpacing(saved.GetSpacing())
+        else:  # a voxel marked or cleared by hand
+            voxels = sitk.GetArrayFromImage(saved)
+            voxels[0, 0, 0] = 1 - voxels[0, 0, 0]
+            changed = sitk.GetImageFromArray(voxels)
+            changed.CopyInformation(saved)
+        sitk.WriteImage(changed, str(mask))
+        return seg + [str(p["good"]), "--qc"]
     if row_id == "outputs of another scan of the same name in OUTDIR":
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -1102,6 +1120,9 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
     if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
         assert "--threshold (0.5 then, 0.3 now)" in err  # the setting named, with both values
+    if row_id.startswith("a case done before whose saved mask was"):  # nothing added, the report as it was
+        assert not (tmp / "out" / "good_qc.png").exists() and "--overwrite" in err
+        assert "outputs_added" not in json.loads((tmp / "out" / "good_report.json").read_text(encoding="utf-8"))
     if row_id.startswith("a lesion mask found beside its FLAIR"):
         lines = (tmp / "out" / "summary.csv").read_text(encoding="utf-8-sig").splitlines()
         summary = {r["case"]: r for r in csv.DictReader(lines)}

@@ -980,8 +980,10 @@ def test_a_cohort_with_dicom_seg_writes_skips_and_finds_an_incomplete_set(pair, 
     capsys.readouterr()
     assert main(run) == 0 and "p1: skipped - done before" in capsys.readouterr().err
     assert (out / "p1_change_seg.dcm").stat().st_mtime_ns == written
-    (out / "p1_change_seg.dcm").unlink()
-    assert main(run) == 0 and "p1: skipped - done before" in capsys.readouterr().err
+    (out / "p1_change_seg.dcm").unlink()  # deleted since: optional, made again from the saved label map
+    assert main(run) == 0 and "p1: added - added p1_change_seg.dcm from the saved p1_change.nrrd" in \
+        capsys.readouterr().err
+    assert (out / "p1_change_seg.dcm").is_file()
     for path in out.iterdir():
         if path.name.startswith("p1_"):
             path.unlink()
@@ -989,6 +991,62 @@ def test_a_cohort_with_dicom_seg_writes_skips_and_finds_an_incomplete_set(pair, 
     assert main(run) == 1
     assert "incomplete set of outputs (p1_change_seg.dcm; no report)" in capsys.readouterr().err
     assert main(run + ["--overwrite"]) == 0 and (out / "p1_change_seg.dcm").stat().st_size > 1000
+
+
+def test_a_cohort_rerun_asking_for_the_picture_outline_and_seg_adds_them_from_the_saved_labels(pair, tmp_path, capsys,
+                                                                                               monkeypatch):
+    """change --manifest done without --qc, --dicom-outline and --dicom-seg, rerun with them: the pair is not compared
+    again (no registration), the three are made from the saved change label map, the files there left byte for
+    byte, the report listing them, the row `added`; the picture the one a full run draws. Nothing missing: skipped.
+    A label map edited since (its labels not those the report records) is refused, nothing written."""
+    pytest.importorskip("pydicom")
+    files = pair["files"]
+    series = _dicom_followup(pair, tmp_path / "followup")
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                        f"p1,{files['baseline']},{series},{files['baseline_mask']},{files['followup_mask']}\n",
+                        encoding="utf-8")
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+    assert main(run) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "p1_change.json"
+            and p.name.startswith("p1")}
+    report = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+    assert report["labels_sha256"]
+    capsys.readouterr()
+    with monkeypatch.context() as patched:
+        def refused(*args, **kwargs):
+            raise AssertionError("the pair was compared again")
+
+        patched.setattr(change, "lesion_change", refused)
+        assert main(run + ["--qc", "--dicom-outline", "--dicom-seg"]) == 0
+    err = capsys.readouterr().err
+    assert ("p1: added - added p1_change_outline_dicom, p1_change_qc.png, p1_change_seg.dcm from the saved "
+            "p1_change.nrrd") in err
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data, name
+    added = json.loads((out / "p1_change.json").read_text(encoding="utf-8"))
+    assert added["outputs_added"] == ["p1_change_outline_dicom", "p1_change_qc.png", "p1_change_seg.dcm"]
+    assert {"p1_change_qc.png", "p1_change_seg.dcm"} <= set(added["outputs"])
+    assert added["dicom_seg"]["file"] == "p1_change_seg.dcm" and added["dicom_outline"]["images"] > 0
+    with open(out / "change_summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert next(csv.DictReader(f))["status"] == "added"
+    assert main(run + ["--qc", "--dicom-outline", "--dicom-seg"]) == 0  # nothing missing
+    assert "p1: skipped - done before" in capsys.readouterr().err
+    assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "full"), "--qc"]) == 0
+    assert (tmp_path / "full" / "p1_change_qc.png").read_bytes() == (out / "p1_change_qc.png").read_bytes()
+    # the label map edited since: refused, nothing added
+    (out / "p1_change_qc.png").unlink()
+    labels = sitk.ReadImage(str(out / "p1_change.nrrd"))
+    voxels = sitk.GetArrayFromImage(labels)
+    voxels[voxels == 2] = 1  # a new lesion called stable by hand
+    edited = sitk.GetImageFromArray(voxels)
+    edited.CopyInformation(labels)
+    sitk.WriteImage(edited, str(out / "p1_change.nrrd"))
+    before = (out / "p1_change.json").read_bytes()
+    assert main(run + ["--qc"]) == 1
+    assert "p1_change.nrrd was changed since the run that made it" in capsys.readouterr().err
+    assert not (out / "p1_change_qc.png").exists() and (out / "p1_change.json").read_bytes() == before
 
 
 def test_two_visits_in_one_dicom_folder_are_compared_by_their_series(tmp_path, capsys):

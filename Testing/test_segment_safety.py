@@ -747,7 +747,7 @@ def test_a_rerun_with_no_brain_mask_skips_but_not_a_result_made_without_the_brai
 
 def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tiny_model, capsys):
     """A rerun into the same OUTDIR with settings that change the result must not pass the earlier result
-    off as this run's; optional outputs asked for now, and how the run goes, do not block the skip."""
+    off as this run's; optional outputs asked for now (added) and how the run goes do not block the skip."""
     from conftest import tiny_model_file
 
     path = write_case(tmp_path / "in", "a")
@@ -771,9 +771,10 @@ def test_a_rerun_with_other_result_settings_is_refused_naming_them(tmp_path, tin
     other = tiny_model_file(tmp_path / "models" / "tiny.pt", seed=3)  # the same name, other weights
     assert main(["segment", str(path), "-o", str(out), "--model", str(other), "--device", "cpu"]) == 1
     assert "--model (tiny.pt (other weights) then, tiny.pt now)" in capsys.readouterr().err
-    for extra in (["--qc", "--save-probabilities"], ["--batch-size", "2", "--backend", "torch"], ["--threshold", "0.5"]):
+    for extra, status in ((["--qc", "--save-probabilities"], "added"),  # the optional outputs added, not refused
+                          (["--batch-size", "2", "--backend", "torch"], "skipped"), (["--threshold", "0.5"], "skipped")):
         assert segment(tiny_model, path, "-o", out, *extra) == 0, extra
-        assert summary(out)["a"]["status"] == "skipped"
+        assert summary(out)["a"]["status"] == status, extra
     report = json.loads((out / "a_report.json").read_text())
     report["settings"]["precision"] = "bf16"  # made where bf16 is native; fp32 asked for now
     (out / "a_report.json").write_text(json.dumps(report))
