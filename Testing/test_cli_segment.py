@@ -1541,6 +1541,10 @@ def test_a_4d_input_with_one_time_point_gets_4d_outputs_on_its_exact_grid(tmp_pa
         mask = io.read_mask(out / f"{case}_wmh{extension}", reference=image)
         assert np.array_equal(sitk.GetArrayViewFromImage(mask), three) and three.any(), case  # the 3D input's mask
         assert io.read_segmentation(out / f"{case}.seg.nrrd").GetDimension() == 3  # Slicer's segmentation: 3D
+    # a rerun asking for the QC picture: added from the saved masks, X, Y, Z, 1 ones too (the scan's 3D grid)
+    assert main(["segment", str(inputs), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--save-probabilities", "--qc"]) == 0
+    assert {row["status"] for row in read_summary(out)} == {"added"} and (out / "nrrd_qc.png").is_file()
     # a 3D input keeps 3D outputs
     assert nifti_header(out / "three_wmh.nii.gz")["dim"][:4] == (3, 40, 36, 8)
     assert json.loads((out / "three_report.json").read_text(encoding="utf-8"))["input_size"] == [40, 36, 8]

@@ -398,3 +398,41 @@ def test_lesions_on_the_box_edge_get_the_whole_maps_distances(margin_axis):
     assert np.array_equal(measured.view(np.uint32), whole[at].view(np.uint32))
     for place, mm in points:
         assert whole[place] == pytest.approx(mm, abs=1e-4), place
+
+
+def test_a_rerun_adding_the_qc_picture_outlines_the_ventricles_of_the_split(tmp_path, tiny_model, monkeypatch):
+    """A case split by a ventricle model, rerun with --qc: the picture outlines the ventricles, as a full --qc run's
+    does, byte for byte: from the saved ventricle mask when it was saved (no network run), else from the networks
+    run again for them (the row says so; their lesion mask is the saved one)."""
+    import csv
+
+    from conftest import make_volume, oracle_network, tiny_model_file
+    from DeepWMLLib import segment
+    from DeepWMLLib.cli import main
+
+    oracle_network(monkeypatch)
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels=VENTRICLE_LABELS)
+    image, _ = make_volume(size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    path = tmp_path / "case.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    run = ["segment", str(path), "--model", str(tiny_model), "--device", "cpu", "--ventricle-model", str(ventricle_model)]
+    assert main(run + ["-o", str(tmp_path / "full"), "--qc"]) == 0
+    drawn = (tmp_path / "full" / "case_qc.png").read_bytes()
+
+    def row(out):
+        return next(csv.DictReader(open(out / "summary.csv", encoding="utf-8-sig")))
+
+    assert main(run + ["-o", str(tmp_path / "plain")]) == 0
+    assert main(run + ["-o", str(tmp_path / "plain"), "--qc"]) == 0
+    assert (tmp_path / "plain" / "case_qc.png").read_bytes() == drawn
+    said = row(tmp_path / "plain")
+    assert said["status"] == "added" and "networks were run again for the ventricles the QC picture outlines" in said["error"]
+    assert main(run + ["-o", str(tmp_path / "saved"), "--save-ventricle-mask"]) == 0
+    with monkeypatch.context() as patched:
+        def refused(*args, **kwargs):
+            raise AssertionError("the networks were run")
+
+        patched.setattr(segment, "segment_image", refused)
+        assert main(run + ["-o", str(tmp_path / "saved"), "--save-ventricle-mask", "--qc"]) == 0
+    assert (tmp_path / "saved" / "case_qc.png").read_bytes() == drawn
+    assert row(tmp_path / "saved")["status"] == "added" and "networks" not in row(tmp_path / "saved")["error"]
