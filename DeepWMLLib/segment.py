@@ -1206,7 +1206,8 @@ def segment_case(case: str, path: Path, out_dir: Path, models: Sequence, device:
                  dicom_outline: bool = False, study: io.DicomStudy | None = None, ventricle_model="default",
                  save_ventricle_mask: bool = False, protected=frozenset(), leftovers=None, grid_phases: int = 1,
                  brain_gate: bool = True, dicom_seg: bool = False) -> dict:
-    """Segment one case and write its outputs; returns its summary row (status ok/skipped). `series`: in a
+    """Segment one case and write its outputs; returns its summary row (status ok/skipped, or ADDED: a case done
+    before that lacked optional outputs asked for now, made from its saved mask by add_outputs). `series`: in a
     DICOM folder that holds several series, which one (io.choose_dicom_series). `dicom_outline`: for a
     DICOM input, also the FLAIR with the lesions outlined as a new DICOM series (dicom_outline.py); `dicom_seg`:
     for a DICOM input, also the mask as a DICOM Segmentation object, CASE_wmh_seg.dcm (dicom_seg.py). `study`:
