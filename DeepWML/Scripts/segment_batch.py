@@ -262,7 +262,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
         timeAxis = io.read_time_axis(path)  # an input stored X, Y, Z, 1: its mask is written so too
         report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
-                      outputs=sorted(p.name for p in paths.values()), input_size=io.stored_size(mask, timeAxis))
+                      outputs=sorted(p.name for p in paths.values()), input_size=io.stored_size(mask, timeAxis),
+                      mask_sha256=segment.mask_digest(mask))  # as deepwml segment records it: the mask written
         if args.qc:  # drawn before anything is written: a picture that fails leaves no half set of outputs
             import SimpleITK as sitk
             from DeepWMLLib.qc import png_bytes, render, render_comparison
