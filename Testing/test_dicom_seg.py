@@ -277,6 +277,59 @@ def test_only_the_slices_holding_a_voxel_have_frames_and_read_back_on_the_scans_
         assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), array)
 
 
+@pytest.mark.parametrize("how", ["slices up", "descending slice axis", "reversed files", "enhanced, stored top-down"])
+def test_highdicom_maps_each_frame_of_a_sparse_multi_segment_seg_to_its_source(tmp_path, how):
+    """A sparse SEG of several segments (`deepwml change --dicom-seg`'s kind: segment 1 on neither the first nor the
+    last slice, three segments sharing one slice): highdicom maps every frame to the source image (frame) it lies on,
+    each segment by source instance and as a volume (get_volume) the label map == its value, on a series stored
+    bottom-up, with its slice axis pointing down, its files numbered from the top, or an enhanced file of frames
+    stored top-down; segment 1's empty frames lie on the first and last slices; DeepWML reads the lesion segments."""
+    from DeepWMLLib.dicom_seg import Segment
+
+    image = phantom(size=(20, 16, 6), direction=(1, 0, 0, 0, 1, 0, 0, 0, -1) if how == "descending slice axis" else None)
+    folder = tmp_path / "flair"
+    if how.startswith("enhanced"):
+        write_enhanced_mr(folder / "f.dcm", image, order=list(range(5, -1, -1)), frame_of_reference="1.2.3.77")
+    else:
+        write_dicom_series(folder, image, uid="1.2.3.4.5", description="AX FLAIR", extra=PATIENT,
+                           instance_numbers=list(range(6, 0, -1)) if how == "reversed files" else None)
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    labels = np.zeros((6, 16, 20), np.uint8)
+    labels[2, 2:5, 3:6], labels[3, 8:10, 1:12], labels[3, 0, 0], labels[1, 5, 5], labels[4, 10:14, 15:17] = 1, 2, 5, 5, 7
+    labels[3, 12, 12] = 1
+    values = (1, 2, 5, 7)
+    segments = [Segment(v, f"call {v}", "", (255, 40, 40)) for v in values]
+    made = dicom_seg.labelled_segmentation(flair, labels, series, segments, [], "DeepWML test", "TEST", "test")
+    io.write_bytes(made.data, tmp_path / "s.dcm")
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    chosen = [(1, 0), (1, 2), (1, 3), (1, 5), (2, 3), (3, 1), (3, 3), (4, 4)]  # (segment, slice k) in frame order
+    assert made.frames == len(chosen) == int(ds.NumberOfFrames)
+    assert [tuple(int(v) for v in i.FrameContentSequence[0].DimensionIndexValues)
+            for i in ds.PerFrameFunctionalGroupsSequence] == [(n, k + 1) for n, k in chosen]
+    seg = hd.seg.segread(tmp_path / "s.dcm")
+    sources = source_images(folder)
+    for number, value in enumerate(values, start=1):
+        wanted = labels == value
+        if how.startswith("enhanced"):
+            (uid, source), = sources.items()
+            where = [item.PlanePositionSequence[0].ImagePositionPatient for item in source.PerFrameFunctionalGroupsSequence]
+            pixels = seg.get_pixels_by_source_frame(uid, list(range(1, 7)), segment_numbers=[number])[..., 0]
+        else:
+            uids = list(sources)
+            where = [sources[uid].ImagePositionPatient for uid in uids]
+            pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[number])[..., 0]
+        ks = [flair.TransformPhysicalPointToIndex([float(v) for v in p])[2] for p in where]
+        assert np.array_equal(pixels, wanted[ks].astype(pixels.dtype)), (how, number)
+    volume = seg.get_volume(combine_segments=False)
+    numbers = list(volume.get_channel_values(volume.channel_descriptors[0]))
+    for s in range(volume.array.shape[0]):
+        k = flair.TransformPhysicalPointToIndex((volume.affine @ np.array([s, 0, 0, 1.0]))[:3].tolist())[2]
+        for c, number in enumerate(numbers):
+            assert np.array_equal(volume.array[s, :, :, c], labels[k] == values[int(number) - 1]), (how, s, number)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), (labels > 0).astype(np.uint8))
+
+
 def test_bits_run_on_across_frames_first_pixel_lowest(tmp_path):
     """1-bit pixels: the frames' bits one run (a frame of 5 x 3 = 15 pixels does not start on a byte), the first
     pixel in the lowest bit, the bytes padded to an even count: read back by pydicom pixel for pixel."""
