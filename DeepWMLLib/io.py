@@ -5084,7 +5084,7 @@ def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike
 # DeepWML's segment of the lateral ventricles (the periventricular/deep split's reference), never lesion.
 VENTRICLE_SEGMENT = "Lateral ventricles"
 # DeepWML's change SEG (`deepwml change --dicom-seg`: Content Label CHANGE, one segment per call, labelled with the
-# call, change.LABELS): read as a mask, the follow-up's lesions are its FOLLOWUP_CALLS; its BASELINE_CALLS are baseline
+# call, change.LABELS) and change .seg.nrrd (`_is_change_segmentation`): read as a mask, the follow-up's lesions are its FOLLOWUP_CALLS; its BASELINE_CALLS are baseline
 # lesions no longer there, left out. Stable and not assessable also draw the few baseline lesions still there without a
 # follow-up lesion of their own (below the follow-up's threshold, or partly outside its view), where they lay.
 CHANGE_SEG_CONTENT_LABEL = "CHANGE"
@@ -5113,16 +5113,24 @@ def segment_names(path: str | os.PathLike) -> list[str]:
     return [found[k] for k in sorted(found)]
 
 
+def _is_change_segmentation(names: Sequence[str]) -> bool:
+    """Whether a `.seg.nrrd`'s segments (`names`) are those of `deepwml change`'s CASE_change.seg.nrrd: one for each
+    call, named as the calls, all of them (it writes every call, present or not) and no other."""
+    return sorted(names) == sorted(FOLLOWUP_CALLS + BASELINE_CALLS)
+
+
 def lesion_segment_names(path: str | os.PathLike) -> list[str]:
     """The segments of a `.seg.nrrd` or a DICOM SEG (`dicom_seg_file`) read as lesion: its segments named WMH, else
-    every segment but DeepWML's ventricles (a rater's segments of any names); of DeepWML's change SEG the follow-up's
-    calls (`_lesion_numbers`); [] for any other file."""
+    every segment but DeepWML's ventricles (a rater's segments of any names); of DeepWML's change SEG and change
+    .seg.nrrd (`_is_change_segmentation`) the follow-up's calls (`_lesion_numbers`); [] for any other file."""
     seg = dicom_seg_file(path)
     if seg:
         top = _seg_parts(Path(seg)).top
         segments = _seg_segments(Path(seg), top)
         return [segments[n] for n in _lesion_numbers(segments, top)[0]]
     names = segment_names(path)
+    if _is_change_segmentation(names):  # the follow-up's lesions, as its change SEG is read
+        return [n for n in names if n in FOLLOWUP_CALLS]
     # names compared regardless of case, every segment of the name ('WMH' and 'wmh'), as the module reads them
     wmh = [n for n in names if n.lower() == "wmh"]
     return wmh or [n for n in names if n.lower() != VENTRICLE_SEGMENT.lower()]
@@ -5135,6 +5143,10 @@ def lesion_segments(path: str | os.PathLike) -> sitk.Image:
     chosen = lesion_segment_names(path)
     if not chosen:
         raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
+    if _is_change_segmentation(segment_names(path)):  # said as read_dicom_seg says it of the change SEG
+        logging.getLogger(__name__).warning(
+            "%s: DeepWML's lesion change segmentation, read as the follow-up's lesions (%s); %s left out (baseline "
+            "lesions no longer there)", path, ", ".join(chosen), ", ".join(BASELINE_CALLS))
     masks = [read_segmentation(path, name) for name in dict.fromkeys(chosen)]  # a name twice: read once
     union = masks[0]
     for mask in masks[1:]:

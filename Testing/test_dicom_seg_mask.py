@@ -404,3 +404,37 @@ def test_a_damaged_rle_or_deflated_seg_is_refused_naming_it(tmp_path, phantom_ca
     with pytest.raises(DeepWMLError, match=r"cut\.dcm: the DICOM Segmentation is deflated, and its deflated data set "
                                            r"is cut short"):
         io.read_mask(tmp_path / "cut.dcm")
+
+
+def test_deepwml_change_segmentation_read_as_a_mask_is_the_follow_ups_lesions_as_its_seg(tmp_path, phantom_case, caplog):
+    """`deepwml change`'s CASE_change.seg.nrrd (a segment per call, named as the calls: all seven) read wherever a mask
+    is read is the follow-up's lesions, as its change SEG of the same label map is (io.read_dicom_seg): gone and small
+    gone (baseline lesions no longer there) left out, a warning naming them; train's lesion_segment_names the same.
+    Both were read differently: the .seg.nrrd joined every segment, gone ones too. A rater's .seg.nrrd with segments
+    named 'new' and 'gone' alone is not DeepWML's: every segment joined, as before."""
+    from DeepWMLLib import change
+
+    folder, flair, _ = phantom_case
+    series, _ = io.choose_dicom_series(folder)
+    labels = np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8)
+    labels[1, 2:5, 3:6], labels[3, 8:10, 1:12], labels[4, 0:3, 0:3], labels[5, 12:14, 15:17] = 2, 1, 5, 7
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(flair)
+    followup = np.isin(labels, [1, 2, 3, 4, 6]).astype(np.uint8)
+    report = {"tolerance_mm": 2.0, "min_change_ml": 0.02, "enlarge_fraction": 1.0, "enlarge_min_ml": 0.05,
+              "presence": None, "registration": {"reliable": True}, "masks": {}}
+    io.write_bytes(change.change_seg(flair, image, series, report).data, tmp_path / "c_change_seg.dcm")
+    io.write_label_segmentation(image, tmp_path / "c_change.seg.nrrd",
+                                [(value, name, change.COLOURS[value]) for value, name in change.LABELS.items()])
+    for path in (tmp_path / "c_change_seg.dcm", tmp_path / "c_change.seg.nrrd"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            mask = io.read_mask(path, flair)
+        assert np.array_equal(sitk.GetArrayFromImage(mask), followup), path.name
+        assert "gone, small gone left out" in caplog.text, path.name
+    assert io.lesion_segment_names(tmp_path / "c_change.seg.nrrd") == ["stable", "new", "enlarging", "not assessable",
+                                                                       "small new"]
+    io.write_label_segmentation(image, tmp_path / "rater.seg.nrrd", [(2, "new", (1, 0, 0)), (5, "gone", (0, 0, 1))])
+    assert io.lesion_segment_names(tmp_path / "rater.seg.nrrd") == ["new", "gone"]
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.seg.nrrd", flair)),
+                          np.isin(labels, [2, 5]).astype(np.uint8))
