@@ -1701,6 +1701,34 @@ def test_write_dicom_seg_of_a_volume_from_slicers_dicom_database(scene, tmp_path
     assert not (tmp_path / "gone.dcm").exists()
 
 
+def test_write_dicom_seg_of_a_series_whose_database_files_share_names(scene, tmp_path, monkeypatch, tiny_model):
+    """The database keeps the series' files in two folders under the same names (slice000.dcm twice, as files indexed
+    where they lay may be): each file linked once under a name of its own, the series read whole, the SEG the
+    segmentation on its slices."""
+    import shutil
+
+    import slicer_standins
+
+    oracle_network(monkeypatch)
+    volume, series, image = _dicomFlair(tmp_path, monkeypatch)
+    folder = Path(slicer.dicomDatabase.fileForInstance(series.instance_uids[0])).parent
+    first, second = tmp_path / "db" / "a", tmp_path / "db" / "b"
+    first.mkdir(parents=True), second.mkdir()
+    for k, uid in enumerate(series.instance_uids):  # the slices shared out, each under the name slice00N.dcm
+        source = Path(slicer.dicomDatabase.fileForInstance(uid))
+        shutil.copyfile(source, (first if k % 2 else second) / f"slice{k // 2:03d}.dcm")
+    shutil.rmtree(folder)
+    monkeypatch.setattr(slicer, "dicomDatabase", slicer_standins.DicomDatabase(first, second), raising=False)
+    assert {p.name for p in first.iterdir()} == {p.name for p in second.iterdir()}
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+    written = logic.writeDicomSeg(segmentation, volume, tmp_path / "s.dcm")
+    expected = io.align_voxel_order(mrml.maskFromSegmentation(segmentation, volume), image)
+    assert sitk.GetArrayFromImage(expected).any() and written["frames"] >= 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", reference=image)),
+                                  sitk.GetArrayFromImage(expected))
+
+
 def test_write_dicom_seg_refuses_a_volume_resampled_since_it_was_loaded_and_adds_to_the_database_when_asked(
         scene, tmp_path, monkeypatch, tiny_model):
     """A volume cropped since the DICOM module loaded it no longer lies on its series' slices: refused, no file. Asked
