@@ -1516,7 +1516,7 @@ def _check_unedited(mask, file: Path, earlier: dict) -> str:
 
 
 def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list[str], earlier: dict, study, networks,
-                progress=None, cancel=None) -> dict:
+                progress=None, cancel=None, draw=None) -> dict:
     """Make the outputs of a case done before that this run asks for and its OUTDIR lacks (`missing`, keys of
     `paths` among ADDABLE_OUTPUTS), from the earlier run's saved mask, the file the user has, checked first: on
     the scan's grid (read again), unedited (_check_unedited). The QC picture, the DICOM outline series and the
@@ -1528,7 +1528,8 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
     is rewritten listing the new outputs (`outputs`, and `outputs_added`) first, then they are written: stopped
     part way (Ctrl-C, a full disk), the new files go and the earlier report is put back (whole_or_none's rule: the
     case as it was); killed outright, the report lists an optional output not there, which the next run asking for
-    it makes. Returns the summary row, status ADDED, its `error` saying what was added."""
+    it makes. Returns the summary row, status ADDED, its `error` saying what was added. `draw(image, mask, title)`,
+    when given, draws the QC picture's PNG bytes in place of render's (the Slicer batch script's against a reference)."""
     from .volume import voxels
 
     tell = progress or (lambda fraction, message: None)
@@ -1570,8 +1571,9 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
         from .qc import png_bytes, render
 
         tell(SEGMENTING_SHARE + 0.02, "drawing the QC picture")
-        made["qc"] = png_bytes(render(image, mask, title=picture_title(case, report), ventricles=ventricles,
-                                      slice_labels=instances))
+        made["qc"] = (draw(image, mask, picture_title(case, report)) if draw is not None else
+                      png_bytes(render(image, mask, title=picture_title(case, report), ventricles=ventricles,
+                                       slice_labels=instances)))
     if "dicom_outline" in missing:
         from .dicom_outline import check_outline_folder, outline_series
 

@@ -1202,3 +1202,108 @@ def test_batch_writes_the_dicom_seg_and_outline_of_a_dicom_input_and_warns_of_an
     assert batchScript.main(base + ["--overwrite"]) == 0  # not asked for now: the earlier SEG and series go
     assert not (out / "S_wmh_seg.dcm").exists() and not (out / "S_outline_dicom").exists()
     assert "S_wmh_seg.dcm" not in json.loads((out / "S_report.json").read_text(encoding="utf-8"))["outputs"]
+
+
+def test_batch_rerun_adds_the_missing_picture_of_a_case_done_before_from_its_saved_mask(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
+    """As `deepwml segment` does (segment.add_outputs): a rerun with --qc into the same OUT draws the picture of a
+    case done without it from its saved mask, the mask left byte for byte, the report listing it; summary 'added',
+    no seconds; the picture a full --qc run draws. A rerun that has every output is skipped."""
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base) == 0
+    first = summary(out)["a"]
+    mask = (out / "a_wmh.nii.gz").read_bytes()
+    segmentation = (out / "a.seg.nrrd").read_bytes()
+    capsys.readouterr()
+    assert batchScript.main(base + ["--qc"]) == 0
+    printed = capsys.readouterr().out
+    row = summary(out)["a"]
+    assert row["status"] == segment.ADDED == "added" and "a_qc.png" in row["error"] and row["seconds"] == ""
+    assert [row[key] for key in ("volume_ml", "lesion_count")] == [first[key] for key in ("volume_ml", "lesion_count")]
+    assert "0/1 cases done (0 failed, 0 skipped, 1 done before with outputs added)" in printed
+    assert (out / "a_qc.png").is_file()
+    assert (out / "a_wmh.nii.gz").read_bytes() == mask and (out / "a.seg.nrrd").read_bytes() == segmentation
+    report = json.loads((out / "a_report.json").read_text(encoding="utf-8"))
+    assert "a_qc.png" in report["outputs"] and report["outputs_added"] == ["a_qc.png"]
+    assert report["mask_sha256"] == segment.mask_digest(io.read_mask(out / "a_wmh.nii.gz"))
+    full = tmp_path / "full"  # the picture a run with --qc draws of the same mask
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(full), "--model", str(tiny_model),
+                             "--device", "cpu", "--qc"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "a_qc.png"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(full / "a_qc.png"))))
+    assert batchScript.main(base + ["--qc"]) == 0  # nothing missing now: skipped
+    assert summary(out)["a"]["status"] == "skipped"
+
+
+def test_batch_rerun_refuses_to_add_a_picture_of_an_edited_mask(scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base) == 0
+    mask = io.read_mask(out / "a_wmh.nii.gz")
+    array = sitk.GetArrayFromImage(mask)
+    array[tuple(np.argwhere(array)[0])] = 0  # a lesion voxel removed by hand
+    edited = sitk.GetImageFromArray(array)
+    edited.CopyInformation(mask)
+    sitk.WriteImage(edited, str(out / "a_wmh.nii.gz"))
+    report = (out / "a_report.json").read_bytes()
+    assert batchScript.main(base + ["--qc"]) == 1
+    row = summary(out)["a"]
+    assert row["status"] == "error" and "a_wmh.nii.gz was changed since the run that made it" in row["error"]
+    assert not (out / "a_qc.png").exists() and (out / "a_report.json").read_bytes() == report
+
+
+def test_batch_rerun_adds_the_dicom_seg_and_a_picture_with_its_ventricles_and_against_a_reference(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """--dicom-seg added to a DICOM case done without it (its lesion the saved mask's); --qc added to a case of a run
+    with a ventricle model (the networks run again for the ventricles it outlines, their mask the saved one) and
+    with --reference-dir (filled by agreement, as a full --qc run draws it)."""
+    from conftest import tiny_model_file, write_dicom_series
+    from DeepWMLLib.qc import VENTRICLE_RGB
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "S", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500, number=5,
+                       extra={"0020|0052": "1.2.3.99"})
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base) == 0
+    assert batchScript.main(base + ["--dicom-seg"]) == 0
+    assert summary(out)["S"]["status"] == "added"
+    mask = io.read_mask(out / "S_wmh.nrrd")
+    fromSeg = io.read_mask(out / "S_wmh_seg.dcm", reference=mask)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fromSeg), sitk.GetArrayFromImage(mask))
+    assert json.loads((out / "S_report.json").read_text(encoding="utf-8"))["dicom_seg"]["file"] == "S_wmh_seg.dcm"
+
+    ventricle_model = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    images, split = tmp_path / "images", tmp_path / "split"
+    images.mkdir()
+    writeCase(images, "a.nii.gz", size=(64, 48, 8), blobs=((0.3, 0.5, 0.5, 5.0), (0.9, 0.15, 0.5, 4.0)))
+    withVentricles = ["--input-dir", str(images), "--output-dir", str(split), "--model", str(tiny_model), "--device",
+                      "cpu", "--ventricle-model", str(ventricle_model)]
+    assert batchScript.main(withVentricles) == 0
+    assert batchScript.main(withVentricles + ["--qc"]) == 0
+    assert summary(split)["a"]["status"] == "added" and "networks were run again" in summary(split)["a"]["error"]
+    picture = sitk.GetArrayFromImage(sitk.ReadImage(str(split / "a_qc.png")))
+    assert np.all(picture[..., :3] == VENTRICLE_RGB, axis=-1).any()
+
+    one, references, compared, full = tmp_path / "one", tmp_path / "ref", tmp_path / "compared", tmp_path / "full"
+    one.mkdir()
+    references.mkdir()
+    _, truth = writeCase(one, "b.nii.gz")
+    sitk.WriteImage(truth, str(references / "b_manual.nii.gz"))
+    withReference = ["--model", str(tiny_model), "--device", "cpu", "--reference-dir", str(references)]
+    assert batchScript.main(["--input-dir", str(one), "--output-dir", str(compared)] + withReference) == 0
+    assert batchScript.main(["--input-dir", str(one), "--output-dir", str(compared), "--qc"] + withReference) == 0
+    assert summary(compared)["b"]["status"] == "added" and summary(compared)["b"]["dice"] != ""
+    assert batchScript.main(["--input-dir", str(one), "--output-dir", str(full), "--qc"] + withReference) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(compared / "b_qc.png"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(full / "b_qc.png"))))

@@ -221,6 +221,9 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                                f"{paths['report'].name}); rerun with --overwrite to replace them")
         earlier = check_earlier_result(args.output_dir, case, path, paths["report"], [paths["mask"].name],
                                        args.settings, study)
+        missing = [key for key in segment.ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
+        if missing:  # asked for now (--qc, --dicom-outline, --dicom-seg), not made then or deleted since: made from
+            return addOutputs(logic, case, path, args, study, paths, missing, earlier, progress)  # the saved mask
         row = {"status": "skipped", "error": segment.skip_message(existing, earlier)}
         try:  # the earlier result's figures stay in summary.csv, which this run writes anew
             row.update(summaryFigures(earlier))
@@ -312,6 +315,58 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
         for node in nodes:
             mrml.removeNode(node)
     return {"status": "ok", "error": "", **row}
+
+
+def addOutputs(logic, case: str, path: Path, args, study, paths: dict, missing: list, earlier: dict, progress) -> dict:
+    """A case done before that lacks outputs asked for now (`missing`): made as `deepwml segment` makes them, by its
+    own segment.add_outputs, from the saved mask (checked: on the scan's grid, unedited since its report), the report
+    rewritten listing them; status "added". The networks are run again only for the ventricles its QC picture
+    outlines (a run with a ventricle model: the batch saves no ventricle mask), by the module's logic with this run's
+    settings, and their mask must be the saved one. With a reference for the case (--reference-dir), the picture
+    compares the two, as this script draws it for a case it segments."""
+    from types import SimpleNamespace
+
+    from DeepWMLLib.inference import progress_part
+    from DeepWMLLib.volume import Volume
+
+    def asImage(image):
+        return image.to_sitk() if isinstance(image, Volume) else image
+
+    def networks(image):
+        volumeNode = mrml.volumeFromImage(asImage(image), case)
+        segmentationNode = None
+        try:
+            segmentationNode = logic.segmentVolume(volumeNode, device=args.device, **args.run, progress=progress_part(
+                progress, segment.READING_SHARE, segment.SEGMENTING_SHARE))
+            mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
+            ventricles = (mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
+                          if earlier.get("location") else None)
+            return SimpleNamespace(mask=mask, ventricles=ventricles, brain=None, probabilities=None)
+        finally:
+            for node in (segmentationNode, volumeNode):
+                if node is not None:
+                    mrml.removeNode(node)
+
+    reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir and "qc" in missing else None
+
+    def drawComparison(image, mask, title):
+        import SimpleITK as sitk
+        from DeepWMLLib.qc import png_bytes, render_comparison
+
+        flair = asImage(image)
+        volumeNode, referenceNode = mrml.volumeFromImage(flair, case), None
+        try:
+            referenceNode = loadReference(reference)
+            marked = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
+        finally:
+            for node in (referenceNode, volumeNode):
+                if node is not None:
+                    mrml.removeNode(node)
+        return png_bytes(render_comparison(flair, asImage(mask), marked, title, names=("DeepWML", "reference")))
+
+    added = segment.add_outputs(case, path, args.output_dir, paths, missing, earlier, study, networks, progress,
+                                draw=drawComparison if reference is not None else None)
+    return {"status": segment.ADDED, "error": added["error"], **summaryFigures(earlier)}
 
 
 def removeStale(possible: dict, paths: dict) -> None:
