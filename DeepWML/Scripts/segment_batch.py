@@ -12,7 +12,8 @@ segment` names it (its FLAIR picked among its series; a study without one is ski
 CASE.seg.nrrd (segment WMH, and with a ventricle model 'Lateral ventricles', the split's reference), CASE_wmh.nii.gz (.nrrd for NRRD
 and DICOM inputs, .mha for MetaImage), CASE_report.json, with --qc CASE_qc.png, and for a DICOM input with
 --dicom-seg CASE_wmh_seg.dcm (the mask as a DICOM SEG) and with --dicom-outline CASE_outline_dicom/ (the FLAIR with
-the lesions outlined, a new series) (the same names and rules as `deepwml segment`'s), and summary.csv with one row per case (rewritten after each: a run stopped part way lists
+the lesions outlined, a new series) (the same names and rules as `deepwml segment`'s; a rerun asking for one a case
+done before lacks adds it from the saved mask, as deepwml segment does: status "added"), and summary.csv with one row per case (rewritten after each: a run stopped part way lists
 the cases it did). With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
