@@ -518,7 +518,8 @@ def test_batch_never_writes_over_a_scan_given(scene, batchScript, tmp_path, monk
 def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(scene, batchScript, tmp_path,
                                                                                 monkeypatch, tiny_model):
     """The batch script keeps `deepwml segment`'s rules for a rerun: a case done with other result settings
-    is refused, naming them; a DICOM series moved elsewhere keeps its result; a case done by `deepwml segment`
+    is refused, naming them; a DICOM series moved elsewhere keeps its result (a picture asked for now added to it, a
+    rerun without it skipped); a case done by `deepwml segment`
     with the same settings is skipped."""
     from conftest import write_dicom_series
     from DeepWMLLib.cli import main as cli_main
@@ -538,6 +539,10 @@ def test_batch_rerun_with_other_settings_is_refused_and_a_moved_series_skipped(s
     assert "made with other settings: --threshold (0.5 then, 0.3 now)" in rows["a"]["error"]
     inputs.rename(tmp_path / "moved")
     assert batchScript.main(["--input-dir", str(tmp_path / "moved"), *base, "--qc"]) == 0
+    # its result kept: the pictures asked for now added to it, as deepwml segment adds them (nothing segmented again)
+    assert {row["status"] for row in summary(out).values()} == {"added"}
+    assert (out / "a_qc.png").is_file() and (out / "S_qc.png").is_file()
+    assert batchScript.main(["--input-dir", str(tmp_path / "moved"), *base]) == 0
     assert {row["status"] for row in summary(out).values()} == {"skipped"}
     cli_out = tmp_path / "cli"
     assert cli_main(["segment", str(tmp_path / "moved"), "-o", str(cli_out), "--model", str(tiny_model),
