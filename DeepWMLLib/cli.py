@@ -34,6 +34,7 @@ _COMMAND_MODULES = {
     "bench": "DeepWMLLib.bench",
     "adapt": "DeepWMLLib.adapt",
     "change": "DeepWMLLib.change",
+    "export": "DeepWMLLib.export",
 }
 
 
@@ -309,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Commands that only read and write files: after their outputs are closed, the process ends at once
 # instead of tearing the interpreter down (freeing every module of numpy, SimpleITK and ONNX Runtime
 # takes 0.1 s, a tenth of a whole segmentation on a small CPU).
-_QUICK_EXIT = frozenset({"segment", "evaluate", "consensus"})
+_QUICK_EXIT = frozenset({"segment", "evaluate", "consensus", "export"})
 
 
 # True in a process started as the `deepwml` command (run() below), which owns the whole process;

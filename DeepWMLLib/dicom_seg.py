@@ -20,8 +20,10 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
   as the Device Serial Number, DeepWML's version as Software Versions);
 - one binary segment, "WMH": Segmented Property Category SCT 49755003 "Morphologically abnormal structure"
   (DICOM CID 7150), Type SCT 52988006 "Lesion" (CID 7159, which CID 7194 lists for that category), Anatomic
-  Region SCT 68523003 "Cerebral white matter" (as DICOM CID 7140 codes it), algorithm AUTOMATIC "DeepWML",
-  its Recommended Display CIELab Value the red of the QC picture and the outline;
+  Region SCT 68523003 "Cerebral white matter" (as DICOM CID 7140 codes it), algorithm AUTOMATIC "DeepWML"
+  (`deepwml export`, a mask edited or drawn by hand: SEMIAUTOMATIC "DeepWML", or MANUAL without an algorithm name
+  and with an empty Content Creator's Name), its Recommended Display CIELab Value the red of the QC picture and the
+  outline;
 - a frame on each slice of the source that holds a voxel of the mask, and on its first and last slices (empty
   there where the mask has nothing), the slices between without a voxel left out (as highdicom's default,
   `omit_empty_frames`, leaves them out; OHIF, Slicer and highdicom read such a sparse SEG, each frame placing
@@ -85,6 +87,9 @@ PROPERTY_TYPE = ("52988006", "SCT", "Lesion")  # CID 7159 Lesion Segmentation Ty
 ANATOMIC_REGION = ("68523003", "SCT", "Cerebral white matter")  # as CID 7140 codes it
 DERIVATION = ("113076", "DCM", "Segmentation")  # CID 7203 Image Derivation
 PURPOSE = ("121322", "DCM", "Source image for image processing operation")  # CID 7202
+# Segment Algorithm Type (0062,0008), PS3.3 C.8.20.2: DeepWML's own result AUTOMATIC; `deepwml export` writes a mask
+# a person edited (SEMIAUTOMATIC) or drew (MANUAL)
+ALGORITHM_TYPES = ("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL")
 DISPLAY_RGB = (255, 40, 40)  # qc.LESION_RGB: the red of the QC picture and the outline series
 
 # the attributes copied from the source (`source_attributes`' tags) and their value representations
@@ -225,16 +230,22 @@ class Segment:
     category: tuple = CATEGORY
     property_type: tuple = PROPERTY_TYPE
     anatomic_region: tuple | None = ANATOMIC_REGION
+    algorithm_type: str = "AUTOMATIC"  # Segment Algorithm Type: AUTOMATIC, SEMIAUTOMATIC or MANUAL (ALGORITHM_TYPES)
 
     def item(self, number: int) -> dict:
-        """Its Segment Sequence item as segment `number`."""
+        """Its Segment Sequence item as segment `number`: Segment Algorithm Name "DeepWML" unless the segment is
+        MANUAL (PS3.3 C.8.20.2: required, type 1C, only where the type is not MANUAL)."""
+        if self.algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(f"Segment Algorithm Type must be one of {', '.join(ALGORITHM_TYPES)}, got {self.algorithm_type!r}")
         item = {
             0x00620004: ("US", number), 0x00620005: ("LO", self.label[:_LONG_STRING]),
             0x00620006: ("ST", self.description[:_SHORT_TEXT]),
-            0x00620008: ("CS", "AUTOMATIC"), 0x00620009: ("LO", "DeepWML"),
+            0x00620008: ("CS", self.algorithm_type),
             0x0062000D: ("US", cielab(self.rgb)),
             0x00620003: ("SQ", [_code(self.category)]), 0x0062000F: ("SQ", [_code(self.property_type)]),
         }
+        if self.algorithm_type != "MANUAL":
+            item[0x00620009] = ("LO", "DeepWML")
         if self.anatomic_region is not None:
             item[0x00082218] = ("SQ", [_code(self.anatomic_region)])
         return item
@@ -260,25 +271,38 @@ class SegObject:
         return found
 
 
-def segmentation(image, mask, series: io.DicomSeries, report: dict) -> SegObject:
+def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_type: str = "AUTOMATIC") -> SegObject:
     """The DICOM SEG of a segmentation (module docstring), made whole before anything is written, so that a
     failure here leaves no output behind. `image`: the FLAIR as read from `series`; `mask` on its grid;
     `report`: the segmentation's (its models' checksums, volume and lesion count are described). Its one segment,
     WMH, has a frame on each slice holding a voxel of the mask and on the first and last slices, an empty mask's
-    those two, empty."""
+    those two, empty. `algorithm_type` (ALGORITHM_TYPES): AUTOMATIC, DeepWML's own result; SEMIAUTOMATIC (a
+    DeepWML mask edited by hand) or MANUAL (a rater's) for `deepwml export`: then its descriptions say so, its
+    Series Description "DeepWML WMH segmentation, edited" (or ", manual"), and a MANUAL segment names no algorithm
+    and no content creator (the rater is not known)."""
     from . import __version__
 
     models = list(report.get("model_sha256") or [])
-    described = (f"White matter hyperintensities on FLAIR by DeepWML {__version__} (models {', '.join(models)}): "
-                 f"{report.get('volume_ml', 0):.2f} ml, {lesion_count_text(report.get('lesion_count', 0))}. "
-                 "Research use, not for diagnosis.")
+    figures = f"{report.get('volume_ml', 0):.2f} ml, {lesion_count_text(report.get('lesion_count', 0))}"
+    if algorithm_type == "AUTOMATIC":
+        described = (f"White matter hyperintensities on FLAIR by DeepWML {__version__} (models {', '.join(models)}): "
+                     f"{figures}. Research use, not for diagnosis.")
+        title, content = TITLE, "White matter hyperintensities (DeepWML)"
+    else:
+        how = "edited by hand" if algorithm_type == "SEMIAUTOMATIC" else "drawn by hand"
+        described = (f"White matter hyperintensities on FLAIR, {how} ({algorithm_type}), exported by DeepWML "
+                     f"{__version__}: {figures}. Research use, not for diagnosis.")
+        title = f"{TITLE}, {'edited' if algorithm_type == 'SEMIAUTOMATIC' else 'manual'}"
+        content = f"White matter hyperintensities ({algorithm_type.lower()})"
     binary = (np.asarray(_array(mask)) > 0).astype(np.uint8)
-    return labelled_segmentation(image, binary, series, [Segment(1, "WMH", described, DISPLAY_RGB)], models,
-                                 TITLE, "WMH", "White matter hyperintensities (DeepWML)")
+    return labelled_segmentation(image, binary, series, [Segment(1, "WMH", described, DISPLAY_RGB,
+                                                                 algorithm_type=algorithm_type)], models,
+                                 title, "WMH", content, creator="" if algorithm_type == "MANUAL" else "DeepWML^")
 
 
 def labelled_segmentation(image, labels, series: io.DicomSeries, segments, models, title: str, content_label: str,
-                          content_description: str, offset: int = SERIES_NUMBER_OFFSET) -> SegObject:
+                          content_description: str, offset: int = SERIES_NUMBER_OFFSET,
+                          creator: str = "DeepWML^") -> SegObject:
     """A BINARY DICOM SEG of a label map (`labels`, a SimpleITK image or numpy k, j, i array on `image`'s grid): one
     segment per item of `segments` (`Segment`, at least one), numbered 1, 2, ... in their order, each where the
     label map equals its value, a frame on each slice of the source where it has a voxel, and segment 1's on the
@@ -287,7 +311,7 @@ def labelled_segmentation(image, labels, series: io.DicomSeries, segments, model
     Identification per frame). `offset`: the Series Number's from the source's (module docstring).
     `models`: the models' checksums (the Device Serial Number); `title`: the Series Description before the source's
     in brackets; `content_label` (CS, at most 16 characters) and `content_description`: Content Label and
-    Description. Made whole in memory, so that a failure leaves no output behind."""
+    Description; `creator`: Content Creator's Name (PN, type 2: may be empty). Made whole in memory, so that a failure leaves no output behind."""
     from . import __version__
 
     segments = list(segments)
@@ -369,7 +393,7 @@ def labelled_segmentation(image, labels, series: io.DicomSeries, segments, model
         0x00620001: ("CS", "BINARY"),
         0x00620002: ("SQ", [segment.item(n) for n, segment in enumerate(segments, start=1)]),
         0x00700080: ("CS", content_label), 0x00700081: ("LO", content_description[:_LONG_STRING]),
-        0x00700084: ("PN", "DeepWML^"),
+        0x00700084: ("PN", creator),
         0x52009229: ("SQ", [shared]), 0x52009230: ("SQ", per_frame),
         0x7FE00010: ("OB", bits),
     })

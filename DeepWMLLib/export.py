@@ -1,0 +1,231 @@
+"""`deepwml export FLAIR MASK -o OUTDIR`: a mask DeepWML did not just compute (its own mask corrected by hand in
+Slicer or ITK-SNAP, or a rater's) made into the outputs PACS takes: the report (CASE_report.json) with the mask's own
+figures, and on request the DICOM SEG (--dicom-seg), the outline series (--dicom-outline) and the QC picture (--qc).
+
+The FLAIR is read as `deepwml segment` reads it (an image file, a DICOM series folder, or a study's folder whose
+FLAIR is picked, --series naming another); the mask as every command reads one (`io.read_mask`: NIfTI, NRRD, a
+Slicer .seg.nrrd, a DICOM SEG...), put on the FLAIR's grid as `evaluate` and `change` put it (`io.onto_grid`:
+reordered, or padded when saved cropped on its voxels; a mask on another grid refused), any non-zero voxel a lesion.
+No network runs: the report's figures are those `deepwml segment` writes for a mask (`report.lesion_report`: volume,
+lesion count, lesion table, LV groups per slice); the periventricular/deep split, which needs the ventricle network,
+is left out (`location` null). The report says what it is an export of (`source` "export", `mask`, `mask_sha256`,
+`algorithm_type`) and names no model. The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
+MANUAL (a rater's) or AUTOMATIC with --algorithm-type (`dicom_seg.segmentation`).
+
+Outputs there are refused unless --overwrite, and an OUTDIR holding `deepwml segment`'s outputs of the same case is
+refused even then (its report and mask would no longer agree): export into another OUTDIR, or name the case with
+--case.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .errors import DeepWMLError, UsageError
+
+SOURCE = "export"  # the report's `source`
+LOCATION_LEFT_OUT = ("no periventricular/deep split: it needs the ventricle network, which an export does not run "
+                     "(deepwml segment --ventricle-model makes it for its own mask)")
+EXPORT_OUTPUTS = ("report", "qc", "dicom_outline", "dicom_seg")  # of segment.output_paths' keys, those export writes
+
+
+def export_paths(out_dir: Path, case: str, qc: bool, dicom_outline: bool, dicom_seg: bool) -> dict:
+    """The outputs of an export, named as `deepwml segment` names them (`segment.output_paths`)."""
+    from .segment import output_paths
+
+    paths = output_paths(out_dir, case, False, qc=qc, dicom_outline=dicom_outline, dicom_seg=dicom_seg)
+    return {key: path for key, path in paths.items() if key in EXPORT_OUTPUTS}
+
+
+def _segment_run_there(report: Path) -> bool:
+    """Whether `report` is one `deepwml segment` wrote (not an export's): its mask beside it would not be the one
+    an export's report describes."""
+    try:
+        earlier = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(earlier, dict) and earlier.get("source") != SOURCE
+
+
+def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
+    """(the FLAIR image, (DicomSeries, how it was chosen) or None, the 0/1 mask on its grid, labels merged): the
+    FLAIR read as `deepwml segment` reads it, the mask as `io.read_mask` reads one, onto the FLAIR's grid."""
+    from .volume import Volume, like, voxels
+
+    if not flair.exists():
+        raise DeepWMLError(f"{flair} does not exist")
+    if not mask.exists():
+        raise DeepWMLError(f"{mask} does not exist")
+    if flair.is_dir() and not (io.is_dicom_folder(flair) or io.has_dicom_below(flair)):
+        raise DeepWMLError(io.undecodable_dicom(flair) or f"{flair} is a folder without a DICOM series; give the "
+                           "FLAIR's DICOM folder or image file")
+    chosen = io.choose_dicom_series(flair, series) if flair.is_dir() else None
+    if series is not None and chosen is None:
+        raise UsageError("--series names a series of a DICOM folder; the FLAIR given is an image file")
+    image = io.read_image(flair, light=True, series=chosen[0] if chosen else None)
+    marked = io.read_mask(mask, image, "the FLAIR")
+    array = np.asarray(voxels(marked))
+    labels = int(array.max(initial=0))
+    binary = like((array != 0).astype(np.uint8), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+                  Volume if isinstance(image, Volume) else None)
+    return image, chosen, binary, labels
+
+
+def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool = False, dicom_outline: bool = False,
+                qc: bool = False, overwrite: bool = False, series: str | None = None,
+                algorithm_type: str = "SEMIAUTOMATIC") -> dict:
+    """Export `mask` (a file) drawn on `flair` (module docstring) into `out_dir`; returns the report written.
+    Warnings (a non-DICOM FLAIR with `dicom_seg` or `dicom_outline`, what the FLAIR's header says) are recorded in
+    the report and said (warnings.warn)."""
+    from . import __version__
+    from .dicom_seg import ALGORITHM_TYPES
+    from .report import lesion_report
+    from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
+                          mask_digest, picture_title, scan_header_warnings, whole_or_none)
+
+    start = time.perf_counter()
+    if algorithm_type not in ALGORITHM_TYPES:
+        raise UsageError(f"--algorithm-type must be one of {', '.join(ALGORITHM_TYPES)}, got {algorithm_type!r}")
+    flair, mask = Path(flair), Path(mask)
+    case = case or io.case_name(flair)
+    image, chosen, binary, labels = read_flair_and_mask(flair, mask, series)
+    outline, seg = dicom_outline and chosen is not None, dicom_seg and chosen is not None
+    out = io.make_output_dir(out_dir)
+    paths = export_paths(out, case, qc, outline, seg)
+    protected = {flair.resolve(), mask.resolve()}
+    with case_guard(out, case, paths, protected):
+        existing = sorted(p.name for p in paths.values() if p.exists())
+        if existing and not overwrite:
+            raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
+                               f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
+        if paths["report"].exists() and _segment_run_there(paths["report"]):
+            raise DeepWMLError(f"{out} holds the outputs deepwml segment wrote for case {case!r} "
+                               f"({paths['report'].name}), which an export's report would replace; export into "
+                               "another OUTDIR, or give another name with --case")
+        report = {"case": case, "input": str(flair), "input_absolute": str(flair.resolve()), "source": SOURCE,
+                  "mask": str(mask), "mask_absolute": str(mask.resolve()), "mask_sha256": mask_digest(binary),
+                  "algorithm_type": algorithm_type, **lesion_report(binary), "location": None,
+                  "model": None, "model_sha256": [], "deepwml_version": __version__}
+        instances = dicom_instances(chosen[0], binary) if chosen else None
+        if instances:  # the image numbers PACS shows, beside the voxel indices, as segment writes them
+            for row in report["slices"]:
+                row["dicom_instance"] = instances[row["index"]]
+            for lesion in report["lesions"]:
+                lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
+        said = [LOCATION_LEFT_OUT]
+        if chosen:
+            report["dicom_series"] = chosen[0].as_dict(chosen[1])
+            said += dicom_series_warnings(chosen[0], chosen[1], image)
+        else:
+            said += scan_header_warnings(flair)
+        if labels > 1:
+            said.append(f"{mask.name} holds labels up to {labels}: every non-zero voxel was taken as lesion")
+        if dicom_outline and not outline:
+            said.append(NO_DICOM_OUTLINE)
+        if dicom_seg and not seg:
+            said.append(NO_DICOM_SEG)
+        report["warnings"] = said
+        # everything made before anything is written: a failure leaves no half set of outputs
+        if qc:
+            from .qc import png_bytes, render
+
+            picture = png_bytes(render(image, binary, title=picture_title(case, report), slice_labels=instances))
+        if outline:
+            from .dicom_outline import check_outline_folder, outline_series
+
+            check_outline_folder(paths["dicom_outline"], overwrite)
+            how = "edited by hand" if algorithm_type == "SEMIAUTOMATIC" else (
+                "drawn by hand" if algorithm_type == "MANUAL" else "by DeepWML")
+            prepared = outline_series(image, binary, chosen[0], report, derivation=(
+                f"WMH outlined in red, {how} ({algorithm_type}), exported by DeepWML {__version__}: "
+                f"{report['volume_ml']:.2f} ml, {report['lesion_count']} lesion(s). Research use, not for diagnosis."))
+        if seg:
+            from .dicom_seg import segmentation
+
+            segmented = segmentation(image, binary, chosen[0], report, algorithm_type)
+        with whole_or_none(paths):
+            if overwrite:  # the report first: stopped part way, no report describes other files
+                listed = []
+                if paths["report"].exists():
+                    try:
+                        listed = json.loads(paths["report"].read_text(encoding="utf-8")).get("outputs") or []
+                    except (OSError, ValueError, AttributeError):
+                        listed = []
+                    paths["report"].unlink()
+                # an earlier export's outputs this one does not write (it had --qc, this has not) would not match it
+                for key, stale in export_paths(out, case, True, True, True).items():
+                    if key in paths or stale.name not in listed or stale.resolve() in protected:
+                        continue
+                    if stale.is_dir():
+                        from .dicom_outline import remove_outline_series
+
+                        remove_outline_series(stale)
+                    elif stale.is_file():
+                        stale.unlink()
+            if qc:
+                io.write_bytes(picture, paths["qc"])
+            if outline:
+                from .dicom_outline import write_outline_series
+
+                report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
+            if seg:
+                io.write_bytes(segmented.data, paths["dicom_seg"])
+                report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
+            report["outputs"] = sorted(p.name for p in paths.values())
+            report["seconds"] = round(time.perf_counter() - start, 3)
+            io.write_text(json.dumps(report, indent=1), paths["report"])
+    for text in said:
+        if text != LOCATION_LEFT_OUT:
+            warnings.warn(text, stacklevel=2)
+    return report
+
+
+def register(subparsers) -> None:
+    from .cli import add_debug_flag
+    from .dicom_seg import ALGORITHM_TYPES
+
+    p = subparsers.add_parser(
+        "export", help="make the report, DICOM SEG, outline series or QC picture of a mask (one corrected by hand, or "
+                       "a rater's)",
+        description="Make the outputs deepwml segment makes of its own mask from a mask given: one corrected by hand "
+                    "(Slicer, ITK-SNAP) or a rater's, to send to PACS. FLAIR: the scan the mask was drawn on (an image "
+                    "file, a DICOM series folder, or a study's folder: its FLAIR is picked); MASK: any mask file "
+                    "DeepWML reads (NIfTI, NRRD, .seg.nrrd, DICOM SEG), on the FLAIR's grid (a mask saved cropped "
+                    "on its voxels is padded). Writes CASE_report.json (the mask's volume, lesions and LV groups; no "
+                    "network runs, so no periventricular/deep split).")
+    p.add_argument("flair", metavar="FLAIR", help="the FLAIR: an image file or a DICOM folder")
+    p.add_argument("mask", metavar="MASK", help="the mask to export, on the FLAIR's grid (any non-zero voxel a lesion)")
+    p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
+    p.add_argument("--case", metavar="NAME", help="the case's name, which begins the output files' (default: the "
+                   "FLAIR's file or folder name)")
+    p.add_argument("--series", metavar="TEXT", help="in a DICOM folder holding several series, the FLAIR's: its series "
+                   "number, description or UID (as deepwml segment --series)")
+    p.add_argument("--dicom-seg", action="store_true", help="also write CASE_wmh_seg.dcm: the mask as a DICOM "
+                   "Segmentation object (SEG) of the FLAIR's study (a DICOM FLAIR only)")
+    p.add_argument("--algorithm-type", default="SEMIAUTOMATIC", choices=ALGORITHM_TYPES,
+                   help="the SEG segment's Segment Algorithm Type: SEMIAUTOMATIC (default: a DeepWML mask corrected by "
+                        "hand), MANUAL (drawn by a rater: no algorithm named) or AUTOMATIC (DeepWML's mask unchanged)")
+    p.add_argument("--dicom-outline", action="store_true", help="also write CASE_outline_dicom/: the FLAIR with the "
+                   "mask's lesions outlined in red, as a new series of its study (a DICOM FLAIR only)")
+    p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export's outputs of the case")
+    add_debug_flag(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import sys
+
+    report = export_case(args.flair, args.mask, args.output_dir, args.case, args.dicom_seg, args.dicom_outline, args.qc,
+                         args.overwrite, args.series, args.algorithm_type)
+    from .report import lesion_count_text
+
+    print(f"{report['case']}: {report['volume_ml']:.2f} ml, {lesion_count_text(report['lesion_count'])}; "
+          f"{', '.join(report['outputs'])} in {args.output_dir}", file=sys.stderr)
+    return 0

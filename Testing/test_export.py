@@ -1,0 +1,149 @@
+"""`deepwml export FLAIR MASK -o OUTDIR`: a mask corrected by hand (or a rater's) made into the report, DICOM SEG,
+outline series and QC picture that `deepwml segment` makes of its own mask (DeepWMLLib/export.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepWMLLib import evaluation, io
+from DeepWMLLib.cli import main
+from DeepWMLLib.report import lesion_report
+from DeepWMLLib.segment import mask_digest
+
+from test_dicom_seg import phantom, source_series
+
+pydicom = pytest.importorskip("pydicom")
+
+
+def edited_mask(folder, path):
+    """A mask of the DICOM series in `folder` as a user edited it: DeepWML's (the bright voxels) with a lesion
+    removed (the corner voxel) and one drawn (a block on the empty slice 2), saved as NIfTI."""
+    flair = io.read_image(folder)
+    array = (sitk.GetArrayFromImage(flair) >= 600).astype(np.uint8)
+    array[0, 0, -1] = 0
+    array[2, 15:18, 20:24] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(flair)
+    sitk.WriteImage(mask, str(path))
+    return array
+
+
+def test_export_dicom_seg_of_an_edited_mask(tmp_path):
+    folder = source_series(tmp_path / "flair")
+    array = edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1",
+                 "--dicom-seg", "--dicom-outline", "--qc"]) == 0
+    seg = out / "p1_wmh_seg.dcm"
+    assert seg.is_file() and (out / "p1_qc.png").is_file() and (out / "p1_outline_dicom").is_dir()
+    flair = io.read_image(folder)
+    back = io.read_mask(seg, flair, "the FLAIR")  # the SEG's frames read back on the FLAIR's grid: the mask
+    assert np.array_equal(sitk.GetArrayFromImage(back), array)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_dicom_seg(seg)) > 0, array > 0)
+    data = pydicom.dcmread(seg)
+    segment = data.SegmentSequence[0]
+    assert segment.SegmentAlgorithmType == "SEMIAUTOMATIC" and segment.SegmentAlgorithmName == "DeepWML"
+    assert data.PatientName == "Doe^Jane" and data.StudyInstanceUID == "1.2.3.4"
+    report = json.loads((out / "p1_report.json").read_text())
+    assert report["source"] == "export" and report["algorithm_type"] == "SEMIAUTOMATIC"
+    assert report["mask"] == str(tmp_path / "edited.nii.gz") and report["model"] is None
+    assert report["mask_sha256"] == mask_digest(back)
+    assert report["location"] is None
+    assert sorted(report["outputs"]) == ["p1_outline_dicom", "p1_qc.png", "p1_report.json", "p1_wmh_seg.dcm"]
+    # the figures: what segment computes for that mask, and the volume deepwml evaluate reads of it
+    expected = lesion_report(back)
+    for key in ("volume_ml", "lesion_count", "slices", "lesions"):
+        if key in ("slices", "lesions"):
+            for row, want in zip(report[key], expected[key]):
+                assert {k: v for k, v in row.items() if not k.startswith("dicom_instance")} == want
+        else:
+            assert report[key] == expected[key]
+    voxel_ml = np.prod(flair.GetSpacing()) / 1000
+    assert report["volume_ml"] == pytest.approx(array.sum() * voxel_ml)
+    case = evaluation.evaluate_case(back, back)
+    assert report["volume_ml"] == pytest.approx(case["reference_volume_ml"], abs=1e-6)
+    assert report["lesion_count"] == case["n_reference_lesions"]
+    assert report["slices"][2]["dicom_instance"] == 3 and report["slices"][2]["lv_group"] is not None
+
+
+@pytest.mark.parametrize("kind", ["MANUAL", "AUTOMATIC"])
+def test_export_algorithm_type(tmp_path, kind):
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "rater.nrrd")
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "rater.nrrd"), "-o", str(out), "--dicom-seg",
+                 "--algorithm-type", kind]) == 0
+    [seg] = out.glob("*_wmh_seg.dcm")
+    segment = pydicom.dcmread(seg).SegmentSequence[0]
+    assert segment.SegmentAlgorithmType == kind
+    # Segment Algorithm Name: required unless MANUAL (PS3.3 C.8.20.2)
+    assert ("SegmentAlgorithmName" in segment) == (kind != "MANUAL")
+
+
+def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
+    folder = source_series(tmp_path / "flair")
+    other = phantom(spacing=(0.7, 0.9, 3.0))  # the same size, other slices
+    sitk.WriteImage(sitk.Cast(other >= 600, sitk.sitkUInt8), str(tmp_path / "other.nii.gz"))
+    assert main(["export", str(folder), str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--dicom-seg"]) == 1
+    error = capsys.readouterr().err
+    assert "different voxel grids" in error or "grid" in error
+    assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_export_pads_a_mask_saved_cropped(tmp_path):
+    folder = source_series(tmp_path / "flair")
+    array = edited_mask(folder, tmp_path / "edited.nii.gz")
+    full = sitk.ReadImage(str(tmp_path / "edited.nii.gz"))
+    sitk.WriteImage(full[2:30, 1:25, :], str(tmp_path / "cropped.nii.gz"))  # Slicer's 'crop to minimum extent'
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "cropped.nii.gz"), "-o", str(out), "--case", "c"]) == 0
+    report = json.loads((out / "c_report.json").read_text())
+    assert report["volume_ml"] == pytest.approx(array.sum() * np.prod(full.GetSpacing()) / 1000)
+
+
+def test_export_refuses_existing_outputs_without_overwrite(tmp_path, capsys):
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1", "--dicom-seg"]
+    assert main(command) == 0
+    before = (out / "p1_wmh_seg.dcm").read_bytes()
+    capsys.readouterr()
+    assert main(command) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "p1_wmh_seg.dcm").read_bytes() == before
+    assert main([*command, "--overwrite", "--qc"]) == 0
+    assert (out / "p1_qc.png").is_file()
+    assert (out / "p1_wmh_seg.dcm").read_bytes() != before  # a new SEG (new UIDs)
+    assert main([*command[:-1], "--overwrite"]) == 0  # without --dicom-seg and --qc: the earlier ones go
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["p1_report.json"]
+
+
+def test_export_refuses_a_segment_run_outdir(tmp_path, capsys):
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p1_report.json").write_text(json.dumps({"case": "p1", "model": ["m"], "volume_ml": 1.0}))
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1",
+                 "--overwrite"]) == 1
+    assert "deepwml segment wrote" in capsys.readouterr().err
+    assert json.loads((out / "p1_report.json").read_text())["model"] == ["m"]
+
+
+def test_export_non_dicom_flair_with_dicom_seg_warns(tmp_path, capsys):
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz"), "-o", str(out),
+                 "--dicom-seg"]) == 0
+    assert "warning: no DICOM SEG: the input is not DICOM" in capsys.readouterr().err
+    report = json.loads((out / "flair_report.json").read_text())
+    assert any(w.startswith("no DICOM SEG") for w in report["warnings"])
+    assert not list(out.glob("*.dcm")) and report["outputs"] == ["flair_report.json"]
