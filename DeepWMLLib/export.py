@@ -8,8 +8,8 @@ Slicer .seg.nrrd, a DICOM SEG...), put on the FLAIR's grid as `evaluate` and `ch
 reordered, or padded when saved cropped on its voxels; a mask on another grid refused), any non-zero voxel a lesion.
 No network runs: the report's figures are those `deepwml segment` writes for a mask (`report.lesion_report`: volume,
 lesion count, lesion table, LV groups per slice); the periventricular/deep split, which needs the ventricle network,
-is left out (`location` null). The report says what it is an export of (`source` "export", `mask`, `mask_sha256`,
-`algorithm_type`) and names no model. The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
+is left out (`location` null, `location_why` saying why). The report says what it is an export of (`source`
+"export", `mask`, `mask_sha256`, `algorithm_type`) and names no model. The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
 MANUAL (a rater's) or AUTOMATIC with --algorithm-type (`dicom_seg.segmentation`).
 
 Outputs there are refused unless --overwrite, and an OUTDIR holding `deepwml segment`'s outputs of the same case is
@@ -118,7 +118,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                 row["dicom_instance"] = instances[row["index"]]
             for lesion in report["lesions"]:
                 lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
-        said = [LOCATION_LEFT_OUT]
+        report["location_why"] = LOCATION_LEFT_OUT
+        said = []
         if chosen:
             report["dicom_series"] = chosen[0].as_dict(chosen[1])
             said += dicom_series_warnings(chosen[0], chosen[1], image)
@@ -181,8 +182,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             report["seconds"] = round(time.perf_counter() - start, 3)
             io.write_text(json.dumps(report, indent=1), paths["report"])
     for text in said:
-        if text != LOCATION_LEFT_OUT:
-            warnings.warn(text, stacklevel=2)
+        warnings.warn(text, stacklevel=2)
     return report
 
 

@@ -1510,8 +1510,8 @@ def _check_unedited(mask, file: Path, earlier: dict) -> str:
     if edited:
         raise DeepWMLError(f"{file.name} was changed since the run that made it ({how}): the outputs asked for would "
                            "show it with the report's figures, which are not its own; rerun with --overwrite to segment "
-                           "the case again (move your edited mask elsewhere first to keep it), or ask for them in "
-                           "another OUTDIR")
+                           "the case again (move your edited mask elsewhere first to keep it), or make them of the "
+                           "edited mask with deepwml export into another OUTDIR")
     return digest
 
 

@@ -289,6 +289,12 @@ BAD_INPUTS = [
     ("both masks given with --model", "change", 2, "nothing is segmented"),
     ("the baseline's and the follow-up's masks given the wrong way round", "change", 1,
      "lies on the follow-up FLAIR's grid, not the baseline's"),
+    ("export: a mask on another grid than the FLAIR's", "export", 1, "different voxel grids"),
+    ("export into an OUTDIR holding the case's earlier export", "export", 1, "rerun with --overwrite to replace"),
+    ("export --overwrite into an OUTDIR holding `deepwml segment`'s outputs of the case (its mask and report would "
+     "no longer agree)", "export", 1, "which an export's report would replace"),
+    ("export --dicom-seg of a FLAIR that is not DICOM", "export", 0,
+     "ok: the report, and a warning that no DICOM SEG was written (no patient or study to write one into)"),
 ]
 
 
@@ -1014,6 +1020,19 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "both masks given with --model":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
                 str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]
+    if row_id.startswith("export"):
+        export = ["export", str(p["good"]), str(p["truth"]), "-o", out]
+        if row_id.startswith("export: a mask on another grid"):
+            return ["export", str(p["good"]), str(p["other grid"]), "-o", out]
+        if row_id.startswith("export into"):
+            (tmp / "out").mkdir()
+            (tmp / "out" / "good_report.json").write_text(json.dumps({"source": "export"}))
+            return export
+        if row_id.startswith("export --overwrite"):
+            (tmp / "out").mkdir()
+            (tmp / "out" / "good_report.json").write_text(json.dumps({"model": ["m"]}))
+            return export + ["--overwrite"]
+        return export + ["--dicom-seg"]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
     if row_id == "a scan given as the training manifest":  # was "not a readable CSV ...: save it as UTF-8 CSV"

@@ -52,7 +52,8 @@ def test_export_dicom_seg_of_an_edited_mask(tmp_path):
     assert report["source"] == "export" and report["algorithm_type"] == "SEMIAUTOMATIC"
     assert report["mask"] == str(tmp_path / "edited.nii.gz") and report["model"] is None
     assert report["mask_sha256"] == mask_digest(back)
-    assert report["location"] is None
+    assert report["location"] is None and "ventricle network" in report["location_why"]
+    assert report["warnings"] == []
     assert sorted(report["outputs"]) == ["p1_outline_dicom", "p1_qc.png", "p1_report.json", "p1_wmh_seg.dcm"]
     # the figures: what segment computes for that mask, and the volume deepwml evaluate reads of it
     expected = lesion_report(back)

@@ -27,7 +27,7 @@ def test_library_never_imports_slicer_qt_vtk_ctk():
 def test_cli_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0
-    for command in ("segment", "evaluate", "consensus", "synth", "train", "bench"):
+    for command in ("segment", "evaluate", "consensus", "synth", "train", "bench", "adapt", "change", "export"):
         assert command in proc.stdout
 
 
