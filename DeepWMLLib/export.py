@@ -93,6 +93,9 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     if algorithm_type not in ALGORITHM_TYPES:
         raise UsageError(f"--algorithm-type must be one of {', '.join(ALGORITHM_TYPES)}, got {algorithm_type!r}")
     flair, mask = Path(flair), Path(mask)
+    if case is not None and (not case.strip() or case in (".", "..") or any(c in case for c in "/\\\0")):
+        raise UsageError(f"--case {case!r} is no file name (its outputs are CASE_report.json, ...): give a name "
+                         "without / or \\")
     case = case or io.case_name(flair)
     image, chosen, binary, labels = read_flair_and_mask(flair, mask, series)
     outline, seg = dicom_outline and chosen is not None, dicom_seg and chosen is not None

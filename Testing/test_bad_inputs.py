@@ -293,6 +293,7 @@ BAD_INPUTS = [
     ("export into an OUTDIR holding the case's earlier export", "export", 1, "rerun with --overwrite to replace"),
     ("export --overwrite into an OUTDIR holding `deepwml segment`'s outputs of the case (its mask and report would "
      "no longer agree)", "export", 1, "which an export's report would replace"),
+    ("export --case naming a path (`../up`), not a file name", "export", 2, "is no file name"),
     ("export --dicom-seg of a FLAIR that is not DICOM", "export", 0,
      "ok: the report, and a warning that no DICOM SEG was written (no patient or study to write one into)"),
 ]
@@ -1032,6 +1033,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             (tmp / "out").mkdir()
             (tmp / "out" / "good_report.json").write_text(json.dumps({"model": ["m"]}))
             return export + ["--overwrite"]
+        if row_id.startswith("export --case"):
+            return export + ["--case", "../up"]
         return export + ["--dicom-seg"]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]

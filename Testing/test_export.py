@@ -83,6 +83,9 @@ def test_export_algorithm_type(tmp_path, kind):
     assert segment.SegmentAlgorithmType == kind
     # Segment Algorithm Name: required unless MANUAL (PS3.3 C.8.20.2)
     assert ("SegmentAlgorithmName" in segment) == (kind != "MANUAL")
+    hd = pytest.importorskip("highdicom")
+    read = hd.seg.segread(seg)  # highdicom reads it as a SEG of that algorithm type
+    assert read.get_segment_description(1).algorithm_type.value == kind
 
 
 def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
@@ -148,3 +151,34 @@ def test_export_non_dicom_flair_with_dicom_seg_warns(tmp_path, capsys):
     report = json.loads((out / "flair_report.json").read_text())
     assert any(w.startswith("no DICOM SEG") for w in report["warnings"])
     assert not list(out.glob("*.dcm")) and report["outputs"] == ["flair_report.json"]
+
+
+def test_export_of_a_dicom_seg_mask(tmp_path, capsys):
+    """A rater's SEG from PACS given as MASK: its own figures, and a SEG of it written again (MANUAL) that reads
+    back the same; the SEG given is never written over."""
+    folder = source_series(tmp_path / "flair")
+    array = edited_mask(folder, tmp_path / "edited.nii.gz")
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(tmp_path / "a"), "--case", "p1",
+                 "--dicom-seg"]) == 0
+    rater = tmp_path / "a" / "p1_wmh_seg.dcm"
+    assert main(["export", str(folder), str(rater), "-o", str(tmp_path / "b"), "--case", "p1", "--dicom-seg",
+                 "--algorithm-type", "MANUAL"]) == 0
+    first, second = (json.loads((tmp_path / name / "p1_report.json").read_text()) for name in "ab")
+    assert second["volume_ml"] == first["volume_ml"] and second["lesion_count"] == first["lesion_count"]
+    assert second["mask_sha256"] == first["mask_sha256"]  # the same voxels
+    back = io.read_mask(tmp_path / "b" / "p1_wmh_seg.dcm", io.read_image(folder), "the FLAIR")
+    assert np.array_equal(sitk.GetArrayFromImage(back), array)
+    capsys.readouterr()
+    before = rater.read_bytes()
+    assert main(["export", str(folder), str(rater), "-o", str(tmp_path / "a"), "--case", "p1", "--dicom-seg",
+                 "--overwrite"]) == 1
+    assert "is one of the scans given" in capsys.readouterr().err and rater.read_bytes() == before
+
+
+def test_export_case_name_must_be_a_file_name(tmp_path, capsys):
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    assert main(["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--case", "../up"]) == 2
+    assert "is no file name" in capsys.readouterr().err and not (tmp_path / "up_report.json").exists()
