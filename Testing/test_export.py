@@ -4,6 +4,7 @@ outline series and QC picture that `deepwml segment` makes of its own mask (Deep
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from DeepWMLLib.cli import main
 from DeepWMLLib.report import lesion_report
 from DeepWMLLib.segment import mask_digest
 
-from test_dicom_seg import phantom, source_series
+from test_dicom_seg import _dciodvfy, phantom, source_series
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -86,6 +87,20 @@ def test_export_algorithm_type(tmp_path, kind):
     hd = pytest.importorskip("highdicom")
     read = hd.seg.segread(seg)  # highdicom reads it as a SEG of that algorithm type
     assert read.get_segment_description(1).algorithm_type.value == kind
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_finds_no_error_in_an_exported_seg(tmp_path):
+    """The standard's validator finds no error in an export's SEG of each algorithm type (MANUAL: no Segment
+    Algorithm Name, which the others require)."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "rater.nrrd")
+    for kind in ("MANUAL", "SEMIAUTOMATIC"):
+        out = tmp_path / kind
+        assert main(["export", str(folder), str(tmp_path / "rater.nrrd"), "-o", str(out), "--dicom-seg",
+                     "--algorithm-type", kind]) == 0
+        [seg] = out.glob("*_wmh_seg.dcm")
+        assert _dciodvfy(seg) == [], kind
 
 
 def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
