@@ -5236,16 +5236,18 @@ def dicom_seg_file(path: str | os.PathLike) -> Path | None:
     except OSError:
         return None  # read_any says why
     series = dicom_series(p)
-    if not series:  # a study exported as one folder per series
+    below = not series  # a study exported as one folder per series: the SEG may be in a folder below
+    if below:
         series = [s for study in dicom_catalogue(p)[0] for s in study.series]
     segs = [s for s in series if s.modality == "SEG"]
-    if not segs:  # a SEG the DICOM library's scan passes over (RLE-compressed 1-bit frames, a LABELMAP SEG)
-        try:
-            own = sorted(f for f in p.iterdir() if _looks_dicom(f.name) and f.is_file() and _is_dicom_seg_file(f))
-        except OSError:
-            return None
+    if not segs:  # a SEG the DICOM library's scan passes over (RLE-compressed 1-bit frames, a LABELMAP SEG): the
+        # folder's own files, or without a series of its own those below it too (rater/SE300/IM0001), as above
+        own = sorted(Path(current, name) for current, names in _each_folder(p, recursive=below) for name in names
+                     if _looks_dicom(name) and os.path.isfile(os.path.join(current, name))
+                     and _is_dicom_seg_file(Path(current, name)))
         if len(own) > 1:
-            raise DeepWMLError(f"{p} holds {len(own)} DICOM Segmentation files ({', '.join(f.name for f in own)}); "
+            shown = ", ".join(str(f.relative_to(p)) for f in own)
+            raise DeepWMLError(f"{p} holds {len(own)} DICOM Segmentation files ({shown}); "
                                "give the file of the one to read as the mask")
         return own[0] if own else None
     if len(segs) > 1:

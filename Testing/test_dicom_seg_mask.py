@@ -438,3 +438,23 @@ def test_deepwml_change_segmentation_read_as_a_mask_is_the_follow_ups_lesions_as
     assert io.lesion_segment_names(tmp_path / "rater.seg.nrrd") == ["new", "gone"]
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.seg.nrrd", flair)),
                           np.isin(labels, [2, 5]).astype(np.uint8))
+
+
+def test_an_rle_or_labelmap_seg_in_a_folder_below_given_as_a_mask(tmp_path, phantom_case):
+    """A study exported as one folder per series (rater/SE300/IM0001) whose SEG the DICOM library's scan passes over
+    (RLE-compressed 1-bit frames, a LABELMAP SEG) was refused as 'compressed in a way GDCM cannot decode' or as a
+    folder without a series: only the folder's own files were looked at. The one below is the mask; two below are
+    refused, naming them by their place under the folder."""
+    folder, flair, _ = phantom_case
+    mask = rater_mask(flair)
+    highdicom_seg(folder, tmp_path / "plain.dcm", {"WMH": mask})
+    (tmp_path / "rle" / "SE300").mkdir(parents=True)
+    _rle_binary(tmp_path / "plain.dcm", tmp_path / "rle" / "SE300" / "IM0001", packed=True)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rle", flair)), mask)
+    (tmp_path / "labelmap" / "SE301").mkdir(parents=True)
+    highdicom_seg(folder, tmp_path / "labelmap" / "SE301" / "IM0001", {"WMH": mask * 1}, kind="LABELMAP")
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "labelmap", flair)), mask)
+    (tmp_path / "labelmap" / "SE302").mkdir()
+    shutil.copy(tmp_path / "rle" / "SE300" / "IM0001", tmp_path / "labelmap" / "SE302" / "IM0001")
+    with pytest.raises(DeepWMLError, match=r"labelmap holds 2 DICOM Segmentation files \(SE301/IM0001, SE302/IM0001\)"):
+        io.read_mask(tmp_path / "labelmap", flair)
