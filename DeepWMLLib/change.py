@@ -1243,7 +1243,9 @@ def _moved_scan(done: dict, name: str, key: str, path: Path) -> bool:
 def _missing_outputs(out: Path, case: str, done: dict) -> list[str]:
     """The outputs of a pair done before (its report `done`) that are no longer in `out`; its optional ones (the QC
     picture, the outline series, the SEG) are not needed."""
-    optional = (f"{case}_change_qc.png", seg_path(out, case).name, f"{case}_change.json")
+    # (the outline series' folder too: a rerun that added it lists it, and it may be deleted or, the run killed
+    # between the report and it, never written)
+    optional = (f"{case}_change_qc.png", seg_path(out, case).name, outline_path(out, case).name, f"{case}_change.json")
     listed = done.get("outputs")
     if isinstance(listed, list):
         return [n for n in listed if isinstance(n, str) and n not in optional and not (out / n).exists()]

@@ -1033,6 +1033,14 @@ def test_a_cohort_rerun_asking_for_the_picture_outline_and_seg_adds_them_from_th
         assert next(csv.DictReader(f))["status"] == "added"
     assert main(run + ["--qc", "--dicom-outline", "--dicom-seg"]) == 0  # nothing missing
     assert "p1: skipped - done before" in capsys.readouterr().err
+    # the outline series the rerun added, deleted since (sent to PACS; or a run killed before writing it, its report
+    # listing it): an optional output, as in a full run's report, which does not list it: a plain rerun skips the
+    # pair (it was an error, 'not its p1_change_outline_dicom (deleted?)')
+    saved_outline = tmp_path / "outline_kept"
+    shutil.move(str(out / "p1_change_outline_dicom"), saved_outline)
+    assert main(run) == 0
+    assert "p1: skipped - done before" in capsys.readouterr().err
+    shutil.move(str(saved_outline), out / "p1_change_outline_dicom")
     assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "full"), "--qc"]) == 0
     assert (tmp_path / "full" / "p1_change_qc.png").read_bytes() == (out / "p1_change_qc.png").read_bytes()
     # the label map edited since: refused, nothing added
