@@ -1510,8 +1510,10 @@ def _check_unedited(mask, file: Path, earlier: dict) -> str:
     if edited:
         raise DeepWMLError(f"{file.name} was changed since the run that made it ({how}): the outputs asked for would "
                            "show it with the report's figures, which are not its own; rerun with --overwrite to segment "
-                           "the case again (move your edited mask elsewhere first to keep it), or make them of the "
-                           "edited mask with deepwml export into another OUTDIR")
+                           "the case again (move your edited mask elsewhere first to keep it): that gives a new "
+                           "segmentation's outputs, not your edit's. The edited mask's own report, DICOM SEG, outline "
+                           "and picture: deepwml export FLAIR EDITED_MASK -o ANOTHER_OUTDIR --dicom-seg (or, in Slicer, "
+                           "the DeepWML module's Save results with 'Also write a DICOM SEG')")
     return digest
 
 

@@ -309,7 +309,9 @@ def test_a_saved_mask_replaced_or_edited_is_not_given_new_outputs(tmp_path, tiny
     assert main(args + ["--qc"]) == 1
     row = read_summary(out)[0]
     assert "c_wmh.nii.gz was changed since the run that made it" in row["error"] and "--overwrite" in row["error"]
-    assert "with deepwml export into another OUTDIR" in row["error"]  # what makes the edited mask's outputs
+    # what to do with the edit: --overwrite segments anew; deepwml export (or Slicer's Save results) makes the edit's
+    assert "not your edit's" in row["error"] and "deepwml export FLAIR EDITED_MASK" in row["error"]
+    assert "Save results with 'Also write a DICOM SEG'" in row["error"]
     assert not (out / "c_qc.png").exists() and (out / "c_report.json").read_bytes() == report
     # a report of an older version, without mask_sha256: the lesions' voxels tell
     older = json.loads(report)
