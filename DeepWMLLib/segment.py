@@ -1306,7 +1306,12 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
                                      grid_phases=grid_phases, brain_gate=brain_gate)
 
             return add_outputs(case, path, out_dir, paths, missing, earlier, study, networks, progress, cancel)
-        row = {"case": case, "input": str(path), "status": "skipped", "error": skip_message(existing, earlier)}
+        # --dicom-outline/--dicom-seg of an input that is not DICOM: nothing to add, said as a full run says it (the
+        # skip alone read as if --overwrite would make them)
+        unmade = [warning for asked, made, warning in ((dicom_outline, outline, NO_DICOM_OUTLINE),
+                                                       (dicom_seg, seg, NO_DICOM_SEG)) if asked and not made]
+        row = {"case": case, "input": str(path), "status": "skipped",
+               "error": "; ".join([skip_message(existing, earlier), *unmade])}
         try:  # the earlier result stays in summary.csv, which this run writes anew
             row.update({key: value for key, value in summary_row(case, path, earlier).items()
                         if key not in ("status", "error", "input", "seconds")})

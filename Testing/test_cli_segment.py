@@ -261,6 +261,27 @@ def test_a_rerun_asking_for_the_qc_picture_adds_it_from_the_saved_mask(tmp_path,
     assert (tmp_path / "full" / "c_qc.png").read_bytes() == picture
 
 
+def test_a_rerun_asking_for_dicom_outputs_of_a_file_input_is_skipped_saying_none_can_be_made(tmp_path, tiny_model,
+                                                                                              capsys):
+    """--dicom-seg and --dicom-outline asked of a case done before from a NIfTI file: nothing to add (the input has
+    no patient or study), the case skipped, and the row says why there is no SEG or outline as a full run's report
+    does (it said only 'outputs exist ... use --overwrite', which would not make them either); nothing written."""
+    from DeepWMLLib.segment import NO_DICOM_OUTLINE, NO_DICOM_SEG
+
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    report = (out / "c_report.json").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--dicom-seg", "--dicom-outline"]) == 0
+    row = read_summary(out)[0]
+    assert row["status"] == "skipped" and NO_DICOM_SEG in row["error"] and NO_DICOM_OUTLINE in row["error"]
+    assert NO_DICOM_SEG in capsys.readouterr().err
+    assert (out / "c_report.json").read_bytes() == report and not (out / "c_wmh_seg.dcm").exists()
+    assert main(args) == 0 and NO_DICOM_SEG not in read_summary(out)[0]["error"]
+
+
 def test_a_rerun_adding_a_probability_map_runs_the_networks_and_keeps_the_saved_mask(tmp_path, tiny_model):
     """--save-probabilities asked for a case done without it: the networks run again (only they make the map), their
     mask checked to be the saved one; the saved files stay byte for byte; the row says the networks ran."""
