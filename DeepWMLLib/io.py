@@ -5508,6 +5508,10 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
         raise refuse(f"is {kind} with Bits Allocated {bits} (a {kind} SEG has {' or '.join(map(str, _SEG_BITS[kind]))})"
                      "; export it again")
     segments = _seg_segments(path, top)
+    beyond = [n for n in segments if kind == "LABELMAP" and n >= 1 << bits]
+    if beyond:  # (read, the segment would be no pixel's value: a mask without it, or an internal error)
+        raise refuse(f"is LABELMAP with {bits}-bit pixels, and lists segment {beyond[0]}, which they cannot hold "
+                     f"(up to {(1 << bits) - 1}); export it again")
     lesion, left_out = _lesion_numbers(segments, top)
     if left_out is not None:  # DeepWML's change SEG: its follow-up's lesions (none where every call is a gone one)
         if left_out:

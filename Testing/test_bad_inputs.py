@@ -237,6 +237,9 @@ BAD_INPUTS = [
     ("a DICOM SEG given as the reference of Segmentation Type LABELMAP (Label Map Segmentation Storage, DICOM 2024: "
      "each pixel its segment's number; refused before)", "evaluate", 0,
      "ok: its lesion segment's pixels read (Dice 1 against the mask it holds)"),
+    ("a LABELMAP DICOM SEG given as the reference listing a segment number its 8-bit pixels cannot hold (300; an "
+     "internal error before)", "evaluate", 1, "is LABELMAP with 8-bit pixels, and lists segment 300, which they "
+     "cannot hold (up to 255)"),
     ("a folder holding two DICOM SEGs given as the reference (two raters' outlines exported together: which one is "
      "meant is not known)", "evaluate", 1, "holds 2 DICOM Segmentation series"),
     ("change --dicom-seg with a DICOM follow-up without a Frame of Reference UID", "change", 1,
@@ -839,7 +842,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith("a folder holding two DICOM SEGs"):
         _empty_segs(p["good"], tmp, ("rater_a.dcm", "rater_b.dcm"))
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg")]
-    if row_id.startswith("a DICOM SEG given as the reference"):
+    if row_id.startswith(("a DICOM SEG given as the reference", "a LABELMAP DICOM SEG given as the reference")):
         from DeepWMLLib import dicom_seg
 
         scan = sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16)
@@ -860,7 +863,7 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg" / "rater.dcm")]
         io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
         if "RLE Lossless (" in row_id or "LABELMAP" in row_id:
-            _recoded_seg(tmp / "in" / "seg" / "IM0001", "LABELMAP" in row_id)
+            _recoded_seg(tmp / "in" / "seg" / "IM0001", "LABELMAP" in row_id, 300 if "cannot hold" in row_id else 1)
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
                 str(tmp / "e.json")]
     if row_id == "change --dicom-seg with a DICOM follow-up without a Frame of Reference UID":
@@ -1054,7 +1057,7 @@ def _hashes(folder: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
-def _recoded_seg(path, labelmap: bool) -> None:
+def _recoded_seg(path, labelmap: bool, number: int = 1) -> None:
     """DeepWML's BINARY SEG at `path` rewritten by pydicom: its frames RLE Lossless (pydicom's encoder, each
     frame's bits packed), or as a LABELMAP SEG element by element (SOP class, Segmentation Type, 8 bits a pixel,
     each its segment's number, no Segment Identification, segment 0 the background)."""
@@ -1074,6 +1077,7 @@ def _recoded_seg(path, labelmap: bool) -> None:
         background = pydicom.Dataset()
         background.SegmentNumber, background.SegmentLabel, background.SegmentAlgorithmType = 0, "Background", "MANUAL"
         ds.SegmentSequence.insert(0, background)
+        ds.SegmentSequence[1].SegmentNumber = number  # (300: more than 8-bit pixels hold)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = io.LABEL_MAP_SEGMENTATION_STORAGE
         ds.SegmentationType, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "LABELMAP", 8, 8, 7
         ds.PixelData = frames.tobytes()
