@@ -1096,7 +1096,11 @@ def _run_cohort(args) -> int:
                     rows.append({**_summary_row(entry["case"], report), "status": ADDED, "error": how})
                     print(f"{entry['case']}: {ADDED} - {how}", file=sys.stderr)
                 else:
-                    rows.append({**_summary_row(entry["case"], done), "status": "skipped", "error": _skip_message(done)})
+                    # --dicom-outline/--dicom-seg of a file follow-up: nothing to add, said as a full run's report says it
+                    unmade = [warning for option, warning in (("dicom_outline", NO_DICOM_OUTLINE), ("dicom_seg", NO_DICOM_SEG))
+                              if getattr(args, option, False) and not Path(entry["followup"]).is_dir()]
+                    rows.append({**_summary_row(entry["case"], done), "status": "skipped",
+                                 "error": "; ".join([_skip_message(done), *unmade])})
                     print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
                 _write_summary(rows, out)
                 continue
@@ -1274,6 +1278,13 @@ def _skip_message(done: dict) -> str:
         message += (f"; made by an older DeepWML whose report does not record all its settings ({', '.join(unrecorded)}), "
                     "so this run's may differ: --overwrite makes it with them")
     return message
+
+
+# the warnings of --dicom-outline and --dicom-seg for a follow-up that is not DICOM (a run's report; a rerun's skip)
+NO_DICOM_OUTLINE = ("no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one "
+                    "into (--dicom-outline needs a DICOM follow-up)")
+NO_DICOM_SEG = ("no DICOM SEG: the follow-up is not DICOM, so it has no patient or study to write one into (--dicom-seg "
+                "needs a DICOM follow-up)")
 
 
 def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tuple[dict, str] | None:
@@ -1470,13 +1481,9 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
             if c and c[1].startswith("the only one of")] + gaps + report["warnings"]
     report["warnings"] = identity + report["warnings"]
     if getattr(args, "dicom_outline", False) and not outline:
-        report["warnings"] = report["warnings"] + [
-            "no DICOM outline series: the follow-up is not DICOM, so it has no patient or study to write one into "
-            "(--dicom-outline needs a DICOM follow-up)"]
+        report["warnings"] = report["warnings"] + [NO_DICOM_OUTLINE]
     if getattr(args, "dicom_seg", False) and not seg:
-        report["warnings"] = report["warnings"] + [
-            "no DICOM SEG: the follow-up is not DICOM, so it has no patient or study to write one into (--dicom-seg "
-            "needs a DICOM follow-up)"]
+        report["warnings"] = report["warnings"] + [NO_DICOM_SEG]
     elif seg and segmented is None:
         report["warnings"] = report["warnings"] + [
             "no DICOM SEG: neither scan has a lesion, so there is no change to segment (a SEG needs one segment at least)"]

@@ -587,6 +587,12 @@ def test_a_cohort_of_pairs_from_a_manifest(pair, tmp_path, capsys):
     assert err.rstrip().endswith(f"0/1 pairs done (0 failed, 1 skipped), summary in {out / 'change_summary.csv'}")
     rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
     assert rows[0]["status"] == "skipped" and rows[0]["n_new"] == "1"  # its figures kept from its report
+    # --dicom-seg/--dicom-outline asked of the pair of NIfTI files: nothing to add; the row says why, as a full run's
+    # report does (it said only 'done before (use --overwrite to redo)', which would not make them either)
+    assert main(["change", "--manifest", str(manifest), "-o", str(out), "--dicom-seg", "--dicom-outline"]) == 0
+    assert f"p1/visit2: skipped - done before (use --overwrite to redo); {change.NO_DICOM_OUTLINE}; " \
+           f"{change.NO_DICOM_SEG}" in capsys.readouterr().err
+    assert not any(p.name.endswith(("_seg.dcm", "_outline_dicom")) for p in out.iterdir())
     manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"  # the same name, another pair
                         f"p1/visit2,{files['followup']},{files['baseline']},{files['followup_mask']},{files['baseline_mask']}\n",
                         encoding="utf-8")
