@@ -1305,7 +1305,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
                                      backend, brain_model, precision, ventricle_model, checked=True,
                                      grid_phases=grid_phases, brain_gate=brain_gate)
 
-            return add_outputs(case, path, out_dir, paths, missing, earlier, study, networks, progress, cancel)
+            return add_outputs(case, path, out_dir, paths, missing, earlier, study, networks, progress, cancel, series=series)
         # --dicom-outline/--dicom-seg of an input that is not DICOM: nothing to add, said as a full run says it (the
         # skip alone read as if --overwrite would make them)
         unmade = [warning for asked, made, warning in ((dicom_outline, outline, NO_DICOM_OUTLINE),
@@ -1523,7 +1523,7 @@ def _check_unedited(mask, file: Path, earlier: dict) -> str:
 
 
 def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list[str], earlier: dict, study, networks,
-                progress=None, cancel=None, draw=None) -> dict:
+                progress=None, cancel=None, draw=None, series: str | None = None) -> dict:
     """Make the outputs of a case done before that this run asks for and its OUTDIR lacks (`missing`, keys of
     `paths` among ADDABLE_OUTPUTS), from the earlier run's saved mask, the file the user has, checked first: on
     the scan's grid (read again), unedited (_check_unedited). The QC picture, the DICOM outline series and the
@@ -1544,8 +1544,9 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
     if mask_file is None:  # check_earlier_result found it: gone since
         raise DeepWMLError(f"the mask of {case!r} is not in {out_dir}; rerun with --overwrite to segment the case again")
     chosen = None
-    if path.is_dir():  # the series the earlier run read (its UID), among the study's
-        uid = (earlier.get("dicom_series") or {}).get("uid")
+    if path.is_dir():  # the series the earlier run read (its UID), among the study's; a report of a version before
+        # it was recorded: this run's --series, which check_earlier_result could not compare (else the study's FLAIR)
+        uid = (earlier.get("dicom_series") or {}).get("uid") or series
         chosen = io.choose_dicom_series(path, uid, candidates=study.series if study else None, strict=bool(study))
     with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None, reading=reading)

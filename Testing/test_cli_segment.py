@@ -282,6 +282,29 @@ def test_a_rerun_asking_for_dicom_outputs_of_a_file_input_is_skipped_saying_none
     assert main(args) == 0 and NO_DICOM_SEG not in read_summary(out)[0]["error"]
 
 
+def test_a_rerun_adding_the_picture_to_an_old_report_reads_the_series_given_by_series(tmp_path, tiny_model):
+    """A case of a DICOM study segmented with --series, its report of a version before `dicom_series` (and the
+    input's fingerprint) were recorded, rerun with the same --series and --qc: the picture is drawn on that series.
+    Without the report's series UID the study's FLAIR-like series was read instead, its grid not the mask's: an
+    error telling to segment again."""
+    study = tmp_path / "patient_a"
+    for number, (description, inversion, slices) in enumerate((("AX T2 FLAIR", 2500, 5), ("AX T2 TSE", None, 4)),
+                                                               start=1):
+        image, _ = make_volume(size=(32, 32, slices), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+        write_dicom_series(study, image, uid=f"1.2.3.{number}", description=description, inversion_ms=inversion,
+                           repetition_ms=9000 if inversion else 600, prefix=f"s{number}_", number=number)
+    out = tmp_path / "out"
+    args = ["segment", str(study), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--series", "tse"]
+    assert main(args) == 0
+    report = json.loads((out / "patient_a_report.json").read_text(encoding="utf-8"))
+    for key in ("dicom_series", "input_absolute", "input_fingerprint", "mask_sha256"):
+        del report[key]
+    (out / "patient_a_report.json").write_text(json.dumps(report), encoding="utf-8")
+    assert main(args + ["--qc"]) == 0
+    row = read_summary(out)[0]
+    assert row["status"] == "added" and (out / "patient_a_qc.png").is_file(), row["error"]
+
+
 def test_a_rerun_adding_a_probability_map_runs_the_networks_and_keeps_the_saved_mask(tmp_path, tiny_model):
     """--save-probabilities asked for a case done without it: the networks run again (only they make the map), their
     mask checked to be the saved one; the saved files stay byte for byte; the row says the networks ran."""
