@@ -5,7 +5,8 @@ figures, and on request the DICOM SEG (--dicom-seg), the outline series (--dicom
 The FLAIR is read as `deepwml segment` reads it (an image file, a DICOM series folder, or a study's folder whose
 FLAIR is picked, --series naming another); the mask as every command reads one (`io.read_mask`: NIfTI, NRRD, a
 Slicer .seg.nrrd, a DICOM SEG...), put on the FLAIR's grid as `evaluate` and `change` put it (`io.onto_grid`:
-reordered, or padded when saved cropped on its voxels; a mask on another grid refused), any non-zero voxel a lesion.
+reordered, or padded when saved cropped on its voxels; a mask on another grid refused), any non-zero voxel a lesion
+but label 2 (ignore) of a mask holding 1 and 2.
 No network runs: the report's figures are those `deepwml segment` writes for a mask (`report.lesion_report`: volume,
 lesion count, lesion table, LV groups per slice); the periventricular/deep split, which needs the ventricle network,
 is left out (`location` null, `location_why` saying why). The report says what it is an export of (`source`
@@ -30,6 +31,7 @@ from . import io
 from .errors import DeepWMLError, UsageError
 
 SOURCE = "export"  # the report's `source`
+IGNORE_LABEL = 2  # metrics.IGNORE_LABEL: the mask conventions' "ignore"
 LOCATION_LEFT_OUT = ("no periventricular/deep split: it needs the ventricle network, which an export does not run "
                      "(deepwml segment --ventricle-model makes it for its own mask)")
 EXPORT_OUTPUTS = ("report", "qc", "dicom_outline", "dicom_seg")  # of segment.output_paths' keys, those export writes
@@ -54,8 +56,10 @@ def _segment_run_there(report: Path) -> bool:
 
 
 def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
-    """(the FLAIR image, (DicomSeries, how it was chosen) or None, the 0/1 mask on its grid, labels merged): the
-    FLAIR read as `deepwml segment` reads it, the mask as `io.read_mask` reads one, onto the FLAIR's grid."""
+    """(the FLAIR image, (DicomSeries, how it was chosen) or None, the 0/1 mask on its grid, (the mask's non-zero
+    labels, the voxels of label 2 left out)): the FLAIR read as `deepwml segment` reads it, the mask as `io.read_mask`
+    reads one, onto the FLAIR's grid. Any non-zero voxel is lesion, but in a mask holding both 1 and 2 (the mask
+    conventions' lesion and ignore, as `deepwml evaluate` reads a reference) label 2 is left out."""
     from .volume import Volume, like, voxels
 
     if not flair.exists():
@@ -71,10 +75,17 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
     image = io.read_image(flair, light=True, series=chosen[0] if chosen else None)
     marked = io.read_mask(mask, image, "the FLAIR")
     array = np.asarray(voxels(marked))
-    labels = int(array.max(initial=0))
-    binary = like((array != 0).astype(np.uint8), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
+    values = [int(v) for v in np.unique(array) if v]
+    ignored = 0
+    if 1 in values and IGNORE_LABEL in values:  # the mask conventions' 1 lesion, 2 ignore (a MICCAI rater's other
+        # pathology, as `evaluate` reads a reference): not lesion
+        ignored = int(np.count_nonzero(array == IGNORE_LABEL))
+        lesion = (array != 0) & (array != IGNORE_LABEL)
+    else:
+        lesion = array != 0
+    binary = like(lesion.astype(np.uint8), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
                   Volume if isinstance(image, Volume) else None)
-    return image, chosen, binary, labels
+    return image, chosen, binary, (values, ignored)
 
 
 def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool = False, dicom_outline: bool = False,
@@ -103,14 +114,15 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     paths = export_paths(out, case, qc, outline, seg)
     protected = {flair.resolve(), mask.resolve()}
     with case_guard(out, case, paths, protected):
-        existing = sorted(p.name for p in paths.values() if p.exists())
-        if existing and not overwrite:
-            raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
-                               f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
+        # refused first: --overwrite, which the refusal below advises, would not do
         if paths["report"].exists() and _segment_run_there(paths["report"]):
             raise DeepWMLError(f"{out} holds the outputs deepwml segment wrote for case {case!r} "
                                f"({paths['report'].name}), which an export's report would replace; export into "
                                "another OUTDIR, or give another name with --case")
+        existing = sorted(p.name for p in paths.values() if p.exists())
+        if existing and not overwrite:
+            raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
+                               f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
         report = {"case": case, "input": str(flair), "input_absolute": str(flair.resolve()), "source": SOURCE,
                   "mask": str(mask), "mask_absolute": str(mask.resolve()), "mask_sha256": mask_digest(binary),
                   "algorithm_type": algorithm_type, **lesion_report(binary), "location": None,
@@ -128,8 +140,13 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             said += dicom_series_warnings(chosen[0], chosen[1], image)
         else:
             said += scan_header_warnings(flair)
-        if labels > 1:
-            said.append(f"{mask.name} holds labels up to {labels}: every non-zero voxel was taken as lesion")
+        values, ignored = labels
+        if ignored:
+            said.append(f"{mask.name} holds label {IGNORE_LABEL} (ignore: other pathology, as deepwml evaluate reads "
+                        f"it) in {ignored} voxels beside label 1: left out of the lesions")
+        kept = [v for v in values if not (ignored and v == IGNORE_LABEL)]
+        if kept and max(kept) > 1:
+            said.append(f"{mask.name} holds labels up to {max(kept)}: every non-zero voxel was taken as lesion")
         if dicom_outline and not outline:
             said.append(NO_DICOM_OUTLINE)
         if dicom_seg and not seg:

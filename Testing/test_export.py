@@ -197,3 +197,45 @@ def test_export_case_name_must_be_a_file_name(tmp_path, capsys):
     assert main(["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz"), "-o", str(tmp_path / "out"),
                  "--case", "../up"]) == 2
     assert "is no file name" in capsys.readouterr().err and not (tmp_path / "up_report.json").exists()
+
+
+def test_export_leaves_out_the_ignore_label(tmp_path, capsys):
+    """A rater's mask of the mask conventions (1 lesion, 2 ignore: MICCAI's other pathology, as deepwml evaluate
+    reads a reference): label 2 is no WMH, so neither in the report's figures nor in the SEG (review rev45c: every
+    non-zero voxel was taken, the ignored voxels exported as lesion)."""
+    folder = source_series(tmp_path / "flair")
+    array = edited_mask(folder, tmp_path / "edited.nii.gz")
+    labelled = array.copy()
+    labelled[4, 2:5, 2:5] = 2  # other pathology, apart from the lesions
+    assert not array[4, 2:5, 2:5].any()
+    flair = io.read_image(folder)
+    mask = sitk.GetImageFromArray(labelled)
+    mask.CopyInformation(flair)
+    sitk.WriteImage(mask, str(tmp_path / "rater.nii.gz"))
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "rater.nii.gz"), "-o", str(out), "--case", "r",
+                 "--dicom-seg", "--algorithm-type", "MANUAL"]) == 0
+    report = json.loads((out / "r_report.json").read_text())
+    assert report["volume_ml"] == pytest.approx(array.sum() * np.prod(flair.GetSpacing()) / 1000)
+    back = io.read_mask(out / "r_wmh_seg.dcm", flair, "the FLAIR")
+    assert np.array_equal(sitk.GetArrayFromImage(back), array)
+    assert any("label 2 (ignore" in w and "9 voxels" in w for w in report["warnings"])
+    assert capsys.readouterr().err.count("label 2 (ignore") == 1  # said once
+    # a two-valued mask whose lesion value is 2 (Slicer's label after a segment was deleted) is still all lesion
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(tmp_path / "edited.nii.gz")) * 2, sitk.sitkUInt8),
+                    str(tmp_path / "twos.nii.gz"))
+    assert main(["export", str(folder), str(tmp_path / "twos.nii.gz"), "-o", str(out), "--case", "t"]) == 0
+    assert json.loads((out / "t_report.json").read_text())["volume_ml"] == report["volume_ml"]
+
+
+def test_export_into_a_segment_outdir_is_refused_without_advising_overwrite(tmp_path, capsys):
+    """Without --overwrite, an OUTDIR holding segment's outputs of the case is refused as it is with it (review
+    rev45c: the first refusal advised --overwrite, which was then refused too)."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p1_report.json").write_text(json.dumps({"case": "p1", "model": ["m"], "volume_ml": 1.0}))
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1"]) == 1
+    error = capsys.readouterr().err
+    assert "deepwml segment wrote" in error and "rerun with --overwrite" not in error
