@@ -1312,3 +1312,32 @@ def test_batch_rerun_adds_the_dicom_seg_and_a_picture_with_its_ventricles_and_ag
     assert batchScript.main(["--input-dir", str(one), "--output-dir", str(full), "--qc"] + withReference) == 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(compared / "b_qc.png"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(full / "b_qc.png"))))
+
+
+def test_batch_rerun_adding_a_picture_compares_with_the_reference_of_the_report_not_a_new_one(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """A rerun adding --qc whose --reference-dir now finds another reference (the folder changed): the picture is
+    drawn against the reference the report's comparison (and summary.csv's Dice) was computed with, as the full run
+    that made that report would have drawn it, and the row says so (review rev45c: it was drawn against the new
+    reference, the picture and the report's figures of two references)."""
+    oracle_network(monkeypatch)
+    one, first, second, compared, full = (tmp_path / name for name in ("one", "ref1", "ref2", "compared", "full"))
+    for folder in (one, first, second):
+        folder.mkdir()
+    _, truth = writeCase(one, "b.nii.gz")
+    sitk.WriteImage(truth, str(first / "b_manual.nii.gz"))
+    array = sitk.GetArrayFromImage(truth)
+    array[:, :, : array.shape[2] // 2] = 0  # another rater's: the left half's lesions not marked
+    assert array.any() and not np.array_equal(array, sitk.GetArrayFromImage(truth))
+    other = sitk.GetImageFromArray(array)
+    other.CopyInformation(truth)
+    sitk.WriteImage(other, str(second / "b_manual.nii.gz"))
+    run = ["--input-dir", str(one), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(run + ["--output-dir", str(compared), "--reference-dir", str(first)]) == 0
+    dice = summary(compared)["b"]["dice"]
+    assert batchScript.main(run + ["--output-dir", str(compared), "--reference-dir", str(second), "--qc"]) == 0
+    row = summary(compared)["b"]
+    assert row["status"] == "added" and row["dice"] == dice and str(first / "b_manual.nii.gz") in row["error"]
+    assert batchScript.main(run + ["--output-dir", str(full), "--reference-dir", str(first), "--qc"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(compared / "b_qc.png"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(full / "b_qc.png"))))

@@ -18,8 +18,8 @@ the cases it did). With
 --reference-dir, the reference of CASE is REF/CASE.<ext> or the only REF/CASE_*.<ext> (a .seg.nrrd or a
 label image, any non-zero voxel is lesion); its Dice, sensitivity and precision go into the report
 and the summary. Each case's steps are shown as it runs, and after it about how long the rest will take.
-One failing case never stops the others. Exit status: 0 when every case succeeded
-or was skipped, 1 when any failed, 2 for a usage error; stopped part way (Ctrl-C, SIGTERM or SIGHUP: a scheduler's
+One failing case never stops the others. Exit status: 0 when every case succeeded,
+had outputs added or was skipped, 1 when any failed, 2 for a usage error; stopped part way (Ctrl-C, SIGTERM or SIGHUP: a scheduler's
 time limit, a closed ssh session), it says in which case, that summary.csv lists those before it (every case,
 when stopped in one left to another run and done at the end) and that the same command goes on, and ends as `deepwml segment` does: 130 for Ctrl-C, 128 + the signal's number for a signal.
 """
@@ -323,8 +323,9 @@ def addOutputs(logic, case: str, path: Path, args, study, paths: dict, missing: 
     own segment.add_outputs, from the saved mask (checked: on the scan's grid, unedited since its report), the report
     rewritten listing them; status "added". The networks are run again only for the ventricles its QC picture
     outlines (a run with a ventricle model: the batch saves no ventricle mask), by the module's logic with this run's
-    settings, and their mask must be the saved one. With a reference for the case (--reference-dir), the picture
-    compares the two, as this script draws it for a case it segments."""
+    settings, and their mask must be the saved one. For a case its report compared with a reference, the picture
+    compares the mask with that reference (the report's and summary's Dice are with it), as this script drew it for
+    the case it segmented; another that --reference-dir finds now is not used, and the row says so."""
     from types import SimpleNamespace
 
     from DeepWMLLib.inference import progress_part
@@ -348,7 +349,16 @@ def addOutputs(logic, case: str, path: Path, args, study, paths: dict, missing: 
                 if node is not None:
                     mrml.removeNode(node)
 
-    reference = findReference(args.reference_dir, case, args.cases) if args.reference_dir and "qc" in missing else None
+    # the picture against the reference the report's comparison (and summary.csv's Dice) was computed with, as the
+    # run that made the report drew it: not another that --reference-dir finds now (the folder changed), nor one
+    # found for a case compared with none then
+    reference = earlier.get("reference") if earlier.get("comparison") and "qc" in missing else None
+    reference = Path(reference) if reference and Path(reference).is_file() else None
+    found = findReference(args.reference_dir, case, args.cases) if args.reference_dir and "qc" in missing else None
+    note = ""
+    if found is not None and (reference is None or found.resolve() != reference.resolve()):
+        note = (f"; its picture drawn {f'against {reference}, the reference' if reference else 'without the reference'}"
+                f" of its report, not {found} found now: rerun with --overwrite to compare with that")
 
     def drawComparison(image, mask, title):
         import SimpleITK as sitk
@@ -367,7 +377,7 @@ def addOutputs(logic, case: str, path: Path, args, study, paths: dict, missing: 
 
     added = segment.add_outputs(case, path, args.output_dir, paths, missing, earlier, study, networks, progress,
                                 draw=drawComparison if reference is not None else None)
-    return {"status": segment.ADDED, "error": added["error"], **summaryFigures(earlier)}
+    return {"status": segment.ADDED, "error": added["error"] + note, **summaryFigures(earlier)}
 
 
 def removeStale(possible: dict, paths: dict) -> None:
