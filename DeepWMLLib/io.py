@@ -5388,7 +5388,7 @@ def _rle_frame(fragment: bytes, plane: int, bits: int) -> np.ndarray:
         decoded = _rle_segment(fragment, offsets[0], ends[0], plane)
         if len(decoded) == plane:
             return (np.frombuffer(decoded, np.uint8) != 0).astype(np.uint8)
-        if len(decoded) >= (plane + 7) // 8:
+        if (plane + 7) // 8 <= len(decoded) <= (plane + 7) // 8 + 1:  # (and perhaps its even-length padding)
             return np.unpackbits(np.frombuffer(decoded, np.uint8), bitorder="little", count=plane)
         raise ValueError(f"it decodes to {len(decoded)} bytes, and {plane} 1-bit pixels need {(plane + 7) // 8} "
                          f"packed or {plane} unpacked")

@@ -456,3 +456,20 @@ def test_a_stray_item_delimiter_or_a_one_byte_rows_is_refused(tmp_path):
     (tmp_path / "rows.dcm").write_bytes(data.replace(rows, b"\x28\x00\x10\x00US\x01\x00\x03"))
     with pytest.raises(DeepWMLError, match=r"gives no Rows or Columns"):
         io.read_dicom_seg(tmp_path / "rows.dcm")
+
+
+def test_an_rle_binary_frame_cut_short_is_refused_not_read_as_packed_bits():
+    """A 1-bit RLE frame is stored packed (10 x 10 pixels: 13 bytes) or a byte a pixel (100 bytes), told apart by
+    its decoded length; one that decodes to 50 bytes is neither (a byte-a-pixel frame cut short) and is refused,
+    where it was read as packed bits (its first 13 bytes), a mask made of half a frame's bytes."""
+    def fragment(payload: bytes) -> bytes:
+        header = struct.pack("<16I", 1, 64, *([0] * 14))
+        runs = b"".join(bytes([len(payload[k:k + 128]) - 1]) + payload[k:k + 128] for k in range(0, len(payload), 128))
+        return header + runs
+    unpacked = bytes([1, 0] * 50)  # pixels 0, 2, 4, ... marked
+    assert io._rle_frame(fragment(unpacked), 100, 1).tolist() == [1, 0] * 50
+    packed = bytes([0x55] * 12 + [0x05])  # bits 0, 2, 4, 6 of each byte: the same pixels, 100 bits in 13 bytes
+    assert io._rle_frame(fragment(packed), 100, 1).tolist() == [1, 0] * 50
+    assert io._rle_frame(fragment(packed + b"\0"), 100, 1).tolist() == [1, 0] * 50  # padded to an even length
+    with pytest.raises(ValueError, match="decodes to 50 bytes"):
+        io._rle_frame(fragment(unpacked[:50]), 100, 1)
