@@ -1701,6 +1701,39 @@ def test_write_dicom_seg_of_a_volume_from_slicers_dicom_database(scene, tmp_path
     assert not (tmp_path / "gone.dcm").exists()
 
 
+def test_the_dicom_seg_of_an_edited_or_a_raters_segmentation_does_not_call_it_deepwmls_automatic_result(
+        scene, tmp_path, monkeypatch, tiny_model):
+    """The SEG's Segment Algorithm Type says whose the segmentation is: DeepWML's result as it wrote it AUTOMATIC
+    (Segment Algorithm Name DeepWML); edited by hand in Slicer since (a lesion drawn) SEMIAUTOMATIC; a segmentation
+    DeepWML did not write (a rater's) MANUAL, naming no algorithm. Every SEG the module wrote said AUTOMATIC."""
+    pydicom = pytest.importorskip("pydicom")
+    oracle_network(monkeypatch)
+    volume, series, image = _dicomFlair(tmp_path, monkeypatch)
+    logic = DeepWMLCoreLogic()
+    segmentation = logic.segmentVolume(volume, device="cpu", modelPaths=[str(tiny_model)])
+
+    def written(name):
+        made = logic.writeDicomSeg(segmentation, volume, tmp_path / name)
+        item = pydicom.dcmread(tmp_path / name).SegmentSequence[0]
+        assert made["algorithm_type"] == item.SegmentAlgorithmType
+        return item.SegmentAlgorithmType, item.get("SegmentAlgorithmName")
+
+    assert written("automatic.dcm") == ("AUTOMATIC", "DeepWML")
+    edited = mrml.maskFromSegmentation(segmentation, volume)
+    array = sitk.GetArrayFromImage(edited)
+    array[1, :4, :4] = 1  # a lesion drawn by hand
+    drawn = sitk.GetImageFromArray(array)
+    drawn.CopyInformation(edited)
+    mrml.segmentationFromMask(drawn, volume, segmentation, segmentName=mrml.WMH_SEGMENT_NAME)
+    assert written("edited.dcm") == ("SEMIAUTOMATIC", "DeepWML")
+    rater = mrml.segmentationFromMask(drawn, volume, None, segmentName="lesions")  # a new node, not DeepWML's
+    segmentation = rater
+    assert written("rater.dcm") == ("MANUAL", None)
+    np.testing.assert_array_equal(  # the rater's lesions, as drawn
+        sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.dcm", reference=image)),
+        sitk.GetArrayFromImage(io.align_voxel_order(mrml.maskFromSegmentation(rater, volume), image)))
+
+
 def test_write_dicom_seg_of_a_series_whose_database_files_share_names(scene, tmp_path, monkeypatch, tiny_model):
     """The database keeps the series' files in two folders under the same names (slice000.dcm twice, as files indexed
     where they lay may be): each file linked once under a name of its own, the series read whole, the SEG the

@@ -1025,7 +1025,8 @@ class DeepWMLCoreLogic:
         file, for a volume that did not come from DICOM or whose files are gone), read as deepwml segment reads a
         series, and the segmentation exported onto the volume (a label map on its voxels) put on that series' grid
         (the same voxels, reordered where Slicer stores them in another order; a volume resampled or cropped since it
-        was loaded is refused). With `addToDatabase`, the SEG is also imported into Slicer's DICOM database, beside
+        was loaded is refused). Its segment's Segment Algorithm Type says whose it is (`segmentationOrigin`:
+        AUTOMATIC as DeepWML wrote it, SEMIAUTOMATIC edited since, MANUAL not DeepWML's). With `addToDatabase`, the SEG is also imported into Slicer's DICOM database, beside
         its series, where Slicer's DICOMLib can (`_addToDicomDatabase`; a failure there leaves the file written and
         is said in the result's "database"). Returns what the report of deepwml segment records of it (file,
         series_uid, sop_instance_uid, series_number, frames) with `path` and `database` (None: not asked)."""
@@ -1057,12 +1058,29 @@ class DeepWMLCoreLogic:
                                    "since, so a DICOM SEG on that series' slices would not hold its voxels; segment the "
                                    "volume as loaded from DICOM")
             report = self.lesionStatistics(segmentationNode, volumeNode)
-            made = segmentation(image, onSeries, series, report)  # the files are read here: still linked
+            kind = self.segmentationOrigin(segmentationNode, volumeNode)
+            made = segmentation(image, onSeries, series, report, kind)  # the files are read here: still linked
         io.write_bytes(made.data, path)
-        result = {**made.as_dict(path.name), "path": str(path), "database": None}
+        result = {**made.as_dict(path.name), "path": str(path), "database": None, "algorithm_type": kind}
         if addToDatabase:
             result["database"] = _addToDicomDatabase(path)
         return result
+
+    @staticmethod
+    def segmentationOrigin(segmentationNode, volumeNode) -> str:
+        """The DICOM Segment Algorithm Type of what `writeDicomSeg` writes of the segmentation: AUTOMATIC where its
+        WMH segment is as DeepWML wrote it (its digest, `rerunLoses`' check), SEMIAUTOMATIC where DeepWML wrote it
+        and it was edited (or moved against the volume) since, MANUAL where DeepWML did not write it (a rater's
+        segmentation, a label map): a SEG must not call a hand edit DeepWML's automatic result."""
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            return "MANUAL"
+        if not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.WMH_SEGMENT_NAME):
+            return "MANUAL"
+        written = segmentationNode.GetAttribute(DIGEST_ATTRIBUTES[mrml.WMH_SEGMENT_NAME])
+        if written is None:
+            return "MANUAL"
+        return "AUTOMATIC" if written == _segmentDigest(segmentationNode, volumeNode, mrml.WMH_SEGMENT_NAME) \
+            else "SEMIAUTOMATIC"
 
     @staticmethod
     def dicomSegPath(volumeNode, folder) -> Path:
