@@ -227,7 +227,8 @@ def test_orientations_by_hand(monkeypatch):
 
     with pytest.raises(io.DeepWMLError, match=r"of image 2 of the DICOM series is not six numbers \('1\\\\0\\\\0"):
         io._check_orientation_given("scan", Reader(), identity, 2)
-    # an enhanced file's frames: an orientation or a Pixel Spacing not finite (named as repr() shows text: '\\\\')
+    # an enhanced file's frames: an orientation or a Pixel Spacing not finite (named as repr() shows
+    # text: each backslash doubled)
     cosines, place = np.array([1, 0, 0, 0, 1, 0], float), np.zeros(3)
     for geometry, fault in (
             (([place], [np.array([math.nan, 0, 0, 0, 1, 0])], np.ones(2)),
@@ -268,3 +269,36 @@ def test_pixel_data_lengths_by_hand(tmp_path):
     # 0) the steps down its columns are 1, 1 and 2, a mean of 4/3
     data = struct.pack(">4H", 1, 1, 2, 2) + bytes(4)
     assert io._pixel_verdict(_layout(tmp_path, data, 12, 2, 2, order=">")) == (None, 4, (1.0, 4 / 3, 3))
+
+
+def test_b_values_of_a_file_by_hand(tmp_path):
+    class Reader:  # a classic file's header as SimpleITK gives it: a standard b-value 0 beside Siemens' 1000
+        values = {"0018|9087": "0", "0019|0010": "SIEMENS MR HEADER", "0019|100c": "1000"}
+
+        def GetMetaDataKeys(self):
+            return list(self.values)
+
+        def HasMetaDataKey(self, key):
+            return key in self.values
+
+        def GetMetaData(self, key):
+            return self.values[key]
+
+    assert io._reader_b_value(Reader()) == 1000  # the largest of the two
+    # Philips' b-factor is one float (4 bytes): 8 bytes are not its value
+    assert io._private_number(struct.pack("<2f", 700.0, 0.0), "FL") is None
+    # an enhanced file whose first frame's b-value is NaN (a damaged value) and the others' 1000: b = 1000
+    from conftest import write_enhanced_mr
+
+    path = write_enhanced_mr(tmp_path / "mr.dcm", sitk.Image(4, 4, 3, sitk.sitkInt16), description="",
+                             b_values=[math.nan, 1000.0, 1000.0])
+    assert io._enhanced_header(str(path))[4] == 1000
+
+
+def test_a_nifti2_qform_by_hand():
+    from conftest import nifti2_of
+
+    assert _nifti_refusal(nifti2_of(_nifti1())) is None
+    # quatern_d 1.001 (its square 1.002): no unit quaternion, read from NIfTI-2's bytes 352-399 (doubles)
+    assert "quatern_b, c, d = 0, 0, 1.001, no unit quaternion" in _nifti_refusal(
+        nifti2_of(_nifti1(quaternion=(0.0, 0.0, 1.001, 0.0, 0.0, 0.0), sform_code=0)))
