@@ -302,3 +302,37 @@ def test_a_nifti2_qform_by_hand():
     # quatern_d 1.001 (its square 1.002): no unit quaternion, read from NIfTI-2's bytes 352-399 (doubles)
     assert "quatern_b, c, d = 0, 0, 1.001, no unit quaternion" in _nifti_refusal(
         nifti2_of(_nifti1(quaternion=(0.0, 0.0, 1.001, 0.0, 0.0, 0.0), sform_code=0)))
+
+
+def _dicom_file(path: Path, body_elements, syntax: str = "1.2.840.10008.1.2.1", deflate: bool = False) -> Path:
+    """A DICOM file written by hand: preamble, DICM, a file meta group (its length first) naming `syntax`, then the
+    explicit VR little endian data set of `body_elements` ((tag, VR, value) each), raw deflated with `deflate`."""
+    import zlib
+
+    from conftest import _data_set, _element
+
+    meta = _data_set([(0x00020001, "OB", b"\0\1"), (0x00020010, "UI", syntax)], True)
+    body = _data_set(body_elements, True)
+    if deflate:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+        body = packer.compress(body) + packer.flush()
+    path.write_bytes(b"\0" * 128 + b"DICM" + _element(0x00020000, "UL", struct.pack("<I", len(meta)), True) + meta
+                     + body)
+    return path
+
+
+def test_pixel_layouts_of_files_written_by_hand(tmp_path):
+    us = lambda value: struct.pack("<H", value)  # noqa: E731
+    image = [(0x00280010, "US", us(4)), (0x00280011, "US", us(4)), (0x00280100, "US", us(8))]
+    # 8-bit pixels in OB (a long VR: 2 reserved bytes, then a 4-byte length): 4 x 4 pixels, 16 bytes
+    layout = io._pixel_layout(str(_dicom_file(tmp_path / "ob.dcm", image + [(0x7FE00010, "OB", bytes(range(16)))])))
+    assert (layout.rows, layout.columns, layout.bits, layout.length) == (4, 4, 8, 16)
+    assert layout.read(0, 16) == bytes(range(16))
+    # Number of Frames (IS text) 2: 32 bytes of pixels
+    layout = io._pixel_layout(str(_dicom_file(tmp_path / "frames.dcm", image + [
+        (0x00280008, "IS", "2"), (0x7FE00010, "OB", bytes(32))])))
+    assert (layout.frames, layout.expected) == (2, 32)
+    # deflated: the Pixel Data's bytes read from the inflated data set
+    layout = io._pixel_layout(str(_dicom_file(tmp_path / "deflated.dcm", image + [(0x7FE00010, "OB", bytes(range(16)))],
+                                              "1.2.840.10008.1.2.1.99", deflate=True)))
+    assert layout.deflated and layout.read(2, 3) == bytes([2, 3, 4])
