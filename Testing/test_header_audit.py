@@ -336,3 +336,15 @@ def test_pixel_layouts_of_files_written_by_hand(tmp_path):
     layout = io._pixel_layout(str(_dicom_file(tmp_path / "deflated.dcm", image + [(0x7FE00010, "OB", bytes(range(16)))],
                                               "1.2.840.10008.1.2.1.99", deflate=True)))
     assert layout.deflated and layout.read(2, 3) == bytes([2, 3, 4])
+
+
+def test_a_dicom_series_is_judged_by_its_own_header_not_a_sidecar(tmp_path):
+    """`scan_header_warnings`: a DICOM series' header says what it is; a JSON sidecar beside its file (a converter's,
+    of another scan) is not read for it."""
+    from DeepWMLLib import segment
+
+    path = tmp_path / "scan.dcm"
+    path.write_bytes(b"")
+    (tmp_path / "scan.json").write_text(json.dumps({"SeriesDescription": "t1_mprage"}))
+    assert segment.scan_header_warnings(path, io.DicomSeries("1.2", "AX FLAIR", (str(path),))) == []
+    assert "names a T1-weighted scan" in segment.scan_header_warnings(path)[0]  # the control: the file alone
