@@ -336,6 +336,8 @@ def test_pixel_layouts_of_files_written_by_hand(tmp_path):
     layout = io._pixel_layout(str(_dicom_file(tmp_path / "deflated.dcm", image + [(0x7FE00010, "OB", bytes(range(16)))],
                                               "1.2.840.10008.1.2.1.99", deflate=True)))
     assert layout.deflated and layout.read(2, 3) == bytes([2, 3, 4])
+    # no Bits Allocated: what the Pixel Data should hold is unknown, so no layout (left to the DICOM library)
+    assert io._pixel_layout(str(_dicom_file(tmp_path / "bits.dcm", image[:2] + [(0x7FE00010, "OB", bytes(16))]))) is None
 
 
 def test_a_dicom_series_is_judged_by_its_own_header_not_a_sidecar(tmp_path):
