@@ -350,3 +350,16 @@ def test_a_dicom_series_is_judged_by_its_own_header_not_a_sidecar(tmp_path):
     (tmp_path / "scan.json").write_text(json.dumps({"SeriesDescription": "t1_mprage"}))
     assert segment.scan_header_warnings(path, io.DicomSeries("1.2", "AX FLAIR", (str(path),))) == []
     assert "names a T1-weighted scan" in segment.scan_header_warnings(path)[0]  # the control: the file alone
+
+
+def test_an_enhanced_files_top_level_b_value_is_kept(tmp_path):
+    """An enhanced MR file's b-value at its top level (as some converters leave it) beside functional groups that give
+    none: the series' b-value is that one."""
+    from conftest import write_enhanced_mr
+
+    path = write_enhanced_mr(tmp_path / "mr" / "mr.dcm", sitk.Image(4, 4, 3, sitk.sitkInt16), description="")
+    data = path.read_bytes()
+    at = data.index(struct.pack("<HH2s", 0x0020, 0x000D, b"UI"))  # (0018,9087) goes before (0020,000D): tag order
+    path.write_bytes(data[:at] + struct.pack("<HH2sHd", 0x0018, 0x9087, b"FD", 8, 1000.0) + data[at:])
+    (series,) = io.dicom_series(path.parent)
+    assert series.b_value == 1000 and series.diffusion
