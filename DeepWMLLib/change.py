@@ -1296,7 +1296,7 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
     version: its labels only checked to be calls), the files there left as they are, the report rewritten listing
     the new outputs (segment.write_added). Returns (the report, the row's words on what was added), or None when
     nothing is missing (a pair without any lesion has no SEG to add)."""
-    from .segment import mask_digest, write_added
+    from .segment import mask_digest, read_saved_output, write_added
 
     followup_path = Path(entry["followup"])
     dicom = followup_path.is_dir()
@@ -1319,15 +1319,7 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
         uid = ((done.get("dicom_series") or {}).get("follow-up") or {}).get("uid")
         chosen = io.choose_dicom_series(followup_path, uid)
     followup = io.read_image(followup_path, series=chosen[0] if chosen else None)
-    try:
-        labels = io.read_mask(labels_file)
-    except DeepWMLError as exc:
-        raise DeepWMLError(f"the saved change label map {labels_file.name} cannot be used ({exc}); rerun with "
-                           "--overwrite to redo the pair") from exc
-    difference = io.grid_difference(labels, followup)
-    if difference:
-        raise DeepWMLError(f"the saved change label map {labels_file.name} is not on the follow-up's grid ({difference}): "
-                           "it was replaced or resampled since the run that made it; rerun with --overwrite to redo the pair")
+    labels = read_saved_output(labels_file, followup, "change label map", "the follow-up's", "redo the pair")
     labels.CopyInformation(followup)  # on its very geometry (within io's tolerance already)
     values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) - {0}
     digest = mask_digest(labels)
@@ -1335,7 +1327,8 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
     if (isinstance(recorded, str) and recorded != digest) or not values <= set(LABELS):
         raise DeepWMLError(f"{labels_file.name} was changed since the run that made it (its labels differ from those its "
                            "report records): the outputs asked for would show it with the report's figures, which are "
-                           "not its own; rerun with --overwrite to redo the pair, or ask for them in another OUTDIR")
+                           "not its own; rerun with --overwrite to redo the pair (move the edited file elsewhere "
+                           "first to keep it): that compares the scans again, it does not keep your edit")
     report = dict(done)
     made = {}
     if "qc" in missing:

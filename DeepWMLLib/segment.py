@@ -1471,21 +1471,31 @@ def _saved_output(out_dir: Path, case: str, earlier: dict, kind: str, current: P
     return next((out_dir / name for name in names if (out_dir / name).is_file()), None)
 
 
+def read_saved_output(file: Path, image, what: str, scan: str = "the scan's", redo: str = "segment the case again"):
+    """A label image an earlier run saved (`what`: "mask", "change label map"...), read and checked to lie on the
+    grid of `image` (`scan`: how the messages name it), for a rerun that adds outputs from it (`deepwml segment`'s
+    `_saved_mask`, `deepwml change`'s saved label map): else a DeepWMLError naming it, saying to rerun with
+    --overwrite to `redo` the case."""
+    try:
+        saved = io.read_mask(file)
+    except DeepWMLError as exc:
+        raise DeepWMLError(f"the saved {what} {file.name} cannot be used ({exc}); rerun with --overwrite to {redo}") \
+            from exc
+    difference = io.grid_difference(saved, image)
+    if difference:
+        raise DeepWMLError(f"the saved {what} {file.name} is not on {scan} grid ({difference}): it was replaced or "
+                           f"resampled since the run that made it; rerun with --overwrite to {redo} (or move that file "
+                           "away first to keep it)")
+    return saved
+
+
 def _saved_mask(file: Path, image, what: str = "mask"):
-    """A saved mask of a case (CASE_wmh, CASE_ventricles) read and checked to lie on the scan's grid, as `image`'s
-    kind (a Volume or a SimpleITK image) on its very geometry: else a DeepWMLError naming it."""
+    """A saved mask of a case (CASE_wmh, CASE_ventricles) read and checked to lie on the scan's grid
+    (read_saved_output), as `image`'s kind (a Volume or a SimpleITK image) on its very geometry: else a
+    DeepWMLError naming it."""
     from .volume import Volume, like, voxels
 
-    try:
-        mask = io.read_mask(file)
-    except DeepWMLError as exc:
-        raise DeepWMLError(f"the saved {what} {file.name} cannot be used ({exc}); rerun with --overwrite to segment the "
-                           "case again") from exc
-    difference = io.grid_difference(mask, image)
-    if difference:
-        raise DeepWMLError(f"the saved {what} {file.name} is not on the scan's grid ({difference}): it was replaced or "
-                           "resampled since the run that made it; rerun with --overwrite to segment the case again (or "
-                           "move that file away first to keep it)")
+    mask = read_saved_output(file, image, what)
     array = np.array(voxels(mask), dtype=np.uint8)
     if array.max(initial=0) > 1:
         raise DeepWMLError(f"the saved {what} {file.name} holds labels other than 0 and 1 (up to {int(array.max())}), "
