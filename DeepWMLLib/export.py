@@ -20,6 +20,7 @@ refused even then (its report and mask would no longer agree): export into anoth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -55,6 +56,30 @@ def _segment_run_there(report: Path) -> bool:
     return isinstance(earlier, dict) and earlier.get("source") != SOURCE
 
 
+@contextlib.contextmanager
+def _io_warnings():
+    """The warnings io logs while the block runs (reading a mask: which segments were joined or left out), as a
+    list filled when it ends, kept from the console then: export_case records them in the report and says them
+    once, with its other warnings."""
+    import logging
+
+    heard: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            heard.append(record.getMessage())
+
+    logger, handler = logging.getLogger(io.__name__), Keep(logging.WARNING)
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield heard
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
     """(the FLAIR image, (DicomSeries, how it was chosen) or None, the 0/1 mask on its grid, (the mask's non-zero
     labels, the voxels of label 2 left out)): the FLAIR read as `deepwml segment` reads it, the mask as `io.read_mask`
@@ -73,7 +98,8 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
     if series is not None and chosen is None:
         raise UsageError("--series names a series of a DICOM folder; the FLAIR given is an image file")
     image = io.read_image(flair, light=True, series=chosen[0] if chosen else None)
-    marked = io.read_mask(mask, image, "the FLAIR")
+    with _io_warnings() as heard:  # what reading the mask says (segments joined or left out): into the report
+        marked = io.read_mask(mask, image, "the FLAIR")
     array = np.asarray(voxels(marked))
     values = [int(v) for v in np.unique(array) if v]
     ignored = 0
@@ -85,7 +111,7 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
         lesion = array != 0
     binary = like(lesion.astype(np.uint8), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
                   Volume if isinstance(image, Volume) else None)
-    return image, chosen, binary, (values, ignored)
+    return image, chosen, binary, (values, ignored, heard)
 
 
 def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool = False, dicom_outline: bool = False,
@@ -140,7 +166,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             said += dicom_series_warnings(chosen[0], chosen[1], image)
         else:
             said += scan_header_warnings(flair)
-        values, ignored = labels
+        values, ignored, heard = labels
+        said += heard  # e.g. a change segmentation's gone lesions left out, several segments joined
         if ignored:
             said.append(f"{mask.name} holds label {IGNORE_LABEL} (ignore: other pathology, as deepwml evaluate reads "
                         f"it) in {ignored} voxels beside label 1: left out of the lesions")

@@ -239,3 +239,26 @@ def test_export_into_a_segment_outdir_is_refused_without_advising_overwrite(tmp_
     assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1"]) == 1
     error = capsys.readouterr().err
     assert "deepwml segment wrote" in error and "rerun with --overwrite" not in error
+
+
+def test_a_change_segmentation_exported_says_in_its_report_which_calls_were_left_out(tmp_path, capsys):
+    """deepwml change's CASE_change.seg.nrrd given as MASK is read as the follow-up's lesions, its gone calls left out:
+    that warning was only logged (on the console, not in the export's report); now it is among the report's warnings
+    and said once."""
+    from DeepWMLLib import change
+
+    folder = source_series(tmp_path / "flair")
+    flair = io.read_image(folder)
+    labels = np.zeros(sitk.GetArrayViewFromImage(flair).shape, np.uint8)
+    labels[1, 2:5, 3:6], labels[3, 8:10, 1:12] = 2, 5  # a new lesion, a gone one
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(flair)
+    io.write_label_segmentation(image, tmp_path / "c_change.seg.nrrd",
+                                [(value, name, change.COLOURS[value]) for value, name in change.LABELS.items()])
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "c_change.seg.nrrd"), "-o", str(out), "--case", "c"]) == 0
+    report = json.loads((out / "c_report.json").read_text())
+    left = [w for w in report["warnings"] if "gone, small gone left out" in w]
+    assert len(left) == 1, report["warnings"]
+    assert report["volume_ml"] == pytest.approx(9 * np.prod(flair.GetSpacing()) / 1000)  # the new lesion alone
+    assert capsys.readouterr().err.count("gone, small gone left out") == 1
