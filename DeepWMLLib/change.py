@@ -1338,10 +1338,7 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
 
         check_outline_folder(missing["dicom_outline"], False)
         made["dicom_outline"] = change_outline(followup, labels, chosen[0], report)
-        report["dicom_outline"] = {"folder": missing["dicom_outline"].name,
-                                   "series_uid": made["dicom_outline"].series_uid,
-                                   "series_number": made["dicom_outline"].series_number,
-                                   "images": len(made["dicom_outline"].images)}
+        report["dicom_outline"] = made["dicom_outline"].as_dict(missing["dicom_outline"].name)
     if "dicom_seg" in missing:
         made["dicom_seg"] = change_seg(followup, labels, chosen[0], report)
         if made["dicom_seg"] is None:  # no lesion in either scan: no SEG to make (the report says so when asked)

@@ -246,6 +246,11 @@ class OutlineSeries:
     series_uid: str
     series_number: int
 
+    def as_dict(self, folder: str) -> dict:
+        """What the report records of it, written as `folder` (a name): folder, series UID and number, images."""
+        return {"folder": folder, "series_uid": self.series_uid, "series_number": self.series_number,
+                "images": len(self.images)}
+
 
 def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str = "DeepWML WMH outline",
                    derivation: str | None = None, offset: int = SERIES_NUMBER_OFFSET, **drawing) -> OutlineSeries:
@@ -359,8 +364,7 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
             if not folder.exists() and (old / folder.name).exists():
                 io._replace(old / folder.name, folder)
             shutil.rmtree(old, ignore_errors=True)
-    return {"folder": folder.name, "series_uid": prepared.series_uid, "series_number": prepared.series_number,
-            "images": len(prepared.images)}
+    return prepared.as_dict(folder.name)
 
 
 def remove_outline_series(folder: str | os.PathLike) -> None:

@@ -1598,10 +1598,7 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
         check_outline_folder(paths["dicom_outline"], False)
         tell(SEGMENTING_SHARE + 0.04, "making the DICOM outline")
         made["dicom_outline"] = outline_series(image, mask, chosen[0], report)
-        report["dicom_outline"] = {"folder": paths["dicom_outline"].name,
-                                   "series_uid": made["dicom_outline"].series_uid,
-                                   "series_number": made["dicom_outline"].series_number,
-                                   "images": len(made["dicom_outline"].images)}
+        report["dicom_outline"] = made["dicom_outline"].as_dict(paths["dicom_outline"].name)
     if "dicom_seg" in missing:
         from .dicom_seg import segmentation
 
