@@ -661,8 +661,9 @@ def predict_maps(image: sitk.Image, models: Sequence[LoadedModel], brain_model: 
     `phases` (GRID_PHASES): the lesion map is the mean of the maps of the grid moved by each phase's shift, each
     resampled onto the input grid; the brain and ventricle maps come from the unmoved grid. With `lesion_image` the
     lesion map comes as an image on the input grid, of the input's kind (io.blank_map), its slices written into it
-    as they are done: no map of the whole volume beside it."""
-    if not models:
+    as they are done: no map of the whole volume beside it. `models` may be empty where a helper is given (`deepwml
+    export`'s split of a mask given: the brain and ventricle networks alone); the lesion map is then all 0."""
+    if not models and brain_model is None and ventricle_model is None:
         raise DeepWMLError("no model given")
     check_batch_size(batch_size)
     check_grid_phases(phases)

@@ -546,6 +546,61 @@ def fov_edge_warning(found: dict, frame: io.SliceFrame) -> str | None:
             "same brain)")
 
 
+def lesion_location(mask, frame, ventricle_map: np.ndarray, brain: np.ndarray | None, ventricle_model) -> tuple:
+    """The periventricular/deep split of `mask`'s lesions (on the grid `frame` describes), as `segment_image` and
+    `deepwml export` (`mask_location`) make it: the lateral ventricles from the ventricle network's map
+    (`predict_maps`', thresholded or not) inside `brain` (bool stack, None: no brain mask), then `location.locate`.
+    Returns (the report's `location` entry, naming the ventricle model; the distances at the mask's voxels in the
+    order of its own voxels, as `report.lesion_report` reads them, None when the split is not made; the ventricles,
+    a bool stack)."""
+    from .location import locate, ventricle_mask
+
+    spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
+    ventricles = ventricle_mask(ventricle_map, brain, ventricle_model.threshold)
+    # the distances at the lesion voxels only; a map of the whole volume was 1.7 GB at 1024 x 1024 x 400, 3.4 GB
+    # while ITK made it
+    location, distance = locate(io.axial_positions(mask, frame), ventricles, spacing)
+    location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
+    return location, distance, ventricles
+
+
+def mask_location(image, mask, ventricle_model="default", brain_model="default", device: str = "auto",
+                  backend: str = "auto", precision: str = "auto") -> dict | None:
+    """The periventricular/deep split of a mask given on `image`'s grid (`deepwml export`: a mask DeepWML did not
+    just compute), made as `segment_image` makes it for its own mask (`lesion_location`): the ventricle and brain
+    networks (`ventricle_model`, `brain_model`: as segment_image takes them; the WMH networks do not run) on
+    `image`, the ventricles kept inside the brain mask as segment's default keeps them. None without a ventricle
+    model ("default" and the model registry marks none). Else {"location": the report's entry, "distance": at
+    the mask's voxels (`lesion_report`'s `ventricle_distance`; None when the split is not made), "brain_model",
+    "brain_model_sha256", "intracranial_ml" (None without a brain model), "warnings": what segment's report
+    warns of the split (not made; too little ventricle for a whole brain)}."""
+    from .inference import predict_maps, resolve_device
+    from .location import small_ventricles_warning
+    from .postprocessing import BRAIN_THRESHOLD
+
+    ventricle_model = load_ventricle_model(ventricle_model)
+    if ventricle_model is None:
+        return None
+    brain_model = load_brain_model(brain_model)
+    _, brain, ventricle_map, frame = predict_maps(
+        image, [], brain_model, resolve_device(device), backend=backend, precision=precision,
+        ventricle_model=ventricle_model, brain_threshold=BRAIN_THRESHOLD, ventricle_threshold=ventricle_model.threshold)
+    location, distance, _ = lesion_location(mask, frame, ventricle_map, None if brain is None else brain > 0,
+                                            ventricle_model)
+    intracranial = None
+    if brain is not None:  # counted as segment_image counts it
+        counts = sum(np.count_nonzero(plane) for plane in brain)
+        intracranial = round(float(counts) * float(np.prod(frame.spacing)) / 1000, 3)
+    said = [location["why"]] if not location["judged"] else []
+    small = small_ventricles_warning(location, intracranial)
+    if small:
+        said.append(small)
+    return {"location": location, "distance": distance,
+            "brain_model": None if brain_model is None else brain_model.name,
+            "brain_model_sha256": None if brain_model is None else brain_model.digest,
+            "intracranial_ml": intracranial, "warnings": said}
+
+
 @dataclass
 class SegmentationResult:
     """segment_image's outputs, each on the input's exact grid (size, origin, spacing, direction), of the input's kind:
@@ -634,18 +689,12 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
     brain_image = ventricle_image = None
     location = distance = None
     if ventricle_model is not None:
-        from .location import locate, ventricle_mask
-
         tell(LOCATION_AT, "periventricular/deep split")
-        spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
         # kept inside the brain mask only where it gates the marks: with --no-brain-mask the split stays what it was
         # when no brain mask ran with that option
-        ventricles = ventricle_mask(ventricle_map, None if gate is None else gate > 0, ventricle_model.threshold)
+        location, distance, ventricles = lesion_location(mask, frame, ventricle_map, None if gate is None else gate > 0,
+                                                         ventricle_model)
         del ventricle_map
-        # the distances at the lesion voxels only, in the order lesion_report reads them (the mask's own); a map of
-        # the whole volume was 1.7 GB at 1024 x 1024 x 400, 3.4 GB while ITK made it
-        location, distance = locate(io.axial_positions(mask, frame), ventricles, spacing)
-        location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
         # given up, put on the input grid in its own buffer
         ventricle_image = io.from_axial_stack(ventricles.view(np.uint8), frame, reuse=True)
     tell(REPORT_AT, "lesion report")
