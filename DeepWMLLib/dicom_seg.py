@@ -21,9 +21,11 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
 - one binary segment, "WMH": Segmented Property Category SCT 49755003 "Morphologically abnormal structure"
   (DICOM CID 7150), Type SCT 52988006 "Lesion" (CID 7159, which CID 7194 lists for that category), Anatomic
   Region SCT 68523003 "Cerebral white matter" (as DICOM CID 7140 codes it), algorithm AUTOMATIC "DeepWML"
-  (`deepwml export`, a mask edited or drawn by hand: SEMIAUTOMATIC "DeepWML", or MANUAL without an algorithm name
-  and with an empty Content Creator's Name), its Recommended Display CIELab Value the red of the QC picture and the
-  outline;
+  (`deepwml export`, a mask edited or drawn by hand: SEMIAUTOMATIC "DeepWML", or MANUAL without an algorithm name),
+  its Recommended Display CIELab Value the red of the QC picture and the outline;
+- Content Creator's Name (Type 2): "DeepWML^" for DeepWML's own result (AUTOMATIC); for `deepwml export` the
+  person `--creator` names (Family^Given), else empty: no person is made up, DeepWML being named as the segment's
+  algorithm (SEMIAUTOMATIC) or not at all (MANUAL);
 - a frame on each slice of the source that holds a voxel of the mask, and on its first and last slices (empty
   there where the mask has nothing), the slices between without a voxel left out (as highdicom's default,
   `omit_empty_frames`, leaves them out; OHIF, Slicer and highdicom read such a sparse SEG, each frame placing
@@ -98,6 +100,41 @@ _COPIED_VR = {"0010|0010": "PN", "0010|0020": "LO", "0010|0021": "LO", "0010|003
               "0008|0050": "SH", "0008|0090": "PN", "0008|1030": "LO", "0020|0052": "UI", "0018|0015": "CS"}
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"}  # a 4-byte length after 2 reserved
 _ITEM, _LONG_STRING, _SHORT_TEXT = 0xFFFEE000, 64, 1024
+
+
+PN_GROUP_CHARACTERS = 64  # PS3.5 6.2: a Person Name's component group holds at most 64 characters
+PN_COMPONENTS = 5  # family^given^middle^prefix^suffix
+PN_GROUPS = 3  # alphabetic=ideographic=phonetic
+
+
+def person_name(text: str) -> str:
+    """`text` checked as a DICOM Person Name (PS3.5 6.2, VR PN: the name of the person who made a mask, written as
+    Content Creator's Name): at most 5 components separated by ^ (family^given^middle^prefix^suffix) in each of at
+    most 3 component groups separated by = (alphabetic, ideographic, phonetic), each group at most 64 characters,
+    no backslash (DICOM's value separator) and no control character. Returned without the spaces around it;
+    ValueError saying what is wrong otherwise."""
+    import unicodedata
+
+    name = str(text).strip(" ")
+    if not name.strip("^= "):
+        raise ValueError(f"{text!r} names no one: give the family name, then the given name, as Family^Given")
+    if "\\" in name:
+        raise ValueError(f"{text!r} holds a backslash, which separates DICOM values: write the name as Family^Given")
+    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise ValueError(f"{text!r} holds a control character ({control!r}), which a Person Name may not")
+    groups = name.split("=")
+    if len(groups) > PN_GROUPS:
+        raise ValueError(f"{text!r} has {len(groups)} component groups separated by =; a DICOM Person Name has at most "
+                         f"{PN_GROUPS} (alphabetic=ideographic=phonetic)")
+    for group in groups:
+        if group.count("^") >= PN_COMPONENTS:
+            raise ValueError(f"{group!r} has {group.count('^') + 1} components separated by ^; a DICOM Person Name has "
+                             f"at most {PN_COMPONENTS} (Family^Given^Middle^Prefix^Suffix)")
+        if len(group) > PN_GROUP_CHARACTERS:
+            raise ValueError(f"{group!r} is {len(group)} characters long; a DICOM Person Name holds at most "
+                             f"{PN_GROUP_CHARACTERS} in each component group")
+    return name
 
 
 def _tag(text: str) -> int:
@@ -271,15 +308,19 @@ class SegObject:
         return found
 
 
-def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_type: str = "AUTOMATIC") -> SegObject:
+def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_type: str = "AUTOMATIC",
+                 creator: str | None = None) -> SegObject:
     """The DICOM SEG of a segmentation (module docstring), made whole before anything is written, so that a
     failure here leaves no output behind. `image`: the FLAIR as read from `series`; `mask` on its grid;
     `report`: the segmentation's (its models' checksums, volume and lesion count are described). Its one segment,
     WMH, has a frame on each slice holding a voxel of the mask and on the first and last slices, an empty mask's
     those two, empty. `algorithm_type` (ALGORITHM_TYPES): AUTOMATIC, DeepWML's own result; SEMIAUTOMATIC (a
     DeepWML mask edited by hand) or MANUAL (a rater's) for `deepwml export`: then its descriptions say so, its
-    Series Description "DeepWML WMH segmentation, edited" (or ", manual"), and a MANUAL segment names no algorithm
-    and no content creator (the rater is not known)."""
+    Series Description "DeepWML WMH segmentation, edited" (or ", manual"), and a MANUAL segment names no algorithm.
+    `creator`: the person who edited or drew the mask (`deepwml export --creator`, a DICOM Person Name checked by
+    `person_name`), its Content Creator's Name; without one, that Type 2 attribute is empty for SEMIAUTOMATIC and
+    MANUAL (no person is made up: DeepWML is named as the segment's algorithm), "DeepWML^" for AUTOMATIC, as
+    `deepwml segment` writes it."""
     from . import __version__
 
     models = list(report.get("model_sha256") or [])
@@ -297,7 +338,9 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_ty
     binary = (np.asarray(_array(mask)) > 0).astype(np.uint8)
     return labelled_segmentation(image, binary, series, [Segment(1, "WMH", described, DISPLAY_RGB,
                                                                  algorithm_type=algorithm_type)], models,
-                                 title, "WMH", content, creator="" if algorithm_type == "MANUAL" else "DeepWML^")
+                                 title, "WMH", content,
+                                 creator=person_name(creator) if creator else (
+                                     "DeepWML^" if algorithm_type == "AUTOMATIC" else ""))
 
 
 def labelled_segmentation(image, labels, series: io.DicomSeries, segments, models, title: str, content_label: str,

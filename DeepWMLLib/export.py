@@ -7,11 +7,16 @@ FLAIR is picked, --series naming another); the mask as every command reads one (
 Slicer .seg.nrrd, a DICOM SEG...), put on the FLAIR's grid as `evaluate` and `change` put it (`io.onto_grid`:
 reordered, or padded when saved cropped on its voxels; a mask on another grid refused), any non-zero voxel a lesion
 but label 2 (ignore) of a mask holding 1 and 2.
-No network runs: the report's figures are those `deepwml segment` writes for a mask (`report.lesion_report`: volume,
-lesion count, lesion table, LV groups per slice); the periventricular/deep split, which needs the ventricle network,
-is left out (`location` null, `location_why` saying why). The report says what it is an export of (`source`
-"export", `mask`, `mask_sha256`, `algorithm_type`) and names no model. The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
-MANUAL (a rater's) or AUTOMATIC with --algorithm-type (`dicom_seg.segmentation`).
+No WMH network runs: the report's figures are those `deepwml segment` writes for a mask (`report.lesion_report`:
+volume, lesion count, lesion table, LV groups per slice). The periventricular/deep split is made as segment makes it
+(`segment.mask_location`: the ventricle and brain networks on the FLAIR, the same `location` entry and the lesions'
+distances to the ventricles) where a ventricle model runs: --ventricle-model FILE, or the registry's default one
+(the shipped registry marks none), --no-location none; without one `location` is null and `location_why` says why.
+The report says what it is an export of (`source` "export", `mask`, `mask_sha256`, `algorithm_type`, `creator`) and
+names no WMH model (`model` null). The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
+MANUAL (a rater's) or AUTOMATIC with --algorithm-type (`dicom_seg.segmentation`); --creator names the person who
+edited or drew it (a DICOM Person Name, Family^Given): the SEG's Content Creator's Name, and in the outline series'
+Derivation Description (a Secondary Capture has no Content Creator's Name).
 
 Outputs there are refused unless --overwrite, and an OUTDIR holding `deepwml segment`'s outputs of the same case is
 refused even then (its report and mask would no longer agree): export into another OUTDIR, or name the case with
@@ -33,8 +38,15 @@ from .errors import DeepWMLError, UsageError
 
 SOURCE = "export"  # the report's `source`
 IGNORE_LABEL = 2  # metrics.IGNORE_LABEL: the mask conventions' "ignore"
-LOCATION_LEFT_OUT = ("no periventricular/deep split: it needs the ventricle network, which an export does not run "
-                     "(deepwml segment --ventricle-model makes it for its own mask)")
+LOCATION_OFF = "no periventricular/deep split: --no-location"
+
+
+def location_left_out() -> str:
+    """The report's `location_why` where no ventricle model ran."""
+    from .segment import SHIPPED_VENTRICLE_MODEL, models_dir
+
+    return ("no periventricular/deep split: it needs the ventricle network, and none runs by default; give one with "
+            f"--ventricle-model (the shipped, opt-in one: {models_dir() / SHIPPED_VENTRICLE_MODEL})")
 EXPORT_OUTPUTS = ("report", "qc", "dicom_outline", "dicom_seg")  # of segment.output_paths' keys, those export writes
 
 
@@ -116,19 +128,30 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
 
 def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool = False, dicom_outline: bool = False,
                 qc: bool = False, overwrite: bool = False, series: str | None = None,
-                algorithm_type: str = "SEMIAUTOMATIC") -> dict:
+                algorithm_type: str = "SEMIAUTOMATIC", creator: str | None = None, ventricle_model="default",
+                device: str = "auto") -> dict:
     """Export `mask` (a file) drawn on `flair` (module docstring) into `out_dir`; returns the report written.
     Warnings (a non-DICOM FLAIR with `dicom_seg` or `dicom_outline`, what the FLAIR's header says) are recorded in
-    the report and said (warnings.warn)."""
+    the report and said (warnings.warn). `creator`: who edited or drew the mask (a DICOM Person Name,
+    Family^Given). `ventricle_model`: as `segment.segment_image` takes it ("default": the registry's default, None:
+    no split); `device`: where its networks run."""
     from . import __version__
-    from .dicom_seg import ALGORITHM_TYPES
+    from .dicom_seg import ALGORITHM_TYPES, person_name
     from .report import lesion_report
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
-                          mask_digest, picture_title, scan_header_warnings, whole_or_none)
+                          load_ventricle_model, mask_digest, mask_location, picture_title, scan_header_warnings,
+                          whole_or_none)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
         raise UsageError(f"--algorithm-type must be one of {', '.join(ALGORITHM_TYPES)}, got {algorithm_type!r}")
+    if creator is not None:
+        try:
+            creator = person_name(creator)
+        except ValueError as exc:
+            raise UsageError(f"--creator {exc}") from None
+    asked_location = ventricle_model is not None and ventricle_model is not False
+    ventricle_model = load_ventricle_model(ventricle_model)  # a model of another kind refused before any work
     flair, mask = Path(flair), Path(mask)
     if case is not None and (not case.strip() or case in (".", "..") or any(c in case for c in "/\\\0")):
         raise UsageError(f"--case {case!r} is no file name (its outputs are CASE_report.json, ...): give a name "
@@ -149,9 +172,16 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
         if existing and not overwrite:
             raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
                                f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
+        # the split made before anything is written (networks: seconds), as segment makes it for its own mask
+        split = mask_location(image, binary, ventricle_model, device=device) if ventricle_model is not None else None
         report = {"case": case, "input": str(flair), "input_absolute": str(flair.resolve()), "source": SOURCE,
                   "mask": str(mask), "mask_absolute": str(mask.resolve()), "mask_sha256": mask_digest(binary),
-                  "algorithm_type": algorithm_type, **lesion_report(binary), "location": None,
+                  "algorithm_type": algorithm_type, "creator": creator,
+                  **lesion_report(binary, None, split["distance"] if split else None),
+                  "location": split["location"] if split else None,
+                  "brain_model": split["brain_model"] if split else None,
+                  "brain_model_sha256": split["brain_model_sha256"] if split else None,
+                  "intracranial_ml": split["intracranial_ml"] if split else None,
                   "model": None, "model_sha256": [], "deepwml_version": __version__}
         instances = dicom_instances(chosen[0], binary) if chosen else None
         if instances:  # the image numbers PACS shows, beside the voxel indices, as segment writes them
@@ -159,8 +189,9 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                 row["dicom_instance"] = instances[row["index"]]
             for lesion in report["lesions"]:
                 lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
-        report["location_why"] = LOCATION_LEFT_OUT
-        said = []
+        if split is None:
+            report["location_why"] = location_left_out() if asked_location else LOCATION_OFF
+        said = list(split["warnings"]) if split else []
         if chosen:
             report["dicom_series"] = chosen[0].as_dict(chosen[1])
             said += dicom_series_warnings(chosen[0], chosen[1], image)
@@ -190,13 +221,15 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             check_outline_folder(paths["dicom_outline"], overwrite)
             how = "edited by hand" if algorithm_type == "SEMIAUTOMATIC" else (
                 "drawn by hand" if algorithm_type == "MANUAL" else "by DeepWML")
+            if creator:  # a Secondary Capture has no Content Creator's Name: the derivation names them
+                how += f" by {creator}"
             prepared = outline_series(image, binary, chosen[0], report, derivation=(
                 f"WMH outlined in red, {how} ({algorithm_type}), exported by DeepWML {__version__}: "
                 f"{report['volume_ml']:.2f} ml, {report['lesion_count']} lesion(s). Research use, not for diagnosis."))
         if seg:
             from .dicom_seg import segmentation
 
-            segmented = segmentation(image, binary, chosen[0], report, algorithm_type)
+            segmented = segmentation(image, binary, chosen[0], report, algorithm_type, creator)
         with whole_or_none(paths):
             if overwrite:  # the report first: stopped part way, no report describes other files
                 listed = []
@@ -244,8 +277,8 @@ def register(subparsers) -> None:
                     "(Slicer, ITK-SNAP) or a rater's, to send to PACS. FLAIR: the scan the mask was drawn on (an image "
                     "file, a DICOM series folder, or a study's folder: its FLAIR is picked); MASK: any mask file "
                     "DeepWML reads (NIfTI, NRRD, .seg.nrrd, DICOM SEG), on the FLAIR's grid (a mask saved cropped "
-                    "on its voxels is padded). Writes CASE_report.json (the mask's volume, lesions and LV groups; no "
-                    "network runs, so no periventricular/deep split).")
+                    "on its voxels is padded). Writes CASE_report.json (the mask's volume, lesions and LV groups; "
+                    "with a ventricle model, the periventricular/deep split as deepwml segment makes it).")
     p.add_argument("flair", metavar="FLAIR", help="the FLAIR: an image file or a DICOM folder")
     p.add_argument("mask", metavar="MASK", help="the mask to export, on the FLAIR's grid (any non-zero voxel a lesion)")
     p.add_argument("-o", "--output-dir", required=True, metavar="OUTDIR")
@@ -258,6 +291,16 @@ def register(subparsers) -> None:
     p.add_argument("--algorithm-type", default="SEMIAUTOMATIC", choices=ALGORITHM_TYPES,
                    help="the SEG segment's Segment Algorithm Type: SEMIAUTOMATIC (default: a DeepWML mask corrected by "
                         "hand), MANUAL (drawn by a rater: no algorithm named) or AUTOMATIC (DeepWML's mask unchanged)")
+    p.add_argument("--creator", metavar="FAMILY^GIVEN", help="who edited or drew the mask, as a DICOM Person Name "
+                   "(Family^Given, at most 5 ^-separated parts): the SEG's Content Creator's Name, named in the outline "
+                   "series and recorded in the report (without it, no person is named)")
+    p.add_argument("--ventricle-model", metavar="FILE", help="lateral-ventricle model for the periventricular/deep "
+                   "split, made as deepwml segment makes it (its ventricle and brain networks run on the FLAIR; "
+                   "default: the model registry's default ventricle model, which the shipped registry does not mark)")
+    p.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even when the model "
+                   "registry marks a ventricle model default")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ventricle and brain "
+                   "networks run (default: auto)")
     p.add_argument("--dicom-outline", action="store_true", help="also write CASE_outline_dicom/: the FLAIR with the "
                    "mask's lesions outlined in red, as a new series of its study (a DICOM FLAIR only)")
     p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined")
@@ -269,8 +312,11 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     import sys
 
+    if args.no_location and args.ventricle_model:
+        raise UsageError("--no-location cannot go with --ventricle-model")
     report = export_case(args.flair, args.mask, args.output_dir, args.case, args.dicom_seg, args.dicom_outline, args.qc,
-                         args.overwrite, args.series, args.algorithm_type)
+                         args.overwrite, args.series, args.algorithm_type, args.creator,
+                         None if args.no_location else (args.ventricle_model or "default"), args.device)
     from .report import lesion_count_text
 
     print(f"{report['case']}: {report['volume_ml']:.2f} ml, {lesion_count_text(report['lesion_count'])}; "

@@ -95,12 +95,58 @@ def test_dciodvfy_finds_no_error_in_an_exported_seg(tmp_path):
     Algorithm Name, which the others require)."""
     folder = source_series(tmp_path / "flair")
     edited_mask(folder, tmp_path / "rater.nrrd")
-    for kind in ("MANUAL", "SEMIAUTOMATIC"):
-        out = tmp_path / kind
+    for kind, creator in (("MANUAL", None), ("SEMIAUTOMATIC", None), ("MANUAL", "Doe^Jane^M^Dr^PhD"),
+                          ("SEMIAUTOMATIC", "Müller^Jürgen")):
+        out = tmp_path / f"{kind}{creator is not None}"
         assert main(["export", str(folder), str(tmp_path / "rater.nrrd"), "-o", str(out), "--dicom-seg",
-                     "--algorithm-type", kind]) == 0
+                     "--algorithm-type", kind] + (["--creator", creator] if creator else [])) == 0
         [seg] = out.glob("*_wmh_seg.dcm")
-        assert _dciodvfy(seg) == [], kind
+        assert _dciodvfy(seg) == [], (kind, creator)
+
+
+def test_export_names_the_creator_and_makes_up_none(tmp_path):
+    """--creator names who edited or drew the mask: the SEG's Content Creator's Name (a PN highdicom reads), the
+    outline series' Derivation Description (a Secondary Capture has no Content Creator's Name) and the report's
+    `creator`. Without it, SEMIAUTOMATIC and MANUAL write that Type 2 attribute empty: no person made up (it was
+    "DeepWML^", a person named DeepWML, for SEMIAUTOMATIC)."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    hd = pytest.importorskip("highdicom")
+    for kind in ("SEMIAUTOMATIC", "MANUAL"):
+        out = tmp_path / kind
+        assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p",
+                     "--dicom-seg", "--algorithm-type", kind]) == 0
+        data = pydicom.dcmread(out / "p_wmh_seg.dcm")
+        assert "ContentCreatorName" in data and data.ContentCreatorName == "", kind  # Type 2: present, empty
+        assert json.loads((out / "p_report.json").read_text())["creator"] is None
+    out = tmp_path / "named"
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p",
+                 "--dicom-seg", "--dicom-outline", "--creator", " Doe^Jane "]) == 0
+    data = pydicom.dcmread(out / "p_wmh_seg.dcm")
+    assert data.ContentCreatorName == "Doe^Jane"
+    assert (data.ContentCreatorName.family_name, data.ContentCreatorName.given_name) == ("Doe", "Jane")
+    assert str(hd.seg.segread(out / "p_wmh_seg.dcm").ContentCreatorName) == "Doe^Jane"
+    assert data.SegmentSequence[0].SegmentAlgorithmName == "DeepWML"
+    assert json.loads((out / "p_report.json").read_text())["creator"] == "Doe^Jane"
+    image = pydicom.dcmread(sorted((out / "p_outline_dicom").glob("*.dcm"))[0])
+    assert "by Doe^Jane" in image.DerivationDescription and "ContentCreatorName" not in image
+    # AUTOMATIC (DeepWML's mask unchanged) keeps what segment writes without one
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(tmp_path / "auto"), "--case",
+                 "p", "--dicom-seg", "--algorithm-type", "AUTOMATIC"]) == 0
+    assert pydicom.dcmread(tmp_path / "auto" / "p_wmh_seg.dcm").ContentCreatorName == "DeepWML^"
+
+
+@pytest.mark.parametrize("name, said", [
+    ("A^B^C^D^E^F", "at most 5"), ("Doe\\Jane", "backslash"), ("Doe^Jane\n", "control character"),
+    ("^^", "names no one"), ("D" * 65, "at most 64"), ("a=b=c=d", "at most 3"), ("Doe\x00", "control character")])
+def test_export_refuses_a_creator_that_is_no_person_name(tmp_path, capsys, name, said):
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(tmp_path / "out"),
+                 "--dicom-seg", "--creator", name]) == 2
+    error = capsys.readouterr().err
+    assert said in error and "--creator" in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
@@ -262,3 +308,45 @@ def test_a_change_segmentation_exported_says_in_its_report_which_calls_were_left
     assert len(left) == 1, report["warnings"]
     assert report["volume_ml"] == pytest.approx(9 * np.prod(flair.GetSpacing()) / 1000)  # the new lesion alone
     assert capsys.readouterr().err.count("gone, small gone left out") == 1
+
+
+def test_export_of_segments_own_mask_gives_segments_periventricular_deep_split(tmp_path):
+    """The split is made as segment makes it (the ventricle and brain networks on the FLAIR, the same code): the
+    export of segment's own mask of the bundled sample, with the same ventricle model, has segment's `location`
+    and each lesion's distance to the ventricles and periventricular share (it was left out: `location` null)."""
+    from conftest import REPO
+
+    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
+    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
+                 "--device", "cpu"]) == 0
+    segmented = json.loads((tmp_path / "seg" / "sample_flair_report.json").read_text())
+    assert segmented["location"]["judged"]
+    assert main(["export", str(flair), str(tmp_path / "seg" / "sample_flair_wmh.nii.gz"), "-o",
+                 str(tmp_path / "exp"), "--ventricle-model", str(ventricles), "--device", "cpu"]) == 0
+    exported = json.loads((tmp_path / "exp" / "sample_flair_report.json").read_text())
+    assert exported["location"] == segmented["location"] and "location_why" not in exported
+    assert 0 < exported["location"]["periventricular_ml"] and 0 < exported["location"]["deep_ml"]
+    fields = ("ventricle_distance_mm", "periventricular_share")
+    assert [{k: lesion[k] for k in fields} for lesion in exported["lesions"]] == \
+        [{k: lesion[k] for k in fields} for lesion in segmented["lesions"]]
+    assert exported["intracranial_ml"] == segmented["intracranial_ml"]
+    assert exported["brain_model"] == segmented["brain_model"] and exported["model"] is None
+
+
+def test_export_without_a_ventricle_model_says_why_there_is_no_split(tmp_path, capsys):
+    """The shipped registry marks no ventricle model default (as for segment): no split, `location_why` naming
+    --ventricle-model; --no-location says so; both together are refused, as segment refuses them."""
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    command = ["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz")]
+    assert main([*command, "-o", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "flair_report.json").read_text())
+    assert report["location"] is None and "--ventricle-model" in report["location_why"]
+    assert report["intracranial_ml"] is None and report["brain_model"] is None
+    assert main([*command, "-o", str(tmp_path / "b"), "--no-location"]) == 0
+    assert "--no-location" in json.loads((tmp_path / "b" / "flair_report.json").read_text())["location_why"]
+    capsys.readouterr()
+    assert main([*command, "-o", str(tmp_path / "c"), "--no-location", "--ventricle-model", "v.pt"]) == 2
+    assert "cannot go with" in capsys.readouterr().err and not (tmp_path / "c").exists()
