@@ -299,6 +299,9 @@ BAD_INPUTS = [
     ("export --case naming a path (`../up`), not a file name", "export", 2, "is no file name"),
     ("export --dicom-seg of a FLAIR that is not DICOM", "export", 0,
      "ok: the report, and a warning that no DICOM SEG was written (no patient or study to write one into)"),
+    ("export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, over 64 "
+     "characters are refused too)", "export", 2, "a DICOM Person Name has at most 5"),
+    ("export --no-location with --ventricle-model", "export", 2, "cannot go with"),
 ]
 
 
@@ -1038,6 +1041,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             return export + ["--overwrite"]
         if row_id.startswith("export --case"):
             return export + ["--case", "../up"]
+        if row_id.startswith("export --creator"):
+            return export + ["--dicom-seg", "--creator", "Doe^Jane^M^Dr^PhD^Extra"]
+        if row_id.startswith("export --no-location"):
+            return export + ["--no-location", "--ventricle-model", str(p["model"])]
         return export + ["--dicom-seg"]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
