@@ -23,9 +23,9 @@ cannot write the functional groups; pydicom and highdicom are test dependencies 
   Region SCT 68523003 "Cerebral white matter" (as DICOM CID 7140 codes it), algorithm AUTOMATIC "DeepWML"
   (`deepwml export`, a mask edited or drawn by hand: SEMIAUTOMATIC "DeepWML", or MANUAL without an algorithm name),
   its Recommended Display CIELab Value the red of the QC picture and the outline;
-- Content Creator's Name (Type 2): "DeepWML^" for DeepWML's own result (AUTOMATIC); for `deepwml export` the
-  person `--creator` names (Family^Given), else empty: no person is made up, DeepWML being named as the segment's
-  algorithm (SEMIAUTOMATIC) or not at all (MANUAL);
+- Content Creator's Name (Type 2: the operator who made the content): for `deepwml export` the person
+  `--creator` names (Family^Given), else empty, DeepWML's own results (AUTOMATIC) included: no person is made up,
+  DeepWML being named as the segment's algorithm (AUTOMATIC, SEMIAUTOMATIC) or not at all (MANUAL);
 - a frame on each slice of the source that holds a voxel of the mask, and on its first and last slices (empty
   there where the mask has nothing), the slices between without a voxel left out (as highdicom's default,
   `omit_empty_frames`, leaves them out; OHIF, Slicer and highdicom read such a sparse SEG, each frame placing
@@ -318,9 +318,8 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_ty
     DeepWML mask edited by hand) or MANUAL (a rater's) for `deepwml export`: then its descriptions say so, its
     Series Description "DeepWML WMH segmentation, edited" (or ", manual"), and a MANUAL segment names no algorithm.
     `creator`: the person who edited or drew the mask (`deepwml export --creator`, a DICOM Person Name checked by
-    `person_name`), its Content Creator's Name; without one, that Type 2 attribute is empty for SEMIAUTOMATIC and
-    MANUAL (no person is made up: DeepWML is named as the segment's algorithm), "DeepWML^" for AUTOMATIC, as
-    `deepwml segment` writes it."""
+    `person_name`), its Content Creator's Name; without one, that Type 2 attribute is empty (no person is made up:
+    DeepWML is named as the segment's algorithm, AUTOMATIC or SEMIAUTOMATIC)."""
     from . import __version__
 
     models = list(report.get("model_sha256") or [])
@@ -339,13 +338,12 @@ def segmentation(image, mask, series: io.DicomSeries, report: dict, algorithm_ty
     return labelled_segmentation(image, binary, series, [Segment(1, "WMH", described, DISPLAY_RGB,
                                                                  algorithm_type=algorithm_type)], models,
                                  title, "WMH", content,
-                                 creator=person_name(creator) if creator else (
-                                     "DeepWML^" if algorithm_type == "AUTOMATIC" else ""))
+                                 creator=person_name(creator) if creator else "")
 
 
 def labelled_segmentation(image, labels, series: io.DicomSeries, segments, models, title: str, content_label: str,
                           content_description: str, offset: int = SERIES_NUMBER_OFFSET,
-                          creator: str = "DeepWML^") -> SegObject:
+                          creator: str = "") -> SegObject:
     """A BINARY DICOM SEG of a label map (`labels`, a SimpleITK image or numpy k, j, i array on `image`'s grid): one
     segment per item of `segments` (`Segment`, at least one), numbered 1, 2, ... in their order, each where the
     label map equals its value, a frame on each slice of the source where it has a voxel, and segment 1's on the
