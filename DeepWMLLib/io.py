@@ -2887,14 +2887,17 @@ _MR_TIMING, _MR_ECHO, _MR_MODIFIER = 0x00189112, 0x00189114, 0x00189115  # the s
 _MR_DIFFUSION, _MR_FRAME_TYPE = 0x00189117, 0x00189226  # MR Diffusion, MR Image Frame Type
 # a DICOM Segmentation's Segment Sequence and each frame's Segment Identification (`read_dicom_seg`)
 _SEGMENT_SEQUENCE, _SEGMENT_IDENTIFICATION = 0x00620002, 0x0062000A
+_DERIVATION_IMAGE, _SOURCE_IMAGE = 0x00089124, 0x00082112  # a frame's Derivation Image Sequence, its Source Image Sequence
 _GROUP_SEQUENCES = {_SHARED_GROUPS, _PER_FRAME_GROUPS, _PIXEL_MEASURES, _PLANE_POSITION, _PLANE_ORIENTATION,
                     _MR_TIMING, _MR_ECHO, _MR_MODIFIER, _MR_DIFFUSION, _MR_FRAME_TYPE, _SEGMENT_SEQUENCE,
-                    _SEGMENT_IDENTIFICATION}
+                    _SEGMENT_IDENTIFICATION, _DERIVATION_IMAGE, _SOURCE_IMAGE}
 # transfer syntax; position, orientation, pixel spacing, slice thickness; repetition time, inversion times,
 # effective echo time; Diffusion b-value, Diffusion Directionality, Frame Type; Spacing Between Slices, Segment
-# Number, Segment Label, Referenced Segment Number (a DICOM SEG's)
+# Number, Segment Label, Referenced Segment Number, and each frame's source image (Referenced SOP Instance UID and
+# Frame Number, Spatial Locations Preserved, in its Derivation Image Sequence's Source Image Sequence) (a DICOM SEG's)
 _WANTED = ({0x00020010, 0x00200032, 0x00200037, 0x00280030, 0x00180050, 0x00180080, 0x00189079, 0x00189082,
-            0x00189087, 0x00189075, 0x00089007, 0x00180088, 0x00620004, 0x00620005, 0x0062000B} | _GROUP_SEQUENCES)
+            0x00189087, 0x00189075, 0x00089007, 0x00180088, 0x00620004, 0x00620005, 0x0062000B, 0x00081155,
+            0x00081160, 0x0028135A} | _GROUP_SEQUENCES)
 
 
 def _dataset(data, pos: int, end: int, explicit: bool, level: str = "item", wanted=_WANTED,
@@ -3366,7 +3369,7 @@ def _check_frames(path, file: str, image) -> None:
     steps = np.diff(np.sort(along))
     typical = float(np.median(steps))
     spacing = image.GetSpacing()
-    odd = np.abs(steps - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM)  # as _check_slice_spacing
+    odd = _odd_steps(steps, typical)  # as _check_slice_spacing
     if typical <= 0:
         why = "several frames at each position: echoes, volumes or repeats"
     elif odd.any():
@@ -3376,7 +3379,7 @@ def _check_frames(path, file: str, image) -> None:
         why = f"{what}: {steps[k]:.2f} mm between two of them, {typical:.2f} mm elsewhere"
     elif (np.diff(along) < 0).any() and (np.diff(along) > 0).any():
         why = "its frames are not stored in slice order"
-    elif _off_mean_grid(along).max() > 0.5 * abs(along[-1] - along[0]) / (len(along) - 1):
+    elif _beyond_mean_grid(_off_mean_grid(along), (along[-1] - along[0]) / (len(along) - 1)):
         mean, off = abs(along[-1] - along[0]) / (len(along) - 1), _off_mean_grid(along)
         k = int(np.argmax(off))
         raise DeepWMLError(f"{path}: the frames of the multi-frame DICOM file {name} are unevenly spaced "
@@ -3423,6 +3426,27 @@ def _off_mean_grid(along: np.ndarray) -> np.ndarray:
     return np.abs(along - along[0] - (along[-1] - along[0]) / (len(along) - 1) * np.arange(len(along)))
 
 
+# An unevenly spaced series (or multi-frame file) is read, as ITK reads it, on the regular grid of its slices' mean
+# step from the first slice, slice k on the grid's slice k: read so (warned of) where each step between neighbouring
+# slices is within a fifth of the typical step (and more than positions written rounded to 0.1 mm make of a thin
+# slice's) and each slice lies within half a slice of its place on the grid; refused otherwise (`_check_slice_spacing`,
+# `_check_frames`). A DICOM SEG's frames on such a series' slices are placed by the same rule (`_uneven_frames_fault`).
+UNEVEN_STEP_FRACTION = 0.2
+UNEVEN_MAX_OFF = 0.5  # of a slice
+
+
+def _odd_steps(steps: np.ndarray, typical: float) -> np.ndarray:
+    """Which of the steps between neighbouring slices (mm) an unevenly spaced stack of `typical` steps may not have:
+    a slice missing, two at one position, or spacing more uneven than a series is read with."""
+    return np.abs(steps - typical) > max(UNEVEN_STEP_FRACTION * typical, UNEVEN_TOLERANCE_MM)
+
+
+def _beyond_mean_grid(off: np.ndarray, mean: float) -> bool:
+    """Whether a slice lies farther from its place on the regular grid of the mean step `mean` (`off`: each slice's
+    distance, mm) than an unevenly spaced stack is read with: over half a slice."""
+    return float(np.max(off, initial=0.0)) > UNEVEN_MAX_OFF * abs(mean)
+
+
 def _decimals(text: str) -> list[float] | None:
     """The numbers of a DICOM decimal string ('-128.75\\-100.09\\-19.68'), None unless all are finite numbers."""
     try:
@@ -3454,7 +3478,7 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
                            "repeats?); export the FLAIR series alone")
     # a fifth of a step, and more than positions written rounded to 0.1 mm make of a thin slice's (0.5 and 0.6 mm
     # steps of 0.55 mm slices); a slice missing or doubled is a whole step off
-    odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > max(0.2 * typical, UNEVEN_TOLERANCE_MM))
+    odd = np.flatnonzero(_odd_steps(np.abs(steps), typical))
     if odd.size:
         k = int(odd[0])
         missing = int(round(abs(steps[k]) / typical)) - 1
@@ -3468,8 +3492,8 @@ def _check_slice_spacing(path, positions: list[str], image) -> None:
     # imaged, each lesion there measured in its neighbour's place; a warning (DicomSeries.slice_spacing_warning)
     # is not enough for that
     mean = (along[-1] - along[0]) / (len(along) - 1)
-    off = np.abs(along - along[0] - mean * np.arange(len(along)))
-    if off.max() > 0.5 * abs(mean):
+    off = _off_mean_grid(along)
+    if _beyond_mean_grid(off, mean):
         k = int(np.argmax(off))
         raise DeepWMLError(f"{path}: the slices of the DICOM series are unevenly spaced ({np.abs(steps).min():.2f} to "
                            f"{np.abs(steps).max():.2f} mm apart): on a regular grid of their mean spacing, "
@@ -5445,6 +5469,53 @@ def _common_step(offsets: np.ndarray, smallest: float) -> float:
     return smallest
 
 
+def _frame_sources(shared: dict, frames: list) -> list | None:
+    """Each frame's source image as its Derivation Image Sequence names it (per frame, else shared): (Referenced SOP
+    Instance UID, Referenced Frame Number or None); None unless every frame names one image, on whose very plane
+    it lies (Spatial Locations Preserved not NO)."""
+    found = []
+    for frame in frames:
+        items = frame.get(_DERIVATION_IMAGE) if isinstance(frame, dict) else None
+        if not items and isinstance(shared, dict):
+            items = shared.get(_DERIVATION_IMAGE)
+        sources = [source for item in items or () if isinstance(item, dict)
+                   for source in item.get(_SOURCE_IMAGE) or () if isinstance(source, dict)]
+        if len(sources) != 1 or not _text(sources[0].get(0x00081155)):
+            return None
+        if _text(sources[0].get(0x0028135A)).upper() == "NO":
+            return None
+        number = _numbers(sources[0].get(0x00081160)) if sources[0].get(0x00081160) else None
+        found.append((_text(sources[0].get(0x00081155)), int(number[0]) if number is not None and number.size else None))
+    return found
+
+
+def _uneven_frames_fault(offsets: np.ndarray, step: float, sources: list | None) -> str | None:
+    """Why a SEG's frames off the regular grid of `step` (the mean step its Spacing Between Slices gives; `offsets`:
+    each frame's, mm along the normal from the lowest, which lies on the source's first slice) are not the slices
+    of an unevenly spaced source series on it, as DeepWML reads that series (UNEVEN_MAX_OFF, `_odd_steps`: each slice
+    on the grid's slice nearest to it); None where they are, each frame then on its grid slice np.round(offset / step).
+    `sources`: each frame's source image (`_frame_sources`): frames at one position must name one, frames at others
+    others (a frame of its own between the source's slices names none, or a slice's that lies elsewhere)."""
+    if sources is None:
+        return "its frames do not each name the source image they lie on (Derivation Image Sequence)"
+    positions, which = np.unique(np.round(offsets, 3), return_inverse=True)
+    named: dict = {}
+    for k, at in enumerate(which.ravel()):
+        if named.setdefault(int(at), sources[k]) != sources[k]:
+            return f"frames {k + 1} and another at one position name different source images"
+    if len(set(named.values())) != len(named):
+        return "frames at different positions name one source image"
+    index = np.round(positions / step)
+    if _beyond_mean_grid(np.abs(positions - index * step), step):
+        return "a frame lies over half a slice from its place on the grid"
+    if len(np.unique(index)) != len(index):
+        return "two frames at different positions lie nearest to one slice of the grid"
+    steps, apart = np.diff(positions), np.diff(index)
+    if _odd_steps(steps[apart == 1], step).any():
+        return "neighbouring frames lie more unevenly apart than the slices of a series DeepWML reads"
+    return None
+
+
 _SEG_BITS = {"BINARY": (1,), "FRACTIONAL": (8,), "LABELMAP": (8, 16)}  # Bits Allocated of each Segmentation Type
 
 
@@ -5486,8 +5557,11 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     orientation and Pixel Spacing, slices Spacing Between Slices apart (shared Pixel Measures), else the largest
     step of which every frame's offset is a whole multiple (`_common_step`), else one slice of its Slice Thickness; the grid spans the
     frames present (a SEG without its empty frames: `onto_grid` pads it onto the scan's), frames of lesion segments
-    at one position joined. Frames off that grid (between slices, shifted within their plane: a tilt) or in other
-    orientations are refused."""
+    at one position joined. Frames off a given Spacing Between Slices' grid that lie as an unevenly spaced series'
+    slices (DeepWML's own SEG of one: each frame at its source slice's position, the spacing their mean step) are
+    placed as the FLAIR reader places that series' slices (`_uneven_frames_fault`: the grid slice nearest to each,
+    within half a slice; warned of). Other frames off that grid (between slices, shifted within their plane: a
+    tilt) or in other orientations are refused."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -5580,10 +5654,20 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     index = (along - along[low]) / step
     off = np.abs(index - np.round(index)) * step
     if off.max() > _slice_tolerance_mm(step):
+        # off the grid: the slices of an unevenly spaced series (DeepWML's own SEG of one: each frame at its source
+        # slice's position, Spacing Between Slices the mean step), placed as the series is read; else between slices
         odd = int(np.argmax(off))
-        raise refuse(f"has frames between slices: frame {odd + 1} lies {index[odd]:.3g} slices from the first, on "
-                     f"slices {step:.4g} mm apart ({source}); its frames lie on no one voxel grid: export it again "
-                     "on the scan's slices")
+        why = (_uneven_frames_fault(along - along[low], step, _frame_sources(shared, frames))
+               if source == "its Spacing Between Slices" else "")
+        if why is not None:
+            raise refuse(f"has frames between slices: frame {odd + 1} lies {index[odd]:.3g} slices from the first, on "
+                         f"slices {step:.4g} mm apart ({source}); its frames lie on no one voxel grid"
+                         + (f" (nor are they an unevenly spaced series' slices: {why})" if why else "")
+                         + ": export it again on the scan's slices")
+        logging.getLogger(__name__).warning(
+            "%s: the DICOM Segmentation's frames lie on an unevenly spaced series' slices (frame %d %.2f mm from its "
+            "place on the regular grid of their mean step, %.4g mm); each is placed on that grid as DeepWML reads the "
+            "series", path, odd + 1, off[odd], step)
     index = np.round(index).astype(int)
     slices = int(index.max()) + 1
     if slices > _SEG_MAX_SLICES:

@@ -223,6 +223,70 @@ def test_an_enhanced_multi_frame_source(tmp_path, order, files):
         assert np.array_equal(pixels, (source.pixel_array >= LESION).astype(pixels.dtype))
 
 
+@pytest.mark.parametrize("source", ["a file a slice", "one enhanced file"])
+def test_the_seg_of_an_unevenly_spaced_series_reads_back_as_its_mask(tmp_path, source, caplog):
+    """Slices unevenly spaced (4.2 to 5.8 mm apart, within what DeepWML reads with a warning): the FLAIR is read on
+    the regular grid of their mean step, slice k on its slice k, and the SEG's frames lie at their source slices' own
+    positions, off that grid. Read back, alone and onto the FLAIR, each frame lies on the slice the FLAIR reader put
+    its source on: the mask voxel for voxel (slice 2, without a frame, empty), a warning saying so. It was refused as
+    frames between slices: DeepWML could not read its own output (evaluate, export, a rerun)."""
+    image = phantom(spacing=(0.7, 0.9, 5.0), direction=rotation(0.1, 0.05, 0.2))
+    positions = stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2], noise_mm=0.02)
+    folder = tmp_path / "flair"
+    if source == "a file a slice":
+        write_dicom_series(folder, image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7, extra=PATIENT,
+                           positions=positions)
+    else:
+        write_enhanced_mr(folder / "flair.dcm", image, positions=positions, frame_of_reference="1.2.3.77")
+    made, flair = make_seg(folder, tmp_path / "s.dcm")
+    assert made.frames == 6
+    series, _ = io.choose_dicom_series(folder)
+    assert any("unevenly spaced" in w for w in series.slice_warnings(flair))  # the FLAIR itself is read so, warned of
+    check_against_sources(tmp_path / "s.dcm", folder)  # each frame at its source's own position
+    mask = sitk.GetArrayFromImage(flair) >= LESION
+    alone = io.read_mask(tmp_path / "s.dcm")
+    assert alone.GetSize() == flair.GetSize() and np.allclose(alone.GetOrigin(), flair.GetOrigin(), atol=1e-3)
+    assert np.allclose(alone.GetSpacing(), flair.GetSpacing(), atol=1e-4)
+    assert np.array_equal(sitk.GetArrayFromImage(alone), mask)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), mask)
+    assert "frames lie on an unevenly spaced series' slices" in caplog.text
+
+
+def test_frames_between_the_slices_of_a_regular_series_are_still_refused(tmp_path):
+    """DeepWML's SEG of an evenly spaced series, one frame moved 0.3 of a slice: off the grid, and not as a series'
+    slices are read (its steps to its neighbours 3.5 and 6.5 mm of 5), refused as between slices; a frame moved so
+    that its steps would pass but naming no source image, or one named by another frame too, refused as well."""
+    folder = source_series(tmp_path / "flair")
+    make_seg(folder, tmp_path / "good.dcm")
+
+    def altered(name, frame, by, change=None):
+        ds = pydicom.dcmread(tmp_path / "good.dcm")
+        item = ds.PerFrameFunctionalGroupsSequence[frame]
+        position = item.PlanePositionSequence[0].ImagePositionPatient
+        item.PlanePositionSequence[0].ImagePositionPatient = [float(v) for v in position[:2]] + [float(position[2]) + by]
+        if change is not None:
+            change(ds)
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    with pytest.raises(DeepWMLError, match=r"moved\.dcm: the DICOM Segmentation has frames between slices: frame 3 lies "
+                                           r"3\.3 slices from the first.*neighbouring frames lie more unevenly apart"):
+        io.read_mask(altered("moved.dcm", 2, 1.5))  # (frame 3: slice 3, slice 2 having none)
+
+    def unnamed(ds):
+        del ds.PerFrameFunctionalGroupsSequence[2].DerivationImageSequence
+
+    def twice(ds):
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        per_frame[2].DerivationImageSequence = per_frame[3].DerivationImageSequence
+
+    for name, change, why in (("unnamed.dcm", unnamed, "do not each name the source image"),
+                              ("twice.dcm", twice, "frames at different positions name one source image")):
+        with pytest.raises(DeepWMLError, match=rf"{name.replace('.', '[.]')}: the DICOM Segmentation has frames between "
+                                               rf"slices.*{why}"):
+            io.read_mask(altered(name, 2, 0.9, change))  # 0.18 of a slice: steps 4.1 and 5.9 mm would pass
+
+
 def test_an_empty_mask_gives_empty_frames_on_the_first_and_last_slices(tmp_path):
     """No lesion: the SEG has two frames, empty, on the first and last slices (a PACS shows that nothing was found,
     not a missing result; a SEG needs a frame), the bits padded to an even length; dciodvfy, highdicom and
