@@ -5297,7 +5297,7 @@ def _text(value) -> str:
 class _SegFile:
     top: dict  # the top-level elements of _SEG_TOP
     pixels: bytes  # Pixel Data's value (native); b"" where encapsulated
-    fragments: list | None = None  # RLE Lossless: each frame's fragment (PS3.5 A.4: one a frame)
+    fragments: list | None = None  # RLE Lossless: each frame's fragment (PS3.5 A.4.2: exactly one a frame)
 
 
 _RLE_LOSSLESS = "1.2.840.10008.1.2.5"
@@ -5528,9 +5528,15 @@ def _seg_pixels(seg: _SegFile, kind: str, bits: int, rows: int, columns: int, co
     (`_rle_frame`, one fragment a frame). `refuse(why)` gives the error of a damaged Pixel Data."""
     plane = rows * columns
     if seg.fragments is not None:
-        if len(seg.fragments) != count:
+        if len(seg.fragments) > count:  # (PS3.5 A.4.2: "Each frame shall be encoded in one and only one Fragment")
+            raise refuse(f"is RLE Lossless with {len(seg.fragments)} fragments of Pixel Data for its {count} frames: "
+                         "DICOM stores each RLE frame in exactly one fragment (PS3.5 A.4.2), so a frame split over "
+                         "several (as DCMTK's dcmcrle --fragment-size writes, non-standard) or a stray fragment is "
+                         "not read; save it uncompressed (e.g. gdcmconv --raw, or dcmdrle) or export it again")
+        if len(seg.fragments) < count:
             raise refuse(f"is RLE Lossless with {len(seg.fragments)} fragments of Pixel Data for its {count} frames "
-                         "(one a frame): a damaged file; export it again")
+                         "(DICOM stores each RLE frame in exactly one fragment): frames are missing, a damaged or cut "
+                         "short file; export it again")
         frames = []
         for k, fragment in enumerate(seg.fragments):
             try:

@@ -234,6 +234,9 @@ BAD_INPUTS = [
      "Lossless ones); save it uncompressed"),
     ("a DICOM SEG given as the reference stored RLE Lossless (refused before as compressed)", "evaluate", 0,
      "ok: decoded by DeepWML itself (Dice 1 against the mask it holds)"),
+    ("a DICOM SEG given as the reference, RLE Lossless with each frame split over two fragments (non-standard: "
+     "DCMTK's dcmcrle --fragment-size writes it so)", "evaluate", 1,
+     "DICOM stores each RLE frame in exactly one fragment (PS3.5 A.4.2)"),
     ("a DICOM SEG given as the reference of Segmentation Type LABELMAP (Label Map Segmentation Storage, DICOM 2024: "
      "each pixel its segment's number; refused before)", "evaluate", 0,
      "ok: its lesion segment's pixels read (Dice 1 against the mask it holds)"),
@@ -865,8 +868,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             relabel_transfer_syntax(tmp / "in" / "seg", "1.2.840.10008.1.2.4.90", names=["rater.dcm"])
             return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg" / "rater.dcm")]
         io.write_bytes(made.data, tmp / "in" / "seg" / "IM0001")
-        if "RLE Lossless (" in row_id or "LABELMAP" in row_id:
-            _recoded_seg(tmp / "in" / "seg" / "IM0001", "LABELMAP" in row_id, 300 if "cannot hold" in row_id else 1)
+        if "RLE Lossless (" in row_id or "RLE Lossless with each frame split" in row_id or "LABELMAP" in row_id:
+            _recoded_seg(tmp / "in" / "seg" / "IM0001", "LABELMAP" in row_id, 300 if "cannot hold" in row_id else 1,
+                         split="split over two fragments" in row_id)
         return ["evaluate", "--prediction", str(p["truth"]), "--reference", str(tmp / "in" / "seg"), "--json",
                 str(tmp / "e.json")]
     if row_id == "change --dicom-seg with a DICOM follow-up without a Frame of Reference UID":
@@ -1064,9 +1068,9 @@ def _hashes(folder: Path) -> dict:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
-def _recoded_seg(path, labelmap: bool, number: int = 1) -> None:
+def _recoded_seg(path, labelmap: bool, number: int = 1, split: bool = False) -> None:
     """DeepWML's BINARY SEG at `path` rewritten by pydicom: its frames RLE Lossless (pydicom's encoder, each
-    frame's bits packed), or as a LABELMAP SEG element by element (SOP class, Segmentation Type, 8 bits a pixel,
+    frame's bits packed; `split`: each frame over two fragments, a Basic Offset Table saying where each begins), or as a LABELMAP SEG element by element (SOP class, Segmentation Type, 8 bits a pixel,
     each its segment's number, no Segment Identification, segment 0 the background)."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.encaps import encapsulate
@@ -1094,7 +1098,7 @@ def _recoded_seg(path, labelmap: bool, number: int = 1) -> None:
             pack_bits(frame), rows=1, columns=len(pack_bits(frame)), samples_per_pixel=1, bits_allocated=8,
             bits_stored=8, pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1)
             for frame in frames]
-        ds.PixelData = encapsulate(fragments)
+        ds.PixelData = encapsulate(fragments, fragments_per_frame=2, has_bot=True) if split else encapsulate(fragments)
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = pydicom.uid.RLELossless
     ds.save_as(path, enforce_file_format=True)

@@ -375,8 +375,9 @@ def test_rle_and_deflated_segs_read_as_the_same_mask(tmp_path, phantom_case):
 
 
 def test_a_damaged_rle_or_deflated_seg_is_refused_naming_it(tmp_path, phantom_case):
-    """An RLE frame whose header gives 3 segments for an 8-bit frame, one cut short, a deflated data set cut
-    short: refused naming the file, never read as a mask of whatever came out."""
+    """An RLE frame whose header gives 3 segments for an 8-bit frame, one cut short, frames each split over two
+    fragments (which DICOM does not allow for RLE) or one missing, a deflated data set cut short: refused naming
+    the file, never read as a mask of whatever came out."""
     folder, flair, _ = phantom_case
     mask = rater_mask(flair, 5)
     highdicom_seg(folder, tmp_path / "rle.dcm", {"WMH": mask * 1}, kind="LABELMAP", syntax=pydicom.uid.RLELossless)
@@ -396,6 +397,20 @@ def test_a_damaged_rle_or_deflated_seg_is_refused_naming_it(tmp_path, phantom_ca
     ds.save_as(tmp_path / "short.dcm")
     with pytest.raises(DeepWMLError, match=r"short\.dcm: the DICOM Segmentation has RLE Lossless frame 3 damaged"):
         io.read_mask(tmp_path / "short.dcm")
+    # each frame split over two fragments (the Basic Offset Table saying where each begins): PS3.5 A.4.2 has an RLE
+    # frame in exactly one, and the refusal says so; a frame's fragment missing: a damaged file
+    whole = list(generate_fragments(pydicom.dcmread(tmp_path / "rle.dcm").PixelData))[1:]
+    ds.PixelData = encapsulate(whole, fragments_per_frame=2, has_bot=True)
+    ds.save_as(tmp_path / "split.dcm")
+    with pytest.raises(DeepWMLError, match=rf"split\.dcm: the DICOM Segmentation is RLE Lossless with {2 * len(whole)} "
+                                           rf"fragments of Pixel Data for its {len(whole)} frames: DICOM stores each RLE "
+                                           r"frame in exactly one fragment \(PS3\.5 A\.4\.2\)"):
+        io.read_mask(tmp_path / "split.dcm")
+    ds.PixelData = encapsulate(whole[:-1])
+    ds.save_as(tmp_path / "missing.dcm")
+    with pytest.raises(DeepWMLError, match=rf"missing\.dcm: the DICOM Segmentation is RLE Lossless with {len(whole) - 1} "
+                                           rf"fragments of Pixel Data for its {len(whole)} frames .*frames are missing"):
+        io.read_mask(tmp_path / "missing.dcm")
     highdicom_seg(folder, tmp_path / "plain.dcm", {"WMH": mask})
     ds = pydicom.dcmread(tmp_path / "plain.dcm")
     ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
