@@ -602,6 +602,26 @@ def test_a_rerun_asking_for_the_seg_and_outline_of_an_export_adds_them_from_the_
     assert np.array_equal(frames_of(pydicom.dcmread(out / "patientA_flair_wmh_seg.dcm")), mask)
 
 
+def test_segment_and_evaluate_read_back_the_seg_of_an_unevenly_spaced_series(tmp_path, tiny_model):
+    """`deepwml segment --dicom-seg` of a series unevenly spaced (read with a warning): its SEG given to `deepwml
+    evaluate` as the reference against the saved mask gives the same mask (it was refused: frames between slices)."""
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "export" / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR",
+                                number=7, extra=PATIENT,
+                                positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--no-brain-mask", "--dicom-seg"]) == 0
+    report = json.loads(next(out.glob("*_report.json")).read_text(encoding="utf-8"))
+    assert any("unevenly spaced" in w for w in report["warnings"])
+    seg, saved = next(out.glob("*_wmh_seg.dcm")), next(out.glob("*_wmh.nrrd"))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(saved)))
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(seg, io.read_image(folder))), mask)
+    assert main(["evaluate", "--prediction", str(saved), "--reference", str(seg), "--json", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))
+    assert mask.any() and result["dice"] == 1.0 and result["prediction_volume_ml"] == result["reference_volume_ml"]
+
+
 def test_a_seg_written_inside_the_export_leaves_the_case_as_it_was(tmp_path, tiny_model):
     """-o inside a PACS export with --dicom-seg: the SEG joins the study on disk (Modality SEG, never a FLAIR
     candidate), yet the next run finds the same case, whose outputs exist: skipped."""
