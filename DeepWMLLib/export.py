@@ -111,7 +111,7 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
         raise UsageError("--series names a series of a DICOM folder; the FLAIR given is an image file")
     image = io.read_image(flair, light=True, series=chosen[0] if chosen else None)
     with _io_warnings() as heard:  # what reading the mask says (segments joined or left out): into the report
-        marked = io.read_mask(mask, image, "the FLAIR")
+        marked = io.read_mask(mask, image, "the FLAIR", source=chosen[0] if chosen else None)
     array = np.asarray(voxels(marked))
     values = [int(v) for v in np.unique(array) if v]
     ignored = 0

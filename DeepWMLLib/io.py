@@ -4009,7 +4009,7 @@ MASK_ROUND_OFF = 1e-4  # off a whole number in a float mask: float32 round-off (
 
 
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
-              reference_name: str = "the image it is compared with") -> sitk.Image:
+              reference_name: str = "the image it is compared with", source: DicomSeries | None = None) -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
     With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
@@ -4017,14 +4017,16 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     `.seg.nrrd` is read by segment (`lesion_segments`), not as a label image, a DICOM Segmentation (a file, or a
     folder holding one: `dicom_seg_file`) by its segments and frames (`read_dicom_seg`). A two-valued mask whose
     lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
-    (0.99999994: round-off) as those numbers.
+    (0.99999994: round-off) as those numbers. `source`: the DICOM series `reference` was read from, where at hand:
+    a DICOM SEG's frames off its own grid are then placed by the source images they name (`read_dicom_seg`).
     """
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
     # Slicer, say) is no label of the mask conventions; a DICOM SEG (a file, or a folder holding one) by its
     # own functional groups (GDCM read one whose every frame is present as a 0/255 volume by chance, and refused
     # a SEG without its empty frames)
     seg = dicom_seg_file(path)
-    image = read_dicom_seg(seg) if seg else lesion_segments(path) if segment_names(path) else read_any(path, mask=True)
+    image = (read_dicom_seg(seg, source) if seg else lesion_segments(path) if segment_names(path)
+             else read_any(path, mask=True))
     mask = label_mask(image, str(path))
     if reference is not None:
         mask = onto_grid(mask, reference, str(path), reference_name)
@@ -5554,7 +5556,26 @@ def _seg_pixels(seg: _SegFile, kind: str, bits: int, rows: int, columns: int, co
     return np.frombuffer(seg.pixels, "<u2" if bits == 16 else np.uint8, count=plane * count).reshape(count, rows, columns)
 
 
-def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
+def _source_slices(series: DicomSeries, normal: np.ndarray) -> tuple[dict, np.ndarray] | None:
+    """Each image of a DICOM series as read (`source_frames`' order: its files in slice order, or a multi-frame
+    file's frames as stored) by its (SOP Instance UID, frame number or None): its slice; and each slice's own
+    position along `normal` (mm). None where they are not all known."""
+    if len(series.files) == 1:
+        geometry = frame_geometry(series.files[0])
+        uid = series.instance_uids[0] if series.instance_uids else ""
+        if geometry is None or not uid or any(p is None for p in geometry[0]):
+            return None
+        return ({(uid, k + 1): k for k in range(len(geometry[0]))},
+                np.array([np.asarray(p, float) @ normal for p in geometry[0]]))
+    if (len(series.instance_uids) != len(series.files) or len(series.image_positions) != len(series.files)
+            or not all(series.instance_uids) or any(p is None for p in series.image_positions)):
+        return None
+    # (an enhanced file a slice is named with its frame, 1)
+    return ({(uid, frame): k for k, uid in enumerate(series.instance_uids) for frame in (None, 1)},
+            np.array([np.asarray(p, float) @ normal for p in series.image_positions]))
+
+
+def read_dicom_seg(path: str | os.PathLike, source_series: DicomSeries | None = None) -> sitk.Image:
     """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
 
     Segments: those labelled WMH (any case), else every segment but 'Lateral ventricles' (as a `.seg.nrrd`'s,
@@ -5569,7 +5590,9 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     at one position joined. Frames off a given Spacing Between Slices' grid that lie as an unevenly spaced series'
     slices (DeepWML's own SEG of one: each frame at its source slice's position, the spacing their mean step) are
     placed as the FLAIR reader places that series' slices (`_uneven_frames_fault`: the grid slice nearest to each,
-    within half a slice; warned of). Other frames off that grid (between slices, shifted within their plane: a
+    within half a slice; warned of); with the `source_series` at hand (each frame naming one of its images), each
+    such frame on its source image's slice of the grid the series is read on, refused where it does not lie at
+    that image's position. Other frames off that grid (between slices, shifted within their plane: a
     tilt) or in other orientations are refused."""
     import SimpleITK as sitk
 
@@ -5662,12 +5685,30 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
         step, source = float(thickness[0]), "its Slice Thickness"
     index = (along - along[low]) / step
     off = np.abs(index - np.round(index)) * step
+    origin = points[low]
     if off.max() > _slice_tolerance_mm(step):
         # off the grid: the slices of an unevenly spaced series (DeepWML's own SEG of one: each frame at its source
         # slice's position, Spacing Between Slices the mean step), placed as the series is read; else between slices
         odd = int(np.argmax(off))
-        why = (_uneven_frames_fault(along - along[low], step, _frame_sources(shared, frames))
-               if source == "its Spacing Between Slices" else "")
+        named = _frame_sources(shared, frames)
+        slices_of = _source_slices(source_series, normal) if source_series is not None and named else None
+        if slices_of is not None and len(slices_of[1]) > 1 and all(name in slices_of[0] for name in named):
+            # the source at hand: each frame on its source image's slice of the grid the FLAIR reader builds of the
+            # series (from its first slice, their mean step), where it lies at that image's own position
+            at = np.array([slices_of[0][name] for name in named])
+            miss = np.abs(along - slices_of[1][at])
+            if miss.max() > _slice_tolerance_mm(step):
+                k = int(np.argmax(miss))
+                raise refuse(f"has frames between slices: frame {k + 1} lies {miss[k]:.3g} mm from the source image "
+                             f"it names (image {at[k] + 1} of the FLAIR series); export it again on the scan's slices")
+            own, count = slices_of[1], len(slices_of[1])
+            step = abs(float(own[-1] - own[0])) / (count - 1)
+            index = (at if own[-1] > own[0] else count - 1 - at).astype(float)  # counted up the normal
+            origin = points[0] + normal * (float(own.min()) - along[0])  # the series' lowest slice
+            why = None
+        else:
+            why = (_uneven_frames_fault(along - along[low], step, named)
+                   if source == "its Spacing Between Slices" else "")
         if why is not None:
             raise refuse(f"has frames between slices: frame {odd + 1} lies {index[odd]:.3g} slices from the first, on "
                          f"slices {step:.4g} mm apart ({source}); its frames lie on no one voxel grid"
@@ -5712,7 +5753,7 @@ def read_dicom_seg(path: str | os.PathLike) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), step))
     image.SetDirection(np.column_stack([row, column, normal]).ravel().tolist())
-    image.SetOrigin(points[low].tolist())
+    image.SetOrigin(origin.tolist())
     _check_placement(image, str(path), "the header is damaged; export the segmentation again")
     return image
 

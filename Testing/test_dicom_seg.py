@@ -250,12 +250,15 @@ def test_the_seg_of_an_unevenly_spaced_series_reads_back_as_its_mask(tmp_path, s
     assert np.array_equal(sitk.GetArrayFromImage(alone), mask)
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), mask)
     assert "frames lie on an unevenly spaced series' slices" in caplog.text
+    # the source series at hand: each frame on its source image's slice (named by its UID), the same mask
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=series)), mask)
 
 
 def test_frames_between_the_slices_of_a_regular_series_are_still_refused(tmp_path):
     """DeepWML's SEG of an evenly spaced series, one frame moved 0.3 of a slice: off the grid, and not as a series'
     slices are read (its steps to its neighbours 3.5 and 6.5 mm of 5), refused as between slices; a frame moved so
-    that its steps would pass but naming no source image, or one named by another frame too, refused as well."""
+    that its steps would pass but naming no source image, or one named by another frame too, refused as well, and
+    with the source series at hand, one that names its source image but lies elsewhere."""
     folder = source_series(tmp_path / "flair")
     make_seg(folder, tmp_path / "good.dcm")
 
@@ -280,6 +283,13 @@ def test_frames_between_the_slices_of_a_regular_series_are_still_refused(tmp_pat
         per_frame = ds.PerFrameFunctionalGroupsSequence
         per_frame[2].DerivationImageSequence = per_frame[3].DerivationImageSequence
 
+    # a frame moved 0.18 of a slice that still names its source image: its steps pass, and read alone it would be
+    # taken for an unevenly spaced series' slice; with the source series at hand it lies 0.9 mm from that image
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    with pytest.raises(DeepWMLError, match=r"named\.dcm: the DICOM Segmentation has frames between slices: frame 3 lies "
+                                           r"0\.9 mm from the source image it names \(image 4 of the FLAIR series\)"):
+        io.read_mask(altered("named.dcm", 2, 0.9), flair, source=series)
     for name, change, why in (("unnamed.dcm", unnamed, "do not each name the source image"),
                               ("twice.dcm", twice, "frames at different positions name one source image")):
         with pytest.raises(DeepWMLError, match=rf"{name.replace('.', '[.]')}: the DICOM Segmentation has frames between "

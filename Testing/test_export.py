@@ -72,6 +72,26 @@ def test_export_dicom_seg_of_an_edited_mask(tmp_path):
     assert report["slices"][2]["dicom_instance"] == 3 and report["slices"][2]["lv_group"] is not None
 
 
+def test_export_of_deepwmls_own_seg_of_an_unevenly_spaced_series(tmp_path):
+    """The FLAIR's slices unevenly spaced (read on their mean step, warned of), the mask DeepWML's own SEG of it
+    (its frames at their source slices' own positions): export reads it onto the FLAIR, each frame on its source
+    image's slice, and writes the same mask as its SEG. It was refused as frames between slices."""
+    from conftest import stepped_positions, write_dicom_series
+    from test_dicom_seg import PATIENT, make_seg
+
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
+    _, flair = make_seg(folder, tmp_path / "mask_seg.dcm")
+    array = (sitk.GetArrayFromImage(flair) >= 600).astype(np.uint8)
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "mask_seg.dcm"), "-o", str(out), "--case", "p1",
+                 "--dicom-seg"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(out / "p1_wmh_seg.dcm", flair)), array)
+    report = json.loads((out / "p1_report.json").read_text())
+    assert report["volume_ml"] == pytest.approx(array.sum() * np.prod(flair.GetSpacing()) / 1000)
+
+
 @pytest.mark.parametrize("kind", ["MANUAL", "AUTOMATIC"])
 def test_export_algorithm_type(tmp_path, kind):
     folder = source_series(tmp_path / "flair")
