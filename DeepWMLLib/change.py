@@ -1054,7 +1054,27 @@ def _run(args) -> int:
         # "a:b" would write to the folder of drive A: (or a stream of file "a"), not to OUTDIR
         raise UsageError(f"--case {args.case!r} must be a plain file name: Windows allows none of {io.WINDOWS_ILLEGAL} in one")
     case = args.case or io.case_name(args.followup)
-    report = run_case(args, case, args.baseline, args.followup, (args.baseline_mask, args.followup_mask), {})
+    masks = (args.baseline_mask, args.followup_mask)
+    out = Path(args.output_dir)
+    if out.is_dir():  # an earlier run of the pair may be here: done before, its missing outputs added, as in a cohort
+        entry = {"case": case, "baseline": args.baseline, "followup": args.followup, "baseline_mask": masks[0],
+                 "followup_mask": masks[1], "baseline_series": args.baseline_series,
+                 "followup_series": args.followup_series}
+        try:
+            with io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"):
+                loaded = {}
+                done = done_pair(args, out, case, entry, loaded)
+                if done is None:
+                    report = run_case(args, case, args.baseline, args.followup, masks, loaded, locked=True)
+        except io.BeingWritten:  # as `deepwml segment` leaves a case another process is writing: skipped, not failed
+            print(f"{case}: skipped - {PAIR_LEFT_TO_ANOTHER}", file=sys.stderr)
+            return 0
+        if done is not None:  # as `deepwml segment` says a case done before (exit 0): skipped, or outputs added
+            status, _, how = done
+            print(f"{case}: {status} - {how}", file=sys.stderr)
+            return 0
+    else:  # nothing there yet: run_case makes OUTDIR once the scans are checked, and takes the pair's lock
+        report = run_case(args, case, args.baseline, args.followup, masks, {})
     print(format_summary(case, report))
     for warning in report["warnings"]:
         print(f"{case}: warning: {warning}", file=sys.stderr)
@@ -1065,7 +1085,7 @@ def _run(args) -> int:
 def _run_cohort(args) -> int:
     from .errors import case_error
     from .evaluation import plain_name, read_manifest, report_failed_cases
-    from .segment import ADDED, batch_total
+    from .segment import batch_total
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
@@ -1084,33 +1104,16 @@ def _run_cohort(args) -> int:
             print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
             continue
         names[case] = entry["case"]
-        earlier = _earlier_outputs(out, case, [entry.get(k) for k in ("baseline", "followup", "baseline_mask",
-                                                                     "followup_mask")])
-        report_path = out / f"{case}_change.json"
         try:
-            if earlier and not args.overwrite and report_path.is_file():  # done before: resumable, if it is this pair
-                done = check_done_pair(out, case, entry, report_path, args, loaded)
-                added = add_pair_outputs(out, case, entry, done, args)  # asked for now, not made then: made now
-                if added:
-                    report, how = added
-                    rows.append({**_summary_row(entry["case"], report), "status": ADDED, "error": how})
-                    print(f"{entry['case']}: {ADDED} - {how}", file=sys.stderr)
-                else:
-                    # --dicom-outline/--dicom-seg of a file follow-up: nothing to add, said as a full run's report says it
-                    unmade = [warning for option, warning in (("dicom_outline", NO_DICOM_OUTLINE), ("dicom_seg", NO_DICOM_SEG))
-                              if getattr(args, option, False) and not Path(entry["followup"]).is_dir()]
-                    rows.append({**_summary_row(entry["case"], done), "status": "skipped",
-                                 "error": "; ".join([_skip_message(done), *unmade])})
-                    print(f"{entry['case']}: skipped - {rows[-1]['error']}", file=sys.stderr)
-                _write_summary(rows, out)
-                continue
-            if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
-                raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(p.name for p in earlier)}; "
-                                   "no report); rerun with --overwrite to replace them")
             if Path(entry["baseline"]).resolve() == Path(entry["followup"]).resolve():
                 raise DeepWMLError("baseline and followup are the same file")
-            report = run_case(args, case, entry["baseline"], entry["followup"],
-                              (entry.get("baseline_mask") or None, entry.get("followup_mask") or None), loaded)
+            status, report, how = _cohort_pair(args, out, case, entry, loaded)
+        except io.BeingWritten:  # another DeepWML run into OUTDIR holds this pair now: left to it, not a failure
+            rows.append({"case": entry["case"], "status": "skipped", "error": PAIR_LEFT_TO_ANOTHER,
+                         "_busy": (entry, _report_seen(out, case))})
+            print(f"{entry['case']}: skipped - {PAIR_LEFT_TO_ANOTHER}", file=sys.stderr)
+            _write_summary(rows, out)
+            continue
         except Cancelled:
             raise
         except Exception as exc:  # one bad pair never stops the others
@@ -1118,6 +1121,11 @@ def _run_cohort(args) -> int:
             rows.append({"case": entry["case"], "status": "error", "error": failed[-1]["error"],
                          "seconds": round(time.perf_counter() - start, 3)})
             print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
+            continue
+        if status != "ok":  # done before: skipped, or its missing outputs added
+            rows.append({**_summary_row(entry["case"], report), "status": status, "error": how})
+            print(f"{entry['case']}: {status} - {how}", file=sys.stderr)
+            _write_summary(rows, out)
             continue
         rows.append({**_summary_row(entry["case"], report), "status": "ok", "error": ""})
         print(format_summary(entry["case"], report))
@@ -1131,6 +1139,34 @@ def _run_cohort(args) -> int:
             print(f"{entry['case']}: done in {time.perf_counter() - start:.1f} s; about "
                   f"{_duration(compared[1] / compared[0] * more)} left for {more} more", file=sys.stderr)
         _write_summary(rows, out)  # after every pair: an interrupted cohort keeps what it did
+    for row in rows:  # the pairs left to another process, looked at again (segment.recheck_left_to_another's rules)
+        left = row.pop("_busy", None)
+        if left is None:
+            continue
+        entry, seen = left
+        case = plain_name(entry["case"])
+        seen_now = _report_seen(out, case)
+        own = seen_now is not None and seen_now == seen  # its report as this run found it: done before, this run's
+        start = time.perf_counter()
+        try:  # another process's result is checked, never replaced: this run's --overwrite only for its own
+            status, report, how = _cohort_pair(args if own else _without_overwrite(args), out, case, entry, loaded)
+        except io.BeingWritten:
+            row["error"] = (f"{PAIR_LEFT_TO_ANOTHER}; its lock, {pair_lock_path(out, case)}, was still held at the end "
+                            "of this run: if no DeepWML run is writing into this OUTDIR, here or on another computer "
+                            "sharing the folder (one stopped there can leave its lock held on a network share), delete "
+                            "that file and run again")
+            continue
+        except Cancelled:
+            raise
+        except Exception as exc:
+            failed.append({"case": entry["case"], "error": case_error(exc)})
+            row.update(status="error", error=failed[-1]["error"], seconds=round(time.perf_counter() - start, 3))
+            print(f"{entry['case']}: error - {failed[-1]['error']}", file=sys.stderr)
+            continue
+        said = how if own or status != "skipped" else PAIR_DONE_BY_ANOTHER
+        row.update({**_summary_row(entry["case"], report), "status": status, "error": said})
+        print(f"{entry['case']}: {status} - {said}" if status != "ok" else format_summary(entry["case"], report),
+              file=sys.stderr if status != "ok" else sys.stdout)
     _write_summary(rows, out)
     unreliable = [row["case"] for row in rows if row.get("registration_reliable") is False]
     if unreliable:  # repeated at the end, where a long cohort's output is read
@@ -1138,6 +1174,76 @@ def _run_cohort(args) -> int:
               f"{', '.join(unreliable)}", file=sys.stderr)
     print(batch_total(rows, "pairs", out / "change_summary.csv"), file=sys.stderr)
     return report_failed_cases(failed, "failed")
+
+
+PAIR_LEFT_TO_ANOTHER = ("being written by another DeepWML process now, so left to it (not compared twice); its "
+                        "figures are in its report when it is done")
+PAIR_DONE_BY_ANOTHER = "written by another DeepWML process into this OUTDIR during this run; figures from its report"
+
+
+def pair_lock_path(out: Path, case: str) -> Path:
+    """The file whose lock a process working on the pair `case` in `out` holds (io.exclusive, as segment.lock_path a
+    case's): a second process, `deepwml change` of one pair or of a manifest, leaves the pair to it. Not the lock of a
+    segment case of the same name, whose outputs are others."""
+    return out / f".{io.shortened(case)}_change.deepwml-lock"
+
+
+def _report_seen(out: Path, case: str):
+    """What tells the pair's report apart from one written after (segment._report_seen), or None: none there."""
+    try:
+        stat = (out / f"{case}_change.json").stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _without_overwrite(args):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), "overwrite": False})
+
+
+def _given(entry: dict) -> list:
+    return [entry.get(key) for key in ("baseline", "followup", "baseline_mask", "followup_mask")]
+
+
+def _cohort_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[str, dict, str]:
+    """One pair of a manifest with its lock held (pair_lock_path; io.BeingWritten when another process holds it):
+    done before (done_pair), else compared: ('ok', its report, '')."""
+    with io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"):
+        done = done_pair(args, out, case, entry, loaded)
+        if done is not None:
+            return done
+        earlier = _earlier_outputs(out, case, _given(entry))
+        if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
+            raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(p.name for p in earlier)}; "
+                               "no report); rerun with --overwrite to replace them")
+        return "ok", run_case(args, case, entry["baseline"], entry["followup"],
+                              (entry.get("baseline_mask") or None, entry.get("followup_mask") or None), loaded,
+                              locked=True), ""
+
+
+def done_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[str, dict, str] | None:
+    """A pair done before in `out` (its report and outputs there; not with --overwrite), `deepwml change` of one pair
+    and of a manifest alike, its lock held by the caller: checked (check_done_pair; else a DeepWMLError saying what
+    differs and to use --overwrite), and the optional outputs this run asks for and `out` lacks made from its saved
+    label map (add_pair_outputs): (segment.ADDED, its report, what was added); with nothing to add, ('skipped', its
+    report, _skip_message). None: not done before (no report of it there, or --overwrite), to be compared.
+    `entry`: the manifest's row (case, baseline, followup, baseline_mask, followup_mask), for one pair the same
+    from its arguments, with baseline_series and followup_series."""
+    from .segment import ADDED
+
+    report_path = out / f"{case}_change.json"
+    if args.overwrite or not report_path.is_file() or not _earlier_outputs(out, case, _given(entry)):
+        return None
+    done = check_done_pair(out, case, entry, report_path, args, loaded)
+    added = add_pair_outputs(out, case, entry, done, args)  # asked for now, not made then: made now
+    if added:
+        return ADDED, added[0], added[1]
+    # --dicom-outline/--dicom-seg of a file follow-up: nothing to add, said as a full run's report says it
+    unmade = [warning for option, warning in (("dicom_outline", NO_DICOM_OUTLINE), ("dicom_seg", NO_DICOM_SEG))
+              if getattr(args, option, False) and not Path(entry["followup"]).is_dir()]
+    return "skipped", done, "; ".join([_skip_message(done), *unmade])
 
 
 # The settings that shape a pair's result, by the option that sets them, as a report records them: a rerun into
@@ -1190,6 +1296,15 @@ def check_done_pair(out: Path, case: str, entry: dict, report_path: Path, args, 
                            "to redo it with these scans, or another OUTDIR to keep both")
     given = tuple(entry.get(column) or None for column in MASK_COLUMNS.values())
     differences = settings_differences(done, planned_change_settings(args, given), CHANGE_SETTINGS)
+    series = done.get("dicom_series") if isinstance(done.get("dicom_series"), dict) else {}
+    for name, key in SCAN_COLUMNS.items():  # one pair's --baseline-series/--followup-series, as segment's --series
+        named, then = entry.get(f"{key}_series"), series.get(name)
+        if named and Path(entry[key]).is_dir() and isinstance(then, dict) and then.get("uid"):
+            chosen, _ = io.choose_dicom_series(entry[key], named, f"--{key}-series")
+            if chosen.uid != then["uid"]:
+                which = f"series {then['number']}" if then.get("number") is not None else f"UID {then['uid']}"
+                differences.append(f"--{key}-series ({which} '{then.get('description') or ''}' then, "
+                                   f"{chosen.label()} now)")
     sources = done.get("masks") if isinstance(done.get("masks"), dict) else {}
     segmented = []  # the sources of the scans segmented then and now
     for (name, column), now in zip(MASK_COLUMNS.items(), given):
@@ -1315,9 +1430,18 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
         raise DeepWMLError(f"the change label map of pair {case!r} is not in {out}; rerun with --overwrite to redo the pair")
     labels_file = found[0]
     chosen = None
-    if dicom:  # the series the earlier run read, by its UID
+    if dicom:  # the series the earlier run read, by its UID; a report of a version before it was recorded: the series
+        # --followup-series names now (check_done_pair could not compare it), else the folder's only series
+        single = not getattr(args, "manifest", None)
         uid = ((done.get("dicom_series") or {}).get("follow-up") or {}).get("uid")
-        chosen = io.choose_dicom_series(followup_path, uid)
+        named = entry.get("followup_series")
+        chosen = io.choose_dicom_series(followup_path, uid or named, "--followup-series" if single and not uid else None)
+        if not uid and not named and chosen[1].startswith("the only one of"):  # picked among others: maybe not its
+            raise DeepWMLError(f"{case}_change.json of pair {case!r} does not record which DICOM series of "
+                               f"{followup_path} its run read (a report of an older version), and the folder holds "
+                               f"several series, so the outputs asked for cannot be drawn on the right one; "
+                               + ("name it with --followup-series, or rerun with --overwrite to redo the pair"
+                                  if single else "rerun with --overwrite to redo the pair"))
     followup = io.read_image(followup_path, series=chosen[0] if chosen else None)
     labels = read_saved_output(labels_file, followup, "change label map", "the follow-up's", "redo the pair")
     labels.CopyInformation(followup)  # on its very geometry (within io's tolerance already)
@@ -1389,9 +1513,19 @@ def _write_transform(transform: sitk.Transform, path: Path) -> None:
         raise OSError(errno.EIO, io.WRITTEN_SHORT)
 
 
-def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict) -> dict:
+def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict,
+             locked: bool = False) -> dict:
     """One pair, end to end: read, check, segment what has no mask, compare, write every output (the
-    report last); returns the report. `loaded` keeps the models between the pairs of a cohort."""
+    report last); returns the report. `loaded` keeps the models between the pairs of a cohort. The pair's lock
+    (pair_lock_path) is taken once OUTDIR is made, unless the caller holds it (`locked`)."""
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _run_case(args, case, baseline_path, followup_path, mask_paths, loaded, None if locked else held)
+
+
+def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, loaded: dict, held) -> dict:
+    """run_case's work; `held`: the ExitStack that takes the pair's lock when OUTDIR is made (None: held already)."""
     start = time.perf_counter()
     given = bool(mask_paths[0]), bool(mask_paths[1])
     # A DICOM folder holding a whole study: its one FLAIR-like series (io.choose_dicom_series), named in the report.
@@ -1417,6 +1551,8 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
                 for warning in scan_header_warnings(Path(path), chosen[name][0] if chosen[name] else None)]
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
+    if held is not None:  # no other DeepWML process works on the pair while this one does
+        held.enter_context(io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"))
     extension = io.output_extension(followup_path, args.output_format)
     seg = getattr(args, "dicom_seg", False) and chosen["follow-up"] is not None  # only a DICOM follow-up has a study
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),

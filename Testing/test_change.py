@@ -264,9 +264,9 @@ def test_command_line_with_both_masks(pair, tmp_path, capsys):
     assert rows[0] == ",".join(change.CSV_COLUMNS) and len(rows) == 1 + 5
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "followup_change_qc.png")))
     assert picture.ndim == 3 and picture.shape[2] == 3
-    # a second run does not overwrite; --overwrite does
-    assert main(args) == 1
-    assert "outputs exist" in capsys.readouterr().err
+    # a second run does not overwrite: done before, skipped (as deepwml segment skips a case); --overwrite redoes it
+    assert main(args) == 0
+    assert "followup: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
     assert main(args[:-1] + ["--overwrite"]) == 0  # without --qc: the earlier picture is removed
     assert not (out / "followup_change_qc.png").exists()
 
@@ -518,7 +518,7 @@ def test_outputs_carry_the_follow_ups_own_header_and_reruns_leave_nothing_stale(
     sitk.Mask(reference, labels > 0)  # SimpleITK's own test of one physical space (it raised with the mask's header)
     assert main(base + ["--overwrite", "--output-format", "nii.gz"]) == 0  # the .nrrd outputs of the first run go
     assert not list(out.glob("*.nrrd")) or sorted(p.name for p in out.glob("*.nrrd")) == ["fu_change.seg.nrrd"]
-    assert main(base) == 1 and "outputs exist" in capsys.readouterr().err
+    assert main(base) == 0 and "fu: skipped - done before" in capsys.readouterr().err
 
 
 def test_too_few_slices_and_a_missing_input_are_refused_before_any_output(pair, tmp_path, capsys):
@@ -943,8 +943,9 @@ def test_the_change_seg_for_a_file_follow_up_overwrite_and_a_pair_without_lesion
     assert main(args + ["--dicom-seg"]) == 0
     first = pydicom.dcmread(tmp_path / "dcm" / "followup_change_seg.dcm").SOPInstanceUID
     capsys.readouterr()
-    assert main(args + ["--dicom-seg"]) == 1
-    assert "followup_change_seg.dcm" in capsys.readouterr().err  # outputs exist: named
+    assert main(args + ["--dicom-seg"]) == 0  # done before: skipped, its SEG untouched
+    assert "followup: skipped - done before" in capsys.readouterr().err
+    assert pydicom.dcmread(tmp_path / "dcm" / "followup_change_seg.dcm").SOPInstanceUID == first
     assert main(args + ["--dicom-seg", "--overwrite"]) == 0
     again = pydicom.dcmread(tmp_path / "dcm" / "followup_change_seg.dcm")
     assert again.SOPInstanceUID != first
@@ -1507,6 +1508,169 @@ def test_a_pair_segmented_with_another_threshold_is_not_skipped_as_done(tmp_path
     assert main(run + ["--grid-phases", "4", "--overwrite"]) == 0
     assert json.loads((tmp_path / "out" / "p1_change.json").read_text())["masks"]["follow-up"]["settings"][
         "grid_phases"] == 4
+
+
+def _single_pair(files, out, *more):
+    return ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), *more]
+
+
+def test_one_pair_rerun_is_skipped_when_done_and_gets_only_the_outputs_it_lacks(tmp_path, monkeypatch, capsys):
+    """`deepwml change BASELINE FOLLOWUP -o OUT` for one pair, run again with --qc, refused ('outputs exist ...; use
+    --overwrite'), where `change --manifest` adds the picture from the saved label map and `deepwml segment` a case's.
+    Now as they do: the same settings and every output there: skipped (exit 0, the files untouched); an output asked
+    for and missing: made from the saved label map, nothing compared again; an edited label map or other settings:
+    refused, naming it and --overwrite; --overwrite compares the scans again."""
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    assert main(_single_pair(files, out)) == 0
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    compare = change.lesion_change
+    with monkeypatch.context() as patched:
+        def refused(*args, **kwargs):
+            raise AssertionError("the pair was compared again")
+
+        patched.setattr(change, "lesion_change", refused)
+        assert main(_single_pair(files, out)) == 0
+        assert "followup: skipped - done before (use --overwrite to redo)" in capsys.readouterr().err
+        assert main(_single_pair(files, out, "--qc")) == 0
+        assert ("followup: added - added followup_change_qc.png from the saved followup_change.nii.gz; the result is "
+                "the earlier run's") in capsys.readouterr().err
+        for name, data in kept.items():
+            if name != "followup_change.json":
+                assert (out / name).read_bytes() == data, name
+        assert json.loads((out / "followup_change.json").read_text(encoding="utf-8"))["outputs_added"] == [
+            "followup_change_qc.png"]
+        assert main(_single_pair(files, out, "--qc", "--dicom-seg")) == 0  # nothing to add: said why for the SEG
+        err = capsys.readouterr().err
+        assert "followup: skipped - done before" in err and "no DICOM SEG: the follow-up is not DICOM" in err
+        assert main(_single_pair(files, out, "--tolerance-mm", "3")) == 1
+        assert ("holds pair 'followup' made with other settings: --tolerance-mm (2 then, 3 now); use --overwrite"
+                in capsys.readouterr().err)
+        (out / "followup_change_qc.png").unlink()
+        labels = sitk.ReadImage(str(out / "followup_change.nii.gz"))
+        voxels = sitk.GetArrayFromImage(labels)
+        voxels[voxels == 2] = 1  # a new lesion called stable by hand
+        edited = sitk.GetImageFromArray(voxels)
+        edited.CopyInformation(labels)
+        sitk.WriteImage(edited, str(out / "followup_change.nii.gz"))
+        assert main(_single_pair(files, out, "--qc")) == 1
+        assert "followup_change.nii.gz was changed since the run that made it" in capsys.readouterr().err
+        assert not (out / "followup_change_qc.png").exists()
+    calls = []
+    monkeypatch.setattr(change, "lesion_change", lambda *args, **kwargs: calls.append(1) or compare(*args, **kwargs))
+    assert main(_single_pair(files, out, "--qc", "--overwrite")) == 0 and calls == [1]
+    assert (out / "followup_change_qc.png").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the pair's lock gone after
+
+
+def test_one_pair_rerun_adding_outputs_to_an_older_report_reads_the_series_named(tmp_path, monkeypatch, capsys):
+    """A report of a version before it recorded the follow-up's DICOM series (dicom_series): a rerun adding the picture
+    read the folder's default series, whatever --followup-series named (two FLAIR-like series: refused as ambiguous;
+    a FLAIR beside a T1, read without a word even when another series was compared). Now the series named is read,
+    and without one, in a folder of several series, the rerun refuses, saying it cannot tell which."""
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])), sitk.sitkInt16)
+    study = tmp_path / "study"
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="a_", number=2)
+    write_dicom_series(study, flair * 0 + 7, uid="1.2.3.3", description="AX T2 FLAIR post", inversion_ms=2500,
+                       prefix="b_", number=3)
+    masks = ["--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+
+    def run(out, *more):
+        return main(["change", str(files["baseline"]), str(study), "-o", str(out), *masks, *more])
+
+    def older(out):  # the report as a version before dicom_series, the scans' content and labels_sha256 wrote it
+        report_path = next(out.glob("*_change.json"))
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        for key in ("dicom_series", "baseline_fingerprint", "followup_fingerprint", "labels_sha256"):
+            report.pop(key, None)
+        report_path.write_text(json.dumps(report), encoding="utf-8")
+
+    out = tmp_path / "out"
+    assert run(out, "--followup-series", "ax t2 flair") == 0
+    older(out)
+    capsys.readouterr()
+    assert run(out, "--followup-series", "ax t2 flair", "--qc") == 0
+    assert "study: added - added study_change_qc.png" in capsys.readouterr().err
+    assert run(tmp_path / "full", "--followup-series", "ax t2 flair", "--qc") == 0
+    assert (tmp_path / "full" / "study_change_qc.png").read_bytes() == (out / "study_change_qc.png").read_bytes()
+    # a FLAIR beside a T1, the report not saying which was read, no series named: refused, not guessed
+    shutil.rmtree(study)
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="a_", number=2)
+    write_dicom_series(study, flair * 0 + 7, uid="1.2.3.4", description="AX T1 SE", prefix="c_", number=4)
+    out = tmp_path / "out2"
+    assert run(out) == 0
+    older(out)
+    capsys.readouterr()
+    assert run(out, "--qc") == 1
+    assert ("does not record which DICOM series of" in capsys.readouterr().err
+            and not (out / "study_change_qc.png").exists())
+    assert run(out, "--qc", "--followup-series", "flair") == 0 and (out / "study_change_qc.png").is_file()
+
+
+def test_one_pair_rerun_naming_another_series_than_its_run_is_refused(tmp_path, monkeypatch, capsys):
+    """--followup-series naming another series than the one the pair was made from is another setting (as segment's
+    --series): refused, naming both, not skipped as done."""
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])), sitk.sitkInt16)
+    study = tmp_path / "study"
+    write_dicom_series(study, flair, uid="1.2.3.2", description="AX T2 FLAIR", prefix="a_", number=2)
+    write_dicom_series(study, flair + 1, uid="1.2.3.3", description="AX T2 FLAIR post", inversion_ms=2500,
+                       prefix="b_", number=3)
+    run = ["change", str(files["baseline"]), str(study), "-o", str(tmp_path / "out"), "--baseline-mask",
+           str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(run + ["--followup-series", "2"]) == 0
+    capsys.readouterr()
+    assert main(run + ["--followup-series", "2"]) == 0 and "study: skipped - done before" in capsys.readouterr().err
+    assert main(run + ["--followup-series", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "made with other settings: --followup-series (series 2 'AX T2 FLAIR' then, series 3 'AX T2 FLAIR post'" in err
+    assert "now); use --overwrite" in err
+
+
+def test_a_pair_another_process_is_working_on_is_left_to_it(tmp_path, monkeypatch, capsys):
+    """Two `deepwml change` processes on one OUTDIR worked on one pair at once (no lock: both compared it, each
+    writing over the other's files). Now the pair's lock (as segment's per case): held by another process, the pair
+    is skipped, saying so (exit 0), and looked at again at the end of the run: compared then when the lock is free,
+    else its row names the lock to delete if no process holds it. A lock file left by a process that died (not
+    held) is taken over. One pair given alone is skipped the same way."""
+    manifest, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+    lock = out / ".p1_change.deepwml-lock"
+    left = "skipped - being written by another DeepWML process now, so left to it (not compared twice)"
+    with io.exclusive(lock, "the other run"):
+        assert main(run) == 0
+        assert f"p1: {left}" in capsys.readouterr().err
+        rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+        assert rows[0]["status"] == "skipped" and f"its lock, {lock}, was still held at the end" in rows[0]["error"]
+        assert not list(out.glob("p1_*"))
+        assert main(_single_pair(files, out, "--case", "p1")) == 0  # one pair, the same
+        assert f"p1: {left}" in capsys.readouterr().err
+        assert not list(out.glob("p1_*"))
+    # held when the pair is reached, free by the end of the run: compared then
+    other = io.exclusive(lock, "the other run")
+    other.__enter__()
+    write_summary = change._write_summary
+
+    def released(*args):
+        other.__exit__(None, None, None)
+        write_summary(*args)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(change, "_write_summary", released)
+        assert main(run) == 0
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+    assert [(r["case"], r["status"]) for r in rows] == [("p1", "ok")] and (out / "p1_change.json").is_file()
+    # a lock file left behind by a process killed while it held it (the lock itself went with the process)
+    lock.write_text("")
+    assert main(run + ["--overwrite"]) == 0
+    rows = list(csv.DictReader(open(out / "change_summary.csv", encoding="utf-8-sig")))
+    assert [(r["case"], r["status"]) for r in rows] == [("p1", "ok")] and not lock.exists()
+    assert change.pair_lock_path(out, "p1") == lock
 
 
 def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(pair, tmp_path, capsys):
