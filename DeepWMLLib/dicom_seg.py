@@ -102,16 +102,26 @@ _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT"}  
 _ITEM, _LONG_STRING, _SHORT_TEXT = 0xFFFEE000, 64, 1024
 
 
-PN_GROUP_CHARACTERS = 64  # PS3.5 6.2: a Person Name's component group holds at most 64 characters
+# PS3.5 6.2: a Person Name's component group holds at most 64 characters; dciodvfy takes at most 64 bytes of the whole
+# value ("Length invalid for this VR = 81, expected <= 64" of 40 letters=40 letters), and written in UTF-8 (ISO_IR
+# 192) a character outside ASCII takes 2-4 bytes: a name is kept to 64 bytes in all, which every reader takes
+PN_BYTES = 64
 PN_COMPONENTS = 5  # family^given^middle^prefix^suffix
 PN_GROUPS = 3  # alphabetic=ideographic=phonetic
+# no control character (Cc), no half of a UTF-16 pair (Cs: bytes that were not UTF-8, as Python decodes a command
+# line typed in another encoding; they cannot be written), no line or paragraph separator (Zl, Zp)
+PN_REFUSED_CATEGORIES = {"Cc": "a control character", "Cs": "bytes that are not UTF-8 text",
+                         "Zl": "a line separator", "Zp": "a paragraph separator"}
 
 
 def person_name(text: str) -> str:
     """`text` checked as a DICOM Person Name (PS3.5 6.2, VR PN: the name of the person who made a mask, written as
     Content Creator's Name): at most 5 components separated by ^ (family^given^middle^prefix^suffix) in each of at
-    most 3 component groups separated by = (alphabetic, ideographic, phonetic), each group at most 64 characters,
-    no backslash (DICOM's value separator) and no control character. Returned without the spaces around it;
+    most 3 component groups separated by = (alphabetic, ideographic, phonetic), at most 64 bytes in UTF-8 in all
+    (64 ASCII characters, fewer of others: `PN_BYTES`), no backslash (DICOM's value separator), no control
+    character.
+    Returned without the spaces around it and without trailing empty components and groups (DICOM leaves them
+    out, and pydicom reads "Doe^Jane=" back as "Doe^Jane": the report names the person as the SEG reads);
     ValueError saying what is wrong otherwise."""
     import unicodedata
 
@@ -120,9 +130,10 @@ def person_name(text: str) -> str:
         raise ValueError(f"{text!r} names no one: give the family name, then the given name, as Family^Given")
     if "\\" in name:
         raise ValueError(f"{text!r} holds a backslash, which separates DICOM values: write the name as Family^Given")
-    control = next((c for c in name if unicodedata.category(c) == "Cc"), None)
-    if control is not None:
-        raise ValueError(f"{text!r} holds a control character ({control!r}), which a Person Name may not")
+    refused = next((c for c in name if unicodedata.category(c) in PN_REFUSED_CATEGORIES), None)
+    if refused is not None:
+        raise ValueError(f"{text!r} holds {PN_REFUSED_CATEGORIES[unicodedata.category(refused)]} ({refused!r}), "
+                         "which a Person Name may not")
     groups = name.split("=")
     if len(groups) > PN_GROUPS:
         raise ValueError(f"{text!r} has {len(groups)} component groups separated by =; a DICOM Person Name has at most "
@@ -131,9 +142,11 @@ def person_name(text: str) -> str:
         if group.count("^") >= PN_COMPONENTS:
             raise ValueError(f"{group!r} has {group.count('^') + 1} components separated by ^; a DICOM Person Name has "
                              f"at most {PN_COMPONENTS} (Family^Given^Middle^Prefix^Suffix)")
-        if len(group) > PN_GROUP_CHARACTERS:
-            raise ValueError(f"{group!r} is {len(group)} characters long; a DICOM Person Name holds at most "
-                             f"{PN_GROUP_CHARACTERS} in each component group")
+    name = "=".join(group.rstrip("^") for group in groups).rstrip("=")
+    size = len(name.encode("utf-8"))
+    if size > PN_BYTES:
+        raise ValueError(f"{name!r} is {size} bytes long in UTF-8 ({len(name)} characters); a DICOM Person Name is "
+                         f"written here in at most {PN_BYTES} bytes, as validators (dciodvfy) take it")
     return name
 
 

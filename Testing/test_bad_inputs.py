@@ -302,8 +302,8 @@ BAD_INPUTS = [
     ("export --case naming a path (`../up`), not a file name", "export", 2, "is no file name"),
     ("export --dicom-seg of a FLAIR that is not DICOM", "export", 0,
      "ok: the report, and a warning that no DICOM SEG was written (no patient or study to write one into)"),
-    ("export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, over 64 "
-     "characters are refused too)", "export", 2, "a DICOM Person Name has at most 5"),
+    ("export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, bytes "
+     "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "export", 2, "a DICOM Person Name has at most 5"),
     ("export --no-location with --ventricle-model", "export", 2, "cannot go with"),
 ]
 

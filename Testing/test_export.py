@@ -116,8 +116,10 @@ def test_dciodvfy_finds_no_error_in_an_exported_seg(tmp_path):
     folder = source_series(tmp_path / "flair")
     edited_mask(folder, tmp_path / "rater.nrrd")
     for kind, creator in (("MANUAL", None), ("SEMIAUTOMATIC", None), ("MANUAL", "Doe^Jane^M^Dr^PhD"),
-                          ("SEMIAUTOMATIC", "Müller^Jürgen")):
-        out = tmp_path / f"{kind}{creator is not None}"
+                          ("SEMIAUTOMATIC", "Müller^Jürgen"),
+                          ("MANUAL", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+                          ("MANUAL", "山" * 21)):  # at most 64 bytes of UTF-8 in all, as dciodvfy counts them
+        out = tmp_path / f"{kind}{len(creator or '')}"
         assert main(["export", str(folder), str(tmp_path / "rater.nrrd"), "-o", str(out), "--dicom-seg",
                      "--algorithm-type", kind] + (["--creator", creator] if creator else [])) == 0
         [seg] = out.glob("*_wmh_seg.dcm")
@@ -159,7 +161,8 @@ def test_export_names_the_creator_and_makes_up_none(tmp_path):
 
 @pytest.mark.parametrize("name, said", [
     ("A^B^C^D^E^F", "at most 5"), ("Doe\\Jane", "backslash"), ("Doe^Jane\n", "control character"),
-    ("^^", "names no one"), ("D" * 65, "at most 64"), ("a=b=c=d", "at most 3"), ("Doe\x00", "control character")])
+    ("^^", "names no one"), ("D" * 65, "at most 64"), ("a=b=c=d", "at most 3"), ("Doe\x00", "control character"),
+    ("山" * 22, "at most 64"), ("M\udcfcller^J", "not UTF-8"), ("Doe\u2028Jane", "line separator")])
 def test_export_refuses_a_creator_that_is_no_person_name(tmp_path, capsys, name, said):
     folder = source_series(tmp_path / "flair")
     edited_mask(folder, tmp_path / "edited.nii.gz")
@@ -168,6 +171,35 @@ def test_export_refuses_a_creator_that_is_no_person_name(tmp_path, capsys, name,
     error = capsys.readouterr().err
     assert said in error and "--creator" in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_person_name_is_what_validators_and_readers_take():
+    """A Person Name holds at most 64 bytes of UTF-8 in all, as dciodvfy counts them (60 CJK characters, 180 bytes,
+    were taken and written: "Length invalid for this VR = 180, expected <= 64"; so were 40 letters=40 letters, 81
+    bytes, the standard's 64 characters in each component group); bytes that are not UTF-8
+    (a name typed in another encoding, decoded by Python as lone surrogates) are refused where they crashed the
+    export ("internal error: TypeError" writing the outline); trailing empty components and groups are left out, as
+    pydicom reads them (the report said "Doe^Jane=" where the SEG read "Doe^Jane")."""
+    from DeepWMLLib.dicom_seg import person_name
+
+    assert person_name("山" * 21) == "山" * 21  # 63 bytes
+    assert person_name("Yamada^Tarou=山田^太郎=やまだ^たろう") == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert person_name("=山田^太郎") == "=山田^太郎"  # an empty alphabetic group before another: kept
+    for given in ("Doe^Jane=", "Doe^Jane==", "Doe^Jane^^", " Doe^Jane^^= "):
+        assert person_name(given) == "Doe^Jane", given
+    for refused in ("山" * 22, "Doe=" + "é" * 31, "D" * 40 + "=" + "E" * 40, "Doe\udcff", "Doe\u2029Jane"):
+        with pytest.raises(ValueError):
+            person_name(refused)
+
+
+def test_export_writes_the_creator_as_pydicom_reads_it_back(tmp_path):
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p",
+                 "--dicom-seg", "--creator", "Müller^Jürgen^="]) == 0
+    written = pydicom.dcmread(out / "p_wmh_seg.dcm").ContentCreatorName
+    assert str(written) == json.loads((out / "p_report.json").read_text())["creator"] == "Müller^Jürgen"
 
 
 def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
