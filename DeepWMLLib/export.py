@@ -182,6 +182,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                   "brain_model": split["brain_model"] if split else None,
                   "brain_model_sha256": split["brain_model_sha256"] if split else None,
                   "intracranial_ml": split["intracranial_ml"] if split else None,
+                  "device": split["device"] if split else None, "runner": split["runner"] if split else None,
                   "model": None, "model_sha256": [], "deepwml_version": __version__}
         instances = dicom_instances(chosen[0], binary) if chosen else None
         if instances:  # the image numbers PACS shows, beside the voxel indices, as segment writes them

@@ -572,8 +572,9 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
     `image`, the ventricles kept inside the brain mask as segment's default keeps them. None without a ventricle
     model ("default" and the model registry marks none). Else {"location": the report's entry, "distance": at
     the mask's voxels (`lesion_report`'s `ventricle_distance`; None when the split is not made), "brain_model",
-    "brain_model_sha256", "intracranial_ml" (None without a brain model), "warnings": what segment's report
-    warns of the split (not made; too little ventricle for a whole brain)}."""
+    "brain_model_sha256", "intracranial_ml" (None without a brain model), "device" and "runner" (how the networks
+    ran, as segment's report records them), "warnings": what segment's report warns of the split (not made; too
+    little ventricle for a whole brain)}."""
     from .inference import predict_maps, resolve_device
     from .location import small_ventricles_warning
     from .postprocessing import BRAIN_THRESHOLD
@@ -582,8 +583,9 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
     if ventricle_model is None:
         return None
     brain_model = load_brain_model(brain_model)
+    dev, facts = resolve_device(device), {}
     _, brain, ventricle_map, frame = predict_maps(
-        image, [], brain_model, resolve_device(device), backend=backend, precision=precision,
+        image, [], brain_model, dev, backend=backend, facts=facts, precision=precision,
         ventricle_model=ventricle_model, brain_threshold=BRAIN_THRESHOLD, ventricle_threshold=ventricle_model.threshold)
     location, distance, _ = lesion_location(mask, frame, ventricle_map, None if brain is None else brain > 0,
                                             ventricle_model)
@@ -598,7 +600,7 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
     return {"location": location, "distance": distance,
             "brain_model": None if brain_model is None else brain_model.name,
             "brain_model_sha256": None if brain_model is None else brain_model.digest,
-            "intracranial_ml": intracranial, "warnings": said}
+            "intracranial_ml": intracranial, "device": str(dev), "runner": facts.get("runner"), "warnings": said}
 
 
 @dataclass

@@ -387,6 +387,25 @@ def test_export_of_segments_own_mask_gives_segments_periventricular_deep_split(t
     assert exported["brain_model"] == segmented["brain_model"] and exported["model"] is None
 
 
+def test_export_records_where_its_networks_ran(tmp_path):
+    """With a ventricle model the export runs the ventricle and brain networks, whose figures (the split) depend on
+    how they ran (bf16 or fp32): the report records `device` and `runner` as segment's does (they were not
+    recorded); without one no network runs and both are null."""
+    from conftest import REPO
+
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    command = ["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz")]
+    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    assert main([*command, "-o", str(tmp_path / "a"), "--ventricle-model", str(ventricles), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "a" / "flair_report.json").read_text())
+    assert report["location"] is not None and report["device"] == "cpu" and report["runner"]
+    assert main([*command, "-o", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "flair_report.json").read_text())
+    assert report["device"] is None and report["runner"] is None
+
+
 def test_export_without_a_ventricle_model_says_why_there_is_no_split(tmp_path, capsys):
     """The shipped registry marks no ventricle model default (as for segment): no split, `location_why` naming
     --ventricle-model; --no-location says so; both together are refused, as segment refuses them."""
