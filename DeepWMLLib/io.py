@@ -5592,7 +5592,7 @@ def read_dicom_seg(path: str | os.PathLike, source_series: DicomSeries | None = 
     placed as the FLAIR reader places that series' slices (`_uneven_frames_fault`: the grid slice nearest to each,
     within half a slice; warned of); with the `source_series` at hand (each frame naming one of its images), each
     such frame on its source image's slice of the grid the series is read on, refused where it does not lie at
-    that image's position. Other frames off that grid (between slices, shifted within their plane: a
+    that image's position or names an image the series lacks (a SEG of another series). Other frames off that grid (between slices, shifted within their plane: a
     tilt) or in other orientations are refused."""
     import SimpleITK as sitk
 
@@ -5692,7 +5692,19 @@ def read_dicom_seg(path: str | os.PathLike, source_series: DicomSeries | None = 
         odd = int(np.argmax(off))
         named = _frame_sources(shared, frames)
         slices_of = _source_slices(source_series, normal) if source_series is not None and named else None
-        if slices_of is not None and len(slices_of[1]) > 1 and all(name in slices_of[0] for name in named):
+        if slices_of is not None and len(slices_of[1]) > 1:
+            foreign = [k for k, name in enumerate(named) if name not in slices_of[0]]
+            if foreign:  # a SEG of another series (or frames of one): its frames cannot be placed by this one's
+                k = foreign[0]
+                uid, number = named[k]
+                mine = uid in {name[0] for name in slices_of[0]}
+                what = (f"frame {number} of image {uid}, which the FLAIR series does not have" if mine and number
+                        else f"image {uid} without a frame number, a multi-frame file of the FLAIR series" if mine
+                        else f"image {uid}, which is not in the FLAIR series")
+                raise refuse(f"has frames between slices, placed by the source images they name, and frame {k + 1} "
+                             f"names {what} ({len(foreign)} of its {len(named)} frames name none of its images): a "
+                             "segmentation of another series; give the FLAIR series it was made on, or export it "
+                             "again on this series' slices")
             # the source at hand: each frame on its source image's slice of the grid the FLAIR reader builds of the
             # series (from its first slice, their mean step), where it lies at that image's own position
             at = np.array([slices_of[0][name] for name in named])

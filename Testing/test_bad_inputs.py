@@ -296,6 +296,9 @@ BAD_INPUTS = [
     ("the baseline's and the follow-up's masks given the wrong way round", "change", 1,
      "lies on the follow-up FLAIR's grid, not the baseline's"),
     ("export: a mask on another grid than the FLAIR's", "export", 1, "different voxel grids"),
+    ("export: DeepWML's DICOM SEG of another, unevenly spaced series as the mask (its frames name none of the FLAIR "
+     "series' images; it was placed by its own positions, with a warning only)", "export", 1,
+     "a segmentation of another series; give the FLAIR series it was made on"),
     ("export into an OUTDIR holding the case's earlier export", "export", 1, "rerun with --overwrite to replace"),
     ("export --overwrite into an OUTDIR holding `deepwml segment`'s outputs of the case (its mask and report would "
      "no longer agree)", "export", 1, "which an export's report would replace"),
@@ -1035,6 +1038,17 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         export = ["export", str(p["good"]), str(p["truth"]), "-o", out]
         if row_id.startswith("export: a mask on another grid"):
             return ["export", str(p["good"]), str(p["other grid"]), "-o", out]
+        if row_id.startswith("export: DeepWML's DICOM SEG of another"):
+            from conftest import stepped_positions
+            from test_dicom_seg import PATIENT, make_seg, phantom
+
+            image = phantom(spacing=(0.7, 0.9, 5.0))
+            steps = [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]
+            for name, uid in (("a", "1.2.3.4.5"), ("b", "1.2.3.4.6")):
+                write_dicom_series(tmp / "in" / name, image, uid=uid, description="AX T2 FLAIR", extra=PATIENT,
+                                   positions=stepped_positions(image, steps))
+            make_seg(tmp / "in" / "a", tmp / "in" / "a_seg.dcm")
+            return ["export", str(tmp / "in" / "b"), str(tmp / "in" / "a_seg.dcm"), "-o", out]
         if row_id.startswith("export into"):
             (tmp / "out").mkdir()
             (tmp / "out" / "good_report.json").write_text(json.dumps({"source": "export"}))

@@ -254,6 +254,32 @@ def test_the_seg_of_an_unevenly_spaced_series_reads_back_as_its_mask(tmp_path, s
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=series)), mask)
 
 
+@pytest.mark.parametrize("other", ["the same positions", "other uneven positions", "a regular series"])
+def test_the_seg_of_an_uneven_series_given_with_another_series_as_its_source_is_refused(tmp_path, other):
+    """DeepWML's SEG of an unevenly spaced series (its frames off its own grid, each naming its source image), read
+    with another series given as the source (export of a rater's SEG with the wrong series): its frames name none
+    of that series' images, so they cannot be placed by them; refused saying so. It was placed by its own positions
+    as though it were that series' (with a warning only). Read with its own series, it reads back as before."""
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    steps = [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]
+    mine = write_dicom_series(tmp_path / "a", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                              extra=PATIENT, positions=stepped_positions(image, steps))
+    _, flair = make_seg(mine, tmp_path / "s.dcm")
+    positions = {"the same positions": stepped_positions(image, steps),
+                 "other uneven positions": stepped_positions(image, steps[::-1]), "a regular series": None}[other]
+    folder = write_dicom_series(tmp_path / "b", image, uid="1.2.3.4.6", description="AX T2 FLAIR", number=8,
+                                extra=PATIENT, positions=positions)
+    series, _ = io.choose_dicom_series(folder)
+    with pytest.raises(DeepWMLError, match=r"s\.dcm: the DICOM Segmentation has frames between slices, placed by the "
+                                           r"source images they name, and frame 1 names image [0-9.]+, which is not in "
+                                           r"the FLAIR series \(6 of its 6 frames name none of its images\): a "
+                                           r"segmentation of another series; give the FLAIR series it was made on"):
+        io.read_mask(tmp_path / "s.dcm", io.read_image(folder, series=series), source=series)
+    own, _ = io.choose_dicom_series(mine)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=own)),
+                          sitk.GetArrayFromImage(flair) >= LESION)
+
+
 def test_frames_between_the_slices_of_a_regular_series_are_still_refused(tmp_path):
     """DeepWML's SEG of an evenly spaced series, one frame moved 0.3 of a slice: off the grid, and not as a series'
     slices are read (its steps to its neighbours 3.5 and 6.5 mm of 5), refused as between slices; a frame moved so
