@@ -5515,8 +5515,12 @@ def _uneven_frames_fault(offsets: np.ndarray, step: float, sources: list | None)
         return "a frame lies half a slice from two slices of the grid"
     if len(np.unique(index)) != len(index):
         return "two frames at different positions lie nearest to one slice of the grid"
+    # each step between neighbouring frames against their typical (median) step, as `_check_slice_spacing` checks
+    # the series' (against the mean step, a series it reads whose steps are skewed, 4 and 4.78 mm with one of 3.22,
+    # would have its own SEG refused)
     steps, apart = np.diff(positions), np.diff(index)
-    if _odd_steps(steps[apart == 1], step).any():
+    near = steps[apart == 1]
+    if near.size and _odd_steps(near, float(np.median(near))).any():
         return "neighbouring frames lie more unevenly apart than the slices of a series DeepWML reads"
     return None
 

@@ -254,6 +254,23 @@ def test_the_seg_of_an_unevenly_spaced_series_reads_back_as_its_mask(tmp_path, s
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=series)), mask)
 
 
+def test_the_seg_of_a_series_of_skewed_uneven_steps_reads_back_alone(tmp_path):
+    """Steps of 4 and 4.78 mm with one of 3.22 (each within a fifth of their median, 4 mm, as the FLAIR reader
+    checks: read with a warning), their mean 4.23 mm: DeepWML's own SEG of it, read alone (evaluate, a rerun), reads
+    back as its mask. It was refused as 'neighbouring frames lie more unevenly apart than the slices of a series
+    DeepWML reads': its frames' steps were held against the mean step, 3.22 mm over a fifth from it."""
+    steps = [4.0, 4.78, 4.0, 4.78, 4.0, 4.78, 4.0, 4.78, 4.0, 3.22]
+    image = phantom(size=(40, 28, len(steps) + 1), spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, steps))
+    _, flair = make_seg(folder, tmp_path / "s.dcm")
+    series, _ = io.choose_dicom_series(folder)
+    assert any("unevenly spaced" in w for w in series.slice_warnings(flair))
+    mask = sitk.GetArrayFromImage(flair) >= LESION
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair)), mask)
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm")), mask)
+
+
 @pytest.mark.parametrize("other", ["the same positions", "other uneven positions", "a regular series"])
 def test_the_seg_of_an_uneven_series_given_with_another_series_as_its_source_is_refused(tmp_path, other):
     """DeepWML's SEG of an unevenly spaced series (its frames off its own grid, each naming its source image), read
