@@ -194,13 +194,19 @@ def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_sl
     ITK took the series' pixel type from the first slice (no rescale: unsigned 16-bit) and cast the others' real
     values into it, a background of -30 wrapping to 65506 and fractions cut off, so the network saw slices of
     another brightness (a real scan so exported: 0 ml, 0 lesions; read right, 2.80 ml, 55 lesions)."""
+    pydicom = pytest.importorskip("pydicom")
     real, _ = make_volume(size=(20, 16, 5), spacing=(0.8, 0.8, 5.0))
     real = sitk.Round(real) - 50.0  # (make_volume's background is ~20: here below 0, as rescaled slices can be)
     unscaled = write_dicom_series(tmp_path / "unscaled", sitk.Cast(real + 50.0, sitk.sitkUInt16))
-    rescaled = write_dicom_series(tmp_path / "series", real, extra={  # GDCM stores (real + 60) * 3
-        "0028|1053": "0.3333333333", "0028|1052": "-60", "0028|0100": "16", "0028|0101": "16", "0028|0102": "15",
-        "0028|0103": "0"})
+    # stored (real + 60) * 3, then tagged: GDCM given a float image and these tags wrote classic MR files in some
+    # processes and, in others (this test run alone), Enhanced MR ones, whose positions are in functional groups
+    rescaled = write_dicom_series(tmp_path / "series", sitk.Cast((real + 60.0) * 3.0, sitk.sitkUInt16))
+    for path in sorted(rescaled.glob("*.dcm"))[1:]:
+        data = pydicom.dcmread(path)
+        data.RescaleSlope, data.RescaleIntercept = "0.3333333333", "-60"
+        data.save_as(path)
     (unscaled / "slice000.dcm").replace(rescaled / "slice000.dcm")  # the first slice untagged, its stored values real
+    assert {pydicom.dcmread(path).SOPClassUID for path in rescaled.glob("*.dcm")} == {"1.2.840.10008.5.1.4.1.1.4"}
     expected = sitk.GetArrayFromImage(real)
     expected[0] += 50.0
     read = sitk.GetArrayFromImage(io.read_image(rescaled))
