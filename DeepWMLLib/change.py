@@ -89,7 +89,7 @@ MIN_SLICES = 4  # the registration's coarsest level shrinks 4 times
 MAX_INCONSISTENCY_MM = 2.0  # 95th percentile of `inverse_consistency` (same-patient pairs <= 0.17, others >= 3.6)
 UNRELIABLE = "REGISTRATION NOT RELIABLE"  # leads the warning, the summary and the picture when a check fails
 
-LABELS = {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new", 7: "small gone"}
+LABELS = io.CHANGE_MAP_LABELS  # {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new", 7: "small gone"}
 COLOURS = {1: (1.0, 0.9, 0.0), 2: (1.0, 0.1, 0.1), 3: (1.0, 0.5, 0.0), 4: (0.6, 0.6, 0.6), 5: (0.2, 0.5, 1.0),
            6: (1.0, 0.6, 0.8), 7: (0.6, 0.85, 1.0)}
 CSV_COLUMNS = ("id", "status", "scan", "volume_ml", "baseline_ml", "change_ml", "centroid_mm", "slice_range",
@@ -1629,7 +1629,8 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
             from .dicom_outline import remove_outline_series
 
             remove_outline_series(earlier_outline)
-        io.write_image(result.labels, paths["labels"], *stored["follow-up"])
+        # its header says what it is: read as a mask, the follow-up's lesions (io.change_map_lesions)
+        io.write_image(result.labels, paths["labels"], *stored["follow-up"], notes=io.CHANGE_MAP_NOTES)
         io.write_label_segmentation(result.labels, paths["segmentation"],
                                     [(value, name, COLOURS[value]) for value, name in LABELS.items()])
         io.write_image(result.baseline_registered, paths["registered"], *stored["follow-up"])

@@ -4009,7 +4009,8 @@ MASK_ROUND_OFF = 1e-4  # off a whole number in a float mask: float32 round-off (
 
 
 def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
-              reference_name: str = "the image it is compared with", source: DicomSeries | None = None) -> sitk.Image:
+              reference_name: str = "the image it is compared with", source: DicomSeries | None = None,
+              change_labels: bool = False) -> sitk.Image:
     """Read a label image (0 background, 1 lesion, other small integers kept) as uint8.
 
     With `reference` (named `reference_name` in an error), the mask is put on the reference's grid
@@ -4019,15 +4020,20 @@ def read_mask(path: str | os.PathLike, reference: sitk.Image | None = None,
     lesion value is above 255 (0/65535) is read as 0/1; a float mask's values within MASK_ROUND_OFF of whole numbers
     (0.99999994: round-off) as those numbers. `source`: the DICOM series `reference` was read from, where at hand:
     a DICOM SEG's frames off its own grid are then placed by the source images they name (`read_dicom_seg`).
+    DeepWML's lesion change label map (CASE_change.nii.gz, .nrrd, .mha) is read as its follow-up's lesions, the
+    gone ones left out (`change_map_lesions`), as its change SEG and CASE_change.seg.nrrd are; with `change_labels`
+    as its labels (a rerun of `deepwml change` adding outputs).
     """
     # a .seg.nrrd is read by segment, even of one: its label value (2 after a segment was deleted in
     # Slicer, say) is no label of the mask conventions; a DICOM SEG (a file, or a folder holding one) by its
     # own functional groups (GDCM read one whose every frame is present as a 0/255 volume by chance, and refused
     # a SEG without its empty frames)
     seg = dicom_seg_file(path)
-    image = (read_dicom_seg(seg, source) if seg else lesion_segments(path) if segment_names(path)
-             else read_any(path, mask=True))
+    segmented = bool(seg) or bool(segment_names(path))
+    image = read_dicom_seg(seg, source) if seg else lesion_segments(path) if segmented else read_any(path, mask=True)
     mask = label_mask(image, str(path))
+    if not segmented and not change_labels:
+        mask = change_map_lesions(path, mask)
     if reference is not None:
         mask = onto_grid(mask, reference, str(path), reference_name)
     return mask
@@ -4751,17 +4757,19 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 
 def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: TimeAxis | None = None,
-                geometry: NiftiGeometry | None = None) -> Path:
+                geometry: NiftiGeometry | None = None, notes: str = "") -> Path:
     """Write an image, compressed; a `Volume` to NIfTI without SimpleITK. With `time_axis` (the input's,
     `read_time_axis`), a 3D image is written 4D with one time point, X, Y, Z, 1, as the input was stored.
     With `geometry` (a NIfTI input's, `read_nifti_geometry`; the image on its grid), a NIfTI file gets the
     input's own qform, sform, codes, voxel sizes and length unit, so that FSL and nibabel, which may read another
-    grid from them than SimpleITK does, place it where they place the input; other formats ignore it."""
+    grid from them than SimpleITK does, place it where they place the input; other formats ignore it. `notes`
+    (ASCII, at most 79 characters): what the file is, in its header (`file_notes` reads it back): a NIfTI file's
+    descrip, an NRRD or MetaImage file's ITK_FileNotes field."""
     if is_nifti(path) and (isinstance(image, Volume) or geometry is not None):
         level = 1 if str(path).lower().endswith(".gz") else 0
         pieces = nifti_pieces(image, compresslevel=level,
                               time=None if time_axis is None else (time_axis.origin, time_axis.spacing),
-                              geometry=geometry)
+                              geometry=geometry, description=notes)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -4775,6 +4783,10 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
         image = image.to_sitk()
     if time_axis is not None:
         image = sitk.JoinSeries(image, time_axis.origin, time_axis.spacing if time_axis.spacing > 0 else 1.0)
+    if notes:
+        image = sitk.Image(image)  # (the caller's image keeps its own fields)
+        image.SetMetaData(_FILE_NOTES, notes)  # ITK writes it as NIfTI's descrip, NRRD's and MetaImage's ITK_FileNotes
+
     def write(tmp: Path) -> None:
         with itk_names(tmp, write=True) as (name,):
             sitk.WriteImage(image, name, True)
@@ -5116,6 +5128,106 @@ VENTRICLE_SEGMENT = "Lateral ventricles"
 CHANGE_SEG_CONTENT_LABEL = "CHANGE"
 FOLLOWUP_CALLS = ("stable", "new", "enlarging", "not assessable", "small new")
 BASELINE_CALLS = ("gone", "small gone")
+# The change label map's values (change.LABELS), and what its header says it is (`write_image`'s notes: a NIfTI
+# file's descrip, an NRRD or MetaImage file's ITK_FileNotes): read as a mask, the follow-up's lesions
+# (`change_map_lesions`), as its SEG and .seg.nrrd are read
+CHANGE_MAP_LABELS = {1: "stable", 2: "new", 3: "enlarging", 4: "not assessable", 5: "gone", 6: "small new",
+                     7: "small gone"}
+CHANGE_MAP_NOTES = "DeepWML lesion change label map"
+_FILE_NOTES = "ITK_FileNotes"  # ITK's key of a NIfTI descrip (read back as descrip too), NRRD's and MetaImage's own field
+
+
+def file_notes(path: str | os.PathLike) -> str:
+    """What an image file's header says it is (`write_image`'s notes: a NIfTI file's descrip, an NRRD or MetaImage
+    file's ITK_FileNotes), "" where it says nothing or cannot be read (read_any says what is wrong with it)."""
+    import SimpleITK as sitk
+
+    if not Path(path).is_file():
+        return ""
+    reader = sitk.ImageFileReader()
+    try:
+        with itk_names(path) as (name,):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
+    except (RuntimeError, DeepWMLError):
+        return ""
+    for key in (_FILE_NOTES, "descrip"):
+        if reader.HasMetaDataKey(key):
+            return reader.GetMetaData(key).strip()
+    return ""
+
+
+def _change_report_beside(path: Path, labels: sitk.Image) -> tuple[str, dict[int, str]] | None:
+    """(why, its values' calls) where the report of `deepwml change` beside a label image (CASE_change.json beside
+    CASE_change.nii.gz, .nrrd or .mha) shows the image is the change label map it wrote: the report's voxel digest
+    (labels_sha256) is the image's (so a map saved again unchanged, in another format or by a tool that drops its
+    header's notes, is known too), or for a report of an earlier version without one it lists the file among its
+    outputs; else None."""
+    match = re.fullmatch(r"(.+_change)(\.nii\.gz|\.nii|\.nrrd|\.mha)", path.name, re.IGNORECASE)
+    report_path = path.parent / f"{match.group(1)}.json" if match else None
+    if report_path is None or not report_path.is_file():
+        return None
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+        calls = {int(value): name for value, name in report["labels"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # no change report
+    if not calls or not set(calls.values()) <= set(FOLLOWUP_CALLS + BASELINE_CALLS):
+        return None
+    recorded = report.get("labels_sha256")
+    if isinstance(recorded, str):
+        if recorded != mask_digest(labels):
+            return None  # another image, or the map edited since
+        return f"its voxels are those its report {report_path.name} records (labels_sha256)", calls
+    if path.name in (report.get("outputs") or []):
+        return f"its report {report_path.name} lists it as the change label map", calls
+    return None
+
+
+def mask_digest(mask) -> str:
+    """The report's `mask_sha256`: the first 24 hex digits of the SHA-256 of the mask's voxels (uint8, in the
+    numpy order k, j, i) and their shape: what tells the saved mask from one edited since (add_outputs). Of the
+    voxels, not the file: a mask opened and saved again unchanged (another compression, another header) is the
+    same mask."""
+    import hashlib
+
+    array = np.ascontiguousarray(voxels(mask), dtype=np.uint8)
+    digest = hashlib.sha256(repr(array.shape).encode("ascii"))
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:24]
+
+
+def change_map_lesions(path: str | os.PathLike, labels: sitk.Image) -> sitk.Image:
+    """A label image read from `path` (uint8) as a mask: where it is `deepwml change`'s label map, its follow-up's
+    lesions (values called FOLLOWUP_CALLS) as 0/1, the gone ones (BASELINE_CALLS: baseline lesions no longer there)
+    left out, a warning saying so and what shows it is the change map: its header's notes (CHANGE_MAP_NOTES), else
+    its report beside it (`_change_report_beside`); any other label image (a rater's map of several labels), and
+    one whose values are not all calls, as it is."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if file_notes(path) == CHANGE_MAP_NOTES:
+        found = f"its header says so ({CHANGE_MAP_NOTES!r})", CHANGE_MAP_LABELS
+    else:
+        found = _change_report_beside(path, labels)
+    if found is None:
+        return labels
+    why, calls = found
+    array = sitk.GetArrayViewFromImage(labels)
+    values = set(np.unique(array).tolist()) - {0}
+    if not values <= set(calls):
+        return labels
+    followup = [value for value, name in calls.items() if name in FOLLOWUP_CALLS]
+    gone = [value for value, name in calls.items() if name in BASELINE_CALLS]
+    lesion = sitk.GetImageFromArray(np.isin(array, followup).astype(np.uint8))
+    lesion.CopyInformation(labels)
+    left = int(np.count_nonzero(np.isin(array, gone)))
+    logging.getLogger(__name__).warning(
+        "%s: DeepWML's lesion change label map (%s), read as the follow-up's lesions (%s); %s left out (%d voxels: "
+        "baseline lesions no longer there)", path, why, ", ".join(calls[v] for v in followup),
+        ", ".join(calls[v] for v in gone), left)
+    return lesion
 
 
 def segment_names(path: str | os.PathLike) -> list[str]:

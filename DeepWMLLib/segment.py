@@ -1493,19 +1493,7 @@ NETWORK_OUTPUTS = ("probabilities", "brain", "ventricles")  # the networks' maps
 ADDED = "added"  # summary.csv's status of a case done before whose missing outputs this run added
 
 
-def mask_digest(mask) -> str:
-    """The report's `mask_sha256`: the first 24 hex digits of the SHA-256 of the mask's voxels (uint8, in the
-    numpy order k, j, i) and their shape: what tells the saved mask from one edited since (add_outputs). Of the
-    voxels, not the file: a mask opened and saved again unchanged (another compression, another header) is the
-    same mask."""
-    import hashlib
-
-    from .volume import voxels
-
-    array = np.ascontiguousarray(voxels(mask), dtype=np.uint8)
-    digest = hashlib.sha256(repr(array.shape).encode("ascii"))
-    digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()[:24]
+mask_digest = io.mask_digest  # the report's mask_sha256 (and change's labels_sha256)
 
 
 def _saved_output(out_dir: Path, case: str, earlier: dict, kind: str, current: Path | None) -> Path | None:
@@ -1528,7 +1516,7 @@ def read_saved_output(file: Path, image, what: str, scan: str = "the scan's", re
     `_saved_mask`, `deepwml change`'s saved label map): else a DeepWMLError naming it, saying to rerun with
     --overwrite to `redo` the case."""
     try:
-        saved = io.read_mask(file)
+        saved = io.read_mask(file, change_labels=True)  # change's label map as it is, not as the follow-up's mask
     except DeepWMLError as exc:
         raise DeepWMLError(f"the saved {what} {file.name} cannot be used ({exc}); rerun with --overwrite to {redo}") \
             from exc

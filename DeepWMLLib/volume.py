@@ -281,16 +281,17 @@ def nifti_geometry(header: bytes) -> NiftiGeometry | None:
 
 
 def nifti_bytes(image, compresslevel: int = 1, time: tuple[float, float] | None = None,
-                geometry: NiftiGeometry | None = None) -> bytes:
+                geometry: NiftiGeometry | None = None, description: str = "") -> bytes:
     """A NIfTI-1 file (gzip-compressed when compresslevel > 0) of a Volume or SimpleITK.Image,
     with qform and sform both set (scanner anatomical), millimetres, like SimpleITK writes it; with `geometry`
     (the input's, of the image's size), with the input's own placing fields instead.
-    With `time` (origin, spacing), stored 4D with one time point: X, Y, Z, 1."""
-    return b"".join(nifti_pieces(image, compresslevel, time, geometry))
+    With `time` (origin, spacing), stored 4D with one time point: X, Y, Z, 1. `description`: the header's descrip
+    (ASCII, at most 79 characters)."""
+    return b"".join(nifti_pieces(image, compresslevel, time, geometry, description))
 
 
 def nifti_pieces(image, compresslevel: int = 1, time: tuple[float, float] | None = None,
-                 geometry: NiftiGeometry | None = None) -> Iterator:
+                 geometry: NiftiGeometry | None = None, description: str = "") -> Iterator:
     """nifti_bytes' file as pieces (bytes-like) to write one after another, so that a file is written without
     all of it in memory: the compressed probability map of a 1024 x 1024 x 400 scan (0.9 GB) was held twice, as
     its pieces and joined, the peak of --save-probabilities. The image is checked and the header made at once,
@@ -335,6 +336,9 @@ def nifti_pieces(image, compresslevel: int = 1, time: tuple[float, float] | None
     struct.pack_into("<3f", header, 268, *offset)
     for row in range(3):
         struct.pack_into("<4f", header, 280 + 16 * row, *srow[row])
+    if len(description.encode("ascii")) > 79:
+        raise ValueError(f"a NIfTI descrip holds 79 characters, not {len(description)}")
+    header[148:148 + len(description)] = description.encode("ascii")  # descrip (80 bytes, 0-terminated)
     header[344:348] = b"n+1\0"
     # The voxels as they lie, not copied into bytes and again into header + bytes: at 1024 x 1024 x 400 the
     # probability map (--save-probabilities) was 3.4 GB of copies, the peak of the whole run.

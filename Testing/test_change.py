@@ -848,6 +848,77 @@ def test_the_change_seg_read_as_a_mask_is_the_follow_ups_lesions(change_seg_run,
         out / "followup_change_seg.dcm").ContentLabel
 
 
+@pytest.mark.parametrize("kind", ["nii.gz", "nrrd", "mha"])
+def test_the_change_label_map_read_as_a_mask_is_the_follow_ups_lesions(kind, tmp_path, monkeypatch, caplog, capsys):
+    """CASE_change.nii.gz (.nrrd, .mha) given where a mask is read (evaluate --reference, export, change
+    --followup-mask, consensus, train: io.read_mask) is the follow-up's lesions, voxel for voxel its mask, as the
+    change SEG and CASE_change.seg.nrrd are read; gone lesions (baseline-only voxels) left out, a warning saying so
+    and how the map was known: its header (descrip, ITK_FileNotes), else (a map saved again without it, or written
+    by an earlier version) its report beside it. It was read as a rater's map of several labels: every label joined,
+    gone ones too (evaluate refused it or took 'new' for 'ignore'). A rater's label map is read as before, and the
+    map edited since its report is no longer known by it."""
+    import logging
+
+    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
+    files = {}
+    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
+                        ("followup_mask", followup_mask)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(files[name]))
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]),
+                 "--output-format", kind]) == 0
+    labels_file = out / f"followup_change.{kind}"
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file)))
+    assert (raw == 5).any() and (raw == 2).any() and (raw == 1).any()  # gone, new and stable lesions
+    expected = sitk.GetArrayFromImage(followup_mask)
+
+    def read(path, **options) -> np.ndarray:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            return sitk.GetArrayFromImage(io.read_mask(path, flairs[1], "the follow-up FLAIR", **options))
+
+    assert np.array_equal(read(labels_file), expected)
+    assert (f"DeepWML's lesion change label map (its header says so ('{io.CHANGE_MAP_NOTES}')), read as the "
+            "follow-up's lesions (stable, new, enlarging, not assessable, small new); gone, small gone left out "
+            f"({int(np.count_nonzero(np.isin(raw, [5, 7])))} voxels: baseline lesions no longer there)") in caplog.text
+    assert io.file_notes(labels_file) == io.CHANGE_MAP_NOTES
+    assert np.array_equal(read(labels_file, change_labels=True), raw)  # change's rerun adding outputs: its labels
+    # evaluate: the follow-up mask against the change map, the same lesions (Dice 1)
+    capsys.readouterr()
+    assert main(["evaluate", "--prediction", str(files["followup_mask"]), "--reference", str(labels_file),
+                 "--json", str(tmp_path / "dice.json")]) == 0
+    assert json.loads((tmp_path / "dice.json").read_text(encoding="utf-8"))["dice"] == 1.0
+    # a rater's map of the same labels, elsewhere and without the header's words: read as it is
+    rater = tmp_path / "rater" / f"followup_change.{kind}"
+    rater.parent.mkdir()
+    plain = sitk.GetImageFromArray(raw)
+    plain.CopyInformation(sitk.ReadImage(str(labels_file)))
+    sitk.WriteImage(plain, str(rater))
+    assert io.file_notes(rater) == "" and np.array_equal(read(rater), raw) and "change" not in caplog.text
+    # the map saved again without its header's words (a tool that drops them): known by its report beside it
+    sitk.WriteImage(plain, str(labels_file))
+    assert io.file_notes(labels_file) == ""
+    assert np.array_equal(read(labels_file), expected)
+    assert "change label map (its voxels are those its report followup_change.json records (labels_sha256))" \
+        in caplog.text
+    report_path = out / "followup_change.json"
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    del report["labels_sha256"]  # a report of an earlier version: it lists its label map
+    report_path.write_text(json.dumps(report), encoding="utf-8")
+    assert np.array_equal(read(labels_file), expected)
+    assert "(its report followup_change.json lists it as the change label map)" in caplog.text
+    report["labels_sha256"] = io.mask_digest(plain)
+    report_path.write_text(json.dumps(report), encoding="utf-8")
+    edited = raw.copy()
+    edited[0, 0, 0] = 2  # edited since: its report no longer shows what it is
+    plain = sitk.GetImageFromArray(edited)
+    plain.CopyInformation(sitk.ReadImage(str(labels_file)))
+    sitk.WriteImage(plain, str(labels_file))
+    assert np.array_equal(read(labels_file), edited) and "change" not in caplog.text
+
+
 def test_a_studys_outputs_never_share_a_series_number(pair, tmp_path, tiny_model):
     """`segment --dicom-seg --dicom-outline` and `change --dicom-seg --dicom-outline` on one follow-up series: its
     WMH outline, WMH SEG, change outline and change SEG each have their own series number (+ 1000, 2000, 3000,
