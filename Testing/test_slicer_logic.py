@@ -1014,6 +1014,68 @@ def test_lesion_change_between_two_volume_nodes(scene):
         logic.lesionChange(baseline, None, followup, follow_seg)
 
 
+def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(scene, tmp_path):
+    """A change segmentation chosen where the module takes a lesion mask (volume, Dice, Save results, lesion change:
+    mrml.segmentIds): the follow-up's segments, its gone ones left out and the result's notes saying so; the module's
+    own (marked) and its CASE_change.seg.nrrd or change SEG loaded back (no mark: known by its segment names). Every
+    segment was joined, gone lesions (baseline-only voxels) too. A rater's segments of other names are joined as
+    before."""
+    from test_change import change_pair_images
+
+    from DeepWMLLib import change
+
+    (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
+    baseline = mrml.volumeFromImage(base_flair, "FLAIR 2024")
+    followup = mrml.volumeFromImage(follow_flair, "FLAIR 2026")
+    base_seg = mrml.segmentationFromMask(base_mask, baseline, name="2024 WMH")
+    follow_seg = mrml.segmentationFromMask(follow_mask, followup, name="2026 WMH")
+    logic = DeepWMLCoreLogic()
+    node, _, report = logic.lesionChange(baseline, base_seg, followup, follow_seg)
+    assert report["n_gone"] == 1
+    lesions = sitk.GetArrayFromImage(mrml.maskFromSegmentation(follow_seg, followup))
+    volume = logic.lesionStatistics(follow_seg, followup)["volume_ml"]
+
+    def check(changeNode, why):
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(changeNode, followup)), lesions)
+        stats = logic.lesionStatistics(changeNode, followup)
+        assert stats["volume_ml"] == volume and stats["lesion_count"] == 4  # stable, new, enlarging, not assessable
+        said = [w for w in stats["warnings"] if "lesion change segmentation" in w]
+        assert len(said) == 1 and f"'{changeNode.GetName()}' is DeepWML's lesion change segmentation ({why})" in said[0]
+        assert "gone" in said[0].split(";")[1] and "left out (baseline lesions no longer there)" in said[0]
+        assert logic.compareSegmentations(changeNode, follow_seg, followup)["dice"] == 1.0
+
+    check(node, "made by Lesion change")
+    # CASE_change.seg.nrrd (as deepwml change writes it) loaded back by Slicer's own reader: no mark
+    labels = sitk.Image(sitk.Cast(mrml.maskFromSegmentation(follow_seg, followup), sitk.sitkUInt8) * 0)
+    for value, name in change.LABELS.items():  # the change label map, from the module's segments
+        labels += mrml.maskFromSegmentation(node, followup, name) * value
+    path = tmp_path / "followup_change.seg.nrrd"
+    io.write_label_segmentation(labels, path, [(v, name, change.COLOURS[v]) for v, name in change.LABELS.items()])
+    loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "followup_change")
+    storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(loaded) and not loaded.GetAttribute(mrml.CHANGE_ATTRIBUTE)
+    why = "its segments are named as DeepWML names the change calls"
+    check(loaded, why)
+    # its change SEG loaded back: a segment for each call present, named with it
+    segmentation = loaded.GetSegmentation()
+    for value, name in change.LABELS.items():
+        if not (sitk.GetArrayFromImage(labels) == value).any():
+            segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName(name))
+    assert segmentation.GetNumberOfSegments() == 5
+    check(loaded, why)
+    # every follow-up call removed: only gone left, an empty mask (the exporter took no segment for all of them)
+    for name in ("stable", "new", "enlarging", "not assessable"):
+        segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName(name))
+    assert mrml.segmentIds(loaded) == [] and not sitk.GetArrayFromImage(mrml.maskFromSegmentation(loaded, followup)).any()
+    assert logic.lesionStatistics(loaded, followup)["volume_ml"] == 0
+    # a rater's segments of other names: joined as before, 'gone' among them too
+    segmentation.AddEmptySegment("", "lesion")
+    assert mrml.changeSegmentation(loaded) == "" and len(mrml.segmentIds(loaded)) == 2
+    # a segment chosen by name: that one, the change rule not applied
+    assert mrml.segmentIds(node, "gone") == [node.GetSegmentation().GetSegmentIdBySegmentName("gone")]
+
+
 def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, tmp_path):
     """README: Slicer applies CASE_baseline_to_followup.tfm to the baseline volume as it is. Slicer's
     transform storage node reads the ITK file; a baseline point moved by it lands on the follow-up point

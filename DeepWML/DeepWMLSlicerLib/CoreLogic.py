@@ -40,7 +40,7 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16")
 DEFAULT_CONSENSUS_THRESHOLD = 0.85
 LESION_TABLE = "lesions"  # results["table"] of Review lesions: the table lists every lesion, not the slices
 RUN_ATTRIBUTE = "DeepWML.run"
-CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation: the ID of its follow-up volume
+CHANGE_ATTRIBUTE = mrml.CHANGE_ATTRIBUTE  # on a change segmentation: the ID of its follow-up volume
 CHANGE_REPORT_ATTRIBUTE = "DeepWML.change"  # on a change segmentation: its report (no lesion list)
 REGISTERED_ATTRIBUTE = "DeepWML.registeredTo"  # on a registered baseline: the ID of its follow-up volume
 # the WMH and ventricle segments as DeepWML wrote them (tell a rerun that they were edited since)

@@ -23,13 +23,15 @@ import vtk
 
 import slicer
 from DeepWMLLib.errors import DeepWMLError
-from DeepWMLLib.io import VENTRICLE_SEGMENT, axial_axis, grid_difference, ijk_to_lps, read_any
+from DeepWMLLib.io import (BASELINE_CALLS, FOLLOWUP_CALLS, VENTRICLE_SEGMENT, axial_axis, grid_difference, ijk_to_lps,
+                           read_any)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 WMH_SEGMENT_NAME = "WMH"
 WMH_COLOR = (1.0, 0.9, 0.0)
 VENTRICLE_SEGMENT_NAME = VENTRICLE_SEGMENT  # added by DeepWML for the periventricular/deep split (hidden)
 VENTRICLE_COLOR = (0.35, 0.65, 1.0)
+CHANGE_ATTRIBUTE = "DeepWML.changeOf"  # on a change segmentation the module made: the ID of its follow-up volume
 SOURCE_VOLUME_ROLE = "DeepWMLSourceVolume"  # node reference of a DeepWML segmentation to the volume it was made from
 _ORTHONORMAL_TOL = 1e-4
 
@@ -210,7 +212,10 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
     `segmentId` (an ID or a name) picks one; otherwise the segment named WMH, otherwise the union of
     all segments, which suits a rater's manual segmentation with one segment of any name (DeepWML's
     'Lateral ventricles' segment never counts as lesion). A name stands for every segment of that name (a
-    rater's two 'WMH'), as the command line reads a .seg.nrrd.
+    rater's two 'WMH'), as the command line reads a .seg.nrrd. Of a lesion change segmentation (`changeSegmentation`:
+    the module's, or its change SEG or CASE_change.seg.nrrd loaded back) the follow-up's lesions: every segment but
+    the gone ones (baseline lesions no longer there), as the command line reads them; [] where every segment is a
+    gone one (an empty mask).
     """
     segmentation = segmentationNode.GetSegmentation()
     name = segmentationNode.GetName()
@@ -229,9 +234,29 @@ def segmentIds(segmentationNode, segmentId: str | None = None) -> list[str]:
     if wmh:
         return wmh
     lesions = [i for i in ids if segmentation.GetSegment(i).GetName() != VENTRICLE_SEGMENT_NAME]
+    if changeSegmentation(segmentationNode):  # the follow-up's calls: its gone ones left out
+        return [i for i in lesions if segmentation.GetSegment(i).GetName() not in BASELINE_CALLS]
     if not lesions:
         raise DeepWMLError(f"segmentation '{name}' has no lesion segment (only '{VENTRICLE_SEGMENT_NAME}')")
     return lesions
+
+
+def changeSegmentation(segmentationNode) -> str:
+    """Why a segmentation is a lesion change segmentation ("" where it is not): marked by the module's Lesion change
+    (CHANGE_ATTRIBUTE), or, loaded back from DeepWML's change SEG or CASE_change.seg.nrrd (which carry no mark into
+    Slicer), every segment named as DeepWML names the change calls (FOLLOWUP_CALLS, BASELINE_CALLS; the .seg.nrrd's
+    every call, the SEG's those present), with a gone one among them or several: a rater's one segment named 'new'
+    is lesion either way."""
+    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        return ""
+    if segmentationNode.GetAttribute(CHANGE_ATTRIBUTE):
+        return "made by Lesion change"
+    segmentation = segmentationNode.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    if names and all(n in FOLLOWUP_CALLS + BASELINE_CALLS for n in names) and (
+            len(names) > 1 or names[0] in BASELINE_CALLS):
+        return "its segments are named as DeepWML names the change calls"
+    return ""
 
 
 def _named(segmentation, ids: list[str], segmentName: str) -> list[str]:
@@ -259,6 +284,10 @@ def _exportSegments(segmentationNode, ids: list[str], referenceVolumeNode) -> si
     """Segments as a uint8 0/1 image: on the reference volume's grid (world LPS), or with None on the
     segmentation's own labelmap grid, cropped to the segments (nothing of them cut off), in the segmentation's own
     coordinates (LPS; its parent transform not applied: a non-linear one would not leave a voxel grid)."""
+    if not ids:  # (the exporter takes no segment for every segment) a change segmentation whose every call is gone
+        if referenceVolumeNode is None:
+            return sitk.Image(1, 1, 1, sitk.sitkUInt8)
+        return _maskImage(np.zeros(_voxels(referenceVolumeNode).shape, bool), _geometry(referenceVolumeNode, world=True))
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "DeepWML export")
     labelmap.SetHideFromEditors(True)
     colorsBefore = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLColorNode")}
@@ -336,6 +365,11 @@ def maskNotes(node, segmentId: str | None = None) -> list[str]:
     others = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
               if segmentation.GetNthSegmentID(i) not in taken
               and segmentation.GetNthSegment(i).GetName() != VENTRICLE_SEGMENT_NAME]
+    why = changeSegmentation(node)
+    if why and not _named(segmentation, taken, WMH_SEGMENT_NAME):
+        return [f"'{name}' is DeepWML's lesion change segmentation ({why}): the follow-up's lesions were counted "
+                f"({', '.join(dict.fromkeys(names)) or 'none'}); {', '.join(dict.fromkeys(others)) or 'no gone segment'} "
+                "left out (baseline lesions no longer there)"]
     if len(taken) > 1:
         return [f"'{name}' has {len(taken)} segments ({', '.join(repr(n) for n in names)}): all were counted as "
                 f"lesion, together; to count one alone, name it {WMH_SEGMENT_NAME} (Segment Editor)"]
