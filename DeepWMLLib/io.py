@@ -5157,15 +5157,23 @@ def file_notes(path: str | os.PathLike) -> str:
     return ""
 
 
+def change_report_path(path: str | os.PathLike) -> Path | None:
+    """The report of `deepwml change` beside a label image named as its label map (CASE_change.json beside
+    CASE_change.nii.gz, .nrrd or .mha), where there is a file of that name; else None."""
+    path = Path(path)
+    match = re.fullmatch(r"(.+_change)(\.nii\.gz|\.nii|\.nrrd|\.mha)", path.name, re.IGNORECASE)
+    report_path = path.parent / f"{match.group(1)}.json" if match else None
+    return report_path if report_path is not None and report_path.is_file() else None
+
+
 def _change_report_beside(path: Path, labels: sitk.Image) -> tuple[str, dict[int, str]] | None:
     """(why, its values' calls) where the report of `deepwml change` beside a label image (CASE_change.json beside
     CASE_change.nii.gz, .nrrd or .mha) shows the image is the change label map it wrote: the report's voxel digest
     (labels_sha256) is the image's (so a map saved again unchanged, in another format or by a tool that drops its
     header's notes, is known too), or for a report of an earlier version without one it lists the file among its
     outputs; else None."""
-    match = re.fullmatch(r"(.+_change)(\.nii\.gz|\.nii|\.nrrd|\.mha)", path.name, re.IGNORECASE)
-    report_path = path.parent / f"{match.group(1)}.json" if match else None
-    if report_path is None or not report_path.is_file():
+    report_path = change_report_path(path)
+    if report_path is None:
         return None
     try:
         with open(report_path, encoding="utf-8") as f:
@@ -5198,12 +5206,10 @@ def mask_digest(mask) -> str:
     return digest.hexdigest()[:24]
 
 
-def change_map_lesions(path: str | os.PathLike, labels: sitk.Image) -> sitk.Image:
-    """A label image read from `path` (uint8) as a mask: where it is `deepwml change`'s label map, its follow-up's
-    lesions (values called FOLLOWUP_CALLS) as 0/1, the gone ones (BASELINE_CALLS: baseline lesions no longer there)
-    left out, a warning saying so and what shows it is the change map: its header's notes (CHANGE_MAP_NOTES), else
-    its report beside it (`_change_report_beside`); any other label image (a rater's map of several labels), and
-    one whose values are not all calls, as it is."""
+def change_map_calls(path: str | os.PathLike, labels: sitk.Image) -> tuple[str, dict[int, str]] | None:
+    """(what shows it, {value: call}) where the label image `labels`, read from `path`, is `deepwml change`'s label
+    map: its file's header says so (CHANGE_MAP_NOTES), else its report beside it (`_change_report_beside`), and
+    every value it holds is a call; else None (a rater's map of several labels, a map relabelled since)."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -5211,13 +5217,23 @@ def change_map_lesions(path: str | os.PathLike, labels: sitk.Image) -> sitk.Imag
         found = f"its header says so ({CHANGE_MAP_NOTES!r})", CHANGE_MAP_LABELS
     else:
         found = _change_report_beside(path, labels)
+    if found is None or not set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) - {0} <= set(found[1]):
+        return None
+    return found
+
+
+def change_map_lesions(path: str | os.PathLike, labels: sitk.Image) -> sitk.Image:
+    """A label image read from `path` (uint8) as a mask: where it is `deepwml change`'s label map
+    (`change_map_calls`), its follow-up's lesions (values called FOLLOWUP_CALLS) as 0/1, the gone ones
+    (BASELINE_CALLS: baseline lesions no longer there) left out, a warning saying so and what showed it is the
+    change map; any other label image (a rater's map of several labels) as it is."""
+    import SimpleITK as sitk
+
+    found = change_map_calls(path, labels)
     if found is None:
         return labels
     why, calls = found
     array = sitk.GetArrayViewFromImage(labels)
-    values = set(np.unique(array).tolist()) - {0}
-    if not values <= set(calls):
-        return labels
     followup = [value for value, name in calls.items() if name in FOLLOWUP_CALLS]
     gone = [value for value, name in calls.items() if name in BASELINE_CALLS]
     lesion = sitk.GetImageFromArray(np.isin(array, followup).astype(np.uint8))

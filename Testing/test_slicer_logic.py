@@ -1076,6 +1076,63 @@ def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(
     assert mrml.segmentIds(node, "gone") == [node.GetSegmentation().GetSegmentIdBySegmentName("gone")]
 
 
+def test_the_change_label_map_loaded_as_a_labelmap_is_the_follow_ups_lesions(scene, tmp_path, monkeypatch):
+    """CASE_change.nii.gz loaded into Slicer as a labelmap volume and chosen as a lesion mask: the follow-up's
+    lesions, as the command line reads the file (its header; its report beside it where the header is gone), the
+    panel's note saying gone was left out; every label was counted together, gone ones too. A rater's labelmap is
+    read as before."""
+    from test_change import _every_fate
+
+    from DeepWMLLib.cli import main
+
+    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
+    files = {}
+    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
+                        ("followup_mask", followup_mask)):
+        files[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(files[name]))
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    followup = mrml.volumeFromImage(flairs[1], "FLAIR 2026")
+    expected = sitk.GetArrayFromImage(followup_mask)
+    logic = DeepWMLCoreLogic()
+
+    def load(path, name):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+        storage = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(path))
+        assert storage.ReadData(node)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        return node
+
+    def counted(node):
+        return sitk.GetArrayFromImage(mrml.maskFromNode(node, followup))
+
+    labels_file = out / "followup_change.nii.gz"
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file)))
+    assert (raw == 5).any() and (raw == 2).any()
+    node = load(labels_file, "followup_change")
+    assert np.array_equal(counted(node), expected)
+    warnings = logic.lesionStatistics(node, followup)["warnings"]
+    assert any(w.startswith("'followup_change' is DeepWML's lesion change label map (its header says so") and
+               "; gone left out (baseline lesions no longer there)" in w for w in warnings), warnings
+    assert logic.compareSegmentations(node, mrml.segmentationFromMask(followup_mask, followup), followup)["dice"] == 1.0
+    # saved again without the header's words: known by its report beside it (labels_sha256)
+    plain = sitk.GetImageFromArray(raw)
+    plain.CopyInformation(sitk.ReadImage(str(labels_file)))
+    sitk.WriteImage(plain, str(labels_file))
+    again = load(labels_file, "followup_change again")
+    assert np.array_equal(counted(again), expected)
+    assert "its voxels are those its report followup_change.json records" in mrml.maskNotes(again)[0]
+    # a rater's labelmap of the same labels elsewhere: every label counted, as before
+    rater = tmp_path / "rater.nii.gz"
+    sitk.WriteImage(plain, str(rater))
+    theirs = load(rater, "rater")
+    assert np.array_equal(counted(theirs), (raw > 0).astype(np.uint8))
+    assert "all were counted as lesion, together" in mrml.maskNotes(theirs)[0]
+
+
 def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, tmp_path):
     """README: Slicer applies CASE_baseline_to_followup.tfm to the baseline volume as it is. Slicer's
     transform storage node reads the ITK file; a baseline point moved by it lands on the follow-up point

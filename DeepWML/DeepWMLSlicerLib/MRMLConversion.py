@@ -23,8 +23,8 @@ import vtk
 
 import slicer
 from DeepWMLLib.errors import DeepWMLError
-from DeepWMLLib.io import (BASELINE_CALLS, FOLLOWUP_CALLS, VENTRICLE_SEGMENT, axial_axis, grid_difference, ijk_to_lps,
-                           read_any)
+from DeepWMLLib.io import (BASELINE_CALLS, CHANGE_MAP_LABELS, FOLLOWUP_CALLS, VENTRICLE_SEGMENT, axial_axis,
+                           grid_difference, ijk_to_lps, read_any)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 WMH_SEGMENT_NAME = "WMH"
@@ -149,8 +149,42 @@ def onOwnGrid(image: sitk.Image, volumeNode) -> sitk.Image:
 
 def _maskFromVolume(volumeNode, world: bool = True) -> sitk.Image:
     """A volume node's non-zero voxels as a uint8 0/1 image (`imageFromVolume`'s geometry), thresholded where the
-    voxels lie: no copy of them (a labelmap's are two bytes a voxel), and one mask, not a second one cast to bytes."""
-    return _maskImage(_voxels(volumeNode) > 0, _geometry(volumeNode, world))
+    voxels lie: no copy of them (a labelmap's are two bytes a voxel), and one mask, not a second one cast to bytes.
+    Of `deepwml change`'s label map loaded as a labelmap (`changeLabelmap`) the follow-up's lesions, gone ones left out."""
+    change = changeLabelmap(volumeNode)
+    voxels = _voxels(volumeNode)
+    lesion = np.isin(voxels, change[1]) if change else voxels > 0
+    return _maskImage(lesion, _geometry(volumeNode, world))
+
+
+def changeLabelmap(volumeNode) -> tuple[str, list[int], list[str], list[str]] | None:
+    """(what shows it, the follow-up's values, their calls, the gone calls present) where a labelmap volume is
+    `deepwml change`'s label map (CASE_change.nii.gz, .nrrd, .mha) loaded from its file, as the command line knows
+    it (io.change_map_calls: its file's header, else its report beside it holding these very voxels) and holding
+    calls only; else None."""
+    if volumeNode is None or not volumeNode.IsA("vtkMRMLLabelMapVolumeNode") or volumeNode.GetImageData() is None:
+        return None
+    storage = volumeNode.GetStorageNode()
+    path = storage.GetFileName() if storage is not None else None
+    if not path:
+        return None
+    from DeepWMLLib.io import CHANGE_MAP_NOTES, change_map_calls, change_report_path, file_notes
+
+    if file_notes(path) != CHANGE_MAP_NOTES and change_report_path(path) is None:
+        return None  # (its voxels not looked at)
+    voxels = _voxels(volumeNode)
+    if voxels.min() < 0 or voxels.max() > max(CHANGE_MAP_LABELS):
+        return None
+    labels = voxels.astype(np.uint8)
+    values = np.unique(labels)
+    found = change_map_calls(path, sitk.GetImageFromArray(labels))
+    if found is None:
+        return None
+    why, calls = found
+    present = [int(v) for v in values if v]
+    gone = [calls[v] for v in present if calls[v] in BASELINE_CALLS]
+    followup = [v for v, name in calls.items() if name in FOLLOWUP_CALLS]
+    return why, followup, [calls[v] for v in present if v in followup], gone
 
 
 def _maskImage(voxels: np.ndarray, probe: sitk.Image) -> sitk.Image:
@@ -351,6 +385,12 @@ def maskNotes(node, segmentId: str | None = None) -> list[str]:
     if node.IsA("vtkMRMLLabelMapVolumeNode"):
         if node.GetImageData() is None:
             return []
+        change = changeLabelmap(node)
+        if change:
+            why, _, counted, gone = change
+            return [f"'{name}' is DeepWML's lesion change label map ({why}): the follow-up's lesions were counted "
+                    f"({', '.join(counted) or 'none'}); {', '.join(gone) or 'no gone label'} left out (baseline "
+                    "lesions no longer there)"]
         array = slicer.util.arrayFromVolume(node)
         values = np.unique(array[array != 0])
         if len(values) < 2:
