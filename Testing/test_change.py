@@ -890,6 +890,12 @@ def test_the_change_label_map_read_as_a_mask_is_the_follow_ups_lesions(kind, tmp
     assert main(["evaluate", "--prediction", str(files["followup_mask"]), "--reference", str(labels_file),
                  "--json", str(tmp_path / "dice.json")]) == 0
     assert json.loads((tmp_path / "dice.json").read_text(encoding="utf-8"))["dice"] == 1.0
+    if kind == "nii.gz":  # export: the follow-up's lesions, and its report says how the map was read
+        assert main(["export", str(files["followup"]), str(labels_file), "-o", str(tmp_path / "export"),
+                     "--case", "fu"]) == 0
+        exported = json.loads((tmp_path / "export" / "fu_report.json").read_text(encoding="utf-8"))
+        assert exported["volume_ml"] == pytest.approx(float(expected.sum()) * np.prod(followup_mask.GetSpacing()) / 1000)
+        assert any("DeepWML's lesion change label map (its header says so" in w for w in exported["warnings"])
     # a rater's map of the same labels, elsewhere and without the header's words: read as it is
     rater = tmp_path / "rater" / f"followup_change.{kind}"
     rater.parent.mkdir()
