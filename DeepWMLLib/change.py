@@ -60,9 +60,11 @@ false calls per scan (`Testing/benchmarks/change_simulated.py --seed 1 --grow`; 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -1056,25 +1058,21 @@ def _run(args) -> int:
     case = args.case or io.case_name(args.followup)
     masks = (args.baseline_mask, args.followup_mask)
     out = Path(args.output_dir)
-    if out.is_dir():  # an earlier run of the pair may be here: done before, its missing outputs added, as in a cohort
-        entry = {"case": case, "baseline": args.baseline, "followup": args.followup, "baseline_mask": masks[0],
-                 "followup_mask": masks[1], "baseline_series": args.baseline_series,
-                 "followup_series": args.followup_series}
-        try:
-            with io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"):
-                loaded = {}
-                done = done_pair(args, out, case, entry, loaded)
-                if done is None:
-                    report = run_case(args, case, args.baseline, args.followup, masks, loaded, locked=True)
-        except io.BeingWritten:  # as `deepwml segment` leaves a case another process is writing: skipped, not failed
-            print(f"{case}: skipped - {PAIR_LEFT_TO_ANOTHER}", file=sys.stderr)
-            return 0
-        if done is not None:  # as `deepwml segment` says a case done before (exit 0): skipped, or outputs added
-            status, _, how = done
-            print(f"{case}: {status} - {how}", file=sys.stderr)
-            return 0
-    else:  # nothing there yet: run_case makes OUTDIR once the scans are checked, and takes the pair's lock
-        report = run_case(args, case, args.baseline, args.followup, masks, {})
+    try:
+        if out.is_dir():  # an earlier run of the pair may be here: done before, its missing outputs added, as in a cohort
+            entry = {"case": case, "baseline": args.baseline, "followup": args.followup, "baseline_mask": masks[0],
+                     "followup_mask": masks[1], "baseline_series": args.baseline_series,
+                     "followup_series": args.followup_series}
+            status, report, how = _cohort_pair(args, out, case, entry, {})
+        else:  # nothing there yet: run_case makes OUTDIR once the scans are checked, and takes the pair's lock
+            status, report, how = "ok", run_case(args, case, args.baseline, args.followup, masks, {}), ""
+    except io.BeingWritten:  # as `deepwml segment` leaves a case another process is writing: skipped, not failed
+        # (also when that process made OUTDIR after this one looked for it)
+        print(f"{case}: skipped - {PAIR_LEFT_TO_ANOTHER}", file=sys.stderr)
+        return 0
+    if status != "ok":  # as `deepwml segment` says a case done before (exit 0): skipped, or outputs added
+        print(f"{case}: {status} - {how}", file=sys.stderr)
+        return 0
     print(format_summary(case, report))
     for warning in report["warnings"]:
         print(f"{case}: warning: {warning}", file=sys.stderr)
@@ -1207,10 +1205,26 @@ def _given(entry: dict) -> list:
     return [entry.get(key) for key in ("baseline", "followup", "baseline_mask", "followup_mask")]
 
 
-def _cohort_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[str, dict, str]:
-    """One pair of a manifest with its lock held (pair_lock_path; io.BeingWritten when another process holds it):
-    done before (done_pair), else compared: ('ok', its report, '')."""
+@contextlib.contextmanager
+def _pair_held(out: Path, case: str):
+    """The pair's lock (pair_lock_path; io.BeingWritten when another process holds it) held while the block runs;
+    first the hidden temporary files a run of the pair killed while writing left are removed (as segment removes a
+    case's, its lock held), not those of another pair or case."""
     with io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"):
+        possible = [*(p for extension in io.OUTPUT_EXTENSIONS
+                      for p in output_paths(out, case, extension, extension, (True, True), True, True).values()),
+                    outline_path(out, case)]
+        prefixes = tuple(io.temporary_prefix(path) for path in possible)
+        for left in io.temporary_leftovers(out):
+            if left.name.startswith(prefixes):
+                shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+        yield
+
+
+def _cohort_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[str, dict, str]:
+    """One pair, of a manifest or given alone into an existing OUTDIR, with its lock held (_pair_held): done before
+    (done_pair), else compared: ('ok', its report, ''); an incomplete set of an earlier run refused."""
+    with _pair_held(out, case):
         done = done_pair(args, out, case, entry, loaded)
         if done is not None:
             return done
@@ -1496,7 +1510,11 @@ def _summary_row(case: str, report: dict) -> dict:
 
 
 def _write_summary(rows: list[dict], out: Path) -> None:
-    io.write_csv_text(io.csv_text(SUMMARY_COLUMNS, rows), out / "change_summary.csv")
+    from .segment import summary_seconds
+
+    # a pair this run did not compare (skipped, outputs added): its seconds empty, as in segment's summary.csv
+    io.write_csv_text(io.csv_text(SUMMARY_COLUMNS, ({**row, "seconds": summary_seconds(row)} for row in rows)),
+                      out / "change_summary.csv")
 
 
 def _write_transform(transform: sitk.Transform, path: Path) -> None:
@@ -1518,8 +1536,6 @@ def run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, l
     """One pair, end to end: read, check, segment what has no mask, compare, write every output (the
     report last); returns the report. `loaded` keeps the models between the pairs of a cohort. The pair's lock
     (pair_lock_path) is taken once OUTDIR is made, unless the caller holds it (`locked`)."""
-    import contextlib
-
     with contextlib.ExitStack() as held:
         return _run_case(args, case, baseline_path, followup_path, mask_paths, loaded, None if locked else held)
 
@@ -1552,7 +1568,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     check_scans(baseline, followup, checked=True)  # read_image checked each as a volume
     out = io.make_output_dir(args.output_dir)
     if held is not None:  # no other DeepWML process works on the pair while this one does
-        held.enter_context(io.exclusive(pair_lock_path(out, case), f"pair {case!r} in {out}"))
+        held.enter_context(_pair_held(out, case))
     extension = io.output_extension(followup_path, args.output_format)
     seg = getattr(args, "dicom_seg", False) and chosen["follow-up"] is not None  # only a DICOM follow-up has a study
     paths = output_paths(out, case, extension, io.output_extension(baseline_path, args.output_format),

@@ -1750,6 +1750,89 @@ def test_a_pair_another_process_is_working_on_is_left_to_it(tmp_path, monkeypatc
     assert change.pair_lock_path(out, "p1") == lock
 
 
+def test_one_pair_whose_outdir_another_process_made_and_holds_meanwhile_is_left_to_it(tmp_path, monkeypatch, capsys):
+    """Two `deepwml change` of one pair started together into an OUTDIR not there yet: the first makes it and takes
+    the pair's lock; the second, which found no OUTDIR when it started, failed (exit 1, 'being written by another
+    DeepWML process now'), where one started a moment later (OUTDIR there) leaves the pair to the first, skipped,
+    exit 0, as README says of a second process on the same OUTDIR. Now both leave it to the first."""
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    made = io.make_output_dir
+    other = []
+
+    def made_meanwhile(path):  # the other process makes OUTDIR and takes the pair's lock first
+        folder = made(path)
+        other.append(io.exclusive(change.pair_lock_path(folder, "followup"), "the other run"))
+        other[-1].__enter__()
+        return folder
+
+    monkeypatch.setattr(io, "make_output_dir", made_meanwhile)
+    try:
+        assert main(_single_pair(files, out)) == 0
+        assert ("followup: skipped - being written by another DeepWML process now, so left to it (not compared twice)"
+                in capsys.readouterr().err)
+        assert not list(out.glob("followup_*"))
+    finally:
+        for held in other:
+            held.__exit__(None, None, None)
+
+
+def test_one_pair_killed_part_way_is_an_incomplete_set_and_its_temporary_files_go(tmp_path, monkeypatch, capsys):
+    """A pair's run killed outright (kill -9, a power cut) left outputs without their report, and the hidden
+    temporary file it was writing. One pair rerun said 'outputs exist (...)', as of a pair done, where a cohort and
+    `deepwml segment` say 'an earlier run left an incomplete set of outputs (...; no report)'; and the temporary
+    file stayed for good (--overwrite too), where segment removes the one its case left when it next runs it, its
+    lock held. Now one pair says what a cohort says, and a run of the pair removes its own temporary files (not
+    another's)."""
+    manifest, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    assert main(_single_pair(files, out, "--case", "p1")) == 0
+    (out / "p1_change.json").unlink()  # killed before its report
+    left = [out / ".p1_change.nii.gz.x1y2.part.nii.gz", out / ".p1_change_qc.png.a1b2.part.png"]
+    others = out / ".p2_change.nii.gz.x1y2.part.nii.gz"  # another pair's, maybe being written now: kept
+    for path in left + [others]:
+        path.write_bytes(b"partial")
+    capsys.readouterr()
+    assert main(_single_pair(files, out, "--case", "p1")) == 1
+    err = capsys.readouterr().err
+    assert "an earlier run left an incomplete set of outputs (p1_baseline_registered.nii.gz" in err, err
+    assert "no report); rerun with --overwrite to replace them" in err
+    assert not any(path.exists() for path in left) and others.exists()
+    for path in left:
+        path.write_bytes(b"partial")
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 1  # a cohort: the same
+    assert "an earlier run left an incomplete set of outputs" in capsys.readouterr().err
+    assert not any(path.exists() for path in left) and others.exists()
+    for path in left:
+        path.write_bytes(b"partial")
+    assert main(_single_pair(files, out, "--case", "p1", "--overwrite")) == 0
+    assert not any(path.exists() for path in left) and others.exists()
+    for path in left:  # a run killed while adding the picture to a pair done: the next run of the pair removes it
+        path.write_bytes(b"partial")
+    assert main(_single_pair(files, out, "--case", "p1")) == 0
+    assert "p1: skipped - done before" in capsys.readouterr().err
+    assert not any(path.exists() for path in left) and others.exists()
+
+
+def test_a_cohort_reruns_rows_leave_seconds_empty_for_pairs_it_did_not_compare(tmp_path, monkeypatch, capsys):
+    """change_summary.csv of a cohort rerun gave a pair skipped as done, or done before with outputs added, the
+    seconds its earlier run took, as if this run had compared it (summing the column overstated the rerun); segment's
+    summary.csv leaves them empty (segment.summary_seconds). Now so does change's."""
+    manifest, _ = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    run = ["change", "--manifest", str(manifest), "-o", str(out)]
+
+    def rows():
+        with open(out / "change_summary.csv", newline="", encoding="utf-8-sig") as f:
+            return [(r["status"], r["seconds"], r["n_new"]) for r in csv.DictReader(f)]
+
+    assert main(run) == 0
+    (status, seconds, new), = rows()
+    assert status == "ok" and float(seconds) > 0 and new == "1"
+    assert main(run) == 0 and rows() == [("skipped", "", "1")]
+    assert main(run + ["--qc"]) == 0 and rows() == [("added", "", "1")]
+
+
 def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(pair, tmp_path, capsys):
     """A first run segments the follow-up into OUTDIR (p1_followup_wmh.nii.gz); the radiologist corrects that
     mask in place and gives it back as --followup-mask (or in the manifest's followup_mask column) with
