@@ -1216,8 +1216,9 @@ def _pair_held(out: Path, case: str):
                     outline_path(out, case)]
         prefixes = tuple(io.temporary_prefix(path) for path in possible)
         for left in io.temporary_leftovers(out):
-            if left.name.startswith(prefixes):
-                shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+            if left.name.startswith(prefixes):  # one that cannot be removed (Windows: open elsewhere) stays, harmless
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
         yield
 
 

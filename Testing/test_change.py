@@ -1032,7 +1032,8 @@ def test_the_change_seg_for_a_file_follow_up_overwrite_and_a_pair_without_lesion
         path.unlink()
     (tmp_path / "dcm" / "followup_change_seg.dcm").write_bytes(b"an earlier run's")  # an earlier SEG alone
     assert main(args + ["--dicom-seg"]) == 1
-    assert "outputs exist (followup_change_seg.dcm)" in capsys.readouterr().err
+    # without its report: an incomplete set, as in a cohort
+    assert "an earlier run left an incomplete set of outputs (followup_change_seg.dcm; no report)" in capsys.readouterr().err
     empty = sitk.Cast(sitk.ReadImage(str(files["followup_mask"])) * 0, sitk.sitkUInt8)
     empty_base = sitk.Cast(sitk.ReadImage(str(files["baseline_mask"])) * 0, sitk.sitkUInt8)
     sitk.WriteImage(empty, str(tmp_path / "fu0.nii.gz"))
