@@ -875,20 +875,22 @@ def change_seg(followup: sitk.Image, labels: sitk.Image, series, report: dict):
     return made
 
 
-def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict) -> tuple:
+def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tuple, loaded: dict,
+               series: tuple = (None, None)) -> tuple:
     """(baseline mask, follow-up mask, baseline probabilities, follow-up probabilities, their sources): a
     mask is read when its path is given (no probabilities then), else the scan is segmented here with
-    the chosen models (loaded once into `loaded` for a whole cohort; with progress)."""
+    the chosen models (loaded once into `loaded` for a whole cohort; with progress). `series`: each scan's DICOM
+    series (io.DicomSeries) where it is one, by which a DICOM SEG given as its mask is placed (io.read_mask)."""
     from .segment import input_fingerprint
 
     masks, maps, source = {}, {}, {}
     needed = [name for name, given in zip(("baseline", "follow-up"), mask_paths) if not given]
     if needed:
         _segmentation_models(args, loaded)
-    for name, given, image, other in zip(("baseline", "follow-up"), mask_paths, (baseline, followup),
-                                         (followup, baseline)):
+    for name, given, image, other, own, others in zip(("baseline", "follow-up"), mask_paths, (baseline, followup),
+                                                      (followup, baseline), series, series[::-1]):
         if given:
-            masks[name] = _read_given_mask(given, name, image, other)
+            masks[name] = _read_given_mask(given, name, image, other, own, others)
             maps[name] = None
             # its content: a mask corrected in place is not taken for the one a rerun would skip as done
             source[name] = {"mask": str(given), "mask_fingerprint": input_fingerprint(Path(given))}
@@ -910,17 +912,19 @@ def _masks_for(args, baseline: sitk.Image, followup: sitk.Image, mask_paths: tup
     return masks["baseline"], masks["follow-up"], maps["baseline"], maps["follow-up"], source
 
 
-def _read_given_mask(path, name: str, image: sitk.Image, other: sitk.Image) -> sitk.Image:
-    """The mask given for the `name` scan (`image`), put onto its grid (io.read_mask). One that is not on that grid
-    but lies on the other scan's is said to be that scan's: the two masks given the wrong way round, which the
-    advice for another grid (resample one onto the other) would only make worse."""
+def _read_given_mask(path, name: str, image: sitk.Image, other: sitk.Image, series=None,
+                     other_series=None) -> sitk.Image:
+    """The mask given for the `name` scan (`image`, read from the DICOM series `series` where it is one: a DICOM
+    SEG's frames are then placed by the images they name), put onto its grid (io.read_mask). One that is not on
+    that grid but lies on the other scan's (`other`, `other_series`) is said to be that scan's: the two masks given
+    the wrong way round, which the advice for another grid (resample one onto the other) would only make worse."""
     try:
-        return io.read_mask(path, image, f"the {name} FLAIR")
+        return io.read_mask(path, image, f"the {name} FLAIR", source=series)
     except DeepWMLError as exc:
         mine = exc
     other_name = "follow-up" if name == "baseline" else "baseline"
     try:
-        io.read_mask(path, other, f"the {other_name} FLAIR")
+        io.read_mask(path, other, f"the {other_name} FLAIR", source=other_series)
     except DeepWMLError:
         raise mine from None
     raise DeepWMLError(f"{path}, given as the {name}'s mask, lies on the {other_name} FLAIR's grid, not the {name}'s: "
@@ -1593,8 +1597,9 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
         from .dicom_seg import checked_source
 
         checked_source(chosen["follow-up"][0])
-    mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(args, baseline, followup,
-                                                                                  mask_paths, loaded)
+    mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(
+        args, baseline, followup, mask_paths, loaded,
+        tuple(chosen[name][0] if chosen[name] else None for name in ("baseline", "follow-up")))
     print("registering the baseline to the follow-up (and back, to check it) ...", file=sys.stderr)
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,

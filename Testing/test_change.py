@@ -2211,3 +2211,27 @@ def test_the_change_pictures_legend_gives_each_call_the_colour_it_is_filled_with
     assert rgb["enlarging"][0] == 255 and 100 < rgb["enlarging"][1] < 160 and rgb["enlarging"][2] < 50  # orange
     assert min(rgb["stable"][:2]) > 200 and rgb["stable"][2] < 50  # yellow
     assert rgb["gone"][2] > 200 and rgb["gone"][0] < 100  # blue
+
+
+def test_a_dicom_seg_of_the_other_visits_series_given_as_a_mask_is_said_to_be_that_visits(tmp_path, capsys):
+    """Both visits' FLAIRs unevenly spaced at the same positions, the follow-up's mask a SEG made on the
+    baseline's series: read without the series at hand its frames were placed by their positions, the
+    baseline's segmentation silently compared as the follow-up's (exit 0); now each scan's series places a SEG
+    given as its mask by the images its frames name, and the mix-up is said, nothing written."""
+    from conftest import stepped_positions, write_dicom_series
+    from test_dicom_seg import PATIENT, make_seg, phantom
+
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    positions = stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2])
+    baseline = write_dicom_series(tmp_path / "base", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                  extra=PATIENT, positions=positions)
+    followup = write_dicom_series(tmp_path / "fol", image, uid="1.2.3.4.6", description="AX T2 FLAIR", number=8,
+                                  extra=PATIENT, positions=positions)
+    make_seg(baseline, tmp_path / "base_seg.dcm")
+    make_seg(baseline, tmp_path / "also_base_seg.dcm")
+    out = tmp_path / "out"
+    assert main(["change", str(baseline), str(followup), "--baseline-mask", str(tmp_path / "base_seg.dcm"),
+                 "--followup-mask", str(tmp_path / "also_base_seg.dcm"), "-o", str(out)]) == 1
+    assert re.search(r"also_base_seg\.dcm, given as the follow-up's mask, lies on the baseline FLAIR's grid",
+                     capsys.readouterr().err)
+    assert not out.exists() or not any(out.glob("*change*"))
