@@ -4783,13 +4783,20 @@ def write_image(image: sitk.Image | Volume, path: str | os.PathLike, time_axis: 
         image = image.to_sitk()
     if time_axis is not None:
         image = sitk.JoinSeries(image, time_axis.origin, time_axis.spacing if time_axis.spacing > 0 else 1.0)
-    if notes:
-        image = sitk.Image(image)  # (the caller's image keeps its own fields)
-        image.SetMetaData(_FILE_NOTES, notes)  # ITK writes it as NIfTI's descrip, NRRD's and MetaImage's ITK_FileNotes
-
     def write(tmp: Path) -> None:
-        with itk_names(tmp, write=True) as (name,):
-            sitk.WriteImage(image, name, True)
+        # the notes set on the image only while it is written, then its own fields back: a copy of it to set them on
+        # was a copy of every voxel (SimpleITK copies an image's buffer when one of two holding it changes a field)
+        earlier = image.GetMetaData(_FILE_NOTES) if notes and image.HasMetaDataKey(_FILE_NOTES) else None
+        if notes:
+            image.SetMetaData(_FILE_NOTES, notes)  # ITK writes it as NIfTI's descrip, NRRD's and MetaImage's ITK_FileNotes
+        try:
+            with itk_names(tmp, write=True) as (name,):
+                sitk.WriteImage(image, name, True)
+        finally:
+            if earlier is not None:
+                image.SetMetaData(_FILE_NOTES, earlier)
+            elif notes:
+                image.EraseMetaData(_FILE_NOTES)
         if is_nifti(path):
             _check_nifti_whole(tmp)
 
