@@ -5129,7 +5129,7 @@ def write_label_segmentation(labelmap_image: sitk.Image, path: str | os.PathLike
 # DeepWML's segment of the lateral ventricles (the periventricular/deep split's reference), never lesion.
 VENTRICLE_SEGMENT = "Lateral ventricles"
 # DeepWML's change SEG (`deepwml change --dicom-seg`: Content Label CHANGE, one segment per call, labelled with the
-# call, change.LABELS) and change .seg.nrrd (`_is_change_segmentation`): read as a mask, the follow-up's lesions are its FOLLOWUP_CALLS; its BASELINE_CALLS are baseline
+# call, change.LABELS) and change .seg.nrrd (`is_change_segmentation`): read as a mask, the follow-up's lesions are its FOLLOWUP_CALLS; its BASELINE_CALLS are baseline
 # lesions no longer there, left out. Stable and not assessable also draw the few baseline lesions still there without a
 # follow-up lesion of their own (below the follow-up's threshold, or partly outside its view), where they lay.
 CHANGE_SEG_CONTENT_LABEL = "CHANGE"
@@ -5274,23 +5274,27 @@ def segment_names(path: str | os.PathLike) -> list[str]:
     return [found[k] for k in sorted(found)]
 
 
-def _is_change_segmentation(names: Sequence[str]) -> bool:
-    """Whether a `.seg.nrrd`'s segments (`names`) are those of `deepwml change`'s CASE_change.seg.nrrd: one for each
-    call, named as the calls, all of them (it writes every call, present or not) and no other."""
-    return sorted(names) == sorted(FOLLOWUP_CALLS + BASELINE_CALLS)
+def is_change_segmentation(names: Sequence[str]) -> bool:
+    """Whether a segmentation's segments (`names`) are those of `deepwml change`'s CASE_change.seg.nrrd (one for
+    each call, named as the calls) or of what is left of it: every segment named as a call (exactly), with a gone
+    one among them or several (the .seg.nrrd edited in Slicer, a segment deleted: its gone ones still left out). A
+    rater's one segment named 'new' is lesion either way. The Slicer module knows a change segmentation loaded
+    back by the same rule (MRMLConversion.changeSegmentation)."""
+    return bool(names) and all(n in FOLLOWUP_CALLS + BASELINE_CALLS for n in names) and (
+        len(names) > 1 or names[0] in BASELINE_CALLS)
 
 
 def lesion_segment_names(path: str | os.PathLike) -> list[str]:
     """The segments of a `.seg.nrrd` or a DICOM SEG (`dicom_seg_file`) read as lesion: its segments named WMH, else
     every segment but DeepWML's ventricles (a rater's segments of any names); of DeepWML's change SEG and change
-    .seg.nrrd (`_is_change_segmentation`) the follow-up's calls (`_lesion_numbers`); [] for any other file."""
+    .seg.nrrd (`is_change_segmentation`) the follow-up's calls (`_lesion_numbers`); [] for any other file."""
     seg = dicom_seg_file(path)
     if seg:
         top = _seg_parts(Path(seg)).top
         segments = _seg_segments(Path(seg), top)
         return [segments[n] for n in _lesion_numbers(segments, top)[0]]
     names = segment_names(path)
-    if _is_change_segmentation(names):  # the follow-up's lesions, as its change SEG is read
+    if is_change_segmentation(names):  # the follow-up's lesions, as its change SEG is read
         return [n for n in names if n in FOLLOWUP_CALLS]
     # names compared regardless of case, every segment of the name ('WMH' and 'wmh'), as the module reads them
     wmh = [n for n in names if n.lower() == "wmh"]
@@ -5302,12 +5306,18 @@ def lesion_segments(path: str | os.PathLike) -> sitk.Image:
     import SimpleITK as sitk
 
     chosen = lesion_segment_names(path)
-    if not chosen:
-        raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
-    if _is_change_segmentation(segment_names(path)):  # said as read_dicom_seg says it of the change SEG
+    names = segment_names(path)
+    change = is_change_segmentation(names)
+    if change:  # said as read_dicom_seg says it of the change SEG
         logging.getLogger(__name__).warning(
             "%s: DeepWML's lesion change segmentation, read as the follow-up's lesions (%s); %s left out (baseline "
-            "lesions no longer there)", path, ", ".join(chosen), ", ".join(BASELINE_CALLS))
+            "lesions no longer there)", path, ", ".join(chosen) or "none",
+            ", ".join(n for n in BASELINE_CALLS if n in names))
+        if not chosen:  # only gone segments left: the follow-up has no lesion in it (as the module reads it)
+            gone = read_segmentation(path, names[0])
+            return sitk.Cast(gone * 0, sitk.sitkUInt8)
+    if not chosen:
+        raise DeepWMLError(f"{path} has no lesion segment (only {VENTRICLE_SEGMENT!r})")
     masks = [read_segmentation(path, name) for name in dict.fromkeys(chosen)]  # a name twice: read once
     union = masks[0]
     for mask in masks[1:]:

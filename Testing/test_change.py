@@ -2235,3 +2235,33 @@ def test_a_dicom_seg_of_the_other_visits_series_given_as_a_mask_is_said_to_be_th
     assert re.search(r"also_base_seg\.dcm, given as the follow-up's mask, lies on the baseline FLAIR's grid",
                      capsys.readouterr().err)
     assert not out.exists() or not any(out.glob("*change*"))
+
+
+def test_a_change_seg_nrrd_edited_in_slicer_is_still_read_as_the_follow_ups_lesions(tmp_path, caplog):
+    """CASE_change.seg.nrrd with a segment deleted in Slicer (here 'small gone'): the command line knew a change
+    segmentation only with all seven calls, so the edited one was read as a rater's, its 'gone' segment joined
+    to the lesions; now known as the Slicer module knows it (every segment named as a call, several or a gone
+    one), its gone segment left out. With only 'gone' left the follow-up has no lesion: an empty mask (was
+    refused as 'no lesion segment'). A rater's one segment named 'new' is lesion."""
+    import logging
+
+    grid = sitk.Image(6, 5, 3, sitk.sitkUInt8)
+    grid.SetSpacing((1.0, 1.0, 3.0))
+    labels = np.zeros((3, 5, 6), np.uint8)
+    labels[0, 1, 1] = 1  # stable
+    labels[1, 2, 2:4] = 2  # new
+    labels[2, 3, 4] = 3  # gone
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(grid)
+    path = tmp_path / "fu_change.seg.nrrd"
+    io.write_label_segmentation(image, path, [(1, "stable", (0, 0, 1)), (2, "new", (1, 0, 0)), (3, "gone", (0, 1, 0))])
+    with caplog.at_level(logging.WARNING):
+        mask = sitk.GetArrayFromImage(io.read_mask(path))
+    assert mask.sum() == 3 and mask[2].sum() == 0 and mask[0, 1, 1] == 1 and mask[1, 2, 2:4].all()
+    assert "lesion change segmentation, read as the follow-up's lesions (stable, new); gone left out" in caplog.text
+    only_gone = tmp_path / "gone_change.seg.nrrd"
+    io.write_label_segmentation(image, only_gone, [(3, "gone", (0, 1, 0))])
+    assert sitk.GetArrayFromImage(io.read_mask(only_gone)).sum() == 0
+    rater = tmp_path / "rater.seg.nrrd"
+    io.write_label_segmentation(image, rater, [(2, "new", (1, 0, 0))])
+    assert sitk.GetArrayFromImage(io.read_mask(rater)).sum() == 2

@@ -24,7 +24,7 @@ import vtk
 import slicer
 from DeepWMLLib.errors import DeepWMLError
 from DeepWMLLib.io import (BASELINE_CALLS, CHANGE_MAP_LABELS, FOLLOWUP_CALLS, VENTRICLE_SEGMENT, axial_axis,
-                           grid_difference, ijk_to_lps, read_any)
+                           grid_difference, ijk_to_lps, is_change_segmentation, read_any)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 WMH_SEGMENT_NAME = "WMH"
@@ -287,8 +287,7 @@ def changeSegmentation(segmentationNode) -> str:
         return "made by Lesion change"
     segmentation = segmentationNode.GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
-    if names and all(n in FOLLOWUP_CALLS + BASELINE_CALLS for n in names) and (
-            len(names) > 1 or names[0] in BASELINE_CALLS):
+    if is_change_segmentation(names):
         return "its segments are named as DeepWML names the change calls"
     return ""
 
