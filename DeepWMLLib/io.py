@@ -5144,19 +5144,26 @@ CHANGE_MAP_NOTES = "DeepWML lesion change label map"
 _FILE_NOTES = "ITK_FileNotes"  # ITK's key of a NIfTI descrip (read back as descrip too), NRRD's and MetaImage's own field
 
 
-def file_notes(path: str | os.PathLike) -> str:
-    """What an image file's header says it is (`write_image`'s notes: a NIfTI file's descrip, an NRRD or MetaImage
-    file's ITK_FileNotes), "" where it says nothing or cannot be read (read_any says what is wrong with it)."""
+def _header(path: str | os.PathLike):
+    """An ITK reader holding an image file's header (its information read, no voxels), None where ITK cannot read
+    it (read_any says what is wrong with it)."""
     import SimpleITK as sitk
 
-    if not Path(path).is_file():
-        return ""
     reader = sitk.ImageFileReader()
     try:
         with itk_names(path) as (name,):
             reader.SetFileName(name)
             reader.ReadImageInformation()
     except (RuntimeError, DeepWMLError):
+        return None
+    return reader
+
+
+def file_notes(path: str | os.PathLike) -> str:
+    """What an image file's header says it is (`write_image`'s notes: a NIfTI file's descrip, an NRRD or MetaImage
+    file's ITK_FileNotes), "" where it says nothing or cannot be read (read_any says what is wrong with it)."""
+    reader = _header(path) if Path(path).is_file() else None
+    if reader is None:
         return ""
     for key in (_FILE_NOTES, "descrip"):
         if reader.HasMetaDataKey(key):
@@ -5255,16 +5262,10 @@ def change_map_lesions(path: str | os.PathLike, labels: sitk.Image) -> sitk.Imag
 
 def segment_names(path: str | os.PathLike) -> list[str]:
     """The segment names a `.seg.nrrd` header lists, in order ([] for any other file)."""
-    import SimpleITK as sitk
-
     if not str(path).lower().endswith(SEGMENTATION_EXTENSION) or not Path(path).is_file():
         return []
-    reader = sitk.ImageFileReader()
-    try:
-        with itk_names(path) as (name,):
-            reader.SetFileName(name)
-            reader.ReadImageInformation()
-    except (RuntimeError, DeepWMLError):
+    reader = _header(path)
+    if reader is None:
         return []  # read_any says what is wrong with it
     found = {}
     for key in reader.GetMetaDataKeys():
