@@ -120,8 +120,9 @@ def person_name(text: str) -> str:
     most 3 component groups separated by = (alphabetic, ideographic, phonetic), at most 64 bytes in UTF-8 in all
     (64 ASCII characters, fewer of others: `PN_BYTES`), no backslash (DICOM's value separator), no control
     character.
-    Returned without the spaces around it and without trailing empty components and groups (DICOM leaves them
-    out, and pydicom reads "Doe^Jane=" back as "Doe^Jane": the report names the person as the SEG reads);
+    Returned without the spaces around it and without trailing empty components and groups, nor the spaces ending a
+    group before them (DICOM leaves them out, and pydicom reads "Doe^Jane=" back as "Doe^Jane", "Doe^Jane " as
+    "Doe^Jane": the report names the person as the SEG reads);
     ValueError saying what is wrong otherwise."""
     import unicodedata
 
@@ -142,7 +143,9 @@ def person_name(text: str) -> str:
         if group.count("^") >= PN_COMPONENTS:
             raise ValueError(f"{group!r} has {group.count('^') + 1} components separated by ^; a DICOM Person Name has "
                              f"at most {PN_COMPONENTS} (Family^Given^Middle^Prefix^Suffix)")
-    name = "=".join(group.rstrip("^") for group in groups).rstrip("=")
+    # spaces ending a group are padding a reader drops ("Doe^Jane ^" is read back as "Doe^Jane"), so they go with the
+    # empty components after them
+    name = "=".join(group.rstrip("^ ") for group in groups).rstrip("=")
     size = len(name.encode("utf-8"))
     if size > PN_BYTES:
         raise ValueError(f"{name!r} is {size} bytes long in UTF-8 ({len(name)} characters); a DICOM Person Name is "
