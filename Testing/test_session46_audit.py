@@ -60,3 +60,117 @@ def test_a_person_names_trailing_spaces_before_empty_parts_go_as_a_reader_drops_
     buffer.seek(0)
     assert str(read_dataset(buffer, False, True).ContentCreatorName) == kept
 
+
+# ---- the change label map read as a mask (io.change_report_path, change_map_calls, change_map_lesions) -------------
+
+def _labels(values, spacing=(1.0, 1.0, 2.0)):
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.asarray(values, np.uint8).reshape(1, 1, -1))
+    image.SetSpacing(spacing)
+    return image
+
+
+@pytest.mark.parametrize("name, report, found", [
+    ("p_change.nii.gz", "p_change.json", True), ("p_change.nii", "p_change.json", True),
+    ("p_change.nrrd", "p_change.json", True), ("p_change.mha", "p_change.json", True),
+    ("P_CHANGE.NII.GZ", "P_CHANGE.json", True),  # the name's case as a case-insensitive file system gives it
+    ("p_wmh.nii.gz", "p_wmh.json", False),  # a mask named otherwise: no change report beside it
+    ("p_change.nrrd.nii.gz", "p_change.json", False),  # fullmatch: 'p_change.nrrd' is no _change stem
+    ("p_change.nii.gzip", "p_change.json", False),  # nor an image extension followed by more
+    ("p_change.nii.gz", None, False)])  # no report beside it
+def test_the_change_report_beside_a_label_map_is_the_one_named_as_its_map(tmp_path, name, report, found):
+    """CASE_change.json is the report of the label map CASE_change.nii.gz/.nii/.nrrd/.mha beside it (any case of
+    the name); no other name leads to a report, nor a report that is not there.
+    (Kills: IGNORECASE dropped; the _change stem or .nii dropped from the pattern; search for fullmatch; a report
+    path returned where no file is.)"""
+    from DeepWMLLib import io
+
+    if report is not None:
+        (tmp_path / report).write_text("{}", encoding="utf-8")
+    assert io.change_report_path(tmp_path / name) == ((tmp_path / report) if found else None)
+
+
+def test_a_change_map_is_known_by_its_exact_header_words_and_holds_only_calls(tmp_path):
+    """By its header: the words CHANGE_MAP_NOTES exactly (other words DeepWML might write are not they), and only
+    where every value it holds is a call (1-7): values 0..7 give the follow-up's lesions 1, 2, 3, 4, 6 (stable,
+    new, enlarging, not assessable, small new), 5 and 7 (gone, small gone) left out: [0,1,1,1,1,0,1,0]; a map
+    holding 8 as well (relabelled since) is read as it is.
+    (Kills: the header's words taken by their first word; the values-are-calls check dropped.)"""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+
+    path = tmp_path / "p_change.nii.gz"
+    io.write_image(_labels(range(8)), path, notes=io.CHANGE_MAP_NOTES)
+    read = sitk.GetArrayFromImage(io.change_map_lesions(path, io.read_mask(path, change_labels=True))).ravel()
+    assert read.tolist() == [0, 1, 1, 1, 1, 0, 1, 0]
+    io.write_image(_labels([0, 1, 2, 8]), path, notes=io.CHANGE_MAP_NOTES)
+    assert io.change_map_calls(path, _labels([0, 1, 2, 8])) is None
+    assert sitk.GetArrayFromImage(io.read_mask(path)).ravel().tolist() == [0, 1, 2, 8]
+    other = tmp_path / "q_change.nii.gz"
+    io.write_image(_labels([0, 1, 5]), other, notes="DeepWML lesion mask")
+    assert io.file_notes(other) == "DeepWML lesion mask"
+    assert io.change_map_calls(other, _labels([0, 1, 5])) is None
+    assert sitk.GetArrayFromImage(io.read_mask(other)).ravel().tolist() == [0, 1, 5]
+
+
+def test_a_report_beside_a_map_shows_it_only_with_calls_and_naming_it(tmp_path):
+    """By the report beside it (no header words): a JSON of that name whose labels are not change's calls (a
+    rater's own {1: WMH}), its digest matching, does not make the map a change map (read as it is, 0/1/5 kept); a
+    report of an earlier version (no labels_sha256) shows it only where its outputs list that very file.
+    (Kills: the labels-are-calls check dropped; the outputs check taken as always true.)"""
+    import json
+
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+
+    path = tmp_path / "p_change.nii.gz"
+    labels = _labels([0, 1, 5])
+    sitk.WriteImage(labels, str(path))
+    report = tmp_path / "p_change.json"
+    report.write_text(json.dumps({"labels": {"1": "WMH", "5": "WMH"}, "labels_sha256": io.mask_digest(labels)}),
+                      encoding="utf-8")
+    assert io.change_map_calls(path, labels) is None
+    assert sitk.GetArrayFromImage(io.read_mask(path)).ravel().tolist() == [0, 1, 5]
+    calls = {"1": "stable", "5": "gone"}
+    report.write_text(json.dumps({"labels": calls, "outputs": ["p_change.nrrd", "p_change.json"]}), encoding="utf-8")
+    assert io.change_map_calls(path, labels) is None  # lists another file
+    report.write_text(json.dumps({"labels": calls, "outputs": ["p_change.nii.gz"]}), encoding="utf-8")
+    assert io.change_map_calls(path, labels)[1] == {1: "stable", 5: "gone"}
+    assert sitk.GetArrayFromImage(io.read_mask(path)).ravel().tolist() == [0, 1, 0]
+
+
+# ---- a SEG's frames off its grid as an unevenly spaced series' slices (io._uneven_frames_fault) --------------------
+
+@pytest.mark.parametrize("offsets, sources, fault", [
+    # four frames, two segments' at 5.3 mm written 0.0004 mm apart (another writer's digits): one position, one
+    # source image b; grid slices 0, 1, 2 of 5 mm, 0.3 mm off; steps 5.3 and 4.7 (median 5, within a fifth): read
+    ([0, 5.3, 5.3004, 10], "abbc", None),
+    # frame 2 lies 10.6 mm up, on grid slice 2 (slice 1 holds no frame); only the step between grid neighbours
+    # (4.4 mm, slices 2 and 3) is held against their median: read
+    ([0, 10.6, 15], "abc", None),
+    # 6.4 and 3.6 mm steps, 1.4 mm from the median 5 (over a fifth, 1 mm): refused
+    ([0, 6.4, 10], "abc", "neighbouring frames lie more unevenly apart"),
+    # 4.6 and 5.4 mm both nearest grid slice 1
+    ([0, 4.6, 5.4, 10], "abcd", "two frames at different positions lie nearest to one slice"),
+    # 7.5 mm: half a slice from grid slices 1 and 2 (nearest to neither)
+    ([0, 7.5, 10], "abc", "half a slice from two slices"),
+    ([0, 5.3, 10], "abb", "frames at different positions name one source image"),
+    ([0, 0, 5.3, 10], "abcd", "at one position name different source images")])
+def test_uneven_frames_are_a_series_slices_only_as_a_series_is_read(offsets, sources, fault):
+    """_uneven_frames_fault on frames' offsets (mm along the normal) on a 5 mm grid, each frame naming the source
+    image in `sources`. Expected by hand in each case's comment.
+    (Kills: offsets not rounded to 0.001 mm before frames at one position are told apart; every step between
+    frames held against the median, not only grid neighbours'; the median step not checked; frames nearest one
+    grid slice not refused; the half-slice check dropped; the checks of one source per position dropped.)"""
+    import numpy as np
+
+    from DeepWMLLib import io
+
+    named = [(s, None) for s in sources]
+    found = io._uneven_frames_fault(np.array(offsets, float), 5.0, named)
+    assert (found is None) if fault is None else (fault in (found or "")), found
+    assert "do not each name" in io._uneven_frames_fault(np.array(offsets, float), 5.0, None)
