@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -466,3 +467,83 @@ def another_run_holds(out: Path, case: str = "a", note: str = "the other run", w
                     then(row)
 
     return Bar
+
+
+
+_FLAIR_CHECKS: dict = {}  # a worker's FLAIR checks of training cases, by what decides them (memoize_flair_checks)
+
+
+def _image_key(image) -> tuple | None:
+    """An image's grid, pixel type and a digest of its voxels."""
+    if image is None:
+        return None
+    voxels = sitk.GetArrayViewFromImage(image)
+    return (image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection(), image.GetPixelIDValue(),
+            hashlib.sha256(voxels.tobytes()).hexdigest())
+
+
+def _patches(monkeypatch) -> int:
+    """How many attributes, items and environment variables `monkeypatch` has set so far (-1: not known)."""
+    try:
+        return len(monkeypatch._setattr) + len(monkeypatch._setitem)
+    except AttributeError:
+        return -1
+
+
+def memoize_flair_checks(monkeypatch) -> None:
+    """train.flair_checker's check (the shipped brain-mask network run on every case of a training run: most of the
+    time of a tiny run) computed once per test worker for the same scan, mask, device, threads and brain model, and
+    given again (a copy) to later runs that check them. Only while the test has patched nothing else with its
+    `monkeypatch`; the functions the check runs through are in the key too. The check is deterministic: a run gets
+    what it would compute. Tests of the check itself patch the network (oracle_network), so they run it."""
+    import copy
+    import inspect
+
+    from DeepWMLLib import contrast, inference, io, train
+
+    made = train.flair_checker
+    mine = _patches(monkeypatch) + 1  # with this one
+
+    def checker(device="auto", threads=None):
+        check = made(device, threads)
+        if check is None:
+            return None
+        brain = inspect.getclosurevars(check).nonlocals.get("brain_model")
+
+        def memoized(image, mask=None):
+            if brain is None or mine <= 0 or _patches(monkeypatch) != mine:
+                return check(image, mask)  # the test patched something else: the check runs as it is
+            key = (device, threads, brain.path, brain.digest, inference.predict_maps, inference.predict_network_slices,
+                   inference.make_runner, inference.resolve_device, contrast.flair_contrast, io.axial_view,
+                   _image_key(image), _image_key(mask))
+            if key not in _FLAIR_CHECKS:
+                _FLAIR_CHECKS[key] = check(image, mask)
+            return copy.deepcopy(_FLAIR_CHECKS[key])
+
+        return memoized
+
+    monkeypatch.setattr(train, "flair_checker", checker)
+
+
+_ALIGNMENTS: dict = {}  # a worker's registrations (change.align), by the two images and the seed (memoize_alignments)
+
+
+def memoize_alignments(monkeypatch) -> None:
+    """change.align (a rigid registration: tens of seconds on a loaded CPU for the phantom pair) run once per test
+    worker for the same follow-up, baseline and seed, each later call given a copy of its result (its own
+    transform). The registration is deterministic for a seed (change.align), so a call gets what it would compute;
+    a test that patches change.align itself afterwards replaces this."""
+    import dataclasses
+
+    from DeepWMLLib import change
+
+    made = change.align
+
+    def align(followup, baseline, seed=1):
+        key = (_image_key(followup), _image_key(baseline), seed)
+        if key not in _ALIGNMENTS:
+            _ALIGNMENTS[key] = made(followup, baseline, seed)
+        found = _ALIGNMENTS[key]
+        return dataclasses.replace(found, transform=type(found.transform)(found.transform))
+
+    monkeypatch.setattr(change, "align", align)

@@ -34,6 +34,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def flair_checks_once(monkeypatch):
+    """Each case's FLAIR check (the brain-mask network) run once per worker, not again by every run of the same
+    cases (conftest.memoize_flair_checks)."""
+    from conftest import memoize_flair_checks
+
+    memoize_flair_checks(monkeypatch)
+
+
 def write_volume(array: np.ndarray, path: Path, spacing=(0.9, 0.9, 5.0), origin=(10.0, -20.0, 3.0)) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
