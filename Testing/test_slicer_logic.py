@@ -958,12 +958,15 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."
 
 
-def test_lesion_change_between_two_volume_nodes(scene):
+def test_lesion_change_between_two_volume_nodes(scene, monkeypatch):
     """The phantom pair of test_change.py as Slicer nodes: the same calls as DeepWMLLib makes on the
     files, a segment per call on the follow-up's grid, the registered baseline, nodes reused on a rerun."""
+    from conftest import memoize_alignments
     from test_change import change_pair_images
 
     from DeepWMLLib import change
+
+    memoize_alignments(monkeypatch)  # each registration of the same two scans run once (it is deterministic)
 
     (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
     baseline = mrml.volumeFromImage(base_flair, "FLAIR 2024")
@@ -1133,14 +1136,17 @@ def test_the_change_label_map_loaded_as_a_labelmap_is_the_follow_ups_lesions(sce
     assert "all were counted as lesion, together" in mrml.maskNotes(theirs)[0]
 
 
-def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, tmp_path):
+def test_slicer_reads_the_change_transform_file_as_baseline_to_follow_up(scene, tmp_path, monkeypatch):
     """README: Slicer applies CASE_baseline_to_followup.tfm to the baseline volume as it is. Slicer's
     transform storage node reads the ITK file; a baseline point moved by it lands on the follow-up point
     that shows the same anatomy."""
     import vtk
+    from conftest import memoize_alignments
     from test_change import change_pair_images
 
     from DeepWMLLib import change
+
+    memoize_alignments(monkeypatch)  # the registration test_lesion_change_between_two_volume_nodes ran, if it did
 
     (base_flair, _), (follow_flair, _) = change_pair_images()
     transform = change.align(follow_flair, base_flair).transform
