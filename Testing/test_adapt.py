@@ -23,6 +23,15 @@ from DeepWMLLib.preprocessing import PreprocessingConfig
 CONFIG = {"base_channels": 4, "depth": 2, "batch_norm": True}
 
 
+@pytest.fixture(autouse=True)
+def flair_checks_once(monkeypatch):
+    """Each scan's FLAIR check (the brain-mask network) run once per worker, not again by every adapt run on the
+    same scans (conftest.memoize_flair_checks)."""
+    from conftest import memoize_flair_checks
+
+    memoize_flair_checks(monkeypatch)
+
+
 def _bn_model(seed=0):
     torch.manual_seed(seed)
     model = build_model(CONFIG)
