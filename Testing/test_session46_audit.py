@@ -174,3 +174,80 @@ def test_uneven_frames_are_a_series_slices_only_as_a_series_is_read(offsets, sou
     found = io._uneven_frames_fault(np.array(offsets, float), 5.0, named)
     assert (found is None) if fault is None else (fault in (found or "")), found
     assert "do not each name" in io._uneven_frames_fault(np.array(offsets, float), 5.0, None)
+
+
+# ---- a SEG's frames placed by the source images they name (io.read_dicom_seg with the source series) ---------------
+# (mut46b) The SEG of an unevenly spaced series: slices at 0, 5, 10.6, 15, 20, 25.8, 30 mm along the slice normal
+# (steps 5, 5.6, 4.4, 5, 5.8, 4.2: mean 5 mm), so frames 2 and 5 lie 0.6 and 0.8 mm off the 5 mm grid of the SEG's
+# Spacing Between Slices: placed by the source image each names where the series is at hand.
+
+_UNEVEN_STEPS = [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]
+
+
+def test_the_seg_of_an_uneven_enhanced_series_stored_top_down_is_placed_from_its_lowest_slice(tmp_path):
+    """An enhanced MR file whose frames are stored from the top down (frame 1 the highest slice: the z of frames 1
+    to 7 are -1, -5.2, -11, -16, -20.4, -26, -31; the phantom's origin z -31, slices going up the normal +z). The
+    FLAIR reader reads it top down (its slice axis -z, origin z -1). `_source_slices` gives the frames' own positions
+    in stored order, so own[0] = -1 > own[-1] = -31: each SEG frame's slice counted up the normal is 6 - (its source
+    frame's index), and the grid starts at the lowest slice, z -31 (own.min(), not own[0] = -1). Read with the
+    series, the mask on its own lies from z -31 up, the FLAIR's voxels flipped along k; onto the FLAIR: its mask.
+    (Kills: the index not reversed for a series stored top down; the origin put at the first stored slice.)"""
+    pytest.importorskip("pydicom")
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from conftest import stepped_positions, write_enhanced_mr
+    from test_dicom_seg import LESION, make_seg, phantom
+
+    image = phantom(spacing=(0.7, 0.9, 5.0))  # origin (-12, 20, -31), 7 slices, slice 2 without a lesion
+    folder = tmp_path / "enhanced"
+    write_enhanced_mr(folder / "flair.dcm", image, order=list(range(6, -1, -1)),
+                      positions=stepped_positions(image, _UNEVEN_STEPS), frame_of_reference="1.2.3.77")
+    _, flair = make_seg(folder, tmp_path / "s.dcm")
+    series, _ = io.choose_dicom_series(folder)
+    own = io._source_slices(series, np.array([0.0, 0.0, 1.0]))[1]
+    assert np.allclose(own, [-1, -5.2, -11, -16, -20.4, -26, -31])  # stored top down
+    mask = sitk.GetArrayFromImage(flair) >= LESION  # k = 0 the top slice (z -1)
+    assert flair.GetDirection()[8] == -1 and np.isclose(flair.GetOrigin()[2], -1)
+    alone = io.read_mask(tmp_path / "s.dcm", source=series)
+    assert np.allclose(alone.GetOrigin(), (-12, 20, -31), atol=1e-3) and alone.GetDirection()[8] == 1
+    assert np.array_equal(sitk.GetArrayFromImage(alone), mask[::-1])
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=series)), mask)
+
+
+@pytest.mark.parametrize("frames", ["every frame", "frame 2 only"])
+def test_a_seg_frame_whose_source_is_marked_spatial_locations_not_preserved_is_not_placed_by_it(tmp_path, frames):
+    """Spatial Locations Preserved NO on a frame's source image: its pixels are not on that image's plane, so its
+    source says nothing of where the frame lies. The uneven series' SEG (frames 0.6 and 0.8 mm off the 5 mm grid)
+    with one frame's or every frame's source so marked: its frames cannot all be placed by their sources, so off
+    the grid they are frames between slices, refused (without the series: 'do not each name the source image'; with
+    it the same, none being placed by the series). Unmarked (YES, as DeepWML writes it): read, its mask.
+    (Kills: the Spatial Locations Preserved NO check dropped.)"""
+    pydicom = pytest.importorskip("pydicom")
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.errors import DeepWMLError
+    from conftest import stepped_positions, write_dicom_series
+    from test_dicom_seg import LESION, PATIENT, make_seg, phantom
+
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, _UNEVEN_STEPS))
+    _, flair = make_seg(folder, tmp_path / "s.dcm")
+    series, _ = io.choose_dicom_series(folder)
+    mask = sitk.GetArrayFromImage(flair) >= LESION
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "s.dcm", flair, source=series)), mask)
+    ds = pydicom.dcmread(tmp_path / "s.dcm")
+    items = ds.PerFrameFunctionalGroupsSequence
+    for item in items if frames == "every frame" else [items[1]]:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert source.SpatialLocationsPreserved == "YES"
+        source.SpatialLocationsPreserved = "NO"
+    ds.save_as(tmp_path / "no.dcm")
+    for given in (None, series):
+        with pytest.raises(DeepWMLError, match=r"no\.dcm: the DICOM Segmentation has frames between slices.*do not "
+                                               r"each name the source image they lie on"):
+            io.read_mask(tmp_path / "no.dcm", flair, source=given)
