@@ -251,3 +251,102 @@ def test_a_seg_frame_whose_source_is_marked_spatial_locations_not_preserved_is_n
         with pytest.raises(DeepWMLError, match=r"no\.dcm: the DICOM Segmentation has frames between slices.*do not "
                                                r"each name the source image they lie on"):
             io.read_mask(tmp_path / "no.dcm", flair, source=given)
+
+
+# ---- a pair done before, rerun adding an output (change.done_pair, _missing_outputs, add_pair_outputs) -------------
+
+def test_a_pair_rerun_adding_the_picture_reads_the_listed_label_map_and_keeps_the_reports_lists(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """One pair (both masks given: nothing segmented) written with --output-format nrrd, its report listing
+    followup_change.nrrd. By hand:
+    - an edited copy of the map beside it as followup_change.nii.gz (not listed; .nii.gz comes before .nrrd in
+      io.OUTPUT_EXTENSIONS): a rerun with --qc draws from the listed .nrrd, whose voxels are the report's: added;
+    - the report as an older version wrote it (no labels_sha256) and the map holding 9, no call (LABELS are 1-7):
+      refused as changed since (its labels are not calls), nothing drawn;
+    - the map put back: --qc added, the report then recording the map's digest (mask_digest of its voxels), its
+      outputs the earlier list and the picture, its outputs_added the earlier additions (here one set by hand,
+      followup_change_seg.dcm) and the picture;
+    - the listed followup_change.nrrd deleted, the stray .nii.gz there: the report's list says the map is gone,
+      refused naming followup_change.nrrd (the older reports' rule, any image format, would take the .nii.gz).
+    (Kills: the label map not taken from the report's list; an older report's labels not checked to be calls; the
+    digest not recorded when outputs are added; the outputs list, or the outputs_added list, replaced by this run's
+    additions; the report's list of outputs not used to find missing ones.)"""
+    import json
+
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.cli import main
+    from test_change import _single_pair, _small_pair_manifest
+
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    assert main(_single_pair(files, out, "--output-format", "nrrd")) == 0
+    report_path, saved = out / "followup_change.json", out / "followup_change.nrrd"
+    first = json.loads(report_path.read_text(encoding="utf-8"))
+    assert "followup_change.nrrd" in first["outputs"] and "followup_change.nii.gz" not in first["outputs"]
+    labels = sitk.ReadImage(str(saved))
+    voxels = sitk.GetArrayFromImage(labels)
+
+    def with_voxels(array):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(labels)
+        return image
+
+    edited = voxels.copy()
+    edited[edited == 2] = 1  # a new lesion called stable
+    sitk.WriteImage(with_voxels(edited), str(out / "followup_change.nii.gz"))
+    capsys.readouterr()
+    assert main(_single_pair(files, out, "--qc")) == 0
+    assert "added followup_change_qc.png from the saved followup_change.nrrd" in capsys.readouterr().err
+    (out / "followup_change_qc.png").unlink()
+
+    older = json.loads(report_path.read_text(encoding="utf-8"))
+    del older["labels_sha256"]
+    older["outputs_added"] = ["followup_change_seg.dcm"]
+    report_path.write_text(json.dumps(older), encoding="utf-8")
+    stray = voxels.copy()
+    stray[stray == 2] = 9
+    sitk.WriteImage(with_voxels(stray), str(saved))
+    assert main(_single_pair(files, out, "--qc")) == 1
+    assert "followup_change.nrrd was changed since the run that made it" in capsys.readouterr().err
+    assert not (out / "followup_change_qc.png").exists()
+
+    sitk.WriteImage(labels, str(saved))
+    assert main(_single_pair(files, out, "--qc")) == 0
+    assert "added followup_change_qc.png from the saved followup_change.nrrd" in capsys.readouterr().err
+    added = json.loads(report_path.read_text(encoding="utf-8"))
+    assert added["labels_sha256"] == io.mask_digest(sitk.ReadImage(str(saved)))
+    assert added["outputs"] == sorted(set(first["outputs"]) | {"followup_change_qc.png"})
+    assert added["outputs_added"] == ["followup_change_qc.png", "followup_change_seg.dcm"]
+
+    saved.unlink()
+    assert main(_single_pair(files, out)) == 1
+    assert ("followup_change.json is here but not its followup_change.nrrd (deleted?); rerun with --overwrite"
+            in capsys.readouterr().err)
+
+
+def test_a_dicom_pair_rerun_asking_for_a_seg_it_has_says_only_done_before(tmp_path, monkeypatch, capsys):
+    """One pair whose follow-up is a DICOM series (a patient and study: a SEG can be made), run with --dicom-seg, then
+    rerun with it: the SEG is there, nothing to add, so the pair is skipped as done, and the words on a follow-up
+    that is not DICOM (no DICOM SEG, no DICOM outline series) are not said: this one is DICOM, its SEG made.
+    (Kills: the warnings of a file follow-up said of a DICOM one.)"""
+    pytest.importorskip("pydicom")
+    import SimpleITK as sitk
+
+    from DeepWMLLib.cli import main
+    from conftest import write_dicom_series
+    from test_change import SEG_PATIENT, _small_pair_manifest
+
+    _, files = _small_pair_manifest(monkeypatch, tmp_path)
+    study = write_dicom_series(tmp_path / "study", sitk.Cast(sitk.ReadImage(str(files["followup"])), sitk.sitkInt16),
+                               uid="1.2.3.9", description="AX FLAIR", number=5, extra=SEG_PATIENT)
+    run = ["change", str(files["baseline"]), str(study), "-o", str(tmp_path / "out"), "--baseline-mask",
+           str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-seg"]
+    assert main(run) == 0 and (tmp_path / "out" / "study_change_seg.dcm").is_file()
+    capsys.readouterr()
+    assert main(run + ["--dicom-outline"]) == 0  # the outline added
+    assert "study: added - added study_change_outline_dicom" in capsys.readouterr().err
+    assert main(run + ["--dicom-outline"]) == 0
+    err = capsys.readouterr().err
+    assert "study: skipped - done before (use --overwrite to redo)\n" in err and "not DICOM" not in err, err
