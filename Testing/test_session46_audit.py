@@ -350,3 +350,32 @@ def test_a_dicom_pair_rerun_asking_for_a_seg_it_has_says_only_done_before(tmp_pa
     assert main(run + ["--dicom-outline"]) == 0
     err = capsys.readouterr().err
     assert "study: skipped - done before (use --overwrite to redo)\n" in err and "not DICOM" not in err, err
+
+
+def test_a_seg_nrrd_carrying_the_change_maps_header_words_is_read_by_its_segments_alone(tmp_path, caplog):
+    """A .seg.nrrd is read by its segments (0/1), never as the change label map, even where its header carries the
+    map's words (ITK_FileNotes 'DeepWML lesion change label map', put in here by hand as a tool copying the map's
+    header would): its mask is its WMH segment, and no warning calls it the change label map.
+    (Kills: a segmentation's mask passed through change_map_lesions.)"""
+    import logging
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+
+    grid = sitk.Image(4, 3, 2, sitk.sitkUInt8)
+    labels = np.zeros((2, 3, 4), np.uint8)
+    labels[1, 1, 1:3] = 1
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(grid)
+    path = tmp_path / "rater.seg.nrrd"
+    io.write_label_segmentation(image, path, [(1, "WMH", (1, 0, 0))])
+    data = path.read_bytes()
+    first = data.index(b"\n") + 1
+    path.write_bytes(data[:first] + f"{io._FILE_NOTES}:={io.CHANGE_MAP_NOTES}\n".encode() + data[first:])
+    assert io.file_notes(path) == io.CHANGE_MAP_NOTES and io.segment_names(path) == ["WMH"]
+    with caplog.at_level(logging.WARNING):
+        mask = sitk.GetArrayFromImage(io.read_mask(path))
+    assert mask.tolist() == labels.tolist()
+    assert "change label map" not in caplog.text, caplog.text
