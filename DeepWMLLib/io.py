@@ -5654,9 +5654,7 @@ def _uneven_frames_fault(offsets: np.ndarray, step: float, sources: list | None)
     if len(set(named.values())) != len(named):
         return "frames at different positions name one source image"
     index = np.round(positions / step)
-    off = np.abs(positions - index * step)
-    if _beyond_mean_grid(off, step):
-        return "a frame lies over half a slice from its place on the grid"
+    off = np.abs(positions - index * step)  # at most half a slice (each frame on its nearest grid slice)
     if np.any(np.abs(off - UNEVEN_MAX_OFF * step) <= _slice_tolerance_mm(step)):  # (nearest to neither)
         return "a frame lies half a slice from two slices of the grid"
     if len(np.unique(index)) != len(index):
