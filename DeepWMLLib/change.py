@@ -933,6 +933,20 @@ def _read_given_mask(path, name: str, image: sitk.Image, other: sitk.Image, seri
                        "and followup_mask columns)")
 
 
+def _refused_at_once(args, segmenting: bool) -> dict:
+    """What the options refuse, refused before OUTDIR is made or a scan read (each pair refused it after, leaving
+    an empty OUTDIR): where a scan is to be segmented (`segmenting`), --device cuda without a GPU, a backend not
+    installed, and a model file missing or of another kind. Returns the models loaded (_segmentation_models's
+    `loaded`: {} when nothing is segmented)."""
+    loaded: dict = {}
+    if segmenting:
+        from .inference import check_runtime
+
+        check_runtime(args.device, args.backend, args.precision)
+        _segmentation_models(args, loaded)
+    return loaded
+
+
 def _segmentation_models(args, loaded: dict) -> None:
     """The models that segment a scan without a mask, loaded once into `loaded` for a whole cohort."""
     if "models" not in loaded:
@@ -1062,14 +1076,15 @@ def _run(args) -> int:
     case = args.case or io.case_name(args.followup)
     masks = (args.baseline_mask, args.followup_mask)
     out = Path(args.output_dir)
+    loaded = _refused_at_once(args, not all(given))
     try:
         if out.is_dir():  # an earlier run of the pair may be here: done before, its missing outputs added, as in a cohort
             entry = {"case": case, "baseline": args.baseline, "followup": args.followup, "baseline_mask": masks[0],
                      "followup_mask": masks[1], "baseline_series": args.baseline_series,
                      "followup_series": args.followup_series}
-            status, report, how = _cohort_pair(args, out, case, entry, {})
+            status, report, how = _cohort_pair(args, out, case, entry, loaded)
         else:  # nothing there yet: run_case makes OUTDIR once the scans are checked, and takes the pair's lock
-            status, report, how = "ok", run_case(args, case, args.baseline, args.followup, masks, {}), ""
+            status, report, how = "ok", run_case(args, case, args.baseline, args.followup, masks, loaded), ""
     except io.BeingWritten:  # as `deepwml segment` leaves a case another process is writing: skipped, not failed
         # (also when that process made OUTDIR after this one looked for it)
         print(f"{case}: skipped - {PAIR_LEFT_TO_ANOTHER}", file=sys.stderr)
@@ -1091,8 +1106,9 @@ def _run_cohort(args) -> int:
 
     entries = read_manifest(args.manifest, ("case", "baseline", "followup"), ("baseline_mask", "followup_mask"),
                             ("baseline", "followup", "baseline_mask", "followup_mask"))
+    loaded = _refused_at_once(args, any(not (e.get("baseline_mask") and e.get("followup_mask")) for e in entries))
     out = io.make_output_dir(args.output_dir)
-    loaded, rows, failed, names = {}, [], [], {}
+    rows, failed, names = [], [], {}
     compared = [0, 0.0]  # pairs compared so far and the time they took: the time left, from them alone (a pair
     # skipped as done before, or refused at once, says nothing of how long the others take)
     for number, entry in enumerate(entries, start=1):

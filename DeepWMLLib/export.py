@@ -152,6 +152,10 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             raise UsageError(f"--creator {exc}") from None
     asked_location = ventricle_model is not None and ventricle_model is not False
     ventricle_model = load_ventricle_model(ventricle_model)  # a model of another kind refused before any work
+    if ventricle_model is not None:  # its networks' --device (cuda without a GPU) refused before OUTDIR or a scan read
+        from .inference import check_runtime
+
+        check_runtime(device)
     flair, mask = Path(flair), Path(mask)
     if case is not None and (not case.strip() or case in (".", "..") or any(c in case for c in "/\\\0")):
         raise UsageError(f"--case {case!r} is no file name (its outputs are CASE_report.json, ...): give a name "

@@ -67,6 +67,33 @@ def resolve_device(device: str = "auto") -> str:
     raise DeepWMLError(f"unknown device {device!r}; use auto, cpu or cuda")
 
 
+def check_runtime(device: str = "auto", backend: str = "auto", precision: str = "auto") -> str:
+    """The device `resolve_device` gives, once the options that choose how the networks run (--device, --backend,
+    --precision) are checked as make_runner checks them for each network: refused at once, before an output folder
+    is made or a scan read, in the words the runner would say them in. Whether the CPU computes bf16 (--precision
+    bf16) is left to the runner, which asks its own runtime."""
+    import importlib.util
+
+    dev = resolve_device(device)
+    if backend not in BACKENDS:
+        raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise DeepWMLError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "bf16" and backend == "onnx":
+        raise DeepWMLError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
+    if dev != "cpu":
+        if backend in ("onnx", "openvino"):
+            raise DeepWMLError(f"the {backend} backend runs on the CPU with a model file; use --device cpu")
+        if precision == "bf16":
+            raise PrecisionUnavailable(on_gpu=True)
+        return dev
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise DeepWMLError("the openvino backend needs OpenVINO: pip install openvino")
+    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        raise DeepWMLError("the onnx backend needs onnxruntime: pip install onnxruntime onnx")
+    return dev
+
+
 def default_batch_size(device: str) -> int:
     """PyTorch's batch: 16 slices on a GPU (halved on out-of-memory), 4 on the CPU."""
     return 16 if device.startswith("cuda") else 4

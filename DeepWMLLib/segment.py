@@ -1788,6 +1788,10 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     and its `finish(row)` each case's row. `inputs`: files and folders (str or pathlib.Path), or one of them."""
     if isinstance(inputs, (str, os.PathLike)):  # one scan: not its name's characters, the first "/" the whole disk
         inputs = [inputs]
+    from .inference import check_runtime
+
+    # --device cuda without a GPU, a backend not installed: refused before OUTDIR is made (each case refused it)
+    check_runtime(device, options.get("backend", "auto"), options.get("precision", "auto"))
     models = load_models(model_paths)
     options["brain_model"] = load_brain_model_saying_none(options.get("brain_model", "default"))
     options["ventricle_model"] = load_ventricle_model(options.get("ventricle_model", "default"))

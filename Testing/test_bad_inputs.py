@@ -158,6 +158,8 @@ BAD_INPUTS = [
     ("a case name too long for its output file names", "segment", 1, "too long for its output files"),
     ("a link to a file that cannot be reached", "segment", 1, "cannot be reached"),
     ("--device cuda without a GPU", "segment", 1, "no CUDA GPU"),
+    ("a --backend whose runtime is not installed (`--backend openvino` without OpenVINO)", "segment", 1,
+     "the openvino backend needs OpenVINO"),
     ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
     ("batch size 0", "segment", 2, "must be at least 1"),
     ("INPUT after --model (taken as a model file)", "segment", 2, "put INPUT before --model"),
@@ -293,6 +295,9 @@ BAD_INPUTS = [
     ("a follow-up mask saved cropped to its lesions on the follow-up's voxels", "change", 0,
      "ok: padded with zeros onto the follow-up's grid"),
     ("both masks given with --model", "change", 2, "nothing is segmented"),
+    ("change --device cuda without a GPU", "change", 1, "no CUDA GPU"),
+    ("change: a brain-mask model given as the WMH model (--model)", "change", 1,
+     "is a brain-mask model, not a WMH model"),
     ("the baseline's and the follow-up's masks given the wrong way round", "change", 1,
      "lies on the follow-up FLAIR's grid, not the baseline's"),
     ("export: a mask on another grid than the FLAIR's", "export", 1, "different voxel grids"),
@@ -308,7 +313,20 @@ BAD_INPUTS = [
     ("export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, bytes "
      "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "export", 2, "a DICOM Person Name has at most 5"),
     ("export --no-location with --ventricle-model", "export", 2, "cannot go with"),
+    ("export --device cuda without a GPU, with a ventricle model", "export", 1, "no CUDA GPU"),
 ]
+
+# Refusals of what an option asks for, not of an input: each refused before OUTDIR is made or a scan read
+REFUSED_BY_OPTIONS = {
+    "--device cuda without a GPU", "a --backend whose runtime is not installed (`--backend openvino` without OpenVINO)",
+    "change --device cuda without a GPU", "change: a brain-mask model given as the WMH model (--model)",
+    "export --device cuda without a GPU, with a ventricle model", "a ventricle model given as the WMH model",
+    "threshold outside (0, 1)", "batch size 0", "a --model name that is no file nor a shipped model or ensemble (a typo)",
+    "--no-location with --ventricle-model", "--save-ventricle-mask without a ventricle model",
+    "export --case naming a path (`../up`), not a file name", "export --no-location with --ventricle-model",
+    "export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, bytes "
+    "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "both masks given with --model",
+}
 
 
 def _write(path: Path, image: sitk.Image) -> Path:
@@ -726,6 +744,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         return seg + [str(p["good"])]
     if row_id == "--device cuda without a GPU":
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cuda"]
+    if row_id.startswith("a --backend whose runtime is not installed"):
+        return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cpu", "--backend",
+                "openvino"]
     if row_id == "threshold outside (0, 1)":
         return seg + [str(p["good"]), "--threshold", "1.5"]
     if row_id == "batch size 0":
@@ -1031,6 +1052,12 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         later, later_mask = _write(tmp / "in" / "later.nii.gz", later), _write(tmp / "in" / "later_mask.nii.gz", later_mask)
         return ["change", str(p["good"]), str(later), "-o", out, "--baseline-mask", str(later_mask), "--followup-mask",
                 str(p["truth"])]
+    if row_id == "change --device cuda without a GPU":
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--model", str(p["model"]),
+                "--device", "cuda"]
+    if row_id.startswith("change: a brain-mask model given as the WMH model"):
+        brain = tiny_model_file(tmp / "brain.pt", labels={"0": "background", "1": "intracranial"})
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--model", str(brain)]
     if row_id == "both masks given with --model":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--baseline-mask",
                 str(p["truth"]), "--followup-mask", str(p["truth"]), "--model", str(p["model"])]
@@ -1063,6 +1090,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             return export + ["--dicom-seg", "--creator", "Doe^Jane^M^Dr^PhD^Extra"]
         if row_id.startswith("export --no-location"):
             return export + ["--no-location", "--ventricle-model", str(p["model"])]
+        if row_id.startswith("export --device cuda"):
+            vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+            return export + ["--ventricle-model", str(vent), "--device", "cuda"]
         return export + ["--dicom-seg"]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
@@ -1122,7 +1152,7 @@ def _recoded_seg(path, labelmap: bool, number: int = 1, split: bool = False) -> 
 def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch):
     import torch
 
-    if row_id == "--device cuda without a GPU" and torch.cuda.is_available():
+    if "--device cuda without a GPU" in row_id and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     if row_id == "output folder read-only" and os.geteuid() == 0:
         pytest.skip("root can write into read-only folders")
@@ -1135,6 +1165,17 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(io, "_sync", no_space)
+    if row_id.startswith("a --backend whose runtime is not installed"):  # OpenVINO as if not installed
+        import importlib.util
+
+        from DeepWMLLib import inference
+
+        def no_openvino():
+            raise ImportError("No module named 'openvino'")
+
+        monkeypatch.setattr(inference, "_import_openvino", no_openvino)
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors
@@ -1169,6 +1210,8 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert json.loads((tmp / "out" / "good_report.json").read_text(encoding="utf-8"))["model"] == ["model.pt"] * 2
     if row_id == "--init model of another architecture":
         assert not (tmp / "run").exists()  # refused before the run folder recorded a config
+    if row_id in REFUSED_BY_OPTIONS:  # refused before OUTDIR was made (an empty one was left) or a scan read
+        assert not (tmp / "out").exists(), sorted(p.name for p in (tmp / "out").iterdir())
     if row_id == "existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)":
         assert "--threshold (0.5 then, 0.3 now)" in err  # the setting named, with both values
     if row_id.startswith("a case done before whose saved mask was"):  # nothing added, the report as it was
