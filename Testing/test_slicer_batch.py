@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
-from conftest import REPO, another_run_holds, make_volume, oracle_network, rotation  # noqa: E402
+from conftest import REPO, another_run_holds, make_volume, oracle_network, rotation, tiny_model_file  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
@@ -1341,3 +1341,24 @@ def test_batch_rerun_adding_a_picture_compares_with_the_reference_of_the_report_
     assert batchScript.main(run + ["--output-dir", str(full), "--reference-dir", str(first), "--qc"]) == 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(compared / "b_qc.png"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(full / "b_qc.png"))))
+
+
+def test_batch_refusing_an_option_leaves_no_output_folder(scene, batchScript, tmp_path, capsys):
+    """A model file of another kind, a missing one, or --device cuda where no GPU is (dev46): refused before the output
+    folder is made. It was made first, and left empty (a model) or holding a summary.csv of failed cases (the device,
+    each case refused)."""
+    import torch
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    vent = tiny_model_file(tmp_path / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+    refusals = [(["--model", str(vent)], "is a ventricle model, not a WMH model"),
+                (["--model", str(tmp_path / "nope.pt")], "does not exist")]
+    if not torch.cuda.is_available():
+        refusals.append((["--model", str(tiny_model_file(tmp_path / "wmh.pt")), "--device", "cuda"], "no CUDA GPU"))
+    for number, (options, words) in enumerate(refusals):
+        out = tmp_path / f"out{number}"
+        assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), *options]) == 1
+        assert words in capsys.readouterr().err
+        assert not out.exists(), options

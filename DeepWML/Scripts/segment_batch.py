@@ -494,7 +494,6 @@ def runBatch(args) -> int:
             raise DeepWMLError(f"input folder {args.input_dir} does not exist")
         if args.reference_dir is not None and not args.reference_dir.is_dir():
             raise DeepWMLError(f"reference folder {args.reference_dir} does not exist")
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         logic.ensureDependencies()
         args.model = segment.model_files(args.model)
         # the logic's options of every case's run, and from the same, what a case done before must have been made
@@ -503,6 +502,10 @@ def runBatch(args) -> int:
                         gridPhases=args.grid_phases, brainMask=not args.no_brain_mask,
                         location=False if args.no_location else (args.ventricle_model or True))
         args.settings = logic.plannedSettings(**args.run)
+        from DeepWMLLib.inference import resolve_device
+
+        resolve_device(args.device)  # --device cuda without a GPU: refused, as a model of the wrong kind, before OUT
+        args.output_dir.mkdir(parents=True, exist_ok=True)
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
         return 1
