@@ -445,6 +445,7 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
         raise DeepWMLError("one output path per model is needed")
     if per_slice < 1:
         raise DeepWMLError("crops per slice must be at least 1")
+    from .model import validate_config
     from .segment import is_brain_model, name_apart
 
     pseudo_given, pseudo_models = pseudo_models, list(pseudo_models or model_paths)
@@ -456,6 +457,10 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
             named = f"{s.name} is" if number < len(model_paths) else f"{s.name} (--pseudo-models) is"
             what = "adapt WMH models" if number < len(model_paths) else "give WMH models"
             raise DeepWMLError(f"{named} a brain-mask model; {what}, whose marks centre the crops")
+    for s in settings[:len(model_paths)]:  # refused before the scans are read and segmented (minutes), not after
+        if not validate_config(s.config)["batch_norm"]:
+            raise DeepWMLError(f"{s.name}: the model has no batch normalisation; there are no statistics to adapt "
+                               "(adapt a model trained with --batch-norm)")
     configs = {s.preprocessing for s in settings}
     if len(configs) > 1:
         raise DeepWMLError(grids_differ(settings[:len(model_paths)], settings[len(model_paths):], bool(pseudo_given)))

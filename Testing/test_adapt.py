@@ -673,3 +673,22 @@ def test_a_scan_whose_own_header_says_it_is_not_a_flair_is_warned_of_naming_it(t
     assert f"deepwml adapt: warning: {scans[2]}: the scan may not be a FLAIR: its b-values go up to 1000" in err
     assert f"{scans[0]}: the scan may not be a FLAIR" not in err
     assert len(load_model(out / "bn-adapted.pt").provenance["adapted_batch_norm"]["scans"]) == 3  # a warning only
+
+
+def test_a_model_file_without_batch_norm_is_refused_before_the_scans_are_read(tmp_path, monkeypatch, capsys):
+    """A model without batch normalisation has no statistics to adapt: refused from its settings, before the scans
+    are read and segmented for their lesions (minutes on a real set; it was refused after them, dev46), and leaving
+    no output folder."""
+    from conftest import tiny_model_file
+    from DeepWMLLib import adapt
+
+    plain = tiny_model_file(tmp_path / "plain.pt")  # no batch norm
+
+    def not_read(*args, **kwargs):
+        raise AssertionError("the scans were read before the model was refused")
+
+    monkeypatch.setattr(adapt, "network_slices", not_read)
+    out = tmp_path / "out"
+    assert cli.main(["adapt", "--model", str(plain), "--scans", *map(str, _scans(tmp_path, n=1)), "-o", str(out)]) == 1
+    assert "plain.pt: the model has no batch normalisation; there are no statistics to adapt" in capsys.readouterr().err
+    assert not out.exists()

@@ -286,6 +286,8 @@ BAD_INPUTS = [
     ("a T1-weighted scan given as a training case's FLAIR", "train", 1, "do not look like a FLAIR"),
     ("training run folder given is a file", "train", 1, "a file of that name exists"),
     ("training option out of range (--epochs 0)", "train", 2, "must be at least 1"),
+    ("a model without batch normalisation given to adapt (no statistics to adapt)", "adapt", 1,
+     "the model has no batch normalisation; there are no statistics to adapt"),
     ("evaluate without a case", "evaluate", 2, "give --prediction and --reference"),
     ("synthetic data into a file", "synth", 1, "a file of that name exists"),
     ("baseline and follow-up the same file", "change", 2, "the same file"),
@@ -326,6 +328,7 @@ REFUSED_BY_OPTIONS = {
     "export --case naming a path (`../up`), not a file name", "export --no-location with --ventricle-model",
     "export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, bytes "
     "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "both masks given with --model",
+    "a model without batch normalisation given to adapt (no statistics to adapt)",
 }
 
 
@@ -1094,6 +1097,8 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
             return export + ["--ventricle-model", str(vent), "--device", "cuda"]
         return export + ["--dicom-seg"]
+    if row_id.startswith("a model without batch normalisation given to adapt"):
+        return ["adapt", "--model", str(p["model"]), "--scans", str(p["good"]), "-o", out]
     if row_id == "training manifest missing":
         return ["train", str(tmp / "nope.csv"), "--run-dir", str(tmp / "run")]
     if row_id == "a scan given as the training manifest":  # was "not a readable CSV ...: save it as UTF-8 CSV"
