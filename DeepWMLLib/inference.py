@@ -75,12 +75,7 @@ def check_runtime(device: str = "auto", backend: str = "auto", precision: str = 
     import importlib.util
 
     dev = resolve_device(device)
-    if backend not in BACKENDS:
-        raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise DeepWMLError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if precision == "bf16" and backend == "onnx":
-        raise DeepWMLError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
+    _check_backend(backend, precision)
     if dev != "cpu":
         if backend in ("onnx", "openvino"):
             raise DeepWMLError(f"the {backend} backend runs on the CPU with a model file; use --device cpu")
@@ -462,6 +457,16 @@ BACKENDS = ("auto", "openvino", "onnx", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def _check_backend(backend: str, precision: str) -> None:
+    """--backend and --precision each one DeepWML knows, and bf16 not asked of ONNX Runtime (check_runtime, make_runner)."""
+    if backend not in BACKENDS:
+        raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise DeepWMLError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if precision == "bf16" and backend == "onnx":
+        raise DeepWMLError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
+
+
 def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precision: str = "auto"):
     """The fastest available way to run `loaded` on `device`.
 
@@ -469,12 +474,7 @@ def make_runner(loaded: LoadedModel, device: str, backend: str = "auto", precisi
     'torch'. precision: 'auto' (bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively,
     fp32 with ONNX Runtime, fp16 autocast on CUDA), 'fp32', or 'bf16' (OpenVINO or PyTorch on such a CPU).
     """
-    if backend not in BACKENDS:
-        raise DeepWMLError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-    if precision not in PRECISIONS:
-        raise DeepWMLError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if precision == "bf16" and backend == "onnx":
-        raise DeepWMLError("--precision bf16 runs with the openvino or torch backend, not onnx (fp32 only)")
+    _check_backend(backend, precision)
     if not loaded.digest:
         return _new_runner(loaded, device, backend, precision)
     key = (loaded.digest, device, backend, precision, os.environ.get("OMP_NUM_THREADS"))
