@@ -425,8 +425,10 @@ def test_deepwml_change_segmentation_read_as_a_mask_is_the_follow_ups_lesions_as
     """`deepwml change`'s CASE_change.seg.nrrd (a segment per call, named as the calls: all seven) read wherever a mask
     is read is the follow-up's lesions, as its change SEG of the same label map is (io.read_dicom_seg): gone and small
     gone (baseline lesions no longer there) left out, a warning naming them; train's lesion_segment_names the same.
-    Both were read differently: the .seg.nrrd joined every segment, gone ones too. A rater's .seg.nrrd with segments
-    named 'new' and 'gone' alone is not DeepWML's: every segment joined, as before."""
+    Both were read differently: the .seg.nrrd joined every segment, gone ones too. A .seg.nrrd whose segments are
+    named as calls, 'new' and 'gone' alone (the change .seg.nrrd edited in Slicer, or a rater's marking change), is
+    read by the same rule as the Slicer module reads it (io.is_change_segmentation): 'gone' marks a lesion no longer
+    there, no follow-up lesion; a rater's segment of another name is joined as before."""
     from DeepWMLLib import change
 
     folder, flair, _ = phantom_case
@@ -450,8 +452,12 @@ def test_deepwml_change_segmentation_read_as_a_mask_is_the_follow_ups_lesions_as
     assert io.lesion_segment_names(tmp_path / "c_change.seg.nrrd") == ["stable", "new", "enlarging", "not assessable",
                                                                        "small new"]
     io.write_label_segmentation(image, tmp_path / "rater.seg.nrrd", [(2, "new", (1, 0, 0)), (5, "gone", (0, 0, 1))])
-    assert io.lesion_segment_names(tmp_path / "rater.seg.nrrd") == ["new", "gone"]
+    assert io.lesion_segment_names(tmp_path / "rater.seg.nrrd") == ["new"]
+    io.write_label_segmentation(image, tmp_path / "other.seg.nrrd", [(2, "new", (1, 0, 0)), (5, "lesion", (0, 0, 1))])
+    assert io.lesion_segment_names(tmp_path / "other.seg.nrrd") == ["new", "lesion"]
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.seg.nrrd", flair)),
+                          (labels == 2).astype(np.uint8))
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "other.seg.nrrd", flair)),
                           np.isin(labels, [2, 5]).astype(np.uint8))
 
 
