@@ -12,6 +12,10 @@ volume, lesion count, lesion table, LV groups per slice). The periventricular/de
 (`segment.mask_location`: the ventricle and brain networks on the FLAIR, the same `location` entry and the lesions'
 distances to the ventricles) where a ventricle model runs: --ventricle-model FILE, or the registry's default one
 (the shipped registry marks none), --no-location none; without one `location` is null and `location_why` says why.
+The brain mask keeps the ventricles inside the brain as segment's does (--brain-model FILE: another brain-mask
+model; --no-brain-mask: not applied to the ventricles, as with segment --no-brain-mask, still made for
+`intracranial_ml`); with no split they would change nothing and are refused. The QC picture outlines the ventricles
+the split measured from, as segment's does.
 The report says what it is an export of (`source` "export", `mask`, `mask_sha256`, `algorithm_type`, `creator`) and
 names no WMH model (`model` null). The SEG's segment is SEMIAUTOMATIC by default (a DeepWML mask edited by hand),
 MANUAL (a rater's) or AUTOMATIC with --algorithm-type (`dicom_seg.segmentation`); --creator names the person who
@@ -39,6 +43,10 @@ from .errors import DeepWMLError, UsageError
 SOURCE = "export"  # the report's `source`
 IGNORE_LABEL = 2  # metrics.IGNORE_LABEL: the mask conventions' "ignore"
 LOCATION_OFF = "no periventricular/deep split: --no-location"
+# the report's `brain_mask`: what the brain mask was used for (export's mask is given: it gates no mark, only the
+# ventricles the split measures from, as segment's brain mask gates them)
+BRAIN_MASK_GATES_VENTRICLES = "keeps the ventricles inside the brain"
+BRAIN_MASK_NOT_APPLIED = "not applied to the ventricles"
 
 
 def location_left_out() -> str:
@@ -129,18 +137,20 @@ def read_flair_and_mask(flair: Path, mask: Path, series: str | None = None):
 def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool = False, dicom_outline: bool = False,
                 qc: bool = False, overwrite: bool = False, series: str | None = None,
                 algorithm_type: str = "SEMIAUTOMATIC", creator: str | None = None, ventricle_model="default",
-                device: str = "auto") -> dict:
+                device: str = "auto", brain_model="default", brain_gate: bool = True) -> dict:
     """Export `mask` (a file) drawn on `flair` (module docstring) into `out_dir`; returns the report written.
     Warnings (a non-DICOM FLAIR with `dicom_seg` or `dicom_outline`, what the FLAIR's header says) are recorded in
     the report and said (warnings.warn). `creator`: who edited or drew the mask (a DICOM Person Name,
     Family^Given). `ventricle_model`: as `segment.segment_image` takes it ("default": the registry's default, None:
-    no split); `device`: where its networks run."""
+    no split); `device`: where its networks run. `brain_model` (as segment_image takes it) and `brain_gate` (False:
+    the ventricles not kept inside the brain mask, segment's --no-brain-mask) shape the split alone: a brain model
+    given, or `brain_gate` False, with no split made is refused (UsageError)."""
     from . import __version__
     from .dicom_seg import ALGORITHM_TYPES, person_name
     from .report import lesion_report
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
-                          load_ventricle_model, mask_digest, mask_location, picture_title, scan_header_warnings,
-                          whole_or_none)
+                          load_brain_model, load_ventricle_model, mask_digest, mask_location, picture_title,
+                          scan_header_warnings, whole_or_none)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -152,6 +162,15 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             raise UsageError(f"--creator {exc}") from None
     asked_location = ventricle_model is not None and ventricle_model is not False
     ventricle_model = load_ventricle_model(ventricle_model)  # a model of another kind refused before any work
+    brain_asked = not (brain_model is None or brain_model is False or brain_model is True
+                       or (isinstance(brain_model, str) and brain_model == "default"))
+    if ventricle_model is None and (brain_asked or not brain_gate):
+        given = " and ".join(o for o, on in (("--brain-model", brain_asked), ("--no-brain-mask", not brain_gate)) if on)
+        raise UsageError(f"{given} shape{'s' if ' and ' not in given else ''} only the periventricular/deep split, "
+                         "which needs a ventricle model"
+                         + (": --no-location makes none" if not asked_location else
+                            ", and none runs (the model registry marks none default): give --ventricle-model FILE"))
+    brain_model = load_brain_model(brain_model) if ventricle_model is not None else None  # refused before any work
     if ventricle_model is not None:  # its networks' --device (cuda without a GPU) refused before OUTDIR or a scan read
         from .inference import check_runtime
 
@@ -177,7 +196,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
                                f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
         # the split made before anything is written (networks: seconds), as segment makes it for its own mask
-        split = mask_location(image, binary, ventricle_model, device=device) if ventricle_model is not None else None
+        split = mask_location(image, binary, ventricle_model, brain_model, device=device,
+                              brain_gate=brain_gate) if ventricle_model is not None else None
         report = {"case": case, "input": str(flair), "input_absolute": str(flair.resolve()), "source": SOURCE,
                   "mask": str(mask), "mask_absolute": str(mask.resolve()), "mask_sha256": mask_digest(binary),
                   "algorithm_type": algorithm_type, "creator": creator,
@@ -185,6 +205,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                   "location": split["location"] if split else None,
                   "brain_model": split["brain_model"] if split else None,
                   "brain_model_sha256": split["brain_model_sha256"] if split else None,
+                  "brain_mask": None if not split or split["brain_model"] is None else (
+                      BRAIN_MASK_GATES_VENTRICLES if brain_gate else BRAIN_MASK_NOT_APPLIED),
                   "intracranial_ml": split["intracranial_ml"] if split else None,
                   "device": split["device"] if split else None, "runner": split["runner"] if split else None,
                   "model": None, "model_sha256": [], "deepwml_version": __version__}
@@ -219,7 +241,9 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
         if qc:
             from .qc import png_bytes, render
 
-            picture = png_bytes(render(image, binary, title=picture_title(case, report), slice_labels=instances))
+            # the ventricles the split measured from outlined, as segment's picture outlines them
+            picture = png_bytes(render(image, binary, title=picture_title(case, report),
+                                       ventricles=split["ventricles"] if split else None, slice_labels=instances))
         if outline:
             from .dicom_outline import check_outline_folder, outline_series
 
@@ -304,6 +328,11 @@ def register(subparsers) -> None:
                    "default: the model registry's default ventricle model, which the shipped registry does not mark)")
     p.add_argument("--no-location", action="store_true", help="no periventricular/deep split, even when the model "
                    "registry marks a ventricle model default")
+    p.add_argument("--brain-model", metavar="FILE", help="brain-mask model file for the split: the ventricles are kept "
+                   "inside its intracranial mask, as deepwml segment keeps them, and it gives intracranial_ml (default: "
+                   "the shipped brain-mask model; only with a split)")
+    p.add_argument("--no-brain-mask", action="store_true", help="the ventricles not kept inside the brain mask, as "
+                   "with deepwml segment --no-brain-mask (the mask is still made for intracranial_ml; only with a split)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ventricle and brain "
                    "networks run (default: auto)")
     p.add_argument("--dicom-outline", action="store_true", help="also write CASE_outline_dicom/: the FLAIR with the "
@@ -319,9 +348,13 @@ def _run(args) -> int:
 
     if args.no_location and args.ventricle_model:
         raise UsageError("--no-location cannot go with --ventricle-model")
+    if args.no_location and (args.brain_model or args.no_brain_mask):  # they shape the split alone (export_case)
+        raise UsageError(f"--no-location cannot go with {'--brain-model' if args.brain_model else '--no-brain-mask'}: "
+                         "the brain mask shapes only the periventricular/deep split, which --no-location leaves out")
     report = export_case(args.flair, args.mask, args.output_dir, args.case, args.dicom_seg, args.dicom_outline, args.qc,
                          args.overwrite, args.series, args.algorithm_type, args.creator,
-                         None if args.no_location else (args.ventricle_model or "default"), args.device)
+                         None if args.no_location else (args.ventricle_model or "default"), args.device,
+                         args.brain_model or "default", not args.no_brain_mask)
     from .report import lesion_count_text
 
     print(f"{report['case']}: {report['volume_ml']:.2f} ml, {lesion_count_text(report['lesion_count'])}; "

@@ -565,16 +565,19 @@ def lesion_location(mask, frame, ventricle_map: np.ndarray, brain: np.ndarray | 
 
 
 def mask_location(image, mask, ventricle_model="default", brain_model="default", device: str = "auto",
-                  backend: str = "auto", precision: str = "auto") -> dict | None:
+                  backend: str = "auto", precision: str = "auto", brain_gate: bool = True) -> dict | None:
     """The periventricular/deep split of a mask given on `image`'s grid (`deepwml export`: a mask DeepWML did not
     just compute), made as `segment_image` makes it for its own mask (`lesion_location`): the ventricle and brain
     networks (`ventricle_model`, `brain_model`: as segment_image takes them; the WMH networks do not run) on
-    `image`, the ventricles kept inside the brain mask as segment's default keeps them. None without a ventricle
-    model ("default" and the model registry marks none). Else {"location": the report's entry, "distance": at
-    the mask's voxels (`lesion_report`'s `ventricle_distance`; None when the split is not made), "brain_model",
-    "brain_model_sha256", "intracranial_ml" (None without a brain model), "device" and "runner" (how the networks
-    ran, as segment's report records them), "warnings": what segment's report warns of the split (not made; too
-    little ventricle for a whole brain)}."""
+    `image`, the ventricles kept inside the brain mask as segment's default keeps them (`brain_gate` False: not,
+    as `deepwml segment --no-brain-mask` does not; the brain network still runs for `intracranial_ml`). None
+    without a ventricle model ("default" and the model registry marks none). Else {"location": the report's entry,
+    "distance": at the mask's voxels (`lesion_report`'s `ventricle_distance`; None when the split is not made),
+    "ventricles": the lateral ventricles measured from, a 0/1 uint8 image on `image`'s grid (what segment's
+    `SegmentationResult.ventricles` holds, which its QC picture outlines), "brain_model", "brain_model_sha256",
+    "intracranial_ml" (None without a brain model), "device" and "runner" (how the networks ran, as segment's
+    report records them), "warnings": what segment's report warns of the split (not made; too little ventricle
+    for a whole brain)}."""
     from .inference import predict_maps, resolve_device
     from .location import small_ventricles_warning
     from .postprocessing import BRAIN_THRESHOLD
@@ -587,8 +590,10 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
     _, brain, ventricle_map, frame = predict_maps(
         image, [], brain_model, dev, backend=backend, facts=facts, precision=precision,
         ventricle_model=ventricle_model, brain_threshold=BRAIN_THRESHOLD, ventricle_threshold=ventricle_model.threshold)
-    location, distance, _ = lesion_location(mask, frame, ventricle_map, None if brain is None else brain > 0,
-                                            ventricle_model)
+    gate = None if brain is None or not brain_gate else brain > 0  # as segment_image keeps them
+    location, distance, ventricles = lesion_location(mask, frame, ventricle_map, gate, ventricle_model)
+    del ventricle_map
+    ventricle_image = io.from_axial_stack(ventricles.view(np.uint8), frame, reuse=True)  # as segment_image puts it
     intracranial = None
     if brain is not None:  # counted as segment_image counts it
         counts = sum(np.count_nonzero(plane) for plane in brain)
@@ -597,7 +602,7 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
     small = small_ventricles_warning(location, intracranial)
     if small:
         said.append(small)
-    return {"location": location, "distance": distance,
+    return {"location": location, "distance": distance, "ventricles": ventricle_image,
             "brain_model": None if brain_model is None else brain_model.name,
             "brain_model_sha256": None if brain_model is None else brain_model.digest,
             "intracranial_ml": intracranial, "device": str(dev), "runner": facts.get("runner"), "warnings": said}

@@ -316,6 +316,9 @@ BAD_INPUTS = [
      "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "export", 2, "a DICOM Person Name has at most 5"),
     ("export --no-location with --ventricle-model", "export", 2, "cannot go with"),
     ("export --device cuda without a GPU, with a ventricle model", "export", 1, "no CUDA GPU"),
+    ("export --no-brain-mask (or --brain-model) with no ventricle model (no split made: they would change nothing)",
+     "export", 2, "needs a ventricle model"),
+    ("export --brain-model (or --no-brain-mask) with --no-location", "export", 2, "cannot go with --brain-model"),
 ]
 
 # Refusals of what an option asks for, not of an input: each refused before OUTDIR is made or a scan read
@@ -329,6 +332,8 @@ REFUSED_BY_OPTIONS = {
     "export --creator that is no DICOM Person Name (six ^-separated parts; a backslash, a control character, bytes "
     "that are not UTF-8, over 64 bytes of UTF-8 are refused too)", "both masks given with --model",
     "a model without batch normalisation given to adapt (no statistics to adapt)",
+    "export --no-brain-mask (or --brain-model) with no ventricle model (no split made: they would change nothing)",
+    "export --brain-model (or --no-brain-mask) with --no-location",
 }
 
 
@@ -1091,6 +1096,10 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             return export + ["--case", "../up"]
         if row_id.startswith("export --creator"):
             return export + ["--dicom-seg", "--creator", "Doe^Jane^M^Dr^PhD^Extra"]
+        if row_id.startswith("export --no-brain-mask"):
+            return export + ["--no-brain-mask"]
+        if row_id.startswith("export --brain-model"):
+            return export + ["--brain-model", str(p["model"]), "--no-location"]
         if row_id.startswith("export --no-location"):
             return export + ["--no-location", "--ventricle-model", str(p["model"])]
         if row_id.startswith("export --device cuda"):

@@ -422,3 +422,93 @@ def test_export_without_a_ventricle_model_says_why_there_is_no_split(tmp_path, c
     capsys.readouterr()
     assert main([*command, "-o", str(tmp_path / "c"), "--no-location", "--ventricle-model", "v.pt"]) == 2
     assert "cannot go with" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_export_qc_picture_of_segments_own_mask_is_segments_picture(tmp_path):
+    """export --qc draws the ventricles the split measured from, as segment --qc does (the same render call on the
+    same ventricle image): the export of segment's own mask of the bundled sample, with the same ventricle model,
+    gets segment's picture to the byte (the ventricles were not drawn: the pictures differed there); with
+    --no-location none are drawn."""
+    from conftest import REPO
+    from DeepWMLLib.qc import LESION_RGB, VENTRICLE_RGB
+
+    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
+    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
+                 "--device", "cpu", "--qc"]) == 0
+    mask = tmp_path / "seg" / "sample_flair_wmh.nii.gz"
+    assert main(["export", str(flair), str(mask), "-o", str(tmp_path / "exp"), "--ventricle-model", str(ventricles),
+                 "--device", "cpu", "--qc"]) == 0
+    assert main(["export", str(flair), str(mask), "-o", str(tmp_path / "off"), "--no-location", "--qc"]) == 0
+
+    def picture(folder):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / "sample_flair_qc.png")))[..., :3]
+
+    segmented, exported, off = picture("seg"), picture("exp"), picture("off")
+    assert np.all(segmented == VENTRICLE_RGB, axis=-1).any()
+    np.testing.assert_array_equal(exported, segmented)
+    assert (tmp_path / "exp" / "sample_flair_qc.png").read_bytes() == (tmp_path / "seg" / "sample_flair_qc.png").read_bytes()
+    assert not np.all(off == VENTRICLE_RGB, axis=-1).any() and np.all(off == LESION_RGB, axis=-1).any()
+
+
+def test_export_no_brain_mask_gives_segments_split_with_no_brain_mask(tmp_path):
+    """--no-brain-mask and --brain-model mean for export what they mean for segment's split: segment
+    --no-brain-mask keeps the ventricles whole (not cut to its brain mask), and the export of its mask with
+    --no-brain-mask gets its split (export had no such option: the ventricles were always cut to the brain mask);
+    --brain-model FILE names the model that ran; the report's `brain_mask` says what the mask was used for."""
+    from conftest import REPO
+
+    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
+    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    brain = REPO / "Resources" / "Models" / "deepwml_brain8_synth_v1.pt"
+    assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
+                 "--device", "cpu", "--no-brain-mask", "--save-ventricle-mask"]) == 0
+    segmented = json.loads((tmp_path / "seg" / "sample_flair_report.json").read_text())
+    command = ["export", str(flair), str(tmp_path / "seg" / "sample_flair_wmh.nii.gz"), "--ventricle-model",
+               str(ventricles), "--device", "cpu"]
+    assert main([*command, "-o", str(tmp_path / "exp"), "--no-brain-mask", "--brain-model", str(brain)]) == 0
+    exported = json.loads((tmp_path / "exp" / "sample_flair_report.json").read_text())
+    assert exported["location"] == segmented["location"]
+    fields = ("ventricle_distance_mm", "periventricular_share")
+    assert [{k: lesion[k] for k in fields} for lesion in exported["lesions"]] == \
+        [{k: lesion[k] for k in fields} for lesion in segmented["lesions"]]
+    assert exported["intracranial_ml"] == segmented["intracranial_ml"]  # the brain mask still made
+    assert exported["brain_model"] == brain.name and exported["brain_mask"] == "not applied to the ventricles"
+    assert main([*command, "-o", str(tmp_path / "gated")]) == 0
+    gated = json.loads((tmp_path / "gated" / "sample_flair_report.json").read_text())
+    assert gated["brain_mask"] == "keeps the ventricles inside the brain"
+    # the sample's ventricles lie inside the shipped brain mask whole: a brain model that marks no brain shows that
+    # --brain-model gates the ventricles, and that --no-brain-mask does not gate them
+    from DeepWMLLib.checkpoint import save_model
+    from DeepWMLLib.model import build_model
+    from DeepWMLLib.preprocessing import PreprocessingConfig
+
+    config, network = {"base_channels": 4, "depth": 2}, build_model({"base_channels": 4, "depth": 2})
+    network.head.bias.data.fill_(-50.0)  # background everywhere
+    other = tmp_path / "other_brain.pt"
+    save_model(other, network, config, PreprocessingConfig(grid_size=(64, 64)), 0.5, {"kind": "test fixture"},
+               {"0": "background", "1": "intracranial"})
+    assert main([*command, "-o", str(tmp_path / "other"), "--brain-model", str(other)]) == 0
+    cut = json.loads((tmp_path / "other" / "sample_flair_report.json").read_text())
+    assert cut["brain_model"] == other.name and cut["intracranial_ml"] != gated["intracranial_ml"]
+    assert cut["location"]["ventricles_ml"] == 0 < gated["location"]["ventricles_ml"]
+    assert main([*command, "-o", str(tmp_path / "other_whole"), "--brain-model", str(other), "--no-brain-mask"]) == 0
+    whole = json.loads((tmp_path / "other_whole" / "sample_flair_report.json").read_text())
+    assert whole["location"] == exported["location"] and whole["intracranial_ml"] == cut["intracranial_ml"]
+
+
+def test_export_refuses_brain_mask_options_where_no_split_is_made(tmp_path, capsys):
+    """--brain-model and --no-brain-mask shape only the split (export's mask is given: no mark is gated): with
+    --no-location, or with no ventricle model (the shipped registry marks none default), they would change
+    nothing and are refused (exit 2) before OUTDIR is made, naming what to give."""
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    command = ["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz")]
+    for extra, said in ((["--no-brain-mask"], "needs a ventricle model"),
+                        (["--brain-model", "b.pt"], "give --ventricle-model FILE"),
+                        (["--no-location", "--no-brain-mask"], "cannot go with --no-brain-mask"),
+                        (["--no-location", "--brain-model", "b.pt"], "cannot go with --brain-model")):
+        capsys.readouterr()
+        assert main([*command, "-o", str(tmp_path / "o"), *extra]) == 2, extra
+        assert said in capsys.readouterr().err and not (tmp_path / "o").exists()
