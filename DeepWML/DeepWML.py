@@ -321,27 +321,34 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -----------------------------------------------------------------------------------------
     # Results
 
-    def onShowStatistics(self) -> None:
+    def _lesionStatistics(self) -> dict:
+        """The output segmentation's statistics, with the periventricular/deep split when it is ticked: from its
+        'Lateral ventricles' segment, else (a manual segmentation) made by the ventricle model as `deepwml export`
+        makes it for a mask given (its networks on the FLAIR, on the panel's device, the brain mask as ticked)."""
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics."):
-            results = {"report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume)}
+        ventricleModel = self.logic.locationChoice(p.ventricleSplit) or None
+        return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume, ventricleModel=ventricleModel,
+                                           device=p.device, brainMask=p.brainMask, precision=p.precision)
+
+    def onShowStatistics(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):
+            results = {"report": self._lesionStatistics()}
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
 
     def onListLesions(self) -> None:
         """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
         row showing its lesion: a radiologist's review of the result, lesion by lesion."""
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot list the lesions."):
-            results = {"report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume), "table": LESION_TABLE}
+        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True):
+            results = {"report": self._lesionStatistics(), "table": LESION_TABLE}
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
 
     def onCompare(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference."):
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True):
             results = {
-                "report": self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume),
+                "report": self._lesionStatistics(),
                 "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
                                                               p.inputVolume),
                 "reference": p.referenceSegmentation.GetName(),  # whose Dice, in the saved .json

@@ -873,3 +873,22 @@ def test_save_results_also_writes_the_dicom_seg_when_ticked(widget, tmp_path, mo
     with pytest.raises(DeepWMLError, match="'FLAIR' was not loaded from DICOM"):
         ui.saveResultsButton.click()
     assert (out / "plain.csv").is_file() and not (out / "FLAIR_wmh_seg.dcm").exists()
+
+
+def test_statistics_of_a_manual_segmentation_make_the_split_when_it_is_ticked(widget, tmp_path):
+    """Show statistics (and so Save results) of a segmentation DeepWML did not compute had no periventricular/deep
+    split even with the split ticked; ticked, the ventricle model makes it as `deepwml export` does (on the panel's
+    device), and the saved .json holds it; unticked, none (no network runs)."""
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.device = "cpu"
+    ui.showStatisticsButton.click()
+    assert "periventricular" not in ui.resultsLabel.text.lower()
+    p.ventricleSplit = True
+    ui.showStatisticsButton.click()
+    assert "periventricular" in ui.resultsLabel.text.lower()
+    slicer_standins.QFileDialog.nextPath = str(tmp_path / "all.json")
+    ui.saveResultsButton.click()
+    saved = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))["report"]
+    assert saved["location"]["ventricle_model"] == Path(widget.logic.ventricleModelPath()).name
+    assert saved["location"]["ventricles"].startswith("the ventricle network on 'FLAIR'") and saved["device"] == "cpu"

@@ -700,18 +700,24 @@ class DeepWMLCoreLogic:
     # -----------------------------------------------------------------------------------------
     # Results
 
-    def lesionStatistics(self, segmentationNode, volumeNode, segmentId=None) -> dict:
+    def lesionStatistics(self, segmentationNode, volumeNode, segmentId=None, ventricleModel=None, device="auto",
+                         brainMask=True, precision="auto") -> dict:
         """Lesion report of a segmentation on the volume's grid: volume_ml, lesion_count, slices, lesions,
         plus the facts of the DeepWML run that made it (model, device, seconds...) when there was one.
         When the segmentation also has a 'Lateral ventricles' segment (DeepWML adds it), `location` holds
         the periventricular/deep split measured from it as it is now (edits to either segment count) and
-        each lesion its distance to the ventricles; else `location` is None."""
+        each lesion its distance to the ventricles. Without one (a manual segmentation, a label map, a result
+        made without the split), `ventricleModel` (a ventricle model file; None: none) makes the split as
+        `deepwml export --ventricle-model` makes it for a mask given (`segment.mask_location`: the ventricle and
+        brain networks on the volume, on `device` in `precision`; `brainMask` False: the ventricles not kept inside
+        the brain mask, export's --no-brain-mask), with export's `intracranial_ml`, `brain_model`, `brain_mask`
+        and warnings of the split where the segmentation's run does not record its own; else `location` is None."""
         self.ensureDependencies(torch=False)
         from DeepWMLLib.location import locate_images
         from DeepWMLLib.report import lesion_report
 
         mask = mrml.maskFromNode(segmentationNode, volumeNode, segmentId)
-        location = distance = None
+        location = distance = split = None
         isSegmentation = segmentationNode.IsA("vtkMRMLSegmentationNode")
         ventricleId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME) \
             if isSegmentation else ""
@@ -719,6 +725,17 @@ class DeepWMLCoreLogic:
             ventricles = mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
             location, distance = locate_images(mask, ventricles)
             location["ventricles"] = f"segment '{mrml.VENTRICLE_SEGMENT_NAME}' of '{segmentationNode.GetName()}'"
+        elif ventricleModel and not ventricleId:  # the ventricle segment itself measured: no split, as above
+            self.ensureDependencies()  # the networks run
+            from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES, BRAIN_MASK_NOT_APPLIED
+            from DeepWMLLib.segment import mask_location
+
+            split = mask_location(mrml.imageFromVolume(volumeNode), mask, ventricleModel, device=device,
+                                  precision=precision, brain_gate=brainMask)
+            location, distance = split["location"], split["distance"]
+            location["ventricles"] = f"the ventricle network on '{volumeNode.GetName()}' (as deepwml export makes them)"
+            split["brain_mask"] = None if split["brain_model"] is None else (
+                BRAIN_MASK_GATES_VENTRICLES if brainMask else BRAIN_MASK_NOT_APPLIED)
         report = lesion_report(mask, None, distance)
         report["location"] = location
         # e.g. a segment added beside WMH while editing it; another volume's result, still chosen when this one was
@@ -728,9 +745,13 @@ class DeepWMLCoreLogic:
         if run:
             facts = json.loads(run)
             model = {key: facts.pop(key) for key in ("ventricle_model", "ventricle_model_sha256") if key in facts}
-            if location is not None:
+            if location is not None and split is None:  # the model that made the segment (a split made here names its own)
                 location.update(model)
             report.update(facts)
+        if split is not None:  # what the split's networks found, where the run that made the segmentation says nothing
+            for key in ("intracranial_ml", "brain_model", "brain_model_sha256", "brain_mask", "device", "runner"):
+                report.setdefault(key, split[key])
+            report["warnings"] = list(report.get("warnings", [])) + split["warnings"]
         if notes:
             report["warnings"] = list(report.get("warnings", [])) + notes
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
