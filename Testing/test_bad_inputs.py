@@ -160,6 +160,8 @@ BAD_INPUTS = [
     ("--device cuda without a GPU", "segment", 1, "no CUDA GPU"),
     ("a --backend whose runtime is not installed (`--backend openvino` without OpenVINO)", "segment", 1,
      "the openvino backend needs OpenVINO"),
+    ("--precision bf16 on a CPU without native bf16 (AMX or AVX512-BF16: PyTorch emulates it, 8 times slower)", "segment", 1,
+     "--precision bf16 needs a CPU with native bf16"),
     ("threshold outside (0, 1)", "segment", 2, "must be between 0 and 1"),
     ("batch size 0", "segment", 2, "must be at least 1"),
     ("INPUT after --model (taken as a model file)", "segment", 2, "put INPUT before --model"),
@@ -298,6 +300,7 @@ BAD_INPUTS = [
      "ok: padded with zeros onto the follow-up's grid"),
     ("both masks given with --model", "change", 2, "nothing is segmented"),
     ("change --device cuda without a GPU", "change", 1, "no CUDA GPU"),
+    ("change --precision bf16 on a CPU without native bf16", "change", 1, "--precision bf16 needs a CPU with native bf16"),
     ("change: a brain-mask model given as the WMH model (--model)", "change", 1,
      "is a brain-mask model, not a WMH model"),
     ("the baseline's and the follow-up's masks given the wrong way round", "change", 1,
@@ -325,6 +328,8 @@ BAD_INPUTS = [
 REFUSED_BY_OPTIONS = {
     "--device cuda without a GPU", "a --backend whose runtime is not installed (`--backend openvino` without OpenVINO)",
     "change --device cuda without a GPU", "change: a brain-mask model given as the WMH model (--model)",
+    "--precision bf16 on a CPU without native bf16 (AMX or AVX512-BF16: PyTorch emulates it, 8 times slower)",
+    "change --precision bf16 on a CPU without native bf16",
     "export --device cuda without a GPU, with a ventricle model", "a ventricle model given as the WMH model",
     "threshold outside (0, 1)", "batch size 0", "a --model name that is no file nor a shipped model or ensemble (a typo)",
     "--no-location with --ventricle-model", "--save-ventricle-mask without a ventricle model",
@@ -755,6 +760,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id.startswith("a --backend whose runtime is not installed"):
         return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cpu", "--backend",
                 "openvino"]
+    if row_id.startswith("--precision bf16 on a CPU without native bf16"):
+        return ["segment", str(p["good"]), "-o", out, "--model", str(p["model"]), "--device", "cpu", "--precision",
+                "bf16"]
     if row_id == "threshold outside (0, 1)":
         return seg + [str(p["good"]), "--threshold", "1.5"]
     if row_id == "batch size 0":
@@ -1063,6 +1071,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
     if row_id == "change --device cuda without a GPU":
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--model", str(p["model"]),
                 "--device", "cuda"]
+    if row_id == "change --precision bf16 on a CPU without native bf16":
+        return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--model", str(p["model"]),
+                "--device", "cpu", "--precision", "bf16"]
     if row_id.startswith("change: a brain-mask model given as the WMH model"):
         brain = tiny_model_file(tmp / "brain.pt", labels={"0": "background", "1": "intracranial"})
         return ["change", str(p["good"]), str(p["extreme intensities (1e30)"]), "-o", out, "--model", str(brain)]
@@ -1190,6 +1201,11 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         monkeypatch.setattr(inference, "_import_openvino", no_openvino)
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    if "--precision bf16 on a CPU without native bf16" in row_id:  # whatever this CPU computes: its runtimes asked
+        from DeepWMLLib import inference
+
+        monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+        monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: False)
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors

@@ -940,23 +940,35 @@ def test_batch_model_takes_a_shipped_model_or_ensemble_name(scene, batchScript, 
     assert report["model"] == [Path(next(m["path"] for m in shipped_models() if m["name"] == "unet16-synth-v1")).name]
 
 
-def test_batch_bf16_where_it_cannot_run_names_its_own_option(scene, batchScript, tmp_path, monkeypatch, tiny_model):
-    """The module's words for bf16 on a CPU without it name the panel's Precision, which the batch has not: its
-    cases say deepwml segment's, whose --precision the batch has too."""
+def test_batch_bf16_where_it_cannot_run_names_its_own_option(scene, batchScript, tmp_path, monkeypatch, tiny_model,
+                                                               capsys):
+    """The module's words for bf16 on a CPU without it name the panel's Precision, which the batch has not: the batch
+    says deepwml segment's, whose --precision the batch has too. It says them before the output folder is made
+    (inference.check_runtime: each case refused it, into a summary.csv of failed cases); a case whose runner refuses
+    bf16 all the same says them too."""
     from DeepWMLLib import inference
 
     monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: False)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    out = tmp_path / "out"
+    run = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu",
+           "--no-brain-mask", "--precision", "bf16"]
+    capsys.readouterr()
+    assert batchScript.main(run) == 1
+    assert capsys.readouterr().err == ("segment_batch: error: --precision bf16 needs a CPU with native bf16 (AMX or "
+                                       "AVX512-BF16); use fp32 or auto\n")
+    assert not out.exists()
+
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda backend: True)  # the runner's runtime refuses it
 
     def noOpenVino(*args, **kwargs):
         raise ImportError("openvino")
 
     monkeypatch.setattr(inference, "OpenVinoRunner", noOpenVino)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    writeCase(inputs, "a.nii.gz")
-    out = tmp_path / "out"
-    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model),
-                             "--device", "cpu", "--no-brain-mask", "--precision", "bf16"]) == 1
+    assert batchScript.main(run) == 1
     # written as text ('--precision), which a spreadsheet would otherwise take for a formula and show as #NAME?
     assert summary(out)["a"]["error"] == "'--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16); use " \
                                          "fp32 or auto"

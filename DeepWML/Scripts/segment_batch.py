@@ -502,9 +502,11 @@ def runBatch(args) -> int:
                         gridPhases=args.grid_phases, brainMask=not args.no_brain_mask,
                         location=False if args.no_location else (args.ventricle_model or True))
         args.settings = logic.plannedSettings(**args.run)
-        from DeepWMLLib.inference import resolve_device
+        from DeepWMLLib.inference import check_runtime
 
-        resolve_device(args.device)  # --device cuda without a GPU: refused, as a model of the wrong kind, before OUT
+        # --device cuda without a GPU, --precision bf16 on a CPU without native bf16 (each case refused it): refused,
+        # as a model of the wrong kind, before OUT (the module runs the networks with the auto backend)
+        check_runtime(args.device, "auto", args.precision)
         args.output_dir.mkdir(parents=True, exist_ok=True)
     except (DeepWMLError, OSError) as exc:
         print(f"segment_batch: error: {exc}", file=sys.stderr)
