@@ -2498,6 +2498,20 @@ def _listing(first: list, rest: list) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more else "")
 
 
+def series_named(series: Sequence[DicomSeries], choice: str) -> list[DicomSeries]:
+    """The series among `series` that `choice` (--series TEXT) names, as choose_dicom_series takes them: its UID, else
+    its series number, else its whole description, else a part of it (any case); of several, the images, not a picture
+    of them that shares their description (an outline series, a SEG). Read from the headers only."""
+    text = choice.strip().lower()
+    matches = ([s for s in series if s.uid == choice.strip()]
+               or [s for s in series if text.isdigit() and s.number == int(text)]
+               or [s for s in series if s.description.lower() == text]
+               or [s for s in series if text in s.description.lower()])
+    if len(matches) > 1:
+        matches = [s for s in matches if not s.derived] or matches
+    return matches
+
+
 class NoFlairSeries(DeepWMLError):
     """A study found in an export without a FLAIR-like series: skipped, not failed (other exams are expected)."""
 
@@ -2543,13 +2557,7 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
     how = (f"choose one with {option} TEXT (its series number, its description or a part of it, or its UID)"
            if option else "put the FLAIR series in a folder of its own (deepwml segment --series chooses one)")
     if choice:
-        text = choice.strip().lower()
-        matches = ([s for s in series if s.uid == choice.strip()]
-                   or [s for s in series if text.isdigit() and s.number == int(text)]
-                   or [s for s in series if s.description.lower() == text]
-                   or [s for s in series if text in s.description.lower()])
-        if len(matches) > 1:  # a description shared with a picture of it (an outline series, a SEG): the images
-            matches = [s for s in matches if not s.derived] or matches
+        matches = series_named(series, choice)
         if len(matches) == 1:
             return matches[0], f"{option or 'series'} {choice}"
         found = "none" if not matches else f"{len(matches)}"

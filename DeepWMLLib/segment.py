@@ -1805,6 +1805,8 @@ def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths
     cases = _once_each(expand_inputs(inputs))
     named = frozenset(_resolved(Path(raw)) for raw in inputs)  # the files and folders the user typed
     cases = case_names_apart(cases, named)  # clashing names told apart by their folders, or refused
+    if options.get("series"):  # a --series that no DICOM case holds (a typo): refused at once, from the headers
+        refuse_series_named_nowhere(cases, options["series"])
     out = io.make_output_dir(out_dir)
     protected = frozenset(path.resolve() for _, path, _ in cases)  # never written over nor deleted
     options["leftovers"] = io.temporary_leftovers(out)
@@ -2086,6 +2088,47 @@ def masks_only(rows: list[dict]) -> str | None:
         found = "the image file found looks" if len(masks) == 1 else f"all {len(masks)} image files found look"
     return (f"{found} like a label mask or segmentation, not a FLAIR scan, so nothing was segmented; give the "
             f"{'FLAIR scans' if named else 'folder of the FLAIR scans'}")
+
+
+def refuse_series_named_nowhere(cases: Sequence[tuple], choice: str) -> None:
+    """Raise DeepWMLError, before OUTDIR is made or a scan read, when --series `choice` names no series in any DICOM
+    case of `cases` (expand_inputs's): a series folder given, or a study found in an export. Each case refused it after
+    OUTDIR was made (into a summary.csv of failed cases). Only the series' headers are read (a study's were read when
+    the export was searched), and only until one case holds such a series: then each case without one fails on its
+    own, naming its series, as before. A folder whose series cannot be read makes no refusal here (its case says
+    why); image files take no --series."""
+    unmatched = []
+    for case, path, study in cases:
+        if isinstance(study, io.DicomStudy):
+            series = list(study.series)
+        elif study is None and path.is_dir():
+            try:
+                series = io.dicom_series(path)
+            except (DeepWMLError, OSError):
+                return
+            if not series:  # no series of its own (damaged, or a catalogue of folders below): its case says
+                return
+        else:
+            continue
+        if io.series_named(series, choice):
+            return
+        unmatched.append((case, path, study, series))
+    if not unmatched:
+        return
+    if len(unmatched) == 1:  # the words of the case's own refusal, at once
+        _, path, study, series = unmatched[0]
+        io.choose_dicom_series(path, choice, candidates=series)
+    kinds = collections.Counter((s.number, s.description) for *_, series in unmatched for s in series)
+    shown = [f"series {number} '{description or '(no description)'}' (in {count})" if number is not None
+             else f"'{description or '(no description)'}' (in {count})" for (number, description), count in
+             sorted(kinds.items(), key=lambda item: (-item[1], item[0][0] is None, item[0][0] or 0, item[0][1]))]
+    more = f"; and {len(shown) - 6} more" if len(shown) > 6 else ""
+    studies = sum(isinstance(study, io.DicomStudy) for _, _, study, _ in unmatched)
+    given = ("DICOM studies" if studies == len(unmatched) else "DICOM folders" if not studies
+             else "DICOM folders and studies")
+    raise DeepWMLError(f"--series {choice!r} matches no series in any of the {len(unmatched)} {given} given; they "
+                       f"hold {'; '.join(shown[:6])}{more}; choose one with --series TEXT (its "
+                       "series number, its description or a part of it, or its UID)")
 
 
 def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str | None = "--series") -> str | None:

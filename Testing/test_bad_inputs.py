@@ -187,6 +187,7 @@ BAD_INPUTS = [
      "ok: the scan segmented, the segmentation skipped unread, no clash of names"),
     ("output folder is a file", "segment", 1, "a file of that name exists"),
     ("a DICOM study folder with two FLAIR-like series", "segment", 1, "2 look like a FLAIR"),
+    ("--series naming no series of the DICOM folder given (or of none of the folders given)", "segment", 1, "holds 2 DICOM series and none match --series 'T2'"),
     ("a T1-weighted scan given as the FLAIR", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
     ("a T1-weighted scan given as the FLAIR with --no-brain-mask (marks outside the brain kept; the brain mask still "
      "made for the checks)", "segment", 0, "ok: segmented, warning printed (\"does not look like a FLAIR\")"),
@@ -339,6 +340,7 @@ REFUSED_BY_OPTIONS = {
     "a model without batch normalisation given to adapt (no statistics to adapt)",
     "export --no-brain-mask (or --brain-model) with no ventricle model (no split made: they would change nothing)",
     "export --brain-model (or --no-brain-mask) with --no-location",
+    "--series naming no series of the DICOM folder given (or of none of the folders given)",
 }
 
 
@@ -814,6 +816,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                uid=f"1.2.{number}", description=description, prefix=f"s{number}_")
         return seg + [str(tmp / "in" / "study")]
+    if row_id == "--series naming no series of the DICOM folder given (or of none of the folders given)":
+        for number, description in enumerate(("AX FLAIR", "AX T1"), start=1):
+            write_dicom_series(tmp / "in" / "study", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                               uid=f"1.2.{number}", description=description, prefix=f"s{number}_")
+        return seg + [str(tmp / "in" / "study"), "--series", "T2"]
     if row_id.startswith("a DICOM series with a slice missing"):
         folder = write_dicom_series(tmp / "in" / "gap", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
                                     description="AX FLAIR")

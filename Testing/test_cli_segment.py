@@ -1489,16 +1489,16 @@ def test_a_folder_of_the_export_that_cannot_be_read_is_a_failing_case(tmp_path, 
 
 def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path, tiny_model, capsys):
     """--series applies to every study of an export, one it matches nothing in skipped; when it matches
-    nothing in any study (a typo), the run does not end 'done' with no result; nor when no study holds a FLAIR."""
+    nothing in any study (a typo), the run does not end 'done' with no result (refused at once, before OUTDIR is
+    made: refuse_series_named_nowhere); nor when no study holds a FLAIR."""
     export = tmp_path / "export"
     _export_series(export / "STU" / "s3", "5.1", "AX FLAIR", 2500, slices=4)
     _export_series(export / "STU" / "s5", "5.1", "SAG T1", slices=3, prefix="t")
     out = tmp_path / "out"
     args = ["segment", str(export), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
     assert main(args + ["--series", "nomatch"]) == 1
-    rows = read_summary(out)
-    assert [r["status"] for r in rows] == ["error"] and "matches no series in any study" in rows[0]["error"]
-    assert "--series 'nomatch' matches no series" in capsys.readouterr().err
+    assert not out.exists()
+    assert f"error: {export / 'STU'} holds 2 DICOM series and none match --series 'nomatch'" in capsys.readouterr().err
     assert main(args + ["--series", "FLAIR"]) == 0 and read_summary(out)[0]["status"] == "ok"
     other = tmp_path / "other"  # two studies, the choice in one of them: the other skipped, as before
     _export_series(other / "A" / "s1", "6.1", "AX FLAIR", 2500, slices=4)
@@ -1515,6 +1515,39 @@ def test_a_series_choice_that_matches_nothing_in_any_study_is_an_error(tmp_path,
     assert row["status"] == "error" and row["error"].endswith("; no study given holds a series that looks like a FLAIR")
     assert ("error: no series looks like a FLAIR in the DICOM study given, so nothing was segmented; if one is, choose it "
             "with --series; see summary.csv for their series") in capsys.readouterr().err
+
+
+def test_a_series_choice_no_dicom_folder_holds_is_refused_at_once(tmp_path, tiny_model, capsys, monkeypatch):
+    """--series naming no series of the one DICOM folder given, or of none of several, was refused case by case,
+    into a summary.csv of failed cases in a new OUTDIR: now refused at once, before OUTDIR is made and before any
+    pixel data is read (the headers only). Where some cases hold such a series, the others fail on their own,
+    each naming its folder and series, as before; an image file takes no --series."""
+    image, _ = make_volume(size=(28, 24, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    a = write_dicom_series(tmp_path / "a", image, uid="1.2.3.81", description="AX FLAIR", inversion_ms=2500, number=3)
+    b = write_dicom_series(tmp_path / "b", image, uid="1.2.3.82", description="AX FLAIR", inversion_ms=2500, number=3)
+    write_dicom_series(b, image, uid="1.2.3.83", description="T1 SE", number=4, prefix="t1")
+    nifti, _ = write_case(tmp_path, "n", size=(32, 32, 4))
+    out = tmp_path / "out"
+    args = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    read = []
+    real_read = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda *a, **k: read.append(a[0]) or real_read(*a, **k))
+    assert main(["segment", str(a), *args, "--series", "T2"]) == 1
+    assert capsys.readouterr().err == (
+        f"deepwml segment: error: {a} holds 1 DICOM series and none match --series 'T2': series 3 'AX FLAIR' (4 images, "
+        "TI 2500 ms); choose one with --series TEXT (its series number, its description or a part of it, or its "
+        "UID)\n")
+    assert main(["segment", str(a), str(b), str(nifti), *args, "--series", "T2"]) == 1
+    assert capsys.readouterr().err == (
+        "deepwml segment: error: --series 'T2' matches no series in any of the 2 DICOM folders given; they hold series "
+        "3 'AX FLAIR' (in 2); series 4 'T1 SE' (in 1); choose one with --series TEXT (its series number, its "
+        "description or a part of it, or its UID)\n")
+    assert not out.exists() and read == []
+    assert main(["segment", str(a), str(b), *args, "--series", "4"]) == 1  # series 4 in b alone: a fails on its own
+    rows = {r["case"]: r for r in read_summary(out)}
+    assert rows["b"]["status"] == "ok" and rows["a"]["status"] == "error"
+    assert rows["a"]["error"].startswith(f"{a} holds 1 DICOM series and none match --series '4'")
+    assert f"a: error - {a} holds 1 DICOM series and none match --series '4'" in capsys.readouterr().err
 
 
 def test_a_run_of_flairless_studies_and_skipped_masks_is_an_error(tmp_path, tiny_model, capsys):
