@@ -58,7 +58,7 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     _check_threshold(threshold)
     names = [what if isinstance(mask, (sitk.Image, Volume)) else f"{what} {mask}"  # a file: named in errors
              for what, mask in (("rater A's mask", mask_a), ("rater B's mask", mask_b))]
-    mask_a, mask_b = as_mask(mask_a, "rater A's mask"), as_mask(mask_b, "rater B's mask")
+    mask_a, mask_b = as_mask(mask_a, "rater A's mask", flair), as_mask(mask_b, "rater B's mask", flair)
     pair = MaskPair.binary_pair(mask_a, mask_b, *names, flair)
     dice = pair.overlap()["dice"]
     both, area_a, area_b = pair.slice_counts()
@@ -155,7 +155,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
             missing = [entry[k] for k in ("rater_a", "rater_b") if not Path(entry[k]).exists()]
             if missing:  # both named when both are missing, not only the first one read
                 raise DeepWMLError(f"{' and '.join(missing)} {'do' if len(missing) > 1 else 'does'} not exist")
-            mask_a, mask_b = io.read_mask(entry["rater_a"]), io.read_mask(entry["rater_b"])
+            mask_a, mask_b = (as_mask(entry[rater], rater, entry.get("flair") or None) for rater in ("rater_a", "rater_b"))
             result = consensus_check(mask_a, mask_b, threshold, entry.get("flair") or None)
         except Cancelled:
             raise
@@ -211,7 +211,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threshold", type=unit_interval, default=DEFAULT_THRESHOLD,
                         help="Dice at or above which the masks are accepted (default %(default)s)")
     parser.add_argument("--json", help="write the full result of one pair to this JSON file")
-    parser.add_argument("--flair", help="the FLAIR both raters drew on, for --qc")
+    parser.add_argument("--flair", help="the FLAIR both raters drew on: masks on different extents are compared on "
+                        "its grid, a DICOM SEG's frames placed by the images of its series they name; for --qc")
     parser.add_argument("--qc", metavar="PNG", help="write a picture of the pair: the FLAIR's axial slices with both "
                         "raters' lesion green, rater A only red, rater B only blue (needs --flair)")
     parser.add_argument("--manifest", help="cohort CSV with columns case, rater_a, rater_b[, flair]; with flair, "
@@ -244,7 +245,7 @@ def run(args) -> int:
     if args.output:
         raise UsageError("-o is for --manifest cohorts; use --json FILE to save one pair's result")
     check_single_outputs(args)
-    mask_a, mask_b = io.read_mask(args.rater_a), io.read_mask(args.rater_b)
+    mask_a, mask_b = as_mask(args.rater_a, "rater A's mask", args.flair), as_mask(args.rater_b, "rater B's mask", args.flair)
     result = consensus_check(mask_a, mask_b, args.threshold, args.flair)
     picture = (pair_picture(args.flair, mask_a, mask_b, f"{pair_title(args.rater_a, args.rater_b)}: Dice "
                             f"{dice_shown(result['dice'], args.threshold)}")

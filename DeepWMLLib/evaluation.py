@@ -84,8 +84,9 @@ def check_single_outputs(args) -> None:
     """One case's (evaluate) or pair's (consensus) --json and --qc files, checked before the work, not after it:
     --qc with its --flair, a picture name ending .png (a case.jpg held PNG data, which some viewers refuse), each
     file one that can be written."""
-    if bool(args.flair) != bool(args.qc):
-        raise UsageError("--qc PNG and --flair FLAIR go together (the picture is drawn on the FLAIR)")
+    if args.qc and not args.flair:  # (--flair alone: masks on other extents compared on its grid, a DICOM SEG's
+        # frames placed by the images of its series they name)
+        raise UsageError("--qc PNG needs --flair FLAIR (the picture is drawn on the FLAIR)")
     if args.qc and Path(args.qc).suffix.lower() != ".png":
         raise UsageError(f"--qc writes a PNG picture: give a file name ending .png, not {Path(args.qc).name}")
     for target in filter(None, (args.json, args.qc)):
@@ -233,12 +234,16 @@ def report_failed_cases(failed: list[dict], verb: str) -> int:
 # One case
 
 
-def as_mask(value, what: str) -> sitk.Image:
+def as_mask(value, what: str, flair=None) -> sitk.Image:
     """A mask given as an image (SimpleITK, or a Volume as segment_image returns) or as a file's path (`what` names it
-    in errors), as a SimpleITK image: a file read as `deepwml evaluate` and `consensus` read it (io.read_mask)."""
+    in errors), as a SimpleITK image: a file read as `deepwml evaluate` and `consensus` read it (io.read_mask), a DICOM
+    SEG's frames placed by the images they name of `flair` where that is a DICOM series' folder (io.mask_source)."""
     if isinstance(value, Volume):  # what segment_image returns for a Volume input
         value = value.to_sitk()
-    return value if isinstance(value, sitk.Image) else io.read_mask(_existing(value, what))
+    if isinstance(value, sitk.Image):
+        return value
+    path = _existing(value, what)
+    return io.read_mask(path, source=io.mask_source(flair) if io.dicom_seg_file(path) else None)
 
 
 def _as_scores(value) -> sitk.Image:
@@ -273,8 +278,8 @@ def evaluate_case(prediction, reference, probabilities=None, found_fraction: flo
     """
     names = tuple(what if isinstance(value, (sitk.Image, Volume)) else f"{what} {value}"  # a file: named in errors
                   for what, value in (("prediction", prediction), ("reference", reference)))
-    reference = as_mask(reference, "reference")
-    prediction = as_mask(prediction, "prediction")
+    reference = as_mask(reference, "reference", flair)
+    prediction = as_mask(prediction, "prediction", flair)
     scores = _as_scores(probabilities) if probabilities is not None else None
     return metrics.case_metrics(prediction, reference, scores, found_fraction, size_classes, names, flair)
 
@@ -708,7 +713,8 @@ def register(subparsers) -> None:
     parser.add_argument("--reference", help="reference mask (1 lesion, 2 ignore; a two-valued mask such as 0/255 is read as 0/1)")
     parser.add_argument("--probabilities", help="probability map of the prediction, for ROC AUC")
     parser.add_argument("--json", help="write all metrics of the case to this JSON file")
-    parser.add_argument("--flair", help="the FLAIR both masks were drawn on, for --qc")
+    parser.add_argument("--flair", help="the FLAIR both masks were drawn on: masks on different extents are compared "
+                        "on its grid, a DICOM SEG's frames placed by the images of its series they name; for --qc")
     parser.add_argument("--qc", metavar="PNG", help="write a picture of the case: the FLAIR's axial slices with "
                         "agreement green, prediction only red, reference only blue (needs --flair)")
     parser.add_argument("--manifest", help="cohort CSV: case, prediction, reference[, centre, disease, probabilities, "

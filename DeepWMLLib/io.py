@@ -5731,6 +5731,25 @@ def _source_slices(series: DicomSeries, normal: np.ndarray) -> tuple[dict, np.nd
             np.array([np.asarray(p, float) @ normal for p in series.image_positions]))
 
 
+# What a SEG whose frames each name their source image, but lie on no grid of their own, is to be read with: its
+# frames between an unevenly spaced series' slices are placed by the images they name (read_dicom_seg)
+SEG_SOURCE_ADVICE = ("its frames each name the source image they were drawn on: give the FLAIR's DICOM series with "
+                     "it (deepwml evaluate and consensus: --flair FOLDER; a manifest: its flair column), which places "
+                     "each frame on its image's slice")
+
+
+def mask_source(flair) -> DicomSeries | None:
+    """The DICOM series a FLAIR given as a folder is read from (the one read_image reads), for read_mask's `source`:
+    a DICOM SEG's frames are placed by the images of it they name. None for a FLAIR given otherwise (a file, an
+    image, None) or a folder whose series cannot be told (what is wrong with it is said where the FLAIR is read)."""
+    if not isinstance(flair, (str, os.PathLike)) or not os.path.isdir(flair):
+        return None
+    try:
+        return choose_dicom_series(flair, option=None)[0]
+    except (DeepWMLError, OSError):
+        return None
+
+
 def read_dicom_seg(path: str | os.PathLike, source_series: DicomSeries | None = None) -> sitk.Image:
     """The lesion of a DICOM Segmentation file as a 0/1 uint8 mask on its own grid, read without a DICOM library.
 
@@ -5878,10 +5897,15 @@ def read_dicom_seg(path: str | os.PathLike, source_series: DicomSeries | None = 
             why = (_uneven_frames_fault(along - along[low], step, named)
                    if source == "its Spacing Between Slices" else "")
         if why is not None:
+            # frames that each name their source image, read without it (a sparse SEG of an unevenly spaced series
+            # whose lowest frame is not on the series' first slice, say): the series places each on its image's
+            # slice; exporting the SEG again would give the same frames
+            advice = (SEG_SOURCE_ADVICE if named and source_series is None and source == "its Spacing Between Slices"
+                      else "export it again on the scan's slices")
             raise refuse(f"has frames between slices: frame {odd + 1} lies {index[odd]:.3g} slices from the first, on "
                          f"slices {step:.4g} mm apart ({source}); its frames lie on no one voxel grid"
                          + (f" (nor are they an unevenly spaced series' slices: {why})" if why else "")
-                         + ": export it again on the scan's slices")
+                         + f": {advice}")
         logging.getLogger(__name__).warning(
             "%s: the DICOM Segmentation's frames lie on an unevenly spaced series' slices (frame %d %.2f mm from its "
             "place on the regular grid of their mean step, %.4g mm); each is placed on that grid as DeepWML reads the "

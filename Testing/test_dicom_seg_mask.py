@@ -17,12 +17,12 @@ from DeepWMLLib import io
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import rotation
+from conftest import rotation, stepped_positions, write_dicom_series
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
 
-from test_dicom_seg import LESION, source_series  # noqa: E402  (after the skips: it imports pydicom itself)
+from test_dicom_seg import LESION, PATIENT, phantom, source_series  # noqa: E402  (after the skips: it imports pydicom itself)
 
 
 def rater_mask(flair: sitk.Image, seed: int = 0) -> np.ndarray:
@@ -479,3 +479,41 @@ def test_an_rle_or_labelmap_seg_in_a_folder_below_given_as_a_mask(tmp_path, phan
     shutil.copy(tmp_path / "rle" / "SE300" / "IM0001", tmp_path / "labelmap" / "SE302" / "IM0001")
     with pytest.raises(DeepWMLError, match=r"labelmap holds 2 DICOM Segmentation files \(SE301/IM0001, SE302/IM0001\)"):
         io.read_mask(tmp_path / "labelmap", flair)
+
+
+def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_the_series(tmp_path, capsys):
+    """A third party's SEG without its empty frames (highdicom's default) of an unevenly spaced series (slices 0, 5,
+    10.6, 15, 20, 25.8, 30 mm up), whose lowest frame is slice 2, not the series' first: read alone its frames lie on
+    no grid of their own (offsets from the lowest, 4.4, 9.4, 15.2 mm). It was refused with advice to export it again
+    on the scan's slices, which it is on already; now the advice is to give the FLAIR's series, and `deepwml evaluate`
+    and `consensus` take it as --flair (without --qc, which it had to go with), placing each frame by the image it
+    names: the mask, Dice 1 against the same mask as a file."""
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    mask = (sitk.GetArrayFromImage(flair) >= LESION).astype(np.uint8)
+    mask[:2] = 0
+    mask[2] = mask[3]  # frames on slices 2 to 6, the lowest 10.6 mm up
+    highdicom_seg(folder, tmp_path / "rater.dcm", {"WMH": mask})
+    assert int(pydicom.dcmread(tmp_path / "rater.dcm").NumberOfFrames) == 5
+    prediction = as_file(mask, flair, tmp_path / "prediction.nrrd")
+    with pytest.raises(DeepWMLError, match=r"rater\.dcm: the DICOM Segmentation has frames between slices.*: its frames "
+                                           r"each name the source image they were drawn on: give the FLAIR's DICOM "
+                                           r"series with it \(deepwml evaluate and consensus: --flair FOLDER"):
+        io.read_mask(tmp_path / "rater.dcm")
+    assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.dcm", flair, source=series)), mask)
+    evaluate = ["evaluate", "--prediction", str(prediction), "--reference", str(tmp_path / "rater.dcm"), "--json",
+                str(tmp_path / "e.json")]
+    assert main(evaluate) == 1
+    assert "its frames each name the source image" in capsys.readouterr().err
+    assert main(evaluate + ["--flair", str(folder)]) == 0
+    assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["dice"] == 1.0
+    assert main(["consensus", str(tmp_path / "rater.dcm"), str(prediction), "--flair", str(folder), "--json",
+                 str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["dice"] == 1.0
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b,flair\nc1,rater.dcm,prediction.nrrd,flair\n",
+                                         encoding="utf-8")
+    assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")]) == 0
+    assert "1 case checked at Dice >= 0.85: 1 pass" in capsys.readouterr().out

@@ -157,7 +157,7 @@ def test_evaluate_qc_one_case_and_a_cohort(tmp_path, capsys):
         sitk.WriteImage(volume(array), str(files[name]))
     common = ["evaluate", "--prediction", str(files["pred"]), "--reference", str(files["ref"])]
     assert main(common + ["--qc", str(tmp_path / "a.png")]) == 2
-    assert "--qc PNG and --flair FLAIR go together" in capsys.readouterr().err
+    assert "--qc PNG needs --flair FLAIR" in capsys.readouterr().err
     assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "missing" / "a.png")]) == 1
     assert "does not exist" in capsys.readouterr().err  # refused before the work
     assert main(common + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "a.png")]) == 0
@@ -214,7 +214,7 @@ def test_consensus_qc_pictures_where_two_raters_differ(tmp_path, capsys):
         files[name] = tmp_path / f"{name}.nii.gz"
         sitk.WriteImage(volume(array), str(files[name]))
     pair = ["consensus", str(files["a"]), str(files["b"])]
-    assert main(pair + ["--flair", str(files["flair"])]) == 2
+    assert main(pair + ["--flair", str(files["flair"])]) == 0  # --flair alone: the masks on its grid, no picture
     assert main(pair + ["--flair", str(files["flair"]), "--qc", str(tmp_path / "pair.png")]) == 0
     capsys.readouterr()
     picture = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pair.png")))
