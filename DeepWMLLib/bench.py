@@ -483,6 +483,11 @@ def _run(args) -> int:
     if args.device == "cuda":  # an option of segment's, tried here: said plainly, not argparse's 'unrecognized'
         raise DeepWMLError("deepwml bench times the CPU only (every figure, (a) to (f), is a CPU run); to time a GPU, "
                            "run deepwml segment --device cuda on a folder of scans (it prints seconds per case)")
+    from .inference import check_runtime
+
+    # --precision bf16 on a CPU without native bf16, a backend not installed: refused before the scan is read and the
+    # networks loaded (9 s here), as deepwml segment refuses them
+    check_runtime("cpu", args.backend, args.precision)
     args.model = model_files(args.model)  # a shipped model's or ensemble's name stands for its file(s)
     if args.json:
         io.check_output_file(args.json)  # before minutes of timing, not after

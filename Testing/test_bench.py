@@ -264,6 +264,22 @@ def test_bench_without_the_brain_mask_times_the_wmh_network_alone_in_c_too(tmp_p
     assert brains and brains == [None] * len(brains)
 
 
+def test_bf16_on_a_cpu_without_it_is_refused_before_the_scan_is_read(monkeypatch, capsys):
+    """`deepwml bench --precision bf16` on a CPU without native bf16 read the scan and loaded the networks (9 s on the
+    Zen 3) before its runner refused it: refused first now, as deepwml segment refuses it (inference.check_runtime)."""
+    from DeepWMLLib import bench, inference
+
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: False)
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "run_benchmark", timed)
+    assert main(["bench", "--precision", "bf16", "--repeat", "1"]) == 1
+    assert "--precision bf16 needs a CPU with native bf16 (AMX or AVX512-BF16)" in capsys.readouterr().err
+
+
 def test_cpu_description_names_the_vector_units_that_decide_the_precision():
     """The table names the CPU and the units that decide how the networks run (bf16 natively, else fp32): the
     first processor's model name and flags of /proc/cpuinfo, the units from the widest down."""
