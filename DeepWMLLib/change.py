@@ -1653,7 +1653,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
             "no DICOM SEG: neither scan has a lesion, so there is no change to segment (a SEG needs one segment at least)"]
     picture = change_picture(followup, result.labels, picture_title(case, report)) if args.qc else None
     prepared = change_outline(followup, result.labels, chosen["follow-up"][0], report) if outline else None
-    from .segment import whole_or_none
+    from .segment import whole_or_none, write_qc_and_dicom
 
     # each scan's image outputs stored as segment stores them: X, Y, Z, 1 for a scan stored so, and, from a NIfTI
     # scan, with its own qform and sform (where they disagree, FSL and nibabel place the outputs on it as Slicer does)
@@ -1678,14 +1678,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
             io.write_image(mask_baseline, paths["baseline_mask"], *stored["baseline"])
         if not given[1]:
             io.write_image(mask_followup, paths["followup_mask"], *stored["follow-up"])
-        if picture is not None:
-            io.write_bytes(picture, paths["qc"])
-        if prepared is not None:
-            from .dicom_outline import write_outline_series
-
-            report["dicom_outline"] = write_outline_series(prepared, outline_path(out, case), overwrite=True)
-        if segmented is not None:
-            io.write_bytes(segmented.data, paths["dicom_seg"])
-            report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
+        write_qc_and_dicom(report, {**paths, "dicom_outline": outline_path(out, case)}, True, picture, prepared,
+                           segmented)
         io.write_text(json.dumps(report, indent=1), paths["report"])
     return report

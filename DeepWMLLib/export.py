@@ -150,7 +150,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .report import lesion_report
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
                           load_brain_model, load_ventricle_model, mask_digest, mask_location, picture_title,
-                          scan_header_warnings, whole_or_none)
+                          scan_header_warnings, whole_or_none, write_qc_and_dicom)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -278,15 +278,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                         remove_outline_series(stale)
                     elif stale.is_file():
                         stale.unlink()
-            if qc:
-                io.write_bytes(picture, paths["qc"])
-            if outline:
-                from .dicom_outline import write_outline_series
-
-                report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
-            if seg:
-                io.write_bytes(segmented.data, paths["dicom_seg"])
-                report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
+            write_qc_and_dicom(report, paths, overwrite, picture if qc else None, prepared if outline else None,
+                               segmented if seg else None)
             report["outputs"] = sorted(p.name for p in paths.values())
             report["seconds"] = round(time.perf_counter() - start, 3)
             io.write_text(json.dumps(report, indent=1), paths["report"])

@@ -1477,15 +1477,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         if save_ventricle_mask:
             tell(SEGMENTING_SHARE + 0.095, "writing the ventricle mask")
             io.write_image(result.ventricles, paths["ventricles"], time_axis, geometry)
-        if qc:
-            io.write_bytes(picture, paths["qc"])
-        if outline:
-            from .dicom_outline import write_outline_series
-
-            report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], overwrite)
-        if seg:
-            io.write_bytes(segmented.data, paths["dicom_seg"])
-            report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
+        write_qc_and_dicom(report, paths, overwrite, picture if qc else None, prepared if outline else None,
+                           segmented if seg else None)
         io.write_text(json.dumps(report, indent=1), paths["report"])
     tell(1.0, "done")
     return summary_row(case, path, report)
@@ -1713,6 +1706,23 @@ def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
     if io.axial_axis(mask) != 2 or len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
         return None
     return [int(n) for n in numbers]
+
+
+def write_qc_and_dicom(report: dict, targets: dict, overwrite: bool, picture: bytes | None = None, prepared=None,
+                       segmented=None) -> None:
+    """Write what a case's run made before writing anything, each that is not None: the QC picture's PNG bytes to
+    targets["qc"], the outline series (dicom_outline.py's) into the folder targets["dicom_outline"] and the DICOM SEG
+    (dicom_seg.py's) to targets["dicom_seg"]; the series' and the SEG's descriptions go into `report`. One writer for
+    deepwml segment, export and change and the Slicer batch."""
+    if picture is not None:
+        io.write_bytes(picture, targets["qc"])
+    if prepared is not None:
+        from .dicom_outline import write_outline_series
+
+        report["dicom_outline"] = write_outline_series(prepared, targets["dicom_outline"], overwrite)
+    if segmented is not None:
+        io.write_bytes(segmented.data, targets["dicom_seg"])
+        report["dicom_seg"] = segmented.as_dict(targets["dicom_seg"].name)
 
 
 @contextlib.contextmanager

@@ -300,15 +300,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
             io.write_image(mask, paths["mask"], timeAxis,
                            io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
-            if args.qc:
-                io.write_bytes(picture, paths["qc"])
-            if outline:
-                from DeepWMLLib.dicom_outline import write_outline_series
-
-                report["dicom_outline"] = write_outline_series(prepared, paths["dicom_outline"], args.overwrite)
-            if seg:
-                io.write_bytes(segmented.data, paths["dicom_seg"])
-                report["dicom_seg"] = segmented.as_dict(paths["dicom_seg"].name)
+            segment.write_qc_and_dicom(report, paths, args.overwrite, picture if args.qc else None,
+                                       prepared if outline else None, segmented if seg else None)
             write_json(report, paths["report"])
         if args.overwrite:  # an earlier run's picture, SEG or outline series of an older result, not asked for now
             removeStale(output_paths(args.output_dir, case, False, qc=True, dicom_outline=True, dicom_seg=True), paths)
