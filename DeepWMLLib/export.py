@@ -150,7 +150,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .report import lesion_report
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
                           load_brain_model, load_ventricle_model, mask_digest, mask_location, picture_title,
-                          scan_header_warnings, whole_or_none, write_qc_and_dicom)
+                          scan_header_warnings, whole_or_none)
+    from .segment import add_instance_numbers, write_qc_and_dicom
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -211,11 +212,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                   "device": split["device"] if split else None, "runner": split["runner"] if split else None,
                   "model": None, "model_sha256": [], "deepwml_version": __version__}
         instances = dicom_instances(chosen[0], binary) if chosen else None
-        if instances:  # the image numbers PACS shows, beside the voxel indices, as segment writes them
-            for row in report["slices"]:
-                row["dicom_instance"] = instances[row["index"]]
-            for lesion in report["lesions"]:
-                lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
+        add_instance_numbers(report, instances)  # as segment writes them
         if split is None:
             report["location_why"] = location_left_out() if asked_location else LOCATION_OFF
         said = list(split["warnings"]) if split else []

@@ -1410,11 +1410,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     geometry = io.read_nifti_geometry(path)  # NIfTI outputs carry the input's qform and sform as they stand
     report = {"case": case, "input": str(path), "input_size": io.stored_size(image, time_axis), **result.report}
     instances = dicom_instances(chosen[0], result.mask) if chosen else None
-    if instances:  # the image numbers PACS shows, beside the voxel indices
-        for row in report["slices"]:
-            row["dicom_instance"] = instances[row["index"]]
-        for lesion in report["lesions"]:
-            lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
+    add_instance_numbers(report, instances)
     if chosen:
         report["dicom_series"] = chosen[0].as_dict(chosen[1])
         report["warnings"] = [*dicom_series_warnings(chosen[0], chosen[1], image), *report["warnings"]]
@@ -1706,6 +1702,16 @@ def dicom_instances(series: io.DicomSeries, mask) -> list[int] | None:
     if io.axial_axis(mask) != 2 or len(numbers) != slices or None in numbers or len(set(numbers)) != slices:
         return None
     return [int(n) for n in numbers]
+
+
+def add_instance_numbers(report: dict, instances: list[int] | None) -> None:
+    """The image numbers PACS shows (`dicom_instances`; None: none), beside the voxel indices, in a report's slices
+    (dicom_instance) and lesions (dicom_instance_range)."""
+    if instances:
+        for row in report["slices"]:
+            row["dicom_instance"] = instances[row["index"]]
+        for lesion in report["lesions"]:
+            lesion["dicom_instance_range"] = [instances[k] for k in lesion["slice_range"]]
 
 
 def write_qc_and_dicom(report: dict, targets: dict, overwrite: bool, picture: bytes | None = None, prepared=None,
