@@ -24,7 +24,8 @@ import SimpleITK as sitk
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .evaluation import (as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
-                         picture_path, read_manifest, report_failed_cases, write_csv, write_json)
+                         picture_path, read_manifest, report_failed_cases, write_csv, write_json,
+                         write_single_outputs)
 from .metrics import MaskPair, dice_of_counts
 from .report import lesion_count_text
 from .volume import Volume
@@ -251,10 +252,7 @@ def run(args) -> int:
                             f"{dice_shown(result['dice'], args.threshold)}")
                if args.qc else None)  # a bad FLAIR: refused before any output
     print(format_check(result))
-    if args.json:
-        write_json(result, args.json)
-    if picture is not None:
-        io.write_bytes(picture, args.qc)
+    write_single_outputs(args, result, picture)
     return 0
 
 

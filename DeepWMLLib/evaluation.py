@@ -93,6 +93,15 @@ def check_single_outputs(args) -> None:
         io.check_output_file(target)
 
 
+def write_single_outputs(args, result: dict, picture: bytes | None) -> None:
+    """One case's (evaluate) or pair's (consensus) --json and --qc files (checked by check_single_outputs), written
+    once its result is printed."""
+    if args.json:
+        write_json(result, args.json)
+    if picture is not None:
+        io.write_bytes(picture, args.qc)
+
+
 def write_csv(rows: list[dict], columns: list[str], path: str | os.PathLike) -> Path:
     return io.write_csv_text(io.csv_text(columns, (csv_cells(row, columns) for row in rows)), path)
 
@@ -762,10 +771,7 @@ def run(args) -> int:
                                   f"{pair_title(args.prediction, args.reference)}: Dice {_fmt(result['dice'])}")
                if args.qc else None)  # a bad FLAIR: refused before anything is printed or written
     print(format_case(result))
-    if args.json:
-        write_json(result, args.json)
-    if picture is not None:
-        io.write_bytes(picture, args.qc)
+    write_single_outputs(args, result, picture)
     return 0
 
 
