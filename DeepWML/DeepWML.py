@@ -168,6 +168,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         self.setParameterNode(None)
         self._clearResults()  # the closed scene's patient: nothing of it may stay on show or be saved
+        self.logic.forgetKept()  # nor kept in memory
         self.ui.statusLabel.text = ""
         self.ui.progressBar.value = 0
 
@@ -327,8 +328,18 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         makes it for a mask given (its networks on the FLAIR, on the panel's device, the brain mask as ticked)."""
         p = self._parameterNode
         ventricleModel = self.logic.locationChoice(p.ventricleSplit) or None
-        return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume, ventricleModel=ventricleModel,
-                                           device=p.device, brainMask=p.brainMask, precision=p.precision)
+        shown = self.ui.statusLabel.text
+
+        def waiting(message):  # the networks run (seconds, the first time for a volume): say why the panel waits
+            self.ui.statusLabel.text = message
+            slicer.app.processEvents()
+
+        try:
+            return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume, ventricleModel=ventricleModel,
+                                               device=p.device, brainMask=p.brainMask, precision=p.precision,
+                                               progress=waiting)
+        finally:
+            self.ui.statusLabel.text = shown
 
     def onShowStatistics(self) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):

@@ -553,33 +553,36 @@ def lesion_location(mask, frame, ventricle_map: np.ndarray, brain: np.ndarray | 
     Returns (the report's `location` entry, naming the ventricle model; the distances at the mask's voxels in the
     order of its own voxels, as `report.lesion_report` reads them, None when the split is not made; the ventricles,
     a bool stack)."""
-    from .location import locate, ventricle_mask
+    from .location import ventricle_mask
+
+    ventricles = ventricle_mask(ventricle_map, brain, ventricle_model.threshold)
+    location, distance = _locate_lesions(mask, frame, ventricles, ventricle_model)
+    return location, distance, ventricles
+
+
+def _locate_lesions(mask, frame, ventricles: np.ndarray, ventricle_model) -> tuple:
+    """`location.locate` of `mask`'s lesions against the ventricles (a bool stack on `frame`'s grid): the report's
+    `location` entry, naming the ventricle model, and the distances at the mask's voxels."""
+    from .location import locate
 
     spacing = (frame.slice_thickness_mm, frame.row_spacing_mm, frame.col_spacing_mm)
-    ventricles = ventricle_mask(ventricle_map, brain, ventricle_model.threshold)
     # the distances at the lesion voxels only; a map of the whole volume was 1.7 GB at 1024 x 1024 x 400, 3.4 GB
     # while ITK made it
     location, distance = locate(io.axial_positions(mask, frame), ventricles, spacing)
     location.update(ventricle_model=ventricle_model.name, ventricle_model_sha256=ventricle_model.digest)
-    return location, distance, ventricles
+    return location, distance
 
 
-def mask_location(image, mask, ventricle_model="default", brain_model="default", device: str = "auto",
-                  backend: str = "auto", precision: str = "auto", brain_gate: bool = True) -> dict | None:
-    """The periventricular/deep split of a mask given on `image`'s grid (`deepwml export`: a mask DeepWML did not
-    just compute), made as `segment_image` makes it for its own mask (`lesion_location`): the ventricle and brain
-    networks (`ventricle_model`, `brain_model`: as segment_image takes them; the WMH networks do not run) on
-    `image`, the ventricles kept inside the brain mask as segment's default keeps them (`brain_gate` False: not,
-    as `deepwml segment --no-brain-mask` does not; the brain network still runs for `intracranial_ml`). None
-    without a ventricle model ("default" and the model registry marks none). Else {"location": the report's entry,
-    "distance": at the mask's voxels (`lesion_report`'s `ventricle_distance`; None when the split is not made),
-    "ventricles": the lateral ventricles measured from, a 0/1 uint8 image on `image`'s grid (what segment's
-    `SegmentationResult.ventricles` holds, which its QC picture outlines), "brain_model", "brain_model_sha256",
-    "intracranial_ml" (None without a brain model), "device" and "runner" (how the networks ran, as segment's
-    report records them), "warnings": what segment's report warns of the split (not made; too little ventricle
-    for a whole brain)}."""
+def location_inputs(image, ventricle_model="default", brain_model="default", device: str = "auto",
+                    backend: str = "auto", precision: str = "auto", brain_gate: bool = True) -> dict | None:
+    """What `mask_location`'s split takes from the scan alone: the ventricle and brain networks' work (seconds), none
+    of which depends on the mask, so that a caller measuring several masks of one scan (the Slicer module's statistics
+    of a segmentation edited between updates) runs the networks once. Arguments as `mask_location` takes them. None
+    without a ventricle model. Else {"frame": `image`'s axial frame, "ventricles": the lateral ventricles measured
+    from (a bool axial stack: read it, do not write it), "ventricle_model": the loaded model, "brain_model",
+    "brain_model_sha256", "intracranial_ml", "device", "runner"}."""
     from .inference import predict_maps, resolve_device
-    from .location import small_ventricles_warning
+    from .location import ventricle_mask
     from .postprocessing import BRAIN_THRESHOLD
 
     ventricle_model = load_ventricle_model(ventricle_model)
@@ -591,21 +594,52 @@ def mask_location(image, mask, ventricle_model="default", brain_model="default",
         image, [], brain_model, dev, backend=backend, facts=facts, precision=precision,
         ventricle_model=ventricle_model, brain_threshold=BRAIN_THRESHOLD, ventricle_threshold=ventricle_model.threshold)
     gate = None if brain is None or not brain_gate else brain > 0  # as segment_image keeps them
-    location, distance, ventricles = lesion_location(mask, frame, ventricle_map, gate, ventricle_model)
-    del ventricle_map
-    ventricle_image = io.from_axial_stack(ventricles.view(np.uint8), frame, reuse=True)  # as segment_image puts it
+    ventricles = ventricle_mask(ventricle_map, gate, ventricle_model.threshold)
+    del ventricle_map, gate
     intracranial = None
     if brain is not None:  # counted as segment_image counts it
         counts = sum(np.count_nonzero(plane) for plane in brain)
         intracranial = round(float(counts) * float(np.prod(frame.spacing)) / 1000, 3)
+    return {"frame": frame, "ventricles": ventricles, "ventricle_model": ventricle_model,
+            "brain_model": None if brain_model is None else brain_model.name,
+            "brain_model_sha256": None if brain_model is None else brain_model.digest,
+            "intracranial_ml": intracranial, "device": str(dev), "runner": facts.get("runner")}
+
+
+def mask_location(image, mask, ventricle_model="default", brain_model="default", device: str = "auto",
+                  backend: str = "auto", precision: str = "auto", brain_gate: bool = True,
+                  inputs: dict | None = None) -> dict | None:
+    """The periventricular/deep split of a mask given on `image`'s grid (`deepwml export`: a mask DeepWML did not
+    just compute), made as `segment_image` makes it for its own mask (`lesion_location`): the ventricle and brain
+    networks (`ventricle_model`, `brain_model`: as segment_image takes them; the WMH networks do not run) on
+    `image`, the ventricles kept inside the brain mask as segment's default keeps them (`brain_gate` False: not,
+    as `deepwml segment --no-brain-mask` does not; the brain network still runs for `intracranial_ml`). `inputs`:
+    `location_inputs` of this very image with these arguments, made earlier (the networks do not run again; the
+    models and `image` are then not read). None without a ventricle model ("default" and the model registry marks
+    none). Else {"location": the report's entry, "distance": at the mask's voxels (`lesion_report`'s
+    `ventricle_distance`; None when the split is not made), "ventricles": the lateral ventricles measured from, a
+    0/1 uint8 image on `image`'s grid (what segment's `SegmentationResult.ventricles` holds, which its QC picture
+    outlines), "brain_model", "brain_model_sha256", "intracranial_ml" (None without a brain model), "device" and
+    "runner" (how the networks ran, as segment's report records them), "warnings": what segment's report warns of
+    the split (not made; too little ventricle for a whole brain)}."""
+    from .location import small_ventricles_warning
+
+    given = inputs is not None
+    if not given:
+        inputs = location_inputs(image, ventricle_model, brain_model, device, backend, precision, brain_gate)
+        if inputs is None:
+            return None
+    frame, ventricles = inputs["frame"], inputs["ventricles"]
+    location, distance = _locate_lesions(mask, frame, ventricles, inputs["ventricle_model"])
+    # as segment_image puts them; the stack given up only where it was made here (`inputs` given are read again)
+    ventricle_image = io.from_axial_stack(ventricles.view(np.uint8), frame, reuse=not given)
     said = [location["why"]] if not location["judged"] else []
-    small = small_ventricles_warning(location, intracranial)
+    small = small_ventricles_warning(location, inputs["intracranial_ml"])
     if small:
         said.append(small)
     return {"location": location, "distance": distance, "ventricles": ventricle_image,
-            "brain_model": None if brain_model is None else brain_model.name,
-            "brain_model_sha256": None if brain_model is None else brain_model.digest,
-            "intracranial_ml": intracranial, "device": str(dev), "runner": facts.get("runner"), "warnings": said}
+            **{key: inputs[key] for key in ("brain_model", "brain_model_sha256", "intracranial_ml", "device", "runner")},
+            "warnings": said}
 
 
 @dataclass

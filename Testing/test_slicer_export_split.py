@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+import slicer
 
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
 from conftest import REPO  # noqa: E402
 from DeepWMLLib.cli import main  # noqa: E402
-from slicer_fixtures import scene  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import countNetworkRuns, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
@@ -67,3 +68,71 @@ def test_a_segment_measured_against_its_own_ventricle_segment_is_not_split_again
     x, y, z = flair.GetSpacing()
     assert report["location"]["ventricles_ml"] == pytest.approx(40 * 40 * 4 * x * y * z / 1000, rel=1e-3)
     assert "intracranial_ml" not in report
+
+
+def test_the_split_networks_run_once_per_volume_and_the_segmentations_edits_still_count(scene, monkeypatch):
+    """Show statistics, Review lesions, Compare and Save results each computed the statistics, and with the split of a
+    manual segmentation each ran the ventricle and brain networks again on the same volume (1-2 s on the sample, on
+    the main thread). They are kept by the volume and the settings: a second update runs no network, yet an edit of
+    the segmentation between updates changes the split; an edit of the volume's voxels, of where it lies, or another
+    brain-mask switch, device or precision runs them again."""
+    runs = countNetworkRuns(monkeypatch)
+    flair = sitk.ReadImage(str(SAMPLE))
+    volume = mrml.volumeFromImage(flair, "sample_flair")
+    truth = sitk.ReadImage(str(MANUAL)) > 0
+    manual = mrml.segmentationFromMask(truth, volume, name="rater")
+    logic = DeepWMLCoreLogic()
+
+    def statistics(**settings):
+        return logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), **{"device": "cpu", **settings})
+
+    first = statistics()
+    assert len(runs) == 1 and first["location"]["judged"]
+    assert statistics() == first and len(runs) == 1  # the same volume, the same segmentation: nothing runs
+    edited = sitk.Image(truth)
+    edited[:, :, 11:] = 0  # the rater removes the lesions above slice 10
+    mrml.segmentationFromMask(edited, volume, manual)
+    after = statistics()
+    assert len(runs) == 1 and after["volume_ml"] < first["volume_ml"]
+    assert after["location"]["periventricular_ml"] + after["location"]["deep_ml"] < \
+        first["location"]["periventricular_ml"] + first["location"]["deep_ml"]
+    assert after["location"]["ventricles_ml"] == first["location"]["ventricles_ml"]  # the volume's, kept
+    fresh = DeepWMLCoreLogic().lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu")
+    assert after == fresh and len(runs) == 2  # what the networks run anew give
+    statistics(brainMask=False)
+    statistics(precision="fp32")
+    assert len(runs) == 4
+    statistics(precision="fp32")
+    assert len(runs) == 4
+    voxels = slicer.util.arrayFromVolume(volume)
+    voxels[:, :128, :] = 0  # the volume edited (half of it blanked), as an extension's filter may
+    slicer.util.arrayFromVolumeModified(volume)
+    blanked = statistics(precision="fp32")
+    assert len(runs) == 5 and blanked["location"]["ventricles_ml"] != first["location"]["ventricles_ml"]
+    spacing = list(volume.GetSpacing())
+    volume.SetSpacing(spacing[0], spacing[1], 2 * spacing[2])  # where it lies
+    statistics(precision="fp32")
+    assert len(runs) == 6
+
+
+def test_a_ventricle_segment_added_later_takes_priority_over_the_kept_networks(scene, monkeypatch):
+    """The split of a manual segmentation made by the networks (kept for the volume) gives way to a 'Lateral
+    ventricles' segment added to the segmentation later (DeepWML's, perhaps edited): it is measured from that
+    segment, and no network runs; removed again, the kept networks' split comes back without a run."""
+    runs = countNetworkRuns(monkeypatch)
+    flair = sitk.ReadImage(str(SAMPLE))
+    volume = mrml.volumeFromImage(flair, "sample_flair")
+    manual = mrml.segmentationFromMask(sitk.ReadImage(str(MANUAL)) > 0, volume, name="rater")
+    logic = DeepWMLCoreLogic()
+    networks = logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu")
+    assert networks["location"]["ventricles"].startswith("the ventricle network") and len(runs) == 1
+    drawn = sitk.Cast(flair > 1e9, sitk.sitkUInt8)
+    drawn[100:140, 100:140, 8:12] = 1
+    mrml.segmentationFromMask(drawn, volume, manual, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    segment = logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu")
+    assert segment["location"]["ventricles"].startswith("segment 'Lateral ventricles'") and len(runs) == 1
+    assert segment["location"]["ventricles_ml"] != networks["location"]["ventricles_ml"]
+    segmentation = manual.GetSegmentation()
+    segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME))
+    assert logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu") == networks
+    assert len(runs) == 1

@@ -20,7 +20,8 @@ import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
-from slicer_fixtures import blockingSegmentation, lateSegmentation, module, onnxCache, scene, seriesOfFrames  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import (blockingSegmentation, countNetworkRuns, lateSegmentation, module, onnxCache,  # noqa: E402,F401 (fixtures)
+                             scene, seriesOfFrames)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 
@@ -892,3 +893,27 @@ def test_statistics_of_a_manual_segmentation_make_the_split_when_it_is_ticked(wi
     saved = json.loads((tmp_path / "all.json").read_text(encoding="utf-8"))["report"]
     assert saved["location"]["ventricle_model"] == Path(widget.logic.ventricleModelPath()).name
     assert saved["location"]["ventricles"].startswith("the ventricle network on 'FLAIR'") and saved["device"] == "cpu"
+
+
+def test_statistics_say_why_they_wait_for_the_split_networks_and_run_them_once_per_volume(widget, monkeypatch):
+    """With the split ticked, the statistics of a manual segmentation ran the ventricle and brain networks (seconds on
+    the main thread) at every click with nothing on the panel but the wait cursor, and Review lesions after Show
+    statistics ran them again on the same volume. The status line now says what runs while it runs (then shows what
+    it showed), the networks run once for the unchanged volume, and a closed scene's are let go."""
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.device, p.ventricleSplit = "cpu", True
+    runs = countNetworkRuns(monkeypatch)
+    seen = []
+    monkeypatch.setattr(slicer.app, "processEvents", lambda: seen.append(ui.statusLabel.text), raising=False)
+    ui.statusLabel.text = "Done."
+    ui.showStatisticsButton.click()
+    assert len(runs) == 1 and ui.statusLabel.text == "Done."
+    assert [text for text in seen if text.startswith("Finding the lateral ventricles on 'FLAIR' for the "
+                                                     "periventricular/deep split")], seen
+    shown, seen[:] = ui.resultsLabel.text, []
+    ui.listLesionsButton.click()
+    ui.showStatisticsButton.click()
+    assert len(runs) == 1 and not seen and ui.resultsLabel.text == shown
+    slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)
+    assert widget.logic._locationInputs is None

@@ -371,6 +371,7 @@ class DeepWMLCoreLogic:
     def __init__(self):
         self.interactive = False
         self.workerPython = "auto"  # startSegmentation's worker process: see there
+        self._locationInputs = None  # (what they depend on, segment.location_inputs of a volume): _volumeLocationInputs
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -701,7 +702,7 @@ class DeepWMLCoreLogic:
     # Results
 
     def lesionStatistics(self, segmentationNode, volumeNode, segmentId=None, ventricleModel=None, device="auto",
-                         brainMask=True, precision="auto") -> dict:
+                         brainMask=True, precision="auto", progress=None) -> dict:
         """Lesion report of a segmentation on the volume's grid: volume_ml, lesion_count, slices, lesions,
         plus the facts of the DeepWML run that made it (model, device, seconds...) when there was one.
         When the segmentation also has a 'Lateral ventricles' segment (DeepWML adds it), `location` holds
@@ -711,7 +712,9 @@ class DeepWMLCoreLogic:
         `deepwml export --ventricle-model` makes it for a mask given (`segment.mask_location`: the ventricle and
         brain networks on the volume, on `device` in `precision`; `brainMask` False: the ventricles not kept inside
         the brain mask, export's --no-brain-mask), with export's `intracranial_ml`, `brain_model`, `brain_mask`
-        and warnings of the split where the segmentation's run does not record its own; else `location` is None."""
+        and warnings of the split where the segmentation's run does not record its own; else `location` is None.
+        The networks' work is kept for the next statistics of the same unchanged volume (`_volumeLocationInputs`);
+        `progress(message)` is called before they run (seconds: the GUI says why it waits)."""
         self.ensureDependencies(torch=False)
         from DeepWMLLib.location import locate_images
         from DeepWMLLib.report import lesion_report
@@ -730,8 +733,8 @@ class DeepWMLCoreLogic:
             from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES, BRAIN_MASK_NOT_APPLIED
             from DeepWMLLib.segment import mask_location
 
-            split = mask_location(mrml.imageFromVolume(volumeNode), mask, ventricleModel, device=device,
-                                  precision=precision, brain_gate=brainMask)
+            inputs = self._volumeLocationInputs(volumeNode, ventricleModel, device, brainMask, precision, progress)
+            split = mask_location(None, mask, inputs=inputs)
             location, distance = split["location"], split["distance"]
             location["ventricles"] = f"the ventricle network on '{volumeNode.GetName()}' (as deepwml export makes them)"
             split["brain_mask"] = None if split["brain_model"] is None else (
@@ -756,6 +759,40 @@ class DeepWMLCoreLogic:
             report["warnings"] = list(report.get("warnings", [])) + notes
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
         return report
+
+    def _volumeLocationInputs(self, volumeNode, ventricleModel, device, brainMask, precision, progress=None) -> dict:
+        """`segment.location_inputs` of the volume (the ventricle and brain networks' work for the split of a
+        segmentation drawn on it: seconds on a large scan, on the main thread), kept for the next statistics of the
+        same volume: Show statistics, Review lesions, Compare and a segmentation edited between them run the networks
+        once. Kept by all they depend on: the volume node, its voxels (their VTK modified time: an edit, another frame
+        of a sequence) and where they lie (its IJK-to-world matrix, transforms included), both models (file and
+        digest), the device, the brain-mask switch and the precision; never by the segmentation, whose edits count at
+        every update. One volume's at a time (a bool stack of its voxels; `forgetKept` lets it go). `progress(message)`
+        is called before the networks run."""
+        from DeepWMLLib.segment import load_brain_model, load_ventricle_model, location_inputs
+
+        ventricle, brain = load_ventricle_model(ventricleModel), load_brain_model("default")  # settings only: fast
+        imageData = volumeNode.GetImageData()
+        key = None if imageData is None else (
+            volumeNode.GetID(), imageData.GetMTime(), tuple(map(tuple, mrml.worldIJKToRAS(volumeNode).tolist())),
+            ventricle.path, ventricle.digest, None if brain is None else (brain.path, brain.digest), device,
+            bool(brainMask), precision)
+        if key is not None and self._locationInputs is not None and self._locationInputs[0] == key:
+            return self._locationInputs[1]
+        self._locationInputs = None  # the earlier volume's let go before the networks run
+        if progress is not None:
+            progress(f"Finding the lateral ventricles on '{volumeNode.GetName()}' for the periventricular/deep split "
+                     "(the ventricle and brain networks: seconds; kept for later updates while the volume is unchanged)...")
+        inputs = location_inputs(mrml.imageFromVolume(volumeNode), ventricle, brain, device=device,
+                                 precision=precision, brain_gate=brainMask)
+        inputs["ventricles"].setflags(write=False)  # read by every later update: never flipped in place
+        if key is not None:
+            self._locationInputs = (key, inputs)
+        return inputs
+
+    def forgetKept(self) -> None:
+        """Let go of what is kept of a volume (`_volumeLocationInputs`): the scene is closing, its patient's data go."""
+        self._locationInputs = None
 
     def compareSegmentations(self, a, b, referenceVolumeNode=None, segmentIdA=None, segmentIdB=None) -> dict:
         """Metrics of segmentation `a` (e.g. DeepWML's) against reference `b` (e.g. manual): dice,

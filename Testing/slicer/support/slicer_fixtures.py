@@ -113,3 +113,12 @@ def seriesOfFrames(scene, frames):
     browser.SetSelectedItemNumber(0)  # as Slicer shows a sequence it loads: its first frame
     sequences.UpdateProxyNodesFromSequences(browser)
     return browser, browser.GetProxyNode(sequence), sequences
+
+
+def countNetworkRuns(monkeypatch) -> list:
+    """Count the ventricle and brain networks' runs (inference.predict_maps, which segment.location_inputs calls)."""
+    import DeepWMLLib.inference as inference
+
+    runs, predict = [], inference.predict_maps
+    monkeypatch.setattr(inference, "predict_maps", lambda *args, **kwargs: runs.append(1) or predict(*args, **kwargs))
+    return runs
