@@ -917,3 +917,16 @@ def test_statistics_say_why_they_wait_for_the_split_networks_and_run_them_once_p
     assert len(runs) == 1 and not seen and ui.resultsLabel.text == shown
     slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)
     assert widget.logic._locationInputs is None
+
+
+def test_the_panel_says_what_the_split_of_a_manual_segmentation_runs_and_costs():
+    """The split's checkbox spoke only of DeepWML's own run, and the brain-mask one only of the marks: a user ticking
+    them did not learn that the statistics of a manual segmentation then run the ventricle and brain networks
+    (seconds, the first time for a volume) nor that the brain mask shapes that split."""
+    import xml.etree.ElementTree as ElementTree
+
+    ui = ElementTree.parse(Path(__file__).resolve().parent.parent / "DeepWML" / "Resources" / "UI" / "DeepWML.ui")
+    tips = {w.get("name"): w.findtext("property[@name='toolTip']/string") for w in ui.iter("widget")}
+    assert "manual" in tips["ventricleSplitCheckBox"] and "seconds the first time" in tips["ventricleSplitCheckBox"]
+    assert "keeps the ventricles found inside the brain mask" in tips["brainMaskCheckBox"]
+    assert "split" in tips["showStatisticsButton"]
