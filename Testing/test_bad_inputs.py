@@ -322,7 +322,7 @@ BAD_INPUTS = [
     ("export --device cuda without a GPU, with a ventricle model", "export", 1, "no CUDA GPU"),
     ("export --no-brain-mask (or --brain-model) with no ventricle model (no split made: they would change nothing)",
      "export", 2, "needs a ventricle model"),
-    ("export --brain-model (or --no-brain-mask) with --no-location", "export", 2, "cannot go with --brain-model"),
+    ("export --brain-model (or --no-brain-mask) with --no-location", "export", 2, "cannot go with --brain-model"),    ("export: a WMH model given as --brain-model (with a ventricle model)", "export", 1, "is not a brain-mask model"),
 ]
 
 # Refusals of what an option asks for, not of an input: each refused before OUTDIR is made or a scan read
@@ -341,6 +341,7 @@ REFUSED_BY_OPTIONS = {
     "export --no-brain-mask (or --brain-model) with no ventricle model (no split made: they would change nothing)",
     "export --brain-model (or --no-brain-mask) with --no-location",
     "--series naming no series of the DICOM folder given (or of none of the folders given)",
+    "export: a WMH model given as --brain-model (with a ventricle model)",
 }
 
 
@@ -1114,6 +1115,9 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
             return export + ["--case", "../up"]
         if row_id.startswith("export --creator"):
             return export + ["--dicom-seg", "--creator", "Doe^Jane^M^Dr^PhD^Extra"]
+        if row_id.startswith("export: a WMH model given as --brain-model"):
+            vent = tiny_model_file(tmp / "vent.pt", labels={"0": "background", "1": "lateral_ventricles"})
+            return export + ["--ventricle-model", str(vent), "--brain-model", str(p["model"])]
         if row_id.startswith("export --no-brain-mask"):
             return export + ["--no-brain-mask"]
         if row_id.startswith("export --brain-model"):

@@ -512,3 +512,22 @@ def test_export_refuses_brain_mask_options_where_no_split_is_made(tmp_path, caps
         capsys.readouterr()
         assert main([*command, "-o", str(tmp_path / "o"), *extra]) == 2, extra
         assert said in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_readme_names_every_field_of_exports_report(tmp_path):
+    """Every field of export's report is named in README, in its section or in the table row of CASE_report.json
+    (the figures it shares with segment's report): `mask_absolute` was named nowhere."""
+    from conftest import REPO
+
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    assert main(["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz"), "-o", str(tmp_path / "o"),
+                 "--no-location"]) == 0
+    report = json.loads((tmp_path / "o" / "flair_report.json").read_text())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("deepwml export FLAIR MASK -o OUTDIR")
+    said = readme[start:readme.index("\n## ", start)] + "".join(
+        line for line in readme.splitlines() if line.startswith("| `CASE_report.json`"))
+    assert {"brain_mask", "location_why"} <= set(report)
+    assert [key for key in report if f"`{key}`" not in said] == []
