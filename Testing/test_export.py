@@ -15,7 +15,11 @@ from DeepWMLLib.cli import main
 from DeepWMLLib.report import lesion_report
 from DeepWMLLib.segment import mask_digest
 
+from conftest import REPO
 from test_dicom_seg import _dciodvfy, phantom, source_series
+
+SAMPLE = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
+VENTRICLES = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -367,10 +371,8 @@ def test_export_of_segments_own_mask_gives_segments_periventricular_deep_split(t
     """The split is made as segment makes it (the ventricle and brain networks on the FLAIR, the same code): the
     export of segment's own mask of the bundled sample, with the same ventricle model, has segment's `location`
     and each lesion's distance to the ventricles and periventricular share (it was left out: `location` null)."""
-    from conftest import REPO
-
-    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
-    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    flair = SAMPLE
+    ventricles = VENTRICLES
     assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
                  "--device", "cpu"]) == 0
     segmented = json.loads((tmp_path / "seg" / "sample_flair_report.json").read_text())
@@ -391,13 +393,11 @@ def test_export_records_where_its_networks_ran(tmp_path):
     """With a ventricle model the export runs the ventricle and brain networks, whose figures (the split) depend on
     how they ran (bf16 or fp32): the report records `device` and `runner` as segment's does (they were not
     recorded); without one no network runs and both are null."""
-    from conftest import REPO
-
     image = phantom()
     sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
     sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
     command = ["export", str(tmp_path / "flair.nii.gz"), str(tmp_path / "mask.nii.gz")]
-    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    ventricles = VENTRICLES
     assert main([*command, "-o", str(tmp_path / "a"), "--ventricle-model", str(ventricles), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "a" / "flair_report.json").read_text())
     assert report["location"] is not None and report["device"] == "cpu" and report["runner"]
@@ -429,11 +429,10 @@ def test_export_qc_picture_of_segments_own_mask_is_segments_picture(tmp_path):
     same ventricle image): the export of segment's own mask of the bundled sample, with the same ventricle model,
     gets segment's picture to the byte (the ventricles were not drawn: the pictures differed there); with
     --no-location none are drawn."""
-    from conftest import REPO
     from DeepWMLLib.qc import LESION_RGB, VENTRICLE_RGB
 
-    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
-    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    flair = SAMPLE
+    ventricles = VENTRICLES
     assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
                  "--device", "cpu", "--qc"]) == 0
     mask = tmp_path / "seg" / "sample_flair_wmh.nii.gz"
@@ -456,10 +455,9 @@ def test_export_no_brain_mask_gives_segments_split_with_no_brain_mask(tmp_path):
     --no-brain-mask keeps the ventricles whole (not cut to its brain mask), and the export of its mask with
     --no-brain-mask gets its split (export had no such option: the ventricles were always cut to the brain mask);
     --brain-model FILE names the model that ran; the report's `brain_mask` says what the mask was used for."""
-    from conftest import REPO
 
-    flair = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
-    ventricles = REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    flair = SAMPLE
+    ventricles = VENTRICLES
     brain = REPO / "Resources" / "Models" / "deepwml_brain8_synth_v1.pt"
     assert main(["segment", str(flair), "-o", str(tmp_path / "seg"), "--ventricle-model", str(ventricles),
                  "--device", "cpu", "--no-brain-mask", "--save-ventricle-mask"]) == 0
@@ -517,8 +515,6 @@ def test_export_refuses_brain_mask_options_where_no_split_is_made(tmp_path, caps
 def test_readme_names_every_field_of_exports_report(tmp_path):
     """Every field of export's report is named in README, in its section or in the table row of CASE_report.json
     (the figures it shares with segment's report): `mask_absolute` was named nowhere."""
-    from conftest import REPO
-
     image = phantom()
     sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
     sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
