@@ -327,7 +327,6 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         'Lateral ventricles' segment, else (a manual segmentation) made by the ventricle model as `deepwml export`
         makes it for a mask given (its networks on the FLAIR, on the panel's device, the brain mask as ticked)."""
         p = self._parameterNode
-        ventricleModel = self.logic.locationChoice(p.ventricleSplit) or None
         shown = self.ui.statusLabel.text
 
         def waiting(message):  # the networks run (seconds, the first time for a volume): say why the panel waits
@@ -335,9 +334,10 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.app.processEvents()
 
         try:
-            return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume, ventricleModel=ventricleModel,
-                                               device=p.device, brainMask=p.brainMask, precision=p.precision,
-                                               progress=waiting)
+            # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)
+            return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume,
+                                               ventricleModel=True if p.ventricleSplit else None, device=p.device,
+                                               brainMask=p.brainMask, precision=p.precision, progress=waiting)
         finally:
             self.ui.statusLabel.text = shown
 

@@ -930,3 +930,23 @@ def test_the_panel_says_what_the_split_of_a_manual_segmentation_runs_and_costs()
     assert "manual" in tips["ventricleSplitCheckBox"] and "seconds the first time" in tips["ventricleSplitCheckBox"]
     assert "keeps the ventricles found inside the brain mask" in tips["brainMaskCheckBox"]
     assert "split" in tips["showStatisticsButton"]
+
+
+def test_statistics_of_deepwmls_own_split_need_no_ventricle_model_file(widget, monkeypatch):
+    """With the split ticked, the statistics looked for the ventricle model file before anything else, so where none
+    is found (a models folder of one's own) even a segmentation holding its own 'Lateral ventricles' segment, which
+    needs no network, got no statistics at all. The model is looked for only where the networks make the split: a
+    manual segmentation without one is still refused, saying to untick the split."""
+    ui, p = widget.ui, widget._parameterNode
+    monkeypatch.setattr(widget.logic, "ventricleModelPath", lambda: None)
+    segmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="edited")
+    ventricles = sitk.Image(widget.truth)
+    ventricles[:] = 0
+    ventricles[20:30, 20:30, :] = 1
+    mrml.segmentationFromMask(ventricles, widget.volume, segmentation, segmentName=mrml.VENTRICLE_SEGMENT_NAME)
+    p.outputSegmentation, p.ventricleSplit = segmentation, True
+    ui.showStatisticsButton.click()
+    assert "periventricular" in ui.resultsLabel.text.lower()
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    with pytest.raises(DeepWMLError, match="untick the split, or measure the mask with deepwml export --ventricle-model"):
+        ui.showStatisticsButton.click()

@@ -708,7 +708,8 @@ class DeepWMLCoreLogic:
         When the segmentation also has a 'Lateral ventricles' segment (DeepWML adds it), `location` holds
         the periventricular/deep split measured from it as it is now (edits to either segment count) and
         each lesion its distance to the ventricles. Without one (a manual segmentation, a label map, a result
-        made without the split), `ventricleModel` (a ventricle model file; None: none) makes the split as
+        made without the split), `ventricleModel` (a ventricle model file; True: the panel's, `ventricleModelPath`,
+        looked for only here, where it is needed; None: none) makes the split as
         `deepwml export --ventricle-model` makes it for a mask given (`segment.mask_location`: the ventricle and
         brain networks on the volume, on `device` in `precision`; `brainMask` False: the ventricles not kept inside
         the brain mask, export's --no-brain-mask), with export's `intracranial_ml`, `brain_model`, `brain_mask`
@@ -733,6 +734,13 @@ class DeepWMLCoreLogic:
             from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES, BRAIN_MASK_NOT_APPLIED
             from DeepWMLLib.segment import mask_location
 
+            if ventricleModel is True:
+                ventricleModel = self.ventricleModelPath()
+                if ventricleModel is None or not Path(ventricleModel).is_file():
+                    raise DeepWMLError(
+                        f"the periventricular/deep split of '{segmentationNode.GetName()}' (no "
+                        f"'{mrml.VENTRICLE_SEGMENT_NAME}' segment) needs a lateral-ventricle model and none is shipped "
+                        "here; untick the split, or measure the mask with deepwml export --ventricle-model FILE")
             inputs = self._volumeLocationInputs(volumeNode, ventricleModel, device, brainMask, precision, progress)
             split = mask_location(None, mask, inputs=inputs)
             location, distance = split["location"], split["distance"]
