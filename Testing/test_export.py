@@ -527,3 +527,33 @@ def test_readme_names_every_field_of_exports_report(tmp_path):
         line for line in readme.splitlines() if line.startswith("| `CASE_report.json`"))
     assert {"brain_mask", "location_why"} <= set(report)
     assert [key for key in report if f"`{key}`" not in said] == []
+
+
+def test_exports_split_and_ventricles_are_those_of_the_scan_however_its_file_orders_its_axes(tmp_path):
+    """The split and the ventricles drawn in the QC picture are made on the input's exact grid: a copy of the sample
+    stored with its x and y axes swapped and its x and z flipped (the same voxels in the same place) gets the same
+    report, and the ventricles `mask_location` returns lie on the copy's grid as the original's, voxel for voxel."""
+    from DeepWMLLib.segment import mask_location
+
+    flair, truth = sitk.ReadImage(str(SAMPLE)), sitk.ReadImage(str(SAMPLE.with_name("sample_flair_truth.nii.gz")))
+
+    def stored_otherwise(image):
+        return sitk.Flip(sitk.PermuteAxes(image, [1, 0, 2]), [True, False, True])
+
+    reports = []
+    for name, (f, m) in {"as_is": (flair, truth), "other": (stored_otherwise(flair), stored_otherwise(truth))}.items():
+        sitk.WriteImage(f, str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(m, str(tmp_path / f"{name}_mask.nii.gz"))
+        assert main(["export", str(tmp_path / f"{name}.nii.gz"), str(tmp_path / f"{name}_mask.nii.gz"), "-o",
+                     str(tmp_path / name), "--ventricle-model", str(VENTRICLES), "--device", "cpu"]) == 0
+        reports.append(json.loads((tmp_path / name / f"{name}_report.json").read_text()))
+    assert reports[0]["location"]["judged"] and reports[0]["location"] == reports[1]["location"]
+    assert reports[0]["intracranial_ml"] == reports[1]["intracranial_ml"]
+    distances = [sorted(lesion["ventricle_distance_mm"] for lesion in report["lesions"]) for report in reports]
+    assert distances[0] == distances[1]
+    made = [mask_location(f, sitk.Cast(m > 0, sitk.sitkUInt8), str(VENTRICLES), device="cpu")["ventricles"]
+            for f, m in ((flair, truth), (stored_otherwise(flair), stored_otherwise(truth)))]
+    other = stored_otherwise(flair)
+    assert made[1].GetSize() == other.GetSize() and made[1].GetDirection() == other.GetDirection()
+    assert made[1].GetOrigin() == other.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored_otherwise(made[0])), sitk.GetArrayFromImage(made[1]))
