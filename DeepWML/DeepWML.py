@@ -331,7 +331,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def waiting(message):  # the networks run (seconds, the first time for a volume): say why the panel waits
             self.ui.statusLabel.text = message
-            slicer.app.processEvents()
+            # painted, but no click handled meanwhile (a double click would run them twice, one inside the other)
+            slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
         try:
             # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)

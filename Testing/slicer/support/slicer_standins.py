@@ -192,6 +192,7 @@ def _qtModule():
     qt.QTableWidgetItem = QTableWidgetItem
     qt.QFileDialog = QFileDialog
     qt.Qt = types.SimpleNamespace(ToolTipRole=3, WaitCursor=3)
+    qt.QEventLoop = types.SimpleNamespace(AllEvents=0, ExcludeUserInputEvents=1)
     # what slicer.util's message displays read before deciding whether to show a box
     qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Information=1, Warning=2, Critical=3, Question=4)
     return qt
@@ -226,7 +227,7 @@ class App:
     def testingEnabled(self) -> bool:  # tryWithErrorDisplay logs instead of a dialog (and raises again, as always)
         return True
 
-    def processEvents(self) -> None:
+    def processEvents(self, flags=0) -> None:
         pass
 
     def setOverrideCursor(self, cursor) -> None:
