@@ -630,7 +630,8 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
             raise Cancelled()
         info = {"case": entry["case"], "centre": entry.get("centre", ""), "disease": entry.get("disease", "")}
         try:
-            reference, prediction = as_mask(entry["reference"], "reference"), as_mask(entry["prediction"], "prediction")
+            reference, prediction = (as_mask(entry[what], what, entry.get("flair") or None)
+                                     for what in ("reference", "prediction"))
             result = evaluate_case(prediction, reference, entry.get("probabilities") or None, found_fraction, size_classes,
                                    entry.get("flair") or None)
         except Cancelled:
@@ -793,8 +794,9 @@ def comparison_picture(flair, prediction, reference, title: str | None = None) -
     its voxels are padded onto it; a FLAIR storing the masks' grid in another voxel order is reordered)."""
     from .qc import png_bytes, render_comparison
 
-    image, prediction, reference = io.onto_scan(io.read_image(_existing(flair, "FLAIR")), as_mask(prediction, "prediction"),
-                                                as_mask(reference, "reference"), f"FLAIR {flair}", "prediction",
+    image, prediction, reference = io.onto_scan(io.read_image(_existing(flair, "FLAIR")),
+                                                as_mask(prediction, "prediction", flair),
+                                                as_mask(reference, "reference", flair), f"FLAIR {flair}", "prediction",
                                                 "reference")
     return png_bytes(render_comparison(image, prediction, reference, title))
 

@@ -488,17 +488,7 @@ def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_t
     on the scan's slices, which it is on already; now the advice is to give the FLAIR's series, and `deepwml evaluate`
     and `consensus` take it as --flair (without --qc, which it had to go with), placing each frame by the image it
     names: the mask, Dice 1 against the same mask as a file."""
-    image = phantom(spacing=(0.7, 0.9, 5.0))
-    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
-                                extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
-    series, _ = io.choose_dicom_series(folder)
-    flair = io.read_image(folder, series=series)
-    mask = (sitk.GetArrayFromImage(flair) >= LESION).astype(np.uint8)
-    mask[:2] = 0
-    mask[2] = mask[3]  # frames on slices 2 to 6, the lowest 10.6 mm up
-    highdicom_seg(folder, tmp_path / "rater.dcm", {"WMH": mask})
-    assert int(pydicom.dcmread(tmp_path / "rater.dcm").NumberOfFrames) == 5
-    prediction = as_file(mask, flair, tmp_path / "prediction.nrrd")
+    folder, series, flair, mask, prediction = sparse_seg_of_an_uneven_series(tmp_path)
     with pytest.raises(DeepWMLError, match=r"rater\.dcm: the DICOM Segmentation has frames between slices.*: its frames "
                                            r"each name the source image they were drawn on: give the FLAIR's DICOM "
                                            r"series with it \(deepwml evaluate and consensus: --flair FOLDER"):
@@ -517,3 +507,35 @@ def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_t
                                          encoding="utf-8")
     assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")]) == 0
     assert "1 case checked at Dice >= 0.85: 1 pass" in capsys.readouterr().out
+
+
+def sparse_seg_of_an_uneven_series(tmp_path):
+    """An unevenly spaced FLAIR series (slices 0, 5, 10.6, 15, 20, 25.8, 30 mm up) and a third party's SEG of it
+    without its empty frames (highdicom's default), tmp_path/rater.dcm, whose lowest frame is slice 2: its frames lie
+    on no grid of their own. (folder, series, FLAIR image, the mask, the same mask as a file prediction.nrrd)"""
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
+    series, _ = io.choose_dicom_series(folder)
+    flair = io.read_image(folder, series=series)
+    mask = (sitk.GetArrayFromImage(flair) >= LESION).astype(np.uint8)
+    mask[:2] = 0
+    mask[2] = mask[3]  # frames on slices 2 to 6, the lowest 10.6 mm up
+    highdicom_seg(folder, tmp_path / "rater.dcm", {"WMH": mask})
+    assert int(pydicom.dcmread(tmp_path / "rater.dcm").NumberOfFrames) == 5
+    return folder, series, flair, mask, as_file(mask, flair, tmp_path / "prediction.nrrd")
+
+
+def test_evaluate_places_such_a_seg_by_its_flair_in_the_picture_and_in_a_cohort(tmp_path, capsys):
+    """evaluate --flair FOLDER placed a sparse SEG of an unevenly spaced series by the images it names for the figures,
+    but read it again without the series for --qc's picture (refused: "its frames each name the source image"), and
+    a cohort's flair column did not reach the masks at all (each such case failed): both read it with the series."""
+    folder, _, _, _, prediction = sparse_seg_of_an_uneven_series(tmp_path)
+    assert main(["evaluate", "--prediction", str(prediction), "--reference", str(tmp_path / "rater.dcm"), "--flair",
+                 str(folder), "--qc", str(tmp_path / "case.png")]) == 0, capsys.readouterr().err
+    assert "Dice 1.000" in capsys.readouterr().out and (tmp_path / "case.png").stat().st_size > 0
+    (tmp_path / "cases.csv").write_text("case,prediction,reference,flair\nc1,prediction.nrrd,rater.dcm,flair\n",
+                                        encoding="utf-8")
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "out" / "qc" / "c1_qc.png").exists()
