@@ -5734,12 +5734,13 @@ def _source_slices(series: DicomSeries, normal: np.ndarray) -> tuple[dict, np.nd
 # What a SEG whose frames each name their source image, but lie on no grid of their own, is to be read with: its
 # frames between an unevenly spaced series' slices are placed by the images they name (read_dicom_seg)
 SEG_SOURCE_ADVICE = ("its frames each name the source image they were drawn on: give the FLAIR's DICOM series with "
-                     "it (deepwml evaluate and consensus: --flair FOLDER; a manifest: its flair column), which places "
-                     "each frame on its image's slice")
+                     "it, as a folder (deepwml evaluate and consensus: --flair FOLDER; export, change and train: the "
+                     "FLAIR; a manifest: its flair column), which places each frame on its image's slice")
 
 
 def mask_source(flair) -> DicomSeries | None:
-    """The DICOM series a FLAIR given as a folder is read from (the one read_image reads), for read_mask's `source`:
+    """The DICOM series a FLAIR given as a folder is read from (the one read_image reads: choose_dicom_series, as
+    export, change and train choose the series they read the FLAIR from and pass it on), for read_mask's `source`:
     a DICOM SEG's frames are placed by the images of it they name. None for a FLAIR given otherwise (a file, an
     image, None) or a folder whose series cannot be told (what is wrong with it is said where the FLAIR is read)."""
     if not isinstance(flair, (str, os.PathLike)) or not os.path.isdir(flair):

@@ -507,7 +507,8 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             # a DICOM folder's series chosen once: read, and its header checked (_warn_header_not_flair)
             series = io.choose_dicom_series(case.flair, option=None)[0] if os.path.isdir(case.flair) else None
             image = io.read_image(case.flair, series=series)
-            mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}")
+            # a DICOM SEG's frames placed by the images of that series they name (io.mask_source's series)
+            mask = io.read_mask(case.mask, reference=image, reference_name=f"its FLAIR {case.flair}", source=series)
             if flair_check is not None:
                 if keys[case.case] in known_checks:
                     checks[case.case] = known_checks[keys[case.case]]

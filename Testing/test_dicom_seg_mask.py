@@ -491,7 +491,8 @@ def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_t
     folder, series, flair, mask, prediction = sparse_seg_of_an_uneven_series(tmp_path)
     with pytest.raises(DeepWMLError, match=r"rater\.dcm: the DICOM Segmentation has frames between slices.*: its frames "
                                            r"each name the source image they were drawn on: give the FLAIR's DICOM "
-                                           r"series with it \(deepwml evaluate and consensus: --flair FOLDER"):
+                                           r"series with it, as a folder \(deepwml evaluate and consensus: --flair FOLDER; export, "
+                                           r"change and train: the FLAIR; a manifest: its flair column\)"):
         io.read_mask(tmp_path / "rater.dcm")
     assert np.array_equal(sitk.GetArrayFromImage(io.read_mask(tmp_path / "rater.dcm", flair, source=series)), mask)
     evaluate = ["evaluate", "--prediction", str(prediction), "--reference", str(tmp_path / "rater.dcm"), "--json",
@@ -539,3 +540,18 @@ def test_evaluate_places_such_a_seg_by_its_flair_in_the_picture_and_in_a_cohort(
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0, \
         capsys.readouterr().err
     assert (tmp_path / "out" / "qc" / "c1_qc.png").exists()
+
+
+def test_train_places_such_a_seg_by_its_flair_series(tmp_path):
+    """`deepwml train`'s manifest with a FLAIR given as its DICOM folder read the case's sparse SEG of an unevenly
+    spaced series without the series, and refused it (the advice named only evaluate and consensus): it is read with
+    the series train chose for the FLAIR, each frame on the slice of the image it names."""
+    from DeepWMLLib import train
+
+    folder, _, _, mask, _ = sparse_seg_of_an_uneven_series(tmp_path)
+    case = train.Case("c1", str(folder), str(tmp_path / "rater.dcm"))
+    preprocessing = {"grid_size": [64, 64], "grid_spacing_mm": None}
+    skipped = train.prepare_cache([case], {"c1": "val"}, preprocessing, tmp_path / "cache", skip_bad_cases=False)
+    assert skipped == []
+    labels = np.load(tmp_path / "cache" / "val_labels.npy", mmap_mode="r")
+    assert labels.shape[0] == mask.shape[0] and np.count_nonzero(labels.reshape(len(labels), -1).any(1)) == 5
