@@ -127,14 +127,35 @@ class PrecisionUnavailable(DeepWMLError):
 
 
 def torch_cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively for PyTorch (AVX512-BF16 or AMX); False when unknown."""
+    """Whether this CPU computes bf16 natively for PyTorch (AVX512-BF16 or AMX); False when unknown. PyTorch says so
+    from 2.11 (torch.cpu._is_avx512_bf16_supported, _is_amx_tile_supported); an earlier one, which pyproject allows
+    and whose oneDNN computes bf16 natively all the same, has no such query: Linux's CPU flags tell it then (without
+    them every such CPU, a Zen 4 or a Sapphire Rapids, was answered False and --precision bf16 refused on it)."""
     import torch
 
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    answers = []
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None:
+                answers.append(bool(check()))
+        except Exception:  # an unusual build: this query unanswered
+            pass
+    if answers:
+        return any(answers)
+    return bool(_linux_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _linux_cpu_flags() -> set:
+    """The first processor's flags in Linux's /proc/cpuinfo; empty elsewhere."""
     try:
-        return any(bool(check()) for check in checks if check is not None)
-    except Exception:  # an old or unusual build: treat as absent
-        return False
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _network_on(loaded: LoadedModel, device):

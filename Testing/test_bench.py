@@ -319,3 +319,34 @@ def test_fp32_matmul_rate_is_a_product_timed_in_its_own_process(monkeypatch):
     assert all(seen["env"][name] == "1" for name in ("MKL_NUM_THREADS", "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"))
     monkeypatch.setattr(bench.sys, "executable", "/nonexistent/python")
     assert bench.fp32_matmul_gflops(1, repeat=1, size=8) is None
+
+
+def test_bf16_is_allowed_on_a_cpu_that_computes_it_whatever_torch_version(monkeypatch):
+    """PyTorch asks the CPU for bf16 (torch.cpu._is_avx512_bf16_supported, _is_amx_tile_supported) only from 2.11;
+    pyproject allows torch 2.0 on, where both are missing: every CPU was then answered False, and --precision bf16
+    refused up front (inference.check_runtime) on a Zen 4 or a Sapphire Rapids, the CPUs README's bf16 figures were
+    measured on. Without the queries Linux's CPU flags answer; with them (a Zen 4 simulated) bf16 is allowed, with
+    PyTorch and with OpenVINO where it would run."""
+    import torch
+
+    from DeepWMLLib import inference
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)  # torch before 2.11
+    monkeypatch.setattr(inference, "_linux_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"},  # a Zen 4
+                        raising=False)
+    assert inference.torch_cpu_has_native_bf16()
+    assert inference.check_runtime("cpu", "torch", "bf16") == "cpu"
+    monkeypatch.setattr(inference, "_linux_cpu_flags", lambda: {"avx2", "amx_tile", "amx_bf16"})  # a Sapphire Rapids
+    assert inference.torch_cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "_linux_cpu_flags", lambda: {"avx2", "fma"})  # a Zen 3
+    assert not inference.torch_cpu_has_native_bf16()
+    with pytest.raises(inference.PrecisionUnavailable):
+        inference.check_runtime("cpu", "torch", "bf16")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)  # torch 2.11 on a Zen 4
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert inference.torch_cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: True)
+    for backend in ("auto", "openvino", "torch"):
+        assert inference.check_runtime("cpu", backend, "bf16") == "cpu"
