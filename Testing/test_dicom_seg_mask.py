@@ -510,12 +510,12 @@ def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_t
     assert "1 case checked at Dice >= 0.85: 1 pass" in capsys.readouterr().out
 
 
-def sparse_seg_of_an_uneven_series(tmp_path):
+def sparse_seg_of_an_uneven_series(tmp_path, uid: str = "1.2.3.4.5"):
     """An unevenly spaced FLAIR series (slices 0, 5, 10.6, 15, 20, 25.8, 30 mm up) and a third party's SEG of it
     without its empty frames (highdicom's default), tmp_path/rater.dcm, whose lowest frame is slice 2: its frames lie
     on no grid of their own. (folder, series, FLAIR image, the mask, the same mask as a file prediction.nrrd)"""
     image = phantom(spacing=(0.7, 0.9, 5.0))
-    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+    folder = write_dicom_series(tmp_path / "flair", image, uid=uid, description="AX T2 FLAIR", number=7,
                                 extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
     series, _ = io.choose_dicom_series(folder)
     flair = io.read_image(folder, series=series)
@@ -555,3 +555,16 @@ def test_train_places_such_a_seg_by_its_flair_series(tmp_path):
     assert skipped == []
     labels = np.load(tmp_path / "cache" / "val_labels.npy", mmap_mode="r")
     assert labels.shape[0] == mask.shape[0] and np.count_nonzero(labels.reshape(len(labels), -1).any(1)) == 5
+
+
+def test_consensus_of_segs_of_two_series_with_the_flair_of_one_refuses_the_other(tmp_path, capsys):
+    """Two raters' sparse SEGs of two series of one geometry (say a scan repeated), --flair the first one's: the first
+    is placed by the images it names, the second names images the series lacks and is refused, naming it."""
+    folder, *_ = sparse_seg_of_an_uneven_series(tmp_path / "a")
+    sparse_seg_of_an_uneven_series(tmp_path / "b", uid="1.2.3.4.6")
+    pair = ["consensus", str(tmp_path / "a" / "rater.dcm"), str(tmp_path / "b" / "rater.dcm"), "--flair", str(folder)]
+    assert main(pair) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b' / 'rater.dcm'}: the DICOM Segmentation has frames between slices" in err
+    assert "which is not in the FLAIR series (5 of its 5 frames name none of its images): a segmentation of another " \
+           "series" in err
