@@ -350,3 +350,20 @@ def test_bf16_is_allowed_on_a_cpu_that_computes_it_whatever_torch_version(monkey
     monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: True)
     for backend in ("auto", "openvino", "torch"):
         assert inference.check_runtime("cpu", backend, "bf16") == "cpu"
+
+
+def test_bf16_on_a_gpu_is_judged_as_a_gpu_not_by_the_cpu(monkeypatch):
+    """--device cuda, or auto on a machine with a GPU, with --precision bf16: refused as bf16 on a GPU whatever the CPU
+    computes (its runtimes are not asked), as the runner refuses it."""
+    from DeepWMLLib import inference
+
+    monkeypatch.setattr(inference, "_cuda_usable", lambda: True)
+
+    def asked(*args):
+        raise AssertionError("the CPU was asked")
+
+    monkeypatch.setattr(inference, "cpu_computes_bf16", asked)
+    for device in ("cuda", "auto"):
+        with pytest.raises(inference.PrecisionUnavailable, match="--precision bf16 is for the CPU; on a GPU"):
+            inference.check_runtime(device, "auto", "bf16")
+        assert inference.check_runtime(device, "auto", "auto") == "cuda"
