@@ -252,7 +252,18 @@ def as_mask(value, what: str, flair=None) -> sitk.Image:
     if isinstance(value, sitk.Image):
         return value
     path = _existing(value, what)
-    return io.read_mask(path, source=io.mask_source(flair) if io.dicom_seg_file(path) else None)
+    if not io.dicom_seg_file(path):
+        return io.read_mask(path)
+    source = io.mask_source(flair)
+    try:
+        return io.read_mask(path, source=source)
+    except DeepWMLError as exc:
+        if source is None and io.SEG_SOURCE_ADVICE in str(exc) and isinstance(flair, (str, os.PathLike)) \
+                and os.path.isdir(flair):
+            # the advice would be to give the FLAIR's series, given: what keeps its folder's series from being told
+            # (two FLAIR-like series, say) is said instead
+            io.choose_dicom_series(flair, option=None)
+        raise
 
 
 def _as_scores(value) -> sitk.Image:

@@ -568,3 +568,16 @@ def test_consensus_of_segs_of_two_series_with_the_flair_of_one_refuses_the_other
     assert f"{tmp_path / 'b' / 'rater.dcm'}: the DICOM Segmentation has frames between slices" in err
     assert "which is not in the FLAIR series (5 of its 5 frames name none of its images): a segmentation of another " \
            "series" in err
+
+
+def test_such_a_seg_with_a_flair_folder_whose_series_cannot_be_told_says_what_is_wrong_with_the_folder(tmp_path,
+                                                                                                        capsys):
+    """--flair FOLDER holding two FLAIR-like series: the SEG was refused saying to give the FLAIR's DICOM series with
+    it, which the user had; now the folder's fault is said (two look like a FLAIR), which is what to mend."""
+    folder, _, flair, _, prediction = sparse_seg_of_an_uneven_series(tmp_path)
+    write_dicom_series(folder, sitk.Cast(flair, sitk.sitkInt16), uid="1.2.3.4.9", description="COR FLAIR", number=8,
+                       extra=PATIENT, prefix="cor")
+    assert main(["evaluate", "--prediction", str(prediction), "--reference", str(tmp_path / "rater.dcm"), "--flair",
+                 str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert f"{folder} holds 2 DICOM series" in err and "give the FLAIR's DICOM series" not in err, err
