@@ -808,6 +808,28 @@ def test_device_note_without_gpu(monkeypatch):
     assert "choose auto or cpu" in logic.deviceNote("cuda")
 
 
+def _no_openvino():
+    raise ImportError("no OpenVINO here")
+
+
+def test_the_device_note_asks_the_runtime_the_module_runs_bf16_with(monkeypatch):
+    """The module runs the auto backend, OpenVINO where installed (make_runner tries it first), which decides bf16
+    itself; the note asked PyTorch alone, so it could say "does not compute bf16" where the run would go, or
+    nothing where it would be refused (inference.cpu_computes_bf16, as deepwml segment's check asks)."""
+    import torch
+
+    from DeepWMLLib import inference
+
+    logic = DeepWMLCoreLogic()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(inference, "_openvino_core", lambda: object())
+    for torch_says, openvino_says in ((True, False), (False, True)):
+        monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: torch_says)
+        monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda core: openvino_says)
+        note = logic.deviceNote("cpu", "bf16")
+        assert ("does not compute bf16" in note) == (not openvino_says), (torch_says, openvino_says, note)
+
+
 def test_the_device_note_says_beforehand_where_bf16_cannot_run(monkeypatch):
     """Precision bf16 that cannot run (a CPU without native bf16, a GPU; a scene saved on another computer) was
     said only when Segment WMH failed; Device had its note beforehand. The note now says it too."""
@@ -818,6 +840,7 @@ def test_the_device_note_says_beforehand_where_bf16_cannot_run(monkeypatch):
     logic = DeepWMLCoreLogic()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "_openvino_core", _no_openvino)
     assert logic.deviceNote("cpu", "bf16") == ("This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose "
                                                "Precision auto or fp32.")
     assert logic.deviceNote("auto", "bf16").startswith("No usable GPU: segmentation runs on the CPU (slower). "

@@ -434,9 +434,9 @@ class DeepWMLCoreLogic:
             if device != "cpu" and gpu:
                 notes.append("Precision bf16 is for the CPU: on a GPU choose Precision auto (fp16) or fp32.")
             else:
-                from DeepWMLLib.inference import torch_cpu_has_native_bf16
+                from DeepWMLLib.inference import cpu_computes_bf16
 
-                if not torch_cpu_has_native_bf16():
+                if not cpu_computes_bf16():  # the module's runs take the auto backend: OpenVINO where installed
                     notes.append("This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose Precision "
                                  "auto or fp32.")
         return " ".join(notes)
