@@ -525,25 +525,81 @@ def memoize_flair_checks(monkeypatch) -> None:
     monkeypatch.setattr(train, "flair_checker", checker)
 
 
-_ALIGNMENTS: dict = {}  # a worker's registrations (change.align), by the two images and the seed (memoize_alignments)
+_ALIGNMENTS: dict = {}  # a worker's registrations (change.align), by what decides them (memoize_alignments)
+
+
+def _names_reached(function, module) -> list[str]:
+    """The names of `module`'s globals that `function`'s code reads, and the code of the module's own functions it
+    reaches reads, and so on (nested functions and lambdas too): what its result can depend on in that module."""
+    import inspect
+    import types
+
+    names, todo, seen = [], [function.__code__], set()
+    while todo:
+        code = todo.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        for name in code.co_names:
+            if name in vars(module) and name not in names:
+                names.append(name)
+                value = vars(module)[name]
+                if inspect.isfunction(value) and value.__module__ == module.__name__:
+                    todo.append(value.__code__)
+    return names
+
+
+def _alignment(made, followup, baseline, seed, patched=()):
+    """`made(followup, baseline, seed)` (change.align, or what stands for it), computed once per test worker for
+    the same two images, seed, SimpleITK threads, `made` and every global of the change module its code reaches
+    (a function or a setting a test patched there gives another key), and a copy of it (its own transform) given.
+    Computed afresh, not kept, while the test has patched (`patched`: its monkeypatch's (target, name) pairs) an
+    attribute of a module the registration goes through (SimpleITK, numpy...) or of an object in one."""
+    import dataclasses
+
+    from DeepWMLLib import change
+
+    reached = {name: vars(change)[name] for name in _names_reached(made, change)}
+    modules = {v for v in reached.values() if isinstance(v, type(change)) and v is not change}
+    roots = {m.__name__.split(".")[0] for m in modules}
+    for target, name in patched:
+        owner = target if isinstance(target, type(change)) else None
+        root = (owner.__name__ if owner else str(getattr(target, "__module__", ""))).split(".")[0]
+        if owner in modules or root in roots:
+            return made(followup, baseline, seed)
+    key = (made, tuple((name, value if isinstance(value, (int, float, str)) else id(value))
+                       for name, value in reached.items()),
+           sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), _image_key(followup), _image_key(baseline), seed)
+    if key not in _ALIGNMENTS:
+        _ALIGNMENTS[key] = (made(followup, baseline, seed), list(reached.values()))  # the values kept: ids unique
+    found = _ALIGNMENTS[key][0]
+    return dataclasses.replace(found, transform=type(found.transform)(found.transform))
+
+
+def aligned_once(followup, baseline, seed=1):
+    """change.align(followup, baseline, seed), memoized as `memoize_alignments` does (for module fixtures, where
+    no test has patched anything)."""
+    from DeepWMLLib import change
+
+    return _alignment(change.align, followup, baseline, seed)
 
 
 def memoize_alignments(monkeypatch) -> None:
     """change.align (a rigid registration: tens of seconds on a loaded CPU for the phantom pair) run once per test
     worker for the same follow-up, baseline and seed, each later call given a copy of its result (its own
-    transform). The registration is deterministic for a seed (change.align), so a call gets what it would compute;
-    a test that patches change.align itself afterwards replaces this."""
-    import dataclasses
-
+    transform). The registration is deterministic for a seed (change.align), so a call gets what it would compute.
+    The key holds every function and setting of the change module the registration reaches (`_alignment`), as they
+    are at the call: a test that patches one (change._correlation) gets the registration its patch makes, not one
+    made without it; while it has patched (with `monkeypatch`) SimpleITK, numpy or another module the registration
+    goes through, nothing is memoized. A test that patches change.align itself afterwards replaces this."""
     from DeepWMLLib import change
 
     made = change.align
 
     def align(followup, baseline, seed=1):
-        key = (_image_key(followup), _image_key(baseline), seed)
-        if key not in _ALIGNMENTS:
-            _ALIGNMENTS[key] = made(followup, baseline, seed)
-        found = _ALIGNMENTS[key]
-        return dataclasses.replace(found, transform=type(found.transform)(found.transform))
+        patched = [(target, name) for target, name, _ in getattr(monkeypatch, "_setattr", ())
+                   if not (target is change and name == "align")]
+        return _alignment(made, followup, baseline, seed, patched)
 
     monkeypatch.setattr(change, "align", align)

@@ -24,7 +24,7 @@ from DeepWMLLib import change, evaluation, io
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import make_volume, rotation, stepped_positions, write_dicom_series
+from conftest import aligned_once, make_volume, memoize_alignments, rotation, stepped_positions, write_dicom_series
 
 # the head movement between the scans: a follow-up point q shows the anatomy at baseline point MOVE(q)
 MOVE_ANGLES = (np.radians(4.0), np.radians(-3.0), np.radians(6.0))
@@ -94,12 +94,18 @@ def sample(size, spacing, origin, direction, when: str) -> tuple[sitk.Image, sit
     return flair, mask
 
 
+_PAIR_IMAGES: list = []  # the phantom pair, sampled once per test worker (change_pair_images)
+
+
 def change_pair_images():
-    """((baseline FLAIR, mask), (follow-up FLAIR, mask)) of the phantom."""
-    baseline = sample((128, 128, 34), (1.5, 1.5, 4.0), (-95.0, -95.0, -82.0), np.eye(3), "baseline")
-    followup = sample((112, 112, 52), (1.8, 1.8, 3.0), (-96.0, -110.0, -75.0), rotation(np.radians(5), 0, 0),
-                      "follow-up")
-    return baseline, followup
+    """((baseline FLAIR, mask), (follow-up FLAIR, mask)) of the phantom: sampled once per test worker (seconds), a
+    copy of each image given to every call."""
+    if not _PAIR_IMAGES:
+        baseline = sample((128, 128, 34), (1.5, 1.5, 4.0), (-95.0, -95.0, -82.0), np.eye(3), "baseline")
+        followup = sample((112, 112, 52), (1.8, 1.8, 3.0), (-96.0, -110.0, -75.0), rotation(np.radians(5), 0, 0),
+                          "follow-up")
+        _PAIR_IMAGES.append((baseline, followup))
+    return tuple(tuple(sitk.Image(image) for image in scan) for scan in _PAIR_IMAGES[0])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +118,15 @@ def pair(tmp_path_factory):
         files[name] = folder / f"{name}.nii.gz"
         sitk.WriteImage(image, str(files[name]))
     return {"baseline": baseline, "followup": followup, "files": files,
-            "registration": change.align(followup[0], baseline[0])}
+            "registration": aligned_once(followup[0], baseline[0])}
+
+
+@pytest.fixture(autouse=True)
+def registrations_memoized(monkeypatch):
+    """Each registration of the same two scans (the phantom pair, read from its files or its DICOM series; most of
+    this file's time: `change` registers each pair both ways) run once per test worker, each later one given a copy
+    (conftest.memoize_alignments: deterministic, and keyed by what the test may patch in the change module)."""
+    memoize_alignments(monkeypatch)
 
 
 def by_status(rows):
@@ -718,8 +732,10 @@ def change_seg_run(pair, tmp_path_factory):
     folder = tmp_path_factory.mktemp("seg")
     series = _dicom_followup(pair, folder / "followup")
     files = pair["files"]
-    assert main(["change", str(files["baseline"]), str(series), "-o", str(folder / "out"), "--baseline-mask",
-                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-seg"]) == 0
+    with pytest.MonkeyPatch.context() as patched:  # its registrations those the tests of this series make
+        memoize_alignments(patched)
+        assert main(["change", str(files["baseline"]), str(series), "-o", str(folder / "out"), "--baseline-mask",
+                     str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-seg"]) == 0
     report = json.loads((folder / "out" / "followup_change.json").read_text(encoding="utf-8"))
     return series, folder / "out", report
 
