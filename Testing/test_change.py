@@ -136,6 +136,15 @@ def by_status(rows):
     return out
 
 
+def _manifest(path, files, case: str = "p1", followup=None, followup_mask=None):
+    """`path`, written as a manifest of one pair, `case`: `files`' baseline, follow-up (or `followup`: a DICOM
+    series) and masks (the follow-up's `followup_mask` when given; "": none, segmented by the run)."""
+    path.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
+                    f"{case},{files['baseline']},{followup or files['followup']},{files['baseline_mask']},"
+                    f"{files['followup_mask'] if followup_mask is None else followup_mask}\n", encoding="utf-8")
+    return path
+
+
 def nearest_lesion(centroid_followup) -> str:
     """Which phantom lesion a follow-up-space centroid belongs to."""
     point = move(np.asarray([centroid_followup], float))[0]
@@ -441,10 +450,7 @@ def test_scans_that_do_not_line_up_are_flagged_not_said_to_agree(pair, tmp_path,
     assert report["registration"]["inverse_consistency"]["p95_mm"] < change.MAX_INCONSISTENCY_MM  # it alone passed
     assert report["warnings"][0].startswith("REGISTRATION NOT RELIABLE")
     assert change.picture_title("followup", report).startswith("REGISTRATION NOT RELIABLE - followup: ")
-    manifest = tmp_path / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
-                        encoding="utf-8")
+    manifest = _manifest(tmp_path / "pairs.csv", files)
     assert main(["change", "--manifest", str(manifest), "-o", str(tmp_path / "cohort")]) == 0
     assert "1 pair(s) with registration not reliable (different patients, or a failed registration?): p1" in \
         capsys.readouterr().err
@@ -551,10 +557,7 @@ def test_a_pair_stopped_while_its_outputs_are_written_is_redone_by_the_same_comm
     the same command goes on with that pair instead of failing it ('an earlier run left an incomplete set
     of outputs; rerun with --overwrite', which redoes the whole cohort)."""
     files = pair["files"]
-    manifest = tmp_path / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{files['followup_mask']}\n",
-                        encoding="utf-8")
+    manifest = _manifest(tmp_path / "pairs.csv", files)
     out = tmp_path / "out"
 
     def stopped(*args, **kwargs):
@@ -628,10 +631,7 @@ def test_text_a_spreadsheet_would_take_for_a_formula_is_kept_as_text_and_numbers
     Excel and LibreOffice, which take a cell beginning with - (or =, +, @) for a formula: such a text cell now begins
     with an apostrophe, which the spreadsheet does not show; a change of -0.5 ml stays a number."""
     files = pair["files"]
-    manifest = tmp_path / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"-AX FLAIR,{files['baseline']},{files['followup']},{files['baseline_mask']},"
-                        f"{files['followup_mask']}\n", encoding="utf-8")
+    manifest = _manifest(tmp_path / "pairs.csv", files, "-AX FLAIR")
     out = tmp_path / "out"
     assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0
     capsys.readouterr()
@@ -875,16 +875,7 @@ def test_the_change_label_map_read_as_a_mask_is_the_follow_ups_lesions(kind, tmp
     map edited since its report is no longer known by it."""
     import logging
 
-    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
-    files = {}
-    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
-                        ("followup_mask", followup_mask)):
-        files[name] = tmp_path / f"{name}.nii.gz"
-        sitk.WriteImage(image, str(files[name]))
-    out = tmp_path / "out"
-    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
-                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]),
-                 "--output-format", kind]) == 0
+    flairs, followup_mask, files, out = every_fate_change(tmp_path, monkeypatch, "--output-format", kind)
     labels_file = out / f"followup_change.{kind}"
     raw = sitk.GetArrayFromImage(sitk.ReadImage(str(labels_file)))
     assert (raw == 5).any() and (raw == 2).any() and (raw == 1).any()  # gone, new and stable lesions
@@ -1066,12 +1057,7 @@ def test_a_cohort_with_dicom_seg_writes_skips_and_finds_an_incomplete_set(pair, 
     (the SEG untouched, and a SEG deleted since is optional, as the picture is); a SEG left alone (no report) is an
     incomplete set, refused without --overwrite."""
     pytest.importorskip("pydicom")
-    files = pair["files"]
-    series = _dicom_followup(pair, tmp_path / "followup")
-    manifest = tmp_path / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"p1,{files['baseline']},{series},{files['baseline_mask']},{files['followup_mask']}\n",
-                        encoding="utf-8")
+    manifest = _manifest(tmp_path / "pairs.csv", pair["files"], followup=_dicom_followup(pair, tmp_path / "followup"))
     out = tmp_path / "out"
     run = ["change", "--manifest", str(manifest), "-o", str(out), "--dicom-seg"]
     assert main(run) == 0
@@ -1101,12 +1087,7 @@ def test_a_cohort_rerun_asking_for_the_picture_outline_and_seg_adds_them_from_th
     byte, the report listing them, the row `added`; the picture the one a full run draws. Nothing missing: skipped.
     A label map edited since (its labels not those the report records) is refused, nothing written."""
     pytest.importorskip("pydicom")
-    files = pair["files"]
-    series = _dicom_followup(pair, tmp_path / "followup")
-    manifest = tmp_path / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"p1,{files['baseline']},{series},{files['baseline_mask']},{files['followup_mask']}\n",
-                        encoding="utf-8")
+    manifest = _manifest(tmp_path / "pairs.csv", pair["files"], followup=_dicom_followup(pair, tmp_path / "followup"))
     out = tmp_path / "out"
     run = ["change", "--manifest", str(manifest), "-o", str(out)]
     assert main(run) == 0
@@ -1146,16 +1127,21 @@ def test_a_cohort_rerun_asking_for_the_picture_outline_and_seg_adds_them_from_th
     assert (tmp_path / "full" / "p1_change_qc.png").read_bytes() == (out / "p1_change_qc.png").read_bytes()
     # the label map edited since: refused, nothing added
     (out / "p1_change_qc.png").unlink()
-    labels = sitk.ReadImage(str(out / "p1_change.nrrd"))
-    voxels = sitk.GetArrayFromImage(labels)
-    voxels[voxels == 2] = 1  # a new lesion called stable by hand
-    edited = sitk.GetImageFromArray(voxels)
-    edited.CopyInformation(labels)
-    sitk.WriteImage(edited, str(out / "p1_change.nrrd"))
+    _new_called_stable(out / "p1_change.nrrd")
     before = (out / "p1_change.json").read_bytes()
     assert main(run + ["--qc"]) == 1
     assert "p1_change.nrrd was changed since the run that made it" in capsys.readouterr().err
     assert not (out / "p1_change_qc.png").exists() and (out / "p1_change.json").read_bytes() == before
+
+
+def _new_called_stable(path) -> None:
+    """The change label map at `path` edited by hand: its new lesions called stable."""
+    labels = sitk.ReadImage(str(path))
+    voxels = sitk.GetArrayFromImage(labels)
+    voxels[voxels == 2] = 1
+    edited = sitk.GetImageFromArray(voxels)
+    edited.CopyInformation(labels)
+    sitk.WriteImage(edited, str(path))
 
 
 def test_two_visits_in_one_dicom_folder_are_compared_by_their_series(tmp_path, capsys):
@@ -1326,6 +1312,28 @@ def _every_fate(monkeypatch):
     return flairs, baseline_mask, followup_mask, probability
 
 
+def _every_fate_files(folder, monkeypatch):
+    """`_every_fate`'s scene (registration left out) written as NIfTI files under `folder`: (FLAIRs, baseline mask,
+    follow-up mask, the files by name: baseline, followup, baseline_mask, followup_mask)."""
+    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
+    files = {}
+    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
+                        ("followup_mask", followup_mask)):
+        files[name] = folder / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(files[name]))
+    return flairs, baseline_mask, followup_mask, files
+
+
+def every_fate_change(tmp_path, monkeypatch, *options):
+    """`deepwml change` of `_every_fate_files`' pair written under `tmp_path`, both masks given (and `options`), into
+    tmp_path / "out": (FLAIRs, follow-up mask, the files by name, OUTDIR)."""
+    flairs, _, followup_mask, files = _every_fate_files(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), *options]) == 0
+    return flairs, followup_mask, files, out
+
+
 def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it(monkeypatch):
     """In a scene of every fate at once (`_every_fate`), the rows' baseline volumes add up to the baseline's lesion
     volume, the follow-up rows' volumes to the follow-up's, the counts and volumes of the summary to the rows',
@@ -1460,17 +1468,8 @@ def test_a_manifest_of_pairs_is_read_as_training_reads_it(pair, tmp_path, monkey
 def _small_pair_manifest(monkeypatch, folder, segmented: bool = False):
     """A manifest of one pair (`_every_fate`'s scene, registration left out) written under `folder`; with
     `segmented`, the follow-up without its mask (segmented by the run)."""
-    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
-    files = {}
-    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
-                        ("followup_mask", followup_mask)):
-        files[name] = folder / f"{name}.nii.gz"
-        sitk.WriteImage(image, str(files[name]))
-    manifest = folder / "pairs.csv"
-    manifest.write_text("case,baseline,followup,baseline_mask,followup_mask\n"
-                        f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},"
-                        f"{'' if segmented else files['followup_mask']}\n", encoding="utf-8")
-    return manifest, files
+    files = _every_fate_files(folder, monkeypatch)[3]
+    return _manifest(folder / "pairs.csv", files, followup_mask="" if segmented else None), files
 
 
 def test_a_pair_done_with_other_settings_or_missing_an_output_is_not_skipped_as_done(tmp_path, monkeypatch, capsys):
@@ -1643,12 +1642,7 @@ def test_one_pair_rerun_is_skipped_when_done_and_gets_only_the_outputs_it_lacks(
         assert ("holds pair 'followup' made with other settings: --tolerance-mm (2 then, 3 now); use --overwrite"
                 in capsys.readouterr().err)
         (out / "followup_change_qc.png").unlink()
-        labels = sitk.ReadImage(str(out / "followup_change.nii.gz"))
-        voxels = sitk.GetArrayFromImage(labels)
-        voxels[voxels == 2] = 1  # a new lesion called stable by hand
-        edited = sitk.GetImageFromArray(voxels)
-        edited.CopyInformation(labels)
-        sitk.WriteImage(edited, str(out / "followup_change.nii.gz"))
+        _new_called_stable(out / "followup_change.nii.gz")
         assert main(_single_pair(files, out, "--qc")) == 1
         assert "followup_change.nii.gz was changed since the run that made it" in capsys.readouterr().err
         assert not (out / "followup_change_qc.png").exists()
@@ -1864,9 +1858,7 @@ def test_a_mask_given_that_lies_in_outdir_under_an_output_name_is_never_removed(
         shutil.copyfile(files["followup_mask"], corrected)
         content = corrected.read_bytes()
         if manifest:
-            (tmp_path / "pairs.csv").write_text(
-                "case,baseline,followup,baseline_mask,followup_mask\n"
-                f"p1,{files['baseline']},{files['followup']},{files['baseline_mask']},{corrected}\n", encoding="utf-8")
+            _manifest(tmp_path / "pairs.csv", files, followup_mask=corrected)
             command = ["change", "--manifest", str(tmp_path / "pairs.csv"), "-o", str(out)]
         else:
             command = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--case", "p1",

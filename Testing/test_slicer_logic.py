@@ -981,21 +981,29 @@ def test_brain_mask_gate_of_the_shipped_registry_can_be_switched_off(scene, monk
     assert logic.describeRun({"brain_model": None}) == "Done (no brain mask)."
 
 
-def test_lesion_change_between_two_volume_nodes(scene, monkeypatch):
-    """The phantom pair of test_change.py as Slicer nodes: the same calls as DeepWMLLib makes on the
-    files, a segment per call on the follow-up's grid, the registered baseline, nodes reused on a rerun."""
+def phantom_pair_nodes(monkeypatch):
+    """The phantom pair of test_change.py as Slicer nodes, each registration of its two scans run once
+    (conftest.memoize_alignments: it is deterministic): ((baseline FLAIR, mask), (follow-up FLAIR, mask)) and
+    (the baseline volume, its lesions' segmentation, the follow-up volume, its lesions' segmentation)."""
     from conftest import memoize_alignments
     from test_change import change_pair_images
 
-    from DeepWMLLib import change
-
-    memoize_alignments(monkeypatch)  # each registration of the same two scans run once (it is deterministic)
-
-    (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
+    memoize_alignments(monkeypatch)
+    images = (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
     baseline = mrml.volumeFromImage(base_flair, "FLAIR 2024")
     followup = mrml.volumeFromImage(follow_flair, "FLAIR 2026")
     base_seg = mrml.segmentationFromMask(base_mask, baseline, name="2024 WMH")
     follow_seg = mrml.segmentationFromMask(follow_mask, followup, name="2026 WMH")
+    return images, (baseline, base_seg, followup, follow_seg)
+
+
+def test_lesion_change_between_two_volume_nodes(scene, monkeypatch):
+    """The phantom pair of test_change.py as Slicer nodes: the same calls as DeepWMLLib makes on the
+    files, a segment per call on the follow-up's grid, the registered baseline, nodes reused on a rerun."""
+    from DeepWMLLib import change
+
+    ((base_flair, base_mask), (follow_flair, follow_mask)), (baseline, base_seg, followup, follow_seg) = \
+        phantom_pair_nodes(monkeypatch)
     logic = DeepWMLCoreLogic()
     node, registered, report = logic.lesionChange(baseline, base_seg, followup, follow_seg)
     assert (report["n_new"], report["n_enlarging"], report["n_stable"], report["n_gone"], report["n_not_assessable"]) \
@@ -1040,21 +1048,15 @@ def test_lesion_change_between_two_volume_nodes(scene, monkeypatch):
         logic.lesionChange(baseline, None, followup, follow_seg)
 
 
-def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(scene, tmp_path):
+def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(scene, tmp_path, monkeypatch):
     """A change segmentation chosen where the module takes a lesion mask (volume, Dice, Save results, lesion change:
     mrml.segmentIds): the follow-up's segments, its gone ones left out and the result's notes saying so; the module's
     own (marked) and its CASE_change.seg.nrrd or change SEG loaded back (no mark: known by its segment names). Every
     segment was joined, gone lesions (baseline-only voxels) too. A rater's segments of other names are joined as
     before."""
-    from test_change import change_pair_images
-
     from DeepWMLLib import change
 
-    (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
-    baseline = mrml.volumeFromImage(base_flair, "FLAIR 2024")
-    followup = mrml.volumeFromImage(follow_flair, "FLAIR 2026")
-    base_seg = mrml.segmentationFromMask(base_mask, baseline, name="2024 WMH")
-    follow_seg = mrml.segmentationFromMask(follow_mask, followup, name="2026 WMH")
+    _, (baseline, base_seg, followup, follow_seg) = phantom_pair_nodes(monkeypatch)
     logic = DeepWMLCoreLogic()
     node, _, report = logic.lesionChange(baseline, base_seg, followup, follow_seg)
     assert report["n_gone"] == 1
@@ -1107,19 +1109,9 @@ def test_the_change_label_map_loaded_as_a_labelmap_is_the_follow_ups_lesions(sce
     lesions, as the command line reads the file (its header; its report beside it where the header is gone), the
     panel's note saying gone was left out; every label was counted together, gone ones too. A rater's labelmap is
     read as before."""
-    from test_change import _every_fate
+    from test_change import every_fate_change
 
-    from DeepWMLLib.cli import main
-
-    flairs, baseline_mask, followup_mask, _ = _every_fate(monkeypatch)
-    files = {}
-    for name, image in (("baseline", flairs[0]), ("followup", flairs[1]), ("baseline_mask", baseline_mask),
-                        ("followup_mask", followup_mask)):
-        files[name] = tmp_path / f"{name}.nii.gz"
-        sitk.WriteImage(image, str(files[name]))
-    out = tmp_path / "out"
-    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
-                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    flairs, followup_mask, _, out = every_fate_change(tmp_path, monkeypatch)
     followup = mrml.volumeFromImage(flairs[1], "FLAIR 2026")
     expected = sitk.GetArrayFromImage(followup_mask)
     logic = DeepWMLCoreLogic()
