@@ -1374,3 +1374,45 @@ def test_batch_refusing_an_option_leaves_no_output_folder(scene, batchScript, tm
         assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out), *options]) == 1
         assert words in capsys.readouterr().err
         assert not out.exists(), options
+
+
+def test_batch_report_of_a_dicom_series_is_the_command_lines_field_by_field(scene, batchScript, tmp_path, monkeypatch,
+                                                                            tiny_model):
+    """A DICOM series numbered from the top down (Instance Number 60, 50, ...): the batch's report gives each slice
+    its `dicom_instance` and each lesion its `dicom_instance_range`, the image numbers a radiologist finds the slices
+    by in PACS, as `deepwml segment`'s does, and its QC picture's tiles are numbered so too (the same PNG). Every
+    other field is the command line's, but for what differs by nature: the Slicer nodes' names (`segmentation`,
+    `volume`), `seconds`, the new UIDs of the SEG and the outline series, and the lesions' probabilities, which
+    the module does not keep (its lesion table is measured from the segment as it stands)."""
+    from conftest import write_dicom_series
+    from DeepWMLLib.cli import main as cli
+
+    def fields(value, name=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in fields(item, f"{name}.{key}" if name else key).items()}
+        if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            return {k: v for i, item in enumerate(value) for k, v in fields(item, f"{name}[{i}]").items()}
+        return {name: value}
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16,
+                           direction=rotation(0.1, -0.05, 0.2))
+    write_dicom_series(inputs / "S", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500, number=5,
+                       instance_numbers=[60 - 10 * k for k in range(6)],
+                       extra={"0020|0052": "1.2.3.99", "0010|0010": "Doe^Jane", "0018|0050": "3"})
+    options = ["--model", str(tiny_model), "--device", "cpu", "--qc", "--dicom-seg", "--dicom-outline"]
+    assert batchScript.main(["--input-dir", str(inputs), "--output-dir", str(out)] + options) == 0
+    assert cli(["segment", str(inputs), "-o", str(tmp_path / "cli")] + options) == 0
+    report = json.loads((out / "S_report.json").read_text(encoding="utf-8"))
+    cliReport = json.loads((tmp_path / "cli" / "S_report.json").read_text(encoding="utf-8"))
+    assert [row["dicom_instance"] for row in report["slices"]] == [60 - 10 * k for k in range(6)]
+    assert report["lesions"] and all(lesion["dicom_instance_range"] == [60 - 10 * k for k in lesion["slice_range"]]
+                                     for lesion in report["lesions"])
+    batch, command = fields(report), fields(cliReport)
+    natural = ("segmentation", "volume", "seconds", "dicom_seg.series_uid", "dicom_seg.sop_instance_uid",
+               "dicom_outline.series_uid")
+    differing = {name for name in set(batch) | set(command) if batch.get(name, "absent") != command.get(name, "absent")}
+    assert {name for name in differing
+            if name not in natural and not name.endswith(("].mean_probability", "].max_probability"))} == set()
+    assert (out / "S_qc.png").read_bytes() == (tmp_path / "cli" / "S_qc.png").read_bytes()

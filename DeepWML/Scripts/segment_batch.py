@@ -264,6 +264,10 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             row.update({key: comparison[key] for key in ("dice", "sensitivity", "precision")}, reference=str(reference),
                        warnings=" | ".join(warnings), _warnings=warnings)
         mask = mrml.maskFromSegmentation(segmentationNode, volumeNode)
+        # a DICOM input's image numbers, which PACS shows, beside the voxel indices (the slices' dicom_instance, the
+        # lesions' dicom_instance_range), and on the QC picture's tiles: as deepwml segment adds them, by its code
+        instances = segment.dicom_instances(series, mask) if series is not None else None
+        segment.add_instance_numbers(report, instances)
         timeAxis = io.read_time_axis(path)  # an input stored X, Y, Z, 1: its mask is written so too
         report.update(input_absolute=str(path.resolve()), input_fingerprint=input_fingerprint(path, series),
                       outputs=sorted(p.name for p in paths.values()), input_size=io.stored_size(mask, timeAxis),
@@ -278,7 +282,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
             ventricles = (mrml.maskFromSegmentation(segmentationNode, volumeNode, mrml.VENTRICLE_SEGMENT_NAME)
                           if report.get("location") else None)  # outlined as `deepwml segment --qc` does
             if referenceNode is None:
-                picture = png_bytes(render(image, mask, title, ventricles=ventricles))
+                picture = png_bytes(render(image, mask, title, ventricles=ventricles, slice_labels=instances))
             else:
                 reference = sitk.Cast(mrml.maskFromNode(referenceNode, volumeNode) != 0, sitk.sitkUInt8)
                 picture = png_bytes(render_comparison(image, mask, reference, title, names=("DeepWML", "reference")))
