@@ -151,7 +151,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
                           load_brain_model, load_ventricle_model, mask_digest, mask_location, picture_title,
                           scan_header_warnings, whole_or_none)
-    from .segment import add_instance_numbers, write_qc_and_dicom
+    from .segment import add_instance_numbers, remove_earlier_outputs, write_qc_and_dicom
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -257,24 +257,9 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
 
             segmented = segmentation(image, binary, chosen[0], report, algorithm_type, creator)
         with whole_or_none(paths):
-            if overwrite:  # the report first: stopped part way, no report describes other files
-                listed = []
-                if paths["report"].exists():
-                    try:
-                        listed = json.loads(paths["report"].read_text(encoding="utf-8")).get("outputs") or []
-                    except (OSError, ValueError, AttributeError):
-                        listed = []
-                    paths["report"].unlink()
-                # an earlier export's outputs this one does not write (it had --qc, this has not) would not match it
-                for key, stale in export_paths(out, case, True, True, True).items():
-                    if key in paths or stale.name not in listed or stale.resolve() in protected:
-                        continue
-                    if stale.is_dir():
-                        from .dicom_outline import remove_outline_series
-
-                        remove_outline_series(stale)
-                    elif stale.is_file():
-                        stale.unlink()
+            if overwrite:  # the report first (stopped part way, no report describes other files), then an earlier
+                # export's outputs this one does not write (it had --qc, this has not), under segment's rule
+                remove_earlier_outputs(out, case, paths, protected, list(export_paths(out, case, True, True, True).values()))
             write_qc_and_dicom(report, paths, overwrite, picture if qc else None, prepared if outline else None,
                                segmented if seg else None)
             report["outputs"] = sorted(p.name for p in paths.values())

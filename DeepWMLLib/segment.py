@@ -1088,6 +1088,31 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
     return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
 
 
+def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=frozenset(), possible=None) -> None:
+    """--overwrite, before a case's new outputs (`paths`, output_paths') are written: the case's earlier report goes
+    first (a run stopped part way leaves outputs without a report, which the next run refuses: never old and new
+    mixed), then the outputs of the earlier run that this one will not write (other options, another
+    --output-format), which would not match the new result and could be taken for it. Only files DeepWML wrote:
+    those the earlier report lists as its `outputs`; a report without that list (a version before it) or one that
+    cannot be read, every name a run writes for the case; without a report (a run killed outright, or none ever),
+    none: the files there may be the user's. Never a scan given to the run (`protected`: resolved paths), and of an
+    outline series folder only its own images (dicom_outline.remove_outline_series). `possible`: the outputs the
+    command could have written (default: every one a segment run writes, in every output format); `deepwml
+    export` passes its own. One rule for deepwml segment, deepwml export and the Slicer batch script."""
+    from .dicom_outline import remove_outline_series
+
+    listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
+    paths["report"].unlink(missing_ok=True)
+    kept = {p.name for p in paths.values()}
+    for stale in (possible if possible is not None else _possible_outputs(out_dir, case)):
+        if stale.name in kept or (listed is not None and stale.name not in listed) or stale.resolve() in protected:
+            continue
+        if stale.is_dir() and stale.name == f"{case}_outline_dicom":
+            remove_outline_series(stale)
+        elif stale.is_file():
+            stale.unlink()
+
+
 def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:
     """What tells one scan from another wherever it lies. A scan file: its size, the SHA-256 of its first
     MiB and, after a '~', of blocks spread over the rest (`io.spread_digest`); a detached header (.mhd,
@@ -1471,25 +1496,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         tell(SEGMENTING_SHARE + 0.045, "making the DICOM SEG")
         segmented = segmentation(image, result.mask, chosen[0], report)
     with whole_or_none(paths):
-        if overwrite:  # the report goes first: a run killed part way leaves outputs without one (rerun asked
-            # for), never old and new mixed
-            # which: what its report lists (one of an older version, without a list: DeepWML's output names);
-            # without a report (a run stopped part way, or none ever), nothing beyond this run's own files
-            listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
-            paths["report"].unlink(missing_ok=True)
-            # then the earlier run's outputs that this one will not write (other options, or another --output-format)
-            # would not match it: they go before anything new is written; only files DeepWML wrote (its report
-            # lists them; older reports: its output names) and never a scan given to this run
-            for stale in _possible_outputs(out_dir, case):
-                if (stale in paths.values() or (listed is not None and stale.name not in listed)
-                        or stale.resolve() in protected):
-                    continue
-                if stale.is_file():
-                    stale.unlink()
-                elif stale.is_dir() and stale.name == f"{case}_outline_dicom":
-                    from .dicom_outline import remove_outline_series
-
-                    remove_outline_series(stale)
+        if overwrite:  # the earlier report, then its outputs this run will not write (remove_earlier_outputs)
+            remove_earlier_outputs(out_dir, case, paths, protected)
         report["input_absolute"] = str(path.resolve())
         report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
         report["outputs"] = sorted(p.name for p in paths.values())

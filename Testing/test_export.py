@@ -557,3 +557,20 @@ def test_exports_split_and_ventricles_are_those_of_the_scan_however_its_file_ord
     assert made[1].GetSize() == other.GetSize() and made[1].GetDirection() == other.GetDirection()
     assert made[1].GetOrigin() == other.GetOrigin()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(stored_otherwise(made[0])), sitk.GetArrayFromImage(made[1]))
+
+
+def test_export_overwrite_over_a_report_that_cannot_be_read_removes_its_outputs_as_segment_does(tmp_path):
+    """An earlier export's report that cannot be read (damaged): --overwrite without --dicom-seg and --qc left its
+    SEG and picture beside the new report, which does not list them, where a reader (PACS) takes them for the new
+    result. Now the rule is segment's (segment.remove_earlier_outputs): a report without a list of its outputs
+    stands for every output of the command's names, so the earlier SEG and picture go; a file of the user's in
+    OUTDIR of another name stays."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1"]
+    assert main([*command, "--dicom-seg", "--qc"]) == 0
+    (out / "p1_report.json").write_text('{"case": "p1", "outp')  # cut short
+    (out / "p1_notes.txt").write_text("mine")
+    assert main([*command, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["p1_notes.txt", "p1_report.json"]

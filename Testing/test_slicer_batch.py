@@ -1416,3 +1416,33 @@ def test_batch_report_of_a_dicom_series_is_the_command_lines_field_by_field(scen
     assert {name for name in differing
             if name not in natural and not name.endswith(("].mean_probability", "].max_probability"))} == set()
     assert (out / "S_qc.png").read_bytes() == (tmp_path / "cli" / "S_qc.png").read_bytes()
+
+
+def test_batch_overwrite_removes_what_the_earlier_report_lists_and_nothing_else(scene, batchScript, tmp_path,
+                                                                                monkeypatch, tiny_model):
+    """--overwrite follows `deepwml segment`'s rule, by its code (segment.remove_earlier_outputs): the earlier run's
+    outputs its report lists that this run will not write go before anything new is written. The batch removed
+    only a picture, a SEG or an outline series, whether listed or not: a probability map and a mask in another
+    format that `deepwml segment` had written stayed beside the new result (a_wmh.mha, 0.5, beside the batch's
+    a_wmh.nii.gz, 0.3), while a picture of the user's own named a_qc.png, which no report lists, was deleted."""
+    from DeepWMLLib.cli import main as cli
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    writeCase(inputs, "b.nii.gz")
+    assert cli(["segment", str(inputs / "a.nii.gz"), "-o", str(out), "--model", str(tiny_model), "--device", "cpu",
+                "--save-probabilities", "--output-format", "mha"]) == 0
+    assert {"a_prob.mha", "a_wmh.mha"} <= set(json.loads((out / "a_report.json").read_text())["outputs"])
+    (out / "b_qc.png").write_bytes(b"the user's own picture")  # no report of b lists it (there is none)
+    (out / "notes.txt").write_text("mine")
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--overwrite", "--threshold", "0.3"]
+    assert batchScript.main(arguments) == 0
+    assert {row["status"] for row in summary(out).values()} == {"ok"}
+    assert not (out / "a_prob.mha").exists() and not (out / "a_wmh.mha").exists()
+    assert (out / "b_qc.png").read_bytes() == b"the user's own picture" and (out / "notes.txt").read_text() == "mine"
+    report = json.loads((out / "a_report.json").read_text())
+    assert report["threshold"] == 0.3 and sorted(report["outputs"]) == ["a.seg.nrrd", "a_report.json", "a_wmh.nii.gz"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("a")) == sorted(report["outputs"])

@@ -213,7 +213,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -
 
 def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None) -> dict:
     from DeepWMLLib.evaluation import write_json
-    from DeepWMLLib.segment import check_earlier_result, input_fingerprint, output_paths
+    from DeepWMLLib.segment import check_earlier_result, input_fingerprint
 
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
@@ -299,16 +299,16 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                 segmented = segmentation(flair, mask, series, report)
             flair = None
         with segment.whole_or_none(paths):  # stopped part way: the case's outputs go, its earlier report first
-            if args.overwrite:  # (never an old report beside new files)
-                paths["report"].unlink(missing_ok=True)
+            if args.overwrite:  # (never an old report beside new files), then the earlier run's outputs this one
+                # will not write (a picture, a SEG, an outline series, a probability map, a mask in another format),
+                # before anything new: deepwml segment's rule, by its code (only what the earlier report lists)
+                segment.remove_earlier_outputs(args.output_dir, case, paths, args.protected)
             io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
             io.write_image(mask, paths["mask"], timeAxis,
                            io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
             segment.write_qc_and_dicom(report, paths, args.overwrite, picture if args.qc else None,
                                        prepared if outline else None, segmented if seg else None)
             write_json(report, paths["report"])
-        if args.overwrite:  # an earlier run's picture, SEG or outline series of an older result, not asked for now
-            removeStale(output_paths(args.output_dir, case, False, qc=True, dicom_outline=True, dicom_seg=True), paths)
     finally:
         for node in nodes:
             mrml.removeNode(node)
@@ -375,21 +375,6 @@ def addOutputs(logic, case: str, path: Path, args, study, paths: dict, missing: 
     added = segment.add_outputs(case, path, args.output_dir, paths, missing, earlier, study, networks, progress,
                                 draw=drawComparison if reference is not None else None)
     return {"status": segment.ADDED, "error": added["error"] + note, **summaryFigures(earlier)}
-
-
-def removeStale(possible: dict, paths: dict) -> None:
-    """An earlier run's outputs of the case (`possible`) that this run did not write (`paths`) go with --overwrite:
-    they were made from an older result. Only the picture, the SEG and the outline series (its own images alone)."""
-    from DeepWMLLib.dicom_outline import remove_outline_series
-
-    for key in ("qc", "dicom_seg", "dicom_outline"):
-        stale = possible[key]
-        if key in paths:
-            continue
-        if key == "dicom_outline":
-            remove_outline_series(stale)
-        elif stale.is_file():
-            stale.unlink()
 
 
 def segmentAll(logic, inputs, named, args, bar, rows: list, summaryPath: Path) -> None:
