@@ -5,6 +5,7 @@ The module is deliberately thin: the widget binds GUI to the parameter node and 
 DeepWMLLib does everything numeric.
 """
 
+import contextlib
 import logging
 import pathlib
 from typing import Annotated, Union
@@ -168,7 +169,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
         self.setParameterNode(None)
         self._clearResults()  # the closed scene's patient: nothing of it may stay on show or be saved
-        self.logic.forgetKept()  # nor kept in memory
+        with slicer.util.tryWithErrorDisplay("Cannot let go of the closed scene's data."):
+            self.logic.forgetKept()  # nor kept in memory
         self.ui.statusLabel.text = ""
         self.ui.progressBar.value = 0
 
@@ -322,45 +324,51 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -----------------------------------------------------------------------------------------
     # Results
 
-    def _lesionStatistics(self) -> dict:
-        """The output segmentation's statistics, with the periventricular/deep split when it is ticked: from its
-        'Lateral ventricles' segment, else (a manual segmentation) made by the ventricle model as `deepwml export`
-        makes it for a mask given (its networks on the FLAIR, on the panel's device, the brain mask as ticked)."""
+    @contextlib.contextmanager
+    def _statisticsWaiting(self):
+        """The arguments of the output segmentation's statistics (logic.lesionStatistics), with the
+        periventricular/deep split when it is ticked: from its 'Lateral ventricles' segment, else (a manual
+        segmentation) made by the ventricle model as `deepwml export` makes it for a mask given (its networks on the
+        FLAIR, on the panel's device, the brain mask as ticked); while the networks run (seconds, the first time for
+        a volume) the status line says why the panel waits, and shows what it showed before once they are done."""
         p = self._parameterNode
         shown = self.ui.statusLabel.text
 
-        def waiting(message):  # the networks run (seconds, the first time for a volume): say why the panel waits
+        def waiting(message):
             self.ui.statusLabel.text = message
             # painted, but no click handled meanwhile (a double click would run them twice, one inside the other)
             slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
 
         try:
             # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)
-            return self.logic.lesionStatistics(p.outputSegmentation, p.inputVolume,
-                                               ventricleModel=True if p.ventricleSplit else None, device=p.device,
-                                               brainMask=p.brainMask, precision=p.precision, progress=waiting)
+            yield dict(segmentationNode=p.outputSegmentation, volumeNode=p.inputVolume,
+                       ventricleModel=True if p.ventricleSplit else None, device=p.device, brainMask=p.brainMask,
+                       precision=p.precision, progress=waiting)
         finally:
             self.ui.statusLabel.text = shown
 
     def onShowStatistics(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):
-            results = {"report": self._lesionStatistics()}
+        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True), \
+                self._statisticsWaiting() as statistics:
+            results = {"report": self.logic.lesionStatistics(**statistics)}
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
 
     def onListLesions(self) -> None:
         """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
         row showing its lesion: a radiologist's review of the result, lesion by lesion."""
-        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True):
-            results = {"report": self._lesionStatistics(), "table": LESION_TABLE}
+        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True), \
+                self._statisticsWaiting() as statistics:
+            results = {"report": self.logic.lesionStatistics(**statistics), "table": LESION_TABLE}
             self._showResults(results, self.logic.sliceTable(results))
             self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
 
     def onCompare(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True), \
+                self._statisticsWaiting() as statistics:
             results = {
-                "report": self._lesionStatistics(),
+                "report": self.logic.lesionStatistics(**statistics),
                 "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
                                                               p.inputVolume),
                 "reference": p.referenceSegmentation.GetName(),  # whose Dice, in the saved .json
