@@ -368,8 +368,12 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
 
 
 def remove_outline_series(folder: str | os.PathLike) -> None:
-    """Delete an earlier run's outline series: its images, then the folder if nothing else is in it."""
+    """Delete an earlier run's outline series: its images, then the folder if nothing else is in it. A folder
+    that is a symbolic link (to a series elsewhere: the user's) loses the link alone, never the images it leads to."""
     folder = Path(folder)
+    if folder.is_symlink():
+        folder.unlink()
+        return
     if not folder.is_dir():
         return
     for image in folder.glob("IM*.dcm"):

@@ -1095,8 +1095,10 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
     --output-format), which would not match the new result and could be taken for it. Only files DeepWML wrote:
     those the earlier report lists as its `outputs`; a report without that list (a version before it) or one that
     cannot be read, every name a run writes for the case; without a report (a run killed outright, or none ever),
-    none: the files there may be the user's. Never a scan given to the run (`protected`: resolved paths), and of an
-    outline series folder only its own images (dicom_outline.remove_outline_series). `possible`: the outputs the
+    none: the files there may be the user's. Never a scan given to the run (`protected`: resolved paths) nor a
+    folder holding one; of an outline series folder only its own images (dicom_outline.remove_outline_series); of a
+    symbolic link the link alone, never what it leads to. Only names of `possible`, in OUTDIR: a listed name that
+    is a path (`../x`, absolute) or another case's is never reached. `possible`: the outputs the
     command could have written (default: every one a segment run writes, in every output format); `deepwml
     export` passes its own. One rule for deepwml segment, deepwml export and the Slicer batch script."""
     from .dicom_outline import remove_outline_series
@@ -1105,12 +1107,20 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
     paths["report"].unlink(missing_ok=True)
     kept = {p.name for p in paths.values()}
     for stale in (possible if possible is not None else _possible_outputs(out_dir, case)):
-        if stale.name in kept or (listed is not None and stale.name not in listed) or stale.resolve() in protected:
+        if stale.name in kept or (listed is not None and stale.name not in listed) or _holds_an_input(stale, protected):
             continue
-        if stale.is_dir() and stale.name == f"{case}_outline_dicom":
+        if stale.is_symlink():  # the link alone, never what it leads to (a file or a folder elsewhere)
+            stale.unlink()
+        elif stale.is_dir() and stale.name.endswith("_outline_dicom"):  # an outline series: its own images alone
             remove_outline_series(stale)
         elif stale.is_file():
             stale.unlink()
+
+
+def _holds_an_input(path: Path, protected) -> bool:
+    """Whether `path` is, leads to, or (a folder) holds a scan or mask given to the run (`protected`: resolved)."""
+    resolved = path.resolve()
+    return resolved in protected or any(resolved in p.parents for p in protected)
 
 
 def input_fingerprint(path: Path, series: io.DicomSeries | None = None) -> str | None:

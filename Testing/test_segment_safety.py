@@ -894,3 +894,74 @@ def test_summary_is_written_once_per_change_each_write_synced_to_disk(tmp_path, 
     written.clear()
     assert segment(tiny_model, folder, "-o", out, "--overwrite") == 0
     assert written.count("summary.csv") == 2 and list(summary(out)) == ["a"]
+
+
+def test_overwrite_in_a_shared_outdir_removes_only_the_case_s_listed_outputs_there(tmp_path, tiny_model):
+    """A cohort in one OUTDIR: rerunning case a with --overwrite (without --save-probabilities and --qc) removes a's
+    probability map and picture, which its report lists, and nothing else: not case ab's or a_2's outputs (names
+    that begin as a's), not a file of the user's (another case's name, an output's name its report does not list),
+    not what a tampered report lists beyond a's own output names (another case's, a path out of OUTDIR), and of a
+    listed picture that is a symbolic link, the link alone."""
+    scans = tmp_path / "scans"
+    for seed, name in enumerate(["a", "ab", "a_2"]):
+        write_case(scans, name, seed=seed)
+    out = tmp_path / "out"
+    assert segment(tiny_model, scans, "-o", out, "--save-probabilities", "--qc") == 0
+    mine = {"other_wmh.nii.gz": b"mine", "a_notes.txt": b"mine", "a_wmh.mha": b"mine"}
+    for name, content in mine.items():
+        (out / name).write_bytes(content)
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"precious")
+    (out / "a_qc.png").unlink()
+    os.symlink(elsewhere, out / "a_qc.png")
+    (tmp_path / "x").write_bytes(b"precious")
+    report = json.loads((out / "a_report.json").read_text())
+    report["outputs"] += ["../x", str(tmp_path / "x"), "ab_wmh.nii.gz", "ab_report.json", "a_2_prob.nii.gz",
+                          "other_wmh.nii.gz"]
+    (out / "a_report.json").write_text(json.dumps(report))
+    others = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("ab", "a_2"))}
+    assert len(others) == 10
+    assert segment(tiny_model, scans / "a.nii.gz", "-o", out, "--overwrite") == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("ab", "a_2"))} == others
+    assert all((out / name).read_bytes() == content for name, content in mine.items())
+    assert elsewhere.read_bytes() == b"precious" and (tmp_path / "x").read_bytes() == b"precious"
+    assert not os.path.lexists(out / "a_qc.png") and not (out / "a_prob.nii.gz").exists()
+
+
+def test_overwrite_removes_a_symlinked_outline_folder_s_link_never_the_series_it_leads_to(tmp_path):
+    """An outline series folder the earlier report lists, now a symbolic link to a series elsewhere (the user's):
+    --overwrite without --dicom-outline, or a run stopped part way, removed the images it leads to. Now the link
+    alone goes."""
+    from DeepWMLLib.segment import output_paths, remove_earlier_outputs, whole_or_none
+
+    for stopped in (False, True):
+        out, elsewhere = tmp_path / f"out{stopped}", tmp_path / f"series{stopped}"
+        out.mkdir()
+        elsewhere.mkdir()
+        (elsewhere / "IM0001.dcm").write_bytes(b"precious")
+        os.symlink(elsewhere, out / "a_outline_dicom", target_is_directory=True)
+        (out / "a_report.json").write_text(json.dumps({"outputs": ["a.seg.nrrd", "a_outline_dicom", "a_report.json",
+                                                                   "a_wmh.nii.gz"]}))
+        if stopped:
+            paths = output_paths(out, "a", False, dicom_outline=True)
+            with pytest.raises(KeyboardInterrupt), whole_or_none(paths):
+                raise KeyboardInterrupt
+        else:
+            remove_earlier_outputs(out, "a", output_paths(out, "a", False))
+        assert (elsewhere / "IM0001.dcm").read_bytes() == b"precious"
+        assert not os.path.lexists(out / "a_outline_dicom")
+
+
+def test_overwrite_never_empties_a_listed_outline_folder_that_holds_a_scan_given(tmp_path):
+    """A scan given to the run inside the folder of an outline series the earlier report lists (an earlier series
+    given back as the FLAIR): the folder was emptied, the scan with it, as only the folder itself was checked."""
+    from DeepWMLLib.segment import output_paths, remove_earlier_outputs
+
+    out = tmp_path / "out"
+    (out / "a_outline_dicom").mkdir(parents=True)
+    scan = out / "a_outline_dicom" / "IM0001.dcm"
+    scan.write_bytes(b"the scan")
+    (out / "a_report.json").write_text(json.dumps({"outputs": ["a.seg.nrrd", "a_outline_dicom", "a_report.json",
+                                                               "a_wmh.nii.gz"]}))
+    remove_earlier_outputs(out, "a", output_paths(out, "a", False), frozenset({scan.resolve()}))
+    assert scan.read_bytes() == b"the scan"
