@@ -731,6 +731,14 @@ def _earlier_outputs(out_dir: Path, case: str, inputs=()) -> list[Path]:
     return sorted(set(found))
 
 
+def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
+    """Every output a change run could write for `case`, in every output format, and its outline series' folder."""
+    paths = {}
+    for extension in (".nii.gz", ".nrrd", ".mha"):
+        paths.update(dict.fromkeys(output_paths(out_dir, case, extension, extension, (True, True), True, True).values()))
+    return [*paths, outline_path(out_dir, case)]
+
+
 def lesions_csv(rows: list[dict]) -> str:
     return io.csv_text(CSV_COLUMNS, ({**row, "centroid_mm": " ".join(str(v) for v in row["centroid_mm"]),
                                       "slice_range": "-".join(str(v) for v in row["slice_range"])} for row in rows))
@@ -1661,12 +1669,12 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
               for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
     # stopped part way (Ctrl-C, a full disk): the pair's outputs go, so that the same command redoes it
     with whole_or_none({**paths, "outline": outline_path(out, case)} if outline else paths):
-        for stale in earlier:  # nothing of an earlier run stays beside this one's, even if writing fails part way
-            stale.unlink()
-        if earlier_outline and not outline:
-            from .dicom_outline import remove_outline_series
+        if args.overwrite:  # nothing of an earlier run stays beside this one's, even if writing fails part way:
+            # segment's rule, by its code (only what the earlier report lists; never a file given, nor a link's target)
+            from .segment import remove_earlier_outputs
 
-            remove_outline_series(earlier_outline)
+            remove_earlier_outputs(out, case, {**paths, "dicom_outline": outline_path(out, case)} if outline else paths,
+                                   frozenset(Path(i).resolve() for i in inputs if i), _possible_outputs(out, case))
         # its header says what it is: read as a mask, the follow-up's lesions (io.change_map_lesions)
         io.write_image(result.labels, paths["labels"], *stored["follow-up"], notes=io.CHANGE_MAP_NOTES)
         io.write_label_segmentation(result.labels, paths["segmentation"],

@@ -1100,10 +1100,12 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
     symbolic link the link alone, never what it leads to. Only names of `possible`, in OUTDIR: a listed name that
     is a path (`../x`, absolute) or another case's is never reached. `possible`: the outputs the
     command could have written (default: every one a segment run writes, in every output format); `deepwml
-    export` passes its own. One rule for deepwml segment, deepwml export and the Slicer batch script."""
+    export` and `deepwml change` pass their own. One rule for deepwml segment, export, change and the Slicer batch."""
     from .dicom_outline import remove_outline_series
 
     listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
+    if listed is not None:  # and its outline series, which a report of deepwml change names there alone
+        listed = [*listed, *_outline_named(paths["report"])]
     paths["report"].unlink(missing_ok=True)
     kept = {p.name for p in paths.values()}
     for stale in (possible if possible is not None else _possible_outputs(out_dir, case)):
@@ -1115,6 +1117,16 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
             remove_outline_series(stale)
         elif stale.is_file():
             stale.unlink()
+
+
+def _outline_named(report: Path) -> list[str]:
+    """The folder of the outline series a report's `dicom_outline` entry names ([] if none)."""
+    try:
+        outline = json.loads(report.read_text(encoding="utf-8")).get("dicom_outline")
+    except (OSError, ValueError, AttributeError):
+        return []
+    folder = outline.get("folder") if isinstance(outline, dict) else None
+    return [folder] if isinstance(folder, str) else []
 
 
 def _holds_an_input(path: Path, protected) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 
@@ -2273,3 +2274,29 @@ def test_a_change_seg_nrrd_edited_in_slicer_is_still_read_as_the_follow_ups_lesi
     rater = tmp_path / "rater.seg.nrrd"
     io.write_label_segmentation(image, rater, [(2, "new", (1, 0, 0))])
     assert sitk.GetArrayFromImage(io.read_mask(rater)).sum() == 2
+
+
+def test_overwrite_removes_only_what_the_earlier_report_lists_as_segment_does(pair, tmp_path):
+    """`deepwml change --overwrite` deleted every file of OUTDIR named like one of the pair's outputs, in any format,
+    listed or not: a mask of `deepwml segment`'s case `followup_baseline` (followup_baseline_wmh.nii.gz, the name
+    of a change baseline mask) in a shared OUTDIR, or a picture of the user's with no report at all. Now segment's
+    rule, by its code (segment.remove_earlier_outputs): only what the earlier report lists (its picture, when
+    rerun without --qc), never a file it does not list, and of a listed link the link alone."""
+    files = pair["files"]
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(args + ["--qc"]) == 0
+    (out / "followup_baseline_wmh.nii.gz").write_bytes(b"segment's case followup_baseline")
+    elsewhere = tmp_path / "picture.png"
+    elsewhere.write_bytes(b"precious")
+    (out / "followup_change_qc.png").unlink()
+    os.symlink(elsewhere, out / "followup_change_qc.png")  # listed by the report
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "followup_baseline_wmh.nii.gz").read_bytes() == b"segment's case followup_baseline"
+    assert not os.path.lexists(out / "followup_change_qc.png") and elsewhere.read_bytes() == b"precious"
+    fresh = tmp_path / "fresh"  # no report: a file named like an output is the user's
+    fresh.mkdir()
+    (fresh / "followup_change_qc.png").write_bytes(b"mine")
+    assert main(args[:4] + [str(fresh)] + args[5:] + ["--overwrite"]) == 0
+    assert (fresh / "followup_change_qc.png").read_bytes() == b"mine"
