@@ -1,0 +1,209 @@
+"""Mutation audit (mut47) of this session's new code: bf16 refused up front on a CPU that does not compute it
+(inference.cpu_computes_bf16, check_runtime), --series naming no series refused before OUTDIR (io.series_named,
+segment.refuse_series_named_nowhere), a DICOM SEG's frames placed by the FLAIR folder given to evaluate and consensus
+(io.mask_source), export's split of a mask given (segment.location_inputs, mask_location) and the Slicer Logic's
+kept split networks (CoreLogic._volumeLocationInputs, its key). Expected values are worked out by hand in the
+comments; each test names the mutants it kills.
+
+Mutants left alive as equivalent are listed in the audit's report (the helper's final message)."""
+
+from __future__ import annotations
+
+import pytest
+
+from DeepWMLLib import inference, io
+from DeepWMLLib.errors import DeepWMLError
+from DeepWMLLib.io import DicomSeries, DicomStudy
+
+
+# ---- inference.cpu_computes_bf16 and check_runtime ----------------------------------------------------------------
+
+def _runtimes(monkeypatch, openvino, torch):
+    """OpenVINO answering `openvino` (True/False; None: not installed or not working) and PyTorch `torch`."""
+    def core():
+        if openvino is None:
+            raise ImportError("No module named 'openvino'")
+        return "core"
+
+    monkeypatch.setattr(inference, "_openvino_core", core)
+    monkeypatch.setattr(inference, "_openvino_computes_bf16", lambda given: bool(openvino))
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: torch)
+
+
+@pytest.mark.parametrize("openvino, torch, backend, native", [
+    (True, False, "auto", True),  # auto with OpenVINO working: make_runner runs OpenVINO, so OpenVINO is asked
+    (False, True, "auto", False),
+    (True, False, "openvino", True), (False, True, "openvino", False),
+    (True, False, "torch", False),  # --backend torch: PyTorch asked, whatever OpenVINO says
+    (False, True, "torch", True),
+    (None, True, "auto", True),  # auto without OpenVINO runs PyTorch: PyTorch asked
+    (None, False, "auto", False),
+    (None, False, "openvino", True)])  # --backend openvino not working: its runner says what is wrong, not bf16
+def test_bf16_is_asked_of_the_runtime_that_would_run_it(monkeypatch, openvino, torch, backend, native):
+    """cpu_computes_bf16 asks OpenVINO where it runs (openvino, or auto with it working), else PyTorch; a broken
+    OpenVINO asked for by name is not called a CPU without bf16. Worked out from make_runner's order: auto tries
+    OpenVINO first and falls back to PyTorch.
+    (Kills: auto not asking OpenVINO; a broken OpenVINO answered False, or auto's fallback answered True; OpenVINO's
+    answer negated; PyTorch's answer replaced by True.)"""
+    _runtimes(monkeypatch, openvino, torch)
+    assert inference.cpu_computes_bf16(backend) is native
+
+
+def test_check_runtime_refuses_bf16_as_the_chosen_backend_would_run_it_and_nothing_else(monkeypatch):
+    """OpenVINO computing bf16 and PyTorch not: --backend torch --precision bf16 is refused (PyTorch would emulate
+    it), auto and openvino are not; on a CPU where neither computes it, only bf16 is refused, never auto or fp32.
+    (Kills: check_runtime asking for backend 'auto' whatever was chosen; the refusal made for any precision but fp32.)"""
+    _runtimes(monkeypatch, True, False)
+    with pytest.raises(inference.PrecisionUnavailable, match="native bf16"):
+        inference.check_runtime("cpu", "torch", "bf16")
+    assert inference.check_runtime("cpu", "auto", "bf16") == "cpu"
+    assert inference.check_runtime("cpu", "openvino", "bf16") == "cpu"
+    _runtimes(monkeypatch, False, False)
+    assert inference.check_runtime("cpu", "auto", "auto") == "cpu"
+    assert inference.check_runtime("cpu", "torch", "fp32") == "cpu"
+    with pytest.raises(inference.PrecisionUnavailable):
+        inference.check_runtime("cpu", "auto", "bf16")
+
+
+# ---- io.series_named ---------------------------------------------------------------------------------------------
+
+def _series(uid, description, number=None, modality="MR", secondary_capture=False):
+    return DicomSeries(uid=uid, description=description, files=(), number=number, modality=modality,
+                       secondary_capture=secondary_capture)
+
+
+def test_series_named_takes_uid_number_whole_description_then_a_part():
+    """Four series: 1.2.9.4 #4 'SAG T1', 1.2.9.5 #5 'AX T2 FLAIR', 1.2.9.6 #6 'FLAIR', 1.2.9.7 #7 'FLAIR outline'
+    (a Secondary Capture). By hand: ' 1.2.9.5 ' (spaces typed) is 1.2.9.5's UID; ' 5 ' is series 5; '4' series 4
+    (not 5); 'sag t1' the whole description of #4 only; 'flair' the whole description of #6 only (not the part of
+    #5 and #7); 't2 fl' a part of #5's only; 'outline' a part of #7 alone (derived, but the only match).
+    (Kills: the UID compared unstripped; the choice not stripped; the number off by one; the whole description
+    compared with !=; the part looked for the wrong way round; the whole-description step dropped.)"""
+    series = [_series("1.2.9.4", "SAG T1", 4), _series("1.2.9.5", "AX T2 FLAIR", 5), _series("1.2.9.6", "FLAIR", 6),
+              _series("1.2.9.7", "FLAIR outline", 7, modality="OT", secondary_capture=True)]
+    named = {choice: [s.uid for s in io.series_named(series, choice)]
+             for choice in (" 1.2.9.5 ", " 5 ", "4", "sag t1", "flair", "t2 fl", "outline", "t2 flair x")}
+    assert named == {" 1.2.9.5 ": ["1.2.9.5"], " 5 ": ["1.2.9.5"], "4": ["1.2.9.4"], "sag t1": ["1.2.9.4"],
+                     "flair": ["1.2.9.6"], "t2 fl": ["1.2.9.5"], "outline": ["1.2.9.7"], "t2 flair x": []}
+
+
+def test_series_named_prefers_the_images_to_a_picture_sharing_their_description():
+    """'AX FLAIR' (MR) and 'AX FLAIR' (its outline series, a Secondary Capture) and 'AX FLAIR' (its SEG): the
+    images alone; two derived series alone matching are both given (nothing better to choose).
+    (Kills: the derived filter made only above two matches, or keeping the derived ones; its fallback dropped.)"""
+    images, picture = _series("1.1", "AX FLAIR", 3), _series("1.2", "AX FLAIR", 300, "OT", True)
+    seg = _series("1.3", "AX FLAIR", 301, modality="SEG")
+    assert [s.uid for s in io.series_named([picture, images], "ax flair")] == ["1.1"]
+    assert [s.uid for s in io.series_named([picture, images, seg], "flair")] == ["1.1"]
+    assert [s.uid for s in io.series_named([picture, seg, _series("1.4", "T1", 2)], "ax flair")] == ["1.2", "1.3"]
+
+
+# ---- segment.refuse_series_named_nowhere ------------------------------------------------------------------------
+
+CHOOSE = "choose one with --series TEXT (its series number, its description or a part of it, or its UID)"
+
+
+def _study(name, *series):
+    from pathlib import Path
+
+    return DicomStudy(name=name, folder=Path("/nonexistent") / name, uid=f"9.{name}", series=tuple(series))
+
+
+def test_a_long_listing_of_the_series_no_study_holds_is_ordered_by_count_then_number_and_cut_at_six():
+    """Four studies, none holding 'perfusion': A #3 'AX FLAIR', #10 'T1'; B #3 'AX FLAIR', #2 'DWI'; C #7 'SWI' and
+    one with neither number nor description; D #1 'LOC', #8 'ADC'. Seven kinds: #3 in 2 studies first, then those in
+    1 by number (1, 2, 7, 8, 10), the one without a number last; six shown, 'and 1 more'.
+    (Kills: the count sorted upwards; the numbers sorted downwards; six shown cut to five; 'more' said only beyond
+    seven.)"""
+    from DeepWMLLib.segment import refuse_series_named_nowhere
+
+    studies = [_study("A", _series("1", "AX FLAIR", 3), _series("2", "T1", 10)),
+               _study("B", _series("3", "AX FLAIR", 3), _series("4", "DWI", 2)),
+               _study("C", _series("5", "SWI", 7), _series("6", "")),
+               _study("D", _series("7", "LOC", 1), _series("8", "ADC", 8))]
+    with pytest.raises(DeepWMLError) as raised:
+        refuse_series_named_nowhere([(s.name, s.folder, s) for s in studies], "perfusion")
+    assert str(raised.value) == (
+        "--series 'perfusion' matches no series in any of the 4 DICOM studies given; they hold series 3 'AX FLAIR' "
+        "(in 2); series 1 'LOC' (in 1); series 2 'DWI' (in 1); series 7 'SWI' (in 1); series 8 'ADC' (in 1); series 10 "
+        f"'T1' (in 1); and 1 more; {CHOOSE}")
+    with pytest.raises(DeepWMLError) as raised:  # six kinds: no 'more'
+        refuse_series_named_nowhere([(s.name, s.folder, s) for s in studies[:3]], "perfusion")
+    assert str(raised.value) == (
+        "--series 'perfusion' matches no series in any of the 3 DICOM studies given; they hold series 3 'AX FLAIR' "
+        f"(in 2); series 2 'DWI' (in 1); series 7 'SWI' (in 1); series 10 'T1' (in 1); '(no description)' (in 1); "
+        f"{CHOOSE}")
+
+
+def test_folders_and_studies_are_named_as_what_was_given(tmp_path, monkeypatch):
+    """A DICOM folder given beside a study of an export, neither holding 'T2': 'DICOM folders and studies'; two
+    folders: 'DICOM folders' (the series read from their headers, io.dicom_series).
+    (Kills: any study making it 'DICOM studies'; the studies left out of the check, so nothing refused.)"""
+    from DeepWMLLib.segment import refuse_series_named_nowhere
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    held = {a: [_series("1", "AX FLAIR", 3)], b: [_series("2", "T1", 4)]}
+    monkeypatch.setattr(io, "dicom_series", lambda path: held[path])
+    study = _study("S", _series("3", "DWI", 5))
+    with pytest.raises(DeepWMLError, match=r"in any of the 2 DICOM folders and studies given; they hold series 3 'AX "
+                                           r"FLAIR' \(in 1\); series 5 'DWI' \(in 1\);"):
+        refuse_series_named_nowhere([("a", a, None), ("S", study.folder, study)], "T2")
+    with pytest.raises(DeepWMLError, match="in any of the 2 DICOM folders given; they hold series 3 'AX FLAIR'"):
+        refuse_series_named_nowhere([("a", a, None), ("b", b, None)], "T2")
+    assert refuse_series_named_nowhere([("a", a, None), ("b", b, None)], "t1") is None  # b holds it
+    with pytest.raises(DeepWMLError, match="in any of the 2 DICOM studies given"):
+        refuse_series_named_nowhere([("S", study.folder, study), ("T", study.folder, study)], "T2")
+
+
+def test_a_folder_whose_series_cannot_be_told_or_images_alone_make_no_refusal(tmp_path, monkeypatch):
+    """Only where every DICOM case is known to lack the series is --series refused up front: a folder whose headers
+    cannot be read (DeepWMLError), or with no series of its own (a catalogue, damaged files), might hold it, so no
+    refusal, even beside a folder that lacks it; image files take no --series (none refused, nothing to list). A case
+    that failed already (a folder that cannot be listed) fails whatever --series names: the other folder's lack
+    refuses the run, in that folder's own words.
+    (Kills: the unreadable or empty folder skipped instead of ending the check; the check going on with no DICOM
+    case; a failed case's folder read as a DICOM folder.)"""
+    from DeepWMLLib.segment import refuse_series_named_nowhere
+
+    broken, empty, other, image = tmp_path / "broken", tmp_path / "empty", tmp_path / "other", tmp_path / "x.nii.gz"
+    for folder in (broken, empty, other):
+        folder.mkdir()
+    image.write_bytes(b"")
+
+    def series_of(path):
+        if path == broken:
+            raise DeepWMLError("damaged headers")
+        return {empty: [], other: [_series("1", "T1", 4)]}[path]
+
+    monkeypatch.setattr(io, "dicom_series", series_of)
+    assert refuse_series_named_nowhere([("broken", broken, None), ("other", other, None)], "FLAIR") is None
+    assert refuse_series_named_nowhere([("empty", empty, None), ("other", other, None)], "FLAIR") is None
+    assert refuse_series_named_nowhere([("x", image, None)], "FLAIR") is None
+    failed = DeepWMLError(f"{empty} cannot be read (Permission denied)")
+    with pytest.raises(DeepWMLError, match=f"{other} holds 1 DICOM series and none match --series 'FLAIR': series 4"):
+        refuse_series_named_nowhere([("empty", empty, failed), ("other", other, None)], "FLAIR")
+
+
+# ---- io.mask_source -----------------------------------------------------------------------------------------------
+
+def test_mask_source_is_the_series_of_a_dicom_folder_and_none_for_anything_else(tmp_path):
+    """The series read_image reads of a folder of one series, whatever it is called (a T2 TSE: no FLAIR needed to
+    place a SEG's frames); None for no FLAIR, an image in memory, a file, and a folder without DICOM (what is wrong
+    with it is said where the FLAIR is read).
+    (Kills: the type check joined to the folder check by 'and' (None and an image reach os.path.isdir); DeepWML's
+    refusals let through; the folder's series chosen strictly, as a study of an export.)"""
+    import SimpleITK as sitk
+
+    from conftest import make_volume, write_dicom_series
+
+    image, _ = make_volume(size=(12, 10, 3), spacing=(1.0, 1.0, 4.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "t2", image, uid="1.2.3.47", description="AX T2 TSE", number=2)
+    assert io.mask_source(folder).uid == "1.2.3.47"
+    assert io.mask_source(str(folder)).uid == "1.2.3.47"
+    (tmp_path / "nothing").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "scan.nrrd"))
+    for given in (None, image, tmp_path / "scan.nrrd", tmp_path / "nothing", tmp_path / "missing"):
+        assert io.mask_source(given) is None, given
+
