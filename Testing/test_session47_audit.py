@@ -207,3 +207,49 @@ def test_mask_source_is_the_series_of_a_dicom_folder_and_none_for_anything_else(
     for given in (None, image, tmp_path / "scan.nrrd", tmp_path / "nothing", tmp_path / "missing"):
         assert io.mask_source(given) is None, given
 
+
+def _sparse_seg_of_an_uneven_series(tmp_path):
+    """test_dicom_seg_mask's case: a highdicom SEG without its empty frames (lowest frame on slice 2) of a series of
+    slices 0, 5, 10.6, 15, 20, 25.8, 30 mm up, which read alone lies on no grid; (FLAIR folder, SEG, the same mask as
+    a file on the FLAIR)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from conftest import stepped_positions, write_dicom_series
+
+    pytest.importorskip("highdicom")
+    from test_dicom_seg_mask import LESION, PATIENT, as_file, highdicom_seg, phantom
+
+    image = phantom(spacing=(0.7, 0.9, 5.0))
+    folder = write_dicom_series(tmp_path / "flair", image, uid="1.2.3.4.5", description="AX T2 FLAIR", number=7,
+                                extra=PATIENT, positions=stepped_positions(image, [5.0, 5.6, 4.4, 5.0, 5.8, 4.2]))
+    flair = io.read_image(folder)
+    mask = (sitk.GetArrayFromImage(flair) >= LESION).astype(np.uint8)
+    mask[:2] = 0
+    mask[2] = mask[3]
+    highdicom_seg(folder, tmp_path / "rater.dcm", {"WMH": mask})
+    return folder, tmp_path / "rater.dcm", as_file(mask, flair, tmp_path / "prediction.nrrd")
+
+
+def test_the_flair_folder_places_a_sparse_segs_frames_through_every_way_a_mask_is_given(tmp_path):
+    """evaluate_case and consensus_check given the files (Python API), and deepwml evaluate's manifest with a flair
+    column: the SEG read with the FLAIR folder's series, Dice 1 against the same mask as a file (each rater's mask
+    against itself is 1 by definition of Dice: 2|A n A| / (|A| + |A|)). Without the FLAIR each is refused.
+    (Kills: consensus_check's own reading of a file given without the FLAIR; evaluate's manifest reading its masks
+    without the case's flair, a bug: such a case failed saying to give the FLAIR that its row gives.)"""
+    import json
+
+    from DeepWMLLib.cli import main
+    from DeepWMLLib.consensus import consensus_check
+    from DeepWMLLib.evaluation import evaluate_case
+
+    folder, seg, prediction = _sparse_seg_of_an_uneven_series(tmp_path)
+    assert evaluate_case(prediction, seg, flair=str(folder))["dice"] == 1.0
+    assert consensus_check(seg, prediction, flair=str(folder))["dice"] == 1.0
+    with pytest.raises(DeepWMLError, match="give the FLAIR's DICOM series"):
+        consensus_check(seg, prediction)
+    (tmp_path / "cases.csv").write_text("case,prediction,reference,flair\nc1,prediction.nrrd,rater.dcm,flair\n",
+                                        encoding="utf-8")
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["failed"] == []
