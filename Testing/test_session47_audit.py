@@ -253,3 +253,109 @@ def test_the_flair_folder_places_a_sparse_segs_frames_through_every_way_a_mask_i
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert summary["failed"] == []
+
+
+# ---- segment.location_inputs / mask_location without a ventricle model -------------------------------------------
+
+def test_no_ventricle_model_makes_no_split_and_runs_no_network(monkeypatch):
+    """ventricle_model None (export's --no-location): location_inputs and mask_location give None at once, before
+    the brain model is loaded or a network runs.
+    (Kills: location_inputs going on without a ventricle model; mask_location reading the None it gets.)"""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import segment
+
+    ran = []
+    monkeypatch.setattr(inference, "predict_maps", lambda *a, **k: ran.append(1))
+    image = sitk.GetImageFromArray(np.zeros((3, 8, 8), np.int16))
+    mask = sitk.GetImageFromArray(np.zeros((3, 8, 8), np.uint8))
+    assert segment.location_inputs(image, None) is None
+    assert segment.mask_location(image, mask, None) is None
+    assert ran == []
+
+
+# ---- the Slicer Logic's kept split networks (CoreLogic._volumeLocationInputs) ------------------------------------
+
+try:  # slicer-core: the Logic on real MRML nodes
+    import slicer  # noqa: F401
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
+    import slicer_fixtures
+
+    scene = slicer_fixtures.scene  # the fixture, by its name
+except ImportError:  # pragma: no cover
+    slicer = None
+
+
+@pytest.mark.skipif(slicer is None, reason="needs slicer-core")
+def test_the_kept_split_networks_are_kept_by_model_file_and_digest_device_and_brain_model(scene, monkeypatch,
+                                                                                         tmp_path):
+    """The split networks' work is kept by all it depends on. On the sample and its rater's mask: a second update
+    runs nothing; the same ventricle model copied under another name runs them again and the split names the copy;
+    a model at the same path whose contents (digest) changed runs them and names the new digest; device auto after
+    cpu runs them; another brain model (another digest) runs them and the report names its digest. While they run,
+    the earlier volume's are let go; what is kept cannot be written; forgetKept lets it go (the next update runs).
+    Counts worked out by hand: one run per changed setting, 6 in all.
+    (Kills: the ventricle model's path, its digest, the brain model or its digest, or the device dropped from the
+    key; the earlier work kept while the networks run; the kept ventricles writable; forgetKept keeping them.)"""
+    import copy
+    import shutil
+
+    import SimpleITK as sitk
+
+    from DeepWMLLib import segment
+    from DeepWMLSlicerLib import MRMLConversion as mrml
+    from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic
+
+    sample = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
+    ventricles = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
+    volume = mrml.volumeFromImage(sitk.ReadImage(str(sample / "sample_flair.nii.gz")), "sample_flair")
+    manual = mrml.segmentationFromMask(sitk.ReadImage(str(sample / "sample_flair_truth.nii.gz")) > 0, volume,
+                                       name="rater")
+    logic = DeepWMLCoreLogic()
+    runs, predict = [], inference.predict_maps
+
+    def counted(*args, **kwargs):
+        runs.append(logic._locationInputs)  # what is kept while the networks run
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_maps", counted)
+
+    def statistics(model=ventricles, device="cpu"):
+        return logic.lesionStatistics(manual, volume, ventricleModel=str(model), device=device)
+
+    first = statistics()
+    assert len(runs) == 1 and first["location"]["ventricle_model"] == "deepwml_vent8_synth_v1.pt"
+    assert logic._locationInputs[1]["ventricles"].flags.writeable is False
+    assert statistics() == first and len(runs) == 1
+    twin = tmp_path / "vent_copy.pt"
+    shutil.copy(ventricles, twin)
+    named = statistics(twin)
+    assert len(runs) == 2 and named["location"]["ventricle_model"] == "vent_copy.pt"
+    assert named["location"]["ventricle_model_sha256"] == first["location"]["ventricle_model_sha256"]
+    load_ventricle, load_brain = segment.load_ventricle_model, segment.load_brain_model
+
+    def changed(load, digest):
+        def load_changed(spec):
+            loaded = copy.copy(load(spec))
+            if loaded is not None:
+                loaded.digest = digest
+            return loaded
+        return load_changed
+
+    monkeypatch.setattr(segment, "load_ventricle_model", changed(load_ventricle, "f" * 24))  # the file rewritten
+    rewritten = statistics(twin)
+    assert len(runs) == 3 and rewritten["location"]["ventricle_model_sha256"] == "f" * 24
+    monkeypatch.setattr(segment, "load_ventricle_model", load_ventricle)
+    statistics(device="auto")
+    assert len(runs) == 4
+    monkeypatch.setattr(segment, "load_brain_model", changed(load_brain, "e" * 24))  # another brain model
+    brain = statistics(device="auto")
+    assert len(runs) == 5 and brain["brain_model_sha256"] == "e" * 24
+    assert runs == [None] * 5  # the earlier volume's let go before each run
+    logic.forgetKept()
+    statistics(device="auto")
+    assert len(runs) == 6
