@@ -379,11 +379,12 @@ def test_the_kept_split_networks_are_kept_by_model_file_and_digest_device_and_br
     """The split networks' work is kept by all it depends on. On the sample and its rater's mask: a second update
     runs nothing; the same ventricle model copied under another name runs them again and the split names the copy;
     a model at the same path whose contents (digest) changed runs them and names the new digest; device auto after
-    cpu runs them; another brain model (another digest) runs them and the report names its digest. While they run,
+    cpu runs them; another brain model (another digest) runs them and the report names its digest; precision fp32
+    after auto alone runs them. While they run,
     the earlier volume's are let go; what is kept cannot be written; forgetKept lets it go (the next update runs).
-    Counts worked out by hand: one run per changed setting, 6 in all.
-    (Kills: the ventricle model's path, its digest, the brain model or its digest, or the device dropped from the
-    key; the earlier work kept while the networks run; the kept ventricles writable; forgetKept keeping them.)"""
+    Counts worked out by hand: one run per changed setting, 7 in all.
+    (Kills: the ventricle model's path, its digest, the brain model or its digest, the device or the precision dropped
+    from the key; the earlier work kept while the networks run; the kept ventricles writable; forgetKept keeping them.)"""
     import copy
     import shutil
 
@@ -407,8 +408,8 @@ def test_the_kept_split_networks_are_kept_by_model_file_and_digest_device_and_br
 
     monkeypatch.setattr(inference, "predict_maps", counted)
 
-    def statistics(model=ventricles, device="cpu"):
-        return logic.lesionStatistics(manual, volume, ventricleModel=str(model), device=device)
+    def statistics(model=ventricles, device="cpu", precision="auto"):
+        return logic.lesionStatistics(manual, volume, ventricleModel=str(model), device=device, precision=precision)
 
     first = statistics()
     assert len(runs) == 1 and first["location"]["ventricle_model"] == "deepwml_vent8_synth_v1.pt"
@@ -438,7 +439,9 @@ def test_the_kept_split_networks_are_kept_by_model_file_and_digest_device_and_br
     monkeypatch.setattr(segment, "load_brain_model", changed(load_brain, "e" * 24))  # another brain model
     brain = statistics(device="auto")
     assert len(runs) == 5 and brain["brain_model_sha256"] == "e" * 24
-    assert runs == [None] * 5  # the earlier volume's let go before each run
-    logic.forgetKept()
-    statistics(device="auto")
+    statistics(device="auto", precision="fp32")  # only the precision changed
     assert len(runs) == 6
+    assert runs == [None] * 6  # the earlier volume's let go before each run
+    logic.forgetKept()
+    statistics(device="auto", precision="fp32")
+    assert len(runs) == 7
