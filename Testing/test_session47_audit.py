@@ -433,15 +433,14 @@ def test_the_kept_split_networks_are_kept_by_model_file_and_digest_device_and_br
     monkeypatch.setattr(segment, "load_ventricle_model", changed(load_ventricle, "f" * 24))  # the file rewritten
     rewritten = statistics(twin)
     assert len(runs) == 3 and rewritten["location"]["ventricle_model_sha256"] == "f" * 24
-    monkeypatch.setattr(segment, "load_ventricle_model", load_ventricle)
-    statistics(device="auto")
+    statistics(twin, device="auto")  # each step below changes one setting alone
     assert len(runs) == 4
     monkeypatch.setattr(segment, "load_brain_model", changed(load_brain, "e" * 24))  # another brain model
-    brain = statistics(device="auto")
+    brain = statistics(twin, device="auto")
     assert len(runs) == 5 and brain["brain_model_sha256"] == "e" * 24
-    statistics(device="auto", precision="fp32")  # only the precision changed
+    statistics(twin, device="auto", precision="fp32")
     assert len(runs) == 6
     assert runs == [None] * 6  # the earlier volume's let go before each run
     logic.forgetKept()
-    statistics(device="auto", precision="fp32")
+    statistics(twin, device="auto", precision="fp32")
     assert len(runs) == 7
