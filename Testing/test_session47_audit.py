@@ -279,8 +279,8 @@ def test_no_ventricle_model_makes_no_split_and_runs_no_network(monkeypatch):
 
 
 def test_inputs_made_once_serve_every_mask_and_are_never_changed():
-    """location_inputs of the sample (a NIfTI file: its rows and columns run against LPS, the axial stack flipped
-    back where a stack is given up) measured against two masks in turn: the kept ventricles are the same bytes after
+    """location_inputs of the sample stored with its rows and columns running against LPS (DICOMOrient 'RAS': the same
+    scan; from_axial_stack flips such a stack back in place where it is given up) measured against masks in turn: the kept ventricles are the same bytes after
     each, and each mask's split is what mask_location makes running the networks itself. They record the device the
     networks ran on (resolved: never 'auto') and the brain model by its name and digest, as the shipped default's.
     (Kills: the kept stack given up to from_axial_stack, flipped in place, so the next mask's split measured from
@@ -292,8 +292,8 @@ def test_inputs_made_once_serve_every_mask_and_are_never_changed():
 
     sample = Path(__file__).resolve().parents[1] / "Resources" / "Sample"
     ventricles = Path(__file__).resolve().parents[1] / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt"
-    image = io.read_image(sample / "sample_flair.nii.gz")
-    truth = sitk.ReadImage(str(sample / "sample_flair_truth.nii.gz")) > 0
+    image = sitk.DICOMOrient(io.read_image(sample / "sample_flair.nii.gz"), "RAS")
+    truth = sitk.DICOMOrient(sitk.ReadImage(str(sample / "sample_flair_truth.nii.gz")) > 0, "RAS")
     upper = sitk.Image(truth)
     upper[:, :, :11] = 0
     inputs = segment.location_inputs(image, str(ventricles), device="auto")
