@@ -311,6 +311,35 @@ def test_inputs_made_once_serve_every_mask_and_are_never_changed():
 
 
 
+
+def test_a_split_from_inputs_given_warns_of_too_little_ventricle_on_a_whole_brain():
+    """mask_location with inputs given by hand (no network): 2000 voxels of 1 mm^3 of ventricle, 2.0 ml, under the
+    7 ml an adult's hold, on a scan of 1400 ml intracranial volume (a whole brain: 1000 ml or more) is warned of; the
+    lesion voxel 11 mm from the block's nearest face (column 30 against 19) is deep, 0.001 ml. At 900 ml (part of a
+    brain) no warning. (Kills: the small-ventricles warning dropped from mask_location's warnings.)"""
+    import types
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib import segment
+
+    lesion = np.zeros((20, 40, 40), np.uint8)
+    lesion[10, 20, 30] = 1
+    mask = sitk.GetImageFromArray(lesion)
+    ventricles = np.zeros((20, 40, 40), bool)
+    ventricles[5:15, 10:30, 10:20] = True
+    inputs = {"frame": io.slice_frame(mask), "ventricles": ventricles, "brain_model": "b.pt", "brain_model_sha256": "b",
+              "ventricle_model": types.SimpleNamespace(name="v.pt", digest="d" * 24, threshold=0.5),
+              "intracranial_ml": 1400.0, "device": "cpu", "runner": "torch"}
+    split = segment.mask_location(None, mask, inputs=inputs)
+    assert split["location"]["judged"] and split["location"]["ventricles_ml"] == pytest.approx(2.0)
+    assert split["location"]["deep_ml"] == pytest.approx(0.001) and split["location"]["periventricular_ml"] == 0
+    assert len(split["warnings"]) == 1
+    assert split["warnings"][0].startswith("only 2.0 ml of lateral ventricle found on a scan of 1400 ml intracranial")
+    assert segment.mask_location(None, mask, inputs={**inputs, "intracranial_ml": 900.0})["warnings"] == []
+
+
 # ---- export's --brain-model / --no-brain-mask where no split is made ----------------------------------------------
 
 def _flair_and_mask(tmp_path):
