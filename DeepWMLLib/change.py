@@ -1667,14 +1667,16 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     # scan, with its own qform and sform (where they disagree, FSL and nibabel place the outputs on it as Slicer does)
     stored = {name: (io.read_time_axis(path), io.read_nifti_geometry(path))
               for name, path in (("baseline", baseline_path), ("follow-up", followup_path))}
+    # the pair's outputs, its outline series' folder among them where one is written
+    targets = {**paths, "dicom_outline": outline_path(out, case)} if outline else paths
     # stopped part way (Ctrl-C, a full disk): the pair's outputs go, so that the same command redoes it
-    with whole_or_none({**paths, "outline": outline_path(out, case)} if outline else paths):
+    with whole_or_none(targets):
         if args.overwrite:  # nothing of an earlier run stays beside this one's, even if writing fails part way:
             # segment's rule, by its code (only what the earlier report lists; never a file given, nor a link's target)
             from .segment import remove_earlier_outputs
 
-            remove_earlier_outputs(out, case, {**paths, "dicom_outline": outline_path(out, case)} if outline else paths,
-                                   frozenset(Path(i).resolve() for i in inputs if i), _possible_outputs(out, case))
+            remove_earlier_outputs(out, case, targets, frozenset(Path(i).resolve() for i in inputs if i),
+                                   _possible_outputs(out, case))
         # its header says what it is: read as a mask, the follow-up's lesions (io.change_map_lesions)
         io.write_image(result.labels, paths["labels"], *stored["follow-up"], notes=io.CHANGE_MAP_NOTES)
         io.write_label_segmentation(result.labels, paths["segmentation"],
@@ -1686,7 +1688,6 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
             io.write_image(mask_baseline, paths["baseline_mask"], *stored["baseline"])
         if not given[1]:
             io.write_image(mask_followup, paths["followup_mask"], *stored["follow-up"])
-        write_qc_and_dicom(report, {**paths, "dicom_outline": outline_path(out, case)}, True, picture, prepared,
-                           segmented)
+        write_qc_and_dicom(report, targets, True, picture, prepared, segmented)
         io.write_text(json.dumps(report, indent=1), paths["report"])
     return report
