@@ -5,7 +5,6 @@ The module is deliberately thin: the widget binds GUI to the parameter node and 
 DeepWMLLib does everything numeric.
 """
 
-import contextlib
 import logging
 import pathlib
 from typing import Annotated, Union
@@ -38,6 +37,10 @@ except ImportError as error:
 POLL_INTERVAL_MS = 200
 SEGMENT_TEXT = "Segment WMH"
 CANCEL_TEXT = "Cancel"
+# a combo box item's flags (QStandardItem keeps them in the role Qt::UserRole - 1): 0 shows it greyed out and not
+# selectable, Qt::ItemIsSelectable | Qt::ItemIsEnabled (1 | 32) as an item is by default in a QComboBox
+ITEM_FLAGS_ROLE_OFFSET = -1
+ITEM_DISABLED, ITEM_ENABLED = 0, 1 | 32
 
 
 class DeepWML(ScriptedLoadableModule):
@@ -108,6 +111,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tableSlices = []
         self._tableVolume = None  # the volume whose slices the table's rows are
         self._deviceNoteFor = None
+        self._bf16For = None  # the device the bf16 item's state was checked for, and why bf16 cannot run there ("")
+        self._bf16Refusal = ""
         self._lastSaved = None
         VTKObservationMixin.__init__(self)
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -239,19 +244,47 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except Exception as exc:
                 logging.error(f"Cannot check the device: {exc}")
                 self.ui.deviceNoteLabel.text = f"Cannot check the device: {exc}"
+        if self._offerPrecisions(p):
+            return  # bf16 put back to auto: updated again
         running = self._job is not None
+        splitting = running and self._job.kind == "split"  # the statistics wait for it: asked for once
         # the volume being segmented and the node its result goes into stay as they are until the run ends
         self.ui.inputVolumeSelector.enabled = not running
         self.ui.outputSegmentationSelector.enabled = not running
         self.ui.applyButton.text = CANCEL_TEXT if running else SEGMENT_TEXT
         self.ui.applyButton.enabled = running or bool(p.inputVolume)
-        self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
-        self.ui.listLesionsButton.enabled = bool(p.inputVolume and p.outputSegmentation)
-        self.ui.compareButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.referenceSegmentation)
+        self.ui.showStatisticsButton.enabled = bool(p.inputVolume and p.outputSegmentation) and not splitting
+        self.ui.listLesionsButton.enabled = bool(p.inputVolume and p.outputSegmentation) and not splitting
+        self.ui.compareButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.referenceSegmentation) \
+            and not splitting
         self.ui.consensusButton.enabled = bool(p.raterA and p.raterB)
         self.ui.changeButton.enabled = bool(p.inputVolume and p.outputSegmentation and p.baselineVolume
                                             and p.baselineSegmentation)
         self.ui.saveResultsButton.enabled = bool(self._results)
+
+    def _offerPrecisions(self, p) -> bool:
+        """Offer Precision bf16 only where a run on the chosen device can use it (a GPU, or a CPU without native bf16,
+        refuses it when the run starts): its item greyed out, its tooltip saying why, checked again when the device
+        changes. A bf16 chosen before (a scene saved on another computer, or the device changed since) is put back to
+        auto, the status line saying why; True then (the parameter node updates the panel again)."""
+        if self._bf16For != p.device:
+            self._bf16For = p.device
+            try:  # words only: the panel must still follow the parameters
+                self._bf16Refusal = self.logic.bf16Refusal(p.device)
+            except Exception as exc:
+                logging.error(f"Cannot check whether this computer runs bf16: {exc}")
+                self._bf16Refusal = ""  # the run itself refuses it where it cannot run
+        box = self.ui.precisionComboBox
+        index = box.findText("bf16")
+        if index >= 0:  # filled again each time the parameter node connects to the panel: set each time
+            box.setItemData(index, ITEM_DISABLED if self._bf16Refusal else ITEM_ENABLED,
+                            qt.Qt.UserRole + ITEM_FLAGS_ROLE_OFFSET)
+            box.setItemData(index, self._bf16Refusal or "bf16 on this CPU (AMX or AVX512-BF16)", qt.Qt.ToolTipRole)
+        if p.precision != "bf16" or not self._bf16Refusal:
+            return False
+        self.ui.statusLabel.text = f"Precision bf16 is not used here: {self._bf16Refusal} Precision auto is selected."
+        p.precision = "auto"
+        return True
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode is not None and index >= 0:
@@ -302,6 +335,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.updateGUIFromParameterNode()
         p = self._parameterNode
+        if job.kind == "split":
+            self._finishSplit(job)
+            return
         if job.cancelled or p is None:  # cancelled by the user, or the scene was closed meanwhile
             self.ui.statusLabel.text = "Cancelled."
             return
@@ -324,49 +360,102 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -----------------------------------------------------------------------------------------
     # Results
 
-    @contextlib.contextmanager
-    def _statisticsWaiting(self):
+    def _statisticsArguments(self, split: bool = True) -> dict:
         """The arguments of the output segmentation's statistics (logic.lesionStatistics), with the
-        periventricular/deep split when it is ticked: from its 'Lateral ventricles' segment, else (a manual
-        segmentation) made by the ventricle model as `deepwml export` makes it for a mask given (its networks on the
-        FLAIR, on the panel's device, the brain mask as ticked); while the networks run (seconds, the first time for
-        a volume) the status line says why the panel waits, and shows what it showed before once they are done."""
+        periventricular/deep split when it is ticked (and `split`): from its 'Lateral ventricles' segment, else (a
+        manual segmentation) made by the ventricle model as `deepwml export` makes it for a mask given (its networks
+        on the FLAIR, on the panel's device, the brain mask as ticked)."""
         p = self._parameterNode
-        shown = self.ui.statusLabel.text
+        # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)
+        return dict(segmentationNode=p.outputSegmentation, volumeNode=p.inputVolume,
+                    ventricleModel=True if p.ventricleSplit and split else None, device=p.device, brainMask=p.brainMask,
+                    precision=p.precision)
 
-        def waiting(message):
-            self.ui.statusLabel.text = message
-            # painted, but no click handled meanwhile (a double click would run them twice, one inside the other)
-            slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
+    def _waitForSplit(self, job, button, again) -> bool:
+        """Where the statistics need the split's networks first (seconds to tens of seconds the first time for a
+        volume: logic.startSplit's `job`), show them running as a segmentation runs (progress bar, status line,
+        Segment WMH turned into Cancel, the panel usable) and call `again` (the statistics' own method) once they
+        are done, if `button` can still be pressed then (_finishSplit). False where there is no job: go on now."""
+        if job is None:
+            return False
+        job.again, job.button, job.shown = again, button, self.ui.statusLabel.text
+        self._job = job
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = job.message
+        self._timer.start()
+        self.updateGUIFromParameterNode()
+        return True
 
-        try:
-            # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)
-            yield dict(segmentationNode=p.outputSegmentation, volumeNode=p.inputVolume,
-                       ventricleModel=True if p.ventricleSplit else None, device=p.device, brainMask=p.brainMask,
-                       precision=p.precision, progress=waiting)
-        finally:
-            self.ui.statusLabel.text = shown
+    def _finishSplit(self, job) -> None:
+        """The split's networks are done (or cancelled, or failed): their work kept and the statistics shown with the
+        split, or, cancelled, shown without it, the status line saying so; nothing is kept of a cancelled run."""
+        if self._parameterNode is None:  # the scene was closed meanwhile
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        if job.cancelled:
+            self.ui.progressBar.value = 0
+            if job.button.enabled:
+                job.again(split=False)
+            self.ui.statusLabel.text = ("Cancelled: the statistics are shown without the periventricular/deep split "
+                                        "(its networks were stopped; nothing of them is kept). Show them again to make "
+                                        "it." if job.button.enabled else "Cancelled.")
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot make the periventricular/deep split."):
+            try:
+                self.logic.finishSplit(job)
+            except Exception as exc:
+                self.ui.statusLabel.text = f"Failed: {exc}"
+                self.ui.progressBar.value = 0
+                raise
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = job.shown  # what it said before the networks ran
+        if job.button.enabled:  # the segmentation or the reference may have been unselected meanwhile
+            job.again()
+
+    def _splitCancelledNote(self, split: bool) -> str:
+        """A line below the report where a cancelled split left the statistics without it."""
+        if split or not self._parameterNode.ventricleSplit:
+            return ""
+        return "\nNo periventricular/deep split: its networks were cancelled (show the statistics again to make it)"
 
     def onShowStatistics(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True), \
-                self._statisticsWaiting() as statistics:
+        self._showStatistics()
+
+    def _showStatistics(self, split: bool = True) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):
+            statistics = self._statisticsArguments(split)
+            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
+                                  self.ui.showStatisticsButton, self._showStatistics):
+                return
             results = {"report": self.logic.lesionStatistics(**statistics)}
             self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
 
     def onListLesions(self) -> None:
         """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
         row showing its lesion: a radiologist's review of the result, lesion by lesion."""
-        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True), \
-                self._statisticsWaiting() as statistics:
+        self._listLesions()
+
+    def _listLesions(self, split: bool = True) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True):
+            statistics = self._statisticsArguments(split)
+            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
+                                  self.ui.listLesionsButton, self._listLesions):
+                return
             results = {"report": self.logic.lesionStatistics(**statistics), "table": LESION_TABLE}
             self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
 
     def onCompare(self) -> None:
+        self._compare()
+
+    def _compare(self, split: bool = True) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True), \
-                self._statisticsWaiting() as statistics:
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True):
+            statistics = self._statisticsArguments(split)
+            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
+                                  self.ui.compareButton, self._compare):
+                return
             results = {
                 "report": self.logic.lesionStatistics(**statistics),
                 "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
@@ -374,7 +463,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "reference": p.referenceSegmentation.GetName(),  # whose Dice, in the saved .json
             }
             self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"])
+            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
             self.ui.comparisonLabel.text = self.logic.formatComparison(results["comparison"])
 
     def onConsensus(self) -> None:

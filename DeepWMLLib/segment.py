@@ -574,13 +574,17 @@ def _locate_lesions(mask, frame, ventricles: np.ndarray, ventricle_model) -> tup
 
 
 def location_inputs(image, ventricle_model="default", brain_model="default", device: str = "auto",
-                    backend: str = "auto", precision: str = "auto", brain_gate: bool = True) -> dict | None:
+                    backend: str = "auto", precision: str = "auto", brain_gate: bool = True,
+                    progress: Callable[[float, str], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> dict | None:
     """What `mask_location`'s split takes from the scan alone: the ventricle and brain networks' work (seconds), none
     of which depends on the mask, so that a caller measuring several masks of one scan (the Slicer module's statistics
     of a segmentation edited between updates) runs the networks once. Arguments as `mask_location` takes them. None
     without a ventricle model. Else {"frame": `image`'s axial frame, "ventricles": the lateral ventricles measured
     from (a bool axial stack: read it, do not write it), "ventricle_model": the loaded model, "brain_model",
-    "brain_model_sha256", "intracranial_ml", "device", "runner"}."""
+    "brain_model_sha256", "intracranial_ml", "device", "runner"}. `progress(fraction, message)` and `cancel()` as
+    `segment_image` takes them (the Slicer module runs the networks as a job the panel shows and can cancel:
+    `Cancelled` is raised)."""
     from .inference import predict_maps, resolve_device
     from .location import ventricle_mask
     from .postprocessing import BRAIN_THRESHOLD
@@ -591,7 +595,7 @@ def location_inputs(image, ventricle_model="default", brain_model="default", dev
     brain_model = load_brain_model(brain_model)
     dev, facts = resolve_device(device), {}
     _, brain, ventricle_map, frame = predict_maps(
-        image, [], brain_model, dev, backend=backend, facts=facts, precision=precision,
+        image, [], brain_model, dev, backend=backend, facts=facts, precision=precision, progress=progress, cancel=cancel,
         ventricle_model=ventricle_model, brain_threshold=BRAIN_THRESHOLD, ventricle_threshold=ventricle_model.threshold)
     gate = None if brain is None or not brain_gate else brain > 0  # as segment_image keeps them
     ventricles = ventricle_mask(ventricle_map, gate, ventricle_model.threshold)

@@ -19,7 +19,7 @@ from DeepWMLLib.cli import main  # noqa: E402
 from slicer_fixtures import countNetworkRuns, scene  # noqa: E402,F401 (fixtures)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
-from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic  # noqa: E402
+from DeepWMLSlicerLib.CoreLogic import RUN_ATTRIBUTE, DeepWMLCoreLogic  # noqa: E402
 
 SAMPLE = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
 MANUAL = REPO / "Resources" / "Sample" / "sample_flair_truth.nii.gz"  # a rater's mask of the sample
@@ -40,7 +40,7 @@ def test_statistics_of_a_manual_segmentation_get_exports_split_and_save_results_
                  str(VENTRICLES), "--device", "cpu"]) == 0
     exported = json.loads((tmp_path / "exp" / "sample_flair_report.json").read_text())
     split = dict(report["location"])
-    assert split.pop("ventricles") == "the ventricle network on 'sample_flair' (as deepwml export makes them)"
+    assert split.pop("ventricles").startswith("the ventricle network on 'sample_flair' (as deepwml export makes them; ")
     assert exported["location"]["judged"] and split == exported["location"]
     assert report["volume_ml"] == pytest.approx(exported["volume_ml"])
     fields = ("ventricle_distance_mm", "periventricular_share")
@@ -136,3 +136,34 @@ def test_a_ventricle_segment_added_later_takes_priority_over_the_kept_networks(s
     segmentation.RemoveSegment(segmentation.GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME))
     assert logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu") == networks
     assert len(runs) == 1
+
+
+def test_a_split_made_by_the_networks_says_how_they_ran_beside_the_runs_own_settings(scene):
+    """The statistics of a segmentation DeepWML made without the split (its run's device and brain mask in the report)
+    with the split made here by the networks, on the panel's device, precision and brain-mask switch, said nothing of
+    how the split was made, and the panel called its ventricles the hidden segment 'Lateral ventricles', which that
+    segmentation does not hold. The split's `ventricles` says how its networks ran (device, runner, precision asked,
+    brain mask); the run's own device and brain mask stay the report's; the panel names where the ventricles come
+    from. A manual segmentation's report takes the split's device, runner and brain mask, as export's does."""
+    from DeepWMLLib.export import BRAIN_MASK_NOT_APPLIED
+
+    volume = mrml.volumeFromImage(sitk.ReadImage(str(SAMPLE)), "sample_flair")
+    truth = sitk.ReadImage(str(MANUAL)) > 0
+    logic = DeepWMLCoreLogic()
+    manual = mrml.segmentationFromMask(truth, volume, name="rater")
+    report = logic.lesionStatistics(manual, volume, ventricleModel=str(VENTRICLES), device="cpu", precision="fp32",
+                                    brainMask=False)
+    made = report["location"]["ventricles"]
+    assert made.startswith("the ventricle network on 'sample_flair'")
+    assert f"cpu, {report['runner']}, precision fp32, brain mask {BRAIN_MASK_NOT_APPLIED}" in made, made
+    assert report["device"] == "cpu" and report["brain_mask"] == BRAIN_MASK_NOT_APPLIED
+    text = logic.formatReport(report)
+    assert "hidden segment" not in text and f"ventricles: {made}" in text
+
+    deepwml = mrml.segmentationFromMask(truth, volume, name="sample_flair WMH")  # DeepWML's, run without the split
+    deepwml.SetAttribute(RUN_ATTRIBUTE, json.dumps({"device": "cuda", "runner": "torch fp16",
+                                                    "brain_mask": "applied to the marks"}))
+    report = logic.lesionStatistics(deepwml, volume, ventricleModel=str(VENTRICLES), device="cpu", precision="fp32",
+                                    brainMask=False)
+    assert (report["device"], report["runner"], report["brain_mask"]) == ("cuda", "torch fp16", "applied to the marks")
+    assert report["location"]["ventricles"] == made

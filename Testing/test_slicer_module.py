@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,22 +180,56 @@ def test_the_panels_steadier_marks_option_is_saved_and_runs_four_grid_phases(wid
     assert widget.logic.lesionStatistics(p.outputSegmentation, widget.volume)["settings"]["grid_phases"] == 1
 
 
-def test_choosing_a_precision_that_cannot_run_here_is_said_at_once(widget, monkeypatch):
-    """bf16 chosen on a CPU without native bf16 was said only when Segment WMH failed: the note below Device says it
-    as Precision changes, and goes when Precision goes back."""
+def bf16Item(ui) -> tuple[bool, str]:
+    """Whether the Precision box's bf16 item can be chosen (its flags, as QStandardItem keeps them), and its tooltip."""
+    qt = sys.modules["qt"]
+    box = ui.precisionComboBox
+    index = box.findText("bf16")
+    assert index >= 0, box.items  # filled with the choices as Slicer's connector fills it
+    return box.itemData.get((index, qt.Qt.UserRole - 1), 33) != 0, box.itemData.get((index, qt.Qt.ToolTipRole), "")
+
+
+def test_precision_bf16_is_not_offered_where_it_would_be_refused(widget, monkeypatch):
+    """`--precision bf16` on a CPU without native bf16 (or on a GPU) is refused by the command line before anything
+    runs; the panel offered it, and refused it only when Segment WMH started. Its item is greyed out now, its tooltip
+    saying why, and checked again as the device changes; a bf16 saved with a scene (chosen on another computer) is
+    put back to auto with the reason on the status line, and the run gets auto."""
     import torch
 
     from DeepWMLLib import inference
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+    native, gpu = [False], [False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu[0])
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda backend="auto": native[0])
     ui, p = widget.ui, widget._parameterNode
+    widget.exit()
+    widget.enter()  # the box filled again by the parameter node's connection: its items' states set again
     p.device = "cpu"
-    assert ui.deviceNoteLabel.text == ""
+    enabled, tip = bf16Item(ui)
+    assert not enabled and "does not compute bf16 natively" in tip
+    native[0] = True  # another computer: checked again when the device changes
+    p.device = "auto"
+    assert bf16Item(ui)[0]
     p.precision = "bf16"
-    assert "does not compute bf16 natively" in ui.deviceNoteLabel.text
-    p.precision = "fp32"
-    assert ui.deviceNoteLabel.text == ""
+    assert p.precision == "bf16" and "bf16" not in ui.deviceNoteLabel.text
+    gpu[0] = True
+    p.device = "cuda"  # bf16 is for the CPU: put back to auto at once, saying why
+    enabled, tip = bf16Item(ui)
+    assert not enabled and "for the CPU" in tip
+    assert p.precision == "auto" and "Precision bf16 is not used here" in ui.statusLabel.text
+    p.device = "cpu"
+    assert bf16Item(ui)[0]
+
+    # a scene saved with bf16, opened on a computer whose CPU cannot run it
+    gpu[0], native[0] = False, False
+    widget.exit()
+    p.parameterNode.SetParameter("precision", "bf16")
+    p.parameterNode.SetParameter("device", "auto")
+    ui.statusLabel.text = ""
+    widget.enter()
+    assert p.precision == "auto" and not bf16Item(ui)[0]
+    assert ui.statusLabel.text.startswith("Precision bf16 is not used here: This CPU does not compute bf16 natively")
+    assert "Precision auto is selected" in ui.statusLabel.text
 
 
 def test_segment_button_with_a_worker_process_shows_progress_results_and_cancels(widget, module, tiny_model):
@@ -887,6 +923,7 @@ def test_statistics_of_a_manual_segmentation_make_the_split_when_it_is_ticked(wi
     assert "periventricular" not in ui.resultsLabel.text.lower()
     p.ventricleSplit = True
     ui.showStatisticsButton.click()
+    finishJob(widget)  # the networks, as a job
     assert "periventricular" in ui.resultsLabel.text.lower()
     slicer_standins.QFileDialog.nextPath = str(tmp_path / "all.json")
     ui.saveResultsButton.click()
@@ -896,33 +933,96 @@ def test_statistics_of_a_manual_segmentation_make_the_split_when_it_is_ticked(wi
 
 
 def test_statistics_say_why_they_wait_for_the_split_networks_and_run_them_once_per_volume(widget, monkeypatch):
-    """With the split ticked, the statistics of a manual segmentation ran the ventricle and brain networks (seconds on
-    the main thread) at every click with nothing on the panel but the wait cursor, and Review lesions after Show
-    statistics ran them again on the same volume. The status line now says what runs while it runs (then shows what
-    it showed), the networks run once for the unchanged volume, and a closed scene's are let go."""
+    """With the split ticked, the statistics of a manual segmentation ran the ventricle and brain networks at every
+    click, and Review lesions after Show statistics ran them again on the same volume. The status line says what runs
+    while it runs (then shows what it showed), the networks run once for the unchanged volume, and a closed scene's
+    are let go."""
     ui, p = widget.ui, widget._parameterNode
     p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
     p.device, p.ventricleSplit = "cpu", True
     runs = countNetworkRuns(monkeypatch)
-    seen = []
-    userInput = sys.modules["qt"].QEventLoop.ExcludeUserInputEvents  # a click meanwhile would run them again inside
-
-    def processEvents(flags=0):
-        seen.append(ui.statusLabel.text if flags == userInput else "clicks handled too")
-
-    monkeypatch.setattr(slicer.app, "processEvents", processEvents, raising=False)
     ui.statusLabel.text = "Done."
     ui.showStatisticsButton.click()
-    assert len(runs) == 1 and ui.statusLabel.text == "Done."
-    assert [text for text in seen if text.startswith("Finding the lateral ventricles on 'FLAIR' for the "
-                                                     "periventricular/deep split")], seen
-    assert "clicks handled too" not in seen
-    shown, seen[:] = ui.resultsLabel.text, []
+    assert ui.statusLabel.text.startswith("Finding the lateral ventricles on 'FLAIR' for the periventricular/deep split")
+    finishJob(widget)
+    assert len(runs) == 1 and ui.statusLabel.text == "Done." and madeBySplit(widget)
+    shown = ui.resultsLabel.text
     ui.listLesionsButton.click()
     ui.showStatisticsButton.click()
-    assert len(runs) == 1 and not seen and ui.resultsLabel.text == shown
+    assert widget._job is None and len(runs) == 1 and ui.resultsLabel.text == shown  # at once: kept
     slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)
     assert widget.logic._locationInputs is None
+
+
+def madeBySplit(widget) -> bool:
+    """The results shown come with the networks' split (the synthetic volume's ventricles are too small to judge it)."""
+    location = widget._results["report"]["location"]
+    return location is not None and location["ventricles"].startswith("the ventricle network on 'FLAIR'")
+
+
+def blockingNetworks(monkeypatch) -> tuple[threading.Event, threading.Event, list]:
+    """Make the split's networks (inference.predict_maps) report a step, then wait for a gate (running for real once it
+    opens) or for cancel. Returns (started, gate, runs)."""
+    import DeepWMLLib.inference as inference
+    from DeepWMLLib.errors import Cancelled
+
+    started, gate, runs, predict = threading.Event(), threading.Event(), [], inference.predict_maps
+
+    def networks(*args, progress=None, cancel=None, **kwargs):
+        assert cancel is not None and progress is not None, "the networks ran with no progress shown and no Cancel"
+        runs.append(1)
+        progress(0.25, "ventricles: slice 3/12")
+        started.set()
+        deadline = time.monotonic() + 10
+        while not gate.is_set():
+            if cancel():
+                raise Cancelled()
+            assert time.monotonic() < deadline, "neither let go nor cancelled"
+            time.sleep(0.005)
+        return predict(*args, progress=progress, cancel=cancel, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_maps", networks)
+    return started, gate, runs
+
+
+def test_the_split_networks_run_as_a_job_with_progress_and_cancel(widget, monkeypatch):
+    """The statistics of a manual segmentation with the split ticked ran the ventricle and brain networks on the main
+    thread (seconds to tens of seconds on a large scan on the CPU): the panel frozen, a status line alone, no Cancel.
+    They run as Segment WMH runs now: the progress bar and the status line follow them, Segment WMH turns into Cancel,
+    the statistics buttons wait; Cancel stops them, keeps nothing of them and shows the statistics without the split,
+    saying so; let run, they are kept and the statistics come with the split, a second time at once."""
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.device, p.ventricleSplit = "cpu", True
+    started, gate, runs = blockingNetworks(monkeypatch)
+    ui.statusLabel.text = "Done."
+    ui.showStatisticsButton.click()  # returns while the networks run
+    assert started.wait(10)
+    job = widget._job
+    assert job is not None and widget._timer.active and ui.applyButton.text == "Cancel" and ui.applyButton.enabled
+    assert not ui.showStatisticsButton.enabled and not ui.listLesionsButton.enabled
+    widget._timer.fire()
+    assert ui.progressBar.value == 25 and ui.statusLabel.text.startswith("Finding the lateral ventricles on 'FLAIR'")
+    assert ui.statusLabel.text.endswith("ventricles: slice 3/12")
+    ui.applyButton.click()  # Cancel
+    assert job.wait(10)
+    widget._timer.fire()
+    assert widget._job is None and not widget._timer.active and ui.progressBar.value == 0
+    assert ui.statusLabel.text.startswith("Cancelled: the statistics are shown without the periventricular/deep split")
+    assert "Total lesion volume" in ui.resultsLabel.text and "Periventricular" not in ui.resultsLabel.text
+    assert "No periventricular/deep split: its networks were cancelled" in ui.resultsLabel.text
+    assert widget._results["report"]["location"] is None and widget.logic._locationInputs is None  # nothing kept
+    assert ui.showStatisticsButton.enabled and ui.applyButton.text == "Segment WMH"
+
+    gate.set()
+    ui.statusLabel.text = "Done."
+    ui.listLesionsButton.click()
+    finishJob(widget)
+    assert len(runs) == 2 and ui.progressBar.value == 100 and ui.statusLabel.text == "Done."
+    assert madeBySplit(widget) and widget._results.get("table") == "lesions"
+    assert "No periventricular/deep split: its networks were cancelled" not in ui.resultsLabel.text
+    ui.showStatisticsButton.click()  # kept: at once, no job
+    assert widget._job is None and len(runs) == 2 and madeBySplit(widget)
 
 
 def test_the_panel_says_what_the_split_of_a_manual_segmentation_runs_and_costs():
@@ -956,3 +1056,24 @@ def test_statistics_of_deepwmls_own_split_need_no_ventricle_model_file(widget, m
     p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
     with pytest.raises(DeepWMLError, match="untick the split, or measure the mask with deepwml export --ventricle-model"):
         ui.showStatisticsButton.click()
+
+
+def test_the_split_networks_do_not_run_beside_a_segmentation(widget, module, monkeypatch, tiny_model):
+    """A second job beside the one running (the panel has one progress bar, one Cancel): while Segment WMH runs, the
+    statistics that would run the split's networks are refused, saying why; those that need none are shown."""
+    started = blockingSegmentation(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert started.wait(10)
+    job = widget._job
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.ventricleSplit = True
+    with pytest.raises(DeepWMLError, match="wait for the run going on now"):
+        ui.showStatisticsButton.click()
+    assert widget._job is job
+    p.ventricleSplit = False
+    ui.showStatisticsButton.click()
+    assert "Total lesion volume" in ui.resultsLabel.text and widget._job is job
+    ui.applyButton.click()
+    finishJob(widget)

@@ -113,37 +113,17 @@ def _linkOrCopy(source: str, target: Path) -> None:
     shutil.copyfile(source, target)
 
 
-class SegmentationJob:
-    """One inference run. `start()` runs it in a worker thread that only ever sees a SimpleITK
-    image (MRML nodes are touched on the main thread alone); `run()` runs it in the calling thread.
-    Its progress stops short of 1.0 (SEGMENTED_FRACTION): finishSegmentation reports 1.0 once the result
-    is in the scene."""
+class BackgroundJob:
+    """Work for a worker thread that only ever sees SimpleITK images (MRML nodes are touched on the main thread
+    alone), which the GUI polls (`done`, `fraction`, `message`) and may `cancel()`: `start()` runs `run()` in a
+    thread, or `run()` runs it in the calling thread. `kind` tells the GUI which finishing it needs."""
 
-    def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
-                 progress=None, cancel=None, brainMask=True, location=True, precision="auto", gridPhases=1):
-        from DeepWMLLib.inference import check_grid_phases
+    kind = ""
+    threadName = "DeepWML job"
 
-        check_grid_phases(gridPhases)  # refused now, not once a worker has loaded the models
+    def __init__(self, volumeNode, image, progress=None, cancel=None):
         self.volumeNode = volumeNode
         self.image = image
-        # the frame of a sequence (4D or multi-frame series) the volume showed as `image` was read from it, or None:
-        # finishing puts the result back on that frame, whichever the browser shows by then (mrml.showFrame)
-        self.frame = mrml.sequenceFrame(volumeNode)
-        # what the volume's DICOM header or the files beside its file say against its being a FLAIR (read now, on the
-        # main thread: the run's warnings carry them first)
-        self.sourceWarnings = sourceWarnings(volumeNode)
-        self.notes = []  # what finishing has to say beside the result (the browser moved back to the frame segmented)
-        self.modelPaths = list(modelPaths) if modelPaths else None
-        self.device = device
-        self.precision = precision  # as deepwml segment --precision: auto, fp32 or bf16
-        self.threshold = threshold
-        self.tta = tta
-        self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped); it runs either way
-        # the periventricular/deep split: True with the shipped default ventricle model (when the registry
-        # marks one default), a ventricle model file's path, or False for none
-        self.location = location
-        self.gridPhases = gridPhases  # as deepwml segment --grid-phases: 1, or 4 for steadier marks (4 times slower)
-        self.outputNode = None  # the segmentation node the GUI finishes the job into (None: a new one)
         self.result = None
         self.error = None
         self.fraction = 0.0
@@ -153,35 +133,12 @@ class SegmentationJob:
         self._cancelRequested = False
         self._finished = threading.Event()
 
-    def segmentOptions(self) -> dict:
-        """segment_image's keyword arguments for this run, in a thread or a worker process alike."""
-        return dict(device=self.device, **segmentImageOptions(self.threshold, self.tta, self.brainMask, self.location,
-                                                              self.precision, self.gridPhases))
-
-    def start(self) -> "SegmentationJob":
-        threading.Thread(target=self.run, name="DeepWML inference", daemon=True).start()
+    def start(self) -> "BackgroundJob":
+        threading.Thread(target=self.run, name=self.threadName, daemon=True).start()
         return self
 
     def run(self) -> None:
-        try:
-            from DeepWMLLib.inference import progress_part
-            from DeepWMLLib.segment import load_models, segment_image
-
-            self._report(0.0, "loading the model")
-            models = load_models(self.modelPaths)
-            self._report(0.0, "segmenting")
-            self.result = _handedBack(segment_image(self.image, models,
-                                                   progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
-                                                   cancel=self.cancelRequested, **self.segmentOptions()))
-            if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
-                self.result = None
-                raise Cancelled("cancelled")
-        except BaseException as exc:  # handed over to the main thread by finishSegmentation
-            self.error = exc
-        finally:
-            # the scan's copy (a float64 volume's: 8 bytes a voxel) is not held while the result is put in the scene
-            self.image = None
-            self._finished.set()
+        raise NotImplementedError
 
     def _report(self, fraction: float, message: str) -> None:
         self.fraction, self.message = float(fraction), message
@@ -206,6 +163,103 @@ class SegmentationJob:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._finished.wait(timeout)
+
+
+class SegmentationJob(BackgroundJob):
+    """One inference run (a BackgroundJob). Its progress stops short of 1.0 (SEGMENTED_FRACTION):
+    finishSegmentation reports 1.0 once the result is in the scene."""
+
+    kind = "segmentation"
+    threadName = "DeepWML inference"
+
+    def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
+                 progress=None, cancel=None, brainMask=True, location=True, precision="auto", gridPhases=1):
+        from DeepWMLLib.inference import check_grid_phases
+
+        check_grid_phases(gridPhases)  # refused now, not once a worker has loaded the models
+        super().__init__(volumeNode, image, progress, cancel)
+        # the frame of a sequence (4D or multi-frame series) the volume showed as `image` was read from it, or None:
+        # finishing puts the result back on that frame, whichever the browser shows by then (mrml.showFrame)
+        self.frame = mrml.sequenceFrame(volumeNode)
+        # what the volume's DICOM header or the files beside its file say against its being a FLAIR (read now, on the
+        # main thread: the run's warnings carry them first)
+        self.sourceWarnings = sourceWarnings(volumeNode)
+        self.notes = []  # what finishing has to say beside the result (the browser moved back to the frame segmented)
+        self.modelPaths = list(modelPaths) if modelPaths else None
+        self.device = device
+        self.precision = precision  # as deepwml segment --precision: auto, fp32 or bf16
+        self.threshold = threshold
+        self.tta = tta
+        self.brainMask = brainMask  # gate with the shipped brain-mask model (when one is shipped); it runs either way
+        # the periventricular/deep split: True with the shipped default ventricle model (when the registry
+        # marks one default), a ventricle model file's path, or False for none
+        self.location = location
+        self.gridPhases = gridPhases  # as deepwml segment --grid-phases: 1, or 4 for steadier marks (4 times slower)
+        self.outputNode = None  # the segmentation node the GUI finishes the job into (None: a new one)
+
+    def segmentOptions(self) -> dict:
+        """segment_image's keyword arguments for this run, in a thread or a worker process alike."""
+        return dict(device=self.device, **segmentImageOptions(self.threshold, self.tta, self.brainMask, self.location,
+                                                              self.precision, self.gridPhases))
+
+    def run(self) -> None:
+        try:
+            from DeepWMLLib.inference import progress_part
+            from DeepWMLLib.segment import load_models, segment_image
+
+            self._report(0.0, "loading the model")
+            models = load_models(self.modelPaths)
+            self._report(0.0, "segmenting")
+            self.result = _handedBack(segment_image(self.image, models,
+                                                   progress=progress_part(self._report, 0.0, SEGMENTED_FRACTION),
+                                                   cancel=self.cancelRequested, **self.segmentOptions()))
+            if self.cancelRequested():  # asked for after segment_image's last look (post-processing, report)
+                self.result = None
+                raise Cancelled("cancelled")
+        except BaseException as exc:  # handed over to the main thread by finishSegmentation
+            self.error = exc
+        finally:
+            # the scan's copy (a float64 volume's: 8 bytes a voxel) is not held while the result is put in the scene
+            self.image = None
+            self._finished.set()
+
+
+class SplitJob(BackgroundJob):
+    """The ventricle and brain networks of the periventricular/deep split of a segmentation without its own
+    'Lateral ventricles' segment (`segment.location_inputs` on the volume: seconds to tens of seconds on a large
+    scan on the CPU), run in a worker thread as a segmentation runs, so that the panel shows their progress, stays
+    usable and can cancel them (`startSplit`; `finishSplit` keeps their work for the statistics). `key`: what the
+    work is kept by (`_locationKey`)."""
+
+    kind = "split"
+    threadName = "DeepWML split"
+
+    def __init__(self, volumeNode, image, ventricle, brain, device, brainMask, precision, key):
+        super().__init__(volumeNode, image)
+        self.ventricle, self.brain = ventricle, brain
+        self.device, self.brainMask, self.precision = device, brainMask, precision
+        self.key = key
+        self.prefix = (f"Finding the lateral ventricles on '{volumeNode.GetName()}' for the periventricular/deep "
+                       "split (the ventricle and brain networks, the first time for this volume)")
+
+    def run(self) -> None:
+        from DeepWMLLib.segment import location_inputs
+
+        try:
+            self._report(0.0, f"{self.prefix}...")
+            inputs = location_inputs(self.image, self.ventricle, self.brain, device=self.device,
+                                     precision=self.precision, brain_gate=self.brainMask, cancel=self.cancelRequested,
+                                     progress=lambda fraction, message: self._report(fraction,
+                                                                                     f"{self.prefix}: {message}"))
+            if self.cancelRequested():  # asked for after the networks' last look: nothing is kept
+                raise Cancelled("cancelled")
+            inputs["ventricles"].setflags(write=False)  # read by every later update: never flipped in place
+            self.result = inputs
+        except BaseException as exc:  # handed over to the main thread by finishSplit
+            self.error = exc
+        finally:
+            self.image = None
+            self._finished.set()
 
 
 def _handedBack(result) -> types.SimpleNamespace:
@@ -430,16 +484,30 @@ class DeepWMLCoreLogic:
             notes.append("No usable GPU here: choose auto or cpu.")
         elif device == "auto" and not gpu:
             notes.append("No usable GPU: segmentation runs on the CPU (slower).")
-        if precision == "bf16" and not (device == "cuda" and not gpu):
-            if device != "cpu" and gpu:
-                notes.append("Precision bf16 is for the CPU: on a GPU choose Precision auto (fp16) or fp32.")
-            else:
-                from DeepWMLLib.inference import cpu_computes_bf16
+        if precision == "bf16":
+            notes.append(self.bf16Refusal(device))
+        return " ".join(note for note in notes if note)
 
-                if not cpu_computes_bf16():  # the module's runs take the auto backend: OpenVINO where installed
-                    notes.append("This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose Precision "
-                                 "auto or fp32.")
-        return " ".join(notes)
+    @staticmethod
+    def bf16Refusal(device: str) -> str:
+        """Why a run on `device` would refuse Precision bf16 (inference.PrecisionUnavailable: on a GPU, or on a CPU
+        that does not compute it natively), in the panel's words; "" where it runs, or cannot be told yet (PyTorch
+        not installed, or `cuda` without a GPU, which the device note refuses itself). The panel offers bf16 only
+        where this is "" (precisionAdvice: the same refusal, said when the run starts)."""
+        if importlib.util.find_spec("torch") is None:
+            return ""
+        import torch
+
+        gpu = torch.cuda.is_available()
+        if device == "cuda" and not gpu:
+            return ""
+        if device != "cpu" and gpu:
+            return "Precision bf16 is for the CPU: on a GPU choose Precision auto (fp16) or fp32."
+        from DeepWMLLib.inference import cpu_computes_bf16
+
+        if not cpu_computes_bf16():  # the module's runs take the auto backend: OpenVINO where installed
+            return "This CPU does not compute bf16 natively (AMX or AVX512-BF16): choose Precision auto or fp32."
+        return ""
 
     # -----------------------------------------------------------------------------------------
     # Models
@@ -734,19 +802,18 @@ class DeepWMLCoreLogic:
             from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES, BRAIN_MASK_NOT_APPLIED
             from DeepWMLLib.segment import mask_location
 
-            if ventricleModel is True:
-                ventricleModel = self.ventricleModelPath()
-                if ventricleModel is None or not Path(ventricleModel).is_file():
-                    raise DeepWMLError(
-                        f"the periventricular/deep split of '{segmentationNode.GetName()}' (no "
-                        f"'{mrml.VENTRICLE_SEGMENT_NAME}' segment) needs a lateral-ventricle model and none is shipped "
-                        "here; untick the split, or measure the mask with deepwml export --ventricle-model FILE")
+            ventricleModel = self._ventricleModelFile(segmentationNode, ventricleModel)
             inputs = self._volumeLocationInputs(volumeNode, ventricleModel, device, brainMask, precision, progress)
             split = mask_location(None, mask, inputs=inputs)
             location, distance = split["location"], split["distance"]
-            location["ventricles"] = f"the ventricle network on '{volumeNode.GetName()}' (as deepwml export makes them)"
             split["brain_mask"] = None if split["brain_model"] is None else (
                 BRAIN_MASK_GATES_VENTRICLES if brainMask else BRAIN_MASK_NOT_APPLIED)
+            # how its networks ran, with the split itself: the report's device, runner and brain_mask are those of
+            # the run that made a DeepWML segmentation (perhaps on another device), not of this split
+            made = [f"{split['device']}", f"{split['runner']}", f"precision {precision}",
+                    "no brain model" if split["brain_model"] is None else f"brain mask {split['brain_mask']}"]
+            location["ventricles"] = (f"the ventricle network on '{volumeNode.GetName()}' (as deepwml export makes "
+                                      f"them; {', '.join(made)})")
         report = lesion_report(mask, None, distance)
         report["location"] = location
         # e.g. a segment added beside WMH while editing it; another volume's result, still chosen when this one was
@@ -768,6 +835,88 @@ class DeepWMLCoreLogic:
         report.update(segmentation=segmentationNode.GetName(), volume=volumeNode.GetName())
         return report
 
+    def _ventricleModelFile(self, segmentationNode, ventricleModel):
+        """The ventricle model file of lesionStatistics' `ventricleModel` (True: the panel's), refused where none is."""
+        if ventricleModel is True:
+            ventricleModel = self.ventricleModelPath()
+            if ventricleModel is None or not Path(ventricleModel).is_file():
+                name = segmentationNode.GetName() if segmentationNode is not None else "the segmentation"
+                raise DeepWMLError(
+                    f"the periventricular/deep split of '{name}' (no '{mrml.VENTRICLE_SEGMENT_NAME}' segment) needs a "
+                    "lateral-ventricle model and none is shipped here; untick the split, or measure the mask with "
+                    "deepwml export --ventricle-model FILE")
+        return ventricleModel
+
+    @staticmethod
+    def _splitNeedsNetworks(segmentationNode, ventricleModel) -> bool:
+        """Whether lesionStatistics with these arguments makes the split with the networks (a ventricle model asked
+        for, and no 'Lateral ventricles' segment to measure it from)."""
+        if not ventricleModel or segmentationNode is None:
+            return False
+        if not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            return True
+        return not segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(mrml.VENTRICLE_SEGMENT_NAME)
+
+    @staticmethod
+    def _locationKey(volumeNode, ventricle, brain, device, brainMask, precision):
+        """What the networks' work for a volume is kept by (`_volumeLocationInputs`); None for a volume without voxels."""
+        imageData = volumeNode.GetImageData()
+        return None if imageData is None else (
+            volumeNode.GetID(), imageData.GetMTime(), tuple(map(tuple, mrml.worldIJKToRAS(volumeNode).tolist())),
+            ventricle.path, ventricle.digest, None if brain is None else (brain.path, brain.digest), device,
+            bool(brainMask), precision)
+
+    def _splitModels(self, volumeNode, ventricleModel, device, brainMask, precision):
+        """(ventricle model, brain model, key, whether their work is kept) of a split made by the networks."""
+        from DeepWMLLib.segment import load_brain_model, load_ventricle_model
+
+        ventricle, brain = load_ventricle_model(ventricleModel), load_brain_model("default")  # settings only: fast
+        key = self._locationKey(volumeNode, ventricle, brain, device, brainMask, precision)
+        kept = key is not None and self._locationInputs is not None and self._locationInputs[0] == key
+        return ventricle, brain, key, kept
+
+    def startSplit(self, segmentationNode, volumeNode, segmentId=None, ventricleModel=None, device="auto",
+                   brainMask=True, precision="auto", busy: bool = False) -> SplitJob | None:
+        """For the GUI: lesionStatistics with these arguments without the main thread running networks. None where
+        it runs none (no split asked for, a 'Lateral ventricles' segment to measure it from, or their work kept for
+        this volume and these settings): call lesionStatistics now. Else a started SplitJob running them in a worker
+        thread: poll `job.done`, then finishSplit(job) keeps their work, and lesionStatistics with the same arguments
+        runs none. Refused where the networks would have to run beside another job (`busy`), and where
+        lesionStatistics would refuse the split (no ventricle model)."""
+        if volumeNode is None or not self._splitNeedsNetworks(segmentationNode, ventricleModel):
+            return None
+        self.ensureDependencies()
+        ventricleModel = self._ventricleModelFile(segmentationNode, ventricleModel)
+        ventricle, brain, key, kept = self._splitModels(volumeNode, ventricleModel, device, brainMask, precision)
+        if kept:
+            return None
+        if busy:
+            raise DeepWMLError(f"the periventricular/deep split of '{segmentationNode.GetName()}' runs the ventricle "
+                               "and brain networks, which wait for the run going on now: show the statistics once it "
+                               "is done (or cancel it), or untick the split")
+        self._locationInputs = None  # the earlier volume's let go before the networks run
+        return SplitJob(volumeNode, mrml.imageFromVolume(volumeNode), ventricle, brain, device, brainMask, precision,
+                        key).start()
+
+    def finishSplit(self, job: SplitJob) -> None:
+        """Keep a finished SplitJob's work for the statistics of its volume (lesionStatistics runs no network then).
+        A cancelled job keeps nothing (Cancelled is raised); a failed one raises its error."""
+        if not job.done:
+            raise RuntimeError("finishSplit called before the job finished")
+        if job.cancelled:
+            raise Cancelled("cancelled")
+        if job.error is not None:
+            from DeepWMLLib.inference import NaNProbabilities, PrecisionUnavailable
+
+            if isinstance(job.error, NaNProbabilities):
+                raise DeepWMLError(nanAdvice(job.error)) from job.error
+            if isinstance(job.error, PrecisionUnavailable):
+                raise DeepWMLError(precisionAdvice(job.error)) from job.error
+            raise job.error
+        if job.key is not None:
+            self._locationInputs = (job.key, job.result)
+        job._report(1.0, "done")
+
     def _volumeLocationInputs(self, volumeNode, ventricleModel, device, brainMask, precision, progress=None) -> dict:
         """`segment.location_inputs` of the volume (the ventricle and brain networks' work for the split of a
         segmentation drawn on it: seconds on a large scan, on the main thread), kept for the next statistics of the
@@ -776,16 +925,11 @@ class DeepWMLCoreLogic:
         of a sequence) and where they lie (its IJK-to-world matrix, transforms included), both models (file and
         digest), the device, the brain-mask switch and the precision; never by the segmentation, whose edits count at
         every update. One volume's at a time (a bool stack of its voxels; `forgetKept` lets it go). `progress(message)`
-        is called before the networks run."""
-        from DeepWMLLib.segment import load_brain_model, load_ventricle_model, location_inputs
+        is called before the networks run. The panel runs them first as a job it shows and can cancel (startSplit)."""
+        from DeepWMLLib.segment import location_inputs
 
-        ventricle, brain = load_ventricle_model(ventricleModel), load_brain_model("default")  # settings only: fast
-        imageData = volumeNode.GetImageData()
-        key = None if imageData is None else (
-            volumeNode.GetID(), imageData.GetMTime(), tuple(map(tuple, mrml.worldIJKToRAS(volumeNode).tolist())),
-            ventricle.path, ventricle.digest, None if brain is None else (brain.path, brain.digest), device,
-            bool(brainMask), precision)
-        if key is not None and self._locationInputs is not None and self._locationInputs[0] == key:
+        ventricle, brain, key, kept = self._splitModels(volumeNode, ventricleModel, device, brainMask, precision)
+        if kept:
             return self._locationInputs[1]
         self._locationInputs = None  # the earlier volume's let go before the networks run
         if progress is not None:
@@ -983,9 +1127,11 @@ class DeepWMLCoreLogic:
         lines = [f"Total lesion volume: {report['volume_ml']:.2f} ml in {lesion_count_text(report['lesion_count'])}"]
         location = report.get("location")
         if location and location.get("judged"):
+            # where the ventricles come from: DeepWML's hidden segment, or the networks on the volume (and how they ran)
+            ventricles = location.get("ventricles") or f"segment '{mrml.VENTRICLE_SEGMENT_NAME}'"
             lines.append(f"Periventricular {location['periventricular_ml']:.2f} ml, deep {location['deep_ml']:.2f} ml "
-                         f"(within 10 mm of the lateral ventricles or further; ventricles: hidden segment "
-                         f"'Lateral ventricles', {location['ventricles_ml']:.1f} ml)")
+                         f"(within 10 mm of the lateral ventricles or further; ventricles: {ventricles}, "
+                         f"{location['ventricles_ml']:.1f} ml)")
         elif location and location["why"] not in report.get("warnings", []):
             lines.append(f"No periventricular/deep split: {location['why']}")
         frame = report.get("frame")

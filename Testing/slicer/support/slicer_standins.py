@@ -119,7 +119,9 @@ class UIRoot(Widget):
         super().__init__("qMRMLWidget", "DeepWML")
         self.children = {}
         for element in ET.parse(path).getroot().iter("widget"):
-            self.children[element.get("name")] = Widget(element.get("class"), element.get("name"))
+            child = Widget(element.get("class"), element.get("name"))
+            child.parameterName = element.findtext("property[@name='SlicerParameterName']/string")
+            self.children[element.get("name")] = child
 
     def setMRMLScene(self, scene) -> None:  # the .ui connects mrmlSceneChanged to every node selector
         super().setMRMLScene(scene)
@@ -191,7 +193,7 @@ def _qtModule():
     qt.QTimer = QTimer
     qt.QTableWidgetItem = QTableWidgetItem
     qt.QFileDialog = QFileDialog
-    qt.Qt = types.SimpleNamespace(ToolTipRole=3, WaitCursor=3)
+    qt.Qt = types.SimpleNamespace(ToolTipRole=3, UserRole=256, WaitCursor=3)
     qt.QEventLoop = types.SimpleNamespace(AllEvents=0, ExcludeUserInputEvents=1)
     # what slicer.util's message displays read before deciding whether to show a box
     qt.QMessageBox = types.SimpleNamespace(Ok=0x400, Cancel=0x400000, Information=1, Warning=2, Critical=3, Question=4)
@@ -353,6 +355,15 @@ def parameterNodeWrapper(cls):
                 self.parameterNode.SetParameter(name, str(value))
 
         def connectGui(self, ui):
+            """As Slicer's QComboBox connector does on connecting: a Choice's combo box filled again with its
+            choices (what was set on its items before is gone)."""
+            for widget in vars(ui).values():
+                choice = [e for e in fields.get(getattr(widget, "parameterName", None), (None, ()))[1]
+                          if isinstance(e, Choice)]
+                if choice and widget.className() == "QComboBox":
+                    widget.items, widget.itemData, widget.currentIndex = [], {}, -1
+                    for item in choice[0].choices:
+                        widget.addItem(str(item))
             return ui
 
         def disconnectGui(self, tag) -> None:
