@@ -1931,3 +1931,58 @@ def test_write_dicom_seg_refuses_a_volume_resampled_since_it_was_loaded_and_adds
     monkeypatch.setitem(sys.modules, "DICOMLib", None)  # not importable
     written = logic.writeDicomSeg(segmentation, volume, tmp_path / "seg2.dcm", addToDatabase=True)
     assert (tmp_path / "seg2.dcm").is_file() and "not added to Slicer's DICOM database" in written["database"]
+
+
+def test_the_split_networks_start_as_a_job_that_keeps_nothing_when_cancelled(scene, monkeypatch):
+    """lesionStatistics made the split of a segmentation without its own ventricles by running the networks in the
+    calling thread (the panel's main thread). startSplit runs them as a job instead, where they are needed and not
+    kept already: polled and cancelled as a segmentation job; cancelled, nothing is kept (finishSplit raises
+    Cancelled); finished, finishSplit keeps their work and lesionStatistics runs no network."""
+    import DeepWMLLib.inference as inference
+
+    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    logic = DeepWMLCoreLogic()
+    arguments = dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu")
+    assert logic.startSplit(manual, volume, ventricleModel=None) is None  # no split asked for: no job
+    runs, predict = [], inference.predict_maps
+    monkeypatch.setattr(inference, "predict_maps", lambda *a, **k: runs.append(k.get("cancel")) or predict(*a, **k))
+
+    job = logic.startSplit(**arguments)
+    job.cancel()
+    assert job.wait(30) and job.cancelled
+    with pytest.raises(Cancelled):
+        logic.finishSplit(job)
+    assert logic._locationInputs is None
+    job = logic.startSplit(**arguments)
+    assert job.kind == "split" and job.wait(30)
+    logic.finishSplit(job)
+    assert job.fraction == 1.0 and runs[-1] is not None  # the networks looked at Cancel
+    count = len(runs)
+    assert logic.startSplit(**arguments) is None  # kept
+    report = logic.lesionStatistics(**arguments)
+    assert len(runs) == count and report["location"]["ventricles"].startswith("the ventricle network on 'FLAIR'")
+    with pytest.raises(DeepWMLError, match="wait for the run going on now"):  # another job runs: never two at once
+        logic.startSplit(**{**arguments, "precision": "fp32"}, busy=True)
+
+
+def test_bf16_is_refused_where_a_run_would_refuse_it(monkeypatch):
+    """What the panel greys the bf16 item out for: a GPU, or a CPU without native bf16 (the runtime asked); nothing
+    where the device itself is refused (cuda without a GPU) or PyTorch is not installed yet."""
+    import torch
+
+    from DeepWMLLib import inference
+
+    logic = DeepWMLCoreLogic()
+    native = [False]
+    monkeypatch.setattr(inference, "cpu_computes_bf16", lambda backend="auto": native[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "does not compute bf16 natively" in logic.bf16Refusal("cpu") == logic.bf16Refusal("auto")
+    assert logic.bf16Refusal("cuda") == ""
+    native[0] = True
+    assert logic.bf16Refusal("cpu") == logic.bf16Refusal("auto") == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "is for the CPU" in logic.bf16Refusal("auto") and "is for the CPU" in logic.bf16Refusal("cuda")
+    assert logic.bf16Refusal("cpu") == ""
