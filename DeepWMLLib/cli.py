@@ -262,8 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # process reports it, naming itself.
     rank, quiet = _distributed_process()
     where = f" (process {rank})" if rank not in (None, "0") else ""
+    from . import io  # (every command's module imported it already)
+
     try:
-        with stop_signals_as_interrupts():
+        # a DICOM folder's headers read once in the run however often its series are asked for (io's cache, kept
+        # while the folder is unchanged)
+        with stop_signals_as_interrupts(), io.dicom_headers_read_once():
             try:
                 return int(args.func(args) or 0)
             finally:

@@ -41,6 +41,7 @@ def _check_threshold(threshold: float) -> None:
         raise DeepWMLError(f"the Dice threshold must be between 0 and 1, got {threshold}")
 
 
+@io.dicom_headers_read_once()  # a FLAIR folder both raters' DICOM SEGs are placed by
 def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = DEFAULT_THRESHOLD,
                     flair=None) -> dict:
     """Do two raters agree well enough (Dice >= threshold)? And where do they not? Each mask a SimpleITK image or a
@@ -136,6 +137,7 @@ def format_check(result: dict) -> str:
     return "\n".join(lines)
 
 
+@io.dicom_headers_read_once()  # a FLAIR folder each row's DICOM SEGs are placed by
 def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, threshold: float = DEFAULT_THRESHOLD,
                      progress: Callable[[float, str], None] | None = None,
                      cancel: Callable[[], bool] | None = None) -> dict:

@@ -281,6 +281,7 @@ def _existing(path, what: str) -> Path:
     return Path(path)
 
 
+@io.dicom_headers_read_once()  # a FLAIR folder both masks' DICOM SEGs are placed by
 def evaluate_case(prediction, reference, probabilities=None, found_fraction: float = metrics.FOUND_FRACTION,
                   size_classes: metrics.SizeClasses | None = None, flair=None) -> dict:
     """All metrics of one case; each argument is a SimpleITK image or a path to one. `flair`, the case's FLAIR
@@ -622,6 +623,7 @@ EVALUATION_OUTPUTS = ("summary.json", "report.md", "per_image.csv", "per_case.cs
                       "statistics.csv", *(name for _, _, name in FIGURES))
 
 
+@io.dicom_headers_read_once()  # a FLAIR folder each row's DICOM SEGs are placed by
 def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                     found_fraction: float = metrics.FOUND_FRACTION, size_classes: metrics.SizeClasses | None = None,
                     progress: Progress | None = None, cancel: Callable[[], bool] | None = None) -> dict:

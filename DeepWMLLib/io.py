@@ -21,6 +21,7 @@ and `from_axial_stack` returns the kind of image the stack came from.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import gzip
@@ -32,6 +33,7 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -2179,7 +2181,79 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
                      tuple(position) if position else None)}
 
 
+# The headers read within `dicom_headers_read_once` ({(folder as given, the working folder where that is relative,
+# recursive): (its `_folder_state`, `_scan_series`'s answer)}); None outside one. Shared by every thread of the process,
+# each answer checked against the files as they are now, so one thread's cannot stand for another's changed folder.
+_header_cache: dict | None = None
+_header_cache_users = 0
+_header_cache_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def dicom_headers_read_once():
+    """Within it (one run: a command, a library call that reads several cases), a DICOM folder's headers are read
+    once (`_read_series`), however many times its series are asked for: --series checked up front and then chosen
+    for its case, a FLAIR folder a DICOM SEG of each rater is placed by. Read again where the folder changed since
+    (`_folder_state`: its files' names, sizes, times and inodes); forgotten when the outermost one ends. Also a
+    decorator. Outside one, every call reads the headers, as before."""
+    global _header_cache, _header_cache_users
+    with _header_cache_lock:
+        if _header_cache_users == 0:
+            _header_cache = {}
+        _header_cache_users += 1
+    try:
+        yield
+    finally:
+        with _header_cache_lock:
+            _header_cache_users -= 1
+            if _header_cache_users == 0:
+                _header_cache = None
+
+
+def _folder_state(root: Path, recursive: bool) -> tuple | None:
+    """What `_scan_series` of `root` is read from, without reading a file: each folder it walks (`_each_folder`) and
+    each file's name and stat (device, inode, size, modification and change times in ns, mode), the folders that
+    could not be listed. Two alike: the same files, unchanged (a file rewritten in place changes its times). None
+    where `root` itself cannot be looked at (not cached)."""
+    errors: list = []
+    folders = []
+    try:
+        for current, files in _each_folder(root, lambda exc: errors.append((str(exc.filename), exc.errno)), recursive):
+            here = os.stat(current)
+            entries = [(current, here.st_dev, here.st_ino, here.st_mtime_ns)]
+            for name in sorted(files):
+                try:
+                    found = os.stat(os.path.join(current, name))
+                except OSError as exc:  # a broken link, a file gone: so noted (it changes when it comes back)
+                    entries.append((name, exc.errno))
+                    continue
+                entries.append((name, found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns,
+                                found.st_mode))
+            folders.append(tuple(entries))
+    except OSError:
+        return None
+    return tuple(folders), tuple(errors)
+
+
 def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
+    """`_scan_series`, read once within `dicom_headers_read_once` while the folder is unchanged (a copy of the answer
+    given each time: the callers' own to change)."""
+    text_path(root)
+    cache = _header_cache
+    if cache is None:
+        return _scan_series(root, recursive)
+    key = (str(root), None if os.path.isabs(root) else os.getcwd(), recursive)  # the files' paths are joined to it
+    state = _folder_state(root, recursive)
+    known = cache.get(key)
+    if state is not None and known is not None and known[0] == state:
+        return copy.deepcopy(known[1])
+    found = _scan_series(root, recursive)
+    if state is not None:  # the state before the reading: a file changed while it was read is read again next time
+        cache[key] = (state, copy.deepcopy(found))
+    return found
+
+
+def _scan_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
     """The one pass over DICOM files behind `dicom_series` and `dicom_catalogue`: every file's header read
     once (symbolic links followed, each folder once; hidden ones and known non-DICOM files skipped), grouped
     by Series Instance UID. Returns ({series UID: {"files": [(slice key, path, instance number, SOP Instance

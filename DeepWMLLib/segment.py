@@ -1870,6 +1870,7 @@ def picture_title(case: str, report: dict) -> str:
     return title
 
 
+@io.dicom_headers_read_once()  # --series checked up front, then each case's folder chosen from
 def segment_cases(inputs: Sequence[str], out_dir: str | os.PathLike, model_paths: Sequence[str] | None = None,
                   device: str = "auto", progress_factory=None, debug: bool = False, **options) -> list[dict]:
     """Run every case; a failing case is recorded (status error) and the others still run. `progress_factory(number,

@@ -429,6 +429,7 @@ class SliceSet:
         return int(self.images.shape[0])
 
 
+@io.dicom_headers_read_once()  # a FLAIR folder several rows name
 def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: dict, folder: Path,
                   skip_bad_cases: bool, progress: Progress | None = None, cancel=None,
                   ignore_label: int | None = None, flair_check: Callable | None = None,

@@ -370,6 +370,31 @@ def tiny_model(tmp_path) -> Path:
 
 
 @pytest.fixture
+def header_reads(monkeypatch):
+    """How many times each file's DICOM header was read (SimpleITK's ImageFileReader.ReadImageInformation, which
+    io._scan_series reads every file of a folder with), by path, from now on: a collections.Counter."""
+    import collections
+
+    counted = collections.Counter()
+    read = sitk.ImageFileReader.ReadImageInformation
+
+    def watched(self):
+        counted[os.path.abspath(self.GetFileName())] += 1
+        return read(self)
+
+    monkeypatch.setattr(sitk.ImageFileReader, "ReadImageInformation", watched)
+    return counted
+
+
+def in_folder(counted, folder) -> dict:
+    """`header_reads` of the files in `folder` (not below it): {times read: how many files}."""
+    import collections
+
+    folder = os.path.abspath(folder)
+    return dict(collections.Counter(n for path, n in counted.items() if os.path.dirname(path) == folder))
+
+
+@pytest.fixture
 def precisions_asked(monkeypatch) -> list:
     """The precision each network runner is made with from now on (inference.make_runner watched, not changed)."""
     from DeepWMLLib import inference

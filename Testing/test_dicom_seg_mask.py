@@ -17,7 +17,7 @@ from DeepWMLLib import io
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import rotation, stepped_positions, write_dicom_series
+from conftest import in_folder, rotation, stepped_positions, write_dicom_series
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
@@ -509,6 +509,37 @@ def test_a_sparse_seg_of_an_uneven_series_read_alone_is_refused_saying_to_give_t
     assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")]) == 0
     assert "1 case checked at Dice >= 0.85: 1 pass" in capsys.readouterr().out
 
+
+
+def test_the_flair_folder_two_raters_segs_are_placed_by_is_read_once(tmp_path, header_reads, monkeypatch):
+    """consensus --flair FOLDER of two raters' SEGs (io.mask_source for each), a manifest of two rows naming that
+    FLAIR, evaluate --flair FOLDER: the FLAIR folder's headers were read for every SEG (twice; six times for the
+    manifest, its QC picture's FLAIR with them); now once per run, the figures those of every reading made."""
+    folder, _, _, mask, _ = sparse_seg_of_an_uneven_series(tmp_path)
+    other = mask.copy()
+    other[4] = 0
+    highdicom_seg(folder, tmp_path / "rater_b.dcm", {"WMH": other})
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b,flair\nc1,rater.dcm,rater_b.dcm,flair\n"
+                                         "c2,rater_b.dcm,rater.dcm,flair\n", encoding="utf-8")
+    runs = {"pair": ["consensus", str(tmp_path / "rater.dcm"), str(tmp_path / "rater_b.dcm"), "--flair", str(folder)],
+            "manifest": ["consensus", "--manifest", str(tmp_path / "raters.csv")],
+            "evaluate": ["evaluate", "--prediction", str(tmp_path / "rater_b.dcm"), "--reference",
+                         str(tmp_path / "rater.dcm"), "--flair", str(folder)]}
+    results = {}
+    for how, times in (("once", {"pair": 1, "manifest": 1, "evaluate": 1}),
+                       ("each", {"pair": 2, "manifest": 6, "evaluate": 2})):
+        with monkeypatch.context() as m:
+            if how == "each":  # nothing remembered: the old readings
+                m.setattr(io, "_folder_state", lambda root, recursive: None)
+            for name, command in runs.items():
+                header_reads.clear()
+                out = tmp_path / f"{how}_{name}"
+                assert main(command + (["-o", str(out)] if name == "manifest" else ["--json", str(out)])) == 0
+                assert in_folder(header_reads, folder) == {times[name]: 7}, (how, name)
+                results[how, name] = (out / "consensus.csv").read_text(encoding="utf-8") if name == "manifest" \
+                    else json.loads(out.read_text(encoding="utf-8"))
+    assert results["once", "pair"]["dice"] < 1 and results["once", "evaluate"]["dice"] < 1
+    assert all(results["once", name] == results["each", name] for name in runs)
 
 def sparse_seg_of_an_uneven_series(tmp_path, uid: str = "1.2.3.4.5"):
     """An unevenly spaced FLAIR series (slices 0, 5, 10.6, 15, 20, 25.8, 30 mm up) and a third party's SEG of it

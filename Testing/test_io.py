@@ -22,9 +22,9 @@ import SimpleITK as sitk
 from DeepWMLLib import io
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (drop_pixel_spacing, encoded_dicom_series, make_volume, nifti2_of, record_syncs_and_renames,
-                      relabel_transfer_syntax, rotation, set_orientation, stepped_positions, write_dicom_series,
-                      write_enhanced_mr)
+from conftest import (drop_pixel_spacing, encoded_dicom_series, in_folder, make_volume, nifti2_of,
+                      record_syncs_and_renames, relabel_transfer_syntax, rotation, set_orientation, stepped_positions,
+                      write_dicom_series, write_enhanced_mr)
 
 
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".hdr"])
@@ -189,6 +189,46 @@ def test_dicom_series_folder(tmp_path):
     assert np.allclose(read.GetSpacing(), image.GetSpacing(), atol=1e-3)
     assert io.case_name(folder) == "FLAIR_series"
 
+
+
+def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_changed(tmp_path, header_reads):
+    """Within io.dicom_headers_read_once (a run), a folder's series asked for again (--series checked, then chosen; a
+    FLAIR folder each DICOM SEG is placed by) are not read from its headers again; a folder changed since is: a file
+    added, one rewritten in place, one removed, a folder below added (a catalogue). Outside one, each call reads."""
+    image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "s", image, uid="1.2.3.61", description="AX FLAIR", inversion_ms=2500,
+                                number=3)
+    uncached = io.dicom_series(folder)
+    assert in_folder(header_reads, folder) == {1: 4}
+    header_reads.clear()
+    with io.dicom_headers_read_once():
+        first = io.dicom_series(folder)
+        assert io.series_named(first, "FLAIR") and io.choose_dicom_series(folder, "FLAIR")[0] == first[0] == uncached[0]
+        with io.dicom_headers_read_once():  # nested (segment_cases inside the CLI's run): the same reading
+            assert io.dicom_series(folder) == first
+        assert in_folder(header_reads, folder) == {1: 4}
+        first.clear()  # each caller's own list
+        assert io.dicom_series(folder) == uncached
+        write_dicom_series(folder, image, uid="1.2.3.62", description="T1 SE", number=4, prefix="t1")  # added
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIR", "T1 SE"]
+        assert in_folder(header_reads, folder) == {2: 4, 1: 4}
+        before = (folder / "t1000.dcm").stat()
+        write_dicom_series(folder, image, uid="1.2.3.62", description="T1 XE", number=4, prefix="t1")  # same sizes
+        assert (folder / "t1000.dcm").stat().st_size == before.st_size
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIR", "T1 XE"]
+        for path in folder.glob("t1*"):
+            path.unlink()
+        assert io.dicom_series(folder) == uncached
+        header_reads.clear()
+        assert [s.uid for study in io.dicom_catalogue(tmp_path)[0] for s in study.series] == ["1.2.3.61"]
+        write_dicom_series(tmp_path / "below" / "t", image, uid="1.2.3.63", description="T2", number=5)
+        assert sorted(s.uid for study in io.dicom_catalogue(tmp_path)[0] for s in study.series) == ["1.2.3.61",
+                                                                                                    "1.2.3.63"]
+        assert in_folder(header_reads, folder) == {2: 4}
+        assert io.dicom_catalogue(tmp_path)[0] and in_folder(header_reads, folder) == {2: 4}
+    header_reads.clear()
+    assert io._header_cache is None and io.dicom_series(folder) == io.dicom_series(folder) == uncached
+    assert in_folder(header_reads, folder) == {2: 4}
 
 def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_slices_real_values(tmp_path):
     """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
