@@ -144,13 +144,14 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     Family^Given). `ventricle_model`: as `segment.segment_image` takes it ("default": the registry's default, None:
     no split); `device`: where its networks run. `brain_model` (as segment_image takes it) and `brain_gate` (False:
     the ventricles not kept inside the brain mask, segment's --no-brain-mask) shape the split alone: a brain model
-    given, or `brain_gate` False, with no split made is refused (UsageError)."""
+    of one's own given (a model file or a loaded model, not "default"/True nor None/False: segment.names_own_model),
+    or `brain_gate` False, with no split made is refused (UsageError)."""
     from . import __version__
     from .dicom_seg import ALGORITHM_TYPES, person_name
     from .report import lesion_report
-    from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, case_guard, dicom_instances, dicom_series_warnings,
-                          load_brain_model, load_ventricle_model, mask_digest, mask_location, picture_title,
-                          scan_header_warnings, whole_or_none)
+    from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, asks_for_no_model, case_guard, dicom_instances,
+                          dicom_series_warnings, load_brain_model, load_ventricle_model, mask_digest, mask_location,
+                          names_own_model, picture_title, scan_header_warnings, whole_or_none)
     from .segment import add_instance_numbers, remove_earlier_outputs, write_qc_and_dicom
 
     start = time.perf_counter()
@@ -161,10 +162,12 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             creator = person_name(creator)
         except ValueError as exc:
             raise UsageError(f"--creator {exc}") from None
-    asked_location = ventricle_model is not None and ventricle_model is not False
+    asked_location = not asks_for_no_model(ventricle_model)
     ventricle_model = load_ventricle_model(ventricle_model)  # a model of another kind refused before any work
-    brain_asked = not (brain_model is None or brain_model is False or brain_model is True
-                       or (isinstance(brain_model, str) and brain_model == "default"))
+    # asked for: a brain model of one's own (--brain-model FILE; a path or a loaded model given to the library). The
+    # default ("default" or True: the CLI's without --brain-model) and none (None or False) change nothing without
+    # a split, so they are never refused
+    brain_asked = names_own_model(brain_model)
     if ventricle_model is None and (brain_asked or not brain_gate):
         given = " and ".join(o for o, on in (("--brain-model", brain_asked), ("--no-brain-mask", not brain_gate)) if on)
         raise UsageError(f"{given} shape{'s' if ' and ' not in given else ''} only the periventricular/deep split, "

@@ -325,14 +325,32 @@ def name_apart(models: Sequence) -> None:
             m.name = Path(*parts[-depth:]).as_posix()  # "D:/best.pt", not "D:\/best.pt", where the drive tells
 
 
+def asks_for_no_model(spec) -> bool:
+    """Whether a helper network's `spec` (load_brain_model's, load_ventricle_model's) asks for none: None or False."""
+    return spec is None or spec is False
+
+
+def asks_for_default_model(spec) -> bool:
+    """Whether a helper network's `spec` asks for the model registry's default: the text "default" (a path named so,
+    pathlib.Path("default"), is a model file), or True (as False is none)."""
+    return spec is True or (isinstance(spec, str) and spec == "default")
+
+
+def names_own_model(spec) -> bool:
+    """Whether a helper network's `spec` names a model of the caller's choosing: a model file (a path, as text or a
+    path object; an empty or a non-model value too, refused where it is loaded) or an already loaded model; neither
+    the default nor none (`asks_for_default_model`, `asks_for_no_model`)."""
+    return not (asks_for_no_model(spec) or asks_for_default_model(spec))
+
+
 def _load_role_model(spec, role: str, label: str, kind: str):
     """A helper network's model: "default" or True (the registry's default of `role`, None when it has none), None
     or False (none), a model file path, or an already loaded model whose label 1 must be `label`."""
     from .checkpoint import LoadedModel, load_model_settings
 
-    if spec is None or spec is False:
+    if asks_for_no_model(spec):
         return None
-    if spec is True or (isinstance(spec, str) and spec == "default"):  # True: as False is none
+    if asks_for_default_model(spec):
         spec = default_role_model_path(role)
         if spec is None:
             return None
@@ -355,7 +373,7 @@ def load_brain_model_saying_none(spec="default"):
     and the model registry lists none (DEEPWML_MODELS_DIR naming a folder of one's own WMH models): no brain mask
     then removes the marks outside the brain or serves the FLAIR and coverage checks, which silence would hide."""
     loaded = load_brain_model(spec)
-    if loaded is None and (spec is True or (isinstance(spec, str) and spec == "default")):
+    if loaded is None and asks_for_default_model(spec):
         warnings.warn(f"no brain-mask model is listed in {models_dir() / 'models.json'} (role \"{BRAIN_ROLE}\"), so "
                       "none runs: marks outside the brain are kept, and whether each scan is a FLAIR and covers the "
                       "whole brain is not checked; list one there, or give one with --brain-model FILE", stacklevel=2)

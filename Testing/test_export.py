@@ -4,6 +4,7 @@ outline series and QC picture that `deepwml segment` makes of its own mask (Deep
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -511,6 +512,42 @@ def test_export_refuses_brain_mask_options_where_no_split_is_made(tmp_path, caps
         assert main([*command, "-o", str(tmp_path / "o"), *extra]) == 2, extra
         assert said in capsys.readouterr().err and not (tmp_path / "o").exists()
 
+
+
+def test_which_brain_model_values_the_library_counts_as_asked_for_without_a_split(tmp_path):
+    """export_case's `brain_model` with no split made (ventricle_model None): a model of one's own (a file as text or
+    as a path, a path named "default" among them, an empty text, a loaded model) is refused as --brain-model is; the
+    default ("default", True: the CLI's without --brain-model) and none (None, False) change nothing and are taken.
+    The rule is segment.names_own_model, which load_brain_model's reading of the same values matches."""
+    from DeepWMLLib import export
+    from DeepWMLLib.checkpoint import load_model_settings
+    from DeepWMLLib.errors import UsageError
+    from DeepWMLLib.segment import asks_for_default_model, asks_for_no_model, names_own_model
+
+    from conftest import tiny_model_file
+
+    image = phantom()
+    sitk.WriteImage(image, str(tmp_path / "flair.nii.gz"))
+    sitk.WriteImage(sitk.Cast(image >= 600, sitk.sitkUInt8), str(tmp_path / "mask.nii.gz"))
+    loaded = load_model_settings(tiny_model_file(tmp_path / "b.pt"))
+    own = ["b.pt", str(tmp_path / "b.pt"), tmp_path / "b.pt", pathlib.Path("default"), "", loaded]
+    taken = ["default", True, None, False]
+    assert [names_own_model(v) for v in own + taken] == [True] * len(own) + [False] * len(taken)
+    assert [asks_for_default_model(v) for v in taken] == [True, True, False, False]
+    assert [asks_for_no_model(v) for v in taken] == [False, False, True, True]
+    for k, value in enumerate(own):
+        with pytest.raises(UsageError, match=r"^--brain-model shapes only the periventricular/deep split, which needs a "
+                                             r"ventricle model: --no-location makes none$"):
+            export.export_case(tmp_path / "flair.nii.gz", tmp_path / "mask.nii.gz", tmp_path / f"own{k}",
+                               ventricle_model=None, brain_model=value)
+        assert not (tmp_path / f"own{k}").exists()
+    for k, value in enumerate(taken):
+        report = export.export_case(tmp_path / "flair.nii.gz", tmp_path / "mask.nii.gz", tmp_path / f"taken{k}",
+                                    ventricle_model=None, brain_model=value)
+        assert report["brain_model"] is None and report["location"] is None
+    with pytest.raises(UsageError, match=r"^--brain-model and --no-brain-mask shape only"):
+        export.export_case(tmp_path / "flair.nii.gz", tmp_path / "mask.nii.gz", tmp_path / "both",
+                           ventricle_model=False, brain_model=tmp_path / "b.pt", brain_gate=False)
 
 def test_readme_names_every_field_of_exports_report(tmp_path):
     """Every field of export's report is named in README, in its section or in the table row of CASE_report.json
