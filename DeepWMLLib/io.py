@@ -408,7 +408,12 @@ def text_path(path: str | os.PathLike) -> str:
 
 
 def _dicom_series(folder: Path) -> tuple:
-    """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr."""
+    """DICOM series IDs in a folder, without ITK's 'No Series were found' warning on stderr (GDCM's scan of its files'
+    headers: once within `dicom_headers_read_once` while the folder is unchanged)."""
+    return _once_per_run("gdcm", folder, False, lambda: _gdcm_series_ids(folder))
+
+
+def _gdcm_series_ids(folder: Path) -> tuple:
     import SimpleITK as sitk
 
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -2192,10 +2197,11 @@ _header_cache_lock = threading.Lock()
 @contextlib.contextmanager
 def dicom_headers_read_once():
     """Within it (one run: a command, a library call that reads several cases), a DICOM folder's headers are read
-    once (`_read_series`), however many times its series are asked for: --series checked up front and then chosen
-    for its case, a FLAIR folder a DICOM SEG of each rater is placed by. Read again where the folder changed since
-    (`_folder_state`: its files' names, sizes, times and inodes); forgotten when the outermost one ends. Also a
-    decorator. Outside one, every call reads the headers, as before."""
+    once (`_read_series`; GDCM's scan for its series, `_dicom_series`, once too), however many times its series are
+    asked for: --series checked up front and then chosen for its case, a FLAIR folder a DICOM SEG of each rater is
+    placed by. Read again where the folder changed since (`_folder_state`: its files' names, sizes, times and
+    inodes); forgotten when the outermost one ends. Also a decorator. Outside one, every call reads the headers, as
+    before."""
     global _header_cache, _header_cache_users
     with _header_cache_lock:
         if _header_cache_users == 0:
@@ -2235,22 +2241,28 @@ def _folder_state(root: Path, recursive: bool) -> tuple | None:
     return tuple(folders), tuple(errors)
 
 
-def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
-    """`_scan_series`, read once within `dicom_headers_read_once` while the folder is unchanged (a copy of the answer
-    given each time: the callers' own to change)."""
-    text_path(root)
+def _once_per_run(kind: str, root, recursive: bool, read: Callable[[], object]):
+    """`read()`'s answer of the files of `root` (and, `recursive`, of the folders below it): once within
+    `dicom_headers_read_once` while they are unchanged (`_folder_state`), a copy given each time (the callers' own to
+    change); each call's own outside one. An error raised is not kept (read again next time)."""
     cache = _header_cache
     if cache is None:
-        return _scan_series(root, recursive)
-    key = (str(root), None if os.path.isabs(root) else os.getcwd(), recursive)  # the files' paths are joined to it
+        return read()
+    key = (kind, str(root), None if os.path.isabs(root) else os.getcwd(), recursive)  # the files' paths are joined to it
     state = _folder_state(root, recursive)
     known = cache.get(key)
     if state is not None and known is not None and known[0] == state:
         return copy.deepcopy(known[1])
-    found = _scan_series(root, recursive)
+    found = read()
     if state is not None:  # the state before the reading: a file changed while it was read is read again next time
         cache[key] = (state, copy.deepcopy(found))
     return found
+
+
+def _read_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:
+    """`_scan_series`, once within `dicom_headers_read_once` while the folder is unchanged (`_once_per_run`)."""
+    text_path(root)
+    return _once_per_run("series", root, recursive, lambda: _scan_series(root, recursive))
 
 
 def _scan_series(root: Path, recursive: bool) -> tuple[dict, list[str]]:

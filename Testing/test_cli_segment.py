@@ -1554,20 +1554,25 @@ def test_a_series_choice_no_dicom_folder_holds_is_refused_at_once(tmp_path, tiny
 def test_a_series_folder_run_with_series_reads_each_dicom_header_once(tmp_path, tiny_model, header_reads,
                                                                       monkeypatch):
     """segment --series on one DICOM folder: the up-front check (refuse_series_named_nowhere) read every file's header,
-    and the case read them all again choosing its series; now once (io.dicom_headers_read_once), the outputs the same
-    as with every reading made (io's cache kept from remembering: twice each, as before)."""
+    and the case read them all again choosing its series (and GDCM scanned the folder twice, io.is_dicom_folder's:
+    the input expanded, then the case read); now once each (io.dicom_headers_read_once), the outputs the same as with
+    every reading made (io's cache kept from remembering: twice each, as before)."""
     image, _ = make_volume(size=(28, 24, 5), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
     study = write_dicom_series(tmp_path / "study", image, uid="1.2.3.71", description="AX T2 FLAIR", inversion_ms=2500,
                                repetition_ms=9000, number=2, prefix="f")
     write_dicom_series(study, image, uid="1.2.3.72", description="AX T1 SE", number=1, prefix="t")
     args = ["--model", str(tiny_model), "--device", "cpu", "--no-brain-mask", "--series", "FLAIR"]
+    scans = []
+    scan = io._gdcm_series_ids
+    monkeypatch.setattr(io, "_gdcm_series_ids", lambda folder: scans.append(folder) or scan(folder))
     assert main(["segment", str(study), "-o", str(tmp_path / "once"), *args]) == 0
-    assert in_folder(header_reads, study) == {1: 10}
+    assert in_folder(header_reads, study) == {1: 10} and scans == [study]
     header_reads.clear()
+    scans.clear()
     with monkeypatch.context() as m:
         m.setattr(io, "_folder_state", lambda root, recursive: None)  # nothing remembered: the old readings
         assert main(["segment", str(study), "-o", str(tmp_path / "each"), *args]) == 0
-    assert in_folder(header_reads, study) == {2: 10}
+    assert in_folder(header_reads, study) == {2: 10} and scans == [study, study]
     reports = [json.loads((tmp_path / out / "study_report.json").read_text(encoding="utf-8")) for out in ("once", "each")]
     assert reports[0]["dicom_series"] == reports[1]["dicom_series"] and reports[0]["dicom_series"]["uid"] == "1.2.3.71"
     assert reports[0]["volume_ml"] == reports[1]["volume_ml"] and reports[0]["slices"] == reports[1]["slices"]

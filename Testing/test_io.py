@@ -191,10 +191,15 @@ def test_dicom_series_folder(tmp_path):
 
 
 
-def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_changed(tmp_path, header_reads):
+def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_changed(tmp_path, header_reads,
+                                                                                   monkeypatch):
     """Within io.dicom_headers_read_once (a run), a folder's series asked for again (--series checked, then chosen; a
-    FLAIR folder each DICOM SEG is placed by) are not read from its headers again; a folder changed since is: a file
-    added, one rewritten in place, one removed, a folder below added (a catalogue). Outside one, each call reads."""
+    FLAIR folder each DICOM SEG is placed by) are not read from its headers again, nor scanned by GDCM again
+    (is_dicom_folder); a folder changed since is: a file added, one rewritten in place, one removed, a folder below
+    added (a catalogue). Outside one, each call reads."""
+    scans = []
+    scan = io._gdcm_series_ids
+    monkeypatch.setattr(io, "_gdcm_series_ids", lambda folder: scans.append(folder) or scan(folder))
     image, _ = make_volume(size=(20, 16, 4), spacing=(0.8, 0.8, 5.0), dtype=sitk.sitkInt16)
     folder = write_dicom_series(tmp_path / "s", image, uid="1.2.3.61", description="AX FLAIR", inversion_ms=2500,
                                 number=3)
@@ -206,12 +211,14 @@ def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_chang
         assert io.series_named(first, "FLAIR") and io.choose_dicom_series(folder, "FLAIR")[0] == first[0] == uncached[0]
         with io.dicom_headers_read_once():  # nested (segment_cases inside the CLI's run): the same reading
             assert io.dicom_series(folder) == first
+            assert io.is_dicom_folder(folder) and io.is_dicom_folder(folder) and scans == [folder]
         assert in_folder(header_reads, folder) == {1: 4}
         first.clear()  # each caller's own list
         assert io.dicom_series(folder) == uncached
         write_dicom_series(folder, image, uid="1.2.3.62", description="T1 SE", number=4, prefix="t1")  # added
         assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIR", "T1 SE"]
         assert in_folder(header_reads, folder) == {2: 4, 1: 4}
+        assert io.is_dicom_folder(folder) and scans == [folder, folder]
         before = (folder / "t1000.dcm").stat()
         write_dicom_series(folder, image, uid="1.2.3.62", description="T1 XE", number=4, prefix="t1")  # same sizes
         assert (folder / "t1000.dcm").stat().st_size == before.st_size
