@@ -2192,6 +2192,9 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
 _header_cache: dict | None = None
 _header_cache_users = 0
 _header_cache_lock = threading.Lock()
+# the folders kept, the least recently asked for forgotten first: a folder is asked for again within its case (or by
+# the check before the cases), so a run of thousands of cases (train's preparation) keeps no more than these
+_HEADER_CACHE_FOLDERS = 32
 
 
 @contextlib.contextmanager
@@ -2250,12 +2253,18 @@ def _once_per_run(kind: str, root, recursive: bool, read: Callable[[], object]):
         return read()
     key = (kind, str(root), None if os.path.isabs(root) else os.getcwd(), recursive)  # the files' paths are joined to it
     state = _folder_state(root, recursive)
-    known = cache.get(key)
+    with _header_cache_lock:
+        known = cache.pop(key, None)
+        if known is not None:
+            cache[key] = known  # the most recently asked for
     if state is not None and known is not None and known[0] == state:
         return copy.deepcopy(known[1])
     found = read()
     if state is not None:  # the state before the reading: a file changed while it was read is read again next time
-        cache[key] = (state, copy.deepcopy(found))
+        with _header_cache_lock:
+            cache[key] = (state, copy.deepcopy(found))
+            while len(cache) > _HEADER_CACHE_FOLDERS:
+                del cache[next(iter(cache))]
     return found
 
 

@@ -236,6 +236,13 @@ def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_chang
     header_reads.clear()
     assert io._header_cache is None and io.dicom_series(folder) == io.dicom_series(folder) == uncached
     assert in_folder(header_reads, folder) == {2: 4}
+    monkeypatch.setattr(io, "_HEADER_CACHE_FOLDERS", 2)  # the least recently asked for forgotten past these
+    others = [write_dicom_series(tmp_path / f"o{k}", image, uid=f"1.2.3.7{k}") for k in range(2)]
+    header_reads.clear()
+    with io.dicom_headers_read_once():
+        for path in (folder, *others, others[1], folder):
+            io.dicom_series(path)
+    assert in_folder(header_reads, folder) == {2: 4} and in_folder(header_reads, others[1]) == {1: 4}
 
 def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_slices_real_values(tmp_path):
     """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
