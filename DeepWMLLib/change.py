@@ -1276,7 +1276,10 @@ def done_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[st
     from its arguments, with baseline_series and followup_series."""
     from .segment import ADDED
 
+    from .segment import refuse_stopped
+
     report_path = out / f"{case}_change.json"
+    refuse_stopped(report_path, args.overwrite)  # a run killed part way: never a pair done, even beside its old report
     if args.overwrite or not report_path.is_file() or not _earlier_outputs(out, case, _given(entry)):
         return None
     done = check_done_pair(out, case, entry, report_path, args, loaded)
@@ -1607,6 +1610,9 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     if written_over:
         raise DeepWMLError(f"{', '.join(written_over)} in {out} would be written over, and is one of the files given; "
                            "choose another OUTDIR")
+    from .segment import refuse_stopped
+
+    refuse_stopped(paths["report"], args.overwrite)  # a run killed part way (its journal lists its files)
     earlier = _earlier_outputs(out, case, inputs)  # in any image format, optional ones included; not a file given
     earlier_outline = outline_path(out, case) if outline_path(out, case).exists() else None
     if (earlier or earlier_outline) and not args.overwrite:
@@ -1671,12 +1677,14 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     targets = {**paths, "dicom_outline": outline_path(out, case)} if outline else paths
     # stopped part way (Ctrl-C, a full disk): the pair's outputs go, so that the same command redoes it
     with whole_or_none(targets):
-        if args.overwrite:  # nothing of an earlier run stays beside this one's, even if writing fails part way:
-            # segment's rule, by its code (only what the earlier report lists; never a file given, nor a link's target)
-            from .segment import remove_earlier_outputs
+        # the journal listing what this run writes and removes (killed outright, its files are listed: refused, then
+        # removed by --overwrite); with --overwrite nothing of an earlier run stays beside this one's, even if writing
+        # fails part way: segment's rule, by its code (only what the earlier report or a stopped run's journal lists;
+        # never a file given, nor a link's target)
+        from .segment import finish_report, start_outputs
 
-            remove_earlier_outputs(out, case, targets, frozenset(Path(i).resolve() for i in inputs if i),
-                                   _possible_outputs(out, case))
+        start_outputs(out, case, targets, args.overwrite, frozenset(Path(i).resolve() for i in inputs if i),
+                      _possible_outputs(out, case))
         # its header says what it is: read as a mask, the follow-up's lesions (io.change_map_lesions)
         io.write_image(result.labels, paths["labels"], *stored["follow-up"], notes=io.CHANGE_MAP_NOTES)
         io.write_label_segmentation(result.labels, paths["segmentation"],
@@ -1689,5 +1697,5 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
         if not given[1]:
             io.write_image(mask_followup, paths["followup_mask"], *stored["follow-up"])
         write_qc_and_dicom(report, targets, True, picture, prepared, segmented)
-        io.write_text(json.dumps(report, indent=1), paths["report"])
+        finish_report(paths["report"], json.dumps(report, indent=1))  # the journal's end
     return report

@@ -152,7 +152,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, asks_for_no_model, case_guard, dicom_instances,
                           dicom_series_warnings, load_brain_model, load_ventricle_model, mask_digest, mask_location,
                           names_own_model, picture_title, scan_header_warnings, whole_or_none)
-    from .segment import add_instance_numbers, remove_earlier_outputs, write_qc_and_dicom
+    from .segment import add_instance_numbers, finish_report, refuse_stopped, start_outputs, write_qc_and_dicom
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -190,6 +190,7 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     paths = export_paths(out, case, qc, outline, seg)
     protected = {flair.resolve(), mask.resolve()}
     with case_guard(out, case, paths, protected):
+        refuse_stopped(paths["report"], overwrite)  # a run killed part way (its journal lists its files)
         # refused first: --overwrite, which the refusal below advises, would not do
         if paths["report"].exists() and _segment_run_there(paths["report"]):
             raise DeepWMLError(f"{out} holds the outputs deepwml segment wrote for case {case!r} "
@@ -260,14 +261,15 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
 
             segmented = segmentation(image, binary, chosen[0], report, algorithm_type, creator)
         with whole_or_none(paths):
-            if overwrite:  # the report first (stopped part way, no report describes other files), then an earlier
-                # export's outputs this one does not write (it had --qc, this has not), under segment's rule
-                remove_earlier_outputs(out, case, paths, protected, list(export_paths(out, case, True, True, True).values()))
+            # the journal listing what this run writes and removes (killed outright, its files are listed), then with
+            # --overwrite the report (stopped part way, no report describes other files), then an earlier export's
+            # outputs this one does not write (it had --qc, this has not), under segment's rule
+            start_outputs(out, case, paths, overwrite, protected, list(export_paths(out, case, True, True, True).values()))
             write_qc_and_dicom(report, paths, overwrite, picture if qc else None, prepared if outline else None,
                                segmented if seg else None)
             report["outputs"] = sorted(p.name for p in paths.values())
             report["seconds"] = round(time.perf_counter() - start, 3)
-            io.write_text(json.dumps(report, indent=1), paths["report"])
+            finish_report(paths["report"], json.dumps(report, indent=1))  # the journal's end
     for text in said:
         warnings.warn(text, stacklevel=2)
     return report

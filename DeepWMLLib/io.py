@@ -4519,11 +4519,17 @@ def _temporary_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+# the end of the name of a case's journal (segment.journal_path): hidden like a temporary file, never swept as one
+JOURNAL_SUFFIX = ".deepwml-journal"
+
+
 def temporary_leftovers(folder: Path) -> list[Path]:
     """The folder's temporary files (`.NAME.xxxx.part...`, `_temporary_sibling`'s): a run killed while writing leaves
-    them; the run that next writes there removes them, with its lock held."""
+    them; the run that next writes there removes them, with its lock held. Not a case's journal (JOURNAL_SUFFIX),
+    which lists that run's files until --overwrite removes them."""
     try:
-        return [p for p in folder.iterdir() if p.name.startswith(".") and ".part" in p.name]
+        return [p for p in folder.iterdir() if p.name.startswith(".") and ".part" in p.name
+                and not p.name.endswith(JOURNAL_SUFFIX)]
     except OSError:
         return []
 

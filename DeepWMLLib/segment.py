@@ -1043,12 +1043,16 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
     """Names of the image outputs DeepWML wrote into `folder` for the cases whose report is there (the
     files its `outputs` lists; for a report of an older version without that list, a case's mask,
     probability map, .seg.nrrd... in any output format): a rerun with OUTDIR the input folder must not take
-    them for new scans."""
+    them for new scans. Those the journal of a run stopped part way lists too (start_outputs: killed outright, no
+    report lists them)."""
     names = set()
     for report in folder.glob("*_report.json"):
         case = report.name[:-len("_report.json")]
         listed = _listed_outputs(report)
         names.update(listed if listed is not None else (p.name for p in _possible_outputs(folder, case)))
+    for journal in folder.glob(f".*{JOURNAL_SUFFIX}"):
+        listed = _listed_outputs(journal)
+        names.update(listed or ())
     return names
 
 
@@ -1087,10 +1091,18 @@ def _only_outputs(folder: Path) -> str | None:
     written = _outputs_of_earlier_runs(folder)
     if not written:
         return None
-    cases = sorted(report.name[:-len("_report.json")] for report in folder.glob("*_report.json"))
+    cases = {report.name[:-len("_report.json")] for report in folder.glob("*_report.json")}
+    stopped = set()  # those of a run stopped part way, which only its journal lists
+    for journal in folder.glob(f".*{JOURNAL_SUFFIX}"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            named = json.loads(journal.read_text(encoding="utf-8")).get("case")
+            if isinstance(named, str) and named not in cases:
+                stopped.add(named)
+    cases = sorted(cases | stopped)
     shown = ", ".join(cases[:3]) + (", ..." if len(cases) > 3 else "")
-    return (f"{folder} holds only the outputs of an earlier DeepWML run ({len(cases)} case(s): {shown}), no scan; "
-            "give the folder of the FLAIRs (each report's `input` names its scan)")
+    return (f"{folder} holds only the outputs of an earlier DeepWML run ({len(cases)} case(s): {shown}"
+            f"{f'; {len(stopped)} of a run stopped part way' if stopped else ''}), no scan; give the folder of the "
+            "FLAIRs (each report's `input` names its scan)")
 
 
 def _listed_outputs(report: Path) -> list[str] | None:
@@ -1110,29 +1122,38 @@ def _possible_outputs(out_dir: Path, case: str) -> list[Path]:
     return sorted(paths, key=lambda p: p.name == f"{case}_report.json")
 
 
+def _stale_outputs(out_dir: Path, case: str, paths: dict, protected=frozenset(), possible=None) -> list[Path]:
+    """The outputs of an earlier run that remove_earlier_outputs removes (its rule), those there now."""
+    listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
+    if listed is not None:  # and its outline series, which a report of deepwml change names there alone, and what
+        # the journal of a run stopped part way lists (killed outright: its outputs are listed nowhere else)
+        listed = [*listed, *_outline_named(paths["report"]), *(journal_outputs(paths["report"]) or [])]
+    kept = {p.name for p in paths.values()}
+    return [stale for stale in (possible if possible is not None else _possible_outputs(out_dir, case))
+            if os.path.lexists(stale) and stale.name not in kept and (listed is None or stale.name in listed)
+            and not _holds_an_input(stale, protected)]
+
+
 def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=frozenset(), possible=None) -> None:
     """--overwrite, before a case's new outputs (`paths`, output_paths') are written: the case's earlier report goes
     first (a run stopped part way leaves outputs without a report, which the next run refuses: never old and new
     mixed), then the outputs of the earlier run that this one will not write (other options, another
     --output-format), which would not match the new result and could be taken for it. Only files DeepWML wrote:
-    those the earlier report lists as its `outputs`; a report without that list (a version before it) or one that
-    cannot be read, every name a run writes for the case; without a report (a run killed outright, or none ever),
-    none: the files there may be the user's. Never a scan given to the run (`protected`: resolved paths) nor a
-    folder holding one; of an outline series folder only its own images (dicom_outline.remove_outline_series); of a
-    symbolic link the link alone, never what it leads to. Only names of `possible`, in OUTDIR: a listed name that
-    is a path (`../x`, absolute) or another case's is never reached. `possible`: the outputs the
-    command could have written (default: every one a segment run writes, in every output format); `deepwml
-    export` and `deepwml change` pass their own. One rule for deepwml segment, export, change and the Slicer batch."""
+    those the earlier report lists as its `outputs`, and those the journal of a run stopped part way lists
+    (start_outputs: a run killed outright, whose files no report lists); a report without that list (a version
+    before it) or one that cannot be read, every name a run writes for the case; with neither a report nor a
+    journal (none ever, or a version before journals), none: the files there may be the user's. Never a scan given
+    to the run (`protected`: resolved paths) nor a folder holding one; of an outline series folder only its own
+    images (dicom_outline.remove_outline_series); of a symbolic link the link alone, never what it leads to. Only
+    names of `possible`, in OUTDIR: a listed name that is a path (`../x`, absolute) or another case's is never
+    reached. `possible`: the outputs the command could have written (default: every one a segment run writes, in
+    every output format); `deepwml export` and `deepwml change` pass their own. One rule for deepwml segment,
+    export, change and the Slicer batch."""
     from .dicom_outline import remove_outline_series
 
-    listed = _listed_outputs(paths["report"]) if paths["report"].exists() else []
-    if listed is not None:  # and its outline series, which a report of deepwml change names there alone
-        listed = [*listed, *_outline_named(paths["report"])]
+    stale_outputs = _stale_outputs(out_dir, case, paths, protected, possible)
     paths["report"].unlink(missing_ok=True)
-    kept = {p.name for p in paths.values()}
-    for stale in (possible if possible is not None else _possible_outputs(out_dir, case)):
-        if stale.name in kept or (listed is not None and stale.name not in listed) or _holds_an_input(stale, protected):
-            continue
+    for stale in stale_outputs:
         if stale.is_symlink():  # the link alone, never what it leads to (a file or a folder elsewhere)
             stale.unlink()
         elif stale.is_dir() and stale.name.endswith("_outline_dicom"):  # an outline series: its own images alone
@@ -1149,6 +1170,139 @@ def _outline_named(report: Path) -> list[str]:
         return []
     folder = outline.get("folder") if isinstance(outline, dict) else None
     return [folder] if isinstance(folder, str) else []
+
+
+# A case's journal (start_outputs): written before the first output of a run, it lists every file the run may
+# write or remove; the finished report replaces it. Hidden, beside the report, never taken for a temporary file.
+JOURNAL_SUFFIX = io.JOURNAL_SUFFIX
+
+
+def journal_path(report: Path) -> Path:
+    """The journal of the run writing the case whose report is `report` (CASE_report.json, CASE_change.json):
+    `.CASE_report.deepwml-journal` beside it (a long name cut, a digest of the whole added)."""
+    import hashlib
+
+    stem = report.name[:-len(".json")] if report.name.endswith(".json") else report.name
+    if len(os.fsencode(stem)) > 180:  # room for the dot, the suffix and the digest within 255 bytes
+        stem = f"{io.shortened(stem, 160)}~{hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]}"
+    return report.parent / f".{stem}{JOURNAL_SUFFIX}"
+
+
+def _read_journal(report: Path) -> dict | None:
+    """The journal of `report`'s case (journal_path), or None: none, or not one of this case's (unreadable: {} so
+    that it is not taken for none)."""
+    journal = journal_path(report)
+    if not os.path.lexists(journal):
+        return None
+    try:
+        kept = json.loads(journal.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(kept, dict):
+        return {}
+    return kept if kept.get("report") in (None, report.name) else None
+
+
+def _finished(report: Path, journal: dict) -> bool:
+    """Whether the journal's run finished: the report there is the one it wrote as it ended (finish_report)."""
+    import hashlib
+
+    digest = journal.get("report_sha256")
+    try:
+        return isinstance(digest, str) and hashlib.sha256(report.read_bytes()).hexdigest() == digest
+    except OSError:
+        return False
+
+
+def journal_outputs(report: Path) -> list[str] | None:
+    """The names a run stopped part way (killed outright: kill -9, a power cut) listed in its journal as the files it
+    was writing or removing, or None: no journal, or its run finished (its report written; the journal left by a kill
+    just after is removed here). A journal that cannot be read (edited by hand): [], the case still taken as stopped
+    (stopped_outputs), its names unknown."""
+    journal = _read_journal(report)
+    if journal is None:
+        return None
+    if journal and _finished(report, journal):
+        with contextlib.suppress(OSError):
+            journal_path(report).unlink()
+        return None
+    listed = journal.get("outputs")
+    return [name for name in listed if isinstance(name, str) and "/" not in name and "\\" not in name
+            and name not in ("", ".", "..")] if isinstance(listed, list) else []
+
+
+def stopped_outputs(report: Path) -> list[str] | None:
+    """The files a run of the case stopped part way left (journal_outputs: those of its list there now), or None when
+    there is none: no journal, its run finished, or nothing it listed is there (the journal, stale, is removed). Called
+    with the case's lock held."""
+    listed = journal_outputs(report)
+    if listed is None:
+        return None
+    there = [name for name in listed if os.path.lexists(report.parent / name)]
+    if not there and _read_journal(report) != {}:  # killed before it wrote anything: nothing to say
+        with contextlib.suppress(OSError):
+            journal_path(report).unlink()
+        return None
+    return there
+
+
+def stopped_message(report: Path, there: list[str], what: str = "case") -> str:
+    """The refusal of a case (or pair) whose earlier run was stopped part way, without --overwrite."""
+    shown = ", ".join(there[:6]) + (", ..." if len(there) > 6 else "")
+    return (f"an earlier run left an incomplete set of outputs ({shown or 'its journal cannot be read'}; no finished "
+            f"{report.name}): it was stopped part way (killed, or the computer stopped) while writing them, as its "
+            f"journal {journal_path(report).name} says; rerun with --overwrite to redo the case (the files that run "
+            "listed are removed first)").replace("redo the case", f"redo the {what}")
+
+
+def refuse_stopped(report: Path, overwrite: bool) -> None:
+    """Without --overwrite, a case (or pair) whose earlier run was stopped part way is refused (stopped_message): its
+    files are not a finished result, nor the user's."""
+    if not overwrite:
+        there = stopped_outputs(report)
+        if there is not None:
+            raise DeepWMLError(stopped_message(report, there))
+
+
+def start_outputs(out_dir: Path, case: str, paths: dict, overwrite: bool, protected=frozenset(), possible=None) -> None:
+    """Before the first output of a case is written (`paths`, the report among them; the case's lock held): its
+    journal (journal_path) lists every file this run may leave, those it writes and, with --overwrite, those of an
+    earlier run it removes (remove_earlier_outputs, called here after it); written atomically, on disk first. A run
+    killed outright then leaves no file that is listed nowhere: the next run refuses them as a run stopped part way
+    (refuse_stopped), --overwrite removes exactly them, and no report says the case is done until finish_report."""
+    names = {p.name for p in paths.values()}
+    if overwrite:
+        names |= {p.name for p in _stale_outputs(out_dir, case, paths, protected, possible)}
+    names |= set(journal_outputs(paths["report"]) or [])  # an earlier stopped run's names it does not remove
+    journal = {"journal": "DeepWML writes these outputs; a finished report replaces this file", "report":
+               paths["report"].name, "case": case, "outputs": sorted(names), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    io.write_text(json.dumps(journal, indent=1), journal_path(paths["report"]))
+    if overwrite:
+        remove_earlier_outputs(out_dir, case, paths, protected, possible)
+
+
+def finish_report(report: Path, text: str) -> None:
+    """Write a case's finished report (`text`) and end its journal: the journal first records the report's digest, so
+    that a run killed between the report and the journal's removal is known to have finished (journal_outputs)."""
+    import hashlib
+
+    data = text.encode("utf-8", "backslashreplace")
+    journal = _read_journal(report)
+    if journal:
+        journal["report_sha256"] = hashlib.sha256(data).hexdigest()
+        io.write_text(json.dumps(journal, indent=1), journal_path(report))
+    io.write_bytes(data, report)
+    with contextlib.suppress(FileNotFoundError):
+        journal_path(report).unlink()
+
+
+def end_journal(report: Path) -> None:
+    """After a run stopped part way removed the outputs it wrote (whole_or_none): its journal goes too, unless a file
+    it lists could not be removed (it stays listed)."""
+    listed = journal_outputs(report)
+    if listed is not None and not any(os.path.lexists(report.parent / name) for name in listed):
+        with contextlib.suppress(OSError):
+            journal_path(report).unlink()
 
 
 def _holds_an_input(path: Path, protected) -> bool:
@@ -1418,7 +1572,8 @@ def whole_or_none(paths: dict):
     """While a case's outputs are written (`paths`, the report last): when the writing stops part way (Ctrl-C,
     SIGTERM, a full disk), the outputs of the case written so far are removed, and with --overwrite the earlier
     run's left, so that the case has none rather than a set without its report, which the next run refuses
-    until --overwrite redoes every case. Only a run killed outright (kill -9, a power cut) leaves such a set."""
+    until --overwrite redoes every case; then its journal (start_outputs), unless a file it lists is still there. Only
+    a run killed outright (kill -9, a power cut) leaves such a set, which its journal lists."""
     try:
         yield
     except BaseException:
@@ -1430,6 +1585,8 @@ def whole_or_none(paths: dict):
                     remove_outline_series(path)
                 elif path.exists():
                     path.unlink()
+        if "report" in paths:
+            end_journal(paths["report"])
         raise
 
 
@@ -1443,6 +1600,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     for left in hidden:  # a run killed while writing this case left its temporary files
         if left.name.startswith(prefixes):
             shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+    refuse_stopped(paths["report"], overwrite)  # a run killed part way: its files are no result, said so
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
@@ -1540,8 +1698,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         tell(SEGMENTING_SHARE + 0.045, "making the DICOM SEG")
         segmented = segmentation(image, result.mask, chosen[0], report)
     with whole_or_none(paths):
-        if overwrite:  # the earlier report, then its outputs this run will not write (remove_earlier_outputs)
-            remove_earlier_outputs(out_dir, case, paths, protected)
+        # the journal listing what this run writes and removes, then with --overwrite the earlier report and its
+        # outputs this run will not write (remove_earlier_outputs)
+        start_outputs(out_dir, case, paths, overwrite, protected)
         report["input_absolute"] = str(path.resolve())
         report["input_fingerprint"] = input_fingerprint(path, chosen[0] if chosen else None)
         report["outputs"] = sorted(p.name for p in paths.values())
@@ -1561,7 +1720,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             io.write_image(result.ventricles, paths["ventricles"], time_axis, geometry)
         write_qc_and_dicom(report, paths, overwrite, picture if qc else None, prepared if outline else None,
                            segmented if seg else None)
-        io.write_text(json.dumps(report, indent=1), paths["report"])
+        finish_report(paths["report"], json.dumps(report, indent=1))  # the journal's end
     tell(1.0, "done")
     return summary_row(case, path, report)
 

@@ -26,6 +26,7 @@ when stopped in one left to another run and done at the end) and that the same c
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 import traceback
@@ -212,9 +213,11 @@ def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -
 
 
 def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None) -> dict:
-    from DeepWMLLib.evaluation import write_json
+    from DeepWMLLib.evaluation import json_ready
     from DeepWMLLib.segment import check_earlier_result, input_fingerprint
 
+    # a run killed part way (its journal lists its files): refused without --overwrite, never skipped as done
+    segment.refuse_stopped(paths["report"], args.overwrite)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
@@ -299,16 +302,18 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                 segmented = segmentation(flair, mask, series, report)
             flair = None
         with segment.whole_or_none(paths):  # stopped part way: the case's outputs go, its earlier report first
-            if args.overwrite:  # (never an old report beside new files), then the earlier run's outputs this one
-                # will not write (a picture, a SEG, an outline series, a probability map, a mask in another format),
-                # before anything new: deepwml segment's rule, by its code (only what the earlier report lists)
-                segment.remove_earlier_outputs(args.output_dir, case, paths, args.protected)
+            # first the journal listing what this run writes and removes (killed outright, its files are listed:
+            # refused, then removed by --overwrite); with --overwrite the earlier report (never an old report
+            # beside new files), then the earlier run's outputs this one will not write (a picture, a SEG, an
+            # outline series, a probability map, a mask in another format), before anything new: deepwml
+            # segment's rule, by its code (only what the earlier report, or a stopped run's journal, lists)
+            segment.start_outputs(args.output_dir, case, paths, args.overwrite, args.protected)
             io.write_atomically(paths["segmentation"], lambda tmp: mrml.writeSegmentationFile(segmentationNode, tmp))
             io.write_image(mask, paths["mask"], timeAxis,
                            io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
             segment.write_qc_and_dicom(report, paths, args.overwrite, picture if args.qc else None,
                                        prepared if outline else None, segmented if seg else None)
-            write_json(report, paths["report"])
+            segment.finish_report(paths["report"], json.dumps(json_ready(report), indent=2) + "\n")  # the journal's end
     finally:
         for node in nodes:
             mrml.removeNode(node)

@@ -1,0 +1,161 @@
+"""A run killed outright (kill -9, a power cut) while it writes a case's outputs: its case's journal lists them, so
+that a rerun refuses them as a run stopped part way (never counted as done nor as the user's files), --overwrite
+removes exactly them, and a rerun adding outputs makes them rather than taking a killed run's for its own. The kill
+is played in the process: whole_or_none's clean-up made a no-op (nothing runs after a kill) and the write of the
+report raising."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+
+import numpy as np
+import SimpleITK as sitk
+
+from DeepWMLLib import io, segment
+from DeepWMLLib.cli import main
+
+from conftest import make_volume
+
+
+class Killed(Exception):
+    """Stands for the kill: raised where the process died."""
+
+
+def killed_at(monkeypatch, name: str) -> None:
+    """From now on, the process 'dies' as it is about to write the file `name`: nothing after that runs."""
+    real = io.write_atomically
+
+    def write(path, how):
+        if os.path.basename(str(path)) == name:
+            raise Killed(f"killed while writing {name}")
+        return real(path, how)
+
+    monkeypatch.setattr(io, "write_atomically", write)
+    monkeypatch.setattr(segment, "whole_or_none", lambda paths: contextlib.nullcontext())
+
+
+def revived(monkeypatch) -> None:
+    monkeypatch.undo()
+
+
+def write_scan(folder, name="a"):
+    folder.mkdir(parents=True, exist_ok=True)
+    image, _ = make_volume(size=(32, 32, 4))
+    path = folder / f"{name}.nii.gz"
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkUInt16), str(path))
+    return path
+
+
+def run_segment(tiny_model, *arguments):
+    return main(["segment", *map(str, arguments), "--model", str(tiny_model), "--device", "cpu"])
+
+
+def status(out, case="a"):
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}[case]
+
+
+def names(out):
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "summary.csv")
+
+
+def test_segment_killed_before_its_report_is_refused_then_overwrite_removes_exactly_its_files(tmp_path, tiny_model,
+                                                                                              monkeypatch):
+    """Killed with --qc --save-probabilities after its images, before its report: the rerun said 'incomplete set'
+    but --overwrite without those options kept the killed run's picture and probability map (listed nowhere), and a
+    later --qc --save-probabilities run skipped the case, counting them as made. Now they are listed in the case's
+    journal: refused as a run stopped part way, removed by --overwrite, and made by the run that asks for them."""
+    scan, out = write_scan(tmp_path / "scans"), tmp_path / "out"
+    (tmp_path / "out").mkdir()
+    (out / "a_notes.png").write_bytes(b"mine")  # a file of the user's beside them: never touched
+    killed_at(monkeypatch, "a_report.json")
+    assert run_segment(tiny_model, scan, "-o", out, "--qc", "--save-probabilities") == 1
+    revived(monkeypatch)
+    assert names(out) == ["a.seg.nrrd", "a_notes.png", "a_prob.nii.gz", "a_qc.png", "a_wmh.nii.gz"]
+    for options in ([], ["--output-format", "nrrd"], ["--qc", "--save-probabilities"]):
+        assert run_segment(tiny_model, scan, "-o", out, *options) == 1
+        said = status(out)["error"]
+        assert status(out)["status"] == "error" and "--overwrite" in said, said
+    assert run_segment(tiny_model, scan, "-o", out, "--overwrite") == 0
+    assert names(out) == ["a.seg.nrrd", "a_notes.png", "a_report.json", "a_wmh.nii.gz"]
+    assert "stopped part way" in said and "a_qc.png" in said and "a_prob.nii.gz" in said, said
+    assert not [p.name for p in out.iterdir() if p.name.endswith(io.JOURNAL_SUFFIX)]
+    assert run_segment(tiny_model, scan, "-o", out, "--qc", "--save-probabilities") == 0
+    assert status(out)["status"] == segment.ADDED  # made now, not the killed run's taken for them
+    assert (out / "a_notes.png").read_bytes() == b"mine"
+
+
+def test_a_killed_runs_outputs_in_another_format_are_no_scans_nor_left_by_overwrite(tmp_path, tiny_model, monkeypatch):
+    """Killed writing an NRRD case into the scans' folder: OUTDIR given back as INPUT took its a_wmh.nrrd for a
+    scan, and --overwrite in the default format kept it beside the new a_wmh.nii.gz."""
+    folder = tmp_path / "scans"
+    scan = write_scan(folder)
+    killed_at(monkeypatch, "a_report.json")
+    assert run_segment(tiny_model, scan, "-o", folder, "--output-format", "nrrd") == 1
+    revived(monkeypatch)
+    assert (folder / "a_wmh.nrrd").exists()
+    assert segment._image_files(folder) == [("a", scan, None)]
+    assert run_segment(tiny_model, scan, "-o", folder, "--overwrite") == 0
+    assert not (folder / "a_wmh.nrrd").exists()
+    assert json.loads((folder / "a_report.json").read_text())["outputs"] == ["a.seg.nrrd", "a_report.json",
+                                                                             "a_wmh.nii.gz"]
+    assert scan.exists()
+
+
+def test_a_run_killed_after_its_report_is_done_and_one_killed_while_overwriting_is_not(tmp_path, tiny_model,
+                                                                                        monkeypatch):
+    """The journal that a run killed just after writing its report leaves is known by the report's digest: the case is
+    done (skipped, the journal gone). A journal beside a report it did not write (an --overwrite killed before it
+    removed the earlier report) is a run stopped part way: never a case done."""
+    scan, out = write_scan(tmp_path / "scans"), tmp_path / "out"
+    real = io.write_atomically
+    kept = {}
+
+    def watched(path, how):
+        if os.path.basename(str(path)) == "a_report.json":
+            kept["journal"] = segment.journal_path(path).read_bytes()
+        return real(path, how)
+
+    monkeypatch.setattr(io, "write_atomically", watched)
+    assert run_segment(tiny_model, scan, "-o", out) == 0
+    revived(monkeypatch)
+    journal = segment.journal_path(out / "a_report.json")
+    journal.write_bytes(kept["journal"])  # killed between the report and the journal's removal
+    assert run_segment(tiny_model, scan, "-o", out) == 0
+    assert status(out)["status"] == "skipped" and not journal.exists()
+
+    killed_at(monkeypatch, "a_wmh.nii.gz")
+    monkeypatch.setattr(segment, "remove_earlier_outputs", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    assert run_segment(tiny_model, scan, "-o", out, "--overwrite", "--qc") == 1
+    revived(monkeypatch)
+    assert (out / "a_report.json").exists() and journal.exists()
+    assert run_segment(tiny_model, scan, "-o", out) == 1
+    assert "stopped part way" in status(out)["error"]
+    assert run_segment(tiny_model, scan, "-o", out, "--overwrite") == 0 and not journal.exists()
+
+
+def test_export_killed_before_its_report_leaves_nothing_overwrite_keeps(tmp_path, monkeypatch, capsys):
+    """deepwml export killed with --qc before its report: --overwrite without --qc kept the picture (listed nowhere)."""
+    folder = tmp_path / "in"
+    scan = write_scan(folder)
+    mask = sitk.Cast(sitk.ReadImage(str(scan)) > 10**9, sitk.sitkUInt8)
+    array = sitk.GetArrayFromImage(mask)
+    array[2, 14:18, 14:18] = 1
+    marked = sitk.GetImageFromArray(array)
+    marked.CopyInformation(mask)
+    sitk.WriteImage(marked, str(tmp_path / "mask.nii.gz"))
+    out = tmp_path / "out"
+    export = ["export", str(scan), str(tmp_path / "mask.nii.gz"), "-o", str(out), "--no-location"]
+    killed_at(monkeypatch, "a_report.json")
+    assert main(export + ["--qc"]) != 0
+    revived(monkeypatch)
+    assert names(out) == ["a_qc.png"]
+    assert main(export) == 1  # refused: a run stopped part way
+    assert "stopped part way" in capsys.readouterr().err
+    assert main(export + ["--overwrite"]) == 0
+    assert names(out) == ["a_report.json"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(io.JOURNAL_SUFFIX)]
+    assert np.count_nonzero(array) == json.loads((out / "a_report.json").read_text())["lesions"][0]["voxels"]
