@@ -1279,7 +1279,7 @@ def done_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[st
     from .segment import refuse_stopped
 
     report_path = out / f"{case}_change.json"
-    refuse_stopped(report_path, args.overwrite)  # a run killed part way: never a pair done, even beside its old report
+    refuse_stopped(report_path, args.overwrite, "pair")  # a run killed part way: never a pair done, even beside its old report
     if args.overwrite or not report_path.is_file() or not _earlier_outputs(out, case, _given(entry)):
         return None
     done = check_done_pair(out, case, entry, report_path, args, loaded)
@@ -1612,7 +1612,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
                            "choose another OUTDIR")
     from .segment import refuse_stopped
 
-    refuse_stopped(paths["report"], args.overwrite)  # a run killed part way (its journal lists its files)
+    refuse_stopped(paths["report"], args.overwrite, "pair")  # a run killed part way (its journal lists its files)
     earlier = _earlier_outputs(out, case, inputs)  # in any image format, optional ones included; not a file given
     earlier_outline = outline_path(out, case) if outline_path(out, case).exists() else None
     if (earlier or earlier_outline) and not args.overwrite:

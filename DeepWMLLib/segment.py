@@ -1255,13 +1255,13 @@ def stopped_message(report: Path, there: list[str], what: str = "case") -> str:
             "listed are removed first)").replace("redo the case", f"redo the {what}")
 
 
-def refuse_stopped(report: Path, overwrite: bool) -> None:
+def refuse_stopped(report: Path, overwrite: bool, what: str = "case") -> None:
     """Without --overwrite, a case (or pair) whose earlier run was stopped part way is refused (stopped_message): its
     files are not a finished result, nor the user's."""
     if not overwrite:
         there = stopped_outputs(report)
         if there is not None:
-            raise DeepWMLError(stopped_message(report, there))
+            raise DeepWMLError(stopped_message(report, there, what))
 
 
 def start_outputs(out_dir: Path, case: str, paths: dict, overwrite: bool, protected=frozenset(), possible=None) -> None:

@@ -2300,3 +2300,42 @@ def test_overwrite_removes_only_what_the_earlier_report_lists_as_segment_does(pa
     (fresh / "followup_change_qc.png").write_bytes(b"mine")
     assert main(args[:4] + [str(fresh)] + args[5:] + ["--overwrite"]) == 0
     assert (fresh / "followup_change_qc.png").read_bytes() == b"mine"
+
+
+def test_a_pair_killed_before_its_report_is_refused_then_overwrite_removes_its_files(pair, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`deepwml change --qc` killed outright after its outputs, before its report: --overwrite without --qc kept the
+    killed run's picture (no report listed it), and a later --qc run skipped the pair as done, taking that picture
+    for its own. Now the pair's journal lists it: refused as a run stopped part way, removed by --overwrite, and the
+    --qc run adds the picture from the saved label map."""
+    import contextlib
+
+    from DeepWMLLib import segment
+
+    files = pair["files"]
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    real = io.write_atomically
+
+    def killed(path, how):  # the process dies as it is about to write its report: nothing after it runs
+        if os.path.basename(str(path)) == "followup_change.json":
+            raise SystemExit(137)
+        return real(path, how)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(io, "write_atomically", killed)
+        patched.setattr(segment, "whole_or_none", lambda paths: contextlib.nullcontext())
+        with pytest.raises(SystemExit):
+            main(args + ["--qc"])
+    assert (out / "followup_change_qc.png").exists() and not (out / "followup_change.json").exists()
+    capsys.readouterr()
+    assert main(args) == 1
+    said = capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert not (out / "followup_change_qc.png").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "journal" in p.name]
+    capsys.readouterr()
+    assert main(args + ["--qc"]) == 0
+    assert "added followup_change_qc.png" in "".join(capsys.readouterr())
+    assert "stopped part way" in said and "--overwrite" in said and "redo the pair" in said, said
