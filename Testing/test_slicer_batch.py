@@ -1446,3 +1446,40 @@ def test_batch_overwrite_removes_what_the_earlier_report_lists_and_nothing_else(
     report = json.loads((out / "a_report.json").read_text())
     assert report["threshold"] == 0.3 and sorted(report["outputs"]) == ["a.seg.nrrd", "a_report.json", "a_wmh.nii.gz"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("a")) == sorted(report["outputs"])
+
+
+def test_batch_killed_before_a_cases_report_is_refused_then_overwrite_removes_its_files(scene, batchScript, tmp_path,
+                                                                                        monkeypatch):
+    """The batch killed outright with --qc after a case's images, before its report: --overwrite without --qc kept the
+    picture (no report listed it) and a later --qc run skipped the case, counting it as made. Now the case's journal
+    lists it: refused as a run stopped part way, removed by --overwrite, made again by the --qc run."""
+    import contextlib
+
+    from DeepWMLLib import segment
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    writeCase(inputs, "a.nii.gz")
+    arguments = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model_file(tmp_path / "t.pt")),
+                 "--device", "cpu"]
+    real = io.write_atomically
+
+    def killed(path, how):  # the process dies as it is about to write the report: nothing after it runs
+        if Path(path).name == "a_report.json":
+            raise DeepWMLError("killed")
+        return real(path, how)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(io, "write_atomically", killed)
+        patched.setattr(segment, "whole_or_none", lambda paths: contextlib.nullcontext())
+        batchScript.main(arguments + ["--qc"])
+    assert (out / "a_qc.png").exists() and not (out / "a_report.json").exists()
+    assert batchScript.main(arguments) == 1
+    said = summary(out)["a"]["error"]
+    assert batchScript.main(arguments + ["--overwrite"]) == 0
+    assert not (out / "a_qc.png").exists()
+    assert "stopped part way" in said and "a_qc.png" in said, said
+    assert not [p for p in out.iterdir() if p.name.endswith(io.JOURNAL_SUFFIX)]
+    assert batchScript.main(arguments + ["--qc"]) == 0
+    assert summary(out)["a"]["status"] == "added" and (out / "a_qc.png").exists()
