@@ -1986,3 +1986,32 @@ def test_bf16_is_refused_where_a_run_would_refuse_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "is for the CPU" in logic.bf16Refusal("auto") and "is for the CPU" in logic.bf16Refusal("cuda")
     assert logic.bf16Refusal("cpu") == ""
+
+
+def test_a_split_job_keeps_nothing_where_the_volume_changed_or_left_while_its_networks_ran(scene):
+    """finishSplit kept the networks' work by the key taken when the job started, whatever became of the volume
+    meanwhile: a volume whose voxels were changed (an edit, another frame of a sequence) or that was deleted left its
+    ventricles (a byte a voxel) kept under a key nothing matches again, until the next split or the scene's close. The
+    key is taken again when the job finishes: the work is kept only where it is still that of the volume."""
+    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    logic = DeepWMLCoreLogic()
+    arguments = dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu")
+
+    job = logic.startSplit(**arguments)
+    assert job.wait(30)
+    volume.GetImageData().Modified()  # the voxels changed while the networks ran
+    kept = logic.finishSplit(job)
+    assert logic._locationInputs is None and kept is False
+    job = logic.startSplit(**arguments)  # the changed volume's networks: a job again
+    assert job is not None and job.wait(30)
+    scene.RemoveNode(volume)
+    kept = logic.finishSplit(job)
+    assert logic._locationInputs is None and kept is False
+
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    arguments["volumeNode"] = volume
+    job = logic.startSplit(**arguments)
+    assert job.wait(30) and logic.finishSplit(job) is True and logic.startSplit(**arguments) is None  # kept

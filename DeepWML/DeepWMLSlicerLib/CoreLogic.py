@@ -898,9 +898,12 @@ class DeepWMLCoreLogic:
         return SplitJob(volumeNode, mrml.imageFromVolume(volumeNode), ventricle, brain, device, brainMask, precision,
                         key).start()
 
-    def finishSplit(self, job: SplitJob) -> None:
-        """Keep a finished SplitJob's work for the statistics of its volume (lesionStatistics runs no network then).
-        A cancelled job keeps nothing (Cancelled is raised); a failed one raises its error."""
+    def finishSplit(self, job: SplitJob) -> bool:
+        """Keep a finished SplitJob's work for the statistics of its volume (lesionStatistics runs no network then):
+        True. A cancelled job keeps nothing (Cancelled is raised); a failed one raises its error. Nor is the work kept
+        where it is no longer that of the volume (False): its voxels or their place changed while the networks ran (an
+        edit, another frame of a sequence), or the volume left the scene; the key is taken again now, as
+        lesionStatistics takes it."""
         if not job.done:
             raise RuntimeError("finishSplit called before the job finished")
         if job.cancelled:
@@ -913,9 +916,12 @@ class DeepWMLCoreLogic:
             if isinstance(job.error, PrecisionUnavailable):
                 raise DeepWMLError(precisionAdvice(job.error)) from job.error
             raise job.error
-        if job.key is not None:
-            self._locationInputs = (job.key, job.result)
         job._report(1.0, "done")
+        if job.key is None or job.volumeNode.GetScene() is None or job.key != self._locationKey(
+                job.volumeNode, job.ventricle, job.brain, job.device, job.brainMask, job.precision):
+            return False
+        self._locationInputs = (job.key, job.result)
+        return True
 
     def _volumeLocationInputs(self, volumeNode, ventricleModel, device, brainMask, precision, progress=None) -> dict:
         """`segment.location_inputs` of the volume (the ventricle and brain networks' work for the split of a
