@@ -104,7 +104,8 @@ class Widget:
         self.emit("itemSelectionChanged()")
 
     def click(self) -> None:
-        self.emit("clicked(bool)", False)
+        if self.enabled:  # as QAbstractButton.click(): a greyed-out button does nothing
+            self.emit("clicked(bool)", False)
 
 
 def _positionalParameters(function) -> int:
