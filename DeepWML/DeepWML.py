@@ -360,25 +360,33 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -----------------------------------------------------------------------------------------
     # Results
 
-    def _statisticsArguments(self, split: bool = True) -> dict:
-        """The arguments of the output segmentation's statistics (logic.lesionStatistics), with the
-        periventricular/deep split when it is ticked (and `split`): from its 'Lateral ventricles' segment, else (a
-        manual segmentation) made by the ventricle model as `deepwml export` makes it for a mask given (its networks
-        on the FLAIR, on the panel's device, the brain mask as ticked)."""
+    def _statisticsArguments(self) -> dict:
+        """The arguments of the output segmentation's statistics (logic.lesionStatistics), taken at the click: the
+        statistics are of the segmentation, volume and settings chosen then, also where the split's networks run
+        first (a job) and something else is chosen meanwhile. With the periventricular/deep split when it is ticked:
+        from its 'Lateral ventricles' segment, else (a manual segmentation) made by the ventricle model as
+        `deepwml export` makes it for a mask given (its networks on the FLAIR, on the panel's device, the brain mask
+        as ticked)."""
         p = self._parameterNode
         # the model looked for only where the networks make the split (not for a segment of DeepWML's ventricles)
         return dict(segmentationNode=p.outputSegmentation, volumeNode=p.inputVolume,
-                    ventricleModel=True if p.ventricleSplit and split else None, device=p.device, brainMask=p.brainMask,
+                    ventricleModel=True if p.ventricleSplit else None, device=p.device, brainMask=p.brainMask,
                     precision=p.precision)
 
-    def _waitForSplit(self, job, button, again) -> bool:
+    @staticmethod
+    def _withSplit(statistics: dict, split: bool) -> dict:
+        """`statistics`, without the split where `split` is False (its networks were cancelled)."""
+        return statistics if split else {**statistics, "ventricleModel": None}
+
+    def _waitForSplit(self, job, again, nodes) -> bool:
         """Where the statistics need the split's networks first (seconds to tens of seconds the first time for a
         volume: logic.startSplit's `job`), show them running as a segmentation runs (progress bar, status line,
-        Segment WMH turned into Cancel, the panel usable) and call `again` (the statistics' own method) once they
-        are done, if `button` can still be pressed then (_finishSplit). False where there is no job: go on now."""
+        Segment WMH turned into Cancel, the panel usable) and call `again(split)` (the statistics of the click) once
+        they are done, if `nodes` (those the statistics are of) are still in the scene then (_finishSplit). False
+        where there is no job: go on now."""
         if job is None:
             return False
-        job.again, job.button, job.shown = again, button, self.ui.statusLabel.text
+        job.again, job.nodes, job.shown = again, nodes, self.ui.statusLabel.text
         self._job = job
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = job.message
@@ -387,18 +395,24 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def _finishSplit(self, job) -> None:
-        """The split's networks are done (or cancelled, or failed): their work kept and the statistics shown with the
-        split, or, cancelled, shown without it, the status line saying so; nothing is kept of a cancelled run."""
+        """The split's networks are done (or cancelled, or failed): their work kept and the statistics of the click
+        shown with the split, or, cancelled, shown without it, the status line saying so; nothing is kept of a
+        cancelled run. Where what they are of left the scene meanwhile, none are shown, the status line saying so."""
         if self._parameterNode is None:  # the scene was closed meanwhile
             self.ui.statusLabel.text = "Cancelled."
             return
+        gone = [node.GetName() for node in job.nodes if node.GetScene() is None]  # deleted meanwhile
+        goneText = (f"No statistics shown: '{gone[0]}' was removed from the scene while the ventricles were being "
+                    "found." if gone else "")
         if job.cancelled:
             self.ui.progressBar.value = 0
-            if job.button.enabled:
-                job.again(split=False)
+            if gone:
+                self.ui.statusLabel.text = "Cancelled."
+                return
+            job.again(False)
             self.ui.statusLabel.text = ("Cancelled: the statistics are shown without the periventricular/deep split "
                                         "(its networks were stopped; nothing of them is kept). Show them again to make "
-                                        "it." if job.button.enabled else "Cancelled.")
+                                        "it.")
             return
         with slicer.util.tryWithErrorDisplay("Cannot make the periventricular/deep split."):
             try:
@@ -408,62 +422,67 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.value = 0
                 raise
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = job.shown  # what it said before the networks ran
-        if job.button.enabled:  # the segmentation or the reference may have been unselected meanwhile
-            job.again()
+            self.ui.statusLabel.text = goneText or job.shown  # what it said before the networks ran
+        if not gone:
+            job.again(True)
 
-    def _splitCancelledNote(self, split: bool) -> str:
+    def _splitCancelledNote(self, statistics: dict, split: bool) -> str:
         """A line below the report where a cancelled split left the statistics without it."""
-        if split or not self._parameterNode.ventricleSplit:
+        if split or not statistics["ventricleModel"]:
             return ""
         return "\nNo periventricular/deep split: its networks were cancelled (show the statistics again to make it)"
 
     def onShowStatistics(self) -> None:
-        self._showStatistics()
+        self._showStatistics(self._statisticsArguments())
 
-    def _showStatistics(self, split: bool = True) -> None:
+    def _showStatistics(self, statistics: dict, split: bool = True) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):
-            statistics = self._statisticsArguments(split)
-            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
-                                  self.ui.showStatisticsButton, self._showStatistics):
+            arguments = self._withSplit(statistics, split)
+            if self._waitForSplit(self.logic.startSplit(**arguments, busy=self._job is not None),
+                                  lambda split: self._showStatistics(statistics, split),
+                                  (statistics["segmentationNode"], statistics["volumeNode"])):
                 return
-            results = {"report": self.logic.lesionStatistics(**statistics)}
-            self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
+            results = {"report": self.logic.lesionStatistics(**arguments)}
+            self._showResults(results, self.logic.sliceTable(results), statistics["volumeNode"])
+            self.ui.resultsLabel.text = (self.logic.formatReport(results["report"])
+                                         + self._splitCancelledNote(statistics, split))
 
     def onListLesions(self) -> None:
         """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
         row showing its lesion: a radiologist's review of the result, lesion by lesion."""
-        self._listLesions()
+        self._listLesions(self._statisticsArguments())
 
-    def _listLesions(self, split: bool = True) -> None:
+    def _listLesions(self, statistics: dict, split: bool = True) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True):
-            statistics = self._statisticsArguments(split)
-            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
-                                  self.ui.listLesionsButton, self._listLesions):
+            arguments = self._withSplit(statistics, split)
+            if self._waitForSplit(self.logic.startSplit(**arguments, busy=self._job is not None),
+                                  lambda split: self._listLesions(statistics, split),
+                                  (statistics["segmentationNode"], statistics["volumeNode"])):
                 return
-            results = {"report": self.logic.lesionStatistics(**statistics), "table": LESION_TABLE}
-            self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
+            results = {"report": self.logic.lesionStatistics(**arguments), "table": LESION_TABLE}
+            self._showResults(results, self.logic.sliceTable(results), statistics["volumeNode"])
+            self.ui.resultsLabel.text = (self.logic.formatReport(results["report"])
+                                         + self._splitCancelledNote(statistics, split))
 
     def onCompare(self) -> None:
-        self._compare()
+        self._compare(self._statisticsArguments(), self._parameterNode.referenceSegmentation)
 
-    def _compare(self, split: bool = True) -> None:
-        p = self._parameterNode
+    def _compare(self, statistics: dict, reference, split: bool = True) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot compare with the reference.", waitCursor=True):
-            statistics = self._statisticsArguments(split)
-            if self._waitForSplit(self.logic.startSplit(**statistics, busy=self._job is not None),
-                                  self.ui.compareButton, self._compare):
+            arguments = self._withSplit(statistics, split)
+            if self._waitForSplit(self.logic.startSplit(**arguments, busy=self._job is not None),
+                                  lambda split: self._compare(statistics, reference, split),
+                                  (statistics["segmentationNode"], statistics["volumeNode"], reference)):
                 return
             results = {
-                "report": self.logic.lesionStatistics(**statistics),
-                "comparison": self.logic.compareSegmentations(p.outputSegmentation, p.referenceSegmentation,
-                                                              p.inputVolume),
-                "reference": p.referenceSegmentation.GetName(),  # whose Dice, in the saved .json
+                "report": self.logic.lesionStatistics(**arguments),
+                "comparison": self.logic.compareSegmentations(statistics["segmentationNode"], reference,
+                                                              statistics["volumeNode"]),
+                "reference": reference.GetName(),  # whose Dice, in the saved .json
             }
-            self._showResults(results, self.logic.sliceTable(results))
-            self.ui.resultsLabel.text = self.logic.formatReport(results["report"]) + self._splitCancelledNote(split)
+            self._showResults(results, self.logic.sliceTable(results), statistics["volumeNode"])
+            self.ui.resultsLabel.text = (self.logic.formatReport(results["report"])
+                                         + self._splitCancelledNote(statistics, split))
             self.ui.comparisonLabel.text = self.logic.formatComparison(results["comparison"])
 
     def onConsensus(self) -> None:
@@ -483,12 +502,14 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.changeLabel.text = self.logic.formatChange(report)
             slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=registered, foregroundOpacity=0.0)
 
-    def _showResults(self, results: dict, table) -> None:
-        """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row)."""
+    def _showResults(self, results: dict, table, volume=None) -> None:
+        """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row); `volume`: the
+        one the results are of (None: the input volume)."""
         self._results = results
         headers, rows, self._tableSlices = table
         self.ui.sliceTableCollapsibleButton.text = tableTitle(results)
-        self._tableVolume = self._parameterNode.inputVolume  # a row shows its slice of it, whatever is chosen later
+        # a row shows its slice of it, whatever is chosen later
+        self._tableVolume = volume if volume is not None else self._parameterNode.inputVolume
         view = self.ui.sliceTable
         view.clearContents()
         view.setColumnCount(len(headers))

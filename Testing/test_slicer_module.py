@@ -22,6 +22,7 @@ import slicer_standins  # noqa: E402
 from conftest import make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
+from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES  # noqa: E402
 from slicer_fixtures import (blockingSegmentation, countNetworkRuns, lateSegmentation, module, onnxCache,  # noqa: E402,F401 (fixtures)
                              scene, seriesOfFrames)
 
@@ -1077,3 +1078,44 @@ def test_the_split_networks_do_not_run_beside_a_segmentation(widget, module, mon
     assert "Total lesion volume" in ui.resultsLabel.text and widget._job is job
     ui.applyButton.click()
     finishJob(widget)
+
+
+def test_statistics_waiting_for_the_split_are_those_of_the_click(widget, monkeypatch):
+    """The statistics waiting for the split's networks were made when they finished from what the panel showed then:
+    a reference chosen meanwhile was the one compared, and a device (or precision, or brain mask) changed meanwhile
+    threw the networks' work away and ran them again, unasked. They are those of the click now: its segmentation,
+    reference and settings, the networks run once."""
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    first = mrml.segmentationFromMask(widget.truth, widget.volume, name="rater A")
+    p.referenceSegmentation = first
+    p.device, p.ventricleSplit, p.brainMask = "cpu", True, True
+    started, gate, runs = blockingNetworks(monkeypatch)
+    ui.compareButton.click()
+    assert started.wait(10)
+    p.referenceSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="rater B")
+    p.device, p.brainMask = "auto", False  # for the next run
+    gate.set()
+    finishJob(widget)
+    assert widget._job is None and len(runs) == 1, "the networks ran again"
+    assert widget._results["reference"] == "rater A" and madeBySplit(widget)
+    report = widget._results["report"]
+    assert report["device"] == "cpu" and report["brain_mask"] == BRAIN_MASK_GATES_VENTRICLES
+
+
+def test_statistics_waiting_for_the_split_say_their_segmentation_was_deleted_meanwhile(widget, monkeypatch):
+    """A segmentation deleted while the split's networks ran left no statistics and the status line as it was before
+    the click, as if the networks had made them: it says why none are shown."""
+    ui, p = widget.ui, widget._parameterNode
+    manual = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.outputSegmentation, p.device, p.ventricleSplit = manual, "cpu", True
+    started, gate, runs = blockingNetworks(monkeypatch)
+    ui.statusLabel.text = "Done."
+    ui.showStatisticsButton.click()
+    assert started.wait(10)
+    slicer.mrmlScene.RemoveNode(manual)
+    gate.set()
+    finishJob(widget)
+    assert ui.statusLabel.text == ("No statistics shown: 'manual' was removed from the scene while the ventricles were "
+                                   "being found.")
+    assert not widget._results and widget.logic._locationInputs is not None  # the volume's networks: kept
