@@ -41,6 +41,7 @@ CANCEL_TEXT = "Cancel"
 # selectable, Qt::ItemIsSelectable | Qt::ItemIsEnabled (1 | 32) as an item is by default in a QComboBox
 ITEM_FLAGS_ROLE_OFFSET = -1
 ITEM_DISABLED, ITEM_ENABLED = 0, 1 | 32
+BF16_TOOLTIP = "bf16: for a CPU that computes it natively (AMX or AVX512-BF16); refused elsewhere when the run starts"
 
 
 class DeepWML(ScriptedLoadableModule):
@@ -279,7 +280,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if index >= 0:  # filled again each time the parameter node connects to the panel: set each time
             box.setItemData(index, ITEM_DISABLED if self._bf16Refusal else ITEM_ENABLED,
                             qt.Qt.UserRole + ITEM_FLAGS_ROLE_OFFSET)
-            box.setItemData(index, self._bf16Refusal or "bf16 on this CPU (AMX or AVX512-BF16)", qt.Qt.ToolTipRole)
+            # offered also where it cannot be told yet (PyTorch not installed, cuda without a GPU): not "this CPU"
+            box.setItemData(index, self._bf16Refusal or BF16_TOOLTIP, qt.Qt.ToolTipRole)
         if p.precision != "bf16" or not self._bf16Refusal:
             return False
         self.ui.statusLabel.text = f"Precision bf16 is not used here: {self._bf16Refusal} Precision auto is selected."

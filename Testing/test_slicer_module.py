@@ -220,6 +220,10 @@ def test_precision_bf16_is_not_offered_where_it_would_be_refused(widget, monkeyp
     assert p.precision == "auto" and "Precision bf16 is not used here" in ui.statusLabel.text
     p.device = "cpu"
     assert bf16Item(ui)[0]
+    gpu[0], native[0] = False, False
+    p.device = "cuda"  # no GPU: refused by the device note, not told for bf16; the tooltip claims nothing of this CPU
+    enabled, tip = bf16Item(ui)
+    assert enabled and "this CPU" not in tip and "natively" in tip
 
     # a scene saved with bf16, opened on a computer whose CPU cannot run it
     gpu[0], native[0] = False, False
