@@ -2186,15 +2186,19 @@ def _mislabelled_header(path: str, found: tuple[str, str]) -> dict | None:
                      tuple(position) if position else None)}
 
 
-# The headers read within `dicom_headers_read_once` ({(folder as given, the working folder where that is relative,
-# recursive): (its `_folder_state`, `_scan_series`'s answer)}); None outside one. Shared by every thread of the process,
-# each answer checked against the files as they are now, so one thread's cannot stand for another's changed folder.
+# The headers read within `dicom_headers_read_once` ({(kind, folder as given, the working folder where that is
+# relative, recursive): (its `_folder_state`, the answer, how many files and folders it was read from)}); None outside
+# one. Shared by every thread of the process, each answer checked against the files as they are now, so one thread's
+# cannot stand for another's changed folder.
 _header_cache: dict | None = None
 _header_cache_users = 0
 _header_cache_lock = threading.Lock()
-# the folders kept, the least recently asked for forgotten first: a folder is asked for again within its case (or by
-# the check before the cases), so a run of thousands of cases (train's preparation) keeps no more than these
-_HEADER_CACHE_FOLDERS = 32
+# the files the answers kept were read from (each counted once per answer: a folder's series and its GDCM scan, twice),
+# the least recently asked for forgotten first past these; an answer of more files is not kept (a catalogue of a
+# large export, asked for once). A run asks for each input's folder when the inputs are expanded (or checked, or
+# fingerprinted: train) and again when its case is read, so a count of folders (32) forgot every folder of a run of
+# more than about 16 before its case came: a bound of files keeps a whole run's (under 1 kB each: 50 MB at most)
+_HEADER_CACHE_FILES = 50_000
 
 
 @contextlib.contextmanager
@@ -2260,11 +2264,17 @@ def _once_per_run(kind: str, root, recursive: bool, read: Callable[[], object]):
     if state is not None and known is not None and known[0] == state:
         return copy.deepcopy(known[1])
     found = read()
-    if state is not None:  # the state before the reading: a file changed while it was read is read again next time
-        with _header_cache_lock:
-            cache[key] = (state, copy.deepcopy(found))
-            while len(cache) > _HEADER_CACHE_FOLDERS:
-                del cache[next(iter(cache))]
+    if state is None:
+        return found
+    files = sum(len(entries) for entries in state[0])  # its folders and their files
+    kept = (state, copy.deepcopy(found), files) if files <= _HEADER_CACHE_FILES else None
+    with _header_cache_lock:  # the state before the reading: a file changed while it was read is read again next time
+        cache.pop(key, None)
+        if kept is not None:
+            cache[key] = kept
+            held = sum(entry[2] for entry in cache.values())
+            while held > _HEADER_CACHE_FILES:
+                held -= cache.pop(next(iter(cache)))[2]
     return found
 
 

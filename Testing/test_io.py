@@ -236,13 +236,40 @@ def test_a_folders_dicom_headers_are_read_once_in_a_run_and_again_where_it_chang
     header_reads.clear()
     assert io._header_cache is None and io.dicom_series(folder) == io.dicom_series(folder) == uncached
     assert in_folder(header_reads, folder) == {2: 4}
-    monkeypatch.setattr(io, "_HEADER_CACHE_FOLDERS", 2)  # the least recently asked for forgotten past these
+    # the least recently asked for forgotten past so many files (each folder: itself and its 4 files, 5): two folders
+    monkeypatch.setattr(io, "_HEADER_CACHE_FILES", 10)
     others = [write_dicom_series(tmp_path / f"o{k}", image, uid=f"1.2.3.7{k}") for k in range(2)]
     header_reads.clear()
     with io.dicom_headers_read_once():
-        for path in (folder, *others, others[1], folder):
-            io.dicom_series(path)
-    assert in_folder(header_reads, folder) == {2: 4} and in_folder(header_reads, others[1]) == {1: 4}
+        for path in (folder, others[0], folder, others[1], folder, others[0]):  # o0 forgotten, not the folder asked
+            io.dicom_series(path)  # for since
+        assert len(io._header_cache) == 2
+    assert in_folder(header_reads, folder) == {1: 4} and in_folder(header_reads, others[1]) == {1: 4}
+    assert in_folder(header_reads, others[0]) == {2: 4}
+    monkeypatch.setattr(io, "_HEADER_CACHE_FILES", 4)  # a folder of more files than that is not kept
+    header_reads.clear()
+    with io.dicom_headers_read_once():
+        assert io.dicom_series(folder) == io.dicom_series(folder) == uncached and io._header_cache == {}
+    assert in_folder(header_reads, folder) == {2: 4}
+
+
+def test_a_run_of_many_dicom_folders_reads_each_once(tmp_path, header_reads, monkeypatch):
+    """A run of 40 DICOM series folders (segment's inputs expanded, io.is_dicom_folder of each, then each case:
+    is_dicom_folder again and its series chosen; train's fingerprints of every case's series, then its preparation)
+    reads each folder once: the cache kept 32 folders, so each folder's GDCM scan and headers were forgotten before
+    its case came, and read again (as with no cache)."""
+    scans = []
+    scan = io._gdcm_series_ids
+    monkeypatch.setattr(io, "_gdcm_series_ids", lambda folder: scans.append(folder) or scan(folder))
+    image, _ = make_volume(size=(8, 8, 2), spacing=(1.0, 1.0, 5.0), dtype=sitk.sitkInt16)
+    folders = [write_dicom_series(tmp_path / f"s{k:02d}", image, uid=f"1.2.3.8.{k}", description="AX FLAIR",
+                                  inversion_ms=2500, number=1) for k in range(40)]
+    with io.dicom_headers_read_once():
+        assert all(io.is_dicom_folder(f) for f in folders)
+        for folder in folders:
+            assert io.is_dicom_folder(folder) and io.choose_dicom_series(folder, option=None)[0].number == 1
+        assert [io.dicom_series(f)[0].uid for f in folders] == [f"1.2.3.8.{k}" for k in range(40)]
+    assert sorted(scans) == folders and all(in_folder(header_reads, f) == {1: 2} for f in folders)
 
 def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_slices_real_values(tmp_path):
     """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
