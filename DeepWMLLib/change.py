@@ -1242,7 +1242,9 @@ def _pair_held(out: Path, case: str):
         possible = [*(p for extension in io.OUTPUT_EXTENSIONS
                       for p in output_paths(out, case, extension, extension, (True, True), True, True).values()),
                     outline_path(out, case)]
-        prefixes = tuple(io.temporary_prefix(path) for path in possible)
+        from .segment import journal_path
+
+        prefixes = tuple(io.temporary_prefix(path) for path in [*possible, journal_path(out / f"{case}_change.json")])
         for left in io.temporary_leftovers(out):
             if left.name.startswith(prefixes):  # one that cannot be removed (Windows: open elsewhere) stays, harmless
                 with contextlib.suppress(OSError):

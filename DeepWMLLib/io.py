@@ -4533,13 +4533,20 @@ def _temporary_sibling(path: Path) -> Path:
 JOURNAL_SUFFIX = ".deepwml-journal"
 
 
+def is_journal(name: str) -> bool:
+    """Whether a file name is a case's journal (segment.journal_path: `.CASE_report.deepwml-journal`), not the
+    temporary file it is written under (`..CASE_report.deepwml-journal.xxxx.part.deepwml-journal`, which ends as a
+    journal does: _temporary_sibling keeps a name's suffix; a journal's own name ends `_report`, `_change` or a
+    digest before the suffix, never `.part`)."""
+    return name.startswith(".") and name.endswith(JOURNAL_SUFFIX) and not name.endswith(".part" + JOURNAL_SUFFIX)
+
+
 def temporary_leftovers(folder: Path) -> list[Path]:
     """The folder's temporary files (`.NAME.xxxx.part...`, `_temporary_sibling`'s): a run killed while writing leaves
-    them; the run that next writes there removes them, with its lock held. Not a case's journal (JOURNAL_SUFFIX),
-    which lists that run's files until --overwrite removes them."""
+    them; the run that next writes there removes them, with its lock held. Not a case's journal (is_journal), which
+    lists that run's files until --overwrite removes them; the temporary file a journal is written under is one."""
     try:
-        return [p for p in folder.iterdir() if p.name.startswith(".") and ".part" in p.name
-                and not p.name.endswith(JOURNAL_SUFFIX)]
+        return [p for p in folder.iterdir() if p.name.startswith(".") and ".part" in p.name and not is_journal(p.name)]
     except OSError:
         return []
 

@@ -1050,7 +1050,7 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
         case = report.name[:-len("_report.json")]
         listed = _listed_outputs(report)
         names.update(listed if listed is not None else (p.name for p in _possible_outputs(folder, case)))
-    for journal in folder.glob(f".*{JOURNAL_SUFFIX}"):
+    for journal in _journals(folder):
         listed = _listed_outputs(journal)
         names.update(listed or ())
     return names
@@ -1093,7 +1093,7 @@ def _only_outputs(folder: Path) -> str | None:
         return None
     cases = {report.name[:-len("_report.json")] for report in folder.glob("*_report.json")}
     stopped = set()  # those of a run stopped part way, which only its journal lists
-    for journal in folder.glob(f".*{JOURNAL_SUFFIX}"):
+    for journal in _journals(folder):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             named = json.loads(journal.read_text(encoding="utf-8")).get("case")
             if isinstance(named, str) and named not in cases:
@@ -1186,6 +1186,11 @@ def journal_path(report: Path) -> Path:
     if len(os.fsencode(stem)) > 180:  # room for the dot, the suffix and the digest within 255 bytes
         stem = f"{io.shortened(stem, 160)}~{hashlib.sha256(os.fsencode(stem)).hexdigest()[:16]}"
     return report.parent / f".{stem}{JOURNAL_SUFFIX}"
+
+
+def _journals(folder: Path) -> list[Path]:
+    """The case journals in `folder` (io.is_journal: not the temporary file one is written under)."""
+    return [journal for journal in folder.glob(f".*{JOURNAL_SUFFIX}") if io.is_journal(journal.name)]
 
 
 def _read_journal(report: Path) -> dict | None:
@@ -1596,8 +1601,9 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
                   protected, leftovers, grid_phases, brain_gate, seg=False, dicom_seg=False) -> dict:
     """segment_case's work, with the case's lock held (no other DeepWML process writes its outputs now)."""
     hidden = leftovers if leftovers is not None else io.temporary_leftovers(out_dir)
-    prefixes = tuple(io.temporary_prefix(possible) for possible in _possible_outputs(out_dir, case))
-    for left in hidden:  # a run killed while writing this case left its temporary files
+    prefixes = tuple(io.temporary_prefix(possible) for possible in [*_possible_outputs(out_dir, case),
+                                                                     journal_path(paths["report"])])
+    for left in hidden:  # a run killed while writing this case left its temporary files (its journal's too)
         if left.name.startswith(prefixes):
             shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
     refuse_stopped(paths["report"], overwrite)  # a run killed part way: its files are no result, said so

@@ -159,3 +159,31 @@ def test_export_killed_before_its_report_leaves_nothing_overwrite_keeps(tmp_path
     assert names(out) == ["a_report.json"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(io.JOURNAL_SUFFIX)]
     assert np.count_nonzero(array) == json.loads((out / "a_report.json").read_text())["lesions"][0]["voxels"]
+
+
+def test_a_journals_temporary_file_is_swept_and_never_taken_for_a_journal(tmp_path, tiny_model):
+    """A run killed while writing a case's journal (before its rename) leaves the journal's temporary file,
+    `..a_report.deepwml-journal.XXXX.part.deepwml-journal`: it ends as a journal does, so the sweep of temporary
+    files passed it over for ever, and a folder given back as INPUT counted it as a case of a run stopped part way."""
+    scan, out = write_scan(tmp_path / "scans"), tmp_path / "out"
+    assert run_segment(tiny_model, scan, "-o", out) == 0
+    left = io._temporary_sibling(segment.journal_path(out / "a_report.json"))
+    left.write_text(json.dumps({"report": "a_report.json", "case": "zz", "outputs": ["a_wmh.nii.gz"]}))
+    assert left.name.endswith(io.JOURNAL_SUFFIX) and left in io.temporary_leftovers(out)
+    assert "zz" not in (segment._only_outputs(out) or "")
+    assert run_segment(tiny_model, scan, "-o", out) == 0 and status(out)["status"] == "skipped"
+    assert not left.exists()
+
+
+def test_deepwml_change_sweeps_its_pairs_journal_temporary_file(tmp_path):
+    """The pair's sweep of temporary files, its lock taken (change._pair_held), passed over a journal's temporary
+    file (it ends as a journal does); another pair's stays."""
+    from DeepWMLLib import change
+
+    out = tmp_path / "out"
+    out.mkdir()
+    own = io._temporary_sibling(segment.journal_path(out / "p_change.json"))
+    other = io._temporary_sibling(segment.journal_path(out / "q_change.json"))
+    with change._pair_held(out, "p"):
+        pass
+    assert not own.exists() and other.exists()
