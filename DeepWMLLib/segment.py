@@ -1578,10 +1578,15 @@ def whole_or_none(paths: dict):
     SIGTERM, a full disk), the outputs of the case written so far are removed, and with --overwrite the earlier
     run's left, so that the case has none rather than a set without its report, which the next run refuses
     until --overwrite redoes every case; then its journal (start_outputs), unless a file it lists is still there. Only
-    a run killed outright (kill -9, a power cut) leaves such a set, which its journal lists."""
+    a run killed outright (kill -9, a power cut) leaves such a set, which its journal lists. Stopped before its
+    journal is written (start_outputs' first write: a full disk), it removes nothing: nothing was written nor removed
+    yet, and removing the earlier report and the outputs of this run's names would leave the earlier run's others
+    (a picture) listed by no report nor journal, taken by a later run for its own."""
     try:
         yield
     except BaseException:
+        if "report" in paths and not os.path.lexists(journal_path(paths["report"])):
+            raise  # the earlier result, if any, stays whole
         for path in paths.values():
             with contextlib.suppress(OSError):
                 if path.is_dir():

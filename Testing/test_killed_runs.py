@@ -161,6 +161,30 @@ def test_export_killed_before_its_report_leaves_nothing_overwrite_keeps(tmp_path
     assert np.count_nonzero(array) == json.loads((out / "a_report.json").read_text())["lesions"][0]["voxels"]
 
 
+def test_overwrite_stopped_writing_its_journal_leaves_the_earlier_result_as_it_was(tmp_path, tiny_model, monkeypatch):
+    """--overwrite on a full disk fails as it writes the case's journal, its first write: nothing of the earlier
+    result may change. whole_or_none removed the earlier report and the outputs of the same names but kept its
+    picture, listed by no report nor journal: a rerun then wrote the case beside it, and a later --qc run skipped
+    the case, taking that picture for its own."""
+    scan, out = write_scan(tmp_path / "scans"), tmp_path / "out"
+    assert run_segment(tiny_model, scan, "-o", out, "--qc") == 0
+    before = {name: (out / name).read_bytes() for name in names(out)}
+    assert sorted(before) == ["a.seg.nrrd", "a_qc.png", "a_report.json", "a_wmh.nii.gz"]
+    real = io.write_atomically
+
+    def full(path, how):
+        if str(path).endswith(io.JOURNAL_SUFFIX):
+            raise segment.DeepWMLError(f"cannot write {path}: the disk is full")
+        return real(path, how)
+
+    monkeypatch.setattr(io, "write_atomically", full)
+    assert run_segment(tiny_model, scan, "-o", out, "--overwrite") == 1
+    revived(monkeypatch)
+    assert "the disk is full" in status(out)["error"]
+    assert {name: (out / name).read_bytes() for name in names(out)} == before
+    assert run_segment(tiny_model, scan, "-o", out, "--qc") == 0 and status(out)["status"] == "skipped"
+
+
 def test_a_journals_temporary_file_is_swept_and_never_taken_for_a_journal(tmp_path, tiny_model):
     """A run killed while writing a case's journal (before its rename) leaves the journal's temporary file,
     `..a_report.deepwml-journal.XXXX.part.deepwml-journal`: it ends as a journal does, so the sweep of temporary
