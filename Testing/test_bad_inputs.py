@@ -148,6 +148,8 @@ BAD_INPUTS = [
     ("existing outputs", "segment", 0, "ok: kept, case skipped (use --overwrite)"),
     ("existing outputs made with other settings (`--threshold`, `--model`, `--tta`...)", "segment", 1, "made with other settings"),
     ("an earlier run's outputs without its report (stopped part way)", "segment", 1, "incomplete set of outputs"),
+    ("an earlier run killed outright while writing the case (its hidden journal left), rerun without its options",
+     "segment", 1, "stopped part way"),
     ("a case done before whose saved mask was replaced by one of another grid, asked for an output it lacks (`--qc`)",
      "segment", 1, "is not on the scan's grid"),
     ("a case done before whose saved mask was edited since, asked for an output it lacks (`--qc`)", "segment", 1,
@@ -754,6 +756,14 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "links").mkdir()
         (tmp / "links" / "scan.nii.gz").symlink_to(tmp / "unmounted share" / "scan.nii.gz")
         return seg + [str(tmp / "links" / "scan.nii.gz")]
+    if row_id.startswith("an earlier run killed outright while writing the case"):  # its picture, listed by its
+        # journal alone: a run without --qc would have kept it beside a new result, a --qc run taken it for its own
+        (tmp / "out").mkdir()
+        (tmp / "out" / "good_qc.png").write_bytes(b"earlier result")
+        (tmp / "out" / ".good_report.deepwml-journal").write_text(json.dumps(
+            {"report": "good_report.json", "case": "good", "outputs": ["good_qc.png", "good_report.json",
+                                                                       "good_wmh.nii.gz"]}))
+        return seg + [str(p["good"])]
     if row_id.startswith("an earlier run's outputs without its report"):
         (tmp / "out").mkdir()
         (tmp / "out" / "good_wmh.nii.gz").write_bytes(b"earlier result")
@@ -1232,10 +1242,15 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
     assert _hashes(tmp / "in") == before  # inputs never modified
     for folder in (tmp / "out", tmp / "new" / "deeper"):
         if folder.is_dir():
-            assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+            assert not [p.name for p in folder.iterdir() if p.name.startswith(".")  # no temporary leftovers
+                        and not (row_id.startswith("an earlier run killed outright") and io.is_journal(p.name))]
     if row_id == "existing outputs" or row_id.startswith("an earlier run's outputs without its report") \
             or row_id == "outputs of another scan of the same name in OUTDIR":
         assert (tmp / "out" / "good_wmh.nii.gz").read_bytes() == b"earlier result"
+    if row_id.startswith("an earlier run killed outright while writing the case"):  # refused, nothing touched
+        assert (tmp / "out" / "good_qc.png").read_bytes() == b"earlier result"
+        assert (tmp / "out" / ".good_report.deepwml-journal").exists() and "--overwrite" in err
+        assert not (tmp / "out" / "good_wmh.nii.gz").exists()
     if row_id == "an output name taken by a scan given (OUTDIR the input folder)":
         assert (tmp / "own" / "x_wmh.nii.gz").read_bytes() == paths["good"].read_bytes()
     if row_id == "output folder missing":
