@@ -151,8 +151,9 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .report import lesion_report
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, asks_for_no_model, case_guard, dicom_instances,
                           dicom_series_warnings, load_brain_model, load_ventricle_model, mask_digest, mask_location,
-                          names_own_model, picture_title, scan_header_warnings, whole_or_none)
-    from .segment import add_instance_numbers, finish_report, refuse_stopped, start_outputs, write_qc_and_dicom
+                          names_own_model, picture_title, scan_header_warnings, stopped_outputs, whole_or_none)
+    from .segment import (add_instance_numbers, finish_report, journal_path, refuse_stopped, start_outputs,
+                          write_qc_and_dicom)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -190,6 +191,15 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     paths = export_paths(out, case, qc, outline, seg)
     protected = {flair.resolve(), mask.resolve()}
     with case_guard(out, case, paths, protected):
+        # a deepwml segment run of the case killed part way (its journal lists a mask, a .seg.nrrd: no export's
+        # names): --overwrite, which refuse_stopped advises, would leave them listed nowhere, as beside its report
+        theirs = sorted(set(stopped_outputs(paths["report"]) or ()) - {p.name for p in export_paths(out, case, True, True,
+                                                                                                   True).values()})
+        if theirs:
+            raise DeepWMLError(f"{out} holds the outputs of a deepwml segment run of case {case!r} that was stopped "
+                               f"part way ({', '.join(theirs[:4])}{', ...' if len(theirs) > 4 else ''}), which its "
+                               f"journal {journal_path(paths['report']).name} lists; export into another OUTDIR, or give "
+                               "another name with --case (deepwml segment --overwrite redoes that case)")
         refuse_stopped(paths["report"], overwrite)  # a run killed part way (its journal lists its files)
         # refused first: --overwrite, which the refusal below advises, would not do
         if paths["report"].exists() and _segment_run_there(paths["report"]):

@@ -211,3 +211,23 @@ def test_deepwml_change_sweeps_its_pairs_journal_temporary_file(tmp_path):
     with change._pair_held(out, "p"):
         pass
     assert not own.exists() and other.exists()
+
+
+def test_export_refuses_the_outputs_of_a_segment_run_killed_part_way(tmp_path, tiny_model, monkeypatch, capsys):
+    """deepwml export into the OUTDIR of a deepwml segment run of the case killed before its report: refused, as
+    beside a segment report, even with --overwrite, which removed the killed run's picture, kept its mask and
+    .seg.nrrd (no export's names) and ended its journal, so that they were listed nowhere."""
+    scan, out = write_scan(tmp_path / "scans"), tmp_path / "out"
+    killed_at(monkeypatch, "a_report.json")
+    assert run_segment(tiny_model, scan, "-o", out, "--qc") == 1
+    revived(monkeypatch)
+    mask = sitk.Cast(sitk.ReadImage(str(scan)) > 10**9, sitk.sitkUInt8)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    export = ["export", str(scan), str(tmp_path / "mask.nii.gz"), "-o", str(out), "--no-location"]
+    capsys.readouterr()
+    for options in ([], ["--overwrite"]):
+        assert main(export + options) == 1
+        said = capsys.readouterr().err
+        assert "deepwml segment run of case 'a'" in said and "another OUTDIR" in said, said
+    assert names(out) == ["a.seg.nrrd", "a_qc.png", "a_wmh.nii.gz"]
+    assert segment.journal_path(out / "a_report.json").exists()
