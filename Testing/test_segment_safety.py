@@ -932,7 +932,7 @@ def test_overwrite_removes_a_symlinked_outline_folder_s_link_never_the_series_it
     """An outline series folder the earlier report lists, now a symbolic link to a series elsewhere (the user's):
     --overwrite without --dicom-outline, or a run stopped part way, removed the images it leads to. Now the link
     alone goes."""
-    from DeepWMLLib.segment import output_paths, remove_earlier_outputs, whole_or_none
+    from DeepWMLLib.segment import output_paths, remove_earlier_outputs, start_outputs, whole_or_none
 
     for stopped in (False, True):
         out, elsewhere = tmp_path / f"out{stopped}", tmp_path / f"series{stopped}"
@@ -945,6 +945,7 @@ def test_overwrite_removes_a_symlinked_outline_folder_s_link_never_the_series_it
         if stopped:
             paths = output_paths(out, "a", False, dicom_outline=True)
             with pytest.raises(KeyboardInterrupt), whole_or_none(paths):
+                start_outputs(out, "a", paths, False)  # the run's journal, its first write: its writing had begun
                 raise KeyboardInterrupt
         else:
             remove_earlier_outputs(out, "a", output_paths(out, "a", False))
