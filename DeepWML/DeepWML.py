@@ -437,14 +437,19 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowStatistics(self) -> None:
         self._showStatistics(self._statisticsArguments())
 
-    def _showStatistics(self, statistics: dict, split: bool = True) -> None:
-        with slicer.util.tryWithErrorDisplay("Cannot compute lesion statistics.", waitCursor=True):
+    def _showStatistics(self, statistics: dict, split: bool = True, table=None) -> None:
+        """The report of the statistics' segmentation (`table`: LESION_TABLE, its lesions in the table, for Review
+        lesions), once the split's networks, where they must run, are done (`_waitForSplit` calls it again)."""
+        failure = "Cannot list the lesions." if table else "Cannot compute lesion statistics."
+        with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
             arguments = self._withSplit(statistics, split)
             if self._waitForSplit(self.logic.startSplit(**arguments, busy=self._job is not None),
-                                  lambda split: self._showStatistics(statistics, split),
+                                  lambda split: self._showStatistics(statistics, split, table),
                                   (statistics["segmentationNode"], statistics["volumeNode"])):
                 return
             results = {"report": self.logic.lesionStatistics(**arguments)}
+            if table:
+                results["table"] = table
             self._showResults(results, self.logic.sliceTable(results), statistics["volumeNode"])
             self.ui.resultsLabel.text = (self.logic.formatReport(results["report"])
                                          + self._splitCancelledNote(statistics, split))
@@ -452,19 +457,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onListLesions(self) -> None:
         """Every lesion of the output segmentation in the table, smallest first (the marks most often wrong), each
         row showing its lesion: a radiologist's review of the result, lesion by lesion."""
-        self._listLesions(self._statisticsArguments())
-
-    def _listLesions(self, statistics: dict, split: bool = True) -> None:
-        with slicer.util.tryWithErrorDisplay("Cannot list the lesions.", waitCursor=True):
-            arguments = self._withSplit(statistics, split)
-            if self._waitForSplit(self.logic.startSplit(**arguments, busy=self._job is not None),
-                                  lambda split: self._listLesions(statistics, split),
-                                  (statistics["segmentationNode"], statistics["volumeNode"])):
-                return
-            results = {"report": self.logic.lesionStatistics(**arguments), "table": LESION_TABLE}
-            self._showResults(results, self.logic.sliceTable(results), statistics["volumeNode"])
-            self.ui.resultsLabel.text = (self.logic.formatReport(results["report"])
-                                         + self._splitCancelledNote(statistics, split))
+        self._showStatistics(self._statisticsArguments(), table=LESION_TABLE)
 
     def onCompare(self) -> None:
         self._compare(self._statisticsArguments(), self._parameterNode.referenceSegmentation)
