@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from scipy import ndimage
 
 from DeepWMLLib import io
 
-pytestmark = pytest.mark.shared
+# its tests on one test worker (pytest's --dist loadgroup, pyproject.toml): the analysis of the scan (`prepared`, 40
+# s) computed once, not once on each worker that gets some
+pytestmark = [pytest.mark.shared, pytest.mark.xdist_group("realbg")]
 
 SCAN = "open_ms/clinical_flair/patient01_study1.nii.gz"
 
@@ -32,6 +35,37 @@ def prepared():
     background = realbg.analyse_background(shared / SCAN, atlas, load_models(default_model_paths()),
                                            load_brain_model("default"))
     return background, atlas, lesion_library(shared)
+
+
+def analysed_once(monkeypatch, prepared) -> list:
+    """realbg.analyse_background, called on SCAN with the module's atlas, the shipped models, the shipped brain-mask
+    model and the default settings (all that `prepared` analysed it with), gives a copy of `prepared`'s analysis
+    instead of computing it again (the networks and the registration on the real scan: 40 s on a loaded CPU); called
+    on anything else, or with anything else, it computes as it is. The analysis is deterministic (CPU networks, a
+    seeded registration), so a run gets what it would compute. Returns the list of paths it gave the copy for."""
+    import copy
+
+    from DeepWMLLib import realbg
+    from DeepWMLLib.segment import default_model_paths, load_brain_model
+
+    made = realbg.analyse_background
+    background, atlas, _ = prepared
+    scan = (io.shared_data_dir() / SCAN).resolve()
+    shipped = [str(Path(p).resolve()) for p in default_model_paths()]
+    brain = load_brain_model("default")
+    given = []
+
+    def analyse(path, atlas_given, models, brain_model, faint_ratio=realbg.FAINT_RATIO, own_lesions=False):
+        same = (Path(path).resolve() == scan and atlas_given is atlas and faint_ratio == realbg.FAINT_RATIO
+                and not own_lesions and [str(Path(m.path).resolve()) for m in models] == shipped
+                and brain_model is not None and (brain_model.path, brain_model.digest) == (brain.path, brain.digest))
+        if not same:
+            return made(path, atlas_given, models, brain_model, faint_ratio, own_lesions)
+        given.append(path)
+        return copy.deepcopy(background)
+
+    monkeypatch.setattr(realbg, "analyse_background", analyse)
+    return given
 
 
 def test_inserted_lesions_keep_the_scan_its_grid_texture_and_own_lesions_apart(prepared):
@@ -69,12 +103,16 @@ def test_inserted_lesions_keep_the_scan_its_grid_texture_and_own_lesions_apart(p
     assert np.array_equal(sitk.GetArrayFromImage(again[0]), sitk.GetArrayFromImage(image))
 
 
-def test_synth_command_with_backgrounds_writes_a_training_manifest(prepared, tmp_path):
+def test_synth_command_with_backgrounds_writes_a_training_manifest(prepared, tmp_path, monkeypatch):
+    """`deepwml synth --backgrounds` (in this process: the scan's analysis the module's, `analysed_once`) writes
+    its cases and a training manifest; the command refusing an option that does not go with it runs as a process."""
+    from DeepWMLLib.cli import main
+
     out = tmp_path / "real"
     scan = io.shared_data_dir() / SCAN
-    proc = subprocess.run([sys.executable, "-m", "DeepWMLLib.cli", "synth", "-n", "2", "-o", str(out), "--seed", "3",
-                           "--backgrounds", str(scan)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    given = analysed_once(monkeypatch, prepared)
+    assert main(["synth", "-n", "2", "-o", str(out), "--seed", "3", "--backgrounds", str(scan)]) == 0
+    assert [Path(p).resolve() for p in given] == [scan.resolve()]  # the analysis asked for: the one `prepared` made
     rows = list(csv.DictReader(open(out / "manifest.csv", newline="", encoding="utf-8-sig")))
     assert [r["case"] for r in rows] == ["real3_00000", "real3_00001"]
     assert all(r["centre"] == "real-patient01_study1" for r in rows)
