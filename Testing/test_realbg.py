@@ -14,9 +14,7 @@ from scipy import ndimage
 
 from DeepWMLLib import io
 
-# its tests on one test worker (pytest's --dist loadgroup, pyproject.toml): the analysis of the scan (`prepared`, 40
-# s) computed once, not once on each worker that gets some
-pytestmark = [pytest.mark.shared, pytest.mark.xdist_group("realbg")]
+pytestmark = pytest.mark.shared
 
 SCAN = "open_ms/clinical_flair/patient01_study1.nii.gz"
 
