@@ -1123,3 +1123,20 @@ def test_statistics_waiting_for_the_split_say_their_segmentation_was_deleted_mea
     assert ui.statusLabel.text == ("No statistics shown: 'manual' was removed from the scene while the ventricles were "
                                    "being found.")
     assert not widget._results and widget.logic._locationInputs is not None  # the volume's networks: kept
+
+
+def test_leaving_and_entering_the_module_again_warns_of_nothing(widget):
+    """exit() stops observing the parameter node; enter() set it again and removed that observer a second time,
+    which Slicer's observation helper reports as a warning ("does not have observer") in the log each time the user
+    comes back to the module. Once observed again, the panel follows the parameter node as before."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        widget.exit()
+        widget.enter()
+    assert [str(w.message) for w in caught if "observer" in str(w.message)] == []
+    widget._parameterNode.device = "cpu"
+    assert widget.ui.deviceNoteLabel.text == ""
+    widget._parameterNode.device = "cuda"  # no GPU here: the note says so, the panel still following the node
+    assert "GPU" in widget.ui.deviceNoteLabel.text
