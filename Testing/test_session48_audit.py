@@ -286,15 +286,16 @@ def test_only_true_itself_asks_for_the_default_model():
 # ---- the Slicer Logic's split job --------------------------------------------------------------------------------
 
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
-from slicer_fixtures import scene  # noqa: E402,F401 (fixture)
+from slicer_fixtures import module, scene  # noqa: E402,F401 (fixtures)
+from test_slicer_module import blockingNetworks, finishJob, widget  # noqa: E402,F401 (the panel's fixture, helpers)
 
 
 def test_a_split_job_keeps_read_only_ventricles_lets_the_earlier_go_and_a_late_cancel_keeps_nothing(scene):
     """A finished split job: its ventricles kept read-only (every later update reads them: never flipped in place),
     its image let go. A job for another volume lets the kept work go when it starts (one volume's at a time). A
     Cancel that comes once the job had finished (its networks done) keeps nothing: finishSplit raises Cancelled.
-    Kills S05 (writable), S06 (the image kept), S09 (the earlier volume's work held while the next runs) and S03
-    (a late cancel kept)."""
+    Without a volume, no job (None). Kills S05 (writable), S06 (the image kept), S09 (the earlier volume's work held
+    while the next runs), S03 (a late cancel kept) and S20 (no volume: a job started on none, failing)."""
     from DeepWMLLib.errors import Cancelled
 
     from DeepWMLSlicerLib import MRMLConversion as mrml
@@ -307,6 +308,7 @@ def test_a_split_job_keeps_read_only_ventricles_lets_the_earlier_go_and_a_late_c
     logic = DeepWMLCoreLogic()
     volumes = [mrml.volumeFromImage(flair, name) for name in ("FLAIR", "FLAIR 2")]
     manuals = [mrml.segmentationFromMask(truth, volume, name="manual") for volume in volumes]
+    assert logic.startSplit(manuals[0], None, ventricleModel=model, device="cpu") is None  # no volume: no networks
     job = logic.startSplit(manuals[0], volumes[0], ventricleModel=model, device="cpu")
     assert job.wait(60) and logic.finishSplit(job) is True
     assert job.image is None
@@ -438,3 +440,67 @@ def test_consensus_and_evaluate_called_from_python_read_the_flair_folder_once(tm
     header_reads.clear()
     evaluate_case(tmp_path / "rater_b.dcm", tmp_path / "rater.dcm", flair=folder)
     assert in_folder(header_reads, folder) == {1: 7}
+
+
+def test_the_kept_split_is_kept_by_the_brain_mask_switch_and_bf16_refused_in_the_panels_words(scene, monkeypatch):
+    """The ventricles are gated by the brain mask when it is ticked: the networks' work kept for the ticked switch is
+    not that of the unticked one (startSplit runs them again: a job), while the same switch finds it kept (None).
+    A split asked for with Precision bf16 on a CPU that does not compute it: finishSplit says so in the panel's
+    words (Precision, not --precision), the runtime's PrecisionUnavailable as its cause. Kills S13 (the switch left
+    out of the key: the ticked work taken for the unticked) and S19 (the runtime's words raised as they are)."""
+    from DeepWMLLib import inference
+    from DeepWMLLib.inference import PrecisionUnavailable
+
+    from DeepWMLSlicerLib import MRMLConversion as mrml
+    from DeepWMLSlicerLib.CoreLogic import DeepWMLCoreLogic
+
+    from conftest import REPO
+
+    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    logic = DeepWMLCoreLogic()
+    arguments = dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu", brainMask=True)
+    job = logic.startSplit(**arguments)
+    assert job.wait(60) and logic.finishSplit(job) is True
+    assert logic.startSplit(**arguments) is None
+    job = logic.startSplit(**{**arguments, "brainMask": False})
+    assert job is not None and job.wait(60) and logic.finishSplit(job) is True
+
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
+
+    def noOpenVino(*args, **kwargs):  # a Slicer without OpenVINO: PyTorch runs the networks
+        raise ImportError("openvino")
+
+    monkeypatch.setattr(inference, "OpenVinoRunner", noOpenVino)
+    job = logic.startSplit(**{**arguments, "precision": "bf16"})
+    assert job is not None and job.wait(60)
+    with pytest.raises(DeepWMLError) as raised:
+        logic.finishSplit(job)
+    assert str(raised.value) == ("Precision bf16 needs a CPU that computes bf16 natively (AMX or AVX512-BF16), and "
+                                 "this computer's does not: choose Precision: auto or fp32 (below Device) and segment "
+                                 "again")
+    assert isinstance(raised.value.__cause__, PrecisionUnavailable) and logic._locationInputs is None
+
+
+def test_statistics_that_waited_for_the_split_show_rows_of_the_clicks_volume(widget, monkeypatch):
+    """Statistics clicked on volume FLAIR wait for the split's networks; the input volume is set to another meanwhile
+    (by a script: the selector is disabled while a job runs). The statistics shown are the click's, and so is the
+    volume whose slices their table's rows show (widget._tableVolume: FLAIR, not the other). Kills W10 (the rows
+    taken for the volume chosen when the networks finished)."""
+    from DeepWMLSlicerLib import MRMLConversion as mrml
+
+    ui, p = widget.ui, widget._parameterNode
+    p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+    p.device, p.ventricleSplit = "cpu", True
+    started, gate, runs = blockingNetworks(monkeypatch)
+    ui.showStatisticsButton.click()
+    assert started.wait(10)
+    flair, _ = make_volume(spacing=(0.9, 0.9, 5.0))
+    other = mrml.volumeFromImage(flair, "other")
+    p.inputVolume = other
+    gate.set()
+    finishJob(widget)
+    assert len(runs) == 1 and widget._results["report"]["volume"] == "FLAIR"
+    assert widget._tableVolume is widget.volume and p.inputVolume is other
