@@ -35,6 +35,23 @@ def _journal(out: Path, case: str = "a", **fields) -> Path:
     return path
 
 
+def test_a_journals_name_is_cut_only_past_180_bytes(tmp_path):
+    """journal_path: `.` + the report's name less `.json` + `.deepwml-journal`; a stem of more than 180 bytes cut to
+    160 bytes, then `~` and the first 16 hex digits of the whole stem's SHA-256 (so within 255 bytes, and two long
+    cases never share one). A 180-byte stem (172-character case + `_report`... here a case of 173 ASCII characters:
+    173 + 7 = 180 bytes) is kept whole; 181 bytes are cut. Kills J01 (cut past 18 bytes: every case of 12 or more
+    characters renamed)."""
+    import hashlib
+
+    whole = "c" * 173
+    assert segment.journal_path(tmp_path / f"{whole}_report.json").name == f".{whole}_report.deepwml-journal"
+    assert segment.journal_path(tmp_path / "patient_0042_report.json").name == ".patient_0042_report.deepwml-journal"
+    long_stem = "d" * 174 + "_report"  # 181 bytes
+    cut = segment.journal_path(tmp_path / f"{long_stem}.json").name
+    assert cut == "." + "d" * 160 + "~" + hashlib.sha256(long_stem.encode()).hexdigest()[:16] + ".deepwml-journal"
+    assert len(cut.encode()) == 1 + 160 + 1 + 16 + 16
+
+
 def test_a_journal_that_cannot_be_read_still_refuses_the_case_without_overwrite(tmp_path):
     """A journal that is not JSON (edited by hand, a disk error), or JSON but not an object, says a run was stopped
     part way though not which files it wrote: journal_outputs gives [] (not None), stopped_outputs keeps [] (the
@@ -231,6 +248,30 @@ def test_a_folder_of_exactly_the_bound_is_kept(tmp_path, header_reads, monkeypat
         assert io.dicom_series(folder) == io.dicom_series(folder)
         assert len(io._header_cache) == 1
     assert in_folder(header_reads, folder) == {1: 4}
+
+
+def test_a_file_rewritten_with_its_size_and_modification_time_kept_is_read_again(tmp_path, header_reads):
+    """A slice rewritten in place by a copy keeping the source's times (cp -p, rsync -t) of the same size: its name,
+    inode, size and modification time are as before; only its change time (ctime, set by the write) says it changed,
+    and the folder is read again: its 4 files read twice ({2: 4}), the second answer naming the new description. Kills
+    C12 (ctime left out of _folder_state: the earlier answer kept, read once)."""
+    import time
+
+    folder = _series_folder(tmp_path / "s", uid="1.2.3.96")
+    with io.dicom_headers_read_once():
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIR"]
+        before = {p.name: p.stat() for p in folder.iterdir()}
+        time.sleep(0.05)  # a change time of its own, on a file system counting in coarse steps
+        for p in folder.iterdir():  # the description's bytes rewritten in place: the same size, the same inode
+            data = p.read_bytes()
+            assert data.count(b"AX FLAIR") == 1
+            with open(p, "r+b") as f:
+                f.write(data.replace(b"AX FLAIR", b"AX FLAIX"))
+            os.utime(p, ns=(before[p.name].st_atime_ns, before[p.name].st_mtime_ns))
+            assert p.stat().st_size == before[p.name].st_size and p.stat().st_ino == before[p.name].st_ino
+            assert p.stat().st_mtime_ns == before[p.name].st_mtime_ns
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIX"]
+    assert in_folder(header_reads, folder) == {2: 4}
 
 
 def test_a_file_changed_while_the_headers_are_read_is_read_again(tmp_path, monkeypatch):
