@@ -1933,6 +1933,17 @@ def test_write_dicom_seg_refuses_a_volume_resampled_since_it_was_loaded_and_adds
     assert (tmp_path / "seg2.dcm").is_file() and "not added to Slicer's DICOM database" in written["database"]
 
 
+
+def _manual_segmentation_to_split():
+    """A FLAIR volume node with a manual segmentation (no 'Lateral ventricles' segment), and lesionStatistics' /
+    startSplit's arguments for its split made by the shipped ventricle model on the CPU: (FLAIR image, volume node,
+    segmentation node, arguments)."""
+    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
+    volume = mrml.volumeFromImage(flair, "FLAIR")
+    manual = mrml.segmentationFromMask(truth, volume, name="manual")
+    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    return flair, volume, manual, dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu")
+
 def test_the_split_networks_start_as_a_job_that_keeps_nothing_when_cancelled(scene, monkeypatch):
     """lesionStatistics made the split of a segmentation without its own ventricles by running the networks in the
     calling thread (the panel's main thread). startSplit runs them as a job instead, where they are needed and not
@@ -1940,12 +1951,8 @@ def test_the_split_networks_start_as_a_job_that_keeps_nothing_when_cancelled(sce
     Cancelled); finished, finishSplit keeps their work and lesionStatistics runs no network."""
     import DeepWMLLib.inference as inference
 
-    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
-    volume = mrml.volumeFromImage(flair, "FLAIR")
-    manual = mrml.segmentationFromMask(truth, volume, name="manual")
-    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    flair, volume, manual, arguments = _manual_segmentation_to_split()
     logic = DeepWMLCoreLogic()
-    arguments = dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu")
     assert logic.startSplit(manual, volume, ventricleModel=None) is None  # no split asked for: no job
     runs, predict = [], inference.predict_maps
     monkeypatch.setattr(inference, "predict_maps", lambda *a, **k: runs.append(k.get("cancel")) or predict(*a, **k))
@@ -1993,12 +2000,8 @@ def test_a_split_job_keeps_nothing_where_the_volume_changed_or_left_while_its_ne
     meanwhile: a volume whose voxels were changed (an edit, another frame of a sequence) or that was deleted left its
     ventricles (a byte a voxel) kept under a key nothing matches again, until the next split or the scene's close. The
     key is taken again when the job finishes: the work is kept only where it is still that of the volume."""
-    flair, truth = make_volume(spacing=(0.9, 0.9, 5.0), blobs=((0.3, 0.6, 0.5, 6.0),))
-    volume = mrml.volumeFromImage(flair, "FLAIR")
-    manual = mrml.segmentationFromMask(truth, volume, name="manual")
-    model = str(REPO / "Resources" / "Models" / "deepwml_vent8_synth_v1.pt")
+    flair, volume, manual, arguments = _manual_segmentation_to_split()
     logic = DeepWMLCoreLogic()
-    arguments = dict(segmentationNode=manual, volumeNode=volume, ventricleModel=model, device="cpu")
 
     job = logic.startSplit(**arguments)
     assert job.wait(30)
