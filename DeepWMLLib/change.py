@@ -1276,9 +1276,7 @@ def done_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple[st
     report, _skip_message). None: not done before (no report of it there, or --overwrite), to be compared.
     `entry`: the manifest's row (case, baseline, followup, baseline_mask, followup_mask), for one pair the same
     from its arguments, with baseline_series and followup_series."""
-    from .segment import ADDED
-
-    from .segment import refuse_stopped
+    from .segment import ADDED, refuse_stopped
 
     report_path = out / f"{case}_change.json"
     refuse_stopped(report_path, args.overwrite, "pair")  # a run killed part way: never a pair done, even beside its old report

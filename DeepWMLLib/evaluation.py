@@ -76,8 +76,13 @@ def json_ready(value):
     return value
 
 
+def json_text(data) -> str:
+    """`data` as the JSON text write_json writes (json_ready, indented by 2, a final newline)."""
+    return json.dumps(json_ready(data), indent=2) + "\n"
+
+
 def write_json(data, path: str | os.PathLike) -> Path:
-    return io.write_text(json.dumps(json_ready(data), indent=2) + "\n", path)
+    return io.write_text(json_text(data), path)
 
 
 def check_single_outputs(args) -> None:

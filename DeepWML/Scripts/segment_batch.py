@@ -26,7 +26,6 @@ when stopped in one left to another run and done at the end) and that the same c
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 import traceback
@@ -213,7 +212,7 @@ def segmentCase(logic, case: str, path: Path, args, study=None, progress=None) -
 
 
 def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None) -> dict:
-    from DeepWMLLib.evaluation import json_ready
+    from DeepWMLLib.evaluation import json_text
     from DeepWMLLib.segment import check_earlier_result, input_fingerprint
 
     # a run killed part way (its journal lists its files): refused without --overwrite, never skipped as done
@@ -313,7 +312,7 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
                            io.read_nifti_geometry(path))  # a NIfTI input's qform and sform as they stand
             segment.write_qc_and_dicom(report, paths, args.overwrite, picture if args.qc else None,
                                        prepared if outline else None, segmented if seg else None)
-            segment.finish_report(paths["report"], json.dumps(json_ready(report), indent=2) + "\n")  # the journal's end
+            segment.finish_report(paths["report"], json_text(report))  # the journal's end
     finally:
         for node in nodes:
             mrml.removeNode(node)
