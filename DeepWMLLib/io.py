@@ -2199,6 +2199,19 @@ _header_cache_lock = threading.Lock()
 # fingerprinted: train) and again when its case is read, so a count of folders (32) forgot every folder of a run of
 # more than about 16 before its case came: a bound of files keeps a whole run's (under 1 kB each: 50 MB at most)
 _HEADER_CACHE_FILES = 50_000
+# An answer is kept only where each file it was read from was last written and changed (mtime, ctime) more than this
+# before the reading began ("racily clean", as git's index says): a file's times are the kernel's coarse clock (a tick,
+# 1-16 ms, behind time.time()) cut down to its file system's step (ns on ext4, xfs, btrfs, tmpfs, APFS; 100 ns NTFS;
+# 10 ms exFAT; 1 s ext3, HFS+; 2 s FAT), so a file rewritten later in the step it was read in keeps its times, size
+# and inode, and its state would stand for headers it no longer holds. 3 s: FAT's 2 s step, the tick and a second of
+# difference between this machine's clock and a file server's (which stamps a network share's files).
+_RACY_NS = 3_000_000_000
+
+
+def _now_ns() -> int:
+    """The time a reading begins, against which its files' times are judged (`_RACY_NS`): time.time_ns(), the precise
+    clock, at or ahead of the coarse one the kernel stamps files with (so a file looks newer, never older)."""
+    return time.time_ns()
 
 
 @contextlib.contextmanager
@@ -2208,7 +2221,12 @@ def dicom_headers_read_once():
     asked for: --series checked up front and then chosen for its case, a FLAIR folder a DICOM SEG of each rater is
     placed by. Read again where the folder changed since (`_folder_state`: its files' names, sizes, times and
     inodes); forgotten when the outermost one ends. Also a decorator. Outside one, every call reads the headers, as
-    before."""
+    before.
+
+    A folder with a file written or changed (mtime, ctime) within `_RACY_NS` (3 s) of the moment its reading began is
+    read again each time it is asked for, not kept, until its files are that old: a file rewritten in place in the
+    same tick of the file system's clock (up to 2 s on FAT) keeps its size and times, so that its state could not tell
+    the change (git's "racily clean" entries). An export written minutes before the run is read once."""
     global _header_cache, _header_cache_users
     with _header_cache_lock:
         if _header_cache_users == 0:
@@ -2248,14 +2266,24 @@ def _folder_state(root: Path, recursive: bool) -> tuple | None:
     return tuple(folders), tuple(errors)
 
 
+def _settled(state: tuple, began: int) -> bool:
+    """Whether each file of `state` (`_folder_state`) was last written and changed (mtime, ctime) more than `_RACY_NS`
+    before `began` (`_now_ns`, taken before the state): a later change of it then gives it other times."""
+    newest = max((entry[i] for entries in state[0] for entry in entries[1:] if len(entry) == 7 for i in (4, 5)),
+                 default=None)
+    return newest is None or newest < began - _RACY_NS
+
+
 def _once_per_run(kind: str, root, recursive: bool, read: Callable[[], object]):
     """`read()`'s answer of the files of `root` (and, `recursive`, of the folders below it): once within
     `dicom_headers_read_once` while they are unchanged (`_folder_state`), a copy given each time (the callers' own to
-    change); each call's own outside one. An error raised is not kept (read again next time)."""
+    change); each call's own outside one. An error raised is not kept (read again next time), nor an answer of files
+    changed too near its reading to tell a later change (`_settled`)."""
     cache = _header_cache
     if cache is None:
         return read()
     key = (kind, str(root), None if os.path.isabs(root) else os.getcwd(), recursive)  # the files' paths are joined to it
+    began = _now_ns()  # before the files are looked at: the reading begins later still
     state = _folder_state(root, recursive)
     with _header_cache_lock:
         known = cache.pop(key, None)
@@ -2267,7 +2295,7 @@ def _once_per_run(kind: str, root, recursive: bool, read: Callable[[], object]):
     if state is None:
         return found
     files = sum(len(entries) for entries in state[0])  # its folders and their files
-    kept = (state, copy.deepcopy(found), files) if files <= _HEADER_CACHE_FILES else None
+    kept = (state, copy.deepcopy(found), files) if files <= _HEADER_CACHE_FILES and _settled(state, began) else None
     with _header_cache_lock:  # the state before the reading: a file changed while it was read is read again next time
         cache.pop(key, None)
         if kept is not None:

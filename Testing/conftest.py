@@ -32,6 +32,18 @@ def private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def folders_written_long_ago(monkeypatch):
+    """A test reads a DICOM folder moments after writing it, where a run reads an export written minutes before: io's
+    header cache keeps no answer of files written within io._RACY_NS (3 s) of its reading, so its clock is put an hour
+    on (as if the folder had been written that long before). The tests of that rule set the clock themselves."""
+    import time
+
+    from DeepWMLLib import io
+
+    monkeypatch.setattr(io, "_now_ns", lambda: time.time_ns() + 3600 * 10**9)
+
+
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])

@@ -271,6 +271,65 @@ def test_a_run_of_many_dicom_folders_reads_each_once(tmp_path, header_reads, mon
         assert [io.dicom_series(f)[0].uid for f in folders] == [f"1.2.3.8.{k}" for k in range(40)]
     assert sorted(scans) == folders and all(in_folder(header_reads, f) == {1: 2} for f in folders)
 
+def _times_stand_still(monkeypatch) -> None:
+    """io._folder_state as on a file system whose clock has not moved on since a folder was first looked at (one tick
+    of a coarse clock; up to 2 s on FAT): each folder's first state given again, so that a file rewritten in place
+    with its size keeps its times (mtime and ctime), as it then does."""
+    states = {}
+    state = io._folder_state
+    monkeypatch.setattr(io, "_folder_state",
+                        lambda root, recursive: states.setdefault((str(root), recursive), state(root, recursive)))
+
+
+def test_a_slice_rewritten_within_the_tick_it_was_written_in_is_read_again(tmp_path, header_reads, monkeypatch):
+    """A slice rewritten in place with its size in the tick of the file system's clock it was written in keeps its
+    name, inode, size, mtime and ctime: nothing in its folder's state tells the change (git's "racily clean" entry).
+    Its folder, read 1 s after its files were written (within io._RACY_NS), is not kept but read again when asked for
+    again, naming the new description; it was kept, and the earlier answer ("AX FLAIR") given for the rewritten
+    folder (its 4 headers read once)."""
+    image, _ = make_volume(size=(8, 8, 4), spacing=(1.0, 1.0, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "s", image, uid="1.2.3.97", description="AX FLAIR", inversion_ms=2500,
+                                number=1)
+    written = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in folder.iterdir())
+    monkeypatch.setattr(io, "_now_ns", lambda: written + 10**9, raising=False)
+    _times_stand_still(monkeypatch)
+    with io.dicom_headers_read_once():
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIR"]
+        for p in folder.iterdir():  # the description's bytes rewritten in place: the same size, the same inode
+            data = p.read_bytes()
+            with open(p, "r+b") as f:
+                f.write(data.replace(b"AX FLAIR", b"AX FLAIX"))
+        assert [s.description for s in io.dicom_series(folder)] == ["AX FLAIX"]
+        assert io._header_cache == {}
+    assert in_folder(header_reads, folder) == {2: 4}
+
+
+@pytest.mark.parametrize("mtime_s, after_ns, reads", [
+    (-3600, io._RACY_NS, 2),  # copied keeping its times (cp -p): its ctime, not its mtime, just within the bound
+    (-3600, io._RACY_NS + 1, 1),  # just past it
+    (-3600, 600 * 10**9, 1),  # an export written 10 minutes before the run
+    (3600, 600 * 10**9, 2),  # a modification time ahead of this machine's clock (another machine's, a skewed server)
+])
+def test_a_folder_is_kept_once_its_files_are_older_than_the_racy_bound(tmp_path, header_reads, monkeypatch, mtime_s,
+                                                                       after_ns, reads):
+    """A folder whose files' modification times are `mtime_s` from now, asked for twice in a run `after_ns` after its
+    files' change times (ctime, set now): kept (its 4 headers read once) only where both times are more than
+    io._RACY_NS before the reading; else read again ({2: 4}), as a change in the tick of those times could not be
+    told. Not the modification time alone (a copy keeping its times), nor the change time alone."""
+    image, _ = make_volume(size=(8, 8, 4), spacing=(1.0, 1.0, 5.0), dtype=sitk.sitkInt16)
+    folder = write_dicom_series(tmp_path / "s", image, uid="1.2.3.98", description="AX FLAIR", number=1)
+    when = time.time_ns() + mtime_s * 10**9
+    for p in folder.iterdir():
+        os.utime(p, ns=(when, when))
+    changed = max(p.stat().st_ctime_ns for p in folder.iterdir())
+    monkeypatch.setattr(io, "_now_ns", lambda: changed + after_ns)
+    _times_stand_still(monkeypatch)
+    with io.dicom_headers_read_once():
+        assert io.dicom_series(folder) == io.dicom_series(folder)
+        assert len(io._header_cache) == (1 if reads == 1 else 0)
+    assert in_folder(header_reads, folder) == {reads: 4}
+
+
 def test_a_dicom_series_whose_slices_are_rescaled_unlike_its_first_keeps_each_slices_real_values(tmp_path):
     """Philips exports give each slice its own Rescale Slope / Intercept, and some exports tag only some slices:
     ITK took the series' pixel type from the first slice (no rescale: unsigned 16-bit) and cast the others' real
