@@ -50,6 +50,7 @@ SERIES_NUMBER_OFFSET = 1000
 CHANGE_SERIES_NUMBER_OFFSET = 3000  # `deepwml change --dicom-outline`'s (dicom_seg.py lists them all)
 _LARGEST_IS = 2**31 - 1  # the VR IS range: a Series Number past it is refused by a PACS that checks
 CAPTION = "DEEPWML WMH OUTLINE - NOT FOR DIAGNOSIS"
+MAKER = "DeepWML"  # every image's Secondary Capture Device Manufacturer: with its SOP Class, how DeepWML knows its own
 FILE_PATTERN = "IM{:05d}.dcm"
 # Attributes of the patient and the study copied from the source (and its Burned In Annotation, for the outline's):
 # (tag, is text in the source's character set, written empty when the source lacks it: the IOD's Type 2, which GDCM
@@ -227,14 +228,58 @@ def _array(image) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else voxels(image)  # a Volume or a SimpleITK image
 
 
+def is_outline_image(path: str | os.PathLike) -> bool:
+    """Whether `path` is an image of an outline series DeepWML wrote, by its DICOM header alone (no pixels read): a
+    file (not a link), Secondary Capture Image Storage by its SOP Class UID, with DeepWML as its Secondary Capture
+    Device Manufacturer, as `outline_series` has written on every image since the first version: a series of any
+    version's run is known, whatever its report records (the Series Instance UID) or with none (a run killed part
+    way, which its journal lists by name alone). Anything else, or a file that cannot be read as DICOM, is not: a
+    user's image, never deleted nor replaced."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        reader = _reader(str(path))
+    except DeepWMLError:
+        return False
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip(" \0") if reader.HasMetaDataKey(key) else ""
+
+    return tag("0008|0016") == SECONDARY_CAPTURE and tag("0018|1016") == MAKER
+
+
+def foreign_images(folder: str | os.PathLike) -> list[Path]:
+    """The files named as an outline series' images (IM*.dcm) in `folder` that are not DeepWML's (is_outline_image)."""
+    return sorted(image for image in Path(folder).glob("IM*.dcm") if not is_outline_image(image))
+
+
+def refuse_foreign_images(folder: str | os.PathLike) -> None:
+    """Refuse (DeepWMLError) an outline series folder holding images named as its own (IM*.dcm) that are not
+    DeepWML's outline series by their headers (foreign_images): they would be deleted with the series. A folder
+    that is a symbolic link is not looked into: its link alone is ever removed."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    foreign = foreign_images(folder)
+    if foreign:
+        shown = ", ".join(f.name for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DeepWMLError(f"{folder} holds DICOM images that are not DeepWML's outline series ({len(foreign)}: "
+                           f"{shown}; by their headers, not a Secondary Capture by DeepWML), which DeepWML never "
+                           "deletes; move them elsewhere, or write into another output folder, before replacing "
+                           "the series")
+
+
 def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse, before any work, an outline folder that may not be written: one that exists (without
-    `overwrite`), or one holding files other than an outline series' images (never deleted)."""
+    `overwrite`), or one holding files other than an outline series' images, or images named as its own that are
+    not DeepWML's (refuse_foreign_images; never deleted)."""
     folder = Path(folder)
     if folder.exists() and not (overwrite and folder.is_dir()):
         raise DeepWMLError(f"{folder} exists; remove it or rerun with --overwrite")
     if folder.is_dir() and any(not f.match("IM*.dcm") for f in folder.iterdir()):
         raise DeepWMLError(f"{folder} holds files DeepWML did not write there; move them before replacing the series")
+    refuse_foreign_images(folder)
     return folder
 
 
@@ -288,7 +333,7 @@ def outline_series(image, mask, series: io.DicomSeries, report: dict, title: str
         "0008|0021": date, "0008|0031": clock, "0008|0023": date, "0008|0033": clock,
         "0008|103e": description,
         "0008|2111": derivation,
-        "0018|1016": "DeepWML", "0018|1019": str(__version__),
+        "0018|1016": MAKER, "0018|1019": str(__version__),
         "0020|000e": series_uid,
         "0020|0011": str(number),
         "0020|0037": "\\".join(_decimal(v) for v in (direction[0], direction[3], direction[6],
@@ -368,8 +413,10 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
 
 
 def remove_outline_series(folder: str | os.PathLike) -> None:
-    """Delete an earlier run's outline series: its images, then the folder if nothing else is in it. A folder
-    that is a symbolic link (to a series elsewhere: the user's) loses the link alone, never the images it leads to."""
+    """Delete an earlier run's outline series: its images (those DeepWML wrote, by their headers: is_outline_image),
+    then the folder if nothing else is in it. Images named as its own that are not DeepWML's are left, with the
+    folder (the commands refuse such a folder before any work: refuse_foreign_images). A folder that is a symbolic
+    link (to a series elsewhere: the user's) loses the link alone, never the images it leads to."""
     folder = Path(folder)
     if folder.is_symlink():
         folder.unlink()
@@ -377,7 +424,8 @@ def remove_outline_series(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for image in folder.glob("IM*.dcm"):
-        image.unlink()
+        if is_outline_image(image):
+            image.unlink()
     try:
         folder.rmdir()
     except OSError:

@@ -152,8 +152,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, asks_for_no_model, case_guard, dicom_instances,
                           dicom_series_warnings, load_brain_model, load_ventricle_model, mask_digest, mask_location,
                           names_own_model, picture_title, scan_header_warnings, stopped_outputs, whole_or_none)
-    from .segment import (add_instance_numbers, finish_report, journal_path, refuse_stopped, start_outputs,
-                          write_qc_and_dicom)
+    from .segment import (add_instance_numbers, finish_report, journal_path, refuse_foreign_outlines, refuse_stopped,
+                          start_outputs, write_qc_and_dicom)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -201,6 +201,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                                f"journal {journal_path(paths['report']).name} lists; export into another OUTDIR, or give "
                                "another name with --case (deepwml segment --overwrite redoes that case)")
         refuse_stopped(paths["report"], overwrite)  # a run killed part way (its journal lists its files)
+        refuse_foreign_outlines(out, case, paths, overwrite, protected, list(export_paths(out, case, True, True,
+                                                                                         True).values()))
         # refused first: --overwrite, which the refusal below advises, would not do
         if paths["report"].exists() and _segment_run_there(paths["report"]):
             raise DeepWMLError(f"{out} holds the outputs deepwml segment wrote for case {case!r} "

@@ -1144,7 +1144,8 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
     before it) or one that cannot be read, every name a run writes for the case; with neither a report nor a
     journal (none ever, or a version before journals), none: the files there may be the user's. Never a scan given
     to the run (`protected`: resolved paths) nor a folder holding one; of an outline series folder only its own
-    images (dicom_outline.remove_outline_series); of a symbolic link the link alone, never what it leads to. Only
+    images, known by their headers (dicom_outline.remove_outline_series: a user's images there are refused
+    before any work, refuse_foreign_outlines); of a symbolic link the link alone, never what it leads to. Only
     names of `possible`, in OUTDIR: a listed name that is a path (`../x`, absolute) or another case's is never
     reached. `possible`: the outputs the command could have written (default: every one a segment run writes, in
     every output format); `deepwml export` and `deepwml change` pass their own. One rule for deepwml segment,
@@ -1160,6 +1161,21 @@ def remove_earlier_outputs(out_dir: Path, case: str, paths: dict, protected=froz
             remove_outline_series(stale)
         elif stale.is_file():
             stale.unlink()
+
+
+def refuse_foreign_outlines(out_dir: Path, case: str, paths: dict, overwrite: bool, protected=frozenset(),
+                            possible=None) -> None:
+    """Before any work, with --overwrite: an earlier run's outline series folder that remove_earlier_outputs would
+    empty (one this run does not write; the one it writes is dicom_outline.check_outline_folder's) is refused when it
+    holds images named as the series' (IM*.dcm) that are not DeepWML's by their headers
+    (dicom_outline.refuse_foreign_images): a user's images, never deleted. Arguments as remove_earlier_outputs'."""
+    if not overwrite:
+        return
+    from .dicom_outline import refuse_foreign_images
+
+    for stale in _stale_outputs(out_dir, case, paths, protected, possible):
+        if stale.name.endswith("_outline_dicom"):
+            refuse_foreign_images(stale)  # a symbolic link: not looked into (its link alone is removed)
 
 
 def _outline_named(report: Path) -> list[str]:
@@ -1612,6 +1628,7 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
         if left.name.startswith(prefixes):
             shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
     refuse_stopped(paths["report"], overwrite)  # a run killed part way: its files are no result, said so
+    refuse_foreign_outlines(out_dir, case, paths, overwrite, protected)  # a user's images where a series was
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way

@@ -716,6 +716,33 @@ def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, 
     assert not (out / "followup_change_outline_dicom").exists()
 
 
+def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pair, tmp_path, capsys):
+    """CASE_change_outline_dicom/ holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite,
+    with --dicom-outline or without it, would delete them as DeepWML's. Refused before any work now, naming the
+    folder, the images and the earlier result left as they were."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
+                                extra={"0020|000d": "1.2.3.70"})
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(args + ["--dicom-outline"]) == 0
+    target = out / "followup_change_outline_dicom"
+    shutil.rmtree(target)
+    target.mkdir()
+    for k, path in enumerate(sorted(series.iterdir()), start=1):
+        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
+    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    report = (out / "followup_change.json").read_bytes()
+    capsys.readouterr()
+    for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):
+        assert main(args + options) == 1
+        assert f"{target} holds DICOM images that are not DeepWML's outline series" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+        assert (out / "followup_change.json").read_bytes() == report
+
+
 SEG_PATIENT = {"0010|0010": "Roe^Ann", "0010|0020": "P-9", "0020|000d": "1.2.3.90", "0020|0052": "1.2.3.91",
                "0008|0020": "20260301"}
 

@@ -393,3 +393,85 @@ def test_burned_in_annotation_says_yes_where_the_source_pixels_carry_one(tmp_pat
     folder, truth = _series_with(tmp_path, "clean", extra={"0028|0301": "NO"})
     _outline(folder, truth, tmp_path / "o2")
     assert {h["0028|0301"] for h in read_series(tmp_path / "o2")[1]} == {"NO"}
+
+
+def users_images(source, folder):
+    """The DICOM files of `source` (a FLAIR series) copied into `folder` under an outline series' names (IM00001.dcm,
+    ...), as a PACS export names its images; returns each file's bytes by name."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(sorted(source.iterdir()), start=1):
+        shutil.copyfile(path, folder / dicom_outline.FILE_PATTERN.format(k))
+    return contents(folder)
+
+
+def contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_only_deepwmls_own_outline_images_are_replaced_or_removed(tmp_path):
+    """An outline series' folder was emptied of IM*.dcm by their names: a FLAIR's images named so (a PACS export, or
+    copied there) were deleted as if DeepWML's. Now its images are known by their headers (a Secondary Capture by
+    DeepWML): a folder holding others is refused, naming it, before anything is written, and never emptied of them;
+    DeepWML's own series is still replaced and removed, and a folder that is a symbolic link loses the link alone."""
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    assert dicom_outline.check_outline_folder(own, True) == own  # its own: replaced
+    written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
+    assert read_series(own)[1][0]["0020|000e"] == written["series_uid"]
+    theirs = tmp_path / "theirs"
+    before = users_images(folder, theirs)
+    with pytest.raises(DeepWMLError, match="not DeepWML's outline series") as refused:
+        dicom_outline.check_outline_folder(theirs, True)
+    assert str(theirs) in str(refused.value) and "move them" in str(refused.value)
+    with pytest.raises(DeepWMLError, match="not DeepWML's outline series"):
+        dicom_outline.write_outline_series(prepared, theirs, overwrite=True)
+    dicom_outline.remove_outline_series(theirs)
+    assert contents(theirs) == before
+    assert [dicom_outline.is_outline_image(p) for p in (own / "IM00001.dcm", theirs / "IM00001.dcm")] == [True, False]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    # one of theirs among DeepWML's images: refused, and a removal takes DeepWML's alone
+    (own / "IM09999.dcm").write_bytes(before["IM00001.dcm"])
+    with pytest.raises(DeepWMLError, match=r"\(1: IM09999.dcm;"):
+        dicom_outline.check_outline_folder(own, True)
+    dicom_outline.remove_outline_series(own)
+    assert contents(own) == {"IM09999.dcm": before["IM00001.dcm"]}
+    # a file that is not DICOM at all under such a name: not DeepWML's either
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "IM00001.dcm").write_bytes(b"\0" * 200)
+    with pytest.raises(DeepWMLError, match="not DeepWML's outline series"):
+        dicom_outline.check_outline_folder(tmp_path / "odd", True)
+    # a symbolic link to their folder: not looked into, the link alone replaced
+    link = tmp_path / "link"
+    try:
+        link.symlink_to(theirs, target_is_directory=True)
+    except OSError:
+        return  # no symbolic links here (Windows without the right)
+    dicom_outline.write_outline_series(prepared, link, overwrite=True)
+    assert not link.is_symlink() and read_series(link)[1][0]["0020|000e"] == prepared.series_uid
+    assert contents(theirs) == before
+
+
+def test_segment_overwrite_refuses_an_outline_folder_holding_a_users_images(tmp_path, tiny_model):
+    """--overwrite, with --dicom-outline (the series replaced) or without it (the earlier run's removed): the folder
+    now holds a FLAIR's images under the series' names, which were deleted. Refused before anything is written,
+    the images and the earlier result left as they were."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(args + ["--dicom-outline"]) == 0
+    target = out / "flair_outline_dicom"
+    for image in target.iterdir():
+        image.unlink()
+    before = users_images(folder, target)
+    report = (out / "flair_report.json").read_bytes()
+    for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):
+        assert main(args + options) == 1
+        said = read_summary_error(out)
+        assert f"{target} holds DICOM images that are not DeepWML's outline series (6: IM00001.dcm" in said
+        assert contents(target) == before
+        assert (out / "flair_report.json").read_bytes() == report  # refused before anything was written

@@ -611,3 +611,30 @@ def test_export_overwrite_over_a_report_that_cannot_be_read_removes_its_outputs_
     (out / "p1_notes.txt").write_text("mine")
     assert main([*command, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["p1_notes.txt", "p1_report.json"]
+
+
+def test_export_overwrite_never_deletes_a_users_images_in_the_outline_folder(tmp_path, capsys):
+    """The outline series' folder holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite,
+    with --dicom-outline or without it (the earlier export's series removed), deleted them as DeepWML's. Refused
+    before anything is written now, naming the folder; DeepWML's own series is still replaced."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1"]
+    assert main([*command, "--dicom-outline"]) == 0
+    target = out / "p1_outline_dicom"
+    first = pydicom.dcmread(target / "IM00001.dcm", stop_before_pixels=True).SeriesInstanceUID
+    assert main([*command, "--dicom-outline", "--overwrite"]) == 0  # its own: replaced
+    assert pydicom.dcmread(target / "IM00001.dcm", stop_before_pixels=True).SeriesInstanceUID != first
+    shutil.rmtree(target)
+    target.mkdir()
+    for k, path in enumerate(sorted(folder.iterdir()), start=1):
+        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
+    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    report = (out / "p1_report.json").read_bytes()
+    capsys.readouterr()
+    for options in (["--dicom-outline"], []):
+        assert main([*command, *options, "--overwrite"]) == 1
+        assert f"{target} holds DICOM images that are not DeepWML's outline series" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+        assert (out / "p1_report.json").read_bytes() == report

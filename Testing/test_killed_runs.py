@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from DeepWMLLib import io, segment
 from DeepWMLLib.cli import main
 
-from conftest import make_volume
+from conftest import make_volume, write_dicom_series
 
 
 class Killed(Exception):
@@ -231,3 +231,36 @@ def test_export_refuses_the_outputs_of_a_segment_run_killed_part_way(tmp_path, t
         assert "deepwml segment run of case 'a'" in said and "another OUTDIR" in said, said
     assert names(out) == ["a.seg.nrrd", "a_qc.png", "a_wmh.nii.gz"]
     assert segment.journal_path(out / "a_report.json").exists()
+
+
+def test_overwrite_after_a_killed_run_removes_its_outline_series_never_a_users_images_there(tmp_path, tiny_model,
+                                                                                          monkeypatch):
+    """A run killed before its report lists its outline series' folder in its journal, by name alone; --overwrite
+    emptied it of every IM*.dcm, a user's images put there (a FLAIR's, under the series' names) among them. Now they
+    are known by their headers: the folder holding a user's images is refused before any work, with --dicom-outline
+    or without it, and left as it is; the killed run's own series is still removed."""
+    image, _ = make_volume(size=(32, 32, 4))
+    scan = write_dicom_series(tmp_path / "scans" / "a", sitk.Cast(image, sitk.sitkInt16), description="AX FLAIR")
+    out, folder = tmp_path / "out", tmp_path / "out" / "a_outline_dicom"
+    killed_at(monkeypatch, "a_report.json")
+    assert run_segment(tiny_model, scan, "-o", out, "--dicom-outline") == 1
+    revived(monkeypatch)
+    assert "a_outline_dicom" in json.loads(segment.journal_path(out / "a_report.json").read_text())["outputs"]
+    killed = names(out)
+    own = tmp_path / "own_outline"
+    os.replace(folder, own)  # the killed run's series, put aside
+    folder.mkdir()
+    for k, path in enumerate(sorted(scan.iterdir()), start=1):
+        (folder / f"IM{k:05d}.dcm").write_bytes(path.read_bytes())
+    theirs = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for options in ([], ["--dicom-outline"]):
+        assert run_segment(tiny_model, scan, "-o", out, "--overwrite", *options) == 1
+        assert "holds DICOM images that are not DeepWML's outline series" in status(out)["error"]
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == theirs
+        assert names(out) == killed  # nothing done
+    for path in folder.iterdir():  # the user takes theirs away; the killed run's series is back
+        path.unlink()
+    folder.rmdir()
+    os.replace(own, folder)
+    assert run_segment(tiny_model, scan, "-o", out, "--overwrite") == 0
+    assert "a_outline_dicom" not in names(out) and "a_report.json" in names(out)

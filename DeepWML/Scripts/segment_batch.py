@@ -217,6 +217,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
 
     # a run killed part way (its journal lists its files): refused without --overwrite, never skipped as done
     segment.refuse_stopped(paths["report"], args.overwrite)
+    # an earlier outline series' folder holding a user's images (IM*.dcm not DeepWML's): refused, never emptied
+    segment.refuse_foreign_outlines(args.output_dir, case, paths, args.overwrite, args.protected)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
         if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
