@@ -227,6 +227,8 @@ BAD_INPUTS = [
      "ok: the FLAIR segmented; the T1 alone is refused when chosen, naming the file"),
     ("--dicom-outline with a NIfTI input", "segment", 0, "ok: segmented, no outline series, warning printed (\"the input is not DICOM\")"),
     ("--dicom-outline where the outline folder holds other files", "segment", 1, "did not write there"),
+    ("--dicom-outline --overwrite where the outline folder holds a FLAIR's images named as the series' (IM*.dcm; they "
+     "were deleted as DeepWML's)", "segment", 1, "not DeepWML's outline series"),
     ("--dicom-seg with a NIfTI input", "segment", 0, "ok: segmented, no DICOM SEG, warning printed (\"the input is not DICOM\")"),
     ("--dicom-seg with a DICOM series without a Frame of Reference UID", "segment", 1, "no Frame of Reference UID"),
     ("a folder holding only a DICOM SEG (a segmentation sent back from PACS; it was read as the scan and called a label "
@@ -942,6 +944,11 @@ def _command(row_id: str, tmp: Path, p: dict) -> list[str]:
         (tmp / "out" / "flair_outline_dicom").mkdir(parents=True)
         (tmp / "out" / "flair_outline_dicom" / "notes.txt").write_text("mine")
         return seg + [str(tmp / "in" / "flair"), "--dicom-outline", "--overwrite"]
+    if row_id.startswith("--dicom-outline --overwrite where the outline folder holds a FLAIR's images"):
+        write_dicom_series(tmp / "in" / "flair", sitk.Cast(sitk.ReadImage(str(p["good"])), sitk.sitkInt16),
+                           description="AX FLAIR", prefix="IM")
+        shutil.copytree(tmp / "in" / "flair", tmp / "out" / "flair_outline_dicom")
+        return seg + [str(tmp / "in" / "flair"), "--dicom-outline", "--overwrite"]
     if row_id.startswith(("a probability map of an earlier run", "an earlier run's OUTDIR given")):
         assert main(["segment", str(p["good"]), "-o", str(tmp / "earlier"), "--model", str(p["model"]), "--device",
                      "cpu", "--save-probabilities"]) == 0
@@ -1324,6 +1331,10 @@ def test_bad_input(row_id, command, exit_code, words, world, capsys, monkeypatch
         assert not (tmp / "out").exists() or not list((tmp / "out").iterdir())  # nothing written
     if row_id == "--dicom-outline where the outline folder holds other files":
         assert (tmp / "out" / "flair_outline_dicom" / "notes.txt").read_text() == "mine"
+        assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written
+    if row_id.startswith("--dicom-outline --overwrite where the outline folder holds a FLAIR's images"):
+        assert {f.name: f.read_bytes() for f in (tmp / "out" / "flair_outline_dicom").iterdir()} == \
+            {f.name: f.read_bytes() for f in (tmp / "in" / "flair").iterdir()}
         assert not (tmp / "out" / "flair_wmh.nrrd").exists()  # refused before anything was written
     if row_id == "NIfTI whose header gives lengths in metres":
         report = json.loads((tmp / "out" / "metres_report.json").read_text(encoding="utf-8"))
