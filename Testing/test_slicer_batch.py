@@ -1221,6 +1221,35 @@ def test_batch_writes_the_dicom_seg_and_outline_of_a_dicom_input_and_warns_of_an
     assert "S_wmh_seg.dcm" not in json.loads((out / "S_report.json").read_text(encoding="utf-8"))["outputs"]
 
 
+def test_batch_overwrite_never_deletes_a_users_images_in_the_outline_folder(scene, batchScript, tmp_path,
+                                                                           monkeypatch, tiny_model):
+    """CASE_outline_dicom/ holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite, with
+    --dicom-outline (the series replaced) or without it (the earlier one removed), would delete them as DeepWML's.
+    The case is refused before any work, as deepwml segment refuses it, the images and its earlier report kept."""
+    import shutil
+
+    from conftest import write_dicom_series
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    series = write_dicom_series(inputs / "S", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500)
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base + ["--dicom-outline"]) == 0
+    target = out / "S_outline_dicom"
+    shutil.rmtree(target)
+    target.mkdir()
+    for k, path in enumerate(sorted(series.iterdir()), start=1):
+        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
+    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    report = (out / "S_report.json").read_bytes()
+    for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):
+        assert batchScript.main(base + options) != 0
+        assert "holds DICOM images that are not DeepWML's outline series" in summary(out)["S"]["error"]
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+        assert (out / "S_report.json").read_bytes() == report
+
+
 def test_batch_rerun_adds_the_missing_picture_of_a_case_done_before_from_its_saved_mask(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """As `deepwml segment` does (segment.add_outputs): a rerun with --qc into the same OUT draws the picture of a
