@@ -1489,7 +1489,8 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # a run on the CPU saved a disabled scaler's empty state: resumed on a GPU, it starts afresh
+            scaler.load_state_dict(state["scaler"])
         if dist_ctx.main:
             _write_history(run_dir / "history.csv", state["history"])
             log.info("%sresuming %s after epoch %d", label, run_dir, state["epoch"])

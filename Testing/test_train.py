@@ -1387,6 +1387,19 @@ def test_more_epochs_for_a_run_that_stopped_early_say_why_nothing_trains(dataset
     assert len(read_history(run)) == 2
 
 
+def test_a_run_started_on_the_cpu_resumes_with_loss_scaling_as_on_a_gpu(dataset, tmp_path, monkeypatch):
+    """--device may change on resume, but a run started on the CPU (its fp16 loss scaler off, its saved state
+    empty) resumed with --device cuda stopped on RuntimeError 'The source state dict is empty'. A GPU's enabled
+    scaler is stood in for by the CPU's."""
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    monkeypatch.setattr(training, "grad_scaler", lambda enabled: torch.amp.GradScaler("cpu", enabled=True))
+    training.train(dict(config, epochs=2), run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
+    assert _last_state(run)["scaler"]["scale"] > 0  # the enabled scaler's state, kept for the next resume
+
+
 def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
     """Three cases split 60/20/20 give two for training, one for validation and none for test: said, as the run's
     provenance would otherwise be the only place to find that nothing was kept to evaluate the model on."""
