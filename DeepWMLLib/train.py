@@ -1170,7 +1170,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                            "fix the paths or pass --skip-bad-cases")
     flairs = _check_distinct_scans(cases, run_dir)
     _warn_shared_masks(cases, cfg.ignore_label)
-    if cfg.init:
+    if cfg.init and not _has_trained(run_dir):  # a started run has its weights in last.pt: the file is not read again
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1495,9 +1495,10 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
             _write_history(run_dir / "history.csv", state["history"])
             log.info("%sresuming %s after epoch %d", label, run_dir, state["epoch"])
     else:
-        if cfg.init:
-            _initialise_from(model, cfg)
+        initialised_from = _initialise_from(model, cfg) if cfg.init else None
         state = _new_state(model, optimizer, scheduler, scaler, cfg)
+        if initialised_from is not None:
+            state["initialised_from"] = initialised_from
     net = model
     if dist_ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -1606,9 +1607,14 @@ def _init_source(cfg: TrainConfig):
     return source
 
 
-def _initialise_from(model, cfg: TrainConfig) -> None:
-    """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning)."""
+def _initialise_from(model, cfg: TrainConfig) -> dict:
+    """Copy the weights of the model file `cfg.init` into a new run's network (fine-tuning); returns the file's name
+    and digest as they were then, for the provenance of every best.pt the run writes (a resume does not read the
+    file again: it may have been moved, or trained on, since)."""
+    from .checkpoint import file_digest
+
     source = _init_source(cfg)
+    digest = file_digest(cfg.init)
     if source.preprocessing.to_dict() != cfg.preprocessing:
         grid = source.preprocessing.to_dict()
         spacing = grid["grid_spacing_mm"]
@@ -1617,6 +1623,7 @@ def _initialise_from(model, cfg: TrainConfig) -> None:
                     " ".join(map(str, grid["grid_size"])), "none" if spacing is None else f"{spacing:g}")
     model.load_state_dict(source.model.state_dict())
     log.info("starting from the weights of %s", cfg.init)
+    return {"file": Path(cfg.init).name, "sha256": digest}
 
 
 def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, device, world: int) -> None:
@@ -1637,10 +1644,14 @@ def _save_best(path: Path, model, cfg: TrainConfig, state: dict, setup: dict, de
         "world_size": world,
         "torch_version": str(torch.__version__),
     }
-    if cfg.init:
+    if state.get("initialised_from"):
+        provenance["initialised_from"] = dict(state["initialised_from"])
+    elif cfg.init:  # the state of a version that did not keep it: the file as it is now, if it is still there
         from .checkpoint import file_digest
 
-        provenance["initialised_from"] = {"file": Path(cfg.init).name, "sha256": file_digest(cfg.init)}
+        provenance["initialised_from"] = {"file": Path(cfg.init).name}
+        with contextlib.suppress(OSError):
+            provenance["initialised_from"]["sha256"] = file_digest(cfg.init)
     save_model(path, model, cfg.architecture, cfg.preprocessing, cfg.threshold, provenance,
                {"0": "background", "1": cfg.label_name})
 

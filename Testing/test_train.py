@@ -807,6 +807,28 @@ def test_fine_tuning_starts_from_the_given_model(trained, dataset, tmp_path):
     assert checkpoint.load_model(fresh).provenance.get("initialised_from") is None
 
 
+def test_a_fine_tuning_run_resumes_without_its_init_file_and_names_the_file_it_started_from(trained, dataset, tmp_path,
+                                                                                          monkeypatch):
+    """A started run has its weights in last.pt, but a resume read --init's file again: moved or deleted since, the
+    run was refused ("model file ... does not exist"); trained on since (another run's best.pt), its best.pt named
+    the digest of the file as it was then, not of the weights it started from."""
+    _, best = trained
+    source = tmp_path / "source.pt"
+    source.write_bytes(Path(best).read_bytes())
+    started_from = checkpoint.file_digest(source)
+    dice = iter([0.1, 0.2, 0.3])  # each epoch better than the last, so each writes best.pt
+    monkeypatch.setattr(training, "validate", lambda *args, **kwargs: {
+        "val_loss": 1.0, "val_dice": next(dice), "val_sensitivity": 0.5, "val_precision": 0.5})
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8, init=str(source))
+    training.train(config, tmp_path / "tuned")
+    source.unlink()
+    tuned = training.train(dict(config, epochs=2), tmp_path / "tuned")
+    assert [int(r["epoch"]) for r in read_history(tmp_path / "tuned")] == [1, 2]
+    provenance = checkpoint.load_model(tuned).provenance
+    assert provenance["epoch"] == 2
+    assert provenance["initialised_from"] == {"file": "source.pt", "sha256": started_from}
+
+
 def test_fine_tuning_on_another_grid_says_how_to_keep_the_model_s(trained, dataset, tmp_path, caplog):
     _, best = trained
     with caplog.at_level("WARNING", logger="DeepWMLLib"):
