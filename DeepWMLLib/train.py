@@ -1494,11 +1494,13 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
         if dist_ctx.main:
             _write_history(run_dir / "history.csv", state["history"])
             log.info("%sresuming %s after epoch %d", label, run_dir, state["epoch"])
+            _warn_other_world_size(state, dist_ctx.world, cfg, label)
     else:
         initialised_from = _initialise_from(model, cfg) if cfg.init else None
         state = _new_state(model, optimizer, scheduler, scaler, cfg)
         if initialised_from is not None:
             state["initialised_from"] = initialised_from
+    state["world_size"] = dist_ctx.world
     net = model
     if dist_ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -1592,6 +1594,18 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     if progress is not None:
         progress(1.0, f"done: best val Dice {state['best_dice']:.4f} at epoch {state['best_epoch']}")
     return best_file
+
+
+def _warn_other_world_size(state: dict, world: int, cfg: TrainConfig, label: str = "") -> None:
+    """Say when a run resumes in another number of processes than it trained in (torchrun's --nproc_per_node, or
+    torchrun dropped): --batch-size is per process, so each step takes another number of slices, and the epochs'
+    slices are dealt out otherwise: it trains on, but not as it would have (nor bit for bit)."""
+    before = state.get("world_size")  # None: a state of a version that did not keep it
+    if before is None or before == world or state["finished"] or state["epoch"] >= cfg.epochs:
+        return
+    log.warning("%sthis run trained in %d process(es) and resumes in %d: with --batch-size %d per process a step now "
+                "takes %d slices instead of %d, so it does not go on as it started (a resume in %d process(es) "
+                "would)", label, before, world, cfg.batch_size, cfg.batch_size * world, cfg.batch_size * before, before)
 
 
 def _init_source(cfg: TrainConfig):

@@ -1422,6 +1422,32 @@ def test_a_run_started_on_the_cpu_resumes_with_loss_scaling_as_on_a_gpu(dataset,
     assert _last_state(run)["scaler"]["scale"] > 0  # the enabled scaler's state, kept for the next resume
 
 
+def test_a_run_resumed_in_another_number_of_processes_says_it_does_not_go_on_as_it_started(dataset, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """--batch-size is per process: a run resumed under torchrun with another --nproc_per_node (or without torchrun)
+    trains on with steps of another size and the epochs' slices dealt out otherwise, and nothing said so. Two
+    processes are stood in for by a process group of one that the run takes for two."""
+    import torch.distributed as dist
+
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
+    start_distributed = training._start_distributed
+    monkeypatch.setattr(training, "_start_distributed", lambda device: training._Dist(0, 2, 0, owns_group=True))
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(dict(config, epochs=2), run)
+    assert not dist.is_initialized()
+    assert "this run trained in 1 process(es) and resumes in 2: with --batch-size 4 per process a step now takes 8 " \
+           "slices instead of 4" in caplog.text
+    assert _last_state(run)["world_size"] == 2
+    caplog.clear()
+    monkeypatch.setattr(training, "_start_distributed", start_distributed)
+    with caplog.at_level("WARNING", logger="DeepWMLLib"):
+        training.train(dict(config, epochs=3), run)  # back in one process: said again
+    assert "trained in 2 process(es) and resumes in 1" in caplog.text
+
+
 def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
     """Three cases split 60/20/20 give two for training, one for validation and none for test: said, as the run's
     provenance would otherwise be the only place to find that nothing was kept to evaluate the model on."""
