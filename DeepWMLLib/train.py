@@ -1476,8 +1476,10 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     scheduler = None
     if cfg.plateau_patience is not None:
+        # better = a higher val Dice, as for best.pt and early stopping (PyTorch's default asks for 1e-4 more, relative:
+        # an epoch that wrote best.pt counted towards halving the learning rate)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
-                                                               patience=cfg.plateau_patience)
+                                                               patience=cfg.plateau_patience, threshold=0.0)
     scaler = grad_scaler(cfg.amp and device.type == "cuda")
     last, best_file = run_dir / "last.pt", run_dir / "best.pt"
     if last.is_file():

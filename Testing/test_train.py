@@ -1397,6 +1397,20 @@ def test_a_center_column_stratifies_the_split_as_centre_does(dataset, tmp_path):
     assert [c.centre for c in cases] == [c.centre for c in training.read_manifest(dataset)] == list("ABABAB")
 
 
+def test_the_learning_rate_is_halved_on_the_epochs_early_stopping_calls_no_better(dataset, tmp_path, monkeypatch):
+    """An epoch a little better than the best (less than PyTorch's default 1e-4, relative) wrote best.pt and reset
+    early stopping's count, but counted as no better for --plateau-patience, which halved the learning rate."""
+    dice = iter([0.5, 0.50001, 0.50002, 0.50002])
+    monkeypatch.setattr(training, "validate", lambda *args, **kwargs: {
+        "val_loss": 1.0, "val_dice": next(dice), "val_sensitivity": 0.5, "val_precision": 0.5})
+    run = tmp_path / "run"
+    training.train(tiny_config(dataset, epochs=4, samples_per_epoch=8, plateau_patience=0), run)
+    assert [float(r["lr"]) for r in read_history(run)] == [0.01, 0.01, 0.01, 0.01]
+    state = _last_state(run)
+    assert state["best_epoch"] == 3 and state["epochs_since_best"] == 1
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.005  # epoch 4 was no better: halved for epoch 5
+
+
 def test_more_epochs_for_a_run_that_stopped_early_say_why_nothing_trains(dataset, tmp_path, caplog):
     """Resuming an early-stopped run with a larger --epochs trained nothing and said only 'already finished'."""
     run = tmp_path / "run"
