@@ -1497,12 +1497,14 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
             _write_history(run_dir / "history.csv", state["history"])
             log.info("%sresuming %s after epoch %d", label, run_dir, state["epoch"])
             _warn_other_world_size(state, dist_ctx.world, cfg, label)
+            _say_other_threads(state, device, cfg, label)
     else:
         initialised_from = _initialise_from(model, cfg) if cfg.init else None
         state = _new_state(model, optimizer, scheduler, scaler, cfg)
         if initialised_from is not None:
             state["initialised_from"] = initialised_from
     state["world_size"] = dist_ctx.world
+    state["threads"] = torch.get_num_threads() if device.type == "cpu" else None
     net = model
     if dist_ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -1608,6 +1610,18 @@ def _warn_other_world_size(state: dict, world: int, cfg: TrainConfig, label: str
     log.warning("%sthis run trained in %d process(es) and resumes in %d: with --batch-size %d per process a step now "
                 "takes %d slices instead of %d, so it does not go on as it started (a resume in %d process(es) "
                 "would)", label, before, world, cfg.batch_size, cfg.batch_size * world, cfg.batch_size * before, before)
+
+
+def _say_other_threads(state: dict, device, cfg: TrainConfig, label: str = "") -> None:
+    """Say when a CPU run resumes on another number of threads than it trained on (--threads, or another machine's
+    default): it goes on as it would have, but not bit for bit (the module docstring)."""
+    import torch
+
+    before, now = state.get("threads"), torch.get_num_threads()
+    if device.type != "cpu" or not before or before == now or state["finished"] or state["epoch"] >= cfg.epochs:
+        return
+    log.info("%sthis run trained on %d CPU thread(s) and resumes on %d: its weights may differ in the last bits from "
+             "those of a run kept on %d (--threads %d)", label, before, now, before, before)
 
 
 def _init_source(cfg: TrainConfig):

@@ -1462,6 +1462,22 @@ def test_a_run_resumed_in_another_number_of_processes_says_it_does_not_go_on_as_
     assert "trained in 2 process(es) and resumes in 1" in caplog.text
 
 
+def test_a_run_resumed_on_other_cpu_threads_says_it_is_not_bit_for_bit(dataset, tmp_path, caplog):
+    """A resume is bit for bit on the thread count the run trained on; one on another (--threads, or another
+    machine's default) went on in silence."""
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    assert _last_state(run)["threads"] == 1
+    with caplog.at_level("INFO", logger="DeepWMLLib"):
+        training.train(dict(config, epochs=2), run)  # the same threads: nothing to say
+    assert "CPU thread" not in caplog.text
+    with caplog.at_level("INFO", logger="DeepWMLLib"):
+        training.train(dict(config, epochs=3, threads=2), run)
+    assert "trained on 1 CPU thread(s) and resumes on 2: its weights may differ in the last bits" in caplog.text
+    assert _last_state(run)["threads"] == 2
+
+
 def test_a_cohort_too_small_for_a_test_case_is_told_so(tmp_path, caplog):
     """Three cases split 60/20/20 give two for training, one for validation and none for test: said, as the run's
     provenance would otherwise be the only place to find that nothing was kept to evaluate the model on."""
