@@ -468,7 +468,10 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             # left out that are now refused, trained or left out the other way)
             flair_reversed = (trained and not allow_non_flair) or (left_out and (allow_non_flair or not skip_bad_cases))
             skip_reversed = unreadable and not skip_bad_cases
-            if started or not (skip_reversed or (flair_reversed and flair_check is not None)):
+            # a file of the gathered splits gone (deleted to save space, say): prepared again, as a cache deleted whole is
+            complete = all((folder / f"{split}{part}").is_file() for split in ("train", "val")
+                           for part in ("_images.npy", "_labels.npy", "_index.npz", ".json"))
+            if complete and (started or not (skip_reversed or (flair_reversed and flair_check is not None))):
                 if trained:
                     _warn_trained_non_flair(trained, asked=allow_non_flair)
                 elif left_out and allow_non_flair:

@@ -522,6 +522,22 @@ def test_a_run_killed_while_writing_a_file_leaves_no_temporary_copy_once_resumed
     assert not [p for p in run.rglob("*") if ".part" in p.name]
 
 
+@pytest.mark.parametrize("lost", ["train_images.npy", "val_index.npz"])
+def test_a_file_of_the_prepared_cache_deleted_since_is_prepared_again(lost, dataset, tmp_path):
+    """A cache deleted whole is prepared again on the next run, but one of its files deleted (a large .npy, to save
+    space) stopped every rerun on "internal error: FileNotFoundError"."""
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    before = np.load(run / "cache" / lost)
+    before = before["lesion_pixels"] if lost.endswith(".npz") else np.array(before)
+    (run / "cache" / lost).unlink()
+    training.train(dict(config, epochs=2), run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
+    after = np.load(run / "cache" / lost)
+    assert np.array_equal(before, after["lesion_pixels"] if lost.endswith(".npz") else after)
+
+
 def test_a_run_killed_as_its_cache_was_done_keeps_no_copy_of_the_cases_slices(dataset, tmp_path):
     """Killed between marking the cache done (cache.json) and removing each case's prepared slices (cache/cases,
     another copy of the data set), the run kept that copy for good: a resume found the cache done and never
