@@ -1564,6 +1564,7 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
             reduced = total_loss.to(device)
             dist.all_reduce(reduced)
             total_loss = reduced.cpu() / dist_ctx.world
+        _refuse_broken_weights(model, epoch, float(total_loss) / len(batches), run_dir, state["epoch"])
         metrics = validate(model, val_set, cfg, device, dist_ctx.rank, dist_ctx.world)
         row = {"epoch": epoch, "train_loss": float(total_loss) / len(batches), **metrics, "lr": lr,
                "seconds": round(time.monotonic() - started, 3)}
@@ -1601,6 +1602,22 @@ def _train_member(cfg: TrainConfig, run_dir: Path, train_set: SliceSet, val_set:
     if progress is not None:
         progress(1.0, f"done: best val Dice {state['best_dice']:.4f} at epoch {state['best_epoch']}")
     return best_file
+
+
+def _refuse_broken_weights(model, epoch: int, train_loss: float, run_dir: Path, kept: int) -> None:
+    """A DeepWMLError, before last.pt is written, when an epoch left weights that are NaN or infinite (the loss ran
+    away): saved, every later epoch and every resume would go on from them. (On a GPU the fp16 loss scaler skips the
+    steps whose gradients overflow, so a healthy run never gets here.) Every process holds the same weights, so
+    under torchrun every one stops alike."""
+    import torch
+
+    if all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
+        return
+    kept_text = f"{run_dir / 'last.pt'} keeps epoch {kept}" if kept else "no epoch was kept"
+    raise DeepWMLError(f"the network's weights became NaN or infinite in epoch {epoch} (train loss {train_loss:.4g}): "
+                       f"the learning rate is too high for this data, or a scan holds extreme values; {kept_text}, and "
+                       "a resume would run the same epoch again: train in a new run folder with a lower --lr"
+                       + (f" (--init {run_dir / 'best.pt'} starts from the best epoch's weights)" if kept else ""))
 
 
 def _warn_other_world_size(state: dict, world: int, cfg: TrainConfig, label: str = "") -> None:

@@ -1427,6 +1427,23 @@ def test_the_learning_rate_is_halved_on_the_epochs_early_stopping_calls_no_bette
     assert state["optimizer"]["param_groups"][0]["lr"] == 0.005  # epoch 4 was no better: halved for epoch 5
 
 
+def test_weights_gone_nan_stop_the_run_and_last_pt_keeps_the_epoch_before(dataset, tmp_path, monkeypatch):
+    """A loss that ran away (NaN) left NaN weights that last.pt kept and every later epoch, and every resume, went on
+    from, in silence."""
+    run = tmp_path / "run"
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8)
+    training.train(config, run)
+    loss_terms = training.loss_terms
+    monkeypatch.setattr(training, "loss_terms", lambda *args, **kwargs: loss_terms(*args, **kwargs) * float("nan"))
+    with pytest.raises(DeepWMLError, match=r"weights became NaN or infinite in epoch 2 \(train loss nan\).*last.pt keeps "
+                                           r"epoch 1.*lower --lr"):
+        training.train(dict(config, epochs=3), run)
+    state = _last_state(run)
+    assert state["epoch"] == 1 and all(bool(torch.isfinite(t).all()) for t in state["model"].values()
+                                       if t.is_floating_point())
+    assert [int(r["epoch"]) for r in read_history(run)] == [1]
+
+
 def test_more_epochs_for_a_run_that_stopped_early_say_why_nothing_trains(dataset, tmp_path, caplog):
     """Resuming an early-stopped run with a larger --epochs trained nothing and said only 'already finished'."""
     run = tmp_path / "run"
