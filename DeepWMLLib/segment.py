@@ -1677,6 +1677,14 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             raise DeepWMLError(only)
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
+    if chosen and (seg or outline):  # a series the SEG or outline cannot be made of: refused before the networks run
+        # (its headers alone tell), as deepwml change refuses it, not after minutes of segmenting for nothing
+        from .dicom_outline import source_attributes
+        from .dicom_seg import checked_source
+
+        checked_source(chosen[0]) if seg else source_attributes(chosen[0], "--dicom-outline")
+        if seg and outline:
+            source_attributes(chosen[0], "--dicom-outline")
     tell = progress or (lambda fraction, message: None)
     with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import

@@ -557,6 +557,30 @@ def test_what_is_refused_before_anything_is_written(tmp_path):
         dicom_seg.segmentation(flair, flair > 500, series, {})
 
 
+def test_segment_refuses_a_series_without_a_frame_of_reference_before_the_networks_run(tmp_path, tiny_model,
+                                                                                        monkeypatch, capsys):
+    """`deepwml segment --dicom-seg` of a DICOM series the SEG cannot be made of (no Frame of Reference UID), or
+    `--dicom-outline` of one the outline cannot join (no Study Instance UID): refused from its headers before the
+    networks run, as `deepwml change` refuses it, not after the whole segmentation was done for nothing."""
+    from DeepWMLLib import segment
+
+    def networks(*args, **kwargs):
+        raise AssertionError("the networks ran")
+
+    monkeypatch.setattr(segment, "segment_image", networks)
+    nofor = write_dicom_series(tmp_path / "nofor", phantom(size=(13, 11, 3)), description="AX FLAIR")
+    nostudy = write_dicom_series(tmp_path / "nostudy", phantom(size=(13, 11, 3)), description="AX FLAIR",
+                                 extra={**PATIENT, "0020|000d": ""})
+    common = ["--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(["segment", str(nofor), "-o", str(tmp_path / "o1"), "--dicom-seg", *common]) == 1
+    assert main(["segment", str(nostudy), "-o", str(tmp_path / "o2"), "--dicom-outline", *common]) == 1
+    err = capsys.readouterr().err
+    assert "the networks ran" not in err
+    assert "no Frame of Reference UID (0020,0052), so a DICOM SEG could not be placed on it" in err
+    assert "no Study Instance UID, so the outline series cannot join its study" in err
+    assert not list((tmp_path / "o1").glob("nofor*")) and not list((tmp_path / "o2").glob("nostudy*"))
+
+
 def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(tmp_path, tiny_model, capsys):
     """`deepwml segment --dicom-seg --dicom-outline`: both, listed in the report; the SEG's frames the mask file's
     slices holding a voxel (and the first and last); a NIfTI input segmented with a warning and no SEG; a rerun skips the case, --overwrite makes a new
