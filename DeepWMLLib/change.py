@@ -1627,6 +1627,10 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
         from .dicom_seg import checked_source
 
         checked_source(chosen["follow-up"][0])
+    if outline:  # and one the outline series cannot join (no Study Instance UID, an unreadable character set)
+        from .dicom_outline import source_attributes
+
+        source_attributes(chosen["follow-up"][0], "--dicom-outline")
     mask_baseline, mask_followup, map_baseline, map_followup, source = _masks_for(
         args, baseline, followup, mask_paths, loaded,
         tuple(chosen[name][0] if chosen[name] else None for name in ("baseline", "follow-up")))

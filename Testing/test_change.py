@@ -743,6 +743,26 @@ def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pai
         assert (out / "followup_change.json").read_bytes() == report
 
 
+def test_a_follow_up_the_outline_cannot_join_is_refused_before_registering(pair, tmp_path, monkeypatch, capsys):
+    """--dicom-outline with a DICOM follow-up without a Study Instance UID (the outline series could not join its
+    study): refused from its headers before the registration and the comparison, as --dicom-seg's missing Frame
+    of Reference is, not after them; nothing written."""
+    def compared(*args, **kwargs):
+        raise AssertionError("the scans were registered and compared")
+
+    monkeypatch.setattr(change, "lesion_change", compared)
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR", number=4,
+                                extra={"0010|0020": "P-7", "0020|000d": ""})
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
+                 str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"]), "--dicom-outline"]) == 1
+    err = capsys.readouterr().err
+    assert "no Study Instance UID, so the outline series cannot join its study; rerun without --dicom-outline" in err
+    assert "registering" not in err and "registered and compared" not in err
+    assert not out.exists() or not list(out.iterdir())
+
 SEG_PATIENT = {"0010|0010": "Roe^Ann", "0010|0020": "P-9", "0020|000d": "1.2.3.90", "0020|0052": "1.2.3.91",
                "0008|0020": "20260301"}
 
