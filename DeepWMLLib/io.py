@@ -4485,6 +4485,11 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", wh
         elif same_voxels:
             advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
                       "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other")
+        elif "FLAIR" in what_b:  # a mask against the scan it should lie on (export, change, train): resampling
+            # the scan onto the mask, as the two-mask advice allowed, would move the outputs off the scan's own grid
+            advice = (f"a mask must lie on the grid of the scan it was drawn on: was it drawn on another series or "
+                      f"visit? Give that scan, or put the mask onto {what_b}'s grid first (in Slicer: export the "
+                      "segmentation with this FLAIR as reference volume)")
         else:
             advice = "export both on the same grid (resample one onto the other first)"
         raise DeepWMLError(f"{what_a} and {what_b} are on different voxel grids ({diff}); {advice}")

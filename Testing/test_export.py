@@ -214,7 +214,10 @@ def test_export_refuses_a_mask_on_another_grid(tmp_path, capsys):
     assert main(["export", str(folder), str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "out"),
                  "--dicom-seg"]) == 1
     error = capsys.readouterr().err
-    assert "different voxel grids" in error or "grid" in error
+    assert "different voxel grids" in error
+    # the FLAIR is the grid the outputs lie on: resampling it onto the mask (the two-mask advice) is no answer
+    assert "resample one onto the other" not in error
+    assert "was it drawn on another series or visit? Give that scan, or put the mask onto the FLAIR's grid" in error
     assert not list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
 
 
