@@ -600,7 +600,8 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM, enlarge_fraction: float = DEFAULT_ENLARGE_FRACTION,
                   enlarge_min_ml: float = DEFAULT_ENLARGE_MIN_ML, baseline_probabilities: sitk.Image | None = None,
                   followup_probabilities: sitk.Image | None = None, presence: float | None = None,
-                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True, checked: bool = False) -> ChangeResult:
+                  min_change_ml: float = DEFAULT_MIN_CHANGE_ML, check: bool = True, checked: bool = False,
+                  progress=None) -> ChangeResult:
     """Register `baseline` to `followup` and classify every lesion (module docstring). Each mask (and
     probability map) must lie on its own FLAIR's grid (one stored in another voxel order is
     reordered; one cropped on the FLAIR's voxels is padded onto it with zeros, `io.onto_grid`). With `check`, the
@@ -608,7 +609,8 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
     registration time). `checked`: check_scans has passed the two scans already. Masks hold whole numbers, any
     non-zero one lesion (0/1, or 0/255 as many tools save them); a probability map, NaN or negative values are
     refused (`io.label_mask`), as `deepwml change` refuses such files; a probability map holds 0 to 1 (one of 0-255 or
-    percent is refused: rescale it)."""
+    percent is refused: rescale it). `progress(message)`, when given, is told as each registration ends (each takes
+    tens of seconds on a clinical pair), so that a long silence does not read as a hang."""
     if not checked:
         check_scans(baseline, followup)
     # every voxel above 0 was lesion: a probability map given as a mask counted the whole head (7435 ml), and a
@@ -626,6 +628,9 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
             probabilities = io.onto_grid(probabilities, image, f"the {what} probabilities", f"the {what} FLAIR")
         maps.append(probabilities)
     registration = align(followup, baseline)
+    if progress is not None:
+        progress(f"registered the baseline to the follow-up in {registration.seconds:.0f} s"
+                 + ("; now the other way round, to check it ..." if check else ""))
     labels, rows = classify(followup_mask, baseline_mask, registration.transform, tolerance_mm,
                             enlarge_fraction, enlarge_min_ml, maps[1], maps[0], presence, min_change_ml)
     volume = {}
@@ -652,7 +657,10 @@ def lesion_change(baseline: sitk.Image, followup: sitk.Image, baseline_mask: sit
             "volume change, cannot be measured there")
     facts = registration.facts()
     if check:
-        facts["inverse_consistency"] = inverse_consistency(registration, align(baseline, followup), followup)
+        backward = align(baseline, followup)
+        if progress is not None:
+            progress(f"registered the other way round in {backward.seconds:.0f} s")
+        facts["inverse_consistency"] = inverse_consistency(registration, backward, followup)
     suspect = bool(failed_checks(facts))
     facts["reliable"] = not suspect
     if suspect:
@@ -1638,7 +1646,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     result = lesion_change(baseline, followup, mask_baseline, mask_followup, args.tolerance_mm,
                            args.enlarge_fraction, args.enlarge_min_ml, map_baseline, map_followup,
                            None if args.presence == "off" else float(args.presence), args.min_change_ml,
-                           checked=True)
+                           checked=True, progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
     # the SEG made before anything is written (a follow-up it cannot be made for is refused with nothing written);
     # a label map without any lesion has no segment to write: no SEG, and a warning says why
     segmented = change_seg(followup, result.labels, chosen["follow-up"][0], {**result.report, "masks": source}) \
