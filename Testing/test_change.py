@@ -744,7 +744,7 @@ def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pai
 
 
 def test_each_registration_says_when_it_ends(pair, tmp_path, capsys):
-    """The two registrations take tens of seconds each on a clinical pair (30 s each way on patient19's, 2 CPU
+    """The two registrations take tens of seconds each on a clinical pair (30 s the first way on patient19's, 2 CPU
     cores), after a single 'registering ...' line: each now says when it ends, so the wait does
     not read as a hang."""
     files = pair["files"]
