@@ -266,6 +266,31 @@ def _outside_scan(masks, common: sitk.Image, scans, ignore_in_b: bool = False) -
     return outside
 
 
+def _renumbered(masks, names, grid: sitk.Image) -> list[tuple[str, int, int, int]]:
+    """(name, the grid's last slice number, own slice of the grid's first slice, of its last) for each mask whose own axial slice numbers are not the
+    slice numbers of `grid`, the grid the pair was compared on: one stored in another voxel order (RAS against LPS,
+    slices from the top down, sagittal-first) and reordered onto it (`io.align_voxel_order`). Masks padded or cropped
+    onto another extent are said by the other notes; only the same extent is judged here."""
+    axis = io.axial_axis(grid)
+    last = grid.GetSize()[axis] - 1
+    found = []
+    for mask, name in zip(masks, names):
+        if mask.GetSize() == grid.GetSize() and io.grid_difference(mask, grid) is None:
+            continue  # stored as compared: its own numbers
+        if io.grid_difference(io.align_voxel_order(mask, grid), grid) is not None:
+            continue  # not the same extent (padded, cropped, or the FLAIR's grid): other notes say so
+        own_axis = io.axial_axis(mask)
+        ends = []
+        for k in (0, last):
+            index = [0, 0, 0]
+            index[axis] = k
+            point = grid.TransformIndexToPhysicalPoint(index)
+            ends.append(int(round(mask.TransformPhysicalPointToContinuousIndex(point)[own_axis])))
+        if ends != [0, last]:
+            found.append((name, last, *ends))
+    return found
+
+
 class MaskPair:
     """Two binary masks on one grid, prepared once so that every metric reuses the same arrays.
 
@@ -286,6 +311,8 @@ class MaskPair:
         self.joint_extent = False  # both saved cropped: on the extent of both, not the scan's (`io.on_joint_extent`)
         self.outside_scan = []  # (which mask, voxels, the scan's grid named): compared beyond the scan (`_one_grid`)
         self.raters = False  # two raters' masks (`binary_pair`): voxels outside the scan are disagreement, not missed
+        self.renumbered = []  # (a mask's name, the grid's last slice, its own numbers of the grid's first and last): slices
+        # stored in another order than the grid compared on (`_renumbered`), so their numbers are not the mask's own
 
     @classmethod
     def from_images(cls, prediction: sitk.Image, reference: sitk.Image,
@@ -294,6 +321,7 @@ class MaskPair:
         name them in an error (e.g. with their files); `scan`: the case's FLAIR (`_one_grid`), or None."""
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
+        originals = (prediction, reference)
         prediction, reference, joint, outside = _one_grid(prediction, reference, names, scan, ignore_in_b=True)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
@@ -306,6 +334,7 @@ class MaskPair:
         pair.joint_extent = joint
         pair.outside_scan = [(index, count, grid if grid == FLAIR_GRID else "the prediction's grid (the scan it was made on)")
                              for index, count, grid in outside if index == 1]  # a prediction is made on the scan
+        pair.renumbered = _renumbered(originals, names, reference)
         return pair
 
     @classmethod
@@ -313,10 +342,12 @@ class MaskPair:
         """Two masks treated alike (any positive label is lesion), e.g. two raters; `scan`: see `from_images`."""
         _check_volume(a, what_a)
         _check_volume(b, what_b)
+        originals = (a, b)
         a, b, joint, outside = _one_grid(a, b, (what_a, what_b), scan)
         pair = cls(_binary(a), _binary(b), b)
         pair.joint_extent = joint
         pair.outside_scan = outside
+        pair.renumbered = _renumbered(originals, (what_a, what_b), b)
         pair.raters, pair.names = True, (what_a, what_b)
         return pair
 
@@ -369,6 +400,11 @@ class MaskPair:
         """What the grid the masks were compared on means for slice numbers (`io.JOINT_EXTENT_NOTE`), and how much
         of a mask lies outside the scan (over a larger extent), counted as missed or as disagreement."""
         notes = [io.JOINT_EXTENT_NOTE] if self.joint_extent else []
+        for name, grid_last, first, last in self.renumbered:  # a mask in another voxel order: whose slice numbers are shown
+            notes.append(f"{name} stores its slices in another order than the grid compared on (it was reordered "
+                         f"onto it, exactly, nothing interpolated): the slice numbers shown are that grid's, and "
+                         f"slices 0 to {grid_last} shown are {name}'s own slices "
+                         f"{first} to {last}")
         for index, count, grid in self.outside_scan:
             ml = f"{count * self.voxel_volume_mm3 / 1000.0:.2f} ml ({count} voxels)"
             if self.raters:

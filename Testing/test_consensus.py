@@ -58,6 +58,21 @@ def test_consensus_check_reports_dice_slices_and_lesions_of_one_rater_only():
     assert extra["centroid_lps_mm"] == pytest.approx(centre, abs=0.01)
 
 
+
+def test_a_mask_stored_with_its_slices_the_other_way_says_whose_slice_numbers_are_shown():
+    """Rater A's mask saved with its slices from the top down (another voxel order: reordered onto B's exactly, the
+    figures unchanged) was listed under B's slice numbers unsaid, so A's slice 1 was shown as slice 6: a note now
+    says so and maps them; a mask stored another way whose slice numbers stay the same (rows flipped) gets none."""
+    a, b = raters()
+    top_down = sitk.Flip(image(a), [False, False, True])  # the same voxels in space, slice k stored as 7 - k
+    result = consensus_check(top_down, image(b))
+    assert result["dice"] == pytest.approx(2 * 116 / (128 + 216)) and result["worst_slices"] == [3, 6]
+    assert result["notes"] == ["rater A's mask stores its slices in another order than the grid compared on (it was "
+                               "reordered onto it, exactly, nothing interpolated): the slice numbers shown are that "
+                               "grid's, and slices 0 to 7 shown are rater A's mask's own slices 7 to 0"]
+    assert consensus_check(sitk.Flip(image(a), [True, True, False]), image(b))["notes"] == []
+    assert consensus_check(image(a), image(b))["notes"] == []
+
 def test_each_slice_shows_its_dice_and_both_raters_areas_in_mm2():
     """The slices `deepwml consensus` and the Slicer table show, by hand from `raters()`: slice 2, both raters the
     same 100 voxels (Dice 1); slice 6, B 16 voxels, A the same 16 and 12 more: Dice 2 x 16 / (28 + 16) = 8/11,
