@@ -212,6 +212,10 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
         if existing and not overwrite:
             raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
                                f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
+        if outline:  # refused before any work (the split's networks, the picture), as segment refuses it
+            from .dicom_outline import check_outline_folder
+
+            check_outline_folder(paths["dicom_outline"], overwrite)
         # the split made before anything is written (networks: seconds), as segment makes it for its own mask
         split = mask_location(image, binary, ventricle_model, brain_model, device=device,
                               brain_gate=brain_gate) if ventricle_model is not None else None
@@ -258,9 +262,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             picture = png_bytes(render(image, binary, title=picture_title(case, report),
                                        ventricles=split["ventricles"] if split else None, slice_labels=instances))
         if outline:
-            from .dicom_outline import check_outline_folder, outline_series
+            from .dicom_outline import outline_series
 
-            check_outline_folder(paths["dicom_outline"], overwrite)
             how = "edited by hand" if algorithm_type == "SEMIAUTOMATIC" else (
                 "drawn by hand" if algorithm_type == "MANUAL" else "by DeepWML")
             if creator:  # a Secondary Capture has no Content Creator's Name: the derivation names them

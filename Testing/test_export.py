@@ -641,3 +641,29 @@ def test_export_overwrite_never_deletes_a_users_images_in_the_outline_folder(tmp
         assert f"{target} holds DICOM images that are not DeepWML's outline series" in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
         assert (out / "p1_report.json").read_bytes() == report
+
+
+def test_export_refuses_a_users_images_in_its_outline_folder_before_drawing_or_measuring(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--dicom-outline --overwrite into an outline folder holding a FLAIR's images under the series' names: the
+    refusal came only as the series was about to be made, after the QC picture was drawn (and, with a ventricle
+    model, after its network ran). Now before any of it, as segment refuses it."""
+    from DeepWMLLib import qc
+
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1", "--qc"]
+    target = out / "p1_outline_dicom"
+    target.mkdir(parents=True)
+    for k, path in enumerate(sorted(folder.iterdir()), start=1):
+        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
+    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    drawn = []
+    render = qc.render
+    monkeypatch.setattr(qc, "render", lambda *a, **k: drawn.append(1) or render(*a, **k))
+    capsys.readouterr()
+    assert main([*command, "--dicom-outline", "--overwrite"]) == 1
+    assert f"{target} holds DICOM images that are not DeepWML's outline series" in capsys.readouterr().err
+    assert drawn == []
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
