@@ -1173,7 +1173,10 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
                            "fix the paths or pass --skip-bad-cases")
     flairs = _check_distinct_scans(cases, run_dir)
     _warn_shared_masks(cases, cfg.ignore_label)
-    if cfg.init and not _has_trained(run_dir):  # a started run has its weights in last.pt: the file is not read again
+    # a started run has its weights in last.pt: the file is not read again, unless an ensemble member yet to start
+    # needs it (checked now, not after the others have trained on)
+    if cfg.init and not all((member / "last.pt").is_file() for member in (
+            [Path(run_dir)] if cfg.ensemble == 1 else [Path(run_dir) / f"model_{k}" for k in range(cfg.ensemble)])):
         _init_source(cfg)  # a wrong --init fails before the run folder records its config
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -845,6 +845,25 @@ def test_a_fine_tuning_run_resumes_without_its_init_file_and_names_the_file_it_s
     assert provenance["initialised_from"] == {"file": "source.pt", "sha256": started_from}
 
 
+def test_an_ensemble_resumed_with_a_member_yet_to_start_checks_its_init_file_before_any_training(trained, dataset,
+                                                                                                   tmp_path):
+    """--init is read no more once a run has its weights in last.pt, but an ensemble with a member that has not
+    started yet needs the file for it: the check of it up front was left out as soon as one member had a last.pt, so
+    a file moved since was refused only when that member came, after the others had trained on (hours). Refused
+    up front again, before any epoch."""
+    _, best = trained
+    source = tmp_path / "source.pt"
+    source.write_bytes(Path(best).read_bytes())
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8, init=str(source), ensemble=2)
+    run = tmp_path / "tuned"
+    training.train(config, run)
+    __import__("shutil").rmtree(run / "model_1")  # the second member not started yet (the run stopped during the first)
+    source.unlink()
+    with pytest.raises(DeepWMLError, match="source.pt"):
+        training.train(dict(config, epochs=2), run)
+    assert [int(r["epoch"]) for r in read_history(run / "model_0")] == [1]
+
+
 def test_fine_tuning_on_another_grid_says_how_to_keep_the_model_s(trained, dataset, tmp_path, caplog):
     _, best = trained
     with caplog.at_level("WARNING", logger="DeepWMLLib"):
