@@ -434,7 +434,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                   skip_bad_cases: bool, progress: Progress | None = None, cancel=None,
                   ignore_label: int | None = None, flair_check: Callable | None = None,
                   allow_non_flair: bool = False, flair_table: Path | None = None,
-                  started: bool = False) -> list[tuple[str, str]]:
+                  started: bool = False, started_with: dict | None = None) -> list[tuple[str, str]]:
     """Prepare the train and val cases once into `folder`; returns the skipped (case, reason) pairs.
 
     Each case is first saved on its own (named by a hash of its files and the preprocessing), so an
@@ -445,7 +445,8 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
     out; `allow_non_flair` trains on them, with a warning. A prepared cache whose decisions `allow_non_flair` or
     `skip_bad_cases` now reverse (a case left out that would now be refused, trained or left out the other way) is
     prepared again (the checks kept, not run again), unless the run has `started` (trained an epoch): it keeps
-    its cases, and is told so.
+    its cases, and is told so; prepared again all the same (a file of it deleted), it is prepared with the
+    decisions it started with (`started_with`: skip_bad_cases, allow_non_flair as its config.json keeps them).
     """
     cfg = PreprocessingConfig.from_dict(preprocessing)
     parts = io.make_output_dir(folder / "cases")
@@ -486,6 +487,9 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                 if key in keys.values():
                     io.write_text(json.dumps(check), parts / f"{key}_flair_check.json")
         done_file.unlink()
+    if started and started_with:  # a started run keeps its cases, its cache prepared again or not
+        skip_bad_cases = started_with.get("skip_bad_cases", skip_bad_cases)
+        allow_non_flair = started_with.get("allow_non_flair", allow_non_flair)
     log.info("preparing %d cases into %s%s", len(wanted), folder,
              f" (and checking the {len(tested)} test case(s))" if tested else "")
     skipped, several_values, several_segments = [], [], []
@@ -1240,7 +1244,7 @@ def _set_up_run(cfg: TrainConfig, run_dir: Path, progress, cancel) -> dict:
     usable = [c for c in cases if c.case not in absent]
     skipped = prepare_cache(usable, assignment, cfg.preprocessing, run_dir / "cache", cfg.skip_bad_cases, progress, cancel,
                             cfg.ignore_label, flair_checker(cfg.device, cfg.threads), cfg.allow_non_flair, run_dir / "flair_check.csv",
-                            started)
+                            started, {**{key: getattr(cfg, key) for key in _CASE_DECISIONS}, **kept})
     skipped = absent_reasons + list(skipped)
     if skipped:
         _write_csv(run_dir / "skipped_cases.csv", ["case", "reason"], skipped)

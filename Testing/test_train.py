@@ -538,6 +538,25 @@ def test_a_file_of_the_prepared_cache_deleted_since_is_prepared_again(lost, data
     assert np.array_equal(before, after["lesion_pixels"] if lost.endswith(".npz") else after)
 
 
+def test_a_started_run_whose_cache_is_prepared_again_keeps_the_cases_it_started_with(tmp_path):
+    """A started run keeps its cases (--skip-bad-cases as it started, whatever the resume says), but a file of its
+    cache deleted since was prepared again by the resume's decisions: without --skip-bad-cases, the case the run
+    left out stopped the resume ("or pass --skip-bad-cases"), as it would a new run. Prepared again as it started."""
+    folder = tmp_path / "data"
+    manifest = make_dataset(folder, n_cases=6)
+    mask = sitk.ReadImage(str(folder / "c1_mask.nii.gz"))
+    mask.SetSpacing((1.0, 1.0, 5.0))
+    sitk.WriteImage(mask, str(folder / "c1_mask.nii.gz"))
+    run = tmp_path / "skip"
+    training.train(tiny_config(manifest, skip_bad_cases=True, epochs=1, samples_per_epoch=8), run)
+    before = np.array(np.load(run / "cache" / "train_labels.npy"))
+    (run / "cache" / "train_images.npy").unlink()
+    training.train(tiny_config(manifest, epochs=2, samples_per_epoch=8), run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
+    assert "c1" in (run / "skipped_cases.csv").read_text(encoding="utf-8-sig")
+    assert np.array_equal(np.load(run / "cache" / "train_labels.npy"), before)
+
+
 def test_a_run_killed_as_its_cache_was_done_keeps_no_copy_of_the_cases_slices(dataset, tmp_path):
     """Killed between marking the cache done (cache.json) and removing each case's prepared slices (cache/cases,
     another copy of the data set), the run kept that copy for good: a resume found the cache done and never
