@@ -408,8 +408,42 @@ def write_outline_series(prepared: OutlineSeries, folder: str | os.PathLike, ove
         if old is not None:
             if not folder.exists() and (old / folder.name).exists():
                 io._replace(old / folder.name, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_replaced(old, folder)
     return prepared.as_dict(folder.name)
+
+
+def _remove_replaced(old: Path, folder: Path) -> None:
+    """Delete the earlier series `write_outline_series` moved aside into `old` once the new one took its name: its
+    images DeepWML wrote (remove_outline_series). A file put into the folder while the new series was built (after
+    check_outline_folder looked) is never deleted: it is moved into the new series' folder, where it was put (under
+    another name where the new series has one like it), with a warning; the folder is then refused as holding
+    files not DeepWML's by the next run that would replace it. (Not left in `old`: a hidden temporary folder,
+    which a later run sweeps away.)"""
+    import logging
+
+    aside = old / folder.name
+    if aside.is_dir() and not aside.is_symlink():
+        remove_outline_series(aside)
+        moved = []
+        try:
+            for left in sorted(aside.iterdir()) if aside.is_dir() else []:
+                target, k = folder / left.name, 1
+                while target.exists() or target.is_symlink():
+                    target, k = folder / f"{left.stem}.kept{k}{left.suffix}", k + 1
+                io._replace(left, target)
+                moved.append(target.name)
+        except OSError as exc:  # left where they are, said, never deleted
+            logging.getLogger(__name__).warning(
+                "files not DeepWML's were put into %s while its outline series was replaced; they could not be moved "
+                "back into it (%s) and are in %s: move them elsewhere", folder, exc.strerror or exc, aside)
+            return
+        if moved:
+            logging.getLogger(__name__).warning(
+                "files not DeepWML's were put into %s while its outline series was replaced (%s); they were kept "
+                "there, beside the new series: move them elsewhere", folder, ", ".join(moved))
+        if aside.is_dir():
+            aside.rmdir()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_outline_series(folder: str | os.PathLike) -> None:

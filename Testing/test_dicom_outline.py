@@ -456,6 +456,44 @@ def test_only_deepwmls_own_outline_images_are_replaced_or_removed(tmp_path):
     assert contents(theirs) == before
 
 
+def test_a_file_put_into_the_outline_folder_while_it_is_replaced_is_kept(tmp_path, monkeypatch, caplog):
+    """The earlier series moved aside when the new one took its name was deleted whole (shutil.rmtree), so a file
+    put into the folder after check_outline_folder looked (while the new series was built, seconds) was deleted
+    with it. Now DeepWML's own images alone are deleted; the file is moved into the new series' folder (under
+    another name where the series has one like it), said in a warning; no temporary folder is left."""
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    theirs = sorted(folder.iterdir())[0].read_bytes()
+    checked = dicom_outline.check_outline_folder
+
+    def check_then_drop(target, overwrite):
+        found = checked(target, overwrite)
+        (own / "notes.txt").write_text("mine")
+        (own / "IM00001.dcm.bak").write_text("also mine")
+        if (own / "IM00002.dcm").exists():
+            (own / "IM00002.dcm").write_bytes(theirs)  # a FLAIR image over one of the old series' names
+        return found
+
+    monkeypatch.setattr(dicom_outline, "check_outline_folder", check_then_drop)
+    with caplog.at_level("WARNING"):
+        written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
+    kept = contents(own)
+    assert kept["notes.txt"] == b"mine" and kept["IM00001.dcm.bak"] == b"also mine"
+    assert kept["IM00002.kept1.dcm"] == theirs  # the new series has an IM00002.dcm of its own
+    assert "were kept there" in caplog.text and "notes.txt" in caplog.text
+    images = sorted(p for p in own.glob("IM?????.dcm"))
+    assert len(images) == len(prepared.images)
+    assert all(dicom_outline.is_outline_image(p) for p in images)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(images[0]))
+    reader.ReadImageInformation()
+    assert reader.GetMetaData("0020|000e").strip(" \0") == written["series_uid"]  # the new series'
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
 def test_segment_overwrite_refuses_an_outline_folder_holding_a_users_images(tmp_path, tiny_model):
     """--overwrite, with --dicom-outline (the series replaced) or without it (the earlier run's removed): the folder
     now holds a FLAIR's images under the series' names, which were deleted. Refused before anything is written,
