@@ -1616,6 +1616,21 @@ def whole_or_none(paths: dict):
         raise
 
 
+def check_dicom_source(series, outline: bool, seg: bool) -> None:
+    """Refuse a DICOM series the outline series (`outline`) or the SEG (`seg`) cannot be made of (no Study Instance
+    UID, an unknown character set; for the SEG no Frame of Reference UID): its headers alone tell, so it is refused
+    before the networks run, as deepwml change refuses it, not after minutes of segmenting for nothing. In the order
+    the outputs are made (the outline first). deepwml segment, a case's added outputs and the Slicer batch script."""
+    if outline:
+        from .dicom_outline import source_attributes
+
+        source_attributes(series, "--dicom-outline")
+    if seg:
+        from .dicom_seg import checked_source
+
+        checked_source(series)
+
+
 def _segment_case(case, path, out_dir, paths, outline, models, device, threshold, tta, save_probabilities, overwrite,
                   min_lesion_mm3, exclude_edge_fraction, batch_size, backend, progress, cancel, brain_model,
                   save_brain_mask, precision, qc, series, dicom_outline, study, ventricle_model, save_ventricle_mask,
@@ -1677,14 +1692,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
             raise DeepWMLError(only)
     chosen = (io.choose_dicom_series(path, series, candidates=study.series if study else None, strict=bool(study))
               if path.is_dir() else None)
-    if chosen and (seg or outline):  # a series the SEG or outline cannot be made of: refused before the networks run
-        # (its headers alone tell), as deepwml change refuses it, not after minutes of segmenting for nothing
-        from .dicom_outline import source_attributes
-        from .dicom_seg import checked_source
-
-        checked_source(chosen[0]) if seg else source_attributes(chosen[0], "--dicom-outline")
-        if seg and outline:
-            source_attributes(chosen[0], "--dicom-outline")
+    if chosen:  # a series the SEG or outline cannot be made of: refused before the networks run
+        check_dicom_source(chosen[0], outline, seg)
     tell = progress or (lambda fraction, message: None)
     with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None,  # plain NIfTI: no SimpleITK import
@@ -1872,6 +1881,8 @@ def add_outputs(case: str, path: Path, out_dir: Path, paths: dict, missing: list
         # it was recorded: this run's --series, which check_earlier_result could not compare (else the study's FLAIR)
         uid = (earlier.get("dicom_series") or {}).get("uid") or series
         chosen = io.choose_dicom_series(path, uid, candidates=study.series if study else None, strict=bool(study))
+        # refused before the networks run again (a probability map, the QC's ventricles asked for beside them)
+        check_dicom_source(chosen[0], "dicom_outline" in missing, "dicom_seg" in missing)
     with reading_progress(tell, cancel) as reading:
         image = io.read_image(path, light=True, series=chosen[0] if chosen else None, reading=reading)
     tell(READING_SHARE, f"reading the saved {mask_file.name}")

@@ -581,6 +581,31 @@ def test_segment_refuses_a_series_without_a_frame_of_reference_before_the_networ
     assert not list((tmp_path / "o1").glob("nofor*")) and not list((tmp_path / "o2").glob("nostudy*"))
 
 
+def test_a_rerun_adding_a_seg_and_a_probability_map_refuses_the_series_before_the_networks_run_again(
+        tmp_path, tiny_model, monkeypatch, capsys):
+    """A case segmented before, rerun with --dicom-seg and --save-probabilities (added from the saved mask, the
+    networks run again for the map): a series without a Frame of Reference UID was refused only after the networks
+    had run again; now from its headers first, as a full run refuses it, nothing added."""
+    from DeepWMLLib import segment
+
+    nofor = write_dicom_series(tmp_path / "nofor", phantom(size=(13, 11, 3)), description="AX FLAIR")
+    out = tmp_path / "out"
+    args = ["segment", str(nofor), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    assert main(args) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+
+    def networks(*args, **kwargs):
+        raise AssertionError("the networks ran")
+
+    monkeypatch.setattr(segment, "segment_image", networks)
+    assert main(args + ["--dicom-seg", "--save-probabilities"]) == 1
+    err = capsys.readouterr().err
+    assert "the networks ran" not in err
+    assert "no Frame of Reference UID (0020,0052), so a DICOM SEG could not be placed on it" in err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_segment_writes_it_beside_the_outline_and_says_why_not_for_other_inputs(tmp_path, tiny_model, capsys):
     """`deepwml segment --dicom-seg --dicom-outline`: both, listed in the report; the SEG's frames the mask file's
     slices holding a voxel (and the first and last); a NIfTI input segmented with a warning and no SEG; a rerun skips the case, --overwrite makes a new

@@ -1221,6 +1221,39 @@ def test_batch_writes_the_dicom_seg_and_outline_of_a_dicom_input_and_warns_of_an
     assert "S_wmh_seg.dcm" not in json.loads((out / "S_report.json").read_text(encoding="utf-8"))["outputs"]
 
 
+def test_batch_refuses_a_series_the_seg_or_outline_cannot_be_made_of_before_segmenting_and_goes_on(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """--dicom-seg of a series without a Frame of Reference UID, --dicom-outline of one without a Study Instance
+    UID: refused from its headers before the module's logic segments it (after the whole segmentation before), as
+    deepwml segment refuses it; the other cases of the batch are still segmented."""
+    from conftest import write_dicom_series
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(inputs / "nofor", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500,
+                       extra={"0020|000d": "1.2.3.1"})
+    write_dicom_series(inputs / "nostudy", flair, uid="1.2.3.9", description="AX FLAIR", inversion_ms=2500,
+                       extra={"0020|0052": "1.2.3.99", "0020|000d": ""})
+    writeCase(inputs, "a.nii.gz")
+    segmented = []
+    real = batchScript.DeepWMLCoreLogic.segmentVolume
+
+    def segmentVolume(self, volumeNode, *args, **kwargs):
+        segmented.append(volumeNode.GetName())
+        return real(self, volumeNode, *args, **kwargs)
+
+    monkeypatch.setattr(batchScript.DeepWMLCoreLogic, "segmentVolume", segmentVolume)
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert batchScript.main(base + ["--dicom-seg", "--dicom-outline"]) == 1
+    rows = summary(out)
+    assert segmented == ["a"]
+    assert rows["a"]["status"] == "ok" and rows["nofor"]["status"] == rows["nostudy"]["status"] == "error"
+    assert "no Frame of Reference UID (0020,0052), so a DICOM SEG could not be placed on it" in rows["nofor"]["error"]
+    assert "no Study Instance UID, so the outline series cannot join its study" in rows["nostudy"]["error"]
+    assert not list(out.glob("nofor*")) and not list(out.glob("nostudy*"))
+
+
 def test_batch_overwrite_never_deletes_a_users_images_in_the_outline_folder(scene, batchScript, tmp_path,
                                                                            monkeypatch, tiny_model):
     """CASE_outline_dicom/ holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite, with

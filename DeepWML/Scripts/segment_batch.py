@@ -245,6 +245,8 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     try:
         volumeNode, series, dicom = loadFlair(path, case, study)
         nodes.append(volumeNode)
+        if series is not None:  # a series the SEG or outline cannot be made of: refused before the networks run, as
+            segment.check_dicom_source(series, outline, seg)  # deepwml segment refuses it
         segmentationNode = logic.segmentVolume(volumeNode, device=args.device, progress=progress, **args.run)
         nodes.append(segmentationNode)
         report = {"case": case, "input": str(path), **logic.lesionStatistics(segmentationNode, volumeNode)}
