@@ -4469,6 +4469,13 @@ JOINT_EXTENT_NOTE = ("both masks were saved cropped to their lesions: they were 
                      "saved on the scan's whole grid, or the FLAIR given (for a picture), give the scan's slice numbers")
 
 
+def _names_a_scan(what: str) -> bool:
+    """Whether `what`, a name check_same_grid is given, names the FLAIR a mask should lie on ("the FLAIR", "the
+    baseline FLAIR", "its FLAIR PATH", "FLAIR PATH", ...): its callers' own words first, not "FLAIR" anywhere, which
+    a mask's file name or folder given after "reference " or "rater B's mask " may hold (sub01_FLAIR_manual.nii.gz)."""
+    return re.match(r"(the |its )?((baseline|follow-up) )?FLAIR\b", what) is not None
+
+
 def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", what_b: str = "reference") -> None:
     """Raise DeepWMLError when two images do not share a voxel grid."""
     diff = grid_difference(a, b)
@@ -4485,7 +4492,7 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, what_a: str = "prediction", wh
         elif same_voxels:
             advice = ("if both were drawn on the same scan, a conversion changed one header: copy the scan's "
                       "geometry onto it (SimpleITK CopyInformation); otherwise resample one onto the other")
-        elif "FLAIR" in what_b:  # a mask against the scan it should lie on (export, change, train): resampling
+        elif _names_a_scan(what_b):  # a mask against the scan it should lie on (export, change, train): resampling
             # the scan onto the mask, as the two-mask advice allowed, would move the outputs off the scan's own grid
             advice = (f"a mask must lie on the grid of the scan it was drawn on: was it drawn on another series or "
                       f"visit? Give that scan, or put the mask onto {what_b}'s grid first (in Slicer: export the "

@@ -433,6 +433,26 @@ def test_a_grid_error_of_one_case_names_both_files(tmp_path):
         evaluation.evaluate_case(pred, ref)
 
 
+def test_a_reference_whose_file_name_says_flair_gets_the_two_mask_advice_not_the_scans(tmp_path):
+    """The advice for a mask off its FLAIR's grid was chosen by "FLAIR" anywhere in the other's name: a reference
+    mask in a folder or file named FLAIR (sub01_FLAIR_manual.nii.gz) got "a mask must lie on the grid of the scan
+    it was drawn on ... put the mask onto reference ...'s grid", as if the reference were the scan; two masks get
+    the two-mask advice, whatever their files are called, and a mask against its FLAIR still gets the scan's."""
+    from DeepWMLLib import io
+
+    (tmp_path / "FLAIR").mkdir()
+    ref = write_mask(reference_array(), tmp_path / "FLAIR" / "sub01_FLAIR_manual.nii.gz")
+    pred = write_mask(reference_array(), tmp_path / "thick_wmh.nii.gz", spacing=(1.0, 1.0, 6.0))
+    with pytest.raises(evaluation.DeepWMLError) as refused:
+        evaluation.evaluate_case(pred, ref)
+    assert "export both on the same grid (resample one onto the other first)" in str(refused.value)
+    assert "scan it was drawn on" not in str(refused.value)
+    thick, manual = sitk.ReadImage(str(pred)), sitk.ReadImage(str(ref))
+    for name in ("the FLAIR", "the baseline FLAIR", f"its FLAIR {tmp_path / 'flair.nii.gz'}", "FLAIR x.nii.gz"):
+        with pytest.raises(evaluation.DeepWMLError, match="was it drawn on another series or visit"):
+            io.check_same_grid(thick, manual, "the mask", name)
+
+
 
 def _manifest_variant(cohort, name: str, folder: str, center: bool = False):
     """lists/NAME: the cohort's a* and b* cases, their masks/ paths written as `folder`."""
