@@ -44,6 +44,119 @@ def folders_written_long_ago(monkeypatch):
     monkeypatch.setattr(io, "_now_ns", lambda: time.time_ns() + 3600 * 10**9)
 
 
+# Work a test worker does once and shares between tests (a module fixture, or a per-worker memo: _ALIGNMENTS,
+# _FLAIR_CHECKS, test_change's _PAIR_IMAGES) is done again on the other worker for every test that needs it there.
+# Under `--dist loadgroup` (pyproject.toml) the tests of one xdist_group run on one worker, one after another, and the
+# rest are spread a test at a time as `load` spreads them; so the tests that share such work are grouped here.
+# pytest-xdist 3.8's own loadgroup tells the controller a test's group by appending '@group' to item._nodeid, which
+# pytest 9 no longer reads (Node.nodeid is made from item._id): every test was its own group, so the grouped tests
+# were spread over both workers as under `load`. Here each worker writes its tests' groups to a file instead
+# (DEEPWML_TEST_GROUPS, a folder the controller makes) and the controller's scheduler (pytest_xdist_make_scheduler)
+# reads them.
+_PHANTOM_PAIR_NAMES = {"change_pair_images", "phantom_pair_nodes"}  # test_change's phantom pair and its registrations
+
+
+def _names_in(code) -> set[str]:
+    """The global and attribute names `code` and the functions nested in it read."""
+    import types
+
+    names, todo = set(), [code]
+    while todo:
+        code = todo.pop()
+        names.update(code.co_names)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def shared_work_group(item) -> str | None:
+    """The xdist group of a test that shares a worker's work with others (None: nothing shared): 'phantom_pair' (the
+    phantom pair of test_change and its memoized registrations: the `pair` fixture, or change_pair_images or
+    phantom_pair_nodes called), 'flair_checks' (test_train's and test_adapt's runs: memoize_flair_checks), or the
+    test's module (a module-scoped fixture of its own module: built once)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    definitions = [d for defs in info.name2fixturedefs.values() for d in defs]
+    names = _names_in(item.function.__code__) if hasattr(item, "function") else set()
+    for definition in definitions:
+        if hasattr(definition.func, "__code__"):
+            names |= _names_in(definition.func.__code__)
+    if "pair" in info.names_closure or names & _PHANTOM_PAIR_NAMES:
+        return "phantom_pair"
+    if "memoize_flair_checks" in names:
+        return "flair_checks"
+    module = getattr(item, "module", None)
+    for definition in definitions:
+        if definition.scope == "module" and module is not None and \
+                getattr(definition.func, "__module__", None) == module.__name__:
+            return module.__name__
+    return None
+
+
+_GROUPS_FOLDER = "DEEPWML_TEST_GROUPS"
+
+
+def _xdist_group(item) -> str | None:
+    """The test's xdist_group names joined (as pytest-xdist joins them), None without one."""
+    names = {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")}
+    return "_".join(sorted(names)) if names else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    for item in items:
+        group = shared_work_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    folder, worker = os.environ.get(_GROUPS_FOLDER), os.environ.get("PYTEST_XDIST_WORKER")
+    if folder and worker:  # a worker of a loadgroup run: its tests' groups for the controller's scheduler
+        groups = {item.nodeid: group for item in items if (group := _xdist_group(item)) is not None}
+        path = Path(folder) / f"{worker}.json"
+        path.with_suffix(".part").write_text(json.dumps(groups), encoding="utf-8")
+        path.with_suffix(".part").replace(path)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist") and not os.environ.get("PYTEST_XDIST_WORKER") and \
+            config.getoption("dist", "no") == "loadgroup" and config.getoption("numprocesses", None):
+        import tempfile
+
+        os.environ[_GROUPS_FOLDER] = tempfile.mkdtemp(prefix="deepwml-test-groups-")  # the workers start after
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_GROUPS_FOLDER):
+        shutil.rmtree(os.environ.pop(_GROUPS_FOLDER), ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup: pytest-xdist's loadgroup scheduling (a group's tests a unit given to one worker, the largest
+    units first, the other tests each a unit of its own), told each test's group by the files the workers wrote."""
+    folder = os.environ.get(_GROUPS_FOLDER)
+    if config.getoption("dist", "no") != "loadgroup" or not folder:
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedWorkScheduling(LoadScopeScheduling):
+        groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # first asked once every worker has collected (and written its file)
+                self.groups = {}
+                for path in sorted(Path(folder).glob("*.json")):
+                    self.groups.update(json.loads(path.read_text(encoding="utf-8")))
+            return self.groups.get(nodeid, nodeid)
+
+    return SharedWorkScheduling(config, log)
+
+
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
