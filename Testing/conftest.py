@@ -45,7 +45,7 @@ def folders_written_long_ago(monkeypatch):
 
 
 # Work a test worker does once and shares between tests (a module fixture, or a per-worker memo: _ALIGNMENTS,
-# _FLAIR_CHECKS, test_change's _PAIR_IMAGES) is done again on the other worker for every test that needs it there.
+# test_change's _PAIR_IMAGES) is done again on the other worker for every test that needs it there.
 # Under `--dist loadgroup` (pyproject.toml) the tests of one xdist_group run on one worker, one after another, and the
 # rest are spread a test at a time as `load` spreads them; so the tests that share such work are grouped here.
 # pytest-xdist 3.8's own loadgroup tells the controller a test's group by appending '@group' to item._nodeid, which
@@ -71,8 +71,9 @@ def _names_in(code) -> set[str]:
 def shared_work_group(item) -> str | None:
     """The xdist group of a test that shares a worker's work with others (None: nothing shared): 'phantom_pair' (the
     phantom pair of test_change and its memoized registrations: the `pair` fixture, or change_pair_images or
-    phantom_pair_nodes called), 'flair_checks' (test_train's and test_adapt's runs: memoize_flair_checks), or the
-    test's module (a module-scoped fixture of its own module: built once)."""
+    phantom_pair_nodes called), or the test's module (a module-scoped fixture of its own module: built once).
+    test_train's and test_adapt's memoized FLAIR checks are not grouped: kept on one worker they saved 3 s of 108 s
+    CPU (two-worker run of both files) and lost their spread over both workers."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return None
@@ -83,8 +84,6 @@ def shared_work_group(item) -> str | None:
             names |= _names_in(definition.func.__code__)
     if "pair" in info.names_closure or names & _PHANTOM_PAIR_NAMES:
         return "phantom_pair"
-    if "memoize_flair_checks" in names:
-        return "flair_checks"
     module = getattr(item, "module", None)
     for definition in definitions:
         if definition.scope == "module" and module is not None and \
