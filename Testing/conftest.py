@@ -132,7 +132,7 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(_GROUPS_FOLDER), ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: a run without pytest-xdist has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """--dist loadgroup: pytest-xdist's loadgroup scheduling (a group's tests a unit given to one worker, the largest
     units first, the other tests each a unit of its own), told each test's group by the files the workers wrote."""
