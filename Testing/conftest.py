@@ -156,6 +156,20 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedWorkScheduling(config, log)
 
 
+def users_images_in(source: Path, folder: Path) -> dict:
+    """`folder` made to hold the DICOM files of `source` (a FLAIR series) under an outline series' names
+    (IM00001.dcm, ...), as a PACS export names its images, in place of whatever it held (an outline series DeepWML
+    wrote there); returns each file's bytes by name."""
+    import shutil
+
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for k, path in enumerate(sorted(source.iterdir()), start=1):
+        shutil.copyfile(path, folder / f"IM{k:05d}.dcm")
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])

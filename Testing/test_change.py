@@ -25,7 +25,8 @@ from DeepWMLLib import change, evaluation, io
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import aligned_once, make_volume, memoize_alignments, rotation, stepped_positions, write_dicom_series
+from conftest import (aligned_once, make_volume, memoize_alignments, rotation, stepped_positions, users_images_in,
+                      write_dicom_series)
 
 # the head movement between the scans: a follow-up point q shows the anatomy at baseline point MOVE(q)
 MOVE_ANGLES = (np.radians(4.0), np.radians(-3.0), np.radians(6.0))
@@ -729,11 +730,7 @@ def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pai
             str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
     assert main(args + ["--dicom-outline"]) == 0
     target = out / "followup_change_outline_dicom"
-    shutil.rmtree(target)
-    target.mkdir()
-    for k, path in enumerate(sorted(series.iterdir()), start=1):
-        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
-    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    theirs = users_images_in(series, target)
     report = (out / "followup_change.json").read_bytes()
     capsys.readouterr()
     for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):

@@ -14,8 +14,8 @@ from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (make_volume, record_syncs_and_renames, rotation, stepped_positions, write_dicom_series,
-                      write_enhanced_mr)
+from conftest import (make_volume, record_syncs_and_renames, rotation, stepped_positions, users_images_in,
+                      write_dicom_series, write_enhanced_mr)
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
            "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
@@ -395,17 +395,6 @@ def test_burned_in_annotation_says_yes_where_the_source_pixels_carry_one(tmp_pat
     assert {h["0028|0301"] for h in read_series(tmp_path / "o2")[1]} == {"NO"}
 
 
-def users_images(source, folder):
-    """The DICOM files of `source` (a FLAIR series) copied into `folder` under an outline series' names (IM00001.dcm,
-    ...), as a PACS export names its images; returns each file's bytes by name."""
-    import shutil
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, path in enumerate(sorted(source.iterdir()), start=1):
-        shutil.copyfile(path, folder / dicom_outline.FILE_PATTERN.format(k))
-    return contents(folder)
-
-
 def contents(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -424,7 +413,7 @@ def test_only_deepwmls_own_outline_images_are_replaced_or_removed(tmp_path):
     written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
     assert read_series(own)[1][0]["0020|000e"] == written["series_uid"]
     theirs = tmp_path / "theirs"
-    before = users_images(folder, theirs)
+    before = users_images_in(folder, theirs)
     with pytest.raises(DeepWMLError, match="not DeepWML's outline series") as refused:
         dicom_outline.check_outline_folder(theirs, True)
     assert str(theirs) in str(refused.value) and "move them" in str(refused.value)
@@ -503,9 +492,7 @@ def test_segment_overwrite_refuses_an_outline_folder_holding_a_users_images(tmp_
     args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
     assert main(args + ["--dicom-outline"]) == 0
     target = out / "flair_outline_dicom"
-    for image in target.iterdir():
-        image.unlink()
-    before = users_images(folder, target)
+    before = users_images_in(folder, target)
     report = (out / "flair_report.json").read_bytes()
     for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):
         assert main(args + options) == 1

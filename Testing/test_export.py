@@ -16,7 +16,7 @@ from DeepWMLLib.cli import main
 from DeepWMLLib.report import lesion_report
 from DeepWMLLib.segment import mask_digest
 
-from conftest import REPO
+from conftest import REPO, users_images_in
 from test_dicom_seg import _dciodvfy, phantom, source_series
 
 SAMPLE = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
@@ -629,11 +629,7 @@ def test_export_overwrite_never_deletes_a_users_images_in_the_outline_folder(tmp
     first = pydicom.dcmread(target / "IM00001.dcm", stop_before_pixels=True).SeriesInstanceUID
     assert main([*command, "--dicom-outline", "--overwrite"]) == 0  # its own: replaced
     assert pydicom.dcmread(target / "IM00001.dcm", stop_before_pixels=True).SeriesInstanceUID != first
-    shutil.rmtree(target)
-    target.mkdir()
-    for k, path in enumerate(sorted(folder.iterdir()), start=1):
-        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
-    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    theirs = users_images_in(folder, target)
     report = (out / "p1_report.json").read_bytes()
     capsys.readouterr()
     for options in (["--dicom-outline"], []):

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).parent / "slicer" / "support"))
 
-from conftest import REPO, another_run_holds, make_volume, oracle_network, rotation, tiny_model_file  # noqa: E402
+from conftest import (REPO, another_run_holds, make_volume, oracle_network, rotation, tiny_model_file,  # noqa: E402
+                      users_images_in)
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
@@ -1270,11 +1271,7 @@ def test_batch_overwrite_never_deletes_a_users_images_in_the_outline_folder(scen
     base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
     assert batchScript.main(base + ["--dicom-outline"]) == 0
     target = out / "S_outline_dicom"
-    shutil.rmtree(target)
-    target.mkdir()
-    for k, path in enumerate(sorted(series.iterdir()), start=1):
-        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
-    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    theirs = users_images_in(series, target)
     report = (out / "S_report.json").read_bytes()
     for options in (["--dicom-outline", "--overwrite"], ["--overwrite"]):
         assert batchScript.main(base + options) != 0
