@@ -152,8 +152,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
     from .segment import (NO_DICOM_OUTLINE, NO_DICOM_SEG, asks_for_no_model, case_guard, dicom_instances,
                           dicom_series_warnings, load_brain_model, load_ventricle_model, mask_digest, mask_location,
                           names_own_model, picture_title, scan_header_warnings, stopped_outputs, whole_or_none)
-    from .segment import (add_instance_numbers, finish_report, journal_path, refuse_foreign_outlines, refuse_stopped,
-                          start_outputs, write_qc_and_dicom)
+    from .segment import (add_instance_numbers, check_dicom_source, finish_report, journal_path,
+                          refuse_foreign_outlines, refuse_stopped, start_outputs, write_qc_and_dicom)
 
     start = time.perf_counter()
     if algorithm_type not in ALGORITHM_TYPES:
@@ -216,6 +216,8 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
             from .dicom_outline import check_outline_folder
 
             check_outline_folder(paths["dicom_outline"], overwrite)
+        if chosen:  # a series the outline or SEG cannot be made of (headers alone): before the split's networks run
+            check_dicom_source(chosen[0], outline, seg)
         # the split made before anything is written (networks: seconds), as segment makes it for its own mask
         split = mask_location(image, binary, ventricle_model, brain_model, device=device,
                               brain_gate=brain_gate) if ventricle_model is not None else None

@@ -16,7 +16,7 @@ from DeepWMLLib.cli import main
 from DeepWMLLib.report import lesion_report
 from DeepWMLLib.segment import mask_digest
 
-from conftest import REPO, users_images_in
+from conftest import REPO, users_images_in, write_dicom_series
 from test_dicom_seg import _dciodvfy, phantom, source_series
 
 SAMPLE = REPO / "Resources" / "Sample" / "sample_flair.nii.gz"
@@ -651,10 +651,7 @@ def test_export_refuses_a_users_images_in_its_outline_folder_before_drawing_or_m
     out = tmp_path / "out"
     command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1", "--qc"]
     target = out / "p1_outline_dicom"
-    target.mkdir(parents=True)
-    for k, path in enumerate(sorted(folder.iterdir()), start=1):
-        shutil.copyfile(path, target / f"IM{k:05d}.dcm")
-    theirs = {p.name: p.read_bytes() for p in target.iterdir()}
+    theirs = users_images_in(folder, target)
     drawn = []
     render = qc.render
     monkeypatch.setattr(qc, "render", lambda *a, **k: drawn.append(1) or render(*a, **k))
@@ -663,3 +660,29 @@ def test_export_refuses_a_users_images_in_its_outline_folder_before_drawing_or_m
     assert f"{target} holds DICOM images that are not DeepWML's outline series" in capsys.readouterr().err
     assert drawn == []
     assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+
+
+def test_export_refuses_a_series_the_seg_or_outline_cannot_be_made_of_before_the_split_runs(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """export --dicom-seg of a series without a Frame of Reference UID (or --dicom-outline of one without a Study
+    Instance UID) with the periventricular/deep split asked for: refused only after the ventricle network had run;
+    now from the headers first, as segment refuses it, nothing written."""
+    from DeepWMLLib import segment
+    from test_dicom_seg import PATIENT
+
+    def split(*args, **kwargs):
+        raise AssertionError("the split's networks ran")
+
+    monkeypatch.setattr(segment, "mask_location", split)
+    for name, extra, option, said in (
+            ("nofor", {}, "--dicom-seg", "no Frame of Reference UID (0020,0052), so a DICOM SEG could not be placed"),
+            ("nostudy", {**PATIENT, "0020|000d": ""}, "--dicom-outline",
+             "no Study Instance UID, so the outline series cannot join its study")):
+        folder = write_dicom_series(tmp_path / name, phantom(), description="AX FLAIR", extra=extra)
+        edited_mask(folder, tmp_path / f"{name}.nii.gz")
+        out = tmp_path / f"out_{name}"
+        assert main(["export", str(folder), str(tmp_path / f"{name}.nii.gz"), "-o", str(out), option,
+                     "--ventricle-model", str(segment.models_dir() / segment.SHIPPED_VENTRICLE_MODEL)]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "the split's networks ran" not in err
+        assert not out.exists() or not list(out.iterdir())
