@@ -22,7 +22,8 @@ from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import Cancelled, DeepWMLError  # noqa: E402
 from DeepWMLLib.evaluation import evaluate_case  # noqa: E402
 from DeepWMLLib.report import lesion_report  # noqa: E402
-from slicer_fixtures import blockingSegmentation, lateSegmentation, onnxCache, scene, seriesOfFrames  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import (blockingSegmentation, gatedChange, lateSegmentation, onnxCache, scene,  # noqa: E402,F401 (fixtures)
+                             seriesOfFrames)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
 from DeepWMLSlicerLib.CoreLogic import LESION_TABLE, MODEL_FILE_CHOICE, DeepWMLCoreLogic  # noqa: E402
@@ -1046,6 +1047,103 @@ def test_lesion_change_between_two_volume_nodes(scene, monkeypatch):
         logic.lesionChange(followup, follow_seg, followup, follow_seg)
     with pytest.raises(DeepWMLError, match="segment the earlier scan first"):
         logic.lesionChange(baseline, None, followup, follow_seg)
+
+
+def test_the_lesion_change_runs_as_a_job_in_a_thread_with_the_same_result(scene, monkeypatch):
+    """lesionChange ran both registrations (tens of seconds each on a clinical pair) in the calling thread, the
+    panel's main thread. startChange runs them as a job: in a worker thread on copies taken from the nodes, its
+    progress following the registrations, refused while another job runs; finishChange makes the same nodes and
+    report as lesionChange, on the main thread."""
+    _, nodes = phantom_pair_nodes(monkeypatch)
+    baseline, base_seg, followup, follow_seg = nodes
+    logic = DeepWMLCoreLogic()
+    node, registered, report = logic.lesionChange(*nodes)
+    expectedMasks = {}
+    segmentation = node.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(i)
+        expectedMasks[segmentation.GetSegment(segmentId).GetName()] = sitk.GetArrayFromImage(
+            mrml.maskFromSegmentation(node, followup, segmentId))
+    expectedRegistered = slicer.util.arrayFromVolume(registered).copy()
+    started, gate, threads, _ = gatedChange(monkeypatch)
+    steps = []
+    job = logic.startChange(*nodes, progress=lambda fraction, message: steps.append((fraction, message)))
+    assert started.wait(30) and not job.done and job.kind == "change"
+    assert threads == ["DeepWML change"]  # not the calling thread
+    assert job.fraction == 0.45 and job.message == ("Lesion change of 'FLAIR 2026' since 'FLAIR 2024': registered the "
+                                                    "baseline to the follow-up in 30 s; now the other way round, to "
+                                                    "check it ...")
+    with pytest.raises(DeepWMLError, match="being computed already"):  # never two at once
+        logic.startChange(*nodes, busy="change")
+    with pytest.raises(DeepWMLError, match="waits for the run going on now"):
+        logic.startChange(*nodes, busy="segmentation")
+    assert len(threads) == 1  # refused before anything ran
+    gate.set()
+    assert job.wait(60) and job.error is None
+    assert steps[0] == (0.0, "Lesion change of 'FLAIR 2026' since 'FLAIR 2024': registering the earlier scan to the "
+                             "follow-up (tens of seconds on a clinical scan; then the other way round, to check it)...")
+    assert [fraction for fraction, _ in steps] == [0.0, 0.45, 0.9, 0.9]  # the stand-in's step, then the two real ones
+    assert steps[3][1].startswith("Lesion change of 'FLAIR 2026' since 'FLAIR 2024': registered the other way round")
+    made, madeRegistered, madeReport = logic.finishChange(job)
+    assert job.fraction == 1.0 and node.GetScene() is None and registered.GetScene() is None  # replaced, as a rerun
+    assert madeReport == report
+    segmentation = made.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == len(expectedMasks)
+    for i in range(segmentation.GetNumberOfSegments()):
+        segmentId = segmentation.GetNthSegmentID(i)
+        assert np.array_equal(sitk.GetArrayFromImage(mrml.maskFromSegmentation(made, followup, segmentId)),
+                              expectedMasks[segmentation.GetSegment(segmentId).GetName()])
+    assert np.array_equal(slicer.util.arrayFromVolume(madeRegistered), expectedRegistered)
+
+
+def test_a_lesion_change_job_keeps_nothing_when_cancelled_or_when_an_input_changed(scene, monkeypatch):
+    """Cancelled, or with a scan or segmentation edited, moved or deleted while the scans were registered, a change
+    job puts nothing into the scene: finishChange raises Cancelled, or returns None saying which input changed how.
+    Cancel cannot stop a registration that runs; it stops the job when that one ends (no second registration)."""
+    _, nodes = phantom_pair_nodes(monkeypatch)
+    baseline, base_seg, followup, follow_seg = nodes
+    logic = DeepWMLCoreLogic()
+    started, gate, threads, registrations = gatedChange(monkeypatch)
+
+    def count() -> tuple[int, int]:
+        return (scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"),
+                scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+
+    before = count()
+    job = logic.startChange(*nodes)
+    assert started.wait(30)
+    job.cancel()
+    gate.set()
+    assert job.wait(60) and job.cancelled and job.result is None
+    assert len(registrations) == 1  # the one running when Cancel came (here: the first, once the gate opened)
+    with pytest.raises(Cancelled):
+        logic.finishChange(job)
+    assert count() == before
+
+    def changedWhileRegistering(change) -> str:
+        job = logic.startChange(*nodes)
+        change()
+        changed = count()  # a node deleted: one fewer
+        assert job.wait(60) and job.error is None and job.result is not None
+        assert logic.finishChange(job) is None and count() == changed
+        return job.discarded
+
+    assert changedWhileRegistering(lambda: followup.GetImageData().Modified()) == \
+        "the voxels or place of 'FLAIR 2026' changed while the scans were being registered"
+    moved = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(np.array(
+        [[1, 0, 0, 5.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])))
+    assert changedWhileRegistering(lambda: baseline.SetAndObserveTransformNodeID(moved.GetID())) == \
+        "the voxels or place of 'FLAIR 2024' changed while the scans were being registered"
+    baseline.SetAndObserveTransformNodeID(None)
+    lesions = mrml.maskFromNode(base_seg, baseline)
+    edited = sitk.Image(lesions)
+    edited[10:14, 10:14, 5:7] = 1  # a lesion drawn in
+    assert changedWhileRegistering(lambda: mrml.segmentationFromMask(edited, baseline, base_seg)) == \
+        "the segments of '2024 WMH' changed while the scans were being registered"
+    mrml.segmentationFromMask(lesions, baseline, base_seg)
+    assert changedWhileRegistering(lambda: scene.RemoveNode(follow_seg)) == \
+        "'2026 WMH' was removed from the scene while the scans were being registered"
 
 
 def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(scene, tmp_path, monkeypatch):

@@ -57,6 +57,8 @@ IN_PROCESS_VARIABLE = "DEEPWML_IN_PROCESS"  # 1 (true, yes, on): GUI segmentatio
 LOG_LINES_SHOWN = 5  # of a worker process that ended without a result
 JOB_FOLDER_PREFIX = "DeepWML-job-"  # a worker process's temporary folder
 CANCEL_WAIT_S = 5.0  # for a killed worker process to end, so that its folder can be removed at once
+# a lesion change job's progress as each of its two registrations ends (the rest: classifying, making the nodes)
+CHANGE_FRACTIONS = (0.45, 0.9)
 
 
 def sourceWarnings(volumeNode) -> list[str]:
@@ -259,6 +261,50 @@ class SplitJob(BackgroundJob):
             self.error = exc
         finally:
             self.image = None
+            self._finished.set()
+
+
+class ChangeJob(BackgroundJob):
+    """The lesion change between an earlier scan (baseline) and the follow-up (`DeepWMLLib.change.lesion_change`: two
+    rigid registrations, tens of seconds each on a clinical pair) on copies of the scans and masks taken from the
+    nodes on the main thread (`DeepWMLCoreLogic.startChange`), so that the panel shows the registrations and stays
+    usable; `finishChange` makes the nodes on the main thread. A registration cannot be interrupted once it runs:
+    cancel() takes effect when the one running ends (lesion_change's progress report), and a cancelled job's result
+    is never put into the scene. `nodes`: (baseline volume, its segmentation, follow-up volume, its segmentation);
+    `keys`: what each was when they were taken (`_changeInputKeys`), to tell on finishing that none changed since."""
+
+    kind = "change"
+    threadName = "DeepWML change"
+
+    def __init__(self, nodes, images, masks, keys, progress=None, cancel=None):
+        super().__init__(nodes[2], images[1], progress, cancel)
+        self.nodes, self.images, self.masks, self.keys = tuple(nodes), tuple(images), tuple(masks), keys
+        self.discarded = ""  # why finishChange kept nothing (an input edited, moved or deleted meanwhile)
+        self._registrations = 0
+        self.prefix = f"Lesion change of '{nodes[2].GetName()}' since '{nodes[0].GetName()}'"
+
+    def _registered(self, message: str) -> None:
+        """lesion_change's report as each registration ends: the progress bar's steps, and Cancel's chance."""
+        if self.cancelRequested():  # the registration that was running when Cancel came has ended: no more
+            raise Cancelled("cancelled")
+        self._registrations += 1
+        self._report(CHANGE_FRACTIONS[min(self._registrations, len(CHANGE_FRACTIONS)) - 1], f"{self.prefix}: {message}")
+
+    def run(self) -> None:
+        try:
+            from DeepWMLLib import change
+
+            self._report(0.0, f"{self.prefix}: registering the earlier scan to the follow-up (tens of seconds on a "
+                              "clinical scan; then the other way round, to check it)...")
+            (baseline, followup), (baselineMask, followupMask) = self.images, self.masks
+            self.result = change.lesion_change(baseline, followup, baselineMask, followupMask, progress=self._registered)
+            if self.cancelRequested():  # asked for after the last registration: nothing is kept
+                self.result = None
+                raise Cancelled("cancelled")
+        except BaseException as exc:  # handed over to the main thread by finishChange
+            self.error = exc
+        finally:
+            self.image = self.images = self.masks = None  # the scans' copies are not held while the nodes are made
             self._finished.set()
 
 
@@ -995,22 +1041,114 @@ class DeepWMLCoreLogic:
         registered rigidly to the follow-up. Returns (the change segmentation on the follow-up's grid, one
         segment per call; the baseline volume resampled onto the follow-up's grid; the report). Run again
         for the same follow-up, both nodes are replaced. Both are made in world coordinates, where the
-        volumes are displayed (transforms included), under no transform."""
-        self.ensureDependencies(torch=False)
-        from DeepWMLLib import change
+        volumes are displayed (transforms included), under no transform. Runs in the calling thread (scripts, the
+        batch script); the panel runs it as a job (startChange, finishChange)."""
+        job = self._changeJob(baselineVolume, baselineSegmentation, followupVolume, followupSegmentation)
+        job.run()
+        if job.error is not None:
+            raise job.error
+        return self._changeNodes(job)
 
+    def startChange(self, baselineVolume, baselineSegmentation, followupVolume, followupSegmentation,
+                    busy: bool | str = False, progress=None) -> ChangeJob:
+        """For the GUI: lesionChange without the main thread running the registrations (tens of seconds each on a
+        clinical pair). The scans and masks are taken from the nodes now; a started ChangeJob runs lesion_change in a
+        worker thread: poll `job.done` (`fraction` and `message` follow the registrations), then finishChange(job)
+        makes the nodes. Refused while another job runs (`busy`: True, or the running job's `kind`), saying why."""
+        job = self._changeJob(baselineVolume, baselineSegmentation, followupVolume, followupSegmentation, busy,
+                              progress)
+        return job.start()
+
+    def finishChange(self, job: ChangeJob):
+        """The nodes of a finished ChangeJob, as lesionChange returns them (made now, on the main thread). A cancelled
+        job keeps nothing (Cancelled is raised); a failed one raises its error. Nor is anything kept where an input
+        changed while the scans were registered (their voxels, where they lie, a segment edited, a node deleted):
+        None then, `job.discarded` saying which and how."""
+        if not job.done:
+            raise RuntimeError("finishChange called before the job finished")
+        if job.cancelled:
+            raise Cancelled("cancelled")
+        if job.error is not None:
+            raise job.error
+        job.discarded = self._changeInputsChanged(job)
+        if job.discarded:
+            return None
+        made = self._changeNodes(job)
+        job._report(1.0, "done")
+        return made
+
+    def _changeJob(self, baselineVolume, baselineSegmentation, followupVolume, followupSegmentation,
+                   busy: bool | str = False, progress=None) -> ChangeJob:
+        """A ChangeJob, not started: the inputs checked, their scans and masks taken (on the calling thread, the only
+        one that touches nodes)."""
+        self.ensureDependencies(torch=False)
         if baselineVolume is None or followupVolume is None:
             raise DeepWMLError("choose both FLAIR volumes: the earlier scan and the follow-up")
         if baselineSegmentation is None or followupSegmentation is None:
             raise DeepWMLError("choose a lesion segmentation for each scan (segment the earlier scan first)")
         if baselineVolume is followupVolume:
             raise DeepWMLError("the earlier scan and the follow-up are the same volume; choose the earlier scan")
-        result = change.lesion_change(
-            mrml.imageFromVolume(baselineVolume), mrml.imageFromVolume(followupVolume),
-            mrml.maskFromNode(baselineSegmentation, baselineVolume), mrml.maskFromNode(followupSegmentation, followupVolume))
+        if busy == ChangeJob.kind:
+            raise DeepWMLError("the lesion change is being computed already (the scans' registrations: tens of "
+                               "seconds each): wait until it is done, or cancel it")
+        if busy:
+            raise DeepWMLError("the lesion change registers the scans, which waits for the run going on now: compare "
+                               "once it is done (or cancel it)")
+        nodes = (baselineVolume, baselineSegmentation, followupVolume, followupSegmentation)
+        images = (mrml.imageFromVolume(baselineVolume), mrml.imageFromVolume(followupVolume))
+        masks = (mrml.maskFromNode(baselineSegmentation, baselineVolume),
+                 mrml.maskFromNode(followupSegmentation, followupVolume))
+        return ChangeJob(nodes, images, masks, self._changeInputKeys(nodes, masks), progress)
+
+    @staticmethod
+    def _changeInputKeys(nodes, masks) -> tuple:
+        """What the change's inputs are now: each volume's voxels (their VTK modified time: an edit, another frame of
+        a sequence) and where they lie (its IJK-to-world matrix, transforms included); each mask's voxels on its
+        volume's grid (a digest: an edit, a segment added or removed, a transform)."""
+        import hashlib
+
         import SimpleITK as sitk
 
-        inputs = (baselineVolume, baselineSegmentation, followupVolume, followupSegmentation)
+        keys = []
+        for volumeNode in (nodes[0], nodes[2]):
+            imageData = volumeNode.GetImageData()
+            keys.append(None if imageData is None else (imageData.GetMTime(),
+                                                        tuple(map(tuple, mrml.worldIJKToRAS(volumeNode).tolist()))))
+        for mask in masks:
+            digest = hashlib.sha256(sitk.GetArrayViewFromImage(mask))
+            digest.update(repr(mask.GetSize()).encode())
+            keys.append(digest.hexdigest())
+        return tuple(keys)
+
+    def _changeInputsChanged(self, job: ChangeJob) -> str:
+        """Why a finished ChangeJob's result is no longer that of its inputs ('' where it is): one was removed from
+        the scene, or changed (voxels, place, segments) while the scans were registered."""
+        during = "while the scans were being registered"
+        for node in job.nodes:
+            if node.GetScene() is None:
+                return f"'{node.GetName()}' was removed from the scene {during}"
+        baselineVolume, baselineSegmentation, followupVolume, followupSegmentation = job.nodes
+        try:
+            masks = (mrml.maskFromNode(baselineSegmentation, baselineVolume),
+                     mrml.maskFromNode(followupSegmentation, followupVolume))
+            keys = self._changeInputKeys(job.nodes, masks)
+        except Exception as exc:  # e.g. its voxels gone, or put under a non-linear transform
+            return f"the scans or segmentations changed {during} ({exc})"
+        for node, before, now, what in zip((baselineVolume, followupVolume, baselineSegmentation, followupSegmentation),
+                                           job.keys, keys, ("voxels or place", "voxels or place", "segments",
+                                                            "segments")):
+            if before != now:
+                return f"the {what} of '{node.GetName()}' changed {during}"
+        return ""
+
+    def _changeNodes(self, job: ChangeJob):
+        """The nodes of a finished ChangeJob's result (lesionChange's return): the change segmentation and the
+        registered baseline, replacing an earlier run's for the same follow-up, and the report."""
+        import SimpleITK as sitk
+        from DeepWMLLib import change
+
+        result = job.result
+        inputs = baselineVolume, baselineSegmentation, followupVolume, followupSegmentation = job.nodes
         for attribute, className in ((CHANGE_ATTRIBUTE, "vtkMRMLSegmentationNode"),
                                      (REGISTERED_ATTRIBUTE, "vtkMRMLScalarVolumeNode")):
             earlier = self._nodeMadeFor(attribute, followupVolume, className)

@@ -75,6 +75,28 @@ def blockingSegmentation(monkeypatch) -> threading.Event:
     return started
 
 
+def gatedChange(monkeypatch) -> tuple:
+    """Make change.lesion_change report its first registration's end and then wait for a gate (running for real once
+    it opens), in whatever thread it runs; count the registrations (change.align, memoized). Returns (started, gate,
+    threads it ran in, registrations)."""
+    from DeepWMLLib import change
+
+    started, gate, threads, registrations = threading.Event(), threading.Event(), [], []
+    real, align = change.lesion_change, change.align
+
+    def lesionChange(*args, progress=None, **kwargs):
+        assert progress is not None, "the registrations ran with no progress shown"
+        threads.append(threading.current_thread().name)
+        progress("registered the baseline to the follow-up in 30 s; now the other way round, to check it ...")
+        started.set()
+        assert gate.wait(30), "the gate was never opened"
+        return real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(change, "lesion_change", lesionChange)
+    monkeypatch.setattr(change, "align", lambda *a, **k: registrations.append(1) or align(*a, **k))
+    return started, gate, threads, registrations
+
+
 def lateSegmentation(monkeypatch) -> tuple[threading.Event, threading.Event]:
     """Make segment_image wait for a gate, then segment for real without looking at cancel again, as in
     its post-processing, report and contrast check (seconds on a real scan). Returns (started, gate)."""
