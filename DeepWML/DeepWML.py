@@ -171,7 +171,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
+        if self._job is not None and self._job.kind == "change":
+            self._dropChange(self._job)  # not waited for: its registration cannot be interrupted
+        elif self._job is not None:
             self._job.cancel()
         self.setParameterNode(None)
         self._clearResults()  # the closed scene's patient: nothing of it may stay on show or be saved
@@ -299,6 +301,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Segmentation (a worker process, or thread, polled by a timer)
 
     def onApplyButton(self) -> None:
+        if self._job is not None and self._job.kind == "change":
+            self._dropChange(self._job)
+            return
         if self._job is not None:
             self._job.cancel()
             self.ui.statusLabel.text = "Cancelling..."
@@ -342,6 +347,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if job.kind == "split":
             self._finishSplit(job)
+            return
+        if job.kind == "change":
+            self._finishChange(job)
             return
         if job.cancelled or p is None:  # cancelled by the user, or the scene was closed meanwhile
             self.ui.statusLabel.text = "Cancelled."
@@ -491,14 +499,62 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.consensusLabel.text = self.logic.formatConsensus(results["consensus"])
 
     def onLesionChange(self) -> None:
+        """The lesion change of the follow-up (the input volume and output segmentation) since the earlier scan: its
+        two registrations (tens of seconds each on a clinical pair) run as a job, as a segmentation runs (progress
+        bar, status line, Segment WMH turned into Cancel, the panel usable); the nodes are made when they are done
+        (_finishChange). Refused, saying why, while another job runs."""
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot compare with the earlier scan.", waitCursor=True):
-            changeNode, registered, report = self.logic.lesionChange(p.baselineVolume, p.baselineSegmentation,
-                                                                     p.inputVolume, p.outputSegmentation)
+            job = self.logic.startChange(p.baselineVolume, p.baselineSegmentation, p.inputVolume, p.outputSegmentation,
+                                         busy=self._job.kind if self._job is not None else False)
+            self._job = job
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = job.message
+            self._timer.start()
+            self.updateGUIFromParameterNode()
+
+    def _dropChange(self, job) -> None:
+        """Cancel a lesion change job and stop waiting for it now: a registration cannot be interrupted once it runs,
+        so its thread goes on to that registration's end, and its result is dropped then (never put into the
+        scene)."""
+        job.cancel()
+        self._timer.stop()
+        self._job = None
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = ("Cancelled: nothing of the lesion change is kept. The registration running now "
+                                    "cannot be interrupted: it ends in the background (up to tens of seconds) and its "
+                                    "result is dropped.")
+        self.updateGUIFromParameterNode()
+
+    def _finishChange(self, job) -> None:
+        """The lesion change's registrations are done (or failed): its nodes made and its results shown, those of the
+        scans and segmentations of the click. Where one of them was edited, moved or deleted meanwhile, nothing is
+        made or shown, the status line saying why."""
+        if self._parameterNode is None or job.cancelled:  # the scene was closed meanwhile
+            self.ui.statusLabel.text = "Cancelled."
+            self.ui.progressBar.value = 0
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot compare with the earlier scan."):
+            try:
+                made = self.logic.finishChange(job)
+            except Exception as exc:
+                self.ui.statusLabel.text = f"Failed: {exc}"
+                self.ui.progressBar.value = 0
+                raise
+            if made is None:
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = f"No lesion change kept: {job.discarded}. Compare again."
+                return
+            changeNode, registered, report = made
+            baselineVolume, _, followupVolume, _ = job.nodes
             results = {"change": report}
-            self._showResults(results, self.logic.sliceTable(results))
+            self._showResults(results, self.logic.sliceTable(results), followupVolume)
             self.ui.changeLabel.text = self.logic.formatChange(report)
-            slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=registered, foregroundOpacity=0.0)
+            slicer.util.setSliceViewerLayers(background=followupVolume, foreground=registered, foregroundOpacity=0.0)
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = (f"Lesion change of '{followupVolume.GetName()}' since "
+                                        f"'{baselineVolume.GetName()}': '{changeNode.GetName()}' and "
+                                        f"'{registered.GetName()}' are in the scene.")
 
     def _showResults(self, results: dict, table, volume=None) -> None:
         """Keep the results for saving and fill the per-slice table (headers, rows, slice of each row); `volume`: the

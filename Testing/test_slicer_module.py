@@ -23,7 +23,7 @@ from conftest import make_volume, oracle_network, rotation  # noqa: E402
 from DeepWMLLib import io  # noqa: E402
 from DeepWMLLib.errors import DeepWMLError  # noqa: E402
 from DeepWMLLib.export import BRAIN_MASK_GATES_VENTRICLES  # noqa: E402
-from slicer_fixtures import (blockingSegmentation, countNetworkRuns, lateSegmentation, module, onnxCache,  # noqa: E402,F401 (fixtures)
+from slicer_fixtures import (blockingSegmentation, countNetworkRuns, gatedChange, lateSegmentation, module, onnxCache,  # noqa: E402,F401 (fixtures)
                              scene, seriesOfFrames)
 
 from DeepWMLSlicerLib import MRMLConversion as mrml  # noqa: E402
@@ -528,9 +528,13 @@ def test_review_lesions_lists_every_lesion_smallest_first_and_shows_each_on_itse
     assert ui.sliceTableCollapsibleButton.text == "Per-slice results" and ui.sliceTable.headers[0] == "Slice"
 
 
-def test_lesion_change_from_the_gui(widget, tmp_path):
+def changePair(widget, monkeypatch) -> None:
+    """The phantom pair of test_change.py as the panel's follow-up (input volume and output segmentation) and earlier
+    scan, each registration of its scans run once per test worker (conftest.memoize_alignments)."""
+    from conftest import memoize_alignments
     from test_change import change_pair_images
 
+    memoize_alignments(monkeypatch)
     (base_flair, base_mask), (follow_flair, follow_mask) = change_pair_images()
     ui, p = widget.ui, widget._parameterNode
     baseline = mrml.volumeFromImage(base_flair, "earlier FLAIR")
@@ -540,7 +544,18 @@ def test_lesion_change_from_the_gui(widget, tmp_path):
     p.baselineVolume = baseline
     p.baselineSegmentation = mrml.segmentationFromMask(base_mask, baseline, name="earlier WMH")
     assert ui.changeButton.enabled
-    ui.changeButton.click()
+
+
+def test_lesion_change_from_the_gui(widget, tmp_path, monkeypatch):
+    changePair(widget, monkeypatch)
+    ui = widget.ui
+    ui.changeButton.click()  # returns while the scans are registered
+    assert widget._job.kind == "change" and ui.statusLabel.text.startswith(
+        "Lesion change of 'follow-up FLAIR' since 'earlier FLAIR': registering the earlier scan to the follow-up")
+    finishJob(widget)
+    assert ui.progressBar.value == 100 and ui.statusLabel.text == (
+        "Lesion change of 'follow-up FLAIR' since 'earlier FLAIR': 'follow-up FLAIR change' and 'earlier FLAIR "
+        "(registered to follow-up FLAIR)' are in the scene.")
     assert "new: 1 lesion" in ui.changeLabel.text and "gone: 1 lesion" in ui.changeLabel.text
     assert ui.sliceTable.headers[:2] == ["Slice", "Change"] and ui.saveResultsButton.enabled
     assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is not None
@@ -553,6 +568,85 @@ def test_lesion_change_from_the_gui(widget, tmp_path):
     saved = json.loads((tmp_path / "change.json").read_text(encoding="utf-8"))["change"]
     assert [saved[key] for key in ("baseline", "baseline_segmentation", "followup", "followup_segmentation")] == \
         ["earlier FLAIR", "earlier WMH", "follow-up FLAIR", "follow-up WMH"]
+
+
+def test_the_lesion_change_runs_as_a_job_with_progress_refusal_and_cancel(widget, monkeypatch):
+    """Lesion change ran both registrations (about a minute on a clinical pair on 2 cores) on the main thread under a
+    wait cursor: the panel frozen without a word, no Cancel. It runs as the split's networks run now: the progress
+    bar and the status line follow the registrations, Segment WMH turns into Cancel, a second click is refused saying
+    why; Cancel stops waiting at once and keeps nothing, also once the registration running then has ended; let run,
+    the nodes are made."""
+    changePair(widget, monkeypatch)
+    ui = widget.ui
+    started, gate, threads, registrations = gatedChange(monkeypatch)
+    ui.changeButton.click()
+    assert started.wait(10)
+    job = widget._job
+    assert job is not None and widget._timer.active and ui.applyButton.text == "Cancel" and ui.applyButton.enabled
+    assert not ui.inputVolumeSelector.enabled
+    widget._timer.fire()
+    assert ui.progressBar.value == 45 and ui.statusLabel.text == (
+        "Lesion change of 'follow-up FLAIR' since 'earlier FLAIR': registered the baseline to the follow-up in 30 s; "
+        "now the other way round, to check it ...")
+    with pytest.raises(DeepWMLError, match="the lesion change is being computed already"):
+        ui.changeButton.click()
+    assert widget._job is job and len(threads) == 1
+    ui.applyButton.click()  # Cancel: not waited for
+    assert widget._job is None and not widget._timer.active and ui.progressBar.value == 0
+    assert ui.statusLabel.text.startswith("Cancelled: nothing of the lesion change is kept. The registration running "
+                                          "now cannot be interrupted")
+    assert ui.applyButton.text == "Segment WMH"
+    gate.set()
+    assert job.wait(30) and job.cancelled and len(registrations) == 1  # stopped once that registration ended
+    assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is None and not ui.changeLabel.text
+    assert not widget._results
+
+    ui.changeButton.click()  # the gate open: runs through
+    finishJob(widget)
+    assert ui.progressBar.value == 100 and "new: 1 lesion" in ui.changeLabel.text
+    assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is not None
+
+
+def test_a_lesion_change_whose_segmentation_was_deleted_meanwhile_keeps_nothing_and_says_so(widget, monkeypatch):
+    """A scan or segmentation deleted or edited while the registrations ran: nothing is made or shown, the status
+    line says which and why; closing the scene stops waiting for the job."""
+    changePair(widget, monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    started, gate, _, _ = gatedChange(monkeypatch)
+    ui.changeButton.click()
+    assert started.wait(10)
+    slicer.mrmlScene.RemoveNode(p.baselineSegmentation)
+    gate.set()
+    finishJob(widget)
+    assert ui.statusLabel.text == ("No lesion change kept: 'earlier WMH' was removed from the scene while the scans "
+                                   "were being registered. Compare again.")
+    assert ui.progressBar.value == 0 and not widget._results and not ui.changeLabel.text
+    assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is None
+    p.baselineSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="drawn meanwhile")
+    gate.clear()
+    ui.changeButton.click()
+    job = widget._job
+    slicer.mrmlScene.InvokeEvent(slicer.mrmlScene.StartCloseEvent)
+    assert widget._job is None and not widget._timer.active
+    gate.set()
+    assert job.wait(30) and job.cancelled
+
+
+def test_the_lesion_change_waits_for_a_segmentation_running(widget, module, monkeypatch, tiny_model):
+    """One job at a time (the panel has one progress bar, one Cancel): while Segment WMH runs, Lesion change is
+    refused, saying why."""
+    started = blockingSegmentation(monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    assert started.wait(10)
+    job = widget._job
+    changePair(widget, monkeypatch)
+    with pytest.raises(DeepWMLError, match="the lesion change registers the scans, which waits for the run going on"):
+        ui.changeButton.click()
+    assert widget._job is job
+    ui.applyButton.click()
+    finishJob(widget)
 
 
 def test_another_volume_gets_its_own_segmentation_and_no_ones_ventricles(widget, module, monkeypatch, tiny_model,
