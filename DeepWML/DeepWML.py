@@ -156,7 +156,9 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
+        if self._job is not None and self._job.kind == "change":
+            self._job.drop()  # not polled again: its nodes let go of here, on the main thread
+        elif self._job is not None:
             self._job.cancel()
         self._timer.stop()
         self.removeObservers()
@@ -517,7 +519,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Cancel a lesion change job and stop waiting for it now: a registration cannot be interrupted once it runs,
         so its thread goes on to that registration's end, and its result is dropped then (never put into the
         scene)."""
-        job.cancel()
+        job.drop()  # its nodes let go of here, on the main thread
         self._timer.stop()
         self._job = None
         self.ui.progressBar.value = 0

@@ -607,6 +607,26 @@ def test_the_lesion_change_runs_as_a_job_with_progress_refusal_and_cancel(widget
     assert slicer.util.getFirstNodeByName("follow-up FLAIR change") is not None
 
 
+def test_a_dropped_lesion_change_job_lets_go_of_its_nodes_on_the_main_thread(widget, monkeypatch):
+    """Cancel (or closing the scene) stops polling a change job whose registration goes on: the job was then released
+    wherever its last reference went (the worker thread's end, or the cyclic garbage collector in any thread), still
+    holding the four nodes, so that a node removed from the scene meanwhile could be destroyed off the main thread
+    (MRML events, VTK's event broker). Dropped, the job holds no node: they are let go of at the click."""
+    changePair(widget, monkeypatch)
+    ui = widget.ui
+    started, gate, _, _ = gatedChange(monkeypatch)
+    ui.changeButton.click()
+    assert started.wait(10)
+    job = widget._job
+    ui.applyButton.click()  # Cancel
+    assert widget._job is None
+    held = [name for name, value in vars(job).items() if isinstance(value, slicer.vtkMRMLNode)
+            or (isinstance(value, tuple) and any(isinstance(v, slicer.vtkMRMLNode) for v in value))]
+    assert held == []
+    gate.set()
+    assert job.wait(30) and job.cancelled
+
+
 def test_a_lesion_change_whose_segmentation_was_deleted_meanwhile_keeps_nothing_and_says_so(widget, monkeypatch):
     """A scan or segmentation deleted or edited while the registrations ran: nothing is made or shown, the status
     line says which and why; closing the scene stops waiting for the job."""

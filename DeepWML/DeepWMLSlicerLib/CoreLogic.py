@@ -283,6 +283,14 @@ class ChangeJob(BackgroundJob):
         self._registrations = 0
         self.prefix = f"Lesion change of '{nodes[2].GetName()}' since '{nodes[0].GetName()}'"
 
+    def drop(self) -> None:
+        """Cancel, and let go of the nodes now, on the calling (main) thread: a job the GUI no longer waits for is
+        released wherever its last reference goes (the worker thread's end, or the cyclic garbage collector in any
+        thread), and a node removed from the scene meanwhile would be destroyed there, MRML events and all. The
+        worker never reads `nodes`."""
+        self.cancel()
+        self.nodes = self.volumeNode = None
+
     def _registered(self, message: str) -> None:
         """lesion_change's report as each registration ends: the progress bar's steps, and Cancel's chance."""
         if self.cancelRequested():  # the registration that was running when Cancel came has ended: no more
