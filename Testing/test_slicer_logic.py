@@ -1113,6 +1113,10 @@ def test_a_lesion_change_job_keeps_nothing_when_cancelled_or_when_an_input_chang
     job = logic.startChange(*nodes)
     assert started.wait(30)
     job.cancel()
+    # a comparison cancelled but still registering (the GUI no longer waits for it): another is refused until it
+    # ends, not run beside it, each Cancel-then-Compare adding a thread that competes for the CPUs
+    with pytest.raises(DeepWMLError, match="cancelled just now is still ending its registration"):
+        logic.startChange(*nodes)
     gate.set()
     assert job.wait(60) and job.cancelled and job.result is None
     assert len(registrations) == 1  # the one running when Cancel came (here: the first, once the gate opened)

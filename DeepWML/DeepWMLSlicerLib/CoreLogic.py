@@ -480,6 +480,7 @@ class DeepWMLCoreLogic:
         self.interactive = False
         self.workerPython = "auto"  # startSegmentation's worker process: see there
         self._locationInputs = None  # (what they depend on, segment.location_inputs of a volume): _volumeLocationInputs
+        self._lastChange = None  # the last ChangeJob started (startChange): one cancelled still ending refuses another
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -1063,8 +1064,13 @@ class DeepWMLCoreLogic:
         clinical pair). The scans and masks are taken from the nodes now; a started ChangeJob runs lesion_change in a
         worker thread: poll `job.done` (`fraction` and `message` follow the registrations), then finishChange(job)
         makes the nodes. Refused while another job runs (`busy`: True, or the running job's `kind`), saying why."""
+        ending = self._lastChange
+        if ending is not None and ending.cancelled and not ending.done:  # the GUI no longer waits for it (dropped)
+            raise DeepWMLError("the comparison cancelled just now is still ending its registration (it cannot be "
+                               "interrupted: up to tens of seconds): compare again once it has")
         job = self._changeJob(baselineVolume, baselineSegmentation, followupVolume, followupSegmentation, busy,
                               progress)
+        self._lastChange = job
         return job.start()
 
     def finishChange(self, job: ChangeJob):
