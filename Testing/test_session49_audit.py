@@ -289,3 +289,20 @@ def test_a_name_is_the_scan_only_by_the_callers_own_words(what, scan):
     """io._names_a_scan: "FLAIR" as a whole word, at the start (after "the"/"its", "baseline"/"follow-up"): a file
     name that begins with FLAIR_ or a word that begins with FLAIR is not the scan."""
     assert io._names_a_scan(what) is scan
+
+
+@pytest.mark.parametrize("flipped", [0, 1])
+def test_a_prediction_or_reference_stored_top_down_is_noted_by_its_name(flipped):
+    """MaskPair.from_images (deepwml evaluate), as binary_pair (consensus): compared on the reference's grid, as it is
+    stored, the prediction stored with its slices the other way from it (either one flipped) is named in a note
+    mapping the grid's slices to its own."""
+    from DeepWMLLib.metrics import MaskPair
+    from test_consensus import image, raters
+
+    a, b = raters()
+    masks = [image(a), image(b)]
+    masks[flipped] = sitk.Flip(masks[flipped], [False, False, True])
+    names = ("prediction p.nii.gz", "reference r.nii.gz")
+    notes = [n for n in MaskPair.from_images(*masks, names=names).grid_notes() if "another order" in n]
+    assert len(notes) == 1 and notes[0].startswith(f"{names[0]} stores its slices in another order")
+    assert notes[0].endswith(f"slices 0 to 7 shown are {names[0]}'s own slices 7 to 0")
