@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -306,3 +307,19 @@ def test_a_prediction_or_reference_stored_top_down_is_noted_by_its_name(flipped)
     notes = [n for n in MaskPair.from_images(*masks, names=names).grid_notes() if "another order" in n]
     assert len(notes) == 1 and notes[0].startswith(f"{names[0]} stores its slices in another order")
     assert notes[0].endswith(f"slices 0 to 7 shown are {names[0]}'s own slices 7 to 0")
+
+
+def test_an_ensemble_whose_members_all_started_resumes_without_its_init_file(tmp_path):
+    """Every member of an ensemble has its weights in its last.pt: --init's file is not needed, so a resume goes on
+    without it (moved or deleted since), as a single run's does; each member's folder is what tells, not the run's."""
+    from DeepWMLLib import train as training
+    from test_train import make_dataset, read_history, tiny_config
+
+    dataset = make_dataset(tmp_path / "data")
+    source = training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), tmp_path / "source")
+    config = tiny_config(dataset, epochs=1, samples_per_epoch=8, init=str(source), ensemble=2)
+    run = tmp_path / "tuned"
+    training.train(config, run)
+    Path(source).unlink()
+    training.train(dict(config, epochs=2), run)
+    assert [int(r["epoch"]) for r in read_history(run / "model_1")] == [1, 2]
