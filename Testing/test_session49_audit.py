@@ -323,3 +323,20 @@ def test_an_ensemble_whose_members_all_started_resumes_without_its_init_file(tmp
     Path(source).unlink()
     training.train(dict(config, epochs=2), run)
     assert [int(r["epoch"]) for r in read_history(run / "model_1")] == [1, 2]
+
+
+def test_a_started_run_trained_on_a_non_flair_keeps_it_when_its_cache_is_prepared_again(tmp_path, monkeypatch):
+    """A run started with --allow-non-flair, resumed without it after a file of its cache was deleted: prepared again
+    with the decision it started with (config.json), so the case it trained on is trained on again, not refused."""
+    from conftest import oracle_network
+    from DeepWMLLib import train as training
+    from test_train import _contrast_config, make_contrast_cohort, read_history
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    run = tmp_path / "run"
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), run)
+    (run / "cache" / "train_images.npy").unlink()
+    training.train(_contrast_config(manifest, tmp_path, epochs=2), run)
+    assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
+    assert "c4" in __import__("json").loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
