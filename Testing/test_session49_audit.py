@@ -340,3 +340,24 @@ def test_a_started_run_trained_on_a_non_flair_keeps_it_when_its_cache_is_prepare
     training.train(_contrast_config(manifest, tmp_path, epochs=2), run)
     assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
     assert "c4" in __import__("json").loads((run / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
+
+
+def test_the_reading_begins_before_its_folder_is_looked_at(tmp_path, header_reads, monkeypatch):
+    """The moment files' times are judged against is taken before the folder's state (a listing of a large folder,
+    or a slow share, takes seconds): files changed 1 s before the reading began are not kept, even where the clock
+    has moved on 10 s by the time the listing ends (a reading then would keep them)."""
+    folder = _series(tmp_path, "1.2.3.93")
+    changed = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in folder.iterdir())
+    clock = [changed + 10**9]
+    monkeypatch.setattr(io, "_now_ns", lambda: clock[0])
+    state = io._folder_state
+
+    def slow(root, recursive):
+        found = state(root, recursive)
+        clock[0] += 10 * 10**9
+        return found
+
+    monkeypatch.setattr(io, "_folder_state", slow)
+    with io.dicom_headers_read_once():  # the second reading begins 10 s on: its answer is kept, the first's was not
+        assert io.dicom_series(folder) == io.dicom_series(folder)
+    assert in_folder(header_reads, folder) == {2: 4}
