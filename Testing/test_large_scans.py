@@ -152,6 +152,10 @@ def test_a_simpleitk_scans_probability_map_is_not_held_twice_to_make_its_image(t
     options = dict(brain_model=None, ventricle_model=None, backend="torch", threshold=0.9, checked=True)
     segment_image(image[:, :, :4], models, "cpu", **options)  # the runner made: no part of the peak
     result, peak = resident_peak(lambda: segment_image(image, models, "cpu", **options))
+    # the lower of two runs' peaks: a CI worker once measured 7.2 bytes a voxel where this file alone measures 5.25
+    # every time (something else of that process, a thread another test left ending, allocating at the same moment);
+    # the map held twice is in every run
+    peak = min(peak, resident_peak(lambda: segment_image(image, models, "cpu", **options))[1])
     volume = segment_image(Volume(array, image.GetSpacing(), image.GetOrigin(), image.GetDirection()), models, "cpu",
                            **options)
     for name in ("mask", "probabilities"):
