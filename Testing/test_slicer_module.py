@@ -570,18 +570,24 @@ def test_lesion_change_from_the_gui(widget, tmp_path, monkeypatch):
         ["earlier FLAIR", "earlier WMH", "follow-up FLAIR", "follow-up WMH"]
 
 
+def startedChange(widget, monkeypatch) -> tuple:
+    """Compare with earlier scan clicked on the phantom pair (changePair), its lesion_change held after its first
+    registration's report (gatedChange): (the gate, the threads it ran in, the registrations, the job)."""
+    changePair(widget, monkeypatch)
+    started, gate, threads, registrations = gatedChange(monkeypatch)
+    widget.ui.changeButton.click()
+    assert started.wait(10)
+    return gate, threads, registrations, widget._job
+
+
 def test_the_lesion_change_runs_as_a_job_with_progress_refusal_and_cancel(widget, monkeypatch):
     """Lesion change ran both registrations (about a minute on a clinical pair on 2 cores) on the main thread under a
     wait cursor: the panel frozen without a word, no Cancel. It runs as the split's networks run now: the progress
     bar and the status line follow the registrations, Segment WMH turns into Cancel, a second click is refused saying
     why; Cancel stops waiting at once and keeps nothing, also once the registration running then has ended; let run,
     the nodes are made."""
-    changePair(widget, monkeypatch)
+    gate, threads, registrations, job = startedChange(widget, monkeypatch)
     ui = widget.ui
-    started, gate, threads, registrations = gatedChange(monkeypatch)
-    ui.changeButton.click()
-    assert started.wait(10)
-    job = widget._job
     assert job is not None and widget._timer.active and ui.applyButton.text == "Cancel" and ui.applyButton.enabled
     assert not ui.inputVolumeSelector.enabled
     widget._timer.fire()
@@ -612,12 +618,8 @@ def test_a_dropped_lesion_change_job_lets_go_of_its_nodes_on_the_main_thread(wid
     wherever its last reference went (the worker thread's end, or the cyclic garbage collector in any thread), still
     holding the four nodes, so that a node removed from the scene meanwhile could be destroyed off the main thread
     (MRML events, VTK's event broker). Dropped, the job holds no node: they are let go of at the click."""
-    changePair(widget, monkeypatch)
+    gate, _, _, job = startedChange(widget, monkeypatch)
     ui = widget.ui
-    started, gate, _, _ = gatedChange(monkeypatch)
-    ui.changeButton.click()
-    assert started.wait(10)
-    job = widget._job
     ui.applyButton.click()  # Cancel
     assert widget._job is None
     held = [name for name, value in vars(job).items() if isinstance(value, slicer.vtkMRMLNode)
@@ -630,11 +632,8 @@ def test_a_dropped_lesion_change_job_lets_go_of_its_nodes_on_the_main_thread(wid
 def test_a_lesion_change_whose_segmentation_was_deleted_meanwhile_keeps_nothing_and_says_so(widget, monkeypatch):
     """A scan or segmentation deleted or edited while the registrations ran: nothing is made or shown, the status
     line says which and why; closing the scene stops waiting for the job."""
-    changePair(widget, monkeypatch)
+    gate = startedChange(widget, monkeypatch)[0]
     ui, p = widget.ui, widget._parameterNode
-    started, gate, _, _ = gatedChange(monkeypatch)
-    ui.changeButton.click()
-    assert started.wait(10)
     slicer.mrmlScene.RemoveNode(p.baselineSegmentation)
     gate.set()
     finishJob(widget)
@@ -652,15 +651,21 @@ def test_a_lesion_change_whose_segmentation_was_deleted_meanwhile_keeps_nothing_
     assert job.wait(30) and job.cancelled
 
 
+def segmentationHeld(widget, module, monkeypatch, tiny_model):
+    """Segment WMH clicked with the tiny model, its run held once it has started (blockingSegmentation): its job."""
+    started = blockingSegmentation(monkeypatch)
+    p = widget._parameterNode
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    widget.ui.applyButton.click()
+    assert started.wait(10)
+    return widget._job
+
+
 def test_the_lesion_change_waits_for_a_segmentation_running(widget, module, monkeypatch, tiny_model):
     """One job at a time (the panel has one progress bar, one Cancel): while Segment WMH runs, Lesion change is
     refused, saying why."""
-    started = blockingSegmentation(monkeypatch)
-    ui, p = widget.ui, widget._parameterNode
-    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
-    ui.applyButton.click()
-    assert started.wait(10)
-    job = widget._job
+    job = segmentationHeld(widget, module, monkeypatch, tiny_model)
+    ui = widget.ui
     changePair(widget, monkeypatch)
     with pytest.raises(DeepWMLError, match="the lesion change registers the scans, which waits for the run going on"):
         ui.changeButton.click()
@@ -1180,12 +1185,8 @@ def test_statistics_of_deepwmls_own_split_need_no_ventricle_model_file(widget, m
 def test_the_split_networks_do_not_run_beside_a_segmentation(widget, module, monkeypatch, tiny_model):
     """A second job beside the one running (the panel has one progress bar, one Cancel): while Segment WMH runs, the
     statistics that would run the split's networks are refused, saying why; those that need none are shown."""
-    started = blockingSegmentation(monkeypatch)
+    job = segmentationHeld(widget, module, monkeypatch, tiny_model)
     ui, p = widget.ui, widget._parameterNode
-    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
-    ui.applyButton.click()
-    assert started.wait(10)
-    job = widget._job
     p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
     p.ventricleSplit = True
     with pytest.raises(DeepWMLError, match="wait for the run going on now"):
