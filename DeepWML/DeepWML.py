@@ -156,10 +156,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None and self._job.kind == "change":
+        if self._job is not None:
             self._job.drop()  # not polled again: its nodes let go of here, on the main thread
-        elif self._job is not None:
-            self._job.cancel()
         self._timer.stop()
         self.removeObservers()
 
@@ -313,6 +311,8 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         keep = "choose 'Create new segmentation' as the output segmentation"
         with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
+            # not beside a cancelled comparison still ending its registration: refused before asking anything
+            self.logic.refuseWhileEnding("segment")
             output = self.logic.outputFor(p.outputSegmentation, p.inputVolume)  # never another volume's result
             # what would run, refused (no model file, no ventricle model) before asking what it would replace
             modelPaths = self.logic.modelPaths(p.modelName, p.modelFile)

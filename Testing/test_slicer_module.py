@@ -674,6 +674,91 @@ def test_the_lesion_change_waits_for_a_segmentation_running(widget, module, monk
     finishJob(widget)
 
 
+def test_a_cancelled_comparison_still_registering_holds_back_every_other_job(widget, module, monkeypatch, tiny_model):
+    """Cancel of a lesion change stops waiting at once, but the registration running then cannot be interrupted and
+    goes on in the background (tens of seconds): a second comparison was refused meanwhile, yet Segment WMH, or
+    statistics running the split's networks, started beside it, two heavy jobs sharing the CPU without a word. Every
+    job is refused now, saying why, until it has ended; then they run."""
+    gate, _, registrations, change = startedChange(widget, monkeypatch)
+    ui, p = widget.ui, widget._parameterNode
+    ui.applyButton.click()  # Cancel: its registration goes on
+    assert widget._job is None and not change.done
+    started = blockingSegmentation(monkeypatch)
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ending = "the comparison cancelled just now is still ending its registration \\(it cannot be interrupted"
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: segment once it has$"):
+        ui.applyButton.click()
+    assert widget._job is None and not started.is_set() and ui.applyButton.text == "Segment WMH"
+    networksStarted, _, runs = blockingNetworks(monkeypatch)
+    p.ventricleSplit = True  # the follow-up's WMH holds no ventricles: the statistics would run the networks
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics \\(or untick the split\\) once it has$"):
+        ui.showStatisticsButton.click()
+    assert widget._job is None and runs == []
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: compare again once it has$"):
+        ui.changeButton.click()
+    assert widget._job is None
+    p.ventricleSplit = False
+    ui.showStatisticsButton.click()  # no networks: shown at once
+    assert "Total lesion volume" in ui.resultsLabel.text and widget._job is None
+
+    gate.set()
+    assert change.wait(30) and change.cancelled and len(registrations) == 1
+    p.outputSegmentation = None  # a new one: nothing drawn by hand replaced
+    ui.applyButton.click()  # it has ended: Segment WMH runs
+    assert started.wait(10) and widget._job.kind == "segmentation"
+    ui.applyButton.click()
+    finishJob(widget)
+    assert ui.statusLabel.text == "Cancelled."
+
+
+def test_a_cancelled_segmentation_still_ending_says_so_when_another_job_is_asked_for(widget, module, monkeypatch,
+                                                                                     tiny_model):
+    """The converse: a segmentation in a thread goes on after Cancel to its next look (its post-processing and report:
+    seconds). The panel waits for it, so a comparison or the split's networks were refused, but with the words for a
+    run going on ("... once it is done (or cancel it)"), as if Cancel had not been heard. They say it is ending now."""
+    ui, gate = startHeldRun(widget, module, monkeypatch, tiny_model)
+    ui.applyButton.click()  # Cancel: the run's last steps go on
+    job = widget._job
+    ending = "the segmentation cancelled just now is still ending"
+    changePair(widget, monkeypatch)
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: compare again once it has$"):
+        ui.changeButton.click()
+    p = widget._parameterNode
+    p.ventricleSplit = True
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics \\(or untick the split\\) once it has$"):
+        ui.showStatisticsButton.click()
+    assert widget._job is job and ui.applyButton.text == "Cancel"
+    gate.set()
+    finishJob(widget)
+    assert ui.statusLabel.text == "Cancelled." and slicer.mrmlScene.GetNumberOfNodesByClass(
+        "vtkMRMLSegmentationNode") == 2  # the pair's two, nothing of the run
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "split"])
+def test_the_widget_cleaned_up_during_a_job_lets_go_of_its_nodes(widget, module, monkeypatch, tiny_model, kind):
+    """Cleaned up (Slicer closing, the module reloaded) while a segmentation or the split's networks ran in a thread,
+    the widget cancelled the job and polled it no more: its thread went on to its next look holding the volume, the
+    output segmentation and the statistics' call-back (the widget itself), released at the thread's end, off the main
+    thread (a node removed from the scene meanwhile destroyed there), as a dropped change job was. Dropped now."""
+    if kind == "segmentation":
+        job = segmentationHeld(widget, module, monkeypatch, tiny_model)
+    else:
+        p = widget._parameterNode
+        p.outputSegmentation = mrml.segmentationFromMask(widget.truth, widget.volume, name="manual")
+        p.device, p.ventricleSplit = "cpu", True
+        started, _, _ = blockingNetworks(monkeypatch)
+        widget.ui.showStatisticsButton.click()
+        assert started.wait(10)
+        job = widget._job
+    assert job.kind == kind
+    widget.cleanup()
+    assert job.cancelled and not widget._timer.active
+    held = [name for name, value in vars(job).items() if isinstance(value, slicer.vtkMRMLNode) or callable(value)
+            and name == "again" or (isinstance(value, tuple) and any(isinstance(v, slicer.vtkMRMLNode) for v in value))]
+    assert held == []
+    assert job.wait(10)
+
+
 def test_another_volume_gets_its_own_segmentation_and_no_ones_ventricles(widget, module, monkeypatch, tiny_model,
                                                                          tmp_path):
     """The output selector still holds volume A's result when B is chosen: B's run must not overwrite A's

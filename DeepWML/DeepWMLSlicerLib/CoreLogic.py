@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import threading
 import types
+import weakref
 from pathlib import Path
 
 import slicer
@@ -122,6 +123,10 @@ class BackgroundJob:
 
     kind = ""
     threadName = "DeepWML job"
+    # what the scene's nodes (and the GUI's call-backs) are held as: never read by the worker, let go of by drop()
+    heldNodes = ("volumeNode",)
+    # a cancelled job still running in the background, in a refusal of another (DeepWMLCoreLogic.refuseWhileEnding)
+    stillEnding = "the job cancelled just now is still ending"
 
     def __init__(self, volumeNode, image, progress=None, cancel=None):
         self.volumeNode = volumeNode
@@ -150,6 +155,15 @@ class BackgroundJob:
     def cancel(self) -> None:
         self._cancelRequested = True
 
+    def drop(self) -> None:
+        """Cancel, and let go of the nodes now, on the calling (main) thread: a job the GUI no longer waits for is
+        released wherever its last reference goes (the worker thread's end, or the cyclic garbage collector in any
+        thread), and a node removed from the scene meanwhile would be destroyed there, MRML events and all. The
+        worker never reads them (`heldNodes`)."""
+        self.cancel()
+        for name in self.heldNodes:
+            setattr(self, name, None)
+
     def cancelRequested(self) -> bool:
         return self._cancelRequested or bool(self._cancel is not None and self._cancel())
 
@@ -173,6 +187,9 @@ class SegmentationJob(BackgroundJob):
 
     kind = "segmentation"
     threadName = "DeepWML inference"
+    heldNodes = ("volumeNode", "outputNode")
+    stillEnding = ("the segmentation cancelled just now is still ending (it stops at its next slice, or after its "
+                   "post-processing: seconds)")
 
     def __init__(self, volumeNode, image, modelPaths=None, device="auto", threshold=None, tta=False,
                  progress=None, cancel=None, brainMask=True, location=True, precision="auto", gridPhases=1):
@@ -235,6 +252,9 @@ class SplitJob(BackgroundJob):
 
     kind = "split"
     threadName = "DeepWML split"
+    heldNodes = ("volumeNode", "nodes", "again")  # the last two: the GUI's (the statistics of the click)
+    stillEnding = ("the periventricular/deep split's networks cancelled just now are still ending (they stop at their "
+                   "next slice: seconds)")
 
     def __init__(self, volumeNode, image, ventricle, brain, device, brainMask, precision, key):
         super().__init__(volumeNode, image)
@@ -275,6 +295,9 @@ class ChangeJob(BackgroundJob):
 
     kind = "change"
     threadName = "DeepWML change"
+    heldNodes = ("volumeNode", "nodes")
+    stillEnding = ("the comparison cancelled just now is still ending its registration (it cannot be interrupted: up "
+                   "to tens of seconds)")
 
     def __init__(self, nodes, images, masks, keys, progress=None, cancel=None):
         super().__init__(nodes[2], images[1], progress, cancel)
@@ -282,14 +305,6 @@ class ChangeJob(BackgroundJob):
         self.discarded = ""  # why finishChange kept nothing (an input edited, moved or deleted meanwhile)
         self._registrations = 0
         self.prefix = f"Lesion change of '{nodes[2].GetName()}' since '{nodes[0].GetName()}'"
-
-    def drop(self) -> None:
-        """Cancel, and let go of the nodes now, on the calling (main) thread: a job the GUI no longer waits for is
-        released wherever its last reference goes (the worker thread's end, or the cyclic garbage collector in any
-        thread), and a node removed from the scene meanwhile would be destroyed there, MRML events and all. The
-        worker never reads `nodes`."""
-        self.cancel()
-        self.nodes = self.volumeNode = None
 
     def _registered(self, message: str) -> None:
         """lesion_change's report as each registration ends: the progress bar's steps, and Cancel's chance."""
@@ -480,7 +495,10 @@ class DeepWMLCoreLogic:
         self.interactive = False
         self.workerPython = "auto"  # startSegmentation's worker process: see there
         self._locationInputs = None  # (what they depend on, segment.location_inputs of a volume): _volumeLocationInputs
-        self._lastChange = None  # the last ChangeJob started (startChange): one cancelled still ending refuses another
+        # the jobs started (startSegmentation, startSplit, startChange) while alive: one cancelled but still running in
+        # the background (a registration cannot be interrupted; the GUI no longer waits for a dropped job) refuses
+        # another of any kind until it ends (refuseWhileEnding)
+        self._started = weakref.WeakSet()
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -685,14 +703,30 @@ class DeepWMLCoreLogic:
         `precision` is deepwml segment's --precision (PRECISION_CHOICES), `gridPhases` its --grid-phases (1 or 4)."""
         self.ensureDependencies()
         checkInputVolume(volumeNode)
+        self.refuseWhileEnding("segment")
         python = workerPython() if self.workerPython == "auto" else self.workerPython
         image = mrml.imageFromVolume(volumeNode)
         if python:
-            return ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
-                                          location=location, precision=precision, gridPhases=gridPhases,
-                                          python=python).start()
-        return SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
-                               location=location, precision=precision, gridPhases=gridPhases).start()
+            return self._start(ProcessSegmentationJob(volumeNode, image, modelPaths, device, threshold, tta,
+                                                      brainMask=brainMask, location=location, precision=precision,
+                                                      gridPhases=gridPhases, python=python))
+        return self._start(SegmentationJob(volumeNode, image, modelPaths, device, threshold, tta, brainMask=brainMask,
+                                           location=location, precision=precision, gridPhases=gridPhases))
+
+    def _start(self, job: BackgroundJob) -> BackgroundJob:
+        """Start `job`, known as started while it is alive (refuseWhileEnding)."""
+        job.start()
+        self._started.add(job)
+        return job
+
+    def refuseWhileEnding(self, then: str) -> None:
+        """Refuse (DeepWMLError, saying why and to `then` once it has ended) a new job while one started before was
+        cancelled but still runs in the background: a registration cannot be interrupted (tens of seconds), and the
+        GUI no longer waits for a dropped job; a segmentation or the split's networks in a thread stop at their next
+        slice. The two would share the CPU, the user told nothing; one kind or another alike."""
+        for job in list(self._started):
+            if job.cancelled and not job.done:
+                raise DeepWMLError(f"{job.stillEnding}: {then} once it has")
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
                       cancel=None, segmentationNode=None, brainMask=True, location=True, precision="auto",
@@ -945,13 +979,14 @@ class DeepWMLCoreLogic:
         ventricle, brain, key, kept = self._splitModels(volumeNode, ventricleModel, device, brainMask, precision)
         if kept:
             return None
+        self.refuseWhileEnding("show the statistics (or untick the split)")
         if busy:
             raise DeepWMLError(f"the periventricular/deep split of '{segmentationNode.GetName()}' runs the ventricle "
                                "and brain networks, which wait for the run going on now: show the statistics once it "
                                "is done (or cancel it), or untick the split")
         self._locationInputs = None  # the earlier volume's let go before the networks run
-        return SplitJob(volumeNode, mrml.imageFromVolume(volumeNode), ventricle, brain, device, brainMask, precision,
-                        key).start()
+        return self._start(SplitJob(volumeNode, mrml.imageFromVolume(volumeNode), ventricle, brain, device, brainMask,
+                                    precision, key))
 
     def finishSplit(self, job: SplitJob) -> bool:
         """Keep a finished SplitJob's work for the statistics of its volume (lesionStatistics runs no network then):
@@ -1064,14 +1099,10 @@ class DeepWMLCoreLogic:
         clinical pair). The scans and masks are taken from the nodes now; a started ChangeJob runs lesion_change in a
         worker thread: poll `job.done` (`fraction` and `message` follow the registrations), then finishChange(job)
         makes the nodes. Refused while another job runs (`busy`: True, or the running job's `kind`), saying why."""
-        ending = self._lastChange
-        if ending is not None and ending.cancelled and not ending.done:  # the GUI no longer waits for it (dropped)
-            raise DeepWMLError("the comparison cancelled just now is still ending its registration (it cannot be "
-                               "interrupted: up to tens of seconds): compare again once it has")
+        self.refuseWhileEnding("compare again")
         job = self._changeJob(baselineVolume, baselineSegmentation, followupVolume, followupSegmentation, busy,
                               progress)
-        self._lastChange = job
-        return job.start()
+        return self._start(job)
 
     def finishChange(self, job: ChangeJob):
         """The nodes of a finished ChangeJob, as lesionChange returns them (made now, on the main thread). A cancelled
