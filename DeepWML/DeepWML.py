@@ -525,7 +525,7 @@ class DeepWMLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = ("Cancelled: nothing of the lesion change is kept. The registration running now "
                                     "cannot be interrupted: it ends in the background (up to tens of seconds) and its "
-                                    "result is dropped.")
+                                    "result is dropped; no other job starts until it has.")
         self.updateGUIFromParameterNode()
 
     def _finishChange(self, job) -> None:

@@ -683,6 +683,7 @@ def test_a_cancelled_comparison_still_registering_holds_back_every_other_job(wid
     ui, p = widget.ui, widget._parameterNode
     ui.applyButton.click()  # Cancel: its registration goes on
     assert widget._job is None and not change.done
+    assert ui.statusLabel.text.endswith("its result is dropped; no other job starts until it has.")
     started = blockingSegmentation(monkeypatch)
     p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
     ending = "the comparison cancelled just now is still ending its registration \\(it cannot be interrupted"
