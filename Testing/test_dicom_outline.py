@@ -500,3 +500,91 @@ def test_segment_overwrite_refuses_an_outline_folder_holding_a_users_images(tmp_
         assert f"{target} holds DICOM images that are not DeepWML's outline series (6: IM00001.dcm" in said
         assert contents(target) == before
         assert (out / "flair_report.json").read_bytes() == report  # refused before anything was written
+
+
+def _counting_reads(monkeypatch) -> list:
+    """Each outline image's header read from now on (dicom_outline._reader's paths), with no verdict kept from before."""
+    reads = []
+    reader = dicom_outline._reader
+
+    def counted(path, *args):
+        reads.append(path)
+        return reader(path, *args)
+
+    monkeypatch.setattr(dicom_outline, "_reader", counted)
+    monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
+    return reads
+
+
+def _settled(folder, seconds=600):
+    """The images of `folder` as an earlier run's are: last modified minutes ago."""
+    import os
+    import time
+
+    for image in folder.glob("IM*.dcm"):
+        os.utime(image, (time.time() - seconds, time.time() - seconds))
+
+
+def test_each_outline_image_header_is_read_once_where_a_series_is_replaced(tmp_path, monkeypatch):
+    """Replacing an earlier run's outline series read each of its images' headers three times: the early check
+    (check_outline_folder), the writer's own check and the removal of the series moved aside (0.4 s each for 200
+    images). Now each is read once while it stays as it was; a file changed since it was read is read again."""
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 0.0, raising=False)
+    _settled(own)
+    images = len(list(own.glob("IM*.dcm")))
+    reads = _counting_reads(monkeypatch)
+    dicom_outline.check_outline_folder(own, True)
+    written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
+    assert len(reads) == images  # was 3 x images
+    assert read_series(own)[1][0]["0020|000e"] == written["series_uid"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # an image changed after it was read (the maker's name in place: the same size) is read again, and not DeepWML's
+    _settled(own)
+    dicom_outline.check_outline_folder(own, True)
+    first = own / "IM00001.dcm"
+    data = first.read_bytes()
+    first.write_bytes(data.replace(b"DeepWML", b"OtherCo"))
+    del reads[:]
+    assert not dicom_outline.is_outline_image(first) and reads == [str(first)]
+    # a file changed within the file system clock's tick of its last change may keep its times: never kept then
+    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 3600.0, raising=False)
+    monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
+    del reads[:]
+    dicom_outline.foreign_images(own)
+    dicom_outline.foreign_images(own)
+    assert len(reads) == 2 * images
+
+
+def test_a_file_changed_after_the_early_check_is_not_deleted_with_the_series(tmp_path, monkeypatch, caplog):
+    """The verdicts kept from the early check (check_outline_folder) do not cover a file changed or put into the
+    folder after it: an image of the earlier series overwritten with a FLAIR image, and one of the same size that
+    DeepWML did not make, are read again and kept."""
+    folder, truth = oblique_flair(tmp_path)
+    series, _ = io.choose_dicom_series(folder)
+    prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 0.0, raising=False)
+    _settled(own)
+    theirs = sorted(folder.iterdir())[0].read_bytes()
+    same_size = (own / "IM00003.dcm").read_bytes().replace(b"DeepWML", b"OtherCo")
+    dicom_outline.check_outline_folder(own, True)  # every verdict kept
+    checked = dicom_outline.check_outline_folder
+
+    def check_then_change(target, overwrite):
+        found = checked(target, overwrite)
+        (own / "IM00002.dcm").write_bytes(theirs)
+        (own / "IM00003.dcm").write_bytes(same_size)
+        return found
+
+    monkeypatch.setattr(dicom_outline, "check_outline_folder", check_then_change)
+    with caplog.at_level("WARNING"):
+        dicom_outline.write_outline_series(prepared, own, overwrite=True)
+    kept = contents(own)
+    assert kept["IM00002.kept1.dcm"] == theirs and kept["IM00003.kept1.dcm"] == same_size
+    assert "were kept there" in caplog.text
