@@ -4268,6 +4268,40 @@ def align_voxel_order(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return reordered if grid_difference(reordered, reference) is None else image
 
 
+def reorders_onto(image: sitk.Image, reference: sitk.Image) -> bool:
+    """Whether `align_voxel_order(image, reference)` is on the reference's grid (`image` is, or is that grid stored in
+    another voxel order), told from the geometry alone (`voxel_order_grid`): nothing is reordered."""
+    if grid_difference(image, reference) is None:
+        return True
+    if image.GetDimension() != 3 or reference.GetDimension() != 3:
+        return False
+    return grid_difference(voxel_order_grid(image, reference), reference) is None
+
+
+def voxel_order_grid(image: sitk.Image, reference: sitk.Image) -> Volume:
+    """The grid `align_voxel_order` puts a 3D `image` on (its voxel axes permuted and flipped into the reference's
+    order), from the geometry alone: no voxel is copied. The permutation and flips are DICOMOrient's, found on a
+    one-voxel image of the same direction; the origin is the voxel they bring first. Whether `image` is the
+    reference's grid stored in another order is then `grid_difference(voxel_order_grid(image, reference),
+    reference) is None`, without reordering a mask already reordered elsewhere."""
+    import SimpleITK as sitk
+
+    orient = sitk.DICOMOrientImageFilter()
+    orient.SetDesiredCoordinateOrientation(orient.GetOrientationFromDirectionCosines(reference.GetDirection()))
+    proxy = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    proxy.SetDirection(image.GetDirection())
+    direction = orient.Execute(proxy).GetDirection()
+    order, flips = orient.GetPermuteOrder(), orient.GetFlipAxes()
+    size, spacing = image.GetSize(), np.array(image.GetSpacing(), float)
+    first = np.zeros(3)
+    for axis, flipped in zip(order, flips):
+        if flipped:
+            first[axis] = size[axis] - 1
+    origin = np.array(image.GetOrigin(), float) + np.array(image.GetDirection(), float).reshape(3, 3) @ (first * spacing)
+    shape = tuple(size[axis] for axis in order)[::-1]  # k, j, i
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), [spacing[axis] for axis in order], origin, direction)
+
+
 def lattice_offset(a: sitk.Image, b: sitk.Image) -> tuple[int, ...] | None:
     """The index on `b`'s grid of `a`'s first voxel when `a` lies on the same voxel lattice (same spacing and
     direction, origin a whole number of voxels away: one is a crop or an extension of the other), else None."""
@@ -4460,7 +4494,7 @@ def onto_scan(scan: sitk.Image, a: sitk.Image, b: sitk.Image, scan_name: str, wh
 def on_joint_extent(common: sitk.Image, a: sitk.Image, b: sitk.Image) -> bool:
     """Whether `onto_common_grid` put `a` and `b` on `common`, the extent of both, which is neither's grid: slice
     numbers then count from its first slice, not the scan's."""
-    return grid_difference(common, b) is not None and grid_difference(common, align_voxel_order(a, common)) is not None
+    return grid_difference(common, b) is not None and not reorders_onto(a, common)
 
 
 JOINT_EXTENT_NOTE = ("both masks were saved cropped to their lesions: they were compared on the extent of both (and "

@@ -226,11 +226,11 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
 
     common = io.onto_common_grid(a, b, *names)
     joint = io.on_joint_extent(common[1], a, b)
-    if scan is not None and io.grid_difference(io.align_voxel_order(a, b), b) is not None:
+    if scan is not None and not io.reorders_onto(a, b):
         image = None
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
-            if io.grid_difference(io.align_voxel_order(image, common[1]), common[1]) is None:
+            if io.reorders_onto(image, common[1]):
                 return (*common, False, [])  # the scan's grid already: its slice numbers
             return (io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"),
                     False, [])
@@ -239,7 +239,7 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
                 return (*common, joint, _outside_scan((a, b), common[1], [(image, FLAIR_GRID)] * 2,
                                                          ignore_in_b))
     # no FLAIR: the scan is the grid of a mask padded onto the other's larger extent, unless cropped to its lesions
-    scans = [(mask, None) if io.grid_difference(io.align_voxel_order(mask, common[1]), common[1]) is None
+    scans = [(mask, None) if io.reorders_onto(mask, common[1])
              or io._fills_its_extent(io.voxels(mask)) else (mask, f"{name}'s grid (the scan it was drawn on)")
              for mask, name in zip((a, b), names)]
     return (*common, joint, _outside_scan((a, b), common[1], scans[::-1], ignore_in_b))
@@ -269,15 +269,16 @@ def _outside_scan(masks, common: sitk.Image, scans, ignore_in_b: bool = False) -
 def _renumbered(masks, names, grid: sitk.Image) -> list[tuple[str, int, int, int]]:
     """(name, the grid's last slice number, own slice of the grid's first slice, of its last) for each mask whose own axial slice numbers are not the
     slice numbers of `grid`, the grid the pair was compared on: one stored in another voxel order (RAS against LPS,
-    slices from the top down, sagittal-first) and reordered onto it (`io.align_voxel_order`). Masks padded or cropped
-    onto another extent are said by the other notes; only the same extent is judged here."""
+    slices from the top down, sagittal-first) and reordered onto it (`io.align_voxel_order`, by `_one_grid`; told here
+    from the geometry alone, `io.reorders_onto`, not reordered a second time). Masks padded or cropped onto another
+    extent are said by the other notes; only the same extent is judged here."""
     axis = io.axial_axis(grid)
     last = grid.GetSize()[axis] - 1
     found = []
     for mask, name in zip(masks, names):
         if mask.GetSize() == grid.GetSize() and io.grid_difference(mask, grid) is None:
             continue  # stored as compared: its own numbers
-        if io.grid_difference(io.align_voxel_order(mask, grid), grid) is not None:
+        if not io.reorders_onto(mask, grid):
             continue  # not the same extent (padded, cropped, or the FLAIR's grid): other notes say so
         own_axis = io.axial_axis(mask)
         ends = []

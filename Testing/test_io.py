@@ -3239,3 +3239,26 @@ def test_one_frame_step_over_a_fifth_longer_than_the_others_is_refused(tmp_path,
             io.read_image(tmp_path / "stack")
     else:
         assert io.read_image(tmp_path / "stack").GetSize()[2] == 8
+
+
+@pytest.mark.parametrize("order, flips, change", [
+    ((0, 1, 2), (False, False, True), None), ((2, 0, 1), (True, False, False), None),
+    ((1, 0, 2), (True, True, False), None), ((0, 1, 2), (False, False, True), "origin"),
+    ((2, 0, 1), (False, True, True), "crop"), ((0, 1, 2), (False, False, False), "crop"),
+])
+def test_reorders_onto_tells_what_align_voxel_order_does_from_the_geometry_alone(order, flips, change):
+    """io.reorders_onto (metrics' grid checks, no voxel reordered) says whether align_voxel_order puts an image on a
+    reference's grid, as reordering it does: the same voxels stored in another order (slices the other way,
+    sagittal-first), and not with the reference's origin moved by a voxel or its extent cropped by a slice."""
+    image = sitk.Image([5, 6, 7], sitk.sitkUInt8)
+    image.SetSpacing((0.7, 0.9, 3.0))
+    image.SetOrigin((12.0, -30.0, 4.5))
+    image.SetDirection(tuple(np.array(sitk.Euler3DTransform((0, 0, 0), 0.1, -0.2, 0.15).GetMatrix())))
+    reference = sitk.Flip(sitk.PermuteAxes(image, order), flips)
+    if change == "origin":
+        reference.SetOrigin(tuple(np.add(reference.GetOrigin(), (0.0, 0.0, 3.0))))
+    elif change == "crop":
+        reference = reference[:, :, 1:]
+    landed = io.grid_difference(io.align_voxel_order(image, reference), reference) is None
+    assert io.reorders_onto(image, reference) is landed
+    assert landed is (change is None)
