@@ -451,8 +451,9 @@ def _remove_replaced(old: Path, folder: Path) -> None:
     images DeepWML wrote (remove_outline_series). A file put into the folder while the new series was built (after
     check_outline_folder looked) is never deleted: it is moved into the new series' folder, where it was put (under
     another name where the new series has one like it), with a warning; the folder is then refused as holding
-    files not DeepWML's by the next run that would replace it. (Not left in `old`: a hidden temporary folder,
-    which a later run sweeps away.)"""
+    files not DeepWML's by the next run that would replace it. (Not left in `old`: a hidden folder, where the user
+    would not look; no later run sweeps it, io.temporary_leftovers taking `.part` names alone, so where they cannot
+    be moved they stay there, said.)"""
     import logging
 
     aside = old / folder.name
