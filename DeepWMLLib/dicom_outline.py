@@ -280,7 +280,7 @@ def _status_key(status) -> tuple | None:
 
 _SETTLED_S = 2.0  # a file last changed this long before its header is read keeps its verdict while its status is the same
 _VERDICTS: dict = {}  # (device, inode, size, mtime, ctime) -> is_outline_image's verdict
-_VERDICTS_KEPT = 100_000
+_VERDICTS_KEPT = 20_000  # images (100 series of 200); then forgotten, all at once
 
 
 def foreign_images(folder: str | os.PathLike) -> list[Path]:
