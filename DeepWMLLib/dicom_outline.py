@@ -240,9 +240,9 @@ def is_outline_image(path: str | os.PathLike) -> bool:
     Each header is read once while the file stays as it is (check_outline_folder before any work, the writer's
     check and the removal of the series replaced all ask of the same images: 0.4 s a time for 200): the verdict is
     kept by the file's device, inode, size, modification and change times, and a file put there or changed since
-    (any of them differs) is read again. Kept only for a file last changed more than _SETTLED_S before it was read,
-    not changed while it was read: a change within one tick of the file system's clock (2 s on FAT) may leave its
-    times as they were."""
+    (any of them differs) is read again. Kept only for a file last changed more than io._RACY_NS (3 s) before it was read
+    and not changed while it was read (io's rule for its header cache): a change within one tick of the file
+    system's clock (2 s on FAT) may leave its times as they were."""
     try:
         status = os.lstat(path)
     except OSError:
@@ -261,7 +261,7 @@ def is_outline_image(path: str | os.PathLike) -> bool:
         return reader.GetMetaData(key).strip(" \0") if reader.HasMetaDataKey(key) else ""
 
     verdict = tag("0008|0016") == SECONDARY_CAPTURE and tag("0018|1016") == MAKER
-    if (status.st_ino and time.time_ns() - max(status.st_mtime_ns, status.st_ctime_ns) > _SETTLED_S * 1e9
+    if (status.st_ino and max(status.st_mtime_ns, status.st_ctime_ns) < io._now_ns() - io._RACY_NS
             and _status_key(path) == key):
         if len(_VERDICTS) >= _VERDICTS_KEPT:
             _VERDICTS.clear()
@@ -278,7 +278,6 @@ def _status_key(status) -> tuple | None:
     return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
 
 
-_SETTLED_S = 2.0  # a file last changed this long before its header is read keeps its verdict while its status is the same
 _VERDICTS: dict = {}  # (device, inode, size, mtime, ctime) -> is_outline_image's verdict
 _VERDICTS_KEPT = 20_000  # images (100 series of 200); then forgotten, all at once
 

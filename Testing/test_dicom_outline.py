@@ -4,6 +4,7 @@ same study, on the input's own slices (DeepWMLLib/dicom_outline.py)."""
 from __future__ import annotations
 
 import csv
+import time
 import json
 
 import numpy as np
@@ -534,7 +535,6 @@ def test_each_outline_image_header_is_read_once_where_a_series_is_replaced(tmp_p
     prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
     own = tmp_path / "own"
     _outline(folder, truth, own)
-    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 0.0, raising=False)
     _settled(own)
     images = len(list(own.glob("IM*.dcm")))
     reads = _counting_reads(monkeypatch)
@@ -552,7 +552,7 @@ def test_each_outline_image_header_is_read_once_where_a_series_is_replaced(tmp_p
     del reads[:]
     assert not dicom_outline.is_outline_image(first) and reads == [str(first)]
     # a file changed within the file system clock's tick of its last change may keep its times: never kept then
-    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 3600.0, raising=False)
+    monkeypatch.setattr(io, "_now_ns", time.time_ns)  # the real clock: its files changed moments ago
     monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
     del reads[:]
     dicom_outline.foreign_images(own)
@@ -569,7 +569,6 @@ def test_a_file_changed_after_the_early_check_is_not_deleted_with_the_series(tmp
     prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
     own = tmp_path / "own"
     _outline(folder, truth, own)
-    monkeypatch.setattr(dicom_outline, "_SETTLED_S", 0.0, raising=False)
     _settled(own)
     theirs = sorted(folder.iterdir())[0].read_bytes()
     same_size = (own / "IM00003.dcm").read_bytes().replace(b"DeepWML", b"OtherCo")
