@@ -692,7 +692,7 @@ def test_a_cancelled_comparison_still_registering_holds_back_every_other_job(wid
     assert widget._job is None and not started.is_set() and ui.applyButton.text == "Segment WMH"
     networksStarted, _, runs = blockingNetworks(monkeypatch)
     p.ventricleSplit = True  # the follow-up's WMH holds no ventricles: the statistics would run the networks
-    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics \\(or untick the split\\) once it has$"):
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics once it has, or untick the split$"):
         ui.showStatisticsButton.click()
     assert widget._job is None and runs == []
     with pytest.raises(DeepWMLError, match=f"{ending}.*: compare again once it has$"):
@@ -726,13 +726,46 @@ def test_a_cancelled_segmentation_still_ending_says_so_when_another_job_is_asked
         ui.changeButton.click()
     p = widget._parameterNode
     p.ventricleSplit = True
-    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics \\(or untick the split\\) once it has$"):
+    with pytest.raises(DeepWMLError, match=f"{ending}.*: show the statistics once it has, or untick the split$"):
         ui.showStatisticsButton.click()
     assert widget._job is job and ui.applyButton.text == "Cancel"
     gate.set()
     finishJob(widget)
     assert ui.statusLabel.text == "Cancelled." and slicer.mrmlScene.GetNumberOfNodesByClass(
         "vtkMRMLSegmentationNode") == 2  # the pair's two, nothing of the run
+
+
+def test_a_cancelled_split_still_ending_says_so_in_words_that_agree(widget, monkeypatch):
+    """A cancelled split's networks go on to their next look, the panel waiting for them; a comparison asked for
+    meanwhile was refused in words that did not agree ("the ... networks ... are still ending (...): compare again once
+    it has"). The split is what is ending now."""
+    import DeepWMLLib.inference as inference
+    from DeepWMLLib.errors import Cancelled
+
+    started, gate = threading.Event(), threading.Event()
+
+    def networks(*args, progress=None, cancel=None, **kwargs):  # deaf to cancel until the gate opens: its next look
+        progress(0.25, "ventricles: slice 3/12")
+        started.set()
+        assert gate.wait(10), "never let go"
+        raise Cancelled()
+
+    changePair(widget, monkeypatch)
+    monkeypatch.setattr(inference, "predict_maps", networks)
+    ui, p = widget.ui, widget._parameterNode
+    p.device, p.ventricleSplit = "cpu", True  # the follow-up's WMH holds no ventricles: the networks run
+    ui.showStatisticsButton.click()
+    assert started.wait(10) and widget._job.kind == "split"
+    ui.applyButton.click()  # Cancel: the panel waits for the networks' next look
+    job = widget._job
+    assert job.cancelled and not job.done
+    with pytest.raises(DeepWMLError, match="^the periventricular/deep split cancelled just now is still ending \\(its "
+                                           "networks stop at their next slice: seconds\\): compare again once it has$"):
+        ui.changeButton.click()
+    assert widget._job is job
+    gate.set()
+    finishJob(widget)
+    assert job.cancelled
 
 
 @pytest.mark.parametrize("kind", ["segmentation", "split"])

@@ -253,8 +253,8 @@ class SplitJob(BackgroundJob):
     kind = "split"
     threadName = "DeepWML split"
     heldNodes = ("volumeNode", "nodes", "again")  # the last two: the GUI's (the statistics of the click)
-    stillEnding = ("the periventricular/deep split's networks cancelled just now are still ending (they stop at their "
-                   "next slice: seconds)")
+    stillEnding = ("the periventricular/deep split cancelled just now is still ending (its networks stop at their next "
+                   "slice: seconds)")
 
     def __init__(self, volumeNode, image, ventricle, brain, device, brainMask, precision, key):
         super().__init__(volumeNode, image)
@@ -719,14 +719,15 @@ class DeepWMLCoreLogic:
         self._started.add(job)
         return job
 
-    def refuseWhileEnding(self, then: str) -> None:
-        """Refuse (DeepWMLError, saying why and to `then` once it has ended) a new job while one started before was
-        cancelled but still runs in the background: a registration cannot be interrupted (tens of seconds), and the
-        GUI no longer waits for a dropped job; a segmentation or the split's networks in a thread stop at their next
-        slice. The two would share the CPU, the user told nothing; one kind or another alike."""
+    def refuseWhileEnding(self, then: str, otherwise: str = "") -> None:
+        """Refuse (DeepWMLError, saying why and to `then` once it has ended, or `otherwise` now) a new job while one
+        started before was cancelled but still runs in the background: a registration cannot be interrupted (tens of
+        seconds), and the GUI no longer waits for a dropped job; a segmentation or the split's networks in a thread
+        stop at their next slice. The two would share the CPU, the user told nothing; one kind or another alike."""
         for job in list(self._started):
             if job.cancelled and not job.done:
-                raise DeepWMLError(f"{job.stillEnding}: {then} once it has")
+                raise DeepWMLError(f"{job.stillEnding}: {then} once it has"
+                                   + (f", or {otherwise}" if otherwise else ""))
 
     def segmentVolume(self, volumeNode, device="auto", modelPaths=None, threshold=None, tta=False, progress=None,
                       cancel=None, segmentationNode=None, brainMask=True, location=True, precision="auto",
@@ -979,7 +980,7 @@ class DeepWMLCoreLogic:
         ventricle, brain, key, kept = self._splitModels(volumeNode, ventricleModel, device, brainMask, precision)
         if kept:
             return None
-        self.refuseWhileEnding("show the statistics (or untick the split)")
+        self.refuseWhileEnding("show the statistics", otherwise="untick the split")
         if busy:
             raise DeepWMLError(f"the periventricular/deep split of '{segmentationNode.GetName()}' runs the ventricle "
                                "and brain networks, which wait for the run going on now: show the statistics once it "
