@@ -768,6 +768,22 @@ def test_a_cancelled_split_still_ending_says_so_in_words_that_agree(widget, monk
     assert job.cancelled
 
 
+def test_the_widget_cleaned_up_during_a_worker_process_kills_it(widget, module, tiny_model):
+    """Clean-up drops any job now (BackgroundJob.drop): a segmentation in a worker process is still ended at once
+    (ProcessSegmentationJob.cancel), not left running after Slicer has closed, and it is done, so that it holds back
+    no later job."""
+    ui, p = widget.ui, widget._parameterNode
+    widget.logic.workerPython = sys.executable
+    p.modelName, p.modelFile, p.device = module.MODEL_FILE_CHOICE, tiny_model, "cpu"
+    ui.applyButton.click()
+    job = widget._job
+    assert job.python == sys.executable and job._process.poll() is None  # starting: its imports take longer
+    widget.cleanup()
+    assert job._process.poll() is not None and job._process.returncode != 0  # killed, not finished
+    assert job.done and job.cancelled and job.volumeNode is None and job.outputNode is None
+    widget.logic.refuseWhileEnding("segment")  # nothing holds back a new run
+
+
 @pytest.mark.parametrize("kind", ["segmentation", "split"])
 def test_the_widget_cleaned_up_during_a_job_lets_go_of_its_nodes(widget, module, monkeypatch, tiny_model, kind):
     """Cleaned up (Slicer closing, the module reloaded) while a segmentation or the split's networks ran in a thread,
