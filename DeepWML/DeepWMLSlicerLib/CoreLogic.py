@@ -497,8 +497,10 @@ class DeepWMLCoreLogic:
         self._locationInputs = None  # (what they depend on, segment.location_inputs of a volume): _volumeLocationInputs
         # the jobs started (startSegmentation, startSplit, startChange) while alive: one cancelled but still running in
         # the background (a registration cannot be interrupted; the GUI no longer waits for a dropped job) refuses
-        # another of any kind until it ends (refuseWhileEnding)
-        self._started = weakref.WeakSet()
+        # another of any kind until it ends (refuseWhileEnding). Plain weak references, pruned on the main thread: a
+        # WeakSet drops a member from the thread its last reference goes in (a dropped job's worker), which can change
+        # the set while the main thread walks it
+        self._started: list = []
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -716,7 +718,7 @@ class DeepWMLCoreLogic:
     def _start(self, job: BackgroundJob) -> BackgroundJob:
         """Start `job`, known as started while it is alive (refuseWhileEnding)."""
         job.start()
-        self._started.add(job)
+        self._started = [ref for ref in self._started if ref() is not None] + [weakref.ref(job)]
         return job
 
     def refuseWhileEnding(self, then: str, otherwise: str = "") -> None:
@@ -724,8 +726,8 @@ class DeepWMLCoreLogic:
         started before was cancelled but still runs in the background: a registration cannot be interrupted (tens of
         seconds), and the GUI no longer waits for a dropped job; a segmentation or the split's networks in a thread
         stop at their next slice. The two would share the CPU, the user told nothing; one kind or another alike."""
-        for job in list(self._started):
-            if job.cancelled and not job.done:
+        for job in [ref() for ref in self._started]:
+            if job is not None and job.cancelled and not job.done:
                 raise DeepWMLError(f"{job.stillEnding}: {then} once it has"
                                    + (f", or {otherwise}" if otherwise else ""))
 
