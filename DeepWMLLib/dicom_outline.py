@@ -242,7 +242,9 @@ def is_outline_image(path: str | os.PathLike) -> bool:
     kept by the file's device, inode, size, modification and change times, and a file put there or changed since
     (any of them differs) is read again. Kept only for a file last changed more than io._RACY_NS (3 s) before it was read
     and not changed while it was read (io's rule for its header cache): a change within one tick of the file
-    system's clock (2 s on FAT) may leave its times as they were."""
+    system's clock (2 s on FAT) may leave its times as they were. A file whose status changed while it was read (a
+    link or another file put in its place: the reader follows links) is not DeepWML's: what was read may not be it."""
+    began = io._now_ns()  # before the status, as io's rule takes it: a read however slow widens no margin
     try:
         status = os.lstat(path)
     except OSError:
@@ -261,8 +263,9 @@ def is_outline_image(path: str | os.PathLike) -> bool:
         return reader.GetMetaData(key).strip(" \0") if reader.HasMetaDataKey(key) else ""
 
     verdict = tag("0008|0016") == SECONDARY_CAPTURE and tag("0018|1016") == MAKER
-    if (status.st_ino and max(status.st_mtime_ns, status.st_ctime_ns) < io._now_ns() - io._RACY_NS
-            and _status_key(path) == key):
+    if _status_key(path) != key:
+        return False
+    if status.st_ino and max(status.st_mtime_ns, status.st_ctime_ns) < began - io._RACY_NS:
         if len(_VERDICTS) >= _VERDICTS_KEPT:
             _VERDICTS.clear()
         _VERDICTS[key] = verdict

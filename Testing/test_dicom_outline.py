@@ -587,3 +587,56 @@ def test_a_file_changed_after_the_early_check_is_not_deleted_with_the_series(tmp
     kept = contents(own)
     assert kept["IM00002.kept1.dcm"] == theirs and kept["IM00003.kept1.dcm"] == same_size
     assert "were kept there" in caplog.text
+
+
+def test_an_outline_verdict_is_judged_against_the_time_its_reading_began(tmp_path, monkeypatch):
+    """is_outline_image took the clock after the header was read, not before the file's status as io's rule does:
+    a slow read (a stalled share, a laptop put to sleep) counted as the file's age, so the verdict of a file changed
+    moments before was kept, and a change in the same tick of the file system's clock (its times as they were) would
+    have been judged by it. Now the time the reading began is judged: not kept, read again."""
+    folder, truth = oblique_flair(tmp_path)
+    own = tmp_path / "own"
+    _outline(folder, truth, own)  # written moments ago
+    reads = _counting_reads(monkeypatch)
+    counted = dicom_outline._reader
+
+    def an_hour_passes(path, *args):
+        reads.append("slept")
+        return counted(path, *args)
+
+    monkeypatch.setattr(dicom_outline, "_reader", an_hour_passes)
+    monkeypatch.setattr(io, "_now_ns", lambda: time.time_ns() + (3600 * 10**9 if reads else 0))
+    first = own / "IM00001.dcm"
+    assert dicom_outline.is_outline_image(first)
+    assert dicom_outline.is_outline_image(first)  # began an hour on: now kept
+    assert dicom_outline.is_outline_image(first)
+    assert reads.count(str(first)) == 2
+
+
+def test_a_link_put_in_place_of_a_users_file_while_it_is_read_is_not_deleted(tmp_path, monkeypatch):
+    """is_outline_image looked at the file's status (a file, not a link), then its reader followed whatever the name
+    led to: a user's file replaced by a link to DeepWML's image between the two was judged DeepWML's, and the link
+    deleted with the series. Now a file whose status changed while it was read is not DeepWML's."""
+    import os
+    import shutil
+
+    folder, truth = oblique_flair(tmp_path)
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    theirs = own / "IM00099.dcm"
+    theirs.write_bytes(sorted(folder.iterdir())[0].read_bytes())  # a FLAIR image: the user's
+    ours = tmp_path / "elsewhere" / "IM00001.dcm"
+    ours.parent.mkdir()
+    shutil.copy(own / "IM00001.dcm", ours)
+    reader = dicom_outline._reader
+
+    def swapped(path, *args):
+        if path == str(theirs) and not theirs.is_symlink():
+            theirs.unlink()
+            os.symlink(ours, theirs)
+        return reader(path, *args)
+
+    monkeypatch.setattr(dicom_outline, "_reader", swapped)
+    monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
+    dicom_outline.remove_outline_series(own)
+    assert theirs.is_symlink() and sorted(p.name for p in own.iterdir()) == ["IM00099.dcm"]
