@@ -3262,3 +3262,66 @@ def test_reorders_onto_tells_what_align_voxel_order_does_from_the_geometry_alone
     landed = io.grid_difference(io.align_voxel_order(image, reference), reference) is None
     assert io.reorders_onto(image, reference) is landed
     assert landed is (change is None)
+
+
+def test_reorders_onto_agrees_with_reordering_on_random_grids():
+    """io.reorders_onto against reordering (grid_difference(align_voxel_order(image, reference), reference) is None)
+    on seeded random grids: oblique directions (near 45 degrees too), reflections (det -1), sizes of 1, anisotropic
+    spacings permuted, origins, spacings and directions moved to just within or beyond the tolerances, crops,
+    whole-voxel shifts, unrelated grids, 2D images; each as a SimpleITK image and as a Volume (~2 s)."""
+    from DeepWMLLib.volume import Volume
+
+    rng = np.random.default_rng(50)
+
+    def rotation_of(scale):
+        return np.array(sitk.Euler3DTransform((0, 0, 0), *(rng.normal(size=3) * scale)).GetMatrix()).reshape(3, 3)
+
+    def direction():
+        signed = np.eye(3)[list(rng.permutation(3))] * rng.choice([-1, 1], 3)  # det +1 or -1
+        return [signed, signed @ rotation_of(0.05), rotation_of(2.0) @ signed,
+                rotation_of(np.pi / 4 * rng.uniform(0.9, 1.1))][rng.integers(4)]
+
+    outcomes = set()
+    for case in range(160):
+        reference = sitk.Image([int(n) for n in rng.choice([1, 2, 3, 5], 3)], sitk.sitkUInt8)
+        reference.SetSpacing(tuple(rng.choice([0.5, 0.7, 1.0, 3.0, 5.0], 3) * rng.uniform(0.9, 1.1, 3)))
+        reference.SetOrigin(tuple(rng.uniform(-100, 100, 3)))
+        reference.SetDirection(tuple(direction().ravel()))
+        image = sitk.Flip(sitk.PermuteAxes(reference, [int(v) for v in rng.permutation(3)]),
+                          [bool(v) for v in rng.integers(0, 2, 3)])
+        tolerance = io._ORIGIN_TOL_FRACTION * min(reference.GetSpacing())
+        near = rng.choice([0.999, 1.001, 1 - 1e-9, 1 + 1e-9, 2.0])
+        change = case % 8
+        if change == 1:
+            step = rng.normal(size=3)
+            image.SetOrigin(tuple(np.add(image.GetOrigin(), step / np.abs(step).max() * tolerance * near)))
+        elif change == 2:
+            spacing = np.array(image.GetSpacing())
+            spacing[rng.integers(3)] *= 1 + io._SPACING_RTOL * near * rng.choice([-1, 1])
+            image.SetSpacing(tuple(spacing))
+        elif change == 3:
+            moved = np.array(image.GetDirection()).reshape(3, 3) @ rotation_of(io._DIRECTION_TOL * near)
+            image.SetDirection(tuple(moved.ravel()))
+        elif change == 4 and max(image.GetSize()) > 1:
+            axis = int(np.argmax(image.GetSize()))
+            image = image[tuple(slice(1, None) if a == axis else slice(None) for a in range(3))]
+        elif change == 5:
+            image.SetDirection(tuple(direction().ravel()))
+        elif change == 6:
+            axis = int(rng.integers(3))
+            shift = np.array(image.GetDirection()).reshape(3, 3)[:, axis] * image.GetSpacing()[axis]
+            image.SetOrigin(tuple(np.add(image.GetOrigin(), shift)))
+        elif change == 7:
+            reference = reference[:, :, 0]
+            image = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
+            image.CopyInformation(reference)
+            image = sitk.Flip(image, [bool(rng.integers(2)), False]) if min(image.GetSize()) > 1 else image
+        forms = [image]
+        if image.GetDimension() == 3:
+            forms.append(Volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+                                image.GetDirection()))
+        for form in forms:
+            landed = io.grid_difference(io.align_voxel_order(form, reference), reference) is None
+            assert io.reorders_onto(form, reference) is landed, (case, form, reference)
+            outcomes.add((change, landed))
+    assert {landed for _, landed in outcomes} == {True, False}
