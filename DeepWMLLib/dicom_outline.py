@@ -229,7 +229,7 @@ def _array(image) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else voxels(image)  # a Volume or a SimpleITK image
 
 
-def is_outline_image(path: str | os.PathLike) -> bool:
+def is_outline_image(path: str | os.PathLike, fresh: bool = False) -> bool:
     """Whether `path` is an image of an outline series DeepWML wrote, by its DICOM header alone (no pixels read): a
     file (not a link), Secondary Capture Image Storage by its SOP Class UID, with DeepWML as its Secondary Capture
     Device Manufacturer, as `outline_series` has written on every image since the first version: a series of any
@@ -237,10 +237,12 @@ def is_outline_image(path: str | os.PathLike) -> bool:
     way, which its journal lists by name alone). Anything else, or a file that cannot be read as DICOM, is not: a
     user's image, never deleted nor replaced.
 
-    Each header is read once while the file stays as it is (check_outline_folder before any work, the writer's
-    check and the removal of the series replaced all ask of the same images: 0.4 s a time for 200): the verdict is
-    kept by the file's device, inode, size, modification and change times, and a file put there or changed since
-    (any of them differs) is read again. Kept only for a file last changed more than io._RACY_NS (3 s) before it was read
+    The checks before a file could be deleted (check_outline_folder before any work, the writer's check) read each
+    header once while the file stays as it is (0.4 s a time for 200 images): the verdict is kept by the file's
+    device, inode, size, modification and change times, and a file put there or changed since (any of them differs)
+    is read again. `fresh` (the deletion itself, remove_outline_series): read now whatever is kept, since a file
+    system may keep a rewritten file's key (FAT keeps no change time of its own: a same-size file copied over the
+    image with its modification time kept, `cp -p`; an NFS client's cached attributes). Kept only for a file last changed more than io._RACY_NS (3 s) before it was read
     and not changed while it was read (io's rule for its header cache): a change within one tick of the file
     system's clock (2 s on FAT) may leave its times as they were. A file whose status changed while it was read (a
     link or another file put in its place: the reader follows links) is not DeepWML's: what was read may not be it."""
@@ -252,7 +254,7 @@ def is_outline_image(path: str | os.PathLike) -> bool:
     if not stat.S_ISREG(status.st_mode):  # a link (even to DeepWML's image), a folder, or not there
         return False
     key = _status_key(status)
-    if status.st_ino and key in _VERDICTS:
+    if not fresh and status.st_ino and key in _VERDICTS:
         return _VERDICTS[key]
     try:
         reader = _reader(str(path))
@@ -495,7 +497,7 @@ def remove_outline_series(folder: str | os.PathLike) -> None:
     if not folder.is_dir():
         return
     for image in folder.glob("IM*.dcm"):
-        if is_outline_image(image):
+        if is_outline_image(image, fresh=True):  # read now, never a verdict kept: it is deleted on this one
             image.unlink()
     try:
         folder.rmdir()

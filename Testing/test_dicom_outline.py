@@ -526,10 +526,11 @@ def _settled(folder, seconds=600):
         os.utime(image, (time.time() - seconds, time.time() - seconds))
 
 
-def test_each_outline_image_header_is_read_once_where_a_series_is_replaced(tmp_path, monkeypatch):
+def test_each_outline_image_header_is_read_twice_where_a_series_is_replaced(tmp_path, monkeypatch):
     """Replacing an earlier run's outline series read each of its images' headers three times: the early check
     (check_outline_folder), the writer's own check and the removal of the series moved aside (0.4 s each for 200
-    images). Now each is read once while it stays as it was; a file changed since it was read is read again."""
+    images). Now the checks read each once while it stays as it was (a file changed since it was read is read
+    again), and the removal reads it again, as it deletes on that reading."""
     folder, truth = oblique_flair(tmp_path)
     series, _ = io.choose_dicom_series(folder)
     prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
@@ -540,7 +541,7 @@ def test_each_outline_image_header_is_read_once_where_a_series_is_replaced(tmp_p
     reads = _counting_reads(monkeypatch)
     dicom_outline.check_outline_folder(own, True)
     written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
-    assert len(reads) == images  # was 3 x images
+    assert len(reads) == 2 * images  # was 3 x images
     assert read_series(own)[1][0]["0020|000e"] == written["series_uid"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # an image changed after it was read (the maker's name in place: the same size) is read again, and not DeepWML's
@@ -640,3 +641,21 @@ def test_a_link_put_in_place_of_a_users_file_while_it_is_read_is_not_deleted(tmp
     monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
     dicom_outline.remove_outline_series(own)
     assert theirs.is_symlink() and sorted(p.name for p in own.iterdir()) == ["IM00099.dcm"]
+
+
+def test_an_image_is_deleted_on_a_header_read_then_not_on_a_verdict_kept(tmp_path, monkeypatch):
+    """A file system may keep a rewritten file's key (FAT has no change time of its own: a user's file of the same
+    size copied over DeepWML's image with its modification time kept, `cp -p`): the verdict kept from the early
+    check would call it DeepWML's. The removal reads each header itself before it deletes."""
+    folder, truth = oblique_flair(tmp_path)
+    own = tmp_path / "own"
+    _outline(folder, truth, own)
+    _settled(own)
+    assert not dicom_outline.foreign_images(own)  # every verdict kept: DeepWML's
+    first = own / "IM00001.dcm"
+    theirs = first.read_bytes().replace(b"DeepWML", b"OtherCo")
+    key = dicom_outline._status_key(first)
+    first.write_bytes(theirs)
+    dicom_outline._VERDICTS[dicom_outline._status_key(first)] = dicom_outline._VERDICTS[key]  # as FAT would keep it
+    dicom_outline.remove_outline_series(own)
+    assert contents(own) == {"IM00001.dcm": theirs}
