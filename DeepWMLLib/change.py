@@ -485,7 +485,10 @@ def conventions() -> dict:
     return {
         "volumes": f"{VOLUMES}, each on its own scan's grid: a row's volume_ml on the scan its scan names, baseline_ml "
                    "on the baseline's (a follow-up lesion's: its share of the baseline lesions it matches); change_ml: "
-                   "the follow-up volume less the baseline volume (a gone lesion's: minus its baseline volume)",
+                   "the follow-up volume less the baseline volume (a gone lesion's: minus its baseline volume); "
+                   "<call>_ml: the follow-up volume of the call's follow-up rows (new, small new, enlarging, stable, "
+                   "not assessable: together followup_volume_ml), the baseline volume of gone and small gone; "
+                   "<call>_baseline_side_ml: the baseline volume of the call's baseline rows",
         "lesions": f"{LESIONS}, of each scan's mask on its own grid; id: the follow-up's lesions, largest first, then "
                    "the baseline's with a row of their own (scan baseline), largest first",
         "coordinates": f"centroid_mm: {LPS}; in the follow-up scan's space, a baseline row's centroid carried there "
@@ -499,9 +502,18 @@ def conventions() -> dict:
     }
 
 
+BASELINE_ONLY = ("gone", "small gone")  # calls of baseline lesions alone: their volumes are the baseline's
+
+
 def _summary(rows: list[dict], baseline_ml: float, followup_ml: float) -> dict:
-    def of(status: str) -> list[dict]:
-        return [r for r in rows if r["status"] == status]
+    """The report's figures: `n_<call>` counts every row of the call; `<call>_ml` is measured on one scan, never
+    both: for new, small new, enlarging, stable and not assessable the follow-up volume of its follow-up rows (so
+    these five add up to `followup_volume_ml`), for gone and small gone the baseline volume. A baseline lesion kept
+    as stable or not assessable with no follow-up lesion of its own (a row of scan `baseline`) is counted in
+    `n_stable` or `n_not_assessable` and given apart, `n_<call>_baseline_side` and `<call>_baseline_side_ml` (its
+    baseline volume): adding it to the follow-up's volumes mixed two scans' figures (patient12's pair: 0.023 ml)."""
+    def of(status: str, scan: str | None = None) -> list[dict]:
+        return [r for r in rows if r["status"] == status and (scan is None or r["scan"] == scan)]
 
     summary = {
         "baseline_volume_ml": round(baseline_ml, 4),
@@ -512,7 +524,11 @@ def _summary(rows: list[dict], baseline_ml: float, followup_ml: float) -> dict:
     for status in ("new", "enlarging", "stable", "not assessable", "gone", "small new", "small gone"):
         key = status.replace(" ", "_")
         summary[f"n_{key}"] = len(of(status))
-        summary[f"{key}_ml"] = round(sum(r["volume_ml"] for r in of(status)), 4)
+        summary[f"{key}_ml"] = round(sum(r["volume_ml"] for r in of(status, None if status in BASELINE_ONLY
+                                                                           else "follow-up")), 4)
+        if status in ("stable", "not assessable"):  # kept from the baseline's side: on the baseline
+            summary[f"n_{key}_baseline_side"] = len(of(status, "baseline"))
+            summary[f"{key}_baseline_side_ml"] = round(sum(r["volume_ml"] for r in of(status, "baseline")), 4)
     summary["enlarging_growth_ml"] = round(sum(r["change_ml"] for r in of("enlarging")), 4)
     return summary
 
@@ -752,6 +768,19 @@ def lesions_csv(rows: list[dict]) -> str:
                                       "slice_range": "-".join(str(v) for v in row["slice_range"])} for row in rows))
 
 
+def _followup_ml(report: dict, key: str) -> str:
+    """', X ml' of a call's follow-up volume for the printed summary, and the baseline lesions of the call with no
+    follow-up lesion of their own, whose volume is the baseline's, said apart (`_summary`). A report written before
+    they were given apart has one figure of the two scans' volumes added: not shown."""
+    if f"{key}_baseline_side_ml" not in report:
+        return ""
+    said = f", {report[f'{key}_ml']:.2f} ml"
+    if report[f"n_{key}_baseline_side"]:
+        said += (f" ({report[f'n_{key}_baseline_side']} of them on the baseline only, "
+                 f"{report[f'{key}_baseline_side_ml']:.2f} ml there)")
+    return said
+
+
 def format_summary(case: str, report: dict) -> str:
     """The few lines `deepwml change` prints."""
     percent = report["volume_change_percent"]
@@ -760,15 +789,15 @@ def format_summary(case: str, report: dict) -> str:
         f"{case}: baseline {report['baseline_volume_ml']:.2f} ml, follow-up {report['followup_volume_ml']:.2f} ml "
         f"({report['volume_change_ml']:+.2f} ml" + (f", {percent:+.1f} %" if percent is not None else "") + ")",
         f"  new: {lesion_count_text(report['n_new'])}, {report['new_ml']:.2f} ml; enlarging: {lesion_count_text(report['n_enlarging'])}, "
-        f"{report['enlarging_growth_ml']:+.2f} ml; stable: {lesion_count_text(report['n_stable'])}; gone: "
-        f"{lesion_count_text(report['n_gone'])}, {report['gone_ml']:.2f} ml",
+        f"{report['enlarging_growth_ml']:+.2f} ml; stable: {lesion_count_text(report['n_stable'])}"
+        f"{_followup_ml(report, 'stable')}; gone: {lesion_count_text(report['n_gone'])}, {report['gone_ml']:.2f} ml",
     ]
     if report["n_small_new"] or report["n_small_gone"]:
         lines.append(f"  not counted, under {report['min_change_ml']:g} ml: {report['n_small_new']} small new, "
                      f"{report['n_small_gone']} small gone")
     if report["n_not_assessable"]:
         lines.append(f"  not assessable (partly outside the other scan's field of view): "
-                     f"{lesion_count_text(report['n_not_assessable'])}, {report['not_assessable_ml']:.2f} ml")
+                     f"{lesion_count_text(report['n_not_assessable'])}{_followup_ml(report, 'not_assessable')}")
     consistency = registration.get("inverse_consistency")
     reliable = registration.get("reliable", True)  # reports written before the verdict was recorded
     lines.append(

@@ -1306,6 +1306,34 @@ def test_a_baseline_lesion_kept_only_by_the_follow_ups_probability_has_its_row()
     assert summary["n_stable"] == 1 and summary["n_gone"] == 0
 
 
+def test_stable_ml_is_the_follow_ups_volume_and_a_baseline_side_row_is_given_apart(monkeypatch):
+    """stable_ml added the baseline volume of a baseline lesion kept by the follow-up's probability (a row of scan
+    baseline) to the follow-up volumes of the stable lesions seen there: one figure of two scans (patient12's pair,
+    0.023 ml). Here a lesion of 0.4 ml at baseline shrank to 0.3 ml (stable, seen on both scans), and a 0.1 ml baseline
+    lesion is still there only by the follow-up's probability: stable_ml is 0.3 (the follow-up's), not 0.4, the kept
+    one's 0.1 ml is given apart, and the follow-up's calls add up to its lesion volume."""
+    base = np.zeros((20, 40, 40), np.uint8)
+    base[8:12, 5:15, 5:15] = 1  # 0.4 ml
+    base[8:12, 25:30, 25:30] = 1  # 0.1 ml: kept by the follow-up's probability
+    follow = np.zeros((20, 40, 40), np.uint8)
+    follow[8:11, 5:15, 5:15] = 1  # 0.3 ml: shrunk, stable
+    baseline_mask, followup_mask = _grid((40, 40, 20), (1.0, 1.0, 1.0), base), _grid((40, 40, 20), (1.0, 1.0, 1.0), follow)
+    probability = np.zeros((20, 40, 40), np.float32)
+    probability[8:12, 25:30, 25:30] = 0.3
+    flairs = _unmoved_flairs(monkeypatch, baseline_mask, followup_mask)
+    report = change.lesion_change(flairs[0], flairs[1], baseline_mask, followup_mask, check=False, presence=0.15,
+                                  followup_probabilities=_grid((40, 40, 20), (1.0, 1.0, 1.0), probability)).report
+    assert [(r["status"], r["scan"], r["volume_ml"], r["baseline_ml"]) for r in report["lesions"]] == [
+        ("stable", "follow-up", 0.3, 0.4), ("stable", "baseline", 0.1, 0.1)]
+    assert (report["n_stable"], report["stable_ml"]) == (2, 0.3)
+    assert (report["n_stable_baseline_side"], report["stable_baseline_side_ml"]) == (1, 0.1)
+    assert (report["baseline_volume_ml"], report["followup_volume_ml"]) == (0.5, 0.3)
+    followup_calls = ("new", "small_new", "enlarging", "stable", "not_assessable")
+    assert sum(report[f"{key}_ml"] for key in followup_calls) == pytest.approx(report["followup_volume_ml"], abs=1e-4)
+    assert "stable: 2 lesions, 0.30 ml (1 of them on the baseline only, 0.10 ml there)" in \
+        change.format_summary("p", report).splitlines()[1]
+
+
 def test_a_lesion_that_split_shares_its_baseline_volume_and_merged_ones_add_up_once():
     """A 0.48 ml baseline bar split in two (13 and 15 voxels long, 2 apart): each part got the whole 0.48 ml
     as its baseline volume (0.96 ml in the table). Now each baseline voxel goes to the nearer part (14 and 16
@@ -1406,10 +1434,18 @@ def test_the_table_accounts_for_every_lesion_once_and_the_summary_agrees_with_it
     assert report["baseline_volume_ml"] == pytest.approx(sum(r["baseline_ml"] or 0 for r in rows), abs=1e-4)
     assert report["followup_volume_ml"] == pytest.approx(sum(r["volume_ml"] for r in rows if r["scan"] == "follow-up"),
                                                          abs=1e-4)
-    for status in change.LABELS.values():
+    for status in change.LABELS.values():  # each call's volume on one scan: the baseline's for gone ones alone
         key = status.replace(" ", "_")
+        scan = "baseline" if status in change.BASELINE_ONLY else "follow-up"
         assert report[f"n_{key}"] == sum(r["status"] == status for r in rows)
-        assert report[f"{key}_ml"] == pytest.approx(sum(r["volume_ml"] for r in rows if r["status"] == status), abs=1e-4)
+        assert report[f"{key}_ml"] == pytest.approx(sum(r["volume_ml"] for r in rows if r["status"] == status
+                                                        and r["scan"] == scan), abs=1e-4)
+        if status in ("stable", "not assessable"):  # the baseline's lesions with no follow-up lesion: given apart
+            side = [r for r in rows if r["status"] == status and r["scan"] == "baseline"]
+            assert report[f"n_{key}_baseline_side"] == len(side)
+            assert report[f"{key}_baseline_side_ml"] == pytest.approx(sum(r["volume_ml"] for r in side), abs=1e-4)
+    assert report["followup_volume_ml"] == pytest.approx(sum(report[f"{key}_ml"] for key in (
+        "new", "small_new", "enlarging", "stable", "not_assessable")), abs=1e-4)
     changed = [r["change_ml"] for r in rows if r["change_ml"] is not None]
     kept_row = [r for r in rows if r["scan"] == "baseline" and r["status"] == "stable"][0]
     assert sum(changed) - kept_row["baseline_ml"] == pytest.approx(report["volume_change_ml"], abs=1e-4)

@@ -1770,6 +1770,16 @@ def test_the_panels_figures_read_as_measured_each_in_its_place():
     assert targets == [(-1.0, -2.0, 3.0), (-10.0, 20.0, 30.0)]
 
 
+def test_the_change_table_says_which_scan_each_volume_was_measured_on():
+    """A baseline lesion's own row (gone, or stable kept by the follow-up's probability) gives its baseline volume: in
+    the table it read as a follow-up volume, as the report's stable_ml once added it to the follow-up's."""
+    lesions = [{"id": 1, "status": "stable", "scan": "follow-up", "volume_ml": 0.3, "change_ml": -0.1, "followup_slice": 9},
+               {"id": 2, "status": "stable", "scan": "baseline", "volume_ml": 0.1, "change_ml": None, "followup_slice": 4}]
+    headers, rows, slices = DeepWMLCoreLogic().sliceTable({"change": {"lesions": lesions}})
+    assert headers[:4] == ["Slice", "Change", "Measured on", "Volume (ml)"]
+    assert [row[:3] for row in rows] == [["9", "stable", "follow-up"], ["4", "stable", "baseline"]] and slices == [9, 4]
+
+
 def test_a_labelmap_slice_one_slice_below_the_flair_is_said_to_lie_outside_it(scene):
     """The field of view ends half a voxel past the outer voxel centres: a labelmap one slice longer than the FLAIR at
     its low end (its slice 0 centred one whole slice, index -1, below the FLAIR's first) has that slice outside. By

@@ -1276,7 +1276,9 @@ class DeepWMLCoreLogic:
             return columns, rows
         if "change" in results:  # one row per lesion, in the follow-up's slices
             rows = [{**lesion, "index": lesion["followup_slice"]} for lesion in results["change"]["lesions"]]
-            return ["index", "status", "volume_ml", "change_ml", "id"], rows
+            # the scan a row's volume was measured on: a baseline lesion's own row (gone, or kept with no follow-up
+            # lesion) gives its baseline volume, which read as the follow-up's without it
+            return ["index", "status", "scan", "volume_ml", "change_ml", "id"], rows
         if "consensus" in results:
             consensus = results["consensus"]
             order = {index: rank for rank, index in enumerate(consensus["worst_slices"])}
@@ -1303,7 +1305,7 @@ class DeepWMLCoreLogic:
                   "dice": "Dice", "sensitivity": "Sensitivity", "precision": "Precision",
                   "reference_area_mm2": "Reference area (mm²)", "reference_lv_group": "Reference LV group",
                   "area_a_mm2": "Area A (mm²)", "area_b_mm2": "Area B (mm²)", "disagreement_mm2": "Disagreement (mm²)",
-                  "status": "Change", "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion",
+                  "status": "Change", "scan": "Measured on", "volume_ml": "Volume (ml)", "change_ml": "Change (ml)", "id": "Lesion",
                   "slice_range": "Slices", "periventricular_share": "Periventricular"}
         shown = {"lv_ml": _lvText,  # an LV reads in the group beside it
                  "slice_range": lambda r: "" if r is None else str(r[0]) if r[0] == r[1] else f"{r[0]}–{r[1]}",
