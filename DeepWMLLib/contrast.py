@@ -78,6 +78,14 @@ CT_TOP_MIN = 0.01
 CT_TOP_TOLERANCE = 0.002
 CT_TOP_RATIO = 2.0
 
+# An MRI with its contrast inverted (its values negated, or subtracted from its top: a wrong conversion, or a
+# display-inverted export) has its air, the most of what lies outside the brain, brighter than the brain: at or
+# near the image's top value. It was called a CT in a brain window (its air at the top value taken for a clipped
+# skull: 73-83 % of the voxels outside the brain on the sample and patient12_study1 negated, where a windowed CT's
+# skull is 7.9-9.1 % and its air is dark). So: at least INVERTED_BRIGHT_MIN of the voxels outside the brain above
+# the middle between the deep brain's level and the image's top (`_high`); on a FLAIR only scalp fat and skin are.
+INVERTED_BRIGHT_MIN = 0.5
+
 OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away):
 # 91-100 % on the 11 clinical scans, the sample and the 3 labelled ones (black 0 on each of them)
 BLACK_PERCENTILE = 0.5  # the image's black: this low percentile of its voxels (a few stray ones below it)
@@ -231,13 +239,23 @@ def _dark_shares_outside(stack: np.ndarray, intracranial: np.ndarray, levels) ->
     return [count / total if total else None for count in dark]
 
 
+def _high(stack: np.ndarray) -> float:
+    """The image's top level: its 99.5th percentile (of a sample of a large scan, as `image_black` takes its black),
+    which a few stray bright voxels (or padding above the rest) do not move."""
+    from .preprocessing import tail_percentiles
+
+    sample = (stack[::2, ::3, ::3] if stack.size > 2_000_000 else stack).ravel()
+    return float(tail_percentiles(sample, [99.5])[0])
+
+
 def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarray,
                    spacing: tuple[float, float, float], progress=None) -> dict:
     """Figures of the check and its verdict for an axial stack ([slice, row, col]) with its
     intracranial and lesion masks (same shape, bool) and spacing (slice, row, col) in mm.
     `progress(fraction, message)`, when given, hears of its steps (seconds each on a large scan).
 
-    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "CT" (with `stored`: "Hounsfield units" or "raw, 0 HU
+    `looks_like`: "FLAIR", "T1-weighted", "T2- or PD-weighted", "inverted" (an MRI with its values
+    negated: its air bright, with `bright_outside_fraction`), "CT" (with `stored`: "Hounsfield units" or "raw, 0 HU
     at 1024", with `deep_median` (HU), `air_fraction` and `bone_fraction`; "brain window", with `top_fraction` and
     `top_to_deep`), or None when not judged."""
     from .preprocessing import median
@@ -286,8 +304,10 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
     levels = [level for offset in offsets for level in ((0.0, offset + CT_AIR), (0.0, offset + CT_BONE))]
     if windowed:
         levels.append((0.0, top - CT_TOP_TOLERANCE * (top - black)))
-    *shares, outside_dark = _dark_shares_outside(stack, np.asarray(intracranial, bool),
-                                                 [*levels, (black, DARK_RATIO * (reference - black))])
+    *shares, outside_bright, outside_dark = _dark_shares_outside(
+        stack, np.asarray(intracranial, bool),
+        [*levels, (reference, DARK_RATIO * (_high(stack) - reference)), (black, DARK_RATIO * (reference - black))])
+    outside_bright = None if outside_bright is None else 1 - outside_bright
     for i, offset in enumerate(offsets):
         air, bone = shares[2 * i:2 * i + 2]
         if air is not None and air >= CT_AIR_MIN and 1 - bone >= CT_BONE_MIN:
@@ -295,6 +315,9 @@ def flair_contrast(stack: np.ndarray, intracranial: np.ndarray, lesion: np.ndarr
                           deep_median=round(reference - offset, 1), air_fraction=round(air, 3),
                           bone_fraction=round(1 - bone, 3))
             return result
+    if outside_bright is not None and outside_bright >= INVERTED_BRIGHT_MIN:  # air bright: an inverted MRI, no CT
+        result.update(looks_like="inverted", bright_outside_fraction=round(outside_bright, 3))
+        return result
     if windowed and shares[-1] is not None and 1 - shares[-1] >= CT_TOP_MIN:
         result.update(looks_like="CT", stored="brain window", top_fraction=round(1 - shares[-1], 3),
                       top_to_deep=round((top - black) / (reference - black), 2))
@@ -426,6 +449,11 @@ def why_not_flair(check: dict) -> str | None:
         return (f"its values are {units}, not an MRI's (the deep brain at {check['deep_median']:g} HU, "
                 f"{check['air_fraction']:.0%} of the voxels outside the brain below {offset + CT_AIR:g} as air is and "
                 f"{check['bone_fraction']:.0%} above {offset + CT_BONE:g} as bone is)")
+    if check.get("looks_like") == "inverted":
+        return (f"its contrast is inverted, the air around the head brighter than the brain "
+                f"({check['bright_outside_fraction']:.0%} of the voxels outside the brain nearer the image's top than "
+                "the white matter's level; on a FLAIR only its scalp fat and skin are), so its CSF is not dark nor its "
+                "lesions bright")
     if check.get("looks_like") == "T2- or PD-weighted":
         return (f"the ventricles are not dark ({check['dark_fraction']:.2%} of the deep brain is darker than half its "
                 f"median; {FLAIR_DARK_RANGE} on the real FLAIRs checked)")
@@ -440,6 +468,10 @@ def contrast_warnings(check: dict) -> list[str]:
     if check.get("looks_like") == "T2- or PD-weighted":
         return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan or a "
                 "diffusion ADC map, where DeepWML marks CSF as lesion: check the series"]
+    if check.get("looks_like") == "inverted":
+        return [f"this does not look like a FLAIR as stored: {why_not_flair(check)}, as on an image whose values "
+                "were negated or subtracted from their top (a wrong conversion or export), where the figures mean "
+                "nothing: segment the scan as the scanner stored it"]
     if check.get("looks_like") == "CT":
         return [f"this looks like a CT, not an MRI: {why_not_flair(check)}; DeepWML segments FLAIR MRI only and its "
                 "marks and figures mean nothing here: give the FLAIR series"]

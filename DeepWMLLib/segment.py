@@ -827,7 +827,9 @@ def segment_image(image: sitk.Image, models: Sequence | None = None, device: str
                                progress_part(progress, FLAIR_CHECK_AT, 0.99))
         report["contrast"] = check
         warnings += contrast_warnings(check)
-        if clipped and check.get("looks_like") == "CT":  # a CT in a brain window: its clipped skull is the CT warning's
+        # a CT in a brain window: its clipped skull is the CT warning's; an inverted MRI: its air at the top value is
+        # no clipping, the inverted warning says why
+        if clipped and check.get("looks_like") in ("CT", "inverted"):
             warnings.remove(clipped_warning(clipped))
         load = report["volume_ml"] / max(report["intracranial_ml"], 1e-9)
         # a brain mask of nothing keeps marks only with --no-brain-mask: a share of it means nothing, and the

@@ -402,6 +402,37 @@ def test_a_brain_windowed_ct_is_said_to_be_a_ct_not_a_flair(top, dtype):
     assert len(warnings) == 1 and "looks like a CT, not an MRI" in warnings[0] and "clipped" in warnings[0]
 
 
+@pytest.mark.parametrize("inverted", ["negated", "subtracted from its top"])
+def test_an_inverted_flair_is_said_to_be_inverted_not_a_ct(inverted):
+    """A FLAIR with its values negated (or subtracted from its top): its air, at the image's top value around the
+    head, was taken for a brain-windowed CT's clipped skull and the warning said 'looks like a CT', sending the user to
+    look for an MRI among CT series. It is an MRI with its contrast inverted, and the warning says so."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    stack = -stack if inverted == "negated" else stack.max() - stack
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] == "inverted" and check["bright_outside_fraction"] > 0.9, check
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "CT" not in warnings[0] and "contrast is inverted" in warnings[0], warnings
+    assert "does not look like a FLAIR" in warnings[0]
+
+
+def test_the_sample_negated_is_said_to_be_inverted_not_a_ct(tmp_path):
+    """The bundled sample FLAIR negated, through segment_image (its brain mask made by the network on the inverted
+    scan, as a user's run makes it): called a CT in a brain window before, an inverted MRI now, with one warning."""
+    import SimpleITK as sitk
+
+    from DeepWMLLib import io
+    from DeepWMLLib.segment import segment_image
+
+    image = io.read_image(Path(__file__).resolve().parents[1] / "Resources" / "Sample" / "sample_flair.nii.gz")
+    negated = sitk.GetImageFromArray(-sitk.GetArrayFromImage(image).astype(np.float32))
+    negated.CopyInformation(image)
+    report = segment_image(negated, device="cpu").report
+    assert report["contrast"]["looks_like"] == "inverted", report["contrast"]
+    said = [w for w in report["warnings"] if "FLAIR" in w and "brain mask covers" not in w]
+    assert len(said) == 1 and "contrast is inverted" in said[0] and "CT" not in said[0], report["warnings"]
+
+
 def test_a_flair_near_1024_with_bright_scalp_fat_is_no_raw_ct():
     """A FLAIR whose white matter lies at 1040 (a CT's brain stored raw) with air at 0 and scalp fat at 1.5 times the
     white matter (above a raw CT's bone level, 1524) around it: its ventricles are dark, so it stays a FLAIR; and a
