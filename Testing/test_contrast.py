@@ -402,12 +402,14 @@ def test_a_brain_windowed_ct_is_said_to_be_a_ct_not_a_flair(top, dtype):
     assert len(warnings) == 1 and "looks like a CT, not an MRI" in warnings[0] and "clipped" in warnings[0]
 
 
+@pytest.mark.parametrize("cortex,ventricle", [(1.25, 0.3), (0.7, 0.3)], ids=["FLAIR", "T1-weighted"])
 @pytest.mark.parametrize("inverted", ["negated", "subtracted from its top"])
-def test_an_inverted_flair_is_said_to_be_inverted_not_a_ct(inverted):
+def test_an_inverted_flair_is_said_to_be_inverted_not_a_ct(inverted, cortex, ventricle):
     """A FLAIR with its values negated (or subtracted from its top): its air, at the image's top value around the
     head, was taken for a brain-windowed CT's clipped skull and the warning said 'looks like a CT', sending the user to
-    look for an MRI among CT series. It is an MRI with its contrast inverted, and the warning says so."""
-    stack, inside, lesion = _head(1.25, 0.3)
+    look for an MRI among CT series. It is an MRI with its contrast inverted, and the warning says so (a T1-weighted
+    scan inverted, its CSF bright and its cortex brighter than the white matter, too)."""
+    stack, inside, lesion = _head(cortex, ventricle)
     stack = -stack if inverted == "negated" else stack.max() - stack
     check = contrast.flair_contrast(stack, inside, lesion, SPACING)
     assert check["looks_like"] == "inverted" and check["bright_outside_fraction"] > 0.9, check
