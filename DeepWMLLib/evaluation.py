@@ -128,7 +128,7 @@ def _cell(value) -> str:
             return "nan"
         text = f"{value:.6g}"
         if float(text) != value and math.isfinite(value) and round(value, 9) == value:
-            text = repr(value)
+            text = repr(float(value))  # a numpy float's repr is "np.float64(0.6015625)"
         return text
     return str(value)
 

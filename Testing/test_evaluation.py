@@ -650,3 +650,28 @@ def test_a_manifest_under_an_output_name_in_the_output_folder_is_refused_not_wri
     with pytest.raises(DeepWMLError, match="is a file given to this run, and the run writes a file of that name"):
         evaluation.evaluate_cohort(manifest, out)
     assert manifest.read_bytes() == cohort.read_bytes()
+
+
+def test_every_figure_in_the_cohort_tables_reads_back_as_a_number(tmp_path):
+    """A slice Dice of 154/256 = 0.6015625 (a numpy float, exact in fewer than 10 decimals, so written in
+    full) came out as the text "np.float64(0.6015625)" in per_image.csv, which pandas, R and Excel then
+    read as text: every numeric column of every table must parse as a number."""
+    ref = np.zeros((3, 16, 16), np.uint8)
+    pred = np.zeros_like(ref)
+    ref[1, :8, :] = 1      # 128 voxels
+    pred[1].flat[51:179] = 1  # 128 voxels from the 52nd on: 77 of them on the reference
+    assert (ref & pred).sum() == 77 and pred.sum() == 128
+    folder = tmp_path / "c"
+    folder.mkdir()
+    write_mask(ref, folder / "ref.nii.gz")
+    write_mask(pred, folder / "pred.nii.gz")
+    (folder / "cases.csv").write_text("case,prediction,reference\ncase1,pred.nii.gz,ref.nii.gz\n")
+    evaluation.evaluate_cohort(folder / "cases.csv", tmp_path / "out")
+    images = read_csv(tmp_path / "out" / "per_image.csv")
+    assert [row["dice"] for row in images] == ["0.6015625"]
+    for name in ("per_image.csv", "per_case.csv", "table2.csv", "lv_groups.csv"):
+        for row in read_csv(tmp_path / "out" / name):
+            for key, cell in row.items():
+                assert "np." not in cell, (name, key, cell)
+    assert evaluation._cell(np.float64(0.6015625)) == "0.6015625"
+    assert evaluation._cell(np.float32(0.5)) == "0.5"
