@@ -430,7 +430,9 @@ def _compare_groups(image_rows: list[dict], grouping: str, metric: str) -> list[
             results.append({
                 "test": "Mann-Whitney U (Bonferroni)", "metric": metric, "grouping": grouping,
                 "groups": f"{a} vs {b}", "statistic": float(u), "p": min(1.0, float(p_pair) * len(pairs)),
-                "note": f"two-sided, {MW_EXACT if exact else MW_ASYMPTOTIC}; p multiplied by {len(pairs)} pairs",
+                "note": f"two-sided, {MW_EXACT if exact else MW_ASYMPTOTIC}; "
+                        + (f"p multiplied by {len(pairs)} pairs" if len(pairs) > 1
+                           else "one pair: p not multiplied (no correction needed)"),
             })
     return results
 

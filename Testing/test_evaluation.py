@@ -675,3 +675,12 @@ def test_every_figure_in_the_cohort_tables_reads_back_as_a_number(tmp_path):
                 assert "np." not in cell, (name, key, cell)
     assert evaluation._cell(np.float64(0.6015625)) == "0.6015625"
     assert evaluation._cell(np.float32(0.5)) == "0.5"
+
+
+def test_a_single_pair_says_its_p_needs_no_correction_rather_than_multiplied_by_1_pairs():
+    """Two groups (MS against SVD) give one pair, whose note said "p multiplied by 1 pairs"."""
+    _, pair = evaluation._compare_groups(
+        _rows({"A": [0.01 * j for j in range(8)], "B": [0.5 + 0.01 * j for j in range(9)]}), "disease", "dice")
+    assert "1 pairs" not in pair["note"]
+    assert pair["note"].endswith("one pair: p not multiplied (no correction needed)")
+    assert pair["p"] == pytest.approx(2 / 24310)
