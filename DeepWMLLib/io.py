@@ -5110,7 +5110,9 @@ class GrowingCsv:
 def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
                        example: str = "") -> list[tuple[int, dict[str, str]]]:
     """The rows of a manifest CSV as (line, row): the file's own line numbers (blank lines counted), column names
-    lower case and cells stripped, rows of empty cells left out. A column `center` (the American spelling) is
+    lower case and cells stripped, rows of empty cells left out; columns separated by commas, or by semicolons where
+    the header holds semicolons and no comma (Excel's 'CSV UTF-8' in a locale whose decimal separator is a comma).
+    A column `center` (the American spelling) is
     read as `centre` where there is none. DeepWMLError, naming `required` and `optional` (shown in brackets),
     on a folder, a missing or unreadable file, a missing column or no case rows; `example` ends the message of
     a folder (where the user may find one)."""
@@ -5125,7 +5127,11 @@ def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optio
                            f"(columns {expected})")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            # Excel's 'CSV UTF-8' separates columns with the system's list separator, ';' where the decimal
+            # separator is a comma (German, French, Dutch, Italian... settings): such a header holds no comma
+            first = f.readline()
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=";" if ";" in first and "," not in first else ",")
             numbered = [(reader.line_num, row) for row in reader]
             header = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as exc:
@@ -5133,9 +5139,7 @@ def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optio
                            f"(Excel: 'CSV UTF-8')") from exc
     missing = [c for c in required if c not in header]
     if missing:
-        hint = (" (its header holds ';': separate the columns with commas)" if len(header) == 1 and ";" in header[0]
-                else "")
-        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}{hint}; its header must be: "
+        raise DeepWMLError(f"manifest {path} lacks column(s) {', '.join(missing)}; its header must be: "
                            f"{expected} (a first line such as '{','.join(required)}')")
     rows = []
     for line, row in numbered:

@@ -1121,10 +1121,13 @@ def test_split_and_manifest_mistakes_are_named_before_any_data_is_read(dataset, 
     header_only.write_text("case,flair,mask\n")
     with pytest.raises(DeepWMLError, match="header but no case rows"):
         training.read_manifest(header_only)
+    # Excel's 'CSV UTF-8' in a German or French locale: ';' between columns, the byte-order mark, CRLF
     semicolons = tmp_path / "semi.csv"
-    semicolons.write_text("case;flair;mask\nc0;a;b\n")
-    with pytest.raises(DeepWMLError, match="separate the columns with commas"):
-        training.read_manifest(semicolons)
+    lines = [line.split(",") for line in dataset.read_text(encoding="utf-8-sig").splitlines()]
+    lines[1:] = [[case, f"{dataset.parent}/{flair}", f"{dataset.parent}/{mask}", *rest]
+                 for case, flair, mask, *rest in lines[1:]]
+    semicolons.write_bytes(("\ufeff" + "".join(";".join(line) + "\r\n" for line in lines)).encode("utf-8"))
+    assert training.read_manifest(semicolons) == training.read_manifest(dataset)
     with pytest.raises(DeepWMLError, match="is a folder"):
         training.read_manifest(tmp_path)
 

@@ -409,7 +409,7 @@ def test_a_drives_recycle_bin_is_not_searched(tmp_path):
     assert not io.has_dicom_below(tmp_path)  # only the recycle bin holds DICOM
 
 
-def test_a_manifest_from_excel_is_refused_with_what_to_do(tmp_path):
+def test_a_manifest_from_excel_is_read_with_semicolons_and_refused_in_ansi_with_what_to_do(tmp_path):
     # Excel on Windows saves "CSV" in the ANSI code page (cp1252), and with ';' in many languages: the error
     # said "not a readable CSV file ('utf-8' codec can't decode...)" or "lacks column(s) case, ..."
     from DeepWMLLib.evaluation import read_manifest
@@ -418,10 +418,14 @@ def test_a_manifest_from_excel_is_refused_with_what_to_do(tmp_path):
     ansi.write_bytes("case,prediction,reference\nRené,a.nii.gz,b.nii.gz\n".encode("cp1252"))
     with pytest.raises(DeepWMLError, match="save it as UTF-8 CSV"):
         read_manifest(ansi, ("case", "prediction", "reference"))
+    # 'CSV UTF-8' from Excel where the decimal separator is a comma (Germany, France...) separates columns by ';'
+    # (the system's list separator), which the error told to replace by commas: a change of Windows' settings
     semicolons = tmp_path / "semicolons.csv"
-    semicolons.write_text("case;prediction;reference\np1;a.nii.gz;b.nii.gz\n", encoding="utf-8")
-    with pytest.raises(DeepWMLError, match="separate the columns with commas"):
-        read_manifest(semicolons, ("case", "prediction", "reference"))
+    semicolons.write_bytes("\ufeffcase;prediction;reference\r\nMüller, H;\"a;1.nii.gz\";b,2.nii.gz\r\n".encode("utf-8"))
+    (row,) = read_manifest(semicolons, ("case", "prediction", "reference"), path_columns=("prediction", "reference"))
+    assert (row["case"], Path(row["prediction"]).name, Path(row["reference"]).name) == ("Müller, H", "a;1.nii.gz",
+                                                                                      "b,2.nii.gz")
+    assert Path(row["prediction"]).parent == tmp_path.resolve()
 
 
 def test_tables_open_in_excel_with_their_letters(tmp_path):
