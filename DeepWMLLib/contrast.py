@@ -84,6 +84,10 @@ CT_TOP_RATIO = 2.0
 # skull: 73-83 % of the voxels outside the brain on the sample and patient12_study1 negated, where a windowed CT's
 # skull is 7.9-9.1 % and its air is dark). So: at least INVERTED_BRIGHT_MIN of the voxels outside the brain above
 # the middle between the deep brain's level and the image's top (`_high`); on a FLAIR only scalp fat and skin are.
+# A FLAIR whose background an exporter filled with a bright value (its top, a mid value) cannot be told apart by this
+# (each of the 11 clinical FLAIRs, the sample and the 3 labelled ones, its air filled with its max, its middle value or
+# its head's 99th percentile: mostly 'inverted', 0.51-0.92; before, 'not judged' (no black background) or a CT): the
+# warning names both.
 INVERTED_BRIGHT_MIN = 0.5
 
 OUTSIDE_DARK_MIN = 0.1  # the share of the voxels outside the brain that must be dark (air, or stripped away):
@@ -450,10 +454,11 @@ def why_not_flair(check: dict) -> str | None:
                 f"{check['air_fraction']:.0%} of the voxels outside the brain below {offset + CT_AIR:g} as air is and "
                 f"{check['bone_fraction']:.0%} above {offset + CT_BONE:g} as bone is)")
     if check.get("looks_like") == "inverted":
-        return (f"its contrast is inverted, the air around the head brighter than the brain "
-                f"({check['bright_outside_fraction']:.0%} of the voxels outside the brain nearer the image's top than "
-                "the white matter's level; on a FLAIR only its scalp fat and skin are), so its CSF is not dark nor its "
-                "lesions bright")
+        return (f"what lies around the brain is brighter than the brain ({check['bright_outside_fraction']:.0%} of the "
+                "voxels outside the brain nearer the image's top than the white matter's level; on a FLAIR as the "
+                "scanner stores it only its scalp fat and skin are): either its contrast is inverted, its CSF not dark "
+                "nor its lesions bright, or its background was filled with a bright value (a FLAIR padded with its top "
+                "or a mid value by an exporter is taken for inverted too)")
     if check.get("looks_like") == "T2- or PD-weighted":
         return (f"the ventricles are not dark ({check['dark_fraction']:.2%} of the deep brain is darker than half its "
                 f"median; {FLAIR_DARK_RANGE} on the real FLAIRs checked)")
@@ -469,9 +474,9 @@ def contrast_warnings(check: dict) -> list[str]:
         return [f"this does not look like a FLAIR: {why_not_flair(check)}, as on a T2- or PD-weighted scan or a "
                 "diffusion ADC map, where DeepWML marks CSF as lesion: check the series"]
     if check.get("looks_like") == "inverted":
-        return [f"this does not look like a FLAIR as stored: {why_not_flair(check)}, as on an image whose values "
-                "were negated or subtracted from their top (a wrong conversion or export), where the figures mean "
-                "nothing: segment the scan as the scanner stored it"]
+        return [f"this does not look like a FLAIR as stored: {why_not_flair(check)}; an image whose values were "
+                "negated or subtracted from their top (a wrong conversion or export) gives figures that mean nothing, "
+                "and a bright background is no air to measure levels from: segment the scan as the scanner stored it"]
     if check.get("looks_like") == "CT":
         return [f"this looks like a CT, not an MRI: {why_not_flair(check)}; DeepWML segments FLAIR MRI only and its "
                 "marks and figures mean nothing here: give the FLAIR series"]

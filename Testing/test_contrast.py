@@ -418,6 +418,20 @@ def test_an_inverted_flair_is_said_to_be_inverted_not_a_ct(inverted, cortex, ven
     assert "does not look like a FLAIR" in warnings[0]
 
 
+@pytest.mark.parametrize("fill", [2.0, 3.0])
+def test_a_flair_with_its_background_filled_bright_is_not_only_said_to_be_inverted(fill):
+    """A FLAIR whose air an exporter filled with a bright value (its top, or a mid value) has as much bright outside
+    the brain as an inverted one, and the check calls it 'inverted' (each real FLAIR so filled: 0.51-0.92 bright);
+    the warning said only that its contrast was inverted, its values negated, which it is not (before the verdict it
+    was 'not judged: no black background'). The warning names the filled background too."""
+    stack, inside, lesion = _head(1.25, 0.3)
+    stack[~inside] = fill * 300  # the white matter at 300: the background at twice it
+    check = contrast.flair_contrast(stack, inside, lesion, SPACING)
+    assert check["looks_like"] == "inverted", check
+    warnings = contrast.contrast_warnings(check)
+    assert len(warnings) == 1 and "background was filled with a bright value" in warnings[0], warnings
+
+
 def test_the_sample_negated_is_said_to_be_inverted_not_a_ct(tmp_path):
     """The bundled sample FLAIR negated, through segment_image (its brain mask made by the network on the inverted
     scan, as a user's run makes it): called a CT in a brain window before, an inverted MRI now, with one warning."""
