@@ -774,11 +774,12 @@ def _followup_ml(report: dict, key: str) -> str:
     they were given apart has one figure of the two scans' volumes added: not shown."""
     if f"{key}_baseline_side_ml" not in report:
         return ""
-    said = f", {report[f'{key}_ml']:.2f} ml"
-    if report[f"n_{key}_baseline_side"]:
-        said += (f" ({report[f'n_{key}_baseline_side']} of them on the baseline only, "
-                 f"{report[f'{key}_baseline_side_ml']:.2f} ml there)")
-    return said
+    side, elsewhere = report[f"n_{key}_baseline_side"], f"{report[f'{key}_baseline_side_ml']:.2f} ml there"
+    if not side:
+        return f", {report[f'{key}_ml']:.2f} ml"
+    if side == report[f"n_{key}"]:  # none on the follow-up: its 0.00 ml there read as the lesions' volume
+        return f", on the baseline only ({elsewhere})"
+    return f", {report[f'{key}_ml']:.2f} ml on the follow-up ({side} of them on the baseline only, {elsewhere})"
 
 
 def format_summary(case: str, report: dict) -> str:

@@ -1330,8 +1330,33 @@ def test_stable_ml_is_the_follow_ups_volume_and_a_baseline_side_row_is_given_apa
     assert (report["baseline_volume_ml"], report["followup_volume_ml"]) == (0.5, 0.3)
     followup_calls = ("new", "small_new", "enlarging", "stable", "not_assessable")
     assert sum(report[f"{key}_ml"] for key in followup_calls) == pytest.approx(report["followup_volume_ml"], abs=1e-4)
-    assert "stable: 2 lesions, 0.30 ml (1 of them on the baseline only, 0.10 ml there)" in \
+    assert "stable: 2 lesions, 0.30 ml on the follow-up (1 of them on the baseline only, 0.10 ml there)" in \
         change.format_summary("p", report).splitlines()[1]
+
+
+@pytest.mark.parametrize("kept_only", [False, True])
+def test_the_printed_stable_and_not_assessable_say_which_scan_their_volumes_are_on(kept_only):
+    """The printed summary gave a call's follow-up volume and its baseline-only lesions' baseline volume side by side
+    without saying the first was the follow-up's ('2 lesions, 0.30 ml (1 of them on the baseline only, 0.10 ml
+    there)'), and where every lesion of the call was a baseline-only one it read '1 lesion, 0.00 ml (1 of them on the
+    baseline only, 0.10 ml there)'. Now the follow-up's volume says so, and a call of baseline-only lesions alone
+    gives their baseline volume alone."""
+    rows = [{"status": "stable", "scan": "baseline", "volume_ml": 0.1},
+            {"status": "not assessable", "scan": "baseline", "volume_ml": 0.05}]
+    if not kept_only:
+        rows += [{"status": "stable", "scan": "follow-up", "volume_ml": 0.3},
+                 {"status": "not assessable", "scan": "follow-up", "volume_ml": 0.2}]
+    report = {**change._summary(rows, 0.15, 0.0 if kept_only else 0.5), "volume_change_percent": None,
+              "min_change_ml": 0.02, "registration": {"rotation_deg": [0.0] * 3, "translation_mm": [0.0] * 3,
+                                                      "correlation": 0.9, "mutual_information": -0.8}}
+    lines = change.format_summary("p", report).splitlines()
+    if kept_only:
+        assert "stable: 1 lesion, on the baseline only (0.10 ml there); gone" in lines[1], lines
+        assert lines[2].endswith("field of view): 1 lesion, on the baseline only (0.05 ml there)"), lines
+    else:
+        assert "stable: 2 lesions, 0.30 ml on the follow-up (1 of them on the baseline only, 0.10 ml there)" in lines[1]
+        assert lines[2].endswith(": 2 lesions, 0.20 ml on the follow-up (1 of them on the baseline only, 0.05 ml "
+                                 "there)"), lines
 
 
 def test_a_lesion_that_split_shares_its_baseline_volume_and_merged_ones_add_up_once():
@@ -2432,3 +2457,49 @@ def test_a_pair_killed_before_its_report_is_refused_then_overwrite_removes_its_f
     assert main(args + ["--qc"]) == 0
     assert "added followup_change_qc.png" in "".join(capsys.readouterr())
     assert "stopped part way" in said and "--overwrite" in said and "redo the pair" in said, said
+
+
+def test_the_follow_ups_five_calls_add_up_to_its_volume_on_random_pairs():
+    """Property: on random small pairs (lesions cut by either field of view, grids of other spacings and origins, a
+    shift, --presence with blurred probabilities, small new under --min-change, lesions touching several others, empty
+    masks), every follow-up lesion has one row of scan follow-up with a call of the follow-up's, these rows add up to
+    the follow-up's lesion volume, and new + small new + enlarging + stable + not assessable = followup_volume_ml (each
+    rounded to 0.0001 ml)."""
+    from scipy import ndimage
+
+    def grid(array, spacing, origin):
+        image = sitk.GetImageFromArray(array.astype(np.uint8))
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        return image
+
+    for seed in range(40):
+        rng = np.random.default_rng([50, seed])
+
+        def mask(shape):
+            array = np.zeros(shape, np.uint8)
+            for _ in range(rng.integers(0, 6)):
+                centre, half = [rng.integers(0, n) for n in shape], [rng.integers(0, 4) for _ in shape]
+                array[tuple(slice(max(0, c - h), c + h + 1) for c, h in zip(centre, half))] = 1
+            return array & (rng.random(shape) < 0.9)
+
+        spacings = [tuple(float(v) for v in rng.choice([0.8, 1.0, 1.5, 3.0], 3)) for _ in range(2)]
+        follow = grid(mask(tuple(int(v) for v in rng.integers(8, 20, 3))), spacings[0], (0.0, 0.0, 0.0))
+        base = grid(mask(tuple(int(v) for v in rng.integers(8, 20, 3))), spacings[1],
+                    tuple(float(v) for v in rng.uniform(-5, 5, 3)))
+        maps = {}
+        if rng.random() < 0.5:
+            maps = {"presence": 0.15, **{f"{name}_probabilities": sitk.SmoothingRecursiveGaussian(
+                sitk.Cast(image, sitk.sitkFloat32), 2.0) for name, image in (("followup", follow), ("baseline", base))}}
+        _, rows = change.classify(follow, base, sitk.TranslationTransform(3, tuple(float(v) for v in rng.uniform(-3, 3, 3))),
+                                  tolerance_mm=float(rng.choice([0, 1, 3])), min_change_ml=float(rng.choice([0, 0.005, 0.1])),
+                                  **maps)
+        array = sitk.GetArrayFromImage(follow)
+        followup_ml = np.count_nonzero(array) * np.prod(spacings[0]) / 1000
+        ours = [r for r in rows if r["scan"] == "follow-up"]
+        assert len(ours) == ndimage.label(array, np.ones((3, 3, 3)))[1], seed
+        assert not {r["status"] for r in ours} & set(change.BASELINE_ONLY), seed
+        assert sum(r["volume_ml"] for r in ours) == pytest.approx(followup_ml, abs=1e-6), seed
+        summary = change._summary(rows, 0.0, followup_ml)
+        assert sum(summary[f"{key}_ml"] for key in ("new", "small_new", "enlarging", "stable", "not_assessable")) == \
+            pytest.approx(summary["followup_volume_ml"], abs=1.5e-4), seed
