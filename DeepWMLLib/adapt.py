@@ -260,9 +260,12 @@ def adaptation_summary(provenance: dict) -> dict | None:
 
 
 def adapt_batch_norm(model, slices: np.ndarray, batch_size: int = 8,
-                     progress: Callable[[int, int], None] | None = None) -> int:
+                     progress: Callable[[float, int], None] | None = None) -> int:
     """Set every batch-norm layer's running mean and variance to the population figures over `slices`
-    ([n, H, W] network inputs), layer by layer in run order; returns the number of layers set."""
+    ([n, H, W] network inputs), layer by layer in run order; returns the number of layers set.
+    progress(done, layers) is called as each batch passes: `done` the layers done so far, a fraction of a layer
+    while its batches pass (a layer over a cohort's crops is a pass over all of them: a minute or more on a busy
+    CPU), the whole number `number` when the layer `number` is set."""
     import torch
 
     model.eval()
@@ -292,6 +295,8 @@ def adapt_batch_norm(model, slices: np.ndarray, batch_size: int = 8,
                         model(torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size, None])))
                     except _Stop:
                         pass
+                    if progress and start + batch_size < slices.shape[0]:  # the layer's last batch: set, below
+                        progress(number - 1 + (start + batch_size) / slices.shape[0], len(layers))
         finally:
             handle.remove()
         mean = total / count
@@ -521,26 +526,44 @@ def adapt_models(model_paths: Sequence[str | Path], scans: Sequence[str | Path],
     return summaries
 
 
+# In a log (not a terminal), a line at least this often while a stage goes on, beside its quarters: a model's
+# batch-norm layers said only at layers 5, 9, 14 and 18, minutes apart on a busy CPU (22 minutes for one scan).
+PLAIN_EVERY_S = 30.0
+
+
 class StageProgress:
     """Progress of `deepwml adapt` on a stream: one line rewritten in place on a terminal; in a log (not
-    a terminal), a plain line per quarter of each stage, so that logs stay short and readable."""
+    a terminal), a plain line per quarter of each stage, and one whenever PLAIN_EVERY_S have passed since the last
+    line with the stage gone on, so that logs stay short and readable and never silent for minutes. `done` may be
+    a fraction (a batch-norm layer part done: its batches passed), said as the layer at work and its share done.
+    `clock`: seconds (time.monotonic; a test's own)."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, clock: Callable[[], float] | None = None):
+        import time
+
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._stage, self._quarter = None, -1
+        self._clock = clock or time.monotonic
+        self._stage, self._quarter, self._said, self._last = None, -1, None, None
 
-    def __call__(self, name: str, k: int, n: int) -> None:
+    def __call__(self, name: str, k: float, n: int) -> None:
         what = name if name.startswith(("finding ", "reading ")) else f"{name}: batch-norm layer"
+        whole = int(k) if k == int(k) else None
+        text = f"{what} {whole}/{n}" if whole is not None else f"{what} {int(k) + 1}/{n} ({k - int(k):.0%})"
         if self.tty:
-            progress_line(self.stream, f"{what} {k}/{n}" if k < n else None, f"\r{what} {k}/{n}" + ("\n" if k >= n else ""))
+            progress_line(self.stream, text if k < n else None, f"\r{text}" + ("\n" if k >= n else ""))
         else:
+            now = self._clock()
             if what != self._stage:
-                self._stage, self._quarter = what, -1
-            quarter = 4 * k // max(n, 1)
-            if quarter > max(self._quarter, 0):  # the first line at a quarter done
-                self._quarter = quarter
-                self.stream.write(f"{what} {k}/{n}\n")
+                self._stage, self._quarter, self._last = what, -1, None
+            quarter = int(4 * k / max(n, 1))
+            late = self._said is not None and now - self._said >= PLAIN_EVERY_S and k != self._last
+            if quarter > max(self._quarter, 0) or late:  # the first line at a quarter done, or after a silence
+                self._quarter = max(self._quarter, quarter)
+                self._said, self._last = now, k
+                self.stream.write(f"{text}\n")
+            elif self._said is None:  # the silence is counted from the first call
+                self._said = now
         self.stream.flush()
 
 

@@ -356,6 +356,38 @@ def test_progress_is_a_line_in_place_on_a_terminal_and_a_few_plain_lines_in_a_lo
     assert tty.text.count("\r") == 118 and tty.text.count("\n") == 2
 
 
+def test_a_log_hears_of_the_batch_norm_layers_at_least_every_half_minute():
+    """Into a log (not a terminal), adapt said its batch-norm layers only at quarters (layers 5, 9, 14 and 18 of
+    18): minutes of silence on a busy CPU (22 minutes for one clinical scan). Each batch now counts, and a line is
+    said once PLAIN_EVERY_S have passed since the last, the quarters as before; a fast run says no more than them."""
+    from DeepWMLLib.adapt import PLAIN_EVERY_S, StageProgress
+
+    rng = np.random.default_rng(0)
+    slices = rng.normal(0.3, 1.2, (12, 32, 32)).astype(np.float32)
+    for step, most in ((7.0, None), (0.001, 4)):  # seconds a batch takes: a slow CPU, then a fast one
+        now = [0.0]
+        log = _Stream(False)
+        progress = StageProgress(log, clock=lambda: now[0])
+        stamps = []
+
+        def told(k, n):
+            now[0] += step
+            before = log.text.count("\n")
+            progress("m.pt", k, n)
+            stamps.extend([now[0]] * (log.text.count("\n") - before))
+
+        layers = adapt_batch_norm(_bn_model(), slices, batch_size=1, progress=told)
+        lines = log.text.splitlines()
+        assert lines[-1] == f"m.pt: batch-norm layer {layers}/{layers}" and "\r" not in log.text
+        if most:
+            assert len(lines) == most, lines
+        else:
+            gaps = np.diff([step, *stamps])  # from the first call (adapt: "reading scans 0/n" at once)
+            assert gaps.max() <= PLAIN_EVERY_S + step, (gaps, lines)  # said at the first batch after the half minute
+            assert len(lines) <= now[0] / PLAIN_EVERY_S + 4  # no more than that: not a line a batch
+            assert any("%)" in line for line in lines), lines  # within a layer: its share done
+
+
 def test_reading_the_scans_reports_progress_scan_by_scan(tmp_path, monkeypatch):
     """The scans' reading (the FLAIR check and the head slices: seconds a scan) said nothing: 30 scans were minutes
     of silence before the first progress line. Each scan read, or skipped, now counts, before the lesions' stage."""
