@@ -329,19 +329,39 @@ def _split_rows(path: Path) -> list[dict]:
     return rows
 
 
+def did_you_mean(name: str, likely, known=()) -> str:
+    """' (did you mean 'a' or 'b'?)' naming up to three names close to the mistyped `name` (difflib's), sought
+    first among `likely` (a split file's: the manifest's cases it gave no row) and then among all `known`; '' when
+    none is close. A name that differs in letter case alone is the one named."""
+    import difflib
+
+    for pool in (sorted(likely), sorted(known)):
+        same = [n for n in pool if n.casefold() == name.casefold()]
+        close = same[:1] or difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
+        if close:
+            return f" (did you mean {' or '.join(repr(n) for n in close)}?)"
+    return ""
+
+
 def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
     path = Path(path)
     rows = _split_rows(path)
     known = {c.case for c in cases}
-    assignment = {}
+    assignment, unknown = {}, []
     for row in rows:
         if row["case"] in assignment:
             raise DeepWMLError(f"split file {path}: case {row['case']!r} is listed twice; give each case one split")
         if row["split"] not in SPLITS:
             raise DeepWMLError(f"split file {path}: case {row['case']!r} has split {row['split']!r}; use train, val or test")
         if row["case"] not in known:
-            raise DeepWMLError(f"split file {path}: case {row['case']!r} is not in the manifest")
+            unknown.append(row["case"])
+            continue
         assignment[row["case"]] = row["split"]
+    if unknown:  # all of them at once, each with the manifest's nearest names: a typo is mended in one go
+        shown = "; ".join(f"{name!r}{did_you_mean(name, known - set(assignment), known)}" for name in unknown[:3])
+        more = f"; and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise DeepWMLError(f"split file {path}: {len(unknown)} case(s) not in the manifest: {shown}{more}; "
+                           "name each case as the manifest's case column does")
     absent = sorted(known - set(assignment))
     if absent:
         shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")

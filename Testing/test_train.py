@@ -186,6 +186,26 @@ def test_given_split_file_is_used(dataset, tmp_path):
     assert json.loads((run / "cache" / "val.json").read_text(encoding="utf-8"))["cases"] == ["c3"]
 
 
+def test_a_mistyped_case_in_a_split_file_is_refused_naming_the_manifest_cases_it_is_close_to(tmp_path):
+    """A split file's case with a typo was refused as "not in the manifest" alone, one name per run; now every one
+    is named at once (the first three and a count) with the manifest's nearest names, the unassigned first."""
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(case=name) for name in ("sub-01", "sub-02", "sub-03", "patient_A", "Case7", "ctrl")]
+    split = tmp_path / "split.csv"
+    split.write_text("case,split\nsub-01,train\nsub-02,train\nsub-3,val\npatient_A,train\nctrl,test\ncase7,test\n")
+    with pytest.raises(DeepWMLError) as error:
+        training.read_split(split, cases)
+    assert str(error.value) == (f"split file {split}: 2 case(s) not in the manifest: 'sub-3' (did you mean 'sub-03'?); "
+                                "'case7' (did you mean 'Case7'?); name each case as the manifest's case column does")
+    split.write_text("case,split\n" + "".join(f"{name},train\n" for name in ("sub-1", "xyzzy", "patient-A", "sub-9")))
+    with pytest.raises(DeepWMLError) as error:
+        training.read_split(split, cases)
+    message = str(error.value)
+    assert message.startswith(f"split file {split}: 4 case(s) not in the manifest: 'sub-1' (did you mean 'sub-01'"), message
+    assert "'xyzzy'; 'patient-A' (did you mean 'patient_A'?); and 1 more;" in message and "sub-9" not in message
+
+
 def test_case_names_a_spreadsheet_would_take_for_formulas_are_text_in_split_csv_and_the_run_resumes(dataset, tmp_path):
     """A case "-AX FLAIR" showed #NAME? in split.csv opened in Excel or LibreOffice, which take a cell beginning with
     - (or =, +, @) for a formula: it is written with an apostrophe before it, which the spreadsheet does not show,
