@@ -493,12 +493,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
             complete = all((folder / f"{split}{part}").is_file() for split in ("train", "val")
                            for part in ("_images.npy", "_labels.npy", "_index.npz", ".json"))
             if complete and (started or not (skip_reversed or (flair_reversed and flair_check is not None))):
-                if trained:
-                    _warn_trained_non_flair(trained, asked=allow_non_flair)
-                elif left_out and allow_non_flair:
-                    log.warning("--allow-non-flair does not add %s to this run: it was prepared without them, and a run "
-                                "that has started keeps its cases (a resume trains on the same); to train on them, use a "
-                                "new run folder", ", ".join(left_out))
+                _say_kept_non_flair(trained, left_out, allow_non_flair)
                 shutil.rmtree(parts, ignore_errors=True)  # left by a run killed as it marked the cache done
                 return [tuple(s) for s in done["skipped"]]
             known_checks = done.get("flair_checks") or {}
@@ -507,6 +502,7 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                 if key in keys.values():
                     io.write_text(json.dumps(check), parts / f"{key}_flair_check.json")
         done_file.unlink()
+    asked_allow_non_flair = allow_non_flair  # the resume's, said against the run's below
     if started and started_with:  # a started run keeps its cases, its cache prepared again or not
         skip_bad_cases = started_with.get("skip_bad_cases", skip_bad_cases)
         allow_non_flair = started_with.get("allow_non_flair", allow_non_flair)
@@ -596,7 +592,8 @@ def prepare_cache(cases: list[Case], assignment: dict[str, str], preprocessing: 
                     "; ".join(several_segments[:3]))
     not_flair = []
     if flair_check is not None:
-        not_flair = _judge_flair_checks(everything, assignment, checks, flair_table, skip_bad_cases, allow_non_flair)
+        not_flair = _judge_flair_checks(everything, assignment, checks, flair_table, skip_bad_cases, allow_non_flair,
+                                        asked_allow_non_flair)
         if not allow_non_flair:
             skipped += [(name, f"{_NOT_FLAIR_REASON}, it looks {looks}: {why}") for name, _, looks, why in not_flair]
     skipped_names = {s[0] for s in skipped}
@@ -682,10 +679,14 @@ def _tell_not_flair_at_once(name: str, check: dict, skip_bad_cases: bool, allow_
 
 
 def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: dict[str, dict], table: Path | None,
-                        skip_bad_cases: bool, allow_non_flair: bool) -> list[tuple[str, str, str, str]]:
+                        skip_bad_cases: bool, allow_non_flair: bool,
+                        asked_allow_non_flair: bool | None = None) -> list[tuple[str, str, str, str]]:
     """Write the checks to `table`, say which cases could not be judged, and return the (case, split, what it
     looks like, why) of those that do not look like a FLAIR: a DeepWMLError naming them unless `skip_bad_cases`
-    (each said to be skipped) or `allow_non_flair` (said to be trained on)."""
+    (each said to be skipped) or `allow_non_flair` (said to be trained on). `asked_allow_non_flair`: the command's
+    --allow-non-flair where a started run keeps its own (`allow_non_flair`), said as `_say_kept_non_flair` says it."""
+    if asked_allow_non_flair is None:
+        asked_allow_non_flair = allow_non_flair
     from .contrast import why_not_flair
 
     judged = [c for c in cases if c.case in checks]
@@ -701,7 +702,7 @@ def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: d
     found = [(c.case, assignment[c.case], checks[c.case]["looks_like"], why_not_flair(checks[c.case]))
              for c in judged if checks[c.case].get("looks_like") not in (None, "FLAIR")]
     if found and allow_non_flair:
-        _warn_trained_non_flair(found)
+        _warn_trained_non_flair(found, asked=asked_allow_non_flair)
         return found
     if found and not skip_bad_cases:
         named = "; ".join(f"case {name}{' (test)' if split == 'test' else ''} looks {looks}: {why}"
@@ -713,10 +714,24 @@ def _judge_flair_checks(cases: list[Case], assignment: dict[str, str], checks: d
                            "or --allow-non-flair to train on them when you know better")
     for name, _, looks, why in found:
         log.warning("skipping case %s: it does not look like a FLAIR, it looks %s: %s", name, looks, why)
+    if found and asked_allow_non_flair:  # a started run prepared without it, its cache prepared again
+        _say_kept_non_flair([], [name for name, *_ in found], True)
     return found
 
 
 _NOT_FLAIR_REASON = "does not look like a FLAIR"  # how skipped_cases.csv (and cache.json) gives such a case's reason
+
+
+def _say_kept_non_flair(trained: list, left_out: list[str], asked: bool) -> None:
+    """What a started run (or a prepared cache) does with the cases that do not look like a FLAIR: trains on `trained`
+    (said truthfully, `asked` being the command's --allow-non-flair) or keeps `left_out` out though --allow-non-flair
+    is `asked` now. Said alike whether the cache is kept or prepared again (a file of it deleted)."""
+    if trained:
+        _warn_trained_non_flair(trained, asked=asked)
+    elif left_out and asked:
+        log.warning("--allow-non-flair does not add %s to this run: it was prepared without them, and a run "
+                    "that has started keeps its cases (a resume trains on the same); to train on them, use a "
+                    "new run folder", ", ".join(left_out))
 
 
 def _warn_trained_non_flair(found: list, asked: bool = True) -> None:

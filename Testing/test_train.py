@@ -2134,6 +2134,34 @@ def test_a_started_run_keeps_its_cases_and_says_why(tmp_path, monkeypatch, caplo
     assert (stored["allow_non_flair"], stored["skip_bad_cases"]) == (False, True)
 
 
+def test_a_started_run_whose_cache_is_prepared_again_says_what_it_keeps(tmp_path, monkeypatch, caplog):
+    """A started run whose cache is prepared again (a file of it deleted) keeps the cases it started with, but said
+    nothing of it: rerun with --allow-non-flair after --skip-bad-cases left c4 out, it named c4 'skipping' and never
+    that --allow-non-flair does not add it; rerun without --allow-non-flair after training on c4, it said 'as
+    --allow-non-flair asks'. It says what it says with its cache kept."""
+    from conftest import oracle_network
+
+    oracle_network(monkeypatch)
+    manifest = make_contrast_cohort(tmp_path / "data", "T1-weighted")
+    caplog.set_level("WARNING", logger="DeepWMLLib")
+    left_out = tmp_path / "left_out"
+    training.train(_contrast_config(manifest, tmp_path, skip_bad_cases=True), left_out)
+    (left_out / "cache" / "train_images.npy").unlink()
+    caplog.clear()
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True, epochs=2), left_out)
+    assert json.loads((left_out / "cache" / "train.json").read_text(encoding="utf-8"))["cases"] == ["c0", "c1"]
+    assert re.search(r"--allow-non-flair does not add c4 to this run.*new run folder", caplog.text)
+    trained = tmp_path / "trained"
+    training.train(_contrast_config(manifest, tmp_path, allow_non_flair=True), trained)
+    (trained / "cache" / "val_labels.npy").unlink()
+    caplog.clear()
+    training.train(_contrast_config(manifest, tmp_path, epochs=2), trained)
+    assert "c4" in json.loads((trained / "cache" / "train.json").read_text(encoding="utf-8"))["cases"]
+    assert "as --allow-non-flair asks" not in caplog.text
+    assert re.search(r"this run trains on 1 case\(s\) that do not look like a FLAIR \(c4 \(T1-weighted\)\): it was "
+                     r"prepared with --allow-non-flair.*new run folder", caplog.text)
+
+
 def test_training_without_the_shipped_models_is_not_refused(tmp_path, monkeypatch, caplog):
     """Where the shipped models are not installed (the library installed without Resources/Models, or
     DEEPWML_MODELS_DIR naming a folder without a registry), deepwml train failed with 'no model registry ...; pass
