@@ -1324,11 +1324,24 @@ def _check_run_folder(run_dir: Path, split: str | None = None) -> None:
             return
     except (OSError, UnicodeDecodeError, ValueError):
         pass
+    if _has_trained(run_dir):  # a run that trained an epoch, its config.json deleted (or spoilt) since
+        raise DeepWMLError(_no_config_message(run_dir))
     given = Path(split).expanduser().resolve() if split else None
     found = [name for name in _RUN_FILES if (run_dir / name).exists() and (run_dir / name).resolve() != given]
     if found:
         raise DeepWMLError(f"{run_dir} holds {', '.join(found)} but no DeepWML training, and a run would write over "
                            f"{'them' if len(found) > 1 else 'it'}; give a new or empty run folder")
+
+
+def _no_config_message(run_dir: Path) -> str:
+    """Why a run folder that has trained an epoch (`_has_trained`) cannot go on without its config.json, and what to
+    do: its settings decide what a resume trains, so they are not guessed."""
+    found = [name for name in _RUN_FILES if name != "config.json" and (run_dir / name).exists()]
+    found += sorted({f"{p.parent.name}/last.pt" for p in run_dir.glob("model_*/last.pt")})[:2]
+    what = "is missing" if not (run_dir / "config.json").exists() else "cannot be read as a run's settings"
+    return (f"{run_dir} holds a started training ({', '.join(found)}) whose config.json {what}: a resume needs the "
+            f"settings it started with; restore its config.json (from a backup; last.pt keeps them in its 'config' "
+            f"entry) to resume it, or train in a new run folder (--init {run_dir / 'best.pt'} starts from its weights)")
 
 
 def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | None]:
@@ -2002,6 +2015,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[dict, Path]:
         run_dir = Path(args.resume)
         stored = run_dir / "config.json"
         if not stored.is_file():
+            if _has_trained(run_dir):
+                raise DeepWMLError(_no_config_message(run_dir))
             raise DeepWMLError(f"{run_dir} holds no training to resume (no config.json)")
         given = [name for name in _SETTING_OPTIONS if getattr(args, name, None) is not None  # 0 is a value too
                  and getattr(args, name, None) is not False]

@@ -1659,6 +1659,30 @@ def test_a_folder_with_files_of_a_run_but_no_training_is_not_written_over(datase
     assert (folder / "split.csv").read_text() == own and not (folder / "config.json").exists()
 
 
+def test_a_started_run_whose_config_was_deleted_is_named_so(dataset, tmp_path, capsys):
+    """A run folder that trained an epoch, its config.json deleted since (last.pt, history.csv and split.csv there),
+    was refused as holding 'no DeepWML training', as a cohort folder is, and --resume said it 'holds no training':
+    it says the folder holds a started run whose config.json is missing, and what to do. Nothing is written over."""
+    from DeepWMLLib.cli import main
+
+    run = tmp_path / "run"
+    training.train(tiny_config(dataset, epochs=1, samples_per_epoch=8), run)
+    (run / "config.json").unlink()
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(DeepWMLError) as error:
+        training.train(tiny_config(dataset, epochs=2, samples_per_epoch=8), run)
+    said = str(error.value)
+    assert "no DeepWML training" not in said
+    named = re.search(r"holds a started training \((.*)\) whose config\.json is missing", said)
+    assert named and {"last.pt", "history.csv", "split.csv"} <= set(named.group(1).split(", "))
+    assert "restore" in said and "new run folder" in said
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "whose config.json is missing" in err and "holds no training" not in err
+    assert (run / "last.pt").read_bytes() == before and not (run / "config.json").exists()
+
+
 def _refuse_reading(monkeypatch, path: Path) -> None:
     """Opening `path` (as DeepWMLLib.io opens scans) raises PermissionError, as for a user without read access
     (root reads any file)."""
