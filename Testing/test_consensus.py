@@ -462,3 +462,35 @@ def test_a_threshold_of_zero_is_a_threshold_every_pair_passes():
     a, b = raters()
     result = consensus_check(image(a), image(b), threshold=0.0)
     assert result["passed"] is True and result["threshold"] == 0.0
+
+
+def test_masks_that_barely_overlap_ask_whether_they_are_of_the_same_scan(tmp_path, capsys):
+    """Two raters' masks of different patients (or visits) on one grid gave only a very low Dice (0.008), nothing
+    saying why. Both raters marking lesions that barely overlap (Dice under 0.05) now asks to check both masks were
+    drawn on the same scan of the same patient; a rater's eroded, dilated or thinned-out copy of the other's does not."""
+    rng = np.random.default_rng(3)
+    a, other = np.zeros((12, 40, 40), np.uint8), np.zeros((12, 40, 40), np.uint8)
+    for mask in (a, other):  # ten blobs each, placed at random: another patient's lesions
+        for _ in range(10):
+            k, i, j = rng.integers((1, 3, 3), (11, 36, 36))
+            mask[k - 1:k + 1, i - 2:i + 3, j - 2:j + 3] = 1
+    mask_a = image(a)
+    eroded, dilated = sitk.BinaryErode(mask_a, [1, 1, 0]), sitk.BinaryDilate(mask_a, [1, 1, 0])
+    thinned = sitk.GetArrayFromImage(mask_a).copy()
+    thinned[:6] = 0  # half the lesions left out
+    for close in (eroded, dilated, image(thinned)):
+        result = consensus_check(mask_a, close)
+        assert result["dice"] >= 0.05 and not any("same scan" in n for n in result["notes"]), result["notes"]
+    result = consensus_check(mask_a, image(other))
+    assert result["dice"] < 0.05
+    note = ("both raters marked lesions but they barely overlap (Dice %.3f, under 0.05): check that both masks were "
+            "drawn on the same scan of the same patient (not another patient's, or another visit's)" % result["dice"])
+    assert result["notes"] == [note]
+    for name, array in (("a", a), ("b", other)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")]) == 0
+    assert f"note: {note}" in capsys.readouterr().out
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b\nmixed,a.nii.gz,b.nii.gz\nsame,a.nii.gz,a.nii.gz\n")
+    main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
+    with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
+        assert [row["notes"] for row in csv.DictReader(f)] == [note, ""]
