@@ -215,8 +215,9 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
               ignore_in_b: bool = False) -> tuple[sitk.Image, sitk.Image, bool, list[tuple[int, int, str]]]:
     """(a, b) on one grid (`io.onto_common_grid`), and whether that is the extent of both masks (both saved cropped,
     `io.on_joint_extent`), where slice numbers are not the scan's. With `scan`, the case's FLAIR (an image, or its
-    file, read only then), masks on two different extents are put on the FLAIR's grid instead when both can go
-    there and it is not already theirs (in another voxel order, the masks' is kept, as the picture keeps it): the
+    file, read only then), masks on two different extents, or on one grid their lesions fill (both cropped to one
+    box), are put on the FLAIR's grid instead when both can go there and it is not already theirs (in another voxel
+    order, the masks' is kept, as the picture keeps it): the
     extent of both, or the grid of a mask over a larger extent than the scan's, the other padded onto it, whose
     slice numbers were not the scan's either (the picture's, on the FLAIR's grid, were). When they cannot go there,
     they stay where they were put (for the extent of both the notes say so; the FLAIR's picture says why). Last,
@@ -226,7 +227,10 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
 
     common = io.onto_common_grid(a, b, *names)
     joint = io.on_joint_extent(common[1], a, b)
-    if scan is not None and not io.reorders_onto(a, b):
+    # masks on one grid whose lesions reach every side of it (the mark of a crop to the lesions, io._fills_its_extent):
+    # both cropped to one box (two segments of one segmentation saved cropped), not the scan's grid either
+    if scan is not None and (not io.reorders_onto(a, b)
+                             or io._fills_its_extent((io.voxels(common[0]) > 0) | (io.voxels(common[1]) > 0))):
         image = None
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)

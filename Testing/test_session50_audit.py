@@ -7,7 +7,7 @@ refuseWhileEnding, _start, drop/heldNodes). Each test names the mutants it kills
 hand in the comments.
 
 Mutants of the code as of 1db5252 and their fate (87 made by hand, one at a time, each run against the tests
-covering its code; 56 killed before, 25 killed by these tests, 5 equivalent, 1 alive):
+covering its code; 56 killed before, 25 killed by these tests, 5 equivalent, 1 alive showing a bug, fixed):
   dicom_outline (22): killed before O3 fresh ignored, O5 no status re-check, O6 +3 s, O8 mtime only, O16 removal not
     fresh, O17 True kept, O18 or, O20 bound 0, O22 re-check of a vanished file only; killed here O1 clock after
     lstat, O2 links let through, O7 <=, O9 ctime only, O10 >, O11 never cleared, O12-O15 size/ctime/mtime/inode out of
@@ -16,9 +16,9 @@ covering its code; 56 killed before, 25 killed by these tests, 5 equivalent, 1 a
   io (16): killed before I1 early return dropped, I3, I4-I11 voxel_order_grid's flips/size-1/spacing/order/shape/
     direction, I12, I16 no seek; killed here I2 3D check 'and', I13 on_joint_extent without b's grid, I14 ';' taken
     beside ','; equivalent I15 (';' for a header with neither: one column either way, and every caller requires 3+).
-  metrics (6): killed before M1-M5 (each predicate inverted or dropped); ALIVE M6 (the FLAIR used whenever given):
-    not this session's condition, it shows a pre-existing gap (both masks cropped to the same box, FLAIR given:
-    slice numbers are the crop's, unsaid), reported to the lead, not fixed here.
+  metrics (6): killed before M1-M5 (each predicate inverted or dropped); M6 (the FLAIR used whenever given) lived
+    and showed a bug: both masks cropped to one box with the FLAIR given were numbered from the box, unsaid; fixed
+    (metrics._one_grid: masks on one grid their lesions fill go onto the FLAIR's), test at the end.
   evaluation (3): killed before E1 repr of the numpy float, E2 >= 1; equivalent E3 '> 2' (pairs number C(n,2):
     1, 3, 6..., never 2).
   change (13): killed before C1, C4-C8, C10, C12; killed here C3 small gone on the follow-up, C9 brackets always,
@@ -419,3 +419,26 @@ def test_a_dropped_job_lets_go_of_every_node_and_call_back_it_holds(kind, held):
         setattr(job, name, object())
     job.drop()
     assert job.cancelRequested() and all(getattr(job, name) is None for name in held)
+
+
+# ---- metrics._one_grid: both masks cropped to one box, the FLAIR given ---------------------------------------------
+
+def test_two_masks_cropped_to_the_same_box_count_slices_on_the_flair_when_given():
+    """Both raters' masks saved cropped to one box (two segments of one segmentation, cropped together): on one grid,
+    so the FLAIR given was never looked at and the slices were numbered from the box's first (the worst 1 and 4, the
+    scan's 3 and 6), unsaid. With the FLAIR they are put on its grid, as masks on two extents are. (Found by the
+    mutant M6: the FLAIR used whenever given.)"""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from DeepWMLLib.consensus import consensus_check
+    from test_consensus import image, raters
+
+    a, b = raters()
+    k, j, i = (slice(n.min(), n.max() + 1) for n in np.nonzero(a | b))  # slices 2 to 6 of 0-7
+    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(300, 30, a.shape).astype(np.float32))
+    flair.CopyInformation(image(a))
+    whole = consensus_check(image(a), image(b))
+    cropped = consensus_check(image(a)[i, j, k], image(b)[i, j, k], flair=flair)
+    assert whole["worst_slices"] == [3, 6] and cropped["worst_slices"] == [3, 6]
+    assert cropped["dice"] == pytest.approx(whole["dice"])
