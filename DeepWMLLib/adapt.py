@@ -545,13 +545,18 @@ class StageProgress:
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self._clock = clock or time.monotonic
         self._stage, self._quarter, self._said, self._last = None, -1, None, None
+        self._drawn = 0  # the length of the line drawn on the terminal, not yet ended
 
     def __call__(self, name: str, k: float, n: int) -> None:
         what = name if name.startswith(("finding ", "reading ")) else f"{name}: batch-norm layer"
         whole = int(k) if k == int(k) else None
-        text = f"{what} {whole}/{n}" if whole is not None else f"{what} {int(k) + 1}/{n} ({k - int(k):.0%})"
-        if self.tty:
-            progress_line(self.stream, text if k < n else None, f"\r{text}" + ("\n" if k >= n else ""))
+        # a share rounded down: 799 of a layer's 800 crops passed is "(99%)", not "(100%)" before the layer is set
+        text = (f"{what} {whole}/{n}" if whole is not None
+                else f"{what} {int(k) + 1}/{n} ({int(100 * (k - int(k)))}%)")
+        if self.tty:  # blanks over what a longer line before left ("layer 4/18 (87%)", then "layer 4/18")
+            rest = " " * max(self._drawn - len(text), 0)
+            progress_line(self.stream, text if k < n else None, f"\r{text}{rest}" + ("\n" if k >= n else ""))
+            self._drawn = 0 if k >= n else len(text)
         else:
             now = self._clock()
             if what != self._stage:

@@ -724,3 +724,19 @@ def test_a_model_file_without_batch_norm_is_refused_before_the_scans_are_read(tm
     assert cli.main(["adapt", "--model", str(plain), "--scans", *map(str, _scans(tmp_path, n=1)), "-o", str(out)]) == 1
     assert "plain.pt: the model has no batch normalisation; there are no statistics to adapt" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_terminal_shows_a_layer_at_work_and_then_set_without_a_leftover_share():
+    """On a terminal the line is rewritten in place: a layer's share ("m.pt: batch-norm layer 2/2 (87%)") was left
+    on screen behind the shorter "...layer 2/2" that follows it, so the finished line read "2/2 (87%)"; and a layer
+    all but done (its batches 799 of 800) was said "(100%)" before it was set."""
+    from test_progress_lines import screen
+
+    from DeepWMLLib.adapt import StageProgress
+
+    tty = _Stream(True)
+    progress = StageProgress(tty)
+    for k in (0.5, 1, 1 + 799 / 800, 2):
+        progress("m.pt", k, 2)
+    assert "(100%)" not in tty.text and "2/2 (99%)" in tty.text
+    assert screen(tty.text) == ["m.pt: batch-norm layer 2/2"]
