@@ -5107,6 +5107,21 @@ class GrowingCsv:
 # Manifests: the CSVs listing a cohort's cases (train, evaluate, consensus, change read them alike)
 
 
+def csv_delimiter(header: str, required: Sequence[str] = ()) -> str:
+    """The column separator of a CSV whose first line is `header`: ',' or ';'. Excel's 'CSV UTF-8' separates columns
+    with the system's list separator, ';' where the decimal separator is a comma (German, French, Dutch, Italian...
+    settings). ';' where the header read with it names more of the `required` columns (a column of the user's own
+    whose quoted name holds a comma: 'case;flair;mask;"notes, free"'), or as many and it holds ';' and no ','."""
+    def named(delimiter: str) -> int:
+        columns = {c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter), [])}
+        return sum(c in columns for c in required)
+
+    by_comma, by_semicolon = named(","), named(";")
+    if by_comma != by_semicolon:
+        return ";" if by_semicolon > by_comma else ","
+    return ";" if ";" in header and "," not in header else ","
+
+
 def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optional: tuple[str, ...] = (),
                        example: str = "") -> list[tuple[int, dict[str, str]]]:
     """The rows of a manifest CSV as (line, row): the file's own line numbers (blank lines counted), column names
@@ -5127,11 +5142,9 @@ def read_manifest_rows(path: str | os.PathLike, required: tuple[str, ...], optio
                            f"(columns {expected})")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            # Excel's 'CSV UTF-8' separates columns with the system's list separator, ';' where the decimal
-            # separator is a comma (German, French, Dutch, Italian... settings): such a header holds no comma
             first = f.readline()
             f.seek(0)
-            reader = csv.DictReader(f, delimiter=";" if ";" in first and "," not in first else ",")
+            reader = csv.DictReader(f, delimiter=csv_delimiter(first, required))
             numbered = [(reader.line_num, row) for row in reader]
             header = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as exc:

@@ -318,9 +318,11 @@ def _split_rows(path: Path) -> list[dict]:
         raise DeepWMLError(f"split file {path} does not exist; pass a CSV with columns case, split")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
+            first = f.readline()  # ',' or, as Excel's 'CSV UTF-8' writes in many languages, ';' (as a manifest)
+            f.seek(0)
             rows = [{(k or "").strip().lower(): io.plain_cell((v or "").strip()) for k, v in row.items()
                      if isinstance(v, str) or v is None}
-                    for row in csv.DictReader(f)]  # extra fields on a row (a list under no column) are left out
+                    for row in csv.DictReader(f, delimiter=io.csv_delimiter(first, ("case", "split")))]  # extra fields on a row (a list under no column) are left out
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DeepWMLError(f"split file {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
     rows = [row for row in rows if any(row.values())]

@@ -206,6 +206,17 @@ def test_a_mistyped_case_in_a_split_file_is_refused_naming_the_manifest_cases_it
     assert "'xyzzy'; 'patient-A' (did you mean 'patient_A'?); and 1 more;" in message and "sub-9" not in message
 
 
+def test_a_split_file_saved_by_excel_with_semicolons_is_read_as_a_manifest_is(tmp_path):
+    """Manifests from Excel's 'CSV UTF-8' with ';' between columns (German, French... settings) were read, but the
+    split file, the one most often edited in a spreadsheet, was refused: 'needs the columns case, split'."""
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(case=name) for name in ("c0", "Müller, H", "c2")]
+    split = tmp_path / "split.csv"
+    split.write_bytes("\ufeffcase;split\r\nc0;train\r\nMüller, H;val\r\nc2;test\r\n".encode("utf-8"))
+    assert training.read_split(split, cases) == {"c0": "train", "Müller, H": "val", "c2": "test"}
+
+
 def test_case_names_a_spreadsheet_would_take_for_formulas_are_text_in_split_csv_and_the_run_resumes(dataset, tmp_path):
     """A case "-AX FLAIR" showed #NAME? in split.csv opened in Excel or LibreOffice, which take a cell beginning with
     - (or =, +, @) for a formula: it is written with an apostrophe before it, which the spreadsheet does not show,

@@ -426,6 +426,10 @@ def test_a_manifest_from_excel_is_read_with_semicolons_and_refused_in_ansi_with_
     assert (row["case"], Path(row["prediction"]).name, Path(row["reference"]).name) == ("Müller, H", "a;1.nii.gz",
                                                                                       "b,2.nii.gz")
     assert Path(row["prediction"]).parent == tmp_path.resolve()
+    # a column of the user's own whose quoted name holds a comma: the header's ';' still separate the columns
+    semicolons.write_bytes('case;prediction;reference;"notes, free"\np1;a.nii.gz;b.nii.gz;x\n'.encode("utf-8"))
+    (row,) = read_manifest(semicolons, ("case", "prediction", "reference"))
+    assert (row["case"], row["notes, free"]) == ("p1", "x")
 
 
 def test_tables_open_in_excel_with_their_letters(tmp_path):
