@@ -1341,9 +1341,12 @@ def _no_config_message(run_dir: Path) -> str:
     found = [name for name in _RUN_FILES if name != "config.json" and (run_dir / name).exists()]
     found += sorted({f"{p.parent.name}/last.pt" for p in run_dir.glob("model_*/last.pt")})[:2]
     what = "is missing" if not (run_dir / "config.json").exists() else "cannot be read as a run's settings"
+    # an ensemble's weights are its members' (model_k/best.pt): none at the folder's top
+    weights = [p for p in (run_dir / "best.pt", *sorted(run_dir.glob("model_*/best.pt"))) if p.is_file()][:1]
+    init = "".join(f" (--init {p} starts from its weights)" for p in weights)
     return (f"{run_dir} holds a started training ({', '.join(found)}) whose config.json {what}: a resume needs the "
             f"settings it started with; restore its config.json (from a backup; last.pt keeps them in its 'config' "
-            f"entry) to resume it, or train in a new run folder (--init {run_dir / 'best.pt'} starts from its weights)")
+            f"entry) to resume it, or train in a new run folder{init}")
 
 
 def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | None]:

@@ -1694,6 +1694,22 @@ def test_a_started_run_whose_config_was_deleted_is_named_so(dataset, tmp_path, c
     assert (run / "last.pt").read_bytes() == before and not (run / "config.json").exists()
 
 
+def test_a_started_ensemble_whose_config_was_deleted_is_pointed_to_a_member_s_weights(tmp_path):
+    """An ensemble's run folder keeps its weights in model_k/ (no best.pt at its top): with its config.json deleted,
+    the refusal's 'train in a new run folder (--init RUN/best.pt ...)' named a file that does not exist."""
+    run = tmp_path / "run"
+    for member in ("model_0", "model_1"):
+        (run / member).mkdir(parents=True)
+        (run / member / "last.pt").write_bytes(b"state")
+        (run / member / "best.pt").write_bytes(b"weights")
+    (run / "split.csv").write_text("case,split\nc0,train\n")
+    with pytest.raises(DeepWMLError) as error:
+        training._check_run_folder(run)
+    said = str(error.value)
+    assert "model_0/last.pt, model_1/last.pt" in said and "whose config.json is missing" in said
+    assert f"--init {run / 'model_0' / 'best.pt'}" in said and f"--init {run / 'best.pt'}" not in said
+
+
 def _refuse_reading(monkeypatch, path: Path) -> None:
     """Opening `path` (as DeepWMLLib.io opens scans) raises PermissionError, as for a user without read access
     (root reads any file)."""
