@@ -89,7 +89,8 @@ def consensus_check(mask_a: sitk.Image, mask_b: sitk.Image, threshold: float = D
     notes = (["both raters' masks are empty: they agree by convention (Dice 1)"] if len(empty) == 2 else
              [f"{empty[0]} mask is empty: Dice 0"] if empty else []) + pair.grid_notes()
     if not empty and dice < UNRELATED_DICE:
-        notes.append(f"both raters marked lesions but they barely overlap (Dice {dice:.3f}, under {UNRELATED_DICE:g}): "
+        notes.append(f"both raters marked lesions but they barely overlap (Dice {dice_shown(dice, UNRELATED_DICE)}, "
+                     f"under {UNRELATED_DICE:g}): "
                      "check that both masks were drawn on the same scan of the same patient (not another patient's, "
                      "or another visit's)")
     return {

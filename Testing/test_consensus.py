@@ -494,3 +494,12 @@ def test_masks_that_barely_overlap_ask_whether_they_are_of_the_same_scan(tmp_pat
     main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")])
     with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
         assert [row["notes"] for row in csv.DictReader(f)] == [note, ""]
+
+
+def test_a_dice_just_under_the_low_overlap_bound_is_not_said_as_the_bound():
+    """The low-overlap note said its Dice to 3 decimals: 0.0495 read 'Dice 0.050, under 0.05'."""
+    a, b = np.zeros(12 * 40 * 40, np.uint8), np.zeros(12 * 40 * 40, np.uint8)
+    a[:1010], b[960:1970] = 1, 1  # 50 voxels shared of 1010 each: Dice 100/2020 = 0.0495
+    result = consensus_check(image(a.reshape(12, 40, 40)), image(b.reshape(12, 40, 40)))
+    (note,) = [n for n in result["notes"] if "barely overlap" in n]
+    assert "(Dice 0.0495, under 0.05)" in note, note
