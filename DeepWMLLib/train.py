@@ -349,10 +349,11 @@ def read_split(path: str | os.PathLike, cases: list[Case]) -> dict[str, str]:
     path = Path(path)
     rows = _split_rows(path)
     known = {c.case for c in cases}
-    assignment, unknown = {}, []
+    assignment, unknown, seen = {}, [], set()
     for row in rows:
-        if row["case"] in assignment:
+        if row["case"] in seen:  # one not in the manifest too: named once among them, not twice
             raise DeepWMLError(f"split file {path}: case {row['case']!r} is listed twice; give each case one split")
+        seen.add(row["case"])
         if row["split"] not in SPLITS:
             raise DeepWMLError(f"split file {path}: case {row['case']!r} has split {row['split']!r}; use train, val or test")
         if row["case"] not in known:

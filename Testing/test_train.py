@@ -204,6 +204,9 @@ def test_a_mistyped_case_in_a_split_file_is_refused_naming_the_manifest_cases_it
     message = str(error.value)
     assert message.startswith(f"split file {split}: 4 case(s) not in the manifest: 'sub-1' (did you mean 'sub-01'"), message
     assert "'xyzzy'; 'patient-A' (did you mean 'patient_A'?); and 1 more;" in message and "sub-9" not in message
+    split.write_text("case,split\nsub-01,train\nsub-3,val\nsub-3,test\n")  # a typo listed twice: said once
+    with pytest.raises(DeepWMLError, match="case 'sub-3' is listed twice"):
+        training.read_split(split, cases)
 
 
 def test_a_split_file_saved_by_excel_with_semicolons_is_read_as_a_manifest_is(tmp_path):
