@@ -166,6 +166,23 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedWorkScheduling(config, log)
 
 
+def counting_outline_reads(monkeypatch) -> list:
+    """Each outline image's header read from now on (dicom_outline._reader's paths), with no verdict kept from before
+    (dicom_outline._VERDICTS emptied)."""
+    from DeepWMLLib import dicom_outline
+
+    reads = []
+    reader = dicom_outline._reader
+
+    def counted(path, *args):
+        reads.append(path)
+        return reader(path, *args)
+
+    monkeypatch.setattr(dicom_outline, "_reader", counted)
+    monkeypatch.setattr(dicom_outline, "_VERDICTS", {})
+    return reads
+
+
 def users_images_in(source: Path, folder: Path) -> dict:
     """`folder` made to hold the DICOM files of `source` (a FLAIR series) under an outline series' names
     (IM00001.dcm, ...), as a PACS export names its images, in place of whatever it held (an outline series DeepWML

@@ -15,8 +15,8 @@ from DeepWMLLib import dicom_outline, io, qc
 from DeepWMLLib.cli import main
 from DeepWMLLib.errors import DeepWMLError
 
-from conftest import (make_volume, record_syncs_and_renames, rotation, stepped_positions, users_images_in,
-                      write_dicom_series, write_enhanced_mr)
+from conftest import (counting_outline_reads, make_volume, record_syncs_and_renames, rotation, stepped_positions,
+                      users_images_in, write_dicom_series, write_enhanced_mr)
 
 PATIENT = {"0010|0010": "Doe^Jane", "0010|0020": "PAT-0042", "0010|0030": "19500101", "0010|0040": "F",
            "0008|0020": "20260110", "0008|0050": "ACC77", "0020|0052": "1.2.3.77", "0008|1030": "MRI brain"}
@@ -503,20 +503,6 @@ def test_segment_overwrite_refuses_an_outline_folder_holding_a_users_images(tmp_
         assert (out / "flair_report.json").read_bytes() == report  # refused before anything was written
 
 
-def _counting_reads(monkeypatch) -> list:
-    """Each outline image's header read from now on (dicom_outline._reader's paths), with no verdict kept from before."""
-    reads = []
-    reader = dicom_outline._reader
-
-    def counted(path, *args):
-        reads.append(path)
-        return reader(path, *args)
-
-    monkeypatch.setattr(dicom_outline, "_reader", counted)
-    monkeypatch.setattr(dicom_outline, "_VERDICTS", {}, raising=False)
-    return reads
-
-
 def _settled(folder, seconds=600):
     """The images of `folder` as an earlier run's are: last modified minutes ago."""
     import os
@@ -526,19 +512,26 @@ def _settled(folder, seconds=600):
         os.utime(image, (time.time() - seconds, time.time() - seconds))
 
 
-def test_each_outline_image_header_is_read_twice_where_a_series_is_replaced(tmp_path, monkeypatch):
-    """Replacing an earlier run's outline series read each of its images' headers three times: the early check
-    (check_outline_folder), the writer's own check and the removal of the series moved aside (0.4 s each for 200
-    images). Now the checks read each once while it stays as it was (a file changed since it was read is read
-    again), and the removal reads it again, as it deletes on that reading."""
+def _earlier_series(tmp_path):
+    """An oblique DICOM FLAIR (its folder), an outline series prepared from it, and an earlier run's outline series
+    of it in tmp_path/own, last modified minutes ago."""
     folder, truth = oblique_flair(tmp_path)
     series, _ = io.choose_dicom_series(folder)
     prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
     own = tmp_path / "own"
     _outline(folder, truth, own)
     _settled(own)
+    return folder, prepared, own
+
+
+def test_each_outline_image_header_is_read_twice_where_a_series_is_replaced(tmp_path, monkeypatch):
+    """Replacing an earlier run's outline series read each of its images' headers three times: the early check
+    (check_outline_folder), the writer's own check and the removal of the series moved aside (0.4 s each for 200
+    images). Now the checks read each once while it stays as it was (a file changed since it was read is read
+    again), and the removal reads it again, as it deletes on that reading."""
+    folder, prepared, own = _earlier_series(tmp_path)
     images = len(list(own.glob("IM*.dcm")))
-    reads = _counting_reads(monkeypatch)
+    reads = counting_outline_reads(monkeypatch)
     dicom_outline.check_outline_folder(own, True)
     written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
     assert len(reads) == 2 * images  # was 3 x images
@@ -565,12 +558,7 @@ def test_a_file_changed_after_the_early_check_is_not_deleted_with_the_series(tmp
     """The verdicts kept from the early check (check_outline_folder) do not cover a file changed or put into the
     folder after it: an image of the earlier series overwritten with a FLAIR image, and one of the same size that
     DeepWML did not make, are read again and kept."""
-    folder, truth = oblique_flair(tmp_path)
-    series, _ = io.choose_dicom_series(folder)
-    prepared = dicom_outline.outline_series(io.read_image(folder), truth, series, {})
-    own = tmp_path / "own"
-    _outline(folder, truth, own)
-    _settled(own)
+    folder, prepared, own = _earlier_series(tmp_path)
     theirs = sorted(folder.iterdir())[0].read_bytes()
     same_size = (own / "IM00003.dcm").read_bytes().replace(b"DeepWML", b"OtherCo")
     dicom_outline.check_outline_folder(own, True)  # every verdict kept
@@ -598,7 +586,7 @@ def test_an_outline_verdict_is_judged_against_the_time_its_reading_began(tmp_pat
     folder, truth = oblique_flair(tmp_path)
     own = tmp_path / "own"
     _outline(folder, truth, own)  # written moments ago
-    reads = _counting_reads(monkeypatch)
+    reads = counting_outline_reads(monkeypatch)
     counted = dicom_outline._reader
 
     def an_hour_passes(path, *args):

@@ -42,6 +42,8 @@ import pytest
 
 from DeepWMLLib import dicom_outline, io
 
+from conftest import counting_outline_reads
+
 
 # ---- dicom_outline.is_outline_image: the verdicts kept ------------------------------------------------------------
 
@@ -62,15 +64,7 @@ def own(_written, tmp_path, monkeypatch):
     on; each header read is counted (`own.reads`), no verdict kept from before."""
     folder = tmp_path / "own"
     shutil.copytree(_written, folder)
-    reads = []
-    reader = dicom_outline._reader
-
-    def counted(path, *args):
-        reads.append(path)
-        return reader(path, *args)
-
-    monkeypatch.setattr(dicom_outline, "_reader", counted)
-    monkeypatch.setattr(dicom_outline, "_VERDICTS", {})
+    reads = counting_outline_reads(monkeypatch)
     monkeypatch.setattr(io, "_now_ns", lambda: time.time_ns() + 3600 * 10**9)
     return folder, reads
 
