@@ -1346,8 +1346,24 @@ def _no_config_message(run_dir: Path) -> str:
     weights = [p for p in (run_dir / "best.pt", *sorted(run_dir.glob("model_*/best.pt"))) if p.is_file()][:1]
     init = "".join(f" (--init {p} starts from its weights)" for p in weights)
     return (f"{run_dir} holds a started training ({', '.join(found)}) whose config.json {what}: a resume needs the "
-            f"settings it started with; restore its config.json (from a backup; last.pt keeps them in its 'config' "
-            f"entry) to resume it, or train in a new run folder{init}")
+            f"settings it started with; restore its config.json ({_config_source(run_dir)}) to resume it, or train in "
+            f"a new run folder{init}")
+
+
+def _config_source(run_dir: Path) -> str:
+    """Where a started run's settings are to be had but in its config.json: a backup, or the 'config' entry of its
+    last.pt; an ensemble's is in its members' model_k/last.pt, each of which holds its own model's settings
+    (TrainConfig.member: 'ensemble' 1, the run's seed + k), so the first there is named with what to change."""
+    if (run_dir / "last.pt").is_file():
+        return "from a backup, or from the 'config' entry of its last.pt"
+    members = sorted(int(p.parent.name[len("model_"):]) for p in run_dir.glob("model_*/last.pt")
+                     if p.parent.name[len("model_"):].isdigit())
+    if not members:
+        return "from a backup"
+    k = members[0]
+    seed = f", and 'seed' to the one there less {k}" if k else ""
+    return (f"from a backup, or from the 'config' entry of model_{k}/last.pt, which holds that model's settings: set "
+            f"'ensemble' (1 there) to the run's number of models (at least {members[-1] + 1}){seed}")
 
 
 def _check_distinct_scans(cases: list[Case], run_dir: Path) -> dict[str, str | None]:

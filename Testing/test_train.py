@@ -1713,6 +1713,28 @@ def test_a_started_ensemble_whose_config_was_deleted_is_pointed_to_a_member_s_we
     assert f"--init {run / 'model_0' / 'best.pt'}" in said and f"--init {run / 'best.pt'}" not in said
 
 
+def test_a_started_ensemble_whose_config_was_deleted_is_told_how_a_member_s_last_pt_differs_from_it(dataset, tmp_path):
+    """An ensemble's config.json deleted: the refusal said 'last.pt keeps them in its config entry', but each member's
+    model_k/last.pt keeps its own settings ('ensemble' 1, the run's seed + k), from which a restored config.json was
+    refused as 'other settings' (or, as a single model, trained another run). It names the member's file and what to
+    change there; done so, the restored settings are the run's."""
+    run = tmp_path / "run"
+    training.train(tiny_config(dataset, ensemble=2, epochs=1, samples_per_epoch=8, seed=5), run)
+    original = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    (run / "config.json").unlink()
+    for k in (0, 1):
+        with pytest.raises(DeepWMLError) as error:
+            training._check_run_folder(run)
+        said = str(error.value)
+        assert f"'config' entry of model_{k}/last.pt" in said and "set 'ensemble' (1 there) to the run's number of " \
+               "models (at least 2)" in said and ("'seed' to the one there less 1" in said) == (k == 1)
+        stored = training.load_state(run / f"model_{k}" / "last.pt")["config"]
+        assert training._config_differences(original, stored) == ["ensemble"] + ["seed"] * k  # what it says to change
+        restored = dict(stored, ensemble=2, seed=stored["seed"] - k)
+        assert training._config_differences(original, restored) == []
+        (run / "model_0" / "last.pt").unlink(missing_ok=True)  # then model_1's is the one named
+
+
 def _refuse_reading(monkeypatch, path: Path) -> None:
     """Opening `path` (as DeepWMLLib.io opens scans) raises PermissionError, as for a user without read access
     (root reads any file)."""
