@@ -7,6 +7,7 @@ import math
 import os
 import re
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from DeepWMLLib.io import shared_data_dir
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepWMLSlicerLib.CoreLogic.STARTED_JOBS_ATTRIBUTE: the jobs started by every Slicer logic of the process
+STARTED_JOBS_ATTRIBUTE = "_deepWMLStartedJobs"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,6 +33,21 @@ def private_cache(tmp_path_factory):
     if "DEEPWML_CACHE_DIR" not in os.environ:
         os.environ["DEEPWML_CACHE_DIR"] = str(tmp_path_factory.mktemp("deepwml-cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def no_slicer_jobs_of_other_tests():
+    """The Slicer module's record of the jobs started (CoreLogic.startedJobs, on the `slicer` module, shared by every
+    logic of the process) starts empty in each test and is forgotten after it: a job an earlier test cancelled and
+    left ending would refuse the next test's job."""
+    def forget():
+        slicer = sys.modules.get("slicer")
+        if slicer is not None and hasattr(slicer, STARTED_JOBS_ATTRIBUTE):
+            delattr(slicer, STARTED_JOBS_ATTRIBUTE)
+
+    forget()
+    yield
+    forget()
 
 
 @pytest.fixture(autouse=True)

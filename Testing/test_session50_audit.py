@@ -382,7 +382,7 @@ def test_the_logic_itself_refuses_a_segmentation_while_a_cancelled_job_ends(monk
     monkeypatch.setattr(CoreLogic, "checkInputVolume", lambda volume: None)
     monkeypatch.setattr(CoreLogic.mrml, "imageFromVolume", lambda volume: pytest.fail("the volume was read"))
     ending = _Ending()
-    logic._started = [weakref.ref(ending)]
+    CoreLogic.startedJobs().append(weakref.ref(ending))  # forgotten after the test (conftest)
     with pytest.raises(DeepWMLError, match="^the comparison cancelled just now is still ending its registration: "
                                            "segment once it has$"):
         logic.startSegmentation(object(), device="cpu")

@@ -1150,6 +1150,38 @@ def test_a_lesion_change_job_keeps_nothing_when_cancelled_or_when_an_input_chang
         "'2026 WMH' was removed from the scene while the scans were being registered"
 
 
+def test_a_change_cancelled_on_one_logic_refuses_a_segmentation_on_another_and_after_a_reload(scene, monkeypatch):
+    """A comparison cancelled but still registering is known to every logic of the process: a second logic, and one of
+    CoreLogic loaded again (the developer's Reload makes a new widget and logic; a reload of CoreLogic too), refuse to
+    segment beside it until it ends, then no longer."""
+    import importlib.util
+
+    import conftest
+    from DeepWMLSlicerLib import CoreLogic
+
+    _, nodes = phantom_pair_nodes(monkeypatch)
+    started, gate, _, _ = gatedChange(monkeypatch)
+    job = DeepWMLCoreLogic().startChange(*nodes)  # its logic let go of at once (the widget reloaded)
+    assert started.wait(30)
+    job.cancel()
+    spec = importlib.util.spec_from_file_location(CoreLogic.__name__, CoreLogic.__file__)
+    reloaded = importlib.util.module_from_spec(spec)  # a fresh copy of CoreLogic, sys.modules left as it is
+    spec.loader.exec_module(reloaded)
+    others = [DeepWMLCoreLogic(), reloaded.DeepWMLCoreLogic()]
+    assert CoreLogic.STARTED_JOBS_ATTRIBUTE == conftest.STARTED_JOBS_ATTRIBUTE  # forgotten after each test
+    try:
+        for other in others:
+            monkeypatch.setattr(other, "ensureDependencies", lambda: None)
+            with pytest.raises(DeepWMLError, match=r"^the comparison cancelled just now is still ending its "
+                                                   r"registration \(.*\): segment once it has$"):
+                other.startSegmentation(nodes[2], device="cpu")
+    finally:
+        gate.set()
+        assert job.wait(60) and job.cancelled
+    for other in others:
+        other.refuseWhileEnding("segment")  # it has ended
+
+
 def test_a_change_segmentation_taken_as_a_lesion_mask_is_the_follow_ups_lesions(scene, tmp_path, monkeypatch):
     """A change segmentation chosen where the module takes a lesion mask (volume, Dice, Save results, lesion change:
     mrml.segmentIds): the follow-up's segments, its gone ones left out and the result's notes saying so; the module's

@@ -490,17 +490,30 @@ def checkInputVolume(volumeNode) -> None:
         raise DeepWMLError(f"'{volumeNode.GetName()}' is a labelmap (a mask), not a FLAIR scan")
 
 
+# on the `slicer` module: the list of startedJobs()
+STARTED_JOBS_ATTRIBUTE = "_deepWMLStartedJobs"
+
+
+def startedJobs() -> list:
+    """Weak references to the jobs started (startSegmentation, startSplit, startChange) by every DeepWMLCoreLogic of
+    this process, alive or gone: one cancelled but still running in the background (a registration cannot be
+    interrupted; the GUI no longer waits for a dropped job) refuses another of any kind until it ends
+    (refuseWhileEnding), whichever logic started it. Kept on the `slicer` module, which outlives the developer's
+    Reload (a new widget and logic, DeepWML.py and maybe this file loaded again) and a second logic alike. Plain weak
+    references, pruned on the main thread: a WeakSet drops a member from the thread its last reference goes in (a
+    dropped job's worker), which can change the set while the main thread walks it."""
+    started = getattr(slicer, STARTED_JOBS_ATTRIBUTE, None)
+    if started is None:
+        started = []
+        setattr(slicer, STARTED_JOBS_ATTRIBUTE, started)
+    return started
+
+
 class DeepWMLCoreLogic:
     def __init__(self):
         self.interactive = False
         self.workerPython = "auto"  # startSegmentation's worker process: see there
         self._locationInputs = None  # (what they depend on, segment.location_inputs of a volume): _volumeLocationInputs
-        # the jobs started (startSegmentation, startSplit, startChange) while alive: one cancelled but still running in
-        # the background (a registration cannot be interrupted; the GUI no longer waits for a dropped job) refuses
-        # another of any kind until it ends (refuseWhileEnding). Plain weak references, pruned on the main thread: a
-        # WeakSet drops a member from the thread its last reference goes in (a dropped job's worker), which can change
-        # the set while the main thread walks it
-        self._started: list = []
 
     # -----------------------------------------------------------------------------------------
     # Dependencies
@@ -718,7 +731,8 @@ class DeepWMLCoreLogic:
     def _start(self, job: BackgroundJob) -> BackgroundJob:
         """Start `job`, known as started while it is alive (refuseWhileEnding)."""
         job.start()
-        self._started = [ref for ref in self._started if ref() is not None] + [weakref.ref(job)]
+        started = startedJobs()
+        started[:] = [ref for ref in started if ref() is not None] + [weakref.ref(job)]
         return job
 
     def refuseWhileEnding(self, then: str, otherwise: str = "") -> None:
@@ -726,7 +740,7 @@ class DeepWMLCoreLogic:
         started before was cancelled but still runs in the background: a registration cannot be interrupted (tens of
         seconds), and the GUI no longer waits for a dropped job; a segmentation or the split's networks in a thread
         stop at their next slice. The two would share the CPU, the user told nothing; one kind or another alike."""
-        for job in [ref() for ref in self._started]:
+        for job in [ref() for ref in startedJobs()]:
             if job is not None and job.cancelled and not job.done:
                 raise DeepWMLError(f"{job.stillEnding}: {then} once it has"
                                    + (f", or {otherwise}" if otherwise else ""))
