@@ -4500,7 +4500,26 @@ def on_joint_extent(common: sitk.Image, a: sitk.Image, b: sitk.Image) -> bool:
 JOINT_EXTENT_NOTE = ("both masks were saved cropped to their lesions: they were compared on the extent of both (and "
                      "a voxel around it) on their voxel lattice, which is exact (nothing interpolated: the figures are "
                      "those of the whole scan), but slice numbers count from its first slice, not the scan's; masks "
-                     "saved on the scan's whole grid, or the FLAIR given (for a picture), give the scan's slice numbers")
+                     "saved on the scan's whole grid, or the FLAIR given (--flair, or a manifest's flair column), give "
+                     "the scan's slice numbers")
+ONE_BOX_NOTE = ("both masks were saved cropped to one box (their lesions reach every side of it): they were compared on "
+                "it, which is exact (nothing interpolated: the figures are those of the whole scan), but slice numbers "
+                "count from the box's first slice, not the scan's; masks saved on the scan's whole grid, or the FLAIR "
+                "given (--flair, or a manifest's flair column), give the scan's slice numbers")
+
+
+def extent_note(common: tuple[sitk.Image, sitk.Image], a: sitk.Image, b: sitk.Image) -> str | None:
+    """What slice numbers count from when masks `a` and `b`, put on one grid by `onto_common_grid` (`common`, the
+    pair), are compared there and it is not the scan's: the extent of both (`on_joint_extent`, JOINT_EXTENT_NOTE),
+    or one box both were saved cropped to, the grid of both, which their lesions together fill (`_fills_its_extent`,
+    the mark of a crop: ONE_BOX_NOTE); else None (the scan's grid, or a mask's over a larger extent, which `metrics`
+    notes as lying outside the scan)."""
+    if on_joint_extent(common[1], a, b):
+        return JOINT_EXTENT_NOTE
+    if reorders_onto(a, common[1]) and reorders_onto(b, common[1]) and _fills_its_extent(
+            (voxels(common[0]) > 0) | (voxels(common[1]) > 0)):
+        return ONE_BOX_NOTE
+    return None
 
 
 def _names_a_scan(what: str) -> bool:

@@ -65,7 +65,8 @@ over a smaller extent (saved cropped to its lesions) is padded with zeros onto t
 is exact (`io.onto_common_grid`); two masks each saved cropped to their lesions are both padded onto the
 case's FLAIR's grid when it is given, else onto the extent of both, and a note then says that slice numbers
 count from its first slice (`MaskPair.from_images`); masks on two different extents are likewise put on the
-FLAIR's grid when it is given (one over a larger extent than the scan: slice numbers the scan's). Distances and volumes are in physical units from the reference's
+FLAIR's grid when it is given (one over a larger extent than the scan: slice numbers the scan's), and so are two
+masks cropped to one box their lesions fill, else compared on the box with a note likewise (`io.extent_note`). Distances and volumes are in physical units from the reference's
 spacing and direction.
 """
 
@@ -212,9 +213,10 @@ FLAIR_GRID = "the FLAIR's grid"
 
 
 def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
-              ignore_in_b: bool = False) -> tuple[sitk.Image, sitk.Image, bool, list[tuple[int, int, str]]]:
-    """(a, b) on one grid (`io.onto_common_grid`), and whether that is the extent of both masks (both saved cropped,
-    `io.on_joint_extent`), where slice numbers are not the scan's. With `scan`, the case's FLAIR (an image, or its
+              ignore_in_b: bool = False) -> tuple[sitk.Image, sitk.Image, str | None, list[tuple[int, int, str]]]:
+    """(a, b) on one grid (`io.onto_common_grid`), and the note when that grid is the extent of both masks (both
+    saved cropped, `io.on_joint_extent`) or one box both were saved cropped to, where slice numbers are not the
+    scan's (`io.extent_note`; None otherwise). With `scan`, the case's FLAIR (an image, or its
     file, read only then), masks on two different extents, or on one grid their lesions fill (both cropped to one
     box), are put on the FLAIR's grid instead when both can go there and it is not already theirs (in another voxel
     order, the masks' is kept, as the picture keeps it): the
@@ -226,7 +228,7 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
     import SimpleITK as sitk
 
     common = io.onto_common_grid(a, b, *names)
-    joint = io.on_joint_extent(common[1], a, b)
+    note = io.extent_note(common, a, b)
     # masks on one grid whose lesions reach every side of it (the mark of a crop to the lesions, io._fills_its_extent):
     # both cropped to one box (two segments of one segmentation saved cropped), not the scan's grid either
     if scan is not None and (not io.reorders_onto(a, b)
@@ -235,18 +237,18 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
             if io.reorders_onto(image, common[1]):
-                return (*common, False, [])  # the scan's grid already: its slice numbers
+                return (*common, None, [])  # the scan's grid already: its slice numbers
             return (io.onto_grid(a, image, names[0], "the FLAIR"), io.onto_grid(b, image, names[1], "the FLAIR"),
-                    False, [])
+                    None, [])
         except DeepWMLError:
             if image is not None:  # a mask reaches beyond the FLAIR: how much, of each
-                return (*common, joint, _outside_scan((a, b), common[1], [(image, FLAIR_GRID)] * 2,
+                return (*common, note, _outside_scan((a, b), common[1], [(image, FLAIR_GRID)] * 2,
                                                          ignore_in_b))
     # no FLAIR: the scan is the grid of a mask padded onto the other's larger extent, unless cropped to its lesions
     scans = [(mask, None) if io.reorders_onto(mask, common[1])
              or io._fills_its_extent(io.voxels(mask)) else (mask, f"{name}'s grid (the scan it was drawn on)")
              for mask, name in zip((a, b), names)]
-    return (*common, joint, _outside_scan((a, b), common[1], scans[::-1], ignore_in_b))
+    return (*common, note, _outside_scan((a, b), common[1], scans[::-1], ignore_in_b))
 
 
 def _outside_scan(masks, common: sitk.Image, scans, ignore_in_b: bool = False) -> list[tuple[int, int, str]]:
@@ -313,7 +315,7 @@ class MaskPair:
         self.voxel_volume_mm3 = float(np.prod(self.spacing))
         self.ignored_voxels = 0  # reference voxels labelled 2, left out of both masks (`from_images`)
         self.predicted_ignored = 0  # of them, those the prediction marked
-        self.joint_extent = False  # both saved cropped: on the extent of both, not the scan's (`io.on_joint_extent`)
+        self.extent_note = None  # both saved cropped: on the extent of both or their one box, not the scan's (`io.extent_note`)
         self.outside_scan = []  # (which mask, voxels, the scan's grid named): compared beyond the scan (`_one_grid`)
         self.raters = False  # two raters' masks (`binary_pair`): voxels outside the scan are disagreement, not missed
         self.renumbered = []  # (a mask's name, the grid's last slice, its own numbers of the grid's first and last): slices
@@ -327,7 +329,7 @@ class MaskPair:
         _check_volume(prediction, names[0])
         _check_volume(reference, names[1])
         originals = (prediction, reference)
-        prediction, reference, joint, outside = _one_grid(prediction, reference, names, scan, ignore_in_b=True)
+        prediction, reference, extent_note, outside = _one_grid(prediction, reference, names, scan, ignore_in_b=True)
         lesion, ignore = reference_labels(reference, names[1])
         predicted = _binary(prediction)
         predicted_ignored = int(np.count_nonzero(predicted & ignore))
@@ -336,7 +338,7 @@ class MaskPair:
         pair = cls(predicted, lesion, reference)
         pair.ignored_voxels = int(np.count_nonzero(ignore))
         pair.predicted_ignored = predicted_ignored
-        pair.joint_extent = joint
+        pair.extent_note = extent_note
         pair.outside_scan = [(index, count, grid if grid == FLAIR_GRID else "the prediction's grid (the scan it was made on)")
                              for index, count, grid in outside if index == 1]  # a prediction is made on the scan
         pair.renumbered = _renumbered(originals, names, reference)
@@ -348,9 +350,9 @@ class MaskPair:
         _check_volume(a, what_a)
         _check_volume(b, what_b)
         originals = (a, b)
-        a, b, joint, outside = _one_grid(a, b, (what_a, what_b), scan)
+        a, b, extent_note, outside = _one_grid(a, b, (what_a, what_b), scan)
         pair = cls(_binary(a), _binary(b), b)
-        pair.joint_extent = joint
+        pair.extent_note = extent_note
         pair.outside_scan = outside
         pair.renumbered = _renumbered(originals, (what_a, what_b), b)
         pair.raters, pair.names = True, (what_a, what_b)
@@ -402,9 +404,9 @@ class MaskPair:
         return notes + self.grid_notes()
 
     def grid_notes(self) -> list[str]:
-        """What the grid the masks were compared on means for slice numbers (`io.JOINT_EXTENT_NOTE`), and how much
+        """What the grid the masks were compared on means for slice numbers (`io.extent_note`), and how much
         of a mask lies outside the scan (over a larger extent), counted as missed or as disagreement."""
-        notes = [io.JOINT_EXTENT_NOTE] if self.joint_extent else []
+        notes = [self.extent_note] if self.extent_note else []
         for name, grid_last, first, last in self.renumbered:  # a mask in another voxel order: whose slice numbers are shown
             notes.append(f"{name} stores its slices in another order than the grid compared on (it was reordered "
                          f"onto it, exactly, nothing interpolated): the slice numbers shown are that grid's, and "

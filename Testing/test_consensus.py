@@ -503,3 +503,35 @@ def test_a_dice_just_under_the_low_overlap_bound_is_not_said_as_the_bound():
     result = consensus_check(image(a.reshape(12, 40, 40)), image(b.reshape(12, 40, 40)))
     (note,) = [n for n in result["notes"] if "barely overlap" in n]
     assert "(Dice 0.0495, under 0.05)" in note, note
+
+
+def test_two_masks_cropped_to_one_box_say_that_slice_numbers_count_from_the_box(tmp_path, capsys):
+    """Both raters' masks saved cropped to one box (two segments of one segmentation, saved cropped together), no
+    FLAIR given: compared on that box, so the worst slices were 1 and 4 for the scan's 3 and 6, and nothing said so
+    (masks cropped to two different boxes have the joint-extent note). A note now says it, wherever the
+    joint-extent note is: printed, consensus.csv's notes, the JSON; with the FLAIR, the scan's numbers and no note."""
+    a, b = raters()
+    k, j, i = (slice(n.min(), n.max() + 1) for n in np.nonzero(a | b))  # the box of both: slices 2 to 6 of 0-7
+    whole = consensus_check(image(a), image(b))
+    cropped = consensus_check(image(a)[i, j, k], image(b)[i, j, k])
+    assert whole["worst_slices"] == [3, 6] and cropped["worst_slices"] == [1, 4]
+    assert cropped["dice"] == pytest.approx(whole["dice"])
+    assert cropped["notes"] == whole["notes"] + [io.ONE_BOX_NOTE]
+    assert "count from the box's first slice" in io.ONE_BOX_NOTE and "--flair" in io.ONE_BOX_NOTE
+    assert io.ONE_BOX_NOTE not in consensus_check(image(a)[i, j, k], image(b))["notes"]  # padded onto the scan's
+    flair = sitk.GetImageFromArray(np.random.default_rng(0).normal(300, 30, a.shape).astype(np.float32))
+    flair.CopyInformation(image(a))
+    assert io.ONE_BOX_NOTE not in consensus_check(image(a)[i, j, k], image(b)[i, j, k], flair=flair)["notes"]
+    for name, array in (("a", a), ("b", b)):
+        io.write_image(image(array)[i, j, k], tmp_path / f"{name}.nii.gz")
+    assert main(["consensus", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"),
+                 "--json", str(tmp_path / "c.json")]) == 0
+    assert f"note: {io.ONE_BOX_NOTE}" in capsys.readouterr().out
+    assert io.ONE_BOX_NOTE in json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["notes"]
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b\nboxed,a.nii.gz,b.nii.gz\n")
+    assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "consensus.csv", newline="", encoding="utf-8-sig") as f:
+        row = next(csv.DictReader(f))
+    assert row["worst_slice"] == "1" and io.ONE_BOX_NOTE in row["notes"].split(" | ")
+    details = json.loads((tmp_path / "out" / "consensus.json").read_text(encoding="utf-8"))["details"]
+    assert io.ONE_BOX_NOTE in details["boxed"]["notes"]

@@ -684,3 +684,27 @@ def test_a_single_pair_says_its_p_needs_no_correction_rather_than_multiplied_by_
     assert "1 pairs" not in pair["note"]
     assert pair["note"].endswith("one pair: p not multiplied (no correction needed)")
     assert pair["p"] == pytest.approx(2 / 24310)
+
+
+def test_a_prediction_and_reference_cropped_to_one_box_say_that_slice_numbers_count_from_the_box(tmp_path, capsys):
+    """A prediction and a reference saved cropped to one box (their lesions reach every side of it), no FLAIR:
+    compared on the box, the per-slice rows numbered from its first slice (0, 1, 2 for the scan's 2, 3, 4) and
+    nothing said so. A note now says it: in the result, printed, per_case.csv's notes, the JSON."""
+    ref = np.zeros((7, 40, 40), np.uint8)
+    ref[2:5, 5:15, 5:15] = 1
+    pred = ref.copy()
+    pred[3, 5:15, 5:8] = 0
+    whole = [write_mask(a, tmp_path / f"{n}_whole.nii.gz") for n, a in (("pred", pred), ("ref", ref))]
+    boxed = [write_mask(a[2:5, 5:15, 5:15], tmp_path / f"{n}.nii.gz") for n, a in (("pred", pred), ("ref", ref))]
+    on_scan = evaluation.evaluate_case(*whole)
+    cropped = evaluation.evaluate_case(*boxed)
+    assert [s["index"] for s in on_scan["slices"]] == [2, 3, 4] and [s["index"] for s in cropped["slices"]] == [0, 1, 2]
+    assert cropped["dice"] == pytest.approx(on_scan["dice"])
+    assert cropped["notes"] == on_scan["notes"] + [io.ONE_BOX_NOTE]
+    assert main(["evaluate", "--prediction", boxed[0], "--reference", boxed[1], "--json", str(tmp_path / "e.json")]) == 0
+    assert f"note: {io.ONE_BOX_NOTE}" in capsys.readouterr().out
+    assert io.ONE_BOX_NOTE in json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["notes"]
+    (tmp_path / "cases.csv").write_text("case,prediction,reference\nboxed,pred.nii.gz,ref.nii.gz\n")
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "per_case.csv", newline="", encoding="utf-8-sig") as f:
+        assert io.ONE_BOX_NOTE in next(csv.DictReader(f))["notes"].split(" | ")
