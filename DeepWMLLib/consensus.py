@@ -15,7 +15,6 @@ the exit status: it is 0 unless a file could not be read or compared.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import SimpleITK as sitk
 from . import io
 from .errors import Cancelled, DeepWMLError, UsageError, case_error
 from .evaluation import (as_mask, check_single_outputs, claim_picture_name, clear_earlier_run, pair_title,
-                         picture_path, read_manifest, report_failed_cases, write_csv, write_json,
-                         write_single_outputs)
+                         picture_path, print_progress, read_manifest, report_failed_cases, with_notes, write_csv,
+                         write_json, write_single_outputs)
 from .metrics import MaskPair, dice_of_counts
 from .report import lesion_count_text
 from .volume import Volume
@@ -198,6 +197,7 @@ def consensus_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike, th
                 except Exception as exc:
                     unpictured.append({"case": entry["case"], "error": case_error(exc)})
                     message += f" (no picture: {unpictured[-1]['error']})"
+            message = with_notes(message, result["notes"])  # an empty mask, masks barely overlapping: seen here too
         rows.append(row)
         if progress is not None:
             progress((number + 1) / len(entries), message)
@@ -247,8 +247,7 @@ def run(args) -> int:
         if not args.output:
             raise UsageError("--manifest needs -o OUTDIR, the folder that receives consensus.csv")
         summary = consensus_cohort(args.manifest, args.output, args.threshold,
-                                   progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
-                                                                            file=sys.stderr))
+                                   progress=print_progress)
         n_ok = len(summary["cases"]) - len(summary["failed"])
         print(f"{n_ok} case{'s' * (n_ok != 1)} checked at Dice >= {args.threshold:g}: {n_ok - len(summary['relabel'])} pass, "
               f"{len(summary['relabel'])} need re-labelling"

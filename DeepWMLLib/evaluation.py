@@ -236,6 +236,19 @@ def _resolved_file(path) -> Path | None:
         return None
 
 
+def print_progress(fraction: float, message: str) -> None:
+    """A cohort's progress on stderr: '[ 50%] MESSAGE', the message's further lines (a case's notes) indented under
+    its first."""
+    prefix = f"[{fraction:4.0%}] "
+    print(prefix + message.replace("\n", "\n" + " " * len(prefix)), file=sys.stderr)
+
+
+def with_notes(message: str, notes: Sequence[str]) -> str:
+    """A cohort case's progress message and its notes under it, one a line ('note: ...', as one case prints them):
+    what per_case.csv's or consensus.csv's notes column says, seen at the terminal too."""
+    return message + "".join(f"\nnote: {note}" for note in notes)
+
+
 def report_failed_cases(failed: list[dict], verb: str) -> int:
     """One stderr line naming the cohort cases that failed; the exit code of a cohort command."""
     if not failed:
@@ -675,6 +688,7 @@ def evaluate_cohort(manifest: str | os.PathLike, out_dir: str | os.PathLike,
                 except Exception as exc:
                     unpictured.append({**info, "error": case_error(exc)})
                     message += f" (no picture: {unpictured[-1]['error']})"
+            message = with_notes(message, result.get("notes", []))
         if progress is not None:
             progress((number + 1) / len(entries), message)
 
@@ -772,8 +786,7 @@ def run(args) -> int:
         if not args.output:
             raise UsageError("--manifest needs -o OUTDIR, the folder that receives the report")
         summary = evaluate_cohort(args.manifest, args.output, args.found_fraction, size_classes,
-                                  progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
-                                                                           file=sys.stderr))
+                                  progress=print_progress)
         overall = next(r for r in summary["table2"] if r["grouping"] == "overall")
         print(f"{len(summary['cases'])} cases, {summary['n_images']} images with lesion: median image Dice "
               f"{_median_iqr(overall, 'image_dice')}, sensitivity {_median_iqr(overall, 'image_sensitivity')}, "

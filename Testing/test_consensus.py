@@ -535,3 +535,26 @@ def test_two_masks_cropped_to_one_box_say_that_slice_numbers_count_from_the_box(
     assert row["worst_slice"] == "1" and io.ONE_BOX_NOTE in row["notes"].split(" | ")
     details = json.loads((tmp_path / "out" / "consensus.json").read_text(encoding="utf-8"))["details"]
     assert io.ONE_BOX_NOTE in details["boxed"]["notes"]
+
+
+def test_a_cohort_prints_each_cases_notes_under_its_line(tmp_path, capsys):
+    """A cohort printed 'CASE: Dice 0.000 FAIL' alone: a note such as 'rater A's mask is empty' or 'both raters
+    marked lesions but they barely overlap' was only in consensus.csv and consensus.json. Each case's notes are now
+    printed under its line, indented, one a line, as one pair's are; a case without notes prints its line alone."""
+    a, b = raters()
+    far = np.zeros_like(a)
+    far[5:7, 20:28, 2:10] = 1  # lesions nowhere near rater B's
+    for name, array in (("a", a), ("b", b), ("empty", np.zeros_like(a)), ("far", far)):
+        io.write_image(image(array), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "raters.csv").write_text("case,rater_a,rater_b\nempty,empty.nii.gz,b.nii.gz\nfar,far.nii.gz,b.nii.gz\n"
+                                         "same,b.nii.gz,b.nii.gz\n")
+    assert main(["consensus", "--manifest", str(tmp_path / "raters.csv"), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    details = json.loads((tmp_path / "out" / "consensus.json").read_text(encoding="utf-8"))["details"]
+    assert details["empty"]["notes"] == ["rater A's mask is empty: Dice 0"]
+    assert any("barely overlap" in note for note in details["far"]["notes"]) and details["same"]["notes"] == []
+    lines = {case: err.index(next(line for line in err if f"] {case}: Dice" in line)) for case in details}
+    for case, start in lines.items():
+        assert err[start + 1:start + 1 + len(details[case]["notes"])] == [
+            f"       note: {note}" for note in details[case]["notes"]], err
+    assert sum("note:" in line for line in err) == 1 + len(details["far"]["notes"])

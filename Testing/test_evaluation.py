@@ -708,3 +708,23 @@ def test_a_prediction_and_reference_cropped_to_one_box_say_that_slice_numbers_co
     assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0
     with open(tmp_path / "out" / "per_case.csv", newline="", encoding="utf-8-sig") as f:
         assert io.ONE_BOX_NOTE in next(csv.DictReader(f))["notes"].split(" | ")
+
+
+def test_a_cohort_prints_each_cases_notes_under_its_line(tmp_path, capsys):
+    """A cohort printed 'CASE: Dice 0.000' alone: a note such as 'the prediction is empty: precision, HD95 ... are
+    undefined' was only in per_case.csv, summary.json and report.md. Each case's notes are now printed under its
+    line, indented, one a line, as one case's are; a case without notes prints its line alone."""
+    ref = reference_array()
+    write_mask(ref, tmp_path / "ref.nii.gz")
+    write_mask(ref, tmp_path / "same.nii.gz")
+    write_mask(np.zeros_like(ref), tmp_path / "empty.nii.gz")
+    (tmp_path / "cases.csv").write_text("case,prediction,reference\nnothing,empty.nii.gz,ref.nii.gz\n"
+                                        "perfect,same.nii.gz,ref.nii.gz\n")
+    assert main(["evaluate", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    notes = {c["case"]: c["notes"] for c in json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]}
+    assert notes["nothing"].startswith("the prediction is empty") and notes["perfect"] == ""
+    start = err.index(next(line for line in err if "] nothing: Dice" in line))
+    assert err[start + 1:start + 1 + len(notes["nothing"].split(" | "))] == [
+        f"       note: {note}" for note in notes["nothing"].split(" | ")], err
+    assert sum("note:" in line for line in err) == len(notes["nothing"].split(" | "))
