@@ -229,10 +229,9 @@ def _one_grid(a: sitk.Image, b: sitk.Image, names: tuple[str, str], scan=None,
 
     common = io.onto_common_grid(a, b, *names)
     note = io.extent_note(common, a, b)
-    # masks on one grid whose lesions reach every side of it (the mark of a crop to the lesions, io._fills_its_extent):
-    # both cropped to one box (two segments of one segmentation saved cropped), not the scan's grid either
-    if scan is not None and (not io.reorders_onto(a, b)
-                             or io._fills_its_extent((io.voxels(common[0]) > 0) | (io.voxels(common[1]) > 0))):
+    # masks on two extents, or on one grid whose lesions reach every side of it (both cropped to one box, two
+    # segments of one segmentation saved cropped: `note` is then io.ONE_BOX_NOTE), not the scan's grid either
+    if scan is not None and (note is not None or not io.reorders_onto(a, b)):
         image = None
         try:
             image = scan if isinstance(scan, (sitk.Image, Volume)) else io.read_any(scan, light=True)
