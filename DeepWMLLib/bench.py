@@ -4,7 +4,7 @@ On one input (a real clinical FLAIR from ../shared when present, else the bundle
 it measures
 (a) the network run the plain way: PyTorch eager, fp32, one slice at a time, every slice;
 (b) DeepWML's inference path (`inference.predict_maps`: normalisation, resampling, batched
-    runner — OpenVINO (bf16 where the CPU computes it natively), ONNX Runtime or channels-last PyTorch —
+    runner — OpenVINO (bf16 where the CPU computes it natively and faster than fp32), ONNX Runtime or channels-last PyTorch —
     head-less slices skipped, resampling back);
 (c) `deepwml segment` end to end as a user sees it, in a fresh process (start-up, read, preprocess,
     infer, post-process, write every output); and per case when a folder of 5 copies of the input is
@@ -283,7 +283,8 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     # (b) DeepWML's inference path, as `segment` calls it, and (c) + (e) `deepwml segment` end to end in
     # a fresh process. a, b, c and the floor take turns in every repetition, so that a busy (or
     # quiet) moment of a shared machine, which can change speed by half, hits all of them alike.
-    runner_name = make_runner(loaded, "cpu", backend, precision).name
+    runner = make_runner(loaded, "cpu", backend, precision)
+    runner_name = runner.name
     predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)  # warm-up (and ONNX export)
     out_dir = workdir / "out"
     options = ["--overwrite", "--device", "cpu", "--backend", backend, "--precision", precision, "--model",
@@ -373,6 +374,9 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "brain_architecture": None if brain is None else brain.config,
         "brain_grid": None if brain is None else list(brain.preprocessing.grid_size),
         "runner": runner_name,
+        # precision auto on a CPU with native bf16: one slice of the WMH network in each, as measured once here
+        # (inference.bf16_is_faster); None where nothing was measured (fp32 or bf16 asked, or no native bf16)
+        "precision_auto_ms": _precision_measured(runner),
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
         "cpu": cpu_description(),
@@ -420,6 +424,28 @@ def _models_described(r: dict) -> str:
                      for (base, depth, height, width), names in groups.items())
 
 
+def _precision_measured(runner) -> dict | None:
+    """{"fp32", "bf16": ms, "faster_by_needed"} as precision auto measured them for `runner` (its `measured`
+    record, inference.bf16_measured); None where nothing was measured or the cache's record lacks them."""
+    measured = getattr(runner, "measured", None)
+    names = {"fp32": "fp32_ms", "bf16": "bf16_ms", "faster_by_needed": "faster_by_needed"}
+    if not isinstance(measured, dict):
+        return None
+    figures = {key: measured.get(name) for key, name in names.items()}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in figures.values()):
+        return None
+    return figures
+
+
+def _precision_choice(r: dict) -> str:
+    """"fp32: one slice of the WMH network took 129 ms in bf16, 71 ms in fp32 (...)": what precision auto measured
+    (inference.bf16_is_faster) and chose, the runner's precision."""
+    ms = r["precision_auto_ms"]
+    choice = "bf16" if "bf16" in r["runner"] else "fp32"
+    return (f"{choice}: one slice of the WMH network took {ms['bf16']:g} ms in bf16, {ms['fp32']:g} ms in fp32 (bf16 "
+            f"kept only where {ms['faster_by_needed']:g}x faster; measured once on this machine, kept in the cache)")
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("input", r["input"]),
@@ -433,6 +459,7 @@ def format_table(r: dict) -> str:
         ("(a) eager fp32, 1 slice at a time", f"{r['a_reference_s']:.2f} s ({r['a_reference_s_per_slice']:.3f} s/slice, {r['a_reference_gflops']} GFLOP/s)"),
         (f"(b) DeepWML inference [{r['runner']}]", f"{r['b_deepwml_inference_s']:.2f} s ({r['b_speedup_vs_a']}x faster than a; {r['slices_run_by_deepwml']}/{r['slices']} slices hold head)"),
         ("    network only", f"{r['b_network_only_s']:.2f} s ({r['b_network_gflops']} GFLOP/s)"),
+        *([("    precision auto chose", _precision_choice(r))] if r.get("precision_auto_ms") else []),
         ("(c) deepwml segment end to end", f"{r['c_end_to_end_s']:.2f} s (c/b = {r['c_over_b']}, median of each repetition's own c/b {r['c_over_b_paired']}; c - b = {r['c_minus_b_s']:.2f} s)"),
         (f"    per case, {r['c_batch_cases']} cases in one run", f"{r['c_batch_per_case_s']:.2f} s (= {r['c_batch_per_case_over_b']} x b; start-up and loading paid once)"),
         ("    start-up floor", f"{r['startup_floor_s']:.2f} s (a process that only imports what (c) cannot do without, then exits)"),
@@ -464,7 +491,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's default)")
     p.add_argument("--backend", default="auto", choices=("auto", "openvino", "onnx", "torch"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively)")
+                   help="as in deepwml segment (auto: bf16 with OpenVINO where the CPU computes it natively and "
+                        "it is measured faster than fp32 there)")
     p.add_argument("--brain-model", metavar="FILE", help="brain-mask model (default: the shipped one, if any)")
     p.add_argument("--no-brain-mask", action="store_true",
                    help="time the WMH network alone: no brain-mask network in (a), (b) or (c)")

@@ -126,6 +126,76 @@ class PrecisionUnavailable(DeepWMLError):
         return type(self), (self.on_gpu,)
 
 
+# Precision auto on a CPU that computes bf16 natively: bf16 is not always the faster there. The WMH network per
+# 256x256 slice, 2 cores: an Intel Xeon with AMX 4.8 ms in OpenVINO bf16 against 21 ms in fp32 (session 10); an AMD
+# EPYC Zen 4 (AVX512-BF16, no AMX) the README's first command 2.2 s in bf16 against 3.6 s in fp32 (session 20); but an
+# Intel Xeon whose AMX the virtual machine does not pass through (AVX512-BF16 and AVX512-FP16 alone, session 51) 129 ms
+# in bf16 against 71 ms in fp32 (PyTorch: 139 against 84 ms). So auto times the two once per runtime, CPU, thread count
+# and network shape, keeps bf16 only where it is at least BF16_FASTER_BY faster (bf16 rounds: masks against fp32's
+# Dice 0.99-1.0, so a small gain is not worth it), and keeps the answer in the cache (precision/), so that every
+# later run on this machine computes in the same precision without timing again.
+BF16_FASTER_BY = 1.15
+_BF16_ROUNDS = 3
+_BF16_CHOICES: dict = {}  # this process's measurements (as kept in the cache), by key
+
+
+def _bf16_key(runtime: str, version: str, loaded: LoadedModel, threads: int) -> str:
+    import hashlib
+    import json
+
+    shape = json.dumps([loaded.config, list(loaded.preprocessing.grid_size)], sort_keys=True, default=str)
+    return f"{runtime}-{_machine_key(version)}-{threads}t-{hashlib.sha1(shape.encode('utf-8')).hexdigest()[:12]}"
+
+
+def bf16_measured(runtime: str, version: str, loaded: LoadedModel, threads: int) -> dict | None:
+    """What bf16_is_faster measured (or read) in this process for these arguments: {"bf16": the answer, "fp32_ms",
+    "bf16_ms": the fastest run of each, ...}; None where it was not asked."""
+    return _BF16_CHOICES.get(_bf16_key(runtime, version, loaded, threads))
+
+
+def bf16_is_faster(runtime: str, version: str, loaded: LoadedModel, threads: int, run: dict) -> bool:
+    """Whether `run["bf16"]` beats `run["fp32"]` by BF16_FASTER_BY on one slice of `loaded`'s grid (the fastest of
+    _BF16_ROUNDS alternating runs each, after one run each to warm them up), as measured once for this runtime
+    and version, this CPU (_machine_key), `threads` and the network's shape (its settings, not its weights: an
+    ensemble's members share the answer), and kept in the cache. A cache that cannot be read or written costs the
+    timing in each process, not the run."""
+    import json
+
+    key = _bf16_key(runtime, version, loaded, threads)
+    if key in _BF16_CHOICES:
+        return _BF16_CHOICES[key]["bf16"]
+    memo = cache_dir() / "precision" / f"{key}.json"
+    try:
+        record = json.loads(memo.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and isinstance(record.get("bf16"), bool):
+            _BF16_CHOICES[key] = record
+            return record["bf16"]
+    except (OSError, ValueError):
+        pass  # not measured yet here, or unreadable: measure
+    x = np.random.default_rng(0).standard_normal((1, 1, *loaded.preprocessing.grid_size)).astype(np.float32)
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    for name in best:
+        run[name](x)  # the first run of each pays for its buffers and kernels
+    for _ in range(_BF16_ROUNDS):
+        for name in best:
+            started = time.perf_counter()
+            run[name](x)
+            best[name] = min(best[name], time.perf_counter() - started)
+    answer = best["bf16"] * BF16_FASTER_BY <= best["fp32"]
+    record = {"bf16": answer, "fp32_ms": round(best["fp32"] * 1e3, 2), "bf16_ms": round(best["bf16"] * 1e3, 2),
+              "runtime": f"{runtime} {version}", "threads": threads, "faster_by_needed": BF16_FASTER_BY}
+    _BF16_CHOICES[key] = record
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.part")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        io._replace(tmp, memo)
+    except OSError:  # an unwritable cache: measured again by the next process
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return answer
+
+
 def torch_cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively for PyTorch (AVX512-BF16 or AMX); False when unknown. PyTorch says so
     from 2.11 (torch.cpu._is_avx512_bf16_supported, _is_amx_tile_supported); an earlier one, which pyproject allows
@@ -174,9 +244,11 @@ def _network_on(loaded: LoadedModel, device):
 
 class TorchRunner:
     """Eager PyTorch: channels-last on CPU (faster convolutions), bf16 autocast on CPUs that compute
-    bf16 natively (precision auto or bf16), fp16 autocast on CUDA (unless precision is fp32)."""
+    bf16 natively (precision bf16, or auto where bf16 is measured faster: bf16_is_faster), fp16 autocast on CUDA
+    (unless precision is fp32)."""
 
     name = "torch"
+    measured = None  # precision auto where bf16 is native: bf16_measured's record
 
     def __init__(self, loaded: LoadedModel, device: str, precision: str = "auto"):
         import torch
@@ -187,15 +259,19 @@ class TorchRunner:
         self.device = torch.device(device)
         self.model = _network_on(loaded, self.device).eval()
         self.bf16 = False
+        self.fp16 = self.device.type == "cuda" and precision != "fp32"  # fp16 autocast on a GPU unless fp32 is asked
         if self.device.type == "cpu":
             self.model = self.model.to(memory_format=torch.channels_last)
             native = torch_cpu_has_native_bf16()
             if precision == "bf16" and not native:
                 raise PrecisionUnavailable()
             self.bf16 = precision == "bf16" or (precision == "auto" and native)
+            if precision == "auto" and native:
+                run = {"fp32": lambda x: self._run(x, bf16=False), "bf16": lambda x: self._run(x, bf16=True)}
+                self.bf16 = bf16_is_faster("torch", torch.__version__, loaded, torch.get_num_threads(), run)
+                self.measured = bf16_measured("torch", torch.__version__, loaded, torch.get_num_threads())
         elif precision == "bf16":
             raise PrecisionUnavailable(on_gpu=True)
-        self.fp16 = self.device.type == "cuda" and precision != "fp32"  # fp16 autocast on a GPU unless fp32 is asked
         if self.bf16 or self.fp16:
             self.name = "torch bf16" if self.bf16 else "torch fp16"
         self.out_of_memory = (torch.cuda.OutOfMemoryError,)
@@ -205,6 +281,9 @@ class TorchRunner:
         self.torch.cuda.empty_cache()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, self.bf16)
+
+    def _run(self, batch: np.ndarray, bf16: bool) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         cuda = self.device.type == "cuda"
@@ -212,7 +291,7 @@ class TorchRunner:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.fp16:
             autocast = torch.autocast("cuda", dtype=torch.float16)
-        elif self.bf16:
+        elif bf16:
             autocast = torch.autocast("cpu", dtype=torch.bfloat16)
         else:
             autocast = contextlib.nullcontext()
@@ -355,7 +434,8 @@ def remove_process_folder() -> None:
 
 
 class OpenVinoRunner:
-    """OpenVINO on the CPU, in bf16 where the CPU computes bf16 natively (AMX or AVX512-BF16), else fp32.
+    """OpenVINO on the CPU, in bf16 where the CPU computes bf16 natively (AMX or AVX512-BF16) and bf16 is measured
+    faster than fp32 here (bf16_is_faster), else fp32.
 
     It reads the same cached ONNX export as `OnnxRunner`. On a 2-core Xeon with AMX the WMH network
     took 4.8 ms per 256x256 slice in bf16 against 24 ms with ONNX Runtime (fp32) and 21 ms with
@@ -363,6 +443,7 @@ class OpenVinoRunner:
     """
 
     name = "openvino"
+    measured = None  # precision auto where bf16 is native: bf16_measured's record
     out_of_memory = ()
     default_batch_size = 1  # as ONNX Runtime: the least new memory for a fresh process
 
@@ -373,20 +454,32 @@ class OpenVinoRunner:
         core = _openvino_core()
         self.loaded = loaded
         self.precision = _openvino_precision(core, precision)
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or _cpu_threads()}
+        threads = threads or _cpu_threads()
         path = str(OnnxRunner._exported(loaded))
-        try:
-            # OpenVINO keeps each network compiled for this CPU in the cache and loads it from there
-            # the next time: 4 networks took 0.24 s to compile in a fresh process and 0.09 s to load.
-            compiled = core.compile_model(path, "CPU", {**config, "CACHE_DIR": str(cache_dir() / "openvino")})
-        except Exception:  # an unwritable or damaged cache only costs the compilation
-            compiled = core.compile_model(path, "CPU", config)
-        self.request = compiled.create_infer_request()
+        self.request = self._compile(core, path, self.precision, threads).create_infer_request()
+        if precision == "auto" and self.precision == "bf16":
+            import openvino
+
+            fp32 = self._compile(core, path, "fp32", threads).create_infer_request()
+            run = {"fp32": lambda x: fp32.infer({0: x}), "bf16": lambda x: self.request.infer({0: x})}
+            if not bf16_is_faster("openvino", openvino.__version__, loaded, threads, run):
+                self.precision, self.request = "fp32", fp32
+            self.measured = bf16_measured("openvino", openvino.__version__, loaded, threads)
         self.name = f"openvino {self.precision}"
         # Runners are kept and shared between calls (_RUNNERS); an infer request must not run twice at
         # once, so two segmentations in two threads (e.g. in Slicer) take turns on it.
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _compile(core, path: str, precision: str, threads: int):
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        try:
+            # OpenVINO keeps each network compiled for this CPU in the cache and loads it from there
+            # the next time: 4 networks took 0.24 s to compile in a fresh process and 0.09 s to load.
+            return core.compile_model(path, "CPU", {**config, "CACHE_DIR": str(cache_dir() / "openvino")})
+        except Exception:  # an unwritable or damaged cache only costs the compilation
+            return core.compile_model(path, "CPU", config)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:  # the request's output buffer is reused by its next run: copy it out
@@ -435,7 +528,8 @@ def _import_openvino():
 
 
 def _openvino_precision(core, precision: str) -> str:
-    """'bf16' or 'fp32': 'auto' is bf16 when this CPU computes bf16 natively (OpenVINO reports BF16)."""
+    """'bf16' or 'fp32': 'auto' is bf16 when this CPU computes bf16 natively (OpenVINO reports BF16); the runner
+    then keeps it only where it is measured faster here (bf16_is_faster)."""
     native = _openvino_computes_bf16(core)
     if precision == "auto":
         return "bf16" if native else "fp32"

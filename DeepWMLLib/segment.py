@@ -2695,8 +2695,9 @@ def register(subparsers) -> None:
                    help="auto: on the CPU OpenVINO when installed, else ONNX Runtime, else PyTorch")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto: bf16 with OpenVINO or PyTorch on a CPU that computes bf16 natively (AMX or "
-                        "AVX512-BF16; masks Dice >= 0.99 against fp32's on the real scans checked, see README), fp32 "
-                        "with ONNX Runtime, fp16 autocast on a GPU; fp32: exact fp32 everywhere")
+                        "AVX512-BF16) where bf16 is measured faster than fp32 there (timed once, kept in the cache; "
+                        "masks Dice >= 0.99 against fp32's on the real scans checked, see README), else fp32; "
+                        "fp32 with ONNX Runtime; fp16 autocast on a GPU. fp32: exact fp32 everywhere")
     p.add_argument("--qc", action="store_true", help="also write CASE_qc.png: axial slices with the mask outlined in red, "
                    "to look a batch over without Slicer")
     p.add_argument("--dicom-outline", action="store_true", help="for a DICOM input, also write CASE_outline_dicom/: "

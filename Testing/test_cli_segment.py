@@ -787,6 +787,7 @@ def test_nan_probabilities_say_what_to_do_after_how_the_network_ran(tiny_model, 
                  "precision (fp32), so the model file is at fault: segment with another model",
         "torch bf16": "broken.pt gave NaN probabilities (running as torch bf16): its result would mark nothing; "
                       "rerun with --precision fp32, and if that fails too, the model file is at fault"}
+    monkeypatch.setattr(inference, "bf16_is_faster", lambda *measure: True)  # auto runs bf16 where native
     for runner, words in expected.items():
         monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda bf16=runner.endswith("bf16"): bf16)
         inference._RUNNERS.clear()  # a runner kept from before ran at the other precision
@@ -974,7 +975,10 @@ def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_mod
     from DeepWMLLib.inference import OpenVinoRunner, TorchRunner, _openvino_core, make_runner, resolve_device
     from DeepWMLLib.segment import load_models
 
+    from DeepWMLLib import inference
+
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(inference, "_BF16_CHOICES", {})  # auto's bf16-or-fp32 measured here, into this cache
     (loaded,) = load_models([tiny_model])
     cpu = resolve_device("cpu")
     auto = make_runner(loaded, cpu, "auto")
@@ -988,7 +992,11 @@ def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_mod
     fp32(batch[1:2])  # the next run reuses the request's output buffer: the first result must not change
     assert np.array_equal(first, fp32(batch[:1])) and np.allclose(first, reference[:1], atol=1e-4)
     native = "BF16" in _openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    assert auto.name == ("openvino bf16" if native else "openvino fp32")
+    if native:  # bf16 where measured faster here (inference.bf16_is_faster)
+        (memo,) = (tmp_path / "cache" / "precision").glob("openvino-*.json")
+        assert auto.name == ("openvino bf16" if json.loads(memo.read_text())["bf16"] else "openvino fp32")
+    else:
+        assert auto.name == "openvino fp32"
     if native:
         bf16 = make_runner(loaded, cpu, "openvino", "bf16")
         difference = np.abs(1 / (1 + np.exp(-bf16(batch))) - 1 / (1 + np.exp(-reference)))
@@ -1215,8 +1223,8 @@ def test_lean_openvino_import_falls_back_to_a_whole_import_when_the_converter_is
 
 def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_model, tmp_path, monkeypatch):
     """Without OpenVINO and ONNX Runtime (e.g. in Slicer before they are installed) PyTorch is the
-    runtime: bf16 autocast on CPUs with AVX512-BF16 or AMX (auto), exact fp32 on request, and a clear
-    error for bf16 on a CPU without it."""
+    runtime: bf16 autocast on CPUs with AVX512-BF16 or AMX (auto, where bf16 is measured faster there), exact fp32
+    on request, and a clear error for bf16 on a CPU without it."""
     from DeepWMLLib import inference
     from DeepWMLLib.errors import DeepWMLError
     from DeepWMLLib.segment import load_models
@@ -1227,11 +1235,14 @@ def test_pytorch_on_the_cpu_runs_bf16_where_native_and_fp32_on_request(tiny_mode
     fp32 = inference.TorchRunner(loaded, "cpu", "fp32")
     assert fp32.name == "torch"
     native = inference.torch_cpu_has_native_bf16()
+    monkeypatch.setattr(inference, "bf16_is_faster", lambda *measure: True)
     auto = inference.TorchRunner(loaded, "cpu")
     assert auto.name == ("torch bf16" if native else "torch")
     if native:
         difference = np.abs(1 / (1 + np.exp(-auto(batch))) - 1 / (1 + np.exp(-fp32(batch))))
         assert 0 < difference.max() < 0.05
+        monkeypatch.setattr(inference, "bf16_is_faster", lambda *measure: False)  # bf16 measured slower here
+        assert inference.TorchRunner(loaded, "cpu").name == "torch"
     monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: False)
     assert inference.TorchRunner(loaded, "cpu").name == "torch"
     with pytest.raises(DeepWMLError, match="native bf16"):

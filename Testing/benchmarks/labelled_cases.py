@@ -75,7 +75,7 @@ def evaluate(model_paths=None, thicknesses=(1, 5, 8), device: str = "cpu", cases
              adapt_to_scan: bool = False, precision: str = "auto") -> list[dict]:
     """Rows per thickness and case, at slab offset 0; with all_offsets, at every offset 0..thickness-1
     (rows carry "offset"; the 1 mm rows have only 0). `precision` as deepwml segment's --precision ("auto": bf16
-    on a CPU with AMX or AVX512-BF16, fp32 on others)."""
+    on a CPU with AMX or AVX512-BF16 where bf16 is measured faster there, fp32 on others)."""
     from DeepWMLLib.adapt import adapt_to_scan as scan_adapted
     from DeepWMLLib.evaluation import evaluate_case
     from DeepWMLLib.segment import load_brain_model, load_models, segment_image
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                         help="re-estimate the models' batch-norm statistics on each case first (experimental)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="what the networks compute in, as deepwml segment's --precision (auto: bf16 where the "
-                             "CPU has AMX or AVX512-BF16, else fp32)")
+                             "CPU has AMX or AVX512-BF16 and bf16 is measured faster there, else fp32)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
