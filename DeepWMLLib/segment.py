@@ -460,6 +460,25 @@ def computed_precision(runner: str | None) -> str:
     return "+".join(sorted(kinds)) or "fp32"
 
 
+def rerun_precision(precision: str, earlier: dict, device: str, backend: str) -> str:
+    """The precision to run the networks again in for a case done before (add_outputs, whose mask must be the saved
+    one): `precision` as asked, but auto as the earlier run computed, where its report records one precision, fp32 or
+    bf16 (bf16 where it runs here: check_runtime). Auto's choice on a CPU with native bf16 is measured
+    (inference.bf16_is_faster), so it may differ from the earlier run's: an earlier version's bf16, another thread
+    count, the cache cleared."""
+    from .inference import check_runtime
+
+    then = recorded_settings(earlier).get("precision")
+    if precision != "auto" or then not in ("fp32", "bf16"):
+        return precision
+    if then == "bf16":
+        try:
+            check_runtime(device, backend, "bf16")
+        except DeepWMLError:  # not here (a GPU, a CPU without native bf16): auto, whose mask check says so
+            return precision
+    return then
+
+
 def planned_settings(models=None, threshold: float | None = None, tta: bool = False,
                      min_lesion_mm3: float | None = None, exclude_edge_fraction: float = 0.0,
                      brain_model="default", ventricle_model="default", precision: str = "auto",
@@ -1664,8 +1683,8 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
 
                 return segment_image(image, models, device, threshold, tta, min_lesion_mm3, exclude_edge_fraction,
                                      batch_size, progress_part(progress, READING_SHARE, SEGMENTING_SHARE), cancel,
-                                     backend, brain_model, precision, ventricle_model, checked=True,
-                                     grid_phases=grid_phases, brain_gate=brain_gate)
+                                     backend, brain_model, rerun_precision(precision, earlier, device, backend),
+                                     ventricle_model, checked=True, grid_phases=grid_phases, brain_gate=brain_gate)
 
             return add_outputs(case, path, out_dir, paths, missing, earlier, study, networks, progress, cancel, series=series)
         # --dicom-outline/--dicom-seg of an input that is not DICOM: nothing to add, said as a full run says it (the

@@ -325,6 +325,41 @@ def test_a_rerun_adding_a_probability_map_runs_the_networks_and_keeps_the_saved_
     assert probabilities.shape == saved.shape and probabilities.max() <= 1
 
 
+@pytest.mark.parametrize("then", ["bf16", "fp32"])
+def test_a_probability_map_added_with_precision_auto_runs_in_the_precision_the_mask_was_made_in(tmp_path, tiny_model,
+                                                                                               monkeypatch, then):
+    """Precision auto on a CPU with native bf16 runs what is measured faster (inference.bf16_is_faster), an answer
+    that may differ from the earlier run's (an earlier version's bf16, another thread count, the cache cleared): the
+    networks run again for an output added then gave another mask than the saved one and the case failed ('differs
+    in 4 voxels' for the sample after the Xeon of session 51 chose fp32). They now run in the precision the earlier
+    report records."""
+    from DeepWMLLib import inference
+
+    path, _ = write_case(tmp_path, "c", size=(32, 32, 4), blobs=((0.5, 0.5, 0.5, 6.0),))
+    out = tmp_path / "out"
+    args = ["segment", str(path), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--no-brain-mask",
+            "--backend", "torch"]
+    monkeypatch.setattr(inference, "torch_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    monkeypatch.setattr(inference, "bf16_is_faster", lambda *measure: then == "bf16")
+    assert main(args) == 0
+    report = json.loads((out / "c_report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["precision"] == then
+    monkeypatch.setattr(inference, "_RUNNERS", {})
+    monkeypatch.setattr(inference, "bf16_is_faster", lambda *measure: then != "bf16")  # measured otherwise now
+    asked, make_runner = [], inference.make_runner
+
+    def spied(*args, **kwargs):
+        runner = make_runner(*args, **kwargs)
+        asked.append(runner.name)
+        return runner
+
+    monkeypatch.setattr(inference, "make_runner", spied)
+    assert main(args + ["--save-probabilities"]) == 0
+    assert read_summary(out)[0]["status"] == "added"
+    assert asked and set(asked) == {"torch bf16" if then == "bf16" else "torch"}
+
+
 def test_a_saved_mask_replaced_or_edited_is_not_given_new_outputs(tmp_path, tiny_model, monkeypatch):
     """The outputs added are made from the saved mask only when it is the one the run wrote: a mask of another grid
     is an error naming it and the difference, one edited since (its voxels not those its report records) an error
