@@ -153,6 +153,24 @@ def bf16_measured(runtime: str, version: str, loaded: LoadedModel, threads: int)
     return _BF16_CHOICES.get(_bf16_key(runtime, version, loaded, threads))
 
 
+def bf16_known(runtime: str, version: str, loaded: LoadedModel, threads: int) -> bool | None:
+    """bf16_is_faster's answer where this process or the cache has it, without measuring; None where it has not been
+    measured yet (or its record cannot be read)."""
+    import json
+
+    key = _bf16_key(runtime, version, loaded, threads)
+    if key in _BF16_CHOICES:
+        return _BF16_CHOICES[key]["bf16"]
+    try:
+        record = json.loads((cache_dir() / "precision" / f"{key}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not measured yet here, or unreadable: measure
+    if isinstance(record, dict) and isinstance(record.get("bf16"), bool):
+        _BF16_CHOICES[key] = record
+        return record["bf16"]
+    return None
+
+
 def bf16_is_faster(runtime: str, version: str, loaded: LoadedModel, threads: int, run: dict) -> bool:
     """Whether `run["bf16"]` beats `run["fp32"]` by BF16_FASTER_BY on one slice of `loaded`'s grid (the fastest of
     _BF16_ROUNDS alternating runs each, after one run each to warm them up), as measured once for this runtime
@@ -161,17 +179,11 @@ def bf16_is_faster(runtime: str, version: str, loaded: LoadedModel, threads: int
     timing in each process, not the run."""
     import json
 
+    known = bf16_known(runtime, version, loaded, threads)
+    if known is not None:
+        return known
     key = _bf16_key(runtime, version, loaded, threads)
-    if key in _BF16_CHOICES:
-        return _BF16_CHOICES[key]["bf16"]
     memo = cache_dir() / "precision" / f"{key}.json"
-    try:
-        record = json.loads(memo.read_text(encoding="utf-8"))
-        if isinstance(record, dict) and isinstance(record.get("bf16"), bool):
-            _BF16_CHOICES[key] = record
-            return record["bf16"]
-    except (OSError, ValueError):
-        pass  # not measured yet here, or unreadable: measure
     x = np.random.default_rng(0).standard_normal((1, 1, *loaded.preprocessing.grid_size)).astype(np.float32)
     best = {"fp32": float("inf"), "bf16": float("inf")}
     for name in best:
@@ -456,15 +468,22 @@ class OpenVinoRunner:
         self.precision = _openvino_precision(core, precision)
         threads = threads or _cpu_threads()
         path = str(OnnxRunner._exported(loaded))
-        self.request = self._compile(core, path, self.precision, threads).create_infer_request()
-        if precision == "auto" and self.precision == "bf16":
+        measure = precision == "auto" and self.precision == "bf16"
+        if measure:
             import openvino
 
+            version = openvino.__version__
+            known = bf16_known("openvino", version, loaded, threads)
+            if known is not None:  # measured before: only the precision chosen is compiled
+                self.precision = "bf16" if known else "fp32"
+        self.request = self._compile(core, path, self.precision, threads).create_infer_request()
+        if measure and known is None:
             fp32 = self._compile(core, path, "fp32", threads).create_infer_request()
             run = {"fp32": lambda x: fp32.infer({0: x}), "bf16": lambda x: self.request.infer({0: x})}
-            if not bf16_is_faster("openvino", openvino.__version__, loaded, threads, run):
+            if not bf16_is_faster("openvino", version, loaded, threads, run):
                 self.precision, self.request = "fp32", fp32
-            self.measured = bf16_measured("openvino", openvino.__version__, loaded, threads)
+        if measure:
+            self.measured = bf16_measured("openvino", version, loaded, threads)
         self.name = f"openvino {self.precision}"
         # Runners are kept and shared between calls (_RUNNERS); an infer request must not run twice at
         # once, so two segmentations in two threads (e.g. in Slicer) take turns on it.
