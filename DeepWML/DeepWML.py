@@ -76,8 +76,8 @@ class DeepWMLParameterNode:
     modelName: str = ""
     modelFile: pathlib.Path
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    # deepwml segment --precision: auto runs bf16 on a CPU that computes it natively and fp16 on a GPU; fp32 is
-    # the way out when reduced precision overflows (NaN probabilities)
+    # deepwml segment --precision: auto runs bf16 on a CPU that computes it natively where it is measured faster
+    # than fp32 there, and fp16 on a GPU; fp32 is the way out when reduced precision overflows (NaN probabilities)
     precision: Annotated[str, Choice(list(PRECISION_CHOICES))] = "auto"
     useModelThreshold: bool = True
     threshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5

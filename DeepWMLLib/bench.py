@@ -154,7 +154,8 @@ class _Launcher:
 
 
 # The CPU's vector units that decide how the networks run: bf16 natively (AMX or AVX512-BF16, where the default
-# runs bf16), AVX-512 or AVX2 (fp32). Linux's /proc/cpuinfo flag names.
+# runs bf16 if it is measured faster than fp32: inference.bf16_is_faster), AVX-512 or AVX2 (fp32).
+# Linux's /proc/cpuinfo flag names.
 CPU_FEATURES = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
 
 

@@ -53,8 +53,9 @@ def parseArguments(argv):
     parser.add_argument("--reference-dir", type=Path, help="folder of reference (manual) masks, matched by case name")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                        help="as deepwml segment --precision: auto (bf16 on a CPU that computes bf16 natively, fp16 "
-                             "on a GPU), fp32 (full precision everywhere) or bf16")
+                        help="as deepwml segment --precision: auto (bf16 on a CPU that computes bf16 natively where "
+                             "it is measured faster than fp32 there, else fp32; fp16 on a GPU), fp32 (full precision "
+                             "everywhere) or bf16")
     parser.add_argument("--model", nargs="+", metavar="FILE",
                         help="model file(s); several make an ensemble. The name of a shipped model or ensemble "
                              "(e.g. ensemble-v8) stands for its file(s), as in deepwml segment. Default: the shipped "
