@@ -176,7 +176,17 @@ def bf16_is_faster(runtime: str, version: str, loaded: LoadedModel, threads: int
     _BF16_ROUNDS alternating runs each, after one run each to warm them up), as measured once for this runtime
     and version, this CPU (_machine_key), `threads` and the network's shape (its settings, not its weights: an
     ensemble's members share the answer), and kept in the cache. A cache that cannot be read or written costs the
-    timing in each process, not the run."""
+    timing in each process, not the run. One measurement at a time in a process (_BF16_LOCK): two at once (runners
+    built outside make_runner's lock: a scan-adapted model, the CPU taking over from a GPU) would slow each other
+    down, and the second asks the memo the first has filled."""
+    with _BF16_LOCK:
+        return _bf16_is_faster(runtime, version, loaded, threads, run)
+
+
+_BF16_LOCK = threading.Lock()
+
+
+def _bf16_is_faster(runtime: str, version: str, loaded: LoadedModel, threads: int, run: dict) -> bool:
     import json
 
     known = bf16_known(runtime, version, loaded, threads)

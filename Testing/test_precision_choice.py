@@ -241,3 +241,33 @@ def test_openvino_compiles_only_the_precision_already_chosen(tiny_model, fresh_c
     assert runner.measured["bf16"] is cached  # deepwml bench's row
     x = np.zeros((1, 1, *loaded.preprocessing.grid_size), np.float32)
     assert runner(x).shape == x.shape
+
+
+def test_two_threads_measure_once_not_at_the_same_time(tiny_model, fresh_choices):
+    """Runners built at once in two threads (outside make_runner's lock): one measurement, the other reads it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from DeepWMLLib import inference
+
+    loaded = _loaded(tiny_model)
+    running, overlapped, calls = [0], [False], []
+    guard = threading.Lock()
+
+    def run(name):
+        def go(x):
+            with guard:
+                running[0] += 1
+                overlapped[0] |= running[0] > 1
+            calls.append(name)
+            time.sleep(0.005)
+            with guard:
+                running[0] -= 1
+        return go
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: inference.bf16_is_faster(
+            "torch", "1", loaded, 2, {"fp32": run("fp32"), "bf16": run("bf16")}), range(2)))
+    assert answers[0] == answers[1]
+    assert not overlapped[0]
+    assert len(calls) == 2 * (inference._BF16_ROUNDS + 1)  # measured once
