@@ -897,6 +897,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
             if path.is_dir() and (export or not io.is_dicom_folder(path)):
                 images = _image_files(path)
                 studies, problems = io.dicom_catalogue(path) if export else ([], [])
+                written: dict = {}  # an earlier run's outline series or SEG alone (its OUTDIR given): no study
+                studies = [study for study in studies if not _earlier_outputs_only(study, written)]
                 found = images + [(study.name, _as_given(path, study.folder), study) for study in studies]
                 if not found and not problems:
                     cases.append((io.case_name(path), path, None))  # reported as an error for that input
@@ -913,6 +915,20 @@ def expand_inputs(inputs: Sequence[str]) -> list[tuple]:
         except DeepWMLError as exc:  # e.g. a name that is not UTF-8 text
             cases.append((io.case_name(path), path, exc))
     return cases
+
+
+def _earlier_outputs_only(study: io.DicomStudy, written: dict) -> bool:
+    """Whether every file of a study io.dicom_catalogue found is an output an earlier run's report (or a killed
+    run's journal) beside it lists: its outline series (`CASE_outline_dicom/`, listed in the folder above the
+    images) or its SEG (`CASE_wmh_seg.dcm`). An OUTDIR given back as INPUT is then that run's outputs, not a study
+    without a FLAIR. `written`: the listed names of each folder, filled as folders are looked at."""
+    def listed(folder: Path) -> set:
+        if folder not in written:
+            written[folder] = _outputs_of_earlier_runs(folder)
+        return written[folder]
+
+    files = [Path(f) for series in study.series for f in series.files]
+    return bool(files) and all(f.name in listed(f.parent) or f.parent.name in listed(f.parent.parent) for f in files)
 
 
 def _as_given(given: Path, folder: Path) -> Path:

@@ -296,6 +296,27 @@ def test_an_outline_series_written_inside_the_export_leaves_the_case_as_it_was(t
         assert [(r["case"], r["status"]) for r in csv.DictReader(f)] == [("patientA_flair", "skipped")]
 
 
+def test_an_outdir_holding_an_outline_series_given_as_input_is_named_as_outputs(tmp_path, tiny_model):
+    """OUTDIR given for the scans after a run with --dicom-outline: its outline series, in a folder below it, made it
+    a PACS export whose one study (the outline, no FLAIR) was skipped and the run ended 'no series looks like a FLAIR
+    ... choose it with --series'; its files are the earlier run's outputs, which its report lists, as a folder of
+    masks or a SEG beside them is called. With the FLAIR's own study in the export, the outline joins it (above)."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(folder), "-o", str(out), "--dicom-outline"] + args) == 0
+    assert (out / "flair_outline_dicom").is_dir()
+    assert main(["segment", str(out), "-o", str(tmp_path / "again")] + args) == 1
+    error = read_summary_error(tmp_path / "again")
+    assert "holds only the outputs of an earlier DeepWML run (1 case(s): flair)" in error, error
+    # the same series without the report that lists it is a study like any other (a user's folder): no FLAIR in it
+    for path in out.iterdir():
+        if path.is_file():
+            path.unlink()
+    assert main(["segment", str(out), "-o", str(tmp_path / "third")] + args) == 1
+    assert "none looks like a FLAIR" in read_summary_error(tmp_path / "third")
+
+
 def test_japanese_names_with_half_width_katakana(tmp_path):
     """ISO 2022 IR 13 with IR 87, as Japanese DICOM writes names: half-width katakana as 8-bit bytes,
     kanji and hiragana behind escape sequences (DICOM PS3.5 annex H)."""
