@@ -313,11 +313,11 @@ def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
     `overwrite`), or one holding files other than an outline series' images, or images named as its own that are
     not DeepWML's (refuse_foreign_images; never deleted)."""
     folder = Path(folder)
+    refuse_foreign_images(folder)  # first: a user's images are said to be such, not that --overwrite would do
     if folder.exists() and not (overwrite and folder.is_dir()):
         raise DeepWMLError(f"{folder} exists; remove it or rerun with --overwrite")
     if folder.is_dir() and any(not f.match("IM*.dcm") for f in folder.iterdir()):
         raise DeepWMLError(f"{folder} holds files DeepWML did not write there; move them before replacing the series")
-    refuse_foreign_images(folder)
     return folder
 
 

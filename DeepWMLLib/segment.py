@@ -1693,6 +1693,10 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
                                                                for e in io.OUTPUT_EXTENSIONS],
                                        planned, study, series)
         missing = [key for key in ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
+        listed = _listed_outputs(paths["report"])
+        if "dicom_outline" in paths and paths["dicom_outline"].exists() and listed is not None \
+                and paths["dicom_outline"].name not in listed:  # a folder of that name the run did not write (a
+            missing.append("dicom_outline")  # user's images): no outline of the case, which add_outputs refuses
         if missing:  # asked for now, not made then (or deleted since): made from the saved mask
             def networks(image):
                 from .inference import progress_part

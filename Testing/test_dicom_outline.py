@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import time
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -315,6 +316,31 @@ def test_an_outdir_holding_an_outline_series_given_as_input_is_named_as_outputs(
             path.unlink()
     assert main(["segment", str(out), "-o", str(tmp_path / "third")] + args) == 1
     assert "none looks like a FLAIR" in read_summary_error(tmp_path / "third")
+
+
+def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name_for_it(tmp_path, tiny_model):
+    """A case done without --dicom-outline, a folder CASE_outline_dicom of the user's images beside it (its report does
+    not list it): a rerun with --dicom-outline said 'skipped - outputs exist (..., flair_outline_dicom)', the user's
+    images taken for the outline series asked for, none made. Now the folder is no output of the case's: the outline
+    is to be added, and the folder, holding images that are not DeepWML's, is refused as such, left as it is."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    assert main(args) == 0
+    theirs = out / "flair_outline_dicom"
+    theirs.mkdir()
+    shutil.copy(sorted(folder.iterdir())[0], theirs / "IM00001.dcm")  # a FLAIR image, not DeepWML's
+    report = (out / "flair_report.json").read_bytes()
+    assert main(args + ["--dicom-outline"]) == 1
+    error = read_summary_error(out)
+    assert "flair_outline_dicom holds DICOM images that are not DeepWML's outline series" in error, error
+    assert [p.name for p in theirs.iterdir()] == ["IM00001.dcm"] and (out / "flair_report.json").read_bytes() == report
+    # the case's own outline, listed by its report, still makes the rerun a skip
+    shutil.rmtree(theirs)
+    assert main(args + ["--dicom-outline"]) == 0  # added
+    assert main(args + ["--dicom-outline"]) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["skipped"]
 
 
 def test_japanese_names_with_half_width_katakana(tmp_path):
