@@ -604,6 +604,39 @@ def test_the_panels_say_which_segments_and_labels_were_compared(scene):
     assert logic.compareSegmentations(ours, ours, volume)["notes"] == []
 
 
+def test_the_panels_say_which_segments_were_compared_where_two_are_named_wmh(scene):
+    """A rater's two 'WMH' segments (both lesion, as the command line reads them) beside a segment of another name
+    ('Brain'): the panel said "'rater' has 2 segments ('WMH', 'WMH'): all were counted as lesion; to count one alone,
+    name it WMH", where the rater has three, 'Brain' was left out without a word, and both are named WMH already."""
+    flair, truth = make_volume(size=(40, 40, 8), blobs=((0.3, 0.3, 0.5, 4.0), (0.7, 0.7, 0.5, 4.0)))
+    volume = mrml.volumeFromImage(flair, "flair")
+    halves = sitk.GetArrayFromImage(truth)
+    first, second = halves.copy(), halves.copy()
+    first[:, :, 20:], second[:, :, :20] = 0, 0
+    first, second = (sitk.GetImageFromArray(half) for half in (first, second))
+    for half in (first, second):
+        half.CopyInformation(truth)
+    brain = sitk.Image(truth) * 0
+    brain[2:38, 2:38, 1:7] = 1
+    rater = mrml.segmentationFromMask(first, volume, name="rater", segmentName="WMH")
+    mrml.segmentationFromMask(second, volume, rater, segmentName="second")
+    segmentation = rater.GetSegmentation()
+    segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("second")).SetName("WMH")
+    logic = DeepWMLCoreLogic()
+    reference = mrml.segmentationFromMask(truth, volume, name="truth")
+    alone = logic.compareSegmentations(rater, reference, volume)
+    assert alone["dice"] == 1.0  # both WMH segments counted
+    assert alone["notes"] == ["'rater' has 2 segments named 'WMH': both were counted as lesion, together; to count "
+                              "one alone, rename the other (Segment Editor)"]
+    mrml.segmentationFromMask(brain, volume, rater, segmentName="Brain")
+    comparison = logic.compareSegmentations(rater, reference, volume)
+    assert comparison["dice"] == 1.0  # 'Brain' left out
+    expected = ("of 'rater', only the 2 segments named 'WMH' were counted as lesion (together), not 'Brain'; to count "
+                "them too, add them to 'WMH' (Segment Editor)")
+    assert comparison["notes"] == [expected]
+    assert f"Warning: {expected}" in logic.formatReport(logic.lesionStatistics(rater, volume))
+
+
 def test_consensus_check_pass_fail_threshold_and_discordant_slices(scene):
     flair, truth = make_volume(**OBLIQUE)
     volume = mrml.volumeFromImage(flair, "flair")

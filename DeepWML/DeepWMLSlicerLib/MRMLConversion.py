@@ -409,6 +409,15 @@ def maskNotes(node, segmentId: str | None = None) -> list[str]:
         return [f"'{name}' is DeepWML's lesion change segmentation ({why}): the follow-up's lesions were counted "
                 f"({', '.join(dict.fromkeys(names)) or 'none'}); {', '.join(dict.fromkeys(others)) or 'no gone segment'} "
                 "left out (baseline lesions no longer there)"]
+    if len(taken) > 1 and _named(segmentation, taken, WMH_SEGMENT_NAME):  # a rater's two WMH: by their name
+        named = " / ".join(repr(n) for n in dict.fromkeys(names))
+        if others:
+            return [f"of '{name}', only the {len(taken)} segments named {named} were counted as lesion (together), "
+                    f"not {', '.join(repr(n) for n in others)}; to count them too, add them to {named} (Segment "
+                    "Editor)"]
+        return [f"'{name}' has {len(taken)} segments named {named}: {'both' if len(taken) == 2 else 'all'} were "
+                f"counted as lesion, together; to count one alone, rename the {'other' if len(taken) == 2 else 'others'}"
+                " (Segment Editor)"]
     if len(taken) > 1:
         return [f"'{name}' has {len(taken)} segments ({', '.join(repr(n) for n in names)}): all were counted as "
                 f"lesion, together; to count one alone, name it {WMH_SEGMENT_NAME} (Segment Editor)"]
