@@ -68,6 +68,8 @@ BAD_INPUTS = [
     ("a grid whose axes are not at right angles (sheared)", "segment", 1, "sheared grid"),
     ("NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)", "segment", 1,
      "two voxel sizes"),
+    ("NIfTI whose sform is sheared, its slice axis leaning 15 degrees (SimpleITK places it by the qform, FSL by the "
+     "sform)", "segment", 1, "sform places the voxels on a sheared grid"),
     ("NIfTI whose header's first field (its size, 348) is damaged (SimpleITK reads it all the same, unchecked)",
      "segment", 1, "is not a NIfTI file"),
     ("NIfTI without the NIfTI mark (`n+1`; SimpleITK would read it as Analyze, on no orientation)", "segment", 1,
@@ -434,6 +436,14 @@ def world(tmp_path):
     paths["NIfTI whose sform gives other voxel sizes than its pixdim (SimpleITK takes pixdim, FSL the sform)"] = \
         d / "two_sizes.nii"
     (d / "two_sizes.nii").write_bytes(two_sizes)
+    leaning = bytearray(raw)
+    srow = list(struct.unpack_from("<12f", leaning, 280))
+    slice_mm = math.hypot(srow[2], srow[6], srow[10])
+    srow[2:11:4] = [srow[2] + slice_mm * math.sin(math.radians(15)), srow[6], srow[10] * math.cos(math.radians(15))]
+    struct.pack_into("<12f", leaning, 280, *srow)
+    paths["NIfTI whose sform is sheared, its slice axis leaning 15 degrees (SimpleITK places it by the qform, FSL by "
+          "the sform)"] = d / "leaning.nii"
+    (d / "leaning.nii").write_bytes(leaning)
     damaged = {  # a field of the header set to what a damaged file holds: (offset, struct format, value)
         "NIfTI whose header's first field (its size, 348) is damaged (SimpleITK reads it all the same, unchecked)":
             (0, "<i", -348),
