@@ -1299,6 +1299,7 @@ def _cohort_pair(args, out: Path, case: str, entry: dict, loaded: dict) -> tuple
             return done
         earlier = _earlier_outputs(out, case, _given(entry))
         if earlier and not args.overwrite:  # the report is written last: an earlier run stopped part way
+            _refuse_unreplaceable_outline(out, case)  # but a user's folder of the outline's name said first
             raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(p.name for p in earlier)}; "
                                "no report); rerun with --overwrite to replace them")
         return "ok", run_case(args, case, entry["baseline"], entry["followup"],
@@ -1486,6 +1487,24 @@ NO_DICOM_SEG = ("no DICOM SEG: the follow-up is not DICOM, so it has no patient 
                 "needs a DICOM follow-up)")
 
 
+def _outline_of(done: dict, name: str) -> bool:
+    """Whether the pair's report `done` says its runs wrote the outline series' folder `name`: a full run names it in
+    `dicom_outline`, a rerun that added it lists it in `outputs` too. A report that lists no outputs (an older
+    version) and names none: it cannot tell, so the folder is taken for the pair's, as it was."""
+    outline = done.get("dicom_outline")
+    listed = done.get("outputs")
+    return ((isinstance(outline, dict) and outline.get("folder") == name)
+            or (isinstance(listed, list) and name in listed) or (not isinstance(listed, list) and outline is None))
+
+
+def _refuse_unreplaceable_outline(out: Path, case: str) -> None:
+    """A folder of the pair's outline series' name that --overwrite would not replace either (a user's images in it:
+    dicom_outline.refuse_unreplaceable), refused as such before a refusal that advises --overwrite."""
+    from .dicom_outline import refuse_unreplaceable
+
+    refuse_unreplaceable(outline_path(out, case))
+
+
 def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tuple[dict, str] | None:
     """For a pair done before (its report `done`, checked: check_done_pair), the optional outputs this run asks for
     and OUTDIR lacks (`--qc`'s picture; for a DICOM follow-up `--dicom-outline`'s series and `--dicom-seg`'s SEG),
@@ -1504,7 +1523,10 @@ def add_pair_outputs(out: Path, case: str, entry: dict, done: dict, args) -> tup
         wanted["dicom_outline"] = outline_path(out, case)
     if dicom and getattr(args, "dicom_seg", False):
         wanted["dicom_seg"] = seg_path(out, case)
-    missing = {key: path for key, path in wanted.items() if not path.exists()}
+    # a folder of the outline series' name that the report does not name (the run did not write it: a user's) is no
+    # outline of the pair: to be added, so refused below as a folder in the way
+    missing = {key: path for key, path in wanted.items()
+               if not path.exists() or (key == "dicom_outline" and not _outline_of(done, path.name))}
     if not missing:
         return None
     listed = done.get("outputs") if isinstance(done.get("outputs"), list) else None
@@ -1654,6 +1676,7 @@ def _run_case(args, case: str, baseline_path, followup_path, mask_paths: tuple, 
     earlier = _earlier_outputs(out, case, inputs)  # in any image format, optional ones included; not a file given
     earlier_outline = outline_path(out, case) if outline_path(out, case).exists() else None
     if (earlier or earlier_outline) and not args.overwrite:
+        _refuse_unreplaceable_outline(out, case)  # a user's images there: said so, not that --overwrite would do
         names = [p.name for p in earlier] + ([earlier_outline.name + "/"] if earlier_outline else [])
         raise DeepWMLError(f"outputs exist ({', '.join(names)}); use --overwrite to replace them")
     outline = getattr(args, "dicom_outline", False) and chosen["follow-up"] is not None

@@ -308,16 +308,28 @@ def refuse_foreign_images(folder: str | os.PathLike) -> None:
                            "the series")
 
 
-def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse, before any work, an outline folder that may not be written: one that exists (without
-    `overwrite`), or one holding files other than an outline series' images, or images named as its own that are
-    not DeepWML's (refuse_foreign_images; never deleted)."""
+def refuse_unreplaceable(folder: str | os.PathLike) -> None:
+    """Refuse (DeepWMLError) what stands where an outline series' folder is to be written and --overwrite would not
+    replace either: images named as the series' own that are not DeepWML's (refuse_foreign_images; never deleted),
+    files of other names in the folder, or a file of the folder's name. The commands say it before anything that
+    advises --overwrite (an output there, a set of outputs without its report), which would only lead to it."""
     folder = Path(folder)
-    refuse_foreign_images(folder)  # first: a user's images are said to be such, not that --overwrite would do
-    if folder.exists() and not (overwrite and folder.is_dir()):
-        raise DeepWMLError(f"{folder} exists; remove it or rerun with --overwrite")
+    refuse_foreign_images(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DeepWMLError(f"{folder} is a file, where the outline series' folder is to be written; move it "
+                           "elsewhere, or write into another output folder")
     if folder.is_dir() and any(not f.match("IM*.dcm") for f in folder.iterdir()):
         raise DeepWMLError(f"{folder} holds files DeepWML did not write there; move them before replacing the series")
+
+
+def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any work, an outline folder that may not be written: one that exists (without
+    `overwrite`), or what --overwrite would not replace either, said first (refuse_unreplaceable: a file of its
+    name, files other than an outline series' images, images named as its own that are not DeepWML's)."""
+    folder = Path(folder)
+    refuse_unreplaceable(folder)  # first: a user's images are said to be such, not that --overwrite would do
+    if folder.exists() and not overwrite:
+        raise DeepWMLError(f"{folder} exists; remove it or rerun with --overwrite")
     return folder
 
 

@@ -210,6 +210,10 @@ def export_case(flair, mask, out_dir, case: str | None = None, dicom_seg: bool =
                                "another OUTDIR, or give another name with --case")
         existing = sorted(p.name for p in paths.values() if p.exists())
         if existing and not overwrite:
+            if outline:  # a folder of the outline series' name that --overwrite would not replace either (a user's
+                from .dicom_outline import refuse_unreplaceable  # images): said first, and what to do
+
+                refuse_unreplaceable(paths["dicom_outline"])
             raise DeepWMLError(f"{', '.join(existing)} already in {out}; rerun with --overwrite to replace "
                                f"{'it' if len(existing) == 1 else 'them'}, or export into another OUTDIR")
         if outline:  # refused before any work (the split's networks, the picture), as segment refuses it

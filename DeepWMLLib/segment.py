@@ -1653,6 +1653,36 @@ def whole_or_none(paths: dict):
         raise
 
 
+def refuse_incomplete(paths: dict, existing: list[str]) -> None:
+    """Without --overwrite, a case whose outputs (`existing`: the names of `paths`, output_paths', there now) have no
+    report beside them is refused: the report is written last, so an earlier run stopped part way, and --overwrite
+    replaces them; but first a folder of the outline series' name that --overwrite would not replace either (a
+    user's images in it: dicom_outline.refuse_unreplaceable) is said to be such, and what to do. deepwml segment and
+    the Slicer batch script."""
+    if paths["report"].exists():
+        return
+    if "dicom_outline" in paths:
+        from .dicom_outline import refuse_unreplaceable
+
+        refuse_unreplaceable(paths["dicom_outline"])
+    raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
+                       f"{paths['report'].name}); rerun with --overwrite to replace them")
+
+
+def outputs_to_add(paths: dict) -> list[str]:
+    """The optional outputs (ADDABLE_OUTPUTS) asked for (`paths`, output_paths') that a case done before lacks, to be
+    made from its saved mask (add_outputs): those not there, and its outline series' folder where one of that name
+    is there that its report does not list (the run did not write it: a user's images), which is no outline of the
+    case (add_outputs refuses it as a folder in the way). A report without the list (an older version): taken for
+    the case's. deepwml segment and the Slicer batch script."""
+    missing = [key for key in ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
+    listed = _listed_outputs(paths["report"])
+    if "dicom_outline" in paths and paths["dicom_outline"].exists() and listed is not None \
+            and paths["dicom_outline"].name not in listed:
+        missing.append("dicom_outline")
+    return missing
+
+
 def check_dicom_source(series, outline: bool, seg: bool) -> None:
     """Refuse a DICOM series the outline series (`outline`) or the SEG (`seg`) cannot be made of (no Study Instance
     UID, an unknown character set; for the SEG no Frame of Reference UID): its headers alone tell, so it is refused
@@ -1683,20 +1713,14 @@ def _segment_case(case, path, out_dir, paths, outline, models, device, threshold
     refuse_foreign_outlines(out_dir, case, paths, overwrite, protected)  # a user's images where a series was
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not overwrite:
-        if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
-            raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
-                               f"{paths['report'].name}); rerun with --overwrite to replace them")
+        refuse_incomplete(paths, existing)  # no report: an earlier run stopped part way, or a user's folder
         planned = planned_settings(models, threshold, tta, min_lesion_mm3, exclude_edge_fraction, brain_model,
                                    ventricle_model, precision, grid_phases, brain_gate)
         earlier = check_earlier_result(out_dir, case, path, paths["report"],
                                        [paths["mask"].name] + [output_paths(out_dir, case, False, extension=e)["mask"].name
                                                                for e in io.OUTPUT_EXTENSIONS],
                                        planned, study, series)
-        missing = [key for key in ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
-        listed = _listed_outputs(paths["report"])
-        if "dicom_outline" in paths and paths["dicom_outline"].exists() and listed is not None \
-                and paths["dicom_outline"].name not in listed:  # a folder of that name the run did not write (a
-            missing.append("dicom_outline")  # user's images): no outline of the case, which add_outputs refuses
+        missing = outputs_to_add(paths)
         if missing:  # asked for now, not made then (or deleted since): made from the saved mask
             def networks(image):
                 from .inference import progress_part

@@ -740,6 +740,78 @@ def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pai
         assert (out / "followup_change.json").read_bytes() == report
 
 
+def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name_for_it(pair, tmp_path, capsys):
+    """A pair done without --dicom-outline, a folder CASE_change_outline_dicom of the user's images beside it (its
+    report does not name it): a rerun with --dicom-outline said 'skipped - done before', the user's images taken for
+    the outline series asked for, none made (segment's fault, 6b2f763). Now the folder is no output of the pair's:
+    the outline is to be added, and the folder, holding images that are not DeepWML's, is refused as such, left as
+    it is with the report. The pair's own outline, named by its report (a full run's) or listed (added), still
+    makes the rerun a skip."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
+                                extra={"0020|000d": "1.2.3.70"})
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    assert main(args) == 0
+    target = out / "followup_change_outline_dicom"
+    theirs = users_images_in(series, target)
+    report = (out / "followup_change.json").read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--dicom-outline"]) == 1
+    err = capsys.readouterr().err
+    assert f"{target} holds DICOM images that are not DeepWML's outline series" in err, err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+    assert (out / "followup_change.json").read_bytes() == report
+    shutil.rmtree(target)
+    assert main(args + ["--dicom-outline"]) == 0
+    assert "followup: added - added followup_change_outline_dicom" in capsys.readouterr().err
+    assert main(args + ["--dicom-outline"]) == 0
+    assert "followup: skipped - done before" in capsys.readouterr().err
+    # a full run's report names its outline in `dicom_outline` alone (not in `outputs`): a skip too
+    assert main(args + ["--dicom-outline", "--overwrite"]) == 0
+    assert "followup_change_outline_dicom" not in json.loads((out / "followup_change.json").read_text(
+        encoding="utf-8"))["outputs"]
+    capsys.readouterr()
+    assert main(args + ["--dicom-outline"]) == 0
+    assert "followup: skipped - done before" in capsys.readouterr().err
+
+
+def test_a_users_folder_of_the_outlines_name_without_a_report_is_said_to_be_theirs_at_once(pair, tmp_path, capsys):
+    """No report of the pair in OUTDIR, a folder CASE_change_outline_dicom of the user's images there: the pair was
+    refused as 'outputs exist (followup_change_outline_dicom/); use --overwrite' (a manifest's pair, its other files
+    there, as 'an incomplete set of outputs ...; rerun with --overwrite'), and --overwrite then refused the folder as
+    not DeepWML's. The first refusal now says so, and what to do; the folder is left as it is."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
+                                extra={"0020|000d": "1.2.3.70"})
+    out = tmp_path / "out"
+    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
+            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    target = out / "followup_change_outline_dicom"
+    theirs = users_images_in(series, target)
+    said = f"{target} holds DICOM images that are not DeepWML's outline series"
+    capsys.readouterr()
+    for options in (["--dicom-outline"], [], ["--dicom-outline", "--overwrite"]):
+        assert main(args + options) == 1
+        err = capsys.readouterr().err
+        assert said in err and "use --overwrite" not in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["followup_change_outline_dicom"]
+    # a manifest's pair whose earlier run left its files without its report
+    manifest = _manifest(tmp_path / "pairs.csv", files, case="followup", followup=series)
+    shutil.rmtree(target)
+    assert main(["change", "--manifest", str(manifest), "-o", str(out)]) == 0
+    (out / "followup_change.json").unlink()
+    theirs = users_images_in(series, target)
+    capsys.readouterr()
+    assert main(["change", "--manifest", str(manifest), "-o", str(out), "--dicom-outline"]) == 1
+    err = capsys.readouterr().err
+    assert said in err and "incomplete set" not in err, err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+
+
 def test_each_registration_says_when_it_ends(pair, tmp_path, capsys):
     """The two registrations take tens of seconds each on a clinical pair (30 s the first way on patient19's, 2 CPU
     cores), after a single 'registering ...' line: each now says when it ends, so the wait does

@@ -343,6 +343,43 @@ def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name
         assert [r["status"] for r in csv.DictReader(f)] == ["skipped"]
 
 
+def test_a_users_folder_of_the_outlines_name_in_a_new_outdir_is_said_to_be_theirs_at_once(tmp_path, tiny_model):
+    """No report in OUTDIR, a folder CASE_outline_dicom of the user's there: --dicom-outline said 'an earlier run left
+    an incomplete set of outputs (flair_outline_dicom; ...); rerun with --overwrite', and --overwrite then refused the
+    folder as not DeepWML's (or, a file of that name, said 'exists; ... rerun with --overwrite' again). The first
+    refusal now says what is in the way and what to do; the folder is left as it is, nothing written. An empty
+    folder of the name is still replaced by --overwrite, as before."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["segment", str(folder), "-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-outline"]
+    theirs = out / "flair_outline_dicom"
+    before = users_images_in(folder, theirs)
+    for options in ([], ["--overwrite"]):
+        assert main(args + options) == 1
+        error = read_summary_error(out)
+        assert f"{theirs} holds DICOM images that are not DeepWML's outline series" in error, error
+        assert contents(theirs) == before and sorted(p.name for p in out.iterdir()) == ["flair_outline_dicom",
+                                                                                      "summary.csv"]
+    shutil.rmtree(theirs)
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    assert main(args) == 1
+    assert f"{theirs} holds files DeepWML did not write there; move them" in read_summary_error(out)
+    shutil.rmtree(theirs)
+    theirs.write_text("mine")  # a file of the folder's name: not 'rerun with --overwrite', which says that again
+    for options in ([], ["--overwrite"]):
+        assert main(args + options) == 1
+        error = read_summary_error(out)
+        assert f"{theirs} is a file, where the outline series' folder is to be written; move it" in error, error
+        assert "--overwrite" not in error and theirs.read_text() == "mine"
+    theirs.unlink()
+    theirs.mkdir()
+    assert main(args) == 1
+    assert "an earlier run left an incomplete set of outputs (flair_outline_dicom; no flair_report.json)" \
+        in read_summary_error(out)
+    assert main(args + ["--overwrite"]) == 0 and len(list(theirs.glob("IM*.dcm"))) == 6
+
+
 def test_japanese_names_with_half_width_katakana(tmp_path):
     """ISO 2022 IR 13 with IR 87, as Japanese DICOM writes names: half-width katakana as 8-bit bytes,
     kanji and hiragana behind escape sequences (DICOM PS3.5 annex H)."""

@@ -639,6 +639,30 @@ def test_export_overwrite_never_deletes_a_users_images_in_the_outline_folder(tmp
         assert (out / "p1_report.json").read_bytes() == report
 
 
+def test_export_says_a_users_folder_of_the_outlines_name_is_theirs_before_advising_overwrite(tmp_path, capsys):
+    """A folder CASE_outline_dicom of the user's images in a new OUTDIR: export --dicom-outline said 'p1_outline_dicom
+    already in OUTDIR; rerun with --overwrite to replace it', and --overwrite then refused the folder as not
+    DeepWML's. The first refusal now says so, and what to do; nothing written. DeepWML's own series there is still
+    said to be in the way, to be replaced by --overwrite."""
+    folder = source_series(tmp_path / "flair")
+    edited_mask(folder, tmp_path / "edited.nii.gz")
+    out = tmp_path / "out"
+    command = ["export", str(folder), str(tmp_path / "edited.nii.gz"), "-o", str(out), "--case", "p1", "--dicom-outline"]
+    target = out / "p1_outline_dicom"
+    theirs = users_images_in(folder, target)
+    capsys.readouterr()
+    for options in ([], ["--overwrite"]):
+        assert main([*command, *options]) == 1
+        err = capsys.readouterr().err
+        assert f"{target} holds DICOM images that are not DeepWML's outline series" in err and "already in" not in err
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["p1_outline_dicom"]
+    shutil.rmtree(target)
+    assert main(command) == 0
+    assert main(command) == 1
+    assert "p1_outline_dicom, p1_report.json already in" in capsys.readouterr().err
+
+
 def test_export_refuses_a_users_images_in_its_outline_folder_before_drawing_or_measuring(tmp_path, capsys,
                                                                                           monkeypatch):
     """--dicom-outline --overwrite into an outline folder holding a FLAIR's images under the series' names: the

@@ -1280,6 +1280,43 @@ def test_batch_overwrite_never_deletes_a_users_images_in_the_outline_folder(scen
         assert (out / "S_report.json").read_bytes() == report
 
 
+def test_batch_never_takes_a_users_folder_of_the_outlines_name_for_it_nor_sends_them_to_overwrite(
+        scene, batchScript, tmp_path, monkeypatch, tiny_model):
+    """A folder CASE_outline_dicom of the user's images in OUT, as deepwml segment has it: with no report there, the
+    case was refused as 'an incomplete set of outputs ...; rerun with --overwrite', which refused the folder; beside
+    a case done without --dicom-outline (its report not listing the folder), a rerun with it was 'skipped', the
+    user's images taken for the outline, none made. Now both say at once that the folder holds images not
+    DeepWML's, and leave it and the report as they are; the case's own outline, once added, makes a rerun a skip."""
+    import shutil
+
+    from conftest import write_dicom_series
+
+    oracle_network(monkeypatch)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    flair, _ = make_volume(size=(40, 36, 6), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    series = write_dicom_series(inputs / "S", flair, uid="1.2.3.8", description="AX FLAIR", inversion_ms=2500)
+    base = ["--input-dir", str(inputs), "--output-dir", str(out), "--model", str(tiny_model), "--device", "cpu"]
+    target = out / "S_outline_dicom"
+    out.mkdir()
+    theirs = users_images_in(series, target)
+    assert batchScript.main(base + ["--dicom-outline"]) != 0
+    error = summary(out)["S"]["error"]
+    assert f"{target} holds DICOM images that are not DeepWML's outline series" in error, error
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs and not (out / "S_report.json").exists()
+    shutil.rmtree(target)
+    assert batchScript.main(base) == 0
+    theirs = users_images_in(series, target)
+    report = (out / "S_report.json").read_bytes()
+    assert batchScript.main(base + ["--dicom-outline"]) != 0
+    row = summary(out)["S"]
+    assert row["status"] == "error" and "holds DICOM images that are not DeepWML's outline series" in row["error"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
+    assert (out / "S_report.json").read_bytes() == report
+    shutil.rmtree(target)
+    assert batchScript.main(base + ["--dicom-outline"]) == 0 and summary(out)["S"]["status"] == "added"
+    assert batchScript.main(base + ["--dicom-outline"]) == 0 and summary(out)["S"]["status"] == "skipped"
+
+
 def test_batch_rerun_adds_the_missing_picture_of_a_case_done_before_from_its_saved_mask(
         scene, batchScript, tmp_path, monkeypatch, tiny_model, capsys):
     """As `deepwml segment` does (segment.add_outputs): a rerun with --qc into the same OUT draws the picture of a

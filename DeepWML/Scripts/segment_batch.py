@@ -222,12 +222,13 @@ def _segmentCase(logic, case: str, path: Path, args, study, paths, progress=None
     segment.refuse_foreign_outlines(args.output_dir, case, paths, args.overwrite, args.protected)
     existing = [p.name for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
-        if not paths["report"].exists():  # the report is written last: an earlier run stopped part way
-            raise DeepWMLError(f"an earlier run left an incomplete set of outputs ({', '.join(existing)}; no "
-                               f"{paths['report'].name}); rerun with --overwrite to replace them")
+        # no report: an earlier run stopped part way (a folder of the outline series' name holding a user's images
+        # said as such first), as deepwml segment refuses it
+        segment.refuse_incomplete(paths, existing)
         earlier = check_earlier_result(args.output_dir, case, path, paths["report"], [paths["mask"].name],
                                        args.settings, study)
-        missing = [key for key in segment.ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
+        # a folder of the outline series' name that the report does not list (a user's) is no outline of the case
+        missing = segment.outputs_to_add(paths)
         if missing:  # asked for now (--qc, --dicom-outline, --dicom-seg), not made then or deleted since: made from
             return addOutputs(logic, case, path, args, study, paths, missing, earlier, progress)  # the saved mask
         row = {"status": "skipped", "error": segment.skip_message(existing, earlier)}
