@@ -2732,6 +2732,12 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         raise (NoFlairSeries if strict else DeepWMLError)(
             f"{folder} holds only a DICOM Segmentation (Modality SEG: {series[0].label()}), a segmentation of another "
             "series, not a scan; give the folder of the FLAIR series")
+    if not strict and _deepwml_outlines_only(series):  # an earlier run's --dicom-outline given for the scan (its
+        # folder, or its OUTDIR): said so, not read as a FLAIR in colour ('3 values per voxel') nor one among none
+        shown = "; ".join(s.label() for s in series[:3]) + ("; ..." if len(series) > 3 else "")
+        raise DeepWMLError(f"{folder} holds only DeepWML's outline series, {shown}: a FLAIR drawn in colour with its "
+                           "lesions outlined by an earlier DeepWML run (--dicom-outline), not a scan; give the folder "
+                           "of the FLAIR series it was drawn from")
     if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]
@@ -2744,6 +2750,14 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
                             f"time or description: {_listing([], series)}; {how}")
     raise DeepWMLError(f"{folder} holds {len(series)} DICOM series and {found} like a FLAIR by its inversion time "
                        f"or description: {_listing(flair, [s for s in series if s not in flair])}; {how}")
+
+
+def _deepwml_outlines_only(series: Sequence[DicomSeries]) -> bool:
+    """Whether every series is an outline series DeepWML wrote (a Secondary Capture whose first image names DeepWML
+    as its maker: dicom_outline.is_outline_image), deepwml segment's or change's, so no scan among them."""
+    from .dicom_outline import is_outline_image
+
+    return bool(series) and all(s.secondary_capture and s.files and is_outline_image(s.files[0]) for s in series)
 
 
 def _series_read_error(path: Path, files: list, exc: Exception) -> str:

@@ -812,6 +812,30 @@ def test_a_users_folder_of_the_outlines_name_without_a_report_is_said_to_be_thei
     assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
 
 
+def test_an_outdir_of_segment_given_for_the_follow_up_is_named_as_its_outline_series(pair, tmp_path, capsys):
+    """`deepwml segment --dicom-outline`'s OUTDIR (or its outline series' folder) given as the follow-up: its outline
+    series, the only series below it, was read as the FLAIR and refused as 'has 3 values per voxel (vector/RGB)'.
+    Now named as DeepWML's outline series, the FLAIR's folder asked for."""
+    from DeepWMLLib import dicom_outline
+
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR", number=4,
+                                extra={"0020|000d": "1.2.3.70"})
+    out = tmp_path / "segmented"
+    out.mkdir()
+    chosen, _ = io.choose_dicom_series(series)
+    dicom_outline.write_outline_series(dicom_outline.outline_series(
+        io.read_image(series), io.read_mask(files["followup_mask"]), chosen, {}), out / "followup_outline_dicom")
+    capsys.readouterr()
+    for given in (out, out / "followup_outline_dicom"):
+        assert main(["change", str(files["baseline"]), str(given), "-o", str(tmp_path / "change"), "--baseline-mask",
+                     str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 1
+        err = capsys.readouterr().err
+        assert f"{given} holds only DeepWML's outline series, series 1004 'DeepWML WMH outline (AX FLAIR)'" in err, err
+        assert "values per voxel" not in err
+
+
 def test_each_registration_says_when_it_ends(pair, tmp_path, capsys):
     """The two registrations take tens of seconds each on a clinical pair (30 s the first way on patient19's, 2 CPU
     cores), after a single 'registering ...' line: each now says when it ends, so the wait does

@@ -380,6 +380,31 @@ def test_a_users_folder_of_the_outlines_name_in_a_new_outdir_is_said_to_be_their
     assert main(args + ["--overwrite"]) == 0 and len(list(theirs.glob("IM*.dcm"))) == 6
 
 
+def test_an_outline_series_given_for_the_scan_is_named_as_deepwmls_outline(tmp_path, tiny_model, capsys):
+    """An outline series' folder (or an OUTDIR holding it) given as the FLAIR: read as the folder's only series, it was
+    refused as 'has 3 values per voxel (vector/RGB)' by segment, export and change, words that do not say it is an
+    earlier run's output. Now it is named as DeepWML's outline series, and the FLAIR's folder asked for; chosen by
+    name it is read as before (and refused as RGB); among other series it is passed over, as before."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    model = ["--model", str(tiny_model), "--device", "cpu"]
+    assert main(["segment", str(folder), "-o", str(out), "--dicom-outline"] + model) == 0
+    outline = out / "flair_outline_dicom"
+    said = "holds only DeepWML's outline series, series 1007 'DeepWML WMH outline (AX T2 FLAIR)' (6 images): a FLAIR"
+    for given in (outline, out):
+        with pytest.raises(DeepWMLError, match="give the folder of the FLAIR series it was drawn from") as refused:
+            io.choose_dicom_series(given)
+        assert f"{given} {said}" in str(refused.value)
+    assert main(["segment", str(outline), "-o", str(tmp_path / "again")] + model) == 1
+    assert f"{outline} {said}" in read_summary_error(tmp_path / "again")
+    capsys.readouterr()
+    assert main(["export", str(out), str(out / "flair_wmh.nrrd"), "-o", str(tmp_path / "exported")]) == 1
+    assert f"{out} {said}" in capsys.readouterr().err
+    assert io.choose_dicom_series(outline, "1007")[0].secondary_capture  # named: taken
+    with pytest.raises(DeepWMLError, match="3 values per voxel"):
+        io.read_image(outline, series="1007")
+
+
 def test_japanese_names_with_half_width_katakana(tmp_path):
     """ISO 2022 IR 13 with IR 87, as Japanese DICOM writes names: half-width katakana as 8-bit bytes,
     kanji and hiragana behind escape sequences (DICOM PS3.5 annex H)."""
