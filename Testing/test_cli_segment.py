@@ -1014,6 +1014,9 @@ def test_openvino_backend_agrees_with_torch_in_fp32_and_closely_in_bf16(tiny_mod
 
     monkeypatch.setenv("DEEPWML_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(inference, "_BF16_CHOICES", {})  # auto's bf16-or-fp32 measured here, into this cache
+    # and a runner built here: the tiny model's digest is every test's, so an earlier test's kept runner (measured
+    # into its own cache) was handed back, and no measurement was found in this one
+    monkeypatch.setattr(inference, "_RUNNERS", {})
     (loaded,) = load_models([tiny_model])
     cpu = resolve_device("cpu")
     auto = make_runner(loaded, cpu, "auto")
