@@ -1490,11 +1490,14 @@ NO_DICOM_SEG = ("no DICOM SEG: the follow-up is not DICOM, so it has no patient 
 def _outline_of(done: dict, name: str) -> bool:
     """Whether the pair's report `done` says its runs wrote the outline series' folder `name`: a full run names it in
     `dicom_outline`, a rerun that added it lists it in `outputs` too. A report that lists no outputs (an older
-    version) and names none: it cannot tell, so the folder is taken for the pair's, as it was."""
+    version) and names none: it cannot tell, so the folder is taken for the pair's, as it was. Names alike but for
+    upper/lower case are one (a follow-up typed in other letters on macOS or Windows finds the same folder)."""
     outline = done.get("dicom_outline")
     listed = done.get("outputs")
-    return ((isinstance(outline, dict) and outline.get("folder") == name)
-            or (isinstance(listed, list) and name in listed) or (not isinstance(listed, list) and outline is None))
+    folder = outline.get("folder") if isinstance(outline, dict) else None
+    return ((isinstance(folder, str) and folder.casefold() == name.casefold())
+            or (isinstance(listed, list) and name.casefold() in {n.casefold() for n in listed if isinstance(n, str)})
+            or (not isinstance(listed, list) and outline is None))
 
 
 def _refuse_unreplaceable_outline(out: Path, case: str) -> None:

@@ -1674,11 +1674,13 @@ def outputs_to_add(paths: dict) -> list[str]:
     made from its saved mask (add_outputs): those not there, and its outline series' folder where one of that name
     is there that its report does not list (the run did not write it: a user's images), which is no outline of the
     case (add_outputs refuses it as a folder in the way). A report without the list (an older version): taken for
-    the case's. deepwml segment and the Slicer batch script."""
+    the case's. Names alike but for upper/lower case are one: on macOS and Windows a scan typed FLAIR where the
+    earlier run had flair finds that run's report and folder, which list it as flair_outline_dicom. deepwml
+    segment and the Slicer batch script."""
     missing = [key for key in ADDABLE_OUTPUTS if key in paths and not paths[key].exists()]
     listed = _listed_outputs(paths["report"])
     if "dicom_outline" in paths and paths["dicom_outline"].exists() and listed is not None \
-            and paths["dicom_outline"].name not in listed:
+            and paths["dicom_outline"].name.casefold() not in {name.casefold() for name in listed}:
         missing.append("dicom_outline")
     return missing
 

@@ -778,6 +778,34 @@ def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name
     assert "followup: skipped - done before" in capsys.readouterr().err
 
 
+def test_the_pairs_own_outline_is_known_when_the_followup_is_typed_in_other_letters(pair, tmp_path, capsys):
+    """On macOS and Windows (file names alike but for upper/lower case are one), a pair done with --dicom-outline, its
+    follow-up .../followup, rerun with it typed .../FOLLOWUP: the report found (FOLLOWUP_change.json) names the
+    folder followup_change_outline_dicom, and FOLLOWUP_change_outline_dicom there is that one; it was taken for a
+    user's folder the report does not name. Here the file system is as such a one shows it: the earlier run's files
+    under the names the rerun looks for, their contents as written."""
+    files = pair["files"]
+    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
+    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
+                                extra={"0020|000d": "1.2.3.70"})
+    out = tmp_path / "out"
+    args = ["-o", str(out), "--baseline-mask", str(files["baseline_mask"]), "--followup-mask",
+            str(files["followup_mask"]), "--dicom-outline"]
+    assert main(["change", str(files["baseline"]), str(series)] + args) == 0
+    assert json.loads((out / "followup_change.json").read_text(encoding="utf-8"))["dicom_outline"]["folder"] == \
+        "followup_change_outline_dicom"
+    for path in list(out.iterdir()):  # each file and the folder under both names (hard links, a link for the folder)
+        for lower in ("followup", ".followup"):
+            if path.name.startswith(lower):
+                other = out / (lower.upper() + path.name[len(lower):])
+                other.symlink_to(path.name) if path.is_dir() else os.link(path, other)
+    typed = tmp_path / "FOLLOWUP"
+    typed.symlink_to(series)
+    capsys.readouterr()
+    assert main(["change", str(files["baseline"]), str(typed)] + args) == 0
+    assert "FOLLOWUP: skipped - done before" in capsys.readouterr().err
+
+
 def test_a_users_folder_of_the_outlines_name_without_a_report_is_said_to_be_theirs_at_once(pair, tmp_path, capsys):
     """No report of the pair in OUTDIR, a folder CASE_change_outline_dicom of the user's images there: the pair was
     refused as 'outputs exist (followup_change_outline_dicom/); use --overwrite' (a manifest's pair, its other files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import time
 import json
+import os
 import shutil
 
 import numpy as np
@@ -341,6 +342,31 @@ def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name
     assert main(args + ["--dicom-outline"]) == 0
     with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["skipped"]
+
+
+def test_the_cases_own_outline_is_known_when_its_name_is_typed_in_other_letters(tmp_path, tiny_model):
+    """On macOS and Windows (file names alike but for upper/lower case are one), a case done with --dicom-outline from
+    .../flair, rerun with it typed .../FLAIR: its report (found as FLAIR_report.json) lists flair_outline_dicom, and
+    the folder FLAIR_outline_dicom there is that one. It was taken for a user's folder the report does not list (an
+    outline to add): the rerun failed, where it had been skipped. Here the file system is as such a one shows it:
+    the earlier run's files under both names, their contents (the report's list) as written."""
+    folder, _ = oblique_flair(tmp_path)
+    out = tmp_path / "out"
+    args = ["-o", str(out), "--model", str(tiny_model), "--device", "cpu", "--dicom-outline"]
+    assert main(["segment", str(folder)] + args) == 0
+    assert "flair_outline_dicom" in json.loads((out / "flair_report.json").read_text(encoding="utf-8"))["outputs"]
+    for path in list(out.iterdir()):  # each file and the folder under both names (hard links, a link for the folder)
+        for lower in ("flair", ".flair"):
+            if path.name.startswith(lower):
+                other = out / (lower.upper() + path.name[len(lower):])
+                other.symlink_to(path.name) if path.is_dir() else os.link(path, other)
+    typed = folder.parent / "FLAIR"
+    typed.symlink_to(folder)
+    outline = contents(out / "FLAIR_outline_dicom")
+    assert main(["segment", str(typed)] + args) == 0
+    with open(out / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        assert [(r["case"], r["status"]) for r in csv.DictReader(f)] == [("FLAIR", "skipped")]
+    assert contents(out / "FLAIR_outline_dicom") == outline
 
 
 def test_a_users_folder_of_the_outlines_name_in_a_new_outdir_is_said_to_be_theirs_at_once(tmp_path, tiny_model):
