@@ -2732,12 +2732,15 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         raise (NoFlairSeries if strict else DeepWMLError)(
             f"{folder} holds only a DICOM Segmentation (Modality SEG: {series[0].label()}), a segmentation of another "
             "series, not a scan; give the folder of the FLAIR series")
-    if not strict and _deepwml_outlines_only(series):  # an earlier run's --dicom-outline given for the scan (its
-        # folder, or its OUTDIR): said so, not read as a FLAIR in colour ('3 values per voxel') nor one among none
+    if _deepwml_outlines_only(series):  # an earlier run's --dicom-outline given for the scan (its folder, or its
+        # OUTDIR; in an export, a study of them alone, a copy without its report: skipped as the export's other exams
+        # are): said so, not read as a FLAIR in colour ('3 values per voxel') nor one among none, which sent the
+        # user to --series and so to that
         shown = "; ".join(s.label() for s in series[:3]) + ("; ..." if len(series) > 3 else "")
-        raise DeepWMLError(f"{folder} holds only DeepWML's outline series, {shown}: a FLAIR drawn in colour with its "
-                           "lesions outlined by an earlier DeepWML run (--dicom-outline), not a scan; give the folder "
-                           "of the FLAIR series it was drawn from")
+        raise (NoFlairSeries if strict else DeepWMLError)(
+            f"{folder} holds only DeepWML's outline series, {shown}: a FLAIR drawn in colour with its lesions outlined "
+            "by an earlier DeepWML run (--dicom-outline), not a scan; give the folder of the FLAIR series it was drawn "
+            "from")
     if len(series) == 1 and (not strict or series[0].unlabelled):
         return series[0], "the only series in the folder"
     flair = [s for s in series if s.looks_like_flair]

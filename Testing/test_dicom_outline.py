@@ -311,12 +311,16 @@ def test_an_outdir_holding_an_outline_series_given_as_input_is_named_as_outputs(
     assert main(["segment", str(out), "-o", str(tmp_path / "again")] + args) == 1
     error = read_summary_error(tmp_path / "again")
     assert "holds only the outputs of an earlier DeepWML run (1 case(s): flair)" in error, error
-    # the same series without the report that lists it is a study like any other (a user's folder): no FLAIR in it
+    # the same series without the report that lists it (copied elsewhere, the report left behind): a study without a
+    # FLAIR, named by its headers as DeepWML's outline series; it was said to hold none that looks like a FLAIR,
+    # 'choose one with --series', which then refused it as '3 values per voxel (vector/RGB)'
     for path in out.iterdir():
         if path.is_file():
             path.unlink()
     assert main(["segment", str(out), "-o", str(tmp_path / "third")] + args) == 1
-    assert "none looks like a FLAIR" in read_summary_error(tmp_path / "third")
+    error = read_summary_error(tmp_path / "third")
+    assert "flair_outline_dicom holds only DeepWML's outline series" in error and "--series" not in error, error
+    assert "give the folder of the FLAIR series it was drawn from" in error, error
 
 
 def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name_for_it(tmp_path, tiny_model):
