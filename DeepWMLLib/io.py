@@ -2679,6 +2679,11 @@ class NoFlairSeries(DeepWMLError):
     """A study found in an export without a FLAIR-like series: skipped, not failed (other exams are expected)."""
 
 
+class OutlineSeriesOnly(NoFlairSeries):
+    """A study found in an export holding DeepWML's outline series alone (an earlier run's output, not a scan): no
+    --series would find a FLAIR in it."""
+
+
 def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
                         option: str | None = "--series", candidates: Sequence[DicomSeries] | None = None,
                         strict: bool = False) -> tuple[DicomSeries, str]:
@@ -2737,7 +2742,7 @@ def choose_dicom_series(folder: str | os.PathLike, choice: str | None = None,
         # are): said so, not read as a FLAIR in colour ('3 values per voxel') nor one among none, which sent the
         # user to --series and so to that
         shown = "; ".join(s.label() for s in series[:3]) + ("; ..." if len(series) > 3 else "")
-        raise (NoFlairSeries if strict else DeepWMLError)(
+        raise (OutlineSeriesOnly if strict else DeepWMLError)(
             f"{folder} holds only DeepWML's outline series, {shown}: a FLAIR drawn in colour with its lesions outlined "
             "by an earlier DeepWML run (--dicom-outline), not a scan; give the folder of the FLAIR series it was drawn "
             "from")

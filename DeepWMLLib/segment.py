@@ -2316,7 +2316,7 @@ def _failed_case(exc: Exception, path: Path, named, alone: bool, debug: bool) ->
     label mask among the inputs (`mask_input_skipped`), is skipped, not failed (unless masks are all the run has:
     masks_only); any other exception is the case's error."""
     if isinstance(exc, io.NoFlairSeries):  # a study of an export that is not a FLAIR exam
-        return {"status": "skipped", "error": str(exc), "_no_flair": True}
+        return no_flair_row(exc)
     if isinstance(exc, io.LabelMaskGiven) and mask_input_skipped(path, named, alone):
         row = {"status": "skipped", "error": mask_skipped(exc), "_mask": True}
         if _resolved(path) in named:
@@ -2507,6 +2507,16 @@ def refuse_series_named_nowhere(cases: Sequence[tuple], choice: str) -> None:
                        "series number, its description or a part of it, or its UID)")
 
 
+def no_flair_row(exc: Exception) -> dict:
+    """The row of a study without a FLAIR (io.NoFlairSeries), skipped, marked `_no_flair` for no_flair_anywhere, and
+    `_outline_only` where it holds DeepWML's outline series alone (io.OutlineSeriesOnly): `deepwml segment` and the
+    Slicer batch script alike."""
+    row = {"status": "skipped", "error": str(exc), "_no_flair": True}
+    if isinstance(exc, io.OutlineSeriesOnly):
+        row["_outline_only"] = True
+    return row
+
+
 def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str | None = "--series") -> str | None:
     """When no study of a run holds a FLAIR, the error to print, else None: `deepwml segment` and the Slicer batch
     script alike. Studies without a FLAIR (rows marked `_no_flair`) are skipped beside other cases (an export's
@@ -2516,12 +2526,19 @@ def no_flair_anywhere(rows: list[dict], series: str | None = None, choose: str |
     'done', exit 0, with nothing segmented (a PACS export of the wrong study). `choose`: the option that picks a
     series, offered in the message. The marks (`_study`, `_no_flair`) are removed."""
     studies = [row for row in rows if row.pop("_study", False)]
+    outlines = [row for row in rows if row.pop("_outline_only", False)]
     unmatched = [row for row in rows if row.pop("_no_flair", False)]
     if not unmatched:
         return None
     given = "the DICOM study given" if len(unmatched) == 1 else f"any of the {len(unmatched)} DICOM studies given"
     if series and len(unmatched) >= len(studies):
         why, told = f"--series {series!r} matches no series in any study given", f"--series {series!r} matches no series in {given}"
+    elif len(unmatched) + sum(bool(row.get("_mask")) for row in rows) == len(rows) and len(outlines) == len(unmatched):
+        # each study DeepWML's outline series alone, each row saying so: no --series would find a FLAIR there
+        why = "no study given holds a scan"
+        told = (("the DICOM study given holds" if len(unmatched) == 1 else f"each of the {len(unmatched)} DICOM "
+                 "studies given holds") + " only DeepWML's outline series (an earlier run's --dicom-outline output, "
+                "not a scan), so nothing was segmented; give the folder of the FLAIR scans they were drawn from")
     elif len(unmatched) + sum(bool(row.get("_mask")) for row in rows) == len(rows):
         why = "no study given holds a series that looks like a FLAIR"
         told = (f"no series looks like a FLAIR in {given}, so nothing was segmented" +

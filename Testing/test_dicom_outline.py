@@ -786,3 +786,34 @@ def test_an_image_is_deleted_on_a_header_read_then_not_on_a_verdict_kept(tmp_pat
     dicom_outline._VERDICTS[dicom_outline._status_key(first)] = dicom_outline._VERDICTS[key]  # as FAT would keep it
     dicom_outline.remove_outline_series(own)
     assert contents(own) == {"IM00001.dcm": theirs}
+
+
+def test_an_export_of_outline_series_alone_is_not_sent_to_series(tmp_path, tiny_model, capsys):
+    """An export whose every study is DeepWML's outline series (copied without the report that lists it): each case's
+    row names the outline as not a scan, yet the run's last line said 'no series looks like a FLAIR ...; if one is,
+    choose it with --series', which only leads to the outline read as a FLAIR in colour. Now that line says the
+    studies hold DeepWML's outline series alone and asks for the FLAIR's folder; with a study of another exam among
+    them, --series is offered as before."""
+    folder, truth = oblique_flair(tmp_path)
+    export = tmp_path / "export"
+    for patient in ("patientA", "patientB"):
+        (export / patient).mkdir(parents=True)
+        _outline(folder, truth, export / patient / "outline")
+    model = ["--model", str(tiny_model), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["segment", str(export), "-o", str(tmp_path / "out")] + model) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deepwml segment: error:")]
+    assert len(said) == 1 and "--series" not in said[0], said
+    assert "only DeepWML's outline series" in said[0] and "not a scan" in said[0], said
+    with open(tmp_path / "out" / "summary.csv", newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all("holds only DeepWML's outline series" in r["error"] for r in rows), rows
+    assert all("--series" not in r["error"] for r in rows), rows
+    # another exam's study beside them (a T1, no FLAIR): --series may pick its FLAIR, offered as before
+    image, _ = make_volume(size=(24, 20, 4), spacing=(0.9, 0.9, 5.0), dtype=sitk.sitkInt16)
+    write_dicom_series(export / "patientC" / "t1", image, uid="1.2.3.9.9", description="SAG T1", number=3,
+                       extra={**PATIENT, "0010|0020": "PAT-0043", "0020|000d": "1.2.3.9"})
+    capsys.readouterr()
+    assert main(["segment", str(export), "-o", str(tmp_path / "out2")] + model) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deepwml segment: error:")]
+    assert len(said) == 1 and "choose it with --series" in said[0], said

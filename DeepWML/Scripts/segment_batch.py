@@ -444,7 +444,7 @@ def caseFailure(exc: Exception, args) -> dict:
     """The status and error of a case that raised `exc`: a study without a FLAIR, or a case's manual mask beside its
     FLAIR in IN, is skipped, not failed; any other exception is the case's error."""
     if isinstance(exc, io.NoFlairSeries):  # a study of an export that is not a FLAIR exam
-        return {"status": "skipped", "error": str(exc), "_no_flair": True}
+        return segment.no_flair_row(exc)
     if isinstance(exc, io.LabelMaskGiven):
         return {"status": "skipped", "error": segment.mask_skipped(exc), "_mask": True}
     if args.debug:
