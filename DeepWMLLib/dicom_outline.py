@@ -30,6 +30,7 @@ the result, not a measurement: the mask files and the report are the result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -287,6 +288,34 @@ _VERDICTS: dict = {}  # (device, inode, size, mtime, ctime) -> is_outline_image'
 _VERDICTS_KEPT = 20_000  # images (100 series of 200); then forgotten, all at once
 
 
+# Files macOS Finder and Windows Explorer leave, hidden, in a folder opened there, by their exact names: gone with
+# the series when it is replaced or removed (is_browser_litter), never said to be a user's files that block it.
+BROWSER_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
+_APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"  # an AppleDouble file's first bytes (macOS: ._NAME beside NAME)
+
+
+def is_browser_litter(path: Path, images) -> bool:
+    """Whether `path` is a plain file (not a link, not a folder) a file browser left in an outline series' folder:
+    one of BROWSER_FILES, or an AppleDouble file (macOS, on a volume without its attributes: a network share, FAT,
+    a copy) `._NAME` of one of the series' own images, NAME among `images` (their names) and its first bytes an
+    AppleDouble file's. Any other file, a user's, is never deleted with the series."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    name = path.name
+    if name in BROWSER_FILES:
+        return True
+    if not (name.startswith("._") and name[2:] in images and Path(name[2:]).match("IM*.dcm")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == _APPLEDOUBLE_MAGIC
+    except OSError:
+        return False
+
+
 def foreign_images(folder: str | os.PathLike) -> list[Path]:
     """The files named as an outline series' images (IM*.dcm) in `folder` that are not DeepWML's (is_outline_image)."""
     return sorted(image for image in Path(folder).glob("IM*.dcm") if not is_outline_image(image))
@@ -318,8 +347,14 @@ def refuse_unreplaceable(folder: str | os.PathLike) -> None:
     if folder.exists() and not folder.is_dir():
         raise DeepWMLError(f"{folder} is a file, where the outline series' folder is to be written; move it "
                            "elsewhere, or write into another output folder")
-    if folder.is_dir() and any(not f.match("IM*.dcm") for f in folder.iterdir()):
-        raise DeepWMLError(f"{folder} holds files DeepWML did not write there; move them before replacing the series")
+    if folder.is_dir():
+        entries = list(folder.iterdir())
+        images = {f.name for f in entries if f.match("IM*.dcm")}  # DeepWML's (refuse_foreign_images said others)
+        others = sorted(f.name for f in entries if f.name not in images and not is_browser_litter(f, images))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise DeepWMLError(f"{folder} holds files DeepWML did not write there ({len(others)}: {shown}); move "
+                               "them before replacing the series")
 
 
 def check_outline_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
@@ -508,9 +543,18 @@ def remove_outline_series(folder: str | os.PathLike) -> None:
         return
     if not folder.is_dir():
         return
+    deleted = set()
     for image in folder.glob("IM*.dcm"):
         if is_outline_image(image, fresh=True):  # read now, never a verdict kept: it is deleted on this one
             image.unlink()
+            deleted.add(image.name)
+    # what a file browser left there (.DS_Store, ._IM00001.dcm of an image deleted): with the series, when nothing
+    # else is left; beside a file of the user's it stays, the folder theirs now
+    with contextlib.suppress(OSError):
+        left = list(folder.iterdir())
+        if all(is_browser_litter(f, deleted) for f in left):
+            for f in left:
+                f.unlink()
     try:
         folder.rmdir()
     except OSError:

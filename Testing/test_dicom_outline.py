@@ -394,7 +394,7 @@ def test_a_users_folder_of_the_outlines_name_in_a_new_outdir_is_said_to_be_their
     theirs.mkdir()
     (theirs / "notes.txt").write_text("mine")
     assert main(args) == 1
-    assert f"{theirs} holds files DeepWML did not write there; move them" in read_summary_error(out)
+    assert f"{theirs} holds files DeepWML did not write there (1: notes.txt); move them" in read_summary_error(out)
     shutil.rmtree(theirs)
     theirs.write_text("mine")  # a file of the folder's name: not 'rerun with --overwrite', which says that again
     for options in ([], ["--overwrite"]):
@@ -817,3 +817,46 @@ def test_an_export_of_outline_series_alone_is_not_sent_to_series(tmp_path, tiny_
     assert main(["segment", str(export), "-o", str(tmp_path / "out2")] + model) == 1
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deepwml segment: error:")]
     assert len(said) == 1 and "choose it with --series" in said[0], said
+
+
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\0" * 58  # an AppleDouble file's start
+
+
+def _browsed(folder, images=("IM00001.dcm", "IM00002.dcm")):
+    """The files macOS Finder and Windows Explorer leave, hidden, in a folder opened there."""
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1" + b"\0" * 40)
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
+    (folder / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (folder / "ehthumbs.db").write_bytes(b"\0" * 16)
+    for name in images:
+        (folder / f"._{name}").write_bytes(APPLEDOUBLE)
+
+
+def test_the_files_a_file_browser_leaves_go_with_the_series_anything_else_is_refused(tmp_path, tiny_model):
+    """An outline series' folder opened in Finder or Explorer holds .DS_Store, ._IM00001.dcm, Thumbs.db, desktop.ini:
+    --overwrite refused it as holding 'files DeepWML did not write there', files the user cannot see. Now those (by
+    their exact names, and the AppleDouble companions of the series' own images) go with the series when it is
+    replaced or removed; any other file still refuses, named."""
+    folder, prepared, own = _earlier_series(tmp_path)
+    _browsed(own)
+    assert dicom_outline.check_outline_folder(own, True) == own
+    written = dicom_outline.write_outline_series(prepared, own, overwrite=True)
+    assert sorted(p.name for p in own.iterdir()) == [f"IM{k:05d}.dcm" for k in range(1, len(prepared.images) + 1)]
+    assert read_series(own)[1][0]["0020|000e"] == written["series_uid"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    _browsed(own)
+    dicom_outline.remove_outline_series(own)  # an earlier run's series removed (--overwrite without the outline)
+    assert not own.exists()
+    # anything else still refuses, each named: a file of another name, an AppleDouble file of no image of the
+    # series, and one named so that is not AppleDouble
+    for odd, data in (("notes.txt", b"mine"), ("._IM09999.dcm", APPLEDOUBLE), ("._IM00001.dcm", b"mine"),
+                      (".DS_Store.bak", b"mine"), ("._notes.txt", APPLEDOUBLE)):
+        dicom_outline.write_outline_series(prepared, own)
+        _browsed(own, images=())
+        (own / odd).write_bytes(data)
+        with pytest.raises(DeepWMLError, match="did not write there") as refused:
+            dicom_outline.check_outline_folder(own, True)
+        assert f"(1: {odd})" in str(refused.value), str(refused.value)
+        dicom_outline.remove_outline_series(own)  # DeepWML's images alone go; the folder stays with theirs
+        assert (own / odd).read_bytes() == data and not list(own.glob("IM*.dcm"))
+        shutil.rmtree(own)
