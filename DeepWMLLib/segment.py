@@ -1081,26 +1081,49 @@ def _outputs_of_earlier_runs(folder: Path) -> set[str]:
     files its `outputs` lists; for a report of an older version without that list, a case's mask,
     probability map, .seg.nrrd... in any output format): a rerun with OUTDIR the input folder must not take
     them for new scans. Those the journal of a run stopped part way lists too (start_outputs: killed outright, no
-    report lists them)."""
+    report lists them), and those of `deepwml change` (_change_outputs: its OUTDIR given as INPUT)."""
     names = set()
     for report in folder.glob("*_report.json"):
         case = report.name[:-len("_report.json")]
         listed = _listed_outputs(report)
         names.update(listed if listed is not None else (p.name for p in _possible_outputs(folder, case)))
+    for report in folder.glob(f"*{CHANGE_REPORT_SUFFIX}"):
+        names.update(_change_outputs(report))
     for journal in _journals(folder):
         listed = _listed_outputs(journal)
         names.update(listed or ())
     return names
 
 
+# `deepwml change`'s report of a pair CASE: CASE_change.json (change.output_paths)
+CHANGE_REPORT_SUFFIX = "_change.json"
+
+
+def _change_outputs(report: Path) -> set[str]:
+    """The names of the files a `deepwml change` report (CASE_change.json) says its run wrote beside it: its `outputs`
+    and the outline series' folder it names; for a report of an older version without that list, every file change
+    writes for the pair (change's possible outputs, in any output format, its outline and SEG included)."""
+    listed = _listed_outputs(report)
+    if listed is None:
+        from .change import _possible_outputs as change_outputs
+
+        return {p.name for p in change_outputs(report.parent, report.name[:-len(CHANGE_REPORT_SUFFIX)])}
+    return {*listed, *_outline_named(report)}
+
+
 def _earlier_output(path: Path) -> tuple[str, str] | None:
     """(the report's name, the scan it names) when `path` is an image output an earlier run's report beside it lists
-    (a probability map, given as a scan from that run's OUTDIR), else None."""
-    for report in path.parent.glob("*_report.json"):  # only a case's own reports are read: outputs bear its name
-        if path.name.startswith(report.name[:-len("report.json")]) and path.name in (_listed_outputs(report) or ()):
+    (a probability map, given as a scan from that run's OUTDIR; a registered baseline or change map of
+    `deepwml change`), else None."""
+    reports = [(report, "report.json", _listed_outputs) for report in path.parent.glob("*_report.json")]
+    reports += [(report, CHANGE_REPORT_SUFFIX[1:], _change_outputs)
+                for report in path.parent.glob(f"*{CHANGE_REPORT_SUFFIX}")]
+    for report, suffix, listing in reports:  # only a case's own reports are read: outputs bear its name
+        if path.name.startswith(report.name[:-len(suffix)]) and path.name in (listing(report) or ()):
             try:
                 earlier = json.loads(report.read_text(encoding="utf-8"))
-                made_from = earlier.get("input_absolute") or earlier.get("input")
+                made_from = earlier.get("input_absolute") or earlier.get("input") or " or ".join(
+                    str(earlier[key]) for key in ("baseline", "followup") if earlier.get(key))  # a change report's
             except (OSError, ValueError, AttributeError):
                 made_from = None
             return report.name, str(made_from or "the report's input")
@@ -1129,6 +1152,10 @@ def _only_outputs(folder: Path) -> str | None:
     if not written:
         return None
     cases = {report.name[:-len("_report.json")] for report in folder.glob("*_report.json")}
+    changes = {report.name[:-len(CHANGE_REPORT_SUFFIX)] for report in folder.glob(f"*{CHANGE_REPORT_SUFFIX}")}
+    scans = ("`baseline` and `followup` name its scans" if changes and not cases  # only `deepwml change`'s pairs
+             else "`input` names its scan")
+    cases |= changes
     stopped = set()  # those of a run stopped part way, which only its journal lists
     for journal in _journals(folder):
         with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -1139,7 +1166,7 @@ def _only_outputs(folder: Path) -> str | None:
     shown = ", ".join(cases[:3]) + (", ..." if len(cases) > 3 else "")
     return (f"{folder} holds only the outputs of an earlier DeepWML run ({len(cases)} case(s): {shown}"
             f"{f'; {len(stopped)} of a run stopped part way' if stopped else ''}), no scan; give the folder of the "
-            "FLAIRs (each report's `input` names its scan)")
+            f"FLAIRs (each report's {scans})")
 
 
 def _listed_outputs(report: Path) -> list[str] | None:

@@ -840,6 +840,43 @@ def test_a_users_folder_of_the_outlines_name_without_a_report_is_said_to_be_thei
     assert {p.name: p.read_bytes() for p in target.iterdir()} == theirs
 
 
+def test_an_outdir_of_change_given_to_segment_is_an_earlier_runs_outputs(pair, tmp_path, tiny_model, capsys):
+    """`deepwml change`'s OUTDIR given to `deepwml segment` (`segment out/ -o out2/`): its registered baseline was
+    segmented as a new scan ("ok", exit 0), its change map and .seg.nrrd skipped as label masks, because only
+    segment's own CASE_report.json was read for an earlier run's outputs, not CASE_change.json. Now a change
+    report's outputs (its `outputs` list; for an older report without one, the names change writes) are an earlier
+    run's outputs as segment's own: the folder refused as holding only them, such a file given alone named so, and a
+    scan beside them still segmented."""
+    files = pair["files"]
+    out = tmp_path / "out"
+    assert main(["change", str(files["baseline"]), str(files["followup"]), "-o", str(out), "--case", "p1",
+                 "--baseline-mask", str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]) == 0
+    report_path = out / "p1_change.json"
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert "p1_baseline_registered.nii.gz" in report["outputs"]
+    segment = ["--model", str(tiny_model), "--device", "cpu", "--no-brain-mask"]
+    older = {key: value for key, value in report.items() if key != "outputs"}  # a version before the list
+    for written in (report, older):
+        report_path.write_text(json.dumps(written), encoding="utf-8")
+        out2 = tmp_path / f"out2_{len(written)}"
+        capsys.readouterr()
+        assert main(["segment", str(out), "-o", str(out2), *segment]) == 1
+        err = capsys.readouterr().err
+        assert (f"{out} holds only the outputs of an earlier DeepWML run (1 case(s): p1), no scan; give the folder of "
+                "the FLAIRs (each report's `baseline` and `followup` name its scans)") in err, err
+        assert not list(out2.glob("p1_*")), sorted(p.name for p in out2.iterdir())
+        assert main(["segment", str(out / "p1_baseline_registered.nii.gz"), "-o", str(out2), *segment]) == 1
+        err = capsys.readouterr().err
+        assert (f"p1_baseline_registered.nii.gz is an output of an earlier DeepWML run (p1_change.json beside it lists "
+                f"it), not a scan; give the FLAIR it was made from ({files['baseline']} or {files['followup']})") in err
+    shutil.copyfile(files["followup"], out / "scan.nii.gz")  # a scan beside them: segmented, they are not
+    capsys.readouterr()
+    assert main(["segment", str(out), "-o", str(tmp_path / "out3"), *segment]) == 0
+    err = capsys.readouterr().err
+    assert "1/1 cases done (0 failed, 0 skipped)" in err, err
+    assert not list((tmp_path / "out3").glob("p1_*"))
+
+
 def test_an_outdir_of_segment_given_for_the_follow_up_is_named_as_its_outline_series(pair, tmp_path, capsys):
     """`deepwml segment --dicom-outline`'s OUTDIR (or its outline series' folder) given as the follow-up: its outline
     series, the only series below it, was read as the FLAIR and refused as 'has 3 values per voxel (vector/RGB)'.
