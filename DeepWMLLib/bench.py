@@ -286,6 +286,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
     # quiet) moment of a shared machine, which can change speed by half, hits all of them alike.
     runner = make_runner(loaded, "cpu", backend, precision)
     runner_name = runner.name
+    precision_auto_ms = _precision_measured(runner)  # the WMH network's (`runner` is reused for each network below)
     predict_maps(image, models, brain, "cpu", backend=backend, precision=precision)  # warm-up (and ONNX export)
     out_dir = workdir / "out"
     options = ["--overwrite", "--device", "cpu", "--backend", backend, "--precision", precision, "--model",
@@ -377,7 +378,7 @@ def _measure(workdir: Path, input_path, model_paths: list, slices: int, repeat: 
         "runner": runner_name,
         # precision auto on a CPU with native bf16: one slice of the WMH network in each, as measured once here
         # (inference.bf16_is_faster); None where nothing was measured (fp32 or bf16 asked, or no native bf16)
-        "precision_auto_ms": _precision_measured(runner),
+        "precision_auto_ms": precision_auto_ms,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}",
         "cpu": cpu_description(),

@@ -190,8 +190,17 @@ def test_bench_says_what_precision_auto_measured_and_chose(tmp_path, tiny_model,
     monkeypatch.setattr(inference, "_RUNNERS", {})  # runners built here (holding this test's record) are not kept
     record = {"bf16": False, "fp32_ms": 71.2, "bf16_ms": 129.0, "runtime": "torch x", "threads": 1,
               "faster_by_needed": 1.15}
-    monkeypatch.setattr(inference, "bf16_measured", lambda *asked: record)
-    result = run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=None,
+    # the brain-mask network, on its own grid, has a record of its own: the row is the WMH network's (the bench's
+    # loop over the networks' runners left the last one, the brain's, in the name the row was read from)
+    from conftest import tiny_model_file
+
+    brain = tiny_model_file(tmp_path / "brain.pt", grid=(32, 32), spacing_mm=2.0,
+                            labels={"0": "background", "1": "intracranial"})
+    brains = {"bf16": False, "fp32_ms": 2.1, "bf16_ms": 2.9, "runtime": "torch x", "threads": 1,
+              "faster_by_needed": 1.15}
+    monkeypatch.setattr(inference, "bf16_measured", lambda runtime, version, given, threads: (
+        brains if tuple(given.preprocessing.grid_size) == (32, 32) else record))
+    result = run_benchmark(str(path), [str(tiny_model)], slices=4, repeat=1, threads=1, brain_model=str(brain),
                            backend="torch")
     assert result["runner"] == "torch"
     assert result["precision_auto_ms"] == {"fp32": 71.2, "bf16": 129.0, "faster_by_needed": 1.15}
