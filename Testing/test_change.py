@@ -717,10 +717,9 @@ def test_a_dicom_follow_up_gets_its_change_as_an_outline_series(pair, tmp_path, 
     assert not (out / "followup_change_outline_dicom").exists()
 
 
-def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pair, tmp_path, capsys):
-    """CASE_change_outline_dicom/ holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite,
-    with --dicom-outline or without it, would delete them as DeepWML's. Refused before any work now, naming the
-    folder, the images and the earlier result left as they were."""
+def _dicom_followup_pair(pair, tmp_path):
+    """The pair's files, its follow-up written as a DICOM series (AX FLAIR), OUTDIR and `deepwml change`'s arguments
+    with both masks given: the set-up of the tests of a user's folder of the outline series' name."""
     files = pair["files"]
     flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
     series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
@@ -728,6 +727,14 @@ def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pai
     out = tmp_path / "out"
     args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
             str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    return files, series, out, args
+
+
+def test_change_overwrite_never_deletes_a_users_images_in_its_outline_folder(pair, tmp_path, capsys):
+    """CASE_change_outline_dicom/ holding a FLAIR's images under the series' names (IM00001.dcm, ...): --overwrite,
+    with --dicom-outline or without it, would delete them as DeepWML's. Refused before any work now, naming the
+    folder, the images and the earlier result left as they were."""
+    files, series, out, args = _dicom_followup_pair(pair, tmp_path)
     assert main(args + ["--dicom-outline"]) == 0
     target = out / "followup_change_outline_dicom"
     theirs = users_images_in(series, target)
@@ -747,13 +754,7 @@ def test_a_rerun_asking_for_the_outline_does_not_take_a_users_folder_of_its_name
     the outline is to be added, and the folder, holding images that are not DeepWML's, is refused as such, left as
     it is with the report. The pair's own outline, named by its report (a full run's) or listed (added), still
     makes the rerun a skip."""
-    files = pair["files"]
-    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
-    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
-                                extra={"0020|000d": "1.2.3.70"})
-    out = tmp_path / "out"
-    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
-            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    files, series, out, args = _dicom_followup_pair(pair, tmp_path)
     assert main(args) == 0
     target = out / "followup_change_outline_dicom"
     theirs = users_images_in(series, target)
@@ -811,13 +812,7 @@ def test_a_users_folder_of_the_outlines_name_without_a_report_is_said_to_be_thei
     refused as 'outputs exist (followup_change_outline_dicom/); use --overwrite' (a manifest's pair, its other files
     there, as 'an incomplete set of outputs ...; rerun with --overwrite'), and --overwrite then refused the folder as
     not DeepWML's. The first refusal now says so, and what to do; the folder is left as it is."""
-    files = pair["files"]
-    flair = sitk.Cast(sitk.ReadImage(str(files["followup"])) * 100, sitk.sitkInt16)
-    series = write_dicom_series(tmp_path / "followup", flair, uid="1.2.3.7", description="AX FLAIR",
-                                extra={"0020|000d": "1.2.3.70"})
-    out = tmp_path / "out"
-    args = ["change", str(files["baseline"]), str(series), "-o", str(out), "--baseline-mask",
-            str(files["baseline_mask"]), "--followup-mask", str(files["followup_mask"])]
+    files, series, out, args = _dicom_followup_pair(pair, tmp_path)
     target = out / "followup_change_outline_dicom"
     theirs = users_images_in(series, target)
     said = f"{target} holds DICOM images that are not DeepWML's outline series"
